@@ -1,0 +1,35 @@
+# One command each: `make test` (lint, types, tests) and `make demo`.
+# Both create .venv when missing and install into it; reinstall only when pyproject.toml changes.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: test lint types pytest demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test,cli,prometheus]'
+	touch $(STAMP)
+
+test: lint types pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check resilient_db tests bench examples migrations
+	$(BIN)/ruff format --check resilient_db tests bench examples migrations
+
+types: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(BIN)/python examples/quickstart.py
+
+bench: $(STAMP)
+	$(BIN)/python bench/overhead.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,237 @@
+"""Feature flags and numbers: the plan's ``SELF_HEALING_*`` variables, parsed strictly.
+
+The configuration is read from an environ mapping (``os.environ`` unless one is passed) when a
+factory is created, and again for every default-config factory on :func:`reload_config`.
+Every bad variable is collected and reported at once in one :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import threading
+import weakref
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+from typing import Any, Protocol
+
+from ._errors import ConfigError
+
+__all__ = ["Config", "load_config", "reload_config"]
+
+PREFIX = "SELF_HEALING_"
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
+LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
+BULK_UPDATE_MODES = ("filter", "raise")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Effective self-healing configuration. Durations are seconds (``float`` or ``timedelta``);
+    the environment gives them in milliseconds, as the plan does."""
+
+    enabled: bool = True
+    retry: bool = True
+    max_retries: int = 3
+    initial_delay: float = 1.0
+    max_delay: float = 30.0
+    conflict_delay: float = 0.02
+    deadline: float = 60.0
+    circuit_breaker: bool = True
+    failure_threshold: int = 5
+    reset_timeout: float = 30.0
+    half_open_probes: int = 1
+    status_validation: bool = True
+    response_validation: bool = True
+    bulk_update: str = "filter"
+    logging: bool = True
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        problems: dict[str, str] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.type == "float":
+                if isinstance(value, timedelta):
+                    value = value.total_seconds()
+                    object.__setattr__(self, field.name, value)
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    problems[field.name] = f"must be a number of seconds, got {value!r}"
+                elif value < 0 or value != value:
+                    problems[field.name] = f"must be zero or more, got {value!r}"
+                else:
+                    object.__setattr__(self, field.name, float(value))
+            elif field.type == "int":
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    problems[field.name] = f"must be a whole number >= 0, got {value!r}"
+            elif field.type == "bool" and not isinstance(value, bool):
+                problems[field.name] = f"must be True or False, got {value!r}"
+        if self.failure_threshold == 0:
+            problems["failure_threshold"] = "must be at least 1"
+        if self.half_open_probes == 0:
+            problems["half_open_probes"] = "must be at least 1"
+        if self.log_level not in LOG_LEVELS:
+            problems["log_level"] = f"must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}"
+        if self.bulk_update not in BULK_UPDATE_MODES:
+            problems["bulk_update"] = (
+                f"must be one of {', '.join(BULK_UPDATE_MODES)}, got {self.bulk_update!r}"
+            )
+        if problems:
+            raise ConfigError(problems)
+
+    # The plan's ``isFeatureEnabled``: a feature is on when self-healing is on and it is on.
+    @property
+    def retry_on(self) -> bool:
+        return self.enabled and self.retry
+
+    @property
+    def breaker_on(self) -> bool:
+        return self.enabled and self.circuit_breaker
+
+    @property
+    def guard_on(self) -> bool:
+        return self.enabled and self.status_validation
+
+    @property
+    def logging_on(self) -> bool:
+        return self.enabled and self.logging
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with ``changes`` applied (validated like the original)."""
+        return dataclasses.replace(self, **changes)
+
+    def as_env(self) -> dict[str, str]:
+        """The configuration as ``SELF_HEALING_*`` variables (milliseconds for durations)."""
+        out: dict[str, str] = {}
+        for spec in _SPECS:
+            value = getattr(self, spec.field)
+            if spec.kind == "ms":
+                out[spec.env] = str(round(value * 1000))
+            elif spec.kind == "bool":
+                out[spec.env] = "true" if value else "false"
+            else:
+                out[spec.env] = str(value)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    env: str
+    field: str
+    kind: str  # "bool" | "count" | "ms" | "choice"
+    choices: tuple[str, ...] = ()
+
+
+_SPECS: tuple[_Spec, ...] = (
+    _Spec("SELF_HEALING_ENABLED", "enabled", "bool"),
+    _Spec("SELF_HEALING_RETRY", "retry", "bool"),
+    _Spec("SELF_HEALING_MAX_RETRIES", "max_retries", "count"),
+    _Spec("SELF_HEALING_INITIAL_DELAY", "initial_delay", "ms"),
+    _Spec("SELF_HEALING_MAX_DELAY", "max_delay", "ms"),
+    _Spec("SELF_HEALING_CONFLICT_DELAY", "conflict_delay", "ms"),
+    _Spec("SELF_HEALING_DEADLINE", "deadline", "ms"),
+    _Spec("SELF_HEALING_CIRCUIT_BREAKER", "circuit_breaker", "bool"),
+    _Spec("SELF_HEALING_FAILURE_THRESHOLD", "failure_threshold", "count"),
+    _Spec("SELF_HEALING_RESET_TIMEOUT", "reset_timeout", "ms"),
+    _Spec("SELF_HEALING_HALF_OPEN_PROBES", "half_open_probes", "count"),
+    _Spec("SELF_HEALING_STATUS_VALIDATION", "status_validation", "bool"),
+    _Spec("SELF_HEALING_RESPONSE_VALIDATION", "response_validation", "bool"),
+    _Spec("SELF_HEALING_BULK_UPDATE", "bulk_update", "choice", BULK_UPDATE_MODES),
+    _Spec("SELF_HEALING_LOGGING", "logging", "bool"),
+    _Spec("SELF_HEALING_LOG_LEVEL", "log_level", "choice", LOG_LEVELS),
+)
+_BY_ENV = {spec.env: spec for spec in _SPECS}
+_AT_LEAST_ONE = frozenset({"SELF_HEALING_FAILURE_THRESHOLD", "SELF_HEALING_HALF_OPEN_PROBES"})
+
+
+def _parse(spec: _Spec, raw: str) -> Any:
+    text = raw.strip()
+    if spec.kind == "bool":
+        low = text.lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ValueError("not a boolean; use true/false, 1/0, yes/no or on/off")
+    if spec.kind in ("count", "ms"):
+        try:
+            number = int(text)
+        except ValueError:
+            raise ValueError(
+                "not a whole number" + (" of milliseconds" if spec.kind == "ms" else "")
+            ) from None
+        if number < 0:
+            raise ValueError("must not be negative")
+        if number == 0 and spec.env in _AT_LEAST_ONE:
+            raise ValueError("must be at least 1")
+        return number / 1000 if spec.kind == "ms" else number
+    low = text.lower()
+    if low not in spec.choices:
+        raise ValueError(f"must be one of {', '.join(spec.choices)}")
+    return low
+
+
+def load_config(environ: Mapping[str, str] | None = None) -> Config:
+    """Read the ``SELF_HEALING_*`` variables from ``environ`` (default ``os.environ``).
+
+    Unset variables take the plan's defaults. Raises :class:`ConfigError` naming every bad
+    variable and its value, including unknown ``SELF_HEALING_*`` names (a typo is an error).
+    """
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    problems: dict[str, str] = {}
+    for name, raw in env.items():
+        if not name.startswith(PREFIX):
+            continue
+        spec = _BY_ENV.get(name)
+        if spec is None:
+            close = difflib.get_close_matches(name, list(_BY_ENV), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            problems[name] = f"unknown setting{hint}"
+            continue
+        try:
+            values[spec.field] = _parse(spec, raw)
+        except ValueError as exc:
+            problems[name] = f"{raw!r} is invalid: {exc}"
+    if problems:
+        raise ConfigError(problems)
+    return Config(**values)
+
+
+class _Configurable(Protocol):
+    def _apply_config(self, config: Config) -> None: ...
+
+
+_registry_lock = threading.Lock()
+_default_users: weakref.WeakSet[Any] = weakref.WeakSet()
+_listeners: list[Callable[[Config], None]] = []
+
+
+def register_default_user(obj: _Configurable) -> None:
+    """Remember a factory that uses the environment's configuration, for reload_config()."""
+    with _registry_lock:
+        _default_users.add(obj)
+
+
+def on_reload(callback: Callable[[Config], None]) -> None:
+    """Call ``callback`` with the new configuration after every reload_config()."""
+    with _registry_lock:
+        _listeners.append(callback)
+
+
+def reload_config(environ: Mapping[str, str] | None = None) -> Config:
+    """Re-read the environment and apply it to every factory created without ``config=``.
+
+    Nothing changes if the environment is invalid: the :class:`ConfigError` is raised first.
+    """
+    config = load_config(environ)
+    with _registry_lock:
+        users = list(_default_users)
+        listeners = list(_listeners)
+    for user in users:
+        user._apply_config(config)
+    for callback in listeners:
+        callback(config)
+    return config

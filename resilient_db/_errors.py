@@ -1,0 +1,132 @@
+"""The exception hierarchy: one root, attributes for everything a handler needs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "CircuitOpenError",
+    "CommitOutcomeUnknownError",
+    "ConfigError",
+    "IllegalTransitionError",
+    "ResilientDBError",
+    "StaleTransitionError",
+    "TransactionStateError",
+]
+
+
+class ResilientDBError(Exception):
+    """Root of every error raised by resilient_db itself."""
+
+
+class ConfigError(ResilientDBError, ValueError):
+    """One or more ``SELF_HEALING_*`` settings are invalid.
+
+    ``problems`` maps each bad variable name to a sentence about it; the message lists them all.
+    """
+
+    def __init__(self, problems: dict[str, str]) -> None:
+        self.problems = dict(problems)
+        lines = "\n".join(f"  {name}: {why}" for name, why in sorted(self.problems.items()))
+        count = len(self.problems)
+        noun = "setting" if count == 1 else "settings"
+        super().__init__(f"{count} invalid self-healing {noun}:\n{lines}")
+
+
+class CircuitOpenError(ResilientDBError):
+    """The circuit breaker of ``service`` is open: the call was rejected without touching the
+    network. ``retry_after`` is the number of seconds until the breaker lets a probe through."""
+
+    def __init__(self, service: str, retry_after: float) -> None:
+        self.service = service
+        self.retry_after = max(0.0, retry_after)
+        super().__init__(
+            f"circuit {service!r} is open after repeated database failures; "
+            f"retry in {self.retry_after:.1f} s"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.service, self.retry_after))
+
+
+class CommitOutcomeUnknownError(ResilientDBError):
+    """The connection broke while COMMIT was in flight and the outcome could not be verified.
+
+    The transaction may or may not have been committed; it was not replayed, because replaying a
+    committed unit would write twice. ``xid`` is the server transaction id when one was recorded.
+    """
+
+    def __init__(self, service: str, xid: int | None = None, detail: str = "") -> None:
+        self.service = service
+        self.xid = xid
+        self.detail = detail
+        what = f"transaction {xid}" if xid is not None else "the transaction"
+        extra = f" ({detail})" if detail else ""
+        super().__init__(
+            f"service {service!r}: the connection was lost during COMMIT and the outcome of {what} "
+            f"could not be verified{extra}; it was not replayed. Check the data (or use an "
+            "idempotency key) before running the unit again"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.service, self.xid, self.detail))
+
+
+class TransactionStateError(ResilientDBError, RuntimeError):
+    """A unit of work was started where it cannot be retried safely (for example inside a
+    transaction that the caller opened on the same session)."""
+
+
+class IllegalTransitionError(ResilientDBError):
+    """A status change that the model's transition rules do not allow.
+
+    ``via`` says which layer blocked it: ``"flush"`` (the session's flush guard),
+    ``"orm-update"`` (an ORM-enabled bulk UPDATE) or ``"db"`` (the database trigger).
+    """
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        pk: Any,
+        column: str,
+        from_state: Any,
+        to_state: Any,
+        via: str,
+        reason: str = "",
+    ) -> None:
+        self.model = model
+        self.pk = pk
+        self.column = column
+        self.from_state = from_state
+        self.to_state = to_state
+        self.via = via
+        self.reason = reason
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        src = "(new row)" if self.from_state is None else repr(_plain(self.from_state))
+        why = f": {self.reason}" if self.reason else ""
+        return (
+            f"illegal status transition of {self.model}(pk={self.pk!r}).{self.column}: "
+            f"{src} -> {_plain(self.to_state)!r} (blocked at {self.via}){why}"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_transition_error, (type(self), self.__dict__.copy()))
+
+
+class StaleTransitionError(IllegalTransitionError):
+    """The row was no longer in the state this session loaded: another transaction moved it.
+    Reload the row and decide again."""
+
+
+def _plain(state: Any) -> Any:
+    value = getattr(state, "value", state)
+    return value
+
+
+def _rebuild_transition_error(
+    cls: type[IllegalTransitionError], fields: dict[str, Any]
+) -> IllegalTransitionError:
+    return cls(**{k: v for k, v in fields.items() if not k.startswith("_")})

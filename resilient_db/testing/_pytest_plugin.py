@@ -1,0 +1,1 @@
+"""pytest fixtures for resilient_db and its users."""
