@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import threading
 import weakref
@@ -59,8 +60,8 @@ class Config:
                     object.__setattr__(self, field.name, value)
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     problems[field.name] = f"must be a number of seconds, got {value!r}"
-                elif value < 0 or value != value:
-                    problems[field.name] = f"must be zero or more, got {value!r}"
+                elif not math.isfinite(value) or value < 0:
+                    problems[field.name] = f"must be a finite number >= 0, got {value!r}"
                 else:
                     object.__setattr__(self, field.name, float(value))
             elif field.type == "int":
@@ -73,7 +74,8 @@ class Config:
         if self.half_open_probes == 0:
             problems["half_open_probes"] = "must be at least 1"
         if self.log_level not in LOG_LEVELS:
-            problems["log_level"] = f"must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}"
+            levels = ", ".join(LOG_LEVELS)
+            problems["log_level"] = f"must be one of {levels}, got {self.log_level!r}"
         if self.bulk_update not in BULK_UPDATE_MODES:
             problems["bulk_update"] = (
                 f"must be one of {', '.join(BULK_UPDATE_MODES)}, got {self.bulk_update!r}"

@@ -122,8 +122,7 @@ class StaleTransitionError(IllegalTransitionError):
 
 
 def _plain(state: Any) -> Any:
-    value = getattr(state, "value", state)
-    return value
+    return getattr(state, "value", state)
 
 
 def _rebuild_transition_error(

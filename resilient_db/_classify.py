@@ -1,0 +1,181 @@
+"""Transient-error classification by SQLSTATE, plus driver-level disconnects.
+
+Never by exception class name or message text: the SQLSTATE the server sent is the contract.
+Where the driver saw no SQLSTATE at all (the socket broke, the connect was refused), the error
+is a disconnect when SQLAlchemy invalidated the connection or an ``OSError`` is in the chain.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Iterator, Mapping
+from types import MappingProxyType
+from typing import Any
+
+import sqlalchemy.exc as sa_exc
+
+from ._errors import ResilientDBError
+
+__all__ = ["Classifier", "Outcome", "classify", "is_transient", "sqlstate_of"]
+
+
+class Outcome(str, enum.Enum):
+    """What kind of failure an exception is, and so how (and whether) to retry it."""
+
+    CONFLICT = "conflict"  # serialization failure, deadlock, lock not available: retry fast
+    UNAVAILABLE = "unavailable"  # server starting up / too many connections: back off
+    DISCONNECT = "disconnect"  # connection lost or unusable: back off, new connection
+    COMMIT_UNKNOWN = "commit-unknown"  # COMMIT sent, answer lost: never replay blindly
+    NOT_TRANSIENT = "not-transient"  # a bug or a business error: raise at once
+
+    @property
+    def transient(self) -> bool:
+        return self is not Outcome.NOT_TRANSIENT
+
+
+_DEFAULT_CODES: Mapping[str, Outcome] = {
+    "40001": Outcome.CONFLICT,  # serialization_failure
+    "40P01": Outcome.CONFLICT,  # deadlock_detected
+    "55P03": Outcome.CONFLICT,  # lock_not_available
+    "57P03": Outcome.UNAVAILABLE,  # cannot_connect_now (starting up, shutting down)
+    "53300": Outcome.UNAVAILABLE,  # too_many_connections
+    "57P01": Outcome.DISCONNECT,  # admin_shutdown (pg_terminate_backend, smart shutdown)
+    "57P02": Outcome.DISCONNECT,  # crash_shutdown
+    "25006": Outcome.DISCONNECT,  # read_only_sql_transaction: we hit a replica after failover
+    "08007": Outcome.COMMIT_UNKNOWN,  # transaction_resolution_unknown
+}
+# Any other code of class 08 (connection exception) is a disconnect.
+_DISCONNECT_CLASS = "08"
+_MAX_CHAIN = 8
+
+
+def sqlstate_of(exc: BaseException) -> str | None:
+    """The SQLSTATE carried by ``exc`` or the driver error it wraps, if any."""
+    for err in _chain(exc):
+        code = getattr(err, "sqlstate", None)
+        if isinstance(code, str) and len(code) == 5:
+            return code
+    return None
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, the DBAPI error SQLAlchemy wrapped, and their causes (bounded)."""
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < _MAX_CHAIN:
+        yield current
+        seen += 1
+        orig = current.orig if isinstance(current, sa_exc.StatementError) else None
+        current = orig if isinstance(orig, BaseException) else current.__cause__
+
+
+def _driver_disconnect(exc: BaseException) -> bool:
+    """True when the failure is a broken or refused connection that carries no SQLSTATE."""
+    for err in _chain(exc):
+        if isinstance(err, sa_exc.DBAPIError) and err.connection_invalidated:
+            return True
+        if isinstance(err, OSError):
+            return True
+        # psycopg: OperationalError with no SQLSTATE is raised for refused connects and
+        # broken sockets; asyncpg: InterfaceError / ConnectionDoesNotExistError on a closed
+        # connection. Identified by their driver's base classes, never by message text.
+        module = type(err).__module__
+        name = type(err).__name__
+        if module.startswith("psycopg") and name == "OperationalError":
+            return getattr(err, "sqlstate", None) is None
+        if module.startswith("asyncpg") and name in (
+            "ConnectionDoesNotExistError",
+            "InterfaceError",
+            "ConnectionFailureError",
+        ):
+            return True
+    return False
+
+
+class Classifier:
+    """Maps exceptions to an :class:`Outcome`. Immutable: ``with_codes``/``without_codes``
+    return a new classifier, so a factory's behaviour never changes under it."""
+
+    __slots__ = ("_codes",)
+
+    def __init__(self, codes: Mapping[str, Outcome | str] | None = None) -> None:
+        table = dict(_DEFAULT_CODES if codes is None else {})
+        for code, outcome in (codes or {}).items():
+            table[_check_code(code)] = Outcome(outcome)
+        self._codes: Mapping[str, Outcome] = MappingProxyType(table)
+
+    @property
+    def codes(self) -> Mapping[str, Outcome]:
+        """The explicit SQLSTATE table (class 08 codes not listed are disconnects too)."""
+        return self._codes
+
+    def with_codes(self, codes: Mapping[str, Outcome | str]) -> Classifier:
+        """A classifier that also treats ``codes`` (SQLSTATE -> outcome) as given."""
+        table: dict[str, Outcome | str] = dict(self._codes)
+        table.update({_check_code(c): Outcome(o) for c, o in codes.items()})
+        return Classifier._from_table(table)
+
+    def without_codes(self, codes: Iterable[str]) -> Classifier:
+        """A classifier for which ``codes`` are not transient any more."""
+        table: dict[str, Outcome | str] = dict(self._codes)
+        for code in codes:
+            table[_check_code(code)] = Outcome.NOT_TRANSIENT
+        return Classifier._from_table(table)
+
+    @classmethod
+    def _from_table(cls, table: Mapping[str, Outcome | str]) -> Classifier:
+        new = cls.__new__(cls)
+        new._codes = MappingProxyType({c: Outcome(o) for c, o in table.items()})
+        return new
+
+    def classify(self, exc: BaseException) -> Outcome:
+        """The outcome class of ``exc``."""
+        if not isinstance(exc, Exception) or isinstance(exc, ResilientDBError):
+            # Cancellation, KeyboardInterrupt, SystemExit and our own errors never retry.
+            return Outcome.NOT_TRANSIENT
+        code = sqlstate_of(exc)
+        if code is not None:
+            outcome = self._codes.get(code)
+            if outcome is not None:
+                return outcome
+            if code.startswith(_DISCONNECT_CLASS):
+                return Outcome.DISCONNECT
+        if _driver_disconnect(exc):
+            return Outcome.DISCONNECT
+        return Outcome.NOT_TRANSIENT
+
+    def is_transient(self, exc: BaseException) -> bool:
+        return self.classify(exc) is not Outcome.NOT_TRANSIENT
+
+    def is_disconnect_code(self, code: str | None) -> bool:
+        """True for SQLSTATEs after which the connection must not be reused."""
+        if code is None:
+            return False
+        outcome = self._codes.get(code)
+        if outcome is not None:
+            return outcome in (Outcome.DISCONNECT, Outcome.COMMIT_UNKNOWN)
+        return code.startswith(_DISCONNECT_CLASS)
+
+    def __repr__(self) -> str:
+        return f"Classifier({dict(self._codes)!r})"
+
+
+def _check_code(code: Any) -> str:
+    if not (isinstance(code, str) and len(code) == 5 and code.isalnum() and code.upper() == code):
+        raise ValueError(f"{code!r} is not a SQLSTATE (five upper-case letters or digits)")
+    return code
+
+
+DEFAULT_CLASSIFIER = Classifier()
+
+
+def classify(exc: BaseException, *, classifier: Classifier | None = None) -> Outcome:
+    """The :class:`Outcome` of ``exc`` under ``classifier`` (default: the built-in table)."""
+    return (classifier or DEFAULT_CLASSIFIER).classify(exc)
+
+
+def is_transient(exc: BaseException, *, classifier: Classifier | None = None) -> bool:
+    """True when replaying the whole unit of work may succeed: conflicts, an unavailable server,
+    lost connections. ``CommitOutcomeUnknown`` (08007) counts as transient for callers that can
+    check before replaying; resilient_db itself never replays it blindly."""
+    return (classifier or DEFAULT_CLASSIFIER).classify(exc) is not Outcome.NOT_TRANSIENT

@@ -1,0 +1,159 @@
+"""Logging with the plan's ``[SELF-HEAL]`` prefix, and the counters behind ``health()``.
+
+Messages are event-style with structured ``extra=`` fields; they never carry a password, a DSN
+or a bound parameter: only service names, SQLSTATEs, outcome classes, counts and delays.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._classify import sqlstate_of
+from ._config import Config
+
+__all__ = ["PREFIX", "ServiceStats", "emit", "health", "sqlstate_label", "stats_for"]
+
+PREFIX = "[SELF-HEAL] "
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+log_retry = logging.getLogger("resilient_db.retry")
+log_breaker = logging.getLogger("resilient_db.breaker")
+log_session = logging.getLogger("resilient_db.session")
+log_transitions = logging.getLogger("resilient_db.transitions")
+
+
+def emit(
+    config: Config,
+    logger: logging.Logger,
+    level: int,
+    msg: str,
+    *args: Any,
+    **extra: Any,
+) -> None:
+    """Log a self-healing action if logging is on and ``level`` reaches the configured level."""
+    if not config.logging_on or level < _LEVELS[config.log_level]:
+        return
+    if logger.isEnabledFor(level):
+        logger.log(level, PREFIX + msg, *args, extra={"self_heal": extra})
+
+
+def sqlstate_label(exc: BaseException | None) -> str:
+    """The SQLSTATE of ``exc`` for a log line, or ``"none"`` (a driver-level disconnect)."""
+    if exc is None:
+        return "none"
+    return sqlstate_of(exc) or "none"
+
+
+@dataclass
+class ServiceStats:
+    """Counters of one service. Stable names; read with :meth:`snapshot`."""
+
+    service: str
+    attempts: int = 0
+    retries: int = 0
+    recovered: int = 0
+    gave_up: int = 0
+    breaker_opens: int = 0
+    breaker_rejections: int = 0
+    blocked_transitions: int = 0
+    unknown_commits: int = 0
+    verified_commits: int = 0
+    retries_by_class: Counter[str] = field(default_factory=Counter)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, name: str, amount: int = 1) -> None:
+        # A short lock for an integer add: never held across I/O.
+        with self._lock:
+            setattr(self, name, getattr(self, name) + amount)
+
+    def add_retry(self, outcome: str) -> None:
+        with self._lock:
+            self.retries += 1
+            self.retries_by_class[outcome] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "attempts": self.attempts,
+                "retries": self.retries,
+                "recovered": self.recovered,
+                "gave_up": self.gave_up,
+                "breaker_opens": self.breaker_opens,
+                "breaker_rejections": self.breaker_rejections,
+                "blocked_transitions": self.blocked_transitions,
+                "unknown_commits": self.unknown_commits,
+                "verified_commits": self.verified_commits,
+                "retries_by_class": dict(self.retries_by_class),
+            }
+
+    def reset(self) -> None:
+        with self._lock:
+            for name in (
+                "attempts",
+                "retries",
+                "recovered",
+                "gave_up",
+                "breaker_opens",
+                "breaker_rejections",
+                "blocked_transitions",
+                "unknown_commits",
+                "verified_commits",
+            ):
+                setattr(self, name, 0)
+            self.retries_by_class.clear()
+
+
+_stats_lock = threading.Lock()
+_stats: dict[str, ServiceStats] = {}
+
+
+def stats_for(service: str) -> ServiceStats:
+    """The counters of ``service`` (created on first use)."""
+    found = _stats.get(service)
+    if found is not None:
+        return found
+    with _stats_lock:
+        return _stats.setdefault(service, ServiceStats(service))
+
+
+def health() -> dict[str, Any]:
+    """Breaker state and counters of every service seen so far.
+
+    ``{"services": {name: {"breaker": {...} | None, "counters": {...}}}, "healthy": bool}``;
+    ``healthy`` is False while any breaker is open.
+    """
+    from ._breaker import breakers  # noqa: PLC0415 - the breaker module imports this one
+
+    with _stats_lock:
+        names = set(_stats)
+    all_breakers = breakers()
+    names.update(all_breakers)
+    services: dict[str, Any] = {}
+    for name in sorted(names):
+        breaker = all_breakers.get(name)
+        services[name] = {
+            "breaker": breaker.describe() if breaker is not None else None,
+            "counters": stats_for(name).snapshot(),
+        }
+    healthy = all(
+        entry["breaker"] is None or entry["breaker"]["state"] != "open"
+        for entry in services.values()
+    )
+    return {"healthy": healthy, "services": services}
+
+
+def reset_stats() -> None:
+    """Zero every counter (for tests and demos)."""
+    with _stats_lock:
+        for stats in _stats.values():
+            stats.reset()

@@ -1,0 +1,336 @@
+"""The decision engine: classification, breaker accounting, backoff and stop, on tenacity.
+
+:class:`Policy` decides (no I/O): whether an outcome is retried, how long to wait, when to stop.
+:meth:`Policy.call` and :meth:`Policy.acall` are the sync and async drivers: each runs the first
+attempt directly (the fast path costs one breaker read and a counter) and hands a failed unit to
+tenacity's ``Retrying`` / ``AsyncRetrying`` configured with the same decision callables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
+
+import tenacity as _t
+
+from ._breaker import Breaker, breaker_for
+from ._classify import DEFAULT_CLASSIFIER, Classifier, Outcome
+from ._config import Config
+from ._errors import CircuitOpenError
+from ._observability import emit, log_retry, sqlstate_label, stats_for
+
+__all__ = ["Policy", "set_testing"]
+
+T = TypeVar("T")
+
+_RETRYABLE = frozenset({Outcome.CONFLICT, Outcome.UNAVAILABLE, Outcome.DISCONNECT})
+# Conflicts prove the server is up and answering: they are not breaker failures.
+_BREAKER_FAILURES = frozenset({Outcome.UNAVAILABLE, Outcome.DISCONNECT, Outcome.COMMIT_UNKNOWN})
+# Conflict backoff is capped low: the competing transaction is usually done within tens of ms.
+_CONFLICT_CAP_FACTOR = 8
+
+_testing = threading.Event()
+
+
+@contextlib.contextmanager
+def _restore_testing(previous: bool) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        set_testing(previous)
+
+
+def set_testing(on: bool = True) -> contextlib.AbstractContextManager[None]:
+    """Zero every backoff delay (for test suites). Returns a context manager that restores the
+    previous setting, so ``with set_testing(): ...`` works as well as a plain call."""
+    previous = _testing.is_set()
+    if on:
+        _testing.set()
+    else:
+        _testing.clear()
+    return _restore_testing(previous)
+
+
+class Policy:
+    """Retry and breaker decisions for one service under one configuration.
+
+    ``sleep``/``asleep`` and ``clock`` (monotonic seconds, for the deadline) are injectable, as is
+    ``wall_clock`` (the breaker's opening times); ``rng`` returns a float in [0, 1) for the jitter.
+    """
+
+    def __init__(
+        self,
+        service: str,
+        config: Config,
+        *,
+        classifier: Classifier | None = None,
+        breaker_storage: Any = None,
+        breaker_listeners: tuple[Any, ...] = (),
+        sleep: Callable[[float], None] = time.sleep,
+        asleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] | None = None,
+        rng: Callable[[], float] = random.random,
+        use_retry: bool = True,
+        use_circuit_breaker: bool = True,
+    ) -> None:
+        self.service = service
+        self.classifier = classifier or DEFAULT_CLASSIFIER
+        self.sleep = sleep
+        self.asleep = asleep
+        self.clock = clock
+        self.rng = rng
+        self.use_retry = use_retry
+        self.use_circuit_breaker = use_circuit_breaker
+        self.stats = stats_for(service)
+        self._breaker_storage = breaker_storage
+        self._breaker_listeners = breaker_listeners
+        self._wall_clock = wall_clock
+        self.config = config
+        self.breaker: Breaker | None = None
+        self.apply_config(config)
+
+    def apply_config(self, config: Config) -> None:
+        self.config = config
+        self.retry_on = self.use_retry and config.retry_on
+        if self.use_circuit_breaker and config.breaker_on:
+            self.breaker = breaker_for(
+                self.service,
+                config,
+                storage=self._breaker_storage,
+                listeners=self._breaker_listeners,
+                clock=self._wall_clock,
+            )
+        else:
+            self.breaker = None
+
+    # -- decisions (no I/O) ------------------------------------------------------------------
+    def retryable(self, outcome: Outcome) -> bool:
+        return self.retry_on and outcome in _RETRYABLE
+
+    def delay(self, outcome: Outcome, retry_number: int) -> float:
+        """Full-jitter exponential backoff for the ``retry_number``-th retry (1-based)."""
+        if _testing.is_set():
+            return 0.0
+        cfg = self.config
+        if outcome is Outcome.CONFLICT:
+            base, cap = cfg.conflict_delay, cfg.conflict_delay * _CONFLICT_CAP_FACTOR
+        else:
+            base, cap = cfg.initial_delay, cfg.max_delay
+        ceiling = min(cap, base * (2 ** (retry_number - 1)))
+        return ceiling * self.rng()
+
+    def admit(self) -> bool:
+        """Ask the breaker for one attempt. Returns True for a half-open probe."""
+        breaker = self.breaker
+        if breaker is None:
+            return False
+        try:
+            return breaker.before_call()
+        except CircuitOpenError:
+            raise
+        except Exception:  # graceful fallback: a broken breaker store must not stop the call
+            self._machinery_failed("circuit breaker admission")
+            return False
+
+    def succeeded(self, probe: bool) -> None:
+        self.stats.add("attempts")
+        breaker = self.breaker
+        if breaker is not None:
+            try:
+                breaker.on_success(probe)
+            except Exception:
+                self._machinery_failed("circuit breaker success accounting")
+
+    def failed(self, exc: BaseException, probe: bool) -> Outcome:
+        """Classify ``exc`` and record it with the breaker; returns its outcome."""
+        self.stats.add("attempts")
+        outcome = self.classifier.classify(exc)
+        breaker = self.breaker
+        if breaker is not None:
+            try:
+                if outcome in _BREAKER_FAILURES:
+                    breaker.on_failure(probe)
+                else:
+                    breaker.on_neutral(probe)
+            except Exception:
+                self._machinery_failed("circuit breaker failure accounting")
+        return outcome
+
+    def _machinery_failed(self, what: str) -> None:
+        emit(
+            self.config,
+            log_retry,
+            logging.WARNING,
+            "%s failed for service=%s; running the call without it",
+            what,
+            self.service,
+            service=self.service,
+            event="machinery_failed",
+        )
+        log_retry.debug("machinery failure detail", exc_info=True)
+
+    # -- tenacity plumbing -------------------------------------------------------------------
+    def _retry_predicate(self, exc: BaseException) -> bool:
+        return self.retryable(self.classifier.classify(exc))
+
+    def _wait(self, rs: _t.RetryCallState) -> float:
+        exc = rs.outcome.exception() if rs.outcome is not None else None
+        outcome = self.classifier.classify(exc) if exc is not None else Outcome.DISCONNECT
+        return self.delay(outcome, rs.attempt_number)
+
+    def _stopper(self, started: float) -> Callable[[_t.RetryCallState], bool]:
+        max_retries = self.config.max_retries
+        deadline = self.config.deadline
+
+        def stop(rs: _t.RetryCallState) -> bool:
+            if rs.attempt_number > max_retries:
+                return True
+            return self.clock() - started + rs.upcoming_sleep > deadline
+
+        return stop
+
+    def _before_sleep(self, rs: _t.RetryCallState) -> None:
+        exc = rs.outcome.exception() if rs.outcome is not None else None
+        outcome = self.classifier.classify(exc) if exc is not None else Outcome.DISCONNECT
+        self.stats.add_retry(outcome.value)
+        emit(
+            self.config,
+            log_retry,
+            logging.WARNING,
+            "Retry attempt %d/%d: service=%s %s (SQLSTATE %s); next attempt in %.3f s",
+            rs.attempt_number,
+            self.config.max_retries,
+            self.service,
+            outcome.value,
+            sqlstate_label(exc),
+            rs.upcoming_sleep,
+            service=self.service,
+            event="retry",
+            attempt=rs.attempt_number,
+            max_retries=self.config.max_retries,
+            outcome=outcome.value,
+            sqlstate=sqlstate_label(exc),
+            delay=rs.upcoming_sleep,
+        )
+
+    def _retrying_kwargs(self) -> dict[str, Any]:
+        return {
+            "retry": _t.retry_if_exception(self._retry_predicate),
+            "wait": self._wait,
+            "stop": self._stopper(self.clock()),
+            "before_sleep": self._before_sleep,
+            "reraise": True,
+        }
+
+    def _gave_up(self, exc: BaseException) -> None:
+        outcome = self.classifier.classify(exc)
+        if outcome in _RETRYABLE:
+            self.stats.add("gave_up")
+            emit(
+                self.config,
+                log_retry,
+                logging.ERROR,
+                "Gave up: service=%s %s (SQLSTATE %s) after %d retries; raising the original error",
+                self.service,
+                outcome.value,
+                sqlstate_label(exc),
+                self.config.max_retries,
+                service=self.service,
+                event="gave_up",
+                outcome=outcome.value,
+                sqlstate=sqlstate_label(exc),
+            )
+
+    def _recovered(self) -> None:
+        self.stats.add("recovered")
+        emit(
+            self.config,
+            log_retry,
+            logging.INFO,
+            "Recovered: service=%s unit of work succeeded after retrying",
+            self.service,
+            service=self.service,
+            event="recovered",
+        )
+
+    # -- sync driver -------------------------------------------------------------------------
+    def call(self, attempt: Callable[[], T]) -> T:
+        """Run ``attempt`` (one whole unit of work) under the breaker, retrying transient
+        failures. The original exception is re-raised when retries run out."""
+        probe = self.admit()
+        try:
+            result = attempt()
+        except BaseException as exc:
+            if not self.retryable(self.failed(exc, probe)):
+                raise
+            return self._call_retrying(attempt, exc)
+        self.succeeded(probe)
+        return result
+
+    def _call_retrying(self, attempt: Callable[[], T], first: BaseException) -> T:
+        pending = [first]
+
+        def one() -> T:
+            if pending:  # the attempt that already failed on the fast path
+                raise pending.pop()
+            probe = self.admit()
+            try:
+                result = attempt()
+            except BaseException as exc:
+                self.failed(exc, probe)
+                raise
+            self.succeeded(probe)
+            return result
+
+        retrying = _t.Retrying(sleep=self.sleep, **self._retrying_kwargs())
+        try:
+            result = retrying(one)
+        except BaseException as exc:
+            self._gave_up(exc)
+            raise
+        self._recovered()
+        return result
+
+    # -- async driver ------------------------------------------------------------------------
+    async def acall(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """The async twin of :meth:`call`: same decisions, awaited attempts and sleeps."""
+        probe = self.admit()
+        try:
+            result = await attempt()
+        except BaseException as exc:
+            if not self.retryable(self.failed(exc, probe)):
+                raise
+            return await self._acall_retrying(attempt, exc)
+        self.succeeded(probe)
+        return result
+
+    async def _acall_retrying(self, attempt: Callable[[], Awaitable[T]], first: BaseException) -> T:
+        pending = [first]
+
+        async def one() -> T:
+            if pending:
+                raise pending.pop()
+            probe = self.admit()
+            try:
+                result = await attempt()
+            except BaseException as exc:
+                self.failed(exc, probe)
+                raise
+            self.succeeded(probe)
+            return result
+
+        retrying = _t.AsyncRetrying(sleep=self.asleep, **self._retrying_kwargs())
+        try:
+            result = await retrying(one)
+        except BaseException as exc:
+            self._gave_up(exc)
+            raise
+        self._recovered()
+        return result

@@ -1,0 +1,379 @@
+"""``ResilientSession``: a drop-in ``sessionmaker`` whose units of work heal themselves."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, cast, overload
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from ._classify import Classifier, Outcome
+from ._config import Config, load_config, on_reload, register_default_user
+from ._errors import CommitOutcomeUnknownError, TransactionStateError
+from ._observability import emit, log_session
+from ._retry import Policy
+from ._unit import (
+    CONFIG_KEY,
+    FACTORY_KEY,
+    UNIT_KEY,
+    WROTE_KEY,
+    XACT_STATUS_SQL,
+    XID_SQL,
+    ActiveUnit,
+    CommitVerdict,
+    commit_needs_verification,
+    current_unit,
+    hooks_for,
+    session_class_for,
+    verdict_of,
+)
+
+__all__ = ["ResilientSession", "with_self_healing"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+S = TypeVar("S", bound=Session)
+
+
+class ResilientSession(Generic[S]):
+    """A ``sessionmaker`` replacement for ``engine`` whose units of work survive transient faults.
+
+    ``Session()`` and ``Session.begin()`` work as with ``sessionmaker``. ``Session.run(fn, ...)``
+    (and the ``@Session.transactional`` decorator) run ``fn(session, ...)`` as one unit of work:
+    replayed whole with a fresh session on a transient error, committed at the end.
+
+    Configuration comes from the ``SELF_HEALING_*`` environment when the factory is made (and on
+    :func:`reload_config`) unless ``config=`` is given.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        service: str = "database",
+        *,
+        config: Config | None = None,
+        classifier: Classifier | None = None,
+        breaker_storage: Any = None,
+        breaker_listeners: tuple[Any, ...] = (),
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] | None = None,
+        **sessionmaker_kwargs: Any,
+    ) -> None:
+        if not isinstance(engine, Engine):
+            raise TypeError(
+                f"ResilientSession needs a SQLAlchemy Engine, got {type(engine).__name__}; "
+                "for an AsyncEngine use AsyncResilientSession"
+            )
+        if not isinstance(service, str) or not service:
+            raise ValueError(f"service must be a non-empty name, got {service!r}")
+        self.engine = engine
+        self.service = service
+        self._explicit_config = config is not None
+        self.config = config if config is not None else load_config()
+        self.classifier = classifier or Classifier()
+        self._sleep = sleep
+        self._clock = clock
+        self.policy = Policy(
+            service,
+            self.config,
+            classifier=self.classifier,
+            breaker_storage=breaker_storage,
+            breaker_listeners=breaker_listeners,
+            sleep=sleep,
+            clock=clock,
+            wall_clock=wall_clock,
+        )
+        session_cls = session_class_for(sessionmaker_kwargs.pop("class_", None))
+        info = dict(sessionmaker_kwargs.pop("info", None) or {})
+        info[CONFIG_KEY] = self.config
+        info[FACTORY_KEY] = self
+        self._info = info
+        self._maker: sessionmaker[Any] = sessionmaker(
+            engine, class_=session_cls, info=info, **sessionmaker_kwargs
+        )
+        self._hooks = hooks_for(engine, self.config, self.classifier, service)
+        if not self._explicit_config:
+            register_default_user(self)
+
+    # -- configuration -----------------------------------------------------------------------
+    def _apply_config(self, config: Config) -> None:
+        self.config = config
+        self._info[CONFIG_KEY] = config
+        self._maker.kw["info"][CONFIG_KEY] = config
+        self.policy.apply_config(config)
+        self._hooks.config = config
+
+    # -- drop-in sessionmaker surface --------------------------------------------------------
+    def __call__(self, **local_kw: Any) -> S:
+        """A new session, as ``sessionmaker()`` gives."""
+        return cast(S, self._maker(**local_kw))
+
+    def begin(self) -> Any:
+        """A context manager giving a session in a transaction, committed at the end."""
+        return self._maker.begin()
+
+    def configure(self, **new_kw: Any) -> None:
+        self._maker.configure(**new_kw)
+
+    @property
+    def kw(self) -> dict[str, Any]:
+        return self._maker.kw
+
+    def __repr__(self) -> str:
+        return f"<ResilientSession service={self.service!r} engine={self.engine!r}>"
+
+    def _connect_policy_call(self, connect: Callable[[], R]) -> R:
+        return self.policy.call(connect)
+
+    # -- units of work -----------------------------------------------------------------------
+    def run(self, fn: Callable[Concatenate[S, P], R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run ``fn(session, *args, **kwargs)`` as one unit of work and commit.
+
+        On a transient error anywhere in the unit (COMMIT included) the session is rolled back
+        and ``fn`` runs again with a fresh one, after a backoff. Inside another unit of this
+        factory, ``fn`` joins the outer unit's session and runs once (the outer unit retries).
+        """
+        if inspect.iscoroutinefunction(fn):
+            raise TypeError(
+                f"{_name(fn)} is a coroutine function; use AsyncResilientSession.run for it"
+            )
+        active = current_unit.get()
+        if active is not None:
+            if active.factory is self:
+                return fn(active.session, *args, **kwargs)
+            return self._attempt(fn, args, kwargs)  # another database: once, no own retries
+        if not self.config.enabled:
+            with self._maker.begin() as session:
+                return fn(session, *args, **kwargs)
+        return self.policy.call(lambda: self._attempt(fn, args, kwargs))
+
+    def run_in(
+        self, session: S, fn: Callable[Concatenate[S, P], R], /, *args: P.args, **kwargs: P.kwargs
+    ) -> R:
+        """Like :meth:`run`, with a session the caller made. It must not be in a transaction:
+        a unit can only be replayed from the start of its transaction."""
+        if session.in_transaction():
+            raise TransactionStateError(
+                "run() can't retry inside a transaction you opened on this session: the work "
+                "done before it can't be replayed. Commit or roll back first, or call "
+                f"{_name(fn)}(session, ...) directly and let an outer unit retry"
+            )
+        if not self.config.enabled:
+            with session.begin():
+                return fn(session, *args, **kwargs)
+        return self.policy.call(lambda: self._attempt(fn, args, kwargs, session=session))
+
+    @overload
+    def transactional(self, fn: Callable[Concatenate[S, P], R]) -> Callable[P, R]: ...
+    @overload
+    def transactional(
+        self, fn: None = None, /
+    ) -> Callable[[Callable[Concatenate[S, P], R]], Callable[P, R]]: ...
+    def transactional(self, fn: Any = None, /) -> Any:
+        """Decorator: calling ``fn(*args)`` runs ``fn(session, *args)`` as a unit of work."""
+        if fn is None:
+            return self.transactional
+        if inspect.iscoroutinefunction(fn):
+            raise TypeError(f"{_name(fn)} is a coroutine function; use AsyncResilientSession")
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return self.run(fn, *args, **kwargs)
+
+        return wrapper
+
+    def _attempt(
+        self,
+        fn: Callable[..., R],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        session: Session | None = None,
+    ) -> R:
+        own = session is None
+        s: Session = self._maker() if session is None else session
+        s.info[UNIT_KEY] = True
+        s.info[WROTE_KEY] = False
+        token = current_unit.set(ActiveUnit(self, s))
+        try:
+            try:
+                s.begin()
+                result = fn(s, *args, **kwargs)
+                self._commit(s)
+                return result
+            except BaseException:
+                _rollback_quietly(s)
+                raise
+        finally:
+            current_unit.reset(token)
+            s.info.pop(UNIT_KEY, None)
+            if own:
+                s.close()
+
+    def _commit(self, s: Session) -> None:
+        s.flush()
+        xid: str | None = None
+        if s.info.get(WROTE_KEY):
+            xid = s.connection().execute(XID_SQL).scalar()
+        try:
+            s.commit()
+        except Exception as exc:
+            outcome = self.classifier.classify(exc)
+            if not commit_needs_verification(outcome) or xid is None:
+                # No transaction id: the unit wrote nothing, so replaying it can't write twice.
+                raise
+            verdict = self._verify_commit(xid)
+            if verdict is CommitVerdict.COMMITTED:
+                self.policy.stats.add("verified_commits")
+                emit(
+                    self.config,
+                    log_session,
+                    logging.WARNING,
+                    "Commit outcome verified: service=%s transaction %s committed before the "
+                    "connection was lost; not replaying",
+                    self.service,
+                    xid,
+                    service=self.service,
+                    event="commit_verified",
+                    xid=xid,
+                )
+                return
+            if verdict is CommitVerdict.ABORTED and outcome is Outcome.DISCONNECT:
+                raise  # the server rolled it back: replaying is safe
+            self._commit_unknown(xid, verdict, exc)
+
+    def _commit_unknown(self, xid: str, verdict: CommitVerdict, exc: BaseException) -> None:
+        self.policy.stats.add("unknown_commits")
+        emit(
+            self.config,
+            log_session,
+            logging.ERROR,
+            "Commit outcome unknown: service=%s transaction %s (%s); not replaying",
+            self.service,
+            xid,
+            verdict.value,
+            service=self.service,
+            event="commit_unknown",
+            xid=xid,
+        )
+        raise CommitOutcomeUnknownError(self.service, int(xid), verdict.value) from exc
+
+    def _verify_commit(self, xid: str) -> CommitVerdict:
+        """Ask the server what became of transaction ``xid``, reconnecting with backoff."""
+        cfg = self.config
+        started = self._clock()
+        verdict = CommitVerdict.UNKNOWN
+        for attempt in range(1, cfg.max_retries + 2):
+            try:
+                with self.engine.connect() as conn:
+                    status = conn.execute(XACT_STATUS_SQL, {"xid": xid}).scalar()
+                verdict = verdict_of(status)
+                if verdict is not CommitVerdict.IN_PROGRESS:
+                    return verdict
+            except Exception as exc:
+                if not self.classifier.is_transient(exc):
+                    return CommitVerdict.UNKNOWN
+            delay = self.policy.delay(Outcome.DISCONNECT, attempt)
+            if self._clock() - started + delay > cfg.deadline:
+                break
+            self._sleep(delay)
+        return verdict
+
+
+def _rollback_quietly(session: Session) -> None:
+    """Roll back after a failed attempt; a dead connection must not hide the real error."""
+    try:
+        session.rollback()
+    except Exception:
+        log_session.debug("rollback after a failed attempt failed too", exc_info=True)
+
+
+def _name(fn: Any) -> str:
+    return getattr(fn, "__qualname__", repr(fn))
+
+
+# -- the plan's wrapper --------------------------------------------------------------------------
+_default_config: Config | None = None
+
+
+def _env_config() -> Config:
+    global _default_config
+    if _default_config is None:
+        _default_config = load_config()
+    return _default_config
+
+
+def _forget_env_config(config: Config) -> None:
+    global _default_config
+    _default_config = config
+
+
+on_reload(_forget_env_config)
+
+_wrapper_policies: dict[tuple[str, bool, bool, Config], Policy] = {}
+
+
+def _policy_for(service: str, use_retry: bool, use_circuit_breaker: bool, config: Config) -> Policy:
+    key = (service, use_retry, use_circuit_breaker, config)
+    policy = _wrapper_policies.get(key)
+    if policy is None:
+        policy = Policy(
+            service,
+            config,
+            use_retry=use_retry,
+            use_circuit_breaker=use_circuit_breaker,
+        )
+        if len(_wrapper_policies) > 256:  # configurations come and go with reload_config
+            _wrapper_policies.clear()
+        _wrapper_policies[key] = policy
+    return policy
+
+
+@overload
+def with_self_healing(
+    fn: Callable[[], Awaitable[R]],
+    *,
+    service: str = ...,
+    use_retry: bool = ...,
+    use_circuit_breaker: bool = ...,
+    config: Config | None = ...,
+) -> Awaitable[R]: ...
+@overload
+def with_self_healing(
+    fn: Callable[[], R],
+    *,
+    service: str = ...,
+    use_retry: bool = ...,
+    use_circuit_breaker: bool = ...,
+    config: Config | None = ...,
+) -> R: ...
+def with_self_healing(
+    fn: Callable[[], Any],
+    *,
+    service: str = "database",
+    use_retry: bool = True,
+    use_circuit_breaker: bool = True,
+    config: Config | None = None,
+) -> Any:
+    """Call ``fn()`` with retry and the circuit breaker of ``service``, as the plan's wrapper.
+
+    ``fn`` must be safe to call again (it is the whole operation, e.g. it opens its own session).
+    For a coroutine function the result is an awaitable. With self-healing off, ``fn()`` runs
+    plainly.
+    """
+    cfg = config if config is not None else _env_config()
+    if not callable(fn):
+        raise TypeError(f"with_self_healing needs a callable, got {type(fn).__name__}")
+    if inspect.iscoroutinefunction(fn):
+        if not cfg.enabled:
+            return fn()
+        return _policy_for(service, use_retry, use_circuit_breaker, cfg).acall(fn)
+    if not cfg.enabled:
+        return fn()
+    return _policy_for(service, use_retry, use_circuit_breaker, cfg).call(fn)

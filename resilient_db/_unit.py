@@ -1,0 +1,220 @@
+"""What the sync and async sessions share: the session class, engine hooks and the pure
+decisions about a unit of work (did it write? what does a lost COMMIT mean?).
+
+Nothing here awaits or sleeps; ``_session`` and ``_asyncio`` are the drivers.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import enum
+import logging
+import select
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import event, text
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import ORMExecuteState, Session
+
+from ._classify import Classifier, Outcome
+from ._config import Config
+from ._observability import emit, log_session, stats_for
+from ._transitions import exception_from_db, install_guard
+
+# Keys in Session.info. GUARD_INFO_KEY is shared with the transition guard.
+CONFIG_KEY = "resilient_db.config"
+FACTORY_KEY = "resilient_db.factory"
+WROTE_KEY = "resilient_db.maybe_wrote"
+UNIT_KEY = "resilient_db.unit"
+
+XID_SQL = text("SELECT pg_current_xact_id_if_assigned()::text")
+XACT_STATUS_SQL = text("SELECT pg_xact_status(CAST(:xid AS xid8))")
+
+
+@dataclass(frozen=True)
+class ActiveUnit:
+    """The unit of work running in this context (thread or task)."""
+
+    factory: Any
+    session: Any
+
+
+# The unit of work running in the current thread / asyncio task, for nested units.
+current_unit: contextvars.ContextVar[ActiveUnit | None] = contextvars.ContextVar(
+    "resilient_db_unit", default=None
+)
+
+
+class CommitVerdict(enum.Enum):
+    COMMITTED = "committed"
+    ABORTED = "aborted"
+    IN_PROGRESS = "in progress"
+    UNKNOWN = "unknown"
+
+
+def verdict_of(status: str | None) -> CommitVerdict:
+    """Interpret ``pg_xact_status``."""
+    if status == "committed":
+        return CommitVerdict.COMMITTED
+    if status == "aborted":
+        return CommitVerdict.ABORTED
+    if status == "in progress":
+        return CommitVerdict.IN_PROGRESS
+    return CommitVerdict.UNKNOWN
+
+
+def commit_needs_verification(outcome: Outcome) -> bool:
+    """A COMMIT that failed this way may have been applied on the server."""
+    return outcome in (Outcome.DISCONNECT, Outcome.COMMIT_UNKNOWN)
+
+
+class ResilientORMSession(Session):
+    """The ``Session`` class made by :class:`ResilientSession`. Behaves exactly as ``Session``;
+    it records whether a unit may have written (for COMMIT-outcome verification) and retries a
+    connection that fails before the transaction has sent anything (drop-in use)."""
+
+    def connection(self, *args: Any, **kwargs: Any) -> Any:
+        # Whatever runs on the raw connection is invisible to the ORM: assume it writes.
+        self.info[WROTE_KEY] = True
+        return super().connection(*args, **kwargs)
+
+    def _connection_for_bind(self, engine: Any, execution_options: Any = None, **kw: Any) -> Any:
+        factory = self.info.get(FACTORY_KEY)
+        if factory is None or self.info.get(UNIT_KEY) or not factory.config.enabled:
+            return super()._connection_for_bind(engine, execution_options, **kw)
+        trans = self._transaction
+        if trans is not None and engine in getattr(trans, "_connections", ()):
+            return super()._connection_for_bind(engine, execution_options, **kw)
+        # Drop-in use, no connection yet: nothing has been sent, so a failed connect is safe
+        # to retry under the service's policy.
+        parent = super()._connection_for_bind
+        return factory._connect_policy_call(lambda: parent(engine, execution_options, **kw))
+
+
+def _note_orm_write(state: ORMExecuteState) -> None:
+    if not state.is_select:
+        state.session.info[WROTE_KEY] = True
+
+
+def _note_flush(session: Session, flush_context: Any) -> None:
+    session.info[WROTE_KEY] = True
+
+
+event.listen(ResilientORMSession, "do_orm_execute", _note_orm_write)
+event.listen(ResilientORMSession, "after_flush", _note_flush)
+
+
+_session_classes: dict[type[Session], type[Session]] = {ResilientORMSession: ResilientORMSession}
+_classes_lock = threading.Lock()
+
+
+def session_class_for(base: type[Session] | None) -> type[Session]:
+    """Our session behaviour on top of the user's ``class_=`` (one subclass per base, cached)."""
+    if base is None or base is Session:
+        base = ResilientORMSession
+    with _classes_lock:
+        cls = _session_classes.get(base)
+        if cls is None:
+            if issubclass(base, ResilientORMSession):
+                cls = base
+            else:
+                cls = type(f"Resilient{base.__name__}", (ResilientORMSession, base), {})
+                event.listen(cls, "do_orm_execute", _note_orm_write)
+                event.listen(cls, "after_flush", _note_flush)
+            _session_classes[base] = cls
+        install_guard(cls)
+        return cls
+
+
+# -- engine hooks ------------------------------------------------------------------------------
+class EngineHooks:
+    """Installed once per engine: disconnect classification in ``handle_error``, mapping of the
+    transition trigger's SQLSTATE, and a cheap dead-connection check at pool checkout."""
+
+    def __init__(self, config: Config, classifier: Classifier) -> None:
+        self.config = config
+        self.classifier = classifier
+        self.service = "database"
+
+    def handle_error(self, ctx: Any) -> BaseException | None:
+        if not self.config.enabled:
+            return None
+        original = ctx.original_exception
+        code = getattr(original, "sqlstate", None)
+        if code is not None and self.classifier.is_disconnect_code(code) and not ctx.is_disconnect:
+            # e.g. 57P01 after pg_terminate_backend, 25006 on a demoted primary: the connection
+            # (and the pool's other connections, made before this moment) must not be reused.
+            ctx.is_disconnect = True
+            ctx.invalidate_pool_on_disconnect = True
+        if ctx.sqlalchemy_exception is not None and self.config.guard_on:
+            mapped = exception_from_db(ctx.sqlalchemy_exception)
+            if mapped is not None:
+                stats_for(self.service).add("blocked_transitions")
+                mapped.__cause__ = ctx.sqlalchemy_exception
+                return mapped
+        return None
+
+    def checkout(self, dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        if not self.config.enabled:
+            return
+        if connection_looks_dead(dbapi_connection):
+            emit(
+                self.config,
+                log_session,
+                logging.INFO,
+                "Discarded a dead pooled connection at checkout: service=%s",
+                self.service,
+                service=self.service,
+                event="dead_pooled_connection",
+            )
+            raise sa_exc.DisconnectionError("pooled connection was closed by the server")
+
+
+_hooks: weakref.WeakKeyDictionary[Any, EngineHooks] = weakref.WeakKeyDictionary()
+_hooks_lock = threading.Lock()
+
+
+def hooks_for(engine: Engine, config: Config, classifier: Classifier, service: str) -> EngineHooks:
+    """Install (once) and return the hooks of ``engine``; the newest factory's settings win."""
+    with _hooks_lock:
+        hooks = _hooks.get(engine)
+        if hooks is None:
+            hooks = EngineHooks(config, classifier)
+            event.listen(engine, "handle_error", hooks.handle_error)
+            event.listen(engine, "checkout", hooks.checkout)
+            _hooks[engine] = hooks
+        hooks.config = config
+        hooks.classifier = classifier
+        hooks.service = service
+        return hooks
+
+
+def connection_looks_dead(dbapi_connection: Any) -> bool:
+    """True when an idle pooled connection has been closed by the server.
+
+    Written by hand because SQLAlchemy's ``pool_pre_ping`` costs a network round trip on every
+    checkout. An idle PostgreSQL connection has nothing to read; after ``pg_terminate_backend``
+    or a server shutdown the server has sent an error and/or closed the socket, so it polls
+    readable. A zero-timeout poll costs about a microsecond. asyncpg notices a closed socket by
+    itself (its protocol reads in the event loop), so ``is_closed()`` suffices there.
+    """
+    inner = getattr(dbapi_connection, "_connection", None)
+    is_closed = getattr(inner, "is_closed", None)
+    if callable(is_closed):  # asyncpg through SQLAlchemy's adapter
+        return bool(is_closed())
+    pgconn = getattr(dbapi_connection, "pgconn", None)
+    if pgconn is None:  # not psycopg 3: no cheap check; SQLAlchemy's handling applies
+        return False
+    if getattr(dbapi_connection, "closed", False) or getattr(dbapi_connection, "broken", False):
+        return True
+    try:
+        fd = pgconn.socket
+    except Exception:
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLPRI)
+    return bool(poller.poll(0))
