@@ -24,6 +24,24 @@ from ._errors import (
 from ._observability import health
 from ._retry import set_testing
 from ._session import ResilientSession, with_self_healing
+from ._transitions import (
+    ANY_STATE,
+    BYPASS_SETTING,
+    TRANSITION_SQLSTATE,
+    TransitionRules,
+    TransitionRulesError,
+    allowed_transitions,
+    bypass_transitions,
+    bypass_transitions_async,
+    install_transition_trigger,
+    rules_to_dot,
+    rules_to_mermaid,
+    transition_rules,
+    transition_trigger_drop_sql,
+    transition_trigger_sql,
+    trigger_drift,
+    uninstall_transition_trigger,
+)
 
 try:
     __version__ = version("resilient-db")
@@ -31,6 +49,9 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
     __version__ = "0+unknown"
 
 __all__ = [
+    "ANY_STATE",
+    "BYPASS_SETTING",
+    "TRANSITION_SQLSTATE",
     "CircuitOpenError",
     "Classifier",
     "CommitOutcomeUnknownError",
@@ -42,13 +63,26 @@ __all__ = [
     "ResilientSession",
     "StaleTransitionError",
     "TransactionStateError",
+    "TransitionRules",
+    "TransitionRulesError",
     "__version__",
+    "allowed_transitions",
+    "bypass_transitions",
+    "bypass_transitions_async",
     "classify",
     "health",
+    "install_transition_trigger",
     "is_transient",
     "load_config",
     "reload_config",
+    "rules_to_dot",
+    "rules_to_mermaid",
     "set_testing",
     "sqlstate_of",
+    "transition_rules",
+    "transition_trigger_drop_sql",
+    "transition_trigger_sql",
+    "trigger_drift",
+    "uninstall_transition_trigger",
     "with_self_healing",
 ]

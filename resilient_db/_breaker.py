@@ -29,7 +29,7 @@ CLOSED, OPEN, HALF_OPEN = _pb.STATE_CLOSED, _pb.STATE_OPEN, _pb.STATE_HALF_OPEN
 _UTC = timezone.utc
 
 
-class _LogListener(_pb.CircuitBreakerListener):  # type: ignore[misc]
+class _LogListener(_pb.CircuitBreakerListener):
     """Logs every state change with the ``[SELF-HEAL]`` prefix and counts openings."""
 
     def __init__(self, breaker: Breaker) -> None:

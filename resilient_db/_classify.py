@@ -77,15 +77,17 @@ def _driver_disconnect(exc: BaseException) -> bool:
         if isinstance(err, OSError):
             return True
         # psycopg: OperationalError with no SQLSTATE is raised for refused connects and
-        # broken sockets; asyncpg: InterfaceError / ConnectionDoesNotExistError on a closed
-        # connection. Identified by their driver's base classes, never by message text.
+        # broken sockets; asyncpg: ConnectionDoesNotExistError when the connection closed
+        # under an operation. Identified by their driver's classes, never by message text.
+        # asyncpg's plain InterfaceError is not one of them: it also reports programming errors
+        # (wrong argument count, a connection used by two tasks at once); a closed connection
+        # behind it is recognised by SQLAlchemy (``connection_invalidated`` above).
         module = type(err).__module__
         name = type(err).__name__
         if module.startswith("psycopg") and name == "OperationalError":
             return getattr(err, "sqlstate", None) is None
         if module.startswith("asyncpg") and name in (
             "ConnectionDoesNotExistError",
-            "InterfaceError",
             "ConnectionFailureError",
         ):
             return True

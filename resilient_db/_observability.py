@@ -65,7 +65,6 @@ class ServiceStats:
     gave_up: int = 0
     breaker_opens: int = 0
     breaker_rejections: int = 0
-    blocked_transitions: int = 0
     unknown_commits: int = 0
     verified_commits: int = 0
     retries_by_class: Counter[str] = field(default_factory=Counter)
@@ -90,7 +89,6 @@ class ServiceStats:
                 "gave_up": self.gave_up,
                 "breaker_opens": self.breaker_opens,
                 "breaker_rejections": self.breaker_rejections,
-                "blocked_transitions": self.blocked_transitions,
                 "unknown_commits": self.unknown_commits,
                 "verified_commits": self.verified_commits,
                 "retries_by_class": dict(self.retries_by_class),
@@ -105,7 +103,6 @@ class ServiceStats:
                 "gave_up",
                 "breaker_opens",
                 "breaker_rejections",
-                "blocked_transitions",
                 "unknown_commits",
                 "verified_commits",
             ):
@@ -127,12 +124,15 @@ def stats_for(service: str) -> ServiceStats:
 
 
 def health() -> dict[str, Any]:
-    """Breaker state and counters of every service seen so far.
+    """Breaker state and counters of every service seen so far, and the transition guard's.
 
-    ``{"services": {name: {"breaker": {...} | None, "counters": {...}}}, "healthy": bool}``;
-    ``healthy`` is False while any breaker is open.
+    ``{"healthy": bool, "services": {name: {"breaker": {...} | None, "counters": {...}}},
+    "transitions": {"blocked_transitions": n, ...}}``; ``healthy`` is False while any breaker
+    is open.
     """
-    from ._breaker import breakers  # noqa: PLC0415 - the breaker module imports this one
+    # Local imports: both modules import this one.
+    from ._breaker import breakers  # noqa: PLC0415
+    from ._transitions import transition_stats  # noqa: PLC0415
 
     with _stats_lock:
         names = set(_stats)
@@ -142,14 +142,22 @@ def health() -> dict[str, Any]:
     for name in sorted(names):
         breaker = all_breakers.get(name)
         services[name] = {
-            "breaker": breaker.describe() if breaker is not None else None,
+            "breaker": _describe(breaker) if breaker is not None else None,
             "counters": stats_for(name).snapshot(),
         }
     healthy = all(
         entry["breaker"] is None or entry["breaker"]["state"] != "open"
         for entry in services.values()
     )
-    return {"healthy": healthy, "services": services}
+    return {"healthy": healthy, "services": services, "transitions": transition_stats()}
+
+
+def _describe(breaker: Any) -> dict[str, Any]:
+    try:
+        description: dict[str, Any] = breaker.describe()
+    except Exception as exc:  # a shared breaker store can be unreachable: report, don't fail
+        return {"state": "unknown", "error": type(exc).__name__}
+    return description
 
 
 def reset_stats() -> None:

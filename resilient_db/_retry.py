@@ -123,7 +123,7 @@ class Policy:
             base, cap = cfg.conflict_delay, cfg.conflict_delay * _CONFLICT_CAP_FACTOR
         else:
             base, cap = cfg.initial_delay, cfg.max_delay
-        ceiling = min(cap, base * (2 ** (retry_number - 1)))
+        ceiling = min(cap, base * (2.0 ** (retry_number - 1)))
         return ceiling * self.rng()
 
     def admit(self) -> bool:
@@ -229,7 +229,7 @@ class Policy:
             "reraise": True,
         }
 
-    def _gave_up(self, exc: BaseException) -> None:
+    def _gave_up(self, exc: BaseException, retries: int) -> None:
         outcome = self.classifier.classify(exc)
         if outcome in _RETRYABLE:
             self.stats.add("gave_up")
@@ -241,9 +241,10 @@ class Policy:
                 self.service,
                 outcome.value,
                 sqlstate_label(exc),
-                self.config.max_retries,
+                retries,
                 service=self.service,
                 event="gave_up",
+                retries=retries,
                 outcome=outcome.value,
                 sqlstate=sqlstate_label(exc),
             )
@@ -293,7 +294,7 @@ class Policy:
         try:
             result = retrying(one)
         except BaseException as exc:
-            self._gave_up(exc)
+            self._gave_up(exc, retrying.statistics.get("attempt_number", 1) - 1)
             raise
         self._recovered()
         return result
@@ -328,9 +329,9 @@ class Policy:
 
         retrying = _t.AsyncRetrying(sleep=self.asleep, **self._retrying_kwargs())
         try:
-            result = await retrying(one)
+            result: T = await retrying(one)
         except BaseException as exc:
-            self._gave_up(exc)
+            self._gave_up(exc, retrying.statistics.get("attempt_number", 1) - 1)
             raise
         self._recovered()
         return result

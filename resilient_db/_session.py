@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, cast, overload
@@ -12,10 +11,10 @@ from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, cast, overload
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from ._classify import Classifier, Outcome
+from ._classify import Classifier
 from ._config import Config, load_config, on_reload, register_default_user
-from ._errors import CommitOutcomeUnknownError, TransactionStateError
-from ._observability import emit, log_session
+from ._errors import TransactionStateError
+from ._observability import log_session
 from ._retry import Policy
 from ._unit import (
     CONFIG_KEY,
@@ -25,8 +24,8 @@ from ._unit import (
     XACT_STATUS_SQL,
     XID_SQL,
     ActiveUnit,
+    CommitReferee,
     CommitVerdict,
-    commit_needs_verification,
     current_unit,
     hooks_for,
     session_class_for,
@@ -97,6 +96,7 @@ class ResilientSession(Generic[S]):
         self._maker: sessionmaker[Any] = sessionmaker(
             engine, class_=session_cls, info=info, **sessionmaker_kwargs
         )
+        self._referee = CommitReferee(self.policy)
         self._hooks = hooks_for(engine, self.config, self.classifier, service)
         if not self._explicit_config:
             register_default_user(self)
@@ -170,7 +170,7 @@ class ResilientSession(Generic[S]):
         return self.policy.call(lambda: self._attempt(fn, args, kwargs, session=session))
 
     @overload
-    def transactional(self, fn: Callable[Concatenate[S, P], R]) -> Callable[P, R]: ...
+    def transactional(self, fn: Callable[Concatenate[S, P], R], /) -> Callable[P, R]: ...
     @overload
     def transactional(
         self, fn: None = None, /
@@ -218,72 +218,32 @@ class ResilientSession(Generic[S]):
 
     def _commit(self, s: Session) -> None:
         s.flush()
-        xid: str | None = None
-        if s.info.get(WROTE_KEY):
-            xid = s.connection().execute(XID_SQL).scalar()
+        xid: str | None = s.connection().execute(XID_SQL).scalar() if s.info[WROTE_KEY] else None
         try:
             s.commit()
         except Exception as exc:
-            outcome = self.classifier.classify(exc)
-            if not commit_needs_verification(outcome) or xid is None:
-                # No transaction id: the unit wrote nothing, so replaying it can't write twice.
+            outcome = self._referee.must_verify(exc, xid)
+            if outcome is None or xid is None:
                 raise
-            verdict = self._verify_commit(xid)
-            if verdict is CommitVerdict.COMMITTED:
-                self.policy.stats.add("verified_commits")
-                emit(
-                    self.config,
-                    log_session,
-                    logging.WARNING,
-                    "Commit outcome verified: service=%s transaction %s committed before the "
-                    "connection was lost; not replaying",
-                    self.service,
-                    xid,
-                    service=self.service,
-                    event="commit_verified",
-                    xid=xid,
-                )
-                return
-            if verdict is CommitVerdict.ABORTED and outcome is Outcome.DISCONNECT:
-                raise  # the server rolled it back: replaying is safe
-            self._commit_unknown(xid, verdict, exc)
-
-    def _commit_unknown(self, xid: str, verdict: CommitVerdict, exc: BaseException) -> None:
-        self.policy.stats.add("unknown_commits")
-        emit(
-            self.config,
-            log_session,
-            logging.ERROR,
-            "Commit outcome unknown: service=%s transaction %s (%s); not replaying",
-            self.service,
-            xid,
-            verdict.value,
-            service=self.service,
-            event="commit_unknown",
-            xid=xid,
-        )
-        raise CommitOutcomeUnknownError(self.service, int(xid), verdict.value) from exc
+            if not self._referee.settle(xid, self._verify_commit(xid), outcome, exc):
+                raise
 
     def _verify_commit(self, xid: str) -> CommitVerdict:
         """Ask the server what became of transaction ``xid``, reconnecting with backoff."""
-        cfg = self.config
-        started = self._clock()
-        verdict = CommitVerdict.UNKNOWN
-        for attempt in range(1, cfg.max_retries + 2):
+        for delay in self._referee.checks():
+            if delay:
+                self._sleep(delay)
             try:
                 with self.engine.connect() as conn:
                     status = conn.execute(XACT_STATUS_SQL, {"xid": xid}).scalar()
-                verdict = verdict_of(status)
-                if verdict is not CommitVerdict.IN_PROGRESS:
-                    return verdict
             except Exception as exc:
-                if not self.classifier.is_transient(exc):
-                    return CommitVerdict.UNKNOWN
-            delay = self.policy.delay(Outcome.DISCONNECT, attempt)
-            if self._clock() - started + delay > cfg.deadline:
-                break
-            self._sleep(delay)
-        return verdict
+                if self._referee.keep_checking_after(exc):
+                    continue
+                return CommitVerdict.UNKNOWN
+            verdict = verdict_of(status)
+            if verdict is not CommitVerdict.IN_PROGRESS:
+                return verdict
+        return CommitVerdict.UNKNOWN
 
 
 def _rollback_quietly(session: Session) -> None:

@@ -12,6 +12,7 @@ import logging
 import select
 import threading
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,9 @@ from sqlalchemy.orm import ORMExecuteState, Session
 
 from ._classify import Classifier, Outcome
 from ._config import Config
-from ._observability import emit, log_session, stats_for
+from ._errors import CommitOutcomeUnknownError
+from ._observability import emit, log_session
+from ._retry import Policy
 from ._transitions import exception_from_db, install_guard
 
 # Keys in Session.info. GUARD_INFO_KEY is shared with the transition guard.
@@ -32,7 +35,8 @@ WROTE_KEY = "resilient_db.maybe_wrote"
 UNIT_KEY = "resilient_db.unit"
 
 XID_SQL = text("SELECT pg_current_xact_id_if_assigned()::text")
-XACT_STATUS_SQL = text("SELECT pg_xact_status(CAST(:xid AS xid8))")
+# The id travels as text: asyncpg has no text encoder for an xid8 parameter.
+XACT_STATUS_SQL = text("SELECT pg_xact_status(CAST(CAST(:xid AS text) AS xid8))")
 
 
 @dataclass(frozen=True)
@@ -67,9 +71,76 @@ def verdict_of(status: str | None) -> CommitVerdict:
     return CommitVerdict.UNKNOWN
 
 
-def commit_needs_verification(outcome: Outcome) -> bool:
-    """A COMMIT that failed this way may have been applied on the server."""
-    return outcome in (Outcome.DISCONNECT, Outcome.COMMIT_UNKNOWN)
+class CommitReferee:
+    """Decides what a failed COMMIT means; the sync and async drivers do the I/O.
+
+    A COMMIT that failed by disconnect (or 08007) may have been applied. When the unit wrote
+    (the server assigned it a transaction id), the drivers ask ``pg_xact_status`` on a new
+    connection at the times :meth:`checks` gives; :meth:`settle` turns the answer into
+    "committed" (return normally), "rolled back" (re-raise the original error: the unit may be
+    replayed) or :class:`CommitOutcomeUnknownError`.
+    """
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+
+    def must_verify(self, exc: BaseException, xid: str | None) -> Outcome | None:
+        """The outcome of ``exc`` if the COMMIT may have been applied and the unit wrote."""
+        outcome = self.policy.classifier.classify(exc)
+        if xid is None or outcome not in (Outcome.DISCONNECT, Outcome.COMMIT_UNKNOWN):
+            return None  # no transaction id: the unit wrote nothing, a replay can't write twice
+        return outcome
+
+    def checks(self) -> Iterator[float]:
+        """The delay before each status check: at once, then backing off, within the deadline."""
+        cfg = self.policy.config
+        started = self.policy.clock()
+        yield 0.0
+        for attempt in range(1, cfg.max_retries + 1):
+            delay = self.policy.delay(Outcome.DISCONNECT, attempt)
+            if self.policy.clock() - started + delay > cfg.deadline:
+                return
+            yield delay
+
+    def keep_checking_after(self, exc: BaseException) -> bool:
+        return self.policy.classifier.is_transient(exc)
+
+    def settle(
+        self, xid: str, verdict: CommitVerdict, outcome: Outcome, exc: BaseException
+    ) -> bool:
+        """True: committed. False: rolled back, re-raise ``exc``. Otherwise raises."""
+        policy = self.policy
+        if verdict is CommitVerdict.COMMITTED:
+            policy.stats.add("verified_commits")
+            emit(
+                policy.config,
+                log_session,
+                logging.WARNING,
+                "Commit outcome verified: service=%s transaction %s committed before the "
+                "connection was lost; not replaying",
+                policy.service,
+                xid,
+                service=policy.service,
+                event="commit_verified",
+                xid=xid,
+            )
+            return True
+        if verdict is CommitVerdict.ABORTED and outcome is Outcome.DISCONNECT:
+            return False  # the server rolled it back: replaying is safe
+        policy.stats.add("unknown_commits")
+        emit(
+            policy.config,
+            log_session,
+            logging.ERROR,
+            "Commit outcome unknown: service=%s transaction %s (%s); not replaying",
+            policy.service,
+            xid,
+            verdict.value,
+            service=policy.service,
+            event="commit_unknown",
+            xid=xid,
+        )
+        raise CommitOutcomeUnknownError(policy.service, int(xid), verdict.value) from exc
 
 
 class ResilientORMSession(Session):
@@ -150,11 +221,11 @@ class EngineHooks:
             # (and the pool's other connections, made before this moment) must not be reused.
             ctx.is_disconnect = True
             ctx.invalidate_pool_on_disconnect = True
-        if ctx.sqlalchemy_exception is not None and self.config.guard_on:
-            mapped = exception_from_db(ctx.sqlalchemy_exception)
+        if self.config.guard_on:
+            database_error = ctx.sqlalchemy_exception or original
+            mapped = exception_from_db(database_error, log=True)
             if mapped is not None:
-                stats_for(self.service).add("blocked_transitions")
-                mapped.__cause__ = ctx.sqlalchemy_exception
+                mapped.__cause__ = database_error
                 return mapped
         return None
 
@@ -200,12 +271,22 @@ def connection_looks_dead(dbapi_connection: Any) -> bool:
     checkout. An idle PostgreSQL connection has nothing to read; after ``pg_terminate_backend``
     or a server shutdown the server has sent an error and/or closed the socket, so it polls
     readable. A zero-timeout poll costs about a microsecond. asyncpg notices a closed socket by
-    itself (its protocol reads in the event loop), so ``is_closed()`` suffices there.
+    itself (``is_closed()``), but only once the event loop has read from it: a checkout that
+    runs before that (e.g. in the same loop iteration as the kill) polls the socket as well.
     """
     inner = getattr(dbapi_connection, "_connection", None)
     is_closed = getattr(inner, "is_closed", None)
     if callable(is_closed):  # asyncpg through SQLAlchemy's adapter
-        return bool(is_closed())
+        if is_closed():
+            return True
+        transport = getattr(inner, "_transport", None)
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is None:
+            return False
+        try:
+            return _readable(sock.fileno())
+        except Exception:
+            return True
     pgconn = getattr(dbapi_connection, "pgconn", None)
     if pgconn is None:  # not psycopg 3: no cheap check; SQLAlchemy's handling applies
         return False
@@ -215,6 +296,11 @@ def connection_looks_dead(dbapi_connection: Any) -> bool:
         fd = pgconn.socket
     except Exception:
         return True
+    return _readable(fd)
+
+
+def _readable(fd: int) -> bool:
+    """An idle connection's socket has something to read (an error, EOF): the server left."""
     poller = select.poll()
     poller.register(fd, select.POLLIN | select.POLLPRI)
     return bool(poller.poll(0))

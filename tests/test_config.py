@@ -1,0 +1,154 @@
+"""Configuration: the plan's variables, strict parsing, one error for every bad variable."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+
+import resilient_db as rdb
+
+
+def test_defaults_are_the_plans() -> None:
+    cfg = rdb.load_config({})
+    assert cfg.enabled is True
+    assert (cfg.retry, cfg.max_retries, cfg.initial_delay) == (True, 3, 1.0)
+    assert (cfg.circuit_breaker, cfg.failure_threshold, cfg.reset_timeout) == (True, 5, 30.0)
+    assert cfg.status_validation is True
+    assert cfg.response_validation is True
+    assert (cfg.logging, cfg.log_level) == (True, "info")
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("true", True),
+        ("TRUE", True),
+        ("1", True),
+        ("yes", True),
+        ("On", True),
+        ("false", False),
+        ("False", False),
+        ("0", False),
+        ("NO", False),
+        (" off ", False),
+    ],
+)
+def test_every_boolean_spelling(raw: str, expected: bool) -> None:
+    assert rdb.load_config({"SELF_HEALING_ENABLED": raw}).enabled is expected
+
+
+def test_times_are_milliseconds() -> None:
+    cfg = rdb.load_config(
+        {
+            "SELF_HEALING_INITIAL_DELAY": "250",
+            "SELF_HEALING_RESET_TIMEOUT": "1500",
+            "SELF_HEALING_MAX_RETRIES": "7",
+            "SELF_HEALING_LOG_LEVEL": "WARN",
+        }
+    )
+    assert cfg.initial_delay == 0.25
+    assert cfg.reset_timeout == 1.5
+    assert cfg.max_retries == 7
+    assert cfg.log_level == "warn"
+
+
+def test_every_bad_variable_is_reported_at_once() -> None:
+    env = {
+        "SELF_HEALING_ENABLED": "maybe",
+        "SELF_HEALING_MAX_RETRIES": "-1",
+        "SELF_HEALING_INITIAL_DELAY": "fast",
+        "SELF_HEALING_LOG_LEVEL": "loud",
+        "SELF_HEALING_RETRIES": "3",
+        "PATH": "/usr/bin",
+    }
+    with pytest.raises(rdb.ConfigError) as info:
+        rdb.load_config(env)
+    err = info.value
+    assert set(err.problems) == {
+        "SELF_HEALING_ENABLED",
+        "SELF_HEALING_MAX_RETRIES",
+        "SELF_HEALING_INITIAL_DELAY",
+        "SELF_HEALING_LOG_LEVEL",
+        "SELF_HEALING_RETRIES",
+    }
+    text = str(err)
+    for name, value in [
+        ("SELF_HEALING_ENABLED", "'maybe'"),
+        ("SELF_HEALING_MAX_RETRIES", "'-1'"),
+        ("SELF_HEALING_INITIAL_DELAY", "'fast'"),
+        ("SELF_HEALING_LOG_LEVEL", "'loud'"),
+    ]:
+        assert name in text
+        assert value in text
+    assert "did you mean SELF_HEALING_MAX_RETRIES" in text
+    assert "5 invalid self-healing settings" in text
+    assert isinstance(err, ValueError)
+    assert isinstance(err, rdb.ResilientDBError)
+
+
+def test_zero_threshold_is_rejected() -> None:
+    with pytest.raises(rdb.ConfigError, match="SELF_HEALING_FAILURE_THRESHOLD"):
+        rdb.load_config({"SELF_HEALING_FAILURE_THRESHOLD": "0"})
+
+
+def test_config_in_code_is_validated_and_accepts_timedelta() -> None:
+    cfg = rdb.Config(initial_delay=timedelta(milliseconds=20), reset_timeout=2)
+    assert cfg.initial_delay == 0.02
+    assert cfg.reset_timeout == 2.0
+    with pytest.raises(rdb.ConfigError) as info:
+        rdb.Config(max_retries=-2, initial_delay=-1.0, log_level="chatty")
+    assert set(info.value.problems) == {"max_retries", "initial_delay", "log_level"}
+
+
+def test_as_env_round_trips() -> None:
+    cfg = rdb.Config(initial_delay=0.05, max_retries=9, logging=False, bulk_update="raise")
+    assert rdb.load_config(cfg.as_env()) == cfg
+
+
+def test_feature_switches_follow_the_master_switch() -> None:
+    off = rdb.load_config({"SELF_HEALING_ENABLED": "off"})
+    assert [off.retry_on, off.breaker_on, off.guard_on, off.logging_on] == [False] * 4
+    on = rdb.load_config({"SELF_HEALING_RETRY": "no"})
+    assert not on.retry_on
+    assert on.breaker_on
+
+
+def test_factory_reads_environment_when_created_and_config_overrides(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    engine = sa.create_engine("postgresql+psycopg://u@127.0.0.1:1/db")
+    monkeypatch.setenv("SELF_HEALING_MAX_RETRIES", "8")
+    from_env = rdb.ResilientSession(engine, service="cfg-env")
+    explicit = rdb.ResilientSession(engine, service="cfg-code", config=rdb.Config(max_retries=1))
+    assert from_env.config.max_retries == 8
+    assert explicit.config.max_retries == 1
+
+    monkeypatch.setenv("SELF_HEALING_MAX_RETRIES", "2")
+    assert from_env.config.max_retries == 8  # read at creation, not per call
+    rdb.reload_config()
+    assert from_env.config.max_retries == 2
+    assert from_env.policy.config.max_retries == 2
+    assert explicit.config.max_retries == 1  # explicit config= is never overridden
+
+    monkeypatch.setenv("SELF_HEALING_MAX_RETRIES", "many")
+    with pytest.raises(rdb.ConfigError, match="SELF_HEALING_MAX_RETRIES"):
+        rdb.reload_config()
+    assert from_env.config.max_retries == 2  # nothing half-applied
+    monkeypatch.delenv("SELF_HEALING_MAX_RETRIES")
+    rdb.reload_config()
+    engine.dispose()
+
+
+def test_bad_environment_fails_factory_creation(monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = sa.create_engine("postgresql+psycopg://u@127.0.0.1:1/db")
+    monkeypatch.setenv("SELF_HEALING_CIRCUIT_BREAKER", "enabled")
+    monkeypatch.setenv("SELF_HEALING_RESET_TIMEOUT", "30s")
+    with pytest.raises(rdb.ConfigError) as info:
+        rdb.ResilientSession(engine)
+    assert set(info.value.problems) == {
+        "SELF_HEALING_CIRCUIT_BREAKER",
+        "SELF_HEALING_RESET_TIMEOUT",
+    }
+    engine.dispose()

@@ -1,0 +1,305 @@
+"""The decision engine without a server: backoff, stop, breaker states, cancellation.
+
+Errors are the driver's own exception classes (psycopg.errors.*), which carry their SQLSTATE;
+everything that needs a real server is in test_session.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable
+
+import psycopg.errors as pge
+import pytest
+
+import resilient_db as rdb
+from resilient_db._breaker import Breaker
+from resilient_db._classify import Outcome
+from resilient_db._retry import Policy
+
+_names = itertools.count()
+
+
+class FakeClock:
+    def __init__(self, start: float = 1_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class Sleeps:
+    """Records requested sleeps and moves a fake clock instead of sleeping."""
+
+    def __init__(self, clock: FakeClock | None = None) -> None:
+        self.calls: list[float] = []
+        self.clock = clock
+
+    def __call__(self, seconds: float) -> None:
+        self.calls.append(seconds)
+        if self.clock is not None:
+            self.clock.advance(seconds)
+
+
+def make_policy(config: rdb.Config, **kw: object) -> Policy:
+    return Policy(f"policy-{next(_names)}", config, **kw)  # type: ignore[arg-type]
+
+
+def failing(times: int, exc: Callable[[], BaseException]) -> Callable[[], str]:
+    calls = {"n": 0}
+
+    def attempt() -> str:
+        calls["n"] += 1
+        if calls["n"] <= times:
+            raise exc()
+        return f"ok after {calls['n']}"
+
+    attempt.calls = calls  # type: ignore[attr-defined]
+    return attempt
+
+
+def test_conflicts_retry_fast_outages_back_off_exponentially_with_full_jitter() -> None:
+    cfg = rdb.Config(initial_delay=1.0, max_delay=30.0, conflict_delay=0.02)
+    p = make_policy(cfg, rng=lambda: 0.999999)
+    conflict = [p.delay(Outcome.CONFLICT, n) for n in range(1, 7)]
+    outage = [p.delay(Outcome.DISCONNECT, n) for n in range(1, 8)]
+    assert conflict[0] == pytest.approx(0.02, rel=1e-3)
+    assert max(conflict) == pytest.approx(0.16, rel=1e-3)  # capped in the tens of ms
+    assert outage[:5] == pytest.approx([1, 2, 4, 8, 16], rel=1e-3)
+    assert outage[5:] == pytest.approx([30, 30], rel=1e-3)  # capped at max_delay
+    low = make_policy(cfg, rng=lambda: 0.0)
+    assert low.delay(Outcome.UNAVAILABLE, 3) == 0.0  # full jitter: anywhere in [0, ceiling)
+
+
+def test_set_testing_zeroes_backoff_and_restores() -> None:
+    p = make_policy(rdb.Config(), rng=lambda: 0.5)
+    with rdb.set_testing():
+        assert p.delay(Outcome.DISCONNECT, 4) == 0.0
+    assert p.delay(Outcome.DISCONNECT, 1) == 0.5
+
+
+def test_transient_error_is_retried_and_result_returned() -> None:
+    sleeps = Sleeps()
+    p = make_policy(rdb.Config(circuit_breaker=False), sleep=sleeps)
+    attempt = failing(2, pge.SerializationFailure)
+    assert p.call(attempt) == "ok after 3"
+    assert len(sleeps.calls) == 2
+    assert p.stats.snapshot()["retries_by_class"] == {"conflict": 2}
+    assert p.stats.recovered == 1
+
+
+def test_exhausted_retries_reraise_the_original_error() -> None:
+    sleeps = Sleeps()
+    p = make_policy(rdb.Config(max_retries=3, circuit_breaker=False), sleep=sleeps)
+    errors: list[BaseException] = []
+
+    def attempt() -> None:
+        errors.append(pge.AdminShutdown())
+        raise errors[-1]
+
+    with pytest.raises(pge.AdminShutdown) as info:
+        p.call(attempt)
+    assert len(errors) == 4  # the first attempt and MAX_RETRIES retries
+    assert info.value is errors[-1]
+    assert p.stats.gave_up == 1
+
+
+def test_not_transient_is_raised_at_once() -> None:
+    sleeps = Sleeps()
+    p = make_policy(rdb.Config(), sleep=sleeps)
+    attempt = failing(5, pge.UniqueViolation)
+    with pytest.raises(pge.UniqueViolation):
+        p.call(attempt)
+    assert attempt.calls["n"] == 1  # type: ignore[attr-defined]
+    assert sleeps.calls == []
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, SystemExit])
+def test_base_exceptions_are_never_retried_or_counted(exc: type[BaseException]) -> None:
+    cfg = rdb.Config(failure_threshold=1)
+    p = make_policy(cfg)
+    attempt = failing(5, exc)
+    with pytest.raises(exc):
+        p.call(attempt)
+    assert attempt.calls["n"] == 1  # type: ignore[attr-defined]
+    assert p.breaker is not None
+    assert p.breaker.state == "closed"
+
+
+def test_overall_deadline_stops_retrying_before_sleeping_past_it() -> None:
+    clock = FakeClock()
+    sleeps = Sleeps(clock)
+    cfg = rdb.Config(max_retries=50, initial_delay=1.0, max_delay=4.0, deadline=10.0)
+    p = make_policy(cfg, sleep=sleeps, clock=clock, rng=lambda: 0.999999, use_circuit_breaker=False)
+    with pytest.raises(pge.CannotConnectNow):
+        p.call(failing(100, pge.CannotConnectNow))
+    assert sum(sleeps.calls) <= 10.0
+    assert len(sleeps.calls) == 3  # 1 + 2 + 4 = 7 s slept; another 4 s would pass the deadline
+
+
+def test_retry_switch_off_raises_transient_errors_at_once() -> None:
+    p = make_policy(rdb.Config(retry=False))
+    attempt = failing(1, pge.DeadlockDetected)
+    with pytest.raises(pge.DeadlockDetected):
+        p.call(attempt)
+    assert attempt.calls["n"] == 1  # type: ignore[attr-defined]
+
+
+def test_open_breaker_ends_the_retry_loop_at_once() -> None:
+    clock = FakeClock()
+    sleeps = Sleeps()
+    cfg = rdb.Config(failure_threshold=2, max_retries=10, reset_timeout=30.0)
+    p = make_policy(cfg, sleep=sleeps, wall_clock=clock)
+    attempt = failing(100, pge.AdminShutdown)
+    with pytest.raises(rdb.CircuitOpenError) as info:
+        p.call(attempt)
+    assert attempt.calls["n"] == 2  # type: ignore[attr-defined]
+    assert info.value.retry_after == pytest.approx(30.0)
+    assert "retry in 30.0 s" in str(info.value)
+
+
+# -- the breaker ---------------------------------------------------------------------------------
+def new_breaker(clock: FakeClock, **cfg: object) -> Breaker:
+    config = rdb.Config(**cfg)  # type: ignore[arg-type]
+    return Breaker(f"breaker-{next(_names)}", config, clock=clock)
+
+
+def test_breaker_opens_rejects_half_opens_with_bounded_probes_and_closes() -> None:
+    clock = FakeClock()
+    b = new_breaker(clock, failure_threshold=3, reset_timeout=10.0, half_open_probes=2)
+    for _ in range(3):
+        probe = b.before_call()
+        b.on_failure(probe)
+    assert b.state == "open"
+    with pytest.raises(rdb.CircuitOpenError) as info:
+        b.before_call()
+    assert info.value.retry_after == pytest.approx(10.0)
+    clock.advance(4)
+    with pytest.raises(rdb.CircuitOpenError) as info:
+        b.before_call()
+    assert info.value.retry_after == pytest.approx(6.0)
+
+    clock.advance(6)
+    first, second = b.before_call(), b.before_call()
+    assert (first, second) == (True, True)
+    assert b.state == "half-open"
+    with pytest.raises(rdb.CircuitOpenError):  # only two probes at a time
+        b.before_call()
+    b.on_success(first)
+    assert b.state == "half-open"
+    b.on_success(second)
+    assert b.state == "closed"
+    assert b.before_call() is False
+
+
+def test_failed_probe_reopens_for_a_full_timeout() -> None:
+    clock = FakeClock()
+    b = new_breaker(clock, failure_threshold=1, reset_timeout=5.0)
+    b.on_failure(b.before_call())
+    clock.advance(5)
+    probe = b.before_call()
+    assert probe is True
+    clock.advance(1)
+    b.on_failure(probe)
+    assert b.state == "open"
+    with pytest.raises(rdb.CircuitOpenError) as info:
+        b.before_call()
+    assert info.value.retry_after == pytest.approx(5.0)
+
+
+def test_success_resets_consecutive_failures_and_neutral_counts_nothing() -> None:
+    clock = FakeClock()
+    b = new_breaker(clock, failure_threshold=3)
+    for _ in range(2):
+        b.on_failure(b.before_call())
+    b.on_success(b.before_call())
+    for _ in range(2):
+        b.on_failure(b.before_call())
+    for _ in range(10):
+        b.on_neutral(b.before_call())
+    assert b.state == "closed"
+
+
+def test_breaker_holds_no_lock_across_the_protected_call() -> None:
+    """Eight attempts must be inside the protected section at the same time; pybreaker's own
+    ``call`` would run them one at a time and this barrier would time out."""
+    p = make_policy(rdb.Config())
+    barrier = threading.Barrier(8, timeout=10)
+    results: list[int] = []
+
+    def attempt() -> int:
+        return barrier.wait()
+
+    threads = [threading.Thread(target=lambda: results.append(p.call(attempt))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    assert sorted(results) == list(range(8))
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.changes: list[tuple[str | None, str]] = []
+
+    def before_call(self, *a: object, **k: object) -> None:
+        pass
+
+    def failure(self, *a: object) -> None:
+        pass
+
+    def success(self, *a: object) -> None:
+        pass
+
+    def state_change(self, cb: object, old: object, new: object) -> None:
+        self.changes.append((getattr(old, "name", None), new.name))  # type: ignore[attr-defined]
+
+
+def test_pybreaker_listeners_see_every_state_change() -> None:
+    clock = FakeClock()
+    rec = _Recorder()
+    b = Breaker(
+        f"listen-{next(_names)}",
+        rdb.Config(failure_threshold=1, reset_timeout=1.0),
+        clock=clock,
+        listeners=[rec],
+    )
+    b.on_failure(b.before_call())
+    clock.advance(1)
+    b.on_success(b.before_call())
+    assert rec.changes == [("closed", "open"), ("open", "half-open"), ("half-open", "closed")]
+
+
+def test_broken_breaker_storage_falls_back_to_running_the_call(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class BrokenStorage:
+        """A shared store that works when the breaker is made, then becomes unreachable."""
+
+        name = "broken"
+        broken = False
+        counter = 0
+        success_counter = 0
+        opened_at = None
+        _state = "closed"
+
+        @property
+        def state(self) -> str:
+            if self.broken:
+                raise ConnectionError("shared breaker store unreachable")
+            return self._state
+
+        @state.setter
+        def state(self, value: str) -> None:
+            self._state = value
+
+    storage = BrokenStorage()
+    p = make_policy(rdb.Config(), breaker_storage=storage)
+    storage.broken = True
+    with caplog.at_level("WARNING", logger="resilient_db"):
+        assert p.call(lambda: 42) == 42
+    assert "[SELF-HEAL] circuit breaker admission failed" in caplog.text

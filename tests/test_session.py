@@ -1,0 +1,628 @@
+"""ResilientSession against a real PostgreSQL with real faults.
+
+Exact SQLSTATEs come from ``RAISE ... USING ERRCODE`` through the real driver; disconnects from
+``pg_terminate_backend``, the fault proxy and server restarts. Backoff is zeroed by configuration
+(``set_testing``), never slept.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+import resilient_db as rdb
+
+TRANSIENT = {
+    "40001": rdb.Outcome.CONFLICT,
+    "40P01": rdb.Outcome.CONFLICT,
+    "55P03": rdb.Outcome.CONFLICT,
+    "57P03": rdb.Outcome.UNAVAILABLE,
+    "53300": rdb.Outcome.UNAVAILABLE,
+    "57P01": rdb.Outcome.DISCONNECT,
+    "25006": rdb.Outcome.DISCONNECT,
+    "08006": rdb.Outcome.DISCONNECT,
+}
+NOT_TRANSIENT = ["23505", "22012", "42P01", "P0001", "57014"]
+_services = itertools.count()
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Item(Base):
+    __tablename__ = "items"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(unique=True)
+
+
+@pytest.fixture(autouse=True)
+def _no_backoff() -> Iterator[None]:
+    with rdb.set_testing():
+        yield
+
+
+@pytest.fixture
+def engine(pg_url: str) -> Iterator[sa.Engine]:
+    eng = sa.create_engine(pg_url)
+    Base.metadata.create_all(eng)
+    with eng.begin() as conn:
+        conn.execute(
+            sa.text(
+                "CREATE FUNCTION raise_code(code text) RETURNS void LANGUAGE plpgsql AS "
+                "$$ BEGIN RAISE EXCEPTION 'raised %', code USING ERRCODE = code; END $$"
+            )
+        )
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def service() -> str:
+    return f"svc-{next(_services)}"
+
+
+def factory(engine: sa.Engine, service: str, **cfg: Any) -> rdb.ResilientSession[Any]:
+    return rdb.ResilientSession(engine, service=service, config=rdb.Config(**cfg))
+
+
+def count_items(engine: sa.Engine, name: str | None = None) -> int:
+    with engine.connect() as conn:
+        q = sa.select(sa.func.count()).select_from(Item)
+        if name is not None:
+            q = q.where(Item.name == name)
+        return int(conn.execute(q).scalar_one())
+
+
+def raise_code(session: Session, code: str) -> None:
+    session.execute(sa.text("SELECT raise_code(:c)"), {"c": code})
+
+
+# -- replay of whole units -----------------------------------------------------------------------
+def test_killed_backend_mid_unit_is_replayed_once_with_exactly_one_row(
+    engine: sa.Engine, pg_server: Any, service: str
+) -> None:
+    Session = factory(engine, service)
+    calls: list[int] = []
+
+    def unit(session: Session) -> int:
+        calls.append(1)
+        session.add(Item(name="killed"))
+        session.flush()
+        if len(calls) == 1:
+            pid = session.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+            pg_server.execute(f"SELECT pg_terminate_backend({int(pid)})")
+        session.execute(sa.text("SELECT 1"))
+        return len(calls)
+
+    assert Session.run(unit) == 2
+    assert count_items(engine, "killed") == 1
+    stats = rdb.health()["services"][service]["counters"]
+    assert stats["retries_by_class"] == {"disconnect": 1}
+    assert stats["recovered"] == 1
+
+
+@pytest.mark.parametrize(("code", "outcome"), sorted(TRANSIENT.items()))
+def test_each_transient_sqlstate_is_replayed(
+    engine: sa.Engine, service: str, code: str, outcome: rdb.Outcome
+) -> None:
+    Session = factory(engine, service)
+    seen: list[BaseException] = []
+
+    def unit(session: Session) -> str:
+        session.add(Item(name=f"t-{code}"))
+        session.flush()
+        if not seen:
+            try:
+                raise_code(session, code)
+            except sa_exc.DBAPIError as exc:
+                seen.append(exc)
+                raise
+        return "done"
+
+    assert Session.run(unit) == "done"
+    assert len(seen) == 1
+    assert rdb.sqlstate_of(seen[0]) == code  # the real driver delivered the real code
+    assert rdb.classify(seen[0]) is outcome
+    assert count_items(engine, f"t-{code}") == 1
+
+
+@pytest.mark.parametrize("code", NOT_TRANSIENT)
+def test_each_non_transient_sqlstate_is_raised_at_once(
+    engine: sa.Engine, service: str, code: str
+) -> None:
+    Session = factory(engine, service)
+    calls: list[int] = []
+
+    def unit(session: Session) -> None:
+        calls.append(1)
+        session.add(Item(name=f"n-{code}"))
+        session.flush()
+        raise_code(session, code)
+
+    with pytest.raises(sa_exc.DBAPIError) as info:
+        Session.run(unit)
+    assert rdb.sqlstate_of(info.value) == code
+    assert not rdb.is_transient(info.value)
+    assert calls == [1]
+    assert count_items(engine) == 0
+
+
+def test_real_sqlstates_from_the_driver_for_real_failures(engine: sa.Engine, service: str) -> None:
+    Session = factory(engine, service)
+    Session.run(lambda s: s.add(Item(name="dup")))
+    with pytest.raises(sa_exc.IntegrityError) as dup:
+        Session.run(lambda s: s.add(Item(name="dup")))
+    with pytest.raises(sa_exc.DataError) as div:
+        Session.run(lambda s: s.execute(sa.text("SELECT 1/0")))
+    assert (rdb.sqlstate_of(dup.value), rdb.sqlstate_of(div.value)) == ("23505", "22012")
+
+
+def test_real_deadlock_between_two_threads_resolves_with_both_units_done(
+    engine: sa.Engine, service: str
+) -> None:
+    Session = factory(engine, service, conflict_delay=0.001)
+    Session.run(lambda s: s.add_all([Item(id=1, name="a"), Item(id=2, name="b")]))
+    barrier = threading.Barrier(2, timeout=10)
+    attempts = {"first": 0, "second": 0}
+    errors: list[BaseException] = []
+
+    def unit(session: Session, who: str, order: tuple[int, int]) -> None:
+        attempts[who] += 1
+        for n, item_id in enumerate(order):
+            session.execute(
+                sa.update(Item).where(Item.id == item_id).values(name=f"{who}-{item_id}")
+            )
+            if n == 0 and attempts[who] == 1:
+                barrier.wait()  # both hold their first lock before asking for the second
+
+    def worker(who: str, order: tuple[int, int]) -> None:
+        try:
+            Session.run(unit, who, order)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=worker, args=("first", (1, 2))),
+        threading.Thread(target=worker, args=("second", (2, 1))),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert errors == []
+    counters = rdb.health()["services"][service]["counters"]
+    assert sorted(attempts.values()) == [1, 2], counters  # the deadlock victim was replayed once
+    counters = rdb.health()["services"][service]["counters"]
+    assert counters["retries_by_class"] == {"conflict": 1}
+    with engine.connect() as conn:
+        names = dict(conn.execute(sa.select(Item.id, Item.name)).all())
+    winner = "first" if attempts["first"] == 2 else "second"
+    assert names == {1: f"{winner}-1", 2: f"{winner}-2"}  # the replayed unit ran last
+
+
+def test_exhausted_retries_reraise_the_original_database_error(
+    engine: sa.Engine, service: str
+) -> None:
+    Session = factory(engine, service, max_retries=2)
+    errors: list[BaseException] = []
+
+    def unit(session: Session) -> None:
+        try:
+            raise_code(session, "40001")
+        except sa_exc.DBAPIError as exc:
+            errors.append(exc)
+            raise
+
+    with pytest.raises(sa_exc.OperationalError) as info:
+        Session.run(unit)
+    assert len(errors) == 3
+    assert info.value is errors[-1]
+    assert rdb.health()["services"][service]["counters"]["gave_up"] == 1
+
+
+def test_nested_units_run_once_inside_the_outer_and_are_not_retried_alone(
+    engine: sa.Engine, service: str
+) -> None:
+    Session = factory(engine, service)
+    calls = {"outer": 0, "inner": 0}
+
+    def inner(session: Session) -> None:
+        calls["inner"] += 1
+        session.add(Item(name=f"inner-{calls['inner']}"))
+        session.flush()
+        if calls["inner"] == 1:
+            raise_code(session, "40001")
+
+    def outer(session: Session) -> None:
+        calls["outer"] += 1
+        session.add(Item(name=f"outer-{calls['outer']}"))
+        Session.run(inner)
+
+    Session.run(outer)
+    assert calls == {"outer": 2, "inner": 2}
+    with engine.connect() as conn:
+        names = set(conn.execute(sa.select(Item.name)).scalars())
+    assert names == {"outer-2", "inner-2"}  # the failed first attempt left nothing
+
+
+def test_transactional_decorator_keeps_the_signature_and_commits(
+    engine: sa.Engine, service: str
+) -> None:
+    Session = factory(engine, service)
+
+    @Session.transactional
+    def create(session: Session, name: str, *, suffix: str = "") -> int:
+        item = Item(name=name + suffix)
+        session.add(item)
+        session.flush()
+        return item.id
+
+    new_id = create("decorated", suffix="!")
+    assert isinstance(new_id, int)
+    assert count_items(engine, "decorated!") == 1
+
+
+def test_run_refuses_a_transaction_the_caller_opened(engine: sa.Engine, service: str) -> None:
+    Session = factory(engine, service)
+    with Session() as session:
+        session.execute(sa.text("SELECT 1"))
+        assert session.in_transaction()
+        with pytest.raises(rdb.TransactionStateError, match="can't retry inside a transaction"):
+            Session.run_in(session, lambda s: s.add(Item(name="never")))
+        session.rollback()
+        Session.run_in(session, lambda s: s.add(Item(name="fine")))
+    assert count_items(engine) == 1
+
+
+def test_business_errors_never_trip_the_breaker(engine: sa.Engine, service: str) -> None:
+    Session = factory(engine, service, failure_threshold=2)
+    Session.run(lambda s: s.add(Item(name="taken")))
+    for _ in range(6):
+        with pytest.raises(sa_exc.IntegrityError):
+            Session.run(lambda s: s.add(Item(name="taken")))
+    with pytest.raises(sa_exc.ProgrammingError):
+        Session.run(lambda s: s.execute(sa.text("SELECT * FROM no_such_table")))
+    assert rdb.health()["services"][service]["breaker"]["state"] == "closed"
+
+
+# -- the breaker against a real outage ------------------------------------------------------------
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_breaker_opens_rejects_without_network_half_opens_and_closes(
+    pg_database: str, fault_proxy: Any, service: str
+) -> None:
+    clock = Clock()
+    engine = sa.create_engine(fault_proxy.url(pg_database), connect_args={"connect_timeout": 2})
+    Session = rdb.ResilientSession(
+        engine,
+        service=service,
+        config=rdb.Config(failure_threshold=3, max_retries=1, reset_timeout=10.0),
+        wall_clock=clock,
+    )
+    assert Session.run(lambda s: s.execute(sa.text("SELECT 1")).scalar()) == 1
+    fault_proxy.refuse()
+    fault_proxy.cut_all()
+    with pytest.raises(sa_exc.OperationalError):  # 2 attempts, both refused
+        Session.run(lambda s: s.execute(sa.text("SELECT 1")).scalar())
+    with pytest.raises(rdb.CircuitOpenError) as info:  # third failure opens, loop ends at once
+        Session.run(lambda s: s.execute(sa.text("SELECT 1")).scalar())
+    assert info.value.service == service
+    assert rdb.health()["services"][service]["breaker"]["state"] == "open"
+    assert rdb.health()["healthy"] is False
+
+    fault_proxy.restore()
+    accepted = fault_proxy.connections_accepted
+    with pytest.raises(rdb.CircuitOpenError) as info:
+        Session.run(lambda s: s.execute(sa.text("SELECT 1")).scalar())
+    assert info.value.retry_after == pytest.approx(10.0)
+    assert fault_proxy.connections_accepted == accepted  # rejected without touching the network
+
+    clock.now += 10.0  # reset timeout over: one probe goes through, succeeds, closes the circuit
+    assert Session.run(lambda s: s.execute(sa.text("SELECT 2")).scalar()) == 2
+    assert rdb.health()["services"][service]["breaker"]["state"] == "closed"
+    assert fault_proxy.connections_accepted > accepted
+    engine.dispose()
+
+
+@pytest.mark.slow
+@pytest.mark.server_control
+def test_server_restart_mid_workload_recovers(
+    pg_server: Any, engine: sa.Engine, service: str
+) -> None:
+    rdb.set_testing(False)  # real (small) backoff while the server is down
+    # The breaker would open during the outage and fail units fast (its own test is above):
+    # here the retry loop alone rides out the restart.
+    Session = factory(
+        engine, service, initial_delay=0.05, max_delay=0.5, max_retries=40, circuit_breaker=False
+    )
+    done: list[int] = []
+
+    def unit(session: Session, n: int) -> None:
+        session.add(Item(name=f"w-{n}"))
+
+    restarter: threading.Thread | None = None
+    for n in range(60):
+        if n == 10:
+            restarter = pg_server.restart_after(0.5, crash=True)
+        Session.run(unit, n)
+        done.append(n)
+    assert restarter is not None
+    restarter.join(timeout=30)
+    assert len(done) == 60
+    # Durability across the crash is not the point (the test server runs with fsync off); no
+    # unit may be written twice, and every unit after the restart is there.
+    with engine.connect() as conn:
+        names = list(conn.execute(sa.select(Item.name)).scalars())
+    assert len(names) == len(set(names))
+    assert {f"w-{n}" for n in range(20, 60)} <= set(names)
+
+
+# -- COMMIT whose answer is lost ------------------------------------------------------------------
+def test_commit_answer_lost_is_verified_and_never_written_twice(
+    pg_database: str, fault_proxy: Any, service: str, pg_url: str
+) -> None:
+    engine = sa.create_engine(fault_proxy.url(pg_database))
+    Base.metadata.create_all(engine)
+    Session = rdb.ResilientSession(engine, service=service, config=rdb.Config())
+    calls: list[int] = []
+
+    def unit(session: Session) -> str:
+        calls.append(1)
+        session.add(Item(name="once"))
+        return "committed"
+
+    fault_proxy.lose_commit_answer()
+    assert Session.run(unit) == "committed"
+    assert fault_proxy.commits_lost == 1
+    assert calls == [1]
+    direct = sa.create_engine(pg_url)
+    assert count_items(direct, "once") == 1
+    assert rdb.health()["services"][service]["counters"]["verified_commits"] == 1
+    direct.dispose()
+    engine.dispose()
+
+
+def test_commit_answer_lost_and_unverifiable_raises_commit_outcome_unknown(
+    pg_database: str, fault_proxy: Any, service: str, pg_url: str
+) -> None:
+    engine = sa.create_engine(fault_proxy.url(pg_database), connect_args={"connect_timeout": 2})
+    Base.metadata.create_all(engine)
+    refused: list[float] = []
+
+    def sleep(seconds: float) -> None:  # keep the proxy refusing while verification retries
+        refused.append(seconds)
+
+    Session = rdb.ResilientSession(
+        engine, service=service, config=rdb.Config(circuit_breaker=False), sleep=sleep
+    )
+    calls: list[int] = []
+
+    def unit(session: Session) -> None:
+        calls.append(1)
+        session.add(Item(name="maybe"))
+        session.flush()
+        fault_proxy.lose_commit_answer()
+        # The open connection stays; nobody can connect again to ask what became of the COMMIT.
+        fault_proxy.refuse()
+
+    with pytest.raises(rdb.CommitOutcomeUnknownError) as info:
+        Session.run(unit)
+    assert calls == [1]  # never replayed
+    assert info.value.xid is not None
+    assert "not replayed" in str(info.value)
+    fault_proxy.restore()
+    direct = sa.create_engine(pg_url)
+    assert count_items(direct, "maybe") == 1  # the server did commit; nothing was written twice
+    direct.dispose()
+    engine.dispose()
+
+
+def test_read_only_unit_with_lost_commit_answer_is_simply_replayed(
+    pg_database: str, fault_proxy: Any, service: str
+) -> None:
+    engine = sa.create_engine(fault_proxy.url(pg_database))
+    Session = rdb.ResilientSession(engine, service=service, config=rdb.Config())
+    calls: list[int] = []
+
+    def unit(session: Session) -> int:
+        calls.append(1)
+        return int(session.execute(sa.text("SELECT 41 + 1")).scalar_one())
+
+    fault_proxy.lose_commit_answer()
+    assert Session.run(unit) == 42
+    assert calls == [1, 1]
+    engine.dispose()
+
+
+# -- drop-in use ---------------------------------------------------------------------------------
+def test_drop_in_sessions_behave_like_sessionmaker(engine: sa.Engine, service: str) -> None:
+    Sessions = factory(engine, service)
+    with Sessions.begin() as session:
+        session.add(Item(name="dropin"))
+    with Sessions() as session:
+        assert session.scalars(sa.select(Item.name)).all() == ["dropin"]
+        assert isinstance(session, Session)
+
+
+def test_drop_in_use_survives_a_dead_pooled_connection(
+    engine: sa.Engine, pg_server: Any, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    Session = factory(engine, service)
+    with Session() as session:
+        pid = session.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+    assert pg_server.terminate_backends(database=engine.url.database) >= 1
+    with caplog.at_level(logging.INFO, logger="resilient_db"), Session() as session:
+        new_pid = session.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+    assert new_pid != pid
+    assert "[SELF-HEAL] Discarded a dead pooled connection" in caplog.text
+
+
+def test_drop_in_connect_failure_is_retried_before_anything_is_sent(
+    pg_database: str, fault_proxy: Any, service: str
+) -> None:
+    engine = sa.create_engine(fault_proxy.url(pg_database))
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        fault_proxy.restore()  # the server "comes back" during the first backoff
+
+    Session = rdb.ResilientSession(engine, service=service, config=rdb.Config(), sleep=sleep)
+    fault_proxy.refuse()
+    with Session() as session:
+        assert session.execute(sa.text("SELECT 7")).scalar_one() == 7
+    assert len(slept) == 1
+    engine.dispose()
+
+
+def test_drop_in_failure_after_the_transaction_sent_something_is_raised(
+    engine: sa.Engine, pg_server: Any, service: str
+) -> None:
+    Session = factory(engine, service)
+    with Session() as session:
+        session.add(Item(name="lost"))
+        session.flush()
+        pid = session.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+        pg_server.execute(f"SELECT pg_terminate_backend({int(pid)})")
+        with pytest.raises(sa_exc.OperationalError) as info:
+            session.execute(sa.text("SELECT 1"))
+        assert rdb.is_transient(info.value)
+        assert info.value.connection_invalidated
+        session.rollback()
+        assert session.execute(sa.text("SELECT 1")).scalar_one() == 1  # usable again
+    assert count_items(engine, "lost") == 0
+
+
+# -- switches and logs ---------------------------------------------------------------------------
+@pytest.mark.parametrize("spelling", ["false", "0", "no", "OFF"])
+def test_disabled_is_exact_plain_sqlalchemy(engine: sa.Engine, service: str, spelling: str) -> None:
+    config = rdb.load_config({"SELF_HEALING_ENABLED": spelling})
+    Session = rdb.ResilientSession(engine, service=service, config=config)
+    plain = sessionmaker(engine)
+    calls: list[int] = []
+
+    def unit(session: Session) -> None:
+        calls.append(1)
+        raise_code(session, "40001")
+
+    with pytest.raises(sa_exc.OperationalError) as ours:
+        Session.run(unit)
+    with plain.begin() as session, pytest.raises(sa_exc.OperationalError) as theirs:
+        unit(session)
+    assert calls == [1, 1]
+    assert type(ours.value) is type(theirs.value)
+    assert type(ours.value.orig) is type(theirs.value.orig)
+    assert str(ours.value.orig) == str(theirs.value.orig)
+    with Session.begin() as session:
+        session.add(Item(name="plain"))
+    with Session() as s1, plain() as s2:
+        q = sa.select(Item.id, Item.name)
+        assert s1.execute(q).all() == s2.execute(q).all()
+    assert service not in rdb.health()["services"] or (
+        rdb.health()["services"][service]["breaker"] is None
+    )
+
+
+def test_breaker_switch_off_leaves_retry_on(engine: sa.Engine, service: str) -> None:
+    Session = factory(engine, service, circuit_breaker=False, failure_threshold=1)
+    seen: list[int] = []
+
+    def unit(session: Session) -> None:
+        seen.append(1)
+        if len(seen) < 3:
+            raise_code(session, "57P03")
+
+    Session.run(unit)
+    assert len(seen) == 3
+    assert rdb.health()["services"][service]["breaker"] is None
+
+
+def test_logging_switch_off_is_silent(
+    engine: sa.Engine, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    Session = factory(engine, service, logging=False)
+    seen: list[int] = []
+
+    def unit(session: Session) -> None:
+        seen.append(1)
+        if len(seen) == 1:
+            raise_code(session, "40001")
+
+    with caplog.at_level(logging.DEBUG, logger="resilient_db"):
+        Session.run(unit)
+    assert len(seen) == 2
+    assert "[SELF-HEAL]" not in caplog.text
+
+
+def test_log_level_filters_self_healing_messages(
+    engine: sa.Engine, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    Session = factory(engine, service, log_level="error")
+    seen: list[int] = []
+
+    def unit(session: Session) -> None:
+        seen.append(1)
+        if len(seen) == 1:
+            raise_code(session, "40001")
+
+    with caplog.at_level(logging.DEBUG, logger="resilient_db"):
+        Session.run(unit)
+    assert "Retry attempt" not in caplog.text  # a warning, below the configured level
+
+
+def test_logs_carry_the_prefix_and_no_secrets(
+    engine: sa.Engine, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = engine.url.set(password="s3cret-pw")  # the test server trusts; the password is bait
+    engine = sa.create_engine(url)
+    Session = rdb.ResilientSession(engine, service=service, config=rdb.Config(max_retries=1))
+
+    def unit(session: Session) -> None:
+        session.execute(
+            sa.text("SELECT raise_code(:c) WHERE CAST(:secret AS text) <> ''"),
+            {"c": "40001", "secret": "hunter2-param"},
+        )
+
+    with caplog.at_level(logging.DEBUG, logger="resilient_db"), pytest.raises(sa_exc.DBAPIError):
+        Session.run(unit)
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("resilient_db")]
+    assert any(m.startswith("[SELF-HEAL] Retry attempt 1/1") for m in messages), messages
+    assert any(m.startswith("[SELF-HEAL] Gave up") for m in messages)
+    text = "\n".join(messages) + repr([r.__dict__ for r in caplog.records])
+    for secret in ("s3cret-pw", "hunter2-param", str(url.port)):
+        assert secret not in text
+    engine.dispose()
+
+
+def test_with_self_healing_wraps_any_callable(engine: sa.Engine, service: str) -> None:
+    calls: list[int] = []
+
+    def handler() -> int:
+        calls.append(1)
+        with Session(engine) as session, session.begin():
+            if len(calls) == 1:
+                raise_code(session, "40P01")
+            session.add(Item(name="wrapped"))
+        return len(calls)
+
+    assert rdb.with_self_healing(handler, service=service, config=rdb.Config()) == 2
+    assert count_items(engine, "wrapped") == 1
+    calls.clear()
+    with pytest.raises(sa_exc.OperationalError):
+        rdb.with_self_healing(handler, service=service, use_retry=False, config=rdb.Config())
+    assert calls == [1]

@@ -1,0 +1,1229 @@
+"""The status-transition guard: rules, flush guard, bulk UPDATE guard, trigger, bypass, drift.
+
+Everything that touches data runs against a real PostgreSQL (the ``pg_url`` fixture of the
+resilient_db pytest plugin); races are real concurrent transactions, never sleeps.
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+import logging
+import re
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from alembic.migration import MigrationContext
+from alembic.operations import Operations
+from sqlalchemy import event
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    registry,
+    sessionmaker,
+)
+
+from resilient_db._config import Config
+from resilient_db._errors import IllegalTransitionError, StaleTransitionError
+from resilient_db._transitions import (
+    ANY_STATE,
+    GUARD_INFO_KEY,
+    TRANSITION_SQLSTATE,
+    TransitionRules,
+    TransitionRulesError,
+    _before_flush,
+    allowed_transitions,
+    bypass_transitions,
+    exception_from_db,
+    install_guard,
+    install_transition_trigger,
+    rules_to_dot,
+    rules_to_mermaid,
+    transition_rules,
+    transition_stats,
+    transition_trigger_drop_sql,
+    transition_trigger_sql,
+    trigger_drift,
+    uninstall_transition_trigger,
+)
+
+LOGGER = "resilient_db.transitions"
+HOSTILE = 'it\'s "odd"; drop table x; --'
+WEIRD = ("back\\slash \\: colon :name %s %% $rdb$ $$", "tab\there", "new\nline", "ünï ☃ 'q'")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Task(Base):
+    __tablename__ = "tasks"
+    __transitions__ = TransitionRules(
+        column="status",
+        transitions={
+            "pending": {"in_progress", "cancelled"},
+            "in_progress": {"completed", "failed"},
+            "failed": {"pending"},
+        },
+        initial={"pending"},
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    title: Mapped[str] = mapped_column(default="task")
+    status: Mapped[str] = mapped_column(sa.String(40), default="pending")
+
+
+class Phase(enum.Enum):
+    draft = "Draft"
+    review = "In review"
+    published = "Published"
+    retired = "Retired"
+
+
+class Doc(Base):
+    __tablename__ = "docs"
+    __transitions__ = TransitionRules(
+        column="phase",
+        transitions={
+            Phase.draft: {Phase.review},
+            Phase.review: {Phase.draft, Phase.published},
+            ANY_STATE: {Phase.retired},
+        },
+        initial={Phase.draft},
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    phase: Mapped[Phase] = mapped_column(sa.Enum(Phase, name="doc_phase"), default=Phase.draft)
+
+
+class Order(Base):
+    """Two guarded columns, a composite primary key and a nullable state."""
+
+    __tablename__ = "orders"
+    __transitions__ = (
+        TransitionRules(
+            column="status",
+            transitions={"open": {"shipped"}, "shipped": {"delivered"}},
+            initial={"open"},
+        ),
+        TransitionRules(
+            column="payment",
+            transitions={None: {"paid"}, "paid": {"refunded"}},
+            initial={None},
+        ),
+    )
+    region: Mapped[str] = mapped_column(primary_key=True)
+    number: Mapped[int] = mapped_column(primary_key=True)
+    status: Mapped[str] = mapped_column(default="open")
+    payment: Mapped[str | None] = mapped_column(nullable=True)
+
+
+class Hostile(Base):
+    __tablename__ = 'we"ird; table'
+    __transitions__ = TransitionRules(
+        column="state",
+        transitions={"new": {HOSTILE}, HOSTILE: set(WEIRD)},
+        initial={"new"},
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    state: Mapped[str] = mapped_column('st"ate', sa.Text, default="new")
+
+
+MODELS = (Task, Doc, Order, Hostile)
+
+
+class _S(Session):
+    pass
+
+
+install_guard(_S)
+
+
+def _table(model: type[Any]) -> sa.Table:
+    table = model.__table__
+    assert isinstance(table, sa.Table)
+    return table
+
+
+# ------------------------------------------------------------------------------------------------
+# fixtures
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def engine(pg_url: str) -> Iterator[sa.Engine]:
+    eng = sa.create_engine(pg_url)
+    Base.metadata.create_all(eng)
+    with eng.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE x (id int)")
+        for model in MODELS:
+            install_transition_trigger(conn, model)
+    yield eng
+    eng.dispose()
+
+
+def _factory(engine: sa.Engine, **config: Any) -> sessionmaker[_S]:
+    return sessionmaker(engine, class_=_S, info={GUARD_INFO_KEY: Config(**config)})
+
+
+@pytest.fixture
+def sessions(engine: sa.Engine) -> sessionmaker[_S]:
+    return _factory(engine)
+
+
+@pytest.fixture
+def log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """caplog attached to the transitions logger itself (works even if it does not propagate)."""
+    logger = logging.getLogger(LOGGER)
+    old_level, old_propagate = logger.level, logger.propagate
+    logger.addHandler(caplog.handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False  # captured once, by the handler attached here
+    caplog.handler.setLevel(logging.DEBUG)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+    logger.setLevel(old_level)
+    logger.propagate = old_propagate
+
+
+class Statements:
+    """SQL statements the engine sends, for asserting what a guard did (and did not) do."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.sql: list[str] = []
+        event.listen(engine, "before_cursor_execute", self._record)
+
+    def _record(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        self.sql.append(" ".join(statement.split()))
+
+    def matching(self, prefix: str) -> list[str]:
+        return [s for s in self.sql if s.upper().startswith(prefix)]
+
+
+def _add_task(engine: sa.Engine, status: str = "pending", title: str = "t") -> int:
+    """Insert a task in any state (setup only: sets the bypass by hand, unlogged)."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql("SET LOCAL resilient_db.bypass_transitions = 'on'")
+        table = _table(Task)
+        return int(
+            conn.execute(
+                table.insert().values(title=title, status=status).returning(table.c.id)
+            ).scalar_one()
+        )
+
+
+def _db_status(engine: sa.Engine, task_id: int) -> str:
+    with engine.connect() as conn:
+        return str(
+            conn.execute(
+                sa.select(_table(Task).c.status).where(_table(Task).c.id == task_id)
+            ).scalar_one()
+        )
+
+
+def _db_error(fn: Callable[[], Any]) -> IllegalTransitionError:
+    with pytest.raises(sa.exc.DBAPIError) as info:
+        fn()
+    err = exception_from_db(info.value)
+    assert err is not None, f"not mapped: {info.value!r}"
+    return err
+
+
+# ------------------------------------------------------------------------------------------------
+# rules as data
+# ------------------------------------------------------------------------------------------------
+
+
+def test_rules_are_frozen_hashable_data() -> None:
+    rules = TransitionRules(
+        column="status",
+        transitions={"a": ["b", "c"], "b": {"c"}, ANY_STATE: {"z"}},
+        initial=("a",),
+    )
+    assert rules.initial == frozenset({"a"})
+    assert rules.transitions["a"] == frozenset({"b", "c"})
+    assert rules.declared_states == {"a", "b", "c", "z"}
+    assert rules.next_states("a") == {"b", "c", "z"}
+    assert rules.next_states("z") == frozenset()
+    assert rules.next_states("c") == {"z"}
+    with pytest.raises(AttributeError):
+        rules.column = "other"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        rules.transitions["q"] = frozenset()  # type: ignore[index]
+    same = TransitionRules(
+        column="status",
+        transitions={"a": {"b", "c"}, "b": {"c"}, "*": {"z"}},
+        initial={"a"},
+    )
+    assert same == rules
+    assert hash(same) == hash(rules)
+    assert len({same, rules}) == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"initial": "pending"}, "initial must be a set of states"),
+        ({"initial": set()}, "initial is empty"),
+        ({"transitions": {"pending": "done"}}, "must be a set of states"),
+        ({"transitions": {"pending": {"*"}}}, "may only be used as a source"),
+        ({"transitions": {"pending": {1.5}}}, "states must be str, int or enum.Enum"),
+        ({"transitions": {"pending": {True}}}, "states must be str, int or enum.Enum"),
+        ({"transitions": {"pending": {"a\x00b"}}}, "NUL"),
+        ({"transitions": [("pending", "done")]}, "transitions must be a mapping"),
+        ({"column": ""}, "column must be the name"),
+    ],
+)
+def test_rules_reject_malformed_declarations(kwargs: dict[str, Any], message: str) -> None:
+    args: dict[str, Any] = {
+        "column": "status",
+        "transitions": {"pending": {"done"}},
+        "initial": {"pending"},
+    }
+    args.update(kwargs)
+    with pytest.raises(TransitionRulesError, match=message):
+        TransitionRules(**args)
+
+
+def _configure_model(**columns_and_rules: Any) -> None:
+    """Map a throwaway model in its own registry and configure it (then dispose of it)."""
+    reg = registry()
+    try:
+        attrs: dict[str, Any] = {
+            "__tablename__": "throwaway",
+            "id": mapped_column(sa.Integer, primary_key=True),
+            "status": mapped_column(sa.String(20)),
+            **columns_and_rules,
+        }
+        reg.mapped(type("Widget", (), attrs))
+        reg.configure()
+    finally:
+        reg.dispose()
+
+
+@pytest.mark.parametrize(
+    ("rules", "extra", "message"),
+    [
+        (
+            TransitionRules(column="state", transitions={"a": {"b"}}, initial={"a"}),
+            {},
+            r"Widget\.__transitions__ \(column 'state'\): Widget has no mapped column 'state'",
+        ),
+        (
+            TransitionRules(column="status", transitions={"a": {"b"}, "x": {"b"}}, initial={"a"}),
+            {},
+            r"Widget.*'status'.*state 'x' is neither initial nor reachable",
+        ),
+        (
+            TransitionRules(column="status", transitions={"a": {"b"}}, initial={"a"}, states={"a"}),
+            {},
+            r"Widget.*'status'.*state 'b' is used in the rules but not declared in states=",
+        ),
+        (
+            TransitionRules(column="phase", transitions={"draft": {"gone"}}, initial={"draft"}),
+            {"phase": mapped_column(sa.Enum(Phase, name="p"))},
+            r"Widget.*'phase'.*state 'gone' has no declaration in the column type",
+        ),
+        (
+            TransitionRules(
+                column="phase", transitions={"draft": {Phase.review}}, initial={Phase.draft}
+            ),
+            {"phase": mapped_column(sa.Enum(Phase, name="p"))},
+            r"Widget.*states <Phase.draft: 'Draft'> and 'draft' are the same database value",
+        ),
+        (
+            [
+                TransitionRules(column="status", transitions={"a": {"b"}}, initial={"a"}),
+                TransitionRules(column="status", transitions={"a": {"c"}}, initial={"a"}),
+            ],
+            {},
+            r"Widget.__transitions__ declares rules for column 'status' twice",
+        ),
+        ("status", {}, r"Widget.__transitions__ must be a TransitionRules"),
+    ],
+)
+def test_rules_checked_when_the_mapper_configures(rules: Any, extra: Any, message: str) -> None:
+    with pytest.raises(TransitionRulesError, match=message):
+        _configure_model(__transitions__=rules, **extra)
+
+
+def test_valid_declarations_configure_and_can_be_read_back() -> None:
+    assert transition_rules(Task) == (Task.__transitions__,)
+    assert [r.column for r in transition_rules(Order)] == ["status", "payment"]
+    _configure_model(
+        __transitions__=TransitionRules(column="status", transitions={"a": {"b"}}, initial={"a"})
+    )
+
+
+def test_allowed_transitions_from_in_memory_state() -> None:
+    task = Task(status="pending")
+    assert allowed_transitions(task) == {"pending"}  # not in the database yet: initial states
+    doc = Doc()
+    assert allowed_transitions(doc) == {Phase.draft}
+    with pytest.raises(TypeError, match="several columns"):
+        allowed_transitions(Order())
+    assert allowed_transitions(Order(), column="payment") == {None}
+
+
+def test_mermaid_diagram() -> None:
+    text = rules_to_mermaid(Task)
+    lines = text.splitlines()
+    assert lines[0] == "stateDiagram-v2"
+    ids = {
+        line.split('"')[1]: line.rsplit(" ", 1)[1] for line in lines if line.startswith("    state")
+    }
+    assert set(ids) == {"pending", "in_progress", "cancelled", "completed", "failed"}
+    assert f"    [*] --> {ids['pending']}" in lines
+    assert f"    {ids['pending']} --> {ids['in_progress']}" in lines
+    assert f"    {ids['failed']} --> {ids['pending']}" in lines
+    assert f"    {ids['completed']} --> [*]" in lines
+    assert f"    {ids['pending']} --> {ids['completed']}" not in lines
+    # Enum states are labelled by value, the wildcard is expanded to every declared state
+    doc = rules_to_mermaid(Doc)
+    assert 'state "In review" as' in doc
+    # [*]->draft, draft: 2, review: 3, published: 1, retired->[*]
+    assert doc.count("-->") == 1 + 2 + 3 + 1 + 1
+
+
+def test_mermaid_and_dot_quote_hostile_names() -> None:
+    mermaid = rules_to_mermaid(Hostile)
+    labels = [
+        line[len('    state "') : line.rindex('" as ')]
+        for line in mermaid.splitlines()
+        if line.startswith("    state ")
+    ]
+    assert len(labels) == 2 + len(WEIRD)
+    for label in labels:
+        bare = re.sub(r"#\d+;", "", label)
+        assert not set(bare) & set('"#;:\n\t\\')
+    assert "it's #34;odd#34;#59; drop table x#59; --" in labels
+    assert "tab#9;here" in labels
+    dot = rules_to_dot(Hostile)
+    assert 'label="it\'s \\"odd\\"; drop table x; --"' in dot
+    assert 'label="new\\nline"' in dot
+    assert 'label="back\\\\slash' in dot
+    assert dot.startswith('digraph "Hostile.state" {')
+    for line in dot.splitlines()[1:-1]:
+        body = line.replace('\\"', "")
+        assert body.count('"') in (0, 2), line
+
+
+def test_dot_diagram_shape() -> None:
+    dot = rules_to_dot(Task)
+    assert dot.startswith('digraph "Task.status" {\n')
+    assert dot.rstrip().endswith("}")
+    nodes = {
+        line.split('label="')[1].split('"')[0]: line.split()[0]
+        for line in dot.splitlines()
+        if "label=" in line and "shape=point" not in line
+    }
+    assert f"    start -> {nodes['pending']};" in dot
+    assert f"    {nodes['in_progress']} -> {nodes['failed']};" in dot
+    rules_only = rules_to_dot(Task.__transitions__)
+    assert rules_only.startswith('digraph "status" {')
+
+
+def test_trigger_sql_shape() -> None:
+    sql = transition_trigger_sql(Task)
+    assert 'CREATE OR REPLACE FUNCTION "rdb_transition_tasks_status"() RETURNS trigger' in sql
+    assert 'DROP TRIGGER IF EXISTS "rdb_transition_status_ins" ON "tasks"' in sql
+    assert 'CREATE TRIGGER "rdb_transition_status_ins" BEFORE INSERT ON "tasks"' in sql
+    assert 'CREATE TRIGGER "rdb_transition_status_upd" BEFORE UPDATE ON "tasks"' in sql
+    assert 'WHEN (OLD."status" IS DISTINCT FROM NEW."status")' in sql
+    assert f"ERRCODE = '{TRANSITION_SQLSTATE}'" in sql
+    assert "current_setting('resilient_db.bypass_transitions', true)" in sql
+    assert "json_build_object(" in sql
+    assert 'COMMENT ON FUNCTION "rdb_transition_tasks_status"() IS' in sql
+    assert "rules-sha256=" in sql
+    assert transition_trigger_sql(Task) == sql  # deterministic
+    assert TRANSITION_SQLSTATE == "RDB01"
+    two = transition_trigger_sql(Order)
+    assert two.count("CREATE OR REPLACE FUNCTION") == 2
+    assert "v_to IS NULL" in two  # NULL is a declared state of Order.payment
+    drop = transition_trigger_drop_sql(Task)
+    assert 'DROP FUNCTION IF EXISTS "rdb_transition_tasks_status"()' in drop
+
+
+def test_trigger_sql_quotes_hostile_names() -> None:
+    sql = transition_trigger_sql(Hostile)
+    assert """'it''s "odd"; drop table x; --'""" in sql
+    assert "E'tab\\x09here'" in sql
+    assert "E'new\\x0aline'" in sql
+    assert "E'back\\x5cslash \\x5c: colon :name %s %% $rdb$ $$'" in sql
+    assert '"we""ird; table"' in sql
+    assert 'NEW."st""ate"' in sql
+    assert "$rdb1$" in sql  # the body contains "$rdb$", so another dollar-quote tag is used
+    assert "\t" not in sql
+
+
+def test_long_names_are_shortened_to_postgres_limit() -> None:
+    reg = registry()
+    try:
+        attrs: dict[str, Any] = {
+            "__tablename__": "t" * 70,
+            "__transitions__": TransitionRules(
+                column="s" * 60, transitions={"a": {"b"}}, initial={"a"}
+            ),
+            "id": mapped_column(sa.Integer, primary_key=True),
+            "s" * 60: mapped_column(sa.String(5)),
+        }
+        sql = transition_trigger_sql(reg.mapped(type("Long", (), attrs)))
+        function = sql.split("CREATE OR REPLACE FUNCTION ")[1].split('"')[1]
+        triggers = {part.split('"')[1] for part in sql.split("CREATE TRIGGER ")[1:]}
+        assert len(triggers) == 2
+        for name in (function, *triggers):
+            assert len(name.encode()) <= 63, name
+            assert name.startswith("rdb_transition_")
+    finally:
+        reg.dispose()
+
+
+# ------------------------------------------------------------------------------------------------
+# flush guard
+# ------------------------------------------------------------------------------------------------
+
+
+def test_legal_chain_commits(engine: sa.Engine, sessions: sessionmaker[_S]) -> None:
+    with sessions() as s:
+        task = Task(title="chain")
+        s.add(task)
+        s.commit()
+        assert allowed_transitions(task) == {"in_progress", "cancelled"}
+        for step in ("in_progress", "failed", "pending", "in_progress", "completed"):
+            task.status = step
+            s.commit()
+            assert _db_status(engine, task.id) == step
+        assert allowed_transitions(task) == set()
+
+
+ILLEGAL = [
+    ("pending", "completed"),
+    ("pending", "failed"),
+    ("in_progress", "pending"),
+    ("in_progress", "cancelled"),
+    ("completed", "in_progress"),
+    ("cancelled", "pending"),
+    ("failed", "completed"),
+    ("pending", "bogus"),
+]
+
+
+@pytest.mark.parametrize(("start", "target"), ILLEGAL)
+def test_illegal_move_blocked_at_flush_and_nothing_written(
+    engine: sa.Engine,
+    sessions: sessionmaker[_S],
+    log: pytest.LogCaptureFixture,
+    start: str,
+    target: str,
+) -> None:
+    task_id = _add_task(engine, start)
+    statements = Statements(engine)
+    before = transition_stats()["blocked_transitions"]
+    with sessions() as s:
+        task = s.get(Task, task_id)
+        assert task is not None
+        task.status = target
+        task.title = "changed too"
+        with pytest.raises(IllegalTransitionError) as info:
+            s.flush()
+        err = info.value
+        assert type(err) is IllegalTransitionError
+        assert (err.model, err.pk, err.column, err.via) == ("Task", task_id, "status", "flush")
+        assert (err.from_state, err.to_state) == (start, target)
+        assert "allowed from here" in err.reason or "no moves" in err.reason
+        assert not statements.matching("UPDATE")
+        s.rollback()
+        # the session is usable after the rollback
+        assert s.get(Task, task_id) is not None
+    assert _db_status(engine, task_id) == start
+    assert transition_stats()["blocked_transitions"] == before + 1
+    [record] = [r for r in log.records if r.name == LOGGER]
+    assert record.levelno == logging.ERROR
+    assert record.getMessage().startswith("[SELF-HEAL] Status transition blocked")
+    assert f"'{start}' -> '{target}'" in record.getMessage()
+    assert record.__dict__["model"] == "Task"
+    assert record.__dict__["pk"] == task_id
+    assert record.__dict__["via"] == "flush"
+    assert (record.__dict__["from_state"], record.__dict__["to_state"]) == (start, target)
+    assert "changed too" not in record.getMessage()
+
+
+def test_insert_must_use_an_initial_state(engine: sa.Engine, sessions: sessionmaker[_S]) -> None:
+    with sessions() as s:
+        s.add(Task(id=41, status="in_progress"))
+        with pytest.raises(IllegalTransitionError) as info:
+            s.flush()
+        err = info.value
+        assert (err.model, err.pk, err.column, err.via) == ("Task", 41, "status", "flush")
+        assert (err.from_state, err.to_state) == (None, "in_progress")
+        assert "new rows must start in one of: 'pending'" in str(err)
+        s.rollback()
+        s.add(Task(id=42))  # the column default is initial
+        s.add(Task(id=43, status="pending"))
+        s.commit()
+    with engine.connect() as conn:
+        ids = conn.execute(sa.select(_table(Task).c.id).order_by(_table(Task).c.id)).scalars()
+        assert list(ids) == [42, 43]
+
+
+def test_one_flush_with_many_illegal_changes_reports_them(
+    engine: sa.Engine, sessions: sessionmaker[_S]
+) -> None:
+    ids = [_add_task(engine) for _ in range(3)]
+    with sessions() as s:
+        tasks = [s.get(Task, i) for i in ids]
+        for task in tasks:
+            assert task is not None
+            task.status = "completed"
+        with pytest.raises(IllegalTransitionError, match="2 more illegal change"):
+            s.flush()
+
+
+def test_two_sessions_race_loser_gets_stale(engine: sa.Engine, sessions: sessionmaker[_S]) -> None:
+    task_id = _add_task(engine)
+    with sessions() as winner, sessions() as loser:
+        mine = loser.get(Task, task_id)
+        theirs = winner.get(Task, task_id)
+        assert mine is not None
+        assert theirs is not None
+        theirs.status = "in_progress"
+        winner.commit()
+        mine.status = "cancelled"  # legal from the state it loaded, but the row moved
+        with pytest.raises(StaleTransitionError) as info:
+            loser.flush()
+        err = info.value
+        assert isinstance(err, IllegalTransitionError)
+        assert (err.pk, err.from_state, err.to_state, err.via) == (
+            task_id,
+            "pending",
+            "cancelled",
+            "flush",
+        )
+        assert "now holds 'in_progress'" in err.reason
+        loser.rollback()
+    assert _db_status(engine, task_id) == "in_progress"
+
+
+def test_race_while_winner_holds_the_row_lock(
+    engine: sa.Engine, sessions: sessionmaker[_S]
+) -> None:
+    """The loser's locked SELECT waits for the winner; whatever the timing it sees the new state."""
+    task_id = _add_task(engine)
+    outcome: list[BaseException | None] = []
+    with sessions() as winner, sessions() as loser:
+        mine = loser.get(Task, task_id)
+        theirs = winner.get(Task, task_id)
+        assert mine is not None
+        assert theirs is not None
+        theirs.status = "in_progress"
+        winner.flush()  # holds the row lock, not committed yet
+        mine.status = "cancelled"
+
+        def loser_flush() -> None:
+            try:
+                loser.flush()
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=loser_flush)
+        thread.start()
+        winner.commit()
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+        loser.rollback()
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], StaleTransitionError)
+    assert _db_status(engine, task_id) == "in_progress"
+
+
+def test_expired_attribute_is_read_by_the_locked_select_not_lazily(
+    engine: sa.Engine, sessions: sessionmaker[_S]
+) -> None:
+    task_id = _add_task(engine)
+    with sessions() as s:
+        task = s.get(Task, task_id)
+        assert task is not None
+        s.commit()  # expires every attribute
+        statements = Statements(engine)
+        task.status = "in_progress"  # loaded value unknown
+        s.flush()
+        # the guard's first statement is its locked SELECT of the status; the status is read by
+        # nothing else (SQLAlchemy itself refreshes the expired primary key for its UPDATE)
+        selects = statements.matching("SELECT")
+        assert selects[0].endswith("FOR UPDATE")
+        assert "tasks.status" in selects[0]
+        assert "title" not in selects[0]
+        assert not [q for q in selects[1:] if "status" in q]
+        assert len(statements.matching("UPDATE")) == 1
+        s.commit()
+        s.expire(task)
+        task.status = "pending"  # illegal from the stored 'in_progress'
+        with pytest.raises(IllegalTransitionError) as info:
+            s.flush()
+        assert (info.value.from_state, info.value.to_state) == ("in_progress", "pending")
+    assert _db_status(engine, task_id) == "in_progress"
+
+
+def test_unchanged_and_same_value_are_not_transitions(
+    engine: sa.Engine, sessions: sessionmaker[_S]
+) -> None:
+    task_id = _add_task(engine, "completed")
+    statements = Statements(engine)
+    with sessions() as s:
+        task = s.get(Task, task_id)
+        assert task is not None
+        task.status = "completed"
+        task.title = "renamed"
+        s.commit()
+    assert not [q for q in statements.sql if "FOR UPDATE" in q]
+
+
+def test_guard_off_by_config_leaves_only_the_trigger(engine: sa.Engine) -> None:
+    for config in ({"status_validation": False}, {"enabled": False}):
+        sessions = _factory(engine, **config)
+        task_id = _add_task(engine, "completed")
+        with sessions() as s:
+            task = s.get(Task, task_id)
+            assert task is not None
+            task.status = "pending"
+            err = _db_error(s.flush)
+            assert err.via == "db"
+    with engine.begin() as conn:
+        uninstall_transition_trigger(conn, Task)
+    sessions = _factory(engine, status_validation=False)
+    task_id = _add_task(engine, "completed")
+    with sessions() as s:
+        task = s.get(Task, task_id)
+        assert task is not None
+        task.status = "pending"
+        s.add(Task(status="failed"))
+        s.commit()
+    assert _db_status(engine, task_id) == "pending"
+
+
+def test_plain_session_without_config_is_not_guarded(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        uninstall_transition_trigger(conn, Task)
+    with sessionmaker(engine, class_=_S)() as s:
+        s.add(Task(id=7, status="completed"))
+        s.commit()
+
+
+def test_enum_column(engine: sa.Engine, sessions: sessionmaker[_S]) -> None:
+    with sessions() as s:
+        doc = Doc()
+        s.add(doc)
+        s.commit()
+        assert allowed_transitions(doc) == {Phase.review, Phase.retired}
+        doc.phase = Phase.review
+        s.commit()
+        doc.phase = Phase.published
+        s.commit()
+        doc.phase = Phase.draft
+        with pytest.raises(IllegalTransitionError) as info:
+            s.flush()
+        assert (info.value.from_state, info.value.to_state) == (Phase.published, Phase.draft)
+        assert "'Published' -> 'Draft'" in str(info.value)
+        s.rollback()
+        doc.phase = Phase.retired  # the wildcard
+        s.commit()
+        s.add(Doc(phase=Phase.review))
+        with pytest.raises(IllegalTransitionError):
+            s.flush()
+        s.rollback()
+        doc_id = doc.id
+    with engine.connect() as conn:
+        err = _db_error(
+            lambda: conn.execute(sa.update(Doc).where(Doc.id == doc_id).values(phase=Phase.draft))
+        )
+        # states come back as the declared Enum members
+        assert (err.model, err.pk, err.from_state, err.to_state) == (
+            "Doc",
+            doc_id,
+            Phase.retired,
+            Phase.draft,
+        )
+
+
+def test_two_guarded_columns_composite_key_and_null_state(
+    engine: sa.Engine, sessions: sessionmaker[_S]
+) -> None:
+    with sessions() as s:
+        order = Order(region="eu", number=1)
+        s.add(order)
+        s.commit()
+        assert allowed_transitions(order, column="status") == {"shipped"}
+        assert allowed_transitions(order, column="payment") == {"paid"}
+        order.payment = "refunded"
+        with pytest.raises(IllegalTransitionError) as info:
+            s.flush()
+        assert (info.value.pk, info.value.column) == (("eu", 1), "payment")
+        assert (info.value.from_state, info.value.to_state) == (None, "refunded")
+        s.rollback()
+        order.payment = "paid"
+        order.status = "shipped"
+        s.commit()
+        order.status = "open"
+        with pytest.raises(IllegalTransitionError) as info:
+            s.flush()
+        assert info.value.column == "status"
+        s.rollback()
+        s.add(Order(region="eu", number=2, payment="paid"))
+        with pytest.raises(IllegalTransitionError, match="new rows must start in one of: None"):
+            s.flush()
+        s.rollback()
+    with engine.connect() as conn:
+        err = _db_error(
+            lambda: conn.exec_driver_sql(
+                "UPDATE orders SET payment = NULL WHERE region = 'eu' AND number = 1"
+            )
+        )
+        assert (err.model, err.column, err.pk) == ("Order", "payment", ("eu", 1))
+        assert (err.from_state, err.to_state) == ("paid", None)
+
+
+def test_install_guard_is_idempotent_and_checks_its_argument(
+    engine: sa.Engine, log: pytest.LogCaptureFixture
+) -> None:
+    install_guard(_S)
+    install_guard(_S)
+    assert event.contains(_S, "before_flush", _before_flush)
+    with pytest.raises(TypeError, match="Session subclass"):
+        install_guard(sessionmaker)  # type: ignore[arg-type]
+    task_id = _add_task(engine, "completed")
+    with _factory(engine)() as s:
+        task = s.get(Task, task_id)
+        assert task is not None
+        task.status = "pending"
+        with pytest.raises(IllegalTransitionError):
+            s.flush()
+    assert len(log.records) == 1  # one listener, one block
+
+
+def test_logging_switch_keeps_the_guard(engine: sa.Engine, log: pytest.LogCaptureFixture) -> None:
+    task_id = _add_task(engine, "completed")
+    with _factory(engine, logging=False)() as s:
+        task = s.get(Task, task_id)
+        assert task is not None
+        task.status = "pending"
+        with pytest.raises(IllegalTransitionError):
+            s.flush()
+    assert not log.records
+
+
+# ------------------------------------------------------------------------------------------------
+# ORM-enabled bulk UPDATE
+# ------------------------------------------------------------------------------------------------
+
+
+def _tasks_in(engine: sa.Engine, *states: str) -> dict[str, int]:
+    return {state: _add_task(engine, state, title=state) for state in states}
+
+
+def _states(engine: sa.Engine) -> dict[int, str]:
+    table = _table(Task)
+    with engine.connect() as conn:
+        return {row.id: row.status for row in conn.execute(sa.select(table.c.id, table.c.status))}
+
+
+ALL_STATES = ("pending", "in_progress", "completed", "failed", "cancelled")
+
+
+def test_bulk_update_only_moves_rows_that_may_move(
+    engine: sa.Engine, sessions: sessionmaker[_S], log: pytest.LogCaptureFixture
+) -> None:
+    ids = _tasks_in(engine, *ALL_STATES)
+    with sessions() as s:
+        result = s.execute(sa.update(Task).values(status="completed"))
+        assert isinstance(result, sa.CursorResult)
+        assert result.rowcount == 2  # in_progress moved, completed was already there
+        s.commit()
+    after = _states(engine)
+    assert after[ids["in_progress"]] == "completed"
+    for state in ("pending", "failed", "cancelled"):
+        assert after[ids[state]] == state
+    [record] = [r for r in log.records if r.name == LOGGER]
+    assert record.levelno == logging.WARNING
+    assert record.getMessage().startswith("[SELF-HEAL] Status transition blocked for 3 row(s)")
+    assert record.__dict__["blocked_rows"] == 3
+    assert record.__dict__["via"] == "orm-update"
+
+
+def test_bulk_update_with_where_params_and_bindparams(
+    engine: sa.Engine, sessions: sessionmaker[_S]
+) -> None:
+    ids = _tasks_in(engine, *ALL_STATES)
+    with sessions() as s:
+        s.execute(
+            sa.update(Task).where(Task.title.in_(["pending", "failed"])), {"status": "pending"}
+        )
+        s.execute(
+            sa.update(Task)
+            .where(Task.id == sa.bindparam("target_id"))
+            .values({Task.status: sa.bindparam("new_status")}),
+            {"target_id": ids["pending"], "new_status": "in_progress"},
+        )
+        s.execute(
+            sa.update(Task).where(Task.id == ids["completed"]).values(status=sa.literal("failed"))
+        )
+        s.commit()
+    after = _states(engine)
+    assert after[ids["failed"]] == "pending"  # failed -> pending is legal
+    assert after[ids["pending"]] == "in_progress"
+    assert after[ids["completed"]] == "completed"  # completed -> failed blocked
+
+
+def test_bulk_update_raise_mode(engine: sa.Engine) -> None:
+    sessions = _factory(engine, bulk_update="raise")
+    ids = _tasks_in(engine, *ALL_STATES)
+    before = _states(engine)
+    with sessions() as s:
+        with pytest.raises(IllegalTransitionError) as info:
+            s.execute(sa.update(Task).values(status="failed"))
+        err = info.value
+        assert (err.model, err.column, err.to_state, err.via) == (
+            "Task",
+            "status",
+            "failed",
+            "orm-update",
+        )
+        assert err.pk in ids.values()
+        assert err.from_state in {"pending", "completed", "cancelled"}
+        assert "3 matching row(s)" in err.reason
+        s.rollback()
+        assert _states(engine) == before
+        result = s.execute(
+            sa.update(Task).where(Task.status == "in_progress").values(status="failed")
+        )
+        assert isinstance(result, sa.CursorResult)
+        assert result.rowcount == 1
+        s.commit()
+    assert _states(engine)[ids["in_progress"]] == "failed"
+
+
+def test_bulk_update_with_sql_expression_target(
+    engine: sa.Engine, sessions: sessionmaker[_S]
+) -> None:
+    ids = _tasks_in(engine, "pending", "in_progress", "completed")
+    flip = sa.case(
+        (Task.status == "pending", "in_progress"),
+        (Task.status == "in_progress", "pending"),  # illegal
+        else_="cancelled",  # illegal from completed
+    )
+    with sessions() as s:
+        s.execute(sa.update(Task).values(status=flip))
+        s.commit()
+    after = _states(engine)
+    assert after == {
+        ids["pending"]: "in_progress",
+        ids["in_progress"]: "in_progress",
+        ids["completed"]: "completed",
+    }
+    raising = _factory(engine, bulk_update="raise")
+    with raising() as s, pytest.raises(IllegalTransitionError) as info:
+        s.execute(sa.update(Task).values(status=flip))
+    assert (info.value.from_state, info.value.to_state) in {
+        ("in_progress", "pending"),
+        ("completed", "cancelled"),
+    }
+
+
+def test_bulk_update_by_primary_key(engine: sa.Engine, sessions: sessionmaker[_S]) -> None:
+    ids = _tasks_in(engine, "pending", "in_progress", "completed")
+    rows = [
+        {"id": ids["pending"], "status": "in_progress", "title": "a"},
+        {"id": ids["in_progress"], "status": "pending", "title": "b"},  # illegal: skipped
+        {"id": ids["completed"], "title": "c"},  # no status change
+    ]
+    with sessions() as s:
+        s.execute(sa.update(Task), rows)
+        s.commit()
+    table = _table(Task)
+    with engine.connect() as conn:
+        got = {r.id: (r.status, r.title) for r in conn.execute(sa.select(table))}
+    assert got[ids["pending"]] == ("in_progress", "a")
+    assert got[ids["in_progress"]] == ("in_progress", "in_progress")
+    assert got[ids["completed"]] == ("completed", "c")
+    with sessions() as s:  # every parameter set rejected: nothing is executed
+        s.execute(sa.update(Task), [{"id": ids["completed"], "status": "pending"}])
+        s.commit()
+    raising = _factory(engine, bulk_update="raise")
+    with raising() as s:
+        with pytest.raises(IllegalTransitionError) as info:
+            s.execute(sa.update(Task), [{"id": ids["completed"], "status": "pending"}])
+        assert (info.value.pk, info.value.from_state, info.value.via) == (
+            ids["completed"],
+            "completed",
+            "orm-update",
+        )
+    assert _states(engine)[ids["completed"]] == "completed"
+
+
+def test_bulk_update_enum_column(engine: sa.Engine, sessions: sessionmaker[_S]) -> None:
+    with sessions() as s:
+        s.add_all([Doc(id=1), Doc(id=2, phase=Phase.draft)])
+        s.commit()
+        s.execute(sa.update(Doc).where(Doc.id == 2).values(phase=Phase.review))
+        s.execute(sa.update(Doc).values(phase=Phase.published))
+        s.commit()
+        phases = {row.id: row.phase for row in s.execute(sa.select(Doc.id, Doc.phase))}
+    assert phases == {1: Phase.draft, 2: Phase.published}
+
+
+# ------------------------------------------------------------------------------------------------
+# database trigger
+# ------------------------------------------------------------------------------------------------
+
+
+def test_trigger_blocks_raw_update_and_insert(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO tasks (id, title, status) VALUES (5, 't', 'pending')")
+        conn.exec_driver_sql("UPDATE tasks SET status = 'in_progress' WHERE id = 5")
+    with engine.connect() as conn:
+        err = _db_error(
+            lambda: conn.exec_driver_sql("UPDATE tasks SET status = 'pending' WHERE id = 5")
+        )
+        assert (err.model, err.pk, err.column, err.via) == ("Task", 5, "status", "db")
+        assert (err.from_state, err.to_state) == ("in_progress", "pending")
+        conn.rollback()
+        err = _db_error(
+            lambda: conn.exec_driver_sql(
+                "INSERT INTO tasks (id, title, status) VALUES (6, 't', 'completed')"
+            )
+        )
+        assert (err.pk, err.from_state, err.to_state) == (6, None, "completed")
+        assert "initial" in err.reason
+        conn.rollback()
+        err = _db_error(lambda: conn.exec_driver_sql("UPDATE tasks SET status = NULL WHERE id = 5"))
+        assert (err.from_state, err.to_state) == ("in_progress", None)
+        conn.rollback()
+        # same value and other columns are not transitions: the trigger does not fire
+        conn.exec_driver_sql("UPDATE tasks SET status = status, title = 'x' WHERE id = 5")
+        conn.commit()
+    assert _db_status(engine, 5) == "in_progress"
+
+
+def test_exception_from_db_ignores_other_errors(engine: sa.Engine) -> None:
+    with engine.connect() as conn, pytest.raises(sa.exc.DBAPIError) as info:
+        conn.exec_driver_sql("SELECT 1/0")
+    assert exception_from_db(info.value) is None
+    assert exception_from_db(ValueError("x")) is None
+
+
+def test_exception_from_db_logs_when_asked(
+    engine: sa.Engine, log: pytest.LogCaptureFixture
+) -> None:
+    with engine.connect() as conn, pytest.raises(sa.exc.DBAPIError) as info:
+        conn.exec_driver_sql("INSERT INTO tasks (id, title, status) VALUES (1, 't', 'failed')")
+    assert exception_from_db(info.value) is not None
+    assert not log.records
+    assert info.value.orig is not None
+    err = exception_from_db(info.value.orig, log=True)  # the driver error itself works too
+    assert err is not None
+    assert err.via == "db"
+    [record] = log.records
+    assert record.getMessage().startswith("[SELF-HEAL] Status transition blocked")
+
+
+def test_hostile_state_names_round_trip_without_injection(
+    engine: sa.Engine, sessions: sessionmaker[_S]
+) -> None:
+    table = _table(Hostile)
+    col = table.c['st"ate']
+    with engine.begin() as conn:  # the whole script also runs as one multi-statement string
+        conn.exec_driver_sql(
+            transition_trigger_sql(Hostile), execution_options={"no_parameters": True}
+        )
+    with sessions() as s:
+        row = Hostile(id=1)
+        s.add(row)
+        s.commit()
+        assert allowed_transitions(row) == {HOSTILE}
+        row.state = HOSTILE
+        s.commit()
+        assert allowed_transitions(row) == set(WEIRD)
+        row.state = "new"
+        with pytest.raises(IllegalTransitionError) as info:
+            s.flush()
+        assert info.value.from_state == HOSTILE
+        s.rollback()
+        s.add(Hostile(id=100))
+        s.flush()
+        result = s.execute(sa.update(Hostile).values(state=WEIRD[0]))
+        assert isinstance(result, sa.CursorResult)
+        assert result.rowcount == 1  # only row 1 may move; row 100 is still 'new'
+        s.commit()
+        assert row.state == WEIRD[0]
+    for i, weird in enumerate(WEIRD, start=2):
+        with engine.begin() as conn:
+            conn.execute(table.insert().values({"id": i, col: "new"}))
+            conn.execute(table.update().where(table.c.id == i).values({col: HOSTILE}))
+            conn.execute(table.update().where(table.c.id == i).values({col: weird}))
+            stored = conn.execute(sa.select(col).where(table.c.id == i)).scalar_one()
+            assert stored == weird
+        with engine.connect() as conn:
+            err = _db_error(
+                lambda i=i: conn.execute(  # type: ignore[misc]
+                    table.update().where(table.c.id == i).values({col: "new"})
+                )
+            )
+            assert (err.model, err.column, err.pk) == ("Hostile", "state", i)
+            assert (err.from_state, err.to_state) == (weird, "new")
+    with engine.connect() as conn:
+        tables = set(sa.inspect(conn).get_table_names())
+        assert {"x", 'we"ird; table', "tasks"} <= tables
+        assert trigger_drift(conn, Hostile) is None
+
+
+# ------------------------------------------------------------------------------------------------
+# bypass
+# ------------------------------------------------------------------------------------------------
+
+
+def test_bypass_only_inside_its_transaction_and_logged(
+    engine: sa.Engine, sessions: sessionmaker[_S], log: pytest.LogCaptureFixture
+) -> None:
+    task_id = _add_task(engine, "completed")
+    log.clear()
+    with sessions() as s:
+        bypass_transitions(s, reason="ticket OPS-42: reopen after data fix")
+        task = s.get(Task, task_id)
+        assert task is not None
+        task.status = "pending"  # flush guard off for this transaction
+        s.flush()
+        s.execute(sa.text("UPDATE tasks SET status = 'failed' WHERE id = :id"), {"id": task_id})
+        s.commit()  # the bypass ends with the transaction
+        assert _db_status(engine, task_id) == "failed"
+        task.status = "completed"
+        with pytest.raises(IllegalTransitionError):
+            s.flush()
+        s.rollback()
+        with pytest.raises(sa.exc.DBAPIError) as info:
+            s.execute(sa.text("UPDATE tasks SET status = 'completed' WHERE id = :id"), {"id": 1})
+        assert exception_from_db(info.value) is not None
+        s.rollback()
+        bypass_transitions(s, reason="rolled back repair")
+        task.status = "completed"
+        s.flush()
+        s.rollback()  # a rolled back transaction ends the bypass too
+        task.status = "completed"
+        with pytest.raises(IllegalTransitionError):
+            s.flush()
+    assert _db_status(engine, task_id) == "failed"
+    bypasses = [r for r in log.records if "bypassed" in r.getMessage()]
+    assert len(bypasses) == 2
+    assert bypasses[0].getMessage() == (
+        "[SELF-HEAL] transition guard bypassed for the current transaction: "
+        "reason=ticket OPS-42: reopen after data fix"
+    )
+    assert bypasses[0].__dict__["reason"] == "ticket OPS-42: reopen after data fix"
+
+
+def test_bypass_on_a_connection(engine: sa.Engine, sessions: sessionmaker[_S]) -> None:
+    task_id = _add_task(engine, "completed")
+    with engine.connect() as conn:
+        with pytest.raises(ValueError, match="reason"):
+            bypass_transitions(conn, reason=" ")
+        bypass_transitions(conn, reason="migration 0042")
+        conn.exec_driver_sql(f"UPDATE tasks SET status = 'pending' WHERE id = {task_id}")
+        conn.commit()
+        with pytest.raises(sa.exc.DBAPIError):
+            conn.exec_driver_sql(f"UPDATE tasks SET status = 'completed' WHERE id = {task_id}")
+        conn.rollback()
+    with (
+        engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn,
+        pytest.raises(ValueError, match="AUTOCOMMIT"),
+    ):
+        bypass_transitions(conn, reason="x")
+    assert _db_status(engine, task_id) == "pending"
+
+
+# ------------------------------------------------------------------------------------------------
+# drift, install helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def test_drift_detection(engine: sa.Engine) -> None:
+    with engine.connect() as conn:
+        for model in MODELS:
+            assert trigger_drift(conn, model) is None
+    reg = registry()
+    try:
+        changed: type[Any] = reg.mapped(
+            type(
+                "Task",
+                (),
+                {
+                    "__table__": sa.Table(
+                        "tasks",
+                        sa.MetaData(),
+                        sa.Column("id", sa.Integer, primary_key=True),
+                        sa.Column("title", sa.String),
+                        sa.Column("status", sa.String(40)),
+                    ),
+                    "__transitions__": TransitionRules(
+                        column="status",
+                        transitions={"pending": {"in_progress"}, "in_progress": {"pending"}},
+                        initial={"pending"},
+                    ),
+                },
+            )
+        )
+        with engine.connect() as conn:
+            drift = trigger_drift(conn, changed)
+            assert drift is not None
+            assert "stamp" in drift
+            assert "does not match the declared rules" in drift
+        with engine.begin() as conn:
+            install_transition_trigger(conn, changed)
+        with engine.connect() as conn:
+            assert trigger_drift(conn, changed) is None
+            assert "stamp" in (trigger_drift(conn, Task) or "")
+    finally:
+        reg.dispose()
+    with engine.begin() as conn:
+        conn.exec_driver_sql('ALTER TABLE tasks DISABLE TRIGGER "rdb_transition_status_upd"')
+        assert "rdb_transition_status_upd is disabled" in (trigger_drift(conn, Task) or "")
+        conn.exec_driver_sql('DROP TRIGGER "rdb_transition_status_ins" ON tasks')
+        assert "rdb_transition_status_ins is missing" in (trigger_drift(conn, Task) or "")
+        uninstall_transition_trigger(conn, Task)
+        drift = trigger_drift(conn, Task)
+        assert drift is not None
+        assert drift.count("missing") == 2
+    with Session(engine) as s:
+        install_transition_trigger(s, Task)
+        s.commit()
+        assert trigger_drift(s, Task) is None
+    install_transition_trigger(engine, Task)  # idempotent, also from an Engine
+    with engine.connect() as conn:
+        assert trigger_drift(conn, Task) is None
+
+
+def test_drift_when_table_missing(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE docs")
+        assert "table does not exist" in (trigger_drift(conn, Doc) or "")
+
+
+def test_alembic_op_online_and_offline(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        op = Operations(MigrationContext.configure(conn))
+        uninstall_transition_trigger(op, Hostile)
+        assert trigger_drift(conn, Hostile) is not None
+        install_transition_trigger(op, Hostile)
+        assert trigger_drift(conn, Hostile) is None
+    buffer = io.StringIO()
+    offline = MigrationContext.configure(
+        dialect_name="postgresql",
+        opts={"as_sql": True, "output_buffer": buffer},
+        dialect_opts={"paramstyle": "named"},
+    )
+    install_transition_trigger(Operations(offline), Hostile)
+    script = buffer.getvalue()
+    expected = transition_trigger_sql(Hostile)
+    for statement in expected.split(";\n\n"):
+        assert statement.strip().rstrip(";") in script

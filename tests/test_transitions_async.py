@@ -1,0 +1,290 @@
+"""The status-transition guard under ``AsyncSession`` (asyncpg): the sync twin's scenarios that
+could break with MissingGreenlet (expired attributes, locked SELECTs inside flush, bulk UPDATE),
+plus the trigger error mapping through asyncpg."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from resilient_db._config import Config
+from resilient_db._errors import IllegalTransitionError, StaleTransitionError
+from resilient_db._transitions import (
+    GUARD_INFO_KEY,
+    TransitionRules,
+    allowed_transitions,
+    bypass_transitions_async,
+    exception_from_db,
+    install_guard,
+    install_transition_trigger,
+    trigger_drift,
+)
+
+pytestmark = pytest.mark.asyncio
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __transitions__ = TransitionRules(
+        column="status",
+        transitions={"queued": {"running", "dropped"}, "running": {"done", "crashed"}},
+        initial={"queued"},
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(default="job")
+    status: Mapped[str] = mapped_column(default="queued")
+
+
+class Light(enum.Enum):
+    red = "R"
+    green = "G"
+    amber = "A"
+
+
+class Signal(Base):
+    __tablename__ = "signals"
+    __transitions__ = TransitionRules(
+        column="light",
+        transitions={
+            Light.red: {Light.green},
+            Light.green: {Light.amber},
+            Light.amber: {Light.red},
+        },
+        initial={Light.red},
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    light: Mapped[Light] = mapped_column(sa.Enum(Light, name="light"), default=Light.red)
+
+
+class _S(Session):
+    pass
+
+
+install_guard(_S)
+
+
+def _table(model: type[Any]) -> sa.Table:
+    table = model.__table__
+    assert isinstance(table, sa.Table)
+    return table
+
+
+@pytest_asyncio.fixture
+async def engine(pg_async_url: str) -> AsyncIterator[AsyncEngine]:
+    eng = create_async_engine(pg_async_url)
+    async with eng.begin() as conn:
+        await conn.run_sync(Base.metadata.create_all)
+        await conn.run_sync(install_transition_trigger, Job)
+        await conn.run_sync(install_transition_trigger, Signal)
+    yield eng
+    await eng.dispose()
+
+
+def _factory(engine: AsyncEngine, **config: Any) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(
+        engine, sync_session_class=_S, info={GUARD_INFO_KEY: Config(**config)}
+    )
+
+
+@pytest.fixture
+def sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return _factory(engine)
+
+
+async def _add_job(engine: AsyncEngine, status: str = "queued") -> int:
+    """Insert a job in any state (setup: sets the trigger bypass by hand, unlogged)."""
+    async with engine.begin() as conn:
+        await conn.exec_driver_sql("SET LOCAL resilient_db.bypass_transitions = 'on'")
+        table = _table(Job)
+        result = await conn.execute(table.insert().values(status=status).returning(table.c.id))
+        return int(result.scalar_one())
+
+
+async def _db_status(engine: AsyncEngine, job_id: int) -> str:
+    async with engine.connect() as conn:
+        table = _table(Job)
+        result = await conn.execute(sa.select(table.c.status).where(table.c.id == job_id))
+        return str(result.scalar_one())
+
+
+async def test_illegal_flush_is_blocked_without_missing_greenlet(
+    engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    job_id = await _add_job(engine)
+    async with sessions() as s:
+        job = await s.get(Job, job_id)
+        assert job is not None
+        assert allowed_transitions(job) == {"running", "dropped"}
+        job.status = "done"
+        with pytest.raises(IllegalTransitionError) as info:
+            await s.flush()
+        err = info.value
+        assert (err.model, err.pk, err.column, err.via) == ("Job", job_id, "status", "flush")
+        assert (err.from_state, err.to_state) == ("queued", "done")
+        await s.rollback()
+        job.status = "running"  # the session is usable after the rollback
+        await s.commit()
+    assert await _db_status(engine, job_id) == "running"
+
+
+async def test_insert_must_use_initial_state(sessions: async_sessionmaker[AsyncSession]) -> None:
+    async with sessions() as s:
+        s.add(Job(id=9, status="running"))
+        with pytest.raises(IllegalTransitionError) as info:
+            await s.commit()
+        assert (info.value.pk, info.value.from_state, info.value.to_state) == (9, None, "running")
+
+
+async def test_expired_attribute_without_lazy_load(
+    engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    job_id = await _add_job(engine)
+    async with sessions() as s:
+        job = await s.get(Job, job_id)
+        assert job is not None
+        await s.commit()  # expire_on_commit: every attribute is expired now
+        job.status = "running"  # the loaded value is unknown; no I/O allowed here
+        await s.flush()
+        await s.commit()
+        job.status = "queued"  # expired again; illegal from the stored value
+        with pytest.raises(IllegalTransitionError) as info:
+            await s.flush()
+        assert (info.value.from_state, info.value.to_state) == ("running", "queued")
+        await s.rollback()
+    assert await _db_status(engine, job_id) == "running"
+
+
+async def test_race_loser_gets_stale(
+    engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    job_id = await _add_job(engine)
+    async with sessions() as winner, sessions() as loser:
+        mine = await loser.get(Job, job_id)
+        theirs = await winner.get(Job, job_id)
+        assert mine is not None
+        assert theirs is not None
+        theirs.status = "running"
+        await winner.flush()  # holds the row lock
+        mine.status = "dropped"
+        flushing = asyncio.ensure_future(loser.flush())  # waits on the lock (or sees the commit)
+        await winner.commit()
+        with pytest.raises(StaleTransitionError) as info:
+            await flushing
+        assert (info.value.from_state, info.value.to_state, info.value.via) == (
+            "queued",
+            "dropped",
+            "flush",
+        )
+        await loser.rollback()
+    assert await _db_status(engine, job_id) == "running"
+
+
+async def test_bulk_update_filter_and_raise(
+    engine: AsyncEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    ids = {state: await _add_job(engine, state) for state in ("queued", "running", "done")}
+    caplog.set_level(logging.WARNING, logger="resilient_db.transitions")
+    async with _factory(engine)() as s:
+        result = await s.execute(sa.update(Job).values(status="crashed"))
+        assert isinstance(result, sa.CursorResult)
+        assert result.rowcount == 1
+        await s.commit()
+    assert await _db_status(engine, ids["running"]) == "crashed"
+    assert await _db_status(engine, ids["queued"]) == "queued"
+    assert await _db_status(engine, ids["done"]) == "done"
+    assert any("blocked for 2 row(s)" in r.getMessage() for r in caplog.records)
+    async with _factory(engine, bulk_update="raise")() as s:
+        with pytest.raises(IllegalTransitionError) as info:
+            await s.execute(sa.update(Job).values(status="running"))
+        assert info.value.via == "orm-update"
+        await s.rollback()
+        await s.execute(sa.update(Job).where(Job.id == ids["queued"]).values(status="running"))
+        await s.commit()
+    assert await _db_status(engine, ids["queued"]) == "running"
+
+
+async def test_bulk_update_by_primary_key(
+    engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    a, b = await _add_job(engine), await _add_job(engine, "done")
+    async with sessions() as s:
+        await s.execute(
+            sa.update(Job), [{"id": a, "status": "running"}, {"id": b, "status": "queued"}]
+        )
+        await s.commit()
+    assert (await _db_status(engine, a), await _db_status(engine, b)) == ("running", "done")
+
+
+async def test_trigger_error_mapped_through_asyncpg(engine: AsyncEngine) -> None:
+    job_id = await _add_job(engine, "done")
+    async with engine.connect() as conn:
+        with pytest.raises(sa.exc.DBAPIError) as info:
+            await conn.exec_driver_sql(f"UPDATE jobs SET status = 'queued' WHERE id = {job_id}")
+        err = exception_from_db(info.value)
+        assert err is not None
+        assert (err.model, err.pk, err.column, err.via) == ("Job", job_id, "status", "db")
+        assert (err.from_state, err.to_state) == ("done", "queued")
+        await conn.rollback()
+        with pytest.raises(sa.exc.DBAPIError) as info:
+            await conn.execute(sa.insert(Signal).values(id=1, light=Light.amber))
+        err = exception_from_db(info.value)
+        assert err is not None
+        assert (err.model, err.pk, err.from_state, err.to_state) == (
+            "Signal",
+            1,
+            None,
+            Light.amber,
+        )
+        await conn.rollback()
+        assert await conn.run_sync(trigger_drift, Job) is None
+
+
+async def test_enum_column_under_async(sessions: async_sessionmaker[AsyncSession]) -> None:
+    async with sessions() as s:
+        signal = Signal(id=1)
+        s.add(signal)
+        await s.commit()
+        signal.light = Light.green
+        await s.commit()
+        signal.light = Light.red
+        with pytest.raises(IllegalTransitionError) as info:
+            await s.flush()
+        assert (info.value.from_state, info.value.to_state) == (Light.green, Light.red)
+
+
+async def test_bypass_under_async(
+    engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    job_id = await _add_job(engine, "done")
+    async with sessions() as s:
+        await bypass_transitions_async(s, reason="async repair")
+        job = await s.get(Job, job_id)
+        assert job is not None
+        job.status = "queued"
+        await s.commit()
+        job.status = "done"
+        with pytest.raises(IllegalTransitionError):
+            await s.flush()
+    async with engine.connect() as conn:
+        await bypass_transitions_async(conn, reason="async migration")
+        await conn.exec_driver_sql(f"UPDATE jobs SET status = 'crashed' WHERE id = {job_id}")
+        await conn.commit()
+    assert await _db_status(engine, job_id) == "crashed"
