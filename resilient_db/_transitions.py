@@ -44,6 +44,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, Result
 from sqlalchemy.engine.result import null_result
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session, SessionTransaction, UOWTransaction
+from sqlalchemy.orm.base import PASSIVE_NO_INITIALIZE
 from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.sql.elements import BindParameter, ClauseElement, ColumnElement, Null
 
@@ -733,7 +734,12 @@ def _pending_pk(guard: _Guard, state: InstanceState[Any]) -> tuple[Any, ...] | N
 
 
 def _pending_change(guard: _Guard, state: InstanceState[Any]) -> _Change | None:
-    history = state.attrs[guard.attr_key].history
+    if guard.attr_key not in state.committed_state:
+        return None  # the attribute was not set since the row was loaded
+    # the attribute's own history (``state.attrs[...]`` builds a view of every attribute)
+    history = state.manager[guard.attr_key].impl.get_history(
+        state, state.dict, PASSIVE_NO_INITIALIZE
+    )
     if not history.added:
         return None
     new = history.added[0]

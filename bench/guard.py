@@ -1,0 +1,173 @@
+"""Cost of the status-transition guard, measured on one server in one run.
+
+    python bench/guard.py [--json] [--quick] [--url postgresql+psycopg://...]
+
+- flush of 1,000 changed rows through ``ResilientSession`` with the flush guard on and off
+  (``SELF_HEALING_STATUS_VALIDATION``): ratio on/off
+- single-row UPDATE (raw SQL, autocommit off, one transaction each) on a table with the generated
+  transition trigger and on an identical table without it: ratio with/without
+
+Variants are interleaved in rounds; the medians of the rounds give the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+import resilient_db as rdb
+from resilient_db.testing import EmbeddedPostgres
+
+ROWS = 1000
+RULES = rdb.TransitionRules(
+    column="status",
+    transitions={"pending": {"running"}, "running": {"pending", "done"}, "done": {"pending"}},
+    initial={"pending"},
+)
+CYCLE = {"pending": "running", "running": "done", "done": "pending"}
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class GuardedTask(Base):
+    __tablename__ = "bench_guarded_tasks"
+    __transitions__ = RULES
+    id: Mapped[int] = mapped_column(primary_key=True)
+    status: Mapped[str]
+
+
+class PlainTask(Base):
+    __tablename__ = "bench_plain_tasks"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    status: Mapped[str]
+
+
+def prepare(engine: sa.Engine) -> None:
+    Base.metadata.drop_all(engine)
+    Base.metadata.create_all(engine)
+    rows = [{"id": i, "status": "pending"} for i in range(1, ROWS + 1)]
+    with engine.begin() as conn:
+        conn.execute(sa.insert(GuardedTask), rows)
+        conn.execute(sa.insert(PlainTask), rows)
+        rdb.install_transition_trigger(conn, GuardedTask)
+
+
+def flush_variants(engine: sa.Engine) -> dict[str, Callable[[], None]]:
+    on = rdb.ResilientSession(engine, service="bench-guard-on", config=rdb.Config())
+    off = rdb.ResilientSession(
+        engine, service="bench-guard-off", config=rdb.Config(status_validation=False)
+    )
+
+    def move_all(session: Session) -> None:
+        for task in session.scalars(sa.select(GuardedTask)):
+            task.status = CYCLE[task.status]
+        session.flush()
+
+    return {"guard_on": lambda: on.run(move_all), "guard_off": lambda: off.run(move_all)}
+
+
+def update_variants(engine: sa.Engine) -> dict[str, Callable[[], None]]:
+    tables = {"with_trigger": "bench_guarded_tasks", "without_trigger": "bench_plain_tasks"}
+    rng = random.Random(3)
+
+    def make(name: str) -> Callable[[], None]:
+        def update_one() -> None:
+            # Every row moves through the same legal cycle, so each UPDATE is a real change.
+            key = rng.randint(1, ROWS)
+            with engine.begin() as conn:
+                current = conn.execute(
+                    sa.text(f"SELECT status FROM {tables[name]} WHERE id = :id"), {"id": key}
+                ).scalar_one()
+                conn.execute(
+                    sa.text(f"UPDATE {tables[name]} SET status = :s WHERE id = :id"),
+                    {"s": CYCLE[current], "id": key},
+                )
+
+        return update_one
+
+    return {name: make(name) for name in tables}
+
+
+def measure(
+    variants: dict[str, Callable[[], None]], rounds: int, per_round: int
+) -> dict[str, float]:
+    samples: dict[str, list[float]] = {n: [] for n in variants}
+    for _ in range(rounds):
+        order = list(variants)
+        random.shuffle(order)
+        for name in order:
+            fn = variants[name]
+            start = time.perf_counter()
+            for _ in range(per_round):
+                fn()
+            samples[name].append((time.perf_counter() - start) / per_round)
+    return {n: statistics.median(v) for n, v in samples.items()}
+
+
+def run(url: str, *, quick: bool) -> dict[str, Any]:
+    engine = sa.create_engine(url)
+    prepare(engine)
+    flush = flush_variants(engine)
+    update = update_variants(engine)
+    for fn in (*flush.values(), *update.values()):
+        fn()
+    f = measure(flush, 3 if quick else 7, 2 if quick else 4)
+    u = measure(update, 3 if quick else 9, 100 if quick else 300)
+    engine.dispose()
+    return {
+        "flush_1000_rows": {
+            "guard_off_ms": f["guard_off"] * 1e3,
+            "guard_on_ms": f["guard_on"] * 1e3,
+            "ratio": f["guard_on"] / f["guard_off"],
+        },
+        "single_row_update": {
+            "without_trigger_us": u["without_trigger"] * 1e6,
+            "with_trigger_us": u["with_trigger"] * 1e6,
+            "ratio": u["with_trigger"] / u["without_trigger"],
+        },
+    }
+
+
+def render(result: dict[str, Any]) -> str:
+    f, u = result["flush_1000_rows"], result["single_row_update"]
+    return "\n".join(
+        [
+            "| case | without | with | ratio |",
+            "|---|---|---|---|",
+            f"| flush of 1,000 changed rows, flush guard | {f['guard_off_ms']:.1f} ms "
+            f"| {f['guard_on_ms']:.1f} ms | {f['ratio']:.3f} |",
+            f"| single-row UPDATE, transition trigger | {u['without_trigger_us']:.0f} µs "
+            f"| {u['with_trigger_us']:.0f} µs | {u['ratio']:.3f} |",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", help="SQLAlchemy URL (postgresql+psycopg://...) of a server")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
+    args = parser.parse_args(argv)
+    if args.url:
+        result = run(args.url, quick=args.quick)
+    else:
+        with EmbeddedPostgres() as server:
+            server.create_database("bench")
+            result = run(server.url("bench"), quick=args.quick)
+    print(json.dumps(result, indent=2) if args.json else render(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
