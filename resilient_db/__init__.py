@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from ._asyncio import AsyncResilientSession
 from ._classify import Classifier, Outcome, classify, is_transient, sqlstate_of
 from ._config import Config, load_config, reload_config
 from ._errors import (
@@ -52,6 +53,7 @@ __all__ = [
     "ANY_STATE",
     "BYPASS_SETTING",
     "TRANSITION_SQLSTATE",
+    "AsyncResilientSession",
     "CircuitOpenError",
     "Classifier",
     "CommitOutcomeUnknownError",

@@ -158,6 +158,12 @@ class ResilientSession(Generic[S]):
     ) -> R:
         """Like :meth:`run`, with a session the caller made. It must not be in a transaction:
         a unit can only be replayed from the start of its transaction."""
+        maker: object = session.info.get(FACTORY_KEY)
+        if maker is not self:
+            raise TypeError(
+                "run_in() needs a session made by this factory (Session()): only its sessions "
+                "record whether a unit wrote, which a COMMIT whose answer was lost must know"
+            )
         if session.in_transaction():
             raise TransactionStateError(
                 "run() can't retry inside a transaction you opened on this session: the work "

@@ -1,0 +1,415 @@
+"""``AsyncResilientSession``: a drop-in ``async_sessionmaker`` whose units of work heal themselves.
+
+The async twin of :class:`~resilient_db.ResilientSession`. The decisions are the same objects:
+:class:`~resilient_db._retry.Policy` (``acall`` drives units of work, ``call`` drives the drop-in
+connect retry), :class:`~resilient_db._unit.CommitReferee` (what a lost COMMIT means) and the
+engine hooks of ``async_engine.sync_engine``. This module only awaits where the sync one blocks.
+
+SQLAlchemy runs an ``AsyncSession``'s ORM work in a greenlet on the event loop. The drop-in
+connect retry happens there (inside ``Session._connection_for_bind``), so its backoff sleeps with
+SQLAlchemy's ``await_`` bridge: the loop keeps running while a connect is being retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import inspect
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, cast, overload
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+try:  # SQLAlchemy 2.1 renamed ``await_only`` to ``await_`` (the old name goes in 2.2)
+    from sqlalchemy.util import await_ as _await
+except ImportError:  # SQLAlchemy 2.0
+    from sqlalchemy.util import await_only as _await
+
+from ._classify import Classifier
+from ._config import Config, load_config, register_default_user
+from ._errors import TransactionStateError
+from ._observability import log_session
+from ._retry import Policy
+from ._unit import (
+    CONFIG_KEY,
+    FACTORY_KEY,
+    UNIT_KEY,
+    WROTE_KEY,
+    XACT_STATUS_SQL,
+    XID_SQL,
+    ActiveUnit,
+    CommitReferee,
+    CommitVerdict,
+    ResilientORMSession,
+    current_unit,
+    hooks_for,
+    session_class_for,
+    verdict_of,
+)
+
+__all__ = ["AsyncResilientSession"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+S = TypeVar("S", bound=AsyncSession)
+
+
+class AsyncResilientSession(Generic[S]):
+    """An ``async_sessionmaker`` replacement for ``async_engine`` whose units of work survive
+    transient faults.
+
+    ``Session()`` and ``Session.begin()`` work as with ``async_sessionmaker``.
+    ``await Session.run(fn, ...)`` (and the ``@Session.transactional`` decorator) run
+    ``await fn(session, ...)`` as one unit of work: replayed whole with a fresh ``AsyncSession``
+    on a transient error, committed at the end. Nested units join the outer unit and run once.
+
+    Configuration comes from the ``SELF_HEALING_*`` environment when the factory is made (and on
+    :func:`~resilient_db.reload_config`) unless ``config=`` is given. ``asleep`` (the backoff
+    sleep), ``clock`` (monotonic seconds, for the deadline) and ``wall_clock`` (the breaker's
+    opening times) are injectable for tests. Other keyword arguments go to
+    ``async_sessionmaker``; ``sync_session_class=`` may name your own ``Session`` subclass.
+    """
+
+    @overload
+    def __init__(
+        self: AsyncResilientSession[AsyncSession],
+        engine: AsyncEngine,
+        service: str = ...,
+        *,
+        config: Config | None = ...,
+        classifier: Classifier | None = ...,
+        breaker_storage: Any = ...,
+        breaker_listeners: tuple[Any, ...] = ...,
+        asleep: Callable[[float], Awaitable[None]] = ...,
+        clock: Callable[[], float] = ...,
+        wall_clock: Callable[[], float] | None = ...,
+        **async_sessionmaker_kwargs: Any,
+    ) -> None: ...
+    @overload
+    def __init__(
+        self: AsyncResilientSession[S],
+        engine: AsyncEngine,
+        service: str = ...,
+        *,
+        class_: type[S],
+        config: Config | None = ...,
+        classifier: Classifier | None = ...,
+        breaker_storage: Any = ...,
+        breaker_listeners: tuple[Any, ...] = ...,
+        asleep: Callable[[float], Awaitable[None]] = ...,
+        clock: Callable[[], float] = ...,
+        wall_clock: Callable[[], float] | None = ...,
+        **async_sessionmaker_kwargs: Any,
+    ) -> None: ...
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        service: str = "database",
+        *,
+        config: Config | None = None,
+        classifier: Classifier | None = None,
+        breaker_storage: Any = None,
+        breaker_listeners: tuple[Any, ...] = (),
+        asleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] | None = None,
+        **async_sessionmaker_kwargs: Any,
+    ) -> None:
+        if isinstance(engine, Engine):
+            raise TypeError(
+                "AsyncResilientSession needs an AsyncEngine (create_async_engine("
+                "'postgresql+asyncpg://...')), got a sync Engine; for it use ResilientSession"
+            )
+        if not isinstance(engine, AsyncEngine):
+            raise TypeError(
+                f"AsyncResilientSession needs a SQLAlchemy AsyncEngine, got {type(engine).__name__}"
+            )
+        if not isinstance(service, str) or not service:
+            raise ValueError(f"service must be a non-empty name, got {service!r}")
+        if "sleep" in async_sessionmaker_kwargs:
+            raise TypeError(
+                "AsyncResilientSession takes asleep= (an async function of seconds), not sleep="
+            )
+        self.engine = engine
+        self.service = service
+        self._explicit_config = config is not None
+        self.config = config if config is not None else load_config()
+        self.classifier = classifier or Classifier()
+        self._asleep = asleep
+        self._clock = clock
+        # One policy, two drivers: ``acall`` for units (awaits ``asleep``), ``call`` for the
+        # drop-in connect retry inside SQLAlchemy's greenlet (``_greenlet_sleep``).
+        self.policy = Policy(
+            service,
+            self.config,
+            classifier=self.classifier,
+            breaker_storage=breaker_storage,
+            breaker_listeners=breaker_listeners,
+            sleep=self._greenlet_sleep,
+            asleep=asleep,
+            clock=clock,
+            wall_clock=wall_clock,
+        )
+        sync_cls = session_class_for(async_sessionmaker_kwargs.pop("sync_session_class", None))
+        info = dict(async_sessionmaker_kwargs.pop("info", None) or {})
+        info[CONFIG_KEY] = self.config
+        info[FACTORY_KEY] = self
+        self._info = info
+        self._maker: async_sessionmaker[Any] = async_sessionmaker(
+            engine, sync_session_class=sync_cls, info=info, **async_sessionmaker_kwargs
+        )
+        self._referee = CommitReferee(self.policy)
+        self._hooks = hooks_for(engine.sync_engine, self.config, self.classifier, service)
+        if not self._explicit_config:
+            register_default_user(self)
+
+    # -- configuration -----------------------------------------------------------------------
+    def _apply_config(self, config: Config) -> None:
+        self.config = config
+        self._info[CONFIG_KEY] = config
+        self._maker.kw["info"][CONFIG_KEY] = config
+        self.policy.apply_config(config)
+        self._hooks.config = config
+
+    # -- drop-in async_sessionmaker surface --------------------------------------------------
+    def __call__(self, **local_kw: Any) -> S:
+        """A new ``AsyncSession``, as ``async_sessionmaker()`` gives."""
+        return cast(S, self._maker(**local_kw))
+
+    def begin(self) -> contextlib.AbstractAsyncContextManager[S]:
+        """An async context manager giving a session in a transaction, committed at the end."""
+        return cast(contextlib.AbstractAsyncContextManager[S], self._maker.begin())
+
+    def configure(self, **new_kw: Any) -> None:
+        """As ``async_sessionmaker.configure``; our session class and keys stay in place."""
+        if "sync_session_class" in new_kw:
+            new_kw["sync_session_class"] = session_class_for(new_kw["sync_session_class"])
+        if "info" in new_kw:
+            info = dict(new_kw["info"] or {})
+            info[CONFIG_KEY] = self.config
+            info[FACTORY_KEY] = self
+            self._info = new_kw["info"] = info
+        self._maker.configure(**new_kw)
+
+    @property
+    def kw(self) -> dict[str, Any]:
+        return self._maker.kw
+
+    def __repr__(self) -> str:
+        return f"<AsyncResilientSession service={self.service!r} engine={self.engine!r}>"
+
+    # -- drop-in connect retry (called by ResilientORMSession inside SQLAlchemy's greenlet) --
+    def _connect_policy_call(self, connect: Callable[[], R]) -> R:
+        return self.policy.call(connect)
+
+    def _greenlet_sleep(self, seconds: float) -> None:
+        """Back off inside SQLAlchemy's greenlet without blocking the event loop."""
+        _await(self._asleep(seconds))
+
+    # -- units of work -----------------------------------------------------------------------
+    async def run(
+        self, fn: Callable[Concatenate[S, P], Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs
+    ) -> R:
+        """Run ``await fn(session, *args, **kwargs)`` as one unit of work and commit.
+
+        On a transient error anywhere in the unit (COMMIT included) the session is rolled back
+        and ``fn`` runs again with a fresh one, after a backoff. Inside another unit of this
+        factory (same task, or a task created inside it), ``fn`` joins the outer unit's session
+        and runs once (the outer unit retries). Cancellation is never retried.
+        """
+        _require_callable(fn, "AsyncResilientSession.run")
+        active = current_unit.get()
+        if active is not None:
+            if active.factory is self:
+                return await _awaited(fn, active.session, args, kwargs)
+            return await self._attempt(fn, args, kwargs)  # another database: once, no own retries
+        if not self.config.enabled:
+            async with self._maker.begin() as session:
+                return await _awaited(fn, session, args, kwargs)
+        return await self.policy.acall(lambda: self._attempt(fn, args, kwargs))
+
+    async def run_in(
+        self,
+        session: S,
+        fn: Callable[Concatenate[S, P], Awaitable[R]],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> R:
+        """Like :meth:`run`, with an ``AsyncSession`` the caller made from this factory. It must
+        not be in a transaction: a unit can only be replayed from the start of its transaction."""
+        _require_callable(fn, "AsyncResilientSession.run_in")
+        if not isinstance(session, AsyncSession):
+            raise TypeError(
+                f"run_in needs an AsyncSession made by this factory, got {type(session).__name__}"
+            )
+        if not isinstance(session.sync_session, ResilientORMSession):
+            # Without our session class the unit's writes are not tracked, and a COMMIT whose
+            # answer was lost could not be verified: a replay might write twice.
+            raise TypeError(
+                "run_in needs a session made by this AsyncResilientSession (Session()), not by a "
+                "plain async_sessionmaker or AsyncSession()"
+            )
+        if session.in_transaction():
+            raise TransactionStateError(
+                "run_in() can't retry inside a transaction you opened on this session: the work "
+                "done before it can't be replayed. Commit or roll back first, or await "
+                f"{_name(fn)}(session, ...) directly and let an outer unit retry"
+            )
+        if not self.config.enabled:
+            async with session.begin():
+                return await _awaited(fn, session, args, kwargs)
+        return await self.policy.acall(lambda: self._attempt(fn, args, kwargs, session=session))
+
+    @overload
+    def transactional(
+        self, fn: Callable[Concatenate[S, P], Awaitable[R]], /
+    ) -> Callable[P, Coroutine[Any, Any, R]]: ...
+    @overload
+    def transactional(
+        self, fn: None = None, /
+    ) -> Callable[
+        [Callable[Concatenate[S, P], Awaitable[R]]], Callable[P, Coroutine[Any, Any, R]]
+    ]: ...
+    def transactional(self, fn: Any = None, /) -> Any:
+        """Decorator: ``await f(*args)`` runs ``await fn(session, *args)`` as a unit of work."""
+        if fn is None:
+            return self.transactional
+        _require_async(fn, "AsyncResilientSession.transactional")
+
+        @functools.wraps(fn)
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return await self.run(fn, *args, **kwargs)
+
+        return wrapper
+
+    async def _attempt(
+        self,
+        fn: Callable[..., Awaitable[R]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        session: AsyncSession | None = None,
+    ) -> R:
+        own = session is None
+        s: AsyncSession = self._maker() if session is None else session
+        s.info[UNIT_KEY] = True
+        s.info[WROTE_KEY] = False
+        token = current_unit.set(ActiveUnit(self, s))
+        failed = False
+        try:
+            try:
+                await s.begin()
+                result = await _awaited(fn, s, args, kwargs)
+                await self._commit(s)
+                return result
+            except BaseException:
+                failed = True
+                await _rollback_quietly(s)
+                raise
+        finally:
+            current_unit.reset(token)
+            s.info.pop(UNIT_KEY, None)
+            if own:
+                await (_close_quietly(s) if failed else s.close())
+
+    async def _commit(self, s: AsyncSession) -> None:
+        await s.flush()
+        xid: str | None = None
+        if s.info[WROTE_KEY]:
+            conn = await s.connection()
+            xid = (await conn.execute(XID_SQL)).scalar()
+        try:
+            await s.commit()
+        except Exception as exc:
+            outcome = self._referee.must_verify(exc, xid)
+            if outcome is None or xid is None:
+                raise
+            if not self._referee.settle(xid, await self._verify_commit(xid), outcome, exc):
+                raise
+
+    async def _verify_commit(self, xid: str) -> CommitVerdict:
+        """Ask the server what became of transaction ``xid``, reconnecting with backoff."""
+        for delay in self._referee.checks():
+            if delay:
+                await self._asleep(delay)
+            try:
+                async with self.engine.connect() as conn:
+                    status = (await conn.execute(XACT_STATUS_SQL, {"xid": xid})).scalar()
+            except Exception as exc:
+                if self._referee.keep_checking_after(exc):
+                    continue
+                return CommitVerdict.UNKNOWN
+            verdict = verdict_of(status)
+            if verdict is not CommitVerdict.IN_PROGRESS:
+                return verdict
+        return CommitVerdict.UNKNOWN
+
+
+async def _rollback_quietly(session: AsyncSession) -> None:
+    """Roll back after a failed attempt; a dead connection must not hide the real error."""
+    try:
+        await session.rollback()
+    except Exception:
+        log_session.debug("rollback after a failed attempt failed too", exc_info=True)
+
+
+async def _close_quietly(session: AsyncSession) -> None:
+    """Close after a failed attempt; the attempt's error is the one to raise."""
+    try:
+        await session.close()
+    except Exception:
+        log_session.debug("closing the session after a failed attempt failed too", exc_info=True)
+
+
+def _is_async_callable(fn: Any) -> bool:
+    if inspect.iscoroutinefunction(fn):
+        return True
+    # An instance whose class defines ``async def __call__``.
+    return inspect.iscoroutinefunction(getattr(type(fn), "__call__", None))  # noqa: B004
+
+
+_SYNC_HINT = (
+    "for sync code use ResilientSession with a sync Engine, or await session.run_sync(fn) "
+    "inside an async unit"
+)
+
+
+def _require_callable(fn: Any, where: str) -> None:
+    if inspect.iscoroutine(fn):
+        fn.close()  # never awaited: close it so it leaves no "never awaited" warning behind
+        raise TypeError(
+            f"{where} needs the async function itself, got a coroutine object: pass fn and its "
+            "arguments, as in Session.run(fn, *args), not Session.run(fn(...))"
+        )
+    if not callable(fn):
+        raise TypeError(f"{where} needs an async function, got {type(fn).__name__}")
+
+
+def _require_async(fn: Any, where: str) -> None:
+    _require_callable(fn, where)
+    if not _is_async_callable(fn):
+        raise TypeError(
+            f"{where} needs an async function (async def), and {_name(fn)} is not one; "
+            + _SYNC_HINT
+        )
+
+
+async def _awaited(
+    fn: Callable[..., Awaitable[R]], session: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> R:
+    """``await fn(session, ...)``; a function that returns no awaitable is a usage error."""
+    result = fn(session, *args, **kwargs)
+    if not inspect.isawaitable(result):
+        raise TypeError(
+            f"{_name(fn)} returned {type(result).__name__}, not an awaitable: units of an "
+            f"AsyncResilientSession are async functions (async def); {_SYNC_HINT}"
+        )
+    return await result
+
+
+def _name(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)

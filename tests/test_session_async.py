@@ -1,0 +1,1114 @@
+"""AsyncResilientSession (asyncpg) against a real PostgreSQL with real faults.
+
+The async twin of ``test_session.py``. Exact SQLSTATEs come from ``RAISE ... USING ERRCODE``
+through asyncpg; disconnects from ``pg_terminate_backend``, the fault proxy and server restarts.
+Backoff is zeroed (``set_testing``) or replaced by an injected ``asleep``, never slept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import create_async_engine as create_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+import resilient_db as rdb
+from resilient_db import AsyncResilientSession
+
+pytestmark = pytest.mark.asyncio
+
+TRANSIENT = {
+    "40001": rdb.Outcome.CONFLICT,
+    "40P01": rdb.Outcome.CONFLICT,
+    "55P03": rdb.Outcome.CONFLICT,
+    "57P03": rdb.Outcome.UNAVAILABLE,
+    "53300": rdb.Outcome.UNAVAILABLE,
+    "57P01": rdb.Outcome.DISCONNECT,
+    "25006": rdb.Outcome.DISCONNECT,
+    "08006": rdb.Outcome.DISCONNECT,
+}
+NOT_TRANSIENT = ["23505", "22012", "42P01", "P0001", "57014"]
+_services = itertools.count()
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Item(Base):
+    __tablename__ = "items"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(unique=True)
+
+
+@pytest.fixture(autouse=True)
+def _no_backoff() -> Iterator[None]:
+    with rdb.set_testing():
+        yield
+
+
+async def _create_schema(engine: AsyncEngine) -> None:
+    async with engine.begin() as conn:
+        await conn.run_sync(Base.metadata.create_all)
+        await conn.exec_driver_sql(
+            "CREATE FUNCTION raise_code(code text) RETURNS void LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'raised %', code USING ERRCODE = code; END $$"
+        )
+
+
+@pytest_asyncio.fixture
+async def engine(pg_async_url: str) -> AsyncIterator[AsyncEngine]:
+    eng = create_engine(pg_async_url)
+    await _create_schema(eng)
+    yield eng
+    await eng.dispose()
+
+
+@pytest_asyncio.fixture
+async def direct(pg_async_url: str) -> AsyncIterator[AsyncEngine]:
+    """An engine straight to the server, for checking what a proxied test left behind."""
+    eng = create_engine(pg_async_url)
+    yield eng
+    await eng.dispose()
+
+
+@pytest_asyncio.fixture
+async def make_engine() -> AsyncIterator[Callable[..., AsyncEngine]]:
+    """``make_engine(url, **kw)``: engines disposed at the end of the test, even when it fails."""
+    made: list[AsyncEngine] = []
+
+    def make(url: str, **kw: Any) -> AsyncEngine:
+        made.append(create_engine(url, **kw))
+        return made[-1]
+
+    yield make
+    for eng in made:
+        await eng.dispose()
+
+
+@pytest_asyncio.fixture
+async def proxied(
+    pg_database: str, fault_proxy: Any, make_engine: Callable[..., AsyncEngine]
+) -> AsyncEngine:
+    """An engine whose connections go through ``fault_proxy``."""
+    return make_engine(fault_proxy.url(pg_database, driver="asyncpg"))
+
+
+@pytest.fixture
+def service() -> str:
+    return f"async-svc-{next(_services)}"
+
+
+def factory(engine: AsyncEngine, service: str, **cfg: Any) -> AsyncResilientSession[AsyncSession]:
+    return AsyncResilientSession(engine, service=service, config=rdb.Config(**cfg))
+
+
+async def count_items(engine: AsyncEngine, name: str | None = None) -> int:
+    async with engine.connect() as conn:
+        q = sa.select(sa.func.count()).select_from(Item)
+        if name is not None:
+            q = q.where(Item.name == name)
+        return int((await conn.execute(q)).scalar_one())
+
+
+async def raise_code(session: AsyncSession, code: str) -> None:
+    await session.execute(sa.text("SELECT raise_code(:c)"), {"c": code})
+
+
+def counters(service: str) -> dict[str, Any]:
+    found: dict[str, Any] = rdb.health()["services"][service]["counters"]
+    return found
+
+
+def breaker(service: str) -> dict[str, Any] | None:
+    found: dict[str, Any] | None = rdb.health()["services"][service]["breaker"]
+    return found
+
+
+class Gate:
+    """``asyncio.Barrier`` for Python 3.10: ``wait()`` returns once ``parties`` tasks wait."""
+
+    def __init__(self, parties: int) -> None:
+        self.parties = parties
+        self.arrived = 0
+        self.inside = 0
+        self.most_inside = 0
+        self._open = asyncio.Event()
+
+    async def wait(self) -> None:
+        self.arrived += 1
+        if self.arrived >= self.parties:
+            self._open.set()
+        await self._open.wait()
+
+
+# -- replay of whole units -----------------------------------------------------------------------
+async def test_killed_backend_mid_unit_is_replayed_once_with_exactly_one_row(
+    engine: AsyncEngine, pg_server: Any, service: str
+) -> None:
+    Session = factory(engine, service)
+    calls: list[int] = []
+    seen: list[BaseException] = []
+
+    async def unit(session: AsyncSession) -> int:
+        calls.append(1)
+        session.add(Item(name="killed"))
+        await session.flush()
+        if len(calls) == 1:
+            pid = (await session.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
+            pg_server.execute(f"SELECT pg_terminate_backend({int(pid)})")
+        try:
+            await session.execute(sa.text("SELECT 1"))
+        except sa_exc.DBAPIError as exc:
+            seen.append(exc)
+            raise
+        return len(calls)
+
+    assert await Session.run(unit) == 2
+    assert await count_items(engine, "killed") == 1
+    assert len(seen) == 1
+    assert rdb.classify(seen[0]) is rdb.Outcome.DISCONNECT  # through asyncpg, no SQLSTATE needed
+    assert counters(service)["retries_by_class"] == {"disconnect": 1}
+    assert counters(service)["recovered"] == 1
+
+
+@pytest.mark.parametrize(("code", "outcome"), sorted(TRANSIENT.items()))
+async def test_each_transient_sqlstate_is_replayed(
+    engine: AsyncEngine, service: str, code: str, outcome: rdb.Outcome
+) -> None:
+    Session = factory(engine, service)
+    seen: list[BaseException] = []
+
+    async def unit(session: AsyncSession) -> str:
+        session.add(Item(name=f"t-{code}"))
+        await session.flush()
+        if not seen:
+            try:
+                await raise_code(session, code)
+            except sa_exc.DBAPIError as exc:
+                seen.append(exc)
+                raise
+        return "done"
+
+    assert await Session.run(unit) == "done"
+    assert len(seen) == 1
+    assert rdb.sqlstate_of(seen[0]) == code  # asyncpg delivered the real code
+    assert rdb.classify(seen[0]) is outcome
+    assert await count_items(engine, f"t-{code}") == 1
+
+
+@pytest.mark.parametrize("code", NOT_TRANSIENT)
+async def test_each_non_transient_sqlstate_is_raised_at_once(
+    engine: AsyncEngine, service: str, code: str
+) -> None:
+    Session = factory(engine, service)
+    calls: list[int] = []
+
+    async def unit(session: AsyncSession) -> None:
+        calls.append(1)
+        session.add(Item(name=f"n-{code}"))
+        await session.flush()
+        await raise_code(session, code)
+
+    with pytest.raises(sa_exc.DBAPIError) as info:
+        await Session.run(unit)
+    assert rdb.sqlstate_of(info.value) == code
+    assert not rdb.is_transient(info.value)
+    assert calls == [1]
+    assert await count_items(engine) == 0
+
+
+async def test_real_sqlstates_from_the_driver_for_real_failures(
+    engine: AsyncEngine, service: str
+) -> None:
+    Session = factory(engine, service)
+
+    async def add(session: AsyncSession, name: str) -> None:
+        session.add(Item(name=name))
+
+    await Session.run(add, "dup")
+    with pytest.raises(sa_exc.IntegrityError) as dup:
+        await Session.run(add, "dup")
+    with pytest.raises(sa_exc.DBAPIError) as div:
+        await Session.run(lambda s: s.execute(sa.text("SELECT 1/0")))
+    assert (rdb.sqlstate_of(dup.value), rdb.sqlstate_of(div.value)) == ("23505", "22012")
+
+
+async def test_asyncpg_interface_errors_that_are_bugs_are_not_retried(
+    engine: AsyncEngine, service: str
+) -> None:
+    """asyncpg reports some programming errors as a plain ``InterfaceError`` (no SQLSTATE):
+    not a disconnect, so neither replayed nor counted by the breaker."""
+    Session = factory(engine, service, failure_threshold=1)
+    calls: list[int] = []
+
+    async def unit(session: AsyncSession) -> None:
+        calls.append(1)
+        conn = await session.connection()
+        await conn.exec_driver_sql("SELECT $1::int")  # the server expects 1 argument, 0 passed
+
+    with pytest.raises(sa_exc.InterfaceError) as info:
+        await Session.run(unit)
+    assert not info.value.connection_invalidated
+    assert rdb.classify(info.value) is rdb.Outcome.NOT_TRANSIENT
+    assert calls == [1]
+    assert (breaker(service) or {})["state"] == "closed"
+    assert await Session.run(select_n, 5) == 5
+
+
+async def test_real_deadlock_between_two_tasks_resolves_with_both_units_done(
+    engine: AsyncEngine, service: str
+) -> None:
+    Session = factory(engine, service, conflict_delay=0.001)
+    await Session.run(lambda s: _add_all(s, [Item(id=1, name="a"), Item(id=2, name="b")]))
+    gate = Gate(2)
+    attempts = {"first": 0, "second": 0}
+
+    async def unit(session: AsyncSession, who: str, order: tuple[int, int]) -> None:
+        attempts[who] += 1
+        for n, item_id in enumerate(order):
+            await session.execute(
+                sa.update(Item).where(Item.id == item_id).values(name=f"{who}-{item_id}")
+            )
+            if n == 0 and attempts[who] == 1:
+                await gate.wait()  # both hold their first lock before asking for the second
+
+    await asyncio.wait_for(
+        asyncio.gather(
+            Session.run(unit, "first", (1, 2)),
+            Session.run(unit, "second", (2, 1)),
+        ),
+        timeout=30,
+    )
+    assert sorted(attempts.values()) == [1, 2]  # the deadlock victim was replayed once
+    assert counters(service)["retries_by_class"] == {"conflict": 1}
+    async with engine.connect() as conn:
+        names = dict((await conn.execute(sa.select(Item.id, Item.name))).all())
+    winner = "first" if attempts["first"] == 2 else "second"
+    assert names == {1: f"{winner}-1", 2: f"{winner}-2"}  # the replayed unit ran last
+
+
+async def _add_all(session: AsyncSession, items: list[Item]) -> None:
+    session.add_all(items)
+
+
+async def test_exhausted_retries_reraise_the_original_database_error(
+    engine: AsyncEngine, service: str
+) -> None:
+    Session = factory(engine, service, max_retries=2)
+    errors: list[BaseException] = []
+
+    async def unit(session: AsyncSession) -> None:
+        try:
+            await raise_code(session, "40001")
+        except sa_exc.DBAPIError as exc:
+            errors.append(exc)
+            raise
+
+    with pytest.raises(sa_exc.DBAPIError) as info:
+        await Session.run(unit)
+    assert len(errors) == 3
+    assert info.value is errors[-1]
+    assert counters(service)["gave_up"] == 1
+
+
+async def test_nested_units_run_once_inside_the_outer_and_are_not_retried_alone(
+    engine: AsyncEngine, service: str
+) -> None:
+    Session = factory(engine, service)
+    calls = {"outer": 0, "inner": 0}
+    sessions: list[AsyncSession] = []
+
+    async def inner(session: AsyncSession) -> None:
+        calls["inner"] += 1
+        sessions.append(session)
+        session.add(Item(name=f"inner-{calls['inner']}"))
+        await session.flush()
+        if calls["inner"] == 1:
+            await raise_code(session, "40001")
+
+    async def outer(session: AsyncSession) -> None:
+        calls["outer"] += 1
+        sessions.append(session)
+        session.add(Item(name=f"outer-{calls['outer']}"))
+        await Session.run(inner)
+
+    await Session.run(outer)
+    assert calls == {"outer": 2, "inner": 2}
+    assert sessions[0] is sessions[1]  # the inner unit joined the outer unit's session
+    async with engine.connect() as conn:
+        names = set((await conn.execute(sa.select(Item.name))).scalars())
+    assert names == {"outer-2", "inner-2"}  # the failed first attempt left nothing
+    assert counters(service)["retries"] == 1
+
+
+async def test_concurrent_units_in_separate_tasks_do_not_share_a_session(
+    engine: AsyncEngine, service: str
+) -> None:
+    Session = factory(engine, service)
+    sessions: set[int] = set()
+
+    async def unit(session: AsyncSession, n: int) -> None:
+        sessions.add(id(session))
+        session.add(Item(name=f"c-{n}"))
+        await asyncio.sleep(0)  # let the other tasks interleave
+
+    await asyncio.gather(*(Session.run(unit, n) for n in range(8)))
+    assert len(sessions) == 8
+    assert await count_items(engine) == 8
+
+
+async def test_transactional_decorator_keeps_the_signature_and_commits(
+    engine: AsyncEngine, service: str
+) -> None:
+    Session = factory(engine, service)
+
+    @Session.transactional
+    async def create(session: AsyncSession, name: str, *, suffix: str = "") -> int:
+        item = Item(name=name + suffix)
+        session.add(item)
+        await session.flush()
+        return item.id
+
+    assert create.__name__ == "create"
+    new_id = await create("decorated", suffix="!")
+    assert isinstance(new_id, int)
+    assert await count_items(engine, "decorated!") == 1
+
+    @Session.transactional()
+    async def create_again(session: AsyncSession, name: str) -> None:
+        session.add(Item(name=name))
+
+    await create_again("called-form")
+    assert await count_items(engine, "called-form") == 1
+
+
+async def test_run_refuses_a_transaction_the_caller_opened(
+    engine: AsyncEngine, service: str
+) -> None:
+    Session = factory(engine, service)
+
+    async def add(session: AsyncSession, name: str) -> None:
+        session.add(Item(name=name))
+
+    async with Session() as session:
+        await session.execute(sa.text("SELECT 1"))
+        assert session.in_transaction()
+        with pytest.raises(rdb.TransactionStateError, match="can't retry inside a transaction"):
+            await Session.run_in(session, add, "never")
+        await session.rollback()
+        await Session.run_in(session, add, "fine")
+    assert await count_items(engine) == 1
+
+
+async def test_run_in_replays_on_the_callers_session(
+    engine: AsyncEngine, pg_server: Any, service: str
+) -> None:
+    Session = factory(engine, service)
+    calls: list[int] = []
+
+    async def unit(session: AsyncSession) -> None:
+        calls.append(1)
+        session.add(Item(name="run-in"))
+        await session.flush()
+        if len(calls) == 1:
+            pid = (await session.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
+            pg_server.execute(f"SELECT pg_terminate_backend({int(pid)})")
+            await session.execute(sa.text("SELECT 1"))
+
+    async with Session() as session:
+        await Session.run_in(session, unit)
+        assert not session.in_transaction()
+    assert calls == [1, 1]
+    assert await count_items(engine, "run-in") == 1
+
+
+async def test_business_errors_never_trip_the_breaker(engine: AsyncEngine, service: str) -> None:
+    Session = factory(engine, service, failure_threshold=2)
+
+    async def add(session: AsyncSession) -> None:
+        session.add(Item(name="taken"))
+
+    await Session.run(add)
+    for _ in range(6):
+        with pytest.raises(sa_exc.IntegrityError):
+            await Session.run(add)
+    with pytest.raises(sa_exc.ProgrammingError):
+        await Session.run(lambda s: s.execute(sa.text("SELECT * FROM no_such_table")))
+    found = breaker(service)
+    assert found is not None
+    assert found["state"] == "closed"
+    assert found["failures"] == 0
+
+
+# -- the breaker against a real outage ------------------------------------------------------------
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def select_n(session: AsyncSession, n: int) -> int:
+    return int((await session.execute(sa.text(f"SELECT {int(n)}"))).scalar_one())
+
+
+async def test_breaker_opens_rejects_without_network_half_opens_and_closes(
+    proxied: AsyncEngine, fault_proxy: Any, service: str
+) -> None:
+    clock = Clock()
+    engine = proxied
+    Session = AsyncResilientSession(
+        engine,
+        service=service,
+        config=rdb.Config(failure_threshold=3, max_retries=1, reset_timeout=10.0),
+        wall_clock=clock,
+    )
+    assert await Session.run(select_n, 1) == 1
+    fault_proxy.refuse()
+    fault_proxy.cut_all()  # a full outage: the pooled connection dies too
+    with pytest.raises(ConnectionRefusedError) as refused:  # 2 attempts, both failing
+        await Session.run(select_n, 1)
+    assert rdb.classify(refused.value) is rdb.Outcome.DISCONNECT
+    with pytest.raises(rdb.CircuitOpenError) as info:  # third failure opens, loop ends at once
+        await Session.run(select_n, 1)
+    assert info.value.service == service
+    assert breaker(service) == {
+        "state": "open",
+        "failures": 3,
+        "failure_threshold": 3,
+        "reset_timeout": 10.0,
+        "retry_after": 10.0,
+    }
+    assert rdb.health()["healthy"] is False
+
+    fault_proxy.restore()
+    accepted = fault_proxy.connections_accepted
+    with pytest.raises(rdb.CircuitOpenError) as info:
+        await Session.run(select_n, 1)
+    assert info.value.retry_after == pytest.approx(10.0)
+    assert fault_proxy.connections_accepted == accepted  # rejected without touching the network
+
+    clock.now += 10.0  # reset timeout over: one probe goes through, succeeds, closes the circuit
+    assert await Session.run(select_n, 2) == 2
+    assert breaker(service) == {
+        "state": "closed",
+        "failures": 0,
+        "failure_threshold": 3,
+        "reset_timeout": 10.0,
+    }
+    assert fault_proxy.connections_accepted > accepted
+
+
+async def test_half_open_probe_failing_opens_the_circuit_again(
+    proxied: AsyncEngine, fault_proxy: Any, service: str
+) -> None:
+    clock = Clock()
+    engine = proxied
+    Session = AsyncResilientSession(
+        engine,
+        service=service,
+        config=rdb.Config(failure_threshold=1, max_retries=0, reset_timeout=5.0),
+        wall_clock=clock,
+    )
+    fault_proxy.refuse()
+    with pytest.raises(ConnectionRefusedError):
+        await Session.run(select_n, 1)
+    assert (breaker(service) or {})["state"] == "open"
+    clock.now += 5.0
+    with pytest.raises(ConnectionRefusedError):  # the probe fails: open for a full timeout again
+        await Session.run(select_n, 1)
+    with pytest.raises(rdb.CircuitOpenError) as info:
+        await Session.run(select_n, 1)
+    assert info.value.retry_after == pytest.approx(5.0)
+    assert counters(service)["breaker_opens"] == 2
+    fault_proxy.restore()
+
+
+async def test_32_tasks_are_inside_the_protected_call_at_once(
+    pg_async_url: str, service: str, make_engine: Callable[..., AsyncEngine]
+) -> None:
+    """No lock is held across the protected call: all 32 units are inside it together (a lock
+    around the call would deadlock the gate, and ``wait_for`` would fail)."""
+    engine = make_engine(pg_async_url, pool_size=32, max_overflow=0)
+    await _create_schema(engine)
+    Session = factory(engine, service)
+    gate = Gate(32)
+
+    async def unit(session: AsyncSession, n: int) -> int:
+        gate.inside += 1
+        gate.most_inside = max(gate.most_inside, gate.inside)
+        await gate.wait()
+        result = await select_n(session, n)
+        gate.inside -= 1
+        return result
+
+    results = await asyncio.wait_for(
+        asyncio.gather(*(Session.run(unit, n) for n in range(32))), timeout=30
+    )
+    assert results == list(range(32))
+    assert gate.most_inside == 32
+    assert counters(service)["attempts"] == 32
+
+
+async def test_32_tasks_through_a_half_open_breaker_let_one_probe_through(
+    pg_async_url: str, service: str, make_engine: Callable[..., AsyncEngine]
+) -> None:
+    clock = Clock()
+    engine = make_engine(pg_async_url, pool_size=4)
+    await _create_schema(engine)
+    Session = AsyncResilientSession(
+        engine,
+        service=service,
+        config=rdb.Config(failure_threshold=1, reset_timeout=1.0, half_open_probes=1),
+        wall_clock=clock,
+    )
+    assert Session.policy.breaker is not None
+    Session.policy.breaker.open()
+    clock.now += 1.0
+    release = asyncio.Event()
+
+    async def unit(session: AsyncSession) -> int:
+        await release.wait()  # the probe holds its slot while the other tasks arrive
+        return await select_n(session, 1)
+
+    tasks = [asyncio.create_task(Session.run(unit)) for _ in range(32)]
+    for _ in range(5):
+        await asyncio.sleep(0)  # every task has run up to its admission
+    release.set()
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    assert outcomes.count(1) == 1
+    assert all(isinstance(o, rdb.CircuitOpenError) for o in outcomes if o != 1)
+    assert (breaker(service) or {})["state"] == "closed"
+    assert await Session.run(unit) == 1
+
+
+# -- cancellation ----------------------------------------------------------------------------------
+async def test_a_unit_cancelled_mid_backoff_ends_with_cancelled_error_and_no_further_attempt(
+    engine: AsyncEngine, service: str
+) -> None:
+    sleeping = asyncio.Event()
+    never = asyncio.Event()
+    delays: list[float] = []
+
+    async def asleep(seconds: float) -> None:  # blocks until cancelled: no real time passes
+        delays.append(seconds)
+        sleeping.set()
+        await never.wait()
+
+    Session = AsyncResilientSession(
+        engine, service=service, config=rdb.Config(failure_threshold=5), asleep=asleep
+    )
+    calls: list[int] = []
+
+    async def unit(session: AsyncSession) -> None:
+        calls.append(1)
+        await raise_code(session, "57P03")  # unavailable: a breaker failure, then a backoff
+
+    task = asyncio.create_task(Session.run(unit))
+    await asyncio.wait_for(sleeping.wait(), timeout=10)
+    before = (breaker(service), counters(service))
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert calls == [1]
+    assert len(delays) == 1
+    assert (breaker(service), counters(service)) == before  # neither failure nor "gave up"
+    assert (breaker(service) or {})["failures"] == 1
+    assert await Session.run(select_n, 3) == 3  # the factory and its pool are fine
+
+
+async def test_cancelled_error_inside_an_attempt_is_not_retried(
+    engine: AsyncEngine, service: str
+) -> None:
+    Session = factory(engine, service, failure_threshold=1)
+    calls: list[int] = []
+
+    async def unit(session: AsyncSession) -> None:
+        calls.append(1)
+        session.add(Item(name="cancelled"))
+        await session.flush()
+        raise asyncio.CancelledError
+
+    with pytest.raises(asyncio.CancelledError):
+        await Session.run(unit)
+    assert calls == [1]
+    assert (breaker(service) or {})["state"] == "closed"
+    assert counters(service)["retries"] == 0
+    assert await count_items(engine) == 0
+
+
+async def test_a_task_cancelled_during_a_query_is_not_retried(
+    engine: AsyncEngine, pg_server: Any, service: str
+) -> None:
+    Session = factory(engine, service, failure_threshold=1)
+    calls: list[int] = []
+    started = asyncio.Event()
+
+    async def unit(session: AsyncSession) -> None:
+        calls.append(1)
+        started.set()
+        await session.execute(sa.text("SELECT pg_sleep(30) /* cancel-me */"))
+
+    task = asyncio.create_task(Session.run(unit))
+    await started.wait()
+    for _ in range(500):  # wait until the server runs it (a condition, not a backoff)
+        rows = pg_server.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%cancel-me%' "
+            "AND state = 'active' AND pid <> pg_backend_pid()"
+        )
+        if rows[0][0]:
+            break
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, timeout=20)
+    assert calls == [1]
+    assert (breaker(service) or {})["state"] == "closed"
+    assert counters(service)["retries"] == 0
+    assert await Session.run(select_n, 4) == 4  # the pool hands out a usable connection
+
+
+@pytest.mark.slow
+@pytest.mark.server_control
+async def test_server_restart_mid_workload_recovers(
+    pg_server: Any, engine: AsyncEngine, service: str
+) -> None:
+    rdb.set_testing(False)  # real (small) backoff while the server is down
+    Session = factory(  # a breaker threshold above the outage's failures: this tests the retry
+        engine, service, initial_delay=0.05, max_delay=0.5, max_retries=30, failure_threshold=100
+    )
+    done: list[int] = []
+
+    async def unit(session: AsyncSession, n: int) -> None:
+        session.add(Item(name=f"w-{n}"))
+
+    restarter = None
+    for n in range(60):
+        if n == 10:
+            restarter = pg_server.restart_after(0.5, crash=True)
+        await Session.run(unit, n)
+        done.append(n)
+    assert restarter is not None
+    await asyncio.to_thread(restarter.join, 30)
+    assert len(done) == 60
+    # Durability across the crash is not the point (the test server runs with fsync off); no
+    # unit may be written twice, and every unit after the restart is there.
+    async with engine.connect() as conn:
+        names = list((await conn.execute(sa.select(Item.name))).scalars())
+    assert len(names) == len(set(names))
+    assert {f"w-{n}" for n in range(20, 60)} <= set(names)
+    assert counters(service)["recovered"] >= 1
+
+
+# -- COMMIT whose answer is lost ------------------------------------------------------------------
+async def test_commit_answer_lost_is_verified_and_never_written_twice(
+    proxied: AsyncEngine, fault_proxy: Any, service: str, direct: AsyncEngine
+) -> None:
+    engine = proxied
+    await _create_schema(engine)
+    Session = AsyncResilientSession(engine, service=service, config=rdb.Config())
+    calls: list[int] = []
+
+    async def unit(session: AsyncSession) -> str:
+        calls.append(1)
+        session.add(Item(name="once"))
+        return "committed"
+
+    fault_proxy.lose_commit_answer()
+    assert await Session.run(unit) == "committed"
+    assert fault_proxy.commits_lost == 1
+    assert calls == [1]
+    assert await count_items(direct, "once") == 1
+    assert counters(service)["verified_commits"] == 1
+
+
+async def test_commit_answer_lost_and_unverifiable_raises_commit_outcome_unknown(
+    proxied: AsyncEngine, fault_proxy: Any, service: str, direct: AsyncEngine
+) -> None:
+    engine = proxied
+    await _create_schema(engine)
+    delays: list[float] = []
+
+    async def asleep(seconds: float) -> None:  # keep the proxy refusing while verification retries
+        delays.append(seconds)
+
+    Session = AsyncResilientSession(
+        engine, service=service, config=rdb.Config(circuit_breaker=False), asleep=asleep
+    )
+    rdb.set_testing(False)  # real backoff values, handed to the injected asleep (no real time)
+    calls: list[int] = []
+
+    async def unit(session: AsyncSession) -> None:
+        calls.append(1)
+        session.add(Item(name="maybe"))
+        await session.flush()
+        fault_proxy.lose_commit_answer()
+        # The open connection stays; nobody can connect again to ask what became of the COMMIT.
+        fault_proxy.refuse()
+
+    with pytest.raises(rdb.CommitOutcomeUnknownError) as info:
+        await Session.run(unit)
+    assert calls == [1]  # never replayed
+    assert info.value.xid is not None
+    assert "not replayed" in str(info.value)
+    assert info.value.__cause__ is not None
+    assert rdb.classify(info.value.__cause__) is rdb.Outcome.DISCONNECT  # the lost answer
+    assert len(delays) == 3  # a check at once, then one after each of 3 backoff steps
+    assert all(d > 0 for d in delays)
+    assert counters(service)["unknown_commits"] == 1
+    fault_proxy.restore()
+    assert await count_items(direct, "maybe") == 1  # the server did commit; never written twice
+
+
+async def test_read_only_unit_with_lost_commit_answer_is_simply_replayed(
+    proxied: AsyncEngine, fault_proxy: Any, service: str
+) -> None:
+    engine = proxied
+    Session = AsyncResilientSession(engine, service=service, config=rdb.Config())
+    calls: list[int] = []
+
+    async def unit(session: AsyncSession) -> int:
+        calls.append(1)
+        return int((await session.execute(sa.text("SELECT 41 + 1"))).scalar_one())
+
+    fault_proxy.lose_commit_answer()
+    assert await Session.run(unit) == 42
+    assert calls == [1, 1]
+    assert counters(service)["verified_commits"] == 0
+
+
+async def test_connections_cut_mid_unit_are_replayed(
+    proxied: AsyncEngine, fault_proxy: Any, service: str, direct: AsyncEngine
+) -> None:
+    engine = proxied
+    await _create_schema(engine)
+    Session = AsyncResilientSession(engine, service=service, config=rdb.Config())
+    seen: list[BaseException] = []
+
+    async def unit(session: AsyncSession) -> None:
+        session.add(Item(name="cut"))
+        await session.flush()
+        if not seen:
+            assert fault_proxy.cut_all() >= 1
+            try:
+                await session.execute(sa.text("SELECT 1"))
+            except sa_exc.DBAPIError as exc:
+                seen.append(exc)
+                raise
+
+    await Session.run(unit)
+    assert len(seen) == 1
+    assert rdb.classify(seen[0]) is rdb.Outcome.DISCONNECT
+    assert await count_items(direct, "cut") == 1
+
+
+# -- drop-in use ---------------------------------------------------------------------------------
+async def test_drop_in_sessions_behave_like_async_sessionmaker(
+    engine: AsyncEngine, service: str
+) -> None:
+    Session = AsyncResilientSession(
+        engine, service=service, config=rdb.Config(), expire_on_commit=False
+    )
+    async with Session.begin() as session:
+        session.add(Item(name="dropin"))
+    async with Session() as session:
+        assert (await session.scalars(sa.select(Item.name))).all() == ["dropin"]
+        assert isinstance(session, AsyncSession)
+    assert Session.kw["expire_on_commit"] is False
+
+
+async def test_drop_in_use_survives_a_dead_pooled_connection(
+    engine: AsyncEngine, pg_server: Any, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    Session = factory(engine, service)
+    async with Session() as session:
+        pid = (await session.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
+    assert pg_server.terminate_backends(database=engine.url.database) >= 1
+    with caplog.at_level(logging.INFO, logger="resilient_db"):
+        async with Session() as session:
+            new_pid = (await session.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
+    assert new_pid != pid
+    assert "[SELF-HEAL] Discarded a dead pooled connection" in caplog.text
+
+
+async def test_drop_in_connect_failure_is_retried_without_blocking_the_loop(
+    proxied: AsyncEngine, fault_proxy: Any, service: str
+) -> None:
+    engine = proxied
+    delays: list[float] = []
+    server_back = asyncio.Event()
+
+    async def asleep(seconds: float) -> None:
+        # Waits for another task: if the backoff blocked the event loop, this never returns.
+        delays.append(seconds)
+        await server_back.wait()
+
+    async def operator() -> None:
+        while not delays:
+            await asyncio.sleep(0)
+        fault_proxy.restore()  # the server "comes back" during the first backoff
+        server_back.set()
+
+    Session = AsyncResilientSession(engine, service=service, config=rdb.Config(), asleep=asleep)
+    fault_proxy.refuse()
+    helper = asyncio.create_task(operator())
+    async with Session() as session:
+        result = await asyncio.wait_for(session.execute(sa.text("SELECT 7")), timeout=10)
+        assert result.scalar_one() == 7
+    await helper
+    assert len(delays) == 1
+    assert counters(service)["retries_by_class"] == {"disconnect": 1}
+
+
+async def test_drop_in_connect_retry_cancelled_mid_backoff_stops_at_once(
+    proxied: AsyncEngine, fault_proxy: Any, service: str
+) -> None:
+    sleeping = asyncio.Event()
+    never = asyncio.Event()
+    delays: list[float] = []
+
+    async def asleep(seconds: float) -> None:
+        delays.append(seconds)
+        sleeping.set()
+        await never.wait()
+
+    Session = AsyncResilientSession(proxied, service=service, config=rdb.Config(), asleep=asleep)
+
+    async def use() -> None:
+        async with Session() as session:
+            await session.execute(sa.text("SELECT 1"))
+
+    fault_proxy.refuse()
+    task = asyncio.create_task(use())
+    await asyncio.wait_for(sleeping.wait(), timeout=10)
+    before = (breaker(service), counters(service))
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert len(delays) == 1  # no further connect attempt
+    assert (breaker(service), counters(service)) == before
+    fault_proxy.restore()
+    async with Session() as session:
+        assert (await session.execute(sa.text("SELECT 8"))).scalar_one() == 8
+
+
+async def test_drop_in_failure_after_the_transaction_sent_something_is_raised(
+    engine: AsyncEngine, pg_server: Any, service: str
+) -> None:
+    Session = factory(engine, service)
+    async with Session() as session:
+        session.add(Item(name="lost"))
+        await session.flush()
+        pid = (await session.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
+        pg_server.execute(f"SELECT pg_terminate_backend({int(pid)})")
+        with pytest.raises(sa_exc.DBAPIError) as info:
+            await session.execute(sa.text("SELECT 1"))
+        assert rdb.is_transient(info.value)
+        assert info.value.connection_invalidated
+        await session.rollback()
+        assert (await session.execute(sa.text("SELECT 1"))).scalar_one() == 1  # usable again
+    assert await count_items(engine, "lost") == 0
+
+
+# -- switches and logs ---------------------------------------------------------------------------
+@pytest.mark.parametrize("spelling", ["false", "0", "no", "OFF"])
+async def test_disabled_is_exact_plain_sqlalchemy(
+    engine: AsyncEngine, service: str, spelling: str
+) -> None:
+    config = rdb.load_config({"SELF_HEALING_ENABLED": spelling})
+    Session = AsyncResilientSession(engine, service=service, config=config)
+    plain = async_sessionmaker(engine)
+    calls: list[int] = []
+
+    async def unit(session: AsyncSession) -> None:
+        calls.append(1)
+        await raise_code(session, "40001")
+
+    with pytest.raises(sa_exc.DBAPIError) as ours:
+        await Session.run(unit)
+    with pytest.raises(sa_exc.DBAPIError) as theirs:
+        async with plain.begin() as session:
+            await unit(session)
+    assert calls == [1, 1]
+    assert type(ours.value) is type(theirs.value)
+    assert type(ours.value.orig) is type(theirs.value.orig)
+    assert str(ours.value.orig) == str(theirs.value.orig)
+    async with Session.begin() as session:
+        session.add(Item(name="plain"))
+    async with Session() as s1, plain() as s2:
+        q = sa.select(Item.id, Item.name)
+        assert (await s1.execute(q)).all() == (await s2.execute(q)).all()
+    assert service not in rdb.health()["services"] or breaker(service) is None
+
+
+async def test_disabled_drop_in_connect_failure_is_plain(
+    proxied: AsyncEngine, fault_proxy: Any, service: str
+) -> None:
+    engine = proxied
+    delays: list[float] = []
+
+    async def asleep(seconds: float) -> None:
+        delays.append(seconds)
+
+    Session = AsyncResilientSession(
+        engine, service=service, config=rdb.Config(enabled=False), asleep=asleep
+    )
+    fault_proxy.refuse()
+    with pytest.raises(ConnectionRefusedError):
+        async with Session() as session:
+            await session.execute(sa.text("SELECT 1"))
+    assert delays == []
+    fault_proxy.restore()
+
+
+async def test_retry_switch_off_raises_the_first_error(engine: AsyncEngine, service: str) -> None:
+    Session = factory(engine, service, retry=False)
+    calls: list[int] = []
+
+    async def unit(session: AsyncSession) -> None:
+        calls.append(1)
+        await raise_code(session, "40001")
+
+    with pytest.raises(sa_exc.DBAPIError):
+        await Session.run(unit)
+    assert calls == [1]
+
+
+async def test_breaker_switch_off_leaves_retry_on(engine: AsyncEngine, service: str) -> None:
+    Session = factory(engine, service, circuit_breaker=False, failure_threshold=1)
+    seen: list[int] = []
+
+    async def unit(session: AsyncSession) -> None:
+        seen.append(1)
+        if len(seen) < 3:
+            await raise_code(session, "57P03")
+
+    await Session.run(unit)
+    assert len(seen) == 3
+    assert breaker(service) is None
+
+
+async def test_logging_switch_off_is_silent(
+    engine: AsyncEngine, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    Session = factory(engine, service, logging=False)
+    seen: list[int] = []
+
+    async def unit(session: AsyncSession) -> None:
+        seen.append(1)
+        if len(seen) == 1:
+            await raise_code(session, "40001")
+
+    with caplog.at_level(logging.DEBUG, logger="resilient_db"):
+        await Session.run(unit)
+    assert len(seen) == 2
+    assert "[SELF-HEAL]" not in caplog.text
+
+
+async def test_retries_are_logged_with_the_prefix(
+    engine: AsyncEngine, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    Session = factory(engine, service)
+    seen: list[int] = []
+
+    async def unit(session: AsyncSession) -> None:
+        seen.append(1)
+        if len(seen) == 1:
+            await raise_code(session, "40001")
+
+    with caplog.at_level(logging.DEBUG, logger="resilient_db"):
+        await Session.run(unit)
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("resilient_db")]
+    assert any(m.startswith("[SELF-HEAL] Retry attempt 1/3") for m in messages)
+    assert any(m.startswith("[SELF-HEAL] Recovered") for m in messages)
+
+
+async def test_environment_config_at_creation_and_on_reload(
+    engine: AsyncEngine, service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SELF_HEALING_MAX_RETRIES", "1")
+    Session = AsyncResilientSession(engine, service=service)
+    assert Session.config.max_retries == 1
+    calls: list[int] = []
+
+    async def unit(session: AsyncSession) -> None:
+        calls.append(1)
+        await raise_code(session, "40001")
+
+    with pytest.raises(sa_exc.DBAPIError):
+        await Session.run(unit)
+    assert len(calls) == 2
+    monkeypatch.setenv("SELF_HEALING_ENABLED", "false")
+    try:
+        rdb.reload_config()
+        assert Session.config.enabled is False
+        calls.clear()
+        with pytest.raises(sa_exc.DBAPIError):
+            await Session.run(unit)
+        assert calls == [1]
+    finally:
+        monkeypatch.delenv("SELF_HEALING_ENABLED")
+        monkeypatch.delenv("SELF_HEALING_MAX_RETRIES")
+        rdb.reload_config()
+    assert Session.config == rdb.Config()
+
+
+async def test_with_self_healing_awaits_coroutine_functions(
+    engine: AsyncEngine, service: str
+) -> None:
+    calls: list[int] = []
+
+    async def handler() -> int:
+        calls.append(1)
+        async with AsyncSession(engine) as session, session.begin():
+            if len(calls) == 1:
+                await raise_code(session, "40P01")
+            session.add(Item(name="wrapped"))
+        return len(calls)
+
+    assert await rdb.with_self_healing(handler, service=service, config=rdb.Config()) == 2
+    assert await count_items(engine, "wrapped") == 1
+    calls.clear()
+    with pytest.raises(sa_exc.DBAPIError):
+        await rdb.with_self_healing(handler, service=service, use_retry=False, config=rdb.Config())
+    assert calls == [1]
+
+
+# -- misuse says what to do instead -------------------------------------------------------------
+async def test_misuse_is_caught_with_a_message_that_says_what_to_use(
+    engine: AsyncEngine, pg_url: str, service: str
+) -> None:
+    sync_engine = sa.create_engine(pg_url)
+    with pytest.raises(TypeError, match="use ResilientSession"):
+        AsyncResilientSession(sync_engine, service=service)  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match="AsyncResilientSession"):
+        rdb.ResilientSession(engine, service=service)  # type: ignore[arg-type]
+    sync_engine.dispose()
+
+    Session = factory(engine, service)
+
+    def sync_unit(session: Any) -> int:
+        return 1
+
+    with pytest.raises(TypeError, match="not an awaitable"):
+        await Session.run(sync_unit)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"needs an async function \(async def\)"):
+        Session.transactional(sync_unit)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"not Session.run\(fn\(...\)\)"):
+        await Session.run(select_n(Session(), 1))  # type: ignore[arg-type]
+    plain = async_sessionmaker(engine)
+    async with plain() as session:
+        with pytest.raises(TypeError, match="made by this AsyncResilientSession"):
+            await Session.run_in(session, select_n, 1)
+    assert counters(service)["attempts"] == 1  # the sync function ran once, was not retried
