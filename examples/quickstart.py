@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -39,7 +40,9 @@ def main() -> int:
         engine = sa.create_engine(server.url("shop"))
         Base.metadata.create_all(engine)
         # Short delays so the demo is quick; in production the defaults come from SELF_HEALING_*.
-        config = rdb.Config(initial_delay=0.1, max_delay=1.0, max_retries=20, reset_timeout=1.0)
+        config = rdb.Config(
+            initial_delay=0.05, max_delay=0.5, failure_threshold=3, reset_timeout=0.5
+        )
         Orders = rdb.ResilientSession(engine, service="shop", config=config)
 
         print("1. A unit of work whose backend is killed half-way through")
@@ -60,12 +63,23 @@ def main() -> int:
         order_id = place_order("order-0")
         print(f"   -> order {order_id} placed after {len(attempts)} attempts\n")
 
+        def place_patiently(ref: str) -> int:
+            # While the breaker is open, units fail fast; a web handler would answer 503 with
+            # Retry-After. Here we wait and place the same order (same idempotency key) again.
+            for _ in range(50):
+                try:
+                    return place_order(ref)
+                except rdb.CircuitOpenError as err:
+                    print(f"   circuit open: {ref} waits {err.retry_after:.1f} s")
+                    time.sleep(err.retry_after)
+            raise RuntimeError(f"{ref}: the database did not come back")
+
         print("2. Forty orders while the server crashes and restarts")
         restarter = None
         for n in range(1, 41):
             if n == 10:
-                restarter = server.restart_after(1.0, crash=True)
-            place_order(f"order-{n}")
+                restarter = server.restart_after(1.5, crash=True)
+            place_patiently(f"order-{n}")
         if restarter is not None:
             restarter.join()
         print("   -> all forty placed\n")
@@ -74,9 +88,16 @@ def main() -> int:
             refs = list(conn.execute(sa.select(Order.ref)).scalars())
         counters = rdb.health()["services"]["shop"]["counters"]
         print("What self-healed:")
-        for name in ("attempts", "retries", "recovered", "gave_up", "breaker_opens"):
-            print(f"   {name:>15}: {counters[name]}")
-        print(f"   {'retries by class':>15}: {counters['retries_by_class']}")
+        for name in (
+            "attempts",
+            "retries",
+            "recovered",
+            "gave_up",
+            "breaker_opens",
+            "breaker_rejections",
+        ):
+            print(f"   {name:>18}: {counters[name]}")
+        print(f"   {'retries by class':>18}: {counters['retries_by_class']}")
         duplicates = len(refs) - len(set(refs))
         print(f"\nRows in the database: {len(refs)}, duplicates: {duplicates}")
         engine.dispose()

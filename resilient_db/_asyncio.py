@@ -39,12 +39,12 @@ from ._unit import (
     UNIT_KEY,
     WROTE_KEY,
     XACT_STATUS_SQL,
-    XID_SQL,
     ActiveUnit,
     CommitReferee,
     CommitVerdict,
     ResilientORMSession,
     current_unit,
+    flush_and_commit,
     hooks_for,
     session_class_for,
     verdict_of,
@@ -302,8 +302,7 @@ class AsyncResilientSession(Generic[S]):
         failed = False
         try:
             try:
-                await s.begin()
-                result = await _awaited(fn, s, args, kwargs)
+                result = await _awaited(fn, s, args, kwargs)  # the session begins on first use
                 await self._commit(s)
                 return result
             except BaseException:
@@ -317,14 +316,11 @@ class AsyncResilientSession(Generic[S]):
                 await (_close_quietly(s) if failed else s.close())
 
     async def _commit(self, s: AsyncSession) -> None:
-        await s.flush()
-        xid: str | None = None
-        if s.info[WROTE_KEY]:
-            conn = await s.connection()
-            xid = (await conn.execute(XID_SQL)).scalar()
+        xid_box: list[str | None] = []
         try:
-            await s.commit()
+            await s.run_sync(flush_and_commit, xid_box)  # one greenlet hop for the whole end
         except Exception as exc:
+            xid = xid_box[0] if xid_box else None
             outcome = self._referee.must_verify(exc, xid)
             if outcome is None or xid is None:
                 raise

@@ -40,14 +40,18 @@ class _LogListener(_pb.CircuitBreakerListener):
         new = new_state.name
         if new == OPEN:
             stats_for(b.service).add("breaker_opens")
+            why = (
+                "a half-open probe failed"
+                if getattr(old_state, "name", None) == HALF_OPEN
+                else f"{cb.fail_counter} consecutive failures"
+            )
             emit(
                 b.config,
                 log_breaker,
                 logging.WARNING,
-                "Circuit breaker opened: service=%s after %d consecutive failures; "
-                "rejecting calls for %.1f s",
+                "Circuit breaker opened: service=%s after %s; rejecting calls for %.1f s",
                 b.service,
-                cb.fail_counter,
+                why,
                 b.config.reset_timeout,
                 service=b.service,
                 event="breaker_opened",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import time
+import types
 from collections.abc import Awaitable, Callable
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, cast, overload
 
@@ -22,11 +23,11 @@ from ._unit import (
     UNIT_KEY,
     WROTE_KEY,
     XACT_STATUS_SQL,
-    XID_SQL,
     ActiveUnit,
     CommitReferee,
     CommitVerdict,
     current_unit,
+    flush_and_commit,
     hooks_for,
     session_class_for,
     verdict_of,
@@ -139,7 +140,7 @@ class ResilientSession(Generic[S]):
         and ``fn`` runs again with a fresh one, after a backoff. Inside another unit of this
         factory, ``fn`` joins the outer unit's session and runs once (the outer unit retries).
         """
-        if inspect.iscoroutinefunction(fn):
+        if _is_coroutine_function(fn):
             raise TypeError(
                 f"{_name(fn)} is a coroutine function; use AsyncResilientSession.run for it"
             )
@@ -185,7 +186,7 @@ class ResilientSession(Generic[S]):
         """Decorator: calling ``fn(*args)`` runs ``fn(session, *args)`` as a unit of work."""
         if fn is None:
             return self.transactional
-        if inspect.iscoroutinefunction(fn):
+        if _is_coroutine_function(fn):
             raise TypeError(f"{_name(fn)} is a coroutine function; use AsyncResilientSession")
 
         @functools.wraps(fn)
@@ -209,8 +210,7 @@ class ResilientSession(Generic[S]):
         token = current_unit.set(ActiveUnit(self, s))
         try:
             try:
-                s.begin()
-                result = fn(s, *args, **kwargs)
+                result = fn(s, *args, **kwargs)  # the session begins on first use
                 self._commit(s)
                 return result
             except BaseException:
@@ -223,11 +223,11 @@ class ResilientSession(Generic[S]):
                 s.close()
 
     def _commit(self, s: Session) -> None:
-        s.flush()
-        xid: str | None = s.connection().execute(XID_SQL).scalar() if s.info[WROTE_KEY] else None
+        xid_box: list[str | None] = []
         try:
-            s.commit()
+            flush_and_commit(s, xid_box)
         except Exception as exc:
+            xid = xid_box[0] if xid_box else None
             outcome = self._referee.must_verify(exc, xid)
             if outcome is None or xid is None:
                 raise
@@ -258,6 +258,15 @@ def _rollback_quietly(session: Session) -> None:
         session.rollback()
     except Exception:
         log_session.debug("rollback after a failed attempt failed too", exc_info=True)
+
+
+def _is_coroutine_function(fn: Any) -> bool:
+    # A plain function answers from its code flags (every unit passes here); the rest (partials,
+    # methods, marked callables) through inspect.
+    code = getattr(fn, "__code__", None)
+    if code is not None and type(fn) is types.FunctionType:
+        return bool(code.co_flags & inspect.CO_COROUTINE)
+    return inspect.iscoroutinefunction(fn)
 
 
 def _name(fn: Any) -> str:

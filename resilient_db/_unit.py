@@ -71,6 +71,18 @@ def verdict_of(status: str | None) -> CommitVerdict:
     return CommitVerdict.UNKNOWN
 
 
+def flush_and_commit(session: Session, xid_out: list[str | None]) -> None:
+    """End a unit of work: flush, note the transaction id of a unit that wrote, commit.
+
+    Plain sync code for both drivers (the async one runs it in one ``run_sync`` greenlet hop).
+    ``xid_out`` receives the id before COMMIT is sent, so a failed COMMIT can be verified.
+    """
+    session.flush()
+    wrote = session.info[WROTE_KEY]
+    xid_out.append(session.connection().execute(XID_SQL).scalar() if wrote else None)
+    session.commit()
+
+
 class CommitReferee:
     """Decides what a failed COMMIT means; the sync and async drivers do the I/O.
 
