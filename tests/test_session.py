@@ -538,6 +538,29 @@ def test_disabled_is_exact_plain_sqlalchemy(engine: sa.Engine, service: str, spe
     )
 
 
+@pytest.mark.parametrize("spelling", ["false", "0", "no", "off"])
+def test_retry_switch_off_raises_transient_errors_at_once_and_breaker_still_counts(
+    engine: sa.Engine, service: str, spelling: str
+) -> None:
+    config = rdb.load_config(
+        {"SELF_HEALING_RETRY": spelling, "SELF_HEALING_FAILURE_THRESHOLD": "2"}
+    )
+    Session = rdb.ResilientSession(engine, service=service, config=config)
+    calls: list[int] = []
+
+    def unit(session: Session) -> None:
+        calls.append(1)
+        raise_code(session, "57P03")
+
+    for _ in range(2):
+        with pytest.raises(sa_exc.OperationalError):
+            Session.run(unit)
+    assert calls == [1, 1]
+    with pytest.raises(rdb.CircuitOpenError):
+        Session.run(unit)
+    assert calls == [1, 1]
+
+
 def test_breaker_switch_off_leaves_retry_on(engine: sa.Engine, service: str) -> None:
     Session = factory(engine, service, circuit_breaker=False, failure_threshold=1)
     seen: list[int] = []
