@@ -29,24 +29,19 @@ except ImportError:  # SQLAlchemy 2.0
     from sqlalchemy.util import await_only as _await
 
 from ._classify import Classifier
-from ._config import Config, load_config, register_default_user
+from ._config import Config
 from ._errors import TransactionStateError
 from ._observability import log_session
-from ._retry import Policy
 from ._unit import (
-    CONFIG_KEY,
-    FACTORY_KEY,
     UNIT_KEY,
     WROTE_KEY,
     XACT_STATUS_SQL,
     ActiveUnit,
-    CommitReferee,
     CommitVerdict,
+    FactoryCore,
     ResilientORMSession,
     current_unit,
     flush_and_commit,
-    hooks_for,
-    session_class_for,
     verdict_of,
 )
 
@@ -57,7 +52,9 @@ R = TypeVar("R")
 S = TypeVar("S", bound=AsyncSession)
 
 
-class AsyncResilientSession(Generic[S]):
+class AsyncResilientSession(FactoryCore, Generic[S]):
+    _class_kw = "sync_session_class"
+
     """An ``async_sessionmaker`` replacement for ``async_engine`` whose units of work survive
     transient faults.
 
@@ -127,25 +124,20 @@ class AsyncResilientSession(Generic[S]):
             raise TypeError(
                 f"AsyncResilientSession needs a SQLAlchemy AsyncEngine, got {type(engine).__name__}"
             )
-        if not isinstance(service, str) or not service:
-            raise ValueError(f"service must be a non-empty name, got {service!r}")
         if "sleep" in async_sessionmaker_kwargs:
             raise TypeError(
                 "AsyncResilientSession takes asleep= (an async function of seconds), not sleep="
             )
         self.engine = engine
-        self.service = service
-        self._explicit_config = config is not None
-        self.config = config if config is not None else load_config()
-        self.classifier = classifier or Classifier()
         self._asleep = asleep
-        self._clock = clock
         # One policy, two drivers: ``acall`` for units (awaits ``asleep``), ``call`` for the
         # drop-in connect retry inside SQLAlchemy's greenlet (``_greenlet_sleep``).
-        self.policy = Policy(
+        maker_kwargs = self._init_core(
+            engine.sync_engine,
             service,
-            self.config,
-            classifier=self.classifier,
+            config,
+            classifier,
+            async_sessionmaker_kwargs,
             breaker_storage=breaker_storage,
             breaker_listeners=breaker_listeners,
             sleep=self._greenlet_sleep,
@@ -153,26 +145,8 @@ class AsyncResilientSession(Generic[S]):
             clock=clock,
             wall_clock=wall_clock,
         )
-        sync_cls = session_class_for(async_sessionmaker_kwargs.pop("sync_session_class", None))
-        info = dict(async_sessionmaker_kwargs.pop("info", None) or {})
-        info[CONFIG_KEY] = self.config
-        info[FACTORY_KEY] = self
-        self._info = info
-        self._maker: async_sessionmaker[Any] = async_sessionmaker(
-            engine, sync_session_class=sync_cls, info=info, **async_sessionmaker_kwargs
-        )
-        self._referee = CommitReferee(self.policy)
-        self._hooks = hooks_for(engine.sync_engine, self.config, self.classifier, service)
-        if not self._explicit_config:
-            register_default_user(self)
-
-    # -- configuration -----------------------------------------------------------------------
-    def _apply_config(self, config: Config) -> None:
-        self.config = config
-        self._info[CONFIG_KEY] = config
-        self._maker.kw["info"][CONFIG_KEY] = config
-        self.policy.apply_config(config)
-        self._hooks.config = config
+        self._maker: async_sessionmaker[Any] = async_sessionmaker(engine, **maker_kwargs)
+        self._register()
 
     # -- drop-in async_sessionmaker surface --------------------------------------------------
     def __call__(self, **local_kw: Any) -> S:
@@ -182,28 +156,6 @@ class AsyncResilientSession(Generic[S]):
     def begin(self) -> contextlib.AbstractAsyncContextManager[S]:
         """An async context manager giving a session in a transaction, committed at the end."""
         return cast(contextlib.AbstractAsyncContextManager[S], self._maker.begin())
-
-    def configure(self, **new_kw: Any) -> None:
-        """As ``async_sessionmaker.configure``; our session class and keys stay in place."""
-        if "sync_session_class" in new_kw:
-            new_kw["sync_session_class"] = session_class_for(new_kw["sync_session_class"])
-        if "info" in new_kw:
-            info = dict(new_kw["info"] or {})
-            info[CONFIG_KEY] = self.config
-            info[FACTORY_KEY] = self
-            self._info = new_kw["info"] = info
-        self._maker.configure(**new_kw)
-
-    @property
-    def kw(self) -> dict[str, Any]:
-        return self._maker.kw
-
-    def __repr__(self) -> str:
-        return f"<AsyncResilientSession service={self.service!r} engine={self.engine!r}>"
-
-    # -- drop-in connect retry (called by ResilientORMSession inside SQLAlchemy's greenlet) --
-    def _connect_policy_call(self, connect: Callable[[], R]) -> R:
-        return self.policy.call(connect)
 
     def _greenlet_sleep(self, seconds: float) -> None:
         """Back off inside SQLAlchemy's greenlet without blocking the event loop."""

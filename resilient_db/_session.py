@@ -13,23 +13,20 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from ._classify import Classifier
-from ._config import Config, load_config, on_reload, register_default_user
+from ._config import Config, load_config, on_reload
 from ._errors import TransactionStateError
 from ._observability import log_session
 from ._retry import Policy
 from ._unit import (
-    CONFIG_KEY,
     FACTORY_KEY,
     UNIT_KEY,
     WROTE_KEY,
     XACT_STATUS_SQL,
     ActiveUnit,
-    CommitReferee,
     CommitVerdict,
+    FactoryCore,
     current_unit,
     flush_and_commit,
-    hooks_for,
-    session_class_for,
     verdict_of,
 )
 
@@ -40,7 +37,7 @@ R = TypeVar("R")
 S = TypeVar("S", bound=Session)
 
 
-class ResilientSession(Generic[S]):
+class ResilientSession(FactoryCore, Generic[S]):
     """A ``sessionmaker`` replacement for ``engine`` whose units of work survive transient faults.
 
     ``Session()`` and ``Session.begin()`` work as with ``sessionmaker``. ``Session.run(fn, ...)``
@@ -70,45 +67,22 @@ class ResilientSession(Generic[S]):
                 f"ResilientSession needs a SQLAlchemy Engine, got {type(engine).__name__}; "
                 "for an AsyncEngine use AsyncResilientSession"
             )
-        if not isinstance(service, str) or not service:
-            raise ValueError(f"service must be a non-empty name, got {service!r}")
         self.engine = engine
-        self.service = service
-        self._explicit_config = config is not None
-        self.config = config if config is not None else load_config()
-        self.classifier = classifier or Classifier()
         self._sleep = sleep
-        self._clock = clock
-        self.policy = Policy(
+        maker_kwargs = self._init_core(
+            engine,
             service,
-            self.config,
-            classifier=self.classifier,
+            config,
+            classifier,
+            sessionmaker_kwargs,
             breaker_storage=breaker_storage,
             breaker_listeners=breaker_listeners,
             sleep=sleep,
             clock=clock,
             wall_clock=wall_clock,
         )
-        session_cls = session_class_for(sessionmaker_kwargs.pop("class_", None))
-        info = dict(sessionmaker_kwargs.pop("info", None) or {})
-        info[CONFIG_KEY] = self.config
-        info[FACTORY_KEY] = self
-        self._info = info
-        self._maker: sessionmaker[Any] = sessionmaker(
-            engine, class_=session_cls, info=info, **sessionmaker_kwargs
-        )
-        self._referee = CommitReferee(self.policy)
-        self._hooks = hooks_for(engine, self.config, self.classifier, service)
-        if not self._explicit_config:
-            register_default_user(self)
-
-    # -- configuration -----------------------------------------------------------------------
-    def _apply_config(self, config: Config) -> None:
-        self.config = config
-        self._info[CONFIG_KEY] = config
-        self._maker.kw["info"][CONFIG_KEY] = config
-        self.policy.apply_config(config)
-        self._hooks.config = config
+        self._maker: sessionmaker[Any] = sessionmaker(engine, **maker_kwargs)
+        self._register()
 
     # -- drop-in sessionmaker surface --------------------------------------------------------
     def __call__(self, **local_kw: Any) -> S:
@@ -118,19 +92,6 @@ class ResilientSession(Generic[S]):
     def begin(self) -> Any:
         """A context manager giving a session in a transaction, committed at the end."""
         return self._maker.begin()
-
-    def configure(self, **new_kw: Any) -> None:
-        self._maker.configure(**new_kw)
-
-    @property
-    def kw(self) -> dict[str, Any]:
-        return self._maker.kw
-
-    def __repr__(self) -> str:
-        return f"<ResilientSession service={self.service!r} engine={self.engine!r}>"
-
-    def _connect_policy_call(self, connect: Callable[[], R]) -> R:
-        return self.policy.call(connect)
 
     # -- units of work -----------------------------------------------------------------------
     def run(self, fn: Callable[Concatenate[S, P], R], /, *args: P.args, **kwargs: P.kwargs) -> R:

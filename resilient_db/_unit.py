@@ -12,9 +12,9 @@ import logging
 import select
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import event, text
 from sqlalchemy import exc as sa_exc
@@ -22,11 +22,13 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import ORMExecuteState, Session
 
 from ._classify import Classifier, Outcome
-from ._config import Config
+from ._config import Config, load_config, register_default_user
 from ._errors import CommitOutcomeUnknownError
 from ._observability import emit, log_session
 from ._retry import Policy
 from ._transitions import exception_from_db, install_guard
+
+T = TypeVar("T")
 
 # Keys in Session.info. GUARD_INFO_KEY is shared with the transition guard.
 CONFIG_KEY = "resilient_db.config"
@@ -211,6 +213,79 @@ def session_class_for(base: type[Session] | None) -> type[Session]:
             _session_classes[base] = cls
         install_guard(cls)
         return cls
+
+
+# -- what both factories share ------------------------------------------------------------------
+class FactoryCore:
+    """Configuration, policy, session info and engine hooks of a resilient session factory.
+
+    :class:`ResilientSession` and :class:`AsyncResilientSession` differ only in their
+    ``sessionmaker`` and in how they await; everything here is shared.
+    """
+
+    # the sessionmaker keyword naming the (sync) Session class: "class_" or "sync_session_class"
+    _class_kw = "class_"
+    _maker: Any
+    engine: Any
+
+    def _init_core(
+        self,
+        sync_engine: Engine,
+        service: str,
+        config: Config | None,
+        classifier: Classifier | None,
+        maker_kwargs: dict[str, Any],
+        **policy_kwargs: Any,
+    ) -> dict[str, Any]:
+        """Set up everything but the sessionmaker; returns its keyword arguments."""
+        if not isinstance(service, str) or not service:
+            raise ValueError(f"service must be a non-empty name, got {service!r}")
+        self.service = service
+        self._explicit_config = config is not None
+        self.config = config if config is not None else load_config()
+        self.classifier = classifier or Classifier()
+        self.policy = Policy(service, self.config, classifier=self.classifier, **policy_kwargs)
+        self._referee = CommitReferee(self.policy)
+        self._hooks = hooks_for(sync_engine, self.config, self.classifier, service)
+        kwargs = dict(maker_kwargs)
+        kwargs[self._class_kw] = session_class_for(kwargs.get(self._class_kw))
+        kwargs["info"] = self._info = self._own_info(kwargs.get("info"))
+        return kwargs
+
+    def _own_info(self, info: dict[str, Any] | None) -> dict[str, Any]:
+        return {**(info or {}), CONFIG_KEY: self.config, FACTORY_KEY: self}
+
+    def _connect_policy_call(self, connect: Callable[[], T]) -> T:
+        """The drop-in connect retry (sync code; in async, inside SQLAlchemy's greenlet)."""
+        return self.policy.call(connect)
+
+    def _register(self) -> None:
+        if not self._explicit_config:
+            register_default_user(self)
+
+    def _apply_config(self, config: Config) -> None:
+        self.config = config
+        self._info[CONFIG_KEY] = config
+        self._maker.kw["info"][CONFIG_KEY] = config
+        self.policy.apply_config(config)
+        self._hooks.config = config
+
+    def configure(self, **new_kw: Any) -> None:
+        """As ``sessionmaker.configure``; our session class and info keys stay in place."""
+        if self._class_kw in new_kw:
+            new_kw[self._class_kw] = session_class_for(new_kw[self._class_kw])
+        if "info" in new_kw:
+            new_kw["info"] = self._info = self._own_info(new_kw["info"])
+        self._maker.configure(**new_kw)
+
+    @property
+    def kw(self) -> dict[str, Any]:
+        """The sessionmaker's keyword arguments."""
+        kw: dict[str, Any] = self._maker.kw
+        return kw
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} service={self.service!r} engine={self.engine!r}>"
 
 
 # -- engine hooks ------------------------------------------------------------------------------
