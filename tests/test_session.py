@@ -15,33 +15,13 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from scenarios import NOT_TRANSIENT, RAISE_CODE_FUNCTION, TRANSIENT, Base, Item
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 import resilient_db as rdb
 
-TRANSIENT = {
-    "40001": rdb.Outcome.CONFLICT,
-    "40P01": rdb.Outcome.CONFLICT,
-    "55P03": rdb.Outcome.CONFLICT,
-    "57P03": rdb.Outcome.UNAVAILABLE,
-    "53300": rdb.Outcome.UNAVAILABLE,
-    "57P01": rdb.Outcome.DISCONNECT,
-    "25006": rdb.Outcome.DISCONNECT,
-    "08006": rdb.Outcome.DISCONNECT,
-}
-NOT_TRANSIENT = ["23505", "22012", "42P01", "P0001", "57014"]
 _services = itertools.count()
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Item(Base):
-    __tablename__ = "items"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(unique=True)
 
 
 @pytest.fixture(autouse=True)
@@ -55,12 +35,7 @@ def engine(pg_url: str) -> Iterator[sa.Engine]:
     eng = sa.create_engine(pg_url)
     Base.metadata.create_all(eng)
     with eng.begin() as conn:
-        conn.execute(
-            sa.text(
-                "CREATE FUNCTION raise_code(code text) RETURNS void LANGUAGE plpgsql AS "
-                "$$ BEGIN RAISE EXCEPTION 'raised %', code USING ERRCODE = code; END $$"
-            )
-        )
+        conn.execute(RAISE_CODE_FUNCTION)
     yield eng
     eng.dispose()
 

@@ -16,38 +16,17 @@ from typing import Any
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
+from scenarios import NOT_TRANSIENT, RAISE_CODE_FUNCTION, TRANSIENT, Base, Item
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.ext.asyncio import create_async_engine as create_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import resilient_db as rdb
 from resilient_db import AsyncResilientSession
 
 pytestmark = pytest.mark.asyncio
 
-TRANSIENT = {
-    "40001": rdb.Outcome.CONFLICT,
-    "40P01": rdb.Outcome.CONFLICT,
-    "55P03": rdb.Outcome.CONFLICT,
-    "57P03": rdb.Outcome.UNAVAILABLE,
-    "53300": rdb.Outcome.UNAVAILABLE,
-    "57P01": rdb.Outcome.DISCONNECT,
-    "25006": rdb.Outcome.DISCONNECT,
-    "08006": rdb.Outcome.DISCONNECT,
-}
-NOT_TRANSIENT = ["23505", "22012", "42P01", "P0001", "57014"]
 _services = itertools.count()
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Item(Base):
-    __tablename__ = "items"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(unique=True)
 
 
 @pytest.fixture(autouse=True)
@@ -59,10 +38,7 @@ def _no_backoff() -> Iterator[None]:
 async def _create_schema(engine: AsyncEngine) -> None:
     async with engine.begin() as conn:
         await conn.run_sync(Base.metadata.create_all)
-        await conn.exec_driver_sql(
-            "CREATE FUNCTION raise_code(code text) RETURNS void LANGUAGE plpgsql AS "
-            "$$ BEGIN RAISE EXCEPTION 'raised %', code USING ERRCODE = code; END $$"
-        )
+        await conn.execute(RAISE_CODE_FUNCTION)
 
 
 @pytest_asyncio.fixture
