@@ -26,7 +26,7 @@ pytest: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/resilient-db demo
 
 bench: $(STAMP)
 	$(BIN)/python bench/overhead.py

@@ -1469,6 +1469,10 @@ _TEXT_BIND = re.compile(r"(?<![:\w\\]):(\w+)(?!:)", re.UNICODE)
 
 def _run_statements(target: Any, statements: list[str]) -> None:
     migration_context = getattr(target, "migration_context", None)
+    if migration_context is None and not isinstance(target, (Engine, Connection, Session)):
+        get_context = getattr(target, "get_context", None)
+        if callable(get_context):  # ``from alembic import op``: the module proxy of Operations
+            migration_context = get_context()
     if migration_context is not None:  # an Alembic Operations object (``op``)
         if getattr(migration_context, "as_sql", False):
             for stmt in statements:  # offline: escape ":name" so text() sees no bind

@@ -1,0 +1,71 @@
+"""tasks and task_history tables, with the transition trigger on tasks.status
+
+Revision ID: 0001_tasks
+Revises:
+Create Date: 2025-11-28
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+import resilient_db as rdb
+from resilient_db.examples.tasks import Task
+
+revision: str = "0001_tasks"
+down_revision: str | None = None
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "tasks",
+        sa.Column("id", sa.BigInteger(), sa.Identity(), nullable=False),
+        sa.Column("idem_key", sa.String(80), nullable=False),
+        sa.Column("title", sa.String(200), nullable=False),
+        sa.Column("status", sa.String(20), server_default="pending", nullable=False),
+        sa.Column("owner", sa.String(40), nullable=True),
+        sa.Column(
+            "created_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False
+        ),
+        sa.Column(
+            "updated_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_tasks")),
+        sa.UniqueConstraint("idem_key", name=op.f("uq_tasks_idem_key")),
+    )
+    op.create_index("ix_tasks_owner_status", "tasks", ["owner", "status"])
+    op.create_table(
+        "task_history",
+        sa.Column("id", sa.BigInteger(), sa.Identity(), nullable=False),
+        sa.Column("task_id", sa.BigInteger(), nullable=False),
+        sa.Column("idem_key", sa.String(80), nullable=False),
+        sa.Column("from_status", sa.String(20), nullable=True),
+        sa.Column("to_status", sa.String(20), nullable=False),
+        sa.Column(
+            "changed_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False
+        ),
+        sa.ForeignKeyConstraint(
+            ["task_id"],
+            ["tasks.id"],
+            name=op.f("fk_task_history_task_id_tasks"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_task_history")),
+        sa.UniqueConstraint("idem_key", name=op.f("uq_task_history_idem_key")),
+    )
+    op.create_index(op.f("ix_task_history_task_id"), "task_history", ["task_id"])
+    # The database enforces the same rules as the session guards, for every other writer.
+    rdb.install_transition_trigger(op, Task)
+
+
+def downgrade() -> None:
+    rdb.uninstall_transition_trigger(op, Task)
+    op.drop_index(op.f("ix_task_history_task_id"), table_name="task_history")
+    op.drop_table("task_history")
+    op.drop_index("ix_tasks_owner_status", table_name="tasks")
+    op.drop_table("tasks")

@@ -1,0 +1,238 @@
+"""The ``resilient-db`` command (also ``python -m resilient_db``).
+
+Subcommands::
+
+    resilient-db demo [--seconds 45] [--workers 8] [--url URL] [--json] [--metrics-port N]
+    resilient-db check-config [--json]
+    resilient-db rules MODULE:Model [--format mermaid|dot] [--column NAME]
+
+Exit status: 0 success; 1 a demo invariant failed; 2 usage errors, an invalid configuration,
+a bad ``rules`` target, or a demo that could not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import IO, Any
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__  # noqa: PLC0415 - keep `import resilient_db._cli` light
+
+    parser = argparse.ArgumentParser(
+        prog="resilient-db",
+        description="Operator tools for resilient_db, and a live self-healing demo.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    demo = commands.add_parser(
+        "demo",
+        help="run a self-healing workload on PostgreSQL with injected faults, then verify it",
+        description=(
+            "Start an embedded PostgreSQL (or use --url), apply the example migrations, and run "
+            "worker threads that create tasks and move them through their states while real "
+            "faults are injected: killed backends, a server crash and restart, cut "
+            "connections, lost COMMIT answers, serialization conflicts, deadlocks and illegal "
+            "status transitions. At the end every unit of work is checked against the "
+            "database. Exit status 0 when every invariant held, 1 otherwise."
+        ),
+    )
+    demo.add_argument("--seconds", type=float, default=45.0, help="workload duration (default 45)")
+    demo.add_argument("--workers", type=int, default=8, help="worker threads (default 8)")
+    demo.add_argument(
+        "--url",
+        help=(
+            "an existing PostgreSQL server (SQLAlchemy URL or libpq URI) instead of the embedded "
+            "one; the demo creates and drops a scratch database there and never crashes the "
+            "server (the role needs CREATEDB)"
+        ),
+    )
+    demo.add_argument(
+        "--json", action="store_true", help="print the report as JSON (progress goes to stderr)"
+    )
+    demo.add_argument(
+        "--plain", action="store_true", help="plain progress lines even on a terminal"
+    )
+    demo.add_argument("--verbose", action="store_true", help="also show every [SELF-HEAL] log line")
+    demo.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus metrics on 127.0.0.1:PORT while the demo runs",
+    )
+    demo.add_argument("--seed", type=int, help="random seed of the workload")
+    demo.add_argument(
+        "--keep-database",
+        action="store_true",
+        help="with --url: keep the scratch database afterwards",
+    )
+    demo.add_argument(
+        "--migrations", metavar="DIR", help="the Alembic migrations directory to apply"
+    )
+    demo.set_defaults(handler=_demo)
+
+    check = commands.add_parser(
+        "check-config",
+        help="validate the SELF_HEALING_* environment and print the effective configuration",
+        description=(
+            "Read the SELF_HEALING_* environment variables as resilient_db does and print the "
+            "effective configuration. Exit status 0 when valid, 2 when not (every bad variable "
+            "is named)."
+        ),
+    )
+    check.add_argument("--json", action="store_true", help="print the configuration as JSON")
+    check.set_defaults(handler=_check_config)
+
+    rules = commands.add_parser(
+        "rules",
+        help="print a model's status-transition rules as a Mermaid or Graphviz diagram",
+        description=(
+            "Import MODULE and print the transition rules of the model (or TransitionRules "
+            "object) named after the colon, e.g. resilient_db.examples.tasks:Task."
+        ),
+    )
+    rules.add_argument("target", metavar="MODULE:MODEL", help="e.g. myapp.models:Task")
+    rules.add_argument(
+        "--format", choices=("mermaid", "dot"), default="mermaid", help="default mermaid"
+    )
+    rules.add_argument("--column", help="the guarded column, when the model guards several")
+    rules.set_defaults(handler=_rules)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``resilient-db`` console script; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        status: int = args.handler(args, sys.stdout, sys.stderr)
+    except BrokenPipeError:  # e.g. `resilient-db rules ... | head`
+        return EXIT_OK
+    return status
+
+
+# -- demo ---------------------------------------------------------------------------------------
+def _demo(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
+    from ._demo import DemoOptions, run_demo  # noqa: PLC0415 - heavy imports only when needed
+
+    options = DemoOptions(
+        seconds=args.seconds,
+        workers=args.workers,
+        url=args.url,
+        as_json=args.json,
+        plain=args.plain,
+        verbose=args.verbose,
+        metrics_port=args.metrics_port,
+        seed=args.seed,
+        keep_database=args.keep_database,
+        migrations=args.migrations,
+    )
+    return run_demo(options, out=out, err=err)
+
+
+# -- check-config -------------------------------------------------------------------------------
+# (label, whether it is on): the plan's isFeatureEnabled, the master switch and the feature's own
+_FEATURES: tuple[tuple[str, Callable[[Any], bool]], ...] = (
+    ("self-healing (master switch)", lambda c: c.enabled),
+    ("retry", lambda c: c.retry_on),
+    ("circuit breaker", lambda c: c.breaker_on),
+    ("status validation", lambda c: c.guard_on),
+    ("response validation", lambda c: c.enabled and c.response_validation),
+    ("logging", lambda c: c.logging_on),
+)
+
+
+def _check_config(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
+    return check_config(os.environ, out=out, err=err, as_json=args.json)
+
+
+def check_config(
+    environ: Mapping[str, str], *, out: IO[str], err: IO[str], as_json: bool = False
+) -> int:
+    """Validate ``environ``'s ``SELF_HEALING_*`` variables; print the effective configuration
+    (exit status 0) or the :class:`~resilient_db.ConfigError` (exit status 2)."""
+    import resilient_db as rdb  # noqa: PLC0415
+
+    try:
+        config = rdb.load_config(environ)
+    except rdb.ConfigError as exc:
+        if as_json:
+            out.write(json.dumps({"valid": False, "problems": exc.problems}, indent=2) + "\n")
+        err.write(f"resilient-db check-config: {exc}\n")
+        return EXIT_USAGE
+    env = config.as_env()
+    given = sorted(k for k in environ if k.startswith("SELF_HEALING_"))
+    if as_json:
+        features = {label: bool(on(config)) for label, on in _FEATURES}
+        payload = {"valid": True, "features": features, "settings": env, "from_environment": given}
+        out.write(json.dumps(payload, indent=2) + "\n")
+        return EXIT_OK
+    lines = ["SELF_HEALING configuration is valid.", "", "features:"]
+    for label, on in _FEATURES:
+        lines.append(f"  {label:<30} {'on' if on(config) else 'off'}")
+    lines += ["", "settings (durations in milliseconds):"]
+    for name, value in env.items():
+        source = "environment" if name in environ else "default"
+        lines.append(f"  {name:<34} {value:<8} ({source})")
+    if not config.enabled:
+        lines += ["", "SELF_HEALING_ENABLED is false: resilient_db behaves as plain SQLAlchemy."]
+    out.write("\n".join(lines) + "\n")
+    return EXIT_OK
+
+
+# -- rules --------------------------------------------------------------------------------------
+class _TargetError(Exception):
+    pass
+
+
+def _load_target(target: str) -> Any:
+    module_name, sep, attr_path = target.partition(":")
+    if not sep or not module_name or not attr_path:
+        raise _TargetError(
+            f"{target!r} is not MODULE:MODEL (e.g. resilient_db.examples.tasks:Task)"
+        )
+    if os.getcwd() not in sys.path:  # like `python -m`: modules of the current directory
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise _TargetError(f"cannot import module {module_name!r}: {exc}") from exc
+    except Exception as exc:
+        raise _TargetError(
+            f"importing module {module_name!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    for part in attr_path.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise _TargetError(f"module {module_name!r} has no attribute {attr_path!r}") from None
+    return obj
+
+
+def _rules(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
+    import resilient_db as rdb  # noqa: PLC0415
+
+    try:
+        model = _load_target(args.target)
+        draw = rdb.rules_to_dot if args.format == "dot" else rdb.rules_to_mermaid
+        text = draw(model, column=args.column)
+    except _TargetError as exc:
+        err.write(f"resilient-db rules: error: {exc}\n")
+        return EXIT_USAGE
+    except (rdb.TransitionRulesError, TypeError, ValueError) as exc:
+        err.write(f"resilient-db rules: error: {args.target}: {exc}\n")
+        return EXIT_USAGE
+    out.write(text)
+    return EXIT_OK

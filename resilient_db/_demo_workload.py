@@ -1,0 +1,538 @@
+"""The demo's workload: units of work on the example ``tasks`` schema, and the ledger of what the
+workload believes happened (checked against the database at the end by ``_demo_verify``).
+
+Every unit has an idempotency key. A unit that writes records each change as a ``task_history``
+row keyed by the unit's key (a unit that moves two tasks writes ``key/0`` and ``key/1``), so
+after the run every unit is either in the database exactly once or not at all.
+
+How a worker runs a unit (:meth:`Runner.run`):
+
+* ``CircuitOpenError``: wait ``retry_after`` and run the unit again with the same key;
+* ``CommitOutcomeUnknownError``: ask the database whether the unit's rows exist (by key); if
+  they do the unit is done, if not it is run again with the same key;
+* a transient error after the retries ran out: back off and run it again with the same key;
+* ``IllegalTransitionError``: the unit was blocked (expected for the deliberate illegal ones);
+* anything else: the unit failed (and must have left no write).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm import Session
+
+import resilient_db as rdb
+from resilient_db.examples.tasks import (
+    TERMINAL_STATUSES,
+    Task,
+    TaskHistory,
+    create_task,
+    move_task,
+)
+
+__all__ = [
+    "Change",
+    "IllegalAttempts",
+    "Ledger",
+    "Runner",
+    "Unit",
+    "Worker",
+    "contention_pair",
+    "setup_hot_rows",
+    "wait_until",
+]
+
+#: ``owner`` of the rows the deadlock and serialization pairs fight over.
+HOT_DEADLOCK = "hot-deadlock"
+HOT_SERIAL = "hot-serial"
+SABOTEUR = "saboteur"
+#: in-progress tasks a worker may hold at once (checked at SERIALIZABLE: a write-skew guard)
+WIP_LIMIT = 3
+_BARRIER_TIMEOUT = 3.0
+
+
+@dataclass(frozen=True)
+class Change:
+    """One status change a unit made: the history key, the task and its new status."""
+
+    key: str
+    task_id: int
+    status: str
+
+
+UnitFn = Callable[[Session], list[Change]]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A unit of work: ``fn(session)`` returns the changes it made (possibly none).
+
+    ``potential`` lists every history key the unit may write: after an unknown COMMIT outcome
+    they are looked up, and for a unit that failed none of them may exist.
+    """
+
+    key: str
+    kind: str
+    fn: UnitFn
+    potential: tuple[str, ...]
+    illegal_via: str | None = None  # set for the deliberate illegal transitions
+
+
+@dataclass
+class Ledger:
+    """What the workload counted, by unit key. Thread-safe."""
+
+    done: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    failed: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    unresolved: dict[str, Unit] = field(default_factory=dict)
+    ok_by_kind: Counter[str] = field(default_factory=Counter)
+    failed_by_kind: Counter[str] = field(default_factory=Counter)
+    failure_reasons: Counter[str] = field(default_factory=Counter)
+    blocked_by_via: Counter[str] = field(default_factory=Counter)
+    illegal_got_through: list[str] = field(default_factory=list)
+    events: Counter[str] = field(default_factory=Counter)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def count(self, name: str, amount: int = 1) -> None:
+        with self._lock:
+            self.events[name] += amount
+
+    def record_done(self, unit: Unit, changes: Sequence[Change]) -> None:
+        with self._lock:
+            self.done[unit.key] = tuple(c.key for c in changes)
+            self.ok_by_kind[unit.kind] += 1
+            self.unresolved.pop(unit.key, None)
+            if unit.illegal_via is not None:
+                self.illegal_got_through.append(unit.key)
+
+    def record_failed(self, unit: Unit, reason: str) -> None:
+        with self._lock:
+            self.failed[unit.key] = unit.potential
+            self.failed_by_kind[unit.kind] += 1
+            self.failure_reasons[reason] += 1
+            self.unresolved.pop(unit.key, None)
+
+    def record_blocked(self, unit: Unit, via: str) -> None:
+        with self._lock:
+            self.failed[unit.key] = unit.potential  # a blocked unit must leave no write
+            self.blocked_by_via[via] += 1
+
+    def record_unresolved(self, unit: Unit) -> None:
+        with self._lock:
+            self.unresolved[unit.key] = unit
+
+    def totals(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "units_ok": sum(self.ok_by_kind.values()),
+                "units_failed": sum(self.failed_by_kind.values()),
+                "blocked": sum(self.blocked_by_via.values()),
+                "unknown": self.events["commit_outcome_unknown"],
+            }
+
+
+class Runner:
+    """Runs units through a :class:`~resilient_db.ResilientSession`, handling what it raises.
+
+    ``hard_stop`` ends waiting (the drain deadline passed); until then a unit is tried again
+    after an open circuit or exhausted retries, always with the same key.
+    """
+
+    def __init__(
+        self, factory: rdb.ResilientSession[Any], ledger: Ledger, hard_stop: threading.Event
+    ) -> None:
+        self.factory = factory
+        self.ledger = ledger
+        self.hard_stop = hard_stop
+
+    def run(self, unit: Unit) -> list[Change] | None:
+        """Run ``unit`` to an end; the changes it made, or None if it failed or was blocked."""
+        gave_up = 0
+        while True:
+            try:
+                changes = self.factory.run(unit.fn)
+            except rdb.CircuitOpenError as exc:
+                self.ledger.count("circuit_open_waits")
+                if self._wait(exc.retry_after + random.uniform(0.0, 0.1)):
+                    continue
+                self.ledger.record_failed(unit, "circuit open at the drain deadline")
+                return None
+            except rdb.CommitOutcomeUnknownError:
+                self.ledger.count("commit_outcome_unknown")
+                found = self.lookup(unit)
+                if found is None:
+                    self.ledger.record_unresolved(unit)
+                    return None
+                if found:
+                    self.ledger.count("unknown_outcome_was_committed")
+                    self.ledger.record_done(unit, found)
+                    return found
+                self.ledger.count("unknown_outcome_was_rolled_back")
+                continue  # not committed: run it again, same key
+            except rdb.IllegalTransitionError as exc:
+                if unit.illegal_via is None:
+                    self.ledger.record_failed(unit, f"illegal transition ({exc.via})")
+                else:
+                    self.ledger.record_blocked(unit, exc.via)
+                return None
+            except Exception as exc:
+                if rdb.is_transient(exc):
+                    gave_up += 1
+                    self.ledger.count("units_resumed_after_giving_up")
+                    if self._wait(min(1.0, 0.1 * gave_up) + random.uniform(0.0, 0.1)):
+                        continue
+                elif not isinstance(exc, (sa_exc.SQLAlchemyError, rdb.ResilientDBError)):
+                    raise  # a bug in the demo itself, not a database outcome: reported as such
+                self.ledger.record_failed(unit, _reason(exc))
+                return None
+            self.ledger.record_done(unit, changes)
+            return changes
+
+    def lookup(self, unit: Unit) -> list[Change] | None:
+        """The unit's rows in the database (found by key), ``[]`` if none; None if the database
+        could not be asked before the drain deadline."""
+
+        def find(session: Session) -> list[Change]:
+            rows = session.execute(
+                sa.select(TaskHistory.idem_key, TaskHistory.task_id, TaskHistory.to_status)
+                .where(TaskHistory.idem_key.in_(unit.potential))
+                .order_by(TaskHistory.id)
+            ).all()
+            return [Change(r.idem_key, r.task_id, r.to_status) for r in rows]
+
+        while True:
+            try:
+                return self.factory.run(find)
+            except rdb.CircuitOpenError as exc:
+                if not self._wait(exc.retry_after + random.uniform(0.0, 0.1)):
+                    return None
+            except Exception as exc:
+                if not rdb.is_transient(exc) or not self._wait(0.2):
+                    return None
+
+    def _wait(self, seconds: float) -> bool:
+        """Sleep ``seconds`` unless the drain deadline passes first (then False)."""
+        if self.hard_stop.is_set():
+            return False
+        return not self.hard_stop.wait(max(0.0, seconds))
+
+
+def _reason(exc: BaseException) -> str:
+    code = rdb.sqlstate_of(exc)
+    return f"{type(exc).__name__} (SQLSTATE {code})" if code else type(exc).__name__
+
+
+# -- the units ----------------------------------------------------------------------------------
+def create_unit(key: str, owner: str) -> Unit:
+    def fn(session: Session) -> list[Change]:
+        task = create_task(session, title=f"task {key}", idem_key=key, owner=owner)
+        session.flush()
+        return [Change(key, task.id, task.status)]
+
+    return Unit(key, "create", fn, (key,))
+
+
+# Forward progress is likelier than going back, so tasks finish and new ones are made.
+_WEIGHTS = {"in_progress": 5, "completed": 4, "failed": 1, "pending": 2, "cancelled": 1}
+
+
+def advance_unit(key: str, task_id: int, rng: random.Random) -> Unit:
+    def fn(session: Session) -> list[Change]:
+        task = session.get(Task, task_id, with_for_update=True)
+        if task is None or task.status in TERMINAL_STATUSES:
+            return []
+        options = sorted(rdb.allowed_transitions(task))
+        target = rng.choices(options, weights=[_WEIGHTS.get(s, 1) for s in options])[0]
+        move_task(session, task, target, idem_key=key)
+        session.flush()
+        return [Change(key, task_id, target)]
+
+    return Unit(key, "advance", fn, (key,))
+
+
+def claim_unit(key: str, task_id: int, owner: str) -> Unit:
+    """Start a pending task if the owner has fewer than WIP_LIMIT in progress: a read-then-write
+    rule that only SERIALIZABLE keeps true under concurrency (conflicts retry as 40001)."""
+
+    def fn(session: Session) -> list[Change]:
+        session.connection(execution_options={"isolation_level": "SERIALIZABLE"})
+        busy = session.scalar(
+            sa.select(sa.func.count())
+            .select_from(Task)
+            .where(Task.owner == owner, Task.status == "in_progress")
+        )
+        task = session.get(Task, task_id)
+        if task is None or task.status != "pending" or (busy or 0) >= WIP_LIMIT:
+            return []
+        move_task(session, task, "in_progress", idem_key=key)
+        session.flush()
+        return [Change(key, task_id, "in_progress")]
+
+    return Unit(key, "claim", fn, (key,))
+
+
+def _toggle(status: str) -> str:
+    return "in_progress" if status == "pending" else "pending"
+
+
+def deadlock_unit(key: str, order: tuple[int, int], barrier: threading.Barrier) -> Unit:
+    """Lock and move two shared tasks in the given order; on the first attempt wait for the
+    partner (who locks them in the opposite order) between the two: a real deadlock."""
+    attempts = [0]
+
+    def fn(session: Session) -> list[Change]:
+        attempts[0] += 1
+        changes: list[Change] = []
+        for n, task_id in enumerate(order):
+            task = session.get(Task, task_id, with_for_update=True, populate_existing=True)
+            if task is None:
+                return changes
+            hkey = f"{key}/{n}"
+            target = _toggle(task.status)
+            move_task(session, task, target, idem_key=hkey)
+            session.flush()
+            changes.append(Change(hkey, task_id, target))
+            if n == 0 and attempts[0] == 1:
+                _meet(barrier)
+        return changes
+
+    return Unit(key, "deadlock-pair", fn, (f"{key}/0", f"{key}/1"))
+
+
+def serial_unit(key: str, mine: int, barrier: threading.Barrier) -> Unit:
+    """At SERIALIZABLE: read the shared rows, wait for the partner who read them too, then each
+    moves its own row. Each wrote what the other read: one of them gets 40001."""
+    attempts = [0]
+
+    def fn(session: Session) -> list[Change]:
+        attempts[0] += 1
+        session.connection(execution_options={"isolation_level": "SERIALIZABLE"})
+        session.scalar(
+            sa.select(sa.func.count())
+            .select_from(Task)
+            .where(Task.owner == HOT_SERIAL, Task.status == "in_progress")
+        )
+        if attempts[0] == 1:
+            _meet(barrier)
+        task = session.get(Task, mine)
+        if task is None:
+            return []
+        target = _toggle(task.status)
+        move_task(session, task, target, idem_key=key)
+        session.flush()
+        return [Change(key, mine, target)]
+
+    return Unit(key, "serializable-pair", fn, (key,))
+
+
+def _meet(barrier: threading.Barrier) -> None:
+    # a broken barrier: the partner failed before getting here (another fault); no conflict
+    with contextlib.suppress(threading.BrokenBarrierError):
+        barrier.wait()
+
+
+def contention_pair(
+    runner: Runner, kind: str, rows: tuple[int, int], key: str
+) -> tuple[bool, list[Change] | None, list[Change] | None]:
+    """Run two contending units in two threads and wait for both. ``kind`` is ``"deadlock"``
+    (same two rows, opposite lock order) or ``"serialization"`` (SERIALIZABLE write skew).
+    Returns whether both met at the barrier, and each unit's changes."""
+    barrier = threading.Barrier(2, timeout=_BARRIER_TIMEOUT)
+    if kind == "deadlock":
+        units = [
+            deadlock_unit(f"{key}a", (rows[0], rows[1]), barrier),
+            deadlock_unit(f"{key}b", (rows[1], rows[0]), barrier),
+        ]
+    else:
+        units = [serial_unit(f"{key}a", rows[0], barrier), serial_unit(f"{key}b", rows[1], barrier)]
+    results: list[list[Change] | None] = [None, None]
+    errors: list[BaseException] = []
+
+    def go(n: int) -> None:
+        try:
+            results[n] = runner.run(units[n])
+        except BaseException as exc:  # re-raised in the caller's thread below
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=go, args=(n,), name=f"demo-{kind}-{n}", daemon=True) for n in (0, 1)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return not barrier.broken, results[0], results[1]
+
+
+# -- workers ------------------------------------------------------------------------------------
+class Worker(threading.Thread):
+    """Creates tasks and moves them through their states until ``stop`` is set."""
+
+    ACTIVE_TASKS = 4
+
+    def __init__(
+        self, n: int, runner: Runner, stop: threading.Event, *, seed: int, think: float
+    ) -> None:
+        super().__init__(name=f"demo-worker-{n}", daemon=True)
+        self.owner = f"w{n}"
+        self.runner = runner
+        self.stop = stop
+        self.rng = random.Random(seed)
+        self.think = think
+        self.active: dict[int, str] = {}
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        seq = 0
+        try:
+            while not self.stop.is_set():
+                seq += 1
+                changes = self.runner.run(self._next_unit(f"{self.owner}-{seq}"))
+                for change in changes or ():
+                    if change.status in TERMINAL_STATUSES:
+                        self.active.pop(change.task_id, None)
+                    else:
+                        self.active[change.task_id] = change.status
+                if self.think:
+                    self.stop.wait(self.rng.uniform(0.5, 1.5) * self.think)
+        except BaseException as exc:  # reported by the demo; a worker must not die silently
+            self.error = exc
+
+    def _next_unit(self, key: str) -> Unit:
+        rng = self.rng
+        if len(self.active) < self.ACTIVE_TASKS or rng.random() < 0.1:
+            return create_unit(key, self.owner)
+        task_id = rng.choice(sorted(self.active))
+        if self.active[task_id] == "pending" and rng.random() < 0.5:
+            return claim_unit(key, task_id, self.owner)
+        return advance_unit(key, task_id, rng)
+
+
+# -- deliberate illegal transitions -------------------------------------------------------------
+class IllegalAttempts:
+    """Tries illegal status changes by every path; each must be blocked.
+
+    ``flush``: an ORM object moved pending -> completed; ``orm-update``: an ORM bulk UPDATE of a
+    cancelled task back to pending; ``db``: raw SQL the session guards never see (an UPDATE
+    pending -> completed and an INSERT of a completed task), stopped by the trigger.
+    Every attempt writes a history row as a legal change would, so one that got through would
+    show in the database.
+    """
+
+    KINDS = ("flush", "orm-update", "db-update", "db-insert")
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+        self.pending_id: int | None = None
+        self.cancelled_id: int | None = None
+        self.seq = 0
+
+    def prepare(self) -> None:
+        """Create the saboteur's own tasks: one pending, one cancelled (legal moves)."""
+        pending = self.runner.run(create_unit("x-pending", SABOTEUR))
+        cancelled = self.runner.run(create_unit("x-cancelled", SABOTEUR))
+        if not pending or not cancelled:
+            raise RuntimeError("could not create the tasks for the illegal-transition attempts")
+        self.pending_id = pending[0].task_id
+        task_id = cancelled[0].task_id
+
+        def cancel(session: Session) -> list[Change]:
+            task = session.get(Task, task_id)
+            assert task is not None
+            move_task(session, task, "cancelled", idem_key="x-cancel")
+            return [Change("x-cancel", task_id, "cancelled")]
+
+        if not self.runner.run(Unit("x-cancel", "advance", cancel, ("x-cancel",))):
+            raise RuntimeError("could not cancel the task for the illegal-transition attempts")
+        self.cancelled_id = task_id
+
+    def attempt(self) -> str:
+        """Make the next illegal attempt; returns its kind."""
+        kind = self.KINDS[self.seq % len(self.KINDS)]
+        self.seq += 1
+        key = f"x-{self.seq}"
+        self.runner.run(self._unit(kind, key))
+        return kind
+
+    def _unit(self, kind: str, key: str) -> Unit:
+        pending_id, cancelled_id = self.pending_id, self.cancelled_id
+        assert pending_id is not None, "call prepare() first"
+        assert cancelled_id is not None, "call prepare() first"
+
+        def history(session: Session, task_id: int, old: str | None, new: str) -> None:
+            session.add(TaskHistory(task_id=task_id, idem_key=key, from_status=old, to_status=new))
+
+        def by_flush(session: Session) -> list[Change]:
+            task = session.get(Task, pending_id)
+            assert task is not None
+            move_task(session, task, "completed", idem_key=key)
+            session.flush()
+            return [Change(key, pending_id, "completed")]
+
+        def by_bulk_update(session: Session) -> list[Change]:
+            session.execute(sa.update(Task).where(Task.id == cancelled_id).values(status="pending"))
+            history(session, cancelled_id, "cancelled", "pending")
+            session.flush()
+            return [Change(key, cancelled_id, "pending")]
+
+        def by_raw_update(session: Session) -> list[Change]:
+            session.execute(
+                sa.text("UPDATE tasks SET status = 'completed' WHERE id = :id"), {"id": pending_id}
+            )
+            history(session, pending_id, "pending", "completed")
+            session.flush()
+            return [Change(key, pending_id, "completed")]
+
+        def by_raw_insert(session: Session) -> list[Change]:
+            new_id = session.execute(
+                sa.text(
+                    "INSERT INTO tasks (idem_key, title, status, owner) "
+                    "VALUES (:key, 'born finished', 'completed', :owner) RETURNING id"
+                ),
+                {"key": key, "owner": SABOTEUR},
+            ).scalar_one()
+            history(session, new_id, None, "completed")
+            session.flush()
+            return [Change(key, new_id, "completed")]
+
+        fns: dict[str, tuple[UnitFn, str]] = {
+            "flush": (by_flush, "flush"),
+            "orm-update": (by_bulk_update, "orm-update"),
+            "db-update": (by_raw_update, "db"),
+            "db-insert": (by_raw_insert, "db"),
+        }
+        fn, via = fns[kind]
+        return Unit(key, "illegal", fn, (key,), illegal_via=via)
+
+
+def setup_hot_rows(runner: Runner) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Create the two pairs of shared tasks the contention faults fight over."""
+    ids: list[int] = []
+    for n, owner in enumerate((HOT_DEADLOCK, HOT_DEADLOCK, HOT_SERIAL, HOT_SERIAL)):
+        changes = runner.run(create_unit(f"hot-{n}", owner))
+        if not changes:
+            raise RuntimeError("could not create the shared tasks for the contention faults")
+        ids.append(changes[0].task_id)
+    return (ids[0], ids[1]), (ids[2], ids[3])
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)

@@ -1,0 +1,189 @@
+"""Prometheus metrics: a custom collector that reads :func:`resilient_db.health` at scrape time,
+so ``health()`` and the metrics always show the same figures.
+
+Needs the optional ``prometheus`` extra (``pip install 'resilient-db[prometheus]'``);
+``prometheus_client`` is imported only when a collector is made. Typical use::
+
+    from prometheus_client import REGISTRY
+    from resilient_db.metrics import HealthCollector
+    REGISTRY.register(HealthCollector())
+
+Metrics (label ``service`` is the ResilientSession's service name):
+
+==============================================  ======  ===================================
+``resilient_db_attempts_total``                 counter attempts (each try of a unit of work)
+``resilient_db_retries_total{class}``           counter retries by class (conflict, ...)
+``resilient_db_recovered_total``                counter units that succeeded after retrying
+``resilient_db_gave_up_total``                  counter units whose retries ran out
+``resilient_db_breaker_opens_total``            counter times the breaker opened
+``resilient_db_breaker_rejections_total``       counter calls rejected by an open breaker
+``resilient_db_breaker_state{state}``           gauge   1 for the breaker's current state
+``resilient_db_commit_outcome_unknown_total``   counter COMMITs whose outcome stayed unknown
+``resilient_db_commits_verified_total``         counter lost COMMIT answers verified committed
+``resilient_db_transitions_blocked_total``      counter illegal status transitions blocked
+``resilient_db_transitions_stale_total``        counter transitions refused: the row had moved
+``resilient_db_transition_rows_filtered_total`` counter rows a bulk UPDATE left unchanged
+``resilient_db_transition_bypasses_total``      counter audited bypasses of the guard
+``resilient_db_healthy``                        gauge   0 while any breaker is open
+==============================================  ======  ===================================
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from ._observability import health as _health
+
+__all__ = ["BREAKER_STATES", "HealthCollector", "MetricsServer", "register", "serve"]
+
+BREAKER_STATES = ("closed", "open", "half-open")
+_INSTALL_HINT = (
+    "Prometheus metrics need the prometheus_client package: pip install 'resilient-db[prometheus]'"
+)
+
+# (counter name in health(), metric name, help)
+_SERVICE_COUNTERS = (
+    ("attempts", "resilient_db_attempts", "Attempts of units of work (each try counts)."),
+    ("recovered", "resilient_db_recovered", "Units of work that succeeded after retrying."),
+    ("gave_up", "resilient_db_gave_up", "Units of work whose retries ran out."),
+    ("breaker_opens", "resilient_db_breaker_opens", "Times the circuit breaker opened."),
+    (
+        "breaker_rejections",
+        "resilient_db_breaker_rejections",
+        "Calls rejected by an open circuit breaker without touching the network.",
+    ),
+    (
+        "unknown_commits",
+        "resilient_db_commit_outcome_unknown",
+        "COMMITs whose answer was lost and whose outcome could not be verified.",
+    ),
+    (
+        "verified_commits",
+        "resilient_db_commits_verified",
+        "COMMITs whose answer was lost and that were verified as committed on the server.",
+    ),
+)
+_TRANSITION_COUNTERS = (
+    (
+        "blocked_transitions",
+        "resilient_db_transitions_blocked",
+        "Illegal status transitions blocked.",
+    ),
+    (
+        "stale_transitions",
+        "resilient_db_transitions_stale",
+        "Status transitions refused because another transaction had moved the row.",
+    ),
+    (
+        "bulk_rows_filtered",
+        "resilient_db_transition_rows_filtered",
+        "Rows an ORM bulk UPDATE left unchanged because their move was illegal.",
+    ),
+    ("bypasses", "resilient_db_transition_bypasses", "Audited bypasses of the transition guard."),
+)
+
+
+def _prometheus_core() -> Any:
+    try:
+        return importlib.import_module("prometheus_client.core")
+    except ImportError as exc:
+        raise ImportError(_INSTALL_HINT) from exc
+
+
+class HealthCollector:
+    """A Prometheus collector exporting :func:`resilient_db.health` (read at every scrape).
+
+    ``health`` is injectable (a function returning the same shape), for tests and for
+    exporting another process's figures. Register it with a ``CollectorRegistry``.
+    """
+
+    def __init__(self, health: Callable[[], dict[str, Any]] = _health) -> None:
+        self._core = _prometheus_core()
+        self._health = health
+
+    def describe(self) -> list[Any]:
+        """No fixed description: the label values (services) are only known at scrape time."""
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        core = self._core
+        snapshot = self._health()
+        services: dict[str, Any] = snapshot.get("services", {})
+        families = {
+            key: core.CounterMetricFamily(name, text, labels=["service"])
+            for key, name, text in _SERVICE_COUNTERS
+        }
+        retries = core.CounterMetricFamily(
+            "resilient_db_retries",
+            "Retries of units of work, by the class of the error (conflict, unavailable, "
+            "disconnect).",
+            labels=["service", "class"],
+        )
+        state = core.GaugeMetricFamily(
+            "resilient_db_breaker_state",
+            "Circuit breaker state per service: 1 for the current state, 0 for the others.",
+            labels=["service", "state"],
+        )
+        for service, entry in sorted(services.items()):
+            counters: dict[str, Any] = entry.get("counters") or {}
+            for key, family in families.items():
+                family.add_metric([service], float(counters.get(key, 0)))
+            for outcome, n in sorted((counters.get("retries_by_class") or {}).items()):
+                retries.add_metric([service, outcome], float(n))
+            breaker = entry.get("breaker")
+            if breaker is not None:
+                current = breaker.get("state")
+                for name in BREAKER_STATES:
+                    state.add_metric([service, name], 1.0 if current == name else 0.0)
+        yield families["attempts"]
+        yield retries
+        yield from (families[k] for k, _, _ in _SERVICE_COUNTERS if k != "attempts")
+        yield state
+        transitions: dict[str, Any] = snapshot.get("transitions", {})
+        for key, name, text in _TRANSITION_COUNTERS:
+            yield core.CounterMetricFamily(name, text, value=float(transitions.get(key, 0)))
+        yield core.GaugeMetricFamily(
+            "resilient_db_healthy",
+            "1 when no circuit breaker is open, else 0.",
+            value=1.0 if snapshot.get("healthy", True) else 0.0,
+        )
+
+
+def register(registry: Any = None) -> HealthCollector:
+    """Register a :class:`HealthCollector` with ``registry`` (default: prometheus_client's
+    global ``REGISTRY``) and return it."""
+    collector = HealthCollector()
+    if registry is None:
+        registry = importlib.import_module("prometheus_client").REGISTRY
+    registry.register(collector)
+    return collector
+
+
+@dataclass
+class MetricsServer:
+    """An HTTP endpoint serving the metrics; :meth:`close` stops it."""
+
+    url: str
+    registry: Any
+    _httpd: Any
+    _thread: Any
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+
+def serve(port: int, *, addr: str = "127.0.0.1") -> MetricsServer:
+    """Serve the metrics at ``http://addr:port/metrics`` from a background thread, with a
+    registry of their own (``port=0`` picks a free port)."""
+    _prometheus_core()
+    client = importlib.import_module("prometheus_client")
+    registry = client.CollectorRegistry()
+    registry.register(HealthCollector())
+    httpd, thread = client.start_http_server(port, addr=addr, registry=registry)
+    host, bound = httpd.server_address[:2]
+    return MetricsServer(f"http://{host}:{bound}/metrics", registry, httpd, thread)

@@ -1,0 +1,312 @@
+"""The ``resilient-db`` command: check-config, rules, ``python -m``, and the metrics collector."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm import Session
+
+import resilient_db as rdb
+from resilient_db._cli import main
+from resilient_db._metrics import HealthCollector, serve
+from resilient_db.examples.tasks import Base, Task, create_task, move_task
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No SELF_HEALING_* variables from the machine running the tests."""
+    import os  # noqa: PLC0415
+
+    for name in list(os.environ):
+        if name.startswith("SELF_HEALING_"):
+            monkeypatch.delenv(name)
+    return monkeypatch
+
+
+# -- check-config -------------------------------------------------------------------------------
+def test_check_config_with_the_defaults_is_valid(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["check-config"]) == 0
+    out = capsys.readouterr().out
+    assert "configuration is valid" in out
+    assert "circuit breaker" in out
+    assert "SELF_HEALING_MAX_RETRIES           3        (default)" in out
+
+
+def test_check_config_shows_values_from_the_environment(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clean_env.setenv("SELF_HEALING_RETRY", "off")
+    clean_env.setenv("SELF_HEALING_RESET_TIMEOUT", "2500")
+    assert main(["check-config", "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["valid"] is True
+    assert payload["features"]["retry"] is False
+    assert payload["features"]["circuit breaker"] is True
+    assert payload["settings"]["SELF_HEALING_RESET_TIMEOUT"] == "2500"
+    assert payload["from_environment"] == ["SELF_HEALING_RESET_TIMEOUT", "SELF_HEALING_RETRY"]
+
+
+def test_check_config_master_switch_off_turns_every_feature_off(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clean_env.setenv("SELF_HEALING_ENABLED", "false")
+    assert main(["check-config", "--json"]) == 0
+    features = json.loads(capsys.readouterr().out)["features"]
+    assert not any(features.values()), features
+
+
+def test_check_config_names_every_bad_variable_and_exits_2(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clean_env.setenv("SELF_HEALING_MAX_RETRIES", "lots")
+    clean_env.setenv("SELF_HEALING_CIRCUIT_BREAKER", "maybe")
+    clean_env.setenv("SELF_HEALING_RETYR", "true")
+    assert main(["check-config"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "SELF_HEALING_MAX_RETRIES: 'lots' is invalid" in captured.err
+    assert "SELF_HEALING_CIRCUIT_BREAKER: 'maybe' is invalid" in captured.err
+    assert "did you mean SELF_HEALING_RETRY?" in captured.err
+
+
+def test_check_config_json_for_a_bad_environment(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clean_env.setenv("SELF_HEALING_LOG_LEVEL", "loud")
+    assert main(["check-config", "--json"]) == 2
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["valid"] is False
+    assert list(payload["problems"]) == ["SELF_HEALING_LOG_LEVEL"]
+
+
+# -- rules --------------------------------------------------------------------------------------
+def test_rules_prints_mermaid_by_default(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["rules", "resilient_db.examples.tasks:Task"]) == 0
+    out = capsys.readouterr().out
+    assert out == rdb.rules_to_mermaid(Task)
+    assert out.startswith("stateDiagram-v2\n")
+    assert 'state "in_progress" as' in out
+
+
+def test_rules_prints_dot(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["rules", "resilient_db.examples.tasks:Task", "--format", "dot"]) == 0
+    out = capsys.readouterr().out
+    assert out == rdb.rules_to_dot(Task)
+    assert out.startswith('digraph "Task.status" {')
+
+
+def test_rules_accepts_a_rules_object(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["rules", "resilient_db.examples.tasks:TASK_RULES"]) == 0
+    assert capsys.readouterr().out.startswith("stateDiagram-v2\n")
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("resilient_db.examples.tasks", "is not MODULE:MODEL"),
+        (":Task", "is not MODULE:MODEL"),
+        ("no_such_module_for_rdb:Task", "cannot import module 'no_such_module_for_rdb'"),
+        ("resilient_db.examples.tasks:Nope", "has no attribute 'Nope'"),
+        ("resilient_db.examples.tasks:Base", "is not a mapped class"),
+        ("resilient_db.examples.tasks:TaskHistory", "TaskHistory"),
+    ],
+)
+def test_rules_bad_target_is_a_clear_error(
+    target: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["rules", target]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("resilient-db rules: error: ")
+    assert message in captured.err
+
+
+def test_rules_imports_models_from_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "rdb_cli_models.py").write_text(
+        textwrap.dedent(
+            """
+            import resilient_db as rdb
+            from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+            class Base(DeclarativeBase):
+                pass
+
+            class Door(Base):
+                __tablename__ = "doors"
+                __transitions__ = rdb.TransitionRules(
+                    column="state",
+                    transitions={"closed": {"open"}, "open": {"closed"}},
+                    initial={"closed"},
+                )
+                id: Mapped[int] = mapped_column(primary_key=True)
+                state: Mapped[str]
+            """
+        )
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "rdb_cli_models", raising=False)
+    assert main(["rules", "rdb_cli_models:Door", "--format", "dot"]) == 0
+    assert '[label="open"]' in capsys.readouterr().out
+    sys.modules.pop("rdb_cli_models", None)
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:
+        main(["rules", "resilient_db.examples.tasks:Task", "--format", "svg"])
+    assert info.value.code == 2
+    assert "invalid choice: 'svg'" in capsys.readouterr().err
+
+
+def test_python_dash_m_runs_the_command() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "resilient_db", "rules", "resilient_db.examples.tasks:Task"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == rdb.rules_to_mermaid(Task)
+    version = subprocess.run(
+        [sys.executable, "-m", "resilient_db", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert version.stdout.strip() == f"resilient-db {rdb.__version__}"
+
+
+# -- metrics ------------------------------------------------------------------------------------
+METRIC_NAMES = [
+    "resilient_db_attempts_total",
+    "resilient_db_retries_total",
+    "resilient_db_recovered_total",
+    "resilient_db_gave_up_total",
+    "resilient_db_breaker_opens_total",
+    "resilient_db_breaker_rejections_total",
+    "resilient_db_breaker_state",
+    "resilient_db_commit_outcome_unknown_total",
+    "resilient_db_commits_verified_total",
+    "resilient_db_transitions_blocked_total",
+    "resilient_db_transitions_stale_total",
+    "resilient_db_transition_rows_filtered_total",
+    "resilient_db_transition_bypasses_total",
+    "resilient_db_healthy",
+]
+
+
+@pytest.fixture
+def tasks_engine(pg_url: str) -> Iterator[sa.Engine]:
+    engine = sa.create_engine(pg_url)
+    Base.metadata.create_all(engine)
+    with engine.begin() as conn:
+        rdb.install_transition_trigger(conn, Task)
+    yield engine
+    engine.dispose()
+
+
+def _exposition() -> str:
+    from prometheus_client import CollectorRegistry, generate_latest  # noqa: PLC0415
+
+    registry = CollectorRegistry()
+    registry.register(HealthCollector())
+    return generate_latest(registry).decode()
+
+
+def test_metrics_collector_exports_what_health_says(tasks_engine: sa.Engine) -> None:
+    service = "metrics-cli-test"
+    tasks: rdb.ResilientSession[Session] = rdb.ResilientSession(
+        tasks_engine, service=service, config=rdb.Config()
+    )
+    conflicts: list[int] = []
+
+    def create(session: Session) -> int:
+        task = create_task(session, title="t", idem_key="m-1")
+        session.flush()
+        if not conflicts:  # a real 40001 from the server, replayed once
+            conflicts.append(1)
+            session.execute(
+                sa.text("DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END $$")
+            )
+        return task.id
+
+    def illegal(session: Session, task_id: int) -> None:
+        task = session.get(Task, task_id)
+        assert task is not None
+        move_task(session, task, "completed", idem_key="m-2")
+
+    with rdb.set_testing():
+        task_id = tasks.run(create)
+        with pytest.raises(rdb.IllegalTransitionError):
+            tasks.run(illegal, task_id)
+
+    text = _exposition()
+    for name in METRIC_NAMES:
+        assert f"\n{name}" in text or text.startswith(f"# HELP {name}"), name
+    counters = rdb.health()["services"][service]["counters"]
+    label = f'service="{service}"'
+    assert f"resilient_db_attempts_total{{{label}}} {float(counters['attempts'])}" in text
+    assert f'resilient_db_retries_total{{class="conflict",{label}}} 1.0' in text
+    assert f"resilient_db_recovered_total{{{label}}} 1.0" in text
+    assert f'resilient_db_breaker_state{{{label},state="closed"}} 1.0' in text
+    assert f'resilient_db_breaker_state{{{label},state="open"}} 0.0' in text
+    blocked = rdb.health()["transitions"]["blocked_transitions"]
+    assert blocked >= 1
+    assert f"resilient_db_transitions_blocked_total {float(blocked)}" in text
+    assert "resilient_db_healthy 1.0" in text
+
+
+def test_metrics_show_an_open_breaker(pg_database: str, fault_proxy: Any) -> None:
+    service = "metrics-cli-breaker"
+    engine = sa.create_engine(fault_proxy.url(pg_database), connect_args={"connect_timeout": 2})
+    factory: rdb.ResilientSession[Session] = rdb.ResilientSession(
+        engine, service=service, config=rdb.Config(failure_threshold=1, max_retries=0)
+    )
+    fault_proxy.refuse(cut=True)
+    try:
+        with pytest.raises(sa_exc.OperationalError):
+            factory.run(lambda s: s.execute(sa.text("SELECT 1")).scalar())
+        text = _exposition()
+    finally:
+        fault_proxy.restore()
+        engine.dispose()
+    label = f'service="{service}"'
+    assert f'resilient_db_breaker_state{{{label},state="open"}} 1.0' in text
+    assert f"resilient_db_breaker_opens_total{{{label}}} 1.0" in text
+    assert "resilient_db_healthy 0.0" in text
+
+
+def test_metrics_http_endpoint_serves_the_collector() -> None:
+    server = serve(0)
+    try:
+        with urllib.request.urlopen(server.url, timeout=10) as response:
+            body = response.read().decode()
+    finally:
+        server.close()
+    assert server.url.startswith("http://127.0.0.1:")
+    assert "# TYPE resilient_db_healthy gauge" in body
+    assert "resilient_db_transitions_blocked_total" in body
+
+
+def test_demo_rejects_a_too_short_workload(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--seconds", "2"]) == 2
+    assert "--seconds must be at least" in capsys.readouterr().err

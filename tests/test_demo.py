@@ -1,0 +1,92 @@
+"""``resilient-db demo`` end to end, through the command's entry function: a short workload with
+every kind of fault, the JSON report, its invariants checked against the database, exit 0."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from resilient_db._cli import main
+from resilient_db.testing import PostgresServer
+
+REQUIRED_KEYS = {
+    "ok",
+    "units_ok",
+    "units_failed",
+    "retries",
+    "faults_injected",
+    "breaker_opens",
+    "illegal_transitions_blocked",
+    "lost_writes",
+    "duplicate_writes",
+    "illegal_states_in_db",
+    "commit_outcome_unknown",
+    "invariants",
+}
+INVARIANTS = {
+    "no_lost_writes",
+    "no_duplicate_writes",
+    "failed_units_left_no_writes",
+    "no_illegal_states",
+    "illegal_transitions_blocked",
+    "breaker_opened_and_closed",
+    "trigger_in_place",
+    "fault_kinds",
+    "demo_ran_cleanly",
+}
+
+
+def run_demo(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, Any], str]:
+    status = main(["demo", "--seconds", "8", "--json", "--seed", "7", *args])
+    captured = capsys.readouterr()
+    return status, json.loads(captured.out), captured.err
+
+
+def assert_healthy_report(report: dict[str, Any], progress: str) -> None:
+    failed = {k: v for k, v in report["invariants"].items() if not v["passed"]}
+    assert not failed, f"{failed}\n--- progress ---\n{progress}"
+    assert set(report) >= REQUIRED_KEYS
+    assert set(report["invariants"]) == INVARIANTS
+    assert report["ok"] is True
+    assert report["units_ok"] > 100
+    assert (report["lost_writes"], report["duplicate_writes"], report["illegal_states_in_db"]) == (
+        0,
+        0,
+        0,
+    )
+    assert report["breaker_opens"] >= 1
+    assert report["breaker_closes"] >= 1
+    assert len([k for k, n in report["faults_injected"].items() if n]) >= 5
+    assert report["illegal_transitions_blocked"] == report["faults_injected"]["illegal_transition"]
+    assert set(report["illegal_transitions_blocked_by_via"]) == {"flush", "orm-update", "db"}
+    assert report["retries"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.server_control
+def test_demo_on_the_embedded_server(capsys: pytest.CaptureFixture[str]) -> None:
+    status, report, progress = run_demo(capsys)
+    assert_healthy_report(report, progress)
+    assert status == 0
+    assert report["faults_injected"]["server_crash"] == 1
+    assert report["outages"][0]["kind"] == "server_crash"
+    assert report["server"].startswith("embedded PostgreSQL")
+    assert "time is up" in progress  # progress went to stderr as plain lines
+
+
+@pytest.mark.slow
+def test_demo_on_an_existing_server_never_crashes_it(
+    pg_server: PostgresServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = {row[0] for row in pg_server.execute("SELECT datname FROM pg_database")}
+    status, report, progress = run_demo(capsys, "--url", pg_server.url())
+    assert_healthy_report(report, progress)
+    assert status == 0
+    assert "server_crash" not in report["faults_injected"]
+    assert report["faults_injected"]["proxy_outage"] >= 1
+    assert report["server"].startswith("existing PostgreSQL")
+    after = {row[0] for row in pg_server.execute("SELECT datname FROM pg_database")}
+    assert after == before  # the scratch database is gone again
+    assert pg_server.is_running()

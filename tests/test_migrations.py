@@ -1,0 +1,136 @@
+"""The Alembic environment in ``migrations/``: upgrade and downgrade on a fresh database, the
+transition trigger installed by the migration, offline SQL, and the alembic command line."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import exc as sa_exc
+
+import resilient_db as rdb
+from resilient_db._demo import alembic_config, apply_migrations, downgrade_migrations
+from resilient_db.examples.tasks import Base, Task
+
+HEAD = "0001_tasks"
+
+
+@pytest.fixture
+def engine(pg_url: str) -> Iterator[sa.Engine]:
+    eng = sa.create_engine(pg_url)
+    yield eng
+    eng.dispose()
+
+
+def tables(engine: sa.Engine) -> set[str]:
+    return set(sa.inspect(engine).get_table_names())
+
+
+def trigger_functions(engine: sa.Engine) -> list[str]:
+    with engine.connect() as conn:
+        return list(
+            conn.execute(
+                sa.text("SELECT proname FROM pg_proc WHERE proname LIKE 'rdb_transition%'")
+            ).scalars()
+        )
+
+
+def version(engine: sa.Engine) -> str | None:
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def test_upgrade_creates_the_schema_of_the_models_with_the_trigger(
+    pg_url: str, engine: sa.Engine
+) -> None:
+    apply_migrations(pg_url)
+    assert tables(engine) == {"alembic_version", "tasks", "task_history"}
+    assert version(engine) == HEAD
+    with engine.connect() as conn:
+        assert rdb.trigger_drift(conn, Task) is None
+        # the migration builds exactly the tables the models declare
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+
+
+def test_the_migrated_trigger_blocks_raw_sql_and_lets_legal_moves_through(
+    pg_url: str, engine: sa.Engine
+) -> None:
+    apply_migrations(pg_url)
+    with engine.begin() as conn:
+        task_id = conn.execute(
+            sa.text("INSERT INTO tasks (idem_key, title) VALUES ('k1', 'first') RETURNING id")
+        ).scalar_one()
+        conn.execute(
+            sa.text("UPDATE tasks SET status = 'in_progress' WHERE id = :id"), {"id": task_id}
+        )
+    with pytest.raises(sa_exc.DBAPIError) as info, engine.begin() as conn:
+        conn.execute(
+            sa.text("UPDATE tasks SET status = 'cancelled' WHERE id = :id"), {"id": task_id}
+        )
+    assert rdb.sqlstate_of(info.value) == rdb.TRANSITION_SQLSTATE
+    with pytest.raises(sa_exc.DBAPIError) as born, engine.begin() as conn:
+        conn.execute(
+            sa.text("INSERT INTO tasks (idem_key, title, status) VALUES ('k2', 'x', 'completed')")
+        )
+    assert rdb.sqlstate_of(born.value) == rdb.TRANSITION_SQLSTATE
+
+
+def test_downgrade_removes_tables_and_trigger_and_upgrade_runs_again(
+    pg_url: str, engine: sa.Engine
+) -> None:
+    apply_migrations(pg_url)
+    downgrade_migrations(pg_url)
+    assert tables(engine) == {"alembic_version"}
+    assert trigger_functions(engine) == []
+    assert version(engine) is None
+    with engine.begin() as conn:  # on a connection the caller holds, in its transaction
+        apply_migrations(conn)
+    assert version(engine) == HEAD
+    with engine.connect() as conn:
+        assert rdb.trigger_drift(conn, Task) is None
+
+
+def test_trigger_drift_notices_a_dropped_trigger_after_migration(
+    pg_url: str, engine: sa.Engine
+) -> None:
+    apply_migrations(pg_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text('DROP TRIGGER "rdb_transition_status_upd" ON tasks'))
+    with engine.connect() as conn:
+        drift = rdb.trigger_drift(conn, Task)
+    assert drift is not None
+    assert "rdb_transition_status_upd is missing" in drift
+
+
+def test_offline_sql_includes_the_tables_and_the_trigger() -> None:
+    buffer = io.StringIO()
+    cfg = alembic_config()
+    cfg.output_buffer = buffer
+    cfg.set_main_option("sqlalchemy.url", "postgresql+psycopg://offline@localhost/offline")
+    command.upgrade(cfg, "head", sql=True)
+    sql = buffer.getvalue()
+    assert "CREATE TABLE tasks" in sql
+    assert "CREATE TABLE task_history" in sql
+    assert 'CREATE TRIGGER "rdb_transition_status_upd" BEFORE UPDATE ON "tasks"' in sql
+    assert "ERRCODE = 'RDB01'" in sql
+
+
+def test_alembic_command_line_with_the_url_option(pg_url: str, engine: sa.Engine) -> None:
+    ini = alembic_config().config_file_name
+    done = subprocess.run(
+        [sys.executable, "-m", "alembic", "-c", ini, "-x", f"url={pg_url}", "upgrade", "head"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Running upgrade  -> 0001_tasks" in done.stderr
+    assert version(engine) == HEAD
