@@ -17,6 +17,7 @@ import contextlib
 import functools
 import inspect
 import time
+import types
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, cast, overload
 
@@ -248,8 +249,9 @@ class AsyncResilientSession(FactoryCore, Generic[S]):
     ) -> R:
         own = session is None
         s: AsyncSession = self._maker() if session is None else session
-        s.info[UNIT_KEY] = True
-        s.info[WROTE_KEY] = False
+        info = s.sync_session.info
+        info[UNIT_KEY] = True
+        info[WROTE_KEY] = False
         token = current_unit.set(ActiveUnit(self, s))
         failed = False
         try:
@@ -263,7 +265,7 @@ class AsyncResilientSession(FactoryCore, Generic[S]):
                 raise
         finally:
             current_unit.reset(token)
-            s.info.pop(UNIT_KEY, None)
+            info.pop(UNIT_KEY, None)
             if own:
                 await (_close_quietly(s) if failed else s.close())
 
@@ -351,6 +353,8 @@ async def _awaited(
 ) -> R:
     """``await fn(session, ...)``; a function that returns no awaitable is a usage error."""
     result = fn(session, *args, **kwargs)
+    if type(result) is types.CoroutineType:  # the common case, without inspect's ABC checks
+        return cast(R, await result)
     if not inspect.isawaitable(result):
         raise TypeError(
             f"{_name(fn)} returned {type(result).__name__}, not an awaitable: units of an "

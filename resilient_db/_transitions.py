@@ -486,8 +486,8 @@ def _sort_key(key: object) -> tuple[int, str]:
 @event.listens_for(Mapper, "mapper_configured")
 def _on_mapper_configured(mapper: Mapper[Any], class_: type[Any]) -> None:
     """Validate ``__transitions__`` as soon as the mapper is configured (fail early)."""
-    if getattr(class_, "__transitions__", None) is not None:
-        _guards(mapper)
+    if getattr(class_, "__transitions__", None) is not None and _guards(mapper):
+        _enable_bulk_guard()
 
 
 def _mapper_of(target: object) -> Mapper[Any]:
@@ -608,11 +608,37 @@ def install_guard(session_class: type[Session]) -> None:
         raise TypeError(f"install_guard() needs a Session subclass, got {session_class!r}")
     for name, fn in (
         ("before_flush", _before_flush),
-        ("do_orm_execute", _do_orm_execute),
         ("after_transaction_end", _after_transaction_end),
     ):
         if not event.contains(session_class, name, fn):
             event.listen(session_class, name, fn)
+    with _registry_lock:
+        _guarded_session_classes.add(session_class)
+        needed = _bulk_guard_needed
+    if needed:
+        _listen_bulk_guard(session_class)
+
+
+# A ``do_orm_execute`` listener makes SQLAlchemy build an ORMExecuteState for every statement
+# (several microseconds each), so the bulk-UPDATE guard is registered only once a model with
+# ``__transitions__`` has been configured: applications without rules don't pay for it. Mappers
+# configure before any statement naming them can run, so no guarded UPDATE gets past.
+_guarded_session_classes: weakref.WeakSet[type[Session]] = weakref.WeakSet()
+_bulk_guard_needed = False
+
+
+def _listen_bulk_guard(session_class: type[Session]) -> None:
+    if not event.contains(session_class, "do_orm_execute", _do_orm_execute):
+        event.listen(session_class, "do_orm_execute", _do_orm_execute)
+
+
+def _enable_bulk_guard() -> None:
+    global _bulk_guard_needed
+    with _registry_lock:
+        _bulk_guard_needed = True
+        classes = list(_guarded_session_classes)
+    for session_class in classes:
+        _listen_bulk_guard(session_class)
 
 
 def _active_config(session: Session) -> Config | None:

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from sqlalchemy import event, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import ORMExecuteState, Session
+from sqlalchemy.orm import Session
 
 from ._classify import Classifier, Outcome
 from ._config import Config, load_config, register_default_user
@@ -162,10 +162,40 @@ class ResilientORMSession(Session):
     it records whether a unit may have written (for COMMIT-outcome verification) and retries a
     connection that fails before the transaction has sent anything (drop-in use)."""
 
+    # Write tracking: a unit that may have written records its transaction id before COMMIT.
+    # Statements are checked here rather than in a ``do_orm_execute`` listener, which would make
+    # SQLAlchemy build an ORMExecuteState for every statement; flushes are seen by after_flush.
+    def execute(self, statement: Any, *args: Any, **kwargs: Any) -> Any:
+        if not getattr(statement, "is_select", False):
+            self.info[WROTE_KEY] = True
+        return super().execute(statement, *args, **kwargs)
+
+    def scalar(self, statement: Any, *args: Any, **kwargs: Any) -> Any:
+        if not getattr(statement, "is_select", False):
+            self.info[WROTE_KEY] = True
+        return super().scalar(statement, *args, **kwargs)
+
+    def scalars(self, statement: Any, *args: Any, **kwargs: Any) -> Any:
+        if not getattr(statement, "is_select", False):
+            self.info[WROTE_KEY] = True
+        return super().scalars(statement, *args, **kwargs)
+
     def connection(self, *args: Any, **kwargs: Any) -> Any:
         # Whatever runs on the raw connection is invisible to the ORM: assume it writes.
         self.info[WROTE_KEY] = True
         return super().connection(*args, **kwargs)
+
+    def bulk_save_objects(self, *args: Any, **kwargs: Any) -> None:
+        self.info[WROTE_KEY] = True  # the legacy bulk methods fire no flush events
+        super().bulk_save_objects(*args, **kwargs)
+
+    def bulk_insert_mappings(self, *args: Any, **kwargs: Any) -> None:
+        self.info[WROTE_KEY] = True
+        super().bulk_insert_mappings(*args, **kwargs)
+
+    def bulk_update_mappings(self, *args: Any, **kwargs: Any) -> None:
+        self.info[WROTE_KEY] = True
+        super().bulk_update_mappings(*args, **kwargs)
 
     def _connection_for_bind(self, engine: Any, execution_options: Any = None, **kw: Any) -> Any:
         factory = self.info.get(FACTORY_KEY)
@@ -180,16 +210,10 @@ class ResilientORMSession(Session):
         return factory._connect_policy_call(lambda: parent(engine, execution_options, **kw))
 
 
-def _note_orm_write(state: ORMExecuteState) -> None:
-    if not state.is_select:
-        state.session.info[WROTE_KEY] = True
-
-
 def _note_flush(session: Session, flush_context: Any) -> None:
     session.info[WROTE_KEY] = True
 
 
-event.listen(ResilientORMSession, "do_orm_execute", _note_orm_write)
 event.listen(ResilientORMSession, "after_flush", _note_flush)
 
 
@@ -208,7 +232,6 @@ def session_class_for(base: type[Session] | None) -> type[Session]:
                 cls = base
             else:
                 cls = type(f"Resilient{base.__name__}", (ResilientORMSession, base), {})
-                event.listen(cls, "do_orm_execute", _note_orm_write)
                 event.listen(cls, "after_flush", _note_flush)
             _session_classes[base] = cls
         install_guard(cls)

@@ -31,8 +31,13 @@ def test_readme_examples_run_as_written(
     for n, block in enumerate(python_blocks(), start=1):
         code = compile(block, f"README.md python block {n}", "exec")
         exec(code, namespace)
-    out = capsys.readouterr().out.split()
-    assert out[:2] == ["in_progress", "in_progress"]
-    assert "blocked" in out
-    assert out[-2:] == ["completed", "completed"]
+    out = capsys.readouterr().out.splitlines()
+    assert out == [
+        "in_progress",
+        "completed",
+        "completed -> pending blocked at flush",
+        "1",
+        "in_progress",
+        "in_progress",
+    ]
     namespace["engine"].dispose()  # type: ignore[attr-defined]

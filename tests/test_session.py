@@ -372,6 +372,44 @@ def test_commit_answer_lost_is_verified_and_never_written_twice(
     engine.dispose()
 
 
+WRITE_PATHS = {
+    "text": lambda s: s.execute(sa.text("INSERT INTO items (id, name) VALUES (1, 'w')")),
+    "core-insert": lambda s: s.execute(sa.insert(Item).values(id=1, name="w")),
+    "scalar-returning": lambda s: s.scalar(
+        sa.insert(Item).values(id=1, name="w").returning(Item.id)
+    ),
+    "raw-connection": lambda s: s.connection().execute(sa.insert(Item).values(id=1, name="w")),
+    "bulk-mappings": lambda s: s.bulk_insert_mappings(Item, [{"id": 1, "name": "w"}]),
+    "orm-bulk-update": lambda s: s.execute(sa.update(Item).where(Item.id == 0).values(name="w")),
+}
+
+
+@pytest.mark.parametrize("path", sorted(WRITE_PATHS))
+def test_every_write_path_is_verified_after_a_lost_commit_answer(
+    pg_database: str, fault_proxy: Any, service: str, pg_url: str, path: str
+) -> None:
+    engine = sa.create_engine(fault_proxy.url(pg_database))
+    Base.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.insert(Item).values(id=0, name="seed"))
+    Session = rdb.ResilientSession(engine, service=service, config=rdb.Config())
+    calls: list[int] = []
+
+    def unit(session: Session) -> None:
+        calls.append(1)
+        WRITE_PATHS[path](session)
+
+    fault_proxy.lose_commit_answer()
+    Session.run(unit)
+    assert fault_proxy.commits_lost == 1
+    assert calls == [1]  # verified committed on the server: not replayed
+    assert rdb.health()["services"][service]["counters"]["verified_commits"] == 1
+    direct = sa.create_engine(pg_url)
+    assert count_items(direct, "w") == 1
+    direct.dispose()
+    engine.dispose()
+
+
 def test_commit_answer_lost_and_unverifiable_raises_commit_outcome_unknown(
     pg_database: str, fault_proxy: Any, service: str, pg_url: str
 ) -> None:
