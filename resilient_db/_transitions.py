@@ -43,7 +43,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, Result
 from sqlalchemy.engine.result import null_result
-from sqlalchemy.orm import Mapper, ORMExecuteState, Session, SessionTransaction, UOWTransaction
+from sqlalchemy.orm import Mapper, ORMExecuteState, Session, UOWTransaction
 from sqlalchemy.orm.base import PASSIVE_NO_INITIALIZE
 from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.sql.elements import BindParameter, ClauseElement, ColumnElement, Null
@@ -606,12 +606,10 @@ def install_guard(session_class: type[Session]) -> None:
     """
     if not (isinstance(session_class, type) and issubclass(session_class, Session)):
         raise TypeError(f"install_guard() needs a Session subclass, got {session_class!r}")
-    for name, fn in (
-        ("before_flush", _before_flush),
-        ("after_transaction_end", _after_transaction_end),
-    ):
-        if not event.contains(session_class, name, fn):
-            event.listen(session_class, name, fn)
+    # A bypass ends with its transaction: _bypassed() compares the marker with the current
+    # transaction, so no after_transaction_end listener is needed on every transaction.
+    if not event.contains(session_class, "before_flush", _before_flush):
+        event.listen(session_class, "before_flush", _before_flush)
     with _registry_lock:
         _guarded_session_classes.add(session_class)
         needed = _bulk_guard_needed
@@ -658,11 +656,6 @@ def _bypassed(session: Session) -> bool:
         return True
     session.info.pop(_BYPASS_INFO_KEY, None)
     return False
-
-
-def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
-    if transaction.parent is None and session.info.get(_BYPASS_INFO_KEY) is transaction:
-        del session.info[_BYPASS_INFO_KEY]
 
 
 class _Change(NamedTuple):

@@ -342,7 +342,7 @@ class EngineHooks:
     def checkout(self, dbapi_connection: Any, record: Any, proxy: Any) -> None:
         if not self.config.enabled:
             return
-        if connection_looks_dead(dbapi_connection):
+        if connection_looks_dead(dbapi_connection, record.info):
             emit(
                 self.config,
                 log_session,
@@ -374,7 +374,7 @@ def hooks_for(engine: Engine, config: Config, classifier: Classifier, service: s
         return hooks
 
 
-def connection_looks_dead(dbapi_connection: Any) -> bool:
+def connection_looks_dead(dbapi_connection: Any, cache: dict[str, Any] | None = None) -> bool:
     """True when an idle pooled connection has been closed by the server.
 
     Written by hand because SQLAlchemy's ``pool_pre_ping`` costs a network round trip on every
@@ -389,14 +389,22 @@ def connection_looks_dead(dbapi_connection: Any) -> bool:
     if callable(is_closed):  # asyncpg through SQLAlchemy's adapter
         if is_closed():
             return True
-        transport = getattr(inner, "_transport", None)
-        sock = transport.get_extra_info("socket") if transport is not None else None
-        if sock is None:
-            return False
-        try:
-            return _readable(sock.fileno())
-        except Exception:
-            return True
+        # The socket's descriptor, looked up once per connection (``get_extra_info`` is slow).
+        cached = cache.get(_FD_KEY) if cache is not None else None
+        if cached is not None and cached[0] is inner:
+            fd = cached[1]
+        else:
+            transport = getattr(inner, "_transport", None)
+            sock = transport.get_extra_info("socket") if transport is not None else None
+            if sock is None:
+                return False
+            try:
+                fd = sock.fileno()
+            except Exception:
+                return True
+            if cache is not None:
+                cache[_FD_KEY] = (inner, fd)
+        return _readable(fd)
     pgconn = getattr(dbapi_connection, "pgconn", None)
     if pgconn is None:  # not psycopg 3: no cheap check; SQLAlchemy's handling applies
         return False
@@ -407,6 +415,9 @@ def connection_looks_dead(dbapi_connection: Any) -> bool:
     except Exception:
         return True
     return _readable(fd)
+
+
+_FD_KEY = "resilient_db.socket_fd"
 
 
 def _readable(fd: int) -> bool:
