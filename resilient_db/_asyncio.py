@@ -41,7 +41,7 @@ from ._unit import (
     CommitVerdict,
     FactoryCore,
     ResilientORMSession,
-    current_unit,
+    async_units,
     flush_and_commit,
     verdict_of,
 )
@@ -170,11 +170,12 @@ class AsyncResilientSession(FactoryCore, Generic[S]):
 
         On a transient error anywhere in the unit (COMMIT included) the session is rolled back
         and ``fn`` runs again with a fresh one, after a backoff. Inside another unit of this
-        factory (same task, or a task created inside it), ``fn`` joins the outer unit's session
-        and runs once (the outer unit retries). Cancellation is never retried.
+        factory in the same task, ``fn`` joins the outer unit's session and runs once (the outer
+        unit retries); a task created inside a unit runs units of its own, since an AsyncSession
+        must not be shared between tasks. Cancellation is never retried.
         """
         _require_callable(fn, "AsyncResilientSession.run")
-        active = current_unit.get()
+        active = async_units.get(asyncio.current_task())
         if active is not None:
             if active.factory is self:
                 return await _awaited(fn, active.session, args, kwargs)
@@ -252,34 +253,44 @@ class AsyncResilientSession(FactoryCore, Generic[S]):
         info = s.sync_session.info
         info[UNIT_KEY] = True
         info[WROTE_KEY] = False
-        token = current_unit.set(ActiveUnit(self, s))
+        task = asyncio.current_task()
+        outer = async_units.get(task)  # a unit of another factory, running once inside it
+        async_units[task] = ActiveUnit(self, s)
         failed = False
         try:
             try:
-                result = await _awaited(fn, s, args, kwargs)  # the session begins on first use
-                await self._commit(s)
-                return result
+                # inline, not through helper coroutines: this is every unit's path
+                result = fn(s, *args, **kwargs)  # the session begins on first use
+                if type(result) is not types.CoroutineType:
+                    _require_awaitable(fn, result)
+                value: R = await result
+                xid_box: list[str | None] = []
+                try:
+                    await s.run_sync(flush_and_commit, xid_box)  # one greenlet hop to the end
+                except Exception as exc:
+                    await self._commit_failed(exc, xid_box)
+                return value
             except BaseException:
                 failed = True
                 await _rollback_quietly(s)
                 raise
         finally:
-            current_unit.reset(token)
+            if outer is None:
+                del async_units[task]
+            else:
+                async_units[task] = outer
             info.pop(UNIT_KEY, None)
             if own:
                 await (_close_quietly(s) if failed else s.close())
 
-    async def _commit(self, s: AsyncSession) -> None:
-        xid_box: list[str | None] = []
-        try:
-            await s.run_sync(flush_and_commit, xid_box)  # one greenlet hop for the whole end
-        except Exception as exc:
-            xid = xid_box[0] if xid_box else None
-            outcome = self._referee.must_verify(exc, xid)
-            if outcome is None or xid is None:
-                raise
-            if not self._referee.settle(xid, await self._verify_commit(xid), outcome, exc):
-                raise
+    async def _commit_failed(self, exc: Exception, xid_box: list[str | None]) -> None:
+        """COMMIT failed: return if it was verified committed, else raise."""
+        xid = xid_box[0] if xid_box else None
+        outcome = self._referee.must_verify(exc, xid)
+        if outcome is None or xid is None:
+            raise exc
+        if not self._referee.settle(xid, await self._verify_commit(xid), outcome, exc):
+            raise exc
 
     async def _verify_commit(self, xid: str) -> CommitVerdict:
         """Ask the server what became of transaction ``xid``, reconnecting with backoff."""
@@ -353,14 +364,17 @@ async def _awaited(
 ) -> R:
     """``await fn(session, ...)``; a function that returns no awaitable is a usage error."""
     result = fn(session, *args, **kwargs)
-    if type(result) is types.CoroutineType:  # the common case, without inspect's ABC checks
-        return cast(R, await result)
+    if type(result) is not types.CoroutineType:  # the common case skips inspect's ABC checks
+        _require_awaitable(fn, result)
+    return await result
+
+
+def _require_awaitable(fn: Any, result: object) -> None:
     if not inspect.isawaitable(result):
         raise TypeError(
             f"{_name(fn)} returned {type(result).__name__}, not an awaitable: units of an "
             f"AsyncResilientSession are async functions (async def); {_SYNC_HINT}"
         )
-    return await result
 
 
 def _name(fn: Any) -> str:
