@@ -338,8 +338,7 @@ class EngineHooks:
             database_error = ctx.sqlalchemy_exception or original
             mapped = exception_from_db(database_error, log=True)
             if mapped is not None:
-                mapped.__cause__ = database_error
-                return mapped
+                return mapped  # SQLAlchemy raises it from the driver's error
         return None
 
     def checkout(self, dbapi_connection: Any, record: Any, proxy: Any) -> None:
