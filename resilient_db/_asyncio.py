@@ -183,7 +183,15 @@ class AsyncResilientSession(FactoryCore, Generic[S]):
         if not self.config.enabled:
             async with self._maker.begin() as session:
                 return await _awaited(fn, session, args, kwargs)
-        return await self.policy.acall(lambda: self._attempt(fn, args, kwargs))
+        # Policy.acall, with its first attempt inline: one coroutine fewer on every unit's path.
+        policy = self.policy
+        probe = policy.admit()
+        try:
+            result = await self._attempt(fn, args, kwargs)
+        except BaseException as exc:
+            return await policy.afailed(lambda: self._attempt(fn, args, kwargs), exc, probe)
+        policy.succeeded(probe)
+        return result
 
     async def run_in(
         self,
@@ -340,6 +348,8 @@ _SYNC_HINT = (
 
 
 def _require_callable(fn: Any, where: str) -> None:
+    if type(fn) is types.FunctionType:  # every unit passes here: the common case first
+        return
     if inspect.iscoroutine(fn):
         fn.close()  # never awaited: close it so it leaves no "never awaited" warning behind
         raise TypeError(

@@ -75,6 +75,11 @@ class ServiceStats:
         with self._lock:
             setattr(self, name, getattr(self, name) + amount)
 
+    def add_attempt(self) -> None:
+        """One attempt (every unit's path: no name lookups)."""
+        with self._lock:
+            self.attempts += 1
+
     def add_retry(self, outcome: str) -> None:
         with self._lock:
             self.retries += 1

@@ -140,7 +140,7 @@ class Policy:
             return False
 
     def succeeded(self, probe: bool) -> None:
-        self.stats.add("attempts")
+        self.stats.add_attempt()
         breaker = self.breaker
         if breaker is not None:
             try:
@@ -150,7 +150,7 @@ class Policy:
 
     def failed(self, exc: BaseException, probe: bool) -> Outcome:
         """Classify ``exc`` and record it with the breaker; returns its outcome."""
-        self.stats.add("attempts")
+        self.stats.add_attempt()
         outcome = self.classifier.classify(exc)
         breaker = self.breaker
         if breaker is not None:
@@ -306,11 +306,18 @@ class Policy:
         try:
             result = await attempt()
         except BaseException as exc:
-            if not self.retryable(self.failed(exc, probe)):
-                raise
-            return await self._acall_retrying(attempt, exc)
+            return await self.afailed(attempt, exc, probe)
         self.succeeded(probe)
         return result
+
+    async def afailed(
+        self, attempt: Callable[[], Awaitable[T]], exc: BaseException, probe: bool
+    ) -> T:
+        """The first attempt of :meth:`acall` failed with ``exc``: record it, then retry or
+        re-raise it. Async drivers that run the first attempt inline call this directly."""
+        if not self.retryable(self.failed(exc, probe)):
+            raise exc
+        return await self._acall_retrying(attempt, exc)
 
     async def _acall_retrying(self, attempt: Callable[[], Awaitable[T]], first: BaseException) -> T:
         pending = [first]
