@@ -3,6 +3,7 @@
     python bench/overhead.py            # or: make bench
     python bench/overhead.py --json     # machine-readable
     python bench/overhead.py --url postgresql+psycopg://...   # an existing server
+    python bench/overhead.py --pin      # server and benchmark on separate CPUs
 
 Cases, each a primary-key SELECT unit of work (new session, SELECT by id, commit):
 - sync, 1 thread: median latency ratio of ``ResilientSession.run`` to ``sessionmaker.begin()``
@@ -23,12 +24,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pybreaker
@@ -335,11 +338,46 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def pin_apart(postmaster_pid_file: Path) -> None:
+    """The server's processes on the last CPU, this process on the others (Linux only).
+
+    Client and server then stop competing for the same cores, as when the database runs on its
+    own host. New backends inherit the postmaster's CPU set.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("--pin needs at least two CPUs")
+    postmaster = int(postmaster_pid_file.read_text().split()[0])
+    server_cpu = {cpus[-1]}
+    for pid in [postmaster, *_children(postmaster)]:
+        os.sched_setaffinity(pid, server_cpu)
+    os.sched_setaffinity(0, set(cpus[:-1]))
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", help="SQLAlchemy URL (postgresql+psycopg://...) of a server")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="run the embedded server on one CPU and the benchmark on another, as if the "
+        "database were on its own host (default: share every CPU)",
+    )
     args = parser.parse_args(argv)
     if args.url:
         url = args.url
@@ -352,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         with EmbeddedPostgres() as server:
             server.create_database("bench")
+            if args.pin:
+                pin_apart(server.data_dir / "postmaster.pid")
             result = run(
                 server.url("bench"), server.url("bench", driver="asyncpg"), quick=args.quick
             )
