@@ -289,7 +289,9 @@ class AsyncResilientSession(FactoryCore, Generic[S]):
                 async_units[task] = outer
             info.pop(UNIT_KEY, None)
             if own:
-                await (_close_quietly(s) if failed else s.close())
+                # Shielded, as AsyncSession.__aexit__ does: a cancellation arriving now must not
+                # leave the session half closed and its connection out of the pool.
+                await asyncio.shield(asyncio.create_task(_close(s, quiet=failed)))
 
     async def _commit_failed(self, exc: Exception, xid_box: list[str | None]) -> None:
         """COMMIT failed: return if it was verified committed, else raise."""
@@ -326,8 +328,12 @@ async def _rollback_quietly(session: AsyncSession) -> None:
         log_session.debug("rollback after a failed attempt failed too", exc_info=True)
 
 
-async def _close_quietly(session: AsyncSession) -> None:
-    """Close after a failed attempt; the attempt's error is the one to raise."""
+async def _close(session: AsyncSession, *, quiet: bool) -> None:
+    """Close a unit's session. After a failed attempt (``quiet``) the attempt's error is the one
+    to raise, so a failure to close is only logged."""
+    if not quiet:
+        await session.close()
+        return
     try:
         await session.close()
     except Exception:
