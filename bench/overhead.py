@@ -350,7 +350,10 @@ def pin_apart(postmaster_pid_file: Path) -> None:
     postmaster = int(postmaster_pid_file.read_text().split()[0])
     server_cpu = {cpus[-1]}
     for pid in [postmaster, *_children(postmaster)]:
-        os.sched_setaffinity(pid, server_cpu)
+        try:
+            os.sched_setaffinity(pid, server_cpu)
+        except ProcessLookupError:  # a short-lived child that has already exited
+            continue
     os.sched_setaffinity(0, set(cpus[:-1]))
 
 
