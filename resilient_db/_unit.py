@@ -29,7 +29,7 @@ from ._transitions import exception_from_db, install_guard
 
 T = TypeVar("T")
 
-# Keys in Session.info. GUARD_INFO_KEY is shared with the transition guard.
+# Keys in Session.info. CONFIG_KEY is the transition guard's GUARD_INFO_KEY too.
 CONFIG_KEY = "resilient_db.config"
 FACTORY_KEY = "resilient_db.factory"
 WROTE_KEY = "resilient_db.maybe_wrote"
@@ -51,10 +51,8 @@ class ActiveUnit(NamedTuple):
 current_unit: contextvars.ContextVar[ActiveUnit | None] = contextvars.ContextVar(
     "resilient_db_unit", default=None
 )
-# Async units, by task. Not a ContextVar: setting one in a task slows every later step of that
-# task that SQLAlchemy runs in a greenlet (measured: about 2.5 % of a primary-key SELECT unit at
-# 32 tasks); and a task created inside a unit is a separate unit of its own, as it should be
-# (an AsyncSession must not be shared between tasks).
+# Async units, by task. Not a ContextVar, which a task created inside a unit would inherit: such
+# a task runs units of its own, since an AsyncSession must not be shared between tasks.
 async_units: dict[Any, ActiveUnit] = {}
 
 
