@@ -25,12 +25,12 @@ from ._config import Config, load_config, register_default_user
 from ._errors import CommitOutcomeUnknownError
 from ._observability import emit, log_session
 from ._retry import Policy
-from ._transitions import exception_from_db, install_guard
+from ._transitions import GUARD_INFO_KEY, exception_from_db, install_guard
 
 T = TypeVar("T")
 
 # Keys in Session.info. CONFIG_KEY is the transition guard's GUARD_INFO_KEY too.
-CONFIG_KEY = "resilient_db.config"
+CONFIG_KEY = GUARD_INFO_KEY
 FACTORY_KEY = "resilient_db.factory"
 WROTE_KEY = "resilient_db.maybe_wrote"
 UNIT_KEY = "resilient_db.unit"
