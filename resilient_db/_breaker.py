@@ -40,11 +40,12 @@ class _LogListener(_pb.CircuitBreakerListener):
         new = new_state.name
         if new == OPEN:
             stats_for(b.service).add("breaker_opens")
-            why = (
-                "a half-open probe failed"
-                if getattr(old_state, "name", None) == HALF_OPEN
-                else f"{cb.fail_counter} consecutive failures"
-            )
+            if getattr(old_state, "name", None) == HALF_OPEN:
+                why = "a half-open probe failed"
+            elif cb.fail_counter:
+                why = f"{cb.fail_counter} consecutive failures"
+            else:
+                why = "an explicit open()"
             emit(
                 b.config,
                 log_breaker,

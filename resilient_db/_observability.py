@@ -26,6 +26,10 @@ _LEVELS = {
     "error": logging.ERROR,
 }
 
+# A library leaves output to the application's logging configuration (no "last resort" printing
+# to stderr when there is none): configure the "resilient_db" logger to see [SELF-HEAL] lines.
+logging.getLogger("resilient_db").addHandler(logging.NullHandler())
+
 log_retry = logging.getLogger("resilient_db.retry")
 log_breaker = logging.getLogger("resilient_db.breaker")
 log_session = logging.getLogger("resilient_db.session")
