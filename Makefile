@@ -21,6 +21,7 @@ lint: $(STAMP)
 
 types: $(STAMP)
 	$(BIN)/mypy
+	$(BIN)/mypy --strict tests/typing
 
 pytest: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)

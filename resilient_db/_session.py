@@ -48,6 +48,37 @@ class ResilientSession(FactoryCore, Generic[S]):
     :func:`reload_config`) unless ``config=`` is given.
     """
 
+    @overload
+    def __init__(
+        self: ResilientSession[Session],
+        engine: Engine,
+        service: str = ...,
+        *,
+        config: Config | None = ...,
+        classifier: Classifier | None = ...,
+        breaker_storage: Any = ...,
+        breaker_listeners: tuple[Any, ...] = ...,
+        sleep: Callable[[float], None] = ...,
+        clock: Callable[[], float] = ...,
+        wall_clock: Callable[[], float] | None = ...,
+        **sessionmaker_kwargs: Any,
+    ) -> None: ...
+    @overload
+    def __init__(
+        self: ResilientSession[S],
+        engine: Engine,
+        service: str = ...,
+        *,
+        class_: type[S],
+        config: Config | None = ...,
+        classifier: Classifier | None = ...,
+        breaker_storage: Any = ...,
+        breaker_listeners: tuple[Any, ...] = ...,
+        sleep: Callable[[float], None] = ...,
+        clock: Callable[[], float] = ...,
+        wall_clock: Callable[[], float] | None = ...,
+        **sessionmaker_kwargs: Any,
+    ) -> None: ...
     def __init__(
         self,
         engine: Engine,
