@@ -215,7 +215,11 @@ def _note_flush(session: Session, flush_context: Any) -> None:
     session.info[WROTE_KEY] = True
 
 
+# Session events registered on a class reach its subclasses: everything is registered once, on
+# ResilientORMSession, and every session class made below inherits it (registering again on a
+# subclass would run the listener twice, the guard's locked SELECT included).
 event.listen(ResilientORMSession, "after_flush", _note_flush)
+install_guard(ResilientORMSession)
 
 
 _session_classes: dict[type[Session], type[Session]] = {ResilientORMSession: ResilientORMSession}
@@ -233,9 +237,7 @@ def session_class_for(base: type[Session] | None) -> type[Session]:
                 cls = base
             else:
                 cls = type(f"Resilient{base.__name__}", (ResilientORMSession, base), {})
-                event.listen(cls, "after_flush", _note_flush)
             _session_classes[base] = cls
-        install_guard(cls)
         return cls
 
 

@@ -94,3 +94,34 @@ async def test_trigger_block_through_an_async_unit_is_illegal_transition_via_db(
             assert task.status == "completed"
     finally:
         await aengine.dispose()
+
+
+def test_one_guard_check_per_flush_whatever_the_session_class(engine: sa.Engine) -> None:
+    """Listeners live on the base session class; a class_= factory beside a default one must
+    not run them twice (one locked SELECT per flush, not two)."""
+
+    class AppSession(Session):
+        pass
+
+    plain_factory = rdb.ResilientSession(engine, service=f"guard-{next(_services)}")
+    custom = rdb.ResilientSession(engine, service=f"guard-{next(_services)}", class_=AppSession)
+    locked: list[str] = []
+
+    def note(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "FOR UPDATE" in statement:
+            locked.append(statement)
+
+    sa.event.listen(engine, "before_cursor_execute", note)
+    try:
+        for factory in (plain_factory, custom):
+            with engine.begin() as conn:  # back to a state from which "pending" is legal
+                conn.execute(sa.text("ALTER TABLE tasks DISABLE TRIGGER USER"))
+                conn.execute(sa.text("UPDATE tasks SET status = 'in_progress' WHERE id = 1"))
+                conn.execute(sa.text("ALTER TABLE tasks ENABLE TRIGGER USER"))
+            locked.clear()
+            factory.run(lambda s: setattr(s.get(Task, 1), "status", "pending"))
+            assert len(locked) == 1, factory
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", note)
+    with custom() as session:
+        assert isinstance(session, AppSession)
