@@ -838,37 +838,29 @@ def _compare_and_set(session: Session, changes: list[_Change]) -> list[IllegalTr
             guard = change.guard
             found = current.get(change.identity)
             if found is None:
-                errors.append(
-                    StaleTransitionError(
-                        model=guard.model,
-                        pk=change.pk,
-                        column=guard.attr_key,
-                        from_state=change.old,
-                        to_state=change.new,
-                        via="flush",
-                        reason="the row no longer exists",
-                    )
-                )
+                errors.append(_stale(change, "the row no longer exists"))
                 continue
             db_value = found[n_pk + next(i for i, c in enumerate(columns) if c is guard.column)]
             if not change.old_known:
                 if not guard.legal(guard.key(db_value), guard.key(change.new)):
                     errors.append(_illegal(change, db_value, "flush"))
             elif guard.key(db_value) != guard.key(change.old):
-                errors.append(
-                    StaleTransitionError(
-                        model=guard.model,
-                        pk=change.pk,
-                        column=guard.attr_key,
-                        from_state=change.old,
-                        to_state=change.new,
-                        via="flush",
-                        reason=(
-                            f"the row now holds {_plain(db_value)!r}; reload it and decide again"
-                        ),
-                    )
-                )
+                reason = f"the row now holds {_plain(db_value)!r}; reload it and decide again"
+                errors.append(_stale(change, reason))
     return errors
+
+
+def _stale(change: _Change, reason: str) -> StaleTransitionError:
+    guard = change.guard
+    return StaleTransitionError(
+        model=guard.model,
+        pk=change.pk,
+        column=guard.attr_key,
+        from_state=change.old,
+        to_state=change.new,
+        via="flush",
+        reason=reason,
+    )
 
 
 # ORM-enabled bulk UPDATE ----------------------------------------------------------------------

@@ -275,7 +275,7 @@ class FactoryCore:
         self._hooks = hooks_for(sync_engine, self.config, self.classifier, service)
         kwargs = dict(maker_kwargs)
         kwargs[self._class_kw] = session_class_for(kwargs.get(self._class_kw))
-        kwargs["info"] = self._info = self._own_info(kwargs.get("info"))
+        kwargs["info"] = self._own_info(kwargs.get("info"))
         return kwargs
 
     def _own_info(self, info: dict[str, Any] | None) -> dict[str, Any]:
@@ -291,8 +291,7 @@ class FactoryCore:
 
     def _apply_config(self, config: Config) -> None:
         self.config = config
-        self._info[CONFIG_KEY] = config
-        self._maker.kw["info"][CONFIG_KEY] = config
+        self._maker.kw["info"][CONFIG_KEY] = config  # copied into every new session
         self.policy.apply_config(config)
         self._hooks.config = config
 
@@ -301,7 +300,7 @@ class FactoryCore:
         if self._class_kw in new_kw:
             new_kw[self._class_kw] = session_class_for(new_kw[self._class_kw])
         if "info" in new_kw:
-            new_kw["info"] = self._info = self._own_info(new_kw["info"])
+            new_kw["info"] = self._own_info(new_kw["info"])
         self._maker.configure(**new_kw)
 
     @property
