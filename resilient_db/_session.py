@@ -276,12 +276,12 @@ def _env_config() -> Config:
     return _default_config
 
 
-def _forget_env_config(config: Config) -> None:
+def _use_env_config(config: Config) -> None:
     global _default_config
     _default_config = config
 
 
-on_reload(_forget_env_config)
+on_reload(_use_env_config)
 
 _wrapper_policies: dict[tuple[str, bool, bool, Config], Policy] = {}
 
