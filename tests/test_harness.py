@@ -7,11 +7,14 @@ bounded and short; nothing sleeps for backoff.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
+import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
+import asyncpg
 import psycopg
 import pytest
 import pytest_asyncio
@@ -27,6 +30,7 @@ from resilient_db.testing import (
     server_from_env,
     server_kind,
 )
+from resilient_db.testing._proxy import _is_commit
 from resilient_db.testing._pytest_plugin import SERVER_CONTROL_SKIP_REASON
 
 pytest_plugins = ["pytester"]
@@ -83,6 +87,37 @@ def _make_table(url: str) -> None:
 
 def _rows(server: PostgresServer, database: str) -> list[tuple[object, ...]]:
     return server.execute("SELECT id, note FROM items ORDER BY id", database=database)
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the proxy"
+        time.sleep(0.005)
+
+
+class _Blocked(threading.Thread):
+    """Runs ``fn`` in a thread; ``error`` holds what it raised."""
+
+    def __init__(self, fn: Callable[[], object]) -> None:
+        super().__init__(daemon=True)
+        self._fn = fn
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._fn()
+        except BaseException as exc:  # checked by the test
+            self.error = exc
+
+
+def _idle_in_transaction(server: PostgresServer, database: str) -> int:
+    rows = server.execute(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = %s AND state = 'idle in transaction'",
+        params=(database,),
+    )
+    return int(rows[0][0])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -458,6 +493,209 @@ async def test_proxy_lose_commit_answer_asyncpg(
             await conn.execute(sa.text("INSERT INTO items VALUES (1, 'asyncpg')"))
     assert fault_proxy.commits_lost == 1
     assert _rows(pg_server, pg_database) == [(1, "asyncpg")]
+
+
+@pytest.mark.parametrize(
+    ("query", "ends_with_commit"),
+    [
+        (b"COMMIT\0", True),
+        (b"commit", True),
+        (b"END TRANSACTION", True),
+        (b"COMMIT AND NO CHAIN;", True),
+        (b"SELECT resilient_db.mark_commit('0b9f;commit'); COMMIT\0", True),
+        (b"SELECT resilient_db.mark_commit('0b9f'); COMMIT;\0", True),
+        (b"INSERT INTO t VALUES ($$;$$); -- done\n COMMIT /* ; */ ;  ", True),
+        (b"SELECT E'\\\\'; COMMIT", True),  # E'\\' is one backslash
+        (b"SELECT 1", False),
+        (b"COMMIT; SELECT 1", False),
+        (b"SELECT 'x; COMMIT'", False),
+        (b"SELECT E'\\'; COMMIT'", False),
+        (b"SELECT 1 -- ; COMMIT", False),
+        (b"SELECT 1 /* ; /* nested */ COMMIT */", False),
+        (b"DO $body$ BEGIN PERFORM 1; END $body$", False),
+        (b"SELECT committed FROM t", False),
+        (b"BEGIN", False),
+    ],
+)
+def test_proxy_recognises_a_query_ending_with_commit(query: bytes, ends_with_commit: bool) -> None:
+    assert _is_commit(query) is ends_with_commit
+
+
+def test_proxy_lose_commit_answer_of_statements_then_commit(
+    fault_proxy: FaultProxy, pg_server: PostgresServer, pg_url: str, pg_database: str
+) -> None:
+    """One simple-query message ``...; COMMIT`` (how units send their COMMIT) counts as a COMMIT."""
+    _make_table(pg_url)
+    conninfo = fault_proxy.url(pg_database, driver="")
+    fault_proxy.lose_commit_answer()
+    with psycopg.connect(conninfo, connect_timeout=CONNECT_TIMEOUT) as conn:
+        conn.execute("INSERT INTO items VALUES (1, 'in the transaction')")
+        conn.execute("SELECT 1; SELECT 2")  # several statements, no COMMIT: answered
+        with pytest.raises(psycopg.OperationalError):
+            # no parameters: psycopg sends it as one simple query
+            conn.execute("INSERT INTO items VALUES (2, 'with the commit'); COMMIT")
+    assert fault_proxy.commits_lost == 1
+    assert _rows(pg_server, pg_database) == [(1, "in the transaction"), (2, "with the commit")]
+
+
+@pytest.mark.asyncio
+async def test_proxy_lose_commit_answer_of_statements_then_commit_asyncpg(
+    async_proxy_engine: AsyncEngine,
+    fault_proxy: FaultProxy,
+    pg_server: PostgresServer,
+    pg_url: str,
+    pg_database: str,
+) -> None:
+    _make_table(pg_url)
+    fault_proxy.lose_commit_answer()
+    async with async_proxy_engine.connect() as conn:
+        raw = (await conn.get_raw_connection()).driver_connection
+        assert raw is not None
+        await raw.execute("BEGIN")
+        await raw.execute("INSERT INTO items VALUES (1, 'asyncpg')")
+        with pytest.raises(asyncpg.ConnectionDoesNotExistError):
+            await raw.execute("SELECT 1; COMMIT;")  # a simple query: execute() without args
+        await conn.invalidate()
+    assert fault_proxy.commits_lost == 1
+    assert _rows(pg_server, pg_database) == [(1, "asyncpg")]
+
+
+def test_proxy_swallow_commit_holds_the_client_until_released(
+    fault_proxy: FaultProxy, pg_server: PostgresServer, pg_url: str, pg_database: str
+) -> None:
+    _make_table(pg_url)
+    conninfo = fault_proxy.url(pg_database, driver="")
+    fault_proxy.swallow_commit()
+    with psycopg.connect(conninfo, connect_timeout=CONNECT_TIMEOUT) as conn:
+        conn.execute("INSERT INTO items VALUES (1, 'never committed')")
+        assert conn.execute("SELECT 1; SELECT 2").fetchone() == (1,)  # not a COMMIT: answered
+        committer = _Blocked(lambda: conn.execute("SELECT 3; COMMIT"))
+        committer.start()
+        _wait_for(lambda: fault_proxy.commits_swallowed == 1)
+        committer.join(timeout=0.3)
+        assert committer.is_alive()  # no answer
+        assert fault_proxy.commits_lost == 0
+        # the COMMIT never reached the server: the transaction is still open there
+        assert _idle_in_transaction(pg_server, pg_database) == 1
+        assert _rows(pg_server, pg_database) == []
+        assert fault_proxy.release_swallowed() == 1
+        committer.join(timeout=5)
+        assert not committer.is_alive()
+        assert isinstance(committer.error, psycopg.OperationalError)
+    assert fault_proxy.release_swallowed() == 0
+    _wait_for(lambda: _idle_in_transaction(pg_server, pg_database) == 0)  # rolled back
+    assert _rows(pg_server, pg_database) == []
+    with psycopg.connect(conninfo, connect_timeout=CONNECT_TIMEOUT) as conn:  # times=1
+        conn.execute("INSERT INTO items VALUES (2, 'after')")
+        conn.commit()
+    assert fault_proxy.commits_swallowed == 1
+    assert _rows(pg_server, pg_database) == [(2, "after")]
+
+
+@pytest.mark.parametrize("how", ["cut_all", "refuse_cut"])
+def test_proxy_swallowed_commit_is_reset_by_a_cut(
+    fault_proxy: FaultProxy, pg_server: PostgresServer, pg_url: str, pg_database: str, how: str
+) -> None:
+    _make_table(pg_url)
+    fault_proxy.swallow_commit()
+    conn = psycopg.connect(fault_proxy.url(pg_database, driver=""), connect_timeout=2)
+    try:
+        conn.execute("INSERT INTO items VALUES (1, 'cut')")
+        committer = _Blocked(conn.commit)  # psycopg's own bare COMMIT
+        committer.start()
+        _wait_for(lambda: fault_proxy.commits_swallowed == 1)
+        if how == "cut_all":
+            assert fault_proxy.cut_all() == 1
+        else:
+            fault_proxy.refuse(cut=True)
+        committer.join(timeout=5)
+        assert isinstance(committer.error, psycopg.OperationalError)
+    finally:
+        conn.close()
+        fault_proxy.restore()
+    assert fault_proxy.active_connections == 0
+    _wait_for(lambda: _idle_in_transaction(pg_server, pg_database) == 0)
+    assert _rows(pg_server, pg_database) == []
+
+
+@pytest.mark.server_control
+def test_proxy_swallowed_commit_outlives_a_server_crash(
+    fault_proxy: FaultProxy, pg_server: PostgresServer, pg_url: str, pg_database: str
+) -> None:
+    """The client hears nothing when the server dies behind a swallowed COMMIT."""
+    _make_table(pg_url)
+    fault_proxy.swallow_commit()
+    with psycopg.connect(fault_proxy.url(pg_database, driver=""), connect_timeout=2) as conn:
+        conn.execute("INSERT INTO items VALUES (1, 'lost in the crash')")
+        committer = _Blocked(conn.commit)
+        committer.start()
+        _wait_for(lambda: fault_proxy.commits_swallowed == 1)
+        pg_server.crash()
+        committer.join(timeout=0.5)
+        assert committer.is_alive()  # neither the backend's last words nor its EOF got through
+        pg_server.start()
+        assert fault_proxy.active_connections == 1
+        assert fault_proxy.release_swallowed() == 1
+        committer.join(timeout=5)
+        assert isinstance(committer.error, psycopg.OperationalError)
+    assert _rows(pg_server, pg_database) == []
+
+
+def test_proxy_swallowed_commit_delivered_late(
+    fault_proxy: FaultProxy, pg_server: PostgresServer, pg_url: str, pg_database: str
+) -> None:
+    """``keep_server``: the client is reset, then the COMMIT reaches the server after all."""
+    _make_table(pg_url)
+    fault_proxy.swallow_commit()
+    with psycopg.connect(fault_proxy.url(pg_database, driver=""), connect_timeout=2) as conn:
+        conn.execute("INSERT INTO items VALUES (1, 'late')")
+        committer = _Blocked(conn.commit)
+        committer.start()
+        _wait_for(lambda: fault_proxy.commits_swallowed == 1)
+        assert fault_proxy.release_swallowed(keep_server=True) == 1
+        committer.join(timeout=5)
+        assert isinstance(committer.error, psycopg.OperationalError)
+    assert fault_proxy.active_connections == 0  # no client left
+    assert _idle_in_transaction(pg_server, pg_database) == 1  # the transaction waits for it
+    assert _rows(pg_server, pg_database) == []
+    assert fault_proxy.deliver_late_commits() == 1
+    _wait_for(lambda: _rows(pg_server, pg_database) == [(1, "late")])
+    _wait_for(lambda: _idle_in_transaction(pg_server, pg_database) == 0)
+    assert fault_proxy.deliver_late_commits() == 0
+
+
+@pytest.mark.asyncio
+async def test_proxy_swallow_commit_asyncpg(
+    async_proxy_engine: AsyncEngine,
+    fault_proxy: FaultProxy,
+    pg_server: PostgresServer,
+    pg_url: str,
+    pg_database: str,
+) -> None:
+    _make_table(pg_url)
+    fault_proxy.swallow_commit()
+    async with async_proxy_engine.connect() as conn:
+        await conn.execute(sa.text("INSERT INTO items VALUES (1, 'asyncpg')"))
+        commit = asyncio.ensure_future(conn.commit())
+        deadline = time.monotonic() + 5
+        while fault_proxy.commits_swallowed == 0:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.005)
+        done, _ = await asyncio.wait({commit}, timeout=0.3)
+        assert not done  # held
+        assert _rows(pg_server, pg_database) == []
+        assert fault_proxy.release_swallowed() == 1
+        with pytest.raises(sa.exc.DBAPIError):
+            await asyncio.wait_for(commit, timeout=5)
+    assert _rows(pg_server, pg_database) == []
+
+
+def test_proxy_swallow_commit_rejects_a_negative_count(fault_proxy: FaultProxy) -> None:
+    with pytest.raises(ValueError, match=">= 0"):
+        fault_proxy.swallow_commit(-1)
+    fault_proxy.swallow_commit(3)
+    fault_proxy.restore()  # disarms
+    assert fault_proxy.commits_swallowed == 0
 
 
 def test_proxy_rejects_when_the_server_is_unreachable(pg_server: PostgresServer) -> None:

@@ -12,6 +12,13 @@ and each call returns once the loop has applied it:
 * :meth:`~FaultProxy.latency`: delay every forwarded chunk;
 * :meth:`~FaultProxy.lose_commit_answer`: let a ``COMMIT`` reach the server, swallow its answer
   and reset the client: the transaction committed but the client never heard.
+* :meth:`~FaultProxy.swallow_commit`: the ``COMMIT`` never reaches the server and its answer never
+  comes; the client waits until :meth:`~FaultProxy.release_swallowed` (or a cut) resets it.
+  :meth:`~FaultProxy.deliver_late_commits` can hand the held ``COMMIT`` to the server afterwards,
+  as a network that delayed it would.
+
+A ``COMMIT`` is a simple-query message whose last statement is ``COMMIT`` or ``END``, alone or
+after others (``SELECT f(); COMMIT``), comments and quoted text skipped.
 
 The client->server direction is parsed with PostgreSQL's framing (untyped startup messages, then
 typed messages) and so is the server->client direction (to find the ``ReadyForQuery`` that
@@ -60,7 +67,8 @@ _RECV_SIZE: Final = 256 * 1024
 #: the loop wakes at least this often (stop flag, connect deadlines)
 _MAX_WAIT: Final = 0.25
 _CALL_TIMEOUT: Final = 10.0
-_COMMIT_RE: Final = re.compile(r"(COMMIT|END)\b")
+_COMMIT_RE: Final = re.compile(r"(COMMIT|END)\b", re.IGNORECASE)
+_DOLLAR_TAG_RE: Final = re.compile(r"\$(?:[^\W\d]\w*)?\$")
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 #: messages that the server answers with exactly one ReadyForQuery
 _SYNC_POINTS: Final = frozenset({b"Q", b"S", b"F"})
@@ -163,8 +171,82 @@ class _Splitter:
 
 
 def _is_commit(body: bytes) -> bool:
-    text = body.rstrip(b"\0").decode("utf-8", "replace").strip().upper()
-    return _COMMIT_RE.match(text) is not None
+    """Whether a simple query's last statement is ``COMMIT`` / ``END`` (ends the transaction)."""
+    text = body.rstrip(b"\0").decode("utf-8", "replace")
+    return _COMMIT_RE.match(_last_statement(text)) is not None
+
+
+def _is_ident_char(char: str) -> bool:
+    return char.isalnum() or char in "_$"
+
+
+def _last_statement(text: str) -> str:
+    """The last non-empty statement of a simple-query string, stripped.
+
+    Statements are split at ``;`` outside string literals (``'...'``, ``E'...'`` with backslash
+    escapes, dollar quotes), quoted identifiers and comments (``--``, nested ``/* */``), which
+    are skipped; a comment becomes a space.
+    """
+    statements: list[str] = []
+    current: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        char = text[i]
+        if char == ";":
+            statements.append("".join(current))
+            current = []
+            i += 1
+        elif text.startswith("--", i):
+            newline = text.find("\n", i)
+            i = n if newline < 0 else newline
+            current.append(" ")
+        elif text.startswith("/*", i):
+            depth, i = 1, i + 2
+            while i < n and depth:
+                if text.startswith("/*", i):
+                    depth, i = depth + 1, i + 2
+                elif text.startswith("*/", i):
+                    depth, i = depth - 1, i + 2
+                else:
+                    i += 1
+            current.append(" ")
+        elif char in "'\"":
+            backslashes = (
+                char == "'"
+                and i > 0
+                and text[i - 1] in "eE"
+                and (i < 2 or not _is_ident_char(text[i - 2]))
+            )
+            j = i + 1
+            while j < n:
+                if backslashes and text[j] == "\\":
+                    j += 2
+                elif text[j] != char:
+                    j += 1
+                elif text.startswith(char * 2, j):
+                    j += 2
+                else:
+                    break
+            current.append(text[i : j + 1])
+            i = j + 1
+        elif char == "$" and (i == 0 or not _is_ident_char(text[i - 1])):
+            tag = _DOLLAR_TAG_RE.match(text, i)
+            if tag is None:
+                current.append(char)
+                i += 1
+                continue
+            close = text.find(tag.group(), tag.end())
+            j = n if close < 0 else close + len(tag.group())
+            current.append(text[i:j])
+            i = j
+        else:
+            current.append(char)
+            i += 1
+    statements.append("".join(current))
+    for statement in reversed(statements):
+        if statement.strip():
+            return statement.strip()
+    return ""
 
 
 class _Pipe:
@@ -200,6 +282,13 @@ class _Conn:
         self.answers_seen = 0  # ReadyForQuery messages received
         self.lose_target: int | None = None  # answers_seen value that ends the lost COMMIT answer
         self.reset_when_flushed = False
+        # swallow_commit: the COMMIT and everything after it are held here, never forwarded
+        self.swallowed = False
+        self.swallow_sync = 0  # syncs_sent value of the swallowed COMMIT
+        self.held = bytearray()
+        self.client_gone = False  # release_swallowed(keep_server=True) reset the client only
+        self.server_gone = False  # the server closed its side while the COMMIT was held
+        self.delivering = False  # deliver_late_commits() sent the held bytes
         self.client_events = 0
         self.server_events = 0
         self.closed = False
@@ -241,9 +330,11 @@ class FaultProxy:
         self._blackholed = False
         self._latency = 0.0
         self._lose_commits = 0
+        self._swallow_commits = 0
         # counters: written by the loop thread, read anywhere
         self._accepted = 0
         self._commits_lost = 0
+        self._commits_swallowed = 0
         self._active = 0
         self._stopping = False
         self._closed = False
@@ -294,6 +385,11 @@ class FaultProxy:
         return self._commits_lost
 
     @property
+    def commits_swallowed(self) -> int:
+        """COMMITs held back by :meth:`swallow_commit` (never forwarded, or only late)."""
+        return self._commits_swallowed
+
+    @property
     def active_connections(self) -> int:
         """Client connections currently open through the proxy."""
         return self._active
@@ -312,12 +408,17 @@ class FaultProxy:
     # ---- faults ----------------------------------------------------------------------------------
 
     def restore(self) -> None:
-        """Back to normal: listen again, deliver held bytes, no latency, no lost commits."""
+        """Back to normal: listen again, deliver held bytes, no latency, no lost commits.
+
+        Faults armed by :meth:`lose_commit_answer` and :meth:`swallow_commit` are disarmed; a
+        connection whose COMMIT was already swallowed stays held (see :meth:`release_swallowed`).
+        """
 
         def apply() -> None:
             self._blackholed = False
             self._latency = 0.0
             self._lose_commits = 0
+            self._swallow_commits = 0
             for conn in self._conns:
                 for pipe in (conn.to_server, conn.to_client):
                     pipe.delayed = collections.deque((0.0, chunk) for _, chunk in pipe.delayed)
@@ -393,6 +494,62 @@ class FaultProxy:
             self._lose_commits = times
 
         self._call(apply)
+
+    def swallow_commit(self, times: int = 1) -> None:
+        """Swallow the next ``times`` COMMITs: they never reach the server.
+
+        The COMMIT message is not forwarded, nor anything the client sends after it on that
+        connection, and no answer comes: the client waits (its transaction stays open on the
+        server) until :meth:`release_swallowed`, :meth:`cut_all` or ``refuse(cut=True)`` resets
+        the connection. Answers the server still owed for earlier messages are delivered; after
+        them nothing from the server reaches the client, not even the error a dying backend sends,
+        and a server that goes away (crash) does not end the client's wait. Takes precedence over
+        :meth:`lose_commit_answer` when both are armed. Counted in :attr:`commits_swallowed`.
+        """
+        if times < 0:
+            raise ValueError("times must be >= 0")
+
+        def apply() -> None:
+            self._swallow_commits = times
+
+        self._call(apply)
+
+    def release_swallowed(self, *, keep_server: bool = False) -> int:
+        """Reset (RST) every client waiting on a swallowed COMMIT; return how many.
+
+        The server side is reset as well: the backend rolls the transaction back, if it is still
+        there. With ``keep_server`` it stays open instead, the transaction idle on the server
+        with its COMMIT held, until :meth:`deliver_late_commits` sends it (a COMMIT that arrives
+        after the client gave up) or a cut resets it.
+        """
+
+        def apply() -> int:
+            held = [conn for conn in self._conns if conn.swallowed and not conn.client_gone]
+            for conn in held:
+                if keep_server and not conn.server_gone:
+                    self._drop_client(conn)
+                else:
+                    self._abort(conn)
+            return len(held)
+
+        return self._call(apply)
+
+    def deliver_late_commits(self) -> int:
+        """Forward the held COMMITs of clients released with ``keep_server``; return how many.
+
+        The server gets the COMMIT (and whatever the client sent after it) now; its answer is
+        discarded and the server connection is reset once it has answered.
+        """
+
+        def apply() -> int:
+            late = [c for c in self._conns if c.client_gone and not c.delivering]
+            for conn in late:
+                conn.delivering = True
+                self._enqueue(conn.to_server, bytes(conn.held))
+                conn.held.clear()
+            return len(late)
+
+        return self._call(apply)
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -575,7 +732,7 @@ class FaultProxy:
 
     def _handler(self, conn: _Conn, is_client: bool) -> Callable[[int], None]:
         def handle(mask: int) -> None:
-            if conn.closed:
+            if conn.closed or (conn.client_gone if is_client else conn.server_gone):
                 return
             if is_client:
                 self._on_client(conn, mask)
@@ -632,8 +789,26 @@ class FaultProxy:
     def _from_client(self, conn: _Conn, data: bytes) -> None:
         if conn.lose_target is not None:
             return  # the client is about to be cut: nothing more reaches the server
+        if conn.swallowed:
+            conn.held += data
+            return
         out = bytearray()
-        for chunk, msg in conn.client_parser.feed(data):
+        parts = conn.client_parser.feed(data)
+        for index, (chunk, msg) in enumerate(parts):
+            if (
+                msg is not None
+                and msg.kind == b"Q"
+                and self._swallow_commits > 0
+                and _is_commit(msg.body)
+            ):
+                self._swallow_commits -= 1
+                self._commits_swallowed += 1
+                conn.syncs_sent += 1
+                conn.swallowed = True
+                conn.swallow_sync = conn.syncs_sent
+                for held, _ in parts[index:]:
+                    conn.held += held
+                break
             out += chunk
             if msg is None:
                 continue
@@ -654,6 +829,9 @@ class FaultProxy:
     def _from_server(self, conn: _Conn, data: bytes) -> None:
         if conn.reset_when_flushed:
             return
+        if conn.swallowed:
+            self._from_server_swallowed(conn, data)
+            return
         out = bytearray()
         target = conn.lose_target
         for chunk, msg in conn.server_parser.feed(data):
@@ -671,6 +849,20 @@ class FaultProxy:
                 conn.answers_seen += 1
         if conn.server_parser.opaque:
             conn.client_parser.opaque = True
+        self._enqueue(conn.to_client, bytes(out))
+
+    def _from_server_swallowed(self, conn: _Conn, data: bytes) -> None:
+        """Pass on answers owed for messages before the swallowed COMMIT; drop the rest."""
+        out = bytearray()
+        owed = conn.swallow_sync - 1
+        for chunk, msg in conn.server_parser.feed(data):
+            if conn.answers_seen < owed and not conn.client_gone:
+                out += chunk
+            if msg is not None and msg.kind == b"Z":
+                conn.answers_seen += 1
+        if conn.delivering and conn.answers_seen >= conn.swallow_sync:
+            self._abort(conn)  # the late COMMIT was answered
+            return
         self._enqueue(conn.to_client, bytes(out))
 
     def _enqueue(self, pipe: _Pipe, data: bytes) -> None:
@@ -709,9 +901,15 @@ class FaultProxy:
                     self._abort(conn)
                 continue
             if not self._blackholed:
-                for pipe, target in ((conn.to_server, conn.server), (conn.to_client, conn.client)):
+                for pipe, target, gone in (
+                    (conn.to_server, conn.server, conn.server_gone),
+                    (conn.to_client, conn.client, conn.client_gone),
+                ):
                     while pipe.delayed and pipe.delayed[0][0] <= now:
                         pipe.ready += pipe.delayed.popleft()[1]
+                    if gone:
+                        pipe.ready.clear()
+                        continue
                     self._send(conn, pipe, target)
                     if conn.closed:
                         break
@@ -726,6 +924,16 @@ class FaultProxy:
 
     def _pass_on_ends(self, conn: _Conn) -> bool:
         """Forward FIN/RST once a direction is drained; return True if the conn is gone."""
+        if conn.swallowed:
+            if conn.to_server.end is not None:  # the client gave up waiting
+                self._abort(conn)
+                return True
+            if conn.to_client.end is not None and not conn.server_gone:
+                if conn.client_gone:  # nobody left on either side
+                    self._abort(conn)
+                    return True
+                self._drop_server(conn)  # e.g. a crash: the client keeps waiting
+            return False
         for pipe, target in ((conn.to_server, conn.server), (conn.to_client, conn.client)):
             if pipe.end is None or not pipe.drained() or pipe.shut:
                 continue
@@ -745,13 +953,14 @@ class FaultProxy:
         if conn.closed:
             return
         hold = self._blackholed
-        client_events = 0
-        if conn.to_server.end is None and conn.to_server.size() < _BACKLOG_LIMIT:
-            client_events |= selectors.EVENT_READ
-        if conn.to_client.ready and not hold:
-            client_events |= selectors.EVENT_WRITE
-        self._set_events(conn, conn.client, client_events)
-        if conn.server is None:
+        if not conn.client_gone:
+            client_events = 0
+            if conn.to_server.end is None and conn.to_server.size() < _BACKLOG_LIMIT:
+                client_events |= selectors.EVENT_READ
+            if conn.to_client.ready and not hold:
+                client_events |= selectors.EVENT_WRITE
+            self._set_events(conn, conn.client, client_events)
+        if conn.server is None or conn.server_gone:
             return
         server_events = 0
         if not conn.connected:
@@ -762,6 +971,28 @@ class FaultProxy:
             if conn.to_server.ready and not hold:
                 server_events |= selectors.EVENT_WRITE
         self._set_events(conn, conn.server, server_events)
+
+    def _drop_client(self, conn: _Conn) -> None:
+        """Reset the client side only; the server side stays (a held COMMIT)."""
+        self._set_events(conn, conn.client, 0)
+        with contextlib.suppress(OSError):
+            conn.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        conn.client.close()
+        conn.client_gone = True
+        conn.to_client.ready.clear()
+        conn.to_client.delayed.clear()
+        self._active -= 1
+
+    def _drop_server(self, conn: _Conn) -> None:
+        """Close the server side only, after the server went away; the client keeps waiting."""
+        if conn.server is not None:
+            self._set_events(conn, conn.server, 0)
+            with contextlib.suppress(OSError):
+                conn.server.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            conn.server.close()
+        conn.server_gone = True
+        conn.to_server.ready.clear()
+        conn.to_server.delayed.clear()
 
     def _abort(self, conn: _Conn) -> None:
         """Reset both sides (RST, via SO_LINGER 0)."""
@@ -783,4 +1014,5 @@ class FaultProxy:
             sock.close()
         conn.client_events = conn.server_events = 0
         self._conns.discard(conn)
-        self._active -= 1
+        if not conn.client_gone:
+            self._active -= 1
