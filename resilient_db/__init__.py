@@ -12,6 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from ._asyncio import AsyncResilientSession
 from ._classify import Classifier, Outcome, classify, is_transient, sqlstate_of
+from ._commit import install_commit_markers, uninstall_commit_markers
 from ._config import Config, load_config, reload_config
 from ._errors import (
     CircuitOpenError,
@@ -73,6 +74,7 @@ __all__ = [
     "bypass_transitions_async",
     "classify",
     "health",
+    "install_commit_markers",
     "install_transition_trigger",
     "is_transient",
     "load_config",
@@ -85,6 +87,7 @@ __all__ = [
     "transition_trigger_drop_sql",
     "transition_trigger_sql",
     "trigger_drift",
+    "uninstall_commit_markers",
     "uninstall_transition_trigger",
     "with_self_healing",
 ]

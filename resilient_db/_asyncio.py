@@ -30,20 +30,20 @@ except ImportError:  # SQLAlchemy 2.0
     from sqlalchemy.util import await_only as _await
 
 from ._classify import Classifier
+from ._commit import CLAIM_SQL, MARKERS, XID_STATUS_SQL, CommitRequest, CommitTicket
 from ._config import Config
 from ._errors import TransactionStateError
 from ._observability import log_session
 from ._unit import (
     UNIT_KEY,
-    WROTE_KEY,
-    XACT_STATUS_SQL,
     ActiveUnit,
     CommitVerdict,
     FactoryCore,
     ResilientORMSession,
     async_units,
     flush_and_commit,
-    verdict_of,
+    interpret_claim,
+    interpret_xid,
 )
 
 __all__ = ["AsyncResilientSession"]
@@ -260,7 +260,6 @@ class AsyncResilientSession(FactoryCore, Generic[S]):
         s: AsyncSession = self._maker() if session is None else session
         info = s.sync_session.info
         info[UNIT_KEY] = True
-        info[WROTE_KEY] = False
         task = asyncio.current_task()
         outer = async_units.get(task)  # a unit of another factory, running once inside it
         async_units[task] = ActiveUnit(self, s)
@@ -272,11 +271,12 @@ class AsyncResilientSession(FactoryCore, Generic[S]):
                 if type(result) is not types.CoroutineType:
                     _require_awaitable(fn, result)
                 value: R = await result
-                xid_box: list[str | None] = []
+                box: list[CommitRequest] = []
                 try:
-                    await s.run_sync(flush_and_commit, xid_box)  # one greenlet hop to the end
+                    # one greenlet hop to the end
+                    await s.run_sync(flush_and_commit, box, self._hooks.commit)
                 except Exception as exc:
-                    await self._commit_failed(exc, xid_box)
+                    await self._commit_failed(exc, box)
                 return value
             except BaseException:
                 failed = True
@@ -293,28 +293,34 @@ class AsyncResilientSession(FactoryCore, Generic[S]):
                 # leave the session half closed and its connection out of the pool.
                 await asyncio.shield(asyncio.create_task(_close(s, quiet=failed)))
 
-    async def _commit_failed(self, exc: Exception, xid_box: list[str | None]) -> None:
+    async def _commit_failed(self, exc: Exception, box: list[CommitRequest]) -> None:
         """COMMIT failed: return if it was verified committed, else raise."""
-        xid = xid_box[0] if xid_box else None
-        outcome = self._referee.must_verify(exc, xid)
-        if outcome is None or xid is None:
+        ticket = self._referee.must_verify(exc, box)
+        if ticket is None:
             raise exc
-        if not self._referee.settle(xid, await self._verify_commit(xid), outcome, exc):
+        if not self._referee.settle(ticket, await self._verify_commit(ticket), exc):
             raise exc
 
-    async def _verify_commit(self, xid: str) -> CommitVerdict:
-        """Ask the server what became of transaction ``xid``, reconnecting with backoff."""
+    async def _verify_commit(self, ticket: CommitTicket) -> CommitVerdict:
+        """Settle a lost COMMIT answer on a new connection, reconnecting with backoff."""
         for delay in self._referee.checks():
             if delay:
                 await self._asleep(delay)
             try:
+                # READ COMMITTED whatever the engine's level: the claim must see the marker
                 async with self.engine.connect() as conn:
-                    status = (await conn.execute(XACT_STATUS_SQL, {"xid": xid})).scalar()
+                    await conn.execution_options(isolation_level="READ COMMITTED")
+                    async with conn.begin():
+                        if ticket.mode == MARKERS:
+                            result = await conn.execute(CLAIM_SQL, {"marker": ticket.marker})
+                            verdict = interpret_claim(result.scalar())
+                        else:
+                            row = (await conn.execute(XID_STATUS_SQL, {"xid": ticket.xid})).one()
+                            verdict = interpret_xid(ticket, row[0], row[1])
             except Exception as exc:
                 if self._referee.keep_checking_after(exc):
                     continue
                 return CommitVerdict.UNKNOWN
-            verdict = verdict_of(status)
             if verdict is not CommitVerdict.IN_PROGRESS:
                 return verdict
         return CommitVerdict.UNKNOWN

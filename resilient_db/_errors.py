@@ -53,14 +53,29 @@ class CommitOutcomeUnknownError(ResilientDBError):
     """The connection broke while COMMIT was in flight and the outcome could not be verified.
 
     The transaction may or may not have been committed; it was not replayed, because replaying a
-    committed unit would write twice. ``xid`` is the server transaction id when one was recorded.
+    committed unit would write twice. ``marker`` is the id of the unit's commit marker (see
+    :func:`~resilient_db.install_commit_markers`); without markers, ``xid`` is the server
+    transaction id that was recorded.
     """
 
-    def __init__(self, service: str, xid: int | None = None, detail: str = "") -> None:
+    def __init__(
+        self,
+        service: str,
+        xid: int | None = None,
+        detail: str = "",
+        *,
+        marker: str | None = None,
+    ) -> None:
         self.service = service
         self.xid = xid
+        self.marker = marker
         self.detail = detail
-        what = f"transaction {xid}" if xid is not None else "the transaction"
+        if marker is not None:
+            what = f"the transaction with commit marker {marker}"
+        elif xid is not None:
+            what = f"transaction {xid}"
+        else:
+            what = "the transaction"
         extra = f" ({detail})" if detail else ""
         super().__init__(
             f"service {service!r}: the connection was lost during COMMIT and the outcome of {what} "
@@ -69,7 +84,13 @@ class CommitOutcomeUnknownError(ResilientDBError):
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.service, self.xid, self.detail))
+        return (_rebuild_commit_unknown, (self.service, self.xid, self.detail, self.marker))
+
+
+def _rebuild_commit_unknown(
+    service: str, xid: int | None, detail: str, marker: str | None
+) -> CommitOutcomeUnknownError:
+    return CommitOutcomeUnknownError(service, xid, detail, marker=marker)
 
 
 class TransactionStateError(ResilientDBError, RuntimeError):

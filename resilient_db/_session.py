@@ -13,6 +13,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from ._classify import Classifier
+from ._commit import CLAIM_SQL, MARKERS, XID_STATUS_SQL, CommitRequest, CommitTicket
 from ._config import Config, load_config, on_reload
 from ._errors import TransactionStateError
 from ._observability import log_session
@@ -20,14 +21,13 @@ from ._retry import Policy
 from ._unit import (
     FACTORY_KEY,
     UNIT_KEY,
-    WROTE_KEY,
-    XACT_STATUS_SQL,
     ActiveUnit,
     CommitVerdict,
     FactoryCore,
     current_unit,
     flush_and_commit,
-    verdict_of,
+    interpret_claim,
+    interpret_xid,
 )
 
 __all__ = ["ResilientSession", "with_self_healing"]
@@ -198,7 +198,6 @@ class ResilientSession(FactoryCore, Generic[S]):
         own = session is None
         s: Session = self._maker() if session is None else session
         s.info[UNIT_KEY] = True
-        s.info[WROTE_KEY] = False
         token = current_unit.set(ActiveUnit(self, s))
         try:
             try:
@@ -215,30 +214,40 @@ class ResilientSession(FactoryCore, Generic[S]):
                 s.close()
 
     def _commit(self, s: Session) -> None:
-        xid_box: list[str | None] = []
+        box: list[CommitRequest] = []
         try:
-            flush_and_commit(s, xid_box)
+            flush_and_commit(s, box, self._hooks.commit)
         except Exception as exc:
-            xid = xid_box[0] if xid_box else None
-            outcome = self._referee.must_verify(exc, xid)
-            if outcome is None or xid is None:
+            ticket = self._referee.must_verify(exc, box)
+            if ticket is None:
                 raise
-            if not self._referee.settle(xid, self._verify_commit(xid), outcome, exc):
+            if not self._referee.settle(ticket, self._verify_commit(ticket), exc):
                 raise
 
-    def _verify_commit(self, xid: str) -> CommitVerdict:
-        """Ask the server what became of transaction ``xid``, reconnecting with backoff."""
+    def _verify_commit(self, ticket: CommitTicket) -> CommitVerdict:
+        """Settle a lost COMMIT answer on a new connection, reconnecting with backoff."""
         for delay in self._referee.checks():
             if delay:
                 self._sleep(delay)
             try:
-                with self.engine.connect() as conn:
-                    status = conn.execute(XACT_STATUS_SQL, {"xid": xid}).scalar()
+                # READ COMMITTED whatever the engine's level: the claim must see the marker
+                with (
+                    self.engine.connect().execution_options(
+                        isolation_level="READ COMMITTED"
+                    ) as conn,
+                    conn.begin(),
+                ):
+                    if ticket.mode == MARKERS:
+                        verdict = interpret_claim(
+                            conn.execute(CLAIM_SQL, {"marker": ticket.marker}).scalar()
+                        )
+                    else:
+                        row = conn.execute(XID_STATUS_SQL, {"xid": ticket.xid}).one()
+                        verdict = interpret_xid(ticket, row[0], row[1])
             except Exception as exc:
                 if self._referee.keep_checking_after(exc):
                     continue
                 return CommitVerdict.UNKNOWN
-            verdict = verdict_of(status)
             if verdict is not CommitVerdict.IN_PROGRESS:
                 return verdict
         return CommitVerdict.UNKNOWN

@@ -15,12 +15,20 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, TypeVar
 
-from sqlalchemy import event, text
+from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from ._classify import Classifier, Outcome
+from ._commit import (
+    MARKERS,
+    CommitProtocol,
+    CommitRequest,
+    CommitTicket,
+    current_request,
+    prune,
+)
 from ._config import Config, load_config, register_default_user
 from ._errors import CommitOutcomeUnknownError
 from ._observability import emit, log_session
@@ -32,12 +40,7 @@ T = TypeVar("T")
 # Keys in Session.info. CONFIG_KEY is the transition guard's GUARD_INFO_KEY too.
 CONFIG_KEY = GUARD_INFO_KEY
 FACTORY_KEY = "resilient_db.factory"
-WROTE_KEY = "resilient_db.maybe_wrote"
 UNIT_KEY = "resilient_db.unit"
-
-XID_SQL = text("SELECT pg_current_xact_id_if_assigned()::text")
-# The id travels as text: asyncpg has no text encoder for an xid8 parameter.
-XACT_STATUS_SQL = text("SELECT pg_xact_status(CAST(CAST(:xid AS text) AS xid8))")
 
 
 class ActiveUnit(NamedTuple):
@@ -58,56 +61,94 @@ async_units: dict[Any, ActiveUnit] = {}
 
 class CommitVerdict(enum.Enum):
     COMMITTED = "committed"
-    ABORTED = "aborted"
+    ABORTED = "not committed"
     IN_PROGRESS = "in progress"
     UNKNOWN = "unknown"
 
 
-def verdict_of(status: str | None) -> CommitVerdict:
-    """Interpret ``pg_xact_status``."""
+def flush_and_commit(session: Session, box: list[CommitRequest], protocol: CommitProtocol) -> None:
+    """End a unit of work: flush and commit, the COMMIT marked by the commit protocol.
+
+    Plain sync code for both drivers (the async one runs it in one ``run_sync`` greenlet hop).
+    ``box`` receives the :class:`CommitRequest` before COMMIT is sent, so a failed COMMIT can be
+    settled. Expired markers are pruned now and then, after a successful commit.
+    """
+    request = CommitRequest()
+    box.append(request)
+    token = current_request.set(request)
+    try:
+        session.commit()
+    finally:
+        current_request.reset(token)
+        request.clear_pending()
+    ticket = request.last
+    if ticket is not None and ticket.mode == MARKERS and protocol.prune_due():
+        _prune_quietly(protocol)
+
+
+def _prune_quietly(protocol: CommitProtocol) -> None:
+    if not protocol.pruned():
+        return
+    try:
+        with protocol.engine.connect() as conn:
+            count = prune(conn)
+        log_session.debug("pruned %d expired commit markers", count)
+    except Exception:  # the unit is done; a failed prune is retried at the next interval
+        log_session.debug("pruning commit markers failed", exc_info=True)
+
+
+def interpret_claim(status: str | None) -> CommitVerdict:
+    """Interpret ``resilient_db.claim_commit``."""
     if status == "committed":
         return CommitVerdict.COMMITTED
-    if status == "aborted":
+    if status == "fenced":
+        return CommitVerdict.ABORTED
+    return CommitVerdict.UNKNOWN  # "expired": the marker may have been pruned
+
+
+def interpret_xid(
+    ticket: CommitTicket, incarnation: str | None, status: str | None
+) -> CommitVerdict:
+    """Interpret the fallback's ``pg_xact_status`` of ``ticket.xid``.
+
+    "aborted" and "future" (never assigned since a crash lost it) prove the unit did not commit.
+    "committed" is the unit's own only if the server has not restarted, recovered from a crash
+    or been replaced by a standby since the xid was read: otherwise the xid may have been reissued.
+    """
+    if status in ("aborted", "future"):
         return CommitVerdict.ABORTED
     if status == "in progress":
         return CommitVerdict.IN_PROGRESS
+    if status == "committed" and incarnation is not None and incarnation == ticket.incarnation:
+        return CommitVerdict.COMMITTED
     return CommitVerdict.UNKNOWN
-
-
-def flush_and_commit(session: Session, xid_out: list[str | None]) -> None:
-    """End a unit of work: flush, note the transaction id of a unit that wrote, commit.
-
-    Plain sync code for both drivers (the async one runs it in one ``run_sync`` greenlet hop).
-    ``xid_out`` receives the id before COMMIT is sent, so a failed COMMIT can be verified.
-    """
-    session.flush()
-    wrote = session.info[WROTE_KEY]
-    xid_out.append(session.connection().execute(XID_SQL).scalar() if wrote else None)
-    session.commit()
 
 
 class CommitReferee:
     """Decides what a failed COMMIT means; the sync and async drivers do the I/O.
 
-    A COMMIT that failed by disconnect (or 08007) may have been applied. When the unit wrote
-    (the server assigned it a transaction id), the drivers ask ``pg_xact_status`` on a new
-    connection at the times :meth:`checks` gives; :meth:`settle` turns the answer into
-    "committed" (return normally), "rolled back" (re-raise the original error: the unit may be
+    A COMMIT that failed by disconnect (or 08007) may have been applied. When the unit may have
+    written, the drivers settle it on a new connection at the times :meth:`checks` gives (a
+    marker claim, or the fallback's xid status); :meth:`settle` turns the answer into
+    "committed" (return normally), "not committed" (re-raise the original error: the unit may be
     replayed) or :class:`CommitOutcomeUnknownError`.
     """
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
 
-    def must_verify(self, exc: BaseException, xid: str | None) -> Outcome | None:
-        """The outcome of ``exc`` if the COMMIT may have been applied and the unit wrote."""
+    def must_verify(self, exc: BaseException, box: list[CommitRequest]) -> CommitTicket | None:
+        """The ticket to settle: the COMMIT may have been applied and the unit may have written."""
+        ticket = box[0].last if box else None
+        if ticket is None or not ticket.wrote:
+            return None  # COMMIT never sent, or nothing written: a replay can't write twice
         outcome = self.policy.classifier.classify(exc)
-        if xid is None or outcome not in (Outcome.DISCONNECT, Outcome.COMMIT_UNKNOWN):
-            return None  # no transaction id: the unit wrote nothing, a replay can't write twice
-        return outcome
+        if outcome not in (Outcome.DISCONNECT, Outcome.COMMIT_UNKNOWN):
+            return None  # the server answered with an error: it did not commit
+        return ticket
 
     def checks(self) -> Iterator[float]:
-        """The delay before each status check: at once, then backing off, within the deadline."""
+        """The delay before each check: at once, then backing off, within the deadline."""
         cfg = self.policy.config
         started = self.policy.clock()
         yield 0.0
@@ -120,83 +161,65 @@ class CommitReferee:
     def keep_checking_after(self, exc: BaseException) -> bool:
         return self.policy.classifier.is_transient(exc)
 
-    def settle(
-        self, xid: str, verdict: CommitVerdict, outcome: Outcome, exc: BaseException
-    ) -> bool:
-        """True: committed. False: rolled back, re-raise ``exc``. Otherwise raises."""
+    def settle(self, ticket: CommitTicket, verdict: CommitVerdict, exc: BaseException) -> bool:
+        """True: committed. False: not committed, re-raise ``exc``. Otherwise raises."""
         policy = self.policy
+        what = f"marker {ticket.marker}" if ticket.marker else f"transaction {ticket.xid}"
         if verdict is CommitVerdict.COMMITTED:
             policy.stats.add("verified_commits")
             emit(
                 policy.config,
                 log_session,
                 logging.WARNING,
-                "Commit outcome verified: service=%s transaction %s committed before the "
-                "connection was lost; not replaying",
+                "Commit outcome verified: service=%s %s committed before the connection was "
+                "lost; not replaying",
                 policy.service,
-                xid,
+                what,
                 service=policy.service,
                 event="commit_verified",
-                xid=xid,
+                marker=ticket.marker,
+                xid=ticket.xid,
             )
             return True
-        if verdict is CommitVerdict.ABORTED and outcome is Outcome.DISCONNECT:
-            return False  # the server rolled it back: replaying is safe
+        if verdict is CommitVerdict.ABORTED:
+            emit(
+                policy.config,
+                log_session,
+                logging.WARNING,
+                "Commit outcome verified: service=%s %s did not commit; replaying is safe",
+                policy.service,
+                what,
+                service=policy.service,
+                event="commit_not_applied",
+                marker=ticket.marker,
+                xid=ticket.xid,
+            )
+            return False
         policy.stats.add("unknown_commits")
         emit(
             policy.config,
             log_session,
             logging.ERROR,
-            "Commit outcome unknown: service=%s transaction %s (%s); not replaying",
+            "Commit outcome unknown: service=%s %s (%s); not replaying",
             policy.service,
-            xid,
+            what,
             verdict.value,
             service=policy.service,
             event="commit_unknown",
-            xid=xid,
+            marker=ticket.marker,
+            xid=ticket.xid,
         )
-        raise CommitOutcomeUnknownError(policy.service, int(xid), verdict.value) from exc
+        raise CommitOutcomeUnknownError(
+            policy.service,
+            int(ticket.xid) if ticket.xid is not None else None,
+            verdict.value,
+            marker=ticket.marker,
+        ) from exc
 
 
 class ResilientORMSession(Session):
     """The ``Session`` class made by :class:`ResilientSession`. Behaves exactly as ``Session``;
-    it records whether a unit may have written (for COMMIT-outcome verification) and retries a
-    connection that fails before the transaction has sent anything (drop-in use)."""
-
-    # Write tracking: a unit that may have written records its transaction id before COMMIT.
-    # Statements are checked here rather than in a ``do_orm_execute`` listener, which would make
-    # SQLAlchemy build an ORMExecuteState for every statement; flushes are seen by after_flush.
-    def execute(self, statement: Any, *args: Any, **kwargs: Any) -> Any:
-        if not getattr(statement, "is_select", False):
-            self.info[WROTE_KEY] = True
-        return super().execute(statement, *args, **kwargs)
-
-    def scalar(self, statement: Any, *args: Any, **kwargs: Any) -> Any:
-        if not getattr(statement, "is_select", False):
-            self.info[WROTE_KEY] = True
-        return super().scalar(statement, *args, **kwargs)
-
-    def scalars(self, statement: Any, *args: Any, **kwargs: Any) -> Any:
-        if not getattr(statement, "is_select", False):
-            self.info[WROTE_KEY] = True
-        return super().scalars(statement, *args, **kwargs)
-
-    def connection(self, *args: Any, **kwargs: Any) -> Any:
-        # Whatever runs on the raw connection is invisible to the ORM: assume it writes.
-        self.info[WROTE_KEY] = True
-        return super().connection(*args, **kwargs)
-
-    def bulk_save_objects(self, *args: Any, **kwargs: Any) -> None:
-        self.info[WROTE_KEY] = True  # the legacy bulk methods fire no flush events
-        super().bulk_save_objects(*args, **kwargs)
-
-    def bulk_insert_mappings(self, *args: Any, **kwargs: Any) -> None:
-        self.info[WROTE_KEY] = True
-        super().bulk_insert_mappings(*args, **kwargs)
-
-    def bulk_update_mappings(self, *args: Any, **kwargs: Any) -> None:
-        self.info[WROTE_KEY] = True
-        super().bulk_update_mappings(*args, **kwargs)
+    it retries a connection that fails before the transaction has sent anything (drop-in use)."""
 
     def _connection_for_bind(self, engine: Any, execution_options: Any = None, **kw: Any) -> Any:
         factory = self.info.get(FACTORY_KEY)
@@ -211,14 +234,9 @@ class ResilientORMSession(Session):
         return factory._connect_policy_call(lambda: parent(engine, execution_options, **kw))
 
 
-def _note_flush(session: Session, flush_context: Any) -> None:
-    session.info[WROTE_KEY] = True
-
-
 # Session events registered on a class reach its subclasses: everything is registered once, on
 # ResilientORMSession, and every session class made below inherits it (registering again on a
 # subclass would run the listener twice, the guard's locked SELECT included).
-event.listen(ResilientORMSession, "after_flush", _note_flush)
 install_guard(ResilientORMSession)
 
 
@@ -293,7 +311,7 @@ class FactoryCore:
         self.config = config
         self._maker.kw["info"][CONFIG_KEY] = config  # copied into every new session
         self.policy.apply_config(config)
-        self._hooks.config = config
+        self._hooks.config = self._hooks.commit.config = config
 
     def configure(self, **new_kw: Any) -> None:
         """As ``sessionmaker.configure``; our session class and info keys stay in place."""
@@ -316,12 +334,14 @@ class FactoryCore:
 # -- engine hooks ------------------------------------------------------------------------------
 class EngineHooks:
     """Installed once per engine: disconnect classification in ``handle_error``, mapping of the
-    transition trigger's SQLSTATE, and a cheap dead-connection check at pool checkout."""
+    transition trigger's SQLSTATE, a cheap dead-connection check at pool checkout, and the
+    commit protocol's events."""
 
-    def __init__(self, config: Config, classifier: Classifier) -> None:
+    def __init__(self, engine: Engine, config: Config, classifier: Classifier) -> None:
         self.config = config
         self.classifier = classifier
         self.service = "database"
+        self.commit = CommitProtocol(engine, config, self.service)
 
     def handle_error(self, ctx: Any) -> BaseException | None:
         if not self.config.enabled:
@@ -365,13 +385,13 @@ def hooks_for(engine: Engine, config: Config, classifier: Classifier, service: s
     with _hooks_lock:
         hooks = _hooks.get(engine)
         if hooks is None:
-            hooks = EngineHooks(config, classifier)
+            hooks = EngineHooks(engine, config, classifier)
             event.listen(engine, "handle_error", hooks.handle_error)
             event.listen(engine, "checkout", hooks.checkout)
             _hooks[engine] = hooks
-        hooks.config = config
+        hooks.config = hooks.commit.config = config
         hooks.classifier = classifier
-        hooks.service = service
+        hooks.service = hooks.commit.service = service
         return hooks
 
 

@@ -19,7 +19,7 @@ import resilient_db as rdb
 from resilient_db._demo import alembic_config, apply_migrations, downgrade_migrations
 from resilient_db.examples.tasks import Base, Task
 
-HEAD = "0001_tasks"
+HEAD = "0002_commit_markers"
 
 
 @pytest.fixture
@@ -42,6 +42,23 @@ def trigger_functions(engine: sa.Engine) -> list[str]:
         )
 
 
+def marker_objects(engine: sa.Engine) -> list[str]:
+    with engine.connect() as conn:
+        return sorted(
+            conn.execute(
+                sa.text(
+                    "SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+                    " WHERE n.nspname = 'resilient_db'"
+                    " UNION ALL SELECT 'table' WHERE to_regclass('resilient_db.commit_markers')"
+                    " IS NOT NULL"
+                )
+            ).scalars()
+        )
+
+
+MARKER_OBJECTS = ["claim_commit", "mark_commit", "prune_commit_markers", "table"]
+
+
 def version(engine: sa.Engine) -> str | None:
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
@@ -53,6 +70,7 @@ def test_upgrade_creates_the_schema_of_the_models_with_the_trigger(
     apply_migrations(pg_url)
     assert tables(engine) == {"alembic_version", "tasks", "task_history"}
     assert version(engine) == HEAD
+    assert marker_objects(engine) == MARKER_OBJECTS
     with engine.connect() as conn:
         assert rdb.trigger_drift(conn, Task) is None
         # the migration builds exactly the tables the models declare
@@ -89,6 +107,7 @@ def test_downgrade_removes_tables_and_trigger_and_upgrade_runs_again(
     downgrade_migrations(pg_url)
     assert tables(engine) == {"alembic_version"}
     assert trigger_functions(engine) == []
+    assert marker_objects(engine) == []
     assert version(engine) is None
     with engine.begin() as conn:  # on a connection the caller holds, in its transaction
         apply_migrations(conn)
@@ -120,6 +139,8 @@ def test_offline_sql_includes_the_tables_and_the_trigger() -> None:
     assert "CREATE TABLE task_history" in sql
     assert 'CREATE TRIGGER "rdb_transition_status_upd" BEFORE UPDATE ON "tasks"' in sql
     assert "ERRCODE = 'RDB01'" in sql
+    assert "CREATE TABLE IF NOT EXISTS resilient_db.commit_markers" in sql
+    assert "FUNCTION resilient_db.claim_commit(marker uuid)" in sql
 
 
 def test_alembic_command_line_with_the_url_option(pg_url: str, engine: sa.Engine) -> None:
@@ -133,4 +154,16 @@ def test_alembic_command_line_with_the_url_option(pg_url: str, engine: sa.Engine
     )
     assert done.returncode == 0, done.stderr
     assert "Running upgrade  -> 0001_tasks" in done.stderr
+    assert "Running upgrade 0001_tasks -> 0002_commit_markers" in done.stderr
+    assert version(engine) == HEAD
+
+
+def test_commit_markers_install_is_idempotent_next_to_the_migration(
+    pg_url: str, engine: sa.Engine
+) -> None:
+    apply_migrations(pg_url)
+    rdb.install_commit_markers(engine)  # again, by hand, over the migrated ones
+    with engine.begin() as conn:
+        rdb.install_commit_markers(conn)
+    assert marker_objects(engine) == MARKER_OBJECTS
     assert version(engine) == HEAD

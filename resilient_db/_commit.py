@@ -1,0 +1,499 @@
+"""The commit protocol of a unit of work: a COMMIT whose answer was lost is settled for sure.
+
+A unit reports "done" only when its commit is proven durable *and its own*; when the commit
+provably did not happen it is replayed; otherwise :class:`CommitOutcomeUnknownError`. A
+transaction id alone can't prove that: xids are reissued after a crash that lost them, and a
+promoted standby hands them out again. So, with the commit markers installed
+(:func:`install_commit_markers`):
+
+* A unit that may have written sends its COMMIT as one simple-query message,
+  ``SELECT resilient_db.mark_commit('<uuid>'); COMMIT``: the function inserts a marker row with
+  the client-made id, but only when the transaction already holds an xid (the server's fact that
+  it wrote). No extra round trip; the marker is data, so it survives a crash with the commit and
+  replicates with it to a standby.
+* A lost answer is settled on a new connection by ``resilient_db.claim_commit(id)``, which
+  inserts the same id as a *fence* (``ON CONFLICT DO NOTHING``). It waits for a transaction still
+  holding the marker; if the marker is there (and is not a fence) the unit committed; if the fence
+  went in, the original can no longer commit (its marker would now violate the key), so a replay
+  is safe.
+* Markers are pruned after :data:`RETENTION` by :func:`prune`; a claim refuses to judge a marker
+  older than :data:`CLAIM_HORIZON` (the answer is then "unknown", never a guess).
+
+Units proven read-only on the client (every statement a plain ``SELECT`` without function calls)
+send a plain COMMIT: nothing to verify, a replay can't write twice.
+
+Without the markers, the fallback asks for the xid before COMMIT (one extra round trip) and
+trusts ``pg_xact_status`` only while the server has not restarted or checkpointed in between.
+
+The drivers differ only in how the message goes out: psycopg runs it from the ``commit`` event
+(its ``commit()`` is then a no-op, the connection being idle); asyncpg's transaction object sends
+``COMMIT;`` itself, so connections are made from a subclass of ``asyncpg.Connection`` (injected
+through ``do_connect``) whose ``execute`` sends the marked message instead.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Final
+
+import asyncpg
+from sqlalchemy import event, text
+from sqlalchemy.engine import Connection, Engine
+
+from ._config import Config
+from ._observability import emit, log_session
+from ._transitions import _run_statements
+
+try:  # SQLAlchemy 2.1 renamed ``await_only`` to ``await_`` (the old name goes in 2.2)
+    from sqlalchemy.util import await_ as _await
+except ImportError:  # SQLAlchemy 2.0
+    from sqlalchemy.util import await_only as _await
+
+__all__ = [
+    "CLAIM_HORIZON",
+    "RETENTION",
+    "CommitRequest",
+    "CommitTicket",
+    "install_commit_markers",
+    "uninstall_commit_markers",
+]
+
+SCHEMA: Final = "resilient_db"
+RETENTION: Final = 900.0  # seconds a marker is kept
+CLAIM_HORIZON: Final = 600.0  # a claim judges markers younger than this (margin for clock steps)
+PRUNE_INTERVAL: Final = 10.0  # seconds between prunes, per engine
+PRUNE_BATCH: Final = 5000
+MARKERS_VERSION: Final = 1
+
+# Keys in the pool's per-connection info.
+_MODE_KEY: Final = "resilient_db.commit_mode"
+_WRITE_KEY: Final = "resilient_db.may_write"
+
+MARKERS: Final = "markers"
+XID: Final = "xid"
+
+# -- the database side --------------------------------------------------------------------------
+_HORIZON_SQL = """
+    (SELECT (substr(h, 1, 8) || '-' || substr(h, 9, 4) || '-0000-0000-000000000000')::uuid
+     FROM (SELECT lpad(to_hex(floor(extract(epoch FROM {at}) * 1000)::bigint), 12, '0') AS h) s)
+"""
+
+
+def _install_statements() -> list[str]:
+    s = SCHEMA
+    prune_horizon = _HORIZON_SQL.format(at=f"now() - interval '{int(RETENTION)} seconds'")
+    claim_horizon = _HORIZON_SQL.format(
+        at=f"clock_timestamp() - interval '{int(CLAIM_HORIZON)} seconds'"
+    )
+    return [
+        f"CREATE SCHEMA IF NOT EXISTS {s}",
+        # id: a UUIDv7 made by the client (its first 48 bits are milliseconds, so the primary
+        # key is ordered by time and pruning is a range scan); fence: written by a claim.
+        f"CREATE TABLE IF NOT EXISTS {s}.commit_markers ("
+        " id uuid PRIMARY KEY, fence boolean NOT NULL DEFAULT false)",
+        f"""CREATE OR REPLACE FUNCTION {s}.mark_commit(marker uuid) RETURNS void
+LANGUAGE plpgsql AS $rdb$
+BEGIN
+    -- only a transaction that wrote has an xid: read-only ones leave nothing behind
+    IF pg_catalog.pg_current_xact_id_if_assigned() IS NOT NULL THEN
+        INSERT INTO {s}.commit_markers (id) VALUES (marker);
+    END IF;
+END
+$rdb$""",
+        f"""CREATE OR REPLACE FUNCTION {s}.claim_commit(marker uuid) RETURNS text
+LANGUAGE plpgsql SET lock_timeout = '2s' AS $rdb$
+DECLARE
+    was_fence boolean;
+BEGIN
+    IF marker < {claim_horizon} THEN
+        RETURN 'expired';  -- may have been pruned: absence would prove nothing
+    END IF;
+    -- waits for a transaction still holding the marker; once the fence is in, the original
+    -- transaction can no longer commit (its own insert would violate the primary key)
+    INSERT INTO {s}.commit_markers (id, fence) VALUES (marker, true) ON CONFLICT (id) DO NOTHING;
+    IF FOUND THEN
+        RETURN 'fenced';
+    END IF;
+    SELECT fence INTO was_fence FROM {s}.commit_markers WHERE id = marker;
+    IF was_fence IS NULL THEN
+        RETURN 'unknown';
+    ELSIF was_fence THEN
+        RETURN 'fenced';  -- an earlier claim fenced it (its answer was lost)
+    END IF;
+    RETURN 'committed';
+END
+$rdb$""",
+        f"""CREATE OR REPLACE FUNCTION {s}.prune_commit_markers(batch integer) RETURNS integer
+LANGUAGE plpgsql AS $rdb$
+DECLARE
+    pruned integer;
+BEGIN
+    DELETE FROM {s}.commit_markers WHERE id IN (
+        SELECT id FROM {s}.commit_markers WHERE id < {prune_horizon}
+        ORDER BY id LIMIT batch FOR UPDATE SKIP LOCKED);
+    GET DIAGNOSTICS pruned = ROW_COUNT;
+    RETURN pruned;
+END
+$rdb$""",
+        f"COMMENT ON TABLE {s}.commit_markers IS "
+        f"'resilient_db commit markers, version {MARKERS_VERSION}: proof that a unit of work "
+        f"committed, kept {int(RETENTION)} s'",
+    ]
+
+
+def _uninstall_statements() -> list[str]:
+    s = SCHEMA
+    return [
+        f"DROP FUNCTION IF EXISTS {s}.mark_commit(uuid)",
+        f"DROP FUNCTION IF EXISTS {s}.claim_commit(uuid)",
+        f"DROP FUNCTION IF EXISTS {s}.prune_commit_markers(integer)",
+        f"DROP TABLE IF EXISTS {s}.commit_markers",
+    ]
+
+
+def install_commit_markers(bind_or_op: Any) -> None:
+    """Install what definite, round-trip-free commit verification needs (idempotent).
+
+    ``bind_or_op``: an ``Engine``, ``Connection`` or ``Session``, or Alembic's ``op`` in a
+    migration (for asyncio: ``await conn.run_sync(install_commit_markers)``). Creates schema
+    ``resilient_db`` with table ``commit_markers`` and three functions. Connections made after
+    this use the markers; without them units still verify lost COMMIT answers, by transaction id,
+    at one extra round trip per writing unit and with more "unknown" outcomes.
+    """
+    _run_statements(bind_or_op, _install_statements())
+
+
+def uninstall_commit_markers(bind_or_op: Any) -> None:
+    """Remove the commit markers (the downgrade of :func:`install_commit_markers`)."""
+    _run_statements(bind_or_op, _uninstall_statements())
+
+
+_CHECK_SQL = f"""SELECT COALESCE((
+    SELECT pg_catalog.has_function_privilege(p.oid, 'EXECUTE')
+       AND pg_catalog.has_schema_privilege(n.oid, 'USAGE')
+    FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+    WHERE n.nspname = '{SCHEMA}' AND p.proname = 'claim_commit'), false)
+  AND COALESCE((
+    SELECT pg_catalog.has_function_privilege(p.oid, 'EXECUTE')
+    FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+    WHERE n.nspname = '{SCHEMA}' AND p.proname = 'mark_commit'), false)"""
+
+# The fallback's evidence: the xid, and what changes when the server restarts or recovers from
+# a crash (a new postmaster, or the end-of-recovery checkpoint of a reinitialised one).
+_XID_SQL = (
+    "SELECT pg_catalog.pg_current_xact_id_if_assigned()::text, "
+    "pg_catalog.pg_postmaster_start_time()::text || ' ' || "
+    "(SELECT redo_lsn::text || ' ' || timeline_id::text FROM pg_catalog.pg_control_checkpoint())"
+)
+# Parameters travel as text: asyncpg has no text encoder for xid8 or uuid parameters given as str.
+XID_STATUS_SQL = text(
+    "SELECT pg_catalog.pg_postmaster_start_time()::text || ' ' || "
+    "(SELECT redo_lsn::text || ' ' || timeline_id::text FROM pg_catalog.pg_control_checkpoint()), "
+    "CASE WHEN CAST(CAST(:xid AS text) AS xid8) >= "
+    "pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot()) THEN 'future' "
+    "ELSE pg_catalog.pg_xact_status(CAST(CAST(:xid AS text) AS xid8)) END"
+)
+CLAIM_SQL = text(f"SELECT {SCHEMA}.claim_commit(CAST(CAST(:marker AS text) AS uuid))")
+PRUNE_SQL = f"SELECT {SCHEMA}.prune_commit_markers({PRUNE_BATCH})"
+
+
+def uuid7() -> uuid.UUID:
+    """A time-ordered UUID (RFC 9562 version 7): 48 bits of Unix milliseconds, 74 random bits.
+
+    Written here because the standard library has it only from Python 3.14. The random part
+    comes from ``os.urandom``: two units sharing an id would make one's verification read the
+    other's marker.
+    """
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & 0xFFFF_FFFF_FFFF) << 80 | rand & ((1 << 80) - 1)
+    value = value & ~(0xF << 76) | 0x7 << 76  # version 7
+    value = value & ~(0x3 << 62) | 0x2 << 62  # RFC 4122 variant
+    return uuid.UUID(int=value)
+
+
+# -- the client side ----------------------------------------------------------------------------
+@dataclass
+class CommitTicket:
+    """What one connection's COMMIT carried, for settling a lost answer."""
+
+    mode: str | None  # MARKERS, XID, or None (proven read-only: nothing to verify)
+    marker: str | None = None
+    xid: str | None = None
+    incarnation: str | None = None
+    sent: bool = False  # the COMMIT message went out (before it, a failure can't have committed)
+
+    @property
+    def wrote(self) -> bool:
+        """Whether a lost answer must be verified rather than replayed."""
+        if not self.sent or self.mode is None:
+            return False
+        return self.mode == MARKERS or self.xid is not None
+
+
+class CommitRequest:
+    """The tickets of one unit's commit (one per connection the session commits)."""
+
+    __slots__ = ("_pending", "tickets")
+
+    def __init__(self) -> None:
+        self.tickets: list[CommitTicket] = []
+        self._pending: list[Any] = []  # asyncpg connections holding a marked COMMIT
+
+    @property
+    def last(self) -> CommitTicket | None:
+        return self.tickets[-1] if self.tickets else None
+
+    def clear_pending(self) -> None:
+        """A marked COMMIT not sent (the commit failed earlier) must not reach a later one."""
+        for driver in self._pending:
+            driver._rdb_commit = None
+        self._pending.clear()
+
+
+# The commit being made by a unit in this thread/greenlet: set around ``session.commit()``.
+current_request: contextvars.ContextVar[CommitRequest | None] = contextvars.ContextVar(
+    "resilient_db_commit", default=None
+)
+
+
+# Statements that can't write: the decision per SQL string, cached. Only a plain SELECT (not
+# SELECT INTO, not WITH, which may hold a data-modifying CTE) whose calls are all built-ins that
+# don't write counts as read-only; anything else may write and the server decides (the marker is
+# inserted only by a transaction that holds an xid). A SELECT on a view whose definition calls a
+# writing function is not seen: such a unit is replayed after a lost COMMIT answer.
+_SAFE_CALLS: Final = frozenset(
+    """
+    any all in exists cast coalesce nullif greatest least count sum min max avg bool_and bool_or
+    every array_agg string_agg json_agg jsonb_agg json_object_agg jsonb_object_agg
+    json_build_object jsonb_build_object json_build_array jsonb_build_array row_number rank
+    dense_rank percent_rank cume_dist ntile lag lead first_value last_value nth_value over
+    filter within lower upper length char_length octet_length substring substr trim btrim ltrim
+    rtrim concat concat_ws replace position strpos left right lpad rpad abs round floor ceil
+    ceiling trunc mod power sqrt date_trunc date_part extract now current_timestamp
+    current_date localtimestamp clock_timestamp age to_char to_timestamp to_date make_interval
+    array array_length cardinality unnest jsonb_array_elements json_array_elements
+    jsonb_each json_each jsonb_extract_path json_extract_path to_json to_jsonb row values
+    on using and or not is as from where join select distinct case when then else end between
+    like ilike similar interval varchar char numeric decimal timestamp time date by limit offset
+    having lateral union intersect except nulls asc desc
+    """.split()  # noqa: SIM905 - a word list reads better as words
+)
+_CALL = re.compile(r"([A-Za-z_][\w$]*)\s*\(")
+_QUALIFIED_CALL = re.compile(r"\.\s*\"?[A-Za-z_][\w$]*\"?\s*\(|\"\s*\(")
+_INTO = re.compile(r"\bINTO\b", re.IGNORECASE)
+_write_cache: dict[str, bool] = {}
+
+
+def may_write(statement: str) -> bool:
+    """False only when ``statement`` surely can't write (see above)."""
+    verdict = _write_cache.get(statement)
+    if verdict is None:
+        verdict = _judge(statement)
+        if len(_write_cache) > 4096:
+            _write_cache.clear()
+        _write_cache[statement] = verdict
+    return verdict
+
+
+def _judge(statement: str) -> bool:
+    head = statement.lstrip().lstrip("(").lstrip()[:6].upper()
+    if head != "SELECT" or _INTO.search(statement) or ";" in statement:
+        return True
+    if _QUALIFIED_CALL.search(statement):
+        return True  # schema.function(...) or "quoted"(...)
+    return any(m.group(1).lower() not in _SAFE_CALLS for m in _CALL.finditer(statement))
+
+
+class CommitProtocol:
+    """The per-engine side of the protocol: events on the engine, state per pooled connection."""
+
+    def __init__(self, engine: Engine, config: Config, service: str) -> None:
+        self.engine = engine
+        self.config = config
+        self.service = service
+        self.is_asyncpg = engine.dialect.driver == "asyncpg"
+        self._warned = False
+        self._last_prune = time.monotonic()
+        self._prune_lock = threading.Lock()
+        event.listen(engine, "connect", self._on_connect)
+        event.listen(engine, "begin", self._on_begin)
+        event.listen(engine, "before_cursor_execute", self._before_cursor_execute)
+        event.listen(engine, "commit", self._on_commit)
+        if self.is_asyncpg:
+            event.listen(engine, "do_connect", _asyncpg_do_connect)
+
+    # -- events -----------------------------------------------------------------------------------
+    def _on_connect(self, dbapi_connection: Any, record: Any) -> None:
+        mode = XID
+        try:
+            if self._markers_installed(dbapi_connection):
+                mode = MARKERS
+        except Exception:
+            log_session.debug("could not check for commit markers", exc_info=True)
+        record.info[_MODE_KEY] = mode
+        self._warn_if_missing(mode)
+
+    def _mode_of(self, conn: Connection) -> str:
+        """The connection's mode; checked now for a connection made before our listeners."""
+        mode: str | None = conn.info.get(_MODE_KEY)
+        if mode is None:
+            mode = XID
+            driver = conn.connection.driver_connection
+            if not self.is_asyncpg or getattr(driver, "_rdb_marked", False):
+                check = conn.exec_driver_sql(_CHECK_SQL, execution_options={"no_parameters": True})
+                if check.scalar():
+                    mode = MARKERS
+            conn.info[_MODE_KEY] = mode
+            self._warn_if_missing(mode)
+        return mode
+
+    def _warn_if_missing(self, mode: str) -> None:
+        if mode == MARKERS or self._warned:
+            return
+        self._warned = True
+        emit(
+            self.config,
+            log_session,
+            logging.WARNING,
+            "Commit markers are not installed (or not usable) in database %s: a lost "
+            "COMMIT answer is verified by transaction id, at one extra round trip per "
+            "writing unit and with more unknown outcomes; run "
+            "resilient_db.install_commit_markers(engine) once",
+            self.engine.url.database,
+            service=self.service,
+            event="commit_markers_missing",
+        )
+
+    def _markers_installed(self, dbapi_connection: Any) -> bool:
+        if self.is_asyncpg:
+            driver = dbapi_connection.driver_connection
+            if not getattr(driver, "_rdb_marked", False):
+                return False  # made by the user's async_creator: the message can't be marked
+            return bool(_await(driver.fetchval(_CHECK_SQL)))
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(_CHECK_SQL)
+            row = cursor.fetchone()
+        finally:
+            cursor.close()
+            dbapi_connection.rollback()
+        return bool(row and row[0])
+
+    @staticmethod
+    def _on_begin(conn: Connection) -> None:
+        conn.info[_WRITE_KEY] = False
+
+    @staticmethod
+    def _before_cursor_execute(conn: Connection, cursor: Any, statement: str, *_: Any) -> None:
+        info = conn.info
+        if not info.get(_WRITE_KEY) and may_write(statement):
+            info[_WRITE_KEY] = True
+
+    def _on_commit(self, conn: Connection) -> None:
+        request = current_request.get()
+        if request is None:
+            return  # not a unit's commit: plain SQLAlchemy
+        info = conn.info
+        if not info.get(_WRITE_KEY, True):
+            request.tickets.append(CommitTicket(None, sent=True))
+            return
+        if self._mode_of(conn) == MARKERS:
+            marker = str(uuid7())
+            ticket = CommitTicket(MARKERS, marker=marker)
+            request.tickets.append(ticket)
+            sql = f"SELECT {SCHEMA}.mark_commit('{marker}'); COMMIT"
+            if self.is_asyncpg:
+                driver: Any = conn.connection.driver_connection
+                driver._rdb_commit = (sql + ";", ticket)
+                request._pending.append(driver)
+            else:
+                ticket.sent = True
+                # one simple-query message; psycopg's commit() then finds the connection idle
+                conn.exec_driver_sql(sql, execution_options={"no_parameters": True})
+            return
+        ticket = CommitTicket(XID)
+        request.tickets.append(ticket)
+        row = conn.exec_driver_sql(_XID_SQL, execution_options={"no_parameters": True}).one()
+        ticket.xid, ticket.incarnation = row[0], row[1]
+        ticket.sent = True  # the COMMIT goes out right after this listener
+
+    # -- pruning ----------------------------------------------------------------------------------
+    def prune_due(self) -> bool:
+        return time.monotonic() - self._last_prune >= PRUNE_INTERVAL
+
+    def pruned(self) -> bool:
+        """Claim this prune (one caller per interval)."""
+        with self._prune_lock:
+            if not self.prune_due():
+                return False
+            self._last_prune = time.monotonic()
+            return True
+
+
+def prune(connection: Connection) -> int:
+    """Delete expired markers (a bounded batch; concurrent pruners skip each other's rows)."""
+    with connection.begin():
+        return int(connection.exec_driver_sql(PRUNE_SQL).scalar() or 0)
+
+
+# -- asyncpg: the marked COMMIT ----------------------------------------------------------------
+_marked_classes: dict[type[Any], type[Any]] = {}
+_marked_lock = threading.Lock()
+
+
+def marked_connection_class(base: type[Any]) -> type[Any]:
+    """A subclass of ``base`` (an ``asyncpg.Connection`` class) whose COMMIT can carry a marker.
+
+    asyncpg's transaction object commits with ``connection.execute("COMMIT;")``; when the commit
+    listener has left a marked message on the connection, ``execute`` sends that instead, in the
+    same single message. A test in ``tests/test_commit_markers.py`` fails if asyncpg stops
+    committing through ``execute``.
+    """
+    with _marked_lock:
+        cls = _marked_classes.get(base)
+        if cls is None:
+
+            async def execute(self: Any, query: str, *args: Any, timeout: Any = None) -> Any:
+                pending = self._rdb_commit
+                if pending is not None and not args and _is_commit(query):
+                    self._rdb_commit = None
+                    query, ticket = pending
+                    ticket.sent = True
+                return await base.execute(self, query, *args, timeout=timeout)
+
+            def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+                base.__init__(self, *args, **kwargs)
+                self._rdb_commit = None
+
+            cls = type(
+                f"Marked{base.__name__}",
+                (base,),
+                {
+                    "__slots__": ("_rdb_commit",),
+                    "__init__": __init__,
+                    "execute": execute,
+                    "_rdb_marked": True,
+                    "__module__": __name__,
+                },
+            )
+            _marked_classes[base] = cls
+        return cls
+
+
+def _is_commit(query: str) -> bool:
+    return query.strip().rstrip(";").strip().upper() in ("COMMIT", "END")
+
+
+def _asyncpg_do_connect(dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> None:
+    if "async_creator_fn" in cparams:
+        return  # the user's own creator makes the connection: fallback verification
+    base = cparams.get("connection_class", asyncpg.Connection)
+    cparams["connection_class"] = marked_connection_class(base)
