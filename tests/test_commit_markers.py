@@ -1,0 +1,354 @@
+"""The commit protocol's parts against the real server: the markers' SQL (mark, claim, fence,
+expiry, prune), the client's read-only proof, the marked message on both drivers and what it
+costs in round trips. The crash and fault scenarios are in test_commit_protocol*.py."""
+
+from __future__ import annotations
+
+import itertools
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import pytest_asyncio
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+import resilient_db as rdb
+from resilient_db import _commit
+from resilient_db._commit import CLAIM_HORIZON, RETENTION, may_write, uuid7
+
+_services = itertools.count()
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Counter(Base):
+    __tablename__ = "marker_counters"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    value: Mapped[int]
+
+
+@pytest.fixture
+def service() -> str:
+    return f"markers-{next(_services)}"
+
+
+@pytest.fixture
+def engine(pg_url: str) -> Iterator[sa.Engine]:
+    eng = sa.create_engine(pg_url)
+    Base.metadata.create_all(eng)
+    with eng.begin() as conn:
+        conn.execute(sa.insert(Counter).values(id=1, value=0))
+    rdb.install_commit_markers(eng)
+    yield eng
+    eng.dispose()
+
+
+@pytest_asyncio.fixture
+async def async_engine(engine: sa.Engine, pg_async_url: str) -> AsyncIterator[AsyncEngine]:
+    eng = create_async_engine(pg_async_url)
+    yield eng
+    await eng.dispose()
+
+
+def markers(engine: sa.Engine) -> list[tuple[uuid.UUID, bool]]:
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT id, fence FROM resilient_db.commit_markers"))
+        return [(row[0], row[1]) for row in rows]
+
+
+def claim(engine: sa.Engine, marker: uuid.UUID | str) -> str:
+    with engine.begin() as conn:
+        return str(conn.execute(_commit.CLAIM_SQL, {"marker": str(marker)}).scalar())
+
+
+# -- the client's proof that a statement can't write ------------------------------------------
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "SELECT marker_counters.id, marker_counters.value FROM marker_counters "
+        "WHERE marker_counters.id = %(pk_1)s::INTEGER",
+        "SELECT count(*) AS count_1 FROM t WHERE t.a IN (%(a_1_1)s, %(a_1_2)s)",
+        "SELECT t.a FROM t JOIN u ON t.id = u.t_id ORDER BY t.a DESC LIMIT $1::INTEGER",
+        "  (SELECT lower(t.name) FROM t) UNION (SELECT upper(u.name) FROM u)",
+        "SELECT t.a FROM t FOR UPDATE",
+    ],
+)
+def test_plain_selects_are_proven_read_only(statement: str) -> None:
+    assert not may_write(statement)
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "INSERT INTO t (a) VALUES (%(a)s)",
+        "UPDATE t SET a = 1",
+        "DELETE FROM t",
+        "SELECT transfer(1, 2)",  # a function that may write
+        "SELECT app.transfer(1, 2)",  # schema-qualified
+        'SELECT "Transfer"(1)',  # quoted
+        "SELECT * INTO copy FROM t",  # SELECT INTO creates a table
+        "WITH moved AS (DELETE FROM t RETURNING *) SELECT * FROM moved",
+        "SELECT 1; DELETE FROM t",
+        "CALL do_things()",
+        "select nextval('seq')",
+        "",
+    ],
+)
+def test_anything_else_may_write(statement: str) -> None:
+    assert may_write(statement)
+
+
+def test_uuid7_is_version_7_time_ordered_and_unique() -> None:
+    ids = [uuid7() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    assert all(u.version == 7 and u.variant == uuid.RFC_4122 for u in ids)
+    millis = [u.int >> 80 for u in ids]
+    assert millis == sorted(millis)
+
+
+# -- the markers' SQL -----------------------------------------------------------------------------
+def test_install_is_idempotent_and_uninstall_removes_everything(engine: sa.Engine) -> None:
+    rdb.install_commit_markers(engine)
+    with engine.begin() as conn:
+        rdb.install_commit_markers(conn)
+    with Session(engine) as session:
+        rdb.install_commit_markers(session)
+        session.commit()
+    assert markers(engine) == []
+    rdb.uninstall_commit_markers(engine)
+    with engine.connect() as conn:
+        assert (
+            conn.execute(sa.text("SELECT to_regclass('resilient_db.commit_markers')")).scalar()
+            is None
+        )
+    rdb.install_commit_markers(engine)
+    assert markers(engine) == []
+
+
+def test_mark_commit_writes_a_marker_only_for_a_transaction_that_wrote(engine: sa.Engine) -> None:
+    wrote, read = uuid7(), uuid7()
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE marker_counters SET value = value + 1"))
+        conn.execute(sa.text("SELECT resilient_db.mark_commit(:m)"), {"m": wrote})
+    with engine.begin() as conn:
+        conn.execute(sa.text("SELECT value FROM marker_counters"))
+        conn.execute(sa.text("SELECT resilient_db.mark_commit(:m)"), {"m": read})
+    assert markers(engine) == [(wrote, False)]
+
+
+def test_claim_of_a_committed_marker_says_committed_and_writes_nothing(engine: sa.Engine) -> None:
+    marker = uuid7()
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE marker_counters SET value = value + 1"))
+        conn.execute(sa.text("SELECT resilient_db.mark_commit(:m)"), {"m": marker})
+    assert claim(engine, marker) == "committed"
+    assert claim(engine, marker) == "committed"
+    assert markers(engine) == [(marker, False)]
+
+
+def test_claim_of_a_missing_marker_fences_off_the_original(engine: sa.Engine) -> None:
+    marker = uuid7()
+    assert claim(engine, marker) == "fenced"
+    assert claim(engine, marker) == "fenced"  # a second claim (the first one's answer was lost)
+    # the original transaction, arriving late, can no longer commit
+    with engine.connect() as conn:
+        conn.execute(sa.text("UPDATE marker_counters SET value = value + 100"))
+        with pytest.raises(sa.exc.IntegrityError):
+            conn.execute(sa.text("SELECT resilient_db.mark_commit(:m)"), {"m": marker})
+        conn.rollback()
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT value FROM marker_counters")).scalar() == 0
+
+
+def test_claim_waits_for_the_original_still_committing(engine: sa.Engine) -> None:
+    marker = uuid7()
+    original = engine.connect()
+    try:
+        original.execute(sa.text("UPDATE marker_counters SET value = value + 1"))
+        original.execute(sa.text("SELECT resilient_db.mark_commit(:m)"), {"m": marker})
+        # the original holds the marker uncommitted: the claim waits (up to its lock_timeout),
+        # then gives up with a lock timeout, which the unit treats as "check again later"
+        with pytest.raises(sa.exc.OperationalError) as info:
+            claim(engine, marker)
+        assert rdb.sqlstate_of(info.value) == "55P03"
+        original.commit()
+    finally:
+        original.close()
+    assert claim(engine, marker) == "committed"
+
+
+def test_claim_refuses_markers_older_than_the_horizon(engine: sa.Engine) -> None:
+    with engine.connect() as conn:
+        old_ms = conn.execute(
+            sa.text("SELECT floor(extract(epoch FROM now()) * 1000)::bigint - :age"),
+            {"age": int((CLAIM_HORIZON + 5) * 1000)},
+        ).scalar_one()
+    old = uuid.UUID(int=(old_ms << 80) | (0x7 << 76) | (0x2 << 62) | 12345)
+    assert claim(engine, old) == "expired"
+    assert markers(engine) == []  # nothing written
+
+
+def test_prune_deletes_expired_markers_and_keeps_recent_ones(engine: sa.Engine) -> None:
+    with engine.connect() as conn:
+        now_ms = conn.execute(
+            sa.text("SELECT floor(extract(epoch FROM now()) * 1000)::bigint")
+        ).scalar_one()
+    expired = [
+        uuid.UUID(
+            int=((now_ms - int((RETENTION + 60) * 1000)) << 80) | (0x7 << 76) | (0x2 << 62) | i
+        )
+        for i in range(50)
+    ]
+    recent = uuid7()
+    with engine.begin() as conn:
+        for marker in [*expired, recent]:
+            conn.execute(
+                sa.text("INSERT INTO resilient_db.commit_markers (id) VALUES (:m)"), {"m": marker}
+            )
+    with engine.connect() as conn:
+        assert _commit.prune(conn) == 50
+    assert markers(engine) == [(recent, False)]
+
+
+# -- the marked message on both drivers -----------------------------------------------------------
+def _bump(session: Session) -> int:
+    row = session.get(Counter, 1)
+    assert row is not None
+    row.value += 1
+    session.flush()
+    return row.value
+
+
+def _round_trips(trace: str) -> list[str]:
+    """The frontend messages that wait for an answer, from a libpq trace."""
+    sent = []
+    for line in trace.splitlines():
+        parts = line.split("\t")
+        if len(parts) >= 3 and parts[0] == "F" and parts[2] in ("Query", "Sync"):
+            sent.append(parts[3].strip() if len(parts) > 3 else parts[2])
+    return sent
+
+
+def _traced(engine: sa.Engine, fn: Any) -> list[str]:
+    """Run ``fn()`` with libpq tracing every connection of ``engine`` (one pooled connection)."""
+    engine.dispose()
+    path = Path(tempfile.mkstemp(prefix="rdb-trace-")[1])
+    handle = path.open("w")
+    try:
+        with engine.connect() as conn:  # make the pool's connection, then trace it
+            raw: Any = conn.connection.driver_connection
+            raw.pgconn.trace(handle.fileno())
+            raw.pgconn.set_trace_flags(
+                psycopg.pq.Trace.SUPPRESS_TIMESTAMPS | psycopg.pq.Trace.REGRESS_MODE
+            )
+        fn()
+        with engine.connect() as conn:
+            raw = conn.connection.driver_connection
+            raw.pgconn.untrace()
+    finally:
+        handle.close()
+    text = path.read_text()
+    path.unlink()
+    return _round_trips(text)
+
+
+def test_a_writing_unit_sends_its_marker_with_commit_in_one_message(
+    engine: sa.Engine, service: str
+) -> None:
+    Sessions = rdb.ResilientSession(engine, service=service)
+    plain = sessionmaker(engine)
+
+    def plain_unit() -> None:
+        with plain.begin() as session:
+            _bump(session)
+
+    plain_trips = _traced(engine, plain_unit)
+    ours = _traced(engine, lambda: Sessions.run(_bump))
+    assert len(ours) == len(plain_trips), (plain_trips, ours)
+    assert plain_trips[-1] == '"COMMIT"'
+    assert ours[-1].startswith('"SELECT resilient_db.mark_commit(')
+    assert ours[-1].endswith('; COMMIT"')
+    assert len(markers(engine)) == 1
+
+
+def test_a_read_only_unit_commits_plainly_and_leaves_no_marker(
+    engine: sa.Engine, service: str
+) -> None:
+    Sessions = rdb.ResilientSession(engine, service=service)
+
+    def read(session: Session) -> int:
+        return session.execute(sa.select(Counter.value).where(Counter.id == 1)).scalar_one()
+
+    trips = _traced(engine, lambda: Sessions.run(read))
+    assert trips[-1] == '"COMMIT"'
+    assert markers(engine) == []
+
+
+def test_a_unit_writing_through_a_function_is_marked(engine: sa.Engine, service: str) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "CREATE OR REPLACE FUNCTION marker_bump() RETURNS int LANGUAGE sql AS "
+                "$$ UPDATE marker_counters SET value = value + 1 RETURNING value $$"
+            )
+        )
+    Sessions = rdb.ResilientSession(engine, service=service)
+    trips = _traced(
+        engine, lambda: Sessions.run(lambda s: s.execute(sa.text("SELECT marker_bump()")).scalar())
+    )
+    assert trips[-1].startswith('"SELECT resilient_db.mark_commit(')
+    assert len(markers(engine)) == 1
+
+
+def test_without_markers_a_writing_unit_pays_one_round_trip_for_its_xid(
+    engine: sa.Engine, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    rdb.uninstall_commit_markers(engine)
+    Sessions = rdb.ResilientSession(engine, service=service)
+    plain = sessionmaker(engine)
+
+    def plain_unit() -> None:
+        with plain.begin() as session:
+            _bump(session)
+
+    plain_trips = _traced(engine, plain_unit)
+    with caplog.at_level("WARNING", logger="resilient_db"):
+        ours = _traced(engine, lambda: Sessions.run(_bump))
+        Sessions.run(_bump)
+    assert len(ours) == len(plain_trips) + 1
+    assert "pg_current_xact_id_if_assigned" in ours[-2]
+    assert ours[-1] == '"COMMIT"'
+    warnings = [r for r in caplog.records if "Commit markers are not installed" in r.getMessage()]
+    assert len(warnings) == 1  # once per engine
+    assert warnings[0].getMessage().startswith("[SELF-HEAL] ")
+
+
+@pytest.mark.asyncio
+async def test_asyncpg_commits_through_the_marked_connection(
+    engine: sa.Engine, async_engine: AsyncEngine, service: str
+) -> None:
+    """Fails loudly if asyncpg stops committing through ``Connection.execute("COMMIT;")``: the
+    marked message would then never be sent (units would end "unknown" after a lost answer)."""
+    Sessions = rdb.AsyncResilientSession(async_engine, service=service)
+
+    async def bump(session: AsyncSession) -> int:
+        row = await session.get(Counter, 1)
+        assert row is not None
+        row.value += 1
+        return row.value
+
+    assert await Sessions.run(bump) == 1
+    assert len(markers(engine)) == 1
+    async with async_engine.connect() as conn:
+        raw: Any = (await conn.get_raw_connection()).driver_connection
+        assert getattr(type(raw), "_rdb_marked", False)
+        assert raw._rdb_commit is None  # consumed by the COMMIT
+        assert not raw.is_in_transaction()
