@@ -25,10 +25,9 @@ send a plain COMMIT: nothing to verify, a replay can't write twice.
 Without the markers, the fallback asks for the xid before COMMIT (one extra round trip) and
 trusts ``pg_xact_status`` only while the server has not restarted or checkpointed in between.
 
-The drivers differ only in how the message goes out: psycopg runs it from the ``commit`` event
-(its ``commit()`` is then a no-op, the connection being idle); asyncpg's transaction object sends
-``COMMIT;`` itself, so connections are made from a subclass of ``asyncpg.Connection`` (injected
-through ``do_connect``) whose ``execute`` sends the marked message instead.
+The message goes out from the driver's own COMMIT (see :func:`marked_connection_class`): psycopg
+connections get a subclass whose ``commit()`` sends it; asyncpg connections are made from a
+subclass (``connection_class``, set in ``do_connect``) whose ``execute("COMMIT;")`` sends it.
 """
 
 from __future__ import annotations
@@ -44,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import asyncpg
+import psycopg
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, Engine
 
@@ -347,7 +347,9 @@ class CommitProtocol:
         if mode is None:
             mode = XID
             driver = conn.connection.driver_connection
-            if not self.is_asyncpg or getattr(driver, "_rdb_marked", False):
+            if getattr(driver, "_rdb_marked", False) or (
+                not self.is_asyncpg and _mark_psycopg(driver)
+            ):
                 check = conn.exec_driver_sql(_CHECK_SQL, execution_options={"no_parameters": True})
                 if check.scalar():
                     mode = MARKERS
@@ -378,6 +380,8 @@ class CommitProtocol:
             if not getattr(driver, "_rdb_marked", False):
                 return False  # made by the user's async_creator: the message can't be marked
             return bool(_await(driver.fetchval(_CHECK_SQL)))
+        if not _mark_psycopg(dbapi_connection):
+            return False
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(_CHECK_SQL)
@@ -409,15 +413,11 @@ class CommitProtocol:
             marker = str(uuid7())
             ticket = CommitTicket(MARKERS, marker=marker)
             request.tickets.append(ticket)
-            sql = f"SELECT {SCHEMA}.mark_commit('{marker}'); COMMIT"
-            if self.is_asyncpg:
-                driver: Any = conn.connection.driver_connection
-                driver._rdb_commit = (sql + ";", ticket)
-                request._pending.append(driver)
-            else:
-                ticket.sent = True
-                # one simple-query message; psycopg's commit() then finds the connection idle
-                conn.exec_driver_sql(sql, execution_options={"no_parameters": True})
+            # The driver's own COMMIT carries it (see marked_connection_class): its errors are
+            # then SQLAlchemy's, handled exactly as a plain COMMIT's.
+            driver: Any = conn.connection.driver_connection
+            driver._rdb_commit = (f"SELECT {SCHEMA}.mark_commit('{marker}'); COMMIT", ticket)
+            request._pending.append(driver)
             return
         ticket = CommitTicket(XID)
         request.tickets.append(ticket)
@@ -444,28 +444,37 @@ def prune(connection: Connection) -> int:
         return int(connection.exec_driver_sql(PRUNE_SQL).scalar() or 0)
 
 
-# -- asyncpg: the marked COMMIT ----------------------------------------------------------------
+# -- the drivers' marked COMMIT ------------------------------------------------------------------
 _marked_classes: dict[type[Any], type[Any]] = {}
 _marked_lock = threading.Lock()
 
 
 def marked_connection_class(base: type[Any]) -> type[Any]:
-    """A subclass of ``base`` (an ``asyncpg.Connection`` class) whose COMMIT can carry a marker.
+    """A subclass of the driver's connection class ``base`` whose COMMIT can carry a marker.
 
-    asyncpg's transaction object commits with ``connection.execute("COMMIT;")``; when the commit
-    listener has left a marked message on the connection, ``execute`` sends that instead, in the
-    same single message. A test in ``tests/test_commit_markers.py`` fails if asyncpg stops
-    committing through ``execute``.
+    The commit listener leaves ``(message, ticket)`` in ``_rdb_commit``; the driver's COMMIT then
+    sends that one message instead, inside SQLAlchemy's ``do_commit`` (so errors are wrapped and
+    dead connections invalidated exactly as for a plain COMMIT):
+
+    * psycopg: ``commit()`` executes the message; the connection is then idle.
+    * asyncpg: its transaction object commits with ``connection.execute("COMMIT;")``; ``execute``
+      sends the message instead.
+
+    ``tests/test_commit_markers.py`` fails if either driver stops committing this way.
     """
     with _marked_lock:
         cls = _marked_classes.get(base)
-        if cls is None:
+        if cls is not None:
+            return cls
+        namespace: dict[str, Any] = {"_rdb_marked": True, "__module__": __name__}
+        if issubclass(base, asyncpg.Connection):
 
             async def execute(self: Any, query: str, *args: Any, timeout: Any = None) -> Any:
                 pending = self._rdb_commit
                 if pending is not None and not args and _is_commit(query):
                     self._rdb_commit = None
                     query, ticket = pending
+                    query += ";"
                     ticket.sent = True
                 return await base.execute(self, query, *args, timeout=timeout)
 
@@ -473,19 +482,40 @@ def marked_connection_class(base: type[Any]) -> type[Any]:
                 base.__init__(self, *args, **kwargs)
                 self._rdb_commit = None
 
-            cls = type(
-                f"Marked{base.__name__}",
-                (base,),
-                {
-                    "__slots__": ("_rdb_commit",),
-                    "__init__": __init__,
-                    "execute": execute,
-                    "_rdb_marked": True,
-                    "__module__": __name__,
-                },
-            )
-            _marked_classes[base] = cls
+            namespace.update(__slots__=("_rdb_commit",), __init__=__init__, execute=execute)
+        else:
+
+            def commit(self: Any) -> None:
+                pending = self._rdb_commit
+                if pending is None:
+                    return base.commit(self)  # type: ignore[no-any-return]
+                self._rdb_commit = None
+                if self.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS:
+                    return base.commit(self)  # type: ignore[no-any-return]  # failed: as plain
+                query, ticket = pending
+                ticket.sent = True
+                self.execute(query)  # one simple-query message (no parameters)
+                return None
+
+            namespace.update(commit=commit, _rdb_commit=None)
+        cls = type(f"Marked{base.__name__}", (base,), namespace)
+        _marked_classes[base] = cls
         return cls
+
+
+def _mark_psycopg(dbapi_connection: Any) -> bool:
+    """Make a psycopg connection's COMMIT markable (its class becomes a marked subclass).
+
+    The connection exists already (made by psycopg's ``connect``, or by a ``do_connect`` listener
+    or ``creator`` of the user's), so its class is switched rather than the class it is made
+    from; the subclass only adds a ``commit()`` override and one attribute.
+    """
+    if getattr(dbapi_connection, "_rdb_marked", False):
+        return True
+    if not isinstance(dbapi_connection, psycopg.Connection):
+        return False
+    dbapi_connection.__class__ = marked_connection_class(type(dbapi_connection))
+    return True
 
 
 def _is_commit(query: str) -> bool:

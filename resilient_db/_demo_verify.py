@@ -52,6 +52,8 @@ class DatabaseFindings:
     illegal_states: int
     illegal_examples: tuple[str, ...]
     trigger_drift: str | None
+    commit_markers: int  # units' commits that carried a marker (and are still kept)
+    commit_fences: int  # markers written by the claim of a lost COMMIT answer
 
 
 def _legal(old: str | None, new: str) -> bool:
@@ -71,6 +73,11 @@ def examine_database(conn: sa.Connection, ledger: Ledger) -> DatabaseFindings:
             "SELECT id, task_id, idem_key, from_status, to_status FROM task_history ORDER BY id"
         )
     ).all()
+    markers: dict[bool, int] = dict(
+        conn.execute(
+            sa.text("SELECT fence, count(*) FROM resilient_db.commit_markers GROUP BY fence")
+        ).all()
+    )
     history_counts = Counter(row.idem_key for row in history)
     task_counts = Counter(key for key, _ in tasks.values())
     history_keys = {row.idem_key for row in history}
@@ -122,6 +129,8 @@ def examine_database(conn: sa.Connection, ledger: Ledger) -> DatabaseFindings:
         illegal_states=len(illegal),
         illegal_examples=tuple(illegal[:5]),
         trigger_drift=rdb.trigger_drift(conn, Task),
+        commit_markers=markers.get(False, 0),
+        commit_fences=markers.get(True, 0),
     )
 
 
@@ -221,6 +230,12 @@ def invariants(
             "trigger_in_place",
             found.trigger_drift is None,
             found.trigger_drift or "the database enforces exactly the declared rules",
+        ),
+        Check(
+            "commit_markers_in_use",
+            found.commit_markers > 0,
+            f"{found.commit_markers} unit commits carried a marker in their COMMIT message; "
+            f"{found.commit_fences} lost answers were settled by a fencing claim",
         ),
         Check(
             "fault_kinds",

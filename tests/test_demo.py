@@ -33,6 +33,7 @@ INVARIANTS = {
     "illegal_transitions_blocked",
     "breaker_opened_and_closed",
     "trigger_in_place",
+    "commit_markers_in_use",
     "fault_kinds",
     "demo_ran_cleanly",
 }
