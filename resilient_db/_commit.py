@@ -196,8 +196,11 @@ _XID_SQL = (
 XID_STATUS_SQL = text(
     "SELECT pg_catalog.pg_postmaster_start_time()::text || ' ' || "
     "(SELECT redo_lsn::text || ' ' || timeline_id::text FROM pg_catalog.pg_control_checkpoint()), "
-    "CASE WHEN CAST(CAST(:xid AS text) AS xid8) >= "
-    "pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot()) THEN 'future' "
+    # at or above the checking transaction's own xid (the newest one handed out): never assigned
+    # since the restart that lost it. (A snapshot's xmax would not do: an open transaction's xid
+    # can be above it.)
+    "CASE WHEN CAST(CAST(:xid AS text) AS xid8) >= pg_catalog.pg_current_xact_id() "
+    "THEN 'future' "
     "ELSE pg_catalog.pg_xact_status(CAST(CAST(:xid AS text) AS xid8)) END"
 )
 CLAIM_SQL = text(f"SELECT {SCHEMA}.claim_commit(CAST(CAST(:marker AS text) AS uuid))")
