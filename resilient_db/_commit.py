@@ -187,15 +187,17 @@ _CHECK_SQL = f"""SELECT COALESCE((
 
 # The fallback's evidence: the xid, and what changes when the server restarts or recovers from
 # a crash (a new postmaster, or the end-of-recovery checkpoint of a reinitialised one).
-_XID_SQL = (
-    "SELECT pg_catalog.pg_current_xact_id_if_assigned()::text, "
-    "pg_catalog.pg_postmaster_start_time()::text || ' ' || "
-    "(SELECT redo_lsn::text || ' ' || timeline_id::text FROM pg_catalog.pg_control_checkpoint())"
+# NULL where the role may not read the control file: "committed" is then never trusted.
+_INCARNATION = (
+    "CASE WHEN pg_catalog.has_function_privilege('pg_catalog.pg_control_checkpoint()', "
+    "'EXECUTE') THEN pg_catalog.pg_postmaster_start_time()::text || ' ' || "
+    "(SELECT redo_lsn::text || ' ' || timeline_id::text FROM pg_catalog.pg_control_checkpoint()) "
+    "END"
 )
+_XID_SQL = f"SELECT pg_catalog.pg_current_xact_id_if_assigned()::text, {_INCARNATION}"
 # Parameters travel as text: asyncpg has no text encoder for xid8 or uuid parameters given as str.
 XID_STATUS_SQL = text(
-    "SELECT pg_catalog.pg_postmaster_start_time()::text || ' ' || "
-    "(SELECT redo_lsn::text || ' ' || timeline_id::text FROM pg_catalog.pg_control_checkpoint()), "
+    f"SELECT {_INCARNATION}, "
     # at or above the checking transaction's own xid (the newest one handed out): never assigned
     # since the restart that lost it. (A snapshot's xmax would not do: an open transaction's xid
     # can be above it.)
