@@ -235,7 +235,7 @@ def invariants(
             "commit_markers_in_use",
             found.commit_markers > 0,
             f"{found.commit_markers} unit commits carried a marker in their COMMIT message; "
-            f"{found.commit_fences} lost answers were settled by a fencing claim",
+            f"{found.commit_fences} lost answers proved not committed (fenced off, replayed)",
         ),
         Check(
             "fault_kinds",
