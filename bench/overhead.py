@@ -1,18 +1,43 @@
 """Overhead of resilient_db against plain SQLAlchemy, measured on one server in one run.
 
-    python bench/overhead.py            # or: make bench
+    python bench/overhead.py            # or: make bench (about 3 minutes)
+    python bench/overhead.py --quick    # about 1 minute, fewer and shorter rounds
     python bench/overhead.py --json     # machine-readable
     python bench/overhead.py --url postgresql+psycopg://...   # an existing server
     python bench/overhead.py --pin      # server and benchmark on separate CPUs
+    python bench/overhead.py --no-markers   # the commit-verification fallback (no markers)
 
-Cases, each a primary-key SELECT unit of work (new session, SELECT by id, commit):
+Units of work, each in a new session and committed (``sessionmaker.begin()`` /
+``async_sessionmaker.begin()`` for plain SQLAlchemy, ``run`` for resilient_db; the same
+statements either way):
+- read: SELECT one row by primary key;
+- write: get a row by primary key, change a column, add an event row;
+- guarded write: the same, where the changed column is a status under ``__transitions__``
+  (a cycle queued -> running -> done -> queued, so every unit makes a legal move whatever state
+  its row is in). The transition trigger is not installed: it would cost both variants alike.
+
+Cases, each for every unit:
 - sync, 1 thread: median latency ratio of ``ResilientSession.run`` to ``sessionmaker.begin()``
 - sync, 8 threads: throughput ratio
-- naive: ``pybreaker.CircuitBreaker.call`` around the plain unit, 8 threads (one lock across I/O)
-- the same three with units that wait 2 ms on the server (``pg_sleep``), as a remote database
-  would: here a lock held across I/O serializes the threads
 - async, 1 task: latency ratio of ``AsyncResilientSession.run`` to ``async_sessionmaker.begin()``
 - async, 32 tasks: throughput ratio
+and, for the read unit only:
+- naive: ``pybreaker.CircuitBreaker.call`` around the plain unit, 8 threads (one lock across I/O)
+- the same with units that wait 2 ms on the server (``pg_sleep``), as a remote database would:
+  here a lock held across I/O serializes the threads
+
+Concurrent workers never share rows: worker i of n works on the rows whose id is i modulo n, so
+writes measure overhead, not lock contention. A model with ``__transitions__`` is mapped, so the
+library's ORM bulk-UPDATE guard listens on every resilient statement, as in any application
+that declares transition rules.
+
+The commit markers are installed first (``rdb.install_commit_markers``): a writing unit's
+COMMIT carries its marker in the same message. ``--no-markers`` leaves them out, to measure the
+fallback (one extra round trip per writing unit).
+
+Round trips per unit are counted on the wire at start-up: one unit of each variant (after a
+warm-up) runs through a loopback proxy that reads the PostgreSQL protocol and counts the
+client's messages that wait for an answer (Query, Sync, FunctionCall; see ``_roundtrips.py``).
 
 The variants are interleaved in short rounds so that the machine's noise hits them alike; each
 ratio is the median of the per-round ratios. Ratios, not absolute numbers, are the result (the
@@ -31,18 +56,29 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pybreaker
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from _roundtrips import RoundTripCounter
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 import resilient_db as rdb
 from resilient_db.testing import EmbeddedPostgres
 
 ROWS = 1000
+UNITS = ("read", "write", "guarded")
+UNIT_NAMES = {"read": "read", "write": "write", "guarded": "guarded write"}
+#: the guarded status moves round this cycle; each step is declared legal
+CYCLE = {"queued": "running", "running": "done", "done": "queued"}
+RULES = rdb.TransitionRules(
+    column="status",
+    transitions={old: {new} for old, new in CYCLE.items()},
+    initial={"queued"},
+)
 
 
 class Base(DeclarativeBase):
@@ -53,23 +89,89 @@ class Item(Base):
     __tablename__ = "bench_items"
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str]
+    hits: Mapped[int] = mapped_column(default=0)
 
 
-def select_unit(session: Session, key: int) -> str:
+class Job(Base):
+    __tablename__ = "bench_jobs"
+    __transitions__ = RULES
+    id: Mapped[int] = mapped_column(primary_key=True)
+    status: Mapped[str]
+
+
+class Event(Base):
+    """The row each writing unit adds (a ledger of what the units did)."""
+
+    __tablename__ = "bench_events"
+    id: Mapped[int] = mapped_column(sa.BigInteger, sa.Identity(), primary_key=True)
+    row_id: Mapped[int]
+    kind: Mapped[str]
+
+
+# -- units of work (the same function runs in the plain and the resilient session) -------------
+def select_unit(session: Session, key: int) -> object:
     return session.execute(sa.select(Item.name).where(Item.id == key)).scalar_one()
+
+
+def write_unit(session: Session, key: int) -> object:
+    item = session.get(Item, key)
+    assert item is not None
+    item.hits += 1
+    session.add(Event(row_id=key, kind="hit"))
+    return None
+
+
+def guarded_write_unit(session: Session, key: int) -> object:
+    job = session.get(Job, key)
+    assert job is not None
+    old = job.status
+    job.status = CYCLE[old]
+    session.add(Event(row_id=key, kind=f"{old}->{job.status}"))
+    return None
 
 
 SERVER_WAIT = 0.002  # seconds the "slow" unit spends on the server, like a remote database
 
 
-def slow_select_unit(session: Session, key: int) -> str:
+def slow_select_unit(session: Session, key: int) -> object:
     stmt = sa.select(Item.name, sa.func.pg_sleep(SERVER_WAIT)).where(Item.id == key)
-    return str(session.execute(stmt).one()[0])
+    return session.execute(stmt).one()[0]
 
 
-async def aselect_unit(session: Any, key: int) -> str:
+async def aselect_unit(session: AsyncSession, key: int) -> object:
     result = await session.execute(sa.select(Item.name).where(Item.id == key))
-    return str(result.scalar_one())
+    return result.scalar_one()
+
+
+async def awrite_unit(session: AsyncSession, key: int) -> object:
+    item = await session.get(Item, key)
+    assert item is not None
+    item.hits += 1
+    session.add(Event(row_id=key, kind="hit"))
+    return None
+
+
+async def aguarded_write_unit(session: AsyncSession, key: int) -> object:
+    job = await session.get(Job, key)
+    assert job is not None
+    old = job.status
+    job.status = CYCLE[old]
+    session.add(Event(row_id=key, kind=f"{old}->{job.status}"))
+    return None
+
+
+SyncUnit = Callable[[Session, int], object]
+AsyncUnit = Callable[[AsyncSession, int], Awaitable[object]]
+SYNC_UNITS: dict[str, SyncUnit] = {
+    "read": select_unit,
+    "write": write_unit,
+    "guarded": guarded_write_unit,
+}
+ASYNC_UNITS: dict[str, AsyncUnit] = {
+    "read": aselect_unit,
+    "write": awrite_unit,
+    "guarded": aguarded_write_unit,
+}
 
 
 def _keys(n: int) -> list[int]:
@@ -77,13 +179,31 @@ def _keys(n: int) -> list[int]:
     return [rng.randint(1, ROWS) for _ in range(n)]
 
 
+def _own_keys(slot: int, workers: int) -> list[int]:
+    """The rows of worker ``slot`` of ``workers`` (no two workers share a row), shuffled."""
+    keys = [k for k in range(1, ROWS + 1) if k % workers == slot]
+    random.Random(slot).shuffle(keys)
+    return keys
+
+
 # -- sync ---------------------------------------------------------------------------------------
-def sync_variants(
-    engine: sa.Engine, unit: Callable[[Session, int], str] = select_unit
-) -> dict[str, Callable[[int], object]]:
-    plain = sessionmaker(engine)
-    resilient = rdb.ResilientSession(engine, service="bench", config=rdb.Config())
-    naive_breaker = pybreaker.CircuitBreaker(fail_max=5, reset_timeout=30)
+@dataclass
+class SyncFactories:
+    plain: sessionmaker[Session]
+    resilient: Any  # rdb.ResilientSession
+    naive_breaker: pybreaker.CircuitBreaker
+
+
+def sync_factories(engine: sa.Engine, service: str = "bench") -> SyncFactories:
+    return SyncFactories(
+        plain=sessionmaker(engine),
+        resilient=rdb.ResilientSession(engine, service=service, config=rdb.Config()),
+        naive_breaker=pybreaker.CircuitBreaker(fail_max=5, reset_timeout=30),
+    )
+
+
+def sync_variants(factories: SyncFactories, unit: SyncUnit) -> dict[str, Callable[[int], object]]:
+    plain, resilient, breaker = factories.plain, factories.resilient, factories.naive_breaker
 
     def plain_unit(key: int) -> object:
         with plain.begin() as session:
@@ -93,7 +213,7 @@ def sync_variants(
         return resilient.run(unit, key)
 
     def naive_unit(key: int) -> object:
-        return naive_breaker.call(plain_unit, key)
+        return breaker.call(plain_unit, key)
 
     return {"plain": plain_unit, "resilient": resilient_unit, "naive": naive_unit}
 
@@ -139,10 +259,10 @@ def throughput(
                 stop: threading.Event = stop,
                 counts: list[int] = counts,
             ) -> None:
-                keys = _keys(256)
+                keys = _own_keys(slot, threads)
                 i = 0
                 while not stop.is_set():
-                    fn(keys[i & 255])
+                    fn(keys[i % len(keys)])
                     i += 1
                 counts[slot] = i
 
@@ -159,16 +279,30 @@ def throughput(
 
 
 # -- async --------------------------------------------------------------------------------------
-def async_variants(aengine: Any) -> dict[str, Callable[[int], Awaitable[object]]]:
-    plain = async_sessionmaker(aengine)
-    resilient = rdb.AsyncResilientSession(aengine, service="bench-async", config=rdb.Config())
+@dataclass
+class AsyncFactories:
+    plain: async_sessionmaker[AsyncSession]
+    resilient: Any  # rdb.AsyncResilientSession
+
+
+def async_factories(aengine: Any, service: str = "bench-async") -> AsyncFactories:
+    return AsyncFactories(
+        plain=async_sessionmaker(aengine),
+        resilient=rdb.AsyncResilientSession(aengine, service=service, config=rdb.Config()),
+    )
+
+
+def async_variants(
+    factories: AsyncFactories, unit: AsyncUnit
+) -> dict[str, Callable[[int], Awaitable[object]]]:
+    plain, resilient = factories.plain, factories.resilient
 
     async def plain_unit(key: int) -> object:
         async with plain.begin() as session:
-            return await aselect_unit(session, key)
+            return await unit(session, key)
 
     async def resilient_unit(key: int) -> object:
-        return await resilient.run(aselect_unit, key)
+        return await resilient.run(unit, key)
 
     return {"plain": plain_unit, "resilient": resilient_unit}
 
@@ -211,10 +345,10 @@ async def athroughput(
                 deadline: float = deadline,
                 counts: list[int] = counts,
             ) -> None:
-                keys = _keys(256)
+                keys = _own_keys(slot, tasks)
                 i = 0
                 while time.perf_counter() < deadline:
-                    await fn(keys[i & 255])
+                    await fn(keys[i % len(keys)])
                     i += 1
                 counts[slot] = i
 
@@ -235,107 +369,274 @@ def summary(samples: dict[str, list[float]], base: str = "plain") -> dict[str, f
     return out
 
 
+# -- round trips ----------------------------------------------------------------------------------
+RT_WARMUP = 12  # units per variant first: connections, type caches, psycopg auto-prepare (5 runs)
+RT_UNITS = 4  # units counted per variant (a prune of old commit markers may fall in one)
+
+RoundTrips = dict[str, dict[str, dict[str, float]]]  # driver -> unit -> variant -> per unit
+
+
+def _record(
+    into: dict[str, float], name: str, before: tuple[int, int], after: tuple[int, int]
+) -> None:
+    into[name] = (after[0] - before[0]) / RT_UNITS
+    into[f"{name}_flights"] = (after[1] - before[1]) / RT_UNITS
+
+
+def count_round_trips(url: str, async_url: str) -> tuple[RoundTrips, str]:
+    """Round trips per unit of each variant, sync (psycopg) and async (asyncpg), on the wire."""
+    host, port = sa.make_url(url).host, sa.make_url(url).port
+    counter = RoundTripCounter((host or "127.0.0.1", port or 5432))
+    out: RoundTrips = {"sync": {}, "async": {}}
+    try:
+        engine = sa.create_engine(counter.url(url), pool_size=1, max_overflow=0)
+        factories = sync_factories(engine, service="bench-round-trips")
+        for unit in UNITS:
+            variants = sync_variants(factories, SYNC_UNITS[unit])
+            out["sync"][unit] = {}
+            for name in ("plain", "resilient"):
+                fn = variants[name]
+                keys = _keys(RT_WARMUP + RT_UNITS)
+                for key in keys[:RT_WARMUP]:
+                    fn(key)
+                before = counter.counts()
+                for key in keys[RT_WARMUP:]:
+                    fn(key)
+                _record(out["sync"][unit], name, before, counter.counts())
+        engine.dispose()
+
+        async def async_part() -> None:
+            aengine = create_async_engine(counter.url(async_url), pool_size=1, max_overflow=0)
+            afactories = async_factories(aengine, service="bench-round-trips-async")
+            for unit in UNITS:
+                avariants = async_variants(afactories, ASYNC_UNITS[unit])
+                out["async"][unit] = {}
+                for name in ("plain", "resilient"):
+                    fn = avariants[name]
+                    keys = _keys(RT_WARMUP + RT_UNITS)
+                    for key in keys[:RT_WARMUP]:
+                        await fn(key)
+                    before = counter.counts()
+                    for key in keys[RT_WARMUP:]:
+                        await fn(key)
+                    _record(out["async"][unit], name, before, counter.counts())
+            await aengine.dispose()
+
+        asyncio.run(async_part())
+    finally:
+        counter.close()
+    method = (
+        "client messages that wait for an answer (Query, Sync, FunctionCall), counted by a "
+        "loopback proxy that reads the PostgreSQL protocol (bench/_roundtrips.py); per unit, "
+        "after a warm-up"
+    )
+    if counter.opaque:
+        method += " (INCOMPLETE: an encrypted connection could not be read)"
+    return out, method
+
+
+def _n(value: float) -> str:
+    return f"{value:.0f}" if value == int(value) else f"{value:.2f}"
+
+
+def round_trip_lines(trips: RoundTrips) -> list[str]:
+    lines = []
+    for driver, label in (("sync", "sync (psycopg)"), ("async", "async (asyncpg)")):
+        for unit in UNITS:
+            t = trips[driver][unit]
+            line = (
+                f"round trips per unit, {label}, {UNIT_NAMES[unit]}: "
+                f"plain {_n(t['plain'])}, resilient {_n(t['resilient'])}"
+            )
+            if (t["plain_flights"], t["resilient_flights"]) != (t["plain"], t["resilient"]):
+                line += (
+                    f" (pipelined: the client waited {_n(t['plain_flights'])} / "
+                    f"{_n(t['resilient_flights'])} times)"
+                )
+            lines.append(line)
+    return lines
+
+
 # -- main ---------------------------------------------------------------------------------------
-def prepare(url: str) -> None:
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _markers_present(engine: sa.Engine) -> bool:
+    with engine.connect() as conn:
+        found = conn.execute(sa.text("SELECT to_regclass('resilient_db.commit_markers')")).scalar()
+    return found is not None
+
+
+def prepare(url: str, *, markers: bool) -> None:
     engine = sa.create_engine(url)
     Base.metadata.drop_all(engine)
     Base.metadata.create_all(engine)
     with engine.begin() as conn:
-        conn.execute(sa.insert(Item), [{"id": i, "name": f"item-{i}"} for i in range(1, ROWS + 1)])
-    engine.dispose()
-
-
-def run(url: str, async_url: str, *, quick: bool) -> dict[str, Any]:
-    rounds = 5 if quick else 21
-    per_round = 200 if quick else 300
-    seconds = 0.5 if quick else 1.0
-    prepare(url)
-    engine = sa.create_engine(url, pool_size=40, max_overflow=0)
-    variants = sync_variants(engine)
-    for fn in variants.values():  # warm up pools, statement caches, code paths
-        for key in _keys(200):
-            fn(key)
-    lat = summary(latency(variants, ["plain", "resilient"], rounds, per_round))
-    thr = summary(throughput(variants, ["plain", "resilient", "naive"], 8, rounds, seconds))
-    slow = summary(
-        throughput(
-            sync_variants(engine, slow_select_unit),
-            ["plain", "resilient", "naive"],
-            8,
-            max(3, rounds // 3),
-            seconds,
+        conn.execute(
+            sa.insert(Item), [{"id": i, "name": f"item-{i}", "hits": 0} for i in range(1, ROWS + 1)]
         )
-    )
+        conn.execute(sa.insert(Job), [{"id": i, "status": "queued"} for i in range(1, ROWS + 1)])
+    if markers:
+        rdb.install_commit_markers(engine)
+    elif _markers_present(engine):
+        engine.dispose()
+        raise SystemExit(
+            "--no-markers: this database has the commit markers installed; use one without them "
+            "(the benchmark does not uninstall them: other clients may rely on them)"
+        )
     engine.dispose()
 
-    async def async_part() -> dict[str, dict[str, float]]:
-        aengine = create_async_engine(async_url, pool_size=40, max_overflow=0)
-        avariants = async_variants(aengine)
-        for fn in avariants.values():
-            for key in _keys(200):
-                await fn(key)
-        alat = summary(await alatency(avariants, rounds, per_round))
-        athr = summary(await athroughput(avariants, 32, rounds, seconds))
-        await aengine.dispose()
-        return {"latency": alat, "throughput": athr}
 
-    asynchronous = asyncio.run(async_part())
+@dataclass
+class Params:
+    rounds: int  # interleaved rounds per (unit, case)
+    per_round: int  # units per variant per latency round
+    seconds: float  # length of one variant's throughput run
+    warmup: int  # units per variant before a unit's first case
+
+
+DEFAULT = Params(rounds=11, per_round=100, seconds=0.4, warmup=60)
+QUICK = Params(rounds=5, per_round=50, seconds=0.25, warmup=30)
+
+
+def _row(
+    unit: str, case: str, metric: str, stats: dict[str, float], variant: str = "resilient"
+) -> dict[str, Any]:
+    scale = 1e6 if metric == "latency" else 1.0
     return {
-        "sync_1_thread": {
-            "plain_us": lat["plain"] * 1e6,
-            "resilient_us": lat["resilient"] * 1e6,
-            "latency_ratio": lat["resilient_ratio"],
-        },
-        "sync_8_threads": {
-            "plain_ops": thr["plain"],
-            "resilient_ops": thr["resilient"],
-            "naive_ops": thr["naive"],
-            "throughput_ratio": thr["resilient_ratio"],
-            "naive_throughput_ratio": thr["naive_ratio"],
-        },
-        "sync_8_threads_2ms_server_wait": {
-            "plain_ops": slow["plain"],
-            "resilient_ops": slow["resilient"],
-            "naive_ops": slow["naive"],
-            "throughput_ratio": slow["resilient_ratio"],
-            "naive_throughput_ratio": slow["naive_ratio"],
-        },
-        "async_1_task": {
-            "plain_us": asynchronous["latency"]["plain"] * 1e6,
-            "resilient_us": asynchronous["latency"]["resilient"] * 1e6,
-            "latency_ratio": asynchronous["latency"]["resilient_ratio"],
-        },
-        "async_32_tasks": {
-            "plain_ops": asynchronous["throughput"]["plain"],
-            "resilient_ops": asynchronous["throughput"]["resilient"],
-            "throughput_ratio": asynchronous["throughput"]["resilient_ratio"],
-        },
+        "unit": unit,
+        "case": case,
+        "metric": "latency_us" if metric == "latency" else "ops_per_s",
+        "plain": stats["plain"] * scale,
+        variant: stats[variant] * scale,
+        "ratio": stats[f"{variant}_ratio"],
     }
 
 
+def run(url: str, async_url: str, *, quick: bool, markers: bool) -> dict[str, Any]:
+    p = QUICK if quick else DEFAULT
+    started = time.perf_counter()
+    prepare(url, markers=markers)
+    trips, method = count_round_trips(url, async_url)
+    for line in round_trip_lines(trips):
+        _progress(line)
+    rows: list[dict[str, Any]] = []
+
+    engine = sa.create_engine(url, pool_size=40, max_overflow=0)
+    factories = sync_factories(engine)
+    for unit in UNITS:
+        _progress(f"sync: {UNIT_NAMES[unit]} ...")
+        variants = sync_variants(factories, SYNC_UNITS[unit])
+        for fn in variants.values():  # warm up pools, statement caches, code paths
+            for key in _keys(p.warmup):
+                fn(key)
+        lat = summary(latency(variants, ["plain", "resilient"], p.rounds, p.per_round))
+        rows.append(_row(unit, "sync_1_thread", "latency", lat))
+        names = ["plain", "resilient", "naive"] if unit == "read" else ["plain", "resilient"]
+        thr = summary(throughput(variants, names, 8, p.rounds, p.seconds))
+        rows.append(_row(unit, "sync_8_threads", "throughput", thr))
+        if unit == "read":
+            rows.append(_row(unit, "sync_8_threads_naive_pybreaker", "throughput", thr, "naive"))
+            _progress("sync: read, 2 ms server wait ...")
+            slow = summary(
+                throughput(
+                    sync_variants(factories, slow_select_unit),
+                    ["plain", "resilient", "naive"],
+                    8,
+                    max(3, p.rounds // 3),
+                    p.seconds,
+                )
+            )
+            rows.append(_row(unit, "sync_8_threads_2ms_server_wait", "throughput", slow))
+            rows.append(
+                _row(unit, "sync_8_threads_2ms_server_wait_naive", "throughput", slow, "naive")
+            )
+    engine.dispose()
+
+    async def async_part() -> None:
+        aengine = create_async_engine(async_url, pool_size=40, max_overflow=0)
+        afactories = async_factories(aengine)
+        for unit in UNITS:
+            _progress(f"async: {UNIT_NAMES[unit]} ...")
+            avariants = async_variants(afactories, ASYNC_UNITS[unit])
+            for fn in avariants.values():
+                for key in _keys(p.warmup):
+                    await fn(key)
+            alat = summary(await alatency(avariants, p.rounds, p.per_round))
+            rows.append(_row(unit, "async_1_task", "latency", alat))
+            athr = summary(await athroughput(avariants, 32, p.rounds, p.seconds))
+            rows.append(_row(unit, "async_32_tasks", "throughput", athr))
+        await aengine.dispose()
+
+    asyncio.run(async_part())
+    return {
+        "commit_markers": markers,
+        "quick": quick,
+        "seconds": round(time.perf_counter() - started, 1),
+        "round_trips": {"method": method, **trips},
+        "results": rows,
+    }
+
+
+CASES = {
+    "sync_1_thread": ("sync, 1 thread, latency", "sync", "≤ 1.05"),
+    "sync_8_threads": ("sync, 8 threads, throughput", "sync", "≥ 0.95"),
+    "sync_8_threads_naive_pybreaker": (
+        "naive `pybreaker.call`, 8 threads",
+        "sync",
+        "(for comparison)",
+    ),
+    "sync_8_threads_2ms_server_wait": (
+        "sync, 8 threads, unit waits 2 ms on the server",
+        "sync",
+        "≥ 0.95",
+    ),
+    "sync_8_threads_2ms_server_wait_naive": (
+        "naive `pybreaker.call`, same units",
+        "sync",
+        "(for comparison)",
+    ),
+    "async_1_task": ("async, 1 task, latency", "async", "≤ 1.05"),
+    "async_32_tasks": ("async, 32 tasks, throughput", "async", "≥ 0.95"),
+}
+
+
 def render(result: dict[str, Any]) -> str:
-    s1, s8 = result["sync_1_thread"], result["sync_8_threads"]
-    a1, a32 = result["async_1_task"], result["async_32_tasks"]
-    w = result["sync_8_threads_2ms_server_wait"]
-    rows = [
-        "| case | plain SQLAlchemy | resilient_db | ratio | target |",
-        "|---|---|---|---|---|",
-        f"| sync, 1 thread, latency | {s1['plain_us']:.0f} µs | {s1['resilient_us']:.0f} µs "
-        f"| {s1['latency_ratio']:.3f} | ≤ 1.05 |",
-        f"| sync, 8 threads, throughput | {s8['plain_ops']:.0f} ops/s "
-        f"| {s8['resilient_ops']:.0f} ops/s | {s8['throughput_ratio']:.3f} | ≥ 0.95 |",
-        f"| naive `pybreaker.call`, 8 threads | {s8['plain_ops']:.0f} ops/s "
-        f"| {s8['naive_ops']:.0f} ops/s | {s8['naive_throughput_ratio']:.3f} | (for comparison) |",
-        f"| sync, 8 threads, unit waits 2 ms on the server | {w['plain_ops']:.0f} ops/s "
-        f"| {w['resilient_ops']:.0f} ops/s | {w['throughput_ratio']:.3f} | ≥ 0.95 |",
-        f"| naive `pybreaker.call`, same units | {w['plain_ops']:.0f} ops/s "
-        f"| {w['naive_ops']:.0f} ops/s | {w['naive_throughput_ratio']:.3f} | (for comparison) |",
-        f"| async, 1 task, latency | {a1['plain_us']:.0f} µs | {a1['resilient_us']:.0f} µs "
-        f"| {a1['latency_ratio']:.3f} | ≤ 1.05 |",
-        f"| async, 32 tasks, throughput | {a32['plain_ops']:.0f} ops/s "
-        f"| {a32['resilient_ops']:.0f} ops/s | {a32['throughput_ratio']:.3f} | ≥ 0.95 |",
+    trips = result["round_trips"]
+    lines = [
+        "| unit | case | plain SQLAlchemy | resilient_db | ratio | target | round trips "
+        "(plain / resilient) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    return "\n".join(rows)
+    for row in result["results"]:
+        label, driver, target = CASES[row["case"]]
+        naive = "naive" in row["case"]
+        other = row["naive"] if naive else row["resilient"]
+        unit_trips = trips[driver][row["unit"]]
+        if naive or "2ms" in row["case"]:
+            trip_cell = "-"
+        else:
+            trip_cell = f"{_n(unit_trips['plain'])} / {_n(unit_trips['resilient'])}"
+        if row["metric"] == "latency_us":
+            values = f"{row['plain']:.0f} µs | {other:.0f} µs"
+        else:
+            values = f"{row['plain']:.0f} ops/s | {other:.0f} ops/s"
+        ratio = f"{row['ratio']:.3f}"
+        if naive and row["ratio"] < 0.9:
+            ratio = f"**{ratio}**"
+        lines.append(
+            f"| {UNIT_NAMES[row['unit']]} | {label} | {values} | {ratio} | {target} | {trip_cell} |"
+        )
+    markers = "installed" if result["commit_markers"] else "NOT installed (--no-markers)"
+    lines += [
+        "",
+        f"commit markers: {markers}",
+        *round_trip_lines(trips),
+        f"round trips counted as: {trips['method']}",
+        f"run took {result['seconds']:.0f} s",
+    ]
+    return "\n".join(lines)
 
 
 def pin_apart(postmaster_pid_file: Path) -> None:
@@ -374,7 +675,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", help="SQLAlchemy URL (postgresql+psycopg://...) of a server")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer, shorter rounds (about a minute)"
+    )
+    parser.add_argument(
+        "--no-markers",
+        action="store_true",
+        help="don't install the commit markers: measure the verification fallback",
+    )
     parser.add_argument(
         "--pin",
         action="store_true",
@@ -389,14 +697,17 @@ def main(argv: list[str] | None = None) -> int:
             .set(drivername="postgresql+asyncpg")
             .render_as_string(hide_password=False)
         )
-        result = run(url, async_url, quick=args.quick)
+        result = run(url, async_url, quick=args.quick, markers=not args.no_markers)
     else:
         with EmbeddedPostgres() as server:
             server.create_database("bench")
             if args.pin:
                 pin_apart(server.data_dir / "postmaster.pid")
             result = run(
-                server.url("bench"), server.url("bench", driver="asyncpg"), quick=args.quick
+                server.url("bench"),
+                server.url("bench", driver="asyncpg"),
+                quick=args.quick,
+                markers=not args.no_markers,
             )
     print(json.dumps(result, indent=2) if args.json else render(result))
     return 0
