@@ -52,16 +52,6 @@ XID_SQL = sa.text("SELECT pg_current_xact_id_if_assigned()::text")
 
 _services = itertools.count()
 
-#: Known bug (issue 8): the fallback's check calls an xid "future" when it is at or above
-#: ``pg_snapshot_xmax(pg_current_snapshot())``, which is the latest *completed* xid + 1, so a
-#: transaction still open on the server reads as "never assigned": the unit is replayed and the
-#: late COMMIT then writes a second time.
-FALLBACK_TAKES_OPEN_XID_FOR_FUTURE = pytest.mark.xfail(
-    strict=False,
-    reason="fallback: an open xid above the latest completed one is taken for 'future' "
-    "(replayed, then the late COMMIT writes twice)",
-)
-
 
 class Base(DeclarativeBase):
     pass
@@ -364,17 +354,13 @@ def test_swallowed_commit_then_crash_is_replayed_once(env: Env) -> None:
         assert rows == 0
 
 
-def test_late_commit_after_the_check_is_fenced_off(
-    env: Env, request: pytest.FixtureRequest
-) -> None:
+def test_late_commit_after_the_check_is_fenced_off(env: Env) -> None:
     """The client gives up on a COMMIT still travelling; it reaches the server after the check.
 
     The check must make sure the original can no longer commit once it looked: with markers the
     unit is replayed and the late COMMIT fails; without, the original transaction is still open
     when the check looks, so the outcome can only be unknown (never a replay).
     """
-    if env.mode == FALLBACK:
-        request.applymarker(FALLBACK_TAKES_OPEN_XID_FOR_FUTURE)
     unit = Unit()
     worker = swallowed(env, unit)
     assert env.proxy.release_swallowed(keep_server=True) == 1  # the backend is still there

@@ -47,16 +47,6 @@ XID_SQL = sa.text("SELECT pg_current_xact_id_if_assigned()::text")
 
 _services = itertools.count()
 
-#: Known bug (issue 8): the fallback's check calls an xid "future" when it is at or above
-#: ``pg_snapshot_xmax(pg_current_snapshot())``, which is the latest *completed* xid + 1, so a
-#: transaction still open on the server reads as "never assigned": the unit is replayed and the
-#: late COMMIT then writes a second time.
-FALLBACK_TAKES_OPEN_XID_FOR_FUTURE = pytest.mark.xfail(
-    strict=False,
-    reason="fallback: an open xid above the latest completed one is taken for 'future' "
-    "(replayed, then the late COMMIT writes twice)",
-)
-
 
 class Base(DeclarativeBase):
     pass
@@ -382,13 +372,9 @@ async def test_swallowed_commit_then_crash_is_replayed_once(env: Env) -> None:
         assert rows == 0
 
 
-async def test_late_commit_after_the_check_is_fenced_off(
-    env: Env, request: pytest.FixtureRequest
-) -> None:
+async def test_late_commit_after_the_check_is_fenced_off(env: Env) -> None:
     """The client gives up on a COMMIT still travelling; it reaches the server after the check
     (see the sync twin): replayed with markers and the late COMMIT fails; never written twice."""
-    if env.mode == FALLBACK:
-        request.applymarker(FALLBACK_TAKES_OPEN_XID_FOR_FUTURE)
     unit = Unit()
     task = await swallowed(env, unit)
     assert env.proxy.release_swallowed(keep_server=True) == 1  # the backend is still there

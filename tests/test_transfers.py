@@ -393,8 +393,7 @@ def test_concurrent_transfers_under_faults(
     todo_lock = threading.Lock()
     results = Results()
     finished = threading.Event()
-    # the fallback's late-COMMIT check is a known bug (see test_commit_protocol.py)
-    faults = bank.faults(results, finished, late=mode == MARKERS)
+    faults = bank.faults(results, finished, late=True)
 
     def worker() -> None:
         while True:
