@@ -131,6 +131,7 @@ def guarded_write_unit(session: Session, key: int) -> object:
 
 
 SERVER_WAIT = 0.002  # seconds the "slow" unit spends on the server, like a remote database
+SLOW = "read_2ms_server_wait"  # its key in the round-trip counts
 
 
 def slow_select_unit(session: Session, key: int) -> object:
@@ -221,18 +222,26 @@ def sync_variants(factories: SyncFactories, unit: SyncUnit) -> dict[str, Callabl
 def latency(
     variants: dict[str, Callable[[int], object]], names: list[str], rounds: int, per_round: int
 ) -> dict[str, list[float]]:
-    """Per-round mean latency (seconds) of each variant, rounds interleaved."""
+    """Per-round mean latency (seconds) of each variant, interleaved unit by unit.
+
+    Each key is run by every variant in turn (in a shuffled order), so a burst of load from
+    elsewhere on the machine hits the variants alike even when it lasts only milliseconds.
+    """
     samples: dict[str, list[float]] = {n: [] for n in names}
     keys = _keys(per_round)
+    clock = time.perf_counter
     for _ in range(rounds):
+        totals = dict.fromkeys(names, 0.0)
         order = names[:]
-        random.shuffle(order)
-        for name in order:
-            fn = variants[name]
-            start = time.perf_counter()
-            for key in keys:
+        for key in keys:
+            random.shuffle(order)
+            for name in order:
+                fn = variants[name]
+                start = clock()
                 fn(key)
-            samples[name].append((time.perf_counter() - start) / per_round)
+                totals[name] += clock() - start
+        for name in names:
+            samples[name].append(totals[name] / per_round)
     return samples
 
 
@@ -310,17 +319,23 @@ def async_variants(
 async def alatency(
     variants: dict[str, Callable[[int], Awaitable[object]]], rounds: int, per_round: int
 ) -> dict[str, list[float]]:
-    samples: dict[str, list[float]] = {n: [] for n in variants}
+    """As :func:`latency`: interleaved unit by unit."""
+    names = list(variants)
+    samples: dict[str, list[float]] = {n: [] for n in names}
     keys = _keys(per_round)
+    clock = time.perf_counter
     for _ in range(rounds):
-        order = list(variants)
-        random.shuffle(order)
-        for name in order:
-            fn = variants[name]
-            start = time.perf_counter()
-            for key in keys:
+        totals = dict.fromkeys(names, 0.0)
+        order = names[:]
+        for key in keys:
+            random.shuffle(order)
+            for name in order:
+                fn = variants[name]
+                start = clock()
                 await fn(key)
-            samples[name].append((time.perf_counter() - start) / per_round)
+                totals[name] += clock() - start
+        for name in names:
+            samples[name].append(totals[name] / per_round)
     return samples
 
 
@@ -391,8 +406,8 @@ def count_round_trips(url: str, async_url: str) -> tuple[RoundTrips, str]:
     try:
         engine = sa.create_engine(counter.url(url), pool_size=1, max_overflow=0)
         factories = sync_factories(engine, service="bench-round-trips")
-        for unit in UNITS:
-            variants = sync_variants(factories, SYNC_UNITS[unit])
+        for unit, fn_unit in [*SYNC_UNITS.items(), (SLOW, slow_select_unit)]:
+            variants = sync_variants(factories, fn_unit)
             out["sync"][unit] = {}
             for name in ("plain", "resilient"):
                 fn = variants[name]
@@ -442,10 +457,11 @@ def _n(value: float) -> str:
 def round_trip_lines(trips: RoundTrips) -> list[str]:
     lines = []
     for driver, label in (("sync", "sync (psycopg)"), ("async", "async (asyncpg)")):
-        for unit in UNITS:
+        for unit in trips[driver]:
             t = trips[driver][unit]
+            name = UNIT_NAMES.get(unit, "read with pg_sleep (2 ms)")
             line = (
-                f"round trips per unit, {label}, {UNIT_NAMES[unit]}: "
+                f"round trips per unit, {label}, {name}: "
                 f"plain {_n(t['plain'])}, resilient {_n(t['resilient'])}"
             )
             if (t["plain_flights"], t["resilient_flights"]) != (t["plain"], t["resilient"]):
@@ -490,14 +506,15 @@ def prepare(url: str, *, markers: bool) -> None:
 
 @dataclass
 class Params:
-    rounds: int  # interleaved rounds per (unit, case)
-    per_round: int  # units per variant per latency round
-    seconds: float  # length of one variant's throughput run
+    latency_rounds: int  # rounds per latency case
+    per_round: int  # units per variant per latency round (interleaved unit by unit)
+    throughput_rounds: int  # rounds per throughput case
+    seconds: float  # length of one variant's run in a throughput round
     warmup: int  # units per variant before a unit's first case
 
 
-DEFAULT = Params(rounds=11, per_round=100, seconds=0.4, warmup=60)
-QUICK = Params(rounds=5, per_round=50, seconds=0.25, warmup=30)
+DEFAULT = Params(latency_rounds=15, per_round=80, throughput_rounds=21, seconds=0.2, warmup=60)
+QUICK = Params(latency_rounds=6, per_round=40, throughput_rounds=7, seconds=0.15, warmup=30)
 
 
 def _row(
@@ -531,10 +548,10 @@ def run(url: str, async_url: str, *, quick: bool, markers: bool) -> dict[str, An
         for fn in variants.values():  # warm up pools, statement caches, code paths
             for key in _keys(p.warmup):
                 fn(key)
-        lat = summary(latency(variants, ["plain", "resilient"], p.rounds, p.per_round))
+        lat = summary(latency(variants, ["plain", "resilient"], p.latency_rounds, p.per_round))
         rows.append(_row(unit, "sync_1_thread", "latency", lat))
         names = ["plain", "resilient", "naive"] if unit == "read" else ["plain", "resilient"]
-        thr = summary(throughput(variants, names, 8, p.rounds, p.seconds))
+        thr = summary(throughput(variants, names, 8, p.throughput_rounds, p.seconds))
         rows.append(_row(unit, "sync_8_threads", "throughput", thr))
         if unit == "read":
             rows.append(_row(unit, "sync_8_threads_naive_pybreaker", "throughput", thr, "naive"))
@@ -544,7 +561,7 @@ def run(url: str, async_url: str, *, quick: bool, markers: bool) -> dict[str, An
                     sync_variants(factories, slow_select_unit),
                     ["plain", "resilient", "naive"],
                     8,
-                    max(3, p.rounds // 3),
+                    max(3, p.throughput_rounds // 3),
                     p.seconds,
                 )
             )
@@ -563,9 +580,9 @@ def run(url: str, async_url: str, *, quick: bool, markers: bool) -> dict[str, An
             for fn in avariants.values():
                 for key in _keys(p.warmup):
                     await fn(key)
-            alat = summary(await alatency(avariants, p.rounds, p.per_round))
+            alat = summary(await alatency(avariants, p.latency_rounds, p.per_round))
             rows.append(_row(unit, "async_1_task", "latency", alat))
-            athr = summary(await athroughput(avariants, 32, p.rounds, p.seconds))
+            athr = summary(await athroughput(avariants, 32, p.throughput_rounds, p.seconds))
             rows.append(_row(unit, "async_32_tasks", "throughput", athr))
         await aengine.dispose()
 
@@ -613,9 +630,9 @@ def render(result: dict[str, Any]) -> str:
         label, driver, target = CASES[row["case"]]
         naive = "naive" in row["case"]
         other = row["naive"] if naive else row["resilient"]
-        unit_trips = trips[driver][row["unit"]]
-        if naive or "2ms" in row["case"]:
-            trip_cell = "-"
+        unit_trips = trips[driver][SLOW if "2ms" in row["case"] else row["unit"]]
+        if naive:
+            trip_cell = f"{_n(unit_trips['plain'])} (plain unit inside)"
         else:
             trip_cell = f"{_n(unit_trips['plain'])} / {_n(unit_trips['resilient'])}"
         if row["metric"] == "latency_us":
