@@ -561,7 +561,7 @@ def run(url: str, async_url: str, *, quick: bool, markers: bool) -> dict[str, An
                     sync_variants(factories, slow_select_unit),
                     ["plain", "resilient", "naive"],
                     8,
-                    max(3, p.throughput_rounds // 3),
+                    p.throughput_rounds,
                     p.seconds,
                 )
             )
