@@ -1,6 +1,6 @@
 """Overhead of resilient_db against plain SQLAlchemy, measured on one server in one run.
 
-    python bench/overhead.py            # or: make bench (about 3 minutes)
+    python bench/overhead.py            # or: make bench (about 2 minutes)
     python bench/overhead.py --quick    # about 1 minute, fewer and shorter rounds
     python bench/overhead.py --json     # machine-readable
     python bench/overhead.py --url postgresql+psycopg://...   # an existing server
@@ -24,7 +24,8 @@ Cases, each for every unit:
 and, for the read unit only:
 - naive: ``pybreaker.CircuitBreaker.call`` around the plain unit, 8 threads (one lock across I/O)
 - the same with units that wait 2 ms on the server (``pg_sleep``), as a remote database would:
-  here a lock held across I/O serializes the threads
+  here a lock held across I/O serializes the threads. A function call makes the unit a possible
+  writer to resilient_db, so its COMMIT carries a marker (an extra round trip without markers).
 
 Concurrent workers never share rows: worker i of n works on the rows whose id is i modulo n, so
 writes measure overhead, not lock contention. A model with ``__transitions__`` is mapped, so the
