@@ -13,13 +13,12 @@ SQLAlchemy's ``await_`` bridge: the loop keeps running while a connect is being 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import inspect
 import time
 import types
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, cast, overload
+from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -34,12 +33,11 @@ from ._commit import CLAIM_SQL, MARKERS, XID_STATUS_SQL, CommitRequest, CommitTi
 from ._config import Config
 from ._errors import TransactionStateError
 from ._observability import log_session
+from ._registry import enter_unit, factory_of, leave_unit, register_session
 from ._unit import (
-    UNIT_KEY,
     ActiveUnit,
     CommitVerdict,
     FactoryCore,
-    ResilientORMSession,
     async_units,
     flush_and_commit,
     interpret_claim,
@@ -53,28 +51,28 @@ R = TypeVar("R")
 S = TypeVar("S", bound=AsyncSession)
 
 
-class AsyncResilientSession(FactoryCore, Generic[S]):
-    _class_kw = "sync_session_class"
+class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
+    """An ``async_sessionmaker`` for ``async_engine`` whose units of work survive transient
+    faults.
 
-    """An ``async_sessionmaker`` replacement for ``async_engine`` whose units of work survive
-    transient faults.
-
-    ``Session()`` and ``Session.begin()`` work as with ``async_sessionmaker``.
-    ``await Session.run(fn, ...)`` (and the ``@Session.transactional`` decorator) run
-    ``await fn(session, ...)`` as one unit of work: replayed whole with a fresh ``AsyncSession``
-    on a transient error, committed at the end. Nested units join the outer unit and run once.
+    It *is* an ``async_sessionmaker``: ``Session()``, ``Session.begin()``, ``class_``,
+    ``configure`` and ``kw`` work as with one, and ``sync_session_class=`` is used as it is
+    (``type(session.sync_session)`` is your class). ``await Session.run(fn, ...)`` (and the
+    ``@Session.transactional`` decorator) run ``await fn(session, ...)`` as one unit of work:
+    replayed whole with a fresh ``AsyncSession`` on a transient error, committed at the end.
+    Nested units join the outer unit and run once.
 
     Configuration comes from the ``SELF_HEALING_*`` environment when the factory is made (and on
     :func:`~resilient_db.reload_config`) unless ``config=`` is given. ``asleep`` (the backoff
     sleep), ``clock`` (monotonic seconds, for the deadline) and ``wall_clock`` (the breaker's
     opening times) are injectable for tests. Other keyword arguments go to
-    ``async_sessionmaker``; ``sync_session_class=`` may name your own ``Session`` subclass.
+    ``async_sessionmaker``.
     """
 
     @overload
     def __init__(
         self: AsyncResilientSession[AsyncSession],
-        engine: AsyncEngine,
+        bind: AsyncEngine,
         service: str = ...,
         *,
         config: Config | None = ...,
@@ -89,7 +87,7 @@ class AsyncResilientSession(FactoryCore, Generic[S]):
     @overload
     def __init__(
         self: AsyncResilientSession[S],
-        engine: AsyncEngine,
+        bind: AsyncEngine,
         service: str = ...,
         *,
         class_: type[S],
@@ -104,7 +102,7 @@ class AsyncResilientSession(FactoryCore, Generic[S]):
     ) -> None: ...
     def __init__(
         self,
-        engine: AsyncEngine,
+        bind: AsyncEngine,
         service: str = "database",
         *,
         config: Config | None = None,
@@ -116,29 +114,28 @@ class AsyncResilientSession(FactoryCore, Generic[S]):
         wall_clock: Callable[[], float] | None = None,
         **async_sessionmaker_kwargs: Any,
     ) -> None:
-        if isinstance(engine, Engine):
+        if isinstance(bind, Engine):
             raise TypeError(
                 "AsyncResilientSession needs an AsyncEngine (create_async_engine("
                 "'postgresql+asyncpg://...')), got a sync Engine; for it use ResilientSession"
             )
-        if not isinstance(engine, AsyncEngine):
+        if not isinstance(bind, AsyncEngine):
             raise TypeError(
-                f"AsyncResilientSession needs a SQLAlchemy AsyncEngine, got {type(engine).__name__}"
+                f"AsyncResilientSession needs a SQLAlchemy AsyncEngine, got {type(bind).__name__}"
             )
         if "sleep" in async_sessionmaker_kwargs:
             raise TypeError(
                 "AsyncResilientSession takes asleep= (an async function of seconds), not sleep="
             )
-        self.engine = engine
+        self.engine = bind
         self._asleep = asleep
         # One policy, two drivers: ``acall`` for units (awaits ``asleep``), ``call`` for the
         # drop-in connect retry inside SQLAlchemy's greenlet (``_greenlet_sleep``).
-        maker_kwargs = self._init_core(
-            engine.sync_engine,
+        self._init_core(
+            bind.sync_engine,
             service,
             config,
             classifier,
-            async_sessionmaker_kwargs,
             breaker_storage=breaker_storage,
             breaker_listeners=breaker_listeners,
             sleep=self._greenlet_sleep,
@@ -146,17 +143,14 @@ class AsyncResilientSession(FactoryCore, Generic[S]):
             clock=clock,
             wall_clock=wall_clock,
         )
-        self._maker: async_sessionmaker[Any] = async_sessionmaker(engine, **maker_kwargs)
+        async_sessionmaker.__init__(self, bind, **async_sessionmaker_kwargs)
         self._register()
 
-    # -- drop-in async_sessionmaker surface --------------------------------------------------
     def __call__(self, **local_kw: Any) -> S:
         """A new ``AsyncSession``, as ``async_sessionmaker()`` gives."""
-        return cast(S, self._maker(**local_kw))
-
-    def begin(self) -> contextlib.AbstractAsyncContextManager[S]:
-        """An async context manager giving a session in a transaction, committed at the end."""
-        return cast(contextlib.AbstractAsyncContextManager[S], self._maker.begin())
+        session = async_sessionmaker.__call__(self, **local_kw)
+        register_session(session.sync_session, self)
+        return session
 
     def _greenlet_sleep(self, seconds: float) -> None:
         """Back off inside SQLAlchemy's greenlet without blocking the event loop."""
@@ -181,7 +175,7 @@ class AsyncResilientSession(FactoryCore, Generic[S]):
                 return await _awaited(fn, active.session, args, kwargs)
             return await self._attempt(fn, args, kwargs)  # another database: once, no own retries
         if not self.config.enabled:
-            async with self._maker.begin() as session:
+            async with self.begin() as session:
                 return await _awaited(fn, session, args, kwargs)
         # Policy.acall, with its first attempt inline: one coroutine fewer on every unit's path.
         policy = self.policy
@@ -208,12 +202,10 @@ class AsyncResilientSession(FactoryCore, Generic[S]):
             raise TypeError(
                 f"run_in needs an AsyncSession made by this factory, got {type(session).__name__}"
             )
-        if not isinstance(session.sync_session, ResilientORMSession):
-            # Without our session class the unit's writes are not tracked, and a COMMIT whose
-            # answer was lost could not be verified: a replay might write twice.
+        if factory_of(session.sync_session) is not self:
             raise TypeError(
-                "run_in needs a session made by this AsyncResilientSession (Session()), not by a "
-                "plain async_sessionmaker or AsyncSession()"
+                "run_in needs a session made by this AsyncResilientSession (Session()), not by "
+                "another factory, a plain async_sessionmaker or AsyncSession()"
             )
         if session.in_transaction():
             raise TransactionStateError(
@@ -257,9 +249,8 @@ class AsyncResilientSession(FactoryCore, Generic[S]):
         session: AsyncSession | None = None,
     ) -> R:
         own = session is None
-        s: AsyncSession = self._maker() if session is None else session
-        info = s.sync_session.info
-        info[UNIT_KEY] = True
+        s: AsyncSession = self() if session is None else session
+        enter_unit(s.sync_session)
         task = asyncio.current_task()
         outer = async_units.get(task)  # a unit of another factory, running once inside it
         async_units[task] = ActiveUnit(self, s)
@@ -287,7 +278,7 @@ class AsyncResilientSession(FactoryCore, Generic[S]):
                 del async_units[task]
             else:
                 async_units[task] = outer
-            info.pop(UNIT_KEY, None)
+            leave_unit(s.sync_session)
             if own:
                 # Shielded, as AsyncSession.__aexit__ does: a cancellation arriving now must not
                 # leave the session half closed and its connection out of the pool.

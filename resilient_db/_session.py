@@ -7,7 +7,7 @@ import inspect
 import time
 import types
 from collections.abc import Awaitable, Callable
-from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, cast, overload
+from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -17,10 +17,9 @@ from ._commit import CLAIM_SQL, MARKERS, XID_STATUS_SQL, CommitRequest, CommitTi
 from ._config import Config, load_config, on_reload
 from ._errors import TransactionStateError
 from ._observability import log_session
+from ._registry import enter_unit, factory_of, leave_unit, register_class
 from ._retry import Policy
 from ._unit import (
-    FACTORY_KEY,
-    UNIT_KEY,
     ActiveUnit,
     CommitVerdict,
     FactoryCore,
@@ -37,12 +36,15 @@ R = TypeVar("R")
 S = TypeVar("S", bound=Session)
 
 
-class ResilientSession(FactoryCore, Generic[S]):
-    """A ``sessionmaker`` replacement for ``engine`` whose units of work survive transient faults.
+class ResilientSession(FactoryCore, sessionmaker[S]):
+    """A ``sessionmaker`` for ``engine`` whose units of work survive transient faults.
 
-    ``Session()`` and ``Session.begin()`` work as with ``sessionmaker``. ``Session.run(fn, ...)``
-    (and the ``@Session.transactional`` decorator) run ``fn(session, ...)`` as one unit of work:
-    replayed whole with a fresh session on a transient error, committed at the end.
+    It *is* a ``sessionmaker``: ``Session()``, ``Session.begin()``, ``Session.class_``,
+    ``configure``, ``kw``, events on the factory and ``scoped_session(Session)`` work as with
+    one, and sessions are instances of your ``class_`` (through the subclass per factory that
+    ``sessionmaker`` makes). ``Session.run(fn, ...)`` (and the ``@Session.transactional``
+    decorator) run ``fn(session, ...)`` as one unit of work: replayed whole with a fresh session
+    on a transient error, committed at the end.
 
     Configuration comes from the ``SELF_HEALING_*`` environment when the factory is made (and on
     :func:`reload_config`) unless ``config=`` is given.
@@ -51,7 +53,7 @@ class ResilientSession(FactoryCore, Generic[S]):
     @overload
     def __init__(
         self: ResilientSession[Session],
-        engine: Engine,
+        bind: Engine,
         service: str = ...,
         *,
         config: Config | None = ...,
@@ -66,7 +68,7 @@ class ResilientSession(FactoryCore, Generic[S]):
     @overload
     def __init__(
         self: ResilientSession[S],
-        engine: Engine,
+        bind: Engine,
         service: str = ...,
         *,
         class_: type[S],
@@ -81,7 +83,7 @@ class ResilientSession(FactoryCore, Generic[S]):
     ) -> None: ...
     def __init__(
         self,
-        engine: Engine,
+        bind: Engine,
         service: str = "database",
         *,
         config: Config | None = None,
@@ -93,36 +95,27 @@ class ResilientSession(FactoryCore, Generic[S]):
         wall_clock: Callable[[], float] | None = None,
         **sessionmaker_kwargs: Any,
     ) -> None:
-        if not isinstance(engine, Engine):
+        if not isinstance(bind, Engine):
             raise TypeError(
-                f"ResilientSession needs a SQLAlchemy Engine, got {type(engine).__name__}; "
+                f"ResilientSession needs a SQLAlchemy Engine, got {type(bind).__name__}; "
                 "for an AsyncEngine use AsyncResilientSession"
             )
-        self.engine = engine
+        self.engine = bind
         self._sleep = sleep
-        maker_kwargs = self._init_core(
-            engine,
+        self._init_core(
+            bind,
             service,
             config,
             classifier,
-            sessionmaker_kwargs,
             breaker_storage=breaker_storage,
             breaker_listeners=breaker_listeners,
             sleep=sleep,
             clock=clock,
             wall_clock=wall_clock,
         )
-        self._maker: sessionmaker[Any] = sessionmaker(engine, **maker_kwargs)
+        sessionmaker.__init__(self, bind, **sessionmaker_kwargs)
+        register_class(self.class_, self)
         self._register()
-
-    # -- drop-in sessionmaker surface --------------------------------------------------------
-    def __call__(self, **local_kw: Any) -> S:
-        """A new session, as ``sessionmaker()`` gives."""
-        return cast(S, self._maker(**local_kw))
-
-    def begin(self) -> Any:
-        """A context manager giving a session in a transaction, committed at the end."""
-        return self._maker.begin()
 
     # -- units of work -----------------------------------------------------------------------
     def run(self, fn: Callable[Concatenate[S, P], R], /, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -142,7 +135,7 @@ class ResilientSession(FactoryCore, Generic[S]):
                 return fn(active.session, *args, **kwargs)
             return self._attempt(fn, args, kwargs)  # another database: once, no own retries
         if not self.config.enabled:
-            with self._maker.begin() as session:
+            with self.begin() as session:
                 return fn(session, *args, **kwargs)
         return self.policy.call(lambda: self._attempt(fn, args, kwargs))
 
@@ -151,11 +144,10 @@ class ResilientSession(FactoryCore, Generic[S]):
     ) -> R:
         """Like :meth:`run`, with a session the caller made. It must not be in a transaction:
         a unit can only be replayed from the start of its transaction."""
-        maker: object = session.info.get(FACTORY_KEY)
-        if maker is not self:
+        if factory_of(session) is not self:
             raise TypeError(
-                "run_in() needs a session made by this factory (Session()): only its sessions "
-                "record whether a unit wrote, which a COMMIT whose answer was lost must know"
+                "run_in() needs a session made by this factory (Session()), not by another "
+                "factory or a plain sessionmaker: the unit runs under this factory's policy"
             )
         if session.in_transaction():
             raise TransactionStateError(
@@ -196,22 +188,24 @@ class ResilientSession(FactoryCore, Generic[S]):
         session: Session | None = None,
     ) -> R:
         own = session is None
-        s: Session = self._maker() if session is None else session
-        s.info[UNIT_KEY] = True
+        s: Session = self() if session is None else session
+        enter_unit(s)
         token = current_unit.set(ActiveUnit(self, s))
+        failed = False
         try:
             try:
                 result = fn(s, *args, **kwargs)  # the session begins on first use
                 self._commit(s)
                 return result
             except BaseException:
+                failed = True
                 _rollback_quietly(s)
                 raise
         finally:
             current_unit.reset(token)
-            s.info.pop(UNIT_KEY, None)
+            leave_unit(s)
             if own:
-                s.close()
+                _close(s, quiet=failed)
 
     def _commit(self, s: Session) -> None:
         box: list[CommitRequest] = []
@@ -259,6 +253,18 @@ def _rollback_quietly(session: Session) -> None:
         session.rollback()
     except Exception:
         log_session.debug("rollback after a failed attempt failed too", exc_info=True)
+
+
+def _close(session: Session, *, quiet: bool) -> None:
+    """Close a unit's session. After a failed attempt (``quiet``) the attempt's error is the one
+    to raise, so a failure to close is only logged (as the async twin does)."""
+    if not quiet:
+        session.close()
+        return
+    try:
+        session.close()
+    except Exception:
+        log_session.debug("closing the session after a failed attempt failed too", exc_info=True)
 
 
 def _is_coroutine_function(fn: Any) -> bool:

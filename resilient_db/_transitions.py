@@ -50,6 +50,7 @@ from sqlalchemy.sql.elements import BindParameter, ClauseElement, ColumnElement,
 
 from ._config import Config
 from ._errors import IllegalTransitionError, ResilientDBError, StaleTransitionError
+from ._registry import config_of
 
 __all__ = [
     "ANY_STATE",
@@ -601,11 +602,19 @@ def _plain(state: object) -> object:
 def install_guard(session_class: type[Session]) -> None:
     """Register the flush and bulk-UPDATE guards on ``session_class`` (idempotent).
 
-    The listeners act only for sessions whose ``info[GUARD_INFO_KEY]`` is a :class:`Config`
-    with ``guard_on``; its ``bulk_update`` picks "filter" or "raise" for bulk UPDATEs.
+    The listeners act only for sessions of a resilient factory (their factory's
+    :class:`Config`), or whose ``info[GUARD_INFO_KEY]`` is a :class:`Config`, with
+    ``guard_on``; its ``bulk_update`` picks "filter" or "raise" for bulk UPDATEs. Listeners reach
+    subclasses, so a class whose base is guarded already is left alone (the guard runs once).
     """
     if not (isinstance(session_class, type) and issubclass(session_class, Session)):
         raise TypeError(f"install_guard() needs a Session subclass, got {session_class!r}")
+    if any(
+        event.contains(base, "before_flush", _before_flush)
+        for base in session_class.__mro__[1:]
+        if isinstance(base, type) and issubclass(base, Session)
+    ):
+        return
     # A bypass ends with its transaction: _bypassed() compares the marker with the current
     # transaction, so no after_transaction_end listener is needed on every transaction.
     if not event.contains(session_class, "before_flush", _before_flush):
@@ -626,7 +635,11 @@ _bulk_guard_needed = False
 
 
 def _listen_bulk_guard(session_class: type[Session]) -> None:
-    if not event.contains(session_class, "do_orm_execute", _do_orm_execute):
+    if not any(
+        event.contains(base, "do_orm_execute", _do_orm_execute)
+        for base in session_class.__mro__
+        if isinstance(base, type) and issubclass(base, Session)
+    ):
         event.listen(session_class, "do_orm_execute", _do_orm_execute)
 
 
@@ -640,7 +653,12 @@ def _enable_bulk_guard() -> None:
 
 
 def _active_config(session: Session) -> Config | None:
-    config = session.info.get(GUARD_INFO_KEY)
+    # A resilient factory's session: its factory's configuration (session.info plays no part).
+    # Otherwise a session whose info carries a Config under GUARD_INFO_KEY (a plain sessionmaker
+    # guarded by hand, as the guard's own tests do).
+    config = config_of(session)
+    if config is None:
+        config = session.info.get(GUARD_INFO_KEY)
     if not isinstance(config, Config) or not config.guard_on:
         return None
     if _bypassed(session):

@@ -32,15 +32,11 @@ from ._commit import (
 from ._config import Config, load_config, register_default_user
 from ._errors import CommitOutcomeUnknownError
 from ._observability import emit, log_session
+from ._registry import factory_of, in_unit
 from ._retry import Policy
-from ._transitions import GUARD_INFO_KEY, exception_from_db, install_guard
+from ._transitions import exception_from_db, install_guard
 
 T = TypeVar("T")
-
-# Keys in Session.info. CONFIG_KEY is the transition guard's GUARD_INFO_KEY too.
-CONFIG_KEY = GUARD_INFO_KEY
-FACTORY_KEY = "resilient_db.factory"
-UNIT_KEY = "resilient_db.unit"
 
 
 class ActiveUnit(NamedTuple):
@@ -217,60 +213,53 @@ class CommitReferee:
         ) from exc
 
 
-class ResilientORMSession(Session):
-    """The ``Session`` class made by :class:`ResilientSession`. Behaves exactly as ``Session``;
-    it retries a connection that fails before the transaction has sent anything (drop-in use)."""
-
-    def _connection_for_bind(self, engine: Any, execution_options: Any = None, **kw: Any) -> Any:
-        factory = self.info.get(FACTORY_KEY)
-        if factory is None or self.info.get(UNIT_KEY) or not factory.config.enabled:
-            return super()._connection_for_bind(engine, execution_options, **kw)
-        trans = self._transaction
-        if trans is not None and engine in getattr(trans, "_connections", ()):
-            return super()._connection_for_bind(engine, execution_options, **kw)
-        # Drop-in use, no connection yet: nothing has been sent, so a failed connect is safe
-        # to retry under the service's policy.
-        parent = super()._connection_for_bind
-        return factory._connect_policy_call(lambda: parent(engine, execution_options, **kw))
+# -- drop-in use: a connect that fails before anything was sent is retried ----------------------
+# The factory whose drop-in session is about to connect in this context. Set when such a session
+# begins a transaction (no connection yet), cleared once it has one. The engine's ``do_connect``
+# listener (EngineHooks.do_connect) retries the connect under that factory's policy. asyncio:
+# SQLAlchemy's greenlets run in their task's context, so the value crosses from the ``begin``
+# to the statement that connects.
+connecting_for: contextvars.ContextVar[Any] = contextvars.ContextVar(
+    "resilient_db_connecting_for", default=None
+)
 
 
-# Session events registered on a class reach its subclasses: everything is registered once, on
-# ResilientORMSession, and every session class made below inherits it (registering again on a
-# subclass would run the listener twice, the guard's locked SELECT included).
-install_guard(ResilientORMSession)
+def _on_transaction_create(session: Session, transaction: Any) -> None:
+    if transaction.parent is not None:
+        return  # a nested transaction: the root one has the connection
+    factory = factory_of(session)
+    if not isinstance(factory, FactoryCore) or in_unit(session) or not factory.config.enabled:
+        if connecting_for.get() is not None:
+            connecting_for.set(None)
+        return
+    connecting_for.set(factory)
 
 
-_session_classes: dict[type[Session], type[Session]] = {ResilientORMSession: ResilientORMSession}
-_classes_lock = threading.Lock()
+def _on_connected(session: Session, *_: Any) -> None:
+    if connecting_for.get() is not None:
+        connecting_for.set(None)
 
 
-def session_class_for(base: type[Session] | None) -> type[Session]:
-    """Our session behaviour on top of the user's ``class_=`` (one subclass per base, cached)."""
-    if base is None or base is Session:
-        base = ResilientORMSession
-    with _classes_lock:
-        cls = _session_classes.get(base)
-        if cls is None:
-            if issubclass(base, ResilientORMSession):
-                cls = base
-            else:
-                cls = type(f"Resilient{base.__name__}", (ResilientORMSession, base), {})
-            _session_classes[base] = cls
-        return cls
+# Registered once, on SQLAlchemy's Session class: every session class inherits them, and they act
+# only for sessions of a resilient factory (found in the registry, not in ``session.info``).
+event.listen(Session, "after_transaction_create", _on_transaction_create)
+event.listen(Session, "after_begin", _on_connected)
+event.listen(Session, "after_transaction_end", _on_connected)
+install_guard(Session)
 
 
 # -- what both factories share ------------------------------------------------------------------
 class FactoryCore:
-    """Configuration, policy, session info and engine hooks of a resilient session factory.
+    """Configuration, policy and engine hooks of a resilient session factory.
 
-    :class:`ResilientSession` and :class:`AsyncResilientSession` differ only in their
-    ``sessionmaker`` and in how they await; everything here is shared.
+    :class:`ResilientSession` (a ``sessionmaker``) and :class:`AsyncResilientSession` (an
+    ``async_sessionmaker``) differ only in their base and in how they await.
     """
 
-    # the sessionmaker keyword naming the (sync) Session class: "class_" or "sync_session_class"
-    _class_kw = "class_"
-    _maker: Any
     engine: Any
+    policy: Policy
+    config: Config
+    service: str
 
     def _init_core(
         self,
@@ -278,10 +267,9 @@ class FactoryCore:
         service: str,
         config: Config | None,
         classifier: Classifier | None,
-        maker_kwargs: dict[str, Any],
         **policy_kwargs: Any,
-    ) -> dict[str, Any]:
-        """Set up everything but the sessionmaker; returns its keyword arguments."""
+    ) -> None:
+        """Set up everything but the sessionmaker itself."""
         if not isinstance(service, str) or not service:
             raise ValueError(f"service must be a non-empty name, got {service!r}")
         self.service = service
@@ -291,13 +279,6 @@ class FactoryCore:
         self.policy = Policy(service, self.config, classifier=self.classifier, **policy_kwargs)
         self._referee = CommitReferee(self.policy)
         self._hooks = hooks_for(sync_engine, self.config, self.classifier, service)
-        kwargs = dict(maker_kwargs)
-        kwargs[self._class_kw] = session_class_for(kwargs.get(self._class_kw))
-        kwargs["info"] = self._own_info(kwargs.get("info"))
-        return kwargs
-
-    def _own_info(self, info: dict[str, Any] | None) -> dict[str, Any]:
-        return {**(info or {}), CONFIG_KEY: self.config, FACTORY_KEY: self}
 
     def _connect_policy_call(self, connect: Callable[[], T]) -> T:
         """The drop-in connect retry (sync code; in async, inside SQLAlchemy's greenlet)."""
@@ -309,23 +290,8 @@ class FactoryCore:
 
     def _apply_config(self, config: Config) -> None:
         self.config = config
-        self._maker.kw["info"][CONFIG_KEY] = config  # copied into every new session
         self.policy.apply_config(config)
         self._hooks.config = self._hooks.commit.config = config
-
-    def configure(self, **new_kw: Any) -> None:
-        """As ``sessionmaker.configure``; our session class and info keys stay in place."""
-        if self._class_kw in new_kw:
-            new_kw[self._class_kw] = session_class_for(new_kw[self._class_kw])
-        if "info" in new_kw:
-            new_kw["info"] = self._own_info(new_kw["info"])
-        self._maker.configure(**new_kw)
-
-    @property
-    def kw(self) -> dict[str, Any]:
-        """The sessionmaker's keyword arguments."""
-        kw: dict[str, Any] = self._maker.kw
-        return kw
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} service={self.service!r} engine={self.engine!r}>"
@@ -360,6 +326,20 @@ class EngineHooks:
                 return mapped  # SQLAlchemy raises it from the driver's error
         return None
 
+    def do_connect(self, dialect: Any, record: Any, cargs: Any, cparams: Any) -> Any:
+        """Drop-in use: connect under the session's factory policy (retried: nothing was sent).
+
+        Returning a connection ends SQLAlchemy's ``do_connect`` chain, so this only acts while it
+        is the chain's last listener: one of yours registered later (say, one that sets a fresh
+        password token in ``cparams``) is never skipped; the connect then is not retried.
+        """
+        factory = connecting_for.get()
+        if factory is None or not self.config.enabled:
+            return None
+        if not _last_do_connect(dialect, self.do_connect):
+            return None
+        return factory._connect_policy_call(lambda: dialect.connect(*cargs, **cparams))
+
     def checkout(self, dbapi_connection: Any, record: Any, proxy: Any) -> None:
         if not self.config.enabled:
             return
@@ -388,11 +368,22 @@ def hooks_for(engine: Engine, config: Config, classifier: Classifier, service: s
             hooks = EngineHooks(engine, config, classifier)
             event.listen(engine, "handle_error", hooks.handle_error)
             event.listen(engine, "checkout", hooks.checkout)
+            event.listen(engine, "do_connect", hooks.do_connect)
             _hooks[engine] = hooks
         hooks.config = hooks.commit.config = config
         hooks.classifier = classifier
         hooks.service = hooks.commit.service = service
         return hooks
+
+
+def _last_do_connect(dialect: Any, listener: Any) -> bool:
+    """Whether ``listener`` is the last ``do_connect`` listener of ``dialect``.
+
+    SQLAlchemy offers no public way to ask for the order of listeners; iterating the dispatch
+    collection is the one private detail here, and ``tests/test_dropin.py`` fails if it changes.
+    """
+    listeners = list(dialect.dispatch.do_connect)
+    return bool(listeners) and listeners[-1] == listener
 
 
 def connection_looks_dead(dbapi_connection: Any, cache: dict[str, Any] | None = None) -> bool:

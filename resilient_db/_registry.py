@@ -1,0 +1,68 @@
+"""Which session belongs to which resilient factory, without touching the session.
+
+Behaviour attaches through events on SQLAlchemy's ``Session`` class (registered once, acting
+only for sessions found here) rather than through a subclass of the user's session class or keys
+in ``session.info``: ``session.info`` stays the user's, and clearing it changes nothing.
+
+* sync: ``ResilientSession`` is a ``sessionmaker``, which makes a subclass of the user's class
+  per factory (``Session.class_``, as plain ``sessionmaker`` does); that class names the factory.
+* async: an ``AsyncSession``'s ``sync_session`` is an instance of the user's own class, shared
+  with other factories, so the factory records each sync session it makes.
+
+Entries are weak: a factory or session that is gone leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from ._config import Config
+
+__all__ = ["config_of", "factory_of", "in_unit", "register_class", "register_session"]
+
+_by_class: weakref.WeakKeyDictionary[type[Any], Any] = weakref.WeakKeyDictionary()
+_by_session: weakref.WeakKeyDictionary[Session, Any] = weakref.WeakKeyDictionary()
+_unit_sessions: weakref.WeakSet[Session] = weakref.WeakSet()
+_lock = threading.Lock()
+
+
+def register_class(session_class: type[Session], factory: Any) -> None:
+    """Sessions of ``session_class`` (a class only ``factory`` makes) belong to ``factory``."""
+    with _lock:
+        _by_class[session_class] = factory
+
+
+def register_session(session: Session, factory: Any) -> None:
+    """``session`` (the sync session of an ``AsyncSession``) belongs to ``factory``."""
+    _by_session[session] = factory
+
+
+def factory_of(session: Session) -> object:
+    """The resilient factory that made ``session``, or None."""
+    factory = _by_class.get(type(session))
+    if factory is None and _by_session:
+        factory = _by_session.get(session)
+    return factory
+
+
+def config_of(session: Session) -> Config | None:
+    """The configuration governing ``session`` (None: not one of ours)."""
+    config: Config | None = getattr(factory_of(session), "config", None)
+    return config
+
+
+def enter_unit(session: Session) -> None:
+    _unit_sessions.add(session)
+
+
+def leave_unit(session: Session) -> None:
+    _unit_sessions.discard(session)
+
+
+def in_unit(session: Session) -> bool:
+    """``session`` is running a unit of work (which retries by itself)."""
+    return session in _unit_sessions

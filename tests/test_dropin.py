@@ -1,0 +1,248 @@
+"""The factories are SQLAlchemy's factories: everything that works with ``sessionmaker`` /
+``async_sessionmaker`` works with ``ResilientSession`` / ``AsyncResilientSession`` (events on the
+factory, ``scoped_session``, ``class_``, ``object_session``, ``identity_key``, ``configure``,
+``kw``, your own session class, an ``info`` of your own), and resilient_db's behaviour does not
+depend on anything a user can clear. Against the real server."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import sqlalchemy as sa
+from scenarios import Base, Item
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.orm import Session, scoped_session, sessionmaker
+
+import resilient_db as rdb
+from resilient_db.examples.tasks import Base as TaskBase
+from resilient_db.examples.tasks import Task
+
+_services = itertools.count()
+
+
+class MySession(Session):
+    """A user's own session class."""
+
+    def label(self) -> str:
+        return "mine"
+
+
+@pytest.fixture
+def service() -> str:
+    return f"dropin-{next(_services)}"
+
+
+@pytest.fixture
+def engine(pg_url: str) -> Iterator[sa.Engine]:
+    eng = sa.create_engine(pg_url)
+    Base.metadata.create_all(eng)
+    TaskBase.metadata.create_all(eng)
+    yield eng
+    eng.dispose()
+
+
+@pytest_asyncio.fixture
+async def async_engine(engine: sa.Engine, pg_async_url: str) -> AsyncIterator[AsyncEngine]:
+    eng = create_async_engine(pg_async_url)
+    yield eng
+    await eng.dispose()
+
+
+# -- sync -----------------------------------------------------------------------------------------
+def test_the_factory_is_a_sessionmaker(engine: sa.Engine, service: str) -> None:
+    Sessions = rdb.ResilientSession(engine, service=service, class_=MySession, autoflush=False)
+    assert isinstance(Sessions, sessionmaker)
+    assert issubclass(Sessions.class_, MySession)
+    assert Sessions.kw["autoflush"] is False
+    Sessions.configure(expire_on_commit=False)
+    with Sessions() as session:
+        assert type(session) is Sessions.class_
+        assert isinstance(session, MySession)
+        assert session.label() == "mine"
+        assert session.autoflush is False
+        assert session.expire_on_commit is False
+        item = Item(name="x")
+        session.add(item)
+        session.flush()
+        assert Sessions.object_session(item) is session
+        assert Sessions.identity_key(Item, item.id) == (Item, (item.id,), None)
+
+
+def test_events_on_the_factory_and_on_scoped_session(engine: sa.Engine, service: str) -> None:
+    Sessions = rdb.ResilientSession(engine, service=service)
+    seen: list[str] = []
+    event.listen(Sessions, "before_flush", lambda s, ctx, inst: seen.append("before_flush"))
+
+    @event.listens_for(Sessions, "do_orm_execute")
+    def _orm_execute(state: Any) -> None:
+        seen.append("do_orm_execute")
+
+    scoped = scoped_session(Sessions)
+    event.listen(scoped, "after_commit", lambda s: seen.append("after_commit"))
+    try:
+        session = scoped()
+        session.add(Item(name="evented"))
+        session.commit()
+        session.execute(sa.select(Item.name)).all()
+        session.rollback()
+    finally:
+        scoped.remove()
+    assert seen == ["before_flush", "after_commit", "do_orm_execute"]
+    # units see them too
+    seen.clear()
+    Sessions.run(lambda s: s.add(Item(name="unit")))
+    assert seen == ["before_flush", "after_commit"]
+    # and they stay on this factory's class: another factory's sessions don't fire them
+    seen.clear()
+    other = rdb.ResilientSession(engine, service=service)
+    other.run(lambda s: s.add(Item(name="other")))
+    assert seen == []
+
+
+def test_info_is_the_users_and_clearing_it_keeps_the_guard(engine: sa.Engine, service: str) -> None:
+    Sessions = rdb.ResilientSession(engine, service=service, info={"tenant": "a"})
+    with Sessions(info={"request": 1}) as session:
+        assert session.info == {"tenant": "a", "request": 1}
+    with Sessions.begin() as session:
+        session.add(Task(id=1, title="t", status="pending", idem_key="k1"))
+    with Sessions() as session:
+        session.info.clear()
+        task = session.get(Task, 1)
+        assert task is not None
+        task.status = "completed"  # pending -> completed is not allowed
+        with pytest.raises(rdb.IllegalTransitionError):
+            session.flush()
+
+
+def test_run_in_refuses_a_session_of_another_factory(engine: sa.Engine, service: str) -> None:
+    Sessions = rdb.ResilientSession(engine, service=service)
+    other = rdb.ResilientSession(engine, service=service)
+    with other() as session, pytest.raises(TypeError, match="made by this factory"):
+        Sessions.run_in(session, lambda s: None)
+    with sessionmaker(engine)() as plain, pytest.raises(TypeError, match="made by this factory"):
+        Sessions.run_in(plain, lambda s: None)  # type: ignore[arg-type]
+    with Sessions() as session:
+        assert Sessions.run_in(session, lambda s: s.execute(sa.select(1)).scalar_one()) == 1
+
+
+def test_drop_in_connect_retry_never_skips_a_later_do_connect_listener(
+    pg_database: str, fault_proxy: Any, service: str
+) -> None:
+    """The connect retry answers ``do_connect`` only as its last listener: a listener of the
+    user's registered after the factory (one that sets connect arguments, say) still runs."""
+    engine = sa.create_engine(fault_proxy.url(pg_database))
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        fault_proxy.restore()
+
+    Sessions = rdb.ResilientSession(engine, service=service, sleep=sleep)
+    calls: list[str] = []
+
+    @event.listens_for(engine, "do_connect")
+    def _set_application_name(dialect: Any, rec: Any, cargs: Any, cparams: Any) -> None:
+        calls.append("user")
+        cparams["application_name"] = "from-user-listener"
+
+    with Sessions() as session:
+        name = session.execute(sa.text("SHOW application_name")).scalar_one()
+    assert name == "from-user-listener"
+    assert calls == ["user"]
+    # the user's listener is last: a refused connect is raised, not retried (and not hidden)
+    engine.dispose()
+    fault_proxy.refuse()
+    with Sessions() as session, pytest.raises(sa.exc.OperationalError):
+        session.execute(sa.text("SELECT 1"))
+    assert slept == []
+    fault_proxy.restore()
+    engine.dispose()
+
+
+def test_dispatch_order_is_readable() -> None:
+    """The one SQLAlchemy detail the connect retry relies on (``_last_do_connect``): the
+    dialect's ``do_connect`` listeners, in order. Fails loudly if SQLAlchemy changes it."""
+    from resilient_db._unit import _last_do_connect  # noqa: PLC0415 - the private helper
+
+    engine = sa.create_engine("postgresql+psycopg://u@127.0.0.1:1/db")
+
+    def first(*_: Any) -> None: ...
+    def second(*_: Any) -> None: ...
+
+    event.listen(engine, "do_connect", first)
+    assert _last_do_connect(engine.dialect, first)
+    event.listen(engine, "do_connect", second)
+    assert not _last_do_connect(engine.dialect, first)
+    assert _last_do_connect(engine.dialect, second)
+    engine.dispose()
+
+
+def test_factory_docstrings() -> None:
+    assert rdb.ResilientSession.__doc__
+    assert rdb.AsyncResilientSession.__doc__
+    assert "async_sessionmaker" in rdb.AsyncResilientSession.__doc__
+
+
+# -- async ----------------------------------------------------------------------------------------
+@pytest.mark.asyncio
+async def test_the_async_factory_is_an_async_sessionmaker_with_the_users_class(
+    async_engine: AsyncEngine, service: str
+) -> None:
+    Sessions = rdb.AsyncResilientSession(
+        async_engine, service=service, sync_session_class=MySession, info={"tenant": "a"}
+    )
+    assert isinstance(Sessions, async_sessionmaker)
+    assert Sessions.kw["sync_session_class"] is MySession
+    Sessions.configure(expire_on_commit=False)
+    async with Sessions(info={"request": 1}) as session:
+        assert type(session.sync_session) is MySession
+        assert session.info == {"tenant": "a", "request": 1}
+        assert session.sync_session.expire_on_commit is False
+
+    async def unit(session: AsyncSession) -> str:
+        assert type(session.sync_session) is MySession
+        session.add(Item(name="async"))
+        return session.sync_session.label()  # type: ignore[attr-defined, no-any-return]
+
+    assert await Sessions.run(unit) == "mine"
+
+
+@pytest.mark.asyncio
+async def test_async_info_clear_keeps_the_guard(async_engine: AsyncEngine, service: str) -> None:
+    Sessions = rdb.AsyncResilientSession(async_engine, service=service)
+    async with Sessions.begin() as session:
+        session.add(Task(id=2, title="t", status="pending", idem_key="k2"))
+    async with Sessions() as session:
+        session.info.clear()
+        task = await session.get(Task, 2)
+        assert task is not None
+        task.status = "completed"
+        with pytest.raises(rdb.IllegalTransitionError):
+            await session.flush()
+
+
+@pytest.mark.asyncio
+async def test_async_run_in_refuses_a_session_of_another_factory(
+    async_engine: AsyncEngine, service: str
+) -> None:
+    Sessions = rdb.AsyncResilientSession(async_engine, service=service)
+    other = rdb.AsyncResilientSession(async_engine, service=service)
+
+    async def unit(session: AsyncSession) -> int:
+        return (await session.execute(sa.select(1))).scalar_one()
+
+    async with other() as session:
+        with pytest.raises(TypeError, match="made by this AsyncResilientSession"):
+            await Sessions.run_in(session, unit)
+    async with Sessions() as session:
+        assert await Sessions.run_in(session, unit) == 1
