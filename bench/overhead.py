@@ -28,9 +28,12 @@ and, for the read unit only:
   writer to resilient_db, so its COMMIT carries a marker (an extra round trip without markers).
 
 Concurrent workers never share rows: worker i of n works on the rows whose id is i modulo n, so
-writes measure overhead, not lock contention. A model with ``__transitions__`` is mapped, so the
-library's ORM bulk-UPDATE guard listens on every resilient statement, as in any application
-that declares transition rules.
+writes measure overhead, not lock contention. Plain and resilient variants use engines of their
+own (a resilient factory adds listeners to its engine). resilient_db's listeners on SQLAlchemy's
+``Session`` class act on every session in the process, plain ones too (returning early for
+them), and a model with ``__transitions__`` is mapped, so the ORM bulk-UPDATE guard listens as
+in any application that declares transition rules: the plain baseline pays what importing
+resilient_db costs sessions that are not its own.
 
 The commit markers are installed first (``rdb.install_commit_markers``): a writing unit's
 COMMIT carries its marker in the same message. ``--no-markers`` leaves them out, to measure the
@@ -64,7 +67,12 @@ from typing import Any
 import pybreaker
 import sqlalchemy as sa
 from _roundtrips import RoundTripCounter
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 import resilient_db as rdb
@@ -191,16 +199,28 @@ def _own_keys(slot: int, workers: int) -> list[int]:
 # -- sync ---------------------------------------------------------------------------------------
 @dataclass
 class SyncFactories:
+    """Plain and resilient factories, each on an engine of its own: a resilient factory puts
+    listeners on its engine (commit protocol, checkout, errors), which plain SQLAlchemy on the
+    same engine would pay too."""
+
     plain: sessionmaker[Session]
     resilient: Any  # rdb.ResilientSession
     naive_breaker: pybreaker.CircuitBreaker
+    engines: tuple[sa.Engine, sa.Engine]
+
+    def dispose(self) -> None:
+        for engine in self.engines:
+            engine.dispose()
 
 
-def sync_factories(engine: sa.Engine, service: str = "bench") -> SyncFactories:
+def sync_factories(url: str, pool_size: int, service: str = "bench") -> SyncFactories:
+    plain_engine = sa.create_engine(url, pool_size=pool_size, max_overflow=0)
+    resilient_engine = sa.create_engine(url, pool_size=pool_size, max_overflow=0)
     return SyncFactories(
-        plain=sessionmaker(engine),
-        resilient=rdb.ResilientSession(engine, service=service, config=rdb.Config()),
+        plain=sessionmaker(plain_engine),
+        resilient=rdb.ResilientSession(resilient_engine, service=service, config=rdb.Config()),
         naive_breaker=pybreaker.CircuitBreaker(fail_max=5, reset_timeout=30),
+        engines=(plain_engine, resilient_engine),
     )
 
 
@@ -291,14 +311,24 @@ def throughput(
 # -- async --------------------------------------------------------------------------------------
 @dataclass
 class AsyncFactories:
+    """As :class:`SyncFactories`: an engine each."""
+
     plain: async_sessionmaker[AsyncSession]
     resilient: Any  # rdb.AsyncResilientSession
+    engines: tuple[AsyncEngine, AsyncEngine]
+
+    async def dispose(self) -> None:
+        for engine in self.engines:
+            await engine.dispose()
 
 
-def async_factories(aengine: Any, service: str = "bench-async") -> AsyncFactories:
+def async_factories(url: str, pool_size: int, service: str = "bench-async") -> AsyncFactories:
+    plain_engine = create_async_engine(url, pool_size=pool_size, max_overflow=0)
+    resilient_engine = create_async_engine(url, pool_size=pool_size, max_overflow=0)
     return AsyncFactories(
-        plain=async_sessionmaker(aengine),
-        resilient=rdb.AsyncResilientSession(aengine, service=service, config=rdb.Config()),
+        plain=async_sessionmaker(plain_engine),
+        resilient=rdb.AsyncResilientSession(resilient_engine, service=service, config=rdb.Config()),
+        engines=(plain_engine, resilient_engine),
     )
 
 
@@ -405,8 +435,7 @@ def count_round_trips(url: str, async_url: str) -> tuple[RoundTrips, str]:
     counter = RoundTripCounter((host or "127.0.0.1", port or 5432))
     out: RoundTrips = {"sync": {}, "async": {}}
     try:
-        engine = sa.create_engine(counter.url(url), pool_size=1, max_overflow=0)
-        factories = sync_factories(engine, service="bench-round-trips")
+        factories = sync_factories(counter.url(url), 1, service="bench-round-trips")
         for unit, fn_unit in [*SYNC_UNITS.items(), (SLOW, slow_select_unit)]:
             variants = sync_variants(factories, fn_unit)
             out["sync"][unit] = {}
@@ -419,11 +448,12 @@ def count_round_trips(url: str, async_url: str) -> tuple[RoundTrips, str]:
                 for key in keys[RT_WARMUP:]:
                     fn(key)
                 _record(out["sync"][unit], name, before, counter.counts())
-        engine.dispose()
+        factories.dispose()
 
         async def async_part() -> None:
-            aengine = create_async_engine(counter.url(async_url), pool_size=1, max_overflow=0)
-            afactories = async_factories(aengine, service="bench-round-trips-async")
+            afactories = async_factories(
+                counter.url(async_url), 1, service="bench-round-trips-async"
+            )
             for unit in UNITS:
                 avariants = async_variants(afactories, ASYNC_UNITS[unit])
                 out["async"][unit] = {}
@@ -436,7 +466,7 @@ def count_round_trips(url: str, async_url: str) -> tuple[RoundTrips, str]:
                     for key in keys[RT_WARMUP:]:
                         await fn(key)
                     _record(out["async"][unit], name, before, counter.counts())
-            await aengine.dispose()
+            await afactories.dispose()
 
         asyncio.run(async_part())
     finally:
@@ -541,8 +571,7 @@ def run(url: str, async_url: str, *, quick: bool, markers: bool) -> dict[str, An
         _progress(line)
     rows: list[dict[str, Any]] = []
 
-    engine = sa.create_engine(url, pool_size=40, max_overflow=0)
-    factories = sync_factories(engine)
+    factories = sync_factories(url, 40)
     for unit in UNITS:
         _progress(f"sync: {UNIT_NAMES[unit]} ...")
         variants = sync_variants(factories, SYNC_UNITS[unit])
@@ -570,11 +599,10 @@ def run(url: str, async_url: str, *, quick: bool, markers: bool) -> dict[str, An
             rows.append(
                 _row(unit, "sync_8_threads_2ms_server_wait_naive", "throughput", slow, "naive")
             )
-    engine.dispose()
+    factories.dispose()
 
     async def async_part() -> None:
-        aengine = create_async_engine(async_url, pool_size=40, max_overflow=0)
-        afactories = async_factories(aengine)
+        afactories = async_factories(async_url, 40)
         for unit in UNITS:
             _progress(f"async: {UNIT_NAMES[unit]} ...")
             avariants = async_variants(afactories, ASYNC_UNITS[unit])
@@ -585,7 +613,7 @@ def run(url: str, async_url: str, *, quick: bool, markers: bool) -> dict[str, An
             rows.append(_row(unit, "async_1_task", "latency", alat))
             athr = summary(await athroughput(avariants, 32, p.throughput_rounds, p.seconds))
             rows.append(_row(unit, "async_32_tasks", "throughput", athr))
-        await aengine.dispose()
+        await afactories.dispose()
 
     asyncio.run(async_part())
     return {
