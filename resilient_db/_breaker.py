@@ -110,6 +110,7 @@ class Breaker:
             name=service,
         )
         self._storage = self._cb._state_storage
+        self.storage_given = storage
         self._cb.add_listener(_LogListener(self))
         for listener in listeners:
             self._cb.add_listener(listener)
@@ -122,8 +123,9 @@ class Breaker:
         self._cb.success_threshold = config.half_open_probes
 
     def add_listener(self, listener: Any) -> None:
-        """Register a pybreaker ``CircuitBreakerListener``."""
-        self._cb.add_listener(listener)
+        """Register a pybreaker ``CircuitBreakerListener`` (once: again is a no-op)."""
+        if listener not in self._cb.listeners:
+            self._cb.add_listener(listener)
 
     # -- the protocol around one attempt ------------------------------------------------
     @property
@@ -256,9 +258,20 @@ def breaker_for(
     listeners: Iterable[Any] = (),
     clock: Callable[[], float] | None = None,
 ) -> Breaker:
-    """The breaker of ``service``, created on first use; later calls update its numbers."""
+    """The breaker of ``service``, created on first use; later calls update its numbers.
+
+    A service has one breaker and so one state storage: asking for it with another storage
+    than the one it was made with is refused (ValueError), never silently ignored.
+    """
     with _registry_lock:
         breaker = _breakers.get(service)
+        if breaker is not None and storage is not None and storage is not breaker.storage_given:
+            raise ValueError(
+                f"service {service!r} already has a circuit breaker with "
+                f"{_describe(breaker.storage_given)}; this factory asks for "
+                f"{_describe(storage)}. A service has one breaker: pass the same storage "
+                "object, or give this factory another service name"
+            )
         if breaker is None:
             breaker = Breaker(
                 service, config, storage=storage, listeners=listeners, clock=clock or time.time
@@ -272,6 +285,12 @@ def breaker_for(
             if clock is not None:
                 breaker._clock = clock
         return breaker
+
+
+def _describe(storage: Any) -> str:
+    if storage is None:
+        return "pybreaker's in-memory storage"
+    return f"storage {type(storage).__name__} at {id(storage):#x}"
 
 
 def breakers() -> dict[str, Breaker]:

@@ -278,7 +278,7 @@ class FactoryCore:
         self.classifier = classifier or Classifier()
         self.policy = Policy(service, self.config, classifier=self.classifier, **policy_kwargs)
         self._referee = CommitReferee(self.policy)
-        self._hooks = hooks_for(sync_engine, self.config, self.classifier, service)
+        self._hooks = hooks_for(sync_engine, self)
 
     def _connect_policy_call(self, connect: Callable[[], T]) -> T:
         """The drop-in connect retry (sync code; in async, inside SQLAlchemy's greenlet)."""
@@ -291,7 +291,27 @@ class FactoryCore:
     def _apply_config(self, config: Config) -> None:
         self.config = config
         self.policy.apply_config(config)
-        self._hooks.config = self._hooks.commit.config = config
+        hooks = self._hooks
+        mine = engine_settings(config, self.classifier)
+        for other in list(hooks.factories):
+            if other is not self and engine_settings(other.config, other.classifier) != mine:
+                # reload_config gave this factory settings another one on its engine does not
+                # share (an explicit config=): the engine-wide hooks follow the reload
+                emit(
+                    config,
+                    log_session,
+                    logging.WARNING,
+                    "Factories on one engine disagree after a reload: service=%s and "
+                    "service=%s (%s); engine-wide handling follows service=%s",
+                    self.service,
+                    other.service,
+                    _settings_diff(engine_settings(other.config, other.classifier), mine),
+                    self.service,
+                    service=self.service,
+                    event="engine_settings_conflict",
+                )
+                break
+        hooks.config = hooks.commit.config = config
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} service={self.service!r} engine={self.engine!r}>"
@@ -308,6 +328,7 @@ class EngineHooks:
         self.classifier = classifier
         self.service = "database"
         self.commit = CommitProtocol(engine, config, self.service)
+        self.factories: weakref.WeakSet[FactoryCore] = weakref.WeakSet()
 
     def handle_error(self, ctx: Any) -> BaseException | None:
         if not self.config.enabled:
@@ -360,8 +381,27 @@ _hooks: weakref.WeakKeyDictionary[Any, EngineHooks] = weakref.WeakKeyDictionary(
 _hooks_lock = threading.Lock()
 
 
-def hooks_for(engine: Engine, config: Config, classifier: Classifier, service: str) -> EngineHooks:
-    """Install (once) and return the hooks of ``engine``; the newest factory's settings win."""
+def engine_settings(config: Config, classifier: Classifier) -> tuple[Any, ...]:
+    """What the engine-wide hooks act on: factories sharing an engine must agree on it."""
+    return (
+        config.enabled,
+        config.guard_on,
+        config.logging_on,
+        config.log_level,
+        tuple(sorted((code, outcome.value) for code, outcome in classifier.codes.items())),
+    )
+
+
+def hooks_for(engine: Engine, factory: FactoryCore) -> EngineHooks:
+    """Install (once) and return the hooks of ``engine``, for ``factory``.
+
+    The hooks are one per engine (disconnect handling, the trigger's error, the checkout check,
+    the commit protocol), so every factory on an engine must agree on what they act on
+    (:func:`engine_settings`): a factory that does not is refused with a ValueError naming the
+    difference, rather than one factory's settings silently overriding another's.
+    """
+    config, classifier, service = factory.config, factory.classifier, factory.service
+    mine = engine_settings(config, classifier)
     with _hooks_lock:
         hooks = _hooks.get(engine)
         if hooks is None:
@@ -370,10 +410,34 @@ def hooks_for(engine: Engine, config: Config, classifier: Classifier, service: s
             event.listen(engine, "checkout", hooks.checkout)
             event.listen(engine, "do_connect", hooks.do_connect)
             _hooks[engine] = hooks
+        else:
+            for other in list(hooks.factories):
+                theirs = engine_settings(other.config, other.classifier)
+                if theirs != mine:
+                    raise ValueError(
+                        f"another resilient factory (service {other.service!r}) already uses "
+                        f"this engine with different engine-wide settings: "
+                        f"{_settings_diff(theirs, mine)}. Factories sharing an engine must "
+                        "agree on enabled, status_validation, logging, log_level and the "
+                        "classifier's codes; use one factory, the same settings, or another "
+                        "engine"
+                    )
+        hooks.factories.add(factory)
         hooks.config = hooks.commit.config = config
         hooks.classifier = classifier
         hooks.service = hooks.commit.service = service
         return hooks
+
+
+_SETTING_NAMES = ("enabled", "status validation", "logging", "log_level", "classifier codes")
+
+
+def _settings_diff(theirs: tuple[Any, ...], mine: tuple[Any, ...]) -> str:
+    return "; ".join(
+        f"{name}: {a!r} there, {b!r} here" if name != "classifier codes" else f"{name} differ"
+        for name, a, b in zip(_SETTING_NAMES, theirs, mine, strict=True)
+        if a != b
+    )
 
 
 def _last_do_connect(dialect: Any, listener: Any) -> bool:

@@ -10,6 +10,7 @@ import itertools
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import pybreaker
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
@@ -246,3 +247,58 @@ async def test_async_run_in_refuses_a_session_of_another_factory(
             await Sessions.run_in(session, unit)
     async with Sessions() as session:
         assert await Sessions.run_in(session, unit) == 1
+
+
+# -- one engine, one breaker per service: agreements checked, nothing silently overridden ---------
+class _Counting(pybreaker.CircuitBreakerListener):  # type: ignore[misc]
+    def __init__(self) -> None:
+        self.changes = 0
+
+    def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
+        self.changes += 1
+
+
+def test_reloads_do_not_add_a_breaker_listener_again(
+    engine: sa.Engine, service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    listener = _Counting()
+    Sessions = rdb.ResilientSession(engine, service=service, breaker_listeners=(listener,))
+    for threshold in ("3", "4", "5"):
+        monkeypatch.setenv("SELF_HEALING_FAILURE_THRESHOLD", threshold)
+        rdb.reload_config()
+    assert Sessions.config.failure_threshold == 5
+    breaker = Sessions.policy.breaker
+    assert breaker is not None
+    breaker.open()
+    assert listener.changes == 1
+    monkeypatch.delenv("SELF_HEALING_FAILURE_THRESHOLD")
+    rdb.reload_config()  # leave the process-wide default configuration as the environment says
+
+
+def test_a_second_storage_for_one_service_is_refused(engine: sa.Engine, service: str) -> None:
+    first = pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED)
+    rdb.ResilientSession(engine, service=service, breaker_storage=first)
+    rdb.ResilientSession(engine, service=service, breaker_storage=first)  # the same: fine
+    rdb.ResilientSession(engine, service=service)  # none given: shares the breaker
+    other = pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED)
+    with pytest.raises(ValueError, match=f"service '{service}' already has a circuit breaker"):
+        rdb.ResilientSession(engine, service=service, breaker_storage=other)
+
+
+def test_factories_on_one_engine_must_agree_on_engine_wide_settings(
+    engine: sa.Engine, service: str
+) -> None:
+    first = rdb.ResilientSession(engine, service=service, config=rdb.Config())
+    # per-factory settings may differ: retries, breaker numbers, deadlines
+    rdb.ResilientSession(engine, service="other", config=rdb.Config(max_retries=9, deadline=5))
+    with pytest.raises(ValueError, match="enabled: True there, False here"):
+        rdb.ResilientSession(engine, service="off", config=rdb.Config(enabled=False))
+    with pytest.raises(ValueError, match="classifier codes differ"):
+        rdb.ResilientSession(
+            engine, service=service, classifier=rdb.Classifier().without_codes(["55P03"])
+        )
+    assert first.config.enabled  # untouched by the refused ones
+    # another engine is free to differ
+    other_engine = sa.create_engine(engine.url)
+    rdb.ResilientSession(other_engine, service="off", config=rdb.Config(enabled=False))
+    other_engine.dispose()
