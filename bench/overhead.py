@@ -1,7 +1,7 @@
 """Overhead of resilient_db against plain SQLAlchemy, measured on one server in one run.
 
     python bench/overhead.py            # or: make bench (about 2 minutes)
-    python bench/overhead.py --quick    # about 1 minute, fewer and shorter rounds
+    python bench/overhead.py --quick    # under a minute: fewer and shorter rounds
     python bench/overhead.py --json     # machine-readable
     python bench/overhead.py --url postgresql+psycopg://...   # an existing server
     python bench/overhead.py --pin      # server and benchmark on separate CPUs
@@ -17,7 +17,7 @@ statements either way):
   its row is in). The transition trigger is not installed: it would cost both variants alike.
 
 Cases, each for every unit:
-- sync, 1 thread: median latency ratio of ``ResilientSession.run`` to ``sessionmaker.begin()``
+- sync, 1 thread: latency ratio of ``ResilientSession.run`` to ``sessionmaker.begin()``
 - sync, 8 threads: throughput ratio
 - async, 1 task: latency ratio of ``AsyncResilientSession.run`` to ``async_sessionmaker.begin()``
 - async, 32 tasks: throughput ratio
@@ -43,9 +43,10 @@ Round trips per unit are counted on the wire at start-up: one unit of each varia
 warm-up) runs through a loopback proxy that reads the PostgreSQL protocol and counts the
 client's messages that wait for an answer (Query, Sync, FunctionCall; see ``_roundtrips.py``).
 
-The variants are interleaved in short rounds so that the machine's noise hits them alike; each
-ratio is the median of the per-round ratios. Ratios, not absolute numbers, are the result (the
-machine these run on is shared and noisy).
+The variants are interleaved so that the machine's noise hits them alike: latency unit by unit
+(each key runs through every variant in turn), throughput in short alternating runs. Each ratio
+is the median of the per-round ratios. Ratios, not absolute numbers, are the result (the machine
+these run on is shared and noisy).
 """
 
 from __future__ import annotations
