@@ -26,6 +26,7 @@ from ._errors import (
 from ._observability import health
 from ._retry import set_testing
 from ._session import ResilientSession, with_self_healing
+from ._state import reset_state
 from ._transitions import (
     ANY_STATE,
     BYPASS_SETTING,
@@ -79,6 +80,7 @@ __all__ = [
     "is_transient",
     "load_config",
     "reload_config",
+    "reset_state",
     "rules_to_dot",
     "rules_to_mermaid",
     "set_testing",

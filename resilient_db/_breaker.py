@@ -22,6 +22,7 @@ import pybreaker as _pb
 from ._config import Config
 from ._errors import CircuitOpenError
 from ._observability import emit, log_breaker, stats_for
+from ._state import STATE
 
 __all__ = ["Breaker", "breaker_for", "breakers"]
 
@@ -207,6 +208,15 @@ class Breaker:
             self._probes = 0
             self._set_state(CLOSED)
 
+    def reset(self) -> None:
+        """Closed, with no failures counted (a test suite starting over)."""
+        with self._lock:
+            self._probes = 0
+            if self._storage.state != CLOSED:
+                self._set_state(CLOSED)
+            self._storage.reset_counter()
+            self._storage.reset_success_counter()
+
     def describe(self) -> dict[str, Any]:
         state = self.state
         info: dict[str, Any] = {
@@ -246,10 +256,6 @@ class Breaker:
         return f"<Breaker service={self.service!r} state={self.state}>"
 
 
-_registry_lock = threading.Lock()
-_breakers: dict[str, Breaker] = {}
-
-
 def breaker_for(
     service: str,
     config: Config,
@@ -263,8 +269,8 @@ def breaker_for(
     A service has one breaker and so one state storage: asking for it with another storage
     than the one it was made with is refused (ValueError), never silently ignored.
     """
-    with _registry_lock:
-        breaker = _breakers.get(service)
+    with STATE.lock:
+        breaker: Breaker | None = STATE.breakers.get(service)
         if breaker is not None and storage is not None and storage is not breaker.storage_given:
             raise ValueError(
                 f"service {service!r} already has a circuit breaker with "
@@ -276,7 +282,7 @@ def breaker_for(
             breaker = Breaker(
                 service, config, storage=storage, listeners=listeners, clock=clock or time.time
             )
-            _breakers[service] = breaker
+            STATE.breakers[service] = breaker
         else:
             if breaker.config != config:
                 breaker.apply_config(config)
@@ -295,11 +301,11 @@ def _describe(storage: Any) -> str:
 
 def breakers() -> dict[str, Breaker]:
     """Every breaker by service name."""
-    with _registry_lock:
-        return dict(_breakers)
+    with STATE.lock:
+        return dict(STATE.breakers)
 
 
 def reset_breakers() -> None:
-    """Forget every breaker (tests and demos)."""
-    with _registry_lock:
-        _breakers.clear()
+    """Forget every breaker (tests and demos; :func:`~resilient_db.reset_state` does more)."""
+    with STATE.lock:
+        STATE.breakers.clear()

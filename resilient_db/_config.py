@@ -11,13 +11,12 @@ import dataclasses
 import difflib
 import math
 import os
-import threading
-import weakref
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any, Protocol
 
 from ._errors import ConfigError
+from ._state import STATE
 
 __all__ = ["Config", "load_config", "reload_config"]
 
@@ -206,21 +205,17 @@ class _Configurable(Protocol):
     def _apply_config(self, config: Config) -> None: ...
 
 
-_registry_lock = threading.Lock()
-_default_users: weakref.WeakSet[Any] = weakref.WeakSet()
-_listeners: list[Callable[[Config], None]] = []
-
-
 def register_default_user(obj: _Configurable) -> None:
     """Remember a factory that uses the environment's configuration, for reload_config()."""
-    with _registry_lock:
-        _default_users.add(obj)
+    with STATE.lock:
+        STATE.default_config_users.add(obj)
 
 
 def on_reload(callback: Callable[[Config], None]) -> None:
     """Call ``callback`` with the new configuration after every reload_config()."""
-    with _registry_lock:
-        _listeners.append(callback)
+    with STATE.lock:
+        if callback not in STATE.reload_listeners:
+            STATE.reload_listeners.append(callback)
 
 
 def reload_config(environ: Mapping[str, str] | None = None) -> Config:
@@ -229,9 +224,9 @@ def reload_config(environ: Mapping[str, str] | None = None) -> Config:
     Nothing changes if the environment is invalid: the :class:`ConfigError` is raised first.
     """
     config = load_config(environ)
-    with _registry_lock:
-        users = list(_default_users)
-        listeners = list(_listeners)
+    with STATE.lock:
+        users = list(STATE.default_config_users)
+        listeners = list(STATE.reload_listeners)
     for user in users:
         user._apply_config(config)
     for callback in listeners:

@@ -14,6 +14,7 @@ from typing import Any
 
 from ._classify import sqlstate_of
 from ._config import Config
+from ._state import STATE
 
 __all__ = ["PREFIX", "ServiceStats", "emit", "health", "sqlstate_label", "stats_for"]
 
@@ -119,17 +120,14 @@ class ServiceStats:
             self.retries_by_class.clear()
 
 
-_stats_lock = threading.Lock()
-_stats: dict[str, ServiceStats] = {}
-
-
 def stats_for(service: str) -> ServiceStats:
     """The counters of ``service`` (created on first use)."""
-    found = _stats.get(service)
+    found: ServiceStats | None = STATE.stats.get(service)
     if found is not None:
         return found
-    with _stats_lock:
-        return _stats.setdefault(service, ServiceStats(service))
+    with STATE.lock:
+        made: ServiceStats = STATE.stats.setdefault(service, ServiceStats(service))
+        return made
 
 
 def health() -> dict[str, Any]:
@@ -143,8 +141,8 @@ def health() -> dict[str, Any]:
     from ._breaker import breakers  # noqa: PLC0415
     from ._transitions import transition_stats  # noqa: PLC0415
 
-    with _stats_lock:
-        names = set(_stats)
+    with STATE.lock:
+        names = set(STATE.stats)
     all_breakers = breakers()
     names.update(all_breakers)
     services: dict[str, Any] = {}
@@ -170,7 +168,7 @@ def _describe(breaker: Any) -> dict[str, Any]:
 
 
 def reset_stats() -> None:
-    """Zero every counter (for tests and demos)."""
-    with _stats_lock:
-        for stats in _stats.values():
+    """Zero every counter (for tests and demos; :func:`~resilient_db.reset_state` does more)."""
+    with STATE.lock:
+        for stats in STATE.stats.values():
             stats.reset()

@@ -14,38 +14,33 @@ Entries are weak: a factory or session that is gone leaves nothing behind.
 
 from __future__ import annotations
 
-import threading
-import weakref
 from typing import Any
 
 from sqlalchemy.orm import Session
 
 from ._config import Config
+from ._state import STATE
 
 __all__ = ["config_of", "factory_of", "in_unit", "register_class", "register_session"]
 
-_by_class: weakref.WeakKeyDictionary[type[Any], Any] = weakref.WeakKeyDictionary()
-_by_session: weakref.WeakKeyDictionary[Session, Any] = weakref.WeakKeyDictionary()
-_unit_sessions: weakref.WeakSet[Session] = weakref.WeakSet()
-_lock = threading.Lock()
 
 
 def register_class(session_class: type[Session], factory: Any) -> None:
     """Sessions of ``session_class`` (a class only ``factory`` makes) belong to ``factory``."""
-    with _lock:
-        _by_class[session_class] = factory
+    with STATE.lock:
+        STATE.factory_by_class[session_class] = factory
 
 
 def register_session(session: Session, factory: Any) -> None:
     """``session`` (the sync session of an ``AsyncSession``) belongs to ``factory``."""
-    _by_session[session] = factory
+    STATE.factory_by_session[session] = factory
 
 
 def factory_of(session: Session) -> object:
     """The resilient factory that made ``session``, or None."""
-    factory = _by_class.get(type(session))
-    if factory is None and _by_session:
-        factory = _by_session.get(session)
+    factory: object = STATE.factory_by_class.get(type(session))
+    if factory is None and STATE.factory_by_session:
+        factory = STATE.factory_by_session.get(session)
     return factory
 
 
@@ -56,13 +51,13 @@ def config_of(session: Session) -> Config | None:
 
 
 def enter_unit(session: Session) -> None:
-    _unit_sessions.add(session)
+    STATE.unit_sessions.add(session)
 
 
 def leave_unit(session: Session) -> None:
-    _unit_sessions.discard(session)
+    STATE.unit_sessions.discard(session)
 
 
 def in_unit(session: Session) -> bool:
     """``session`` is running a unit of work (which retries by itself)."""
-    return session in _unit_sessions
+    return session in STATE.unit_sessions

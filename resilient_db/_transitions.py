@@ -51,6 +51,7 @@ from sqlalchemy.sql.elements import BindParameter, ClauseElement, ColumnElement,
 from ._config import Config
 from ._errors import IllegalTransitionError, ResilientDBError, StaleTransitionError
 from ._registry import config_of
+from ._state import STATE
 
 __all__ = [
     "ANY_STATE",
@@ -557,6 +558,15 @@ def transition_stats() -> dict[str, int]:
     bulk-UPDATE filter, and bypasses. Stable names, for ``health()`` and metrics."""
     with _stats_lock:
         return dict(_stats)
+
+
+def _reset_stats() -> None:
+    with _stats_lock:
+        for name in _stats:
+            _stats[name] = 0
+
+
+STATE.resetters["transition_stats"] = _reset_stats
 
 
 def _report(err: IllegalTransitionError, *, log: bool, blocked_rows: int = 1) -> None:

@@ -10,7 +10,6 @@ import contextvars
 import enum
 import logging
 import select
-import threading
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, TypeVar
@@ -34,6 +33,7 @@ from ._errors import CommitOutcomeUnknownError
 from ._observability import emit, log_session
 from ._registry import factory_of, in_unit
 from ._retry import Policy
+from ._state import STATE
 from ._transitions import exception_from_db, install_guard
 
 T = TypeVar("T")
@@ -377,8 +377,6 @@ class EngineHooks:
             raise sa_exc.DisconnectionError("pooled connection was closed by the server")
 
 
-_hooks: weakref.WeakKeyDictionary[Any, EngineHooks] = weakref.WeakKeyDictionary()
-_hooks_lock = threading.Lock()
 
 
 def engine_settings(config: Config, classifier: Classifier) -> tuple[Any, ...]:
@@ -402,14 +400,14 @@ def hooks_for(engine: Engine, factory: FactoryCore) -> EngineHooks:
     """
     config, classifier, service = factory.config, factory.classifier, factory.service
     mine = engine_settings(config, classifier)
-    with _hooks_lock:
-        hooks = _hooks.get(engine)
+    with STATE.lock:
+        hooks: EngineHooks | None = STATE.engine_hooks.get(engine)
         if hooks is None:
             hooks = EngineHooks(engine, config, classifier)
             event.listen(engine, "handle_error", hooks.handle_error)
             event.listen(engine, "checkout", hooks.checkout)
             event.listen(engine, "do_connect", hooks.do_connect)
-            _hooks[engine] = hooks
+            STATE.engine_hooks[engine] = hooks
         else:
             for other in list(hooks.factories):
                 theirs = engine_settings(other.config, other.classifier)

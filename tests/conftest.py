@@ -11,8 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from resilient_db._breaker import reset_breakers
-from resilient_db._observability import reset_stats
+import resilient_db as rdb
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -25,5 +24,4 @@ def pytest_configure(config: pytest.Config) -> None:
 def _fresh_self_healing_state() -> Iterator[None]:
     """Breakers and counters are process-wide (one per service): start every test clean."""
     yield
-    reset_breakers()
-    reset_stats()
+    rdb.reset_state()

@@ -1,0 +1,74 @@
+"""Everything resilient_db keeps per process, in one place, and the one reset of it.
+
+The parts are owned by their modules (the breaker module makes breakers, observability counts,
+the factories register themselves), but they live here so that what a process holds can be read
+in one file, registration is idempotent by construction (dictionaries keyed by what they
+describe, weak where the key is the user's object), and a test suite can start over with
+:func:`reset_state`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["STATE", "State", "reset_state"]
+
+
+class State:
+    """The process-wide state. One instance, :data:`STATE`."""
+
+    def __init__(self) -> None:
+        # One re-entrant lock for the registries: held for dictionary updates only, never
+        # across I/O (breakers and counters have short locks of their own for their numbers).
+        self.lock = threading.RLock()
+        #: the circuit breaker of each service name
+        self.breakers: dict[str, Any] = {}
+        #: the counters of each service name
+        self.stats: dict[str, Any] = {}
+        #: factories that follow the environment's configuration (``reload_config``)
+        self.default_config_users: weakref.WeakSet[Any] = weakref.WeakSet()
+        #: callbacks run with the new configuration after ``reload_config``
+        self.reload_listeners: list[Callable[[Any], None]] = []
+        #: the hooks installed on each engine (one set per engine, shared by its factories)
+        self.engine_hooks: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+        #: which factory made a session: by the class a sync factory makes ...
+        self.factory_by_class: weakref.WeakKeyDictionary[type[Any], Any] = (
+            weakref.WeakKeyDictionary()
+        )
+        #: ... and by the sync session of an AsyncSession
+        self.factory_by_session: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+        #: sessions running a unit of work right now
+        self.unit_sessions: weakref.WeakSet[Any] = weakref.WeakSet()
+        #: what else :func:`reset_state` must clear (caches of other modules), by name
+        self.resetters: dict[str, Callable[[], None]] = {}
+
+
+STATE = State()
+
+
+def reset_state() -> None:
+    """Start over, for test suites (as between tests): every circuit breaker is closed with no
+    failures counted and forgotten (a factory made afterwards gets a new one, with the storage
+    it asks for), every counter and the transition guard's counts are zero, the wrapper's
+    cached policies are dropped. Factories, their engines' hooks and the configuration stay as
+    they are: they belong to objects that are still alive.
+    """
+    with STATE.lock:
+        breakers = list(STATE.breakers.values())
+        STATE.breakers.clear()
+        for stats in STATE.stats.values():
+            stats.reset()
+        resetters = list(STATE.resetters.values())
+    for breaker in breakers:
+        try:
+            breaker.reset()
+        except Exception:  # a shared store that is unreachable: forgotten all the same
+            logging.getLogger("resilient_db.breaker").debug(
+                "could not reset the breaker of %s", breaker.service, exc_info=True
+            )
+    for reset in resetters:
+        reset()
