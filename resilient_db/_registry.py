@@ -24,7 +24,6 @@ from ._state import STATE
 __all__ = ["config_of", "factory_of", "in_unit", "register_class", "register_session"]
 
 
-
 def register_class(session_class: type[Session], factory: Any) -> None:
     """Sessions of ``session_class`` (a class only ``factory`` makes) belong to ``factory``."""
     with STATE.lock:

@@ -377,8 +377,6 @@ class EngineHooks:
             raise sa_exc.DisconnectionError("pooled connection was closed by the server")
 
 
-
-
 def engine_settings(config: Config, classifier: Classifier) -> tuple[Any, ...]:
     """What the engine-wide hooks act on: factories sharing an engine must agree on it."""
     return (
