@@ -25,7 +25,7 @@ from ._errors import (
 )
 from ._observability import health
 from ._retry import set_testing
-from ._session import ResilientSession, with_self_healing
+from ._session import ResilientSession
 from ._state import reset_state
 from ._transitions import (
     ANY_STATE,
@@ -45,6 +45,7 @@ from ._transitions import (
     trigger_drift,
     uninstall_transition_trigger,
 )
+from ._wrapper import with_self_healing
 
 try:
     __version__ = version("resilient-db")
