@@ -23,7 +23,7 @@ from ._errors import (
     StaleTransitionError,
     TransactionStateError,
 )
-from ._observability import health
+from ._observability import SelfHealEvent, SelfHealHook, add_hook, health, remove_hook
 from ._retry import set_testing
 from ._session import ResilientSession
 from ._state import reset_state
@@ -66,11 +66,14 @@ __all__ = [
     "Outcome",
     "ResilientDBError",
     "ResilientSession",
+    "SelfHealEvent",
+    "SelfHealHook",
     "StaleTransitionError",
     "TransactionStateError",
     "TransitionRules",
     "TransitionRulesError",
     "__version__",
+    "add_hook",
     "allowed_transitions",
     "bypass_transitions",
     "bypass_transitions_async",
@@ -81,6 +84,7 @@ __all__ = [
     "is_transient",
     "load_config",
     "reload_config",
+    "remove_hook",
     "reset_state",
     "rules_to_dot",
     "rules_to_mermaid",

@@ -9,14 +9,27 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from ._classify import sqlstate_of
 from ._config import Config
 from ._state import STATE
 
-__all__ = ["PREFIX", "ServiceStats", "emit", "health", "sqlstate_label", "stats_for"]
+__all__ = [
+    "PREFIX",
+    "SelfHealEvent",
+    "SelfHealHook",
+    "ServiceStats",
+    "add_hook",
+    "emit",
+    "health",
+    "remove_hook",
+    "sqlstate_label",
+    "stats_for",
+]
 
 PREFIX = "[SELF-HEAL] "
 _LEVELS = {
@@ -37,6 +50,48 @@ log_session = logging.getLogger("resilient_db.session")
 log_transitions = logging.getLogger("resilient_db.transitions")
 
 
+@dataclass(frozen=True)
+class SelfHealEvent:
+    """One self-healing action, as every hook sees it.
+
+    ``name`` is stable (``"retry"``, ``"gave_up"``, ``"recovered"``, ``"breaker_opened"``,
+    ``"breaker_half_open"``, ``"breaker_closed"``, ``"commit_verified"``,
+    ``"commit_not_applied"``, ``"commit_unknown"``, ``"transition_blocked"``, ...);
+    ``fields`` are the same structured values the log record carries (``extra["self_heal"]``),
+    never a password, a DSN or a bound parameter; ``message`` is the log line without its
+    ``[SELF-HEAL]`` prefix.
+    """
+
+    name: str
+    service: str | None
+    level: int
+    message: str
+    fields: Mapping[str, Any]
+
+
+SelfHealHook = Callable[[SelfHealEvent], None]
+
+
+def add_hook(hook: SelfHealHook) -> None:
+    """Call ``hook(event)`` for every self-healing action (once, however often it is added).
+
+    Hooks see every action while self-healing is enabled, whatever the logging switches say
+    (those govern the ``[SELF-HEAL]`` log lines only). A hook that raises is logged at DEBUG and
+    skipped: instrumentation never breaks a unit of work.
+    """
+    if not callable(hook):
+        raise TypeError(f"add_hook() needs a callable, got {type(hook).__name__}")
+    with STATE.lock:
+        if hook not in STATE.hooks:
+            STATE.hooks = (*STATE.hooks, hook)
+
+
+def remove_hook(hook: SelfHealHook) -> None:
+    """Stop calling ``hook`` (no error if it was not added)."""
+    with STATE.lock:
+        STATE.hooks = tuple(h for h in STATE.hooks if h != hook)
+
+
 def emit(
     config: Config,
     logger: logging.Logger,
@@ -45,7 +100,27 @@ def emit(
     *args: Any,
     **extra: Any,
 ) -> None:
-    """Log a self-healing action if logging is on and ``level`` reaches the configured level."""
+    """The one path of every self-healing action: to the hooks, and to the ``[SELF-HEAL]`` log
+    line if logging is on and ``level`` reaches the configured level.
+
+    ``extra["event"]`` names the action; the other ``extra`` values are its fields.
+    """
+    hooks = STATE.hooks
+    if hooks and config.enabled:
+        event = SelfHealEvent(
+            name=str(extra.get("event", "self_heal")),
+            service=extra.get("service"),
+            level=level,
+            message=msg % args if args else msg,
+            fields=MappingProxyType(dict(extra)),
+        )
+        for hook in hooks:
+            try:
+                hook(event)
+            except Exception:
+                logging.getLogger("resilient_db").debug(
+                    "self-healing hook %r failed", hook, exc_info=True
+                )
     if not config.logging_on or level < _LEVELS[config.log_level]:
         return
     if logger.isEnabledFor(level):

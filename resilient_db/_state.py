@@ -43,6 +43,8 @@ class State:
         self.factory_by_session: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         #: sessions running a unit of work right now
         self.unit_sessions: weakref.WeakSet[Any] = weakref.WeakSet()
+        #: the self-healing hooks (a tuple: read without the lock on every action)
+        self.hooks: tuple[Callable[[Any], None], ...] = ()
         #: what else :func:`reset_state` must clear (caches of other modules), by name
         self.resetters: dict[str, Callable[[], None]] = {}
 
