@@ -6,6 +6,7 @@
     python bench/overhead.py --url postgresql+psycopg://...   # an existing server
     python bench/overhead.py --pin      # server and benchmark on separate CPUs
     python bench/overhead.py --no-markers   # the commit-verification fallback (no markers)
+    python bench/overhead.py --units guarded  # only some units (read, write, guarded)
 
 Units of work, each in a new session and committed (``sessionmaker.begin()`` /
 ``async_sessionmaker.begin()`` for plain SQLAlchemy, ``run`` for resilient_db; the same
@@ -57,6 +58,7 @@ import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -563,8 +565,37 @@ def _row(
     }
 
 
-def run(url: str, async_url: str, *, quick: bool, markers: bool) -> dict[str, Any]:
+def _revision() -> str | None:
+    """The library's git revision (``+dirty`` with uncommitted changes), when it is a checkout."""
+    root = Path(rdb.__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--", "resilient_db"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+def run(
+    url: str,
+    async_url: str,
+    *,
+    quick: bool,
+    markers: bool,
+    units: tuple[str, ...] = UNITS,
+) -> dict[str, Any]:
     p = QUICK if quick else DEFAULT
+    revision = _revision()
     started = time.perf_counter()
     prepare(url, markers=markers)
     trips, method = count_round_trips(url, async_url)
@@ -573,7 +604,7 @@ def run(url: str, async_url: str, *, quick: bool, markers: bool) -> dict[str, An
     rows: list[dict[str, Any]] = []
 
     factories = sync_factories(url, 40)
-    for unit in UNITS:
+    for unit in units:
         _progress(f"sync: {UNIT_NAMES[unit]} ...")
         variants = sync_variants(factories, SYNC_UNITS[unit])
         for fn in variants.values():  # warm up pools, statement caches, code paths
@@ -604,7 +635,7 @@ def run(url: str, async_url: str, *, quick: bool, markers: bool) -> dict[str, An
 
     async def async_part() -> None:
         afactories = async_factories(async_url, 40)
-        for unit in UNITS:
+        for unit in units:
             _progress(f"async: {UNIT_NAMES[unit]} ...")
             avariants = async_variants(afactories, ASYNC_UNITS[unit])
             for fn in avariants.values():
@@ -618,6 +649,7 @@ def run(url: str, async_url: str, *, quick: bool, markers: bool) -> dict[str, An
 
     asyncio.run(async_part())
     return {
+        "revision": revision,
         "commit_markers": markers,
         "quick": quick,
         "seconds": round(time.perf_counter() - started, 1),
@@ -678,7 +710,7 @@ def render(result: dict[str, Any]) -> str:
     markers = "installed" if result["commit_markers"] else "NOT installed (--no-markers)"
     lines += [
         "",
-        f"commit markers: {markers}",
+        f"resilient_db revision: {result['revision'] or 'unknown'}; commit markers: {markers}",
         *round_trip_lines(trips),
         f"round trips counted as: {trips['method']}",
         f"run took {result['seconds']:.0f} s",
@@ -736,7 +768,21 @@ def main(argv: list[str] | None = None) -> int:
         help="run the embedded server on one CPU and the benchmark on another, as if the "
         "database were on its own host (default: share every CPU)",
     )
+    parser.add_argument(
+        "--units",
+        default=",".join(UNITS),
+        help=f"comma-separated units to measure (default: all of {','.join(UNITS)})",
+    )
     args = parser.parse_args(argv)
+    units = tuple(u.strip() for u in args.units.split(",") if u.strip())
+    unknown = sorted(set(units) - set(UNITS))
+    if unknown or not units:
+        parser.error(f"--units: unknown {', '.join(unknown) or '(none given)'}; known: {UNITS}")
+    options: dict[str, Any] = {
+        "quick": args.quick,
+        "markers": not args.no_markers,
+        "units": units,
+    }
     if args.url:
         url = args.url
         async_url = (
@@ -744,18 +790,13 @@ def main(argv: list[str] | None = None) -> int:
             .set(drivername="postgresql+asyncpg")
             .render_as_string(hide_password=False)
         )
-        result = run(url, async_url, quick=args.quick, markers=not args.no_markers)
+        result = run(url, async_url, **options)
     else:
         with EmbeddedPostgres() as server:
             server.create_database("bench")
             if args.pin:
                 pin_apart(server.data_dir / "postmaster.pid")
-            result = run(
-                server.url("bench"),
-                server.url("bench", driver="asyncpg"),
-                quick=args.quick,
-                markers=not args.no_markers,
-            )
+            result = run(server.url("bench"), server.url("bench", driver="asyncpg"), **options)
     print(json.dumps(result, indent=2) if args.json else render(result))
     return 0
 
