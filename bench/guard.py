@@ -3,7 +3,10 @@
     python bench/guard.py [--json] [--quick] [--url postgresql+psycopg://...]
 
 - flush of 1,000 changed rows through ``ResilientSession`` with the flush guard on and off
-  (``SELF_HEALING_STATUS_VALIDATION``): ratio on/off
+  (``SELF_HEALING_STATUS_VALIDATION``): ratio on/off; the same through ``AsyncResilientSession``
+  (asyncpg, which reports no row count for an executemany: the guard locks those rows instead)
+- a unit that moves one row (get it, change its status, commit), guard on and off: the
+  compare-and-set rides in the UPDATE, so the ratio is Python only
 - single-row UPDATE (raw SQL, autocommit off, one transaction each) on a table with the generated
   transition trigger and on an identical table without it: ratio with/without
 
@@ -13,6 +16,7 @@ Variants are interleaved in rounds; the medians of the rounds give the ratios.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import random
 import statistics
@@ -22,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import resilient_db as rdb
@@ -77,6 +82,41 @@ def flush_variants(engine: sa.Engine) -> dict[str, Callable[[], None]]:
     return {"guard_on": lambda: on.run(move_all), "guard_off": lambda: off.run(move_all)}
 
 
+def one_row_variants(engine: sa.Engine) -> dict[str, Callable[[], None]]:
+    on = rdb.ResilientSession(engine, service="bench-guard-row-on", config=rdb.Config())
+    off = rdb.ResilientSession(
+        engine, service="bench-guard-row-off", config=rdb.Config(status_validation=False)
+    )
+    rng = random.Random(5)
+
+    def move_one(session: Session) -> None:
+        task = session.get(GuardedTask, rng.randint(1, ROWS))
+        assert task is not None
+        task.status = CYCLE[task.status]
+
+    return {"guard_on": lambda: on.run(move_one), "guard_off": lambda: off.run(move_one)}
+
+
+def async_flush_variants(
+    url: str, loop: asyncio.AbstractEventLoop
+) -> dict[str, Callable[[], None]]:
+    engine = create_async_engine(sa.make_url(url).set(drivername="postgresql+asyncpg"))
+    on = rdb.AsyncResilientSession(engine, service="bench-guard-async-on", config=rdb.Config())
+    off = rdb.AsyncResilientSession(
+        engine, service="bench-guard-async-off", config=rdb.Config(status_validation=False)
+    )
+
+    async def move_all(session: AsyncSession) -> None:
+        for task in await session.scalars(sa.select(GuardedTask)):
+            task.status = CYCLE[task.status]
+        await session.flush()
+
+    return {
+        "guard_on": lambda: loop.run_until_complete(on.run(move_all)),
+        "guard_off": lambda: loop.run_until_complete(off.run(move_all)),
+    }
+
+
 def update_variants(engine: sa.Engine) -> dict[str, Callable[[], None]]:
     tables = {"with_trigger": "bench_guarded_tasks", "without_trigger": "bench_plain_tasks"}
     rng = random.Random(3)
@@ -115,22 +155,34 @@ def measure(
     return {n: statistics.median(v) for n, v in samples.items()}
 
 
+def _on_off(times: dict[str, float], scale: float, unit: str) -> dict[str, float]:
+    return {
+        f"guard_off_{unit}": times["guard_off"] * scale,
+        f"guard_on_{unit}": times["guard_on"] * scale,
+        "ratio": times["guard_on"] / times["guard_off"],
+    }
+
+
 def run(url: str, *, quick: bool) -> dict[str, Any]:
     engine = sa.create_engine(url)
     prepare(engine)
+    loop = asyncio.new_event_loop()
     flush = flush_variants(engine)
+    async_flush = async_flush_variants(url, loop)
+    one_row = one_row_variants(engine)
     update = update_variants(engine)
-    for fn in (*flush.values(), *update.values()):
+    for fn in (*flush.values(), *async_flush.values(), *one_row.values(), *update.values()):
         fn()
     f = measure(flush, 3 if quick else 7, 2 if quick else 4)
+    af = measure(async_flush, 3 if quick else 7, 2 if quick else 4)
+    r = measure(one_row, 3 if quick else 9, 100 if quick else 300)
     u = measure(update, 3 if quick else 9, 100 if quick else 300)
     engine.dispose()
+    loop.close()
     return {
-        "flush_1000_rows": {
-            "guard_off_ms": f["guard_off"] * 1e3,
-            "guard_on_ms": f["guard_on"] * 1e3,
-            "ratio": f["guard_on"] / f["guard_off"],
-        },
+        "flush_1000_rows": _on_off(f, 1e3, "ms"),
+        "flush_1000_rows_asyncpg": _on_off(af, 1e3, "ms"),
+        "one_row_unit": _on_off(r, 1e6, "us"),
         "single_row_update": {
             "without_trigger_us": u["without_trigger"] * 1e6,
             "with_trigger_us": u["with_trigger"] * 1e6,
@@ -141,12 +193,17 @@ def run(url: str, *, quick: bool) -> dict[str, Any]:
 
 def render(result: dict[str, Any]) -> str:
     f, u = result["flush_1000_rows"], result["single_row_update"]
+    af, r = result["flush_1000_rows_asyncpg"], result["one_row_unit"]
     return "\n".join(
         [
             "| case | without | with | ratio |",
             "|---|---|---|---|",
             f"| flush of 1,000 changed rows, flush guard | {f['guard_off_ms']:.1f} ms "
             f"| {f['guard_on_ms']:.1f} ms | {f['ratio']:.3f} |",
+            f"| the same, asyncpg | {af['guard_off_ms']:.1f} ms "
+            f"| {af['guard_on_ms']:.1f} ms | {af['ratio']:.3f} |",
+            f"| unit moving one row, flush guard | {r['guard_off_us']:.0f} µs "
+            f"| {r['guard_on_us']:.0f} µs | {r['ratio']:.3f} |",
             f"| single-row UPDATE, transition trigger | {u['without_trigger_us']:.0f} µs "
             f"| {u['with_trigger_us']:.0f} µs | {u['ratio']:.3f} |",
         ]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy.orm.exc import StaleDataError
+
 __all__ = [
     "CircuitOpenError",
     "CommitOutcomeUnknownError",
@@ -137,9 +139,14 @@ class IllegalTransitionError(ResilientDBError):
         return (_rebuild_transition_error, (type(self), self.__dict__.copy()))
 
 
-class StaleTransitionError(IllegalTransitionError):
+class StaleTransitionError(IllegalTransitionError, StaleDataError):
     """The row was no longer in the state this session loaded: another transaction moved it.
-    Reload the row and decide again."""
+    Reload the row and decide again.
+
+    Also a ``sqlalchemy.orm.exc.StaleDataError``: the flush's UPDATE matched no row because it
+    carries the loaded state in its WHERE clause, the same check SQLAlchemy makes for a
+    ``version_id_col``; code that handles stale rows that way handles this one too.
+    """
 
 
 def _plain(state: Any) -> Any:

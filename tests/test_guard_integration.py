@@ -96,32 +96,113 @@ async def test_trigger_block_through_an_async_unit_is_illegal_transition_via_db(
         await aengine.dispose()
 
 
+def _to_in_progress(engine: sa.Engine) -> None:
+    """Back to a state from which "pending" is legal (trigger off for the setup)."""
+    with engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE tasks DISABLE TRIGGER USER"))
+        conn.execute(sa.text("UPDATE tasks SET status = 'in_progress' WHERE id = 1"))
+        conn.execute(sa.text("ALTER TABLE tasks ENABLE TRIGGER USER"))
+
+
 def test_one_guard_check_per_flush_whatever_the_session_class(engine: sa.Engine) -> None:
     """Listeners live on the base session class; a class_= factory beside a default one must
-    not run them twice (one locked SELECT per flush, not two)."""
+    not run them twice. A loaded status costs no statement of the guard's own (the UPDATE
+    carries it); an expired one is read by the guard, once."""
 
     class AppSession(Session):
         pass
 
     plain_factory = rdb.ResilientSession(engine, service=f"guard-{next(_services)}")
     custom = rdb.ResilientSession(engine, service=f"guard-{next(_services)}", class_=AppSession)
-    locked: list[str] = []
+    sent: list[str] = []
 
     def note(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if "FOR UPDATE" in statement:
-            locked.append(statement)
+        sent.append(" ".join(statement.split()))
+
+    def move(session: Session, expire: bool) -> None:
+        task = session.get(Task, 1)
+        assert task is not None
+        if expire:
+            session.expire(task, ["status"])
+        task.status = "pending"
+        sent.clear()
+        session.flush()
 
     sa.event.listen(engine, "before_cursor_execute", note)
     try:
         for factory in (plain_factory, custom):
-            with engine.begin() as conn:  # back to a state from which "pending" is legal
-                conn.execute(sa.text("ALTER TABLE tasks DISABLE TRIGGER USER"))
-                conn.execute(sa.text("UPDATE tasks SET status = 'in_progress' WHERE id = 1"))
-                conn.execute(sa.text("ALTER TABLE tasks ENABLE TRIGGER USER"))
-            locked.clear()
-            factory.run(lambda s: setattr(s.get(Task, 1), "status", "pending"))
-            assert len(locked) == 1, factory
+            for expire in (False, True):
+                _to_in_progress(engine)
+                factory.run(move, expire)
+                updates = [q for q in sent if q.startswith("UPDATE")]
+                assert len(updates) == 1, factory
+                assert "AND tasks.status = " in updates[0]
+                assert not [q for q in sent if "FOR UPDATE" in q]
+                reads = [q for q in sent if q.startswith("SELECT tasks.id, tasks.status")]
+                assert len(reads) == (1 if expire else 0), (factory, sent)
     finally:
         sa.event.remove(engine, "before_cursor_execute", note)
     with custom() as session:
         assert isinstance(session, AppSession)
+
+
+def test_stale_move_through_a_unit_is_never_retried(engine: sa.Engine) -> None:
+    """Two workers claim the same task: the second one's unit raises StaleTransitionError at
+    once (a business error: not retried, not counted by the breaker)."""
+    _to_in_progress(engine)
+    service = f"guard-{next(_services)}"
+    Sessions = rdb.ResilientSession(engine, service=service, config=rdb.Config(failure_threshold=1))
+    calls: list[int] = []
+
+    def claim(session: Session) -> None:
+        calls.append(1)
+        task = session.get(Task, 1)
+        assert task is not None
+        with engine.begin() as other:  # the other worker, between our read and our write
+            other.execute(sa.text("UPDATE tasks SET status = 'failed' WHERE id = 1"))
+        task.status = "failed"
+
+    with pytest.raises(rdb.StaleTransitionError) as info:
+        Sessions.run(claim)
+    assert (info.value.via, info.value.from_state, info.value.to_state) == (
+        "flush",
+        "in_progress",
+        "failed",
+    )
+    assert calls == [1]
+    assert rdb.health()["services"][service]["breaker"]["state"] == "closed"
+    with Sessions() as session:  # drop-in use: commit() raises it the same way
+        task = session.get(Task, 1)
+        assert task is not None
+        assert task.status == "failed"
+        with engine.begin() as other:
+            other.execute(sa.text("UPDATE tasks SET status = 'pending' WHERE id = 1"))
+        task.status = "pending"  # the same retry, made twice
+        with pytest.raises(rdb.StaleTransitionError, match="now holds 'pending'"):
+            session.commit()
+
+
+@pytest.mark.asyncio
+async def test_stale_move_through_an_async_unit_is_never_retried(
+    engine: sa.Engine, pg_async_url: str
+) -> None:
+    _to_in_progress(engine)
+    aengine = create_async_engine(pg_async_url)
+    Sessions = rdb.AsyncResilientSession(aengine, service=f"guard-{next(_services)}")
+    calls: list[int] = []
+
+    async def claim(session: Any) -> None:
+        calls.append(1)
+        task = await session.get(Task, 1)
+        async with aengine.begin() as other:
+            await other.execute(sa.text("UPDATE tasks SET status = 'failed' WHERE id = 1"))
+        task.status = "failed"
+
+    try:
+        with pytest.raises(rdb.StaleTransitionError) as info:
+            await Sessions.run(claim)
+        assert (info.value.from_state, info.value.to_state) == ("in_progress", "failed")
+        assert "now holds 'failed'" in info.value.reason
+        assert calls == [1]
+    finally:
+        await aengine.dispose()

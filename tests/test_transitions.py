@@ -27,6 +27,7 @@ from sqlalchemy.orm import (
     registry,
     sessionmaker,
 )
+from sqlalchemy.orm.exc import StaleDataError
 
 from resilient_db._config import Config
 from resilient_db._errors import IllegalTransitionError, StaleTransitionError
@@ -36,10 +37,14 @@ from resilient_db._transitions import (
     TRANSITION_SQLSTATE,
     TransitionRules,
     TransitionRulesError,
+    _before_execute,
     _before_flush,
+    _flushing,
+    _pending,
     allowed_transitions,
     bypass_transitions,
     exception_from_db,
+    install_engine_hooks,
     install_guard,
     install_transition_trigger,
     rules_to_dot,
@@ -132,6 +137,40 @@ class Hostile(Base):
     state: Mapped[str] = mapped_column('st"ate', sa.Text, default="new")
 
 
+class Ticket(Base):
+    """Rules beside the model's own version counter (``version_id_col``)."""
+
+    __tablename__ = "tickets"
+    __transitions__ = TransitionRules(
+        column="status", transitions={"open": {"closed"}}, initial={"open"}
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    title: Mapped[str] = mapped_column(default="ticket")
+    status: Mapped[str] = mapped_column(default="open")
+    version: Mapped[int] = mapped_column(default=1)
+    __mapper_args__ = {"version_id_col": version}  # noqa: RUF012
+
+
+class Vehicle(Base):
+    """Joined-table inheritance: the rules (and the column) are shared by the subclass."""
+
+    __tablename__ = "vehicles"
+    __transitions__ = TransitionRules(
+        column="state", transitions={"parked": {"moving"}, "moving": {"parked"}}, initial={"parked"}
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str]
+    state: Mapped[str] = mapped_column(default="parked")
+    __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "vehicle"}  # noqa: RUF012
+
+
+class Truck(Vehicle):
+    __tablename__ = "trucks"
+    id: Mapped[int] = mapped_column(sa.ForeignKey("vehicles.id"), primary_key=True)
+    load: Mapped[int] = mapped_column(default=0)
+    __mapper_args__ = {"polymorphic_identity": "truck"}  # noqa: RUF012
+
+
 MODELS = (Task, Doc, Order, Hostile)
 
 
@@ -201,6 +240,33 @@ class Statements:
 
     def matching(self, prefix: str) -> list[str]:
         return [s for s in self.sql if s.upper().startswith(prefix)]
+
+
+class MoveFirst:
+    """Another transaction moves a row (and commits) just before this session's UPDATE of it is
+    sent: after the flush guard has checked the move, so only a compare-and-set carried by the
+    UPDATE itself can notice. The other transaction gives up after 2 s if the row is locked."""
+
+    def __init__(self, engine: sa.Engine, sql: str, **params: Any) -> None:
+        self.engine, self.sql, self.params = engine, sql, params
+        self.done = False
+        event.listen(engine, "before_cursor_execute", self._before)
+
+    def _before(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if self.done or not statement.lstrip().upper().startswith("UPDATE"):
+            return
+        self.done = True
+        with self.engine.connect() as other:
+            other.exec_driver_sql("SET LOCAL lock_timeout = '2s'")
+            other.exec_driver_sql("SET LOCAL resilient_db.bypass_transitions = 'on'")
+            other.execute(sa.text(self.sql), self.params)
+            other.commit()
+
+    def __enter__(self) -> MoveFirst:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        event.remove(self.engine, "before_cursor_execute", self._before)
 
 
 def _add_task(engine: sa.Engine, status: str = "pending", title: str = "t") -> int:
@@ -640,7 +706,7 @@ def test_race_while_winner_holds_the_row_lock(
     assert _db_status(engine, task_id) == "in_progress"
 
 
-def test_expired_attribute_is_read_by_the_locked_select_not_lazily(
+def test_expired_attribute_is_read_by_the_guard_not_lazily(
     engine: sa.Engine, sessions: sessionmaker[_S]
 ) -> None:
     task_id = _add_task(engine)
@@ -651,14 +717,16 @@ def test_expired_attribute_is_read_by_the_locked_select_not_lazily(
         statements = Statements(engine)
         task.status = "in_progress"  # loaded value unknown
         s.flush()
-        # the guard's first statement is its locked SELECT of the status; the status is read by
-        # nothing else (SQLAlchemy itself refreshes the expired primary key for its UPDATE)
+        # the guard's first statement reads the status; the status is read by nothing else
+        # (SQLAlchemy itself refreshes the expired primary key for its UPDATE). No lock: the
+        # UPDATE carries the state that was read, as it carries a loaded one.
         selects = statements.matching("SELECT")
-        assert selects[0].endswith("FOR UPDATE")
         assert "tasks.status" in selects[0]
         assert "title" not in selects[0]
+        assert "FOR UPDATE" not in selects[0]
         assert not [q for q in selects[1:] if "status" in q]
-        assert len(statements.matching("UPDATE")) == 1
+        [update] = statements.matching("UPDATE")
+        assert "AND tasks.status = " in update
         s.commit()
         s.expire(task)
         task.status = "pending"  # illegal from the stored 'in_progress'
@@ -666,6 +734,416 @@ def test_expired_attribute_is_read_by_the_locked_select_not_lazily(
             s.flush()
         assert (info.value.from_state, info.value.to_state) == ("in_progress", "pending")
     assert _db_status(engine, task_id) == "in_progress"
+
+
+def test_guarded_change_sends_no_select_before_its_update(
+    engine: sa.Engine, sessions: sessionmaker[_S]
+) -> None:
+    """The compare-and-set costs no round trip: the UPDATE carries the loaded state."""
+    task_id = _add_task(engine)
+    with sessions() as s:
+        task = s.get(Task, task_id)
+        assert task is not None
+        statements = Statements(engine)
+        task.status = "in_progress"
+        s.flush()
+        assert len(statements.sql) == 1, statements.sql
+        [update] = statements.sql
+        assert update.startswith("UPDATE tasks SET status=")
+        assert re.search(r"WHERE tasks\.id = \S+ AND tasks\.status = \S+$", update), update
+        s.commit()
+    assert _db_status(engine, task_id) == "in_progress"
+
+
+def test_move_landing_between_the_check_and_the_update_is_stale(
+    engine: sa.Engine, sessions: sessionmaker[_S]
+) -> None:
+    """Two workers make the same move; the second one's UPDATE must not report success."""
+    task_id = _add_task(engine, "in_progress")
+    before = transition_stats()["stale_transitions"]
+    with sessions() as s:
+        task = s.get(Task, task_id)
+        assert task is not None
+        task.status = "failed"  # legal, and the trigger would let failed -> failed through
+        with (
+            MoveFirst(engine, "UPDATE tasks SET status = 'failed' WHERE id = :id", id=task_id),
+            pytest.raises(StaleTransitionError) as info,
+        ):
+            s.flush()
+        err = info.value
+        assert (err.model, err.pk, err.column, err.via) == ("Task", task_id, "status", "flush")
+        assert (err.from_state, err.to_state) == ("in_progress", "failed")
+        assert "now holds 'failed'" in err.reason
+        s.rollback()
+    assert transition_stats()["stale_transitions"] == before + 1
+
+
+def test_expired_state_read_by_the_guard_is_compared_again_by_the_update(
+    engine: sa.Engine, sessions: sessionmaker[_S]
+) -> None:
+    task_id = _add_task(engine)
+    with sessions() as s:
+        task = s.get(Task, task_id)
+        assert task is not None
+        s.expire(task, ["status"])
+        task.status = "cancelled"  # checked against the 'pending' the guard reads
+        with (
+            MoveFirst(engine, "UPDATE tasks SET status = 'in_progress' WHERE id = :id", id=task_id),
+            pytest.raises(StaleTransitionError) as info,
+        ):
+            s.flush()
+        assert (info.value.from_state, info.value.to_state) == ("pending", "cancelled")
+        assert "now holds 'in_progress'" in info.value.reason
+    assert _db_status(engine, task_id) == "in_progress"
+
+
+def test_stale_row_in_a_many_row_flush(engine: sa.Engine, sessions: sessionmaker[_S]) -> None:
+    """One executemany UPDATE for all rows (psycopg counts its rows); the moved row is named."""
+    ids = [_add_task(engine) for _ in range(4)]
+    executemany: list[bool] = []
+
+    def note(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.startswith("UPDATE"):
+            executemany.append(args[-1])
+
+    with sessions() as s:
+        tasks = [s.get(Task, i) for i in ids]
+        with engine.begin() as conn:  # another transaction moves the third row
+            conn.execute(
+                sa.update(_table(Task))
+                .where(_table(Task).c.id == ids[2])
+                .values(status="cancelled")
+            )
+        for task in tasks:
+            assert task is not None
+            task.status = "in_progress"
+        event.listen(engine, "before_cursor_execute", note)
+        try:
+            with pytest.raises(StaleTransitionError) as info:
+                s.flush()
+        finally:
+            event.remove(engine, "before_cursor_execute", note)
+        assert executemany == [True]
+        assert (info.value.pk, info.value.from_state, info.value.to_state) == (
+            ids[2],
+            "pending",
+            "in_progress",
+        )
+        assert "now holds 'cancelled'" in info.value.reason
+        s.rollback()
+        assert [_db_status(engine, i) for i in ids] == [
+            "pending",
+            "pending",
+            "cancelled",
+            "pending",
+        ]
+        for task in tasks:  # reloaded after the rollback; the others may move now
+            assert task is not None
+            if task.status == "pending":
+                task.status = "in_progress"
+        s.commit()
+    assert [_db_status(engine, i) for i in ids] == [
+        "in_progress",
+        "in_progress",
+        "cancelled",
+        "in_progress",
+    ]
+
+
+def test_rows_moved_to_the_same_state_in_a_many_row_flush(
+    engine: sa.Engine, sessions: sessionmaker[_S]
+) -> None:
+    ids = [_add_task(engine) for _ in range(3)]
+    with sessions() as s:
+        tasks = [s.get(Task, i) for i in ids]
+        for task in tasks:
+            assert task is not None
+            task.status = "in_progress"
+        with engine.begin() as conn:  # another worker claims the second task first
+            conn.execute(
+                sa.update(_table(Task))
+                .where(_table(Task).c.id == ids[1])
+                .values(status="in_progress")
+            )
+        with pytest.raises(StaleTransitionError) as info:
+            s.flush()
+        assert info.value.to_state == "in_progress"
+        assert "1 of the 3 rows" in info.value.reason
+        s.rollback()
+
+
+def test_concurrent_workers_claim_every_task_exactly_once(
+    engine: sa.Engine, sessions: sessionmaker[_S]
+) -> None:
+    """Real concurrent transactions racing for the same rows: a claim whose row another worker
+    claimed first is stale, so no task is claimed twice (without the compare-and-set both
+    claims of a task would commit: pending -> in_progress is legal, and the trigger lets the
+    second, in_progress -> in_progress, through as no change)."""
+    ids = [_add_task(engine) for _ in range(12)]
+    claims: dict[int, list[int]] = {}
+    stale: list[int] = []
+    start = threading.Barrier(4)
+
+    def worker(n: int) -> None:
+        mine = claims.setdefault(n, [])
+        start.wait()
+        while True:
+            with sessions() as s:
+                task = s.scalars(
+                    sa.select(Task).where(Task.status == "pending").order_by(Task.id).limit(1)
+                ).first()
+                if task is None:
+                    return
+                task.status = "in_progress"
+                try:
+                    s.commit()
+                except StaleTransitionError:
+                    stale.append(n)
+                    continue
+                mine.append(task.id)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+    claimed = sorted(i for mine in claims.values() for i in mine)
+    assert claimed == ids  # each task once
+    assert all(_db_status(engine, i) == "in_progress" for i in ids)
+    assert transition_stats()["stale_transitions"] >= len(stale)
+
+
+def test_row_deleted_by_another_transaction_is_stale(
+    engine: sa.Engine, sessions: sessionmaker[_S]
+) -> None:
+    task_id = _add_task(engine)
+    with sessions() as s:
+        task = s.get(Task, task_id)
+        assert task is not None
+        with engine.begin() as conn:
+            conn.execute(sa.delete(_table(Task)).where(_table(Task).c.id == task_id))
+        task.status = "in_progress"
+        with pytest.raises(StaleTransitionError, match="no longer exists"):
+            s.flush()
+
+
+def test_stale_transition_is_also_sqlalchemy_stale_data(
+    engine: sa.Engine, sessions: sessionmaker[_S]
+) -> None:
+    task_id = _add_task(engine)
+    with sessions() as winner, sessions() as loser:
+        mine, theirs = loser.get(Task, task_id), winner.get(Task, task_id)
+        assert mine is not None
+        assert theirs is not None
+        theirs.status = "cancelled"
+        winner.commit()
+        mine.status = "in_progress"
+        with pytest.raises(StaleDataError) as info:  # what code written for version_id_col catches
+            loser.commit()
+        assert isinstance(info.value, StaleTransitionError)
+        assert isinstance(info.value, IllegalTransitionError)
+
+
+def test_delete_does_not_compare_the_status(engine: sa.Engine, sessions: sessionmaker[_S]) -> None:
+    """Unlike a version_id_col, the guard leaves DELETE as it was: deleting is no transition."""
+    task_id = _add_task(engine)
+    with sessions() as s:
+        task = s.get(Task, task_id)
+        with engine.begin() as conn:
+            conn.execute(
+                sa.update(_table(Task))
+                .where(_table(Task).c.id == task_id)
+                .values(status="cancelled")
+            )
+        statements = Statements(engine)
+        s.delete(task)
+        s.commit()
+        [delete] = statements.matching("DELETE")
+        assert "status" not in delete
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(_table(Task))).scalar() == 0
+
+
+def test_other_updates_do_not_compare_the_status(
+    engine: sa.Engine, sessions: sessionmaker[_S]
+) -> None:
+    task_id = _add_task(engine)
+    with sessions() as s:
+        task = s.get(Task, task_id)
+        assert task is not None
+        statements = Statements(engine)
+        task.title = "renamed"
+        s.commit()
+        [update] = statements.matching("UPDATE")
+        assert "status" not in update
+
+
+def test_compare_and_set_beside_the_models_own_version_counter(
+    engine: sa.Engine, sessions: sessionmaker[_S]
+) -> None:
+    with sessions() as s:
+        s.add(Ticket(id=1))
+        s.commit()
+    for moved, stale in (("title", StaleDataError), ("status", StaleTransitionError)):
+        with sessions() as winner, sessions() as loser:
+            mine, theirs = loser.get(Ticket, 1), winner.get(Ticket, 1)
+            assert mine is not None
+            assert theirs is not None
+            setattr(theirs, moved, "closed")  # either way the version counter moves on
+            winner.commit()
+            mine.status = "closed"
+            with pytest.raises(StaleDataError) as info:
+                loser.flush()
+            assert type(info.value) is stale  # a title edit: SQLAlchemy's own version check
+            loser.rollback()
+        with engine.begin() as conn:
+            conn.execute(sa.update(_table(Ticket)).values(status="open"))
+
+
+def test_composite_key_nullable_state_and_two_columns_in_one_update(
+    engine: sa.Engine, sessions: sessionmaker[_S]
+) -> None:
+    with sessions() as s:
+        s.add_all([Order(region="eu", number=1), Order(region="us", number=1)])
+        s.commit()
+    with sessions() as s:
+        statements = Statements(engine)
+        eu = s.get(Order, ("eu", 1))
+        us = s.get(Order, ("us", 1))
+        assert eu is not None
+        assert us is not None
+        eu.status, eu.payment = "shipped", "paid"
+        us.status, us.payment = "shipped", "paid"
+        s.commit()
+        [update] = statements.matching("UPDATE")
+        assert "AND orders.status = " in update
+        assert "AND orders.payment IS NOT DISTINCT FROM " in update
+    with sessions() as winner, sessions() as loser:
+        mine = loser.get(Order, ("eu", 1))
+        theirs = winner.get(Order, ("eu", 1))
+        assert mine is not None
+        assert theirs is not None
+        theirs.payment = "refunded"
+        winner.commit()
+        mine.status = "delivered"
+        mine.payment = "refunded"
+        with pytest.raises(StaleTransitionError) as info:
+            loser.flush()
+        assert (info.value.pk, info.value.column) == (("eu", 1), "payment")
+        assert (info.value.from_state, info.value.to_state) == ("paid", "refunded")
+
+
+def test_enum_column_compare_and_set(engine: sa.Engine, sessions: sessionmaker[_S]) -> None:
+    with sessions() as s:
+        s.add(Doc(id=5))
+        s.commit()
+    with sessions() as winner, sessions() as loser:
+        mine, theirs = loser.get(Doc, 5), winner.get(Doc, 5)
+        assert mine is not None
+        assert theirs is not None
+        theirs.phase = Phase.retired
+        winner.commit()
+        mine.phase = Phase.review
+        with pytest.raises(StaleTransitionError) as info:
+            loser.flush()
+        assert (info.value.from_state, info.value.to_state) == (Phase.draft, Phase.review)
+        assert "now holds 'Retired'" in info.value.reason
+
+
+def test_inheritance_hierarchy_shares_one_compare_and_set(
+    engine: sa.Engine, sessions: sessionmaker[_S]
+) -> None:
+    with sessions() as s:
+        s.add_all([Vehicle(id=1), Truck(id=2), Truck(id=3)])
+        s.commit()
+    with sessions() as s:
+        vehicles = [s.get(Vehicle, i) for i in (1, 2, 3)]
+        for vehicle in vehicles:
+            assert vehicle is not None
+            vehicle.state = "moving"
+        statements = Statements(engine)
+        s.commit()
+        assert not [q for q in statements.sql if "FOR UPDATE" in q]
+        [update] = statements.matching("UPDATE")
+        assert "AND vehicles.state = " in update
+    with sessions() as s:
+        truck = s.get(Truck, 3)
+        assert truck is not None
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE vehicles SET state = 'parked' WHERE id = 3"))
+        truck.state, truck.load = "parked", 7
+        with pytest.raises(StaleTransitionError) as info:
+            s.flush()
+        assert (info.value.model, info.value.pk, info.value.column) == ("Truck", 3, "state")
+
+
+def test_stale_inside_a_savepoint_leaves_the_transaction_usable(
+    engine: sa.Engine, sessions: sessionmaker[_S]
+) -> None:
+    a, b = _add_task(engine), _add_task(engine)
+    with sessions() as s:
+        ta, tb = s.get(Task, a), s.get(Task, b)
+        assert ta is not None
+        assert tb is not None
+        with engine.begin() as conn:
+            conn.execute(
+                sa.update(_table(Task)).where(_table(Task).c.id == a).values(status="cancelled")
+            )
+        nested = s.begin_nested()
+        ta.status = "in_progress"
+        with pytest.raises(StaleTransitionError):
+            s.flush()
+        assert not _pending  # a failed flush leaves no expectations behind
+        assert not _flushing
+        nested.rollback()
+        tb.status = "in_progress"
+        statements = Statements(engine)
+        s.commit()
+        [update] = statements.matching("UPDATE")
+        assert "AND tasks.status = " in update
+        assert not _pending  # nor does a successful one
+        assert not _flushing
+    assert (_db_status(engine, a), _db_status(engine, b)) == ("cancelled", "in_progress")
+
+
+def test_row_changed_after_the_guard_ran_falls_back_to_a_locked_check(
+    engine: sa.Engine, sessions: sessionmaker[_S]
+) -> None:
+    """A status set during the flush (here by a before_update listener) has no recorded
+    expectation; its UPDATE goes out as it is, and the rows sent with it that have one are
+    checked under lock first."""
+    a, b = _add_task(engine), _add_task(engine)
+
+    def claim_b(mapper: Any, connection: Any, target: Task) -> None:
+        if target.id == b:
+            target.status = {"pending": "in_progress", "in_progress": "completed"}[target.status]
+
+    event.listen(Task, "before_update", claim_b)
+    try:
+        with sessions() as s:
+            ta, tb = s.get(Task, a), s.get(Task, b)
+            assert ta is not None
+            assert tb is not None
+            ta.title, ta.status = "a2", "in_progress"
+            tb.title = "b2"
+            statements = Statements(engine)
+            s.commit()
+            assert len(statements.matching("UPDATE")) == 1
+            [locked] = [q for q in statements.sql if q.endswith("FOR UPDATE")]
+            assert "tasks.id IN" in locked
+            assert (ta.status, tb.status) == ("in_progress", "in_progress")  # loaded again
+            ta.title, ta.status = "a3", "completed"
+            tb.title = "b3"
+            with engine.begin() as conn:
+                conn.execute(
+                    sa.update(_table(Task)).where(_table(Task).c.id == a).values(status="failed")
+                )
+            with pytest.raises(StaleTransitionError, match="now holds 'failed'"):
+                s.flush()
+    finally:
+        event.remove(Task, "before_update", claim_b)
+    assert (_db_status(engine, a), _db_status(engine, b)) == ("failed", "in_progress")
 
 
 def test_unchanged_and_same_value_are_not_transitions(
@@ -795,6 +1273,9 @@ def test_install_guard_is_idempotent_and_checks_its_argument(
     # registration would make it run twice
     assert event.contains(Session, "before_flush", _before_flush)
     assert not event.contains(_S, "before_flush", _before_flush)
+    install_engine_hooks(engine)
+    install_engine_hooks(engine)
+    assert event.contains(engine, "before_execute", _before_execute)
     with pytest.raises(TypeError, match="Session subclass"):
         install_guard(sessionmaker)  # type: ignore[arg-type]
     task_id = _add_task(engine, "completed")

@@ -1,18 +1,21 @@
 """The status-transition guard under ``AsyncSession`` (asyncpg): the sync twin's scenarios that
-could break with MissingGreenlet (expired attributes, locked SELECTs inside flush, bulk UPDATE),
-plus the trigger error mapping through asyncpg."""
+could break with MissingGreenlet (expired attributes, SELECTs inside flush, bulk UPDATE), the
+compare-and-set carried by the flush's UPDATE (asyncpg reports no row count for an executemany:
+the guard locks those rows instead), plus the trigger error mapping through asyncpg."""
 
 from __future__ import annotations
 
 import asyncio
 import enum
 import logging
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -20,6 +23,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm.exc import StaleDataError
 
 from resilient_db._config import Config
 from resilient_db._errors import IllegalTransitionError, StaleTransitionError
@@ -31,6 +35,7 @@ from resilient_db._transitions import (
     exception_from_db,
     install_guard,
     install_transition_trigger,
+    transition_stats,
     trigger_drift,
 )
 
@@ -123,6 +128,177 @@ async def _db_status(engine: AsyncEngine, job_id: int) -> str:
         table = _table(Job)
         result = await conn.execute(sa.select(table.c.status).where(table.c.id == job_id))
         return str(result.scalar_one())
+
+
+class Statements:
+    """SQL statements the engine sends: (statement, executemany)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine.sync_engine
+        self.sent: list[tuple[str, bool]] = []
+        event.listen(self.engine, "before_cursor_execute", self._record)
+
+    def _record(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        self.sent.append((" ".join(statement.split()), bool(args[-1])))
+
+    def stop(self) -> None:
+        event.remove(self.engine, "before_cursor_execute", self._record)
+
+
+@pytest.fixture
+def sync_engine(pg_url: str) -> Iterator[sa.Engine]:
+    eng = sa.create_engine(pg_url)
+    yield eng
+    eng.dispose()
+
+
+class MoveFirst:
+    """Another transaction (sync, own connection) moves a row and commits just before this
+    session's UPDATE is sent: after the flush guard's check, so only a compare-and-set carried
+    by the UPDATE itself notices. It gives up after 2 s if the row is locked."""
+
+    def __init__(self, engine: AsyncEngine, other: sa.Engine, sql: str, **params: Any) -> None:
+        self.engine, self.other, self.sql, self.params = engine.sync_engine, other, sql, params
+        self.done = False
+        event.listen(self.engine, "before_cursor_execute", self._before)
+
+    def _before(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if self.done or not statement.lstrip().upper().startswith("UPDATE"):
+            return
+        self.done = True
+        with self.other.connect() as other:
+            other.exec_driver_sql("SET LOCAL lock_timeout = '2s'")
+            other.exec_driver_sql("SET LOCAL resilient_db.bypass_transitions = 'on'")
+            other.execute(sa.text(self.sql), self.params)
+            other.commit()
+
+    def __enter__(self) -> MoveFirst:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        event.remove(self.engine, "before_cursor_execute", self._before)
+
+
+async def test_guarded_change_sends_no_select_before_its_update(
+    engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    job_id = await _add_job(engine)
+    async with sessions() as s:
+        job = await s.get(Job, job_id)
+        assert job is not None
+        statements = Statements(engine)
+        job.status = "running"
+        await s.flush()
+        statements.stop()
+        [(update, many)] = statements.sent
+        assert update.startswith("UPDATE jobs SET status=")
+        assert re.search(r"WHERE jobs\.id = \S+ AND jobs\.status = \S+$", update), update
+        assert not many
+        await s.commit()
+    assert await _db_status(engine, job_id) == "running"
+
+
+async def test_move_landing_between_the_check_and_the_update_is_stale(
+    engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession], sync_engine: sa.Engine
+) -> None:
+    job_id = await _add_job(engine, "running")
+    before = transition_stats()["stale_transitions"]
+    async with sessions() as s:
+        job = await s.get(Job, job_id)
+        assert job is not None
+        job.status = "done"
+        with (
+            MoveFirst(
+                engine, sync_engine, "UPDATE jobs SET status = 'done' WHERE id = :id", id=job_id
+            ),
+            pytest.raises(StaleTransitionError) as info,
+        ):
+            await s.flush()
+        err = info.value
+        assert (err.model, err.pk, err.column, err.via) == ("Job", job_id, "status", "flush")
+        assert (err.from_state, err.to_state) == ("running", "done")
+        assert "now holds 'done'" in err.reason
+        assert isinstance(err, StaleDataError)
+        await s.rollback()
+    assert transition_stats()["stale_transitions"] == before + 1
+
+
+async def test_many_row_flush_locks_the_rows_asyncpg_cannot_count(
+    engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    """asyncpg's executemany reports no row count, so a compare-and-set in it would go unchecked:
+    the guard locks and checks rows that change together before their UPDATE (one SELECT per
+    table, as before the compare-and-set moved into the UPDATE)."""
+    ids = [await _add_job(engine) for _ in range(3)]
+    async with sessions() as s:
+        jobs = [await s.get(Job, i) for i in ids]
+        for job in jobs:
+            assert job is not None
+            job.status = "running"
+        statements = Statements(engine)
+        await s.commit()
+        statements.stop()
+        locked = [q for q, _ in statements.sent if q.endswith("FOR UPDATE")]
+        updates = [(q, many) for q, many in statements.sent if q.startswith("UPDATE")]
+        assert len(locked) == 1
+        assert len(updates) == 1
+        assert updates[0][1]  # still one executemany
+        sent = [q for q, _ in statements.sent]
+        assert sent.index(locked[0]) < sent.index(updates[0][0])  # locked before the UPDATE
+        for job in jobs:
+            assert job is not None
+            await s.refresh(job)  # loaded: 'running'
+        async with engine.begin() as conn:  # then another transaction moves the second job
+            await conn.execute(
+                sa.update(_table(Job)).where(_table(Job).c.id == ids[1]).values(status="crashed")
+            )
+        for job in jobs:
+            assert job is not None
+            job.status = "done"
+        with pytest.raises(StaleTransitionError) as info:
+            await s.flush()
+        assert (info.value.pk, info.value.from_state, info.value.to_state) == (
+            ids[1],
+            "running",
+            "done",
+        )
+        assert "now holds 'crashed'" in info.value.reason
+        await s.rollback()
+    assert [await _db_status(engine, i) for i in ids] == ["running", "crashed", "running"]
+
+
+async def test_concurrent_workers_claim_every_job_exactly_once(
+    engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    """Tasks on their own connections race for the same rows: each job is claimed once (a
+    second claim of a job is stale; without the compare-and-set it would commit too)."""
+    ids = [await _add_job(engine) for _ in range(12)]
+    claims: list[int] = []
+    stale: list[int] = []
+
+    async def worker() -> None:
+        while True:
+            async with sessions() as s:
+                job = (
+                    await s.scalars(
+                        sa.select(Job).where(Job.status == "queued").order_by(Job.id).limit(1)
+                    )
+                ).first()
+                if job is None:
+                    return
+                job_id = job.id
+                job.status = "running"
+                try:
+                    await s.commit()
+                except StaleTransitionError:
+                    stale.append(job_id)
+                    continue
+                claims.append(job_id)
+
+    await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(4))), timeout=60)
+    assert sorted(claims) == ids
+    assert stale  # the workers did collide
+    assert [await _db_status(engine, i) for i in ids] == ["running"] * len(ids)
 
 
 async def test_illegal_flush_is_blocked_without_missing_greenlet(
