@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import resilient_db as rdb
@@ -68,10 +68,14 @@ def prepare(engine: sa.Engine) -> None:
         rdb.install_transition_trigger(conn, GuardedTask)
 
 
-def flush_variants(engine: sa.Engine) -> dict[str, Callable[[], None]]:
-    on = rdb.ResilientSession(engine, service="bench-guard-on", config=rdb.Config())
+# The guarded and the unguarded factory each get an engine of their own: factories sharing an
+# engine must agree on its engine-wide settings, status validation among them.
+
+
+def flush_variants(on_engine: sa.Engine, off_engine: sa.Engine) -> dict[str, Callable[[], None]]:
+    on = rdb.ResilientSession(on_engine, service="bench-guard-on", config=rdb.Config())
     off = rdb.ResilientSession(
-        engine, service="bench-guard-off", config=rdb.Config(status_validation=False)
+        off_engine, service="bench-guard-off", config=rdb.Config(status_validation=False)
     )
 
     def move_all(session: Session) -> None:
@@ -82,10 +86,10 @@ def flush_variants(engine: sa.Engine) -> dict[str, Callable[[], None]]:
     return {"guard_on": lambda: on.run(move_all), "guard_off": lambda: off.run(move_all)}
 
 
-def one_row_variants(engine: sa.Engine) -> dict[str, Callable[[], None]]:
-    on = rdb.ResilientSession(engine, service="bench-guard-row-on", config=rdb.Config())
+def one_row_variants(on_engine: sa.Engine, off_engine: sa.Engine) -> dict[str, Callable[[], None]]:
+    on = rdb.ResilientSession(on_engine, service="bench-guard-row-on", config=rdb.Config())
     off = rdb.ResilientSession(
-        engine, service="bench-guard-row-off", config=rdb.Config(status_validation=False)
+        off_engine, service="bench-guard-row-off", config=rdb.Config(status_validation=False)
     )
     rng = random.Random(5)
 
@@ -99,11 +103,12 @@ def one_row_variants(engine: sa.Engine) -> dict[str, Callable[[], None]]:
 
 def async_flush_variants(
     url: str, loop: asyncio.AbstractEventLoop
-) -> dict[str, Callable[[], None]]:
-    engine = create_async_engine(sa.make_url(url).set(drivername="postgresql+asyncpg"))
-    on = rdb.AsyncResilientSession(engine, service="bench-guard-async-on", config=rdb.Config())
+) -> tuple[dict[str, Callable[[], None]], list[AsyncEngine]]:
+    async_url = sa.make_url(url).set(drivername="postgresql+asyncpg")
+    engines = [create_async_engine(async_url), create_async_engine(async_url)]
+    on = rdb.AsyncResilientSession(engines[0], service="bench-guard-async-on", config=rdb.Config())
     off = rdb.AsyncResilientSession(
-        engine, service="bench-guard-async-off", config=rdb.Config(status_validation=False)
+        engines[1], service="bench-guard-async-off", config=rdb.Config(status_validation=False)
     )
 
     async def move_all(session: AsyncSession) -> None:
@@ -111,10 +116,11 @@ def async_flush_variants(
             task.status = CYCLE[task.status]
         await session.flush()
 
-    return {
+    variants: dict[str, Callable[[], None]] = {
         "guard_on": lambda: loop.run_until_complete(on.run(move_all)),
         "guard_off": lambda: loop.run_until_complete(off.run(move_all)),
     }
+    return variants, engines
 
 
 def update_variants(engine: sa.Engine) -> dict[str, Callable[[], None]]:
@@ -164,12 +170,12 @@ def _on_off(times: dict[str, float], scale: float, unit: str) -> dict[str, float
 
 
 def run(url: str, *, quick: bool) -> dict[str, Any]:
-    engine = sa.create_engine(url)
+    engine, on_engine, off_engine = (sa.create_engine(url) for _ in range(3))
     prepare(engine)
     loop = asyncio.new_event_loop()
-    flush = flush_variants(engine)
-    async_flush = async_flush_variants(url, loop)
-    one_row = one_row_variants(engine)
+    flush = flush_variants(on_engine, off_engine)
+    async_flush, async_engines = async_flush_variants(url, loop)
+    one_row = one_row_variants(on_engine, off_engine)
     update = update_variants(engine)
     for fn in (*flush.values(), *async_flush.values(), *one_row.values(), *update.values()):
         fn()
@@ -177,7 +183,10 @@ def run(url: str, *, quick: bool) -> dict[str, Any]:
     af = measure(async_flush, 3 if quick else 7, 2 if quick else 4)
     r = measure(one_row, 3 if quick else 9, 100 if quick else 300)
     u = measure(update, 3 if quick else 9, 100 if quick else 300)
-    engine.dispose()
+    for sync_engine in (engine, on_engine, off_engine):
+        sync_engine.dispose()
+    for async_engine in async_engines:
+        loop.run_until_complete(async_engine.dispose())
     loop.close()
     return {
         "flush_1000_rows": _on_off(f, 1e3, "ms"),
