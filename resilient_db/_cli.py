@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # -- demo ---------------------------------------------------------------------------------------
 def _demo(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
-    from ._demo import DemoOptions, run_demo  # noqa: PLC0415 - heavy imports only when needed
+    from .demo import DemoOptions, run_demo  # noqa: PLC0415 - heavy imports only when needed
 
     options = DemoOptions(
         seconds=args.seconds,

@@ -16,7 +16,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import exc as sa_exc
 
 import resilient_db as rdb
-from resilient_db._demo import alembic_config, apply_migrations, downgrade_migrations
+from resilient_db.demo import alembic_config, apply_migrations, downgrade_migrations
 from resilient_db.examples.tasks import Base, Task
 
 HEAD = "0002_commit_markers"

@@ -38,16 +38,16 @@ def test_the_wheel_ships_the_migrations_and_the_demo_finds_them(tmp_path: Path) 
         archive.extractall(tmp_path / "site")
     for name in (
         "resilient_db/py.typed",
-        "resilient_db/examples/migrations/env.py",
-        "resilient_db/examples/migrations/alembic.ini",
-        "resilient_db/examples/migrations/script.py.mako",
-        "resilient_db/examples/migrations/versions/0001_tasks.py",
-        "resilient_db/examples/migrations/versions/0002_commit_markers.py",
+        "resilient_db/demo/migrations/env.py",
+        "resilient_db/demo/migrations/alembic.ini",
+        "resilient_db/demo/migrations/script.py.mako",
+        "resilient_db/demo/migrations/versions/0001_tasks.py",
+        "resilient_db/demo/migrations/versions/0002_commit_markers.py",
     ):
         assert name in names
     # from the unpacked wheel (not this checkout), the demo's migrations run: offline SQL
     script = (
-        "import io; from alembic import command; import resilient_db._demo as d; "
+        "import io; from alembic import command; import resilient_db.demo as d; "
         "cfg = d.alembic_config(); buf = io.StringIO(); cfg.output_buffer = buf; "
         "cfg.set_main_option('sqlalchemy.url', 'postgresql+psycopg://offline@localhost/x'); "
         "command.upgrade(cfg, 'head', sql=True); print(d.migrations_dir()); "
@@ -64,5 +64,5 @@ def test_the_wheel_ships_the_migrations_and_the_demo_finds_them(tmp_path: Path) 
     )
     assert done.returncode == 0, done.stderr
     where, markers = done.stdout.split()
-    assert Path(where) == tmp_path / "site" / "resilient_db" / "examples" / "migrations"
+    assert Path(where) == tmp_path / "site" / "resilient_db" / "demo" / "migrations"
     assert markers == "True"

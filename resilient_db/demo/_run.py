@@ -5,8 +5,8 @@ Setup: an embedded server (or ``--url``), a scratch database, the Alembic migrat
 ``migrations/`` (the example ``tasks`` schema with its transition trigger), a
 :class:`~resilient_db.testing.FaultProxy` in front of the server. Then worker threads create
 tasks and move them through their states under :class:`~resilient_db.ResilientSession` units of
-work while a schedule injects faults (``_demo_faults``). At the end every unit the workload
-counted is looked up in the database (``_demo_verify``) and a report is printed.
+work while a schedule injects faults (``_faults``). At the end every unit the workload
+counted is looked up in the database (``_verify``) and a report is printed.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ import sqlalchemy as sa
 import resilient_db as rdb
 from resilient_db.testing import EmbeddedPostgres, ExternalPostgres, FaultProxy, PostgresServer
 
-from ._demo_faults import FaultLog, Schedule
-from ._demo_verify import BreakerEvent, Check, examine_database, invariants
-from ._demo_view import Progress, View, make_view
-from ._demo_workload import Change, IllegalAttempts, Ledger, Runner, Worker, setup_hot_rows
+from ._faults import FaultLog, Schedule
+from ._verify import BreakerEvent, Check, examine_database, invariants
+from ._view import Progress, View, make_view
+from ._workload import Change, IllegalAttempts, Ledger, Runner, Worker, setup_hot_rows
 
 __all__ = [
     "APPLICATION_NAME",
@@ -63,15 +63,15 @@ class DemoError(Exception):
 # -- migrations ---------------------------------------------------------------------------------
 def migrations_dir(directory: str | Path | None = None) -> Path:
     """The Alembic environment of the example schema: ``directory`` if given, else the one
-    shipped inside the package (``resilient_db/examples/migrations``) if any, else the
-    project's ``migrations/`` next to the package (a source checkout or an editable install).
+    shipped inside the package (``resilient_db/demo/migrations``, in a wheel) if any, else the
+    project's ``migrations/`` (a source checkout or an editable install).
     The current directory is never searched: its ``migrations/`` may belong to another
     project, whose ``env.py`` would connect to its own database."""
-    package = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parent
     candidates = (
         [Path(directory)]
         if directory is not None
-        else [package / "examples" / "migrations", package.parent / "migrations"]
+        else [here / "migrations", here.parent.parent / "migrations"]
     )
     for path in candidates:
         if (path / "env.py").is_file() and (path / "versions").is_dir():
@@ -450,7 +450,7 @@ class Demo:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _serve_metrics(self, port: int) -> Any:
-        from ._metrics import serve  # noqa: PLC0415 - prometheus_client is optional
+        from .._metrics import serve  # noqa: PLC0415 - prometheus_client is optional
 
         try:
             metrics = serve(port)

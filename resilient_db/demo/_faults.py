@@ -28,7 +28,7 @@ from typing import Any
 import resilient_db as rdb
 from resilient_db.testing import FaultProxy, PostgresServer
 
-from ._demo_workload import IllegalAttempts, Runner, contention_pair, wait_until
+from ._workload import IllegalAttempts, Runner, contention_pair, wait_until
 
 __all__ = ["FaultLog", "Schedule", "Window"]
 

@@ -12,8 +12,8 @@ import sqlalchemy as sa
 import resilient_db as rdb
 from resilient_db.examples.tasks import TASK_RULES, Task
 
-from ._demo_faults import Window
-from ._demo_workload import Ledger
+from ._faults import Window
+from ._workload import Ledger
 
 __all__ = ["BreakerEvent", "Check", "DatabaseFindings", "examine_database", "invariants"]
 

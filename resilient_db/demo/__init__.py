@@ -1,0 +1,38 @@
+"""``resilient-db demo``: a live self-healing workload on PostgreSQL with real faults injected,
+every unit of work verified against the database at the end.
+
+* :mod:`._run` - setup (server, scratch database, the Alembic migrations shipped in
+  ``migrations/`` here as package data), the run and the report;
+* :mod:`._workload` - the workers and the ledger of what they did;
+* :mod:`._faults` - the fault schedule;
+* :mod:`._verify` - the invariants, checked against the database;
+* :mod:`._view` - progress and report, plain or with rich.
+"""
+
+from __future__ import annotations
+
+from ._run import (
+    APPLICATION_NAME,
+    SERVICE,
+    DemoError,
+    DemoOptions,
+    alembic_config,
+    apply_migrations,
+    demo_config,
+    downgrade_migrations,
+    migrations_dir,
+    run_demo,
+)
+
+__all__ = [
+    "APPLICATION_NAME",
+    "SERVICE",
+    "DemoError",
+    "DemoOptions",
+    "alembic_config",
+    "apply_migrations",
+    "demo_config",
+    "downgrade_migrations",
+    "migrations_dir",
+    "run_demo",
+]
