@@ -1174,7 +1174,13 @@ def _attach_compare_and_set(
         else:
             identities = [tuple(row[label] for label in labels) for row in rows]
     except KeyError:
-        return statement, multiparams, params  # not an UPDATE by primary key: not the flush's
+        # Not an UPDATE by primary key, so not the flush's own (one a flush event sends, say),
+        # yet it sets a guarded column of this table: the rows this flush expects something of
+        # are checked under lock before it runs, whichever of them it touches.
+        pending = [r for r in table_rows.values() if all(g.column in r for g in guards)]
+        if pending:
+            _lock_and_check(conn, checks, guards, pending)
+        return statement, multiparams, params
     expected: list[_Row] = []
     complete = True
     single = guards[0] if len(guards) == 1 else None

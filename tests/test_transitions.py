@@ -1146,6 +1146,38 @@ def test_row_changed_after_the_guard_ran_falls_back_to_a_locked_check(
     assert (_db_status(engine, a), _db_status(engine, b)) == ("failed", "in_progress")
 
 
+def test_other_update_of_the_status_during_the_flush_checks_the_rows_first(
+    engine: sa.Engine, sessions: sessionmaker[_S]
+) -> None:
+    """An UPDATE of the status that is not the flush's own (here sent by a before_update
+    listener, not by primary key) runs after the rows this flush expects something of are
+    checked under lock."""
+    a, b = _add_task(engine), _add_task(engine, title="other")
+    table = _table(Task)
+
+    def cancel_others(mapper: Any, connection: Any, target: Task) -> None:
+        connection.execute(
+            table.update().where(table.c.title == sa.bindparam("other")),
+            {"other": "other", "status": "cancelled"},
+        )
+
+    event.listen(Task, "before_update", cancel_others)
+    try:
+        with sessions() as s:
+            task = s.get(Task, a)
+            assert task is not None
+            task.status = "in_progress"
+            statements = Statements(engine)
+            s.commit()
+            kinds = [q.split()[0] for q in statements.sql]
+            assert kinds == ["SELECT", "UPDATE", "UPDATE"], statements.sql
+            assert statements.sql[0].endswith("FOR UPDATE")
+            assert "AND tasks.status = " in statements.sql[2]
+    finally:
+        event.remove(Task, "before_update", cancel_others)
+    assert (_db_status(engine, a), _db_status(engine, b)) == ("in_progress", "cancelled")
+
+
 def test_unchanged_and_same_value_are_not_transitions(
     engine: sa.Engine, sessions: sessionmaker[_S]
 ) -> None:
