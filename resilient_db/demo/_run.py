@@ -450,7 +450,7 @@ class Demo:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _serve_metrics(self, port: int) -> Any:
-        from .._metrics import serve  # noqa: PLC0415 - prometheus_client is optional
+        from resilient_db._metrics import serve  # noqa: PLC0415 - prometheus_client is optional
 
         try:
             metrics = serve(port)
