@@ -50,8 +50,9 @@ from sqlalchemy.orm.base import PASSIVE_NO_INITIALIZE
 from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.sql.elements import BindParameter, ClauseElement, ColumnElement, Null
 
-from ._config import Config
+from ._config import Config, load_config
 from ._errors import IllegalTransitionError, ResilientDBError, StaleTransitionError
+from ._observability import emit
 from ._registry import config_of
 from ._state import STATE
 
@@ -584,25 +585,16 @@ def _reset_stats() -> None:
 STATE.resetters["transition_stats"] = _reset_stats
 
 
-def _report(err: IllegalTransitionError, *, log: bool, blocked_rows: int = 1) -> None:
+def _report(err: IllegalTransitionError, config: Config | None, *, blocked_rows: int = 1) -> None:
+    """Count ``err`` and report it through the one emitter (hooks and the ``[SELF-HEAL]`` line,
+    under ``config``'s switches; ``None``: the environment's configuration)."""
     stale = isinstance(err, StaleTransitionError)
     _count("stale_transitions" if stale else "blocked_transitions")
-    if not log:
-        return
-    fields = {
-        "event": "transition_blocked",
-        "model": err.model,
-        "pk": err.pk,
-        "column": err.column,
-        "from_state": _plain(err.from_state),
-        "to_state": _plain(err.to_state),
-        "via": err.via,
-        "stale": stale,
-        "blocked_rows": blocked_rows,
-    }
-    logger.log(
+    emit(
+        config if config is not None else _env_config(),
+        logger,
         logging.WARNING if stale else logging.ERROR,
-        "[SELF-HEAL] Status transition blocked%s: %s(pk=%r).%s %s -> %r (via %s)%s",
+        "Status transition blocked%s: %s(pk=%r).%s %s -> %r (via %s)%s",
         " (row moved by another transaction)" if stale else "",
         err.model,
         err.pk,
@@ -611,8 +603,24 @@ def _report(err: IllegalTransitionError, *, log: bool, blocked_rows: int = 1) ->
         _plain(err.to_state),
         err.via,
         f"; {err.reason}" if err.reason else "",
-        extra=fields,
+        event="transition_blocked",
+        model=err.model,
+        pk=err.pk,
+        column=err.column,
+        from_state=_plain(err.from_state),
+        to_state=_plain(err.to_state),
+        via=err.via,
+        stale=stale,
+        blocked_rows=blocked_rows,
     )
+
+
+def _env_config() -> Config:
+    """The environment's configuration, for reports outside any factory's session."""
+    try:
+        return load_config()
+    except Exception:  # a bad environment must not hide the report
+        return Config()
 
 
 def _plain(state: object) -> object:
@@ -764,7 +772,7 @@ def _before_flush(
 def _raise(errors: Sequence[IllegalTransitionError], config: Config) -> NoReturn:
     """Log and count every error; raise the first, saying how many more there were."""
     for err in errors:
-        _report(err, log=config.logging_on)
+        _report(err, config)
     first = errors[0]
     if len(errors) > 1:
         more = f"{len(errors) - 1} more illegal change(s) in the same flush"
@@ -1104,6 +1112,11 @@ def _prepare_compare_and_set(
     if prepared:
         _flushing[session] = [conn for conn, _ in prepared]
     return errors
+
+
+def guarded_models_exist() -> bool:
+    """Whether a model with ``__transitions__`` has been configured in this process."""
+    return _bulk_guard_needed
 
 
 def install_engine_hooks(engine: Engine) -> None:
@@ -1490,7 +1503,7 @@ def _restrict(
                 via="orm-update",
                 reason=f"{len(rows)} matching row(s) may not make this move; nothing was updated",
             )
-            _report(err, log=config.logging_on, blocked_rows=len(rows))
+            _report(err, config, blocked_rows=len(rows))
             raise err
     else:
         count_q = sa.select(sa.func.count()).select_from(guard.table).where(blocked)
@@ -1499,24 +1512,24 @@ def _restrict(
         n_blocked = int(conn.execute(count_q, exec_params).scalar_one())
         if n_blocked:
             _count("bulk_rows_filtered", n_blocked)
-            if config.logging_on:
-                shown = "(SQL expression)" if new_expr is not None else repr(_plain(target.value))
-                logger.warning(
-                    "[SELF-HEAL] Status transition blocked for %d row(s): bulk UPDATE of %s.%s "
-                    "to %s left them unchanged (filter mode)",
-                    n_blocked,
-                    guard.model,
-                    guard.attr_key,
-                    shown,
-                    extra={
-                        "event": "transition_blocked",
-                        "model": guard.model,
-                        "column": guard.attr_key,
-                        "to_state": None if new_expr is not None else _plain(target.value),
-                        "via": "orm-update",
-                        "blocked_rows": n_blocked,
-                    },
-                )
+            shown = "(SQL expression)" if new_expr is not None else repr(_plain(target.value))
+            emit(
+                config,
+                logger,
+                logging.WARNING,
+                "Status transition blocked for %d row(s): bulk UPDATE of %s.%s "
+                "to %s left them unchanged (filter mode)",
+                n_blocked,
+                guard.model,
+                guard.attr_key,
+                shown,
+                event="transition_blocked",
+                model=guard.model,
+                column=guard.attr_key,
+                to_state=None if new_expr is not None else _plain(target.value),
+                via="orm-update",
+                blocked_rows=n_blocked,
+            )
     return stmt.where(legal)
 
 
@@ -1564,29 +1577,29 @@ def _bulk_by_pk(
                 change = _Change(guard, guard.pk_of(identity), identity, old, True, new, mapper)
                 err = _illegal(change, old, "orm-update")
                 if config.bulk_update == "raise":
-                    _report(err, log=config.logging_on)
+                    _report(err, config)
                     raise err
                 rejected.add(index)
-                if config.logging_on:
-                    logger.warning(
-                        "[SELF-HEAL] Status transition blocked: %s(pk=%r).%s %r -> %r "
-                        "(via orm-update, filter mode: parameter set skipped)",
-                        guard.model,
-                        change.pk,
-                        guard.attr_key,
-                        _plain(old),
-                        _plain(new),
-                        extra={
-                            "event": "transition_blocked",
-                            "model": guard.model,
-                            "pk": change.pk,
-                            "column": guard.attr_key,
-                            "from_state": _plain(old),
-                            "to_state": _plain(new),
-                            "via": "orm-update",
-                            "blocked_rows": 1,
-                        },
-                    )
+                emit(
+                    config,
+                    logger,
+                    logging.WARNING,
+                    "Status transition blocked: %s(pk=%r).%s %r -> %r "
+                    "(via orm-update, filter mode: parameter set skipped)",
+                    guard.model,
+                    change.pk,
+                    guard.attr_key,
+                    _plain(old),
+                    _plain(new),
+                    event="transition_blocked",
+                    model=guard.model,
+                    pk=change.pk,
+                    column=guard.attr_key,
+                    from_state=_plain(old),
+                    to_state=_plain(new),
+                    via="orm-update",
+                    blocked_rows=1,
+                )
     if not rejected:
         return None
     _count("bulk_rows_filtered", len(rejected))
@@ -1633,10 +1646,15 @@ def bypass_transitions(target: Session | Connection, *, reason: str) -> None:
         f"SET LOCAL {BYPASS_SETTING} = 'on'", execution_options={"no_parameters": True}
     )
     _count("bypasses")
-    logger.warning(
-        "[SELF-HEAL] transition guard bypassed for the current transaction: reason=%s",
+    config = config_of(target) if isinstance(target, Session) else None
+    emit(
+        config if config is not None else _env_config(),
+        logger,
+        logging.WARNING,
+        "transition guard bypassed for the current transaction: reason=%s",
         reason,
-        extra={"event": "transition_guard_bypassed", "reason": reason},
+        event="transition_guard_bypassed",
+        reason=reason,
     )
 
 
@@ -2075,13 +2093,16 @@ def _sqlstate_detail(exc: BaseException) -> tuple[bool, str | None]:
     return matched, detail
 
 
-def exception_from_db(exc: BaseException, *, log: bool = False) -> IllegalTransitionError | None:
+def exception_from_db(
+    exc: BaseException, *, log: bool = False, config: Config | None = None
+) -> IllegalTransitionError | None:
     """Map the trigger's error (SQLSTATE :data:`TRANSITION_SQLSTATE`) to an
     :class:`IllegalTransitionError` with ``via="db"``; ``None`` for any other error.
 
     Works on the SQLAlchemy ``DBAPIError`` (or the driver error) of psycopg 3 and asyncpg.
     States are given back as declared on the model when the model is known in this process.
-    With ``log=True`` the block is logged and counted like the session guards do.
+    With ``log=True`` the block is reported and counted like the session guards do (under
+    ``config``'s switches; by default the environment's).
     """
     matched, detail = _sqlstate_detail(exc)
     if not matched:
@@ -2118,7 +2139,7 @@ def exception_from_db(exc: BaseException, *, log: bool = False) -> IllegalTransi
         ),
     )
     if log:
-        _report(err, log=True)
+        _report(err, config)
     return err
 
 

@@ -34,7 +34,12 @@ from ._observability import emit, log_session
 from ._registry import factory_of, in_unit
 from ._retry import Policy
 from ._state import STATE
-from ._transitions import exception_from_db, install_guard
+from ._transitions import (
+    exception_from_db,
+    guarded_models_exist,
+    install_engine_hooks,
+    install_guard,
+)
 
 T = TypeVar("T")
 
@@ -342,7 +347,7 @@ class EngineHooks:
             ctx.invalidate_pool_on_disconnect = True
         if self.config.guard_on:
             database_error = ctx.sqlalchemy_exception or original
-            mapped = exception_from_db(database_error, log=True)
+            mapped = exception_from_db(database_error, log=True, config=self.config)
             if mapped is not None:
                 return mapped  # SQLAlchemy raises it from the driver's error
         return None
@@ -406,6 +411,10 @@ def hooks_for(engine: Engine, factory: FactoryCore) -> EngineHooks:
             event.listen(engine, "checkout", hooks.checkout)
             event.listen(engine, "do_connect", hooks.do_connect)
             STATE.engine_hooks[engine] = hooks
+            if guarded_models_exist():
+                # now, before units run: added later (at the first guarded flush) the flush
+                # guard's listeners could race with another thread's statement on this engine
+                install_engine_hooks(engine)
         else:
             for other in list(hooks.factories):
                 theirs = engine_settings(other.config, other.classifier)

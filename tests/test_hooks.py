@@ -96,3 +96,33 @@ def test_add_hook_needs_a_callable() -> None:
     with pytest.raises(TypeError, match="needs a callable"):
         rdb.add_hook("print")  # type: ignore[arg-type]
     rdb.remove_hook(print)  # not added: no error
+
+
+def test_transition_reports_follow_the_logging_switches_and_reach_the_hooks(
+    events: list[rdb.SelfHealEvent], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The guard reports through the same emitter: SELF_HEALING_LOGGING / LOG_LEVEL apply."""
+    from resilient_db._transitions import _report  # noqa: PLC0415 - the guard's one report path
+
+    err = rdb.IllegalTransitionError(
+        model="Task", pk=1, column="status", from_state="done", to_state="new", via="flush"
+    )
+    with caplog.at_level(logging.DEBUG, logger="resilient_db"):
+        _report(err, rdb.Config(logging=False))
+        _report(err, rdb.Config(log_level="error"))  # blocked moves log at ERROR: shown
+        _report(rdb.StaleTransitionError(**vars_of(err)), rdb.Config(log_level="error"))
+    lines = [r.getMessage() for r in caplog.records if "[SELF-HEAL]" in r.getMessage()]
+    assert len(lines) == 1  # logging off: none; stale (a WARNING) under level error: none
+    assert [e.name for e in events] == ["transition_blocked"] * 3
+    assert events[2].fields["stale"] is True
+
+
+def vars_of(err: rdb.IllegalTransitionError) -> dict[str, object]:
+    return {
+        "model": err.model,
+        "pk": err.pk,
+        "column": err.column,
+        "from_state": err.from_state,
+        "to_state": err.to_state,
+        "via": err.via,
+    }

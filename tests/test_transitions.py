@@ -610,10 +610,10 @@ def test_illegal_move_blocked_at_flush_and_nothing_written(
     assert record.levelno == logging.ERROR
     assert record.getMessage().startswith("[SELF-HEAL] Status transition blocked")
     assert f"'{start}' -> '{target}'" in record.getMessage()
-    assert record.__dict__["model"] == "Task"
-    assert record.__dict__["pk"] == task_id
-    assert record.__dict__["via"] == "flush"
-    assert (record.__dict__["from_state"], record.__dict__["to_state"]) == (start, target)
+    assert record.self_heal["model"] == "Task"
+    assert record.self_heal["pk"] == task_id
+    assert record.self_heal["via"] == "flush"
+    assert (record.self_heal["from_state"], record.self_heal["to_state"]) == (start, target)
     assert "changed too" not in record.getMessage()
 
 
@@ -1365,8 +1365,8 @@ def test_bulk_update_only_moves_rows_that_may_move(
     [record] = [r for r in log.records if r.name == LOGGER]
     assert record.levelno == logging.WARNING
     assert record.getMessage().startswith("[SELF-HEAL] Status transition blocked for 3 row(s)")
-    assert record.__dict__["blocked_rows"] == 3
-    assert record.__dict__["via"] == "orm-update"
+    assert record.self_heal["blocked_rows"] == 3
+    assert record.self_heal["via"] == "orm-update"
 
 
 def test_bulk_update_with_where_params_and_bindparams(
@@ -1636,7 +1636,7 @@ def test_bypass_only_inside_its_transaction_and_logged(
         "[SELF-HEAL] transition guard bypassed for the current transaction: "
         "reason=ticket OPS-42: reopen after data fix"
     )
-    assert bypasses[0].__dict__["reason"] == "ticket OPS-42: reopen after data fix"
+    assert bypasses[0].self_heal["reason"] == "ticket OPS-42: reopen after data fix"
 
 
 def test_bypass_on_a_connection(engine: sa.Engine, sessions: sessionmaker[_S]) -> None:
