@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 test: lint types pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check resilient_db tests bench examples migrations
-	$(BIN)/ruff format --check resilient_db tests bench examples migrations
+	$(BIN)/ruff check resilient_db tests bench examples migrations scripts
+	$(BIN)/ruff format --check resilient_db tests bench examples migrations scripts
+	$(BIN)/python scripts/async_to_sync.py --check
 
 types: $(STAMP)
 	$(BIN)/mypy

@@ -1,13 +1,12 @@
 """``AsyncResilientSession``: a drop-in ``async_sessionmaker`` whose units of work heal themselves.
 
-The async twin of :class:`~resilient_db.ResilientSession`. The decisions are the same objects:
-:class:`~resilient_db._retry.Policy` (``acall`` drives units of work, ``call`` drives the drop-in
-connect retry), :class:`~resilient_db._unit.CommitReferee` (what a lost COMMIT means) and the
-engine hooks of ``async_engine.sync_engine``. This module only awaits where the sync one blocks.
+The decisions are made by shared objects that do no I/O: :class:`~resilient_db._retry.Policy`
+(retry, backoff, breaker), :class:`~resilient_db._unit.CommitReferee` (what a lost COMMIT
+means) and the engine hooks of :mod:`resilient_db._unit`. This module does the I/O around them.
 
-SQLAlchemy runs an ``AsyncSession``'s ORM work in a greenlet on the event loop. The drop-in
-connect retry happens there (inside ``Session._connection_for_bind``), so its backoff sleeps with
-SQLAlchemy's ``await_`` bridge: the loop keeps running while a connect is being retried.
+``_asyncio`` is the one source of both factories: ``_session`` is generated from it by
+``scripts/async_to_sync.py`` (see its docstring for what changes and how the few blocks that
+really differ are marked). Edit ``_asyncio``, then run the script.
 """
 
 from __future__ import annotations
@@ -23,22 +22,18 @@ from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-try:  # SQLAlchemy 2.1 renamed ``await_only`` to ``await_`` (the old name goes in 2.2)
-    from sqlalchemy.util import await_ as _await
-except ImportError:  # SQLAlchemy 2.0
-    from sqlalchemy.util import await_only as _await
-
 from ._classify import Classifier
 from ._commit import CLAIM_SQL, MARKERS, XID_STATUS_SQL, CommitRequest, CommitTicket
 from ._config import Config
 from ._errors import TransactionStateError
 from ._observability import log_session
-from ._registry import enter_unit, factory_of, leave_unit, register_session
+from ._registry import enter_unit, factory_of, leave_unit, register_class, register_session
 from ._unit import (
     ActiveUnit,
     CommitVerdict,
     FactoryCore,
     async_units,
+    current_unit,
     flush_and_commit,
     interpret_claim,
     interpret_xid,
@@ -52,18 +47,17 @@ S = TypeVar("S", bound=AsyncSession)
 
 
 class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
-    """An ``async_sessionmaker`` for ``async_engine`` whose units of work survive transient
-    faults.
+    """A drop-in ``async_sessionmaker`` whose units of work survive transient faults.
 
-    It *is* an ``async_sessionmaker``: ``Session()``, ``Session.begin()``, ``class_``,
-    ``configure`` and ``kw`` work as with one, and ``sync_session_class=`` is used as it is
-    (``type(session.sync_session)`` is your class). ``await Session.run(fn, ...)`` (and the
+    It *is* SQLAlchemy's ``async_sessionmaker``, subclassed: ``Session()``,
+    ``Session.begin()``, ``Session.class_``, ``configure`` and ``kw`` work as with it, and your
+    session class is used as it is. ``await Session.run(fn, ...)`` (and the
     ``@Session.transactional`` decorator) run ``await fn(session, ...)`` as one unit of work:
-    replayed whole with a fresh ``AsyncSession`` on a transient error, committed at the end.
-    Nested units join the outer unit and run once.
+    replayed whole with a fresh session on a transient error, committed at the end. Nested
+    units join the outer unit and run once.
 
-    Configuration comes from the ``SELF_HEALING_*`` environment when the factory is made (and on
-    :func:`~resilient_db.reload_config`) unless ``config=`` is given. ``asleep`` (the backoff
+    Configuration comes from the ``SELF_HEALING_*`` environment when the factory is made (and
+    on :func:`~resilient_db.reload_config`) unless ``config=`` is given. ``asleep`` (the backoff
     sleep), ``clock`` (monotonic seconds, for the deadline) and ``wall_clock`` (the breaker's
     opening times) are injectable for tests. Other keyword arguments go to
     ``async_sessionmaker``.
@@ -114,23 +108,9 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         wall_clock: Callable[[], float] | None = None,
         **async_sessionmaker_kwargs: Any,
     ) -> None:
-        if isinstance(bind, Engine):
-            raise TypeError(
-                "AsyncResilientSession needs an AsyncEngine (create_async_engine("
-                "'postgresql+asyncpg://...')), got a sync Engine; for it use ResilientSession"
-            )
-        if not isinstance(bind, AsyncEngine):
-            raise TypeError(
-                f"AsyncResilientSession needs a SQLAlchemy AsyncEngine, got {type(bind).__name__}"
-            )
-        if "sleep" in async_sessionmaker_kwargs:
-            raise TypeError(
-                "AsyncResilientSession takes asleep= (an async function of seconds), not sleep="
-            )
+        _require_engine(bind, async_sessionmaker_kwargs)
         self.engine = bind
         self._asleep = asleep
-        # One policy, two drivers: ``acall`` for units (awaits ``asleep``), ``call`` for the
-        # drop-in connect retry inside SQLAlchemy's greenlet (``_greenlet_sleep``).
         self._init_core(
             bind.sync_engine,
             service,
@@ -138,23 +118,40 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             classifier,
             breaker_storage=breaker_storage,
             breaker_listeners=breaker_listeners,
-            sleep=self._greenlet_sleep,
             asleep=asleep,
             clock=clock,
             wall_clock=wall_clock,
         )
         async_sessionmaker.__init__(self, bind, **async_sessionmaker_kwargs)
+        if True:  # async only
+            # One policy, two drivers: ``acall`` awaits ``asleep`` between units' attempts;
+            # ``call`` runs the drop-in connect retry inside SQLAlchemy's greenlet.
+            self.policy.sleep = self._greenlet_sleep
+        else:  # sync only
+            # sessionmaker made a class of its own for this factory: its sessions name us
+            register_class(self.class_, self)
         self._register()
 
-    def __call__(self, **local_kw: Any) -> S:
-        """A new ``AsyncSession``, as ``async_sessionmaker()`` gives."""
-        session = async_sessionmaker.__call__(self, **local_kw)
-        register_session(session.sync_session, self)
-        return session
+    if True:  # async only
 
-    def _greenlet_sleep(self, seconds: float) -> None:
-        """Back off inside SQLAlchemy's greenlet without blocking the event loop."""
-        _await(self._asleep(seconds))
+        def __call__(self, **local_kw: Any) -> S:
+            """A new ``AsyncSession``, as ``async_sessionmaker()`` gives.
+
+            Its ``sync_session`` is an instance of your class, shared with other factories,
+            so the factory records each one it makes (a sync factory names its own class).
+            """
+            session = async_sessionmaker.__call__(self, **local_kw)
+            register_session(session.sync_session, self)
+            return session
+
+        def _greenlet_sleep(self, seconds: float) -> None:
+            """Back off without blocking the event loop.
+
+            SQLAlchemy runs an ``AsyncSession``'s ORM work in a greenlet on the loop; the
+            drop-in connect retry happens there (in ``Session._connection_for_bind``), so it
+            sleeps with SQLAlchemy's ``await_`` bridge and the loop keeps running meanwhile.
+            """
+            _await(self._asleep(seconds))
 
     # -- units of work -----------------------------------------------------------------------
     async def run(
@@ -164,28 +161,30 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
 
         On a transient error anywhere in the unit (COMMIT included) the session is rolled back
         and ``fn`` runs again with a fresh one, after a backoff. Inside another unit of this
-        factory in the same task, ``fn`` joins the outer unit's session and runs once (the outer
-        unit retries); a task created inside a unit runs units of its own, since an AsyncSession
-        must not be shared between tasks. Cancellation is never retried.
+        factory, ``fn`` joins the outer unit's session and runs once (the outer unit retries).
+        Cancellation is never retried.
         """
-        _require_callable(fn, "AsyncResilientSession.run")
-        active = async_units.get(asyncio.current_task())
+        _require_unit(fn, "run")
+        active = _units.get()
         if active is not None:
             if active.factory is self:
-                return await _awaited(fn, active.session, args, kwargs)
+                return await _call_unit(fn, active.session, args, kwargs)
             return await self._attempt(fn, args, kwargs)  # another database: once, no own retries
         if not self.config.enabled:
             async with self.begin() as session:
-                return await _awaited(fn, session, args, kwargs)
-        # Policy.acall, with its first attempt inline: one coroutine fewer on every unit's path.
-        policy = self.policy
-        probe = policy.admit()
-        try:
-            result = await self._attempt(fn, args, kwargs)
-        except BaseException as exc:
-            return await policy.afailed(lambda: self._attempt(fn, args, kwargs), exc, probe)
-        policy.succeeded(probe)
-        return result
+                return await _call_unit(fn, session, args, kwargs)
+        if True:  # async only
+            # the line after this block, with Policy.acall's first attempt inline: one
+            # coroutine fewer on every unit's path
+            policy = self.policy
+            probe = policy.admit()
+            try:
+                result = await self._attempt(fn, args, kwargs)
+            except BaseException as exc:
+                return await policy.afailed(lambda: self._attempt(fn, args, kwargs), exc, probe)
+            policy.succeeded(probe)
+            return result
+        return await self.policy.acall(lambda: self._attempt(fn, args, kwargs))
 
     async def run_in(
         self,
@@ -195,27 +194,28 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         *args: P.args,
         **kwargs: P.kwargs,
     ) -> R:
-        """Like :meth:`run`, with an ``AsyncSession`` the caller made from this factory. It must
-        not be in a transaction: a unit can only be replayed from the start of its transaction."""
-        _require_callable(fn, "AsyncResilientSession.run_in")
+        """Like :meth:`run`, with a session the caller made from this factory. It must not be
+        in a transaction: a unit can only be replayed from the start of its transaction."""
+        _require_unit(fn, "run_in")
         if not isinstance(session, AsyncSession):
             raise TypeError(
-                f"run_in needs an AsyncSession made by this factory, got {type(session).__name__}"
+                f"run_in() needs a session made by this factory, got {type(session).__name__}"
             )
         if factory_of(session.sync_session) is not self:
             raise TypeError(
-                "run_in needs a session made by this AsyncResilientSession (Session()), not by "
-                "another factory, a plain async_sessionmaker or AsyncSession()"
+                "run_in() runs only in a session made by this factory; this one was not made by "
+                "this AsyncResilientSession (Session()) but by another factory, a plain "
+                "async_sessionmaker or AsyncSession()"
             )
         if session.in_transaction():
             raise TransactionStateError(
                 "run_in() can't retry inside a transaction you opened on this session: the work "
-                "done before it can't be replayed. Commit or roll back first, or await "
+                "done before it can't be replayed. Commit or roll back first, or run "
                 f"{_name(fn)}(session, ...) directly and let an outer unit retry"
             )
         if not self.config.enabled:
             async with session.begin():
-                return await _awaited(fn, session, args, kwargs)
+                return await _call_unit(fn, session, args, kwargs)
         return await self.policy.acall(lambda: self._attempt(fn, args, kwargs, session=session))
 
     @overload
@@ -232,7 +232,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         """Decorator: ``await f(*args)`` runs ``await fn(session, *args)`` as a unit of work."""
         if fn is None:
             return self.transactional
-        _require_async(fn, "AsyncResilientSession.transactional")
+        _require_unit_function(fn, "transactional")
 
         @functools.wraps(fn)
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -251,20 +251,19 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         own = session is None
         s: AsyncSession = self() if session is None else session
         enter_unit(s.sync_session)
-        task = asyncio.current_task()
-        outer = async_units.get(task)  # a unit of another factory, running once inside it
-        async_units[task] = ActiveUnit(self, s)
+        token = _units.set(ActiveUnit(self, s))  # the outer unit, if any, is another factory's
         failed = False
         try:
             try:
-                # inline, not through helper coroutines: this is every unit's path
                 result = fn(s, *args, **kwargs)  # the session begins on first use
-                if type(result) is not types.CoroutineType:
-                    _require_awaitable(fn, result)
+                if True:  # async only
+                    # checked inline, not through _call_unit: this is every unit's path
+                    if type(result) is not types.CoroutineType:
+                        _require_awaitable(fn, result)
                 value: R = await result
                 box: list[CommitRequest] = []
                 try:
-                    # one greenlet hop to the end
+                    # flush and COMMIT (async: in one greenlet hop)
                     await s.run_sync(flush_and_commit, box, self._hooks.commit)
                 except Exception as exc:
                     await self._commit_failed(exc, box)
@@ -274,14 +273,11 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                 await _rollback_quietly(s)
                 raise
         finally:
-            if outer is None:
-                del async_units[task]
-            else:
-                async_units[task] = outer
+            _units.reset(token)
             leave_unit(s.sync_session)
             if own:
-                # Shielded, as AsyncSession.__aexit__ does: a cancellation arriving now must not
-                # leave the session half closed and its connection out of the pool.
+                # async: shielded, as SQLAlchemy's async session is on exit: a cancellation
+                # arriving now must not leave it half closed and its connection out of the pool
                 await asyncio.shield(asyncio.create_task(_close(s, quiet=failed)))
 
     async def _commit_failed(self, exc: Exception, box: list[CommitRequest]) -> None:
@@ -337,58 +333,144 @@ async def _close(session: AsyncSession, *, quiet: bool) -> None:
         log_session.debug("closing the session after a failed attempt failed too", exc_info=True)
 
 
-def _is_async_callable(fn: Any) -> bool:
-    if inspect.iscoroutinefunction(fn):
-        return True
-    # An instance whose class defines ``async def __call__``.
-    return inspect.iscoroutinefunction(getattr(type(fn), "__call__", None))  # noqa: B004
-
-
-_SYNC_HINT = (
-    "for sync code use ResilientSession with a sync Engine, or await session.run_sync(fn) "
-    "inside an async unit"
-)
-
-
-def _require_callable(fn: Any, where: str) -> None:
-    if type(fn) is types.FunctionType:  # every unit passes here: the common case first
-        return
-    if inspect.iscoroutine(fn):
-        fn.close()  # never awaited: close it so it leaves no "never awaited" warning behind
-        raise TypeError(
-            f"{where} needs the async function itself, got a coroutine object: pass fn and its "
-            "arguments, as in Session.run(fn, *args), not Session.run(fn(...))"
-        )
-    if not callable(fn):
-        raise TypeError(f"{where} needs an async function, got {type(fn).__name__}")
-
-
-def _require_async(fn: Any, where: str) -> None:
-    _require_callable(fn, where)
-    if not _is_async_callable(fn):
-        raise TypeError(
-            f"{where} needs an async function (async def), and {_name(fn)} is not one; "
-            + _SYNC_HINT
-        )
-
-
-async def _awaited(
-    fn: Callable[..., Awaitable[R]], session: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> R:
-    """``await fn(session, ...)``; a function that returns no awaitable is a usage error."""
-    result = fn(session, *args, **kwargs)
-    if type(result) is not types.CoroutineType:  # the common case skips inspect's ABC checks
-        _require_awaitable(fn, result)
-    return await result
-
-
-def _require_awaitable(fn: Any, result: object) -> None:
-    if not inspect.isawaitable(result):
-        raise TypeError(
-            f"{_name(fn)} returned {type(result).__name__}, not an awaitable: units of an "
-            f"AsyncResilientSession are async functions (async def); {_SYNC_HINT}"
-        )
-
-
 def _name(fn: Any) -> str:
     return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+# -- what really differs: engines, unit functions, the unit running here ---------------------------
+if True:  # async only
+    try:  # SQLAlchemy 2.1 renamed ``await_only`` to ``await_`` (the old name goes in 2.2)
+        from sqlalchemy.util import await_ as _await
+    except ImportError:  # SQLAlchemy 2.0
+        from sqlalchemy.util import await_only as _await
+
+    def _require_engine(bind: Any, kwargs: dict[str, Any]) -> None:
+        if isinstance(bind, Engine):
+            raise TypeError(
+                "AsyncResilientSession needs an AsyncEngine (create_async_engine("
+                "'postgresql+asyncpg://...')), got a sync Engine; for it use ResilientSession"
+            )
+        if not isinstance(bind, AsyncEngine):
+            raise TypeError(
+                f"AsyncResilientSession needs a SQLAlchemy AsyncEngine, got {type(bind).__name__}"
+            )
+        if "sleep" in kwargs:
+            raise TypeError(
+                "AsyncResilientSession takes asleep= (an async function of seconds), not sleep="
+            )
+
+    _SYNC_HINT = (
+        "for sync code use ResilientSession with a sync Engine, or await session.run_sync(fn) "
+        "inside an async unit"
+    )
+
+    def _require_unit(fn: Any, where: str) -> None:
+        """A unit of ``run``/``run_in``: any callable (what it returns is checked)."""
+        if type(fn) is types.FunctionType:  # every unit passes here: the common case first
+            return
+        if inspect.iscoroutine(fn):
+            fn.close()  # never awaited: close it so it leaves no "never awaited" warning behind
+            raise TypeError(
+                f"AsyncResilientSession.{where} needs the async function itself, got a coroutine "
+                "object: pass fn and its arguments, as in Session.run(fn, *args), not "
+                "Session.run(fn(...))"
+            )
+        if not callable(fn):
+            raise TypeError(
+                f"AsyncResilientSession.{where} needs an async function, got {type(fn).__name__}"
+            )
+
+    def _require_unit_function(fn: Any, where: str) -> None:
+        """What ``transactional`` decorates: an async function."""
+        _require_unit(fn, where)
+        if not _is_async_callable(fn):
+            raise TypeError(
+                f"AsyncResilientSession.{where} needs an async function (async def), and "
+                f"{_name(fn)} is not one; {_SYNC_HINT}"
+            )
+
+    def _is_async_callable(fn: Any) -> bool:
+        if inspect.iscoroutinefunction(fn):
+            return True
+        # An instance whose class defines ``async def __call__``.
+        return inspect.iscoroutinefunction(getattr(type(fn), "__call__", None))  # noqa: B004
+
+    async def _call_unit(
+        fn: Callable[..., Awaitable[R]],
+        session: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> R:
+        """``await fn(session, ...)``; a function that returns no awaitable is a usage error."""
+        result = fn(session, *args, **kwargs)
+        if type(result) is not types.CoroutineType:  # the common case skips inspect's ABC checks
+            _require_awaitable(fn, result)
+        return await result
+
+    def _require_awaitable(fn: Any, result: object) -> None:
+        if not inspect.isawaitable(result):
+            raise TypeError(
+                f"{_name(fn)} returned {type(result).__name__}, not an awaitable: units of an "
+                f"AsyncResilientSession are async functions (async def); {_SYNC_HINT}"
+            )
+
+    class _TaskUnit:
+        """The unit of work running in the current asyncio task, with ``ContextVar``'s
+        ``get``/``set``/``reset``.
+
+        Not a ContextVar, which a task created inside a unit would inherit: such a task runs
+        units of its own, since an AsyncSession must not be shared between tasks.
+        """
+
+        def get(self) -> ActiveUnit | None:
+            return async_units.get(asyncio.current_task())
+
+        def set(self, unit: ActiveUnit) -> tuple[Any, ActiveUnit | None]:
+            task = asyncio.current_task()
+            outer = async_units.get(task)
+            async_units[task] = unit
+            return task, outer
+
+        def reset(self, token: tuple[Any, ActiveUnit | None]) -> None:
+            task, outer = token
+            if outer is None:
+                del async_units[task]
+            else:
+                async_units[task] = outer
+
+    _units = _TaskUnit()
+else:  # sync only
+
+    def _require_engine(bind: Any, kwargs: dict[str, Any]) -> None:
+        if not isinstance(bind, Engine):
+            raise TypeError(
+                f"ResilientSession needs a SQLAlchemy Engine, got {type(bind).__name__}; "
+                "for an AsyncEngine use AsyncResilientSession"
+            )
+        if "asleep" in kwargs:
+            raise TypeError("ResilientSession takes sleep= (a function of seconds), not asleep=")
+
+    def _require_unit(fn: Any, where: str) -> None:
+        """A unit of ``run``/``run_in``/``transactional``: not a coroutine function."""
+        if _is_coroutine_function(fn):
+            raise TypeError(
+                f"{_name(fn)} is a coroutine function; use AsyncResilientSession.{where} for it"
+            )
+
+    _require_unit_function = _require_unit
+
+    def _is_coroutine_function(fn: Any) -> bool:
+        # A plain function answers from its code flags (every unit passes here); the rest
+        # (partials, methods, marked callables) through inspect.
+        code = getattr(fn, "__code__", None)
+        if code is not None and type(fn) is types.FunctionType:
+            return bool(code.co_flags & inspect.CO_COROUTINE)
+        return inspect.iscoroutinefunction(fn)
+
+    def _call_unit(
+        fn: Callable[..., R], session: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> R:
+        return fn(session, *args, **kwargs)
+
+    # The unit of work running in this thread (or greenlet, under gevent).
+    _units = current_unit

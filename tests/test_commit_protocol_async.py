@@ -1,14 +1,24 @@
-"""The commit protocol of async units (asyncpg), against a real server and real crashes.
+"""The commit protocol of units (asyncpg), against a real server and real crashes.
 
-The async twin of ``test_commit_protocol.py`` (whose docstring explains the scenarios): every
-scenario ends with the unit done exactly once, or raising ``CommitOutcomeUnknownError``, and the
-database agrees.
+A COMMIT whose answer never arrived is never replayed blindly: every scenario ends with the unit
+done exactly once, or raising ``CommitOutcomeUnknownError``, and the database agrees (the ledger
+rows the unit wrote are counted on the server). With the commit markers installed
+(``rdb.install_commit_markers``) the outcome is always known; without them (the fallback) a
+restart in between may leave it unknown, never wrong.
+
+The xid-reuse scenario runs on a dedicated server whose WAL stays in memory until a commit, so a
+crash deterministically loses the unit's transaction and the server hands its xid to the next
+client; the test checks that it really did.
+
+The sync twin, ``test_commit_protocol.py``, is generated from ``test_commit_protocol_async.py``
+by ``scripts/async_to_sync.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -25,12 +35,13 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 import resilient_db as rdb
 from resilient_db.testing import EmbeddedPostgres, FaultProxy, PostgresServer
 
-pytestmark = pytest.mark.asyncio
-
 MARKERS = "markers"
 FALLBACK = "fallback"
 
-#: WAL stays in memory until a commit forces it out (see ``test_commit_protocol.py``).
+#: A server that keeps WAL in memory until a commit forces it out: the WAL writer writes only
+#: full pages (no asynchronous commits) and wakes every 10 s; no background writer, checkpoints,
+#: autovacuum or standby snapshots (``wal_level=minimal``) flush it either. An immediate stop
+#: then loses everything a transaction wrote since the last commit, its xid included.
 WAL_IN_MEMORY = {
     "wal_level": "minimal",
     "max_wal_senders": "0",
@@ -78,7 +89,7 @@ def _no_backoff() -> Iterator[None]:
 
 @pytest.fixture
 def service() -> str:
-    return f"async-commit-{next(_services)}"
+    return f"{__name__.rpartition('.')[2]}-{next(_services)}"
 
 
 @pytest.fixture(params=[MARKERS, FALLBACK])
@@ -239,8 +250,56 @@ class Env:
         return self.mode == MARKERS
 
 
-def proxied_engine(proxy: FaultProxy, database: str) -> AsyncEngine:
-    return create_async_engine(proxy.url(database, driver="asyncpg"), connect_args={"timeout": 2})
+# -- what differs: the engine, a unit running while the test injects faults -----------------------
+if True:  # async only
+    pytestmark = pytest.mark.asyncio
+
+    def proxied_engine(proxy: FaultProxy, database: str) -> AsyncEngine:
+        return create_async_engine(
+            proxy.url(database, driver="asyncpg"), connect_args={"timeout": 2}
+        )
+
+    async def swallowed(env: Env, unit: Unit) -> asyncio.Task[Outcome]:
+        """Start ``unit`` in a task and return once its COMMIT is held by the proxy."""
+        env.proxy.swallow_commit()
+        task = asyncio.ensure_future(run(env.factory(), unit))
+        await wait_for(lambda: env.proxy.commits_swallowed == 1 or task.done())
+        assert env.proxy.commits_swallowed == 1, task.result()
+        return task
+
+    async def outcome_of(task: asyncio.Task[Outcome]) -> Outcome:
+        return await asyncio.wait_for(task, timeout=30)
+else:  # sync only
+
+    def proxied_engine(proxy: FaultProxy, database: str) -> sa.Engine:
+        return sa.create_engine(proxy.url(database), connect_args={"connect_timeout": 2})
+
+    class Background(threading.Thread):
+        """``Session.run(unit)`` in a thread (while the test injects faults); ``outcome`` after."""
+
+        def __init__(self, Session: Any, unit: Callable[[Any], object]) -> None:
+            super().__init__(daemon=True)
+            self.Session = Session
+            self.unit = unit
+            self.outcome: Outcome | None = None
+
+        def run(self) -> None:
+            self.outcome = run(self.Session, self.unit)
+
+    def swallowed(env: Env, unit: Unit) -> Background:
+        """Start ``unit`` in a thread and return once its COMMIT is held by the proxy."""
+        env.proxy.swallow_commit()
+        worker = Background(env.factory(), unit)
+        worker.start()
+        wait_for(lambda: env.proxy.commits_swallowed == 1 or not worker.is_alive())
+        assert env.proxy.commits_swallowed == 1, worker.outcome
+        return worker
+
+    def outcome_of(worker: Background) -> Outcome:
+        worker.join(30.0)
+        assert not worker.is_alive(), "the unit did not finish"
+        assert worker.outcome is not None
+        return worker.outcome
 
 
 @pytest_asyncio.fixture
@@ -331,24 +390,11 @@ async def test_read_only_unit_with_lost_commit_answer_is_replayed_or_returns(
 
 
 # -- COMMIT never reached the server -------------------------------------------------------------
-async def swallowed(env: Env, unit: Unit) -> asyncio.Task[Outcome]:
-    """Start ``unit`` in a task and return once its COMMIT is held by the proxy."""
-    env.proxy.swallow_commit()
-    task = asyncio.ensure_future(run(env.factory(), unit))
-    await wait_for(lambda: env.proxy.commits_swallowed == 1 or task.done())
-    assert env.proxy.commits_swallowed == 1, task.result()
-    return task
-
-
-async def outcome_of(task: asyncio.Task[Outcome]) -> Outcome:
-    return await asyncio.wait_for(task, timeout=30)
-
-
 async def test_swallowed_commit_is_replayed_once(env: Env) -> None:
     unit = Unit()
-    task = await swallowed(env, unit)
+    pending = await swallowed(env, unit)
     assert env.proxy.release_swallowed() == 1
-    outcome = await outcome_of(task)
+    outcome = await outcome_of(pending)
     rows = env.rows(unit)
     if settled(outcome, rows, known=env.known) == "done":
         assert unit.calls == 2  # the first attempt never committed: replayed
@@ -360,11 +406,11 @@ async def test_swallowed_commit_is_replayed_once(env: Env) -> None:
 async def test_swallowed_commit_then_crash_is_replayed_once(env: Env) -> None:
     """COMMIT lost on the way; the server crashes and comes back; then the client hears."""
     unit = Unit()
-    task = await swallowed(env, unit)
+    pending = await swallowed(env, unit)
     await asyncio.to_thread(env.server.crash)
     await asyncio.to_thread(env.server.start)
     assert env.proxy.release_swallowed() == 1
-    outcome = await outcome_of(task)
+    outcome = await outcome_of(pending)
     rows = env.rows(unit)
     if settled(outcome, rows, known=env.known) == "done":
         assert unit.calls == 2
@@ -373,12 +419,16 @@ async def test_swallowed_commit_then_crash_is_replayed_once(env: Env) -> None:
 
 
 async def test_late_commit_after_the_check_is_fenced_off(env: Env) -> None:
-    """The client gives up on a COMMIT still travelling; it reaches the server after the check
-    (see the sync twin): replayed with markers and the late COMMIT fails; never written twice."""
+    """The client gives up on a COMMIT still travelling; it reaches the server after the check.
+
+    The check must make sure the original can no longer commit once it looked: with markers the
+    unit is replayed and the late COMMIT fails; without, the original transaction is still open
+    when the check looks, so the outcome can only be unknown (never a replay).
+    """
     unit = Unit()
-    task = await swallowed(env, unit)
+    pending = await swallowed(env, unit)
     assert env.proxy.release_swallowed(keep_server=True) == 1  # the backend is still there
-    outcome = await outcome_of(task)
+    outcome = await outcome_of(pending)
     assert env.proxy.deliver_late_commits() == 1
     await wait_for(lambda: busy_backends(env.server, env.database) == 0)
     rows = env.rows(unit)
@@ -394,7 +444,7 @@ async def test_lost_answer_then_crash_before_the_check_is_never_replayed(env: En
     """The COMMIT was applied (and is durable); the server restarts before the unit can ask."""
     crashes: list[float] = []
 
-    async def asleep(seconds: float) -> None:  # the backoff between checks: crash, don't sleep
+    async def asleep(seconds: float) -> None:  # the backoff between checks: crash here, no sleep
         if not crashes:
             crashes.append(seconds)
             await asyncio.to_thread(env.server.crash)
@@ -450,14 +500,14 @@ async def test_reused_xid_never_reports_a_lost_write_as_done(
             try:
                 env = Env(engine, proxy, server, database, service, mode)
                 unit = Unit(record_xid=True)
-                task = await swallowed(env, unit)
+                pending = await swallowed(env, unit)
                 # the unit's WAL was never written out: its transaction is gone
                 await asyncio.to_thread(server.crash)
                 await asyncio.to_thread(server.start)
                 other_xid = commit_another_transaction(server, database)
                 assert unit.xids == [other_xid], "the server did not reuse the unit's xid"
                 assert proxy.release_swallowed() == 1
-                outcome = await outcome_of(task)
+                outcome = await outcome_of(pending)
             finally:
                 await engine.dispose()
         rows = env.rows(unit)
