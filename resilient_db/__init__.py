@@ -27,7 +27,8 @@ from ._observability import SelfHealEvent, SelfHealHook, add_hook, health, remov
 from ._retry import set_testing
 from ._session import ResilientSession
 from ._state import reset_state
-from ._transitions import (
+from ._wrapper import with_self_healing
+from .transitions import (
     ANY_STATE,
     BYPASS_SETTING,
     TRANSITION_SQLSTATE,
@@ -45,7 +46,6 @@ from ._transitions import (
     trigger_drift,
     uninstall_transition_trigger,
 )
-from ._wrapper import with_self_healing
 
 try:
     __version__ = version("resilient-db")

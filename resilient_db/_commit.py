@@ -49,7 +49,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from ._config import Config
 from ._observability import emit, log_session
-from ._transitions import _run_statements
+from .transitions._install import run_statements as _run_statements
 
 try:  # SQLAlchemy 2.1 renamed ``await_only`` to ``await_`` (the old name goes in 2.2)
     from sqlalchemy.util import await_ as _await

@@ -214,7 +214,7 @@ def health() -> dict[str, Any]:
     """
     # Local imports: both modules import this one.
     from ._breaker import breakers  # noqa: PLC0415
-    from ._transitions import transition_stats  # noqa: PLC0415
+    from .transitions._report import transition_stats  # noqa: PLC0415
 
     with STATE.lock:
         names = set(STATE.stats)

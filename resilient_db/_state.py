@@ -45,6 +45,21 @@ class State:
         self.unit_sessions: weakref.WeakSet[Any] = weakref.WeakSet()
         #: the self-healing hooks (a tuple: read without the lock on every action)
         self.hooks: tuple[Callable[[Any], None], ...] = ()
+        #: the transition guard's counters (stable names, for ``health()`` and metrics)
+        self.transition_stats: dict[str, int] = dict.fromkeys(
+            ("blocked_transitions", "stale_transitions", "bulk_rows_filtered", "bypasses"), 0
+        )
+        #: session classes carrying the transition guard's flush listeners ...
+        self.guarded_session_classes: weakref.WeakSet[type[Any]] = weakref.WeakSet()
+        #: ... and whether they need its bulk-UPDATE listener too (a model with rules exists)
+        self.bulk_guard_needed = False
+        #: engines carrying the flush guard's compare-and-set listeners
+        self.guard_engines: weakref.WeakSet[Any] = weakref.WeakSet()
+        #: guarded flushes in progress: what each expects of the rows it updates, by the
+        #: Connection of its UPDATEs ...
+        self.flush_checks: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+        #: ... and those connections, by session (both end with the flush, never reset)
+        self.flushing: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
         #: what else :func:`reset_state` must clear (caches of other modules), by name
         self.resetters: dict[str, Callable[[], None]] = {}
 
@@ -56,14 +71,17 @@ def reset_state() -> None:
     """Start over, for test suites (as between tests): every circuit breaker is closed with no
     failures counted and forgotten (a factory made afterwards gets a new one, with the storage
     it asks for), every counter and the transition guard's counts are zero, the wrapper's
-    cached policies are dropped. Factories, their engines' hooks and the configuration stay as
-    they are: they belong to objects that are still alive.
+    cached policies are dropped. Factories, their engines' hooks (the transition guard's
+    listeners included), flushes in progress and the configuration stay as they are: they
+    belong to objects that are still alive.
     """
     with STATE.lock:
         breakers = list(STATE.breakers.values())
         STATE.breakers.clear()
         for stats in STATE.stats.values():
             stats.reset()
+        for name in STATE.transition_stats:
+            STATE.transition_stats[name] = 0
         resetters = list(STATE.resetters.values())
     for breaker in breakers:
         try:

@@ -34,12 +34,9 @@ from ._observability import emit, log_session
 from ._registry import factory_of, in_unit
 from ._retry import Policy
 from ._state import STATE
-from ._transitions import (
-    exception_from_db,
-    guarded_models_exist,
-    install_engine_hooks,
-    install_guard,
-)
+from .transitions._dbmap import exception_from_db
+from .transitions._flush import install_engine_hooks
+from .transitions._guards import guarded_models_exist, install_guard
 
 T = TypeVar("T")
 

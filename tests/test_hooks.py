@@ -102,7 +102,7 @@ def test_transition_reports_follow_the_logging_switches_and_reach_the_hooks(
     events: list[rdb.SelfHealEvent], caplog: pytest.LogCaptureFixture
 ) -> None:
     """The guard reports through the same emitter: SELF_HEALING_LOGGING / LOG_LEVEL apply."""
-    from resilient_db._transitions import _report  # noqa: PLC0415 - the guard's one report path
+    from resilient_db.transitions._report import report as _report  # noqa: PLC0415 - the guard's one report path
 
     err = rdb.IllegalTransitionError(
         model="Task", pk=1, column="status", from_state="done", to_state="new", via="flush"

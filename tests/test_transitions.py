@@ -31,31 +31,28 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from resilient_db._config import Config
 from resilient_db._errors import IllegalTransitionError, StaleTransitionError
-from resilient_db._transitions import (
+from resilient_db._state import STATE
+from resilient_db.transitions import (
     ANY_STATE,
-    GUARD_INFO_KEY,
     TRANSITION_SQLSTATE,
     TransitionRules,
     TransitionRulesError,
-    _before_execute,
-    _before_flush,
-    _flushing,
-    _pending,
     allowed_transitions,
     bypass_transitions,
-    exception_from_db,
-    install_engine_hooks,
-    install_guard,
     install_transition_trigger,
     rules_to_dot,
     rules_to_mermaid,
     transition_rules,
-    transition_stats,
     transition_trigger_drop_sql,
     transition_trigger_sql,
     trigger_drift,
     uninstall_transition_trigger,
 )
+from resilient_db.transitions._bypass import GUARD_INFO_KEY
+from resilient_db.transitions._dbmap import exception_from_db
+from resilient_db.transitions._flush import _before_execute, before_flush, install_engine_hooks
+from resilient_db.transitions._guards import install_guard
+from resilient_db.transitions._report import transition_stats
 
 LOGGER = "resilient_db.transitions"
 HOSTILE = 'it\'s "odd"; drop table x; --'
@@ -1094,16 +1091,16 @@ def test_stale_inside_a_savepoint_leaves_the_transaction_usable(
         ta.status = "in_progress"
         with pytest.raises(StaleTransitionError):
             s.flush()
-        assert not _pending  # a failed flush leaves no expectations behind
-        assert not _flushing
+        assert not STATE.flush_checks  # a failed flush leaves no expectations behind
+        assert not STATE.flushing
         nested.rollback()
         tb.status = "in_progress"
         statements = Statements(engine)
         s.commit()
         [update] = statements.matching("UPDATE")
         assert "AND tasks.status = " in update
-        assert not _pending  # nor does a successful one
-        assert not _flushing
+        assert not STATE.flush_checks  # nor does a successful one
+        assert not STATE.flushing
     assert (_db_status(engine, a), _db_status(engine, b)) == ("cancelled", "in_progress")
 
 
@@ -1303,8 +1300,8 @@ def test_install_guard_is_idempotent_and_checks_its_argument(
     install_guard(_S)
     # on SQLAlchemy's Session, once (resilient_db installs it there): it reaches _S, whose own
     # registration would make it run twice
-    assert event.contains(Session, "before_flush", _before_flush)
-    assert not event.contains(_S, "before_flush", _before_flush)
+    assert event.contains(Session, "before_flush", before_flush)
+    assert not event.contains(_S, "before_flush", before_flush)
     install_engine_hooks(engine)
     install_engine_hooks(engine)
     assert event.contains(engine, "before_execute", _before_execute)

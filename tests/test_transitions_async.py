@@ -27,17 +27,17 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from resilient_db._config import Config
 from resilient_db._errors import IllegalTransitionError, StaleTransitionError
-from resilient_db._transitions import (
-    GUARD_INFO_KEY,
+from resilient_db.transitions import (
     TransitionRules,
     allowed_transitions,
     bypass_transitions_async,
-    exception_from_db,
-    install_guard,
     install_transition_trigger,
-    transition_stats,
     trigger_drift,
 )
+from resilient_db.transitions._bypass import GUARD_INFO_KEY
+from resilient_db.transitions._dbmap import exception_from_db
+from resilient_db.transitions._guards import install_guard
+from resilient_db.transitions._report import transition_stats
 
 pytestmark = pytest.mark.asyncio
 

@@ -1,0 +1,285 @@
+"""The ORM bulk-UPDATE guard (``do_orm_execute``): ``update(Model).values(status=...)`` is
+restricted to the rows that may legally make the move, or refused (``bulk_update="raise"``); an
+UPDATE by primary key (a list of parameter sets) has each row locked and checked."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Mapping
+from typing import Any, NamedTuple
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Result
+from sqlalchemy.engine.result import null_result
+from sqlalchemy.orm import Mapper, ORMExecuteState, Session
+from sqlalchemy.sql.elements import BindParameter, ClauseElement, ColumnElement, Null
+
+from resilient_db._config import Config
+from resilient_db._errors import IllegalTransitionError
+from resilient_db._observability import emit
+
+from ._bypass import active_config
+from ._changes import Change, chunks, illegal, in_key_order, pk_filter
+from ._report import count, logger, report
+from ._rules import Guard, Key, compiled_guards, plain, sort_key
+
+__all__ = ["do_orm_execute"]
+
+
+class _Target(NamedTuple):
+    static: bool
+    value: Any  # the Python value (static) or a SQL expression (dynamic)
+
+
+def _dml_values(stmt: Any) -> list[tuple[Any, Any]]:
+    pairs: list[tuple[Any, Any]] = []
+    ordered = getattr(stmt, "_ordered_values", None)  # SQLAlchemy 2.0 ordered_values()
+    if ordered:
+        pairs.extend(ordered)
+    values = getattr(stmt, "_values", None)
+    if values:
+        pairs.extend(values.items())
+    return pairs
+
+
+def _is_guard_key(key: Any, guard: Guard) -> bool:
+    if isinstance(key, str):
+        return key in (guard.attr_key, guard.column.name)
+    element = key.__clause_element__() if hasattr(key, "__clause_element__") else key
+    if element is guard.column:
+        return True
+    table = getattr(element, "table", None)
+    return (
+        isinstance(element, sa.ColumnClause)
+        and isinstance(table, sa.Table)
+        and table.name == guard.table.name
+        and element.name == guard.column.name
+    )
+
+
+def _target(stmt: Any, params: Any, guard: Guard) -> _Target | None:
+    for key, value in _dml_values(stmt):
+        if _is_guard_key(key, guard):
+            return _resolve_value(value, params)
+    if isinstance(params, Mapping):
+        for name in (guard.attr_key, guard.column.name):
+            if name in params:
+                return _Target(True, params[name])
+    return None
+
+
+def _resolve_value(value: Any, params: Any) -> _Target:
+    if isinstance(value, BindParameter):
+        if value.callable is not None:
+            return _Target(True, value.callable())
+        if isinstance(params, Mapping) and value.key in params:
+            return _Target(True, params[value.key])
+        return _Target(True, value.value)
+    if isinstance(value, Null):
+        return _Target(True, None)
+    if isinstance(value, ClauseElement) or hasattr(value, "__clause_element__"):
+        return _Target(False, value)
+    return _Target(True, value)
+
+
+def _membership(expr: Any, guard: Guard, keys: Collection[Key]) -> ColumnElement[bool]:
+    present = [k for k in keys if k is not None and k in guard.binds]
+    parts: list[ColumnElement[bool]] = []
+    if present:
+        parts.append(expr.in_([guard.binds[k] for k in sorted(present, key=sort_key)]))
+    if None in keys:
+        parts.append(expr.is_(None))
+    if not parts:
+        return sa.false()
+    return parts[0] if len(parts) == 1 else sa.or_(*parts)
+
+
+def _legal_predicate(guard: Guard, col: Any, new: Any) -> ColumnElement[bool]:
+    """SQL: the row may move from ``col`` to the value of expression ``new``."""
+    parts: list[ColumnElement[bool]] = [col.is_not_distinct_from(new)]
+    for source, targets in sorted(guard.next.items(), key=lambda kv: sort_key(kv[0])):
+        if not targets:
+            continue
+        at_source = col.is_(None) if source is None else col == guard.binds[source]
+        parts.append(sa.and_(at_source, _membership(new, guard, targets)))
+    return sa.or_(*parts)
+
+
+def do_orm_execute(orm_state: ORMExecuteState) -> Result[Any] | None:
+    if not orm_state.is_update:
+        return None
+    session = orm_state.session
+    config = active_config(session)
+    if config is None:
+        return None
+    mapper = orm_state.bind_mapper
+    if mapper is None:
+        return None
+    guards = compiled_guards(mapper)
+    if not guards:
+        return None
+    params = orm_state.parameters
+    if isinstance(params, (list, tuple)):
+        return _bulk_by_pk(orm_state, config, mapper, guards, list(params))
+    stmt: Any = orm_state.statement
+    for guard in guards:
+        target = _target(stmt, params, guard)
+        if target is not None:
+            stmt = _restrict(
+                session,
+                config=config,
+                mapper=mapper,
+                guard=guard,
+                stmt=stmt,
+                params=params,
+                target=target,
+            )
+    orm_state.statement = stmt
+    return None
+
+
+def _restrict(
+    session: Session,
+    *,
+    config: Config,
+    mapper: Mapper[Any],
+    guard: Guard,
+    stmt: Any,
+    params: Any,
+    target: _Target,
+) -> Any:
+    col = getattr(mapper.class_, guard.attr_key)
+    if target.static:
+        legal = _membership(col, guard, guard.sources_of(guard.key(target.value)))
+        new_expr: Any = None
+    else:
+        new_expr = sa.type_coerce(target.value, guard.column.type)
+        legal = _legal_predicate(guard, col, new_expr)
+    blocked = sa.not_(sa.func.coalesce(legal, sa.false()))
+    conn = session.connection(bind_arguments={"mapper": mapper})
+    exec_params = dict(params) if isinstance(params, Mapping) else {}
+    where = stmt.whereclause
+    if config.bulk_update == "raise":
+        extra = [new_expr.label("rdb_new")] if new_expr is not None else []
+        query = sa.select(*guard.pk_columns, col, *extra).where(blocked)
+        if where is not None:
+            query = query.where(where)
+        query = query.order_by(*guard.pk_columns).with_for_update(of=guard.table)
+        rows = conn.execute(query, exec_params).all()
+        if rows:
+            n_pk = len(guard.pk_columns)
+            first = rows[0]
+            err = IllegalTransitionError(
+                model=guard.model,
+                pk=guard.pk_of(first[:n_pk]),
+                column=guard.attr_key,
+                from_state=first[n_pk],
+                to_state=first[n_pk + 1] if new_expr is not None else target.value,
+                via="orm-update",
+                reason=f"{len(rows)} matching row(s) may not make this move; nothing was updated",
+            )
+            report(err, config, blocked_rows=len(rows))
+            raise err
+    else:
+        count_q = sa.select(sa.func.count()).select_from(guard.table).where(blocked)
+        if where is not None:
+            count_q = count_q.where(where)
+        n_blocked = int(conn.execute(count_q, exec_params).scalar_one())
+        if n_blocked:
+            count("bulk_rows_filtered", n_blocked)
+            shown = "(SQL expression)" if new_expr is not None else repr(plain(target.value))
+            emit(
+                config,
+                logger,
+                logging.WARNING,
+                "Status transition blocked for %d row(s): bulk UPDATE of %s.%s "
+                "to %s left them unchanged (filter mode)",
+                n_blocked,
+                guard.model,
+                guard.attr_key,
+                shown,
+                event="transition_blocked",
+                model=guard.model,
+                column=guard.attr_key,
+                to_state=None if new_expr is not None else plain(target.value),
+                via="orm-update",
+                blocked_rows=n_blocked,
+            )
+    return stmt.where(legal)
+
+
+def _bulk_by_pk(
+    orm_state: ORMExecuteState,
+    config: Config,
+    mapper: Mapper[Any],
+    guards: tuple[Guard, ...],
+    params: list[Any],
+) -> Result[Any] | None:
+    """ORM bulk UPDATE by primary key (a list of parameter dicts): lock and check each row."""
+    rejected: set[int] = set()
+    for guard in guards:
+        wanted: dict[tuple[Any, ...], list[tuple[int, Any]]] = {}
+        for index, row in enumerate(params):
+            if not isinstance(row, Mapping):
+                continue
+            name = next((n for n in (guard.attr_key, guard.column.name) if n in row), None)
+            if name is None or any(k not in row for k in guard.pk_attr_keys):
+                continue
+            identity = tuple(row[k] for k in guard.pk_attr_keys)
+            wanted.setdefault(identity, []).append((index, row[name]))
+        if not wanted:
+            continue
+        conn = orm_state.session.connection(bind_arguments={"mapper": mapper})
+        current: dict[tuple[Any, ...], Any] = {}
+        keys = in_key_order(wanted)
+        n_pk = len(guard.pk_columns)
+        for chunk in chunks(keys):
+            stmt = (
+                sa.select(*guard.pk_columns, guard.column)
+                .where(pk_filter(guard.pk_columns, chunk))
+                .order_by(*guard.pk_columns)
+                .with_for_update()
+            )
+            for db_row in conn.execute(stmt):
+                current[tuple(db_row[:n_pk])] = db_row[n_pk]
+        for identity, items in wanted.items():
+            if identity not in current:
+                continue  # no such row: the UPDATE changes nothing
+            old = current[identity]
+            for index, new in items:
+                if guard.legal(guard.key(old), guard.key(new)):
+                    continue
+                change = Change(guard, guard.pk_of(identity), identity, old, True, new, mapper)
+                err = illegal(change, old, "orm-update")
+                if config.bulk_update == "raise":
+                    report(err, config)
+                    raise err
+                rejected.add(index)
+                emit(
+                    config,
+                    logger,
+                    logging.WARNING,
+                    "Status transition blocked: %s(pk=%r).%s %r -> %r "
+                    "(via orm-update, filter mode: parameter set skipped)",
+                    guard.model,
+                    change.pk,
+                    guard.attr_key,
+                    plain(old),
+                    plain(new),
+                    event="transition_blocked",
+                    model=guard.model,
+                    pk=change.pk,
+                    column=guard.attr_key,
+                    from_state=plain(old),
+                    to_state=plain(new),
+                    via="orm-update",
+                    blocked_rows=1,
+                )
+    if not rejected:
+        return None
+    count("bulk_rows_filtered", len(rejected))
+    kept = [row for index, row in enumerate(params) if index not in rejected]
+    if not kept:
+        return null_result()
+    orm_state.parameters = kept
+    return orm_state.invoke_statement()

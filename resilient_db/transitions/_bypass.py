@@ -1,0 +1,105 @@
+"""Whether the session guards act for a session, and the audited bypass that switches them off.
+
+The guards act for a session of a resilient factory (its factory's :class:`Config`), or one whose
+``info[GUARD_INFO_KEY]`` is a :class:`Config` (a plain sessionmaker guarded by hand), while that
+configuration has ``guard_on`` and no bypass is active in the session's transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
+
+from resilient_db._config import Config
+from resilient_db._observability import emit
+from resilient_db._registry import config_of
+
+from ._report import count, env_config, logger
+from ._sql import BYPASS_SETTING
+
+__all__ = ["GUARD_INFO_KEY", "active_config", "bypass_transitions", "bypass_transitions_async"]
+
+#: ``session.info`` key holding the :class:`Config` that switches the session guards on.
+GUARD_INFO_KEY = "resilient_db.config"
+
+_BYPASS_INFO_KEY = "resilient_db.transitions.bypass"
+
+
+def active_config(session: Session) -> Config | None:
+    """The configuration under which the session guards act for ``session``, or None."""
+    # A resilient factory's session: its factory's configuration (session.info plays no part).
+    # Otherwise a session whose info carries a Config under GUARD_INFO_KEY (a plain sessionmaker
+    # guarded by hand, as the guard's own tests do).
+    config = config_of(session)
+    if config is None:
+        config = session.info.get(GUARD_INFO_KEY)
+    if not isinstance(config, Config) or not config.guard_on:
+        return None
+    if _bypassed(session):
+        return None
+    return config
+
+
+def _bypassed(session: Session) -> bool:
+    marker = session.info.get(_BYPASS_INFO_KEY)
+    if marker is None:
+        return False
+    if marker is session.get_transaction():
+        return True
+    session.info.pop(_BYPASS_INFO_KEY, None)
+    return False
+
+
+def bypass_transitions(target: Session | Connection, *, reason: str) -> None:
+    """Switch the transition guards off for the rest of the current transaction, audited.
+
+    Runs ``SET LOCAL resilient_db.bypass_transitions = 'on'`` (the trigger lets every change
+    through while it is set) and, for a session, disables its flush and bulk-UPDATE guards until
+    the transaction ends. ``reason`` is required and logged. On rollback or commit everything
+    is back to normal. (A bypass set inside a SAVEPOINT that is rolled back ends with the
+    savepoint on the database side; the session guards stay off until the transaction ends.)
+    """
+    if not isinstance(reason, str) or not reason.strip():
+        raise ValueError("bypass_transitions() needs a reason=, which is logged for the audit")
+    if isinstance(target, Session):
+        conn = target.connection()
+        transaction = target.get_transaction()
+        target.info[_BYPASS_INFO_KEY] = transaction
+    elif isinstance(target, Connection):
+        conn = target
+        if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+            raise ValueError(
+                "bypass_transitions() needs a transaction; this connection is in AUTOCOMMIT mode, "
+                "where SET LOCAL would have no effect"
+            )
+    else:
+        raise TypeError(
+            "bypass_transitions() takes a Session or a Connection (for asyncio use "
+            f"bypass_transitions_async), got {type(target).__name__}"
+        )
+    conn.exec_driver_sql(
+        f"SET LOCAL {BYPASS_SETTING} = 'on'", execution_options={"no_parameters": True}
+    )
+    count("bypasses")
+    config = config_of(target) if isinstance(target, Session) else None
+    emit(
+        config if config is not None else env_config(),
+        logger,
+        logging.WARNING,
+        "transition guard bypassed for the current transaction: reason=%s",
+        reason,
+        event="transition_guard_bypassed",
+        reason=reason,
+    )
+
+
+async def bypass_transitions_async(target: Any, *, reason: str) -> None:
+    """:func:`bypass_transitions` for an ``AsyncSession`` or ``AsyncConnection``."""
+
+    def run(sync_target: Any) -> None:
+        bypass_transitions(sync_target, reason=reason)
+
+    await target.run_sync(run)

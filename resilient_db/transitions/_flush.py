@@ -1,0 +1,599 @@
+"""The flush guard: every changed row is checked before anything is sent, and the write is a
+compare-and-set carried by the flush's own UPDATE.
+
+``before_flush`` checks each change of a guarded column against the state the row was loaded in
+(and each new row against the initial states), then records per connection what every changed row
+must still hold. Engine listeners add ``AND col = :expected`` to the flush's UPDATE of those rows
+and compare its row count: a row that another transaction moved raises
+:class:`StaleTransitionError`. Where the row count can't tell, the rows are checked under lock
+before their UPDATE instead. No implicit lazy loads: works unchanged under ``AsyncSession``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from collections.abc import Sequence
+from typing import Any, NamedTuple, TypeAlias
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Mapper, Session, UOWTransaction
+from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.orm.base import PASSIVE_NO_INITIALIZE
+from sqlalchemy.orm.state import InstanceState
+from sqlalchemy.sql.elements import ClauseElement
+
+from resilient_db._config import Config
+from resilient_db._errors import IllegalTransitionError, StaleTransitionError
+from resilient_db._state import STATE
+
+from ._bypass import active_config
+from ._changes import Change, chunks, illegal, in_key_order, pk_filter, raise_errors
+from ._rules import Guard, compiled_guards, plain, sort_key, state_of
+
+__all__ = ["before_flush", "flush_ended", "install_engine_hooks"]
+
+
+def before_flush(
+    session: Session, flush_context: UOWTransaction, instances: Sequence[Any] | None
+) -> None:
+    flush_ended(session)  # an earlier flush that another before_flush listener stopped
+    config = active_config(session)
+    if config is None:
+        return
+    only = None if instances is None else {id(o) for o in instances}
+    errors: list[IllegalTransitionError] = []
+    changes: list[Change] = []
+    for obj in list(session.new):
+        if only is not None and id(obj) not in only:
+            continue
+        state = state_of(obj)
+        for guard in compiled_guards(state.mapper):
+            errors.extend(_check_insert(guard, state))
+    guards_by_mapper: dict[Mapper[Any], tuple[Guard, ...]] = {}
+    for obj in list(session.dirty):
+        if only is not None and id(obj) not in only:
+            continue
+        state = instance_state(obj)  # the session's objects are mapped: no inspect() needed
+        mapper = state.mapper
+        guards = guards_by_mapper.get(mapper)
+        if guards is None:
+            guards = guards_by_mapper[mapper] = compiled_guards(mapper)
+        if not guards or state.key is None:
+            continue
+        for guard in guards:
+            change = _pending_change(guard, state)
+            if change is None:
+                continue
+            if change.old_known and not guard.legal(guard.key(change.old), guard.key(change.new)):
+                errors.append(illegal(change, change.old, "flush"))
+            else:
+                changes.append(change)
+    if not errors and changes:
+        errors.extend(_prepare_compare_and_set(session, config, changes))
+    if errors:
+        raise_errors(errors, config)
+
+
+def _check_insert(guard: Guard, state: InstanceState[Any]) -> list[IllegalTransitionError]:
+    value = state.dict.get(guard.attr_key)
+    if value is None:
+        default = guard.column.default
+        if default is not None and getattr(default, "is_scalar", False):
+            value = getattr(default, "arg", None)
+        elif default is not None or guard.column.server_default is not None:
+            return []  # the database computes it; the trigger checks it
+    if isinstance(value, ClauseElement) or hasattr(value, "__clause_element__"):
+        return []  # a SQL expression: only the trigger can see its value
+    if guard.key(value) in guard.initial:
+        return []
+    allowed = ", ".join(repr(plain(guard.state(k))) for k in sorted(guard.initial, key=sort_key))
+    pk = guard.pk_of(state.key[1] if state.key else _pending_pk(guard, state))
+    return [
+        IllegalTransitionError(
+            model=guard.model,
+            pk=pk,
+            column=guard.attr_key,
+            from_state=None,
+            to_state=value,
+            via="flush",
+            reason=f"new rows must start in one of: {allowed}",
+        )
+    ]
+
+
+def _pending_pk(guard: Guard, state: InstanceState[Any]) -> tuple[Any, ...] | None:
+    values = tuple(state.dict.get(k) for k in guard.pk_attr_keys)
+    return None if all(v is None for v in values) else values
+
+
+def _pending_change(guard: Guard, state: InstanceState[Any]) -> Change | None:
+    """The change of the guarded column that the flush will write, if any.
+
+    ``history.added`` is empty exactly when the ORM leaves the column out of its UPDATE (both
+    compare with the attribute's ``is_equal``). A change to a value with the same database
+    spelling (an Enum member for its name) is still returned: it is legal, but the UPDATE sets
+    the column, so it carries the compare-and-set like any other.
+    """
+    if guard.attr_key not in state.committed_state:
+        return None  # the attribute was not set since the row was loaded
+    # the attribute's own history (``state.attrs[...]`` builds a view of every attribute)
+    history = state.manager[guard.attr_key].impl.get_history(
+        state, state.dict, PASSIVE_NO_INITIALIZE
+    )
+    if not history.added:
+        return None
+    new = history.added[0]
+    if new.__class__ is not str and (
+        isinstance(new, ClauseElement) or hasattr(new, "__clause_element__")
+    ):
+        return None  # a SQL expression: only the trigger can see its value
+    assert state.key is not None
+    identity = state.key[1]
+    known = bool(history.deleted)
+    old = next(iter(history.deleted), None)
+    pk = identity[0] if len(identity) == 1 else identity
+    return Change(guard, pk, identity, old, known, new, state.mapper)
+
+
+def _stale(change: Change, reason: str, from_state: Any = None) -> StaleTransitionError:
+    guard = change.guard
+    return StaleTransitionError(
+        model=guard.model,
+        pk=change.pk,
+        column=guard.attr_key,
+        from_state=change.old if from_state is None else from_state,
+        to_state=change.new,
+        via="flush",
+        reason=reason,
+    )
+
+
+def _moved(value: Any) -> str:
+    return f"the row now holds {plain(value)!r}; reload it and decide again"
+
+
+def _read_states(
+    conn: Connection,
+    pk_columns: Sequence[sa.Column[Any]],
+    columns: Sequence[sa.Column[Any]],
+    keys: Sequence[tuple[Any, ...]],
+    *,
+    lock: bool,
+) -> dict[tuple[Any, ...], tuple[Any, ...]]:
+    """``columns`` of the rows with primary keys ``keys``: one SELECT per chunk of keys, rows
+    in key order (``FOR UPDATE`` when ``lock``: concurrent flushes lock in the same order)."""
+    n_pk = len(pk_columns)
+    current: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+    for chunk in chunks(keys):
+        stmt = (
+            sa.select(*pk_columns, *columns)
+            .where(pk_filter(pk_columns, chunk))
+            .order_by(*pk_columns)
+        )
+        if lock:
+            stmt = stmt.with_for_update()
+        for row in conn.execute(stmt):
+            current[tuple(row[:n_pk])] = tuple(row[n_pk:])
+    return current
+
+
+def _check_against_db(
+    conn: Connection, changes: Sequence[Change], *, lock: bool
+) -> tuple[list[IllegalTransitionError], list[Any]]:
+    """Read the current state of every changed row (one SELECT per table) and check it: a row
+    whose loaded state is known must still hold it (else stale); a row whose state was not
+    loaded must be allowed to move from the state it holds (else illegal). Returns the errors
+    and, per change, the state read."""
+    by_table: dict[sa.Table, list[int]] = {}
+    for index, change in enumerate(changes):
+        by_table.setdefault(change.guard.table, []).append(index)
+    errors: list[IllegalTransitionError] = []
+    values: list[Any] = [None] * len(changes)
+    # tables, then rows, in a fixed order: concurrent flushes lock in the same order
+    for _, indexes in sorted(by_table.items(), key=lambda kv: (kv[0].schema or "", kv[0].name)):
+        group = [changes[i] for i in indexes]
+        columns: list[sa.Column[Any]] = []
+        for change in group:
+            if all(c is not change.guard.column for c in columns):
+                columns.append(change.guard.column)
+        keys = in_key_order({c.identity for c in group})
+        current = _read_states(conn, group[0].guard.pk_columns, columns, keys, lock=lock)
+        for index in indexes:
+            change = changes[index]
+            guard = change.guard
+            found = current.get(change.identity)
+            if found is None:
+                errors.append(_stale(change, "the row no longer exists"))
+                continue
+            db_value = found[next(i for i, c in enumerate(columns) if c is guard.column)]
+            values[index] = db_value
+            if not change.old_known:
+                if not guard.legal(guard.key(db_value), guard.key(change.new)):
+                    errors.append(illegal(change, db_value, "flush"))
+            elif guard.key(db_value) != guard.key(change.old):
+                errors.append(_stale(change, _moved(db_value)))
+    return errors, values
+
+
+# The compare-and-set, carried by the flush's own UPDATE ------------------------------------
+#
+# before_flush checks every move against the loaded state (nothing is sent for an illegal one)
+# and records, per connection, the state each changed row must still hold. A ``before_execute``
+# listener on the engine adds ``AND status = :expected`` to the flush's UPDATE of those rows,
+# and an ``after_execute`` listener compares the row count: a row that another transaction
+# moved (or deleted) is not matched, and StaleTransitionError is raised from the flush. The
+# current state of such a row is read on that error path only. SQLAlchemy's ``version_id_col``
+# makes the same check, but only for one column per mapper, on every UPDATE and DELETE of the
+# row, and one row per statement (a 1,000-row flush measured 5.4x slower on psycopg, 10.9x on
+# asyncpg); this keeps the ORM's executemany and leaves DELETE and other UPDATEs alone.
+#
+# Where the row count can't tell, the guard falls back to checking the rows under lock
+# (``SELECT ... FOR UPDATE``, one per table) before their UPDATE: on a dialect without a reliable
+# row count, for a session that picks connections per row (``connection_callable``, horizontal
+# sharding), for the rows of a table that change together on a dialect whose executemany
+# reports no row count (asyncpg; a lone row there gets the compare-and-set), and for an UPDATE in
+# which some row has no recorded expectation (its status was changed after before_flush).
+
+
+class _Expect(NamedTuple):
+    change: Change
+    value: Any  # the state the row must still hold: the loaded one, or the one read
+
+
+# what one row must still hold, per guarded column
+_Row: TypeAlias = dict[sa.Column[Any], _Expect]
+
+
+class _Inflight(NamedTuple):
+    statement: Any  # the UPDATE as sent (with the compare-and-set)
+    guards: tuple[Guard, ...]
+    rows: list[_Row]  # per parameter set
+
+
+@dataclasses.dataclass(eq=False)
+class _FlushChecks:
+    """What one flush expects of the rows it updates through one connection."""
+
+    config: Config
+    rows: dict[sa.Table, dict[tuple[Any, ...], _Row]] = dataclasses.field(default_factory=dict)
+    guards: dict[sa.Table, list[Guard]] = dataclasses.field(default_factory=dict)
+    inflight: _Inflight | None = None
+
+    def expect(self, change: Change, value: Any) -> None:
+        guard = change.guard
+        self.note_guard(guard)
+        self.rows.setdefault(guard.table, {}).setdefault(change.identity, {})[guard.column] = (
+            _Expect(change, value)
+        )
+
+    def note_guard(self, guard: Guard) -> None:
+        # one guard per column: the models of an inheritance hierarchy share the column, and the
+        # compare-and-set depends on nothing else (rules differ; errors name each row's model)
+        guards = self.guards.setdefault(guard.table, [])
+        if all(g.column is not guard.column for g in guards):
+            guards.append(guard)
+
+
+# Flushes in progress live in STATE: ``STATE.flush_checks`` (Connection -> _FlushChecks) by the
+# Connection their UPDATEs go through, ``STATE.flushing`` (Session -> [Connection]) the
+# connections of each session's flush. Weak: a connection or session that is dropped takes its
+# entry along. One thread (or greenlet) uses a Connection at a time. session.info stays the
+# user's. ``STATE.guard_engines``: the engines with the listeners below.
+#
+# A cache of _cas_statement() (the compare-and-set form of a flush's UPDATE, per guards):
+_cas_statements: weakref.WeakKeyDictionary[Any, dict[tuple[Guard, ...], Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def flush_ended(session: Session, *_: Any) -> None:
+    """after_flush / after_soft_rollback: the flush's expectations are done with."""
+    flushing = STATE.flushing
+    if flushing:  # else no guarded flush is in progress anywhere
+        flush_checks = STATE.flush_checks
+        for conn in flushing.pop(session, ()):
+            flush_checks.pop(conn, None)
+
+
+def _prepare_compare_and_set(
+    session: Session, config: Config, changes: list[Change]
+) -> list[IllegalTransitionError]:
+    """Record what each change expects of its row, on the connection the flush will use for
+    its UPDATE; rows whose state was not loaded are read first (and checked) so that their
+    UPDATE can carry the state they hold. Returns the errors found."""
+    by_conn: dict[Connection, list[Change]] = {}
+    conn_of: dict[Mapper[Any], Connection] = {}
+    for change in changes:
+        # the flush gets its connection with get_bind(mapper=base_mapper): the same one
+        base = change.mapper.base_mapper
+        conn = conn_of.get(base)
+        if conn is None:
+            conn = conn_of[base] = session.connection(bind_arguments={"mapper": base})
+        by_conn.setdefault(conn, []).append(change)
+    errors: list[IllegalTransitionError] = []
+    prepared: list[tuple[Connection, _FlushChecks]] = []
+    per_row_connections = session.connection_callable is not None
+    for conn, conn_changes in by_conn.items():
+        group = conn_changes
+        dialect = conn.dialect
+        if per_row_connections or not dialect.supports_sane_rowcount:
+            # the UPDATE's row count can't be trusted (or its connection known): lock and check
+            errors.extend(_check_against_db(conn, group, lock=True)[0])
+            continue
+        if not dialect.supports_sane_multi_rowcount:
+            # asyncpg: an executemany reports no row count, so the rows of a table that change
+            # together are locked and checked now (one SELECT per table); a lone row's UPDATE
+            # runs on its own and carries the compare-and-set
+            rows_of: dict[sa.Table, set[tuple[Any, ...]]] = {}
+            for change in group:
+                rows_of.setdefault(change.guard.table, set()).add(change.identity)
+            together = [c for c in group if len(rows_of[c.guard.table]) > 1]
+            if together:
+                errors.extend(_check_against_db(conn, together, lock=True)[0])
+                group = [c for c in group if len(rows_of[c.guard.table]) == 1]
+        checks = _FlushChecks(config)
+        unknown = [c for c in group if not c.old_known]
+        if unknown:
+            found, values = _check_against_db(conn, unknown, lock=False)
+            errors.extend(found)
+            for change, value in zip(unknown, values, strict=True):
+                checks.expect(change, value)
+        rows: dict[tuple[Any, ...], _Row] | None = None
+        last: Guard | None = None
+        for change in group:
+            if not change.old_known:
+                continue
+            guard = change.guard
+            if guard is not last:  # rows come grouped by model: look the table up on a switch
+                checks.note_guard(guard)
+                rows = checks.rows.setdefault(guard.table, {})
+                last = guard
+            assert rows is not None
+            row = rows.get(change.identity)
+            if row is None:
+                rows[change.identity] = {guard.column: _Expect(change, change.old)}
+            else:
+                row[guard.column] = _Expect(change, change.old)
+        prepared.append((conn, checks))
+    if errors:
+        return errors
+    for conn, checks in prepared:
+        install_engine_hooks(conn.engine)
+        STATE.flush_checks[conn] = checks
+    if prepared:
+        STATE.flushing[session] = [conn for conn, _ in prepared]
+    return errors
+
+
+def install_engine_hooks(engine: Engine) -> None:
+    """Listen on ``engine`` for the flush's UPDATEs, to attach the compare-and-set (idempotent).
+
+    The flush guard calls this when the engine first serves a guarded flush, so engines of
+    applications without transition rules never run the listeners (connection events make
+    SQLAlchemy take its slower execution path, a few microseconds per statement, unless the
+    engine has such listeners already). Existing connections see the listeners at once: they
+    join the engine's event dispatch when created.
+
+    SQLAlchemy's event registration is not meant to race with dispatch: a thread that is inside
+    another ``before_execute`` / ``after_execute`` listener of this engine while the listeners
+    are added fails with "deque mutated during iteration". Without such listeners there is
+    nothing to iterate; a session factory can also call this when it is created.
+    """
+    if engine in STATE.guard_engines:
+        return
+    with STATE.lock:
+        if engine in STATE.guard_engines:
+            return
+        event.listen(engine, "before_execute", _before_execute, retval=True)
+        event.listen(engine, "after_execute", _after_execute)
+        STATE.guard_engines.add(engine)
+
+
+def _before_execute(
+    conn: Connection,
+    clauseelement: Any,
+    multiparams: Any,
+    params: Any,
+    execution_options: Any,
+) -> tuple[Any, Any, Any]:
+    flush_checks = STATE.flush_checks
+    if flush_checks and isinstance(clauseelement, sa.Update):
+        checks: _FlushChecks | None = flush_checks.get(conn)
+        if checks is not None:
+            table_rows = checks.rows.get(clauseelement.table)  # type: ignore[call-overload]
+            if table_rows is not None:
+                return _attach_compare_and_set(
+                    conn, checks, table_rows, clauseelement, multiparams=multiparams, params=params
+                )
+    return clauseelement, multiparams, params
+
+
+def _attach_compare_and_set(
+    conn: Connection,
+    checks: _FlushChecks,
+    table_rows: dict[tuple[Any, ...], _Row],
+    statement: sa.Update,
+    *,
+    multiparams: list[dict[str, Any]],
+    params: dict[str, Any],
+) -> tuple[Any, Any, Any]:
+    rows = multiparams or [params]
+    first = rows[0]
+    guards = tuple(
+        g
+        for g in checks.guards[statement.table]  # type: ignore[index]
+        if g.column.key in first
+    )
+    if not guards:
+        return statement, multiparams, params  # the UPDATE leaves the guarded columns alone
+    labels = guards[0].pk_labels
+    try:
+        if len(labels) == 1:
+            label = labels[0]
+            identities = [(row[label],) for row in rows]
+        else:
+            identities = [tuple(row[label] for label in labels) for row in rows]
+    except KeyError:
+        # Not an UPDATE by primary key, so not the flush's own (one a flush event sends, say),
+        # yet it sets a guarded column of this table: the rows this flush expects something of
+        # are checked under lock before it runs, whichever of them it touches.
+        pending = [r for r in table_rows.values() if all(g.column in r for g in guards)]
+        if pending:
+            _lock_and_check(conn, checks, guards, pending)
+        return statement, multiparams, params
+    expected: list[_Row] = []
+    complete = True
+    single = guards[0] if len(guards) == 1 else None
+    for identity in identities:
+        found = table_rows.get(identity)
+        if found is None or (
+            single.column not in found
+            if single is not None
+            else any(g.column not in found for g in guards)
+        ):
+            complete = False
+        else:
+            expected.append(found)
+    if not expected:
+        return statement, multiparams, params
+    if not complete or (len(rows) > 1 and not conn.dialect.supports_sane_multi_rowcount):
+        _lock_and_check(conn, checks, guards, expected)
+        return statement, multiparams, params
+    cas = _cas_statement(statement, guards)
+    if len(guards) == 1:
+        guard = guards[0]
+        name = guard.cas_param
+        sent = [
+            {**row, name: found[guard.column].value}
+            for row, found in zip(rows, expected, strict=True)
+        ]
+    else:
+        sent = [
+            {**row, **{g.cas_param: found[g.column].value for g in guards}}
+            for row, found in zip(rows, expected, strict=True)
+        ]
+    checks.inflight = _Inflight(cas, guards, expected)
+    if multiparams:
+        return cas, sent, {}
+    return cas, [], sent[0]
+
+
+def _cas_statement(statement: sa.Update, guards: tuple[Guard, ...]) -> Any:
+    """``statement`` with ``AND col = :expected`` per guard (``IS NOT DISTINCT FROM`` for a
+    nullable column), memoized so that SQLAlchemy's compiled cache keeps hitting."""
+    by_guards = _cas_statements.get(statement)
+    if by_guards is None:
+        by_guards = _cas_statements.setdefault(statement, {})
+    found = by_guards.get(guards)
+    if found is None:
+        conditions = []
+        for g in guards:
+            expected = sa.bindparam(g.cas_param, type_=g.column.type)
+            conditions.append(
+                g.column.is_not_distinct_from(expected)
+                if g.column.nullable
+                else g.column == expected
+            )
+        found = by_guards[guards] = statement.where(*conditions)
+    return found
+
+
+def _lock_and_check(
+    conn: Connection,
+    checks: _FlushChecks,
+    guards: tuple[Guard, ...],
+    expected: list[_Row],
+) -> None:
+    """The fallback: lock the rows, check they hold the expected states, let the UPDATE go."""
+    changes = [
+        found[g.column].change._replace(old=found[g.column].value, old_known=True)
+        for found in expected
+        for g in guards
+    ]
+    errors = _check_against_db(conn, changes, lock=True)[0]
+    if errors:
+        raise_errors(errors, checks.config)
+
+
+def _after_execute(  # noqa: PLR0917 - SQLAlchemy passes the event's arguments by position
+    conn: Connection,
+    clauseelement: Any,
+    multiparams: Any,
+    params: Any,
+    execution_options: Any,
+    result: Any,
+) -> None:
+    flush_checks = STATE.flush_checks
+    if not flush_checks:
+        return
+    checks: _FlushChecks | None = flush_checks.get(conn)
+    if checks is None:
+        return
+    inflight = checks.inflight
+    if inflight is None or inflight.statement is not clauseelement:
+        return
+    checks.inflight = None
+    matched = result.rowcount
+    if matched == len(inflight.rows):
+        return
+    errors = _stale_rows(conn, inflight, matched)
+    if errors:
+        result.close()
+        raise_errors(errors, checks.config)
+    # every row still holds what this flush expected: not the status (e.g. the user's own
+    # version_id_col); SQLAlchemy's row count check raises its StaleDataError
+
+
+def _stale_rows(
+    conn: Connection, inflight: _Inflight, matched: int
+) -> list[IllegalTransitionError]:
+    """The error path of a compare-and-set UPDATE that matched fewer rows than it was sent for:
+    read what the rows hold now and say which moved."""
+    guards = inflight.guards
+    first = guards[0]
+    keys = in_key_order({found[first.column].change.identity for found in inflight.rows})
+    position = {identity: i for i, identity in enumerate(keys)}
+    rows = sorted(inflight.rows, key=lambda found: position[found[first.column].change.identity])
+    current = _read_states(conn, first.pk_columns, [g.column for g in guards], keys, lock=False)
+    stale: list[IllegalTransitionError] = []
+    unsure: list[_Row] = []
+    for found in rows:
+        change = found[first.column].change
+        now = current.get(change.identity)
+        if now is None:
+            stale.append(_stale(change, "the row no longer exists", found[first.column].value))
+            continue
+        moved = [
+            (g, value)
+            for g, value in zip(guards, now, strict=True)
+            if g.key(value) != g.key(found[g.column].value)
+        ]
+        if not moved:
+            continue  # still as expected: this row was updated, or stale for another reason
+        if len(rows) == 1 or any(g.key(v) != g.key(found[g.column].change.new) for g, v in moved):
+            g, value = next(
+                ((g, v) for g, v in moved if g.key(v) != g.key(found[g.column].change.new)),
+                moved[0],
+            )
+            stale.append(_stale(found[g.column].change, _moved(value), found[g.column].value))
+        else:
+            unsure.append(found)  # holds what this flush wrote: updated now, or moved there first
+    missing = len(rows) - matched - len(stale)
+    if missing > 0 and unsure:
+        # Rows that another transaction had already moved to the state this flush was writing
+        # look the same as rows this flush updated; name the first and say how many.
+        found = unsure[0]
+        change = found[first.column].change
+        stale.append(
+            _stale(
+                change,
+                f"{missing} of the {len(unsure)} rows of this UPDATE that now hold "
+                f"{plain(change.new)!r} had already been moved there by another transaction; "
+                "reload them and decide again",
+                found[first.column].value,
+            )
+        )
+    return stale

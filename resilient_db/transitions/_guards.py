@@ -1,0 +1,90 @@
+"""The session guards wired into SQLAlchemy: the flush guard's listeners on a Session class,
+and the bulk-UPDATE guard's, which are added only once a model with rules is configured."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.orm import Mapper, Session
+
+from resilient_db._state import STATE
+
+from ._bulk import do_orm_execute
+from ._flush import before_flush, flush_ended
+from ._rules import compiled_guards
+
+__all__ = ["guarded_models_exist", "install_guard"]
+
+
+def install_guard(session_class: type[Session]) -> None:
+    """Register the flush and bulk-UPDATE guards on ``session_class`` (idempotent).
+
+    The listeners act only for sessions of a resilient factory (their factory's
+    :class:`Config`), or whose ``info[GUARD_INFO_KEY]`` is a :class:`Config`, with
+    ``guard_on``; its ``bulk_update`` picks "filter" or "raise" for bulk UPDATEs. Listeners reach
+    subclasses, so a class whose base is guarded already is left alone (the guard runs once).
+    The first guarded flush through an engine adds the engine listeners that attach the
+    compare-and-set to the flush's UPDATE (see :func:`install_engine_hooks`).
+    """
+    if not (isinstance(session_class, type) and issubclass(session_class, Session)):
+        raise TypeError(f"install_guard() needs a Session subclass, got {session_class!r}")
+    if any(
+        event.contains(base, "before_flush", before_flush)
+        for base in session_class.__mro__[1:]
+        if isinstance(base, type) and issubclass(base, Session)
+    ):
+        return
+    # A bypass ends with its transaction: the bypass check (_bypass) compares the marker with the
+    # current transaction, so no after_transaction_end listener is needed on every transaction.
+    # after_flush / after_soft_rollback end what a flush expects of its UPDATEs (a failed flush
+    # rolls back, so one of the two always follows a flush that reached the database).
+    for name, fn in (
+        ("before_flush", before_flush),
+        ("after_flush", flush_ended),
+        ("after_soft_rollback", flush_ended),
+    ):
+        if not event.contains(session_class, name, fn):
+            event.listen(session_class, name, fn)
+    with STATE.lock:
+        STATE.guarded_session_classes.add(session_class)
+        needed = STATE.bulk_guard_needed
+    if needed:
+        _listen_bulk_guard(session_class)
+
+
+# A ``do_orm_execute`` listener makes SQLAlchemy build an ORMExecuteState for every statement
+# (several microseconds each), so the bulk-UPDATE guard is registered only once a model with
+# ``__transitions__`` has been configured: applications without rules don't pay for it. Mappers
+# configure before any statement naming them can run, so no guarded UPDATE gets past. The
+# classes guarded so far and whether such a model exists are in STATE (guarded_session_classes,
+# bulk_guard_needed).
+
+
+def _listen_bulk_guard(session_class: type[Session]) -> None:
+    if not any(
+        event.contains(base, "do_orm_execute", do_orm_execute)
+        for base in session_class.__mro__
+        if isinstance(base, type) and issubclass(base, Session)
+    ):
+        event.listen(session_class, "do_orm_execute", do_orm_execute)
+
+
+def _enable_bulk_guard() -> None:
+    with STATE.lock:
+        STATE.bulk_guard_needed = True
+        classes = list(STATE.guarded_session_classes)
+    for session_class in classes:
+        _listen_bulk_guard(session_class)
+
+
+@event.listens_for(Mapper, "mapper_configured")
+def _on_mapper_configured(mapper: Mapper[Any], class_: type[Any]) -> None:
+    """Validate ``__transitions__`` as soon as the mapper is configured (fail early)."""
+    if getattr(class_, "__transitions__", None) is not None and compiled_guards(mapper):
+        _enable_bulk_guard()
+
+
+def guarded_models_exist() -> bool:
+    """Whether a model with ``__transitions__`` has been configured in this process."""
+    return STATE.bulk_guard_needed

@@ -1,0 +1,119 @@
+"""Putting the trigger into a database and checking it is still there: running the generated
+statements through an Alembic ``op``, a Connection, an Engine or a Session (also used for the
+commit markers), install / uninstall, and drift detection against the declared rules."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Session
+
+from ._rules import guards_of
+from ._sql import drop_statements, install_statements, rules_stamp, trigger_names
+
+__all__ = [
+    "install_transition_trigger",
+    "run_statements",
+    "trigger_drift",
+    "uninstall_transition_trigger",
+]
+
+_TEXT_BIND = re.compile(r"(?<![:\w\\]):(\w+)(?!:)", re.UNICODE)
+
+
+def run_statements(target: Any, statements: list[str]) -> None:
+    """Send ``statements`` one at a time through ``target``: an Alembic ``op`` (offline mode:
+    emitted as SQL text, ``:name`` escaped), an Engine (in a transaction of its own), a Session
+    (its connection) or a Connection."""
+    migration_context = getattr(target, "migration_context", None)
+    if migration_context is None and not isinstance(target, (Engine, Connection, Session)):
+        get_context = getattr(target, "get_context", None)
+        if callable(get_context):  # ``from alembic import op``: the module proxy of Operations
+            migration_context = get_context()
+    if migration_context is not None:  # an Alembic Operations object (``op``)
+        if getattr(migration_context, "as_sql", False):
+            for stmt in statements:  # offline: escape ":name" so text() sees no bind
+                target.execute(sa.text(_TEXT_BIND.sub(lambda m: "\\" + m.group(0), stmt)))
+            return
+        target = target.get_bind()
+    if isinstance(target, Engine):
+        with target.begin() as conn:
+            run_statements(conn, statements)
+        return
+    if isinstance(target, Session):
+        target = target.connection()
+    if not isinstance(target, Connection):
+        raise TypeError(
+            "expected an Alembic op, a Connection, an Engine or a Session, got "
+            f"{type(target).__name__} (for asyncio use conn.run_sync(...))"
+        )
+    for stmt in statements:
+        target.exec_driver_sql(stmt, execution_options={"no_parameters": True})
+
+
+def install_transition_trigger(bind_or_op: Any, model: type[Any]) -> None:
+    """Install (or replace) the trigger of ``model``: in an Alembic migration pass ``op``;
+    otherwise a ``Connection``, ``Engine`` or ``Session`` (for asyncio:
+    ``await conn.run_sync(install_transition_trigger, Model)``)."""
+    run_statements(bind_or_op, [s for g in guards_of(model) for s in install_statements(g)])
+
+
+def uninstall_transition_trigger(bind_or_op: Any, model: type[Any]) -> None:
+    """Remove the trigger and function of ``model`` (the downgrade of the install)."""
+    run_statements(bind_or_op, [s for g in guards_of(model) for s in drop_statements(g)])
+
+
+_DRIFT_QUERY = sa.text(
+    """
+    SELECT t.tgname::text AS name, t.tgenabled::text AS enabled, p.proname::text AS function,
+           pg_catalog.obj_description(p.oid, 'pg_proc') AS stamp
+    FROM pg_catalog.pg_trigger t
+    JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
+    WHERE t.tgrelid = pg_catalog.to_regclass(:rel) AND t.tgname IN (:ins, :upd)
+    """
+)
+_TABLE_QUERY = sa.text("SELECT pg_catalog.to_regclass(:rel) IS NOT NULL")
+
+
+def trigger_drift(connection: Connection | Session, model: type[Any]) -> str | None:
+    """``None`` when the database enforces exactly the declared rules of ``model``; otherwise a
+    sentence saying what differs (trigger missing or disabled, stamp from other rules)."""
+    conn = connection.connection() if isinstance(connection, Session) else connection
+    problems: list[str] = []
+    for guard in guards_of(model):
+        n = trigger_names(guard)
+        where = f"{guard.model}.{guard.attr_key} (table {guard.table.name})"
+        if not conn.execute(_TABLE_QUERY, {"rel": n.table}).scalar():
+            problems.append(f"{where}: the table does not exist")
+            continue
+        rows = {
+            r.name: r
+            for r in conn.execute(
+                _DRIFT_QUERY, {"rel": n.table, "ins": n.insert_trigger, "upd": n.update_trigger}
+            )
+        }
+        expected = rules_stamp(guard)
+        stamps: set[str | None] = set()
+        for trigger in (n.insert_trigger, n.update_trigger):
+            row = rows.get(trigger)
+            if row is None:
+                problems.append(f"{where}: trigger {trigger} is missing")
+                continue
+            if row.enabled == "D":
+                problems.append(f"{where}: trigger {trigger} is disabled")
+            if row.function != n.function_name:
+                problems.append(
+                    f"{where}: trigger {trigger} calls {row.function}() instead of "
+                    f"{n.function_name}()"
+                )
+            else:
+                stamps.add(row.stamp)
+        for stamp in sorted(stamps - {expected}, key=str):
+            problems.append(
+                f"{where}: installed function stamp ({stamp or 'no stamp'}) does not match the "
+                f"declared rules ({expected}); reinstall with transition_trigger_sql()"
+            )
+    return "; ".join(problems) if problems else None

@@ -1,0 +1,71 @@
+"""The transition guard's counters and its report of a blocked move, through the one emitter.
+
+The counters live in :data:`resilient_db._state.STATE` (``reset_state()`` zeroes them); every
+block goes through :func:`resilient_db._observability.emit`, so the logging switches apply and
+the hooks see it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from resilient_db._config import Config, load_config
+from resilient_db._errors import IllegalTransitionError, StaleTransitionError
+from resilient_db._observability import emit
+from resilient_db._state import STATE
+
+from ._rules import plain
+
+__all__ = ["count", "env_config", "logger", "report", "transition_stats"]
+
+logger = logging.getLogger("resilient_db.transitions")
+
+
+def count(name: str, amount: int = 1) -> None:
+    with STATE.lock:
+        STATE.transition_stats[name] += amount
+
+
+def transition_stats() -> dict[str, int]:
+    """Counters since process start: blocked and stale transitions, rows left unchanged by the
+    bulk-UPDATE filter, and bypasses. Stable names, for ``health()`` and metrics."""
+    with STATE.lock:
+        return dict(STATE.transition_stats)
+
+
+def report(err: IllegalTransitionError, config: Config | None, *, blocked_rows: int = 1) -> None:
+    """Count ``err`` and report it through the one emitter (hooks and the ``[SELF-HEAL]`` line,
+    under ``config``'s switches; ``None``: the environment's configuration)."""
+    stale = isinstance(err, StaleTransitionError)
+    count("stale_transitions" if stale else "blocked_transitions")
+    emit(
+        config if config is not None else env_config(),
+        logger,
+        logging.WARNING if stale else logging.ERROR,
+        "Status transition blocked%s: %s(pk=%r).%s %s -> %r (via %s)%s",
+        " (row moved by another transaction)" if stale else "",
+        err.model,
+        err.pk,
+        err.column,
+        "(new row)" if err.from_state is None else repr(plain(err.from_state)),
+        plain(err.to_state),
+        err.via,
+        f"; {err.reason}" if err.reason else "",
+        event="transition_blocked",
+        model=err.model,
+        pk=err.pk,
+        column=err.column,
+        from_state=plain(err.from_state),
+        to_state=plain(err.to_state),
+        via=err.via,
+        stale=stale,
+        blocked_rows=blocked_rows,
+    )
+
+
+def env_config() -> Config:
+    """The environment's configuration, for reports outside any factory's session."""
+    try:
+        return load_config()
+    except Exception:  # a bad environment must not hide the report
+        return Config()

@@ -1,0 +1,543 @@
+"""Transition rules: the frozen declaration, its validation, and its compiled form per mapper.
+
+:class:`TransitionRules` is plain data checked when built. When a model's mapper is configured
+its rules are compiled into one :class:`Guard` per guarded column: every state under the key the
+database spells it by (``col::text``), the transition graph with the wildcard applied, the
+primary key. Everything else in the package works from guards. Pure: no connection, no session.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import threading
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, TypeAlias
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Mapper
+from sqlalchemy.orm.state import InstanceState
+
+from resilient_db._errors import ResilientDBError
+
+__all__ = [
+    "ANY_STATE",
+    "Guard",
+    "Key",
+    "State",
+    "TransitionRules",
+    "TransitionRulesError",
+    "allowed_transitions",
+    "compiled_guards",
+    "expand",
+    "guard_for_table",
+    "guards_of",
+    "identity_key",
+    "one_guard",
+    "plain",
+    "sort_key",
+    "state_of",
+    "transition_rules",
+]
+
+#: Wildcard source state: "from any declared state".
+ANY_STATE = "*"
+
+#: A status value: a string, an integer or an ``enum.Enum`` member (``None`` means SQL NULL).
+State: TypeAlias = str | int | enum.Enum | None
+Key: TypeAlias = str | None  # a state as the database spells it (``col::text``)
+
+
+class TransitionRulesError(ResilientDBError, ValueError):
+    """A ``__transitions__`` declaration is wrong (unknown column, unreachable state, bad type).
+
+    Raised when the rules are built or when the model's mapper is configured; the message names
+    the model, the column and the offending state.
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# Rules: frozen data
+# --------------------------------------------------------------------------------------------
+
+
+def _check_state(value: object, *, where: str, column: str) -> State:
+    if value is None or isinstance(value, enum.Enum):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise TransitionRulesError(
+            f"TransitionRules(column={column!r}): {where} contains {value!r} of type "
+            f"{type(value).__name__}; states must be str, int or enum.Enum members"
+        )
+    if isinstance(value, str) and "\x00" in value:
+        raise TransitionRulesError(
+            f"TransitionRules(column={column!r}): {where} contains a state with a NUL character, "
+            "which PostgreSQL text cannot store"
+        )
+    return value
+
+
+def _state_set(values: object, *, where: str, column: str) -> frozenset[State]:
+    if isinstance(values, (str, bytes, enum.Enum)) or not isinstance(values, Iterable):
+        raise TransitionRulesError(
+            f"TransitionRules(column={column!r}): {where} must be a set of states, got "
+            f"{values!r}; write e.g. {{{values!r}}}"
+        )
+    out = frozenset(_check_state(v, where=where, column=column) for v in values)
+    if ANY_STATE in out:
+        raise TransitionRulesError(
+            f"TransitionRules(column={column!r}): {where} contains {ANY_STATE!r}; the wildcard "
+            "may only be used as a source state (a key of transitions)"
+        )
+    return out
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class TransitionRules:
+    """Which values a status column may move between; declare as ``__transitions__`` on a model.
+
+    ``column``: the mapped attribute name (or database column name) of the status.
+    ``transitions``: ``{from_state: {to_state, ...}}``; the key ``"*"`` (:data:`ANY_STATE`)
+    means "from any declared state". ``initial``: the states a new row may start in.
+    ``states``: optionally, every state of the machine; when given, a state used in the rules
+    but missing here is an error. States are strings, integers or ``enum.Enum`` members (for a
+    SQLAlchemy ``Enum`` column); ``None`` stands for SQL NULL and is a state only if declared.
+
+    Instances are immutable and hashable. A model may guard several columns by setting
+    ``__transitions__`` to a sequence of rules. Setting a column to the value it already holds
+    is never a transition.
+    """
+
+    column: str
+    transitions: Mapping[State, frozenset[State]] = dataclasses.field(hash=False)
+    initial: frozenset[State]
+    states: frozenset[State] | None
+
+    def __init__(
+        self,
+        *,
+        column: str,
+        transitions: Mapping[State, Iterable[State]],
+        initial: Iterable[State],
+        states: Iterable[State] | None = None,
+    ) -> None:
+        if not isinstance(column, str) or not column:
+            raise TransitionRulesError(
+                f"TransitionRules: column must be the name of the status attribute, got {column!r}"
+            )
+        if not isinstance(transitions, Mapping):
+            raise TransitionRulesError(
+                f"TransitionRules(column={column!r}): transitions must be a mapping "
+                f"{{from_state: {{to_state, ...}}}}, got {type(transitions).__name__}"
+            )
+        table: dict[State, frozenset[State]] = {}
+        for source, targets in transitions.items():
+            src = _check_state(source, where="transitions", column=column)
+            table[src] = _state_set(targets, where=f"transitions[{source!r}]", column=column)
+        init = _state_set(initial, where="initial", column=column)
+        if not init:
+            raise TransitionRulesError(
+                f"TransitionRules(column={column!r}): initial is empty, so no row could ever be "
+                "inserted; name the state(s) new rows start in"
+            )
+        declared = None if states is None else _state_set(states, where="states", column=column)
+        object.__setattr__(self, "column", column)
+        object.__setattr__(self, "transitions", MappingProxyType(table))
+        object.__setattr__(self, "initial", init)
+        object.__setattr__(self, "states", declared)
+
+    @property
+    def declared_states(self) -> frozenset[State]:
+        """Every state named by the rules (the wildcard excluded)."""
+        found: set[State] = set(self.initial)
+        for source, targets in self.transitions.items():
+            if source != ANY_STATE:
+                found.add(source)
+            found.update(targets)
+        if self.states is not None:
+            found.update(self.states)
+        return frozenset(found)
+
+    def next_states(self, state: State) -> frozenset[State]:
+        """The states a row in ``state`` may move to (by equality of the declared values)."""
+        graph = expand(self.declared_states, self.transitions, key=identity_key)
+        return graph.get(state, frozenset())
+
+
+def identity_key(value: State) -> Any:
+    """The ``key`` of :func:`expand` for a graph over the states as declared."""
+    return value
+
+
+def expand(
+    declared: Iterable[State],
+    transitions: Mapping[State, frozenset[State]],
+    *,
+    key: Any,
+) -> dict[Any, frozenset[Any]]:
+    """The transition graph over ``key(state)``, with the wildcard applied to every state."""
+    nodes = {key(s) for s in declared}
+    wildcard = {key(t) for t in transitions.get(ANY_STATE, frozenset())}
+    graph: dict[Any, set[Any]] = {n: set() for n in nodes}
+    for source, targets in transitions.items():
+        if source == ANY_STATE:
+            continue
+        graph.setdefault(key(source), set()).update(key(t) for t in targets)
+    for node, moves in graph.items():
+        moves.update(wildcard)
+        moves.discard(node)
+    return {n: frozenset(t) for n, t in graph.items()}
+
+
+def _normalize_rules(value: object, owner: str) -> tuple[TransitionRules, ...]:
+    if isinstance(value, TransitionRules):
+        return (value,)
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        rules = tuple(value)
+        for item in rules:
+            if not isinstance(item, TransitionRules):
+                raise TransitionRulesError(
+                    f"{owner}.__transitions__ must be a TransitionRules or a sequence of them; "
+                    f"found {item!r}"
+                )
+        return rules
+    raise TransitionRulesError(
+        f"{owner}.__transitions__ must be a TransitionRules or a sequence of them, got {value!r}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Compiled guard: one per (mapper, guarded column)
+# --------------------------------------------------------------------------------------------
+
+
+class _Undeclared(str):
+    """Key of a value that is no state of the column type; it starts with NUL, which no real
+    key contains, so it never equals one."""
+
+    __slots__ = ()
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Guard:
+    """The compiled rules of one guarded column of one mapper. States are handled by their key,
+    the text the database gives for them (``col::text``), so that a name, an enum member and
+    its value compare as the database does."""
+
+    rules: TransitionRules
+    model: str
+    attr_key: str
+    column: sa.Column[Any]
+    pk_columns: tuple[sa.Column[Any], ...]
+    pk_attr_keys: tuple[str, ...]
+    initial: frozenset[Key]
+    next: Mapping[Key, frozenset[Key]]
+    states: Mapping[Key, State]  # key -> declared state (for users)
+    binds: Mapping[Key, Any]  # key -> value as SQLAlchemy binds it for this column
+    pk_labels: tuple[str, ...]  # how the flush's UPDATE names its primary-key parameters
+    cas_param: str  # the parameter carrying the expected state in that UPDATE
+    text_keys: bool  # a str value is its own key (any column type but Enum)
+
+    @property
+    def table(self) -> sa.Table:
+        table = self.column.table
+        assert isinstance(table, sa.Table)
+        return table
+
+    def key(self, value: object) -> Key:
+        """The database spelling of ``value`` (what ``col::text`` gives)."""
+        if value.__class__ is str and self.text_keys:
+            return value  # the common case, without _db_key
+        try:
+            return _db_key(self.column.type, value)
+        except (LookupError, TypeError, ValueError):
+            return _Undeclared("\x00" + repr(value))
+
+    def legal(self, old: Key, new: Key) -> bool:
+        return old == new or new in self.next.get(old, frozenset())
+
+    def sources_of(self, target: Key) -> frozenset[Key]:
+        """Keys that may move to ``target``, ``target`` itself included (a no-op is fine)."""
+        found = {source for source, targets in self.next.items() if target in targets}
+        found.add(target)
+        return frozenset(found)
+
+    def state(self, key: Key) -> Any:
+        """The declared state for a key, or the database text when the key is undeclared."""
+        return self.states.get(key, key)
+
+    def pk_of(self, identity: Sequence[Any] | None) -> Any:
+        if identity is None:
+            return None
+        values = tuple(identity)
+        return values[0] if len(values) == 1 else values
+
+
+def _db_key(type_: sa.types.TypeEngine[Any], value: object) -> Key:
+    if value is None:
+        return None
+    impl = getattr(type_, "impl", type_) if isinstance(type_, sa.types.TypeDecorator) else type_
+    if isinstance(impl, sa.Enum):
+        enum_type: Any = impl  # _db_value_for_elem: name or member -> database value
+        db = enum_type._db_value_for_elem(value)
+        if db is not None and db not in impl.enums:
+            raise LookupError(f"{value!r} is not among the values of {impl!r}")
+        return None if db is None else str(db)
+    if isinstance(value, enum.Enum):
+        return _db_key(type_, value.value)
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise TypeError(f"{value!r} is no state value")
+    return str(value)
+
+
+def _bind_value(type_: sa.types.TypeEngine[Any], state: State) -> Any:
+    impl = getattr(type_, "impl", type_) if isinstance(type_, sa.types.TypeDecorator) else type_
+    if isinstance(impl, sa.Enum) or not isinstance(state, enum.Enum):
+        return state
+    return state.value
+
+
+# A cache of compile(): the guards of each mapper, and an index of them by (table, column) for
+# mapping the trigger's error back to the model. Derived from the mappers alone (nothing here is
+# process state to reset: a mapper compiles to the same guards again).
+_compiled: weakref.WeakKeyDictionary[Mapper[Any], tuple[Guard, ...]] = weakref.WeakKeyDictionary()
+_by_table: dict[tuple[str, str], list[weakref.ref[Guard]]] = {}
+_cache_lock = threading.Lock()
+
+
+def compiled_guards(mapper: Mapper[Any]) -> tuple[Guard, ...]:
+    """The compiled guards of ``mapper`` (compiled and validated on first use)."""
+    found = _compiled.get(mapper)
+    if found is not None:
+        return found
+    declared = getattr(mapper.class_, "__transitions__", None)
+    guards: tuple[Guard, ...] = ()
+    if declared is not None:
+        owner = mapper.class_.__name__
+        rules = _normalize_rules(declared, owner)
+        guards = tuple(_compile(mapper, r) for r in rules)
+        columns = [g.column for g in guards]
+        for g in guards:
+            if sum(c is g.column for c in columns) > 1:
+                raise TransitionRulesError(
+                    f"{owner}.__transitions__ declares rules for column {g.attr_key!r} twice"
+                )
+    with _cache_lock:
+        _compiled[mapper] = guards
+        for g in guards:
+            refs = _by_table.setdefault((g.table.name, g.column.name), [])
+            refs[:] = [r for r in refs if r() is not None]
+            refs.append(weakref.ref(g))
+    return guards
+
+
+def _compile(mapper: Mapper[Any], rules: TransitionRules) -> Guard:
+    model = mapper.class_.__name__
+    where = f"{model}.__transitions__ (column {rules.column!r})"
+    attr_key, column = _resolve_column(mapper, rules.column, where)
+    type_ = column.type
+    impl = getattr(type_, "impl", type_) if isinstance(type_, sa.types.TypeDecorator) else type_
+
+    states: dict[Key, State] = {}
+    binds: dict[Key, Any] = {}
+    for state in sorted(rules.declared_states, key=sort_key):
+        try:
+            key = _db_key(type_, state)
+        except (LookupError, TypeError, ValueError):
+            allowed = ", ".join(repr(v) for v in getattr(impl, "enums", ()))
+            raise TransitionRulesError(
+                f"{where}: state {state!r} has no declaration in the column type "
+                f"{type_!r}" + (f" (declared values: {allowed})" if allowed else "")
+            ) from None
+        if key in states and states[key] != state:
+            raise TransitionRulesError(
+                f"{where}: states {states[key]!r} and {state!r} are the same database value "
+                f"{key!r}; declare each state once"
+            )
+        states[key] = state
+        binds[key] = _bind_value(type_, state)
+    if isinstance(impl, sa.Enum) and impl.enum_class is not None:
+        for member in impl.enum_class:
+            member_key = _db_key(type_, member)
+            if member_key in binds:
+                binds[member_key] = member
+                if not isinstance(states[member_key], enum.Enum):
+                    states[member_key] = member
+
+    def key_of(state: State) -> Key:
+        return _db_key(type_, state)
+
+    graph = expand(rules.declared_states, rules.transitions, key=key_of)
+    initial = frozenset(key_of(s) for s in rules.initial)
+    if rules.states is not None:
+        declared_keys = {key_of(s) for s in rules.states}
+        for key in sorted(set(graph) - declared_keys, key=sort_key):
+            raise TransitionRulesError(
+                f"{where}: state {states[key]!r} is used in the rules but not declared in states="
+            )
+    reached = set(initial)
+    todo = list(initial)
+    while todo:
+        for target in graph.get(todo.pop(), frozenset()):
+            if target not in reached:
+                reached.add(target)
+                todo.append(target)
+    for key in sorted(set(graph) - reached, key=sort_key):
+        raise TransitionRulesError(
+            f"{where}: state {states[key]!r} is neither initial nor reachable from an initial "
+            f"state ({', '.join(repr(states[k]) for k in sorted(initial, key=sort_key))}); "
+            "add a transition into it or list it in initial"
+        )
+
+    pk_columns, pk_attr_keys = _pk_columns(mapper, column, where)
+    # The ORM's flush binds an UPDATE's primary key as ``col._label`` (``tasks_id``) and the new
+    # values as ``col.key``; the compare-and-set reads both (see _attach_compare_and_set).
+    pk_labels = tuple(str(c._label) for c in pk_columns)
+    position = next(i for i, c in enumerate(column.table.columns) if c is column)
+    return Guard(
+        rules=rules,
+        model=model,
+        attr_key=attr_key,
+        column=column,
+        pk_columns=pk_columns,
+        pk_attr_keys=pk_attr_keys,
+        initial=initial,
+        next=MappingProxyType(graph),
+        states=MappingProxyType(states),
+        binds=MappingProxyType(binds),
+        pk_labels=pk_labels,
+        cas_param=f"rdb_expected_{position}",
+        text_keys=not isinstance(impl, sa.Enum),
+    )
+
+
+def _resolve_column(mapper: Mapper[Any], name: str, where: str) -> tuple[str, sa.Column[Any]]:
+    columns = mapper.columns
+    found: tuple[str, Any] | None = None
+    if name in columns:
+        found = (name, columns[name])
+    else:
+        for key, col in columns.items():
+            if getattr(col, "name", None) == name:
+                found = (key, col)
+                break
+    if found is None:
+        known = ", ".join(sorted(columns.keys()))
+        raise TransitionRulesError(
+            f"{where}: {mapper.class_.__name__} has no mapped column {name!r} (mapped: {known})"
+        )
+    key, col = found
+    if not isinstance(col, sa.Column) or not isinstance(col.table, sa.Table):
+        raise TransitionRulesError(
+            f"{where}: {name!r} is mapped to a SQL expression, not to a table column"
+        )
+    return key, col
+
+
+def _pk_columns(
+    mapper: Mapper[Any], column: sa.Column[Any], where: str
+) -> tuple[tuple[sa.Column[Any], ...], tuple[str, ...]]:
+    table = column.table
+    mapper_pk = tuple(mapper.primary_key)
+    attr_keys = tuple(mapper.get_property_by_column(c).key for c in mapper_pk)
+    if all(c.table is table for c in mapper_pk):
+        return tuple(c for c in mapper_pk if isinstance(c, sa.Column)), attr_keys
+    table_pk = tuple(table.primary_key.columns)
+    if len(table_pk) != len(mapper_pk):
+        raise TransitionRulesError(
+            f"{where}: the primary key of table {table.name!r} does not line up with the "
+            f"primary key of {mapper.class_.__name__}; guard a column of the base table instead"
+        )
+    return table_pk, attr_keys
+
+
+def sort_key(key: object) -> tuple[int, str]:
+    """A total order over states and keys (NULL first), for deterministic output."""
+    return (0, "") if key is None else (1, str(key))
+
+
+# --------------------------------------------------------------------------------------------
+# Looking guards up, and introspection
+# --------------------------------------------------------------------------------------------
+
+
+def _mapper_of(target: object) -> Mapper[Any]:
+    if isinstance(target, Mapper):
+        return target
+    insp = sa.inspect(target, raiseerr=False)
+    mapper = getattr(insp, "mapper", None)
+    if not isinstance(mapper, Mapper):
+        raise TypeError(f"{target!r} is not a mapped class or instance")
+    return mapper
+
+
+def state_of(obj: object) -> InstanceState[Any]:
+    state = sa.inspect(obj, raiseerr=False)
+    if not isinstance(state, InstanceState):
+        raise TypeError(f"{obj!r} is not an instance of a mapped class")
+    return state
+
+
+def guards_of(target: object) -> tuple[Guard, ...]:
+    """The guards of a mapped class, instance or mapper; raises if it declares no rules."""
+    mapper = _mapper_of(target)
+    guards = compiled_guards(mapper)
+    if not guards:
+        raise TransitionRulesError(f"{mapper.class_.__name__} declares no __transitions__")
+    return guards
+
+
+def one_guard(target: object, column: str | None) -> Guard:
+    """The guard of ``column`` (which may be omitted when the model guards one column)."""
+    guards = guards_of(target)
+    if column is None:
+        if len(guards) > 1:
+            names = ", ".join(repr(g.attr_key) for g in guards)
+            raise TypeError(f"{guards[0].model} guards several columns ({names}); pass column=")
+        return guards[0]
+    for g in guards:
+        if column in (g.attr_key, g.column.name):
+            return g
+    raise TransitionRulesError(f"{guards[0].model} declares no transitions for column {column!r}")
+
+
+def transition_rules(model: type[Any]) -> tuple[TransitionRules, ...]:
+    """The validated rules declared on ``model`` (one entry per guarded column)."""
+    return tuple(g.rules for g in guards_of(model))
+
+
+def allowed_transitions(obj: object, *, column: str | None = None) -> set[Any]:
+    """The states ``obj`` may move to from its current in-memory state.
+
+    For an object that is not yet in the database, the initial states. ``column`` picks the
+    guarded column when the model guards several. The attribute is read as usual; under
+    ``AsyncSession`` make sure it is loaded (an expired attribute would need I/O).
+    """
+    guard = one_guard(obj, column)
+    state = state_of(obj)
+    if state.key is None:
+        return {guard.state(k) for k in guard.initial}
+    value = getattr(obj, guard.attr_key)
+    return {guard.state(k) for k in guard.next.get(guard.key(value), frozenset())}
+
+
+def plain(state: object) -> object:
+    """A state as logs and diagrams show it (an enum member by its value)."""
+    return state.value if isinstance(state, enum.Enum) else state
+
+
+def guard_for_table(model: object, schema: object, table: str, column: str) -> Guard | None:
+    """The guard that installed the trigger, preferring the same model name and schema."""
+    with _cache_lock:
+        refs = list(_by_table.get((table, column), ()))
+    candidates = [
+        g
+        for g in (r() for r in reversed(refs))
+        if g is not None and g.table.schema in (None, schema)
+    ]
+    for g in candidates:
+        if g.model == model:
+            return g
+    return candidates[0] if candidates else None

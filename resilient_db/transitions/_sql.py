@@ -1,0 +1,239 @@
+"""The database trigger as SQL text: a PL/pgSQL function per guarded column, its INSERT and
+UPDATE triggers, their names (within PostgreSQL's 63 bytes), the stamp that identifies the rules
+they enforce, and the drop script. Pure: every identifier and literal is quoted here, nothing is
+sent (see ``_install`` for that)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Collection, Iterable
+from typing import Any, NamedTuple
+
+from ._rules import Guard, Key, TransitionRulesError, guards_of, sort_key
+
+__all__ = [
+    "BYPASS_SETTING",
+    "TRANSITION_SQLSTATE",
+    "TriggerNames",
+    "drop_statements",
+    "ident",
+    "install_statements",
+    "literal",
+    "pg_name",
+    "rules_stamp",
+    "transition_trigger_drop_sql",
+    "transition_trigger_sql",
+    "trigger_names",
+]
+
+#: SQLSTATE raised by the generated trigger (class ``RD`` is not used by PostgreSQL).
+TRANSITION_SQLSTATE = "RDB01"
+#: The transaction-local setting that the trigger reads to allow an audited bypass.
+BYPASS_SETTING = "resilient_db.bypass_transitions"
+
+_GENERATOR_VERSION = 1
+_STAMP_PREFIX = "resilient_db transition guard"
+_PG_NAME_MAX = 63  # NAMEDATALEN - 1, in bytes
+
+
+def ident(name: str) -> str:
+    if "\x00" in name:
+        raise TransitionRulesError(f"identifier {name!r} contains a NUL character")
+    return '"' + name.replace('"', '""') + '"'
+
+
+def literal(value: str) -> str:
+    """A PostgreSQL string literal that means ``value`` whatever standard_conforming_strings is.
+
+    Plain ``'...'`` when there is nothing special; otherwise an escape string ``E'...'`` in which
+    backslashes and control characters are written as ``\\xHH`` (so the SQL text itself contains
+    neither, and survives tools that rewrite tabs or treat backslash-colon specially).
+    """
+    if "\x00" in value:
+        raise TransitionRulesError(f"value {value!r} contains a NUL character")
+    if not any(ch == "\\" or ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        return "'" + value.replace("'", "''") + "'"
+    out = []
+    for ch in value:
+        if ch == "'":
+            out.append("''")
+        elif ch == "\\" or ord(ch) < 32 or ord(ch) == 127:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(ch)
+    return "E'" + "".join(out) + "'"
+
+
+def pg_name(*parts: str) -> str:
+    """A PostgreSQL identifier from ``parts``, shortened with a hash to fit 63 bytes."""
+    name = "_".join(parts)
+    if len(name.encode()) <= _PG_NAME_MAX:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:10]
+    budget = _PG_NAME_MAX - len(digest) - 1
+    short = name.encode()[:budget].decode(errors="ignore")
+    return f"{short}_{digest}"
+
+
+class TriggerNames(NamedTuple):
+    table: str  # quoted, schema-qualified when the table has a schema
+    function: str  # quoted, schema-qualified likewise
+    function_name: str
+    insert_trigger: str
+    update_trigger: str
+
+
+def trigger_names(guard: Guard) -> TriggerNames:
+    table = guard.table
+    schema = f"{ident(table.schema)}." if table.schema else ""
+    function_name = pg_name("rdb_transition", table.name, guard.column.name)
+    return TriggerNames(
+        table=f"{schema}{ident(table.name)}",
+        function=f"{schema}{ident(function_name)}",
+        function_name=function_name,
+        insert_trigger=pg_name("rdb_transition", guard.column.name, "ins"),
+        update_trigger=pg_name("rdb_transition", guard.column.name, "upd"),
+    )
+
+
+def rules_stamp(guard: Guard) -> str:
+    """Version stamp: a hash of the database-level rules and of the generator version."""
+    canonical = {
+        "generator": _GENERATOR_VERSION,
+        "model": guard.model,
+        "schema": guard.table.schema,
+        "table": guard.table.name,
+        "column": guard.column.name,
+        "pk": [c.name for c in guard.pk_columns],
+        "initial": sorted(guard.initial, key=sort_key),
+        "transitions": [
+            [source, sorted(targets, key=sort_key)]
+            for source, targets in sorted(guard.next.items(), key=lambda kv: sort_key(kv[0]))
+        ],
+    }
+    digest = hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
+    return f"{_STAMP_PREFIX} v{_GENERATOR_VERSION} rules-sha256={digest}"
+
+
+def _member_sql(expr: str, keys: Collection[Key]) -> str:
+    present = sorted((k for k in keys if k is not None), key=sort_key)
+    parts = []
+    if present:
+        parts.append(f"coalesce({expr} IN ({', '.join(literal(k) for k in present)}), false)")
+    if None in keys:
+        parts.append(f"{expr} IS NULL")
+    if not parts:
+        return "false"
+    return parts[0] if len(parts) == 1 else "(" + " OR ".join(parts) + ")"
+
+
+def _function_body(guard: Guard) -> str:
+    col = ident(guard.column.name)
+    col_lit = literal(guard.column.name)
+    pk_new = ", ".join(f"{literal(c.name)}, NEW.{ident(c.name)}" for c in guard.pk_columns)
+    pk_old = ", ".join(f"{literal(c.name)}, OLD.{ident(c.name)}" for c in guard.pk_columns)
+    moves = [
+        f"(v_from IS NOT DISTINCT FROM {'NULL' if src is None else literal(src)}"
+        f" AND {_member_sql('v_to', targets)})"
+        for src, targets in sorted(guard.next.items(), key=lambda kv: sort_key(kv[0]))
+        if targets
+    ]
+    update_ok = "\n            OR ".join(moves) if moves else "false"
+    return f"""
+DECLARE
+    v_from text;
+    v_to text := NEW.{col}::text;
+    v_pk json;
+BEGIN
+    IF coalesce(current_setting({literal(BYPASS_SETTING)}, true), '') = 'on' THEN
+        RETURN NEW;
+    END IF;
+    IF TG_OP = 'INSERT' THEN
+        IF {_member_sql("v_to", guard.initial)} THEN
+            RETURN NEW;
+        END IF;
+        v_pk := json_build_object({pk_new});
+    ELSE
+        v_from := OLD.{col}::text;
+        IF v_from IS NOT DISTINCT FROM v_to THEN
+            RETURN NEW;
+        END IF;
+        IF {update_ok} THEN
+            RETURN NEW;
+        END IF;
+        v_pk := json_build_object({pk_old});
+    END IF;
+    RAISE EXCEPTION USING
+        ERRCODE = {literal(TRANSITION_SQLSTATE)},
+        MESSAGE = format('Status transition blocked: %s.%s %s -> %s',
+            TG_TABLE_NAME, {col_lit},
+            CASE WHEN TG_OP = 'INSERT' THEN '(new row)'
+                 ELSE coalesce(quote_literal(v_from), 'NULL') END,
+            coalesce(quote_literal(v_to), 'NULL')),
+        DETAIL = json_build_object(
+            'resilient_db', 'transition', 'model', {literal(guard.model)},
+            'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME, 'column', {col_lit},
+            'op', TG_OP, 'from', v_from, 'to', v_to, 'pk', v_pk)::text,
+        HINT = 'Allowed moves are declared in the __transitions__ of the model; '
+            'for an audited repair use resilient_db bypass_transitions()';
+END
+"""
+
+
+def _dollar_quote(body: str) -> str:
+    tag = "$rdb$"
+    n = 0
+    while tag in body:
+        n += 1
+        tag = f"$rdb{n}$"
+    return f"{tag}{body}{tag}"
+
+
+def install_statements(guard: Guard) -> list[str]:
+    n = trigger_names(guard)
+    col = ident(guard.column.name)
+    return [
+        f"CREATE OR REPLACE FUNCTION {n.function}() RETURNS trigger LANGUAGE plpgsql\n"
+        f"SET search_path = pg_catalog, pg_temp\n"
+        f"AS {_dollar_quote(_function_body(guard))}",
+        f"COMMENT ON FUNCTION {n.function}() IS {literal(rules_stamp(guard))}",
+        f"DROP TRIGGER IF EXISTS {ident(n.insert_trigger)} ON {n.table}",
+        f"CREATE TRIGGER {ident(n.insert_trigger)} BEFORE INSERT ON {n.table}\n"
+        f"FOR EACH ROW EXECUTE FUNCTION {n.function}()",
+        f"DROP TRIGGER IF EXISTS {ident(n.update_trigger)} ON {n.table}",
+        f"CREATE TRIGGER {ident(n.update_trigger)} BEFORE UPDATE ON {n.table}\n"
+        f"FOR EACH ROW WHEN (OLD.{col} IS DISTINCT FROM NEW.{col})\n"
+        f"EXECUTE FUNCTION {n.function}()",
+    ]
+
+
+def drop_statements(guard: Guard) -> list[str]:
+    n = trigger_names(guard)
+    return [
+        f"DROP TRIGGER IF EXISTS {ident(n.insert_trigger)} ON {n.table}",
+        f"DROP TRIGGER IF EXISTS {ident(n.update_trigger)} ON {n.table}",
+        f"DROP FUNCTION IF EXISTS {n.function}()",
+    ]
+
+
+def _script(statements: Iterable[str]) -> str:
+    return "".join(f"{s};\n\n" for s in statements).rstrip("\n") + "\n"
+
+
+def transition_trigger_sql(model: type[Any]) -> str:
+    """Idempotent PostgreSQL DDL enforcing the rules of ``model`` in the database.
+
+    Per guarded column: a PL/pgSQL function (``CREATE OR REPLACE``) stamped with a hash of the
+    rules (``COMMENT ON FUNCTION``), a ``BEFORE INSERT`` trigger and a ``BEFORE UPDATE`` trigger
+    that fires only ``WHEN (OLD.col IS DISTINCT FROM NEW.col)``. An illegal change raises SQLSTATE
+    :data:`TRANSITION_SQLSTATE` with a JSON DETAIL (model, schema, table, column, from, to, pk).
+    All literals and identifiers are quoted. Run it as a script (``psql``, ``op.execute``), or
+    with :func:`install_transition_trigger`, which sends the statements one at a time.
+    """
+    return _script(s for g in guards_of(model) for s in install_statements(g))
+
+
+def transition_trigger_drop_sql(model: type[Any]) -> str:
+    """DDL removing what :func:`transition_trigger_sql` installs (for a downgrade)."""
+    return _script(s for g in guards_of(model) for s in drop_statements(g))

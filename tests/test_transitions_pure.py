@@ -1,0 +1,628 @@
+"""The pure parts of the transition guard, with no server: rule validation, the trigger's SQL
+text (names, quoting, stamps), diagrams and the mapping of the trigger's error back.
+
+Models are mapped in throwaway registries; nothing here connects to a database. The layering
+test keeps it that way: the pure modules import nothing that needs a server or a session.
+"""
+
+from __future__ import annotations
+
+import ast
+import enum
+import json
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import column_property, mapped_column, registry
+
+from resilient_db import IllegalTransitionError
+from resilient_db.transitions import (
+    ANY_STATE,
+    BYPASS_SETTING,
+    TRANSITION_SQLSTATE,
+    TransitionRules,
+    TransitionRulesError,
+    allowed_transitions,
+    rules_to_dot,
+    rules_to_mermaid,
+    transition_rules,
+    transition_trigger_drop_sql,
+    transition_trigger_sql,
+)
+from resilient_db.transitions._dbmap import exception_from_db
+from resilient_db.transitions._rules import guards_of, one_guard
+from resilient_db.transitions._sql import (
+    _dollar_quote,
+    drop_statements,
+    ident,
+    install_statements,
+    literal,
+    pg_name,
+    rules_stamp,
+    trigger_names,
+)
+
+PACKAGE = Path(__file__).resolve().parent.parent / "resilient_db" / "transitions"
+
+Mapper = Callable[..., type[Any]]
+
+
+class Phase(enum.Enum):
+    draft = "Draft"
+    review = "In review"
+    done = "Done"
+
+
+@pytest.fixture
+def mapped() -> Iterator[Mapper]:
+    """Map a model in a registry of its own (disposed of after the test)."""
+    registries: list[registry] = []
+
+    def make(
+        rules: Any,
+        *,
+        column: str = "status",
+        type_: Any = None,
+        table: str = "items",
+        schema: str | None = None,
+        name: str = "Item",
+        nullable: bool = False,
+        composite_pk: bool = False,
+    ) -> type[Any]:
+        reg = registry()
+        registries.append(reg)
+        attrs: dict[str, Any] = {
+            "__tablename__": table,
+            "__table_args__": {"schema": schema},
+            "__transitions__": rules,
+            "id": mapped_column(sa.Integer, primary_key=True),
+            column: mapped_column(type_ if type_ is not None else sa.String(40), nullable=nullable),
+        }
+        if composite_pk:
+            attrs["region"] = mapped_column(sa.String(2), primary_key=True)
+        return reg.mapped(type(name, (), attrs))
+
+    yield make
+    for reg in registries:
+        reg.dispose()
+
+
+def _rules(transitions: Any, initial: Any, column: str = "status", **kw: Any) -> TransitionRules:
+    return TransitionRules(column=column, transitions=transitions, initial=initial, **kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# layering: the pure modules need no server and no session
+# ------------------------------------------------------------------------------------------------
+
+PURE = ("_rules", "_sql", "_diagrams", "_report", "_dbmap")
+# each module imports only package modules listed before it
+ORDER = (
+    "_rules",
+    "_sql",
+    "_diagrams",
+    "_report",
+    "_dbmap",
+    "_install",
+    "_bypass",
+    "_changes",
+    "_flush",
+    "_bulk",
+    "_guards",
+)
+
+
+def _imports(module: str) -> tuple[set[str], set[str]]:
+    """(package modules imported, every imported name) of ``transitions/<module>.py``."""
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    siblings: set[str] = set()
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            names.update(alias.name for alias in node.names)
+            if node.level == 1 and node.module:
+                siblings.add(node.module)
+            elif node.module:
+                names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return siblings, names
+
+
+def test_the_package_has_the_modules_of_the_layout() -> None:
+    found = {p.stem for p in PACKAGE.glob("_*.py") if p.stem != "__init__"}
+    assert found == set(ORDER)
+
+
+@pytest.mark.parametrize("module", ORDER)
+def test_modules_import_only_those_below_them(module: str) -> None:
+    siblings, _ = _imports(module)
+    assert siblings <= set(ORDER[: ORDER.index(module)]), siblings
+
+
+@pytest.mark.parametrize("module", PURE)
+def test_pure_modules_need_no_server_or_session(module: str) -> None:
+    _, names = _imports(module)
+    forbidden = {
+        "Session",
+        "Connection",
+        "Engine",
+        "AsyncSession",
+        "sqlalchemy.engine",
+        "sqlalchemy.ext.asyncio",
+        "resilient_db._registry",
+        "resilient_db._unit",
+        "resilient_db._session",
+        "resilient_db._asyncio",
+        "resilient_db._commit",
+    }
+    assert not names & forbidden, names & forbidden
+
+
+# ------------------------------------------------------------------------------------------------
+# rules: validation
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"transitions": {1.5: {"a"}}}, r"transitions contains 1\.5 of type float"),
+        ({"transitions": {True: {"a"}}}, r"contains True of type bool"),
+        ({"transitions": {"a": {b"b"}}}, r"states must be str, int or enum\.Enum"),
+        ({"transitions": {"a": b"b"}}, r"transitions\['a'\] must be a set of states"),
+        ({"initial": {"*"}}, r"initial contains '\*'; the wildcard may only be used as a source"),
+        ({"initial": Phase.draft}, r"initial must be a set of states.*write e\.g\."),
+        ({"states": "abc"}, r"states must be a set of states"),
+        ({"states": {"a\x00"}}, r"NUL character"),
+        ({"column": None}, r"column must be the name of the status attribute, got None"),
+        ({"transitions": None}, r"transitions must be a mapping .* got NoneType"),
+    ],
+)
+def test_rules_name_the_column_and_the_bad_value(kwargs: dict[str, Any], message: str) -> None:
+    args: dict[str, Any] = {"column": "status", "transitions": {"a": {"b"}}, "initial": {"a"}}
+    args.update(kwargs)
+    with pytest.raises(TransitionRulesError, match=message):
+        TransitionRules(**args)
+
+
+def test_rules_errors_are_value_errors() -> None:
+    with pytest.raises(ValueError, match="initial is empty"):
+        _rules({"a": {"b"}}, set())
+
+
+def test_rules_expand_the_wildcard_and_ignore_self_moves() -> None:
+    rules = _rules({"a": {"a", "b"}, ANY_STATE: {"x"}, "x": {"a"}}, {"a"})
+    assert rules.declared_states == {"a", "b", "x"}
+    assert rules.next_states("a") == {"b", "x"}  # a -> a is no transition
+    assert rules.next_states("b") == {"x"}
+    assert rules.next_states("x") == {"a"}  # the wildcard does not add x -> x
+    assert rules.next_states("unknown") == frozenset()
+
+
+def test_compiled_rules_are_checked_against_the_mapping(mapped: Mapper) -> None:
+    with pytest.raises(TransitionRulesError, match=r"Item declares no __transitions__"):
+        guards_of(mapped(None))
+    with pytest.raises(TypeError, match="is not a mapped class or instance"):
+        guards_of(object())
+    model = mapped(_rules({"a": {"b"}}, {"a"}))
+    with pytest.raises(TransitionRulesError, match=r"declares no transitions for column 'nope'"):
+        one_guard(model, "nope")
+    with pytest.raises(TransitionRulesError, match=r"a sequence of them; found 'not rules'"):
+        guards_of(mapped([_rules({"a": {"b"}}, {"a"}), "not rules"], table="other"))
+
+
+def test_a_column_mapped_to_an_expression_is_refused() -> None:
+    reg = registry()
+    try:
+        table = sa.Table(
+            "exprs",
+            reg.metadata,
+            sa.Column("id", sa.Integer, primary_key=True),
+            sa.Column("n", sa.Integer),
+        )
+        attrs = {
+            "__table__": table,
+            "__transitions__": _rules({"1": {"2"}}, {"1"}, column="label"),
+            "label": column_property(sa.cast(table.c.n, sa.String)),
+        }
+        with pytest.raises(TransitionRulesError, match="mapped to a SQL expression"):
+            guards_of(reg.mapped(type("Expr", (), attrs)))
+    finally:
+        reg.dispose()
+
+
+def test_states_are_compared_by_their_database_spelling(mapped: Mapper) -> None:
+    model = mapped(
+        _rules({Phase.draft: {Phase.review}, Phase.review: {Phase.done}}, {Phase.draft}, "phase"),
+        column="phase",
+        type_=sa.Enum(Phase, name="phase"),
+    )
+    (guard,) = guards_of(model)
+    # an Enum column stores the member's name: 'draft', not 'Draft'
+    assert guard.key(Phase.draft) == guard.key("draft") == "draft"
+    assert guard.legal(guard.key("draft"), guard.key(Phase.review))
+    assert not guard.legal(guard.key(Phase.draft), guard.key(Phase.done))
+    assert guard.state("review") is Phase.review
+    assert guard.key("no such member") not in guard.next  # never equal to a real key
+    assert allowed_transitions(model()) == {Phase.draft}  # a new row: the initial states
+    assert transition_rules(model) == (model.__transitions__,)
+
+
+# ------------------------------------------------------------------------------------------------
+# SQL: quoting and names
+# ------------------------------------------------------------------------------------------------
+
+
+def _unquote(sql: str) -> str:
+    """What PostgreSQL reads from a literal that :func:`literal` wrote."""
+    if sql.startswith("E'"):
+        body = sql[2:-1].replace("''", "'")
+        return re.sub(r"\\x([0-9a-f]{2})", lambda m: chr(int(m.group(1), 16)), body)
+    assert sql.startswith("'")
+    assert sql.endswith("'")
+    return sql[1:-1].replace("''", "'")
+
+
+@pytest.mark.parametrize(
+    ("value", "sql"),
+    [
+        ("pending", "'pending'"),
+        ("it's", "'it''s'"),
+        ("", "''"),
+        ("ünï ☃", "'ünï ☃'"),
+        ("%s :name $$ $rdb$", "'%s :name $$ $rdb$'"),  # nothing special to PostgreSQL here
+        ("back\\slash", "E'back\\x5cslash'"),
+        ("tab\there", "E'tab\\x09here'"),
+        ("new\nline 'q'", "E'new\\x0aline ''q'''"),
+        ("del\x7f", "E'del\\x7f'"),
+    ],
+)
+def test_literals_mean_the_value_whatever_the_settings(value: str, sql: str) -> None:
+    assert literal(value) == sql
+    assert _unquote(sql) == value
+    assert re.fullmatch(r"(?:[^\\]|\\x[0-9a-f]{2})*", sql)  # every backslash starts a \xHH
+    assert not any(ord(ch) < 32 for ch in sql)  # no control character in the SQL text
+
+
+def test_nul_has_no_spelling_in_postgres() -> None:
+    with pytest.raises(TransitionRulesError, match="NUL"):
+        literal("a\x00b")
+    with pytest.raises(TransitionRulesError, match="NUL"):
+        ident("a\x00b")
+
+
+def test_identifiers_are_always_double_quoted() -> None:
+    assert ident("status") == '"status"'
+    assert ident('we"ird; drop') == '"we""ird; drop"'
+    assert ident("Mixed Case") == '"Mixed Case"'
+
+
+def test_dollar_quote_picks_a_tag_the_body_does_not_contain() -> None:
+    assert _dollar_quote("body") == "$rdb$body$rdb$"
+    assert _dollar_quote("a $rdb$ b $rdb1$") == "$rdb2$a $rdb$ b $rdb1$$rdb2$"
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        ("rdb_transition", "t" * 70, "s" * 60),
+        ("rdb_transition", "ü" * 40, "x"),  # two bytes each: cut on a character boundary
+        ("rdb_transition", "☃" * 30, "ins"),
+    ],
+)
+def test_long_names_fit_63_bytes_and_stay_distinct(parts: tuple[str, ...]) -> None:
+    name = pg_name(*parts)
+    assert len(name.encode()) <= 63
+    assert name.startswith("rdb_transition_")
+    assert re.fullmatch(r".*_[0-9a-f]{10}", name)
+    name.encode().decode()  # valid UTF-8
+    assert pg_name(*parts) == name  # deterministic
+    assert pg_name(*parts[:-1], parts[-1] + "!") != name  # the hash covers the whole name
+
+
+def test_short_names_are_kept_as_they_are() -> None:
+    assert pg_name("rdb_transition", "tasks", "status") == "rdb_transition_tasks_status"
+    exact = "a" * 63
+    assert pg_name(exact) == exact
+
+
+def test_trigger_names_of_a_schema_qualified_table(mapped: Mapper) -> None:
+    model = mapped(_rules({"a": {"b"}}, {"a"}), table='jo"bs', schema="audit")
+    (guard,) = guards_of(model)
+    names = trigger_names(guard)
+    assert names.table == '"audit"."jo""bs"'
+    assert names.function == '"audit"."rdb_transition_jo""bs_status"'
+    assert names.function_name == 'rdb_transition_jo"bs_status'
+    assert (names.insert_trigger, names.update_trigger) == (
+        "rdb_transition_status_ins",
+        "rdb_transition_status_upd",
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# SQL: the trigger script for several rule sets
+# ------------------------------------------------------------------------------------------------
+
+JOBS_SQL = """\
+CREATE OR REPLACE FUNCTION "rdb_transition_jobs_state"() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $rdb$
+DECLARE
+    v_from text;
+    v_to text := NEW."state"::text;
+    v_pk json;
+BEGIN
+    IF coalesce(current_setting('resilient_db.bypass_transitions', true), '') = 'on' THEN
+        RETURN NEW;
+    END IF;
+    IF TG_OP = 'INSERT' THEN
+        IF coalesce(v_to IN ('new'), false) THEN
+            RETURN NEW;
+        END IF;
+        v_pk := json_build_object('id', NEW."id");
+    ELSE
+        v_from := OLD."state"::text;
+        IF v_from IS NOT DISTINCT FROM v_to THEN
+            RETURN NEW;
+        END IF;
+        IF (v_from IS NOT DISTINCT FROM 'new' AND coalesce(v_to IN ('run'), false))
+            OR (v_from IS NOT DISTINCT FROM 'run' AND coalesce(v_to IN ('done', 'new'), false)) THEN
+            RETURN NEW;
+        END IF;
+        v_pk := json_build_object('id', OLD."id");
+    END IF;
+    RAISE EXCEPTION USING
+        ERRCODE = 'RDB01',
+        MESSAGE = format('Status transition blocked: %s.%s %s -> %s',
+            TG_TABLE_NAME, 'state',
+            CASE WHEN TG_OP = 'INSERT' THEN '(new row)'
+                 ELSE coalesce(quote_literal(v_from), 'NULL') END,
+            coalesce(quote_literal(v_to), 'NULL')),
+        DETAIL = json_build_object(
+            'resilient_db', 'transition', 'model', 'Job',
+            'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME, 'column', 'state',
+            'op', TG_OP, 'from', v_from, 'to', v_to, 'pk', v_pk)::text,
+        HINT = 'Allowed moves are declared in the __transitions__ of the model; '
+            'for an audited repair use resilient_db bypass_transitions()';
+END
+$rdb$;
+
+COMMENT ON FUNCTION "rdb_transition_jobs_state"() IS 'resilient_db transition guard v1 \
+rules-sha256=78170157fd19a427703aa5a3bf915efdd9c5d8ae04d4abbc0d18d3c0c4a44235';
+
+DROP TRIGGER IF EXISTS "rdb_transition_state_ins" ON "jobs";
+
+CREATE TRIGGER "rdb_transition_state_ins" BEFORE INSERT ON "jobs"
+FOR EACH ROW EXECUTE FUNCTION "rdb_transition_jobs_state"();
+
+DROP TRIGGER IF EXISTS "rdb_transition_state_upd" ON "jobs";
+
+CREATE TRIGGER "rdb_transition_state_upd" BEFORE UPDATE ON "jobs"
+FOR EACH ROW WHEN (OLD."state" IS DISTINCT FROM NEW."state")
+EXECUTE FUNCTION "rdb_transition_jobs_state"();
+"""
+
+
+def _jobs(mapped: Mapper, table: str = "jobs") -> type[Any]:
+    rules = _rules({"new": {"run"}, "run": {"done", "new"}}, {"new"}, "state")
+    return mapped(rules, column="state", table=table, name="Job")
+
+
+def test_the_trigger_script_of_a_simple_machine(mapped: Mapper) -> None:
+    """The whole script, byte for byte: a change here changes every installed trigger's stamp."""
+    model = _jobs(mapped)
+    assert transition_trigger_sql(model) == JOBS_SQL
+    assert transition_trigger_drop_sql(model) == (
+        'DROP TRIGGER IF EXISTS "rdb_transition_state_ins" ON "jobs";\n\n'
+        'DROP TRIGGER IF EXISTS "rdb_transition_state_upd" ON "jobs";\n\n'
+        'DROP FUNCTION IF EXISTS "rdb_transition_jobs_state"();\n'
+    )
+    (guard,) = guards_of(model)
+    assert len(install_statements(guard)) == 6
+    assert [s.split(" ", 2)[:2] for s in drop_statements(guard)] == [["DROP", "TRIGGER"]] * 2 + [
+        ["DROP", "FUNCTION"]
+    ]
+    assert f"ERRCODE = '{TRANSITION_SQLSTATE}'" in JOBS_SQL
+    assert f"current_setting('{BYPASS_SETTING}', true)" in JOBS_SQL
+
+
+def test_integer_states_wildcard_and_composite_key(mapped: Mapper) -> None:
+    rules = _rules({1: {2}, 2: {3}, ANY_STATE: {9}}, {1})
+    sql = transition_trigger_sql(mapped(rules, type_=sa.Integer, composite_pk=True))
+    # keys are the text the database gives (col::text), so integers are compared as '1', '2'
+    assert "IF coalesce(v_to IN ('1'), false) THEN" in sql
+    assert "(v_from IS NOT DISTINCT FROM '1' AND coalesce(v_to IN ('2', '9'), false))" in sql
+    assert "(v_from IS NOT DISTINCT FROM '3' AND coalesce(v_to IN ('9'), false))" in sql
+    assert "FROM '9' AND" not in sql  # the wildcard does not move a state to itself
+    assert "json_build_object('id', NEW.\"id\", 'region', NEW.\"region\")" in sql
+
+
+def test_null_as_a_declared_state(mapped: Mapper) -> None:
+    rules = _rules({None: {"paid"}, "paid": {"refunded"}}, {None}, "payment")
+    sql = transition_trigger_sql(mapped(rules, column="payment", nullable=True))
+    assert "IF v_to IS NULL THEN" in sql  # new rows start with no payment
+    assert "(v_from IS NOT DISTINCT FROM NULL AND coalesce(v_to IN ('paid'), false))" in sql
+
+
+def test_enum_states_are_written_as_the_database_stores_them(mapped: Mapper) -> None:
+    rules = _rules(
+        {Phase.draft: {Phase.review}, Phase.review: {Phase.done}}, {Phase.draft}, "phase"
+    )
+    sql = transition_trigger_sql(mapped(rules, column="phase", type_=sa.Enum(Phase, name="ph")))
+    assert "coalesce(v_to IN ('review'), false)" in sql  # names, not values
+    assert "'In review'" not in sql
+
+
+def test_a_machine_without_moves_allows_no_update(mapped: Mapper) -> None:
+    sql = transition_trigger_sql(mapped(_rules({}, {"only"})))
+    assert "IF false THEN" in sql
+
+
+def test_the_stamp_follows_the_database_rules_only(mapped: Mapper) -> None:
+    (base,) = guards_of(_jobs(mapped))
+    (same,) = guards_of(_jobs(mapped))  # another registry, the same rules
+    assert rules_stamp(base) == rules_stamp(same)
+    assert rules_stamp(base).startswith("resilient_db transition guard v1 rules-sha256=")
+    more = _rules({"new": {"run", "done"}, "run": {"done", "new"}}, {"new"}, "state")
+    (changed,) = guards_of(mapped(more, column="state", table="jobs", name="Job"))
+    (other_table,) = guards_of(_jobs(mapped, table="jobs_2"))
+    assert len({rules_stamp(base), rules_stamp(changed), rules_stamp(other_table)}) == 3
+
+
+def test_the_trigger_sql_carries_no_raw_control_characters(mapped: Mapper) -> None:
+    weird = ("back\\slash :name", "tab\there", "new\nline", "quote'd", "$rdb$ $$")
+    rules = _rules({"new": set(weird)}, {"new"}, "state")
+    sql = transition_trigger_sql(mapped(rules, column="state", type_=sa.Text))
+    assert "\t" not in sql
+    for value in weird:
+        assert literal(value) in sql
+    assert "AS $rdb1$" in sql  # the body holds "$rdb$": another tag
+
+
+# ------------------------------------------------------------------------------------------------
+# diagrams
+# ------------------------------------------------------------------------------------------------
+
+RULES = TransitionRules(
+    column="status",
+    transitions={"new": {"open"}, "open": {"done"}, ANY_STATE: {"void"}},
+    initial={"new"},
+)
+
+MERMAID = """\
+stateDiagram-v2
+    %% status
+    state "done" as s0
+    state "new" as s1
+    state "open" as s2
+    state "void" as s3
+    [*] --> s1
+    s0 --> s3
+    s1 --> s2
+    s1 --> s3
+    s2 --> s0
+    s2 --> s3
+    s3 --> [*]
+"""
+
+DOT = """\
+digraph "status" {
+    rankdir=LR;
+    node [shape=box, style=rounded];
+    start [shape=point, label=""];
+    n0 [label="done"];
+    n1 [label="new"];
+    n2 [label="open"];
+    n3 [label="void"];
+    start -> n1;
+    n0 -> n3;
+    n1 -> n2;
+    n1 -> n3;
+    n2 -> n0;
+    n2 -> n3;
+}
+"""
+
+
+def test_diagrams_of_plain_rules() -> None:
+    assert rules_to_mermaid(RULES) == MERMAID
+    assert rules_to_dot(RULES) == DOT
+
+
+def test_diagrams_of_a_model_use_its_name_and_declared_states(mapped: Mapper) -> None:
+    rules = _rules(
+        {Phase.draft: {Phase.review}, Phase.review: {Phase.done}}, {Phase.draft}, "phase"
+    )
+    model = mapped(rules, column="phase", type_=sa.Enum(Phase, name="ph"), name="Doc")
+    mermaid = rules_to_mermaid(model)
+    assert "    %% Doc.phase" in mermaid
+    assert 'state "In review" as' in mermaid  # labelled by value
+    assert rules_to_dot(model).startswith('digraph "Doc.phase" {')
+
+
+def test_diagrams_label_null_and_escape_labels() -> None:
+    rules = _rules({None: {'a "b": c;'}}, {None})
+    mermaid = rules_to_mermaid(rules)
+    assert 'state "NULL" as s0' in mermaid
+    assert 'state "a #34;b#34;#58; c#59;" as s1' in mermaid
+    dot = rules_to_dot(rules)
+    assert 'n0 [label="NULL"];' in dot
+    assert 'n1 [label="a \\"b\\": c;"];' in dot
+
+
+# ------------------------------------------------------------------------------------------------
+# the trigger's error, mapped back
+# ------------------------------------------------------------------------------------------------
+
+
+class _Diag:
+    def __init__(self, detail: str | None) -> None:
+        self.message_detail = detail
+
+
+class _DriverError(Exception):
+    """What psycopg raises: ``sqlstate`` and ``diag.message_detail``."""
+
+    def __init__(self, sqlstate: str, detail: str | None) -> None:
+        super().__init__("Status transition blocked")
+        self.sqlstate = sqlstate
+        self.diag = _Diag(detail)
+
+
+def _wrapped(driver: BaseException) -> sa.exc.DBAPIError:
+    return sa.exc.DBAPIError("UPDATE ...", {}, driver)
+
+
+def test_the_trigger_error_comes_back_with_declared_states(mapped: Mapper) -> None:
+    rules = _rules({Phase.draft: {Phase.review}}, {Phase.draft}, "phase")
+    model = mapped(
+        rules, column="phase", type_=sa.Enum(Phase, name="ph"), table="mapped_docs", name="Doc"
+    )
+    transition_rules(model)  # compiled: the model is known in this process
+    detail = {
+        "resilient_db": "transition",
+        "model": "Doc",
+        "schema": "public",
+        "table": "mapped_docs",
+        "column": "phase",
+        "op": "UPDATE",
+        "from": "review",
+        "to": "draft",
+        "pk": {"id": 7},
+    }
+    err = exception_from_db(_wrapped(_DriverError(TRANSITION_SQLSTATE, json.dumps(detail))))
+    assert isinstance(err, IllegalTransitionError)
+    assert (err.model, err.pk, err.column, err.via) == ("Doc", 7, "phase", "db")
+    assert (err.from_state, err.to_state) == (Phase.review, Phase.draft)
+    assert err.reason == "blocked by the database trigger"
+
+
+def test_an_unknown_table_keeps_the_database_text() -> None:
+    detail = {
+        "table": "elsewhere",
+        "column": "st",
+        "op": "INSERT",
+        "to": "x",
+        "pk": {"a": 1, "b": 2},
+    }
+    cause = _DriverError(TRANSITION_SQLSTATE, json.dumps(detail))
+    outer = RuntimeError("wrapped")
+    outer.__cause__ = cause
+    err = exception_from_db(outer)
+    assert err is not None
+    assert (err.model, err.column, err.pk) == ("elsewhere", "st", (1, 2))
+    assert (err.from_state, err.to_state) == (None, "x")
+    assert err.reason == "new rows must start in an initial state"
+
+
+def test_other_errors_are_not_mapped() -> None:
+    assert exception_from_db(_wrapped(_DriverError("23505", None))) is None
+    assert exception_from_db(ValueError("no sqlstate")) is None
+    err = exception_from_db(_wrapped(_DriverError(TRANSITION_SQLSTATE, "not json")))
+    assert err is not None
+    assert (err.model, err.column, err.pk) == ("?", "?", None)
