@@ -73,11 +73,11 @@ PRUNE_BATCH: Final = 5000
 MARKERS_VERSION: Final = 1
 
 # Keys in the pool's per-connection info.
-_MODE_KEY: Final = "resilient_db.commit_mode"
-_WRITE_KEY: Final = "resilient_db.may_write"
+_SEEN_KEY: Final = "resilient_db.commit_protocol"  # the connection was made under our hooks
 
 MARKERS: Final = "markers"
 XID: Final = "xid"
+UNMARKED: Final = "unmarked"  # the connection's COMMIT could not be marked: never verifiable
 
 # -- the database side --------------------------------------------------------------------------
 _HORIZON_SQL = """
@@ -229,7 +229,7 @@ def uuid7() -> uuid.UUID:
 class CommitTicket:
     """What one connection's COMMIT carried, for settling a lost answer."""
 
-    mode: str | None  # MARKERS, XID, or None (proven read-only: nothing to verify)
+    mode: str | None  # MARKERS, XID, UNMARKED, or None (proven read-only: nothing to verify)
     marker: str | None = None
     xid: str | None = None
     incarnation: str | None = None
@@ -240,27 +240,27 @@ class CommitTicket:
         """Whether a lost answer must be verified rather than replayed."""
         if not self.sent or self.mode is None:
             return False
-        return self.mode == MARKERS or self.xid is not None
+        return self.mode in (MARKERS, UNMARKED) or self.xid is not None
 
 
 class CommitRequest:
     """The tickets of one unit's commit (one per connection the session commits)."""
 
-    __slots__ = ("_pending", "tickets")
+    __slots__ = ("committing", "tickets")
 
     def __init__(self) -> None:
         self.tickets: list[CommitTicket] = []
-        self._pending: list[Any] = []  # asyncpg connections holding a marked COMMIT
+        self.committing = False  # flushed; COMMIT may go out from here on
 
     @property
     def last(self) -> CommitTicket | None:
-        return self.tickets[-1] if self.tickets else None
-
-    def clear_pending(self) -> None:
-        """A marked COMMIT not sent (the commit failed earlier) must not reach a later one."""
-        for driver in self._pending:
-            driver._rdb_commit = None
-        self._pending.clear()
+        """The ticket of the COMMIT that failed. Without one, a COMMIT that may have gone out
+        through a connection that is not marked (made by the user's own creator): unknowable."""
+        if self.tickets:
+            return self.tickets[-1]
+        if self.committing:
+            return CommitTicket(UNMARKED, sent=True)
+        return None
 
 
 # The commit being made by a unit in this thread/greenlet: set around ``session.commit()``.
@@ -318,7 +318,15 @@ def _judge(statement: str) -> bool:
 
 
 class CommitProtocol:
-    """The per-engine side of the protocol: events on the engine, state per pooled connection."""
+    """The per-engine side of the protocol.
+
+    It listens only where SQLAlchemy's execution path stays fast: pool ``connect`` and
+    ``checkout`` (mark the connection, find out whether the markers are installed) and the
+    dialect's ``do_execute`` family (note that a statement may write). Connection events
+    (``begin``, ``before_cursor_execute``, ``commit``) would cost every statement a joined event
+    dispatch. What the COMMIT carries is decided in the driver's own commit
+    (:func:`marked_connection_class`), from the flag and the unit's :class:`CommitRequest`.
+    """
 
     def __init__(self, engine: Engine, config: Config, service: str) -> None:
         self.engine = engine
@@ -329,64 +337,74 @@ class CommitProtocol:
         self._last_prune = time.monotonic()
         self._prune_lock = threading.Lock()
         event.listen(engine, "connect", self._on_connect)
-        event.listen(engine, "begin", self._on_begin)
-        event.listen(engine, "before_cursor_execute", self._before_cursor_execute)
-        event.listen(engine, "commit", self._on_commit)
+        for name in ("do_execute", "do_execute_no_params", "do_executemany"):
+            event.listen(engine, name, _note_statement)
         if self.is_asyncpg:
             event.listen(engine, "do_connect", _asyncpg_do_connect)
 
     # -- events -----------------------------------------------------------------------------------
     def _on_connect(self, dbapi_connection: Any, record: Any) -> None:
+        record.info[_SEEN_KEY] = True
+        self.prepare(dbapi_connection)
+
+    def needs_replacing(self, dbapi_connection: Any, record: Any) -> bool:
+        """An asyncpg connection made before this engine had a resilient factory: its class
+        can't be marked any more, so the pool should replace it (once; see ``checkout``)."""
+        if not self.is_asyncpg or record.info.get(_SEEN_KEY):
+            return False
+        record.info[_SEEN_KEY] = True  # its replacement is made through do_connect: marked
+        driver = dbapi_connection.driver_connection
+        return not getattr(driver, "_rdb_marked", False)
+
+    def prepare(self, dbapi_connection: Any) -> None:
+        """Mark a new connection (psycopg: its class; asyncpg: made marked in ``do_connect``)
+        and record on it whether the markers are installed. Idempotent."""
+        driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+        if getattr(driver, "_rdb_mode", None) is not None:
+            return
+        if not self.is_asyncpg:
+            _mark_psycopg(driver)
+        if not getattr(driver, "_rdb_marked", False):
+            self._warn_if_missing(None)  # made by your own creator: no marked COMMIT
+            return
         mode = XID
         try:
-            if self._markers_installed(dbapi_connection):
+            if self._markers_installed(dbapi_connection, driver):
                 mode = MARKERS
         except Exception:
             log_session.debug("could not check for commit markers", exc_info=True)
-        record.info[_MODE_KEY] = mode
+        driver._rdb_mode = mode
         self._warn_if_missing(mode)
 
-    def _mode_of(self, conn: Connection) -> str:
-        """The connection's mode; checked now for a connection made before our listeners."""
-        mode: str | None = conn.info.get(_MODE_KEY)
-        if mode is None:
-            mode = XID
-            driver = conn.connection.driver_connection
-            if getattr(driver, "_rdb_marked", False) or (
-                not self.is_asyncpg and _mark_psycopg(driver)
-            ):
-                check = conn.exec_driver_sql(_CHECK_SQL, execution_options={"no_parameters": True})
-                if check.scalar():
-                    mode = MARKERS
-            conn.info[_MODE_KEY] = mode
-            self._warn_if_missing(mode)
-        return mode
-
-    def _warn_if_missing(self, mode: str) -> None:
+    def _warn_if_missing(self, mode: str | None) -> None:
         if mode == MARKERS or self._warned:
             return
         self._warned = True
+        if mode is None:
+            what = (
+                "connections of database %s are made by your own creator, so their COMMIT "
+                "can't carry a marker: a lost COMMIT answer of a unit on them ends unknown"
+            )
+        else:
+            what = (
+                "Commit markers are not installed (or not usable) in database %s: a lost "
+                "COMMIT answer is verified by transaction id, at one extra round trip per "
+                "writing unit and with more unknown outcomes; run "
+                "resilient_db.install_commit_markers(engine) once"
+            )
         emit(
             self.config,
             log_session,
             logging.WARNING,
-            "Commit markers are not installed (or not usable) in database %s: a lost "
-            "COMMIT answer is verified by transaction id, at one extra round trip per "
-            "writing unit and with more unknown outcomes; run "
-            "resilient_db.install_commit_markers(engine) once",
+            what,
             self.engine.url.database,
             service=self.service,
             event="commit_markers_missing",
         )
 
-    def _markers_installed(self, dbapi_connection: Any) -> bool:
+    def _markers_installed(self, dbapi_connection: Any, driver: Any) -> bool:
         if self.is_asyncpg:
-            driver = dbapi_connection.driver_connection
-            if not getattr(driver, "_rdb_marked", False):
-                return False  # made by the user's async_creator: the message can't be marked
             return bool(_await(driver.fetchval(_CHECK_SQL)))
-        if not _mark_psycopg(dbapi_connection):
-            return False
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(_CHECK_SQL)
@@ -395,40 +413,6 @@ class CommitProtocol:
             cursor.close()
             dbapi_connection.rollback()
         return bool(row and row[0])
-
-    @staticmethod
-    def _on_begin(conn: Connection) -> None:
-        conn.info[_WRITE_KEY] = False
-
-    @staticmethod
-    def _before_cursor_execute(conn: Connection, cursor: Any, statement: str, *_: Any) -> None:
-        info = conn.info
-        if not info.get(_WRITE_KEY) and may_write(statement):
-            info[_WRITE_KEY] = True
-
-    def _on_commit(self, conn: Connection) -> None:
-        request = current_request.get()
-        if request is None:
-            return  # not a unit's commit: plain SQLAlchemy
-        info = conn.info
-        if not info.get(_WRITE_KEY, True):
-            request.tickets.append(CommitTicket(None, sent=True))
-            return
-        if self._mode_of(conn) == MARKERS:
-            marker = str(uuid7())
-            ticket = CommitTicket(MARKERS, marker=marker)
-            request.tickets.append(ticket)
-            # The driver's own COMMIT carries it (see marked_connection_class): its errors are
-            # then SQLAlchemy's, handled exactly as a plain COMMIT's.
-            driver: Any = conn.connection.driver_connection
-            driver._rdb_commit = (f"SELECT {SCHEMA}.mark_commit('{marker}'); COMMIT", ticket)
-            request._pending.append(driver)
-            return
-        ticket = CommitTicket(XID)
-        request.tickets.append(ticket)
-        row = conn.exec_driver_sql(_XID_SQL, execution_options={"no_parameters": True}).one()
-        ticket.xid, ticket.incarnation = row[0], row[1]
-        ticket.sent = True  # the COMMIT goes out right after this listener
 
     # -- pruning ----------------------------------------------------------------------------------
     def prune_due(self) -> bool:
@@ -441,6 +425,40 @@ class CommitProtocol:
                 return False
             self._last_prune = time.monotonic()
             return True
+
+
+def _note_statement(cursor: Any, statement: str, parameters: Any, context: Any) -> None:
+    """``do_execute`` listener: a statement that may write marks its connection's transaction.
+    Returns None: the dialect executes the statement as usual."""
+    if may_write(statement):
+        driver = context.root_connection.connection.driver_connection
+        if getattr(driver, "_rdb_marked", False):
+            driver._rdb_may_write = True
+
+
+def _commit_ticket(driver: Any) -> tuple[CommitTicket | None, str | None]:
+    """What the unit committing on ``driver`` now wants its COMMIT to carry.
+
+    Returns (ticket, message): no ticket when no unit is committing (plain SQLAlchemy); a
+    message to send instead of COMMIT when the ticket is a marker's.
+    """
+    may_write = driver._rdb_may_write
+    driver._rdb_may_write = False
+    request = current_request.get()
+    if request is None:
+        return None, None
+    if not may_write:
+        ticket = CommitTicket(None, sent=True)  # proven read-only: nothing to verify
+        request.tickets.append(ticket)
+        return ticket, None
+    if driver._rdb_mode == MARKERS:
+        marker = str(uuid7())
+        ticket = CommitTicket(MARKERS, marker=marker)
+        request.tickets.append(ticket)
+        return ticket, f"SELECT {SCHEMA}.mark_commit('{marker}'); COMMIT"
+    ticket = CommitTicket(XID)
+    request.tickets.append(ticket)
+    return ticket, None
 
 
 def prune(connection: Connection) -> int:
@@ -457,13 +475,14 @@ _marked_lock = threading.Lock()
 def marked_connection_class(base: type[Any]) -> type[Any]:
     """A subclass of the driver's connection class ``base`` whose COMMIT can carry a marker.
 
-    The commit listener leaves ``(message, ticket)`` in ``_rdb_commit``; the driver's COMMIT then
-    sends that one message instead, inside SQLAlchemy's ``do_commit`` (so errors are wrapped and
-    dead connections invalidated exactly as for a plain COMMIT):
+    Its commit asks :func:`_commit_ticket` what the committing unit wants (nothing, outside a
+    unit) and sends one message, ``SELECT resilient_db.mark_commit('<id>'); COMMIT``, instead of
+    COMMIT, or first reads the xid (the fallback). It runs inside SQLAlchemy's ``do_commit``, so
+    errors are wrapped and dead connections invalidated exactly as for a plain COMMIT:
 
-    * psycopg: ``commit()`` executes the message; the connection is then idle.
-    * asyncpg: its transaction object commits with ``connection.execute("COMMIT;")``; ``execute``
-      sends the message instead.
+    * psycopg: ``commit()`` (and ``rollback()``, which forgets the write flag);
+    * asyncpg: its transaction object commits with ``connection.execute("COMMIT;")`` (and rolls
+      back with ``"ROLLBACK;"``), so ``execute`` sees those.
 
     ``tests/test_commit_markers.py`` fails if either driver stops committing this way.
     """
@@ -475,34 +494,50 @@ def marked_connection_class(base: type[Any]) -> type[Any]:
         if issubclass(base, asyncpg.Connection):
 
             async def execute(self: Any, query: str, *args: Any, timeout: Any = None) -> Any:
-                pending = self._rdb_commit
-                if pending is not None and not args and _is_commit(query):
-                    self._rdb_commit = None
-                    query, ticket = pending
-                    query += ";"
-                    ticket.sent = True
+                if not args and len(query) <= 10:
+                    end = _transaction_end(query)
+                    if end == "COMMIT":
+                        ticket, message = _commit_ticket(self)
+                        if ticket is not None:
+                            if ticket.mode == XID:
+                                row = await base.fetchrow(self, _XID_SQL)
+                                ticket.xid, ticket.incarnation = row[0], row[1]
+                            elif message is not None:
+                                query = message + ";"
+                            ticket.sent = True
+                    elif end == "ROLLBACK":
+                        self._rdb_may_write = False
                 return await base.execute(self, query, *args, timeout=timeout)
 
             def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
                 base.__init__(self, *args, **kwargs)
-                self._rdb_commit = None
+                self._rdb_may_write = False
+                self._rdb_mode = None
 
-            namespace.update(__slots__=("_rdb_commit",), __init__=__init__, execute=execute)
+            namespace.update(
+                __slots__=("_rdb_may_write", "_rdb_mode"), __init__=__init__, execute=execute
+            )
         else:
 
             def commit(self: Any) -> None:
-                pending = self._rdb_commit
-                if pending is None:
-                    return base.commit(self)  # type: ignore[no-any-return]
-                self._rdb_commit = None
                 if self.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS:
-                    return base.commit(self)  # type: ignore[no-any-return]  # failed: as plain
-                query, ticket = pending
-                ticket.sent = True
-                self.execute(query)  # one simple-query message (no parameters)
+                    self._rdb_may_write = False  # idle or failed: COMMIT as plain psycopg does
+                    return base.commit(self)  # type: ignore[no-any-return]
+                ticket, message = _commit_ticket(self)
+                if ticket is not None and ticket.mode == XID:
+                    ticket.xid, ticket.incarnation = self.execute(_XID_SQL).fetchone()
+                if ticket is not None:
+                    ticket.sent = True
+                if message is None:
+                    return base.commit(self)  # type: ignore[no-any-return]
+                self.execute(message)  # one simple-query message; the connection is then idle
                 return None
 
-            namespace.update(commit=commit, _rdb_commit=None)
+            def rollback(self: Any) -> None:
+                self._rdb_may_write = False
+                return base.rollback(self)  # type: ignore[no-any-return]
+
+            namespace.update(commit=commit, rollback=rollback, _rdb_may_write=False, _rdb_mode=None)
         cls = type(f"Marked{base.__name__}", (base,), namespace)
         _marked_classes[base] = cls
         return cls
@@ -523,8 +558,14 @@ def _mark_psycopg(dbapi_connection: Any) -> bool:
     return True
 
 
-def _is_commit(query: str) -> bool:
-    return query.strip().rstrip(";").strip().upper() in ("COMMIT", "END")
+def _transaction_end(query: str) -> str | None:
+    """ "COMMIT" or "ROLLBACK" for asyncpg's own transaction-ending statements, else None."""
+    word = query.strip().rstrip(";").strip().upper()
+    if word in ("COMMIT", "END"):
+        return "COMMIT"
+    if word in ("ROLLBACK", "ABORT"):
+        return "ROLLBACK"
+    return None
 
 
 def _asyncpg_do_connect(dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> None:

@@ -99,8 +99,12 @@ class Policy:
     def apply_config(self, config: Config) -> None:
         self.config = config
         self.retry_on = self.use_retry and config.retry_on
-        if self.use_circuit_breaker and config.breaker_on:
-            self.breaker = breaker_for(
+        if not (self.use_circuit_breaker and config.breaker_on):
+            self.breaker = None  # switched off; its breaker is kept for when it is back on
+            return
+        own: Breaker | None = getattr(self, "_own_breaker", None)
+        if own is None:
+            own = self._own_breaker = breaker_for(
                 self.service,
                 config,
                 storage=self._breaker_storage,
@@ -108,7 +112,10 @@ class Policy:
                 clock=self._wall_clock,
             )
         else:
-            self.breaker = None
+            # a reload: the same breaker, new numbers (looking it up again could meet another
+            # factory's breaker, made after reset_state() forgot this one)
+            own.apply_config(config)
+        self.breaker = own
 
     # -- decisions (no I/O) ------------------------------------------------------------------
     def retryable(self, outcome: Outcome) -> bool:

@@ -73,14 +73,14 @@ def flush_and_commit(session: Session, box: list[CommitRequest], protocol: Commi
     """
     request = CommitRequest()
     box.append(request)
+    session.flush()  # a failure here sent no COMMIT: the unit may simply be replayed
+    request.committing = True
     token = current_request.set(request)
     try:
         session.commit()
     finally:
         current_request.reset(token)
-        request.clear_pending()
-    ticket = request.last
-    if ticket is not None and ticket.mode == MARKERS and protocol.prune_due():
+    if request.tickets and request.tickets[-1].mode == MARKERS and protocol.prune_due():
         _prune_quietly(protocol)
 
 
@@ -377,6 +377,13 @@ class EngineHooks:
                 event="dead_pooled_connection",
             )
             raise sa_exc.DisconnectionError("pooled connection was closed by the server")
+        driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+        if getattr(driver, "_rdb_mode", None) is None:
+            # made before this engine had a resilient factory: prepare it now (psycopg), or
+            # have the pool replace it with one made through our do_connect (asyncpg, once)
+            if self.commit.needs_replacing(dbapi_connection, record):
+                raise sa_exc.DisconnectionError("connection made before the commit protocol")
+            self.commit.prepare(dbapi_connection)
 
 
 def engine_settings(config: Config, classifier: Classifier) -> tuple[Any, ...]:

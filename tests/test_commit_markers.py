@@ -350,5 +350,6 @@ async def test_asyncpg_commits_through_the_marked_connection(
     async with async_engine.connect() as conn:
         raw: Any = (await conn.get_raw_connection()).driver_connection
         assert getattr(type(raw), "_rdb_marked", False)
-        assert raw._rdb_commit is None  # consumed by the COMMIT
+        assert raw._rdb_mode == "markers"
+        assert raw._rdb_may_write is False  # the COMMIT ended the writing transaction
         assert not raw.is_in_transaction()
