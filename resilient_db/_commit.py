@@ -216,12 +216,19 @@ def uuid7() -> uuid.UUID:
     comes from ``os.urandom``: two units sharing an id would make one's verification read the
     other's marker.
     """
+    return uuid.UUID(marker_id())
+
+
+def marker_id() -> str:
+    """:func:`uuid7` as its canonical text, made without a ``UUID`` object (every writing
+    unit's commit makes one)."""
     ms = time.time_ns() // 1_000_000
     rand = int.from_bytes(os.urandom(10), "big")
     value = (ms & 0xFFFF_FFFF_FFFF) << 80 | rand & ((1 << 80) - 1)
     value = value & ~(0xF << 76) | 0x7 << 76  # version 7
     value = value & ~(0x3 << 62) | 0x2 << 62  # RFC 4122 variant
-    return uuid.UUID(int=value)
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 # -- the client side ----------------------------------------------------------------------------
@@ -452,7 +459,7 @@ def _commit_ticket(driver: Any) -> tuple[CommitTicket | None, str | None]:
         request.tickets.append(ticket)
         return ticket, None
     if driver._rdb_mode == MARKERS:
-        marker = str(uuid7())
+        marker = marker_id()
         ticket = CommitTicket(MARKERS, marker=marker)
         request.tickets.append(ticket)
         return ticket, f"SELECT {SCHEMA}.mark_commit('{marker}'); COMMIT"
@@ -530,14 +537,25 @@ def marked_connection_class(base: type[Any]) -> type[Any]:
                     ticket.sent = True
                 if message is None:
                     return base.commit(self)  # type: ignore[no-any-return]
-                self.execute(message)  # one simple-query message; the connection is then idle
+                # one simple-query message (no parameters); the connection is then idle. The
+                # cursor is kept for the next commit: making one costs more than the message.
+                cursor = self._rdb_cursor
+                if cursor is None or cursor.closed:
+                    cursor = self._rdb_cursor = self.cursor()
+                cursor.execute(message)
                 return None
 
             def rollback(self: Any) -> None:
                 self._rdb_may_write = False
                 return base.rollback(self)  # type: ignore[no-any-return]
 
-            namespace.update(commit=commit, rollback=rollback, _rdb_may_write=False, _rdb_mode=None)
+            namespace.update(
+                commit=commit,
+                rollback=rollback,
+                _rdb_may_write=False,
+                _rdb_mode=None,
+                _rdb_cursor=None,
+            )
         cls = type(f"Marked{base.__name__}", (base,), namespace)
         _marked_classes[base] = cls
         return cls
