@@ -69,13 +69,33 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         current = orig if isinstance(orig, BaseException) else current.__cause__
 
 
+_DRIVER_MODULES = ("asyncpg", "psycopg", "sqlalchemy")
+
+
+def _raised_by_driver(err: BaseException) -> bool:
+    """Whether ``err`` was raised inside the database driver or SQLAlchemy (its traceback
+    passes through their code), rather than by the application's own code."""
+    tb = err.__traceback__
+    while tb is not None:
+        module = tb.tb_frame.f_globals.get("__name__", "")
+        if isinstance(module, str) and module.startswith(_DRIVER_MODULES):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def _driver_disconnect(exc: BaseException) -> bool:
     """True when the failure is a broken or refused connection that carries no SQLSTATE."""
     for err in _chain(exc):
         if isinstance(err, sa_exc.DBAPIError) and err.connection_invalidated:
             return True
         if isinstance(err, OSError):
-            return True
+            # a socket error of the driver (asyncpg lets a refused or broken connect through
+            # as OSError); the application's own OSErrors (a missing file, its own sockets) are
+            # not the database's and are never retried or counted
+            if _raised_by_driver(err):
+                return True
+            continue
         # psycopg: OperationalError with no SQLSTATE is raised for refused connects and
         # broken sockets; asyncpg: ConnectionDoesNotExistError when the connection closed
         # under an operation. Identified by their driver's classes, never by message text.

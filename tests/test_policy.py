@@ -303,3 +303,38 @@ def test_broken_breaker_storage_falls_back_to_running_the_call(
     with caplog.at_level("WARNING", logger="resilient_db"):
         assert p.call(lambda: 42) == 42
     assert "[SELF-HEAL] circuit breaker admission failed" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("make", "kind"),
+    [
+        (lambda: open("/nonexistent/resilient_db/config.yaml"), FileNotFoundError),  # noqa: SIM115
+        (lambda: (_ for _ in ()).throw(PermissionError("own file")), PermissionError),
+        (lambda: (_ for _ in ()).throw(TimeoutError("own HTTP call")), TimeoutError),
+        (
+            lambda: (_ for _ in ()).throw(ConnectionRefusedError("own service")),
+            ConnectionRefusedError,
+        ),
+    ],
+)
+def test_the_applications_own_os_errors_are_not_database_faults(
+    make: Callable[[], object], kind: type[OSError]
+) -> None:
+    """An OSError raised by the application's code (not the driver's) is re-raised at once:
+    neither retried nor counted by the breaker."""
+    p = make_policy(rdb.Config(failure_threshold=1), sleep=Sleeps())
+    calls = {"n": 0}
+
+    def unit() -> object:
+        calls["n"] += 1
+        return make()
+
+    with pytest.raises(kind):
+        p.call(unit)
+    assert calls["n"] == 1
+    assert p.breaker is not None
+    assert p.breaker.state == "closed"
+    assert p.stats.retries == 0
+    with pytest.raises(kind) as info:
+        unit()
+    assert not rdb.is_transient(info.value)
