@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any, Protocol
@@ -25,6 +26,13 @@ _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
 LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
 BULK_UPDATE_MODES = ("filter", "raise")
+
+
+_SECONDS = frozenset({"initial_delay", "max_delay", "conflict_delay", "deadline", "reset_timeout"})
+
+
+def vars_of(config: Any) -> dict[str, Any]:
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +76,14 @@ class Config:
                     problems[field.name] = f"must be a whole number >= 0, got {value!r}"
             elif field.type == "bool" and not isinstance(value, bool):
                 problems[field.name] = f"must be True or False, got {value!r}"
+        for name, limit in _LIMITS.items():
+            value = getattr(self, name)
+            bound = limit / 1000 if name in _SECONDS else limit
+            if name not in problems and isinstance(value, (int, float)) and value > bound:
+                unit = " s" if name in _SECONDS else ""
+                problems[name] = f"too large: {value!r}; at most {bound:g}{unit}"
+        if not problems:
+            problems.update(_contradictions(Config.__dataclass_fields__, vars_of(self)))
         if self.failure_threshold == 0:
             problems["failure_threshold"] = "must be at least 1"
         if self.half_open_probes == 0:
@@ -144,6 +160,58 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("SELF_HEALING_LOG_LEVEL", "log_level", "choice", LOG_LEVELS),
 )
 _BY_ENV = {spec.env: spec for spec in _SPECS}
+_ENV_OF = {spec.field: spec.env for spec in _SPECS}
+_DIGITS = re.compile(r"[0-9]+", re.ASCII)
+_TOO_BIG = 10**15
+_DAY_MS = 86_400_000
+# Upper bounds: settings are configuration, and a larger value is a mistake (a delay of years
+# overflows the clock, a million retries never ends). Milliseconds for "ms" settings.
+_LIMITS: dict[str, int] = {
+    "max_retries": 1_000,
+    "failure_threshold": 1_000_000,
+    "half_open_probes": 10_000,
+    "initial_delay": _DAY_MS,
+    "max_delay": _DAY_MS,
+    "conflict_delay": _DAY_MS,
+    "deadline": 7 * _DAY_MS,
+    "reset_timeout": _DAY_MS,
+}
+_SHOWN = 40
+
+
+def _shown(raw: str) -> str:
+    """A bad value as echoed in an error: at most a short prefix (it may be huge or a secret
+    pasted into the wrong variable)."""
+    if len(raw) <= _SHOWN:
+        return repr(raw)
+    return f"{raw[:_SHOWN]!r}... ({len(raw)} characters)"
+
+
+def _contradictions(
+    fields: Any, values: Mapping[str, Any], *, env_names: bool = False
+) -> dict[str, str]:
+    """Settings that are each fine but together make no sense."""
+
+    def get(name: str) -> Any:
+        return values[name] if name in values else fields[name].default
+
+    def label(name: str) -> str:
+        return _ENV_OF[name] if env_names else name
+
+    problems: dict[str, str] = {}
+    if get("initial_delay") > get("max_delay"):
+        problems[label("initial_delay")] = (
+            f"{get('initial_delay')} s is more than {label('max_delay')} "
+            f"({get('max_delay')} s): the first backoff would already exceed the cap"
+        )
+    if get("deadline") == 0 and get("retry") and get("max_retries") > 0:
+        problems[label("deadline")] = (
+            f"0 leaves no time to retry while {label('retry')} is on with "
+            f"{label('max_retries')}={get('max_retries')}; give a deadline or switch retry off"
+        )
+    return problems
+
+
 _AT_LEAST_ONE = frozenset({"SELF_HEALING_FAILURE_THRESHOLD", "SELF_HEALING_HALF_OPEN_PROBES"})
 
 
@@ -157,14 +225,16 @@ def _parse(spec: _Spec, raw: str) -> Any:
             return False
         raise ValueError("not a boolean; use true/false, 1/0, yes/no or on/off")
     if spec.kind in ("count", "ms"):
-        try:
-            number = int(text)
-        except ValueError:
-            raise ValueError(
-                "not a whole number" + (" of milliseconds" if spec.kind == "ms" else "")
-            ) from None
-        if number < 0:
+        unit = " of milliseconds" if spec.kind == "ms" else ""
+        if text.startswith("-") and _DIGITS.fullmatch(text[1:]):
             raise ValueError("must not be negative")
+        # ASCII digits only: no sign, no "_", no other scripts' digits, no exponent
+        if not _DIGITS.fullmatch(text):
+            raise ValueError(f"not a whole number{unit} (digits 0-9 only)")
+        number = int(text) if len(text) <= 15 else _TOO_BIG
+        limit = _LIMITS[spec.field]
+        if number > limit:
+            raise ValueError(f"too large; at most {limit}{' ms' if spec.kind == 'ms' else ''}")
         if number == 0 and spec.env in _AT_LEAST_ONE:
             raise ValueError("must be at least 1")
         return number / 1000 if spec.kind == "ms" else number
@@ -195,7 +265,9 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         try:
             values[spec.field] = _parse(spec, raw)
         except ValueError as exc:
-            problems[name] = f"{raw!r} is invalid: {exc}"
+            problems[name] = f"{_shown(raw)} is invalid: {exc}"
+    if not problems:
+        problems.update(_contradictions(Config.__dataclass_fields__, values, env_names=True))
     if problems:
         raise ConfigError(problems)
     return Config(**values)

@@ -152,3 +152,61 @@ def test_bad_environment_fails_factory_creation(monkeypatch: pytest.MonkeyPatch)
         "SELF_HEALING_RESET_TIMEOUT",
     }
     engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ("+5", "digits 0-9 only"),
+        ("1_000", "digits 0-9 only"),
+        ("\u0663", "digits 0-9 only"),  # ARABIC-INDIC DIGIT THREE
+        ("1e3", "digits 0-9 only"),
+        ("10" + "0" * 22, "too large"),
+        ("9" * 401, "too large"),  # int() of 401+ digits raised OverflowError-like ValueError
+    ],
+)
+def test_numbers_are_ascii_digits_within_bounds(value: str, why: str) -> None:
+    with pytest.raises(rdb.ConfigError) as info:
+        rdb.load_config({"SELF_HEALING_MAX_RETRIES": value, "SELF_HEALING_LOG_LEVEL": "loud"})
+    problems = info.value.problems
+    assert why in problems["SELF_HEALING_MAX_RETRIES"]
+    assert "SELF_HEALING_LOG_LEVEL" in problems  # the other bad variable is not hidden
+    assert len(str(info.value)) < 400  # a huge value is echoed as a short prefix only
+
+
+def test_huge_delays_are_refused_before_they_overflow_the_clock() -> None:
+    with pytest.raises(rdb.ConfigError) as info:
+        rdb.load_config(
+            {"SELF_HEALING_INITIAL_DELAY": "9" * 15, "SELF_HEALING_MAX_DELAY": "9" * 15}
+        )
+    assert set(info.value.problems) == {"SELF_HEALING_INITIAL_DELAY", "SELF_HEALING_MAX_DELAY"}
+    with pytest.raises(rdb.ConfigError, match="too large"):
+        rdb.Config(reset_timeout=10**12)
+
+
+def test_contradictory_settings_are_refused_together() -> None:
+    with pytest.raises(rdb.ConfigError) as info:
+        rdb.load_config({"SELF_HEALING_INITIAL_DELAY": "5000", "SELF_HEALING_MAX_DELAY": "1000"})
+    assert "more than SELF_HEALING_MAX_DELAY" in info.value.problems["SELF_HEALING_INITIAL_DELAY"]
+    with pytest.raises(rdb.ConfigError) as info:
+        rdb.load_config({"SELF_HEALING_DEADLINE": "0"})
+    assert "no time to retry" in info.value.problems["SELF_HEALING_DEADLINE"]
+    # without retries a zero deadline is consistent
+    assert (
+        rdb.load_config({"SELF_HEALING_DEADLINE": "0", "SELF_HEALING_RETRY": "false"}).deadline == 0
+    )
+    with pytest.raises(rdb.ConfigError, match="initial_delay"):
+        rdb.Config(initial_delay=10, max_delay=1)
+
+
+def test_check_config_reports_an_overlong_number_without_a_traceback(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from resilient_db._cli import main  # noqa: PLC0415
+
+    monkeypatch.setenv("SELF_HEALING_MAX_RETRIES", "9" * 500)
+    status = main(["check-config"])
+    out, err = capsys.readouterr()
+    assert status != 0
+    assert "Traceback" not in out + err
+    assert "SELF_HEALING_MAX_RETRIES" in out + err
