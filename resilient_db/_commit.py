@@ -527,7 +527,7 @@ def marked_connection_class(base: type[Any]) -> type[Any]:
         else:
 
             def commit(self: Any) -> None:
-                if self.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS:
+                if self.pgconn.transaction_status != _INTRANS:
                     self._rdb_may_write = False  # idle or failed: COMMIT as plain psycopg does
                     return base.commit(self)  # type: ignore[no-any-return]
                 ticket, message = _commit_ticket(self)
@@ -559,6 +559,9 @@ def marked_connection_class(base: type[Any]) -> type[Any]:
         cls = type(f"Marked{base.__name__}", (base,), namespace)
         _marked_classes[base] = cls
         return cls
+
+
+_INTRANS: Final = int(psycopg.pq.TransactionStatus.INTRANS)
 
 
 def _mark_psycopg(dbapi_connection: Any) -> bool:
