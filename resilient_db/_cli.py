@@ -61,6 +61,14 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     demo.add_argument(
+        "--url-from-env",
+        action="store_true",
+        help=(
+            "take that URL from the DATABASE_URL environment variable (a password in --url is "
+            "visible to other users in the process list)"
+        ),
+    )
+    demo.add_argument(
         "--json", action="store_true", help="print the report as JSON (progress goes to stderr)"
     )
     demo.add_argument(
@@ -127,10 +135,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _demo(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     from .demo import DemoOptions, run_demo  # noqa: PLC0415 - heavy imports only when needed
 
+    url, problem = _demo_url(args)
+    if problem is not None:
+        print(f"resilient-db demo: error: {problem}", file=err)
+        return EXIT_USAGE
     options = DemoOptions(
         seconds=args.seconds,
         workers=args.workers,
-        url=args.url,
+        url=url,
         as_json=args.json,
         plain=args.plain,
         verbose=args.verbose,
@@ -140,6 +152,32 @@ def _demo(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
         migrations=args.migrations,
     )
     return run_demo(options, out=out, err=err)
+
+
+def _demo_url(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """The server URL of the demo (None: embedded), or a usage problem in one line. The URL is
+    never echoed: it may hold a password."""
+    from sqlalchemy.engine import make_url  # noqa: PLC0415
+    from sqlalchemy.exc import ArgumentError  # noqa: PLC0415
+
+    if args.url and args.url_from_env:
+        return None, "give --url or --url-from-env, not both"
+    url: str | None = args.url
+    where = "--url"
+    if args.url_from_env:
+        url = os.environ.get("DATABASE_URL")
+        where = "DATABASE_URL"
+        if not url:
+            return None, "--url-from-env: DATABASE_URL is not set"
+    if url is None:
+        return None, None
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return None, f"{where} is not a database URL (postgresql://user@host:port/db)"
+    if not parsed.drivername.startswith("postgres"):
+        return None, f"{where} names {parsed.drivername!r}; the demo needs PostgreSQL"
+    return url, None
 
 
 # -- check-config -------------------------------------------------------------------------------

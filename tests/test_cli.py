@@ -310,3 +310,43 @@ def test_metrics_http_endpoint_serves_the_collector() -> None:
 def test_demo_rejects_a_too_short_workload(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--seconds", "2"]) == 2
     assert "--seconds must be at least" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "says"),
+    [
+        (["--url", "not a url at all"], {}, "--url is not a database URL"),
+        (["--url", "mysql://u:secret@h/db"], {}, "needs PostgreSQL"),
+        (["--url-from-env"], {}, "DATABASE_URL is not set"),
+        (["--url-from-env"], {"DATABASE_URL": "::::"}, "DATABASE_URL is not a database URL"),
+        (["--url", "postgresql://h/db", "--url-from-env"], {}, "not both"),
+    ],
+)
+def test_demo_usage_errors_exit_2_with_one_line(
+    argv: list[str],
+    env: dict[str, str],
+    says: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["demo", *argv]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1
+    assert says in err
+    assert "Traceback" not in err
+    assert "secret" not in err  # a URL is never echoed
+
+
+def test_demo_takes_its_url_from_database_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse  # noqa: PLC0415
+
+    from resilient_db._cli import _demo_url  # noqa: PLC0415
+
+    monkeypatch.setenv("DATABASE_URL", "postgresql+psycopg://app:pw@127.0.0.1:5432/app")
+    args = argparse.Namespace(url=None, url_from_env=True)
+    assert _demo_url(args) == ("postgresql+psycopg://app:pw@127.0.0.1:5432/app", None)
+    assert _demo_url(argparse.Namespace(url=None, url_from_env=False)) == (None, None)
