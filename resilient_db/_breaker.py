@@ -22,7 +22,7 @@ import pybreaker as _pb
 from ._config import Config
 from ._errors import CircuitOpenError
 from ._observability import emit, log_breaker, stats_for
-from ._state import STATE
+from ._state import STATE, check_service_room
 
 __all__ = ["Breaker", "breaker_for", "breakers"]
 
@@ -279,6 +279,7 @@ def breaker_for(
                 "object, or give this factory another service name"
             )
         if breaker is None:
+            check_service_room(service, STATE.breakers)
             breaker = Breaker(
                 service, config, storage=storage, listeners=listeners, clock=clock or time.time
             )

@@ -16,7 +16,7 @@ from typing import Any
 
 from ._classify import sqlstate_of
 from ._config import Config
-from ._state import STATE
+from ._state import STATE, check_service_room
 
 __all__ = [
     "PREFIX",
@@ -201,6 +201,7 @@ def stats_for(service: str) -> ServiceStats:
     if found is not None:
         return found
     with STATE.lock:
+        check_service_room(service, STATE.stats)
         made: ServiceStats = STATE.stats.setdefault(service, ServiceStats(service))
         return made
 

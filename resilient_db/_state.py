@@ -15,7 +15,11 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["STATE", "State", "reset_state"]
+__all__ = ["MAX_SERVICES", "STATE", "State", "check_service_room", "reset_state"]
+
+#: Service names are configuration, not data: past this many distinct names in one process a new
+#: one is refused (each has a breaker, counters and metric series that are never evicted).
+MAX_SERVICES = 1000
 
 
 class State:
@@ -67,6 +71,18 @@ class State:
 STATE = State()
 
 
+def check_service_room(service: str, known: Any) -> None:
+    """Raise ValueError when ``service`` would be one distinct name too many (caller holds
+    ``STATE.lock``; ``known`` is the registry the name would be added to)."""
+    if service not in known and len(known) >= MAX_SERVICES:
+        raise ValueError(
+            f"service {service!r} would be distinct service name number {MAX_SERVICES + 1} in "
+            f"this process; at most {MAX_SERVICES} are allowed. Service names are "
+            "configuration (one per database or dependency), not data: don't make one per "
+            "tenant, user or request"
+        )
+
+
 def reset_state() -> None:
     """Start over, for test suites (as between tests): every circuit breaker is closed with no
     failures counted and forgotten (a factory made afterwards gets a new one, with the storage
@@ -79,7 +95,8 @@ def reset_state() -> None:
         breakers = list(STATE.breakers.values())
         STATE.breakers.clear()
         for stats in STATE.stats.values():
-            stats.reset()
+            stats.reset()  # zero: a live factory keeps counting on its own object
+        STATE.stats.clear()  # and forgotten, as the breakers: service names start over
         for name in STATE.transition_stats:
             STATE.transition_stats[name] = 0
         resetters = list(STATE.resetters.values())

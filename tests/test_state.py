@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import sqlalchemy as sa
 
 import resilient_db as rdb
+from resilient_db import _state
+from resilient_db._retry import Policy
 from resilient_db._state import STATE
 
 
@@ -26,11 +29,24 @@ def test_reset_state_forgets_breakers_and_zeroes_every_counter(pg_url: str) -> N
 
     after = rdb.health()
     assert after["healthy"]
-    assert after["services"]["state-reset"]["counters"]["attempts"] == 0
-    assert after["services"]["state-reset"]["breaker"] is None  # forgotten
+    assert "state-reset" not in after["services"]  # its breaker and counters forgotten
     assert all(v == 0 for v in after["transitions"].values())
     assert "probe" not in STATE.resetters  # other modules' resetters ran
-    # the factory keeps working, with its breaker closed
+    # the factory keeps working, with its breaker closed and its counters zeroed
     assert breaker.state == "closed"
+    assert Sessions.policy.stats.attempts == 0
     assert Sessions.run(lambda s: s.execute(sa.text("SELECT 2")).scalar()) == 2
     engine.dispose()
+
+
+def test_service_names_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Service names are configuration: past MAX_SERVICES distinct ones a new one is refused
+    with a clear error (each would keep a breaker, counters and metric series for good)."""
+    monkeypatch.setattr(_state, "MAX_SERVICES", 3)
+    for n in range(3):
+        Policy(f"bounded-{n}", rdb.Config())
+    Policy("bounded-0", rdb.Config())  # a known name is fine
+    with pytest.raises(ValueError, match="not data: don't make one per tenant"):
+        Policy("bounded-3", rdb.Config())
+    with pytest.raises(ValueError, match="at most 3"):
+        rdb.with_self_healing(lambda: 1, service="bounded-4")
