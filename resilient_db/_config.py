@@ -56,6 +56,7 @@ class Config:
     bulk_update: str = "filter"
     logging: bool = True
     log_level: str = "info"
+    log_row_keys: bool = False
 
     def __post_init__(self) -> None:
         problems: dict[str, str] = {}
@@ -158,6 +159,7 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("SELF_HEALING_BULK_UPDATE", "bulk_update", "choice", BULK_UPDATE_MODES),
     _Spec("SELF_HEALING_LOGGING", "logging", "bool"),
     _Spec("SELF_HEALING_LOG_LEVEL", "log_level", "choice", LOG_LEVELS),
+    _Spec("SELF_HEALING_LOG_ROW_KEYS", "log_row_keys", "bool"),
 )
 _BY_ENV = {spec.env: spec for spec in _SPECS}
 _ENV_OF = {spec.field: spec.env for spec in _SPECS}

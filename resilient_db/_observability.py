@@ -105,6 +105,10 @@ def emit(
 
     ``extra["event"]`` names the action; the other ``extra`` values are its fields.
     """
+    # Values may come from outside the program (a database error's text, a row's state, a
+    # reason): control characters are escaped, so no value can start a fake log line.
+    args = tuple(_escaped(a) for a in args)
+    extra = {k: _escaped(v) for k, v in extra.items()}
     hooks = STATE.hooks
     if hooks and config.enabled:
         event = SelfHealEvent(
@@ -125,6 +129,22 @@ def emit(
         return
     if logger.isEnabledFor(level):
         logger.log(level, PREFIX + msg, *args, extra={"self_heal": extra})
+
+
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)} | {
+    0x2028: "\\u2028",
+    0x2029: "\\u2029",
+    0x0A: "\\n",
+    0x0D: "\\r",
+    0x09: "\\t",
+}
+
+
+def _escaped(value: Any) -> Any:
+    """``value`` with control characters (line breaks included) escaped, if it is text."""
+    if isinstance(value, str):
+        return value.translate(_CONTROL)
+    return value
 
 
 def sqlstate_label(exc: BaseException | None) -> str:

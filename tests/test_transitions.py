@@ -608,7 +608,8 @@ def test_illegal_move_blocked_at_flush_and_nothing_written(
     assert record.getMessage().startswith("[SELF-HEAL] Status transition blocked")
     assert f"'{start}' -> '{target}'" in record.getMessage()
     assert record.self_heal["model"] == "Task"
-    assert record.self_heal["pk"] == task_id
+    assert "pk" not in record.self_heal  # row keys stay out of logs unless opted in
+    assert f"pk={task_id}" not in record.getMessage()
     assert record.self_heal["via"] == "flush"
     assert (record.self_heal["from_state"], record.self_heal["to_state"]) == (start, target)
     assert "changed too" not in record.getMessage()
@@ -1740,3 +1741,52 @@ def test_alembic_op_online_and_offline(engine: sa.Engine) -> None:
     expected = transition_trigger_sql(Hostile)
     for statement in expected.split(";\n\n"):
         assert statement.strip().rstrip(";") in script
+
+
+def test_row_keys_reach_the_logs_only_when_the_operator_opts_in(
+    engine: sa.Engine, log: pytest.LogCaptureFixture
+) -> None:
+    """A key can be personal data (an e-mail address): it stays in the exception, and reaches
+    the log line only with SELF_HEALING_LOG_ROW_KEYS=true."""
+    from resilient_db._config import load_config  # noqa: PLC0415
+
+    task_id = _add_task(engine, "completed")
+    for opted_in in (False, True):
+        log.clear()
+        with _factory(engine, log_row_keys=opted_in)() as s:
+            task = s.get(Task, task_id)
+            assert task is not None
+            task.status = "pending"
+            with pytest.raises(IllegalTransitionError) as info:
+                s.flush()
+        assert info.value.pk == task_id
+        [record] = [r for r in log.records if r.name == LOGGER]
+        assert (f"Task(pk={task_id})" in record.getMessage()) is opted_in
+        assert ("pk" in record.self_heal) is opted_in
+    assert load_config({"SELF_HEALING_LOG_ROW_KEYS": "true"}).log_row_keys
+
+
+def test_control_characters_from_outside_cannot_forge_a_log_line(
+    engine: sa.Engine, log: pytest.LogCaptureFixture
+) -> None:
+    """A state (or a database error's text, or a reason) with a line break is escaped: one
+    record, one line, no fake second [SELF-HEAL] line."""
+    from resilient_db.transitions._report import report  # noqa: PLC0415
+
+    forged = "pending\n[SELF-HEAL] Circuit breaker closed: service=database recovered"
+    err = IllegalTransitionError(
+        model="Task",
+        pk=1,
+        column="status",
+        from_state="completed",
+        to_state=forged,
+        via="db",
+        reason="detail\r\nwith\x1b[31m escapes",
+    )
+    report(err, Config())
+    [record] = [r for r in log.records if r.name == LOGGER]
+    text = record.getMessage()
+    for control in ("\n", "\r", "\x1b", "\u2028"):
+        assert control not in text
+    assert text.count("[SELF-HEAL]") == 2  # the real prefix, and the forged one inside quotes
+    assert text.startswith("[SELF-HEAL] Status transition blocked")

@@ -20,7 +20,7 @@ from resilient_db._observability import emit
 
 from ._bypass import active_config
 from ._changes import Change, chunks, illegal, in_key_order, pk_filter
-from ._report import count, logger, report
+from ._report import count, logger, report, row_keys, row_label
 from ._rules import Guard, Key, compiled_guards, plain, sort_key
 
 __all__ = ["do_orm_execute"]
@@ -259,21 +259,20 @@ def _bulk_by_pk(
                     config,
                     logger,
                     logging.WARNING,
-                    "Status transition blocked: %s(pk=%r).%s %r -> %r "
+                    "Status transition blocked: %s.%s %r -> %r "
                     "(via orm-update, filter mode: parameter set skipped)",
-                    guard.model,
-                    change.pk,
+                    row_label(guard.model, change.pk, config),
                     guard.attr_key,
                     plain(old),
                     plain(new),
                     event="transition_blocked",
                     model=guard.model,
-                    pk=change.pk,
                     column=guard.attr_key,
                     from_state=plain(old),
                     to_state=plain(new),
                     via="orm-update",
                     blocked_rows=1,
+                    **row_keys(change.pk, config),
                 )
     if not rejected:
         return None

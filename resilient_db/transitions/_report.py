@@ -16,7 +16,7 @@ from resilient_db._state import STATE
 
 from ._rules import plain
 
-__all__ = ["count", "env_config", "logger", "report", "transition_stats"]
+__all__ = ["count", "env_config", "logger", "report", "row_keys", "row_label", "transition_stats"]
 
 logger = logging.getLogger("resilient_db.transitions")
 
@@ -38,14 +38,14 @@ def report(err: IllegalTransitionError, config: Config | None, *, blocked_rows: 
     under ``config``'s switches; ``None``: the environment's configuration)."""
     stale = isinstance(err, StaleTransitionError)
     count("stale_transitions" if stale else "blocked_transitions")
+    cfg = config if config is not None else env_config()
     emit(
-        config if config is not None else env_config(),
+        cfg,
         logger,
         logging.WARNING if stale else logging.ERROR,
-        "Status transition blocked%s: %s(pk=%r).%s %s -> %r (via %s)%s",
+        "Status transition blocked%s: %s.%s %s -> %r (via %s)%s",
         " (row moved by another transaction)" if stale else "",
-        err.model,
-        err.pk,
+        row_label(err.model, err.pk, cfg),
         err.column,
         "(new row)" if err.from_state is None else repr(plain(err.from_state)),
         plain(err.to_state),
@@ -53,14 +53,26 @@ def report(err: IllegalTransitionError, config: Config | None, *, blocked_rows: 
         f"; {err.reason}" if err.reason else "",
         event="transition_blocked",
         model=err.model,
-        pk=err.pk,
         column=err.column,
         from_state=plain(err.from_state),
         to_state=plain(err.to_state),
         via=err.via,
         stale=stale,
         blocked_rows=blocked_rows,
+        **row_keys(err.pk, cfg),
     )
+
+
+def row_label(model: str, pk: object, config: Config) -> str:
+    """``Model(pk=...)`` when the operator opted in to row keys in logs
+    (``SELF_HEALING_LOG_ROW_KEYS``), else just ``Model``: a key can be personal data (an
+    e-mail address); it stays in the exception's ``pk`` either way."""
+    return f"{model}(pk={pk!r})" if config.log_row_keys else model
+
+
+def row_keys(pk: object, config: Config) -> dict[str, object]:
+    """The ``pk`` field of a report, only when the operator opted in."""
+    return {"pk": pk} if config.log_row_keys else {}
 
 
 def env_config() -> Config:
