@@ -64,6 +64,8 @@ class State:
         self.flush_checks: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         #: ... and those connections, by session (both end with the flush, never reset)
         self.flushing: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
+        #: the transaction a session's audited bypass of the transition guard belongs to
+        self.bypasses: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         #: what else :func:`reset_state` must clear (caches of other modules), by name
         self.resetters: dict[str, Callable[[], None]] = {}
 

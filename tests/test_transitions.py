@@ -1656,6 +1656,41 @@ def test_bypass_on_a_connection(engine: sa.Engine, sessions: sessionmaker[_S]) -
     assert _db_status(engine, task_id) == "pending"
 
 
+def test_bypass_is_refused_on_an_engine_in_autocommit_and_logs_nothing(
+    pg_url: str, log: pytest.LogCaptureFixture
+) -> None:
+    """AUTOCOMMIT for the whole engine (not only as a connection's option): SET LOCAL would
+    have no effect, so nothing is bypassed, counted or logged."""
+    engine = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    before = transition_stats()["bypasses"]
+    try:
+        with engine.connect() as conn, pytest.raises(ValueError, match="AUTOCOMMIT"):
+            bypass_transitions(conn, reason="x")
+        with Session(engine) as session, pytest.raises(ValueError, match="AUTOCOMMIT"):
+            bypass_transitions(session, reason="x")
+    finally:
+        engine.dispose()
+    assert transition_stats()["bypasses"] == before
+    assert not [r for r in log.records if "bypassed" in r.getMessage()]
+
+
+def test_a_bypass_leaves_session_info_alone(engine: sa.Engine) -> None:
+    task_id = _add_task(engine, "completed")
+    with _factory(engine)() as s:
+        bypass_transitions(s, reason="repair")
+        assert set(s.info) == {GUARD_INFO_KEY}  # nothing of the bypass in the user's info
+        task = s.get(Task, task_id)
+        assert task is not None
+        task.status = "pending"
+        s.flush()  # bypassed for this transaction
+        s.rollback()
+        task = s.get(Task, task_id)
+        assert task is not None
+        task.status = "pending"
+        with pytest.raises(IllegalTransitionError):
+            s.flush()  # the bypass ended with its transaction
+
+
 # ------------------------------------------------------------------------------------------------
 # drift, install helpers
 # ------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from resilient_db._config import Config
 from resilient_db._observability import emit
 from resilient_db._registry import config_of
+from resilient_db._state import STATE
 
 from ._report import count, env_config, logger
 from ._sql import BYPASS_SETTING
@@ -24,8 +25,6 @@ __all__ = ["GUARD_INFO_KEY", "active_config", "bypass_transitions", "bypass_tran
 
 #: ``session.info`` key holding the :class:`Config` that switches the session guards on.
 GUARD_INFO_KEY = "resilient_db.config"
-
-_BYPASS_INFO_KEY = "resilient_db.transitions.bypass"
 
 
 def active_config(session: Session) -> Config | None:
@@ -44,12 +43,15 @@ def active_config(session: Session) -> Config | None:
 
 
 def _bypassed(session: Session) -> bool:
-    marker = session.info.get(_BYPASS_INFO_KEY)
+    bypasses = STATE.bypasses  # by session, weakly: nothing in session.info
+    if not bypasses:
+        return False
+    marker = bypasses.get(session)
     if marker is None:
         return False
     if marker is session.get_transaction():
         return True
-    session.info.pop(_BYPASS_INFO_KEY, None)
+    bypasses.pop(session, None)
     return False
 
 
@@ -66,20 +68,24 @@ def bypass_transitions(target: Session | Connection, *, reason: str) -> None:
         raise ValueError("bypass_transitions() needs a reason=, which is logged for the audit")
     if isinstance(target, Session):
         conn = target.connection()
-        transaction = target.get_transaction()
-        target.info[_BYPASS_INFO_KEY] = transaction
     elif isinstance(target, Connection):
         conn = target
-        if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
-            raise ValueError(
-                "bypass_transitions() needs a transaction; this connection is in AUTOCOMMIT mode, "
-                "where SET LOCAL would have no effect"
-            )
     else:
         raise TypeError(
             "bypass_transitions() takes a Session or a Connection (for asyncio use "
             f"bypass_transitions_async), got {type(target).__name__}"
         )
+    # per connection (an execution option) or for the whole engine
+    # (create_engine(isolation_level="AUTOCOMMIT")): the driver connection says so
+    if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT" or getattr(
+        conn.connection.dbapi_connection, "autocommit", False
+    ):
+        raise ValueError(
+            "bypass_transitions() needs a transaction; this connection is in AUTOCOMMIT mode, "
+            "where SET LOCAL would have no effect (nothing was bypassed or logged)"
+        )
+    if isinstance(target, Session):
+        STATE.bypasses[target] = target.get_transaction()
     conn.exec_driver_sql(
         f"SET LOCAL {BYPASS_SETTING} = 'on'", execution_options={"no_parameters": True}
     )
