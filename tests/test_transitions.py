@@ -53,6 +53,8 @@ from resilient_db.transitions._dbmap import exception_from_db
 from resilient_db.transitions._flush import _before_execute, before_flush, install_engine_hooks
 from resilient_db.transitions._guards import install_guard
 from resilient_db.transitions._report import transition_stats
+from resilient_db.transitions._rules import guards_of
+from resilient_db.transitions._sql import install_statements, trigger_names
 
 LOGGER = "resilient_db.transitions"
 HOSTILE = 'it\'s "odd"; drop table x; --'
@@ -491,7 +493,9 @@ def test_dot_diagram_shape() -> None:
 
 def test_trigger_sql_shape() -> None:
     sql = transition_trigger_sql(Task)
-    assert 'CREATE OR REPLACE FUNCTION "rdb_transition_tasks_status"() RETURNS trigger' in sql
+    function = trigger_names(guards_of(Task)[0]).function_name
+    assert re.fullmatch(r"rdb_transition_tasks_status_[0-9a-f]{12}", function)
+    assert f'CREATE OR REPLACE FUNCTION "{function}"() RETURNS trigger' in sql
     assert 'DROP TRIGGER IF EXISTS "rdb_transition_status_ins" ON "tasks"' in sql
     assert 'CREATE TRIGGER "rdb_transition_status_ins" BEFORE INSERT ON "tasks"' in sql
     assert 'CREATE TRIGGER "rdb_transition_status_upd" BEFORE UPDATE ON "tasks"' in sql
@@ -499,7 +503,7 @@ def test_trigger_sql_shape() -> None:
     assert f"ERRCODE = '{TRANSITION_SQLSTATE}'" in sql
     assert "current_setting('resilient_db.bypass_transitions', true)" in sql
     assert "json_build_object(" in sql
-    assert 'COMMENT ON FUNCTION "rdb_transition_tasks_status"() IS' in sql
+    assert f'COMMENT ON FUNCTION "{function}"() IS' in sql
     assert "rules-sha256=" in sql
     assert transition_trigger_sql(Task) == sql  # deterministic
     assert TRANSITION_SQLSTATE == "RDB01"
@@ -507,7 +511,7 @@ def test_trigger_sql_shape() -> None:
     assert two.count("CREATE OR REPLACE FUNCTION") == 2
     assert "v_to IS NULL" in two  # NULL is a declared state of Order.payment
     drop = transition_trigger_drop_sql(Task)
-    assert 'DROP FUNCTION IF EXISTS "rdb_transition_tasks_status"()' in drop
+    assert f'DROP FUNCTION IF EXISTS "{function}"()' in drop
 
 
 def test_trigger_sql_quotes_hostile_names() -> None:
@@ -1750,6 +1754,121 @@ def test_drift_detection(engine: sa.Engine) -> None:
     install_transition_trigger(engine, Task)  # idempotent, also from an Engine
     with engine.connect() as conn:
         assert trigger_drift(conn, Task) is None
+
+
+def _mapped_guarded(
+    reg: registry, name: str, table: str, column: str, schema: str | None = None
+) -> Any:
+    return reg.mapped(
+        type(
+            name,
+            (),
+            {
+                "__tablename__": table,
+                "__table_args__": {"schema": schema},
+                "__transitions__": TransitionRules(
+                    column=column, transitions={"new": {"done"}}, initial={"new"}
+                ),
+                "id": mapped_column(sa.Integer, primary_key=True),
+                column: mapped_column(sa.String(10)),
+            },
+        )
+    )
+
+
+@pytest.fixture
+def colliding(engine: sa.Engine) -> Iterator[list[Any]]:
+    """Models whose trigger functions shared a name before: ``a_b``.``c`` and ``a``.``b_c`` (both
+    ``rdb_transition_a_b_c``), and ``x``.``y_z``.``z`` beside ``x_y``.``z``.``z``."""
+    reg = registry()
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE SCHEMA x; CREATE SCHEMA x_y")
+    models = [
+        _mapped_guarded(reg, "AB", "a_b", "c"),
+        _mapped_guarded(reg, "A", "a", "b_c"),
+        _mapped_guarded(reg, "XYZ", "y_z", "z", schema="x"),
+        _mapped_guarded(reg, "XYZ2", "z", "z", schema="x_y"),
+    ]
+    reg.metadata.create_all(engine)
+    yield models
+    reg.dispose()
+
+
+def _writes_are_guarded(engine: sa.Engine, model: Any) -> None:
+    table = _table(model)
+    column = table.c[model.__transitions__.column]
+    with engine.begin() as conn:
+        conn.execute(table.insert().values({"id": 1, column.key: "new"}))
+        conn.execute(table.update().values({column.key: "done"}))
+    with engine.connect() as conn:
+        err = _db_error(lambda: conn.execute(table.update().values({column.key: "new"})))
+        assert (err.model, err.column, err.from_state, err.to_state) == (
+            model.__name__,
+            column.key,
+            "done",
+            "new",
+        )
+        conn.rollback()
+        err = _db_error(lambda: conn.execute(table.insert().values({"id": 2, column.key: "done"})))
+        assert err.to_state == "done"
+
+
+def test_models_whose_old_function_names_collide_keep_their_own_triggers(
+    engine: sa.Engine, colliding: list[Any]
+) -> None:
+    with engine.begin() as conn:
+        for model in colliding:
+            install_transition_trigger(conn, model)
+    for model in colliding:
+        _writes_are_guarded(engine, model)  # a_b failed with 42703 once a's function replaced it
+    with engine.connect() as conn:
+        for model in colliding:
+            assert trigger_drift(conn, model) is None
+
+
+def _install_under_the_old_names(conn: sa.Connection, model: Any) -> None:
+    """What earlier releases installed: the same triggers, calling rdb_transition_<table>_<col>."""
+    uninstall_transition_trigger(conn, model)
+    for guard in guards_of(model):
+        n = trigger_names(guard)
+        for stmt in install_statements(guard):
+            if not stmt.startswith("DO "):
+                conn.exec_driver_sql(stmt.replace(n.function_name, n.legacy_function_name))
+
+
+def _functions(conn: sa.Connection, like: str) -> set[str]:
+    query = sa.text("SELECT proname::text FROM pg_proc WHERE proname LIKE :p")
+    return set(conn.execute(query, {"p": like}).scalars())
+
+
+def test_an_install_under_the_old_names_is_drift_and_is_upgraded_in_place(
+    engine: sa.Engine, colliding: list[Any]
+) -> None:
+    ab, a = colliding[:2]
+    with engine.begin() as conn:
+        _install_under_the_old_names(conn, Task)
+        _install_under_the_old_names(conn, ab)
+        _install_under_the_old_names(conn, a)  # replaces the function a_b's triggers call
+        for model in (Task, ab, a):
+            drift = trigger_drift(conn, model) or ""
+            assert drift.count("is installed under an older name") == 2, drift
+            assert "run install_transition_trigger again" in drift
+        install_transition_trigger(conn, ab)
+        assert trigger_drift(conn, ab) is None
+        # a's triggers still call the shared old function: it stays until a is reinstalled
+        assert "rdb_transition_a_b_c" in _functions(conn, "rdb_transition_a_b_c%")
+        install_transition_trigger(conn, a)
+        install_transition_trigger(conn, Task)
+        old = {"rdb_transition_a_b_c", "rdb_transition_tasks_status"}
+        assert not old & _functions(conn, "rdb_transition_%")
+        for model in (Task, ab, a):
+            assert trigger_drift(conn, model) is None
+    _writes_are_guarded(engine, ab)
+    _writes_are_guarded(engine, a)
+    with engine.begin() as conn:  # an uninstall after an old install removes the old function
+        _install_under_the_old_names(conn, Task)
+        uninstall_transition_trigger(conn, Task)
+        assert _functions(conn, "rdb_transition_tasks%") == set()
 
 
 def test_drift_when_table_missing(engine: sa.Engine) -> None:

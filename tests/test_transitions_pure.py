@@ -38,6 +38,7 @@ from resilient_db.transitions._rules import guards_of, one_guard
 from resilient_db.transitions._sql import (
     _dollar_quote,
     drop_statements,
+    function_name,
     ident,
     install_statements,
     literal,
@@ -336,12 +337,62 @@ def test_trigger_names_of_a_schema_qualified_table(mapped: Mapper) -> None:
     (guard,) = guards_of(model)
     names = trigger_names(guard)
     assert names.table == '"audit"."jo""bs"'
-    assert names.function == '"audit"."rdb_transition_jo""bs_status"'
-    assert names.function_name == 'rdb_transition_jo"bs_status'
+    assert names.function == '"audit"."rdb_transition_jo""bs_status_704b3df1d23d"'
+    assert names.function_name == 'rdb_transition_jo"bs_status_704b3df1d23d'
+    assert names.legacy_function_name == 'rdb_transition_jo"bs_status'
     assert (names.insert_trigger, names.update_trigger) == (
         "rdb_transition_status_ins",
         "rdb_transition_status_upd",
     )
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [
+        ((None, "a_b", "c"), (None, "a", "b_c")),  # the same old name rdb_transition_a_b_c
+        (("x", "y_z", "s"), ("x_y", "z", "s")),  # schema and table run together
+        (("x", "t", "s"), ("y", "t", "s")),  # same table and column in two schemas
+        ((None, "t", "s"), ("public", "t", "s")),
+        ((None, "t" * 60, "s"), (None, "t" * 60, "s2")),  # past the cut, only the hash differs
+    ],
+)
+def test_function_names_are_unique_per_schema_table_and_column(
+    one: tuple[str | None, str, str], other: tuple[str | None, str, str]
+) -> None:
+    assert function_name(*one) != function_name(*other)
+    assert function_name(*one) == function_name(*one)  # deterministic
+
+
+def test_colliding_models_get_different_functions(mapped: Mapper) -> None:
+    """``a_b``.``c`` and ``a``.``b_c`` used to share rdb_transition_a_b_c: installing the second
+    replaced the first, and every write to ``a_b`` then failed with 42703."""
+    rules = _rules({"a": {"b"}}, {"a"}, "c")
+    (one,) = guards_of(mapped(rules, table="a_b", column="c"))
+    (other,) = guards_of(mapped(_rules({"a": {"b"}}, {"a"}, "b_c"), table="a", column="b_c"))
+    assert trigger_names(one).legacy_function_name == trigger_names(other).legacy_function_name
+    assert trigger_names(one).function_name != trigger_names(other).function_name
+    (sx,) = guards_of(mapped(_rules({"a": {"b"}}, {"a"}, "z"), table="y_z", schema="x", column="z"))
+    (sy,) = guards_of(mapped(_rules({"a": {"b"}}, {"a"}, "z"), table="z", schema="x_y", column="z"))
+    assert trigger_names(sx).function_name != trigger_names(sy).function_name
+
+
+@pytest.mark.parametrize(
+    ("schema", "table", "column"),
+    [
+        (None, "tasks", "status"),
+        ("s" * 63, "t" * 63, "c" * 63),
+        (None, "ü" * 31, "x"),  # two bytes each: cut on a character boundary
+        ("☃", "☃" * 21, "☃" * 21),  # three bytes each
+        (None, "a" * 34, "é"),  # the cut falls inside the last character
+    ],
+)
+def test_function_names_fit_63_bytes(schema: str | None, table: str, column: str) -> None:
+    name = function_name(schema, table, column)
+    assert len(name.encode()) <= 63
+    assert re.fullmatch(r"rdb_transition_.*_[0-9a-f]{12}", name, re.DOTALL)
+    assert name.encode().decode() == name  # valid UTF-8
+    readable = name[len("rdb_transition_") : -13]
+    assert f"{table}_{column}".startswith(readable)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -349,7 +400,8 @@ def test_trigger_names_of_a_schema_qualified_table(mapped: Mapper) -> None:
 # ------------------------------------------------------------------------------------------------
 
 JOBS_SQL = """\
-CREATE OR REPLACE FUNCTION "rdb_transition_jobs_state"() RETURNS trigger LANGUAGE plpgsql
+CREATE OR REPLACE FUNCTION "rdb_transition_jobs_state_b53b700df013"() RETURNS trigger \
+LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $rdb$
 DECLARE
@@ -392,19 +444,32 @@ BEGIN
 END
 $rdb$;
 
-COMMENT ON FUNCTION "rdb_transition_jobs_state"() IS 'resilient_db transition guard v1 \
+COMMENT ON FUNCTION "rdb_transition_jobs_state_b53b700df013"() IS \
+'resilient_db transition guard v1 \
 rules-sha256=78170157fd19a427703aa5a3bf915efdd9c5d8ae04d4abbc0d18d3c0c4a44235';
 
 DROP TRIGGER IF EXISTS "rdb_transition_state_ins" ON "jobs";
 
 CREATE TRIGGER "rdb_transition_state_ins" BEFORE INSERT ON "jobs"
-FOR EACH ROW EXECUTE FUNCTION "rdb_transition_jobs_state"();
+FOR EACH ROW EXECUTE FUNCTION "rdb_transition_jobs_state_b53b700df013"();
 
 DROP TRIGGER IF EXISTS "rdb_transition_state_upd" ON "jobs";
 
 CREATE TRIGGER "rdb_transition_state_upd" BEFORE UPDATE ON "jobs"
 FOR EACH ROW WHEN (OLD."state" IS DISTINCT FROM NEW."state")
-EXECUTE FUNCTION "rdb_transition_jobs_state"();
+EXECUTE FUNCTION "rdb_transition_jobs_state_b53b700df013"();
+
+DO $rdb$
+DECLARE
+    v_old regprocedure := pg_catalog.to_regprocedure('"rdb_transition_jobs_state"()');
+BEGIN
+    IF v_old IS NOT NULL
+        AND pg_catalog.obj_description(v_old, 'pg_proc') LIKE 'resilient_db transition guard %'
+        AND NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgfoid = v_old) THEN
+        DROP FUNCTION "rdb_transition_jobs_state"();
+    END IF;
+END
+$rdb$;
 """
 
 
@@ -420,12 +485,14 @@ def test_the_trigger_script_of_a_simple_machine(mapped: Mapper) -> None:
     assert transition_trigger_drop_sql(model) == (
         'DROP TRIGGER IF EXISTS "rdb_transition_state_ins" ON "jobs";\n\n'
         'DROP TRIGGER IF EXISTS "rdb_transition_state_upd" ON "jobs";\n\n'
-        'DROP FUNCTION IF EXISTS "rdb_transition_jobs_state"();\n'
+        'DROP FUNCTION IF EXISTS "rdb_transition_jobs_state_b53b700df013"();\n\n'
+        + JOBS_SQL[JOBS_SQL.index("DO $rdb$") :]
     )
     (guard,) = guards_of(model)
-    assert len(install_statements(guard)) == 6
+    assert len(install_statements(guard)) == 7
     assert [s.split(" ", 2)[:2] for s in drop_statements(guard)] == [["DROP", "TRIGGER"]] * 2 + [
-        ["DROP", "FUNCTION"]
+        ["DROP", "FUNCTION"],
+        ["DO", "$rdb$\nDECLARE\n"],
     ]
     assert f"ERRCODE = '{TRANSITION_SQLSTATE}'" in JOBS_SQL
     assert f"current_setting('{BYPASS_SETTING}', true)" in JOBS_SQL

@@ -104,7 +104,13 @@ def trigger_drift(connection: Connection | Session, model: type[Any]) -> str | N
                 continue
             if row.enabled == "D":
                 problems.append(f"{where}: trigger {trigger} is disabled")
-            if row.function != n.function_name:
+            if row.function == n.legacy_function_name:
+                problems.append(
+                    f"{where}: trigger {trigger} is installed under an older name (it calls "
+                    f"{row.function}(), which another table's guard may share); run "
+                    f"install_transition_trigger again"
+                )
+            elif row.function != n.function_name:
                 problems.append(
                     f"{where}: trigger {trigger} calls {row.function}() instead of "
                     f"{n.function_name}()"

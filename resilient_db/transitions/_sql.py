@@ -17,6 +17,7 @@ __all__ = [
     "TRANSITION_SQLSTATE",
     "TriggerNames",
     "drop_statements",
+    "function_name",
     "ident",
     "install_statements",
     "literal",
@@ -82,19 +83,62 @@ class TriggerNames(NamedTuple):
     function_name: str
     insert_trigger: str
     update_trigger: str
+    #: The function name of earlier releases, ``rdb_transition_<table>_<column>``, which two
+    #: models could share (``a_b``.``c`` and ``a``.``b_c``). Dropped on install when unused.
+    legacy_function_name: str
+
+
+_FUNCTION_PREFIX = "rdb_transition_"
+_FUNCTION_HASH_LEN = 12
+
+
+def _truncate_utf8(text: str, budget: int) -> str:
+    return text.encode()[:budget].decode(errors="ignore")
+
+
+def function_name(schema: str | None, table: str, column: str) -> str:
+    """The trigger function's name: ``rdb_transition_<table>_<column>`` cut to fit, then ``_``
+    and 12 hex digits of a hash of the exact (schema, table, column) triple, so no two guarded
+    columns share a function (functions share the schema's namespace; triggers are per table).
+    At most 63 bytes, cut on a character boundary."""
+    triple = json.dumps([schema, table, column], ensure_ascii=False).encode()
+    digest = hashlib.sha256(triple).hexdigest()[:_FUNCTION_HASH_LEN]
+    budget = _PG_NAME_MAX - len(_FUNCTION_PREFIX) - 1 - _FUNCTION_HASH_LEN
+    return f"{_FUNCTION_PREFIX}{_truncate_utf8(f'{table}_{column}', budget)}_{digest}"
 
 
 def trigger_names(guard: Guard) -> TriggerNames:
     table = guard.table
     schema = f"{ident(table.schema)}." if table.schema else ""
-    function_name = pg_name("rdb_transition", table.name, guard.column.name)
+    fname = function_name(table.schema, table.name, guard.column.name)
     return TriggerNames(
         table=f"{schema}{ident(table.name)}",
-        function=f"{schema}{ident(function_name)}",
-        function_name=function_name,
+        function=f"{schema}{ident(fname)}",
+        function_name=fname,
+        # Trigger names live in the table's namespace: the column alone keeps them apart.
         insert_trigger=pg_name("rdb_transition", guard.column.name, "ins"),
         update_trigger=pg_name("rdb_transition", guard.column.name, "upd"),
+        legacy_function_name=pg_name("rdb_transition", table.name, guard.column.name),
     )
+
+
+def _drop_legacy_function(n: TriggerNames, guard: Guard) -> str:
+    """Drop the function of the old naming scheme if it is ours and no trigger still calls it
+    (after a name collision it may be another table's; that one drops it on its reinstall)."""
+    schema = f"{ident(guard.table.schema)}." if guard.table.schema else ""
+    legacy = f"{schema}{ident(n.legacy_function_name)}"
+    body = f"""
+DECLARE
+    v_old regprocedure := pg_catalog.to_regprocedure({literal(legacy + "()")});
+BEGIN
+    IF v_old IS NOT NULL
+        AND pg_catalog.obj_description(v_old, 'pg_proc') LIKE {literal(_STAMP_PREFIX + " %")}
+        AND NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgfoid = v_old) THEN
+        DROP FUNCTION {legacy}();
+    END IF;
+END
+"""
+    return f"DO {_dollar_quote(body)}"
 
 
 def rules_stamp(guard: Guard) -> str:
@@ -205,6 +249,7 @@ def install_statements(guard: Guard) -> list[str]:
         f"CREATE TRIGGER {ident(n.update_trigger)} BEFORE UPDATE ON {n.table}\n"
         f"FOR EACH ROW WHEN (OLD.{col} IS DISTINCT FROM NEW.{col})\n"
         f"EXECUTE FUNCTION {n.function}()",
+        _drop_legacy_function(n, guard),
     ]
 
 
@@ -214,6 +259,7 @@ def drop_statements(guard: Guard) -> list[str]:
         f"DROP TRIGGER IF EXISTS {ident(n.insert_trigger)} ON {n.table}",
         f"DROP TRIGGER IF EXISTS {ident(n.update_trigger)} ON {n.table}",
         f"DROP FUNCTION IF EXISTS {n.function}()",
+        _drop_legacy_function(n, guard),
     ]
 
 
