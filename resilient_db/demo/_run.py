@@ -34,18 +34,7 @@ from ._verify import BreakerEvent, Check, examine_database, invariants
 from ._view import Progress, View, make_view
 from ._workload import Change, IllegalAttempts, Ledger, Runner, Worker, setup_hot_rows
 
-__all__ = [
-    "APPLICATION_NAME",
-    "SERVICE",
-    "DemoError",
-    "DemoOptions",
-    "alembic_config",
-    "apply_migrations",
-    "demo_config",
-    "downgrade_migrations",
-    "migrations_dir",
-    "run_demo",
-]
+# The public names are re-exported (and listed) by resilient_db.demo.
 
 #: ``application_name`` of the workers' connections (the ones the demo kills).
 APPLICATION_NAME = "resilient-db-demo"
