@@ -169,9 +169,23 @@ def test_embedded_server_is_private_and_fast(embedded: EmbeddedPostgres) -> None
         "deadlock_timeout": "100",
     }
     assert embedded.host == "127.0.0.1"
+    password = embedded._password
+    assert password is not None
+    assert len(password) >= 24
     assert embedded.url("db", driver="asyncpg") == (
-        f"postgresql+asyncpg://postgres@127.0.0.1:{embedded.port}/db"
+        f"postgresql+asyncpg://postgres:{password}@127.0.0.1:{embedded.port}/db"
     )
+    # no trust: a local user without the password gets nothing (replication included)
+    hba = (embedded.data_dir / "pg_hba.conf").read_text()
+    rules = [line.split() for line in hba.splitlines() if line.strip() and not line.startswith("#")]
+    assert rules
+    assert all(rule[-1] == "scram-sha-256" for rule in rules)
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(
+            f"host=127.0.0.1 port={embedded.port} user=postgres dbname=postgres password=wrong",
+            connect_timeout=5,
+        ).close()
+    assert not (embedded.data_dir.parent / "pwfile").exists()
     assert embedded.log_path.parent == embedded.data_dir
     assert embedded.log_path.is_file()
     if os.geteuid() == 0:  # root runs the server as an unprivileged user

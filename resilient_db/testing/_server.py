@@ -22,6 +22,7 @@ import logging
 import os
 import random
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -538,7 +539,8 @@ class EmbeddedPostgres(PostgresServer):
 
     ``initdb`` runs at the first :meth:`start` in a fresh temporary directory (under ``base_dir``
     if given); the server listens on 127.0.0.1 only, on ``port`` or a free port that stays the
-    same across restarts; unix sockets are disabled; user ``postgres`` logs in with trust auth.
+    same across restarts; unix sockets are disabled; user ``postgres`` logs in with a password of
+    its own (scram-sha-256, generated per server; the URLs it returns carry it).
     ``settings`` add to or override :data:`DEFAULT_SETTINGS` (fsync and full_page_writes off,
     200 connections, 100 ms deadlock timeout, ...). The server log is ``data_dir / "server.log"``.
 
@@ -558,7 +560,10 @@ class EmbeddedPostgres(PostgresServer):
         start_timeout: float = 30.0,
         os_user: str = _DEFAULT_OS_USER,
     ) -> None:
-        super().__init__()
+        # A password of its own, and scram-sha-256 for every connection: the server listens on
+        # 127.0.0.1 only, but other local users of a shared host must not get a superuser
+        # (one that can run COPY ... FROM PROGRAM as the server's OS user).
+        super().__init__(password=secrets.token_urlsafe(24))
         self._host = "127.0.0.1"
         self._port = port
         self._port_given = port is not None
@@ -677,13 +682,20 @@ class EmbeddedPostgres(PostgresServer):
             os.chown(self._base, *self._ids)
             ensure_prefix_permissions(self._base)
         self._start_watchdog()
+        pwfile = self._base / "pwfile"
+        fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"{self._password}\n")
+        if self._ids is not None:
+            os.chown(pwfile, *self._ids)
         command = [
             str(self._bin / "initdb"),
             "-D",
             str(self._base / "data"),
             "-U",
             "postgres",
-            "--auth=trust",
+            "--auth=scram-sha-256",
+            f"--pwfile={pwfile}",
             "--encoding=UTF8",
             "--no-locale",
             "--no-sync",
@@ -697,6 +709,7 @@ class EmbeddedPostgres(PostgresServer):
             check=False,
             **self._subprocess_kwargs(),
         )
+        pwfile.unlink()
         if result.returncode != 0:
             output = result.stdout.decode(errors="replace")[-4000:]
             raise ServerStartError(f"initdb failed (exit {result.returncode}):\n{output}")
