@@ -242,11 +242,31 @@ def _on_connected(session: Session, *_: Any) -> None:
         connecting_for.set(None)
 
 
-# Registered once, on SQLAlchemy's Session class: every session class inherits them, and they act
-# only for sessions of a resilient factory (found in the registry, not in ``session.info``).
-event.listen(Session, "after_transaction_create", _on_transaction_create)
-event.listen(Session, "after_begin", _on_connected)
-event.listen(Session, "after_transaction_end", _on_connected)
+_CONNECT_EVENTS = (
+    ("after_transaction_create", _on_transaction_create),
+    ("after_begin", _on_connected),
+    ("after_transaction_end", _on_connected),
+)
+
+
+def install_connect_retry(session_class: type[Session]) -> None:
+    """Listen for the drop-in connect retry on the session class a factory makes sessions of
+    (sync: the class ``sessionmaker`` made for it; async: ``sync_session_class``), so plain
+    sessions elsewhere in the application don't pay for it. A class whose base listens already
+    is left alone (listeners reach subclasses). The listeners act only for a resilient
+    factory's sessions (found in the registry, not in ``session.info``)."""
+    if any(
+        issubclass(base, Session)
+        and event.contains(base, "after_transaction_create", _on_transaction_create)
+        for base in session_class.__mro__
+    ):
+        return
+    for name, listener in _CONNECT_EVENTS:
+        event.listen(session_class, name, listener)
+
+
+# The transition guard: registered once, on SQLAlchemy's Session class (it also serves plain
+# sessions guarded by hand); it acts for a resilient factory's sessions through the registry.
 install_guard(Session)
 
 
@@ -287,6 +307,10 @@ class FactoryCore:
         return self.policy.call(connect)
 
     def _register(self) -> None:
+        cls: Any = getattr(self, "class_", None)
+        if not (isinstance(cls, type) and issubclass(cls, Session)):  # an async factory
+            cls = getattr(self, "kw", {}).get("sync_session_class") or Session
+        install_connect_retry(cls)
         if not self._explicit_config:
             register_default_user(self)
 
