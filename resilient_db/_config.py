@@ -12,7 +12,7 @@ import difflib
 import math
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -285,11 +285,16 @@ def register_default_user(obj: _Configurable) -> None:
         STATE.default_config_users.add(obj)
 
 
-def on_reload(callback: Callable[[Config], None]) -> None:
-    """Call ``callback`` with the new configuration after every reload_config()."""
-    with STATE.lock:
-        if callback not in STATE.reload_listeners:
-            STATE.reload_listeners.append(callback)
+def env_config() -> Config:
+    """The environment's configuration: read at first use, replaced by :func:`reload_config`
+    (for what has no factory of its own: ``with_self_healing``, the guard's reports outside a
+    factory's session). Raises :class:`ConfigError` for an invalid environment."""
+    config: Config | None = STATE.env_config
+    if config is None:
+        config = load_config()
+        with STATE.lock:
+            STATE.env_config = config
+    return config
 
 
 def reload_config(environ: Mapping[str, str] | None = None) -> Config:
@@ -299,10 +304,8 @@ def reload_config(environ: Mapping[str, str] | None = None) -> Config:
     """
     config = load_config(environ)
     with STATE.lock:
+        STATE.env_config = config
         users = list(STATE.default_config_users)
-        listeners = list(STATE.reload_listeners)
     for user in users:
         user._apply_config(config)
-    for callback in listeners:
-        callback(config)
     return config

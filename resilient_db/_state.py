@@ -35,8 +35,6 @@ class State:
         self.stats: dict[str, Any] = {}
         #: factories that follow the environment's configuration (``reload_config``)
         self.default_config_users: weakref.WeakSet[Any] = weakref.WeakSet()
-        #: callbacks run with the new configuration after ``reload_config``
-        self.reload_listeners: list[Callable[[Any], None]] = []
         #: the hooks installed on each engine (one set per engine, shared by its factories)
         self.engine_hooks: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         #: which factory made a session: by the class a sync factory makes ...
@@ -66,8 +64,10 @@ class State:
         self.flushing: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
         #: the transaction a session's audited bypass of the transition guard belongs to
         self.bypasses: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
-        #: what else :func:`reset_state` must clear (caches of other modules), by name
-        self.resetters: dict[str, Callable[[], None]] = {}
+        #: the environment's configuration, read once and replaced by ``reload_config``
+        self.env_config: Any = None
+        #: ``with_self_healing``'s policies, by (service, use_retry, use_circuit_breaker, config)
+        self.wrapper_policies: dict[tuple[Any, ...], Any] = {}
 
 
 STATE = State()
@@ -101,7 +101,7 @@ def reset_state() -> None:
         STATE.stats.clear()  # and forgotten, as the breakers: service names start over
         for name in STATE.transition_stats:
             STATE.transition_stats[name] = 0
-        resetters = list(STATE.resetters.values())
+        STATE.wrapper_policies.clear()
     for breaker in breakers:
         try:
             breaker.reset()
@@ -109,5 +109,3 @@ def reset_state() -> None:
             logging.getLogger("resilient_db.breaker").debug(
                 "could not reset the breaker of %s", breaker.service, exc_info=True
             )
-    for reset in resetters:
-        reset()

@@ -11,7 +11,7 @@ import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, overload
 
-from ._config import Config, load_config, on_reload
+from ._config import Config, env_config
 from ._retry import Policy
 from ._state import STATE
 
@@ -19,31 +19,10 @@ __all__ = ["with_self_healing"]
 
 R = TypeVar("R")
 
-_default_config: Config | None = None
-
-
-def _env_config() -> Config:
-    global _default_config
-    if _default_config is None:
-        _default_config = load_config()
-    return _default_config
-
-
-def _use_env_config(config: Config) -> None:
-    global _default_config
-    _default_config = config
-
-
-on_reload(_use_env_config)
-
-_wrapper_policies: dict[tuple[str, bool, bool, Config], Policy] = {}
-# reset_state() drops the cached policies (their breakers and counters are reset with it)
-STATE.resetters["wrapper_policies"] = _wrapper_policies.clear
-
-
 def _policy_for(service: str, use_retry: bool, use_circuit_breaker: bool, config: Config) -> Policy:
     key = (service, use_retry, use_circuit_breaker, config)
-    policy = _wrapper_policies.get(key)
+    policies = STATE.wrapper_policies
+    policy: Policy | None = policies.get(key)
     if policy is None:
         policy = Policy(
             service,
@@ -51,9 +30,9 @@ def _policy_for(service: str, use_retry: bool, use_circuit_breaker: bool, config
             use_retry=use_retry,
             use_circuit_breaker=use_circuit_breaker,
         )
-        if len(_wrapper_policies) > 256:  # configurations come and go with reload_config
-            _wrapper_policies.clear()
-        _wrapper_policies[key] = policy
+        if len(policies) > 256:  # configurations come and go with reload_config
+            policies.clear()
+        policies[key] = policy
     return policy
 
 
@@ -89,7 +68,7 @@ def with_self_healing(
     For a coroutine function the result is an awaitable. With self-healing off, ``fn()`` runs
     plainly.
     """
-    cfg = config if config is not None else _env_config()
+    cfg = config if config is not None else env_config()
     if not callable(fn):
         raise TypeError(f"with_self_healing needs a callable, got {type(fn).__name__}")
     if inspect.iscoroutinefunction(fn):

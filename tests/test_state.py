@@ -18,8 +18,8 @@ def test_reset_state_forgets_breakers_and_zeroes_every_counter(pg_url: str) -> N
     breaker = Sessions.policy.breaker
     assert breaker is not None
     breaker.open()
-    with STATE.lock:
-        STATE.resetters["probe"] = lambda: STATE.resetters.pop("probe")
+    rdb.with_self_healing(lambda: None, service="state-reset-wrapper")
+    assert STATE.wrapper_policies
     before = rdb.health()
     assert before["services"]["state-reset"]["counters"]["attempts"] == 1
     assert before["services"]["state-reset"]["breaker"]["state"] == "open"
@@ -31,7 +31,7 @@ def test_reset_state_forgets_breakers_and_zeroes_every_counter(pg_url: str) -> N
     assert after["healthy"]
     assert "state-reset" not in after["services"]  # its breaker and counters forgotten
     assert all(v == 0 for v in after["transitions"].values())
-    assert "probe" not in STATE.resetters  # other modules' resetters ran
+    assert not STATE.wrapper_policies  # the wrapper's cached policies dropped
     # the factory keeps working, with its breaker closed and its counters zeroed
     assert breaker.state == "closed"
     assert Sessions.policy.stats.attempts == 0

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 
-from resilient_db._config import Config, load_config
-from resilient_db._errors import IllegalTransitionError, StaleTransitionError
+from resilient_db._config import Config
+from resilient_db._config import env_config as environment_config
+from resilient_db._errors import ConfigError, IllegalTransitionError, StaleTransitionError
 from resilient_db._observability import emit
 from resilient_db._state import STATE
 
@@ -78,6 +79,6 @@ def row_keys(pk: object, config: Config) -> dict[str, object]:
 def env_config() -> Config:
     """The environment's configuration, for reports outside any factory's session."""
     try:
-        return load_config()
-    except Exception:  # a bad environment must not hide the report
+        return environment_config()
+    except ConfigError:  # a bad environment must not hide the report
         return Config()
