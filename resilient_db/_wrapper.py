@@ -19,6 +19,7 @@ __all__ = ["with_self_healing"]
 
 R = TypeVar("R")
 
+
 def _policy_for(service: str, use_retry: bool, use_circuit_breaker: bool, config: Config) -> Policy:
     key = (service, use_retry, use_circuit_breaker, config)
     policies = STATE.wrapper_policies
