@@ -40,7 +40,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import asyncpg
 import psycopg
@@ -324,6 +324,11 @@ def _judge(statement: str) -> bool:
     return any(m.group(1).lower() not in _SAFE_CALLS for m in _CALL.finditer(statement))
 
 
+class _Settings(Protocol):
+    config: Config
+    service: str
+
+
 class CommitProtocol:
     """The per-engine side of the protocol.
 
@@ -335,10 +340,9 @@ class CommitProtocol:
     (:func:`marked_connection_class`), from the flag and the unit's :class:`CommitRequest`.
     """
 
-    def __init__(self, engine: Engine, config: Config, service: str) -> None:
+    def __init__(self, engine: Engine, settings: _Settings) -> None:
         self.engine = engine
-        self.config = config
-        self.service = service
+        self._settings = settings  # the engine's hooks: its current config and service name
         self.is_asyncpg = engine.dialect.driver == "asyncpg"
         self._warned = False
         self._last_prune = time.monotonic()
@@ -400,12 +404,12 @@ class CommitProtocol:
                 "resilient_db.install_commit_markers(engine) once"
             )
         emit(
-            self.config,
+            self._settings.config,
             log_session,
             logging.WARNING,
             what,
             self.engine.url.database,
-            service=self.service,
+            service=self._settings.service,
             event="commit_markers_missing",
         )
 

@@ -337,7 +337,7 @@ class FactoryCore:
                     event="engine_settings_conflict",
                 )
                 break
-        hooks.config = hooks.commit.config = config
+        hooks.config = config
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} service={self.service!r} engine={self.engine!r}>"
@@ -353,7 +353,7 @@ class EngineHooks:
         self.config = config
         self.classifier = classifier
         self.service = "database"
-        self.commit = CommitProtocol(engine, config, self.service)
+        self.commit = CommitProtocol(engine, self)
         self.factories: weakref.WeakSet[FactoryCore] = weakref.WeakSet()
 
     def handle_error(self, ctx: Any) -> BaseException | None:
@@ -456,9 +456,9 @@ def hooks_for(engine: Engine, factory: FactoryCore) -> EngineHooks:
                         "engine"
                     )
         hooks.factories.add(factory)
-        hooks.config = hooks.commit.config = config
+        hooks.config = config
         hooks.classifier = classifier
-        hooks.service = hooks.commit.service = service
+        hooks.service = service
         return hooks
 
 
