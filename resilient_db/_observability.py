@@ -105,18 +105,21 @@ def emit(
 
     ``extra["event"]`` names the action; the other ``extra`` values are its fields.
     """
+    hooks = STATE.hooks if config.enabled else ()
+    to_log = config.logging_on and level >= _LEVELS[config.log_level] and logger.isEnabledFor(level)
+    if not hooks and not to_log:
+        return
     # Values may come from outside the program (a database error's text, a row's state, a
     # reason): control characters are escaped, so no value can start a fake log line.
     args = tuple(_escaped(a) for a in args)
     extra = {k: _escaped(v) for k, v in extra.items()}
-    hooks = STATE.hooks
-    if hooks and config.enabled:
+    if hooks:
         event = SelfHealEvent(
             name=str(extra.get("event", "self_heal")),
             service=extra.get("service"),
             level=level,
             message=msg % args if args else msg,
-            fields=MappingProxyType(dict(extra)),
+            fields=MappingProxyType(extra),
         )
         for hook in hooks:
             try:
@@ -125,9 +128,7 @@ def emit(
                 logging.getLogger("resilient_db").debug(
                     "self-healing hook %r failed", hook, exc_info=True
                 )
-    if not config.logging_on or level < _LEVELS[config.log_level]:
-        return
-    if logger.isEnabledFor(level):
+    if to_log:
         logger.log(level, PREFIX + msg, *args, extra={"self_heal": extra})
 
 
