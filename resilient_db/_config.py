@@ -12,7 +12,7 @@ import difflib
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -84,7 +84,7 @@ class Config:
                 unit = " s" if name in _SECONDS else ""
                 problems[name] = f"too large: {value!r}; at most {bound:g}{unit}"
         if not problems:
-            problems.update(_contradictions(Config.__dataclass_fields__, vars_of(self)))
+            problems.update(_contradictions(vars_of(self), str))
         if self.failure_threshold == 0:
             problems["failure_threshold"] = "must be at least 1"
         if self.half_open_probes == 0:
@@ -189,27 +189,19 @@ def _shown(raw: str) -> str:
     return f"{raw[:_SHOWN]!r}... ({len(raw)} characters)"
 
 
-def _contradictions(
-    fields: Any, values: Mapping[str, Any], *, env_names: bool = False
-) -> dict[str, str]:
-    """Settings that are each fine but together make no sense."""
-
-    def get(name: str) -> Any:
-        return values[name] if name in values else fields[name].default
-
-    def label(name: str) -> str:
-        return _ENV_OF[name] if env_names else name
-
+def _contradictions(values: Mapping[str, Any], label: Callable[[str], str]) -> dict[str, str]:
+    """Settings that are each fine but together make no sense. ``values`` holds every field;
+    ``label`` names a field in the messages (the field itself, or its variable)."""
     problems: dict[str, str] = {}
-    if get("initial_delay") > get("max_delay"):
+    if values["initial_delay"] > values["max_delay"]:
         problems[label("initial_delay")] = (
-            f"{get('initial_delay')} s is more than {label('max_delay')} "
-            f"({get('max_delay')} s): the first backoff would already exceed the cap"
+            f"{values['initial_delay']} s is more than {label('max_delay')} "
+            f"({values['max_delay']} s): the first backoff would already exceed the cap"
         )
-    if get("deadline") == 0 and get("retry") and get("max_retries") > 0:
+    if values["deadline"] == 0 and values["retry"] and values["max_retries"] > 0:
         problems[label("deadline")] = (
             f"0 leaves no time to retry while {label('retry')} is on with "
-            f"{label('max_retries')}={get('max_retries')}; give a deadline or switch retry off"
+            f"{label('max_retries')}={values['max_retries']}; give a deadline or switch retry off"
         )
     return problems
 
@@ -269,7 +261,8 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         except ValueError as exc:
             problems[name] = f"{_shown(raw)} is invalid: {exc}"
     if not problems:
-        problems.update(_contradictions(Config.__dataclass_fields__, values, env_names=True))
+        defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+        problems.update(_contradictions({**defaults, **values}, _ENV_OF.__getitem__))
     if problems:
         raise ConfigError(problems)
     return Config(**values)
