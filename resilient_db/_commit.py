@@ -38,7 +38,6 @@ import os
 import re
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -209,19 +208,15 @@ CLAIM_SQL = text(f"SELECT {SCHEMA}.claim_commit(CAST(CAST(:marker AS text) AS uu
 PRUNE_SQL = f"SELECT {SCHEMA}.prune_commit_markers({PRUNE_BATCH})"
 
 
-def uuid7() -> uuid.UUID:
-    """A time-ordered UUID (RFC 9562 version 7): 48 bits of Unix milliseconds, 74 random bits.
+def marker_id() -> str:
+    """A time-ordered UUID (RFC 9562 version 7: 48 bits of Unix milliseconds, 74 random bits)
+    as its canonical text, made without a ``UUID`` object (every writing unit's commit makes
+    one).
 
     Written here because the standard library has it only from Python 3.14. The random part
     comes from ``os.urandom``: two units sharing an id would make one's verification read the
     other's marker.
     """
-    return uuid.UUID(marker_id())
-
-
-def marker_id() -> str:
-    """:func:`uuid7` as its canonical text, made without a ``UUID`` object (every writing
-    unit's commit makes one)."""
     ms = time.time_ns() // 1_000_000
     rand = int.from_bytes(os.urandom(10), "big")
     value = (ms & 0xFFFF_FFFF_FFFF) << 80 | rand & ((1 << 80) - 1)

@@ -94,6 +94,7 @@ class Policy:
         self._wall_clock = wall_clock
         self.config = config
         self.breaker: Breaker | None = None
+        self._own_breaker: Breaker | None = None  # kept while the breaker is switched off
         self.apply_config(config)
 
     def apply_config(self, config: Config) -> None:
@@ -102,7 +103,7 @@ class Policy:
         if not (self.use_circuit_breaker and config.breaker_on):
             self.breaker = None  # switched off; its breaker is kept for when it is back on
             return
-        own: Breaker | None = getattr(self, "_own_breaker", None)
+        own = self._own_breaker
         if own is None:
             own = self._own_breaker = breaker_for(
                 self.service,

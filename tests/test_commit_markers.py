@@ -20,9 +20,13 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 import resilient_db as rdb
 from resilient_db import _commit
-from resilient_db._commit import CLAIM_HORIZON, RETENTION, may_write, uuid7
+from resilient_db._commit import CLAIM_HORIZON, RETENTION, marker_id, may_write
 
 _services = itertools.count()
+
+
+def uuid7() -> uuid.UUID:
+    return uuid.UUID(marker_id())
 
 
 class Base(DeclarativeBase):
