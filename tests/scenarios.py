@@ -1,8 +1,12 @@
-"""What the sync and async session tests share: the SQLSTATE tables, the model, the SQL."""
+"""What the sync and async tests share: the SQLSTATE tables, the model, the SQL, and a
+transaction that moves a row just before a session's UPDATE of it."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
+from sqlalchemy import event
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import resilient_db as rdb
@@ -35,3 +39,32 @@ class Item(Base):
     __tablename__ = "items"
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(unique=True)
+
+
+class MoveFirst:
+    """Another transaction moves a row (and commits) just before this session's UPDATE of it is
+    sent: after the flush guard has checked the move, so only a compare-and-set carried by the
+    UPDATE itself can notice. ``watched`` is the (sync) engine whose UPDATE is awaited,
+    ``other`` the engine the move runs on (the same one for sync tests). The other transaction
+    gives up after 2 s if the row is locked."""
+
+    def __init__(self, watched: sa.Engine, other: sa.Engine, sql: str, **params: Any) -> None:
+        self.engine, self.other, self.sql, self.params = watched, other, sql, params
+        self.done = False
+        event.listen(watched, "before_cursor_execute", self._before)
+
+    def _before(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if self.done or not statement.lstrip().upper().startswith("UPDATE"):
+            return
+        self.done = True
+        with self.other.connect() as other:
+            other.exec_driver_sql("SET LOCAL lock_timeout = '2s'")
+            other.exec_driver_sql("SET LOCAL resilient_db.bypass_transitions = 'on'")
+            other.execute(sa.text(self.sql), self.params)
+            other.commit()
+
+    def __enter__(self) -> MoveFirst:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        event.remove(self.engine, "before_cursor_execute", self._before)

@@ -18,6 +18,7 @@ import pytest
 import sqlalchemy as sa
 from alembic.migration import MigrationContext
 from alembic.operations import Operations
+from scenarios import MoveFirst
 from sqlalchemy import event
 from sqlalchemy.orm import (
     DeclarativeBase,
@@ -239,33 +240,6 @@ class Statements:
 
     def matching(self, prefix: str) -> list[str]:
         return [s for s in self.sql if s.upper().startswith(prefix)]
-
-
-class MoveFirst:
-    """Another transaction moves a row (and commits) just before this session's UPDATE of it is
-    sent: after the flush guard has checked the move, so only a compare-and-set carried by the
-    UPDATE itself can notice. The other transaction gives up after 2 s if the row is locked."""
-
-    def __init__(self, engine: sa.Engine, sql: str, **params: Any) -> None:
-        self.engine, self.sql, self.params = engine, sql, params
-        self.done = False
-        event.listen(engine, "before_cursor_execute", self._before)
-
-    def _before(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if self.done or not statement.lstrip().upper().startswith("UPDATE"):
-            return
-        self.done = True
-        with self.engine.connect() as other:
-            other.exec_driver_sql("SET LOCAL lock_timeout = '2s'")
-            other.exec_driver_sql("SET LOCAL resilient_db.bypass_transitions = 'on'")
-            other.execute(sa.text(self.sql), self.params)
-            other.commit()
-
-    def __enter__(self) -> MoveFirst:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        event.remove(self.engine, "before_cursor_execute", self._before)
 
 
 def _add_task(engine: sa.Engine, status: str = "pending", title: str = "t") -> int:
@@ -768,7 +742,9 @@ def test_move_landing_between_the_check_and_the_update_is_stale(
         assert task is not None
         task.status = "failed"  # legal, and the trigger would let failed -> failed through
         with (
-            MoveFirst(engine, "UPDATE tasks SET status = 'failed' WHERE id = :id", id=task_id),
+            MoveFirst(
+                engine, engine, "UPDATE tasks SET status = 'failed' WHERE id = :id", id=task_id
+            ),
             pytest.raises(StaleTransitionError) as info,
         ):
             s.flush()
@@ -790,7 +766,9 @@ def test_expired_state_read_by_the_guard_is_compared_again_by_the_update(
         s.expire(task, ["status"])
         task.status = "cancelled"  # checked against the 'pending' the guard reads
         with (
-            MoveFirst(engine, "UPDATE tasks SET status = 'in_progress' WHERE id = :id", id=task_id),
+            MoveFirst(
+                engine, engine, "UPDATE tasks SET status = 'in_progress' WHERE id = :id", id=task_id
+            ),
             pytest.raises(StaleTransitionError) as info,
         ):
             s.flush()

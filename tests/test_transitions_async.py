@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
+from scenarios import MoveFirst
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -152,33 +153,6 @@ def sync_engine(pg_url: str) -> Iterator[sa.Engine]:
     eng.dispose()
 
 
-class MoveFirst:
-    """Another transaction (sync, own connection) moves a row and commits just before this
-    session's UPDATE is sent: after the flush guard's check, so only a compare-and-set carried
-    by the UPDATE itself notices. It gives up after 2 s if the row is locked."""
-
-    def __init__(self, engine: AsyncEngine, other: sa.Engine, sql: str, **params: Any) -> None:
-        self.engine, self.other, self.sql, self.params = engine.sync_engine, other, sql, params
-        self.done = False
-        event.listen(self.engine, "before_cursor_execute", self._before)
-
-    def _before(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if self.done or not statement.lstrip().upper().startswith("UPDATE"):
-            return
-        self.done = True
-        with self.other.connect() as other:
-            other.exec_driver_sql("SET LOCAL lock_timeout = '2s'")
-            other.exec_driver_sql("SET LOCAL resilient_db.bypass_transitions = 'on'")
-            other.execute(sa.text(self.sql), self.params)
-            other.commit()
-
-    def __enter__(self) -> MoveFirst:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        event.remove(self.engine, "before_cursor_execute", self._before)
-
-
 async def test_guarded_change_sends_no_select_before_its_update(
     engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]
 ) -> None:
@@ -209,7 +183,10 @@ async def test_move_landing_between_the_check_and_the_update_is_stale(
         job.status = "done"
         with (
             MoveFirst(
-                engine, sync_engine, "UPDATE jobs SET status = 'done' WHERE id = :id", id=job_id
+                engine.sync_engine,
+                sync_engine,
+                "UPDATE jobs SET status = 'done' WHERE id = :id",
+                id=job_id,
             ),
             pytest.raises(StaleTransitionError) as info,
         ):
