@@ -11,7 +11,7 @@ promoted standby hands them out again. So, with the commit markers installed
   the client-made id, but only when the transaction already holds an xid (the server's fact that
   it wrote). No extra round trip; the marker is data, so it survives a crash with the commit and
   replicates with it to a standby.
-* A lost answer is settled on a new connection by ``resilient_db.claim_commit(id)``, which
+* A lost answer is settled on a new connection by ``resilient_db.claim_commit(id, wait)``, which
   inserts the same id as a *fence* (``ON CONFLICT DO NOTHING``). It waits for a transaction still
   holding the marker; if the marker is there (and is not a fence) the unit committed; if the fence
   went in, the original can no longer commit (its marker would now violate the key), so a replay
@@ -106,11 +106,15 @@ BEGIN
     END IF;
 END
 $rdb$""",
-        f"""CREATE OR REPLACE FUNCTION {s}.claim_commit(marker uuid) RETURNS text
-LANGUAGE plpgsql SET lock_timeout = '2s' AS $rdb$
+        # the first version took no wait (a fixed lock_timeout): replaced, not overloaded
+        f"DROP FUNCTION IF EXISTS {s}.claim_commit(uuid)",
+        f"""CREATE OR REPLACE FUNCTION {s}.claim_commit(marker uuid, wait_ms integer)
+RETURNS text LANGUAGE plpgsql AS $rdb$
 DECLARE
     was_fence boolean;
 BEGIN
+    -- how long to wait for a transaction still holding the marker (this transaction only)
+    PERFORM pg_catalog.set_config('lock_timeout', wait_ms::text || 'ms', true);
     IF marker < {claim_horizon} THEN
         RETURN 'expired';  -- may have been pruned: absence would prove nothing
     END IF;
@@ -151,6 +155,7 @@ def _uninstall_statements() -> list[str]:
     s = SCHEMA
     return [
         f"DROP FUNCTION IF EXISTS {s}.mark_commit(uuid)",
+        f"DROP FUNCTION IF EXISTS {s}.claim_commit(uuid, integer)",
         f"DROP FUNCTION IF EXISTS {s}.claim_commit(uuid)",
         f"DROP FUNCTION IF EXISTS {s}.prune_commit_markers(integer)",
         f"DROP TABLE IF EXISTS {s}.commit_markers",
@@ -204,7 +209,10 @@ XID_STATUS_SQL = text(
     "THEN 'future' "
     "ELSE pg_catalog.pg_xact_status(CAST(CAST(:xid AS text) AS xid8)) END"
 )
-CLAIM_SQL = text(f"SELECT {SCHEMA}.claim_commit(CAST(CAST(:marker AS text) AS uuid))")
+CLAIM_WAIT_MS: Final = 2000  # a claim waits this long for an original still committing
+CLAIM_SQL = text(
+    f"SELECT {SCHEMA}.claim_commit(CAST(CAST(:marker AS text) AS uuid), {CLAIM_WAIT_MS})"
+)
 PRUNE_SQL = f"SELECT {SCHEMA}.prune_commit_markers({PRUNE_BATCH})"
 
 

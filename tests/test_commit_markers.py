@@ -68,9 +68,17 @@ def markers(engine: sa.Engine) -> list[tuple[uuid.UUID, bool]]:
         return [(row[0], row[1]) for row in rows]
 
 
-def claim(engine: sa.Engine, marker: uuid.UUID | str) -> str:
+def claim(engine: sa.Engine, marker: uuid.UUID | str, *, wait_ms: int | None = None) -> str:
+    """The claim as units make it (``CLAIM_SQL``), or with another wait."""
     with engine.begin() as conn:
-        return str(conn.execute(_commit.CLAIM_SQL, {"marker": str(marker)}).scalar())
+        if wait_ms is None:
+            result = conn.execute(_commit.CLAIM_SQL, {"marker": str(marker)})
+        else:
+            result = conn.execute(
+                sa.text("SELECT resilient_db.claim_commit(CAST(:m AS uuid), :w)"),
+                {"m": str(marker), "w": wait_ms},
+            )
+        return str(result.scalar())
 
 
 # -- the client's proof that a statement can't write ------------------------------------------
@@ -127,6 +135,24 @@ def test_install_is_idempotent_and_uninstall_removes_everything(engine: sa.Engin
         rdb.install_commit_markers(session)
         session.commit()
     assert markers(engine) == []
+    # an install over the first version's claim_commit(uuid) replaces it, not overloads it
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE FUNCTION resilient_db.claim_commit(marker uuid) RETURNS text "
+            "LANGUAGE sql AS $$ SELECT 'old' $$"
+        )
+    rdb.install_commit_markers(engine)
+    with engine.connect() as conn:
+        signatures = (
+            conn.exec_driver_sql(
+                "SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n "
+                "ON n.oid = p.pronamespace WHERE n.nspname = 'resilient_db' AND "
+                "p.proname = 'claim_commit'"
+            )
+            .scalars()
+            .all()
+        )
+    assert signatures == ["resilient_db.claim_commit(uuid,integer)"]
     rdb.uninstall_commit_markers(engine)
     with engine.connect() as conn:
         assert (
@@ -178,10 +204,10 @@ def test_claim_waits_for_the_original_still_committing(engine: sa.Engine) -> Non
     try:
         original.execute(sa.text("UPDATE marker_counters SET value = value + 1"))
         original.execute(sa.text("SELECT resilient_db.mark_commit(:m)"), {"m": marker})
-        # the original holds the marker uncommitted: the claim waits (up to its lock_timeout),
-        # then gives up with a lock timeout, which the unit treats as "check again later"
+        # the original holds the marker uncommitted: the claim waits (up to its wait), then
+        # gives up with a lock timeout, which the unit treats as "check again later"
         with pytest.raises(sa.exc.OperationalError) as info:
-            claim(engine, marker)
+            claim(engine, marker, wait_ms=100)
         assert rdb.sqlstate_of(info.value) == "55P03"
         original.commit()
     finally:

@@ -140,7 +140,7 @@ def test_offline_sql_includes_the_tables_and_the_trigger() -> None:
     assert 'CREATE TRIGGER "rdb_transition_status_upd" BEFORE UPDATE ON "tasks"' in sql
     assert "ERRCODE = 'RDB01'" in sql
     assert "CREATE TABLE IF NOT EXISTS resilient_db.commit_markers" in sql
-    assert "FUNCTION resilient_db.claim_commit(marker uuid)" in sql
+    assert "FUNCTION resilient_db.claim_commit(marker uuid, wait_ms integer)" in sql
 
 
 def test_alembic_command_line_with_the_url_option(pg_url: str, engine: sa.Engine) -> None:
