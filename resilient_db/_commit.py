@@ -419,13 +419,14 @@ class CommitProtocol:
     def _markers_installed(self, dbapi_connection: Any, driver: Any) -> bool:
         if self.is_asyncpg:
             return bool(_await(driver.fetchval(_CHECK_SQL)))
-        cursor = dbapi_connection.cursor()
+        # one round trip outside any transaction (no BEGIN / ROLLBACK around it): the
+        # connection is idle here, new or just checked out
+        autocommit = dbapi_connection.autocommit
+        dbapi_connection.autocommit = True
         try:
-            cursor.execute(_CHECK_SQL)
-            row = cursor.fetchone()
+            row = dbapi_connection.execute(_CHECK_SQL).fetchone()
         finally:
-            cursor.close()
-            dbapi_connection.rollback()
+            dbapi_connection.autocommit = autocommit
         return bool(row and row[0])
 
     # -- pruning ----------------------------------------------------------------------------------

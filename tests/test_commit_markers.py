@@ -383,3 +383,18 @@ async def test_asyncpg_commits_through_the_marked_connection(
         assert raw._rdb_mode == "markers"
         assert raw._rdb_may_write is False  # the COMMIT ended the writing transaction
         assert not raw.is_in_transaction()
+
+
+def test_the_markers_check_leaves_the_connection_as_the_engine_made_it(
+    engine: sa.Engine, pg_url: str, service: str
+) -> None:
+    """The check at connect runs outside a transaction and puts autocommit back as it was."""
+    for level in ("READ COMMITTED", "AUTOCOMMIT"):
+        eng = sa.create_engine(pg_url, isolation_level=level)
+        rdb.ResilientSession(eng, service=f"{service}-{level}")
+        with eng.connect() as conn:
+            raw: Any = conn.connection.driver_connection
+            assert raw._rdb_mode == "markers"
+            assert raw.autocommit is (level == "AUTOCOMMIT")
+            assert raw.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        eng.dispose()
