@@ -682,6 +682,13 @@ class EmbeddedPostgres(PostgresServer):
             os.chown(self._base, *self._ids)
             ensure_prefix_permissions(self._base)
         self._start_watchdog()
+        self._create_data_dir()
+
+    def _create_data_dir(self) -> None:
+        """Make :attr:`data_dir` (``initdb``). A subclass may make it another way, e.g. a
+        standby's with ``pg_basebackup``; it runs after the base directory and watchdog exist."""
+        assert self._base is not None
+        assert self._bin is not None
         pwfile = self._base / "pwfile"
         fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as handle:
