@@ -12,6 +12,7 @@ import difflib
 import math
 import os
 import re
+import urllib.parse
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any, Protocol
@@ -19,16 +20,66 @@ from typing import Any, Protocol
 from ._errors import ConfigError
 from ._state import STATE
 
-__all__ = ["Config", "load_config", "reload_config"]
+__all__ = ["Config", "load_config", "mask_url", "reload_config"]
 
 PREFIX = "SELF_HEALING_"
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
 LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
 BULK_UPDATE_MODES = ("filter", "raise")
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+#: the largest retry budget ratio: retries may add at most this many times the first attempts
+MAX_RETRY_BUDGET = 10.0
 
 
-_SECONDS = frozenset({"initial_delay", "max_delay", "conflict_delay", "deadline", "reset_timeout"})
+def mask_url(url: str) -> str:
+    """``url`` with its password (and a user name standing alone, which Redis treats as the
+    password) replaced by ``***``: what logs, errors and ``health()`` show of a Redis URL."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        creds, _, host = netloc.rpartition("@")
+        user, sep, _password = creds.partition(":")
+        netloc = f"{user}:***@{host}" if sep and user else f"***@{host}"
+    query = "&".join(
+        f"{k}=***" if k.lower() == "password" else (f"{k}={v}" if sep else k)
+        for k, sep, v in (item.partition("=") for item in parts.query.split("&") if item)
+    )
+    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+
+
+def check_redis_url(url: str) -> str | None:
+    """Why ``url`` is not a Redis URL the client accepts, or None (no connection is made)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        return f"not a valid URL ({exc})"
+    if parts.scheme not in REDIS_SCHEMES:
+        return (
+            f"scheme {parts.scheme + ':' if parts.scheme else '(none)'} is not one of "
+            f"{', '.join(s + '://' for s in REDIS_SCHEMES)}"
+        )
+    if parts.scheme == "unix":
+        if not parts.path:
+            return "unix:// needs a socket path, e.g. unix:///run/redis.sock"
+        return None
+    if not parts.hostname:
+        return "has no host, e.g. redis://127.0.0.1:6379/0"
+    if port == 0:
+        return "port 0 is not a port"
+    db = parts.path.lstrip("/")
+    if db and not _DIGITS.fullmatch(db):
+        return f"database {db[:_SHOWN]!r} is not a number (redis://host:port/NUMBER)"
+    return None
+
+
+_SECONDS = frozenset(
+    {"initial_delay", "max_delay", "conflict_delay", "deadline", "reset_timeout", "redis_timeout"}
+)
 
 
 def vars_of(config: Any) -> dict[str, Any]:
@@ -57,9 +108,19 @@ class Config:
     logging: bool = True
     log_level: str = "info"
     log_row_keys: bool = False
+    #: Redis URL sharing breakers and the retry budget between processes (None: this process
+    #: alone). Not in ``repr()``: it may carry a password.
+    redis_url: str | None = dataclasses.field(default=None, repr=False)
+    #: socket timeout of every Redis command (failure path and background only)
+    redis_timeout: float = 0.1
+    #: retries may add this ratio of recent first attempts (None: no budget)
+    retry_budget: float | None = None
+    #: retries per second the budget allows whatever the ratio says (a small floor)
+    retry_budget_floor: int = 10
 
     def __post_init__(self) -> None:
         problems: dict[str, str] = {}
+        problems.update(_optional_problems(self))
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if field.type == "float":
@@ -121,10 +182,13 @@ class Config:
         return dataclasses.replace(self, **changes)
 
     def as_env(self) -> dict[str, str]:
-        """The configuration as ``SELF_HEALING_*`` variables (milliseconds for durations)."""
+        """The configuration as ``SELF_HEALING_*`` variables (milliseconds for durations;
+        settings that are unset, such as no Redis URL, are left out)."""
         out: dict[str, str] = {}
         for spec in _SPECS:
             value = getattr(self, spec.field)
+            if value is None:
+                continue
             if spec.kind == "ms":
                 out[spec.env] = str(round(value * 1000))
             elif spec.kind == "bool":
@@ -160,6 +224,10 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("SELF_HEALING_LOGGING", "logging", "bool"),
     _Spec("SELF_HEALING_LOG_LEVEL", "log_level", "choice", LOG_LEVELS),
     _Spec("SELF_HEALING_LOG_ROW_KEYS", "log_row_keys", "bool"),
+    _Spec("SELF_HEALING_REDIS_URL", "redis_url", "url"),
+    _Spec("SELF_HEALING_REDIS_TIMEOUT", "redis_timeout", "ms"),
+    _Spec("SELF_HEALING_RETRY_BUDGET", "retry_budget", "ratio"),
+    _Spec("SELF_HEALING_RETRY_BUDGET_FLOOR", "retry_budget_floor", "count"),
 )
 _BY_ENV = {spec.env: spec for spec in _SPECS}
 _ENV_OF = {spec.field: spec.env for spec in _SPECS}
@@ -177,7 +245,10 @@ _LIMITS: dict[str, int] = {
     "conflict_delay": _DAY_MS,
     "deadline": 7 * _DAY_MS,
     "reset_timeout": _DAY_MS,
+    "redis_timeout": 10_000,
+    "retry_budget_floor": 1_000,
 }
+_RATIO = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)", re.ASCII)
 _SHOWN = 40
 
 
@@ -206,11 +277,54 @@ def _contradictions(values: Mapping[str, Any], label: Callable[[str], str]) -> d
     return problems
 
 
-_AT_LEAST_ONE = frozenset({"SELF_HEALING_FAILURE_THRESHOLD", "SELF_HEALING_HALF_OPEN_PROBES"})
+_AT_LEAST_ONE = frozenset(
+    {
+        "SELF_HEALING_FAILURE_THRESHOLD",
+        "SELF_HEALING_HALF_OPEN_PROBES",
+        "SELF_HEALING_REDIS_TIMEOUT",
+    }
+)
+#: variables whose value is never echoed in an error (it may be a secret)
+_SECRET = frozenset({"SELF_HEALING_REDIS_URL"})
+
+
+def _optional_problems(config: Config) -> dict[str, str]:
+    """Problems of the settings that may be unset (None): the Redis URL and the budget ratio."""
+    problems: dict[str, str] = {}
+    url = config.redis_url
+    if url is not None:
+        why = check_redis_url(url) if isinstance(url, str) else "must be a string"
+        if why is not None:
+            shown = mask_url(url) if isinstance(url, str) else type(url).__name__
+            problems["redis_url"] = f"{shown!r} is invalid: {why}"
+    ratio = config.retry_budget
+    if ratio is not None:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+            problems["retry_budget"] = f"must be a ratio such as 0.2 or None, got {ratio!r}"
+        elif not (math.isfinite(ratio) and 0 <= ratio <= MAX_RETRY_BUDGET):
+            problems["retry_budget"] = f"must be between 0 and {MAX_RETRY_BUDGET:g}, got {ratio!r}"
+        else:
+            object.__setattr__(config, "retry_budget", float(ratio))
+    if config.redis_timeout == 0:
+        problems["redis_timeout"] = "must be more than 0"
+    return problems
 
 
 def _parse(spec: _Spec, raw: str) -> Any:
     text = raw.strip()
+    if spec.kind == "url":
+        why = check_redis_url(text)
+        if why is not None:
+            # the URL may carry a password: only its masked form is ever echoed
+            raise ValueError(f"{mask_url(text)!r}: {why}")
+        return text
+    if spec.kind == "ratio":
+        if not _RATIO.fullmatch(text):
+            raise ValueError("not a ratio; give a decimal number such as 0.2 (digits and a dot)")
+        value = float(text)
+        if value > MAX_RETRY_BUDGET:
+            raise ValueError(f"too large; at most {MAX_RETRY_BUDGET:g}")
+        return value
     if spec.kind == "bool":
         low = text.lower()
         if low in _TRUE:
@@ -259,7 +373,8 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         try:
             values[spec.field] = _parse(spec, raw)
         except ValueError as exc:
-            problems[name] = f"{_shown(raw)} is invalid: {exc}"
+            shown = "the value" if name in _SECRET else _shown(raw)
+            problems[name] = f"{shown} is invalid: {exc}"
     if not problems:
         defaults = {f.name: f.default for f in dataclasses.fields(Config)}
         problems.update(_contradictions({**defaults, **values}, _ENV_OF.__getitem__))
