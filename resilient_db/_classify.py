@@ -97,8 +97,11 @@ def _driver_disconnect(exc: BaseException) -> bool:
                 return True
             continue
         # psycopg: OperationalError with no SQLSTATE is raised for refused connects and
-        # broken sockets; asyncpg: ConnectionDoesNotExistError when the connection closed
-        # under an operation. Identified by their driver's classes, never by message text.
+        # broken sockets (and, on a multi-host URL, when no host takes the session asked for
+        # by target_session_attrs); asyncpg: ConnectionDoesNotExistError when the connection
+        # closed under an operation, TargetServerAttributeNotMatched when every host answered
+        # but none takes the session (a failover in progress: the standby not promoted yet).
+        # Identified by their driver's classes, never by message text.
         # asyncpg's plain InterfaceError is not one of them: it also reports programming errors
         # (wrong argument count, a connection used by two tasks at once); a closed connection
         # behind it is recognised by SQLAlchemy (``connection_invalidated`` above).
@@ -109,6 +112,7 @@ def _driver_disconnect(exc: BaseException) -> bool:
         if module.startswith("asyncpg") and name in (
             "ConnectionDoesNotExistError",
             "ConnectionFailureError",
+            "TargetServerAttributeNotMatched",
         ):
             return True
     return False
