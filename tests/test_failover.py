@@ -1,0 +1,590 @@
+"""Failover to a promoted standby, against real servers: the primary crashed, the standby promoted.
+
+Writers run units of work (``rdb.ResilientSession`` with psycopg, ``rdb.AsyncResilientSession``
+with asyncpg) on a multi-host URL (``host=primary&host=standby&target_session_attrs=read-write``)
+of a :class:`~resilient_db.testing.StandbyPair`. Every unit writes one ledger row under a key of
+its own; the key is not unique in the table, so a unit that wrote twice shows up as two rows. The
+checks are exact: every acknowledged key has one row on the new primary (synchronous
+replication), no key has two, and a unit that failed without ``CommitOutcomeUnknownError`` left
+no row.
+
+Retry delays are shrunk by configuration (milliseconds), not zeroed: the units have to outlast
+a real promotion. Timings are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
+
+import resilient_db as rdb
+from resilient_db.testing import FaultProxy, StandbyPair
+
+DRIVERS = ["psycopg", "asyncpg"]
+DATABASE = "app"
+
+#: Backoff in milliseconds, enough attempts to outlast a promotion; the breaker stays out of it
+#: (it would open during the window: see the README's Failover section).
+FAILOVER_CONFIG = rdb.Config(
+    initial_delay=0.01,
+    max_delay=0.05,
+    max_retries=400,
+    deadline=30.0,
+    circuit_breaker=False,
+)
+
+LEDGER_DDL = sa.text(
+    # key is not unique: a unit that wrote twice shows up as two rows
+    "CREATE TABLE ledger (id bigserial PRIMARY KEY, key text NOT NULL, port integer NOT NULL)"
+)
+INSERT = sa.text("INSERT INTO ledger (key, port) VALUES (:key, inet_server_port()) RETURNING port")
+
+_services = itertools.count()
+
+
+def prepare(pair: StandbyPair, *, markers: bool = True) -> None:
+    """The ledger and (by default) the commit markers, replicated to the standby."""
+    pair.create_database(DATABASE)
+    engine = sa.create_engine(pair.primary.url(DATABASE))
+    try:
+        with engine.begin() as conn:
+            conn.execute(LEDGER_DDL)
+        if markers:
+            rdb.install_commit_markers(engine)
+    finally:
+        engine.dispose()
+    pair.wait_replayed()
+
+
+def ledger(pair: StandbyPair) -> dict[str, int]:
+    """Rows per key on the current primary."""
+    rows = pair.execute("SELECT key, count(*) FROM ledger GROUP BY key", database=DATABASE)
+    return {str(key): int(count) for key, count in rows}
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+# -- writers ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Ack:
+    key: str
+    port: int  # the server that took the write
+    at: float  # monotonic time the unit returned
+
+
+class Workload:
+    """``writers`` writers, each running one unit per key until :meth:`finish` (or ``limit``
+    units each). psycopg: one thread per writer; asyncpg: one task per writer, on an event loop
+    in a thread of its own, so the test thread can crash and promote meanwhile.
+
+    ``on_call(key, call)`` runs inside the unit after its INSERT; ``on_backoff(seconds)`` before
+    every backoff sleep of the factory (the sleep itself is real and short).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        driver: str,
+        *,
+        writers: int = 2,
+        limit: int | None = None,
+        config: rdb.Config = FAILOVER_CONFIG,
+        on_call: Callable[[str, int], None] | None = None,
+        on_backoff: Callable[[float], None] | None = None,
+    ) -> None:
+        self.url = url
+        self.driver = driver
+        self.writers = writers
+        self.limit = limit
+        self.config = config
+        self.service = f"failover-{next(_services)}"
+        self.on_call = on_call
+        self.on_backoff = on_backoff
+        self.acks: list[Ack] = []
+        self.failures: dict[str, BaseException] = {}
+        self.calls: collections.Counter[str] = collections.Counter()
+        self.stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+
+    # -- what every writer does ---------------------------------------------------------------
+    def _keys(self, writer: int) -> Iterator[str]:
+        for n in itertools.count():
+            if self.stop.is_set() or (self.limit is not None and n >= self.limit):
+                return
+            yield f"w{writer}-{n}"
+
+    def _called(self, key: str) -> int:
+        with self._lock:
+            self.calls[key] += 1
+            return self.calls[key]
+
+    def _record(self, key: str, port: int | None, error: BaseException | None) -> None:
+        with self._lock:
+            if error is None:
+                assert port is not None
+                self.acks.append(Ack(key, port, time.monotonic()))
+            else:
+                self.failures[key] = error
+
+    def _sleep(self, seconds: float) -> None:
+        if self.on_backoff is not None:
+            self.on_backoff(seconds)
+        time.sleep(seconds)
+
+    # -- psycopg ----------------------------------------------------------------------------------
+    def _sync_writer(self, Session: rdb.ResilientSession[Session], writer: int) -> None:
+        def unit(session: Session, key: str) -> int:
+            call = self._called(key)
+            port = int(session.execute(INSERT, {"key": key}).scalar_one())
+            if self.on_call is not None:
+                self.on_call(key, call)
+            return port
+
+        for key in self._keys(writer):
+            try:
+                port = Session.run(unit, key)
+            except Exception as exc:
+                self._record(key, None, exc)
+            else:
+                self._record(key, port, None)
+
+    # -- asyncpg ----------------------------------------------------------------------------------
+    async def _async_writer(self, Session: rdb.AsyncResilientSession[AsyncSession], w: int) -> None:
+        async def unit(session: AsyncSession, key: str) -> int:
+            call = self._called(key)
+            port = int((await session.execute(INSERT, {"key": key})).scalar_one())
+            if self.on_call is not None:
+                self.on_call(key, call)
+            return port
+
+        for key in self._keys(w):
+            try:
+                port = await Session.run(unit, key)
+            except Exception as exc:
+                self._record(key, None, exc)
+            else:
+                self._record(key, port, None)
+
+    async def _async_main(self) -> None:
+        async def asleep(seconds: float) -> None:
+            if self.on_backoff is not None:
+                self.on_backoff(seconds)  # blocking is fine: the loop is this workload's own
+            await asyncio.sleep(seconds)
+
+        engine = create_async_engine(self.url, connect_args={"timeout": 2})
+        try:
+            Session = rdb.AsyncResilientSession(
+                engine, service=self.service, config=self.config, asleep=asleep
+            )
+            await asyncio.gather(*(self._async_writer(Session, w) for w in range(self.writers)))
+        finally:
+            await engine.dispose()
+
+    # -- control ----------------------------------------------------------------------------------
+    def start(self) -> Workload:
+        if self.driver == "asyncpg":
+            self._threads = [threading.Thread(target=asyncio.run, args=(self._async_main(),))]
+        else:
+            engine = sa.create_engine(self.url, connect_args={"connect_timeout": 2})
+            Session = rdb.ResilientSession(
+                engine, service=self.service, config=self.config, sleep=self._sleep
+            )
+            self._engine = engine
+            self._threads = [
+                threading.Thread(target=self._sync_writer, args=(Session, w))
+                for w in range(self.writers)
+            ]
+        for thread in self._threads:
+            thread.daemon = True
+            thread.start()
+        return self
+
+    def finish(self, timeout: float = 60.0, *, stop: bool = True) -> None:
+        """Stop after the units running now (or, ``stop=False``, after ``limit`` units) and
+        wait for the writers."""
+        if stop:
+            self.stop.set()
+        for thread in self._threads:
+            thread.join(timeout)
+            assert not thread.is_alive(), "a writer did not finish"
+        if self.driver != "asyncpg":
+            self._engine.dispose()
+
+    def acked(self, port: int | None = None) -> int:
+        with self._lock:
+            return sum(1 for a in self.acks if port is None or a.port == port)
+
+    def first_ack_on(self, port: int) -> Ack | None:
+        with self._lock:
+            return next((a for a in self.acks if a.port == port), None)
+
+
+@dataclass
+class Tally:
+    acked: int
+    lost: int  # acknowledged, missing on the new primary
+    unknown: int  # CommitOutcomeUnknownError
+    failed: int  # other errors
+
+
+def check_exactly_once(pair: StandbyPair, workload: Workload, *, lossless: bool) -> Tally:
+    """No key written twice; every failed unit (outcome known) left nothing; with ``lossless``
+    every acknowledged key is on the new primary."""
+    rows = ledger(pair)
+    twice = {key: n for key, n in rows.items() if n > 1}
+    assert not twice, f"units written more than once: {twice}"
+    acked = {a.key for a in workload.acks}
+    unknown = {
+        key
+        for key, exc in workload.failures.items()
+        if isinstance(exc, rdb.CommitOutcomeUnknownError)
+    }
+    failed = set(workload.failures) - unknown
+    wrote_anyway = failed & rows.keys()
+    assert not wrote_anyway, f"units that failed (outcome known) wrote: {sorted(wrote_anyway)}"
+    phantom = rows.keys() - acked - unknown
+    assert not phantom, f"rows of units that never ran: {sorted(phantom)}"
+    lost = acked - rows.keys()
+    if lossless:
+        assert not lost, f"{len(lost)} acknowledged writes are missing: {sorted(lost)[:10]}"
+    return Tally(len(acked), len(lost), len(unknown), len(failed))
+
+
+def fail_over(pair: StandbyPair) -> tuple[float, float]:
+    """Crash the primary and promote the standby; (monotonic time of the crash, of promotion)."""
+    pair.crash_primary()
+    crashed = time.monotonic()
+    pair.promote()
+    return crashed, time.monotonic()
+
+
+def report(
+    label: str, workload: Workload, pair: StandbyPair, crashed: float, promoted: float
+) -> None:
+    first = workload.first_ack_on(pair.standby.port)
+    assert first is not None
+    print(
+        f"\n[failover] {label}: promotion took {pair.promote_seconds * 1000:.0f} ms; "
+        f"first write on the new primary {(first.at - promoted) * 1000:.0f} ms after "
+        f"promotion returned, {(first.at - crashed) * 1000:.0f} ms after the crash"
+    )
+
+
+# -- the harness -----------------------------------------------------------------------------------
+def test_pair_streams_synchronously_and_promotes(pg_standby: StandbyPair) -> None:
+    pair = pg_standby
+    assert pair.synchronous
+    state = pair.primary.execute(
+        "SELECT state, sync_state FROM pg_stat_replication WHERE application_name = %s",
+        params=(pair.standby.name,),
+    )
+    assert state == [("streaming", "sync")]
+    prepare(pair)
+    url = pair.url(DATABASE)
+    assert url.startswith("postgresql+psycopg://postgres:")
+    assert url.endswith(
+        f"@/{DATABASE}?host=127.0.0.1:{pair.primary.port}&host=127.0.0.1:{pair.standby.port}"
+        "&target_session_attrs=read-write"
+    )
+    parsed = sa.make_url(pair.url(DATABASE, driver="asyncpg"))
+    assert parsed.drivername == "postgresql+asyncpg"
+    assert parsed.query["host"] == (
+        f"127.0.0.1:{pair.primary.port}",
+        f"127.0.0.1:{pair.standby.port}",
+    )
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            assert conn.execute(INSERT, {"key": "before"}).scalar_one() == pair.primary.port
+        # synchronous: the commit was answered after the standby flushed it; replayed soon after
+        pair.wait_replayed()
+        assert pair.standby.execute("SELECT key FROM ledger", database=DATABASE) == [("before",)]
+        assert pair.standby.is_in_recovery()
+        engine.dispose()
+        fail_over(pair)
+        assert pair.promoted
+        assert pair.current_primary is pair.standby
+        assert not pair.standby.is_in_recovery()
+        with engine.begin() as conn:
+            assert conn.execute(INSERT, {"key": "after"}).scalar_one() == pair.standby.port
+        assert ledger(pair) == {"before": 1, "after": 1}
+    finally:
+        engine.dispose()
+
+
+def test_pair_close_stops_both_servers_and_deletes_their_files(
+    pg_standby_factory: Callable[..., StandbyPair],
+) -> None:
+    pair = pg_standby_factory(synchronous=False)
+    state = pair.primary.execute("SELECT sync_state FROM pg_stat_replication")
+    assert state == [("async",)]
+    dirs = [Path(server.data_dir) for server in pair.servers]
+    assert all(d.is_dir() for d in dirs)
+    pair.close()
+    assert not any(server.is_running() for server in pair.servers)
+    assert not any(d.exists() for d in dirs)
+    with pytest.raises(Exception, match="closed"):
+        pair.start()
+
+
+def test_bad_arguments_are_refused_with_the_reason() -> None:
+    with pytest.raises(ValueError, match="synchronous_standby_names"):
+        StandbyPair(settings={"synchronous_standby_names": "*"})
+    pair = StandbyPair()
+    try:
+        with pytest.raises(ValueError, match="target_session_attrs must be one of"):
+            pair.url(DATABASE, target_session_attrs="read-mostly")
+        with pytest.raises(RuntimeError, match="not running"):
+            pair.promote()
+    finally:
+        pair.close()
+
+
+# -- what the drivers say during and after a failover ---------------------------------------------
+def _sync_error(url: str, statement: str | None) -> BaseException:
+    engine = sa.create_engine(url, connect_args={"connect_timeout": 2})
+    try:
+        with engine.begin() as conn:
+            if statement is not None:
+                conn.execute(sa.text(statement))
+    except Exception as exc:
+        return exc
+    finally:
+        engine.dispose()
+    raise AssertionError("no error")
+
+
+async def _async_error(url: str, statement: str | None) -> BaseException:
+    engine = create_async_engine(url, connect_args={"timeout": 2})
+    try:
+        async with engine.begin() as conn:
+            if statement is not None:
+                await conn.execute(sa.text(statement))
+    except Exception as exc:
+        return exc
+    finally:
+        await engine.dispose()
+    raise AssertionError("no error")
+
+
+def driver_error(url: str, driver: str, statement: str | None = None) -> BaseException:
+    """The error the real driver raises connecting to ``url`` (and running ``statement``)."""
+    if driver == "asyncpg":
+        return asyncio.run(_async_error(url, statement))
+    return _sync_error(url, statement)
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_what_the_drivers_raise_around_a_failover_is_a_transient_disconnect(
+    pg_standby: StandbyPair, driver: str
+) -> None:
+    pair = pg_standby
+    prepare(pair)
+    # a connection that lands on a standby and writes: 25006 read_only_sql_transaction
+    on_standby = pair.standby.url(DATABASE, driver=driver)
+    exc = driver_error(on_standby, driver, "INSERT INTO ledger (key, port) VALUES ('x', 0)")
+    assert rdb.sqlstate_of(exc) == "25006"
+    assert rdb.classify(exc) is rdb.Outcome.DISCONNECT
+    # every host answers, none takes writes (the standby not promoted yet): psycopg reports an
+    # OperationalError without SQLSTATE, asyncpg TargetServerAttributeNotMatched
+    only_standby = pair.url(DATABASE, driver=driver).replace(
+        f"host=127.0.0.1:{pair.primary.port}&", ""
+    )
+    exc = driver_error(only_standby, driver)
+    assert rdb.sqlstate_of(exc) is None
+    assert rdb.classify(exc) is rdb.Outcome.DISCONNECT, repr(exc)
+    # the primary crashed, the standby not promoted yet: refused, then read-only
+    pair.crash_primary()
+    exc = driver_error(pair.url(DATABASE, driver=driver), driver)
+    assert rdb.classify(exc) is rdb.Outcome.DISCONNECT, repr(exc)
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_write_on_a_standby_invalidates_the_pool(pg_standby: StandbyPair, driver: str) -> None:
+    """25006 on one connection: the pool's other connections (made before it) are replaced too,
+    since they may point at the same demoted server."""
+    pair = pg_standby
+    prepare(pair)
+    url = pair.standby.url(DATABASE, driver=driver)
+    pid_sql = sa.text("SELECT pg_backend_pid()")
+    write = sa.text("INSERT INTO ledger (key, port) VALUES ('x', 0)")
+    config = rdb.Config(retry=False, circuit_breaker=False)
+
+    if driver == "asyncpg":
+
+        async def scenario() -> tuple[set[int], set[int], BaseException]:
+            engine = create_async_engine(url)
+            rdb.AsyncResilientSession(engine, service="failover-pool", config=config)
+            try:
+                async with engine.connect() as a, engine.connect() as b:
+                    before = {(await c.execute(pid_sql)).scalar_one() for c in (a, b)}
+                try:
+                    async with engine.begin() as conn:
+                        await conn.execute(write)
+                except Exception as exc:
+                    error: BaseException = exc
+                async with engine.connect() as a, engine.connect() as b:
+                    after = {(await c.execute(pid_sql)).scalar_one() for c in (a, b)}
+                return before, after, error
+            finally:
+                await engine.dispose()
+
+        before, after, error = asyncio.run(scenario())
+    else:
+        engine = sa.create_engine(url)
+        rdb.ResilientSession(engine, service="failover-pool", config=config)
+        try:
+            with engine.connect() as a, engine.connect() as b:
+                before = {c.execute(pid_sql).scalar_one() for c in (a, b)}
+            try:
+                with engine.begin() as conn:
+                    conn.execute(write)
+            except Exception as exc:
+                error = exc
+            with engine.connect() as a, engine.connect() as b:
+                after = {c.execute(pid_sql).scalar_one() for c in (a, b)}
+        finally:
+            engine.dispose()
+    assert rdb.sqlstate_of(error) == "25006"
+    assert len(before) == 2
+    assert not before & after, "pooled connections made before the 25006 were reused"
+
+
+# -- writers through a failover --------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_writes_resume_after_failover_and_nothing_acknowledged_is_lost(
+    pg_standby: StandbyPair, driver: str
+) -> None:
+    """Synchronous replication: two writers; the primary crashes mid-stream, the standby is
+    promoted; every acknowledged write is on the new primary, none twice, none failed."""
+    pair = pg_standby
+    prepare(pair)
+    workload = Workload(pair.url(DATABASE, driver=driver), driver).start()
+    try:
+        wait_for(lambda: workload.acked(pair.primary.port) >= 40, "writes on the primary")
+        crashed, promoted = fail_over(pair)
+        wait_for(lambda: workload.acked(pair.standby.port) >= 40, "writes on the new primary")
+    finally:
+        workload.finish()
+    tally = check_exactly_once(pair, workload, lossless=True)
+    assert workload.failures == {}, workload.failures
+    assert tally.acked == workload.acked()
+    report(f"{driver}, synchronous", workload, pair, crashed, promoted)
+    print(
+        f"[failover] {driver}, synchronous: {tally.acked} writes acknowledged, "
+        f"{workload.acked(pair.primary.port)} before the crash, none lost, none twice; "
+        f"{sum(n - 1 for n in workload.calls.values())} replayed attempts"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_asynchronous_replication_may_lose_acknowledged_writes_but_never_doubles_one(
+    pg_standby_factory: Callable[..., StandbyPair], driver: str
+) -> None:
+    """Asynchronous replication: the primary answers before the standby has the commit, so
+    writes acknowledged in that window are gone after the failover. What still holds: no unit
+    is written twice (a lost COMMIT answer is settled on the new primary by its marker), and a
+    unit that failed with a known outcome wrote nothing."""
+    pair = pg_standby_factory(synchronous=False)
+    prepare(pair)
+    workload = Workload(pair.url(DATABASE, driver=driver), driver).start()
+    try:
+        wait_for(lambda: workload.acked(pair.primary.port) >= 40, "writes on the primary")
+        crashed, promoted = fail_over(pair)
+        wait_for(lambda: workload.acked(pair.standby.port) >= 40, "writes on the new primary")
+    finally:
+        workload.finish()
+    tally = check_exactly_once(pair, workload, lossless=False)
+    report(f"{driver}, asynchronous", workload, pair, crashed, promoted)
+    print(
+        f"[failover] {driver}, asynchronous: {tally.acked} writes acknowledged, "
+        f"{tally.lost} of them lost in the failover, none twice; {tally.unknown} unknown, "
+        f"{tally.failed} failed"
+    )
+
+
+# -- one unit whose COMMIT answer is lost across the failover -------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_commit_lost_on_the_way_then_failover_is_replayed_once_on_the_new_primary(
+    pg_standby: StandbyPair, driver: str
+) -> None:
+    """The COMMIT never reached the primary (held by the proxy); the primary crashes and the
+    standby is promoted; then the client hears nothing back. The claim on the new primary finds
+    no marker and fences it: the unit is replayed there, once."""
+    pair = pg_standby
+    prepare(pair)
+    with FaultProxy(pair.primary) as proxy:
+        url = pair.url(DATABASE, driver=driver, primary_at=(proxy.host, proxy.port))
+        proxy.swallow_commit()
+        workload = Workload(url, driver, writers=1, limit=1).start()
+        try:
+            wait_for(lambda: proxy.commits_swallowed == 1 or bool(workload.failures), "COMMIT")
+            assert proxy.commits_swallowed == 1, workload.failures
+            fail_over(pair)
+            assert proxy.release_swallowed() == 1
+        finally:
+            workload.finish()
+    assert workload.failures == {}, workload.failures
+    [ack] = workload.acks
+    assert ack.port == pair.standby.port
+    assert workload.calls[ack.key] == 2, "the unit was not replayed after a COMMIT that never ran"
+    assert ledger(pair) == {ack.key: 1}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_commit_answer_lost_then_failover_is_verified_on_the_new_primary_not_replayed(
+    pg_standby: StandbyPair, driver: str
+) -> None:
+    """The COMMIT reached the primary and (synchronous) the standby; its answer is lost. The
+    first check finds no server taking writes; during the backoff the primary crashes and the
+    standby is promoted; the next check finds the unit's marker on the new primary: done, not
+    replayed."""
+    pair = pg_standby
+    prepare(pair)
+    with FaultProxy(pair.primary) as proxy:
+        url = pair.url(DATABASE, driver=driver, primary_at=(proxy.host, proxy.port))
+        failovers: list[float] = []
+
+        def arm(key: str, call: int) -> None:
+            if call == 1:
+                proxy.lose_commit_answer()
+                proxy.refuse()  # the first check can't reach the primary
+
+        def during_backoff(seconds: float) -> None:
+            if not failovers:
+                fail_over(pair)
+                failovers.append(seconds)
+
+        workload = Workload(
+            url, driver, writers=1, limit=1, on_call=arm, on_backoff=during_backoff
+        ).start()
+        workload.finish(stop=False)
+    assert proxy.commits_lost == 1
+    assert failovers, "the unit never backed off between checks"
+    assert workload.failures == {}, workload.failures
+    [ack] = workload.acks
+    assert ack.port == pair.primary.port  # the write that committed, on the old primary
+    assert workload.calls[ack.key] == 1, "a unit whose COMMIT was applied was replayed"
+    assert pair.promoted
+    assert ledger(pair) == {ack.key: 1}
