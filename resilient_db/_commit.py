@@ -43,6 +43,7 @@ from typing import Any, Final, Protocol
 
 import asyncpg
 import psycopg
+from psycopg.generators import execute as _pq_execute
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, Engine
 
@@ -351,8 +352,9 @@ class CommitProtocol:
         self._last_prune = time.monotonic()
         self._prune_lock = threading.Lock()
         event.listen(engine, "connect", self._on_connect)
+        note = _note_statement_asyncpg if self.is_asyncpg else _note_statement
         for name in ("do_execute", "do_execute_no_params", "do_executemany"):
-            event.listen(engine, name, _note_statement)
+            event.listen(engine, name, note)
         if self.is_asyncpg:
             event.listen(engine, "do_connect", _asyncpg_do_connect)
 
@@ -443,8 +445,19 @@ class CommitProtocol:
 
 
 def _note_statement(cursor: Any, statement: str, parameters: Any, context: Any) -> None:
-    """``do_execute`` listener: a statement that may write marks its connection's transaction.
-    Returns None: the dialect executes the statement as usual."""
+    """``do_execute`` listener (psycopg): a statement that may write marks its connection's
+    transaction. Returns None: the dialect executes the statement as usual. The DBAPI cursor
+    names its connection (``cursor.connection``), which saves the walk through SQLAlchemy's
+    connection wrappers on every statement."""
+    if may_write(statement):
+        driver = cursor.connection
+        if getattr(driver, "_rdb_marked", False):
+            driver._rdb_may_write = True
+
+
+def _note_statement_asyncpg(cursor: Any, statement: str, parameters: Any, context: Any) -> None:
+    """:func:`_note_statement` for asyncpg, whose cursor is SQLAlchemy's adapter: the asyncpg
+    connection is reached through SQLAlchemy's public ``driver_connection``."""
     if may_write(statement):
         driver = context.root_connection.connection.driver_connection
         if getattr(driver, "_rdb_marked", False):
@@ -545,12 +558,8 @@ def marked_connection_class(base: type[Any]) -> type[Any]:
                     ticket.sent = True
                 if message is None:
                     return base.commit(self)  # type: ignore[no-any-return]
-                # one simple-query message (no parameters); the connection is then idle. The
-                # cursor is kept for the next commit: making one costs more than the message.
-                cursor = self._rdb_cursor
-                if cursor is None or cursor.closed:
-                    cursor = self._rdb_cursor = self.cursor()
-                cursor.execute(message)
+                # one simple-query message (no parameters); the connection is then idle
+                _psycopg_simple_query(self, message.encode())
                 return None
 
             def rollback(self: Any) -> None:
@@ -562,7 +571,6 @@ def marked_connection_class(base: type[Any]) -> type[Any]:
                 rollback=rollback,
                 _rdb_may_write=False,
                 _rdb_mode=None,
-                _rdb_cursor=None,
             )
         cls = type(f"Marked{base.__name__}", (base,), namespace)
         _marked_classes[base] = cls
@@ -570,6 +578,26 @@ def marked_connection_class(base: type[Any]) -> type[Any]:
 
 
 _INTRANS: Final = int(psycopg.pq.TransactionStatus.INTRANS)
+_FATAL_ERROR: Final = int(psycopg.pq.ExecStatus.FATAL_ERROR)
+
+
+def _psycopg_simple_query(connection: Any, message: bytes) -> None:
+    """Send ``message`` (several statements, no parameters) as one simple-query message on a
+    psycopg connection and wait for its results; raise the first error as psycopg would.
+
+    This is what psycopg's own ``commit()`` does for ``COMMIT``: the libpq call through the
+    public ``pgconn``, waited for by the connection's ``wait()`` (so Ctrl-C still cancels), with
+    psycopg's generator for a sent query. A cursor's ``execute`` would do the same at about
+    40,000 more instructions per commit (query conversion, prepared-statement bookkeeping, row
+    makers). ``psycopg.generators`` and ``psycopg.errors.error_from_result`` are not documented
+    API: this is their one use, and ``tests/test_commit_markers.py`` fails loudly if they change.
+    """
+    with connection.lock:
+        connection.pgconn.send_query(message)
+        results = connection.wait(_pq_execute(connection.pgconn))
+    for result in results:
+        if result.status == _FATAL_ERROR:
+            raise psycopg.errors.error_from_result(result, encoding=connection.info.encoding)
 
 
 def _mark_psycopg(dbapi_connection: Any) -> bool:

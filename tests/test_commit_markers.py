@@ -398,3 +398,27 @@ def test_the_markers_check_leaves_the_connection_as_the_engine_made_it(
             assert raw.autocommit is (level == "AUTOCOMMIT")
             assert raw.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
         eng.dispose()
+
+
+def test_the_psycopg_simple_query_behaves_as_psycopg_commit_does(engine: sa.Engine) -> None:
+    """Fails loudly if the psycopg internals behind the marked COMMIT change (the generator
+    for a sent query, ``error_from_result``): every statement of the message runs, the
+    connection ends idle, and a server error comes back as psycopg's own exception class with
+    its SQLSTATE, which SQLAlchemy then wraps as for any COMMIT. The first update committed,
+    the second was rolled back."""
+    with engine.connect() as conn:
+        raw: Any = conn.connection.driver_connection
+        raw.execute("UPDATE marker_counters SET value = value + 1 WHERE id = 1")
+        _commit._psycopg_simple_query(raw, b"SELECT 1; COMMIT")
+        assert raw.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        raw.execute("UPDATE marker_counters SET value = value + 10 WHERE id = 1")
+        with pytest.raises(psycopg.errors.UndefinedFunction) as info:
+            _commit._psycopg_simple_query(raw, b"SELECT resilient_db.no_such_function(); COMMIT")
+        assert info.value.sqlstate == "42883"
+        # the error stopped the message before its COMMIT: the transaction is failed, as the
+        # server leaves it, and is rolled back as any failed COMMIT's would be
+        assert raw.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
+        conn.rollback()
+    with engine.connect() as conn:
+        value = conn.execute(sa.text("SELECT value FROM marker_counters WHERE id = 1")).scalar()
+        assert value == 1
