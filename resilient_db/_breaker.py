@@ -6,10 +6,18 @@ all: :meth:`Breaker.before_call` decides (a single storage read while closed), t
 attempt, and :meth:`Breaker.on_success` / :meth:`Breaker.on_failure` record the result. A short
 lock guards only the state changes themselves, never database I/O. pybreaker stores the state
 (in memory or shared, e.g. Redis) and notifies its listeners of every change.
+
+With ``SELF_HEALING_REDIS_URL`` (and no storage of the caller's own) the state is shared by every
+process through :mod:`resilient_db._fleet`: failures, openings and probe reservations are
+decided by Redis scripts on the failure path, and a local view, kept in step by their answers and
+by pub/sub, answers :meth:`Breaker.before_call` on the success path without any I/O. The local
+pybreaker storage mirrors that view (its listeners log and count every change) and is what the
+breaker falls back to while Redis does not answer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -21,6 +29,7 @@ import pybreaker as _pb
 
 from ._config import Config
 from ._errors import CircuitOpenError
+from ._fleet import FleetDown, link_for
 from ._observability import emit, log_breaker, stats_for
 from ._state import STATE, check_service_room
 
@@ -41,7 +50,10 @@ class _LogListener(_pb.CircuitBreakerListener):
         new = new_state.name
         if new == OPEN:
             stats_for(b.service).add("breaker_opens")
-            if getattr(old_state, "name", None) == HALF_OPEN:
+            reason, b.open_reason = b.open_reason, None
+            if reason is not None:
+                why = reason
+            elif getattr(old_state, "name", None) == HALF_OPEN:
                 why = "a half-open probe failed"
             elif cb.fail_counter:
                 why = f"{cb.fail_counter} consecutive failures"
@@ -112,9 +124,20 @@ class Breaker:
         )
         self._storage = self._cb._state_storage
         self.storage_given = storage
+        self.open_reason: str | None = None  # why the next opening happens, when not local
         self._cb.add_listener(_LogListener(self))
         for listener in listeners:
             self._cb.add_listener(listener)
+        # the shared breaker (SELF_HEALING_REDIS_URL): the link and this process's view of it
+        self._fleet: Any = None
+        self._fleet_state = CLOSED
+        self._fleet_gen = -1  # the view's version (Redis microseconds; 0: no shared state yet)
+        self._fleet_until = 0.0  # open: monotonic time the opening ends
+        self._fleet_wait = 0.0  # half-open, every probe taken: monotonic time to ask again
+        self._fleet_failures = 0  # failures this process counted in the fleet's current run
+        self._fleet_opens = 0  # openings of the shared breaker, fleet-wide
+        self._opened_here = 0  # openings this process's failures caused
+        self._attach(config)
 
     # -- configuration ---------------------------------------------------------------------
     def apply_config(self, config: Config) -> None:
@@ -122,6 +145,20 @@ class Breaker:
         self._cb.fail_max = config.failure_threshold
         self._cb.reset_timeout = config.reset_timeout
         self._cb.success_threshold = config.half_open_probes
+        self._attach(config)
+
+    def _attach(self, config: Config) -> None:
+        """Follow the shared breaker of ``config.redis_url`` (unless the caller gave a storage of
+        its own: that one is the breaker's state, as asked)."""
+        link = link_for(config) if config.redis_url and self.storage_given is None else None
+        old, self._fleet = self._fleet, link
+        if old is link:
+            return
+        if old is not None:
+            old.detach_breaker(self.service, self)
+        self._fleet_gen = -1
+        if link is not None:
+            link.attach_breaker(self.service, self)
 
     def add_listener(self, listener: Any) -> None:
         """Register a pybreaker ``CircuitBreakerListener`` (once: again is a no-op)."""
@@ -140,6 +177,12 @@ class Breaker:
 
         Returns True when the attempt is a half-open probe (pass it back to the ``on_*`` calls).
         """
+        fleet = self._fleet
+        if fleet is not None and fleet.up:
+            if self._fleet_state == CLOSED:
+                return False
+            with contextlib.suppress(FleetDown):
+                return self._fleet_admit(fleet)
         state = self._storage.state
         if state == CLOSED:
             return False
@@ -166,9 +209,22 @@ class Breaker:
         if not probe:
             # Closed: consecutive failures start again from zero. Read before writing so the
             # common case (no failures) writes nothing.
+            if self._fleet_failures:
+                self._fleet_reset_failures()
             if self._storage.counter:
                 self._storage.reset_counter()
             return
+        fleet = self._fleet
+        if fleet is not None and fleet.up:
+            try:
+                answer = fleet.breaker_probe_done(
+                    self.service, self.config.half_open_probes, success=True
+                )
+            except FleetDown:
+                pass
+            else:
+                self.fleet_update(*answer, answer=True)
+                return
         with self._lock:
             self._probes = max(0, self._probes - 1)
             if self._storage.state != HALF_OPEN:
@@ -179,6 +235,11 @@ class Breaker:
 
     def on_failure(self, probe: bool) -> None:
         """The attempt failed with a transient (infrastructure) error."""
+        fleet = self._fleet
+        if fleet is not None and fleet.up:
+            with contextlib.suppress(FleetDown):
+                self._fleet_failure(fleet)
+                return
         with self._lock:
             if probe:
                 self._probes = max(0, self._probes - 1)
@@ -194,23 +255,43 @@ class Breaker:
 
     def on_neutral(self, probe: bool) -> None:
         """The attempt ended with a business error: neither success nor failure."""
+        fleet = self._fleet
+        if probe and fleet is not None and fleet.up:
+            try:
+                answer = fleet.breaker_probe_done(
+                    self.service, self.config.half_open_probes, success=False
+                )
+            except FleetDown:
+                pass
+            else:
+                self.fleet_update(*answer, answer=True)
+                return
         if probe:
             with self._lock:
                 self._probes = max(0, self._probes - 1)
 
     # -- manual control --------------------------------------------------------------------
     def open(self) -> None:
-        with self._lock:
-            self._open()
+        """Open the circuit now (for every process when it is shared)."""
+        if not self._fleet_force(OPEN, "an explicit open()"):
+            with self._lock:
+                self._open()
 
     def close(self) -> None:
-        with self._lock:
-            self._probes = 0
-            self._set_state(CLOSED)
+        """Close the circuit now (for every process when it is shared)."""
+        if not self._fleet_force(CLOSED, None):
+            with self._lock:
+                self._probes = 0
+                self._set_state(CLOSED)
 
     def reset(self) -> None:
-        """Closed, with no failures counted (a test suite starting over)."""
+        """Closed, with no failures counted (a test suite starting over). A shared breaker's
+        state in Redis is left alone (other processes share it): this process's view of it
+        is read again at the next failure."""
         with self._lock:
+            self._fleet_gen = -1
+            self._fleet_state = CLOSED
+            self._fleet_failures = 0
             self._probes = 0
             if self._storage.state != CLOSED:
                 self._set_state(CLOSED)
@@ -227,7 +308,133 @@ class Breaker:
         }
         if state == OPEN:
             info["retry_after"] = round(self._remaining_open(), 3)
+        fleet = self._fleet
+        if fleet is not None:
+            info["shared"] = {
+                "redis": fleet.masked_url,
+                "connected": fleet.up,
+                "fleet_opens": self._fleet_opens,
+                "opened_here": self._opened_here,
+            }
         return info
+
+    # -- the shared breaker ----------------------------------------------------------------
+    def _reject(self, retry_after: float) -> CircuitOpenError:
+        stats_for(self.service).add("breaker_rejections")
+        return CircuitOpenError(self.service, max(0.0, retry_after))
+
+    def _fleet_admit(self, fleet: Any) -> bool:
+        """Not closed: reject from the local view while it says so, else ask Redis for a
+        probe (the open time has passed, or every probe slot was taken a while ago)."""
+        now = time.monotonic()
+        if self._fleet_state == OPEN and now < self._fleet_until:
+            raise self._reject(self._fleet_until - now)
+        if self._fleet_state == HALF_OPEN and now < self._fleet_wait:
+            raise self._reject(self._fleet_wait - now)
+        decision, remaining, gen, opens = fleet.breaker_admit(
+            self.service, self.config.half_open_probes, self.config.reset_timeout
+        )
+        if decision == "probe":
+            self.fleet_update(HALF_OPEN, 0.0, gen, opens, answer=True)
+            return True
+        if decision == CLOSED:
+            self.fleet_update(CLOSED, 0.0, gen, opens, answer=True)
+            return False
+        if decision == OPEN:
+            self.fleet_update(OPEN, remaining, gen, opens, answer=True)
+            raise self._reject(remaining)
+        # half-open with every probe slot taken: the answer comes within one attempt; the
+        # pub/sub message of the closing or re-opening ends the wait sooner
+        self.fleet_update(HALF_OPEN, 0.0, gen, opens, answer=True)
+        wait = self._retry_after_probe()
+        self._fleet_wait = now + wait
+        raise self._reject(wait)
+
+    def _fleet_failure(self, fleet: Any) -> None:
+        state, remaining, gen, failures, opens, by_me = fleet.breaker_failure(
+            self.service, self.config.failure_threshold, self.config.reset_timeout
+        )
+        self._fleet_failures = failures
+        if by_me:
+            self._opened_here += 1
+        self.fleet_update(state, remaining, gen, opens, answer=True, mine=by_me)
+
+    def _fleet_reset_failures(self) -> None:
+        self._fleet_failures = 0
+        fleet = self._fleet
+        if fleet is not None and fleet.up:
+            with contextlib.suppress(FleetDown):
+                fleet.breaker_reset_failures(self.service)
+
+    def _fleet_force(self, state: str, reason: str | None) -> bool:
+        fleet = self._fleet
+        if fleet is None or not fleet.up:
+            return False
+        try:
+            answer = fleet.breaker_force(self.service, state, self.config.reset_timeout)
+        except FleetDown:
+            return False
+        self.fleet_update(*answer, answer=True, reason=reason)
+        return True
+
+    def fleet_sync(self, answer: tuple[str, float, int, int]) -> None:
+        """The shared state as read on (re)connecting: it replaces the view whatever it was."""
+        self.fleet_update(*answer, answer=True, force=True)
+
+    def fleet_update(
+        self,
+        state: str,
+        remaining: float,
+        gen: int,
+        opens: int,
+        *,
+        answer: bool = False,
+        force: bool = False,
+        mine: bool = False,
+        reason: str | None = None,
+    ) -> None:
+        """Take a state of the shared breaker into the view (and the local storage, whose
+        listeners log the change). Messages older than the view are ignored; a script's
+        ``answer`` with ``gen`` 0 (no shared state: Redis was flushed or restarted) is taken.
+        ``mine``: this process's failure made the change (its answer and its message race)."""
+        if state not in (CLOSED, OPEN, HALF_OPEN):
+            return
+        with self._lock:
+            if not (force or gen > self._fleet_gen or (answer and gen == 0)):
+                if gen == self._fleet_gen and state == OPEN and remaining > 0:
+                    self._fleet_until = time.monotonic() + remaining  # a fresher figure
+                return
+            self._fleet_gen = gen
+            self._fleet_opens = max(self._fleet_opens, opens) if not force else opens
+            self._fleet_state = state
+            if state == OPEN:
+                self._fleet_until = time.monotonic() + max(0.0, remaining)
+            if state != HALF_OPEN:
+                self._fleet_wait = 0.0
+            if state != CLOSED:
+                self._fleet_failures = 0
+            if self._storage.state == state and state != OPEN:
+                return
+            # mirror into the local breaker: what it falls back to, and its listeners log
+            self._probes = 0
+            if state == OPEN:
+                elapsed = self.config.reset_timeout - max(0.0, remaining)
+                self._storage.opened_at = datetime.fromtimestamp(self._clock() - elapsed, _UTC)
+                if self._storage.state == OPEN:
+                    return  # the same opening, a fresher remaining time
+                if reason is None:
+                    reason = (
+                        (
+                            "a half-open probe failed"
+                            if self._storage.state == HALF_OPEN
+                            else f"{self.config.failure_threshold} consecutive failures across "
+                            "the fleet (shared through Redis)"
+                        )
+                        if mine
+                        else "another process's failures (shared through Redis)"
+                    )
+                self.open_reason = reason
+            self._set_state(state)
 
     # -- internals (callers hold self._lock) ------------------------------------------------
     def _open(self) -> None:

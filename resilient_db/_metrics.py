@@ -25,7 +25,14 @@ Metrics (label ``service`` is the ResilientSession's service name):
 ``resilient_db_transition_rows_filtered_total`` counter rows a bulk UPDATE left unchanged
 ``resilient_db_transition_bypasses_total``      counter audited bypasses of the guard
 ``resilient_db_healthy``                        gauge   0 while any breaker is open
+``resilient_db_retry_budget_available``         gauge   retries the budget would pay for now
+``resilient_db_retry_budget_exhausted_total``   counter units that gave up: budget spent
+``resilient_db_retry_budget_shared``            gauge   1 while the budget is fleet-wide
+``resilient_db_breaker_shared``                 gauge   1 while the breaker follows Redis
 ==============================================  ======  ===================================
+
+The retry budget series exist for services with ``SELF_HEALING_RETRY_BUDGET`` set; the
+``breaker_shared`` series for breakers with ``SELF_HEALING_REDIS_URL`` set.
 """
 
 from __future__ import annotations
@@ -127,6 +134,27 @@ class HealthCollector:
             "Circuit breaker state per service: 1 for the current state, 0 for the others.",
             labels=["service", "state"],
         )
+        shared = core.GaugeMetricFamily(
+            "resilient_db_breaker_shared",
+            "1 while the circuit breaker is shared with other processes through Redis, 0 while "
+            "Redis does not answer and this process decides alone.",
+            labels=["service"],
+        )
+        available = core.GaugeMetricFamily(
+            "resilient_db_retry_budget_available",
+            "Retries the retry budget would pay for now (fleet-wide when shared).",
+            labels=["service"],
+        )
+        exhausted = core.CounterMetricFamily(
+            "resilient_db_retry_budget_exhausted",
+            "Units of work that gave up at once because the retry budget was spent.",
+            labels=["service"],
+        )
+        budget_shared = core.GaugeMetricFamily(
+            "resilient_db_retry_budget_shared",
+            "1 while the retry budget is counted fleet-wide through Redis, else 0.",
+            labels=["service"],
+        )
         for service, entry in sorted(services.items()):
             counters: dict[str, Any] = entry.get("counters") or {}
             for key, family in families.items():
@@ -138,10 +166,22 @@ class HealthCollector:
                 current = breaker.get("state")
                 for name in BREAKER_STATES:
                     state.add_metric([service, name], 1.0 if current == name else 0.0)
+                if breaker.get("shared") is not None:
+                    up = breaker["shared"].get("connected")
+                    shared.add_metric([service], 1.0 if up else 0.0)
+            budget = entry.get("budget")
+            if budget is not None and "available" in budget:
+                available.add_metric([service], float(budget["available"]))
+                exhausted.add_metric([service], float(budget.get("exhausted", 0)))
+                budget_shared.add_metric([service], 1.0 if budget.get("scope") == "fleet" else 0.0)
         yield families["attempts"]
         yield retries
         yield from (families[k] for k, _, _ in _SERVICE_COUNTERS if k != "attempts")
         yield state
+        yield shared
+        yield available
+        yield exhausted
+        yield budget_shared
         transitions: dict[str, Any] = snapshot.get("transitions", {})
         for key, name, text in _TRANSITION_COUNTERS:
             yield core.CounterMetricFamily(name, text, value=float(transitions.get(key, 0)))

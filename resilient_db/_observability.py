@@ -230,23 +230,30 @@ def stats_for(service: str) -> ServiceStats:
 def health() -> dict[str, Any]:
     """Breaker state and counters of every service seen so far, and the transition guard's.
 
-    ``{"healthy": bool, "services": {name: {"breaker": {...} | None, "counters": {...}}},
-    "transitions": {"blocked_transitions": n, ...}}``; ``healthy`` is False while any breaker
-    is open.
+    ``{"healthy": bool, "services": {name: {"breaker": {...} | None, "budget": {...} | None,
+    "counters": {...}}}, "transitions": {"blocked_transitions": n, ...}}``; ``healthy`` is False
+    while any breaker is open. A breaker shared through Redis has a ``shared`` entry (the Redis
+    URL with its password masked, whether it answers, openings fleet-wide and caused here);
+    ``budget`` is the retry budget (``SELF_HEALING_RETRY_BUDGET``), None without one. Nothing
+    here talks to Redis: shared figures are the last ones this process heard.
     """
-    # Local imports: both modules import this one.
+    # Local imports: these modules import this one.
     from ._breaker import breakers  # noqa: PLC0415
+    from ._budget import budgets  # noqa: PLC0415
     from .transitions._report import transition_stats  # noqa: PLC0415
 
     with STATE.lock:
         names = set(STATE.stats)
     all_breakers = breakers()
-    names.update(all_breakers)
+    all_budgets = budgets()
+    names.update(all_breakers, all_budgets)
     services: dict[str, Any] = {}
     for name in sorted(names):
         breaker = all_breakers.get(name)
+        budget = all_budgets.get(name)
         services[name] = {
             "breaker": _describe(breaker) if breaker is not None else None,
+            "budget": _describe(budget) if budget is not None else None,
             "counters": stats_for(name).snapshot(),
         }
     healthy = all(
@@ -256,9 +263,9 @@ def health() -> dict[str, Any]:
     return {"healthy": healthy, "services": services, "transitions": transition_stats()}
 
 
-def _describe(breaker: Any) -> dict[str, Any]:
+def _describe(part: Any) -> dict[str, Any]:
     try:
-        description: dict[str, Any] = breaker.describe()
+        description: dict[str, Any] = part.describe()
     except Exception as exc:  # a shared breaker store can be unreachable: report, don't fail
         return {"state": "unknown", "error": type(exc).__name__}
     return description

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import tenacity as _t
 
 from ._breaker import Breaker, breaker_for
+from ._budget import RetryBudget, budget_for
 from ._classify import DEFAULT_CLASSIFIER, Classifier, Outcome
 from ._config import Config
 from ._errors import CircuitOpenError
@@ -95,11 +96,13 @@ class Policy:
         self.config = config
         self.breaker: Breaker | None = None
         self._own_breaker: Breaker | None = None  # kept while the breaker is switched off
+        self.budget: RetryBudget | None = None
         self.apply_config(config)
 
     def apply_config(self, config: Config) -> None:
         self.config = config
         self.retry_on = self.use_retry and config.retry_on
+        self.budget = budget_for(self.service, config) if self.retry_on else None
         if not (self.use_circuit_breaker and config.breaker_on):
             self.breaker = None  # switched off; its breaker is kept for when it is back on
             return
@@ -193,16 +196,37 @@ class Policy:
         outcome = self.classifier.classify(exc) if exc is not None else Outcome.DISCONNECT
         return self.delay(outcome, rs.attempt_number)
 
-    def _stopper(self, started: float) -> Callable[[_t.RetryCallState], bool]:
+    def _stopper(
+        self, started: float, spent: list[RetryBudget]
+    ) -> Callable[[_t.RetryCallState], bool]:
+        """Stop after ``max_retries``, at the deadline, or when the retry budget can't pay for
+        the retry (then ``spent`` names the budget: the unit gives up at once)."""
         max_retries = self.config.max_retries
         deadline = self.config.deadline
+        budget = self.budget
 
         def stop(rs: _t.RetryCallState) -> bool:
             if rs.attempt_number > max_retries:
                 return True
-            return self.clock() - started + rs.upcoming_sleep > deadline
+            if self.clock() - started + rs.upcoming_sleep > deadline:
+                return True
+            if budget is not None and not self._budget_pays(budget, rs):
+                spent.append(budget)
+                return True
+            return False
 
         return stop
+
+    def _budget_pays(self, budget: RetryBudget, rs: _t.RetryCallState) -> bool:
+        """Outage retries are paid from the budget; conflicts are not (the server answered)."""
+        exc = rs.outcome.exception() if rs.outcome is not None else None
+        if exc is not None and self.classifier.classify(exc) is Outcome.CONFLICT:
+            return True
+        try:
+            return budget.try_withdraw()
+        except Exception:  # graceful fallback: a broken budget must not stop the retry
+            self._machinery_failed("retry budget")
+            return True
 
     def _before_sleep(self, rs: _t.RetryCallState) -> None:
         exc = rs.outcome.exception() if rs.outcome is not None else None
@@ -228,19 +252,24 @@ class Policy:
             delay=rs.upcoming_sleep,
         )
 
-    def _retrying_kwargs(self) -> dict[str, Any]:
+    def _retrying_kwargs(self, spent: list[RetryBudget]) -> dict[str, Any]:
         return {
             "retry": _t.retry_if_exception(self._retry_predicate),
             "wait": self._wait,
-            "stop": self._stopper(self.clock()),
+            "stop": self._stopper(self.clock(), spent),
             "before_sleep": self._before_sleep,
             "reraise": True,
         }
 
-    def _gave_up(self, exc: BaseException, retries: int) -> None:
+    def _gave_up(self, exc: BaseException, retries: int, spent: list[RetryBudget]) -> None:
         outcome = self.classifier.classify(exc)
         if outcome in _RETRYABLE:
             self.stats.add("gave_up")
+            if spent:
+                # the retry budget's own line, rate-limited: under an outage every failing
+                # unit ends here, and one line per unit would be a log storm
+                spent[0].spent()
+                return
             emit(
                 self.config,
                 log_retry,
@@ -298,11 +327,12 @@ class Policy:
             self.succeeded(probe)
             return result
 
-        retrying = _t.Retrying(sleep=self.sleep, **self._retrying_kwargs())
+        spent: list[RetryBudget] = []
+        retrying = _t.Retrying(sleep=self.sleep, **self._retrying_kwargs(spent))
         try:
             result = retrying(one)
         except BaseException as exc:
-            self._gave_up(exc, retrying.statistics.get("attempt_number", 1) - 1)
+            self._gave_up(exc, retrying.statistics.get("attempt_number", 1) - 1, spent)
             raise
         self._recovered()
         return result
@@ -342,11 +372,12 @@ class Policy:
             self.succeeded(probe)
             return result
 
-        retrying = _t.AsyncRetrying(sleep=self.asleep, **self._retrying_kwargs())
+        spent: list[RetryBudget] = []
+        retrying = _t.AsyncRetrying(sleep=self.asleep, **self._retrying_kwargs(spent))
         try:
             result: T = await retrying(one)
         except BaseException as exc:
-            self._gave_up(exc, retrying.statistics.get("attempt_number", 1) - 1)
+            self._gave_up(exc, retrying.statistics.get("attempt_number", 1) - 1, spent)
             raise
         self._recovered()
         return result

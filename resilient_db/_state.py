@@ -68,6 +68,10 @@ class State:
         self.env_config: Any = None
         #: ``with_self_healing``'s policies, by (service, use_retry, use_circuit_breaker, config)
         self.wrapper_policies: dict[tuple[Any, ...], Any] = {}
+        #: the retry budget of each service name (``SELF_HEALING_RETRY_BUDGET``)
+        self.budgets: dict[str, Any] = {}
+        #: the links to Redis sharing breakers and budgets, by URL (each has a daemon thread)
+        self.fleet_links: dict[str, Any] = {}
 
 
 STATE = State()
@@ -89,19 +93,29 @@ def reset_state() -> None:
     """Start over, for test suites (as between tests): every circuit breaker is closed with no
     failures counted and forgotten (a factory made afterwards gets a new one, with the storage
     it asks for), every counter and the transition guard's counts are zero, the wrapper's
-    cached policies are dropped. Factories, their engines' hooks (the transition guard's
-    listeners included), flushes in progress and the configuration stay as they are: they
-    belong to objects that are still alive.
+    cached policies are dropped, retry budgets are forgotten and the links to Redis closed (their
+    background threads stop; a factory made afterwards opens a new one). State shared through
+    Redis is left as it is: other processes share it. Factories, their engines' hooks (the
+    transition guard's listeners included), flushes in progress and the configuration stay as
+    they are: they belong to objects that are still alive.
     """
     with STATE.lock:
         breakers = list(STATE.breakers.values())
         STATE.breakers.clear()
+        STATE.budgets.clear()
+        links = list(STATE.fleet_links.values())
+        STATE.fleet_links.clear()
         for stats in STATE.stats.values():
             stats.reset()  # zero: a live factory keeps counting on its own object
         STATE.stats.clear()  # and forgotten, as the breakers: service names start over
         for name in STATE.transition_stats:
             STATE.transition_stats[name] = 0
         STATE.wrapper_policies.clear()
+    for link in links:
+        try:
+            link.close()
+        except Exception:
+            logging.getLogger("resilient_db.fleet").debug("could not close %r", link, exc_info=True)
     for breaker in breakers:
         try:
             breaker.reset()

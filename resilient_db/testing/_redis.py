@@ -73,12 +73,20 @@ class RedisServer:
     """A private ``redis-server`` on ``127.0.0.1``; :meth:`start` it (or use ``with``).
 
     ``port`` defaults to a free port, kept across :meth:`kill` and :meth:`start` so clients
-    reconnect to the same address.
+    reconnect to the same address. With ``password`` the server requires it (``requirepass``)
+    and :attr:`url` carries it.
     """
 
-    def __init__(self, *, port: int | None = None, executable: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        password: str | None = None,
+        executable: str | Path | None = None,
+    ) -> None:
         self.host = "127.0.0.1"
         self.port = port or free_port(self.host)
+        self.password = password
         self._executable = Path(executable) if executable else None
         self._dir: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -90,8 +98,9 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        """``redis://127.0.0.1:PORT/0``."""
-        return f"redis://{self.host}:{self.port}/0"
+        """``redis://127.0.0.1:PORT/0`` (``redis://:PASSWORD@...`` with a password)."""
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
 
     @property
     def log_path(self) -> Path | None:
@@ -115,6 +124,8 @@ class RedisServer:
             "--logfile", str(self._dir / "redis.log"),
             "--daemonize", "no",
         ]  # fmt: skip
+        if self.password:
+            command += ["--requirepass", self.password]
         self._proc = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
@@ -197,6 +208,7 @@ class RedisServer:
             ) from exc
         kwargs.setdefault("socket_timeout", 2.0)
         kwargs.setdefault("socket_connect_timeout", 2.0)
+        kwargs.setdefault("password", self.password)
         return redis.Redis(host=self.host, port=self.port, **kwargs)
 
     def flushall(self) -> None:

@@ -1,0 +1,291 @@
+"""The retry budget: retries may add a ratio of recent first attempts, plus a small floor.
+
+The idea is Finagle's ``RetryBudget`` (every request deposits, every retry withdraws; deposits
+expire after a time-to-live; a minimum number of retries per second stays allowed) and gRPC's
+retry throttling (retries stop while failures outweigh successes): under an outage, when every
+first attempt fails, retries add at most ``ratio`` x the first attempts instead of
+``max_retries`` x, so the load on a weak database is bounded by what its callers send anyway.
+
+Here:
+
+* deposits are the service's first attempts in the last :data:`WINDOW` seconds. They are read
+  from the counters the process keeps anyway (``attempts - retries`` of the service), so the
+  success path does nothing more for the budget;
+* a retry of an outage (unavailable, disconnect) is allowed while ``ratio x deposits`` exceeds
+  the retries already spent in the window by at least one;
+* the floor is a token bucket refilled at ``floor`` retries per second holding at most one
+  second's worth, so a quiet service can still retry a little. Finagle reserves
+  ``minRetriesPerSec x ttl`` up front (100 retries by default); a bucket of one second's worth
+  keeps the burst at the start of an outage small;
+* conflicts (40001, 40P01, 55P03) are not charged: they prove the server is up and answering,
+  are bounded per unit by ``max_retries`` and back off in tens of milliseconds.
+
+:class:`LocalBudget` is the pure arithmetic (injectable clock, no I/O). :class:`RetryBudget` is
+the budget of one service: with ``SELF_HEALING_REDIS_URL`` the same arithmetic runs atomically in
+Redis for the whole fleet (see :mod:`resilient_db._fleet`), and the local one is the fallback.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ._config import Config
+from ._observability import emit, log_retry, stats_for
+from ._state import STATE, check_service_room
+
+__all__ = ["WINDOW", "LocalBudget", "RetryBudget", "budget_for", "budgets"]
+
+#: seconds a first attempt counts as "recent" (Finagle's default ttl)
+WINDOW = 10
+#: at most one "Retry budget exhausted" line per service in this many seconds
+EXHAUSTED_LOG_PERIOD = 10.0
+
+
+class LocalBudget:
+    """The budget arithmetic over per-second buckets (callers hold a lock).
+
+    ``observe(first_attempts, now)`` feeds the running count of first attempts; a count seen
+    after a long gap is spread evenly over the gap, so first attempts made long ago (a quiet
+    process that never needed the budget) don't count as recent.
+    """
+
+    def __init__(self, ratio: float, floor: int, now: float, first_attempts: int = 0) -> None:
+        self.ratio = ratio
+        self.floor = floor
+        self._deposits: dict[int, float] = {}
+        self._spent: dict[int, int] = {}
+        self._seen = first_attempts
+        self._seen_at = now
+        self._tokens = float(floor)  # the floor's bucket starts with one second's worth
+        self._tokens_at = now
+
+    def observe(self, first_attempts: int, now: float) -> int:
+        """Take the running count of first attempts; returns how many are new."""
+        delta = first_attempts - self._seen
+        self._seen = first_attempts
+        span = now - self._seen_at
+        self._seen_at = now
+        if delta <= 0:
+            return 0  # nothing new (or the counters were reset: start from here)
+        second = math.floor(now)
+        if span <= 1.0:
+            self._deposits[second] = self._deposits.get(second, 0.0) + delta
+        else:
+            rate = delta / span
+            for s in range(second - min(WINDOW, math.ceil(span)) + 1, second + 1):
+                self._deposits[s] = self._deposits.get(s, 0.0) + rate
+        return delta
+
+    def totals(self, now: float) -> tuple[float, int]:
+        """First attempts and ratio-paid retries within the window (old buckets dropped)."""
+        oldest = math.floor(now) - WINDOW
+        for buckets in (self._deposits, self._spent):
+            for s in [s for s in buckets if s <= oldest]:
+                del buckets[s]
+        return sum(self._deposits.values()), sum(self._spent.values())
+
+    def floor_tokens(self, now: float) -> float:
+        elapsed = max(0.0, now - self._tokens_at)
+        self._tokens = min(float(self.floor), self._tokens + elapsed * self.floor)
+        self._tokens_at = now
+        return self._tokens
+
+    def try_withdraw(self, now: float) -> str | None:
+        """Spend one retry: ``"ratio"`` or ``"floor"`` (what paid for it), or None (spent)."""
+        deposits, spent = self.totals(now)
+        if self.ratio * deposits - spent >= 1.0:
+            second = math.floor(now)
+            self._spent[second] = self._spent.get(second, 0) + 1
+            return "ratio"
+        if self.floor_tokens(now) >= 1.0:
+            self._tokens -= 1.0
+            return "floor"
+        return None
+
+    def record(self, paid_by: str, now: float) -> None:
+        """Account a retry granted elsewhere (the fleet), so a fallback starts warm."""
+        if paid_by == "ratio":
+            second = math.floor(now)
+            self._spent[second] = self._spent.get(second, 0) + 1
+        elif paid_by == "floor":
+            self._tokens = max(0.0, self.floor_tokens(now) - 1.0)
+
+    def available(self, now: float) -> float:
+        deposits, spent = self.totals(now)
+        return max(0.0, self.ratio * deposits - spent) + self.floor_tokens(now)
+
+
+class RetryBudget:
+    """The retry budget of one service (one per service name, like its breaker)."""
+
+    def __init__(
+        self, service: str, config: Config, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.service = service
+        self.config = config
+        self._clock = clock
+        self._lock = threading.Lock()
+        ratio = config.retry_budget or 0.0
+        self._local = LocalBudget(ratio, config.retry_budget_floor, clock(), self._first_attempts())
+        self._pending = 0  # first attempts not yet added to the fleet's count
+        self.granted = 0
+        self.exhausted = 0
+        self._last_line = -math.inf
+        self._unlogged = 0
+        self._fleet: Any = None  # the FleetLink while shared through Redis
+        self._fleet_view: dict[str, Any] = {}
+        self._attach(config)
+
+    # -- configuration -----------------------------------------------------------------------
+    def apply_config(self, config: Config) -> None:
+        with self._lock:
+            self.config = config
+            self._local.ratio = config.retry_budget or 0.0
+            self._local.floor = config.retry_budget_floor
+        self._attach(config)
+
+    def _attach(self, config: Config) -> None:
+        from ._fleet import link_for  # noqa: PLC0415 - the fleet imports this module
+
+        link = link_for(config) if config.redis_url else None
+        old, self._fleet = self._fleet, link
+        if old is not None and old is not link:
+            old.detach_budget(self.service, self)
+        if link is not None:
+            link.attach_budget(self.service, self)
+
+    # -- the first attempts ------------------------------------------------------------------
+    def _first_attempts(self) -> int:
+        # every attempt is counted, retries too, and every retry is counted before its attempt:
+        # the difference is the units started (their first attempts)
+        snap = stats_for(self.service)
+        return snap.attempts - snap.retries
+
+    def take_pending(self) -> int:
+        """First attempts seen since the last call (for the fleet's count); observes first."""
+        with self._lock:
+            self._pending += self._local.observe(self._first_attempts(), self._clock())
+            pending, self._pending = self._pending, 0
+            return pending
+
+    def give_back(self, pending: int) -> None:
+        """The fleet did not take ``pending`` first attempts (Redis unreachable): keep them."""
+        with self._lock:
+            self._pending += pending
+
+    def fleet_figures(self, figures: dict[str, Any]) -> None:
+        """The fleet's totals as Redis last reported them (for ``health()``)."""
+        self._fleet_view = figures
+
+    # -- spending ----------------------------------------------------------------------------
+    def try_withdraw(self) -> bool:
+        """One retry of an outage: True if the budget pays for it (fleet-wide when shared)."""
+        link = self._fleet
+        if link is not None and link.up:
+            pending = self.take_pending()
+            paid_by = link.budget_withdraw(self, pending)
+            if paid_by is not None:  # the fleet answered: its word counts
+                with self._lock:
+                    if paid_by:
+                        self._local.record(paid_by, self._clock())
+                        self.granted += 1
+                        return True
+                    return False
+            self.give_back(pending)  # Redis is unreachable: this process decides alone
+        with self._lock:
+            now = self._clock()
+            self._pending += self._local.observe(self._first_attempts(), now)
+            if self._local.try_withdraw(now) is not None:
+                self.granted += 1
+                return True
+            return False
+
+    def spent(self) -> None:
+        """A unit gave up because the budget is spent: count it, and log it (rate-limited)."""
+        with self._lock:
+            self.exhausted += 1
+            now = self._clock()
+            if now - self._last_line < EXHAUSTED_LOG_PERIOD:
+                self._unlogged += 1
+                return
+            self._last_line = now
+            since, self._unlogged = self._unlogged, 0
+        cfg = self.config
+        scope = "fleet-wide through Redis" if self.shared else "in this process"
+        emit(
+            cfg,
+            log_retry,
+            logging.WARNING,
+            "Retry budget exhausted: service=%s retries may add %g of recent first attempts "
+            "(%s) plus %d/s; failing units give up at once with their original error "
+            "(%d more since the last line)",
+            self.service,
+            cfg.retry_budget or 0.0,
+            scope,
+            cfg.retry_budget_floor,
+            since,
+            service=self.service,
+            event="budget_exhausted",
+            ratio=cfg.retry_budget,
+            floor=cfg.retry_budget_floor,
+            shared=self.shared,
+            suppressed=since,
+        )
+
+    @property
+    def shared(self) -> bool:
+        link = self._fleet
+        return link is not None and link.up
+
+    def describe(self) -> dict[str, Any]:
+        """The ``budget`` entry of ``health()``."""
+        with self._lock:
+            now = self._clock()
+            self._pending += self._local.observe(self._first_attempts(), now)
+            deposits, spent = self._local.totals(now)
+            info: dict[str, Any] = {
+                "ratio": self.config.retry_budget,
+                "floor_per_second": self.config.retry_budget_floor,
+                "window_seconds": WINDOW,
+                "scope": "fleet" if self.shared else "process",
+                "first_attempts": round(deposits),
+                "retries": spent,
+                "available": round(self._local.available(now), 1),
+                "granted": self.granted,
+                "exhausted": self.exhausted,
+            }
+        fleet = self._fleet_view
+        if self.shared and fleet:
+            info["fleet"] = dict(fleet)
+            info["available"] = fleet.get("available", info["available"])
+        return info
+
+    def __repr__(self) -> str:
+        return f"<RetryBudget service={self.service!r} ratio={self.config.retry_budget}>"
+
+
+def budget_for(service: str, config: Config) -> RetryBudget | None:
+    """The retry budget of ``service`` (None when ``config`` sets none), made on first use;
+    later calls update its numbers."""
+    if config.retry_budget is None or not config.retry_on:
+        return None
+    with STATE.lock:
+        budget: RetryBudget | None = STATE.budgets.get(service)
+        if budget is None:
+            check_service_room(service, STATE.budgets)
+            budget = STATE.budgets[service] = RetryBudget(service, config)
+            return budget
+    if budget.config != config:
+        budget.apply_config(config)
+    return budget
+
+
+def budgets() -> dict[str, RetryBudget]:
+    """Every retry budget by service name."""
+    with STATE.lock:
+        return dict(STATE.budgets)

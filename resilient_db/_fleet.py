@@ -1,0 +1,675 @@
+"""Breakers and retry budgets shared by every process through Redis (``SELF_HEALING_REDIS_URL``).
+
+What is shared, per service name: the breaker's state, its failure count, the time it opened
+until, the half-open probe reservations, and the retry budget's first attempts and retries.
+Every update is one Lua script run atomically by Redis (``register_script``: EVALSHA, loaded
+again by the client after a Redis restart). Nothing is read, modified and written back from
+Python.
+
+Why not pybreaker's ``CircuitRedisStorage`` (read in pybreaker 1.4): every read of ``state`` is
+a GET, so the success path of every unit would wait for Redis; ``increment_counter`` and the
+``counter`` read that decides to open are two commands, so two processes can both see the
+threshold and both open (each notifying its listeners), or neither; the state is set with a plain
+SET, so a half-open written by one process can overwrite an open written by another; there is no
+probe reservation at all (every process lets its own probe through, N probes for N processes);
+and ``opened_at`` has one-second resolution. So the state lives here, in scripts.
+
+The success path talks to nobody: a process keeps a local view of each shared breaker, updated by
+the answers of its own failure-path scripts and by a pub/sub message that every state change
+publishes (one process opening makes the others fail fast as soon as the message arrives, a
+millisecond or so on one host). The first attempts the retry budget counts are read from the
+process's counters and added to Redis about once a second by a background thread, only when
+there are new ones; retries are spent against Redis on the failure path only.
+
+Redis down, slow or flushed never raises into a unit and never holds it past ``redis_timeout``
+(100 ms by default; every command has it as its socket timeout, and the client's own retries are
+off): the first failed command marks the link down, the breakers and budgets continue on this
+process's own state (kept in step with the fleet's while the link was up, so the fallback starts
+from what the fleet knew), one ``[SELF-HEAL]`` warning naming the Redis (its password masked) is
+logged per :data:`DOWN_LOG_PERIOD`, and the background thread tries again once a second (one
+connection attempt, or one PING while the subscription survived). Once Redis answers, the
+process reads the shared state again and follows it (a flushed or restarted Redis starts
+closed). A Redis that was flushed while up looks like a closed breaker and an empty budget: the
+views follow at the next failure-path answer.
+
+Async units call the same synchronous scripts: they run only on the failure path (after a
+database error, before a backoff of tens of milliseconds at least), a local Redis answers in well
+under a millisecond, and a slow one blocks the event loop for at most ``redis_timeout`` once,
+after which the link is down and no unit calls it until the background thread has seen it
+healthy again. ``redis.asyncio`` would need a second client, connection pool and script set per
+event loop for the same few failure-path commands.
+
+The background thread is a daemon, stops on ``reset_state()`` and at interpreter exit, and is
+fork-safe: a child process (gunicorn forks its workers after import) gets new locks, a new client
+and its own thread, and starts on its local state until it has synced with Redis.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import logging
+import math
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ._config import Config, mask_url
+from ._errors import ConfigError
+from ._observability import emit, log_breaker
+from ._state import STATE
+
+__all__ = ["CHANNEL", "FleetDown", "FleetLink", "link_for", "links"]
+
+PREFIX = "resilient_db"
+#: the pub/sub channel every breaker state change is published on
+CHANNEL = f"{PREFIX}:breakers"
+#: at most one "Redis unavailable" warning per link in this many seconds
+DOWN_LOG_PERIOD = 60.0
+#: seconds between attempts to reach a Redis that is down (one connection attempt or PING each)
+RECONNECT_INTERVAL = 1.0
+#: seconds between flushes of new first attempts to the fleet's budget (only when there are some)
+FLUSH_INTERVAL = 1.0
+#: how long the background thread waits for a pub/sub message before looking at its other work
+_TICK = 0.2
+#: a half-open probe reservation not reported back within max(reset timeout, this) is forgotten
+#: (its process died): the slot is given to another probe
+PROBE_LEASE_MIN = 10.0
+#: failures counted while closed expire this long after the last one (at least the reset timeout)
+FAILURE_MEMORY_MIN = 10.0
+
+_log = logging.getLogger("resilient_db.fleet")
+
+
+class FleetDown(Exception):
+    """Redis did not answer (or the link is down): the caller uses its local state."""
+
+
+# -- the scripts (Lua, run atomically by Redis) ---------------------------------------------------
+# Times are Redis's own (TIME), so processes on hosts with different clocks agree; remaining open
+# times travel as seconds from now. ``gen`` orders the changes of one breaker: microseconds of
+# Redis time, strictly increasing (a flushed Redis starts again from 0, "no state yet").
+_COMMON = """
+local function now_s()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local function next_gen(now, old)
+  local g = math.floor(now * 1000000)
+  if g <= old then g = old + 1 end
+  return g
+end
+local function gstr(g) return string.format('%.0f', g) end
+local function publish(st, remaining, gen, opens)
+  redis.call('PUBLISH', ARGV[1], cjson.encode(
+    {s = ARGV[2], b = ARGV[3], st = st, r = tostring(remaining), g = gstr(gen), o = opens}))
+end
+"""
+
+# KEYS: breaker hash, failure counter. ARGV: channel, service, threshold, reset timeout (s),
+# failure memory (ms). -> {state, remaining, gen, failures, opens, opened by this call}
+_FAILURE = (
+    _COMMON
+    + """
+local now = now_s()
+local h = redis.call('HMGET', KEYS[1], 'st', 'until', 'gen', 'opens')
+local st = h[1] or 'closed'
+local gen = tonumber(h[3]) or 0
+local opens = tonumber(h[4]) or 0
+local reset = tonumber(ARGV[5])
+local function open()
+  gen = next_gen(now, gen)
+  opens = opens + 1
+  redis.call('HSET', KEYS[1], 'st', 'open', 'until', tostring(now + reset), 'gen', gstr(gen),
+             'opens', opens, 'probes', 0, 'ok', 0)
+  redis.call('DEL', KEYS[2])
+  publish('open', reset, gen, opens)
+  return {'open', tostring(reset), gstr(gen), 0, opens, 1}
+end
+if st == 'half-open' then return open() end
+if st == 'open' then
+  return {'open', tostring((tonumber(h[2]) or now) - now), gstr(gen), 0, opens, 0}
+end
+local n = redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[6])
+if n >= tonumber(ARGV[4]) then return open() end
+return {'closed', '0', gstr(gen), n, opens, 0}
+"""
+)
+
+# KEYS: breaker hash. ARGV: channel, service, probes, lease (s).
+# -> {decision (probe|closed|open|full), remaining, gen, opens}
+_ADMIT = (
+    _COMMON
+    + """
+local now = now_s()
+local h = redis.call('HMGET', KEYS[1], 'st', 'until', 'gen', 'opens', 'probes', 'hos')
+local st = h[1] or 'closed'
+local gen = tonumber(h[3]) or 0
+local opens = tonumber(h[4]) or 0
+if st == 'closed' then return {'closed', '0', gstr(gen), opens} end
+if st == 'open' then
+  local untl = tonumber(h[2]) or now
+  if now < untl then return {'open', tostring(untl - now), gstr(gen), opens} end
+  gen = next_gen(now, gen)
+  redis.call('HSET', KEYS[1], 'st', 'half-open', 'hos', tostring(now), 'probes', 1, 'ok', 0,
+             'gen', gstr(gen))
+  publish('half-open', 0, gen, opens)
+  return {'probe', '0', gstr(gen), opens}
+end
+local probes = tonumber(h[5]) or 0
+if now - (tonumber(h[6]) or now) > tonumber(ARGV[5]) then
+  probes = 0
+  redis.call('HSET', KEYS[1], 'hos', tostring(now))
+end
+if probes < tonumber(ARGV[4]) then
+  redis.call('HSET', KEYS[1], 'probes', probes + 1)
+  return {'probe', '0', gstr(gen), opens}
+end
+return {'full', '0', gstr(gen), opens}
+"""
+)
+
+# KEYS: breaker hash, failure counter. ARGV: channel, service, probes needed to close,
+# 1 = the probe succeeded / 0 = it ended neither way (its slot is released).
+# -> {state, remaining, gen, opens}
+_PROBE_DONE = (
+    _COMMON
+    + """
+local now = now_s()
+local h = redis.call('HMGET', KEYS[1], 'st', 'until', 'gen', 'opens', 'probes', 'ok')
+local st = h[1] or 'closed'
+local gen = tonumber(h[3]) or 0
+local opens = tonumber(h[4]) or 0
+if st == 'open' then
+  return {'open', tostring((tonumber(h[2]) or now) - now), gstr(gen), opens}
+end
+if st ~= 'half-open' then return {st, '0', gstr(gen), opens} end
+local probes = math.max(0, (tonumber(h[5]) or 0) - 1)
+if ARGV[5] == '1' then
+  local ok = (tonumber(h[6]) or 0) + 1
+  if ok >= tonumber(ARGV[4]) then
+    gen = next_gen(now, gen)
+    redis.call('HSET', KEYS[1], 'st', 'closed', 'probes', 0, 'ok', 0, 'gen', gstr(gen))
+    redis.call('DEL', KEYS[2])
+    publish('closed', 0, gen, opens)
+    return {'closed', '0', gstr(gen), opens}
+  end
+  redis.call('HSET', KEYS[1], 'probes', probes, 'ok', ok)
+else
+  redis.call('HSET', KEYS[1], 'probes', probes)
+end
+return {'half-open', '0', gstr(gen), opens}
+"""
+)
+
+# KEYS: breaker hash, failure counter. ARGV: channel, service, state to force ('' = read only),
+# reset timeout (s). -> {state, remaining, gen, opens}
+_FORCE = (
+    _COMMON
+    + """
+local now = now_s()
+local h = redis.call('HMGET', KEYS[1], 'st', 'until', 'gen', 'opens')
+local st = h[1] or 'closed'
+local gen = tonumber(h[3]) or 0
+local opens = tonumber(h[4]) or 0
+local want = ARGV[4]
+if want == '' then
+  if st == 'open' then
+    return {'open', tostring((tonumber(h[2]) or now) - now), gstr(gen), opens}
+  end
+  return {st, '0', gstr(gen), opens}
+end
+gen = next_gen(now, gen)
+local reset = tonumber(ARGV[5])
+if want == 'open' then
+  opens = opens + 1
+  redis.call('HSET', KEYS[1], 'st', 'open', 'until', tostring(now + reset), 'gen', gstr(gen),
+             'opens', opens, 'probes', 0, 'ok', 0)
+else
+  redis.call('HSET', KEYS[1], 'st', 'closed', 'gen', gstr(gen), 'probes', 0, 'ok', 0)
+  reset = 0
+end
+redis.call('DEL', KEYS[2])
+publish(want, reset, gen, opens)
+return {want, tostring(reset), gstr(gen), opens}
+"""
+)
+
+# KEYS: budget hash. ARGV: new first attempts, ratio, floor (retries/s), window (s),
+# 1 = spend one retry / 0 = only count.
+# -> {paid by ('ratio' | 'floor' | ''), first attempts in window, retries in window, floor tokens}
+_BUDGET = (
+    _COMMON
+    + """
+local now = now_s()
+local sec = math.floor(now)
+local window = tonumber(ARGV[4])
+local pending = tonumber(ARGV[1])
+if pending > 0 then redis.call('HINCRBY', KEYS[1], 'd' .. sec, pending) end
+local all = redis.call('HGETALL', KEYS[1])
+local deposits, spent, tokens, ts = 0, 0, nil, nil
+for i = 1, #all, 2 do
+  local f, v = all[i], all[i + 1]
+  local kind = string.sub(f, 1, 1)
+  if f == 'ft' then tokens = tonumber(v)
+  elseif f == 'fts' then ts = tonumber(v)
+  elseif kind == 'd' or kind == 'w' then
+    local s = tonumber(string.sub(f, 2))
+    if s == nil or s <= sec - window then redis.call('HDEL', KEYS[1], f)
+    elseif kind == 'd' then deposits = deposits + tonumber(v)
+    else spent = spent + tonumber(v) end
+  end
+end
+local floor = tonumber(ARGV[3])
+if tokens == nil or ts == nil then tokens, ts = floor, now end
+tokens = math.min(floor, tokens + math.max(0, now - ts) * floor)
+local paid = ''
+if ARGV[5] == '1' then
+  if tonumber(ARGV[2]) * deposits - spent >= 1 then
+    redis.call('HINCRBY', KEYS[1], 'w' .. sec, 1)
+    spent = spent + 1
+    paid = 'ratio'
+  elseif tokens >= 1 then
+    tokens = tokens - 1
+    paid = 'floor'
+  end
+end
+redis.call('HSET', KEYS[1], 'ft', tostring(tokens), 'fts', tostring(now))
+redis.call('PEXPIRE', KEYS[1], (window + 60) * 1000)
+return {paid, deposits, spent, tostring(tokens)}
+"""
+)
+
+_SCRIPTS = {
+    "failure": _FAILURE,
+    "admit": _ADMIT,
+    "probe_done": _PROBE_DONE,
+    "force": _FORCE,
+    "budget": _BUDGET,
+}
+
+
+def _keys(service: str) -> tuple[str, str, str]:
+    """The breaker hash, failure counter and budget hash of ``service`` (one hash slot)."""
+    tag = f"{PREFIX}:{{{service}}}"
+    return f"{tag}:breaker", f"{tag}:failures", f"{tag}:budget"
+
+
+def _import_redis() -> Any:
+    try:
+        import redis  # noqa: PLC0415 - optional dependency, needed only with a Redis URL
+        import redis.backoff  # noqa: PLC0415
+        import redis.retry  # noqa: PLC0415
+    except ImportError:
+        raise ConfigError(
+            {
+                "SELF_HEALING_REDIS_URL": "is set, but the redis package is not installed: "
+                "pip install 'resilient-db[redis]'"
+            }
+        ) from None
+    return redis
+
+
+class FleetLink:
+    """The connection of this process to one Redis: scripts, pub/sub and the background thread.
+
+    Breakers and budgets attach by service name. ``up`` is True while Redis answers; the
+    failure-path methods raise :class:`FleetDown` when it does not (after marking it down).
+    """
+
+    def __init__(self, config: Config, *, clock: Callable[[], float] = time.monotonic) -> None:
+        assert config.redis_url is not None
+        self._redis = _import_redis()
+        self.url = config.redis_url
+        self.masked_url = mask_url(config.redis_url)
+        self.config = config
+        self._clock = clock
+        self.up = False
+        self.closed = False
+        self.commands = 0  # commands sent by this process (failure path and background)
+        #: names this process in the messages it causes (its own changes, seen from pub/sub)
+        self.token = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self.breakers: dict[str, Any] = {}
+        self.budgets: dict[str, Any] = {}
+        self._start()
+
+    def _start(self) -> None:
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._down_logged_at = -math.inf
+        self._down_since: float | None = None
+        redis = self._redis
+        timeout = self.config.redis_timeout
+        self._client = redis.Redis.from_url(
+            self.url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            # no client-side retries: one attempt within the timeout, then the local state
+            retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
+            health_check_interval=0,
+        )
+        self._scripts = {name: self._client.register_script(src) for name, src in _SCRIPTS.items()}
+        self._thread = threading.Thread(
+            target=self._run, name=f"resilient_db-redis {self.masked_url}", daemon=True
+        )
+        self._thread.start()
+
+    def __repr__(self) -> str:
+        return f"<FleetLink {self.masked_url} {'up' if self.up else 'down'}>"
+
+    # -- attachments --------------------------------------------------------------------------
+    def attach_breaker(self, service: str, breaker: Any) -> None:
+        with self._lock:
+            self.breakers[service] = breaker
+        if self.up:
+            with contextlib.suppress(FleetDown):
+                breaker.fleet_sync(self.breaker_read(service))
+
+    def detach_breaker(self, service: str, breaker: Any) -> None:
+        with self._lock:
+            if self.breakers.get(service) is breaker:
+                del self.breakers[service]
+
+    def attach_budget(self, service: str, budget: Any) -> None:
+        with self._lock:
+            self.budgets[service] = budget
+
+    def detach_budget(self, service: str, budget: Any) -> None:
+        with self._lock:
+            if self.budgets.get(service) is budget:
+                del self.budgets[service]
+
+    # -- failure-path calls ------------------------------------------------------------------
+    def _call(
+        self, name: str, keys: list[str], args: list[Any], *, background: bool = False
+    ) -> Any:
+        if background:  # the background thread handles failures itself
+            self.commands += 1
+            return self._scripts[name](keys=keys, args=args)
+        if not self.up:
+            raise FleetDown(self.masked_url)
+        try:
+            self.commands += 1
+            return self._scripts[name](keys=keys, args=args)
+        except Exception as exc:  # any failure of the store: this process decides alone
+            self.mark_down(exc)
+            raise FleetDown(self.masked_url) from exc
+
+    def breaker_failure(
+        self, service: str, threshold: int, reset_timeout: float
+    ) -> tuple[str, float, int, int, int, bool]:
+        cb, fails, _ = _keys(service)
+        memory_ms = round(max(reset_timeout, FAILURE_MEMORY_MIN) * 1000)
+        st, rem, gen, failures, opens, by_me = self._call(
+            "failure",
+            [cb, fails],
+            [CHANNEL, service, self.token, threshold, reset_timeout, memory_ms],
+        )
+        return _s(st), float(rem), int(gen), int(failures), int(opens), bool(by_me)
+
+    def breaker_admit(
+        self, service: str, probes: int, reset_timeout: float
+    ) -> tuple[str, float, int, int]:
+        cb, _, _ = _keys(service)
+        lease = max(reset_timeout, PROBE_LEASE_MIN)
+        decision, rem, gen, opens = self._call(
+            "admit", [cb], [CHANNEL, service, self.token, probes, lease]
+        )
+        return _s(decision), float(rem), int(gen), int(opens)
+
+    def breaker_probe_done(
+        self, service: str, needed: int, *, success: bool
+    ) -> tuple[str, float, int, int]:
+        cb, fails, _ = _keys(service)
+        st, rem, gen, opens = self._call(
+            "probe_done", [cb, fails], [CHANNEL, service, self.token, needed, 1 if success else 0]
+        )
+        return _s(st), float(rem), int(gen), int(opens)
+
+    def breaker_force(
+        self, service: str, state: str, reset_timeout: float, *, background: bool = False
+    ) -> tuple[str, float, int, int]:
+        """Set the shared state to ``state`` (``""``: only read it)."""
+        cb, fails, _ = _keys(service)
+        st, rem, gen, opens = self._call(
+            "force",
+            [cb, fails],
+            [CHANNEL, service, self.token, state, reset_timeout],
+            background=background,
+        )
+        return _s(st), float(rem), int(gen), int(opens)
+
+    def breaker_read(
+        self, service: str, *, background: bool = False
+    ) -> tuple[str, float, int, int]:
+        return self.breaker_force(service, "", 0, background=background)
+
+    def breaker_reset_failures(self, service: str) -> None:
+        _, fails, _ = _keys(service)
+        if not self.up:
+            raise FleetDown(self.masked_url)
+        try:
+            self.commands += 1
+            self._client.delete(fails)
+        except Exception as exc:
+            self.mark_down(exc)
+            raise FleetDown(self.masked_url) from exc
+
+    def budget_withdraw(self, budget: Any, pending: int) -> str | None:
+        """Spend one retry of ``budget`` fleet-wide, adding its ``pending`` first attempts.
+        ``"ratio"``/``"floor"``: granted; ``""``: spent; None: Redis did not answer."""
+        try:
+            answer = self._budget_call(budget, pending, spend=True)
+        except FleetDown:
+            return None
+        return _s(answer[0])
+
+    def _budget_call(self, budget: Any, pending: int, *, spend: bool) -> Any:
+        _, _, key = _keys(budget.service)
+        cfg = budget.config
+        from ._budget import WINDOW  # noqa: PLC0415 - the budget module imports this one
+
+        answer = self._call(
+            "budget",
+            [key],
+            [pending, cfg.retry_budget or 0.0, cfg.retry_budget_floor, WINDOW, 1 if spend else 0],
+        )
+        ratio = cfg.retry_budget or 0.0
+        deposits, spent, tokens = int(answer[1]), int(answer[2]), float(answer[3])
+        budget.fleet_figures(
+            {
+                "first_attempts": deposits,
+                "retries": spent,
+                "floor_tokens": round(tokens, 1),
+                "available": round(max(0.0, ratio * deposits - spent) + tokens, 1),
+            }
+        )
+        return answer
+
+    # -- up and down -------------------------------------------------------------------------
+    def mark_down(self, exc: BaseException) -> None:
+        with self._lock:
+            self.up = False
+            now = self._clock()
+            if self._down_since is None:
+                self._down_since = now
+            if now - self._down_logged_at < DOWN_LOG_PERIOD:
+                return
+            self._down_logged_at = now
+        emit(
+            self.config,
+            log_breaker,
+            logging.WARNING,
+            "Shared state unavailable: Redis at %s did not answer (%s); circuit breakers and "
+            "retry budgets run on this process's own state until it answers again",
+            self.masked_url,
+            type(exc).__name__,
+            event="shared_state_down",
+            redis=self.masked_url,
+            error=type(exc).__name__,
+        )
+
+    def _mark_up(self) -> None:
+        with self._lock:
+            was_down = self._down_since is not None and self._down_logged_at > -math.inf
+            self._down_since = None
+            self.up = True
+        if was_down:
+            emit(
+                self.config,
+                log_breaker,
+                logging.INFO,
+                "Shared state restored: Redis at %s answers again; circuit breakers and retry "
+                "budgets are shared with the other processes again",
+                self.masked_url,
+                event="shared_state_restored",
+                redis=self.masked_url,
+            )
+
+    # -- the background thread ---------------------------------------------------------------
+    def _run(self) -> None:
+        pubsub: Any = None
+        next_flush = 0.0
+        stop = self._stop
+        while not stop.is_set():
+            try:
+                if pubsub is None:
+                    pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+                    self.commands += 1
+                    pubsub.subscribe(CHANNEL)
+                    self._resync()
+                    self._mark_up()
+                elif not self.up:
+                    # a failure-path command failed while the subscription lived: Redis slow
+                    self.commands += 1
+                    self._client.ping()
+                    self._resync()
+                    self._mark_up()
+                message = pubsub.get_message(timeout=_TICK)
+                while message is not None and not stop.is_set():
+                    self._on_message(message)
+                    message = pubsub.get_message(timeout=0.0)
+                now = self._clock()
+                if now >= next_flush:
+                    next_flush = now + FLUSH_INTERVAL
+                    self._flush_budgets()
+            except Exception as exc:
+                if stop.is_set():
+                    break
+                self.mark_down(exc)
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        pubsub.close()
+                    pubsub = None
+                stop.wait(RECONNECT_INTERVAL)
+        if pubsub is not None:
+            with contextlib.suppress(Exception):
+                pubsub.close()
+
+    def _resync(self) -> None:
+        """Read every attached breaker's shared state (on connecting: messages may be lost)."""
+        with self._lock:
+            breakers = list(self.breakers.items())
+        for service, breaker in breakers:
+            breaker.fleet_sync(self.breaker_read(service, background=True))
+
+    def _on_message(self, message: Any) -> None:
+        try:
+            data = json.loads(message["data"])
+            service = str(data["s"])
+            update = (str(data["st"]), float(data["r"]), int(data["g"]), int(data["o"]))
+            mine = data.get("b") == self.token
+        except (KeyError, TypeError, ValueError):
+            _log.debug("ignoring a message on %s that is not ours", CHANNEL)
+            return
+        breaker = self.breakers.get(service)
+        if breaker is not None:
+            breaker.fleet_update(*update, mine=mine)
+
+    def _flush_budgets(self) -> None:
+        """Add the first attempts seen since the last flush to the fleet's budgets (one script
+        per budget with new ones; none when there are none)."""
+        if not self.up:
+            return
+        with self._lock:
+            budgets = list(self.budgets.values())
+        for budget in budgets:
+            pending = budget.take_pending()
+            if pending <= 0:
+                continue
+            try:
+                self._budget_call(budget, pending, spend=False)
+            except FleetDown:
+                budget.give_back(pending)
+                return
+
+    # -- stopping ------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the background thread and drop the connections (``reset_state``, exit)."""
+        self.closed = True
+        self.up = False
+        self._stop.set()
+        thread = self._thread
+        if thread.is_alive() and thread is not threading.current_thread():
+            thread.join(timeout=2 * _TICK + self.config.redis_timeout + 0.5)
+        with contextlib.suppress(Exception):
+            self._client.close()
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child: the parent's thread does not exist here and its locks may be held;
+        start over with new ones (the parent's sockets are left alone: redis-py opens new
+        connections in a new process)."""
+        if self.closed:
+            return
+        self.up = False
+        self.token = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self._start()
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def link_for(config: Config) -> FleetLink:
+    """The link of this process to ``config.redis_url`` (made, and its thread started, on first
+    use). Raises :class:`ConfigError` when the redis package is missing."""
+    url = config.redis_url
+    assert url is not None
+    with STATE.lock:
+        link: FleetLink | None = STATE.fleet_links.get(url)
+        if link is None or link.closed:
+            link = STATE.fleet_links[url] = FleetLink(config)
+        elif link.config != config:
+            link.config = config
+        return link
+
+
+def links() -> dict[str, FleetLink]:
+    """Every live link, by masked URL."""
+    with STATE.lock:
+        return {link.masked_url: link for link in STATE.fleet_links.values()}
+
+
+def close_links() -> None:
+    with STATE.lock:
+        found = list(STATE.fleet_links.values())
+        STATE.fleet_links.clear()
+    for link in found:
+        link.close()
+
+
+def _after_fork_in_child() -> None:
+    for link in list(STATE.fleet_links.values()):
+        for owner in (*link.breakers.values(), *link.budgets.values()):
+            owner._lock = threading.Lock()  # held by a thread of the parent, maybe
+        link._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(close_links)

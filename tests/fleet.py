@@ -1,0 +1,181 @@
+"""A fleet of worker processes (``fleet_worker.py``) on one service, and the database gate
+their units pass through: tests switch the database "down" (every unit fails with SQLSTATE
+57P03, as a server refusing connections says), make units wait on an advisory lock the test
+holds, and count every unit that reached the server (a sequence: it survives rollbacks)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+WORKER = Path(__file__).with_name("fleet_worker.py")
+HOLD_LOCK = 4242
+
+GATE_DDL = (
+    "CREATE TABLE rdb_gate_state"
+    " (id int PRIMARY KEY, down boolean NOT NULL, hold boolean NOT NULL)",
+    "INSERT INTO rdb_gate_state VALUES (1, false, false)",
+    "CREATE SEQUENCE rdb_gate_calls",
+    f"""
+    CREATE FUNCTION rdb_gate() RETURNS int LANGUAGE plpgsql AS $$
+    DECLARE
+        gate rdb_gate_state;
+    BEGIN
+        PERFORM nextval('rdb_gate_calls');
+        SELECT * INTO gate FROM rdb_gate_state WHERE id = 1;
+        IF gate.hold THEN
+            PERFORM pg_advisory_xact_lock_shared({HOLD_LOCK});
+        END IF;
+        IF gate.down THEN
+            RAISE EXCEPTION 'the database is down for this test' USING ERRCODE = '57P03';
+        END IF;
+        RETURN 1;
+    END $$
+    """,
+)
+
+
+class Gate:
+    """The gate of one database (``url``: SQLAlchemy URL straight to the server)."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+        with self.engine.connect() as conn:
+            for statement in GATE_DDL:
+                conn.execute(sa.text(statement))
+
+    def set(self, *, down: bool | None = None, hold: bool | None = None) -> None:
+        with self.engine.connect() as conn:
+            if down is not None:
+                conn.execute(sa.text("UPDATE rdb_gate_state SET down = :d"), {"d": down})
+            if hold is not None:
+                conn.execute(sa.text("UPDATE rdb_gate_state SET hold = :h"), {"h": hold})
+
+    def calls(self) -> int:
+        """Units that reached the server so far."""
+        with self.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    sa.text(
+                        "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM rdb_gate_calls"
+                    )
+                ).scalar_one()
+            )
+
+    def waiting_on_hold(self) -> int:
+        """Backends waiting for the hold lock right now."""
+        with self.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    sa.text(
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                        "AND objid = :k AND NOT granted"
+                    ),
+                    {"k": HOLD_LOCK},
+                ).scalar_one()
+            )
+
+    @contextmanager
+    def holding(self) -> Iterator[None]:
+        """Hold the lock that units wait on while ``hold`` is set."""
+        with self.engine.connect() as conn:
+            conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": HOLD_LOCK})
+            try:
+                yield
+            finally:
+                conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": HOLD_LOCK})
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+class WorkerProcess:
+    """One worker; :meth:`ask` sends a command and returns its answer."""
+
+    def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(WORKER)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env=dict(env),
+            text=True,
+            bufsize=1,
+        )
+        ready = self._read()
+        assert "ready" in ready, ready
+        self.pid = int(ready["ready"])
+
+    def _read(self) -> Any:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker exited; its log:\n{self.log()}")
+        answer = json.loads(line)
+        if isinstance(answer, dict) and "exception" in answer:
+            raise RuntimeError(f"worker failed: {answer['exception']}\n{self.log()}")
+        return answer
+
+    def ask(self, op: str, **args: Any) -> Any:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"op": op, **args}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def self_heal_lines(self, text: str) -> list[str]:
+        return [line for line in self.log().splitlines() if "[SELF-HEAL]" in line and text in line]
+
+    def close(self) -> None:
+        proc = self.proc
+        try:
+            if proc.poll() is None:
+                assert proc.stdin is not None
+                proc.stdin.write(json.dumps({"op": "exit"}) + "\n")
+                proc.stdin.flush()
+                proc.wait(timeout=10)
+        except Exception:
+            proc.kill()
+            proc.wait(timeout=10)
+        finally:
+            for pipe in (proc.stdin, proc.stdout):
+                if pipe is not None:
+                    with contextlib.suppress(OSError):
+                        pipe.close()
+            self._log.close()
+
+
+@contextmanager
+def fleet(
+    n: int, db_url: str, settings: Mapping[str, str], tmp_path: Path, *, service: str = "fleet"
+) -> Iterator[list[WorkerProcess]]:
+    """``n`` worker processes on ``service`` with ``settings`` (``SELF_HEALING_*``)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SELF_HEALING_")}
+    env.update(settings)
+    env["RDB_WORKER_DB_URL"] = db_url
+    env["RDB_WORKER_SERVICE"] = service
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")]
+    )
+    workers: list[WorkerProcess] = []
+    try:
+        for i in range(n):
+            workers.append(WorkerProcess(env, tmp_path / f"worker{i}.log"))
+        yield workers
+    finally:
+        for worker in workers:
+            worker.close()

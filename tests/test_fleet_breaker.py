@@ -1,0 +1,196 @@
+"""The circuit breaker shared by several OS processes through a real Redis
+(``SELF_HEALING_REDIS_URL``), against a real PostgreSQL: one process opens it and the others
+reject without reaching the server; half-open lets the configured number of probes through
+fleet-wide; Redis killed mid-workload, then back."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fleet import Gate, fleet
+
+from resilient_db.testing import FaultProxy, PostgresServer, RedisServer
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def gate(pg_url: str) -> Iterator[Gate]:
+    g = Gate(pg_url)
+    yield g
+    g.close()
+
+
+def settings(redis: RedisServer, **more: str) -> dict[str, str]:
+    base = {
+        "SELF_HEALING_REDIS_URL": redis.url,
+        "SELF_HEALING_RETRY": "false",  # one attempt per unit: counts are exact
+        "SELF_HEALING_FAILURE_THRESHOLD": "3",
+        "SELF_HEALING_RESET_TIMEOUT": "60000",
+    }
+    base.update(more)
+    return base
+
+
+def total(answers: list[dict[str, object]], key: str) -> int:
+    return sum(int(a[key]) for a in answers)  # type: ignore[call-overload]
+
+
+def test_one_process_opens_the_circuit_and_the_others_reject_without_the_database(
+    redis_server: RedisServer,
+    fault_proxy: FaultProxy,
+    pg_database: str,
+    gate: Gate,
+    tmp_path: Path,
+) -> None:
+    with fleet(3, fault_proxy.url(pg_database), settings(redis_server), tmp_path) as workers:
+        for w in workers:
+            assert w.ask("wait", what="connected", timeout=20)["ok"], w.log()
+        first, *others = workers
+        assert first.ask("run", n=2) == {"ok": 2, "open": 0, "errors": {}}
+
+        gate.set(down=True)
+        # two failures here, one there: the count is fleet-wide, the third failure opens
+        assert first.ask("run", n=2)["errors"] == {"57P03": 2}
+        assert others[0].ask("run", n=1)["errors"] == {"57P03": 1}
+        for w in workers:
+            assert w.ask("wait", what="open", timeout=10)["ok"], w.log()
+
+        calls, connections = gate.calls(), fault_proxy.connections_accepted
+        for w in workers:
+            assert w.ask("run", n=5) == {"ok": 0, "open": 5, "errors": {}}
+        # 15 units rejected, none reached PostgreSQL (nor even opened a connection)
+        assert gate.calls() == calls
+        assert fault_proxy.connections_accepted == connections
+
+        health = first.ask("health")["services"]["fleet"]["breaker"]
+        assert health["state"] == "open"
+        assert health["shared"]["connected"] is True
+        assert health["shared"]["fleet_opens"] == 1
+        assert redis_server.password is None or redis_server.password not in str(health)
+        openers = [
+            w
+            for w in workers
+            if w.ask("health")["services"]["fleet"]["breaker"]["shared"]["opened_here"]
+        ]
+        assert openers == [others[0]]  # the process whose failure was the third
+        assert len(others[0].self_heal_lines("consecutive failures across the fleet")) == 1
+        assert len(first.self_heal_lines("another process's failures")) == 1
+
+
+def test_half_open_admits_the_configured_probes_across_processes(
+    redis_server: RedisServer, pg_url: str, gate: Gate, tmp_path: Path
+) -> None:
+    reset = 0.3
+    config = settings(
+        redis_server,
+        SELF_HEALING_RESET_TIMEOUT=str(round(reset * 1000)),
+        SELF_HEALING_HALF_OPEN_PROBES="2",
+    )
+    with fleet(3, pg_url, config, tmp_path) as workers:
+        for w in workers:
+            assert w.ask("wait", what="connected", timeout=20)["ok"], w.log()
+        gate.set(down=True)
+        assert workers[0].ask("run", n=3)["errors"] == {"57P03": 3}
+        for w in workers:
+            assert w.ask("wait", what="open", timeout=10)["ok"]
+
+        # the database is back, but every unit that reaches it waits for the test's lock
+        gate.set(down=False, hold=True)
+        with gate.holding():
+            time.sleep(reset)  # the breaker's own open period (not a backoff): 0.3 s
+            for w in workers:
+                assert w.ask("start", n=4) == {"started": 4}
+            # 12 units at once in 3 processes: 2 probes wait on the lock, 10 were rejected
+            for _ in range(2000):
+                progress = [w.ask("progress") for w in workers]
+                if total(progress, "done") == 10 and gate.waiting_on_hold() == 2:
+                    break
+                time.sleep(0.005)
+            assert total(progress, "open") == 10, progress
+            assert gate.waiting_on_hold() == 2
+        gate.set(hold=False)
+        for _ in range(2000):
+            progress = [w.ask("progress") for w in workers]
+            if total(progress, "done") == 12:
+                break
+            time.sleep(0.005)
+        assert total(progress, "ok") == 2, progress  # exactly the two probes ran
+        assert total(progress, "open") == 10
+        # both probes succeeded: closed for every process
+        for w in workers:
+            assert w.ask("wait", what="closed", timeout=10)["ok"]
+            assert w.ask("run", n=1)["ok"] == 1
+
+
+def test_redis_killed_mid_workload_then_back(
+    redis_server: RedisServer, pg_url: str, gate: Gate, tmp_path: Path
+) -> None:
+    with fleet(2, pg_url, settings(redis_server), tmp_path) as workers:
+        a, b = workers
+        for w in workers:
+            assert w.ask("wait", what="connected", timeout=20)["ok"], w.log()
+            w.ask("loop_start")
+
+        redis_server.kill()
+        for w in workers:
+            assert w.ask("wait", what="disconnected", timeout=10)["ok"]
+        # units keep running on local state: wait for 20 more successes in each process
+        for w in workers:
+            before = w.ask("loop_stats")["ok"]
+            for _ in range(2000):
+                now = w.ask("loop_stats")
+                if now["ok"] >= before + 20:
+                    break
+                time.sleep(0.005)
+            assert now["ok"] >= before + 20
+            assert now["errors"] == {}
+            assert now["open"] == 0
+            stats = w.ask("loop_stop")
+            assert stats["errors"] == {}
+        # one warning per process naming the Redis (reconnection attempts don't repeat it)
+        for w in workers:
+            lines = w.self_heal_lines("Shared state unavailable")
+            assert len(lines) == 1, w.log()
+            assert f"127.0.0.1:{redis_server.port}" in lines[0]
+
+        # without Redis each process has its own breaker: a's failures open a's only
+        gate.set(down=True)
+        assert a.ask("run", n=3)["errors"] == {"57P03": 3}
+        assert a.ask("run", n=1)["open"] == 1
+        assert b.ask("run", n=1)["errors"] == {"57P03": 1}
+
+        redis_server.start()  # same port
+        for w in workers:
+            assert w.ask("wait", what="connected", timeout=10)["ok"], w.log()
+            assert len(w.self_heal_lines("Shared state restored")) == 1
+        # shared again: the restarted Redis has no state, so both follow it (closed) ...
+        for w in workers:
+            assert w.ask("wait", what="closed", timeout=10)["ok"]
+        # ... and b's failures now open the circuit for a too
+        calls = gate.calls()
+        assert b.ask("run", n=3)["errors"] == {"57P03": 3}
+        assert a.ask("wait", what="open", timeout=10)["ok"]
+        assert a.ask("run", n=2)["open"] == 2
+        assert gate.calls() == calls + 3
+
+
+def test_shared_breaker_health_never_shows_the_password(
+    pg_server: PostgresServer, pg_url: str, tmp_path: Path
+) -> None:
+    with (
+        RedisServer(password="s3cret-pw") as redis,
+        fleet(1, pg_url, settings(redis), tmp_path) as (worker,),
+    ):
+        assert worker.ask("wait", what="connected", timeout=20)["ok"], worker.log()
+        health = worker.ask("health")
+        shared = health["services"]["fleet"]["breaker"]["shared"]
+        assert shared["redis"] == f"redis://***@127.0.0.1:{redis.port}/0"
+        assert "s3cret-pw" not in str(health)
+        redis.kill()
+        assert worker.ask("wait", what="disconnected", timeout=10)["ok"]
+        assert "s3cret-pw" not in worker.log()
+        assert worker.self_heal_lines("redis://***@127.0.0.1")
