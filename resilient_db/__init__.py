@@ -15,6 +15,7 @@ from ._classify import Classifier, Outcome, classify, is_transient, sqlstate_of
 from ._commit import install_commit_markers, uninstall_commit_markers
 from ._config import Config, load_config, reload_config
 from ._errors import (
+    BypassRefusedError,
     CircuitOpenError,
     CommitOutcomeUnknownError,
     ConfigError,
@@ -30,6 +31,7 @@ from ._state import reset_state
 from ._wrapper import with_self_healing
 from .transitions import (
     ANY_STATE,
+    BYPASS_ROLE,
     BYPASS_SETTING,
     TRANSITION_SQLSTATE,
     TransitionRules,
@@ -54,9 +56,11 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
 
 __all__ = [
     "ANY_STATE",
+    "BYPASS_ROLE",
     "BYPASS_SETTING",
     "TRANSITION_SQLSTATE",
     "AsyncResilientSession",
+    "BypassRefusedError",
     "CircuitOpenError",
     "Classifier",
     "CommitOutcomeUnknownError",

@@ -7,6 +7,7 @@ from typing import Any
 from sqlalchemy.orm.exc import StaleDataError
 
 __all__ = [
+    "BypassRefusedError",
     "CircuitOpenError",
     "CommitOutcomeUnknownError",
     "ConfigError",
@@ -147,6 +148,25 @@ class StaleTransitionError(IllegalTransitionError, StaleDataError):
     carries the loaded state in its WHERE clause, the same check SQLAlchemy makes for a
     ``version_id_col``; code that handles stale rows that way handles this one too.
     """
+
+
+class BypassRefusedError(ResilientDBError, PermissionError):
+    """:func:`~resilient_db.bypass_transitions` was refused: the database role may not bypass
+    the transition guard (it needs to be granted ``resilient_db_bypass``), or that role does not
+    exist. Nothing was bypassed, counted or logged as a bypass; the transaction goes on guarded.
+    ``role`` is the role in effect, ``login_role`` the one that logged in."""
+
+    def __init__(self, message: str, *, role: str = "", login_role: str = "") -> None:
+        self.role = role
+        self.login_role = login_role
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_bypass_refused, (str(self), self.role, self.login_role))
+
+
+def _rebuild_bypass_refused(message: str, role: str, login_role: str) -> BypassRefusedError:
+    return BypassRefusedError(message, role=role, login_role=login_role)
 
 
 def _plain(state: Any) -> Any:

@@ -18,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 from alembic.migration import MigrationContext
 from alembic.operations import Operations
-from scenarios import MoveFirst
+from scenarios import BYPASS_BY_HAND, MoveFirst
 from sqlalchemy import event
 from sqlalchemy.orm import (
     DeclarativeBase,
@@ -245,7 +245,7 @@ class Statements:
 def _add_task(engine: sa.Engine, status: str = "pending", title: str = "t") -> int:
     """Insert a task in any state (setup only: sets the bypass by hand, unlogged)."""
     with engine.begin() as conn:
-        conn.exec_driver_sql("SET LOCAL resilient_db.bypass_transitions = 'on'")
+        conn.exec_driver_sql(BYPASS_BY_HAND)
         table = _table(Task)
         return int(
             conn.execute(

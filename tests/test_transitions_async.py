@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
-from scenarios import MoveFirst
+from scenarios import BYPASS_BY_HAND, MoveFirst
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -118,7 +118,7 @@ def sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
 async def _add_job(engine: AsyncEngine, status: str = "queued") -> int:
     """Insert a job in any state (setup: sets the trigger bypass by hand, unlogged)."""
     async with engine.begin() as conn:
-        await conn.exec_driver_sql("SET LOCAL resilient_db.bypass_transitions = 'on'")
+        await conn.exec_driver_sql(BYPASS_BY_HAND)
         table = _table(Job)
         result = await conn.execute(table.insert().values(status=status).returning(table.c.id))
         return int(result.scalar_one())

@@ -22,6 +22,7 @@ from sqlalchemy.orm import column_property, mapped_column, registry
 from resilient_db import IllegalTransitionError
 from resilient_db.transitions import (
     ANY_STATE,
+    BYPASS_ROLE,
     BYPASS_SETTING,
     TRANSITION_SQLSTATE,
     TransitionRules,
@@ -400,6 +401,28 @@ def test_function_names_fit_63_bytes(schema: str | None, table: str, column: str
 # ------------------------------------------------------------------------------------------------
 
 JOBS_SQL = """\
+DO $rdb$
+BEGIN
+    IF pg_catalog.to_regrole('resilient_db_bypass') IS NULL THEN
+        BEGIN
+            CREATE ROLE "resilient_db_bypass" NOLOGIN;
+            COMMENT ON ROLE "resilient_db_bypass" IS 'resilient_db: roles granted this one \
+may bypass the status-transition triggers, one transaction at a time, through resilient_db \
+bypass_transitions()';
+        EXCEPTION
+            WHEN duplicate_object OR unique_violation THEN
+                NULL;
+            WHEN insufficient_privilege THEN
+                RAISE WARNING USING
+                    MESSAGE = 'role resilient_db_bypass does not exist and this role may not \
+create it: the transition triggers are installed, and refuse every bypass until it exists',
+                    HINT = 'Run CREATE ROLE resilient_db_bypass NOLOGIN as a role with \
+CREATEROLE';
+        END;
+    END IF;
+END
+$rdb$;
+
 CREATE OR REPLACE FUNCTION "rdb_transition_jobs_state_b53b700df013"() RETURNS trigger \
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -408,10 +431,9 @@ DECLARE
     v_from text;
     v_to text := NEW."state"::text;
     v_pk json;
+    v_bypass text;
+    v_role oid;
 BEGIN
-    IF coalesce(current_setting('resilient_db.bypass_transitions', true), '') = 'on' THEN
-        RETURN NEW;
-    END IF;
     IF TG_OP = 'INSERT' THEN
         IF coalesce(v_to IN ('new'), false) THEN
             RETURN NEW;
@@ -423,10 +445,29 @@ BEGIN
             RETURN NEW;
         END IF;
         IF (v_from IS NOT DISTINCT FROM 'new' AND coalesce(v_to IN ('run'), false))
-            OR (v_from IS NOT DISTINCT FROM 'run' AND coalesce(v_to IN ('done', 'new'), false)) THEN
+            OR (v_from IS NOT DISTINCT FROM 'run' AND coalesce(v_to IN ('done', 'new'), \
+false)) THEN
             RETURN NEW;
         END IF;
         v_pk := json_build_object('id', OLD."id");
+    END IF;
+    v_bypass := current_setting('resilient_db.bypass_transitions', true);
+    IF v_bypass <> '' AND v_bypass = pg_current_xact_id()::text THEN
+        v_role := to_regrole('resilient_db_bypass');
+        IF pg_catalog.pg_has_role(current_user, v_role, 'USAGE') AND \
+pg_catalog.pg_has_role(session_user, v_role, 'MEMBER') THEN
+            RETURN NEW;
+        END IF;
+        RAISE EXCEPTION USING
+            ERRCODE = 'insufficient_privilege',
+            MESSAGE = format('transition guard bypass refused: %s',
+                CASE WHEN v_role IS NULL THEN 'role resilient_db_bypass does not exist'
+                     ELSE format('role %s (logged in as %s) may not bypass: it needs to be '
+                                 'granted resilient_db_bypass', quote_ident(current_user),
+                                 quote_ident(session_user)) END),
+            HINT = 'A database administrator grants the bypass with GRANT resilient_db_bypass \
+TO <role> (CREATE ROLE resilient_db_bypass NOLOGIN first if it does not exist); it is then \
+asked for with resilient_db bypass_transitions(), within one transaction';
     END IF;
     RAISE EXCEPTION USING
         ERRCODE = 'RDB01',
@@ -440,13 +481,13 @@ BEGIN
             'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME, 'column', 'state',
             'op', TG_OP, 'from', v_from, 'to', v_to, 'pk', v_pk)::text,
         HINT = 'Allowed moves are declared in the __transitions__ of the model; '
-            'for an audited repair use resilient_db bypass_transitions()';
+            'for an audited repair use resilient_db bypass_transitions()',
+        SCHEMA = TG_TABLE_SCHEMA, TABLE = TG_TABLE_NAME, COLUMN = 'state';
 END
 $rdb$;
 
-COMMENT ON FUNCTION "rdb_transition_jobs_state_b53b700df013"() IS \
-'resilient_db transition guard v1 \
-rules-sha256=78170157fd19a427703aa5a3bf915efdd9c5d8ae04d4abbc0d18d3c0c4a44235';
+COMMENT ON FUNCTION "rdb_transition_jobs_state_b53b700df013"() IS 'resilient_db transition \
+guard v2 rules-sha256=fc2c52a2f75a01c39f195514e7fec7605bfda39dabd8230f05353d3c6d342923';
 
 DROP TRIGGER IF EXISTS "rdb_transition_state_ins" ON "jobs";
 
@@ -486,7 +527,7 @@ def test_the_trigger_script_of_a_simple_machine(mapped: Mapper) -> None:
         'DROP TRIGGER IF EXISTS "rdb_transition_state_ins" ON "jobs";\n\n'
         'DROP TRIGGER IF EXISTS "rdb_transition_state_upd" ON "jobs";\n\n'
         'DROP FUNCTION IF EXISTS "rdb_transition_jobs_state_b53b700df013"();\n\n'
-        + JOBS_SQL[JOBS_SQL.index("DO $rdb$") :]
+        + JOBS_SQL[JOBS_SQL.rindex("DO $rdb$") :]  # the old-named function's drop
     )
     (guard,) = guards_of(model)
     assert len(install_statements(guard)) == 7
@@ -496,6 +537,13 @@ def test_the_trigger_script_of_a_simple_machine(mapped: Mapper) -> None:
     ]
     assert f"ERRCODE = '{TRANSITION_SQLSTATE}'" in JOBS_SQL
     assert f"current_setting('{BYPASS_SETTING}', true)" in JOBS_SQL
+    # the bypass: only a value naming this transaction, only for a role granted BYPASS_ROLE,
+    # looked at only for a move that would be blocked; the role is created first if missing
+    assert JOBS_SQL.startswith(f"DO $rdb$\nBEGIN\n    IF pg_catalog.to_regrole('{BYPASS_ROLE}')")
+    assert "v_bypass <> '' AND v_bypass = pg_current_xact_id()::text" in JOBS_SQL
+    assert "pg_has_role(current_user, v_role, 'USAGE')" in JOBS_SQL
+    assert "pg_has_role(session_user, v_role, 'MEMBER')" in JOBS_SQL
+    assert JOBS_SQL.index("v_bypass :=") > JOBS_SQL.index("v_pk := json_build_object('id', OLD")
 
 
 def test_integer_states_wildcard_and_composite_key(mapped: Mapper) -> None:
@@ -534,7 +582,7 @@ def test_the_stamp_follows_the_database_rules_only(mapped: Mapper) -> None:
     (base,) = guards_of(_jobs(mapped))
     (same,) = guards_of(_jobs(mapped))  # another registry, the same rules
     assert rules_stamp(base) == rules_stamp(same)
-    assert rules_stamp(base).startswith("resilient_db transition guard v1 rules-sha256=")
+    assert rules_stamp(base).startswith("resilient_db transition guard v2 rules-sha256=")
     more = _rules({"new": {"run", "done"}, "run": {"done", "new"}}, {"new"}, "state")
     (changed,) = guards_of(mapped(more, column="state", table="jobs", name="Job"))
     (other_table,) = guards_of(_jobs(mapped, table="jobs_2"))
@@ -628,21 +676,48 @@ def test_diagrams_label_null_and_escape_labels() -> None:
 
 
 class _Diag:
-    def __init__(self, detail: str | None) -> None:
+    def __init__(self, detail: str | None, context: str | None) -> None:
         self.message_detail = detail
+        self.context = context
+
+
+def _context(table: str, column: str, schema: str | None = None, *, where: str = "public") -> str:
+    """The CONTEXT line the server writes for a RAISE in our trigger function."""
+    return f"PL/pgSQL function {where}.{function_name(schema, table, column)}() line 42 at RAISE"
 
 
 class _DriverError(Exception):
-    """What psycopg raises: ``sqlstate`` and ``diag.message_detail``."""
+    """What psycopg raises: ``sqlstate``, ``diag.message_detail`` and ``diag.context``."""
 
-    def __init__(self, sqlstate: str, detail: str | None) -> None:
+    def __init__(self, sqlstate: str, detail: str | None, context: str | None = None) -> None:
         super().__init__("Status transition blocked")
         self.sqlstate = sqlstate
-        self.diag = _Diag(detail)
+        self.diag = _Diag(detail, context)
+
+
+class _AsyncpgError(Exception):
+    """What asyncpg raises: ``sqlstate``, ``detail`` and ``context`` as attributes."""
+
+    def __init__(self, sqlstate: str, detail: str, context: str) -> None:
+        super().__init__("Status transition blocked")
+        self.sqlstate, self.detail, self.context = sqlstate, detail, context
 
 
 def _wrapped(driver: BaseException) -> sa.exc.DBAPIError:
     return sa.exc.DBAPIError("UPDATE ...", {}, driver)
+
+
+DOC_DETAIL = {
+    "resilient_db": "transition",
+    "model": "Doc",
+    "schema": "public",
+    "table": "mapped_docs",
+    "column": "phase",
+    "op": "UPDATE",
+    "from": "review",
+    "to": "draft",
+    "pk": {"id": 7},
+}
 
 
 def test_the_trigger_error_comes_back_with_declared_states(mapped: Mapper) -> None:
@@ -651,33 +726,29 @@ def test_the_trigger_error_comes_back_with_declared_states(mapped: Mapper) -> No
         rules, column="phase", type_=sa.Enum(Phase, name="ph"), table="mapped_docs", name="Doc"
     )
     transition_rules(model)  # compiled: the model is known in this process
-    detail = {
-        "resilient_db": "transition",
-        "model": "Doc",
-        "schema": "public",
-        "table": "mapped_docs",
-        "column": "phase",
-        "op": "UPDATE",
-        "from": "review",
-        "to": "draft",
-        "pk": {"id": 7},
-    }
-    err = exception_from_db(_wrapped(_DriverError(TRANSITION_SQLSTATE, json.dumps(detail))))
-    assert isinstance(err, IllegalTransitionError)
-    assert (err.model, err.pk, err.column, err.via) == ("Doc", 7, "phase", "db")
-    assert (err.from_state, err.to_state) == (Phase.review, Phase.draft)
-    assert err.reason == "blocked by the database trigger"
+    context = _context("mapped_docs", "phase")
+    for driver in (
+        _DriverError(TRANSITION_SQLSTATE, json.dumps(DOC_DETAIL), context),
+        _AsyncpgError(TRANSITION_SQLSTATE, json.dumps(DOC_DETAIL), context),
+    ):
+        err = exception_from_db(_wrapped(driver))
+        assert isinstance(err, IllegalTransitionError)
+        assert (err.model, err.pk, err.column, err.via) == ("Doc", 7, "phase", "db")
+        assert (err.from_state, err.to_state) == (Phase.review, Phase.draft)
+        assert err.reason == "blocked by the database trigger"
 
 
 def test_an_unknown_table_keeps_the_database_text() -> None:
     detail = {
+        "resilient_db": "transition",
+        "schema": "app",
         "table": "elsewhere",
         "column": "st",
         "op": "INSERT",
         "to": "x",
         "pk": {"a": 1, "b": 2},
     }
-    cause = _DriverError(TRANSITION_SQLSTATE, json.dumps(detail))
+    cause = _DriverError(TRANSITION_SQLSTATE, json.dumps(detail), _context("elsewhere", "st"))
     outer = RuntimeError("wrapped")
     outer.__cause__ = cause
     err = exception_from_db(outer)
@@ -690,6 +761,78 @@ def test_an_unknown_table_keeps_the_database_text() -> None:
 def test_other_errors_are_not_mapped() -> None:
     assert exception_from_db(_wrapped(_DriverError("23505", None))) is None
     assert exception_from_db(ValueError("no sqlstate")) is None
-    err = exception_from_db(_wrapped(_DriverError(TRANSITION_SQLSTATE, "not json")))
+    context = _context("mapped_docs", "phase")
+    assert (
+        exception_from_db(_wrapped(_DriverError(TRANSITION_SQLSTATE, "not json", context))) is None
+    )
+
+
+DOC_FN = function_name(None, "mapped_docs", "phase")
+
+
+@pytest.mark.parametrize(
+    ("context", "detail_changes"),
+    [
+        pytest.param(None, {}, id="no context"),
+        pytest.param("PL/pgSQL function inline_code_block line 1 at RAISE", {}, id="DO block"),
+        pytest.param(f"PL/pgSQL function pg_temp_3.{DOC_FN}() line 42 at RAISE", {}, id="temp fn"),
+        pytest.param(
+            f'PL/pgSQL function pg_temp_3."x public.{DOC_FN}() line 1 at"() line 1 at RAISE',
+            {},
+            id="signature hidden in a quoted name",
+        ),
+        pytest.param(_context("mapped_docs", "phase"), {"schema": "pg_temp_3"}, id="temp table"),
+        pytest.param(_context("other", "phase"), {}, id="another table's function"),
+        pytest.param(_context("mapped_docs", "phase"), {"column": "title"}, id="another column"),
+        pytest.param(
+            _context("mapped_docs", "phase", "sales", where="public"),
+            {"schema": "sales"},
+            id="a schema's function outside its schema",
+        ),
+        pytest.param(
+            f"PL/pgSQL function public.{DOC_FN}() line 42 at RETURN", {}, id="not at a RAISE"
+        ),
+        pytest.param(
+            f"SQL function public.{DOC_FN}() statement 1\nPL/pgSQL function x() line 1 at RAISE",
+            {},
+            id="ours not innermost",
+        ),
+        pytest.param(_context("mapped_docs", "phase"), {"resilient_db": None}, id="not our detail"),
+    ],
+)
+def test_a_forged_trigger_error_is_not_ours(
+    context: str | None, detail_changes: dict[str, Any]
+) -> None:
+    """SQLSTATE RDB01 with our JSON detail is not enough: the server-written CONTEXT must name
+    the trigger function of exactly that table and column, in a schema that is not temporary."""
+    detail = json.dumps({**DOC_DETAIL, **detail_changes})
+    assert exception_from_db(_wrapped(_DriverError(TRANSITION_SQLSTATE, detail, context))) is None
+
+
+@pytest.mark.parametrize(
+    ("context", "schema"),
+    [
+        pytest.param(_context("mapped_docs", "phase"), "public", id="in public"),
+        pytest.param(_context("mapped_docs", "phase", where='"My App"'), "public", id="quoted"),
+        pytest.param(
+            _context("mapped_docs", "phase", "sales", where="sales"), "sales", id="model schema"
+        ),
+        pytest.param(
+            f"PL/pgSQL-Funktion public.{DOC_FN}() Zeile 42 bei RAISE\n"
+            "SQL-Anweisung »UPDATE mapped_docs SET phase = 'Draft'«",
+            "public",
+            id="translated, nested",
+        ),
+        pytest.param(
+            f"PL/pgSQL function public.{pg_name('rdb_transition', 'mapped_docs', 'phase')}() "
+            "line 30 at RAISE",
+            "public",
+            id="installed by an earlier release",
+        ),
+    ],
+)
+def test_the_trigger_error_is_recognised_by_its_context(context: str, schema: str) -> None:
+    detail = json.dumps({**DOC_DETAIL, "schema": schema})
+    err = exception_from_db(_wrapped(_DriverError(TRANSITION_SQLSTATE, detail, context)))
     assert err is not None
-    assert (err.model, err.column, err.pk) == ("?", "?", None)
+    assert err.via == "db"

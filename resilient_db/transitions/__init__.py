@@ -53,6 +53,7 @@ from ._rules import (
     transition_rules,
 )
 from ._sql import (
+    BYPASS_ROLE,
     BYPASS_SETTING,
     TRANSITION_SQLSTATE,
     transition_trigger_drop_sql,
@@ -61,6 +62,7 @@ from ._sql import (
 
 __all__ = [
     "ANY_STATE",
+    "BYPASS_ROLE",
     "BYPASS_SETTING",
     "TRANSITION_SQLSTATE",
     "TransitionRules",

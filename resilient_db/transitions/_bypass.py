@@ -14,12 +14,13 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from resilient_db._config import Config
+from resilient_db._errors import BypassRefusedError
 from resilient_db._observability import emit
 from resilient_db._registry import config_of
 from resilient_db._state import STATE
 
 from ._report import count, env_config, logger
-from ._sql import BYPASS_SETTING
+from ._sql import BYPASS_ROLE, BYPASS_STATEMENT
 
 __all__ = ["GUARD_INFO_KEY", "active_config", "bypass_transitions", "bypass_transitions_async"]
 
@@ -58,11 +59,20 @@ def _bypassed(session: Session) -> bool:
 def bypass_transitions(target: Session | Connection, *, reason: str) -> None:
     """Switch the transition guards off for the rest of the current transaction, audited.
 
-    Runs ``SET LOCAL resilient_db.bypass_transitions = 'on'`` (the trigger lets every change
-    through while it is set) and, for a session, disables its flush and bulk-UPDATE guards until
-    the transaction ends. ``reason`` is required and logged. On rollback or commit everything
-    is back to normal. (A bypass set inside a SAVEPOINT that is rolled back ends with the
-    savepoint on the database side; the session guards stay off until the transaction ends.)
+    The database role must be allowed to bypass: granted ``resilient_db_bypass``
+    (:data:`~resilient_db.transitions.BYPASS_ROLE`), both the role in effect and the one that
+    logged in (a superuser always is). Then one statement binds the bypass to the current
+    transaction (``set_config('resilient_db.bypass_transitions', pg_current_xact_id()::text,
+    true)``, which the trigger checks together with the role), and for a session the flush and
+    bulk-UPDATE guards are off until the transaction ends. ``reason`` is required and logged.
+    On rollback or commit everything is back to normal; a later transaction on the same
+    connection is guarded again, whatever the setting says. (A bypass set inside a SAVEPOINT
+    that is rolled back ends with the savepoint on the database side; the session guards stay
+    off until the transaction ends.)
+
+    Raises :class:`~resilient_db.BypassRefusedError` when the role may not bypass (nothing is
+    bypassed or counted; the refusal is logged), ``ValueError`` without a reason or in
+    AUTOCOMMIT mode.
     """
     if not isinstance(reason, str) or not reason.strip():
         raise ValueError("bypass_transitions() needs a reason=, which is logged for the audit")
@@ -84,21 +94,56 @@ def bypass_transitions(target: Session | Connection, *, reason: str) -> None:
             "bypass_transitions() needs a transaction; this connection is in AUTOCOMMIT mode, "
             "where SET LOCAL would have no effect (nothing was bypassed or logged)"
         )
+    row = conn.exec_driver_sql(BYPASS_STATEMENT, execution_options={"no_parameters": True}).one()
+    config = config_of(target) if isinstance(target, Session) else None
+    config = config if config is not None else env_config()
+    if row.bound is None:
+        _refuse(config, row.role_exists, row.acting_role, row.login_role, reason)
     if isinstance(target, Session):
         STATE.bypasses[target] = target.get_transaction()
-    conn.exec_driver_sql(
-        f"SET LOCAL {BYPASS_SETTING} = 'on'", execution_options={"no_parameters": True}
-    )
     count("bypasses")
-    config = config_of(target) if isinstance(target, Session) else None
     emit(
-        config if config is not None else env_config(),
+        config,
         logger,
         logging.WARNING,
         "transition guard bypassed for the current transaction: reason=%s",
         reason,
         event="transition_guard_bypassed",
         reason=reason,
+    )
+
+
+def _refuse(config: Config, role_exists: bool, role: str, login_role: str, reason: str) -> None:
+    if not role_exists:
+        why = (
+            f"role {BYPASS_ROLE} does not exist; a role with CREATEROLE creates it with "
+            f"CREATE ROLE {BYPASS_ROLE} NOLOGIN (installing the transition trigger does, when "
+            f"it may), then grants it with GRANT {BYPASS_ROLE} TO <role>"
+        )
+    else:
+        who = role if role == login_role else f"{role} (logged in as {login_role})"
+        why = (
+            f"role {who} may not bypass the transition guard; an administrator grants it with "
+            f"GRANT {BYPASS_ROLE} TO <role> (the role in effect needs its privileges and the "
+            f"login role its membership)"
+        )
+    emit(
+        config,
+        logger,
+        logging.WARNING,
+        "transition guard bypass refused: role=%s login_role=%s reason=%s",
+        role,
+        login_role,
+        reason,
+        event="transition_guard_bypass_refused",
+        role=role,
+        login_role=login_role,
+        reason=reason,
+    )
+    raise BypassRefusedError(
+        f"bypass_transitions() refused: {why}; nothing was bypassed",
+        role=role,
+        login_role=login_role,
     )
 
 

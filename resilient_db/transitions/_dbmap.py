@@ -1,10 +1,27 @@
 """Mapping the trigger's error back: a database error with SQLSTATE :data:`TRANSITION_SQLSTATE`
-becomes :class:`IllegalTransitionError` (``via="db"``), states given back as the model declares
-them when the model is known in this process. Pure: reads the exception, sends nothing."""
+raised by one of our trigger functions becomes :class:`IllegalTransitionError` (``via="db"``),
+states given back as the model declares them when the model is known in this process. Pure:
+reads the exception, sends nothing.
+
+What is trusted. Any SQL can raise SQLSTATE ``RDB01`` with a copy of our JSON detail (``RAISE
+... USING ERRCODE``, also its ``SCHEMA``/``TABLE``/``COLUMN`` fields), so neither proves anything.
+The error's CONTEXT does: the server writes it, naming the PL/pgSQL function that raised and the
+statement (``PL/pgSQL function public.rdb_transition_tasks_status_<hash>() line 41 at RAISE``),
+schema-qualified because our functions run with ``search_path = pg_catalog, pg_temp``. An error
+is ours when that innermost line names, at a RAISE, the function generated for exactly the
+schema, table and column of the detail (:func:`~._sql.function_name`, or the older name of a
+trigger installed by an earlier release) in a schema that is not temporary, and the detail's table
+is not temporary either. A DO block, a temporary function, or our function attached to a
+temporary table all fail this. Forging it takes CREATE on a non-temporary schema (to define a
+function of that name, or a table using ours) or ownership of our function: what an ordinary
+application role does not have (PostgreSQL 15+ no longer grants CREATE on ``public`` to all).
+It costs nothing on the success path: the check reads the exception only.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,7 +30,7 @@ from resilient_db._errors import IllegalTransitionError
 
 from ._report import report
 from ._rules import guard_for_table
-from ._sql import TRANSITION_SQLSTATE
+from ._sql import TRANSITION_SQLSTATE, function_name, pg_name
 
 __all__ = ["exception_from_db"]
 
@@ -31,45 +48,91 @@ def _error_chain(exc: BaseException) -> Iterator[BaseException]:
         todo += [orig if isinstance(orig, BaseException) else None, item.__cause__]
 
 
-def _sqlstate_detail(exc: BaseException) -> tuple[bool, str | None]:
-    matched = False
-    detail: str | None = None
+class _Diagnostics:
+    """The fields of the first error in the chain carrying our SQLSTATE."""
+
+    def __init__(self) -> None:
+        self.matched = False
+        self.detail: str | None = None
+        self.context: str | None = None
+
+
+def _diagnostics(exc: BaseException) -> _Diagnostics:
+    found = _Diagnostics()
     for item in _error_chain(exc):
         code = getattr(item, "sqlstate", None) or getattr(item, "pgcode", None)
         if code == TRANSITION_SQLSTATE:
-            matched = True
-        if detail is None:
-            diag = getattr(item, "diag", None)
+            found.matched = True
+        diag = getattr(item, "diag", None)  # psycopg: diag.message_detail, diag.context
+        if found.detail is None:
             text = getattr(diag, "message_detail", None) or getattr(item, "detail", None)
             if isinstance(text, str) and text:
-                detail = text
-    return matched, detail
+                found.detail = text
+        if found.context is None:
+            text = getattr(diag, "context", None) or getattr(item, "context", None)  # asyncpg
+            if isinstance(text, str) and text:
+                found.context = text
+    return found
+
+
+# An identifier as format_procedure() writes it: bare, or double-quoted with "" for ".
+_IDENT = r'(?:"(?:[^"]|"")+"|[^\s".()]+)'
+# "PL/pgSQL function <schema>.<name>() line <n> at RAISE": the words are translated with
+# lc_messages, the signature and the statement name ("RAISE") are not. No double quote may
+# stand before or after the signature, so a quoted name can't hide a fake signature inside it.
+_RAISED_BY = re.compile(rf'^[^"]*?\s(?P<schema>{_IDENT})\.(?P<name>{_IDENT})\(\)\s[^"]*\sRAISE$')
+_TEMP_SCHEMA = re.compile(r"pg_(?:toast_)?temp_\d+")
+
+
+def _unquote(ident: str) -> str:
+    return ident[1:-1].replace('""', '"') if ident.startswith('"') else ident
+
+
+def _raised_by_our_trigger(context: str | None, info: dict[str, Any]) -> bool:
+    """Whether the server-written CONTEXT says the trigger function of the detail's table and
+    column raised the error (see the module's doc for what this trusts)."""
+    schema, table, column = info.get("schema"), info.get("table"), info.get("column")
+    if not (context and isinstance(schema, str) and isinstance(table, str)):
+        return False
+    if not isinstance(column, str) or _TEMP_SCHEMA.fullmatch(schema):
+        return False
+    match = _RAISED_BY.match(context.splitlines()[0])
+    if match is None:
+        return False
+    fn_schema, fn_name = _unquote(match["schema"]), _unquote(match["name"])
+    if _TEMP_SCHEMA.fullmatch(fn_schema):
+        return False
+    if fn_name == function_name(schema, table, column):
+        return fn_schema == schema  # a model with a schema: its function lives there
+    # a model without a schema: the function lives in the schema current at install
+    return fn_name in (function_name(None, table, column), pg_name("rdb_transition", table, column))
 
 
 def exception_from_db(
     exc: BaseException, *, log: bool = False, config: Config | None = None
 ) -> IllegalTransitionError | None:
     """Map the trigger's error (SQLSTATE :data:`TRANSITION_SQLSTATE`) to an
-    :class:`IllegalTransitionError` with ``via="db"``; ``None`` for any other error.
+    :class:`IllegalTransitionError` with ``via="db"``; ``None`` for any other error, including
+    one with that SQLSTATE that our trigger did not raise (see the module's doc).
 
     Works on the SQLAlchemy ``DBAPIError`` (or the driver error) of psycopg 3 and asyncpg.
     States are given back as declared on the model when the model is known in this process.
     With ``log=True`` the block is reported and counted like the session guards do (under
     ``config``'s switches; by default the environment's).
     """
-    matched, detail = _sqlstate_detail(exc)
-    if not matched:
+    found = _diagnostics(exc)
+    if not found.matched or not found.detail:
         return None
-    info: dict[str, Any] = {}
-    if detail:
-        try:
-            parsed = json.loads(detail)
-        except ValueError:
-            parsed = None
-        if isinstance(parsed, dict):
-            info = parsed
-    table = str(info.get("table", "?"))
-    column = str(info.get("column", "?"))
+    try:
+        info = json.loads(found.detail)
+    except ValueError:
+        return None
+    if not isinstance(info, dict) or info.get("resilient_db") != "transition":
+        return None
+    if not _raised_by_our_trigger(found.context, info):
+        return None
+    table = str(info["table"])
+    column = str(info["column"])
     guard = guard_for_table(info.get("model"), info.get("schema"), table, column)
     pk_obj = info.get("pk")
     pk: Any = pk_obj

@@ -13,9 +13,12 @@ from typing import Any, NamedTuple
 from ._rules import Guard, Key, TransitionRulesError, guards_of, sort_key
 
 __all__ = [
+    "BYPASS_ROLE",
     "BYPASS_SETTING",
+    "BYPASS_STATEMENT",
     "TRANSITION_SQLSTATE",
     "TriggerNames",
+    "bypass_role_statement",
     "drop_statements",
     "function_name",
     "ident",
@@ -23,6 +26,7 @@ __all__ = [
     "literal",
     "pg_name",
     "rules_stamp",
+    "stamp_generator",
     "transition_trigger_drop_sql",
     "transition_trigger_sql",
     "trigger_names",
@@ -30,10 +34,14 @@ __all__ = [
 
 #: SQLSTATE raised by the generated trigger (class ``RD`` is not used by PostgreSQL).
 TRANSITION_SQLSTATE = "RDB01"
-#: The transaction-local setting that the trigger reads to allow an audited bypass.
+#: The transaction-local setting that asks the trigger for a bypass. Only a value naming the
+#: current transaction (its id, ``pg_current_xact_id()``) asks; any other value (``on``, a
+#: session-level leftover, a connect option) is ignored.
 BYPASS_SETTING = "resilient_db.bypass_transitions"
+#: The role whose members may bypass the trigger (NOLOGIN; created by the trigger's install).
+BYPASS_ROLE = "resilient_db_bypass"
 
-_GENERATOR_VERSION = 1
+_GENERATOR_VERSION = 2
 _STAMP_PREFIX = "resilient_db transition guard"
 _PG_NAME_MAX = 63  # NAMEDATALEN - 1, in bytes
 
@@ -64,6 +72,29 @@ def literal(value: str) -> str:
         else:
             out.append(ch)
     return "E'" + "".join(out) + "'"
+
+
+# Who may bypass: the role in effect must hold the privileges of BYPASS_ROLE (USAGE: a member
+# that inherits it, or one that did SET ROLE to it) and the role that logged in must be a member
+# (MEMBER). USAGE rather than MEMBER for the role in effect: PostgreSQL 16+ makes the
+# non-superuser creator of a role its member WITH ADMIN OPTION (but without INHERIT or SET), and
+# a migration role that created BYPASS_ROLE must not be able to bypass without being granted it.
+# session_user as well as current_user: an unprivileged login that sets the value and then calls
+# a SECURITY DEFINER function owned by a member (current_user = the owner) is not let through.
+_MAY_BYPASS = (
+    "pg_catalog.pg_has_role(current_user, {role}, 'USAGE')"
+    " AND pg_catalog.pg_has_role(session_user, {role}, 'MEMBER')"
+)
+
+#: What :func:`~resilient_db.bypass_transitions` sends: one round trip that binds the bypass to
+#: the current transaction (its id) when the roles may bypass, and says who asked.
+BYPASS_STATEMENT = f"""\
+SELECT r.oid IS NOT NULL AS role_exists,
+       current_user::text AS acting_role, session_user::text AS login_role,
+       CASE WHEN {_MAY_BYPASS.format(role="r.oid")}
+            THEN pg_catalog.set_config({literal(BYPASS_SETTING)},
+                pg_catalog.pg_current_xact_id()::text, true) END AS bound
+FROM (SELECT pg_catalog.to_regrole({literal(BYPASS_ROLE)})::oid AS oid) AS r"""
 
 
 def pg_name(*parts: str) -> str:
@@ -160,6 +191,22 @@ def rules_stamp(guard: Guard) -> str:
     return f"{_STAMP_PREFIX} v{_GENERATOR_VERSION} rules-sha256={digest}"
 
 
+_BYPASS_HINT = (
+    f"A database administrator grants the bypass with GRANT {BYPASS_ROLE} TO <role> "
+    f"(CREATE ROLE {BYPASS_ROLE} NOLOGIN first if it does not exist); "
+    "it is then asked for with resilient_db bypass_transitions(), within one transaction"
+)
+
+
+def stamp_generator(stamp: str | None) -> int | None:
+    """The generator version in a stamp written by :func:`rules_stamp` (None if not one)."""
+    prefix = f"{_STAMP_PREFIX} v"
+    if not stamp or not stamp.startswith(prefix):
+        return None
+    version = stamp[len(prefix) :].split(" ", 1)[0]
+    return int(version) if version.isascii() and version.isdigit() else None
+
+
 def _member_sql(expr: str, keys: Collection[Key]) -> str:
     present = sorted((k for k in keys if k is not None), key=sort_key)
     parts = []
@@ -184,15 +231,18 @@ def _function_body(guard: Guard) -> str:
         if targets
     ]
     update_ok = "\n            OR ".join(moves) if moves else "false"
+    # The legal moves are checked first: the bypass is looked at only for a move that would be
+    # blocked, so a legal write pays for nothing more. A bypass value naming this transaction
+    # from a role that may not bypass raises its own error (42501), not RDB01: the caller asked
+    # for a bypass and is told why it was refused.
     return f"""
 DECLARE
     v_from text;
     v_to text := NEW.{col}::text;
     v_pk json;
+    v_bypass text;
+    v_role oid;
 BEGIN
-    IF coalesce(current_setting({literal(BYPASS_SETTING)}, true), '') = 'on' THEN
-        RETURN NEW;
-    END IF;
     IF TG_OP = 'INSERT' THEN
         IF {_member_sql("v_to", guard.initial)} THEN
             RETURN NEW;
@@ -208,6 +258,21 @@ BEGIN
         END IF;
         v_pk := json_build_object({pk_old});
     END IF;
+    v_bypass := current_setting({literal(BYPASS_SETTING)}, true);
+    IF v_bypass <> '' AND v_bypass = pg_current_xact_id()::text THEN
+        v_role := to_regrole({literal(BYPASS_ROLE)});
+        IF {_MAY_BYPASS.format(role="v_role")} THEN
+            RETURN NEW;
+        END IF;
+        RAISE EXCEPTION USING
+            ERRCODE = 'insufficient_privilege',
+            MESSAGE = format('transition guard bypass refused: %s',
+                CASE WHEN v_role IS NULL THEN {literal(f"role {BYPASS_ROLE} does not exist")}
+                     ELSE format('role %s (logged in as %s) may not bypass: it needs to be '
+                                 'granted {BYPASS_ROLE}', quote_ident(current_user),
+                                 quote_ident(session_user)) END),
+            HINT = {literal(_BYPASS_HINT)};
+    END IF;
     RAISE EXCEPTION USING
         ERRCODE = {literal(TRANSITION_SQLSTATE)},
         MESSAGE = format('Status transition blocked: %s.%s %s -> %s',
@@ -220,7 +285,8 @@ BEGIN
             'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME, 'column', {col_lit},
             'op', TG_OP, 'from', v_from, 'to', v_to, 'pk', v_pk)::text,
         HINT = 'Allowed moves are declared in the __transitions__ of the model; '
-            'for an audited repair use resilient_db bypass_transitions()';
+            'for an audited repair use resilient_db bypass_transitions()',
+        SCHEMA = TG_TABLE_SCHEMA, TABLE = TG_TABLE_NAME, COLUMN = {col_lit};
 END
 """
 
@@ -232,6 +298,46 @@ def _dollar_quote(body: str) -> str:
         n += 1
         tag = f"$rdb{n}$"
     return f"{tag}{body}{tag}"
+
+
+def bypass_role_statement() -> str:
+    """Create :data:`BYPASS_ROLE` (NOLOGIN, no members) unless it exists.
+
+    Roles belong to the whole cluster, so two installs may race: the loser's ``duplicate_object``
+    or ``unique_violation`` means the role is there. An installing role without ``CREATEROLE``
+    gets a WARNING and the install goes on: the trigger then refuses every bypass (it looks the
+    role up when asked) until an administrator creates the role. The guard itself is never
+    left off, and the bypass never open to everyone.
+    """
+    body = f"""
+BEGIN
+    IF pg_catalog.to_regrole({literal(BYPASS_ROLE)}) IS NULL THEN
+        BEGIN
+            CREATE ROLE {ident(BYPASS_ROLE)} NOLOGIN;
+            COMMENT ON ROLE {ident(BYPASS_ROLE)} IS {literal(_ROLE_COMMENT)};
+        EXCEPTION
+            WHEN duplicate_object OR unique_violation THEN
+                NULL;
+            WHEN insufficient_privilege THEN
+                RAISE WARNING USING
+                    MESSAGE = {literal(_NO_ROLE_WARNING)},
+                    HINT = {literal(_NO_ROLE_HINT)};
+        END;
+    END IF;
+END
+"""
+    return f"DO {_dollar_quote(body)}"
+
+
+_NO_ROLE_HINT = f"Run CREATE ROLE {BYPASS_ROLE} NOLOGIN as a role with CREATEROLE"
+_ROLE_COMMENT = (
+    "resilient_db: roles granted this one may bypass the status-transition triggers, "
+    "one transaction at a time, through resilient_db bypass_transitions()"
+)
+_NO_ROLE_WARNING = (
+    f"role {BYPASS_ROLE} does not exist and this role may not create it: the transition "
+    "triggers are installed, and refuse every bypass until it exists"
+)
 
 
 def install_statements(guard: Guard) -> list[str]:
@@ -273,11 +379,15 @@ def transition_trigger_sql(model: type[Any]) -> str:
     Per guarded column: a PL/pgSQL function (``CREATE OR REPLACE``) stamped with a hash of the
     rules (``COMMENT ON FUNCTION``), a ``BEFORE INSERT`` trigger and a ``BEFORE UPDATE`` trigger
     that fires only ``WHEN (OLD.col IS DISTINCT FROM NEW.col)``. An illegal change raises SQLSTATE
-    :data:`TRANSITION_SQLSTATE` with a JSON DETAIL (model, schema, table, column, from, to, pk).
-    All literals and identifiers are quoted. Run it as a script (``psql``, ``op.execute``), or
-    with :func:`install_transition_trigger`, which sends the statements one at a time.
+    :data:`TRANSITION_SQLSTATE` with a JSON DETAIL (model, schema, table, column, from, to, pk),
+    unless a member of :data:`BYPASS_ROLE` asked for a bypass of the current transaction (see
+    :func:`~resilient_db.bypass_transitions`); the script first creates that role if it is
+    missing. All literals and identifiers are quoted. Run it as a script (``psql``,
+    ``op.execute``), or with :func:`install_transition_trigger`, which sends the statements one
+    at a time.
     """
-    return _script(s for g in guards_of(model) for s in install_statements(g))
+    guards = guards_of(model)
+    return _script([bypass_role_statement(), *(s for g in guards for s in install_statements(g))])
 
 
 def transition_trigger_drop_sql(model: type[Any]) -> str:
