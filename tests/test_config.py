@@ -210,3 +210,56 @@ def test_check_config_reports_an_overlong_number_without_a_traceback(
     assert status != 0
     assert "Traceback" not in out + err
     assert "SELF_HEALING_MAX_RETRIES" in out + err
+
+
+def test_redis_url_and_retry_budget() -> None:
+    cfg = rdb.load_config(
+        {
+            "SELF_HEALING_REDIS_URL": "redis://app:s3cret@127.0.0.1:6379/2",
+            "SELF_HEALING_REDIS_TIMEOUT": "50",
+            "SELF_HEALING_RETRY_BUDGET": "0.2",
+            "SELF_HEALING_RETRY_BUDGET_FLOOR": "5",
+        }
+    )
+    assert cfg.redis_url == "redis://app:s3cret@127.0.0.1:6379/2"
+    assert (cfg.redis_timeout, cfg.retry_budget, cfg.retry_budget_floor) == (0.05, 0.2, 5)
+    assert "s3cret" not in repr(cfg)
+    assert rdb.load_config(cfg.as_env()) == cfg
+    unset = rdb.load_config({})
+    assert (unset.redis_url, unset.retry_budget) == (None, None)
+    assert "SELF_HEALING_REDIS_URL" not in unset.as_env()
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "reason"),
+    [
+        ("SELF_HEALING_REDIS_URL", "http://u:s3cret@host/0", "scheme http: is not one of"),
+        ("SELF_HEALING_REDIS_URL", "redis://:s3cret@host/zero", "is not a number"),
+        ("SELF_HEALING_REDIS_URL", "redis://:s3cret@:6379/0", "has no host"),
+        ("SELF_HEALING_REDIS_URL", "", "scheme (none)"),
+        ("SELF_HEALING_RETRY_BUDGET", "20%", "not a ratio"),
+        ("SELF_HEALING_RETRY_BUDGET", "-0.2", "not a ratio"),
+        ("SELF_HEALING_RETRY_BUDGET", "11", "too large; at most 10"),
+        ("SELF_HEALING_RETRY_BUDGET_FLOOR", "1001", "too large; at most 1000"),
+        ("SELF_HEALING_REDIS_TIMEOUT", "0", "must be at least 1"),
+        ("SELF_HEALING_REDIS_TIMEOUT", "10001", "too large"),
+    ],
+)
+def test_bad_redis_and_budget_settings_are_named_and_secrets_masked(
+    name: str, raw: str, reason: str
+) -> None:
+    with pytest.raises(rdb.ConfigError) as info:
+        rdb.load_config({name: raw})
+    text = str(info.value)
+    assert name in text
+    assert reason in text
+    assert "s3cret" not in text
+
+
+def test_redis_url_in_code_is_checked_and_masked() -> None:
+    with pytest.raises(rdb.ConfigError) as info:
+        rdb.Config(redis_url="redis://:s3cret@", retry_budget=-1)
+    text = str(info.value)
+    assert "redis_url" in text
+    assert "retry_budget" in text
+    assert "s3cret" not in text

@@ -1,0 +1,339 @@
+"""The retry budget (``SELF_HEALING_RETRY_BUDGET``): its arithmetic with an injected clock, units
+that give up at once with their original error when it is spent, conflicts left out of it, a
+full outage with many concurrent units in one process and in a fleet of processes sharing it
+through a real Redis; Redis paused or flushed under the shared breaker and budget."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from fleet import Gate, fleet
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.orm import Session
+
+import resilient_db as rdb
+from resilient_db._budget import WINDOW, LocalBudget
+from resilient_db.metrics import HealthCollector
+from resilient_db.testing import RedisServer
+
+
+# -- the arithmetic ------------------------------------------------------------------------------
+def test_ratio_of_recent_first_attempts_plus_a_floor() -> None:
+    budget = LocalBudget(ratio=0.2, floor=2, now=100.0)
+    budget.observe(50, 100.0)  # 50 first attempts in the last second
+    paid = [budget.try_withdraw(100.0) for _ in range(14)]
+    assert paid.count("ratio") == 10  # 0.2 x 50
+    assert paid.count("floor") == 2  # one second's worth of the floor, no large reserve
+    assert paid[-2:] == [None, None]
+    # the floor refills at 2/s; the ratio part needs new first attempts
+    assert budget.try_withdraw(100.5) == "floor"
+    assert budget.try_withdraw(100.5) is None
+    budget.observe(55, 100.6)
+    assert budget.try_withdraw(100.6) == "ratio"
+
+
+def test_first_attempts_expire_after_the_window() -> None:
+    budget = LocalBudget(ratio=0.5, floor=0, now=0.0)
+    budget.observe(10, 0.5)
+    assert budget.try_withdraw(0.5) == "ratio"
+    assert budget.try_withdraw(WINDOW + 1.0) is None  # deposits of second 0 are gone
+
+
+def test_a_long_quiet_spell_does_not_count_as_recent() -> None:
+    # 10,000 units over an hour, seen only now: spread over the hour, ~28 fall in the window
+    budget = LocalBudget(ratio=0.2, floor=0, now=0.0)
+    budget.observe(10_000, 3600.0)
+    paid = [budget.try_withdraw(3600.0) for _ in range(20)]
+    assert 4 <= paid.count("ratio") <= 6  # 0.2 x 10,000 x 10/3600 = 5.6
+    assert paid[-1] is None
+
+
+def test_counters_going_backwards_start_over() -> None:
+    budget = LocalBudget(ratio=1.0, floor=0, now=0.0, first_attempts=100)
+    assert budget.observe(3, 0.1) == 0  # reset_state zeroed the counters
+    assert budget.observe(5, 0.2) == 2
+
+
+# -- units of work -------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def _no_backoff() -> Iterator[None]:
+    with rdb.set_testing():
+        yield
+
+
+@pytest.fixture
+def engine(pg_url: str) -> Iterator[sa.Engine]:
+    eng = sa.create_engine(pg_url)
+    with eng.begin() as conn:
+        conn.execute(
+            sa.text(
+                "CREATE FUNCTION raise_code(code text) RETURNS void LANGUAGE plpgsql AS "
+                "$$ BEGIN RAISE EXCEPTION 'raised %', code USING ERRCODE = code; END $$"
+            )
+        )
+    yield eng
+    eng.dispose()
+
+
+def budget_config(**changes: Any) -> rdb.Config:
+    base: dict[str, Any] = {
+        "max_retries": 5,
+        "retry_budget": 0.0,
+        "retry_budget_floor": 0,
+        "circuit_breaker": False,
+    }
+    base.update(changes)
+    return rdb.Config(**base)
+
+
+def unavailable(session: Session) -> None:
+    session.execute(sa.text("SELECT raise_code('57P03')"))
+
+
+def test_spent_budget_gives_up_at_once_with_the_original_error(
+    engine: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    Session = rdb.ResilientSession(engine, service="budget", config=budget_config())
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    for _ in range(3):
+        with pytest.raises(sa.exc.OperationalError) as info:
+            Session.run(unavailable)
+        assert info.value.orig.sqlstate == "57P03"  # type: ignore[union-attr]
+    entry = rdb.health()["services"]["budget"]
+    assert entry["counters"]["retries"] == 0
+    assert entry["counters"]["gave_up"] == 3
+    assert entry["budget"]["exhausted"] == 3
+    assert entry["budget"]["scope"] == "process"
+    lines = [r.getMessage() for r in caplog.records if "Retry budget exhausted" in r.getMessage()]
+    assert len(lines) == 1  # rate-limited: one line for the three units
+    assert lines[0].startswith("[SELF-HEAL] Retry budget exhausted: service=budget")
+    assert not [r for r in caplog.records if "Gave up" in r.getMessage()]
+
+
+def test_conflicts_are_not_charged_to_the_budget(engine: sa.Engine) -> None:
+    Session = rdb.ResilientSession(engine, service="conflicts", config=budget_config())
+    tries = []
+
+    def conflict_once(session: Session) -> int:
+        tries.append(1)
+        if len(tries) == 1:
+            session.execute(sa.text("SELECT raise_code('40001')"))
+        return len(tries)
+
+    assert Session.run(conflict_once) == 2
+    assert rdb.health()["services"]["conflicts"]["budget"]["exhausted"] == 0
+
+
+def test_budget_pays_for_retries_while_it_lasts(engine: sa.Engine) -> None:
+    # floor 2/s and no ratio: the first unit gets two retries, then the budget is spent
+    Session = rdb.ResilientSession(
+        engine, service="floor", config=budget_config(retry_budget_floor=2)
+    )
+    with pytest.raises(sa.exc.OperationalError):
+        Session.run(unavailable)
+    entry = rdb.health()["services"]["floor"]
+    assert entry["counters"]["retries"] == 2
+    assert entry["budget"]["granted"] == 2
+    assert entry["budget"]["exhausted"] == 1
+
+
+def test_metrics_show_the_budget(engine: sa.Engine) -> None:
+    pytest.importorskip("prometheus_client")
+    Session = rdb.ResilientSession(engine, service="metered", config=budget_config())
+    with pytest.raises(sa.exc.OperationalError):
+        Session.run(unavailable)
+    samples = {
+        (s.name, s.labels.get("service")): s.value
+        for family in HealthCollector().collect()
+        for s in family.samples
+    }
+    assert samples[("resilient_db_retry_budget_exhausted_total", "metered")] == 1.0
+    assert samples[("resilient_db_retry_budget_shared", "metered")] == 0.0
+    assert ("resilient_db_retry_budget_available", "metered") in samples
+
+
+def test_async_units_give_up_at_once_too(pg_async_url: str, engine: sa.Engine) -> None:
+    async def main() -> None:
+        aengine = create_async_engine(pg_async_url)
+        Session = rdb.AsyncResilientSession(aengine, service="abudget", config=budget_config())
+
+        async def unit(session: Any) -> None:
+            await session.execute(sa.text("SELECT raise_code('57P03')"))
+
+        try:
+            for _ in range(2):
+                with pytest.raises(sa.exc.DBAPIError) as info:
+                    await Session.run(unit)
+                assert info.value.orig.sqlstate == "57P03"  # type: ignore[union-attr]
+        finally:
+            await aengine.dispose()
+
+    asyncio.run(main())
+    entry = rdb.health()["services"]["abudget"]
+    assert entry["counters"]["retries"] == 0
+    assert entry["budget"]["exhausted"] == 2
+
+
+@pytest.mark.slow
+def test_full_outage_in_one_process_stays_within_the_budget(engine: sa.Engine) -> None:
+    ratio, floor, units, threads = 0.2, 2, 20, 8
+    config = budget_config(retry_budget=ratio, retry_budget_floor=floor)
+    Session = rdb.ResilientSession(engine, service="outage", config=config)
+
+    def work() -> None:
+        for _ in range(units):
+            with pytest.raises(sa.exc.OperationalError):
+                Session.run(unavailable)
+
+    started = time.monotonic()
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+    elapsed = time.monotonic() - started
+    counters = rdb.health()["services"]["outage"]["counters"]
+    first = counters["attempts"] - counters["retries"]
+    assert first == units * threads
+    # without a budget: 5 retries per unit, 800; with it: 0.2 x 160 plus the floor
+    assert 0 < counters["retries"] <= ratio * first + floor * (1 + elapsed)
+    assert counters["gave_up"] == units * threads
+
+
+@pytest.mark.slow
+def test_full_outage_across_processes_stays_within_the_fleet_budget(
+    redis_server: RedisServer, pg_url: str, tmp_path: Path
+) -> None:
+    gate = Gate(pg_url)
+    ratio, floor, units = 0.2, 2, 30
+    settings = {
+        "SELF_HEALING_REDIS_URL": redis_server.url,
+        "SELF_HEALING_CIRCUIT_BREAKER": "false",  # the budget alone limits the retries
+        "SELF_HEALING_MAX_RETRIES": "5",
+        "SELF_HEALING_INITIAL_DELAY": "1",
+        "SELF_HEALING_RETRY_BUDGET": str(ratio),
+        "SELF_HEALING_RETRY_BUDGET_FLOOR": str(floor),
+    }
+    try:
+        with fleet(3, pg_url, settings, tmp_path) as workers:
+            gate.set(down=True)
+            started = time.monotonic()
+            for w in workers:
+                assert w.ask("start", n=units) == {"started": units}
+            for _ in range(6000):
+                progress = [w.ask("progress") for w in workers]
+                if sum(p["done"] for p in progress) == 3 * units:
+                    break
+                time.sleep(0.01)
+            elapsed = time.monotonic() - started
+            assert all(p["errors"] == {"57P03": units} for p in progress), progress
+            healths = [w.ask("health")["services"]["fleet"] for w in workers]
+            logs = [w.self_heal_lines("Retry budget exhausted") for w in workers]
+        first = sum(h["counters"]["attempts"] - h["counters"]["retries"] for h in healths)
+        retries = sum(h["counters"]["retries"] for h in healths)
+        assert first == 3 * units
+        # one budget for the fleet: 0.2 x 90 first attempts plus one floor, not three
+        assert 0 < retries <= ratio * first + floor * (1 + elapsed), (retries, elapsed)
+        assert gate.calls() == first + retries
+        assert all(h["budget"]["scope"] == "fleet" for h in healths)
+        assert sum(h["budget"]["exhausted"] for h in healths) > 0
+        for lines in logs:  # at most one line per process per 10 s
+            assert len(lines) <= 1 + elapsed / 10
+    finally:
+        gate.close()
+
+
+# -- Redis slow or flushed -----------------------------------------------------------------------
+def shared_config(redis: RedisServer, **changes: Any) -> rdb.Config:
+    base: dict[str, Any] = {
+        "redis_url": redis.url,
+        "retry": False,
+        "failure_threshold": 2,
+        "reset_timeout": 60.0,
+    }
+    base.update(changes)
+    return rdb.Config(**base)
+
+
+def wait_connected(service: str, connected: bool = True) -> None:
+    for _ in range(2000):
+        breaker = rdb.health()["services"][service]["breaker"]
+        if breaker["shared"]["connected"] is connected:
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"breaker of {service} never became connected={connected}")
+
+
+@pytest.mark.slow
+def test_paused_redis_never_holds_a_unit_past_the_timeout_then_rejoins(
+    engine: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    with RedisServer(password="pw-not-logged") as redis:
+        Session = rdb.ResilientSession(engine, service="paused", config=shared_config(redis))
+        wait_connected("paused")
+        redis.pause()  # Redis hangs: connections open, nothing answered
+        try:
+            # the failure path asks Redis, which times out: the unit still gets its own error
+            with pytest.raises(sa.exc.OperationalError) as info:
+                Session.run(unavailable)
+            assert info.value.orig.sqlstate == "57P03"  # type: ignore[union-attr]
+            wait_connected("paused", False)
+            # local breaker from here: the second failure opens it in this process
+            with pytest.raises(sa.exc.OperationalError):
+                Session.run(unavailable)
+            with pytest.raises(rdb.CircuitOpenError):
+                Session.run(unavailable)
+        finally:
+            redis.resume()
+        wait_connected("paused")
+        # back: this process follows the shared state again (which never opened)
+        assert Session.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one()) == 1
+    messages = [r.getMessage() for r in caplog.records]
+    down = [m for m in messages if "Shared state unavailable" in m]
+    assert len(down) == 1
+    assert "redis://***@127.0.0.1" in down[0]
+    assert any("Shared state restored" in m for m in messages)
+    assert not any("pw-not-logged" in m for m in messages)
+
+
+def test_flushed_redis_is_a_closed_breaker_and_an_empty_budget(
+    engine: sa.Engine, redis_server: RedisServer
+) -> None:
+    reset = 0.3
+    config = shared_config(
+        redis_server,
+        retry=True,
+        max_retries=2,
+        retry_budget=0.0,
+        retry_budget_floor=1,
+        reset_timeout=reset,
+    )
+    Session = rdb.ResilientSession(engine, service="flushed", config=config)
+    wait_connected("flushed")
+    breaker = Session.policy.breaker
+    assert breaker is not None
+    breaker.open()
+    with pytest.raises(rdb.CircuitOpenError):
+        Session.run(unavailable)
+    redis_server.flushall()
+    # the view says open until its time is up (the breaker's open period, not a backoff);
+    # then Redis, which has no state any more, says closed
+    time.sleep(reset)
+    assert Session.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one()) == 1
+    assert breaker.state == "closed"
+    # the budget starts again from nothing but its floor: one retry, then spent
+    with pytest.raises(sa.exc.OperationalError):
+        Session.run(unavailable)
+    entry = rdb.health()["services"]["flushed"]
+    assert entry["counters"]["retries"] == 1
+    assert entry["budget"]["scope"] == "fleet"
+    assert entry["budget"]["exhausted"] == 1
