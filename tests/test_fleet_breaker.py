@@ -5,13 +5,19 @@ fleet-wide; Redis killed mid-workload, then back."""
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from fleet import Gate, fleet
 
+import resilient_db as rdb
+from resilient_db._fleet import links
 from resilient_db.testing import FaultProxy, PostgresServer, RedisServer
 
 pytestmark = pytest.mark.slow
@@ -194,3 +200,76 @@ def test_shared_breaker_health_never_shows_the_password(
         assert worker.ask("wait", what="disconnected", timeout=10)["ok"]
         assert "s3cret-pw" not in worker.log()
         assert worker.self_heal_lines("redis://***@127.0.0.1")
+
+
+def _wait(predicate: Callable[[], bool], what: str) -> None:
+    for _ in range(4000):
+        if predicate():
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _shared(service: str) -> dict[str, Any]:
+    return rdb.health()["services"][service]["breaker"]["shared"]  # type: ignore[no-any-return]
+
+
+def test_background_thread_is_a_daemon_and_stops_on_reset_state(
+    redis_server: RedisServer, pg_url: str
+) -> None:
+    engine = sa.create_engine(pg_url)
+    config = rdb.Config(redis_url=redis_server.url)
+    rdb.ResilientSession(engine, service="threads", config=config)
+    _wait(lambda: _shared("threads")["connected"], "the link")
+    (link,) = links().values()
+    assert link._thread.daemon
+    assert link._thread.is_alive()
+    rdb.reset_state()
+    assert not link._thread.is_alive()
+    assert links() == {}
+    engine.dispose()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_gets_its_own_link_and_shares_the_breaker(
+    redis_server: RedisServer, pg_url: str
+) -> None:
+    engine = sa.create_engine(pg_url)
+    config = rdb.Config(redis_url=redis_server.url, reset_timeout=60.0)
+    Session = rdb.ResilientSession(engine, service="forked", config=config)
+    _wait(lambda: _shared("forked")["connected"], "the parent's link")
+    (parent_link,) = links().values()
+    read_end, write_end = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork of a threaded process
+        pid = os.fork()
+    if pid == 0:  # the child, as a gunicorn worker forked after import
+        code = 1
+        try:
+            (child_link,) = links().values()
+            assert child_link is parent_link  # the same object, started over
+            assert child_link._thread.is_alive()
+            for _ in range(4000):
+                if child_link.up:
+                    break
+                time.sleep(0.005)
+            assert child_link.up
+            breaker = Session.policy.breaker
+            assert breaker is not None
+            breaker.open()  # fleet-wide, from the child
+            code = 0
+        finally:
+            os.write(write_end, bytes([code]))
+            os._exit(code)
+    os.close(write_end)
+    try:
+        assert os.read(read_end, 1) == b"\x00"
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        os.close(read_end)
+    # the parent's own thread heard the child's opening
+    _wait(lambda: rdb.health()["services"]["forked"]["breaker"]["state"] == "open", "open")
+    with pytest.raises(rdb.CircuitOpenError):
+        Session.run(lambda s: s.execute(sa.text("SELECT 1")))
+    engine.dispose()
