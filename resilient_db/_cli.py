@@ -210,7 +210,7 @@ def check_config(
             out.write(json.dumps({"valid": False, "problems": exc.problems}, indent=2) + "\n")
         err.write(f"resilient-db check-config: {exc}\n")
         return EXIT_USAGE
-    env = config.as_env()
+    env = config.as_env(masked=True)  # the Redis URL may carry a password
     given = sorted(k for k in environ if k.startswith("SELF_HEALING_"))
     if as_json:
         features = {label: bool(on(config)) for label, on in _FEATURES}

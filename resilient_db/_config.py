@@ -181,14 +181,17 @@ class Config:
         """A copy with ``changes`` applied (validated like the original)."""
         return dataclasses.replace(self, **changes)
 
-    def as_env(self) -> dict[str, str]:
+    def as_env(self, *, masked: bool = False) -> dict[str, str]:
         """The configuration as ``SELF_HEALING_*`` variables (milliseconds for durations;
-        settings that are unset, such as no Redis URL, are left out)."""
+        settings that are unset, such as no Redis URL, are left out). ``masked``: the Redis
+        URL's password replaced by ``***``, for showing (not for another process to use)."""
         out: dict[str, str] = {}
         for spec in _SPECS:
             value = getattr(self, spec.field)
             if value is None:
                 continue
+            if masked and spec.kind == "url":
+                value = mask_url(value)
             if spec.kind == "ms":
                 out[spec.env] = str(round(value * 1000))
             elif spec.kind == "bool":

@@ -263,3 +263,10 @@ def test_redis_url_in_code_is_checked_and_masked() -> None:
     assert "redis_url" in text
     assert "retry_budget" in text
     assert "s3cret" not in text
+
+
+def test_as_env_masked_hides_the_redis_password() -> None:
+    cfg = rdb.Config(redis_url="redis://app:s3cret@127.0.0.1:6379/0")
+    assert cfg.as_env()["SELF_HEALING_REDIS_URL"] == "redis://app:s3cret@127.0.0.1:6379/0"
+    shown = cfg.as_env(masked=True)
+    assert shown["SELF_HEALING_REDIS_URL"] == "redis://app:***@127.0.0.1:6379/0"
