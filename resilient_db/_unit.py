@@ -14,6 +14,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, TypeVar
 
+import psycopg
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
@@ -216,13 +217,18 @@ class CommitReferee:
 
 
 # -- drop-in use: a connect that fails before anything was sent is retried ----------------------
-# The factory whose drop-in session is about to connect in this context. Set when such a session
-# begins a transaction (no connection yet), cleared once it has one. The engine's ``do_connect``
-# listener (EngineHooks.do_connect) retries the connect under that factory's policy. asyncio:
-# SQLAlchemy's greenlets run in their task's context, so the value crosses from the ``begin``
-# to the statement that connects.
-connecting_for: contextvars.ContextVar[Any] = contextvars.ContextVar(
-    "resilient_db_connecting_for", default=None
+# The drop-in session about to connect in this context: (its factory, a weak reference to its
+# root transaction). Set when such a session begins a transaction (no connection yet); cleared by
+# the engine's pool ``checkout`` listener (EngineHooks.checkout), which runs whenever a session
+# gets its connection, new or pooled. The engine's ``do_connect`` listener (EngineHooks.do_connect)
+# retries the connect under that factory's policy, but only while that transaction is still the
+# session's current one, and so still waiting for its connection: a transaction that ended without
+# connecting leaves nothing that a later connect elsewhere would pick up. (No ``after_begin`` or
+# ``after_transaction_end`` listeners: every unit of work would pay for them.) asyncio:
+# SQLAlchemy's greenlets run in their task's context, so the value crosses from the ``begin`` to
+# the statement that connects.
+connecting_for: contextvars.ContextVar[tuple[Any, weakref.ref[Any]] | None] = (
+    contextvars.ContextVar("resilient_db_connecting_for", default=None)
 )
 
 
@@ -234,19 +240,25 @@ def _on_transaction_create(session: Session, transaction: Any) -> None:
         if connecting_for.get() is not None:
             connecting_for.set(None)
         return
-    connecting_for.set(factory)
+    connecting_for.set((factory, weakref.ref(transaction)))
 
 
-def _on_connected(session: Session, *_: Any) -> None:
-    if connecting_for.get() is not None:
+def connecting_factory() -> Any:
+    """The factory of the drop-in session connecting in this context, if one is."""
+    entry = connecting_for.get()
+    if entry is None:
+        return None
+    factory, ref = entry
+    transaction = ref()
+    # still its session's transaction (a closed one no longer is): then it is the one connecting
+    # (a connected one would have cleared the entry at checkout)
+    if transaction is None or transaction.session.get_transaction() is not transaction:
         connecting_for.set(None)
+        return None
+    return factory
 
 
-_CONNECT_EVENTS = (
-    ("after_transaction_create", _on_transaction_create),
-    ("after_begin", _on_connected),
-    ("after_transaction_end", _on_connected),
-)
+_CONNECT_EVENTS = (("after_transaction_create", _on_transaction_create),)
 
 
 def install_connect_retry(session_class: type[Session]) -> None:
@@ -380,7 +392,7 @@ class EngineHooks:
         is the chain's last listener: one of yours registered later (say, one that sets a fresh
         password token in ``cparams``) is never skipped; the connect then is not retried.
         """
-        factory = connecting_for.get()
+        factory = connecting_factory()
         if factory is None or not self.config.enabled:
             return None
         if not _last_do_connect(dialect, self.do_connect):
@@ -388,6 +400,8 @@ class EngineHooks:
         return factory._connect_policy_call(lambda: dialect.connect(*cargs, **cparams))
 
     def checkout(self, dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        if connecting_for.get() is not None:
+            connecting_for.set(None)  # the connecting session has its connection
         if not self.config.enabled:
             return
         if connection_looks_dead(dbapi_connection, record.info):
@@ -513,24 +527,35 @@ def connection_looks_dead(dbapi_connection: Any, cache: dict[str, Any] | None = 
                 return True
             if cache is not None:
                 cache[_FD_KEY] = (inner, fd)
-        return _readable(fd)
+        return _readable(fd, cache)
     pgconn = getattr(dbapi_connection, "pgconn", None)
     if pgconn is None:  # not psycopg 3: no cheap check; SQLAlchemy's handling applies
         return False
-    if getattr(dbapi_connection, "closed", False) or getattr(dbapi_connection, "broken", False):
+    if pgconn.status != _PG_OK:  # psycopg's ``closed`` and ``broken`` both come from this
         return True
     try:
         fd = pgconn.socket
     except Exception:
         return True
-    return _readable(fd)
+    return _readable(fd, cache)
 
 
 _FD_KEY = "resilient_db.socket_fd"
+_POLL_KEY = "resilient_db.poller"
+_PG_OK = int(psycopg.pq.ConnStatus.OK)
 
 
-def _readable(fd: int) -> bool:
-    """An idle connection's socket has something to read (an error, EOF): the server left."""
-    poller = select.poll()
-    poller.register(fd, select.POLLIN | select.POLLPRI)
+def _readable(fd: int, cache: dict[str, Any] | None = None) -> bool:
+    """An idle connection's socket has something to read (an error, EOF): the server left.
+
+    The poller is kept in ``cache`` (the pool record's ``info``) for the descriptor it watches.
+    """
+    cached = cache.get(_POLL_KEY) if cache is not None else None
+    if cached is not None and cached[0] == fd:
+        poller = cached[1]
+    else:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLPRI)
+        if cache is not None:
+            cache[_POLL_KEY] = (fd, poller)
     return bool(poller.poll(0))

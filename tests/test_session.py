@@ -503,6 +503,36 @@ def test_drop_in_connect_failure_is_retried_before_anything_is_sent(
     engine.dispose()
 
 
+def test_a_session_that_never_connected_leaves_no_connect_retry_behind(
+    pg_database: str, fault_proxy: Any, service: str
+) -> None:
+    """The connect retry belongs to the drop-in session waiting for its connection: once that
+    transaction has ended without connecting, a plain connect in the same thread is not
+    retried under the factory's policy (it fails at once, as plain SQLAlchemy's does)."""
+    engine = sa.create_engine(fault_proxy.url(pg_database))
+    slept: list[float] = []
+    Session = rdb.ResilientSession(engine, service=service, config=rdb.Config(), sleep=slept.append)
+    with Session() as session:
+        session.begin()  # a transaction, never connected
+    fault_proxy.refuse()
+    with pytest.raises(sa_exc.OperationalError), engine.connect():
+        pass
+    assert slept == []
+    fault_proxy.restore()
+    with Session() as session:  # and a drop-in session still gets its retry
+        fault_proxy.refuse()
+        slept_before = len(slept)
+
+        def come_back(seconds: float) -> None:
+            slept.append(seconds)
+            fault_proxy.restore()
+
+        Session.policy.sleep = come_back
+        assert session.execute(sa.text("SELECT 7")).scalar_one() == 7
+        assert len(slept) == slept_before + 1
+    engine.dispose()
+
+
 def test_drop_in_failure_after_the_transaction_sent_something_is_raised(
     engine: sa.Engine, pg_server: Any, service: str
 ) -> None:

@@ -31,7 +31,7 @@ from resilient_db._state import STATE
 
 from ._bypass import active_config
 from ._changes import Change, chunks, illegal, in_key_order, pk_filter, raise_errors
-from ._rules import Guard, compiled_guards, plain, sort_key, state_of
+from ._rules import Guard, compiled_guards, plain, sort_key
 
 __all__ = ["before_flush", "flush_ended", "install_engine_hooks"]
 
@@ -49,7 +49,7 @@ def before_flush(
     for obj in list(session.new):
         if only is not None and id(obj) not in only:
             continue
-        state = state_of(obj)
+        state = instance_state(obj)  # the session's objects are mapped: no inspect() needed
         for guard in compiled_guards(state.mapper):
             errors.extend(_check_insert(guard, state))
     guards_by_mapper: dict[Mapper[Any], tuple[Guard, ...]] = {}
