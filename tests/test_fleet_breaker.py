@@ -56,7 +56,7 @@ def test_one_process_opens_the_circuit_and_the_others_reject_without_the_databas
         for w in workers:
             assert w.ask("wait", what="connected", timeout=20)["ok"], w.log()
         first, *others = workers
-        assert first.ask("run", n=2) == {"ok": 2, "open": 0, "errors": {}}
+        assert first.run(2) == {"ok": 2, "open": 0, "errors": {}}
 
         gate.set(down=True)
         # two failures here, one there: the count is fleet-wide, the third failure opens
@@ -67,7 +67,7 @@ def test_one_process_opens_the_circuit_and_the_others_reject_without_the_databas
 
         calls, connections = gate.calls(), fault_proxy.connections_accepted
         for w in workers:
-            assert w.ask("run", n=5) == {"ok": 0, "open": 5, "errors": {}}
+            assert w.run(5) == {"ok": 0, "open": 5, "errors": {}}
         # 15 units rejected, none reached PostgreSQL (nor even opened a connection)
         assert gate.calls() == calls
         assert fault_proxy.connections_accepted == connections
