@@ -444,22 +444,24 @@ class CommitProtocol:
             return True
 
 
-def _note_statement(cursor: Any, statement: str, parameters: Any, context: Any) -> None:
+def _note_statement(cursor: Any, statement: str, *_: Any) -> None:
     """``do_execute`` listener (psycopg): a statement that may write marks its connection's
     transaction. Returns None: the dialect executes the statement as usual. The DBAPI cursor
     names its connection (``cursor.connection``), which saves the walk through SQLAlchemy's
-    connection wrappers on every statement."""
+    connection wrappers on every statement. (``do_execute`` and ``do_executemany`` pass
+    parameters and context, ``do_execute_no_params`` the context only.)"""
     if may_write(statement):
         driver = cursor.connection
         if getattr(driver, "_rdb_marked", False):
             driver._rdb_may_write = True
 
 
-def _note_statement_asyncpg(cursor: Any, statement: str, parameters: Any, context: Any) -> None:
+def _note_statement_asyncpg(cursor: Any, statement: str, *args: Any) -> None:
     """:func:`_note_statement` for asyncpg, whose cursor is SQLAlchemy's adapter: the asyncpg
-    connection is reached through SQLAlchemy's public ``driver_connection``."""
+    connection is reached through SQLAlchemy's public ``driver_connection``. The execution
+    context is the last argument (see :func:`_note_statement`)."""
     if may_write(statement):
-        driver = context.root_connection.connection.driver_connection
+        driver = args[-1].root_connection.connection.driver_connection
         if getattr(driver, "_rdb_marked", False):
             driver._rdb_may_write = True
 

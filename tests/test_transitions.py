@@ -1849,6 +1849,22 @@ def test_an_install_under_the_old_names_is_drift_and_is_upgraded_in_place(
         assert _functions(conn, "rdb_transition_tasks%") == set()
 
 
+def test_install_and_bypass_through_a_resilient_factorys_session(engine: sa.Engine) -> None:
+    """Statements sent without parameters (the install's, the bypass's) go through the engine
+    hooks of a resilient factory (its ``do_execute_no_params`` listener) like any other."""
+    import resilient_db as rdb  # noqa: PLC0415 - the public factory, only here
+
+    task_id = _add_task(engine, "completed")
+    factory = rdb.ResilientSession(engine, service="install-through-factory")
+    with factory() as session:
+        install_transition_trigger(session, Task)
+        bypass_transitions(session, reason="reopen through the factory")
+        session.execute(sa.text(f"UPDATE tasks SET status = 'pending' WHERE id = {task_id}"))
+        session.commit()
+        assert trigger_drift(session, Task) is None
+    assert _db_status(engine, task_id) == "pending"
+
+
 def test_drift_when_table_missing(engine: sa.Engine) -> None:
     with engine.begin() as conn:
         conn.exec_driver_sql("DROP TABLE docs")
