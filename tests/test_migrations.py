@@ -19,7 +19,7 @@ import resilient_db as rdb
 from resilient_db.demo import alembic_config, apply_migrations, downgrade_migrations
 from resilient_db.examples.tasks import Base, Task
 
-HEAD = "0002_commit_markers"
+HEAD = "0003_transition_bypass_role"
 
 
 @pytest.fixture
@@ -116,6 +116,32 @@ def test_downgrade_removes_tables_and_trigger_and_upgrade_runs_again(
         assert rdb.trigger_drift(conn, Task) is None
 
 
+def test_upgrading_replaces_an_earlier_releases_trigger_and_creates_the_bypass_role(
+    pg_url: str, engine: sa.Engine
+) -> None:
+    """A database migrated to 0002 by an earlier release has a trigger whose bypass any role
+    can switch on (generator v1, stamped so): 0003 installs the current one."""
+    apply_migrations(pg_url, revision="0002_commit_markers")
+    with engine.begin() as conn:
+        function = conn.execute(
+            sa.text("SELECT tgfoid::regprocedure::text FROM pg_trigger WHERE tgname = :name"),
+            {"name": "rdb_transition_status_upd"},
+        ).scalar_one()
+        conn.execute(
+            sa.text(
+                f"COMMENT ON FUNCTION {function} IS "
+                "'resilient_db transition guard v1 rules-sha256=earlier'"
+            )
+        )
+        assert "older release" in (rdb.trigger_drift(conn, Task) or "")
+    apply_migrations(pg_url)
+    assert version(engine) == HEAD
+    with engine.connect() as conn:
+        assert rdb.trigger_drift(conn, Task) is None
+        role = conn.execute(sa.text("SELECT to_regrole(:r) IS NOT NULL"), {"r": rdb.BYPASS_ROLE})
+        assert role.scalar() is True
+
+
 def test_trigger_drift_notices_a_dropped_trigger_after_migration(
     pg_url: str, engine: sa.Engine
 ) -> None:
@@ -155,6 +181,7 @@ def test_alembic_command_line_with_the_url_option(pg_url: str, engine: sa.Engine
     assert done.returncode == 0, done.stderr
     assert "Running upgrade  -> 0001_tasks" in done.stderr
     assert "Running upgrade 0001_tasks -> 0002_commit_markers" in done.stderr
+    assert "Running upgrade 0002_commit_markers -> 0003_transition_bypass_role" in done.stderr
     assert version(engine) == HEAD
 
 

@@ -43,6 +43,7 @@ def test_the_wheel_ships_the_migrations_and_the_demo_finds_them(tmp_path: Path) 
         "resilient_db/demo/migrations/script.py.mako",
         "resilient_db/demo/migrations/versions/0001_tasks.py",
         "resilient_db/demo/migrations/versions/0002_commit_markers.py",
+        "resilient_db/demo/migrations/versions/0003_transition_bypass_role.py",
     ):
         assert name in names
     # from the unpacked wheel (not this checkout), the demo's migrations run: offline SQL
