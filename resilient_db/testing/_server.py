@@ -954,11 +954,43 @@ class ExternalPostgres(PostgresServer):
 # docker
 
 
-class DockerPostgres(PostgresServer):
-    """PostgreSQL in a Docker container via testcontainers (needs a running Docker engine).
+_LOOPBACK: Final = "127.0.0.1"
+_CONTAINER_PORT: Final = "5432/tcp"
 
-    The container's port 5432 is bound to a fixed host port, so URLs stay valid across
-    :meth:`stop`/:meth:`start`; :meth:`crash` sends SIGQUIT (immediate shutdown) to the server.
+
+def docker_container_settings(
+    *, password: str, host_port: int, settings: Mapping[str, str]
+) -> dict[str, Any]:
+    """What :class:`DockerPostgres` asks of the official image, as data (no engine needed).
+
+    ``env``: the superuser's password, and ``--auth=scram-sha-256`` for initdb, so every
+    connection needs it, local ones inside the container included (the image otherwise trusts
+    those). No ``POSTGRES_HOST_AUTH_METHOD=trust``. ``ports``: the container's 5432 published
+    on 127.0.0.1 only, in docker-py's ``(host_ip, host_port)`` form. ``command``: postgres
+    listening on the container's interfaces (where Docker's port forwarding arrives) with
+    ``settings``.
+    """
+    command = ["postgres", "-c", "listen_addresses=*"]
+    for name, value in settings.items():
+        command += ["-c", f"{name}={value}"]
+    return {
+        "env": {
+            "POSTGRES_PASSWORD": password,
+            "POSTGRES_INITDB_ARGS": "--auth=scram-sha-256",
+        },
+        "ports": {_CONTAINER_PORT: (_LOOPBACK, host_port)},
+        "command": command,
+    }
+
+
+class DockerPostgres(PostgresServer):
+    """PostgreSQL in a Docker container via testcontainers (needs a running Docker engine on
+    this machine).
+
+    The container's port 5432 is published on 127.0.0.1 only, at a fixed host port, so URLs
+    stay valid across :meth:`stop`/:meth:`start`; user ``postgres`` logs in with a password
+    generated for this server (scram-sha-256 for every connection; the URLs carry it), as with
+    :class:`EmbeddedPostgres`. :meth:`crash` sends SIGQUIT (immediate shutdown) to the server.
     Data lives in the container and survives restarts; :meth:`close` removes the container.
     """
 
@@ -972,7 +1004,7 @@ class DockerPostgres(PostgresServer):
         settings: Mapping[str, str] | None = None,
         start_timeout: float = 60.0,
     ) -> None:
-        super().__init__(password="postgres")
+        super().__init__(password=secrets.token_urlsafe(24))
         env_image = os.environ.get("RESILIENT_DB_TEST_DOCKER_IMAGE", "").strip()
         self._image = image or env_image or _DEFAULT_DOCKER_IMAGE
         self._port = port
@@ -1017,14 +1049,15 @@ class DockerPostgres(PostgresServer):
             ) from exc
         if self._port is None:
             self._port = free_port()
-        command = ["postgres", "-c", "listen_addresses=*"]
-        for name, value in self._settings.items():
-            command += ["-c", f"{name}={value}"]
+        assert self._password is not None
+        wanted = docker_container_settings(
+            password=self._password, host_port=self._port, settings=self._settings
+        )
         try:
             container = PostgresContainer(
                 self._image,
                 username="postgres",
-                password="postgres",
+                password=self._password,
                 dbname="postgres",
                 driver=None,
             )
@@ -1032,19 +1065,41 @@ class DockerPostgres(PostgresServer):
             raise ServerStartError(
                 f"RESILIENT_DB_TEST_DOCKER is set but no Docker engine is reachable: {exc}"
             ) from exc
-        container.with_env("POSTGRES_HOST_AUTH_METHOD", "trust")
-        container.with_bind_ports(5432, self._port)
-        container.with_command(command)
+        container.with_envs(**wanted["env"])
+        # testcontainers' with_bind_ports() takes no host address; its ``ports`` mapping goes to
+        # docker-py's containers.create(ports=...) as it is, which takes (host_ip, host_port).
+        # _check_loopback() below fails loudly if a release stops passing it on.
+        container.ports.clear()
+        container.ports.update(wanted["ports"])
+        container.with_command(wanted["command"])
         try:
             container.start()
+            self._check_loopback(container)
         except Exception as exc:
             with contextlib.suppress(Exception):
                 container.stop()
+            if isinstance(exc, ServerStartError):
+                raise
             raise ServerStartError(f"could not start {self._image} in Docker: {exc}") from exc
         self._container = container
-        self._host = str(container.get_container_host_ip())
+        self._host = _LOOPBACK
         with _live_lock:
             _live_servers.add(self)
+
+    def _check_loopback(self, container: Any) -> None:
+        """Refuse a container whose port is published anywhere but on 127.0.0.1, or not at the
+        port asked for."""
+        wrapped = container.get_wrapped_container()
+        wrapped.reload()
+        bindings = (wrapped.attrs.get("HostConfig") or {}).get("PortBindings") or {}
+        published = [
+            (b.get("HostIp"), b.get("HostPort")) for b in bindings.get(_CONTAINER_PORT) or []
+        ]
+        if published != [(_LOOPBACK, str(self._port))]:
+            raise ServerStartError(
+                f"{self._image} was published at {published or 'no address'}, not only at "
+                f"{_LOOPBACK}:{self._port}; refusing a superuser reachable from the network"
+            )
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self._start_timeout
@@ -1054,7 +1109,12 @@ class DockerPostgres(PostgresServer):
                 return
             except psycopg.OperationalError as exc:
                 if time.monotonic() > deadline:
-                    raise ServerStartError(f"{self!r} did not become ready: {exc}") from exc
+                    raise ServerStartError(
+                        f"{self!r} did not become ready: {exc} (its port is published on "
+                        f"{_LOOPBACK} of the machine that runs the Docker engine: a remote "
+                        "DOCKER_HOST, or an engine outside this container, can't be reached "
+                        "there)"
+                    ) from exc
                 time.sleep(0.1)
 
     def is_running(self) -> bool:

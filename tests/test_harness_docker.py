@@ -1,0 +1,138 @@
+"""The Docker-backed test server (``DockerPostgres``): published on 127.0.0.1 only, with a
+password generated per server (scram-sha-256 for every connection), never trust.
+
+The configuration it asks of the image is checked without an engine; the server itself runs
+when a Docker engine answers on this machine and the image is there (or can be pulled), and
+those tests skip, saying which, otherwise. ``RESILIENT_DB_TEST_DOCKER_IMAGE`` picks the image.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+
+from resilient_db.testing import DockerPostgres
+from resilient_db.testing._server import _DEFAULT_DOCKER_IMAGE, docker_container_settings
+
+
+def test_the_container_is_asked_for_a_password_and_loopback_only() -> None:
+    wanted = docker_container_settings(
+        password="s3cret", host_port=25432, settings={"fsync": "off", "jit": "off"}
+    )
+    assert wanted["env"] == {
+        "POSTGRES_PASSWORD": "s3cret",
+        "POSTGRES_INITDB_ARGS": "--auth=scram-sha-256",  # local connections too
+    }
+    assert "POSTGRES_HOST_AUTH_METHOD" not in wanted["env"]
+    assert wanted["ports"] == {"5432/tcp": ("127.0.0.1", 25432)}
+    assert wanted["command"] == [
+        "postgres",
+        "-c",
+        "listen_addresses=*",  # inside the container: where Docker's forwarding arrives
+        "-c",
+        "fsync=off",
+        "-c",
+        "jit=off",
+    ]
+
+
+def test_each_server_has_a_password_of_its_own_in_its_urls() -> None:
+    first, second = DockerPostgres(), DockerPostgres()
+    urls = [sa.make_url(s.url_at("127.0.0.1", 5432)) for s in (first, second)]
+    passwords = [url.password for url in urls]
+    assert all(isinstance(p, str) and len(p) >= 24 for p in passwords)
+    assert passwords[0] != passwords[1]
+    assert "postgres" not in passwords
+
+
+def _docker_or_skip(image: str) -> Any:
+    """A docker-py client when an engine answers and the image (and testcontainers' reaper
+    image, unless disabled) is there or can be pulled; otherwise skip, saying why."""
+    docker = pytest.importorskip("docker")
+    pytest.importorskip("testcontainers")
+    from testcontainers.core.config import testcontainers_config  # noqa: PLC0415
+
+    try:
+        client = docker.from_env(timeout=10)
+        client.ping()
+    except Exception as exc:  # docker.errors.DockerException and socket errors
+        pytest.skip(f"no Docker engine on this machine ({type(exc).__name__}: {exc})")
+    needed = [image]
+    if not testcontainers_config.ryuk_disabled:
+        needed.append(testcontainers_config.ryuk_image)
+    for name in needed:
+        try:
+            client.images.get(name)
+        except docker.errors.ImageNotFound:
+            try:
+                client.images.pull(name)
+            except Exception as exc:  # no registry reachable
+                client.close()
+                pytest.skip(f"Docker image {name} is not here and could not be pulled: {exc}")
+    return client
+
+
+@pytest.fixture(scope="module")
+def docker_server() -> Iterator[tuple[DockerPostgres, Any]]:
+    image = os.environ.get("RESILIENT_DB_TEST_DOCKER_IMAGE", "").strip() or _DEFAULT_DOCKER_IMAGE
+    client = _docker_or_skip(image)
+    server = DockerPostgres(image)
+    try:
+        server.start()
+        yield server, client
+    finally:
+        server.close()
+        client.close()
+
+
+@pytest.mark.slow
+def test_the_docker_server_listens_on_loopback_and_needs_its_password(
+    docker_server: tuple[DockerPostgres, Any],
+) -> None:
+    server, client = docker_server
+    assert server.host == "127.0.0.1"
+    (container,) = client.containers.list(
+        filters={"publish": f"{server.port}/tcp", "status": "running"}
+    )
+    bindings = container.attrs["HostConfig"]["PortBindings"]
+    assert bindings == {"5432/tcp": [{"HostIp": "127.0.0.1", "HostPort": str(server.port)}]}
+    env = dict(item.split("=", 1) for item in container.attrs["Config"]["Env"])
+    assert "POSTGRES_HOST_AUTH_METHOD" not in env
+    # the harness's URL works; without the password, or with another, nobody gets in
+    engine = sa.create_engine(server.url())
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT current_user").scalar() == "postgres"
+            trusted = conn.exec_driver_sql(
+                "SELECT count(*) FROM pg_hba_file_rules WHERE auth_method = 'trust'"
+            ).scalar()
+            assert trusted == 0  # not even local connections inside the container
+    finally:
+        engine.dispose()
+    for password in (None, "postgres"):
+        options = {} if password is None else {"password": password}
+        with pytest.raises(psycopg.OperationalError, match="password"):
+            psycopg.connect(
+                host="127.0.0.1",
+                port=server.port,
+                user="postgres",
+                dbname="postgres",
+                connect_timeout=5,
+                **options,
+            ).close()
+
+
+@pytest.mark.slow
+def test_the_docker_server_keeps_its_address_and_password_across_a_restart(
+    docker_server: tuple[DockerPostgres, Any],
+) -> None:
+    server, _ = docker_server
+    url = server.url()
+    server.restart(crash=True)
+    assert server.url() == url
+    assert server.execute("SELECT 1") == [(1,)]
