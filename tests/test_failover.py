@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
-from resilient_db.testing import FaultProxy, StandbyPair
+from resilient_db.testing import FaultProxy, ServerStartError, StandbyPair
 
 DRIVERS = ["psycopg", "asyncpg"]
 DATABASE = "app"
@@ -345,7 +345,7 @@ def test_pair_close_stops_both_servers_and_deletes_their_files(
     pair.close()
     assert not any(server.is_running() for server in pair.servers)
     assert not any(d.exists() for d in dirs)
-    with pytest.raises(Exception, match="closed"):
+    with pytest.raises(ServerStartError, match="closed"):
         pair.start()
 
 
