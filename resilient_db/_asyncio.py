@@ -276,9 +276,18 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             _units.reset(token)
             leave_unit(s.sync_session)
             if own:
-                # async: shielded, as SQLAlchemy's async session is on exit: a cancellation
-                # arriving now must not leave it half closed and its connection out of the pool
-                await asyncio.shield(asyncio.create_task(_close(s, quiet=failed)))
+                if True:  # async only
+                    if failed or s.sync_session.in_transaction():
+                        # run to completion, as SQLAlchemy's async session is on exit: a
+                        # cancellation arriving now must not leave it half closed and its
+                        # connection out of the pool, nor return before the close is done
+                        await _to_completion(_close(s, quiet=failed))
+                    else:
+                        # committed: the session holds no connection, so closing it does no
+                        # I/O and needs neither a greenlet nor a task of its own
+                        s.sync_session.close()
+                else:  # sync only
+                    _close(s, quiet=failed)
 
     async def _commit_failed(self, exc: Exception, box: list[CommitRequest]) -> None:
         """COMMIT failed: return if it was verified committed, else raise."""
@@ -343,6 +352,26 @@ if True:  # async only
         from sqlalchemy.util import await_ as _await
     except ImportError:  # SQLAlchemy 2.0
         from sqlalchemy.util import await_only as _await
+
+    async def _to_completion(coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` (a clean-up) in a task of its own and wait for it to finish even when
+        this task is cancelled meanwhile; that cancellation is raised once it has finished.
+        (``asyncio.shield`` alone would return at once and leave the clean-up running in the
+        background, where it could hand a connection to a pool the caller then disposes of.)
+        SQLAlchemy does the same for its async session's exit, in a private helper."""
+        task = asyncio.create_task(coro)
+        cancelled: BaseException | None = None
+        while True:
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError as err:
+                if task.done():
+                    raise
+                cancelled = err
+            else:
+                break
+        if cancelled is not None:
+            raise cancelled
 
     def _require_engine(bind: Any, kwargs: dict[str, Any]) -> None:
         if isinstance(bind, Engine):

@@ -230,8 +230,6 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
             _units.reset(token)
             leave_unit(s)
             if own:
-                # async: shielded, as SQLAlchemy's async session is on exit: a cancellation
-                # arriving now must not leave it half closed and its connection out of the pool
                 _close(s, quiet=failed)
 
     def _commit_failed(self, exc: Exception, box: list[CommitRequest]) -> None:

@@ -19,7 +19,8 @@ How the async source becomes the sync one:
   ``def``/``with``/``for`` go too. Imports follow the renamed names to their sync module
   (:data:`MODULES`); imports the sync code no longer uses are dropped.
 * Constructs with a sync meaning are rewritten: ``Awaitable[X]`` and ``Coroutine[.., .., X]``
-  become ``X``; ``asyncio.shield(x)`` and ``asyncio.create_task(x)`` become ``x``;
+  become ``X``; ``asyncio.shield(x)``, ``asyncio.create_task(x)`` and ``_to_completion(x)``
+  become ``x``;
   ``asyncio.to_thread(f, *a)`` becomes ``f(*a)``; ``s.run_sync(f, *a)`` (SQLAlchemy's hop into
   its sync session) becomes ``f(s, *a)``; ``x.sync_session`` / ``x.sync_engine`` become ``x``.
 * Where the two really differ, the source says so with a marker block::
@@ -88,7 +89,7 @@ MODULES: dict[str, str] = {
 #: generic types whose sync form is their last argument
 UNWRAP_TYPES = frozenset({"Awaitable", "Coroutine"})
 #: calls whose sync form is their only argument
-UNWRAP_CALLS = frozenset({"asyncio.shield", "asyncio.create_task"})
+UNWRAP_CALLS = frozenset({"asyncio.shield", "asyncio.create_task", "_to_completion"})
 #: attributes whose sync form is the object itself (SQLAlchemy's async proxies)
 IDENTITY_ATTRS = frozenset({"sync_session", "sync_engine"})
 

@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import create_async_engine as create_engine
 
 import resilient_db as rdb
 from resilient_db import AsyncResilientSession
+from resilient_db._asyncio import _to_completion
 
 pytestmark = pytest.mark.asyncio
 
@@ -653,6 +654,53 @@ async def test_a_task_cancelled_during_a_query_is_not_retried(
     assert (breaker(service) or {})["state"] == "closed"
     assert counters(service)["retries"] == 0
     assert await Session.run(select_n, 4) == 4  # the pool hands out a usable connection
+
+
+async def test_a_cancellation_during_clean_up_is_raised_once_the_clean_up_is_done() -> None:
+    """What closes a failed unit's session runs to completion: the task's cancellation is
+    raised after it, not while it still runs in the background."""
+    started, release = asyncio.Event(), asyncio.Event()
+    finished: list[bool] = []
+
+    async def clean_up() -> None:
+        started.set()
+        await release.wait()
+        finished.append(True)
+
+    task = asyncio.create_task(_to_completion(clean_up()))
+    await asyncio.wait_for(started.wait(), timeout=10)
+    task.cancel()
+    for _ in range(5):  # let the cancellation reach the task (not a backoff)
+        await asyncio.sleep(0)
+    assert not task.done()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, timeout=10)
+    assert finished == [True]
+
+
+async def test_a_units_session_is_closed_and_its_connection_returned(
+    engine: AsyncEngine, service: str
+) -> None:
+    Session = factory(engine, service)
+    seen: list[AsyncSession] = []
+
+    async def unit(session: AsyncSession) -> int:
+        seen.append(session)
+        return await select_n(session, 5)
+
+    async def failing(session: AsyncSession) -> None:
+        seen.append(session)
+        await session.execute(sa.text("SELECT 1"))
+        raise ValueError("business error")
+
+    assert await Session.run(unit) == 5
+    with pytest.raises(ValueError, match="business error"):
+        await Session.run(failing)
+    assert engine.sync_engine.pool.checkedout() == 0
+    for session in seen:
+        assert not session.in_transaction()
+        assert not session.sync_session.identity_map
 
 
 @pytest.mark.slow
