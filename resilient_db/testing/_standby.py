@@ -50,6 +50,11 @@ _SESSION_ATTRS: Final = frozenset(
 )
 
 
+def _pgpass_field(value: str) -> str:
+    """A field of a password file (``\\`` and ``:`` escaped with a backslash)."""
+    return value.replace("\\", "\\\\").replace(":", "\\:")
+
+
 def _conf_literal(value: str) -> str:
     """A postgresql.conf string literal."""
     return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
@@ -121,7 +126,8 @@ class StandbyServer(EmbeddedPostgres):
         passfile = self._base / "pgpass"
         fd = os.open(passfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as handle:
-            handle.write(f"{primary.host}:{primary.port}:*:{primary.user}:{self._password}\n")
+            host, user = _pgpass_field(primary.host), _pgpass_field(primary.user)
+            handle.write(f"{host}:{primary.port}:*:{user}:{_pgpass_field(self._password or '')}\n")
         if self._ids is not None:
             os.chown(passfile, *self._ids)
         kwargs = self._subprocess_kwargs()
@@ -340,7 +346,8 @@ class StandbyPair:
         target_session_attrs: str | None = "read-write",
         primary_at: tuple[str, int] | None = None,
     ) -> str:
-        """A multi-host SQLAlchemy URL listing the primary, then the standby.
+        """A multi-host SQLAlchemy URL listing the primary, then the standby (SQLAlchemy's form:
+        not a libpq URI, whatever ``driver`` is).
 
         ``postgresql+psycopg://postgres:pw@/db?host=127.0.0.1:p1&host=127.0.0.1:p2
         &target_session_attrs=read-write``, or with ``driver="asyncpg"`` the same for asyncpg
