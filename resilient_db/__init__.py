@@ -21,6 +21,7 @@ from ._errors import (
     ConfigError,
     IllegalTransitionError,
     ResilientDBError,
+    ResponseValidationError,
     StaleTransitionError,
     TransactionStateError,
 )
@@ -28,7 +29,8 @@ from ._observability import SelfHealEvent, SelfHealHook, add_hook, health, remov
 from ._retry import set_testing
 from ._session import ResilientSession
 from ._state import reset_state
-from ._wrapper import with_self_healing
+from ._validation import ResponseValidator
+from ._wrapper import SelfHealingDecorator, with_self_healing
 from .transitions import (
     ANY_STATE,
     BYPASS_ROLE,
@@ -70,8 +72,11 @@ __all__ = [
     "Outcome",
     "ResilientDBError",
     "ResilientSession",
+    "ResponseValidationError",
+    "ResponseValidator",
     "SelfHealEvent",
     "SelfHealHook",
+    "SelfHealingDecorator",
     "StaleTransitionError",
     "TransactionStateError",
     "TransitionRules",

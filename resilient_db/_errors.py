@@ -13,6 +13,7 @@ __all__ = [
     "ConfigError",
     "IllegalTransitionError",
     "ResilientDBError",
+    "ResponseValidationError",
     "StaleTransitionError",
     "TransactionStateError",
 ]
@@ -148,6 +149,28 @@ class StaleTransitionError(IllegalTransitionError, StaleDataError):
     carries the loaded state in its WHERE clause, the same check SQLAlchemy makes for a
     ``version_id_col``; code that handles stale rows that way handles this one too.
     """
+
+
+class ResponseValidationError(ResilientDBError):
+    """The result of a unit of work (or of a ``with_self_healing`` call) failed its ``validate=``
+    check: a Pydantic model or type adapter, or a callable.
+
+    ``service`` is the service, ``validator`` names the check (``TaskOut``, ``has_owner``),
+    ``reason`` says what was wrong: field locations and error kinds, never the values (the
+    result may hold personal data). A unit of work is rolled back (the check runs before its
+    COMMIT) and is not retried. The validator's own exception, if any, is ``__cause__``.
+    """
+
+    def __init__(self, service: str, validator: str, reason: str) -> None:
+        self.service = service
+        self.validator = validator
+        self.reason = reason
+        super().__init__(
+            f"service {service!r}: the result failed validation by {validator}: {reason}"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.service, self.validator, self.reason))
 
 
 class BypassRefusedError(ResilientDBError, PermissionError):

@@ -39,6 +39,13 @@ from ._unit import (
     interpret_claim,
     interpret_xid,
 )
+from ._validation import (
+    ResponseCheck,
+    ResponseValidator,
+    check_response,
+    response_check,
+    validation_on,
+)
 
 __all__ = ["ResilientSession"]
 
@@ -129,15 +136,43 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         self._register()
 
     # -- units of work -----------------------------------------------------------------------
-    def run(self, fn: Callable[Concatenate[S, P], R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+    @overload
+    def run(
+        self,
+        fn: Callable[Concatenate[S, P], R],
+        /,
+        *args: Any,
+        validate: ResponseValidator,
+        **kwargs: Any,
+    ) -> R: ...
+    @overload
+    def run(
+        self, fn: Callable[Concatenate[S, P], R], /, *args: P.args, **kwargs: P.kwargs
+    ) -> R: ...
+    def run(
+        self,
+        fn: Callable[..., R],
+        /,
+        *args: Any,
+        validate: Any = None,
+        **kwargs: Any,
+    ) -> R:
         """Run ``fn(session, *args, **kwargs)`` as one unit of work and commit.
 
         On a transient error anywhere in the unit (COMMIT included) the session is rolled back
         and ``fn`` runs again with a fresh one, after a backoff. Inside another unit of this
         factory, ``fn`` joins the outer unit's session and runs once (the outer unit retries).
         Cancellation is never retried.
+
+        ``validate`` (keyword-only, run's own: never passed to ``fn``) checks ``fn``'s result
+        before COMMIT with a Pydantic model, a ``TypeAdapter`` or a callable; an invalid result
+        rolls the unit back and raises :class:`~resilient_db.ResponseValidationError` (not
+        retried). The result itself is returned unchanged. Skipped with
+        ``SELF_HEALING_RESPONSE_VALIDATION=false``.
         """
         _require_unit(fn, "run")
+        if validate is not None and validation_on(self.config):
+            fn = _validated(fn, response_check(validate), self)
         active = _units.get()
         if active is not None:
             if active.factory is self:
@@ -148,6 +183,17 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                 return _call_unit(fn, session, args, kwargs)
         return self.policy.call(lambda: self._attempt(fn, args, kwargs))
 
+    @overload
+    def run_in(
+        self,
+        session: S,
+        fn: Callable[Concatenate[S, P], R],
+        /,
+        *args: Any,
+        validate: ResponseValidator,
+        **kwargs: Any,
+    ) -> R: ...
+    @overload
     def run_in(
         self,
         session: S,
@@ -155,10 +201,21 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         /,
         *args: P.args,
         **kwargs: P.kwargs,
+    ) -> R: ...
+    def run_in(
+        self,
+        session: S,
+        fn: Callable[..., R],
+        /,
+        *args: Any,
+        validate: Any = None,
+        **kwargs: Any,
     ) -> R:
         """Like :meth:`run`, with a session the caller made from this factory. It must not be
         in a transaction: a unit can only be replayed from the start of its transaction."""
         _require_unit(fn, "run_in")
+        if validate is not None and validation_on(self.config):
+            fn = _validated(fn, response_check(validate), self)
         if not isinstance(session, Session):
             raise TypeError(
                 f"run_in() needs a session made by this factory, got {type(session).__name__}"
@@ -184,19 +241,34 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
     def transactional(self, fn: Callable[Concatenate[S, P], R], /) -> Callable[P, R]: ...
     @overload
     def transactional(
-        self, fn: None = None, /
+        self, fn: None = None, /, *, validate: ResponseValidator | None = None
     ) -> Callable[[Callable[Concatenate[S, P], R]], Callable[P, R]]: ...
-    def transactional(self, fn: Any = None, /) -> Any:
-        """Decorator: ``f(*args)`` runs ``fn(session, *args)`` as a unit of work."""
+    def transactional(self, fn: Any = None, /, *, validate: Any = None) -> Any:
+        """Decorator: ``f(*args)`` runs ``fn(session, *args)`` as a unit of work.
+
+        ``@Session.transactional(validate=...)`` checks each result as :meth:`run` does."""
         if fn is None:
-            return self.transactional
+            if validate is None:
+                return self.transactional
+            response_check(validate)  # a bad validator is reported where it is written
+            return functools.partial(self._transactional, validate=validate)
+        return self._transactional(fn)
+
+    def _transactional(self, fn: Any, *, validate: Any = None) -> Any:
         _require_unit_function(fn, "transactional")
+        if validate is None:
+
+            @functools.wraps(fn)
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                return self.run(fn, *args, **kwargs)
+
+            return wrapper
 
         @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            return self.run(fn, *args, **kwargs)
+        def validated(*args: Any, **kwargs: Any) -> Any:
+            return self.run(fn, *args, validate=validate, **kwargs)
 
-        return wrapper
+        return validated
 
     def _attempt(
         self,
@@ -287,6 +359,21 @@ def _close(session: Session, *, quiet: bool) -> None:
 
 def _name(fn: Any) -> str:
     return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+def _validated(
+    fn: Callable[..., R], check: ResponseCheck, factory: FactoryCore
+) -> Callable[..., R]:
+    """``fn`` whose result is checked inside the unit, before its COMMIT: an invalid result
+    rolls the unit back (and ``ResponseValidationError`` is not transient: never retried)."""
+
+    def unit(session: Any, *args: Any, **kwargs: Any) -> R:
+        value = _call_unit(fn, session, args, kwargs)
+        checked: R = check_response(check, value, factory.config, factory.service)
+        return checked
+
+    unit.__qualname__ = _name(fn)
+    return unit
 
 
 # -- what really differs: engines, unit functions, the unit running here ---------------------------

@@ -2,22 +2,36 @@
 
 Not part of the factories' sync/async twin: one function serves both, choosing
 :meth:`Policy.call <resilient_db._retry.Policy.call>` or :meth:`Policy.acall
-<resilient_db._retry.Policy.acall>` by the kind of function it is given.
+<resilient_db._retry.Policy.acall>` by the kind of function it is given. Two forms:
+
+* ``with_self_healing(fn, ...)`` calls ``fn()`` now (the plan's wrapper);
+* ``@with_self_healing(...)`` decorates a function (sync, or async such as a route handler):
+  each call of it is one operation, retried and guarded by the breaker the same way.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar, overload
+from typing import Any, ParamSpec, Protocol, TypeVar, overload
 
 from ._config import Config, env_config
 from ._retry import Policy
 from ._state import STATE
+from ._validation import ResponseCheck, ResponseValidator, check_response, validation_on
 
-__all__ = ["with_self_healing"]
+__all__ = ["SelfHealingDecorator", "with_self_healing"]
 
+P = ParamSpec("P")
 R = TypeVar("R")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class SelfHealingDecorator(Protocol):
+    """What ``with_self_healing(service=...)`` returns: a decorator keeping the signature."""
+
+    def __call__(self, fn: F, /) -> F: ...
 
 
 def _policy_for(service: str, use_retry: bool, use_circuit_breaker: bool, config: Config) -> Policy:
@@ -39,12 +53,23 @@ def _policy_for(service: str, use_retry: bool, use_circuit_breaker: bool, config
 
 @overload
 def with_self_healing(
+    fn: None = None,
+    *,
+    service: str = ...,
+    use_retry: bool = ...,
+    use_circuit_breaker: bool = ...,
+    config: Config | None = ...,
+    validate: ResponseValidator | None = ...,
+) -> SelfHealingDecorator: ...
+@overload
+def with_self_healing(
     fn: Callable[[], Awaitable[R]],
     *,
     service: str = ...,
     use_retry: bool = ...,
     use_circuit_breaker: bool = ...,
     config: Config | None = ...,
+    validate: ResponseValidator | None = ...,
 ) -> Awaitable[R]: ...
 @overload
 def with_self_healing(
@@ -54,28 +79,99 @@ def with_self_healing(
     use_retry: bool = ...,
     use_circuit_breaker: bool = ...,
     config: Config | None = ...,
+    validate: ResponseValidator | None = ...,
 ) -> R: ...
 def with_self_healing(
-    fn: Callable[[], Any],
+    fn: Callable[[], Any] | None = None,
     *,
     service: str = "database",
     use_retry: bool = True,
     use_circuit_breaker: bool = True,
     config: Config | None = None,
+    validate: ResponseValidator | None = None,
 ) -> Any:
-    """Call ``fn()`` with retry and the circuit breaker of ``service``, as the plan's wrapper.
+    """Call ``fn()`` with retry and the circuit breaker of ``service``, as the plan's wrapper;
+    without ``fn``, return a decorator doing the same for every call of the decorated function.
 
-    ``fn`` must be safe to call again (it is the whole operation, e.g. it opens its own session).
-    For a coroutine function the result is an awaitable. With self-healing off, ``fn()`` runs
-    plainly.
+    ``fn`` (or each call of the decorated function) must be safe to call again: it is the whole
+    operation, e.g. it opens its own session. For a coroutine function the result is an
+    awaitable (the decorated function stays a coroutine function, so frameworks such as FastAPI
+    still see an async route handler with its parameters). With self-healing off, ``fn()`` runs
+    plainly. The decorator needs its parentheses: ``@with_self_healing()`` or
+    ``@with_self_healing(service="orders")``.
+
+    ``validate`` (a Pydantic model class, a ``TypeAdapter`` or a callable) checks the result once
+    the operation succeeded; an invalid one raises :class:`~resilient_db.ResponseValidationError`
+    and is not retried. ``config`` (default: the environment's, read at each call) governs it too.
     """
-    cfg = config if config is not None else env_config()
+    check = ResponseCheck(validate) if validate is not None else None
+    if fn is None:
+        return _decorator(service, use_retry, use_circuit_breaker, config, check)
     if not callable(fn):
         raise TypeError(f"with_self_healing needs a callable, got {type(fn).__name__}")
+    cfg = config if config is not None else env_config()
     if inspect.iscoroutinefunction(fn):
         if not cfg.enabled:
             return fn()
-        return _policy_for(service, use_retry, use_circuit_breaker, cfg).acall(fn)
+        policy = _policy_for(service, use_retry, use_circuit_breaker, cfg)
+        if check is None or not validation_on(cfg):
+            return policy.acall(fn)
+        return _acall_checked(policy, fn, check, cfg)
     if not cfg.enabled:
         return fn()
-    return _policy_for(service, use_retry, use_circuit_breaker, cfg).call(fn)
+    result = _policy_for(service, use_retry, use_circuit_breaker, cfg).call(fn)
+    if check is None or not validation_on(cfg):
+        return result
+    return check_response(check, result, cfg, service)
+
+
+async def _acall_checked(
+    policy: Policy, fn: Callable[[], Awaitable[R]], check: ResponseCheck, cfg: Config
+) -> R:
+    result = await policy.acall(fn)
+    checked: R = check_response(check, result, cfg, policy.service)
+    return checked
+
+
+def _decorator(
+    service: str,
+    use_retry: bool,
+    use_circuit_breaker: bool,
+    config: Config | None,
+    check: ResponseCheck | None,
+) -> SelfHealingDecorator:
+    if not isinstance(service, str) or not service:
+        raise TypeError(f"with_self_healing needs a service name, got {service!r}")
+
+    def decorate(fn: Any, /) -> Any:
+        if not callable(fn):
+            raise TypeError(f"@with_self_healing(...) decorates a callable, got {fn!r}")
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def awrapper(*args: Any, **kwargs: Any) -> Any:
+                cfg = config if config is not None else env_config()
+                if not cfg.enabled:
+                    return await fn(*args, **kwargs)
+                policy = _policy_for(service, use_retry, use_circuit_breaker, cfg)
+                result = await policy.acall(lambda: fn(*args, **kwargs))
+                if check is None or not validation_on(cfg):
+                    return result
+                return check_response(check, result, cfg, service)
+
+            return awrapper
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            cfg = config if config is not None else env_config()
+            if not cfg.enabled:
+                return fn(*args, **kwargs)
+            policy = _policy_for(service, use_retry, use_circuit_breaker, cfg)
+            result = policy.call(lambda: fn(*args, **kwargs))
+            if check is None or not validation_on(cfg):
+                return result
+            return check_response(check, result, cfg, service)
+
+        return wrapper
+
+    return decorate

@@ -6,6 +6,7 @@ A decorated unit keeps its signature without the session; results keep their typ
 from __future__ import annotations
 
 import sqlalchemy as sa
+from pydantic import BaseModel, TypeAdapter
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
@@ -52,3 +53,60 @@ except rdb.CircuitOpenError as err:
     retry_after: float = err.retry_after
 except rdb.IllegalTransitionError as err:
     via: str = err.via
+
+
+# -- response validation and the decorator form of with_self_healing ----------------------------
+class TaskOut(BaseModel):
+    id: int
+    title: str
+
+
+def has_title(value: object) -> bool:
+    return bool(getattr(value, "title", None))
+
+
+def load(session: Session, task_id: int) -> dict[str, object]:
+    return {"id": task_id, "title": "x"}
+
+
+checked: dict[str, object] = Sessions.run(load, 1, validate=TaskOut)
+listed: list[int] = Sessions.run(lambda s: [1, 2], validate=TypeAdapter(list[int]))
+by_callable: dict[str, object] = Sessions.run(load, 2, validate=has_title)
+wrapped_checked: int = rdb.with_self_healing(lambda: 1, validate=lambda v: v == 1)
+
+
+@Sessions.transactional(validate=TaskOut)
+def load_checked(session: Session, task_id: int) -> dict[str, object]:
+    return {"id": task_id, "title": "y"}
+
+
+loaded: dict[str, object] = load_checked(3)
+
+
+@rdb.with_self_healing(service="typing")
+def fetch_count(limit: int, *, offset: int = 0) -> int:
+    return limit + offset
+
+
+@rdb.with_self_healing(service="typing", validate=TaskOut)
+async def handler(task_id: int) -> dict[str, object]:
+    return {"id": task_id, "title": "z"}
+
+
+fetched: int = fetch_count(3, offset=1)
+
+
+async def use_handler() -> dict[str, object]:
+    validated: dict[str, object] = await AsyncSessions.run(_aload, 1, validate=TaskOut)
+    return {**validated, **(await handler(1))}
+
+
+async def _aload(session: AsyncSession, task_id: int) -> dict[str, object]:
+    return {"id": task_id, "title": "a"}
+
+
+try:
+    fetch_count(1)
+except rdb.ResponseValidationError as err:
+    reason: str = err.reason
+    validator_name: str = err.validator
