@@ -1,0 +1,244 @@
+"""The ``/admin/self-healing`` dashboard: an ASGI application behind an explicit authorisation
+check, serving one self-refreshing page and its data as JSON (``data.json``): ``health()``, the
+recent ``[SELF-HEAL]`` events and per-second time series kept by a bounded
+:class:`~resilient_db.web._recorder.Recorder` on the public hook API."""
+
+from __future__ import annotations
+
+import hmac
+import inspect
+import json
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.types import Receive, Scope, Send
+
+from resilient_db._observability import health as _health
+
+from ._page import render_page
+from ._problems import PROBLEM_JSON
+from ._recorder import NO_SERVICE, Recorder, recorder
+
+__all__ = ["AuthCheck", "Dashboard", "dashboard", "token_auth"]
+
+#: ``check(request) -> bool`` (or an awaitable of it): True lets the request in, False answers
+#: 403; raising Starlette's ``HTTPException`` answers with its status and headers (401 with a
+#: ``WWW-Authenticate`` challenge, for example).
+AuthCheck = Callable[[Request], bool | Awaitable[bool]]
+
+_NO_AUTH = (
+    "dashboard() needs auth=, a callable check(request) -> bool deciding who may see the "
+    "dashboard (it shows the database's health and self-healing events). For example "
+    "auth=lambda request: request.user.is_authenticated with Starlette's AuthenticationMiddleware, "
+    "or auth=resilient_db.web.token_auth(secret) for a bearer token"
+)
+
+
+class Dashboard:
+    """The dashboard application (ASGI). Made by :func:`dashboard`."""
+
+    def __init__(
+        self,
+        *,
+        auth: AuthCheck,
+        title: str,
+        poll_seconds: float,
+        events: int,
+        source: Recorder | None,
+        health: Callable[[], dict[str, Any]],
+    ) -> None:
+        self.auth = auth
+        self.title = title
+        self.poll_seconds = poll_seconds
+        self.events = events
+        self._source = source
+        self.health = health
+
+    @property
+    def recorder(self) -> Recorder:
+        return self._source if self._source is not None else recorder()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":  # served on its own (uvicorn): nothing to set up
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            raise RuntimeError("the self-healing dashboard serves HTTP only")
+        request = Request(scope, receive)
+        response = await self._respond(request)
+        await response(scope, receive, send)
+
+    async def _respond(self, request: Request) -> Response:
+        path = _route_path(request.scope)
+        if path not in ("", "/", "/data.json"):
+            return _secured(_problem(404, "Not found", "No such page on the dashboard."))
+        if request.method not in ("GET", "HEAD"):
+            answer = _problem(405, "Method not allowed", "The dashboard is read-only.")
+            answer.headers["Allow"] = "GET, HEAD"
+            return _secured(answer)
+        refused = await self._refused(request)
+        if refused is not None:
+            return _secured(refused)
+        if path == "/data.json":
+            return _secured(
+                JSONResponse(self.data(), headers={"Cache-Control": "no-store"}),
+            )
+        nonce = secrets.token_urlsafe(16)
+        page = render_page(title=self.title, nonce=nonce, poll_ms=round(self.poll_seconds * 1000))
+        return _secured(HTMLResponse(page), nonce=nonce)
+
+    async def _refused(self, request: Request) -> Response | None:
+        try:
+            verdict = self.auth(request)
+            if inspect.isawaitable(verdict):
+                verdict = await verdict
+        except HTTPException as exc:
+            answer = _problem(exc.status_code, _reason(exc.status_code), str(exc.detail))
+            for name, value in (exc.headers or {}).items():
+                answer.headers[name] = value
+            return answer
+        if verdict is True:
+            return None
+        if verdict is False:
+            return _problem(403, "Forbidden", "Not allowed to see the self-healing dashboard.")
+        raise TypeError(
+            f"the dashboard's auth check returned {type(verdict).__name__}; it must return "
+            "True or False (or raise starlette.exceptions.HTTPException)"
+        )
+
+    def data(self) -> dict[str, Any]:
+        """What ``data.json`` serves: ``health()``, recent events and the time series."""
+        snapshot = self.recorder.snapshot(events=self.events)
+        return {
+            "title": self.title,
+            "health": _jsonable(self.health()),
+            "no_service": NO_SERVICE,
+            **snapshot,
+        }
+
+
+def dashboard(
+    *,
+    auth: AuthCheck | None = None,
+    title: str = "Self-healing",
+    poll_seconds: float = 2.0,
+    events: int = 100,
+    recorder: Recorder | None = None,
+    health: Callable[[], dict[str, Any]] = _health,
+) -> Dashboard:
+    """The self-healing dashboard, an ASGI app to mount, e.g.
+    ``app.mount("/admin/self-healing", dashboard(auth=check))``.
+
+    ``auth`` is required: ``check(request) -> bool`` (sync or async) decides every request
+    (page and data); False answers 403, and a check raising Starlette's ``HTTPException``
+    answers with its status (use 401 with ``WWW-Authenticate`` when credentials are missing;
+    :func:`token_auth` does). The page refreshes itself every ``poll_seconds`` from
+    ``data.json`` (the same data as :func:`resilient_db.health`, the last ``events``
+    ``[SELF-HEAL]`` events and per-second series). Events are recorded from the first
+    ``dashboard()`` call on, by a hook (:func:`resilient_db.add_hook`) with bounded memory.
+    """
+    if auth is None:
+        raise TypeError(_NO_AUTH)
+    if not callable(auth):
+        raise TypeError(f"dashboard(auth=...) needs a callable, got {type(auth).__name__}")
+    if not poll_seconds > 0:
+        raise ValueError(f"poll_seconds must be > 0, got {poll_seconds!r}")
+    if events < 0:
+        raise ValueError(f"events must be >= 0, got {events!r}")
+    app = Dashboard(
+        auth=auth,
+        title=title,
+        poll_seconds=poll_seconds,
+        events=events,
+        source=recorder,
+        health=health,
+    )
+    _ = app.recorder  # start recording now, not at the first request
+    return app
+
+
+def token_auth(token: str, *, query_param: str = "token") -> Callable[[Request], bool]:
+    """An auth check accepting ``Authorization: Bearer <token>`` or ``?token=<token>`` (the
+    page passes its query on to ``data.json``). Missing: 401 with a ``WWW-Authenticate``
+    challenge; wrong: 403. Compared in constant time. Prefer the header, or a check on your
+    own session login, outside a local demo: a token in a URL can end up in logs."""
+    if not isinstance(token, str) or len(token) < 16:
+        raise ValueError("token_auth needs a secret token of at least 16 characters")
+    expected = token.encode()
+
+    def check(request: Request) -> bool:
+        header = request.headers.get("authorization", "")
+        scheme, _, value = header.partition(" ")
+        given = value.strip() if scheme.lower() == "bearer" else None
+        if given is None:
+            given = request.query_params.get(query_param)
+        if not given:
+            raise HTTPException(
+                401,
+                "Authentication needed: a bearer token.",
+                headers={"WWW-Authenticate": 'Bearer realm="resilient_db dashboard"'},
+            )
+        return hmac.compare_digest(given.encode(), expected)
+
+    return check
+
+
+# -- helpers -------------------------------------------------------------------------------------
+_CSP = (
+    "default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; "
+    "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
+)
+
+
+def _secured(response: Response, *, nonce: str | None = None) -> Response:
+    headers = response.headers
+    headers["X-Content-Type-Options"] = "nosniff"
+    headers["Referrer-Policy"] = "no-referrer"
+    headers["Cache-Control"] = "no-store"
+    headers["X-Frame-Options"] = "DENY"
+    headers["Content-Security-Policy"] = (
+        _CSP.format(nonce=nonce) if nonce else "default-src 'none'; frame-ancestors 'none'"
+    )
+    return response
+
+
+def _problem(status: int, title: str, detail: str) -> Response:
+    return JSONResponse(
+        {"type": "about:blank", "title": title, "status": status, "detail": detail},
+        status_code=status,
+        media_type=PROBLEM_JSON,
+    )
+
+
+def _reason(status: int) -> str:
+    from http import HTTPStatus  # noqa: PLC0415
+
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def _route_path(scope: Scope) -> str:
+    """The path below the mount point (Starlette keeps the full ``path`` and extends
+    ``root_path`` when mounting; older versions strip ``path``)."""
+    path: str = scope.get("path", "")
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root):
+        return path[len(root) :]
+    return path
+
+
+def _jsonable(value: Any) -> Any:
+    """``health()`` as plain JSON (an unexpected type becomes its text)."""
+    return json.loads(json.dumps(value, default=str))

@@ -1,0 +1,377 @@
+"""The dashboard's page: one HTML document with its style and script inline (no build step, no
+CDN: it works offline). The script polls ``data.json`` and draws everything with DOM calls
+(``textContent``, ``createElementNS`` for the SVG plots), never ``innerHTML``: a service name,
+an error text or a state from the database is always text, never markup. The page is sent with
+a Content-Security-Policy allowing only its own nonce'd style and script."""
+
+# ruff: noqa: E501  (the page's CSS and script are text, laid out as such)
+
+from __future__ import annotations
+
+import html
+
+__all__ = ["render_page"]
+
+_TEMPLATE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<title>@TITLE@</title>
+<style nonce="@NONCE@">
+:root {
+  --bg: #f4f6f9; --card: #ffffff; --ink: #1d2433; --muted: #667085; --line: #e4e7ec;
+  --ok: #12b76a; --ok-bg: #e8f8f0; --warn: #f79009; --warn-bg: #fef4e6;
+  --bad: #e5484d; --bad-bg: #fdecec; --accent: #3e63dd; --head: #101828;
+}
+* { box-sizing: border-box; }
+body { margin: 0; background: var(--bg); color: var(--ink);
+  font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; }
+header { background: var(--head); color: #fff; padding: 14px 24px; display: flex;
+  align-items: center; gap: 16px; flex-wrap: wrap; }
+header h1 { font-size: 18px; margin: 0; font-weight: 600; letter-spacing: .2px; }
+header .sub { color: #98a2b3; font-size: 13px; }
+header .spacer { flex: 1; }
+.pill { display: inline-flex; align-items: center; gap: 6px; border-radius: 999px;
+  padding: 3px 11px; font-weight: 600; font-size: 12.5px; white-space: nowrap; }
+.pill::before { content: ""; width: 8px; height: 8px; border-radius: 50%; background: currentColor; }
+.pill.closed, .pill.healthy { color: var(--ok); background: var(--ok-bg); }
+.pill.half-open { color: #b54708; background: var(--warn-bg); }
+.pill.open, .pill.degraded { color: var(--bad); background: var(--bad-bg); }
+.pill.unknown, .pill.off { color: var(--muted); background: #f2f4f7; }
+header .pill.healthy { background: rgba(18,183,106,.16); }
+header .pill.degraded { background: rgba(229,72,77,.18); }
+#live { color: #98a2b3; font-size: 12.5px; }
+#live.stale { color: #fda29b; }
+main { padding: 20px 24px 32px; display: grid; gap: 18px;
+  grid-template-columns: repeat(auto-fill, minmax(440px, 1fr)); }
+.card { background: var(--card); border: 1px solid var(--line); border-radius: 10px;
+  padding: 16px 18px; box-shadow: 0 1px 2px rgba(16,24,40,.04); min-width: 0; }
+.card.wide { grid-column: 1 / -1; }
+.card h2 { font-size: 16px; margin: 0; font-weight: 600; overflow-wrap: anywhere; }
+.card .top { display: flex; align-items: center; gap: 10px; margin-bottom: 12px; flex-wrap: wrap; }
+.card .top .note { color: var(--muted); font-size: 12.5px; }
+.stats { display: grid; grid-template-columns: repeat(4, 1fr); gap: 8px; margin-bottom: 12px; }
+.stat { background: #f9fafb; border: 1px solid #eef0f3; border-radius: 8px; padding: 7px 9px; }
+.stat .v { font-size: 19px; font-weight: 650; font-variant-numeric: tabular-nums; }
+.stat .k { color: var(--muted); font-size: 11.5px; text-transform: uppercase; letter-spacing: .4px; }
+.stat.bad .v { color: var(--bad); } .stat.warn .v { color: #b54708; } .stat.good .v { color: #067647; }
+.chips { display: flex; flex-wrap: wrap; gap: 6px; margin: 4px 0 10px; align-items: center; }
+.chips .label { color: var(--muted); font-size: 12px; margin-right: 2px; }
+.chip { background: #eef2ff; color: #2d3a8c; border-radius: 6px; padding: 1px 8px; font-size: 12.5px;
+  font-variant-numeric: tabular-nums; }
+.chip.none { background: #f2f4f7; color: var(--muted); }
+.plot-title { font-size: 12px; color: var(--muted); margin: 8px 0 3px; display: flex; gap: 12px; }
+.plot-title .key { display: inline-flex; align-items: center; gap: 4px; }
+.plot-title .sw { width: 10px; height: 10px; border-radius: 2px; display: inline-block; }
+svg { display: block; width: 100%; }
+svg text { font: 10.5px system-ui, sans-serif; fill: var(--muted); }
+.kv { color: var(--muted); font-size: 12.5px; margin-top: 8px; overflow-wrap: anywhere; }
+.kv b { color: var(--ink); font-weight: 600; }
+table { width: 100%; border-collapse: collapse; font-size: 13px; table-layout: fixed; }
+th { text-align: left; color: var(--muted); font-weight: 600; font-size: 12px; padding: 6px 8px;
+  border-bottom: 1px solid var(--line); }
+td { padding: 6px 8px; border-bottom: 1px solid #f0f1f4; vertical-align: top; overflow-wrap: anywhere; }
+td.t { font-variant-numeric: tabular-nums; color: var(--muted); width: 80px; }
+col.c-time { width: 84px; } col.c-level { width: 84px; } col.c-svc { width: 150px; }
+col.c-ev { width: 170px; }
+.lvl { font-size: 11.5px; font-weight: 600; border-radius: 5px; padding: 1px 7px; }
+.lvl.error, .lvl.critical { background: var(--bad-bg); color: var(--bad); }
+.lvl.warning { background: var(--warn-bg); color: #b54708; }
+.lvl.info, .lvl.debug { background: #eef2ff; color: #2d3a8c; }
+.empty { color: var(--muted); padding: 10px 0; }
+#error { display: none; background: var(--bad-bg); color: var(--bad); padding: 8px 24px;
+  font-weight: 600; }
+</style>
+</head>
+<body>
+<header>
+  <h1>@TITLE@</h1>
+  <span class="sub">resilient_db self-healing dashboard</span>
+  <span id="overall" class="pill unknown">loading</span>
+  <span class="spacer"></span>
+  <span id="live">connecting…</span>
+</header>
+<div id="error" role="alert"></div>
+<main id="main" data-poll="@POLL@"><div class="card wide empty">Loading…</div></main>
+<script nonce="@NONCE@">
+"use strict";
+(function () {
+  const SVG = "http://www.w3.org/2000/svg";
+  const main = document.getElementById("main");
+  const poll = Math.max(500, Number(main.dataset.poll) || 2000);
+  const COLORS = { "closed": "#12b76a", "half-open": "#f79009", "open": "#e5484d" };
+  const LABELS = {
+    attempts: "attempts", retries: "retries", recovered: "recovered", gave_up: "gave up",
+    breaker_opens: "breaker opens", breaker_rejections: "rejected calls",
+    verified_commits: "verified commits", unknown_commits: "unknown commits"
+  };
+  const TONE = { gave_up: "bad", unknown_commits: "bad", breaker_opens: "warn",
+    breaker_rejections: "warn", recovered: "good", verified_commits: "good" };
+
+  function el(tag, cls, text) {
+    const node = document.createElement(tag);
+    if (cls) node.className = cls;
+    if (text !== undefined && text !== null) node.textContent = String(text);
+    return node;
+  }
+  function svgEl(tag, attrs, text) {
+    const node = document.createElementNS(SVG, tag);
+    for (const k in attrs) node.setAttribute(k, String(attrs[k]));
+    if (text !== undefined) node.textContent = String(text);
+    return node;
+  }
+  function stateClass(state) {
+    return ["closed", "half-open", "open"].includes(state) ? state : "unknown";
+  }
+  function normState(state) {
+    return state === "half_open" ? "half-open" : String(state);
+  }
+  function clock(ts) {
+    const d = new Date(ts * 1000);
+    return d.toLocaleTimeString([], { hour12: false });
+  }
+  function chips(label, counts) {
+    const row = el("div", "chips");
+    row.appendChild(el("span", "label", label));
+    const keys = Object.keys(counts || {}).sort((a, b) => counts[b] - counts[a]);
+    if (!keys.length) row.appendChild(el("span", "chip none", "none"));
+    for (const k of keys) row.appendChild(el("span", "chip", k + ": " + counts[k]));
+    return row;
+  }
+  function plotTitle(text, keys) {
+    const t = el("div", "plot-title");
+    t.appendChild(el("span", null, text));
+    for (const [name, color] of keys) {
+      const key = el("span", "key");
+      const sw = el("span", "sw");
+      sw.style.background = color;
+      key.appendChild(sw);
+      key.appendChild(el("span", null, name));
+      t.appendChild(key);
+    }
+    return t;
+  }
+  function axis(svg, w, h, from, to) {
+    const span = to - from;
+    const minutes = span / 60;
+    const step = minutes > 6 ? 120 : minutes > 2 ? 60 : 30;
+    for (let s = 0; s <= span + 0.001; s += step) {
+      const x = w - (s / span) * w;
+      svg.appendChild(svgEl("line", { x1: x, x2: x, y1: 0, y2: h - 14, stroke: "#eef0f3" }));
+      const label = s === 0 ? "now" : "-" + (s >= 60 ? (s / 60) + " min" : s + " s");
+      const anchor = s === 0 ? "end" : x < 30 ? "start" : "middle";
+      svg.appendChild(svgEl("text", { x: s === 0 ? w : x, y: h - 2, "text-anchor": anchor }, label));
+    }
+  }
+  function breakerPlot(changes, current, from, to) {
+    const w = 600, h = 40;
+    const svg = svgEl("svg", { viewBox: "0 0 " + w + " " + h, preserveAspectRatio: "none",
+      role: "img", "aria-label": "circuit breaker state over time" });
+    const x = (t) => Math.max(0, Math.min(w, ((t - from) / (to - from)) * w));
+    let state = changes.length ? "closed" : current;
+    let start = from;
+    const segs = [];
+    for (const [t, s] of changes) {
+      if (t > from) segs.push([start, t, state]);
+      start = Math.max(from, t);
+      state = normState(s);
+    }
+    segs.push([start, to, current || state]);
+    for (const [a, b, s] of segs) {
+      if (b <= a) continue;
+      svg.appendChild(svgEl("rect", { x: x(a), y: 2, width: Math.max(1, x(b) - x(a)), height: 20,
+        fill: COLORS[s] || "#d0d5dd", rx: 2 }));
+    }
+    axis(svg, w, h, from, to);
+    svg.dataset.segments = String(segs.length);
+    return svg;
+  }
+  function ratePlot(buckets, from, to) {
+    const w = 600, h = 96, top = 4, base = h - 16;
+    const svg = svgEl("svg", { viewBox: "0 0 " + w + " " + h, role: "img",
+      "aria-label": "retries per second" });
+    let max = 1;
+    for (const row of buckets) max = Math.max(max, row[1] + row[2]);
+    const bw = Math.max(1, w / (to - from));
+    axis(svg, w, h, from, to);
+    svg.appendChild(svgEl("line", { x1: 0, x2: w, y1: base, y2: base, stroke: "#d0d5dd" }));
+    svg.appendChild(svgEl("text", { x: 2, y: top + 9 }, max + "/s"));
+    for (const row of buckets) {
+      const sec = row[0];
+      if (sec < from) continue;
+      const x = ((sec - from) / (to - from)) * w;
+      const hr = (row[1] / max) * (base - top);
+      const hg = (row[2] / max) * (base - top);
+      if (row[1]) svg.appendChild(svgEl("rect", { x: x, y: base - hr, width: bw, height: hr, fill: "#3e63dd" }));
+      if (row[2]) svg.appendChild(svgEl("rect", { x: x, y: base - hr - hg, width: bw, height: hg, fill: "#e5484d" }));
+    }
+    return svg;
+  }
+  function kvLine(label, obj) {
+    const line = el("div", "kv");
+    line.appendChild(el("span", null, label + ": "));
+    let first = true;
+    for (const k of Object.keys(obj)) {
+      const v = obj[k];
+      if (v !== null && typeof v === "object") continue;
+      if (!first) line.appendChild(document.createTextNode(" · "));
+      first = false;
+      line.appendChild(document.createTextNode(k + " "));
+      line.appendChild(el("b", null, String(v)));
+    }
+    return line;
+  }
+  function serviceCard(name, info, series, from, to) {
+    const card = el("section", "card service");
+    card.dataset.service = name;
+    const top = el("div", "top");
+    top.appendChild(el("h2", null, name));
+    const breaker = info.breaker;
+    const state = breaker ? normState(breaker.state) : "off";
+    const pill = el("span", "pill breaker " + (breaker ? stateClass(state) : "off"),
+      breaker ? "breaker " + state : "no breaker");
+    pill.dataset.state = state;
+    top.appendChild(pill);
+    if (breaker) {
+      let note = "failures " + breaker.failures + "/" + breaker.failure_threshold;
+      if (breaker.retry_after !== undefined) note += " · probes again in " + Number(breaker.retry_after).toFixed(1) + " s";
+      top.appendChild(el("span", "note", note));
+    }
+    card.appendChild(top);
+    const counters = info.counters || {};
+    const stats = el("div", "stats");
+    for (const key of Object.keys(LABELS)) {
+      const value = counters[key] || 0;
+      const box = el("div", "stat" + (value && TONE[key] ? " " + TONE[key] : ""));
+      box.dataset.counter = key;
+      box.appendChild(el("div", "v", value));
+      box.appendChild(el("div", "k", LABELS[key]));
+      stats.appendChild(box);
+    }
+    card.appendChild(stats);
+    card.appendChild(chips("retries by class", counters.retries_by_class));
+    card.appendChild(chips("retries by SQLSTATE", series ? series.retries_by_sqlstate : {}));
+    card.appendChild(plotTitle("circuit breaker", [["closed", COLORS.closed], ["half-open", COLORS["half-open"]], ["open", COLORS.open]]));
+    card.appendChild(breakerPlot(series ? series.breaker_states : [], breaker ? state : "off", from, to));
+    card.appendChild(plotTitle("retries per second", [["retries", "#3e63dd"], ["gave up", "#e5484d"]]));
+    card.appendChild(ratePlot(series ? series.buckets : [], from, to));
+    if (breaker && breaker.shared) card.appendChild(kvLine("shared breaker", breaker.shared));
+    if (info.budget) card.appendChild(kvLine("retry budget", info.budget));
+    for (const key of Object.keys(info)) {
+      if (["breaker", "budget", "counters"].includes(key)) continue;
+      const v = info[key];
+      if (v && typeof v === "object") card.appendChild(kvLine(key, v));
+      else if (v !== null && v !== undefined) card.appendChild(kvLine(key, { value: v }));
+    }
+    return card;
+  }
+  function transitionsCard(stats, series) {
+    const card = el("section", "card transitions");
+    const top = el("div", "top");
+    top.appendChild(el("h2", null, "Status transitions"));
+    card.appendChild(top);
+    const grid = el("div", "stats");
+    for (const key of Object.keys(stats || {})) {
+      const box = el("div", "stat" + (stats[key] && key !== "bulk_rows_filtered" ? " warn" : ""));
+      box.dataset.counter = key;
+      box.appendChild(el("div", "v", stats[key]));
+      box.appendChild(el("div", "k", key.replace(/_/g, " ")));
+      grid.appendChild(box);
+    }
+    card.appendChild(grid);
+    card.appendChild(chips("blocked by path", series ? series.blocked_by_via : {}));
+    return card;
+  }
+  function eventsCard(events) {
+    const card = el("section", "card wide events");
+    const top = el("div", "top");
+    top.appendChild(el("h2", null, "Recent [SELF-HEAL] events"));
+    top.appendChild(el("span", "note", events.length + " shown, newest first"));
+    card.appendChild(top);
+    if (!events.length) {
+      card.appendChild(el("div", "empty", "No self-healing action yet."));
+      return card;
+    }
+    const table = el("table");
+    const cols = el("colgroup");
+    for (const c of ["c-time", "c-level", "c-svc", "c-ev", "c-msg"]) cols.appendChild(el("col", c));
+    table.appendChild(cols);
+    const head = el("tr");
+    for (const h of ["time", "level", "service", "event", "message"]) head.appendChild(el("th", null, h));
+    table.appendChild(head);
+    for (const ev of events.slice().reverse()) {
+      const tr = el("tr");
+      tr.dataset.event = ev.name;
+      tr.appendChild(el("td", "t", clock(ev.time)));
+      const lvl = el("td");
+      lvl.appendChild(el("span", "lvl " + String(ev.level), ev.level));
+      tr.appendChild(lvl);
+      tr.appendChild(el("td", null, ev.service));
+      tr.appendChild(el("td", null, ev.name));
+      tr.appendChild(el("td", "msg", ev.message));
+      table.appendChild(tr);
+    }
+    card.appendChild(table);
+    return card;
+  }
+  function render(data) {
+    const health = data.health || {};
+    const services = health.services || {};
+    const series = data.series || {};
+    const to = data.now;
+    const from = to - Math.min(data.window, Math.max(120, to - data.since));
+    const names = new Set(Object.keys(services));
+    for (const n of Object.keys(series)) if (n !== data.no_service) names.add(n);
+    const open = [];
+    const frag = document.createDocumentFragment();
+    for (const name of Array.from(names).sort()) {
+      const info = services[name] || { breaker: null, budget: null, counters: {} };
+      if (info.breaker && normState(info.breaker.state) === "open") open.push(name);
+      frag.appendChild(serviceCard(name, info, series[name], from, to));
+    }
+    frag.appendChild(transitionsCard(health.transitions, series[data.no_service]));
+    frag.appendChild(eventsCard(data.events || []));
+    main.replaceChildren(frag);
+    const overall = document.getElementById("overall");
+    overall.className = "pill " + (health.healthy ? "healthy" : "degraded");
+    overall.textContent = health.healthy ? "healthy" : "degraded: breaker open for " + open.join(", ");
+    document.body.dataset.healthy = String(!!health.healthy);
+    document.body.dataset.updates = String(Number(document.body.dataset.updates || 0) + 1);
+  }
+  async function refresh() {
+    const live = document.getElementById("live");
+    const error = document.getElementById("error");
+    try {
+      const answer = await fetch("data.json" + window.location.search,
+        { cache: "no-store", credentials: "same-origin", headers: { "Accept": "application/json" } });
+      if (!answer.ok) throw new Error("the dashboard answered " + answer.status);
+      render(await answer.json());
+      live.textContent = "live · updated " + new Date().toLocaleTimeString([], { hour12: false });
+      live.className = "";
+      error.style.display = "none";
+    } catch (err) {
+      live.textContent = "not updating";
+      live.className = "stale";
+      error.textContent = "Could not refresh: " + (err && err.message ? err.message : String(err)) + " (retrying)";
+      error.style.display = "block";
+    } finally {
+      window.setTimeout(refresh, poll);
+    }
+  }
+  refresh();
+})();
+</script>
+</body>
+</html>
+"""
+
+
+def render_page(*, title: str, nonce: str, poll_ms: int) -> str:
+    """The page, with ``title`` escaped and the script's nonce."""
+    return (
+        _TEMPLATE.replace("@TITLE@", html.escape(title, quote=True))
+        .replace("@NONCE@", nonce)
+        .replace("@POLL@", str(int(poll_ms)))
+    )

@@ -1,0 +1,167 @@
+"""RFC 9457 problem details for resilient_db's errors, and their Starlette exception handlers.
+
+:func:`problem_details` is pure (an exception in, a :class:`Problem` out, no framework), so any
+web framework can answer with it; :func:`install_exception_handlers` registers it on a Starlette
+(or FastAPI) application. Row keys appear only when the operator opted in
+(``SELF_HEALING_LOG_ROW_KEYS``), as in the logs: a key can be personal data.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.exc import DBAPIError
+
+from resilient_db._classify import is_transient
+from resilient_db._config import Config, env_config
+from resilient_db._errors import (
+    CircuitOpenError,
+    CommitOutcomeUnknownError,
+    IllegalTransitionError,
+    ResponseValidationError,
+    StaleTransitionError,
+)
+
+__all__ = ["PROBLEM_JSON", "PROBLEM_TYPE_BASE", "Problem", "problem_details"]
+
+PROBLEM_JSON = "application/problem+json"
+#: Default prefix of the problem ``type`` URIs (RFC 9457 allows any URI; a URN names the kind
+#: without pretending a page exists). ``type_base=`` changes it, e.g. to your API docs.
+PROBLEM_TYPE_BASE = "urn:resilient-db:problem:"
+#: ``Retry-After`` for a transient error that ran out of retries (whole seconds).
+TRANSIENT_RETRY_AFTER = 1
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem details answer: HTTP ``status``, extra ``headers`` and the JSON ``body``
+    (``type``, ``title``, ``status``, ``detail`` and extension members)."""
+
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def _plain(value: Any) -> Any:
+    """A state as JSON can carry it (an Enum member by its value)."""
+    value = getattr(value, "value", value)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def problem_details(
+    exc: BaseException,
+    *,
+    config: Config | None = None,
+    type_base: str = PROBLEM_TYPE_BASE,
+) -> Problem | None:
+    """The problem details answer for ``exc``, or None when it is not one of these:
+
+    * :class:`~resilient_db.CircuitOpenError`: 503, ``Retry-After`` in whole seconds;
+    * :class:`~resilient_db.StaleTransitionError`: 409, reload the resource and decide again;
+    * :class:`~resilient_db.IllegalTransitionError`: 409 with ``from_state``, ``to_state``,
+      ``via`` (and ``pk`` only with ``SELF_HEALING_LOG_ROW_KEYS``);
+    * :class:`~resilient_db.CommitOutcomeUnknownError`: 500 of its own type: the change may
+      have been saved, so the client must check before resubmitting;
+    * :class:`~resilient_db.ResponseValidationError`: 500 (the server produced a bad result);
+    * a transient database error that ran out of retries (``is_transient``): 503.
+
+    ``config`` decides about row keys (default: the environment's).
+    """
+    cfg = config if config is not None else env_config()
+
+    def body(kind: str, title: str, status: int, detail: str, **ext: Any) -> dict[str, Any]:
+        return {"type": type_base + kind, "title": title, "status": status, "detail": detail, **ext}
+
+    if isinstance(exc, CircuitOpenError):
+        seconds = max(1, math.ceil(exc.retry_after))
+        return Problem(
+            503,
+            body(
+                "circuit-open",
+                "Service temporarily unavailable",
+                503,
+                f"The {exc.service!r} dependency is failing; requests are not attempted for "
+                f"{seconds} s. Retry after that.",
+                service=exc.service,
+                retry_after=seconds,
+            ),
+            {"Retry-After": str(seconds)},
+        )
+    if isinstance(exc, IllegalTransitionError):
+        stale = isinstance(exc, StaleTransitionError)
+        src, dst = _plain(exc.from_state), _plain(exc.to_state)
+        ext: dict[str, Any] = {
+            "model": exc.model,
+            "column": exc.column,
+            "from_state": src,
+            "to_state": dst,
+            "via": exc.via,
+        }
+        if cfg.log_row_keys:
+            ext["pk"] = _plain(exc.pk)
+        if stale:
+            return Problem(
+                409,
+                body(
+                    "stale-transition",
+                    "The resource changed meanwhile",
+                    409,
+                    f"The {exc.model} was moved by another request before this change was "
+                    f"saved; nothing was changed. Reload it and try again.",
+                    **ext,
+                ),
+            )
+        start = "a new row" if src is None else repr(src)
+        return Problem(
+            409,
+            body(
+                "illegal-transition",
+                "Illegal status transition",
+                409,
+                f"{exc.model}.{exc.column} may not move from {start} to {dst!r}; the change "
+                "was refused.",
+                **ext,
+            ),
+        )
+    if isinstance(exc, CommitOutcomeUnknownError):
+        return Problem(
+            500,
+            body(
+                "commit-outcome-unknown",
+                "Outcome of the change unknown",
+                500,
+                "The connection to the database was lost while the change was being committed, "
+                "and whether it was saved could not be verified. Do not resubmit blindly: check "
+                "whether the change is there first (or resubmit with the same idempotency key).",
+                service=exc.service,
+            ),
+        )
+    if isinstance(exc, ResponseValidationError):
+        return Problem(
+            500,
+            body(
+                "response-invalid",
+                "Invalid response",
+                500,
+                "The server produced a result that failed its own validation.",
+                service=exc.service,
+            ),
+        )
+    if isinstance(exc, DBAPIError) and is_transient(exc):
+        return Problem(
+            503,
+            body(
+                "database-unavailable",
+                "Database temporarily unavailable",
+                503,
+                "The database failed with a transient error and retrying did not help in "
+                "time. Retry shortly.",
+                retry_after=TRANSIENT_RETRY_AFTER,
+            ),
+            {"Retry-After": str(TRANSIENT_RETRY_AFTER)},
+        )
+    return None

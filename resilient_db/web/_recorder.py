@@ -1,0 +1,162 @@
+"""What the dashboard remembers: recent ``[SELF-HEAL]`` events and short time series, fed by the
+public hook API (:func:`resilient_db.add_hook`), bounded in size whatever the traffic."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from typing import Any
+
+from resilient_db._observability import SelfHealEvent, add_hook
+
+__all__ = ["Recorder", "recorder"]
+
+#: Services tracked at most (the library allows a bounded number of service names too).
+MAX_SERVICES = 64
+#: Breaker state changes kept per service.
+MAX_STATE_CHANGES = 256
+#: Counted fields of events kept per service (SQLSTATEs, classes, paths).
+MAX_LABELS = 64
+#: Events whose fields are shown in the event list (what they name, not who).
+_SHOWN_FIELDS = ("outcome", "sqlstate", "via", "from_state", "to_state", "model", "validator")
+_BREAKER_STATES = {
+    "breaker_opened": "open",
+    "breaker_half_open": "half-open",
+    "breaker_closed": "closed",
+}
+#: Events without a service (the transition guard's) are kept under this name.
+NO_SERVICE = "(transitions)"
+
+
+class _Series:
+    """One service's recent history: per-second buckets and breaker state changes."""
+
+    def __init__(self, window: int) -> None:
+        self.buckets: deque[list[int]] = deque(maxlen=window)  # [second, retries, gave_up, ...]
+        self.states: deque[tuple[float, str]] = deque(maxlen=MAX_STATE_CHANGES)
+        self.retries_by_sqlstate: Counter[str] = Counter()
+        self.blocked_by_via: Counter[str] = Counter()
+        self.events_by_name: Counter[str] = Counter()
+
+    def bucket(self, second: int) -> list[int]:
+        buckets = self.buckets
+        if buckets and buckets[-1][0] == second:
+            return buckets[-1]
+        row = [second, 0, 0, 0, 0]  # second, retries, gave_up, recovered, blocked
+        buckets.append(row)
+        return row
+
+
+def _count(counter: Counter[str], label: str) -> None:
+    if label in counter or len(counter) < MAX_LABELS:
+        counter[label] += 1
+
+
+class Recorder:
+    """A hook (``recorder(event)``) keeping the last ``max_events`` events and ``window``
+    seconds of per-second counts and breaker states per service. Thread-safe: hooks run in
+    the threads of the units; the lock is held for a few dict and deque operations."""
+
+    def __init__(
+        self,
+        *,
+        max_events: int = 200,
+        window: int = 600,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if max_events < 1 or window < 10:
+            raise ValueError("Recorder needs max_events >= 1 and window >= 10 seconds")
+        self.max_events = max_events
+        self.window = window
+        self.clock = clock
+        self.started = clock()
+        self._events: deque[dict[str, Any]] = deque(maxlen=max_events)
+        self._series: dict[str, _Series] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, event: SelfHealEvent) -> None:
+        now = self.clock()
+        service = event.service or NO_SERVICE
+        fields = event.fields
+        shown = {k: fields[k] for k in _SHOWN_FIELDS if fields.get(k) is not None}
+        entry = {
+            "time": now,
+            "name": event.name,
+            "service": service,
+            "level": logging.getLevelName(event.level).lower(),
+            "message": event.message,
+            "fields": {
+                k: v if isinstance(v, (int, float, bool)) else str(v) for k, v in shown.items()
+            },
+        }
+        with self._lock:
+            self._events.append(entry)
+            series = self._series.get(service)
+            if series is None:
+                if len(self._series) >= MAX_SERVICES:
+                    return
+                series = self._series[service] = _Series(self.window)
+            _count(series.events_by_name, event.name)
+            row = series.bucket(int(now))
+            if event.name == "retry":
+                row[1] += 1
+                _count(series.retries_by_sqlstate, str(fields.get("sqlstate", "none")))
+            elif event.name == "gave_up":
+                row[2] += 1
+            elif event.name == "recovered":
+                row[3] += 1
+            elif event.name == "transition_blocked":
+                row[4] += 1
+                _count(series.blocked_by_via, str(fields.get("via", "?")))
+            state = _BREAKER_STATES.get(event.name)
+            if state is not None:
+                series.states.append((now, state))
+
+    def snapshot(self, *, events: int | None = None) -> dict[str, Any]:
+        """Recent events (oldest first) and the time series, as JSON-able data."""
+        now = self.clock()
+        since = int(now) - self.window
+        with self._lock:
+            recent = list(self._events)
+            series = {
+                name: {
+                    "buckets": [row[:] for row in s.buckets if row[0] > since],
+                    "breaker_states": [[t, state] for t, state in s.states],
+                    "retries_by_sqlstate": dict(s.retries_by_sqlstate),
+                    "blocked_by_via": dict(s.blocked_by_via),
+                    "events_by_name": dict(s.events_by_name),
+                }
+                for name, s in self._series.items()
+            }
+        if events is not None:
+            recent = recent[-events:] if events > 0 else []
+        return {
+            "now": now,
+            "since": self.started,
+            "window": self.window,
+            "bucket_columns": ["second", "retries", "gave_up", "recovered", "blocked"],
+            "events": recent,
+            "series": series,
+        }
+
+    def clear(self) -> None:
+        with self._lock:
+            self._events.clear()
+            self._series.clear()
+
+
+_shared: Recorder | None = None
+_shared_lock = threading.Lock()
+
+
+def recorder() -> Recorder:
+    """The process's recorder, installed as a hook on first use (idempotent)."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = Recorder()
+        add_hook(_shared)  # again after anything that removed it: add_hook is idempotent
+        return _shared

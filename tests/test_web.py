@@ -1,0 +1,361 @@
+"""resilient_db.web's exception handlers through Starlette's test client, against real failures on
+a real server: an open breaker (refused connections through the fault proxy), illegal transitions
+by each path (flush, ORM bulk UPDATE, the trigger), a stale transition (the row moved by another
+transaction), lost COMMIT answers that can't be verified, and an invalid response. Every answer is
+RFC 9457 problem details (``application/problem+json``)."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from pydantic import BaseModel
+from scenarios import RAISE_CODE_FUNCTION, MoveFirst
+from sqlalchemy.orm import Session
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+import resilient_db as rdb
+from resilient_db.examples.tasks import Base, Task, create_task, move_task
+from resilient_db.testing import FaultProxy
+from resilient_db.web import PROBLEM_JSON, install_exception_handlers, problem_details
+
+_services = itertools.count()
+
+
+@pytest.fixture(autouse=True)
+def _no_backoff() -> Iterator[None]:
+    with rdb.set_testing():
+        yield
+
+
+@pytest.fixture
+def service() -> str:
+    return f"web-{next(_services)}"
+
+
+@pytest.fixture
+def direct(pg_url: str) -> Iterator[sa.Engine]:
+    """The test database with the tasks schema and its trigger, reached directly."""
+    engine = sa.create_engine(pg_url)
+    Base.metadata.create_all(engine)
+    rdb.install_transition_trigger(engine, Task)
+    with engine.begin() as conn:
+        conn.execute(RAISE_CODE_FUNCTION)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def proxied(direct: sa.Engine, fault_proxy: FaultProxy, pg_database: str) -> Iterator[sa.Engine]:
+    engine = sa.create_engine(
+        fault_proxy.url(pg_database), connect_args={"connect_timeout": 2}, pool_pre_ping=False
+    )
+    yield engine
+    engine.dispose()
+
+
+class TaskOut(BaseModel):
+    id: int
+    title: str
+    status: str
+
+
+def new_task(engine: sa.Engine) -> int:
+    with Session(engine) as session, session.begin():
+        task = create_task(session, title="t", idem_key=str(uuid.uuid4()))
+        session.flush()
+        return task.id
+
+
+def status_of(engine: sa.Engine, task_id: int) -> str:
+    with engine.connect() as conn:
+        return str(conn.execute(sa.select(Task.status).where(Task.id == task_id)).scalar_one())
+
+
+def make_app(Sessions: rdb.ResilientSession[Any], *, config: rdb.Config | None = None) -> Starlette:
+    """A small tasks API: each route is one unit of work."""
+
+    def move(session: Session, task_id: int, to: str, how: str) -> dict[str, Any]:
+        task = session.get(Task, task_id)
+        if task is None:
+            return {"missing": task_id}
+        if how == "flush":
+            move_task(session, task, to, idem_key=str(uuid.uuid4()))
+            session.flush()
+        elif how == "orm-update":
+            session.execute(sa.update(Task).where(Task.id == task_id).values(status=to))
+        else:
+            session.execute(
+                sa.text("UPDATE tasks SET status = :to WHERE id = :id"), {"to": to, "id": task_id}
+            )
+        return {"id": task_id, "title": task.title, "status": to}
+
+    def move_route(request: Request) -> JSONResponse:
+        params = request.path_params
+        how = request.query_params.get("via", "flush")
+        body = Sessions.run(move, int(params["task_id"]), params["to"], how)
+        return JSONResponse(body)
+
+    def list_route(request: Request) -> JSONResponse:
+        rows = Sessions.run(lambda s: [t.id for t in s.scalars(sa.select(Task))])
+        return JSONResponse(rows)
+
+    def invalid_route(request: Request) -> JSONResponse:
+        body = Sessions.run(lambda s: {"id": "not a number"}, validate=TaskOut)
+        return JSONResponse(body)
+
+    def broken_route(request: Request) -> JSONResponse:
+        Sessions.run(lambda s: s.execute(sa.text("SELECT raise_code('22012')")))
+        return JSONResponse({})
+
+    app = Starlette(
+        routes=[
+            Route("/tasks/{task_id:int}/{to}", move_route, methods=["POST"]),
+            Route("/tasks", list_route),
+            Route("/invalid", invalid_route),
+            Route("/broken", broken_route),
+        ]
+    )
+    install_exception_handlers(app, config=config)
+    return app
+
+
+def problem(response: Any, status: int, kind: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == PROBLEM_JSON
+    body: dict[str, Any] = response.json()
+    assert body["type"] == f"urn:resilient-db:problem:{kind}"
+    assert body["status"] == status
+    assert body["title"]
+    assert body["detail"]
+    return body
+
+
+# -- an open breaker -----------------------------------------------------------------------------
+def test_refused_connections_give_503_then_the_open_breaker_503_with_retry_after(
+    proxied: sa.Engine, fault_proxy: FaultProxy, service: str
+) -> None:
+    Sessions = rdb.ResilientSession(
+        proxied,
+        service=service,
+        config=rdb.Config(max_retries=1, failure_threshold=2, reset_timeout=30),
+    )
+    client = TestClient(make_app(Sessions))
+    assert client.get("/tasks").json() == []
+    fault_proxy.refuse(cut=True)  # the pooled connection is cut, new ones are refused
+    # two failed attempts: retries ran out, and the breaker opened on the second
+    first = client.get("/tasks")
+    body = problem(first, 503, "database-unavailable")
+    assert first.headers["retry-after"] == "1"
+    assert body["retry_after"] == 1
+    assert rdb.health()["services"][service]["breaker"]["state"] == "open"
+    accepted = fault_proxy.connections_accepted
+    second = client.get("/tasks")
+    body = problem(second, 503, "circuit-open")
+    assert body["service"] == service
+    assert second.headers["retry-after"] == str(body["retry_after"])
+    assert 29 <= body["retry_after"] <= 30  # whole seconds, rounded up
+    assert fault_proxy.connections_accepted == accepted  # rejected without touching the network
+    fault_proxy.restore()
+
+
+# -- illegal transitions, by each path -------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("how", "via"), [("flush", "flush"), ("orm-update", "orm-update"), ("raw-sql", "db")]
+)
+def test_illegal_transition_gives_409_by_each_path(
+    direct: sa.Engine, service: str, how: str, via: str
+) -> None:
+    Sessions = rdb.ResilientSession(direct, service=service, config=rdb.Config(bulk_update="raise"))
+    client = TestClient(make_app(Sessions))
+    task_id = new_task(direct)
+    answer = client.post(f"/tasks/{task_id}/completed", params={"via": how})
+    body = problem(answer, 409, "illegal-transition")
+    assert body["via"] == via
+    assert body["from_state"] == "pending"
+    assert body["to_state"] == "completed"
+    assert body["model"] == "Task"
+    assert body["column"] == "status"
+    assert "pk" not in body  # row keys only when the operator opted in
+    assert str(task_id) not in body["detail"]
+    assert status_of(direct, task_id) == "pending"
+    # a legal move through the same route works
+    assert client.post(f"/tasks/{task_id}/in_progress", params={"via": how}).status_code == 200
+    assert status_of(direct, task_id) == "in_progress"
+
+
+def test_row_keys_appear_only_when_opted_in(direct: sa.Engine, service: str) -> None:
+    config = rdb.Config(log_row_keys=True)
+    Sessions = rdb.ResilientSession(direct, service=service, config=config)
+    client = TestClient(make_app(Sessions, config=config))
+    task_id = new_task(direct)
+    body = problem(client.post(f"/tasks/{task_id}/completed"), 409, "illegal-transition")
+    assert body["pk"] == task_id
+
+
+def test_stale_transition_gives_409_telling_to_reload(direct: sa.Engine, service: str) -> None:
+    Sessions = rdb.ResilientSession(direct, service=service, config=rdb.Config())
+    client = TestClient(make_app(Sessions))
+    task_id = new_task(direct)
+    # another transaction cancels the task between this unit's read and its UPDATE
+    with MoveFirst(
+        direct, direct, "UPDATE tasks SET status = 'cancelled' WHERE id = :id", id=task_id
+    ) as mover:
+        answer = client.post(f"/tasks/{task_id}/in_progress")
+    assert mover.done
+    body = problem(answer, 409, "stale-transition")
+    assert "Reload" in body["detail"]
+    assert body["from_state"] == "pending"
+    assert body["to_state"] == "in_progress"
+    assert status_of(direct, task_id) == "cancelled"
+
+
+# -- lost COMMIT answers ---------------------------------------------------------------------------
+def test_unverifiable_lost_commit_answer_gives_500_of_its_own_type(
+    proxied: sa.Engine, fault_proxy: FaultProxy, service: str, direct: sa.Engine
+) -> None:
+    """The COMMIT's answer is lost and nobody can connect again to ask what became of it."""
+    Sessions = rdb.ResilientSession(
+        proxied, service=service, config=rdb.Config(circuit_breaker=False, max_retries=1)
+    )
+
+    def create(session: Session) -> dict[str, Any]:
+        create_task(session, title="maybe", idem_key="lost-answer")
+        session.flush()
+        fault_proxy.lose_commit_answer()
+        fault_proxy.refuse()
+        return {}
+
+    app = make_app(Sessions)
+    app.add_route("/create", lambda request: JSONResponse(Sessions.run(create)), methods=["POST"])
+    answer = TestClient(app).post("/create")
+    body = problem(answer, 500, "commit-outcome-unknown")
+    assert "Do not resubmit blindly" in body["detail"]
+    assert body["service"] == service
+    fault_proxy.restore()
+    with direct.connect() as conn:  # the server did commit it, once
+        count = conn.execute(sa.text("SELECT count(*) FROM tasks WHERE idem_key = 'lost-answer'"))
+        assert count.scalar_one() == 1
+
+
+def test_swallowed_commit_then_cut_gives_500_of_its_own_type(
+    proxied: sa.Engine, fault_proxy: FaultProxy, service: str, direct: sa.Engine
+) -> None:
+    """The COMMIT never reaches the server; the connection is cut while the client waits for it
+    and the server stays unreachable: the outcome can't be known (it was in fact not applied)."""
+    Sessions = rdb.ResilientSession(
+        proxied, service=service, config=rdb.Config(circuit_breaker=False, max_retries=1)
+    )
+
+    def create(session: Session) -> dict[str, Any]:
+        create_task(session, title="swallowed", idem_key="swallowed")
+        session.flush()
+        fault_proxy.swallow_commit()
+        return {}
+
+    def cut_when_held() -> None:
+        deadline = time.monotonic() + 20
+        while fault_proxy.commits_swallowed < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        fault_proxy.refuse(cut=True)
+
+    app = make_app(Sessions)
+    app.add_route("/create", lambda request: JSONResponse(Sessions.run(create)), methods=["POST"])
+    cutter = threading.Thread(target=cut_when_held, daemon=True)
+    cutter.start()
+    answer = TestClient(app).post("/create")
+    cutter.join(30)
+    assert fault_proxy.commits_swallowed == 1
+    problem(answer, 500, "commit-outcome-unknown")
+    fault_proxy.restore()
+    with direct.connect() as conn:
+        count = conn.execute(sa.text("SELECT count(*) FROM tasks WHERE idem_key = 'swallowed'"))
+        assert count.scalar_one() == 0
+
+
+# -- what is not ours ----------------------------------------------------------------------------
+def test_invalid_response_gives_500_and_other_database_errors_stay_the_apps(
+    direct: sa.Engine, service: str
+) -> None:
+    Sessions = rdb.ResilientSession(direct, service=service, config=rdb.Config())
+    client = TestClient(make_app(Sessions), raise_server_exceptions=False)
+    body = problem(client.get("/invalid"), 500, "response-invalid")
+    assert "not a number" not in str(body)
+    broken = client.get("/broken")  # division by zero: not transient, the app's own 500
+    assert broken.status_code == 500
+    assert broken.headers["content-type"] != PROBLEM_JSON
+    strict = TestClient(make_app(Sessions))
+    with pytest.raises(sa.exc.DataError):
+        strict.get("/broken")
+
+
+def test_problem_details_for_any_framework() -> None:
+    p = problem_details(rdb.CircuitOpenError("db", 0.2), type_base="https://api.example/problems/")
+    assert p is not None
+    assert p.status == 503
+    assert p.headers == {"Retry-After": "1"}
+    assert p.body["type"] == "https://api.example/problems/circuit-open"
+    assert problem_details(ValueError("x")) is None
+    err = rdb.StaleTransitionError(
+        model="Task",
+        pk="alice@example.org",
+        column="status",
+        from_state="a",
+        to_state="b",
+        via="flush",
+    )
+    stale = problem_details(err)
+    assert stale is not None
+    assert stale.status == 409
+    assert "alice" not in str(stale.body)
+    with pytest.raises(TypeError, match="Starlette or FastAPI"):
+        install_exception_handlers(object())  # type: ignore[arg-type]
+
+
+def test_fastapi_app_and_decorated_async_handler(
+    direct: sa.Engine, service: str, pg_async_url: str
+) -> None:
+    from fastapi import FastAPI  # noqa: PLC0415
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine  # noqa: PLC0415
+
+    # no pool: each connection is closed on the test client's event loop that opened it
+    aengine = create_async_engine(pg_async_url, poolclass=sa.pool.NullPool)
+    Sessions = rdb.AsyncResilientSession(aengine, service=service, config=rdb.Config())
+    app = FastAPI()
+    install_exception_handlers(app)
+    calls: list[int] = []
+
+    @app.post("/tasks/{task_id}/{to}")
+    @rdb.with_self_healing(service=service, config=rdb.Config())
+    async def move(task_id: int, to: str) -> dict[str, Any]:
+        calls.append(1)
+
+        async def unit(session: AsyncSession) -> dict[str, Any]:
+            task = await session.get(Task, task_id)
+            assert task is not None
+            task.status = to
+            await session.flush()
+            return {"id": task.id, "status": to}
+
+        return await Sessions.run(unit)
+
+    task_id = new_task(direct)
+    with TestClient(app) as client:
+        body = problem(client.post(f"/tasks/{task_id}/completed"), 409, "illegal-transition")
+        assert body["via"] == "flush"
+        assert calls == [1]  # never retried
+        assert client.post(f"/tasks/{task_id}/in_progress").json() == {
+            "id": task_id,
+            "status": "in_progress",
+        }
+    assert status_of(direct, task_id) == "in_progress"
