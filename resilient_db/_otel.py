@@ -1,0 +1,171 @@
+"""OpenTelemetry for resilient_db: one hook on the public hook API (:func:`resilient_db.add_hook`),
+as stamina offers its Prometheus and structlog instrumentation.
+
+Every self-healing action becomes a span event ``resilient_db.<event>`` on the current span (the
+request or job it happened in, when one is recording) with the action's structured fields as
+attributes, and counts on OTel counters. Only ``opentelemetry-api`` is needed (the ``otel``
+extra); the application's SDK decides where spans and metrics go.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from ._observability import SelfHealEvent, add_hook, remove_hook
+
+__all__ = ["OpenTelemetryHook", "install_opentelemetry", "uninstall_opentelemetry"]
+
+_ATTRIBUTE_TYPES = (str, bool, int, float)
+_BREAKER_STATES = {
+    "breaker_opened": "open",
+    "breaker_half_open": "half_open",
+    "breaker_closed": "closed",
+}
+_COMMIT_OUTCOMES = {
+    "commit_verified": "committed",
+    "commit_not_applied": "not_committed",
+    "commit_unknown": "unknown",
+}
+
+
+def _opentelemetry() -> tuple[Any, Any]:
+    try:
+        from opentelemetry import metrics, trace  # noqa: PLC0415 - optional dependency
+    except ImportError as exc:
+        raise ImportError(
+            "OpenTelemetry support needs the OpenTelemetry API: pip install 'resilient-db[otel]'"
+        ) from exc
+    return metrics, trace
+
+
+class OpenTelemetryHook:
+    """The hook :func:`install_opentelemetry` installs. Instruments (all counters):
+
+    ``resilient_db.events`` (every action; ``event``, ``service``),
+    ``resilient_db.retries`` (``service``, ``outcome``, ``sqlstate``),
+    ``resilient_db.breaker.transitions`` (``service``, ``state``),
+    ``resilient_db.commit.verifications`` (``service``, ``outcome``: committed, not_committed,
+    unknown), ``resilient_db.transitions.blocked`` (``model``, ``via``, ``stale``),
+    ``resilient_db.response_validation.failures`` (``service``, ``validator``).
+    """
+
+    def __init__(self, meter_provider: Any = None) -> None:
+        metrics, trace = _opentelemetry()
+        from . import __version__  # noqa: PLC0415 - the package imports this module lazily
+
+        self._trace = trace
+        meter = (
+            meter_provider.get_meter("resilient_db", __version__)
+            if meter_provider is not None
+            else metrics.get_meter("resilient_db", __version__)
+        )
+        self.meter_provider = meter_provider
+        self._events = meter.create_counter(
+            "resilient_db.events", unit="{event}", description="Self-healing actions, by event"
+        )
+        self._retries = meter.create_counter(
+            "resilient_db.retries",
+            unit="{retry}",
+            description="Retries of units of work, by error class and SQLSTATE",
+        )
+        self._breaker = meter.create_counter(
+            "resilient_db.breaker.transitions",
+            unit="{transition}",
+            description="Circuit breaker state changes, by the state entered",
+        )
+        self._commits = meter.create_counter(
+            "resilient_db.commit.verifications",
+            unit="{commit}",
+            description="COMMITs whose answer was lost, by the verified outcome",
+        )
+        self._blocked = meter.create_counter(
+            "resilient_db.transitions.blocked",
+            unit="{transition}",
+            description="Illegal status transitions blocked, by the path that blocked them",
+        )
+        self._invalid = meter.create_counter(
+            "resilient_db.response_validation.failures",
+            unit="{result}",
+            description="Results that failed their validate= check",
+        )
+
+    def __call__(self, event: SelfHealEvent) -> None:
+        fields = event.fields
+        service = event.service or ""
+        span = self._trace.get_current_span()
+        if span.is_recording():
+            span.add_event(f"resilient_db.{event.name}", _attributes(event, fields))
+        self._events.add(1, {"event": event.name, "service": service})
+        name = event.name
+        if name == "retry":
+            self._retries.add(
+                1,
+                {
+                    "service": service,
+                    "outcome": str(fields.get("outcome", "")),
+                    "sqlstate": str(fields.get("sqlstate", "none")),
+                },
+            )
+        elif name in _BREAKER_STATES:
+            self._breaker.add(1, {"service": service, "state": _BREAKER_STATES[name]})
+        elif name in _COMMIT_OUTCOMES:
+            self._commits.add(1, {"service": service, "outcome": _COMMIT_OUTCOMES[name]})
+        elif name == "transition_blocked":
+            self._blocked.add(
+                int(fields.get("blocked_rows", 1) or 1),
+                {
+                    "model": str(fields.get("model", "")),
+                    "via": str(fields.get("via", "")),
+                    "stale": bool(fields.get("stale", False)),
+                },
+            )
+        elif name == "response_invalid":
+            self._invalid.add(
+                1, {"service": service, "validator": str(fields.get("validator", ""))}
+            )
+
+
+def _attributes(event: SelfHealEvent, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The span event's attributes: the action's fields that OTel can carry (no None, no
+    objects), under ``resilient_db.``, and the log line without its prefix."""
+    attributes: dict[str, Any] = {"resilient_db.message": event.message}
+    for key, value in fields.items():
+        if key == "event" or value is None:
+            continue
+        plain = value if isinstance(value, _ATTRIBUTE_TYPES) else str(value)
+        attributes[f"resilient_db.{key}"] = plain
+    return attributes
+
+
+_installed: OpenTelemetryHook | None = None
+_lock = threading.Lock()
+
+
+def install_opentelemetry(*, meter_provider: Any = None) -> OpenTelemetryHook:
+    """Record every self-healing action as a span event on the current span and on OTel
+    counters (see :class:`OpenTelemetryHook`). Idempotent: calling it again returns the hook
+    already installed, unless another ``meter_provider`` is given (then that one replaces it).
+    ``meter_provider`` defaults to the global one (``opentelemetry.metrics``); spans always go
+    to the current span of the context the action happens in."""
+    global _installed
+    with _lock:
+        hook = _installed
+        if hook is not None and (meter_provider is None or hook.meter_provider is meter_provider):
+            add_hook(hook)  # idempotent
+            return hook
+        if hook is not None:
+            remove_hook(hook)
+        hook = _installed = OpenTelemetryHook(meter_provider)
+        add_hook(hook)
+        return hook
+
+
+def uninstall_opentelemetry() -> None:
+    """Remove the hook :func:`install_opentelemetry` installed (no error if there is none)."""
+    global _installed
+    with _lock:
+        if _installed is not None:
+            remove_hook(_installed)
+            _installed = None

@@ -1,0 +1,172 @@
+"""The dashboard over HTTP (Starlette's test client): it refuses to start without ``auth=``,
+answers 401/403 to unauthorised requests, serves ``health()`` with recent events and time
+series as JSON, bounds what it keeps, and sends its page with a strict CSP. Real self-healing
+events come from units of work on a real server. The page in a real browser:
+``test_dashboard_browser.py``."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from scenarios import RAISE_CODE_FUNCTION
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.routing import Mount
+from starlette.testclient import TestClient
+
+import resilient_db as rdb
+from resilient_db.web import Recorder, dashboard, token_auth
+
+_services = itertools.count()
+TOKEN = "a-long-enough-dashboard-token"
+
+
+@pytest.fixture(autouse=True)
+def _no_backoff() -> Iterator[None]:
+    with rdb.set_testing():
+        yield
+
+
+@pytest.fixture
+def engine(pg_url: str) -> Iterator[sa.Engine]:
+    eng = sa.create_engine(pg_url)
+    with eng.begin() as conn:
+        conn.execute(RAISE_CODE_FUNCTION)
+    yield eng
+    eng.dispose()
+
+
+def mounted(board: Any) -> TestClient:
+    return TestClient(Starlette(routes=[Mount("/admin/self-healing", app=board)]))
+
+
+def test_refuses_to_start_without_auth() -> None:
+    with pytest.raises(TypeError, match="dashboard\\(\\) needs auth="):
+        dashboard()
+    with pytest.raises(TypeError, match="needs a callable"):
+        dashboard(auth="admin")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="at least 16 characters"):
+        token_auth("short")
+
+
+def test_unauthorised_requests_get_401_or_403() -> None:
+    client = mounted(dashboard(auth=token_auth(TOKEN)))
+    for path in ("/admin/self-healing/", "/admin/self-healing/data.json"):
+        missing = client.get(path)
+        assert missing.status_code == 401
+        assert missing.headers["www-authenticate"].startswith("Bearer")
+        assert missing.headers["content-type"] == "application/problem+json"
+        assert "health" not in missing.text
+        wrong = client.get(path, headers={"Authorization": "Bearer not-the-token-at-all"})
+        assert wrong.status_code == 403
+        assert client.get(path, params={"token": "wrong"}).status_code == 403
+        assert client.get(path, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+        assert client.get(path, params={"token": TOKEN}).status_code == 200
+
+    calls: list[str] = []
+
+    async def staff_only(request: Request) -> bool:  # an async check, deciding per request
+        calls.append(request.url.path)
+        return request.headers.get("x-role") == "staff"
+
+    client = mounted(dashboard(auth=staff_only))
+    assert client.get("/admin/self-healing/data.json").status_code == 403
+    assert (
+        client.get("/admin/self-healing/data.json", headers={"x-role": "staff"}).status_code == 200
+    )
+    assert calls == ["/admin/self-healing/data.json"] * 2
+    client = mounted(dashboard(auth=lambda request: "yes"))  # type: ignore[arg-type,return-value]
+    with pytest.raises(TypeError, match="must return True or False"):
+        client.get("/admin/self-healing/")
+
+
+def test_data_is_health_plus_events_and_series_from_real_units(
+    engine: sa.Engine, pg_url: str
+) -> None:
+    service = f"board-{next(_services)}"
+    board = dashboard(auth=lambda request: True, events=50)
+    Sessions = rdb.ResilientSession(
+        engine, service=service, config=rdb.Config(max_retries=2, failure_threshold=3)
+    )
+    calls: list[int] = []
+
+    def flaky(session: sa.orm.Session) -> int:
+        calls.append(1)
+        if len(calls) == 1:
+            session.execute(sa.text("SELECT raise_code('40001')"))
+        return 1
+
+    assert Sessions.run(flaky) == 1  # one retry (serialization failure), then recovered
+    for _ in range(3):  # unavailable: every attempt fails, the breaker opens
+        with contextlib.suppress(sa.exc.DBAPIError, rdb.CircuitOpenError):
+            Sessions.run(lambda s: s.execute(sa.text("SELECT raise_code('57P03')")))
+    client = mounted(board)
+    data = client.get("/admin/self-healing/data.json").json()
+    counters = rdb.health()["services"][service]["counters"]
+    assert data["health"]["services"][service]["counters"] == counters
+    assert data["health"]["healthy"] is False
+    assert data["health"]["services"][service]["breaker"]["state"] == "open"
+    names = [e["name"] for e in data["events"] if e["service"] == service]
+    assert names.index("retry") < names.index("recovered") < names.index("breaker_opened")
+    assert "breaker_opened" in names
+    series = data["series"][service]
+    assert series["retries_by_sqlstate"] == {"40001": 1, "57P03": 2}
+    assert [state for _, state in series["breaker_states"]] == ["open"]
+    assert sum(row[1] for row in series["buckets"]) == 3  # retries per second, summed
+    assert data["bucket_columns"][:2] == ["second", "retries"]
+    page = client.get("/admin/self-healing/")
+    assert page.headers["content-type"].startswith("text/html")
+    assert client.get("/admin/self-healing/nothing").status_code == 404
+    assert client.post("/admin/self-healing/data.json").status_code == 405
+
+
+def test_the_page_is_escaped_and_locked_down() -> None:
+    evil = '<script>alert("x")</script>'
+    client = mounted(dashboard(auth=lambda request: True, title=evil))
+    page = client.get("/admin/self-healing/")
+    assert evil not in page.text
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page.text
+    csp = page.headers["content-security-policy"]
+    nonce = re.search(r"script-src 'nonce-([^']+)'", csp)
+    assert nonce is not None
+    assert f'<script nonce="{nonce.group(1)}">' in page.text
+    assert "innerHTML" not in page.text
+    assert "http://" not in page.text.replace("http://www.w3.org/2000/svg", "")  # no CDN
+    assert "https://" not in page.text
+    assert page.headers["x-frame-options"] == "DENY"
+    assert page.headers["cache-control"] == "no-store"
+    # another request, another nonce
+    again = client.get("/admin/self-healing/").headers["content-security-policy"]
+    assert again != csp
+
+
+def test_recorder_is_bounded() -> None:
+    now = [1_000_000.0]
+    rec = Recorder(max_events=5, window=30, clock=lambda: now[0])
+    for n in range(100):
+        now[0] += 1.0
+        rec(
+            rdb.SelfHealEvent(
+                name="retry",
+                service="svc",
+                level=30,
+                message=f"retry {n}",
+                fields={"sqlstate": f"S{n}", "pk": "secret"},
+            )
+        )
+    snap = rec.snapshot()
+    assert [e["message"] for e in snap["events"]] == [f"retry {n}" for n in range(95, 100)]
+    assert "pk" not in snap["events"][0]["fields"]
+    assert len(snap["series"]["svc"]["buckets"]) <= 30
+    assert len(snap["series"]["svc"]["retries_by_sqlstate"]) == 64  # labels are capped too
+    for n in range(100):
+        rec(rdb.SelfHealEvent(name="retry", service=f"s{n}", level=30, message="", fields={}))
+    assert len(rec.snapshot()["series"]) == 64
+    with pytest.raises(ValueError, match="max_events"):
+        Recorder(max_events=0)

@@ -1,0 +1,192 @@
+"""OpenTelemetry through the public hook API, with the SDK's in-memory span exporter and metric
+reader: retries, breaker transitions, commit verifications and blocked transitions from real units
+on a real server become span events on the current span and counts on OTel counters."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from scenarios import RAISE_CODE_FUNCTION
+from sqlalchemy.orm import Session
+
+import resilient_db as rdb
+from resilient_db.examples.tasks import Base, Task, create_task, move_task
+from resilient_db.otel import install_opentelemetry, uninstall_opentelemetry
+from resilient_db.testing import FaultProxy
+
+_services = itertools.count()
+
+
+@pytest.fixture(autouse=True)
+def _no_backoff() -> Iterator[None]:
+    with rdb.set_testing():
+        yield
+
+
+@pytest.fixture
+def otel() -> Iterator[tuple[Any, InMemorySpanExporter, InMemoryMetricReader]]:
+    spans = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+    reader = InMemoryMetricReader()
+    meter_provider = MeterProvider(metric_readers=[reader])
+    install_opentelemetry(meter_provider=meter_provider)
+    yield tracer_provider.get_tracer("test"), spans, reader
+    uninstall_opentelemetry()
+    meter_provider.shutdown()
+    tracer_provider.shutdown()
+
+
+@pytest.fixture
+def engine(pg_url: str) -> Iterator[sa.Engine]:
+    eng = sa.create_engine(pg_url)
+    Base.metadata.create_all(eng)
+    rdb.install_commit_markers(eng)
+    with eng.begin() as conn:
+        conn.execute(RAISE_CODE_FUNCTION)
+    yield eng
+    eng.dispose()
+
+
+def points(reader: InMemoryMetricReader, name: str) -> dict[tuple[tuple[str, Any], ...], int]:
+    """The counter ``name``'s values by their attributes."""
+    found: dict[tuple[tuple[str, Any], ...], int] = {}
+    data = reader.get_metrics_data()
+    for resource in data.resource_metrics if data else ():
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                if metric.name == name:
+                    for point in metric.data.data_points:
+                        found[tuple(sorted(point.attributes.items()))] = int(point.value)
+    return found
+
+
+def test_retries_and_breaker_transitions_as_span_events_and_counters(
+    engine: sa.Engine, otel: tuple[Any, InMemorySpanExporter, InMemoryMetricReader]
+) -> None:
+    tracer, spans, reader = otel
+    service = f"otel-{next(_services)}"
+    Sessions = rdb.ResilientSession(
+        engine, service=service, config=rdb.Config(max_retries=2, failure_threshold=3)
+    )
+    calls: list[int] = []
+
+    def flaky(session: Session) -> int:
+        calls.append(1)
+        if len(calls) == 1:
+            session.execute(sa.text("SELECT raise_code('40P01')"))
+        return 7
+
+    with tracer.start_as_current_span("GET /tasks"):
+        assert Sessions.run(flaky) == 7
+    with tracer.start_as_current_span("GET /outage"), contextlib.suppress(sa.exc.DBAPIError):
+        Sessions.run(lambda s: s.execute(sa.text("SELECT raise_code('57P03')")))
+    request, outage = spans.get_finished_spans()
+    assert [e.name for e in request.events] == ["resilient_db.retry", "resilient_db.recovered"]
+    retry = request.events[0].attributes
+    assert retry is not None
+    assert retry["resilient_db.service"] == service
+    assert retry["resilient_db.sqlstate"] == "40P01"
+    assert retry["resilient_db.outcome"] == "conflict"
+    assert str(retry["resilient_db.message"]).startswith("Retry attempt 1/2")
+    assert [e.name for e in outage.events] == [
+        "resilient_db.retry",
+        "resilient_db.retry",
+        "resilient_db.breaker_opened",
+        "resilient_db.gave_up",
+    ]
+    assert points(reader, "resilient_db.retries") == {
+        (("outcome", "conflict"), ("service", service), ("sqlstate", "40P01")): 1,
+        (("outcome", "unavailable"), ("service", service), ("sqlstate", "57P03")): 2,
+    }
+    assert points(reader, "resilient_db.breaker.transitions") == {
+        (("service", service), ("state", "open")): 1
+    }
+    events = points(reader, "resilient_db.events")
+    assert events[(("event", "gave_up"), ("service", service))] == 1
+    assert events[(("event", "recovered"), ("service", service))] == 1
+
+
+def test_commit_verification_and_blocked_transitions(
+    engine: sa.Engine,
+    fault_proxy: FaultProxy,
+    pg_database: str,
+    otel: tuple[Any, InMemorySpanExporter, InMemoryMetricReader],
+) -> None:
+    tracer, spans, reader = otel
+    service = f"otel-{next(_services)}"
+    rdb.install_transition_trigger(engine, Task)
+    proxied = sa.create_engine(fault_proxy.url(pg_database))
+    Sessions = rdb.ResilientSession(proxied, service=service, config=rdb.Config())
+
+    def create(session: Session) -> int:
+        task = create_task(session, title="t", idem_key=str(uuid.uuid4()))
+        session.flush()
+        return task.id
+
+    fault_proxy.lose_commit_answer()
+    with tracer.start_as_current_span("POST /tasks"):
+        task_id = Sessions.run(create)  # committed, answer lost: verified, not replayed
+
+    def finish(session: Session) -> None:
+        task = session.get(Task, task_id)
+        assert task is not None
+        move_task(session, task, "completed", idem_key=str(uuid.uuid4()))
+        session.flush()
+
+    with (
+        tracer.start_as_current_span("POST /tasks/1/completed"),
+        pytest.raises(rdb.IllegalTransitionError),
+    ):
+        Sessions.run(finish)
+    proxied.dispose()
+    created, finished = spans.get_finished_spans()
+    assert "resilient_db.commit_verified" in [e.name for e in created.events]
+    (blocked,) = [e for e in finished.events if e.name == "resilient_db.transition_blocked"]
+    assert blocked.attributes is not None
+    assert blocked.attributes["resilient_db.via"] == "flush"
+    assert blocked.attributes["resilient_db.to_state"] == "completed"
+    assert "resilient_db.pk" not in blocked.attributes  # row keys only when opted in
+    assert points(reader, "resilient_db.commit.verifications") == {
+        (("outcome", "committed"), ("service", service)): 1
+    }
+    assert points(reader, "resilient_db.transitions.blocked") == {
+        (("model", "Task"), ("stale", False), ("via", "flush")): 1
+    }
+
+
+def test_install_is_idempotent_and_uninstall_stops_it(
+    engine: sa.Engine, otel: tuple[Any, InMemorySpanExporter, InMemoryMetricReader]
+) -> None:
+    tracer, spans, _ = otel
+    first = install_opentelemetry()  # again, no provider given: the installed hook
+    assert install_opentelemetry() is first
+    service = f"otel-{next(_services)}"
+    Sessions = rdb.ResilientSession(engine, service=service, config=rdb.Config())
+    calls: list[int] = []
+
+    def flaky(session: Session) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            session.execute(sa.text("SELECT raise_code('40001')"))
+
+    with tracer.start_as_current_span("once"):
+        Sessions.run(flaky)
+    (span,) = spans.get_finished_spans()
+    assert [e.name for e in span.events].count("resilient_db.retry") == 1  # one hook, not two
+    uninstall_opentelemetry()
+    calls.clear()
+    with tracer.start_as_current_span("after"):
+        Sessions.run(flaky)
+    assert spans.get_finished_spans()[-1].events == ()
