@@ -3,6 +3,7 @@
 Subcommands::
 
     resilient-db demo [--seconds 45] [--workers 8] [--url URL] [--json] [--metrics-port N]
+                      [--dashboard-port N]
     resilient-db check-config [--json]
     resilient-db rules MODULE:Model [--format mermaid|dot] [--column NAME]
 
@@ -80,6 +81,15 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         help="serve Prometheus metrics on 127.0.0.1:PORT while the demo runs",
     )
+    demo.add_argument(
+        "--dashboard-port",
+        type=int,
+        metavar="PORT",
+        help=(
+            "serve the self-healing dashboard on 127.0.0.1:PORT while the demo runs (its URL, "
+            "with a token made for the run, is printed; needs the web extra)"
+        ),
+    )
     demo.add_argument("--seed", type=int, help="random seed of the workload")
     demo.add_argument(
         "--keep-database",
@@ -147,6 +157,7 @@ def _demo(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
         plain=args.plain,
         verbose=args.verbose,
         metrics_port=args.metrics_port,
+        dashboard_port=args.dashboard_port,
         seed=args.seed,
         keep_database=args.keep_database,
         migrations=args.migrations,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import secrets
 import sys
 import threading
 import time
@@ -152,6 +153,7 @@ class DemoOptions:
     plain: bool = False
     verbose: bool = False
     metrics_port: int | None = None
+    dashboard_port: int | None = None
     seed: int | None = None
     keep_database: bool = False
     migrations: str | None = None
@@ -347,6 +349,7 @@ class Demo:
         proxy: FaultProxy | None = None
         engine: sa.Engine | None = None
         metrics: Any = None
+        board: Any = None
         created = False
         options = self.options
         try:
@@ -396,6 +399,8 @@ class Demo:
             illegal.prepare()
             if options.metrics_port is not None:
                 metrics = self._serve_metrics(options.metrics_port)
+            if options.dashboard_port is not None:
+                board = self._serve_dashboard(options.dashboard_port)
             timing.mark("setup")
             self._workload(
                 server=server,
@@ -415,6 +420,8 @@ class Demo:
             report["timing"] = timing.phases()
             if metrics is not None:
                 report["metrics_url"] = metrics.url
+            if board is not None:
+                report["dashboard_url"] = board.url + "/"
             return report
         finally:
             self.watch.active = False
@@ -423,6 +430,8 @@ class Demo:
             self.view.stop()
             if metrics is not None:
                 metrics.close()
+            if board is not None:
+                board.close()
             if engine is not None:
                 engine.dispose()
             if proxy is not None:
@@ -449,6 +458,27 @@ class Demo:
             raise DemoError(f"cannot serve metrics on 127.0.0.1:{port}: {exc}") from exc
         self.event(f"Prometheus metrics at {metrics.url}")
         return metrics
+
+    def _serve_dashboard(self, port: int) -> Any:
+        """The self-healing dashboard on 127.0.0.1:PORT, behind a token made for this run (in
+        the URL printed: the page passes it on to its data)."""
+        try:
+            from resilient_db.web import dashboard, token_auth  # noqa: PLC0415 - web extra
+            from resilient_db.web._serve import serve_in_background  # noqa: PLC0415
+        except ImportError as exc:
+            raise DemoError(
+                f"--dashboard-port needs the web extra: pip install 'resilient-db[web]' ({exc})"
+            ) from exc
+        token = secrets.token_urlsafe(18)
+        app = dashboard(auth=token_auth(token), title="resilient-db demo", poll_seconds=1.0)
+        try:
+            board = serve_in_background(app, port)
+        except ImportError as exc:
+            raise DemoError(str(exc)) from exc
+        except OSError as exc:
+            raise DemoError(f"cannot serve the dashboard on 127.0.0.1:{port}: {exc}") from exc
+        self.event(f"self-healing dashboard at {board.url}/?token={token}")
+        return board
 
     def _server(self) -> tuple[PostgresServer, str]:
         if self.options.url:
