@@ -321,13 +321,12 @@ col.c-ev { width: 170px; }
     const services = health.services || {};
     const series = data.series || {};
     const to = data.now;
-    const from = to - Math.min(data.window, Math.max(120, to - data.since));
-    const names = new Set(Object.keys(services));
-    for (const n of Object.keys(series)) if (n !== data.no_service) names.add(n);
+    const from = to - Math.min(data.window, Math.max(60, to - data.since));
     const open = [];
     const frag = document.createDocumentFragment();
-    for (const name of Array.from(names).sort()) {
-      const info = services[name] || { breaker: null, budget: null, counters: {} };
+    // the services health() knows (one forgotten by reset_state() keeps only its old events)
+    for (const name of Object.keys(services).sort()) {
+      const info = services[name];
       if (info.breaker && normState(info.breaker.state) === "open") open.push(name);
       frag.appendChild(serviceCard(name, info, series[name], from, to));
     }

@@ -1,0 +1,276 @@
+"""The dashboard in a real headless browser (Debian's Chromium driven by its chromedriver through
+Selenium): the page loads and shows the services and their breaker states, updates by itself
+after a real fault (a breaker opened by refused connections through the fault proxy), keeps
+markup from the database as text, refuses without authorisation; and during ``resilient-db demo
+--dashboard-port`` it shows the demo's service and its breaker opening. Screenshots are kept under
+``build/test-artifacts/`` (or ``$RESILIENT_DB_TEST_ARTIFACTS``).
+
+Skipped, saying so, where no Chromium and chromedriver are installed (``.ci/run`` installs them
+with apt where it can)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+import resilient_db as rdb
+from resilient_db.examples.tasks import Base, Task, create_task
+from resilient_db.testing import FaultProxy, PostgresServer
+from resilient_db.web import dashboard, token_auth
+from resilient_db.web._serve import BackgroundServer, serve_in_background
+
+webdriver = pytest.importorskip("selenium.webdriver")
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "browser-test-token-" + uuid.uuid4().hex
+XSS = '<img src=x onerror="window.__xss = 1">'
+_services = itertools.count()
+
+
+def artifacts() -> Path:
+    where = Path(os.environ.get("RESILIENT_DB_TEST_ARTIFACTS", ROOT / "build" / "test-artifacts"))
+    where.mkdir(parents=True, exist_ok=True)
+    return where
+
+
+def _chromium() -> tuple[str, str] | None:
+    browser = next(
+        (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p),
+        None,
+    )
+    driver = shutil.which("chromedriver")
+    return (browser, driver) if browser and driver else None
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Any]:
+    found = _chromium()
+    if found is None:
+        pytest.skip(
+            "no headless browser: needs Chromium and chromedriver on PATH (Debian: apt-get "
+            "install chromium chromium-driver; .ci/run installs them where apt works)"
+        )
+    binary, driver_path = found
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1300",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
+        options.add_argument(flag)
+    service = webdriver.ChromeService(executable_path=driver_path)
+    driver = webdriver.Chrome(options=options, service=service)
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(autouse=True)
+def _no_backoff() -> Iterator[None]:
+    with rdb.set_testing():
+        yield
+
+
+def wait_for(what: str, condition: Callable[[], Any], timeout: float = 20.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = condition()
+        except Exception:  # the page is being re-rendered: ask again
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def breaker_state(driver: Any, service: str) -> str | None:
+    state: str | None = driver.execute_script(
+        "const card = Array.from(document.querySelectorAll('section.service'))"
+        ".find(c => c.dataset.service === arguments[0]);"
+        "return card ? card.querySelector('.pill.breaker').dataset.state : null;",
+        service,
+    )
+    return state
+
+
+def counter(driver: Any, service: str, name: str) -> int:
+    value = driver.execute_script(
+        "const card = Array.from(document.querySelectorAll('section.service'))"
+        ".find(c => c.dataset.service === arguments[0]);"
+        "const box = card && card.querySelector(`[data-counter='${arguments[1]}'] .v`);"
+        "return box ? box.textContent : null;",
+        service,
+        name,
+    )
+    return int(value) if value is not None else -1
+
+
+@pytest.fixture
+def served() -> Iterator[BackgroundServer]:
+    app = dashboard(auth=token_auth(TOKEN), title="orders API", poll_seconds=0.3)
+    with serve_in_background(app) as server:
+        yield server
+
+
+def test_page_shows_services_updates_after_a_real_fault_and_refuses_strangers(
+    browser: Any,
+    served: BackgroundServer,
+    fault_proxy: FaultProxy,
+    pg_database: str,
+    pg_url: str,
+) -> None:
+    direct = sa.create_engine(pg_url)
+    Base.metadata.create_all(direct)
+    rdb.install_commit_markers(direct)
+    proxied = sa.create_engine(fault_proxy.url(pg_database), connect_args={"connect_timeout": 2})
+    n = next(_services)
+    orders, reports = f"orders-{n}", f"reports-{n}"
+    Orders = rdb.ResilientSession(direct, service=orders, config=rdb.Config())
+    Reports = rdb.ResilientSession(
+        proxied, service=reports, config=rdb.Config(max_retries=1, failure_threshold=3)
+    )
+    try:
+
+        def add(session: Session) -> int:
+            task = create_task(session, title="t", idem_key=str(uuid.uuid4()))
+            session.flush()
+            return task.id
+
+        task_id = Orders.run(add)
+        assert Reports.run(lambda s: s.scalar(sa.select(sa.func.count()).select_from(Task))) == 1
+
+        # the page, with the token in its URL (it passes the query on to data.json)
+        browser.get(f"{served.url}/?token={TOKEN}")
+        wait_for("both services", lambda: breaker_state(browser, reports) == "closed")
+        assert breaker_state(browser, orders) == "closed"
+        assert browser.title == "orders API"
+        assert browser.find_element("id", "overall").text == "healthy"
+
+        # markup from the database is shown as text: a state that is no state, blocked
+        def smuggle(session: Session) -> None:
+            task = session.get(Task, task_id)
+            assert task is not None
+            task.status = XSS
+            session.flush()
+
+        with pytest.raises(rdb.IllegalTransitionError):
+            Orders.run(smuggle)
+        shown = wait_for(
+            "the blocked transition in the event list",
+            lambda: [
+                row.text
+                for row in browser.find_elements("css selector", "tr[data-event]")
+                if "transition_blocked" in row.text
+            ],
+        )
+        assert XSS in shown[0]
+        assert browser.execute_script("return window.__xss === undefined")
+        assert browser.find_elements("css selector", "main img") == []
+
+        # a real fault: the reports database refuses connections; units fail until the
+        # breaker opens, and the page follows without being reloaded
+        updates = int(browser.find_element("tag name", "body").get_attribute("data-updates"))
+        fault_proxy.refuse(cut=True)
+        for _ in range(10):
+            try:
+                Reports.run(lambda s: s.execute(sa.text("SELECT 1")))
+            except rdb.CircuitOpenError:
+                break
+            except sa.exc.DBAPIError:
+                continue
+        assert rdb.health()["services"][reports]["breaker"]["state"] == "open"
+        wait_for("the open breaker on the page", lambda: breaker_state(browser, reports) == "open")
+        assert int(browser.find_element("tag name", "body").get_attribute("data-updates")) > updates
+        assert breaker_state(browser, orders) == "closed"
+        overall = browser.find_element("id", "overall").text
+        assert overall == f"degraded: breaker open for {reports}"
+        assert counter(browser, reports, "breaker_opens") == 1
+        assert counter(browser, reports, "gave_up") >= 1
+        time.sleep(0.5)  # one more refresh: the plot has the open segment
+        browser.save_screenshot(str(artifacts() / "dashboard-fault.png"))
+
+        # no token, a wrong token: refused, nothing of the dashboard shown
+        browser.get(f"{served.url}/")
+        assert "Authentication needed" in browser.page_source
+        assert browser.find_elements("css selector", "section.service") == []
+        browser.get(f"{served.url}/?token=wrong")
+        assert "Forbidden" in browser.page_source
+        browser.get(f"{served.url}/data.json")
+        assert "Authentication needed" in browser.page_source
+        assert reports not in browser.page_source
+    finally:
+        fault_proxy.restore()
+        proxied.dispose()
+        direct.dispose()
+
+
+@pytest.mark.slow
+def test_dashboard_during_the_demo(browser: Any, pg_server: PostgresServer) -> None:
+    """``resilient-db demo --dashboard-port 0``: the page shows the demo's service, its counters
+    moving and its breaker opening during the demo's outage."""
+    from resilient_db.demo import DemoOptions, run_demo  # noqa: PLC0415
+
+    out, err = io.StringIO(), io.StringIO()
+    status: list[int] = []
+    options = DemoOptions(
+        seconds=8, url=pg_server.url(), as_json=True, seed=7, dashboard_port=0, plain=True
+    )
+    demo = threading.Thread(
+        target=lambda: status.append(run_demo(options, out=out, err=err)), daemon=True
+    )
+    with rdb.set_testing(False):  # the demo's own delays
+        demo.start()
+        try:
+            url = wait_for(
+                "the dashboard URL in the demo's progress",
+                lambda: re.search(
+                    r"dashboard at (http://127\.0\.0\.1:\d+/\?token=\S+)", err.getvalue()
+                ),
+                timeout=60,
+            ).group(1)
+            browser.get(url)
+            wait_for("the demo's service", lambda: breaker_state(browser, "tasks-demo"))
+            wait_for("units of work", lambda: counter(browser, "tasks-demo", "attempts") > 0)
+            wait_for(
+                "the breaker opening during the outage",
+                lambda: counter(browser, "tasks-demo", "breaker_opens") >= 1,
+                timeout=60,
+            )
+            wait_for("retries", lambda: counter(browser, "tasks-demo", "retries") > 0)
+            assert browser.find_elements("css selector", "tr[data-event]")
+            time.sleep(1.0)
+            browser.save_screenshot(str(artifacts() / "dashboard-demo.png"))
+        finally:
+            demo.join(180)
+    assert not demo.is_alive()
+    assert status == [0], err.getvalue()[-2000:]
+    with contextlib.suppress(Exception):  # the dashboard stopped with the demo
+        browser.get(url)
+    assert "tasks-demo" not in browser.page_source
