@@ -17,6 +17,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +33,8 @@ from sqlalchemy.orm import Session
 
 import resilient_db as rdb
 from resilient_db.testing import FaultProxy, ServerStartError, StandbyPair
+
+pytest_plugins = ["pytester"]
 
 DRIVERS = ["psycopg", "asyncpg"]
 DATABASE = "app"
@@ -154,7 +159,7 @@ class Workload:
         time.sleep(seconds)
 
     # -- psycopg ----------------------------------------------------------------------------------
-    def _sync_writer(self, Session: rdb.ResilientSession[Session], writer: int) -> None:
+    def _sync_writer(self, factory: rdb.ResilientSession[Session], writer: int) -> None:
         def unit(session: Session, key: str) -> int:
             call = self._called(key)
             port = int(session.execute(INSERT, {"key": key}).scalar_one())
@@ -164,14 +169,16 @@ class Workload:
 
         for key in self._keys(writer):
             try:
-                port = Session.run(unit, key)
+                port = factory.run(unit, key)
             except Exception as exc:
                 self._record(key, None, exc)
             else:
                 self._record(key, port, None)
 
     # -- asyncpg ----------------------------------------------------------------------------------
-    async def _async_writer(self, Session: rdb.AsyncResilientSession[AsyncSession], w: int) -> None:
+    async def _async_writer(
+        self, factory: rdb.AsyncResilientSession[AsyncSession], writer: int
+    ) -> None:
         async def unit(session: AsyncSession, key: str) -> int:
             call = self._called(key)
             port = int((await session.execute(INSERT, {"key": key})).scalar_one())
@@ -179,9 +186,9 @@ class Workload:
                 self.on_call(key, call)
             return port
 
-        for key in self._keys(w):
+        for key in self._keys(writer):
             try:
-                port = await Session.run(unit, key)
+                port = await factory.run(unit, key)
             except Exception as exc:
                 self._record(key, None, exc)
             else:
@@ -195,10 +202,10 @@ class Workload:
 
         engine = create_async_engine(self.url, connect_args={"timeout": 2})
         try:
-            Session = rdb.AsyncResilientSession(
+            factory = rdb.AsyncResilientSession(
                 engine, service=self.service, config=self.config, asleep=asleep
             )
-            await asyncio.gather(*(self._async_writer(Session, w) for w in range(self.writers)))
+            await asyncio.gather(*(self._async_writer(factory, w) for w in range(self.writers)))
         finally:
             await engine.dispose()
 
@@ -208,12 +215,12 @@ class Workload:
             self._threads = [threading.Thread(target=asyncio.run, args=(self._async_main(),))]
         else:
             engine = sa.create_engine(self.url, connect_args={"connect_timeout": 2})
-            Session = rdb.ResilientSession(
+            factory = rdb.ResilientSession(
                 engine, service=self.service, config=self.config, sleep=self._sleep
             )
             self._engine = engine
             self._threads = [
-                threading.Thread(target=self._sync_writer, args=(Session, w))
+                threading.Thread(target=self._sync_writer, args=(factory, w))
                 for w in range(self.writers)
             ]
         for thread in self._threads:
@@ -286,9 +293,9 @@ def report(
     first = workload.first_ack_on(pair.standby.port)
     assert first is not None
     print(
-        f"\n[failover] {label}: promotion took {pair.promote_seconds * 1000:.0f} ms; "
-        f"first write on the new primary {(first.at - promoted) * 1000:.0f} ms after "
-        f"promotion returned, {(first.at - crashed) * 1000:.0f} ms after the crash"
+        f"\n[failover] {label}: the standby took writes {(promoted - crashed) * 1000:.0f} ms "
+        f"after the crash; first write on it {(first.at - promoted) * 1000:.0f} ms later, "
+        f"{(first.at - crashed) * 1000:.0f} ms after the crash"
     )
 
 
@@ -347,6 +354,78 @@ def test_pair_close_stops_both_servers_and_deletes_their_files(
     assert not any(d.exists() for d in dirs)
     with pytest.raises(ServerStartError, match="closed"):
         pair.start()
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie nobody reaped yet does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def _postmaster_pid(data_dir: Path) -> int:
+    return int((data_dir / "postmaster.pid").read_text().splitlines()[0])
+
+
+def test_a_failing_test_still_leaves_nothing_behind(pytester: pytest.Pytester) -> None:
+    """The fixture's finalizer runs when the test using the pair fails."""
+    record = pytester.path / "servers.txt"
+    pytester.makepyfile(
+        f"""
+        def test_fails(pg_standby):
+            with open({str(record)!r}, "w") as out:
+                for server in pg_standby.servers:
+                    pid = (server.data_dir / "postmaster.pid").read_text().split()[0]
+                    out.write(f"{{server.data_dir}} {{pid}}\\n")
+            raise AssertionError("the test fails")
+        """
+    )
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:asyncio")
+    result.assert_outcomes(failed=1)
+    servers = [line.split() for line in record.read_text().splitlines()]
+    assert len(servers) == 2
+    for data_dir, pid in servers:
+        assert not Path(data_dir).exists()
+        assert not _alive(int(pid))
+
+
+_KILLED_SCRIPT = """
+import os, signal, sys
+from resilient_db.testing import StandbyPair
+pair = StandbyPair()
+pair.start()
+for server in pair.servers:
+    print(server.data_dir, flush=True)
+sys.stdin.readline()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_killed_test_process_leaves_nothing_behind() -> None:
+    """SIGKILL gives no atexit: the servers' watchdogs stop them and delete their files."""
+    with subprocess.Popen(
+        [sys.executable, "-c", _KILLED_SCRIPT],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        try:
+            dirs = [Path(proc.stdout.readline().strip()) for _ in range(2)]
+            assert all(d.name == "data" and d.is_dir() for d in dirs), dirs
+            pids = [_postmaster_pid(d) for d in dirs]
+            assert all(_alive(pid) for pid in pids)
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+            assert proc.wait(timeout=30) == -signal.SIGKILL
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    wait_for(lambda: not any(_alive(pid) for pid in pids), "the servers to stop")
+    wait_for(lambda: not any(d.parent.exists() for d in dirs), "their files to be deleted")
 
 
 def test_bad_arguments_are_refused_with_the_reason() -> None:
