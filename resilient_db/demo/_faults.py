@@ -4,6 +4,7 @@ Faults (``kind`` names as in the report):
 
 ``killed_backends``       ``pg_terminate_backend`` of every worker connection (SQLSTATE 57P01)
 ``server_crash``          immediate shutdown of the embedded server, restarted after an outage
+``failover``              ``--ha``: the primary crashed, the standby promoted after an outage
 ``proxy_outage``          the fault proxy refuses and cuts every connection for an outage
 ``connections_cut``       the fault proxy resets every open connection (no SQLSTATE: a disconnect)
 ``lost_commit_answer``    a COMMIT reaches the server, its answer is lost (verified, not replayed)
@@ -23,14 +24,14 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import resilient_db as rdb
 from resilient_db.testing import FaultProxy, PostgresServer
 
 from ._workload import IllegalAttempts, Runner, contention_pair, wait_until
 
-__all__ = ["FaultLog", "Schedule", "Window"]
+__all__ = ["Failover", "FaultLog", "Schedule", "Window"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,14 @@ class FaultLog:
             return dict(self.injected)
 
 
+class Failover(Protocol):
+    """What the ``failover`` fault needs (a :class:`~resilient_db.testing.StandbyPair` is one)."""
+
+    def crash_primary(self) -> None: ...
+
+    def promote(self) -> float: ...
+
+
 @dataclass(frozen=True)
 class _Planned:
     kind: str
@@ -103,6 +112,7 @@ class Schedule(threading.Thread):
         stop: threading.Event,
         service: str,
         crash_allowed: bool,
+        failover: Failover | None = None,
     ) -> None:
         super().__init__(name="demo-faults", daemon=True)
         self.seconds = seconds
@@ -118,6 +128,7 @@ class Schedule(threading.Thread):
         self.stop = stop
         self.service = service
         self.crash_allowed = crash_allowed
+        self.failover = failover
         self.outage = min(3.0, max(1.5, seconds * 0.06))
         self.error: BaseException | None = None
         self._pairs = 0
@@ -129,6 +140,8 @@ class Schedule(threading.Thread):
     def plan(self) -> list[_Planned]:
         outage_kind = "server_crash" if self.crash_allowed else "proxy_outage"
         outage_fn = self.crash_server if self.crash_allowed else self.proxy_outage
+        if self.failover is not None:  # a primary and a standby: fail over instead (once)
+            outage_kind, outage_fn = "failover", self.fail_over
         recover = self.outage + 1.5  # the outage, then the breaker's probe closes it
         first = [
             _Planned("killed_backends", self.kill_backends, 0.5),
@@ -209,6 +222,23 @@ class Schedule(threading.Thread):
         end = self._now()
         self.log.window("server_crash", start, end)
         self.log.on_event(f"server restarted after {end - start:.1f} s")
+        self._await_breaker_closed()
+
+    def fail_over(self) -> None:
+        """Crash the primary; promote the standby after an outage (the time a failover manager
+        takes to notice); the units find the new primary through the multi-host URL."""
+        assert self.failover is not None
+        start = self._now()
+        self.failover.crash_primary()
+        self.log.add(
+            "failover",
+            f"primary crashed (immediate stop); the standby is promoted in {self.outage:.1f} s",
+        )
+        self.stop.wait(self.outage)
+        self.failover.promote()
+        end = self._now()
+        self.log.window("failover", start, end)
+        self.log.on_event(f"standby promoted {end - start:.2f} s after the crash: it takes writes")
         self._await_breaker_closed()
 
     def proxy_outage(self) -> None:

@@ -158,6 +158,12 @@ class DemoOptions:
     keep_database: bool = False
     migrations: str | None = None
     think: float = 0.02
+    #: ``--processes``: worker processes sharing breaker and retry budget (see ``_fleet``)
+    processes: int = 1
+    #: ``--ha``: a primary with a synchronous standby, and a failover among the faults
+    ha: bool = False
+    #: ``--redis-url``: the Redis the processes share (None: the demo starts its own)
+    redis_url: str | None = None
 
 
 # -- instrumentation ----------------------------------------------------------------------------
@@ -314,8 +320,12 @@ class Demo:
     def event(self, message: str) -> None:
         self.view.event(self.elapsed() if self.workload_started is not None else None, message)
 
+    def _counters(self) -> dict[str, Any]:
+        """The service's counters (the fleet's, summed, in ``_fleet.FleetDemo``)."""
+        return _counters()
+
     def progress(self) -> Progress:
-        counters = _counters()
+        counters = self._counters()
         totals = self.ledger.totals()
         before = self.counters_before
         now_classes = Counter(counters.get("retries_by_class") or {})
@@ -372,9 +382,9 @@ class Demo:
                 f"database {database}: migrations applied (tasks, task_history, "
                 "transition trigger on tasks.status)"
             )
-            proxy = FaultProxy(server)
+            proxy = self._proxy(server)
             engine = sa.create_engine(
-                proxy.url(database),
+                self._engine_url(proxy, database),
                 pool_size=options.workers + 4,
                 max_overflow=8,
                 pool_timeout=10,
@@ -384,7 +394,7 @@ class Demo:
                     "options": "-c lock_timeout=5000 -c statement_timeout=30000",
                 },
             )
-            config = demo_config(options.workers)
+            config = self._config()
             factory: rdb.ResilientSession[Any] = rdb.ResilientSession(
                 engine, service=SERVICE, config=config, breaker_listeners=(self.watch,)
             )
@@ -438,6 +448,16 @@ class Demo:
                 proxy.close()
             self._cleanup(server, database, created)
             self._join_threads(timeout=1.0)  # after an interrupt: let them end quietly
+
+    # hooks for the multi-process run (``_fleet.FleetDemo``)
+    def _proxy(self, server: PostgresServer) -> FaultProxy:
+        return FaultProxy(server)
+
+    def _engine_url(self, proxy: FaultProxy, database: str) -> str:
+        return proxy.url(database)
+
+    def _config(self) -> rdb.Config:
+        return demo_config(self.options.workers)
 
     def _join_threads(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -524,7 +544,7 @@ class Demo:
     ) -> None:
         options = self.options
         seed = self.seed
-        self.counters_before = _counters()
+        self.counters_before = self._counters()
         self.workload_started = time.monotonic()
         self.phase = "running"
         self.workers = [
@@ -576,7 +596,7 @@ class Demo:
         self.view.stop()
 
     def _verify(self, url: str, kind: str, server: PostgresServer, database: str) -> dict[str, Any]:
-        counters = _counters()
+        counters = self._counters()
         before = self.counters_before
         engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
         try:
@@ -680,6 +700,18 @@ class Demo:
         conn.rollback()
 
 
+def _demo_for(options: DemoOptions, view: View) -> Demo:
+    """The demo in this process, or spread over processes (``--processes``, ``--ha``)."""
+    from ._fleet import FleetDemo, check_fleet_options  # noqa: PLC0415 - imports this module
+
+    problem = check_fleet_options(options)
+    if problem is not None:
+        raise DemoError(problem)
+    if options.processes > 1 or options.ha:
+        return FleetDemo(options, view)
+    return Demo(options, view)
+
+
 def run_demo(
     options: DemoOptions, *, out: IO[str] | None = None, err: IO[str] | None = None
 ) -> int:
@@ -689,7 +721,7 @@ def run_demo(
     err = err or sys.stderr
     view = make_view(out=out, err=err, as_json=options.as_json, plain=options.plain)
     try:
-        demo = Demo(options, view)
+        demo = _demo_for(options, view)
         report = demo.run()
     except DemoError as exc:
         view.stop()

@@ -132,6 +132,7 @@ def _figures(report: Mapping[str, Any]) -> list[tuple[str, str]]:
             f"({report.get('breaker_failed_probes', 0)} of the openings: a half-open probe "
             "failed while the database was still down)",
         ),
+        *_fleet_figures(report),
         (
             "illegal transitions blocked",
             f"{report['illegal_transitions_blocked']} ({_pairs(by_via)})",
@@ -143,6 +144,73 @@ def _figures(report: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("illegal states in db", str(report["illegal_states_in_db"])),
         ("timing", _timing(report.get("timing", {}))),
     ]
+
+
+def _fleet_figures(report: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The lines of ``--processes`` / ``--ha`` runs: processes, shared breaker, retry budget,
+    failover."""
+    fleet = report.get("fleet")
+    out: list[tuple[str, str]] = []
+    if fleet:
+        by = _pairs(fleet["breaker_opened_by"])
+        out.append(
+            (
+                "processes",
+                f"{fleet['processes']} worker processes (p1...) and p0, the fault schedule's, "
+                f"sharing {fleet['redis']}",
+            )
+        )
+        out.append(
+            (
+                "shared breaker openings",
+                f"{fleet['breaker_openings']} fleet-wide (caused by {by})",
+            )
+        )
+        for m in fleet["members"]:
+            out.append(
+                (
+                    f"  {m['process']} (pid {m['pid']}, {m['workers']} workers)",
+                    f"{m['units_ok']} units, {m['retries']} retries, breaker opened "
+                    f"{m['breaker_opened_here']} / followed {m['breaker_openings_seen']} "
+                    f"openings, {m['breaker_rejections']} calls failed fast, budget "
+                    f"{m['budget_granted']} granted / {m['budget_exhausted']} exhausted",
+                )
+            )
+        budget = fleet["budget"]
+        out.append(
+            (
+                "retries vs budget",
+                f"{budget['outage_retries']} outage retries for {budget['first_attempts']} "
+                f"units (budget {budget['ratio']:g} of recent first attempts + "
+                f"{budget['floor_per_second']}/s, fleet-wide): {budget['granted']} granted, "
+                f"{budget['exhausted']} units gave up at once; {budget['conflict_retries']} "
+                "conflict retries (not charged)",
+            )
+        )
+    failover = report.get("failover")
+    if failover and failover.get("happened"):
+        text = (
+            f"primary crashed at {failover['crashed_at']:.1f} s, standby promoted "
+            f"{failover.get('promoted_after', 0.0):.2f} s later ({failover['replication']} "
+            "replication)"
+        )
+        gap = failover.get("first_write_after_crash")
+        if gap is not None:
+            text += (
+                f"; first write on it {gap:.2f} s after the crash "
+                f"({failover.get('first_write_after_promotion', 0.0):.2f} s after promotion)"
+            )
+        out.append(("failover", text))
+        out.append(
+            (
+                "  writes acknowledged",
+                f"{failover['writes_on_old_primary']} on the old primary, "
+                f"{failover['writes_on_new_primary']} on the new one",
+            )
+        )
+    elif failover:
+        out.append(("failover", "did not happen"))
+    return out
 
 
 def _pairs(items: Mapping[str, Any]) -> str:
