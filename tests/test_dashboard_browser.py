@@ -258,11 +258,14 @@ def test_dashboard_during_the_demo(browser: Any, pg_server: PostgresServer) -> N
             browser.get(url)
             wait_for("the demo's service", lambda: breaker_state(browser, "tasks-demo"))
             wait_for("units of work", lambda: counter(browser, "tasks-demo", "attempts") > 0)
-            wait_for(
-                "the breaker opening during the outage",
-                lambda: counter(browser, "tasks-demo", "breaker_opens") >= 1,
-                timeout=60,
-            )
+            try:
+                wait_for(
+                    "the breaker opening during the outage",
+                    lambda: counter(browser, "tasks-demo", "breaker_opens") >= 1,
+                    timeout=90,
+                )
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}; the demo said:\n{err.getvalue()[-2000:]}") from None
             wait_for("retries", lambda: counter(browser, "tasks-demo", "retries") > 0)
             assert browser.find_elements("css selector", "tr[data-event]")
             time.sleep(1.0)

@@ -165,13 +165,13 @@ col.c-ev { width: 170px; }
       svg.appendChild(svgEl("text", { x: s === 0 ? w : x, y: h - 2, "text-anchor": anchor }, label));
     }
   }
-  function breakerPlot(changes, current, from, to) {
+  function breakerPlot(changes, current, from, to, since) {
     const w = 600, h = 40;
     const svg = svgEl("svg", { viewBox: "0 0 " + w + " " + h, preserveAspectRatio: "none",
       role: "img", "aria-label": "circuit breaker state over time" });
     const x = (t) => Math.max(0, Math.min(w, ((t - from) / (to - from)) * w));
     let state = changes.length ? "closed" : current;
-    let start = from;
+    let start = Math.max(from, since);  // nothing is known from before the recording began
     const segs = [];
     for (const [t, s] of changes) {
       if (t > from) segs.push([start, t, state]);
@@ -188,12 +188,12 @@ col.c-ev { width: 170px; }
     svg.dataset.segments = String(segs.length);
     return svg;
   }
-  function ratePlot(buckets, from, to) {
+  function ratePlot(buckets, from, to, series) {
     const w = 600, h = 96, top = 4, base = h - 16;
     const svg = svgEl("svg", { viewBox: "0 0 " + w + " " + h, role: "img",
       "aria-label": "retries per second" });
     let max = 1;
-    for (const row of buckets) max = Math.max(max, row[1] + row[2]);
+    for (const row of buckets) max = Math.max(max, series.reduce((sum, [col]) => sum + row[col], 0));
     const bw = Math.max(1, w / (to - from));
     axis(svg, w, h, from, to);
     svg.appendChild(svgEl("line", { x1: 0, x2: w, y1: base, y2: base, stroke: "#d0d5dd" }));
@@ -202,10 +202,13 @@ col.c-ev { width: 170px; }
       const sec = row[0];
       if (sec < from) continue;
       const x = ((sec - from) / (to - from)) * w;
-      const hr = (row[1] / max) * (base - top);
-      const hg = (row[2] / max) * (base - top);
-      if (row[1]) svg.appendChild(svgEl("rect", { x: x, y: base - hr, width: bw, height: hr, fill: "#3e63dd" }));
-      if (row[2]) svg.appendChild(svgEl("rect", { x: x, y: base - hr - hg, width: bw, height: hg, fill: "#e5484d" }));
+      let y = base;
+      for (const [col, color] of series) {
+        const hgt = (row[col] / max) * (base - top);
+        if (!row[col]) continue;
+        y -= hgt;
+        svg.appendChild(svgEl("rect", { x: x, y: y, width: bw, height: hgt, fill: color }));
+      }
     }
     return svg;
   }
@@ -223,7 +226,7 @@ col.c-ev { width: 170px; }
     }
     return line;
   }
-  function serviceCard(name, info, series, from, to) {
+  function serviceCard(name, info, series, from, to, since) {
     const card = el("section", "card service");
     card.dataset.service = name;
     const top = el("div", "top");
@@ -254,9 +257,9 @@ col.c-ev { width: 170px; }
     card.appendChild(chips("retries by class", counters.retries_by_class));
     card.appendChild(chips("retries by SQLSTATE", series ? series.retries_by_sqlstate : {}));
     card.appendChild(plotTitle("circuit breaker", [["closed", COLORS.closed], ["half-open", COLORS["half-open"]], ["open", COLORS.open]]));
-    card.appendChild(breakerPlot(series ? series.breaker_states : [], breaker ? state : "off", from, to));
+    card.appendChild(breakerPlot(series ? series.breaker_states : [], breaker ? state : "off", from, to, since));
     card.appendChild(plotTitle("retries per second", [["retries", "#3e63dd"], ["gave up", "#e5484d"]]));
-    card.appendChild(ratePlot(series ? series.buckets : [], from, to));
+    card.appendChild(ratePlot(series ? series.buckets : [], from, to, [[1, "#3e63dd"], [2, "#e5484d"]]));
     if (breaker && breaker.shared) card.appendChild(kvLine("shared breaker", breaker.shared));
     if (info.budget) card.appendChild(kvLine("retry budget", info.budget));
     for (const key of Object.keys(info)) {
@@ -267,7 +270,7 @@ col.c-ev { width: 170px; }
     }
     return card;
   }
-  function transitionsCard(stats, series) {
+  function transitionsCard(stats, series, from, to) {
     const card = el("section", "card transitions");
     const top = el("div", "top");
     top.appendChild(el("h2", null, "Status transitions"));
@@ -282,6 +285,8 @@ col.c-ev { width: 170px; }
     }
     card.appendChild(grid);
     card.appendChild(chips("blocked by path", series ? series.blocked_by_via : {}));
+    card.appendChild(plotTitle("blocked per second", [["blocked", "#f79009"]]));
+    card.appendChild(ratePlot(series ? series.buckets : [], from, to, [[4, "#f79009"]]));
     return card;
   }
   function eventsCard(events) {
@@ -328,9 +333,9 @@ col.c-ev { width: 170px; }
     for (const name of Object.keys(services).sort()) {
       const info = services[name];
       if (info.breaker && normState(info.breaker.state) === "open") open.push(name);
-      frag.appendChild(serviceCard(name, info, series[name], from, to));
+      frag.appendChild(serviceCard(name, info, series[name], from, to, data.since));
     }
-    frag.appendChild(transitionsCard(health.transitions, series[data.no_service]));
+    frag.appendChild(transitionsCard(health.transitions, series[data.no_service], from, to));
     frag.appendChild(eventsCard(data.events || []));
     main.replaceChildren(frag);
     const overall = document.getElementById("overall");
