@@ -37,10 +37,12 @@ from ._run import (
     SERVICE,
     Demo,
     DemoOptions,
+    _BreakerWatch,
     _captured_logs,
     _LogTap,
     demo_config,
 )
+from ._verify import BreakerEvent
 from ._workload import Change, Ledger, Runner, Unit, Worker
 
 __all__ = ["AckRunner", "fleet_config", "main", "member_engine_options"]
@@ -173,6 +175,17 @@ class _MemberTap(_LogTap):
         super().emit(record)
 
 
+class _QuietWatch(_BreakerWatch):
+    """Records the state changes of this process's view of the shared breaker for the report,
+    without a line each: the parent shows the shared breaker's changes once."""
+
+    def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
+        if self.active:
+            old = getattr(old_state, "name", str(old_state))
+            new = getattr(new_state, "name", str(new_state))
+            self.events.append(BreakerEvent(self.demo.elapsed(), old, new))
+
+
 class Member(Demo):
     """The share of the demo one process runs: its workers, its ledger, its view of the
     shared breaker. The parent runs the faults and checks the database."""
@@ -187,6 +200,7 @@ class Member(Demo):
         )
         super().__init__(options, _ChannelView(channel))
         self.tap = _MemberTap(self, verbose=options.verbose)
+        self.watch = _QuietWatch(self)
         self.spec = spec
         self.channel = channel
         self.go = threading.Event()

@@ -1,0 +1,175 @@
+"""``resilient-db demo --processes N [--ha] [--redis-url URL]`` end to end, through the command's
+entry function: worker processes sharing one breaker and retry budget through a real Redis, a
+real primary and synchronous standby with a failover, every process's units checked against the
+database; and the usage errors of the new options."""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+import pytest
+
+from resilient_db._cli import main
+from resilient_db.demo import DemoOptions, run_demo
+from resilient_db.testing import RedisServer
+
+FLEET_INVARIANTS = {"every_process_reported", "breaker_shared_by_the_fleet"}
+
+
+def run_fleet_demo(
+    capsys: pytest.CaptureFixture[str], *args: str
+) -> tuple[int, dict[str, Any], str]:
+    status = main(["demo", "--seconds", "8", "--json", "--seed", "11", *args])
+    captured = capsys.readouterr()
+    return status, json.loads(captured.out), captured.err
+
+
+def assert_fleet_report(report: dict[str, Any], progress: str, processes: int) -> None:
+    failed = {k: v for k, v in report["invariants"].items() if not v["passed"]}
+    assert not failed, f"{failed}\n--- progress ---\n{progress}"
+    assert report["ok"] is True
+    assert set(report["invariants"]) >= FLEET_INVARIANTS
+    assert (report["lost_writes"], report["duplicate_writes"], report["illegal_states_in_db"]) == (
+        0,
+        0,
+        0,
+    )
+    fleet = report["fleet"]
+    members = fleet["members"]
+    assert report["processes"] == fleet["processes"] == len(members) == processes
+    assert len({m["pid"] for m in members}) == processes  # real, distinct processes
+    assert sum(m["workers"] for m in members) == report["workers"]
+    assert all(m["units_ok"] > 0 for m in members)
+    # the ledger checked against the database holds every process's units (and p0's own)
+    assert report["units_ok"] >= sum(m["units_ok"] for m in members) + 1
+    # one breaker for the fleet: an opening caused by one process was followed by the others
+    assert fleet["breaker_openings"] >= 1
+    assert all(m["breaker_shared"] for m in members)
+    assert all(m["breaker_openings_seen"] >= 1 for m in members)
+    followed = sum(m["breaker_openings_seen"] for m in members)
+    assert followed > sum(m["breaker_opened_here"] for m in members)
+    assert sum(fleet["breaker_opened_by"].values()) == fleet["breaker_openings"]
+    # the budget is the fleet's; its figures add up
+    budget = fleet["budget"]
+    assert budget["ratio"] == 0.2
+    assert budget["first_attempts"] > 0
+    assert budget["outage_retries"] <= budget["granted"]  # every outage retry was paid for
+    assert report["config"]["SELF_HEALING_RETRY_BUDGET"] == "0.2"
+    assert "***@" in fleet["redis"]
+    assert report["config"]["SELF_HEALING_REDIS_URL"] == fleet["redis"]
+
+
+@pytest.mark.slow
+@pytest.mark.server_control
+def test_two_processes_with_a_failover(capsys: pytest.CaptureFixture[str]) -> None:
+    status, report, progress = run_fleet_demo(capsys, "--processes", "2", "--ha")
+    assert_fleet_report(report, progress, processes=2)
+    assert status == 0
+    assert report["faults_injected"]["failover"] == 1
+    assert "server_crash" not in report["faults_injected"]
+    assert report["invariants"]["failover_writes_resumed"]["passed"]
+    failover = report["failover"]
+    assert failover["happened"] is True
+    assert failover["replication"] == "synchronous"
+    assert failover["promoted_after"] > 0
+    gap = failover["first_write_after_crash"]
+    assert gap >= failover["promoted_after"]  # no write before the standby took writes
+    assert failover["first_write_after_promotion"] >= 0
+    assert set(failover["first_write_by_process"]) == {"p1", "p2"}
+    assert failover["writes_on_new_primary"] > 0
+    assert failover["writes_on_old_primary"] > 0
+    assert any(w["kind"] == "failover" for w in report["outages"])
+    assert "synchronous standby" in report["server"]
+    assert "standby promoted" in progress
+
+
+@pytest.mark.slow
+@pytest.mark.server_control
+def test_three_processes_on_a_given_redis_never_show_its_password(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    password = "fleet-demo-secret-41"
+    with RedisServer(password=password) as redis:
+        status, report, progress = run_fleet_demo(
+            capsys, "--processes", "3", "--workers", "5", "--redis-url", redis.url
+        )
+        calls = redis.command_counts()
+    assert_fleet_report(report, progress, processes=3)
+    assert status == 0
+    assert [m["workers"] for m in report["fleet"]["members"]] == [2, 2, 1]
+    assert report["fleet"]["redis_started_by_the_demo"] is False
+    assert report["faults_injected"]["server_crash"] == 1  # no standby: the server restarts
+    assert "failover" not in report
+    assert calls.get("evalsha", 0) > 0  # the processes shared their state through it
+    assert password not in json.dumps(report)
+    assert password not in progress
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--processes", "0"], "--processes must be at least 1, got 0"),
+        (["--processes", "-3"], "--processes must be at least 1, got -3"),
+        (["--processes", "33"], "--processes must be at most 32, got 33"),
+        (["--processes", "1000000"], "--processes must be at most 32"),
+        (
+            ["--ha", "--url", "postgresql://app:hunter2@127.0.0.1:5432/db"],
+            "--ha starts its own primary and standby",
+        ),
+        (["--redis-url", "redis://127.0.0.1:6379/0"], "--redis-url is for runs over several"),
+        (["--processes", "2", "--redis-url", "http://:hunter2@x/0"], "--redis-url is invalid"),
+        (["--processes", "2", "--redis-url", "redis:///0"], "--redis-url is invalid (has no host"),
+        (
+            ["--processes", "4", "--workers", "3"],
+            "--workers (3) must be at least --processes (4)",
+        ),
+        (
+            ["--processes", "2", "--redis-url", "redis://x/0", "--redis-url-from-env"],
+            "give --redis-url or --redis-url-from-env, not both",
+        ),
+    ],
+)
+def test_bad_fleet_options_are_usage_errors(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["demo", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("resilient-db demo: error: ")
+    assert message in err
+    assert "hunter2" not in err
+    assert err.count("\n") == 1
+
+
+def test_redis_url_from_env_must_be_set(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SELF_HEALING_REDIS_URL", raising=False)
+    assert main(["demo", "--processes", "2", "--redis-url-from-env"]) == 2
+    assert "SELF_HEALING_REDIS_URL is not set" in capsys.readouterr().err
+
+
+def test_an_unreachable_redis_is_named_without_its_password(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    url = f"redis://:hunter2@127.0.0.1:{_free_port()}/0"
+    assert main(["demo", "--processes", "2", "--seconds", "8", "--redis-url", url]) == 2
+    err = capsys.readouterr().err
+    assert "cannot reach the Redis given with --redis-url at redis://***@127.0.0.1:" in err
+    assert "hunter2" not in err
+
+
+def test_the_library_entry_refuses_bad_fleet_options_too(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert run_demo(DemoOptions(processes=0)) == 2
+    assert "--processes must be at least 1" in capsys.readouterr().err
+    assert run_demo(DemoOptions(ha=True, url="postgresql://u@127.0.0.1/db")) == 2
+    assert "--ha starts its own primary and standby" in capsys.readouterr().err
