@@ -9,8 +9,19 @@ import sqlalchemy as sa
 from pydantic import BaseModel, TypeAdapter
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
+from starlette.applications import Starlette
+from starlette.requests import Request
 
 import resilient_db as rdb
+from resilient_db.otel import OpenTelemetryHook, install_opentelemetry
+from resilient_db.web import (
+    Dashboard,
+    Problem,
+    dashboard,
+    install_exception_handlers,
+    problem_details,
+    token_auth,
+)
 
 engine = sa.create_engine("postgresql+psycopg://postgres@127.0.0.1/app")
 Sessions = rdb.ResilientSession(engine, service="typing", config=rdb.Config(max_retries=2))
@@ -110,3 +121,18 @@ try:
 except rdb.ResponseValidationError as err:
     reason: str = err.reason
     validator_name: str = err.validator
+
+
+# -- resilient_db.web and resilient_db.otel ---------------------------------------------------
+def staff_only(request: Request) -> bool:
+    return request.headers.get("x-role") == "staff"
+
+
+app = Starlette()
+install_exception_handlers(app)
+board: Dashboard = dashboard(auth=staff_only, title="typing")
+app.mount("/admin/self-healing", board)
+app.mount("/admin/token", dashboard(auth=token_auth("a-secret-of-sixteen-chars")))
+problem: Problem | None = problem_details(rdb.CircuitOpenError("typing", 1.0))
+status: int = problem.status if problem is not None else 0
+hook: OpenTelemetryHook = install_opentelemetry()
