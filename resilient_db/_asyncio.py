@@ -211,10 +211,13 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             # coroutine fewer on every unit's path
             policy = self.policy
             probe = policy.admit()
+            started = time.monotonic()
             try:
                 result = await self._attempt(fn, args, kwargs)
             except BaseException as exc:
-                return await policy.afailed(lambda: self._attempt(fn, args, kwargs), exc, probe)
+                return await policy.afailed(
+                    lambda: self._attempt(fn, args, kwargs), exc, probe, started
+                )
             policy.succeeded(probe)
             return result
         return await self.policy.acall(lambda: self._attempt(fn, args, kwargs))

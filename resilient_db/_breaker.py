@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -115,6 +116,9 @@ class Breaker:
         self._clock = clock
         self._lock = threading.Lock()
         self._probes = 0
+        # monotonic time of the last failure counted: an attempt that was already running then
+        # failed in the same outage (see on_failure)
+        self._last_failure = -math.inf
         self._cb = _pb.CircuitBreaker(
             fail_max=config.failure_threshold,
             reset_timeout=config.reset_timeout,
@@ -233,8 +237,20 @@ class Breaker:
             if self._storage.success_counter >= self.config.half_open_probes:
                 self._set_state(CLOSED)
 
-    def on_failure(self, probe: bool) -> None:
-        """The attempt failed with a transient (infrastructure) error."""
+    def on_failure(self, probe: bool, started: float | None = None) -> None:
+        """The attempt failed with a transient (infrastructure) error.
+
+        ``started`` is when the attempt began (``time.monotonic()``). An attempt that began
+        before the last counted failure was already in flight when the database failed: its
+        failure is the same event seen again, so it is not counted. Eight units cut off by one
+        failover are one failure, not eight (which would open a threshold-5 circuit for the whole
+        reset timeout after a 0.1 s failover); units that start afterwards and fail still count,
+        so a database that stays down opens the circuit as before. Half-open probes always count.
+        """
+        if not probe and started is not None:
+            if started < self._last_failure:
+                return
+            self._last_failure = time.monotonic()
         fleet = self._fleet
         if fleet is not None and fleet.up:
             with contextlib.suppress(FleetDown):

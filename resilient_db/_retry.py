@@ -58,6 +58,11 @@ def set_testing(on: bool = True) -> contextlib.AbstractContextManager[None]:
     return _restore_testing(previous)
 
 
+# when an attempt began, for the breaker's one-failure-per-outage-wave rule (real time, whatever
+# clock a Policy is given for its deadline: it orders attempts against failures)
+_monotonic = time.monotonic
+
+
 class Policy:
     """Retry and breaker decisions for one service under one configuration.
 
@@ -159,15 +164,16 @@ class Policy:
             except Exception:
                 self._machinery_failed("circuit breaker success accounting")
 
-    def failed(self, exc: BaseException, probe: bool) -> Outcome:
-        """Classify ``exc`` and record it with the breaker; returns its outcome."""
+    def failed(self, exc: BaseException, probe: bool, started: float | None = None) -> Outcome:
+        """Classify ``exc`` and record it with the breaker; returns its outcome. ``started`` is
+        when the attempt began (``time.monotonic()``; see :meth:`Breaker.on_failure`)."""
         self.stats.add_attempt()
         outcome = self.classifier.classify(exc)
         breaker = self.breaker
         if breaker is not None:
             try:
                 if outcome in _BREAKER_FAILURES:
-                    breaker.on_failure(probe)
+                    breaker.on_failure(probe, started)
                 else:
                     breaker.on_neutral(probe)
             except Exception:
@@ -303,10 +309,11 @@ class Policy:
         """Run ``attempt`` (one whole unit of work) under the breaker, retrying transient
         failures. The original exception is re-raised when retries run out."""
         probe = self.admit()
+        started = _monotonic()
         try:
             result = attempt()
         except BaseException as exc:
-            if not self.retryable(self.failed(exc, probe)):
+            if not self.retryable(self.failed(exc, probe, started)):
                 raise
             return self._call_retrying(attempt, exc)
         self.succeeded(probe)
@@ -319,10 +326,11 @@ class Policy:
             if pending:  # the attempt that already failed on the fast path
                 raise pending.pop()
             probe = self.admit()
+            started = _monotonic()
             try:
                 result = attempt()
             except BaseException as exc:
-                self.failed(exc, probe)
+                self.failed(exc, probe, started)
                 raise
             self.succeeded(probe)
             return result
@@ -341,19 +349,24 @@ class Policy:
     async def acall(self, attempt: Callable[[], Awaitable[T]]) -> T:
         """The async twin of :meth:`call`: same decisions, awaited attempts and sleeps."""
         probe = self.admit()
+        started = _monotonic()
         try:
             result = await attempt()
         except BaseException as exc:
-            return await self.afailed(attempt, exc, probe)
+            return await self.afailed(attempt, exc, probe, started)
         self.succeeded(probe)
         return result
 
     async def afailed(
-        self, attempt: Callable[[], Awaitable[T]], exc: BaseException, probe: bool
+        self,
+        attempt: Callable[[], Awaitable[T]],
+        exc: BaseException,
+        probe: bool,
+        started: float | None = None,
     ) -> T:
         """The first attempt of :meth:`acall` failed with ``exc``: record it, then retry or
         re-raise it. Async drivers that run the first attempt inline call this directly."""
-        if not self.retryable(self.failed(exc, probe)):
+        if not self.retryable(self.failed(exc, probe, started)):
             raise exc
         return await self._acall_retrying(attempt, exc)
 
@@ -364,10 +377,11 @@ class Policy:
             if pending:
                 raise pending.pop()
             probe = self.admit()
+            started = _monotonic()
             try:
                 result = await attempt()
             except BaseException as exc:
-                self.failed(exc, probe)
+                self.failed(exc, probe, started)
                 raise
             self.succeeded(probe)
             return result

@@ -691,3 +691,68 @@ def test_commit_answer_lost_then_failover_is_verified_on_the_new_primary_not_rep
     assert ack.port == pair.primary.port  # the write that committed, on the old primary
     assert workload.calls[ack.key] == 1, "a unit whose COMMIT was applied was replayed"
     assert ledger(pair) == {ack.key: 1}
+
+
+@pytest.mark.slow
+def test_units_cut_off_by_a_failover_do_not_open_the_breaker(pg_standby: StandbyPair) -> None:
+    """Eight writers, the breaker on with its default threshold (5) and a 30 s reset timeout.
+    All eight are inside a unit when the primary crashes (held there until it has), so all
+    eight fail; their backoffs are held until the standby is promoted. Those eight failures are
+    one for the breaker (each attempt began before the first of them was counted): writes
+    resume on the new primary at once, instead of failing fast with CircuitOpenError for the
+    reset timeout."""
+    pair = pg_standby
+    prepare(pair)
+    inside, backing_off = threading.Semaphore(0), threading.Semaphore(0)
+    crashed_event, promoted_event = threading.Event(), threading.Event()
+    hold_calls, hold_backoffs = threading.Event(), threading.Event()
+
+    def in_unit(key: str, call: int) -> None:
+        if hold_calls.is_set():
+            inside.release()
+            assert crashed_event.wait(30), "the primary was never crashed"
+
+    def backoff(seconds: float) -> None:
+        if hold_backoffs.is_set():
+            backing_off.release()
+            assert promoted_event.wait(30), "the standby was never promoted"
+
+    config = rdb.Config(
+        initial_delay=0.01,
+        max_delay=0.05,
+        max_retries=400,
+        deadline=30.0,
+        failure_threshold=5,
+        reset_timeout=30.0,
+    )
+    url = pair.url(DATABASE, driver="psycopg")
+    workload = Workload(url, "psycopg", writers=8, config=config, on_call=in_unit)
+    workload.on_backoff = backoff
+    workload.start()
+    try:
+        wait_for(lambda: workload.acked(pair.primary.port) >= 40, "writes on the primary")
+        hold_calls.set()
+        for _ in range(8):  # every writer is inside a unit, its INSERT sent, COMMIT not yet
+            assert inside.acquire(timeout=30), "a writer never reached its unit"
+        hold_backoffs.set()
+        pair.crash_primary()
+        crashed = time.monotonic()
+        hold_calls.clear()
+        crashed_event.set()
+        for _ in range(8):  # every writer's COMMIT failed and waits to check or retry
+            assert backing_off.acquire(timeout=30), "a writer did not fail over to its backoff"
+        pair.promote()
+        promoted = time.monotonic()
+        hold_backoffs.clear()
+        promoted_event.set()
+        wait_for(lambda: workload.acked(pair.standby.port) >= 40, "writes on the new primary")
+    finally:
+        crashed_event.set()
+        promoted_event.set()
+        workload.finish()
+    check_exactly_once(pair, workload, lossless=True)
+    assert workload.failures == {}, workload.failures
+    service = rdb.health()["services"][workload.service]
+    assert service["counters"]["breaker_opens"] == 0, service
+    assert service["counters"]["breaker_rejections"] == 0, service
+    report("psycopg, 8 writers, breaker on", workload, pair, crashed, promoted)

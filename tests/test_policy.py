@@ -242,6 +242,35 @@ def test_breaker_holds_no_lock_across_the_protected_call() -> None:
     assert sorted(results) == list(range(8))
 
 
+def test_units_in_flight_when_the_database_fails_count_as_one_failure() -> None:
+    """Eight units cut off together (a failover, a restart) are one failure for the breaker:
+    each began before the first of them failed. Units that begin afterwards and fail count
+    again, so a database that stays down still opens the circuit."""
+    p = make_policy(rdb.Config(failure_threshold=3, max_retries=0))
+    assert p.breaker is not None
+    inside = threading.Barrier(8, timeout=10)
+
+    def cut_off() -> None:
+        inside.wait()  # all eight are running before any fails
+        raise pge.AdminShutdown("terminating connection due to administrator command")
+
+    def run() -> None:
+        with pytest.raises(pge.AdminShutdown):
+            p.call(cut_off)
+
+    threads = [threading.Thread(target=run) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    info = p.breaker.describe()
+    assert (info["state"], info["failures"]) == ("closed", 1)
+    for _ in range(2):  # one after another: each began after the last failure
+        with pytest.raises(pge.AdminShutdown):
+            p.call(failing(1, lambda: pge.AdminShutdown("down")))
+    assert p.breaker.state == "open"
+
+
 class _Recorder:
     def __init__(self) -> None:
         self.changes: list[tuple[str | None, str]] = []
