@@ -45,7 +45,8 @@ FALLBACK = "fallback"  # it did not: a lost COMMIT answer is checked by transact
 CASES = [("psycopg", MARKERS), ("asyncpg", MARKERS), ("psycopg", FALLBACK)]
 
 #: Backoff in milliseconds, enough attempts to outlast a promotion; the breaker stays out of it
-#: (it would open during the window: see the README's Failover section).
+#: (retries every 10-50 ms while no host takes writes are failures it counts; the breaker through
+#: a failover is test_units_cut_off_by_a_failover_do_not_open_the_breaker's).
 FAILOVER_CONFIG = rdb.Config(
     initial_delay=0.01,
     max_delay=0.05,
