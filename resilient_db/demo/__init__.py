@@ -6,7 +6,9 @@ every unit of work verified against the database at the end.
 * :mod:`._workload` - the workers and the ledger of what they did;
 * :mod:`._faults` - the fault schedule;
 * :mod:`._verify` - the invariants, checked against the database;
-* :mod:`._view` - progress and report, plain or with rich.
+* :mod:`._view` - progress and report, plain or with rich;
+* :mod:`._fleet` and :mod:`._member` - the workers in several processes sharing breaker and
+  retry budget through Redis (``--processes``), a primary and standby with a failover (``--ha``).
 """
 
 from __future__ import annotations

@@ -492,6 +492,8 @@ class FleetDemo(Demo):
             totals.update(member.progress.get("totals") or {})
         return dataclasses.replace(
             p,
+            # every process counts each opening of the shared breaker: show the fleet's
+            breaker_opens=sum(1 for e in self.watch.events if e.new == "open"),
             units_ok=p.units_ok + totals["units_ok"],
             units_failed=p.units_failed + totals["units_failed"],
             unknown_commits=p.unknown_commits + totals["unknown"],
