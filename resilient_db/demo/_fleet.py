@@ -697,9 +697,7 @@ class FleetDemo(Demo):
             "members": members,
             "breaker_openings": int(shared.get("fleet_opens", 0)) - self.fleet_opens_before,
             "breaker_opened_by": {k: v for k, v in opened_by.items() if v},
-            "breaker_openings_seen_by_the_faults_process": sum(
-                1 for e in self.watch.events if e.new == "open"
-            ),
+            "breaker_openings_seen_by_p0": sum(1 for e in self.watch.events if e.new == "open"),
             "budget": {
                 "ratio": RETRY_BUDGET,
                 "floor_per_second": self._config().retry_budget_floor,
@@ -719,20 +717,22 @@ class FleetDemo(Demo):
             "every_process_reported",
             not problems,
             "; ".join(problems)
-            or f"all {len(self.members)} worker processes ran to the end and reported",
+            or f"every worker process ({len(self.members)}) ran to the end and reported",
         )
 
     def _breaker_shared_check(self, fleet: Mapping[str, Any]) -> Check:
-        members = fleet["members"]
+        # every member, p0 (this process, also on the service) included
+        seen_by = {m["process"]: m["breaker_openings_seen"] for m in fleet["members"]}
+        seen_by["p0"] = fleet["breaker_openings_seen_by_p0"]
         openings = fleet["breaker_openings"]
-        caused = sum(m["breaker_opened_here"] for m in members)
-        seen = sum(m["breaker_openings_seen"] for m in members)
-        blind = [m["process"] for m in members if m["breaker_openings_seen"] == 0]
+        caused = sum(fleet["breaker_opened_by"].values())
+        seen = sum(seen_by.values())
+        blind = [name for name, n in seen_by.items() if n == 0]
         passed = openings > 0 and not blind and seen > caused
         by = ", ".join(f"{k}: {v}" for k, v in fleet["breaker_opened_by"].items()) or "nobody"
         detail = (
-            f"{openings} opening(s) of the shared breaker (caused by {by}); the worker processes "
-            f"followed {seen} opening(s), {seen - caused} of them caused by another process"
+            f"{openings} opening(s) of the shared breaker (caused by {by}); the {len(seen_by)} "
+            f"processes followed {seen} opening(s), {seen - caused} of them caused by another"
         )
         if blind:
             detail += f"; {', '.join(blind)} never saw one"
