@@ -382,7 +382,7 @@ class FleetDemo(Demo):
         self.proxy_roles: dict[int, str] = {}
         self.fleet_opens_before = 0
         self.merged = False
-        self._tmp = Path(tempfile.mkdtemp(prefix="rdb-demo-"))
+        self._tmp: Path | None = None  # the worker processes' stderr files
 
     @property
     def shared_env(self) -> dict[str, str]:
@@ -510,6 +510,7 @@ class FleetDemo(Demo):
         env.update(self.shared_env)
         n = options.processes
         self.phase = "starting processes"
+        self._tmp = tmp = Path(tempfile.mkdtemp(prefix="rdb-demo-"))
         for i in range(n):
             workers = list(range(i, options.workers, n))
             spec = {
@@ -528,7 +529,7 @@ class FleetDemo(Demo):
                     workers=workers,
                     spec=spec,
                     env=env,
-                    log_path=self._tmp / f"{label}.log",
+                    log_path=tmp / f"{label}.log",
                     demo=self,
                 )
             )
@@ -810,7 +811,8 @@ class FleetDemo(Demo):
             super()._cleanup(server, database, created)
         finally:
             self._stop_redis()
-            shutil.rmtree(self._tmp, ignore_errors=True)
+            if self._tmp is not None:
+                shutil.rmtree(self._tmp, ignore_errors=True)
 
     def _stop_redis(self) -> None:
         if self.redis is None:

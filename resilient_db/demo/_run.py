@@ -162,8 +162,9 @@ class DemoOptions:
     processes: int = 1
     #: ``--ha``: a primary with a synchronous standby, and a failover among the faults
     ha: bool = False
-    #: ``--redis-url``: the Redis the processes share (None: the demo starts its own)
-    redis_url: str | None = None
+    #: ``--redis-url``: the Redis the processes share (None: the demo starts its own); not in
+    #: ``repr()``: it may carry a password
+    redis_url: str | None = field(default=None, repr=False)
 
 
 # -- instrumentation ----------------------------------------------------------------------------
