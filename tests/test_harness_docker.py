@@ -8,7 +8,9 @@ those tests skip, saying which, otherwise. ``RESILIENT_DB_TEST_DOCKER_IMAGE`` pi
 
 from __future__ import annotations
 
+import gc
 import os
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -57,10 +59,19 @@ def _docker_or_skip(image: str) -> Any:
     pytest.importorskip("testcontainers")
     from testcontainers.core.config import testcontainers_config  # noqa: PLC0415
 
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    if host.startswith("unix://") and not os.path.exists(host[len("unix://") :]):
+        # no engine socket: don't let docker-py try (its failed client leaves a socket open)
+        pytest.skip(f"no Docker engine on this machine ({host} does not exist)")
     try:
         client = docker.from_env(timeout=10)
         client.ping()
     except Exception as exc:  # docker.errors.DockerException and socket errors
+        with warnings.catch_warnings():
+            # docker-py's failed client leaves its socket to the garbage collector: collect it
+            # here, not in whichever test runs next (where it would be an unraisable warning)
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
         pytest.skip(f"no Docker engine on this machine ({type(exc).__name__}: {exc})")
     needed = [image]
     if not testcontainers_config.ryuk_disabled:
