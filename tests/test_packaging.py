@@ -46,6 +46,12 @@ def test_the_wheel_ships_the_migrations_and_the_demo_finds_them(tmp_path: Path) 
         "resilient_db/demo/migrations/versions/0003_transition_bypass_role.py",
     ):
         assert name in names
+    # every module of the package (the wheel's package list is explicit: a new subpackage
+    # missing from it would be left out of the wheel)
+    source = Path(__file__).resolve().parent.parent / "resilient_db"
+    modules = {f"resilient_db/{p.relative_to(source).as_posix()}" for p in source.rglob("*.py")}
+    missing = sorted(modules - names)
+    assert not missing, f"modules left out of the wheel: {missing}"
     # from the unpacked wheel (not this checkout), the demo's migrations run: offline SQL
     script = (
         "import io; from alembic import command; import resilient_db.demo as d; "
