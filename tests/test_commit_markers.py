@@ -5,6 +5,7 @@ costs in round trips. The crash and fault scenarios are in test_commit_protocol*
 from __future__ import annotations
 
 import itertools
+import os
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -124,6 +125,29 @@ def test_uuid7_is_version_7_time_ordered_and_unique() -> None:
     assert all(u.version == 7 and u.variant == uuid.RFC_4122 for u in ids)
     millis = [u.int >> 80 for u in ids]
     assert millis == sorted(millis)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_forked_process_never_hands_out_its_parents_marker_ids() -> None:
+    """The random part comes from a buffer of os.urandom bytes; a forked child (gunicorn's
+    workers) starts with its own, so parent and child never make the same ids."""
+    random_bits = (1 << 62) - 1  # the last 62 bits are random in every id (after the variant)
+    uuid7()  # the parent has a buffer
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, then leave at once
+        try:
+            os.write(write, ",".join(str(uuid7().int & random_bits) for _ in range(5)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child = {int(x) for x in pipe.read().split(",")}
+    os.waitpid(pid, 0)
+    parent = {uuid7().int & random_bits for _ in range(5)}
+    assert len(child) == 5
+    assert not child & parent
 
 
 # -- the markers' SQL -----------------------------------------------------------------------------

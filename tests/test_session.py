@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +22,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
 import resilient_db as rdb
+from resilient_db import _unit
 
 _services = itertools.count()
 
@@ -470,6 +473,28 @@ def test_drop_in_sessions_behave_like_sessionmaker(engine: sa.Engine, service: s
     with Sessions() as session:
         assert session.scalars(sa.select(Item.name)).all() == ["dropin"]
         assert isinstance(session, Session)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="libc poll checked on Linux")
+def test_the_dead_connection_check_polls_without_releasing_the_gil(
+    engine: sa.Engine, pg_server: Any
+) -> None:
+    """The checkout's check is libc's poll called through ctypes.PyDLL (the GIL held: a
+    released GIL is a thread switch per checkout under load), not a fallback: live socket
+    quiet, a terminated backend's socket readable."""
+    assert _unit._poll is not None
+    with engine.connect() as conn:
+        raw: Any = conn.connection.driver_connection
+        cache: dict[str, Any] = {}
+        assert _unit._readable(raw.pgconn.socket, cache) is False
+        pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+        pg_server.execute(f"SELECT pg_terminate_backend({int(pid)})")
+        for _ in range(500):  # the server's goodbye arrives (a condition, not a backoff)
+            if _unit._readable(raw.pgconn.socket, cache):
+                break
+            time.sleep(0.01)
+        assert _unit._readable(raw.pgconn.socket, cache) is True
+        conn.invalidate()
 
 
 def test_drop_in_use_survives_a_dead_pooled_connection(
