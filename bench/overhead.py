@@ -555,8 +555,13 @@ class Params:
     warmup: int  # units per variant before a unit's first case
 
 
-DEFAULT = Params(latency_rounds=15, per_round=80, throughput_rounds=21, seconds=0.2, warmup=60)
-QUICK = Params(latency_rounds=6, per_round=40, throughput_rounds=7, seconds=0.15, warmup=30)
+DEFAULT = Params(latency_rounds=15, per_round=80, throughput_rounds=11, seconds=0.6, warmup=60)
+QUICK = Params(latency_rounds=6, per_round=40, throughput_rounds=5, seconds=0.4, warmup=30)
+#: sync threads and async tasks of the throughput cases; each variant's pool holds that many
+#: connections, all of them warmed up (statements prepared) before the measured rounds
+THREADS, TASKS = 8, 32
+#: seconds each variant runs at full concurrency, unmeasured, before a throughput case
+WARM_SECONDS = 1.0
 
 
 def _row(
@@ -611,7 +616,7 @@ def run(
         _progress(line)
     rows: list[dict[str, Any]] = []
 
-    factories = sync_factories(url, 40)
+    factories = sync_factories(url, THREADS)
     for unit in units:
         _progress(f"sync: {UNIT_NAMES[unit]} ...")
         variants = sync_variants(factories, SYNC_UNITS[unit])
@@ -621,19 +626,17 @@ def run(
         lat = summary(latency(variants, ["plain", "resilient"], p.latency_rounds, p.per_round))
         rows.append(_row(unit, "sync_1_thread", "latency", lat))
         names = ["plain", "resilient", "naive"] if unit == "read" else ["plain", "resilient"]
-        thr = summary(throughput(variants, names, 8, p.throughput_rounds, p.seconds))
+        throughput(variants, names, THREADS, 1, WARM_SECONDS)  # every pooled connection, warm
+        thr = summary(throughput(variants, names, THREADS, p.throughput_rounds, p.seconds))
         rows.append(_row(unit, "sync_8_threads", "throughput", thr))
         if unit == "read":
             rows.append(_row(unit, "sync_8_threads_naive_pybreaker", "throughput", thr, "naive"))
             _progress("sync: read, 2 ms server wait ...")
+            slow_variants = sync_variants(factories, slow_select_unit)
+            slow_names = ["plain", "resilient", "naive"]
+            throughput(slow_variants, slow_names, THREADS, 1, WARM_SECONDS)
             slow = summary(
-                throughput(
-                    sync_variants(factories, slow_select_unit),
-                    ["plain", "resilient", "naive"],
-                    8,
-                    p.throughput_rounds,
-                    p.seconds,
-                )
+                throughput(slow_variants, slow_names, THREADS, p.throughput_rounds, p.seconds)
             )
             rows.append(_row(unit, "sync_8_threads_2ms_server_wait", "throughput", slow))
             rows.append(
@@ -642,7 +645,7 @@ def run(
     factories.dispose()
 
     async def async_part() -> None:
-        afactories = async_factories(async_url, 40)
+        afactories = async_factories(async_url, TASKS)
         for unit in units:
             _progress(f"async: {UNIT_NAMES[unit]} ...")
             avariants = async_variants(afactories, ASYNC_UNITS[unit])
@@ -651,7 +654,8 @@ def run(
                     await fn(key)
             alat = summary(await alatency(avariants, p.latency_rounds, p.per_round))
             rows.append(_row(unit, "async_1_task", "latency", alat))
-            athr = summary(await athroughput(avariants, 32, p.throughput_rounds, p.seconds))
+            await athroughput(avariants, TASKS, 1, WARM_SECONDS)  # every pooled connection, warm
+            athr = summary(await athroughput(avariants, TASKS, p.throughput_rounds, p.seconds))
             rows.append(_row(unit, "async_32_tasks", "throughput", athr))
         await afactories.dispose()
 
