@@ -176,3 +176,12 @@ def test_the_library_entry_refuses_bad_fleet_options_too(
     assert "--processes must be at least 1" in capsys.readouterr().err
     assert run_demo(DemoOptions(ha=True, url="postgresql://u@127.0.0.1/db")) == 2
     assert "--ha starts its own primary and standby" in capsys.readouterr().err
+
+
+def test_the_options_repr_shows_no_password() -> None:
+    options = DemoOptions(
+        url="postgresql://app:db-secret@127.0.0.1/db", redis_url="redis://:r-secret@127.0.0.1/0"
+    )
+    text = repr(options)
+    assert "db-secret" not in text
+    assert "r-secret" not in text

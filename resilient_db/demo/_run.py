@@ -148,7 +148,8 @@ class DemoOptions:
 
     seconds: float = 45.0
     workers: int = 8
-    url: str | None = None
+    #: not in ``repr()``: it may carry a password
+    url: str | None = field(default=None, repr=False)
     as_json: bool = False
     plain: bool = False
     verbose: bool = False
