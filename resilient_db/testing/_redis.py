@@ -28,7 +28,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
-from ._server import ServerStartError, free_port
+from ._server import ServerStartError, Watchdog, free_port
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -90,6 +90,7 @@ class RedisServer:
         self._executable = Path(executable) if executable else None
         self._dir: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
+        self._watchdog: Watchdog | None = None
         self._paused = False
 
     def __repr__(self) -> str:
@@ -114,6 +115,9 @@ class RedisServer:
         executable = self._executable or redis_server_binary()
         if self._dir is None:
             self._dir = Path(tempfile.mkdtemp(prefix="rdb-redis-"))
+        if self._watchdog is None:
+            # a test process killed outright (SIGKILL) leaves no redis-server behind
+            self._watchdog = Watchdog(self._dir, str(self.port), "KILL")
         command = [
             str(executable),
             "--bind", self.host,
@@ -133,6 +137,7 @@ class RedisServer:
             stderr=subprocess.DEVNULL,
             start_new_session=True,  # a Ctrl-C to the tests does not reach it mid-test
         )
+        self._watchdog.watch(self._proc.pid)
         with _live_lock:
             _live.add(self)
         self._paused = False
@@ -181,6 +186,9 @@ class RedisServer:
         self.kill()
         with _live_lock:
             _live.discard(self)
+        if self._watchdog is not None:
+            self._watchdog.dismiss()
+            self._watchdog = None
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None

@@ -525,13 +525,64 @@ done
 # the test process died without cleaning up: stop its server and remove its files
 if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
   if [ ! -r "/proc/$pid/cmdline" ] || tr '\0' ' ' < "/proc/$pid/cmdline" | grep -qF -- "$2"; then
-    kill -QUIT "$pid" 2>/dev/null
+    kill -"${3:-QUIT}" "$pid" 2>/dev/null
     i=0
     while kill -0 "$pid" 2>/dev/null && [ "$i" -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
   fi
 fi
 rm -rf -- "$1"
 """
+
+
+class Watchdog:
+    """A small shell process that outlives a killed test process: when its stdin closes
+    without a ``done`` (the test process died, even by SIGKILL), it sends ``signal`` to the
+    server whose pid it was last told, if that process's command line still names ``marker``,
+    and removes ``directory``. Used by every server the harness starts."""
+
+    def __init__(self, directory: Path, marker: str, signal_name: str = "QUIT") -> None:
+        self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+            [
+                "/bin/sh",
+                "-c",
+                _WATCHDOG_SCRIPT,
+                "resilient-db-watchdog",
+                str(directory),
+                marker,
+                signal_name,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def watch(self, pid: int) -> None:
+        """The server's pid (0: none running)."""
+        self._tell(f"pid {pid}")
+
+    def _tell(self, line: str) -> None:
+        proc = self._proc
+        if proc is None or proc.stdin is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            proc.stdin.write(line.encode() + b"\n")
+            proc.stdin.flush()
+
+    def dismiss(self) -> None:
+        """The server was cleaned up: the watchdog leaves without doing anything."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            if proc.stdin is not None:
+                proc.stdin.write(b"done\n")
+                proc.stdin.close()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 class EmbeddedPostgres(PostgresServer):
@@ -575,7 +626,7 @@ class EmbeddedPostgres(PostgresServer):
         self._base: Path | None = None
         self._ids: tuple[int, int] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
-        self._watchdog: subprocess.Popen[bytes] | None = None
+        self._watchdog: Watchdog | None = None
         self._closed = False
         self._started_once = False
         self._bin: Path | None = None
@@ -723,42 +774,16 @@ class EmbeddedPostgres(PostgresServer):
 
     def _start_watchdog(self) -> None:
         assert self._base is not None
-        self._watchdog = subprocess.Popen(
-            [
-                "/bin/sh",
-                "-c",
-                _WATCHDOG_SCRIPT,
-                "resilient-db-watchdog",
-                str(self._base),
-                str(self._base / "data"),
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        self._watchdog = Watchdog(self._base, str(self._base / "data"))
 
-    def _tell_watchdog(self, line: str) -> None:
-        watchdog = self._watchdog
-        if watchdog is None or watchdog.stdin is None:
-            return
-        with contextlib.suppress(OSError, ValueError):
-            watchdog.stdin.write(line.encode() + b"\n")
-            watchdog.stdin.flush()
+    def _watch(self, pid: int) -> None:
+        if self._watchdog is not None:
+            self._watchdog.watch(pid)
 
     def _dismiss_watchdog(self) -> None:
         watchdog, self._watchdog = self._watchdog, None
-        if watchdog is None:
-            return
-        with contextlib.suppress(OSError, ValueError):
-            if watchdog.stdin is not None:
-                watchdog.stdin.write(b"done\n")
-                watchdog.stdin.close()
-        try:
-            watchdog.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            watchdog.kill()
-            watchdog.wait()
+        if watchdog is not None:
+            watchdog.dismiss()
 
     def _server_command(self, port: int) -> list[str]:
         assert self._bin is not None
@@ -817,14 +842,14 @@ class EmbeddedPostgres(PostgresServer):
                 **self._subprocess_kwargs(),
             )
         self._proc = proc
-        self._tell_watchdog(f"pid {proc.pid}")
+        self._watch(proc.pid)
         pid_file = self.data_dir / "postmaster.pid"
         deadline = time.monotonic() + self._start_timeout
         while True:
             code = proc.poll()
             if code is not None:
                 self._proc = None
-                self._tell_watchdog("pid 0")
+                self._watch(0)
                 return (
                     f"postgres exited with code {code} while starting on {self._host}:{port}; "
                     f"server log {log_path}:\n{_log_tail(log_path)}"
@@ -856,7 +881,7 @@ class EmbeddedPostgres(PostgresServer):
                         log.warning("postgres pid %s ignored %s", proc.pid, sig.name)
             proc.wait()
             self._proc = None
-            self._tell_watchdog("pid 0")
+            self._watch(0)
 
 
 def _pid_file_ready(pid_file: Path, pid: int) -> bool:
