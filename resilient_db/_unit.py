@@ -544,7 +544,8 @@ def connection_looks_dead(dbapi_connection: Any, cache: dict[str, Any] | None = 
 _FD_KEY = "resilient_db.socket_fd"
 _POLL_KEY = "resilient_db.poller"
 _PG_OK = int(psycopg.pq.ConnStatus.OK)
-_POLL_EVENTS = select.POLLIN | select.POLLPRI
+# POLLIN | POLLPRI (the select module has no poll constants where there is no poll: Windows)
+_POLL_EVENTS = getattr(select, "POLLIN", 1) | getattr(select, "POLLPRI", 2)
 
 
 class _PollFd(ctypes.Structure):
@@ -565,7 +566,7 @@ def _gil_holding_poll() -> Any:
     """
     try:
         fn = ctypes.PyDLL(None).poll
-    except (OSError, AttributeError):  # no libc poll (Windows)
+    except (OSError, AttributeError, TypeError):  # no libc poll (Windows)
         return None
     # No argtypes: ctypes' argument conversion would double the call's cost. The arguments
     # are passed as ready-made C values (a pointer, an unsigned long, an int).
