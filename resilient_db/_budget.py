@@ -64,14 +64,23 @@ class LocalBudget:
         self._tokens = float(floor)  # the floor's bucket starts with one second's worth
         self._tokens_at = now
 
-    def observe(self, first_attempts: int, now: float) -> int:
-        """Take the running count of first attempts; returns how many are new."""
+    def observe(self, first_attempts: int, now: float, *, reset: bool = False) -> int:
+        """Take the running count of first attempts; returns how many are new.
+
+        The count (attempts - retries) dips by one while a retry has been counted and its
+        attempt has not ended yet, and comes back when it has: a dip is not a reset, so the
+        count is measured from its highest value (a dip followed by its return would otherwise
+        count the retry as a new first attempt). ``reset``: the counters started again.
+        """
+        if reset:
+            self._seen, self._seen_at = first_attempts, now
+            return 0
         delta = first_attempts - self._seen
+        if delta <= 0:
+            return 0  # nothing new, or retries still in flight
         self._seen = first_attempts
         span = now - self._seen_at
         self._seen_at = now
-        if delta <= 0:
-            return 0  # nothing new (or the counters were reset: start from here)
         second = math.floor(now)
         if span <= 1.0:
             self._deposits[second] = self._deposits.get(second, 0.0) + delta
@@ -131,7 +140,9 @@ class RetryBudget:
         self._clock = clock
         self._lock = threading.Lock()
         ratio = config.retry_budget or 0.0
-        self._local = LocalBudget(ratio, config.retry_budget_floor, clock(), self._first_attempts())
+        self._counters = stats_for(service)
+        first_attempts = self._counters.attempts - self._counters.retries
+        self._local = LocalBudget(ratio, config.retry_budget_floor, clock(), first_attempts)
         self._pending = 0  # first attempts not yet added to the fleet's count
         self.granted = 0
         self.exhausted = 0
@@ -160,16 +171,19 @@ class RetryBudget:
             link.attach_budget(self.service, self)
 
     # -- the first attempts ------------------------------------------------------------------
-    def _first_attempts(self) -> int:
-        # every attempt is counted, retries too, and every retry is counted before its attempt:
-        # the difference is the units started (their first attempts)
+    def _observe(self, now: float) -> int:
+        """New first attempts since the last look (callers hold the lock). Every attempt is
+        counted, retries too, and every retry is counted before its attempt: the difference is
+        the units started (their first attempts)."""
         snap = stats_for(self.service)
-        return snap.attempts - snap.retries
+        reset = snap is not self._counters  # reset_state() made new counters
+        self._counters = snap
+        return self._local.observe(snap.attempts - snap.retries, now, reset=reset)
 
     def take_pending(self) -> int:
         """First attempts seen since the last call (for the fleet's count); observes first."""
         with self._lock:
-            self._pending += self._local.observe(self._first_attempts(), self._clock())
+            self._pending += self._observe(self._clock())
             pending, self._pending = self._pending, 0
             return pending
 
@@ -199,7 +213,7 @@ class RetryBudget:
             self.give_back(pending)  # Redis is unreachable: this process decides alone
         with self._lock:
             now = self._clock()
-            self._pending += self._local.observe(self._first_attempts(), now)
+            self._pending += self._observe(now)
             if self._local.try_withdraw(now) is not None:
                 self.granted += 1
                 return True
@@ -246,7 +260,7 @@ class RetryBudget:
         """The ``budget`` entry of ``health()``."""
         with self._lock:
             now = self._clock()
-            self._pending += self._local.observe(self._first_attempts(), now)
+            self._pending += self._observe(now)
             deposits, spent = self._local.totals(now)
             info: dict[str, Any] = {
                 "ratio": self.config.retry_budget,
