@@ -17,9 +17,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from processes import alive, killed_at_exit, wait_for
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
@@ -82,13 +80,6 @@ def ledger(pair: StandbyPair) -> dict[str, int]:
     """Rows per key on the current primary."""
     rows = pair.execute("SELECT key, count(*) FROM ledger GROUP BY key", database=DATABASE)
     return {str(key): int(count) for key, count in rows}
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
 
 
 # -- writers ---------------------------------------------------------------------------------------
@@ -357,15 +348,6 @@ def test_pair_close_stops_both_servers_and_deletes_their_files(
         pair.start()
 
 
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` runs (a zombie nobody reaped yet does not)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
-
-
 def _postmaster_pid(data_dir: Path) -> int:
     return int((data_dir / "postmaster.pid").read_text().splitlines()[0])
 
@@ -389,7 +371,7 @@ def test_a_failing_test_still_leaves_nothing_behind(pytester: pytest.Pytester) -
     assert len(servers) == 2
     for data_dir, pid in servers:
         assert not Path(data_dir).exists()
-        assert not _alive(int(pid))
+        assert not alive(int(pid))
 
 
 _KILLED_SCRIPT = """
@@ -406,26 +388,12 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 def test_a_killed_test_process_leaves_nothing_behind() -> None:
     """SIGKILL gives no atexit: the servers' watchdogs stop them and delete their files."""
-    with subprocess.Popen(
-        [sys.executable, "-c", _KILLED_SCRIPT],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    ) as proc:
-        assert proc.stdin is not None
-        assert proc.stdout is not None
-        try:
-            dirs = [Path(proc.stdout.readline().strip()) for _ in range(2)]
-            assert all(d.name == "data" and d.is_dir() for d in dirs), dirs
-            pids = [_postmaster_pid(d) for d in dirs]
-            assert all(_alive(pid) for pid in pids)
-            proc.stdin.write("\n")
-            proc.stdin.flush()
-            assert proc.wait(timeout=30) == -signal.SIGKILL
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    wait_for(lambda: not any(_alive(pid) for pid in pids), "the servers to stop")
+    with killed_at_exit(_KILLED_SCRIPT) as out:
+        dirs = [Path(out.readline().strip()) for _ in range(2)]
+        assert all(d.name == "data" and d.is_dir() for d in dirs), dirs
+        pids = [_postmaster_pid(d) for d in dirs]
+        assert all(alive(pid) for pid in pids)
+    wait_for(lambda: not any(alive(pid) for pid in pids), "the servers to stop")
     wait_for(lambda: not any(d.parent.exists() for d in dirs), "their files to be deleted")
 
 

@@ -6,9 +6,6 @@ fleet-wide; Redis killed mid-workload, then back."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -18,6 +15,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from fleet import Gate, fleet
+from processes import alive, killed_at_exit, wait_for
 
 import resilient_db as rdb
 from resilient_db._fleet import links
@@ -291,41 +289,10 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 def test_a_killed_test_process_leaves_no_redis_behind() -> None:
     """SIGKILL gives no atexit: the Redis server's watchdog stops it and deletes its files."""
-    with subprocess.Popen(
-        [sys.executable, "-c", _KILLED_SCRIPT],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    ) as proc:
-        assert proc.stdin is not None
-        assert proc.stdout is not None
-        try:
-            pid_text, directory_text = proc.stdout.readline().split()
-            pid, directory = int(pid_text), Path(directory_text)
-            assert directory.is_dir()
-            os.kill(pid, 0)  # running
-            proc.stdin.write("\n")
-            proc.stdin.flush()
-            assert proc.wait(timeout=30) == -signal.SIGKILL
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    for _ in range(300):  # the watchdog notices the closed pipe (a condition, not a backoff)
-        if not _alive(pid) and not directory.exists():
-            break
-        time.sleep(0.05)
-    assert not _alive(pid), "redis-server still running"
-    assert not directory.exists(), "its directory is still there"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie (our child no more: the killed process was its parent) counts as gone
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    with killed_at_exit(_KILLED_SCRIPT) as out:
+        pid_text, directory_text = out.readline().split()
+        pid, directory = int(pid_text), Path(directory_text)
+        assert directory.is_dir()
+        assert alive(pid)
+    wait_for(lambda: not alive(pid), "redis-server to stop")
+    wait_for(lambda: not directory.exists(), "its directory to be deleted")
