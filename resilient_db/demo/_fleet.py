@@ -48,9 +48,8 @@ from resilient_db.testing import (
     StandbyPair,
 )
 
-from ._faults import Schedule
 from ._member import fleet_config
-from ._run import _DRAIN_SECONDS, APPLICATION_NAME, SERVICE, Demo, DemoError, DemoOptions
+from ._run import _DRAIN_SECONDS, SERVICE, Demo, DemoError, DemoOptions
 from ._verify import Check
 from ._view import Progress, View
 from ._workload import Change, IllegalAttempts, Ledger, Runner, Unit
@@ -559,7 +558,6 @@ class FleetDemo(Demo):
         deadlock_rows: tuple[int, int],
         serial_rows: tuple[int, int],
     ) -> None:
-        options = self.options
         self._spawn(self._engine_url(proxy, database))
         self.counters_before = self._counters()
         self.fleet_opens_before = int(self._shared_breaker().get("fleet_opens", 0))
@@ -568,29 +566,19 @@ class FleetDemo(Demo):
         self.phase = "running"
         for member in self.members:
             member.send(op="start", wall=started_wall)
-        self.schedule = Schedule(
-            seconds=options.seconds,
-            server=server,
-            proxy=proxy,
-            database=database,
-            application_name=APPLICATION_NAME,
-            runner=runner,
-            illegal=illegal,
-            deadlock_rows=deadlock_rows,
-            serial_rows=serial_rows,
-            log=self.faults,
-            stop=self.stop,
-            service=SERVICE,
-            crash_allowed=server.can_control and self.pair is None,
-            failover=self.failover,
-        )
-        self.schedule.start()
         try:
-            while self.elapsed() < options.seconds:
-                time.sleep(0.1)
-                self.view.tick()
+            self._run_faults(
+                server=server,
+                proxy=proxy,
+                database=database,
+                runner=runner,
+                illegal=illegal,
+                deadlock_rows=deadlock_rows,
+                serial_rows=serial_rows,
+                crash_allowed=server.can_control and self.pair is None,
+                failover=self.failover,
+            )
         finally:
-            self.stop.set()
             for member in self.members:
                 member.send(op="stop")
 

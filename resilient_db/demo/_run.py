@@ -30,7 +30,7 @@ import sqlalchemy as sa
 import resilient_db as rdb
 from resilient_db.testing import EmbeddedPostgres, ExternalPostgres, FaultProxy, PostgresServer
 
-from ._faults import FaultLog, Schedule
+from ._faults import Failover, FaultLog, Schedule
 from ._verify import BreakerEvent, Check, examine_database, invariants
 from ._view import Progress, View, make_view
 from ._workload import Change, IllegalAttempts, Ledger, Runner, Worker, setup_hot_rows
@@ -553,8 +553,35 @@ class Demo:
             Worker(n, runner, self.stop, seed=seed + n, think=options.think)
             for n in range(options.workers)
         ]
+        for worker in self.workers:
+            worker.start()
+        self._run_faults(
+            server=server,
+            proxy=proxy,
+            database=database,
+            runner=runner,
+            illegal=illegal,
+            deadlock_rows=deadlock_rows,
+            serial_rows=serial_rows,
+            crash_allowed=server.can_control,
+        )
+
+    def _run_faults(
+        self,
+        *,
+        server: PostgresServer,
+        proxy: FaultProxy,
+        database: str,
+        runner: Runner,
+        illegal: IllegalAttempts,
+        deadlock_rows: tuple[int, int],
+        serial_rows: tuple[int, int],
+        crash_allowed: bool,
+        failover: Failover | None = None,
+    ) -> None:
+        """Run the fault schedule while the workers run, until the time is up; then stop."""
         self.schedule = Schedule(
-            seconds=options.seconds,
+            seconds=self.options.seconds,
             server=server,
             proxy=proxy,
             database=database,
@@ -566,13 +593,12 @@ class Demo:
             log=self.faults,
             stop=self.stop,
             service=SERVICE,
-            crash_allowed=server.can_control,
+            crash_allowed=crash_allowed,
+            failover=failover,
         )
-        for worker in self.workers:
-            worker.start()
         self.schedule.start()
         try:
-            while self.elapsed() < options.seconds:
+            while self.elapsed() < self.options.seconds:
                 time.sleep(0.1)
                 self.view.tick()
         finally:
