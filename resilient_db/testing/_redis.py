@@ -25,13 +25,12 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
-from ._server import ServerStartError, Watchdog, free_port
+from ._server import ServerStartError, Service, Watchdog, free_port
 
 if TYPE_CHECKING:
-    from typing_extensions import Self
+    pass
 
 __all__ = ["RedisServer", "redis_server_binary"]
 
@@ -69,7 +68,7 @@ def redis_server_binary() -> Path:
     raise ServerStartError(_INSTALL_HINT)
 
 
-class RedisServer:
+class RedisServer(Service):
     """A private ``redis-server`` on ``127.0.0.1``; :meth:`start` it (or use ``with``).
 
     ``port`` defaults to a free port, kept across :meth:`kill` and :meth:`start` so clients
@@ -192,18 +191,6 @@ class RedisServer:
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- talking to it -----------------------------------------------------------------------
     def client(self, **kwargs: Any) -> Any:

@@ -170,7 +170,29 @@ def _render_url(
 # the common surface
 
 
-class PostgresServer:
+class Service:
+    """Started on entering a ``with`` block, closed on leaving it (the harness's servers)."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class PostgresServer(Service):
     """A PostgreSQL server used by tests: URLs, admin SQL, databases and (maybe) control.
 
     Subclasses say whether they can be stopped and restarted with :attr:`can_control`.
@@ -397,18 +419,6 @@ class PostgresServer:
 
     def close(self) -> None:
         """Release the server (for servers the harness owns: stop it and delete its files)."""
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # ---- for subclasses --------------------------------------------------------------------------
 

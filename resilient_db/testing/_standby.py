@@ -20,7 +20,6 @@ import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote
 
@@ -32,11 +31,12 @@ from ._server import (
     _POLL_INTERVAL,
     EmbeddedPostgres,
     ServerStartError,
+    Service,
     _log_tail,
 )
 
 if TYPE_CHECKING:
-    from typing_extensions import Self
+    pass
 
 __all__ = ["StandbyPair", "StandbyServer"]
 
@@ -193,7 +193,7 @@ class StandbyServer(EmbeddedPostgres):
             os.chown(path, *self._ids)
 
 
-class StandbyPair:
+class StandbyPair(Service):
     """A primary and a streaming-replication standby of it, both embedded and throwaway.
 
     ``synchronous=True`` names the standby in the primary's ``synchronous_standby_names``: a COMMIT
@@ -302,18 +302,6 @@ class StandbyPair:
             self.standby.close()
         finally:
             self.primary.close()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _wait_streaming(self) -> None:
         wanted = "sync" if self._synchronous else "async"
