@@ -96,6 +96,17 @@ def _no_backoff() -> Iterator[None]:
         yield
 
 
+def updates(browser: Any) -> int:
+    """How many times the page has refreshed its data."""
+    return int(browser.find_element("tag name", "body").get_attribute("data-updates") or 0)
+
+
+def next_refresh(browser: Any) -> None:
+    """Wait until the page has refreshed once more (its plots drawn from newer data)."""
+    seen = updates(browser)
+    wait_for("one more refresh", lambda: updates(browser) > seen)
+
+
 def wait_for(what: str, condition: Callable[[], Any], timeout: float = 20.0) -> Any:
     deadline = time.monotonic() + timeout
     while True:
@@ -196,7 +207,7 @@ def test_page_shows_services_updates_after_a_real_fault_and_refuses_strangers(
 
         # a real fault: the reports database refuses connections; units fail until the
         # breaker opens, and the page follows without being reloaded
-        updates = int(browser.find_element("tag name", "body").get_attribute("data-updates"))
+        refreshed = updates(browser)
         fault_proxy.refuse(cut=True)
         for _ in range(10):
             try:
@@ -207,13 +218,13 @@ def test_page_shows_services_updates_after_a_real_fault_and_refuses_strangers(
                 continue
         assert rdb.health()["services"][reports]["breaker"]["state"] == "open"
         wait_for("the open breaker on the page", lambda: breaker_state(browser, reports) == "open")
-        assert int(browser.find_element("tag name", "body").get_attribute("data-updates")) > updates
+        assert updates(browser) > refreshed
         assert breaker_state(browser, orders) == "closed"
         overall = browser.find_element("id", "overall").text
         assert overall == f"degraded: breaker open for {reports}"
         assert counter(browser, reports, "breaker_opens") == 1
         assert counter(browser, reports, "gave_up") >= 1
-        time.sleep(0.5)  # one more refresh: the plot has the open segment
+        next_refresh(browser)  # the plot has the open segment
         browser.save_screenshot(str(artifacts() / "dashboard-fault.png"))
 
         # no token, a wrong token: refused, nothing of the dashboard shown
@@ -268,7 +279,7 @@ def test_dashboard_during_the_demo(browser: Any, pg_server: PostgresServer) -> N
                 raise AssertionError(f"{exc}; the demo said:\n{err.getvalue()[-2000:]}") from None
             wait_for("retries", lambda: counter(browser, "tasks-demo", "retries") > 0)
             assert browser.find_elements("css selector", "tr[data-event]")
-            time.sleep(1.0)
+            next_refresh(browser)
             browser.save_screenshot(str(artifacts() / "dashboard-demo.png"))
         finally:
             demo.join(180)
