@@ -108,6 +108,25 @@ local function publish(st, remaining, gen, opens)
   redis.call('PUBLISH', ARGV[1], cjson.encode(
     {s = ARGV[2], b = ARGV[3], st = st, r = tostring(remaining), g = gstr(gen), o = opens}))
 end
+-- the time now, then the breaker hash (KEYS[1]): its fields st, until, gen, opens and any
+-- further ones asked for (h[5], ...), its state, generation and openings
+local function read_breaker(...)
+  local now = now_s()
+  local h = redis.call('HMGET', KEYS[1], 'st', 'until', 'gen', 'opens', ...)
+  return now, h, h[1] or 'closed', tonumber(h[3]) or 0, tonumber(h[4]) or 0
+end
+-- seconds until an open breaker read by read_breaker half-opens
+local function remaining(h, now) return tostring((tonumber(h[2]) or now) - now) end
+-- open the breaker for reset seconds, forget its failures (KEYS[2]), tell every process
+local function open_breaker(now, gen, opens, reset)
+  gen = next_gen(now, gen)
+  opens = opens + 1
+  redis.call('HSET', KEYS[1], 'st', 'open', 'until', tostring(now + reset), 'gen', gstr(gen),
+             'opens', opens, 'probes', 0, 'ok', 0)
+  redis.call('DEL', KEYS[2])
+  publish('open', reset, gen, opens)
+  return gen, opens
+end
 """
 
 # KEYS: breaker hash, failure counter. ARGV: channel, service, threshold, reset timeout (s),
@@ -115,25 +134,14 @@ end
 _FAILURE = (
     _COMMON
     + """
-local now = now_s()
-local h = redis.call('HMGET', KEYS[1], 'st', 'until', 'gen', 'opens')
-local st = h[1] or 'closed'
-local gen = tonumber(h[3]) or 0
-local opens = tonumber(h[4]) or 0
+local now, h, st, gen, opens = read_breaker()
 local reset = tonumber(ARGV[5])
 local function open()
-  gen = next_gen(now, gen)
-  opens = opens + 1
-  redis.call('HSET', KEYS[1], 'st', 'open', 'until', tostring(now + reset), 'gen', gstr(gen),
-             'opens', opens, 'probes', 0, 'ok', 0)
-  redis.call('DEL', KEYS[2])
-  publish('open', reset, gen, opens)
+  gen, opens = open_breaker(now, gen, opens, reset)
   return {'open', tostring(reset), gstr(gen), 0, opens, 1}
 end
 if st == 'half-open' then return open() end
-if st == 'open' then
-  return {'open', tostring((tonumber(h[2]) or now) - now), gstr(gen), 0, opens, 0}
-end
+if st == 'open' then return {'open', remaining(h, now), gstr(gen), 0, opens, 0} end
 local n = redis.call('INCR', KEYS[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[6])
 if n >= tonumber(ARGV[4]) then return open() end
@@ -146,11 +154,7 @@ return {'closed', '0', gstr(gen), n, opens, 0}
 _ADMIT = (
     _COMMON
     + """
-local now = now_s()
-local h = redis.call('HMGET', KEYS[1], 'st', 'until', 'gen', 'opens', 'probes', 'hos')
-local st = h[1] or 'closed'
-local gen = tonumber(h[3]) or 0
-local opens = tonumber(h[4]) or 0
+local now, h, st, gen, opens = read_breaker('probes', 'hos')
 if st == 'closed' then return {'closed', '0', gstr(gen), opens} end
 if st == 'open' then
   local untl = tonumber(h[2]) or now
@@ -180,14 +184,8 @@ return {'full', '0', gstr(gen), opens}
 _PROBE_DONE = (
     _COMMON
     + """
-local now = now_s()
-local h = redis.call('HMGET', KEYS[1], 'st', 'until', 'gen', 'opens', 'probes', 'ok')
-local st = h[1] or 'closed'
-local gen = tonumber(h[3]) or 0
-local opens = tonumber(h[4]) or 0
-if st == 'open' then
-  return {'open', tostring((tonumber(h[2]) or now) - now), gstr(gen), opens}
-end
+local now, h, st, gen, opens = read_breaker('probes', 'ok')
+if st == 'open' then return {'open', remaining(h, now), gstr(gen), opens} end
 if st ~= 'half-open' then return {st, '0', gstr(gen), opens} end
 local probes = math.max(0, (tonumber(h[5]) or 0) - 1)
 if ARGV[5] == '1' then
@@ -212,30 +210,22 @@ return {'half-open', '0', gstr(gen), opens}
 _FORCE = (
     _COMMON
     + """
-local now = now_s()
-local h = redis.call('HMGET', KEYS[1], 'st', 'until', 'gen', 'opens')
-local st = h[1] or 'closed'
-local gen = tonumber(h[3]) or 0
-local opens = tonumber(h[4]) or 0
+local now, h, st, gen, opens = read_breaker()
 local want = ARGV[4]
 if want == '' then
-  if st == 'open' then
-    return {'open', tostring((tonumber(h[2]) or now) - now), gstr(gen), opens}
-  end
+  if st == 'open' then return {'open', remaining(h, now), gstr(gen), opens} end
   return {st, '0', gstr(gen), opens}
 end
-gen = next_gen(now, gen)
 local reset = tonumber(ARGV[5])
 if want == 'open' then
-  opens = opens + 1
-  redis.call('HSET', KEYS[1], 'st', 'open', 'until', tostring(now + reset), 'gen', gstr(gen),
-             'opens', opens, 'probes', 0, 'ok', 0)
+  gen, opens = open_breaker(now, gen, opens, reset)
 else
+  gen = next_gen(now, gen)
   redis.call('HSET', KEYS[1], 'st', 'closed', 'gen', gstr(gen), 'probes', 0, 'ok', 0)
+  redis.call('DEL', KEYS[2])
+  publish(want, 0, gen, opens)
   reset = 0
 end
-redis.call('DEL', KEYS[2])
-publish(want, reset, gen, opens)
 return {want, tostring(reset), gstr(gen), opens}
 """
 )
