@@ -218,17 +218,8 @@ class Breaker:
             if self._storage.counter:
                 self._storage.reset_counter()
             return
-        fleet = self._fleet
-        if fleet is not None and fleet.up:
-            try:
-                answer = fleet.breaker_probe_done(
-                    self.service, self.config.half_open_probes, success=True
-                )
-            except FleetDown:
-                pass
-            else:
-                self.fleet_update(*answer, answer=True)
-                return
+        if self._fleet_probe_done(success=True):
+            return
         with self._lock:
             self._probes = max(0, self._probes - 1)
             if self._storage.state != HALF_OPEN:
@@ -271,20 +262,24 @@ class Breaker:
 
     def on_neutral(self, probe: bool) -> None:
         """The attempt ended with a business error: neither success nor failure."""
-        fleet = self._fleet
-        if probe and fleet is not None and fleet.up:
-            try:
-                answer = fleet.breaker_probe_done(
-                    self.service, self.config.half_open_probes, success=False
-                )
-            except FleetDown:
-                pass
-            else:
-                self.fleet_update(*answer, answer=True)
-                return
-        if probe:
+        if probe and not self._fleet_probe_done(success=False):
             with self._lock:
                 self._probes = max(0, self._probes - 1)
+
+    def _fleet_probe_done(self, *, success: bool) -> bool:
+        """A half-open probe ended (``success``, or neither way): tell the fleet. False when
+        the breaker is not shared or Redis did not answer (the local state decides)."""
+        fleet = self._fleet
+        if fleet is None or not fleet.up:
+            return False
+        try:
+            answer = fleet.breaker_probe_done(
+                self.service, self.config.half_open_probes, success=success
+            )
+        except FleetDown:
+            return False
+        self.fleet_update(*answer, answer=True)
+        return True
 
     # -- manual control --------------------------------------------------------------------
     def open(self) -> None:
