@@ -473,7 +473,7 @@ class FleetDemo(Demo):
         return super()._engine_url(proxy, database)
 
     def _config(self) -> rdb.Config:
-        return fleet_config(self.options.workers, self.shared_env)
+        return fleet_config(self.shared_env)
 
     # -- counters and progress: the whole fleet's ------------------------------------------
     def _counters(self) -> dict[str, Any]:
@@ -515,7 +515,6 @@ class FleetDemo(Demo):
             spec = {
                 "url": url,
                 "workers": workers,
-                "total_workers": options.workers,
                 "seed": self.seed,
                 "think": options.think,
                 "seconds": options.seconds,

@@ -52,13 +52,12 @@ _CONNECT_WAIT = 10.0
 _PROGRESS_INTERVAL = 0.5
 
 
-def fleet_config(workers: int, environ: Mapping[str, str]) -> rdb.Config:
-    """The demo's numbers (:func:`~resilient_db.demo.demo_config` for ``workers`` in the whole
-    fleet: the breaker counts the failures of every process), with the Redis URL and retry
+def fleet_config(environ: Mapping[str, str]) -> rdb.Config:
+    """The demo's numbers (:func:`~resilient_db.demo.demo_config`), with the Redis URL and retry
     budget read from ``environ`` as any process of a fleet reads them."""
     shared = rdb.load_config(environ)
     return dataclasses.replace(
-        demo_config(workers),
+        demo_config(),
         redis_url=shared.redis_url,
         redis_timeout=shared.redis_timeout,
         retry_budget=shared.retry_budget,
@@ -239,7 +238,7 @@ class Member(Demo):
 
     def _serve(self, engine: sa.Engine) -> None:
         spec = self.spec
-        config = fleet_config(int(spec["total_workers"]), os.environ)
+        config = fleet_config(os.environ)
         factory: rdb.ResilientSession[Any] = rdb.ResilientSession(
             engine, service=SERVICE, config=config, breaker_listeners=(self.watch,)
         )

@@ -124,18 +124,19 @@ def downgrade_migrations(
 
 
 # -- configuration ------------------------------------------------------------------------------
-def demo_config(workers: int = 8) -> rdb.Config:
+def demo_config() -> rdb.Config:
     """Demo-friendly numbers: short backoff, a breaker that probes again after 1 s, bulk
-    UPDATEs that raise on an illegal move. The breaker opens after a few more consecutive
-    failures than there are workers: every worker losing its connection at once (killed
-    backends, cut connections) is healed by reconnecting; an outage opens it."""
+    UPDATEs that raise on an illegal move. Every worker losing its connection at once (killed
+    backends, cut connections) is one failure for the breaker (the units in flight fail
+    together) and is healed by reconnecting; an outage, failing attempt after attempt, opens
+    it."""
     return rdb.Config(
         max_retries=5,
         initial_delay=0.05,
         max_delay=0.8,
         conflict_delay=0.01,
         deadline=10.0,
-        failure_threshold=workers + 2,
+        failure_threshold=5,
         reset_timeout=1.0,
         half_open_probes=1,
         bulk_update="raise",
@@ -459,7 +460,7 @@ class Demo:
         return proxy.url(database)
 
     def _config(self) -> rdb.Config:
-        return demo_config(self.options.workers)
+        return demo_config()
 
     def _join_threads(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -706,7 +707,7 @@ class Demo:
             "breaker_events": [
                 {"at": round(e.at, 2), "from": e.old, "to": e.new} for e in self.watch.events
             ],
-            "config": demo_config(self.options.workers).as_env(),
+            "config": demo_config().as_env(),
         }
         return report
 
