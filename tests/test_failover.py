@@ -279,6 +279,19 @@ def fail_over(pair: StandbyPair) -> tuple[float, float]:
     return crashed, time.monotonic()
 
 
+def writes_through_a_failover(pair: StandbyPair, driver: str) -> tuple[Workload, float, float]:
+    """Two writers write on the primary, which crashes mid-stream; the standby is promoted and
+    they write on it. Returns the finished workload and the times of the crash and promotion."""
+    workload = Workload(pair.url(DATABASE, driver=driver), driver).start()
+    try:
+        wait_for(lambda: workload.acked(pair.primary.port) >= 40, "writes on the primary")
+        crashed, promoted = fail_over(pair)
+        wait_for(lambda: workload.acked(pair.standby.port) >= 40, "writes on the new primary")
+    finally:
+        workload.finish()
+    return workload, crashed, promoted
+
+
 def report(
     label: str, workload: Workload, pair: StandbyPair, crashed: float, promoted: float
 ) -> None:
@@ -532,13 +545,7 @@ def test_writes_resume_after_failover_and_nothing_acknowledged_is_lost(
     transaction id proves nothing on another server), never wrong."""
     pair = pg_standby
     prepare(pair, markers=mode == MARKERS)
-    workload = Workload(pair.url(DATABASE, driver=driver), driver).start()
-    try:
-        wait_for(lambda: workload.acked(pair.primary.port) >= 40, "writes on the primary")
-        crashed, promoted = fail_over(pair)
-        wait_for(lambda: workload.acked(pair.standby.port) >= 40, "writes on the new primary")
-    finally:
-        workload.finish()
+    workload, crashed, promoted = writes_through_a_failover(pair, driver)
     tally = check_exactly_once(pair, workload, lossless=True)
     if mode == MARKERS:
         assert workload.failures == {}, workload.failures
@@ -564,13 +571,7 @@ def test_asynchronous_replication_may_lose_acknowledged_writes_but_never_doubles
     unit that failed with a known outcome wrote nothing."""
     pair = pg_standby_factory(synchronous=False)
     prepare(pair)
-    workload = Workload(pair.url(DATABASE, driver=driver), driver).start()
-    try:
-        wait_for(lambda: workload.acked(pair.primary.port) >= 40, "writes on the primary")
-        crashed, promoted = fail_over(pair)
-        wait_for(lambda: workload.acked(pair.standby.port) >= 40, "writes on the new primary")
-    finally:
-        workload.finish()
+    workload, crashed, promoted = writes_through_a_failover(pair, driver)
     tally = check_exactly_once(pair, workload, lossless=False)
     report(f"{driver}, asynchronous", workload, pair, crashed, promoted)
     print(
