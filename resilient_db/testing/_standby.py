@@ -445,10 +445,3 @@ class StandbyPair(Service):
         self._promoted = True
         self.promote_seconds = time.monotonic() - began
         return self.promote_seconds
-
-    def server_at(self, port: int) -> EmbeddedPostgres:
-        """The server of the pair listening on ``port`` (e.g. ``inet_server_port()``)."""
-        for server in self.servers:
-            if server.port == port:
-                return server
-        raise ValueError(f"no server of {self!r} listens on port {port}")
