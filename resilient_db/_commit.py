@@ -49,7 +49,6 @@ from sqlalchemy.engine import Connection, Engine
 
 from ._config import Config
 from ._observability import emit, log_session
-from .transitions._install import run_statements as _run_statements
 
 try:  # SQLAlchemy 2.1 renamed ``await_only`` to ``await_`` (the old name goes in 2.2)
     from sqlalchemy.util import await_ as _await
@@ -173,6 +172,14 @@ def install_commit_markers(bind_or_op: Any) -> None:
     at one extra round trip per writing unit and with more "unknown" outcomes.
     """
     _run_statements(bind_or_op, _install_statements())
+
+
+def _run_statements(bind_or_op: Any, statements: list[str]) -> None:
+    # imported here: the transition guard (which this helper's module belongs to) imports this
+    # module for ``note_write``
+    from .transitions._install import run_statements  # noqa: PLC0415
+
+    run_statements(bind_or_op, statements)
 
 
 def uninstall_commit_markers(bind_or_op: Any) -> None:
@@ -494,9 +501,16 @@ def _note_statement_asyncpg(cursor: Any, statement: str, *args: Any) -> None:
     connection is reached through SQLAlchemy's public ``driver_connection``. The execution
     context is the last argument (see :func:`_note_statement`)."""
     if may_write(statement):
-        driver = args[-1].root_connection.connection.driver_connection
-        if getattr(driver, "_rdb_marked", False):
-            driver._rdb_may_write = True
+        note_write(args[-1])
+
+
+def note_write(context: Any) -> None:
+    """Mark the transaction of an execution context as one that may write (either driver):
+    for a ``do_execute`` listener that sends a writing statement itself, which ends the chain
+    before this protocol's own listener sees it."""
+    driver = context.root_connection.connection.driver_connection
+    if getattr(driver, "_rdb_marked", False):
+        driver._rdb_may_write = True
 
 
 def _commit_ticket(driver: Any) -> tuple[CommitTicket | None, str | None]:

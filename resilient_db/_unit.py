@@ -38,7 +38,7 @@ from ._retry import Policy
 from ._state import STATE
 from .transitions._dbmap import exception_from_db
 from .transitions._flush import install_engine_hooks
-from .transitions._guards import guarded_models_exist, install_guard
+from .transitions._guards import install_guard
 
 T = TypeVar("T")
 
@@ -454,10 +454,10 @@ def hooks_for(engine: Engine, factory: FactoryCore) -> EngineHooks:
             event.listen(engine, "checkout", hooks.checkout)
             event.listen(engine, "do_connect", hooks.do_connect)
             STATE.engine_hooks[engine] = hooks
-            if guarded_models_exist():
-                # now, before units run: added later (at the first guarded flush) the flush
-                # guard's listeners could race with another thread's statement on this engine
-                install_engine_hooks(engine)
+            # now, before units run, whether or not a model has transition rules yet: added
+            # later (at the first guarded flush), the flush guard's dialect listeners could race
+            # with another thread's statement, whose dispatch iterates the commit protocol's
+            install_engine_hooks(engine)
         else:
             for other in list(hooks.factories):
                 theirs = engine_settings(other.config, other.classifier)

@@ -10,11 +10,14 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sent import Sent
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
 from resilient_db.examples.tasks import Base, Task
+from resilient_db.transitions._bypass import GUARD_INFO_KEY
+from resilient_db.transitions._flush import _do_execute
 
 _services = itertools.count()
 ILLEGAL = sa.text("UPDATE tasks SET status = 'pending' WHERE id = :id")
@@ -114,10 +117,6 @@ def test_one_guard_check_per_flush_whatever_the_session_class(engine: sa.Engine)
 
     plain_factory = rdb.ResilientSession(engine, service=f"guard-{next(_services)}")
     custom = rdb.ResilientSession(engine, service=f"guard-{next(_services)}", class_=AppSession)
-    sent: list[str] = []
-
-    def note(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        sent.append(" ".join(statement.split()))
 
     def move(session: Session, expire: bool) -> None:
         task = session.get(Task, 1)
@@ -125,15 +124,16 @@ def test_one_guard_check_per_flush_whatever_the_session_class(engine: sa.Engine)
         if expire:
             session.expire(task, ["status"])
         task.status = "pending"
-        sent.clear()
+        recorder.sent.clear()
         session.flush()
 
-    sa.event.listen(engine, "before_cursor_execute", note)
+    recorder = Sent(engine)
     try:
         for factory in (plain_factory, custom):
             for expire in (False, True):
                 _to_in_progress(engine)
                 factory.run(move, expire)
+                sent = recorder.sql
                 updates = [q for q in sent if q.startswith("UPDATE")]
                 assert len(updates) == 1, factory
                 assert "AND tasks.status = " in updates[0]
@@ -141,7 +141,7 @@ def test_one_guard_check_per_flush_whatever_the_session_class(engine: sa.Engine)
                 reads = [q for q in sent if q.startswith("SELECT tasks.id, tasks.status")]
                 assert len(reads) == (1 if expire else 0), (factory, sent)
     finally:
-        sa.event.remove(engine, "before_cursor_execute", note)
+        recorder.stop()
     with custom() as session:
         assert isinstance(session, AppSession)
 
@@ -206,3 +206,120 @@ async def test_stale_move_through_an_async_unit_is_never_retried(
         assert calls == [1]
     finally:
         await aengine.dispose()
+
+
+def test_a_unit_whose_only_write_is_a_guarded_move_commits_with_its_marker(
+    engine: sa.Engine,
+) -> None:
+    """The guard sends the flush's UPDATE itself, ending the dialect's listener chain. Here its
+    listeners come first (a guarded flush of a plain session on the engine came before the
+    resilient factory), so the commit protocol's listener never sees that UPDATE: the guard
+    marks the transaction as writing itself. The COMMIT carries a marker, and a lost COMMIT
+    answer of this unit would be verified, not guessed."""
+    rdb.install_commit_markers(engine)
+    _to_in_progress(engine)
+    with Session(engine, info={GUARD_INFO_KEY: rdb.Config()}) as plain:
+        task = plain.get(Task, 1)
+        assert task is not None
+        task.status = "pending"
+        plain.commit()
+    _to_in_progress(engine)
+    Sessions = rdb.ResilientSession(engine, service=f"guard-{next(_services)}")
+    assert next(iter(engine.dialect.dispatch.do_execute)) is _do_execute
+
+    def count() -> int:
+        with engine.connect() as conn:
+            return int(
+                conn.execute(sa.text("SELECT count(*) FROM resilient_db.commit_markers")).scalar()
+            )
+
+    def move(session: Session) -> None:
+        task = session.get(Task, 1)
+        assert task is not None
+        task.status = "pending"
+
+    before = count()
+    recorder = Sent(engine)
+    try:
+        Sessions.run(move)
+    finally:
+        recorder.stop()
+    [update] = recorder.matching("UPDATE")
+    assert "AND tasks.status = " in update
+    assert count() == before + 1
+
+
+def test_a_do_execute_listener_of_yours_does_not_skip_the_compare_and_set(
+    engine: sa.Engine,
+) -> None:
+    """A ``do_execute`` listener that sends statements itself (returning True ends SQLAlchemy's
+    chain), added after the factory, comes after the guard's: the flush's UPDATE still carries
+    the compare-and-set, and every other statement reaches yours."""
+    _to_in_progress(engine)
+    Sessions = rdb.ResilientSession(engine, service=f"guard-{next(_services)}")
+    seen: list[str] = []
+
+    def yours(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
+        seen.append(statement.split(maxsplit=1)[0])
+        cursor.execute(statement, parameters)
+        return True
+
+    def claim(session: Session) -> None:
+        task = session.get(Task, 1)
+        assert task is not None
+        with engine.begin() as other:  # the other worker, between our read and our write
+            other.execute(sa.text("UPDATE tasks SET status = 'failed' WHERE id = 1"))
+        task.status = "failed"
+
+    sa.event.listen(engine, "do_execute", yours)
+    try:
+        with pytest.raises(rdb.StaleTransitionError, match="now holds 'failed'"):
+            Sessions.run(claim)
+    finally:
+        sa.event.remove(engine, "do_execute", yours)
+    assert "SELECT" in seen  # the unit's read went through yours
+    assert seen.count("UPDATE") == 1  # the other worker's; the flush's was the guard's
+
+
+def test_a_translated_schema_is_checked_under_lock(engine: sa.Engine) -> None:
+    """With ``schema_translate_map`` the SQL sent is not the compiled UPDATE, so the guard does
+    not add its condition to it: it checks the rows under lock before the UPDATE instead, and a
+    row moved by another transaction is still caught."""
+    translate = {None: "translated"}
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE SCHEMA IF NOT EXISTS translated"))
+        Base.metadata.create_all(conn.execution_options(schema_translate_map=translate))
+        conn.execute(sa.text("DELETE FROM translated.tasks"))
+        conn.execute(
+            sa.text(
+                "INSERT INTO translated.tasks (id, title, status, idem_key) "
+                "VALUES (1, 't', 'in_progress', 'seed-1'), (2, 't', 'in_progress', 'seed-2')"
+            )
+        )
+    Sessions = rdb.ResilientSession(engine, service=f"guard-{next(_services)}")
+
+    def move(session: Session, task_id: int, moved_by_other: bool) -> None:
+        session.connection(execution_options={"schema_translate_map": translate})
+        task = session.get(Task, task_id)
+        assert task is not None
+        if moved_by_other:
+            with engine.begin() as other:
+                other.execute(sa.text("UPDATE translated.tasks SET status = 'failed' WHERE id = 2"))
+        task.status = "pending"
+
+    recorder = Sent(engine)
+    try:
+        Sessions.run(move, 1, False)
+        locks = [q for q in recorder.sql if q.endswith("FOR UPDATE")]
+        [update] = recorder.matching("UPDATE")
+        assert len(locks) == 1, recorder.sql
+        assert "translated.tasks" in locks[0]
+        assert "translated.tasks" in update
+        assert " AND " not in update
+        with pytest.raises(rdb.StaleTransitionError, match="now holds 'failed'"):
+            Sessions.run(move, 2, True)
+    finally:
+        recorder.stop()
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT id, status FROM translated.tasks ORDER BY id"))
+        assert [tuple(r) for r in rows] == [(1, "pending"), (2, "failed")]

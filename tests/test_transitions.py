@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from alembic.migration import MigrationContext
 from alembic.operations import Operations
 from scenarios import BYPASS_BY_HAND, MoveFirst
+from sent import Sent
 from sqlalchemy import event
 from sqlalchemy.orm import (
     DeclarativeBase,
@@ -51,7 +52,7 @@ from resilient_db.transitions import (
 )
 from resilient_db.transitions._bypass import GUARD_INFO_KEY
 from resilient_db.transitions._dbmap import exception_from_db
-from resilient_db.transitions._flush import _before_execute, before_flush, install_engine_hooks
+from resilient_db.transitions._flush import _do_execute, before_flush, install_engine_hooks
 from resilient_db.transitions._guards import install_guard
 from resilient_db.transitions._report import transition_stats
 from resilient_db.transitions._rules import guards_of
@@ -226,20 +227,6 @@ def log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
     logger.removeHandler(caplog.handler)
     logger.setLevel(old_level)
     logger.propagate = old_propagate
-
-
-class Statements:
-    """SQL statements the engine sends, for asserting what a guard did (and did not) do."""
-
-    def __init__(self, engine: sa.Engine) -> None:
-        self.sql: list[str] = []
-        event.listen(engine, "before_cursor_execute", self._record)
-
-    def _record(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        self.sql.append(" ".join(statement.split()))
-
-    def matching(self, prefix: str) -> list[str]:
-        return [s for s in self.sql if s.upper().startswith(prefix)]
 
 
 def _add_task(engine: sa.Engine, status: str = "pending", title: str = "t") -> int:
@@ -561,7 +548,7 @@ def test_illegal_move_blocked_at_flush_and_nothing_written(
     target: str,
 ) -> None:
     task_id = _add_task(engine, start)
-    statements = Statements(engine)
+    statements = Sent(engine)
     before = transition_stats()["blocked_transitions"]
     with sessions() as s:
         task = s.get(Task, task_id)
@@ -690,7 +677,7 @@ def test_expired_attribute_is_read_by_the_guard_not_lazily(
         task = s.get(Task, task_id)
         assert task is not None
         s.commit()  # expires every attribute
-        statements = Statements(engine)
+        statements = Sent(engine)
         task.status = "in_progress"  # loaded value unknown
         s.flush()
         # the guard's first statement reads the status; the status is read by nothing else
@@ -720,7 +707,7 @@ def test_guarded_change_sends_no_select_before_its_update(
     with sessions() as s:
         task = s.get(Task, task_id)
         assert task is not None
-        statements = Statements(engine)
+        statements = Sent(engine)
         task.status = "in_progress"
         s.flush()
         assert len(statements.sql) == 1, statements.sql
@@ -936,7 +923,7 @@ def test_delete_does_not_compare_the_status(engine: sa.Engine, sessions: session
                 .where(_table(Task).c.id == task_id)
                 .values(status="cancelled")
             )
-        statements = Statements(engine)
+        statements = Sent(engine)
         s.delete(task)
         s.commit()
         [delete] = statements.matching("DELETE")
@@ -952,7 +939,7 @@ def test_other_updates_do_not_compare_the_status(
     with sessions() as s:
         task = s.get(Task, task_id)
         assert task is not None
-        statements = Statements(engine)
+        statements = Sent(engine)
         task.title = "renamed"
         s.commit()
         [update] = statements.matching("UPDATE")
@@ -988,7 +975,7 @@ def test_composite_key_nullable_state_and_two_columns_in_one_update(
         s.add_all([Order(region="eu", number=1), Order(region="us", number=1)])
         s.commit()
     with sessions() as s:
-        statements = Statements(engine)
+        statements = Sent(engine)
         eu = s.get(Order, ("eu", 1))
         us = s.get(Order, ("us", 1))
         assert eu is not None
@@ -1042,7 +1029,7 @@ def test_inheritance_hierarchy_shares_one_compare_and_set(
         for vehicle in vehicles:
             assert vehicle is not None
             vehicle.state = "moving"
-        statements = Statements(engine)
+        statements = Sent(engine)
         s.commit()
         assert not [q for q in statements.sql if "FOR UPDATE" in q]
         [update] = statements.matching("UPDATE")
@@ -1078,7 +1065,7 @@ def test_stale_inside_a_savepoint_leaves_the_transaction_usable(
         assert not STATE.flushing
         nested.rollback()
         tb.status = "in_progress"
-        statements = Statements(engine)
+        statements = Sent(engine)
         s.commit()
         [update] = statements.matching("UPDATE")
         assert "AND tasks.status = " in update
@@ -1107,7 +1094,7 @@ def test_row_changed_after_the_guard_ran_falls_back_to_a_locked_check(
             assert tb is not None
             ta.title, ta.status = "a2", "in_progress"
             tb.title = "b2"
-            statements = Statements(engine)
+            statements = Sent(engine)
             s.commit()
             assert len(statements.matching("UPDATE")) == 1
             [locked] = [q for q in statements.sql if q.endswith("FOR UPDATE")]
@@ -1147,7 +1134,7 @@ def test_other_update_of_the_status_during_the_flush_checks_the_rows_first(
             task = s.get(Task, a)
             assert task is not None
             task.status = "in_progress"
-            statements = Statements(engine)
+            statements = Sent(engine)
             s.commit()
             kinds = [q.split()[0] for q in statements.sql]
             assert kinds == ["SELECT", "UPDATE", "UPDATE"], statements.sql
@@ -1162,7 +1149,7 @@ def test_unchanged_and_same_value_are_not_transitions(
     engine: sa.Engine, sessions: sessionmaker[_S]
 ) -> None:
     task_id = _add_task(engine, "completed")
-    statements = Statements(engine)
+    statements = Sent(engine)
     with sessions() as s:
         task = s.get(Task, task_id)
         assert task is not None
@@ -1287,7 +1274,7 @@ def test_install_guard_is_idempotent_and_checks_its_argument(
     assert not event.contains(_S, "before_flush", before_flush)
     install_engine_hooks(engine)
     install_engine_hooks(engine)
-    assert event.contains(engine, "before_execute", _before_execute)
+    assert event.contains(engine, "do_execute", _do_execute)
     with pytest.raises(TypeError, match="Session subclass"):
         install_guard(sessionmaker)  # type: ignore[arg-type]
     task_id = _add_task(engine, "completed")

@@ -16,7 +16,7 @@ import pytest
 import pytest_asyncio
 import sqlalchemy as sa
 from scenarios import BYPASS_BY_HAND, MoveFirst
-from sqlalchemy import event
+from sent import Sent
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -131,21 +131,6 @@ async def _db_status(engine: AsyncEngine, job_id: int) -> str:
         return str(result.scalar_one())
 
 
-class Statements:
-    """SQL statements the engine sends: (statement, executemany)."""
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine.sync_engine
-        self.sent: list[tuple[str, bool]] = []
-        event.listen(self.engine, "before_cursor_execute", self._record)
-
-    def _record(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        self.sent.append((" ".join(statement.split()), bool(args[-1])))
-
-    def stop(self) -> None:
-        event.remove(self.engine, "before_cursor_execute", self._record)
-
-
 @pytest.fixture
 def sync_engine(pg_url: str) -> Iterator[sa.Engine]:
     eng = sa.create_engine(pg_url)
@@ -160,7 +145,7 @@ async def test_guarded_change_sends_no_select_before_its_update(
     async with sessions() as s:
         job = await s.get(Job, job_id)
         assert job is not None
-        statements = Statements(engine)
+        statements = Sent(engine)
         job.status = "running"
         await s.flush()
         statements.stop()
@@ -212,7 +197,7 @@ async def test_many_row_flush_locks_the_rows_asyncpg_cannot_count(
         for job in jobs:
             assert job is not None
             job.status = "running"
-        statements = Statements(engine)
+        statements = Sent(engine)
         await s.commit()
         statements.stop()
         locked = [q for q, _ in statements.sent if q.endswith("FOR UPDATE")]

@@ -14,7 +14,7 @@ from ._bulk import do_orm_execute
 from ._flush import before_flush, flush_ended
 from ._rules import compiled_guards
 
-__all__ = ["guarded_models_exist", "install_guard"]
+__all__ = ["install_guard"]
 
 
 def install_guard(session_class: type[Session]) -> None:
@@ -24,8 +24,8 @@ def install_guard(session_class: type[Session]) -> None:
     :class:`Config`), or whose ``info[GUARD_INFO_KEY]`` is a :class:`Config`, with
     ``guard_on``; its ``bulk_update`` picks "filter" or "raise" for bulk UPDATEs. Listeners reach
     subclasses, so a class whose base is guarded already is left alone (the guard runs once).
-    The first guarded flush through an engine adds the engine listeners that attach the
-    compare-and-set to the flush's UPDATE (see :func:`install_engine_hooks`).
+    The compare-and-set is sent by listeners on the engine's dialect, added by a resilient
+    factory or by the first guarded flush through an engine (see :func:`install_engine_hooks`).
     """
     if not (isinstance(session_class, type) and issubclass(session_class, Session)):
         raise TypeError(f"install_guard() needs a Session subclass, got {session_class!r}")
