@@ -38,8 +38,9 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 import asyncpg
 import psycopg
@@ -384,7 +385,9 @@ class CommitProtocol:
     (:func:`marked_connection_class`), from the flag and the unit's :class:`CommitRequest`.
     """
 
-    def __init__(self, engine: Engine, settings: _Settings) -> None:
+    def __init__(
+        self, engine: Engine, settings: _Settings, guard: StatementGuard | None = None
+    ) -> None:
         self.engine = engine
         self._settings = settings  # the engine's hooks: its current config and service name
         self.is_asyncpg = engine.dialect.driver == "asyncpg"
@@ -392,9 +395,8 @@ class CommitProtocol:
         self._last_prune = time.monotonic()
         self._prune_lock = threading.Lock()
         event.listen(engine, "connect", self._on_connect)
-        note = _note_statement_asyncpg if self.is_asyncpg else _note_statement
-        for name in ("do_execute", "do_execute_no_params", "do_executemany"):
-            event.listen(engine, name, note)
+        for name, listener in statement_listeners(self.is_asyncpg, guard).items():
+            event.listen(engine, name, listener)
         if self.is_asyncpg:
             event.listen(engine, "do_connect", _asyncpg_do_connect)
 
@@ -484,24 +486,64 @@ class CommitProtocol:
             return True
 
 
-def _note_statement(cursor: Any, statement: str, *_: Any) -> None:
-    """``do_execute`` listener (psycopg): a statement that may write marks its connection's
-    transaction. Returns None: the dialect executes the statement as usual. The DBAPI cursor
-    names its connection (``cursor.connection``), which saves the walk through SQLAlchemy's
-    connection wrappers on every statement. (``do_execute`` and ``do_executemany`` pass
-    parameters and context, ``do_execute_no_params`` the context only.)"""
-    if may_write(statement):
-        driver = cursor.connection
-        if getattr(driver, "_rdb_marked", False):
-            driver._rdb_may_write = True
+class StatementGuard(NamedTuple):
+    """The flush guard's ``do_execute`` and ``do_executemany`` listeners, called by the commit
+    protocol's for an UPDATE (see :func:`statement_listeners`)."""
+
+    execute: Callable[[Any, str, Any, Any], bool]
+    executemany: Callable[[Any, str, Any, Any], bool]
 
 
-def _note_statement_asyncpg(cursor: Any, statement: str, *args: Any) -> None:
-    """:func:`_note_statement` for asyncpg, whose cursor is SQLAlchemy's adapter: the asyncpg
-    connection is reached through SQLAlchemy's public ``driver_connection``. The execution
-    context is the last argument (see :func:`_note_statement`)."""
-    if may_write(statement):
-        note_write(args[-1])
+def statement_listeners(
+    is_asyncpg: bool, guard: StatementGuard | None
+) -> dict[str, Callable[..., Any]]:
+    """The dialect's ``do_execute`` family listeners of an engine: a statement that may write
+    marks its connection's transaction (the marked COMMIT reads the flag), and an UPDATE goes
+    to the flush guard when it listens through these (``guard``), which may send it itself
+    (then True ends SQLAlchemy's chain). Else False: the dialect executes the statement as usual.
+
+    One listener per statement, which returns at once for a SELECT (the verdict is cached by
+    statement): every statement of the engine passes here. psycopg's DBAPI cursor names its
+    connection (``cursor.connection``); asyncpg's is SQLAlchemy's adapter, so its connection is
+    reached through SQLAlchemy's public ``driver_connection``.
+    """
+    verdicts = _write_cache
+
+    def note(cursor: Any, statement: str, context: Any) -> None:
+        verdict = verdicts.get(statement)
+        if verdict is None:
+            verdict = may_write(statement)
+        if verdict:
+            if is_asyncpg:
+                driver = context.root_connection.connection.driver_connection
+            else:
+                driver = cursor.connection
+            if getattr(driver, "_rdb_marked", False):
+                driver._rdb_may_write = True
+
+    def listener(guarded: Callable[[Any, str, Any, Any], bool] | None) -> Callable[..., bool]:
+        def do_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
+            # note() written out: every statement of the engine passes here
+            verdict = verdicts.get(statement)
+            if verdict is None:
+                verdict = may_write(statement)
+            if verdict:
+                note(cursor, statement, context)
+            if guarded is not None and context.isupdate:
+                return guarded(cursor, statement, parameters, context)
+            return False
+
+        return do_execute
+
+    def do_execute_no_params(cursor: Any, statement: str, context: Any) -> bool:
+        note(cursor, statement, context)
+        return False
+
+    return {
+        "do_execute": listener(guard.execute if guard else None),
+        "do_executemany": listener(guard.executemany if guard else None),
+        "do_execute_no_params": do_execute_no_params,
+    }
 
 
 def note_write(context: Any) -> None:
@@ -557,7 +599,7 @@ def marked_connection_class(base: type[Any]) -> type[Any]:
     COMMIT, or first reads the xid (the fallback). It runs inside SQLAlchemy's ``do_commit``, so
     errors are wrapped and dead connections invalidated exactly as for a plain COMMIT:
 
-    * psycopg: ``commit()`` (and ``rollback()``, which forgets the write flag);
+    * psycopg: ``commit()``;
     * asyncpg: its transaction object commits with ``connection.execute("COMMIT;")`` (and rolls
       back with ``"ROLLBACK;"``), so ``execute`` sees those.
 
@@ -611,13 +653,13 @@ def marked_connection_class(base: type[Any]) -> type[Any]:
                 _psycopg_simple_query(self, message.encode())
                 return None
 
-            def rollback(self: Any) -> None:
-                self._rdb_may_write = False
-                return base.rollback(self)  # type: ignore[no-any-return]
-
+            # No rollback(): the flag of a rolled-back transaction is cleared at the next
+            # checkout (``CommitProtocol.checked_out``), not by a Python frame in every pool
+            # return. A transaction that follows a rollback on the same checked-out connection
+            # may carry a marker it doesn't need; the marker is written only for a transaction
+            # holding an xid, so such a COMMIT stays correct.
             namespace.update(
                 commit=commit,
-                rollback=rollback,
                 _rdb_may_write=False,
                 _rdb_mode=None,
             )

@@ -27,6 +27,7 @@ from ._commit import (
     CommitProtocol,
     CommitRequest,
     CommitTicket,
+    StatementGuard,
     current_request,
     prune,
 )
@@ -37,7 +38,7 @@ from ._registry import factory_of, in_unit
 from ._retry import Policy
 from ._state import STATE
 from .transitions._dbmap import exception_from_db
-from .transitions._flush import install_engine_hooks
+from .transitions._flush import guard_execute, guard_executemany
 from .transitions._guards import install_guard
 
 T = TypeVar("T")
@@ -366,7 +367,14 @@ class EngineHooks:
         self.config = config
         self.classifier = classifier
         self.service = "database"
-        self.commit = CommitProtocol(engine, self)
+        guard = None
+        if engine not in STATE.guard_engines:  # (hooks_for holds STATE.lock)
+            # the flush guard's statement listeners, called by the commit protocol's own (one
+            # listener call per statement); an engine that served a guarded flush before it had
+            # a resilient factory has the guard's listeners already
+            guard = StatementGuard(guard_execute, guard_executemany)
+            STATE.guard_engines.add(engine)
+        self.commit = CommitProtocol(engine, self, guard)
         self.factories: weakref.WeakSet[FactoryCore] = weakref.WeakSet()
 
     def handle_error(self, ctx: Any) -> BaseException | None:
@@ -417,7 +425,9 @@ class EngineHooks:
             )
             raise sa_exc.DisconnectionError("pooled connection was closed by the server")
         driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
-        if getattr(driver, "_rdb_mode", None) is None:
+        if getattr(driver, "_rdb_mode", None) is not None:
+            driver._rdb_may_write = False  # a transaction rolled back before it was returned
+        else:
             # made before this engine had a resilient factory: prepare it now (psycopg), or
             # have the pool replace it with one made through our do_connect (asyncpg, once)
             if self.commit.needs_replacing(dbapi_connection, record):
@@ -454,10 +464,6 @@ def hooks_for(engine: Engine, factory: FactoryCore) -> EngineHooks:
             event.listen(engine, "checkout", hooks.checkout)
             event.listen(engine, "do_connect", hooks.do_connect)
             STATE.engine_hooks[engine] = hooks
-            # now, before units run, whether or not a model has transition rules yet: added
-            # later (at the first guarded flush), the flush guard's dialect listeners could race
-            # with another thread's statement, whose dispatch iterates the commit protocol's
-            install_engine_hooks(engine)
         else:
             for other in list(hooks.factories):
                 theirs = engine_settings(other.config, other.classifier)

@@ -346,6 +346,30 @@ def test_a_read_only_unit_commits_plainly_and_leaves_no_marker(
     assert markers(engine) == []
 
 
+def test_a_rolled_back_write_leaves_no_write_flag_at_the_next_checkout(
+    engine: sa.Engine, pg_url: str, service: str
+) -> None:
+    """The write flag of a transaction that was rolled back is cleared when its connection is
+    next checked out (the driver's rollback() is not overridden), so the next transaction on
+    it, if read-only, commits plainly."""
+    one = sa.create_engine(pg_url, pool_size=1, max_overflow=0)
+    Sessions = rdb.ResilientSession(one, service=service)
+    try:
+        with Sessions() as session:
+            _bump(session)
+            session.flush()
+            raw: Any = session.connection().connection.driver_connection
+            assert raw._rdb_may_write is True
+            session.rollback()
+        assert raw._rdb_may_write is True  # returned to the pool as it was
+        with one.connect() as conn:
+            assert conn.connection.driver_connection is raw  # the pool's only connection
+            assert raw._rdb_may_write is False
+    finally:
+        one.dispose()
+    assert markers(engine) == []
+
+
 def test_a_unit_writing_through_a_function_is_marked(engine: sa.Engine, service: str) -> None:
     with engine.begin() as conn:
         conn.execute(

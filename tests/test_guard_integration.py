@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 import resilient_db as rdb
 from resilient_db.examples.tasks import Base, Task
 from resilient_db.transitions._bypass import GUARD_INFO_KEY
-from resilient_db.transitions._flush import _do_execute
+from resilient_db.transitions._flush import guard_execute
 
 _services = itertools.count()
 ILLEGAL = sa.text("UPDATE tasks SET status = 'pending' WHERE id = :id")
@@ -225,7 +225,7 @@ def test_a_unit_whose_only_write_is_a_guarded_move_commits_with_its_marker(
         plain.commit()
     _to_in_progress(engine)
     Sessions = rdb.ResilientSession(engine, service=f"guard-{next(_services)}")
-    assert next(iter(engine.dialect.dispatch.do_execute)) is _do_execute
+    assert next(iter(engine.dialect.dispatch.do_execute)) is guard_execute
 
     def count() -> int:
         with engine.connect() as conn:

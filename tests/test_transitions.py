@@ -52,7 +52,7 @@ from resilient_db.transitions import (
 )
 from resilient_db.transitions._bypass import GUARD_INFO_KEY
 from resilient_db.transitions._dbmap import exception_from_db
-from resilient_db.transitions._flush import _do_execute, before_flush, install_engine_hooks
+from resilient_db.transitions._flush import before_flush, guard_execute, install_engine_hooks
 from resilient_db.transitions._guards import install_guard
 from resilient_db.transitions._report import transition_stats
 from resilient_db.transitions._rules import guards_of
@@ -1274,7 +1274,7 @@ def test_install_guard_is_idempotent_and_checks_its_argument(
     assert not event.contains(_S, "before_flush", before_flush)
     install_engine_hooks(engine)
     install_engine_hooks(engine)
-    assert event.contains(engine, "do_execute", _do_execute)
+    assert event.contains(engine, "do_execute", guard_execute)
     with pytest.raises(TypeError, match="Session subclass"):
         install_guard(sessionmaker)  # type: ignore[arg-type]
     task_id = _add_task(engine, "completed")

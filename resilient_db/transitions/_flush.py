@@ -34,7 +34,13 @@ from ._bypass import active_config
 from ._changes import Change, chunks, illegal, in_key_order, pk_filter, raise_errors
 from ._rules import Guard, compiled_guards, plain, sort_key
 
-__all__ = ["before_flush", "flush_ended", "install_engine_hooks"]
+__all__ = [
+    "before_flush",
+    "flush_ended",
+    "guard_execute",
+    "guard_executemany",
+    "install_engine_hooks",
+]
 
 
 def before_flush(
@@ -390,9 +396,10 @@ def install_engine_hooks(engine: Engine) -> None:
     """Listen on ``engine``'s dialect for the flush's UPDATEs, to send them with the
     compare-and-set (idempotent).
 
-    A resilient factory calls this when it is created, before its units run; the flush guard
-    calls it when a plain engine first serves a guarded flush. SQLAlchemy's event registration
-    is not meant to race with dispatch: a thread inside another ``do_execute`` /
+    A resilient factory's engine needs none of this: the commit protocol's statement listener,
+    added when the factory is created, calls :func:`guard_execute` for every UPDATE. The flush
+    guard calls this when a plain engine first serves a guarded flush. SQLAlchemy's event
+    registration is not meant to race with dispatch: a thread inside another ``do_execute`` /
     ``do_executemany`` listener of this engine while these are added fails with "deque mutated
     during iteration". A plain engine without such listeners has nothing to iterate; one with
     listeners of yours should get these first, by calling this when it is created.
@@ -408,12 +415,12 @@ def install_engine_hooks(engine: Engine) -> None:
     with STATE.lock:
         if engine in STATE.guard_engines:
             return
-        event.listen(engine, "do_execute", _do_execute)
-        event.listen(engine, "do_executemany", _do_executemany)
+        event.listen(engine, "do_execute", guard_execute)
+        event.listen(engine, "do_executemany", guard_executemany)
         STATE.guard_engines.add(engine)
 
 
-def _do_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
+def guard_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
     """``do_execute`` listener: a flush's UPDATE of rows with expectations is sent with the
     compare-and-set (True: sent here); any other statement is left to the dialect (False)."""
     if not context.isupdate:
@@ -427,8 +434,8 @@ def _do_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> b
     return _compare_and_set(cursor, statement, parameters, context, checks, many=False)
 
 
-def _do_executemany(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
-    """``do_executemany`` listener: :func:`_do_execute` for an UPDATE of several rows."""
+def guard_executemany(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
+    """``do_executemany`` listener: :func:`guard_execute` for an UPDATE of several rows."""
     if not context.isupdate:
         return False
     flush_checks = STATE.flush_checks
