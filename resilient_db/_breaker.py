@@ -176,6 +176,26 @@ class Breaker:
         state: str = self._storage.state
         return state
 
+    def fast_closed(self) -> bool:
+        """True when :meth:`before_call` would admit an attempt as closed, doing nothing else
+        (the common case, answered without its machinery). False: call :meth:`before_call`,
+        which also handles a storage that fails (a store of yours may)."""
+        try:
+            fleet = self._fleet
+            if fleet is not None and fleet.up:
+                return bool(self._fleet_state == CLOSED)
+            return bool(self._storage.state == CLOSED)
+        except Exception:
+            return False
+
+    def fast_success(self) -> bool:
+        """True when :meth:`on_success` of a non-probe attempt has nothing to do (no failure
+        counted since the last success). False: call :meth:`on_success` (as above)."""
+        try:
+            return not self._fleet_failures and not self._storage.counter
+        except Exception:
+            return False
+
     def before_call(self) -> bool:
         """Admit one attempt or raise :class:`CircuitOpenError` without touching the network.
 

@@ -308,7 +308,9 @@ class Policy:
     def call(self, attempt: Callable[[], T]) -> T:
         """Run ``attempt`` (one whole unit of work) under the breaker, retrying transient
         failures. The original exception is re-raised when retries run out."""
-        probe = self.admit()
+        # admit() and succeeded() cut short for a closed breaker: every unit passes here
+        breaker = self.breaker
+        probe = False if breaker is None or breaker.fast_closed() else self.admit()
         started = _monotonic()
         try:
             result = attempt()
@@ -316,7 +318,10 @@ class Policy:
             if not self.retryable(self.failed(exc, probe, started)):
                 raise
             return self._call_retrying(attempt, exc)
-        self.succeeded(probe)
+        if probe or breaker is None or not breaker.fast_success():
+            self.succeeded(probe)
+        else:
+            self.stats.add_attempt()
         return result
 
     def _call_retrying(self, attempt: Callable[[], T], first: BaseException) -> T:
@@ -348,13 +353,17 @@ class Policy:
     # -- async driver ------------------------------------------------------------------------
     async def acall(self, attempt: Callable[[], Awaitable[T]]) -> T:
         """The async twin of :meth:`call`: same decisions, awaited attempts and sleeps."""
-        probe = self.admit()
+        breaker = self.breaker  # as in call()
+        probe = False if breaker is None or breaker.fast_closed() else self.admit()
         started = _monotonic()
         try:
             result = await attempt()
         except BaseException as exc:
             return await self.afailed(attempt, exc, probe, started)
-        self.succeeded(probe)
+        if probe or breaker is None or not breaker.fast_success():
+            self.succeeded(probe)
+        else:
+            self.stats.add_attempt()
         return result
 
     async def afailed(

@@ -237,6 +237,9 @@ connecting_for: contextvars.ContextVar[tuple[Any, weakref.ref[Any]] | None] = (
 def _on_transaction_create(session: Session, transaction: Any) -> None:
     if transaction.parent is not None:
         return  # a nested transaction: the root one has the connection
+    active = current_unit.get()
+    if active is not None and active.session is session:
+        return  # a sync unit's session (the registry's answer below, without its lookups)
     factory = factory_of(session)
     if not isinstance(factory, FactoryCore) or in_unit(session) or not factory.config.enabled:
         if connecting_for.get() is not None:
