@@ -40,7 +40,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, NamedTuple, Protocol
+from typing import Any, Final, Protocol, TypeAlias
 
 import asyncpg
 import psycopg
@@ -486,12 +486,8 @@ class CommitProtocol:
             return True
 
 
-class StatementGuard(NamedTuple):
-    """The flush guard's ``do_execute`` and ``do_executemany`` listeners, called by the commit
-    protocol's for an UPDATE (see :func:`statement_listeners`)."""
-
-    execute: Callable[[Any, str, Any, Any], bool]
-    executemany: Callable[[Any, str, Any, Any], bool]
+#: the flush guard's ``do_execute`` / ``do_executemany`` listener (``guard_execute``)
+StatementGuard: TypeAlias = Callable[[Any, str, Any, Any], bool]
 
 
 def statement_listeners(
@@ -502,14 +498,14 @@ def statement_listeners(
     to the flush guard when it listens through these (``guard``), which may send it itself
     (then True ends SQLAlchemy's chain). Else False: the dialect executes the statement as usual.
 
-    One listener per statement, which returns at once for a SELECT (the verdict is cached by
-    statement): every statement of the engine passes here. psycopg's DBAPI cursor names its
+    One listener call per statement, which returns at once for a SELECT (the verdict is cached
+    by statement): every statement of the engine passes here. psycopg's DBAPI cursor names its
     connection (``cursor.connection``); asyncpg's is SQLAlchemy's adapter, so its connection is
     reached through SQLAlchemy's public ``driver_connection``.
     """
     verdicts = _write_cache
 
-    def note(cursor: Any, statement: str, context: Any) -> None:
+    def do_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
         verdict = verdicts.get(statement)
         if verdict is None:
             verdict = may_write(statement)
@@ -520,28 +516,16 @@ def statement_listeners(
                 driver = cursor.connection
             if getattr(driver, "_rdb_marked", False):
                 driver._rdb_may_write = True
-
-    def listener(guarded: Callable[[Any, str, Any, Any], bool] | None) -> Callable[..., bool]:
-        def do_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
-            # note() written out: every statement of the engine passes here
-            verdict = verdicts.get(statement)
-            if verdict is None:
-                verdict = may_write(statement)
-            if verdict:
-                note(cursor, statement, context)
-            if guarded is not None and context.isupdate:
-                return guarded(cursor, statement, parameters, context)
-            return False
-
-        return do_execute
-
-    def do_execute_no_params(cursor: Any, statement: str, context: Any) -> bool:
-        note(cursor, statement, context)
+        if guard is not None and context.isupdate:
+            return guard(cursor, statement, parameters, context)
         return False
 
+    def do_execute_no_params(cursor: Any, statement: str, context: Any) -> bool:
+        return do_execute(cursor, statement, None, context)
+
     return {
-        "do_execute": listener(guard.execute if guard else None),
-        "do_executemany": listener(guard.executemany if guard else None),
+        "do_execute": do_execute,
+        "do_executemany": do_execute,
         "do_execute_no_params": do_execute_no_params,
     }
 

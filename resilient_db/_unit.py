@@ -38,7 +38,7 @@ from ._registry import factory_of, in_unit
 from ._retry import Policy
 from ._state import STATE
 from .transitions._dbmap import exception_from_db
-from .transitions._flush import guard_execute, guard_executemany
+from .transitions._flush import guard_execute
 from .transitions._guards import install_guard
 
 T = TypeVar("T")
@@ -370,12 +370,12 @@ class EngineHooks:
         self.config = config
         self.classifier = classifier
         self.service = "database"
-        guard = None
+        guard: StatementGuard | None = None
         if engine not in STATE.guard_engines:  # (hooks_for holds STATE.lock)
-            # the flush guard's statement listeners, called by the commit protocol's own (one
+            # the flush guard's statement listener, called by the commit protocol's own (one
             # listener call per statement); an engine that served a guarded flush before it had
-            # a resilient factory has the guard's listeners already
-            guard = StatementGuard(guard_execute, guard_executemany)
+            # a resilient factory has the guard's listener already
+            guard = guard_execute
             STATE.guard_engines.add(engine)
         self.commit = CommitProtocol(engine, self, guard)
         self.factories: weakref.WeakSet[FactoryCore] = weakref.WeakSet()

@@ -38,7 +38,6 @@ __all__ = [
     "before_flush",
     "flush_ended",
     "guard_execute",
-    "guard_executemany",
     "install_engine_hooks",
 ]
 
@@ -416,13 +415,14 @@ def install_engine_hooks(engine: Engine) -> None:
         if engine in STATE.guard_engines:
             return
         event.listen(engine, "do_execute", guard_execute)
-        event.listen(engine, "do_executemany", guard_executemany)
+        event.listen(engine, "do_executemany", guard_execute)
         STATE.guard_engines.add(engine)
 
 
 def guard_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
-    """``do_execute`` listener: a flush's UPDATE of rows with expectations is sent with the
-    compare-and-set (True: sent here); any other statement is left to the dialect (False)."""
+    """``do_execute`` and ``do_executemany`` listener: a flush's UPDATE of rows with
+    expectations is sent with the compare-and-set (True: sent here); any other statement is left
+    to the dialect (False)."""
     if not context.isupdate:
         return False
     flush_checks = STATE.flush_checks
@@ -431,31 +431,13 @@ def guard_execute(cursor: Any, statement: str, parameters: Any, context: Any) ->
     checks: _FlushChecks | None = flush_checks.get(context.root_connection)
     if checks is None:
         return False
-    return _compare_and_set(cursor, statement, parameters, context, checks, many=False)
-
-
-def guard_executemany(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
-    """``do_executemany`` listener: :func:`guard_execute` for an UPDATE of several rows."""
-    if not context.isupdate:
-        return False
-    flush_checks = STATE.flush_checks
-    if not flush_checks:
-        return False
-    checks: _FlushChecks | None = flush_checks.get(context.root_connection)
-    if checks is None:
-        return False
-    return _compare_and_set(cursor, statement, parameters, context, checks, many=True)
+    return _compare_and_set(cursor, statement, parameters, context, checks)
 
 
 def _compare_and_set(
-    cursor: Any,
-    statement: str,
-    parameters: Any,
-    context: Any,
-    checks: _FlushChecks,
-    *,
-    many: bool,
+    cursor: Any, statement: str, parameters: Any, context: Any, checks: _FlushChecks
 ) -> bool:
+    many = bool(context.executemany)  # do_executemany: parameters is a list of parameter sets
     compiled = context.compiled
     update = None if compiled is None else compiled.statement
     if not isinstance(update, sa.Update):
@@ -465,6 +447,8 @@ def _compare_and_set(
         return False
     conn = context.root_connection
     rows: list[dict[str, Any]] = context.compiled_parameters  # the values as the ORM gave them
+    if not rows:
+        return False  # sent without parameters: not the flush's UPDATE by primary key
     first = rows[0]
     guards = tuple(
         g
