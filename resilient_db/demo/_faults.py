@@ -31,7 +31,7 @@ from resilient_db.testing import FaultProxy, PostgresServer
 
 from ._workload import IllegalAttempts, Runner, contention_pair, wait_until
 
-__all__ = ["Failover", "FaultLog", "Schedule", "Window"]
+__all__ = ["Failover", "FaultLog", "Schedule", "Stage", "Window"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,21 @@ class Failover(Protocol):
 
 
 @dataclass(frozen=True)
+class Stage:
+    """What the workload and its faults run against: the server, the fault proxy the workers
+    connect through, the demo's database, the runner of its units, the illegal status moves to
+    attempt and the rows of the deadlock and serialization pairs."""
+
+    server: PostgresServer
+    proxy: FaultProxy
+    database: str
+    runner: Runner
+    illegal: IllegalAttempts
+    deadlock_rows: tuple[int, int]
+    serial_rows: tuple[int, int]
+
+
+@dataclass(frozen=True)
 class _Planned:
     kind: str
     run: Callable[[], None]
@@ -100,14 +115,8 @@ class Schedule(threading.Thread):
         self,
         *,
         seconds: float,
-        server: PostgresServer,
-        proxy: FaultProxy,
-        database: str,
+        stage: Stage,
         application_name: str,
-        runner: Runner,
-        illegal: IllegalAttempts,
-        deadlock_rows: tuple[int, int],
-        serial_rows: tuple[int, int],
         log: FaultLog,
         stop: threading.Event,
         service: str,
@@ -116,14 +125,8 @@ class Schedule(threading.Thread):
     ) -> None:
         super().__init__(name="demo-faults", daemon=True)
         self.seconds = seconds
-        self.server = server
-        self.proxy = proxy
-        self.database = database
+        self.stage = stage
         self.application_name = application_name
-        self.runner = runner
-        self.illegal = illegal
-        self.deadlock_rows = deadlock_rows
-        self.serial_rows = serial_rows
         self.log = log
         self.stop = stop
         self.service = service
@@ -192,7 +195,7 @@ class Schedule(threading.Thread):
             if self.stop.wait(min(1.0, interval)):
                 return
             while True:
-                self.illegal.attempt()
+                self.stage.illegal.attempt()
                 self.log.add("illegal_transition", None)  # the block itself is logged and shown
                 if self.stop.wait(interval):
                     return
@@ -205,8 +208,8 @@ class Schedule(threading.Thread):
     # -- the faults -----------------------------------------------------------------------------
     def kill_backends(self) -> None:
         try:
-            killed = self.server.terminate_backends(
-                database=self.database, application_name=self.application_name, wait=2.0
+            killed = self.stage.server.terminate_backends(
+                database=self.stage.database, application_name=self.application_name, wait=2.0
             )
         except Exception as exc:
             self.log.skip("killed_backends", f"could not kill backends: {type(exc).__name__}")
@@ -215,10 +218,10 @@ class Schedule(threading.Thread):
 
     def crash_server(self) -> None:
         start = self._now()
-        self.server.crash()
+        self.stage.server.crash()
         self.log.add("server_crash", f"server crashed; restarting in {self.outage:.1f} s")
         self.stop.wait(self.outage)
-        self.server.start()
+        self.stage.server.start()
         end = self._now()
         self.log.window("server_crash", start, end)
         self.log.on_event(f"server restarted after {end - start:.1f} s")
@@ -243,40 +246,40 @@ class Schedule(threading.Thread):
 
     def proxy_outage(self) -> None:
         start = self._now()
-        self.proxy.refuse(cut=True)
+        self.stage.proxy.refuse(cut=True)
         self.log.add(
             "proxy_outage", f"network outage: proxy refuses and cuts for {self.outage:.1f} s"
         )
         self.stop.wait(self.outage)
-        self.proxy.restore()
+        self.stage.proxy.restore()
         end = self._now()
         self.log.window("proxy_outage", start, end)
         self.log.on_event("network restored")
         self._await_breaker_closed()
 
     def cut_connections(self) -> None:
-        cut = self.proxy.cut_all()
+        cut = self.stage.proxy.cut_all()
         self.log.add("connections_cut", f"proxy cut {cut} open connections")
 
     def lose_commit_answer(self) -> None:
-        before = self.proxy.commits_lost
-        self.proxy.lose_commit_answer(1)
-        if wait_until(lambda: self.proxy.commits_lost > before, 3.0):
+        before = self.stage.proxy.commits_lost
+        self.stage.proxy.lose_commit_answer(1)
+        if wait_until(lambda: self.stage.proxy.commits_lost > before, 3.0):
             self.log.add("lost_commit_answer", "a COMMIT answer was lost on its way back")
         else:
-            self.proxy.lose_commit_answer(0)
+            self.stage.proxy.lose_commit_answer(0)
             self.log.skip("lost_commit_answer", "no COMMIT went through the proxy in time")
 
     def unverifiable_commit(self) -> None:
         """Lose a COMMIT answer while new connections are refused: the commit can't be
         verified, the worker gets CommitOutcomeUnknownError and checks by idempotency key."""
-        before = self.proxy.commits_lost
+        before = self.stage.proxy.commits_lost
         start = self._now()
-        self.proxy.refuse()  # open connections keep working, new ones are refused
-        self.proxy.lose_commit_answer(1)
-        lost = wait_until(lambda: self.proxy.commits_lost > before, 3.0)
+        self.stage.proxy.refuse()  # open connections keep working, new ones are refused
+        self.stage.proxy.lose_commit_answer(1)
+        lost = wait_until(lambda: self.stage.proxy.commits_lost > before, 3.0)
         if lost:
-            self.proxy.cut_all()
+            self.stage.proxy.cut_all()
             self.log.add(
                 "commit_outcome_unknown",
                 f"a COMMIT answer was lost and the network is down for {self.outage:.1f} s",
@@ -284,7 +287,7 @@ class Schedule(threading.Thread):
             self.stop.wait(self.outage)
         else:
             self.log.skip("commit_outcome_unknown", "no COMMIT went through the proxy in time")
-        self.proxy.restore()
+        self.stage.proxy.restore()
         if lost:
             self.log.window("commit_outcome_unknown", start, self._now())
             self.log.on_event("network restored")
@@ -292,7 +295,9 @@ class Schedule(threading.Thread):
 
     def deadlock(self) -> None:
         self._pairs += 1
-        met, _, _ = contention_pair(self.runner, "deadlock", self.deadlock_rows, f"d{self._pairs}")
+        met, _, _ = contention_pair(
+            self.stage.runner, "deadlock", self.stage.deadlock_rows, f"d{self._pairs}"
+        )
         if met:
             self.log.add("deadlock", "two units locked the same rows in opposite order")
         else:
@@ -301,7 +306,7 @@ class Schedule(threading.Thread):
     def serialization_conflict(self) -> None:
         self._pairs += 1
         met, _, _ = contention_pair(
-            self.runner, "serialization", self.serial_rows, f"s{self._pairs}"
+            self.stage.runner, "serialization", self.stage.serial_rows, f"s{self._pairs}"
         )
         if met:
             self.log.add(

@@ -48,11 +48,12 @@ from resilient_db.testing import (
     StandbyPair,
 )
 
+from ._faults import Stage
 from ._member import fleet_config
 from ._run import _DRAIN_SECONDS, SERVICE, Demo, DemoError, DemoOptions
 from ._verify import Check
 from ._view import Progress, View
-from ._workload import Change, IllegalAttempts, Ledger, Runner, Unit
+from ._workload import Change, Ledger, Unit
 
 __all__ = ["MAX_PROCESSES", "RETRY_BUDGET", "FleetDemo", "PairProxy", "check_fleet_options"]
 
@@ -546,18 +547,8 @@ class FleetDemo(Demo):
             f"{RETRY_BUDGET:g} retry budget through {mask_url(self.redis_url)}"
         )
 
-    def _workload(
-        self,
-        *,
-        server: PostgresServer,
-        proxy: FaultProxy,
-        database: str,
-        runner: Runner,
-        illegal: IllegalAttempts,
-        deadlock_rows: tuple[int, int],
-        serial_rows: tuple[int, int],
-    ) -> None:
-        self._spawn(self._engine_url(proxy, database))
+    def _workload(self, stage: Stage) -> None:
+        self._spawn(self._engine_url(stage.proxy, stage.database))
         self.counters_before = self._counters()
         self.fleet_opens_before = int(self._shared_breaker().get("fleet_opens", 0))
         self.workload_started = time.monotonic()
@@ -567,14 +558,8 @@ class FleetDemo(Demo):
             member.send(op="start", wall=started_wall)
         try:
             self._run_faults(
-                server=server,
-                proxy=proxy,
-                database=database,
-                runner=runner,
-                illegal=illegal,
-                deadlock_rows=deadlock_rows,
-                serial_rows=serial_rows,
-                crash_allowed=server.can_control and self.pair is None,
+                stage,
+                crash_allowed=stage.server.can_control and self.pair is None,
                 failover=self.failover,
             )
         finally:

@@ -30,7 +30,7 @@ import sqlalchemy as sa
 import resilient_db as rdb
 from resilient_db.testing import EmbeddedPostgres, ExternalPostgres, FaultProxy, PostgresServer
 
-from ._faults import Failover, FaultLog, Schedule
+from ._faults import Failover, FaultLog, Schedule, Stage
 from ._verify import BreakerEvent, Check, examine_database, invariants
 from ._view import Progress, View, make_view
 from ._workload import Change, IllegalAttempts, Ledger, Runner, Worker, setup_hot_rows
@@ -416,13 +416,7 @@ class Demo:
                 board = self._serve_dashboard(options.dashboard_port)
             timing.mark("setup")
             self._workload(
-                server=server,
-                proxy=proxy,
-                database=database,
-                runner=runner,
-                illegal=illegal,
-                deadlock_rows=deadlock_rows,
-                serial_rows=serial_rows,
+                Stage(server, proxy, database, runner, illegal, deadlock_rows, serial_rows)
             )
             timing.mark("workload")
             self._drain(server, proxy)
@@ -534,63 +528,28 @@ class Demo:
             return
         server.close()
 
-    def _workload(
-        self,
-        *,
-        server: PostgresServer,
-        proxy: FaultProxy,
-        database: str,
-        runner: Runner,
-        illegal: IllegalAttempts,
-        deadlock_rows: tuple[int, int],
-        serial_rows: tuple[int, int],
-    ) -> None:
+    def _workload(self, stage: Stage) -> None:
         options = self.options
         seed = self.seed
         self.counters_before = self._counters()
         self.workload_started = time.monotonic()
         self.phase = "running"
         self.workers = [
-            Worker(n, runner, self.stop, seed=seed + n, think=options.think)
+            Worker(n, stage.runner, self.stop, seed=seed + n, think=options.think)
             for n in range(options.workers)
         ]
         for worker in self.workers:
             worker.start()
-        self._run_faults(
-            server=server,
-            proxy=proxy,
-            database=database,
-            runner=runner,
-            illegal=illegal,
-            deadlock_rows=deadlock_rows,
-            serial_rows=serial_rows,
-            crash_allowed=server.can_control,
-        )
+        self._run_faults(stage, crash_allowed=stage.server.can_control)
 
     def _run_faults(
-        self,
-        *,
-        server: PostgresServer,
-        proxy: FaultProxy,
-        database: str,
-        runner: Runner,
-        illegal: IllegalAttempts,
-        deadlock_rows: tuple[int, int],
-        serial_rows: tuple[int, int],
-        crash_allowed: bool,
-        failover: Failover | None = None,
+        self, stage: Stage, *, crash_allowed: bool, failover: Failover | None = None
     ) -> None:
         """Run the fault schedule while the workers run, until the time is up; then stop."""
         self.schedule = Schedule(
             seconds=self.options.seconds,
-            server=server,
-            proxy=proxy,
-            database=database,
+            stage=stage,
             application_name=APPLICATION_NAME,
-            runner=runner,
-            illegal=illegal,
-            deadlock_rows=deadlock_rows,
-            serial_rows=serial_rows,
             log=self.faults,
             stop=self.stop,
             service=SERVICE,
