@@ -7,6 +7,7 @@ the ``server_control`` marker come from the ``resilient_db`` pytest plugin
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 import pytest
@@ -25,3 +26,21 @@ def _fresh_self_healing_state() -> Iterator[None]:
     """Breakers and counters are process-wide (one per service): start every test clean."""
     yield
     rdb.reset_state()
+
+
+_services = itertools.count()
+
+
+@pytest.fixture
+def service(request: pytest.FixtureRequest) -> str:
+    """A service name of the test's own (breakers and budgets are per service, process-wide),
+    named after its module."""
+    return f"{request.module.__name__.rpartition('.')[2]}-{next(_services)}"
+
+
+@pytest.fixture
+def no_backoff() -> Iterator[None]:
+    """Retries without waiting: the delays are shrunk by configuration, never slept.
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("no_backoff")``."""
+    with rdb.set_testing():
+        yield

@@ -4,7 +4,6 @@ costs in round trips. The crash and fault scenarios are in test_commit_protocol*
 
 from __future__ import annotations
 
-import itertools
 import os
 import tempfile
 import uuid
@@ -23,8 +22,6 @@ import resilient_db as rdb
 from resilient_db import _commit
 from resilient_db._commit import CLAIM_HORIZON, RETENTION, marker_id, may_write
 
-_services = itertools.count()
-
 
 def uuid7() -> uuid.UUID:
     return uuid.UUID(marker_id())
@@ -38,11 +35,6 @@ class Counter(Base):
     __tablename__ = "marker_counters"
     id: Mapped[int] = mapped_column(primary_key=True)
     value: Mapped[int]
-
-
-@pytest.fixture
-def service() -> str:
-    return f"markers-{next(_services)}"
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ by ``scripts/async_to_sync.py``.
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 import uuid
@@ -35,6 +34,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import resilient_db as rdb
 from resilient_db.testing import EmbeddedPostgres, FaultProxy, PostgresServer
+
+pytestmark = pytest.mark.usefixtures("no_backoff")
 
 MARKERS = "markers"
 FALLBACK = "fallback"
@@ -56,8 +57,6 @@ WAL_IN_MEMORY = {
 }
 
 XID_SQL = sa.text("SELECT pg_current_xact_id_if_assigned()::text")
-
-_services = itertools.count()
 
 
 class Base(DeclarativeBase):
@@ -82,17 +81,6 @@ WRITE_FUNCTION = sa.text(
 
 
 # -- fixtures ------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def _no_backoff() -> Iterator[None]:
-    with rdb.set_testing():
-        yield
-
-
-@pytest.fixture
-def service() -> str:
-    return f"{__name__.rpartition('.')[2]}-{next(_services)}"
-
-
 @pytest.fixture(params=[MARKERS, FALLBACK])
 def mode(request: pytest.FixtureRequest) -> str:
     """``markers``: ``rdb.install_commit_markers`` ran; ``fallback``: nothing installed."""

@@ -17,7 +17,6 @@ by ``scripts/async_to_sync.py``.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import threading
 import time
 import uuid
@@ -56,8 +55,6 @@ WAL_IN_MEMORY = {
 
 XID_SQL = sa.text("SELECT pg_current_xact_id_if_assigned()::text")
 
-_services = itertools.count()
-
 
 class Base(DeclarativeBase):
     pass
@@ -81,17 +78,6 @@ WRITE_FUNCTION = sa.text(
 
 
 # -- fixtures ------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def _no_backoff() -> Iterator[None]:
-    with rdb.set_testing():
-        yield
-
-
-@pytest.fixture
-def service() -> str:
-    return f"{__name__.rpartition('.')[2]}-{next(_services)}"
-
-
 @pytest.fixture(params=[MARKERS, FALLBACK])
 def mode(request: pytest.FixtureRequest) -> str:
     """``markers``: ``rdb.install_commit_markers`` ran; ``fallback``: nothing installed."""
@@ -252,7 +238,7 @@ class Env:
 
 # -- what differs: the engine, a unit running while the test injects faults -----------------------
 if True:  # async only
-    pytestmark = pytest.mark.asyncio
+    pytestmark = [pytest.mark.asyncio, pytest.mark.usefixtures("no_backoff")]
 
     def proxied_engine(proxy: FaultProxy, database: str) -> AsyncEngine:
         return create_async_engine(

@@ -7,7 +7,6 @@ events come from units of work on a real server. The page in a real browser:
 from __future__ import annotations
 
 import contextlib
-import itertools
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -23,14 +22,9 @@ from starlette.testclient import TestClient
 import resilient_db as rdb
 from resilient_db.web import Recorder, dashboard, token_auth
 
-_services = itertools.count()
+pytestmark = pytest.mark.usefixtures("no_backoff")
+
 TOKEN = "a-long-enough-dashboard-token"
-
-
-@pytest.fixture(autouse=True)
-def _no_backoff() -> Iterator[None]:
-    with rdb.set_testing():
-        yield
 
 
 @pytest.fixture
@@ -87,9 +81,8 @@ def test_unauthorised_requests_get_401_or_403() -> None:
 
 
 def test_data_is_health_plus_events_and_series_from_real_units(
-    engine: sa.Engine, pg_url: str
+    engine: sa.Engine, pg_url: str, service: str
 ) -> None:
-    service = f"board-{next(_services)}"
     board = dashboard(auth=lambda request: True, events=50)
     Sessions = rdb.ResilientSession(
         engine, service=service, config=rdb.Config(max_retries=2, failure_threshold=3)

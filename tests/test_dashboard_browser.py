@@ -33,6 +33,8 @@ from resilient_db.testing import FaultProxy, PostgresServer
 from resilient_db.web import dashboard, token_auth
 from resilient_db.web._serve import BackgroundServer, serve_in_background
 
+pytestmark = pytest.mark.usefixtures("no_backoff")
+
 webdriver = pytest.importorskip("selenium.webdriver")
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,12 +90,6 @@ def browser(tmp_path: Path) -> Iterator[Any]:
         yield driver
     finally:
         driver.quit()
-
-
-@pytest.fixture(autouse=True)
-def _no_backoff() -> Iterator[None]:
-    with rdb.set_testing():
-        yield
 
 
 def updates(browser: Any) -> int:

@@ -6,7 +6,6 @@ depend on anything a user can clear. Against the real server."""
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -28,19 +27,12 @@ import resilient_db as rdb
 from resilient_db.examples.tasks import Base as TaskBase
 from resilient_db.examples.tasks import Task
 
-_services = itertools.count()
-
 
 class MySession(Session):
     """A user's own session class."""
 
     def label(self) -> str:
         return "mine"
-
-
-@pytest.fixture
-def service() -> str:
-    return f"dropin-{next(_services)}"
 
 
 @pytest.fixture

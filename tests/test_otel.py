@@ -5,7 +5,6 @@ on a real server become span events on the current span and counts on OTel count
 from __future__ import annotations
 
 import contextlib
-import itertools
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -25,13 +24,7 @@ from resilient_db.examples.tasks import Base, Task, create_task, move_task
 from resilient_db.otel import install_opentelemetry, uninstall_opentelemetry
 from resilient_db.testing import FaultProxy
 
-_services = itertools.count()
-
-
-@pytest.fixture(autouse=True)
-def _no_backoff() -> Iterator[None]:
-    with rdb.set_testing():
-        yield
+pytestmark = pytest.mark.usefixtures("no_backoff")
 
 
 @pytest.fixture
@@ -73,10 +66,9 @@ def points(reader: InMemoryMetricReader, name: str) -> dict[tuple[tuple[str, Any
 
 
 def test_retries_and_breaker_transitions_as_span_events_and_counters(
-    engine: sa.Engine, otel: tuple[Any, InMemorySpanExporter, InMemoryMetricReader]
+    engine: sa.Engine, otel: tuple[Any, InMemorySpanExporter, InMemoryMetricReader], service: str
 ) -> None:
     tracer, spans, reader = otel
-    service = f"otel-{next(_services)}"
     Sessions = rdb.ResilientSession(
         engine, service=service, config=rdb.Config(max_retries=2, failure_threshold=3)
     )
@@ -123,9 +115,9 @@ def test_commit_verification_and_blocked_transitions(
     fault_proxy: FaultProxy,
     pg_database: str,
     otel: tuple[Any, InMemorySpanExporter, InMemoryMetricReader],
+    service: str,
 ) -> None:
     tracer, spans, reader = otel
-    service = f"otel-{next(_services)}"
     rdb.install_transition_trigger(engine, Task)
     proxied = sa.create_engine(fault_proxy.url(pg_database))
     Sessions = rdb.ResilientSession(proxied, service=service, config=rdb.Config())
@@ -167,12 +159,11 @@ def test_commit_verification_and_blocked_transitions(
 
 
 def test_install_is_idempotent_and_uninstall_stops_it(
-    engine: sa.Engine, otel: tuple[Any, InMemorySpanExporter, InMemoryMetricReader]
+    engine: sa.Engine, otel: tuple[Any, InMemorySpanExporter, InMemoryMetricReader], service: str
 ) -> None:
     tracer, spans, _ = otel
     first = install_opentelemetry()  # again, no provider given: the installed hook
     assert install_opentelemetry() is first
-    service = f"otel-{next(_services)}"
     Sessions = rdb.ResilientSession(engine, service=service, config=rdb.Config())
     calls: list[int] = []
 

@@ -25,6 +25,8 @@ from resilient_db._budget import WINDOW, LocalBudget
 from resilient_db.metrics import HealthCollector
 from resilient_db.testing import RedisServer
 
+pytestmark = pytest.mark.usefixtures("no_backoff")
+
 
 # -- the arithmetic ------------------------------------------------------------------------------
 def test_ratio_of_recent_first_attempts_plus_a_floor() -> None:
@@ -74,12 +76,6 @@ def test_a_retry_in_flight_is_not_a_new_first_attempt() -> None:
 
 
 # -- units of work -------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def _no_backoff() -> Iterator[None]:
-    with rdb.set_testing():
-        yield
-
-
 @pytest.fixture
 def engine(pg_url: str) -> Iterator[sa.Engine]:
     eng = sa.create_engine(pg_url)

@@ -7,7 +7,6 @@ Exact SQLSTATEs come from ``RAISE ... USING ERRCODE`` through the real driver; d
 
 from __future__ import annotations
 
-import itertools
 import logging
 import sys
 import threading
@@ -24,13 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 import resilient_db as rdb
 from resilient_db import _unit
 
-_services = itertools.count()
-
-
-@pytest.fixture(autouse=True)
-def _no_backoff() -> Iterator[None]:
-    with rdb.set_testing():
-        yield
+pytestmark = pytest.mark.usefixtures("no_backoff")
 
 
 @pytest.fixture
@@ -41,11 +34,6 @@ def engine(pg_url: str) -> Iterator[sa.Engine]:
         conn.execute(RAISE_CODE_FUNCTION)
     yield eng
     eng.dispose()
-
-
-@pytest.fixture
-def service() -> str:
-    return f"svc-{next(_services)}"
 
 
 def factory(engine: sa.Engine, service: str, **cfg: Any) -> rdb.ResilientSession[Any]:

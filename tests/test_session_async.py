@@ -8,9 +8,8 @@ Backoff is zeroed (``set_testing``) or replaced by an injected ``asleep``, never
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -25,15 +24,7 @@ import resilient_db as rdb
 from resilient_db import AsyncResilientSession
 from resilient_db._asyncio import _to_completion
 
-pytestmark = pytest.mark.asyncio
-
-_services = itertools.count()
-
-
-@pytest.fixture(autouse=True)
-def _no_backoff() -> Iterator[None]:
-    with rdb.set_testing():
-        yield
+pytestmark = [pytest.mark.asyncio, pytest.mark.usefixtures("no_backoff")]
 
 
 async def _create_schema(engine: AsyncEngine) -> None:
@@ -78,11 +69,6 @@ async def proxied(
 ) -> AsyncEngine:
     """An engine whose connections go through ``fault_proxy``."""
     return make_engine(fault_proxy.url(pg_database, driver="asyncpg"))
-
-
-@pytest.fixture
-def service() -> str:
-    return f"async-svc-{next(_services)}"
 
 
 def factory(engine: AsyncEngine, service: str, **cfg: Any) -> AsyncResilientSession[AsyncSession]:

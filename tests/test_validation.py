@@ -6,7 +6,6 @@ the ``[SELF-HEAL]`` line names the reason and never the payload. Also the decora
 from __future__ import annotations
 
 import inspect
-import itertools
 import logging
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -21,7 +20,8 @@ from sqlalchemy.orm import Session
 
 import resilient_db as rdb
 
-_services = itertools.count()
+pytestmark = pytest.mark.usefixtures("no_backoff")
+
 SECRET = "s3cret-payload-value"
 
 
@@ -35,17 +35,6 @@ class ItemOut(BaseModel):
         if value.startswith("hidden"):
             raise ValueError("hidden items are not served")
         return value
-
-
-@pytest.fixture(autouse=True)
-def _no_backoff() -> Iterator[None]:
-    with rdb.set_testing():
-        yield
-
-
-@pytest.fixture
-def service() -> str:
-    return f"validation-{next(_services)}"
 
 
 @pytest.fixture

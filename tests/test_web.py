@@ -6,7 +6,6 @@ RFC 9457 problem details (``application/problem+json``)."""
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 import uuid
@@ -29,18 +28,7 @@ from resilient_db.examples.tasks import Base, Task, create_task, move_task
 from resilient_db.testing import FaultProxy
 from resilient_db.web import PROBLEM_JSON, install_exception_handlers, problem_details
 
-_services = itertools.count()
-
-
-@pytest.fixture(autouse=True)
-def _no_backoff() -> Iterator[None]:
-    with rdb.set_testing():
-        yield
-
-
-@pytest.fixture
-def service() -> str:
-    return f"web-{next(_services)}"
+pytestmark = pytest.mark.usefixtures("no_backoff")
 
 
 @pytest.fixture
