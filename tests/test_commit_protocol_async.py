@@ -34,6 +34,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 import resilient_db as rdb
 from resilient_db.testing import EmbeddedPostgres, FaultProxy, PostgresServer
 
+pytestmark = pytest.mark.usefixtures("no_backoff")
+
 MARKERS = "markers"
 FALLBACK = "fallback"
 
@@ -238,7 +240,7 @@ class Env:
 
 # -- what differs: the engine, a unit running while the test injects faults -----------------------
 if True:  # async only
-    pytestmark = [pytest.mark.asyncio, pytest.mark.usefixtures("no_backoff")]
+    pytestmark = [pytestmark, pytest.mark.asyncio]
 
     def proxied_engine(proxy: FaultProxy, database: str) -> AsyncEngine:
         return create_async_engine(
