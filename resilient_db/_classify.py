@@ -3,6 +3,8 @@
 Never by exception class name or message text: the SQLSTATE the server sent is the contract.
 Where the driver saw no SQLSTATE at all (the socket broke, the connect was refused), the error
 is a disconnect when SQLAlchemy invalidated the connection or an ``OSError`` is in the chain.
+One more: an error that the commit protocol marked replay-safe (:func:`mark_replay_safe`) is a
+conflict.
 """
 
 from __future__ import annotations
@@ -56,6 +58,16 @@ def sqlstate_of(exc: BaseException) -> str | None:
         if isinstance(code, str) and len(code) == 5:
             return code
     return None
+
+
+_REPLAY_SAFE = "resilient_db_replay_safe"
+
+
+def mark_replay_safe(exc: BaseException) -> None:
+    """Mark a driver error of resilient_db's own statement that proves the unit's COMMIT did not
+    run, and that a new attempt won't meet (the commit protocol's prepared marker statement
+    missing at COMMIT): it is classified as a conflict, retried at once, whatever its SQLSTATE."""
+    setattr(exc, _REPLAY_SAFE, True)
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
@@ -159,6 +171,8 @@ class Classifier:
         if not isinstance(exc, Exception) or isinstance(exc, ResilientDBError):
             # Cancellation, KeyboardInterrupt, SystemExit and our own errors never retry.
             return Outcome.NOT_TRANSIENT
+        if any(getattr(err, _REPLAY_SAFE, False) for err in _chain(exc)):
+            return Outcome.CONFLICT
         code = sqlstate_of(exc)
         if code is not None:
             outcome = self._codes.get(code)

@@ -7,10 +7,13 @@ promoted standby hands them out again. So, with the commit markers installed
 (:func:`install_commit_markers`):
 
 * A unit that may have written sends its COMMIT as one simple-query message,
-  ``SELECT resilient_db.mark_commit('<uuid>'); COMMIT``: the function inserts a marker row with
-  the client-made id, but only when the transaction already holds an xid (the server's fact that
-  it wrote). No extra round trip; the marker is data, so it survives a crash with the commit and
-  replicates with it to a standby.
+  ``EXECUTE resilient_db_mark_commit('<uuid>'); COMMIT``: the statement, prepared on each
+  connection when it is made, inserts a marker row with the client-made id, but only when the
+  transaction already holds an xid (the server's fact that it wrote). No extra round trip; the
+  marker is data, so it survives a crash with the commit and replicates with it to a standby.
+  Where the prepared statement can't be used (see :class:`PreparedMarker`), the message calls
+  the function ``resilient_db.mark_commit('<uuid>')``, which does the same at about twice the
+  server's time.
 * A lost answer is settled on a new connection by ``resilient_db.claim_commit(id, wait)``, which
   inserts the same id as a *fence* (``ON CONFLICT DO NOTHING``). It waits for a transaction still
   holding the marker; if the marker is there (and is not a fence) the unit committed; if the fence
@@ -48,6 +51,7 @@ from psycopg.generators import execute as _pq_execute
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, Engine
 
+from ._classify import mark_replay_safe
 from ._config import Config
 from ._observability import emit, log_session
 
@@ -71,9 +75,17 @@ CLAIM_HORIZON: Final = 600.0  # a claim judges markers younger than this (margin
 PRUNE_INTERVAL: Final = 10.0  # seconds between prunes, per engine
 PRUNE_BATCH: Final = 5000
 MARKERS_VERSION: Final = 1
+#: the marker insert as prepared on each connection (``PREPARE``): the function call it stands
+#: in for costs the server parsing, planning and a PL/pgSQL call at every writing COMMIT
+PREPARED_MARK: Final = "resilient_db_mark_commit"
+_PREPARE_SQL: Final = (
+    f"PREPARE {PREPARED_MARK}(uuid) AS INSERT INTO {SCHEMA}.commit_markers (id) SELECT $1 "
+    "WHERE pg_catalog.pg_current_xact_id_if_assigned() IS NOT NULL"
+)
 
 # Keys in the pool's per-connection info.
 _SEEN_KEY: Final = "resilient_db.commit_protocol"  # the connection was made under our hooks
+_NO_PREPARE_KEY: Final = "resilient_db.no_prepare"  # asyncpg made without a statement cache
 
 MARKERS: Final = "markers"
 XID: Final = "xid"
@@ -346,27 +358,41 @@ _SAFE_CALLS: Final = frozenset(
 _CALL = re.compile(r"([A-Za-z_][\w$]*)\s*\(")
 _QUALIFIED_CALL = re.compile(r"\.\s*\"?[A-Za-z_][\w$]*\"?\s*\(|\"\s*\(")
 _INTO = re.compile(r"\bINTO\b", re.IGNORECASE)
-_write_cache: dict[str, bool] = {}
+# Verdicts, cached per statement: a truthy one means "may write". FORGETS_PREPARED: DISCARD or
+# DEALLOCATE, which may drop the connection's prepared marker statement.
+READ_ONLY: Final = 0
+MAY_WRITE: Final = 1
+FORGETS_PREPARED: Final = 2
+_verdicts: dict[str, int] = {}
 
 
 def may_write(statement: str) -> bool:
     """False only when ``statement`` surely can't write (see above)."""
-    verdict = _write_cache.get(statement)
+    return bool(verdict_of(statement))
+
+
+def verdict_of(statement: str) -> int:
+    """``statement``'s verdict (``READ_ONLY``, ``MAY_WRITE`` or ``FORGETS_PREPARED``), cached."""
+    verdict = _verdicts.get(statement)
     if verdict is None:
         verdict = _judge(statement)
-        if len(_write_cache) > 4096:
-            _write_cache.clear()
-        _write_cache[statement] = verdict
+        if len(_verdicts) > 4096:
+            _verdicts.clear()
+        _verdicts[statement] = verdict
     return verdict
 
 
-def _judge(statement: str) -> bool:
+def _judge(statement: str) -> int:
     head = statement.lstrip().lstrip("(").lstrip()[:6].upper()
+    if head in ("DISCAR", "DEALLO"):
+        return FORGETS_PREPARED
     if head != "SELECT" or _INTO.search(statement) or ";" in statement:
-        return True
+        return MAY_WRITE
     if _QUALIFIED_CALL.search(statement):
-        return True  # schema.function(...) or "quoted"(...)
-    return any(m.group(1).lower() not in _SAFE_CALLS for m in _CALL.finditer(statement))
+        return MAY_WRITE  # schema.function(...) or "quoted"(...)
+    if any(m.group(1).lower() not in _SAFE_CALLS for m in _CALL.finditer(statement)):
+        return MAY_WRITE
+    return READ_ONLY
 
 
 class _Settings(Protocol):
@@ -394,6 +420,7 @@ class CommitProtocol:
         self._warned = False
         self._last_prune = time.monotonic()
         self._prune_lock = threading.Lock()
+        self.prepared_marker = PreparedMarker(self._warn_prepared_lost)
         event.listen(engine, "connect", self._on_connect)
         for name, listener in statement_listeners(self.is_asyncpg, guard).items():
             event.listen(engine, name, listener)
@@ -403,7 +430,7 @@ class CommitProtocol:
     # -- events -----------------------------------------------------------------------------------
     def _on_connect(self, dbapi_connection: Any, record: Any) -> None:
         record.info[_SEEN_KEY] = True
-        self.prepare(dbapi_connection)
+        self.prepare(dbapi_connection, record)
 
     def needs_replacing(self, dbapi_connection: Any, record: Any) -> bool:
         """An asyncpg connection made before this engine had a resilient factory: its class
@@ -414,9 +441,10 @@ class CommitProtocol:
         driver = dbapi_connection.driver_connection
         return not getattr(driver, "_rdb_marked", False)
 
-    def prepare(self, dbapi_connection: Any) -> None:
-        """Mark a new connection (psycopg: its class; asyncpg: made marked in ``do_connect``)
-        and record on it whether the markers are installed. Idempotent."""
+    def prepare(self, dbapi_connection: Any, record: Any = None) -> None:
+        """Mark a new connection (psycopg: its class; asyncpg: made marked in ``do_connect``),
+        record on it whether the markers are installed, and prepare the marker statement on it
+        where that may be done (see :class:`PreparedMarker`). Idempotent."""
         driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
         if getattr(driver, "_rdb_mode", None) is not None:
             return
@@ -426,12 +454,21 @@ class CommitProtocol:
             self._warn_if_missing(None)  # made by your own creator: no marked COMMIT
             return
         mode = XID
+        want_prepared = self.prepared_marker.usable and not (
+            record is not None and record.info.get(_NO_PREPARE_KEY)
+        )
+        if not self.is_asyncpg and driver.prepare_threshold is None:
+            want_prepared = False  # psycopg told not to prepare statements (a pooler's setting)
+        prepared = False
         try:
-            if self._markers_installed(dbapi_connection, driver):
+            installed, prepared = self._set_up_markers(dbapi_connection, driver, want_prepared)
+            if installed:
                 mode = MARKERS
         except Exception:
             log_session.debug("could not check for commit markers", exc_info=True)
         driver._rdb_mode = mode
+        if prepared:
+            driver._rdb_prepared = self.prepared_marker
         self._warn_if_missing(mode)
 
     def _warn_if_missing(self, mode: str | None) -> None:
@@ -460,18 +497,41 @@ class CommitProtocol:
             event="commit_markers_missing",
         )
 
-    def _markers_installed(self, dbapi_connection: Any, driver: Any) -> bool:
+    def _warn_prepared_lost(self) -> None:
+        emit(
+            self._settings.config,
+            log_session,
+            logging.WARNING,
+            "The prepared commit-marker statement was missing on a connection of database %s "
+            "(a transaction-mode pooler, or DISCARD ALL / DEALLOCATE sent past SQLAlchemy): that "
+            "COMMIT did not run and the unit is replayed; the engine's COMMITs call "
+            "resilient_db.mark_commit() from now on. Behind such a pooler, turn the driver's "
+            "prepared statements off (psycopg: prepare_threshold=None; asyncpg: "
+            "statement_cache_size=0) and this engine won't prepare it",
+            self.engine.url.database,
+            service=self._settings.service,
+            event="commit_marker_statement_lost",
+        )
+
+    def _set_up_markers(
+        self, dbapi_connection: Any, driver: Any, prepare: bool
+    ) -> tuple[bool, bool]:
+        """Whether the markers are installed, and whether the marker statement was prepared
+        (tried when they are and ``prepare``): a round trip each, outside any transaction (no
+        BEGIN / ROLLBACK around them). The connection is idle here, new or just checked out."""
         if self.is_asyncpg:
-            return bool(_await(driver.fetchval(_CHECK_SQL)))
-        # one round trip outside any transaction (no BEGIN / ROLLBACK around it): the
-        # connection is idle here, new or just checked out
+            if not _await(driver.fetchval(_CHECK_SQL)):
+                return False, False
+            return True, prepare and _quietly(lambda: _await(driver.execute(_PREPARE_SQL)))
         autocommit = dbapi_connection.autocommit
         dbapi_connection.autocommit = True
         try:
             row = dbapi_connection.execute(_CHECK_SQL).fetchone()
+            if not (row and row[0]):
+                return False, False
+            return True, prepare and _quietly(lambda: dbapi_connection.execute(_PREPARE_SQL))
         finally:
             dbapi_connection.autocommit = autocommit
-        return bool(row and row[0])
 
     # -- pruning ----------------------------------------------------------------------------------
     def prune_due(self) -> bool:
@@ -484,6 +544,56 @@ class CommitProtocol:
                 return False
             self._last_prune = time.monotonic()
             return True
+
+
+def _quietly(action: Callable[[], object]) -> bool:
+    """Run ``action``; False (and a debug line) if it raised."""
+    try:
+        action()
+    except Exception:
+        log_session.debug("could not prepare the commit-marker statement", exc_info=True)
+        return False
+    return True
+
+
+class PreparedMarker:
+    """An engine's prepared marker statement (:data:`PREPARED_MARK`), used until a connection
+    is found without it.
+
+    Each connection made while the markers are installed prepares it, unless its driver was told
+    not to prepare statements (psycopg ``prepare_threshold=None``, asyncpg
+    ``statement_cache_size=0``): that is the setting for a transaction-mode pooler, where a
+    session's prepared statements don't follow it to its next transaction. A COMMIT whose
+    ``EXECUTE`` finds the statement gone (SQLSTATE 26000: such a pooler not announced, or a
+    ``DISCARD ALL`` sent past SQLAlchemy) did not commit, since the server stops a message at its
+    first error: the error is marked safe to replay (:func:`~._classify.mark_replay_safe`), and
+    the engine's COMMITs call ``resilient_db.mark_commit()`` from then on. A ``DISCARD`` or
+    ``DEALLOCATE`` sent through SQLAlchemy is seen by the statement listener: that connection
+    alone stops using the statement, and nothing fails.
+    """
+
+    __slots__ = ("_on_lost", "usable")
+
+    def __init__(self, on_lost: Callable[[], None]) -> None:
+        self.usable = True
+        self._on_lost = on_lost
+
+    def lost(self) -> None:
+        if self.usable:
+            self.usable = False
+            self._on_lost()
+
+
+def _marker_statement_missing(driver: Any, message: str, exc: BaseException) -> None:
+    """A marked COMMIT failed with SQLSTATE 26000. When the prepared marker statement was what
+    the server missed, the COMMIT after it never ran: say so on the error (a replay is safe)
+    and stop using the statement."""
+    prepared = driver._rdb_prepared
+    if prepared is None or not message.startswith("EXECUTE "):
+        return
+    driver._rdb_prepared = None
+    prepared.lost()
+    mark_replay_safe(exc)
 
 
 #: the flush guard's ``do_execute`` / ``do_executemany`` listener (``guard_execute``)
@@ -503,12 +613,12 @@ def statement_listeners(
     connection (``cursor.connection``); asyncpg's is SQLAlchemy's adapter, so its connection is
     reached through SQLAlchemy's public ``driver_connection``.
     """
-    verdicts = _write_cache
+    verdicts = _verdicts
 
     def do_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
         verdict = verdicts.get(statement)
         if verdict is None:
-            verdict = may_write(statement)
+            verdict = verdict_of(statement)
         if verdict:
             if is_asyncpg:
                 driver = context.root_connection.connection.driver_connection
@@ -516,6 +626,8 @@ def statement_listeners(
                 driver = cursor.connection
             if getattr(driver, "_rdb_marked", False):
                 driver._rdb_may_write = True
+                if verdict == FORGETS_PREPARED:
+                    driver._rdb_prepared = None  # its COMMITs call the function from now on
         if guard is not None and context.isupdate:
             return guard(cursor, statement, parameters, context)
         return False
@@ -558,6 +670,9 @@ def _commit_ticket(driver: Any) -> tuple[CommitTicket | None, str | None]:
         marker = marker_id()
         ticket = CommitTicket(MARKERS, marker=marker)
         request.tickets.append(ticket)
+        prepared = driver._rdb_prepared
+        if prepared is not None and prepared.usable:
+            return ticket, f"EXECUTE {PREPARED_MARK}('{marker}'); COMMIT"
         return ticket, f"SELECT {SCHEMA}.mark_commit('{marker}'); COMMIT"
     ticket = CommitTicket(XID)
     request.tickets.append(ticket)
@@ -605,9 +720,13 @@ def marked_connection_class(base: type[Any]) -> type[Any]:
                             if ticket.mode == XID:
                                 row = await base.fetchrow(self, _XID_SQL)
                                 ticket.xid, ticket.incarnation = row[0], row[1]
-                            elif message is not None:
-                                query = message + ";"
                             ticket.sent = True
+                            if message is not None:
+                                try:
+                                    return await base.execute(self, message + ";", timeout=timeout)
+                                except asyncpg.PostgresError as exc:
+                                    await _failed_before_commit(self, base, message, exc)
+                                    raise
                     elif end == "ROLLBACK":
                         self._rdb_may_write = False
                 return await base.execute(self, query, *args, timeout=timeout)
@@ -616,9 +735,12 @@ def marked_connection_class(base: type[Any]) -> type[Any]:
                 base.__init__(self, *args, **kwargs)
                 self._rdb_may_write = False
                 self._rdb_mode = None
+                self._rdb_prepared = None
 
             namespace.update(
-                __slots__=("_rdb_may_write", "_rdb_mode"), __init__=__init__, execute=execute
+                __slots__=("_rdb_may_write", "_rdb_mode", "_rdb_prepared"),
+                __init__=__init__,
+                execute=execute,
             )
         else:
 
@@ -634,7 +756,11 @@ def marked_connection_class(base: type[Any]) -> type[Any]:
                 if message is None:
                     return base.commit(self)  # type: ignore[no-any-return]
                 # one simple-query message (no parameters); the connection is then idle
-                _psycopg_simple_query(self, message.encode())
+                try:
+                    _psycopg_simple_query(self, message.encode())
+                except psycopg.errors.InvalidSqlStatementName as exc:
+                    _marker_statement_missing(self, message, exc)
+                    raise
                 return None
 
             # No rollback(): the flag of a rolled-back transaction is cleared at the next
@@ -646,6 +772,7 @@ def marked_connection_class(base: type[Any]) -> type[Any]:
                 commit=commit,
                 _rdb_may_write=False,
                 _rdb_mode=None,
+                _rdb_prepared=None,
             )
         cls = type(f"Marked{base.__name__}", (base,), namespace)
         _marked_classes[base] = cls
@@ -690,6 +817,22 @@ def _mark_psycopg(dbapi_connection: Any) -> bool:
     return True
 
 
+async def _failed_before_commit(
+    connection: Any, base: type[Any], message: str, exc: BaseException
+) -> None:
+    """The server answered an asyncpg connection's marked COMMIT message with an error. If the
+    marker statement failed, the COMMIT after it never ran and the transaction is still open,
+    failed: end it, as a failed COMMIT ends it (SQLAlchemy's asyncpg adapter has already let go
+    of its transaction object, so nothing else would, and the next ``BEGIN`` would be refused)."""
+    if isinstance(exc, asyncpg.InvalidSQLStatementNameError):
+        _marker_statement_missing(connection, message, exc)
+    if connection.is_in_transaction():
+        try:
+            await base.execute(connection, "ROLLBACK;")
+        except Exception:  # the connection broke: SQLAlchemy invalidates it for the error
+            log_session.debug("ROLLBACK after a failed marker failed", exc_info=True)
+
+
 def _transaction_end(query: str) -> str | None:
     """ "COMMIT" or "ROLLBACK" for asyncpg's own transaction-ending statements, else None."""
     word = query.strip().rstrip(";").strip().upper()
@@ -703,5 +846,7 @@ def _transaction_end(query: str) -> str | None:
 def _asyncpg_do_connect(dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> None:
     if "async_creator_fn" in cparams:
         return  # the user's own creator makes the connection: fallback verification
+    if cparams.get("statement_cache_size") == 0:
+        record.info[_NO_PREPARE_KEY] = True  # asyncpg told not to prepare (a pooler's setting)
     base = cparams.get("connection_class", asyncpg.Connection)
     cparams["connection_class"] = marked_connection_class(base)

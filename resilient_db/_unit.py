@@ -435,7 +435,7 @@ class EngineHooks:
             # have the pool replace it with one made through our do_connect (asyncpg, once)
             if self.commit.needs_replacing(dbapi_connection, record):
                 raise sa_exc.DisconnectionError("connection made before the commit protocol")
-            self.commit.prepare(dbapi_connection)
+            self.commit.prepare(dbapi_connection, record)
 
 
 def engine_settings(config: Config, classifier: Classifier) -> tuple[Any, ...]:

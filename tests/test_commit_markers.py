@@ -22,6 +22,9 @@ import resilient_db as rdb
 from resilient_db import _commit
 from resilient_db._commit import CLAIM_HORIZON, RETENTION, marker_id, may_write
 
+PREPARED = _commit.PREPARED_MARK
+FUNCTION_FORM = '"SELECT resilient_db.mark_commit('
+
 
 def uuid7() -> uuid.UUID:
     return uuid.UUID(marker_id())
@@ -108,6 +111,14 @@ def test_plain_selects_are_proven_read_only(statement: str) -> None:
     ],
 )
 def test_anything_else_may_write(statement: str) -> None:
+    assert may_write(statement)
+
+
+@pytest.mark.parametrize(
+    "statement", ["DISCARD ALL", "deallocate all", f"DEALLOCATE {PREPARED}", "  Discard plans"]
+)
+def test_discard_and_deallocate_may_drop_the_prepared_marker(statement: str) -> None:
+    assert _commit.verdict_of(statement) == _commit.FORGETS_PREPARED
     assert may_write(statement)
 
 
@@ -320,7 +331,7 @@ def test_a_writing_unit_sends_its_marker_with_commit_in_one_message(
     ours = _traced(engine, lambda: Sessions.run(_bump))
     assert len(ours) == len(plain_trips), (plain_trips, ours)
     assert plain_trips[-1] == '"COMMIT"'
-    assert ours[-1].startswith('"SELECT resilient_db.mark_commit(')
+    assert ours[-1].startswith(f'"EXECUTE {PREPARED}(')
     assert ours[-1].endswith('; COMMIT"')
     assert len(markers(engine)) == 1
 
@@ -374,7 +385,7 @@ def test_a_unit_writing_through_a_function_is_marked(engine: sa.Engine, service:
     trips = _traced(
         engine, lambda: Sessions.run(lambda s: s.execute(sa.text("SELECT marker_bump()")).scalar())
     )
-    assert trips[-1].startswith('"SELECT resilient_db.mark_commit(')
+    assert trips[-1].startswith(f'"EXECUTE {PREPARED}(')
     assert len(markers(engine)) == 1
 
 
@@ -399,6 +410,159 @@ def test_without_markers_a_writing_unit_pays_one_round_trip_for_its_xid(
     warnings = [r for r in caplog.records if "Commit markers are not installed" in r.getMessage()]
     assert len(warnings) == 1  # once per engine
     assert warnings[0].getMessage().startswith("[SELF-HEAL] ")
+
+
+# -- the prepared marker statement ----------------------------------------------------------------
+def _prepared_runs(conn: sa.Connection) -> int | None:
+    """How often the connection ran its prepared marker statement (None: not prepared)."""
+    row = conn.execute(
+        sa.text("SELECT generic_plans + custom_plans FROM pg_prepared_statements WHERE name = :n"),
+        {"n": PREPARED},
+    ).first()
+    return None if row is None else int(row[0])
+
+
+@pytest.fixture
+def one_connection(pg_url: str, engine: sa.Engine) -> Iterator[sa.Engine]:
+    """An engine whose pool holds one connection (the markers are installed by ``engine``)."""
+    eng = sa.create_engine(pg_url, pool_size=1, max_overflow=0)
+    yield eng
+    eng.dispose()
+
+
+def test_each_connection_prepares_the_marker_statement_once_and_commits_through_it(
+    one_connection: sa.Engine, engine: sa.Engine, service: str
+) -> None:
+    Sessions = rdb.ResilientSession(one_connection, service=service)
+    for _ in range(3):
+        Sessions.run(_bump)
+    with one_connection.connect() as conn:
+        assert _prepared_runs(conn) == 3  # one EXECUTE per writing COMMIT, on the server's count
+    assert len(markers(engine)) == 3
+
+
+def test_a_deallocate_through_sqlalchemy_moves_only_its_connection_to_the_function(
+    one_connection: sa.Engine, engine: sa.Engine, service: str
+) -> None:
+    """The statement listener sees DEALLOCATE (or DISCARD): that connection's next COMMIT calls
+    the function, and nothing fails or is replayed; a new connection prepares it again."""
+    Sessions = rdb.ResilientSession(one_connection, service=service)
+    attempts = []
+
+    def bump_after_deallocate(session: Session) -> int:
+        attempts.append(1)
+        session.execute(sa.text(f"DEALLOCATE {PREPARED}"))
+        return _bump(session)
+
+    trips = _traced(one_connection, lambda: Sessions.run(bump_after_deallocate))
+    assert trips[-1].startswith(FUNCTION_FORM)
+    assert attempts == [1]
+    assert len(markers(engine)) == 1
+    one_connection.dispose()
+    trips = _traced(one_connection, lambda: Sessions.run(_bump))
+    assert trips[-1].startswith(f'"EXECUTE {PREPARED}(')
+    assert len(markers(engine)) == 2
+
+
+def test_a_marker_statement_lost_past_sqlalchemy_replays_the_unit_once(
+    one_connection: sa.Engine,
+    engine: sa.Engine,
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """What a transaction-mode pooler does to a session's prepared statements, done by hand:
+    the EXECUTE fails with 26000, the COMMIT after it in the same message never runs, so the
+    unit is replayed (once) and commits exactly once; the engine calls the function from then
+    on, and says so once."""
+    Sessions = rdb.ResilientSession(one_connection, service=service)
+    attempts = []
+
+    def bump_losing_the_statement(session: Session) -> int:
+        attempts.append(1)
+        if len(attempts) == 1:  # past SQLAlchemy, as a pooler would: the listener can't see it
+            raw: Any = session.connection().connection.driver_connection
+            raw.execute(f"DEALLOCATE {PREPARED}")
+        return _bump(session)
+
+    with caplog.at_level("WARNING", logger="resilient_db"):
+        assert Sessions.run(bump_losing_the_statement) == 1
+        assert Sessions.run(_bump) == 2
+    assert len(attempts) == 2
+    assert len(markers(engine)) == 2
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(Counter.value)).scalar() == 2
+    lost = [r for r in caplog.records if "commit-marker statement was missing" in r.getMessage()]
+    assert len(lost) == 1
+    assert lost[0].getMessage().startswith("[SELF-HEAL] ")
+    one_connection.dispose()  # a new connection: the engine no longer uses the statement
+    trips = _traced(one_connection, lambda: Sessions.run(_bump))
+    assert trips[-1].startswith(FUNCTION_FORM)
+    assert len(markers(engine)) == 3
+
+
+def test_psycopg_told_not_to_prepare_gets_no_prepared_marker(
+    pg_url: str, engine: sa.Engine, service: str
+) -> None:
+    """``prepare_threshold=None`` (the setting behind a transaction-mode pooler): no PREPARE."""
+    eng = sa.create_engine(
+        pg_url, pool_size=1, max_overflow=0, connect_args={"prepare_threshold": None}
+    )
+    try:
+        Sessions = rdb.ResilientSession(eng, service=service)
+        trips = _traced(eng, lambda: Sessions.run(_bump))
+        assert trips[-1].startswith(FUNCTION_FORM)
+        with eng.connect() as conn:
+            assert _prepared_runs(conn) is None
+    finally:
+        eng.dispose()
+    assert len(markers(engine)) == 1
+
+
+@pytest.mark.asyncio
+async def test_asyncpg_prepares_the_marker_unless_told_not_to_and_replays_a_lost_one(
+    engine: sa.Engine, pg_async_url: str, service: str
+) -> None:
+    async def bump(session: AsyncSession) -> int:
+        row = await session.get(Counter, 1)
+        assert row is not None
+        row.value += 1
+        return row.value
+
+    async def prepared_runs(eng: AsyncEngine) -> int | None:
+        async with eng.connect() as conn:
+            return await conn.run_sync(_prepared_runs)
+
+    eng = create_async_engine(pg_async_url, pool_size=1, max_overflow=0)
+    uncached = create_async_engine(
+        pg_async_url, pool_size=1, max_overflow=0, connect_args={"statement_cache_size": 0}
+    )
+    try:
+        Sessions = rdb.AsyncResilientSession(eng, service=service)
+        assert await Sessions.run(bump) == 1
+        assert await prepared_runs(eng) == 1
+
+        attempts = []
+
+        async def bump_losing_the_statement(session: AsyncSession) -> int:
+            attempts.append(1)
+            if len(attempts) == 1:
+                raw: Any = (
+                    await (await session.connection()).get_raw_connection()
+                ).driver_connection
+                await raw.execute(f"DEALLOCATE {PREPARED}")
+            return await bump(session)
+
+        assert await Sessions.run(bump_losing_the_statement) == 2
+        assert len(attempts) == 2
+        assert await prepared_runs(eng) is None  # its replay called the function
+
+        Uncached = rdb.AsyncResilientSession(uncached, service=f"{service}-uncached")
+        assert await Uncached.run(bump) == 3
+        assert await prepared_runs(uncached) is None
+    finally:
+        await eng.dispose()
+        await uncached.dispose()
+    assert len(markers(engine)) == 3
 
 
 @pytest.mark.asyncio

@@ -518,6 +518,7 @@ async def test_proxy_lose_commit_answer_asyncpg(
         (b"COMMIT AND NO CHAIN;", True),
         (b"SELECT resilient_db.mark_commit('0b9f;commit'); COMMIT\0", True),
         (b"SELECT resilient_db.mark_commit('0b9f'); COMMIT;\0", True),
+        (b"EXECUTE resilient_db_mark_commit('0b9f'); COMMIT\0", True),
         (b"INSERT INTO t VALUES ($$;$$); -- done\n COMMIT /* ; */ ;  ", True),
         (b"SELECT E'\\\\'; COMMIT", True),  # E'\\' is one backslash
         (b"SELECT 1", False),
