@@ -566,6 +566,38 @@ async def test_asyncpg_prepares_the_marker_unless_told_not_to_and_replays_a_lost
 
 
 @pytest.mark.asyncio
+async def test_asyncpg_ends_the_transaction_of_a_failed_marker(
+    engine: sa.Engine, pg_async_url: str, service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A marker that fails (here its id is taken: what a claim's fence does to a late original)
+    stops the message before its COMMIT. The transaction is ended as a failed COMMIT ends it, so
+    the pool's connection takes the next unit (asyncpg refuses a BEGIN inside a transaction)."""
+    taken = marker_id()
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text("INSERT INTO resilient_db.commit_markers (id) VALUES (:m)"), {"m": taken}
+        )
+    eng = create_async_engine(pg_async_url, pool_size=1, max_overflow=0)
+    Sessions = rdb.AsyncResilientSession(eng, service=service)
+
+    async def bump(session: AsyncSession) -> int:
+        row = await session.get(Counter, 1)
+        assert row is not None
+        row.value += 1
+        return row.value
+
+    try:
+        monkeypatch.setattr(_commit, "marker_id", lambda: taken)
+        with pytest.raises(sa.exc.IntegrityError):
+            await Sessions.run(bump)
+        monkeypatch.undo()
+        assert await Sessions.run(bump) == 1  # the same connection, the first bump rolled back
+    finally:
+        await eng.dispose()
+    assert len(markers(engine)) == 2
+
+
+@pytest.mark.asyncio
 async def test_asyncpg_commits_through_the_marked_connection(
     engine: sa.Engine, async_engine: AsyncEngine, service: str
 ) -> None:
