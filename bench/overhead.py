@@ -48,8 +48,8 @@ client's messages that wait for an answer (Query, Sync, FunctionCall; see ``_rou
 
 The variants are interleaved so that the machine's noise hits them alike: latency unit by unit
 (each key runs through every variant in turn), throughput in short alternating runs. Each ratio
-is the median of the per-round ratios. Ratios, not absolute numbers, are the result (the machine
-these run on is shared and noisy).
+is the median of the per-round ratios, shown with a 95 % bootstrap interval of that median.
+Ratios, not absolute numbers, are the result (the machine these run on is shared and noisy).
 """
 
 from __future__ import annotations
@@ -417,13 +417,28 @@ async def athroughput(
 
 def summary(samples: dict[str, list[float]], base: str = "plain") -> dict[str, float]:
     """Medians of each variant, and the median of the per-round ratios to ``base``: the two runs
-    of one round are adjacent in time, so the machine's drift cancels out in their ratio."""
+    of one round are adjacent in time, so the machine's drift cancels out in their ratio. With
+    it, a 95 % interval of that median (``_low`` / ``_high``), so that a ratio near its target is
+    read for what it is."""
     out = {name: statistics.median(values) for name, values in samples.items()}
     for name, values in samples.items():
         if name != base:
             ratios = [v / b for v, b in zip(values, samples[base], strict=True)]
             out[f"{name}_ratio"] = statistics.median(ratios)
+            out[f"{name}_ratio_low"], out[f"{name}_ratio_high"] = median_interval(ratios)
     return out
+
+
+BOOTSTRAP = 2000  # resamples for the interval of a median
+
+
+def median_interval(values: list[float]) -> tuple[float, float]:
+    """A 95 % percentile-bootstrap interval of the median of ``values`` (seeded: the same
+    values give the same interval). Rough with a dozen rounds, but it shows the spread."""
+    rng = random.Random(0)
+    n = len(values)
+    medians = sorted(statistics.median(rng.choices(values, k=n)) for _ in range(BOOTSTRAP))
+    return medians[int(0.025 * BOOTSTRAP)], medians[int(0.975 * BOOTSTRAP) - 1]
 
 
 # -- round trips ----------------------------------------------------------------------------------
@@ -575,6 +590,7 @@ def _row(
         "plain": stats["plain"] * scale,
         variant: stats[variant] * scale,
         "ratio": stats[f"{variant}_ratio"],
+        "ratio_95": [stats[f"{variant}_ratio_low"], stats[f"{variant}_ratio_high"]],
     }
 
 
@@ -696,8 +712,8 @@ CASES = {
 def render(result: dict[str, Any]) -> str:
     trips = result["round_trips"]
     lines = [
-        "| unit | case | plain SQLAlchemy | resilient_db | ratio | target | round trips "
-        "(plain / resilient) |",
+        "| unit | case | plain SQLAlchemy | resilient_db | ratio (95 % interval) | target "
+        "| round trips (plain / resilient) |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in result["results"]:
@@ -716,6 +732,8 @@ def render(result: dict[str, Any]) -> str:
         ratio = f"{row['ratio']:.3f}"
         if naive and row["ratio"] < 0.9:
             ratio = f"**{ratio}**"
+        low, high = row["ratio_95"]
+        ratio += f" ({low:.2f}–{high:.2f})"
         lines.append(
             f"| {UNIT_NAMES[row['unit']]} | {label} | {values} | {ratio} | {target} | {trip_cell} |"
         )
