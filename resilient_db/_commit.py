@@ -41,6 +41,7 @@ import os
 import re
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, TypeAlias
@@ -450,6 +451,8 @@ class CommitProtocol:
             return
         if not self.is_asyncpg:
             _mark_psycopg(driver)
+        elif not getattr(driver, "_rdb_marked", False):
+            _adopt_asyncpg(driver)  # made by your async_creator (do_connect marks the others)
         if not getattr(driver, "_rdb_marked", False):
             self._warn_if_missing(None)  # made by your own creator: no marked COMMIT
             return
@@ -686,15 +689,15 @@ def prune(connection: Connection) -> int:
 
 
 # -- the drivers' marked COMMIT ------------------------------------------------------------------
-_marked_classes: dict[type[Any], type[Any]] = {}
+_marked_classes: dict[tuple[type[Any], bool], type[Any]] = {}
 _marked_lock = threading.Lock()
 
 
-def marked_connection_class(base: type[Any]) -> type[Any]:
+def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[Any]:
     """A subclass of the driver's connection class ``base`` whose COMMIT can carry a marker.
 
     Its commit asks :func:`_commit_ticket` what the committing unit wants (nothing, outside a
-    unit) and sends one message, ``SELECT resilient_db.mark_commit('<id>'); COMMIT``, instead of
+    unit) and sends one message, ``EXECUTE resilient_db_mark_commit('<id>'); COMMIT``, instead of
     COMMIT, or first reads the xid (the fallback). It runs inside SQLAlchemy's ``do_commit``, so
     errors are wrapped and dead connections invalidated exactly as for a plain COMMIT:
 
@@ -702,10 +705,15 @@ def marked_connection_class(base: type[Any]) -> type[Any]:
     * asyncpg: its transaction object commits with ``connection.execute("COMMIT;")`` (and rolls
       back with ``"ROLLBACK;"``), so ``execute`` sees those.
 
+    ``adopted`` (asyncpg): a class that an existing connection can be switched to, for one made
+    by your ``async_creator`` (asyncpg's classes have ``__slots__``, so a subclass with slots of
+    its own can only be made from, through ``connection_class``; this one keeps the protocol's
+    three attributes beside the connection instead, at a dictionary lookup each).
+
     ``tests/test_commit_markers.py`` fails if either driver stops committing this way.
     """
     with _marked_lock:
-        cls = _marked_classes.get(base)
+        cls = _marked_classes.get((base, adopted))
         if cls is not None:
             return cls
         namespace: dict[str, Any] = {"_rdb_marked": True, "__module__": __name__}
@@ -737,11 +745,20 @@ def marked_connection_class(base: type[Any]) -> type[Any]:
                 self._rdb_mode = None
                 self._rdb_prepared = None
 
-            namespace.update(
-                __slots__=("_rdb_may_write", "_rdb_mode", "_rdb_prepared"),
-                __init__=__init__,
-                execute=execute,
-            )
+            if adopted:
+                namespace.update(
+                    __slots__=(),
+                    execute=execute,
+                    _rdb_may_write=_kept_beside("may_write", False),
+                    _rdb_mode=_kept_beside("mode", None),
+                    _rdb_prepared=_kept_beside("prepared", None),
+                )
+            else:
+                namespace.update(
+                    __slots__=("_rdb_may_write", "_rdb_mode", "_rdb_prepared"),
+                    __init__=__init__,
+                    execute=execute,
+                )
         else:
 
             def commit(self: Any) -> None:
@@ -775,8 +792,36 @@ def marked_connection_class(base: type[Any]) -> type[Any]:
                 _rdb_prepared=None,
             )
         cls = type(f"Marked{base.__name__}", (base,), namespace)
-        _marked_classes[base] = cls
+        _marked_classes[(base, adopted)] = cls
         return cls
+
+
+# The protocol's attributes of adopted asyncpg connections (see ``marked_connection_class``).
+_beside: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def _kept_beside(name: str, default: Any) -> property:
+    def get(self: Any) -> Any:
+        state = _beside.get(self)
+        return default if state is None else state.get(name, default)
+
+    def set_(self: Any, value: Any) -> None:
+        state = _beside.get(self)
+        if state is None:
+            state = _beside[self] = {}
+        state[name] = value
+
+    return property(get, set_)
+
+
+def _adopt_asyncpg(driver: Any) -> None:
+    """Switch an asyncpg connection made by your ``async_creator`` to a marked class."""
+    if not isinstance(driver, asyncpg.Connection):
+        return
+    try:
+        driver.__class__ = marked_connection_class(type(driver), adopted=True)
+    except TypeError:  # a class whose layout can't be switched: the connection stays unmarked
+        log_session.debug("could not mark an asyncpg connection", exc_info=True)
 
 
 _INTRANS: Final = int(psycopg.pq.TransactionStatus.INTRANS)
@@ -845,7 +890,7 @@ def _transaction_end(query: str) -> str | None:
 
 def _asyncpg_do_connect(dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> None:
     if "async_creator_fn" in cparams:
-        return  # the user's own creator makes the connection: fallback verification
+        return  # made by your async_creator: CommitProtocol.prepare adopts it at connect
     if cparams.get("statement_cache_size") == 0:
         record.info[_NO_PREPARE_KEY] = True  # asyncpg told not to prepare (a pooler's setting)
     base = cparams.get("connection_class", asyncpg.Connection)

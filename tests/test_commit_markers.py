@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import psycopg
 import pytest
 import pytest_asyncio
@@ -21,6 +22,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 import resilient_db as rdb
 from resilient_db import _commit
 from resilient_db._commit import CLAIM_HORIZON, RETENTION, marker_id, may_write
+from resilient_db.testing import FaultProxy
 
 PREPARED = _commit.PREPARED_MARK
 FUNCTION_FORM = '"SELECT resilient_db.mark_commit('
@@ -595,6 +597,46 @@ async def test_asyncpg_ends_the_transaction_of_a_failed_marker(
     finally:
         await eng.dispose()
     assert len(markers(engine)) == 2
+
+
+@pytest.mark.asyncio
+async def test_asyncpg_connections_of_your_async_creator_carry_the_marker(
+    engine: sa.Engine, fault_proxy: FaultProxy, pg_database: str, service: str
+) -> None:
+    """A connection your ``async_creator`` makes (as cloud connectors make them) is adopted at
+    connect: its COMMIT carries the marker, so a lost answer is settled, not "unknown"."""
+    dsn = sa.make_url(fault_proxy.url(pg_database, driver="asyncpg")).set(drivername="postgresql")
+
+    async def connect() -> asyncpg.Connection:
+        return await asyncpg.connect(dsn.render_as_string(hide_password=False))
+
+    eng = create_async_engine("postgresql+asyncpg://", async_creator=connect)
+    Sessions = rdb.AsyncResilientSession(eng, service=service)
+    calls = []
+
+    async def bump(session: AsyncSession) -> int:
+        calls.append(1)
+        row = await session.get(Counter, 1)
+        assert row is not None
+        row.value += 1
+        return row.value
+
+    try:
+        assert await Sessions.run(bump) == 1
+        fault_proxy.lose_commit_answer()
+        assert await Sessions.run(bump) == 2  # committed before the answer was lost: done
+        assert fault_proxy.commits_lost == 1
+        assert len(calls) == 2  # not replayed
+        async with eng.connect() as conn:
+            raw: Any = (await conn.get_raw_connection()).driver_connection
+            assert type(raw).__mro__[1] is asyncpg.Connection  # your class, adopted
+            assert raw._rdb_mode == "markers"
+            assert await conn.run_sync(_prepared_runs) is not None  # prepared at connect
+    finally:
+        await eng.dispose()
+    assert len(markers(engine)) == 2
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(Counter.value)).scalar() == 2
 
 
 @pytest.mark.asyncio
