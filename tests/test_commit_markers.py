@@ -24,6 +24,8 @@ from resilient_db import _commit
 from resilient_db._commit import CLAIM_HORIZON, RETENTION, marker_id, may_write
 from resilient_db.testing import FaultProxy
 
+pytestmark = pytest.mark.usefixtures("no_backoff")
+
 PREPARED = _commit.PREPARED_MARK
 FUNCTION_FORM = '"SELECT resilient_db.mark_commit('
 
