@@ -143,9 +143,10 @@ class Policy:
         return ceiling * self.rng()
 
     def admit(self) -> bool:
-        """Ask the breaker for one attempt. Returns True for a half-open probe."""
+        """Ask the breaker for one attempt. Returns True for a half-open probe. A closed
+        breaker answers on its fast path: every unit passes here."""
         breaker = self.breaker
-        if breaker is None:
+        if breaker is None or breaker.fast_closed():
             return False
         try:
             return breaker.before_call()
@@ -158,7 +159,7 @@ class Policy:
     def succeeded(self, probe: bool) -> None:
         self.stats.add_attempt()
         breaker = self.breaker
-        if breaker is not None:
+        if breaker is not None and (probe or not breaker.fast_success()):
             try:
                 breaker.on_success(probe)
             except Exception:
@@ -308,9 +309,7 @@ class Policy:
     def call(self, attempt: Callable[[], T]) -> T:
         """Run ``attempt`` (one whole unit of work) under the breaker, retrying transient
         failures. The original exception is re-raised when retries run out."""
-        # admit() and succeeded() cut short for a closed breaker: every unit passes here
-        breaker = self.breaker
-        probe = False if breaker is None or breaker.fast_closed() else self.admit()
+        probe = self.admit()
         started = _monotonic()
         try:
             result = attempt()
@@ -318,10 +317,7 @@ class Policy:
             if not self.retryable(self.failed(exc, probe, started)):
                 raise
             return self._call_retrying(attempt, exc)
-        if probe or breaker is None or not breaker.fast_success():
-            self.succeeded(probe)
-        else:
-            self.stats.add_attempt()
+        self.succeeded(probe)
         return result
 
     def _call_retrying(self, attempt: Callable[[], T], first: BaseException) -> T:
@@ -353,17 +349,13 @@ class Policy:
     # -- async driver ------------------------------------------------------------------------
     async def acall(self, attempt: Callable[[], Awaitable[T]]) -> T:
         """The async twin of :meth:`call`: same decisions, awaited attempts and sleeps."""
-        breaker = self.breaker  # as in call()
-        probe = False if breaker is None or breaker.fast_closed() else self.admit()
+        probe = self.admit()
         started = _monotonic()
         try:
             result = await attempt()
         except BaseException as exc:
             return await self.afailed(attempt, exc, probe, started)
-        if probe or breaker is None or not breaker.fast_success():
-            self.succeeded(probe)
-        else:
-            self.stats.add_attempt()
+        self.succeeded(probe)
         return result
 
     async def afailed(

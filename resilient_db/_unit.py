@@ -27,7 +27,6 @@ from ._commit import (
     CommitProtocol,
     CommitRequest,
     CommitTicket,
-    StatementGuard,
     current_request,
     prune,
 )
@@ -38,7 +37,7 @@ from ._registry import factory_of, in_unit
 from ._retry import Policy
 from ._state import STATE
 from .transitions._dbmap import exception_from_db
-from .transitions._flush import guard_execute
+from .transitions._flush import guard_for_commit_protocol
 from .transitions._guards import install_guard
 
 T = TypeVar("T")
@@ -370,14 +369,8 @@ class EngineHooks:
         self.config = config
         self.classifier = classifier
         self.service = "database"
-        guard: StatementGuard | None = None
-        if engine not in STATE.guard_engines:  # (hooks_for holds STATE.lock)
-            # the flush guard's statement listener, called by the commit protocol's own (one
-            # listener call per statement); an engine that served a guarded flush before it had
-            # a resilient factory has the guard's listener already
-            guard = guard_execute
-            STATE.guard_engines.add(engine)
-        self.commit = CommitProtocol(engine, self, guard)
+        # (hooks_for holds STATE.lock)
+        self.commit = CommitProtocol(engine, self, guard_for_commit_protocol(engine))
         self.factories: weakref.WeakSet[FactoryCore] = weakref.WeakSet()
 
     def handle_error(self, ctx: Any) -> BaseException | None:

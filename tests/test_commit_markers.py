@@ -288,6 +288,14 @@ def _bump(session: Session) -> int:
     return row.value
 
 
+async def _abump(session: AsyncSession) -> int:
+    """:func:`_bump` on asyncpg."""
+    row = await session.get(Counter, 1)
+    assert row is not None
+    row.value += 1
+    return row.value
+
+
 def _round_trips(trace: str) -> list[str]:
     """The frontend messages that wait for an answer, from a libpq trace."""
     sent = []
@@ -526,12 +534,6 @@ def test_psycopg_told_not_to_prepare_gets_no_prepared_marker(
 async def test_asyncpg_prepares_the_marker_unless_told_not_to_and_replays_a_lost_one(
     engine: sa.Engine, pg_async_url: str, service: str
 ) -> None:
-    async def bump(session: AsyncSession) -> int:
-        row = await session.get(Counter, 1)
-        assert row is not None
-        row.value += 1
-        return row.value
-
     async def prepared_runs(eng: AsyncEngine) -> int | None:
         async with eng.connect() as conn:
             return await conn.run_sync(_prepared_runs)
@@ -542,7 +544,7 @@ async def test_asyncpg_prepares_the_marker_unless_told_not_to_and_replays_a_lost
     )
     try:
         Sessions = rdb.AsyncResilientSession(eng, service=service)
-        assert await Sessions.run(bump) == 1
+        assert await Sessions.run(_abump) == 1
         assert await prepared_runs(eng) == 1
 
         attempts = []
@@ -554,14 +556,14 @@ async def test_asyncpg_prepares_the_marker_unless_told_not_to_and_replays_a_lost
                     await (await session.connection()).get_raw_connection()
                 ).driver_connection
                 await raw.execute(f"DEALLOCATE {PREPARED}")
-            return await bump(session)
+            return await _abump(session)
 
         assert await Sessions.run(bump_losing_the_statement) == 2
         assert len(attempts) == 2
         assert await prepared_runs(eng) is None  # its replay called the function
 
         Uncached = rdb.AsyncResilientSession(uncached, service=f"{service}-uncached")
-        assert await Uncached.run(bump) == 3
+        assert await Uncached.run(_abump) == 3
         assert await prepared_runs(uncached) is None
     finally:
         await eng.dispose()
@@ -584,18 +586,12 @@ async def test_asyncpg_ends_the_transaction_of_a_failed_marker(
     eng = create_async_engine(pg_async_url, pool_size=1, max_overflow=0)
     Sessions = rdb.AsyncResilientSession(eng, service=service)
 
-    async def bump(session: AsyncSession) -> int:
-        row = await session.get(Counter, 1)
-        assert row is not None
-        row.value += 1
-        return row.value
-
     try:
         monkeypatch.setattr(_commit, "marker_id", lambda: taken)
         with pytest.raises(sa.exc.IntegrityError):
-            await Sessions.run(bump)
+            await Sessions.run(_abump)
         monkeypatch.undo()
-        assert await Sessions.run(bump) == 1  # the same connection, the first bump rolled back
+        assert await Sessions.run(_abump) == 1  # the same connection, the first bump rolled back
     finally:
         await eng.dispose()
     assert len(markers(engine)) == 2
@@ -618,10 +614,7 @@ async def test_asyncpg_connections_of_your_async_creator_carry_the_marker(
 
     async def bump(session: AsyncSession) -> int:
         calls.append(1)
-        row = await session.get(Counter, 1)
-        assert row is not None
-        row.value += 1
-        return row.value
+        return await _abump(session)
 
     try:
         assert await Sessions.run(bump) == 1
@@ -649,13 +642,7 @@ async def test_asyncpg_commits_through_the_marked_connection(
     marked message would then never be sent (units would end "unknown" after a lost answer)."""
     Sessions = rdb.AsyncResilientSession(async_engine, service=service)
 
-    async def bump(session: AsyncSession) -> int:
-        row = await session.get(Counter, 1)
-        assert row is not None
-        row.value += 1
-        return row.value
-
-    assert await Sessions.run(bump) == 1
+    assert await Sessions.run(_abump) == 1
     assert len(markers(engine)) == 1
     async with async_engine.connect() as conn:
         raw: Any = (await conn.get_raw_connection()).driver_connection

@@ -4,7 +4,6 @@ stays usable. Sync and async, against the real server."""
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +18,6 @@ from resilient_db.examples.tasks import Base, Task
 from resilient_db.transitions._bypass import GUARD_INFO_KEY
 from resilient_db.transitions._flush import guard_execute
 
-_services = itertools.count()
 ILLEGAL = sa.text("UPDATE tasks SET status = 'pending' WHERE id = :id")
 
 
@@ -43,8 +41,9 @@ def engine(pg_url: str) -> Iterator[sa.Engine]:
     eng.dispose()
 
 
-def test_trigger_block_through_a_unit_is_illegal_transition_via_db(engine: sa.Engine) -> None:
-    service = f"guard-{next(_services)}"
+def test_trigger_block_through_a_unit_is_illegal_transition_via_db(
+    engine: sa.Engine, service: str
+) -> None:
     Sessions = rdb.ResilientSession(engine, service=service, config=rdb.Config(failure_threshold=1))
     calls: list[int] = []
 
@@ -72,10 +71,10 @@ def test_trigger_block_through_a_unit_is_illegal_transition_via_db(engine: sa.En
 
 @pytest.mark.asyncio
 async def test_trigger_block_through_an_async_unit_is_illegal_transition_via_db(
-    engine: sa.Engine, pg_async_url: str
+    engine: sa.Engine, pg_async_url: str, service: str
 ) -> None:
     aengine = create_async_engine(pg_async_url)
-    Sessions = rdb.AsyncResilientSession(aengine, service=f"guard-{next(_services)}")
+    Sessions = rdb.AsyncResilientSession(aengine, service=service)
     calls: list[int] = []
 
     async def unit(session: Any) -> None:
@@ -107,7 +106,9 @@ def _to_in_progress(engine: sa.Engine) -> None:
         conn.execute(sa.text("ALTER TABLE tasks ENABLE TRIGGER USER"))
 
 
-def test_one_guard_check_per_flush_whatever_the_session_class(engine: sa.Engine) -> None:
+def test_one_guard_check_per_flush_whatever_the_session_class(
+    engine: sa.Engine, service: str
+) -> None:
     """Listeners live on the base session class; a class_= factory beside a default one must
     not run them twice. A loaded status costs no statement of the guard's own (the UPDATE
     carries it); an expired one is read by the guard, once."""
@@ -115,8 +116,8 @@ def test_one_guard_check_per_flush_whatever_the_session_class(engine: sa.Engine)
     class AppSession(Session):
         pass
 
-    plain_factory = rdb.ResilientSession(engine, service=f"guard-{next(_services)}")
-    custom = rdb.ResilientSession(engine, service=f"guard-{next(_services)}", class_=AppSession)
+    plain_factory = rdb.ResilientSession(engine, service=f"{service}-plain")
+    custom = rdb.ResilientSession(engine, service=f"{service}-custom", class_=AppSession)
 
     def move(session: Session, expire: bool) -> None:
         task = session.get(Task, 1)
@@ -146,11 +147,10 @@ def test_one_guard_check_per_flush_whatever_the_session_class(engine: sa.Engine)
         assert isinstance(session, AppSession)
 
 
-def test_stale_move_through_a_unit_is_never_retried(engine: sa.Engine) -> None:
+def test_stale_move_through_a_unit_is_never_retried(engine: sa.Engine, service: str) -> None:
     """Two workers claim the same task: the second one's unit raises StaleTransitionError at
     once (a business error: not retried, not counted by the breaker)."""
     _to_in_progress(engine)
-    service = f"guard-{next(_services)}"
     Sessions = rdb.ResilientSession(engine, service=service, config=rdb.Config(failure_threshold=1))
     calls: list[int] = []
 
@@ -184,11 +184,11 @@ def test_stale_move_through_a_unit_is_never_retried(engine: sa.Engine) -> None:
 
 @pytest.mark.asyncio
 async def test_stale_move_through_an_async_unit_is_never_retried(
-    engine: sa.Engine, pg_async_url: str
+    engine: sa.Engine, pg_async_url: str, service: str
 ) -> None:
     _to_in_progress(engine)
     aengine = create_async_engine(pg_async_url)
-    Sessions = rdb.AsyncResilientSession(aengine, service=f"guard-{next(_services)}")
+    Sessions = rdb.AsyncResilientSession(aengine, service=service)
     calls: list[int] = []
 
     async def claim(session: Any) -> None:
@@ -210,6 +210,7 @@ async def test_stale_move_through_an_async_unit_is_never_retried(
 
 def test_a_unit_whose_only_write_is_a_guarded_move_commits_with_its_marker(
     engine: sa.Engine,
+    service: str,
 ) -> None:
     """The guard sends the flush's UPDATE itself, ending the dialect's listener chain. Here its
     listeners come first (a guarded flush of a plain session on the engine came before the
@@ -224,7 +225,7 @@ def test_a_unit_whose_only_write_is_a_guarded_move_commits_with_its_marker(
         task.status = "pending"
         plain.commit()
     _to_in_progress(engine)
-    Sessions = rdb.ResilientSession(engine, service=f"guard-{next(_services)}")
+    Sessions = rdb.ResilientSession(engine, service=service)
     assert next(iter(engine.dialect.dispatch.do_execute)) is guard_execute
 
     def count() -> int:
@@ -251,12 +252,13 @@ def test_a_unit_whose_only_write_is_a_guarded_move_commits_with_its_marker(
 
 def test_a_do_execute_listener_of_yours_does_not_skip_the_compare_and_set(
     engine: sa.Engine,
+    service: str,
 ) -> None:
     """A ``do_execute`` listener that sends statements itself (returning True ends SQLAlchemy's
     chain), added after the factory, comes after the guard's: the flush's UPDATE still carries
     the compare-and-set, and every other statement reaches yours."""
     _to_in_progress(engine)
-    Sessions = rdb.ResilientSession(engine, service=f"guard-{next(_services)}")
+    Sessions = rdb.ResilientSession(engine, service=service)
     seen: list[str] = []
 
     def yours(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
@@ -281,7 +283,7 @@ def test_a_do_execute_listener_of_yours_does_not_skip_the_compare_and_set(
     assert seen.count("UPDATE") == 1  # the other worker's; the flush's was the guard's
 
 
-def test_a_translated_schema_is_checked_under_lock(engine: sa.Engine) -> None:
+def test_a_translated_schema_is_checked_under_lock(engine: sa.Engine, service: str) -> None:
     """With ``schema_translate_map`` the SQL sent is not the compiled UPDATE, so the guard does
     not add its condition to it: it checks the rows under lock before the UPDATE instead, and a
     row moved by another transaction is still caught."""
@@ -296,7 +298,7 @@ def test_a_translated_schema_is_checked_under_lock(engine: sa.Engine) -> None:
                 "VALUES (1, 't', 'in_progress', 'seed-1'), (2, 't', 'in_progress', 'seed-2')"
             )
         )
-    Sessions = rdb.ResilientSession(engine, service=f"guard-{next(_services)}")
+    Sessions = rdb.ResilientSession(engine, service=service)
 
     def move(session: Session, task_id: int, moved_by_other: bool) -> None:
         session.connection(execution_options={"schema_translate_map": translate})

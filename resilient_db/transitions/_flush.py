@@ -25,7 +25,7 @@ from sqlalchemy.orm.base import PASSIVE_NO_INITIALIZE
 from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.sql.elements import ClauseElement
 
-from resilient_db._commit import note_write
+from resilient_db._commit import StatementGuard, note_write
 from resilient_db._config import Config
 from resilient_db._errors import IllegalTransitionError, StaleTransitionError
 from resilient_db._state import STATE
@@ -38,6 +38,7 @@ __all__ = [
     "before_flush",
     "flush_ended",
     "guard_execute",
+    "guard_for_commit_protocol",
     "install_engine_hooks",
 ]
 
@@ -417,6 +418,17 @@ def install_engine_hooks(engine: Engine) -> None:
         event.listen(engine, "do_execute", guard_execute)
         event.listen(engine, "do_executemany", guard_execute)
         STATE.guard_engines.add(engine)
+
+
+def guard_for_commit_protocol(engine: Engine) -> StatementGuard | None:
+    """The guard's statement listener, for a resilient factory's commit protocol to call from
+    its own (one listener call per statement); ``engine`` counts as guarded from then on. None
+    when the engine has the guard's own listeners already (it served a guarded flush before it
+    had a resilient factory). The caller holds ``STATE.lock``."""
+    if engine in STATE.guard_engines:
+        return None
+    STATE.guard_engines.add(engine)
+    return guard_execute
 
 
 def guard_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
