@@ -23,7 +23,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from ._classify import Classifier
-from ._commit import CLAIM_SQL, MARKERS, XID_STATUS_SQL, CommitRequest, CommitTicket
+from ._commit import CLAIM_SQL, MARKERS, READ_WRITE_SQL, XID_STATUS_SQL, CommitRequest, CommitTicket
 from ._config import Config
 from ._errors import TransactionStateError
 from ._observability import log_session
@@ -381,6 +381,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                     await conn.execution_options(isolation_level="READ COMMITTED")
                     async with conn.begin():
                         if ticket.mode == MARKERS:
+                            await conn.execute(READ_WRITE_SQL)
                             result = await conn.execute(CLAIM_SQL, {"marker": ticket.marker})
                             verdict = interpret_claim(result.scalar())
                         else:

@@ -75,7 +75,7 @@ RETENTION: Final = 900.0  # seconds a marker is kept
 CLAIM_HORIZON: Final = 600.0  # a claim judges markers younger than this (margin for clock steps)
 PRUNE_INTERVAL: Final = 10.0  # seconds between prunes, per engine
 PRUNE_BATCH: Final = 5000
-MARKERS_VERSION: Final = 1
+MARKERS_VERSION: Final = 2  # 2: mark_commit leaves read-only transactions alone
 #: the marker insert as prepared on each connection (``PREPARE``): the function call it stands
 #: in for costs the server parsing, planning and a PL/pgSQL call at every writing COMMIT
 PREPARED_MARK: Final = "resilient_db_mark_commit"
@@ -114,8 +114,11 @@ def _install_statements() -> list[str]:
         f"""CREATE OR REPLACE FUNCTION {s}.mark_commit(marker uuid) RETURNS void
 LANGUAGE plpgsql AS $rdb$
 BEGIN
-    -- only a transaction that wrote has an xid: read-only ones leave nothing behind
-    IF pg_catalog.pg_current_xact_id_if_assigned() IS NOT NULL THEN
+    -- only a transaction that wrote has an xid: read-only ones leave nothing behind. A
+    -- transaction declared read-only can hold one only from writing temporary tables, which
+    -- don't outlive its session: nothing to prove there, and its INSERT would be refused.
+    IF pg_catalog.pg_current_xact_id_if_assigned() IS NOT NULL
+       AND NOT pg_catalog.current_setting('transaction_read_only')::boolean THEN
         INSERT INTO {s}.commit_markers (id) VALUES (marker);
     END IF;
 END
@@ -231,6 +234,9 @@ XID_STATUS_SQL = text(
     "THEN 'future' "
     "ELSE pg_catalog.pg_xact_status(CAST(CAST(:xid AS text) AS xid8)) END"
 )
+#: sent before a claim: its fence is a write, also where transactions are read-only by default
+#: (``default_transaction_read_only``), which the unit it settles had overridden to write
+READ_WRITE_SQL = text("SET TRANSACTION READ WRITE")
 CLAIM_WAIT_MS: Final = 2000  # a claim waits this long for an original still committing
 CLAIM_SQL = text(
     f"SELECT {SCHEMA}.claim_commit(CAST(CAST(:marker AS text) AS uuid), {CLAIM_WAIT_MS})"
@@ -359,11 +365,19 @@ _SAFE_CALLS: Final = frozenset(
 _CALL = re.compile(r"([A-Za-z_][\w$]*)\s*\(")
 _QUALIFIED_CALL = re.compile(r"\.\s*\"?[A-Za-z_][\w$]*\"?\s*\(|\"\s*\(")
 _INTO = re.compile(r"\bINTO\b", re.IGNORECASE)
-# Verdicts, cached per statement: a truthy one means "may write". FORGETS_PREPARED: DISCARD or
-# DEALLOCATE, which may drop the connection's prepared marker statement.
+# A statement that may change whether transactions are read-only (SET TRANSACTION READ ONLY,
+# SET SESSION CHARACTERISTICS ..., SET default_transaction_read_only, BEGIN READ WRITE, ...).
+_READ_MODE = re.compile(r"\bREAD\s+(?:ONLY|WRITE)\b|transaction_read_only", re.IGNORECASE)
+# Verdicts, cached per statement: a truthy one means "may write". STOPS_PREPARED: after it, the
+# connection's COMMITs call the marker function instead of the prepared statement: DISCARD or
+# DEALLOCATE may have dropped the statement, and in a read-only transaction its INSERT can't
+# even start (the server refuses it before its condition is looked at), where the function
+# decides on the server. Rare statements: that connection stays on the function (a statement
+# that only mentions the setting, ``SELECT current_setting('transaction_read_only')``, costs
+# its connection that much and no more).
 READ_ONLY: Final = 0
 MAY_WRITE: Final = 1
-FORGETS_PREPARED: Final = 2
+STOPS_PREPARED: Final = 2
 _verdicts: dict[str, int] = {}
 
 
@@ -373,7 +387,7 @@ def may_write(statement: str) -> bool:
 
 
 def verdict_of(statement: str) -> int:
-    """``statement``'s verdict (``READ_ONLY``, ``MAY_WRITE`` or ``FORGETS_PREPARED``), cached."""
+    """``statement``'s verdict (``READ_ONLY``, ``MAY_WRITE`` or ``STOPS_PREPARED``), cached."""
     verdict = _verdicts.get(statement)
     if verdict is None:
         verdict = _judge(statement)
@@ -386,7 +400,16 @@ def verdict_of(statement: str) -> int:
 def _judge(statement: str) -> int:
     head = statement.lstrip().lstrip("(").lstrip()[:6].upper()
     if head in ("DISCAR", "DEALLO"):
-        return FORGETS_PREPARED
+        return STOPS_PREPARED
+    if head[:5] == "SHOW ":
+        return READ_ONLY
+    verdict = _judge_write(head, statement)
+    if verdict == MAY_WRITE and _READ_MODE.search(statement):
+        return STOPS_PREPARED
+    return verdict
+
+
+def _judge_write(head: str, statement: str) -> int:
     if head != "SELECT" or _INTO.search(statement) or ";" in statement:
         return MAY_WRITE
     if _QUALIFIED_CALL.search(statement):
@@ -525,7 +548,13 @@ class CommitProtocol:
         if self.is_asyncpg:
             if not _await(driver.fetchval(_CHECK_SQL)):
                 return False, False
+            prepare = prepare and hasattr(driver.get_settings(), "in_hot_standby")
             return True, prepare and _quietly(lambda: _await(driver.execute(_PREPARE_SQL)))
+        # A server that doesn't report ``in_hot_standby`` (before PostgreSQL 14) doesn't tell
+        # the client when its transactions are read-only either: no prepared statement there
+        # (see ``_psycopg_read_mode``), the function decides on the server.
+        reports = dbapi_connection.pgconn.parameter_status(b"in_hot_standby") is not None
+        prepare = prepare and reports
         autocommit = dbapi_connection.autocommit
         dbapi_connection.autocommit = True
         try:
@@ -629,7 +658,7 @@ def statement_listeners(
                 driver = cursor.connection
             if getattr(driver, "_rdb_marked", False):
                 driver._rdb_may_write = True
-                if verdict == FORGETS_PREPARED:
+                if verdict == STOPS_PREPARED:
                     driver._rdb_prepared = None  # its COMMITs call the function from now on
         if guard is not None and context.isupdate:
             return guard(cursor, statement, parameters, context)
@@ -654,6 +683,42 @@ def note_write(context: Any) -> None:
         driver._rdb_may_write = True
 
 
+# What a connection knows of its transaction's read mode at COMMIT (``_rdb_read_mode()`` of the
+# marked classes, asked only when a unit that may have written commits with markers):
+# READ_WRITE: as far as the client knows, it may write (the prepared marker statement);
+# MAYBE_READ_ONLY: declared read-only by the driver (``postgresql_readonly``), or read-only by
+# default (``default_transaction_read_only``): the function form, which the server decides;
+# STANDBY: the server is a hot standby, where no transaction writes: a plain COMMIT, nothing to
+# verify. The server reports both settings to the client (PostgreSQL 14 and later), so reading
+# them costs no round trip. A transaction that began before a standby's promotion stays
+# read-only, and the first answer after it reports the change, so "on" is never stale for a
+# transaction that could write.
+READ_WRITE: Final = 0
+MAYBE_READ_ONLY: Final = 1
+STANDBY: Final = 2
+
+
+def _psycopg_read_mode(connection: Any) -> int:
+    status = connection.pgconn.parameter_status
+    if status(b"in_hot_standby") == b"on":
+        return STANDBY
+    read_only = connection.read_only  # psycopg's BEGIN READ ONLY / READ WRITE, or None
+    if read_only or (read_only is None and status(b"default_transaction_read_only") == b"on"):
+        return MAYBE_READ_ONLY
+    return READ_WRITE
+
+
+def _asyncpg_read_mode(connection: Any) -> int:
+    settings = connection.get_settings()
+    if getattr(settings, "in_hot_standby", None) == "on":
+        return STANDBY
+    if connection._rdb_read_only:  # asyncpg sent BEGIN ... READ ONLY
+        return MAYBE_READ_ONLY
+    if getattr(settings, "default_transaction_read_only", None) == "on":
+        return MAYBE_READ_ONLY
+    return READ_WRITE
+
+
 def _commit_ticket(driver: Any) -> tuple[CommitTicket | None, str | None]:
     """What the unit committing on ``driver`` now wants its COMMIT to carry.
 
@@ -670,11 +735,16 @@ def _commit_ticket(driver: Any) -> tuple[CommitTicket | None, str | None]:
         request.tickets.append(ticket)
         return ticket, None
     if driver._rdb_mode == MARKERS:
+        read_mode = driver._rdb_read_mode()
+        if read_mode == STANDBY:
+            ticket = CommitTicket(None, sent=True)  # nothing can be written there
+            request.tickets.append(ticket)
+            return ticket, None
         marker = marker_id()
         ticket = CommitTicket(MARKERS, marker=marker)
         request.tickets.append(ticket)
         prepared = driver._rdb_prepared
-        if prepared is not None and prepared.usable:
+        if read_mode == READ_WRITE and prepared is not None and prepared.usable:
             return ticket, f"EXECUTE {PREPARED_MARK}('{marker}'); COMMIT"
         return ticket, f"SELECT {SCHEMA}.mark_commit('{marker}'); COMMIT"
     ticket = CommitTicket(XID)
@@ -708,7 +778,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
     ``adopted`` (asyncpg): a class that an existing connection can be switched to, for one made
     by your ``async_creator`` (asyncpg's classes have ``__slots__``, so a subclass with slots of
     its own can only be made from, through ``connection_class``; this one keeps the protocol's
-    three attributes beside the connection instead, at a dictionary lookup each).
+    four attributes beside the connection instead, at a dictionary lookup each).
 
     ``tests/test_commit_markers.py`` fails if either driver stops committing this way.
     """
@@ -720,9 +790,11 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
         if issubclass(base, asyncpg.Connection):
 
             async def execute(self: Any, query: str, *args: Any, timeout: Any = None) -> Any:
-                if not args and len(query) <= 10:
-                    end = _transaction_end(query)
-                    if end == "COMMIT":
+                if not args and len(query) <= _LONGEST_BEGIN:
+                    end = _transaction_command(query)
+                    if end == "BEGIN":
+                        self._rdb_read_only = "READ ONLY" in query.upper()
+                    elif end == "COMMIT":
                         ticket, message = _commit_ticket(self)
                         if ticket is not None:
                             if ticket.mode == XID:
@@ -744,20 +816,21 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                 self._rdb_may_write = False
                 self._rdb_mode = None
                 self._rdb_prepared = None
+                self._rdb_read_only = False
 
+            namespace.update(execute=execute, _rdb_read_mode=_asyncpg_read_mode)
             if adopted:
                 namespace.update(
                     __slots__=(),
-                    execute=execute,
                     _rdb_may_write=_kept_beside("may_write", False),
                     _rdb_mode=_kept_beside("mode", None),
                     _rdb_prepared=_kept_beside("prepared", None),
+                    _rdb_read_only=_kept_beside("read_only", False),
                 )
             else:
                 namespace.update(
-                    __slots__=("_rdb_may_write", "_rdb_mode", "_rdb_prepared"),
+                    __slots__=("_rdb_may_write", "_rdb_mode", "_rdb_prepared", "_rdb_read_only"),
                     __init__=__init__,
-                    execute=execute,
                 )
         else:
 
@@ -787,6 +860,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
             # holding an xid, so such a COMMIT stays correct.
             namespace.update(
                 commit=commit,
+                _rdb_read_mode=_psycopg_read_mode,
                 _rdb_may_write=False,
                 _rdb_mode=None,
                 _rdb_prepared=None,
@@ -878,13 +952,19 @@ async def _failed_before_commit(
             log_session.debug("ROLLBACK after a failed marker failed", exc_info=True)
 
 
-def _transaction_end(query: str) -> str | None:
-    """ "COMMIT" or "ROLLBACK" for asyncpg's own transaction-ending statements, else None."""
+#: asyncpg's longest BEGIN: ``BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY DEFERRABLE;``
+_LONGEST_BEGIN: Final = 64
+
+
+def _transaction_command(query: str) -> str | None:
+    """ "BEGIN", "COMMIT" or "ROLLBACK" for asyncpg's own transaction statements, else None."""
     word = query.strip().rstrip(";").strip().upper()
     if word in ("COMMIT", "END"):
         return "COMMIT"
     if word in ("ROLLBACK", "ABORT"):
         return "ROLLBACK"
+    if word.startswith("BEGIN"):
+        return "BEGIN"
     return None
 
 

@@ -25,7 +25,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from ._classify import Classifier
-from ._commit import CLAIM_SQL, MARKERS, XID_STATUS_SQL, CommitRequest, CommitTicket
+from ._commit import CLAIM_SQL, MARKERS, READ_WRITE_SQL, XID_STATUS_SQL, CommitRequest, CommitTicket
 from ._config import Config
 from ._errors import TransactionStateError
 from ._observability import log_session
@@ -323,6 +323,7 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                     conn.execution_options(isolation_level="READ COMMITTED")
                     with conn.begin():
                         if ticket.mode == MARKERS:
+                            conn.execute(READ_WRITE_SQL)
                             result = conn.execute(CLAIM_SQL, {"marker": ticket.marker})
                             verdict = interpret_claim(result.scalar())
                         else:

@@ -91,6 +91,7 @@ def claim(engine: sa.Engine, marker: uuid.UUID | str, *, wait_ms: int | None = N
         "SELECT t.a FROM t JOIN u ON t.id = u.t_id ORDER BY t.a DESC LIMIT $1::INTEGER",
         "  (SELECT lower(t.name) FROM t) UNION (SELECT upper(u.name) FROM u)",
         "SELECT t.a FROM t FOR UPDATE",
+        "SHOW transaction_read_only",
     ],
 )
 def test_plain_selects_are_proven_read_only(statement: str) -> None:
@@ -122,8 +123,29 @@ def test_anything_else_may_write(statement: str) -> None:
     "statement", ["DISCARD ALL", "deallocate all", f"DEALLOCATE {PREPARED}", "  Discard plans"]
 )
 def test_discard_and_deallocate_may_drop_the_prepared_marker(statement: str) -> None:
-    assert _commit.verdict_of(statement) == _commit.FORGETS_PREPARED
+    assert _commit.verdict_of(statement) == _commit.STOPS_PREPARED
     assert may_write(statement)
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "SET TRANSACTION READ ONLY",
+        "set transaction isolation level serializable, read  only, deferrable",
+        "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+        "SET default_transaction_read_only = on",
+        "SET LOCAL transaction_read_only TO off",
+        "SELECT set_config('transaction_read_only', 'on', true)",
+        "SET TRANSACTION READ WRITE",
+        "START TRANSACTION READ ONLY",
+    ],
+)
+def test_statements_that_may_make_transactions_read_only_stop_the_prepared_marker(
+    statement: str,
+) -> None:
+    """In a read-only transaction the server refuses the prepared INSERT before looking at its
+    condition: after such a statement the connection's COMMITs call the function."""
+    assert _commit.verdict_of(statement) == _commit.STOPS_PREPARED
 
 
 def test_uuid7_is_version_7_time_ordered_and_unique() -> None:
@@ -306,9 +328,11 @@ def _round_trips(trace: str) -> list[str]:
     return sent
 
 
-def _traced(engine: sa.Engine, fn: Any) -> list[str]:
-    """Run ``fn()`` with libpq tracing every connection of ``engine`` (one pooled connection)."""
-    engine.dispose()
+def _traced(engine: sa.Engine, fn: Any, *, fresh: bool = True) -> list[str]:
+    """Run ``fn()`` with libpq tracing every connection of ``engine`` (one pooled connection:
+    a new one, unless not ``fresh``)."""
+    if fresh:
+        engine.dispose()
     path = Path(tempfile.mkstemp(prefix="rdb-trace-")[1])
     handle = path.open("w")
     try:
@@ -422,6 +446,136 @@ def test_without_markers_a_writing_unit_pays_one_round_trip_for_its_xid(
     warnings = [r for r in caplog.records if "Commit markers are not installed" in r.getMessage()]
     assert len(warnings) == 1  # once per engine
     assert warnings[0].getMessage().startswith("[SELF-HEAL] ")
+
+
+# -- read-only transactions ---------------------------------------------------------------------
+# A read the client can't prove read-only (a CTE): its unit may have written, for the client.
+CTE_READ = sa.text("WITH c AS (SELECT value FROM marker_counters) SELECT value FROM c")
+SCRATCH = "CREATE TEMP TABLE IF NOT EXISTS marker_scratch (v int)"
+READ_ONLY_BY_DEFAULT = "-c default_transaction_read_only=on"
+
+
+def _read_write(session: Session) -> None:
+    """Begin the session's transaction as READ WRITE (psycopg sends BEGIN READ WRITE)."""
+    session.connection(execution_options={"postgresql_readonly": False})
+
+
+@pytest.mark.parametrize("how", ["by default", "by the driver", "by a statement"])
+def test_a_read_only_transaction_that_may_have_written_commits_through_the_function(
+    how: str, pg_url: str, engine: sa.Engine, service: str
+) -> None:
+    """The prepared INSERT would be refused in a read-only transaction (25006: the unit failed,
+    its outcome "unknown"), even when the transaction holds no xid. A temporary table may be
+    written there, which takes an xid: the function leaves no marker for it either."""
+    options = {"options": READ_ONLY_BY_DEFAULT} if how == "by default" else {}
+    eng = sa.create_engine(pg_url, pool_size=1, max_overflow=0, connect_args=options)
+    Sessions = rdb.ResilientSession(eng, service=service)
+
+    def read_only_unit(session: Session) -> int:
+        if how == "by the driver":
+            session.connection(execution_options={"postgresql_readonly": True})
+        elif how == "by a statement":
+            session.execute(sa.text("SET TRANSACTION READ ONLY"))
+        session.execute(sa.text("INSERT INTO marker_scratch VALUES (1)"))
+        assert session.execute(sa.text("SHOW transaction_read_only")).scalar() == "on"
+        return int(session.execute(CTE_READ).scalar_one())
+
+    def bump(session: Session) -> int:
+        _read_write(session)
+        return _bump(session)
+
+    try:
+        pooled = eng.raw_connection()  # the pool's only connection: its temporary table
+        try:
+            driver: Any = pooled.driver_connection
+            driver.read_only = False
+            driver.execute(SCRATCH)
+            driver.commit()
+            driver.read_only = None
+        finally:
+            pooled.close()
+        trips = _traced(eng, lambda: Sessions.run(read_only_unit), fresh=False)
+        assert trips[-1].startswith(FUNCTION_FORM), trips
+        assert markers(engine) == []
+        assert Sessions.run(bump) == 1  # the same connection marks a writing unit
+    finally:
+        eng.dispose()
+    assert len(markers(engine)) == 1
+
+
+def test_a_lost_answer_is_settled_where_transactions_are_read_only_by_default(
+    fault_proxy: FaultProxy, pg_database: str, engine: sa.Engine, service: str
+) -> None:
+    """The claim's fence is a write: it begins READ WRITE, as the unit it settles did."""
+    eng = sa.create_engine(
+        fault_proxy.url(pg_database), connect_args={"options": READ_ONLY_BY_DEFAULT}
+    )
+    Sessions = rdb.ResilientSession(eng, service=service)
+    calls = []
+
+    def bump(session: Session) -> int:
+        calls.append(1)
+        _read_write(session)
+        return _bump(session)
+
+    try:
+        assert Sessions.run(bump) == 1
+        fault_proxy.lose_commit_answer()
+        assert Sessions.run(bump) == 2  # committed before the answer was lost: done
+        assert fault_proxy.commits_lost == 1
+        assert len(calls) == 2  # not replayed
+    finally:
+        eng.dispose()
+    assert [fence for _, fence in markers(engine)] == [False, False]
+
+
+@pytest.mark.asyncio
+async def test_asyncpg_read_only_transactions_commit_through_the_function(
+    pg_async_url: str, engine: sa.Engine, service: str
+) -> None:
+    """The asyncpg twin: read-only by default (``server_settings``), and by the driver
+    (``postgresql_readonly``: asyncpg begins READ ONLY). asyncpg can't begin READ WRITE: a
+    writing unit says SET TRANSACTION READ WRITE, which moves its connection to the function."""
+    by_default = create_async_engine(
+        pg_async_url,
+        pool_size=1,
+        max_overflow=0,
+        connect_args={"server_settings": {"default_transaction_read_only": "on"}},
+    )
+    eng = create_async_engine(pg_async_url, pool_size=1, max_overflow=0)
+
+    async def prepared_runs(e: AsyncEngine) -> int | None:
+        async with e.connect() as conn:
+            return await conn.run_sync(_prepared_runs)
+
+    async def read_only_unit(session: AsyncSession) -> int:
+        assert (await session.execute(sa.text("SHOW transaction_read_only"))).scalar() == "on"
+        return int((await session.execute(CTE_READ)).scalar_one())
+
+    async def by_the_driver(session: AsyncSession) -> int:
+        await session.connection(execution_options={"postgresql_readonly": True})
+        return await read_only_unit(session)
+
+    async def bump(session: AsyncSession) -> int:
+        await session.execute(sa.text("SET TRANSACTION READ WRITE"))
+        return await _abump(session)
+
+    try:
+        ByDefault = rdb.AsyncResilientSession(by_default, service=service)
+        Sessions = rdb.AsyncResilientSession(eng, service=f"{service}-rw")
+        assert await ByDefault.run(read_only_unit) == 0
+        assert await Sessions.run(by_the_driver) == 0
+        assert await prepared_runs(by_default) == 0  # prepared at connect, not run
+        assert await prepared_runs(eng) == 0
+        assert markers(engine) == []
+        assert await Sessions.run(_abump) == 1  # read-write again: through the statement
+        assert await prepared_runs(eng) == 1
+        assert await ByDefault.run(bump) == 2
+        assert await prepared_runs(by_default) == 0  # through the function
+    finally:
+        await by_default.dispose()
+        await eng.dispose()
+    assert len(markers(engine)) == 2
 
 
 # -- the prepared marker statement ----------------------------------------------------------------

@@ -533,6 +533,49 @@ def test_a_write_on_a_standby_invalidates_the_pool(pg_standby: StandbyPair, driv
     assert not before & after, "pooled connections made before the 25006 were reused"
 
 
+def test_units_on_a_hot_standby_commit_plainly(pg_standby: StandbyPair) -> None:
+    """A read replica: a hot standby takes no writes, so a unit there has nothing to verify and
+    commits plainly, even one whose statements the client can't prove read-only (a function
+    call in a CTE). The prepared marker's INSERT would be refused there (25006), failing every
+    such unit. Both drivers; the server tells them it is a standby (``in_hot_standby``)."""
+    pair = pg_standby
+    prepare(pair)
+    pair.execute(
+        "CREATE FUNCTION ledger_size() RETURNS bigint LANGUAGE sql STABLE "
+        "AS 'SELECT count(*) FROM ledger'",
+        database=DATABASE,
+    )
+    pair.wait_replayed()
+    read = sa.text("WITH n AS (SELECT ledger_size() AS n) SELECT n FROM n")
+    config = rdb.Config(retry=False, circuit_breaker=False)
+
+    engine = sa.create_engine(pair.standby.url(DATABASE))
+    Sessions = rdb.ResilientSession(engine, service="standby-reads", config=config)
+    try:
+        assert Sessions.run(lambda s: s.execute(read).scalar_one()) == 0
+    finally:
+        engine.dispose()
+
+    async def async_reads() -> int:
+        async_engine = create_async_engine(pair.standby.url(DATABASE, driver="asyncpg"))
+        AsyncSessions = rdb.AsyncResilientSession(
+            async_engine, service="standby-reads-async", config=config
+        )
+        try:
+
+            async def unit(session: AsyncSession) -> int:
+                return int((await session.execute(read)).scalar_one())
+
+            return await AsyncSessions.run(unit)
+        finally:
+            await async_engine.dispose()
+
+    assert asyncio.run(async_reads()) == 0
+    assert pair.execute("SELECT count(*) FROM resilient_db.commit_markers", database=DATABASE) == [
+        (0,)
+    ]
+
+
 # -- writers through a failover --------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize(("driver", "mode"), CASES)

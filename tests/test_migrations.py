@@ -19,7 +19,7 @@ import resilient_db as rdb
 from resilient_db.demo import alembic_config, apply_migrations, downgrade_migrations
 from resilient_db.examples.tasks import Base, Task
 
-HEAD = "0003_transition_bypass_role"
+HEAD = "0004_commit_markers_read_only"
 
 
 @pytest.fixture
@@ -142,6 +142,30 @@ def test_upgrading_replaces_an_earlier_releases_trigger_and_creates_the_bypass_r
         assert role.scalar() is True
 
 
+def test_upgrading_replaces_an_earlier_releases_mark_commit(pg_url: str, engine: sa.Engine) -> None:
+    """A database migrated to 0003 by an earlier release has version 1 of mark_commit, which
+    tries its INSERT in a read-only transaction: 0004 installs the current one."""
+    apply_migrations(pg_url, revision="0003_transition_bypass_role")
+    body = sa.text(
+        "SELECT prosrc FROM pg_proc WHERE oid = 'resilient_db.mark_commit(uuid)'::regprocedure"
+    )
+    with engine.begin() as conn:
+        source = conn.execute(body).scalar_one()
+        conn.execute(
+            sa.text(
+                "CREATE OR REPLACE FUNCTION resilient_db.mark_commit(marker uuid) RETURNS void "
+                "LANGUAGE plpgsql AS $$ BEGIN IF pg_catalog.pg_current_xact_id_if_assigned() "
+                "IS NOT NULL THEN INSERT INTO resilient_db.commit_markers (id) "
+                "VALUES (marker); END IF; END $$"
+            )
+        )
+    apply_migrations(pg_url)
+    assert version(engine) == HEAD
+    with engine.connect() as conn:
+        assert conn.execute(body).scalar_one() == source
+    assert "transaction_read_only" in source
+
+
 def test_trigger_drift_notices_a_dropped_trigger_after_migration(
     pg_url: str, engine: sa.Engine
 ) -> None:
@@ -182,6 +206,10 @@ def test_alembic_command_line_with_the_url_option(pg_url: str, engine: sa.Engine
     assert "Running upgrade  -> 0001_tasks" in done.stderr
     assert "Running upgrade 0001_tasks -> 0002_commit_markers" in done.stderr
     assert "Running upgrade 0002_commit_markers -> 0003_transition_bypass_role" in done.stderr
+    assert (
+        "Running upgrade 0003_transition_bypass_role -> 0004_commit_markers_read_only"
+        in done.stderr
+    )
     assert version(engine) == HEAD
 
 

@@ -1,0 +1,33 @@
+"""commit markers, version 2: mark_commit leaves read-only transactions alone
+
+Revision ID: 0004_commit_markers_read_only
+Revises: 0003_transition_bypass_role
+Create Date: 2026-11-30
+
+Installs the commit markers again (idempotent): a database migrated by an earlier release has a
+``resilient_db.mark_commit`` that tries its INSERT in a read-only transaction holding an xid (one
+that wrote only temporary tables), where the server refuses it and the unit fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from alembic import op
+
+import resilient_db as rdb
+
+revision: str = "0004_commit_markers_read_only"
+down_revision: str | None = "0003_transition_bypass_role"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    rdb.install_commit_markers(op)
+
+
+def downgrade() -> None:
+    # Nothing: version 1 of the function differs only in failing those transactions, and
+    # 0002's downgrade removes the markers.
+    pass
