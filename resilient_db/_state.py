@@ -43,8 +43,9 @@ class State:
         )
         #: ... and by the sync session of an AsyncSession
         self.factory_by_session: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
-        #: sessions running a unit of work right now
-        self.unit_sessions: weakref.WeakSet[Any] = weakref.WeakSet()
+        #: sessions running a unit of work right now (a plain set: a unit always takes its
+        #: session out when it ends, and a set's add and discard cost no Python frame)
+        self.unit_sessions: set[Any] = set()
         #: the self-healing hooks (a tuple: read without the lock on every action)
         self.hooks: tuple[Callable[[Any], None], ...] = ()
         #: the transition guard's counters (stable names, for ``health()`` and metrics)
