@@ -70,6 +70,11 @@ def mark_replay_safe(exc: BaseException) -> None:
     setattr(exc, _REPLAY_SAFE, True)
 
 
+def marked_replay_safe(exc: BaseException) -> bool:
+    """Whether :func:`mark_replay_safe` marked ``exc`` (the driver's error itself)."""
+    return bool(getattr(exc, _REPLAY_SAFE, False))
+
+
 def _chain(exc: BaseException) -> Iterator[BaseException]:
     """``exc``, the DBAPI error SQLAlchemy wrapped, and their causes (bounded)."""
     seen = 0

@@ -75,7 +75,9 @@ RETENTION: Final = 900.0  # seconds a marker is kept
 CLAIM_HORIZON: Final = 600.0  # a claim judges markers younger than this (margin for clock steps)
 PRUNE_INTERVAL: Final = 10.0  # seconds between prunes, per engine
 PRUNE_BATCH: Final = 5000
-MARKERS_VERSION: Final = 2  # 2: mark_commit leaves read-only transactions alone
+#: 2: mark_commit leaves read-only transactions alone, and runs as its owner for any role a
+#: unit switched to (checking the login role's right to write markers itself)
+MARKERS_VERSION: Final = 2
 #: the marker insert as prepared on each connection (``PREPARE``): the function call it stands
 #: in for costs the server parsing, planning and a PL/pgSQL call at every writing COMMIT
 PREPARED_MARK: Final = "resilient_db_mark_commit"
@@ -111,18 +113,29 @@ def _install_statements() -> list[str]:
         # key is ordered by time and pruning is a range scan); fence: written by a claim.
         f"CREATE TABLE IF NOT EXISTS {s}.commit_markers ("
         " id uuid PRIMARY KEY, fence boolean NOT NULL DEFAULT false)",
+        # SECURITY DEFINER: a unit may have switched to a role of its own (SET LOCAL ROLE, as
+        # row-level-security setups do) that has no rights on the markers; the role that
+        # logged in (session_user, which SET ROLE leaves alone) must have them, as for the
+        # prepared INSERT, so this lends nobody a right they had not.
         f"""CREATE OR REPLACE FUNCTION {s}.mark_commit(marker uuid) RETURNS void
-LANGUAGE plpgsql AS $rdb$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $rdb$
 BEGIN
     -- only a transaction that wrote has an xid: read-only ones leave nothing behind. A
     -- transaction declared read-only can hold one only from writing temporary tables, which
     -- don't outlive its session: nothing to prove there, and its INSERT would be refused.
     IF pg_catalog.pg_current_xact_id_if_assigned() IS NOT NULL
        AND NOT pg_catalog.current_setting('transaction_read_only')::boolean THEN
+        IF NOT pg_catalog.has_table_privilege(session_user, '{s}.commit_markers', 'INSERT') THEN
+            RAISE EXCEPTION 'role % may not write commit markers', session_user
+                USING ERRCODE = '42501';
+        END IF;
         INSERT INTO {s}.commit_markers (id) VALUES (marker);
     END IF;
 END
 $rdb$""",
+        # any role a unit switches to reaches the function (it checks the login role itself)
+        f"GRANT USAGE ON SCHEMA {s} TO PUBLIC",
+        f"GRANT EXECUTE ON FUNCTION {s}.mark_commit(uuid) TO PUBLIC",
         # the first version took no wait (a fixed lock_timeout): replaced, not overloaded
         f"DROP FUNCTION IF EXISTS {s}.claim_commit(uuid)",
         f"""CREATE OR REPLACE FUNCTION {s}.claim_commit(marker uuid, wait_ms integer)
@@ -171,6 +184,8 @@ $rdb$""",
 def _uninstall_statements() -> list[str]:
     s = SCHEMA
     return [
+        f"DO $rdb$ BEGIN IF pg_catalog.to_regnamespace('{s}') IS NOT NULL THEN "
+        f"REVOKE USAGE ON SCHEMA {s} FROM PUBLIC; END IF; END $rdb$",
         f"DROP FUNCTION IF EXISTS {s}.mark_commit(uuid)",
         f"DROP FUNCTION IF EXISTS {s}.claim_commit(uuid, integer)",
         f"DROP FUNCTION IF EXISTS {s}.claim_commit(uuid)",
@@ -204,6 +219,10 @@ def uninstall_commit_markers(bind_or_op: Any) -> None:
     _run_statements(bind_or_op, _uninstall_statements())
 
 
+# Whether the markers are usable by the role this connection is (the claim's fence and the
+# prepared INSERT run with its rights): installed, and the role may call the functions and read
+# and write the table. A role that may not (a grant forgotten, a role set at connect) uses the
+# fallback, which the warning of a missing install names, rather than failing every COMMIT.
 _CHECK_SQL = f"""SELECT COALESCE((
     SELECT pg_catalog.has_function_privilege(p.oid, 'EXECUTE')
        AND pg_catalog.has_schema_privilege(n.oid, 'USAGE')
@@ -212,7 +231,12 @@ _CHECK_SQL = f"""SELECT COALESCE((
   AND COALESCE((
     SELECT pg_catalog.has_function_privilege(p.oid, 'EXECUTE')
     FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
-    WHERE n.nspname = '{SCHEMA}' AND p.proname = 'mark_commit'), false)"""
+    WHERE n.nspname = '{SCHEMA}' AND p.proname = 'mark_commit'), false)
+  AND COALESCE((
+    SELECT pg_catalog.has_table_privilege(c.oid, 'INSERT')
+       AND pg_catalog.has_table_privilege(c.oid, 'SELECT')
+    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = '{SCHEMA}' AND c.relname = 'commit_markers'), false)"""
 
 # The fallback's evidence: the xid, and what changes when the server restarts or recovers from
 # a crash (a new postmaster, or the end-of-recovery checkpoint of a reinitialised one).
@@ -365,16 +389,22 @@ _SAFE_CALLS: Final = frozenset(
 _CALL = re.compile(r"([A-Za-z_][\w$]*)\s*\(")
 _QUALIFIED_CALL = re.compile(r"\.\s*\"?[A-Za-z_][\w$]*\"?\s*\(|\"\s*\(")
 _INTO = re.compile(r"\bINTO\b", re.IGNORECASE)
-# A statement that may change whether transactions are read-only (SET TRANSACTION READ ONLY,
-# SET SESSION CHARACTERISTICS ..., SET default_transaction_read_only, BEGIN READ WRITE, ...).
-_READ_MODE = re.compile(r"\bREAD\s+(?:ONLY|WRITE)\b|transaction_read_only", re.IGNORECASE)
+# A statement that may make transactions read-only (SET TRANSACTION READ ONLY, SET SESSION
+# CHARACTERISTICS ..., SET default_transaction_read_only, BEGIN READ WRITE, ...) or switch the
+# role in effect (SET [LOCAL] ROLE, SET SESSION AUTHORIZATION, RESET ROLE, set_config('role')),
+# which may have no right to write markers.
+_SESSION_STATE = re.compile(
+    r"^\s*(?:SET|RESET|BEGIN|START)\b.*?"
+    r"(?:\bREAD\s+(?:ONLY|WRITE)\b|transaction_read_only|\bROLE\b|\bAUTHORIZATION\b)"
+    r"|set_config\s*\(\s*'(?:role|(?:default_)?transaction_read_only)'",
+    re.IGNORECASE | re.DOTALL,
+)
 # Verdicts, cached per statement: a truthy one means "may write". STOPS_PREPARED: after it, the
 # connection's COMMITs call the marker function instead of the prepared statement: DISCARD or
-# DEALLOCATE may have dropped the statement, and in a read-only transaction its INSERT can't
-# even start (the server refuses it before its condition is looked at), where the function
-# decides on the server. Rare statements: that connection stays on the function (a statement
-# that only mentions the setting, ``SELECT current_setting('transaction_read_only')``, costs
-# its connection that much and no more).
+# DEALLOCATE may have dropped the statement; in a read-only transaction its INSERT can't even
+# start (the server refuses it before its condition is looked at) and a role switched to may
+# not write markers, where the function decides on the server (and runs as its owner). These
+# are statements of session state: that connection stays on the function.
 READ_ONLY: Final = 0
 MAY_WRITE: Final = 1
 STOPS_PREPARED: Final = 2
@@ -404,7 +434,7 @@ def _judge(statement: str) -> int:
     if head[:5] == "SHOW ":
         return READ_ONLY
     verdict = _judge_write(head, statement)
-    if verdict == MAY_WRITE and _READ_MODE.search(statement):
+    if verdict == MAY_WRITE and _SESSION_STATE.search(statement):
         return STOPS_PREPARED
     return verdict
 
@@ -444,7 +474,7 @@ class CommitProtocol:
         self._warned = False
         self._last_prune = time.monotonic()
         self._prune_lock = threading.Lock()
-        self.prepared_marker = PreparedMarker(self._warn_prepared_lost)
+        self.prepared_marker = PreparedMarker(self._warn_prepared_lost, self._note_refused)
         event.listen(engine, "connect", self._on_connect)
         for name, listener in statement_listeners(self.is_asyncpg, guard).items():
             event.listen(engine, name, listener)
@@ -539,6 +569,27 @@ class CommitProtocol:
             event="commit_marker_statement_lost",
         )
 
+    def _note_refused(self, sqlstate: str) -> None:
+        what = (
+            "the role in effect may not write markers (a role the unit switched to)"
+            if sqlstate == "42501"
+            else "the transaction was read-only"
+        )
+        emit(
+            self._settings.config,
+            log_session,
+            logging.INFO,
+            "The prepared commit-marker statement was refused on a connection of database %s "
+            "(SQLSTATE %s: %s): that COMMIT did not run and the unit is replayed; the "
+            "connection's COMMITs call resilient_db.mark_commit() from now on",
+            self.engine.url.database,
+            sqlstate,
+            what,
+            service=self._settings.service,
+            event="commit_marker_statement_refused",
+            sqlstate=sqlstate,
+        )
+
     def _set_up_markers(
         self, dbapi_connection: Any, driver: Any, prepare: bool
     ) -> tuple[bool, bool]:
@@ -604,27 +655,50 @@ class PreparedMarker:
     alone stops using the statement, and nothing fails.
     """
 
-    __slots__ = ("_on_lost", "usable")
+    __slots__ = ("_on_lost", "_on_refused", "usable")
 
-    def __init__(self, on_lost: Callable[[], None]) -> None:
+    def __init__(
+        self, on_lost: Callable[[], None], on_refused: Callable[[str], None] | None = None
+    ) -> None:
         self.usable = True
         self._on_lost = on_lost
+        self._on_refused = on_refused
 
     def lost(self) -> None:
         if self.usable:
             self.usable = False
             self._on_lost()
 
+    def refused(self, sqlstate: str) -> None:
+        """The server refused the statement on one connection (see ``_REFUSED_MARKER``)."""
+        if self._on_refused is not None:
+            self._on_refused(sqlstate)
 
-def _marker_statement_missing(driver: Any, message: str, exc: BaseException) -> None:
-    """A marked COMMIT failed with SQLSTATE 26000. When the prepared marker statement was what
-    the server missed, the COMMIT after it never ran: say so on the error (a replay is safe)
-    and stop using the statement."""
+
+#: Errors of the prepared marker statement that its function form does not meet: the role in
+#: effect may not write markers (42501: a role the unit switched to past the statement
+#: listener), or the transaction is read-only (25006: made so past it).
+_REFUSED_MARKER: Final = frozenset({"42501", "25006"})
+
+
+def _marker_statement_failed(driver: Any, message: str, exc: BaseException) -> None:
+    """The first statement of a marked COMMIT message failed, so the COMMIT after it never ran
+    (the transaction is still open, failed). When that was the prepared marker statement and
+    the function form won't fail the same way, say so on the error (a replay is safe) and stop
+    using the statement: on the whole engine when it is gone (26000), else on this connection.
+    Any other error is the unit's to report (a replay would meet it again)."""
     prepared = driver._rdb_prepared
     if prepared is None or not message.startswith("EXECUTE "):
         return
-    driver._rdb_prepared = None
-    prepared.lost()
+    code = getattr(exc, "sqlstate", None)  # psycopg's and asyncpg's errors both carry it
+    if code == "26000":
+        driver._rdb_prepared = None
+        prepared.lost()
+    elif code in _REFUSED_MARKER:
+        driver._rdb_prepared = None
+        prepared.refused(str(code))
+    else:
+        return
     mark_replay_safe(exc)
 
 
@@ -848,8 +922,9 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                 # one simple-query message (no parameters); the connection is then idle
                 try:
                     _psycopg_simple_query(self, message.encode())
-                except psycopg.errors.InvalidSqlStatementName as exc:
-                    _marker_statement_missing(self, message, exc)
+                except psycopg.Error as exc:
+                    if self.pgconn.transaction_status == _INERROR:  # the COMMIT never ran
+                        _marker_statement_failed(self, message, exc)
                     raise
                 return None
 
@@ -899,6 +974,7 @@ def _adopt_asyncpg(driver: Any) -> None:
 
 
 _INTRANS: Final = int(psycopg.pq.TransactionStatus.INTRANS)
+_INERROR: Final = int(psycopg.pq.TransactionStatus.INERROR)
 _FATAL_ERROR: Final = int(psycopg.pq.ExecStatus.FATAL_ERROR)
 
 
@@ -943,9 +1019,8 @@ async def _failed_before_commit(
     marker statement failed, the COMMIT after it never ran and the transaction is still open,
     failed: end it, as a failed COMMIT ends it (SQLAlchemy's asyncpg adapter has already let go
     of its transaction object, so nothing else would, and the next ``BEGIN`` would be refused)."""
-    if isinstance(exc, asyncpg.InvalidSQLStatementNameError):
-        _marker_statement_missing(connection, message, exc)
     if connection.is_in_transaction():
+        _marker_statement_failed(connection, message, exc)
         try:
             await base.execute(connection, "ROLLBACK;")
         except Exception:  # the connection broke: SQLAlchemy invalidates it for the error

@@ -21,7 +21,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from ._classify import Classifier, Outcome
+from ._classify import Classifier, Outcome, marked_replay_safe
 from ._commit import (
     MARKERS,
     CommitProtocol,
@@ -377,6 +377,8 @@ class EngineHooks:
         if not self.config.enabled:
             return None
         original = ctx.original_exception
+        if marked_replay_safe(original):
+            return None  # the commit protocol's own statement failed: the connection is sound
         code = getattr(original, "sqlstate", None)
         if code is not None and self.classifier.is_disconnect_code(code) and not ctx.is_disconnect:
             # e.g. 57P01 after pg_terminate_backend, 25006 on a demoted primary: the connection

@@ -206,13 +206,47 @@ def test_install_is_idempotent_and_uninstall_removes_everything(engine: sa.Engin
             .all()
         )
     assert signatures == ["resilient_db.claim_commit(uuid,integer)"]
+    public_usage = sa.text("SELECT has_schema_privilege('public', 'resilient_db', 'USAGE')")
+    with engine.connect() as conn:
+        assert conn.execute(public_usage).scalar() is True
     rdb.uninstall_commit_markers(engine)
+    rdb.uninstall_commit_markers(engine)  # idempotent too
     with engine.connect() as conn:
         assert (
             conn.execute(sa.text("SELECT to_regclass('resilient_db.commit_markers')")).scalar()
             is None
         )
+        assert conn.execute(public_usage).scalar() is False
     rdb.install_commit_markers(engine)
+    assert markers(engine) == []
+
+
+def test_mark_commit_refuses_a_login_role_that_may_not_write_markers(engine: sa.Engine) -> None:
+    """The function runs as its owner, so that a role a unit switched to can call it; it lends
+    no right: the role that logged in (``session_user``) must be allowed to write markers."""
+    outsider = f"rdb_outsider_{uuid.uuid4().hex[:8]}"
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE ROLE {outsider} NOLOGIN"))
+        conn.execute(sa.text(f"GRANT SELECT, UPDATE ON marker_counters TO {outsider}"))
+    mark = sa.text("SELECT resilient_db.mark_commit(:m)")
+    insert = sa.text("INSERT INTO resilient_db.commit_markers (id) VALUES (:m)")
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"SET SESSION AUTHORIZATION {outsider}"))
+            conn.execute(sa.text("UPDATE marker_counters SET value = value + 1"))
+            with pytest.raises(sa.exc.ProgrammingError, match="may not write commit markers"):
+                conn.execute(mark, {"m": uuid7()})
+            conn.rollback()
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"SET SESSION AUTHORIZATION {outsider}"))
+            with pytest.raises(sa.exc.ProgrammingError, match="permission denied"):
+                conn.execute(insert, {"m": uuid7()})
+            conn.rollback()
+    finally:
+        engine.dispose()  # no pooled connection keeps the session authorization
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"DROP OWNED BY {outsider}"))
+            conn.execute(sa.text(f"DROP ROLE {outsider}"))
     assert markers(engine) == []
 
 
@@ -529,6 +563,28 @@ def test_a_lost_answer_is_settled_where_transactions_are_read_only_by_default(
     assert [fence for _, fence in markers(engine)] == [False, False]
 
 
+def test_a_transaction_made_read_only_past_sqlalchemy_replays_once_on_the_same_connection(
+    one_connection: sa.Engine, engine: sa.Engine, service: str
+) -> None:
+    """The server refuses the prepared INSERT (25006, which otherwise means a demoted primary):
+    the COMMIT after it never ran, so the unit is replayed once, and the pool is not invalidated
+    for it; the connection calls the function from then on."""
+    Sessions = rdb.ResilientSession(one_connection, service=service)
+    pids = []
+
+    def read_only_unit(session: Session) -> int:
+        raw: Any = session.connection().connection.driver_connection
+        raw.execute("SET TRANSACTION READ ONLY")  # psycopg begins the transaction with it
+        pids.append(_pid(session))
+        return int(session.execute(CTE_READ).scalar_one())
+
+    assert Sessions.run(read_only_unit) == 0
+    assert Sessions.run(read_only_unit) == 0
+    assert len(pids) == 3
+    assert len(set(pids)) == 1
+    assert markers(engine) == []
+
+
 @pytest.mark.asyncio
 async def test_asyncpg_read_only_transactions_commit_through_the_function(
     pg_async_url: str, engine: sa.Engine, service: str
@@ -576,6 +632,129 @@ async def test_asyncpg_read_only_transactions_commit_through_the_function(
         await by_default.dispose()
         await eng.dispose()
     assert len(markers(engine)) == 2
+
+
+# -- units that switch roles (row-level security setups do) ------------------------------------
+@pytest.fixture
+def tenant(engine: sa.Engine) -> Iterator[str]:
+    """A role with rights on the counters and none on the markers."""
+    name = f"rdb_tenant_{uuid.uuid4().hex[:8]}"
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE ROLE {name} NOLOGIN"))
+        conn.execute(sa.text(f"GRANT SELECT, UPDATE ON marker_counters TO {name}"))
+    yield name
+    engine.dispose()
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"DROP OWNED BY {name}"))
+        conn.execute(sa.text(f"DROP ROLE {name}"))
+
+
+def test_a_role_that_may_not_write_markers_uses_the_fallback(
+    pg_url: str, engine: sa.Engine, tenant: str, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Connections made as a role without rights on the markers (here set at connect) use the
+    fallback, with the warning of a missing install, rather than fail every writing COMMIT."""
+    eng = sa.create_engine(pg_url, connect_args={"options": f"-c role={tenant}"})
+    Sessions = rdb.ResilientSession(eng, service=service)
+    try:
+        with caplog.at_level("WARNING", logger="resilient_db"):
+            trips = _traced(eng, lambda: Sessions.run(_bump))
+        assert "pg_current_xact_id_if_assigned" in trips[-2]
+        assert trips[-1] == '"COMMIT"'
+    finally:
+        eng.dispose()
+    assert any("Commit markers are not installed" in r.getMessage() for r in caplog.records)
+    assert markers(engine) == []
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(Counter.value)).scalar() == 1
+
+
+def _pid(session: Session) -> int:
+    return int(session.execute(sa.text("SELECT pg_backend_pid()")).scalar_one())
+
+
+def test_a_unit_that_switches_roles_commits_through_the_function(
+    one_connection: sa.Engine, engine: sa.Engine, tenant: str, service: str
+) -> None:
+    """``SET LOCAL ROLE`` seen by the statement listener: the COMMIT calls the function, which
+    runs as its owner; one attempt, one marker."""
+    Sessions = rdb.ResilientSession(one_connection, service=service)
+    attempts = []
+
+    def as_tenant(session: Session) -> int:
+        attempts.append(1)
+        session.execute(sa.text(f"SET LOCAL ROLE {tenant}"))
+        return _bump(session)
+
+    trips = _traced(one_connection, lambda: Sessions.run(as_tenant))
+    assert trips[-1].startswith(FUNCTION_FORM)
+    assert len(attempts) == 1
+    assert len(markers(engine)) == 1
+
+
+def test_a_role_switched_past_sqlalchemy_replays_the_unit_once_through_the_function(
+    one_connection: sa.Engine,
+    engine: sa.Engine,
+    tenant: str,
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A role switched where the listener can't see it: the server refuses the prepared INSERT
+    (42501) before the COMMIT in the same message, so the unit is replayed once, on the same
+    connection (nothing is invalidated), which calls the function from then on."""
+    Sessions = rdb.ResilientSession(one_connection, service=service)
+    pids = []
+
+    def as_tenant(session: Session) -> int:
+        pids.append(_pid(session))
+        raw: Any = session.connection().connection.driver_connection
+        raw.execute(f"SET LOCAL ROLE {tenant}")
+        return _bump(session)
+
+    with caplog.at_level("INFO", logger="resilient_db"):
+        assert Sessions.run(as_tenant) == 1
+        assert Sessions.run(as_tenant) == 2
+    assert len(pids) == 3
+    assert len(set(pids)) == 1  # one connection throughout
+    assert len(markers(engine)) == 2
+    refused = [r for r in caplog.records if "marker statement was refused" in r.getMessage()]
+    assert len(refused) == 1
+    assert "SQLSTATE 42501" in refused[0].getMessage()
+
+
+@pytest.mark.asyncio
+async def test_asyncpg_units_that_switch_roles_commit_through_the_function(
+    pg_async_url: str, engine: sa.Engine, tenant: str, service: str
+) -> None:
+    """The asyncpg twin: seen by the listener (one attempt), then past it on a new connection
+    (one replay)."""
+    eng = create_async_engine(pg_async_url, pool_size=1, max_overflow=0)
+    Sessions = rdb.AsyncResilientSession(eng, service=service)
+    attempts = []
+
+    async def as_tenant(session: AsyncSession) -> int:
+        attempts.append(1)
+        await session.execute(sa.text(f"SET LOCAL ROLE {tenant}"))
+        return await _abump(session)
+
+    async def as_tenant_unseen(session: AsyncSession) -> int:
+        attempts.append(1)
+        await session.execute(sa.text("SELECT 1"))  # SQLAlchemy's adapter begins here
+        raw: Any = (await (await session.connection()).get_raw_connection()).driver_connection
+        await raw.execute(f"SET LOCAL ROLE {tenant}")
+        return await _abump(session)
+
+    try:
+        assert await Sessions.run(as_tenant) == 1
+        assert len(attempts) == 1
+        await eng.dispose()  # a new connection, on the prepared statement again
+        assert await Sessions.run(as_tenant_unseen) == 2
+        assert len(attempts) == 3
+        assert await Sessions.run(as_tenant_unseen) == 3
+        assert len(attempts) == 4
+    finally:
+        await eng.dispose()
+    assert len(markers(engine)) == 3
 
 
 # -- the prepared marker statement ----------------------------------------------------------------

@@ -1,12 +1,16 @@
-"""commit markers, version 2: mark_commit leaves read-only transactions alone
+"""commit markers, version 2: mark_commit leaves read-only transactions alone and serves roles
+a unit switched to
 
 Revision ID: 0004_commit_markers_read_only
 Revises: 0003_transition_bypass_role
 Create Date: 2026-11-30
 
-Installs the commit markers again (idempotent): a database migrated by an earlier release has a
+Installs the commit markers again (idempotent). A database migrated by an earlier release has a
 ``resilient_db.mark_commit`` that tries its INSERT in a read-only transaction holding an xid (one
-that wrote only temporary tables), where the server refuses it and the unit fails.
+that wrote only temporary tables), where the server refuses it, and that runs with the rights of
+the role in effect, so a unit that switched roles (``SET LOCAL ROLE``) failed at COMMIT. The new
+one runs as its owner and checks the login role's right to write markers itself; ``PUBLIC`` gets
+``USAGE`` on the schema and ``EXECUTE`` on it.
 """
 
 from __future__ import annotations
@@ -28,6 +32,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    # Nothing: version 1 of the function differs only in failing those transactions, and
-    # 0002's downgrade removes the markers.
+    # Nothing: version 1 of the function differs only in failing those units, and 0002's
+    # downgrade removes the markers (and the schema grant).
     pass
