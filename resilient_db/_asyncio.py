@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import logging
 import time
 import types
 from collections.abc import Awaitable, Callable, Coroutine
@@ -22,11 +23,20 @@ from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from ._classify import Classifier
-from ._commit import CLAIM_SQL, MARKERS, READ_WRITE_SQL, XID_STATUS_SQL, CommitRequest, CommitTicket
+from ._classify import Classifier, mark_partly_committed
+from ._commit import (
+    CLAIM_SQL,
+    MARKERS,
+    READ_WRITE_SQL,
+    XID_STATUS_SQL,
+    AttemptRecord,
+    CommitRequest,
+    CommitTicket,
+    current_attempt,
+)
 from ._config import Config
 from ._errors import TransactionStateError
-from ._observability import log_session
+from ._observability import emit, log_session
 from ._registry import enter_unit, factory_of, leave_unit, register_class, register_session
 from ._unit import (
     ActiveUnit,
@@ -325,24 +335,35 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         s: AsyncSession = self() if session is None else session
         enter_unit(s.sync_session)
         token = _units.set(ActiveUnit(self, s))  # the outer unit, if any, is another factory's
+        record = AttemptRecord()
+        enclosing = current_attempt.get()  # a unit of another factory that runs this one
         failed = False
         try:
             try:
-                result = fn(s, *args, **kwargs)  # the session begins on first use
-                if True:  # async only
-                    # checked inline, not through _call_unit: this is every unit's path
-                    if type(result) is not types.CoroutineType:
-                        _require_awaitable(fn, result)
-                value: R = await result
+                # a COMMIT the unit's own code sends is seen (see AttemptRecord)
+                own_code = current_attempt.set(record)
+                try:
+                    result = fn(s, *args, **kwargs)  # the session begins on first use
+                    if True:  # async only
+                        # checked inline, not through _call_unit: this is every unit's path
+                        if type(result) is not types.CoroutineType:
+                            _require_awaitable(fn, result)
+                    value: R = await result
+                finally:
+                    current_attempt.reset(own_code)
                 box: list[CommitRequest] = []
                 try:
                     # flush and COMMIT (async: in one greenlet hop)
                     await s.run_sync(flush_and_commit, box, self._hooks.commit)
                 except Exception as exc:
                     await self._commit_failed(exc, box)
+                if enclosing is not None:
+                    enclosing.committed = True  # a replay of the enclosing unit would repeat it
                 return value
-            except BaseException:
+            except BaseException as exc:
                 failed = True
+                if record.committed:
+                    self._partly_committed(exc)
                 await _rollback_quietly(s)
                 raise
         finally:
@@ -361,6 +382,22 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                         s.sync_session.close()
                 else:  # sync only
                     _close(s, quiet=failed)
+
+    def _partly_committed(self, exc: BaseException) -> None:
+        """The attempt failed after its own code committed: not replayed (it would write the
+        committed part again); the error is raised as it is."""
+        mark_partly_committed(exc)
+        emit(
+            self.config,
+            log_session,
+            logging.WARNING,
+            "Not replaying: service=%s the unit committed part of its work itself "
+            "(session.commit() inside the unit) before it failed (%s); raising the error",
+            self.service,
+            type(exc).__name__,
+            service=self.service,
+            event="partly_committed",
+        )
 
     async def _commit_failed(self, exc: Exception, box: list[CommitRequest]) -> None:
         """COMMIT failed: return if it was verified committed, else raise."""

@@ -9,6 +9,7 @@ conflict.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from collections.abc import Iterable, Iterator, Mapping
 from types import MappingProxyType
@@ -68,6 +69,20 @@ def mark_replay_safe(exc: BaseException) -> None:
     run, and that a new attempt won't meet (the commit protocol's prepared marker statement
     missing at COMMIT): it is classified as a conflict, retried at once, whatever its SQLSTATE."""
     setattr(exc, _REPLAY_SAFE, True)
+
+
+_PARTLY_COMMITTED = "resilient_db_partly_committed"
+
+
+def mark_partly_committed(exc: BaseException) -> None:
+    """Mark the error of an attempt whose own code committed part of its work: replaying it
+    would write that part again, so it is never retried, whatever its class."""
+    with contextlib.suppress(AttributeError, TypeError):  # a type that takes no attributes
+        setattr(exc, _PARTLY_COMMITTED, True)
+
+
+def partly_committed(exc: BaseException) -> bool:
+    return bool(getattr(exc, _PARTLY_COMMITTED, False))
 
 
 def marked_replay_safe(exc: BaseException) -> bool:

@@ -358,6 +358,21 @@ class CommitRequest:
         return None
 
 
+class AttemptRecord:
+    """What an attempt of a unit did that a replay can't undo: a COMMIT its own code sent
+    (``session.commit()`` inside the unit), seen by the marked connection."""
+
+    __slots__ = ("committed",)
+
+    def __init__(self) -> None:
+        self.committed = False
+
+
+# The attempt whose code runs in this thread/task: set around the call of the unit's function.
+current_attempt: contextvars.ContextVar[AttemptRecord | None] = contextvars.ContextVar(
+    "resilient_db_attempt", default=None
+)
+
 # The commit being made by a unit in this thread/greenlet: set around ``session.commit()``.
 current_request: contextvars.ContextVar[CommitRequest | None] = contextvars.ContextVar(
     "resilient_db_commit", default=None
@@ -803,6 +818,9 @@ def _commit_ticket(driver: Any) -> tuple[CommitTicket | None, str | None]:
     driver._rdb_may_write = False
     request = current_request.get()
     if request is None:
+        attempt = current_attempt.get()
+        if attempt is not None:
+            attempt.committed = True  # the unit's own code committed: it can't be replayed
         return None, None
     if not may_write:
         ticket = CommitTicket(None, sent=True)  # proven read-only: nothing to verify

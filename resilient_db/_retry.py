@@ -21,7 +21,7 @@ import tenacity as _t
 
 from ._breaker import Breaker, breaker_for
 from ._budget import RetryBudget, budget_for
-from ._classify import DEFAULT_CLASSIFIER, Classifier, Outcome
+from ._classify import DEFAULT_CLASSIFIER, Classifier, Outcome, partly_committed
 from ._config import Config
 from ._errors import CircuitOpenError
 from ._observability import emit, log_retry, sqlstate_label, stats_for
@@ -196,7 +196,7 @@ class Policy:
 
     # -- tenacity plumbing -------------------------------------------------------------------
     def _retry_predicate(self, exc: BaseException) -> bool:
-        return self.retryable(self.classifier.classify(exc))
+        return not partly_committed(exc) and self.retryable(self.classifier.classify(exc))
 
     def _wait(self, rs: _t.RetryCallState) -> float:
         exc = rs.outcome.exception() if rs.outcome is not None else None
@@ -270,7 +270,7 @@ class Policy:
 
     def _gave_up(self, exc: BaseException, retries: int, spent: list[RetryBudget]) -> None:
         outcome = self.classifier.classify(exc)
-        if outcome in _RETRYABLE:
+        if outcome in _RETRYABLE and not partly_committed(exc):  # that one said so already
             self.stats.add("gave_up")
             if spent:
                 # the retry budget's own line, rate-limited: under an outage every failing
@@ -314,7 +314,7 @@ class Policy:
         try:
             result = attempt()
         except BaseException as exc:
-            if not self.retryable(self.failed(exc, probe, started)):
+            if not self.retryable(self.failed(exc, probe, started)) or partly_committed(exc):
                 raise
             return self._call_retrying(attempt, exc)
         self.succeeded(probe)
@@ -367,7 +367,7 @@ class Policy:
     ) -> T:
         """The first attempt of :meth:`acall` failed with ``exc``: record it, then retry or
         re-raise it. Async drivers that run the first attempt inline call this directly."""
-        if not self.retryable(self.failed(exc, probe, started)):
+        if not self.retryable(self.failed(exc, probe, started)) or partly_committed(exc):
             raise exc
         return await self._acall_retrying(attempt, exc)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import time
 import types
 from collections.abc import Callable
@@ -24,11 +25,20 @@ from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from ._classify import Classifier
-from ._commit import CLAIM_SQL, MARKERS, READ_WRITE_SQL, XID_STATUS_SQL, CommitRequest, CommitTicket
+from ._classify import Classifier, mark_partly_committed
+from ._commit import (
+    CLAIM_SQL,
+    MARKERS,
+    READ_WRITE_SQL,
+    XID_STATUS_SQL,
+    AttemptRecord,
+    CommitRequest,
+    CommitTicket,
+    current_attempt,
+)
 from ._config import Config
 from ._errors import TransactionStateError
-from ._observability import log_session
+from ._observability import emit, log_session
 from ._registry import enter_unit, factory_of, leave_unit, register_class
 from ._unit import (
     ActiveUnit,
@@ -282,20 +292,31 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         s: Session = self() if session is None else session
         enter_unit(s)
         token = _units.set(ActiveUnit(self, s))  # the outer unit, if any, is another factory's
+        record = AttemptRecord()
+        enclosing = current_attempt.get()  # a unit of another factory that runs this one
         failed = False
         try:
             try:
-                result = fn(s, *args, **kwargs)  # the session begins on first use
-                value: R = result
+                # a COMMIT the unit's own code sends is seen (see AttemptRecord)
+                own_code = current_attempt.set(record)
+                try:
+                    result = fn(s, *args, **kwargs)  # the session begins on first use
+                    value: R = result
+                finally:
+                    current_attempt.reset(own_code)
                 box: list[CommitRequest] = []
                 try:
                     # flush and COMMIT (async: in one greenlet hop)
                     flush_and_commit(s, box, self._hooks.commit)
                 except Exception as exc:
                     self._commit_failed(exc, box)
+                if enclosing is not None:
+                    enclosing.committed = True  # a replay of the enclosing unit would repeat it
                 return value
-            except BaseException:
+            except BaseException as exc:
                 failed = True
+                if record.committed:
+                    self._partly_committed(exc)
                 _rollback_quietly(s)
                 raise
         finally:
@@ -303,6 +324,22 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
             leave_unit(s)
             if own:
                 _close(s, quiet=failed)
+
+    def _partly_committed(self, exc: BaseException) -> None:
+        """The attempt failed after its own code committed: not replayed (it would write the
+        committed part again); the error is raised as it is."""
+        mark_partly_committed(exc)
+        emit(
+            self.config,
+            log_session,
+            logging.WARNING,
+            "Not replaying: service=%s the unit committed part of its work itself "
+            "(session.commit() inside the unit) before it failed (%s); raising the error",
+            self.service,
+            type(exc).__name__,
+            service=self.service,
+            event="partly_committed",
+        )
 
     def _commit_failed(self, exc: Exception, box: list[CommitRequest]) -> None:
         """COMMIT failed: return if it was verified committed, else raise."""

@@ -220,6 +220,88 @@ def test_nested_units_run_once_inside_the_outer_and_are_not_retried_alone(
     assert names == {"outer-2", "inner-2"}  # the failed first attempt left nothing
 
 
+def test_a_unit_that_committed_part_of_its_work_is_not_replayed(
+    engine: sa.Engine, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``session.commit()`` inside a unit, then a transient error: replaying would write the
+    committed part again, so the error is raised as it is (and said so); a unit that commits
+    inside and then succeeds is unchanged."""
+    Session = factory(engine, service)
+    calls: list[int] = []
+
+    def unit(session: Session) -> None:
+        calls.append(1)
+        session.add(Item(name="committed-inside"))
+        session.commit()
+        session.add(Item(name="after"))
+        session.flush()
+        raise_code(session, "40001")
+
+    with (
+        caplog.at_level(logging.WARNING, logger="resilient_db"),
+        pytest.raises(sa_exc.OperationalError) as raised,
+    ):
+        Session.run(unit)
+    assert rdb.sqlstate_of(raised.value) == "40001"
+    assert len(calls) == 1
+    assert count_items(engine, "committed-inside") == 1
+    assert count_items(engine, "after") == 0
+    assert any("committed part of its work itself" in r.getMessage() for r in caplog.records)
+    assert not any("Gave up" in r.getMessage() for r in caplog.records)
+    stats = rdb.health()["services"][service]["counters"]
+    assert stats["retries"] == 0
+
+    def commits_inside(session: Session) -> None:
+        session.add(Item(name="first"))
+        session.commit()
+        session.add(Item(name="second"))
+
+    Session.run(commits_inside)
+    assert count_items(engine, "first") == count_items(engine, "second") == 1
+    calls.clear()
+
+    def fails_before_any_commit(session: Session) -> None:  # the next attempt starts afresh
+        calls.append(1)
+        session.add(Item(name="replayed"))
+        session.flush()
+        if len(calls) == 1:
+            raise_code(session, "40001")
+
+    Session.run(fails_before_any_commit)
+    assert len(calls) == 2
+    assert count_items(engine, "replayed") == 1
+
+
+def test_a_unit_that_ran_a_committed_unit_of_another_factory_is_not_replayed(
+    engine: sa.Engine, pg_url: str, service: str
+) -> None:
+    """A unit of another factory (another database) inside a unit commits on its own: a replay
+    of the enclosing unit would run it, and write, again."""
+    other_engine = sa.create_engine(pg_url)
+    Outer = factory(engine, service)
+    Other = factory(other_engine, f"{service}-other")
+    calls: list[int] = []
+
+    def other_unit(session: Session) -> None:
+        session.add(Item(name="other-database"))
+
+    def unit(session: Session) -> None:
+        calls.append(1)
+        Other.run(other_unit)
+        session.add(Item(name="outer"))
+        session.flush()
+        raise_code(session, "40001")
+
+    try:
+        with pytest.raises(sa_exc.OperationalError):
+            Outer.run(unit)
+    finally:
+        other_engine.dispose()
+    assert len(calls) == 1
+    assert count_items(engine, "other-database") == 1
+    assert count_items(engine, "outer") == 0
+
+
 def test_transactional_decorator_keeps_the_signature_and_commits(
     engine: sa.Engine, service: str
 ) -> None:

@@ -97,6 +97,35 @@ def breaker(service: str) -> dict[str, Any] | None:
     return found
 
 
+async def test_a_unit_that_committed_part_of_its_work_is_not_replayed(
+    engine: AsyncEngine, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The async twin: the COMMIT of ``await session.commit()`` goes out in SQLAlchemy's
+    greenlet, which sees the attempt's record."""
+    Session = factory(engine, service)
+    calls: list[int] = []
+
+    async def unit(session: AsyncSession) -> None:
+        calls.append(1)
+        session.add(Item(name="committed-inside"))
+        await session.commit()
+        session.add(Item(name="after"))
+        await session.flush()
+        await raise_code(session, "40001")
+
+    with (
+        caplog.at_level(logging.WARNING, logger="resilient_db"),
+        pytest.raises(sa_exc.DBAPIError) as raised,
+    ):
+        await Session.run(unit)
+    assert rdb.sqlstate_of(raised.value) == "40001"
+    assert len(calls) == 1
+    assert await count_items(engine, "committed-inside") == 1
+    assert await count_items(engine, "after") == 0
+    assert any("committed part of its work itself" in r.getMessage() for r in caplog.records)
+    assert counters(service)["retries"] == 0
+
+
 class Gate:
     """``asyncio.Barrier`` for Python 3.10: ``wait()`` returns once ``parties`` tasks wait."""
 
