@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-import logging
 import time
 import types
 from collections.abc import Awaitable, Callable, Coroutine
@@ -23,7 +22,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from ._classify import Classifier, mark_partly_committed
+from ._classify import Classifier
 from ._commit import (
     CLAIM_SQL,
     MARKERS,
@@ -36,7 +35,7 @@ from ._commit import (
 )
 from ._config import Config
 from ._errors import TransactionStateError
-from ._observability import emit, log_session
+from ._observability import log_session
 from ._registry import enter_unit, factory_of, leave_unit, register_class, register_session
 from ._unit import (
     ActiveUnit,
@@ -363,7 +362,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             except BaseException as exc:
                 failed = True
                 if record.committed:
-                    self._partly_committed(exc)
+                    self.policy.partly_committed(exc)
                 await _rollback_quietly(s)
                 raise
         finally:
@@ -382,22 +381,6 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                         s.sync_session.close()
                 else:  # sync only
                     _close(s, quiet=failed)
-
-    def _partly_committed(self, exc: BaseException) -> None:
-        """The attempt failed after its own code committed: not replayed (it would write the
-        committed part again); the error is raised as it is."""
-        mark_partly_committed(exc)
-        emit(
-            self.config,
-            log_session,
-            logging.WARNING,
-            "Not replaying: service=%s the unit committed part of its work itself "
-            "(session.commit() inside the unit) before it failed (%s); raising the error",
-            self.service,
-            type(exc).__name__,
-            service=self.service,
-            event="partly_committed",
-        )
 
     async def _commit_failed(self, exc: Exception, box: list[CommitRequest]) -> None:
         """COMMIT failed: return if it was verified committed, else raise."""

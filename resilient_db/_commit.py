@@ -360,12 +360,24 @@ class CommitRequest:
 
 class AttemptRecord:
     """What an attempt of a unit did that a replay can't undo: a COMMIT its own code sent
-    (``session.commit()`` inside the unit), seen by the marked connection."""
+    (``session.commit()`` inside the unit) that committed, or may have (its answer lost), seen
+    by the marked connection (:func:`_own_commit`)."""
 
     __slots__ = ("committed",)
 
     def __init__(self) -> None:
         self.committed = False
+
+
+def _own_commit(attempt: AttemptRecord, exc: BaseException | None) -> None:
+    """A COMMIT sent by the code of ``attempt`` ended, with ``exc`` or not. The server's error
+    answer (a SQLSTATE outside class 08 and the 57P0x shutdowns) proves it did not commit;
+    anything else (success, a lost answer) means the attempt can't be replayed."""
+    if exc is not None:
+        code = getattr(exc, "sqlstate", None)
+        if code and not code.startswith(("08", "57P0")):
+            return
+    attempt.committed = True
 
 
 # The attempt whose code runs in this thread/task: set around the call of the unit's function.
@@ -818,9 +830,6 @@ def _commit_ticket(driver: Any) -> tuple[CommitTicket | None, str | None]:
     driver._rdb_may_write = False
     request = current_request.get()
     if request is None:
-        attempt = current_attempt.get()
-        if attempt is not None:
-            attempt.committed = True  # the unit's own code committed: it can't be replayed
         return None, None
     if not may_write:
         ticket = CommitTicket(None, sent=True)  # proven read-only: nothing to verify
@@ -888,6 +897,15 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                         self._rdb_read_only = "READ ONLY" in query.upper()
                     elif end == "COMMIT":
                         ticket, message = _commit_ticket(self)
+                        attempt = current_attempt.get() if ticket is None else None
+                        if attempt is not None:  # a unit's own code commits (AttemptRecord)
+                            try:
+                                done = await base.execute(self, query, timeout=timeout)
+                            except BaseException as exc:
+                                _own_commit(attempt, exc)
+                                raise
+                            _own_commit(attempt, None)
+                            return done
                         if ticket is not None:
                             if ticket.mode == XID:
                                 row = await base.fetchrow(self, _XID_SQL)
@@ -931,6 +949,16 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                     self._rdb_may_write = False  # idle or failed: COMMIT as plain psycopg does
                     return base.commit(self)  # type: ignore[no-any-return]
                 ticket, message = _commit_ticket(self)
+                if ticket is None:
+                    attempt = current_attempt.get()
+                    if attempt is not None:  # a unit's own code commits (see AttemptRecord)
+                        try:
+                            base.commit(self)
+                        except BaseException as exc:
+                            _own_commit(attempt, exc)
+                            raise
+                        _own_commit(attempt, None)
+                        return None
                 if ticket is not None and ticket.mode == XID:
                     ticket.xid, ticket.incarnation = self.execute(_XID_SQL).fetchone()
                 if ticket is not None:

@@ -21,7 +21,13 @@ import tenacity as _t
 
 from ._breaker import Breaker, breaker_for
 from ._budget import RetryBudget, budget_for
-from ._classify import DEFAULT_CLASSIFIER, Classifier, Outcome, partly_committed
+from ._classify import (
+    DEFAULT_CLASSIFIER,
+    Classifier,
+    Outcome,
+    mark_partly_committed,
+    partly_committed,
+)
 from ._config import Config
 from ._errors import CircuitOpenError
 from ._observability import emit, log_retry, sqlstate_label, stats_for
@@ -180,6 +186,22 @@ class Policy:
             except Exception:
                 self._machinery_failed("circuit breaker failure accounting")
         return outcome
+
+    def partly_committed(self, exc: BaseException) -> None:
+        """An attempt failed after its own code committed (or may have): it is not replayed,
+        since a replay would write the committed part again; ``exc`` is raised as it is."""
+        mark_partly_committed(exc)
+        emit(
+            self.config,
+            log_retry,
+            logging.WARNING,
+            "Not replaying: service=%s the unit committed part of its work itself "
+            "(session.commit() inside it) before it failed (%s); raising the error",
+            self.service,
+            type(exc).__name__,
+            service=self.service,
+            event="partly_committed",
+        )
 
     def _machinery_failed(self, what: str) -> None:
         emit(

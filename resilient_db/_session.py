@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import logging
 import time
 import types
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from ._classify import Classifier, mark_partly_committed
+from ._classify import Classifier
 from ._commit import (
     CLAIM_SQL,
     MARKERS,
@@ -38,7 +37,7 @@ from ._commit import (
 )
 from ._config import Config
 from ._errors import TransactionStateError
-from ._observability import emit, log_session
+from ._observability import log_session
 from ._registry import enter_unit, factory_of, leave_unit, register_class
 from ._unit import (
     ActiveUnit,
@@ -316,7 +315,7 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
             except BaseException as exc:
                 failed = True
                 if record.committed:
-                    self._partly_committed(exc)
+                    self.policy.partly_committed(exc)
                 _rollback_quietly(s)
                 raise
         finally:
@@ -324,22 +323,6 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
             leave_unit(s)
             if own:
                 _close(s, quiet=failed)
-
-    def _partly_committed(self, exc: BaseException) -> None:
-        """The attempt failed after its own code committed: not replayed (it would write the
-        committed part again); the error is raised as it is."""
-        mark_partly_committed(exc)
-        emit(
-            self.config,
-            log_session,
-            logging.WARNING,
-            "Not replaying: service=%s the unit committed part of its work itself "
-            "(session.commit() inside the unit) before it failed (%s); raising the error",
-            self.service,
-            type(exc).__name__,
-            service=self.service,
-            event="partly_committed",
-        )
 
     def _commit_failed(self, exc: Exception, box: list[CommitRequest]) -> None:
         """COMMIT failed: return if it was verified committed, else raise."""

@@ -11,11 +11,13 @@ Not part of the factories' sync/async twin: one function serves both, choosing
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, ParamSpec, Protocol, TypeVar, overload
 
+from ._commit import AttemptRecord, current_attempt
 from ._config import Config, env_config
 from ._retry import Policy
 from ._state import STATE
@@ -32,6 +34,32 @@ class SelfHealingDecorator(Protocol):
     """What ``with_self_healing(service=...)`` returns: a decorator keeping the signature."""
 
     def __call__(self, fn: F, /) -> F: ...
+
+
+@contextlib.contextmanager
+def _own_commits(policy: Policy) -> Iterator[None]:
+    """Around one attempt of an operation: a COMMIT its code sends through a resilient engine
+    that commits (or may have) makes a failure of it final (see ``AttemptRecord``)."""
+    record = AttemptRecord()
+    token = current_attempt.set(record)
+    try:
+        yield
+    except BaseException as exc:
+        if record.committed:
+            policy.partly_committed(exc)
+        raise
+    finally:
+        current_attempt.reset(token)
+
+
+def _own_call(policy: Policy, fn: Callable[[], R]) -> R:
+    with _own_commits(policy):
+        return fn()
+
+
+async def _aown_call(policy: Policy, fn: Callable[[], Awaitable[R]]) -> R:
+    with _own_commits(policy):
+        return await fn()
 
 
 def _policy_for(service: str, use_retry: bool, use_circuit_breaker: bool, config: Config) -> Policy:
@@ -115,11 +143,12 @@ def with_self_healing(
             return fn()
         policy = _policy_for(service, use_retry, use_circuit_breaker, cfg)
         if check is None or not validation_on(cfg):
-            return policy.acall(fn)
+            return policy.acall(lambda: _aown_call(policy, fn))
         return _acall_checked(policy, fn, check, cfg)
     if not cfg.enabled:
         return fn()
-    result = _policy_for(service, use_retry, use_circuit_breaker, cfg).call(fn)
+    policy = _policy_for(service, use_retry, use_circuit_breaker, cfg)
+    result = policy.call(lambda: _own_call(policy, fn))
     if check is None or not validation_on(cfg):
         return result
     return check_response(check, result, cfg, service)
@@ -128,7 +157,7 @@ def with_self_healing(
 async def _acall_checked(
     policy: Policy, fn: Callable[[], Awaitable[R]], check: ResponseCheck, cfg: Config
 ) -> R:
-    result = await policy.acall(fn)
+    result = await policy.acall(lambda: _aown_call(policy, fn))
     checked: R = check_response(check, result, cfg, policy.service)
     return checked
 
@@ -154,7 +183,7 @@ def _decorator(
                 if not cfg.enabled:
                     return await fn(*args, **kwargs)
                 policy = _policy_for(service, use_retry, use_circuit_breaker, cfg)
-                result = await policy.acall(lambda: fn(*args, **kwargs))
+                result = await policy.acall(lambda: _aown_call(policy, lambda: fn(*args, **kwargs)))
                 if check is None or not validation_on(cfg):
                     return result
                 return check_response(check, result, cfg, service)
@@ -167,7 +196,7 @@ def _decorator(
             if not cfg.enabled:
                 return fn(*args, **kwargs)
             policy = _policy_for(service, use_retry, use_circuit_breaker, cfg)
-            result = policy.call(lambda: fn(*args, **kwargs))
+            result = policy.call(lambda: _own_call(policy, lambda: fn(*args, **kwargs)))
             if check is None or not validation_on(cfg):
                 return result
             return check_response(check, result, cfg, service)

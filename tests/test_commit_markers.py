@@ -669,6 +669,23 @@ def test_a_role_that_may_not_write_markers_uses_the_fallback(
         assert conn.execute(sa.select(Counter.value)).scalar() == 1
 
 
+def _commits_through_the_function_after(
+    Sessions: rdb.ResilientSession[Session], eng: sa.Engine, statement: str
+) -> None:
+    """A unit sending ``statement`` through SQLAlchemy, then a write: one attempt, its COMMIT
+    calling the function (the statement listener saw the statement)."""
+    attempts = []
+
+    def unit(session: Session) -> int:
+        attempts.append(1)
+        session.execute(sa.text(statement))
+        return _bump(session)
+
+    trips = _traced(eng, lambda: Sessions.run(unit))
+    assert trips[-1].startswith(FUNCTION_FORM)
+    assert attempts == [1]
+
+
 def _pid(session: Session) -> int:
     return int(session.execute(sa.text("SELECT pg_backend_pid()")).scalar_one())
 
@@ -679,16 +696,7 @@ def test_a_unit_that_switches_roles_commits_through_the_function(
     """``SET LOCAL ROLE`` seen by the statement listener: the COMMIT calls the function, which
     runs as its owner; one attempt, one marker."""
     Sessions = rdb.ResilientSession(one_connection, service=service)
-    attempts = []
-
-    def as_tenant(session: Session) -> int:
-        attempts.append(1)
-        session.execute(sa.text(f"SET LOCAL ROLE {tenant}"))
-        return _bump(session)
-
-    trips = _traced(one_connection, lambda: Sessions.run(as_tenant))
-    assert trips[-1].startswith(FUNCTION_FORM)
-    assert len(attempts) == 1
+    _commits_through_the_function_after(Sessions, one_connection, f"SET LOCAL ROLE {tenant}")
     assert len(markers(engine)) == 1
 
 
@@ -792,16 +800,7 @@ def test_a_deallocate_through_sqlalchemy_moves_only_its_connection_to_the_functi
     """The statement listener sees DEALLOCATE (or DISCARD): that connection's next COMMIT calls
     the function, and nothing fails or is replayed; a new connection prepares it again."""
     Sessions = rdb.ResilientSession(one_connection, service=service)
-    attempts = []
-
-    def bump_after_deallocate(session: Session) -> int:
-        attempts.append(1)
-        session.execute(sa.text(f"DEALLOCATE {PREPARED}"))
-        return _bump(session)
-
-    trips = _traced(one_connection, lambda: Sessions.run(bump_after_deallocate))
-    assert trips[-1].startswith(FUNCTION_FORM)
-    assert attempts == [1]
+    _commits_through_the_function_after(Sessions, one_connection, f"DEALLOCATE {PREPARED}")
     assert len(markers(engine)) == 1
     one_connection.dispose()
     trips = _traced(one_connection, lambda: Sessions.run(_bump))

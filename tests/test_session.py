@@ -272,6 +272,41 @@ def test_a_unit_that_committed_part_of_its_work_is_not_replayed(
     assert count_items(engine, "replayed") == 1
 
 
+def test_a_unit_whose_own_commit_was_refused_is_replayed(engine: sa.Engine, service: str) -> None:
+    """The server answered the unit's own COMMIT with an error (here a deferred trigger raising
+    40001 at COMMIT): nothing was committed, so the unit is replayed as any other."""
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE deferred_checks (v int)"))
+        conn.execute(
+            sa.text(
+                "CREATE FUNCTION refuse_negative() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                "BEGIN IF NEW.v < 0 THEN RAISE EXCEPTION 'refused' USING ERRCODE = '40001'; "
+                "END IF; RETURN NEW; END $$"
+            )
+        )
+        conn.execute(
+            sa.text(
+                "CREATE CONSTRAINT TRIGGER refuse_at_commit AFTER INSERT ON deferred_checks "
+                "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_negative()"
+            )
+        )
+    Session = factory(engine, service)
+    calls: list[int] = []
+
+    def unit(session: Session) -> None:
+        calls.append(1)
+        value = -1 if len(calls) == 1 else 1
+        session.execute(sa.text("INSERT INTO deferred_checks VALUES (:v)"), {"v": value})
+        session.commit()  # refused at the first attempt: the trigger runs at COMMIT
+        session.add(Item(name="after-own-commit"))
+
+    Session.run(unit)
+    assert len(calls) == 2
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT v FROM deferred_checks")).scalars().all() == [1]
+    assert count_items(engine, "after-own-commit") == 1
+
+
 def test_a_unit_that_ran_a_committed_unit_of_another_factory_is_not_replayed(
     engine: sa.Engine, pg_url: str, service: str
 ) -> None:
@@ -768,6 +803,34 @@ def test_logs_carry_the_prefix_and_no_secrets(
     for secret in ("s3cret-pw", "hunter2-param", str(url.port)):
         assert secret not in text
     engine.dispose()
+
+
+def test_with_self_healing_does_not_replay_an_operation_that_committed(
+    engine: sa.Engine, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operation of two transactions whose second fails after the first committed: a replay
+    would commit the first again. Seen on an engine a resilient factory marks."""
+    factory(engine, service)
+    calls: list[int] = []
+
+    def handler() -> None:
+        calls.append(1)
+        with Session(engine) as session, session.begin():
+            session.add(Item(name="first-transaction"))
+        with Session(engine) as session, session.begin():
+            session.add(Item(name="second-transaction"))
+            session.flush()
+            raise_code(session, "40P01")
+
+    with (
+        caplog.at_level(logging.WARNING, logger="resilient_db"),
+        pytest.raises(sa_exc.OperationalError),
+    ):
+        rdb.with_self_healing(handler, service=service, config=rdb.Config())
+    assert calls == [1]
+    assert count_items(engine, "first-transaction") == 1
+    assert count_items(engine, "second-transaction") == 0
+    assert any("Not replaying" in r.getMessage() for r in caplog.records)
 
 
 def test_with_self_healing_wraps_any_callable(engine: sa.Engine, service: str) -> None:

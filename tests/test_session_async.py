@@ -1103,6 +1103,27 @@ async def test_environment_config_at_creation_and_on_reload(
     assert Session.config == rdb.Config()
 
 
+async def test_with_self_healing_does_not_replay_an_operation_that_committed(
+    engine: AsyncEngine, service: str
+) -> None:
+    """The async twin, decorator form."""
+    factory(engine, service)
+    calls: list[int] = []
+
+    @rdb.with_self_healing(service=service, config=rdb.Config())
+    async def handler() -> None:
+        calls.append(1)
+        async with AsyncSession(engine) as session, session.begin():
+            session.add(Item(name="first-transaction"))
+        async with AsyncSession(engine) as session, session.begin():
+            await raise_code(session, "40P01")
+
+    with pytest.raises(sa_exc.DBAPIError):
+        await handler()
+    assert calls == [1]
+    assert await count_items(engine, "first-transaction") == 1
+
+
 async def test_with_self_healing_awaits_coroutine_functions(
     engine: AsyncEngine, service: str
 ) -> None:
