@@ -336,20 +336,17 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         token = _units.set(ActiveUnit(self, s))  # the outer unit, if any, is another factory's
         record = AttemptRecord()
         enclosing = current_attempt.get()  # a unit of another factory that runs this one
+        # what the attempt commits for good is seen (see AttemptRecord)
+        recording = current_attempt.set(record)
         failed = False
         try:
             try:
-                # a COMMIT the unit's own code sends is seen (see AttemptRecord)
-                own_code = current_attempt.set(record)
-                try:
-                    result = fn(s, *args, **kwargs)  # the session begins on first use
-                    if True:  # async only
-                        # checked inline, not through _call_unit: this is every unit's path
-                        if type(result) is not types.CoroutineType:
-                            _require_awaitable(fn, result)
-                    value: R = await result
-                finally:
-                    current_attempt.reset(own_code)
+                result = fn(s, *args, **kwargs)  # the session begins on first use
+                if True:  # async only
+                    # checked inline, not through _call_unit: this is every unit's path
+                    if type(result) is not types.CoroutineType:
+                        _require_awaitable(fn, result)
+                value: R = await result
                 box: list[CommitRequest] = []
                 try:
                     # flush and COMMIT (async: in one greenlet hop)
@@ -361,11 +358,12 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                 return value
             except BaseException as exc:
                 failed = True
-                if record.committed:
+                if record.unreplayable:
                     self.policy.partly_committed(exc)
                 await _rollback_quietly(s)
                 raise
         finally:
+            current_attempt.reset(recording)
             _units.reset(token)
             leave_unit(s.sync_session)
             if own:
@@ -392,6 +390,13 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
 
     async def _verify_commit(self, ticket: CommitTicket) -> CommitVerdict:
         """Settle a lost COMMIT answer on a new connection, reconnecting with backoff."""
+        checking = current_attempt.set(None)  # the check's own COMMIT is not the unit's
+        try:
+            return await self._settle_on_new_connection(ticket)
+        finally:
+            current_attempt.reset(checking)
+
+    async def _settle_on_new_connection(self, ticket: CommitTicket) -> CommitVerdict:
         for delay in self._referee.checks():
             if delay:
                 await self._asleep(delay)

@@ -359,28 +359,51 @@ class CommitRequest:
 
 
 class AttemptRecord:
-    """What an attempt of a unit did that a replay can't undo: a COMMIT its own code sent
-    (``session.commit()`` inside the unit) that committed, or may have (its answer lost), seen
-    by the marked connection (:func:`_own_commit`)."""
+    """What an attempt of a unit did that a replay can't undo, seen by the marked connection:
+    a COMMIT its own code sent (``session.commit()`` inside the unit) that committed, or may
+    have (its answer lost; see :func:`_own_commit`), or a statement that may write sent in
+    autocommit (an ``AUTOCOMMIT`` engine or connection), unless the server answered it with an
+    error (``handle_error`` calls :meth:`failed`)."""
 
-    __slots__ = ("committed",)
+    __slots__ = ("autocommitting", "committed")
 
     def __init__(self) -> None:
         self.committed = False
+        # the execution context of the last writing statement sent in autocommit
+        self.autocommitting: Any = None
+
+    @property
+    def unreplayable(self) -> bool:
+        return self.committed or self.autocommitting is not None
+
+    def autocommit(self, context: Any) -> None:
+        """A statement that may write goes out in autocommit: it commits on its own."""
+        if self.autocommitting is not None:
+            self.committed = True  # the one before it did not fail
+        self.autocommitting = context
+
+    def failed(self, context: Any, exc: BaseException) -> None:
+        """The statement of ``context`` failed: the server's error answer proves that an
+        autocommit statement committed nothing (a lost answer proves nothing)."""
+        if context is not None and context is self.autocommitting and _answered(exc):
+            self.autocommitting = None
+
+
+def _answered(exc: BaseException) -> bool:
+    """The server answered with an error: a SQLSTATE outside class 08 and the 57P0x shutdowns
+    (a statement so answered, a COMMIT included, did not commit)."""
+    code = getattr(exc, "sqlstate", None)
+    return bool(code) and not str(code).startswith(("08", "57P0"))
 
 
 def _own_commit(attempt: AttemptRecord, exc: BaseException | None) -> None:
-    """A COMMIT sent by the code of ``attempt`` ended, with ``exc`` or not. The server's error
-    answer (a SQLSTATE outside class 08 and the 57P0x shutdowns) proves it did not commit;
-    anything else (success, a lost answer) means the attempt can't be replayed."""
-    if exc is not None:
-        code = getattr(exc, "sqlstate", None)
-        if code and not code.startswith(("08", "57P0")):
-            return
-    attempt.committed = True
+    """A COMMIT sent by the code of ``attempt`` ended, with ``exc`` or not: unless the server
+    answered it with an error, the attempt can't be replayed."""
+    if exc is None or not _answered(exc):
+        attempt.committed = True
 
 
-# The attempt whose code runs in this thread/task: set around the call of the unit's function.
+# The attempt running in this thread/task (not while it checks a lost COMMIT answer).
 current_attempt: contextvars.ContextVar[AttemptRecord | None] = contextvars.ContextVar(
     "resilient_db_attempt", default=None
 )
@@ -754,13 +777,20 @@ def statement_listeners(
             verdict = verdict_of(statement)
         if verdict:
             if is_asyncpg:
-                driver = context.root_connection.connection.driver_connection
+                pooled = context.root_connection.connection
+                driver = pooled.driver_connection
+                autocommit = pooled.dbapi_connection.autocommit  # SQLAlchemy's adapter
             else:
                 driver = cursor.connection
+                autocommit = driver.autocommit
             if getattr(driver, "_rdb_marked", False):
                 driver._rdb_may_write = True
                 if verdict == STOPS_PREPARED:
                     driver._rdb_prepared = None  # its COMMITs call the function from now on
+            if autocommit:
+                attempt = current_attempt.get()
+                if attempt is not None:
+                    attempt.autocommit(context)
         if guard is not None and context.isupdate:
             return guard(cursor, statement, parameters, context)
         return False

@@ -196,7 +196,8 @@ class Policy:
             log_retry,
             logging.WARNING,
             "Not replaying: service=%s the unit committed part of its work itself "
-            "(session.commit() inside it) before it failed (%s); raising the error",
+            "(a COMMIT of its own, or statements in autocommit) before it failed (%s); "
+            "raising the error",
             self.service,
             type(exc).__name__,
             service=self.service,

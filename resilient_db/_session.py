@@ -293,16 +293,13 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         token = _units.set(ActiveUnit(self, s))  # the outer unit, if any, is another factory's
         record = AttemptRecord()
         enclosing = current_attempt.get()  # a unit of another factory that runs this one
+        # what the attempt commits for good is seen (see AttemptRecord)
+        recording = current_attempt.set(record)
         failed = False
         try:
             try:
-                # a COMMIT the unit's own code sends is seen (see AttemptRecord)
-                own_code = current_attempt.set(record)
-                try:
-                    result = fn(s, *args, **kwargs)  # the session begins on first use
-                    value: R = result
-                finally:
-                    current_attempt.reset(own_code)
+                result = fn(s, *args, **kwargs)  # the session begins on first use
+                value: R = result
                 box: list[CommitRequest] = []
                 try:
                     # flush and COMMIT (async: in one greenlet hop)
@@ -314,11 +311,12 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                 return value
             except BaseException as exc:
                 failed = True
-                if record.committed:
+                if record.unreplayable:
                     self.policy.partly_committed(exc)
                 _rollback_quietly(s)
                 raise
         finally:
+            current_attempt.reset(recording)
             _units.reset(token)
             leave_unit(s)
             if own:
@@ -334,6 +332,13 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
 
     def _verify_commit(self, ticket: CommitTicket) -> CommitVerdict:
         """Settle a lost COMMIT answer on a new connection, reconnecting with backoff."""
+        checking = current_attempt.set(None)  # the check's own COMMIT is not the unit's
+        try:
+            return self._settle_on_new_connection(ticket)
+        finally:
+            current_attempt.reset(checking)
+
+    def _settle_on_new_connection(self, ticket: CommitTicket) -> CommitVerdict:
         for delay in self._referee.checks():
             if delay:
                 self._sleep(delay)

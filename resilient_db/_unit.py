@@ -27,6 +27,7 @@ from ._commit import (
     CommitProtocol,
     CommitRequest,
     CommitTicket,
+    current_attempt,
     current_request,
     prune,
 )
@@ -377,6 +378,9 @@ class EngineHooks:
         if not self.config.enabled:
             return None
         original = ctx.original_exception
+        attempt = current_attempt.get()
+        if attempt is not None and attempt.autocommitting is not None:
+            attempt.failed(ctx.execution_context, original)
         if marked_replay_safe(original):
             return None  # the commit protocol's own statement failed: the connection is sound
         code = getattr(original, "sqlstate", None)

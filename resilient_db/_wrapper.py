@@ -45,7 +45,7 @@ def _own_commits(policy: Policy) -> Iterator[None]:
     try:
         yield
     except BaseException as exc:
-        if record.committed:
+        if record.unreplayable:
             policy.partly_committed(exc)
         raise
     finally:

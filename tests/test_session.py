@@ -272,6 +272,40 @@ def test_a_unit_that_committed_part_of_its_work_is_not_replayed(
     assert count_items(engine, "replayed") == 1
 
 
+def test_a_unit_on_an_autocommit_engine_is_replayed_only_before_its_first_write(
+    pg_url: str, engine: sa.Engine, service: str
+) -> None:
+    """On an ``AUTOCOMMIT`` engine each statement commits on its own: once a writing statement
+    went through, a failure is raised, not replayed. One the server refused with an error
+    committed nothing, so a unit failing there is replayed."""
+    autocommit = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    Session = factory(autocommit, service)
+    calls: list[int] = []
+
+    def unit(session: Session) -> None:
+        calls.append(1)
+        session.execute(sa.text("INSERT INTO items (name) VALUES ('autocommitted')"))
+        raise_code(session, "40001")
+
+    def refused_first(session: Session) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise_code(session, "40001")  # a function call: a statement that may write
+        session.execute(sa.text("INSERT INTO items (name) VALUES ('after-refusal')"))
+
+    try:
+        with pytest.raises(sa_exc.OperationalError):
+            Session.run(unit)
+        assert len(calls) == 1
+        assert count_items(engine, "autocommitted") == 1
+        calls.clear()
+        Session.run(refused_first)
+        assert len(calls) == 2
+        assert count_items(engine, "after-refusal") == 1
+    finally:
+        autocommit.dispose()
+
+
 def test_a_unit_whose_own_commit_was_refused_is_replayed(engine: sa.Engine, service: str) -> None:
     """The server answered the unit's own COMMIT with an error (here a deferred trigger raising
     40001 at COMMIT): nothing was committed, so the unit is replayed as any other."""

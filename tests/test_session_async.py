@@ -126,6 +126,28 @@ async def test_a_unit_that_committed_part_of_its_work_is_not_replayed(
     assert counters(service)["retries"] == 0
 
 
+async def test_a_unit_on_an_autocommit_engine_is_not_replayed_after_a_write(
+    engine: AsyncEngine,
+    pg_async_url: str,
+    service: str,
+    make_engine: Callable[..., AsyncEngine],
+) -> None:
+    """The asyncpg twin: SQLAlchemy's adapter in autocommit sends no BEGIN, each statement
+    commits on its own."""
+    Session = factory(make_engine(pg_async_url, isolation_level="AUTOCOMMIT"), service)
+    calls: list[int] = []
+
+    async def unit(session: AsyncSession) -> None:
+        calls.append(1)
+        await session.execute(sa.text("INSERT INTO items (name) VALUES ('autocommitted')"))
+        await raise_code(session, "40001")
+
+    with pytest.raises(sa_exc.DBAPIError):
+        await Session.run(unit)
+    assert len(calls) == 1
+    assert await count_items(engine, "autocommitted") == 1
+
+
 class Gate:
     """``asyncio.Barrier`` for Python 3.10: ``wait()`` returns once ``parties`` tasks wait."""
 
