@@ -433,7 +433,10 @@ class Breaker:
         with self._lock:
             if not (force or gen > self._fleet_gen or (answer and gen == 0)):
                 if gen == self._fleet_gen and state == OPEN and remaining > 0:
-                    self._fleet_until = time.monotonic() + remaining  # a fresher figure
+                    # a fresher figure of the same opening, whose end in Redis is fixed: each
+                    # figure arrives after it was taken (a pub/sub message can be late by
+                    # whatever the subscriber thread waited), so the earliest end is the truest
+                    self._fleet_until = min(self._fleet_until, time.monotonic() + remaining)
                 return
             self._fleet_gen = gen
             self._fleet_opens = max(self._fleet_opens, opens) if not force else opens

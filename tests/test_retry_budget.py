@@ -323,6 +323,29 @@ def test_paused_redis_never_holds_a_unit_past_the_timeout_then_rejoins(
     assert not any("pw-not-logged" in m for m in messages)
 
 
+def test_a_late_message_of_an_opening_does_not_keep_the_circuit_open_longer(
+    engine: sa.Engine, redis_server: RedisServer
+) -> None:
+    """The pub/sub message of an opening carries the time left when it was sent; delivered
+    late (a busy machine), it must not push the local view's end of the open period past the
+    shared one."""
+    reset = 0.3
+    Session = rdb.ResilientSession(
+        engine, service="late", config=shared_config(redis_server, reset_timeout=reset)
+    )
+    wait_connected("late")
+    breaker = Session.policy.breaker
+    assert breaker is not None
+    breaker.open()
+    opened = time.monotonic()
+    time.sleep(reset / 2)
+    # that opening's message, as the subscriber thread would hand it over late
+    breaker.fleet_update("open", reset, breaker._fleet_gen, breaker._fleet_opens)
+    time.sleep(max(0.0, opened + reset + 0.02 - time.monotonic()))
+    assert Session.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one()) == 1
+    assert breaker.state == "closed"
+
+
 def test_flushed_redis_is_a_closed_breaker_and_an_empty_budget(
     engine: sa.Engine, redis_server: RedisServer
 ) -> None:
