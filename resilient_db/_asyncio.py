@@ -334,36 +334,30 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         s: AsyncSession = self() if session is None else session
         enter_unit(s.sync_session)
         token = _units.set(ActiveUnit(self, s))  # the outer unit, if any, is another factory's
-        record = AttemptRecord()
-        enclosing = current_attempt.get()  # a unit of another factory that runs this one
-        # what the attempt commits for good is seen (see AttemptRecord)
-        recording = current_attempt.set(record)
         failed = False
         try:
-            try:
-                result = fn(s, *args, **kwargs)  # the session begins on first use
-                if True:  # async only
-                    # checked inline, not through _call_unit: this is every unit's path
-                    if type(result) is not types.CoroutineType:
-                        _require_awaitable(fn, result)
-                value: R = await result
-                box: list[CommitRequest] = []
+            # what the attempt commits for good is seen (see AttemptRecord)
+            with AttemptRecord(self.policy) as record:
                 try:
-                    # flush and COMMIT (async: in one greenlet hop)
-                    await s.run_sync(flush_and_commit, box, self._hooks.commit)
-                except Exception as exc:
-                    await self._commit_failed(exc, box)
-                if enclosing is not None:
-                    enclosing.committed = True  # a replay of the enclosing unit would repeat it
-                return value
-            except BaseException as exc:
-                failed = True
-                if record.unreplayable:
-                    self.policy.partly_committed(exc)
-                await _rollback_quietly(s)
-                raise
+                    result = fn(s, *args, **kwargs)  # the session begins on first use
+                    if True:  # async only
+                        # checked inline, not through _call_unit: this is every unit's path
+                        if type(result) is not types.CoroutineType:
+                            _require_awaitable(fn, result)
+                    value: R = await result
+                    box: list[CommitRequest] = []
+                    try:
+                        # flush and COMMIT (async: in one greenlet hop)
+                        await s.run_sync(flush_and_commit, box, self._hooks.commit)
+                    except Exception as exc:
+                        await self._commit_failed(exc, box)
+                    record.unit_committed(box[0])
+                    return value
+                except BaseException:
+                    failed = True
+                    await _rollback_quietly(s)
+                    raise
         finally:
-            current_attempt.reset(recording)
             _units.reset(token)
             leave_unit(s.sync_session)
             if own:

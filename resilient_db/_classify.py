@@ -191,7 +191,7 @@ class Classifier:
         if not isinstance(exc, Exception) or isinstance(exc, ResilientDBError):
             # Cancellation, KeyboardInterrupt, SystemExit and our own errors never retry.
             return Outcome.NOT_TRANSIENT
-        if any(getattr(err, _REPLAY_SAFE, False) for err in _chain(exc)):
+        if any(marked_replay_safe(err) for err in _chain(exc)):
             return Outcome.CONFLICT
         code = sqlstate_of(exc)
         if code is not None:

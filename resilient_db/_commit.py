@@ -35,6 +35,7 @@ subclass (``connection_class``, set in ``do_connect``) whose ``execute("COMMIT;"
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import os
@@ -42,7 +43,7 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, TypeAlias
 
@@ -52,7 +53,7 @@ from psycopg.generators import execute as _pq_execute
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, Engine
 
-from ._classify import mark_replay_safe
+from ._classify import DEFAULT_CLASSIFIER, mark_replay_safe, sqlstate_of
 from ._config import Config
 from ._observability import emit, log_session
 
@@ -358,16 +359,27 @@ class CommitRequest:
         return None
 
 
+class _ReplayPolicy(Protocol):
+    def partly_committed(self, exc: BaseException) -> None: ...
+
+
 class AttemptRecord:
-    """What an attempt of a unit did that a replay can't undo, seen by the marked connection:
-    a COMMIT its own code sent (``session.commit()`` inside the unit) that committed, or may
-    have (its answer lost; see :func:`_own_commit`), or a statement that may write sent in
-    autocommit (an ``AUTOCOMMIT`` engine or connection), unless the server answered it with an
-    error (``handle_error`` calls :meth:`failed`)."""
+    """What an attempt of a unit (or of a ``with_self_healing`` operation) did that a replay
+    can't undo, seen by the marked connection: a COMMIT its own code sent (``session.commit()``
+    inside the unit) that committed, or may have (its answer lost; see :func:`_own_commit`),
+    or a statement that may write sent in autocommit (an ``AUTOCOMMIT`` engine or connection),
+    unless the server answered it with an error (``handle_error`` calls :meth:`failed`).
 
-    __slots__ = ("autocommitting", "committed")
+    Used as a context manager around the attempt: it is :data:`current_attempt` meanwhile; an
+    error leaving it after such a commit is marked so that the policy does not replay it
+    (:meth:`~._retry.Policy.partly_committed`), and an attempt that committed for good counts
+    as committed work of the attempt that runs it, if any (a unit of another factory inside a
+    unit)."""
 
-    def __init__(self) -> None:
+    __slots__ = ("_enclosing", "_policy", "_token", "autocommitting", "committed")
+
+    def __init__(self, policy: _ReplayPolicy) -> None:
+        self._policy = policy
         self.committed = False
         # the execution context of the last writing statement sent in autocommit
         self.autocommitting: Any = None
@@ -375,6 +387,26 @@ class AttemptRecord:
     @property
     def unreplayable(self) -> bool:
         return self.committed or self.autocommitting is not None
+
+    def __enter__(self) -> AttemptRecord:
+        self._enclosing = current_attempt.get()
+        self._token = current_attempt.set(self)
+        return self
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        current_attempt.reset(self._token)
+        if not self.unreplayable:
+            return
+        if exc is not None:
+            self._policy.partly_committed(exc)
+        elif self._enclosing is not None:
+            self._enclosing.committed = True  # a replay of the enclosing unit would repeat it
+
+    def unit_committed(self, request: CommitRequest) -> None:
+        """The unit's own final COMMIT succeeded: committed work, when it wrote, for an
+        enclosing attempt (looked at only when there is one)."""
+        if self._enclosing is not None and any(t.wrote for t in request.tickets):
+            self.committed = True
 
     def autocommit(self, context: Any) -> None:
         """A statement that may write goes out in autocommit: it commits on its own."""
@@ -390,17 +422,24 @@ class AttemptRecord:
 
 
 def _answered(exc: BaseException) -> bool:
-    """The server answered with an error: a SQLSTATE outside class 08 and the 57P0x shutdowns
-    (a statement so answered, a COMMIT included, did not commit)."""
-    code = getattr(exc, "sqlstate", None)
-    return bool(code) and not str(code).startswith(("08", "57P0"))
+    """The server answered with an error after which the connection is sound (the classifier's
+    disconnect codes are not such an answer): a statement so answered, a COMMIT included, did
+    not commit."""
+    code = sqlstate_of(exc)
+    return code is not None and not DEFAULT_CLASSIFIER.is_disconnect_code(code)
 
 
-def _own_commit(attempt: AttemptRecord, exc: BaseException | None) -> None:
-    """A COMMIT sent by the code of ``attempt`` ended, with ``exc`` or not: unless the server
-    answered it with an error, the attempt can't be replayed."""
-    if exc is None or not _answered(exc):
-        attempt.committed = True
+@contextlib.contextmanager
+def _own_commit(attempt: AttemptRecord) -> Iterator[None]:
+    """Around a COMMIT sent by the code of ``attempt``: unless the server answered it with an
+    error, the attempt can't be replayed. (Only a unit's own COMMITs pass here.)"""
+    try:
+        yield
+    except BaseException as exc:
+        if not _answered(exc):
+            attempt.committed = True
+        raise
+    attempt.committed = True
 
 
 # The attempt running in this thread/task (not while it checks a lost COMMIT answer).
@@ -707,9 +746,7 @@ class PreparedMarker:
 
     __slots__ = ("_on_lost", "_on_refused", "usable")
 
-    def __init__(
-        self, on_lost: Callable[[], None], on_refused: Callable[[str], None] | None = None
-    ) -> None:
+    def __init__(self, on_lost: Callable[[], None], on_refused: Callable[[str], None]) -> None:
         self.usable = True
         self._on_lost = on_lost
         self._on_refused = on_refused
@@ -721,8 +758,7 @@ class PreparedMarker:
 
     def refused(self, sqlstate: str) -> None:
         """The server refused the statement on one connection (see ``_REFUSED_MARKER``)."""
-        if self._on_refused is not None:
-            self._on_refused(sqlstate)
+        self._on_refused(sqlstate)
 
 
 #: Errors of the prepared marker statement that its function form does not meet: the role in
@@ -923,19 +959,14 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
             async def execute(self: Any, query: str, *args: Any, timeout: Any = None) -> Any:
                 if not args and len(query) <= _LONGEST_BEGIN:
                     end = _transaction_command(query)
-                    if end == "BEGIN":
-                        self._rdb_read_only = "READ ONLY" in query.upper()
+                    if end == "BEGIN":  # asyncpg's own, spelled in capitals
+                        self._rdb_read_only = "READ ONLY" in query
                     elif end == "COMMIT":
                         ticket, message = _commit_ticket(self)
                         attempt = current_attempt.get() if ticket is None else None
                         if attempt is not None:  # a unit's own code commits (AttemptRecord)
-                            try:
-                                done = await base.execute(self, query, timeout=timeout)
-                            except BaseException as exc:
-                                _own_commit(attempt, exc)
-                                raise
-                            _own_commit(attempt, None)
-                            return done
+                            with _own_commit(attempt):
+                                return await base.execute(self, query, timeout=timeout)
                         if ticket is not None:
                             if ticket.mode == XID:
                                 row = await base.fetchrow(self, _XID_SQL)
@@ -982,13 +1013,8 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                 if ticket is None:
                     attempt = current_attempt.get()
                     if attempt is not None:  # a unit's own code commits (see AttemptRecord)
-                        try:
-                            base.commit(self)
-                        except BaseException as exc:
-                            _own_commit(attempt, exc)
-                            raise
-                        _own_commit(attempt, None)
-                        return None
+                        with _own_commit(attempt):
+                            return base.commit(self)  # type: ignore[no-any-return]
                 if ticket is not None and ticket.mode == XID:
                     ticket.xid, ticket.incarnation = self.execute(_XID_SQL).fetchone()
                 if ticket is not None:

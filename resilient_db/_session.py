@@ -291,32 +291,26 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         s: Session = self() if session is None else session
         enter_unit(s)
         token = _units.set(ActiveUnit(self, s))  # the outer unit, if any, is another factory's
-        record = AttemptRecord()
-        enclosing = current_attempt.get()  # a unit of another factory that runs this one
-        # what the attempt commits for good is seen (see AttemptRecord)
-        recording = current_attempt.set(record)
         failed = False
         try:
-            try:
-                result = fn(s, *args, **kwargs)  # the session begins on first use
-                value: R = result
-                box: list[CommitRequest] = []
+            # what the attempt commits for good is seen (see AttemptRecord)
+            with AttemptRecord(self.policy) as record:
                 try:
-                    # flush and COMMIT (async: in one greenlet hop)
-                    flush_and_commit(s, box, self._hooks.commit)
-                except Exception as exc:
-                    self._commit_failed(exc, box)
-                if enclosing is not None:
-                    enclosing.committed = True  # a replay of the enclosing unit would repeat it
-                return value
-            except BaseException as exc:
-                failed = True
-                if record.unreplayable:
-                    self.policy.partly_committed(exc)
-                _rollback_quietly(s)
-                raise
+                    result = fn(s, *args, **kwargs)  # the session begins on first use
+                    value: R = result
+                    box: list[CommitRequest] = []
+                    try:
+                        # flush and COMMIT (async: in one greenlet hop)
+                        flush_and_commit(s, box, self._hooks.commit)
+                    except Exception as exc:
+                        self._commit_failed(exc, box)
+                    record.unit_committed(box[0])
+                    return value
+                except BaseException:
+                    failed = True
+                    _rollback_quietly(s)
+                    raise
         finally:
-            current_attempt.reset(recording)
             _units.reset(token)
             leave_unit(s)
             if own:

@@ -11,13 +11,12 @@ Not part of the factories' sync/async twin: one function serves both, choosing
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, Protocol, TypeVar, overload
 
-from ._commit import AttemptRecord, current_attempt
+from ._commit import AttemptRecord
 from ._config import Config, env_config
 from ._retry import Policy
 from ._state import STATE
@@ -36,29 +35,15 @@ class SelfHealingDecorator(Protocol):
     def __call__(self, fn: F, /) -> F: ...
 
 
-@contextlib.contextmanager
-def _own_commits(policy: Policy) -> Iterator[None]:
-    """Around one attempt of an operation: a COMMIT its code sends through a resilient engine
-    that commits (or may have) makes a failure of it final (see ``AttemptRecord``)."""
-    record = AttemptRecord()
-    token = current_attempt.set(record)
-    try:
-        yield
-    except BaseException as exc:
-        if record.unreplayable:
-            policy.partly_committed(exc)
-        raise
-    finally:
-        current_attempt.reset(token)
-
-
 def _own_call(policy: Policy, fn: Callable[[], R]) -> R:
-    with _own_commits(policy):
+    """One attempt of an operation: a COMMIT its code sends through a resilient engine that
+    commits (or may have) makes a failure of it final (see ``AttemptRecord``)."""
+    with AttemptRecord(policy):
         return fn()
 
 
 async def _aown_call(policy: Policy, fn: Callable[[], Awaitable[R]]) -> R:
-    with _own_commits(policy):
+    with AttemptRecord(policy):
         return await fn()
 
 
