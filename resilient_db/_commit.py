@@ -560,12 +560,14 @@ class CommitProtocol:
         self.engine = engine
         self._settings = settings  # the engine's hooks: its current config and service name
         self.is_asyncpg = engine.dialect.driver == "asyncpg"
+        # psycopg's async connections are reached through SQLAlchemy's adapter, as asyncpg's
+        self.adapted = bool(engine.dialect.is_async)
         self._warned = False
         self._last_prune = time.monotonic()
         self._prune_lock = threading.Lock()
         self.prepared_marker = PreparedMarker(self._warn_prepared_lost, self._note_refused)
         event.listen(engine, "connect", self._on_connect)
-        for name, listener in statement_listeners(self.is_asyncpg, guard).items():
+        for name, listener in statement_listeners(self.adapted, guard).items():
             event.listen(engine, name, listener)
         if self.is_asyncpg:
             event.listen(engine, "do_connect", _asyncpg_do_connect)
@@ -692,17 +694,22 @@ class CommitProtocol:
             return True, prepare and _quietly(lambda: _await(driver.execute(_PREPARE_SQL)))
         # A server that doesn't report ``in_hot_standby`` (before PostgreSQL 14) doesn't tell
         # the client when its transactions are read-only either: no prepared statement there
-        # (see ``_psycopg_read_mode``), the function decides on the server.
-        reports = dbapi_connection.pgconn.parameter_status(b"in_hot_standby") is not None
+        # (see ``_psycopg_read_mode``), the function decides on the server. psycopg's async
+        # connection goes through SQLAlchemy's adapter (its cursor and autocommit), the sync one
+        # is its own DBAPI connection.
+        reports = driver.pgconn.parameter_status(b"in_hot_standby") is not None
         prepare = prepare and reports
         autocommit = dbapi_connection.autocommit
         dbapi_connection.autocommit = True
+        cursor = dbapi_connection.cursor()
         try:
-            row = dbapi_connection.execute(_CHECK_SQL).fetchone()
+            cursor.execute(_CHECK_SQL)
+            row = cursor.fetchone()
             if not (row and row[0]):
                 return False, False
-            return True, prepare and _quietly(lambda: dbapi_connection.execute(_PREPARE_SQL))
+            return True, prepare and _quietly(lambda: cursor.execute(_PREPARE_SQL))
         finally:
+            cursor.close()
             dbapi_connection.autocommit = autocommit
 
     # -- pruning ----------------------------------------------------------------------------------
@@ -793,7 +800,7 @@ StatementGuard: TypeAlias = Callable[[Any, str, Any, Any], bool]
 
 
 def statement_listeners(
-    is_asyncpg: bool, guard: StatementGuard | None
+    adapted: bool, guard: StatementGuard | None
 ) -> dict[str, Callable[..., Any]]:
     """The dialect's ``do_execute`` family listeners of an engine: a statement that may write
     marks its connection's transaction (the marked COMMIT reads the flag), and an UPDATE goes
@@ -802,8 +809,9 @@ def statement_listeners(
 
     One listener call per statement, which returns at once for a SELECT (the verdict is cached
     by statement): every statement of the engine passes here. psycopg's DBAPI cursor names its
-    connection (``cursor.connection``); asyncpg's is SQLAlchemy's adapter, so its connection is
-    reached through SQLAlchemy's public ``driver_connection``.
+    connection (``cursor.connection``); an async driver's (``adapted``: asyncpg, psycopg's
+    ``AsyncConnection``) is SQLAlchemy's adapter, so its connection is reached through
+    SQLAlchemy's public ``driver_connection``.
     """
     verdicts = _verdicts
 
@@ -812,7 +820,7 @@ def statement_listeners(
         if verdict is None:
             verdict = verdict_of(statement)
         if verdict:
-            if is_asyncpg:
+            if adapted:
                 pooled = context.root_connection.connection
                 driver = pooled.driver_connection
                 autocommit = pooled.dbapi_connection.autocommit  # SQLAlchemy's adapter
@@ -1003,40 +1011,50 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                     __slots__=("_rdb_may_write", "_rdb_mode", "_rdb_prepared", "_rdb_read_only"),
                     __init__=__init__,
                 )
+        elif issubclass(base, psycopg.AsyncConnection):
+
+            async def acommit(self: Any) -> None:
+                ticket, message, attempt = _psycopg_commit_plan(self)
+                if attempt is not None:  # a unit's own code commits (see AttemptRecord)
+                    with _own_commit(attempt):
+                        return await base.commit(self)
+                if ticket is not None:
+                    if ticket.mode == XID:
+                        cursor = await self.execute(_XID_SQL)
+                        ticket.xid, ticket.incarnation = await cursor.fetchone()
+                    ticket.sent = True
+                if message is None:
+                    return await base.commit(self)
+                with _marker_statement_errors(self, message):
+                    await _psycopg_simple_query_async(self, message.encode())
+                return None
+
+            namespace.update(commit=acommit)
         else:
 
             def commit(self: Any) -> None:
-                if self.pgconn.transaction_status != _INTRANS:
-                    self._rdb_may_write = False  # idle or failed: COMMIT as plain psycopg does
-                    return base.commit(self)  # type: ignore[no-any-return]
-                ticket, message = _commit_ticket(self)
-                if ticket is None:
-                    attempt = current_attempt.get()
-                    if attempt is not None:  # a unit's own code commits (see AttemptRecord)
-                        with _own_commit(attempt):
-                            return base.commit(self)  # type: ignore[no-any-return]
-                if ticket is not None and ticket.mode == XID:
-                    ticket.xid, ticket.incarnation = self.execute(_XID_SQL).fetchone()
+                ticket, message, attempt = _psycopg_commit_plan(self)
+                if attempt is not None:  # a unit's own code commits (see AttemptRecord)
+                    with _own_commit(attempt):
+                        return base.commit(self)  # type: ignore[no-any-return]
                 if ticket is not None:
+                    if ticket.mode == XID:
+                        ticket.xid, ticket.incarnation = self.execute(_XID_SQL).fetchone()
                     ticket.sent = True
                 if message is None:
                     return base.commit(self)  # type: ignore[no-any-return]
-                # one simple-query message (no parameters); the connection is then idle
-                try:
+                with _marker_statement_errors(self, message):
                     _psycopg_simple_query(self, message.encode())
-                except psycopg.Error as exc:
-                    if self.pgconn.transaction_status == _INERROR:  # the COMMIT never ran
-                        _marker_statement_failed(self, message, exc)
-                    raise
                 return None
 
+            namespace.update(commit=commit)
+        if not issubclass(base, asyncpg.Connection):
             # No rollback(): the flag of a rolled-back transaction is cleared at the next
             # checkout (``CommitProtocol.checked_out``), not by a Python frame in every pool
             # return. A transaction that follows a rollback on the same checked-out connection
             # may carry a marker it doesn't need; the marker is written only for a transaction
             # holding an xid, so such a COMMIT stays correct.
             namespace.update(
-                commit=commit,
                 _rdb_read_mode=_psycopg_read_mode,
                 _rdb_may_write=False,
                 _rdb_mode=None,
@@ -1080,6 +1098,35 @@ _INERROR: Final = int(psycopg.pq.TransactionStatus.INERROR)
 _FATAL_ERROR: Final = int(psycopg.pq.ExecStatus.FATAL_ERROR)
 
 
+def _psycopg_commit_plan(
+    connection: Any,
+) -> tuple[CommitTicket | None, str | None, AttemptRecord | None]:
+    """What a psycopg connection's (sync or async) COMMIT does: (ticket, message, attempt).
+
+    A connection that is idle or failed commits as plain psycopg does (nothing else). Otherwise
+    the committing unit's ticket and the message to send instead of COMMIT
+    (:func:`_commit_ticket`); with no unit committing, the attempt whose own code commits, if
+    any, for :func:`_own_commit`.
+    """
+    if connection.pgconn.transaction_status != _INTRANS:
+        connection._rdb_may_write = False  # idle or failed: COMMIT as plain psycopg does
+        return None, None, None
+    ticket, message = _commit_ticket(connection)
+    return ticket, message, current_attempt.get() if ticket is None else None
+
+
+@contextlib.contextmanager
+def _marker_statement_errors(connection: Any, message: str) -> Iterator[None]:
+    """Around a psycopg connection's marked COMMIT message: an error that left the transaction
+    open and failed came from the marker statement (the COMMIT never ran)."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        if connection.pgconn.transaction_status == _INERROR:
+            _marker_statement_failed(connection, message, exc)
+        raise
+
+
 def _psycopg_simple_query(connection: Any, message: bytes) -> None:
     """Send ``message`` (several statements, no parameters) as one simple-query message on a
     psycopg connection and wait for its results; raise the first error as psycopg would.
@@ -1089,26 +1136,40 @@ def _psycopg_simple_query(connection: Any, message: bytes) -> None:
     psycopg's generator for a sent query. A cursor's ``execute`` would do the same at about
     40,000 more instructions per commit (query conversion, prepared-statement bookkeeping, row
     makers). ``psycopg.generators`` and ``psycopg.errors.error_from_result`` are not documented
-    API: this is their one use, and ``tests/test_commit_markers.py`` fails loudly if they change.
+    API: this is their one use (with the async twin below), and ``tests/test_commit_markers.py``
+    fails loudly if they change.
     """
     with connection.lock:
         connection.pgconn.send_query(message)
         results = connection.wait(_pq_execute(connection.pgconn))
+    _raise_first_error(connection, results)
+
+
+async def _psycopg_simple_query_async(connection: Any, message: bytes) -> None:
+    """:func:`_psycopg_simple_query` on a ``psycopg.AsyncConnection``."""
+    async with connection.lock:
+        connection.pgconn.send_query(message)
+        results = await connection.wait(_pq_execute(connection.pgconn))
+    _raise_first_error(connection, results)
+
+
+def _raise_first_error(connection: Any, results: list[Any]) -> None:
     for result in results:
         if result.status == _FATAL_ERROR:
             raise psycopg.errors.error_from_result(result, encoding=connection.info.encoding)
 
 
 def _mark_psycopg(dbapi_connection: Any) -> bool:
-    """Make a psycopg connection's COMMIT markable (its class becomes a marked subclass).
+    """Make a psycopg connection's (sync or async) COMMIT markable (its class becomes a marked
+    subclass).
 
     The connection exists already (made by psycopg's ``connect``, or by a ``do_connect`` listener
     or ``creator`` of the user's), so its class is switched rather than the class it is made
-    from; the subclass only adds a ``commit()`` override and one attribute.
+    from; the subclass only adds a ``commit()`` override and a few attributes.
     """
     if getattr(dbapi_connection, "_rdb_marked", False):
         return True
-    if not isinstance(dbapi_connection, psycopg.Connection):
+    if not isinstance(dbapi_connection, (psycopg.Connection, psycopg.AsyncConnection)):
         return False
     dbapi_connection.__class__ = marked_connection_class(type(dbapi_connection))
     return True

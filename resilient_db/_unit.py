@@ -537,7 +537,8 @@ def connection_looks_dead(dbapi_connection: Any, cache: dict[str, Any] | None = 
             if cache is not None:
                 cache[_FD_KEY] = (inner, fd)
         return _readable(fd, cache)
-    pgconn = getattr(dbapi_connection, "pgconn", None)
+    # psycopg 3: its connection, or its async one through SQLAlchemy's adapter
+    pgconn = getattr(dbapi_connection if inner is None else inner, "pgconn", None)
     if pgconn is None:  # not psycopg 3: no cheap check; SQLAlchemy's handling applies
         return False
     if pgconn.status != _PG_OK:  # psycopg's ``closed`` and ``broken`` both come from this

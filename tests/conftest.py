@@ -1,8 +1,10 @@
 """Shared test setup.
 
-The fixtures (``pg_server``, ``pg_database``, ``pg_url``, ``pg_async_url``, ``fault_proxy``) and
-the ``server_control`` marker come from the ``resilient_db`` pytest plugin
+The fixtures (``pg_server``, ``pg_database``, ``pg_url``, ``fault_proxy``) and the
+``server_control`` marker come from the ``resilient_db`` pytest plugin
 (:mod:`resilient_db.testing._pytest_plugin`), which the package's ``pytest11`` entry point loads.
+``pg_async_url`` is the plugin's, for the driver of ``async_driver`` (asyncpg, unless a module
+runs its tests on both async drivers: see ``scenarios.ASYNC_DRIVERS``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 import resilient_db as rdb
+from resilient_db.testing import PostgresServer
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -36,6 +39,18 @@ def service(request: pytest.FixtureRequest) -> str:
     """A service name of the test's own (breakers and budgets are per service, process-wide),
     named after its module."""
     return f"{request.module.__name__.rpartition('.')[2]}-{next(_services)}"
+
+
+@pytest.fixture
+def async_driver() -> str:
+    """The async driver of ``pg_async_url`` (and of a module's proxied engines)."""
+    return "asyncpg"
+
+
+@pytest.fixture
+def pg_async_url(pg_server: PostgresServer, pg_database: str, async_driver: str) -> str:
+    """SQLAlchemy URL of this test's database, for ``create_async_engine`` with ``async_driver``."""
+    return pg_server.url(pg_database, driver=async_driver)
 
 
 @pytest.fixture

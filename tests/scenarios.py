@@ -11,6 +11,19 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import resilient_db as rdb
 
+#: SQLAlchemy's async PostgreSQL drivers: asyncpg, and psycopg's ``AsyncConnection`` (what
+#: ``create_async_engine("postgresql+psycopg://...")`` uses). A module runs its tests on both by
+#: overriding conftest's ``async_driver`` with ``@pytest.fixture(params=ASYNC_DRIVERS)``.
+ASYNC_DRIVERS = ("asyncpg", "psycopg")
+
+
+def async_connect_args(driver: str, timeout: float) -> dict[str, Any]:
+    """``connect_args`` for a connect timeout of ``timeout`` seconds on an async driver."""
+    if driver == "asyncpg":
+        return {"timeout": timeout}
+    return {"connect_timeout": max(1, round(timeout))}  # libpq's: whole seconds
+
+
 #: Codes raised through the real driver with RAISE ... USING ERRCODE, and their class.
 TRANSIENT = {
     "40001": rdb.Outcome.CONFLICT,

@@ -1,7 +1,8 @@
-"""AsyncResilientSession (asyncpg) against a real PostgreSQL with real faults.
+"""AsyncResilientSession against a real PostgreSQL with real faults, on both of SQLAlchemy's
+async drivers (asyncpg and psycopg's ``AsyncConnection``).
 
 The async twin of ``test_session.py``. Exact SQLSTATEs come from ``RAISE ... USING ERRCODE``
-through asyncpg; disconnects from ``pg_terminate_backend``, the fault proxy and server restarts.
+through the driver; disconnects from ``pg_terminate_backend``, the fault proxy and server restarts.
 Backoff is zeroed (``set_testing``) or replaced by an injected ``asleep``, never slept.
 """
 
@@ -15,7 +16,14 @@ from typing import Any
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
-from scenarios import NOT_TRANSIENT, RAISE_CODE_FUNCTION, TRANSIENT, Base, Item
+from scenarios import (
+    ASYNC_DRIVERS,
+    NOT_TRANSIENT,
+    RAISE_CODE_FUNCTION,
+    TRANSIENT,
+    Base,
+    Item,
+)
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.ext.asyncio import create_async_engine as create_engine
@@ -25,6 +33,12 @@ from resilient_db import AsyncResilientSession
 from resilient_db._asyncio import _to_completion
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.usefixtures("no_backoff")]
+
+
+@pytest.fixture(params=ASYNC_DRIVERS)
+def async_driver(request: pytest.FixtureRequest) -> str:
+    """Every test that reaches the server runs on both async drivers."""
+    return str(request.param)
 
 
 async def _create_schema(engine: AsyncEngine) -> None:
@@ -65,10 +79,13 @@ async def make_engine() -> AsyncIterator[Callable[..., AsyncEngine]]:
 
 @pytest_asyncio.fixture
 async def proxied(
-    pg_database: str, fault_proxy: Any, make_engine: Callable[..., AsyncEngine]
+    pg_database: str,
+    fault_proxy: Any,
+    make_engine: Callable[..., AsyncEngine],
+    async_driver: str,
 ) -> AsyncEngine:
     """An engine whose connections go through ``fault_proxy``."""
-    return make_engine(fault_proxy.url(pg_database, driver="asyncpg"))
+    return make_engine(fault_proxy.url(pg_database, driver=async_driver))
 
 
 def factory(engine: AsyncEngine, service: str, **cfg: Any) -> AsyncResilientSession[AsyncSession]:
@@ -190,7 +207,7 @@ async def test_killed_backend_mid_unit_is_replayed_once_with_exactly_one_row(
     assert await Session.run(unit) == 2
     assert await count_items(engine, "killed") == 1
     assert len(seen) == 1
-    assert rdb.classify(seen[0]) is rdb.Outcome.DISCONNECT  # through asyncpg, no SQLSTATE needed
+    assert rdb.classify(seen[0]) is rdb.Outcome.DISCONNECT  # through the driver, no SQLSTATE needed
     assert counters(service)["retries_by_class"] == {"disconnect": 1}
     assert counters(service)["recovered"] == 1
 
@@ -215,7 +232,7 @@ async def test_each_transient_sqlstate_is_replayed(
 
     assert await Session.run(unit) == "done"
     assert len(seen) == 1
-    assert rdb.sqlstate_of(seen[0]) == code  # asyncpg delivered the real code
+    assert rdb.sqlstate_of(seen[0]) == code  # the driver delivered the real code
     assert rdb.classify(seen[0]) is outcome
     assert await count_items(engine, f"t-{code}") == 1
 
@@ -257,6 +274,7 @@ async def test_real_sqlstates_from_the_driver_for_real_failures(
     assert (rdb.sqlstate_of(dup.value), rdb.sqlstate_of(div.value)) == ("23505", "22012")
 
 
+@pytest.mark.parametrize("async_driver", ["asyncpg"])
 async def test_asyncpg_interface_errors_that_are_bugs_are_not_retried(
     engine: AsyncEngine, service: str
 ) -> None:
@@ -477,8 +495,15 @@ async def select_n(session: AsyncSession, n: int) -> int:
     return int((await session.execute(sa.text(f"SELECT {int(n)}"))).scalar_one())
 
 
+#: what a refused connect raises: asyncpg lets the socket's error through, psycopg reports it
+REFUSED: dict[str, type[BaseException]] = {
+    "asyncpg": ConnectionRefusedError,
+    "psycopg": sa_exc.OperationalError,
+}
+
+
 async def test_breaker_opens_rejects_without_network_half_opens_and_closes(
-    proxied: AsyncEngine, fault_proxy: Any, service: str
+    proxied: AsyncEngine, fault_proxy: Any, service: str, async_driver: str
 ) -> None:
     clock = Clock()
     engine = proxied
@@ -491,7 +516,7 @@ async def test_breaker_opens_rejects_without_network_half_opens_and_closes(
     assert await Session.run(select_n, 1) == 1
     fault_proxy.refuse()
     fault_proxy.cut_all()  # a full outage: the pooled connection dies too
-    with pytest.raises(ConnectionRefusedError) as refused:  # 2 attempts, both failing
+    with pytest.raises(REFUSED[async_driver]) as refused:  # 2 attempts, both failing
         await Session.run(select_n, 1)
     assert rdb.classify(refused.value) is rdb.Outcome.DISCONNECT
     with pytest.raises(rdb.CircuitOpenError) as info:  # third failure opens, loop ends at once
@@ -525,7 +550,7 @@ async def test_breaker_opens_rejects_without_network_half_opens_and_closes(
 
 
 async def test_half_open_probe_failing_opens_the_circuit_again(
-    proxied: AsyncEngine, fault_proxy: Any, service: str
+    proxied: AsyncEngine, fault_proxy: Any, service: str, async_driver: str
 ) -> None:
     clock = Clock()
     engine = proxied
@@ -536,11 +561,11 @@ async def test_half_open_probe_failing_opens_the_circuit_again(
         wall_clock=clock,
     )
     fault_proxy.refuse()
-    with pytest.raises(ConnectionRefusedError):
+    with pytest.raises(REFUSED[async_driver]):
         await Session.run(select_n, 1)
     assert (breaker(service) or {})["state"] == "open"
     clock.now += 5.0
-    with pytest.raises(ConnectionRefusedError):  # the probe fails: open for a full timeout again
+    with pytest.raises(REFUSED[async_driver]):  # the probe fails: open for a full timeout again
         await Session.run(select_n, 1)
     with pytest.raises(rdb.CircuitOpenError) as info:
         await Session.run(select_n, 1)
@@ -1014,7 +1039,7 @@ async def test_disabled_is_exact_plain_sqlalchemy(
 
 
 async def test_disabled_drop_in_connect_failure_is_plain(
-    proxied: AsyncEngine, fault_proxy: Any, service: str
+    proxied: AsyncEngine, fault_proxy: Any, service: str, async_driver: str
 ) -> None:
     engine = proxied
     delays: list[float] = []
@@ -1026,7 +1051,7 @@ async def test_disabled_drop_in_connect_failure_is_plain(
         engine, service=service, config=rdb.Config(enabled=False), asleep=asleep
     )
     fault_proxy.refuse()
-    with pytest.raises(ConnectionRefusedError):
+    with pytest.raises(REFUSED[async_driver]):
         async with Session() as session:
             await session.execute(sa.text("SELECT 1"))
     assert delays == []
