@@ -1021,3 +1021,112 @@ def test_the_psycopg_simple_query_behaves_as_psycopg_commit_does(engine: sa.Engi
     with engine.connect() as conn:
         value = conn.execute(sa.text("SELECT value FROM marker_counters WHERE id = 1")).scalar()
         assert value == 1
+
+
+# -- psycopg's async driver (create_async_engine("postgresql+psycopg://...")) --------------------
+async def _apid(session: AsyncSession) -> int:
+    return int((await session.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one())
+
+
+@pytest.mark.asyncio
+async def test_psycopg_async_units_carry_the_prepared_marker_and_settle_a_lost_answer(
+    engine: sa.Engine, fault_proxy: FaultProxy, pg_database: str, service: str
+) -> None:
+    """Its connections are marked like the sync ones: a writing unit's COMMIT message carries
+    the prepared marker, the connection ends idle, and a lost answer is settled as committed
+    (not replayed, not "unknown")."""
+    eng = create_async_engine(fault_proxy.url(pg_database), pool_size=1, max_overflow=0)
+    assert eng.dialect.driver == "psycopg"
+    assert eng.dialect.is_async
+    Sessions = rdb.AsyncResilientSession(eng, service=service)
+    calls = []
+
+    async def bump(session: AsyncSession) -> int:
+        calls.append(1)
+        return await _abump(session)
+
+    try:
+        assert await Sessions.run(bump) == 1
+        async with eng.connect() as conn:
+            raw: Any = (await conn.get_raw_connection()).driver_connection
+            assert isinstance(raw, psycopg.AsyncConnection)
+            assert getattr(type(raw), "_rdb_marked", False)
+            assert raw._rdb_mode == "markers"
+            assert raw._rdb_may_write is False  # the COMMIT ended the writing transaction
+            assert await conn.run_sync(_prepared_runs) == 1  # the COMMIT ran the statement
+        fault_proxy.lose_commit_answer()
+        assert await Sessions.run(bump) == 2  # committed before the answer was lost: done
+        assert fault_proxy.commits_lost == 1
+        assert len(calls) == 2  # not replayed
+    finally:
+        await eng.dispose()
+    assert len(markers(engine)) == 2
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(Counter.value)).scalar() == 2
+
+
+@pytest.mark.asyncio
+async def test_psycopg_async_marker_refused_past_sqlalchemy_replays_once_on_the_same_connection(
+    engine: sa.Engine, pg_url: str, service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A transaction made read-only past SQLAlchemy: the server refuses the prepared INSERT
+    (25006), the COMMIT after it never ran, the unit is replayed once on the same connection,
+    which calls the function from then on. A marker that fails otherwise (its id taken) is the
+    unit's error, and the connection takes the next unit."""
+    eng = create_async_engine(pg_url, pool_size=1, max_overflow=0)
+    Sessions = rdb.AsyncResilientSession(eng, service=service)
+    pids = []
+
+    async def read_only_unit(session: AsyncSession) -> int:
+        raw: Any = (await (await session.connection()).get_raw_connection()).driver_connection
+        await raw.execute("SET TRANSACTION READ ONLY")
+        pids.append(await _apid(session))
+        return int((await session.execute(CTE_READ)).scalar_one())
+
+    try:
+        assert await Sessions.run(read_only_unit) == 0
+        assert await Sessions.run(read_only_unit) == 0
+        assert len(pids) == 3
+        assert len(set(pids)) == 1
+        assert markers(engine) == []
+
+        taken = marker_id()
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text("INSERT INTO resilient_db.commit_markers (id) VALUES (:m)"), {"m": taken}
+            )
+        monkeypatch.setattr(_commit, "marker_id", lambda: taken)
+        with pytest.raises(sa.exc.IntegrityError):
+            await Sessions.run(_abump)
+        monkeypatch.undo()
+        assert await Sessions.run(_abump) == 1  # the same connection; the first bump undone
+    finally:
+        await eng.dispose()
+    assert len(markers(engine)) == 2
+
+
+@pytest.mark.asyncio
+async def test_the_async_psycopg_simple_query_behaves_as_psycopg_commit_does(
+    engine: sa.Engine, pg_url: str
+) -> None:
+    """The async twin of the test above, on ``psycopg.AsyncConnection``."""
+    raw = await psycopg.AsyncConnection.connect(
+        sa.make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    )
+    try:
+        await raw.execute("UPDATE marker_counters SET value = value + 1 WHERE id = 1")
+        await _commit._psycopg_simple_query_async(raw, b"SELECT 1; COMMIT")
+        assert raw.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        await raw.execute("UPDATE marker_counters SET value = value + 10 WHERE id = 1")
+        with pytest.raises(psycopg.errors.UndefinedFunction) as info:
+            await _commit._psycopg_simple_query_async(
+                raw, b"SELECT resilient_db.no_such_function(); COMMIT"
+            )
+        assert info.value.sqlstate == "42883"
+        assert raw.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
+        await raw.rollback()
+    finally:
+        await raw.close()
+    with engine.connect() as conn:
+        value = conn.execute(sa.text("SELECT value FROM marker_counters WHERE id = 1")).scalar()
+        assert value == 1

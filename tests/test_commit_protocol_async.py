@@ -1,4 +1,5 @@
-"""The commit protocol of units (asyncpg), against a real server and real crashes.
+"""The commit protocol of units, against a real server and real crashes. The async units run
+on both of SQLAlchemy's async drivers (the ``driver`` fixture).
 
 A COMMIT whose answer never arrived is never replayed blindly: every scenario ends with the unit
 done exactly once, or raising ``CommitOutcomeUnknownError``, and the database agrees (the ledger
@@ -28,6 +29,7 @@ import psycopg
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
+from scenarios import ASYNC_DRIVERS, async_connect_args
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -242,9 +244,13 @@ class Env:
 if True:  # async only
     pytestmark = [pytestmark, pytest.mark.asyncio]
 
-    def proxied_engine(proxy: FaultProxy, database: str) -> AsyncEngine:
+    @pytest.fixture(params=ASYNC_DRIVERS)
+    def driver(request: pytest.FixtureRequest) -> str:
+        return str(request.param)
+
+    def proxied_engine(proxy: FaultProxy, database: str, driver: str) -> AsyncEngine:
         return create_async_engine(
-            proxy.url(database, driver="asyncpg"), connect_args={"timeout": 2}
+            proxy.url(database, driver=driver), connect_args=async_connect_args(driver, 2)
         )
 
     async def swallowed(env: Env, unit: Unit) -> asyncio.Task[Outcome]:
@@ -259,8 +265,14 @@ if True:  # async only
         return await asyncio.wait_for(task, timeout=30)
 else:  # sync only
 
-    def proxied_engine(proxy: FaultProxy, database: str) -> sa.Engine:
-        return sa.create_engine(proxy.url(database), connect_args={"connect_timeout": 2})
+    @pytest.fixture
+    def driver() -> str:
+        return "psycopg"
+
+    def proxied_engine(proxy: FaultProxy, database: str, driver: str) -> sa.Engine:
+        return sa.create_engine(
+            proxy.url(database, driver=driver), connect_args={"connect_timeout": 2}
+        )
 
     class Background(threading.Thread):
         """``Session.run(unit)`` in a thread (while the test injects faults); ``outcome`` after."""
@@ -292,10 +304,16 @@ else:  # sync only
 
 @pytest_asyncio.fixture
 async def env(
-    fault_proxy: FaultProxy, pg_server: PostgresServer, pg_database: str, service: str, mode: str
+    *,
+    fault_proxy: FaultProxy,
+    pg_server: PostgresServer,
+    pg_database: str,
+    service: str,
+    mode: str,
+    driver: str,
 ) -> AsyncIterator[Env]:
     prepare(pg_server.url(pg_database), mode)
-    engine = proxied_engine(fault_proxy, pg_database)
+    engine = proxied_engine(fault_proxy, pg_database, driver)
     yield Env(engine, fault_proxy, pg_server, pg_database, service, mode)
     await engine.dispose()
 
@@ -474,7 +492,7 @@ def commit_another_transaction(server: PostgresServer, database: str) -> str:
 
 @pytest.mark.server_control
 async def test_reused_xid_never_reports_a_lost_write_as_done(
-    wal_in_memory_server: EmbeddedPostgres, service: str, mode: str
+    wal_in_memory_server: EmbeddedPostgres, service: str, mode: str, driver: str
 ) -> None:
     """COMMIT in flight while the server crashes before the unit's WAL is durable; after the
     restart another client gets the same xid and commits first; then the unit hears."""
@@ -484,7 +502,7 @@ async def test_reused_xid_never_reports_a_lost_write_as_done(
     try:
         prepare(server.url(database), mode)
         with FaultProxy(server) as proxy:
-            engine = proxied_engine(proxy, database)
+            engine = proxied_engine(proxy, database, driver)
             try:
                 env = Env(engine, proxy, server, database, service, mode)
                 unit = Unit(record_xid=True)

@@ -1,7 +1,8 @@
-"""The status-transition guard under ``AsyncSession`` (asyncpg): the sync twin's scenarios that
-could break with MissingGreenlet (expired attributes, SELECTs inside flush, bulk UPDATE), the
-compare-and-set carried by the flush's UPDATE (asyncpg reports no row count for an executemany:
-the guard locks those rows instead), plus the trigger error mapping through asyncpg."""
+"""The status-transition guard under ``AsyncSession``, on both of SQLAlchemy's async drivers
+(asyncpg and psycopg's ``AsyncConnection``): the sync twin's scenarios that could break with
+MissingGreenlet (expired attributes, SELECTs inside flush, bulk UPDATE), the compare-and-set
+carried by the flush's UPDATE (asyncpg reports no row count for an executemany: the guard locks
+those rows instead), plus the trigger error mapping through the driver."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
-from scenarios import BYPASS_BY_HAND, MoveFirst
+from scenarios import ASYNC_DRIVERS, BYPASS_BY_HAND, MoveFirst
 from sent import Sent
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -41,6 +42,12 @@ from resilient_db.transitions._guards import install_guard
 from resilient_db.transitions._report import transition_stats
 
 pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture(params=ASYNC_DRIVERS)
+def async_driver(request: pytest.FixtureRequest) -> str:
+    """Every test that reaches the server runs on both async drivers."""
+    return str(request.param)
 
 
 class Base(DeclarativeBase):
@@ -186,11 +193,12 @@ async def test_move_landing_between_the_check_and_the_update_is_stale(
 
 
 async def test_many_row_flush_locks_the_rows_asyncpg_cannot_count(
-    engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]
+    engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession], async_driver: str
 ) -> None:
     """asyncpg's executemany reports no row count, so a compare-and-set in it would go unchecked:
     the guard locks and checks rows that change together before their UPDATE (one SELECT per
-    table, as before the compare-and-set moved into the UPDATE)."""
+    table, as before the compare-and-set moved into the UPDATE). psycopg's does: its UPDATE
+    carries the compare-and-set, nothing is locked first."""
     ids = [await _add_job(engine) for _ in range(3)]
     async with sessions() as s:
         jobs = [await s.get(Job, i) for i in ids]
@@ -202,11 +210,15 @@ async def test_many_row_flush_locks_the_rows_asyncpg_cannot_count(
         statements.stop()
         locked = [q for q, _ in statements.sent if q.endswith("FOR UPDATE")]
         updates = [(q, many) for q, many in statements.sent if q.startswith("UPDATE")]
-        assert len(locked) == 1
         assert len(updates) == 1
         assert updates[0][1]  # still one executemany
-        sent = [q for q, _ in statements.sent]
-        assert sent.index(locked[0]) < sent.index(updates[0][0])  # locked before the UPDATE
+        if async_driver == "asyncpg":
+            assert len(locked) == 1
+            sent = [q for q, _ in statements.sent]
+            assert sent.index(locked[0]) < sent.index(updates[0][0])  # locked before the UPDATE
+        else:
+            assert locked == []
+            assert "AND jobs.status =" in updates[0][0]  # the compare-and-set
         for job in jobs:
             assert job is not None
             await s.refresh(job)  # loaded: 'running'
@@ -371,7 +383,7 @@ async def test_bulk_update_by_primary_key(
     assert (await _db_status(engine, a), await _db_status(engine, b)) == ("running", "done")
 
 
-async def test_trigger_error_mapped_through_asyncpg(engine: AsyncEngine) -> None:
+async def test_trigger_error_mapped_through_the_driver(engine: AsyncEngine) -> None:
     job_id = await _add_job(engine, "done")
     async with engine.connect() as conn:
         with pytest.raises(sa.exc.DBAPIError) as info:
