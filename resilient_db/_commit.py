@@ -566,6 +566,10 @@ class CommitProtocol:
         self._last_prune = time.monotonic()
         self._prune_lock = threading.Lock()
         self.prepared_marker = PreparedMarker(self._warn_prepared_lost, self._note_refused)
+        self.supported = verifiable(engine)
+        if not self.supported:
+            self._warn_unsupported()
+            return  # nothing to mark: every unit's COMMIT is UNMARKED (see CommitRequest.last)
         event.listen(engine, "connect", self._on_connect)
         for name, listener in statement_listeners(self.adapted, guard).items():
             event.listen(engine, name, listener)
@@ -590,6 +594,8 @@ class CommitProtocol:
         """Mark a new connection (psycopg: its class; asyncpg: made marked in ``do_connect``),
         record on it whether the markers are installed, and prepare the marker statement on it
         where that may be done (see :class:`PreparedMarker`). Idempotent."""
+        if not self.supported:
+            return
         driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
         if getattr(driver, "_rdb_mode", None) is not None:
             return
@@ -642,6 +648,23 @@ class CommitProtocol:
             self.engine.url.database,
             service=self._settings.service,
             event="commit_markers_missing",
+        )
+
+    def _warn_unsupported(self) -> None:
+        url = self.engine.url
+        emit(
+            self._settings.config,
+            log_session,
+            logging.WARNING,
+            "Engine %s+%s (database %s) is not PostgreSQL through psycopg 3 or asyncpg: its "
+            "COMMITs can't carry a marker, so a unit whose COMMIT answer is lost ends in "
+            "CommitOutcomeUnknownError, and errors are retried only where they carry a "
+            "PostgreSQL SQLSTATE or SQLAlchemy saw a disconnect",
+            url.get_backend_name(),
+            url.get_driver_name(),
+            url.database,
+            service=self._settings.service,
+            event="commit_verification_unavailable",
         )
 
     def _warn_prepared_lost(self) -> None:
@@ -723,6 +746,13 @@ class CommitProtocol:
                 return False
             self._last_prune = time.monotonic()
             return True
+
+
+def verifiable(engine: Engine) -> bool:
+    """Whether units on ``engine`` can have their commits verified: PostgreSQL through psycopg 3
+    (sync or async) or asyncpg, the drivers whose connections the protocol marks."""
+    dialect = engine.dialect
+    return dialect.name == "postgresql" and dialect.driver in ("psycopg", "asyncpg")
 
 
 def _quietly(action: Callable[[], object]) -> bool:

@@ -30,6 +30,7 @@ from ._commit import (
     current_attempt,
     current_request,
     prune,
+    verifiable,
 )
 from ._config import Config, load_config, register_default_user
 from ._errors import CommitOutcomeUnknownError
@@ -371,7 +372,9 @@ class EngineHooks:
         self.classifier = classifier
         self.service = "database"
         # (hooks_for holds STATE.lock)
-        self.commit = CommitProtocol(engine, self, guard_for_commit_protocol(engine))
+        # the guard listens through the protocol's statement listener, where there is one
+        guard = guard_for_commit_protocol(engine) if verifiable(engine) else None
+        self.commit = CommitProtocol(engine, self, guard)
         self.factories: weakref.WeakSet[FactoryCore] = weakref.WeakSet()
 
     def handle_error(self, ctx: Any) -> BaseException | None:

@@ -294,3 +294,46 @@ def test_factories_on_one_engine_must_agree_on_engine_wide_settings(
     other_engine = sa.create_engine(engine.url)
     rdb.ResilientSession(other_engine, service="off", config=rdb.Config(enabled=False))
     other_engine.dispose()
+
+
+def test_an_engine_the_commit_protocol_cannot_mark_still_runs_units_and_the_guard(
+    tmp_path: Any, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not PostgreSQL through psycopg 3 or asyncpg (here SQLite, as a test setup may use): the
+    factory says once that commits can't be verified there, and units, the guard and its
+    compare-and-set work as on PostgreSQL. (Its statement listener read a driver attribute
+    that SQLite's connection lacks: every write failed with AttributeError.)"""
+    eng = sa.create_engine(f"sqlite:///{tmp_path / 'app.db'}")
+    try:
+        Task.__table__.create(eng)
+        with caplog.at_level("WARNING", logger="resilient_db"):
+            Sessions = rdb.ResilientSession(eng, service=service)
+            rdb.ResilientSession(eng, service=service)  # the engine's hooks exist: no repeat
+        said = [r for r in caplog.records if "can't carry a marker" in r.getMessage()]
+        assert len(said) == 1
+        assert "sqlite+pysqlite" in said[0].getMessage()
+
+        def add(session: Session) -> None:
+            session.add(Task(id=1, idem_key="k1", title="on sqlite"))
+
+        def move(session: Session, to: str) -> str:
+            task = session.get(Task, 1)
+            assert task is not None
+            task.status = to
+            return task.status
+
+        Sessions.run(add)
+        assert Sessions.run(move, "in_progress") == "in_progress"
+        with pytest.raises(rdb.IllegalTransitionError):
+            Sessions.run(move, "pending_review")
+        with Sessions() as session:  # loaded 'in_progress'; another session moves it first
+            task = session.get(Task, 1)
+            assert task is not None
+            Sessions.run(move, "completed")
+            task.status = "failed"
+            with pytest.raises(rdb.StaleTransitionError):
+                session.commit()
+        with Sessions() as session:
+            assert session.scalar(sa.select(Task.status)) == "completed"
+    finally:
+        eng.dispose()
