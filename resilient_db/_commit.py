@@ -330,6 +330,7 @@ class CommitTicket:
     xid: str | None = None
     incarnation: str | None = None
     sent: bool = False  # the COMMIT message went out (before it, a failure can't have committed)
+    done: bool = False  # the server answered it: committed
 
     @property
     def wrote(self) -> bool:
@@ -342,11 +343,13 @@ class CommitTicket:
 class CommitRequest:
     """The tickets of one unit's commit (one per connection the session commits)."""
 
-    __slots__ = ("committing", "tickets")
+    __slots__ = ("attempt", "committing", "tickets", "transaction")
 
     def __init__(self) -> None:
         self.tickets: list[CommitTicket] = []
         self.committing = False  # flushed; COMMIT may go out from here on
+        self.transaction: Any = None  # the session's root transaction that COMMIT ends
+        self.attempt: AttemptRecord | None = None  # the unit's attempt (it saw the connections)
 
     @property
     def last(self) -> CommitTicket | None:
@@ -357,6 +360,16 @@ class CommitRequest:
         if self.committing:
             return CommitTicket(UNMARKED, sent=True)
         return None
+
+    def connections(self) -> list[tuple[Any, bool]]:
+        """The connections (SQLAlchemy's) of the transaction this COMMIT ends, each with whether
+        its COMMIT is marked, in the order the transaction began on them; empty when not known
+        (a session class without the listener)."""
+        attempt = self.attempt
+        if attempt is None or not attempt.began:
+            return []
+        mine = self.transaction
+        return [(conn, marked) for trans, conn, marked in attempt.began if trans is mine]
 
 
 class _ReplayPolicy(Protocol):
@@ -376,13 +389,16 @@ class AttemptRecord:
     as committed work of the attempt that runs it, if any (a unit of another factory inside a
     unit)."""
 
-    __slots__ = ("_enclosing", "_policy", "_token", "autocommitting", "committed")
+    __slots__ = ("_enclosing", "_policy", "_token", "autocommitting", "began", "committed")
 
     def __init__(self, policy: _ReplayPolicy) -> None:
         self._policy = policy
         self.committed = False
         # the execution context of the last writing statement sent in autocommit
         self.autocommitting: Any = None
+        # (root transaction, connection, marked) for each connection a session began on in the
+        # attempt (see ``CommitRequest.connections``)
+        self.began: list[tuple[Any, Any, bool]] | None = None
 
     @property
     def unreplayable(self) -> bool:
@@ -407,6 +423,15 @@ class AttemptRecord:
         enclosing attempt (looked at only when there is one)."""
         if self._enclosing is not None and any(t.wrote for t in request.tickets):
             self.committed = True
+
+    def began_on(self, transaction: Any, connection: Any) -> None:
+        """A session's root ``transaction`` began on ``connection`` (``after_begin``)."""
+        driver = connection.connection.driver_connection
+        entry = (transaction, connection, getattr(driver, "_rdb_marked", False))
+        if self.began is None:
+            self.began = [entry]
+        else:
+            self.began.append(entry)
 
     def autocommit(self, context: Any) -> None:
         """A statement that may write goes out in autocommit: it commits on its own."""
@@ -1010,12 +1035,18 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                                 row = await base.fetchrow(self, _XID_SQL)
                                 ticket.xid, ticket.incarnation = row[0], row[1]
                             ticket.sent = True
-                            if message is not None:
+                            if message is None:
+                                result = await base.execute(self, query, timeout=timeout)
+                            else:
                                 try:
-                                    return await base.execute(self, message + ";", timeout=timeout)
+                                    result = await base.execute(
+                                        self, message + ";", timeout=timeout
+                                    )
                                 except asyncpg.PostgresError as exc:
                                     await _failed_before_commit(self, base, message, exc)
                                     raise
+                            ticket.done = True
+                            return result
                     elif end == "ROLLBACK":
                         self._rdb_may_write = False
                 return await base.execute(self, query, *args, timeout=timeout)
@@ -1054,9 +1085,12 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                         ticket.xid, ticket.incarnation = await cursor.fetchone()
                     ticket.sent = True
                 if message is None:
-                    return await base.commit(self)
-                with _marker_statement_errors(self, message):
-                    await _psycopg_simple_query_async(self, message.encode())
+                    await base.commit(self)
+                else:
+                    with _marker_statement_errors(self, message):
+                        await _psycopg_simple_query_async(self, message.encode())
+                if ticket is not None:
+                    ticket.done = True
                 return None
 
             namespace.update(commit=acommit)
@@ -1072,9 +1106,12 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                         ticket.xid, ticket.incarnation = self.execute(_XID_SQL).fetchone()
                     ticket.sent = True
                 if message is None:
-                    return base.commit(self)  # type: ignore[no-any-return]
-                with _marker_statement_errors(self, message):
-                    _psycopg_simple_query(self, message.encode())
+                    base.commit(self)
+                else:
+                    with _marker_statement_errors(self, message):
+                        _psycopg_simple_query(self, message.encode())
+                if ticket is not None:
+                    ticket.done = True
                 return None
 
             namespace.update(commit=commit)

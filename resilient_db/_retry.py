@@ -187,18 +187,19 @@ class Policy:
                 self._machinery_failed("circuit breaker failure accounting")
         return outcome
 
-    def partly_committed(self, exc: BaseException) -> None:
+    def partly_committed(self, exc: BaseException, how: str = "") -> None:
         """An attempt failed after its own code committed (or may have): it is not replayed,
-        since a replay would write the committed part again; ``exc`` is raised as it is."""
+        since a replay would write the committed part again; ``exc`` is raised as it is.
+        ``how``: how it committed, when not by its own code."""
         mark_partly_committed(exc)
         emit(
             self.config,
             log_retry,
             logging.WARNING,
-            "Not replaying: service=%s the unit committed part of its work itself "
-            "(a COMMIT of its own, or statements in autocommit) before it failed (%s); "
-            "raising the error",
+            "Not replaying: service=%s the unit committed part of its work %s before it "
+            "failed (%s); raising the error",
             self.service,
+            how or "itself (a COMMIT of its own, or statements in autocommit)",
             type(exc).__name__,
             service=self.service,
             event="partly_committed",

@@ -78,6 +78,8 @@ def flush_and_commit(session: Session, box: list[CommitRequest], protocol: Commi
     request = CommitRequest()
     box.append(request)
     session.flush()  # a failure here sent no COMMIT: the unit may simply be replayed
+    request.transaction = session.get_transaction()
+    request.attempt = current_attempt.get()
     request.committing = True
     token = current_request.set(request)
     try:
@@ -136,18 +138,79 @@ class CommitReferee:
     replayed) or :class:`CommitOutcomeUnknownError`.
     """
 
-    def __init__(self, policy: Policy) -> None:
+    def __init__(self, policy: Policy, engine: Engine) -> None:
         self.policy = policy
+        self.engine = engine  # the factory's: where a marker is looked up
 
     def must_verify(self, exc: BaseException, box: list[CommitRequest]) -> CommitTicket | None:
         """The ticket to settle: the COMMIT may have been applied and the unit may have written."""
-        ticket = box[0].last if box else None
+        request = box[0] if box else None
+        if request is None:
+            return None  # COMMIT never sent: a replay can't write twice
+        lost = self.policy.classifier.classify(exc) in (Outcome.DISCONNECT, Outcome.COMMIT_UNKNOWN)
+        if request.committing:
+            connections = request.connections()
+            if len(connections) > 1 or (
+                connections and connections[0][0].engine.pool is not self.engine.pool
+            ):
+                self._spread(exc, request, connections, lost=lost)
+                return None
+        ticket = request.last
         if ticket is None or not ticket.wrote:
             return None  # COMMIT never sent, or nothing written: a replay can't write twice
-        outcome = self.policy.classifier.classify(exc)
-        if outcome not in (Outcome.DISCONNECT, Outcome.COMMIT_UNKNOWN):
+        if not lost:
             return None  # the server answered with an error: it did not commit
         return ticket
+
+    def _spread(
+        self,
+        exc: BaseException,
+        request: CommitRequest,
+        connections: list[tuple[Any, bool]],
+        *,
+        lost: bool,
+    ) -> None:
+        """A COMMIT failed in a unit whose transaction spans several connections (several
+        engines, through ``binds``), or whose one connection is another engine's than the
+        factory's. SQLAlchemy commits a session's connections one by one, and in no set order,
+        so part of such a unit may be committed for good; and a marker is looked up on the
+        factory's engine only. Unless the failing COMMIT is provably the first that could
+        commit anything (every connection marked, every earlier COMMIT read-only) and the
+        server answered it with an error, the unit is not replayed: a lost answer raises
+        :class:`CommitOutcomeUnknownError`, another error is raised as it is (marked partly
+        committed). Returns when the caller should go on as for one connection's COMMIT error.
+        """
+        marked = all(is_marked for _, is_marked in connections)
+        # every COMMIT that went out is a ticket (all connections marked); one that succeeded
+        # and wrote committed part of the unit
+        nothing_before = marked and not any(t.done and t.wrote for t in request.tickets)
+        if nothing_before and not lost:
+            return  # the server refused the first COMMIT that could write: nothing committed
+        if not lost:
+            self.policy.partly_committed(
+                exc, "on another connection of its transaction (whose COMMIT went out first)"
+            )
+            return
+        policy = self.policy
+        policy.stats.add("unknown_commits")
+        emit(
+            policy.config,
+            log_session,
+            logging.ERROR,
+            "Commit outcome unknown: service=%s the unit's transaction spans %d connection(s) "
+            "(%s), committed one by one: part of it may be committed; not replaying",
+            policy.service,
+            len(connections),
+            ", ".join(sorted({f"database {conn.engine.url.database}" for conn, _ in connections})),
+            service=policy.service,
+            event="commit_unknown",
+            connections=len(connections),
+        )
+        raise CommitOutcomeUnknownError(
+            policy.service,
+            None,
+            f"its transaction spans {len(connections)} connection(s), committed one by one",
+        ) from exc
 
     def checks(self) -> Iterator[float]:
         """The delay before each check: at once, then backing off, within the deadline."""
@@ -226,8 +289,8 @@ class CommitReferee:
 # gets its connection, new or pooled. The engine's ``do_connect`` listener (EngineHooks.do_connect)
 # retries the connect under that factory's policy, but only while that transaction is still the
 # session's current one, and so still waiting for its connection: a transaction that ended without
-# connecting leaves nothing that a later connect elsewhere would pick up. (No ``after_begin`` or
-# ``after_transaction_end`` listeners: every unit of work would pay for them.) asyncio:
+# connecting leaves nothing that a later connect elsewhere would pick up. (``after_begin`` comes
+# after the connect; an ``after_transaction_end`` listener would cost every unit a call.) asyncio:
 # SQLAlchemy's greenlets run in their task's context, so the value crosses from the ``begin`` to
 # the statement that connects.
 connecting_for: contextvars.ContextVar[tuple[Any, weakref.ref[Any]] | None] = (
@@ -264,7 +327,21 @@ def connecting_factory() -> Any:
     return factory
 
 
-_CONNECT_EVENTS = (("after_transaction_create", _on_transaction_create),)
+def _on_after_begin(session: Session, transaction: Any, connection: Any) -> None:
+    """A session began ``transaction`` on ``connection``: the attempt running here records the
+    connections of its root transactions, for a COMMIT that fails (``CommitReferee._spread``).
+    One call per connection a transaction begins on (a savepoint begins on its root's)."""
+    if transaction.nested:
+        return
+    attempt = current_attempt.get()
+    if attempt is not None:
+        attempt.began_on(transaction, connection)
+
+
+_CONNECT_EVENTS = (
+    ("after_transaction_create", _on_transaction_create),
+    ("after_begin", _on_after_begin),
+)
 
 
 def install_connect_retry(session_class: type[Session]) -> None:
@@ -317,7 +394,7 @@ class FactoryCore:
         self.config = config if config is not None else load_config()
         self.classifier = classifier or Classifier()
         self.policy = Policy(service, self.config, classifier=self.classifier, **policy_kwargs)
-        self._referee = CommitReferee(self.policy)
+        self._referee = CommitReferee(self.policy, sync_engine)
         self._hooks = hooks_for(sync_engine, self)
 
     def _connect_policy_call(self, connect: Callable[[], T]) -> T:
@@ -326,9 +403,16 @@ class FactoryCore:
 
     def _register(self) -> None:
         cls: Any = getattr(self, "class_", None)
+        kw: dict[str, Any] = getattr(self, "kw", {})
         if not (isinstance(cls, type) and issubclass(cls, Session)):  # an async factory
-            cls = getattr(self, "kw", {}).get("sync_session_class") or Session
+            cls = kw.get("sync_session_class") or Session
         install_connect_retry(cls)
+        # the engines of ``binds=`` are the factory's too: their connections get the same
+        # hooks (their COMMITs marked, dead ones discarded at checkout, disconnects handled)
+        for bound in (kw.get("binds") or {}).values():
+            engine = getattr(bound, "sync_engine", bound)  # an AsyncEngine's sync engine
+            if isinstance(engine, Engine) and engine is not self._hooks.commit.engine:
+                hooks_for(engine, self)
         if not self._explicit_config:
             register_default_user(self)
 

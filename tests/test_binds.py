@@ -1,0 +1,298 @@
+"""Units whose session writes through several connections: models bound to two databases with
+SQLAlchemy's ``binds``. SQLAlchemy commits a session's connections one after the other, in no
+set order, so a COMMIT that fails may leave part of the unit committed: such a unit is never
+replayed after that (nor reported done when a part's outcome is unknown), and a marker is never
+looked up in a database the COMMIT did not go to. Real servers, real faults (the fault proxy
+holds or loses one database's COMMIT; a deferred trigger fails one at COMMIT)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+import sqlalchemy as sa
+from scenarios import ASYNC_DRIVERS, Base, Item, async_connect_args
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+import resilient_db as rdb
+from resilient_db.testing import FaultProxy, PostgresServer
+
+pytestmark = pytest.mark.usefixtures("no_backoff")
+
+
+class OtherBase(DeclarativeBase):
+    pass
+
+
+class Entry(OtherBase):
+    """A row of the second database."""
+
+    __tablename__ = "entries"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(unique=True)
+
+
+#: fails COMMIT with 40001 for an entry named '...-first' (a deferred trigger runs at COMMIT)
+FAIL_FIRST_AT_COMMIT = [
+    "CREATE FUNCTION fail_first() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+    "IF right(NEW.name, 6) = '-first' THEN "
+    "RAISE EXCEPTION 'conflict at commit' USING ERRCODE = '40001'; END IF; "
+    "RETURN NULL; END $$",
+    "CREATE CONSTRAINT TRIGGER fail_first AFTER INSERT ON entries "
+    "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION fail_first()",
+]
+
+
+@pytest.fixture
+def second_database(pg_server: PostgresServer) -> Iterator[str]:
+    name = f"t_binds_{uuid.uuid4().hex[:10]}"
+    pg_server.create_database(name)
+    try:
+        yield name
+    finally:
+        pg_server.drop_database(name)
+
+
+@pytest.fixture
+def databases(pg_server: PostgresServer, pg_database: str, second_database: str) -> tuple[str, str]:
+    """Items in the first database, entries (with the COMMIT-time trigger) in the second, the
+    commit markers in both."""
+    for name, base in ((pg_database, Base), (second_database, OtherBase)):
+        eng = sa.create_engine(pg_server.url(name))
+        try:
+            base.metadata.create_all(eng)
+            rdb.install_commit_markers(eng)
+            if base is OtherBase:
+                with eng.begin() as conn:
+                    for statement in FAIL_FIRST_AT_COMMIT:
+                        conn.exec_driver_sql(statement)
+        finally:
+            eng.dispose()
+    return pg_database, second_database
+
+
+@pytest.fixture
+def second_proxy(pg_server: PostgresServer) -> Iterator[FaultProxy]:
+    with FaultProxy(pg_server) as proxy:
+        yield proxy
+
+
+def names(server: PostgresServer, database: str, table: str) -> list[str]:
+    eng = sa.create_engine(server.url(database))
+    try:
+        with eng.connect() as conn:
+            return sorted(conn.scalars(sa.text(f"SELECT name FROM {table}")))
+    finally:
+        eng.dispose()
+
+
+def both(calls: list[str]) -> Callable[[Session], None]:
+    """A unit writing one item (first database) and one entry (second), named per attempt."""
+
+    def unit(session: Session) -> None:
+        name = f"u-{len(calls) + 1}"
+        calls.append(name)
+        session.add(Item(name=name))
+        session.add(Entry(name=name))
+
+    return unit
+
+
+def held_and_released(proxy: FaultProxy) -> threading.Thread:
+    """Release the COMMIT the proxy holds once it holds one (bounded: about 10 s)."""
+
+    def release() -> None:
+        for _ in range(200):
+            if proxy.commits_swallowed:
+                proxy.release_swallowed()
+                return
+            threading.Event().wait(0.05)
+
+    thread = threading.Thread(target=release, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_unit_across_two_databases_commits_both(
+    pg_server: PostgresServer,
+    databases: tuple[str, str],
+    fault_proxy: FaultProxy,
+    second_proxy: FaultProxy,
+    service: str,
+) -> None:
+    first, second = databases
+    e1 = sa.create_engine(fault_proxy.url(first))
+    e2 = sa.create_engine(second_proxy.url(second))
+    try:
+        Sessions = rdb.ResilientSession(e1, service=service, binds={Item: e1, Entry: e2})
+        calls: list[str] = []
+        Sessions.run(both(calls))
+        assert calls == ["u-1"]
+        assert names(pg_server, first, "items") == ["u-1"]
+        assert names(pg_server, second, "entries") == ["u-1"]
+    finally:
+        e1.dispose()
+        e2.dispose()
+
+
+@pytest.mark.parametrize("held", ["first", "second"])
+def test_a_lost_commit_across_two_databases_is_unknown_never_replayed_or_done(
+    *,
+    pg_server: PostgresServer,
+    databases: tuple[str, str],
+    fault_proxy: FaultProxy,
+    second_proxy: FaultProxy,
+    service: str,
+    held: str,
+) -> None:
+    """One database's COMMIT never arrives. Whichever of the two SQLAlchemy committed first,
+    part of the unit may be committed: it is neither replayed (the committed part would be
+    written twice) nor reported done (the other part is lost)."""
+    first, second = databases
+    e1 = sa.create_engine(fault_proxy.url(first), connect_args={"connect_timeout": 2})
+    e2 = sa.create_engine(second_proxy.url(second), connect_args={"connect_timeout": 2})
+    proxy = fault_proxy if held == "first" else second_proxy
+    try:
+        Sessions = rdb.ResilientSession(e1, service=service, binds={Item: e1, Entry: e2})
+        calls: list[str] = []
+        proxy.swallow_commit()
+        releaser = held_and_released(proxy)
+        with pytest.raises(rdb.CommitOutcomeUnknownError) as info:
+            Sessions.run(both(calls))
+        releaser.join(15)
+        assert "spans 2 connection(s)" in str(info.value)
+        assert calls == ["u-1"]  # not replayed
+    finally:
+        e1.dispose()
+        e2.dispose()
+    # at most the one attempt's rows, in either database
+    assert names(pg_server, first, "items") in ([], ["u-1"])
+    assert names(pg_server, second, "entries") in ([], ["u-1"])
+
+
+def test_a_commit_refused_after_the_other_database_committed_is_not_replayed(
+    pg_server: PostgresServer,
+    databases: tuple[str, str],
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The second database refuses its COMMIT with a conflict (40001, transient) on the first
+    attempt. When the first database committed before it, that part is committed for good: the
+    error is raised, not replayed. When it was refused first, nothing was committed: the unit
+    is replayed as usual. Either way nothing is written twice. (SQLAlchemy picks the order;
+    several rounds.)"""
+    first, second = databases
+    e1 = sa.create_engine(pg_server.url(first))
+    e2 = sa.create_engine(pg_server.url(second))
+    try:
+        Sessions = rdb.ResilientSession(e1, service=service, binds={Item: e1, Entry: e2})
+        for round_ in range(4):
+            calls: list[str] = []
+
+            def unit(session: Session, calls: list[str] = calls, round_: int = round_) -> None:
+                name = f"r{round_}-first" if not calls else f"r{round_}-again"
+                calls.append(name)
+                session.add(Item(name=name))
+                session.add(Entry(name=name))
+
+            refused: sa.exc.DBAPIError | None = None
+            try:
+                Sessions.run(unit)
+            except sa.exc.DBAPIError as exc:
+                refused = exc
+            if refused is not None:
+                assert rdb.sqlstate_of(refused) == "40001"
+                assert calls == [f"r{round_}-first"]  # not replayed: the items row committed
+                assert f"r{round_}-first" in names(pg_server, first, "items")
+                assert any("on another connection" in r.getMessage() for r in caplog.records)
+            else:
+                assert calls == [f"r{round_}-first", f"r{round_}-again"]  # nothing committed
+                assert f"r{round_}-first" not in names(pg_server, first, "items")
+                assert f"r{round_}-again" in names(pg_server, second, "entries")
+    finally:
+        e1.dispose()
+        e2.dispose()
+    items = names(pg_server, first, "items")
+    assert len(items) == 4  # one per round: none twice, none lost
+    assert len({name.split("-")[0] for name in items}) == 4
+
+
+def test_a_lost_answer_on_another_engine_is_never_looked_up_in_the_factorys_database(
+    pg_server: PostgresServer,
+    databases: tuple[str, str],
+    fault_proxy: FaultProxy,
+    second_proxy: FaultProxy,
+    service: str,
+) -> None:
+    """A unit that writes only entries: its one connection is the second database's, whose
+    engine another factory marks. The COMMIT went through and its answer was lost; its marker is
+    in the second database, so a claim in the first would find nothing, fence, and have the
+    unit replayed: written twice. It ends unknown instead."""
+    first, second = databases
+    e1 = sa.create_engine(fault_proxy.url(first), connect_args={"connect_timeout": 2})
+    e2 = sa.create_engine(second_proxy.url(second), connect_args={"connect_timeout": 2})
+    try:
+        rdb.ResilientSession(e2, service=f"{service}-second")  # the second engine is marked
+        Sessions = rdb.ResilientSession(e1, service=service, binds={Item: e1, Entry: e2})
+        calls: list[int] = []
+
+        def entry_only(session: Session) -> None:
+            calls.append(1)
+            session.add(Entry(name=f"e-{len(calls)}"))
+
+        Sessions.run(entry_only)
+        second_proxy.lose_commit_answer()
+        with pytest.raises(rdb.CommitOutcomeUnknownError):
+            Sessions.run(entry_only)
+        assert second_proxy.commits_lost == 1
+        assert len(calls) == 2
+    finally:
+        e1.dispose()
+        e2.dispose()
+    assert names(pg_server, second, "entries") == ["e-1", "e-2"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
+async def test_async_a_lost_commit_across_two_databases_is_unknown(
+    *,
+    pg_server: PostgresServer,
+    databases: tuple[str, str],
+    fault_proxy: FaultProxy,
+    second_proxy: FaultProxy,
+    service: str,
+    driver: str,
+) -> None:
+    """The async twin of the lost COMMIT across two databases."""
+    first, second = databases
+    e1 = create_async_engine(
+        fault_proxy.url(first, driver=driver), connect_args=async_connect_args(driver, 2)
+    )
+    e2 = create_async_engine(
+        second_proxy.url(second, driver=driver), connect_args=async_connect_args(driver, 2)
+    )
+    try:
+        Sessions = rdb.AsyncResilientSession(e1, service=service, binds={Item: e1, Entry: e2})
+        calls: list[int] = []
+
+        async def unit(session: AsyncSession) -> None:
+            calls.append(1)
+            session.add(Item(name=f"a-{len(calls)}"))
+            session.add(Entry(name=f"a-{len(calls)}"))
+
+        await Sessions.run(unit)
+        second_proxy.swallow_commit()
+        releaser = held_and_released(second_proxy)
+        with pytest.raises(rdb.CommitOutcomeUnknownError):
+            await Sessions.run(unit)
+        await asyncio.to_thread(releaser.join, 15)
+        assert len(calls) == 2  # not replayed
+    finally:
+        await e1.dispose()
+        await e2.dispose()
+    assert names(pg_server, first, "items") in (["a-1"], ["a-1", "a-2"])
+    assert names(pg_server, second, "entries") in (["a-1"], ["a-1", "a-2"])
