@@ -52,6 +52,7 @@ import psycopg
 from psycopg.generators import execute as _pq_execute
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.pool import NullPool
 
 from ._classify import DEFAULT_CLASSIFIER, mark_replay_safe, sqlstate_of
 from ._config import Config
@@ -86,6 +87,14 @@ _PREPARE_SQL: Final = (
     f"PREPARE {PREPARED_MARK}(uuid) AS INSERT INTO {SCHEMA}.commit_markers (id) SELECT $1 "
     "WHERE pg_catalog.pg_current_xact_id_if_assigned() IS NOT NULL"
 )
+#: the same INSERT sent in the COMMIT message itself (``InlineMarker``); ``{marker}`` is a
+#: marker id made here (:func:`marker_id`: hex digits and dashes only)
+_INLINE_MARK: Final = (
+    f"INSERT INTO {SCHEMA}.commit_markers (id) SELECT '{{marker}}'::uuid "
+    "WHERE pg_catalog.pg_current_xact_id_if_assigned() IS NOT NULL"
+)
+#: the function form, which decides on the server (read-only transactions, switched roles)
+_FUNCTION_MARK: Final = f"SELECT {SCHEMA}.mark_commit"
 
 # Keys in the pool's per-connection info.
 _SEEN_KEY: Final = "resilient_db.commit_protocol"  # the connection was made under our hooks
@@ -223,21 +232,21 @@ def uninstall_commit_markers(bind_or_op: Any) -> None:
 # Whether the markers are usable by the role this connection is (the claim's fence and the
 # prepared INSERT run with its rights): installed, and the role may call the functions and read
 # and write the table. A role that may not (a grant forgotten, a role set at connect) uses the
-# fallback, which the warning of a missing install names, rather than failing every COMMIT.
-_CHECK_SQL = f"""SELECT COALESCE((
-    SELECT pg_catalog.has_function_privilege(p.oid, 'EXECUTE')
-       AND pg_catalog.has_schema_privilege(n.oid, 'USAGE')
-    FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
-    WHERE n.nspname = '{SCHEMA}' AND p.proname = 'claim_commit'), false)
-  AND COALESCE((
-    SELECT pg_catalog.has_function_privilege(p.oid, 'EXECUTE')
-    FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
-    WHERE n.nspname = '{SCHEMA}' AND p.proname = 'mark_commit'), false)
-  AND COALESCE((
-    SELECT pg_catalog.has_table_privilege(c.oid, 'INSERT')
-       AND pg_catalog.has_table_privilege(c.oid, 'SELECT')
-    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-    WHERE n.nspname = '{SCHEMA}' AND c.relname = 'commit_markers'), false)"""
+# fallback, which the warning of a missing install names, rather than failing every COMMIT (a
+# role without USAGE on the schema makes the lookups fail: the fallback too). Objects are found
+# by name (``to_reg*``: NULL when missing), not by joining the catalogs: on a new backend, whose
+# caches are cold, the joins cost about 2 ms more, paid by every connection a pool makes (every
+# unit, with ``NullPool``).
+_CHECK_SQL = f"""SELECT COALESCE(
+  pg_catalog.has_schema_privilege(pg_catalog.to_regnamespace('{SCHEMA}'), 'USAGE')
+  AND pg_catalog.has_function_privilege(
+    pg_catalog.to_regprocedure('{SCHEMA}.claim_commit(uuid,integer)'), 'EXECUTE')
+  AND pg_catalog.has_function_privilege(
+    pg_catalog.to_regprocedure('{SCHEMA}.mark_commit(uuid)'), 'EXECUTE')
+  AND pg_catalog.has_table_privilege(
+    pg_catalog.to_regclass('{SCHEMA}.commit_markers'), 'INSERT')
+  AND pg_catalog.has_table_privilege(
+    pg_catalog.to_regclass('{SCHEMA}.commit_markers'), 'SELECT'), false)"""
 
 # The fallback's evidence: the xid, and what changes when the server restarts or recovers from
 # a crash (a new postmaster, or the end-of-recovery checkpoint of a reinitialised one).
@@ -591,6 +600,10 @@ class CommitProtocol:
         self._last_prune = time.monotonic()
         self._prune_lock = threading.Lock()
         self.prepared_marker = PreparedMarker(self._warn_prepared_lost, self._note_refused)
+        self.inline_marker = InlineMarker(self._note_refused)
+        # a pool that keeps no connection (NullPool: one behind an external pooler, say) would
+        # pay a PREPARE per unit for one EXECUTE: its COMMITs carry the INSERT itself
+        self.one_unit_per_connection = isinstance(engine.pool, NullPool)
         self.supported = verifiable(engine)
         if not self.supported:
             self._warn_unsupported()
@@ -632,21 +645,29 @@ class CommitProtocol:
             self._warn_if_missing(None)  # made by your own creator: no marked COMMIT
             return
         mode = XID
-        want_prepared = self.prepared_marker.usable and not (
-            record is not None and record.info.get(_NO_PREPARE_KEY)
+        want_prepared = (
+            self.prepared_marker.usable
+            and not (record is not None and record.info.get(_NO_PREPARE_KEY))
+            and not self.one_unit_per_connection
         )
         if not self.is_asyncpg and driver.prepare_threshold is None:
             want_prepared = False  # psycopg told not to prepare statements (a pooler's setting)
-        prepared = False
+        form: _MarkerForm | None = None
         try:
-            installed, prepared = self._set_up_markers(dbapi_connection, driver, want_prepared)
+            installed, prepared, reports = self._set_up_markers(
+                dbapi_connection, driver, want_prepared
+            )
             if installed:
                 mode = MARKERS
+                if prepared:
+                    form = self.prepared_marker
+                elif reports:  # the client knows the read mode: the statement, sent inline
+                    form = self.inline_marker
         except Exception:
             log_session.debug("could not check for commit markers", exc_info=True)
         driver._rdb_mode = mode
-        if prepared:
-            driver._rdb_prepared = self.prepared_marker
+        if form is not None:
+            driver._rdb_prepared = form
         self._warn_if_missing(mode)
 
     def _warn_if_missing(self, mode: str | None) -> None:
@@ -699,8 +720,8 @@ class CommitProtocol:
             logging.WARNING,
             "The prepared commit-marker statement was missing on a connection of database %s "
             "(a transaction-mode pooler, or DISCARD ALL / DEALLOCATE sent past SQLAlchemy): that "
-            "COMMIT did not run and the unit is replayed; the engine's COMMITs call "
-            "resilient_db.mark_commit() from now on. Behind such a pooler, turn the driver's "
+            "COMMIT did not run and the unit is replayed; the engine's COMMITs send the marker's "
+            "INSERT in their message from now on. Behind such a pooler, turn the driver's "
             "prepared statements off (psycopg: prepare_threshold=None; asyncpg: "
             "statement_cache_size=0) and this engine won't prepare it",
             self.engine.url.database,
@@ -718,7 +739,7 @@ class CommitProtocol:
             self._settings.config,
             log_session,
             logging.INFO,
-            "The prepared commit-marker statement was refused on a connection of database %s "
+            "The commit-marker statement was refused on a connection of database %s "
             "(SQLSTATE %s: %s): that COMMIT did not run and the unit is replayed; the "
             "connection's COMMITs call resilient_db.mark_commit() from now on",
             self.engine.url.database,
@@ -731,15 +752,18 @@ class CommitProtocol:
 
     def _set_up_markers(
         self, dbapi_connection: Any, driver: Any, prepare: bool
-    ) -> tuple[bool, bool]:
-        """Whether the markers are installed, and whether the marker statement was prepared
-        (tried when they are and ``prepare``): a round trip each, outside any transaction (no
-        BEGIN / ROLLBACK around them). The connection is idle here, new or just checked out."""
+    ) -> tuple[bool, bool, bool]:
+        """Whether the markers are installed, whether the marker statement was prepared (tried
+        when they are and ``prepare``), and whether the server reports the read mode: a round
+        trip each, outside any transaction (no BEGIN / ROLLBACK around them). The connection is
+        idle here, new or just checked out."""
         if self.is_asyncpg:
+            reports = hasattr(driver.get_settings(), "in_hot_standby")
             if not _await(driver.fetchval(_CHECK_SQL)):
-                return False, False
-            prepare = prepare and hasattr(driver.get_settings(), "in_hot_standby")
-            return True, prepare and _quietly(lambda: _await(driver.execute(_PREPARE_SQL)))
+                return False, False, reports
+            prepare = prepare and reports
+            done = prepare and _quietly(lambda: _await(driver.execute(_PREPARE_SQL)))
+            return True, done, reports
         # A server that doesn't report ``in_hot_standby`` (before PostgreSQL 14) doesn't tell
         # the client when its transactions are read-only either: no prepared statement there
         # (see ``_psycopg_read_mode``), the function decides on the server. psycopg's async
@@ -754,8 +778,8 @@ class CommitProtocol:
             cursor.execute(_CHECK_SQL)
             row = cursor.fetchone()
             if not (row and row[0]):
-                return False, False
-            return True, prepare and _quietly(lambda: cursor.execute(_PREPARE_SQL))
+                return False, False, reports
+            return True, prepare and _quietly(lambda: cursor.execute(_PREPARE_SQL)), reports
         finally:
             cursor.close()
             dbapi_connection.autocommit = autocommit
@@ -796,14 +820,16 @@ class PreparedMarker:
 
     Each connection made while the markers are installed prepares it, unless its driver was told
     not to prepare statements (psycopg ``prepare_threshold=None``, asyncpg
-    ``statement_cache_size=0``): that is the setting for a transaction-mode pooler, where a
-    session's prepared statements don't follow it to its next transaction. A COMMIT whose
-    ``EXECUTE`` finds the statement gone (SQLSTATE 26000: such a pooler not announced, or a
-    ``DISCARD ALL`` sent past SQLAlchemy) did not commit, since the server stops a message at its
-    first error: the error is marked safe to replay (:func:`~._classify.mark_replay_safe`), and
-    the engine's COMMITs call ``resilient_db.mark_commit()`` from then on. A ``DISCARD`` or
-    ``DEALLOCATE`` sent through SQLAlchemy is seen by the statement listener: that connection
-    alone stops using the statement, and nothing fails.
+    ``statement_cache_size=0``: the setting for a transaction-mode pooler, where a session's
+    prepared statements don't follow it to its next transaction) or its pool keeps no connection
+    (``NullPool``): those send the same INSERT in the COMMIT message (:class:`InlineMarker`). A
+    COMMIT whose ``EXECUTE`` finds the statement gone (SQLSTATE 26000: such a pooler not
+    announced, or a ``DISCARD ALL`` sent past SQLAlchemy) did not commit, since the server stops
+    a message at its first error: the error is marked safe to replay
+    (:func:`~._classify.mark_replay_safe`), and the engine's COMMITs send the INSERT inline from
+    then on. A ``DISCARD`` or ``DEALLOCATE`` sent through SQLAlchemy is seen by the statement
+    listener: that connection alone stops using the statement (it calls the function), and
+    nothing fails.
     """
 
     __slots__ = ("_on_lost", "_on_refused", "usable")
@@ -822,6 +848,41 @@ class PreparedMarker:
         """The server refused the statement on one connection (see ``_REFUSED_MARKER``)."""
         self._on_refused(sqlstate)
 
+    def message(self, marker: str) -> str:
+        """``EXECUTE`` of the statement; once it was found gone, the same INSERT inline."""
+        if self.usable:
+            return f"EXECUTE {PREPARED_MARK}('{marker}'); COMMIT"
+        return InlineMarker.message(marker)
+
+
+class InlineMarker:
+    """The marker statement sent in the COMMIT message itself, for a connection without the
+    prepared one: where nothing may be prepared (a transaction-mode pooler's setting) or a
+    connection serves one unit (``NullPool``). The same INSERT as the prepared statement, so
+    it runs where that one would, and is refused where that one would be (then the connection
+    calls the function); the server parses and plans it at every COMMIT, which costs less than
+    the function's call (and, on a new connection, than a PREPARE and its EXECUTE)."""
+
+    __slots__ = ("_on_refused",)
+    usable = True
+
+    def __init__(self, on_refused: Callable[[str], None]) -> None:
+        self._on_refused = on_refused
+
+    def lost(self) -> None:
+        """Nothing is kept on the server: nothing to lose."""
+
+    def refused(self, sqlstate: str) -> None:
+        self._on_refused(sqlstate)
+
+    @staticmethod
+    def message(marker: str) -> str:
+        return f"{_INLINE_MARK.format(marker=marker)}; COMMIT"
+
+
+#: A connection's marker statement: the engine's prepared one, or the inline one.
+_MarkerForm: TypeAlias = PreparedMarker | InlineMarker
+
 
 #: Errors of the prepared marker statement that its function form does not meet: the role in
 #: effect may not write markers (42501: a role the unit switched to past the statement
@@ -831,17 +892,17 @@ _REFUSED_MARKER: Final = frozenset({"42501", "25006"})
 
 def _marker_statement_failed(driver: Any, message: str, exc: BaseException) -> None:
     """The first statement of a marked COMMIT message failed, so the COMMIT after it never ran
-    (the transaction is still open, failed). When that was the prepared marker statement and
-    the function form won't fail the same way, say so on the error (a replay is safe) and stop
-    using the statement: on the whole engine when it is gone (26000), else on this connection.
-    Any other error is the unit's to report (a replay would meet it again)."""
+    (the transaction is still open, failed). When that was the marker statement (prepared or
+    inline) and its other form won't fail the same way, say so on the error (a replay is safe)
+    and stop using it: the prepared one on the whole engine when it is gone (26000: the INSERT
+    goes inline), the statement on this connection when refused (the function). Any other
+    error is the unit's to report (a replay would meet it again)."""
     prepared = driver._rdb_prepared
-    if prepared is None or not message.startswith("EXECUTE "):
+    if prepared is None or message.startswith(_FUNCTION_MARK):
         return
     code = getattr(exc, "sqlstate", None)  # psycopg's and asyncpg's errors both carry it
     if code == "26000":
-        driver._rdb_prepared = None
-        prepared.lost()
+        prepared.lost()  # its COMMITs (and the engine's) send the statement inline from now on
     elif code in _REFUSED_MARKER:
         driver._rdb_prepared = None
         prepared.refused(str(code))
@@ -973,10 +1034,10 @@ def _commit_ticket(driver: Any) -> tuple[CommitTicket | None, str | None]:
         marker = marker_id()
         ticket = CommitTicket(MARKERS, marker=marker)
         request.tickets.append(ticket)
-        prepared = driver._rdb_prepared
-        if read_mode == READ_WRITE and prepared is not None and prepared.usable:
-            return ticket, f"EXECUTE {PREPARED_MARK}('{marker}'); COMMIT"
-        return ticket, f"SELECT {SCHEMA}.mark_commit('{marker}'); COMMIT"
+        form = driver._rdb_prepared  # the statement (prepared, or inline), or None
+        if read_mode == READ_WRITE and form is not None:
+            return ticket, form.message(marker)
+        return ticket, f"{_FUNCTION_MARK}('{marker}'); COMMIT"
     ticket = CommitTicket(XID)
     request.tickets.append(ticket)
     return ticket, None

@@ -18,6 +18,7 @@ import pytest_asyncio
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.pool import NullPool
 
 import resilient_db as rdb
 from resilient_db import _commit
@@ -28,6 +29,7 @@ pytestmark = pytest.mark.usefixtures("no_backoff")
 
 PREPARED = _commit.PREPARED_MARK
 FUNCTION_FORM = '"SELECT resilient_db.mark_commit('
+INLINE_FORM = "\"INSERT INTO resilient_db.commit_markers (id) SELECT '"
 
 
 def uuid7() -> uuid.UUID:
@@ -816,8 +818,8 @@ def test_a_marker_statement_lost_past_sqlalchemy_replays_the_unit_once(
 ) -> None:
     """What a transaction-mode pooler does to a session's prepared statements, done by hand:
     the EXECUTE fails with 26000, the COMMIT after it in the same message never runs, so the
-    unit is replayed (once) and commits exactly once; the engine calls the function from then
-    on, and says so once."""
+    unit is replayed (once) and commits exactly once; the engine sends the marker's INSERT
+    inline from then on, and says so once."""
     Sessions = rdb.ResilientSession(one_connection, service=service)
     attempts = []
 
@@ -840,25 +842,103 @@ def test_a_marker_statement_lost_past_sqlalchemy_replays_the_unit_once(
     assert lost[0].getMessage().startswith("[SELF-HEAL] ")
     one_connection.dispose()  # a new connection: the engine no longer uses the statement
     trips = _traced(one_connection, lambda: Sessions.run(_bump))
-    assert trips[-1].startswith(FUNCTION_FORM)
+    assert trips[-1].startswith(INLINE_FORM), trips
+    assert trips[-1].endswith('; COMMIT"')
+    with one_connection.connect() as conn:
+        assert _prepared_runs(conn) is None  # not prepared again
     assert len(markers(engine)) == 3
 
 
 def test_psycopg_told_not_to_prepare_gets_no_prepared_marker(
     pg_url: str, engine: sa.Engine, service: str
 ) -> None:
-    """``prepare_threshold=None`` (the setting behind a transaction-mode pooler): no PREPARE."""
+    """``prepare_threshold=None`` (the setting behind a transaction-mode pooler): no PREPARE;
+    the COMMIT message carries the marker's INSERT itself, in the same one round trip."""
     eng = sa.create_engine(
         pg_url, pool_size=1, max_overflow=0, connect_args={"prepare_threshold": None}
     )
     try:
         Sessions = rdb.ResilientSession(eng, service=service)
         trips = _traced(eng, lambda: Sessions.run(_bump))
-        assert trips[-1].startswith(FUNCTION_FORM)
+        assert trips[-1].startswith(INLINE_FORM)
+        assert trips[-1].endswith('; COMMIT"')
         with eng.connect() as conn:
             assert _prepared_runs(conn) is None
     finally:
         eng.dispose()
+    assert len(markers(engine)) == 1
+
+
+def test_a_pool_that_keeps_no_connection_sends_the_marker_inline(
+    fault_proxy: FaultProxy, pg_database: str, engine: sa.Engine, service: str, tmp_path: Path
+) -> None:
+    """``NullPool``: every unit gets a new connection, so a PREPARE would cost a round trip per
+    unit for one EXECUTE. Nothing is prepared; the COMMIT message carries the INSERT itself (one
+    round trip, as a plain COMMIT), and a lost answer is settled by it like any marker."""
+    eng = sa.create_engine(fault_proxy.url(pg_database), poolclass=NullPool)
+    Sessions = rdb.ResilientSession(eng, service=service)
+    trace = (tmp_path / "trace").open("w")
+
+    @sa.event.listens_for(eng, "connect")  # after the factory's own: its set-up is not traced
+    def traced(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.pgconn.trace(trace.fileno())
+        dbapi_connection.pgconn.set_trace_flags(
+            psycopg.pq.Trace.SUPPRESS_TIMESTAMPS | psycopg.pq.Trace.REGRESS_MODE
+        )
+
+    calls = []
+
+    def bump(session: Session) -> int:
+        calls.append(1)
+        return _bump(session)
+
+    try:
+        assert Sessions.run(bump) == 1
+        trace.flush()
+        trips = _round_trips((tmp_path / "trace").read_text())
+        assert trips[-1].startswith(INLINE_FORM), trips
+        assert trips[-1].endswith('; COMMIT"')
+        assert not [t for t in trips if "PREPARE" in t]
+        fault_proxy.lose_commit_answer()
+        assert Sessions.run(bump) == 2  # committed before the answer was lost: done
+        assert fault_proxy.commits_lost == 1
+        assert calls == [1, 1]  # not replayed
+        with eng.connect() as conn:
+            assert _prepared_runs(conn) is None  # a new connection prepares nothing
+    finally:
+        eng.dispose()
+        trace.close()
+    assert len(markers(engine)) == 2
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(Counter.value)).scalar() == 2
+
+
+def test_an_inline_marker_refused_past_sqlalchemy_replays_once_through_the_function(
+    pg_url: str, engine: sa.Engine, service: str
+) -> None:
+    """The inline INSERT is refused where the prepared one would be (25006: a transaction made
+    read-only past SQLAlchemy): the COMMIT after it never ran, the unit is replayed once on the
+    same connection, which calls the function from then on."""
+    eng = sa.create_engine(
+        pg_url, pool_size=1, max_overflow=0, connect_args={"prepare_threshold": None}
+    )
+    Sessions = rdb.ResilientSession(eng, service=service)
+    pids = []
+
+    def read_only_unit(session: Session) -> int:
+        raw: Any = session.connection().connection.driver_connection
+        raw.execute("SET TRANSACTION READ ONLY")
+        pids.append(_pid(session))
+        return int(session.execute(CTE_READ).scalar_one())
+
+    try:
+        assert Sessions.run(read_only_unit) == 0
+        trips = _traced(eng, lambda: Sessions.run(_bump), fresh=False)
+        assert trips[-1].startswith(FUNCTION_FORM), trips
+    finally:
+        eng.dispose()
+    assert len(pids) == 2
+    assert len(set(pids)) == 1
     assert len(markers(engine)) == 1
 
 
@@ -892,7 +972,7 @@ async def test_asyncpg_prepares_the_marker_unless_told_not_to_and_replays_a_lost
 
         assert await Sessions.run(bump_losing_the_statement) == 2
         assert len(attempts) == 2
-        assert await prepared_runs(eng) is None  # its replay called the function
+        assert await prepared_runs(eng) is None  # its replay sent the INSERT inline
 
         Uncached = rdb.AsyncResilientSession(uncached, service=f"{service}-uncached")
         assert await Uncached.run(_abump) == 3
