@@ -409,9 +409,10 @@ class FactoryCore:
         install_connect_retry(cls)
         # the engines of ``binds=`` are the factory's too: their connections get the same
         # hooks (their COMMITs marked, dead ones discarded at checkout, disconnects handled)
+        main = self._hooks.commit.engine
         for bound in (kw.get("binds") or {}).values():
             engine = getattr(bound, "sync_engine", bound)  # an AsyncEngine's sync engine
-            if isinstance(engine, Engine) and engine is not self._hooks.commit.engine:
+            if isinstance(engine, Engine) and engine.pool is not main.pool:  # not main's options
                 hooks_for(engine, self)
         if not self._explicit_config:
             register_default_user(self)
