@@ -464,37 +464,60 @@ def commit_another_transaction(server: PostgresServer, database: str) -> str:
         return str(row[0])
 
 
+def flush_wal(server: PostgresServer, database: str) -> None:
+    """Commit a transaction that holds an xid: its COMMIT makes every WAL record before it
+    durable, so nothing written earlier (a rolled-back transaction's abort record, which the WAL
+    writer flushes on its own time, with the rest of its WAL page) is left to take the unit's
+    WAL along in the window where it must stay in memory."""
+    server.execute("SELECT pg_current_xact_id()", database=database)
+
+
+def reused_xid_try(
+    server: EmbeddedPostgres, database: str, service: str, mode: str, driver: str
+) -> tuple[Env, Unit, Outcome, bool]:
+    """One try of the scenario: whether the server really gave the unit's xid to the other
+    client (a WAL flush the test does not control may have made it durable after all)."""
+    with FaultProxy(server) as proxy:
+        engine = proxied_engine(proxy, database, driver)
+        try:
+            env = Env(engine, proxy, server, database, service, mode)
+            unit = Unit(record_xid=True)
+            flush_wal(server, database)
+            pending = swallowed(env, unit)
+            # the unit's WAL was never written out: its transaction is gone
+            server.crash()
+            server.start()
+            reused = unit.xids == [commit_another_transaction(server, database)]
+            assert proxy.release_swallowed() == 1
+            outcome = outcome_of(pending)
+        finally:
+            engine.dispose()
+    return env, unit, outcome, reused
+
+
 @pytest.mark.server_control
 def test_reused_xid_never_reports_a_lost_write_as_done(
     wal_in_memory_server: EmbeddedPostgres, service: str, mode: str, driver: str
 ) -> None:
     """COMMIT in flight while the server crashes before the unit's WAL is durable; after the
-    restart another client gets the same xid and commits first; then the unit hears."""
+    restart another client gets the same xid and commits first; then the unit hears. Every try
+    must end right; up to 3 tries, until one where the server did reuse the xid."""
     server = wal_in_memory_server
     database = f"xid_{uuid.uuid4().hex[:12]}"
     server.create_database(database)
     try:
         prepare(server.url(database), mode)
-        with FaultProxy(server) as proxy:
-            engine = proxied_engine(proxy, database, driver)
-            try:
-                env = Env(engine, proxy, server, database, service, mode)
-                unit = Unit(record_xid=True)
-                pending = swallowed(env, unit)
-                # the unit's WAL was never written out: its transaction is gone
-                server.crash()
-                server.start()
-                other_xid = commit_another_transaction(server, database)
-                assert unit.xids == [other_xid], "the server did not reuse the unit's xid"
-                assert proxy.release_swallowed() == 1
-                outcome = outcome_of(pending)
-            finally:
-                engine.dispose()
-        rows = env.rows(unit)
-        assert rows == 1 or outcome.error is not None, "a lost write was reported done"
-        if settled(outcome, rows, known=env.known) == "done":
-            assert unit.calls == 2
+        for _ in range(3):
+            env, unit, outcome, reused = reused_xid_try(server, database, service, mode, driver)
+            rows = env.rows(unit)
+            assert rows == 1 or outcome.error is not None, "a lost write was reported done"
+            if settled(outcome, rows, known=env.known) == "done":
+                assert unit.calls == 2
+            else:
+                assert rows == 0
+            if reused:
+                break
         else:
-            assert rows == 0
+            pytest.fail("the server did not reuse the unit's xid in 3 tries")
     finally:
         server.drop_database(database)
