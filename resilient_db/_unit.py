@@ -229,7 +229,12 @@ class CommitReferee:
     def settle(self, ticket: CommitTicket, verdict: CommitVerdict, exc: BaseException) -> bool:
         """True: committed. False: not committed, re-raise ``exc``. Otherwise raises."""
         policy = self.policy
-        what = f"marker {ticket.marker}" if ticket.marker else f"transaction {ticket.xid}"
+        if ticket.marker:
+            what = f"marker {ticket.marker}"
+        elif ticket.xid is not None:
+            what = f"transaction {ticket.xid}"
+        else:  # UNMARKED: a two-phase COMMIT PREPARED, or a connection the protocol can't mark
+            what = "a COMMIT that carried no marker"
         if verdict is CommitVerdict.COMMITTED:
             policy.stats.add("verified_commits")
             emit(

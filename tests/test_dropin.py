@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session, scoped_session, sessionmaker
 import resilient_db as rdb
 from resilient_db.examples.tasks import Base as TaskBase
 from resilient_db.examples.tasks import Task
+from resilient_db.testing import EmbeddedPostgres, FaultProxy
 
 
 class MySession(Session):
@@ -337,3 +338,49 @@ def test_an_engine_the_commit_protocol_cannot_mark_still_runs_units_and_the_guar
             assert session.scalar(sa.select(Task.status)) == "completed"
     finally:
         eng.dispose()
+
+
+@pytest.fixture(scope="module")
+def two_phase_server(pg_server: Any) -> Iterator[Any]:
+    """A server that accepts PREPARE TRANSACTION (``max_prepared_transactions`` above 0)."""
+    if not isinstance(pg_server, EmbeddedPostgres):
+        pytest.skip("needs an embedded server with its own settings")
+    with EmbeddedPostgres(settings={"max_prepared_transactions": "4"}) as server:
+        server.create_database("two_phase")
+        yield server
+
+
+def test_two_phase_sessions_commit_and_a_lost_answer_is_never_replayed(
+    two_phase_server: Any, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``twophase=True`` works as with ``sessionmaker``. Its COMMIT goes out as ``COMMIT
+    PREPARED`` (psycopg's two-phase API), which carries no marker: a lost answer of it ends in
+    CommitOutcomeUnknownError, not in a replay that would write the unit twice."""
+    direct = sa.create_engine(two_phase_server.url("two_phase"))
+    Base.metadata.create_all(direct)
+    with FaultProxy(two_phase_server) as proxy:
+        eng = sa.create_engine(proxy.url("two_phase"))
+        try:
+            Sessions = rdb.ResilientSession(eng, service=service, twophase=True)
+            calls = []
+
+            def add(session: Session, name: str) -> None:
+                calls.append(name)
+                session.add(Item(name=name))
+
+            Sessions.run(add, "first")
+            proxy.lose_commit_answer()
+            with (
+                caplog.at_level("ERROR", logger="resilient_db"),
+                pytest.raises(rdb.CommitOutcomeUnknownError),
+            ):
+                Sessions.run(add, "second")
+            assert proxy.commits_lost == 1
+            assert calls == ["first", "second"]  # not replayed
+            assert any("carried no marker" in r.getMessage() for r in caplog.records)
+        finally:
+            eng.dispose()
+    with direct.connect() as conn:
+        assert sorted(conn.scalars(sa.select(Item.name))) == ["first", "second"]
+        assert conn.exec_driver_sql("SELECT count(*) FROM pg_prepared_xacts").scalar() == 0
+    direct.dispose()
