@@ -353,8 +353,8 @@ def two_phase_server(pg_server: Any) -> Iterator[Any]:
 def test_two_phase_sessions_commit_and_a_lost_answer_is_never_replayed(
     two_phase_server: Any, service: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """``twophase=True`` works as with ``sessionmaker``. Its COMMIT goes out as ``COMMIT
-    PREPARED`` (psycopg's two-phase API), which carries no marker: a lost answer of it ends in
+    """``twophase=True`` works as with ``sessionmaker``. Its COMMIT goes out as SQLAlchemy's
+    ``COMMIT PREPARED`` statement, which carries no marker: a lost answer of it ends in
     CommitOutcomeUnknownError, not in a replay that would write the unit twice."""
     direct = sa.create_engine(two_phase_server.url("two_phase"))
     Base.metadata.create_all(direct)
