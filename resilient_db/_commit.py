@@ -1086,8 +1086,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                     if end == "BEGIN":  # asyncpg's own, spelled in capitals
                         self._rdb_read_only = "READ ONLY" in query
                     elif end == "COMMIT":
-                        ticket, message = _commit_ticket(self)
-                        attempt = current_attempt.get() if ticket is None else None
+                        ticket, message, attempt = _commit_plan(self)
                         if attempt is not None:  # a unit's own code commits (AttemptRecord)
                             with _own_commit(attempt):
                                 return await base.execute(self, query, timeout=timeout)
@@ -1230,16 +1229,18 @@ def _psycopg_commit_plan(
     connection: Any,
 ) -> tuple[CommitTicket | None, str | None, AttemptRecord | None]:
     """What a psycopg connection's (sync or async) COMMIT does: (ticket, message, attempt).
-
-    A connection that is idle or failed commits as plain psycopg does (nothing else). Otherwise
-    the committing unit's ticket and the message to send instead of COMMIT
-    (:func:`_commit_ticket`); with no unit committing, the attempt whose own code commits, if
-    any, for :func:`_own_commit`.
-    """
+    A connection that is idle or failed commits as plain psycopg does (nothing else); otherwise
+    :func:`_commit_plan`."""
     if connection.pgconn.transaction_status != _INTRANS:
         connection._rdb_may_write = False  # idle or failed: COMMIT as plain psycopg does
         return None, None, None
-    ticket, message = _commit_ticket(connection)
+    return _commit_plan(connection)
+
+
+def _commit_plan(driver: Any) -> tuple[CommitTicket | None, str | None, AttemptRecord | None]:
+    """The committing unit's ticket and message (:func:`_commit_ticket`); with no unit
+    committing, the attempt whose own code commits, if any, for :func:`_own_commit`."""
+    ticket, message = _commit_ticket(driver)
     return ticket, message, current_attempt.get() if ticket is None else None
 
 

@@ -180,37 +180,20 @@ class CommitReferee:
         :class:`CommitOutcomeUnknownError`, another error is raised as it is (marked partly
         committed). Returns when the caller should go on as for one connection's COMMIT error.
         """
+        if lost:
+            databases = ", ".join(sorted({str(c.engine.url.database) for c, _ in connections}))
+            raise self._unknown(
+                f"a transaction on databases {databases}, part of which may be committed",
+                f"its transaction spans {len(connections)} connection(s), committed one by one",
+            ) from exc
+        # every COMMIT that went out is a ticket when every connection is marked; one that
+        # succeeded and wrote committed part of the unit
         marked = all(is_marked for _, is_marked in connections)
-        # every COMMIT that went out is a ticket (all connections marked); one that succeeded
-        # and wrote committed part of the unit
-        nothing_before = marked and not any(t.done and t.wrote for t in request.tickets)
-        if nothing_before and not lost:
-            return  # the server refused the first COMMIT that could write: nothing committed
-        if not lost:
+        if not marked or any(t.done and t.wrote for t in request.tickets):
             self.policy.partly_committed(
                 exc, "on another connection of its transaction (whose COMMIT went out first)"
             )
-            return
-        policy = self.policy
-        policy.stats.add("unknown_commits")
-        emit(
-            policy.config,
-            log_session,
-            logging.ERROR,
-            "Commit outcome unknown: service=%s the unit's transaction spans %d connection(s) "
-            "(%s), committed one by one: part of it may be committed; not replaying",
-            policy.service,
-            len(connections),
-            ", ".join(sorted({f"database {conn.engine.url.database}" for conn, _ in connections})),
-            service=policy.service,
-            event="commit_unknown",
-            connections=len(connections),
-        )
-        raise CommitOutcomeUnknownError(
-            policy.service,
-            None,
-            f"its transaction spans {len(connections)} connection(s), committed one by one",
-        ) from exc
+        # else the server refused the first COMMIT that could write: nothing committed
 
     def checks(self) -> Iterator[float]:
         """The delay before each check: at once, then backing off, within the deadline."""
@@ -265,6 +248,13 @@ class CommitReferee:
                 xid=ticket.xid,
             )
             return False
+        raise self._unknown(what, verdict.value, marker=ticket.marker, xid=ticket.xid) from exc
+
+    def _unknown(
+        self, what: str, reason: str, *, marker: str | None = None, xid: str | None = None
+    ) -> CommitOutcomeUnknownError:
+        """Count and log an outcome that can't be known (``what``: whose); the error to raise."""
+        policy = self.policy
         policy.stats.add("unknown_commits")
         emit(
             policy.config,
@@ -273,18 +263,15 @@ class CommitReferee:
             "Commit outcome unknown: service=%s %s (%s); not replaying",
             policy.service,
             what,
-            verdict.value,
+            reason,
             service=policy.service,
             event="commit_unknown",
-            marker=ticket.marker,
-            xid=ticket.xid,
+            marker=marker,
+            xid=xid,
         )
-        raise CommitOutcomeUnknownError(
-            policy.service,
-            int(ticket.xid) if ticket.xid is not None else None,
-            verdict.value,
-            marker=ticket.marker,
-        ) from exc
+        return CommitOutcomeUnknownError(
+            policy.service, int(xid) if xid is not None else None, reason, marker=marker
+        )
 
 
 # -- drop-in use: a connect that fails before anything was sent is retried ----------------------

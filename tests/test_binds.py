@@ -11,6 +11,7 @@ import asyncio
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -82,12 +83,27 @@ def second_proxy(pg_server: PostgresServer) -> Iterator[FaultProxy]:
 
 
 def names(server: PostgresServer, database: str, table: str) -> list[str]:
-    eng = sa.create_engine(server.url(database))
-    try:
-        with eng.connect() as conn:
-            return sorted(conn.scalars(sa.text(f"SELECT name FROM {table}")))
-    finally:
-        eng.dispose()
+    return sorted(row[0] for row in server.execute(f"SELECT name FROM {table}", database=database))
+
+
+@pytest.fixture
+def engines(
+    databases: tuple[str, str], fault_proxy: FaultProxy, second_proxy: FaultProxy
+) -> Iterator[tuple[sa.Engine, sa.Engine]]:
+    """An engine per database, each through its own fault proxy."""
+    first, second = databases
+    made = (
+        sa.create_engine(fault_proxy.url(first), connect_args={"connect_timeout": 2}),
+        sa.create_engine(second_proxy.url(second), connect_args={"connect_timeout": 2}),
+    )
+    yield made
+    for engine in made:
+        engine.dispose()
+
+
+def bound(e1: Any, e2: Any, service: str, factory: Any = rdb.ResilientSession) -> Any:
+    """A factory whose items go to ``e1`` and entries to ``e2``."""
+    return factory(e1, service=service, binds={Item: e1, Entry: e2})
 
 
 def both(calls: list[str]) -> Callable[[Session], None]:
@@ -120,23 +136,15 @@ def held_and_released(proxy: FaultProxy) -> threading.Thread:
 def test_a_unit_across_two_databases_commits_both(
     pg_server: PostgresServer,
     databases: tuple[str, str],
-    fault_proxy: FaultProxy,
-    second_proxy: FaultProxy,
+    engines: tuple[sa.Engine, sa.Engine],
     service: str,
 ) -> None:
     first, second = databases
-    e1 = sa.create_engine(fault_proxy.url(first))
-    e2 = sa.create_engine(second_proxy.url(second))
-    try:
-        Sessions = rdb.ResilientSession(e1, service=service, binds={Item: e1, Entry: e2})
-        calls: list[str] = []
-        Sessions.run(both(calls))
-        assert calls == ["u-1"]
-        assert names(pg_server, first, "items") == ["u-1"]
-        assert names(pg_server, second, "entries") == ["u-1"]
-    finally:
-        e1.dispose()
-        e2.dispose()
+    calls: list[str] = []
+    bound(*engines, service).run(both(calls))
+    assert calls == ["u-1"]
+    assert names(pg_server, first, "items") == ["u-1"]
+    assert names(pg_server, second, "entries") == ["u-1"]
 
 
 @pytest.mark.parametrize("held", ["first", "second"])
@@ -147,28 +155,22 @@ def test_a_lost_commit_across_two_databases_is_unknown_never_replayed_or_done(
     fault_proxy: FaultProxy,
     second_proxy: FaultProxy,
     service: str,
+    engines: tuple[sa.Engine, sa.Engine],
     held: str,
 ) -> None:
     """One database's COMMIT never arrives. Whichever of the two SQLAlchemy committed first,
     part of the unit may be committed: it is neither replayed (the committed part would be
     written twice) nor reported done (the other part is lost)."""
     first, second = databases
-    e1 = sa.create_engine(fault_proxy.url(first), connect_args={"connect_timeout": 2})
-    e2 = sa.create_engine(second_proxy.url(second), connect_args={"connect_timeout": 2})
     proxy = fault_proxy if held == "first" else second_proxy
-    try:
-        Sessions = rdb.ResilientSession(e1, service=service, binds={Item: e1, Entry: e2})
-        calls: list[str] = []
-        proxy.swallow_commit()
-        releaser = held_and_released(proxy)
-        with pytest.raises(rdb.CommitOutcomeUnknownError) as info:
-            Sessions.run(both(calls))
-        releaser.join(15)
-        assert "spans 2 connection(s)" in str(info.value)
-        assert calls == ["u-1"]  # not replayed
-    finally:
-        e1.dispose()
-        e2.dispose()
+    calls: list[str] = []
+    proxy.swallow_commit()
+    releaser = held_and_released(proxy)
+    with pytest.raises(rdb.CommitOutcomeUnknownError) as info:
+        bound(*engines, service).run(both(calls))
+    releaser.join(15)
+    assert "spans 2 connection(s)" in str(info.value)
+    assert calls == ["u-1"]  # not replayed
     # at most the one attempt's rows, in either database
     assert names(pg_server, first, "items") in ([], ["u-1"])
     assert names(pg_server, second, "entries") in ([], ["u-1"])
@@ -177,6 +179,7 @@ def test_a_lost_commit_across_two_databases_is_unknown_never_replayed_or_done(
 def test_a_commit_refused_after_the_other_database_committed_is_not_replayed(
     pg_server: PostgresServer,
     databases: tuple[str, str],
+    engines: tuple[sa.Engine, sa.Engine],
     service: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -186,36 +189,30 @@ def test_a_commit_refused_after_the_other_database_committed_is_not_replayed(
     is replayed as usual. Either way nothing is written twice. (SQLAlchemy picks the order;
     several rounds.)"""
     first, second = databases
-    e1 = sa.create_engine(pg_server.url(first))
-    e2 = sa.create_engine(pg_server.url(second))
-    try:
-        Sessions = rdb.ResilientSession(e1, service=service, binds={Item: e1, Entry: e2})
-        for round_ in range(4):
-            calls: list[str] = []
+    Sessions = bound(*engines, service)
+    for round_ in range(4):
+        calls: list[str] = []
 
-            def unit(session: Session, calls: list[str] = calls, round_: int = round_) -> None:
-                name = f"r{round_}-first" if not calls else f"r{round_}-again"
-                calls.append(name)
-                session.add(Item(name=name))
-                session.add(Entry(name=name))
+        def unit(session: Session, calls: list[str] = calls, round_: int = round_) -> None:
+            name = f"r{round_}-first" if not calls else f"r{round_}-again"
+            calls.append(name)
+            session.add(Item(name=name))
+            session.add(Entry(name=name))
 
-            refused: sa.exc.DBAPIError | None = None
-            try:
-                Sessions.run(unit)
-            except sa.exc.DBAPIError as exc:
-                refused = exc
-            if refused is not None:
-                assert rdb.sqlstate_of(refused) == "40001"
-                assert calls == [f"r{round_}-first"]  # not replayed: the items row committed
-                assert f"r{round_}-first" in names(pg_server, first, "items")
-                assert any("on another connection" in r.getMessage() for r in caplog.records)
-            else:
-                assert calls == [f"r{round_}-first", f"r{round_}-again"]  # nothing committed
-                assert f"r{round_}-first" not in names(pg_server, first, "items")
-                assert f"r{round_}-again" in names(pg_server, second, "entries")
-    finally:
-        e1.dispose()
-        e2.dispose()
+        refused: sa.exc.DBAPIError | None = None
+        try:
+            Sessions.run(unit)
+        except sa.exc.DBAPIError as exc:
+            refused = exc
+        if refused is not None:
+            assert rdb.sqlstate_of(refused) == "40001"
+            assert calls == [f"r{round_}-first"]  # not replayed: the items row committed
+            assert f"r{round_}-first" in names(pg_server, first, "items")
+            assert any("on another connection" in r.getMessage() for r in caplog.records)
+        else:
+            assert calls == [f"r{round_}-first", f"r{round_}-again"]  # nothing committed
+            assert f"r{round_}-first" not in names(pg_server, first, "items")
+            assert f"r{round_}-again" in names(pg_server, second, "entries")
     items = names(pg_server, first, "items")
     assert len(items) == 4  # one per round: none twice, none lost
     assert len({name.split("-")[0] for name in items}) == 4
@@ -224,7 +221,7 @@ def test_a_commit_refused_after_the_other_database_committed_is_not_replayed(
 def test_a_lost_answer_on_another_engine_is_never_looked_up_in_the_factorys_database(
     pg_server: PostgresServer,
     databases: tuple[str, str],
-    fault_proxy: FaultProxy,
+    engines: tuple[sa.Engine, sa.Engine],
     second_proxy: FaultProxy,
     service: str,
 ) -> None:
@@ -232,28 +229,21 @@ def test_a_lost_answer_on_another_engine_is_never_looked_up_in_the_factorys_data
     engine another factory marks. The COMMIT went through and its answer was lost; its marker is
     in the second database, so a claim in the first would find nothing, fence, and have the
     unit replayed: written twice. It ends unknown instead."""
-    first, second = databases
-    e1 = sa.create_engine(fault_proxy.url(first), connect_args={"connect_timeout": 2})
-    e2 = sa.create_engine(second_proxy.url(second), connect_args={"connect_timeout": 2})
-    try:
-        rdb.ResilientSession(e2, service=f"{service}-second")  # the second engine is marked
-        Sessions = rdb.ResilientSession(e1, service=service, binds={Item: e1, Entry: e2})
-        calls: list[int] = []
+    rdb.ResilientSession(engines[1], service=f"{service}-second")  # the second engine is marked
+    Sessions = bound(*engines, service)
+    calls: list[int] = []
 
-        def entry_only(session: Session) -> None:
-            calls.append(1)
-            session.add(Entry(name=f"e-{len(calls)}"))
+    def entry_only(session: Session) -> None:
+        calls.append(1)
+        session.add(Entry(name=f"e-{len(calls)}"))
 
+    Sessions.run(entry_only)
+    second_proxy.lose_commit_answer()
+    with pytest.raises(rdb.CommitOutcomeUnknownError):
         Sessions.run(entry_only)
-        second_proxy.lose_commit_answer()
-        with pytest.raises(rdb.CommitOutcomeUnknownError):
-            Sessions.run(entry_only)
-        assert second_proxy.commits_lost == 1
-        assert len(calls) == 2
-    finally:
-        e1.dispose()
-        e2.dispose()
-    assert names(pg_server, second, "entries") == ["e-1", "e-2"]
+    assert second_proxy.commits_lost == 1
+    assert len(calls) == 2
+    assert names(pg_server, databases[1], "entries") == ["e-1", "e-2"]
 
 
 @pytest.mark.asyncio
@@ -276,7 +266,7 @@ async def test_async_a_lost_commit_across_two_databases_is_unknown(
         second_proxy.url(second, driver=driver), connect_args=async_connect_args(driver, 2)
     )
     try:
-        Sessions = rdb.AsyncResilientSession(e1, service=service, binds={Item: e1, Entry: e2})
+        Sessions = bound(e1, e2, service, rdb.AsyncResilientSession)
         calls: list[int] = []
 
         async def unit(session: AsyncSession) -> None:

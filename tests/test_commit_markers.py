@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -352,6 +352,29 @@ async def _abump(session: AsyncSession) -> int:
     assert row is not None
     row.value += 1
     return row.value
+
+
+async def _alost_answer_settled(
+    Sessions: rdb.AsyncResilientSession[AsyncSession],
+    proxy: FaultProxy,
+    between: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Two bumps through ``proxy`` (``between`` them, a look at the first one's connection),
+    the second one's COMMIT answer lost: it committed before the answer was lost, so the unit
+    is done, not replayed (and not "unknown")."""
+    calls = []
+
+    async def bump(session: AsyncSession) -> int:
+        calls.append(1)
+        return await _abump(session)
+
+    assert await Sessions.run(bump) == 1
+    if between is not None:
+        await between()
+    proxy.lose_commit_answer()
+    assert await Sessions.run(bump) == 2
+    assert proxy.commits_lost == 1
+    assert len(calls) == 2  # not replayed
 
 
 def _round_trips(trace: str) -> list[str]:
@@ -1021,19 +1044,8 @@ async def test_asyncpg_connections_of_your_async_creator_carry_the_marker(
         return await asyncpg.connect(dsn.render_as_string(hide_password=False))
 
     eng = create_async_engine("postgresql+asyncpg://", async_creator=connect)
-    Sessions = rdb.AsyncResilientSession(eng, service=service)
-    calls = []
-
-    async def bump(session: AsyncSession) -> int:
-        calls.append(1)
-        return await _abump(session)
-
     try:
-        assert await Sessions.run(bump) == 1
-        fault_proxy.lose_commit_answer()
-        assert await Sessions.run(bump) == 2  # committed before the answer was lost: done
-        assert fault_proxy.commits_lost == 1
-        assert len(calls) == 2  # not replayed
+        await _alost_answer_settled(rdb.AsyncResilientSession(eng, service=service), fault_proxy)
         async with eng.connect() as conn:
             raw: Any = (await conn.get_raw_connection()).driver_connection
             assert type(raw).__mro__[1] is asyncpg.Connection  # your class, adopted
@@ -1118,15 +1130,8 @@ async def test_psycopg_async_units_carry_the_prepared_marker_and_settle_a_lost_a
     eng = create_async_engine(fault_proxy.url(pg_database), pool_size=1, max_overflow=0)
     assert eng.dialect.driver == "psycopg"
     assert eng.dialect.is_async
-    Sessions = rdb.AsyncResilientSession(eng, service=service)
-    calls = []
 
-    async def bump(session: AsyncSession) -> int:
-        calls.append(1)
-        return await _abump(session)
-
-    try:
-        assert await Sessions.run(bump) == 1
+    async def marked() -> None:
         async with eng.connect() as conn:
             raw: Any = (await conn.get_raw_connection()).driver_connection
             assert isinstance(raw, psycopg.AsyncConnection)
@@ -1134,10 +1139,10 @@ async def test_psycopg_async_units_carry_the_prepared_marker_and_settle_a_lost_a
             assert raw._rdb_mode == "markers"
             assert raw._rdb_may_write is False  # the COMMIT ended the writing transaction
             assert await conn.run_sync(_prepared_runs) == 1  # the COMMIT ran the statement
-        fault_proxy.lose_commit_answer()
-        assert await Sessions.run(bump) == 2  # committed before the answer was lost: done
-        assert fault_proxy.commits_lost == 1
-        assert len(calls) == 2  # not replayed
+
+    try:
+        Sessions = rdb.AsyncResilientSession(eng, service=service)
+        await _alost_answer_settled(Sessions, fault_proxy, marked)
     finally:
         await eng.dispose()
     assert len(markers(engine)) == 2
