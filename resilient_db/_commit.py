@@ -1168,8 +1168,13 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                 if message is None:
                     base.commit(self)
                 else:
-                    with _marker_statement_errors(self, message):
+                    # (_marker_statement_errors, written out: every writing unit passes here)
+                    try:
                         _psycopg_simple_query(self, message.encode())
+                    except psycopg.Error as exc:
+                        if self.pgconn.transaction_status == _INERROR:
+                            _marker_statement_failed(self, message, exc)
+                        raise
                 if ticket is not None:
                     ticket.done = True
                 return None
@@ -1269,9 +1274,10 @@ def _psycopg_simple_query(connection: Any, message: bytes) -> None:
     fails loudly if they change.
     """
     with connection.lock:
-        connection.pgconn.send_query(message)
-        results = connection.wait(_pq_execute(connection.pgconn))
-    _raise_first_error(connection, results)
+        pgconn = connection.pgconn
+        pgconn.send_query(message)
+        results = connection.wait(_pq_execute(pgconn))
+    _raise_error(connection, results)
 
 
 async def _psycopg_simple_query_async(connection: Any, message: bytes) -> None:
@@ -1279,13 +1285,15 @@ async def _psycopg_simple_query_async(connection: Any, message: bytes) -> None:
     async with connection.lock:
         connection.pgconn.send_query(message)
         results = await connection.wait(_pq_execute(connection.pgconn))
-    _raise_first_error(connection, results)
+    _raise_error(connection, results)
 
 
-def _raise_first_error(connection: Any, results: list[Any]) -> None:
-    for result in results:
-        if result.status == _FATAL_ERROR:
-            raise psycopg.errors.error_from_result(result, encoding=connection.info.encoding)
+def _raise_error(connection: Any, results: list[Any]) -> None:
+    """Raise the error of a simple query's results, as psycopg would. The server stops at a
+    statement's error (it skips the rest of the message), so an error is the last result."""
+    last = results[-1] if results else None
+    if last is not None and last.status == _FATAL_ERROR:
+        raise psycopg.errors.error_from_result(last, encoding=connection.info.encoding)
 
 
 def _mark_psycopg(dbapi_connection: Any) -> bool:

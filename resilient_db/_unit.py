@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextvars
 import ctypes
 import enum
+import functools
 import logging
 import select
 import weakref
@@ -495,7 +496,11 @@ class EngineHooks:
             connecting_for.set(None)  # the connecting session has its connection
         if not self.config.enabled:
             return
-        if connection_looks_dead(dbapi_connection, record.info):
+        info = record.info
+        probe = info.get(_PROBE_KEY)
+        if probe is None or probe[0] is not dbapi_connection:
+            probe = info[_PROBE_KEY] = (dbapi_connection, dead_probe(dbapi_connection, info))
+        if probe[1]():
             emit(
                 self.config,
                 log_session,
@@ -630,6 +635,29 @@ def connection_looks_dead(dbapi_connection: Any, cache: dict[str, Any] | None = 
     return _readable(fd, cache)
 
 
+def dead_probe(dbapi_connection: Any, cache: dict[str, Any]) -> Callable[[], bool]:
+    """:func:`connection_looks_dead` for one connection, made once per connection and kept in
+    its pool record (``cache``): every checkout calls it. psycopg's socket and its ``pollfd``
+    are bound into the probe (a connection keeps its socket for life; a broken one reports it in
+    its status first)."""
+    inner = getattr(dbapi_connection, "_connection", None)
+    pgconn = getattr(dbapi_connection if inner is None else inner, "pgconn", None)
+    if pgconn is None or _poll is None:  # asyncpg (or no libc poll): the general check
+        return functools.partial(connection_looks_dead, dbapi_connection, cache)
+    try:
+        fd = pgconn.socket
+    except Exception:
+        return lambda: True
+    pointer = ctypes.pointer(_PollFd(fd, _POLL_EVENTS, 0))
+    poll = _poll
+
+    def probe() -> bool:
+        return bool(pgconn.status != _PG_OK or poll(pointer, _ONE_FD, _NO_WAIT) > 0)
+
+    return probe
+
+
+_PROBE_KEY = "resilient_db.dead_probe"
 _FD_KEY = "resilient_db.socket_fd"
 _POLL_KEY = "resilient_db.poller"
 _PG_OK = int(psycopg.pq.ConnStatus.OK)

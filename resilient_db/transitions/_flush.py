@@ -25,7 +25,7 @@ from sqlalchemy.orm.base import PASSIVE_NO_INITIALIZE
 from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.sql.elements import ClauseElement
 
-from resilient_db._commit import StatementGuard, note_write
+from resilient_db._commit import StatementGuard, current_attempt, note_write
 from resilient_db._config import Config
 from resilient_db._errors import IllegalTransitionError, StaleTransitionError
 from resilient_db._state import STATE
@@ -330,12 +330,13 @@ def _prepare_compare_and_set(
     UPDATE can carry the state they hold. Returns the errors found."""
     by_conn: dict[Connection, list[Change]] = {}
     conn_of: dict[Mapper[Any], Connection] = {}
+    began = _began_connections(session)
     for change in changes:
         # the flush gets its connection with get_bind(mapper=base_mapper): the same one
         base = change.mapper.base_mapper
         conn = conn_of.get(base)
         if conn is None:
-            conn = conn_of[base] = session.connection(bind_arguments={"mapper": base})
+            conn = conn_of[base] = _flush_connection(session, base, began)
         by_conn.setdefault(conn, []).append(change)
     errors: list[IllegalTransitionError] = []
     prepared: list[tuple[Connection, _FlushChecks]] = []
@@ -392,6 +393,33 @@ def _prepare_compare_and_set(
     return errors
 
 
+def _began_connections(session: Session) -> dict[Any, Connection] | None:
+    """The connections the session's transaction began on, by engine, as the running attempt
+    saw them (``after_begin``), or None when not known (no attempt of a resilient factory, or a
+    session class without that listener)."""
+    attempt = current_attempt.get()
+    began = None if attempt is None else attempt.began
+    if not began:
+        return None
+    transaction = session.get_transaction()
+    found = {conn.engine: conn for trans, conn, _ in began if trans is transaction}
+    return found or None
+
+
+def _flush_connection(
+    session: Session, base: Mapper[Any], began: dict[Any, Connection] | None
+) -> Connection:
+    """The connection the flush will write ``base``'s rows through. The session's transaction
+    has it once it began there; asking ``session.connection()`` again costs about 40 lines of
+    SQLAlchemy's bookkeeping per flush, so a connection already seen is looked up by its
+    engine (a ``get_bind`` returning a Connection, or an engine not yet begun on, asks)."""
+    if began is not None:
+        found = began.get(session.get_bind(mapper=base))
+        if found is not None and not found.closed:
+            return found
+    return session.connection(bind_arguments={"mapper": base})
+
+
 def install_engine_hooks(engine: Engine) -> None:
     """Listen on ``engine``'s dialect for the flush's UPDATEs, to send them with the
     compare-and-set (idempotent).
@@ -428,7 +456,7 @@ def guard_for_commit_protocol(engine: Engine) -> StatementGuard | None:
     if engine in STATE.guard_engines:
         return None
     STATE.guard_engines.add(engine)
-    return guard_execute
+    return _guard_update
 
 
 def guard_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
@@ -443,18 +471,37 @@ def guard_execute(cursor: Any, statement: str, parameters: Any, context: Any) ->
     checks: _FlushChecks | None = flush_checks.get(context.root_connection)
     if checks is None:
         return False
-    return _compare_and_set(cursor, statement, parameters, context, checks)
+    return _compare_and_set(cursor, statement, parameters, context, checks, noted=False)
+
+
+def _guard_update(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
+    """:func:`guard_execute` as the commit protocol's listener calls it: for an UPDATE only,
+    and with its transaction already noted as one that writes."""
+    flush_checks = STATE.flush_checks
+    if not flush_checks:
+        return False
+    checks: _FlushChecks | None = flush_checks.get(context.root_connection)
+    if checks is None:
+        return False
+    return _compare_and_set(cursor, statement, parameters, context, checks, noted=True)
 
 
 def _compare_and_set(
-    cursor: Any, statement: str, parameters: Any, context: Any, checks: _FlushChecks
+    cursor: Any,
+    statement: str,
+    parameters: Any,
+    context: Any,
+    checks: _FlushChecks,
+    *,
+    noted: bool,
 ) -> bool:
     many = bool(context.executemany)  # do_executemany: parameters is a list of parameter sets
     compiled = context.compiled
     update = None if compiled is None else compiled.statement
     if not isinstance(update, sa.Update):
         return False
-    table_rows = checks.rows.get(update.table)  # type: ignore[call-overload]
+    table = update.table
+    table_rows = checks.rows.get(table)  # type: ignore[call-overload]
     if table_rows is None:
         return False
     conn = context.root_connection
@@ -464,7 +511,7 @@ def _compare_and_set(
     first = rows[0]
     guards = tuple(
         g
-        for g in checks.guards[update.table]  # type: ignore[index]
+        for g in checks.guards[table]  # type: ignore[index]
         if g.column.key in first
     )
     if not guards:
@@ -509,7 +556,8 @@ def _compare_and_set(
         _lock_and_check(conn, checks, guards, expected)
         return False
     sent = _with_expected(form, parameters if many else [parameters], guards, expected, dialect)
-    note_write(context)  # a later listener of the chain (the commit protocol's) won't see it
+    if not noted:
+        note_write(context)  # a later listener of the chain (the commit protocol's) won't see it
     if many:
         dialect.do_executemany(cursor, form.sql, sent, context)
     else:
