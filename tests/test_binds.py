@@ -37,6 +37,17 @@ class Entry(OtherBase):
     name: Mapped[str] = mapped_column(unique=True)
 
 
+class Step(OtherBase):
+    """A guarded row of the second database."""
+
+    __tablename__ = "steps"
+    __transitions__ = rdb.TransitionRules(
+        column="status", transitions={"todo": {"done"}}, initial={"todo"}
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    status: Mapped[str]
+
+
 #: fails COMMIT with 40001 for an entry named '...-first' (a deferred trigger runs at COMMIT)
 FAIL_FIRST_AT_COMMIT = [
     "CREATE FUNCTION fail_first() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
@@ -286,3 +297,39 @@ async def test_async_a_lost_commit_across_two_databases_is_unknown(
         await e2.dispose()
     assert names(pg_server, first, "items") in (["a-1"], ["a-1", "a-2"])
     assert names(pg_server, second, "entries") in (["a-1"], ["a-1", "a-2"])
+
+
+def test_the_guard_compares_and_sets_through_the_connection_of_the_models_own_database(
+    pg_server: PostgresServer,
+    databases: tuple[str, str],
+    engines: tuple[sa.Engine, sa.Engine],
+    service: str,
+) -> None:
+    """The flush guard looks up the connection a flush will use among those the unit's
+    transaction began on: a guarded row of the second database, loaded after the first
+    database's connection began, gets its compare-and-set on the second database's connection
+    (the first has no such table). A row another client moved meanwhile fails the unit with
+    StaleTransitionError and nothing of it is written; one nobody moved is updated."""
+    first, second = databases
+    pg_server.execute(
+        "INSERT INTO steps (id, status) VALUES (1, 'todo'), (2, 'todo')", database=second
+    )
+    Sessions = rdb.ResilientSession(
+        engines[0], service=service, binds={Item: engines[0], Step: engines[1]}
+    )
+
+    def finish(session: Session, key: int, moved_meanwhile: bool) -> None:
+        session.add(Item(name=f"i-{key}"))
+        session.flush()  # the first database's connection begins first
+        step = session.get(Step, key)
+        assert step is not None
+        if moved_meanwhile:
+            pg_server.execute(f"UPDATE steps SET status = 'done' WHERE id = {key}", database=second)
+        step.status = "done"
+
+    with pytest.raises(rdb.StaleTransitionError, match="now holds 'done'"):
+        Sessions.run(finish, 1, True)
+    Sessions.run(finish, 2, False)
+    assert names(pg_server, first, "items") == ["i-2"]
+    rows = pg_server.execute("SELECT id, status FROM steps ORDER BY id", database=second)
+    assert [tuple(r) for r in rows] == [(1, "done"), (2, "done")]
