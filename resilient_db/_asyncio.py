@@ -396,7 +396,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                 await self._asleep(delay)
             try:
                 # READ COMMITTED whatever the engine's level: the claim must see the marker
-                async with self.engine.connect() as conn:
+                async with _settling_engine(self.engine, ticket).connect() as conn:
                     await conn.execution_options(isolation_level="READ COMMITTED")
                     async with conn.begin():
                         if ticket.mode == MARKERS:
@@ -480,6 +480,11 @@ if True:  # async only
                 break
         if cancelled is not None:
             raise cancelled
+
+    def _settling_engine(engine: AsyncEngine, ticket: CommitTicket) -> AsyncEngine:
+        """Where a lost COMMIT is settled: the factory's engine, or the one whose database the
+        COMMIT went to (``ticket.engine``, a sync engine: wrapped as SQLAlchemy does)."""
+        return engine if ticket.engine is None else AsyncEngine(ticket.engine)
 
     def _require_engine(bind: Any, kwargs: dict[str, Any]) -> None:
         if isinstance(bind, Engine):
@@ -577,6 +582,11 @@ if True:  # async only
 
     _units = _TaskUnit()
 else:  # sync only
+
+    def _settling_engine(engine: Engine, ticket: CommitTicket) -> Engine:
+        """Where a lost COMMIT is settled: the factory's engine, or the one whose database the
+        COMMIT went to (``ticket.engine``)."""
+        return engine if ticket.engine is None else ticket.engine
 
     def _require_engine(bind: Any, kwargs: dict[str, Any]) -> None:
         if not isinstance(bind, Engine):

@@ -340,6 +340,9 @@ class CommitTicket:
     incarnation: str | None = None
     sent: bool = False  # the COMMIT message went out (before it, a failure can't have committed)
     done: bool = False  # the server answered it: committed
+    #: the engine whose database the COMMIT went to, when it is not the factory's (a unit whose
+    #: one connection is another engine's, through ``binds``): the outcome is settled there
+    engine: Any = None
 
     @property
     def wrote(self) -> bool:

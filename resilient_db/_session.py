@@ -338,7 +338,7 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                 self._sleep(delay)
             try:
                 # READ COMMITTED whatever the engine's level: the claim must see the marker
-                with self.engine.connect() as conn:
+                with _settling_engine(self.engine, ticket).connect() as conn:
                     conn.execution_options(isolation_level="READ COMMITTED")
                     with conn.begin():
                         if ticket.mode == MARKERS:
@@ -397,6 +397,12 @@ def _validated(
 
 
 # -- what really differs: engines, unit functions, the unit running here ---------------------------
+
+
+def _settling_engine(engine: Engine, ticket: CommitTicket) -> Engine:
+    """Where a lost COMMIT is settled: the factory's engine, or the one whose database the
+    COMMIT went to (``ticket.engine``)."""
+    return engine if ticket.engine is None else ticket.engine
 
 
 def _require_engine(bind: Any, kwargs: dict[str, Any]) -> None:

@@ -149,9 +149,14 @@ class CommitReferee:
         if request is None:
             return None  # COMMIT never sent: a replay can't write twice
         lost = self.policy.classifier.classify(exc) in (Outcome.DISCONNECT, Outcome.COMMIT_UNKNOWN)
+        elsewhere = None  # the engine of the unit's one connection, when not the factory's
         if request.committing:
             connections = request.connections()
-            if len(connections) > 1 or (
+            if len(connections) == 1 and connections[0][1]:
+                engine = connections[0][0].engine
+                if engine.pool is not self.engine.pool:
+                    elsewhere = engine  # marked: its ticket is settled in its own database
+            elif len(connections) > 1 or (
                 connections and connections[0][0].engine.pool is not self.engine.pool
             ):
                 self._spread(exc, request, connections, lost=lost)
@@ -161,6 +166,8 @@ class CommitReferee:
             return None  # COMMIT never sent, or nothing written: a replay can't write twice
         if not lost:
             return None  # the server answered with an error: it did not commit
+        if elsewhere is not None:
+            ticket.engine = elsewhere
         return ticket
 
     def _spread(
@@ -173,13 +180,13 @@ class CommitReferee:
     ) -> None:
         """A COMMIT failed in a unit whose transaction spans several connections (several
         engines, through ``binds``), or whose one connection is another engine's than the
-        factory's. SQLAlchemy commits a session's connections one by one, and in no set order,
-        so part of such a unit may be committed for good; and a marker is looked up on the
-        factory's engine only. Unless the failing COMMIT is provably the first that could
-        commit anything (every connection marked, every earlier COMMIT read-only) and the
-        server answered it with an error, the unit is not replayed: a lost answer raises
-        :class:`CommitOutcomeUnknownError`, another error is raised as it is (marked partly
-        committed). Returns when the caller should go on as for one connection's COMMIT error.
+        factory's and is not marked. SQLAlchemy commits a session's connections one by one,
+        and in no set order, so part of such a unit may be committed for good. Unless the
+        failing COMMIT is provably the first that could commit anything (every connection
+        marked, every earlier COMMIT read-only) and the server answered it with an error, the
+        unit is not replayed: a lost answer raises :class:`CommitOutcomeUnknownError`, another
+        error is raised as it is (marked partly committed). Returns when the caller should go
+        on as for one connection's COMMIT error.
         """
         if lost:
             databases = ", ".join(sorted({str(c.engine.url.database) for c, _ in connections}))

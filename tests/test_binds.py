@@ -229,18 +229,22 @@ def test_a_commit_refused_after_the_other_database_committed_is_not_replayed(
     assert len({name.split("-")[0] for name in items}) == 4
 
 
-def test_a_lost_answer_on_another_engine_is_never_looked_up_in_the_factorys_database(
+@pytest.mark.parametrize("fault", ["lost", "swallowed"])
+def test_a_lost_answer_on_another_engine_is_settled_in_that_engines_database(
+    *,
     pg_server: PostgresServer,
     databases: tuple[str, str],
     engines: tuple[sa.Engine, sa.Engine],
     second_proxy: FaultProxy,
     service: str,
+    fault: str,
 ) -> None:
-    """A unit that writes only entries: its one connection is the second database's, whose
-    engine another factory marks. The COMMIT went through and its answer was lost; its marker is
-    in the second database, so a claim in the first would find nothing, fence, and have the
-    unit replayed: written twice. It ends unknown instead."""
-    rdb.ResilientSession(engines[1], service=f"{service}-second")  # the second engine is marked
+    """A unit that writes only entries: its one connection is the second database's (marked:
+    the engines of ``binds`` get the factory's hooks). Its marker is in the second database,
+    where the COMMIT went; a claim in the first would find nothing, fence, and have the unit
+    replayed: written twice. It is settled in the second: an answer lost after the COMMIT
+    committed is done once; a COMMIT swallowed before the server (released after the claim
+    fenced it) is replayed once and its late arrival refused."""
     Sessions = bound(*engines, service)
     calls: list[int] = []
 
@@ -249,12 +253,35 @@ def test_a_lost_answer_on_another_engine_is_never_looked_up_in_the_factorys_data
         session.add(Entry(name=f"e-{len(calls)}"))
 
     Sessions.run(entry_only)
-    second_proxy.lose_commit_answer()
-    with pytest.raises(rdb.CommitOutcomeUnknownError):
+    if fault == "lost":
+        second_proxy.lose_commit_answer()
         Sessions.run(entry_only)
-    assert second_proxy.commits_lost == 1
-    assert len(calls) == 2
-    assert names(pg_server, databases[1], "entries") == ["e-1", "e-2"]
+        assert second_proxy.commits_lost == 1
+        assert len(calls) == 2  # done, not replayed
+        assert names(pg_server, databases[1], "entries") == ["e-1", "e-2"]
+    else:
+        second_proxy.swallow_commit()
+
+        def release() -> None:  # cut the client off, the server connection kept (about 10 s)
+            for _ in range(200):
+                if second_proxy.commits_swallowed:
+                    second_proxy.release_swallowed(keep_server=True)
+                    return
+                threading.Event().wait(0.05)
+
+        releaser = threading.Thread(target=release, daemon=True)
+        releaser.start()
+        Sessions.run(entry_only)
+        releaser.join(15)
+        assert second_proxy.commits_swallowed == 1
+        assert second_proxy.deliver_late_commits() == 1  # refused: the claim fenced it
+        assert len(calls) == 3  # replayed once
+        assert names(pg_server, databases[1], "entries") == ["e-1", "e-3"]
+    assert names(pg_server, databases[0], "items") == []
+    markers = pg_server.execute(
+        "SELECT count(*) FROM resilient_db.commit_markers", database=databases[0]
+    )
+    assert markers[0][0] == 0  # nothing was claimed in the factory's database
 
 
 @pytest.mark.asyncio
@@ -333,3 +360,42 @@ def test_the_guard_compares_and_sets_through_the_connection_of_the_models_own_da
     assert names(pg_server, first, "items") == ["i-2"]
     rows = pg_server.execute("SELECT id, status FROM steps ORDER BY id", database=second)
     assert [tuple(r) for r in rows] == [(1, "done"), (2, "done")]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
+async def test_async_a_lost_answer_on_another_engine_is_settled_in_that_engines_database(
+    *,
+    pg_server: PostgresServer,
+    databases: tuple[str, str],
+    fault_proxy: FaultProxy,
+    second_proxy: FaultProxy,
+    service: str,
+    driver: str,
+) -> None:
+    """The async twin: the claim runs on the second engine (wrapped as an AsyncEngine)."""
+    first, second = databases
+    e1 = create_async_engine(
+        fault_proxy.url(first, driver=driver), connect_args=async_connect_args(driver, 2)
+    )
+    e2 = create_async_engine(
+        second_proxy.url(second, driver=driver), connect_args=async_connect_args(driver, 2)
+    )
+    try:
+        Sessions = bound(e1, e2, service, rdb.AsyncResilientSession)
+        calls: list[int] = []
+
+        async def entry_only(session: AsyncSession) -> None:
+            calls.append(1)
+            session.add(Entry(name=f"a-{len(calls)}"))
+
+        await Sessions.run(entry_only)
+        second_proxy.lose_commit_answer()
+        await Sessions.run(entry_only)
+        assert second_proxy.commits_lost == 1
+        assert len(calls) == 2  # done, not replayed
+    finally:
+        await e1.dispose()
+        await e2.dispose()
+    assert names(pg_server, second, "entries") == ["a-1", "a-2"]
+    assert names(pg_server, first, "items") == []
