@@ -54,7 +54,7 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import NullPool
 
-from ._classify import DEFAULT_CLASSIFIER, mark_replay_safe, sqlstate_of
+from ._classify import Classifier, mark_replay_safe, sqlstate_of
 from ._config import Config
 from ._observability import emit, log_session
 
@@ -385,6 +385,8 @@ class CommitRequest:
 
 
 class _ReplayPolicy(Protocol):
+    classifier: Classifier
+
     def partly_committed(self, exc: BaseException) -> None: ...
 
 
@@ -411,6 +413,10 @@ class AttemptRecord:
         # (root transaction, connection, marked) for each connection a session began on in the
         # attempt (see ``CommitRequest.connections``)
         self.began: list[tuple[Any, Any, bool]] | None = None
+
+    @property
+    def classifier(self) -> Classifier:
+        return self._policy.classifier
 
     @property
     def unreplayable(self) -> bool:
@@ -454,16 +460,20 @@ class AttemptRecord:
     def failed(self, context: Any, exc: BaseException) -> None:
         """The statement of ``context`` failed: the server's error answer proves that an
         autocommit statement committed nothing (a lost answer proves nothing)."""
-        if context is not None and context is self.autocommitting and _answered(exc):
+        if (
+            context is not None
+            and context is self.autocommitting
+            and _answered(exc, self._policy.classifier)
+        ):
             self.autocommitting = None
 
 
-def _answered(exc: BaseException) -> bool:
-    """The server answered with an error after which the connection is sound (the classifier's
-    disconnect codes are not such an answer): a statement so answered, a COMMIT included, did
-    not commit."""
+def _answered(exc: BaseException, classifier: Classifier) -> bool:
+    """The server answered with an error after which the connection is sound (the factory's
+    classifier's disconnect codes are not such an answer): a statement so answered, a COMMIT
+    included, did not commit."""
     code = sqlstate_of(exc)
-    return code is not None and not DEFAULT_CLASSIFIER.is_disconnect_code(code)
+    return code is not None and not classifier.is_disconnect_code(code)
 
 
 @contextlib.contextmanager
@@ -473,7 +483,7 @@ def _own_commit(attempt: AttemptRecord) -> Iterator[None]:
     try:
         yield
     except BaseException as exc:
-        if not _answered(exc):
+        if not _answered(exc, attempt.classifier):
             attempt.committed = True
         raise
     attempt.committed = True
@@ -510,9 +520,15 @@ _SAFE_CALLS: Final = frozenset(
     on using and or not is as from where join select distinct case when then else end between
     like ilike similar interval varchar char numeric decimal timestamp time date by limit offset
     having lateral union intersect except nulls asc desc
+    version current_schema current_schemas current_database current_user session_user
+    current_setting pg_backend_pid format_type pg_get_expr pg_get_constraintdef pg_get_indexdef
+    pg_table_is_visible to_regclass
     """.split()  # noqa: SIM905 - a word list reads better as words
 )
 _CALL = re.compile(r"([A-Za-z_][\w$]*)\s*\(")
+# ``pg_catalog.f(`` is the built-in ``f`` (SQLAlchemy's first statements on a new engine are
+# ``select pg_catalog.version()`` and ``select current_schema()``): judged as ``f(``
+_CATALOG_CALL = re.compile(r"\bpg_catalog\s*\.\s*(?=[A-Za-z_][\w$]*\s*\()", re.IGNORECASE)
 _QUALIFIED_CALL = re.compile(r"\.\s*\"?[A-Za-z_][\w$]*\"?\s*\(|\"\s*\(")
 _INTO = re.compile(r"\bINTO\b", re.IGNORECASE)
 # A statement that may make transactions read-only (SET TRANSACTION READ ONLY, SET SESSION
@@ -568,6 +584,8 @@ def _judge(statement: str) -> int:
 def _judge_write(head: str, statement: str) -> int:
     if head != "SELECT" or _INTO.search(statement) or ";" in statement:
         return MAY_WRITE
+    if "pg_catalog" in statement:
+        statement = _CATALOG_CALL.sub("", statement)
     if _QUALIFIED_CALL.search(statement):
         return MAY_WRITE  # schema.function(...) or "quoted"(...)
     if any(m.group(1).lower() not in _SAFE_CALLS for m in _CALL.finditer(statement)):

@@ -306,6 +306,58 @@ def test_a_unit_on_an_autocommit_engine_is_replayed_only_before_its_first_write(
         autocommit.dispose()
 
 
+def test_the_first_unit_on_a_new_autocommit_engine_is_replayed_after_a_refusal(
+    pg_url: str, engine: sa.Engine, service: str
+) -> None:
+    """SQLAlchemy's first statements on a new engine (``select pg_catalog.version()``, ``select
+    current_schema()``) run inside the first unit that connects; on an ``AUTOCOMMIT`` engine
+    they counted as statements that may have written, so that unit was never replayed."""
+    autocommit = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    Session = factory(autocommit, service)
+    calls: list[int] = []
+
+    def unit(session: Session) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise_code(session, "40001")  # refused by the server: nothing committed
+        session.execute(sa.text("INSERT INTO items (name) VALUES ('first-unit')"))
+
+    try:
+        Session.run(unit)
+        assert len(calls) == 2
+        assert count_items(engine, "first-unit") == 1
+    finally:
+        autocommit.dispose()
+
+
+def test_an_autocommit_statement_lost_by_the_factorys_own_disconnect_code_is_not_replayed(
+    pg_url: str, engine: sa.Engine, service: str
+) -> None:
+    """Whether a failed autocommit statement was answered (committed nothing) is the factory's
+    classifier's call: a SQLSTATE it counts as a disconnect is no answer, so the statement may
+    have committed and the unit is not replayed. (The default classifier knows nothing of the
+    code and would call it an answer: the unit would be replayed, its write possibly twice.)"""
+    autocommit = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    Session = rdb.ResilientSession(
+        autocommit,
+        service=service,
+        classifier=rdb.Classifier().with_codes({"RX001": "disconnect"}),
+    )
+    calls: list[int] = []
+
+    def unit(session: Session) -> None:
+        calls.append(1)
+        raise_code(session, "RX001")  # a function call: a statement that may write
+
+    try:
+        with pytest.raises(sa_exc.DBAPIError) as info:
+            Session.run(unit)
+        assert rdb.sqlstate_of(info.value) == "RX001"
+        assert len(calls) == 1  # not replayed
+    finally:
+        autocommit.dispose()
+
+
 def test_a_unit_whose_own_commit_was_refused_is_replayed(engine: sa.Engine, service: str) -> None:
     """The server answered the unit's own COMMIT with an error (here a deferred trigger raising
     40001 at COMMIT): nothing was committed, so the unit is replayed as any other."""
