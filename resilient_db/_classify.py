@@ -53,9 +53,14 @@ _MAX_CHAIN = 8
 
 
 def sqlstate_of(exc: BaseException) -> str | None:
-    """The SQLSTATE carried by ``exc`` or the driver error it wraps, if any."""
+    """The SQLSTATE carried by ``exc`` or the driver error it wraps, if any: ``sqlstate``
+    (psycopg 3, asyncpg), ``pgcode`` (psycopg2) or the ``C`` field of pg8000's error fields."""
     for err in _chain(exc):
         code = getattr(err, "sqlstate", None)
+        if code is None:
+            code = getattr(err, "pgcode", None)
+            if code is None and err.args and isinstance(err.args[0], dict):
+                code = err.args[0].get("C")
         if isinstance(code, str) and len(code) == 5:
             return code
     return None

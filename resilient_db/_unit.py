@@ -22,7 +22,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from ._classify import Classifier, Outcome, marked_replay_safe
+from ._classify import Classifier, Outcome, marked_replay_safe, sqlstate_of
 from ._commit import (
     MARKERS,
     CommitProtocol,
@@ -471,7 +471,7 @@ class EngineHooks:
             attempt.failed(ctx.execution_context, original)
         if marked_replay_safe(original):
             return None  # the commit protocol's own statement failed: the connection is sound
-        code = getattr(original, "sqlstate", None)
+        code = sqlstate_of(original)  # psycopg 3, asyncpg, psycopg2 and pg8000 alike
         if code is not None and self.classifier.is_disconnect_code(code) and not ctx.is_disconnect:
             # e.g. 57P01 after pg_terminate_backend, 25006 on a demoted primary: the connection
             # (and the pool's other connections, made before this moment) must not be reused.

@@ -1,0 +1,157 @@
+"""Engines on psycopg2 (``postgresql+psycopg2://``), still the most common PostgreSQL driver
+under SQLAlchemy, and on pg8000 (pure Python). psycopg2 reports a SQLSTATE as ``pgcode``, pg8000
+in the ``C`` field of its error's fields, neither as ``sqlstate``: read as such, their
+serialization failures, deadlocks and terminated backends are replayed as on psycopg 3. They get
+no commit protocol (the factory says so once): a lost COMMIT answer ends unknown, never replayed.
+Real server, real drivers, real faults."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from scenarios import RAISE_CODE_FUNCTION, Base, Item
+from sqlalchemy.orm import Session
+
+import resilient_db as rdb
+from resilient_db.testing import FaultProxy, PostgresServer
+
+pytestmark = pytest.mark.usefixtures("no_backoff")
+
+
+DRIVERS = ["psycopg2", "pg8000"]
+
+
+@pytest.fixture(params=DRIVERS)
+def driver(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    return name
+
+
+def driver_url(
+    driver: str, server: PostgresServer, database: str, proxy: FaultProxy | None = None
+) -> str:
+    url = (proxy or server).url(database, driver="")
+    return url.replace("postgresql://", f"postgresql+{driver}://", 1)
+
+
+@pytest.fixture
+def engine(pg_server: PostgresServer, pg_database: str, driver: str) -> Iterator[sa.Engine]:
+    eng = sa.create_engine(driver_url(driver, pg_server, pg_database))
+    Base.metadata.create_all(eng)
+    with eng.begin() as conn:
+        conn.execute(RAISE_CODE_FUNCTION)
+    yield eng
+    eng.dispose()
+
+
+def names(engine: sa.Engine) -> list[str]:
+    with engine.connect() as conn:
+        return sorted(conn.scalars(sa.select(Item.name)))
+
+
+def test_errors_are_classified_by_their_sqlstate(engine: sa.Engine, driver: str) -> None:
+    with engine.connect() as conn, pytest.raises(sa.exc.DBAPIError) as info:
+        conn.execute(sa.text("SELECT raise_code('40P01')"))
+    assert type(info.value.orig).__module__.startswith(driver)
+    assert rdb.sqlstate_of(info.value) == "40P01"
+    assert rdb.classify(info.value) is rdb.Outcome.CONFLICT
+
+
+def test_a_unit_is_replayed_after_conflicts_and_a_killed_backend(
+    engine: sa.Engine, pg_server: PostgresServer, service: str
+) -> None:
+    Sessions = rdb.ResilientSession(engine, service=service)
+    calls: list[int] = []
+
+    def unit(session: Session) -> int:
+        calls.append(1)
+        session.add(Item(name=f"p2-{len(calls)}"))
+        session.flush()
+        if len(calls) == 1:
+            session.execute(sa.text("SELECT raise_code('40001')"))
+        if len(calls) == 2:
+            pid = session.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+            pg_server.execute(f"SELECT pg_terminate_backend({int(pid)})")
+            session.execute(sa.text("SELECT 1"))  # 57P01 (or the connection gone)
+        return len(calls)
+
+    assert Sessions.run(unit) == 3
+    assert names(engine) == ["p2-3"]
+    counters = rdb.health()["services"][service]["counters"]
+    assert counters["retries_by_class"] == {"conflict": 1, "disconnect": 1}
+
+
+def test_a_real_deadlock_between_two_units_ends_with_both_done(
+    engine: sa.Engine, service: str
+) -> None:
+    """Two threads lock two rows in opposite orders; the server breaks the deadlock with 40P01
+    in one of them, which is replayed."""
+    Sessions = rdb.ResilientSession(engine, service=service)
+    with Sessions.begin() as session:
+        session.add_all([Item(id=1, name="a"), Item(id=2, name="b")])
+    both_locked = threading.Barrier(2, timeout=10)
+    calls: list[str] = []
+    errors: list[BaseException] = []
+
+    def unit(session: Session, first: int, second: int) -> None:
+        calls.append(f"{first}")
+        session.execute(sa.text("SELECT 1 FROM items WHERE id = :i FOR UPDATE"), {"i": first})
+        if len(calls) <= 2:
+            both_locked.wait()
+        session.execute(sa.text("UPDATE items SET name = name || '+' WHERE id = :i"), {"i": second})
+
+    def worker(first: int, second: int) -> None:
+        try:
+            Sessions.run(unit, first, second)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=order) for order in ((1, 2), (2, 1))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == []
+    assert len(calls) == 3  # one of the two replayed once
+    assert names(engine) == ["a+", "b+"]
+    counters = rdb.health()["services"][service]["counters"]
+    assert counters["retries_by_class"] == {"conflict": 1}
+
+
+@pytest.mark.parametrize("driver", ["psycopg2"])
+def test_a_lost_commit_answer_is_unknown_never_replayed(
+    *,
+    pg_server: PostgresServer,
+    pg_database: str,
+    engine: sa.Engine,
+    driver: str,
+    service: str,
+    caplog: Any,
+) -> None:
+    """psycopg2 only: the fault proxy sees a COMMIT sent as a simple query, and pg8000 sends its
+    COMMIT through the extended protocol. What follows a lost answer does not depend on the
+    driver (no marker, so no proof either way)."""
+    with FaultProxy(pg_server) as proxy:
+        proxied = sa.create_engine(driver_url(driver, pg_server, pg_database, proxy))
+        try:
+            with caplog.at_level("WARNING", logger="resilient_db"):
+                Sessions = rdb.ResilientSession(proxied, service=service)
+            assert any("can't carry a marker" in r.getMessage() for r in caplog.records)
+            calls: list[int] = []
+
+            def unit(session: Session) -> None:
+                calls.append(1)
+                session.add(Item(name=f"lost-{len(calls)}"))
+
+            proxy.lose_commit_answer()
+            with pytest.raises(rdb.CommitOutcomeUnknownError):
+                Sessions.run(unit)
+            assert proxy.commits_lost == 1
+            assert calls == [1]
+        finally:
+            proxied.dispose()
+    assert names(engine) == ["lost-1"]
