@@ -355,10 +355,11 @@ class CommitTicket:
 class CommitRequest:
     """The tickets of one unit's commit (one per connection the session commits)."""
 
-    __slots__ = ("attempt", "committing", "tickets", "transaction")
+    __slots__ = ("attempt", "committing", "prepared_commits", "tickets", "transaction")
 
     def __init__(self) -> None:
         self.tickets: list[CommitTicket] = []
+        self.prepared_commits = 0  # COMMIT PREPARED statements sent (a two-phase session)
         self.committing = False  # flushed; COMMIT may go out from here on
         self.transaction: Any = None  # the session's root transaction that COMMIT ends
         self.attempt: AttemptRecord | None = None  # the unit's attempt (it saw the connections)
@@ -550,6 +551,10 @@ _SESSION_STATE = re.compile(
 READ_ONLY: Final = 0
 MAY_WRITE: Final = 1
 STOPS_PREPARED: Final = 2
+#: a two-phase session's ``COMMIT PREPARED``: counted on the unit's commit request, since the
+#: COMMIT PREPARED of one database commits for good before the next database's is sent
+COMMITS_PREPARED: Final = 3
+_COMMIT_PREPARED = re.compile(r"\s*COMMIT\s+PREPARED\b", re.IGNORECASE)
 _verdicts: dict[str, int] = {}
 
 
@@ -573,6 +578,8 @@ def _judge(statement: str) -> int:
     head = statement.lstrip().lstrip("(").lstrip()[:6].upper()
     if head in ("DISCAR", "DEALLO"):
         return STOPS_PREPARED
+    if head == "COMMIT" and _COMMIT_PREPARED.match(statement):
+        return COMMITS_PREPARED
     if head[:5] == "SHOW ":
         return READ_ONLY
     verdict = _judge_write(head, statement)
@@ -968,6 +975,8 @@ def statement_listeners(
                 driver._rdb_may_write = True
                 if verdict == STOPS_PREPARED:
                     driver._rdb_prepared = None  # its COMMITs call the function from now on
+            if verdict == COMMITS_PREPARED:  # asyncpg's two-phase COMMIT (psycopg: tpc_commit)
+                _note_commit_prepared()
             if autocommit:
                 attempt = current_attempt.get()
                 if attempt is not None:
@@ -984,6 +993,13 @@ def statement_listeners(
         "do_executemany": do_execute,
         "do_execute_no_params": do_execute_no_params,
     }
+
+
+def _note_commit_prepared() -> None:
+    """A two-phase COMMIT PREPARED goes out for the unit committing here, if one is."""
+    request = current_request.get()
+    if request is not None:
+        request.prepared_commits += 1
 
 
 def note_write(context: Any) -> None:
@@ -1174,7 +1190,11 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                     ticket.done = True
                 return None
 
-            namespace.update(commit=acommit)
+            async def atpc_commit(self: Any, xid: Any = None) -> None:
+                _note_commit_prepared()  # SQLAlchemy's two-phase COMMIT PREPARED on psycopg
+                await base.tpc_commit(self, xid)
+
+            namespace.update(commit=acommit, tpc_commit=atpc_commit)
         else:
 
             def commit(self: Any) -> None:
@@ -1200,7 +1220,11 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                     ticket.done = True
                 return None
 
-            namespace.update(commit=commit)
+            def tpc_commit(self: Any, xid: Any = None) -> None:
+                _note_commit_prepared()  # SQLAlchemy's two-phase COMMIT PREPARED on psycopg
+                base.tpc_commit(self, xid)
+
+            namespace.update(commit=commit, tpc_commit=tpc_commit)
         if not issubclass(base, asyncpg.Connection):
             # No rollback(): the flag of a rolled-back transaction is cleared at the next
             # checkout (``CommitProtocol.checked_out``), not by a Python frame in every pool

@@ -197,7 +197,11 @@ class CommitReferee:
         # every COMMIT that went out is a ticket when every connection is marked; one that
         # succeeded and wrote committed part of the unit
         marked = all(is_marked for _, is_marked in connections)
-        if not marked or any(t.done and t.wrote for t in request.tickets):
+        if (
+            not marked
+            or any(t.done and t.wrote for t in request.tickets)
+            or request.prepared_commits > 1  # two-phase: an earlier COMMIT PREPARED committed
+        ):
             self.policy.partly_committed(
                 exc, "on another connection of its transaction (whose COMMIT went out first)"
             )

@@ -6,6 +6,7 @@ depend on anything a user can clear. Against the real server."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -13,7 +14,7 @@ import pybreaker
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
-from scenarios import Base, Item
+from scenarios import ASYNC_DRIVERS, Base, Item, async_connect_args
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -384,3 +385,121 @@ def test_two_phase_sessions_commit_and_a_lost_answer_is_never_replayed(
         assert sorted(conn.scalars(sa.select(Item.name))) == ["first", "second"]
         assert conn.exec_driver_sql("SELECT count(*) FROM pg_prepared_xacts").scalar() == 0
     direct.dispose()
+
+
+@pytest.fixture
+def two_databases(two_phase_server: Any) -> Iterator[tuple[str, str]]:
+    """Items in one new database of the two-phase server, tasks in another."""
+    names = (f"tp_items_{uuid.uuid4().hex[:8]}", f"tp_tasks_{uuid.uuid4().hex[:8]}")
+    for name, base in zip(names, (Base, TaskBase), strict=True):
+        two_phase_server.create_database(name)
+        eng = sa.create_engine(two_phase_server.url(name))
+        base.metadata.create_all(eng)
+        eng.dispose()
+    yield names
+    for name in names:
+        two_phase_server.drop_database(name)
+
+
+def refuse_the_second_commit_prepared(server: Any, engines: list[sa.Engine]) -> list[str]:
+    """Before the unit's second COMMIT PREPARED, someone rolls that prepared transaction back:
+    the server refuses that COMMIT PREPARED (42704). Returns the xids seen, in order."""
+    seen: list[str] = []
+
+    def before(conn: Any, xid: Any, is_prepared: bool) -> None:
+        seen.append(str(xid))
+        if len(seen) == 2:
+            database = conn.engine.url.database  # where it was prepared
+            server.execute(f"ROLLBACK PREPARED '{xid}'", database=database)
+
+    for eng in engines:
+        event.listen(eng, "commit_twophase", before)
+    return seen
+
+
+def counts(server: Any, databases: tuple[str, str]) -> list[int]:
+    return [
+        server.execute(f"SELECT count(*) FROM {table}", database=name)[0][0]
+        for name, table in zip(databases, ("items", "tasks"), strict=True)
+    ]
+
+
+#: 42704 (the prepared transaction is gone) retried, as a transient error would be
+RETRY_42704 = rdb.Classifier().with_codes({"42704": "conflict"})
+
+
+def test_a_two_phase_unit_across_two_databases_is_not_replayed_after_one_committed(
+    two_phase_server: Any, two_databases: tuple[str, str], service: str
+) -> None:
+    """``twophase=True`` with models bound to two databases: SQLAlchemy prepares both, then
+    sends COMMIT PREPARED to one, then the other. The first commits for good; when the second
+    is refused with an error the factory retries, a replay would write the first database's
+    part twice. The unit raises the error instead, marked partly committed."""
+    engines = [sa.create_engine(two_phase_server.url(name)) for name in two_databases]
+    try:
+        Sessions = rdb.ResilientSession(
+            engines[0],
+            service=service,
+            twophase=True,
+            binds={Item: engines[0], Task: engines[1]},
+            classifier=RETRY_42704,
+        )
+        seen = refuse_the_second_commit_prepared(two_phase_server, engines)
+        calls: list[int] = []
+
+        def unit(session: Session) -> None:
+            calls.append(1)
+            session.add(Item(name=f"u-{len(calls)}"))
+            session.add(Task(idem_key=f"k-{len(calls)}", title="two databases"))
+
+        with pytest.raises(sa.exc.DBAPIError) as info:
+            Sessions.run(unit)
+        assert rdb.sqlstate_of(info.value) == "42704"
+        assert calls == [1]  # not replayed
+        assert len(seen) == 2
+    finally:
+        for eng in engines:
+            eng.dispose()
+    assert sorted(counts(two_phase_server, two_databases)) == [0, 1]  # the first one's only
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
+async def test_async_a_two_phase_unit_across_two_databases_is_not_replayed_after_one_committed(
+    two_phase_server: Any, two_databases: tuple[str, str], service: str, driver: str
+) -> None:
+    """The async twin, on both drivers: psycopg commits a prepared transaction with its own
+    ``tpc_commit``, asyncpg through SQLAlchemy's COMMIT PREPARED statement."""
+    engines = [
+        create_async_engine(
+            two_phase_server.url(name, driver=driver), connect_args=async_connect_args(driver, 2)
+        )
+        for name in two_databases
+    ]
+    try:
+        Sessions = rdb.AsyncResilientSession(
+            engines[0],
+            service=service,
+            twophase=True,
+            binds={Item: engines[0], Task: engines[1]},
+            classifier=RETRY_42704,
+        )
+        seen = refuse_the_second_commit_prepared(
+            two_phase_server, [eng.sync_engine for eng in engines]
+        )
+        calls: list[int] = []
+
+        async def unit(session: AsyncSession) -> None:
+            calls.append(1)
+            session.add(Item(name=f"u-{len(calls)}"))
+            session.add(Task(idem_key=f"k-{len(calls)}", title="two databases"))
+
+        with pytest.raises(sa.exc.DBAPIError) as info:
+            await Sessions.run(unit)
+        assert rdb.sqlstate_of(info.value) == "42704"
+        assert calls == [1]  # not replayed
+        assert len(seen) == 2
+    finally:
+        for eng in engines:
+            await eng.dispose()
+    assert sorted(counts(two_phase_server, two_databases)) == [0, 1]
