@@ -973,10 +973,10 @@ def statement_listeners(
                 autocommit = driver.autocommit
             if getattr(driver, "_rdb_marked", False):
                 driver._rdb_may_write = True
-                if verdict == STOPS_PREPARED:
-                    driver._rdb_prepared = None  # its COMMITs call the function from now on
-            if verdict == COMMITS_PREPARED:  # asyncpg's two-phase COMMIT (psycopg: tpc_commit)
-                _note_commit_prepared()
+                if verdict != MAY_WRITE:
+                    _special_statement(verdict, driver, marked=True)
+            elif verdict != MAY_WRITE:
+                _special_statement(verdict, driver, marked=False)
             if autocommit:
                 attempt = current_attempt.get()
                 if attempt is not None:
@@ -993,6 +993,15 @@ def statement_listeners(
         "do_executemany": do_execute,
         "do_execute_no_params": do_execute_no_params,
     }
+
+
+def _special_statement(verdict: int, driver: Any, *, marked: bool) -> None:
+    """What a STOPS_PREPARED or COMMITS_PREPARED statement changes (off the common path)."""
+    if verdict == STOPS_PREPARED:
+        if marked:
+            driver._rdb_prepared = None  # its COMMITs call the function from now on
+    elif verdict == COMMITS_PREPARED:  # asyncpg's two-phase COMMIT (psycopg: tpc_commit)
+        _note_commit_prepared()
 
 
 def _note_commit_prepared() -> None:

@@ -152,15 +152,13 @@ class CommitReferee:
         elsewhere = None  # the engine of the unit's one connection, when not the factory's
         if request.committing:
             connections = request.connections()
-            if len(connections) == 1 and connections[0][1]:
-                engine = connections[0][0].engine
-                if engine.pool is not self.engine.pool:
-                    elsewhere = engine  # marked: its ticket is settled in its own database
-            elif len(connections) > 1 or (
+            if len(connections) > 1 or (
                 connections and connections[0][0].engine.pool is not self.engine.pool
             ):
-                self._spread(exc, request, connections, lost=lost)
-                return None
+                if len(connections) > 1 or not connections[0][1]:
+                    self._spread(exc, request, connections, lost=lost)
+                    return None
+                elsewhere = connections[0][0].engine  # marked: settled in its own database
         ticket = request.last
         if ticket is None or not ticket.wrote:
             return None  # COMMIT never sent, or nothing written: a replay can't write twice

@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
+import pytest_asyncio
 import sqlalchemy as sa
 from scenarios import ASYNC_DRIVERS, Base, Item, async_connect_args
-from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import resilient_db as rdb
@@ -112,6 +113,26 @@ def engines(
         engine.dispose()
 
 
+@pytest_asyncio.fixture(params=ASYNC_DRIVERS)
+async def async_engines(
+    request: pytest.FixtureRequest,
+    databases: tuple[str, str],
+    fault_proxy: FaultProxy,
+    second_proxy: FaultProxy,
+) -> AsyncIterator[tuple[AsyncEngine, AsyncEngine]]:
+    """The async twin of ``engines``, on each async driver."""
+    driver = request.param
+    made = tuple(
+        create_async_engine(
+            proxy.url(name, driver=driver), connect_args=async_connect_args(driver, 2)
+        )
+        for proxy, name in zip((fault_proxy, second_proxy), databases, strict=True)
+    )
+    yield made[0], made[1]
+    for engine in made:
+        await engine.dispose()
+
+
 def bound(e1: Any, e2: Any, service: str, factory: Any = rdb.ResilientSession) -> Any:
     """A factory whose items go to ``e1`` and entries to ``e2``."""
     return factory(e1, service=service, binds={Item: e1, Entry: e2})
@@ -129,13 +150,14 @@ def both(calls: list[str]) -> Callable[[Session], None]:
     return unit
 
 
-def held_and_released(proxy: FaultProxy) -> threading.Thread:
-    """Release the COMMIT the proxy holds once it holds one (bounded: about 10 s)."""
+def held_and_released(proxy: FaultProxy, *, keep_server: bool = False) -> threading.Thread:
+    """Release the COMMIT the proxy holds once it holds one (bounded: about 10 s);
+    ``keep_server``: its server connection stays, for ``deliver_late_commits``."""
 
     def release() -> None:
         for _ in range(200):
             if proxy.commits_swallowed:
-                proxy.release_swallowed()
+                proxy.release_swallowed(keep_server=keep_server)
                 return
             threading.Event().wait(0.05)
 
@@ -261,16 +283,7 @@ def test_a_lost_answer_on_another_engine_is_settled_in_that_engines_database(
         assert names(pg_server, databases[1], "entries") == ["e-1", "e-2"]
     else:
         second_proxy.swallow_commit()
-
-        def release() -> None:  # cut the client off, the server connection kept (about 10 s)
-            for _ in range(200):
-                if second_proxy.commits_swallowed:
-                    second_proxy.release_swallowed(keep_server=True)
-                    return
-                threading.Event().wait(0.05)
-
-        releaser = threading.Thread(target=release, daemon=True)
-        releaser.start()
+        releaser = held_and_released(second_proxy, keep_server=True)
         Sessions.run(entry_only)
         releaser.join(15)
         assert second_proxy.commits_swallowed == 1
@@ -285,43 +298,31 @@ def test_a_lost_answer_on_another_engine_is_settled_in_that_engines_database(
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
 async def test_async_a_lost_commit_across_two_databases_is_unknown(
     *,
     pg_server: PostgresServer,
     databases: tuple[str, str],
-    fault_proxy: FaultProxy,
     second_proxy: FaultProxy,
+    async_engines: tuple[AsyncEngine, AsyncEngine],
     service: str,
-    driver: str,
 ) -> None:
     """The async twin of the lost COMMIT across two databases."""
     first, second = databases
-    e1 = create_async_engine(
-        fault_proxy.url(first, driver=driver), connect_args=async_connect_args(driver, 2)
-    )
-    e2 = create_async_engine(
-        second_proxy.url(second, driver=driver), connect_args=async_connect_args(driver, 2)
-    )
-    try:
-        Sessions = bound(e1, e2, service, rdb.AsyncResilientSession)
-        calls: list[int] = []
+    Sessions = bound(*async_engines, service, rdb.AsyncResilientSession)
+    calls: list[int] = []
 
-        async def unit(session: AsyncSession) -> None:
-            calls.append(1)
-            session.add(Item(name=f"a-{len(calls)}"))
-            session.add(Entry(name=f"a-{len(calls)}"))
+    async def unit(session: AsyncSession) -> None:
+        calls.append(1)
+        session.add(Item(name=f"a-{len(calls)}"))
+        session.add(Entry(name=f"a-{len(calls)}"))
 
+    await Sessions.run(unit)
+    second_proxy.swallow_commit()
+    releaser = held_and_released(second_proxy)
+    with pytest.raises(rdb.CommitOutcomeUnknownError):
         await Sessions.run(unit)
-        second_proxy.swallow_commit()
-        releaser = held_and_released(second_proxy)
-        with pytest.raises(rdb.CommitOutcomeUnknownError):
-            await Sessions.run(unit)
-        await asyncio.to_thread(releaser.join, 15)
-        assert len(calls) == 2  # not replayed
-    finally:
-        await e1.dispose()
-        await e2.dispose()
+    await asyncio.to_thread(releaser.join, 15)
+    assert len(calls) == 2  # not replayed
     assert names(pg_server, first, "items") in (["a-1"], ["a-1", "a-2"])
     assert names(pg_server, second, "entries") in (["a-1"], ["a-1", "a-2"])
 
@@ -363,39 +364,27 @@ def test_the_guard_compares_and_sets_through_the_connection_of_the_models_own_da
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
 async def test_async_a_lost_answer_on_another_engine_is_settled_in_that_engines_database(
     *,
     pg_server: PostgresServer,
     databases: tuple[str, str],
-    fault_proxy: FaultProxy,
     second_proxy: FaultProxy,
+    async_engines: tuple[AsyncEngine, AsyncEngine],
     service: str,
-    driver: str,
 ) -> None:
     """The async twin: the claim runs on the second engine (wrapped as an AsyncEngine)."""
     first, second = databases
-    e1 = create_async_engine(
-        fault_proxy.url(first, driver=driver), connect_args=async_connect_args(driver, 2)
-    )
-    e2 = create_async_engine(
-        second_proxy.url(second, driver=driver), connect_args=async_connect_args(driver, 2)
-    )
-    try:
-        Sessions = bound(e1, e2, service, rdb.AsyncResilientSession)
-        calls: list[int] = []
+    Sessions = bound(*async_engines, service, rdb.AsyncResilientSession)
+    calls: list[int] = []
 
-        async def entry_only(session: AsyncSession) -> None:
-            calls.append(1)
-            session.add(Entry(name=f"a-{len(calls)}"))
+    async def entry_only(session: AsyncSession) -> None:
+        calls.append(1)
+        session.add(Entry(name=f"a-{len(calls)}"))
 
-        await Sessions.run(entry_only)
-        second_proxy.lose_commit_answer()
-        await Sessions.run(entry_only)
-        assert second_proxy.commits_lost == 1
-        assert len(calls) == 2  # done, not replayed
-    finally:
-        await e1.dispose()
-        await e2.dispose()
+    await Sessions.run(entry_only)
+    second_proxy.lose_commit_answer()
+    await Sessions.run(entry_only)
+    assert second_proxy.commits_lost == 1
+    assert len(calls) == 2  # done, not replayed
     assert names(pg_server, second, "entries") == ["a-1", "a-2"]
     assert names(pg_server, first, "items") == []

@@ -424,8 +424,23 @@ def counts(server: Any, databases: tuple[str, str]) -> list[int]:
     ]
 
 
-#: 42704 (the prepared transaction is gone) retried, as a transient error would be
-RETRY_42704 = rdb.Classifier().with_codes({"42704": "conflict"})
+def two_phase_factory(factory: Any, engines: list[Any], service: str) -> Any:
+    """A two-phase factory whose items go to the first engine and tasks to the second, that
+    retries 42704 (the prepared transaction is gone) as a transient error would be."""
+    return factory(
+        engines[0],
+        service=service,
+        twophase=True,
+        binds={Item: engines[0], Task: engines[1]},
+        classifier=rdb.Classifier().with_codes({"42704": "conflict"}),
+    )
+
+
+def add_to_both(session: Any, calls: list[int]) -> None:
+    """A unit's work: an item and a task (one per database), named per attempt."""
+    calls.append(1)
+    session.add(Item(name=f"u-{len(calls)}"))
+    session.add(Task(idem_key=f"k-{len(calls)}", title="two databases"))
 
 
 def test_a_two_phase_unit_across_two_databases_is_not_replayed_after_one_committed(
@@ -437,20 +452,12 @@ def test_a_two_phase_unit_across_two_databases_is_not_replayed_after_one_committ
     part twice. The unit raises the error instead, marked partly committed."""
     engines = [sa.create_engine(two_phase_server.url(name)) for name in two_databases]
     try:
-        Sessions = rdb.ResilientSession(
-            engines[0],
-            service=service,
-            twophase=True,
-            binds={Item: engines[0], Task: engines[1]},
-            classifier=RETRY_42704,
-        )
+        Sessions = two_phase_factory(rdb.ResilientSession, engines, service)
         seen = refuse_the_second_commit_prepared(two_phase_server, engines)
         calls: list[int] = []
 
         def unit(session: Session) -> None:
-            calls.append(1)
-            session.add(Item(name=f"u-{len(calls)}"))
-            session.add(Task(idem_key=f"k-{len(calls)}", title="two databases"))
+            add_to_both(session, calls)
 
         with pytest.raises(sa.exc.DBAPIError) as info:
             Sessions.run(unit)
@@ -477,22 +484,14 @@ async def test_async_a_two_phase_unit_across_two_databases_is_not_replayed_after
         for name in two_databases
     ]
     try:
-        Sessions = rdb.AsyncResilientSession(
-            engines[0],
-            service=service,
-            twophase=True,
-            binds={Item: engines[0], Task: engines[1]},
-            classifier=RETRY_42704,
-        )
+        Sessions = two_phase_factory(rdb.AsyncResilientSession, engines, service)
         seen = refuse_the_second_commit_prepared(
             two_phase_server, [eng.sync_engine for eng in engines]
         )
         calls: list[int] = []
 
         async def unit(session: AsyncSession) -> None:
-            calls.append(1)
-            session.add(Item(name=f"u-{len(calls)}"))
-            session.add(Task(idem_key=f"k-{len(calls)}", title="two databases"))
+            add_to_both(session, calls)
 
         with pytest.raises(sa.exc.DBAPIError) as info:
             await Sessions.run(unit)

@@ -272,13 +272,20 @@ def test_a_unit_that_committed_part_of_its_work_is_not_replayed(
     assert count_items(engine, "replayed") == 1
 
 
+@pytest.fixture
+def autocommit(pg_url: str) -> Iterator[sa.Engine]:
+    """A new engine in ``AUTOCOMMIT``: each statement commits on its own."""
+    eng = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    yield eng
+    eng.dispose()
+
+
 def test_a_unit_on_an_autocommit_engine_is_replayed_only_before_its_first_write(
-    pg_url: str, engine: sa.Engine, service: str
+    autocommit: sa.Engine, engine: sa.Engine, service: str
 ) -> None:
     """On an ``AUTOCOMMIT`` engine each statement commits on its own: once a writing statement
     went through, a failure is raised, not replayed. One the server refused with an error
     committed nothing, so a unit failing there is replayed."""
-    autocommit = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
     Session = factory(autocommit, service)
     calls: list[int] = []
 
@@ -293,26 +300,22 @@ def test_a_unit_on_an_autocommit_engine_is_replayed_only_before_its_first_write(
             raise_code(session, "40001")  # a function call: a statement that may write
         session.execute(sa.text("INSERT INTO items (name) VALUES ('after-refusal')"))
 
-    try:
-        with pytest.raises(sa_exc.OperationalError):
-            Session.run(unit)
-        assert len(calls) == 1
-        assert count_items(engine, "autocommitted") == 1
-        calls.clear()
-        Session.run(refused_first)
-        assert len(calls) == 2
-        assert count_items(engine, "after-refusal") == 1
-    finally:
-        autocommit.dispose()
+    with pytest.raises(sa_exc.OperationalError):
+        Session.run(unit)
+    assert len(calls) == 1
+    assert count_items(engine, "autocommitted") == 1
+    calls.clear()
+    Session.run(refused_first)
+    assert len(calls) == 2
+    assert count_items(engine, "after-refusal") == 1
 
 
 def test_the_first_unit_on_a_new_autocommit_engine_is_replayed_after_a_refusal(
-    pg_url: str, engine: sa.Engine, service: str
+    autocommit: sa.Engine, engine: sa.Engine, service: str
 ) -> None:
     """SQLAlchemy's first statements on a new engine (``select pg_catalog.version()``, ``select
     current_schema()``) run inside the first unit that connects; on an ``AUTOCOMMIT`` engine
     they counted as statements that may have written, so that unit was never replayed."""
-    autocommit = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
     Session = factory(autocommit, service)
     calls: list[int] = []
 
@@ -322,22 +325,18 @@ def test_the_first_unit_on_a_new_autocommit_engine_is_replayed_after_a_refusal(
             raise_code(session, "40001")  # refused by the server: nothing committed
         session.execute(sa.text("INSERT INTO items (name) VALUES ('first-unit')"))
 
-    try:
-        Session.run(unit)
-        assert len(calls) == 2
-        assert count_items(engine, "first-unit") == 1
-    finally:
-        autocommit.dispose()
+    Session.run(unit)
+    assert len(calls) == 2
+    assert count_items(engine, "first-unit") == 1
 
 
 def test_an_autocommit_statement_lost_by_the_factorys_own_disconnect_code_is_not_replayed(
-    pg_url: str, engine: sa.Engine, service: str
+    autocommit: sa.Engine, engine: sa.Engine, service: str
 ) -> None:
     """Whether a failed autocommit statement was answered (committed nothing) is the factory's
     classifier's call: a SQLSTATE it counts as a disconnect is no answer, so the statement may
     have committed and the unit is not replayed. (The default classifier knows nothing of the
     code and would call it an answer: the unit would be replayed, its write possibly twice.)"""
-    autocommit = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
     Session = rdb.ResilientSession(
         autocommit,
         service=service,
@@ -349,13 +348,10 @@ def test_an_autocommit_statement_lost_by_the_factorys_own_disconnect_code_is_not
         calls.append(1)
         raise_code(session, "RX001")  # a function call: a statement that may write
 
-    try:
-        with pytest.raises(sa_exc.DBAPIError) as info:
-            Session.run(unit)
-        assert rdb.sqlstate_of(info.value) == "RX001"
-        assert len(calls) == 1  # not replayed
-    finally:
-        autocommit.dispose()
+    with pytest.raises(sa_exc.DBAPIError) as info:
+        Session.run(unit)
+    assert rdb.sqlstate_of(info.value) == "RX001"
+    assert len(calls) == 1  # not replayed
 
 
 def test_a_unit_whose_own_commit_was_refused_is_replayed(engine: sa.Engine, service: str) -> None:

@@ -12,6 +12,7 @@ before their UPDATE instead. No implicit lazy loads: works unchanged under ``Asy
 from __future__ import annotations
 
 import dataclasses
+import functools
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, TypeAlias
@@ -465,25 +466,23 @@ def guard_execute(cursor: Any, statement: str, parameters: Any, context: Any) ->
     to the dialect (False)."""
     if not context.isupdate:
         return False
+    return _guard(cursor, statement, parameters, context)
+
+
+def _guard(cursor: Any, statement: str, parameters: Any, context: Any, noted: bool = False) -> bool:
+    """:func:`guard_execute` past its UPDATE check. ``noted``: the transaction is already noted
+    as one that writes (the commit protocol's listener calls this for UPDATEs only, through
+    :data:`_guard_update`)."""
     flush_checks = STATE.flush_checks
     if not flush_checks:
         return False
     checks: _FlushChecks | None = flush_checks.get(context.root_connection)
     if checks is None:
         return False
-    return _compare_and_set(cursor, statement, parameters, context, checks, noted=False)
+    return _compare_and_set(cursor, statement, parameters, context, checks, noted=noted)
 
 
-def _guard_update(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
-    """:func:`guard_execute` as the commit protocol's listener calls it: for an UPDATE only,
-    and with its transaction already noted as one that writes."""
-    flush_checks = STATE.flush_checks
-    if not flush_checks:
-        return False
-    checks: _FlushChecks | None = flush_checks.get(context.root_connection)
-    if checks is None:
-        return False
-    return _compare_and_set(cursor, statement, parameters, context, checks, noted=True)
+_guard_update: StatementGuard = functools.partial(_guard, noted=True)
 
 
 def _compare_and_set(
