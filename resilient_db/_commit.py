@@ -36,10 +36,8 @@ subclass (``connection_class``, set in ``do_connect``) whose ``execute("COMMIT;"
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import logging
 import os
-import re
 import threading
 import time
 import weakref
@@ -57,6 +55,16 @@ from sqlalchemy.pool import NullPool
 from ._classify import Classifier, mark_replay_safe, sqlstate_of
 from ._config import Config
 from ._observability import emit, log_session
+from ._statements import (
+    StatementGuard,
+    _note_commit_prepared,
+    asyncpg_statement_methods,
+    current_attempt,
+    current_request,
+    cursors_marked,
+    mark_cursors,
+    statement_listeners,
+)
 
 try:  # SQLAlchemy 2.1 renamed ``await_only`` to ``await_`` (the old name goes in 2.2)
     from sqlalchemy.util import await_ as _await
@@ -490,116 +498,6 @@ def _own_commit(attempt: AttemptRecord) -> Iterator[None]:
     attempt.committed = True
 
 
-# The attempt running in this thread/task (not while it checks a lost COMMIT answer).
-current_attempt: contextvars.ContextVar[AttemptRecord | None] = contextvars.ContextVar(
-    "resilient_db_attempt", default=None
-)
-
-# The commit being made by a unit in this thread/greenlet: set around ``session.commit()``.
-current_request: contextvars.ContextVar[CommitRequest | None] = contextvars.ContextVar(
-    "resilient_db_commit", default=None
-)
-
-
-# Statements that can't write: the decision per SQL string, cached. Only a plain SELECT (not
-# SELECT INTO, not WITH, which may hold a data-modifying CTE) whose calls are all built-ins that
-# don't write counts as read-only; anything else may write and the server decides (the marker is
-# inserted only by a transaction that holds an xid). A SELECT on a view whose definition calls a
-# writing function is not seen: such a unit is replayed after a lost COMMIT answer.
-_SAFE_CALLS: Final = frozenset(
-    """
-    any all in exists cast coalesce nullif greatest least count sum min max avg bool_and bool_or
-    every array_agg string_agg json_agg jsonb_agg json_object_agg jsonb_object_agg
-    json_build_object jsonb_build_object json_build_array jsonb_build_array row_number rank
-    dense_rank percent_rank cume_dist ntile lag lead first_value last_value nth_value over
-    filter within lower upper length char_length octet_length substring substr trim btrim ltrim
-    rtrim concat concat_ws replace position strpos left right lpad rpad abs round floor ceil
-    ceiling trunc mod power sqrt date_trunc date_part extract now current_timestamp
-    current_date localtimestamp clock_timestamp age to_char to_timestamp to_date make_interval
-    array array_length cardinality unnest jsonb_array_elements json_array_elements
-    jsonb_each json_each jsonb_extract_path json_extract_path to_json to_jsonb row values
-    on using and or not is as from where join select distinct case when then else end between
-    like ilike similar interval varchar char numeric decimal timestamp time date by limit offset
-    having lateral union intersect except nulls asc desc
-    version current_schema current_schemas current_database current_user session_user
-    current_setting pg_backend_pid format_type pg_get_expr pg_get_constraintdef pg_get_indexdef
-    pg_table_is_visible to_regclass
-    """.split()  # noqa: SIM905 - a word list reads better as words
-)
-_CALL = re.compile(r"([A-Za-z_][\w$]*)\s*\(")
-# ``pg_catalog.f(`` is the built-in ``f`` (SQLAlchemy's first statements on a new engine are
-# ``select pg_catalog.version()`` and ``select current_schema()``): judged as ``f(``
-_CATALOG_CALL = re.compile(r"\bpg_catalog\s*\.\s*(?=[A-Za-z_][\w$]*\s*\()", re.IGNORECASE)
-_QUALIFIED_CALL = re.compile(r"\.\s*\"?[A-Za-z_][\w$]*\"?\s*\(|\"\s*\(")
-_INTO = re.compile(r"\bINTO\b", re.IGNORECASE)
-# A statement that may make transactions read-only (SET TRANSACTION READ ONLY, SET SESSION
-# CHARACTERISTICS ..., SET default_transaction_read_only, BEGIN READ WRITE, ...) or switch the
-# role in effect (SET [LOCAL] ROLE, SET SESSION AUTHORIZATION, RESET ROLE, set_config('role')),
-# which may have no right to write markers.
-_SESSION_STATE = re.compile(
-    r"^\s*(?:SET|RESET|BEGIN|START)\b.*?"
-    r"(?:\bREAD\s+(?:ONLY|WRITE)\b|transaction_read_only|\bROLE\b|\bAUTHORIZATION\b)"
-    r"|set_config\s*\(\s*'(?:role|(?:default_)?transaction_read_only)'",
-    re.IGNORECASE | re.DOTALL,
-)
-# Verdicts, cached per statement: a truthy one means "may write". STOPS_PREPARED: after it, the
-# connection's COMMITs call the marker function instead of the prepared statement: DISCARD or
-# DEALLOCATE may have dropped the statement; in a read-only transaction its INSERT can't even
-# start (the server refuses it before its condition is looked at) and a role switched to may
-# not write markers, where the function decides on the server (and runs as its owner). These
-# are statements of session state: that connection stays on the function.
-READ_ONLY: Final = 0
-MAY_WRITE: Final = 1
-STOPS_PREPARED: Final = 2
-#: a two-phase session's ``COMMIT PREPARED``: counted on the unit's commit request, since the
-#: COMMIT PREPARED of one database commits for good before the next database's is sent
-COMMITS_PREPARED: Final = 3
-_COMMIT_PREPARED = re.compile(r"\s*COMMIT\s+PREPARED\b", re.IGNORECASE)
-_verdicts: dict[str, int] = {}
-
-
-def may_write(statement: str) -> bool:
-    """False only when ``statement`` surely can't write (see above)."""
-    return bool(verdict_of(statement))
-
-
-def verdict_of(statement: str) -> int:
-    """``statement``'s verdict (``READ_ONLY``, ``MAY_WRITE`` or ``STOPS_PREPARED``), cached."""
-    verdict = _verdicts.get(statement)
-    if verdict is None:
-        verdict = _judge(statement)
-        if len(_verdicts) > 4096:
-            _verdicts.clear()
-        _verdicts[statement] = verdict
-    return verdict
-
-
-def _judge(statement: str) -> int:
-    head = statement.lstrip().lstrip("(").lstrip()[:6].upper()
-    if head in ("DISCAR", "DEALLO"):
-        return STOPS_PREPARED
-    if head == "COMMIT" and _COMMIT_PREPARED.match(statement):
-        return COMMITS_PREPARED
-    if head[:5] == "SHOW ":
-        return READ_ONLY
-    verdict = _judge_write(head, statement)
-    if verdict == MAY_WRITE and _SESSION_STATE.search(statement):
-        return STOPS_PREPARED
-    return verdict
-
-
-def _judge_write(head: str, statement: str) -> int:
-    if head != "SELECT" or _INTO.search(statement) or ";" in statement:
-        return MAY_WRITE
-    if "pg_catalog" in statement:
-        statement = _CATALOG_CALL.sub("", statement)
-    if _QUALIFIED_CALL.search(statement):
-        return MAY_WRITE  # schema.function(...) or "quoted"(...)
-    if any(m.group(1).lower() not in _SAFE_CALLS for m in _CALL.finditer(statement)):
-        return MAY_WRITE
-    return READ_ONLY
-
-
 class _Settings(Protocol):
     config: Config
     service: str
@@ -609,11 +507,13 @@ class CommitProtocol:
     """The per-engine side of the protocol.
 
     It listens only where SQLAlchemy's execution path stays fast: pool ``connect`` and
-    ``checkout`` (mark the connection, find out whether the markers are installed) and the
-    dialect's ``do_execute`` family (note that a statement may write). Connection events
-    (``begin``, ``before_cursor_execute``, ``commit``) would cost every statement a joined event
-    dispatch. What the COMMIT carries is decided in the driver's own commit
-    (:func:`marked_connection_class`), from the flag and the unit's :class:`CommitRequest`.
+    ``checkout`` (mark the connection, find out whether the markers are installed) and, on
+    asyncpg or for the flush guard, the dialect's ``do_execute`` family (see
+    :func:`~resilient_db._statements.statement_listeners`; psycopg's marked cursors note the
+    statements that may write). Connection events (``begin``, ``before_cursor_execute``,
+    ``commit``) would cost every statement a joined event dispatch. What the COMMIT carries is
+    decided in the driver's own commit (:func:`marked_connection_class`), from the flag and the
+    unit's :class:`CommitRequest`.
     """
 
     def __init__(
@@ -622,8 +522,6 @@ class CommitProtocol:
         self.engine = engine
         self._settings = settings  # the engine's hooks: its current config and service name
         self.is_asyncpg = engine.dialect.driver == "asyncpg"
-        # psycopg's async connections are reached through SQLAlchemy's adapter, as asyncpg's
-        self.adapted = bool(engine.dialect.is_async)
         self._warned = False
         self._last_prune = time.monotonic()
         self._prune_lock = threading.Lock()
@@ -637,7 +535,7 @@ class CommitProtocol:
             self._warn_unsupported()
             return  # nothing to mark: every unit's COMMIT is UNMARKED (see CommitRequest.last)
         event.listen(engine, "connect", self._on_connect)
-        for name, listener in statement_listeners(self.adapted, guard).items():
+        for name, listener in statement_listeners(not self.is_asyncpg, guard).items():
             event.listen(engine, name, listener)
         if self.is_asyncpg:
             event.listen(engine, "do_connect", _asyncpg_do_connect)
@@ -681,6 +579,8 @@ class CommitProtocol:
         if not self.is_asyncpg and driver.prepare_threshold is None:
             want_prepared = False  # psycopg told not to prepare statements (a pooler's setting)
         form: _MarkerForm | None = None
+        # the set-up's statements are the library's, not those of the unit connecting now
+        outside = current_attempt.set(None)
         try:
             installed, prepared, reports = self._set_up_markers(
                 dbapi_connection, driver, want_prepared
@@ -693,6 +593,9 @@ class CommitProtocol:
                     form = self.inline_marker
         except Exception:
             log_session.debug("could not check for commit markers", exc_info=True)
+        finally:
+            current_attempt.reset(outside)
+        driver._rdb_may_write = False  # (the set-up's PREPARE was noted)
         driver._rdb_mode = mode
         if form is not None:
             driver._rdb_prepared = form
@@ -939,87 +842,6 @@ def _marker_statement_failed(driver: Any, message: str, exc: BaseException) -> N
     mark_replay_safe(exc)
 
 
-#: the flush guard's ``do_execute`` / ``do_executemany`` listener (``guard_execute``)
-StatementGuard: TypeAlias = Callable[[Any, str, Any, Any], bool]
-
-
-def statement_listeners(
-    adapted: bool, guard: StatementGuard | None
-) -> dict[str, Callable[..., Any]]:
-    """The dialect's ``do_execute`` family listeners of an engine: a statement that may write
-    marks its connection's transaction (the marked COMMIT reads the flag), and an UPDATE goes
-    to the flush guard when it listens through these (``guard``), which may send it itself
-    (then True ends SQLAlchemy's chain). Else False: the dialect executes the statement as usual.
-
-    One listener call per statement, which returns at once for a SELECT (the verdict is cached
-    by statement): every statement of the engine passes here. psycopg's DBAPI cursor names its
-    connection (``cursor.connection``); an async driver's (``adapted``: asyncpg, psycopg's
-    ``AsyncConnection``) is SQLAlchemy's adapter, so its connection is reached through
-    SQLAlchemy's public ``driver_connection``.
-    """
-    verdicts = _verdicts
-
-    def do_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
-        verdict = verdicts.get(statement)
-        if verdict is None:
-            verdict = verdict_of(statement)
-        if verdict:
-            if adapted:
-                pooled = context.root_connection.connection
-                driver = pooled.driver_connection
-                autocommit = pooled.dbapi_connection.autocommit  # SQLAlchemy's adapter
-            else:
-                driver = cursor.connection
-                autocommit = driver.autocommit
-            if getattr(driver, "_rdb_marked", False):
-                driver._rdb_may_write = True
-                if verdict != MAY_WRITE:
-                    _special_statement(verdict, driver, marked=True)
-            elif verdict != MAY_WRITE:
-                _special_statement(verdict, driver, marked=False)
-            if autocommit:
-                attempt = current_attempt.get()
-                if attempt is not None:
-                    attempt.autocommit(context)
-        if guard is not None and context.isupdate:
-            return guard(cursor, statement, parameters, context)
-        return False
-
-    def do_execute_no_params(cursor: Any, statement: str, context: Any) -> bool:
-        return do_execute(cursor, statement, None, context)
-
-    return {
-        "do_execute": do_execute,
-        "do_executemany": do_execute,
-        "do_execute_no_params": do_execute_no_params,
-    }
-
-
-def _special_statement(verdict: int, driver: Any, *, marked: bool) -> None:
-    """What a STOPS_PREPARED or COMMITS_PREPARED statement changes (off the common path)."""
-    if verdict == STOPS_PREPARED:
-        if marked:
-            driver._rdb_prepared = None  # its COMMITs call the function from now on
-    elif verdict == COMMITS_PREPARED:  # asyncpg's two-phase COMMIT (psycopg: tpc_commit)
-        _note_commit_prepared()
-
-
-def _note_commit_prepared() -> None:
-    """A two-phase COMMIT PREPARED goes out for the unit committing here, if one is."""
-    request = current_request.get()
-    if request is not None:
-        request.prepared_commits += 1
-
-
-def note_write(context: Any) -> None:
-    """Mark the transaction of an execution context as one that may write (either driver):
-    for a ``do_execute`` listener that sends a writing statement itself, which ends the chain
-    before this protocol's own listener sees it."""
-    driver = context.root_connection.connection.driver_connection
-    if getattr(driver, "_rdb_marked", False):
-        driver._rdb_may_write = True
-
-
 # What a connection knows of its transaction's read mode at COMMIT (``_rdb_read_mode()`` of the
 # marked classes, asked only when a unit that may have written commits with markers):
 # READ_WRITE: as far as the client knows, it may write (the prepared marker statement);
@@ -1125,6 +947,9 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
             return cls
         namespace: dict[str, Any] = {"_rdb_marked": True, "__module__": __name__}
         if issubclass(base, asyncpg.Connection):
+            # the raw connection's statement methods note what may write (see _statements)
+            namespace.update(asyncpg_statement_methods(base))
+            noting_execute = namespace.pop("execute")
 
             async def execute(self: Any, query: str, *args: Any, timeout: Any = None) -> Any:
                 if not args and len(query) <= _LONGEST_BEGIN:
@@ -1155,7 +980,10 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                             return result
                     elif end == "ROLLBACK":
                         self._rdb_may_write = False
-                return await base.execute(self, query, *args, timeout=timeout)
+                    else:
+                        return await noting_execute(self, query, timeout=timeout)
+                    return await base.execute(self, query, timeout=timeout)
+                return await noting_execute(self, query, *args, timeout=timeout)
 
             def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
                 base.__init__(self, *args, **kwargs)
@@ -1293,6 +1121,11 @@ def _psycopg_commit_plan(
     if connection.pgconn.transaction_status != _INTRANS:
         connection._rdb_may_write = False  # idle or failed: COMMIT as plain psycopg does
         return None, None, None
+    if not (connection._rdb_may_write or cursors_marked(connection)):
+        # a cursor factory assigned since the connection was marked: its cursors' statements
+        # were not seen, so they may have written (the server decides: the marker's condition)
+        mark_cursors(connection)
+        connection._rdb_may_write = True
     return _commit_plan(connection)
 
 
@@ -1356,12 +1189,14 @@ def _mark_psycopg(dbapi_connection: Any) -> bool:
 
     The connection exists already (made by psycopg's ``connect``, or by a ``do_connect`` listener
     or ``creator`` of the user's), so its class is switched rather than the class it is made
-    from; the subclass only adds a ``commit()`` override and a few attributes.
+    from; the subclass only adds a ``commit()`` override and a few attributes. Its cursor
+    factories become marked ones (:func:`~resilient_db._statements.mark_cursors`).
     """
     if getattr(dbapi_connection, "_rdb_marked", False):
         return True
     if not isinstance(dbapi_connection, (psycopg.Connection, psycopg.AsyncConnection)):
         return False
+    mark_cursors(dbapi_connection)  # first: a marked connection's statements are all seen
     dbapi_connection.__class__ = marked_connection_class(type(dbapi_connection))
     return True
 

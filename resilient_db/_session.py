@@ -33,12 +33,12 @@ from ._commit import (
     AttemptRecord,
     CommitRequest,
     CommitTicket,
-    current_attempt,
 )
 from ._config import Config
 from ._errors import TransactionStateError
 from ._observability import log_session
 from ._registry import enter_unit, factory_of, leave_unit, register_class
+from ._statements import current_attempt
 from ._unit import (
     ActiveUnit,
     CommitVerdict,

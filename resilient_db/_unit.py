@@ -28,8 +28,6 @@ from ._commit import (
     CommitProtocol,
     CommitRequest,
     CommitTicket,
-    current_attempt,
-    current_request,
     prune,
     verifiable,
 )
@@ -39,6 +37,7 @@ from ._observability import emit, log_session
 from ._registry import factory_of, in_unit
 from ._retry import Policy
 from ._state import STATE
+from ._statements import current_attempt, current_request
 from .transitions._dbmap import exception_from_db
 from .transitions._flush import guard_for_commit_protocol
 from .transitions._guards import install_guard
@@ -94,12 +93,15 @@ def flush_and_commit(session: Session, box: list[CommitRequest], protocol: Commi
 def _prune_quietly(protocol: CommitProtocol) -> None:
     if not protocol.pruned():
         return
+    outside = current_attempt.set(None)  # the prune's DELETE is not the unit's statement
     try:
         with protocol.engine.connect() as conn:
             count = prune(conn)
         log_session.debug("pruned %d expired commit markers", count)
     except Exception:  # the unit is done; a failed prune is retried at the next interval
         log_session.debug("pruning commit markers failed", exc_info=True)
+    finally:
+        current_attempt.reset(outside)
 
 
 def interpret_claim(status: str | None) -> CommitVerdict:

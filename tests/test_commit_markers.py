@@ -21,8 +21,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from sqlalchemy.pool import NullPool
 
 import resilient_db as rdb
-from resilient_db import _commit
-from resilient_db._commit import CLAIM_HORIZON, RETENTION, marker_id, may_write
+from resilient_db import _commit, _statements
+from resilient_db._commit import CLAIM_HORIZON, RETENTION, marker_id
+from resilient_db._statements import may_write
 from resilient_db.testing import FaultProxy
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
@@ -94,6 +95,12 @@ def claim(engine: sa.Engine, marker: uuid.UUID | str, *, wait_ms: int | None = N
         "  (SELECT lower(t.name) FROM t) UNION (SELECT upper(u.name) FROM u)",
         "SELECT t.a FROM t FOR UPDATE",
         "SHOW transaction_read_only",
+        # transaction control writes nothing itself (asyncpg sends savepoints through execute)
+        "SAVEPOINT sa_savepoint_1",
+        "RELEASE SAVEPOINT sa_savepoint_1",
+        "ROLLBACK TO SAVEPOINT sa_savepoint_1",
+        "",
+        ";",  # asyncpg's ping (SQLAlchemy's pool_pre_ping)
     ],
 )
 def test_plain_selects_are_proven_read_only(statement: str) -> None:
@@ -114,7 +121,8 @@ def test_plain_selects_are_proven_read_only(statement: str) -> None:
         "SELECT 1; DELETE FROM t",
         "CALL do_things()",
         "select nextval('seq')",
-        "",
+        "SAVEPOINT a; DELETE FROM t",
+        "ROLLBACK; INSERT INTO t (a) VALUES (1)",
     ],
 )
 def test_anything_else_may_write(statement: str) -> None:
@@ -125,7 +133,7 @@ def test_anything_else_may_write(statement: str) -> None:
     "statement", ["DISCARD ALL", "deallocate all", f"DEALLOCATE {PREPARED}", "  Discard plans"]
 )
 def test_discard_and_deallocate_may_drop_the_prepared_marker(statement: str) -> None:
-    assert _commit.verdict_of(statement) == _commit.STOPS_PREPARED
+    assert _statements.verdict_of(statement) == _statements.STOPS_PREPARED
     assert may_write(statement)
 
 
@@ -147,7 +155,7 @@ def test_statements_that_may_make_transactions_read_only_stop_the_prepared_marke
 ) -> None:
     """In a read-only transaction the server refuses the prepared INSERT before looking at its
     condition: after such a statement the connection's COMMITs call the function."""
-    assert _commit.verdict_of(statement) == _commit.STOPS_PREPARED
+    assert _statements.verdict_of(statement) == _statements.STOPS_PREPARED
 
 
 def test_uuid7_is_version_7_time_ordered_and_unique() -> None:
@@ -444,6 +452,25 @@ def test_a_read_only_unit_commits_plainly_and_leaves_no_marker(
     assert markers(engine) == []
 
 
+def test_a_read_only_unit_with_savepoints_commits_plainly(engine: sa.Engine, service: str) -> None:
+    """``begin_nested()`` sends SAVEPOINT and RELEASE / ROLLBACK TO SAVEPOINT: transaction
+    control, which writes nothing itself."""
+    Sessions = rdb.ResilientSession(engine, service=service)
+
+    def read(session: Session) -> int:
+        with session.begin_nested():
+            value = session.execute(sa.select(Counter.value).where(Counter.id == 1)).scalar_one()
+        nested = session.begin_nested()
+        session.execute(sa.select(Counter.value)).all()
+        nested.rollback()
+        return int(value)
+
+    trips = _traced(engine, lambda: Sessions.run(read))
+    assert any("SAVEPOINT" in trip for trip in trips), trips
+    assert trips[-1] == '"COMMIT"'
+    assert markers(engine) == []
+
+
 def test_a_rolled_back_write_leaves_no_write_flag_at_the_next_checkout(
     engine: sa.Engine, pg_url: str, service: str
 ) -> None:
@@ -588,12 +615,61 @@ def test_a_lost_answer_is_settled_where_transactions_are_read_only_by_default(
     assert [fence for _, fence in markers(engine)] == [False, False]
 
 
-def test_a_transaction_made_read_only_past_sqlalchemy_replays_once_on_the_same_connection(
+@pytest.fixture
+def go_read_only(engine: sa.Engine) -> sa.TextClause:
+    """A statement that makes its transaction read-only out of the client's sight (the call of
+    a function it can't see into)."""
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "CREATE OR REPLACE FUNCTION rdb_go_read_only() RETURNS void LANGUAGE sql AS "
+                "$$ SELECT set_config('transaction_read_only', 'on', true) $$"
+            )
+        )
+    return sa.text("SELECT rdb_go_read_only()")
+
+
+@pytest.fixture
+def deallocate(engine: sa.Engine) -> sa.TextClause:
+    """A statement that drops the session's prepared marker statement out of the client's sight,
+    as a transaction-mode pooler would (the call of a function it can't see into)."""
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "CREATE OR REPLACE FUNCTION rdb_deallocate(n text) RETURNS void "
+                "LANGUAGE plpgsql AS $$ BEGIN EXECUTE format('DEALLOCATE %I', n); END $$"
+            )
+        )
+    return sa.text(f"SELECT rdb_deallocate('{PREPARED}')")
+
+
+def test_a_transaction_made_read_only_out_of_sight_replays_once_on_the_same_connection(
+    one_connection: sa.Engine, engine: sa.Engine, go_read_only: sa.TextClause, service: str
+) -> None:
+    """A function makes the transaction read-only, where the client can't see it: the server
+    refuses the prepared INSERT (25006, which otherwise means a demoted primary), the COMMIT
+    after it never ran, so the unit is replayed once, and the pool is not invalidated for it;
+    the connection calls the function from then on."""
+    Sessions = rdb.ResilientSession(one_connection, service=service)
+    pids = []
+
+    def read_only_unit(session: Session) -> int:
+        session.execute(go_read_only)
+        pids.append(_pid(session))
+        return int(session.execute(CTE_READ).scalar_one())
+
+    assert Sessions.run(read_only_unit) == 0
+    assert Sessions.run(read_only_unit) == 0
+    assert len(pids) == 3
+    assert len(set(pids)) == 1
+    assert markers(engine) == []
+
+
+def test_a_transaction_made_read_only_on_the_raw_connection_is_seen(
     one_connection: sa.Engine, engine: sa.Engine, service: str
 ) -> None:
-    """The server refuses the prepared INSERT (25006, which otherwise means a demoted primary):
-    the COMMIT after it never ran, so the unit is replayed once, and the pool is not invalidated
-    for it; the connection calls the function from then on."""
+    """``SET TRANSACTION READ ONLY`` sent on the driver's connection, past SQLAlchemy, is seen
+    like one sent through it: the COMMIT calls the marker function at once, nothing replays."""
     Sessions = rdb.ResilientSession(one_connection, service=service)
     pids = []
 
@@ -605,8 +681,7 @@ def test_a_transaction_made_read_only_past_sqlalchemy_replays_once_on_the_same_c
 
     assert Sessions.run(read_only_unit) == 0
     assert Sessions.run(read_only_unit) == 0
-    assert len(pids) == 3
-    assert len(set(pids)) == 1
+    assert len(pids) == 2
     assert markers(engine) == []
 
 
@@ -725,14 +800,30 @@ def test_a_unit_that_switches_roles_commits_through_the_function(
     assert len(markers(engine)) == 1
 
 
-def test_a_role_switched_past_sqlalchemy_replays_the_unit_once_through_the_function(
+@pytest.fixture
+def become(engine: sa.Engine) -> str:
+    """A function that switches the role in effect out of the client's sight (the call of a
+    function it can't see into): its SQL, to call with the role as ``:role``."""
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "CREATE OR REPLACE FUNCTION rdb_become(r text) RETURNS void LANGUAGE sql AS "
+                "$$ SELECT set_config('role', r, true) $$"
+            )
+        )
+    return "SELECT rdb_become(:role)"
+
+
+def test_a_role_switched_out_of_sight_replays_the_unit_once_through_the_function(
+    *,
     one_connection: sa.Engine,
     engine: sa.Engine,
     tenant: str,
+    become: str,
     service: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A role switched where the listener can't see it: the server refuses the prepared INSERT
+    """A role switched where the client can't see it: the server refuses the prepared INSERT
     (42501) before the COMMIT in the same message, so the unit is replayed once, on the same
     connection (nothing is invalidated), which calls the function from then on."""
     Sessions = rdb.ResilientSession(one_connection, service=service)
@@ -740,8 +831,7 @@ def test_a_role_switched_past_sqlalchemy_replays_the_unit_once_through_the_funct
 
     def as_tenant(session: Session) -> int:
         pids.append(_pid(session))
-        raw: Any = session.connection().connection.driver_connection
-        raw.execute(f"SET LOCAL ROLE {tenant}")
+        session.execute(sa.text(become), {"role": tenant})
         return _bump(session)
 
     with caplog.at_level("INFO", logger="resilient_db"):
@@ -755,12 +845,32 @@ def test_a_role_switched_past_sqlalchemy_replays_the_unit_once_through_the_funct
     assert "SQLSTATE 42501" in refused[0].getMessage()
 
 
+def test_a_role_switched_on_the_raw_connection_is_seen(
+    one_connection: sa.Engine, engine: sa.Engine, tenant: str, service: str
+) -> None:
+    """``SET LOCAL ROLE`` sent on psycopg's own connection, past SQLAlchemy, is seen by the
+    connection's cursors: the COMMIT calls the function at once, one attempt, one marker."""
+    Sessions = rdb.ResilientSession(one_connection, service=service)
+    attempts = []
+
+    def as_tenant(session: Session) -> int:
+        attempts.append(1)
+        raw: Any = session.connection().connection.driver_connection
+        raw.execute(f"SET LOCAL ROLE {tenant}")
+        return _bump(session)
+
+    trips = _traced(one_connection, lambda: Sessions.run(as_tenant))
+    assert trips[-1].startswith(FUNCTION_FORM)
+    assert attempts == [1]
+    assert len(markers(engine)) == 1
+
+
 @pytest.mark.asyncio
 async def test_asyncpg_units_that_switch_roles_commit_through_the_function(
-    pg_async_url: str, engine: sa.Engine, tenant: str, service: str
+    pg_async_url: str, engine: sa.Engine, tenant: str, become: str, service: str
 ) -> None:
-    """The asyncpg twin: seen by the listener (one attempt), then past it on a new connection
-    (one replay)."""
+    """The asyncpg twin: seen by the listener, and on the raw connection (one attempt each),
+    then out of sight on a new connection (one replay)."""
     eng = create_async_engine(pg_async_url, pool_size=1, max_overflow=0)
     Sessions = rdb.AsyncResilientSession(eng, service=service)
     attempts = []
@@ -770,24 +880,32 @@ async def test_asyncpg_units_that_switch_roles_commit_through_the_function(
         await session.execute(sa.text(f"SET LOCAL ROLE {tenant}"))
         return await _abump(session)
 
-    async def as_tenant_unseen(session: AsyncSession) -> int:
+    async def as_tenant_raw(session: AsyncSession) -> int:
         attempts.append(1)
         await session.execute(sa.text("SELECT 1"))  # SQLAlchemy's adapter begins here
         raw: Any = (await (await session.connection()).get_raw_connection()).driver_connection
         await raw.execute(f"SET LOCAL ROLE {tenant}")
         return await _abump(session)
 
+    async def as_tenant_unseen(session: AsyncSession) -> int:
+        attempts.append(1)
+        await session.execute(sa.text(become), {"role": tenant})
+        return await _abump(session)
+
     try:
         assert await Sessions.run(as_tenant) == 1
         assert len(attempts) == 1
         await eng.dispose()  # a new connection, on the prepared statement again
-        assert await Sessions.run(as_tenant_unseen) == 2
-        assert len(attempts) == 3
+        assert await Sessions.run(as_tenant_raw) == 2
+        assert len(attempts) == 2
+        await eng.dispose()
         assert await Sessions.run(as_tenant_unseen) == 3
         assert len(attempts) == 4
+        assert await Sessions.run(as_tenant_unseen) == 4
+        assert len(attempts) == 5
     finally:
         await eng.dispose()
-    assert len(markers(engine)) == 3
+    assert len(markers(engine)) == 4
 
 
 # -- the prepared marker statement ----------------------------------------------------------------
@@ -833,7 +951,7 @@ def test_a_deallocate_through_sqlalchemy_moves_only_its_connection_to_the_functi
     assert len(markers(engine)) == 2
 
 
-def test_a_marker_statement_lost_past_sqlalchemy_replays_the_unit_once(
+def test_a_marker_statement_lost_out_of_sight_replays_the_unit_once(
     one_connection: sa.Engine,
     engine: sa.Engine,
     service: str,
@@ -848,9 +966,10 @@ def test_a_marker_statement_lost_past_sqlalchemy_replays_the_unit_once(
 
     def bump_losing_the_statement(session: Session) -> int:
         attempts.append(1)
-        if len(attempts) == 1:  # past SQLAlchemy, as a pooler would: the listener can't see it
+        if len(attempts) == 1:  # out of the client's sight, as a pooler would: through libpq
             raw: Any = session.connection().connection.driver_connection
-            raw.execute(f"DEALLOCATE {PREPARED}")
+            result = raw.pgconn.exec_(f"DEALLOCATE {PREPARED}".encode())
+            assert result.status == psycopg.pq.ExecStatus.COMMAND_OK
         return _bump(session)
 
     with caplog.at_level("WARNING", logger="resilient_db"):
@@ -936,12 +1055,12 @@ def test_a_pool_that_keeps_no_connection_sends_the_marker_inline(
         assert conn.execute(sa.select(Counter.value)).scalar() == 2
 
 
-def test_an_inline_marker_refused_past_sqlalchemy_replays_once_through_the_function(
-    pg_url: str, engine: sa.Engine, service: str
+def test_an_inline_marker_refused_out_of_sight_replays_once_through_the_function(
+    pg_url: str, engine: sa.Engine, go_read_only: sa.TextClause, service: str
 ) -> None:
     """The inline INSERT is refused where the prepared one would be (25006: a transaction made
-    read-only past SQLAlchemy): the COMMIT after it never ran, the unit is replayed once on the
-    same connection, which calls the function from then on."""
+    read-only out of the client's sight): the COMMIT after it never ran, the unit is replayed
+    once on the same connection, which calls the function from then on."""
     eng = sa.create_engine(
         pg_url, pool_size=1, max_overflow=0, connect_args={"prepare_threshold": None}
     )
@@ -949,8 +1068,7 @@ def test_an_inline_marker_refused_past_sqlalchemy_replays_once_through_the_funct
     pids = []
 
     def read_only_unit(session: Session) -> int:
-        raw: Any = session.connection().connection.driver_connection
-        raw.execute("SET TRANSACTION READ ONLY")
+        session.execute(go_read_only)
         pids.append(_pid(session))
         return int(session.execute(CTE_READ).scalar_one())
 
@@ -967,7 +1085,7 @@ def test_an_inline_marker_refused_past_sqlalchemy_replays_once_through_the_funct
 
 @pytest.mark.asyncio
 async def test_asyncpg_prepares_the_marker_unless_told_not_to_and_replays_a_lost_one(
-    engine: sa.Engine, pg_async_url: str, service: str
+    engine: sa.Engine, pg_async_url: str, deallocate: sa.TextClause, service: str
 ) -> None:
     async def prepared_runs(eng: AsyncEngine) -> int | None:
         async with eng.connect() as conn:
@@ -987,10 +1105,7 @@ async def test_asyncpg_prepares_the_marker_unless_told_not_to_and_replays_a_lost
         async def bump_losing_the_statement(session: AsyncSession) -> int:
             attempts.append(1)
             if len(attempts) == 1:
-                raw: Any = (
-                    await (await session.connection()).get_raw_connection()
-                ).driver_connection
-                await raw.execute(f"DEALLOCATE {PREPARED}")
+                await session.execute(deallocate)
             return await _abump(session)
 
         assert await Sessions.run(bump_losing_the_statement) == 2
@@ -1151,20 +1266,23 @@ async def test_psycopg_async_units_carry_the_prepared_marker_and_settle_a_lost_a
 
 
 @pytest.mark.asyncio
-async def test_psycopg_async_marker_refused_past_sqlalchemy_replays_once_on_the_same_connection(
-    engine: sa.Engine, pg_url: str, service: str, monkeypatch: pytest.MonkeyPatch
+async def test_psycopg_async_marker_refused_out_of_sight_replays_once_on_the_same_connection(
+    engine: sa.Engine,
+    pg_url: str,
+    go_read_only: sa.TextClause,
+    service: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A transaction made read-only past SQLAlchemy: the server refuses the prepared INSERT
-    (25006), the COMMIT after it never ran, the unit is replayed once on the same connection,
-    which calls the function from then on. A marker that fails otherwise (its id taken) is the
-    unit's error, and the connection takes the next unit."""
+    """A transaction made read-only out of the client's sight: the server refuses the prepared
+    INSERT (25006), the COMMIT after it never ran, the unit is replayed once on the same
+    connection, which calls the function from then on. A marker that fails otherwise (its id
+    taken) is the unit's error, and the connection takes the next unit."""
     eng = create_async_engine(pg_url, pool_size=1, max_overflow=0)
     Sessions = rdb.AsyncResilientSession(eng, service=service)
     pids = []
 
     async def read_only_unit(session: AsyncSession) -> int:
-        raw: Any = (await (await session.connection()).get_raw_connection()).driver_connection
-        await raw.execute("SET TRANSACTION READ ONLY")
+        await session.execute(go_read_only)
         pids.append(await _apid(session))
         return int((await session.execute(CTE_READ)).scalar_one())
 

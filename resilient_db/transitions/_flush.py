@@ -26,10 +26,10 @@ from sqlalchemy.orm.base import PASSIVE_NO_INITIALIZE
 from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.sql.elements import ClauseElement
 
-from resilient_db._commit import StatementGuard, current_attempt, note_write
 from resilient_db._config import Config
 from resilient_db._errors import IllegalTransitionError, StaleTransitionError
 from resilient_db._state import STATE
+from resilient_db._statements import StatementGuard, current_attempt, note_write
 
 from ._bypass import active_config
 from ._changes import Change, chunks, illegal, in_key_order, pk_filter, raise_errors

@@ -1,0 +1,461 @@
+"""Where the library sees the statements of a unit, and what it concludes from them.
+
+A statement that may write marks its connection's transaction, so the driver's COMMIT carries
+a marker (see :mod:`resilient_db._commit`); one sent in autocommit commits on its own, so it is
+recorded on the unit's attempt, which can then no longer be replayed (unless the server
+answered it with an error). Every statement must be seen, whoever sends it: SQLAlchemy, or your
+code on the raw connection (``session.connection().connection``, its ``driver_connection``,
+``engine.raw_connection()``), which a unit's retry replays like everything else. Where:
+
+* psycopg (sync and async): the marked connection's cursor classes (``cursor_factory`` and
+  ``server_cursor_factory`` become marked subclasses of what they were), whose ``execute``,
+  ``executemany``, ``stream`` and ``copy`` note the statement. Every statement passes there,
+  SQLAlchemy's and yours alike: the engine needs no statement listener of this protocol.
+* asyncpg: SQLAlchemy runs its statements as asyncpg prepared statements, out of sight of the
+  connection, so the dialect's ``do_execute`` family listener notes those; the marked
+  connection class's own methods (``execute``, ``executemany``, the ``fetch`` family, the
+  ``copy`` family, ``prepare``, ``cursor``) note yours.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import re
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
+
+import psycopg
+from psycopg import sql
+
+if TYPE_CHECKING:
+    from ._commit import AttemptRecord, CommitRequest
+
+# The attempt running in this thread/task (not while it checks a lost COMMIT answer).
+current_attempt: contextvars.ContextVar[AttemptRecord | None] = contextvars.ContextVar(
+    "resilient_db_attempt", default=None
+)
+
+# The commit being made by a unit in this thread/greenlet: set around ``session.commit()``.
+current_request: contextvars.ContextVar[CommitRequest | None] = contextvars.ContextVar(
+    "resilient_db_commit", default=None
+)
+
+
+# Statements that can't write: the decision per SQL string, cached. Only a plain SELECT (not
+# SELECT INTO, not WITH, which may hold a data-modifying CTE) whose calls are all built-ins that
+# don't write counts as read-only; anything else may write and the server decides (the marker is
+# inserted only by a transaction that holds an xid). A SELECT on a view whose definition calls a
+# writing function is not seen: such a unit is replayed after a lost COMMIT answer.
+_SAFE_CALLS: Final = frozenset(
+    """
+    any all in exists cast coalesce nullif greatest least count sum min max avg bool_and bool_or
+    every array_agg string_agg json_agg jsonb_agg json_object_agg jsonb_object_agg
+    json_build_object jsonb_build_object json_build_array jsonb_build_array row_number rank
+    dense_rank percent_rank cume_dist ntile lag lead first_value last_value nth_value over
+    filter within lower upper length char_length octet_length substring substr trim btrim ltrim
+    rtrim concat concat_ws replace position strpos left right lpad rpad abs round floor ceil
+    ceiling trunc mod power sqrt date_trunc date_part extract now current_timestamp
+    current_date localtimestamp clock_timestamp age to_char to_timestamp to_date make_interval
+    array array_length cardinality unnest jsonb_array_elements json_array_elements
+    jsonb_each json_each jsonb_extract_path json_extract_path to_json to_jsonb row values
+    on using and or not is as from where join select distinct case when then else end between
+    like ilike similar interval varchar char numeric decimal timestamp time date by limit offset
+    having lateral union intersect except nulls asc desc
+    version current_schema current_schemas current_database current_user session_user
+    current_setting pg_backend_pid format_type pg_get_expr pg_get_constraintdef pg_get_indexdef
+    pg_table_is_visible to_regclass
+    """.split()  # noqa: SIM905 - a word list reads better as words
+)
+_CALL = re.compile(r"([A-Za-z_][\w$]*)\s*\(")
+# ``pg_catalog.f(`` is the built-in ``f`` (SQLAlchemy's first statements on a new engine are
+# ``select pg_catalog.version()`` and ``select current_schema()``): judged as ``f(``
+_CATALOG_CALL = re.compile(r"\bpg_catalog\s*\.\s*(?=[A-Za-z_][\w$]*\s*\()", re.IGNORECASE)
+_QUALIFIED_CALL = re.compile(r"\.\s*\"?[A-Za-z_][\w$]*\"?\s*\(|\"\s*\(")
+_INTO = re.compile(r"\bINTO\b", re.IGNORECASE)
+# A statement that may make transactions read-only (SET TRANSACTION READ ONLY, SET SESSION
+# CHARACTERISTICS ..., SET default_transaction_read_only, BEGIN READ WRITE, ...) or switch the
+# role in effect (SET [LOCAL] ROLE, SET SESSION AUTHORIZATION, RESET ROLE, set_config('role')),
+# which may have no right to write markers.
+_SESSION_STATE = re.compile(
+    r"^\s*(?:SET|RESET|BEGIN|START)\b.*?"
+    r"(?:\bREAD\s+(?:ONLY|WRITE)\b|transaction_read_only|\bROLE\b|\bAUTHORIZATION\b)"
+    r"|set_config\s*\(\s*'(?:role|(?:default_)?transaction_read_only)'",
+    re.IGNORECASE | re.DOTALL,
+)
+# Verdicts, cached per statement: a truthy one means "may write". STOPS_PREPARED: after it, the
+# connection's COMMITs call the marker function instead of the prepared statement: DISCARD or
+# DEALLOCATE may have dropped the statement; in a read-only transaction its INSERT can't even
+# start (the server refuses it before its condition is looked at) and a role switched to may
+# not write markers, where the function decides on the server (and runs as its owner). These
+# are statements of session state: that connection stays on the function.
+READ_ONLY: Final = 0
+MAY_WRITE: Final = 1
+STOPS_PREPARED: Final = 2
+#: a two-phase session's ``COMMIT PREPARED``: counted on the unit's commit request, since the
+#: COMMIT PREPARED of one database commits for good before the next database's is sent
+COMMITS_PREPARED: Final = 3
+_COMMIT_PREPARED = re.compile(r"\s*COMMIT\s+PREPARED\b", re.IGNORECASE)
+# Statements of transaction control that write nothing themselves (asyncpg's savepoints, for
+# one, go through ``execute``): judged read-only, as an empty statement (asyncpg's ping, ";").
+_CONTROL_HEADS: Final = frozenset({"SAVEPO", "RELEAS", "ROLLBA", ""})
+_verdicts: dict[str, int] = {}
+
+
+def may_write(statement: str) -> bool:
+    """False only when ``statement`` surely can't write (see above)."""
+    return bool(verdict_of(statement))
+
+
+def verdict_of(statement: str) -> int:
+    """``statement``'s verdict (``READ_ONLY``, ``MAY_WRITE`` or ``STOPS_PREPARED``), cached."""
+    verdict = _verdicts.get(statement)
+    if verdict is None:
+        verdict = _judge(statement)
+        if len(_verdicts) > 4096:
+            _verdicts.clear()
+        _verdicts[statement] = verdict
+    return verdict
+
+
+def _judge(statement: str) -> int:
+    head = statement.lstrip().lstrip("(").lstrip()[:6].upper()
+    if head.rstrip(";") in _CONTROL_HEADS and ";" not in statement.strip().rstrip(";"):
+        return READ_ONLY
+    if head in ("DISCAR", "DEALLO"):
+        return STOPS_PREPARED
+    if head == "COMMIT" and _COMMIT_PREPARED.match(statement):
+        return COMMITS_PREPARED
+    if head[:5] == "SHOW ":
+        return READ_ONLY
+    verdict = _judge_write(head, statement)
+    if verdict == MAY_WRITE and _SESSION_STATE.search(statement):
+        return STOPS_PREPARED
+    return verdict
+
+
+def _judge_write(head: str, statement: str) -> int:
+    if head != "SELECT" or _INTO.search(statement) or ";" in statement:
+        return MAY_WRITE
+    if "pg_catalog" in statement:
+        statement = _CATALOG_CALL.sub("", statement)
+    if _QUALIFIED_CALL.search(statement):
+        return MAY_WRITE  # schema.function(...) or "quoted"(...)
+    if any(m.group(1).lower() not in _SAFE_CALLS for m in _CALL.finditer(statement)):
+        return MAY_WRITE
+    return READ_ONLY
+
+
+#: the flush guard's ``do_execute`` / ``do_executemany`` listener (``guard_execute``)
+StatementGuard: TypeAlias = Callable[[Any, str, Any, Any], bool]
+
+
+def statement_listeners(
+    sees_statements: bool, guard: StatementGuard | None
+) -> dict[str, Callable[..., Any]]:
+    """The dialect's ``do_execute`` family listeners of an engine (perhaps none).
+
+    ``sees_statements``: the engine's driver connections note every statement themselves
+    (psycopg's marked cursors): the engine needs a listener only for the flush guard
+    (``guard``), which may send a flush's UPDATE with its compare-and-set itself (then True
+    ends SQLAlchemy's chain; else False: the dialect executes the statement as usual).
+
+    Otherwise (asyncpg) the listener also notes each of SQLAlchemy's statements: one call per
+    statement, which returns at once for a SELECT (the verdict is cached by statement). The
+    DBAPI cursor there is SQLAlchemy's adapter, so the connection is reached through
+    SQLAlchemy's public ``driver_connection``.
+    """
+    if sees_statements:
+        if guard is None:
+            return {}
+        checked = guard
+
+        def guard_updates(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
+            if context.isupdate:
+                return checked(cursor, statement, parameters, context)
+            return False
+
+        return {"do_execute": guard_updates, "do_executemany": guard_updates}
+
+    verdicts = _verdicts
+
+    def do_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
+        verdict = verdicts.get(statement)
+        if verdict is None:
+            verdict = verdict_of(statement)
+        if verdict:
+            pooled = context.root_connection.connection
+            driver = pooled.driver_connection
+            if getattr(driver, "_rdb_marked", False):
+                driver._rdb_may_write = True
+                if verdict != MAY_WRITE:
+                    _special_statement(verdict, driver, marked=True)
+            elif verdict != MAY_WRITE:
+                _special_statement(verdict, driver, marked=False)
+            if pooled.dbapi_connection.autocommit:  # SQLAlchemy's adapter
+                attempt = current_attempt.get()
+                if attempt is not None:
+                    attempt.autocommit(context)
+        if guard is not None and context.isupdate:
+            return guard(cursor, statement, parameters, context)
+        return False
+
+    def do_execute_no_params(cursor: Any, statement: str, context: Any) -> bool:
+        return do_execute(cursor, statement, None, context)
+
+    return {
+        "do_execute": do_execute,
+        "do_executemany": do_execute,
+        "do_execute_no_params": do_execute_no_params,
+    }
+
+
+def _special_statement(verdict: int, driver: Any, *, marked: bool) -> None:
+    """What a STOPS_PREPARED or COMMITS_PREPARED statement changes (off the common path)."""
+    if verdict == STOPS_PREPARED:
+        if marked:
+            driver._rdb_prepared = None  # its COMMITs call the function from now on
+    elif verdict == COMMITS_PREPARED:  # asyncpg's two-phase COMMIT (psycopg: tpc_commit)
+        _note_commit_prepared()
+
+
+def _note_commit_prepared() -> None:
+    """A two-phase COMMIT PREPARED goes out for the unit committing here, if one is."""
+    request = current_request.get()
+    if request is not None:
+        request.prepared_commits += 1
+
+
+def note_write(context: Any) -> None:
+    """Mark the transaction of an execution context as one that may write (either driver):
+    for a ``do_execute`` listener that sends a writing statement itself, which ends the chain
+    before this protocol's own listener sees it."""
+    driver = context.root_connection.connection.driver_connection
+    if getattr(driver, "_rdb_marked", False):
+        driver._rdb_may_write = True
+
+
+# -- psycopg: marked cursors ----------------------------------------------------------------------
+_PSYCOPG_CURSORS: Final = (psycopg.Cursor, psycopg.AsyncCursor)
+_cursor_classes: dict[type[Any], type[Any]] = {}
+_cursor_lock = threading.Lock()
+
+
+def mark_cursors(connection: Any) -> None:
+    """Make ``connection`` (psycopg, sync or async) create cursors that note their statements:
+    its ``cursor_factory`` and ``server_cursor_factory``, whatever they are (set through
+    ``connect_args``, say), become marked ones. Idempotent."""
+    connection.cursor_factory = marked_cursor_factory(connection.cursor_factory)
+    server = getattr(connection, "server_cursor_factory", None)
+    if server is not None:
+        connection.server_cursor_factory = marked_cursor_factory(server)
+
+
+def cursors_marked(connection: Any) -> bool:
+    """Whether ``connection``'s cursor factories are still the marked ones (code that assigns
+    ``cursor_factory`` to a connection after it was made replaces them)."""
+    server = getattr(connection, "server_cursor_factory", None)  # (psycopg 3.1 and later)
+    return getattr(connection.cursor_factory, "_rdb_notes", False) and getattr(
+        server, "_rdb_notes", True
+    )
+
+
+def marked_cursor_factory(factory: Any) -> Any:
+    """``factory`` (a psycopg cursor class, or a function that makes cursors), making cursors
+    that note their statements."""
+    if getattr(factory, "_rdb_notes", False):
+        return factory
+    if isinstance(factory, type) and issubclass(factory, _PSYCOPG_CURSORS):
+        return marked_cursor_class(factory)
+
+    def make(*args: Any, **kwargs: Any) -> Any:
+        cursor = factory(*args, **kwargs)
+        if isinstance(cursor, _PSYCOPG_CURSORS) and not getattr(cursor, "_rdb_notes", False):
+            cursor.__class__ = marked_cursor_class(type(cursor))  # same layout: no slots added
+        return cursor
+
+    make._rdb_notes = True  # type: ignore[attr-defined]
+    return make
+
+
+def marked_cursor_class(base: type[Any]) -> type[Any]:
+    """A subclass of psycopg's cursor class ``base`` whose statement methods note what they
+    send (``execute``, ``executemany``: awaited on an async cursor; ``stream``, ``copy``: the
+    statement goes out when the result is used, so one in autocommit is taken as committed)."""
+    with _cursor_lock:
+        cls = _cursor_classes.get(base)
+        if cls is not None:
+            return cls
+        sent_now = _noting_async if issubclass(base, psycopg.AsyncCursor) else _noting
+        namespace: dict[str, Any] = {"__slots__": (), "__module__": __name__, "_rdb_notes": True}
+        for name in ("execute", "executemany"):
+            namespace[name] = sent_now(getattr(base, name))
+        for name in ("stream", "copy"):
+            if hasattr(base, name):
+                namespace[name] = _noting(getattr(base, name))
+        cls = type(f"Marked{base.__name__}", (base,), namespace)
+        _cursor_classes[base] = cls
+        return cls
+
+
+def _noting(method: Callable[..., Any]) -> Callable[..., Any]:
+    verdicts = _verdicts
+
+    def noted(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        verdict = verdicts.get(query) if type(query) is str else None
+        if verdict is None:
+            verdict = _query_verdict(query, self)
+        if verdict:
+            attempt = _psycopg_noted(self.connection, verdict)
+            if attempt is not None:
+                return _autocommitted(attempt, self, lambda: method(self, query, *args, **kwargs))
+        return method(self, query, *args, **kwargs)
+
+    return noted
+
+
+def _noting_async(method: Callable[..., Any]) -> Callable[..., Any]:
+    verdicts = _verdicts
+
+    async def noted(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        verdict = verdicts.get(query) if type(query) is str else None
+        if verdict is None:
+            verdict = _query_verdict(query, self)
+        if verdict:
+            attempt = _psycopg_noted(self.connection, verdict)
+            if attempt is not None:
+                send = lambda: method(self, query, *args, **kwargs)  # noqa: E731
+                return await _autocommitted_async(attempt, self, send)
+        return await method(self, query, *args, **kwargs)
+
+    return noted
+
+
+def _query_verdict(query: Any, context: Any) -> int:
+    """The verdict of a query as psycopg takes it: a string, bytes or a ``psycopg.sql``
+    composition (anything else may write)."""
+    if isinstance(query, str):
+        return verdict_of(query)
+    if isinstance(query, bytes):
+        return verdict_of(query.decode("utf-8", "replace"))
+    if isinstance(query, sql.Composable):
+        try:
+            return verdict_of(query.as_string(context))
+        except Exception:
+            return MAY_WRITE
+    return MAY_WRITE
+
+
+def _psycopg_noted(connection: Any, verdict: int) -> AttemptRecord | None:
+    """Note a statement that may write on ``connection``; the unit's attempt when it goes out
+    in autocommit."""
+    connection._rdb_may_write = True
+    if verdict != MAY_WRITE:
+        _special_statement(verdict, connection, marked=True)
+    if connection.autocommit:
+        return current_attempt.get()
+    return None
+
+
+def _autocommitted(attempt: AttemptRecord, token: object, send: Callable[[], Any]) -> Any:
+    """Send a statement that commits on its own: ``attempt`` can't be replayed after it, unless
+    the server answers it with an error."""
+    attempt.autocommit(token)
+    try:
+        return send()
+    except Exception as exc:
+        attempt.failed(token, exc)
+        raise
+
+
+async def _autocommitted_async(
+    attempt: AttemptRecord, token: object, send: Callable[[], Any]
+) -> Any:
+    attempt.autocommit(token)
+    try:
+        return await send()
+    except Exception as exc:
+        attempt.failed(token, exc)
+        raise
+
+
+# -- asyncpg: the raw connection's methods --------------------------------------------------------
+#: asyncpg's methods that send a query of yours now (``execute`` is the marked class's own; it
+#: hands the statements that are not asyncpg's transaction commands to one of these)
+_ASYNCPG_SENDING: Final = (
+    "execute",
+    "executemany",
+    "fetch",
+    "fetchrow",
+    "fetchval",
+    "fetchmany",
+    "copy_from_query",
+)
+_ASYNCPG_WRITING: Final = ("copy_to_table", "copy_records_to_table")  # (a table, not a query)
+
+
+def asyncpg_statement_methods(base: type[Any]) -> dict[str, Callable[..., Any]]:
+    """The overrides of a marked asyncpg connection class (``base`` its driver class) that note
+    the statements sent on the raw connection; ``execute`` is for the class to call.
+
+    SQLAlchemy itself calls ``executemany`` and, for a statement it has not prepared on the
+    connection before, ``prepare``: those statements were noted by the statement listener
+    already, and a second look changes nothing. A statement you ``prepare()`` is noted then,
+    for the transaction it is prepared in (asyncpg's prepared statement objects can't be
+    subclassed); so is a ``cursor()``.
+    """
+    methods: dict[str, Callable[..., Any]] = {}
+    for name in _ASYNCPG_SENDING:
+        methods[name] = _asyncpg_noting(getattr(base, name))
+    for name in _ASYNCPG_WRITING:
+        methods[name] = _asyncpg_noting(getattr(base, name), writes=True)
+    prepare = base.prepare
+
+    async def prepared(self: Any, query: str, *args: Any, **kwargs: Any) -> Any:
+        _asyncpg_noted(self, _query_verdict(query, None), lazy=True)
+        return await prepare(self, query, *args, **kwargs)
+
+    cursor = base.cursor
+
+    def cursor_of(self: Any, query: str, *args: Any, **kwargs: Any) -> Any:
+        _asyncpg_noted(self, _query_verdict(query, None), lazy=True)
+        return cursor(self, query, *args, **kwargs)
+
+    methods.update(prepare=prepared, cursor=cursor_of)
+    return methods
+
+
+def _asyncpg_noting(method: Callable[..., Any], *, writes: bool = False) -> Callable[..., Any]:
+    async def noted(self: Any, query: str, *args: Any, **kwargs: Any) -> Any:
+        verdict = MAY_WRITE if writes else _query_verdict(query, None)
+        attempt = _asyncpg_noted(self, verdict) if verdict else None
+        if attempt is None:
+            return await method(self, query, *args, **kwargs)
+        token = object()
+        return await _autocommitted_async(
+            attempt, token, lambda: method(self, query, *args, **kwargs)
+        )
+
+    return noted
+
+
+def _asyncpg_noted(connection: Any, verdict: int, *, lazy: bool = False) -> AttemptRecord | None:
+    """Note a statement of yours that may write on a marked asyncpg ``connection``; the unit's
+    attempt when it goes out in autocommit (outside a transaction) and the attempt has no
+    such statement yet (SQLAlchemy's statement listener records SQLAlchemy's own before they
+    reach the connection). ``lazy``: the statement runs later (prepared, a cursor); one in
+    autocommit is taken as committed."""
+    if not verdict:
+        return None
+    connection._rdb_may_write = True
+    if verdict != MAY_WRITE:
+        _special_statement(verdict, connection, marked=True)
+    if connection.is_in_transaction():
+        return None
+    attempt = current_attempt.get()
+    if attempt is None or attempt.autocommitting is not None:
+        return None
+    if lazy:
+        attempt.autocommit(object())
+        return None
+    return attempt
