@@ -266,6 +266,10 @@ _INCARNATION = (
     "END"
 )
 _XID_SQL = f"SELECT pg_catalog.pg_current_xact_id_if_assigned()::text, {_INCARNATION}"
+# A transaction that sent a notification gets its xid now (see ``NOTIFIES``): in the fallback's
+# query, and first in a marked COMMIT message, so that the marker's condition holds.
+_XID_ASSIGN_SQL = f"SELECT pg_catalog.pg_current_xact_id()::text, {_INCARNATION}"
+_ASSIGN_XID = "SELECT pg_catalog.pg_current_xact_id(); "
 # Parameters travel as text: asyncpg has no text encoder for xid8 or uuid parameters given as str.
 XID_STATUS_SQL = text(
     f"SELECT {_INCARNATION}, "
@@ -351,6 +355,12 @@ class CommitTicket:
     #: the engine whose database the COMMIT went to, when it is not the factory's (a unit whose
     #: one connection is another engine's, through ``binds``): the outcome is settled there
     engine: Any = None
+    notifies: bool = False  # the transaction sent a notification: its xid is assigned first
+
+    @property
+    def xid_sql(self) -> str:
+        """The fallback's query before COMMIT."""
+        return _XID_ASSIGN_SQL if self.notifies else _XID_SQL
 
     @property
     def wrote(self) -> bool:
@@ -829,7 +839,7 @@ def _marker_statement_failed(driver: Any, message: str, exc: BaseException) -> N
     goes inline), the statement on this connection when refused (the function). Any other
     error is the unit's to report (a replay would meet it again)."""
     prepared = driver._rdb_prepared
-    if prepared is None or message.startswith(_FUNCTION_MARK):
+    if prepared is None or _FUNCTION_MARK in message:
         return
     code = getattr(exc, "sqlstate", None)  # psycopg's and asyncpg's errors both carry it
     if code == "26000":
@@ -893,6 +903,9 @@ def _commit_ticket(driver: Any) -> tuple[CommitTicket | None, str | None]:
         ticket = CommitTicket(None, sent=True)  # proven read-only: nothing to verify
         request.tickets.append(ticket)
         return ticket, None
+    notifies = driver._rdb_notifies
+    if notifies:
+        driver._rdb_notifies = False
     if driver._rdb_mode == MARKERS:
         read_mode = driver._rdb_read_mode()
         if read_mode == STANDBY:
@@ -904,9 +917,11 @@ def _commit_ticket(driver: Any) -> tuple[CommitTicket | None, str | None]:
         request.tickets.append(ticket)
         form = driver._rdb_prepared  # the statement (prepared, or inline), or None
         if read_mode == READ_WRITE and form is not None:
-            return ticket, form.message(marker)
-        return ticket, f"{_FUNCTION_MARK}('{marker}'); COMMIT"
-    ticket = CommitTicket(XID)
+            message = form.message(marker)
+        else:
+            message = f"{_FUNCTION_MARK}('{marker}'); COMMIT"
+        return ticket, _ASSIGN_XID + message if notifies else message
+    ticket = CommitTicket(XID, notifies=notifies)
     request.tickets.append(ticket)
     return ticket, None
 
@@ -963,7 +978,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                                 return await base.execute(self, query, timeout=timeout)
                         if ticket is not None:
                             if ticket.mode == XID:
-                                row = await base.fetchrow(self, _XID_SQL)
+                                row = await base.fetchrow(self, ticket.xid_sql)
                                 ticket.xid, ticket.incarnation = row[0], row[1]
                             ticket.sent = True
                             if message is None:
@@ -991,6 +1006,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                 self._rdb_mode = None
                 self._rdb_prepared = None
                 self._rdb_read_only = False
+                self._rdb_notifies = False
 
             namespace.update(execute=execute, _rdb_read_mode=_asyncpg_read_mode)
             if adopted:
@@ -1000,10 +1016,17 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                     _rdb_mode=_kept_beside("mode", None),
                     _rdb_prepared=_kept_beside("prepared", None),
                     _rdb_read_only=_kept_beside("read_only", False),
+                    _rdb_notifies=_kept_beside("notifies", False),
                 )
             else:
                 namespace.update(
-                    __slots__=("_rdb_may_write", "_rdb_mode", "_rdb_prepared", "_rdb_read_only"),
+                    __slots__=(
+                        "_rdb_may_write",
+                        "_rdb_mode",
+                        "_rdb_prepared",
+                        "_rdb_read_only",
+                        "_rdb_notifies",
+                    ),
                     __init__=__init__,
                 )
         elif issubclass(base, psycopg.AsyncConnection):
@@ -1015,7 +1038,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                         return await base.commit(self)
                 if ticket is not None:
                     if ticket.mode == XID:
-                        cursor = await self.execute(_XID_SQL)
+                        cursor = await self.execute(ticket.xid_sql)
                         ticket.xid, ticket.incarnation = await cursor.fetchone()
                     ticket.sent = True
                 if message is None:
@@ -1041,7 +1064,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                         return base.commit(self)  # type: ignore[no-any-return]
                 if ticket is not None:
                     if ticket.mode == XID:
-                        ticket.xid, ticket.incarnation = self.execute(_XID_SQL).fetchone()
+                        ticket.xid, ticket.incarnation = self.execute(ticket.xid_sql).fetchone()
                     ticket.sent = True
                 if message is None:
                     base.commit(self)
@@ -1073,6 +1096,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                 _rdb_may_write=False,
                 _rdb_mode=None,
                 _rdb_prepared=None,
+                _rdb_notifies=False,
             )
         cls = type(f"Marked{base.__name__}", (base,), namespace)
         _marked_classes[(base, adopted)] = cls

@@ -95,6 +95,12 @@ STOPS_PREPARED: Final = 2
 #: a two-phase session's ``COMMIT PREPARED``: counted on the unit's commit request, since the
 #: COMMIT PREPARED of one database commits for good before the next database's is sent
 COMMITS_PREPARED: Final = 3
+#: ``NOTIFY`` or ``pg_notify(...)``: the notification goes out when the transaction commits, but
+#: the server assigns the transaction's xid for it only during COMMIT, after the marker's
+#: condition was evaluated. A transaction that did nothing else would carry no marker, and a
+#: lost answer would be replayed: the notification sent twice. Its COMMIT assigns the xid first.
+NOTIFIES: Final = 4
+_NOTIFY_CALL = re.compile(r"\bpg_notify\s*\(", re.IGNORECASE)
 _COMMIT_PREPARED = re.compile(r"\s*COMMIT\s+PREPARED\b", re.IGNORECASE)
 # Statements of transaction control that write nothing themselves (asyncpg's savepoints, for
 # one, go through ``execute``): judged read-only, as an empty statement (asyncpg's ping, ";").
@@ -126,6 +132,8 @@ def _judge(statement: str) -> int:
         return STOPS_PREPARED
     if head == "COMMIT" and _COMMIT_PREPARED.match(statement):
         return COMMITS_PREPARED
+    if head == "NOTIFY" or _NOTIFY_CALL.search(statement):
+        return NOTIFIES
     if head[:5] == "SHOW ":
         return READ_ONLY
     verdict = _judge_write(head, statement)
@@ -211,10 +219,14 @@ def statement_listeners(
 
 
 def _special_statement(verdict: int, driver: Any, *, marked: bool) -> None:
-    """What a STOPS_PREPARED or COMMITS_PREPARED statement changes (off the common path)."""
+    """What a STOPS_PREPARED, NOTIFIES or COMMITS_PREPARED statement changes (off the common
+    path)."""
     if verdict == STOPS_PREPARED:
         if marked:
             driver._rdb_prepared = None  # its COMMITs call the function from now on
+    elif verdict == NOTIFIES:
+        if marked:
+            driver._rdb_notifies = True  # read (and cleared) by the unit's COMMIT
     elif verdict == COMMITS_PREPARED:  # asyncpg's two-phase COMMIT (psycopg: tpc_commit)
         _note_commit_prepared()
 

@@ -130,6 +130,20 @@ def test_anything_else_may_write(statement: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "statement",
+    [
+        "NOTIFY jobs",
+        "notify jobs, 'ready'",
+        "SELECT pg_notify('jobs', 'ready')",
+        "SELECT PG_NOTIFY ('j', '')",
+    ],
+)
+def test_notifications_are_writes_whose_xid_comes_at_commit(statement: str) -> None:
+    assert _statements.verdict_of(statement) == _statements.NOTIFIES
+    assert may_write(statement)
+
+
+@pytest.mark.parametrize(
     "statement", ["DISCARD ALL", "deallocate all", f"DEALLOCATE {PREPARED}", "  Discard plans"]
 )
 def test_discard_and_deallocate_may_drop_the_prepared_marker(statement: str) -> None:

@@ -328,6 +328,33 @@ def test_writers_through_functions_and_text_are_verified_not_replayed(env: Env, 
     assert env.rows(unit) == 1
 
 
+@pytest.mark.parametrize(
+    "statement", ["NOTIFY {channel}, 'done'", "SELECT pg_notify('{channel}', 'done')"]
+)
+def test_a_unit_that_only_notifies_sends_its_notification_once(env: Env, statement: str) -> None:
+    """A notification goes out at COMMIT, and the server assigns the transaction an xid for it
+    only then: without more, such a unit's COMMIT carried no marker, and a lost answer was
+    replayed, notifying twice."""
+    channel = f"c_{uuid.uuid4().hex}"
+    calls: list[int] = []
+
+    def notify(session: Session) -> str:
+        calls.append(1)
+        session.execute(sa.text(statement.format(channel=channel)))
+        return "notified"
+
+    with psycopg.connect(env.server.conninfo(env.database), autocommit=True) as listener:
+        listener.execute(f"LISTEN {channel}")
+        env.proxy.lose_commit_answer()
+        outcome = run(env.factory(), notify)
+        assert env.proxy.commits_lost == 1
+        assert outcome.error is None, outcome.error  # no restart: known in both modes
+        assert outcome.result == "notified"
+        assert calls == [1], "replayed after a COMMIT that notified"
+        received = list(listener.notifies(timeout=0.5))
+    assert [n.payload for n in received] == ["done"]
+
+
 def _orm_read(s: Session) -> object:
     return s.scalars(sa.select(Ledger.id).limit(1)).all()
 
