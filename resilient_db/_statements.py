@@ -114,7 +114,8 @@ def may_write(statement: str) -> bool:
 
 
 def verdict_of(statement: str) -> int:
-    """``statement``'s verdict (``READ_ONLY``, ``MAY_WRITE`` or ``STOPS_PREPARED``), cached."""
+    """``statement``'s verdict (``READ_ONLY``, ``MAY_WRITE``, ``STOPS_PREPARED``,
+    ``COMMITS_PREPARED`` or ``NOTIFIES``), cached."""
     verdict = _verdicts.get(statement)
     if verdict is None:
         verdict = _judge(statement)
