@@ -35,8 +35,8 @@ WRITE_FUNCTION = (
     "$$ INSERT INTO ledger (unit, note) VALUES (u, n) RETURNING id $$"
 )
 #: fails with a serialization failure (40001, retried) without writing anything
-REFUSE_FUNCTION = (
-    "CREATE FUNCTION refuse_once() RETURNS void LANGUAGE plpgsql AS "
+CONFLICT_FUNCTION = (
+    "CREATE FUNCTION serialization_failure() RETURNS void LANGUAGE plpgsql AS "
     "$$ BEGIN RAISE EXCEPTION 'try again' USING ERRCODE = '40001'; END $$"
 )
 
@@ -57,7 +57,7 @@ def database(pg_server: PostgresServer, pg_database: str, mode: str) -> str:
                 "CREATE TABLE ledger (id bigserial PRIMARY KEY, unit text NOT NULL, note text)"
             )
             conn.exec_driver_sql(WRITE_FUNCTION)
-            conn.exec_driver_sql(REFUSE_FUNCTION)
+            conn.exec_driver_sql(CONFLICT_FUNCTION)
         if mode == "markers":
             rdb.install_commit_markers(engine)
     finally:
@@ -200,7 +200,7 @@ def test_a_raw_psycopg_write_in_autocommit_is_never_replayed(
     def work(session: Session) -> None:
         calls.append(1)
         _cursor_execute(session, unit)
-        session.execute(sa.text("SELECT refuse_once()"))
+        session.execute(sa.text("SELECT serialization_failure()"))
 
     with pytest.raises(sa.exc.OperationalError) as raised:
         Sessions.run(work)
@@ -221,7 +221,7 @@ def test_a_raw_psycopg_autocommit_statement_refused_by_the_server_is_replayed(
     def work(session: Session) -> None:
         calls.append(1)
         if len(calls) == 1:
-            _raw(session).execute("SELECT refuse_once()")
+            _raw(session).execute("SELECT serialization_failure()")
         _cursor_execute(session, unit)
 
     Sessions.run(work)
@@ -400,7 +400,7 @@ async def test_a_raw_async_write_in_autocommit_is_never_replayed(
     async def work(session: AsyncSession) -> None:
         calls.append(1)
         await ASYNC_WRITES[path](session, unit)
-        await session.execute(sa.text("SELECT refuse_once()"))
+        await session.execute(sa.text("SELECT serialization_failure()"))
 
     try:
         with pytest.raises(sa.exc.DBAPIError):
