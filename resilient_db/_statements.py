@@ -14,7 +14,8 @@ code on the raw connection (``session.connection().connection``, its ``driver_co
 * asyncpg: SQLAlchemy runs its statements as asyncpg prepared statements, out of sight of the
   connection, so the dialect's ``do_execute`` family listener notes those; the marked
   connection class's own methods (``execute``, ``executemany``, the ``fetch`` family, the
-  ``copy`` family, ``prepare``, ``cursor``) note yours.
+  ``copy`` family, ``cursor``) note yours, and a statement that may write, once prepared
+  (``prepare``), notes each of its executions.
 """
 
 from __future__ import annotations
@@ -411,11 +412,11 @@ def asyncpg_statement_methods(base: type[Any]) -> dict[str, Callable[..., Any]]:
     """The overrides of a marked asyncpg connection class (``base`` its driver class) that note
     the statements sent on the raw connection; ``execute`` is for the class to call.
 
-    SQLAlchemy itself calls ``executemany`` and, for a statement it has not prepared on the
-    connection before, ``prepare``: those statements were noted by the statement listener
-    already, and a second look changes nothing. A statement you ``prepare()`` is noted then,
-    for the transaction it is prepared in (asyncpg's prepared statement objects can't be
-    subclassed); so is a ``cursor()``.
+    SQLAlchemy itself calls ``executemany``, and ``prepare`` for a statement it has not
+    prepared on the connection before: the statement listener noted those statements already,
+    and a second look changes nothing. A statement that may write, once prepared, notes each
+    of its executions (:func:`_noting_statement_class`), in whichever transaction it runs; a
+    ``cursor()`` is noted when it is made (it runs in the transaction it is made in).
     """
     methods: dict[str, Callable[..., Any]] = {}
     for name in _ASYNCPG_SENDING:
@@ -425,8 +426,11 @@ def asyncpg_statement_methods(base: type[Any]) -> dict[str, Callable[..., Any]]:
     prepare = base.prepare
 
     async def prepared(self: Any, query: str, *args: Any, **kwargs: Any) -> Any:
-        _asyncpg_noted(self, _query_verdict(query, None), lazy=True)
-        return await prepare(self, query, *args, **kwargs)
+        statement = await prepare(self, query, *args, **kwargs)
+        verdict = _query_verdict(query, None)
+        if verdict:
+            statement.__class__ = _noting_statement_class(type(statement), verdict)
+        return statement
 
     cursor = base.cursor
 
@@ -450,6 +454,52 @@ def _asyncpg_noting(method: Callable[..., Any], *, writes: bool = False) -> Call
         )
 
     return noted
+
+
+#: an asyncpg prepared statement's methods that execute it
+_STATEMENT_SENDING: Final = ("fetch", "fetchrow", "fetchval", "fetchmany", "executemany")
+_statement_classes: dict[tuple[type[Any], int], type[Any]] = {}
+
+
+def _noting_statement_class(base: type[Any], verdict: int) -> type[Any]:
+    """A subclass of asyncpg's prepared statement class ``base`` for a statement of
+    ``verdict`` (one that may write): each execution is noted on the statement's connection.
+    No slots of its own, so a statement asyncpg made switches to it."""
+    with _cursor_lock:
+        cls = _statement_classes.get((base, verdict))
+        if cls is not None:
+            return cls
+        namespace: dict[str, Any] = {"__slots__": (), "__module__": __name__}
+        for name in _STATEMENT_SENDING:
+            namespace[name] = _statement_noting(getattr(base, name), verdict)
+        cursor = base.cursor
+
+        def cursor_of(self: Any, *args: Any, **kwargs: Any) -> Any:
+            _asyncpg_noted(statement_connection(self), verdict, lazy=True)
+            return cursor(self, *args, **kwargs)
+
+        namespace["cursor"] = cursor_of
+        cls = type(f"Noting{base.__name__}", (base,), namespace)
+        _statement_classes[(base, verdict)] = cls
+        return cls
+
+
+def _statement_noting(method: Callable[..., Any], verdict: int) -> Callable[..., Any]:
+    async def noted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        attempt = _asyncpg_noted(statement_connection(self), verdict)
+        if attempt is None:
+            return await method(self, *args, **kwargs)
+        token = object()
+        return await _autocommitted_async(attempt, token, lambda: method(self, *args, **kwargs))
+
+    return noted
+
+
+def statement_connection(statement: Any) -> Any:
+    """The connection an asyncpg prepared statement belongs to. asyncpg offers no public
+    accessor: this reads its ``_connection`` attribute, here only
+    (``tests/test_raw_connection.py`` fails loudly if that changes)."""
+    return statement._connection
 
 
 def _asyncpg_noted(connection: Any, verdict: int, *, lazy: bool = False) -> AttemptRecord | None:

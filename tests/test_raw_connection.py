@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
+import asyncpg
 import psycopg
 import pytest
 import pytest_asyncio
@@ -25,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
+from resilient_db._statements import statement_connection
 from resilient_db.testing import FaultProxy, PostgresServer
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
@@ -409,3 +411,59 @@ async def test_a_raw_async_write_in_autocommit_is_never_replayed(
         await engine.dispose()
     assert len(calls) == 1
     assert rows(pg_server, database, unit) == 1
+
+
+@pytest.mark.asyncio
+async def test_an_asyncpg_statement_prepared_in_one_unit_is_noted_when_run_in_another(
+    fault_proxy: FaultProxy, pg_server: PostgresServer, database: str, service: str
+) -> None:
+    """A writing statement you prepared earlier (kept for the pooled connection it belongs to)
+    and run in a later unit: each execution is noted, so a lost COMMIT answer is settled."""
+    engine = create_async_engine(
+        fault_proxy.url(database, driver="asyncpg"),
+        connect_args=async_connect_args("asyncpg", 2),
+        pool_size=1,
+        max_overflow=0,
+    )
+    Sessions = rdb.AsyncResilientSession(engine, service=service)
+    kept: dict[str, Any] = {}
+
+    async def prepare(session: AsyncSession) -> None:
+        raw = await _araw(session)
+        kept["raw"] = raw
+        kept["insert"] = await raw.prepare(
+            "INSERT INTO ledger (unit, note) VALUES ($1, 'kept') RETURNING id"
+        )
+
+    unit = f"unit-{uuid.uuid4()}"
+    calls = []
+
+    async def write(session: AsyncSession) -> str:
+        calls.append(1)
+        assert await _araw(session) is kept["raw"]  # the one pooled connection
+        assert len(await kept["insert"].fetch(unit)) == 1
+        return unit
+
+    try:
+        await Sessions.run(prepare)
+        fault_proxy.lose_commit_answer()
+        assert await Sessions.run(write) == unit
+    finally:
+        await engine.dispose()
+    assert fault_proxy.commits_lost == 1
+    assert len(calls) == 1, "replayed blindly after a COMMIT that was applied"
+    assert rows(pg_server, database, unit) == 1
+
+
+@pytest.mark.asyncio
+async def test_an_asyncpg_prepared_statement_names_its_connection(
+    pg_server: PostgresServer, pg_database: str
+) -> None:
+    """asyncpg has no public accessor for a prepared statement's connection; the library
+    reads a private attribute in one place. This fails loudly if asyncpg changes it."""
+    conn = await asyncpg.connect(pg_server.url(pg_database, driver=""))
+    try:
+        statement = await conn.prepare("SELECT 1")
+        assert statement_connection(statement) is conn
+    finally:
+        await conn.close()
