@@ -36,12 +36,13 @@ from ._config import Config
 from ._errors import TransactionStateError
 from ._observability import log_session
 from ._registry import enter_unit, factory_of, leave_unit, register_class, register_session
-from ._statements import current_attempt
+from ._statements import current_attempt, current_request
 from ._unit import (
     ActiveUnit,
     CommitVerdict,
     FactoryCore,
     async_units,
+    commit_if_prepared,
     current_unit,
     flush_and_commit,
     interpret_claim,
@@ -350,7 +351,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                         # flush and COMMIT (async: in one greenlet hop)
                         await s.run_sync(flush_and_commit, box, self._hooks.commit)
                     except Exception as exc:
-                        await self._commit_failed(exc, box)
+                        await self._commit_failed(exc, box, s)
                     record.unit_committed(box[0])
                     return value
                 except BaseException:
@@ -374,13 +375,53 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                 else:  # sync only
                     _close(s, quiet=failed)
 
-    async def _commit_failed(self, exc: Exception, box: list[CommitRequest]) -> None:
+    async def _commit_failed(
+        self, exc: Exception, box: list[CommitRequest], session: AsyncSession
+    ) -> None:
         """COMMIT failed: return if it was verified committed, else raise."""
+        if box and await self._finish_two_phase(box[0], exc, session):
+            return  # a two-phase unit whose prepared transactions were all committed here
         ticket = self._referee.must_verify(exc, box)
         if ticket is None:
             raise exc
         if not self._referee.settle(ticket, await self._verify_commit(ticket), exc):
             raise exc
+
+    async def _finish_two_phase(
+        self, request: CommitRequest, exc: Exception, session: AsyncSession
+    ) -> bool:
+        """Commit the prepared transactions a failed two-phase COMMIT left pending (see
+        ``CommitReferee.two_phase_pending``), each on a new connection to its database, with
+        the referee's backoff; True when the unit is now committed everywhere.
+
+        The session's connections are then invalidated, not rolled back: SQLAlchemy's
+        rollback would send ROLLBACK PREPARED for transactions committed here (and a driver
+        connection left in a two-phase state can't be reused anyway)."""
+        pending = self._referee.two_phase_pending(request)
+        if not pending:
+            return False
+        # the recovery's own statements are neither the unit's nor its commit's
+        checking = current_attempt.set(None)
+        committing = current_request.set(None)
+        finished: list[Any] = []
+        try:
+            for engine, xid in pending:
+                for delay in self._referee.checks():
+                    if delay:
+                        await self._asleep(delay)
+                    try:
+                        async with _bound_engine(engine).connect() as conn:
+                            if await conn.run_sync(commit_if_prepared, xid):
+                                finished.append(xid)
+                        break
+                    except Exception:  # the old backend may still hold it: try again
+                        log_session.debug("finishing %s failed", xid, exc_info=True)
+        finally:
+            current_request.reset(committing)
+            current_attempt.reset(checking)
+        if finished:
+            await session.invalidate()
+        return self._referee.two_phase_finished(request, finished, exc)
 
     async def _verify_commit(self, ticket: CommitTicket) -> CommitVerdict:
         """Settle a lost COMMIT answer on a new connection, reconnecting with backoff."""
@@ -486,6 +527,11 @@ if True:  # async only
         COMMIT went to (``ticket.engine``, a sync engine: wrapped as SQLAlchemy does)."""
         return engine if ticket.engine is None else AsyncEngine(ticket.engine)
 
+    def _bound_engine(engine: Engine) -> AsyncEngine:
+        """One of the unit's engines, as SQLAlchemy's events name it (the sync engine behind
+        an ``AsyncEngine``), wrapped as SQLAlchemy does."""
+        return AsyncEngine(engine)
+
     def _require_engine(bind: Any, kwargs: dict[str, Any]) -> None:
         if isinstance(bind, Engine):
             raise TypeError(
@@ -587,6 +633,10 @@ else:  # sync only
         """Where a lost COMMIT is settled: the factory's engine, or the one whose database the
         COMMIT went to (``ticket.engine``)."""
         return engine if ticket.engine is None else ticket.engine
+
+    def _bound_engine(engine: Engine) -> Engine:
+        """One of the unit's engines, as SQLAlchemy's events name it."""
+        return engine
 
     def _require_engine(bind: Any, kwargs: dict[str, Any]) -> None:
         if not isinstance(bind, Engine):

@@ -373,11 +373,23 @@ class CommitTicket:
 class CommitRequest:
     """The tickets of one unit's commit (one per connection the session commits)."""
 
-    __slots__ = ("attempt", "committing", "prepared_commits", "tickets", "transaction")
+    __slots__ = (
+        "attempt",
+        "committing",
+        "prepared_commits",
+        "tickets",
+        "transaction",
+        "two_phase",
+        "two_phase_commits",
+    )
 
     def __init__(self) -> None:
         self.tickets: list[CommitTicket] = []
         self.prepared_commits = 0  # COMMIT PREPARED statements sent (a two-phase session)
+        # a two-phase session's PREPAREs, (engine, xid) each, and the xids whose COMMIT PREPARED
+        # SQLAlchemy went on to send, in order (its prepare_twophase / commit_twophase events)
+        self.two_phase: list[tuple[Engine, Any]] | None = None
+        self.two_phase_commits: list[Any] | None = None
         self.committing = False  # flushed; COMMIT may go out from here on
         self.transaction: Any = None  # the session's root transaction that COMMIT ends
         self.attempt: AttemptRecord | None = None  # the unit's attempt (it saw the connections)

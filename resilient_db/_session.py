@@ -38,11 +38,12 @@ from ._config import Config
 from ._errors import TransactionStateError
 from ._observability import log_session
 from ._registry import enter_unit, factory_of, leave_unit, register_class
-from ._statements import current_attempt
+from ._statements import current_attempt, current_request
 from ._unit import (
     ActiveUnit,
     CommitVerdict,
     FactoryCore,
+    commit_if_prepared,
     current_unit,
     flush_and_commit,
     interpret_claim,
@@ -303,7 +304,7 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                         # flush and COMMIT (async: in one greenlet hop)
                         flush_and_commit(s, box, self._hooks.commit)
                     except Exception as exc:
-                        self._commit_failed(exc, box)
+                        self._commit_failed(exc, box, s)
                     record.unit_committed(box[0])
                     return value
                 except BaseException:
@@ -316,13 +317,49 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
             if own:
                 _close(s, quiet=failed)
 
-    def _commit_failed(self, exc: Exception, box: list[CommitRequest]) -> None:
+    def _commit_failed(self, exc: Exception, box: list[CommitRequest], session: Session) -> None:
         """COMMIT failed: return if it was verified committed, else raise."""
+        if box and self._finish_two_phase(box[0], exc, session):
+            return  # a two-phase unit whose prepared transactions were all committed here
         ticket = self._referee.must_verify(exc, box)
         if ticket is None:
             raise exc
         if not self._referee.settle(ticket, self._verify_commit(ticket), exc):
             raise exc
+
+    def _finish_two_phase(self, request: CommitRequest, exc: Exception, session: Session) -> bool:
+        """Commit the prepared transactions a failed two-phase COMMIT left pending (see
+        ``CommitReferee.two_phase_pending``), each on a new connection to its database, with
+        the referee's backoff; True when the unit is now committed everywhere.
+
+        The session's connections are then invalidated, not rolled back: SQLAlchemy's
+        rollback would send ROLLBACK PREPARED for transactions committed here (and a driver
+        connection left in a two-phase state can't be reused anyway)."""
+        pending = self._referee.two_phase_pending(request)
+        if not pending:
+            return False
+        # the recovery's own statements are neither the unit's nor its commit's
+        checking = current_attempt.set(None)
+        committing = current_request.set(None)
+        finished: list[Any] = []
+        try:
+            for engine, xid in pending:
+                for delay in self._referee.checks():
+                    if delay:
+                        self._sleep(delay)
+                    try:
+                        with _bound_engine(engine).connect() as conn:
+                            if commit_if_prepared(conn, xid):
+                                finished.append(xid)
+                        break
+                    except Exception:  # the old backend may still hold it: try again
+                        log_session.debug("finishing %s failed", xid, exc_info=True)
+        finally:
+            current_request.reset(committing)
+            current_attempt.reset(checking)
+        if finished:
+            session.invalidate()
+        return self._referee.two_phase_finished(request, finished, exc)
 
     def _verify_commit(self, ticket: CommitTicket) -> CommitVerdict:
         """Settle a lost COMMIT answer on a new connection, reconnecting with backoff."""
@@ -403,6 +440,11 @@ def _settling_engine(engine: Engine, ticket: CommitTicket) -> Engine:
     """Where a lost COMMIT is settled: the factory's engine, or the one whose database the
     COMMIT went to (``ticket.engine``)."""
     return engine if ticket.engine is None else ticket.engine
+
+
+def _bound_engine(engine: Engine) -> Engine:
+    """One of the unit's engines, as SQLAlchemy's events name it."""
+    return engine
 
 
 def _require_engine(bind: Any, kwargs: dict[str, Any]) -> None:

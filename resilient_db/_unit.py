@@ -19,7 +19,7 @@ from typing import Any, NamedTuple, TypeVar
 import psycopg
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
 from ._classify import Classifier, Outcome, marked_replay_safe, sqlstate_of
@@ -262,6 +262,50 @@ class CommitReferee:
             return False
         raise self._unknown(what, verdict.value, marker=ticket.marker, xid=ticket.xid) from exc
 
+    def two_phase_pending(self, request: CommitRequest) -> list[tuple[Engine, Any]]:
+        """The prepared transactions a failed two-phase COMMIT may have left behind, when the
+        unit had decided to commit (its first COMMIT PREPARED went out, so every database
+        prepared): all but those whose COMMIT PREPARED the server answered. Empty otherwise.
+
+        A prepared transaction outlives its connection and holds its locks until someone ends
+        it; the unit's decision was to commit, so the driver commits each one still prepared
+        (:func:`commit_if_prepared`), as a two-phase coordinator recovers."""
+        if not request.two_phase or not request.two_phase_commits:
+            return []
+        answered = request.two_phase_commits[:-1]  # SQLAlchemy goes on only after an answer
+        return [(engine, xid) for engine, xid in request.two_phase if xid not in answered]
+
+    def two_phase_finished(
+        self, request: CommitRequest, finished: list[Any], exc: BaseException
+    ) -> bool:
+        """After the driver committed the prepared transactions in ``finished``: True when
+        every one of the unit's is now committed (the unit is done). Logged when it committed
+        any; none means the failure is settled as any other."""
+        if not finished:
+            return False
+        policy = self.policy
+        pending = self.two_phase_pending(request)
+        done = len(finished) == len(pending)
+        emit(
+            policy.config,
+            log_session,
+            logging.WARNING,
+            "Finished a two-phase commit: service=%s the COMMIT PREPARED of %s failed (%s); "
+            "committed the unit's prepared transactions still pending: %s; %s",
+            policy.service,
+            request.two_phase_commits[-1] if request.two_phase_commits else None,
+            type(exc).__name__,
+            ", ".join(str(x) for x in finished),
+            "the unit is done"
+            if done
+            else "the failed one was no longer pending, so its failure is settled as before",
+            service=policy.service,
+            event="two_phase_finished",
+        )
+        if done:
+            policy.stats.add("verified_commits")
+        return done
+
     def _unknown(
         self, what: str, reason: str, *, marker: str | None = None, xid: str | None = None
     ) -> CommitOutcomeUnknownError:
@@ -284,6 +328,33 @@ class CommitReferee:
         return CommitOutcomeUnknownError(
             policy.service, int(xid) if xid is not None else None, reason, marker=marker
         )
+
+
+def _prepare_twophase(connection: Connection, xid: Any) -> None:
+    """A two-phase session prepares ``xid`` on ``connection``: noted on the committing unit."""
+    request = current_request.get()
+    if request is not None:
+        if request.two_phase is None:
+            request.two_phase = []
+        request.two_phase.append((connection.engine, xid))
+
+
+def _commit_twophase(connection: Connection, xid: Any, is_prepared: bool) -> None:
+    """SQLAlchemy is about to send ``xid``'s COMMIT PREPARED: noted on the committing unit."""
+    request = current_request.get()
+    if request is not None and is_prepared:
+        if request.two_phase_commits is None:
+            request.two_phase_commits = []
+        request.two_phase_commits.append(xid)
+
+
+def commit_if_prepared(connection: Connection, xid: Any) -> bool:
+    """COMMIT PREPARED ``xid`` on ``connection`` (a new one, outside any transaction) if it is
+    still prepared there; whether it was. SQLAlchemy's own recovery API."""
+    if xid not in connection.recover_twophase():
+        return False
+    connection.commit_prepared(xid, recover=True)
+    return True
 
 
 # -- drop-in use: a connect that fails before anything was sent is retried ----------------------
@@ -560,6 +631,8 @@ def hooks_for(engine: Engine, factory: FactoryCore) -> EngineHooks:
             hooks = EngineHooks(engine, config, classifier)
             event.listen(engine, "handle_error", hooks.handle_error)
             event.listen(engine, "checkout", hooks.checkout)
+            event.listen(engine, "prepare_twophase", _prepare_twophase)
+            event.listen(engine, "commit_twophase", _commit_twophase)
             event.listen(engine, "do_connect", hooks.do_connect)
             STATE.engine_hooks[engine] = hooks
         else:

@@ -6,6 +6,8 @@ depend on anything a user can clear. Against the real server."""
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -397,7 +399,12 @@ def two_databases(two_phase_server: Any) -> Iterator[tuple[str, str]]:
         base.metadata.create_all(eng)
         eng.dispose()
     yield names
-    for name in names:
+    for name in names:  # a failed test may leave prepared transactions, which block the drop
+        for (gid,) in two_phase_server.execute(
+            "SELECT gid FROM pg_prepared_xacts WHERE database = current_database()",
+            database=name,
+        ):
+            two_phase_server.execute(f"ROLLBACK PREPARED '{gid}'", database=name)
         two_phase_server.drop_database(name)
 
 
@@ -468,6 +475,174 @@ def test_a_two_phase_unit_across_two_databases_is_not_replayed_after_one_committ
         for eng in engines:
             eng.dispose()
     assert sorted(counts(two_phase_server, two_databases)) == [0, 1]  # the first one's only
+
+
+def pending_prepared(server: Any, databases: tuple[str, ...]) -> list[str]:
+    """The prepared transactions still pending in ``databases`` (they hold their locks)."""
+    return [
+        row[0]
+        for name in databases
+        for row in server.execute(
+            "SELECT gid FROM pg_prepared_xacts WHERE database = current_database()",
+            database=name,
+        )
+    ]
+
+
+def wait_until(condition: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_swallowed_commit_prepared_is_finished_not_left_pending(
+    two_phase_server: Any, two_databases: tuple[str, str], service: str
+) -> None:
+    """The first COMMIT PREPARED never reaches the server and the connection drops: both
+    databases hold a prepared transaction, which outlives its connection and keeps its locks.
+    The unit had decided to commit, so the factory commits both on new connections (as a
+    two-phase coordinator recovers) and the unit is done, once."""
+    with FaultProxy(two_phase_server) as proxy:
+        engines = [
+            sa.create_engine(proxy.url(name), connect_args={"connect_timeout": 2})
+            for name in two_databases
+        ]
+        try:
+            Sessions = two_phase_factory(rdb.ResilientSession, engines, service)
+            calls: list[int] = []
+            outcome: dict[str, Any] = {}
+
+            def unit(session: Session) -> None:
+                add_to_both(session, calls)
+
+            def run() -> None:
+                try:
+                    outcome["result"] = Sessions.run(unit)
+                except Exception as exc:  # checked below
+                    outcome["error"] = exc
+
+            proxy.swallow_commit()
+            worker = threading.Thread(target=run, daemon=True)
+            worker.start()
+            wait_until(lambda: proxy.commits_swallowed == 1)
+            assert len(pending_prepared(two_phase_server, two_databases)) == 2
+            proxy.release_swallowed()
+            worker.join(30)
+            assert not worker.is_alive()
+        finally:
+            for eng in engines:
+                eng.dispose()
+    assert "error" not in outcome, outcome
+    assert calls == [1]  # done once, not replayed
+    assert counts(two_phase_server, two_databases) == [1, 1]
+    assert pending_prepared(two_phase_server, two_databases) == []
+
+
+def test_a_lost_commit_prepared_answer_still_finishes_the_other_database(
+    two_phase_server: Any, two_databases: tuple[str, str], service: str
+) -> None:
+    """The first COMMIT PREPARED commits but its answer is lost: SQLAlchemy never sends the
+    second. That one is committed by the factory (the unit's decision); whether the first
+    committed can't be told without a marker, so the unit ends unknown, and nothing is left
+    pending."""
+    with FaultProxy(two_phase_server) as proxy:
+        engines = [
+            sa.create_engine(proxy.url(name), connect_args={"connect_timeout": 2})
+            for name in two_databases
+        ]
+        try:
+            Sessions = two_phase_factory(rdb.ResilientSession, engines, service)
+            calls: list[int] = []
+
+            def unit(session: Session) -> None:
+                add_to_both(session, calls)
+
+            proxy.lose_commit_answer()
+            with pytest.raises(rdb.CommitOutcomeUnknownError):
+                Sessions.run(unit)
+            assert proxy.commits_lost == 1
+        finally:
+            for eng in engines:
+                eng.dispose()
+    assert calls == [1]
+    assert counts(two_phase_server, two_databases) == [1, 1]
+    assert pending_prepared(two_phase_server, two_databases) == []
+
+
+def kill_before_the_first_commit_prepared(server: Any, engines: list[sa.Engine]) -> list[str]:
+    """Right before the unit's first COMMIT PREPARED, its connection's backend is terminated
+    (a real disconnect; the prepared transactions outlive it). Returns the xids seen."""
+    seen: list[str] = []
+
+    def before(conn: Any, xid: Any, is_prepared: bool) -> None:
+        seen.append(str(xid))
+        if len(seen) == 1:
+            driver = conn.connection.driver_connection
+            pid = driver.get_server_pid() if hasattr(driver, "get_server_pid") else None
+            pid = pid or driver.info.backend_pid
+            server.execute(f"SELECT pg_terminate_backend({int(pid)}, 5000)")
+
+    for eng in engines:
+        event.listen(eng, "commit_twophase", before)
+    return seen
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
+async def test_async_a_commit_prepared_cut_off_is_finished_not_left_pending(
+    two_phase_server: Any, two_databases: tuple[str, str], service: str, driver: str
+) -> None:
+    """The async twin, on both drivers, with a real disconnect: the backend of the first
+    COMMIT PREPARED is terminated before it arrives. Both prepared transactions are committed
+    on new connections; the unit is done, once, and nothing is left pending."""
+    engines = [
+        create_async_engine(
+            two_phase_server.url(name, driver=driver), connect_args=async_connect_args(driver, 2)
+        )
+        for name in two_databases
+    ]
+    try:
+        Sessions = two_phase_factory(rdb.AsyncResilientSession, engines, service)
+        seen = kill_before_the_first_commit_prepared(
+            two_phase_server, [eng.sync_engine for eng in engines]
+        )
+        calls: list[int] = []
+
+        async def unit(session: AsyncSession) -> None:
+            add_to_both(session, calls)
+
+        await Sessions.run(unit)
+        assert len(seen) == 1  # SQLAlchemy sent no second COMMIT PREPARED: finished here
+    finally:
+        for eng in engines:
+            await eng.dispose()
+    assert calls == [1]
+    assert counts(two_phase_server, two_databases) == [1, 1]
+    assert pending_prepared(two_phase_server, two_databases) == []
+
+
+def test_a_commit_prepared_cut_off_is_finished_not_left_pending(
+    two_phase_server: Any, two_databases: tuple[str, str], service: str
+) -> None:
+    """The sync twin of the test above."""
+    engines = [sa.create_engine(two_phase_server.url(name)) for name in two_databases]
+    try:
+        Sessions = two_phase_factory(rdb.ResilientSession, engines, service)
+        seen = kill_before_the_first_commit_prepared(two_phase_server, engines)
+        calls: list[int] = []
+
+        def unit(session: Session) -> None:
+            add_to_both(session, calls)
+
+        Sessions.run(unit)
+        assert len(seen) == 1
+    finally:
+        for eng in engines:
+            eng.dispose()
+    assert calls == [1]
+    assert counts(two_phase_server, two_databases) == [1, 1]
+    assert pending_prepared(two_phase_server, two_databases) == []
 
 
 @pytest.mark.asyncio
