@@ -470,8 +470,10 @@ class AttemptRecord:
     def unit_committed(self, request: CommitRequest) -> None:
         """The unit's own final COMMIT succeeded: committed work, when it wrote, for an
         enclosing attempt (looked at only when there is one)."""
-        if self._enclosing is not None and any(t.wrote for t in request.tickets):
-            self.committed = True
+        if self._enclosing is not None and (
+            request.two_phase_commits or any(t.wrote for t in request.tickets)
+        ):
+            self.committed = True  # (a two-phase COMMIT carries no ticket)
 
     def began_on(self, transaction: Any, connection: Any) -> None:
         """A session's root ``transaction`` began on ``connection`` (``after_begin``)."""

@@ -570,6 +570,37 @@ def test_a_lost_commit_prepared_answer_still_finishes_the_other_database(
     assert pending_prepared(two_phase_server, two_databases) == []
 
 
+def test_a_unit_that_ran_a_committed_two_phase_unit_is_not_replayed(
+    two_phase_server: Any, two_databases: tuple[str, str], service: str
+) -> None:
+    """A two-phase unit of another factory inside a unit commits on its own (its COMMIT
+    PREPAREDs carry no ticket): a replay of the enclosing unit would write it again."""
+    outer_engine = sa.create_engine(two_phase_server.url("two_phase"))
+    engines = [sa.create_engine(two_phase_server.url(name)) for name in two_databases]
+    try:
+        Outer = rdb.ResilientSession(outer_engine, service=f"{service}-outer")
+        Inner = two_phase_factory(rdb.ResilientSession, engines, service)
+        calls: list[int] = []
+        inner_calls: list[int] = []
+
+        def unit(session: Session) -> None:
+            calls.append(1)
+            Inner.run(add_to_both, inner_calls)
+            session.execute(
+                sa.text("DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END $$")
+            )
+
+        with pytest.raises(sa.exc.OperationalError):
+            Outer.run(unit)
+    finally:
+        outer_engine.dispose()
+        for eng in engines:
+            eng.dispose()
+    assert calls == [1]
+    assert inner_calls == [1]
+    assert counts(two_phase_server, two_databases) == [1, 1]
+
+
 def kill_before_the_first_commit_prepared(server: Any, engines: list[sa.Engine]) -> list[str]:
     """Right before the unit's first COMMIT PREPARED, its connection's backend is terminated
     (a real disconnect; the prepared transactions outlive it). Returns the xids seen."""
