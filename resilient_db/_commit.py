@@ -469,11 +469,14 @@ class AttemptRecord:
 
     def unit_committed(self, request: CommitRequest) -> None:
         """The unit's own final COMMIT succeeded: committed work, when it wrote, for an
-        enclosing attempt (looked at only when there is one)."""
+        enclosing attempt (looked at only when there is one). A connection whose COMMIT went
+        out without a ticket (one the protocol can't mark, a two-phase COMMIT PREPARED) may
+        have written."""
         if self._enclosing is not None and (
-            request.two_phase_commits or any(t.wrote for t in request.tickets)
+            any(t.wrote for t in request.tickets)
+            or len(request.tickets) < len(request.connections())
         ):
-            self.committed = True  # (a two-phase COMMIT carries no ticket)
+            self.committed = True
 
     def began_on(self, transaction: Any, connection: Any) -> None:
         """A session's root ``transaction`` began on ``connection`` (``after_begin``)."""

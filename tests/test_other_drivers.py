@@ -85,6 +85,34 @@ def test_a_unit_is_replayed_after_conflicts_and_a_killed_backend(
     assert counters["retries_by_class"] == {"conflict": 1, "disconnect": 1}
 
 
+def test_a_unit_that_ran_a_committed_unit_on_this_driver_is_not_replayed(
+    engine: sa.Engine, pg_server: PostgresServer, pg_database: str, service: str
+) -> None:
+    """A unit of a factory on this driver inside a unit of a psycopg 3 factory commits on its
+    own. Its COMMIT carries no ticket (no commit protocol here), yet it may have written: a
+    replay of the enclosing unit would write it again."""
+    outer_engine = sa.create_engine(pg_server.url(pg_database))
+    Outer = rdb.ResilientSession(outer_engine, service=f"{service}-outer")
+    Inner = rdb.ResilientSession(engine, service=service)
+    calls: list[int] = []
+
+    def inner(session: Session) -> None:
+        session.add(Item(name="inner"))
+
+    def unit(session: Session) -> None:
+        calls.append(1)
+        Inner.run(inner)
+        session.execute(sa.text("SELECT raise_code('40001')"))
+
+    try:
+        with pytest.raises(sa.exc.OperationalError):
+            Outer.run(unit)
+    finally:
+        outer_engine.dispose()
+    assert calls == [1]
+    assert names(engine) == ["inner"]
+
+
 def test_a_real_deadlock_between_two_units_ends_with_both_done(
     engine: sa.Engine, service: str
 ) -> None:
