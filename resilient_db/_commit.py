@@ -560,7 +560,13 @@ class CommitProtocol:
         self.supported = verifiable(engine)
         if not self.supported:
             self._warn_unsupported()
-            return  # nothing to mark: every unit's COMMIT is UNMARKED (see CommitRequest.last)
+            # nothing to mark: every unit's COMMIT is UNMARKED (see CommitRequest.last). What
+            # a replay can't undo is still seen: a statement in autocommit (the listener) and
+            # a COMMIT of the unit's own code (SQLAlchemy's commit event)
+            for name, listener in statement_listeners(False, None).items():
+                event.listen(engine, name, listener)
+            event.listen(engine, "commit", _unmarked_commit)
+            return
         event.listen(engine, "connect", self._on_connect)
         for name, listener in statement_listeners(not self.is_asyncpg, guard).items():
             event.listen(engine, name, listener)
@@ -753,6 +759,16 @@ class CommitProtocol:
                 return False
             self._last_prune = time.monotonic()
             return True
+
+
+def _unmarked_commit(connection: Connection) -> None:
+    """A COMMIT goes out on an engine without the commit protocol (SQLAlchemy's ``commit``
+    event, sent before it). Outside the unit's own final COMMIT, it is the unit's code that
+    commits: the attempt can't be replayed after it. (Unlike a marked COMMIT, its outcome is
+    not seen: one the server refuses also counts.)"""
+    attempt = current_attempt.get()
+    if attempt is not None and current_request.get() is None:
+        attempt.committed = True
 
 
 def verifiable(engine: Engine) -> bool:

@@ -113,6 +113,72 @@ def test_a_unit_that_ran_a_committed_unit_on_this_driver_is_not_replayed(
     assert names(engine) == ["inner"]
 
 
+def test_a_unit_that_committed_its_own_work_is_not_replayed(
+    engine: sa.Engine, service: str
+) -> None:
+    """The unit's code commits, then meets a conflict: its committed part must not be written
+    again. (These drivers' COMMITs are not marked; SQLAlchemy's commit event shows it.)"""
+    Sessions = rdb.ResilientSession(engine, service=service)
+    calls: list[int] = []
+
+    def unit(session: Session) -> None:
+        calls.append(1)
+        session.add(Item(name=f"own-{len(calls)}"))
+        session.commit()
+        session.execute(sa.text("SELECT raise_code('40001')"))
+
+    with pytest.raises(sa.exc.DBAPIError) as raised:
+        Sessions.run(unit)
+    assert rdb.sqlstate_of(raised.value) == "40001"
+    assert calls == [1]
+    assert names(engine) == ["own-1"]
+
+
+@pytest.fixture
+def autocommit(pg_server: PostgresServer, pg_database: str, driver: str) -> Iterator[sa.Engine]:
+    eng = sa.create_engine(driver_url(driver, pg_server, pg_database), isolation_level="AUTOCOMMIT")
+    Base.metadata.create_all(eng)
+    with eng.begin() as conn:
+        conn.execute(RAISE_CODE_FUNCTION)
+    yield eng
+    eng.dispose()
+
+
+def test_a_write_in_autocommit_is_never_replayed(autocommit: sa.Engine, service: str) -> None:
+    """An INSERT in autocommit committed on its own: a retried error after it must not replay
+    the unit."""
+    Sessions = rdb.ResilientSession(autocommit, service=service)
+    calls: list[int] = []
+
+    def unit(session: Session) -> None:
+        calls.append(1)
+        session.execute(sa.insert(Item).values(name=f"auto-{len(calls)}"))
+        session.execute(sa.text("SELECT raise_code('40001')"))
+
+    with pytest.raises(sa.exc.DBAPIError):
+        Sessions.run(unit)
+    assert calls == [1]
+    assert names(autocommit) == ["auto-1"]
+
+
+def test_an_autocommit_statement_refused_by_the_server_is_replayed(
+    autocommit: sa.Engine, service: str
+) -> None:
+    """The server's error answer proves the statement committed nothing: replayed."""
+    Sessions = rdb.ResilientSession(autocommit, service=service)
+    calls: list[int] = []
+
+    def unit(session: Session) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            session.execute(sa.text("SELECT raise_code('40001')"))
+        session.execute(sa.insert(Item).values(name=f"auto-{len(calls)}"))
+
+    Sessions.run(unit)
+    assert calls == [1, 1]
+    assert names(autocommit) == ["auto-2"]
+
+
 def test_a_real_deadlock_between_two_units_ends_with_both_done(
     engine: sa.Engine, service: str
 ) -> None:
