@@ -563,7 +563,7 @@ class CommitProtocol:
             # nothing to mark: every unit's COMMIT is UNMARKED (see CommitRequest.last). What
             # a replay can't undo is still seen: a statement in autocommit (the listener) and
             # a COMMIT of the unit's own code (SQLAlchemy's commit event)
-            for name, listener in statement_listeners(False, None).items():
+            for name, listener in statement_listeners(False, guard).items():
                 event.listen(engine, name, listener)
             event.listen(engine, "commit", _unmarked_commit)
             return

@@ -170,9 +170,10 @@ def statement_listeners(
     (``guard``), which may send a flush's UPDATE with its compare-and-set itself (then True
     ends SQLAlchemy's chain; else False: the dialect executes the statement as usual).
 
-    Otherwise (asyncpg) the listener also notes each of SQLAlchemy's statements: one call per
+    Otherwise (asyncpg, and engines without the commit protocol, where it sees statements in
+    autocommit) the listener also notes each of SQLAlchemy's statements: one call per
     statement, which returns at once for a SELECT (the verdict is cached by statement). The
-    DBAPI cursor there is SQLAlchemy's adapter, so the connection is reached through
+    DBAPI cursor there may be SQLAlchemy's adapter, so the connection is reached through
     SQLAlchemy's public ``driver_connection``.
     """
     if sees_statements:
@@ -202,7 +203,9 @@ def statement_listeners(
                     _special_statement(verdict, driver, marked=True)
             elif verdict != MAY_WRITE:
                 _special_statement(verdict, driver, marked=False)
-            if pooled.dbapi_connection.autocommit:  # SQLAlchemy's adapter
+            # SQLAlchemy's adapter (asyncpg), psycopg2's or pg8000's connection; a driver
+            # without the attribute (sqlite3 before Python 3.12) is taken as transactional
+            if getattr(pooled.dbapi_connection, "autocommit", False):
                 attempt = current_attempt.get()
                 if attempt is not None:
                     attempt.autocommit(context)

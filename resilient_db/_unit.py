@@ -29,7 +29,6 @@ from ._commit import (
     CommitRequest,
     CommitTicket,
     prune,
-    verifiable,
 )
 from ._config import Config, load_config, register_default_user
 from ._errors import CommitOutcomeUnknownError
@@ -532,8 +531,9 @@ class EngineHooks:
         self.classifier = classifier
         self.service = "database"
         # (hooks_for holds STATE.lock)
-        # the guard listens through the protocol's statement listener, where there is one
-        guard = guard_for_commit_protocol(engine) if verifiable(engine) else None
+        # the guard listens through the protocol's statement listener (every engine has one:
+        # registered now, none is added while statements run)
+        guard = guard_for_commit_protocol(engine)
         self.commit = CommitProtocol(engine, self, guard)
         self.factories: weakref.WeakSet[FactoryCore] = weakref.WeakSet()
 
