@@ -335,7 +335,7 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         The session's connections are then invalidated, not rolled back: SQLAlchemy's
         rollback would send ROLLBACK PREPARED for transactions committed here (and a driver
         connection left in a two-phase state can't be reused anyway)."""
-        pending = self._referee.two_phase_pending(request)
+        pending = self._referee.two_phase_pending(request, exc)
         if not pending:
             return False
         # the recovery's own statements are neither the unit's nor its commit's

@@ -261,15 +261,24 @@ class CommitReferee:
             return False
         raise self._unknown(what, verdict.value, marker=ticket.marker, xid=ticket.xid) from exc
 
-    def two_phase_pending(self, request: CommitRequest) -> list[tuple[Engine, Any]]:
-        """The prepared transactions a failed two-phase COMMIT may have left behind, when the
-        unit had decided to commit (its first COMMIT PREPARED went out, so every database
-        prepared): all but those whose COMMIT PREPARED the server answered. Empty otherwise.
+    def two_phase_pending(
+        self, request: CommitRequest, exc: BaseException
+    ) -> list[tuple[Engine, Any]]:
+        """The prepared transactions a two-phase COMMIT cut off by ``exc`` may have left
+        behind, when the unit had decided to commit (its first COMMIT PREPARED went out, so
+        every database prepared): all but those whose COMMIT PREPARED the server answered.
+        Empty otherwise.
 
         A prepared transaction outlives its connection and holds its locks until someone ends
         it; the unit's decision was to commit, so the driver commits each one still prepared
-        (:func:`commit_if_prepared`), as a two-phase coordinator recovers."""
+        (:func:`commit_if_prepared`), as a two-phase coordinator recovers. Only when the
+        failed COMMIT PREPARED's outcome is unknown (a disconnect, 08007): one the server
+        refused committed nothing there, and SQLAlchemy's rollback ends the others, as
+        before."""
         if not request.two_phase or not request.two_phase_commits:
+            return []
+        outcome = self.policy.classifier.classify(exc)
+        if outcome not in (Outcome.DISCONNECT, Outcome.COMMIT_UNKNOWN):
             return []
         answered = request.two_phase_commits[:-1]  # SQLAlchemy goes on only after an answer
         return [(engine, xid) for engine, xid in request.two_phase if xid not in answered]
@@ -283,7 +292,7 @@ class CommitReferee:
         if not finished:
             return False
         policy = self.policy
-        pending = self.two_phase_pending(request)
+        pending = self.two_phase_pending(request, exc)
         done = len(finished) == len(pending)
         emit(
             policy.config,

@@ -601,6 +601,40 @@ def test_a_unit_that_ran_a_committed_two_phase_unit_is_not_replayed(
     assert counts(two_phase_server, two_databases) == [1, 1]
 
 
+def test_a_refused_first_commit_prepared_is_replayed_and_finishes_nothing(
+    two_phase_server: Any, two_databases: tuple[str, str], service: str
+) -> None:
+    """The server answers the first COMMIT PREPARED with an error (someone rolled that
+    prepared transaction back): nothing committed there, so the other database's prepared
+    transaction is rolled back with the session, not finished, and the replay writes each
+    database once."""
+    engines = [sa.create_engine(two_phase_server.url(name)) for name in two_databases]
+    try:
+        Sessions = two_phase_factory(rdb.ResilientSession, engines, service)
+        seen: list[str] = []
+
+        def before(conn: Any, xid: Any, is_prepared: bool) -> None:
+            seen.append(str(xid))
+            if len(seen) == 1:
+                database = conn.engine.url.database
+                two_phase_server.execute(f"ROLLBACK PREPARED '{xid}'", database=database)
+
+        for eng in engines:
+            event.listen(eng, "commit_twophase", before)
+        calls: list[int] = []
+
+        def unit(session: Session) -> None:
+            add_to_both(session, calls)
+
+        Sessions.run(unit)
+    finally:
+        for eng in engines:
+            eng.dispose()
+    assert calls == [1, 1]
+    assert counts(two_phase_server, two_databases) == [1, 1]
+    assert pending_prepared(two_phase_server, two_databases) == []
+
+
 def kill_before_the_first_commit_prepared(server: Any, engines: list[sa.Engine]) -> list[str]:
     """Right before the unit's first COMMIT PREPARED, its connection's backend is terminated
     (a real disconnect; the prepared transactions outlive it). Returns the xids seen."""
