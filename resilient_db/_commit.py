@@ -57,7 +57,6 @@ from ._config import Config
 from ._observability import emit, log_session
 from ._statements import (
     StatementGuard,
-    _note_commit_prepared,
     asyncpg_statement_methods,
     current_attempt,
     current_request,
@@ -376,7 +375,6 @@ class CommitRequest:
     __slots__ = (
         "attempt",
         "committing",
-        "prepared_commits",
         "tickets",
         "transaction",
         "two_phase",
@@ -385,7 +383,6 @@ class CommitRequest:
 
     def __init__(self) -> None:
         self.tickets: list[CommitTicket] = []
-        self.prepared_commits = 0  # COMMIT PREPARED statements sent (a two-phase session)
         # a two-phase session's PREPAREs, (engine, xid) each, and the xids whose COMMIT PREPARED
         # SQLAlchemy went on to send, in order (its prepare_twophase / commit_twophase events)
         self.two_phase: list[tuple[Engine, Any]] | None = None
@@ -1083,11 +1080,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                     ticket.done = True
                 return None
 
-            async def atpc_commit(self: Any, xid: Any = None) -> None:
-                _note_commit_prepared()  # SQLAlchemy's two-phase COMMIT PREPARED on psycopg
-                await base.tpc_commit(self, xid)
-
-            namespace.update(commit=acommit, tpc_commit=atpc_commit)
+            namespace.update(commit=acommit)
         else:
 
             def commit(self: Any) -> None:
@@ -1113,11 +1106,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                     ticket.done = True
                 return None
 
-            def tpc_commit(self: Any, xid: Any = None) -> None:
-                _note_commit_prepared()  # SQLAlchemy's two-phase COMMIT PREPARED on psycopg
-                base.tpc_commit(self, xid)
-
-            namespace.update(commit=commit, tpc_commit=tpc_commit)
+            namespace.update(commit=commit)
         if not issubclass(base, asyncpg.Connection):
             # No rollback(): the flag of a rolled-back transaction is cleared at the next
             # checkout (``CommitProtocol.checked_out``), not by a Python frame in every pool

@@ -341,25 +341,27 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         # the recovery's own statements are neither the unit's nor its commit's
         checking = current_attempt.set(None)
         committing = current_request.set(None)
-        finished: list[Any] = []
         try:
-            for engine, xid in pending:
-                for delay in self._referee.checks():
-                    if delay:
-                        self._sleep(delay)
-                    try:
-                        with _bound_engine(engine).connect() as conn:
-                            if commit_if_prepared(conn, xid):
-                                finished.append(xid)
-                        break
-                    except Exception:  # the old backend may still hold it: try again
-                        log_session.debug("finishing %s failed", xid, exc_info=True)
+            finished = [xid for engine, xid in pending if self._commit_pending(engine, xid)]
         finally:
             current_request.reset(committing)
             current_attempt.reset(checking)
         if finished:
             session.invalidate()
-        return self._referee.two_phase_finished(request, finished, exc)
+        return self._referee.two_phase_finished(request, pending, finished, exc)
+
+    def _commit_pending(self, engine: Engine, xid: Any) -> bool:
+        """COMMIT PREPARED ``xid`` in ``engine``'s database if it is still prepared there
+        (whether it was), on a new connection, with the referee's backoff."""
+        for delay in self._referee.checks():
+            if delay:
+                self._sleep(delay)
+            try:
+                with _bound_engine(engine).connect() as conn:
+                    return commit_if_prepared(conn, xid)
+            except Exception:  # the old backend may still hold it, or the server restarts
+                log_session.debug("finishing %s failed", xid, exc_info=True)
+        return False
 
     def _verify_commit(self, ticket: CommitTicket) -> CommitVerdict:
         """Settle a lost COMMIT answer on a new connection, reconnecting with backoff."""
@@ -439,7 +441,7 @@ def _validated(
 def _settling_engine(engine: Engine, ticket: CommitTicket) -> Engine:
     """Where a lost COMMIT is settled: the factory's engine, or the one whose database the
     COMMIT went to (``ticket.engine``)."""
-    return engine if ticket.engine is None else ticket.engine
+    return engine if ticket.engine is None else _bound_engine(ticket.engine)
 
 
 def _bound_engine(engine: Engine) -> Engine:

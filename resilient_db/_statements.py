@@ -93,16 +93,12 @@ _SESSION_STATE = re.compile(
 READ_ONLY: Final = 0
 MAY_WRITE: Final = 1
 STOPS_PREPARED: Final = 2
-#: a two-phase session's ``COMMIT PREPARED``: counted on the unit's commit request, since the
-#: COMMIT PREPARED of one database commits for good before the next database's is sent
-COMMITS_PREPARED: Final = 3
 #: ``NOTIFY`` or ``pg_notify(...)``: the notification goes out when the transaction commits, but
 #: the server assigns the transaction's xid for it only during COMMIT, after the marker's
 #: condition was evaluated. A transaction that did nothing else would carry no marker, and a
 #: lost answer would be replayed: the notification sent twice. Its COMMIT assigns the xid first.
-NOTIFIES: Final = 4
+NOTIFIES: Final = 3
 _NOTIFY_CALL = re.compile(r"\bpg_notify\s*\(", re.IGNORECASE)
-_COMMIT_PREPARED = re.compile(r"\s*COMMIT\s+PREPARED\b", re.IGNORECASE)
 # Statements of transaction control that write nothing themselves (asyncpg's savepoints, for
 # one, go through ``execute``): judged read-only, as an empty statement (asyncpg's ping, ";").
 _CONTROL_HEADS: Final = frozenset({"SAVEPO", "RELEAS", "ROLLBA", ""})
@@ -116,7 +112,7 @@ def may_write(statement: str) -> bool:
 
 def verdict_of(statement: str) -> int:
     """``statement``'s verdict (``READ_ONLY``, ``MAY_WRITE``, ``STOPS_PREPARED``,
-    ``COMMITS_PREPARED`` or ``NOTIFIES``), cached."""
+    or ``NOTIFIES``), cached."""
     verdict = _verdicts.get(statement)
     if verdict is None:
         verdict = _judge(statement)
@@ -132,8 +128,6 @@ def _judge(statement: str) -> int:
         return READ_ONLY
     if head in ("DISCAR", "DEALLO"):
         return STOPS_PREPARED
-    if head == "COMMIT" and _COMMIT_PREPARED.match(statement):
-        return COMMITS_PREPARED
     if head == "NOTIFY" or _NOTIFY_CALL.search(statement):
         return NOTIFIES
     if head[:5] == "SHOW ":
@@ -200,9 +194,7 @@ def statement_listeners(
             if getattr(driver, "_rdb_marked", False):
                 driver._rdb_may_write = True
                 if verdict != MAY_WRITE:
-                    _special_statement(verdict, driver, marked=True)
-            elif verdict != MAY_WRITE:
-                _special_statement(verdict, driver, marked=False)
+                    _special_statement(verdict, driver)
             # SQLAlchemy's adapter (asyncpg), psycopg2's or pg8000's connection; a driver
             # without the attribute (sqlite3 before Python 3.12) is taken as transactional
             if getattr(pooled.dbapi_connection, "autocommit", False):
@@ -223,24 +215,13 @@ def statement_listeners(
     }
 
 
-def _special_statement(verdict: int, driver: Any, *, marked: bool) -> None:
-    """What a STOPS_PREPARED, NOTIFIES or COMMITS_PREPARED statement changes (off the common
-    path)."""
+def _special_statement(verdict: int, driver: Any) -> None:
+    """What a STOPS_PREPARED or NOTIFIES statement changes on a marked connection (off the
+    common path)."""
     if verdict == STOPS_PREPARED:
-        if marked:
-            driver._rdb_prepared = None  # its COMMITs call the function from now on
+        driver._rdb_prepared = None  # its COMMITs call the function from now on
     elif verdict == NOTIFIES:
-        if marked:
-            driver._rdb_notifies = True  # read (and cleared) by the unit's COMMIT
-    elif verdict == COMMITS_PREPARED:  # asyncpg's two-phase COMMIT (psycopg: tpc_commit)
-        _note_commit_prepared()
-
-
-def _note_commit_prepared() -> None:
-    """A two-phase COMMIT PREPARED goes out for the unit committing here, if one is."""
-    request = current_request.get()
-    if request is not None:
-        request.prepared_commits += 1
+        driver._rdb_notifies = True  # read (and cleared) by the unit's COMMIT
 
 
 def note_write(context: Any) -> None:
@@ -368,7 +349,7 @@ def _psycopg_noted(connection: Any, verdict: int) -> AttemptRecord | None:
     in autocommit."""
     connection._rdb_may_write = True
     if verdict != MAY_WRITE:
-        _special_statement(verdict, connection, marked=True)
+        _special_statement(verdict, connection)
     if connection.autocommit:
         return current_attempt.get()
     return None
@@ -515,7 +496,7 @@ def _asyncpg_noted(connection: Any, verdict: int, *, lazy: bool = False) -> Atte
         return None
     connection._rdb_may_write = True
     if verdict != MAY_WRITE:
-        _special_statement(verdict, connection, marked=True)
+        _special_statement(verdict, connection)
     if connection.is_in_transaction():
         return None
     attempt = current_attempt.get()

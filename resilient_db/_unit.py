@@ -199,7 +199,8 @@ class CommitReferee:
         if (
             not marked
             or any(t.done and t.wrote for t in request.tickets)
-            or request.prepared_commits > 1  # two-phase: an earlier COMMIT PREPARED committed
+            # two-phase: an earlier COMMIT PREPARED committed (SQLAlchemy went on after it)
+            or len(request.two_phase_commits or ()) > 1
         ):
             self.policy.partly_committed(
                 exc, "on another connection of its transaction (whose COMMIT went out first)"
@@ -284,15 +285,18 @@ class CommitReferee:
         return [(engine, xid) for engine, xid in request.two_phase if xid not in answered]
 
     def two_phase_finished(
-        self, request: CommitRequest, finished: list[Any], exc: BaseException
+        self,
+        request: CommitRequest,
+        pending: list[tuple[Engine, Any]],
+        finished: list[Any],
+        exc: BaseException,
     ) -> bool:
-        """After the driver committed the prepared transactions in ``finished``: True when
-        every one of the unit's is now committed (the unit is done). Logged when it committed
-        any; none means the failure is settled as any other."""
+        """After the driver committed ``finished`` of the ``pending`` prepared transactions:
+        True when all were (the unit is done). Logged when it committed any; none means the
+        failure is settled as any other."""
         if not finished:
             return False
         policy = self.policy
-        pending = self.two_phase_pending(request, exc)
         done = len(finished) == len(pending)
         emit(
             policy.config,

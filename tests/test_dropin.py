@@ -7,15 +7,15 @@ depend on anything a user can clear. Against the real server."""
 from __future__ import annotations
 
 import threading
-import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pybreaker
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
+from processes import wait_for
 from scenarios import ASYNC_DRIVERS, Base, Item, async_connect_args
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import (
@@ -400,28 +400,102 @@ def two_databases(two_phase_server: Any) -> Iterator[tuple[str, str]]:
         eng.dispose()
     yield names
     for name in names:  # a failed test may leave prepared transactions, which block the drop
-        for (gid,) in two_phase_server.execute(
-            "SELECT gid FROM pg_prepared_xacts WHERE database = current_database()",
-            database=name,
-        ):
+        for gid in pending_prepared(two_phase_server, (name,)):
             two_phase_server.execute(f"ROLLBACK PREPARED '{gid}'", database=name)
         two_phase_server.drop_database(name)
 
 
-def refuse_the_second_commit_prepared(server: Any, engines: list[sa.Engine]) -> list[str]:
-    """Before the unit's second COMMIT PREPARED, someone rolls that prepared transaction back:
-    the server refuses that COMMIT PREPARED (42704). Returns the xids seen, in order."""
+@pytest.fixture
+def two_engines(two_phase_server: Any, two_databases: tuple[str, str]) -> Iterator[list[Any]]:
+    """An engine on each of the two databases."""
+    engines = [sa.create_engine(two_phase_server.url(name)) for name in two_databases]
+    yield engines
+    for eng in engines:
+        eng.dispose()
+
+
+@pytest.fixture
+def two_proxied(
+    two_phase_server: Any, two_databases: tuple[str, str]
+) -> Iterator[tuple[FaultProxy, list[Any]]]:
+    """A fault proxy in front of the server, and an engine through it on each database."""
+    with FaultProxy(two_phase_server) as proxy:
+        engines = [
+            sa.create_engine(proxy.url(name), connect_args={"connect_timeout": 2})
+            for name in two_databases
+        ]
+        yield proxy, engines
+        for eng in engines:
+            eng.dispose()
+
+
+@pytest_asyncio.fixture
+async def two_async_engines(
+    two_phase_server: Any, two_databases: tuple[str, str], driver: str
+) -> AsyncIterator[list[Any]]:
+    """An async engine on ``driver`` on each of the two databases."""
+    engines = [
+        create_async_engine(
+            two_phase_server.url(name, driver=driver), connect_args=async_connect_args(driver, 2)
+        )
+        for name in two_databases
+    ]
+    yield engines
+    for eng in engines:
+        await eng.dispose()
+
+
+def pending_prepared(server: Any, databases: tuple[str, ...]) -> list[str]:
+    """The prepared transactions still pending in ``databases`` (they hold their locks)."""
+    return [
+        row[0]
+        for name in databases
+        for row in server.execute(
+            "SELECT gid FROM pg_prepared_xacts WHERE database = current_database()",
+            database=name,
+        )
+    ]
+
+
+def before_commit_prepared(
+    engines: list[Any], number: int, action: Callable[[Any, Any], None]
+) -> list[str]:
+    """``action(conn, xid)`` right before the unit's ``number``-th COMMIT PREPARED (SQLAlchemy's
+    ``commit_twophase`` event, on the sync engines). Returns the xids seen, in order."""
     seen: list[str] = []
 
     def before(conn: Any, xid: Any, is_prepared: bool) -> None:
         seen.append(str(xid))
-        if len(seen) == 2:
-            database = conn.engine.url.database  # where it was prepared
-            server.execute(f"ROLLBACK PREPARED '{xid}'", database=database)
+        if len(seen) == number:
+            action(conn, xid)
 
     for eng in engines:
-        event.listen(eng, "commit_twophase", before)
+        event.listen(getattr(eng, "sync_engine", eng), "commit_twophase", before)
     return seen
+
+
+def refuse_commit_prepared(server: Any, engines: list[Any], number: int) -> list[str]:
+    """Before the unit's ``number``-th COMMIT PREPARED, someone rolls that prepared transaction
+    back: the server refuses that COMMIT PREPARED (42704). Returns the xids seen, in order."""
+
+    def roll_back(conn: Any, xid: Any) -> None:
+        database = conn.engine.url.database  # where it was prepared
+        server.execute(f"ROLLBACK PREPARED '{xid}'", database=database)
+
+    return before_commit_prepared(engines, number, roll_back)
+
+
+def kill_before_the_first_commit_prepared(server: Any, engines: list[Any]) -> list[str]:
+    """Right before the unit's first COMMIT PREPARED, its connection's backend is terminated
+    (a real disconnect; the prepared transactions outlive it). Returns the xids seen."""
+
+    def terminate(conn: Any, xid: Any) -> None:
+        driver = conn.connection.driver_connection
+        pid = driver.get_server_pid() if hasattr(driver, "get_server_pid") else None
+        pid = pid or driver.info.backend_pid
+        server.execute(f"SELECT pg_terminate_backend({int(pid)}, 5000)")
+
+    return before_commit_prepared(engines, 1, terminate)
 
 
 def counts(server: Any, databases: tuple[str, str]) -> list[int]:
@@ -450,89 +524,94 @@ def add_to_both(session: Any, calls: list[int]) -> None:
     session.add(Task(idem_key=f"k-{len(calls)}", title="two databases"))
 
 
+async def add_to_both_async(session: AsyncSession, calls: list[int]) -> None:
+    add_to_both(session, calls)
+
+
 def test_a_two_phase_unit_across_two_databases_is_not_replayed_after_one_committed(
-    two_phase_server: Any, two_databases: tuple[str, str], service: str
+    two_phase_server: Any, two_databases: tuple[str, str], two_engines: list[Any], service: str
 ) -> None:
     """``twophase=True`` with models bound to two databases: SQLAlchemy prepares both, then
     sends COMMIT PREPARED to one, then the other. The first commits for good; when the second
     is refused with an error the factory retries, a replay would write the first database's
     part twice. The unit raises the error instead, marked partly committed."""
-    engines = [sa.create_engine(two_phase_server.url(name)) for name in two_databases]
-    try:
-        Sessions = two_phase_factory(rdb.ResilientSession, engines, service)
-        seen = refuse_the_second_commit_prepared(two_phase_server, engines)
-        calls: list[int] = []
-
-        def unit(session: Session) -> None:
-            add_to_both(session, calls)
-
-        with pytest.raises(sa.exc.DBAPIError) as info:
-            Sessions.run(unit)
-        assert rdb.sqlstate_of(info.value) == "42704"
-        assert calls == [1]  # not replayed
-        assert len(seen) == 2
-    finally:
-        for eng in engines:
-            eng.dispose()
+    Sessions = two_phase_factory(rdb.ResilientSession, two_engines, service)
+    seen = refuse_commit_prepared(two_phase_server, two_engines, 2)
+    calls: list[int] = []
+    with pytest.raises(sa.exc.DBAPIError) as info:
+        Sessions.run(add_to_both, calls)
+    assert rdb.sqlstate_of(info.value) == "42704"
+    assert calls == [1]  # not replayed
+    assert len(seen) == 2
     assert sorted(counts(two_phase_server, two_databases)) == [0, 1]  # the first one's only
 
 
-def pending_prepared(server: Any, databases: tuple[str, ...]) -> list[str]:
-    """The prepared transactions still pending in ``databases`` (they hold their locks)."""
-    return [
-        row[0]
-        for name in databases
-        for row in server.execute(
-            "SELECT gid FROM pg_prepared_xacts WHERE database = current_database()",
-            database=name,
-        )
-    ]
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
+async def test_async_a_two_phase_unit_across_two_databases_is_not_replayed_after_one_committed(
+    two_phase_server: Any,
+    two_databases: tuple[str, str],
+    two_async_engines: list[Any],
+    service: str,
+) -> None:
+    """The async twin, on both drivers: psycopg commits a prepared transaction with its own
+    ``tpc_commit``, asyncpg through SQLAlchemy's COMMIT PREPARED statement."""
+    Sessions = two_phase_factory(rdb.AsyncResilientSession, two_async_engines, service)
+    seen = refuse_commit_prepared(two_phase_server, two_async_engines, 2)
+    calls: list[int] = []
+    with pytest.raises(sa.exc.DBAPIError) as info:
+        await Sessions.run(add_to_both_async, calls)
+    assert rdb.sqlstate_of(info.value) == "42704"
+    assert calls == [1]  # not replayed
+    assert len(seen) == 2
+    assert sorted(counts(two_phase_server, two_databases)) == [0, 1]
 
 
-def wait_until(condition: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
+def test_a_refused_first_commit_prepared_is_replayed_and_finishes_nothing(
+    two_phase_server: Any, two_databases: tuple[str, str], two_engines: list[Any], service: str
+) -> None:
+    """The server answers the first COMMIT PREPARED with an error (someone rolled that
+    prepared transaction back): nothing committed there, so the other database's prepared
+    transaction is rolled back with the session, not finished, and the replay writes each
+    database once."""
+    Sessions = two_phase_factory(rdb.ResilientSession, two_engines, service)
+    refuse_commit_prepared(two_phase_server, two_engines, 1)
+    calls: list[int] = []
+    Sessions.run(add_to_both, calls)
+    assert calls == [1, 1]
+    assert counts(two_phase_server, two_databases) == [1, 1]
+    assert pending_prepared(two_phase_server, two_databases) == []
 
 
 def test_a_swallowed_commit_prepared_is_finished_not_left_pending(
-    two_phase_server: Any, two_databases: tuple[str, str], service: str
+    two_phase_server: Any,
+    two_databases: tuple[str, str],
+    two_proxied: tuple[FaultProxy, list[Any]],
+    service: str,
 ) -> None:
     """The first COMMIT PREPARED never reaches the server and the connection drops: both
     databases hold a prepared transaction, which outlives its connection and keeps its locks.
     The unit had decided to commit, so the factory commits both on new connections (as a
     two-phase coordinator recovers) and the unit is done, once."""
-    with FaultProxy(two_phase_server) as proxy:
-        engines = [
-            sa.create_engine(proxy.url(name), connect_args={"connect_timeout": 2})
-            for name in two_databases
-        ]
+    proxy, engines = two_proxied
+    Sessions = two_phase_factory(rdb.ResilientSession, engines, service)
+    calls: list[int] = []
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
         try:
-            Sessions = two_phase_factory(rdb.ResilientSession, engines, service)
-            calls: list[int] = []
-            outcome: dict[str, Any] = {}
+            outcome["result"] = Sessions.run(add_to_both, calls)
+        except Exception as exc:  # checked below
+            outcome["error"] = exc
 
-            def unit(session: Session) -> None:
-                add_to_both(session, calls)
-
-            def run() -> None:
-                try:
-                    outcome["result"] = Sessions.run(unit)
-                except Exception as exc:  # checked below
-                    outcome["error"] = exc
-
-            proxy.swallow_commit()
-            worker = threading.Thread(target=run, daemon=True)
-            worker.start()
-            wait_until(lambda: proxy.commits_swallowed == 1)
-            assert len(pending_prepared(two_phase_server, two_databases)) == 2
-            proxy.release_swallowed()
-            worker.join(30)
-            assert not worker.is_alive()
-        finally:
-            for eng in engines:
-                eng.dispose()
+    proxy.swallow_commit()
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    wait_for(lambda: proxy.commits_swallowed == 1, "the COMMIT PREPARED held", timeout=10)
+    assert len(pending_prepared(two_phase_server, two_databases)) == 2
+    proxy.release_swallowed()
+    worker.join(30)
+    assert not worker.is_alive()
     assert "error" not in outcome, outcome
     assert calls == [1]  # done once, not replayed
     assert counts(two_phase_server, two_databases) == [1, 1]
@@ -540,171 +619,38 @@ def test_a_swallowed_commit_prepared_is_finished_not_left_pending(
 
 
 def test_a_lost_commit_prepared_answer_still_finishes_the_other_database(
-    two_phase_server: Any, two_databases: tuple[str, str], service: str
+    two_phase_server: Any,
+    two_databases: tuple[str, str],
+    two_proxied: tuple[FaultProxy, list[Any]],
+    service: str,
 ) -> None:
     """The first COMMIT PREPARED commits but its answer is lost: SQLAlchemy never sends the
     second. That one is committed by the factory (the unit's decision); whether the first
     committed can't be told without a marker, so the unit ends unknown, and nothing is left
     pending."""
-    with FaultProxy(two_phase_server) as proxy:
-        engines = [
-            sa.create_engine(proxy.url(name), connect_args={"connect_timeout": 2})
-            for name in two_databases
-        ]
-        try:
-            Sessions = two_phase_factory(rdb.ResilientSession, engines, service)
-            calls: list[int] = []
-
-            def unit(session: Session) -> None:
-                add_to_both(session, calls)
-
-            proxy.lose_commit_answer()
-            with pytest.raises(rdb.CommitOutcomeUnknownError):
-                Sessions.run(unit)
-            assert proxy.commits_lost == 1
-        finally:
-            for eng in engines:
-                eng.dispose()
-    assert calls == [1]
-    assert counts(two_phase_server, two_databases) == [1, 1]
-    assert pending_prepared(two_phase_server, two_databases) == []
-
-
-def test_a_unit_that_ran_a_committed_two_phase_unit_is_not_replayed(
-    two_phase_server: Any, two_databases: tuple[str, str], service: str
-) -> None:
-    """A two-phase unit of another factory inside a unit commits on its own (its COMMIT
-    PREPAREDs carry no ticket): a replay of the enclosing unit would write it again."""
-    outer_engine = sa.create_engine(two_phase_server.url("two_phase"))
-    engines = [sa.create_engine(two_phase_server.url(name)) for name in two_databases]
-    try:
-        Outer = rdb.ResilientSession(outer_engine, service=f"{service}-outer")
-        Inner = two_phase_factory(rdb.ResilientSession, engines, service)
-        calls: list[int] = []
-        inner_calls: list[int] = []
-
-        def unit(session: Session) -> None:
-            calls.append(1)
-            Inner.run(add_to_both, inner_calls)
-            session.execute(
-                sa.text("DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END $$")
-            )
-
-        with pytest.raises(sa.exc.OperationalError):
-            Outer.run(unit)
-    finally:
-        outer_engine.dispose()
-        for eng in engines:
-            eng.dispose()
-    assert calls == [1]
-    assert inner_calls == [1]
-    assert counts(two_phase_server, two_databases) == [1, 1]
-
-
-def test_a_refused_first_commit_prepared_is_replayed_and_finishes_nothing(
-    two_phase_server: Any, two_databases: tuple[str, str], service: str
-) -> None:
-    """The server answers the first COMMIT PREPARED with an error (someone rolled that
-    prepared transaction back): nothing committed there, so the other database's prepared
-    transaction is rolled back with the session, not finished, and the replay writes each
-    database once."""
-    engines = [sa.create_engine(two_phase_server.url(name)) for name in two_databases]
-    try:
-        Sessions = two_phase_factory(rdb.ResilientSession, engines, service)
-        seen: list[str] = []
-
-        def before(conn: Any, xid: Any, is_prepared: bool) -> None:
-            seen.append(str(xid))
-            if len(seen) == 1:
-                database = conn.engine.url.database
-                two_phase_server.execute(f"ROLLBACK PREPARED '{xid}'", database=database)
-
-        for eng in engines:
-            event.listen(eng, "commit_twophase", before)
-        calls: list[int] = []
-
-        def unit(session: Session) -> None:
-            add_to_both(session, calls)
-
-        Sessions.run(unit)
-    finally:
-        for eng in engines:
-            eng.dispose()
-    assert calls == [1, 1]
-    assert counts(two_phase_server, two_databases) == [1, 1]
-    assert pending_prepared(two_phase_server, two_databases) == []
-
-
-def kill_before_the_first_commit_prepared(server: Any, engines: list[sa.Engine]) -> list[str]:
-    """Right before the unit's first COMMIT PREPARED, its connection's backend is terminated
-    (a real disconnect; the prepared transactions outlive it). Returns the xids seen."""
-    seen: list[str] = []
-
-    def before(conn: Any, xid: Any, is_prepared: bool) -> None:
-        seen.append(str(xid))
-        if len(seen) == 1:
-            driver = conn.connection.driver_connection
-            pid = driver.get_server_pid() if hasattr(driver, "get_server_pid") else None
-            pid = pid or driver.info.backend_pid
-            server.execute(f"SELECT pg_terminate_backend({int(pid)}, 5000)")
-
-    for eng in engines:
-        event.listen(eng, "commit_twophase", before)
-    return seen
-
-
-@pytest.mark.asyncio
-@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
-async def test_async_a_commit_prepared_cut_off_is_finished_not_left_pending(
-    two_phase_server: Any, two_databases: tuple[str, str], service: str, driver: str
-) -> None:
-    """The async twin, on both drivers, with a real disconnect: the backend of the first
-    COMMIT PREPARED is terminated before it arrives. Both prepared transactions are committed
-    on new connections; the unit is done, once, and nothing is left pending."""
-    engines = [
-        create_async_engine(
-            two_phase_server.url(name, driver=driver), connect_args=async_connect_args(driver, 2)
-        )
-        for name in two_databases
-    ]
-    try:
-        Sessions = two_phase_factory(rdb.AsyncResilientSession, engines, service)
-        seen = kill_before_the_first_commit_prepared(
-            two_phase_server, [eng.sync_engine for eng in engines]
-        )
-        calls: list[int] = []
-
-        async def unit(session: AsyncSession) -> None:
-            add_to_both(session, calls)
-
-        await Sessions.run(unit)
-        assert len(seen) == 1  # SQLAlchemy sent no second COMMIT PREPARED: finished here
-    finally:
-        for eng in engines:
-            await eng.dispose()
+    proxy, engines = two_proxied
+    Sessions = two_phase_factory(rdb.ResilientSession, engines, service)
+    calls: list[int] = []
+    proxy.lose_commit_answer()
+    with pytest.raises(rdb.CommitOutcomeUnknownError):
+        Sessions.run(add_to_both, calls)
+    assert proxy.commits_lost == 1
     assert calls == [1]
     assert counts(two_phase_server, two_databases) == [1, 1]
     assert pending_prepared(two_phase_server, two_databases) == []
 
 
 def test_a_commit_prepared_cut_off_is_finished_not_left_pending(
-    two_phase_server: Any, two_databases: tuple[str, str], service: str
+    two_phase_server: Any, two_databases: tuple[str, str], two_engines: list[Any], service: str
 ) -> None:
-    """The sync twin of the test above."""
-    engines = [sa.create_engine(two_phase_server.url(name)) for name in two_databases]
-    try:
-        Sessions = two_phase_factory(rdb.ResilientSession, engines, service)
-        seen = kill_before_the_first_commit_prepared(two_phase_server, engines)
-        calls: list[int] = []
-
-        def unit(session: Session) -> None:
-            add_to_both(session, calls)
-
-        Sessions.run(unit)
-        assert len(seen) == 1
-    finally:
-        for eng in engines:
-            eng.dispose()
+    """A real disconnect: the backend of the first COMMIT PREPARED is terminated before it
+    arrives. Both prepared transactions are committed on new connections; the unit is done,
+    once, and nothing is left pending."""
+    Sessions = two_phase_factory(rdb.ResilientSession, two_engines, service)
+    seen = kill_before_the_first_commit_prepared(two_phase_server, two_engines)
+    calls: list[int] = []
+    Sessions.run(add_to_both, calls)
+    assert len(seen) == 1  # SQLAlchemy sent no second COMMIT PREPARED: finished here
     assert calls == [1]
     assert counts(two_phase_server, two_databases) == [1, 1]
     assert pending_prepared(two_phase_server, two_databases) == []
@@ -712,33 +658,46 @@ def test_a_commit_prepared_cut_off_is_finished_not_left_pending(
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("driver", ASYNC_DRIVERS)
-async def test_async_a_two_phase_unit_across_two_databases_is_not_replayed_after_one_committed(
-    two_phase_server: Any, two_databases: tuple[str, str], service: str, driver: str
+async def test_async_a_commit_prepared_cut_off_is_finished_not_left_pending(
+    two_phase_server: Any,
+    two_databases: tuple[str, str],
+    two_async_engines: list[Any],
+    service: str,
 ) -> None:
-    """The async twin, on both drivers: psycopg commits a prepared transaction with its own
-    ``tpc_commit``, asyncpg through SQLAlchemy's COMMIT PREPARED statement."""
-    engines = [
-        create_async_engine(
-            two_phase_server.url(name, driver=driver), connect_args=async_connect_args(driver, 2)
+    """The async twin, on both drivers."""
+    Sessions = two_phase_factory(rdb.AsyncResilientSession, two_async_engines, service)
+    seen = kill_before_the_first_commit_prepared(two_phase_server, two_async_engines)
+    calls: list[int] = []
+    await Sessions.run(add_to_both_async, calls)
+    assert len(seen) == 1
+    assert calls == [1]
+    assert counts(two_phase_server, two_databases) == [1, 1]
+    assert pending_prepared(two_phase_server, two_databases) == []
+
+
+def test_a_unit_that_ran_a_committed_two_phase_unit_is_not_replayed(
+    two_phase_server: Any, two_databases: tuple[str, str], two_engines: list[Any], service: str
+) -> None:
+    """A two-phase unit of another factory inside a unit commits on its own (its COMMIT
+    PREPAREDs carry no ticket): a replay of the enclosing unit would write it again."""
+    outer_engine = sa.create_engine(two_phase_server.url("two_phase"))
+    Outer = rdb.ResilientSession(outer_engine, service=f"{service}-outer")
+    Inner = two_phase_factory(rdb.ResilientSession, two_engines, service)
+    calls: list[int] = []
+    inner_calls: list[int] = []
+
+    def unit(session: Session) -> None:
+        calls.append(1)
+        Inner.run(add_to_both, inner_calls)
+        session.execute(
+            sa.text("DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END $$")
         )
-        for name in two_databases
-    ]
+
     try:
-        Sessions = two_phase_factory(rdb.AsyncResilientSession, engines, service)
-        seen = refuse_the_second_commit_prepared(
-            two_phase_server, [eng.sync_engine for eng in engines]
-        )
-        calls: list[int] = []
-
-        async def unit(session: AsyncSession) -> None:
-            add_to_both(session, calls)
-
-        with pytest.raises(sa.exc.DBAPIError) as info:
-            await Sessions.run(unit)
-        assert rdb.sqlstate_of(info.value) == "42704"
-        assert calls == [1]  # not replayed
-        assert len(seen) == 2
+        with pytest.raises(sa.exc.OperationalError):
+            Outer.run(unit)
     finally:
-        for eng in engines:
-            await eng.dispose()
-    assert sorted(counts(two_phase_server, two_databases)) == [0, 1]
+        outer_engine.dispose()
+    assert calls == [1]
+    assert inner_calls == [1]
+    assert counts(two_phase_server, two_databases) == [1, 1]

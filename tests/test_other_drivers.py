@@ -38,12 +38,18 @@ def driver_url(
     return url.replace("postgresql://", f"postgresql+{driver}://", 1)
 
 
-@pytest.fixture
-def engine(pg_server: PostgresServer, pg_database: str, driver: str) -> Iterator[sa.Engine]:
-    eng = sa.create_engine(driver_url(driver, pg_server, pg_database))
+def prepared_engine(url: str, **kwargs: Any) -> sa.Engine:
+    """An engine on ``url``, its database given the items and ``raise_code()``."""
+    eng = sa.create_engine(url, **kwargs)
     Base.metadata.create_all(eng)
     with eng.begin() as conn:
         conn.execute(RAISE_CODE_FUNCTION)
+    return eng
+
+
+@pytest.fixture
+def engine(pg_server: PostgresServer, pg_database: str, driver: str) -> Iterator[sa.Engine]:
+    eng = prepared_engine(driver_url(driver, pg_server, pg_database))
     yield eng
     eng.dispose()
 
@@ -136,10 +142,7 @@ def test_a_unit_that_committed_its_own_work_is_not_replayed(
 
 @pytest.fixture
 def autocommit(pg_server: PostgresServer, pg_database: str, driver: str) -> Iterator[sa.Engine]:
-    eng = sa.create_engine(driver_url(driver, pg_server, pg_database), isolation_level="AUTOCOMMIT")
-    Base.metadata.create_all(eng)
-    with eng.begin() as conn:
-        conn.execute(RAISE_CODE_FUNCTION)
+    eng = prepared_engine(driver_url(driver, pg_server, pg_database), isolation_level="AUTOCOMMIT")
     yield eng
     eng.dispose()
 
