@@ -531,9 +531,9 @@ class CommitProtocol:
     """The per-engine side of the protocol.
 
     It listens only where SQLAlchemy's execution path stays fast: pool ``connect`` and
-    ``checkout`` (mark the connection, find out whether the markers are installed) and, on
-    asyncpg or for the flush guard, the dialect's ``do_execute`` family (see
-    :func:`~resilient_db._statements.statement_listeners`; psycopg's marked cursors note the
+    ``checkout`` (mark the connection, find out whether the markers are installed) and, for
+    the flush guard, the dialect's ``do_execute`` family (see
+    :func:`~resilient_db._statements.statement_listeners`; the marked driver classes note the
     statements that may write). Connection events (``begin``, ``before_cursor_execute``,
     ``commit``) would cost every statement a joined event dispatch. What the COMMIT carries is
     decided in the driver's own commit (:func:`marked_connection_class`), from the flag and the
@@ -565,7 +565,7 @@ class CommitProtocol:
             event.listen(engine, "commit", _unmarked_commit)
             return
         event.listen(engine, "connect", self._on_connect)
-        for name, listener in statement_listeners(not self.is_asyncpg, guard).items():
+        for name, listener in statement_listeners(True, guard).items():
             event.listen(engine, name, listener)
         if self.is_asyncpg:
             event.listen(engine, "do_connect", _asyncpg_do_connect)

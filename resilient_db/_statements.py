@@ -11,11 +11,10 @@ code on the raw connection (``session.connection().connection``, its ``driver_co
   ``server_cursor_factory`` become marked subclasses of what they were), whose ``execute``,
   ``executemany``, ``stream`` and ``copy`` note the statement. Every statement passes there,
   SQLAlchemy's and yours alike: the engine needs no statement listener of this protocol.
-* asyncpg: SQLAlchemy runs its statements as asyncpg prepared statements, out of sight of the
-  connection, so the dialect's ``do_execute`` family listener notes those; the marked
-  connection class's own methods (``execute``, ``executemany``, the ``fetch`` family, the
-  ``copy`` family, ``cursor``) note yours, and a statement that may write, once prepared
-  (``prepare``), notes each of its executions.
+* asyncpg: the marked connection class's own methods (``execute``, ``executemany``, the
+  ``fetch`` family, the ``copy`` family, ``cursor``) note what they send, and a statement
+  that may write, once prepared (``prepare``), notes each of its executions. SQLAlchemy runs
+  its statements as asyncpg prepared statements (and ``executemany``): they pass there too.
 """
 
 from __future__ import annotations
@@ -160,15 +159,16 @@ def statement_listeners(
     """The dialect's ``do_execute`` family listeners of an engine (perhaps none).
 
     ``sees_statements``: the engine's driver connections note every statement themselves
-    (psycopg's marked cursors): the engine needs a listener only for the flush guard
-    (``guard``), which may send a flush's UPDATE with its compare-and-set itself (then True
-    ends SQLAlchemy's chain; else False: the dialect executes the statement as usual).
+    (the marked psycopg cursors and asyncpg classes): the engine needs a listener only for
+    the flush guard (``guard``), which may send a flush's UPDATE with its compare-and-set
+    itself (then True ends SQLAlchemy's chain; else False: the dialect executes the statement
+    as usual).
 
-    Otherwise (asyncpg, and engines without the commit protocol, where it sees statements in
-    autocommit) the listener also notes each of SQLAlchemy's statements: one call per
-    statement, which returns at once for a SELECT (the verdict is cached by statement). The
-    DBAPI cursor there may be SQLAlchemy's adapter, so the connection is reached through
-    SQLAlchemy's public ``driver_connection``.
+    Otherwise (engines without the commit protocol, where it sees statements in autocommit)
+    the listener also notes each of SQLAlchemy's statements: one call per statement, which
+    returns at once for a SELECT (the verdict is cached by statement). The DBAPI cursor there
+    may be SQLAlchemy's adapter, so the connection is reached through SQLAlchemy's public
+    ``driver_connection``.
     """
     if sees_statements:
         if guard is None:
@@ -396,11 +396,11 @@ def asyncpg_statement_methods(base: type[Any]) -> dict[str, Callable[..., Any]]:
     """The overrides of a marked asyncpg connection class (``base`` its driver class) that note
     the statements sent on the raw connection; ``execute`` is for the class to call.
 
-    SQLAlchemy itself calls ``executemany``, and ``prepare`` for a statement it has not
-    prepared on the connection before: the statement listener noted those statements already,
-    and a second look changes nothing. A statement that may write, once prepared, notes each
-    of its executions (:func:`_noting_statement_class`), in whichever transaction it runs; a
-    ``cursor()`` is noted when it is made (it runs in the transaction it is made in).
+    SQLAlchemy's own statements pass here too: it calls ``executemany``, and ``prepare`` for
+    a statement it has not prepared on the connection before. A statement that may write,
+    once prepared, notes each of its executions (:func:`_noting_statement_class`), in
+    whichever transaction it runs; a ``cursor()`` is noted when it is made (it runs in the
+    transaction it is made in).
     """
     methods: dict[str, Callable[..., Any]] = {}
     for name in _ASYNCPG_SENDING:
@@ -487,11 +487,9 @@ def statement_connection(statement: Any) -> Any:
 
 
 def _asyncpg_noted(connection: Any, verdict: int, *, lazy: bool = False) -> AttemptRecord | None:
-    """Note a statement of yours that may write on a marked asyncpg ``connection``; the unit's
-    attempt when it goes out in autocommit (outside a transaction) and the attempt has no
-    such statement yet (SQLAlchemy's statement listener records SQLAlchemy's own before they
-    reach the connection). ``lazy``: the statement runs later (prepared, a cursor); one in
-    autocommit is taken as committed."""
+    """Note a statement that may write on a marked asyncpg ``connection``; the unit's attempt
+    when it goes out in autocommit (outside a transaction). ``lazy``: the statement runs later
+    (a cursor); one in autocommit is taken as committed."""
     if not verdict:
         return None
     connection._rdb_may_write = True
@@ -500,7 +498,7 @@ def _asyncpg_noted(connection: Any, verdict: int, *, lazy: bool = False) -> Atte
     if connection.is_in_transaction():
         return None
     attempt = current_attempt.get()
-    if attempt is None or attempt.autocommitting is not None:
+    if attempt is None:
         return None
     if lazy:
         attempt.autocommit(object())
