@@ -384,7 +384,7 @@ class CommitRequest:
     def __init__(self) -> None:
         self.tickets: list[CommitTicket] = []
         # a two-phase session's PREPAREs, (engine, xid) each, and the xids whose COMMIT PREPARED
-        # SQLAlchemy went on to send, in order (its prepare_twophase / commit_twophase events)
+        # SQLAlchemy went on to send, in order (noted where the dialect sends them: _note_two_phase)
         self.two_phase: list[tuple[Engine, Any]] | None = None
         self.two_phase_commits: list[Any] | None = None
         self.committing = False  # flushed; COMMIT may go out from here on

@@ -360,6 +360,34 @@ def _commit_twophase(connection: Connection, xid: Any, is_prepared: bool) -> Non
         request.two_phase_commits.append(xid)
 
 
+def _note_two_phase(dialect: Any) -> None:
+    """Note each unit's two-phase PREPAREs and COMMIT PREPAREDs where the engine's dialect sends
+    them (its ``do_prepare_twophase`` / ``do_commit_twophase``, overridden on this engine's
+    dialect instance; idempotent). Not SQLAlchemy's ``prepare_twophase`` / ``commit_twophase``
+    events: any connection event on an engine makes each of its Connections join the engine's
+    event dispatch and run the hooks of every statement (measured: +285 Python lines, about 5 %
+    of the client's time, per writing unit that never uses two-phase commit)."""
+    if getattr(dialect, "_rdb_two_phase_noted", False):
+        return
+    prepare = dialect.do_prepare_twophase
+    commit = dialect.do_commit_twophase
+
+    def do_prepare_twophase(connection: Connection, xid: Any) -> None:
+        _prepare_twophase(connection, xid)
+        prepare(connection, xid)
+
+    def do_commit_twophase(
+        connection: Connection, xid: Any, is_prepared: bool = True, recover: bool = False
+    ) -> None:
+        if not recover:
+            _commit_twophase(connection, xid, is_prepared)
+        commit(connection, xid, is_prepared=is_prepared, recover=recover)
+
+    dialect.do_prepare_twophase = do_prepare_twophase
+    dialect.do_commit_twophase = do_commit_twophase
+    dialect._rdb_two_phase_noted = True
+
+
 def commit_if_prepared(connection: Connection, xid: Any) -> bool:
     """COMMIT PREPARED ``xid`` on ``connection`` (a new one, outside any transaction) if it is
     still prepared there; whether it was. SQLAlchemy's own recovery API."""
@@ -644,8 +672,7 @@ def hooks_for(engine: Engine, factory: FactoryCore) -> EngineHooks:
             hooks = EngineHooks(engine, config, classifier)
             event.listen(engine, "handle_error", hooks.handle_error)
             event.listen(engine, "checkout", hooks.checkout)
-            event.listen(engine, "prepare_twophase", _prepare_twophase)
-            event.listen(engine, "commit_twophase", _commit_twophase)
+            _note_two_phase(engine.dialect)
             event.listen(engine, "do_connect", hooks.do_connect)
             STATE.engine_hooks[engine] = hooks
         else:

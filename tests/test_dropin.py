@@ -6,6 +6,7 @@ depend on anything a user can clear. Against the real server."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -182,6 +183,53 @@ def test_dispatch_order_is_readable() -> None:
     assert not _last_do_connect(engine.dialect, first)
     assert _last_do_connect(engine.dialect, second)
     engine.dispose()
+
+
+def test_the_factories_add_no_connection_event_to_their_engines(
+    engine: sa.Engine, pg_async_url: str, service: str
+) -> None:
+    """Any connection event on an engine (``before_execute``, ``commit_twophase``, ...) makes
+    every Connection of it join the engine's event dispatch and run the hooks of every
+    statement: about 5 % of a writing unit's client time. The factories listen on the dialect
+    and the pool only, a guarded unit included, and two factories on one engine override its
+    two-phase methods once. Reads SQLAlchemy's ``_has_events`` flag: fails loudly if that
+    changes."""
+    assert engine._has_events is False
+    Sessions = rdb.ResilientSession(engine, service=service)
+    rdb.ResilientSession(engine, service=service + "-again")
+    noted = engine.dialect.do_commit_twophase
+
+    key = uuid.uuid4().hex
+
+    def add(session: Session) -> int:
+        task = Task(idem_key=key, title="t", status="pending")
+        session.add_all([task, Item(name="x")])
+        session.flush()
+        return task.id
+
+    def move(session: Session, task_id: int) -> None:
+        task = session.get(Task, task_id)
+        assert task is not None
+        task.status = "in_progress"  # a guarded move: its UPDATE carries the compare-and-set
+
+    Sessions.run(move, Sessions.run(add))
+    assert engine._has_events is False
+    assert engine.dialect.do_commit_twophase is noted
+    assert not event.contains(engine, "commit_twophase", noted)
+
+    async def go() -> None:
+        aengine = create_async_engine(pg_async_url)
+        try:
+            await rdb.AsyncResilientSession(aengine, service=service + "-async").run(_add_async)
+            assert aengine.sync_engine._has_events is False
+        finally:
+            await aengine.dispose()
+
+    asyncio.run(go())
+
+
+async def _add_async(session: AsyncSession) -> None:
+    session.add(Item(name="y"))
 
 
 def test_factory_docstrings() -> None:
