@@ -562,7 +562,7 @@ class CommitProtocol:
             # a COMMIT of the unit's own code (SQLAlchemy's commit event)
             for name, listener in statement_listeners(False, guard).items():
                 event.listen(engine, name, listener)
-            event.listen(engine, "commit", _unmarked_commit)
+            _note_unmarked_commits(engine.dialect)
             return
         event.listen(engine, "connect", self._on_connect)
         for name, listener in statement_listeners(True, guard).items():
@@ -758,14 +758,25 @@ class CommitProtocol:
             return True
 
 
-def _unmarked_commit(connection: Connection) -> None:
-    """A COMMIT goes out on an engine without the commit protocol (SQLAlchemy's ``commit``
-    event, sent before it). Outside the unit's own final COMMIT, it is the unit's code that
-    commits: the attempt can't be replayed after it. (Unlike a marked COMMIT, its outcome is
-    not seen: one the server refuses also counts.)"""
-    attempt = current_attempt.get()
-    if attempt is not None and current_request.get() is None:
-        attempt.committed = True
+def _note_unmarked_commits(dialect: Any) -> None:
+    """A COMMIT goes out on an engine without the commit protocol (its dialect's ``do_commit``,
+    overridden on this engine's dialect instance; idempotent). Outside the unit's own final
+    COMMIT, it is the unit's code that commits: the attempt can't be replayed after it. (Unlike
+    a marked COMMIT, its outcome is not seen: one the server refuses also counts.) Not
+    SQLAlchemy's ``commit`` event: a connection event on an engine costs every statement of
+    every unit the engine's event dispatch."""
+    if getattr(dialect, "_rdb_commits_noted", False):
+        return
+    do_commit = dialect.do_commit
+
+    def noting_do_commit(dbapi_connection: Any) -> None:
+        attempt = current_attempt.get()
+        if attempt is not None and current_request.get() is None:
+            attempt.committed = True
+        do_commit(dbapi_connection)
+
+    dialect.do_commit = noting_do_commit
+    dialect._rdb_commits_noted = True
 
 
 def verifiable(engine: Engine) -> bool:
