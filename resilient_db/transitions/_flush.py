@@ -272,7 +272,7 @@ class _FlushChecks:
 
     config: Config
     rows: dict[sa.Table, dict[tuple[Any, ...], _Row]] = dataclasses.field(default_factory=dict)
-    guards: dict[sa.Table, list[Guard]] = dataclasses.field(default_factory=dict)
+    guards: dict[sa.Table, tuple[Guard, ...]] = dataclasses.field(default_factory=dict)
 
     def expect(self, change: Change, value: Any) -> None:
         guard = change.guard
@@ -284,9 +284,18 @@ class _FlushChecks:
     def note_guard(self, guard: Guard) -> None:
         # one guard per column: the models of an inheritance hierarchy share the column, and the
         # compare-and-set depends on nothing else (rules differ; errors name each row's model)
-        guards = self.guards.setdefault(guard.table, [])
+        table = guard.table
+        guards = self.guards.get(table, ())
         if all(g.column is not guard.column for g in guards):
-            guards.append(guard)
+            self.guards[table] = (*guards, guard)
+
+
+class _Plan(NamedTuple):
+    """What the compare-and-set needs of one compiled UPDATE, for the guards of its table that
+    a flush expects something of."""
+
+    guards: tuple[Guard, ...]  # those whose column the UPDATE sets
+    labels: tuple[str, ...]  # its primary-key parameters
 
 
 class _CasForm(NamedTuple):
@@ -305,13 +314,18 @@ class _CasForm(NamedTuple):
 # user's. ``STATE.guard_engines``: the engines with the listeners below.
 #
 # Caches, weak by their key: the compare-and-set form of a flush's UPDATE statement, per guards
-# (:func:`_cas_statement`), and of its compiled form (:func:`_cas_form`; None: not usable).
+# (:func:`_cas_statement`), and of its compiled form (:func:`_cas_form`; None: not usable); the
+# plan of a compiled UPDATE, per guards of its table (:func:`_plan`; None: it sets none).
 _cas_statements: weakref.WeakKeyDictionary[Any, dict[tuple[Guard, ...], Any]] = (
     weakref.WeakKeyDictionary()
 )
 _cas_forms: weakref.WeakKeyDictionary[Any, dict[tuple[Guard, ...], _CasForm | None]] = (
     weakref.WeakKeyDictionary()
 )
+_plans: weakref.WeakKeyDictionary[Any, dict[tuple[Guard, ...], _Plan | None]] = (
+    weakref.WeakKeyDictionary()
+)
+_NO_PLAN: Any = object()
 
 
 def flush_ended(session: Session, *_: Any) -> None:
@@ -507,15 +521,10 @@ def _compare_and_set(
     rows: list[dict[str, Any]] = context.compiled_parameters  # the values as the ORM gave them
     if not rows:
         return False  # sent without parameters: not the flush's UPDATE by primary key
-    first = rows[0]
-    guards = tuple(
-        g
-        for g in checks.guards[table]  # type: ignore[index]
-        if g.column.key in first
-    )
-    if not guards:
+    plan = _plan(compiled, checks.guards[table], rows[0])  # type: ignore[index]
+    if plan is None:
         return False  # the UPDATE leaves the guarded columns alone
-    labels = guards[0].pk_labels
+    guards, labels = plan
     try:
         if len(labels) == 1:
             label = labels[0]
@@ -569,6 +578,22 @@ def _compare_and_set(
         # every row still holds what this flush expected: not the status (e.g. the user's own
         # version_id_col); SQLAlchemy's row count check raises its StaleDataError
     return True
+
+
+def _plan(compiled: Any, table_guards: tuple[Guard, ...], first: dict[str, Any]) -> _Plan | None:
+    """The plan of ``compiled`` for ``table_guards``, memoized per compiled UPDATE: its
+    parameters (``first``, a row's) are named the same for every execution of it."""
+    by_guards = _plans.get(compiled)
+    if by_guards is not None:
+        found: _Plan | None = by_guards.get(table_guards, _NO_PLAN)
+        if found is not _NO_PLAN:
+            return found
+    else:
+        by_guards = _plans.setdefault(compiled, {})
+    guards = tuple(g for g in table_guards if g.column.key in first)
+    plan = _Plan(guards, guards[0].pk_labels) if guards else None
+    by_guards[table_guards] = plan
+    return plan
 
 
 def _with_expected(

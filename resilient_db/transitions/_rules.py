@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import threading
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
@@ -240,8 +241,8 @@ class Guard:
     cas_param: str  # the parameter carrying the expected state in that UPDATE
     text_keys: bool  # a str value is its own key (any column type but Enum)
 
-    @property
-    def table(self) -> sa.Table:
+    @functools.cached_property
+    def table(self) -> sa.Table:  # read by every guarded flush: computed once
         table = self.column.table
         assert isinstance(table, sa.Table)
         return table
