@@ -559,7 +559,7 @@ class CommitProtocol:
             self._warn_unsupported()
             # nothing to mark: every unit's COMMIT is UNMARKED (see CommitRequest.last). What
             # a replay can't undo is still seen: a statement in autocommit (the listener) and
-            # a COMMIT of the unit's own code (SQLAlchemy's commit event)
+            # a COMMIT of the unit's own code (the dialect's do_commit)
             for name, listener in statement_listeners(False, guard).items():
                 event.listen(engine, name, listener)
             _note_unmarked_commits(engine.dialect)
