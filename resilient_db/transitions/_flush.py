@@ -285,8 +285,10 @@ class _FlushChecks:
         # one guard per column: the models of an inheritance hierarchy share the column, and the
         # compare-and-set depends on nothing else (rules differ; errors name each row's model)
         table = guard.table
-        guards = self.guards.get(table, ())
-        if all(g.column is not guard.column for g in guards):
+        guards = self.guards.get(table)
+        if guards is None:
+            self.guards[table] = (guard,)
+        elif all(g.column is not guard.column for g in guards):
             self.guards[table] = (*guards, guard)
 
 
@@ -401,7 +403,10 @@ def _prepare_compare_and_set(
     if errors:
         return errors
     for conn, checks in prepared:
-        install_engine_hooks(conn.engine)
+        if began is None or conn not in began.values():
+            # a connection a resilient unit began on has the guard's listener (its engine has
+            # the commit protocol's); any other engine may need one
+            install_engine_hooks(conn.engine)
         STATE.flush_checks[conn] = checks
     if prepared:
         STATE.flushing[session] = [conn for conn, _ in prepared]
