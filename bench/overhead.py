@@ -45,6 +45,9 @@ fallback (one extra round trip per writing unit).
 Round trips per unit are counted on the wire at start-up: one unit of each variant (after a
 warm-up) runs through a loopback proxy that reads the PostgreSQL protocol and counts the
 client's messages that wait for an answer (Query, Sync, FunctionCall; see ``_roundtrips.py``).
+The Python lines each unit executes are counted there too (``sys.settrace``, the median of a few
+units): the client's work, counted rather than timed, so that a change in it shows at once,
+whatever the machine's noise does to the ratios.
 
 The variants are interleaved so that the machine's noise hits them alike: latency unit by unit
 (each key runs through every variant in turn), throughput in short alternating runs. Each ratio
@@ -446,6 +449,37 @@ RT_WARMUP = 12  # units per variant first: connections, type caches, psycopg aut
 RT_UNITS = 4  # units counted per variant (a prune of old commit markers may fall in one)
 
 RoundTrips = dict[str, dict[str, dict[str, float]]]  # driver -> unit -> variant -> per unit
+LINE_UNITS = 9  # units whose Python lines are counted, per variant (the median is kept)
+
+
+class LineCounter:
+    """Python lines executed in this thread while counting (``sys.settrace``): the client's
+    work per unit, counted rather than timed, so it is the same on a quiet and a noisy machine.
+    Code in C (the drivers' and SQLAlchemy's compiled parts) is not counted."""
+
+    def __init__(self) -> None:
+        self.lines = 0
+
+    def _line(self, frame: Any, event: str, arg: Any) -> Any:
+        if event == "line":
+            self.lines += 1
+        return self._line
+
+    def _call(self, frame: Any, event: str, arg: Any) -> Any:
+        return self._line
+
+    def __enter__(self) -> LineCounter:
+        self.lines = 0
+        sys.settrace(self._call)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sys.settrace(None)
+
+
+def _median_lines(counts: list[int]) -> float:
+    # the median: a unit that also prunes old commit markers (every 10 s) counts more lines
+    return float(statistics.median(counts))
 
 
 def _record(
@@ -474,6 +508,12 @@ def count_round_trips(url: str, async_url: str) -> tuple[RoundTrips, str]:
                 for key in keys[RT_WARMUP:]:
                     fn(key)
                 _record(out["sync"][unit], name, before, counter.counts())
+                lines = []
+                for key in _keys(LINE_UNITS):
+                    with LineCounter() as lc:
+                        fn(key)
+                    lines.append(lc.lines)
+                out["sync"][unit][f"{name}_lines"] = _median_lines(lines)
         factories.dispose()
 
         async def async_part() -> None:
@@ -492,6 +532,12 @@ def count_round_trips(url: str, async_url: str) -> tuple[RoundTrips, str]:
                     for key in keys[RT_WARMUP:]:
                         await fn(key)
                     _record(out["async"][unit], name, before, counter.counts())
+                    lines = []
+                    for key in _keys(LINE_UNITS):
+                        with LineCounter() as lc:
+                            await fn(key)
+                        lines.append(lc.lines)
+                    out["async"][unit][f"{name}_lines"] = _median_lines(lines)
             await afactories.dispose()
 
         asyncio.run(async_part())
@@ -527,6 +573,17 @@ def round_trip_lines(trips: RoundTrips) -> list[str]:
                     f"{_n(t['resilient_flights'])} times)"
                 )
             lines.append(line)
+    for driver, label in (("sync", "sync (psycopg)"), ("async", "async (asyncpg)")):
+        for unit in trips[driver]:
+            t = trips[driver][unit]
+            if "plain_lines" not in t:
+                continue
+            name = UNIT_NAMES.get(unit, "read with pg_sleep (2 ms)")
+            plain, resilient = t["plain_lines"], t["resilient_lines"]
+            lines.append(
+                f"Python lines per unit, {label}, {name}: plain {plain:,.0f}, resilient "
+                f"{resilient:,.0f} ({resilient / plain:.3f})"
+            )
     return lines
 
 
@@ -743,6 +800,9 @@ def render(result: dict[str, Any]) -> str:
         f"resilient_db revision: {result['revision'] or 'unknown'}; commit markers: {markers}",
         *round_trip_lines(trips),
         f"round trips counted as: {trips['method']}",
+        "Python lines counted as: line events of sys.settrace in the unit's thread, median of "
+        f"{LINE_UNITS} units after the warm-up (the client's work, counted rather than timed; "
+        "code in C is not counted)",
         f"run took {result['seconds']:.0f} s",
     ]
     return "\n".join(lines)
