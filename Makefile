@@ -23,6 +23,7 @@ lint: $(STAMP)
 types: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/mypy --strict tests/typing
+	$(BIN)/mypy --strict bench scripts examples migrations
 
 pytest: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     with EmbeddedPostgres() as server:
         server.create_database("bench")
         url = server.url("bench")
-        result = {
+        result: dict[str, Any] = {
             "fail_fast": fail_fast(url),
             "recovery": [recovery(server, url, down) for down in (0.5, 1.0, 2.0)],
         }
