@@ -466,7 +466,8 @@ class LineCounter:
         return self._line
 
     def _call(self, frame: Any, event: str, arg: Any) -> Any:
-        return self._line
+        # the counter's own way out is not the unit's
+        return None if frame.f_code is LineCounter.__exit__.__code__ else self._line
 
     def __enter__(self) -> LineCounter:
         self.lines = 0

@@ -1,0 +1,84 @@
+"""The overhead benchmark's own counts, on the suite's server (``bench/overhead.py``).
+
+Timings belong to the benchmark, never to tests; these two counts don't depend on the machine:
+- round trips per unit, on the wire: a writing or guarded unit pays none more than plain
+  SQLAlchemy's (the marker travels in the COMMIT message, the compare-and-set in the flush's
+  UPDATE), a read none at all;
+- the Python lines each unit runs, counted by ``sys.settrace``. What resilient_db adds to a
+  plain unit is held to a budget here, so that work creeping back onto every statement fails
+  at once instead of hiding in the benchmark's noise (an engine's connection events made every
+  statement run their dispatch: +285 lines per sync write unit, found only by counting).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+#: Python lines resilient_db may add to a plain unit (measured 2026-12-01 on SQLAlchemy 2.1,
+#: psycopg 3.3, asyncpg 0.31: sync read +154, write +245, guarded write +442; the async units
+#: run fewer lines than plain ``async_sessionmaker.begin()``: -296, -242, -38). About 100 of
+#: headroom: a SQLAlchemy release may move its own share a little.
+LINE_BUDGET = {
+    "sync": {"read": 260, "write": 350, "guarded": 550, "read_2ms_server_wait": 280},
+    "async": {"read": 0, "write": 0, "guarded": 100},
+}
+
+
+@pytest.fixture(scope="module")
+def overhead() -> Iterator[ModuleType]:
+    sys.path.insert(0, str(BENCH))
+    try:
+        import overhead as module  # noqa: PLC0415 - bench/ is not a package
+
+        yield module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.fixture
+def counts(overhead: ModuleType, pg_url: str, pg_async_url: str) -> dict[str, Any]:
+    overhead.prepare(pg_url, markers=True)
+    trips, method = overhead.count_round_trips(pg_url, pg_async_url)
+    assert "INCOMPLETE" not in method
+    result: dict[str, Any] = trips
+    return result
+
+
+def test_units_pay_no_round_trip_more_than_plain_sqlalchemy(counts: dict[str, Any]) -> None:
+    expected = {"read": 3, "write": 5, "guarded": 5, "read_2ms_server_wait": 3}
+    for driver in ("sync", "async"):
+        for unit, per_unit in counts[driver].items():
+            assert per_unit["plain"] == expected[unit], (driver, unit, per_unit)
+            assert per_unit["resilient"] == per_unit["plain"], (driver, unit, per_unit)
+
+
+def test_the_python_lines_resilient_db_adds_stay_within_budget(counts: dict[str, Any]) -> None:
+    over = []
+    for driver, budgets in LINE_BUDGET.items():
+        for unit, budget in budgets.items():
+            per_unit = counts[driver][unit]
+            added = per_unit["resilient_lines"] - per_unit["plain_lines"]
+            assert per_unit["plain_lines"] > 1000, (driver, unit, per_unit)  # it counted
+            if added > budget:
+                over.append(f"{driver} {unit}: +{added:.0f} lines (budget +{budget})")
+    assert not over, "; ".join(over)
+
+
+def test_the_line_counter_counts_the_lines_run_inside_it(overhead: ModuleType) -> None:
+    def three_lines() -> list[int]:
+        found = [1]
+        found.append(2)
+        return found
+
+    with overhead.LineCounter() as counter:
+        three_lines()
+    assert counter.lines == 3
+    assert sys.gettrace() is None
