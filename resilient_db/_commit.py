@@ -1009,7 +1009,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
 
             async def execute(self: Any, query: str, *args: Any, timeout: Any = None) -> Any:
                 if not args and len(query) <= _LONGEST_BEGIN:
-                    end = _transaction_command(query)
+                    end = _ASYNCPG_COMMANDS.get(query) or _transaction_command(query)
                     if end == "BEGIN":  # asyncpg's own, spelled in capitals
                         self._rdb_read_only = "READ ONLY" in query
                     elif end == "COMMIT":
@@ -1275,6 +1275,10 @@ async def _failed_before_commit(
 
 #: asyncpg's longest BEGIN: ``BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY DEFERRABLE;``
 _LONGEST_BEGIN: Final = 64
+
+
+#: asyncpg's own transaction statements, as its ``Transaction`` spells them (every unit sends two)
+_ASYNCPG_COMMANDS: Final = {"BEGIN;": "BEGIN", "COMMIT;": "COMMIT", "ROLLBACK;": "ROLLBACK"}
 
 
 def _transaction_command(query: str) -> str | None:

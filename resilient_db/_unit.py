@@ -761,19 +761,33 @@ def connection_looks_dead(dbapi_connection: Any, cache: dict[str, Any] | None = 
 
 def dead_probe(dbapi_connection: Any, cache: dict[str, Any]) -> Callable[[], bool]:
     """:func:`connection_looks_dead` for one connection, made once per connection and kept in
-    its pool record (``cache``): every checkout calls it. psycopg's socket and its ``pollfd``
-    are bound into the probe (a connection keeps its socket for life; a broken one reports it in
-    its status first)."""
+    its pool record (``cache``): every checkout calls it. The socket's ``pollfd`` is bound into
+    the probe, with psycopg's connection status or asyncpg's ``is_closed`` (a connection keeps
+    its socket for life; a broken one reports it there first)."""
     inner = getattr(dbapi_connection, "_connection", None)
+    poll = _poll
+    is_closed = getattr(inner, "is_closed", None)
+    if callable(is_closed) and poll is not None:  # asyncpg through SQLAlchemy's adapter
+        transport = getattr(inner, "_transport", None)
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is not None:
+            try:
+                asyncpg_pointer = ctypes.pointer(_PollFd(sock.fileno(), _POLL_EVENTS, 0))
+            except Exception:
+                return lambda: True
+
+            def asyncpg_probe() -> bool:
+                return bool(is_closed() or poll(asyncpg_pointer, _ONE_FD, _NO_WAIT) > 0)
+
+            return asyncpg_probe
     pgconn = getattr(dbapi_connection if inner is None else inner, "pgconn", None)
-    if pgconn is None or _poll is None:  # asyncpg (or no libc poll): the general check
+    if pgconn is None or poll is None:  # no socket found (or no libc poll): the general check
         return functools.partial(connection_looks_dead, dbapi_connection, cache)
     try:
         fd = pgconn.socket
     except Exception:
         return lambda: True
     pointer = ctypes.pointer(_PollFd(fd, _POLL_EVENTS, 0))
-    poll = _poll
 
     def probe() -> bool:
         return bool(pgconn.status != _PG_OK or poll(pointer, _ONE_FD, _NO_WAIT) > 0)

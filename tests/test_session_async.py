@@ -9,6 +9,7 @@ Backoff is zeroed (``set_testing``) or replaced by an injected ``asleep``, never
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
+from processes import wait_for
 from scenarios import (
     ASYNC_DRIVERS,
     NOT_TRANSIENT,
@@ -29,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.ext.asyncio import create_async_engine as create_engine
 
 import resilient_db as rdb
-from resilient_db import AsyncResilientSession
+from resilient_db import AsyncResilientSession, _unit
 from resilient_db._asyncio import _to_completion
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.usefixtures("no_backoff")]
@@ -926,6 +928,28 @@ async def test_drop_in_use_survives_a_dead_pooled_connection(
             new_pid = (await session.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
     assert new_pid != pid
     assert "[SELF-HEAL] Discarded a dead pooled connection" in caplog.text
+
+
+async def test_the_dead_connection_check_of_asyncpg_is_bound_to_its_socket(
+    engine: AsyncEngine, pg_server: Any
+) -> None:
+    """asyncpg's checkout check, made once per connection: its ``is_closed()`` and libc's
+    zero-timeout poll of its socket (the GIL held, as for psycopg), bound in rather than looked
+    up at every checkout. A backend terminated before the event loop read from the socket shows
+    at once: the loop is blocked here on purpose, so asyncpg can't have noticed by itself."""
+    if engine.dialect.driver != "asyncpg":
+        pytest.skip("asyncpg's check")
+    async with engine.connect() as conn:
+        raw = await conn.get_raw_connection()
+        adapter = raw.dbapi_connection
+        probe = _unit.dead_probe(adapter, {})
+        assert not isinstance(probe, functools.partial)  # not the general check
+        assert probe() is False
+        pid = (await conn.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
+        pg_server.execute(f"SELECT pg_terminate_backend({int(pid)})")
+        wait_for(probe, "the terminated backend's socket to poll readable")
+        assert not adapter._connection.is_closed()  # seen by the poll, not by asyncpg
+        await conn.invalidate()
 
 
 async def test_drop_in_connect_failure_is_retried_without_blocking_the_loop(
