@@ -62,6 +62,7 @@ from ._statements import (
     current_request,
     cursors_marked,
     mark_cursors,
+    note_dialect_calls,
     statement_listeners,
 )
 
@@ -384,7 +385,7 @@ class CommitRequest:
     def __init__(self) -> None:
         self.tickets: list[CommitTicket] = []
         # a two-phase session's PREPAREs, (engine, xid) each, and the xids whose COMMIT PREPARED
-        # SQLAlchemy went on to send, in order (noted where the dialect sends them: _note_two_phase)
+        # SQLAlchemy went on to send, in order (noted where the dialect sends them, see hooks_for)
         self.two_phase: list[tuple[Engine, Any]] | None = None
         self.two_phase_commits: list[Any] | None = None
         self.committing = False  # flushed; COMMIT may go out from here on
@@ -562,7 +563,7 @@ class CommitProtocol:
             # a COMMIT of the unit's own code (the dialect's do_commit)
             for name, listener in statement_listeners(False, guard).items():
                 event.listen(engine, name, listener)
-            _note_unmarked_commits(engine.dialect)
+            note_dialect_calls(engine.dialect, "do_commit", _unmarked_commit)
             return
         event.listen(engine, "connect", self._on_connect)
         for name, listener in statement_listeners(True, guard).items():
@@ -758,25 +759,14 @@ class CommitProtocol:
             return True
 
 
-def _note_unmarked_commits(dialect: Any) -> None:
+def _unmarked_commit(dbapi_connection: Any) -> None:
     """A COMMIT goes out on an engine without the commit protocol (its dialect's ``do_commit``,
-    overridden on this engine's dialect instance; idempotent). Outside the unit's own final
-    COMMIT, it is the unit's code that commits: the attempt can't be replayed after it. (Unlike
-    a marked COMMIT, its outcome is not seen: one the server refuses also counts.) Not
-    SQLAlchemy's ``commit`` event: a connection event on an engine costs every statement of
-    every unit the engine's event dispatch."""
-    if getattr(dialect, "_rdb_commits_noted", False):
-        return
-    do_commit = dialect.do_commit
-
-    def noting_do_commit(dbapi_connection: Any) -> None:
-        attempt = current_attempt.get()
-        if attempt is not None and current_request.get() is None:
-            attempt.committed = True
-        do_commit(dbapi_connection)
-
-    dialect.do_commit = noting_do_commit
-    dialect._rdb_commits_noted = True
+    see :func:`~._statements.note_dialect_calls`). Outside the unit's own final COMMIT, it is
+    the unit's code that commits: the attempt can't be replayed after it. (Unlike a marked
+    COMMIT, its outcome is not seen: one the server refuses also counts.)"""
+    attempt = current_attempt.get()
+    if attempt is not None and current_request.get() is None:
+        attempt.committed = True
 
 
 def verifiable(engine: Engine) -> bool:
@@ -1009,7 +999,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
 
             async def execute(self: Any, query: str, *args: Any, timeout: Any = None) -> Any:
                 if not args and len(query) <= _LONGEST_BEGIN:
-                    end = _ASYNCPG_COMMANDS.get(query) or _transaction_command(query)
+                    end = _transaction_command(query)
                     if end == "BEGIN":  # asyncpg's own, spelled in capitals
                         self._rdb_read_only = "READ ONLY" in query
                     elif end == "COMMIT":
@@ -1277,12 +1267,15 @@ async def _failed_before_commit(
 _LONGEST_BEGIN: Final = 64
 
 
-#: asyncpg's own transaction statements, as its ``Transaction`` spells them (every unit sends two)
+#: asyncpg's own transaction statements, as its ``Transaction`` spells them
 _ASYNCPG_COMMANDS: Final = {"BEGIN;": "BEGIN", "COMMIT;": "COMMIT", "ROLLBACK;": "ROLLBACK"}
 
 
 def _transaction_command(query: str) -> str | None:
     """ "BEGIN", "COMMIT" or "ROLLBACK" for asyncpg's own transaction statements, else None."""
+    found = _ASYNCPG_COMMANDS.get(query)  # as asyncpg spells them: every unit's two
+    if found is not None:
+        return found
     word = query.strip().rstrip(";").strip().upper()
     if word in ("COMMIT", "END"):
         return "COMMIT"

@@ -239,6 +239,30 @@ _cursor_classes: dict[type[Any], type[Any]] = {}
 _cursor_lock = threading.Lock()
 
 
+def note_dialect_calls(dialect: Any, name: str, note: Callable[..., None]) -> None:
+    """Have ``note`` called with the arguments of every call of ``dialect.<name>``, just before
+    it (the method is wrapped on this dialect instance, once per name: the engine's own).
+
+    For what SQLAlchemy also offers as connection events (``commit``, ``prepare_twophase``,
+    ``commit_twophase``): any connection event on an engine makes each of its Connections join
+    the engine's event dispatch and run its hooks at every statement, begin and commit
+    (measured: +285 Python lines, about 5 % of the client's time, per write unit). A dialect's
+    methods are its public interface; code that replaces one should do so before the factory
+    is created.
+    """
+    wrapped: set[str] = dialect.__dict__.setdefault("_rdb_noted_calls", set())
+    if name in wrapped:
+        return
+    method = getattr(dialect, name)
+
+    def noted(*args: Any, **kwargs: Any) -> Any:
+        note(*args, **kwargs)
+        return method(*args, **kwargs)
+
+    setattr(dialect, name, noted)
+    wrapped.add(name)
+
+
 def mark_cursors(connection: Any) -> None:
     """Make ``connection`` (psycopg, sync or async) create cursors that note their statements:
     its ``cursor_factory`` and ``server_cursor_factory``, whatever they are (set through

@@ -36,7 +36,7 @@ from ._observability import emit, log_session
 from ._registry import factory_of, in_unit
 from ._retry import Policy
 from ._state import STATE
-from ._statements import current_attempt, current_request
+from ._statements import current_attempt, current_request, note_dialect_calls
 from .transitions._dbmap import exception_from_db
 from .transitions._flush import guard_for_commit_protocol
 from .transitions._guards import install_guard
@@ -351,41 +351,16 @@ def _prepare_twophase(connection: Connection, xid: Any) -> None:
         request.two_phase.append((connection.engine, xid))
 
 
-def _commit_twophase(connection: Connection, xid: Any, is_prepared: bool) -> None:
-    """SQLAlchemy is about to send ``xid``'s COMMIT PREPARED: noted on the committing unit."""
+def _commit_twophase(
+    connection: Connection, xid: Any, is_prepared: bool = True, recover: bool = False
+) -> None:
+    """SQLAlchemy is about to send ``xid``'s COMMIT PREPARED: noted on the committing unit (not
+    a recovery's: :func:`commit_if_prepared` finishes a unit's, outside its commit)."""
     request = current_request.get()
-    if request is not None and is_prepared:
+    if request is not None and is_prepared and not recover:
         if request.two_phase_commits is None:
             request.two_phase_commits = []
         request.two_phase_commits.append(xid)
-
-
-def _note_two_phase(dialect: Any) -> None:
-    """Note each unit's two-phase PREPAREs and COMMIT PREPAREDs where the engine's dialect sends
-    them (its ``do_prepare_twophase`` / ``do_commit_twophase``, overridden on this engine's
-    dialect instance; idempotent). Not SQLAlchemy's ``prepare_twophase`` / ``commit_twophase``
-    events: any connection event on an engine makes each of its Connections join the engine's
-    event dispatch and run the hooks of every statement (measured: +285 Python lines, about 5 %
-    of the client's time, per writing unit that never uses two-phase commit)."""
-    if getattr(dialect, "_rdb_two_phase_noted", False):
-        return
-    prepare = dialect.do_prepare_twophase
-    commit = dialect.do_commit_twophase
-
-    def do_prepare_twophase(connection: Connection, xid: Any) -> None:
-        _prepare_twophase(connection, xid)
-        prepare(connection, xid)
-
-    def do_commit_twophase(
-        connection: Connection, xid: Any, is_prepared: bool = True, recover: bool = False
-    ) -> None:
-        if not recover:
-            _commit_twophase(connection, xid, is_prepared)
-        commit(connection, xid, is_prepared=is_prepared, recover=recover)
-
-    dialect.do_prepare_twophase = do_prepare_twophase
-    dialect.do_commit_twophase = do_commit_twophase
-    dialect._rdb_two_phase_noted = True
 
 
 def commit_if_prepared(connection: Connection, xid: Any) -> bool:
@@ -672,7 +647,9 @@ def hooks_for(engine: Engine, factory: FactoryCore) -> EngineHooks:
             hooks = EngineHooks(engine, config, classifier)
             event.listen(engine, "handle_error", hooks.handle_error)
             event.listen(engine, "checkout", hooks.checkout)
-            _note_two_phase(engine.dialect)
+            # each unit's PREPAREs and COMMIT PREPAREDs, where the dialect sends them
+            note_dialect_calls(engine.dialect, "do_prepare_twophase", _prepare_twophase)
+            note_dialect_calls(engine.dialect, "do_commit_twophase", _commit_twophase)
             event.listen(engine, "do_connect", hooks.do_connect)
             STATE.engine_hooks[engine] = hooks
         else:
@@ -735,14 +712,9 @@ def connection_looks_dead(dbapi_connection: Any, cache: dict[str, Any] | None = 
         if cached is not None and cached[0] is inner:
             fd = cached[1]
         else:
-            transport = getattr(inner, "_transport", None)
-            sock = transport.get_extra_info("socket") if transport is not None else None
-            if sock is None:
-                return False
-            try:
-                fd = sock.fileno()
-            except Exception:
-                return True
+            fd = _asyncpg_socket(inner)
+            if fd is None or fd < 0:
+                return fd is not None  # no socket: nothing to poll; a broken one: dead
             if cache is not None:
                 cache[_FD_KEY] = (inner, fd)
         return _readable(fd, cache)
@@ -759,6 +731,19 @@ def connection_looks_dead(dbapi_connection: Any, cache: dict[str, Any] | None = 
     return _readable(fd, cache)
 
 
+def _asyncpg_socket(connection: Any) -> int | None:
+    """The descriptor of an asyncpg connection's socket: None when it has none (no transport),
+    -1 when the socket is broken (``get_extra_info`` is slow: look it up once per connection)."""
+    transport = getattr(connection, "_transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return None
+    try:
+        return int(sock.fileno())
+    except Exception:
+        return -1
+
+
 def dead_probe(dbapi_connection: Any, cache: dict[str, Any]) -> Callable[[], bool]:
     """:func:`connection_looks_dead` for one connection, made once per connection and kept in
     its pool record (``cache``): every checkout calls it. The socket's ``pollfd`` is bound into
@@ -768,13 +753,11 @@ def dead_probe(dbapi_connection: Any, cache: dict[str, Any]) -> Callable[[], boo
     poll = _poll
     is_closed = getattr(inner, "is_closed", None)
     if callable(is_closed) and poll is not None:  # asyncpg through SQLAlchemy's adapter
-        transport = getattr(inner, "_transport", None)
-        sock = transport.get_extra_info("socket") if transport is not None else None
-        if sock is not None:
-            try:
-                asyncpg_pointer = ctypes.pointer(_PollFd(sock.fileno(), _POLL_EVENTS, 0))
-            except Exception:
+        asyncpg_fd = _asyncpg_socket(inner)
+        if asyncpg_fd is not None:
+            if asyncpg_fd < 0:
                 return lambda: True
+            asyncpg_pointer = ctypes.pointer(_PollFd(asyncpg_fd, _POLL_EVENTS, 0))
 
             def asyncpg_probe() -> bool:
                 return bool(is_closed() or poll(asyncpg_pointer, _ONE_FD, _NO_WAIT) > 0)

@@ -3,8 +3,10 @@ transaction that moves a row just before a session's UPDATE of it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -88,3 +90,29 @@ class MoveFirst:
 
     def __exit__(self, *exc: object) -> None:
         event.remove(self.engine, "before_cursor_execute", self._before)
+
+
+def conflict_after_another_factorys_unit(
+    outer_url: str, service: str, inner: Callable[[], Any]
+) -> int:
+    """Run a unit of a psycopg 3 factory on ``outer_url`` that runs ``inner()`` (a unit of
+    another factory: it commits on its own) and then meets a serialization failure. The failure
+    must be raised, not replayed: a replay would run ``inner`` and write again. Returns how many
+    times the outer unit ran."""
+    outer_engine = sa.create_engine(outer_url)
+    Outer = rdb.ResilientSession(outer_engine, service=f"{service}-outer")
+    calls: list[int] = []
+
+    def unit(session: Any) -> None:
+        calls.append(1)
+        inner()
+        session.execute(
+            sa.text("DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END $$")
+        )
+
+    try:
+        with pytest.raises(sa.exc.OperationalError):
+            Outer.run(unit)
+    finally:
+        outer_engine.dispose()
+    return len(calls)

@@ -17,7 +17,13 @@ import pytest
 import pytest_asyncio
 import sqlalchemy as sa
 from processes import wait_for
-from scenarios import ASYNC_DRIVERS, Base, Item, async_connect_args
+from scenarios import (
+    ASYNC_DRIVERS,
+    Base,
+    Item,
+    async_connect_args,
+    conflict_after_another_factorys_unit,
+)
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -191,13 +197,15 @@ def test_the_factories_add_no_connection_event_to_their_engines(
     """Any connection event on an engine (``before_execute``, ``commit_twophase``, ...) makes
     every Connection of it join the engine's event dispatch and run the hooks of every
     statement: about 5 % of a writing unit's client time. The factories listen on the dialect
-    and the pool only, a guarded unit included, and two factories on one engine override its
-    two-phase methods once. Reads SQLAlchemy's ``_has_events`` flag: fails loudly if that
-    changes."""
+    and the pool only, a guarded unit included, and wrap the dialect's two-phase methods once
+    (an engine made by ``execution_options`` shares its dialect). Reads SQLAlchemy's
+    ``_has_events`` flag: fails loudly if that changes."""
     assert engine._has_events is False
     Sessions = rdb.ResilientSession(engine, service=service)
-    rdb.ResilientSession(engine, service=service + "-again")
     noted = engine.dialect.do_commit_twophase
+    serializable = engine.execution_options(isolation_level="SERIALIZABLE")
+    rdb.ResilientSession(serializable, service=service + "-serializable")
+    assert engine.dialect.do_commit_twophase is noted
 
     key = uuid.uuid4().hex
 
@@ -214,8 +222,6 @@ def test_the_factories_add_no_connection_event_to_their_engines(
 
     Sessions.run(move, Sessions.run(add))
     assert engine._has_events is False
-    assert engine.dialect.do_commit_twophase is noted
-    assert not event.contains(engine, "commit_twophase", noted)
 
     async def go() -> None:
         aengine = create_async_engine(pg_async_url)
@@ -728,24 +734,11 @@ def test_a_unit_that_ran_a_committed_two_phase_unit_is_not_replayed(
 ) -> None:
     """A two-phase unit of another factory inside a unit commits on its own (its COMMIT
     PREPAREDs carry no ticket): a replay of the enclosing unit would write it again."""
-    outer_engine = sa.create_engine(two_phase_server.url("two_phase"))
-    Outer = rdb.ResilientSession(outer_engine, service=f"{service}-outer")
     Inner = two_phase_factory(rdb.ResilientSession, two_engines, service)
-    calls: list[int] = []
     inner_calls: list[int] = []
-
-    def unit(session: Session) -> None:
-        calls.append(1)
-        Inner.run(add_to_both, inner_calls)
-        session.execute(
-            sa.text("DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END $$")
-        )
-
-    try:
-        with pytest.raises(sa.exc.OperationalError):
-            Outer.run(unit)
-    finally:
-        outer_engine.dispose()
-    assert calls == [1]
+    runs = conflict_after_another_factorys_unit(
+        two_phase_server.url("two_phase"), service, lambda: Inner.run(add_to_both, inner_calls)
+    )
+    assert runs == 1
     assert inner_calls == [1]
     assert counts(two_phase_server, two_databases) == [1, 1]

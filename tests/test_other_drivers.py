@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from scenarios import RAISE_CODE_FUNCTION, Base, Item
+from scenarios import RAISE_CODE_FUNCTION, Base, Item, conflict_after_another_factorys_unit
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
@@ -97,25 +97,15 @@ def test_a_unit_that_ran_a_committed_unit_on_this_driver_is_not_replayed(
     """A unit of a factory on this driver inside a unit of a psycopg 3 factory commits on its
     own. Its COMMIT carries no ticket (no commit protocol here), yet it may have written: a
     replay of the enclosing unit would write it again."""
-    outer_engine = sa.create_engine(pg_server.url(pg_database))
-    Outer = rdb.ResilientSession(outer_engine, service=f"{service}-outer")
     Inner = rdb.ResilientSession(engine, service=service)
-    calls: list[int] = []
 
     def inner(session: Session) -> None:
         session.add(Item(name="inner"))
 
-    def unit(session: Session) -> None:
-        calls.append(1)
-        Inner.run(inner)
-        session.execute(sa.text("SELECT raise_code('40001')"))
-
-    try:
-        with pytest.raises(sa.exc.OperationalError):
-            Outer.run(unit)
-    finally:
-        outer_engine.dispose()
-    assert calls == [1]
+    runs = conflict_after_another_factorys_unit(
+        pg_server.url(pg_database), service, lambda: Inner.run(inner)
+    )
+    assert runs == 1
     assert names(engine) == ["inner"]
 
 
