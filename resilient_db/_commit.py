@@ -36,7 +36,9 @@ subclass (``connection_class``, set in ``do_connect``) whose ``execute("COMMIT;"
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
+import operator
 import os
 import threading
 import time
@@ -60,8 +62,7 @@ from ._statements import (
     asyncpg_statement_methods,
     current_attempt,
     current_request,
-    cursors_marked,
-    mark_cursors,
+    marked_cursor_factory,
     note_dialect_calls,
     statement_listeners,
 )
@@ -373,24 +374,17 @@ class CommitTicket:
 class CommitRequest:
     """The tickets of one unit's commit (one per connection the session commits)."""
 
-    __slots__ = (
-        "attempt",
-        "committing",
-        "tickets",
-        "transaction",
-        "two_phase",
-        "two_phase_commits",
-    )
+    # Defaults are class attributes (an instance sets only what changes: every unit makes one)
+    # a two-phase session's PREPAREs, (engine, xid) each, and the xids whose COMMIT PREPARED
+    # SQLAlchemy went on to send, in order (noted where the dialect sends them, see hooks_for)
+    two_phase: list[tuple[Engine, Any]] | None = None
+    two_phase_commits: list[Any] | None = None
+    committing: bool = False  # flushed; COMMIT may go out from here on
+    transaction: Any = None  # the session's root transaction that COMMIT ends
+    attempt: AttemptRecord | None = None  # the unit's attempt (it saw the connections)
 
     def __init__(self) -> None:
         self.tickets: list[CommitTicket] = []
-        # a two-phase session's PREPAREs, (engine, xid) each, and the xids whose COMMIT PREPARED
-        # SQLAlchemy went on to send, in order (noted where the dialect sends them, see hooks_for)
-        self.two_phase: list[tuple[Engine, Any]] | None = None
-        self.two_phase_commits: list[Any] | None = None
-        self.committing = False  # flushed; COMMIT may go out from here on
-        self.transaction: Any = None  # the session's root transaction that COMMIT ends
-        self.attempt: AttemptRecord | None = None  # the unit's attempt (it saw the connections)
 
     @property
     def last(self) -> CommitTicket | None:
@@ -432,16 +426,18 @@ class AttemptRecord:
     as committed work of the attempt that runs it, if any (a unit of another factory inside a
     unit)."""
 
-    __slots__ = ("_enclosing", "_policy", "_token", "autocommitting", "began", "committed")
+    # Defaults are class attributes (an instance sets only what changes: every unit makes one)
+    committed: bool = False
+    # the execution context of the last writing statement sent in autocommit
+    autocommitting: Any = None
+    # (root transaction, connection, marked) for each connection a session began on in the
+    # attempt (see ``CommitRequest.connections``)
+    began: list[tuple[Any, Any, bool]] | None = None
+    _enclosing: AttemptRecord | None
+    _token: contextvars.Token[AttemptRecord | None]
 
     def __init__(self, policy: _ReplayPolicy) -> None:
         self._policy = policy
-        self.committed = False
-        # the execution context of the last writing statement sent in autocommit
-        self.autocommitting: Any = None
-        # (root transaction, connection, marked) for each connection a session began on in the
-        # attempt (see ``CommitRequest.connections``)
-        self.began: list[tuple[Any, Any, bool]] | None = None
 
     @property
     def classifier(self) -> Classifier:
@@ -478,8 +474,11 @@ class AttemptRecord:
 
     def began_on(self, transaction: Any, connection: Any) -> None:
         """A session's root ``transaction`` began on ``connection`` (``after_begin``)."""
-        driver = connection.connection.driver_connection
-        entry = (transaction, connection, getattr(driver, "_rdb_marked", False))
+        pooled = connection.connection
+        marked = getattr(pooled.dbapi_connection, "_rdb_marked", None)  # psycopg's connection
+        if marked is None:  # or SQLAlchemy's adapter (asyncpg): the driver's is inside
+            marked = getattr(pooled.driver_connection, "_rdb_marked", False)
+        entry = (transaction, connection, marked)
         if self.began is None:
             self.began = [entry]
         else:
@@ -919,30 +918,34 @@ def _asyncpg_read_mode(connection: Any) -> int:
     return READ_WRITE
 
 
-def _commit_ticket(driver: Any) -> tuple[CommitTicket | None, str | None]:
+#: the ticket of every read-only COMMIT, shared: nothing in it varies (the commit sets ``sent``
+#: and ``done``, already True; neither matters without a mode: see ``CommitTicket.wrote``)
+_READ_ONLY: Final = CommitTicket(None, sent=True, done=True)
+
+
+def _commit_plan(driver: Any) -> tuple[CommitTicket | None, str | None, AttemptRecord | None]:
     """What the unit committing on ``driver`` now wants its COMMIT to carry.
 
-    Returns (ticket, message): no ticket when no unit is committing (plain SQLAlchemy); a
-    message to send instead of COMMIT when the ticket is a marker's.
+    Returns (ticket, message, attempt): a message to send instead of COMMIT when the ticket is
+    a marker's; no ticket when no unit is committing (plain SQLAlchemy, or the unit's own code
+    committing: then the attempt, for :func:`_own_commit`).
     """
     may_write = driver._rdb_may_write
     driver._rdb_may_write = False
     request = current_request.get()
     if request is None:
-        return None, None
-    if not may_write:
-        ticket = CommitTicket(None, sent=True)  # proven read-only: nothing to verify
-        request.tickets.append(ticket)
-        return ticket, None
+        return None, None, current_attempt.get()
+    if not may_write:  # proven read-only: nothing to verify
+        request.tickets.append(_READ_ONLY)
+        return _READ_ONLY, None, None
     notifies = driver._rdb_notifies
     if notifies:
         driver._rdb_notifies = False
     if driver._rdb_mode == MARKERS:
         read_mode = driver._rdb_read_mode()
-        if read_mode == STANDBY:
-            ticket = CommitTicket(None, sent=True)  # nothing can be written there
-            request.tickets.append(ticket)
-            return ticket, None
+        if read_mode == STANDBY:  # nothing can be written there
+            request.tickets.append(_READ_ONLY)
+            return _READ_ONLY, None, None
         marker = marker_id()
         ticket = CommitTicket(MARKERS, marker=marker)
         request.tickets.append(ticket)
@@ -951,10 +954,10 @@ def _commit_ticket(driver: Any) -> tuple[CommitTicket | None, str | None]:
             message = form.message(marker)
         else:
             message = f"{_FUNCTION_MARK}('{marker}'); COMMIT"
-        return ticket, _ASSIGN_XID + message if notifies else message
+        return ticket, _ASSIGN_XID + message if notifies else message, None
     ticket = CommitTicket(XID, notifies=notifies)
     request.tickets.append(ticket)
-    return ticket, None
+    return ticket, None, None
 
 
 def prune(connection: Connection) -> int:
@@ -971,7 +974,7 @@ _marked_lock = threading.Lock()
 def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[Any]:
     """A subclass of the driver's connection class ``base`` whose COMMIT can carry a marker.
 
-    Its commit asks :func:`_commit_ticket` what the committing unit wants (nothing, outside a
+    Its commit asks :func:`_commit_plan` what the committing unit wants (nothing, outside a
     unit) and sends one message, ``EXECUTE resilient_db_mark_commit('<id>'); COMMIT``, instead of
     COMMIT, or first reads the xid (the fallback). It runs inside SQLAlchemy's ``do_commit``, so
     errors are wrapped and dead connections invalidated exactly as for a plain COMMIT:
@@ -1120,6 +1123,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                 _rdb_mode=None,
                 _rdb_prepared=None,
                 _rdb_notifies=False,
+                **{name: _marking_factory(name) for name in _CURSOR_FACTORIES},
             )
         cls = type(f"Marked{base.__name__}", (base,), namespace)
         _marked_classes[(base, adopted)] = cls
@@ -1168,19 +1172,7 @@ def _psycopg_commit_plan(
     if connection.pgconn.transaction_status != _INTRANS:
         connection._rdb_may_write = False  # idle or failed: COMMIT as plain psycopg does
         return None, None, None
-    if not (connection._rdb_may_write or cursors_marked(connection)):
-        # a cursor factory assigned since the connection was marked: its cursors' statements
-        # were not seen, so they may have written (the server decides: the marker's condition)
-        mark_cursors(connection)
-        connection._rdb_may_write = True
     return _commit_plan(connection)
-
-
-def _commit_plan(driver: Any) -> tuple[CommitTicket | None, str | None, AttemptRecord | None]:
-    """The committing unit's ticket and message (:func:`_commit_ticket`); with no unit
-    committing, the attempt whose own code commits, if any, for :func:`_own_commit`."""
-    ticket, message = _commit_ticket(driver)
-    return ticket, message, current_attempt.get() if ticket is None else None
 
 
 @contextlib.contextmanager
@@ -1236,16 +1228,41 @@ def _mark_psycopg(dbapi_connection: Any) -> bool:
 
     The connection exists already (made by psycopg's ``connect``, or by a ``do_connect`` listener
     or ``creator`` of the user's), so its class is switched rather than the class it is made
-    from; the subclass only adds a ``commit()`` override and a few attributes. Its cursor
-    factories become marked ones (:func:`~resilient_db._statements.mark_cursors`).
+    from; the subclass only adds a ``commit()`` override, a few attributes, and its cursor
+    factories, which mark whatever is assigned to them (:func:`_marking_factory`): the ones the
+    connection has now move there.
     """
     if getattr(dbapi_connection, "_rdb_marked", False):
         return True
     if not isinstance(dbapi_connection, (psycopg.Connection, psycopg.AsyncConnection)):
         return False
-    mark_cursors(dbapi_connection)  # first: a marked connection's statements are all seen
-    dbapi_connection.__class__ = marked_connection_class(type(dbapi_connection))
+    marked = marked_connection_class(type(dbapi_connection))
+    state = vars(dbapi_connection)
+    factories = [(name, state.pop(name)) for name in _CURSOR_FACTORIES if name in state]
+    dbapi_connection.__class__ = marked
+    for name, factory in factories:
+        setattr(dbapi_connection, name, factory)  # marked by the class's setter
     return True
+
+
+#: a psycopg connection's attributes that make its cursors (``server_cursor_factory``: psycopg
+#: 3.1 and later; one the connection lacks stays unset)
+_CURSOR_FACTORIES: Final = ("cursor_factory", "server_cursor_factory")
+
+
+def _marking_factory(name: str) -> property:
+    """The ``cursor_factory`` (or ``server_cursor_factory``) of a marked psycopg connection: a
+    factory assigned to it, by psycopg or by code of yours (a ``connect`` listener, say), at
+    any time, is kept as one whose cursors note their statements
+    (:func:`~resilient_db._statements.marked_cursor_factory`), so every statement is seen. Read
+    through ``operator.attrgetter``: psycopg reads it at every ``cursor()``, and a getter in C
+    costs that no Python frame."""
+    key = f"_rdb_{name}"
+
+    def assign(connection: Any, factory: Any) -> None:
+        setattr(connection, key, marked_cursor_factory(factory))
+
+    return property(operator.attrgetter(key), assign, doc=f"psycopg's ``{name}``, marked")
 
 
 async def _failed_before_commit(

@@ -338,11 +338,22 @@ class Policy:
         try:
             result = attempt()
         except BaseException as exc:
-            if not self.retryable(self.failed(exc, probe, started)) or partly_committed(exc):
-                raise
-            return self._call_retrying(attempt, exc)
+            return self.call_failed(attempt, exc, probe, started)
         self.succeeded(probe)
         return result
+
+    def call_failed(
+        self,
+        attempt: Callable[[], T],
+        exc: BaseException,
+        probe: bool,
+        started: float | None = None,
+    ) -> T:
+        """The first attempt of :meth:`call` failed with ``exc``: record it, then retry or
+        re-raise it. Drivers that run the first attempt inline call this directly."""
+        if not self.retryable(self.failed(exc, probe, started)) or partly_committed(exc):
+            raise exc
+        return self._call_retrying(attempt, exc)
 
     def _call_retrying(self, attempt: Callable[[], T], first: BaseException) -> T:
         pending = [first]
@@ -378,11 +389,11 @@ class Policy:
         try:
             result = await attempt()
         except BaseException as exc:
-            return await self.afailed(attempt, exc, probe, started)
+            return await self.acall_failed(attempt, exc, probe, started)
         self.succeeded(probe)
         return result
 
-    async def afailed(
+    async def acall_failed(
         self,
         attempt: Callable[[], Awaitable[T]],
         exc: BaseException,

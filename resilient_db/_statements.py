@@ -263,25 +263,6 @@ def note_dialect_calls(dialect: Any, name: str, note: Callable[..., None]) -> No
     wrapped.add(name)
 
 
-def mark_cursors(connection: Any) -> None:
-    """Make ``connection`` (psycopg, sync or async) create cursors that note their statements:
-    its ``cursor_factory`` and ``server_cursor_factory``, whatever they are (set through
-    ``connect_args``, say), become marked ones. Idempotent."""
-    connection.cursor_factory = marked_cursor_factory(connection.cursor_factory)
-    server = getattr(connection, "server_cursor_factory", None)
-    if server is not None:
-        connection.server_cursor_factory = marked_cursor_factory(server)
-
-
-def cursors_marked(connection: Any) -> bool:
-    """Whether ``connection``'s cursor factories are still the marked ones (code that assigns
-    ``cursor_factory`` to a connection after it was made replaces them)."""
-    server = getattr(connection, "server_cursor_factory", None)  # (psycopg 3.1 and later)
-    return getattr(connection.cursor_factory, "_rdb_notes", False) and getattr(
-        server, "_rdb_notes", True
-    )
-
-
 def marked_cursor_factory(factory: Any) -> Any:
     """``factory`` (a psycopg cursor class, or a function that makes cursors), making cursors
     that note their statements."""

@@ -77,6 +77,7 @@ NAMES: dict[str, str] = {
     "asleep": "sleep",
     "_asleep": "_sleep",
     "acall": "call",
+    "acall_failed": "call_failed",
 }
 #: dotted async names -> sync names
 DOTTED: dict[str, str] = {"asyncio.sleep": "time.sleep"}

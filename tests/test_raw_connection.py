@@ -234,9 +234,9 @@ def test_a_cursor_factory_assigned_after_connect_still_has_its_writes_verified(
     fault_proxy: FaultProxy, pg_server: PostgresServer, database: str, service: str
 ) -> None:
     """Your ``connect`` listener, added after the factory's, gives the connection another
-    cursor class: its statements are not seen one by one, so the unit's COMMIT carries a
-    marker (the server writes it only if the transaction wrote) and a lost answer is
-    settled, not replayed."""
+    cursor class: the marked connection keeps it as one whose cursors note their statements,
+    so the unit's write is seen, its COMMIT carries a marker and a lost answer is settled, not
+    replayed."""
     engine = sa.create_engine(fault_proxy.url(database), connect_args={"connect_timeout": 2})
     Sessions = rdb.ResilientSession(engine, service=service)
 
@@ -258,10 +258,14 @@ def test_a_cursor_factory_assigned_after_connect_still_has_its_writes_verified(
         assert fault_proxy.commits_lost == 1
         assert len(calls) == 1
         assert rows(pg_server, database, unit) == 1
-        with engine.connect() as conn:  # the connection's cursors are noting again
-            cursor = conn.connection.driver_connection.cursor()
+        with engine.connect() as conn:  # the connection's cursors are noting ones
+            driver = conn.connection.driver_connection
+            cursor = driver.cursor()
             assert isinstance(cursor, psycopg.ClientCursor)
             assert getattr(cursor, "_rdb_notes", False)
+            driver.cursor_factory = psycopg.RawCursor  # assigned later still: marked at once
+            assert issubclass(driver.cursor_factory, psycopg.RawCursor)
+            assert getattr(driver.cursor(), "_rdb_notes", False)
     finally:
         engine.dispose()
 
