@@ -344,13 +344,13 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                         if type(result) is not types.CoroutineType:
                             _require_awaitable(fn, result)
                     value: R = await result
-                    box: list[CommitRequest] = []
+                    request = CommitRequest()
                     try:
                         # flush and COMMIT (async: in one greenlet hop)
-                        await s.run_sync(flush_and_commit, box, self._hooks.commit)
+                        await s.run_sync(flush_and_commit, request, self._hooks.commit)
                     except Exception as exc:
-                        await self._commit_failed(exc, box, s)
-                    record.unit_committed(box[0])
+                        await self._commit_failed(exc, request, s)
+                    record.unit_committed(request)
                     return value
                 except BaseException:
                     failed = True
@@ -374,12 +374,12 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                     _close(s, quiet=failed)
 
     async def _commit_failed(
-        self, exc: Exception, box: list[CommitRequest], session: AsyncSession
+        self, exc: Exception, request: CommitRequest, session: AsyncSession
     ) -> None:
         """COMMIT failed: return if it was verified committed, else raise."""
-        if box and await self._finish_two_phase(box[0], exc, session):
+        if await self._finish_two_phase(request, exc, session):
             return  # a two-phase unit whose prepared transactions were all committed here
-        ticket = self._referee.must_verify(exc, box)
+        ticket = self._referee.must_verify(exc, request)
         if ticket is None:
             raise exc
         if not self._referee.settle(ticket, await self._verify_commit(ticket), exc):

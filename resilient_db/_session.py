@@ -309,13 +309,13 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                 try:
                     result = fn(s, *args, **kwargs)  # the session begins on first use
                     value: R = result
-                    box: list[CommitRequest] = []
+                    request = CommitRequest()
                     try:
                         # flush and COMMIT (async: in one greenlet hop)
-                        flush_and_commit(s, box, self._hooks.commit)
+                        flush_and_commit(s, request, self._hooks.commit)
                     except Exception as exc:
-                        self._commit_failed(exc, box, s)
-                    record.unit_committed(box[0])
+                        self._commit_failed(exc, request, s)
+                    record.unit_committed(request)
                     return value
                 except BaseException:
                     failed = True
@@ -327,11 +327,11 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
             if own:
                 _close(s, quiet=failed)
 
-    def _commit_failed(self, exc: Exception, box: list[CommitRequest], session: Session) -> None:
+    def _commit_failed(self, exc: Exception, request: CommitRequest, session: Session) -> None:
         """COMMIT failed: return if it was verified committed, else raise."""
-        if box and self._finish_two_phase(box[0], exc, session):
+        if self._finish_two_phase(request, exc, session):
             return  # a two-phase unit whose prepared transactions were all committed here
-        ticket = self._referee.must_verify(exc, box)
+        ticket = self._referee.must_verify(exc, request)
         if ticket is None:
             raise exc
         if not self._referee.settle(ticket, self._verify_commit(ticket), exc):

@@ -67,15 +67,13 @@ class CommitVerdict(enum.Enum):
     UNKNOWN = "unknown"
 
 
-def flush_and_commit(session: Session, box: list[CommitRequest], protocol: CommitProtocol) -> None:
+def flush_and_commit(session: Session, request: CommitRequest, protocol: CommitProtocol) -> None:
     """End a unit of work: flush and commit, the COMMIT marked by the commit protocol.
 
     Plain sync code for both drivers (the async one runs it in one ``run_sync`` greenlet hop).
-    ``box`` receives the :class:`CommitRequest` before COMMIT is sent, so a failed COMMIT can be
-    settled. Expired markers are pruned now and then, after a successful commit.
+    ``request`` (the caller's, so that a failed COMMIT can be settled) gathers what the COMMIT
+    carried. Expired markers are pruned now and then, after a successful commit.
     """
-    request = CommitRequest()
-    box.append(request)
     session.flush()  # a failure here sent no COMMIT: the unit may simply be replayed
     request.transaction = session.get_transaction()
     request.attempt = current_attempt.get()
@@ -144,11 +142,8 @@ class CommitReferee:
         self.policy = policy
         self.engine = engine  # the factory's: where a marker is looked up
 
-    def must_verify(self, exc: BaseException, box: list[CommitRequest]) -> CommitTicket | None:
+    def must_verify(self, exc: BaseException, request: CommitRequest) -> CommitTicket | None:
         """The ticket to settle: the COMMIT may have been applied and the unit may have written."""
-        request = box[0] if box else None
-        if request is None:
-            return None  # COMMIT never sent: a replay can't write twice
         lost = self.policy.classifier.classify(exc) in (Outcome.DISCONNECT, Outcome.COMMIT_UNKNOWN)
         elsewhere = None  # the engine of the unit's one connection, when not the factory's
         if request.committing:
