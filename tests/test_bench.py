@@ -23,11 +23,12 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 #: Python lines resilient_db may add to a plain unit (measured 2026-12-01 on SQLAlchemy 2.1,
-#: psycopg 3.3, asyncpg 0.31: sync read +154, write +245, guarded write +442; the async units
-#: run fewer lines than plain ``async_sessionmaker.begin()``: -296, -242, -38). About 100 of
-#: headroom: a SQLAlchemy release may move its own share a little.
+#: psycopg 3.3, asyncpg 0.31: sync read +120, write +224, guarded write +421, read with
+#: pg_sleep +155; the async units run fewer lines than plain ``async_sessionmaker.begin()``:
+#: -328, -265, -61). About 60-80 of headroom: a SQLAlchemy release may move its own share a
+#: little, and a regression like an engine event (+285 per write unit) shows.
 LINE_BUDGET = {
-    "sync": {"read": 260, "write": 350, "guarded": 550, "read_2ms_server_wait": 280},
+    "sync": {"read": 180, "write": 300, "guarded": 500, "read_2ms_server_wait": 220},
     "async": {"read": 0, "write": 0, "guarded": 100},
 }
 
