@@ -629,6 +629,8 @@ class CommitProtocol:
         driver._rdb_mode = mode
         if form is not None:
             driver._rdb_prepared = form
+            if form is self.prepared_marker and not self.is_asyncpg:
+                _watch_psycopg_deallocations(driver, form)
         self._warn_if_missing(mode)
 
     def _warn_if_missing(self, mode: str | None) -> None:
@@ -851,8 +853,69 @@ class InlineMarker:
         return f"{_INLINE_MARK.format(marker=marker)}; COMMIT"
 
 
-#: A connection's marker statement: the engine's prepared one, or the inline one.
-_MarkerForm: TypeAlias = PreparedMarker | InlineMarker
+class _Reprepare:
+    """The marker form of a psycopg connection whose prepared statement psycopg itself dropped
+    (see :func:`_watch_psycopg_deallocations`): its next marked COMMIT prepares the statement
+    again in the same message (``PREPARE ...; EXECUTE ...; COMMIT``: no round trip of its own),
+    and the connection goes back to the engine's prepared form."""
+
+    __slots__ = ("_connection", "_prepared")
+    usable = True
+
+    def __init__(self, connection: Any, prepared: PreparedMarker) -> None:
+        self._connection = weakref.ref(connection)
+        self._prepared = prepared
+
+    def lost(self) -> None:
+        self._prepared.lost()
+
+    def refused(self, sqlstate: str) -> None:
+        self._prepared.refused(sqlstate)
+
+    def message(self, marker: str) -> str:
+        connection = self._connection()
+        if connection is not None and connection._rdb_prepared is self:
+            connection._rdb_prepared = self._prepared  # prepared again by this message
+        if not self._prepared.usable:  # the engine stopped preparing it meanwhile
+            return InlineMarker.message(marker)
+        return f"{_PREPARE_SQL}; EXECUTE {PREPARED_MARK}('{marker}'); COMMIT"
+
+
+def _watch_psycopg_deallocations(connection: Any, prepared: PreparedMarker) -> None:
+    """Have ``connection`` (psycopg, sync or async) prepare the marker statement again after
+    psycopg drops it.
+
+    psycopg prepares a query of its own after a few executions (``prepare_threshold``), and,
+    when it has any, sends ``DEALLOCATE ALL`` after a ROLLBACK (a session closed without
+    committing, an error) and after a DROP, ALTER or DISCARD ALL it runs: the marker statement
+    goes with them, and the next writing unit's ``EXECUTE`` would fail (the unit replayed, the
+    engine's COMMITs sent inline from then on). The moment psycopg decides so is its prepare
+    manager's ``clear()``, which returns True when it will deallocate: wrapped here on this
+    connection's manager, it switches the connection to :class:`_Reprepare`. This reaches into
+    psycopg's private ``_prepared`` (its only public trace is the ``DEALLOCATE ALL`` on the
+    wire); ``tests/test_commit_markers.py`` fails loudly if that changes, and without the
+    attribute the connection is left as it was (a lost statement is then found at its next
+    COMMIT, as for a pooler's).
+    """
+    manager = getattr(connection, "_prepared", None)
+    clear = getattr(manager, "clear", None)
+    if manager is None or not callable(clear):
+        return
+    ref = weakref.ref(connection)
+
+    def clear_and_reprepare() -> bool:
+        dropping: bool = clear()
+        owner = ref()
+        if dropping and owner is not None and owner._rdb_prepared is prepared:
+            owner._rdb_prepared = _Reprepare(owner, prepared)
+        return dropping
+
+    manager.clear = clear_and_reprepare
+
+
+#: A connection's marker statement: the engine's prepared one (or, on a psycopg connection
+#: whose statement psycopg dropped, the one that prepares it again), or the inline one.
+_MarkerForm: TypeAlias = PreparedMarker | _Reprepare | InlineMarker
 
 
 #: Errors of the prepared marker statement that its function form does not meet: the role in
@@ -874,6 +937,8 @@ def _marker_statement_failed(driver: Any, message: str, exc: BaseException) -> N
     code = getattr(exc, "sqlstate", None)  # psycopg's and asyncpg's errors both carry it
     if code == "26000":
         prepared.lost()  # its COMMITs (and the engine's) send the statement inline from now on
+    elif code == "42P05":
+        pass  # prepared again (_Reprepare) where it was still there: the EXECUTE form will do
     elif code in _REFUSED_MARKER:
         driver._rdb_prepared = None
         prepared.refused(str(code))

@@ -1005,6 +1005,114 @@ def test_a_marker_statement_lost_out_of_sight_replays_the_unit_once(
     assert len(markers(engine)) == 3
 
 
+def _repeat_a_query(session: Session) -> None:
+    for _ in range(6):  # past psycopg's prepare_threshold (5): it prepares the query itself
+        session.execute(sa.select(Counter.value).where(Counter.id == 1))
+
+
+@pytest.mark.parametrize("how", ["a session closed without committing", "a DROP in the unit"])
+def test_psycopg_dropping_its_own_prepared_statements_keeps_the_marker_statement(
+    one_connection: sa.Engine,
+    engine: sa.Engine,
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+    how: str,
+) -> None:
+    """psycopg prepares a query of its own after five executions and, when it has any, sends
+    DEALLOCATE ALL after a ROLLBACK (a session closed without committing, as read endpoints
+    are) and after a DROP, ALTER or DISCARD ALL it ran: the marker statement goes with them.
+    The connection's next writing COMMIT prepares it again in its own message: the unit runs
+    once, nothing is logged, the next COMMIT executes the statement as before. Before, the
+    EXECUTE failed, the unit was replayed and the engine sent every marker inline from then
+    on. Fails loudly if psycopg's prepare manager changes (``_watch_psycopg_deallocations``)."""
+    Sessions = rdb.ResilientSession(one_connection, service=service)
+    Sessions.run(_bump)
+    attempts = []
+
+    def bump(session: Session) -> int:
+        attempts.append(1)
+        if how == "a DROP in the unit":
+            _repeat_a_query(session)
+            session.execute(sa.text("DROP TABLE IF EXISTS rdb_no_such_table"))
+        return _bump(session)
+
+    with caplog.at_level("WARNING", logger="resilient_db"):
+        if how == "a session closed without committing":
+            with Session(one_connection) as plain:  # the pool's one connection
+                _repeat_a_query(plain)
+        with one_connection.connect() as conn:
+            if how == "a session closed without committing":
+                assert _prepared_runs(conn) is None  # psycopg dropped it
+            conn.rollback()
+        assert Sessions.run(bump) == 2
+    assert len(attempts) == 1
+    assert not [r for r in caplog.records if "commit-marker" in r.getMessage()]
+    with one_connection.connect() as conn:
+        assert _prepared_runs(conn) == 1  # prepared again by the COMMIT's message, run once
+    trips = _traced(one_connection, lambda: Sessions.run(_bump), fresh=False)
+    assert trips[-1].startswith(f'"EXECUTE {PREPARED}('), trips
+    assert len(markers(engine)) == 3
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(Counter.value)).scalar() == 3
+
+
+def test_a_marker_statement_prepared_again_out_of_sight_replays_the_unit_once(
+    one_connection: sa.Engine, engine: sa.Engine, service: str
+) -> None:
+    """psycopg dropped the statement, then something prepared it again out of the client's
+    sight: the COMMIT message's own PREPARE fails (42P05), so the COMMIT after it never ran;
+    the unit is replayed once, through the statement that is there, and commits once."""
+    Sessions = rdb.ResilientSession(one_connection, service=service)
+    Sessions.run(_bump)
+    with Session(one_connection) as plain:
+        _repeat_a_query(plain)  # closed without committing: psycopg drops its statements
+    with one_connection.connect() as conn:
+        raw: Any = conn.connection.driver_connection
+        result = raw.pgconn.exec_(_commit._PREPARE_SQL.encode())  # past the client, by libpq
+        assert result.status == psycopg.pq.ExecStatus.COMMAND_OK
+    attempts = []
+
+    def bump(session: Session) -> int:
+        attempts.append(1)
+        return _bump(session)
+
+    assert Sessions.run(bump) == 2
+    assert len(attempts) == 2
+    assert len(markers(engine)) == 2
+    with one_connection.connect() as conn:
+        assert _prepared_runs(conn) == 1
+
+
+@pytest.mark.asyncio
+async def test_async_psycopg_dropping_its_own_prepared_statements_keeps_the_marker_statement(
+    pg_url: str, engine: sa.Engine, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same on psycopg's async connection, after a session closed without committing."""
+    aengine = create_async_engine(pg_url, pool_size=1, max_overflow=0)
+    try:
+        Sessions = rdb.AsyncResilientSession(aengine, service=service)
+        await Sessions.run(_abump)
+        async with AsyncSession(aengine) as plain:
+            for _ in range(6):
+                await plain.execute(sa.select(Counter.value).where(Counter.id == 1))
+        attempts = []
+
+        async def bump(session: AsyncSession) -> int:
+            attempts.append(1)
+            return await _abump(session)
+
+        with caplog.at_level("WARNING", logger="resilient_db"):
+            assert await Sessions.run(bump) == 2
+        assert len(attempts) == 1
+        assert not [r for r in caplog.records if "commit-marker" in r.getMessage()]
+        async with aengine.connect() as conn:
+            runs = await conn.run_sync(_prepared_runs)
+            assert runs == 1
+    finally:
+        await aengine.dispose()
+    assert len(markers(engine)) == 2
+
+
 def test_psycopg_told_not_to_prepare_gets_no_prepared_marker(
     pg_url: str, engine: sa.Engine, service: str
 ) -> None:
