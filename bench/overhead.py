@@ -49,6 +49,10 @@ The Python lines each unit executes are counted there too (``sys.settrace``, the
 units): the client's work, counted rather than timed, so that a change in it shows at once,
 whatever the machine's noise does to the ratios.
 
+resilient_db's warnings during the run are reported at the end: there should be none, since
+the benchmark measures the success path (a retry, or a marker statement found missing, which
+makes later COMMITs carry the marker's INSERT inline, would change what is measured).
+
 The variants are interleaved so that the machine's noise hits them alike: latency unit by unit
 (each key runs through every variant in turn), throughput in short alternating runs. Each ratio
 is the median of the per-round ratios, shown with a 95 % bootstrap interval of that median.
@@ -60,6 +64,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import random
 import statistics
@@ -673,6 +678,19 @@ def _revision() -> str | None:
     return head + ("+dirty" if dirty else "")
 
 
+class Heard(logging.Handler):
+    """resilient_db's warnings during a run. The benchmark measures the success path: a
+    warning (a retry, a marker statement found missing, so that COMMITs carried the marker's
+    INSERT inline) means some units took another path, and the run says so."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def run(
     url: str,
     async_url: str,
@@ -680,6 +698,25 @@ def run(
     quick: bool,
     markers: bool,
     units: tuple[str, ...] = UNITS,
+) -> dict[str, Any]:
+    heard = Heard()
+    logger = logging.getLogger("resilient_db")
+    logger.addHandler(heard)
+    try:
+        result = _run(url, async_url, quick=quick, markers=markers, units=units)
+    finally:
+        logger.removeHandler(heard)
+    result["warnings"] = heard.messages
+    return result
+
+
+def _run(
+    url: str,
+    async_url: str,
+    *,
+    quick: bool,
+    markers: bool,
+    units: tuple[str, ...],
 ) -> dict[str, Any]:
     p = QUICK if quick else DEFAULT
     revision = _revision()
@@ -796,9 +833,16 @@ def render(result: dict[str, Any]) -> str:
             f"| {UNIT_NAMES[row['unit']]} | {label} | {values} | {ratio} | {target} | {trip_cell} |"
         )
     markers = "installed" if result["commit_markers"] else "NOT installed (--no-markers)"
+    heard = result.get("warnings", [])
+    said = (
+        "none (every unit took the success path)"
+        if not heard
+        else f"{len(heard)}, SOME UNITS TOOK ANOTHER PATH; the first: {heard[0]}"
+    )
     lines += [
         "",
         f"resilient_db revision: {result['revision'] or 'unknown'}; commit markers: {markers}",
+        f"resilient_db warnings during the run: {said}",
         *round_trip_lines(trips),
         f"round trips counted as: {trips['method']}",
         "Python lines counted as: line events of sys.settrace in the unit's thread, median of "

@@ -12,6 +12,7 @@ Timings belong to the benchmark, never to tests; these two counts don't depend o
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,3 +84,16 @@ def test_the_line_counter_counts_the_lines_run_inside_it(overhead: ModuleType) -
         three_lines()
     assert counter.lines == 3
     assert sys.gettrace() is None
+
+
+def test_the_benchmark_reports_resilient_dbs_warnings(overhead: ModuleType) -> None:
+    """A run whose units left the success path says so (its figures measure something else)."""
+    heard = overhead.Heard()
+    logger = logging.getLogger("resilient_db")
+    logger.addHandler(heard)
+    try:
+        logging.getLogger("resilient_db.session").warning("[SELF-HEAL] something happened")
+        logging.getLogger("resilient_db.session").info("not a warning")
+    finally:
+        logger.removeHandler(heard)
+    assert heard.messages == ["[SELF-HEAL] something happened"]
