@@ -651,20 +651,12 @@ else:  # sync only
         """A unit of ``run``/``run_in``/``transactional``: not a coroutine function."""
         if type(fn) is types.FunctionType and not fn.__code__.co_flags & inspect.CO_COROUTINE:
             return  # a plain function (every unit passes here), answered from its code flags
-        if _is_coroutine_function(fn):
+        if inspect.iscoroutinefunction(fn):  # the rest: partials, methods, marked callables
             raise TypeError(
                 f"{_name(fn)} is a coroutine function; use AsyncResilientSession.{where} for it"
             )
 
     _require_unit_function = _require_unit
-
-    def _is_coroutine_function(fn: Any) -> bool:
-        # A plain function answers from its code flags (every unit passes here); the rest
-        # (partials, methods, marked callables) through inspect.
-        code = getattr(fn, "__code__", None)
-        if code is not None and type(fn) is types.FunctionType:
-            return bool(code.co_flags & inspect.CO_COROUTINE)
-        return inspect.iscoroutinefunction(fn)
 
     def _call_unit(
         fn: Callable[..., R], session: Any, args: tuple[Any, ...], kwargs: dict[str, Any]

@@ -856,29 +856,22 @@ class InlineMarker:
 class _Reprepare:
     """The marker form of a psycopg connection whose prepared statement psycopg itself dropped
     (see :func:`_watch_psycopg_deallocations`): its next marked COMMIT prepares the statement
-    again in the same message (``PREPARE ...; EXECUTE ...; COMMIT``: no round trip of its own),
-    and the connection goes back to the engine's prepared form."""
+    again in the same message (``PREPARE ...; EXECUTE ...; COMMIT``: no round trip of its own).
+    Building that message hands the connection back to the engine's prepared form, so a COMMIT
+    that fails (:func:`_marker_statement_failed`) never meets this one."""
 
     __slots__ = ("_connection", "_prepared")
-    usable = True
 
     def __init__(self, connection: Any, prepared: PreparedMarker) -> None:
         self._connection = weakref.ref(connection)
         self._prepared = prepared
 
-    def lost(self) -> None:
-        self._prepared.lost()
-
-    def refused(self, sqlstate: str) -> None:
-        self._prepared.refused(sqlstate)
-
     def message(self, marker: str) -> str:
         connection = self._connection()
         if connection is not None and connection._rdb_prepared is self:
             connection._rdb_prepared = self._prepared  # prepared again by this message
-        if not self._prepared.usable:  # the engine stopped preparing it meanwhile
-            return InlineMarker.message(marker)
-        return f"{_PREPARE_SQL}; EXECUTE {PREPARED_MARK}('{marker}'); COMMIT"
+        message = self._prepared.message(marker)  # inline if the engine stopped preparing it
+        return f"{_PREPARE_SQL}; {message}" if self._prepared.usable else message
 
 
 def _watch_psycopg_deallocations(connection: Any, prepared: PreparedMarker) -> None:
@@ -897,9 +890,9 @@ def _watch_psycopg_deallocations(connection: Any, prepared: PreparedMarker) -> N
     attribute the connection is left as it was (a lost statement is then found at its next
     COMMIT, as for a pooler's).
     """
-    manager = getattr(connection, "_prepared", None)
+    manager: Any = getattr(connection, "_prepared", None)
     clear = getattr(manager, "clear", None)
-    if manager is None or not callable(clear):
+    if not callable(clear):
         return
     ref = weakref.ref(connection)
 
@@ -913,9 +906,10 @@ def _watch_psycopg_deallocations(connection: Any, prepared: PreparedMarker) -> N
     manager.clear = clear_and_reprepare
 
 
-#: A connection's marker statement: the engine's prepared one (or, on a psycopg connection
-#: whose statement psycopg dropped, the one that prepares it again), or the inline one.
-_MarkerForm: TypeAlias = PreparedMarker | _Reprepare | InlineMarker
+#: A connection's marker statement as set up at connect: the engine's prepared one, or the
+#: inline one (a psycopg connection whose statement psycopg dropped holds a _Reprepare until
+#: its next marked COMMIT).
+_MarkerForm: TypeAlias = PreparedMarker | InlineMarker
 
 
 #: Errors of the prepared marker statement that its function form does not meet: the role in

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import logging
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+
+from resilient_db.testing import PostgresServer
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -45,13 +48,21 @@ def overhead() -> Iterator[ModuleType]:
         sys.path.remove(str(BENCH))
 
 
-@pytest.fixture
-def counts(overhead: ModuleType, pg_url: str, pg_async_url: str) -> dict[str, Any]:
-    overhead.prepare(pg_url, markers=True)
-    trips, method = overhead.count_round_trips(pg_url, pg_async_url)
-    assert "INCOMPLETE" not in method
-    result: dict[str, Any] = trips
-    return result
+@pytest.fixture(scope="module")
+def counts(overhead: ModuleType, pg_server: PostgresServer) -> Iterator[dict[str, Any]]:
+    """The benchmark's counts, made once for this module's tests (a few seconds), in a
+    database of their own."""
+    database = f"t_bench_counts_{uuid.uuid4().hex[:10]}"
+    pg_server.create_database(database)
+    try:
+        url = pg_server.url(database)
+        overhead.prepare(url, markers=True)
+        trips, method = overhead.count_round_trips(url, pg_server.url(database, driver="asyncpg"))
+        assert "INCOMPLETE" not in method
+        yield trips
+    finally:
+        pg_server.ensure_running()
+        pg_server.drop_database(database)
 
 
 def test_units_pay_no_round_trip_more_than_plain_sqlalchemy(counts: dict[str, Any]) -> None:
