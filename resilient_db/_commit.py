@@ -800,8 +800,9 @@ class PreparedMarker:
     announced, or a ``DISCARD ALL`` sent past SQLAlchemy) did not commit, since the server stops
     a message at its first error: the error is marked safe to replay
     (:func:`~._classify.mark_replay_safe`), and the engine's COMMITs send the INSERT inline from
-    then on. A ``DISCARD`` or ``DEALLOCATE`` sent through SQLAlchemy is seen by the statement
-    listener: that connection alone stops using the statement (it calls the function), and
+    then on. A ``DISCARD`` or ``DEALLOCATE`` sent through SQLAlchemy (or the client) is seen
+    by the statement listener, and psycopg's own ``DEALLOCATE ALL`` by its prepare manager:
+    that connection's next COMMIT prepares the statement again (:class:`_Reprepare`), and
     nothing fails.
     """
 
@@ -826,6 +827,10 @@ class PreparedMarker:
         if self.usable:
             return f"EXECUTE {PREPARED_MARK}('{marker}'); COMMIT"
         return InlineMarker.message(marker)
+
+    def dropped(self, connection: Any) -> _MarkerForm:
+        """The form for ``connection`` once its statement may have been deallocated."""
+        return _Reprepare(connection, self) if self.usable else self
 
 
 class InlineMarker:
@@ -852,13 +857,21 @@ class InlineMarker:
     def message(marker: str) -> str:
         return f"{_INLINE_MARK.format(marker=marker)}; COMMIT"
 
+    def dropped(self, connection: Any) -> _MarkerForm:
+        return self  # nothing prepared
+
 
 class _Reprepare:
-    """The marker form of a psycopg connection whose prepared statement psycopg itself dropped
-    (see :func:`_watch_psycopg_deallocations`): its next marked COMMIT prepares the statement
-    again in the same message (``PREPARE ...; EXECUTE ...; COMMIT``: no round trip of its own).
-    Building that message hands the connection back to the engine's prepared form, so a COMMIT
-    that fails (:func:`_marker_statement_failed`) never meets this one."""
+    """The marker form of a connection whose prepared statement may be gone: psycopg dropped
+    it (:func:`_watch_psycopg_deallocations`), or a ``DISCARD`` / ``DEALLOCATE`` went through
+    the connection. Its next marked COMMIT sends the INSERT inline and prepares the statement
+    again after the COMMIT, in the same message (``INSERT ...; COMMIT; PREPARE ...``: no round
+    trip of its own). The PREPARE comes last so that nothing it meets can stop the COMMIT: a
+    statement that is still there (42P05, prepared again out of sight, or a DEALLOCATE that
+    failed) is an error after the COMMIT succeeded, which the commit ignores
+    (:func:`_prepare_failed_after_commit`). Building that message hands the connection back to
+    the engine's prepared form; a message that fails on the way takes it back here
+    (:func:`_may_have_missed_prepare`)."""
 
     __slots__ = ("_connection", "_prepared")
 
@@ -870,8 +883,36 @@ class _Reprepare:
         connection = self._connection()
         if connection is not None and connection._rdb_prepared is self:
             connection._rdb_prepared = self._prepared  # prepared again by this message
-        message = self._prepared.message(marker)  # inline if the engine stopped preparing it
-        return f"{_PREPARE_SQL}; {message}" if self._prepared.usable else message
+        if not self._prepared.usable:  # the engine stopped preparing it
+            return InlineMarker.message(marker)
+        return f"{InlineMarker.message(marker)}; {_PREPARE_SQL}"
+
+    def dropped(self, connection: Any) -> _MarkerForm:
+        return self
+
+    def lost(self) -> None:
+        self._prepared.lost()
+
+    def refused(self, sqlstate: str) -> None:
+        self._prepared.refused(sqlstate)
+
+
+def _may_have_missed_prepare(connection: Any, message: str) -> None:
+    """A marked COMMIT message failed: if it was to prepare the statement again (see
+    :class:`_Reprepare`), the PREPARE at its end may not have run, so the connection's next
+    COMMIT prepares it again (at worst meeting it there: 42P05, ignored)."""
+    form = connection._rdb_prepared
+    if message.endswith(_PREPARE_SQL) and isinstance(form, PreparedMarker):
+        connection._rdb_prepared = form.dropped(connection)
+
+
+def _prepare_failed_after_commit(connection: Any, sqlstate: str | None) -> None:
+    """The PREPARE after a successful COMMIT (:class:`_Reprepare`) failed: the unit is
+    committed all the same. 42P05: the statement is there (the connection keeps the prepared
+    form); anything else: the connection calls the function from now on."""
+    if sqlstate != "42P05":
+        connection._rdb_prepared = None
+    log_session.debug("PREPARE after a COMMIT failed (%s); the COMMIT stands", sqlstate)
 
 
 def _watch_psycopg_deallocations(connection: Any, prepared: PreparedMarker) -> None:
@@ -900,16 +941,15 @@ def _watch_psycopg_deallocations(connection: Any, prepared: PreparedMarker) -> N
         dropping: bool = clear()
         owner = ref()
         if dropping and owner is not None and owner._rdb_prepared is prepared:
-            owner._rdb_prepared = _Reprepare(owner, prepared)
+            owner._rdb_prepared = prepared.dropped(owner)
         return dropping
 
     manager.clear = clear_and_reprepare
 
 
-#: A connection's marker statement as set up at connect: the engine's prepared one, or the
-#: inline one (a psycopg connection whose statement psycopg dropped holds a _Reprepare until
-#: its next marked COMMIT).
-_MarkerForm: TypeAlias = PreparedMarker | InlineMarker
+#: A connection's marker statement: the engine's prepared one, or the inline one (set up at
+#: connect), or, until its next marked COMMIT, the prepared one to prepare again (_Reprepare).
+_MarkerForm: TypeAlias = "PreparedMarker | InlineMarker | _Reprepare"
 
 
 #: Errors of the prepared marker statement that its function form does not meet: the role in
@@ -931,8 +971,6 @@ def _marker_statement_failed(driver: Any, message: str, exc: BaseException) -> N
     code = getattr(exc, "sqlstate", None)  # psycopg's and asyncpg's errors both carry it
     if code == "26000":
         prepared.lost()  # its COMMITs (and the engine's) send the statement inline from now on
-    elif code == "42P05":
-        pass  # prepared again (_Reprepare) where it was still there: the EXECUTE form will do
     elif code in _REFUSED_MARKER:
         driver._rdb_prepared = None
         prepared.refused(str(code))
@@ -1081,9 +1119,14 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                                     result = await base.execute(
                                         self, message + ";", timeout=timeout
                                     )
-                                except asyncpg.PostgresError as exc:
-                                    await _failed_before_commit(self, base, message, exc)
-                                    raise
+                                except BaseException as exc:
+                                    if _prepared_after_commit(self, message, exc):
+                                        result = "COMMIT"
+                                    else:
+                                        _may_have_missed_prepare(self, message)
+                                        if isinstance(exc, asyncpg.PostgresError):
+                                            await _failed_before_commit(self, base, message, exc)
+                                        raise
                             ticket.done = True
                             return result
                     elif end == "ROLLBACK":
@@ -1161,9 +1204,8 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                     # (_marker_statement_errors, written out: every writing unit passes here)
                     try:
                         _psycopg_simple_query(self, message.encode())
-                    except psycopg.Error as exc:
-                        if self.pgconn.transaction_status == _INERROR:
-                            _marker_statement_failed(self, message, exc)
+                    except BaseException as exc:
+                        _psycopg_marked_commit_failed(self, message, exc)
                         raise
                 if ticket is not None:
                     ticket.done = True
@@ -1220,6 +1262,7 @@ def _adopt_asyncpg(driver: Any) -> None:
 _INTRANS: Final = int(psycopg.pq.TransactionStatus.INTRANS)
 _INERROR: Final = int(psycopg.pq.TransactionStatus.INERROR)
 _FATAL_ERROR: Final = int(psycopg.pq.ExecStatus.FATAL_ERROR)
+_SQLSTATE: Final = psycopg.pq.DiagnosticField.SQLSTATE
 
 
 def _psycopg_commit_plan(
@@ -1240,10 +1283,16 @@ def _marker_statement_errors(connection: Any, message: str) -> Iterator[None]:
     open and failed came from the marker statement (the COMMIT never ran)."""
     try:
         yield
-    except psycopg.Error as exc:
-        if connection.pgconn.transaction_status == _INERROR:
-            _marker_statement_failed(connection, message, exc)
+    except BaseException as exc:
+        _psycopg_marked_commit_failed(connection, message, exc)
         raise
+
+
+def _psycopg_marked_commit_failed(connection: Any, message: str, exc: BaseException) -> None:
+    """A psycopg connection's marked COMMIT message raised ``exc``."""
+    _may_have_missed_prepare(connection, message)
+    if isinstance(exc, psycopg.Error) and connection.pgconn.transaction_status == _INERROR:
+        _marker_statement_failed(connection, message, exc)
 
 
 def _psycopg_simple_query(connection: Any, message: bytes) -> None:
@@ -1275,9 +1324,15 @@ async def _psycopg_simple_query_async(connection: Any, message: bytes) -> None:
 
 def _raise_error(connection: Any, results: list[Any]) -> None:
     """Raise the error of a simple query's results, as psycopg would. The server stops at a
-    statement's error (it skips the rest of the message), so an error is the last result."""
+    statement's error (it skips the rest of the message), so an error is the last result; one
+    after a successful COMMIT is the PREPARE of :class:`_Reprepare`'s message, which does not
+    undo the COMMIT."""
     last = results[-1] if results else None
     if last is not None and last.status == _FATAL_ERROR:
+        if len(results) > 2 and results[-2].command_status == b"COMMIT":
+            code = last.error_field(_SQLSTATE)
+            _prepare_failed_after_commit(connection, code.decode() if code else None)
+            return
         raise psycopg.errors.error_from_result(last, encoding=connection.info.encoding)
 
 
@@ -1322,6 +1377,21 @@ def _marking_factory(name: str) -> property:
         setattr(connection, key, marked_cursor_factory(factory))
 
     return property(operator.attrgetter(key), assign, doc=f"psycopg's ``{name}``, marked")
+
+
+def _prepared_after_commit(connection: Any, message: str, exc: BaseException) -> bool:
+    """An asyncpg connection's marked COMMIT message raised ``exc``: True when that was the
+    PREPARE after its COMMIT (:class:`_Reprepare`) meeting the statement there (42P05, which
+    nothing before it raises), so the COMMIT stands. asyncpg raises a message's first error
+    without the results before it: another error there is taken as the COMMIT's."""
+    if (
+        getattr(exc, "sqlstate", None) == "42P05"
+        and message.endswith(_PREPARE_SQL)
+        and not connection.is_in_transaction()
+    ):
+        _prepare_failed_after_commit(connection, "42P05")
+        return True
+    return False
 
 
 async def _failed_before_commit(

@@ -84,11 +84,12 @@ _SESSION_STATE = re.compile(
     re.IGNORECASE | re.DOTALL,
 )
 # Verdicts, cached per statement: a truthy one means "may write". STOPS_PREPARED: after it, the
-# connection's COMMITs call the marker function instead of the prepared statement: DISCARD or
-# DEALLOCATE may have dropped the statement; in a read-only transaction its INSERT can't even
-# start (the server refuses it before its condition is looked at) and a role switched to may
-# not write markers, where the function decides on the server (and runs as its owner). These
-# are statements of session state: that connection stays on the function.
+# connection's COMMITs call the marker function instead of the prepared statement: in a
+# read-only transaction its INSERT can't even start (the server refuses it before its condition
+# is looked at) and a role switched to may not write markers, where the function decides on the
+# server (and runs as its owner). These are statements of session state: that connection stays
+# on the function. DEALLOCATES: DISCARD or DEALLOCATE may have dropped the prepared statement:
+# the connection's next COMMIT prepares it again (see ``_commit._Reprepare``).
 READ_ONLY: Final = 0
 MAY_WRITE: Final = 1
 STOPS_PREPARED: Final = 2
@@ -97,6 +98,7 @@ STOPS_PREPARED: Final = 2
 #: condition was evaluated. A transaction that did nothing else would carry no marker, and a
 #: lost answer would be replayed: the notification sent twice. Its COMMIT assigns the xid first.
 NOTIFIES: Final = 3
+DEALLOCATES: Final = 4
 _NOTIFY_CALL = re.compile(r"\bpg_notify\s*\(", re.IGNORECASE)
 # Statements of transaction control that write nothing themselves (asyncpg's savepoints, for
 # one, go through ``execute``): judged read-only, as an empty statement (asyncpg's ping, ";").
@@ -111,7 +113,7 @@ def may_write(statement: str) -> bool:
 
 def verdict_of(statement: str) -> int:
     """``statement``'s verdict (``READ_ONLY``, ``MAY_WRITE``, ``STOPS_PREPARED``,
-    or ``NOTIFIES``), cached."""
+    ``NOTIFIES`` or ``DEALLOCATES``), cached."""
     verdict = _verdicts.get(statement)
     if verdict is None:
         verdict = _judge(statement)
@@ -126,7 +128,7 @@ def _judge(statement: str) -> int:
     if head.rstrip(";") in _CONTROL_HEADS and ";" not in statement.strip().rstrip(";"):
         return READ_ONLY
     if head in ("DISCAR", "DEALLO"):
-        return STOPS_PREPARED
+        return DEALLOCATES
     if head == "NOTIFY" or _NOTIFY_CALL.search(statement):
         return NOTIFIES
     if head[:5] == "SHOW ":
@@ -216,12 +218,16 @@ def statement_listeners(
 
 
 def _special_statement(verdict: int, driver: Any) -> None:
-    """What a STOPS_PREPARED or NOTIFIES statement changes on a marked connection (off the
-    common path)."""
+    """What a STOPS_PREPARED, NOTIFIES or DEALLOCATES statement changes on a marked connection
+    (off the common path)."""
     if verdict == STOPS_PREPARED:
         driver._rdb_prepared = None  # its COMMITs call the function from now on
     elif verdict == NOTIFIES:
         driver._rdb_notifies = True  # read (and cleared) by the unit's COMMIT
+    elif verdict == DEALLOCATES:
+        form = driver._rdb_prepared
+        if form is not None:  # (the function needs nothing prepared)
+            driver._rdb_prepared = form.dropped(driver)  # its next COMMIT prepares it again
 
 
 def note_write(context: Any) -> None:

@@ -4,6 +4,7 @@ costs in round trips. The crash and fault scenarios are in test_commit_protocol*
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import uuid
@@ -147,7 +148,7 @@ def test_notifications_are_writes_whose_xid_comes_at_commit(statement: str) -> N
     "statement", ["DISCARD ALL", "deallocate all", f"DEALLOCATE {PREPARED}", "  Discard plans"]
 )
 def test_discard_and_deallocate_may_drop_the_prepared_marker(statement: str) -> None:
-    assert _statements.verdict_of(statement) == _statements.STOPS_PREPARED
+    assert _statements.verdict_of(statement) == _statements.DEALLOCATES
     assert may_write(statement)
 
 
@@ -951,18 +952,90 @@ def test_each_connection_prepares_the_marker_statement_once_and_commits_through_
     assert len(markers(engine)) == 3
 
 
-def test_a_deallocate_through_sqlalchemy_moves_only_its_connection_to_the_function(
-    one_connection: sa.Engine, engine: sa.Engine, service: str
+REPREPARE_SUFFIX = f'; COMMIT; {_commit._PREPARE_SQL}"'
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [f"DEALLOCATE {PREPARED}", "DEALLOCATE ALL", "DISCARD PLANS", f"DEALLOCATE {PREPARED}x"],
+    ids=["drops it", "drops all", "leaves it", "fails"],
+)
+def test_a_deallocate_through_sqlalchemy_prepares_the_statement_again_in_the_next_commit(
+    one_connection: sa.Engine,
+    engine: sa.Engine,
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+    statement: str,
 ) -> None:
-    """The statement listener sees DEALLOCATE (or DISCARD): that connection's next COMMIT calls
-    the function, and nothing fails or is replayed; a new connection prepares it again."""
+    """The statement listener sees DEALLOCATE (or DISCARD): that connection's next COMMIT sends
+    the INSERT inline and prepares the statement again after the COMMIT, in the same message;
+    the COMMIT after it executes the statement. Where the statement was still there (DISCARD
+    PLANS leaves it; a DEALLOCATE that failed dropped nothing) the PREPARE meets it (42P05)
+    after the COMMIT, which stands: the unit runs once either way, nothing is logged. Before,
+    the connection called the function for good."""
     Sessions = rdb.ResilientSession(one_connection, service=service)
-    _commits_through_the_function_after(Sessions, one_connection, f"DEALLOCATE {PREPARED}")
-    assert len(markers(engine)) == 1
-    one_connection.dispose()
-    trips = _traced(one_connection, lambda: Sessions.run(_bump))
-    assert trips[-1].startswith(f'"EXECUTE {PREPARED}(')
-    assert len(markers(engine)) == 2
+    Sessions.run(_bump)
+    attempts: list[int] = []
+    fails = statement.endswith("x")
+
+    def unit(session: Session) -> int:
+        attempts.append(1)
+        if fails:  # in a savepoint: the failure leaves the unit's transaction usable
+            with pytest.raises(sa.exc.DBAPIError), session.begin_nested():
+                session.execute(sa.text(statement))
+        else:
+            session.execute(sa.text(statement))
+        return _bump(session)
+
+    with caplog.at_level("DEBUG", logger="resilient_db"):
+        trips = _traced(one_connection, lambda: Sessions.run(unit), fresh=False)
+    assert attempts == [1]
+    assert trips[-1].startswith(INLINE_FORM), trips
+    assert trips[-1].endswith(REPREPARE_SUFFIX), trips
+    still_there = statement in ("DISCARD PLANS", f"DEALLOCATE {PREPARED}x")
+    after_commit = [r for r in caplog.records if "PREPARE after a COMMIT" in r.getMessage()]
+    assert len(after_commit) == still_there
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    trips = _traced(one_connection, lambda: Sessions.run(_bump), fresh=False)
+    assert trips[-1].startswith(f'"EXECUTE {PREPARED}('), trips
+    assert len(markers(engine)) == 3
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(Counter.value)).scalar() == 3
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("statement", [f"DEALLOCATE {PREPARED}", "DISCARD PLANS"])
+async def test_async_a_deallocate_prepares_the_statement_again_in_the_next_commit(
+    pg_url: str, pg_async_url: str, engine: sa.Engine, service: str, statement: str
+) -> None:
+    """The same on both async drivers: the next COMMIT prepares the statement again after it
+    (asyncpg raises the 42P05 of a statement still there after the COMMIT, which stands)."""
+    kept = statement == "DISCARD PLANS"  # leaves the statement there
+    for url in (pg_url, pg_async_url):  # psycopg's async connection, asyncpg
+        aengine = create_async_engine(url, pool_size=1, max_overflow=0)
+        try:
+            Sessions = rdb.AsyncResilientSession(aengine, service=service)
+            attempts: list[int] = []
+
+            async def unit(session: AsyncSession, attempts: list[int] = attempts) -> int:
+                attempts.append(1)
+                await session.execute(sa.text(statement))
+                return await _abump(session)
+
+            before = len(markers(engine))
+            await Sessions.run(_abump)
+            await Sessions.run(unit)
+            assert attempts == [1]
+            async with aengine.connect() as conn:  # prepared again, not yet run (or the first)
+                assert await conn.run_sync(_prepared_runs) == (1 if kept else 0), url
+            await Sessions.run(_abump)
+            async with aengine.connect() as conn:
+                runs = await conn.run_sync(_prepared_runs)
+            # executed by the third unit (DISCARD PLANS: the first statement still, run twice)
+            assert runs == (2 if kept else 1), url
+            assert len(markers(engine)) == before + 3, url
+        finally:
+            await aengine.dispose()
 
 
 def test_a_marker_statement_lost_out_of_sight_replays_the_unit_once(
@@ -1021,8 +1094,9 @@ def test_psycopg_dropping_its_own_prepared_statements_keeps_the_marker_statement
     """psycopg prepares a query of its own after five executions and, when it has any, sends
     DEALLOCATE ALL after a ROLLBACK (a session closed without committing, as read endpoints
     are) and after a DROP, ALTER or DISCARD ALL it ran: the marker statement goes with them.
-    The connection's next writing COMMIT prepares it again in its own message: the unit runs
-    once, nothing is logged, the next COMMIT executes the statement as before. Before, the
+    The connection's next writing COMMIT prepares it again in its own message (after the
+    COMMIT): the unit runs once, nothing is logged, the next COMMIT executes the statement as
+    before. Before, the
     EXECUTE failed, the unit was replayed and the engine sent every marker inline from then
     on. Fails loudly if psycopg's prepare manager changes (``_watch_psycopg_deallocations``)."""
     Sessions = rdb.ResilientSession(one_connection, service=service)
@@ -1046,20 +1120,99 @@ def test_psycopg_dropping_its_own_prepared_statements_keeps_the_marker_statement
     assert len(attempts) == 1
     assert not [r for r in caplog.records if "commit-marker" in r.getMessage()]
     with one_connection.connect() as conn:
-        assert _prepared_runs(conn) == 1  # prepared again by the COMMIT's message, run once
+        assert _prepared_runs(conn) == 0  # prepared again after the COMMIT, in its message
     trips = _traced(one_connection, lambda: Sessions.run(_bump), fresh=False)
     assert trips[-1].startswith(f'"EXECUTE {PREPARED}('), trips
+    with one_connection.connect() as conn:
+        assert _prepared_runs(conn) == 1
     assert len(markers(engine)) == 3
     with engine.connect() as conn:
         assert conn.execute(sa.select(Counter.value)).scalar() == 3
 
 
-def test_a_marker_statement_prepared_again_out_of_sight_replays_the_unit_once(
+_DEFERRED_TABLE = "rdb_deferred_unique"
+_VIOLATE_AT_COMMIT = (
+    f"INSERT INTO {_DEFERRED_TABLE} VALUES (1), (1)"  # refused by the COMMIT, not before it
+)
+
+
+@pytest.fixture
+def deferred_unique(engine: sa.Engine) -> None:
+    """A table whose unique constraint is checked at COMMIT."""
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                f"CREATE TABLE IF NOT EXISTS {_DEFERRED_TABLE} (k int, UNIQUE (k) DEFERRABLE "
+                "INITIALLY DEFERRED)"
+            )
+        )
+
+
+def test_a_commit_that_fails_before_its_prepare_leaves_it_to_the_next_commit(
+    one_connection: sa.Engine, engine: sa.Engine, service: str, deferred_unique: None
+) -> None:
+    """The COMMIT that was to prepare the statement again fails (a deferred constraint), so the
+    PREPARE after it never ran: the next COMMIT prepares it instead. Without that, the next
+    unit's EXECUTE would meet no statement: replayed, and the engine inline for good."""
+    Sessions = rdb.ResilientSession(one_connection, service=service)
+
+    def violate(session: Session) -> None:
+        session.execute(sa.text(f"DEALLOCATE {PREPARED}"))
+        session.execute(sa.text(_VIOLATE_AT_COMMIT))
+
+    with pytest.raises(sa.exc.IntegrityError):
+        Sessions.run(violate)
+    attempts = []
+
+    def bump(session: Session) -> int:
+        attempts.append(1)
+        return _bump(session)
+
+    trips = _traced(one_connection, lambda: Sessions.run(bump), fresh=False)
+    assert attempts == [1]
+    assert trips[-1].endswith(REPREPARE_SUFFIX), trips
+    trips = _traced(one_connection, lambda: Sessions.run(_bump), fresh=False)
+    assert trips[-1].startswith(f'"EXECUTE {PREPARED}('), trips
+    assert len(markers(engine)) == 2
+
+
+@pytest.mark.asyncio
+async def test_async_a_commit_that_fails_before_its_prepare_leaves_it_to_the_next_commit(
+    pg_async_url: str, engine: sa.Engine, service: str, deferred_unique: None
+) -> None:
+    """The same on asyncpg, which raises the COMMIT's error for the whole message."""
+    aengine = create_async_engine(pg_async_url, pool_size=1, max_overflow=0)
+    try:
+        Sessions = rdb.AsyncResilientSession(aengine, service=service)
+
+        async def violate(session: AsyncSession) -> None:
+            await session.execute(sa.text(f"DEALLOCATE {PREPARED}"))
+            await session.execute(sa.text(_VIOLATE_AT_COMMIT))
+
+        with pytest.raises(sa.exc.IntegrityError):
+            await Sessions.run(violate)
+        attempts = []
+
+        async def bump(session: AsyncSession) -> int:
+            attempts.append(1)
+            return await _abump(session)
+
+        await Sessions.run(bump)
+        await Sessions.run(bump)
+        assert attempts == [1, 1]
+        async with aengine.connect() as conn:
+            assert await conn.run_sync(_prepared_runs) == 1  # prepared by one, run by the next
+    finally:
+        await aengine.dispose()
+    assert len(markers(engine)) == 2
+
+
+def test_a_marker_statement_prepared_again_out_of_sight_is_met_after_the_commit(
     one_connection: sa.Engine, engine: sa.Engine, service: str
 ) -> None:
     """psycopg dropped the statement, then something prepared it again out of the client's
-    sight: the COMMIT message's own PREPARE fails (42P05), so the COMMIT after it never ran;
-    the unit is replayed once, through the statement that is there, and commits once."""
+    sight: the PREPARE at the end of the COMMIT's message meets it (42P05) after the COMMIT,
+    which stands; the unit runs once, and the next COMMIT executes the statement."""
     Sessions = rdb.ResilientSession(one_connection, service=service)
     Sessions.run(_bump)
     with Session(one_connection) as plain:
@@ -1075,8 +1228,11 @@ def test_a_marker_statement_prepared_again_out_of_sight_replays_the_unit_once(
         return _bump(session)
 
     assert Sessions.run(bump) == 2
-    assert len(attempts) == 2
+    assert len(attempts) == 1
     assert len(markers(engine)) == 2
+    with one_connection.connect() as conn:
+        assert _prepared_runs(conn) == 0  # the inline INSERT committed this one
+    Sessions.run(_bump)
     with one_connection.connect() as conn:
         assert _prepared_runs(conn) == 1
 
@@ -1105,7 +1261,7 @@ async def test_async_psycopg_dropping_its_own_prepared_statements_keeps_the_mark
         assert not [r for r in caplog.records if "commit-marker" in r.getMessage()]
         async with aengine.connect() as conn:
             runs = await conn.run_sync(_prepared_runs)
-            assert runs == 1
+            assert runs == 0  # prepared again after the COMMIT, in its message
     finally:
         await aengine.dispose()
     assert len(markers(engine)) == 2
