@@ -85,7 +85,12 @@ SCHEMA: Final = "resilient_db"
 RETENTION: Final = 900.0  # seconds a marker is kept
 CLAIM_HORIZON: Final = 600.0  # a claim judges markers younger than this (margin for clock steps)
 PRUNE_INTERVAL: Final = 10.0  # seconds between prunes, per engine
-PRUNE_BATCH: Final = 5000
+#: markers deleted by one prune (about 5 ms of the server's time here): it runs after a unit's
+#: COMMIT, on that unit's time, so it is kept short; a prune that fills its batch leaves more
+#: behind, so the next is due after PRUNE_CATCH_UP instead: an engine prunes up to ~20,000
+#: markers a second while behind, more than one process writes
+PRUNE_BATCH: Final = 1000
+PRUNE_CATCH_UP: Final = 0.05
 #: 2: mark_commit leaves read-only transactions alone, and runs as its owner for any role a
 #: unit switched to (checking the login role's right to write markers itself)
 MARKERS_VERSION: Final = 2
@@ -288,7 +293,7 @@ CLAIM_WAIT_MS: Final = 2000  # a claim waits this long for an original still com
 CLAIM_SQL = text(
     f"SELECT {SCHEMA}.claim_commit(CAST(CAST(:marker AS text) AS uuid), {CLAIM_WAIT_MS})"
 )
-PRUNE_SQL = f"SELECT {SCHEMA}.prune_commit_markers({PRUNE_BATCH})"
+PRUNE_SQL = f"SELECT {SCHEMA}.prune_commit_markers(%s)"
 
 
 class _RandomBytes:
@@ -547,7 +552,7 @@ class CommitProtocol:
         self._settings = settings  # the engine's hooks: its current config and service name
         self.is_asyncpg = engine.dialect.driver == "asyncpg"
         self._warned = False
-        self._last_prune = time.monotonic()
+        self._next_prune = time.monotonic() + PRUNE_INTERVAL
         self._prune_lock = threading.Lock()
         self.prepared_marker = PreparedMarker(self._warn_prepared_lost, self._note_refused)
         self.inline_marker = InlineMarker(self._note_refused)
@@ -749,15 +754,22 @@ class CommitProtocol:
 
     # -- pruning ----------------------------------------------------------------------------------
     def prune_due(self) -> bool:
-        return time.monotonic() - self._last_prune >= PRUNE_INTERVAL
+        return time.monotonic() >= self._next_prune
 
     def pruned(self) -> bool:
         """Claim this prune (one caller per interval)."""
         with self._prune_lock:
             if not self.prune_due():
                 return False
-            self._last_prune = time.monotonic()
+            self._next_prune = time.monotonic() + PRUNE_INTERVAL
             return True
+
+    def prune_left(self, count: int) -> None:
+        """The claimed prune deleted ``count`` markers: a full batch may have left more behind,
+        so the next prune is due soon."""
+        if count >= PRUNE_BATCH:
+            with self._prune_lock:
+                self._next_prune = min(self._next_prune, time.monotonic() + PRUNE_CATCH_UP)
 
 
 def _unmarked_commit(dbapi_connection: Any) -> None:
@@ -1057,10 +1069,12 @@ def _commit_plan(driver: Any) -> tuple[CommitTicket | None, str | None, AttemptR
     return ticket, None, None
 
 
-def prune(connection: Connection) -> int:
-    """Delete expired markers (a bounded batch; concurrent pruners skip each other's rows)."""
+def prune(connection: Connection, batch: int | None = None) -> int:
+    """Delete expired markers, at most ``batch`` (:data:`PRUNE_BATCH`); concurrent pruners
+    skip each other's rows. Returns how many."""
     with connection.begin():
-        return int(connection.exec_driver_sql(PRUNE_SQL).scalar() or 0)
+        sql = PRUNE_SQL % (PRUNE_BATCH if batch is None else int(batch))
+        return int(connection.exec_driver_sql(sql).scalar() or 0)
 
 
 # -- the drivers' marked COMMIT ------------------------------------------------------------------

@@ -94,6 +94,7 @@ def _prune_quietly(protocol: CommitProtocol) -> None:
     try:
         with protocol.engine.connect() as conn:
             count = prune(conn)
+        protocol.prune_left(count)
         log_session.debug("pruned %d expired commit markers", count)
     except Exception:  # the unit is done; a failed prune is retried at the next interval
         log_session.debug("pruning commit markers failed", exc_info=True)
