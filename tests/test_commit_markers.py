@@ -370,6 +370,21 @@ def _expired_markers(engine: sa.Engine) -> int:
         )
 
 
+def _add_expired_markers(engine: sa.Engine, count: int) -> None:
+    """``count`` markers 20 minutes old."""
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO resilient_db.commit_markers (id) SELECT (lpad(to_hex(floor(extract("
+                "epoch FROM now() - interval '20 minutes') * 1000)::bigint), 12, '0') || '7' || "
+                "substr(md5(g::text), 1, 3) || '8' || substr(md5(g::text), 4, 15))::uuid "
+                "FROM generate_series(1, :n) g"
+            ),
+            {"n": count},
+        )
+    assert _expired_markers(engine) == count
+
+
 def test_units_prune_a_backlog_of_markers_in_short_batches_until_it_is_gone(
     engine: sa.Engine, service: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -378,17 +393,7 @@ def test_units_prune_a_backlog_of_markers_in_short_batches_until_it_is_gone(
     than after PRUNE_INTERVAL, so an engine writing faster than one batch per interval is not
     left with a table that grows (before: 5,000 every 10 s, 500 a second at most)."""
     batch = _commit.PRUNE_BATCH
-    with engine.begin() as conn:  # 2.5 batches of markers 20 minutes old
-        conn.execute(
-            sa.text(
-                "INSERT INTO resilient_db.commit_markers (id) SELECT (lpad(to_hex(floor(extract("
-                "epoch FROM now() - interval '20 minutes') * 1000)::bigint), 12, '0') || '7' || "
-                "substr(md5(g::text), 1, 3) || '8' || substr(md5(g::text), 4, 15))::uuid "
-                "FROM generate_series(1, :n) g"
-            ),
-            {"n": batch * 5 // 2},
-        )
-    assert _expired_markers(engine) == batch * 5 // 2
+    _add_expired_markers(engine, batch * 5 // 2)
     monkeypatch.setattr(_commit, "PRUNE_CATCH_UP", 0.0)
     Sessions = rdb.ResilientSession(engine, service=service)
     Sessions.run(_bump)
@@ -402,6 +407,24 @@ def test_units_prune_a_backlog_of_markers_in_short_batches_until_it_is_gone(
     assert left == [batch * 3 // 2, batch // 2, 0, 0]
     assert not protocol.prune_due()  # the last prune did not fill its batch: an interval
     assert len(markers(engine)) == 5  # the units' own
+
+
+@pytest.mark.asyncio
+async def test_async_units_prune_a_backlog_of_markers_too(
+    engine: sa.Engine, async_engine: AsyncEngine, service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same prune from an async unit (asyncpg), in the unit's greenlet hop."""
+    batch = _commit.PRUNE_BATCH
+    _add_expired_markers(engine, batch * 3 // 2)
+    monkeypatch.setattr(_commit, "PRUNE_CATCH_UP", 0.0)
+    Sessions = rdb.AsyncResilientSession(async_engine, service=service)
+    await Sessions.run(_abump)
+    Sessions._hooks.commit._next_prune = 0.0
+    left = []
+    for _ in range(2):
+        await Sessions.run(_abump)
+        left.append(_expired_markers(engine))
+    assert left == [batch // 2, 0]
 
 
 # -- the marked message on both drivers -----------------------------------------------------------
