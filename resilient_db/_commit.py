@@ -260,7 +260,15 @@ _CHECK_SQL = f"""SELECT COALESCE(
   AND pg_catalog.has_table_privilege(
     pg_catalog.to_regclass('{SCHEMA}.commit_markers'), 'INSERT')
   AND pg_catalog.has_table_privilege(
-    pg_catalog.to_regclass('{SCHEMA}.commit_markers'), 'SELECT'), false)"""
+    pg_catalog.to_regclass('{SCHEMA}.commit_markers'), 'SELECT'), false),
+  extract(epoch FROM pg_catalog.clock_timestamp())::float8"""
+#: A marker's id carries the client's time, and the server judges its age by its own clock: a
+#: claim refuses markers older than CLAIM_HORIZON (they may have been pruned). A client whose
+#: clock is behind the server's by more than this is warned (once per engine): its lost COMMIT
+#: answers can be verified only for CLAIM_HORIZON minus that much, then end unknown. (A clock
+#: ahead only keeps markers longer.) Safety does not depend on it: both judgments are the
+#: server's, on the same id.
+CLOCK_BEHIND_WARNING: Final = 60.0
 
 # The fallback's evidence: the xid, and what changes when the server restarts or recovers from
 # a crash (a new postmaster, or the end-of-recovery checkpoint of a reinitialised one).
@@ -327,6 +335,10 @@ class _RandomBytes:
 
 
 _random_bytes = _RandomBytes()
+
+
+#: this host's time for the clock check (a test's to set)
+_wall_clock: Callable[[], float] = time.time
 
 
 def marker_id() -> str:
@@ -552,6 +564,7 @@ class CommitProtocol:
         self._settings = settings  # the engine's hooks: its current config and service name
         self.is_asyncpg = engine.dialect.driver == "asyncpg"
         self._warned = False
+        self._clock_warned = False
         self._next_prune = time.monotonic() + PRUNE_INTERVAL
         self._prune_lock = threading.Lock()
         self.prepared_marker = PreparedMarker(self._warn_prepared_lost, self._note_refused)
@@ -664,6 +677,32 @@ class CommitProtocol:
             event="commit_markers_missing",
         )
 
+    def _check_clock(self, sent: float, server_time: float) -> None:
+        """Warn once if this host's clock is behind the server's by more than
+        :data:`CLOCK_BEHIND_WARNING` (``sent``: this host's time when the query that read the
+        server's went out; the round trip only makes the client look further behind)."""
+        behind = server_time - sent
+        if behind <= CLOCK_BEHIND_WARNING or self._clock_warned:
+            return
+        self._clock_warned = True
+        left = CLAIM_HORIZON - behind
+        emit(
+            self._settings.config,
+            log_session,
+            logging.WARNING,
+            "This host's clock is %.0f s behind the clock of database %s's server. Commit "
+            "markers carry this host's time and the server judges their age by its own, so %s "
+            "(then it ends in CommitOutcomeUnknownError). Synchronise the clocks (NTP)",
+            behind,
+            self.engine.url.database,
+            f"a lost COMMIT answer can be verified only within {left:.0f} s of the COMMIT"
+            if left > 0
+            else "no lost COMMIT answer can be verified",
+            service=self._settings.service,
+            event="clock_behind_server",
+            seconds=round(behind, 1),
+        )
+
     def _warn_unsupported(self) -> None:
         url = self.engine.url
         emit(
@@ -727,7 +766,10 @@ class CommitProtocol:
         idle here, new or just checked out."""
         if self.is_asyncpg:
             reports = hasattr(driver.get_settings(), "in_hot_standby")
-            if not _await(driver.fetchval(_CHECK_SQL)):
+            sent = _wall_clock()
+            row = _await(driver.fetchrow(_CHECK_SQL))
+            self._check_clock(sent, row[1])
+            if not row[0]:
                 return False, False, reports
             prepare = prepare and reports
             done = prepare and _quietly(lambda: _await(driver.execute(_PREPARE_SQL)))
@@ -743,9 +785,11 @@ class CommitProtocol:
         dbapi_connection.autocommit = True
         cursor = dbapi_connection.cursor()
         try:
+            sent = _wall_clock()
             cursor.execute(_CHECK_SQL)
             row = cursor.fetchone()
-            if not (row and row[0]):
+            self._check_clock(sent, row[1])
+            if not row[0]:
                 return False, False, reports
             return True, prepare and _quietly(lambda: cursor.execute(_PREPARE_SQL)), reports
         finally:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -988,6 +989,66 @@ async def test_asyncpg_units_that_switch_roles_commit_through_the_function(
     finally:
         await eng.dispose()
     assert len(markers(engine)) == 4
+
+
+# -- this host's clock ------------------------------------------------------------------------
+def _clock_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "clock is" in r.getMessage()]
+
+
+@pytest.fixture(params=[0.0, 300.0, 700.0])
+def behind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> float:
+    """How far this host's clock is behind the server's, as the clock check sees it."""
+    seconds = float(request.param)
+    monkeypatch.setattr(_commit, "_wall_clock", lambda: time.time() - seconds)
+    return seconds
+
+
+def test_a_host_clock_behind_the_servers_is_warned_once_per_engine(
+    pg_url: str, engine: sa.Engine, service: str, caplog: pytest.LogCaptureFixture, behind: float
+) -> None:
+    """Markers carry the client's time, the server judges their age by its own: a client far
+    behind gets its lost answers judged "expired" (unknown) sooner. Read at connect, in the
+    query that checks the markers (no round trip of its own)."""
+    eng = sa.create_engine(pg_url)
+    try:
+        Sessions = rdb.ResilientSession(eng, service=service)
+        with caplog.at_level("WARNING", logger="resilient_db"):
+            Sessions.run(_bump)
+            eng.dispose()  # a new connection checks again
+            Sessions.run(_bump)
+    finally:
+        eng.dispose()
+    found = _clock_warnings(caplog)
+    if not behind:
+        assert found == []
+        return
+    assert len(found) == 1, found
+    assert found[0].startswith(f"[SELF-HEAL] This host's clock is {behind:.0f} s behind")
+    if behind < CLAIM_HORIZON:
+        assert f"verified only within {CLAIM_HORIZON - behind:.0f} s" in found[0]
+    else:
+        assert "no lost COMMIT answer can be verified" in found[0]
+
+
+@pytest.mark.asyncio
+async def test_async_a_host_clock_behind_the_servers_is_warned(
+    pg_async_url: str,
+    engine: sa.Engine,
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same check on asyncpg's connections."""
+    monkeypatch.setattr(_commit, "_wall_clock", lambda: time.time() - 300.0)
+    aengine = create_async_engine(pg_async_url)
+    try:
+        Sessions = rdb.AsyncResilientSession(aengine, service=service)
+        with caplog.at_level("WARNING", logger="resilient_db"):
+            await Sessions.run(_abump)
+    finally:
+        await aengine.dispose()
+    assert len(_clock_warnings(caplog)) == 1
 
 
 # -- the prepared marker statement ----------------------------------------------------------------
