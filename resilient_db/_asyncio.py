@@ -655,6 +655,11 @@ else:  # sync only
             raise TypeError(
                 f"{_name(fn)} is a coroutine function; use AsyncResilientSession.{where} for it"
             )
+        if not callable(fn):
+            raise TypeError(
+                f"ResilientSession.{where} needs a function taking the session first, got "
+                f"{type(fn).__name__}"
+            )
 
     _require_unit_function = _require_unit
 

@@ -477,6 +477,11 @@ def _require_unit(fn: Any, where: str) -> None:
         raise TypeError(
             f"{_name(fn)} is a coroutine function; use AsyncResilientSession.{where} for it"
         )
+    if not callable(fn):
+        raise TypeError(
+            f"ResilientSession.{where} needs a function taking the session first, got "
+            f"{type(fn).__name__}"
+        )
 
 
 _require_unit_function = _require_unit

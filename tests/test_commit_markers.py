@@ -1772,3 +1772,22 @@ async def test_the_async_psycopg_simple_query_behaves_as_psycopg_commit_does(
     with engine.connect() as conn:
         value = conn.execute(sa.text("SELECT value FROM marker_counters WHERE id = 1")).scalar()
         assert value == 1
+
+
+def test_installing_on_a_database_that_is_not_postgresql_is_refused_before_sending_anything(
+    tmp_path: Path,
+) -> None:
+    """The commit markers and the transition triggers are PostgreSQL objects: another database
+    gets an error that says so, before any statement (before, SQLite's own syntax error)."""
+    path = tmp_path / "other.db"
+    eng = sa.create_engine(f"sqlite:///{path}")
+    try:
+        refused = r"this database is sqlite: commit markers and transition triggers need"
+        with pytest.raises(ValueError, match=refused):
+            rdb.install_commit_markers(eng)
+        with eng.connect() as conn:
+            with pytest.raises(ValueError, match=refused):
+                rdb.install_commit_markers(conn)
+            assert conn.exec_driver_sql("SELECT count(*) FROM sqlite_master").scalar() == 0
+    finally:
+        eng.dispose()

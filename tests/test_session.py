@@ -932,3 +932,30 @@ def test_with_self_healing_wraps_any_callable(engine: sa.Engine, service: str) -
     with pytest.raises(sa_exc.OperationalError):
         rdb.with_self_healing(handler, service=service, use_retry=False, config=rdb.Config())
     assert calls == [1]
+
+
+# -- what run() refuses ---------------------------------------------------------------------------
+def test_run_refuses_what_is_not_a_sync_unit_before_sending_anything(
+    engine: sa.Engine, service: str
+) -> None:
+    """Something that is not a function, or an async function, is named in the error, and no
+    connection is taken for it."""
+    Session = factory(engine, service)
+
+    async def async_unit(session: Any) -> None:
+        pass
+
+    checked_out = engine.pool.checkedout()
+    with pytest.raises(TypeError, match=r"^ResilientSession\.run needs a function taking the "):
+        Session.run(42)  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match=r"async_unit is a coroutine function; use Async"):
+        Session.run(async_unit)
+    with pytest.raises(TypeError, match=r"coroutine function; use AsyncResilientSession\.trans"):
+        Session.transactional(async_unit)
+    with (
+        Session() as session,
+        pytest.raises(TypeError, match=r"^ResilientSession\.run_in needs a function taking "),
+    ):
+        Session.run_in(session, "select 1")  # type: ignore[call-overload]
+    assert engine.pool.checkedout() == checked_out
+    assert rdb.health()["services"][service]["counters"]["attempts"] == 0

@@ -1243,3 +1243,31 @@ async def test_misuse_is_caught_with_a_message_that_says_what_to_use(
         with pytest.raises(TypeError, match="made by this AsyncResilientSession"):
             await Session.run_in(session, select_n, 1)
     assert counters(service)["attempts"] == 1  # the sync function ran once, was not retried
+
+
+# -- what run() refuses ---------------------------------------------------------------------------
+async def test_run_refuses_what_is_not_an_async_unit_before_sending_anything(
+    engine: AsyncEngine, service: str, recwarn: pytest.WarningsRecorder
+) -> None:
+    """A coroutine object (``run(fn())``), something that is not a function, a sync function
+    given to ``transactional``: each named in the error, nothing sent, and the coroutine object
+    closed (no "never awaited" warning)."""
+    Session = AsyncResilientSession(engine, service=service)
+
+    async def unit(session: AsyncSession) -> None:
+        pass
+
+    def sync_unit(session: Any) -> None:
+        pass
+
+    coroutine = unit(None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"needs the async function itself, got a coroutine"):
+        await Session.run(coroutine)  # type: ignore[call-overload]
+    assert coroutine.cr_frame is None  # closed
+    with pytest.raises(TypeError, match=r"^AsyncResilientSession\.run needs an async function"):
+        await Session.run(42)  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match=r"sync_unit is not one; for sync code use Resilient"):
+        Session.transactional(sync_unit)  # type: ignore[arg-type]
+    assert engine.sync_engine.pool.checkedout() == 0
+    assert rdb.health()["services"][service]["counters"]["attempts"] == 0
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]

@@ -43,12 +43,14 @@ def run_statements(target: Any, statements: list[str]) -> None:
         if callable(get_context):  # ``from alembic import op``: the module proxy of Operations
             migration_context = get_context()
     if migration_context is not None:  # an Alembic Operations object (``op``)
+        _require_postgresql(migration_context.dialect)
         if getattr(migration_context, "as_sql", False):
             for stmt in statements:  # offline: escape ":name" so text() sees no bind
                 target.execute(sa.text(_TEXT_BIND.sub(lambda m: "\\" + m.group(0), stmt)))
             return
         target = target.get_bind()
     if isinstance(target, Engine):
+        _require_postgresql(target.dialect)
         with target.begin() as conn:
             run_statements(conn, statements)
         return
@@ -59,8 +61,18 @@ def run_statements(target: Any, statements: list[str]) -> None:
             "expected an Alembic op, a Connection, an Engine or a Session, got "
             f"{type(target).__name__} (for asyncio use conn.run_sync(...))"
         )
+    _require_postgresql(target.dialect)
     for stmt in statements:
         target.exec_driver_sql(stmt, execution_options={"no_parameters": True})
+
+
+def _require_postgresql(dialect: Any) -> None:
+    """Refuse, before sending anything, a database these PostgreSQL objects can't go into."""
+    if dialect.name != "postgresql":
+        raise ValueError(
+            "resilient_db installs PostgreSQL objects here (schema, functions, triggers); this "
+            f"database is {dialect.name}: commit markers and transition triggers need PostgreSQL"
+        )
 
 
 def install_transition_trigger(bind_or_op: Any, model: type[Any]) -> None:
