@@ -8,7 +8,7 @@ illegal state changes before commit. Every action is logged with the ``[SELF-HEA
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
+import importlib.metadata as _metadata
 
 from ._asyncio import AsyncResilientSession
 from ._classify import Classifier, Outcome, classify, is_transient, sqlstate_of
@@ -52,8 +52,8 @@ from .transitions import (
 )
 
 try:
-    __version__ = version("resilient-db")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+    __version__ = _metadata.version("resilient-db")
+except _metadata.PackageNotFoundError:  # pragma: no cover - a source tree without install
     __version__ = "0+unknown"
 
 __all__ = [

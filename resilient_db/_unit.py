@@ -475,6 +475,15 @@ class FactoryCore:
         """Set up everything but the sessionmaker itself."""
         if not isinstance(service, str) or not service:
             raise ValueError(f"service must be a non-empty name, got {service!r}")
+        if config is not None and not isinstance(config, Config):
+            raise TypeError(
+                f"config must be a resilient_db.Config (Config(max_retries=3), say), got "
+                f"{type(config).__name__}"
+            )
+        if classifier is not None and not isinstance(classifier, Classifier):
+            raise TypeError(
+                f"classifier must be a resilient_db.Classifier, got {type(classifier).__name__}"
+            )
         self.service = service
         self._explicit_config = config is not None
         self.config = config if config is not None else load_config()

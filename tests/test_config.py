@@ -270,3 +270,13 @@ def test_as_env_masked_hides_the_redis_password() -> None:
     assert cfg.as_env()["SELF_HEALING_REDIS_URL"] == "redis://app:s3cret@127.0.0.1:6379/0"
     shown = cfg.as_env(masked=True)
     assert shown["SELF_HEALING_REDIS_URL"] == "redis://app:***@127.0.0.1:6379/0"
+
+
+def test_factories_refuse_a_config_or_classifier_of_another_type() -> None:
+    """A dict where a Config belongs (or anything else) is named, before the factory exists
+    (before: an AttributeError from deep inside)."""
+    engine = sa.create_engine("postgresql+psycopg://u@127.0.0.1:9/db")  # never connected
+    with pytest.raises(TypeError, match=r"^config must be a resilient_db\.Config .* got dict$"):
+        rdb.ResilientSession(engine, config={"max_retries": 3})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^classifier must be a resilient_db\.Classifier, got"):
+        rdb.ResilientSession(engine, classifier=lambda exc: None)  # type: ignore[arg-type]
