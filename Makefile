@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint types pytest demo bench clean
+.PHONY: test test-oldest lint types pytest demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,16 @@ types: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+# The suite with the lowest versions pyproject.toml allows (scripts/oldest-constraints.txt), in
+# a venv of its own; not part of `make test` (it takes as long again).
+OLDEST := .venv-oldest
+test-oldest:
+	test -x $(OLDEST)/bin/python || $(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install --quiet --upgrade pip
+	$(OLDEST)/bin/python -m pip install --quiet -c scripts/oldest-constraints.txt \
+		-e '.[test,cli,prometheus]'
+	$(OLDEST)/bin/pytest $(PYTEST_ARGS)
+
 demo: $(STAMP)
 	$(BIN)/resilient-db demo
 
@@ -35,4 +45,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/overhead.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(OLDEST) build *.egg-info

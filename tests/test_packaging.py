@@ -73,3 +73,26 @@ def test_the_wheel_ships_the_migrations_and_the_demo_finds_them(tmp_path: Path) 
     where, markers = done.stdout.split()
     assert Path(where) == tmp_path / "site" / "resilient_db" / "demo" / "migrations"
     assert markers == "True"
+
+
+def test_the_oldest_constraints_pin_the_lowest_versions_pyproject_allows() -> None:
+    """``make test-oldest`` runs the suite with ``scripts/oldest-constraints.txt``: each runtime
+    dependency there at exactly the lower bound of pyproject.toml, so that bound is tested."""
+    tomllib = pytest.importorskip("tomllib")  # (Python 3.11 and later)
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    bounds = {}
+    for requirement in dependencies:
+        name, _, version = requirement.partition(">=")
+        bounds[name.split("[")[0].strip().lower()] = version.strip()
+    pinned = {}
+    for line in (ROOT / "scripts" / "oldest-constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pinned[name.strip().lower()] = version.strip()
+    assert set(bounds) <= set(pinned), sorted(set(bounds) - set(pinned))
+    for name, lowest in bounds.items():
+        assert tuple(map(int, pinned[name].split("."))) == (
+            *map(int, lowest.split(".")),
+            *[0] * (3 - len(lowest.split("."))),
+        ), (name, pinned[name], lowest)
+    assert pinned["psycopg-binary"] == pinned["psycopg"]
