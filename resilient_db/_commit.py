@@ -301,7 +301,7 @@ CLAIM_WAIT_MS: Final = 2000  # a claim waits this long for an original still com
 CLAIM_SQL = text(
     f"SELECT {SCHEMA}.claim_commit(CAST(CAST(:marker AS text) AS uuid), {CLAIM_WAIT_MS})"
 )
-PRUNE_SQL = f"SELECT {SCHEMA}.prune_commit_markers(%s)"
+PRUNE_SQL = f"SELECT {SCHEMA}.prune_commit_markers({PRUNE_BATCH})"
 
 
 class _RandomBytes:
@@ -939,9 +939,8 @@ class _Reprepare:
         connection = self._connection()
         if connection is not None and connection._rdb_prepared is self:
             connection._rdb_prepared = self._prepared  # prepared again by this message
-        if not self._prepared.usable:  # the engine stopped preparing it
-            return InlineMarker.message(marker)
-        return f"{InlineMarker.message(marker)}; {_PREPARE_SQL}"
+        inline = InlineMarker.message(marker)
+        return f"{inline}; {_PREPARE_SQL}" if self._prepared.usable else inline
 
     def dropped(self, connection: Any) -> _MarkerForm:
         return self
@@ -1113,12 +1112,11 @@ def _commit_plan(driver: Any) -> tuple[CommitTicket | None, str | None, AttemptR
     return ticket, None, None
 
 
-def prune(connection: Connection, batch: int | None = None) -> int:
-    """Delete expired markers, at most ``batch`` (:data:`PRUNE_BATCH`); concurrent pruners
-    skip each other's rows. Returns how many."""
+def prune(connection: Connection) -> int:
+    """Delete expired markers, at most :data:`PRUNE_BATCH`; concurrent pruners skip each
+    other's rows. Returns how many."""
     with connection.begin():
-        sql = PRUNE_SQL % (PRUNE_BATCH if batch is None else int(batch))
-        return int(connection.exec_driver_sql(sql).scalar() or 0)
+        return int(connection.exec_driver_sql(PRUNE_SQL).scalar() or 0)
 
 
 # -- the drivers' marked COMMIT ------------------------------------------------------------------
@@ -1417,8 +1415,8 @@ def _mark_psycopg(dbapi_connection: Any) -> bool:
     return True
 
 
-#: a psycopg connection's attributes that make its cursors (``server_cursor_factory``: psycopg
-#: 3.1 and later; one the connection lacks stays unset)
+#: a psycopg connection's attributes that make its cursors (set on the instance by psycopg, or by
+#: your code: moved to the marked class's properties when the connection is marked)
 _CURSOR_FACTORIES: Final = ("cursor_factory", "server_cursor_factory")
 
 
