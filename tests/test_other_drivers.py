@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from scenarios import RAISE_CODE_FUNCTION, Base, Item, conflict_after_another_factorys_unit
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
 import resilient_db as rdb
 from resilient_db.testing import FaultProxy, PostgresServer
@@ -130,6 +130,47 @@ def test_a_unit_that_committed_its_own_work_is_not_replayed(
     assert calls == [1]
     assert names(engine) == ["own-1"]
     assert engine._has_events is False  # SQLAlchemy's flag: no connection event on the engine
+
+
+class _GuardBase(sa.orm.DeclarativeBase):
+    pass
+
+
+class Ticket(_GuardBase):
+    __tablename__ = "tickets"
+    __transitions__ = rdb.TransitionRules(
+        column="status", transitions={"open": {"closed"}, "closed": {"gone"}}, initial={"open"}
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    status: Mapped[str] = mapped_column(default="open")
+
+
+def test_a_many_row_flush_names_the_row_another_transaction_moved(
+    engine: sa.Engine, driver: str, service: str
+) -> None:
+    """The flush guard's compare-and-set on these drivers: one UPDATE for the three rows, and
+    the row another transaction moved is named with the state it holds."""
+    _GuardBase.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.insert(Ticket), [{"id": i, "status": "open"} for i in (1, 2, 3)])
+    Sessions = rdb.ResilientSession(engine, service=service)
+    with Sessions() as session:
+        tickets = [session.get(Ticket, i) for i in (1, 2, 3)]
+        with engine.begin() as conn:  # another transaction moves the second on
+            conn.execute(sa.update(Ticket).where(Ticket.id == 2).values(status="gone"))
+        for ticket in tickets:
+            assert ticket is not None
+            ticket.status = "closed"
+        with pytest.raises(rdb.StaleTransitionError) as info:
+            session.flush()
+        assert (info.value.pk, info.value.from_state, info.value.to_state) == (2, "open", "closed")
+        assert "now holds 'gone'" in info.value.reason
+    with engine.connect() as conn:
+        assert conn.scalars(sa.select(Ticket.status).order_by(Ticket.id)).all() == [
+            "open",
+            "gone",
+            "open",
+        ]
 
 
 @pytest.fixture

@@ -1,8 +1,8 @@
 """The status-transition guard under ``AsyncSession``, on both of SQLAlchemy's async drivers
 (asyncpg and psycopg's ``AsyncConnection``): the sync twin's scenarios that could break with
 MissingGreenlet (expired attributes, SELECTs inside flush, bulk UPDATE), the compare-and-set
-carried by the flush's UPDATE (asyncpg reports no row count for an executemany: the guard locks
-those rows instead), plus the trigger error mapping through the driver."""
+carried by the flush's UPDATE (asyncpg reports no row count for an executemany: there the UPDATE
+makes the server raise for a row that moved), plus the trigger error mapping through the driver."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.orm.exc import StaleDataError
 
+from resilient_db._classify import sqlstate_of
 from resilient_db._config import Config
 from resilient_db._errors import IllegalTransitionError, StaleTransitionError
 from resilient_db.transitions import (
@@ -192,13 +193,13 @@ async def test_move_landing_between_the_check_and_the_update_is_stale(
     assert transition_stats()["stale_transitions"] == before + 1
 
 
-async def test_many_row_flush_locks_the_rows_asyncpg_cannot_count(
+async def test_many_row_flush_carries_the_compare_and_set_on_both_drivers(
     engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession], async_driver: str
 ) -> None:
-    """asyncpg's executemany reports no row count, so a compare-and-set in it would go unchecked:
-    the guard locks and checks rows that change together before their UPDATE (one SELECT per
-    table, as before the compare-and-set moved into the UPDATE). psycopg's does: its UPDATE
-    carries the compare-and-set, nothing is locked first."""
+    """Nothing is locked or read before a many-row UPDATE, on either driver. psycopg counts
+    an executemany's rows, so its UPDATE carries ``AND status = :expected``; asyncpg reports no
+    row count for one, so its UPDATE carries a condition that makes the server raise for a row
+    that moved, and the error names that row and what it holds."""
     ids = [await _add_job(engine) for _ in range(3)]
     async with sessions() as s:
         jobs = [await s.get(Job, i) for i in ids]
@@ -208,17 +209,15 @@ async def test_many_row_flush_locks_the_rows_asyncpg_cannot_count(
         statements = Sent(engine)
         await s.commit()
         statements.stop()
-        locked = [q for q, _ in statements.sent if q.endswith("FOR UPDATE")]
+        assert not [q for q in statements.sql if "FOR UPDATE" in q or q.startswith("SELECT")]
         updates = [(q, many) for q, many in statements.sent if q.startswith("UPDATE")]
         assert len(updates) == 1
-        assert updates[0][1]  # still one executemany
+        assert updates[0][1]  # one executemany
         if async_driver == "asyncpg":
-            assert len(locked) == 1
-            sent = [q for q, _ in statements.sent]
-            assert sent.index(locked[0]) < sent.index(updates[0][0])  # locked before the UPDATE
+            assert "rdb-stale:" in updates[0][0]
         else:
-            assert locked == []
-            assert "AND jobs.status =" in updates[0][0]  # the compare-and-set
+            assert "AND jobs.status =" in updates[0][0]
+            assert "rdb-stale:" not in updates[0][0]
         for job in jobs:
             assert job is not None
             await s.refresh(job)  # loaded: 'running'
@@ -229,16 +228,167 @@ async def test_many_row_flush_locks_the_rows_asyncpg_cannot_count(
         for job in jobs:
             assert job is not None
             job.status = "done"
+        before = transition_stats()["stale_transitions"]
         with pytest.raises(StaleTransitionError) as info:
             await s.flush()
+        assert transition_stats()["stale_transitions"] == before + 1
         assert (info.value.pk, info.value.from_state, info.value.to_state) == (
             ids[1],
             "running",
             "done",
         )
         assert "now holds 'crashed'" in info.value.reason
+        assert isinstance(info.value, StaleDataError)
         await s.rollback()
     assert [await _db_status(engine, i) for i in ids] == ["running", "crashed", "running"]
+
+
+async def test_many_row_flush_names_a_row_already_moved_where_it_was_going(
+    engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession], async_driver: str
+) -> None:
+    """A row another transaction moved to the very state this flush writes is stale too (the
+    move was decided on a state it no longer holds). asyncpg's raising condition names it;
+    psycopg's row count says how many such rows there were (it can't tell which)."""
+    ids = [await _add_job(engine, "running") for _ in range(4)]
+    async with sessions() as s:
+        jobs = [await s.get(Job, i) for i in ids]
+        async with engine.begin() as conn:
+            await conn.execute(
+                sa.update(_table(Job)).where(_table(Job).c.id == ids[2]).values(status="done")
+            )
+        for job in jobs:
+            assert job is not None
+            job.status = "done"
+        with pytest.raises(StaleTransitionError) as info:
+            await s.flush()
+        if async_driver == "asyncpg":
+            assert info.value.pk == ids[2]
+            assert "now holds 'done'" in info.value.reason
+        else:
+            assert "1 of the 4 rows of this UPDATE that now hold 'done'" in info.value.reason
+        await s.rollback()
+    assert [await _db_status(engine, i) for i in ids] == ["running", "running", "done", "running"]
+
+
+async def test_many_row_flush_of_an_enum_column_names_the_state_as_the_model_holds_it(
+    engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    async with sessions() as s:
+        added = [Signal(light=Light.red) for _ in range(3)]
+        s.add_all(added)
+        await s.flush()
+        ids = [sig.id for sig in added]
+        await s.commit()
+    async with sessions() as s:
+        found = [await s.get(Signal, i) for i in ids]
+        signals = [sig for sig in found if sig is not None]
+        async with engine.begin() as conn:
+            await conn.exec_driver_sql(BYPASS_BY_HAND)
+            await conn.execute(
+                sa.update(_table(Signal))
+                .where(_table(Signal).c.id == ids[0])
+                .values(light=Light.amber)
+            )
+        for sig in signals:
+            sig.light = Light.green
+        with pytest.raises(StaleTransitionError) as info:
+            await s.flush()
+        assert (info.value.pk, info.value.from_state, info.value.to_state) == (
+            ids[0],
+            Light.red,
+            Light.green,
+        )
+        assert "now holds 'A'" in info.value.reason  # as the psycopg path reads it: Light.amber
+        await s.rollback()
+
+
+@pytest.mark.parametrize("plan", ["force_custom_plan", "force_generic_plan"])
+async def test_many_row_flush_never_tests_rows_it_does_not_update(
+    engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession], plan: str
+) -> None:
+    """The raising condition tests only the row each UPDATE targets, however the server plans
+    it: rows in other states around it (a sequential scan meets every row of the table) and
+    plans made with the parameters' values (where constant parts are computed ahead) make no
+    error."""
+    others = [await _add_job(engine, state) for state in ("running", "crashed", "done") * 3]
+    rounds = [[await _add_job(engine) for _ in range(3)] for _ in range(4)]
+    async with sessions() as s:
+        await s.execute(sa.text("SET LOCAL enable_indexscan = off"))
+        await s.execute(sa.text("SET LOCAL enable_bitmapscan = off"))
+        await s.execute(sa.text(f"SET LOCAL plan_cache_mode = {plan}"))
+        # 12 executions of the one UPDATE: past the server's five custom plans
+        for ids in rounds:
+            jobs = [await s.get(Job, i) for i in ids]
+            for job in jobs:
+                assert job is not None
+                job.status = "running"
+            await s.flush()
+        await s.commit()
+    assert [await _db_status(engine, i) for ids in rounds for i in ids] == ["running"] * 12
+    assert [await _db_status(engine, i) for i in others] == ["running", "crashed", "done"] * 3
+
+
+async def test_an_error_of_the_same_sqlstate_from_elsewhere_is_raised_as_it_is(
+    engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    """The raising condition's error is recognised by what its message carries, not by its
+    SQLSTATE alone: a trigger of yours raising 22P02 in a many-row flush reaches you as it is."""
+    async with engine.begin() as conn:
+        await conn.exec_driver_sql(
+            "CREATE FUNCTION refuse_bad() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF NEW.name = 'bad' THEN RAISE EXCEPTION 'bad name' USING ERRCODE = '22P02'; "
+            "END IF; RETURN NEW; END $$"
+        )
+        await conn.exec_driver_sql(
+            "CREATE TRIGGER refuse_bad BEFORE UPDATE ON jobs FOR EACH ROW EXECUTE FUNCTION "
+            "refuse_bad()"
+        )
+    ids = [await _add_job(engine) for _ in range(3)]
+    async with sessions() as s:
+        jobs = [await s.get(Job, i) for i in ids]
+        for job, name in zip(jobs, ("fine", "bad", "fine"), strict=True):
+            assert job is not None
+            job.status = "running"
+            job.name = name
+        statements = Sent(engine)
+        with pytest.raises(sa.exc.DBAPIError) as info:
+            await s.flush()
+        statements.stop()
+        assert [many for q, many in statements.sent if q.startswith("UPDATE")] == [True]
+        assert not isinstance(info.value, StaleTransitionError)
+        assert sqlstate_of(info.value) == "22P02"
+        assert "bad name" in str(info.value)
+        await s.rollback()
+    assert [await _db_status(engine, i) for i in ids] == ["queued"] * 3
+
+
+async def test_many_row_flush_waiting_on_a_row_that_moves_meanwhile_is_stale(
+    engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    """A many-row UPDATE that waits for another transaction's lock on one of its rows sees the
+    state that transaction committed (the server checks the row again) and names that row."""
+    ids = [await _add_job(engine) for _ in range(3)]
+    async with sessions() as winner, sessions() as loser:
+        mine = [await loser.get(Job, i) for i in ids]
+        theirs = await winner.get(Job, ids[1])
+        assert theirs is not None
+        theirs.status = "dropped"
+        await winner.flush()  # holds the second row's lock
+        for job in mine:
+            assert job is not None
+            job.status = "running"
+        flushing = asyncio.ensure_future(loser.flush())  # waits on that lock
+        await winner.commit()
+        with pytest.raises(StaleTransitionError) as info:
+            await flushing
+        assert (info.value.pk, info.value.from_state, info.value.to_state) == (
+            ids[1],
+            "queued",
+            "running",
+        )
+        assert "now holds 'dropped'" in info.value.reason
+        await loser.rollback()
+    assert [await _db_status(engine, i) for i in ids] == ["queued", "dropped", "queued"]
 
 
 async def test_concurrent_workers_claim_every_job_exactly_once(

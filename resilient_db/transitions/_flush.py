@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, TypeAlias
@@ -26,6 +27,7 @@ from sqlalchemy.orm.base import PASSIVE_NO_INITIALIZE
 from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.sql.elements import ClauseElement
 
+from resilient_db._classify import sqlstate_of
 from resilient_db._config import Config
 from resilient_db._errors import IllegalTransitionError, StaleTransitionError
 from resilient_db._state import STATE
@@ -248,13 +250,16 @@ def _check_against_db(
 # so SQLAlchemy's echo and ``before_cursor_execute`` listeners see the ORM's UPDATE, and the
 # server receives it with the added condition.
 #
-# Where the row count can't tell, the guard falls back to checking the rows under lock
+# An executemany on PostgreSQL whose driver reports no row count for it (asyncpg) carries a
+# condition that makes the server raise for a row that moved (:func:`_raising_condition`); its
+# error names the row and the state it holds.
+#
+# Where the row count can't tell otherwise, the guard falls back to checking the rows under lock
 # (``SELECT ... FOR UPDATE``, one per table) before their UPDATE: on a dialect without a reliable
 # row count, for a session that picks connections per row (``connection_callable``, horizontal
-# sharding), for the rows of a table that change together on a dialect whose executemany
-# reports no row count (asyncpg; a lone row there gets the compare-and-set), for an UPDATE in
-# which some row has no recorded expectation (its status was changed after before_flush), and
-# for an UPDATE whose SQL is rewritten after compilation (``schema_translate_map``).
+# sharding), for an UPDATE in which some row has no recorded expectation (its status was changed
+# after before_flush), and for an UPDATE whose SQL is rewritten after compilation
+# (``schema_translate_map``).
 
 
 class _Expect(NamedTuple):
@@ -304,9 +309,13 @@ class _CasForm(NamedTuple):
     """The compare-and-set form of one compiled UPDATE, as the driver takes it."""
 
     sql: str
-    names: tuple[str, ...]  # its added parameters (one per guard), after the UPDATE's own
-    processors: tuple[Callable[[Any], Any] | None, ...]  # their bind processors
+    names: tuple[str, ...]  # its added parameters (one per guard; then the row's number)
+    processors: tuple[Callable[[Any], Any] | None, ...]  # their bind processors (per guard)
     positional: bool
+    # positional only: where each of the form's parameters comes from, as an index into the
+    # UPDATE's own parameters followed by the added ones; None when they are simply appended
+    order: tuple[int, ...] | None
+    raising: bool  # see _raising_condition: the server raises for a row that moved
 
 
 # Flushes in progress live in STATE: ``STATE.flush_checks`` (Connection -> _FlushChecks) by the
@@ -318,12 +327,12 @@ class _CasForm(NamedTuple):
 # Caches, weak by their key: the compare-and-set form of a flush's UPDATE statement, per guards
 # (:func:`_cas_statement`), and of its compiled form (:func:`_cas_form`; None: not usable); the
 # plan of a compiled UPDATE, per guards of its table (:func:`_plan`; None: it sets none).
-_cas_statements: weakref.WeakKeyDictionary[Any, dict[tuple[Guard, ...], Any]] = (
+_cas_statements: weakref.WeakKeyDictionary[Any, dict[tuple[tuple[Guard, ...], bool], Any]] = (
     weakref.WeakKeyDictionary()
 )
-_cas_forms: weakref.WeakKeyDictionary[Any, dict[tuple[Guard, ...], _CasForm | None]] = (
-    weakref.WeakKeyDictionary()
-)
+_cas_forms: weakref.WeakKeyDictionary[
+    Any, dict[tuple[tuple[Guard, ...], bool], _CasForm | None]
+] = weakref.WeakKeyDictionary()
 _plans: weakref.WeakKeyDictionary[Any, dict[tuple[Guard, ...], _Plan | None]] = (
     weakref.WeakKeyDictionary()
 )
@@ -365,17 +374,6 @@ def _prepare_compare_and_set(
             # the UPDATE's row count can't be trusted (or its connection known): lock and check
             errors.extend(_check_against_db(conn, group, lock=True)[0])
             continue
-        if not dialect.supports_sane_multi_rowcount:
-            # asyncpg: an executemany reports no row count, so the rows of a table that change
-            # together are locked and checked now (one SELECT per table); a lone row's UPDATE
-            # runs on its own and carries the compare-and-set
-            rows_of: dict[sa.Table, set[tuple[Any, ...]]] = {}
-            for change in group:
-                rows_of.setdefault(change.guard.table, set()).add(change.identity)
-            together = [c for c in group if len(rows_of[c.guard.table]) > 1]
-            if together:
-                errors.extend(_check_against_db(conn, together, lock=True)[0])
-                group = [c for c in group if len(rows_of[c.guard.table]) == 1]
         checks = _FlushChecks(config)
         unknown = [c for c in group if not c.old_known]
         if unknown:
@@ -561,8 +559,11 @@ def _compare_and_set(
         return False
     dialect = context.dialect
     form = None
-    if complete and (not many or dialect.supports_sane_multi_rowcount):
-        form = _cas_form(compiled, guards, dialect)
+    if complete:
+        if not many or dialect.supports_sane_multi_rowcount:
+            form = _cas_form(compiled, guards, dialect, raising=False)
+        elif dialect.name == "postgresql":  # asyncpg: an executemany reports no row count
+            form = _cas_form(compiled, guards, dialect, raising=True)
     if form is None or statement != compiled.string:
         # the row count can't tell, or the SQL sent is not the compiled one (schema names
         # translated): check under lock, let the UPDATE go as it is
@@ -571,6 +572,15 @@ def _compare_and_set(
     sent = _with_expected(form, parameters if many else [parameters], guards, expected, dialect)
     if not noted:
         note_write(context)  # a later listener of the chain (the commit protocol's) won't see it
+    if form.raising:
+        try:
+            dialect.do_executemany(cursor, form.sql, sent, context)
+        except Exception as exc:
+            stale = _raised_stale(exc, guards, expected, dialect)
+            if stale is None:
+                raise
+            raise_errors([stale], checks.config)
+        return True
     if many:
         dialect.do_executemany(cursor, form.sql, sent, context)
     else:
@@ -608,62 +618,155 @@ def _with_expected(
     expected: list[_Row],
     dialect: Any,
 ) -> list[Any]:
-    """The driver's parameters of each row, with the states the row must still hold added."""
+    """The driver's parameters of each row, with the states the row must still hold added
+    (and, for the raising form, the row's number)."""
     sent: list[Any] = []
-    for params, found in zip(parameters, expected, strict=True):
+    order = form.order
+    for number, (params, found) in enumerate(zip(parameters, expected, strict=True)):
         values = []
         for guard, process in zip(guards, form.processors, strict=True):
             value = found[guard.column].value
             values.append(value if process is None else process(value))
+        if form.raising:
+            values.append(str(number))
         if form.positional:
-            sent.append(dialect.execute_sequence_format([*params, *values]))
+            every = [*params, *values]
+            if order is not None:
+                every = [every[i] for i in order]
+            sent.append(dialect.execute_sequence_format(every))
         else:
             sent.append({**params, **dict(zip(form.names, values, strict=True))})
     return sent
 
 
-def _cas_statement(statement: sa.Update, guards: tuple[Guard, ...]) -> Any:
+def _cas_statement(statement: sa.Update, guards: tuple[Guard, ...], raising: bool) -> Any:
     """``statement`` with ``AND col = :expected`` per guard (``IS NOT DISTINCT FROM`` for a
-    nullable column), memoized per statement."""
+    nullable column), or with :func:`_raising_condition` per guard, memoized per statement."""
     by_guards = _cas_statements.get(statement)
     if by_guards is None:
         by_guards = _cas_statements.setdefault(statement, {})
-    found = by_guards.get(guards)
+    key = (guards, raising)
+    found = by_guards.get(key)
     if found is None:
         conditions = []
-        for g in guards:
+        for position, g in enumerate(guards):
             expected = sa.bindparam(g.cas_param, type_=g.column.type)
-            conditions.append(
+            holds = (
                 g.column.is_not_distinct_from(expected)
                 if g.column.nullable
                 else g.column == expected
             )
-        found = by_guards[guards] = statement.where(*conditions)
+            conditions.append(_raising_condition(g, holds, position) if raising else holds)
+        found = by_guards[key] = statement.where(*conditions)
     return found
 
 
-def _cas_form(compiled: Any, guards: tuple[Guard, ...], dialect: Any) -> _CasForm | None:
+#: the parameter carrying a row's number in the raising form (see _raising_condition)
+_ROW_PARAM = "rdb_row"
+#: what the raising form makes the server put in its error: the row's number, the guard's
+#: position, and what the row holds ("n": NULL, or "v" and its text)
+_STALE_TOKEN = re.compile(r"rdb-stale:(\d+):(\d+):([nv])(.*):rdb-end", re.DOTALL)
+_STALE_SQLSTATE = "22P02"  # invalid_text_representation: the token is no integer
+
+
+def _raising_condition(guard: Guard, holds: Any, position: int) -> Any:
+    """A condition that is true for the row the UPDATE targets while it holds the expected
+    state, and makes the server raise when it does not.
+
+    For an executemany whose driver reports no row count (asyncpg), where a row the
+    compare-and-set misses would go unnoticed. The error aborts the flush's transaction, as a
+    StaleTransitionError does anyway; its message carries the row's number and what the row
+    holds (:data:`_STALE_TOKEN`), so nothing needs to be read afterwards (nothing can be, on an
+    aborted transaction). Written by hand: SQL has no RAISE expression; a cast of text that is
+    no integer is one that needs nothing installed. The planner computes constant
+    subexpressions ahead, even in a CASE branch never taken, and a plan made for the
+    parameters' values takes them as constants: the text is built by ``concat`` (not immutable)
+    from the row's own column, so it is computed only where the branch is taken. The CASE first
+    rules out any row but the targeted one, so no other row is ever tested, whatever order the
+    server evaluates the conditions in.
+    """
+    column = guard.column
+    targeted = sa.and_(
+        *(
+            c == sa.bindparam(label, type_=c.type)
+            for c, label in zip(guard.pk_columns, guard.pk_labels, strict=True)
+        )
+    )
+    held = sa.case(
+        (column.is_(None), sa.literal_column("'n'")),
+        else_=sa.literal_column("'v'").concat(sa.cast(column, sa.Text)),
+    )
+    token = sa.func.concat(
+        sa.literal_column("'rdb-stale:'"),
+        sa.bindparam(_ROW_PARAM, type_=sa.String()),
+        sa.literal_column(f"':{position}:'"),
+        held,
+        sa.literal_column("':rdb-end'"),
+    )
+    return sa.case(
+        (sa.not_(targeted), sa.false()),
+        (holds, sa.true()),
+        else_=sa.cast(token, sa.Integer).is_(None),
+    )
+
+
+def _raised_stale(
+    exc: BaseException, guards: tuple[Guard, ...], expected: list[_Row], dialect: Any
+) -> IllegalTransitionError | None:
+    """The StaleTransitionError of a raising form's executemany that failed with ``exc``, or
+    None when ``exc`` is not the raising condition's error (then it is raised as it is)."""
+    if sqlstate_of(exc) != _STALE_SQLSTATE:
+        return None
+    current: BaseException | None = exc
+    for _ in range(8):  # the driver's error and what it wraps
+        if current is None:
+            return None
+        match = _STALE_TOKEN.search(str(current))
+        if match is not None:
+            break
+        current = current.__cause__
+    else:
+        return None
+    number, position, kind, text = match.groups()
+    if int(number) >= len(expected) or int(position) >= len(guards):
+        return None
+    guard = guards[int(position)]
+    found = expected[int(number)][guard.column]
+    held: Any = None
+    if kind == "v":  # the column's text, as a value of its type where the type converts text
+        process = guard.column.type.dialect_impl(dialect).result_processor(dialect, None)
+        held = text if process is None else process(text)
+    return _stale(found.change, _moved(held), found.value)
+
+
+def _cas_form(
+    compiled: Any, guards: tuple[Guard, ...], dialect: Any, *, raising: bool
+) -> _CasForm | None:
     """The compare-and-set form of ``compiled`` (a flush's UPDATE), compiled by SQLAlchemy for
     the same dialect with the same columns, memoized per compiled UPDATE. None when its
-    parameters are not those of ``compiled`` plus the expected states, in that order: then
-    the rows are checked under lock instead."""
+    parameters are not those of ``compiled`` plus the added ones: then the rows are checked
+    under lock instead."""
     by_guards = _cas_forms.get(compiled)
     if by_guards is None:
         by_guards = _cas_forms.setdefault(compiled, {})
-    if guards in by_guards:
-        return by_guards[guards]
-    cas = _cas_statement(compiled.statement, guards).compile(
+    key = (guards, raising)
+    if key in by_guards:
+        return by_guards[key]
+    cas = _cas_statement(compiled.statement, guards, raising).compile(
         dialect=dialect,
         column_keys=compiled.column_keys,
         for_executemany=compiled.for_executemany,
     )
-    names = tuple(g.cas_param for g in guards)
+    names = tuple(g.cas_param for g in guards) + ((_ROW_PARAM,) if raising else ())
     form: _CasForm | None = None
+    order: tuple[int, ...] | None = None
     if cas.positional:
-        usable = compiled.positiontup is not None and list(cas.positiontup or ()) == [
-            *compiled.positiontup,
-            *names,
-        ]
+        own = list(compiled.positiontup or ())
+        every = [*own, *names]
+        wanted = list(cas.positiontup or ())
+        usable = compiled.positiontup is not None and set(wanted) == set(every)
+        if usable and wanted != every:
+            order = tuple(every.index(name) for name in wanted)
     else:
         usable = set(cas.binds) == {*compiled.binds, *names} and not any(
             n in cas.escaped_bind_names for n in names
@@ -672,8 +775,8 @@ def _cas_form(compiled: Any, guards: tuple[Guard, ...], dialect: Any) -> _CasFor
         processors = tuple(
             g.column.type.dialect_impl(dialect).bind_processor(dialect) for g in guards
         )
-        form = _CasForm(cas.string, names, processors, cas.positional)
-    by_guards[guards] = form
+        form = _CasForm(cas.string, names, processors, cas.positional, order, raising)
+    by_guards[key] = form
     return form
 
 
