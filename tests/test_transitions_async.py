@@ -88,6 +88,18 @@ class Signal(Base):
     light: Mapped[Light] = mapped_column(sa.Enum(Light, name="light"), default=Light.red)
 
 
+class Odd(Base):
+    """A model with a column keyed like the parameter the raising compare-and-set adds."""
+
+    __tablename__ = "odds"
+    __transitions__ = TransitionRules(
+        column="status", transitions={"queued": {"running", "dropped"}}, initial={"queued"}
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    rdb_row: Mapped[int] = mapped_column(default=0)
+    status: Mapped[str] = mapped_column(default="queued")
+
+
 class _S(Session):
     pass
 
@@ -326,6 +338,35 @@ async def test_many_row_flush_never_tests_rows_it_does_not_update(
         await s.commit()
     assert [await _db_status(engine, i) for ids in rounds for i in ids] == ["running"] * 12
     assert [await _db_status(engine, i) for i in others] == ["running", "crashed", "done"] * 3
+
+
+async def test_a_column_named_like_the_guards_parameter_falls_back_to_a_locked_check(
+    engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession], async_driver: str
+) -> None:
+    async with sessions() as s:
+        added = [Odd(), Odd(), Odd()]
+        s.add_all(added)
+        await s.flush()
+        ids = [odd.id for odd in added]
+        await s.commit()
+    async with sessions() as s:
+        odds = [await s.get(Odd, i) for i in ids]
+        async with engine.begin() as conn:  # another transaction moves the second
+            await conn.execute(sa.update(Odd).where(Odd.id == ids[1]).values(status="dropped"))
+        for odd in odds:
+            assert odd is not None
+            odd.status = "running"
+            odd.rdb_row = 7
+        statements = Sent(engine)
+        with pytest.raises(StaleTransitionError) as info:
+            await s.flush()
+        statements.stop()
+        assert not [q for q in statements.sql if "rdb-stale:" in q]
+        if async_driver == "asyncpg":
+            assert [q for q in statements.sql if q.endswith("FOR UPDATE")]
+        assert info.value.pk == ids[1]
+        assert "now holds 'dropped'" in info.value.reason
+        await s.rollback()
 
 
 async def test_an_error_of_the_same_sqlstate_from_elsewhere_is_raised_as_it_is(

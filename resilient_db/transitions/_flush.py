@@ -752,13 +752,17 @@ def _cas_form(
     key = (guards, raising)
     if key in by_guards:
         return by_guards[key]
-    cas = _cas_statement(compiled.statement, guards, raising).compile(
-        dialect=dialect,
-        column_keys=compiled.column_keys,
-        for_executemany=compiled.for_executemany,
-    )
     names = tuple(g.cas_param for g in guards) + ((_ROW_PARAM,) if raising else ())
     form: _CasForm | None = None
+    try:
+        cas = _cas_statement(compiled.statement, guards, raising).compile(
+            dialect=dialect,
+            column_keys=compiled.column_keys,
+            for_executemany=compiled.for_executemany,
+        )
+    except sa.exc.CompileError:  # e.g. a column keyed like one of our parameters
+        by_guards[key] = None
+        return None
     order: tuple[int, ...] | None = None
     if cas.positional:
         own = list(compiled.positiontup or ())
@@ -771,7 +775,7 @@ def _cas_form(
         usable = set(cas.binds) == {*compiled.binds, *names} and not any(
             n in cas.escaped_bind_names for n in names
         )
-    if usable and "POSTCOMPILE" not in cas.string:
+    if usable and not set(names) & set(compiled.binds) and "POSTCOMPILE" not in cas.string:
         processors = tuple(
             g.column.type.dialect_impl(dialect).bind_processor(dialect) for g in guards
         )
