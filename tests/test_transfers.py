@@ -354,8 +354,6 @@ def check(
 
 @pytest.fixture(params=[MARKERS, FALLBACK])
 def mode(request: pytest.FixtureRequest) -> str:
-    if request.param == MARKERS and not hasattr(rdb, "install_commit_markers"):
-        pytest.skip("rdb.install_commit_markers does not exist yet")
     return str(request.param)
 
 
@@ -429,8 +427,6 @@ def test_concurrent_transfers_under_faults(
 async def test_concurrent_transfers_under_faults_async(
     bank: Bank, record_property: Callable[[str, object], None]
 ) -> None:
-    if not hasattr(rdb, "install_commit_markers"):
-        pytest.skip("rdb.install_commit_markers does not exist yet")
     prepare(bank.server.url(bank.database), MARKERS)
     engine = create_async_engine(
         bank.proxy.url(bank.database, driver="asyncpg"),

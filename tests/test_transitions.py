@@ -1186,8 +1186,9 @@ def test_plain_session_without_config_is_not_guarded(engine: sa.Engine) -> None:
     with engine.begin() as conn:
         uninstall_transition_trigger(conn, Task)
     with sessionmaker(engine, class_=_S)() as s:
-        s.add(Task(id=7, status="completed"))
+        s.add(Task(id=7, status="completed"))  # not an initial state: the guard would refuse it
         s.commit()
+    assert _db_status(engine, 7) == "completed"
 
 
 def test_enum_column(engine: sa.Engine, sessions: sessionmaker[_S]) -> None:
