@@ -340,6 +340,36 @@ async def test_many_row_flush_never_tests_rows_it_does_not_update(
     assert [await _db_status(engine, i) for i in others] == ["running", "crashed", "done"] * 3
 
 
+async def test_a_stale_many_row_flush_in_a_savepoint_leaves_the_transaction_usable(
+    engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    """On asyncpg the stale row's error aborts the server's transaction (the raising
+    condition): inside a savepoint that is the savepoint's alone, as with psycopg's row count.
+    The unit goes on and commits the rest."""
+    ids = [await _add_job(engine) for _ in range(3)]
+    kept = await _add_job(engine)
+    async with sessions() as s:
+        jobs = [await s.get(Job, i) for i in ids]
+        other = await s.get(Job, kept)
+        assert other is not None
+        async with engine.begin() as conn:  # another transaction moves the third job
+            await conn.execute(
+                sa.update(_table(Job)).where(_table(Job).c.id == ids[2]).values(status="dropped")
+            )
+        savepoint = await s.begin_nested()
+        for job in jobs:
+            assert job is not None
+            job.status = "running"
+        with pytest.raises(StaleTransitionError) as info:
+            await s.flush()
+        await savepoint.rollback()
+        assert info.value.pk == ids[2]
+        other.status = "running"
+        await s.commit()
+    assert [await _db_status(engine, i) for i in ids] == ["queued", "queued", "dropped"]
+    assert await _db_status(engine, kept) == "running"
+
+
 async def test_a_column_named_like_the_guards_parameter_falls_back_to_a_locked_check(
     engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession], async_driver: str
 ) -> None:
