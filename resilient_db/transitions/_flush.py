@@ -56,25 +56,20 @@ def before_flush(
     only = None if instances is None else {id(o) for o in instances}
     errors: list[IllegalTransitionError] = []
     changes: list[Change] = []
-    for obj in list(session.new):
-        if only is not None and id(obj) not in only:
-            continue
+    guards_of = _GuardsByMapper()
+    new = session.new
+    for obj in list(new) if only is None else [o for o in new if id(o) in only]:
         state = instance_state(obj)  # the session's objects are mapped: no inspect() needed
-        for guard in compiled_guards(state.mapper):
+        for guard in guards_of[state.mapper]:
             errors.extend(_check_insert(guard, state))
-    guards_by_mapper: dict[Mapper[Any], tuple[Guard, ...]] = {}
-    for obj in list(session.dirty):
-        if only is not None and id(obj) not in only:
-            continue
-        state = instance_state(obj)  # the session's objects are mapped: no inspect() needed
-        mapper = state.mapper
-        guards = guards_by_mapper.get(mapper)
-        if guards is None:
-            guards = guards_by_mapper[mapper] = compiled_guards(mapper)
+    dirty = session.dirty
+    for obj in list(dirty) if only is None else [o for o in dirty if id(o) in only]:
+        state = instance_state(obj)
+        guards = guards_of[state.mapper]
         if not guards or state.key is None:
             continue
         for guard in guards:
-            change = _pending_change(guard, state)
+            change = _pending_change(guard, state, state.key[1])
             if change is None:
                 continue
             if change.old_known and not guard.legal(guard.key(change.old), guard.key(change.new)):
@@ -85,6 +80,15 @@ def before_flush(
         errors.extend(_prepare_compare_and_set(session, config, changes))
     if errors:
         raise_errors(errors, config)
+
+
+class _GuardsByMapper(dict[Mapper[Any], tuple[Guard, ...]]):
+    """The guards of each mapper a flush meets, looked up once per mapper (a flush of a
+    thousand rows of one model asks a thousand times)."""
+
+    def __missing__(self, mapper: Mapper[Any]) -> tuple[Guard, ...]:
+        guards = self[mapper] = compiled_guards(mapper)
+        return guards
 
 
 def _check_insert(guard: Guard, state: InstanceState[Any]) -> list[IllegalTransitionError]:
@@ -119,33 +123,37 @@ def _pending_pk(guard: Guard, state: InstanceState[Any]) -> tuple[Any, ...] | No
     return None if all(v is None for v in values) else values
 
 
-def _pending_change(guard: Guard, state: InstanceState[Any]) -> Change | None:
-    """The change of the guarded column that the flush will write, if any.
+def _pending_change(
+    guard: Guard, state: InstanceState[Any], identity: tuple[Any, ...]
+) -> Change | None:
+    """The change of the guarded column that the flush will write, if any (``identity``: the
+    row's, from ``state.key``).
 
     ``history.added`` is empty exactly when the ORM leaves the column out of its UPDATE (both
     compare with the attribute's ``is_equal``). A change to a value with the same database
     spelling (an Enum member for its name) is still returned: it is legal, but the UPDATE sets
     the column, so it carries the compare-and-set like any other.
     """
-    if guard.attr_key not in state.committed_state:
+    key = guard.attr_key
+    if key not in state.committed_state:
         return None  # the attribute was not set since the row was loaded
     # the attribute's own history (``state.attrs[...]`` builds a view of every attribute)
-    history = state.manager[guard.attr_key].impl.get_history(
-        state, state.dict, PASSIVE_NO_INITIALIZE
-    )
-    if not history.added:
+    history = state.manager[key].impl.get_history(state, state.dict, _NO_INITIALIZE)
+    added = history.added
+    if not added:
         return None
-    new = history.added[0]
+    new = added[0]
     if new.__class__ is not str and (
         isinstance(new, ClauseElement) or hasattr(new, "__clause_element__")
     ):
         return None  # a SQL expression: only the trigger can see its value
-    assert state.key is not None
-    identity = state.key[1]
-    known = bool(history.deleted)
-    old = next(iter(history.deleted), None)
+    deleted = history.deleted
     pk = identity[0] if len(identity) == 1 else identity
-    return Change(guard, pk, identity, old, known, new, state.mapper)
+    old = deleted[0] if deleted else None
+    return Change(guard, pk, identity, old, bool(deleted), new, state.mapper)
+
+
+_NO_INITIALIZE = PASSIVE_NO_INITIALIZE
 
 
 def _stale(change: Change, reason: str, from_state: Any = None) -> StaleTransitionError:
@@ -354,16 +362,20 @@ def _prepare_compare_and_set(
     """Record what each change expects of its row, on the connection the flush will use for
     its UPDATE; rows whose state was not loaded are read first (and checked) so that their
     UPDATE can carry the state they hold. Returns the errors found."""
-    by_conn: dict[Connection, list[Change]] = {}
-    conn_of: dict[Mapper[Any], Connection] = {}
     began = _began_connections(session)
-    for change in changes:
-        # the flush gets its connection with get_bind(mapper=base_mapper): the same one
-        base = change.mapper.base_mapper
-        conn = conn_of.get(base)
-        if conn is None:
-            conn = conn_of[base] = _flush_connection(session, base, began)
-        by_conn.setdefault(conn, []).append(change)
+    # the flush gets its connection with get_bind(mapper=base_mapper): the same one
+    bases = {change.mapper.base_mapper for change in changes}
+    by_conn: dict[Connection, list[Change]] = {}
+    if len(bases) == 1:  # the common case, without a lookup per row
+        by_conn[_flush_connection(session, bases.pop(), began)] = changes
+    else:
+        conn_of: dict[Mapper[Any], Connection] = {}
+        for change in changes:
+            base = change.mapper.base_mapper
+            conn = conn_of.get(base)
+            if conn is None:
+                conn = conn_of[base] = _flush_connection(session, base, began)
+            by_conn.setdefault(conn, []).append(change)
     errors: list[IllegalTransitionError] = []
     prepared: list[tuple[Connection, _FlushChecks]] = []
     per_row_connections = session.connection_callable is not None
@@ -381,17 +393,14 @@ def _prepare_compare_and_set(
             errors.extend(found)
             for change, value in zip(unknown, values, strict=True):
                 checks.expect(change, value)
-        rows: dict[tuple[Any, ...], _Row] | None = None
+        rows: dict[tuple[Any, ...], _Row] = {}
         last: Guard | None = None
-        for change in group:
-            if not change.old_known:
-                continue
+        for change in [c for c in group if c.old_known] if unknown else group:
             guard = change.guard
             if guard is not last:  # rows come grouped by model: look the table up on a switch
                 checks.note_guard(guard)
                 rows = checks.rows.setdefault(guard.table, {})
                 last = guard
-            assert rows is not None
             row = rows.get(change.identity)
             if row is None:
                 rows[change.identity] = {guard.column: _Expect(change, change.old)}
@@ -542,19 +551,18 @@ def _compare_and_set(
         if pending:
             _lock_and_check(conn, checks, guards, pending)
         return False
-    expected: list[_Row] = []
-    complete = True
-    single = guards[0] if len(guards) == 1 else None
-    for identity in identities:
-        found = table_rows.get(identity)
-        if found is None or (
-            single.column not in found
-            if single is not None
-            else any(g.column not in found for g in guards)
-        ):
-            complete = False
-        else:
-            expected.append(found)
+    # the rows this flush expects something of for every guard the UPDATE sets (a row
+    # without: its status was changed after before_flush)
+    if len(guards) == 1:
+        column = guards[0].column
+        expected = [r for r in map(table_rows.get, identities) if r is not None and column in r]
+    else:
+        expected = [
+            r
+            for r in map(table_rows.get, identities)
+            if r is not None and all(g.column in r for g in guards)
+        ]
+    complete = len(expected) == len(identities)
     if not expected:
         return False
     dialect = context.dialect
@@ -619,24 +627,37 @@ def _with_expected(
     dialect: Any,
 ) -> list[Any]:
     """The driver's parameters of each row, with the states the row must still hold added
-    (and, for the raising form, the row's number)."""
-    sent: list[Any] = []
-    order = form.order
-    for number, (params, found) in enumerate(zip(parameters, expected, strict=True)):
-        values = []
-        for guard, process in zip(guards, form.processors, strict=True):
-            value = found[guard.column].value
-            values.append(value if process is None else process(value))
-        if form.raising:
-            values.append(str(number))
-        if form.positional:
-            every = [*params, *values]
-            if order is not None:
-                every = [every[i] for i in order]
-            sent.append(dialect.execute_sequence_format(every))
+    (and, for the raising form, the row's number). Comprehensions, not a loop: a flush of a
+    thousand rows passes here once per row."""
+    values: list[tuple[Any, ...]]
+    if len(guards) == 1:
+        column, process = guards[0].column, form.processors[0]
+        if process is None:
+            values = [(found[column].value,) for found in expected]
         else:
-            sent.append({**params, **dict(zip(form.names, values, strict=True))})
-    return sent
+            values = [(process(found[column].value),) for found in expected]
+    else:
+        pairs = list(zip([g.column for g in guards], form.processors, strict=True))
+        values = [
+            tuple(found[c].value if p is None else p(found[c].value) for c, p in pairs)
+            for found in expected
+        ]
+    if form.raising:
+        values = [(*v, str(number)) for number, v in enumerate(values)]
+    if form.positional:
+        sequence, order = dialect.execute_sequence_format, form.order
+        if order is None:
+            return [sequence((*p, *v)) for p, v in zip(parameters, values, strict=True)]
+        return [
+            sequence([(*p, *v)[i] for i in order]) for p, v in zip(parameters, values, strict=True)
+        ]
+    names = form.names
+    if len(names) == 1:
+        name = names[0]
+        return [{**p, name: v[0]} for p, v in zip(parameters, values, strict=True)]
+    return [
+        {**p, **dict(zip(names, v, strict=True))} for p, v in zip(parameters, values, strict=True)
+    ]
 
 
 def _cas_statement(statement: sa.Update, guards: tuple[Guard, ...], raising: bool) -> Any:
