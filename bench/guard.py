@@ -10,21 +10,23 @@
 - single-row UPDATE (raw SQL, autocommit off, one transaction each) on a table with the generated
   transition trigger and on an identical table without it: ratio with/without
 
-Variants are interleaved in rounds; the medians of the rounds give the ratios.
+Variants are interleaved in rounds; each ratio is the median of the per-round ratios, with a
+95 % bootstrap interval (``_stats.py``). The garbage is collected before each variant's turn.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import random
-import statistics
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
+import _stats
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -147,25 +149,43 @@ def update_variants(engine: sa.Engine) -> dict[str, Callable[[], None]]:
 
 def measure(
     variants: dict[str, Callable[[], None]], rounds: int, per_round: int
-) -> dict[str, float]:
+) -> dict[str, list[float]]:
+    """Per-round mean time of each variant (seconds), the variants in a shuffled order each
+    round. The garbage is collected before each variant's turn: a flush of a thousand rows
+    leaves a thousand objects behind, and a collection that falls inside one variant's turn and
+    not the other's moved single ratios by half (it still runs inside a turn as it would in an
+    application, only not one left over from the turn before)."""
     samples: dict[str, list[float]] = {n: [] for n in variants}
     for _ in range(rounds):
         order = list(variants)
         random.shuffle(order)
         for name in order:
             fn = variants[name]
+            gc.collect()
             start = time.perf_counter()
             for _ in range(per_round):
                 fn()
             samples[name].append((time.perf_counter() - start) / per_round)
-    return {n: statistics.median(v) for n, v in samples.items()}
+    return samples
 
 
-def _on_off(times: dict[str, float], scale: float, unit: str) -> dict[str, float]:
+def _on_off(samples: dict[str, list[float]], scale: float, unit: str) -> dict[str, Any]:
+    stats = _stats.summary(samples, base="guard_off")
     return {
-        f"guard_off_{unit}": times["guard_off"] * scale,
-        f"guard_on_{unit}": times["guard_on"] * scale,
-        "ratio": times["guard_on"] / times["guard_off"],
+        f"guard_off_{unit}": stats["guard_off"] * scale,
+        f"guard_on_{unit}": stats["guard_on"] * scale,
+        "ratio": stats["guard_on_ratio"],
+        "ratio_95": [stats["guard_on_ratio_low"], stats["guard_on_ratio_high"]],
+    }
+
+
+def _with_without(samples: dict[str, list[float]]) -> dict[str, Any]:
+    stats = _stats.summary(samples, base="without_trigger")
+    return {
+        "without_trigger_us": stats["without_trigger"] * 1e6,
+        "with_trigger_us": stats["with_trigger"] * 1e6,
+        "ratio": stats["with_trigger_ratio"],
+        "ratio_95": [stats["with_trigger_ratio_low"], stats["with_trigger_ratio_high"]],
     }
 
 
@@ -179,10 +199,10 @@ def run(url: str, *, quick: bool) -> dict[str, Any]:
     update = update_variants(engine)
     for fn in (*flush.values(), *async_flush.values(), *one_row.values(), *update.values()):
         fn()
-    f = measure(flush, 3 if quick else 7, 2 if quick else 4)
-    af = measure(async_flush, 3 if quick else 7, 2 if quick else 4)
-    r = measure(one_row, 3 if quick else 9, 100 if quick else 300)
-    u = measure(update, 3 if quick else 9, 100 if quick else 300)
+    f = measure(flush, 5 if quick else 25, 1)
+    af = measure(async_flush, 5 if quick else 25, 1)
+    r = measure(one_row, 3 if quick else 15, 100 if quick else 200)
+    u = measure(update, 3 if quick else 15, 100 if quick else 200)
     for sync_engine in (engine, on_engine, off_engine):
         sync_engine.dispose()
     for async_engine in async_engines:
@@ -192,12 +212,13 @@ def run(url: str, *, quick: bool) -> dict[str, Any]:
         "flush_1000_rows": _on_off(f, 1e3, "ms"),
         "flush_1000_rows_asyncpg": _on_off(af, 1e3, "ms"),
         "one_row_unit": _on_off(r, 1e6, "us"),
-        "single_row_update": {
-            "without_trigger_us": u["without_trigger"] * 1e6,
-            "with_trigger_us": u["with_trigger"] * 1e6,
-            "ratio": u["with_trigger"] / u["without_trigger"],
-        },
+        "single_row_update": _with_without(u),
     }
+
+
+def _ratio(row: dict[str, Any]) -> str:
+    low, high = row["ratio_95"]
+    return f"{row['ratio']:.3f} ({low:.2f}–{high:.2f})"
 
 
 def render(result: dict[str, Any]) -> str:
@@ -205,16 +226,16 @@ def render(result: dict[str, Any]) -> str:
     af, r = result["flush_1000_rows_asyncpg"], result["one_row_unit"]
     return "\n".join(
         [
-            "| case | without | with | ratio |",
+            "| case | without | with | ratio (95 % interval) |",
             "|---|---|---|---|",
             f"| flush of 1,000 changed rows, flush guard | {f['guard_off_ms']:.1f} ms "
-            f"| {f['guard_on_ms']:.1f} ms | {f['ratio']:.3f} |",
+            f"| {f['guard_on_ms']:.1f} ms | {_ratio(f)} |",
             f"| the same, asyncpg | {af['guard_off_ms']:.1f} ms "
-            f"| {af['guard_on_ms']:.1f} ms | {af['ratio']:.3f} |",
+            f"| {af['guard_on_ms']:.1f} ms | {_ratio(af)} |",
             f"| unit moving one row, flush guard | {r['guard_off_us']:.0f} µs "
-            f"| {r['guard_on_us']:.0f} µs | {r['ratio']:.3f} |",
+            f"| {r['guard_on_us']:.0f} µs | {_ratio(r)} |",
             f"| single-row UPDATE, transition trigger | {u['without_trigger_us']:.0f} µs "
-            f"| {u['with_trigger_us']:.0f} µs | {u['ratio']:.3f} |",
+            f"| {u['with_trigger_us']:.0f} µs | {_ratio(u)} |",
         ]
     )
 

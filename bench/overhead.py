@@ -77,6 +77,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import _stats
 import pybreaker
 import sqlalchemy as sa
 from _roundtrips import RoundTripCounter
@@ -424,29 +425,8 @@ async def athroughput(
 
 
 def summary(samples: dict[str, list[float]], base: str = "plain") -> dict[str, float]:
-    """Medians of each variant, and the median of the per-round ratios to ``base``: the two runs
-    of one round are adjacent in time, so the machine's drift cancels out in their ratio. With
-    it, a 95 % interval of that median (``_low`` / ``_high``), so that a ratio near its target is
-    read for what it is."""
-    out = {name: statistics.median(values) for name, values in samples.items()}
-    for name, values in samples.items():
-        if name != base:
-            ratios = [v / b for v, b in zip(values, samples[base], strict=True)]
-            out[f"{name}_ratio"] = statistics.median(ratios)
-            out[f"{name}_ratio_low"], out[f"{name}_ratio_high"] = median_interval(ratios)
-    return out
-
-
-BOOTSTRAP = 2000  # resamples for the interval of a median
-
-
-def median_interval(values: list[float]) -> tuple[float, float]:
-    """A 95 % percentile-bootstrap interval of the median of ``values`` (seeded: the same
-    values give the same interval). Rough with a dozen rounds, but it shows the spread."""
-    rng = random.Random(0)
-    n = len(values)
-    medians = sorted(statistics.median(rng.choices(values, k=n)) for _ in range(BOOTSTRAP))
-    return medians[int(0.025 * BOOTSTRAP)], medians[int(0.975 * BOOTSTRAP) - 1]
+    """Medians and per-round ratios to ``base`` with their 95 % interval (``_stats.summary``)."""
+    return _stats.summary(samples, base)
 
 
 # -- round trips ----------------------------------------------------------------------------------
