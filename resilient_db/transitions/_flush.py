@@ -258,9 +258,10 @@ def _check_against_db(
 # so SQLAlchemy's echo and ``before_cursor_execute`` listeners see the ORM's UPDATE, and the
 # server receives it with the added condition.
 #
-# An executemany on PostgreSQL whose driver reports no row count for it (asyncpg) carries a
-# condition that makes the server raise for a row that moved (:func:`_raising_condition`); its
-# error names the row and the state it holds.
+# An executemany on PostgreSQL (several rows in one UPDATE) carries a condition that makes the
+# server raise for a row that moved (:func:`_raising_condition`); its error names the row and
+# the state it holds, where a row count can only say how many (and asyncpg's executemany reports
+# none). Where there is a row count, it still catches rows deleted meanwhile.
 #
 # Where the row count can't tell otherwise, the guard falls back to checking the rows under lock
 # (``SELECT ... FOR UPDATE``, one per table) before their UPDATE: on a dialect without a reliable
@@ -568,10 +569,12 @@ def _compare_and_set(
     dialect = context.dialect
     form = None
     if complete:
-        if not many or dialect.supports_sane_multi_rowcount:
-            form = _cas_form(compiled, guards, dialect, raising=False)
-        elif dialect.name == "postgresql":  # asyncpg: an executemany reports no row count
+        if many and dialect.name == "postgresql":
+            # several rows: the server names a row that moved (the row count can't say which,
+            # and asyncpg's executemany reports none)
             form = _cas_form(compiled, guards, dialect, raising=True)
+        elif not many or dialect.supports_sane_multi_rowcount:
+            form = _cas_form(compiled, guards, dialect, raising=False)
     if form is None or statement != compiled.string:
         # the row count can't tell, or the SQL sent is not the compiled one (schema names
         # translated): check under lock, let the UPDATE go as it is
@@ -580,21 +583,21 @@ def _compare_and_set(
     sent = _with_expected(form, parameters if many else [parameters], guards, expected, dialect)
     if not noted:
         note_write(context)  # a later listener of the chain (the commit protocol's) won't see it
-    if form.raising:
-        try:
+    try:
+        if many:
             dialect.do_executemany(cursor, form.sql, sent, context)
-        except Exception as exc:
-            stale = _raised_stale(exc, guards, expected, dialect)
-            if stale is None:
-                raise
-            raise_errors([stale], checks.config)
-        return True
-    if many:
-        dialect.do_executemany(cursor, form.sql, sent, context)
-    else:
-        dialect.do_execute(cursor, form.sql, sent[0], context)
+        else:
+            dialect.do_execute(cursor, form.sql, sent[0], context)
+    except Exception as exc:
+        stale = _raised_stale(exc, guards, expected, dialect) if form.raising else None
+        if stale is None:
+            raise
+        raise_errors([stale], checks.config)
+    if many and not dialect.supports_sane_multi_rowcount:
+        return True  # (the raising form) a row deleted meanwhile goes unnoticed, as it does there
     matched = cursor.rowcount
     if matched != len(expected):
+        # rows deleted meanwhile (a moved row raised, in the raising form), or moved ones
         errors = _stale_rows(conn, guards, expected, matched)
         if errors:
             raise_errors(errors, checks.config)
@@ -694,17 +697,18 @@ def _raising_condition(guard: Guard, holds: Any, position: int) -> Any:
     """A condition that is true for the row the UPDATE targets while it holds the expected
     state, and makes the server raise when it does not.
 
-    For an executemany whose driver reports no row count (asyncpg), where a row the
-    compare-and-set misses would go unnoticed. The error aborts the flush's transaction, as a
-    StaleTransitionError does anyway; its message carries the row's number and what the row
-    holds (:data:`_STALE_TOKEN`), so nothing needs to be read afterwards (nothing can be, on an
-    aborted transaction). Written by hand: SQL has no RAISE expression; a cast of text that is
-    no integer is one that needs nothing installed. The planner computes constant
-    subexpressions ahead, even in a CASE branch never taken, and a plan made for the
-    parameters' values takes them as constants: the text is built by ``concat`` (not immutable)
-    from the row's own column, so it is computed only where the branch is taken. The CASE first
-    rules out any row but the targeted one, so no other row is ever tested, whatever order the
-    server evaluates the conditions in.
+    For an executemany (several rows in one UPDATE): a row count says how many rows missed the
+    compare-and-set, not which, and asyncpg's executemany reports none. The error aborts the
+    flush's transaction, as a StaleTransitionError does anyway; its message carries the row's
+    number and what the row holds (:data:`_STALE_TOKEN`), so nothing needs to be read
+    afterwards (nothing can be, on an aborted transaction).
+
+    Written by hand: SQL has no RAISE expression; a cast of text that is no integer is one that
+    needs nothing installed. The planner computes constant subexpressions ahead, even in a CASE
+    branch never taken, and a plan made for the parameters' values takes them as constants: the
+    text is built by ``concat`` (not immutable) from the row's own column, so it is computed
+    only where the branch is taken. The CASE first rules out any row but the targeted one, so
+    no other row is ever tested, whatever order the server evaluates the conditions in.
     """
     column = guard.column
     targeted = sa.and_(
@@ -742,7 +746,10 @@ def _raised_stale(
     for _ in range(8):  # the driver's error and what it wraps
         if current is None:
             return None
-        match = _STALE_TOKEN.search(str(current))
+        args = current.args
+        # the server's message: in the error's text, or in pg8000's fields ("M")
+        text = args[0].get("M", "") if args and isinstance(args[0], dict) else str(current)
+        match = _STALE_TOKEN.search(str(text))
         if match is not None:
             break
         current = current.__cause__
