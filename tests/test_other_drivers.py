@@ -148,8 +148,8 @@ class Ticket(_GuardBase):
 def test_a_many_row_flush_names_the_row_another_transaction_moved(
     engine: sa.Engine, driver: str, service: str
 ) -> None:
-    """The flush guard's compare-and-set on these drivers: one UPDATE for the three rows, and
-    the row another transaction moved is named with the state it holds."""
+    """The flush guard's compare-and-set on these drivers (both count an executemany's rows):
+    the row another transaction moved is named with the state it holds, nothing is written."""
     _GuardBase.metadata.create_all(engine)
     with engine.begin() as conn:
         conn.execute(sa.insert(Ticket), [{"id": i, "status": "open"} for i in (1, 2, 3)])
