@@ -19,7 +19,7 @@ def median_interval(values: list[float]) -> tuple[float, float]:
     return medians[int(0.025 * BOOTSTRAP)], medians[int(0.975 * BOOTSTRAP) - 1]
 
 
-def summary(samples: dict[str, list[float]], base: str) -> dict[str, float]:
+def summary(samples: dict[str, list[float]], base: str = "plain") -> dict[str, float]:
     """Medians of each variant, and the median of the per-round ratios to ``base`` with its
     95 % interval (``<name>_ratio``, ``_ratio_low``, ``_ratio_high``), so that a ratio near its
     target is read for what it is."""

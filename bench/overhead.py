@@ -77,10 +77,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import _stats
 import pybreaker
 import sqlalchemy as sa
 from _roundtrips import RoundTripCounter
+from _stats import summary
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -422,11 +422,6 @@ async def athroughput(
             await asyncio.gather(*(worker(t) for t in range(tasks)))
             samples[name].append(sum(counts) / (time.perf_counter() - start))
     return samples
-
-
-def summary(samples: dict[str, list[float]], base: str = "plain") -> dict[str, float]:
-    """Medians and per-round ratios to ``base`` with their 95 % interval (``_stats.summary``)."""
-    return _stats.summary(samples, base)
 
 
 # -- round trips ----------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ _MAX_CHAIN = 8
 def sqlstate_of(exc: BaseException) -> str | None:
     """The SQLSTATE carried by ``exc`` or the driver error it wraps, if any: ``sqlstate``
     (psycopg 3, asyncpg), ``pgcode`` (psycopg2) or the ``C`` field of pg8000's error fields."""
-    for err in _chain(exc):
+    for err in error_chain(exc):
         code = getattr(err, "sqlstate", None)
         if code is None:
             code = getattr(err, "pgcode", None)
@@ -95,7 +95,7 @@ def marked_replay_safe(exc: BaseException) -> bool:
     return bool(getattr(exc, _REPLAY_SAFE, False))
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
+def error_chain(exc: BaseException) -> Iterator[BaseException]:
     """``exc``, the DBAPI error SQLAlchemy wrapped, and their causes (bounded)."""
     seen = 0
     current: BaseException | None = exc
@@ -123,7 +123,7 @@ def _raised_by_driver(err: BaseException) -> bool:
 
 def _driver_disconnect(exc: BaseException) -> bool:
     """True when the failure is a broken or refused connection that carries no SQLSTATE."""
-    for err in _chain(exc):
+    for err in error_chain(exc):
         if isinstance(err, sa_exc.DBAPIError) and err.connection_invalidated:
             return True
         if isinstance(err, OSError):
@@ -196,7 +196,7 @@ class Classifier:
         if not isinstance(exc, Exception) or isinstance(exc, ResilientDBError):
             # Cancellation, KeyboardInterrupt, SystemExit and our own errors never retry.
             return Outcome.NOT_TRANSIENT
-        if any(marked_replay_safe(err) for err in _chain(exc)):
+        if any(marked_replay_safe(err) for err in error_chain(exc)):
             return Outcome.CONFLICT
         code = sqlstate_of(exc)
         if code is not None:

@@ -27,7 +27,7 @@ from sqlalchemy.orm.base import PASSIVE_NO_INITIALIZE
 from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.sql.elements import ClauseElement
 
-from resilient_db._classify import sqlstate_of
+from resilient_db._classify import error_chain, sqlstate_of
 from resilient_db._config import Config
 from resilient_db._errors import IllegalTransitionError, StaleTransitionError
 from resilient_db._state import STATE
@@ -319,10 +319,7 @@ class _CasForm(NamedTuple):
     sql: str
     names: tuple[str, ...]  # its added parameters (one per guard; then the row's number)
     processors: tuple[Callable[[Any], Any] | None, ...]  # their bind processors (per guard)
-    positional: bool
-    # positional only: where each of the form's parameters comes from, as an index into the
-    # UPDATE's own parameters followed by the added ones; None when they are simply appended
-    order: tuple[int, ...] | None
+    positional: bool  # then the added parameters follow the UPDATE's own
     raising: bool  # see _raising_condition: the server raises for a row that moved
 
 
@@ -630,7 +627,7 @@ def _with_expected(
     """The driver's parameters of each row, with the states the row must still hold added
     (and, for the raising form, the row's number). Comprehensions, not a loop: a flush of a
     thousand rows passes here once per row."""
-    if len(guards) == 1 and form.order is None:  # the common case, one comprehension
+    if len(guards) == 1:  # the common case, one comprehension
         column, process = guards[0].column, form.processors[0]
         if process is None:
             states = [found[column].value for found in expected]
@@ -655,12 +652,8 @@ def _with_expected(
     if form.raising:
         values = [(*v, str(n)) for n, v in enumerate(values)]
     if form.positional:
-        sequence, order = dialect.execute_sequence_format, form.order
-        if order is None:
-            return [sequence((*p, *v)) for p, v in zip(parameters, values, strict=True)]
-        return [
-            sequence([(*p, *v)[i] for i in order]) for p, v in zip(parameters, values, strict=True)
-        ]
+        sequence = dialect.execute_sequence_format
+        return [sequence((*p, *v)) for p, v in zip(parameters, values, strict=True)]
     names = form.names
     return [
         {**p, **dict(zip(names, v, strict=True))} for p, v in zip(parameters, values, strict=True)
@@ -746,18 +739,9 @@ def _raised_stale(
     None when ``exc`` is not the raising condition's error (then it is raised as it is)."""
     if sqlstate_of(exc) != _STALE_SQLSTATE:
         return None
-    current: BaseException | None = exc
-    for _ in range(8):  # the driver's error and what it wraps
-        if current is None:
-            return None
-        args = current.args
-        # the server's message: in the error's text, or in pg8000's fields ("M")
-        text = args[0].get("M", "") if args and isinstance(args[0], dict) else str(current)
-        match = _STALE_TOKEN.search(str(text))
-        if match is not None:
-            break
-        current = current.__cause__
-    else:
+    # the server's message, in the driver's error or the one it wraps
+    match = next(filter(None, (_STALE_TOKEN.search(str(err)) for err in error_chain(exc))), None)
+    if match is None:
         return None
     number, position, kind, text = match.groups()
     if int(number) >= len(expected) or int(position) >= len(guards):
@@ -795,14 +779,13 @@ def _cas_form(
     except sa.exc.CompileError:  # e.g. a column keyed like one of our parameters
         by_guards[key] = None
         return None
-    order: tuple[int, ...] | None = None
     if cas.positional:
-        own = list(compiled.positiontup or ())
-        every = [*own, *names]
-        wanted = list(cas.positiontup or ())
-        usable = compiled.positiontup is not None and set(wanted) == set(every)
-        if usable and wanted != every:
-            order = tuple(every.index(name) for name in wanted)
+        # the added parameters after the UPDATE's own, each once (a dialect that repeats a
+        # parameter in its positions: not usable, the rows are checked under lock)
+        usable = compiled.positiontup is not None and list(cas.positiontup or ()) == [
+            *compiled.positiontup,
+            *names,
+        ]
     else:
         usable = set(cas.binds) == {*compiled.binds, *names} and not any(
             n in cas.escaped_bind_names for n in names
@@ -811,7 +794,7 @@ def _cas_form(
         processors = tuple(
             g.column.type.dialect_impl(dialect).bind_processor(dialect) for g in guards
         )
-        form = _CasForm(cas.string, names, processors, cas.positional, order, raising)
+        form = _CasForm(cas.string, names, processors, cas.positional, raising)
     by_guards[key] = form
     return form
 

@@ -48,11 +48,12 @@ def run_statements(target: Any, statements: list[str]) -> None:
             for stmt in statements:  # offline: escape ":name" so text() sees no bind
                 target.execute(sa.text(_TEXT_BIND.sub(lambda m: "\\" + m.group(0), stmt)))
             return
-        target = target.get_bind()
+        _send(target.get_bind(), statements)
+        return
     if isinstance(target, Engine):
         _require_postgresql(target.dialect)
         with target.begin() as conn:
-            run_statements(conn, statements)
+            _send(conn, statements)
         return
     if isinstance(target, Session):
         target = target.connection()
@@ -62,8 +63,12 @@ def run_statements(target: Any, statements: list[str]) -> None:
             f"{type(target).__name__} (for asyncio use conn.run_sync(...))"
         )
     _require_postgresql(target.dialect)
+    _send(target, statements)
+
+
+def _send(connection: Connection, statements: list[str]) -> None:
     for stmt in statements:
-        target.exec_driver_sql(stmt, execution_options={"no_parameters": True})
+        connection.exec_driver_sql(stmt, execution_options={"no_parameters": True})
 
 
 def _require_postgresql(dialect: Any) -> None:
