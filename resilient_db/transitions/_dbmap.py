@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from typing import Any
 
+from resilient_db._classify import error_chain
 from resilient_db._config import Config
 from resilient_db._errors import IllegalTransitionError
 
@@ -33,19 +33,6 @@ from ._rules import guard_for_table
 from ._sql import TRANSITION_SQLSTATE, function_name, pg_name
 
 __all__ = ["exception_from_db"]
-
-
-def _error_chain(exc: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        item = todo.pop(0)
-        if item is None or id(item) in seen or len(seen) > 8:
-            continue
-        seen.add(id(item))
-        yield item
-        orig = getattr(item, "orig", None)
-        todo += [orig if isinstance(orig, BaseException) else None, item.__cause__]
 
 
 class _Diagnostics:
@@ -59,7 +46,7 @@ class _Diagnostics:
 
 def _diagnostics(exc: BaseException) -> _Diagnostics:
     found = _Diagnostics()
-    for item in _error_chain(exc):
+    for item in error_chain(exc):
         code = getattr(item, "sqlstate", None) or getattr(item, "pgcode", None)
         if code == TRANSITION_SQLSTATE:
             found.matched = True
