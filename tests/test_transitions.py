@@ -10,6 +10,8 @@ import enum
 import io
 import logging
 import re
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -1476,6 +1478,55 @@ def test_bulk_update_enum_column(engine: sa.Engine, sessions: sessionmaker[_S]) 
         s.commit()
         phases = {row.id: row.phase for row in s.execute(sa.select(Doc.id, Doc.phase))}
     assert phases == {1: Phase.draft, 2: Phase.published}
+
+
+_FIRST_STATEMENT = """
+import sys
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+import resilient_db as rdb
+
+class Base(DeclarativeBase):
+    pass
+
+class Job(Base):
+    __tablename__ = "first_statement_jobs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    status: Mapped[str] = mapped_column(sa.String(20))
+    __transitions__ = rdb.TransitionRules(
+        column="status", transitions={"new": {"done"}}, initial={"new"}
+    )
+
+engine = sa.create_engine(sys.argv[1])
+with engine.begin() as conn:  # Core only: no mapper is configured before the ORM UPDATE
+    conn.exec_driver_sql("DROP TABLE IF EXISTS first_statement_jobs")
+    conn.exec_driver_sql("CREATE TABLE first_statement_jobs (id int PRIMARY KEY, status text)")
+    conn.exec_driver_sql("INSERT INTO first_statement_jobs VALUES (1, 'done')")
+with rdb.ResilientSession(engine)() as session:
+    moved = session.execute(sa.update(Job).where(Job.id == 1).values(status="new")).rowcount
+    session.commit()
+with engine.connect() as conn:
+    print(moved, conn.exec_driver_sql("SELECT status FROM first_statement_jobs").scalar())
+engine.dispose()
+"""
+
+
+def test_bulk_update_guarded_from_the_first_statement_of_a_process(
+    pg_url: str, tmp_path: Any
+) -> None:
+    """The first ORM statement of a process configures the mappers while it is being executed;
+    the bulk guard must already be listening then (it is added when the class is mapped)."""
+    script = tmp_path / "first_statement.py"
+    script.write_text(_FIRST_STATEMENT)
+    done = subprocess.run(
+        [sys.executable, str(script), pg_url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0", "done"]  # filtered: the row stays done
 
 
 # ------------------------------------------------------------------------------------------------

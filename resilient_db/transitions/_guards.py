@@ -54,11 +54,13 @@ def install_guard(session_class: type[Session]) -> None:
 
 
 # A ``do_orm_execute`` listener makes SQLAlchemy build an ORMExecuteState for every statement
-# (several microseconds each), so the bulk-UPDATE guard is registered only once a model with
-# ``__transitions__`` has been configured: applications without rules don't pay for it. Mappers
-# configure before any statement naming them can run, so no guarded UPDATE gets past. The
-# classes guarded so far and whether such a model exists are in STATE (guarded_session_classes,
-# bulk_guard_needed).
+# (several microseconds each), so the bulk-UPDATE guard is registered only once a class with
+# ``__transitions__`` is mapped: applications without rules don't pay for it. That is the
+# mapper's construction (``instrument_class``), when the class is declared, not its
+# configuration: a session reads its ``do_orm_execute`` listeners before the statement's
+# compilation configures the mappers, so a listener added at configuration would miss the
+# first statement of a process that names the model. The classes guarded so far and whether
+# such a model exists are in STATE (guarded_session_classes, bulk_guard_needed).
 
 
 def _listen_bulk_guard(session_class: type[Session]) -> None:
@@ -78,11 +80,19 @@ def _enable_bulk_guard() -> None:
         _listen_bulk_guard(session_class)
 
 
+@event.listens_for(Mapper, "instrument_class")
+def _on_class_mapped(mapper: Mapper[Any], class_: type[Any]) -> None:
+    """A class with ``__transitions__`` (its own or inherited) is mapped: guard bulk UPDATEs
+    from now on, before any statement can name it."""
+    if getattr(class_, "__transitions__", None) is not None:
+        _enable_bulk_guard()
+
+
 @event.listens_for(Mapper, "mapper_configured")
 def _on_mapper_configured(mapper: Mapper[Any], class_: type[Any]) -> None:
     """Validate ``__transitions__`` as soon as the mapper is configured (fail early)."""
-    if getattr(class_, "__transitions__", None) is not None and compiled_guards(mapper):
-        _enable_bulk_guard()
+    if getattr(class_, "__transitions__", None) is not None:
+        compiled_guards(mapper)
 
 
 def guarded_models_exist() -> bool:
