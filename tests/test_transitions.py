@@ -1469,6 +1469,79 @@ def test_bulk_update_by_primary_key(engine: sa.Engine, sessions: sessionmaker[_S
     assert _states(engine)[ids["completed"]] == "completed"
 
 
+@pytest.mark.parametrize("strategy", ["orm", "core_only"])
+def test_bulk_update_executed_once_per_parameter_set(
+    engine: sa.Engine, strategy: str, log: pytest.LogCaptureFixture
+) -> None:
+    """An UPDATE with WHERE criteria run over a list of parameter sets: each set's move is
+    judged (the target state differs per set), in filter and in raise mode."""
+    ids = _tasks_in(engine, "pending", "completed", "failed", "in_progress")
+    stmt = (
+        sa.update(Task)
+        .where(Task.id == sa.bindparam("task_id"))
+        .values(status=sa.bindparam("new_status"))
+    )
+    sets = [
+        {"task_id": ids["pending"], "new_status": "in_progress"},  # legal
+        {"task_id": ids["completed"], "new_status": "pending"},  # illegal
+        {"task_id": ids["failed"], "new_status": "pending"},  # legal
+        {"task_id": ids["in_progress"], "new_status": "pending"},  # illegal
+    ]
+    copies = [dict(p) for p in sets]
+    options = {"dml_strategy": strategy}
+    raising = _factory(engine, bulk_update="raise")
+    with raising() as s:
+        with pytest.raises(IllegalTransitionError) as info:
+            s.execute(stmt, sets, execution_options=options)
+        assert (info.value.pk, info.value.from_state, info.value.to_state) == (
+            ids["completed"],
+            "completed",
+            "pending",
+        )
+    assert _states(engine) == {v: k for k, v in ids.items()}  # nothing moved
+    with _factory(engine)() as s:
+        s.execute(stmt, sets, execution_options=options)
+        s.commit()
+    assert sets == copies  # the caller's parameter sets are left as they were
+    assert _states(engine) == {
+        ids["pending"]: "in_progress",
+        ids["completed"]: "completed",
+        ids["failed"]: "pending",
+        ids["in_progress"]: "in_progress",
+    }
+    [record] = [r for r in log.records if "filter mode" in r.getMessage()]
+    assert record.self_heal["blocked_rows"] == 2
+
+
+def test_bulk_update_by_primary_key_judges_each_set_from_the_one_before(
+    engine: sa.Engine, sessions: sessionmaker[_S]
+) -> None:
+    """The same row twice in one list: the second move starts where the first left it."""
+    ids = _tasks_in(engine, "pending", "in_progress")
+    with sessions() as s:
+        s.execute(
+            sa.update(Task),
+            [
+                {"id": ids["pending"], "status": "cancelled"},
+                {"id": ids["pending"], "status": "in_progress"},  # cancelled is final: skipped
+                {"id": ids["in_progress"], "status": "failed"},
+                {"id": ids["in_progress"], "status": "pending"},  # failed -> pending: legal
+            ],
+        )
+        s.commit()
+    assert _states(engine) == {ids["pending"]: "cancelled", ids["in_progress"]: "pending"}
+    raising = _factory(engine, bulk_update="raise")
+    with raising() as s, pytest.raises(IllegalTransitionError) as info:
+        s.execute(
+            sa.update(Task),
+            [
+                {"id": ids["in_progress"], "status": "in_progress"},
+                {"id": ids["in_progress"], "status": "pending"},
+            ],
+        )
+    assert (info.value.from_state, info.value.to_state) == ("in_progress", "pending")
+
+
 def test_bulk_update_enum_column(engine: sa.Engine, sessions: sessionmaker[_S]) -> None:
     with sessions() as s:
         s.add_all([Doc(id=1), Doc(id=2, phase=Phase.draft)])

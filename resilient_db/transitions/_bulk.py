@@ -95,13 +95,18 @@ def _membership(expr: Any, guard: Guard, keys: Collection[Key]) -> ColumnElement
 
 
 def _legal_predicate(guard: Guard, col: Any, new: Any) -> ColumnElement[bool]:
-    """SQL: the row may move from ``col`` to the value of expression ``new``."""
-    parts: list[ColumnElement[bool]] = [col.is_not_distinct_from(new)]
+    """SQL: the row may move from ``col`` to the value of expression ``new``. Equalities, not
+    ``IN`` or ``IS NOT DISTINCT FROM``: an executemany can't take an expanding ``IN``, and the
+    ORM's "evaluate" synchronization can evaluate neither."""
+    parts: list[ColumnElement[bool]] = [col == new, sa.and_(col.is_(None), new.is_(None))]
     for source, targets in sorted(guard.next.items(), key=lambda kv: sort_key(kv[0])):
         if not targets:
             continue
         at_source = col.is_(None) if source is None else col == guard.binds[source]
-        parts.append(sa.and_(at_source, _membership(new, guard, targets)))
+        into = [new == guard.binds[k] for k in sorted(targets - {None}, key=sort_key)]
+        if None in targets:
+            into.append(new.is_(None))
+        parts.append(sa.and_(at_source, sa.or_(*into)))
     return sa.or_(*parts)
 
 
@@ -120,92 +125,158 @@ def do_orm_execute(orm_state: ORMExecuteState) -> Result[Any] | None:
         return None
     params = orm_state.parameters
     if isinstance(params, (list, tuple)):
-        return _bulk_by_pk(orm_state, config, mapper, guards, list(params))
+        # A list of parameter sets: SQLAlchemy's "bulk UPDATE by primary key" unless the
+        # statement asks for an executemany of itself ("orm" / "core_only", WHERE allowed)
+        if orm_state.execution_options.get("dml_strategy", "auto") in ("auto", "bulk"):
+            return _bulk_by_pk(orm_state, config, mapper, guards, list(params))
+        _restrict_many(orm_state, config, mapper, guards, list(params))
+        return None
     stmt: Any = orm_state.statement
     for guard in guards:
         target = _target(stmt, params, guard)
         if target is not None:
-            stmt = _restrict(
+            col = getattr(mapper.class_, guard.attr_key)
+            if target.static:
+                legal = _membership(col, guard, guard.sources_of(guard.key(target.value)))
+                new_expr: Any = None
+                shown = repr(plain(target.value))
+            else:
+                new_expr = sa.type_coerce(target.value, guard.column.type)
+                legal = _legal_predicate(guard, col, new_expr)
+                shown = "(SQL expression)"
+            exec_params = dict(params) if isinstance(params, Mapping) else {}
+            _check_rows(
                 session,
                 config=config,
                 mapper=mapper,
                 guard=guard,
-                stmt=stmt,
-                params=params,
-                target=target,
+                where=(stmt.whereclause, legal),
+                param_sets=[exec_params],
+                new=(new_expr, target.value),
+                shown=shown,
             )
+            stmt = stmt.where(legal)
     orm_state.statement = stmt
     return None
 
 
-def _restrict(
+def _restrict_many(
+    orm_state: ORMExecuteState,
+    config: Config,
+    mapper: Mapper[Any],
+    guards: tuple[Guard, ...],
+    params: list[Any],
+) -> None:
+    """An UPDATE executed once per parameter set (its WHERE criteria pick the rows): each
+    set's target state travels as a parameter of ours, so the one statement holds the legal
+    condition of every set; each set's rows are checked (or counted) before it runs."""
+    stmt: Any = orm_state.statement
+    if not params or not all(isinstance(p, Mapping) for p in params):
+        return  # nothing to run, or not parameter sets SQLAlchemy would take
+    sets = [dict(p) for p in params]  # copies: the caller's dicts are left as they were
+    for n, guard in enumerate(guards):
+        targets = [_target(stmt, p, guard) for p in sets]
+        first = targets[0]
+        if first is None:
+            continue
+        if first.static:
+            name = f"rdb_new_{n}"
+            for p, target in zip(sets, targets, strict=True):
+                p[name] = None if target is None else target.value
+            new_expr: Any = sa.bindparam(name, type_=guard.column.type)
+            values = {guard.key(p[name]): p[name] for p in sets}
+            shown = "(one state per parameter set)"
+            if len(values) == 1:
+                shown = repr(plain(next(iter(values.values()))))
+        else:
+            new_expr = sa.type_coerce(first.value, guard.column.type)
+            shown = "(SQL expression)"
+        col = getattr(mapper.class_, guard.attr_key)
+        legal = _legal_predicate(guard, col, new_expr)
+        _check_rows(
+            orm_state.session,
+            config=config,
+            mapper=mapper,
+            guard=guard,
+            where=(stmt.whereclause, legal),
+            param_sets=sets,
+            new=(new_expr, None),
+            shown=shown,
+        )
+        stmt = stmt.where(legal)
+    orm_state.statement = stmt
+    orm_state.parameters = sets
+
+
+def _check_rows(
     session: Session,
     *,
     config: Config,
     mapper: Mapper[Any],
     guard: Guard,
-    stmt: Any,
-    params: Any,
-    target: _Target,
-) -> Any:
+    where: tuple[Any, ColumnElement[bool]],
+    param_sets: list[dict[str, Any]],
+    new: tuple[Any, Any],
+    shown: str,
+) -> None:
+    """Before a bulk UPDATE restricted to the rows that may legally move (``where``: the
+    statement's own criteria and the legal condition): raise for the first row it would
+    leave behind ("raise" mode, rows locked so the answer holds), or count and log them
+    ("filter" mode), one query per parameter set. ``new``: the target as a SQL expression
+    (or None) and as a value (when static)."""
+    criteria, legal = where
+    new_expr, value = new
     col = getattr(mapper.class_, guard.attr_key)
-    if target.static:
-        legal = _membership(col, guard, guard.sources_of(guard.key(target.value)))
-        new_expr: Any = None
-    else:
-        new_expr = sa.type_coerce(target.value, guard.column.type)
-        legal = _legal_predicate(guard, col, new_expr)
     blocked = sa.not_(sa.func.coalesce(legal, sa.false()))
     conn = session.connection(bind_arguments={"mapper": mapper})
-    exec_params = dict(params) if isinstance(params, Mapping) else {}
-    where = stmt.whereclause
     if config.bulk_update == "raise":
         extra = [new_expr.label("rdb_new")] if new_expr is not None else []
         query = sa.select(*guard.pk_columns, col, *extra).where(blocked)
-        if where is not None:
-            query = query.where(where)
+        if criteria is not None:
+            query = query.where(criteria)
         query = query.order_by(*guard.pk_columns).with_for_update(of=guard.table)
-        rows = conn.execute(query, exec_params).all()
-        if rows:
-            n_pk = len(guard.pk_columns)
-            first = rows[0]
-            err = IllegalTransitionError(
-                model=guard.model,
-                pk=guard.pk_of(first[:n_pk]),
-                column=guard.attr_key,
-                from_state=first[n_pk],
-                to_state=first[n_pk + 1] if new_expr is not None else target.value,
-                via="orm-update",
-                reason=f"{len(rows)} matching row(s) may not make this move; nothing was updated",
-            )
-            report(err, config, blocked_rows=len(rows))
-            raise err
-    else:
-        count_q = sa.select(sa.func.count()).select_from(guard.table).where(blocked)
-        if where is not None:
-            count_q = count_q.where(where)
-        n_blocked = int(conn.execute(count_q, exec_params).scalar_one())
-        if n_blocked:
-            count("bulk_rows_filtered", n_blocked)
-            shown = "(SQL expression)" if new_expr is not None else repr(plain(target.value))
-            emit(
-                config,
-                logger,
-                logging.WARNING,
-                "Status transition blocked for %d row(s): bulk UPDATE of %s.%s "
-                "to %s left them unchanged (filter mode)",
-                n_blocked,
-                guard.model,
-                guard.attr_key,
-                shown,
-                event="transition_blocked",
-                model=guard.model,
-                column=guard.attr_key,
-                to_state=None if new_expr is not None else plain(target.value),
-                via="orm-update",
-                blocked_rows=n_blocked,
-            )
-    return stmt.where(legal)
+        for exec_params in param_sets:
+            rows = conn.execute(query, exec_params).all()
+            if rows:
+                n_pk = len(guard.pk_columns)
+                first = rows[0]
+                err = IllegalTransitionError(
+                    model=guard.model,
+                    pk=guard.pk_of(first[:n_pk]),
+                    column=guard.attr_key,
+                    from_state=first[n_pk],
+                    to_state=first[n_pk + 1] if new_expr is not None else value,
+                    via="orm-update",
+                    reason=(
+                        f"{len(rows)} matching row(s) may not make this move; nothing was updated"
+                    ),
+                )
+                report(err, config, blocked_rows=len(rows))
+                raise err
+        return
+    count_q = sa.select(sa.func.count()).select_from(guard.table).where(blocked)
+    if criteria is not None:
+        count_q = count_q.where(criteria)
+    n_blocked = sum(int(conn.execute(count_q, p).scalar_one()) for p in param_sets)
+    if n_blocked:
+        count("bulk_rows_filtered", n_blocked)
+        emit(
+            config,
+            logger,
+            logging.WARNING,
+            "Status transition blocked for %d row(s): bulk UPDATE of %s.%s "
+            "to %s left them unchanged (filter mode)",
+            n_blocked,
+            guard.model,
+            guard.attr_key,
+            shown,
+            event="transition_blocked",
+            model=guard.model,
+            column=guard.attr_key,
+            to_state=None if new_expr is not None else plain(value),
+            via="orm-update",
+            blocked_rows=n_blocked,
+        )
 
 
 def _bulk_by_pk(
@@ -248,6 +319,7 @@ def _bulk_by_pk(
             old = current[identity]
             for index, new in items:
                 if guard.legal(guard.key(old), guard.key(new)):
+                    old = new  # a later set of the same row moves on from here
                     continue
                 change = Change(guard, guard.pk_of(identity), identity, old, True, new, mapper)
                 err = illegal(change, old, "orm-update")
