@@ -1100,8 +1100,9 @@ def test_row_changed_after_the_guard_ran_falls_back_to_a_locked_check(
     engine: sa.Engine, sessions: sessionmaker[_S]
 ) -> None:
     """A status set during the flush (here by a before_update listener) has no recorded
-    expectation; its UPDATE goes out as it is, and the rows sent with it that have one are
-    checked under lock first."""
+    expectation; its UPDATE goes out as it is once every row sent with it is checked under
+    lock, in one SELECT: that row for a legal move from what it holds, the others for the
+    state they must still hold."""
     a, b = _add_task(engine), _add_task(engine)
 
     def claim_b(mapper: Any, connection: Any, target: Task) -> None:
@@ -1133,6 +1134,54 @@ def test_row_changed_after_the_guard_ran_falls_back_to_a_locked_check(
     finally:
         event.remove(Task, "before_update", claim_b)
     assert (_db_status(engine, a), _db_status(engine, b)) == ("failed", "in_progress")
+
+
+def test_status_set_by_a_listener_during_the_flush_is_judged(
+    engine: sa.Engine, sessions: sessionmaker[_S]
+) -> None:
+    """A before_update listener that sets the status after before_flush judged the flush: the
+    state written is judged too, whether the row had a judged change (from its loaded state)
+    or none (from the state it holds), and in a flush with no other change of status."""
+    a, b, c = _add_task(engine), _add_task(engine), _add_task(engine, "in_progress")
+
+    def finish(mapper: Any, connection: Any, target: Task) -> None:
+        if target.title == "finish":
+            target.status = "completed"
+
+    event.listen(Task, "before_update", finish)
+    try:
+        with sessions() as s:  # judged pending -> in_progress, written completed
+            task = s.get(Task, a)
+            assert task is not None
+            task.title, task.status = "finish", "in_progress"
+            with pytest.raises(IllegalTransitionError) as info:
+                s.flush()
+            assert (info.value.pk, info.value.from_state, info.value.to_state) == (
+                a,
+                "pending",
+                "completed",
+            )
+        with sessions() as s:  # nothing judged: the only change is the title
+            task = s.get(Task, b)
+            assert task is not None
+            task.title = "finish"
+            statements = Sent(engine)
+            with pytest.raises(IllegalTransitionError) as info:
+                s.flush()
+            assert (info.value.pk, info.value.from_state, info.value.to_state) == (
+                b,
+                "pending",
+                "completed",
+            )
+            assert not statements.matching("UPDATE")  # refused before it was sent
+        with sessions() as s:  # in_progress -> completed is legal: written
+            task = s.get(Task, c)
+            assert task is not None
+            task.title = "finish"
+            s.commit()
+    finally:
+        event.remove(Task, "before_update", finish)
+    assert [_db_status(engine, i) for i in (a, b, c)] == ["pending", "pending", "completed"]
 
 
 def test_other_update_of_the_status_during_the_flush_checks_the_rows_first(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 import re
 import weakref
 from collections.abc import Callable, Sequence
@@ -62,12 +63,16 @@ def before_flush(
         state = instance_state(obj)  # the session's objects are mapped: no inspect() needed
         for guard in guards_of[state.mapper]:
             errors.extend(_check_insert(guard, state))
+    # mappers of guarded rows this flush updates with no change of status seen here: a mapper's
+    # before_update listener may still set one during the flush (checked when it is sent)
+    touched: set[Mapper[Any]] = set()
     dirty = session.dirty
     for obj in list(dirty) if only is None else [o for o in dirty if id(o) in only]:
         state = instance_state(obj)
         guards = guards_of[state.mapper]
         if not guards or state.key is None:
             continue
+        seen = len(changes) + len(errors)
         for guard in guards:
             change = _pending_change(guard, state, state.key[1])
             if change is None:
@@ -76,8 +81,10 @@ def before_flush(
                 errors.append(illegal(change, change.old, "flush"))
             else:
                 changes.append(change)
-    if not errors and changes:
-        errors.extend(_prepare_compare_and_set(session, config, changes))
+        if len(changes) + len(errors) == seen:
+            touched.add(state.mapper)
+    if not errors and (changes or touched):
+        errors.extend(_prepare_compare_and_set(session, config, changes, touched))
     if errors:
         raise_errors(errors, config)
 
@@ -286,18 +293,22 @@ class _FlushChecks:
     config: Config
     rows: dict[sa.Table, dict[tuple[Any, ...], _Row]] = dataclasses.field(default_factory=dict)
     guards: dict[sa.Table, tuple[Guard, ...]] = dataclasses.field(default_factory=dict)
+    #: a mapper of each table (what a row set during the flush, with no expectation, is
+    #: judged as: see :func:`_check_written`)
+    mappers: dict[sa.Table, Mapper[Any]] = dataclasses.field(default_factory=dict)
 
     def expect(self, change: Change, value: Any) -> None:
         guard = change.guard
-        self.note_guard(guard)
+        self.note_guard(guard, change.mapper)
         self.rows.setdefault(guard.table, {}).setdefault(change.identity, {})[guard.column] = (
             _Expect(change, value)
         )
 
-    def note_guard(self, guard: Guard) -> None:
+    def note_guard(self, guard: Guard, mapper: Mapper[Any]) -> None:
         # one guard per column: the models of an inheritance hierarchy share the column, and the
         # compare-and-set depends on nothing else (rules differ; errors name each row's model)
         table = guard.table
+        self.mappers.setdefault(table, mapper)
         guards = self.guards.get(table)
         if guards is None:
             self.guards[table] = (guard,)
@@ -354,16 +365,17 @@ def flush_ended(session: Session, *_: Any) -> None:
 
 
 def _prepare_compare_and_set(
-    session: Session, config: Config, changes: list[Change]
+    session: Session, config: Config, changes: list[Change], touched: set[Mapper[Any]]
 ) -> list[IllegalTransitionError]:
     """Record what each change expects of its row, on the connection the flush will use for
     its UPDATE; rows whose state was not loaded are read first (and checked) so that their
-    UPDATE can carry the state they hold. Returns the errors found."""
+    UPDATE can carry the state they hold. ``touched``: mappers of guarded rows updated with no
+    change seen (their UPDATEs are watched too). Returns the errors found."""
     began = _began_connections(session)
     # the flush gets its connection with get_bind(mapper=base_mapper): the same one
     bases = {change.mapper.base_mapper for change in changes}
     by_conn: dict[Connection, list[Change]] = {}
-    if len(bases) == 1:  # the common case, without a lookup per row
+    if len(bases) == 1 and not touched:  # the common case, without a lookup per row
         by_conn[_flush_connection(session, bases.pop(), began)] = changes
     else:
         conn_of: dict[Mapper[Any], Connection] = {}
@@ -373,6 +385,11 @@ def _prepare_compare_and_set(
             if conn is None:
                 conn = conn_of[base] = _flush_connection(session, base, began)
             by_conn.setdefault(conn, []).append(change)
+    watched: dict[Connection, set[Mapper[Any]]] = {}
+    for mapper in touched:
+        conn = _flush_connection(session, mapper.base_mapper, began)
+        watched.setdefault(conn, set()).add(mapper)
+        by_conn.setdefault(conn, [])
     errors: list[IllegalTransitionError] = []
     prepared: list[tuple[Connection, _FlushChecks]] = []
     per_row_connections = session.connection_callable is not None
@@ -381,9 +398,14 @@ def _prepare_compare_and_set(
         dialect = conn.dialect
         if per_row_connections or not dialect.supports_sane_rowcount:
             # the UPDATE's row count can't be trusted (or its connection known): lock and check
+            # (a status set during the flush by a listener is left to the trigger here)
             errors.extend(_check_against_db(conn, group, lock=True)[0])
             continue
         checks = _FlushChecks(config)
+        for mapper in watched.get(conn, ()):
+            for guard in compiled_guards(mapper):
+                checks.note_guard(guard, mapper)
+                checks.rows.setdefault(guard.table, {})
         unknown = [c for c in group if not c.old_known]
         if unknown:
             found, values = _check_against_db(conn, unknown, lock=False)
@@ -395,7 +417,7 @@ def _prepare_compare_and_set(
         for change in [c for c in group if c.old_known] if unknown else group:
             guard = change.guard
             if guard is not last:  # rows come grouped by model: look the table up on a switch
-                checks.note_guard(guard)
+                checks.note_guard(guard, change.mapper)
                 rows = checks.rows.setdefault(guard.table, {})
                 last = guard
             row = rows.get(change.identity)
@@ -553,15 +575,30 @@ def _compare_and_set(
     if len(guards) == 1:
         column = guards[0].column
         expected = [r for r in map(table_rows.get, identities) if r is not None and column in r]
+        complete = len(expected) == len(identities)
+        if complete:  # what is written must be what before_flush judged (a mapper's
+            # before_update listener may have set another state since)
+            # (a list comparison: identity first, then ==; per row in C but for one line)
+            written = list(map(operator.itemgetter(column.key), rows))
+            complete = [r[column].change.new for r in expected] == written
     else:
         expected = [
             r
             for r in map(table_rows.get, identities)
             if r is not None and all(g.column in r for g in guards)
         ]
-    complete = len(expected) == len(identities)
+        complete = len(expected) == len(identities) and all(
+            r[g.column].change.new == row[g.column.key]
+            for r, row in zip(expected, rows, strict=True)
+            for g in guards
+        )
+    if not complete and _check_written(
+        conn, checks, table_rows, guards=guards, sent=(identities, rows)
+    ):
+        return False  # every row was checked under lock: the UPDATE goes as it is
     if not expected:
         return False
+    complete = len(expected) == len(identities)
     dialect = context.dialect
     form = None
     if complete:
@@ -797,6 +834,50 @@ def _cas_form(
         form = _CasForm(cas.string, names, processors, cas.positional, raising)
     by_guards[key] = form
     return form
+
+
+def _check_written(
+    conn: Connection,
+    checks: _FlushChecks,
+    table_rows: dict[tuple[Any, ...], _Row],
+    *,
+    guards: tuple[Guard, ...],
+    sent: tuple[list[tuple[Any, ...]], list[dict[str, Any]]],
+) -> bool:
+    """An UPDATE writing a state before_flush did not judge (a mapper's ``before_update``
+    listener set it during the flush): the move from the state the row must hold (or, for a
+    row with no expectation, the state it holds now, read under lock) to the state written
+    must be legal, else IllegalTransitionError before it is sent. A row with no expectation is
+    judged by the rules of ``checks.mappers`` for its table (one mapper's: the models of a
+    table's inheritance hierarchy that declare different rules for one column are told apart
+    by the trigger only). ``sent``: the rows' primary keys and parameters. Returns whether
+    the rows were read under lock (some had no expectation: every row of the UPDATE was then
+    checked in the same SELECT, those with one for the state they must still hold)."""
+    errors: list[IllegalTransitionError] = []
+    unknown: list[Change] = []
+    known: list[Change] = []
+    identities, rows = sent
+    for identity, row in zip(identities, rows, strict=True):
+        found = table_rows.get(identity)
+        for g in guards:
+            written = row[g.column.key]
+            expect = None if found is None else found.get(g.column)
+            if expect is None:
+                pk = g.pk_of(identity)
+                mapper = checks.mappers[g.table]
+                unknown.append(Change(g, pk, identity, None, False, written, mapper))
+            else:
+                change = expect.change._replace(old=expect.value, old_known=True, new=written)
+                if g.key(expect.change.new) != g.key(written) and not g.legal(
+                    g.key(expect.value), g.key(written)
+                ):
+                    errors.append(illegal(change, expect.value, "flush"))
+                known.append(change)
+    if unknown and not errors:
+        errors = _check_against_db(conn, [*known, *unknown], lock=True)[0]
+    if errors:
+        raise_errors(errors, checks.config)
+    return bool(unknown)
 
 
 def _lock_and_check(
