@@ -30,7 +30,7 @@ import pybreaker as _pb
 
 from ._config import Config
 from ._errors import CircuitOpenError
-from ._fleet import FleetDown, link_for
+from ._fleet import FleetDown, attach, detach
 from ._observability import emit, log_breaker, stats_for
 from ._state import STATE, check_service_room
 
@@ -153,16 +153,18 @@ class Breaker:
 
     def _attach(self, config: Config) -> None:
         """Follow the shared breaker of ``config.redis_url`` (unless the caller gave a storage of
-        its own: that one is the breaker's state, as asked)."""
-        link = link_for(config) if config.redis_url and self.storage_given is None else None
+        its own: that one is the breaker's state, as asked), leaving the link of another Redis
+        this breaker followed (closed when nothing else is attached to it)."""
+        shared = bool(config.redis_url) and self.storage_given is None
+        link = attach(config, breaker=self) if shared else None
         old, self._fleet = self._fleet, link
         if old is link:
             return
-        if old is not None:
-            old.detach_breaker(self.service, self)
         self._fleet_gen = -1
+        if old is not None:
+            detach(old, breaker=self)
         if link is not None:
-            link.attach_breaker(self.service, self)
+            link.sync_breaker(self)
 
     def add_listener(self, listener: Any) -> None:
         """Register a pybreaker ``CircuitBreakerListener`` (once: again is a no-op)."""

@@ -161,14 +161,14 @@ class RetryBudget:
         self._attach(config)
 
     def _attach(self, config: Config) -> None:
-        from ._fleet import link_for  # noqa: PLC0415 - the fleet imports this module
+        """Count with the fleet of ``config.redis_url``, leaving the link of another Redis this
+        budget counted with (closed when nothing else is attached to it)."""
+        from ._fleet import attach, detach  # noqa: PLC0415 - the fleet imports this module
 
-        link = link_for(config) if config.redis_url else None
+        link = attach(config, budget=self) if config.redis_url else None
         old, self._fleet = self._fleet, link
         if old is not None and old is not link:
-            old.detach_budget(self.service, self)
-        if link is not None:
-            link.attach_budget(self.service, self)
+            detach(old, budget=self)
 
     # -- the first attempts ------------------------------------------------------------------
     def _observe(self, now: float) -> int:

@@ -28,53 +28,154 @@ _FALSE = frozenset({"false", "0", "no", "off"})
 LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
 BULK_UPDATE_MODES = ("filter", "raise")
 REDIS_SCHEMES = ("redis", "rediss", "unix")
+#: query parameters of a Redis URL that resilient_db sets itself: the client lets a URL's values
+#: win over the ones it is given, so a unit could wait on Redis past SELF_HEALING_REDIS_TIMEOUT
+_OWN_QUERY = frozenset(
+    {"socket_timeout", "socket_connect_timeout", "retry", "retry_on_timeout", "retry_on_error"}
+)
+_NOT_A_URL = "<not a URL>"
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]{0,19}", re.ASCII)
+_PLAIN_HOST = re.compile(r"(?:\[[0-9A-Za-z:.%]*\]|[A-Za-z0-9._~%-]*)(?::[0-9]*)?", re.ASCII)
+_PLAIN_USER = re.compile(r"[A-Za-z0-9._~-]{1,64}", re.ASCII)
+#: a password in the query (``password=``, ``ssl_password=``): its value runs to ``&`` or ``#``
+_PASSWORD_VALUE = re.compile(r"(password=)([^&#]*)", re.IGNORECASE)
+_ENCODE = "percent-encode / ? # @ [ ] in a password (/ is %2F, ? %3F, # %23, @ %40, [ %5B, ] %5D)"
+#: at most this many characters of a redis client's objection are quoted
+_CLIENT_TEXT = 200
 #: the largest retry budget ratio: retries may add at most this many times the first attempts
 MAX_RETRY_BUDGET = 10.0
 
 
 def mask_url(url: str) -> str:
-    """``url`` with its password (and a user name standing alone, which Redis treats as the
-    password) replaced by ``***``: what logs, errors and ``health()`` show of a Redis URL."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        return "<unparsable URL>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        creds, _, host = netloc.rpartition("@")
-        user, sep, _password = creds.partition(":")
-        netloc = f"{user}:***@{host}" if sep and user else f"***@{host}"
-    query = "&".join(
-        f"{k}=***" if k.lower() == "password" else (f"{k}={v}" if sep else k)
-        for k, sep, v in (item.partition("=") for item in parts.query.split("&") if item)
-    )
-    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+    """``url`` as logs, errors, ``health()`` and ``check-config`` show it: its credentials and
+    ``password=`` query values replaced by ``***``, without a fragment.
+
+    Read from the raw text, not through a URL parser: a parser ends the host part at the first
+    ``/``, ``?`` or ``#``, so one of those unencoded in a password puts the password in the path,
+    query or fragment, where nothing would be masked. Everything between ``scheme://`` and the
+    last ``@`` is credentials, once every ``password=`` value (up to ``&`` or ``#``) is masked:
+    an ``@`` in such a value must not make its end look like the host. A user name is kept only
+    when it is plainly one (a password follows it; letters, digits and ``._~-``): Redis takes a
+    user name standing alone as the password. A host part that is not plainly ``host:port``
+    (``redis://:password`` with no ``@host``, say) is shown as ``***`` with all that follows,
+    and a value without ``scheme://`` shows nothing of itself: either may be a secret.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or not _SCHEME.fullmatch(scheme):
+        return _NOT_A_URL
+    credentials, at, rest = _PASSWORD_VALUE.sub(r"\1***", rest).rpartition("@")
+    where, question, query = rest.partition("#")[0].partition("?")
+    if not _PLAIN_HOST.fullmatch(where.partition("/")[0]):
+        return f"{scheme}://***"
+    shown = f"{scheme}://"
+    if at:
+        user, colon, password = credentials.partition(":")
+        plain = colon and password and _PLAIN_USER.fullmatch(user)
+        shown += f"{user}:***@" if plain else "***@"
+    shown += where
+    if question:
+        shown += "?" + "&".join(_masked_item(item) for item in query.split("&") if item)
+    return shown
+
+
+def _masked_item(item: str) -> str:
+    # not key=value: maybe the rest of a password holding an unencoded &
+    return item if "=" in item else "***"
+
+
+def redis_url_problem(url: str, *, unset: str) -> str | None:
+    """What is wrong with ``url`` as ``SELF_HEALING_REDIS_URL``, as one sentence showing only
+    its masked form, or None. ``unset`` says how to run without Redis (an empty value is an
+    error, not "no Redis": a link silently missing from the fleet is worse than a refusal)."""
+    if not url:
+        return f"is empty; {unset} to run without Redis"
+    why = check_redis_url(url)
+    if why is None:
+        return None
+    shown = mask_url(url)
+    if shown == _NOT_A_URL:
+        return f"is invalid (not shown: it may be a secret in the wrong variable): {why}"
+    return f"{shown!r} is invalid: {why}"
 
 
 def check_redis_url(url: str) -> str | None:
-    """Why ``url`` is not a Redis URL the client accepts, or None (no connection is made)."""
+    """Why ``url`` is not a Redis URL the client accepts, or None (no connection is made).
+
+    The texts are fixed: never a URL parser's message, which quotes the characters it failed on
+    (a password's, when the password holds an unencoded ``/``, ``?`` or ``#``). With the redis
+    package installed, its client then builds a connection from the URL as a link would (not
+    connecting), so a URL accepted here does not fail at the first unit.
+    """
+    scheme, sep, _ = url.partition("://")
+    if not sep or not _SCHEME.fullmatch(scheme):
+        return (
+            "not a URL; give redis://[[user]:password@]host[:port][/db], rediss://... or "
+            "unix:///path/to/redis.sock"
+        )
+    if scheme not in REDIS_SCHEMES:
+        case = " (in lower case)" if scheme.lower() in REDIS_SCHEMES else ""
+        return f"scheme {scheme}: is not one of {', '.join(s + '://' for s in REDIS_SCHEMES)}{case}"
     try:
         parts = urllib.parse.urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        return f"not a valid URL ({exc})"
-    if parts.scheme not in REDIS_SCHEMES:
+    except ValueError:  # brackets that are no IPv6 address, characters no host may have
+        return f"the host is not valid (an IPv6 address is written [::1]); {_ENCODE}"
+    if "@" in parts.path + parts.query + parts.fragment:
         return (
-            f"scheme {parts.scheme + ':' if parts.scheme else '(none)'} is not one of "
-            f"{', '.join(s + '://' for s in REDIS_SCHEMES)}"
+            "an @ follows a / ? or # (one of those in a password ends the host part early, "
+            f"and the host would be read from the password); {_ENCODE}"
         )
-    if parts.scheme == "unix":
+    try:
+        port = parts.port
+    except ValueError:
+        return f"the port is not a number from 1 to 65535; {_ENCODE}"
+    if scheme == "unix":
         if not parts.path:
             return "unix:// needs a socket path, e.g. unix:///run/redis.sock"
-        return None
-    if not parts.hostname:
+    elif not parts.hostname:
         return "has no host, e.g. redis://127.0.0.1:6379/0"
-    if port == 0:
-        return "port 0 is not a port"
-    db = parts.path.lstrip("/")
-    if db and not _DIGITS.fullmatch(db):
-        return f"database {db[:_SHOWN]!r} is not a number (redis://host:port/NUMBER)"
+    elif port == 0:
+        return "the port is not a number from 1 to 65535"
+    elif not _DIGITS.fullmatch(parts.path.lstrip("/") or "0"):
+        return "the database (the path after the host) is not a number, e.g. redis://host:6379/0"
+    own = sorted(set(urllib.parse.parse_qs(parts.query)) & _OWN_QUERY)
+    if own:
+        return (
+            f"it sets {', '.join(own)}, which resilient_db sets itself (the socket timeouts "
+            "are SELF_HEALING_REDIS_TIMEOUT; the client makes no retries of its own): remove "
+            f"{'it' if len(own) == 1 else 'them'} from the URL"
+        )
+    return _client_refusal(url)
+
+
+def _client_refusal(url: str) -> str | None:
+    """What the redis client says against ``url`` when it builds a connection from it (without
+    connecting), or None; None too without the redis package (a link then says it is missing)."""
+    try:
+        import redis  # noqa: PLC0415 - optional dependency, needed only with a Redis URL
+    except ImportError:
+        return None
+    try:
+        pool = redis.ConnectionPool.from_url(url)
+        pool.connection_class(**pool.connection_kwargs)
+    except Exception as exc:  # whatever the client raises while only parsing, it won't use it
+        return client_problem(exc, url)
     return None
+
+
+def client_problem(exc: BaseException, url: str) -> str:
+    """The redis client's objection ``exc`` to ``url``, with every part of the URL's
+    credentials and ``password=`` values taken out (a client may quote what it refuses)."""
+    secrets: set[str] = set()
+    credentials = url.partition("://")[2].rpartition("@")[0]
+    values = [match[2] for match in _PASSWORD_VALUE.finditer(url)]
+    for raw in (credentials, *credentials.split(":"), *values):
+        secrets.update((raw, urllib.parse.unquote(raw), urllib.parse.unquote_plus(raw)))
+    text = str(exc)
+    for secret in sorted(secrets - {""}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    if len(text) > _CLIENT_TEXT:
+        text = text[:_CLIENT_TEXT] + "..."
+    return f"the redis client does not accept it ({type(exc).__name__}: {text})"
 
 
 _SECONDS = frozenset(
@@ -205,7 +306,7 @@ class Config:
 class _Spec:
     env: str
     field: str
-    kind: str  # "bool" | "count" | "ms" | "choice"
+    kind: str  # "bool" | "count" | "ms" | "ratio" | "url" | "choice"
     choices: tuple[str, ...] = ()
 
 
@@ -287,8 +388,6 @@ _AT_LEAST_ONE = frozenset(
         "SELF_HEALING_REDIS_TIMEOUT",
     }
 )
-#: variables whose value is never echoed in an error (it may be a secret)
-_SECRET = frozenset({"SELF_HEALING_REDIS_URL"})
 
 
 def _optional_problems(config: Config) -> dict[str, str]:
@@ -296,10 +395,13 @@ def _optional_problems(config: Config) -> dict[str, str]:
     problems: dict[str, str] = {}
     url = config.redis_url
     if url is not None:
-        why = check_redis_url(url) if isinstance(url, str) else "must be a string"
+        why = (
+            redis_url_problem(url, unset="give None")
+            if isinstance(url, str)
+            else f"must be a string or None, got {type(url).__name__}"
+        )
         if why is not None:
-            shown = mask_url(url) if isinstance(url, str) else type(url).__name__
-            problems["redis_url"] = f"{shown!r} is invalid: {why}"
+            problems["redis_url"] = why
     ratio = config.retry_budget
     if ratio is not None:
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
@@ -315,12 +417,6 @@ def _optional_problems(config: Config) -> dict[str, str]:
 
 def _parse(spec: _Spec, raw: str) -> Any:
     text = raw.strip()
-    if spec.kind == "url":
-        why = check_redis_url(text)
-        if why is not None:
-            # the URL may carry a password: only its masked form is ever echoed
-            raise ValueError(f"{mask_url(text)!r}: {why}")
-        return text
     if spec.kind == "ratio":
         if not _RATIO.fullmatch(text):
             raise ValueError("not a ratio; give a decimal number such as 0.2 (digits and a dot)")
@@ -373,11 +469,17 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
             hint = f"; did you mean {close[0]}?" if close else ""
             problems[name] = f"unknown setting{hint}"
             continue
+        if spec.kind == "url":  # it may carry a password: only its masked form is shown
+            why = redis_url_problem(raw.strip(), unset="unset the variable")
+            if why is None:
+                values[spec.field] = raw.strip()
+            else:
+                problems[name] = why
+            continue
         try:
             values[spec.field] = _parse(spec, raw)
         except ValueError as exc:
-            shown = "the value" if name in _SECRET else _shown(raw)
-            problems[name] = f"{shown} is invalid: {exc}"
+            problems[name] = f"{_shown(raw)} is invalid: {exc}"
     if not problems:
         defaults = {f.name: f.default for f in dataclasses.fields(Config)}
         problems.update(_contradictions({**defaults, **values}, _ENV_OF.__getitem__))

@@ -42,6 +42,14 @@ event loop for the same few failure-path commands.
 The background thread is a daemon, stops on ``reset_state()`` and at interpreter exit, and is
 fork-safe: a child process (gunicorn forks its workers after import) gets new locks, a new client
 and its own thread, and starts on its local state until it has synced with Redis.
+
+A link lives while a breaker or a budget is attached to it: one that ``reload_config()`` (or a
+factory's new settings) moved to another Redis, or off Redis, detaches, and the last one to go
+closes the link, so nothing keeps talking to (and warning about) a Redis no longer configured.
+A new ``SELF_HEALING_REDIS_TIMEOUT`` restarts the link's client and thread: every socket of a
+client has the timeout it was made with. A URL the client refuses when the link builds it (the
+configuration checks the same parse, so only a URL that got past it) leaves the link down for
+good, with one warning: the breakers and budgets run on this process's own state.
 """
 
 from __future__ import annotations
@@ -56,14 +64,14 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
-from ._config import Config, mask_url
+from ._config import Config, client_problem, mask_url
 from ._errors import ConfigError
 from ._observability import emit, log_breaker
 from ._state import STATE
 
-__all__ = ["CHANNEL", "FleetDown", "FleetLink", "link_for", "links"]
+__all__ = ["CHANNEL", "FleetDown", "FleetLink", "attach", "detach", "links"]
 
 PREFIX = "resilient_db"
 #: the pub/sub channel every breaker state change is published on
@@ -308,8 +316,9 @@ def _import_redis() -> Any:
 class FleetLink:
     """The connection of this process to one Redis: scripts, pub/sub and the background thread.
 
-    Breakers and budgets attach by service name. ``up`` is True while Redis answers; the
-    failure-path methods raise :class:`FleetDown` when it does not (after marking it down).
+    Breakers and budgets attach by service name (:func:`attach`, :func:`detach`). ``up`` is True
+    while Redis answers; the failure-path methods raise :class:`FleetDown` when it does not
+    (after marking it down).
     """
 
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.monotonic) -> None:
@@ -326,53 +335,92 @@ class FleetLink:
         self.token = f"{os.getpid()}-{secrets.token_hex(4)}"
         self.breakers: dict[str, Any] = {}
         self.budgets: dict[str, Any] = {}
+        self._new_locks()
         self._start()
 
-    def _start(self) -> None:
+    def _new_locks(self) -> None:
+        """Locks and the down-warning's memory, at creation and in a forked child (where the
+        parent's locks may be held by threads that do not exist)."""
         self._lock = threading.Lock()
-        self._stop = threading.Event()
+        # held while the client and thread are stopped or started (a new timeout, close())
+        self._restart_lock = threading.RLock()
         self._down_logged_at = -math.inf
         self._down_since: float | None = None
+
+    def _start(self) -> None:
+        """Build the client (the configured timeout on every socket) and start the thread; a
+        client that cannot be built leaves the link down, with one warning, and never raises
+        into the caller (a factory being made, a unit's first call)."""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
         redis = self._redis
         timeout = self.config.redis_timeout
-        self._client = redis.Redis.from_url(
-            self.url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            # no client-side retries: one attempt within the timeout, then the local state
-            retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
-            health_check_interval=0,
-        )
+        try:
+            self._client: Any = redis.Redis.from_url(
+                self.url,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                # no client-side retries: one attempt within the timeout, then the local state
+                retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
+                health_check_interval=0,
+            )
+        except Exception as exc:  # the client refuses the URL: this process decides alone
+            self._client = None
+            self._scripts: dict[str, Any] = {}
+            problem = client_problem(exc, self.url)
+            emit(
+                self.config,
+                log_breaker,
+                logging.WARNING,
+                "Shared state unavailable: Redis at %s cannot be used (%s); circuit breakers "
+                "and retry budgets run on this process's own state",
+                self.masked_url,
+                problem,
+                event="shared_state_down",
+                redis=self.masked_url,
+                error=type(exc).__name__,
+                problem=problem,
+            )
+            return
         self._scripts = {name: self._client.register_script(src) for name, src in _SCRIPTS.items()}
         self._thread = threading.Thread(
             target=self._run, name=f"resilient_db-redis {self.masked_url}", daemon=True
         )
         self._thread.start()
 
+    def _stop_thread(self, timeout: float) -> None:
+        """Stop the background thread, then drop the client's connections (``timeout``: the
+        socket timeout the thread's client has)."""
+        self.up = False
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread.is_alive() and thread is not threading.current_thread():
+            thread.join(timeout=2 * _TICK + timeout + 0.5)
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                self._client.close()
+
+    def reconfigure(self, config: Config) -> None:
+        """Take ``config`` (a reload, or another factory's settings for this Redis). A new
+        timeout restarts the client and the thread; meanwhile, a few milliseconds, breakers and
+        budgets run on their local state as while Redis is down (without a warning)."""
+        with self._restart_lock:
+            old, self.config = self.config, config
+            if self.closed or old.redis_timeout == config.redis_timeout:
+                return
+            self._stop_thread(old.redis_timeout)
+            self._start()
+
     def __repr__(self) -> str:
         return f"<FleetLink {self.masked_url} {'up' if self.up else 'down'}>"
 
-    # -- attachments --------------------------------------------------------------------------
-    def attach_breaker(self, service: str, breaker: Any) -> None:
-        with self._lock:
-            self.breakers[service] = breaker
+    # -- attachments (see attach and detach) ---------------------------------------------------
+    def sync_breaker(self, breaker: Any) -> None:
+        """Give a breaker just attached the shared state (when Redis answers; else the thread
+        does on connecting)."""
         if self.up:
             with contextlib.suppress(FleetDown):
-                breaker.fleet_sync(self.breaker_read(service))
-
-    def detach_breaker(self, service: str, breaker: Any) -> None:
-        with self._lock:
-            if self.breakers.get(service) is breaker:
-                del self.breakers[service]
-
-    def attach_budget(self, service: str, budget: Any) -> None:
-        with self._lock:
-            self.budgets[service] = budget
-
-    def detach_budget(self, service: str, budget: Any) -> None:
-        with self._lock:
-            if self.budgets.get(service) is budget:
-                del self.budgets[service]
+                breaker.fleet_sync(self.breaker_read(breaker.service))
 
     # -- failure-path calls ------------------------------------------------------------------
     def _call(
@@ -600,15 +648,11 @@ class FleetLink:
 
     # -- stopping ------------------------------------------------------------------------------
     def close(self) -> None:
-        """Stop the background thread and drop the connections (``reset_state``, exit)."""
-        self.closed = True
-        self.up = False
-        self._stop.set()
-        thread = self._thread
-        if thread.is_alive() and thread is not threading.current_thread():
-            thread.join(timeout=2 * _TICK + self.config.redis_timeout + 0.5)
-        with contextlib.suppress(Exception):
-            self._client.close()
+        """Stop the background thread and drop the connections (nothing attached any more,
+        ``reset_state``, exit)."""
+        with self._restart_lock:
+            self.closed = True
+            self._stop_thread(self.config.redis_timeout)
 
     def _after_fork_in_child(self) -> None:
         """In a forked child: the parent's thread does not exist here and its locks may be held;
@@ -618,6 +662,7 @@ class FleetLink:
             return
         self.up = False
         self.token = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self._new_locks()
         self._start()
 
 
@@ -625,18 +670,51 @@ def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def link_for(config: Config) -> FleetLink:
-    """The link of this process to ``config.redis_url`` (made, and its thread started, on first
-    use). Raises :class:`ConfigError` when the redis package is missing."""
+class _Attached(Protocol):
+    """A breaker or a budget, as a link keeps it: by its service name."""
+
+    service: str
+
+
+def attach(
+    config: Config, *, breaker: _Attached | None = None, budget: _Attached | None = None
+) -> FleetLink:
+    """Attach ``breaker`` or ``budget`` (by its service name) to the link of this process to
+    ``config.redis_url``, made, and its thread started, on first use; the link takes ``config``
+    (a new timeout restarts it). Looking the link up and attaching are one step, so a link
+    that :func:`detach` is closing is never handed out. Raises :class:`ConfigError` when the
+    redis package is missing."""
     url = config.redis_url
     assert url is not None
     with STATE.lock:
         link: FleetLink | None = STATE.fleet_links.get(url)
         if link is None or link.closed:
             link = STATE.fleet_links[url] = FleetLink(config)
-        elif link.config != config:
-            link.config = config
-        return link
+        with link._lock:
+            if breaker is not None:
+                link.breakers[breaker.service] = breaker
+            if budget is not None:
+                link.budgets[budget.service] = budget
+    if link.config != config:
+        link.reconfigure(config)  # outside STATE.lock: it waits for the thread to stop
+    return link
+
+
+def detach(
+    link: FleetLink, *, breaker: _Attached | None = None, budget: _Attached | None = None
+) -> None:
+    """Take ``breaker`` or ``budget`` off ``link`` (if still attached there); the link is closed
+    when nothing is attached to it any more."""
+    with STATE.lock:
+        with link._lock:
+            for table, owner in ((link.breakers, breaker), (link.budgets, budget)):
+                if owner is not None and table.get(service := owner.service) is owner:
+                    del table[service]
+            unused = not link.breakers and not link.budgets
+        if unused and STATE.fleet_links.get(link.url) is link:
+            del STATE.fleet_links[link.url]
+    if unused:
+        link.close()  # outside STATE.lock: it waits for the thread to stop
 
 
 def links() -> dict[str, FleetLink]:

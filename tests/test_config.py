@@ -236,7 +236,7 @@ def test_redis_url_and_retry_budget() -> None:
         ("SELF_HEALING_REDIS_URL", "http://u:s3cret@host/0", "scheme http: is not one of"),
         ("SELF_HEALING_REDIS_URL", "redis://:s3cret@host/zero", "is not a number"),
         ("SELF_HEALING_REDIS_URL", "redis://:s3cret@:6379/0", "has no host"),
-        ("SELF_HEALING_REDIS_URL", "", "scheme (none)"),
+        ("SELF_HEALING_REDIS_URL", "", "is empty; unset the variable to run without Redis"),
         ("SELF_HEALING_RETRY_BUDGET", "20%", "not a ratio"),
         ("SELF_HEALING_RETRY_BUDGET", "-0.2", "not a ratio"),
         ("SELF_HEALING_RETRY_BUDGET", "11", "too large; at most 10"),

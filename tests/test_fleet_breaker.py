@@ -5,7 +5,9 @@ fleet-wide; Redis killed mid-workload, then back."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -18,6 +20,7 @@ from fleet import Gate, fleet
 from processes import alive, killed_at_exit, wait_for
 
 import resilient_db as rdb
+from resilient_db._config import mask_url
 from resilient_db._fleet import links
 from resilient_db.testing import FaultProxy, PostgresServer, RedisServer
 
@@ -228,6 +231,95 @@ def test_background_thread_is_a_daemon_and_stops_on_reset_state(
     rdb.reset_state()
     assert not link._thread.is_alive()
     assert links() == {}
+    engine.dispose()
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    """The test's own SELF_HEALING_* environment; afterwards the process's configuration is
+    read again from the environment it had (factories made from it follow, as in a reload)."""
+    for name in list(os.environ):
+        if name.startswith("SELF_HEALING_"):
+            monkeypatch.delenv(name)
+    yield monkeypatch
+    monkeypatch.undo()
+    rdb.reload_config()
+
+
+def _link_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("resilient_db-redis")]
+
+
+def _clients_of(redis: RedisServer) -> int:
+    """Connections Redis has, the one asking included."""
+    with contextlib.closing(redis.client()) as client:
+        return len(client.client_list())
+
+
+_UNAVAILABLE = "DO $$BEGIN RAISE EXCEPTION 'down' USING ERRCODE = '57P03'; END$$"
+
+
+def test_reload_applies_a_new_redis_timeout(
+    redis_server: RedisServer, pg_url: str, env: pytest.MonkeyPatch
+) -> None:
+    """Every socket of the link's client has the timeout it was made with: a reload with a new
+    SELF_HEALING_REDIS_TIMEOUT restarts the client and its thread (the breaker stays shared)."""
+    env.setenv("SELF_HEALING_REDIS_URL", redis_server.url)
+    env.setenv("SELF_HEALING_RETRY", "false")
+    env.setenv("SELF_HEALING_REDIS_TIMEOUT", "100")
+    engine = sa.create_engine(pg_url)
+    Session = rdb.ResilientSession(engine, service="timeout")
+    _wait(lambda: _shared("timeout")["connected"], "the link")
+    env.setenv("SELF_HEALING_REDIS_TIMEOUT", "700")
+    rdb.reload_config()
+    _wait(lambda: _shared("timeout")["connected"], "the restarted link")
+    assert len(_link_threads()) == 1
+    redis_server.pause()  # hangs: the failure path waits for the timeout, then goes local
+    try:
+        started = time.monotonic()
+        with pytest.raises(sa.exc.OperationalError):
+            Session.run(lambda s: s.execute(sa.text(_UNAVAILABLE)))
+        waited = time.monotonic() - started
+    finally:
+        redis_server.resume()
+    assert 0.65 <= waited < 5.0  # 0.7 s (it was 0.1 s: the old sockets' timeout)
+    _wait(lambda: _shared("timeout")["connected"], "the link after the pause")
+    engine.dispose()
+
+
+def test_a_link_nothing_is_attached_to_any_more_is_closed(
+    redis_server: RedisServer, pg_url: str, env: pytest.MonkeyPatch
+) -> None:
+    """A reload moving the breakers and budgets to another Redis leaves nothing talking to the
+    old one (before: its thread and connections lived on, and warned once a minute forever
+    after it went away); a link still in use by another factory stays."""
+    engine = sa.create_engine(pg_url)
+    env.setenv("SELF_HEALING_REDIS_URL", redis_server.url)
+    env.setenv("SELF_HEALING_RETRY_BUDGET", "0.2")
+    with RedisServer() as other:
+        rdb.ResilientSession(engine, service="moved")  # a breaker and a budget
+        rdb.ResilientSession(engine, service="pinned", config=rdb.Config(redis_url=other.url))
+        _wait(lambda: _shared("moved")["connected"], "the first link")
+        _wait(lambda: _shared("pinned")["connected"], "the second link")
+        (first,) = [link for link in links().values() if link.url == redis_server.url]
+        assert _clients_of(redis_server) > 1
+
+        env.setenv("SELF_HEALING_REDIS_URL", other.url)
+        rdb.reload_config()
+        assert list(links()) == [mask_url(other.url)]
+        assert first.closed
+        assert len(_link_threads()) == 1
+        _wait(lambda: _clients_of(redis_server) == 1, "the old link's connections to close")
+        _wait(lambda: rdb.health()["services"]["moved"]["budget"]["scope"] == "fleet", "fleet")
+        assert _shared("moved")["redis"] == mask_url(other.url)
+
+        # "moved" leaves Redis altogether; "pinned" still uses the link, which stays
+        env.delenv("SELF_HEALING_REDIS_URL")
+        rdb.reload_config()
+        assert list(links()) == [mask_url(other.url)]
+        assert rdb.health()["services"]["moved"]["budget"]["scope"] == "process"
+        assert "shared" not in rdb.health()["services"]["moved"]["breaker"]
+        assert _shared("pinned")["connected"]
     engine.dispose()
 
 
