@@ -1,8 +1,9 @@
 """Response validation: ``validate=`` of units of work and of ``with_self_healing``.
 
 A validator is a Pydantic model class (``model_validate``), a Pydantic ``TypeAdapter``
-(``validate_python``) or a callable. Pydantic is not imported here: it is recognised by those
-methods, so it stays an optional dependency of the application.
+(``validate_python``), a type form such as ``list[Model]`` or ``Model | None`` (checked by a
+``TypeAdapter`` of it), or a callable. Pydantic is recognised by those methods and imported only
+for a type form, so it stays an optional dependency of the application.
 
 The result is checked, not converted: the caller gets the unit's own return value back, the same
 object with validation on or off (``SELF_HEALING_RESPONSE_VALIDATION``), so switching it off never
@@ -21,9 +22,11 @@ consistent, not a retry that makes it consistent most of the time.
 
 from __future__ import annotations
 
+import functools
 import logging
+import types
 from collections.abc import Callable
-from typing import Any, Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias, get_origin
 
 from ._config import Config
 from ._errors import ResponseValidationError
@@ -55,12 +58,16 @@ class _PydanticAdapter(Protocol):
     def validate_python(self, obj: Any, /, *, from_attributes: bool | None = ...) -> Any: ...
 
 
-#: What ``validate=`` accepts: a Pydantic model class, a Pydantic ``TypeAdapter``, or a
-#: callable of the result that returns ``False`` or raises ``ValueError``, ``TypeError`` or
-#: ``AssertionError`` for an invalid one (anything else it returns means valid). The reason
-#: logged for a callable is the type of what it raised, not its message (which can quote the
-#: result); Pydantic's errors are listed by location and kind, without their input.
-ResponseValidator: TypeAlias = type[_PydanticModel] | _PydanticAdapter | Callable[[Any], object]
+#: What ``validate=`` accepts: a Pydantic model class, a Pydantic ``TypeAdapter``, a type form
+#: (``list[Model]``, ``tuple[Model, ...]``, ``Model | None``, ``Annotated[...]``: checked by a
+#: ``TypeAdapter`` of it, so it needs Pydantic), or a callable of the result that returns
+#: ``False`` or raises ``ValueError``, ``TypeError`` or ``AssertionError`` for an invalid one
+#: (anything else it returns means valid). The reason logged for a callable is the type of what
+#: it raised, not its message (which can quote the result); Pydantic's errors are listed by
+#: location and kind, without their input.
+ResponseValidator: TypeAlias = (
+    type[_PydanticModel] | _PydanticAdapter | types.UnionType | Callable[[Any], object]
+)
 
 
 def validation_on(config: Config) -> bool:
@@ -74,9 +81,16 @@ class ResponseCheck:
     __slots__ = ("_kind", "_validator", "name")
 
     def __init__(self, validator: Any) -> None:
-        if callable(getattr(validator, "model_validate", None)):
+        if get_origin(validator) is not None:
+            # a type form: ``list[Model]`` is callable (``list(value)`` accepts any iterable)
+            # and ``Annotated[Model, ...]`` passes ``model_validate`` through, so neither may be
+            # taken for what it looks like
+            validator = _type_adapter(validator)
+            self._kind = "adapter"
+            self.name: str = repr(validator)[:120]
+        elif callable(getattr(validator, "model_validate", None)):
             self._kind = "model"
-            self.name: str = getattr(validator, "__qualname__", None) or repr(validator)
+            self.name = getattr(validator, "__qualname__", None) or repr(validator)
         elif callable(getattr(validator, "validate_python", None)):
             self._kind = "adapter"
             self.name = repr(validator)[:120]
@@ -85,8 +99,8 @@ class ResponseCheck:
             self.name = getattr(validator, "__qualname__", None) or type(validator).__name__
         else:
             raise TypeError(
-                "validate= needs a Pydantic model class, a Pydantic TypeAdapter or a callable "
-                f"of the result, got {type(validator).__name__}"
+                "validate= needs a Pydantic model class, a Pydantic TypeAdapter, a type such as "
+                f"list[Model] or a callable of the result, got {type(validator).__name__}"
             )
         self._validator = validator
 
@@ -105,8 +119,35 @@ class ResponseCheck:
         return None
 
 
+def _new_adapter(form: Any) -> Any:
+    try:
+        from pydantic import TypeAdapter  # noqa: PLC0415 - optional: only type forms need it
+    except ImportError as exc:
+        raise ImportError(
+            f"validate={form!r} is a type, which is checked with Pydantic's TypeAdapter: "
+            "pip install pydantic (or pass a callable)"
+        ) from exc
+    return TypeAdapter(form)
+
+
+#: Adapters by type form: building one costs far more than a check, and ``run(validate=...)``
+#: makes its check at each call.
+_cached_adapter = functools.lru_cache(maxsize=256)(_new_adapter)
+
+
+def _type_adapter(form: Any) -> Any:
+    """A Pydantic ``TypeAdapter`` of ``form``, cached unless the form can't be hashed (an
+    ``Annotated`` with unhashable metadata)."""
+    try:
+        hash(form)
+    except TypeError:
+        return _new_adapter(form)
+    return _cached_adapter(form)
+
+
 def response_check(validator: ResponseValidator) -> ResponseCheck:
-    """``validator`` made ready (raises ``TypeError`` for something that can't validate)."""
+    """``validator`` made ready (raises ``TypeError`` for something that can't validate, and
+    ``ImportError`` for a type form without Pydantic installed)."""
     return ResponseCheck(validator)
 
 

@@ -7,12 +7,24 @@ Not part of the factories' sync/async twin: one function serves both, choosing
 * ``with_self_healing(fn, ...)`` calls ``fn()`` now (the plan's wrapper);
 * ``@with_self_healing(...)`` decorates a function (sync, or async such as a route handler):
   each call of it is one operation, retried and guarded by the breaker the same way.
+
+A callable is async when it says so (:func:`is_async_callable`: a coroutine function, a
+``functools.partial`` of one, an object whose ``__call__`` is one), or when what it returns turns
+out to be awaitable: the plan's ``withSelfHealing(() => repo.get(1))`` is
+``with_self_healing(lambda: repo.get(1))`` in Python, and nothing declares that lambda async.
+Such a result is not a success of a sync operation (the operation has not run yet): it becomes
+the first attempt of the async loop (:func:`_call`), and each retry calls the callable again and
+awaits what it returns; the breaker is asked before that first call, as for any operation (an
+open circuit raises from the call itself, which ``await with_self_healing(...)`` sees alike).
+Refusing it with a ``TypeError`` would reject the plan's own shape for nothing: the attempt is
+not lost, only finished later.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, Protocol, TypeVar, overload
 
@@ -22,7 +34,7 @@ from ._retry import Policy
 from ._state import STATE
 from ._validation import ResponseCheck, ResponseValidator, check_response, validation_on
 
-__all__ = ["SelfHealingDecorator", "with_self_healing"]
+__all__ = ["SelfHealingDecorator", "is_async_callable", "with_self_healing"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -33,6 +45,17 @@ class SelfHealingDecorator(Protocol):
     """What ``with_self_healing(service=...)`` returns: a decorator keeping the signature."""
 
     def __call__(self, fn: F, /) -> F: ...
+
+
+def is_async_callable(fn: object) -> bool:
+    """Whether ``fn`` declares that calling it gives an awaitable: a coroutine function, a
+    ``functools.partial`` of one, or an object whose ``__call__`` is one (as Starlette decides).
+    A class is never one: calling it makes an instance, whatever its ``__call__``."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return inspect.iscoroutinefunction(fn) or (
+        callable(fn) and inspect.iscoroutinefunction(type(fn).__call__)
+    )
 
 
 def _own_call(policy: Policy, fn: Callable[[], R]) -> R:
@@ -107,8 +130,10 @@ def with_self_healing(
     without ``fn``, return a decorator doing the same for every call of the decorated function.
 
     ``fn`` (or each call of the decorated function) must be safe to call again: it is the whole
-    operation, e.g. it opens its own session. For a coroutine function the result is an
-    awaitable (the decorated function stays a coroutine function, so frameworks such as FastAPI
+    operation, e.g. it opens its own session. For an async callable (a coroutine function, an
+    object with an async ``__call__``, or any callable returning an awaitable, such as
+    ``lambda: repo.get(1)``) the result is an awaitable, and each attempt awaits what ``fn``
+    returned (the decorated function stays a coroutine function, so frameworks such as FastAPI
     still see an async route handler with its parameters). With self-healing off, ``fn()`` runs
     plainly. The decorator needs its parentheses: ``@with_self_healing()`` or
     ``@with_self_healing(service="orders")``.
@@ -123,20 +148,16 @@ def with_self_healing(
     if not callable(fn):
         raise TypeError(f"with_self_healing needs a callable, got {type(fn).__name__}")
     cfg = config if config is not None else env_config()
-    if inspect.iscoroutinefunction(fn):
-        if not cfg.enabled:
-            return fn()
-        policy = _policy_for(service, use_retry, use_circuit_breaker, cfg)
-        if check is None or not validation_on(cfg):
-            return policy.acall(lambda: _aown_call(policy, fn))
-        return _acall_checked(policy, fn, check, cfg)
     if not cfg.enabled:
         return fn()
     policy = _policy_for(service, use_retry, use_circuit_breaker, cfg)
-    result = policy.call(lambda: _own_call(policy, fn))
-    if check is None or not validation_on(cfg):
-        return result
-    return check_response(check, result, cfg, service)
+    if check is not None and not validation_on(cfg):
+        check = None
+    if is_async_callable(fn):
+        if check is None:
+            return policy.acall(lambda: _aown_call(policy, fn))
+        return _acall_checked(policy, fn, check, cfg)
+    return _call(policy, fn, check, cfg)
 
 
 async def _acall_checked(
@@ -145,6 +166,58 @@ async def _acall_checked(
     result = await policy.acall(lambda: _aown_call(policy, fn))
     checked: R = check_response(check, result, cfg, policy.service)
     return checked
+
+
+def _call(policy: Policy, fn: Callable[[], Any], check: ResponseCheck | None, cfg: Config) -> Any:
+    """One operation of a callable not declared async: :meth:`Policy.call` with its first
+    attempt inline, so that a result found to be awaitable is finished by :func:`_afinish`
+    as the first attempt of the async loop instead of being counted a success."""
+    probe = policy.admit()
+    started = time.monotonic()
+    record = AttemptRecord(policy)
+    try:
+        with record:
+            result = fn()
+    except BaseException as exc:
+        result = policy.call_failed(lambda: _own_call(policy, fn), exc, probe, started)
+    else:
+        if inspect.isawaitable(result):
+            return _afinish(
+                policy,
+                fn,
+                result,
+                record=record,
+                probe=probe,
+                started=started,
+                check=check,
+                cfg=cfg,
+            )
+        policy.succeeded(probe)
+    return result if check is None else check_response(check, result, cfg, policy.service)
+
+
+async def _afinish(
+    policy: Policy,
+    fn: Callable[[], Awaitable[Any]],
+    first: Awaitable[Any],
+    *,
+    record: AttemptRecord,
+    probe: bool,
+    started: float,
+    check: ResponseCheck | None,
+    cfg: Config,
+) -> Any:
+    """The first attempt of :func:`_call` returned ``first``: awaiting it finishes that attempt
+    (in the same ``record``, so a COMMIT sent before ``fn`` returned still forbids a replay),
+    and a failure goes on as :meth:`Policy.acall` would: each retry calls ``fn`` again."""
+    try:
+        with record:
+            result = await first
+    except BaseException as exc:
+        result = await policy.acall_failed(lambda: _aown_call(policy, fn), exc, probe, started)
+    else:
+        policy.succeeded(probe)
+    return result if check is None else check_response(check, result, cfg, policy.service)
 
 
 def _decorator(
@@ -160,7 +233,7 @@ def _decorator(
     def decorate(fn: Any, /) -> Any:
         if not callable(fn):
             raise TypeError(f"@with_self_healing(...) decorates a callable, got {fn!r}")
-        if inspect.iscoroutinefunction(fn):
+        if is_async_callable(fn):
 
             @functools.wraps(fn)
             async def awrapper(*args: Any, **kwargs: Any) -> Any:
@@ -181,10 +254,8 @@ def _decorator(
             if not cfg.enabled:
                 return fn(*args, **kwargs)
             policy = _policy_for(service, use_retry, use_circuit_breaker, cfg)
-            result = policy.call(lambda: _own_call(policy, lambda: fn(*args, **kwargs)))
-            if check is None or not validation_on(cfg):
-                return result
-            return check_response(check, result, cfg, service)
+            active = check if check is not None and validation_on(cfg) else None
+            return _call(policy, lambda: fn(*args, **kwargs), active, cfg)
 
         return wrapper
 

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Annotated, Any, NamedTuple, Optional
 
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
-from pydantic import BaseModel, TypeAdapter, field_validator
+from pydantic import BaseModel, Field, TypeAdapter, field_validator
 from scenarios import RAISE_CODE_FUNCTION, Base, Item
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
@@ -168,6 +169,74 @@ def test_type_adapter(engine: sa.Engine, service: str) -> None:
     assert info.value.validator == "TypeAdapter(list[ItemOut])"
     assert "1.id: Input should be a valid integer" in info.value.reason
     assert "1.name: Field required [missing]" in info.value.reason
+
+
+def all_items(session: Session) -> list[Item]:
+    return list(session.scalars(sa.select(Item).order_by(Item.id)))
+
+
+class FormCase(NamedTuple):
+    form: Any  # what validate= is given
+    name: str  # the start of the validator's name
+    valid: Callable[[Session], Any]  # a unit returning a valid result
+    invalid: Any  # an invalid result
+    reason: str  # a part of the reason it is invalid
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        FormCase(list[ItemOut], "list[ItemOut]", all_items, [{"id": "x"}], "0.id: Input should"),
+        FormCase(
+            tuple[ItemOut, ...],
+            "tuple[ItemOut, ...]",
+            lambda s: tuple(all_items(s)),
+            ({"id": 1, "name": "n"}, {"id": 2}),
+            "1.name: Field required",
+        ),
+        FormCase(ItemOut | None, "Union[ItemOut, NoneType]", lambda s: None, {"id": 1}, "name"),
+        FormCase(
+            Optional[ItemOut],  # noqa: UP045 - typing's spelling is a form of its own
+            "Union[ItemOut, NoneType]",
+            lambda s: all_items(s)[0],
+            [],
+            "(root): Input should be a valid dictionary",
+        ),
+        FormCase(list[int], "list[int]", lambda s: [s.scalar(sa.select(1))], ["x"], "0: Input"),
+        FormCase(
+            Annotated[list[ItemOut], Field(min_length=1)],  # Annotated passes model_validate on
+            "Annotated[list[ItemOut]",
+            all_items,
+            [],
+            "(root): List should have at least 1 item",
+        ),
+    ],
+    ids=lambda case: case.name,
+)
+def test_a_type_form_is_checked_with_a_type_adapter_of_it(
+    engine: sa.Engine, service: str, case: FormCase
+) -> None:
+    """``list[ItemOut]`` is callable and ``list(value)`` accepts anything iterable: taken for a
+    callable validator it checked nothing."""
+    Session = rdb.ResilientSession(engine, service=service, config=rdb.Config())
+    Session.run(add_item, "x")
+    Session.run(case.valid, validate=case.form)  # ORM rows: validated from attributes
+    with pytest.raises(rdb.ResponseValidationError) as info:
+        Session.run(lambda s: case.invalid, validate=case.form)
+    assert info.value.validator.startswith(f"TypeAdapter({case.name}")
+    assert case.reason in info.value.reason
+    with pytest.raises(rdb.ResponseValidationError):  # the call form too
+        rdb.with_self_healing(lambda: case.invalid, service=service, validate=case.form)
+
+
+def test_a_type_form_without_pydantic_is_refused_where_it_is_written(
+    service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "pydantic", None)  # import pydantic raises ImportError
+    with pytest.raises(ImportError, match=r"validate=list\[frozenset\[bytes\]\] .*pip install"):
+        rdb.with_self_healing(service=service, validate=list[frozenset[bytes]])
+    # a callable needs no Pydantic
+    assert rdb.with_self_healing(lambda: 1, service=service, validate=lambda v: v == 1) == 1
 
 
 @pytest.mark.parametrize("how", ["config", "environment"])
@@ -333,6 +402,63 @@ async def test_decorator_on_an_async_function_keeps_it_a_coroutine_function(
         await handler("57P03")
     assert info.value.service == service
     assert len(calls) == 3  # rejected without a call
+
+
+class ItemMaker:
+    """An operation as an object with an async ``__call__``: nothing declares it a coroutine
+    function, but calling it gives a coroutine."""
+
+    def __init__(self, aengine: AsyncEngine, calls: list[str]) -> None:
+        self.aengine = aengine
+        self.calls = calls
+
+    async def __call__(self, name: str = "made") -> dict[str, Any]:
+        self.calls.append(name)
+        async with AsyncSession(self.aengine) as session, session.begin():
+            if len(self.calls) == 1:  # the first attempt meets a server that is not ready
+                await session.execute(sa.text("SELECT raise_code('57P03')"))
+            item = Item(name=name)
+            session.add(item)
+            await session.flush()
+            return {"id": item.id, "name": name}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("form", ["lambda", "async __call__"])
+async def test_a_callable_giving_an_awaitable_is_retried_and_validated_on_what_it_gives(
+    aengine: AsyncEngine, engine: sa.Engine, service: str, form: str
+) -> None:
+    """The plan's ``withSelfHealing(() => repo.get(1))``: ``lambda: make()`` is no coroutine
+    function, nor is an object with an async ``__call__``; the coroutine they return is the
+    operation, awaited in the first attempt (never a second call for it), retried by calling
+    again, validated once awaited."""
+    calls: list[str] = []
+    make = ItemMaker(aengine, calls)
+    fn = make if form == "async __call__" else (lambda: make("made"))
+    result = await rdb.with_self_healing(fn, service=service, config=rdb.Config(), validate=ItemOut)
+    assert result["name"] == "made"
+    assert calls == ["made", "made"]  # the refused first attempt, and one retry
+    counters = rdb.health()["services"][service]["counters"]
+    assert counters["attempts"] == 2
+    assert counters["recovered"] == 1
+    assert count_items(engine) == 1
+    with pytest.raises(rdb.ResponseValidationError):  # checked on the result, not the coroutine
+        await rdb.with_self_healing(
+            lambda: make("hidden-made"), service=service, config=rdb.Config(), validate=ItemOut
+        )
+    assert calls[2:] == ["hidden-made"]  # not retried
+
+
+@pytest.mark.asyncio
+async def test_decorating_an_object_with_an_async_call_gives_a_coroutine_function(
+    aengine: AsyncEngine, service: str
+) -> None:
+    calls: list[str] = []
+    handler = rdb.with_self_healing(service=service, config=rdb.Config())(ItemMaker(aengine, calls))
+    assert inspect.iscoroutinefunction(handler)  # what FastAPI looks at
+    assert list(inspect.signature(handler).parameters) == ["name"]
+    assert (await handler("deco"))["name"] == "deco"
+    assert calls == ["deco", "deco"]
 
 
 def test_decorator_needs_a_service_name() -> None:
