@@ -6,16 +6,21 @@ RFC 9457 problem details (``application/problem+json``)."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from pydantic import BaseModel
 from scenarios import RAISE_CODE_FUNCTION, MoveFirst
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -25,7 +30,7 @@ from starlette.testclient import TestClient
 
 import resilient_db as rdb
 from resilient_db.examples.tasks import Base, Task, create_task, move_task
-from resilient_db.testing import FaultProxy
+from resilient_db.testing import FaultProxy, free_port
 from resilient_db.web import PROBLEM_JSON, install_exception_handlers, problem_details
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
@@ -287,6 +292,143 @@ def test_invalid_response_gives_500_and_other_database_errors_stay_the_apps(
         strict.get("/broken")
 
 
+# -- the application's own handlers ----------------------------------------------------------------
+def on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def own_answer(status: int) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """The application's handler, as a sync function and as a coroutine function: the error's
+    class, and whether it ran on the event loop (Starlette runs a sync one in its threadpool)."""
+
+    def sync(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"own": type(exc).__name__, "loop": on_event_loop()}, status)
+
+    async def coro(request: Request, exc: Exception) -> JSONResponse:
+        return sync(request, exc)
+
+    return sync, coro
+
+
+def raising_app(Sessions: rdb.ResilientSession[Any]) -> Starlette:
+    """``/raise/{code}``: a unit of work failing with that SQLSTATE from the server."""
+
+    def route(request: Request) -> JSONResponse:
+        code = request.path_params["code"]
+        Sessions.run(lambda s: s.execute(sa.text("SELECT raise_code(:c)"), {"c": code}))
+        return JSONResponse({})
+
+    return Starlette(routes=[Route("/raise/{code}", route)])
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_other_database_errors_reach_the_apps_own_handler(
+    direct: sa.Engine, service: str, kind: str, when: str
+) -> None:
+    """The handlers are registered for ``DBAPIError``, which Starlette prefers to the app's
+    less specific ``SQLAlchemyError`` handler: what they don't answer is handed on to it,
+    whether it was registered before ``install_exception_handlers`` or after."""
+    Sessions = rdb.ResilientSession(
+        direct, service=service, config=rdb.Config(max_retries=1, circuit_breaker=False)
+    )
+    app = raising_app(Sessions)
+    sync, coro = own_answer(400)
+    own = sync if kind == "sync" else coro
+    if when == "before":
+        app.add_exception_handler(SQLAlchemyError, own)
+    install_exception_handlers(app)
+    if when == "after":
+        app.add_exception_handler(SQLAlchemyError, own)
+    client = TestClient(app)
+    answer = client.get("/raise/23505")  # unique violation: not transient
+    assert answer.status_code == 400
+    assert answer.json() == {"own": "IntegrityError", "loop": kind == "async"}
+    problem(client.get("/raise/57P03"), 503, "database-unavailable")  # transient: ours
+
+
+def test_the_apps_handler_of_a_class_we_register_still_answers_what_is_not_ours(
+    direct: sa.Engine, service: str
+) -> None:
+    """A handler the app had for ``DBAPIError`` itself is replaced by ours in the app's table,
+    and still answers the errors ours does not (installing twice keeps it); what nobody
+    handles still reaches the app's catch-all ``Exception`` handler."""
+    Sessions = rdb.ResilientSession(
+        direct, service=service, config=rdb.Config(max_retries=1, circuit_breaker=False)
+    )
+    app = raising_app(Sessions)
+    app.add_exception_handler(DBAPIError, own_answer(400)[1])
+    install_exception_handlers(app)
+    install_exception_handlers(app)
+    client = TestClient(app)
+    assert client.get("/raise/22012").json() == {"own": "DataError", "loop": True}
+    problem(client.get("/raise/40001"), 503, "database-unavailable")
+
+    catch_all = raising_app(Sessions)
+    catch_all.add_exception_handler(Exception, own_answer(500)[0])
+    install_exception_handlers(catch_all)
+    answer = TestClient(catch_all, raise_server_exceptions=False).get("/raise/22012")
+    assert answer.status_code == 500
+    assert answer.json() == {"own": "DataError", "loop": False}
+
+
+def test_a_refused_asyncpg_connect_gives_503_and_the_apps_own_oserrors_stay_its(
+    service: str, tmp_path: Path
+) -> None:
+    """asyncpg's refused connect reaches the application as a plain ``ConnectionRefusedError``
+    (SQLAlchemy does not wrap it): transient, so a 503 problem. The same error raised by the
+    application's own code is not the database's: its own ``OSError`` handler answers it, or
+    Starlette's plain 500 when it has none."""
+    port = free_port()  # nothing listens there
+    aengine = create_async_engine(
+        f"postgresql+asyncpg://nobody:secret@127.0.0.1:{port}/db", poolclass=sa.pool.NullPool
+    )
+    Sessions = rdb.AsyncResilientSession(
+        aengine, service=service, config=rdb.Config(max_retries=1, circuit_breaker=False)
+    )
+
+    async def query(request: Request) -> JSONResponse:
+        async def unit(session: AsyncSession) -> int:
+            return int((await session.execute(sa.text("SELECT 1"))).scalar_one())
+
+        return JSONResponse(await Sessions.run(unit))
+
+    def own_connect(request: Request) -> JSONResponse:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        return JSONResponse({})
+
+    def own_file(request: Request) -> JSONResponse:
+        return JSONResponse((tmp_path / "missing.json").read_text())
+
+    def make(with_handler: bool) -> TestClient:
+        app = Starlette(
+            routes=[Route("/query", query), Route("/own", own_connect), Route("/file", own_file)]
+        )
+        if with_handler:
+            app.add_exception_handler(OSError, own_answer(502)[1])
+        install_exception_handlers(app)
+        return TestClient(app, raise_server_exceptions=False)
+
+    client = make(with_handler=True)
+    answer = client.get("/query")
+    body = problem(answer, 503, "database-unavailable")
+    assert answer.headers["retry-after"] == "1"
+    assert body["retry_after"] == 1
+    assert rdb.health()["services"][service]["counters"]["retries"] == 1  # retried, then ours
+    assert client.get("/own").json() == {"own": "ConnectionRefusedError", "loop": True}
+    assert client.get("/file").json() == {"own": "FileNotFoundError", "loop": True}
+    plain = make(with_handler=False)
+    problem(plain.get("/query"), 503, "database-unavailable")
+    for path in ("/own", "/file"):
+        answer = plain.get(path)
+        assert answer.status_code == 500
+        assert answer.headers["content-type"] != PROBLEM_JSON
+
+
 def test_problem_details_for_any_framework() -> None:
     p = problem_details(rdb.CircuitOpenError("db", 0.2), type_base="https://api.example/problems/")
     assert p is not None
@@ -314,7 +456,6 @@ def test_fastapi_app_and_decorated_async_handler(
     direct: sa.Engine, service: str, pg_async_url: str
 ) -> None:
     from fastapi import FastAPI  # noqa: PLC0415
-    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine  # noqa: PLC0415
 
     # no pool: each connection is closed on the test client's event loop that opened it
     aengine = create_async_engine(pg_async_url, poolclass=sa.pool.NullPool)

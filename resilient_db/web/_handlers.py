@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import asyncpg
 from sqlalchemy.exc import DBAPIError
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -15,14 +20,19 @@ from resilient_db._errors import (
     ResponseValidationError,
     StaleTransitionError,
 )
+from resilient_db._wrapper import is_async_callable
 
 from ._problems import PROBLEM_JSON, PROBLEM_TYPE_BASE, Problem, problem_details
 
 __all__ = ["HANDLED", "install_exception_handlers", "problem_response"]
 
-#: The exception classes the handlers are registered for. A ``DBAPIError`` is answered only
-#: when it is transient (retries ran out); any other is re-raised to the application's own
-#: handling (a 500 as before).
+#: The exception classes the handlers are registered for: resilient_db's own, and the classes a
+#: transient database error that ran out of retries can have. SQLAlchemy wraps the driver's
+#: errors in ``DBAPIError``, but not all of asyncpg's: a refused or broken connect reaches the
+#: application as a plain ``OSError`` (``ConnectionRefusedError``, ``TimeoutError``), and
+#: asyncpg's own classes do where SQLAlchemy does not translate them (the raw driver connection).
+#: Only transient ones (``is_transient``) are answered; any other error of these classes goes to
+#: the application's own handling (see ``install_exception_handlers``).
 HANDLED: tuple[type[Exception], ...] = (
     CircuitOpenError,
     IllegalTransitionError,
@@ -30,7 +40,13 @@ HANDLED: tuple[type[Exception], ...] = (
     CommitOutcomeUnknownError,
     ResponseValidationError,
     DBAPIError,
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
 )
+
+_Handler = Callable[[Any, Exception], Any]
 
 
 def problem_response(problem: Problem) -> Response:
@@ -41,6 +57,54 @@ def problem_response(problem: Problem) -> Response:
         headers=problem.headers,
         media_type=PROBLEM_JSON,
     )
+
+
+class _ProblemHandler:
+    """The handler :func:`install_exception_handlers` registers for each class of
+    :data:`HANDLED`. An error it does not answer goes where it would have gone without it, so
+    that registering for broad classes (``DBAPIError``, ``OSError``) takes nothing from the
+    application: to the application's handler of the nearest class in the error's MRO (looked
+    up at each error, so handlers registered later count), where a handler of ours stands for
+    the one it ``displaced`` (the application's own for that class, registered before us)."""
+
+    def __init__(
+        self,
+        app: Starlette,
+        config: Config | None,
+        type_base: str,
+        displaced: Mapping[type[Exception], _Handler],
+    ) -> None:
+        self._app = app
+        self._config = config
+        self._type_base = type_base
+        self.displaced = displaced
+
+    async def __call__(self, request: Request, exc: Exception) -> Any:
+        problem = problem_details(exc, config=self._config, type_base=self._type_base)
+        if problem is not None:
+            return problem_response(problem)
+        handler = self._applications(exc)
+        if handler is None:
+            # Starlette's ServerErrorMiddleware: the app's handler of Exception (or 500), else
+            # a plain 500, as without us
+            raise exc
+        if is_async_callable(handler):
+            return await handler(request, exc)
+        return await run_in_threadpool(handler, request, exc)  # as Starlette runs a sync one
+
+    def _applications(self, exc: Exception) -> _Handler | None:
+        """The application's own handler for ``exc``, as Starlette's ``ExceptionMiddleware``
+        would find it without us: ``Exception`` is left to ``ServerErrorMiddleware``."""
+        handlers = self._app.exception_handlers
+        for cls in type(exc).__mro__:
+            if cls is Exception:
+                return None
+            handler: _Handler | None = handlers.get(cls)
+            if isinstance(handler, _ProblemHandler):
+                handler = handler.displaced.get(cls)
+            if handler is not None:
+                return handler
+        return None
 
 
 def install_exception_handlers(
@@ -54,18 +118,25 @@ def install_exception_handlers(
     and for a transient error that ran out of retries, 409 for illegal and stale transitions,
     500 of its own type for an unknown commit outcome. Works for Starlette and FastAPI
     applications; calling it again replaces the handlers. ``config`` decides whether row keys
-    may be shown (default: the environment's ``SELF_HEALING_LOG_ROW_KEYS`` at each error)."""
+    may be shown (default: the environment's ``SELF_HEALING_LOG_ROW_KEYS`` at each error).
+
+    Any other error stays the application's: a non-transient ``DBAPIError`` or an ``OSError`` of
+    its own goes to the application's handler of the nearest class (``SQLAlchemyError``, its own
+    ``OSError`` handler registered before this call, ...), or is raised as before. A handler the
+    application registers afterwards for one of :data:`HANDLED` itself replaces ours for that
+    class, as Starlette's registration does."""
     if not hasattr(app, "add_exception_handler"):
         raise TypeError(
             "install_exception_handlers needs a Starlette or FastAPI application, got "
             f"{type(app).__name__}"
         )
-
-    async def handle(request: Request, exc: Exception) -> Response:
-        problem = problem_details(exc, config=config, type_base=type_base)
-        if problem is None:
-            raise exc  # not ours to answer (a non-transient database error): the app's 500
-        return problem_response(problem)
-
+    displaced: dict[type[Exception], _Handler] = {}
+    for cls in HANDLED:
+        previous: _Handler | None = app.exception_handlers.get(cls)
+        if isinstance(previous, _ProblemHandler):  # installed again: keep what the first took
+            previous = previous.displaced.get(cls)
+        if previous is not None:
+            displaced[cls] = previous
+    handle = _ProblemHandler(app, config, type_base, displaced)
     for cls in HANDLED:
         app.add_exception_handler(cls, handle)

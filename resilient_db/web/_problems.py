@@ -12,8 +12,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy.exc import DBAPIError
-
 from resilient_db._classify import is_transient
 from resilient_db._config import Config, env_config
 from resilient_db._errors import (
@@ -67,7 +65,9 @@ def problem_details(
     * :class:`~resilient_db.CommitOutcomeUnknownError`: 500 of its own type: the change may
       have been saved, so the client must check before resubmitting;
     * :class:`~resilient_db.ResponseValidationError`: 500 (the server produced a bad result);
-    * a transient database error that ran out of retries (``is_transient``): 503.
+    * a transient database error that ran out of retries (``is_transient``: SQLAlchemy's
+      ``DBAPIError``, or a driver error it does not wrap, such as the ``OSError`` of a connect
+      refused to asyncpg; the application's own ``OSError`` is not one): 503.
 
     ``config`` decides about row keys (default: the environment's).
     """
@@ -151,7 +151,7 @@ def problem_details(
                 service=exc.service,
             ),
         )
-    if isinstance(exc, DBAPIError) and is_transient(exc):
+    if is_transient(exc):  # a DBAPIError, or a driver's own error (asyncpg's refused connect)
         return Problem(
             503,
             body(
