@@ -511,6 +511,96 @@ def test_long_names_are_shortened_to_postgres_limit() -> None:
         reg.dispose()
 
 
+def _documents(reg: Any, *, base_rules: bool) -> tuple[Any, Any, Any]:
+    """Single-table inheritance: Doc, and Contract and Invoice guarding ``status`` by rules
+    of their own (Doc by Contract's too when ``base_rules``)."""
+    contract_rules = TransitionRules(
+        column="status", transitions={"draft": {"signed"}}, initial={"draft"}
+    )
+    doc_attrs: dict[str, Any] = {
+        "__tablename__": "sti_docs",
+        "__mapper_args__": {"polymorphic_on": "kind", "polymorphic_identity": "doc"},
+        "id": mapped_column(sa.Integer, primary_key=True),
+        "kind": mapped_column(sa.String(20)),
+        "status": mapped_column(sa.String(20)),
+    }
+    if base_rules:
+        doc_attrs["__transitions__"] = contract_rules
+    doc = reg.mapped(type("Doc", (), doc_attrs))
+    contract = reg.mapped(
+        type(
+            "Contract",
+            (doc,),
+            {
+                "__mapper_args__": {"polymorphic_identity": "contract"},
+                "__transitions__": contract_rules,
+            },
+        )
+    )
+    invoice = reg.mapped(
+        type(
+            "Invoice",
+            (doc,),
+            {
+                "__mapper_args__": {"polymorphic_identity": "invoice"},
+                "__transitions__": TransitionRules(
+                    column="status", transitions={"open": {"paid"}}, initial={"open"}
+                ),
+            },
+        )
+    )
+    return doc, contract, invoice
+
+
+def test_a_trigger_refuses_classes_sharing_a_table_with_other_rules() -> None:
+    """One trigger per table and column holds one set of rules: a subclass whose rows share
+    the table with rows guarded otherwise (or not at all) can't have one."""
+    reg = registry()
+    try:
+        doc, contract, invoice = _documents(reg, base_rules=False)
+        with pytest.raises(TransitionRulesError, match="Doc, Invoice keep their rows there"):
+            transition_trigger_sql(contract)
+        with pytest.raises(TransitionRulesError, match="Doc, Contract keep their rows"):
+            install_transition_trigger(sa.create_engine("postgresql+psycopg://"), invoice)
+    finally:
+        reg.dispose()
+    reg = registry()
+    try:
+        doc, _, _ = _documents(reg, base_rules=True)
+        with pytest.raises(TransitionRulesError, match="but Invoice keeps its rows there"):
+            transition_trigger_sql(doc)
+    finally:
+        reg.dispose()
+
+
+def test_bulk_update_through_a_base_class_of_other_rules_is_refused(engine: sa.Engine) -> None:
+    """update(Doc) setting a column that Contract guards by rules of its own can't hold both
+    sets in one condition: refused before anything is sent, naming the class; the subclass's
+    own update(Contract) is guarded as usual."""
+    reg = registry()
+    try:
+        doc, contract, _ = _documents(reg, base_rules=False)
+        reg.metadata.create_all(engine)
+        with engine.begin() as conn:
+            conn.exec_driver_sql("INSERT INTO sti_docs VALUES (1, 'contract', 'signed')")
+        with _factory(engine)() as s:
+            statements = Sent(engine)
+            with pytest.raises(TransitionRulesError, match=r"update\(Doc\) sets Doc.status"):
+                s.execute(sa.update(doc).where(doc.id == 1).values(status="draft"))
+            assert not statements.matching("UPDATE")
+            s.rollback()
+            s.execute(sa.update(doc).values(kind="contract"))  # leaves the status alone
+            moved = s.execute(sa.update(contract).values(status="draft"))
+            assert isinstance(moved, sa.CursorResult)
+            assert moved.rowcount == 0  # signed -> draft filtered
+            s.commit()
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT status FROM sti_docs").scalar() == "signed"
+    finally:
+        reg.metadata.drop_all(engine)
+        reg.dispose()
+
+
 # ------------------------------------------------------------------------------------------------
 # flush guard
 # ------------------------------------------------------------------------------------------------

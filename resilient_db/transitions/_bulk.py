@@ -21,7 +21,7 @@ from resilient_db._observability import emit
 from ._bypass import active_config
 from ._changes import Change, chunks, illegal, in_key_order, pk_filter
 from ._report import count, logger, report, row_keys, row_label
-from ._rules import Guard, Key, compiled_guards, plain, sort_key
+from ._rules import Guard, Key, TransitionRulesError, compiled_guards, plain, same_rules, sort_key
 
 __all__ = ["do_orm_execute"]
 
@@ -121,9 +121,11 @@ def do_orm_execute(orm_state: ORMExecuteState) -> Result[Any] | None:
     if mapper is None:
         return None
     guards = compiled_guards(mapper)
+    params = orm_state.parameters
+    if len(mapper.self_and_descendants) > 1:
+        _refuse_other_rules(orm_state.statement, params, mapper, guards)
     if not guards:
         return None
-    params = orm_state.parameters
     if isinstance(params, (list, tuple)):
         # A list of parameter sets: SQLAlchemy's "bulk UPDATE by primary key" unless the
         # statement asks for an executemany of itself ("orm" / "core_only", WHERE allowed)
@@ -158,6 +160,31 @@ def do_orm_execute(orm_state: ORMExecuteState) -> Result[Any] | None:
             stmt = stmt.where(legal)
     orm_state.statement = stmt
     return None
+
+
+def _refuse_other_rules(
+    stmt: Any, params: Any, mapper: Mapper[Any], guards: tuple[Guard, ...]
+) -> None:
+    """A bulk UPDATE through ``mapper`` that sets a column its subclasses guard by rules of
+    their own (or that only they guard): one statement's condition can't hold both sets of
+    rules for rows it can't tell apart, so it is refused, naming the classes."""
+    first = params[0] if isinstance(params, (list, tuple)) and params else params
+    for sub in mapper.self_and_descendants:
+        if sub is mapper:
+            continue
+        for guard in compiled_guards(sub):
+            own = next((g for g in guards if g.column is guard.column), None)
+            if same_rules(guard, own) or _target(stmt, first, guard) is None:
+                continue
+            name = mapper.class_.__name__
+            which = f"rules other than {name}'s" if own is not None else f"rules {name} lacks"
+            raise TransitionRulesError(
+                f"update({name}) sets {name}.{guard.attr_key}, which {guard.model} (a subclass "
+                f"keeping its rows in table {guard.table.name!r}) guards by {which}: the "
+                f"guard can't tell its rows apart in one statement; update them with "
+                f"update({guard.model}) and the others with a WHERE criterion leaving "
+                f"{guard.model}'s rows out"
+            )
 
 
 def _restrict_many(

@@ -12,7 +12,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
 from ._report import logger
-from ._rules import guards_of
+from ._rules import guards_of, trigger_guards
 from ._sql import (
     BYPASS_ROLE,
     bypass_role_statement,
@@ -90,7 +90,7 @@ def install_transition_trigger(bind_or_op: Any, model: type[Any]) -> None:
     bypass until the role exists, and a warning says so. Installing again replaces the trigger
     of an older release (whose bypass any role could switch on).
     """
-    guards = guards_of(model)
+    guards = trigger_guards(model)
     statements = [bypass_role_statement(), *(s for g in guards for s in install_statements(g))]
     run_statements(bind_or_op, statements)
     conn = _live_connection(bind_or_op)

@@ -490,6 +490,46 @@ def guards_of(target: object) -> tuple[Guard, ...]:
     return guards
 
 
+def same_rules(a: Guard, b: Guard | None) -> bool:
+    """Whether ``b`` guards ``a``'s column with the same states and moves (whatever model)."""
+    return b is not None and a.initial == b.initial and a.next == b.next
+
+
+def rules_elsewhere(mapper: Mapper[Any], guard: Guard, among: Iterable[Mapper[Any]]) -> list[str]:
+    """The classes of ``among`` (mappers of ``mapper``'s inheritance hierarchy) whose rows live
+    in ``guard``'s table but that guard its column by other rules, or by none: rows that one
+    set of rules per table (the trigger's) or per statement (a bulk UPDATE's) can't tell
+    apart from ``mapper``'s."""
+    found: list[str] = []
+    for other in among:
+        if other is mapper or guard.table not in other.tables:
+            continue
+        theirs = next((g for g in compiled_guards(other) if g.column is guard.column), None)
+        if not same_rules(guard, theirs):
+            found.append(other.class_.__name__)
+    return found
+
+
+def trigger_guards(model: object) -> tuple[Guard, ...]:
+    """:func:`guards_of` for a trigger, which enforces one set of rules for every row of its
+    table: raises when classes sharing the table (single- or joined-table inheritance) guard
+    the column by other rules, which it would apply to their rows too (and the trigger of one
+    would replace the other's)."""
+    guards = guards_of(model)
+    mapper = _mapper_of(model)
+    for guard in guards:
+        others = rules_elsewhere(mapper, guard, mapper.base_mapper.self_and_descendants)
+        if others:
+            raise TransitionRulesError(
+                f"{guard.model}.{guard.attr_key}: a trigger enforces one set of rules for "
+                f"every row of table {guard.table.name!r}, but {', '.join(others)} "
+                f"{'keeps its rows' if len(others) == 1 else 'keep their rows'} there with "
+                "other rules (or none); declare the rules once, on the class that maps the "
+                "table, or leave these classes to the session guards"
+            )
+    return guards
+
+
 def one_guard(target: object, column: str | None) -> Guard:
     """The guard of ``column`` (which may be omitted when the model guards one column)."""
     guards = guards_of(target)

@@ -10,7 +10,7 @@ import json
 from collections.abc import Collection, Iterable
 from typing import Any, NamedTuple
 
-from ._rules import Guard, Key, TransitionRulesError, guards_of, sort_key
+from ._rules import Guard, Key, TransitionRulesError, guards_of, sort_key, trigger_guards
 
 __all__ = [
     "BYPASS_ROLE",
@@ -386,7 +386,7 @@ def transition_trigger_sql(model: type[Any]) -> str:
     ``op.execute``), or with :func:`install_transition_trigger`, which sends the statements one
     at a time.
     """
-    guards = guards_of(model)
+    guards = trigger_guards(model)
     return _script([bypass_role_statement(), *(s for g in guards for s in install_statements(g))])
 
 
