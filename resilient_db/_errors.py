@@ -107,6 +107,8 @@ class IllegalTransitionError(ResilientDBError):
 
     ``via`` says which layer blocked it: ``"flush"`` (the session's flush guard),
     ``"orm-update"`` (an ORM-enabled bulk UPDATE) or ``"db"`` (the database trigger).
+    ``inserted``: the row was being inserted (``from_state`` is then None); an UPDATE of a
+    nullable status from NULL has ``from_state`` None too, and ``inserted`` False.
     """
 
     def __init__(
@@ -119,6 +121,7 @@ class IllegalTransitionError(ResilientDBError):
         to_state: Any,
         via: str,
         reason: str = "",
+        inserted: bool = False,
     ) -> None:
         self.model = model
         self.pk = pk
@@ -127,10 +130,11 @@ class IllegalTransitionError(ResilientDBError):
         self.to_state = to_state
         self.via = via
         self.reason = reason
+        self.inserted = inserted
         super().__init__(self._message())
 
     def _message(self) -> str:
-        src = "(new row)" if self.from_state is None else repr(_plain(self.from_state))
+        src = "(new row)" if self.inserted else repr(_plain(self.from_state))
         why = f": {self.reason}" if self.reason else ""
         return (
             f"illegal status transition of {self.model}(pk={self.pk!r}).{self.column}: "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import enum
 import json
+import pickle
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -836,3 +837,24 @@ def test_the_trigger_error_is_recognised_by_its_context(context: str, schema: st
     err = exception_from_db(_wrapped(_DriverError(TRANSITION_SQLSTATE, detail, context)))
     assert err is not None
     assert err.via == "db"
+
+
+def test_an_update_from_null_is_not_called_a_new_row() -> None:
+    """from_state None is both an inserted row and an UPDATE of a nullable status from NULL:
+    ``inserted`` tells them apart, in the message too, and survives pickling."""
+    fields: dict[str, Any] = {
+        "model": "Job",
+        "pk": 1,
+        "column": "status",
+        "from_state": None,
+        "to_state": "done",
+        "via": "flush",
+    }
+    update = IllegalTransitionError(**fields)
+    insert = IllegalTransitionError(**fields, inserted=True)
+    assert not update.inserted
+    assert "None -> 'done'" in str(update)
+    assert "(new row) -> 'done'" in str(insert)
+    copy = pickle.loads(pickle.dumps(insert))
+    assert copy.inserted
+    assert str(copy) == str(insert)

@@ -51,6 +51,7 @@ def _with_reason(err: IllegalTransitionError, reason: str) -> IllegalTransitionE
         to_state=err.to_state,
         via=err.via,
         reason=reason,
+        inserted=err.inserted,
     )
 
 

@@ -140,6 +140,7 @@ def exception_from_db(
             if op == "INSERT"
             else "blocked by the database trigger"
         ),
+        inserted=op == "INSERT",
     )
     if log:
         report(err, config)

@@ -121,6 +121,7 @@ def _check_insert(guard: Guard, state: InstanceState[Any]) -> list[IllegalTransi
             to_state=value,
             via="flush",
             reason=f"new rows must start in one of: {allowed}",
+            inserted=True,
         )
     ]
 

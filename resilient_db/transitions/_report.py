@@ -48,7 +48,7 @@ def report(err: IllegalTransitionError, config: Config | None, *, blocked_rows: 
         " (row moved by another transaction)" if stale else "",
         row_label(err.model, err.pk, cfg),
         err.column,
-        "(new row)" if err.from_state is None else repr(plain(err.from_state)),
+        "(new row)" if err.inserted else repr(plain(err.from_state)),
         plain(err.to_state),
         err.via,
         f"; {err.reason}" if err.reason else "",
