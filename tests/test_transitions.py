@@ -1681,6 +1681,47 @@ def test_bulk_update_by_primary_key_judges_each_set_from_the_one_before(
     assert (info.value.from_state, info.value.to_state) == ("in_progress", "pending")
 
 
+def test_bulk_update_of_a_subclass_counts_its_own_rows_only(
+    engine: sa.Engine, log: pytest.LogCaptureFixture
+) -> None:
+    """update(Sub) of a single-table subclass: the rows it leaves behind are counted among the
+    subclass's rows (the discriminator the ORM adds), not the whole table's."""
+    reg = registry()
+    try:
+        rules = TransitionRules(column="status", transitions={"a": {"b"}}, initial={"a"})
+        base = reg.mapped(
+            type(
+                "Job",
+                (),
+                {
+                    "__tablename__": "sti_jobs",
+                    "__mapper_args__": {"polymorphic_on": "kind", "polymorphic_identity": "job"},
+                    "__transitions__": rules,
+                    "id": mapped_column(sa.Integer, primary_key=True),
+                    "kind": mapped_column(sa.String(20)),
+                    "status": mapped_column(sa.String(20)),
+                },
+            )
+        )
+        sub = reg.mapped(
+            type("SpecialJob", (base,), {"__mapper_args__": {"polymorphic_identity": "special"}})
+        )
+        reg.metadata.create_all(engine)
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                "INSERT INTO sti_jobs VALUES (1, 'job', 'b'), (2, 'special', 'a'), "
+                "(3, 'special', 'b')"
+            )
+        with _factory(engine)() as s:
+            s.execute(sa.update(sub).values(status="a"))  # 3: b -> a illegal; 1 is no Sub
+            s.commit()
+    finally:
+        reg.metadata.drop_all(engine)
+        reg.dispose()
+    [record] = [r for r in log.records if "filter mode" in r.getMessage()]
+    assert record.self_heal["blocked_rows"] == 1
+
+
 def test_bulk_update_enum_column(engine: sa.Engine, sessions: sessionmaker[_S]) -> None:
     with sessions() as s:
         s.add_all([Doc(id=1), Doc(id=2, phase=Phase.draft)])

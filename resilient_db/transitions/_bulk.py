@@ -281,7 +281,10 @@ def _check_rows(
                 report(err, config, blocked_rows=len(rows))
                 raise err
         return
-    count_q = sa.select(sa.func.count()).select_from(guard.table).where(blocked)
+    # counted through the mapped class: its primary key brings the ORM's criteria of a
+    # single-table subclass (the discriminator), as the UPDATE has them
+    pk_attr = getattr(mapper.class_, guard.pk_attr_keys[0])
+    count_q = sa.select(sa.func.count(pk_attr)).where(blocked)
     if criteria is not None:
         count_q = count_q.where(criteria)
     n_blocked = sum(int(conn.execute(count_q, p).scalar_one()) for p in param_sets)
