@@ -371,6 +371,16 @@ def _configure_model(**columns_and_rules: Any) -> None:
             r"Widget.__transitions__ declares rules for column 'status' twice",
         ),
         ("status", {}, r"Widget.__transitions__ must be a TransitionRules"),
+        (
+            TransitionRules(column="level", transitions={1: {"two"}}, initial={1}),
+            {"level": mapped_column(sa.Integer)},
+            r"Widget.*state 'two' can't be stored in the column.*the column holds integers",
+        ),
+        (
+            TransitionRules(column="status", transitions={"a": {"x" * 21}}, initial={"a"}),
+            {},
+            r"Widget.*can't be stored.*it is 21 characters long, the column at most 20",
+        ),
     ],
 )
 def test_rules_checked_when_the_mapper_configures(rules: Any, extra: Any, message: str) -> None:
@@ -383,6 +393,10 @@ def test_valid_declarations_configure_and_can_be_read_back() -> None:
     assert [r.column for r in transition_rules(Order)] == ["status", "payment"]
     _configure_model(
         __transitions__=TransitionRules(column="status", transitions={"a": {"b"}}, initial={"a"})
+    )
+    _configure_model(  # integer states, negative ones included, and text of integers
+        __transitions__=TransitionRules(column="level", transitions={-1: {"2"}}, initial={-1}),
+        level=mapped_column(sa.Integer),
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import re
 import threading
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
@@ -293,6 +294,23 @@ def _db_key(type_: sa.types.TypeEngine[Any], value: object) -> Key:
     return str(value)
 
 
+_INTEGER_TEXT = re.compile(r"-?[0-9]+", re.ASCII)
+
+
+def _unstorable(impl: sa.types.TypeEngine[Any], key: Key) -> str | None:
+    """Why a state of database text ``key`` can never be held by a column of type ``impl``
+    (a rule about it could never apply), or None. Checked for the types whose values are
+    plainly known: integers and strings of a given length."""
+    if key is None:
+        return None
+    if isinstance(impl, sa.Integer) and not _INTEGER_TEXT.fullmatch(key):
+        return "the column holds integers"
+    length = getattr(impl, "length", None) if isinstance(impl, sa.String) else None
+    if isinstance(length, int) and len(key) > length:
+        return f"it is {len(key)} characters long, the column at most {length}"
+    return None
+
+
 def _bind_value(type_: sa.types.TypeEngine[Any], state: State) -> Any:
     impl = getattr(type_, "impl", type_) if isinstance(type_, sa.types.TypeDecorator) else type_
     if isinstance(impl, sa.Enum) or not isinstance(state, enum.Enum):
@@ -352,6 +370,11 @@ def _compile(mapper: Mapper[Any], rules: TransitionRules) -> Guard:
                 f"{where}: state {state!r} has no declaration in the column type "
                 f"{type_!r}" + (f" (declared values: {allowed})" if allowed else "")
             ) from None
+        unstorable = _unstorable(impl, key)
+        if unstorable:
+            raise TransitionRulesError(
+                f"{where}: state {state!r} can't be stored in the column ({type_!r}): {unstorable}"
+            )
         if key in states and states[key] != state:
             raise TransitionRulesError(
                 f"{where}: states {states[key]!r} and {state!r} are the same database value "
