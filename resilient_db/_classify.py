@@ -121,6 +121,20 @@ def _raised_by_driver(err: BaseException) -> bool:
     return False
 
 
+_CONNECTING_MODULES = ("asyncpg.connect_utils", "sqlalchemy.pool")
+
+
+def _raised_while_connecting(err: BaseException) -> bool:
+    """Whether ``err`` passed through the driver's connect or the pool's (its traceback)."""
+    tb = err.__traceback__
+    while tb is not None:
+        module = tb.tb_frame.f_globals.get("__name__", "")
+        if isinstance(module, str) and module.startswith(_CONNECTING_MODULES):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def _driver_disconnect(exc: BaseException) -> bool:
     """True when the failure is a broken or refused connection that carries no SQLSTATE."""
     for err in error_chain(exc):
@@ -129,7 +143,12 @@ def _driver_disconnect(exc: BaseException) -> bool:
         if isinstance(err, OSError):
             # a socket error of the driver (asyncpg lets a refused or broken connect through
             # as OSError); the application's own OSErrors (a missing file, its own sockets) are
-            # not the database's and are never retried or counted
+            # not the database's and are never retried or counted. A TimeoutError is one only
+            # while connecting: raised by a statement, it is asyncpg's ``command_timeout`` (the
+            # query ran too long; asyncpg cancels it and the connection stays usable), which is
+            # psycopg's ``statement_timeout`` (57014, not transient) on the client side.
+            if isinstance(err, TimeoutError) and not _raised_while_connecting(err):
+                continue
             if _raised_by_driver(err):
                 return True
             continue
@@ -144,7 +163,9 @@ def _driver_disconnect(exc: BaseException) -> bool:
         # behind it is recognised by SQLAlchemy (``connection_invalidated`` above).
         module = type(err).__module__
         name = type(err).__name__
-        if module.startswith("psycopg") and name == "OperationalError":
+        if module.startswith("psycopg") and name in ("OperationalError", "ConnectionTimeout"):
+            # (ConnectionTimeout, psycopg 3.1+: a connect timing out; not its siblings
+            # PipelineAborted and CancellationTimeout, which are no lost connection)
             return getattr(err, "sqlstate", None) is None
         if module.startswith("asyncpg") and name in (
             "ConnectionDoesNotExistError",
