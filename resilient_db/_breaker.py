@@ -190,6 +190,21 @@ class Breaker:
         except Exception:
             return False
 
+    def open_for(self) -> float:
+        """Seconds an attempt would still be refused for as the breaker stands now (0: it
+        would be admitted, or the fleet asked): read from the local view, nothing sent."""
+        try:
+            fleet = self._fleet
+            if fleet is not None and fleet.up:
+                if self._fleet_state == OPEN:
+                    return max(0.0, self._fleet_until - time.monotonic())
+                return 0.0
+            if self._storage.state == OPEN:
+                return max(0.0, self._remaining_open())
+        except Exception:  # a store of yours that fails: the attempt asks before_call
+            return 0.0
+        return 0.0
+
     def fast_success(self) -> bool:
         """True when :meth:`on_success` of a non-probe attempt has nothing to do (no failure
         counted since the last success). False: call :meth:`on_success` (as above)."""

@@ -220,15 +220,18 @@ class RetryBudget:
             return False
 
     def spent(self) -> None:
-        """A unit gave up because the budget is spent: count it, and log it (rate-limited)."""
+        """A unit gave up because the budget is spent: count it, tell the hooks, and log it
+        (the line rate-limited: under an outage every failing unit ends here)."""
         with self._lock:
             self.exhausted += 1
             now = self._clock()
-            if now - self._last_line < EXHAUSTED_LOG_PERIOD:
+            limited = now - self._last_line < EXHAUSTED_LOG_PERIOD
+            if limited:
                 self._unlogged += 1
-                return
-            self._last_line = now
-            since, self._unlogged = self._unlogged, 0
+                since = 0
+            else:
+                self._last_line = now
+                since, self._unlogged = self._unlogged, 0
         cfg = self.config
         scope = "fleet-wide through Redis" if self.shared else "in this process"
         emit(
@@ -243,6 +246,7 @@ class RetryBudget:
             scope,
             cfg.retry_budget_floor,
             since,
+            log=not limited,
             service=self.service,
             event="budget_exhausted",
             ratio=cfg.retry_budget,

@@ -98,15 +98,22 @@ def emit(
     level: int,
     msg: str,
     *args: Any,
+    log: bool = True,
     **extra: Any,
 ) -> None:
     """The one path of every self-healing action: to the hooks, and to the ``[SELF-HEAL]`` log
     line if logging is on and ``level`` reaches the configured level.
 
-    ``extra["event"]`` names the action; the other ``extra`` values are its fields.
+    ``extra["event"]`` names the action; the other ``extra`` values are its fields. ``log``
+    False: to the hooks only (an action whose line is rate-limited still reaches them all).
     """
     hooks = STATE.hooks if config.enabled else ()
-    to_log = config.logging_on and level >= _LEVELS[config.log_level] and logger.isEnabledFor(level)
+    to_log = (
+        log
+        and config.logging_on
+        and level >= _LEVELS[config.log_level]
+        and logger.isEnabledFor(level)
+    )
     if not hooks and not to_log:
         return
     # Values may come from outside the program (a database error's text, a row's state, a

@@ -228,19 +228,27 @@ class Policy:
         return self.delay(outcome, rs.attempt_number)
 
     def _stopper(
-        self, started: float, spent: list[RetryBudget]
+        self, started: float, spent: list[RetryBudget], refused: list[float]
     ) -> Callable[[_t.RetryCallState], bool]:
-        """Stop after ``max_retries``, at the deadline, or when the retry budget can't pay for
-        the retry (then ``spent`` names the budget: the unit gives up at once)."""
+        """Stop after ``max_retries``, at the deadline, when the breaker would refuse the retry
+        when it is due (the failure just counted opened it: ``refused`` gets how long it stays
+        open, and nothing is slept), or when the retry budget can't pay for the retry (then
+        ``spent`` names the budget: the unit gives up at once)."""
         max_retries = self.config.max_retries
         deadline = self.config.deadline
         budget = self.budget
+        breaker = self.breaker
 
         def stop(rs: _t.RetryCallState) -> bool:
             if rs.attempt_number > max_retries:
                 return True
             if self.clock() - started + rs.upcoming_sleep > deadline:
                 return True
+            if breaker is not None and not breaker.fast_closed():
+                remaining = breaker.open_for()
+                if remaining > rs.upcoming_sleep:
+                    refused.append(remaining)
+                    return True
             if budget is not None and not self._budget_pays(budget, rs):
                 spent.append(budget)
                 return True
@@ -283,39 +291,51 @@ class Policy:
             delay=rs.upcoming_sleep,
         )
 
-    def _retrying_kwargs(self, spent: list[RetryBudget]) -> dict[str, Any]:
+    def _retrying_kwargs(self, spent: list[RetryBudget], refused: list[float]) -> dict[str, Any]:
         return {
             "retry": _t.retry_if_exception(self._retry_predicate),
             "wait": self._wait,
-            "stop": self._stopper(self.clock(), spent),
+            "stop": self._stopper(self.clock(), spent, refused),
             "before_sleep": self._before_sleep,
             "reraise": True,
         }
 
-    def _gave_up(self, exc: BaseException, retries: int, spent: list[RetryBudget]) -> None:
+    def _gave_up(
+        self, exc: BaseException, retries: int, spent: list[RetryBudget], refused: list[float]
+    ) -> BaseException:
+        """Count and report a unit that ran out of retries; returns what to raise: ``exc``, or
+        :class:`CircuitOpenError` (caused by ``exc``) when the breaker its failures opened
+        ended the loop."""
         outcome = self.classifier.classify(exc)
         if outcome in _RETRYABLE and not partly_committed(exc):  # that one said so already
             self.stats.add("gave_up")
             if spent:
                 # the retry budget's own line, rate-limited: under an outage every failing
-                # unit ends here, and one line per unit would be a log storm
+                # unit ends here, and one line per unit would be a log storm (the hooks still
+                # see every give-up)
                 spent[0].spent()
-                return
             emit(
                 self.config,
                 log_retry,
                 logging.ERROR,
-                "Gave up: service=%s %s (SQLSTATE %s) after %d retries; raising the original error",
+                "Gave up: service=%s %s (SQLSTATE %s) after %d retries; %s",
                 self.service,
                 outcome.value,
                 sqlstate_label(exc),
                 retries,
+                "the circuit breaker opened, raising CircuitOpenError"
+                if refused
+                else "raising the original error",
+                log=not spent,
                 service=self.service,
                 event="gave_up",
                 retries=retries,
                 outcome=outcome.value,
                 sqlstate=sqlstate_label(exc),
             )
+        if refused:
+            return CircuitOpenError(self.service, refused[0])
+        return exc
 
     def _recovered(self) -> None:
         self.stats.add("recovered")
@@ -372,12 +392,16 @@ class Policy:
             return result
 
         spent: list[RetryBudget] = []
-        retrying = _t.Retrying(sleep=self.sleep, **self._retrying_kwargs(spent))
+        refused: list[float] = []
+        retrying = _t.Retrying(sleep=self.sleep, **self._retrying_kwargs(spent, refused))
         try:
             result = retrying(one)
         except BaseException as exc:
-            self._gave_up(exc, retrying.statistics.get("attempt_number", 1) - 1, spent)
-            raise
+            retries = retrying.statistics.get("attempt_number", 1) - 1
+            raised = self._gave_up(exc, retries, spent, refused)
+            if raised is exc:
+                raise
+            raise raised from exc
         self._recovered()
         return result
 
@@ -423,11 +447,15 @@ class Policy:
             return result
 
         spent: list[RetryBudget] = []
-        retrying = _t.AsyncRetrying(sleep=self.asleep, **self._retrying_kwargs(spent))
+        refused: list[float] = []
+        retrying = _t.AsyncRetrying(sleep=self.asleep, **self._retrying_kwargs(spent, refused))
         try:
             result: T = await retrying(one)
         except BaseException as exc:
-            self._gave_up(exc, retrying.statistics.get("attempt_number", 1) - 1, spent)
-            raise
+            retries = retrying.statistics.get("attempt_number", 1) - 1
+            raised = self._gave_up(exc, retries, spent, refused)
+            if raised is exc:
+                raise
+            raise raised from exc
         self._recovered()
         return result

@@ -155,11 +155,22 @@ def test_open_breaker_ends_the_retry_loop_at_once() -> None:
     cfg = rdb.Config(failure_threshold=2, max_retries=10, reset_timeout=30.0)
     p = make_policy(cfg, sleep=sleeps, wall_clock=clock)
     attempt = failing(100, pge.AdminShutdown)
-    with pytest.raises(rdb.CircuitOpenError) as info:
-        p.call(attempt)
+    seen: list[rdb.SelfHealEvent] = []
+    rdb.add_hook(seen.append)
+    try:
+        with pytest.raises(rdb.CircuitOpenError) as info:
+            p.call(attempt)
+    finally:
+        rdb.remove_hook(seen.append)
     assert attempt.calls["n"] == 2  # type: ignore[attr-defined]
     assert info.value.retry_after == pytest.approx(30.0)
     assert "retry in 30.0 s" in str(info.value)
+    # the second failure opened it: no retry is slept for, logged or counted after it, and
+    # the unit is counted as given up, its last failure the error's cause
+    assert len(sleeps.calls) == 1
+    assert (p.stats.attempts, p.stats.retries, p.stats.gave_up) == (2, 1, 1)
+    assert isinstance(info.value.__cause__, pge.AdminShutdown)
+    assert [e.name for e in seen if e.name in ("retry", "gave_up")] == ["retry", "gave_up"]
 
 
 # -- the breaker ---------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ the hooks see it.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from resilient_db._config import Config
 from resilient_db._config import env_config as environment_config
@@ -71,7 +72,7 @@ def row_label(model: str, pk: object, config: Config) -> str:
     return f"{model}(pk={pk!r})" if config.log_row_keys else model
 
 
-def row_keys(pk: object, config: Config) -> dict[str, object]:
+def row_keys(pk: object, config: Config) -> dict[str, Any]:
     """The ``pk`` field of a report, only when the operator opted in."""
     return {"pk": pk} if config.log_row_keys else {}
 
