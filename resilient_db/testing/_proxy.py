@@ -32,6 +32,8 @@ import collections
 import contextlib
 import errno
 import logging
+import math
+import os
 import queue
 import re
 import selectors
@@ -44,7 +46,7 @@ from concurrent.futures import Future
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar, cast
 
-from ._server import PostgresServer, free_port
+from ._server import PostgresServer, _is_socket_dir, free_port
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -294,13 +296,32 @@ class _Conn:
         self.closed = False
 
 
+def _count(name: str, value: object) -> int:
+    """``value`` if it is a whole number >= 0 (a count of COMMITs), else TypeError/ValueError."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a whole number of COMMITs, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def _seconds(name: str, value: object) -> float:
+    """``value`` as seconds if it is a finite number >= 0, else TypeError/ValueError."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number of seconds, got {value!r}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value}")
+    return float(value)
+
+
 class FaultProxy:
     """Loopback TCP proxy in front of a PostgreSQL server, with switchable faults.
 
     ``upstream`` is a :class:`PostgresServer` (its current host and port are used for every new
-    connection; :meth:`url` reuses its credentials) or a ``(host, port)`` pair. The proxy listens
-    on ``host`` (127.0.0.1) and ``port`` (a free one by default) as soon as it is created;
-    :meth:`close` (or leaving the ``with`` block) stops it and joins its thread.
+    connection; :meth:`url` reuses its credentials) or a ``(host, port)`` pair; a host that is
+    a unix socket's directory is reached through that socket. The proxy listens on ``host``
+    (127.0.0.1) and ``port`` (a free one by default) as soon as it is created; :meth:`close`
+    (or leaving the ``with`` block) stops it and joins its thread.
 
     All fault methods are thread-safe and take effect before they return.
     """
@@ -351,7 +372,12 @@ class FaultProxy:
         self._thread.start()
 
     def __repr__(self) -> str:
-        return f"<FaultProxy {self._host}:{self._port} -> {self._upstream_address()} {self.mode}>"
+        try:
+            upstream = "{}:{}".format(*self._upstream_address())
+        except RuntimeError:  # a server not started yet has no port
+            upstream = f"{type(self._upstream).__name__} (not started)"
+        state = "closed" if self._closed else self.mode
+        return f"<FaultProxy {self._host}:{self._port} -> {upstream} {state}>"
 
     # ---- addressing ------------------------------------------------------------------------------
 
@@ -471,12 +497,12 @@ class FaultProxy:
         self._call(apply)
 
     def latency(self, seconds: float) -> None:
-        """Delay every chunk forwarded from now on by ``seconds`` (each direction)."""
-        if seconds < 0:
-            raise ValueError("latency must be >= 0")
+        """Delay every chunk forwarded from now on by ``seconds`` (a finite number >= 0, each
+        direction)."""
+        delay = _seconds("latency", seconds)
 
         def apply() -> None:
-            self._latency = float(seconds)
+            self._latency = delay
 
         self._call(apply)
 
@@ -486,12 +512,12 @@ class FaultProxy:
         A simple-query ``COMMIT`` (or ``END``) is forwarded; the server's whole answer up to
         its ReadyForQuery is discarded, then the client connection is reset. The server
         committed; the client sees a disconnect. Counted in :attr:`commits_lost`.
+        ``times`` is a whole number >= 0.
         """
-        if times < 0:
-            raise ValueError("times must be >= 0")
+        count = _count("times", times)
 
         def apply() -> None:
-            self._lose_commits = times
+            self._lose_commits = count
 
         self._call(apply)
 
@@ -505,12 +531,12 @@ class FaultProxy:
         them nothing from the server reaches the client, not even the error a dying backend sends,
         and a server that goes away (crash) does not end the client's wait. Takes precedence over
         :meth:`lose_commit_answer` when both are armed. Counted in :attr:`commits_swallowed`.
+        ``times`` is a whole number >= 0.
         """
-        if times < 0:
-            raise ValueError("times must be >= 0")
+        count = _count("times", times)
 
         def apply() -> None:
-            self._swallow_commits = times
+            self._swallow_commits = count
 
         self._call(apply)
 
@@ -582,7 +608,7 @@ class FaultProxy:
         if threading.current_thread() is self._thread:
             return fn()
         if self._closed or not self._thread.is_alive():
-            raise RuntimeError(f"{self!r} is closed")
+            raise RuntimeError(f"fault proxy {self._host}:{self._port} is closed")
         future: Future[Any] = Future()
         self._calls.put((fn, future))
         self._wake()
@@ -643,7 +669,9 @@ class FaultProxy:
                     _, future = self._calls.get_nowait()
                 except queue.Empty:
                     break
-                future.set_exception(RuntimeError(f"{self!r} is closed"))
+                future.set_exception(
+                    RuntimeError(f"fault proxy {self._host}:{self._port} is closed")
+                )
 
     def _release_sockets(self) -> None:
         if self._listener is not None:
@@ -696,14 +724,18 @@ class FaultProxy:
             log.warning("%r: no upstream address: %s", self, exc)
             self._abort(conn)
             return
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        server = socket.socket(family, socket.SOCK_STREAM)
+        address: str | tuple[str, int] = (host, port)
+        if _is_socket_dir(host):  # the server's unix socket, named as libpq names it
+            server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            address = os.path.join(host, f".s.PGSQL.{port}")
+        else:
+            server = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+            server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         server.setblocking(False)
-        server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn.server = server
         conn.connect_deadline = time.monotonic() + self._connect_timeout
         try:
-            code = server.connect_ex((host, port))
+            code = server.connect_ex(address)
         except OSError as exc:  # name resolution
             code = exc.errno or errno.ECONNREFUSED
         if code == 0:

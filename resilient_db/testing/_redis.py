@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from ._server import ServerStartError, Service, Watchdog, free_port
+from ._server import ServerStartError, Service, Watchdog, _check_port, free_port
 
 if TYPE_CHECKING:
     pass
@@ -71,9 +71,9 @@ def redis_server_binary() -> Path:
 class RedisServer(Service):
     """A private ``redis-server`` on ``127.0.0.1``; :meth:`start` it (or use ``with``).
 
-    ``port`` defaults to a free port, kept across :meth:`kill` and :meth:`start` so clients
-    reconnect to the same address. With ``password`` the server requires it (``requirepass``)
-    and :attr:`url` carries it.
+    ``port`` defaults to a free port (also with 0), kept across :meth:`kill` and :meth:`start`
+    so clients reconnect to the same address. With ``password`` the server requires it
+    (``requirepass``) and :attr:`url` carries it.
     """
 
     def __init__(
@@ -84,6 +84,8 @@ class RedisServer(Service):
         executable: str | Path | None = None,
     ) -> None:
         self.host = "127.0.0.1"
+        if port is not None:
+            _check_port(port, free=True)  # not a late "(no log)" from a server that can't bind
         self.port = port or free_port(self.host)
         self.password = password
         self._executable = Path(executable) if executable else None
@@ -108,7 +110,12 @@ class RedisServer(Service):
 
     # -- life cycle --------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the server (again, on the same port) and wait until it answers PING."""
+        """Start the server (again, on the same port) and wait until it answers PING.
+
+        The answer must come from this server's own process: if another Redis holds the port
+        (a fixed port, or another test process that took the same one), this one could not
+        listen, and :class:`ServerStartError` says the port is taken.
+        """
         if self.is_running():
             return
         executable = self._executable or redis_server_binary()
@@ -143,14 +150,34 @@ class RedisServer(Service):
         deadline = time.monotonic() + _START_TIMEOUT
         while True:
             if self._proc.poll() is not None:
-                raise ServerStartError(f"redis-server exited at start:\n{self._log_tail()}")
-            with contextlib.suppress(Exception):
-                if self.client().ping():
+                self.kill()
+                tail = self._log_tail()
+                taken = self._taken() if "Address already in use" in tail else ""
+                raise ServerStartError(f"redis-server exited at start{taken}:\n{tail}")
+            answering = self._answering_pid()
+            if answering is not None:
+                if answering == self._proc.pid and self._proc.poll() is None:
                     return
+                # someone else's Redis answered: flushing or killing "ours" would hit theirs
+                self.kill()
+                raise ServerStartError(
+                    f"redis-server could not start{self._taken()}: another Redis (pid "
+                    f"{answering}) answers there"
+                )
             if time.monotonic() > deadline:
                 self.kill()
                 raise ServerStartError(f"redis-server did not answer in time:\n{self._log_tail()}")
             time.sleep(_POLL_INTERVAL)
+
+    def _answering_pid(self) -> int | None:
+        """The process id of the Redis answering PING on our port (None: no answer yet)."""
+        with contextlib.suppress(Exception), contextlib.closing(self.client()) as client:
+            if client.ping():
+                return int(client.info("server")["process_id"])
+        return None
+
+    def _taken(self) -> str:
+        return f": port {self.port} on {self.host} is taken"
 
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None

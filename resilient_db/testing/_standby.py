@@ -282,10 +282,19 @@ class StandbyPair(Service):
 
     def start(self) -> None:
         """Start the primary, make the standby from it, and wait until it streams (and, when
-        synchronous, is the primary's synchronous standby). Idempotent."""
+        synchronous, is the primary's synchronous standby). Idempotent: servers that run are
+        left alone, a stopped one is started again.
+
+        After :meth:`promote` only the promoted standby (:attr:`current_primary`) is started:
+        the old primary stays down. Started again it would take writes too (nothing demotes
+        it), and :meth:`url`, which lists it first, would send connections to it.
+        """
         if self._closed:
             raise ServerStartError(f"{self!r} is closed")
         try:
+            if self._promoted:
+                self.standby.start()
+                return
             self.primary.start()
             if self.standby.is_running():
                 return
