@@ -9,7 +9,7 @@ Subcommands::
     resilient-db rules MODULE:Model [--format mermaid|dot] [--column NAME]
 
 Exit status: 0 success; 1 a demo invariant failed; 2 usage errors, an invalid configuration,
-a bad ``rules`` target, or a demo that could not run.
+a bad ``rules`` target, or a demo that could not run; 130 a demo interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -27,6 +28,30 @@ __all__ = ["main"]
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+
+
+# argparse types: a bad number is a usage error (exit 2) before anything starts, not a traceback
+# once the demo has set up its database
+def _port(text: str) -> int:
+    """A TCP port, 1-65535, or 0 for a free one (the URL printed names it)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1-65535 (0: a free one), got {port}")
+    return port
+
+
+def _seconds(text: str) -> float:
+    """A finite number of seconds (``float()`` also takes nan and inf)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(seconds):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds, got {text!r}")
+    return seconds
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,10 +74,13 @@ def _parser() -> argparse.ArgumentParser:
             "faults are injected: killed backends, a server crash and restart, cut "
             "connections, lost COMMIT answers, serialization conflicts, deadlocks and illegal "
             "status transitions. At the end every unit of work is checked against the "
-            "database. Exit status 0 when every invariant held, 1 otherwise."
+            "database. Exit status 0 when every invariant held, 1 when one failed, 2 for a "
+            "usage error or a demo that could not run, 130 when interrupted."
         ),
     )
-    demo.add_argument("--seconds", type=float, default=45.0, help="workload duration (default 45)")
+    demo.add_argument(
+        "--seconds", type=_seconds, default=45.0, help="workload duration (default 45, at least 8)"
+    )
     demo.add_argument(
         "--workers",
         type=int,
@@ -110,16 +138,17 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--verbose", action="store_true", help="also show every [SELF-HEAL] log line")
     demo.add_argument(
         "--metrics-port",
-        type=int,
-        help="serve Prometheus metrics on 127.0.0.1:PORT while the demo runs",
+        type=_port,
+        metavar="PORT",
+        help="serve Prometheus metrics on 127.0.0.1:PORT while the demo runs (0: a free port)",
     )
     demo.add_argument(
         "--dashboard-port",
-        type=int,
+        type=_port,
         metavar="PORT",
         help=(
-            "serve the self-healing dashboard on 127.0.0.1:PORT while the demo runs (its URL, "
-            "with a token made for the run, is printed; needs the web extra)"
+            "serve the self-healing dashboard on 127.0.0.1:PORT while the demo runs (0: a free "
+            "port; its URL, with a token made for the run, is printed; needs the web extra)"
         ),
     )
     demo.add_argument("--seed", type=int, help="random seed of the workload")

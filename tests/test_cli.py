@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 import resilient_db as rdb
 from resilient_db._cli import main
 from resilient_db._metrics import HealthCollector, serve
-from resilient_db.examples.tasks import Base, Task, create_task, move_task
+from resilient_db.examples.tasks import TASK_RULES, Base, Task, create_task, move_task
 
 
 @pytest.fixture
@@ -131,6 +131,16 @@ def test_rules_bad_target_is_a_clear_error(
     assert captured.out == ""
     assert captured.err.startswith("resilient-db rules: error: ")
     assert message in captured.err
+
+
+def test_rules_column_of_a_rules_object_must_be_its_own(capsys: pytest.CaptureFixture[str]) -> None:
+    target = "resilient_db.examples.tasks:TASK_RULES"
+    assert main(["rules", target, "--column", "nope"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "declare no transitions for column 'nope'" in captured.err
+    assert main(["rules", target, "--column", "status"]) == 0
+    assert capsys.readouterr().out == rdb.rules_to_mermaid(TASK_RULES)
 
 
 def test_rules_imports_models_from_the_current_directory(
@@ -320,6 +330,7 @@ def test_demo_rejects_a_too_short_workload(capsys: pytest.CaptureFixture[str]) -
         (["--url-from-env"], {}, "DATABASE_URL is not set"),
         (["--url-from-env"], {"DATABASE_URL": "::::"}, "DATABASE_URL is not a database URL"),
         (["--url", "postgresql://h/db", "--url-from-env"], {}, "not both"),
+        (["--url", "postgresql://u:secret@/db?host=h1&host=h2"], {}, "names several hosts"),
     ],
 )
 def test_demo_usage_errors_exit_2_with_one_line(
@@ -339,6 +350,57 @@ def test_demo_usage_errors_exit_2_with_one_line(
     assert says in err
     assert "Traceback" not in err
     assert "secret" not in err  # a URL is never echoed
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--metrics-port", "70000"], "argument --metrics-port: a port is 1-65535"),
+        (["--dashboard-port", "-1"], "argument --dashboard-port: a port is 1-65535"),
+        (["--metrics-port", "http"], "argument --metrics-port: not a port number: 'http'"),
+        (["--seconds", "nan"], "argument --seconds: must be a finite number of seconds"),
+        (["--seconds", "inf"], "argument --seconds: must be a finite number of seconds"),
+        (["--seconds", "1e999"], "argument --seconds: must be a finite number of seconds"),
+        (["--seconds", "soon"], "argument --seconds: not a number of seconds: 'soon'"),
+    ],
+)
+def test_demo_bad_numbers_are_usage_errors_before_anything_starts(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # --workers 0 is a tripwire: a number let through by the parser makes the demo refuse at
+    # once (exit 2, no SystemExit) instead of starting a server
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--workers", "0", *argv])
+    assert info.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert says in err
+    assert "Traceback" not in err
+
+
+def test_demo_options_with_bad_numbers_are_refused_before_anything_starts(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from resilient_db.demo import DemoOptions, run_demo  # noqa: PLC0415
+
+    for options, says in (
+        (DemoOptions(seconds=float("nan"), workers=0), "--seconds must be at least 8"),
+        (DemoOptions(seconds=8, metrics_port=70000, workers=0), "--metrics-port must be a port"),
+        (DemoOptions(seconds=8, dashboard_port=-1, workers=0), "--dashboard-port must be a port"),
+    ):
+        assert run_demo(options) == 2
+        assert says in capsys.readouterr().err
+
+
+def test_demo_help_tells_every_exit_status(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert (
+        "Exit status 0 when every invariant held, 1 when one failed, 2 for a usage error or a "
+        "demo that could not run, 130 when interrupted."
+    ) in text
 
 
 def test_demo_takes_its_url_from_database_url(monkeypatch: pytest.MonkeyPatch) -> None:

