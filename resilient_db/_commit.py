@@ -586,16 +586,34 @@ class CommitProtocol:
         for name, listener in statement_listeners(True, guard).items():
             event.listen(engine, name, listener)
         if self.is_asyncpg:
-            event.listen(engine, "do_connect", _asyncpg_do_connect)
+            event.listen(engine, "do_connect", self._asyncpg_do_connect)
 
     # -- events -----------------------------------------------------------------------------------
+    # With self-healing off (SELF_HEALING_ENABLED=false) both connect listeners leave the
+    # connection as the driver made it: its own class, no query, nothing prepared. Turned on
+    # later (reload_config), the engine's checkout marks such a connection (psycopg) or has the
+    # pool replace it (asyncpg, see needs_replacing) before a unit uses it.
     def _on_connect(self, dbapi_connection: Any, record: Any) -> None:
+        if not self._settings.config.enabled:
+            return
         record.info[_SEEN_KEY] = True
         self.prepare(dbapi_connection, record)
 
+    def _asyncpg_do_connect(
+        self, dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]
+    ) -> None:
+        """Have asyncpg make the connection from a marked class (``connection_class``)."""
+        if not self._settings.config.enabled or "async_creator_fn" in cparams:
+            return  # (made by your async_creator: prepare adopts it at connect)
+        if cparams.get("statement_cache_size") == 0:
+            record.info[_NO_PREPARE_KEY] = True  # asyncpg told not to prepare (a pooler's setting)
+        base = cparams.get("connection_class", asyncpg.Connection)
+        cparams["connection_class"] = marked_connection_class(base)
+
     def needs_replacing(self, dbapi_connection: Any, record: Any) -> bool:
-        """An asyncpg connection made before this engine had a resilient factory: its class
-        can't be marked any more, so the pool should replace it (once; see ``checkout``)."""
+        """An asyncpg connection made before this engine had a resilient factory, or while
+        self-healing was off: its class can't be marked any more, so the pool should replace it
+        (once; see ``checkout``)."""
         if not self.is_asyncpg or record.info.get(_SEEN_KEY):
             return False
         record.info[_SEEN_KEY] = True  # its replacement is made through do_connect: marked
@@ -1486,12 +1504,3 @@ def _transaction_command(query: str) -> str | None:
     if word.startswith("BEGIN"):
         return "BEGIN"
     return None
-
-
-def _asyncpg_do_connect(dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> None:
-    if "async_creator_fn" in cparams:
-        return  # made by your async_creator: CommitProtocol.prepare adopts it at connect
-    if cparams.get("statement_cache_size") == 0:
-        record.info[_NO_PREPARE_KEY] = True  # asyncpg told not to prepare (a pooler's setting)
-    base = cparams.get("connection_class", asyncpg.Connection)
-    cparams["connection_class"] = marked_connection_class(base)

@@ -4,6 +4,7 @@ costs in round trips. The crash and fault scenarios are in test_commit_protocol*
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -18,6 +19,7 @@ import psycopg
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import NullPool
@@ -615,6 +617,143 @@ def test_without_markers_a_writing_unit_pays_one_round_trip_for_its_xid(
     warnings = [r for r in caplog.records if "Commit markers are not installed" in r.getMessage()]
     assert len(warnings) == 1  # once per engine
     assert warnings[0].getMessage().startswith("[SELF-HEAL] ")
+
+
+# -- the kill switch: connections stay the driver's own --------------------------------------------
+@pytest.fixture
+def switch(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[bool], None]]:
+    """``switch(on)``: ``SELF_HEALING_ENABLED`` set and applied by ``reload_config()`` to the
+    factories made without ``config=``; the environment's configuration is back afterwards."""
+
+    def set_enabled(on: bool) -> None:
+        monkeypatch.setenv("SELF_HEALING_ENABLED", "true" if on else "false")
+        rdb.reload_config()
+
+    yield set_enabled
+    monkeypatch.undo()
+    rdb.reload_config()
+
+
+@contextlib.contextmanager
+def _wire(engine: sa.Engine) -> Iterator[list[str]]:
+    """The libpq traces of the connections ``engine`` makes meanwhile (filled in on exit), each
+    from its first message after SQLAlchemy's own set-up: a ``connect`` listener that runs
+    before those added later (a factory's: the engine must have none yet)."""
+    traced: list[tuple[Any, Any, Path]] = []
+
+    def trace(dbapi_connection: Any, record: Any) -> None:
+        path = Path(tempfile.mkstemp(prefix="rdb-trace-")[1])
+        handle = path.open("w")
+        dbapi_connection.pgconn.trace(handle.fileno())
+        dbapi_connection.pgconn.set_trace_flags(
+            psycopg.pq.Trace.SUPPRESS_TIMESTAMPS | psycopg.pq.Trace.REGRESS_MODE
+        )
+        traced.append((dbapi_connection, handle, path))
+
+    event.listen(engine, "connect", trace)
+    traces: list[str] = []
+    try:
+        yield traces
+    finally:
+        event.remove(engine, "connect", trace)
+        for dbapi_connection, handle, path in traced:
+            dbapi_connection.pgconn.untrace()
+            handle.close()
+            traces.append(path.read_text())
+            path.unlink()
+
+
+def test_with_self_healing_off_connections_stay_psycopgs_own_until_it_is_turned_on(
+    pg_url: str, engine: sa.Engine, service: str, switch: Callable[[bool], None]
+) -> None:
+    """SELF_HEALING_ENABLED=false is a pass-through down to the connection: one made for a
+    factory keeps psycopg's class and cursors, and nothing goes out on it that sessionmaker's
+    would not send (no look for the markers, no PREPARE; a unit commits plainly). Turned on by
+    reload_config(), the pooled connection is marked at its next checkout and units carry
+    markers; turned off again, new connections are psycopg's own again. (The factory changed
+    every connection's class and prepared the marker statement on it, switched off or not.)"""
+    plain_engine = sa.create_engine(pg_url, pool_size=1, max_overflow=0)
+    ours = sa.create_engine(pg_url, pool_size=1, max_overflow=0)
+    try:
+        with _wire(plain_engine) as plain_wire, sessionmaker(plain_engine).begin() as session:
+            _bump(session)
+        switch(False)
+        with _wire(ours) as our_wire:
+            Sessions = rdb.ResilientSession(ours, service=service)
+            assert Sessions.run(_bump) == 2
+            with Sessions() as session:
+                raw: Any = session.connection().connection.dbapi_connection
+                assert type(raw) is psycopg.Connection
+                assert type(raw.cursor()) is psycopg.Cursor
+        assert len(plain_wire) == len(our_wire) == 1  # one connection each
+        assert _round_trips(our_wire[0]) == _round_trips(plain_wire[0])
+        assert "resilient_db" not in our_wire[0]
+        assert markers(engine) == []
+
+        switch(True)
+        assert Sessions.run(_bump) == 3
+        with ours.connect() as conn:
+            assert conn.connection.dbapi_connection is raw  # the same connection, now marked
+            assert type(raw) is not psycopg.Connection
+            assert isinstance(raw, psycopg.Connection)
+            assert _prepared_runs(conn) == 1
+        assert len(markers(engine)) == 1
+
+        switch(False)
+        ours.dispose()
+        assert Sessions.run(_bump) == 4
+        with ours.connect() as conn:
+            assert type(conn.connection.dbapi_connection) is psycopg.Connection
+            assert _prepared_runs(conn) is None
+        assert len(markers(engine)) == 1
+    finally:
+        plain_engine.dispose()
+        ours.dispose()
+
+
+async def _driver_connection(session: AsyncSession) -> Any:
+    return (await (await session.connection()).get_raw_connection()).driver_connection
+
+
+async def _prepared_statements(session: AsyncSession) -> list[tuple[str, str]]:
+    """The names and statements prepared on the session's connection (asyncpg prepares every
+    statement it sends, the markers' check included)."""
+    rows = await session.execute(sa.text("SELECT name, statement FROM pg_prepared_statements"))
+    return [(row.name, row.statement) for row in rows]
+
+
+@pytest.mark.asyncio
+async def test_async_with_self_healing_off_connections_stay_asyncpgs_own_until_it_is_turned_on(
+    engine: sa.Engine, async_engine: AsyncEngine, service: str, switch: Callable[[bool], None]
+) -> None:
+    """The same on asyncpg, whose connections are made from a marked class when the factory
+    is on: switched off, a connection is asyncpg's own and nothing of resilient_db was
+    prepared or sent on it; turned on, the pool replaces the pooled one with a marked one at
+    its next checkout; turned off again, new connections are asyncpg's own again."""
+    switch(False)
+    Sessions = rdb.AsyncResilientSession(async_engine, service=service)
+    assert await Sessions.run(_abump) == 1
+    async with Sessions() as session:
+        assert type(await _driver_connection(session)) is asyncpg.Connection
+        assert not [s for s in await _prepared_statements(session) if "resilient_db" in str(s)]
+    assert markers(engine) == []
+
+    switch(True)
+    assert await Sessions.run(_abump) == 2
+    async with Sessions() as session:
+        raw = await _driver_connection(session)
+        assert type(raw) is not asyncpg.Connection
+        assert isinstance(raw, asyncpg.Connection)
+        assert PREPARED in [name for name, _ in await _prepared_statements(session)]
+    assert len(markers(engine)) == 1
+
+    switch(False)
+    await async_engine.dispose()
+    assert await Sessions.run(_abump) == 3
+    async with Sessions() as session:
+        assert type(await _driver_connection(session)) is asyncpg.Connection
+        assert not [s for s in await _prepared_statements(session) if "resilient_db" in str(s)]
+    assert len(markers(engine)) == 1
 
 
 # -- read-only transactions ---------------------------------------------------------------------
