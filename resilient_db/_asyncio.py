@@ -43,6 +43,7 @@ from ._unit import (
     FactoryCore,
     async_units,
     commit_if_prepared,
+    commit_plainly,
     current_unit,
     flush_and_commit,
     interpret_claim,
@@ -197,7 +198,10 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         On a transient error anywhere in the unit (COMMIT included) the session is rolled back
         and ``fn`` runs again with a fresh one, after a backoff. Inside another unit of this
         factory, ``fn`` joins the outer unit's session and runs once (the outer unit retries).
-        Cancellation is never retried.
+        Cancellation is never retried. With self-healing off (``SELF_HEALING_ENABLED=false``)
+        the unit runs once, nothing retried or verified, and may do all the same things: open
+        its own transaction, commit and carry on, run nested units. Without autobegin
+        (``autobegin=False``), run begins each attempt's transaction itself.
 
         ``validate`` (keyword-only, run's own: never passed to ``fn``) checks ``fn``'s result
         before COMMIT with a Pydantic model, a ``TypeAdapter`` or a callable; an invalid result
@@ -214,8 +218,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                 return await _call_unit(fn, active.session, args, kwargs)
             return await self._attempt(fn, args, kwargs)  # another database: once, no own retries
         if not self.config.enabled:
-            async with self.begin() as session:
-                return await _call_unit(fn, session, args, kwargs)
+            return await self._attempt(fn, args, kwargs)  # once: no retry, no breaker
         # Policy.acall with its first attempt inline: one frame (async: one coroutine) fewer
         # on every unit's path
         policy = self.policy
@@ -280,8 +283,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                 f"{_name(fn)}(session, ...) directly and let an outer unit retry"
             )
         if not self.config.enabled:
-            async with session.begin():
-                return await _call_unit(fn, session, args, kwargs)
+            return await self._attempt(fn, args, kwargs, session=session)
         return await self.policy.acall(lambda: self._attempt(fn, args, kwargs, session=session))
 
     @overload
@@ -335,10 +337,25 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         token = _units.set(ActiveUnit(self, s))  # the outer unit, if any, is another factory's
         failed = False
         try:
+            if not s.sync_session.autobegin:  # the transaction autobegin would begin (no I/O)
+                await s.begin()
+            if not self.config.enabled:
+                # self-healing off: the unit as plain SQLAlchemy code runs it (fn, then flush and
+                # COMMIT; ROLLBACK on an error), nothing marked, verified or retried. It is the
+                # running unit all the same: what a unit may do (begin and commit in fn, nest
+                # units) does not depend on the kill switch
+                try:
+                    returned = await _call_unit(fn, s, args, kwargs)
+                    await s.run_sync(commit_plainly)
+                    return returned
+                except BaseException:
+                    failed = True
+                    await _rollback_quietly(s)
+                    raise
             # what the attempt commits for good is seen (see AttemptRecord)
             with AttemptRecord(self.policy) as record:
                 try:
-                    result = fn(s, *args, **kwargs)  # the session begins on first use
+                    result = fn(s, *args, **kwargs)  # (autobegin: the session begins on first use)
                     if True:  # async only
                         # checked inline, not through _call_unit: this is every unit's path
                         if type(result) is not types.CoroutineType:

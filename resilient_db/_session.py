@@ -44,6 +44,7 @@ from ._unit import (
     CommitVerdict,
     FactoryCore,
     commit_if_prepared,
+    commit_plainly,
     current_unit,
     flush_and_commit,
     interpret_claim,
@@ -172,7 +173,10 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         On a transient error anywhere in the unit (COMMIT included) the session is rolled back
         and ``fn`` runs again with a fresh one, after a backoff. Inside another unit of this
         factory, ``fn`` joins the outer unit's session and runs once (the outer unit retries).
-        Cancellation is never retried.
+        Cancellation is never retried. With self-healing off (``SELF_HEALING_ENABLED=false``)
+        the unit runs once, nothing retried or verified, and may do all the same things: open
+        its own transaction, commit and carry on, run nested units. Without autobegin
+        (``autobegin=False``), run begins each attempt's transaction itself.
 
         ``validate`` (keyword-only, run's own: never passed to ``fn``) checks ``fn``'s result
         before COMMIT with a Pydantic model, a ``TypeAdapter`` or a callable; an invalid result
@@ -189,8 +193,7 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                 return _call_unit(fn, active.session, args, kwargs)
             return self._attempt(fn, args, kwargs)  # another database: once, no own retries
         if not self.config.enabled:
-            with self.begin() as session:
-                return _call_unit(fn, session, args, kwargs)
+            return self._attempt(fn, args, kwargs)  # once: no retry, no breaker
         # Policy.call with its first attempt inline: one frame (async: one coroutine) fewer
         # on every unit's path
         policy = self.policy
@@ -253,8 +256,7 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                 f"{_name(fn)}(session, ...) directly and let an outer unit retry"
             )
         if not self.config.enabled:
-            with session.begin():
-                return _call_unit(fn, session, args, kwargs)
+            return self._attempt(fn, args, kwargs, session=session)
         return self.policy.call(lambda: self._attempt(fn, args, kwargs, session=session))
 
     @overload
@@ -304,10 +306,25 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         token = _units.set(ActiveUnit(self, s))  # the outer unit, if any, is another factory's
         failed = False
         try:
+            if not s.autobegin:  # the transaction autobegin would begin (no I/O)
+                s.begin()
+            if not self.config.enabled:
+                # self-healing off: the unit as plain SQLAlchemy code runs it (fn, then flush and
+                # COMMIT; ROLLBACK on an error), nothing marked, verified or retried. It is the
+                # running unit all the same: what a unit may do (begin and commit in fn, nest
+                # units) does not depend on the kill switch
+                try:
+                    returned = _call_unit(fn, s, args, kwargs)
+                    commit_plainly(s)
+                    return returned
+                except BaseException:
+                    failed = True
+                    _rollback_quietly(s)
+                    raise
             # what the attempt commits for good is seen (see AttemptRecord)
             with AttemptRecord(self.policy) as record:
                 try:
-                    result = fn(s, *args, **kwargs)  # the session begins on first use
+                    result = fn(s, *args, **kwargs)  # (autobegin: the session begins on first use)
                     value: R = result
                     request = CommitRequest()
                     try:

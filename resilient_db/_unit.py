@@ -73,9 +73,15 @@ def flush_and_commit(session: Session, request: CommitRequest, protocol: CommitP
     Plain sync code for both drivers (the async one runs it in one ``run_sync`` greenlet hop).
     ``request`` (the caller's, so that a failed COMMIT can be settled) gathers what the COMMIT
     carried. Expired markers are pruned now and then, after a successful commit.
+
+    Without autobegin (``autobegin=False``), a unit whose own code ended the transaction ``run``
+    began for it (``session.commit()`` in ``fn``) has nothing left to commit: ``commit()`` would
+    raise there, and the unit would be reported failed though its work is committed.
     """
     session.flush()  # a failure here sent no COMMIT: the unit may simply be replayed
-    request.transaction = session.get_transaction()
+    request.transaction = transaction = session.get_transaction()
+    if transaction is None and not session.autobegin:
+        return  # nothing left to commit (see above)
     request.attempt = current_attempt.get()
     request.committing = True
     token = current_request.set(request)
@@ -85,6 +91,22 @@ def flush_and_commit(session: Session, request: CommitRequest, protocol: CommitP
         current_request.reset(token)
     if request.tickets and request.tickets[-1].mode == MARKERS and protocol.prune_due():
         _prune_quietly(protocol)
+
+
+def commit_plainly(session: Session) -> None:
+    """End a unit of work with self-healing off: flush and COMMIT as plain SQLAlchemy does,
+    nothing marked and nothing to verify (with it on, :func:`flush_and_commit` ends the unit).
+
+    An enclosing unit of another factory, with self-healing on, is told that this one may have
+    written: replaying it would run this committed unit again (without markers, a read-only
+    COMMIT can't be told apart)."""
+    session.flush()
+    if session.get_transaction() is None and not session.autobegin:
+        return  # as in flush_and_commit
+    session.commit()
+    enclosing = current_attempt.get()
+    if enclosing is not None:
+        enclosing.committed = True
 
 
 def _prune_quietly(protocol: CommitProtocol) -> None:

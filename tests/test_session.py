@@ -389,14 +389,16 @@ def test_a_unit_whose_own_commit_was_refused_is_replayed(engine: sa.Engine, serv
     assert count_items(engine, "after-own-commit") == 1
 
 
+@pytest.mark.parametrize("other_enabled", [True, False], ids=["other-on", "other-off"])
 def test_a_unit_that_ran_a_committed_unit_of_another_factory_is_not_replayed(
-    engine: sa.Engine, pg_url: str, service: str
+    engine: sa.Engine, pg_url: str, service: str, other_enabled: bool
 ) -> None:
     """A unit of another factory (another database) inside a unit commits on its own: a replay
-    of the enclosing unit would run it, and write, again."""
+    of the enclosing unit would run it, and write, again. Also when self-healing is off for
+    the other factory, whose connections then carry nothing that would show its COMMIT."""
     other_engine = sa.create_engine(pg_url)
     Outer = factory(engine, service)
-    Other = factory(other_engine, f"{service}-other")
+    Other = factory(other_engine, f"{service}-other", enabled=other_enabled)
     calls: list[int] = []
 
     def other_unit(session: Session) -> None:
@@ -446,6 +448,91 @@ def test_run_refuses_a_transaction_the_caller_opened(engine: sa.Engine, service:
         session.rollback()
         Session.run_in(session, lambda s: s.add(Item(name="fine")))
     assert count_items(engine) == 1
+
+
+def item_names(engine: sa.Engine) -> set[str]:
+    with engine.connect() as conn:
+        return set(conn.execute(sa.select(Item.name)).scalars())
+
+
+@pytest.mark.parametrize("enabled", [True, False], ids=["enabled", "disabled"])
+def test_what_a_unit_may_do_does_not_depend_on_the_kill_switch(
+    engine: sa.Engine, service: str, enabled: bool
+) -> None:
+    """A unit may open its own transaction, commit and carry on, and run nested units, which
+    join it (the outer unit's failure takes them back): with SELF_HEALING_ENABLED=false as with
+    it on, for run and run_in. (Switched off, run was ``with Session.begin()``: the first two
+    raised InvalidRequestError and a nested unit committed on its own.)"""
+    Session = factory(engine, service, enabled=enabled)
+
+    def begins(session: Session, name: str) -> str:
+        with session.begin():
+            session.add(Item(name=name))
+        return name
+
+    def commits_and_goes_on(session: Session) -> None:
+        session.add(Item(name="first"))
+        session.commit()
+        session.add(Item(name="second"))
+
+    def outer(session: Session) -> None:
+        session.add(Item(name="outer"))
+        session.flush()
+        Session.run(lambda inner: inner.add(Item(name="inner")))
+        raise ValueError("the outer unit fails")
+
+    assert Session.run(begins, "began") == "began"
+    Session.run(commits_and_goes_on)
+    with Session() as session:
+        assert Session.run_in(session, begins, "began in run_in") == "began in run_in"
+    with pytest.raises(ValueError, match="the outer unit fails"):
+        Session.run(outer)
+    assert item_names(engine) == {"began", "first", "second", "began in run_in"}
+
+
+@pytest.mark.parametrize("enabled", [True, False], ids=["enabled", "disabled"])
+def test_units_of_a_factory_without_autobegin(
+    engine: sa.Engine, service: str, enabled: bool
+) -> None:
+    """``autobegin=False``: run begins each attempt's transaction itself, so units work (every
+    one failed with "Autobegin is disabled") and a replayed one begins afresh; a unit that
+    commits its work itself is done, not reported failed; one that opens a transaction of its
+    own is told at once that one is begun, with nothing committed (it was committed, then
+    reported failed)."""
+    Session = rdb.ResilientSession(
+        engine, service=service, config=rdb.Config(enabled=enabled), autobegin=False
+    )
+    calls: list[str] = []
+
+    def add(session: Session, name: str, *, conflict_first: bool = False) -> str:
+        calls.append(name)
+        session.add(Item(name=name))
+        session.flush()
+        if conflict_first and calls.count(name) == 1:
+            raise_code(session, "40001")
+        return name
+
+    def commits_itself(session: Session) -> str:
+        session.add(Item(name="committed by the unit"))
+        session.commit()
+        return "done"
+
+    def begins(session: Session) -> None:
+        with session.begin():
+            session.add(Item(name="never"))
+
+    assert Session.run(add, "added") == "added"
+    assert Session.run(commits_itself) == "done"
+    with Session() as session:
+        assert Session.run_in(session, add, "in run_in") == "in run_in"
+    with pytest.raises(sa_exc.InvalidRequestError, match="already begun"):
+        Session.run(begins)
+    expected = {"added", "committed by the unit", "in run_in"}
+    if enabled:
+        assert Session.run(add, "replayed", conflict_first=True) == "replayed"
+        assert calls.count("replayed") == 2
+        expected.add("replayed")
+    assert item_names(engine) == expected
 
 
 def test_business_errors_never_trip_the_breaker(engine: sa.Engine, service: str) -> None:
@@ -785,6 +872,17 @@ def test_disabled_is_exact_plain_sqlalchemy(engine: sa.Engine, service: str, spe
     assert str(ours.value.orig) == str(theirs.value.orig)
     with Session.begin() as session:
         session.add(Item(name="plain"))
+
+    def duplicate(session: Session) -> None:  # fails at the unit's end: its flush
+        session.add(Item(name="plain"))
+
+    with pytest.raises(sa_exc.IntegrityError) as ours_at_the_end:
+        Session.run(duplicate)
+    with plain() as session:
+        duplicate(session)
+        with pytest.raises(sa_exc.IntegrityError) as theirs_at_the_end:
+            session.commit()
+    assert type(ours_at_the_end.value.orig) is type(theirs_at_the_end.value.orig)
     with Session() as s1, plain() as s2:
         q = sa.select(Item.id, Item.name)
         assert s1.execute(q).all() == s2.execute(q).all()

@@ -444,6 +444,89 @@ async def test_run_refuses_a_transaction_the_caller_opened(
     assert await count_items(engine) == 1
 
 
+async def item_names(engine: AsyncEngine) -> set[str]:
+    async with engine.connect() as conn:
+        return set((await conn.execute(sa.select(Item.name))).scalars())
+
+
+@pytest.mark.parametrize("enabled", [True, False], ids=["enabled", "disabled"])
+async def test_what_a_unit_may_do_does_not_depend_on_the_kill_switch(
+    engine: AsyncEngine, service: str, enabled: bool
+) -> None:
+    """The async twin: begin in the unit, commit and carry on, nested units joining the outer
+    one, for run and run_in, with SELF_HEALING_ENABLED=false as with it on."""
+    Session = factory(engine, service, enabled=enabled)
+
+    async def begins(session: AsyncSession, name: str) -> str:
+        async with session.begin():
+            session.add(Item(name=name))
+        return name
+
+    async def commits_and_goes_on(session: AsyncSession) -> None:
+        session.add(Item(name="first"))
+        await session.commit()
+        session.add(Item(name="second"))
+
+    async def inner(session: AsyncSession) -> None:
+        session.add(Item(name="inner"))
+
+    async def outer(session: AsyncSession) -> None:
+        session.add(Item(name="outer"))
+        await session.flush()
+        await Session.run(inner)
+        raise ValueError("the outer unit fails")
+
+    assert await Session.run(begins, "began") == "began"
+    await Session.run(commits_and_goes_on)
+    async with Session() as session:
+        assert await Session.run_in(session, begins, "began in run_in") == "began in run_in"
+    with pytest.raises(ValueError, match="the outer unit fails"):
+        await Session.run(outer)
+    assert await item_names(engine) == {"began", "first", "second", "began in run_in"}
+
+
+@pytest.mark.parametrize("enabled", [True, False], ids=["enabled", "disabled"])
+async def test_units_of_a_factory_without_autobegin(
+    engine: AsyncEngine, service: str, enabled: bool
+) -> None:
+    """The async twin: with ``autobegin=False`` run begins each attempt's transaction, a unit
+    that commits itself is done, one that opens its own transaction is refused at once."""
+    Session = AsyncResilientSession(
+        engine, service=service, config=rdb.Config(enabled=enabled), autobegin=False
+    )
+    calls: list[str] = []
+
+    async def add(session: AsyncSession, name: str, *, conflict_first: bool = False) -> str:
+        calls.append(name)
+        session.add(Item(name=name))
+        await session.flush()
+        if conflict_first and calls.count(name) == 1:
+            await raise_code(session, "40001")
+        return name
+
+    async def commits_itself(session: AsyncSession) -> str:
+        session.add(Item(name="committed by the unit"))
+        await session.commit()
+        return "done"
+
+    async def begins(session: AsyncSession) -> None:
+        async with session.begin():
+            session.add(Item(name="never"))
+
+    assert await Session.run(add, "added") == "added"
+    assert await Session.run(commits_itself) == "done"
+    async with Session() as session:
+        assert await Session.run_in(session, add, "in run_in") == "in run_in"
+    with pytest.raises(sa_exc.InvalidRequestError, match="already begun"):
+        await Session.run(begins)
+    expected = {"added", "committed by the unit", "in run_in"}
+    if enabled:
+        assert await Session.run(add, "replayed", conflict_first=True) == "replayed"
+        assert calls.count("replayed") == 2
+        expected.add("replayed")
+    assert await item_names(engine) == expected
+
+
 async def test_run_in_replays_on_the_callers_session(
     engine: AsyncEngine, pg_server: Any, service: str
 ) -> None:
