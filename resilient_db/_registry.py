@@ -9,11 +9,16 @@ in ``session.info``: ``session.info`` stays the user's, and clearing it changes 
 * async: an ``AsyncSession``'s ``sync_session`` is an instance of the user's own class, shared
   with other factories, so the factory records each sync session it makes.
 
-Entries are weak: a factory or session that is gone leaves nothing behind.
+Entries are weak: a factory or session that is gone leaves nothing behind. A sync factory's
+entry names it by a weak reference (a strong one, from a dictionary keyed by the class the factory
+holds, would keep both alive for good); the class holds its factory instead, so that a session
+outliving every other reference to its factory (``ResilientSession(engine)()``) is still one of
+its sessions, as a plain ``sessionmaker``'s session needs nothing of its factory.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -24,10 +29,16 @@ from ._state import STATE
 __all__ = ["config_of", "factory_of", "in_unit", "register_class", "register_session"]
 
 
+#: the attribute by which the class a sync factory makes holds the factory (only held: the
+#: factory is looked up in the registry)
+_FACTORY_ATTRIBUTE = "_resilient_db_factory"
+
+
 def register_class(session_class: type[Session], factory: Any) -> None:
     """Sessions of ``session_class`` (a class only ``factory`` makes) belong to ``factory``."""
+    setattr(session_class, _FACTORY_ATTRIBUTE, factory)  # its sessions keep it alive
     with STATE.lock:
-        STATE.factory_by_class[session_class] = factory
+        STATE.factory_by_class[session_class] = weakref.ref(factory)
 
 
 def register_session(session: Session, factory: Any) -> None:
@@ -37,10 +48,12 @@ def register_session(session: Session, factory: Any) -> None:
 
 def factory_of(session: Session) -> object:
     """The resilient factory that made ``session``, or None."""
-    factory: object = STATE.factory_by_class.get(type(session))
-    if factory is None and STATE.factory_by_session:
-        factory = STATE.factory_by_session.get(session)
-    return factory
+    ref = STATE.factory_by_class.get(type(session))
+    if ref is not None:
+        return ref()  # alive while a session of its class is
+    if STATE.factory_by_session:
+        return STATE.factory_by_session.get(session)
+    return None
 
 
 def config_of(session: Session) -> Config | None:

@@ -457,15 +457,20 @@ def install_connect_retry(session_class: type[Session]) -> None:
     (sync: the class ``sessionmaker`` made for it; async: ``sync_session_class``), so plain
     sessions elsewhere in the application don't pay for it. A class whose base listens already
     is left alone (listeners reach subclasses). The listeners act only for a resilient
-    factory's sessions (found in the registry, not in ``session.info``)."""
-    if any(
-        issubclass(base, Session)
-        and event.contains(base, "after_transaction_create", _on_transaction_create)
-        for base in session_class.__mro__
-    ):
-        return
-    for name, listener in _CONNECT_EVENTS:
-        event.listen(session_class, name, listener)
+    factory's sessions (found in the registry, not in ``session.info``).
+
+    The classes that listen are recorded weakly in :data:`~._state.STATE`, not asked of
+    ``event.contains``: SQLAlchemy's event registry keys a class by its ``id()`` and keeps the
+    entry after the class is gone (a factory's class goes with the factory), so a new class
+    given the same address would be taken for one that listens, and its sessions would go
+    without the connect retry."""
+    with STATE.lock:
+        listening = STATE.connect_retry_classes
+        if any(base in listening for base in session_class.__mro__):
+            return
+        for name, listener in _CONNECT_EVENTS:
+            event.listen(session_class, name, listener)
+        listening.add(session_class)
 
 
 # The transition guard: registered once, on SQLAlchemy's Session class (it also serves plain
@@ -558,6 +563,7 @@ class FactoryCore:
                 )
                 break
         hooks.config = config
+        hooks.settings = mine
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} service={self.service!r} engine={self.engine!r}>"
@@ -572,6 +578,9 @@ class EngineHooks:
     def __init__(self, engine: Engine, config: Config, classifier: Classifier) -> None:
         self.config = config
         self.classifier = classifier
+        #: what the hooks act on (:func:`engine_settings`), agreed by the engine's factories:
+        #: kept here so that a new factory is checked against it, not against every factory
+        self.settings = engine_settings(config, classifier)
         self.service = "database"
         # (hooks_for holds STATE.lock)
         # the guard listens through the protocol's statement listener (every engine has one:
@@ -664,7 +673,9 @@ def hooks_for(engine: Engine, factory: FactoryCore) -> EngineHooks:
     The hooks are one per engine (disconnect handling, the trigger's error, the checkout check,
     the commit protocol), so every factory on an engine must agree on what they act on
     (:func:`engine_settings`): a factory that does not is refused with a ValueError naming the
-    difference, rather than one factory's settings silently overriding another's.
+    difference, rather than one factory's settings silently overriding another's. The hooks
+    keep the settings agreed on (a new factory is compared with them, not with each factory on
+    the engine); once every factory on the engine is gone, a new one may bring others.
     """
     config, classifier, service = factory.config, factory.classifier, factory.service
     mine = engine_settings(config, classifier)
@@ -679,21 +690,18 @@ def hooks_for(engine: Engine, factory: FactoryCore) -> EngineHooks:
             note_dialect_calls(engine.dialect, "do_commit_twophase", _commit_twophase)
             event.listen(engine, "do_connect", hooks.do_connect)
             STATE.engine_hooks[engine] = hooks
-        else:
-            for other in list(hooks.factories):
-                theirs = engine_settings(other.config, other.classifier)
-                if theirs != mine:
-                    raise ValueError(
-                        f"another resilient factory (service {other.service!r}) already uses "
-                        f"this engine with different engine-wide settings: "
-                        f"{_settings_diff(theirs, mine)}. Factories sharing an engine must "
-                        "agree on enabled, status_validation, logging, log_level and the "
-                        "classifier's codes; use one factory, the same settings, or another "
-                        "engine"
-                    )
+        elif hooks.settings != mine and hooks.factories:
+            raise ValueError(
+                f"another resilient factory (service {hooks.service!r}) already uses this "
+                f"engine with different engine-wide settings: "
+                f"{_settings_diff(hooks.settings, mine)}. Factories sharing an engine must "
+                "agree on enabled, status_validation, logging, log_level and the classifier's "
+                "codes; use one factory, the same settings, or another engine"
+            )
         hooks.factories.add(factory)
         hooks.config = config
         hooks.classifier = classifier
+        hooks.settings = mine
         hooks.service = service
         return hooks
 
