@@ -498,7 +498,7 @@ class AttemptRecord:
         entry = (transaction, connection, marked)
         if self.began is None:
             self.began = [entry]
-        else:
+        elif entry not in self.began:  # (a listener heard twice must not make it two)
             self.began.append(entry)
 
     def autocommit(self, context: Any) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import subprocess
+import sys
 import threading
 import uuid
 import weakref
@@ -854,3 +856,63 @@ def test_a_unit_that_ran_a_committed_two_phase_unit_is_not_replayed(
     assert runs == 1
     assert inner_calls == [1]
     assert counts(two_phase_server, two_databases) == [1, 1]
+
+
+_SYNC_BEFORE_ASYNC = """
+import sys
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+import resilient_db as rdb
+from resilient_db.testing import FaultProxy
+
+url, async_url, host, port = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+proxy = FaultProxy((host, port))
+try:
+    through = url.replace(f"@{host}:{port}/", f"@{proxy.host}:{proxy.port}/")
+    config = rdb.Config(initial_delay=0.01)
+    Session = rdb.ResilientSession(sa.create_engine(through), service="sync", config=config)
+    rdb.AsyncResilientSession(create_async_engine(async_url), service="async", config=config)
+
+    def add(session):
+        session.execute(sa.text("INSERT INTO sync_before_async DEFAULT VALUES"))
+
+    Session.run(add)  # connects (and looks for the markers) before the answer is lost
+    proxy.lose_commit_answer()
+    Session.run(add)
+    counters = rdb.health()["services"]["sync"]["counters"]
+    print(counters["verified_commits"], counters["unknown_commits"], proxy.commits_lost)
+finally:
+    proxy.close()
+"""
+
+
+def test_a_sync_factory_made_before_an_async_one_records_each_connection_once(
+    engine: sa.Engine, pg_url: str, pg_async_url: str, tmp_path: Any
+) -> None:
+    """An async factory makes SQLAlchemy's Session listen for the unit's connections; a sync
+    factory's class made earlier listened itself: both heard each BEGIN, and a unit on one
+    connection, taken for one spanning two, had its lost COMMIT answer reported unknown instead
+    of verified. A fresh process: in this one, Session listens since the first async factory."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE sync_before_async (id serial PRIMARY KEY)")
+    url = sa.make_url(pg_url)
+    script = tmp_path / "sync_before_async.py"
+    script.write_text(_SYNC_BEFORE_ASYNC)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            pg_url,
+            pg_async_url,
+            str(url.host),
+            str(url.port),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "0", "1"]  # verified, not unknown; one answer lost
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM sync_before_async").scalar() == 2
