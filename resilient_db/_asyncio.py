@@ -197,8 +197,10 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
 
         On a transient error anywhere in the unit (COMMIT included) the session is rolled back
         and ``fn`` runs again with a fresh one, after a backoff. Inside another unit of this
-        factory, ``fn`` joins the outer unit's session and runs once (the outer unit retries).
-        Cancellation is never retried. With self-healing off (``SELF_HEALING_ENABLED=false``)
+        factory, ``fn`` joins the outer unit's session and runs once (the outer unit retries);
+        inside another factory's unit, or an operation of ``with_self_healing`` that retries, it
+        runs once in a session of its own (the outer operation replays it: no retry loops
+        multiplied). Cancellation is never retried. With self-healing off (``SELF_HEALING_ENABLED=false``)
         the unit runs once, nothing retried or verified, and may do all the same things: open
         its own transaction, commit and carry on, run nested units. Without autobegin
         (``autobegin=False``), run begins each attempt's transaction itself.
@@ -219,6 +221,9 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             return await self._attempt(fn, args, kwargs)  # another database: once, no own retries
         if not self.config.enabled:
             return await self._attempt(fn, args, kwargs)  # once: no retry, no breaker
+        enclosing = current_attempt.get()
+        if enclosing is not None and enclosing.replayed:  # with_self_healing retries it all
+            return await self._attempt(fn, args, kwargs)
         # Policy.acall with its first attempt inline: one frame (async: one coroutine) fewer
         # on every unit's path
         policy = self.policy

@@ -426,6 +426,7 @@ class CommitRequest:
 
 class _ReplayPolicy(Protocol):
     classifier: Classifier
+    retry_on: bool
 
     def partly_committed(self, exc: BaseException) -> None: ...
 
@@ -459,6 +460,12 @@ class AttemptRecord:
     @property
     def classifier(self) -> Classifier:
         return self._policy.classifier
+
+    @property
+    def replayed(self) -> bool:
+        """Whether a failed attempt is replayed by its operation (its policy retries): a unit
+        run inside it then runs once, rather than multiply the retries."""
+        return self._policy.retry_on
 
     @property
     def unreplayable(self) -> bool:

@@ -220,6 +220,30 @@ def test_nested_units_run_once_inside_the_outer_and_are_not_retried_alone(
     assert names == {"outer-2", "inner-2"}  # the failed first attempt left nothing
 
 
+def test_a_unit_inside_with_self_healing_runs_once_per_operation_attempt(
+    engine: sa.Engine, service: str
+) -> None:
+    """``with_self_healing`` around code that runs a unit (the plan's handler shape): the
+    operation retries, the unit inside runs once per attempt, so the loops don't multiply."""
+    Session = factory(engine, service, max_retries=3)
+    calls = {"handler": 0, "unit": 0}
+
+    def unit(session: Session) -> None:
+        calls["unit"] += 1
+        raise_code(session, "40001")
+
+    def handler() -> None:
+        calls["handler"] += 1
+        Session.run(unit)
+
+    with pytest.raises(sa.exc.OperationalError):
+        rdb.with_self_healing(handler, service=service, config=rdb.Config(max_retries=3))
+    assert calls == {"handler": 4, "unit": 4}  # not 4 x 4
+    with pytest.raises(sa.exc.OperationalError):  # an operation that doesn't retry: run does
+        rdb.with_self_healing(handler, service=service, use_retry=False)
+    assert calls == {"handler": 5, "unit": 8}
+
+
 def test_a_unit_that_committed_part_of_its_work_is_not_replayed(
     engine: sa.Engine, service: str, caplog: pytest.LogCaptureFixture
 ) -> None:

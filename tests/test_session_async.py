@@ -385,6 +385,28 @@ async def test_nested_units_run_once_inside_the_outer_and_are_not_retried_alone(
     assert counters(service)["retries"] == 1
 
 
+async def test_a_unit_inside_with_self_healing_runs_once_per_operation_attempt(
+    engine: AsyncEngine, service: str
+) -> None:
+    Session = factory(engine, service, max_retries=3)
+    calls = {"handler": 0, "unit": 0}
+
+    async def unit(session: AsyncSession) -> None:
+        calls["unit"] += 1
+        await raise_code(session, "40001")
+
+    async def handler() -> None:
+        calls["handler"] += 1
+        await Session.run(unit)
+
+    with pytest.raises(sa_exc.DBAPIError):
+        await rdb.with_self_healing(handler, service=service, config=rdb.Config(max_retries=3))
+    assert calls == {"handler": 4, "unit": 4}  # not 4 x 4
+    with pytest.raises(sa_exc.DBAPIError):  # an operation that doesn't retry: run does
+        await rdb.with_self_healing(handler, service=service, use_retry=False)
+    assert calls == {"handler": 5, "unit": 8}
+
+
 async def test_concurrent_units_in_separate_tasks_do_not_share_a_session(
     engine: AsyncEngine, service: str
 ) -> None:
