@@ -200,9 +200,10 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         factory, ``fn`` joins the outer unit's session and runs once (the outer unit retries);
         inside another factory's unit, or an operation of ``with_self_healing`` that retries, it
         runs once in a session of its own (the outer operation replays it: no retry loops
-        multiplied). Cancellation is never retried. With self-healing off (``SELF_HEALING_ENABLED=false``)
-        the unit runs once, nothing retried or verified, and may do all the same things: open
-        its own transaction, commit and carry on, run nested units. Without autobegin
+        multiplied). Cancellation is never retried. With self-healing off
+        (``SELF_HEALING_ENABLED=false``) the unit runs once, nothing retried or verified, and
+        may do all the same things: open its own transaction, commit and carry on, run nested
+        units. Without autobegin
         (``autobegin=False``), run begins each attempt's transaction itself.
 
         ``validate`` (keyword-only, run's own: never passed to ``fn``) checks ``fn``'s result
