@@ -203,8 +203,8 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         multiplied). Cancellation is never retried. With self-healing off
         (``SELF_HEALING_ENABLED=false``) the unit runs once, nothing retried or verified, and
         may do all the same things: open its own transaction, commit and carry on, run nested
-        units. Without autobegin
-        (``autobegin=False``), run begins each attempt's transaction itself.
+        units. Without autobegin (``autobegin=False``), run begins each attempt's transaction
+        itself.
 
         ``validate`` (keyword-only, run's own: never passed to ``fn``) checks ``fn``'s result
         before COMMIT with a Pydantic model, a ``TypeAdapter`` or a callable; an invalid result
