@@ -71,11 +71,12 @@ from ._errors import ConfigError
 from ._observability import emit, log_breaker
 from ._state import STATE
 
-__all__ = ["CHANNEL", "FleetDown", "FleetLink", "attach", "detach", "links"]
+__all__ = ["FleetDown", "FleetLink", "attach", "detach", "links"]
 
 PREFIX = "resilient_db"
-#: the pub/sub channel every breaker state change is published on
-CHANNEL = f"{PREFIX}:breakers"
+#: the pub/sub channel every breaker state change is published on, per Redis database number:
+#: pub/sub ignores the database, and the keys of another database are other breakers
+CHANNEL = PREFIX + ":breakers:{db}"
 #: at most one "Redis unavailable" warning per link in this many seconds
 DOWN_LOG_PERIOD = 60.0
 #: seconds between attempts to reach a Redis that is down (one connection attempt or PING each)
@@ -382,6 +383,7 @@ class FleetLink:
                 problem=problem,
             )
             return
+        self.channel = CHANNEL.format(db=self._client.get_connection_kwargs().get("db") or 0)
         self._scripts = {name: self._client.register_script(src) for name, src in _SCRIPTS.items()}
         self._thread = threading.Thread(
             target=self._run, name=f"resilient_db-redis {self.masked_url}", daemon=True
@@ -446,7 +448,7 @@ class FleetLink:
         st, rem, gen, failures, opens, by_me = self._call(
             "failure",
             [cb, fails],
-            [CHANNEL, service, self.token, threshold, reset_timeout, memory_ms],
+            [self.channel, service, self.token, threshold, reset_timeout, memory_ms],
         )
         return _s(st), float(rem), int(gen), int(failures), int(opens), bool(by_me)
 
@@ -456,7 +458,7 @@ class FleetLink:
         cb, _, _ = _keys(service)
         lease = max(reset_timeout, PROBE_LEASE_MIN)
         decision, rem, gen, opens = self._call(
-            "admit", [cb], [CHANNEL, service, self.token, probes, lease]
+            "admit", [cb], [self.channel, service, self.token, probes, lease]
         )
         return _s(decision), float(rem), int(gen), int(opens)
 
@@ -465,7 +467,9 @@ class FleetLink:
     ) -> tuple[str, float, int, int]:
         cb, fails, _ = _keys(service)
         st, rem, gen, opens = self._call(
-            "probe_done", [cb, fails], [CHANNEL, service, self.token, needed, 1 if success else 0]
+            "probe_done",
+            [cb, fails],
+            [self.channel, service, self.token, needed, 1 if success else 0],
         )
         return _s(st), float(rem), int(gen), int(opens)
 
@@ -477,7 +481,7 @@ class FleetLink:
         st, rem, gen, opens = self._call(
             "force",
             [cb, fails],
-            [CHANNEL, service, self.token, state, reset_timeout],
+            [self.channel, service, self.token, state, reset_timeout],
             background=background,
         )
         return _s(st), float(rem), int(gen), int(opens)
@@ -579,7 +583,7 @@ class FleetLink:
                 if pubsub is None:
                     pubsub = self._client.pubsub(ignore_subscribe_messages=True)
                     self.commands += 1
-                    pubsub.subscribe(CHANNEL)
+                    pubsub.subscribe(self.channel)
                     self._resync()
                     self._mark_up()
                 elif not self.up:
@@ -623,7 +627,7 @@ class FleetLink:
             update = (str(data["st"]), float(data["r"]), int(data["g"]), int(data["o"]))
             mine = data.get("b") == self.token
         except (KeyError, TypeError, ValueError):
-            _log.debug("ignoring a message on %s that is not ours", CHANNEL)
+            _log.debug("ignoring a message on %s that is not ours", self.channel)
             return
         breaker = self.breakers.get(service)
         if breaker is not None:

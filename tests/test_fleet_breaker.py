@@ -21,7 +21,7 @@ from processes import alive, killed_at_exit, wait_for
 
 import resilient_db as rdb
 from resilient_db._config import mask_url
-from resilient_db._fleet import links
+from resilient_db._fleet import FleetLink, links
 from resilient_db.testing import FaultProxy, PostgresServer, RedisServer
 
 pytestmark = pytest.mark.slow
@@ -232,6 +232,37 @@ def test_background_thread_is_a_daemon_and_stops_on_reset_state(
     assert not link._thread.is_alive()
     assert links() == {}
     engine.dispose()
+
+
+def test_breakers_of_another_redis_database_are_other_breakers(
+    redis_server: RedisServer, pg_url: str
+) -> None:
+    """Pub/sub ignores the database number: an opening on /0 must not reach the breaker of the
+    same service name on /1 (its keys are another breaker), one on /1 must."""
+    engine = sa.create_engine(pg_url)
+    url_1 = redis_server.url.rsplit("/", 1)[0] + "/1"
+    Session = rdb.ResilientSession(
+        engine, service="orders", config=rdb.Config(redis_url=url_1, failure_threshold=1)
+    )
+    _wait(lambda: _shared("orders")["connected"], "the link")
+    breaker = Session.policy.breaker
+    assert breaker is not None
+    others = [
+        FleetLink(rdb.Config(redis_url=url, failure_threshold=1))
+        for url in (redis_server.url, url_1)
+    ]
+    try:
+        for link in others:
+            _wait(lambda link=link: link.up, "the other link")  # type: ignore[misc]
+        others[0].breaker_failure("orders", 1, 30.0)  # opens /0's "orders"
+        time.sleep(0.2)  # a message on /0's channel would have arrived by now
+        assert breaker.state == "closed"
+        others[1].breaker_failure("orders", 1, 30.0)  # opens /1's "orders"
+        _wait(lambda: breaker.state == "open", "the opening on /1")
+    finally:
+        for link in others:
+            link.close()
+        engine.dispose()
 
 
 @pytest.fixture

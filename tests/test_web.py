@@ -448,6 +448,20 @@ def test_problem_details_for_any_framework() -> None:
     assert stale is not None
     assert stale.status == 409
     assert "alice" not in str(stale.body)
+    fields: dict[str, Any] = {
+        "model": "Task",
+        "pk": 1,
+        "column": "status",
+        "from_state": None,
+        "to_state": "b",
+        "via": "flush",
+    }
+    from_null = problem_details(rdb.IllegalTransitionError(**fields))
+    inserted = problem_details(rdb.IllegalTransitionError(**fields, inserted=True))
+    assert from_null is not None
+    assert inserted is not None
+    assert "may not move from None to 'b'" in from_null.body["detail"]
+    assert "may not move from a new row to 'b'" in inserted.body["detail"]
     with pytest.raises(TypeError, match="Starlette or FastAPI"):
         install_exception_handlers(object())  # type: ignore[arg-type]
 

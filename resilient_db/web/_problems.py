@@ -115,7 +115,7 @@ def problem_details(
                     **ext,
                 ),
             )
-        start = "a new row" if src is None else repr(src)
+        start = "a new row" if exc.inserted else repr(src)
         return Problem(
             409,
             body(
