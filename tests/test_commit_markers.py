@@ -1775,12 +1775,13 @@ def test_the_markers_check_leaves_the_connection_as_the_engine_made_it(
     """The check at connect runs outside a transaction and puts autocommit back as it was."""
     for level in ("READ COMMITTED", "AUTOCOMMIT"):
         eng = sa.create_engine(pg_url, isolation_level=level)
-        rdb.ResilientSession(eng, service=f"{service}-{level}")
+        factory = rdb.ResilientSession(eng, service=f"{service}-{level}")
         with eng.connect() as conn:
             raw: Any = conn.connection.driver_connection
             assert raw._rdb_mode == "markers"
             assert raw.autocommit is (level == "AUTOCOMMIT")
             assert raw.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        del factory  # held until here: the engine's hooks serve live factories
         eng.dispose()
 
 

@@ -6,6 +6,7 @@ fleet-wide; Redis killed mid-workload, then back."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import threading
 import time
@@ -328,14 +329,18 @@ def test_a_link_nothing_is_attached_to_any_more_is_closed(
     env.setenv("SELF_HEALING_REDIS_URL", redis_server.url)
     env.setenv("SELF_HEALING_RETRY_BUDGET", "0.2")
     with RedisServer() as other:
-        rdb.ResilientSession(engine, service="moved")  # a breaker and a budget
-        rdb.ResilientSession(engine, service="pinned", config=rdb.Config(redis_url=other.url))
+        # held: a factory nobody holds is collected, and reload_config() applies to live ones
+        moved = rdb.ResilientSession(engine, service="moved")  # a breaker and a budget
+        pinned = rdb.ResilientSession(
+            engine, service="pinned", config=rdb.Config(redis_url=other.url)
+        )
         _wait(lambda: _shared("moved")["connected"], "the first link")
         _wait(lambda: _shared("pinned")["connected"], "the second link")
         (first,) = [link for link in links().values() if link.url == redis_server.url]
         assert _clients_of(redis_server) > 1
 
         env.setenv("SELF_HEALING_REDIS_URL", other.url)
+        gc.collect()  # whenever a collection comes, the factories held stay
         rdb.reload_config()
         assert list(links()) == [mask_url(other.url)]
         assert first.closed
@@ -351,6 +356,7 @@ def test_a_link_nothing_is_attached_to_any_more_is_closed(
         assert rdb.health()["services"]["moved"]["budget"]["scope"] == "process"
         assert "shared" not in rdb.health()["services"]["moved"]["breaker"]
         assert _shared("pinned")["connected"]
+        del moved, pinned
     engine.dispose()
 
 
