@@ -18,6 +18,7 @@ import pytest_asyncio
 import sqlalchemy as sa
 from scenarios import ASYNC_DRIVERS, BYPASS_BY_HAND, MoveFirst
 from sent import Sent
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -603,6 +604,44 @@ async def test_bulk_update_by_primary_key(
         )
         await s.commit()
     assert (await _db_status(engine, a), await _db_status(engine, b)) == ("running", "done")
+
+
+async def test_status_set_by_a_listener_during_the_flush_is_judged(
+    engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    """The async twin: a before_update listener that sets the status during the flush, for a
+    row with a judged change (from its loaded state) and for one with none (from the state it
+    holds, read under lock): nothing illegal is sent, a legal move is written."""
+    a, b, c = await _add_job(engine), await _add_job(engine), await _add_job(engine, "running")
+
+    def finish(mapper: Any, connection: Any, target: Job) -> None:
+        if target.name == "finish":
+            target.status = "done"
+
+    event.listen(Job, "before_update", finish)
+    try:
+        for job_id, judged in ((a, "running"), (b, None)):
+            async with sessions() as s:
+                job = await s.get(Job, job_id)
+                assert job is not None
+                job.name = "finish"
+                if judged is not None:
+                    job.status = judged
+                with pytest.raises(IllegalTransitionError) as info:
+                    await s.flush()
+                assert (info.value.pk, info.value.from_state, info.value.to_state) == (
+                    job_id,
+                    "queued",
+                    "done",
+                )
+        async with sessions() as s:  # running -> done is legal: written
+            job = await s.get(Job, c)
+            assert job is not None
+            job.name = "finish"
+            await s.commit()
+    finally:
+        event.remove(Job, "before_update", finish)
+    assert [await _db_status(engine, i) for i in (a, b, c)] == ["queued", "queued", "done"]
 
 
 async def test_trigger_error_mapped_through_the_driver(engine: AsyncEngine) -> None:
