@@ -553,7 +553,12 @@ class FactoryCore:
         hooks = self._hooks
         mine = engine_settings(config, self.classifier)
         for other in list(hooks.factories):
-            if other is not self and engine_settings(other.config, other.classifier) != mine:
+            # a factory of the environment's configuration gets this one too in the same
+            # reload (maybe after this one): judged by what it is about to have
+            theirs = engine_settings(
+                other.config if other._explicit_config else config, other.classifier
+            )
+            if other is not self and theirs != mine:
                 # reload_config gave this factory settings another one on its engine does not
                 # share (an explicit config=): the engine-wide hooks follow the reload
                 emit(
@@ -564,7 +569,7 @@ class FactoryCore:
                     "service=%s (%s); engine-wide handling follows service=%s",
                     self.service,
                     other.service,
-                    _settings_diff(engine_settings(other.config, other.classifier), mine),
+                    _settings_diff(theirs, mine),
                     self.service,
                     service=self.service,
                     event="engine_settings_conflict",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import subprocess
 import sys
 import threading
@@ -339,6 +340,30 @@ def test_a_second_storage_for_one_service_is_refused(engine: sa.Engine, service:
     other = pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED)
     with pytest.raises(ValueError, match=f"service '{service}' already has a circuit breaker"):
         rdb.ResilientSession(engine, service=service, breaker_storage=other)
+
+
+def test_a_reload_warns_only_of_factories_that_really_disagree(
+    engine: sa.Engine,
+    service: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two factories of the environment's configuration on one engine follow a reload together:
+    no warning while the first is applied and the second not yet; one of an explicit config
+    that the reload leaves behind is named."""
+    first = rdb.ResilientSession(engine, service=service)
+    second = rdb.ResilientSession(engine, service=service + "-2")
+    caplog.set_level(logging.WARNING, logger="resilient_db")
+    monkeypatch.setenv("SELF_HEALING_STATUS_VALIDATION", "false")  # an engine-wide setting
+    rdb.reload_config()
+    assert not [r for r in caplog.records if "disagree" in r.getMessage()]
+    pinned = rdb.ResilientSession(engine, service=service + "-3", config=first.config)
+    monkeypatch.delenv("SELF_HEALING_STATUS_VALIDATION")
+    rdb.reload_config()
+    lines = [r.getMessage() for r in caplog.records if "disagree" in r.getMessage()]
+    assert lines  # (once per factory of the environment's that follows the reload)
+    assert all(f"service={service}-3 (status validation" in line for line in lines)
+    del first, second, pinned
 
 
 def test_factories_on_one_engine_must_agree_on_engine_wide_settings(
