@@ -921,3 +921,18 @@ def test_redis_server_refuses_a_port_another_redis_answers_on() -> None:
 def test_redis_server_refuses_a_bad_port_at_once(port: object, error: type[Exception]) -> None:
     with pytest.raises(error, match="port must be"):
         RedisServer(port=port)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("port", [70000, -1, "5432", True])
+def test_embedded_postgres_refuses_a_bad_port_at_once(port: object) -> None:
+    with pytest.raises(ValueError, match="port must be a whole number from 0 to 65535"):
+        EmbeddedPostgres(port=port)  # type: ignore[arg-type]
+
+
+def test_embedded_postgres_port_zero_picks_a_free_one() -> None:
+    """0 means any free port, as for a socket (and for RedisServer): it was passed to the
+    server, which refused to start."""
+    with EmbeddedPostgres(port=0) as server:
+        assert server.port > 0
+        with psycopg.connect(server.conninfo(), connect_timeout=CONNECT_TIMEOUT) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)

