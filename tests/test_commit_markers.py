@@ -127,10 +127,64 @@ def test_plain_selects_are_proven_read_only(statement: str) -> None:
         "select nextval('seq')",
         "SAVEPOINT a; DELETE FROM t",
         "ROLLBACK; INSERT INTO t (a) VALUES (1)",
+        # comments are whitespace to PostgreSQL: these call transfer
+        "SELECT transfer/**/(1, 2)",
+        "SELECT transfer -- lower\n(1, 2)",
+        "SELECT app.transfer/* x */(1)",
+        'SELECT "Transfer"/**/(1)',
+        # comments a simple scan can't tell from the rest: judged as writing
+        "SELECT 1 /* a /* nested */ */",
+        "SELECT $$ -- $$",
+        "SELECT 1 /* unterminated",
     ],
 )
 def test_anything_else_may_write(statement: str) -> None:
     assert may_write(statement)
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        # a comment appended to every statement (SQLCommenter, as OpenTelemetry's SQLAlchemy
+        # instrumentation adds) keeps a read read-only
+        "SELECT t.a FROM t WHERE t.id = %(pk)s /*traceparent='00-4bf9-00f0-01'*/",
+        "/* leading */ SELECT lower(t.name) FROM t -- trailing",
+        "SELECT '--' AS a, '/*' AS b FROM t",
+    ],
+)
+def test_comments_are_whitespace_to_the_read_only_proof(statement: str) -> None:
+    assert not may_write(statement)
+
+
+def test_a_writing_call_behind_a_comment_is_not_replayed_after_a_lost_answer(
+    engine: sa.Engine, fault_proxy: FaultProxy, pg_database: str, service: str
+) -> None:
+    """``w/**/(...)`` calls ``w``: taken for a read, its COMMIT went out without a marker and
+    a lost answer was replayed (the row written twice)."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE commented_writes (v text)")
+        conn.exec_driver_sql(
+            "CREATE FUNCTION commented_write(x text) RETURNS void LANGUAGE sql "
+            "AS 'INSERT INTO commented_writes VALUES (x)'"
+        )
+    proxied = sa.create_engine(fault_proxy.url(pg_database))
+    try:
+        Sessions = rdb.ResilientSession(proxied, service=service)
+        calls = []
+
+        def write(session: Session) -> None:
+            calls.append(1)
+            session.execute(sa.text("SELECT commented_write/**/(:v)"), {"v": "once"})
+
+        Sessions.run(lambda session: session.execute(sa.text("SELECT 1")))  # connected
+        fault_proxy.lose_commit_answer()
+        Sessions.run(write)
+        assert fault_proxy.commits_lost == 1
+    finally:
+        proxied.dispose()
+    assert calls == [1]  # verified, not replayed
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM commented_writes").scalar() == 1
 
 
 @pytest.mark.parametrize(
