@@ -93,7 +93,7 @@ PRUNE_BATCH: Final = 1000
 PRUNE_CATCH_UP: Final = 0.05
 #: 2: mark_commit leaves read-only transactions alone, and runs as its owner for any role a
 #: unit switched to (checking the login role's right to write markers itself)
-MARKERS_VERSION: Final = 2
+MARKERS_VERSION: Final = 3
 #: the marker insert as prepared on each connection (``PREPARE``): the function call it stands
 #: in for costs the server parsing, planning and a PL/pgSQL call at every writing COMMIT
 PREPARED_MARK: Final = "resilient_db_mark_commit"
@@ -187,11 +187,17 @@ BEGIN
     RETURN 'committed';
 END
 $rdb$""",
+        # SECURITY DEFINER: its SKIP LOCKED row locks need UPDATE on the table, which the login
+        # role needs for nothing else; it checks that role's DELETE right itself (lends none)
         f"""CREATE OR REPLACE FUNCTION {s}.prune_commit_markers(batch integer) RETURNS integer
-LANGUAGE plpgsql AS $rdb$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $rdb$
 DECLARE
     pruned integer;
 BEGIN
+    IF NOT pg_catalog.has_table_privilege(session_user, '{s}.commit_markers', 'DELETE') THEN
+        RAISE EXCEPTION 'role % may not prune commit markers', session_user
+            USING ERRCODE = '42501';
+    END IF;
     DELETE FROM {s}.commit_markers WHERE id IN (
         SELECT id FROM {s}.commit_markers WHERE id < {prune_horizon}
         ORDER BY id LIMIT batch FOR UPDATE SKIP LOCKED);
@@ -572,6 +578,7 @@ class CommitProtocol:
         self.is_asyncpg = engine.dialect.driver == "asyncpg"
         self._warned = False
         self._clock_warned = False
+        self._prune_refused = False
         self._next_prune = time.monotonic() + PRUNE_INTERVAL
         self._prune_lock = threading.Lock()
         self.prepared_marker = PreparedMarker(self._warn_prepared_lost, self._note_refused)
@@ -832,6 +839,26 @@ class CommitProtocol:
                 return False
             self._next_prune = time.monotonic() + PRUNE_INTERVAL
             return True
+
+    def prune_refused(self) -> None:
+        """The server refused a prune (42501): say so once per engine, since the table then
+        grows for as long as the application runs."""
+        if self._prune_refused:
+            return
+        self._prune_refused = True
+        emit(
+            self._settings.config,
+            log_session,
+            logging.WARNING,
+            "Expired commit markers of database %s can't be pruned: the server refused "
+            "(SQLSTATE 42501), so resilient_db.commit_markers grows. The role the application "
+            "logs in as needs DELETE on it; a database installed by an earlier release needs "
+            "resilient_db.install_commit_markers() again (or the Alembic step "
+            "0005_commit_markers_prune_rights)",
+            self.engine.url.database,
+            service=self._settings.service,
+            event="commit_markers_prune_refused",
+        )
 
     def prune_left(self, count: int) -> None:
         """The claimed prune deleted ``count`` markers: a full batch may have left more behind,

@@ -118,8 +118,10 @@ def _prune_quietly(protocol: CommitProtocol) -> None:
             count = prune(conn)
         protocol.prune_left(count)
         log_session.debug("pruned %d expired commit markers", count)
-    except Exception:  # the unit is done; a failed prune is retried at the next interval
+    except Exception as exc:  # the unit is done; a failed prune is retried at the next interval
         log_session.debug("pruning commit markers failed", exc_info=True)
+        if sqlstate_of(exc) == "42501":
+            protocol.prune_refused()
     finally:
         current_attempt.reset(outside)
 

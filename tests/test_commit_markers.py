@@ -417,6 +417,60 @@ def test_prune_deletes_expired_markers_and_keeps_recent_ones(engine: sa.Engine) 
     assert markers(engine) == [(recent, False)]
 
 
+@pytest.fixture
+def app_login(engine: sa.Engine, pg_url: str) -> Iterator[tuple[str, str]]:
+    """(role, URL): a login role with only the grants the README lists for the application
+    (USAGE on the schema, SELECT, INSERT, DELETE on the markers; its own table's rights)."""
+    name = f"rdb_app_{uuid.uuid4().hex[:8]}"
+    password = uuid.uuid4().hex
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE ROLE {name} LOGIN PASSWORD '{password}'"))
+        conn.execute(sa.text(f"GRANT USAGE ON SCHEMA resilient_db TO {name}"))
+        conn.execute(
+            sa.text(f"GRANT SELECT, INSERT, DELETE ON resilient_db.commit_markers TO {name}")
+        )
+        conn.execute(sa.text(f"GRANT SELECT, UPDATE ON marker_counters TO {name}"))
+    url = sa.make_url(pg_url).set(username=name, password=password)
+    yield name, url.render_as_string(hide_password=False)
+    engine.dispose()
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"DROP OWNED BY {name}"))
+        conn.execute(sa.text(f"DROP ROLE {name}"))
+
+
+def test_the_application_role_prunes_with_the_documented_grants(
+    engine: sa.Engine,
+    app_login: tuple[str, str],
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The prune's SKIP LOCKED row locks need UPDATE on the table, which the documented grants
+    don't give: the function runs as its owner and checks the login role's DELETE right (before,
+    every prune of such a role failed, logged at DEBUG only, and the table grew). Without DELETE
+    it is refused, and said once per engine."""
+    role, url = app_login
+    _add_expired_markers(engine, 30)
+    app_engine = sa.create_engine(url)
+    try:
+        with app_engine.connect() as conn:
+            assert _commit.prune(conn) == 30
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"REVOKE DELETE ON resilient_db.commit_markers FROM {role}"))
+        _add_expired_markers(engine, 5)
+        Sessions = rdb.ResilientSession(app_engine, service=service)
+        protocol = Sessions._hooks.commit
+        caplog.set_level(logging.WARNING, logger="resilient_db")
+        for _ in range(2):
+            protocol._next_prune = 0.0
+            Sessions.run(_bump)
+    finally:
+        app_engine.dispose()
+    assert _expired_markers(engine) == 5
+    refused = [r for r in caplog.records if "can't be pruned" in r.getMessage()]
+    assert len(refused) == 1
+    assert "SQLSTATE 42501" in refused[0].getMessage()
+
+
 def _expired_markers(engine: sa.Engine) -> int:
     with engine.connect() as conn:
         horizon = _commit._HORIZON_SQL.format(at=f"now() - interval '{int(RETENTION)} seconds'")

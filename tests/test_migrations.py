@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -19,7 +20,7 @@ import resilient_db as rdb
 from resilient_db.demo import alembic_config, apply_migrations, downgrade_migrations
 from resilient_db.examples.tasks import Base, Task
 
-HEAD = "0004_commit_markers_read_only"
+HEAD = "0005_commit_markers_prune_rights"
 
 
 @pytest.fixture
@@ -210,6 +211,10 @@ def test_alembic_command_line_with_the_url_option(pg_url: str, engine: sa.Engine
         "Running upgrade 0003_transition_bypass_role -> 0004_commit_markers_read_only"
         in done.stderr
     )
+    assert (
+        "Running upgrade 0004_commit_markers_read_only -> 0005_commit_markers_prune_rights"
+        in done.stderr
+    )
     assert version(engine) == HEAD
 
 
@@ -222,3 +227,47 @@ def test_commit_markers_install_is_idempotent_next_to_the_migration(
         rdb.install_commit_markers(conn)
     assert marker_objects(engine) == MARKER_OBJECTS
     assert version(engine) == HEAD
+
+
+@pytest.mark.parametrize("what", ["markers", "trigger"])
+def test_installs_started_at_once_both_succeed(engine: sa.Engine, what: str) -> None:
+    """Two instances of an application installing at the same moment: the catalog's
+    ``CREATE SCHEMA IF NOT EXISTS`` and ``CREATE OR REPLACE FUNCTION`` fail one of two twins
+    (unique violation, "tuple concurrently updated"); an advisory lock makes them take turns."""
+    Base.metadata.create_all(engine)
+    rounds, failures = 3, []
+    for _ in range(rounds):
+        if what == "markers":
+            rdb.uninstall_commit_markers(engine)
+        else:
+            rdb.uninstall_transition_trigger(engine, Task)
+        start = threading.Barrier(2, timeout=30)
+
+        def install(start: threading.Barrier = start) -> None:
+            own = sa.create_engine(engine.url)
+            try:
+                with own.connect() as conn:
+                    conn.exec_driver_sql("SELECT 1")  # connected before the race starts
+                    conn.rollback()
+                    start.wait()
+                    with conn.begin():
+                        if what == "markers":
+                            rdb.install_commit_markers(conn)
+                        else:
+                            rdb.install_transition_trigger(conn, Task)
+            except Exception as exc:  # collected for the assertion below
+                failures.append(exc)
+            finally:
+                own.dispose()
+
+        threads = [threading.Thread(target=install) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+    assert failures == []
+    if what == "markers":
+        assert marker_objects(engine) == MARKER_OBJECTS
+    else:
+        with engine.connect() as conn:
+            assert rdb.trigger_drift(conn, Task) is None

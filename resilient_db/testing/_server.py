@@ -644,8 +644,8 @@ class EmbeddedPostgres(PostgresServer):
 
     ``initdb`` runs at the first :meth:`start` in a fresh temporary directory (under ``base_dir``
     if given); the server listens on 127.0.0.1 only, on ``port`` or (None or 0) a free port that
-    stays the same across restarts; unix sockets are disabled; user ``postgres`` logs in with a password of
-    its own (scram-sha-256, generated per server; the URLs it returns carry it).
+    stays the same across restarts; unix sockets are disabled; user ``postgres`` logs in with a
+    password of its own (scram-sha-256, generated per server; the URLs it returns carry it).
     ``settings`` add to or override :data:`DEFAULT_SETTINGS` (fsync and full_page_writes off,
     200 connections, 100 ms deadlock timeout, ...). The server log is ``data_dir / "server.log"``.
 

@@ -33,10 +33,18 @@ __all__ = [
 _TEXT_BIND = re.compile(r"(?<![:\w\\]):(\w+)(?!:)", re.UNICODE)
 
 
+# Installers running at once (two instances of an application starting together) collide in
+# the catalog (CREATE SCHEMA IF NOT EXISTS and CREATE OR REPLACE FUNCTION are not safe against a
+# concurrent twin): each takes this transaction-level advisory lock first, so they run one after
+# the other ("rdb_inst" in ASCII; released with the transaction).
+INSTALL_LOCK = "SELECT pg_catalog.pg_advisory_xact_lock(8242821379925111668)"
+
+
 def run_statements(target: Any, statements: list[str]) -> None:
-    """Send ``statements`` one at a time through ``target``: an Alembic ``op`` (offline mode:
-    emitted as SQL text, ``:name`` escaped), an Engine (in a transaction of its own), a Session
-    (its connection) or a Connection."""
+    """Send ``statements`` one at a time through ``target``, after :data:`INSTALL_LOCK`: an
+    Alembic ``op`` (offline mode: emitted as SQL text, ``:name`` escaped), an Engine (in a
+    transaction of its own), a Session (its connection) or a Connection."""
+    statements = [INSTALL_LOCK, *statements]
     migration_context = getattr(target, "migration_context", None)
     if migration_context is None and not isinstance(target, (Engine, Connection, Session)):
         get_context = getattr(target, "get_context", None)
