@@ -205,10 +205,24 @@ BEGIN
     RETURN pruned;
 END
 $rdb$""",
-        f"COMMENT ON TABLE {s}.commit_markers IS "
-        f"'resilient_db commit markers, version {MARKERS_VERSION}: proof that a unit of work "
-        f"committed, kept {int(RETENTION)} s'",
+        f"COMMENT ON TABLE {s}.commit_markers IS '{_MARKERS_COMMENT}'",
     ]
+
+
+_MARKERS_COMMENT: Final = (
+    f"resilient_db commit markers, version {MARKERS_VERSION}: proof that a unit of work "
+    f"committed, kept {int(RETENTION)} s"
+)
+# the install is current: this version's table (its comment says which) and the functions
+_MARKERS_CURRENT = text(
+    f"SELECT pg_catalog.obj_description("
+    f"pg_catalog.to_regclass('{SCHEMA}.commit_markers'), 'pg_class') = :comment"
+    f" AND pg_catalog.to_regprocedure('{SCHEMA}.mark_commit(uuid)') IS NOT NULL"
+    f" AND pg_catalog.to_regprocedure('{SCHEMA}.claim_commit(uuid, integer)') IS NOT NULL"
+    f" AND pg_catalog.to_regprocedure('{SCHEMA}.prune_commit_markers(integer)') IS NOT NULL"
+    # the first version's claim, which the install drops
+    f" AND pg_catalog.to_regprocedure('{SCHEMA}.claim_commit(uuid)') IS NULL"
+)
 
 
 def _uninstall_statements() -> list[str]:
@@ -232,8 +246,20 @@ def install_commit_markers(bind_or_op: Any) -> None:
     ``resilient_db`` with table ``commit_markers`` and three functions. Connections made after
     this use the markers; without them units still verify lost COMMIT answers, by transaction id,
     at one extra round trip per writing unit and with more "unknown" outcomes.
+
+    Given an Engine on which this version is installed already, it sends no DDL (an
+    application role may call it at startup without rights to create anything); to repair an
+    install by hand, pass a Connection or run the migration.
     """
+    from .transitions._install import installed_already  # noqa: PLC0415 (see below)
+
+    if installed_already(bind_or_op, _markers_current):
+        return
     _run_statements(bind_or_op, _install_statements())
+
+
+def _markers_current(conn: Connection) -> bool:
+    return bool(conn.execute(_MARKERS_CURRENT, {"comment": _MARKERS_COMMENT}).scalar())
 
 
 def _run_statements(bind_or_op: Any, statements: list[str]) -> None:

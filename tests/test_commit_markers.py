@@ -471,6 +471,30 @@ def test_the_application_role_prunes_with_the_documented_grants(
     assert "SQLSTATE 42501" in refused[0].getMessage()
 
 
+def test_the_application_role_may_call_the_install_once_it_is_current(
+    engine: sa.Engine, app_login: tuple[str, str]
+) -> None:
+    """The quickstart calls ``install_commit_markers(engine)`` at startup: as an application
+    role with only its grants, that failed even with everything installed (``CREATE SCHEMA IF
+    NOT EXISTS`` needs CREATE on the database). Current: no DDL is sent. Not current (a
+    function missing): the install runs, and only the owner can run it."""
+    _, url = app_login
+    app_engine = sa.create_engine(url)
+    try:
+        rdb.install_commit_markers(app_engine)  # current: nothing to do
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP FUNCTION resilient_db.prune_commit_markers(integer)")
+        with pytest.raises(sa.exc.ProgrammingError, match="permission denied"):
+            rdb.install_commit_markers(app_engine)
+    finally:
+        app_engine.dispose()
+    rdb.install_commit_markers(engine)  # the owner repairs it
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql(
+            "SELECT to_regprocedure('resilient_db.prune_commit_markers(integer)') IS NOT NULL"
+        ).scalar()
+
+
 def _expired_markers(engine: sa.Engine) -> int:
     with engine.connect() as conn:
         horizon = _commit._HORIZON_SQL.format(at=f"now() - interval '{int(RETENTION)} seconds'")

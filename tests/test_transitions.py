@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -2002,6 +2003,32 @@ def test_a_bypass_leaves_session_info_alone(engine: sa.Engine) -> None:
 # ------------------------------------------------------------------------------------------------
 # drift, install helpers
 # ------------------------------------------------------------------------------------------------
+
+
+def test_an_application_role_may_call_the_trigger_install_once_it_is_current(
+    engine: sa.Engine, pg_url: str
+) -> None:
+    """As for the commit markers: an install that would change nothing sends no DDL (a role
+    without CREATE on the schema failed with it); a trigger that drifted is installed again."""
+    name, password = f"rdb_app_{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"CREATE ROLE {name} LOGIN PASSWORD '{password}'")
+    app_url = sa.make_url(pg_url).set(username=name, password=password)
+    app_engine = sa.create_engine(app_url)
+    try:
+        install_transition_trigger(app_engine, Task)  # current: nothing to do
+        with engine.begin() as conn:
+            names = trigger_names(guards_of(Task)[0])
+            conn.exec_driver_sql(f"DROP TRIGGER {names.update_trigger} ON {names.table}")
+        with pytest.raises(sa.exc.ProgrammingError):
+            install_transition_trigger(app_engine, Task)  # drifted: the owner's job
+    finally:
+        app_engine.dispose()
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"DROP ROLE {name}")
+    install_transition_trigger(engine, Task)
+    with engine.connect() as conn:
+        assert trigger_drift(conn, Task) is None
 
 
 def test_drift_detection(engine: sa.Engine) -> None:

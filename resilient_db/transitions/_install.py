@@ -5,6 +5,7 @@ commit markers), install / uninstall, and drift detection against the declared r
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -74,6 +75,21 @@ def run_statements(target: Any, statements: list[str]) -> None:
     _send(target, statements)
 
 
+def installed_already(target: Any, check: Callable[[Connection], bool]) -> bool:
+    """Whether an install through ``target`` would change nothing (``check`` says so on a
+    connection of its own): then it sends no DDL, so an application role without rights on
+    the schema (``CREATE SCHEMA IF NOT EXISTS`` needs ``CREATE`` on the database even when the
+    schema exists) may call it at startup, as the quickstart does. Asked of an Engine only: a
+    failed look on a caller's connection would abort the caller's transaction."""
+    if not isinstance(target, Engine) or target.dialect.name != "postgresql":
+        return False
+    try:
+        with target.connect() as conn:
+            return check(conn)
+    except sa.exc.DBAPIError:  # can't look (no USAGE on the schema, say): install
+        return False
+
+
 def _send(connection: Connection, statements: list[str]) -> None:
     for stmt in statements:
         connection.exec_driver_sql(stmt, execution_options={"no_parameters": True})
@@ -99,6 +115,8 @@ def install_transition_trigger(bind_or_op: Any, model: type[Any]) -> None:
     of an older release (whose bypass any role could switch on).
     """
     guards = trigger_guards(model)
+    if installed_already(bind_or_op, lambda conn: _trigger_current(conn, model)):
+        return
     statements = [bypass_role_statement(), *(s for g in guards for s in install_statements(g))]
     run_statements(bind_or_op, statements)
     conn = _live_connection(bind_or_op)
@@ -114,6 +132,13 @@ def install_transition_trigger(bind_or_op: Any, model: type[Any]) -> None:
 
 
 _ROLE_QUERY = sa.text("SELECT pg_catalog.to_regrole(:role) IS NOT NULL")
+
+
+def _trigger_current(conn: Connection, model: type[Any]) -> bool:
+    """Installed as declared (no drift), and the bypass role exists."""
+    return trigger_drift(conn, model) is None and bool(
+        conn.execute(_ROLE_QUERY, {"role": BYPASS_ROLE}).scalar()
+    )
 
 
 def _live_connection(target: Any) -> Connection | None:
