@@ -109,30 +109,19 @@ def error_chain(exc: BaseException) -> Iterator[BaseException]:
 _DRIVER_MODULES = ("asyncpg", "psycopg", "sqlalchemy")
 
 
-def _raised_by_driver(err: BaseException) -> bool:
-    """Whether ``err`` was raised inside the database driver or SQLAlchemy (its traceback
-    passes through their code), rather than by the application's own code."""
+def _passed_through(err: BaseException, modules: tuple[str, ...]) -> bool:
+    """Whether ``err``'s traceback passes through code of ``modules`` (name prefixes)."""
     tb = err.__traceback__
     while tb is not None:
         module = tb.tb_frame.f_globals.get("__name__", "")
-        if isinstance(module, str) and module.startswith(_DRIVER_MODULES):
+        if isinstance(module, str) and module.startswith(modules):
             return True
         tb = tb.tb_next
     return False
 
 
+# the driver's connect and the pool's: a TimeoutError there is a connect timing out
 _CONNECTING_MODULES = ("asyncpg.connect_utils", "sqlalchemy.pool")
-
-
-def _raised_while_connecting(err: BaseException) -> bool:
-    """Whether ``err`` passed through the driver's connect or the pool's (its traceback)."""
-    tb = err.__traceback__
-    while tb is not None:
-        module = tb.tb_frame.f_globals.get("__name__", "")
-        if isinstance(module, str) and module.startswith(_CONNECTING_MODULES):
-            return True
-        tb = tb.tb_next
-    return False
 
 
 def _driver_disconnect(exc: BaseException) -> bool:
@@ -147,9 +136,9 @@ def _driver_disconnect(exc: BaseException) -> bool:
             # while connecting: raised by a statement, it is asyncpg's ``command_timeout`` (the
             # query ran too long; asyncpg cancels it and the connection stays usable), which is
             # psycopg's ``statement_timeout`` (57014, not transient) on the client side.
-            if isinstance(err, TimeoutError) and not _raised_while_connecting(err):
+            if isinstance(err, TimeoutError) and not _passed_through(err, _CONNECTING_MODULES):
                 continue
-            if _raised_by_driver(err):
+            if _passed_through(err, _DRIVER_MODULES):
                 return True
             continue
         # psycopg: OperationalError with no SQLSTATE is raised for refused connects and

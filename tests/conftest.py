@@ -10,6 +10,7 @@ runs its tests on both async drivers: see ``scenarios.ASYNC_DRIVERS``).
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -32,6 +33,15 @@ def _fresh_self_healing_state() -> Iterator[None]:
 
 
 _services = itertools.count()
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No SELF_HEALING_* variables from the machine running the tests."""
+    for name in list(os.environ):
+        if name.startswith("SELF_HEALING_"):
+            monkeypatch.delenv(name)
+    return monkeypatch
 
 
 @pytest.fixture

@@ -22,17 +22,6 @@ from resilient_db._metrics import HealthCollector, serve
 from resilient_db.examples.tasks import TASK_RULES, Base, Task, create_task, move_task
 
 
-@pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    """No SELF_HEALING_* variables from the machine running the tests."""
-    import os  # noqa: PLC0415
-
-    for name in list(os.environ):
-        if name.startswith("SELF_HEALING_"):
-            monkeypatch.delenv(name)
-    return monkeypatch
-
-
 # -- check-config -------------------------------------------------------------------------------
 def test_check_config_with_the_defaults_is_valid(
     clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]

@@ -47,17 +47,6 @@ def _shapes() -> Iterator[tuple[str, str]]:
 SHAPES = dict(_shapes())
 
 
-@pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    """No SELF_HEALING_* variables from the machine running the tests."""
-    import os  # noqa: PLC0415
-
-    for name in list(os.environ):
-        if name.startswith("SELF_HEALING_"):
-            monkeypatch.delenv(name)
-    return monkeypatch
-
-
 def _wait(predicate: Any, what: str) -> None:
     for _ in range(2000):
         if predicate():
