@@ -537,7 +537,7 @@ class AttemptRecord:
         entry = (transaction, connection, marked)
         if self.began is None:
             self.began = [entry]
-        elif entry not in self.began:  # (a listener heard twice must not make it two)
+        else:
             self.began.append(entry)
 
     def autocommit(self, context: Any) -> None:

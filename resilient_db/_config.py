@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import os
 import re
@@ -98,6 +99,9 @@ def redis_url_problem(url: str, *, unset: str) -> str | None:
     return f"{shown!r} is invalid: {why}"
 
 
+# cached: a URL is judged by ``load_config`` and again by the Config it builds (and by each
+# ``replace``), and judging it builds the redis client's pool and connection objects
+@functools.lru_cache(maxsize=32)
 def check_redis_url(url: str) -> str | None:
     """Why ``url`` is not a Redis URL the client accepts, or None (no connection is made).
 

@@ -244,7 +244,7 @@ class Policy:
                 return True
             if self.clock() - started + rs.upcoming_sleep > deadline:
                 return True
-            if breaker is not None and not breaker.fast_closed():
+            if breaker is not None:
                 remaining = breaker.open_for()
                 if remaining > rs.upcoming_sleep:
                     refused.append(remaining)
@@ -302,10 +302,10 @@ class Policy:
 
     def _gave_up(
         self, exc: BaseException, retries: int, spent: list[RetryBudget], refused: list[float]
-    ) -> BaseException:
-        """Count and report a unit that ran out of retries; returns what to raise: ``exc``, or
-        :class:`CircuitOpenError` (caused by ``exc``) when the breaker its failures opened
-        ended the loop."""
+    ) -> None:
+        """Count and report a unit that ran out of retries (called while ``exc`` is handled:
+        the caller re-raises it), raising :class:`CircuitOpenError` (caused by ``exc``) instead
+        when the breaker its failures opened ended the loop."""
         outcome = self.classifier.classify(exc)
         if outcome in _RETRYABLE and not partly_committed(exc):  # that one said so already
             self.stats.add("gave_up")
@@ -334,8 +334,7 @@ class Policy:
                 sqlstate=sqlstate_label(exc),
             )
         if refused:
-            return CircuitOpenError(self.service, refused[0])
-        return exc
+            raise CircuitOpenError(self.service, refused[0]) from exc
 
     def _recovered(self) -> None:
         self.stats.add("recovered")
@@ -398,10 +397,8 @@ class Policy:
             result = retrying(one)
         except BaseException as exc:
             retries = retrying.statistics.get("attempt_number", 1) - 1
-            raised = self._gave_up(exc, retries, spent, refused)
-            if raised is exc:
-                raise
-            raise raised from exc
+            self._gave_up(exc, retries, spent, refused)
+            raise
         self._recovered()
         return result
 
@@ -453,9 +450,7 @@ class Policy:
             result: T = await retrying(one)
         except BaseException as exc:
             retries = retrying.statistics.get("attempt_number", 1) - 1
-            raised = self._gave_up(exc, retries, spent, refused)
-            if raised is exc:
-                raise
-            raise raised from exc
+            self._gave_up(exc, retries, spent, refused)
+            raise
         self._recovered()
         return result

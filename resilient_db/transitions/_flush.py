@@ -376,10 +376,10 @@ def _prepare_compare_and_set(
     # the flush gets its connection with get_bind(mapper=base_mapper): the same one
     bases = {change.mapper.base_mapper for change in changes}
     by_conn: dict[Connection, list[Change]] = {}
+    conn_of: dict[Mapper[Any], Connection] = {}
     if len(bases) == 1 and not touched:  # the common case, without a lookup per row
         by_conn[_flush_connection(session, bases.pop(), began)] = changes
     else:
-        conn_of: dict[Mapper[Any], Connection] = {}
         for change in changes:
             base = change.mapper.base_mapper
             conn = conn_of.get(base)
@@ -388,7 +388,10 @@ def _prepare_compare_and_set(
             by_conn.setdefault(conn, []).append(change)
     watched: dict[Connection, set[Mapper[Any]]] = {}
     for mapper in touched:
-        conn = _flush_connection(session, mapper.base_mapper, began)
+        base = mapper.base_mapper
+        conn = conn_of.get(base)
+        if conn is None:
+            conn = conn_of[base] = _flush_connection(session, base, began)
         watched.setdefault(conn, set()).add(mapper)
         by_conn.setdefault(conn, [])
     errors: list[IllegalTransitionError] = []
@@ -577,29 +580,30 @@ def _compare_and_set(
         column = guards[0].column
         expected = [r for r in map(table_rows.get, identities) if r is not None and column in r]
         complete = len(expected) == len(identities)
-        if complete:  # what is written must be what before_flush judged (a mapper's
-            # before_update listener may have set another state since)
-            # (a list comparison: identity first, then ==; per row in C but for one line)
-            written = list(map(operator.itemgetter(column.key), rows))
-            complete = [r[column].change.new for r in expected] == written
+        # what is written must be what before_flush judged (a mapper's before_update listener
+        # may have set another state since): a list comparison, identity first, then ==; per
+        # row in C but for one line
+        as_judged = complete and [r[column].change.new for r in expected] == list(
+            map(operator.itemgetter(column.key), rows)
+        )
     else:
         expected = [
             r
             for r in map(table_rows.get, identities)
             if r is not None and all(g.column in r for g in guards)
         ]
-        complete = len(expected) == len(identities) and all(
+        complete = len(expected) == len(identities)
+        as_judged = complete and all(
             r[g.column].change.new == row[g.column.key]
             for r, row in zip(expected, rows, strict=True)
             for g in guards
         )
-    if not complete and _check_written(
+    if not as_judged and _check_written(
         conn, checks, table_rows, guards=guards, sent=(identities, rows)
     ):
         return False  # every row was checked under lock: the UPDATE goes as it is
     if not expected:
         return False
-    complete = len(expected) == len(identities)
     dialect = context.dialect
     form = None
     if complete:
