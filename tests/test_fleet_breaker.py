@@ -242,12 +242,13 @@ def test_breakers_of_another_redis_database_are_other_breakers(
     same service name on /1 (its keys are another breaker), one on /1 must."""
     engine = sa.create_engine(pg_url)
     url_1 = redis_server.url.rsplit("/", 1)[0] + "/1"
-    Session = rdb.ResilientSession(
-        engine, service="orders", config=rdb.Config(redis_url=url_1, failure_threshold=1)
-    )
+    config_1 = rdb.Config(redis_url=url_1, failure_threshold=1)
+    Session = rdb.ResilientSession(engine, service="orders", config=config_1)
+    Sentinel = rdb.ResilientSession(engine, service="sentinel", config=config_1)
     _wait(lambda: _shared("orders")["connected"], "the link")
-    breaker = Session.policy.breaker
+    breaker, sentinel = Session.policy.breaker, Sentinel.policy.breaker
     assert breaker is not None
+    assert sentinel is not None
     others = [
         FleetLink(rdb.Config(redis_url=url, failure_threshold=1))
         for url in (redis_server.url, url_1)
@@ -256,7 +257,10 @@ def test_breakers_of_another_redis_database_are_other_breakers(
         for link in others:
             _wait(lambda link=link: link.up, "the other link")  # type: ignore[misc]
         others[0].breaker_failure("orders", 1, 30.0)  # opens /0's "orders"
-        time.sleep(0.2)  # a message on /0's channel would have arrived by now
+        # then /1's "sentinel": one subscription delivers messages in the order they were
+        # published, so once the sentinel's opening is here, /0's would have been too
+        others[1].breaker_failure("sentinel", 1, 30.0)
+        _wait(lambda: sentinel.state == "open", "the sentinel's opening on /1")
         assert breaker.state == "closed"
         others[1].breaker_failure("orders", 1, 30.0)  # opens /1's "orders"
         _wait(lambda: breaker.state == "open", "the opening on /1")
