@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -357,6 +358,95 @@ def test_a_granted_role_bypasses_for_its_transaction_only(
     assert [_status(admin, i) for i in range(1, 4)] == ["open", "closed", "closed"]
     assert transition_stats()["bypasses"] == bypasses + 2
     assert len([r for r in log.records if "guard bypassed" in r.getMessage()]) == 2
+
+
+@dataclass(frozen=True)
+class Notice:
+    severity: str | None
+    message: str | None
+    detail: str | None
+
+
+def _server_log_lines(conn: sa.Connection) -> list[Notice]:
+    """Have the server send this connection its LOG messages too (``client_min_messages``), and
+    collect them: what the server writes to its log, seen by the client. (A notice's fields are
+    read in the handler: psycopg frees them after it.)"""
+    seen: list[Notice] = []
+    conn.exec_driver_sql("SET client_min_messages = log")
+    driver = conn.connection.dbapi_connection
+    assert isinstance(driver, psycopg.Connection)
+    driver.add_notice_handler(
+        lambda d: seen.append(Notice(d.severity_nonlocalized, d.message_primary, d.message_detail))
+    )
+    return seen
+
+
+def _bypass_lines(seen: list[Notice]) -> list[Notice]:
+    return [n for n in seen if "transition guard bypassed" in (n.message or "")]
+
+
+def test_every_bypassed_move_is_written_to_the_server_log(
+    pg_server: PostgresServer, admin: sa.Engine, make_role: Callable[..., Role]
+) -> None:
+    """The audit on the database side: one LOG line per move the trigger lets through, naming
+    the row, the move, both roles and the reason, also for a value set by hand (no Python log
+    line there), and nothing for a legal move."""
+    role = make_role("GRANT resilient_db_bypass TO {role}")
+    engine = sa.create_engine(role.url)
+    reason = f"ticket {uuid.uuid4().hex[:8]}: reopen"
+    try:
+        with engine.connect() as conn:
+            seen = _server_log_lines(conn)
+            rdb.bypass_transitions(conn, reason=reason)
+            xid = conn.exec_driver_sql("SELECT pg_current_xact_id()::text").scalar()
+            conn.exec_driver_sql(reopen(1))
+            conn.exec_driver_sql("UPDATE bp_tickets SET status = 'closed' WHERE id = 1")  # legal
+            conn.commit()
+            by_function = _bypass_lines(seen)
+            # set by hand in SQL by a granted role, past bypass_transitions(): logged all the same
+            conn.exec_driver_sql(OWN_XID.format("true"))
+            conn.exec_driver_sql("UPDATE bp_tickets SET status = 'open' WHERE id IN (2, 3)")
+            conn.commit()
+            by_hand = _bypass_lines(seen)[len(by_function) :]
+    finally:
+        engine.dispose()
+    assert [n.severity for n in by_function] == ["LOG"]
+    (line,) = by_function
+    assert line.message == (
+        f"resilient_db: status transition guard bypassed: bp_tickets.status "
+        f"{{\"id\" : 1}} 'closed' -> 'open' by role {role.name} (logged in as {role.name}), "
+        f"reason: '{reason}'"
+    )
+    assert json.loads(line.detail or "") == {
+        "resilient_db": "transition_bypassed",
+        "model": "Ticket",
+        "schema": "public",
+        "table": "bp_tickets",
+        "column": "status",
+        "op": "UPDATE",
+        "from": "closed",
+        "to": "open",
+        "pk": {"id": 1},
+        "role": role.name,
+        "login_role": role.name,
+        "xid": xid,
+        "reason": reason,
+    }
+    assert len(by_hand) == 2
+    assert all(
+        (n.message or "").endswith(
+            "reason: none given (the bypass was not asked for through bypass_transitions())"
+        )
+        for n in by_hand
+    )
+    assert sorted(json.loads(n.detail or "")["pk"]["id"] for n in by_hand) == [2, 3]
+    log_path = getattr(pg_server, "log_path", None)
+    if isinstance(log_path, Path):  # an embedded server: its log file has the line itself
+        deadline = time.monotonic() + 10
+        while reason not in log_path.read_text(errors="replace"):
+            assert time.monotonic() < deadline, f"no bypass line in {log_path}"
+            time.sleep(0.05)
+    assert [_status(admin, i) for i in (1, 2, 3)] == ["closed", "open", "open"]
 
 
 def test_membership_without_the_roles_privileges_is_not_enough(

@@ -20,7 +20,7 @@ import resilient_db as rdb
 from resilient_db.demo import alembic_config, apply_migrations, downgrade_migrations
 from resilient_db.examples.tasks import Base, Task
 
-HEAD = "0005_commit_markers_prune_rights"
+HEAD = "0006_transition_bypass_audit"
 
 
 @pytest.fixture
@@ -167,6 +167,37 @@ def test_upgrading_replaces_an_earlier_releases_mark_commit(pg_url: str, engine:
     assert "transaction_read_only" in source
 
 
+def test_upgrading_replaces_a_trigger_that_does_not_log_bypasses(
+    pg_url: str, engine: sa.Engine
+) -> None:
+    """A database migrated to 0005 by an earlier release has a trigger of generator version 2,
+    which lets a bypass through without a line in the server log: 0006 installs the current one."""
+    apply_migrations(pg_url, revision="0005_commit_markers_prune_rights")
+    source = sa.text(
+        "SELECT prosrc, obj_description(oid, 'pg_proc') FROM pg_proc "
+        "WHERE proname LIKE 'rdb_transition_%'"
+    )
+    with engine.begin() as conn:
+        ((body, stamp),) = conn.execute(source).all()
+        older = stamp.replace(" v3 ", " v2 ")
+        assert older != stamp
+        # stamped as version 2 left it (the drift check and the install read the stamp)
+        function = conn.execute(
+            sa.text(
+                "SELECT oid::regprocedure::text FROM pg_proc WHERE proname LIKE 'rdb_transition_%'"
+            )
+        ).scalar_one()
+        conn.execute(sa.text(f"COMMENT ON FUNCTION {function} IS '{older}'"))
+        drift = rdb.trigger_drift(conn, Task) or ""
+    assert "generator v2; bypassed moves are not written to the server log" in drift
+    assert "RAISE LOG" in body
+    apply_migrations(pg_url)
+    assert version(engine) == HEAD
+    with engine.connect() as conn:
+        assert rdb.trigger_drift(conn, Task) is None
+        assert conn.execute(source).one() == (body, stamp)
+
+
 def test_trigger_drift_notices_a_dropped_trigger_after_migration(
     pg_url: str, engine: sa.Engine
 ) -> None:
@@ -213,6 +244,10 @@ def test_alembic_command_line_with_the_url_option(pg_url: str, engine: sa.Engine
     )
     assert (
         "Running upgrade 0004_commit_markers_read_only -> 0005_commit_markers_prune_rights"
+        in done.stderr
+    )
+    assert (
+        "Running upgrade 0005_commit_markers_prune_rights -> 0006_transition_bypass_audit"
         in done.stderr
     )
     assert version(engine) == HEAD

@@ -1939,8 +1939,10 @@ def test_bypass_only_inside_its_transaction_and_logged(
     assert _db_status(engine, task_id) == "failed"
     bypasses = [r for r in log.records if "bypassed" in r.getMessage()]
     assert len(bypasses) == 2
+    xid = bypasses[0].self_heal["xid"]
+    assert xid.isdigit()
     assert bypasses[0].getMessage() == (
-        "[SELF-HEAL] transition guard bypassed for the current transaction: "
+        f"[SELF-HEAL] transition guard bypassed for the current transaction (xid {xid}): "
         "reason=ticket OPS-42: reopen after data fix"
     )
     assert bypasses[0].self_heal["reason"] == "ticket OPS-42: reopen after data fix"

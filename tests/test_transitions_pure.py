@@ -433,6 +433,7 @@ DECLARE
     v_to text := NEW."state"::text;
     v_pk json;
     v_bypass text;
+    v_reason text;
     v_role oid;
 BEGIN
     IF TG_OP = 'INSERT' THEN
@@ -457,6 +458,26 @@ false)) THEN
         v_role := to_regrole('resilient_db_bypass');
         IF pg_catalog.pg_has_role(current_user, v_role, 'USAGE') AND \
 pg_catalog.pg_has_role(session_user, v_role, 'MEMBER') THEN
+            -- the audit, on the server: every move let through, whoever set the value
+            v_reason := current_setting('resilient_db.bypass_reason', true);
+            RAISE LOG USING
+                MESSAGE = format('resilient_db: status transition guard bypassed: %s.%s %s '
+                                 '%s -> %s by role %s (logged in as %s), reason: %s',
+                    TG_TABLE_NAME, 'state', v_pk,
+                    CASE WHEN TG_OP = 'INSERT' THEN '(new row)'
+                         ELSE coalesce(quote_literal(v_from), 'NULL') END,
+                    coalesce(quote_literal(v_to), 'NULL'),
+                    quote_ident(current_user), quote_ident(session_user),
+                    CASE WHEN coalesce(v_reason, '') = ''
+                         THEN 'none given (the bypass was not asked for through \
+bypass_transitions())'
+                         ELSE quote_literal(v_reason) END),
+                DETAIL = json_build_object(
+                    'resilient_db', 'transition_bypassed', 'model', 'Job',
+                    'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME, 'column', 'state',
+                    'op', TG_OP, 'from', v_from, 'to', v_to, 'pk', v_pk,
+                    'role', current_user, 'login_role', session_user,
+                    'xid', v_bypass, 'reason', nullif(v_reason, ''))::text;
             RETURN NEW;
         END IF;
         RAISE EXCEPTION USING
@@ -488,7 +509,7 @@ END
 $rdb$;
 
 COMMENT ON FUNCTION "rdb_transition_jobs_state_b53b700df013"() IS 'resilient_db transition \
-guard v2 rules-sha256=fc2c52a2f75a01c39f195514e7fec7605bfda39dabd8230f05353d3c6d342923';
+guard v3 rules-sha256=3a18cbe4e0a87a0ab0b97a3d48d9a95817b4923e17d4073deea849c30fbf26f8';
 
 DROP TRIGGER IF EXISTS "rdb_transition_state_ins" ON "jobs";
 
@@ -506,7 +527,8 @@ DECLARE
     v_old regprocedure := pg_catalog.to_regprocedure('"rdb_transition_jobs_state"()');
 BEGIN
     IF v_old IS NOT NULL
-        AND pg_catalog.obj_description(v_old, 'pg_proc') LIKE 'resilient_db transition guard %'
+        AND pg_catalog.obj_description(v_old, 'pg_proc') LIKE 'resilient_db transition guard \
+%'
         AND NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgfoid = v_old) THEN
         DROP FUNCTION "rdb_transition_jobs_state"();
     END IF;
@@ -583,7 +605,7 @@ def test_the_stamp_follows_the_database_rules_only(mapped: Mapper) -> None:
     (base,) = guards_of(_jobs(mapped))
     (same,) = guards_of(_jobs(mapped))  # another registry, the same rules
     assert rules_stamp(base) == rules_stamp(same)
-    assert rules_stamp(base).startswith("resilient_db transition guard v2 rules-sha256=")
+    assert rules_stamp(base).startswith("resilient_db transition guard v3 rules-sha256=")
     more = _rules({"new": {"run", "done"}, "run": {"done", "new"}}, {"new"}, "state")
     (changed,) = guards_of(mapped(more, column="state", table="jobs", name="Job"))
     (other_table,) = guards_of(_jobs(mapped, table="jobs_2"))

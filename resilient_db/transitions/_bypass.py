@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
@@ -23,6 +24,8 @@ from ._report import count, env_config, logger
 from ._sql import BYPASS_ROLE, BYPASS_STATEMENT
 
 __all__ = ["GUARD_INFO_KEY", "active_config", "bypass_transitions", "bypass_transitions_async"]
+
+_BYPASS = sa.text(BYPASS_STATEMENT)
 
 #: ``session.info`` key holding the :class:`Config` that switches the session guards on.
 GUARD_INFO_KEY = "resilient_db.config"
@@ -94,7 +97,7 @@ def bypass_transitions(target: Session | Connection, *, reason: str) -> None:
             "bypass_transitions() needs a transaction; this connection is in AUTOCOMMIT mode, "
             "where SET LOCAL would have no effect (nothing was bypassed or logged)"
         )
-    row = conn.exec_driver_sql(BYPASS_STATEMENT, execution_options={"no_parameters": True}).one()
+    row = conn.execute(_BYPASS, {"reason": reason}).one()
     config = config_of(target) if isinstance(target, Session) else None
     config = config if config is not None else env_config()
     if row.bound is None:
@@ -106,9 +109,11 @@ def bypass_transitions(target: Session | Connection, *, reason: str) -> None:
         config,
         logger,
         logging.WARNING,
-        "transition guard bypassed for the current transaction: reason=%s",
+        "transition guard bypassed for the current transaction (xid %s): reason=%s",
+        row.xid,
         reason,
         event="transition_guard_bypassed",
+        xid=row.xid,
         reason=reason,
     )
 

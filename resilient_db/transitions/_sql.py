@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 from ._rules import Guard, Key, TransitionRulesError, guards_of, sort_key, trigger_guards
 
 __all__ = [
+    "BYPASS_REASON_SETTING",
     "BYPASS_ROLE",
     "BYPASS_SETTING",
     "BYPASS_STATEMENT",
@@ -38,10 +39,15 @@ TRANSITION_SQLSTATE = "RDB01"
 #: current transaction (its id, ``pg_current_xact_id()``) asks; any other value (``on``, a
 #: session-level leftover, a connect option) is ignored.
 BYPASS_SETTING = "resilient_db.bypass_transitions"
+#: The transaction-local setting holding the reason given to
+#: :func:`~resilient_db.bypass_transitions`, which the trigger writes into the server log with
+#: every move it lets through by a bypass.
+BYPASS_REASON_SETTING = "resilient_db.bypass_reason"
 #: The role whose members may bypass the trigger (NOLOGIN; created by the trigger's install).
 BYPASS_ROLE = "resilient_db_bypass"
 
-_GENERATOR_VERSION = 2
+# v2: the bypass only for members of BYPASS_ROLE; v3: each bypassed move in the server log
+_GENERATOR_VERSION = 3
 _STAMP_PREFIX = "resilient_db transition guard"
 _PG_NAME_MAX = 63  # NAMEDATALEN - 1, in bytes
 
@@ -87,10 +93,15 @@ _MAY_BYPASS = (
 )
 
 #: What :func:`~resilient_db.bypass_transitions` sends: one round trip that binds the bypass to
-#: the current transaction (its id) when the roles may bypass, and says who asked.
+#: the current transaction (its id) when the roles may bypass, with its reason (the bind
+#: parameter ``reason``, for the trigger's log lines), and says who asked.
 BYPASS_STATEMENT = f"""\
 SELECT r.oid IS NOT NULL AS role_exists,
        current_user::text AS acting_role, session_user::text AS login_role,
+       pg_catalog.pg_current_xact_id()::text AS xid,
+       CASE WHEN {_MAY_BYPASS.format(role="r.oid")}
+            THEN pg_catalog.set_config({literal(BYPASS_REASON_SETTING)}, :reason, true) END
+           AS reason,
        CASE WHEN {_MAY_BYPASS.format(role="r.oid")}
             THEN pg_catalog.set_config({literal(BYPASS_SETTING)},
                 pg_catalog.pg_current_xact_id()::text, true) END AS bound
@@ -191,6 +202,8 @@ def rules_stamp(guard: Guard) -> str:
     return f"{_STAMP_PREFIX} v{_GENERATOR_VERSION} rules-sha256={digest}"
 
 
+_NO_REASON = "none given (the bypass was not asked for through bypass_transitions())"
+
 _BYPASS_HINT = (
     f"A database administrator grants the bypass with GRANT {BYPASS_ROLE} TO <role> "
     f"(CREATE ROLE {BYPASS_ROLE} NOLOGIN first if it does not exist); "
@@ -241,6 +254,7 @@ DECLARE
     v_to text := NEW.{col}::text;
     v_pk json;
     v_bypass text;
+    v_reason text;
     v_role oid;
 BEGIN
     IF TG_OP = 'INSERT' THEN
@@ -262,6 +276,25 @@ BEGIN
     IF v_bypass <> '' AND v_bypass = pg_current_xact_id()::text THEN
         v_role := to_regrole({literal(BYPASS_ROLE)});
         IF {_MAY_BYPASS.format(role="v_role")} THEN
+            -- the audit, on the server: every move let through, whoever set the value
+            v_reason := current_setting({literal(BYPASS_REASON_SETTING)}, true);
+            RAISE LOG USING
+                MESSAGE = format('resilient_db: status transition guard bypassed: %s.%s %s '
+                                 '%s -> %s by role %s (logged in as %s), reason: %s',
+                    TG_TABLE_NAME, {col_lit}, v_pk,
+                    CASE WHEN TG_OP = 'INSERT' THEN '(new row)'
+                         ELSE coalesce(quote_literal(v_from), 'NULL') END,
+                    coalesce(quote_literal(v_to), 'NULL'),
+                    quote_ident(current_user), quote_ident(session_user),
+                    CASE WHEN coalesce(v_reason, '') = ''
+                         THEN {literal(_NO_REASON)}
+                         ELSE quote_literal(v_reason) END),
+                DETAIL = json_build_object(
+                    'resilient_db', 'transition_bypassed', 'model', {literal(guard.model)},
+                    'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME, 'column', {col_lit},
+                    'op', TG_OP, 'from', v_from, 'to', v_to, 'pk', v_pk,
+                    'role', current_user, 'login_role', session_user,
+                    'xid', v_bypass, 'reason', nullif(v_reason, ''))::text;
             RETURN NEW;
         END IF;
         RAISE EXCEPTION USING
