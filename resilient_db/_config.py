@@ -517,12 +517,29 @@ def env_config() -> Config:
 def reload_config(environ: Mapping[str, str] | None = None) -> Config:
     """Re-read the environment and apply it to every factory created without ``config=``.
 
+    Then every circuit breaker and retry budget shared through Redis follows what a live user
+    of it asks for (a factory, ``with_self_healing``): one that no live user shares any more
+    (its factories are gone, or the reload switched it off) leaves its Redis and runs on this
+    process's own state until a factory of its service asks again, and a link to a Redis
+    nothing is attached to any more is closed.
+
     Nothing changes if the environment is invalid: the :class:`ConfigError` is raised first.
     """
+    # local imports: these modules import this one
+    from ._fleet import follow_users  # noqa: PLC0415
+    from ._registry import live_policies  # noqa: PLC0415
+
     config = load_config(environ)
     with STATE.lock:
-        STATE.env_config = config
+        old, STATE.env_config = STATE.env_config, config
         users = list(STATE.default_config_users)
+        if old is not None and old != config:
+            # with_self_healing's policies made for the environment's previous configuration
+            # are not used again (it asks for the new one): they would keep its Redis in use
+            stale = STATE.wrapper_policies
+            for key in [key for key, policy in stale.items() if policy.config == old]:
+                del stale[key]
     for user in users:
         user._apply_config(config)
+    follow_users(live_policies())
     return config

@@ -46,10 +46,14 @@ and its own thread, and starts on its local state until it has synced with Redis
 A link lives while a breaker or a budget is attached to it: one that ``reload_config()`` (or a
 factory's new settings) moved to another Redis, or off Redis, detaches, and the last one to go
 closes the link, so nothing keeps talking to (and warning about) a Redis no longer configured.
-A new ``SELF_HEALING_REDIS_TIMEOUT`` restarts the link's client and thread: every socket of a
-client has the timeout it was made with. A URL the client refuses when the link builds it (the
-configuration checks the same parse, so only a URL that got past it) leaves the link down for
-good, with one warning: the breakers and budgets run on this process's own state.
+Breakers and budgets live per service, process-wide, and only a factory re-applies its
+configuration to them: after a reload, :func:`follow_users` takes every one no live user
+shares through its Redis any more (its factories are gone, or the reload switched it off) off
+the link, whatever other factories exist. A new ``SELF_HEALING_REDIS_TIMEOUT`` restarts the
+link's client and thread: every socket of a client has the timeout it was made with. A URL the
+client refuses when the link builds it (the configuration checks the same parse, so only a URL
+that got past it) leaves the link down for good, with one warning: the breakers and budgets
+run on this process's own state.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from ._config import Config, client_problem, mask_url
@@ -71,7 +75,7 @@ from ._errors import ConfigError
 from ._observability import emit, log_breaker
 from ._state import STATE
 
-__all__ = ["FleetDown", "FleetLink", "attach", "detach", "links"]
+__all__ = ["FleetDown", "FleetLink", "attach", "detach", "follow_users", "links"]
 
 PREFIX = "resilient_db"
 #: the pub/sub channel every breaker state change is published on, per Redis database number:
@@ -719,6 +723,35 @@ def detach(
             del STATE.fleet_links[link.url]
     if unused:
         link.close()  # outside STATE.lock: it waits for the thread to stop
+
+
+def follow_users(policies: Iterable[Any]) -> None:
+    """Keep on its link only a breaker or budget a live user shares through that Redis.
+
+    ``policies`` are the live users' policies (their ``breaker`` is None while switched off,
+    their ``budget`` None without one). A breaker or budget attached to a link whose URL none
+    of its users asks for takes one user's configuration (as a factory re-applying it would);
+    one that no user has any more (every factory of its service is gone, or the reload
+    switched it off in each) leaves Redis for this process's own state, its configuration
+    without the URL, so that a factory of its service made later attaches it again. A link
+    left with nothing attached is closed (:func:`detach`). Called by ``reload_config()``.
+    """
+    wanted: dict[int, list[Config]] = {}
+    for policy in policies:
+        for owner in (policy.breaker, policy.budget):
+            if owner is not None:
+                wanted.setdefault(id(owner), []).append(policy.config)
+    with STATE.lock:
+        attached = [
+            (link.url, owner)
+            for link in STATE.fleet_links.values()
+            for owner in (*link.breakers.values(), *link.budgets.values())
+        ]
+    for url, owner in attached:
+        configs = wanted.get(id(owner), [])
+        if any(config.redis_url == url for config in configs):
+            continue
+        owner.apply_config(configs[-1] if configs else owner.config.replace(redis_url=None))
 
 
 def links() -> dict[str, FleetLink]:

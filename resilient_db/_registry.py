@@ -26,7 +26,14 @@ from sqlalchemy.orm import Session
 from ._config import Config
 from ._state import STATE
 
-__all__ = ["config_of", "factory_of", "in_unit", "register_class", "register_session"]
+__all__ = [
+    "config_of",
+    "factory_of",
+    "in_unit",
+    "live_policies",
+    "register_class",
+    "register_session",
+]
 
 
 #: the attribute by which the class a sync factory makes holds the factory (only held: the
@@ -73,3 +80,16 @@ def leave_unit(session: Session) -> None:
 def in_unit(session: Session) -> bool:
     """``session`` is running a unit of work (which retries by itself)."""
     return session in STATE.unit_sessions
+
+
+def live_policies() -> list[Any]:
+    """The policy of every live factory (each is registered on its engine's hooks, and those
+    of the environment's configuration for ``reload_config``) and of every cached
+    ``with_self_healing`` call: what uses breakers and retry budgets."""
+    with STATE.lock:
+        factories = list(STATE.default_config_users)
+        for hooks in list(STATE.engine_hooks.values()):
+            factories.extend(hooks.factories)
+        policies = list(STATE.wrapper_policies.values())
+    policies.extend(p for f in factories if (p := getattr(f, "policy", None)) is not None)
+    return policies

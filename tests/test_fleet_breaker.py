@@ -11,6 +11,7 @@ import os
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -361,6 +362,98 @@ def test_a_link_nothing_is_attached_to_any_more_is_closed(
         assert "shared" not in rdb.health()["services"]["moved"]["breaker"]
         assert _shared("pinned")["connected"]
         del moved, pinned
+    engine.dispose()
+
+
+def _collected(ref: weakref.ref[Any]) -> None:
+    """The factory of ``ref``, dropped by the caller, garbage-collected."""
+    gc.collect()  # a sessionmaker and the class it made refer to each other
+    assert ref() is None
+
+
+def test_a_reload_takes_breakers_and_budgets_whose_factories_are_gone_off_the_old_redis(
+    redis_server: RedisServer, pg_url: str, env: pytest.MonkeyPatch
+) -> None:
+    """Breakers and budgets live per service, process-wide: once their factories are gone,
+    nothing re-applied a reload to them, and they stayed attached to the old Redis (its link,
+    thread and connections open for good). They leave it; a factory made later for the
+    service attaches them to the Redis of the new configuration."""
+    engine = sa.create_engine(pg_url)
+    env.setenv("SELF_HEALING_REDIS_URL", redis_server.url)
+    env.setenv("SELF_HEALING_RETRY_BUDGET", "0.2")
+    rdb.reload_config()
+    _collected(weakref.ref(rdb.ResilientSession(engine, service="orphan")))
+    # with_self_healing keeps a policy per configuration: the old one's is not used again
+    assert rdb.with_self_healing(lambda: 42, service="orphan") == 42
+    with RedisServer() as other:
+        _wait(lambda: _shared("orphan")["connected"], "the first link")
+        (first,) = links().values()
+
+        env.setenv("SELF_HEALING_REDIS_URL", other.url)
+        rdb.reload_config()
+        assert links() == {}
+        assert first.closed
+        assert _link_threads() == []
+        _wait(lambda: _clients_of(redis_server) == 1, "the old link's connections to close")
+        entry = rdb.health()["services"]["orphan"]
+        assert "shared" not in entry["breaker"]
+        assert entry["budget"]["scope"] == "process"
+
+        # a factory of the service, made later: the new configuration's Redis
+        Session = rdb.ResilientSession(engine, service="orphan")
+        _wait(lambda: _shared("orphan")["connected"], "the new link")
+        assert _shared("orphan")["redis"] == mask_url(other.url)
+        _wait(lambda: rdb.health()["services"]["orphan"]["budget"]["scope"] == "fleet", "fleet")
+        (second,) = links().values()
+
+        # gone again, and the URL removed: nothing talks to any Redis
+        ref = weakref.ref(Session)
+        del Session
+        _collected(ref)
+        env.delenv("SELF_HEALING_REDIS_URL")
+        rdb.reload_config()
+        assert links() == {}
+        assert second.closed
+        assert _link_threads() == []
+        _wait(lambda: _clients_of(other) == 1, "the second link's connections to close")
+    engine.dispose()
+
+
+def test_a_breaker_switched_off_by_a_reload_leaves_redis_unless_a_factory_still_shares_it(
+    redis_server: RedisServer, pg_url: str, env: pytest.MonkeyPatch
+) -> None:
+    """A factory keeps its switched-off breaker for when it is switched on again (another
+    factory of the service may use it meanwhile): it stayed on its link, shared with no one's
+    say. It leaves Redis while no live factory shares it, and comes back when switched on."""
+    engine = sa.create_engine(pg_url)
+    env.setenv("SELF_HEALING_REDIS_URL", redis_server.url)
+    Session = rdb.ResilientSession(engine, service="switched")
+    keeper = rdb.ResilientSession(
+        engine, service="switched", config=rdb.Config(redis_url=redis_server.url)
+    )
+    _wait(lambda: _shared("switched")["connected"], "the link")
+    (link,) = links().values()
+
+    env.setenv("SELF_HEALING_CIRCUIT_BREAKER", "false")
+    rdb.reload_config()
+    assert Session.policy.breaker is None
+    assert _shared("switched")["connected"]  # keeper's breaker is still shared
+    assert links() == {link.masked_url: link}
+
+    ref = weakref.ref(keeper)
+    del keeper
+    _collected(ref)
+    rdb.reload_config()
+    assert links() == {}
+    assert link.closed
+    assert _link_threads() == []
+    _wait(lambda: _clients_of(redis_server) == 1, "the link's connections to close")
+    assert "shared" not in rdb.health()["services"]["switched"]["breaker"]
+
+    env.delenv("SELF_HEALING_CIRCUIT_BREAKER")
+    rdb.reload_config()
+    assert Session.policy.breaker is not None
+    _wait(lambda: _shared("switched")["connected"], "the link, switched on again")
     engine.dispose()
 
 
