@@ -613,8 +613,9 @@ class CommitProtocol:
         # pay a PREPARE per unit for one EXECUTE: its COMMITs carry the INSERT itself
         self.one_unit_per_connection = isinstance(engine.pool, NullPool)
         self.supported = verifiable(engine)
+        self._unsupported_warned = False
         if not self.supported:
-            self._warn_unsupported()
+            self.warn_unsupported()
             # nothing to mark: every unit's COMMIT is UNMARKED (see CommitRequest.last). What
             # a replay can't undo is still seen: a statement in autocommit (the listener) and
             # a COMMIT of the unit's own code (the dialect's do_commit)
@@ -761,7 +762,12 @@ class CommitProtocol:
             seconds=round(behind, 1),
         )
 
-    def _warn_unsupported(self) -> None:
+    def warn_unsupported(self) -> None:
+        """Say once per engine, while self-healing is on, that its COMMITs can't be verified
+        (at creation, or at the reload that switches it on)."""
+        if self.supported or self._unsupported_warned or not self._settings.config.enabled:
+            return
+        self._unsupported_warned = True
         url = self.engine.url
         emit(
             self._settings.config,

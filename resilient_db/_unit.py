@@ -579,6 +579,7 @@ class FactoryCore:
                 break
         hooks.config = config
         hooks.settings = mine
+        hooks.commit.warn_unsupported()  # if this reload switched self-healing on
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} service={self.service!r} engine={self.engine!r}>"

@@ -285,3 +285,25 @@ def test_a_lost_commit_answer_is_unknown_never_replayed(
         finally:
             proxied.dispose()
     assert names(engine) == ["lost-1"]
+
+
+def test_no_unverifiable_commit_warning_while_self_healing_is_off(
+    engine: sa.Engine, service: str, clean_env: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    """SELF_HEALING_ENABLED=false is plain SQLAlchemy: no warning about what self-healing can't
+    do on this driver, until a reload switches it on (then once)."""
+
+    def warnings() -> int:
+        return sum("can't carry a marker" in r.getMessage() for r in caplog.records)
+
+    clean_env.setenv("SELF_HEALING_ENABLED", "false")
+    with caplog.at_level("WARNING", logger="resilient_db"):
+        Sessions = rdb.ResilientSession(engine, service=service)
+        assert Sessions.run(lambda s: s.execute(sa.text("SELECT 1")).scalar()) == 1
+        assert warnings() == 0
+        clean_env.setenv("SELF_HEALING_ENABLED", "true")
+        rdb.reload_config()
+        assert warnings() == 1
+        rdb.reload_config()
+        assert Sessions.run(lambda s: s.execute(sa.text("SELECT 1")).scalar()) == 1
+    assert warnings() == 1
