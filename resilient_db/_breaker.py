@@ -361,6 +361,7 @@ class Breaker:
             info["shared"] = {
                 "redis": fleet.masked_url,
                 "connected": fleet.up,
+                "problem": fleet.problem,
                 "fleet_opens": self._fleet_opens,
                 "opened_here": self._opened_here,
             }

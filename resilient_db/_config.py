@@ -169,17 +169,25 @@ def _client_refusal(url: str) -> str | None:
 def client_problem(exc: BaseException, url: str) -> str:
     """The redis client's objection ``exc`` to ``url``, with every part of the URL's
     credentials and ``password=`` values taken out (a client may quote what it refuses)."""
+    return f"the redis client does not accept it ({client_says(exc, url)})"
+
+
+def client_says(exc: BaseException, url: str) -> str:
+    """``exc``, raised by the redis client for ``url``, as ``Type: message`` with the URL
+    shown masked and every part of its credentials and ``password=`` values replaced by
+    ``***`` (a client may quote what it refuses, or what it could not reach); the message cut
+    to a few hundred characters."""
     secrets: set[str] = set()
     credentials = url.partition("://")[2].rpartition("@")[0]
     values = [match[2] for match in _PASSWORD_VALUE.finditer(url)]
     for raw in (credentials, *credentials.split(":"), *values):
         secrets.update((raw, urllib.parse.unquote(raw), urllib.parse.unquote_plus(raw)))
-    text = str(exc)
+    text = str(exc).replace(url, mask_url(url))
     for secret in sorted(secrets - {""}, key=len, reverse=True):
         text = text.replace(secret, "***")
     if len(text) > _CLIENT_TEXT:
         text = text[:_CLIENT_TEXT] + "..."
-    return f"the redis client does not accept it ({type(exc).__name__}: {text})"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 _SECONDS = frozenset(

@@ -53,7 +53,7 @@ the link, whatever other factories exist. A new ``SELF_HEALING_REDIS_TIMEOUT`` r
 link's client and thread: every socket of a client has the timeout it was made with. A URL the
 client refuses when the link builds it (the configuration checks the same parse, so only a URL
 that got past it) leaves the link down for good, with one warning: the breakers and budgets
-run on this process's own state.
+run on this process's own state. ``problem`` says why a link is down (``health()`` shows it).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from ._config import Config, client_problem, mask_url
+from ._config import Config, client_problem, client_says, mask_url
 from ._errors import ConfigError
 from ._observability import emit, log_breaker
 from ._state import STATE
@@ -323,7 +323,8 @@ class FleetLink:
 
     Breakers and budgets attach by service name (:func:`attach`, :func:`detach`). ``up`` is True
     while Redis answers; the failure-path methods raise :class:`FleetDown` when it does not
-    (after marking it down).
+    (after marking it down). ``problem`` is why the link is down, in a few words and without
+    the password (None while it answers, and before its first attempt has ended).
     """
 
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.monotonic) -> None:
@@ -335,6 +336,7 @@ class FleetLink:
         self._clock = clock
         self.up = False
         self.closed = False
+        self.problem: str | None = None
         self.commands = 0  # commands sent by this process (failure path and background)
         #: names this process in the messages it causes (its own changes, seen from pub/sub)
         self.token = f"{os.getpid()}-{secrets.token_hex(4)}"
@@ -372,7 +374,7 @@ class FleetLink:
         except Exception as exc:  # the client refuses the URL: this process decides alone
             self._client = None
             self._scripts: dict[str, Any] = {}
-            problem = client_problem(exc, self.url)
+            problem = self.problem = client_problem(exc, self.url)
             emit(
                 self.config,
                 log_breaker,
@@ -539,8 +541,10 @@ class FleetLink:
 
     # -- up and down -------------------------------------------------------------------------
     def mark_down(self, exc: BaseException) -> None:
+        problem = client_says(exc, self.url)  # e.g. "ConnectionError: Error 111 connecting ..."
         with self._lock:
             self.up = False
+            self.problem = problem
             now = self._clock()
             if self._down_since is None:
                 self._down_since = now
@@ -565,6 +569,7 @@ class FleetLink:
             was_down = self._down_since is not None and self._down_logged_at > -math.inf
             self._down_since = None
             self.up = True
+            self.problem = None
         if was_down:
             emit(
                 self.config,

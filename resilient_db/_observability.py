@@ -239,10 +239,14 @@ def health() -> dict[str, Any]:
 
     ``{"healthy": bool, "services": {name: {"breaker": {...} | None, "budget": {...} | None,
     "counters": {...}}}, "transitions": {"blocked_transitions": n, ...}}``; ``healthy`` is False
-    while any breaker is open. A breaker shared through Redis has a ``shared`` entry (the Redis
-    URL with its password masked, whether it answers, openings fleet-wide and caused here);
-    ``budget`` is the retry budget (``SELF_HEALING_RETRY_BUDGET``), None without one. Nothing
-    here talks to Redis: shared figures are the last ones this process heard.
+    while any breaker is open. A breaker shared through Redis has a ``shared`` entry:
+    ``redis`` (the URL with its password masked), ``connected`` (whether it answers),
+    ``problem`` (why it does not, in a few words without the password: the redis client's
+    objection to the URL, or the error of the last command or connection attempt; None while it
+    answers or before its first attempt has ended), ``fleet_opens`` and ``opened_here``
+    (openings fleet-wide and caused here); ``budget`` is the retry budget
+    (``SELF_HEALING_RETRY_BUDGET``), None without one. Nothing here talks to Redis: shared
+    figures are the last ones this process heard.
     """
     # Local imports: these modules import this one.
     from ._breaker import breakers  # noqa: PLC0415

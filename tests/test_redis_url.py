@@ -18,7 +18,7 @@ import resilient_db as rdb
 from resilient_db._cli import main
 from resilient_db._config import client_problem, mask_url
 from resilient_db._fleet import links
-from resilient_db.testing import free_port
+from resilient_db.testing import RedisServer, free_port
 
 #: the two halves of every password below: neither may be shown anywhere
 LEFT, RIGHT = "Sx3cr", "3tq"
@@ -238,6 +238,8 @@ def test_a_link_whose_client_cannot_be_built_runs_on_local_state(
     assert entry["breaker"]["shared"] == {
         "redis": f"redis://***@127.0.0.1:{PORT}/0?db=x",
         "connected": False,
+        "problem": "the redis client does not accept it (ValueError: Invalid value for 'db' in "
+        "connection URL.)",
         "fleet_opens": 0,
         "opened_here": 0,
     }
@@ -254,3 +256,41 @@ def test_a_link_whose_client_cannot_be_built_runs_on_local_state(
     (link,) = links().values()
     assert not link.up
     assert not any(t.name.startswith("resilient_db-redis") for t in threading.enumerate())
+
+
+def _shared(service: str) -> dict[str, Any]:
+    return rdb.health()["services"][service]["breaker"]["shared"]  # type: ignore[no-any-return]
+
+
+def test_health_says_why_a_shared_breaker_is_not_connected(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A link that is down said why only in a warning (once a minute at most): ``health()``
+    showed ``connected: False`` and nothing more. Its ``problem`` now says it, password
+    masked, and is None again once Redis answers."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    engine = sa.create_engine("postgresql+psycopg://u@127.0.0.1:9/db")  # never connected
+    with RedisServer(password=f"{LEFT}{RIGHT}") as redis:
+        wrong = f"redis://:{RIGHT}{LEFT}@127.0.0.1:{redis.port}/0"
+        rdb.ResilientSession(engine, service="wrong", config=rdb.Config(redis_url=wrong))
+        Session = rdb.ResilientSession(  # noqa: F841 - held: its breaker stays shared
+            engine, service="right", config=rdb.Config(redis_url=redis.url)
+        )
+        _wait(lambda: _shared("right")["connected"], "the link")
+        assert _shared("right")["problem"] is None
+        _wait(lambda: _shared("wrong")["problem"] is not None, "the wrong password's problem")
+        assert _shared("wrong")["problem"].startswith("AuthenticationError: ")
+        assert "password" in _shared("wrong")["problem"]
+        assert not _shared("wrong")["connected"]
+
+        redis.kill()
+        _wait(lambda: not _shared("right")["connected"], "the link to go down")
+        problem = _shared("right")["problem"]
+        assert problem.startswith("ConnectionError: "), problem
+        redis.start()
+        _wait(lambda: _shared("right")["connected"], "the link to come back")
+        assert _shared("right")["problem"] is None
+        shown = [str(rdb.health()), *(repr(r.__dict__) for r in caplog.records)]
+    for text in shown:
+        assert LEFT not in text
+        assert RIGHT not in text
