@@ -124,6 +124,18 @@ def _passed_through(err: BaseException, modules: tuple[str, ...]) -> bool:
 _CONNECTING_MODULES = ("asyncpg.connect_utils", "sqlalchemy.pool")
 
 
+def answer_timed_out(exc: BaseException) -> bool:
+    """Whether ``exc`` is the client giving up waiting for an answer (asyncpg's
+    ``command_timeout``: a ``TimeoutError`` outside connecting). Not transient as such (a slow
+    statement is the application's), but raised by a COMMIT it leaves the outcome open: the
+    COMMIT may be applied after the client stopped waiting (one waiting for a synchronous
+    standby stays committed locally when cancelled), as a lost answer's may."""
+    return any(
+        isinstance(err, TimeoutError) and not _passed_through(err, _CONNECTING_MODULES)
+        for err in error_chain(exc)
+    )
+
+
 def _driver_disconnect(exc: BaseException) -> bool:
     """True when the failure is a broken or refused connection that carries no SQLSTATE."""
     for err in error_chain(exc):

@@ -22,7 +22,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
-from ._classify import Classifier, Outcome, marked_replay_safe, sqlstate_of
+from ._classify import Classifier, Outcome, answer_timed_out, marked_replay_safe, sqlstate_of
 from ._commit import (
     MARKERS,
     CommitProtocol,
@@ -169,7 +169,10 @@ class CommitReferee:
 
     def must_verify(self, exc: BaseException, request: CommitRequest) -> CommitTicket | None:
         """The ticket to settle: the COMMIT may have been applied and the unit may have written."""
-        lost = self.policy.classifier.classify(exc) in (Outcome.DISCONNECT, Outcome.COMMIT_UNKNOWN)
+        lost = self.policy.classifier.classify(exc) in (
+            Outcome.DISCONNECT,
+            Outcome.COMMIT_UNKNOWN,
+        ) or answer_timed_out(exc)  # the client stopped waiting for the COMMIT's answer
         elsewhere = None  # the engine of the unit's one connection, when not the factory's
         if request.committing:
             connections = request.connections()
@@ -256,10 +259,12 @@ class CommitReferee:
                 policy.config,
                 log_session,
                 logging.WARNING,
-                "Commit outcome verified: service=%s %s committed before the connection was "
-                "lost; not replaying",
+                "Commit outcome verified: service=%s %s committed %s; not replaying",
                 policy.service,
                 what,
+                "after the client stopped waiting for its answer"
+                if answer_timed_out(exc)
+                else "before the connection was lost",
                 service=policy.service,
                 event="commit_verified",
                 marker=ticket.marker,

@@ -105,3 +105,92 @@ async def test_a_connect_that_times_out_is_an_outage(
         await Session.run(one)
     assert rdb.is_transient(info.value)
     assert _counters(service)["retries"] == 1
+
+
+# A COMMIT that takes its time on the server: a deferred constraint trigger that sleeps at
+# COMMIT, which either lets asyncpg's cancel (sent when command_timeout fires) end the COMMIT
+# with an error (nothing committed) or ignores it and commits (as a COMMIT waiting for a
+# synchronous standby does: cancelled, it stays committed locally).
+SLOW_COMMIT = """
+CREATE TABLE slow_commits (id serial PRIMARY KEY, note text NOT NULL);
+CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.note = 'ignores the cancel' THEN
+        BEGIN
+            PERFORM pg_sleep(2);
+        EXCEPTION WHEN query_canceled THEN
+            NULL;
+        END;
+    ELSE
+        PERFORM pg_sleep(2);
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON slow_commits
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit();
+"""
+
+
+@pytest.mark.parametrize("cancelled", [True, False], ids=["cancelled", "committed anyway"])
+async def test_a_commit_that_times_out_is_verified_not_reported_failed(
+    *,
+    pg_server: PostgresServer,
+    pg_database: str,
+    engines: list[AsyncEngine],
+    service: str,
+    cancelled: bool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """asyncpg's ``command_timeout`` also bounds the COMMIT: its TimeoutError leaves the outcome
+    open (the COMMIT may be applied after the client gave up, as one waiting for a synchronous
+    standby is). Like a lost answer, it is settled by the commit marker: reported done when it
+    committed, raised (not replayed: a timeout) when it provably did not."""
+    with pg_server.connect(pg_database) as conn:
+        conn.execute(SLOW_COMMIT)
+    sync_engine = sa.create_engine(pg_server.url(pg_database))
+    try:
+        rdb.install_commit_markers(sync_engine)
+    finally:
+        sync_engine.dispose()
+    url = pg_server.url(pg_database, driver="asyncpg")
+    engine = create_async_engine(url, connect_args={"command_timeout": 0.3})
+    engines.append(engine)
+    Session = rdb.AsyncResilientSession(engine, service=service)
+    note = "cancelled" if cancelled else "ignores the cancel"
+    calls = 0
+
+    async def write(session: AsyncSession) -> str:
+        nonlocal calls
+        calls += 1
+        await session.execute(
+            sa.text("INSERT INTO slow_commits (note) VALUES (:note)"), {"note": note}
+        )
+        return "done"
+
+    with caplog.at_level("WARNING", logger="resilient_db"):
+        if cancelled:
+            with pytest.raises(TimeoutError):
+                await Session.run(write)
+        else:
+            assert await Session.run(write) == "done"
+    assert calls == 1
+    verdicts = [
+        r.getMessage() for r in caplog.records if "Commit outcome verified" in r.getMessage()
+    ]
+    if cancelled:
+        assert len(verdicts) == 1
+        assert "did not commit" in verdicts[0]
+    else:
+        assert len(verdicts) == 1
+        assert "committed after the client stopped waiting for its answer" in verdicts[0]
+
+    async def quick(session: AsyncSession) -> int:
+        return int((await session.execute(sa.text("SELECT 42"))).scalar_one())
+
+    assert await Session.run(quick) == 42  # the engine's connections still serve
+    with pg_server.connect(pg_database) as conn:
+        rows = conn.execute("SELECT count(*) FROM slow_commits").fetchone()
+    assert rows is not None
+    assert rows[0] == (0 if cancelled else 1)
+    counters = _counters(service)
+    assert counters["verified_commits"] == (0 if cancelled else 1)
