@@ -10,29 +10,35 @@ Needs the optional ``prometheus`` extra (``pip install 'resilient-db[prometheus]
 
 Metrics (label ``service`` is the ResilientSession's service name):
 
-==============================================  ======  ===================================
-``resilient_db_attempts_total``                 counter attempts (each try of a unit of work)
-``resilient_db_retries_total{class}``           counter retries by class (conflict, ...)
-``resilient_db_recovered_total``                counter units that succeeded after retrying
-``resilient_db_gave_up_total``                  counter units whose retries ran out
-``resilient_db_breaker_opens_total``            counter times the breaker opened
-``resilient_db_breaker_rejections_total``       counter calls rejected by an open breaker
-``resilient_db_breaker_state{state}``           gauge   1 for the breaker's current state
-``resilient_db_commit_outcome_unknown_total``   counter COMMITs whose outcome stayed unknown
-``resilient_db_commits_verified_total``         counter lost COMMIT answers verified committed
-``resilient_db_transitions_blocked_total``      counter illegal status transitions blocked
-``resilient_db_transitions_stale_total``        counter transitions refused: the row had moved
-``resilient_db_transition_rows_filtered_total`` counter rows a bulk UPDATE left unchanged
-``resilient_db_transition_bypasses_total``      counter audited bypasses of the guard
-``resilient_db_healthy``                        gauge   0 while any breaker is open
-``resilient_db_retry_budget_available``         gauge   retries the budget would pay for now
-``resilient_db_retry_budget_exhausted_total``   counter units that gave up: budget spent
-``resilient_db_retry_budget_shared``            gauge   1 while the budget is fleet-wide
-``resilient_db_breaker_shared``                 gauge   1 while the breaker follows Redis
-==============================================  ======  ===================================
+===================================================  =======  ======================================
+``resilient_db_attempts_total``                      counter  attempts (each try of a unit of work)
+``resilient_db_retries_total{class}``                counter  retries by class (conflict, ...)
+``resilient_db_recovered_total``                     counter  units that succeeded after retrying
+``resilient_db_gave_up_total``                       counter  units whose retries ran out
+``resilient_db_breaker_opens_total``                 counter  times the breaker opened
+``resilient_db_breaker_rejections_total``            counter  calls rejected by an open breaker
+``resilient_db_breaker_state{state}``                gauge    1 for the breaker's current state
+``resilient_db_commit_outcome_unknown_total``        counter  COMMITs whose outcome stayed unknown
+``resilient_db_commits_verified_total``              counter  lost COMMIT answers verified committed
+``resilient_db_transitions_blocked_total``           counter  rows whose illegal move was blocked
+``resilient_db_transitions_stale_total``             counter  transitions refused: the row had moved
+``resilient_db_transition_rows_filtered_total``      counter  of the blocked: rows a bulk UPDATE's
+                                                              filter left unchanged
+``resilient_db_transition_bypasses_total``           counter  audited bypasses of the guard
+``resilient_db_healthy``                             gauge    0 while any breaker is open
+``resilient_db_retry_budget_available``              gauge    retries the budget would pay for now
+``resilient_db_retry_budget_exhausted_total``        counter  units that gave up: budget spent
+``resilient_db_retry_budget_shared``                 gauge    1 while the budget is fleet-wide
+``resilient_db_breaker_shared``                      gauge    1 while the breaker follows Redis
+===================================================  =======  ======================================
 
 The retry budget series exist for services with ``SELF_HEALING_RETRY_BUDGET`` set; the
 ``breaker_shared`` series for breakers with ``SELF_HEALING_REDIS_URL`` set.
+
+A blocked transition is one row whose illegal status move was refused, whichever path refused
+it (flush, database trigger, a bulk UPDATE that raised or whose filter skipped the row): the same
+count as ``health()["transitions"]["blocked_transitions"]`` and OpenTelemetry's
+``resilient_db.transitions.blocked``. Stale transitions are counted apart, never as blocked.
 """
 
 from __future__ import annotations
@@ -77,7 +83,8 @@ _TRANSITION_COUNTERS = (
     (
         "blocked_transitions",
         "resilient_db_transitions_blocked",
-        "Illegal status transitions blocked.",
+        "Rows whose illegal status move was blocked (one per row, every path; bulk UPDATE "
+        "filter mode included).",
     ),
     (
         "stale_transitions",
@@ -87,7 +94,7 @@ _TRANSITION_COUNTERS = (
     (
         "bulk_rows_filtered",
         "resilient_db_transition_rows_filtered",
-        "Rows an ORM bulk UPDATE left unchanged because their move was illegal.",
+        "Of the blocked transitions, rows an ORM bulk UPDATE left unchanged (filter mode).",
     ),
     ("bypasses", "resilient_db_transition_bypasses", "Audited bypasses of the transition guard."),
 )

@@ -247,6 +247,15 @@ def health() -> dict[str, Any]:
     (openings fleet-wide and caused here); ``budget`` is the retry budget
     (``SELF_HEALING_RETRY_BUDGET``), None without one. Nothing here talks to Redis: shared
     figures are the last ones this process heard.
+
+    ``transitions`` (process-wide): ``blocked_transitions`` counts rows whose illegal status move
+    was refused, one per row whatever the path (flush, database trigger, a bulk UPDATE that
+    raised, or one whose filter left the row unchanged); ``stale_transitions`` moves refused
+    because another transaction had moved the row (not among the blocked);
+    ``bulk_rows_filtered`` the blocked rows a bulk UPDATE's filter left unchanged;
+    ``bypasses`` audited bypasses of the guard. The Prometheus collector and the OpenTelemetry
+    hook count the same things (``resilient_db_transitions_blocked_total`` and
+    ``resilient_db.transitions.blocked``).
     """
     # Local imports: these modules import this one.
     from ._breaker import breakers  # noqa: PLC0415

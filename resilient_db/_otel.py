@@ -47,8 +47,17 @@ class OpenTelemetryHook:
     ``resilient_db.retries`` (``service``, ``outcome``, ``sqlstate``),
     ``resilient_db.breaker.transitions`` (``service``, ``state``),
     ``resilient_db.commit.verifications`` (``service``, ``outcome``: committed, not_committed,
-    unknown), ``resilient_db.transitions.blocked`` (``model``, ``via``, ``stale``),
+    unknown), ``resilient_db.transitions.blocked`` (``model``, ``via``),
+    ``resilient_db.transitions.stale`` (``model``, ``via``),
     ``resilient_db.response_validation.failures`` (``service``, ``validator``).
+
+    They count what :func:`resilient_db.health` and the Prometheus metrics count:
+    ``resilient_db.transitions.blocked`` adds one per row whose illegal move was refused (a
+    bulk UPDATE's event adds its ``blocked_rows``; filter mode's rows included), as
+    ``health()["transitions"]["blocked_transitions"]`` and
+    ``resilient_db_transitions_blocked_total`` do; moves refused because the row had moved
+    meanwhile count on ``resilient_db.transitions.stale`` only (``stale_transitions``,
+    ``resilient_db_transitions_stale_total``).
     """
 
     def __init__(self, meter_provider: Any = None) -> None:
@@ -83,7 +92,12 @@ class OpenTelemetryHook:
         self._blocked = meter.create_counter(
             "resilient_db.transitions.blocked",
             unit="{transition}",
-            description="Illegal status transitions blocked, by the path that blocked them",
+            description="Rows whose illegal status move was blocked, by the path that blocked it",
+        )
+        self._stale = meter.create_counter(
+            "resilient_db.transitions.stale",
+            unit="{transition}",
+            description="Status moves refused because another transaction had moved the row",
         )
         self._invalid = meter.create_counter(
             "resilient_db.response_validation.failures",
@@ -113,13 +127,10 @@ class OpenTelemetryHook:
         elif name in _COMMIT_OUTCOMES:
             self._commits.add(1, {"service": service, "outcome": _COMMIT_OUTCOMES[name]})
         elif name == "transition_blocked":
-            self._blocked.add(
+            counter = self._stale if fields.get("stale") else self._blocked
+            counter.add(
                 int(fields.get("blocked_rows", 1) or 1),
-                {
-                    "model": str(fields.get("model", "")),
-                    "via": str(fields.get("via", "")),
-                    "stale": bool(fields.get("stale", False)),
-                },
+                {"model": str(fields.get("model", "")), "via": str(fields.get("via", ""))},
             )
         elif name == "response_invalid":
             self._invalid.add(

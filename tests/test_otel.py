@@ -16,11 +16,13 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import CollectorRegistry
 from scenarios import RAISE_CODE_FUNCTION
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
 from resilient_db.examples.tasks import Base, Task, create_task, move_task
+from resilient_db.metrics import HealthCollector
 from resilient_db.otel import install_opentelemetry, uninstall_opentelemetry
 from resilient_db.testing import FaultProxy
 
@@ -154,7 +156,7 @@ def test_commit_verification_and_blocked_transitions(
         (("outcome", "committed"), ("service", service)): 1
     }
     assert points(reader, "resilient_db.transitions.blocked") == {
-        (("model", "Task"), ("stale", False), ("via", "flush")): 1
+        (("model", "Task"), ("via", "flush")): 1
     }
 
 
@@ -181,3 +183,91 @@ def test_install_is_idempotent_and_uninstall_stops_it(
     with tracer.start_as_current_span("after"):
         Sessions.run(flaky)
     assert spans.get_finished_spans()[-1].events == ()
+
+
+def prometheus(name: str, service: str | None = None) -> float:
+    """The value the Prometheus collector exports for ``name`` (read from ``health()``)."""
+    registry = CollectorRegistry()
+    registry.register(HealthCollector())
+    value = registry.get_sample_value(name, {"service": service} if service else None)
+    assert value is not None, name
+    return value
+
+
+def test_blocked_transitions_count_rows_alike_in_health_prometheus_and_otel(
+    engine: sa.Engine, otel: tuple[Any, InMemorySpanExporter, InMemoryMetricReader], service: str
+) -> None:
+    """One meaning everywhere: a row whose illegal move was refused. A filtered bulk UPDATE
+    that leaves four rows unchanged counts four (as filtered and as blocked), one by primary
+    key one per parameter set skipped, a bulk UPDATE refused in raise mode the rows it names,
+    a flush one; a stale move is counted apart, never as blocked."""
+    _, _, reader = otel
+    statuses = ["pending", "pending", "completed", "completed", "cancelled", "failed"]
+    with engine.begin() as conn:
+        p1, p2, c1, c2, _, _ = conn.execute(
+            sa.insert(Task).returning(Task.id, sort_by_parameter_order=True),
+            [{"idem_key": str(uuid.uuid4()), "title": "t", "status": s} for s in statuses],
+        ).scalars()
+    Filtering = rdb.ResilientSession(engine, service=service, config=rdb.Config())
+    Raising = rdb.ResilientSession(engine, service=service, config=rdb.Config(bulk_update="raise"))
+
+    def start_all(session: Session) -> int:
+        result = session.execute(sa.update(Task).values(status="in_progress"))
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
+    assert Filtering.run(start_all) == 2  # p1, p2; c1, c2, cancelled, failed left unchanged
+
+    def by_key(session: Session) -> None:  # c1 may not start again; p2 may complete
+        session.execute(
+            sa.update(Task),
+            [{"id": c1, "status": "in_progress"}, {"id": p2, "status": "completed"}],
+        )
+
+    Filtering.run(by_key)
+    with engine.connect() as conn:
+        now = dict(conn.execute(sa.select(Task.id, Task.status)).all())
+    assert (now[p1], now[p2], now[c1]) == ("in_progress", "completed", "completed")
+
+    def reopen_all(session: Session) -> None:
+        session.execute(sa.update(Task).where(Task.status != "failed").values(status="pending"))
+
+    with pytest.raises(rdb.IllegalTransitionError):  # p2, c1, c2, cancelled: 4 rows named
+        Raising.run(reopen_all)
+
+    def restart(session: Session) -> None:
+        task = session.get(Task, c2)
+        assert task is not None
+        task.status = "in_progress"
+
+    with pytest.raises(rdb.IllegalTransitionError):
+        Filtering.run(restart)
+
+    def finish_moved(session: Session) -> None:
+        task = session.get(Task, p1)
+        assert task is not None
+        with other_engine.begin() as other:  # another transaction moves it meanwhile
+            other.execute(sa.update(Task.__table__).where(Task.id == p1).values(status="failed"))
+        task.status = "completed"  # legal from the state loaded
+
+    other_engine = sa.create_engine(engine.url)
+    try:
+        with pytest.raises(rdb.StaleTransitionError):
+            Filtering.run(finish_moved)
+    finally:
+        other_engine.dispose()
+
+    filtered, blocked = 4 + 1, 4 + 1 + 4 + 1
+    transitions = rdb.health()["transitions"]
+    assert transitions["bulk_rows_filtered"] == filtered
+    assert transitions["blocked_transitions"] == blocked
+    assert transitions["stale_transitions"] == 1
+    assert prometheus("resilient_db_transition_rows_filtered_total") == filtered
+    assert prometheus("resilient_db_transitions_blocked_total") == blocked
+    assert prometheus("resilient_db_transitions_stale_total") == 1
+    assert points(reader, "resilient_db.transitions.blocked") == {
+        (("model", "Task"), ("via", "orm-update")): blocked - 1,
+        (("model", "Task"), ("via", "flush")): 1,
+    }
+    assert points(reader, "resilient_db.transitions.stale") == {
+        (("model", "Task"), ("via", "flush")): 1
+    }

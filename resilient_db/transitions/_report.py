@@ -29,17 +29,30 @@ def count(name: str, amount: int = 1) -> None:
 
 
 def transition_stats() -> dict[str, int]:
-    """Counters since process start: blocked and stale transitions, rows left unchanged by the
-    bulk-UPDATE filter, and bypasses. Stable names, for ``health()`` and metrics."""
+    """Counters since process start, stable names for ``health()`` and metrics.
+
+    ``blocked_transitions``: rows whose illegal move was refused, one per row, whatever path
+    refused it (a flush, the database trigger, a bulk UPDATE that raised, or one whose filter
+    left the row unchanged): the sum of the ``blocked_rows`` of every ``transition_blocked``
+    event that is not stale, as OpenTelemetry's ``resilient_db.transitions.blocked`` counts
+    it. ``stale_transitions``: moves refused because another transaction had moved the row
+    (not among the blocked). ``bulk_rows_filtered``: of the blocked, the rows a bulk UPDATE
+    left unchanged in filter mode. ``bypasses``: audited bypasses of the guard.
+    """
     with STATE.lock:
-        return dict(STATE.transition_stats)
+        stats = dict(STATE.transition_stats)
+    # the filter's rows are counted once, as filtered; they are blocked transitions too
+    stats["blocked_transitions"] += stats["bulk_rows_filtered"]
+    return stats
 
 
 def report(err: IllegalTransitionError, config: Config | None, *, blocked_rows: int = 1) -> None:
     """Count ``err`` and report it through the one emitter (hooks and the ``[SELF-HEAL]`` line,
-    under ``config``'s switches; ``None``: the environment's configuration)."""
+    under ``config``'s switches; ``None``: the environment's configuration). ``blocked_rows``:
+    the rows whose move ``err`` refused (a bulk UPDATE in raise mode names the first of them);
+    each counts as one blocked (or stale) transition."""
     stale = isinstance(err, StaleTransitionError)
-    count("stale_transitions" if stale else "blocked_transitions")
+    count("stale_transitions" if stale else "blocked_transitions", blocked_rows)
     cfg = config if config is not None else env_config()
     emit(
         cfg,
