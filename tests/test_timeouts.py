@@ -131,9 +131,11 @@ CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON slow_commits
 """
 
 
+@pytest.mark.parametrize("markers", [True, False], ids=["markers", "fallback"])
 @pytest.mark.parametrize("cancelled", [True, False], ids=["cancelled", "committed anyway"])
 async def test_a_commit_that_times_out_is_verified_not_reported_failed(
     *,
+    markers: bool,
     pg_server: PostgresServer,
     pg_database: str,
     engines: list[AsyncEngine],
@@ -143,15 +145,17 @@ async def test_a_commit_that_times_out_is_verified_not_reported_failed(
 ) -> None:
     """asyncpg's ``command_timeout`` also bounds the COMMIT: its TimeoutError leaves the outcome
     open (the COMMIT may be applied after the client gave up, as one waiting for a synchronous
-    standby is). Like a lost answer, it is settled by the commit marker: reported done when it
-    committed, raised (not replayed: a timeout) when it provably did not."""
+    standby is). Like a lost answer, it is settled by the commit marker (or, without the
+    markers, the transaction id): reported done when it committed, raised (not replayed: a
+    timeout) when it provably did not."""
     with pg_server.connect(pg_database) as conn:
         conn.execute(SLOW_COMMIT)
-    sync_engine = sa.create_engine(pg_server.url(pg_database))
-    try:
-        rdb.install_commit_markers(sync_engine)
-    finally:
-        sync_engine.dispose()
+    if markers:
+        sync_engine = sa.create_engine(pg_server.url(pg_database))
+        try:
+            rdb.install_commit_markers(sync_engine)
+        finally:
+            sync_engine.dispose()
     url = pg_server.url(pg_database, driver="asyncpg")
     engine = create_async_engine(url, connect_args={"command_timeout": 0.3})
     engines.append(engine)
