@@ -20,6 +20,7 @@ Metrics (label ``service`` is the ResilientSession's service name):
 ``resilient_db_breaker_state{state}``                gauge    1 for the breaker's current state
 ``resilient_db_commit_outcome_unknown_total``        counter  COMMITs whose outcome stayed unknown
 ``resilient_db_commits_verified_total``              counter  lost COMMIT answers verified committed
+``resilient_db_response_validation_failures_total``  counter  results that failed ``validate=``
 ``resilient_db_transitions_blocked_total``           counter  rows whose illegal move was blocked
 ``resilient_db_transitions_stale_total``             counter  transitions refused: the row had moved
 ``resilient_db_transition_rows_filtered_total``      counter  of the blocked: rows a bulk UPDATE's
@@ -77,6 +78,11 @@ _SERVICE_COUNTERS = (
         "verified_commits",
         "resilient_db_commits_verified",
         "COMMITs whose answer was lost and that were verified as committed on the server.",
+    ),
+    (
+        "response_validation_failures",
+        "resilient_db_response_validation_failures",
+        "Results of units of work that failed their validate= check.",
     ),
 )
 _TRANSITION_COUNTERS = (

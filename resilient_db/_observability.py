@@ -175,6 +175,7 @@ class ServiceStats:
     breaker_rejections: int = 0
     unknown_commits: int = 0
     verified_commits: int = 0
+    response_validation_failures: int = 0
     retries_by_class: Counter[str] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -204,6 +205,7 @@ class ServiceStats:
                 "breaker_rejections": self.breaker_rejections,
                 "unknown_commits": self.unknown_commits,
                 "verified_commits": self.verified_commits,
+                "response_validation_failures": self.response_validation_failures,
                 "retries_by_class": dict(self.retries_by_class),
             }
 
@@ -218,6 +220,7 @@ class ServiceStats:
                 "breaker_rejections",
                 "unknown_commits",
                 "verified_commits",
+                "response_validation_failures",
             ):
                 setattr(self, name, 0)
             self.retries_by_class.clear()
@@ -248,6 +251,11 @@ def health() -> dict[str, Any]:
     (``SELF_HEALING_RETRY_BUDGET``), None without one. Nothing here talks to Redis: shared
     figures are the last ones this process heard.
 
+    A service's ``counters``: ``attempts``, ``retries`` (and ``retries_by_class``),
+    ``recovered``, ``gave_up``, ``breaker_opens``, ``breaker_rejections``, ``unknown_commits``,
+    ``verified_commits``, and ``response_validation_failures`` (results that failed their
+    ``validate=`` check: each raised ``ResponseValidationError`` counts once).
+
     ``transitions`` (process-wide): ``blocked_transitions`` counts rows whose illegal status move
     was refused, one per row whatever the path (flush, database trigger, a bulk UPDATE that
     raised, or one whose filter left the row unchanged); ``stale_transitions`` moves refused
@@ -255,7 +263,8 @@ def health() -> dict[str, Any]:
     ``bulk_rows_filtered`` the blocked rows a bulk UPDATE's filter left unchanged;
     ``bypasses`` audited bypasses of the guard. The Prometheus collector and the OpenTelemetry
     hook count the same things (``resilient_db_transitions_blocked_total`` and
-    ``resilient_db.transitions.blocked``).
+    ``resilient_db.transitions.blocked``, ``..._response_validation_failures_total`` and
+    ``resilient_db.response_validation.failures``).
     """
     # Local imports: these modules import this one.
     from ._breaker import breakers  # noqa: PLC0415

@@ -57,7 +57,8 @@ class OpenTelemetryHook:
     ``health()["transitions"]["blocked_transitions"]`` and
     ``resilient_db_transitions_blocked_total`` do; moves refused because the row had moved
     meanwhile count on ``resilient_db.transitions.stale`` only (``stale_transitions``,
-    ``resilient_db_transitions_stale_total``).
+    ``resilient_db_transitions_stale_total``); ``resilient_db.response_validation.failures``
+    is each service's ``response_validation_failures``.
     """
 
     def __init__(self, meter_provider: Any = None) -> None:

@@ -8,7 +8,8 @@ for a type form, so it stays an optional dependency of the application.
 The result is checked, not converted: the caller gets the unit's own return value back, the same
 object with validation on or off (``SELF_HEALING_RESPONSE_VALIDATION``), so switching it off never
 changes what a program receives. An invalid result is logged ``[SELF-HEAL] Response validation
-failed`` with the reason (field locations and error kinds: never the values) and raises
+failed`` with the reason (field locations and error kinds: never the values), counted in
+``health()`` (the service's ``response_validation_failures``) and raises
 :class:`~resilient_db.ResponseValidationError`.
 
 Invalid results are not retried, read-only units included. PostgreSQL gives each statement (and,
@@ -30,7 +31,7 @@ from typing import Any, Protocol, TypeAlias, get_origin
 
 from ._config import Config
 from ._errors import ResponseValidationError
-from ._observability import emit
+from ._observability import emit, stats_for
 
 __all__ = [
     "ResponseCheck",
@@ -158,6 +159,7 @@ def check_response(check: ResponseCheck, value: Any, config: Config, service: st
     if found is None:
         return value
     reason, cause = found
+    stats_for(service).add("response_validation_failures")
     emit(
         config,
         log_validation,

@@ -271,3 +271,24 @@ def test_blocked_transitions_count_rows_alike_in_health_prometheus_and_otel(
     assert points(reader, "resilient_db.transitions.stale") == {
         (("model", "Task"), ("via", "flush")): 1
     }
+
+
+def test_validation_failures_count_alike_in_health_prometheus_and_otel(
+    engine: sa.Engine, otel: tuple[Any, InMemorySpanExporter, InMemoryMetricReader], service: str
+) -> None:
+    _, _, reader = otel
+    Sessions = rdb.ResilientSession(engine, service=service, config=rdb.Config())
+
+    def positive(value: int) -> bool:
+        return value > 0
+
+    assert Sessions.run(lambda s: 1, validate=positive) == 1
+    for bad in (0, -1):
+        with pytest.raises(rdb.ResponseValidationError):
+            Sessions.run(lambda s, bad=bad: bad, validate=positive)
+    assert rdb.health()["services"][service]["counters"]["response_validation_failures"] == 2
+    assert prometheus("resilient_db_response_validation_failures_total", service) == 2
+    name = positive.__qualname__
+    assert points(reader, "resilient_db.response_validation.failures") == {
+        (("service", service), ("validator", name)): 2
+    }

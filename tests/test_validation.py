@@ -121,6 +121,26 @@ def test_invalid_result_rolls_the_unit_back_is_logged_without_payload_and_not_re
     assert counters["retries"] == 0
 
 
+def test_validation_failures_are_counted_in_health(engine: sa.Engine, service: str) -> None:
+    """Each failed check counts once on its service, whichever form ran it; a valid result and
+    a check switched off count nothing."""
+    Session = rdb.ResilientSession(engine, service=service, config=rdb.Config())
+
+    def failures() -> int:
+        return int(rdb.health()["services"][service]["counters"]["response_validation_failures"])
+
+    Session.run(add_item, "ok", validate=ItemOut)
+    assert failures() == 0
+    with pytest.raises(rdb.ResponseValidationError):
+        Session.run(lambda s: {"id": "x"}, validate=ItemOut)
+    with pytest.raises(rdb.ResponseValidationError):
+        rdb.with_self_healing(lambda: None, service=service, validate=lambda v: False)
+    assert failures() == 2
+    off = rdb.Config(response_validation=False)
+    assert rdb.with_self_healing(lambda: 1, service=service, validate=bool, config=off) == 1
+    assert failures() == 2
+
+
 def test_callable_returning_false_or_raising(engine: sa.Engine, service: str) -> None:
     Session = rdb.ResilientSession(engine, service=service, config=rdb.Config())
 
