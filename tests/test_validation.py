@@ -14,7 +14,7 @@ from typing import Annotated, Any, NamedTuple, Optional
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
-from pydantic import BaseModel, Field, TypeAdapter, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 from scenarios import RAISE_CODE_FUNCTION, Base, Item
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
@@ -119,6 +119,68 @@ def test_invalid_result_rolls_the_unit_back_is_logged_without_payload_and_not_re
     assert SECRET not in repr(event)
     counters = rdb.health()["services"][service]["counters"]
     assert counters["retries"] == 0
+
+
+class Shelf(BaseModel):
+    """A result with a dict-typed field whose keys are data from the database."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: int
+    stock: dict[str, int]
+    rows: list[ItemOut] = []
+
+
+def shelf(session: Session, *, key_as_field: bool = False) -> dict[str, Any]:
+    """A shelf built from the items table: item names become keys of ``stock``."""
+    names = list(session.scalars(sa.select(Item.name).order_by(Item.id)))
+    out: dict[str, Any] = {"id": 1, "stock": dict.fromkeys(names, "many")}
+    out["rows"] = [{"id": "x", "name": n} for n in names]
+    if key_as_field:
+        out[names[0]] = 1  # an extra key, data too
+    return out
+
+
+def test_a_logged_location_shows_no_key_of_the_result(
+    engine: sa.Engine, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Pydantic's ``loc`` names a dict's keys: keys of the result, which came from the
+    database. The reason and the ``[SELF-HEAL]`` line show ``<key>`` instead; field names,
+    list indexes and ``[key]`` stay."""
+    Session = rdb.ResilientSession(engine, service=service, config=rdb.Config())
+    Session.run(add_item, SECRET)
+    with (
+        caplog.at_level(logging.WARNING, logger="resilient_db"),
+        pytest.raises(rdb.ResponseValidationError) as info,
+    ):
+        Session.run(lambda s: shelf(s, key_as_field=True), validate=Shelf)
+    reason = info.value.reason
+    assert reason.split("; ") == [
+        "stock.<key>: Input should be a valid integer, unable to parse string as an integer "
+        "[int_parsing]",
+        "rows.0.id: Input should be a valid integer, unable to parse string as an integer "
+        "[int_parsing]",
+        "<key>: Extra inputs are not permitted [extra_forbidden]",
+    ]
+    assert SECRET not in caplog.text
+    (line,) = [r.getMessage() for r in caplog.records if "validation failed" in r.getMessage()]
+    assert line.endswith(reason)
+    # a list of them through a type form, and a dict key's own error ([key])
+    with pytest.raises(rdb.ResponseValidationError) as info:
+        Session.run(lambda s: [{"id": 1, "stock": {}}, shelf(s)], validate=list[Shelf])
+    assert info.value.reason.startswith("1.stock.<key>: Input should be a valid integer")
+    adapter = TypeAdapter(dict[int, ItemOut])
+    with pytest.raises(rdb.ResponseValidationError) as info:
+        Session.run(lambda s: {SECRET: {"id": 1, "name": "n"}, 7: {"id": 7}}, validate=adapter)
+    assert info.value.reason.split("; ") == [
+        "<key>.[key]: Input should be a valid integer, unable to parse string as an integer "
+        "[int_parsing]",
+        "<key>.name: Field required [missing]",
+    ]
+    # a callable raising Pydantic's error: no schema to tell names from keys, all masked
+    with pytest.raises(rdb.ResponseValidationError) as info:
+        Session.run(shelf, validate=Shelf.model_validate)
+    assert info.value.reason.startswith("<key>.<key>: Input should be a valid integer")
+    assert SECRET not in str(info.value)
 
 
 def test_validation_failures_are_counted_in_health(engine: sa.Engine, service: str) -> None:
