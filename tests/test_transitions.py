@@ -1623,6 +1623,33 @@ def test_bulk_update_by_primary_key(engine: sa.Engine, sessions: sessionmaker[_S
     assert _states(engine)[ids["completed"]] == "completed"
 
 
+def test_bulk_update_by_primary_key_counts_each_refused_move(
+    engine: sa.Engine, sessions: sessionmaker[_S], log: pytest.LogCaptureFixture
+) -> None:
+    """A parameter set moving two guarded columns illegally is two refused moves: two events,
+    and two in the counters (as an UPDATE with criteria counts them, per column), the set
+    skipped once."""
+    with sessions() as s:
+        s.add_all([Order(region="eu", number=7), Order(region="us", number=7)])
+        s.commit()
+    before = transition_stats()
+    rows = [
+        {"region": "eu", "number": 7, "status": "delivered", "payment": "refunded"},  # both
+        {"region": "us", "number": 7, "status": "shipped", "payment": "paid"},  # legal
+    ]
+    with sessions() as s:
+        s.execute(sa.update(Order), rows)
+        s.commit()
+    after = transition_stats()
+    events = [r for r in log.records if "parameter set skipped" in r.getMessage()]
+    assert sorted(r.self_heal["column"] for r in events) == ["payment", "status"]
+    assert after["bulk_rows_filtered"] - before["bulk_rows_filtered"] == 2
+    assert after["blocked_transitions"] - before["blocked_transitions"] == 2
+    with engine.connect() as conn:
+        got = {r[0]: tuple(r[1:]) for r in conn.execute(sa.select(*_table(Order).c[:4]))}
+    assert got == {"eu": (7, "open", None), "us": (7, "shipped", "paid")}
+
+
 @pytest.mark.parametrize("strategy", ["orm", "core_only"])
 def test_bulk_update_executed_once_per_parameter_set(
     engine: sa.Engine, strategy: str, log: pytest.LogCaptureFixture

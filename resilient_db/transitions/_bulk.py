@@ -357,6 +357,9 @@ def _bulk_by_pk(
                     report(err, config)
                     raise err
                 rejected.add(index)
+                # one per refused move, as the event says (a set moving two guarded columns
+                # illegally is two), like the filter of an UPDATE with criteria counts them
+                count("bulk_rows_filtered")
                 emit(
                     config,
                     logger,
@@ -378,7 +381,6 @@ def _bulk_by_pk(
                 )
     if not rejected:
         return None
-    count("bulk_rows_filtered", len(rejected))
     kept = [row for index, row in enumerate(params) if index not in rejected]
     if not kept:
         return null_result()
