@@ -31,9 +31,10 @@ def count(name: str, amount: int = 1) -> None:
 def transition_stats() -> dict[str, int]:
     """Counters since process start, stable names for ``health()`` and metrics.
 
-    ``blocked_transitions``: rows whose illegal move was refused, one per row, whatever path
-    refused it (a flush, the database trigger, a bulk UPDATE that raised, or one whose filter
-    left the row unchanged): the sum of the ``blocked_rows`` of every ``transition_blocked``
+    ``blocked_transitions``: rows whose illegal move was refused, one per row (and guarded
+    column: a row moving two guarded columns illegally counts two), whatever path refused it
+    (a flush, the database trigger, a bulk UPDATE that raised, or one whose filter left the
+    row unchanged): the sum of the ``blocked_rows`` of every ``transition_blocked``
     event that is not stale, as OpenTelemetry's ``resilient_db.transitions.blocked`` counts
     it. ``stale_transitions``: moves refused because another transaction had moved the row
     (not among the blocked). ``bulk_rows_filtered``: of the blocked, the rows a bulk UPDATE
