@@ -277,6 +277,10 @@ class RetryBudget:
                 "granted": self.granted,
                 "exhausted": self.exhausted,
             }
+        link = self._fleet
+        if link is not None:  # configured to be shared: through which Redis, and why not now
+            info["redis"] = link.masked_url
+            info["problem"] = link.problem
         fleet = self._fleet_view
         if self.shared and fleet:
             info["fleet"] = dict(fleet)

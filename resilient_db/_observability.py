@@ -248,8 +248,9 @@ def health() -> dict[str, Any]:
     objection to the URL, or the error of the last command or connection attempt; None while it
     answers or before its first attempt has ended), ``fleet_opens`` and ``opened_here``
     (openings fleet-wide and caused here); ``budget`` is the retry budget
-    (``SELF_HEALING_RETRY_BUDGET``), None without one. Nothing here talks to Redis: shared
-    figures are the last ones this process heard.
+    (``SELF_HEALING_RETRY_BUDGET``), None without one; configured to be shared, it has
+    ``redis`` and ``problem`` too (its ``scope`` is "process" while that Redis can't be used).
+    Nothing here talks to Redis: shared figures are the last ones this process heard.
 
     A service's ``counters``: ``attempts``, ``retries`` (and ``retries_by_class``),
     ``recovered``, ``gave_up``, ``breaker_opens``, ``breaker_rejections``, ``unknown_commits``,

@@ -267,12 +267,15 @@ def test_health_says_why_a_shared_breaker_is_not_connected(
 ) -> None:
     """A link that is down said why only in a warning (once a minute at most): ``health()``
     showed ``connected: False`` and nothing more. Its ``problem`` now says it, password
-    masked, and is None again once Redis answers."""
+    masked, and is None again once Redis answers; a retry budget running on this process's
+    state for want of its Redis says which Redis and why, too."""
     caplog.set_level(logging.INFO, logger="resilient_db")
     engine = sa.create_engine("postgresql+psycopg://u@127.0.0.1:9/db")  # never connected
     with RedisServer(password=f"{LEFT}{RIGHT}") as redis:
         wrong = f"redis://:{RIGHT}{LEFT}@127.0.0.1:{redis.port}/0"
-        rdb.ResilientSession(engine, service="wrong", config=rdb.Config(redis_url=wrong))
+        Wrong = rdb.ResilientSession(  # noqa: F841 - held: its budget stays configured
+            engine, service="wrong", config=rdb.Config(redis_url=wrong, retry_budget=0.2)
+        )
         Session = rdb.ResilientSession(  # noqa: F841 - held: its breaker stays shared
             engine, service="right", config=rdb.Config(redis_url=redis.url)
         )
@@ -282,6 +285,9 @@ def test_health_says_why_a_shared_breaker_is_not_connected(
         assert _shared("wrong")["problem"].startswith("AuthenticationError: ")
         assert "password" in _shared("wrong")["problem"]
         assert not _shared("wrong")["connected"]
+        budget = rdb.health()["services"]["wrong"]["budget"]  # the budget says the same
+        assert (budget["scope"], budget["problem"]) == ("process", _shared("wrong")["problem"])
+        assert budget["redis"] == _shared("wrong")["redis"]
 
         redis.kill()
         _wait(lambda: not _shared("right")["connected"], "the link to go down")
