@@ -1,26 +1,31 @@
 """The dashboard over HTTP (Starlette's test client): it refuses to start without ``auth=``,
 answers 401/403 to unauthorised requests, serves ``health()`` with recent events and time
 series as JSON, bounds what it keeps, and sends its page with a strict CSP. Real self-healing
-events come from units of work on a real server. The page in a real browser:
+events come from units of work on a real server; its figures are health()'s (blocked transitions
+counted in rows on every path, stale moves apart). The page in a real browser:
 ``test_dashboard_browser.py``."""
 
 from __future__ import annotations
 
 import contextlib
 import re
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from scenarios import RAISE_CODE_FUNCTION
+from sqlalchemy.orm import Session
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.routing import Mount
 from starlette.testclient import TestClient
 
 import resilient_db as rdb
+from resilient_db.examples.tasks import Base, Task
 from resilient_db.web import Recorder, dashboard, token_auth
+from resilient_db.web._recorder import MAX_SERVICES, NO_SERVICE
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
 
@@ -34,6 +39,13 @@ def engine(pg_url: str) -> Iterator[sa.Engine]:
         conn.execute(RAISE_CODE_FUNCTION)
     yield eng
     eng.dispose()
+
+
+@pytest.fixture
+def tasks(engine: sa.Engine) -> sa.Engine:
+    """The tasks schema."""
+    Base.metadata.create_all(engine)
+    return engine
 
 
 def mounted(board: Any) -> TestClient:
@@ -163,3 +175,144 @@ def test_recorder_is_bounded() -> None:
     assert len(rec.snapshot()["series"]) == 64
     with pytest.raises(ValueError, match="max_events"):
         Recorder(max_events=0)
+
+
+def test_recorder_counts_rows_and_keeps_the_guards_series_when_full() -> None:
+    """A blocked-transition event counts its ``blocked_rows`` (1 without), a stale one counts
+    apart; the guard's events (no service) are kept even once ``MAX_SERVICES`` are tracked."""
+    rec = Recorder(clock=lambda: 1_000_000.0)
+    for n in range(MAX_SERVICES):
+        rec(rdb.SelfHealEvent(name="retry", service=f"s{n}", level=30, message="", fields={}))
+    for fields in (
+        {"via": "orm-update", "blocked_rows": 4, "stale": False},
+        {"via": "flush", "stale": False},
+        {"via": "flush", "blocked_rows": 1, "stale": True},
+    ):
+        rec(
+            rdb.SelfHealEvent(
+                name="transition_blocked", service=None, level=40, message="", fields=fields
+            )
+        )
+    series = rec.snapshot()["series"][NO_SERVICE]
+    assert series["blocked_by_via"] == {"orm-update": 4, "flush": 1}
+    assert series["stale_by_via"] == {"flush": 1}
+    assert [row[4:] for row in series["buckets"]] == [[5, 1]]
+
+
+def test_blocked_transitions_are_rows_as_health_counts_them_stale_apart(
+    tasks: sa.Engine, service: str
+) -> None:
+    """Every path that refuses a move, on a real server: a bulk UPDATE whose filter leaves four
+    rows unchanged (one event naming 4 rows), one by primary key with a parameter set skipped,
+    a bulk UPDATE refused in raise mode (4 rows named), a flush, the database trigger, and a
+    stale flush. The dashboard's blocked counts (by path, per second) are health()'s
+    ``blocked_transitions``, row for row; the stale move is shown apart, never as blocked."""
+    board = dashboard(auth=lambda request: True)
+    board.recorder.clear()  # the guard's events of earlier tests (health() was reset for this one)
+    statuses = ["pending", "pending", "completed", "completed", "cancelled", "failed"]
+    with tasks.begin() as conn:
+        p1, p2, c1, c2, _, _ = conn.execute(
+            sa.insert(Task).returning(Task.id, sort_by_parameter_order=True),
+            [{"idem_key": str(uuid.uuid4()), "title": "t", "status": s} for s in statuses],
+        ).scalars()
+    rdb.install_transition_trigger(tasks, Task)  # the guard in the database too, from now on
+    Filtering = rdb.ResilientSession(tasks, service=service, config=rdb.Config())
+    Raising = rdb.ResilientSession(tasks, service=service, config=rdb.Config(bulk_update="raise"))
+
+    def start_all(session: Session) -> int:
+        result = session.execute(sa.update(Task).values(status="in_progress"))
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
+    assert Filtering.run(start_all) == 2  # p1, p2; c1, c2, cancelled, failed left unchanged
+
+    def by_key(session: Session) -> None:  # c1 may not start again; p2 may complete
+        session.execute(
+            sa.update(Task),
+            [{"id": c1, "status": "in_progress"}, {"id": p2, "status": "completed"}],
+        )
+
+    Filtering.run(by_key)
+
+    def reopen_all(session: Session) -> None:  # p2, c1, c2, cancelled may not: 4 rows named
+        session.execute(sa.update(Task).where(Task.status != "failed").values(status="pending"))
+
+    with pytest.raises(rdb.IllegalTransitionError):
+        Raising.run(reopen_all)
+
+    def restart(session: Session) -> None:
+        task = session.get(Task, c2)
+        assert task is not None
+        task.status = "in_progress"
+
+    with pytest.raises(rdb.IllegalTransitionError):
+        Filtering.run(restart)
+
+    def raw_reopen(session: Session) -> None:  # past the ORM: the trigger refuses it
+        session.execute(sa.text("UPDATE tasks SET status = 'pending' WHERE id = :id"), {"id": c2})
+
+    with pytest.raises(rdb.IllegalTransitionError):
+        Filtering.run(raw_reopen)
+
+    def finish_moved(session: Session) -> None:
+        task = session.get(Task, p1)
+        assert task is not None
+        with other.begin() as conn:  # another transaction moves it meanwhile
+            conn.execute(sa.update(Task.__table__).where(Task.id == p1).values(status="failed"))
+        task.status = "completed"  # legal from the state loaded
+
+    other = sa.create_engine(tasks.url)
+    try:
+        with pytest.raises(rdb.StaleTransitionError):
+            Filtering.run(finish_moved)
+    finally:
+        other.dispose()
+
+    data = mounted(board).get("/admin/self-healing/data.json").json()
+    transitions = rdb.health()["transitions"]
+    assert data["health"]["transitions"] == transitions
+    assert transitions["blocked_transitions"] == 4 + 1 + 4 + 1 + 1
+    assert transitions["stale_transitions"] == 1
+    series = data["series"][data["no_service"]]
+    assert series["blocked_by_via"] == {"orm-update": 4 + 1 + 4, "flush": 1, "db": 1}
+    assert sum(series["blocked_by_via"].values()) == transitions["blocked_transitions"]
+    assert series["stale_by_via"] == {"flush": 1}
+    columns = data["bucket_columns"]
+    blocked, stale = columns.index("blocked"), columns.index("stale")
+    assert sum(row[blocked] for row in series["buckets"]) == transitions["blocked_transitions"]
+    assert sum(row[stale] for row in series["buckets"]) == transitions["stale_transitions"]
+    fields = [e["fields"] for e in data["events"] if e["name"] == "transition_blocked"]
+    assert sum(f["blocked_rows"] for f in fields if not f.get("stale")) == 11  # shown per event
+    assert [f["via"] for f in fields if f.get("stale")] == ["flush"]
+
+
+def page_labels(page: str) -> set[str]:
+    """The counters the page's script shows on a service's card (its ``LABELS``)."""
+    found = re.search(r"const LABELS = \{(.*?)\};", page, re.DOTALL)
+    assert found is not None
+    return set(re.findall(r"(\w+):", found.group(1)))
+
+
+def test_every_counter_of_health_is_shown_validation_failures_included(
+    engine: sa.Engine, service: str
+) -> None:
+    """A result failing its ``validate=`` check on a real unit counts in the service's
+    ``response_validation_failures``: data.json carries it and the page has a box for it, as
+    for every other count health() keeps per service."""
+    board = dashboard(auth=lambda request: True)
+    Sessions = rdb.ResilientSession(engine, service=service, config=rdb.Config())
+
+    def answer(session: Session) -> int:
+        return int(session.execute(sa.text("SELECT -1")).scalar_one())
+
+    with pytest.raises(rdb.ResponseValidationError):
+        Sessions.run(answer, validate=lambda value: value > 0)
+    client = mounted(board)
+    counters = client.get("/admin/self-healing/data.json").json()["health"]["services"][service][
+        "counters"
+    ]
+    assert counters == rdb.health()["services"][service]["counters"]
+    assert counters["response_validation_failures"] == 1
+    shown = page_labels(client.get("/admin/self-healing/").text)
+    assert "response_validation_failures" in shown
+    scalar = {key for key, value in counters.items() if not isinstance(value, dict)}
+    assert scalar <= shown  # retries_by_class is shown as chips

@@ -105,10 +105,12 @@ col.c-ev { width: 170px; }
   const LABELS = {
     attempts: "attempts", retries: "retries", recovered: "recovered", gave_up: "gave up",
     breaker_opens: "breaker opens", breaker_rejections: "rejected calls",
-    verified_commits: "verified commits", unknown_commits: "unknown commits"
+    verified_commits: "verified commits", unknown_commits: "unknown commits",
+    response_validation_failures: "invalid responses"
   };
   const TONE = { gave_up: "bad", unknown_commits: "bad", breaker_opens: "warn",
-    breaker_rejections: "warn", recovered: "good", verified_commits: "good" };
+    breaker_rejections: "warn", recovered: "good", verified_commits: "good",
+    response_validation_failures: "bad" };
 
   function el(tag, cls, text) {
     const node = document.createElement(tag);
@@ -245,12 +247,15 @@ col.c-ev { width: 170px; }
     card.appendChild(top);
     const counters = info.counters || {};
     const stats = el("div", "stats");
-    for (const key of Object.keys(LABELS)) {
+    // the counters named above, then any other count health() has (one added later)
+    const keys = Object.keys(LABELS).concat(Object.keys(counters).filter(
+      (k) => !(k in LABELS) && typeof counters[k] === "number").sort());
+    for (const key of keys) {
       const value = counters[key] || 0;
       const box = el("div", "stat" + (value && TONE[key] ? " " + TONE[key] : ""));
       box.dataset.counter = key;
       box.appendChild(el("div", "v", value));
-      box.appendChild(el("div", "k", LABELS[key]));
+      box.appendChild(el("div", "k", LABELS[key] || key.replace(/_/g, " ")));
       stats.appendChild(box);
     }
     card.appendChild(stats);
@@ -284,9 +289,11 @@ col.c-ev { width: 170px; }
       grid.appendChild(box);
     }
     card.appendChild(grid);
+    // rows, as health() counts them; stale moves (the row had moved meanwhile) apart
     card.appendChild(chips("blocked by path", series ? series.blocked_by_via : {}));
-    card.appendChild(plotTitle("blocked per second", [["blocked", "#f79009"]]));
-    card.appendChild(ratePlot(series ? series.buckets : [], from, to, [[4, "#f79009"]]));
+    card.appendChild(chips("stale by path", series ? series.stale_by_via : {}));
+    card.appendChild(plotTitle("blocked per second", [["blocked", "#f79009"], ["stale", "#7a5af8"]]));
+    card.appendChild(ratePlot(series ? series.buckets : [], from, to, [[4, "#f79009"], [5, "#7a5af8"]]));
     return card;
   }
   function eventsCard(events) {

@@ -1,5 +1,11 @@
 """What the dashboard remembers: recent ``[SELF-HEAL]`` events and short time series, fed by the
-public hook API (:func:`resilient_db.add_hook`), bounded in size whatever the traffic."""
+public hook API (:func:`resilient_db.add_hook`), bounded in size whatever the traffic.
+
+Blocked transitions are counted as :func:`resilient_db.health` counts ``blocked_transitions``
+(and Prometheus and OpenTelemetry do): one per row whose illegal status move was refused, so a
+``transition_blocked`` event adds its ``blocked_rows`` (1 without); a stale move (the event's
+``stale`` field: another transaction had moved the row) is counted apart, as
+``stale_transitions`` is, never as blocked."""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from resilient_db._observability import SelfHealEvent, add_hook
@@ -21,7 +27,17 @@ MAX_STATE_CHANGES = 256
 #: Counted fields of events kept per service (SQLSTATEs, classes, paths).
 MAX_LABELS = 64
 #: Events whose fields are shown in the event list (what they name, not who).
-_SHOWN_FIELDS = ("outcome", "sqlstate", "via", "from_state", "to_state", "model", "validator")
+_SHOWN_FIELDS = (
+    "outcome",
+    "sqlstate",
+    "via",
+    "from_state",
+    "to_state",
+    "model",
+    "validator",
+    "blocked_rows",
+    "stale",
+)
 _BREAKER_STATES = {
     "breaker_opened": "open",
     "breaker_half_open": "half-open",
@@ -29,6 +45,9 @@ _BREAKER_STATES = {
 }
 #: Events without a service (the transition guard's) are kept under this name.
 NO_SERVICE = "(transitions)"
+#: The columns of a per-second bucket (``snapshot()["bucket_columns"]``).
+BUCKET_COLUMNS = ("second", "retries", "gave_up", "recovered", "blocked", "stale")
+_RETRIES, _GAVE_UP, _RECOVERED, _BLOCKED, _STALE = range(1, len(BUCKET_COLUMNS))
 
 
 class _Series:
@@ -39,20 +58,30 @@ class _Series:
         self.states: deque[tuple[float, str]] = deque(maxlen=MAX_STATE_CHANGES)
         self.retries_by_sqlstate: Counter[str] = Counter()
         self.blocked_by_via: Counter[str] = Counter()
+        self.stale_by_via: Counter[str] = Counter()
         self.events_by_name: Counter[str] = Counter()
 
     def bucket(self, second: int) -> list[int]:
         buckets = self.buckets
         if buckets and buckets[-1][0] == second:
             return buckets[-1]
-        row = [second, 0, 0, 0, 0]  # second, retries, gave_up, recovered, blocked
+        row = [second] + [0] * (len(BUCKET_COLUMNS) - 1)
         buckets.append(row)
         return row
 
 
-def _count(counter: Counter[str], label: str) -> None:
+def _count(counter: Counter[str], label: str, amount: int = 1) -> None:
     if label in counter or len(counter) < MAX_LABELS:
-        counter[label] += 1
+        counter[label] += amount
+
+
+def _rows(fields: Mapping[str, Any]) -> int:
+    """The rows a ``transition_blocked`` event stands for: its ``blocked_rows`` (a bulk UPDATE's
+    event names several), 1 without; read as the OpenTelemetry hook reads it."""
+    try:
+        return int(fields.get("blocked_rows", 1) or 1)
+    except (TypeError, ValueError):
+        return 1
 
 
 class Recorder:
@@ -96,21 +125,28 @@ class Recorder:
             self._events.append(entry)
             series = self._series.get(service)
             if series is None:
-                if len(self._series) >= MAX_SERVICES:
+                # the guard's series is always kept: its counts are health()'s transitions
+                if len(self._series) >= MAX_SERVICES and service != NO_SERVICE:
                     return
                 series = self._series[service] = _Series(self.window)
             _count(series.events_by_name, event.name)
             row = series.bucket(int(now))
             if event.name == "retry":
-                row[1] += 1
+                row[_RETRIES] += 1
                 _count(series.retries_by_sqlstate, str(fields.get("sqlstate", "none")))
             elif event.name == "gave_up":
-                row[2] += 1
+                row[_GAVE_UP] += 1
             elif event.name == "recovered":
-                row[3] += 1
+                row[_RECOVERED] += 1
             elif event.name == "transition_blocked":
-                row[4] += 1
-                _count(series.blocked_by_via, str(fields.get("via", "?")))
+                rows = _rows(fields)
+                via = str(fields.get("via", "?"))
+                if fields.get("stale"):
+                    row[_STALE] += rows
+                    _count(series.stale_by_via, via, rows)
+                else:
+                    row[_BLOCKED] += rows
+                    _count(series.blocked_by_via, via, rows)
             state = _BREAKER_STATES.get(event.name)
             if state is not None:
                 series.states.append((now, state))
@@ -127,6 +163,7 @@ class Recorder:
                     "breaker_states": [[t, state] for t, state in s.states],
                     "retries_by_sqlstate": dict(s.retries_by_sqlstate),
                     "blocked_by_via": dict(s.blocked_by_via),
+                    "stale_by_via": dict(s.stale_by_via),
                     "events_by_name": dict(s.events_by_name),
                 }
                 for name, s in self._series.items()
@@ -137,7 +174,7 @@ class Recorder:
             "now": now,
             "since": self.started,
             "window": self.window,
-            "bucket_columns": ["second", "retries", "gave_up", "recovered", "blocked"],
+            "bucket_columns": list(BUCKET_COLUMNS),
             "events": recent,
             "series": series,
         }
