@@ -24,13 +24,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from ._classify import Classifier
 from ._commit import (
-    CLAIM_SQL,
     MARKERS,
-    READ_WRITE_SQL,
     XID_STATUS_SQL,
     AttemptRecord,
     CommitRequest,
     CommitTicket,
+    claim,
 )
 from ._config import Config
 from ._errors import TransactionStateError
@@ -464,9 +463,8 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                     await conn.execution_options(isolation_level="READ COMMITTED")
                     async with conn.begin():
                         if ticket.mode == MARKERS:
-                            await conn.execute(READ_WRITE_SQL)
-                            result = await conn.execute(CLAIM_SQL, {"marker": ticket.marker})
-                            verdict = interpret_claim(result.scalar())
+                            status = await conn.run_sync(claim, ticket)
+                            verdict = interpret_claim(status)
                         else:
                             row = (await conn.execute(XID_STATUS_SQL, {"xid": ticket.xid})).one()
                             verdict = interpret_xid(ticket, row[0], row[1])

@@ -333,6 +333,57 @@ CLAIM_WAIT_MS: Final = 2000  # a claim waits this long for an original still com
 CLAIM_SQL = text(
     f"SELECT {SCHEMA}.claim_commit(CAST(CAST(:marker AS text) AS uuid), {CLAIM_WAIT_MS})"
 )
+#: the time a claim is given on the server: its wait, and a second for the rest
+CLAIM_TIMEOUT_MS: Final = CLAIM_WAIT_MS + 1000
+#: sent before a claim: the application's statement_timeout (and PostgreSQL 17's
+#: transaction_timeout, which can only be switched off inside a transaction), where shorter than
+#: the claim's time, would cut the claim's wait for an original still committing and turn an
+#: outcome the wait would have known into "unknown". Raised for the claim's transaction only;
+#: settings a server does not have are not in ``pg_settings``, so this runs on any version.
+CLAIM_TIMEOUTS_SQL = text(
+    "SELECT pg_catalog.set_config(name, CASE name WHEN 'statement_timeout' "
+    f"THEN '{CLAIM_TIMEOUT_MS}' ELSE '0' END, true) FROM pg_catalog.pg_settings "
+    "WHERE name IN ('statement_timeout', 'transaction_timeout') "
+    f"AND setting::integer BETWEEN 1 AND {CLAIM_TIMEOUT_MS - 1}"
+)
+#: how long the client waits for a claim's answer (asyncpg's ``command_timeout``, where
+#: shorter, is raised to this for the claim): past the server's bound, so that the server's
+#: answer, not the client's impatience, ends it
+CLAIM_CLIENT_TIMEOUT: Final = CLAIM_TIMEOUT_MS / 1000 + 1.0
+
+
+def claim(connection: Connection, ticket: CommitTicket) -> str | None:
+    """``resilient_db.claim_commit`` of ``ticket``'s marker on ``connection`` (in the READ
+    COMMITTED transaction begun for it); its answer. The claim is given its whole wait whatever the
+    application's timeouts (:data:`CLAIM_TIMEOUTS_SQL`, and asyncpg's ``command_timeout``):
+    a claim they cut short could only answer "unknown" for a COMMIT still running, whose
+    outcome the wait would have known."""
+    connection.execute(READ_WRITE_SQL)
+    connection.execute(CLAIM_TIMEOUTS_SQL)
+    driver = connection.connection.driver_connection
+    with _command_timeout_at_least(driver, CLAIM_CLIENT_TIMEOUT):
+        status = connection.execute(CLAIM_SQL, {"marker": ticket.marker}).scalar()
+    return None if status is None else str(status)
+
+
+@contextlib.contextmanager
+def _command_timeout_at_least(driver: Any, seconds: float) -> Iterator[None]:
+    """An asyncpg connection's ``command_timeout`` raised to ``seconds`` while inside, where it
+    is shorter (other drivers have none). asyncpg reads it from the connection's configuration
+    (``_config``, a named tuple) at each statement, and SQLAlchemy passes no timeout of its
+    own; ``tests/test_commit_interrupted.py`` fails if that changes."""
+    config = getattr(driver, "_config", None) if isinstance(driver, asyncpg.Connection) else None
+    current = getattr(config, "command_timeout", None)
+    if config is None or current is None or current >= seconds:
+        yield
+        return
+    driver._config = config._replace(command_timeout=seconds)
+    try:
+        yield
+    finally:
+        driver._config = config
+
+
 PRUNE_SQL = f"SELECT {SCHEMA}.prune_commit_markers({PRUNE_BATCH})"
 
 

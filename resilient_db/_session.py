@@ -26,13 +26,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ._classify import Classifier
 from ._commit import (
-    CLAIM_SQL,
     MARKERS,
-    READ_WRITE_SQL,
     XID_STATUS_SQL,
     AttemptRecord,
     CommitRequest,
     CommitTicket,
+    claim,
 )
 from ._config import Config
 from ._errors import TransactionStateError
@@ -414,9 +413,8 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                     conn.execution_options(isolation_level="READ COMMITTED")
                     with conn.begin():
                         if ticket.mode == MARKERS:
-                            conn.execute(READ_WRITE_SQL)
-                            result = conn.execute(CLAIM_SQL, {"marker": ticket.marker})
-                            verdict = interpret_claim(result.scalar())
+                            status = claim(conn, ticket)
+                            verdict = interpret_claim(status)
                         else:
                             row = conn.execute(XID_STATUS_SQL, {"xid": ticket.xid}).one()
                             verdict = interpret_xid(ticket, row[0], row[1])

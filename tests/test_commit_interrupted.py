@@ -1,0 +1,384 @@
+"""A unit whose COMMIT is interrupted: by a timeout of the application's, by the server.
+Against the suite's real server, through the real drivers (sync psycopg, and both of
+SQLAlchemy's async drivers).
+
+The guarantees: a unit is reported done only when committed, replayed only when provably not
+committed, else ``CommitOutcomeUnknownError``; and an outcome that can be known is known:
+
+* a claim (``resilient_db.claim_commit``, which waits for an original COMMIT still running) gets
+  its whole wait, whatever the application's ``statement_timeout`` or asyncpg's
+  ``command_timeout`` (they used to cut it short, and the outcome was "unknown");
+* a COMMIT the server refused (a deferred constraint, a cancel) is that error: not verified, not
+  replayed.
+
+The slow COMMIT is a deferred constraint trigger that sleeps at COMMIT; a cancel of the COMMIT
+either ends it with an error (nothing committed) or is taken and the COMMIT goes on and commits
+(as a COMMIT waiting for a synchronous standby does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+import pytest_asyncio
+import sqlalchemy as sa
+from scenarios import ASYNC_DRIVERS
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
+
+import resilient_db as rdb
+from resilient_db.testing import FaultProxy, PostgresServer
+
+pytestmark = pytest.mark.usefixtures("no_backoff")
+
+#: ``after``: seconds the COMMIT goes on after a cancel (then commits); negative: a cancel ends it
+SLOW_COMMIT = """
+CREATE TABLE slow_commits (
+    id serial PRIMARY KEY, first float8 NOT NULL, after float8 NOT NULL);
+CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    BEGIN
+        PERFORM pg_sleep(NEW.first);
+    EXCEPTION WHEN query_canceled THEN
+        IF NEW.after < 0 THEN
+            RAISE;
+        END IF;
+        PERFORM pg_sleep(NEW.after);
+    END;
+    RETURN NULL;
+END $$;
+CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON slow_commits
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit();
+CREATE TABLE unique_at_commit (
+    id integer, CONSTRAINT unique_at_commit_id UNIQUE (id) DEFERRABLE INITIALLY DEFERRED);
+INSERT INTO unique_at_commit VALUES (1);
+"""
+MARKERS = "markers"
+FALLBACK = "fallback"
+
+
+def slow_insert(first: float, after: float) -> sa.TextClause:
+    return sa.text(f"INSERT INTO slow_commits (first, after) VALUES ({first}, {after})")
+
+
+def prepare(server: PostgresServer, database: str, mode: str) -> None:
+    with server.connect(database) as conn:
+        conn.execute(SLOW_COMMIT)
+    if mode == MARKERS:
+        engine = sa.create_engine(server.url(database))
+        try:
+            rdb.install_commit_markers(engine)
+        finally:
+            engine.dispose()
+
+
+def count(server: PostgresServer, database: str, sql: str) -> int:
+    return int(server.execute(sql, database=database)[0][0])
+
+
+def slow_rows(server: PostgresServer, database: str) -> int:
+    return count(server, database, "SELECT count(*) FROM slow_commits")
+
+
+def committing(server: PostgresServer, database: str) -> bool:
+    """A backend of ``database`` is in the slow COMMIT's sleep."""
+    return bool(
+        count(
+            server,
+            database,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event = 'PgSleep' AND query ILIKE '%COMMIT%'",
+        )
+    )
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def wait_until_sync(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def counters(service: str) -> dict[str, Any]:
+    found: dict[str, Any] = rdb.health()["services"][service]["counters"]
+    return found
+
+
+def breaker(service: str) -> dict[str, Any]:
+    found: dict[str, Any] = rdb.health()["services"][service]["breaker"]
+    return found
+
+
+@pytest.fixture
+def events() -> Iterator[list[rdb.SelfHealEvent]]:
+    seen: list[rdb.SelfHealEvent] = []
+    rdb.add_hook(seen.append)
+    yield seen
+    rdb.remove_hook(seen.append)
+
+
+def named(events: list[rdb.SelfHealEvent], name: str) -> list[rdb.SelfHealEvent]:
+    return [e for e in events if e.name == name]
+
+
+#: what a unit's failed COMMIT may end in
+VERDICTS = {"commit_verified", "commit_not_applied", "commit_unknown", "commit_interrupted"}
+
+
+def verdicts(events: list[rdb.SelfHealEvent]) -> list[rdb.SelfHealEvent]:
+    return [e for e in events if e.name in VERDICTS]
+
+
+@pytest_asyncio.fixture
+async def engines() -> AsyncIterator[list[AsyncEngine]]:
+    made: list[AsyncEngine] = []
+    yield made
+    for engine in made:
+        await engine.dispose()
+
+
+async def quick(session: AsyncSession) -> int:
+    return int((await session.execute(sa.text("SELECT 42"))).scalar_one())
+
+
+# -- a claim gets its whole wait -------------------------------------------------------------------
+@pytest.mark.asyncio
+async def test_a_claim_outlasts_asyncpgs_command_timeout(
+    *,
+    pg_server: PostgresServer,
+    pg_database: str,
+    engines: list[AsyncEngine],
+    service: str,
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """asyncpg's ``command_timeout`` cut the COMMIT off; the cancel it sent was taken and the
+    COMMIT went on for 0.8 s, then committed. The claim that settles it waits for it (2 s): the
+    same ``command_timeout`` cut the claim off too, and the unit raised
+    ``CommitOutcomeUnknownError`` for a COMMIT whose outcome the wait would have known."""
+    prepare(pg_server, pg_database, MARKERS)
+    url = pg_server.url(pg_database, driver="asyncpg")
+    engine = create_async_engine(url, connect_args={"command_timeout": 0.3})
+    engines.append(engine)
+    Session = rdb.AsyncResilientSession(engine, service=service)
+    calls = 0
+
+    async def write(session: AsyncSession) -> str:
+        nonlocal calls
+        calls += 1
+        await session.execute(slow_insert(5, 0.8))
+        return "done"
+
+    assert await Session.run(write) == "done"
+    assert calls == 1
+    assert slow_rows(pg_server, pg_database) == 1
+    [verified] = named(events, "commit_verified")
+    assert "after the client stopped waiting" in verified.message
+    assert not named(events, "commit_unknown")
+    assert await Session.run(quick) == 42
+
+    async def slow(session: AsyncSession) -> None:
+        await session.execute(sa.text("SELECT pg_sleep(2)"))
+
+    with pytest.raises(TimeoutError):  # the unit's statements keep the application's timeout
+        await Session.run(slow)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
+async def test_a_claim_outlasts_the_applications_statement_timeout(
+    *,
+    pg_server: PostgresServer,
+    pg_database: str,
+    fault_proxy: FaultProxy,
+    engines: list[AsyncEngine],
+    service: str,
+    driver: str,
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """The connection is lost while the COMMIT runs (it commits a second later). The claim on a
+    new connection waits for it, under the application's ``statement_timeout`` of 300 ms, which
+    cancelled the claim: the outcome was "unknown" though the wait would have known it."""
+    prepare(pg_server, pg_database, MARKERS)
+    connect_args: dict[str, Any] = (
+        {"server_settings": {"statement_timeout": "300"}}
+        if driver == "asyncpg"
+        else {"options": "-c statement_timeout=300"}
+    )
+    engine = create_async_engine(
+        fault_proxy.url(pg_database, driver=driver), connect_args=connect_args
+    )
+    engines.append(engine)
+    Session = rdb.AsyncResilientSession(engine, service=service)
+    calls = 0
+
+    async def write(session: AsyncSession) -> str:
+        nonlocal calls
+        calls += 1
+        await session.execute(slow_insert(1, 0))  # (statement_timeout spares a COMMIT's work)
+        return "done"
+
+    task = asyncio.ensure_future(Session.run(write))
+    await wait_until(lambda: committing(pg_server, pg_database) or task.done())
+    fault_proxy.cut_all()
+    assert await asyncio.wait_for(task, 10) == "done"
+    assert calls == 1
+    assert slow_rows(pg_server, pg_database) == 1
+    assert len(named(events, "commit_verified")) == 1
+    assert not named(events, "commit_unknown")
+
+    async def slow(session: AsyncSession) -> None:
+        await session.execute(sa.text("SELECT pg_sleep(1)"))
+
+    with pytest.raises(sa.exc.DBAPIError) as info:  # the timeout holds for the unit
+        await Session.run(slow)
+    assert rdb.sqlstate_of(info.value) == "57014"
+
+
+def test_a_claim_outlasts_the_applications_statement_timeout_sync(
+    *,
+    pg_server: PostgresServer,
+    pg_database: str,
+    fault_proxy: FaultProxy,
+    service: str,
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """The sync twin (psycopg) of the test above."""
+    prepare(pg_server, pg_database, MARKERS)
+    engine = sa.create_engine(
+        fault_proxy.url(pg_database), connect_args={"options": "-c statement_timeout=300"}
+    )
+    try:
+        Session = rdb.ResilientSession(engine, service=service)
+        calls = 0
+        outcome: list[object] = []
+
+        def write(session: Session) -> str:
+            nonlocal calls
+            calls += 1
+            session.execute(slow_insert(1, 0))
+            return "done"
+
+        def run() -> None:
+            try:
+                outcome.append(Session.run(write))
+            except Exception as exc:
+                outcome.append(exc)
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        wait_until_sync(lambda: committing(pg_server, pg_database) or not worker.is_alive())
+        fault_proxy.cut_all()
+        worker.join(10)
+        assert not worker.is_alive()
+        assert outcome == ["done"]
+        assert calls == 1
+        assert slow_rows(pg_server, pg_database) == 1
+        assert not named(events, "commit_unknown")
+    finally:
+        engine.dispose()
+
+
+# -- a COMMIT the server refused -------------------------------------------------------------------
+@pytest.mark.asyncio
+@pytest.mark.parametrize("mode", [MARKERS, FALLBACK])
+@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
+async def test_a_deferred_constraint_refusing_the_commit_is_that_error(
+    *,
+    pg_server: PostgresServer,
+    pg_database: str,
+    engines: list[AsyncEngine],
+    service: str,
+    mode: str,
+    driver: str,
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """23505 at COMMIT (a deferred unique constraint), after the marker was written in the same
+    message: the server answered, nothing committed. Raised as it is: not taken for the marker
+    statement's failure, not verified, not replayed."""
+    prepare(pg_server, pg_database, mode)
+    engine = create_async_engine(pg_server.url(pg_database, driver=driver))
+    engines.append(engine)
+    Session = rdb.AsyncResilientSession(engine, service=service)
+    calls = 0
+
+    async def duplicate(session: AsyncSession) -> str:
+        nonlocal calls
+        calls += 1
+        await session.execute(sa.text("INSERT INTO unique_at_commit VALUES (1)"))
+        await session.execute(slow_insert(0, 0))
+        return "done"
+
+    with pytest.raises(sa.exc.IntegrityError) as info:
+        await Session.run(duplicate)
+    assert rdb.sqlstate_of(info.value) == "23505"
+    assert "unique_at_commit_id" in str(info.value)
+    assert calls == 1
+    assert not verdicts(events)
+    assert slow_rows(pg_server, pg_database) == 0
+    if mode == MARKERS:
+        markers = "SELECT count(*) FROM resilient_db.commit_markers"
+        assert count(pg_server, pg_database, markers) == 0
+    assert breaker(service)["failures"] == 0
+    assert await Session.run(quick) == 42
+
+
+@pytest.mark.parametrize("commit", ["cancel ends it", "commits anyway"], ids=["ended", "committed"])
+def test_psycopg_cancel_of_a_commit_is_the_servers_answer(
+    *,
+    pg_server: PostgresServer,
+    pg_database: str,
+    service: str,
+    commit: str,
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """``Connection.cancel_safe()`` from another thread while the COMMIT runs: the server
+    answers it, with 57014 (nothing committed: raised, not replayed, not verified) or with the
+    COMMIT's success (done)."""
+    prepare(pg_server, pg_database, MARKERS)
+    engine = sa.create_engine(pg_server.url(pg_database))
+    try:
+        Session = rdb.ResilientSession(engine, service=service)
+        after = -1 if commit == "cancel ends it" else 0.3
+        drivers: list[psycopg.Connection[Any]] = []
+        calls = 0
+
+        def write(session: Session) -> str:
+            nonlocal calls
+            calls += 1
+            session.execute(slow_insert(3, after))
+            driver = session.connection().connection.driver_connection
+            assert isinstance(driver, psycopg.Connection)
+            drivers.append(driver)
+            return "done"
+
+        def cancel() -> None:
+            wait_until_sync(lambda: committing(pg_server, pg_database))
+            drivers[0].cancel_safe()
+
+        canceller = threading.Thread(target=cancel, daemon=True)
+        canceller.start()
+        if after < 0:
+            with pytest.raises(sa.exc.OperationalError) as info:
+                Session.run(write)
+            assert rdb.sqlstate_of(info.value) == "57014"
+        else:
+            assert Session.run(write) == "done"
+        canceller.join(10)
+        assert calls == 1
+        assert not verdicts(events)
+        assert slow_rows(pg_server, pg_database) == (0 if after < 0 else 1)
+    finally:
+        engine.dispose()
