@@ -183,6 +183,13 @@ class CommitReferee:
                     self._spread(exc, request, connections, lost=lost)
                     return None
                 elsewhere = connections[0][0].engine  # marked: settled in its own database
+            if _sent_nothing(request, connections):
+                # the driver refused the COMMIT before sending it, as asyncpg does on a
+                # connection the server had closed (terminated, or by its
+                # idle_in_transaction_session_timeout) while the unit was between statements.
+                # Nothing committed: the error is settled as any other (a lost connection is
+                # replayed), not as an unknown outcome
+                return None
         ticket = request.last
         if ticket is None or not ticket.wrote:
             return None  # COMMIT never sent, or nothing written: a replay can't write twice
@@ -365,6 +372,18 @@ class CommitReferee:
         return CommitOutcomeUnknownError(
             policy.service, int(xid) if xid is not None else None, reason, marker=marker
         )
+
+
+def _sent_nothing(request: CommitRequest, connections: list[tuple[Any, bool]]) -> bool:
+    """Whether the committing unit provably sent no COMMIT: its transaction's connections are
+    all marked (every COMMIT that could commit there gets a ticket: see ``_commit_plan``) and
+    none has a ticket, nor did a two-phase COMMIT PREPARED go out."""
+    return (
+        not request.tickets
+        and bool(connections)
+        and all(marked for _, marked in connections)
+        and not request.two_phase_commits
+    )
 
 
 def _prepare_twophase(connection: Connection, xid: Any) -> None:

@@ -8,6 +8,8 @@ committed, else ``CommitOutcomeUnknownError``; and an outcome that can be known 
 * a claim (``resilient_db.claim_commit``, which waits for an original COMMIT still running) gets
   its whole wait, whatever the application's ``statement_timeout`` or asyncpg's
   ``command_timeout`` (they used to cut it short, and the outcome was "unknown");
+* a COMMIT that the driver refused to send (asyncpg, on a connection the server had closed while
+  the unit was between statements) committed nothing: the unit is replayed, not "unknown";
 * a COMMIT the server refused (a deferred constraint, a cancel) is that error: not verified, not
   replayed.
 
@@ -289,6 +291,62 @@ def test_a_claim_outlasts_the_applications_statement_timeout_sync(
         assert not named(events, "commit_unknown")
     finally:
         engine.dispose()
+
+
+# -- a COMMIT the driver never sent --------------------------------------------------------------
+@pytest.mark.asyncio
+@pytest.mark.parametrize("mode", [MARKERS, FALLBACK])
+@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
+@pytest.mark.parametrize("how", ["terminated", "idle_in_transaction_session_timeout"])
+async def test_a_connection_closed_before_commit_is_replayed_not_unknown(
+    *,
+    pg_server: PostgresServer,
+    pg_database: str,
+    engines: list[AsyncEngine],
+    service: str,
+    mode: str,
+    driver: str,
+    how: str,
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """The server closes the unit's connection while the unit awaits something else (a backend
+    terminated, a failover, its idle_in_transaction_session_timeout). asyncpg sees it closed and
+    refuses the COMMIT without sending it ("the underlying connection is closed"): nothing can
+    have committed, yet the unit raised ``CommitOutcomeUnknownError``. It is replayed; psycopg,
+    which sends the COMMIT and hears the server's error, settles it on a new connection."""
+    prepare(pg_server, pg_database, mode)
+    connect_args: dict[str, Any] = {}
+    if how != "terminated":
+        connect_args = (
+            {"server_settings": {"idle_in_transaction_session_timeout": "200"}}
+            if driver == "asyncpg"
+            else {"options": "-c idle_in_transaction_session_timeout=200"}
+        )
+    engine = create_async_engine(
+        pg_server.url(pg_database, driver=driver), connect_args=connect_args
+    )
+    engines.append(engine)
+    Session = rdb.AsyncResilientSession(engine, service=service)
+    calls = 0
+
+    async def write(session: AsyncSession) -> str:
+        nonlocal calls
+        calls += 1
+        await session.execute(slow_insert(0, 0))
+        if calls == 1:
+            pid = (await session.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
+            if how == "terminated":
+                pg_server.execute(f"SELECT pg_terminate_backend({int(pid)})")
+            gone = f"SELECT count(*) FROM pg_stat_activity WHERE pid = {int(pid)}"
+            await wait_until(lambda: count(pg_server, pg_database, gone) == 0)
+            await asyncio.sleep(0.1)  # asyncpg reads the close meanwhile
+        return "done"
+
+    assert await Session.run(write) == "done"
+    assert calls == 2
+    assert slow_rows(pg_server, pg_database) == 1
+    assert not named(events, "commit_unknown")
+    assert counters(service)["unknown_commits"] == 0
 
 
 # -- a COMMIT the server refused -------------------------------------------------------------------
