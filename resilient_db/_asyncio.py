@@ -372,6 +372,9 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                         await s.run_sync(flush_and_commit, request, self._hooks.commit)
                     except Exception as exc:
                         await self._commit_failed(exc, request, s)
+                    except BaseException as interruption:  # cancelled or interrupted: not verified
+                        self._referee.interrupted(request, interruption)
+                        raise
                     record.unit_committed(request)
                     return value
                 except BaseException:
@@ -404,7 +407,12 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         ticket = self._referee.must_verify(exc, request)
         if ticket is None:
             raise exc
-        if not self._referee.settle(ticket, await self._verify_commit(ticket), exc):
+        try:
+            verdict = await self._verify_commit(ticket)
+        except BaseException as interruption:  # (its errors are verdicts)
+            self._referee.interrupted(request, interruption, verifying=True)
+            raise
+        if not self._referee.settle(ticket, verdict, exc):
             raise exc
 
     async def _finish_two_phase(

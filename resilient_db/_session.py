@@ -337,6 +337,9 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                         flush_and_commit(s, request, self._hooks.commit)
                     except Exception as exc:
                         self._commit_failed(exc, request, s)
+                    except BaseException as interruption:  # cancelled or interrupted: not verified
+                        self._referee.interrupted(request, interruption)
+                        raise
                     record.unit_committed(request)
                     return value
                 except BaseException:
@@ -356,7 +359,12 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         ticket = self._referee.must_verify(exc, request)
         if ticket is None:
             raise exc
-        if not self._referee.settle(ticket, self._verify_commit(ticket), exc):
+        try:
+            verdict = self._verify_commit(ticket)
+        except BaseException as interruption:  # (its errors are verdicts)
+            self._referee.interrupted(request, interruption, verifying=True)
+            raise
+        if not self._referee.settle(ticket, verdict, exc):
             raise exc
 
     def _finish_two_phase(self, request: CommitRequest, exc: Exception, session: Session) -> bool:

@@ -254,12 +254,7 @@ class CommitReferee:
     def settle(self, ticket: CommitTicket, verdict: CommitVerdict, exc: BaseException) -> bool:
         """True: committed. False: not committed, re-raise ``exc``. Otherwise raises."""
         policy = self.policy
-        if ticket.marker:
-            what = f"marker {ticket.marker}"
-        elif ticket.xid is not None:
-            what = f"transaction {ticket.xid}"
-        else:  # UNMARKED: a two-phase COMMIT PREPARED, or a connection the protocol can't mark
-            what = "a COMMIT that carried no marker"
+        what = _whose(ticket)
         if verdict is CommitVerdict.COMMITTED:
             policy.stats.add("verified_commits")
             emit(
@@ -293,6 +288,46 @@ class CommitReferee:
             )
             return False
         raise self._unknown(what, verdict.value, marker=ticket.marker, xid=ticket.xid) from exc
+
+    def interrupted(
+        self, request: CommitRequest, interruption: BaseException, *, verifying: bool = False
+    ) -> None:
+        """The unit was interrupted (its task cancelled, ``asyncio.timeout`` or ``wait_for``
+        around it, ``KeyboardInterrupt``) while its COMMIT was in flight, or while a lost
+        answer was being settled (``verifying``). The interruption goes on as it is, at once:
+        the COMMIT is neither verified nor replayed. Its caller hears only the interruption,
+        so a line names the transaction (its marker stays :data:`~._commit.RETENTION`, for
+        ``resilient_db.claim_commit``), as every self-healing action is logged. Nothing when
+        no COMMIT that wrote went out."""
+        ticket = request.last if request.committing else None
+        if ticket is None or not ticket.wrote or _sent_nothing(request, request.connections()):
+            return
+        policy = self.policy
+        if ticket.done:  # answered: committed (the interruption came after it, in the prune)
+            level, outcome = logging.WARNING, "committed"
+            how = "after its COMMIT succeeded; it is committed"
+        else:
+            level, outcome = logging.ERROR, "unknown"
+            how = (
+                "while its lost COMMIT answer was being verified"
+                if verifying
+                else "with its COMMIT in flight"
+            ) + "; outcome unknown, not verified, not replayed"
+        emit(
+            policy.config,
+            log_session,
+            level,
+            "Commit interrupted: service=%s %s: the unit was interrupted (%s) %s",
+            policy.service,
+            _whose(ticket),
+            type(interruption).__name__,
+            how,
+            service=policy.service,
+            event="commit_interrupted",
+            outcome=outcome,
+            marker=ticket.marker,
+            xid=ticket.xid,
+        )
 
     def two_phase_pending(
         self, request: CommitRequest, exc: BaseException
@@ -384,6 +419,16 @@ def _sent_nothing(request: CommitRequest, connections: list[tuple[Any, bool]]) -
         and all(marked for _, marked in connections)
         and not request.two_phase_commits
     )
+
+
+def _whose(ticket: CommitTicket) -> str:
+    """The transaction of ``ticket``, as the log lines name it."""
+    if ticket.marker:
+        return f"marker {ticket.marker}"
+    if ticket.xid is not None:
+        return f"transaction {ticket.xid}"
+    # UNMARKED: a two-phase COMMIT PREPARED, or a connection the protocol can't mark
+    return "a COMMIT that carried no marker"
 
 
 def _prepare_twophase(connection: Connection, xid: Any) -> None:

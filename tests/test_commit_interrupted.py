@@ -1,5 +1,5 @@
-"""A unit whose COMMIT is interrupted: by a timeout of the application's, by the server.
-Against the suite's real server, through the real drivers (sync psycopg, and both of
+"""A unit whose COMMIT is interrupted: by a timeout of the application's, by a cancelled task, by
+the server. Against the suite's real server, through the real drivers (sync psycopg, and both of
 SQLAlchemy's async drivers).
 
 The guarantees: a unit is reported done only when committed, replayed only when provably not
@@ -10,6 +10,9 @@ committed, else ``CommitOutcomeUnknownError``; and an outcome that can be known 
   ``command_timeout`` (they used to cut it short, and the outcome was "unknown");
 * a COMMIT that the driver refused to send (asyncpg, on a connection the server had closed while
   the unit was between statements) committed nothing: the unit is replayed, not "unknown";
+* a cancelled unit raises its ``CancelledError`` at once (nothing verified, nothing replayed), no
+  connection is left checked out, the breaker counts nothing, and a line names the transaction
+  whose COMMIT was in flight;
 * a COMMIT the server refused (a deferred constraint, a cancel) is that error: not verified, not
   replayed.
 
@@ -96,6 +99,18 @@ def committing(server: PostgresServer, database: str) -> bool:
             database,
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
             "AND wait_event = 'PgSleep' AND query ILIKE '%COMMIT%'",
+        )
+    )
+
+
+def claiming(server: PostgresServer, database: str) -> bool:
+    """A claim in ``database`` waits for the original COMMIT's marker."""
+    return bool(
+        count(
+            server,
+            database,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND state = 'active' AND wait_event_type = 'Lock' AND query LIKE '%claim_commit%'",
         )
     )
 
@@ -347,6 +362,121 @@ async def test_a_connection_closed_before_commit_is_replayed_not_unknown(
     assert slow_rows(pg_server, pg_database) == 1
     assert not named(events, "commit_unknown")
     assert counters(service)["unknown_commits"] == 0
+
+
+# -- a cancelled unit ------------------------------------------------------------------------------
+@pytest.mark.asyncio
+@pytest.mark.parametrize("mode", [MARKERS, FALLBACK])
+@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
+@pytest.mark.parametrize("commit", ["cancel ends it", "commits anyway"], ids=["ended", "committed"])
+@pytest.mark.parametrize("how", ["cancel", "asyncio.timeout"])
+async def test_a_unit_cancelled_with_its_commit_in_flight(
+    *,
+    pg_server: PostgresServer,
+    pg_database: str,
+    engines: list[AsyncEngine],
+    service: str,
+    mode: str,
+    driver: str,
+    commit: str,
+    how: str,
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """The cancellation goes on at once (as soon as the driver has the server's answer to its
+    cancel), nothing verified or replayed, no connection left out of the pool, nothing counted
+    by the breaker; and a line names the transaction whose COMMIT was in flight (its caller
+    hears only the cancellation): there was none."""
+    prepare(pg_server, pg_database, mode)
+    engine = create_async_engine(pg_server.url(pg_database, driver=driver))
+    engines.append(engine)
+    Session = rdb.AsyncResilientSession(engine, service=service)
+    after = -1 if commit == "cancel ends it" else 0.3
+    calls = 0
+
+    async def write(session: AsyncSession) -> str:
+        nonlocal calls
+        calls += 1
+        await session.execute(slow_insert(3, after))
+        return "done"
+
+    async def cancelled() -> None:
+        if how == "cancel":
+            task = asyncio.ensure_future(Session.run(write))
+            await wait_until(lambda: committing(pg_server, pg_database) or task.done())
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        else:
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(1.0):  # (the COMMIT takes 3 s)
+                    await Session.run(write)
+
+    started = time.monotonic()
+    await asyncio.wait_for(cancelled(), 10)
+    assert time.monotonic() - started < 2.5
+    assert calls == 1
+    assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert breaker(service)["state"] == "closed"
+    assert breaker(service)["failures"] == 0
+    seen = counters(service)
+    assert (seen["retries"], seen["unknown_commits"], seen["verified_commits"]) == (0, 0, 0)
+    [line] = named(events, "commit_interrupted")
+    assert line.fields["outcome"] == "unknown"
+    assert "with its COMMIT in flight" in line.message
+    if mode == MARKERS:
+        assert line.fields["marker"]
+        assert f"marker {line.fields['marker']}" in line.message
+    else:
+        assert line.fields["xid"]
+    assert not named(events, "commit_verified")
+    assert not named(events, "commit_unknown")
+    assert slow_rows(pg_server, pg_database) == (0 if after < 0 else 1)
+    assert await Session.run(quick) == 42
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
+async def test_a_unit_cancelled_while_its_lost_answer_is_verified(
+    *,
+    pg_server: PostgresServer,
+    pg_database: str,
+    fault_proxy: FaultProxy,
+    engines: list[AsyncEngine],
+    service: str,
+    driver: str,
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """The connection is lost while the COMMIT runs; the claim on a new connection waits for it,
+    and then the unit is cancelled: the cancellation goes on at once, the claim is withdrawn (no
+    fence: the original commits), its connection is back in the pool, and a line names the
+    marker."""
+    prepare(pg_server, pg_database, MARKERS)
+    engine = create_async_engine(fault_proxy.url(pg_database, driver=driver))
+    engines.append(engine)
+    Session = rdb.AsyncResilientSession(engine, service=service)
+
+    async def write(session: AsyncSession) -> str:
+        await session.execute(slow_insert(1.5, 0))
+        return "done"
+
+    task = asyncio.ensure_future(Session.run(write))
+    await wait_until(lambda: committing(pg_server, pg_database) or task.done())
+    fault_proxy.cut_all()
+    await wait_until(lambda: claiming(pg_server, pg_database) or task.done())
+    started = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 10)
+    assert time.monotonic() - started < 1.0
+    assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    [line] = named(events, "commit_interrupted")
+    assert "while its lost COMMIT answer was being verified" in line.message
+    assert line.fields["outcome"] == "unknown"
+    assert line.fields["marker"]
+    assert breaker(service)["failures"] == 0
+    await wait_until(lambda: slow_rows(pg_server, pg_database) == 1)  # not fenced off
+    assert not claiming(pg_server, pg_database)
+    assert await Session.run(quick) == 42
 
 
 # -- a COMMIT the server refused -------------------------------------------------------------------
