@@ -46,6 +46,14 @@ _DEFAULT_CODES: Mapping[str, Outcome] = {
     "57P02": Outcome.DISCONNECT,  # crash_shutdown
     "25006": Outcome.DISCONNECT,  # read_only_sql_transaction: we hit a replica after failover
     "08007": Outcome.COMMIT_UNKNOWN,  # transaction_resolution_unknown
+    # The server ended a session whose transaction sat idle, or ran, too long (its
+    # idle_in_transaction_session_timeout; PostgreSQL 17's transaction_timeout): the unit's own
+    # doing, as a statement_timeout (57014) is, not the database failing; raised at once and
+    # never counted by the breaker (one slow unit would open it for everyone). The connection
+    # is gone all the same (the driver says so). asyncpg reports no code for it (the server's
+    # message comes while no statement waits): there it is a lost connection.
+    "25P03": Outcome.NOT_TRANSIENT,  # idle_in_transaction_session_timeout
+    "25P04": Outcome.NOT_TRANSIENT,  # transaction_timeout
 }
 # Any other code of class 08 (connection exception) is a disconnect.
 _DISCONNECT_CLASS = "08"

@@ -328,7 +328,9 @@ async def test_a_connection_closed_before_commit_is_replayed_not_unknown(
     terminated, a failover, its idle_in_transaction_session_timeout). asyncpg sees it closed and
     refuses the COMMIT without sending it ("the underlying connection is closed"): nothing can
     have committed, yet the unit raised ``CommitOutcomeUnknownError``. It is replayed; psycopg,
-    which sends the COMMIT and hears the server's error, settles it on a new connection."""
+    which sends the COMMIT and hears the server's error, settles it on a new connection, or,
+    hearing SQLSTATE 25P03 (the idle timeout: the unit's doing, as a statement timeout is),
+    raises it at once."""
     prepare(pg_server, pg_database, mode)
     connect_args: dict[str, Any] = {}
     if how != "terminated":
@@ -357,9 +359,15 @@ async def test_a_connection_closed_before_commit_is_replayed_not_unknown(
             await asyncio.sleep(0.1)  # asyncpg reads the close meanwhile
         return "done"
 
-    assert await Session.run(write) == "done"
-    assert calls == 2
-    assert slow_rows(pg_server, pg_database) == 1
+    if how != "terminated" and driver == "psycopg":
+        with pytest.raises(sa.exc.DBAPIError) as info:
+            await Session.run(write)
+        assert rdb.sqlstate_of(info.value) == "25P03"
+        assert (calls, slow_rows(pg_server, pg_database)) == (1, 0)
+    else:
+        assert await Session.run(write) == "done"
+        assert calls == 2
+        assert slow_rows(pg_server, pg_database) == 1
     assert not named(events, "commit_unknown")
     assert counters(service)["unknown_commits"] == 0
 

@@ -7,6 +7,7 @@ code, the client-side twin of psycopg's server-side ``statement_timeout`` (SQLST
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -198,3 +199,48 @@ async def test_a_commit_that_times_out_is_verified_not_reported_failed(
     assert rows[0] == (0 if cancelled else 1)
     counters = _counters(service)
     assert counters["verified_commits"] == (0 if cancelled else 1)
+
+
+async def test_a_transaction_the_server_ended_for_idling_is_the_units_doing(
+    pg_server: PostgresServer,
+    pg_database: str,
+    async_driver: str,
+    engines: list[AsyncEngine],
+    service: str,
+) -> None:
+    """``idle_in_transaction_session_timeout`` ends the session of a unit that waited too long
+    between statements: psycopg hears SQLSTATE 25P03, which is the unit's doing (as a statement
+    timeout is), raised at once and not a failure for the breaker. asyncpg reports no code for
+    it (the server's message arrives while no statement waits): a lost connection, replayed."""
+    url = pg_server.url(pg_database, driver=async_driver)
+    engine = create_async_engine(url)
+    engines.append(engine)
+    Session = rdb.AsyncResilientSession(
+        engine, service=service, config=rdb.Config(max_retries=1, failure_threshold=10)
+    )
+    calls = 0
+
+    async def idles(session: AsyncSession) -> None:
+        nonlocal calls
+        calls += 1
+        await session.execute(sa.text("SET LOCAL idle_in_transaction_session_timeout = 50"))
+        await session.execute(sa.text("SELECT 1"))
+        await asyncio.sleep(0.3)  # the unit's own wait (an HTTP call, say): the server ends it
+        await session.execute(sa.text("SELECT 2"))
+
+    with pytest.raises(Exception) as info:  # noqa: PT011 (OperationalError or a lost connection)
+        await Session.run(idles)
+    counters = _counters(service)
+    breaker = rdb.health()["services"][service]["breaker"]
+    if async_driver == "psycopg":
+        assert rdb.sqlstate_of(info.value) == "25P03"
+        assert not rdb.is_transient(info.value)
+        assert (calls, counters["retries"], breaker["failures"]) == (1, 0, 0)
+    else:
+        assert rdb.is_transient(info.value)
+        assert (calls, counters["retries_by_class"]) == (2, {"disconnect": 1})
+
+    async def quick(session: AsyncSession) -> int:
+        return int((await session.execute(sa.text("SELECT 42"))).scalar_one())
+
+    assert await Session.run(quick) == 42  # the dead connection was replaced
