@@ -82,8 +82,9 @@ class CommitOutcomeUnknownError(ResilientDBError):
             what = "the transaction"
         extra = f" ({detail})" if detail else ""
         super().__init__(
-            f"service {service!r}: the connection was lost during COMMIT and the outcome of {what} "
-            f"could not be verified{extra}; it was not replayed. Check the data (or use an "
+            f"service {service!r}: the answer to COMMIT never came (the connection was lost, or "
+            f"the client stopped waiting) and the outcome of {what} could not be "
+            f"verified{extra}; it was not replayed. Check the data (or use an "
             "idempotency key) before running the unit again"
         )
 
