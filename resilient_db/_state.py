@@ -76,6 +76,9 @@ class State:
         self.budgets: dict[str, Any] = {}
         #: the links to Redis sharing breakers and budgets, by URL (each has a daemon thread)
         self.fleet_links: dict[str, Any] = {}
+        #: what else keeps figures of this process and forgets them in :func:`reset_state`
+        #: (the dashboard's recorder, of the optional web extra, which this module can't import)
+        self.clear_on_reset: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 STATE = State()
@@ -98,7 +101,8 @@ def reset_state() -> None:
     failures counted and forgotten (a factory made afterwards gets a new one, with the storage
     it asks for), every counter and the transition guard's counts are zero, the wrapper's
     cached policies are dropped, retry budgets are forgotten and the links to Redis closed (their
-    background threads stop; a factory made afterwards opens a new one). State shared through
+    background threads stop; a factory made afterwards opens a new one), and the dashboard's
+    recent events and time series are cleared. State shared through
     Redis is left as it is: other processes share it. Factories, their engines' hooks (the
     transition guard's listeners included), flushes in progress and the configuration stay as
     they are: they belong to objects that are still alive.
@@ -115,6 +119,9 @@ def reset_state() -> None:
         for name in STATE.transition_stats:
             STATE.transition_stats[name] = 0
         STATE.wrapper_policies.clear()
+        keepers = list(STATE.clear_on_reset)
+    for keeper in keepers:
+        keeper.clear()
     for link in links:
         try:
             link.close()

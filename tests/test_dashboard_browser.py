@@ -194,7 +194,7 @@ def test_page_shows_services_updates_after_a_real_fault_and_refuses_strangers(
             lambda: [
                 row.text
                 for row in browser.find_elements("css selector", "tr[data-event]")
-                if "transition_blocked" in row.text
+                if "transition_blocked" in row.text and "onerror" in row.text
             ],
         )
         assert XSS in shown[0]

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from resilient_db._observability import SelfHealEvent, add_hook
+from resilient_db._state import STATE
 
 __all__ = ["Recorder", "recorder"]
 
@@ -195,5 +196,6 @@ def recorder() -> Recorder:
     with _shared_lock:
         if _shared is None:
             _shared = Recorder()
+            STATE.clear_on_reset.add(_shared)  # reset_state() zeroes health(): this too
         add_hook(_shared)  # again after anything that removed it: add_hook is idempotent
         return _shared
