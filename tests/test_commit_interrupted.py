@@ -29,6 +29,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import asyncpg
 import psycopg
 import pytest
 import pytest_asyncio
@@ -308,6 +309,21 @@ def test_a_claim_outlasts_the_applications_statement_timeout_sync(
         engine.dispose()
 
 
+def psycopg_reports_25p03() -> bool:
+    """psycopg 3.3+ reads the server's message (SQLSTATE 25P03) before the closed socket; 3.2
+    reports the lost connection alone."""
+    return tuple(int(n) for n in psycopg.__version__.split(".")[:2]) >= (3, 3)
+
+
+def driver_cancels_the_statement(driver: str) -> bool:
+    """Whether a cancelled task's driver is known to cancel its statement on the server:
+    psycopg does, asyncpg 0.32 does; asyncpg 0.29 (the lowest this project supports) closes the
+    connection instead, and the server's COMMIT runs to its end."""
+    if driver != "asyncpg":
+        return True
+    return tuple(int(n) for n in asyncpg.__version__.split(".")[:2]) >= (0, 32)
+
+
 # -- a COMMIT the driver never sent --------------------------------------------------------------
 @pytest.mark.asyncio
 @pytest.mark.parametrize("mode", [MARKERS, FALLBACK])
@@ -359,7 +375,7 @@ async def test_a_connection_closed_before_commit_is_replayed_not_unknown(
             await asyncio.sleep(0.1)  # asyncpg reads the close meanwhile
         return "done"
 
-    if how != "terminated" and driver == "psycopg":
+    if how != "terminated" and driver == "psycopg" and psycopg_reports_25p03():
         with pytest.raises(sa.exc.DBAPIError) as info:
             await Session.run(write)
         assert rdb.sqlstate_of(info.value) == "25P03"
@@ -438,7 +454,11 @@ async def test_a_unit_cancelled_with_its_commit_in_flight(
         assert line.fields["xid"]
     assert not named(events, "commit_verified")
     assert not named(events, "commit_unknown")
-    assert slow_rows(pg_server, pg_database) == (0 if after < 0 else 1)
+    # what the server did, once the COMMIT has ended there (some asyncpg versions close the
+    # connection rather than cancel the statement: the COMMIT then runs to its end)
+    await wait_until(lambda: not committing(pg_server, pg_database))
+    if after >= 0 or driver_cancels_the_statement(driver):
+        assert slow_rows(pg_server, pg_database) == (0 if after < 0 else 1)
     assert await Session.run(quick) == 42
 
 
@@ -458,6 +478,12 @@ async def test_a_unit_cancelled_while_its_lost_answer_is_verified(
     and then the unit is cancelled: the cancellation goes on at once, the claim is withdrawn (no
     fence: the original commits), its connection is back in the pool, and a line names the
     marker."""
+    if driver == "psycopg" and psycopg.pq.version() < 170000:
+        pytest.skip(
+            "psycopg's cancel with a libpq older than 17 blocks holding the GIL until the "
+            "server answers, and the answer comes through the fault proxy, which runs in this "
+            "process: a deadlock of the test's own making"
+        )
     prepare(pg_server, pg_database, MARKERS)
     engine = create_async_engine(fault_proxy.url(pg_database, driver=driver))
     engines.append(engine)
