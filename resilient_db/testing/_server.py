@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import logging
 import os
 import random
@@ -1048,6 +1049,163 @@ def _parse_server_url(url: str) -> dict[str, Any]:
     }
 
 
+#: what :class:`DatabaseWatchdog` runs (``python -I -c``): its first line of stdin is the
+#: connection string and its settings, as JSON (never on a command line); then one JSON line per
+#: database the test process is about to create (``watch``) or has dropped (``forget``), and
+#: ``done`` when it closes the server. Without ``done`` the stdin closed because the process died.
+_DATABASE_WATCHDOG_SCRIPT: Final = r"""
+import json, signal, sys, time
+
+config = json.loads(sys.stdin.buffer.readline() or b"null")
+names = {}
+for line in sys.stdin.buffer:
+    command, name = json.loads(line)
+    if command == "done":
+        sys.exit(0)
+    if command == "watch":
+        names[name] = None
+    else:
+        names.pop(name, None)
+if not config or not names:
+    sys.exit(0)
+# the test process died without dropping them: drop the databases it made, then leave
+signal.signal(signal.SIGALRM, signal.SIG_DFL)  # an ignored SIGALRM is inherited through exec
+signal.alarm(config["deadline"])  # whatever hangs, this process ends by then
+sys.path[:] = config["path"]
+import psycopg
+from psycopg import sql
+
+
+def drop_all():
+    with psycopg.connect(config["conninfo"], autocommit=True) as conn:
+        conn.execute("SET statement_timeout = %d" % config["statement_timeout_ms"])
+        for name in list(names):
+            statement = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
+            try:
+                conn.execute(statement.format(sql.Identifier(name)))
+            except psycopg.Error:
+                if conn.broken:
+                    raise  # the next attempt reconnects
+            del names[name]  # dropped, or refused by the server: no retry would help
+
+
+for attempt in range(config["attempts"]):
+    if attempt:
+        time.sleep(1)
+    try:
+        drop_all()
+        break
+    except psycopg.Error:
+        pass
+"""
+
+#: the watchdog's connect timeout (seconds, libpq's ``connect_timeout``) and attempts: a server
+#: it can't reach is given up after about this many times that timeout
+_DATABASE_WATCHDOG_CONNECT_TIMEOUT: Final = 5
+_DATABASE_WATCHDOG_ATTEMPTS: Final = 3
+#: the longest a watchdog works once its test process died, whatever hangs (seconds)
+_DATABASE_WATCHDOG_DEADLINE: Final = 120
+
+#: database watchdogs not dismissed yet; dismissed at a normal interpreter exit (the process did
+#: not die: the databases it left are the ones it meant to keep, as before)
+_live_database_watchdogs: set[DatabaseWatchdog] = set()
+
+
+class DatabaseWatchdog:
+    """A small Python process that outlives a killed test process, for the databases an
+    :class:`ExternalPostgres` creates: told each database before it is created and each one once
+    dropped, it drops those still listed (``DROP DATABASE IF EXISTS ... WITH (FORCE)``) when its
+    stdin closes without a ``done`` (the test process died, even by SIGKILL), then exits; with a
+    ``done`` (:meth:`dismiss`) it exits doing nothing. The connection string reaches it through
+    the pipe, never its command line. It tries ``attempts`` connections of ``connect_timeout``
+    seconds and is gone within ``deadline`` seconds of the death, reachable server or not."""
+
+    def __init__(self, conninfo: str) -> None:
+        self._owner = os.getpid()
+        self._lock = threading.Lock()
+        self._names: set[str] = set()
+        env = {key: value for key, value in os.environ.items() if key != "RESILIENT_DB_TEST_URL"}
+        self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+            [sys.executable, "-I", "-c", _DATABASE_WATCHDOG_SCRIPT, "resilient-db-db-watchdog"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd="/",
+            env=env,
+            start_new_session=True,
+        )
+        with _live_lock:
+            _live_database_watchdogs.add(self)
+        self._send(
+            {
+                "conninfo": conninfo,
+                # where this process finds psycopg (the child runs isolated: -I)
+                "path": [os.path.abspath(entry) for entry in sys.path],
+                "attempts": _DATABASE_WATCHDOG_ATTEMPTS,
+                "deadline": _DATABASE_WATCHDOG_DEADLINE,
+                "statement_timeout_ms": 30_000,
+            }
+        )
+
+    @property
+    def pid(self) -> int | None:
+        """The watchdog's process id (None once dismissed)."""
+        proc = self._proc
+        return None if proc is None else proc.pid
+
+    def watch(self, name: str) -> bool:
+        """Database ``name`` is about to be created; False if it was listed already."""
+        with self._lock:
+            if name in self._names:
+                return False
+            self._names.add(name)
+            self._send(["watch", name])
+            return True
+
+    def forget(self, name: str) -> None:
+        """Database ``name`` was dropped (or not created): not the watchdog's any more."""
+        with self._lock:
+            if name in self._names:
+                self._names.discard(name)
+                self._send(["forget", name])
+
+    def _send(self, message: object) -> None:
+        proc = self._proc
+        if proc is None or proc.stdin is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            proc.stdin.write(json.dumps(message).encode() + b"\n")
+            proc.stdin.flush()
+
+    def dismiss(self) -> None:
+        """The databases are dealt with: the watchdog leaves without doing anything."""
+        with self._lock:
+            proc, self._proc = self._proc, None
+        with _live_lock:
+            _live_database_watchdogs.discard(self)
+        if proc is None or os.getpid() != self._owner:
+            return  # a forked child: the pipe and the process are its parent's
+        with contextlib.suppress(OSError, ValueError):
+            if proc.stdin is not None:
+                proc.stdin.write(b'["done", ""]\n')
+                proc.stdin.close()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _dismiss_database_watchdogs() -> None:
+    with _live_lock:
+        watchdogs = list(_live_database_watchdogs)
+    for watchdog in watchdogs:
+        watchdog.dismiss()
+
+
+atexit.register(_dismiss_database_watchdogs)
+
+
 class ExternalPostgres(PostgresServer):
     """A server the harness doesn't own, given by a SQLAlchemy URL, libpq URI or key/value DSN.
 
@@ -1057,6 +1215,10 @@ class ExternalPostgres(PostgresServer):
     :meth:`restart` and :meth:`restart_after` raise :class:`ServerControlError`; :meth:`close`
     leaves the server alone. The role needs ``CREATEDB`` and the right to terminate the
     connections of the databases it creates.
+
+    The databases it creates are dropped by a :class:`DatabaseWatchdog` (a child process started
+    at the first :meth:`create_database`) if this process dies before dropping them or closing
+    the server: killed by SIGTERM or SIGKILL, no teardown runs, and nothing would drop them.
 
     A URL that can't be used (not PostgreSQL's, unparsable, several hosts, a bad port) raises
     :class:`ServerStartError` at once, naming ``source`` (where it came from, e.g.
@@ -1082,6 +1244,8 @@ class ExternalPostgres(PostgresServer):
         )
         self._host = str(parts["host"])
         self._port = int(parts["port"])
+        self._watchdog_lock = threading.Lock()
+        self._watchdog: DatabaseWatchdog | None = None
 
     def __repr__(self) -> str:
         return f"<ExternalPostgres {self._user}@{self._host}:{self._port}/{self._admin_database}>"
@@ -1115,6 +1279,44 @@ class ExternalPostgres(PostgresServer):
         except psycopg.Error:
             return False
         return True
+
+    def create_database(self, name: str, *, template: str | None = None) -> None:
+        """Create database ``name``; a :class:`DatabaseWatchdog` drops it if this process dies
+        before :meth:`drop_database` or :meth:`close` (SIGTERM, SIGKILL, the OOM killer)."""
+        watchdog = self._database_watchdog()
+        new = watchdog.watch(name)  # before the CREATE: a death during it is covered too
+        try:
+            super().create_database(name, template=template)
+        except psycopg.Error as exc:
+            if new and exc.sqlstate is not None:
+                # the server refused: nothing was created (a database already there is not ours)
+                watchdog.forget(name)
+            raise
+
+    def drop_database(self, name: str) -> None:
+        super().drop_database(name)
+        watchdog = self._watchdog
+        if watchdog is not None:
+            watchdog.forget(name)
+
+    def close(self) -> None:
+        """Leave the server alone; the databases created and not dropped stay (the watchdog is
+        dismissed). Creating another one starts a new watchdog."""
+        with self._watchdog_lock:
+            watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None:
+            watchdog.dismiss()
+
+    def _database_watchdog(self) -> DatabaseWatchdog:
+        with self._watchdog_lock:
+            if self._watchdog is None:
+                self._watchdog = DatabaseWatchdog(
+                    self.conninfo(
+                        connect_timeout=_DATABASE_WATCHDOG_CONNECT_TIMEOUT,
+                        application_name=ADMIN_APPLICATION_NAME,
+                    )
+                )
+            return self._watchdog
 
 
 # --------------------------------------------------------------------------------------------------
