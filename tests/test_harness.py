@@ -8,13 +8,18 @@ bounded and short; nothing sleeps for backoff.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import os
 import shutil
+import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -23,8 +28,10 @@ import psycopg
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
+from processes import alive, wait_for
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+import resilient_db
 from resilient_db.testing import (
     EmbeddedPostgres,
     ExternalPostgres,
@@ -494,6 +501,176 @@ def test_server_control_marker_skips_for_an_external_server(
     result = pytester.runpytest_inprocess("-rs", "-p", "no:cacheprovider", "-p", "no:asyncio")
     result.assert_outcomes(passed=1, skipped=1)
     result.stdout.fnmatch_lines([f"*{SERVER_CONTROL_SKIP_REASON}*"])
+
+
+# --------------------------------------------------------------------------------------------------
+# an external server's databases when the test process dies
+
+
+_WAITING_CONFTEST = """
+def pytest_configure(config):
+    if not config.pluginmanager.has_plugin("resilient_db"):
+        config.pluginmanager.import_plugin("resilient_db.testing._pytest_plugin")
+"""
+
+#: a test that makes two databases (pg_database, and one whose name needs quoting), records
+#: their names, and waits until released (a minute at most)
+_WAITING_TEST = """
+import time
+from pathlib import Path
+
+
+def test_waits(pg_server, pg_database):
+    pg_server.create_database({odd!r})
+    ready = Path({record!r} + ".tmp")
+    ready.write_text(pg_database + "\\n" + {odd!r} + "\\n")
+    ready.rename({record!r})
+    deadline = time.monotonic() + 60
+    while not Path({release!r}).exists():
+        assert time.monotonic() < deadline, "never released"
+        time.sleep(0.01)
+    pg_server.drop_database({odd!r})
+"""
+
+_DATABASE_WATCHDOG_NAME = "resilient-db-db-watchdog"  # its last command-line argument
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid``."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _is_database_watchdog(pid: int) -> bool:
+    try:
+        return (
+            Path(f"/proc/{pid}/cmdline")
+            .read_bytes()
+            .endswith(_DATABASE_WATCHDOG_NAME.encode() + b"\0")
+        )
+    except OSError:
+        return False
+
+
+@dataclasses.dataclass
+class _TestRun:
+    proc: subprocess.Popen[bytes]
+    databases: list[str]
+    watchdogs: list[int]  # the run's children once its databases exist
+    release: Path
+    output: Path
+
+
+@contextlib.contextmanager
+def _waiting_test_run(directory: Path, server: PostgresServer) -> Iterator[_TestRun]:
+    """A pytest process running :data:`_WAITING_TEST` against ``server`` as its external server
+    (``RESILIENT_DB_TEST_URL``), once its databases exist. Afterwards the process, its watchdogs
+    and its databases are gone, whatever happened."""
+    odd = f'odd "db" name {uuid.uuid4().hex[:8]}'
+    record, release, output = directory / "record", directory / "release", directory / "out"
+    (directory / "pytest.ini").write_text("[pytest]\n")
+    (directory / "conftest.py").write_text(_WAITING_CONFTEST)
+    (directory / "test_waiting.py").write_text(
+        _WAITING_TEST.format(odd=odd, record=str(record), release=str(release))
+    )
+    source = str(Path(resilient_db.__file__).parents[1])
+    env = {
+        **os.environ,
+        "RESILIENT_DB_TEST_URL": server.url(driver=""),
+        "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")])),
+    }
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:asyncio"]
+    with open(output, "wb") as out:
+        proc = subprocess.Popen(
+            [*command, "test_waiting.py"],
+            cwd=directory,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    run = _TestRun(proc, [odd], [], release, output)
+    try:
+        wait_for(lambda: record.exists() or proc.poll() is not None, "the test to start", 60)
+        assert proc.poll() is None, output.read_text()
+        run.databases.insert(0, record.read_text().split("\n")[0])
+        run.watchdogs = _children(proc.pid)
+        yield run
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+        for pid in run.watchdogs:
+            with contextlib.suppress(ProcessLookupError):
+                if _is_database_watchdog(pid):
+                    os.kill(pid, signal.SIGKILL)
+        for name in run.databases:
+            server.drop_database(name)
+
+
+def _existing(server: PostgresServer, names: list[str]) -> list[str]:
+    return [name for name in names if server.database_exists(name)]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_killed_test_run_leaves_no_database_on_an_external_server(
+    sig: signal.Signals, pg_server: PostgresServer, tmp_path: Path
+) -> None:
+    """No teardown runs in a process killed by SIGKILL, or by SIGTERM (no handler: CI's way
+    to cancel a job); its database watchdog drops what it created."""
+    with _waiting_test_run(tmp_path, pg_server) as run:
+        assert _existing(pg_server, run.databases) == run.databases
+        os.kill(run.proc.pid, sig)
+        assert run.proc.wait(timeout=30) == -sig  # died of it, teardown not run
+        wait_for(lambda: not _existing(pg_server, run.databases), "the databases to go", 20)
+        wait_for(lambda: not any(alive(pid) for pid in run.watchdogs), "the watchdog to end", 20)
+
+
+def test_a_finished_test_run_drops_its_databases_and_leaves_no_watchdog(
+    pg_server: PostgresServer, tmp_path: Path
+) -> None:
+    with _waiting_test_run(tmp_path, pg_server) as run:
+        assert len(run.watchdogs) == 1, "one database watchdog"
+        assert _is_database_watchdog(run.watchdogs[0])
+        run.release.touch()
+        assert run.proc.wait(timeout=60) == 0, run.output.read_text()
+        assert not alive(run.watchdogs[0])  # dismissed and waited for at the session's end
+        assert _existing(pg_server, run.databases) == []
+
+
+def test_the_database_watchdog_is_not_given_the_password_on_its_command_line(
+    pg_server: PostgresServer, tmp_path: Path
+) -> None:
+    password = sa.make_url(pg_server.url()).password
+    if not password:
+        pytest.skip("the session's server has no password")
+    with _waiting_test_run(tmp_path, pg_server) as run:
+        assert len(run.watchdogs) == 1, "one database watchdog"
+        (watchdog,) = run.watchdogs
+        assert _is_database_watchdog(watchdog)
+        ps = b""
+        if shutil.which("ps") is not None:
+            ps = subprocess.run(
+                ["ps", "-ww", "-o", "args=", "-p", str(watchdog)],
+                capture_output=True,
+                check=False,
+            ).stdout
+            assert b"resilient-db-db-watchdog" in ps
+        # booleans, so a failure report does not show the password either
+        in_ps = password.encode() in ps
+        in_cmdline = password.encode() in Path(f"/proc/{watchdog}/cmdline").read_bytes()
+        # nor is it in its environment: RESILIENT_DB_TEST_URL is left out of it
+        in_environ = password.encode() in Path(f"/proc/{watchdog}/environ").read_bytes()
+        assert (in_ps, in_cmdline, in_environ) == (False, False, False)
+        run.release.touch()
+        assert run.proc.wait(timeout=60) == 0, run.output.read_text()
 
 
 # --------------------------------------------------------------------------------------------------
