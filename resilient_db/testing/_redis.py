@@ -44,7 +44,7 @@ _INSTALL_HINT: Final = (
 )
 
 _live: set[RedisServer] = set()
-_live_lock = threading.RLock()  # reentrant: see _server._live_lock
+_live_lock = threading.Lock()
 
 
 def redis_server_binary() -> Path:

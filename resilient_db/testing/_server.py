@@ -506,9 +506,7 @@ class _DelayedStart(threading.Thread):
 
 #: servers the harness owns (embedded, Docker) that are not closed yet; closed at exit
 _live_servers: set[PostgresServer] = set()
-#: reentrant: the pytest plugin's SIGTERM handler closes servers in the main thread, which it
-#: may have interrupted while holding this lock
-_live_lock = threading.RLock()
+_live_lock = threading.Lock()
 _binaries_checked = False
 
 
