@@ -131,8 +131,7 @@ def do_orm_execute(orm_state: ORMExecuteState) -> Result[Any] | None:
         # statement asks for an executemany of itself ("orm" / "core_only", WHERE allowed)
         if orm_state.execution_options.get("dml_strategy", "auto") in ("auto", "bulk"):
             return _bulk_by_pk(orm_state, config, mapper, guards, list(params))
-        _restrict_many(orm_state, config, mapper, guards, list(params))
-        return None
+        return _restrict_many(orm_state, config, mapper, guards, list(params))
     stmt: Any = orm_state.statement
     for guard in guards:
         target = _target(stmt, params, guard)
@@ -193,14 +192,17 @@ def _restrict_many(
     mapper: Mapper[Any],
     guards: tuple[Guard, ...],
     params: list[Any],
-) -> None:
+) -> Result[Any] | None:
     """An UPDATE executed once per parameter set (its WHERE criteria pick the rows): each
     set's target state travels as a parameter of ours, so the one statement holds the legal
-    condition of every set; each set's rows are checked (or counted) before it runs."""
+    condition of every set; each set's rows are checked (or counted) before it runs. The
+    restricted statement runs through ``invoke_statement``, which adds our parameters to each
+    set (SQLAlchemy before 2.0.2x ignores parameters a listener assigns)."""
     stmt: Any = orm_state.statement
     if not params or not all(isinstance(p, Mapping) for p in params):
-        return  # nothing to run, or not parameter sets SQLAlchemy would take
+        return None  # nothing to run, or not parameter sets SQLAlchemy would take
     sets = [dict(p) for p in params]  # copies: the caller's dicts are left as they were
+    ours: list[str] = []  # the names of the parameters added to each set
     for n, guard in enumerate(guards):
         targets = [_target(stmt, p, guard) for p in sets]
         first = targets[0]
@@ -208,6 +210,7 @@ def _restrict_many(
             continue
         if first.static:
             name = f"rdb_new_{n}"
+            ours.append(name)
             for p, target in zip(sets, targets, strict=True):
                 p[name] = None if target is None else target.value
             new_expr: Any = sa.bindparam(name, type_=guard.column.type)
@@ -231,8 +234,10 @@ def _restrict_many(
             shown=shown,
         )
         stmt = stmt.where(legal)
-    orm_state.statement = stmt
-    orm_state.parameters = sets
+    if stmt is orm_state.statement:
+        return None  # no guarded column set: the statement runs as it is
+    added = [{name: p[name] for name in ours} for p in sets]
+    return orm_state.invoke_statement(statement=stmt, params=added if ours else None)
 
 
 def _check_rows(
