@@ -694,12 +694,19 @@ class CommitProtocol:
     def _asyncpg_do_connect(
         self, dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]
     ) -> None:
-        """Have asyncpg make the connection from a marked class (``connection_class``)."""
+        """Have asyncpg make the connection from a marked class (``connection_class``).
+
+        SQLAlchemy before 2.0.2x hands every connect the same ``cparams`` (later ones a copy):
+        a marked class found there is this listener's own from an earlier connect, and its
+        base is what the connection is made from when self-healing is off."""
+        given = cparams.get("connection_class")
+        base = getattr(given, "_rdb_base", given) or asyncpg.Connection
         if not self._settings.config.enabled or "async_creator_fn" in cparams:
+            if given is not None and given is not base:
+                cparams["connection_class"] = base  # asyncpg's own (or yours), unmarked
             return  # (made by your async_creator: prepare adopts it at connect)
         if cparams.get("statement_cache_size") == 0:
             record.info[_NO_PREPARE_KEY] = True  # asyncpg told not to prepare (a pooler's setting)
-        base = cparams.get("connection_class", asyncpg.Connection)
         cparams["connection_class"] = marked_connection_class(base)
 
     def needs_replacing(self, dbapi_connection: Any, record: Any) -> bool:
@@ -1282,7 +1289,11 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
         cls = _marked_classes.get((base, adopted))
         if cls is not None:
             return cls
-        namespace: dict[str, Any] = {"_rdb_marked": True, "__module__": __name__}
+        namespace: dict[str, Any] = {
+            "_rdb_marked": True,
+            "_rdb_base": base,  # the class it marks (see CommitProtocol._asyncpg_do_connect)
+            "__module__": __name__,
+        }
         if issubclass(base, asyncpg.Connection):
             # the raw connection's statement methods note what may write (see _statements)
             namespace.update(asyncpg_statement_methods(base))
