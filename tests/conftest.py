@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import pytest_asyncio
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 import resilient_db as rdb
 from resilient_db.testing import PostgresServer
@@ -69,3 +71,12 @@ def no_backoff() -> Iterator[None]:
     A module opts in with ``pytestmark = pytest.mark.usefixtures("no_backoff")``."""
     with rdb.set_testing():
         yield
+
+
+@pytest_asyncio.fixture
+async def made_async_engines() -> AsyncIterator[list[AsyncEngine]]:
+    """Async engines a test makes (it appends them), disposed of after it."""
+    made: list[AsyncEngine] = []
+    yield made
+    for engine in made:
+        await engine.dispose()

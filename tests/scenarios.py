@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import resilient_db as rdb
@@ -24,6 +25,18 @@ def async_connect_args(driver: str, timeout: float) -> dict[str, Any]:
     if driver == "asyncpg":
         return {"timeout": timeout}
     return {"connect_timeout": max(1, round(timeout))}  # libpq's: whole seconds
+
+
+def server_settings_args(driver: str, **settings: str) -> dict[str, Any]:
+    """``connect_args`` giving the session these server settings on an async driver."""
+    if driver == "asyncpg":
+        return {"server_settings": dict(settings)}
+    return {"options": " ".join(f"-c {name}={value}" for name, value in settings.items())}
+
+
+async def quick(session: AsyncSession) -> int:
+    """A unit that only reads: the engine's connections still serve."""
+    return int((await session.execute(sa.text("SELECT 42"))).scalar_one())
 
 
 #: Codes raised through the real driver with RAISE ... USING ERRCODE, and their class.

@@ -26,15 +26,14 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import asyncpg
 import psycopg
 import pytest
-import pytest_asyncio
 import sqlalchemy as sa
-from scenarios import ASYNC_DRIVERS
+from scenarios import ASYNC_DRIVERS, quick, server_settings_args
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
@@ -160,25 +159,13 @@ def verdicts(events: list[rdb.SelfHealEvent]) -> list[rdb.SelfHealEvent]:
     return [e for e in events if e.name in VERDICTS]
 
 
-@pytest_asyncio.fixture
-async def engines() -> AsyncIterator[list[AsyncEngine]]:
-    made: list[AsyncEngine] = []
-    yield made
-    for engine in made:
-        await engine.dispose()
-
-
-async def quick(session: AsyncSession) -> int:
-    return int((await session.execute(sa.text("SELECT 42"))).scalar_one())
-
-
 # -- a claim gets its whole wait -------------------------------------------------------------------
 @pytest.mark.asyncio
 async def test_a_claim_outlasts_asyncpgs_command_timeout(
     *,
     pg_server: PostgresServer,
     pg_database: str,
-    engines: list[AsyncEngine],
+    made_async_engines: list[AsyncEngine],
     service: str,
     events: list[rdb.SelfHealEvent],
 ) -> None:
@@ -189,7 +176,7 @@ async def test_a_claim_outlasts_asyncpgs_command_timeout(
     prepare(pg_server, pg_database, MARKERS)
     url = pg_server.url(pg_database, driver="asyncpg")
     engine = create_async_engine(url, connect_args={"command_timeout": 0.3})
-    engines.append(engine)
+    made_async_engines.append(engine)
     Session = rdb.AsyncResilientSession(engine, service=service)
     calls = 0
 
@@ -221,7 +208,7 @@ async def test_a_claim_outlasts_the_applications_statement_timeout(
     pg_server: PostgresServer,
     pg_database: str,
     fault_proxy: FaultProxy,
-    engines: list[AsyncEngine],
+    made_async_engines: list[AsyncEngine],
     service: str,
     driver: str,
     events: list[rdb.SelfHealEvent],
@@ -230,15 +217,11 @@ async def test_a_claim_outlasts_the_applications_statement_timeout(
     new connection waits for it, under the application's ``statement_timeout`` of 300 ms, which
     cancelled the claim: the outcome was "unknown" though the wait would have known it."""
     prepare(pg_server, pg_database, MARKERS)
-    connect_args: dict[str, Any] = (
-        {"server_settings": {"statement_timeout": "300"}}
-        if driver == "asyncpg"
-        else {"options": "-c statement_timeout=300"}
-    )
+    connect_args = server_settings_args(driver, statement_timeout="300")
     engine = create_async_engine(
         fault_proxy.url(pg_database, driver=driver), connect_args=connect_args
     )
-    engines.append(engine)
+    made_async_engines.append(engine)
     Session = rdb.AsyncResilientSession(engine, service=service)
     calls = 0
 
@@ -333,7 +316,7 @@ async def test_a_connection_closed_before_commit_is_replayed_not_unknown(
     *,
     pg_server: PostgresServer,
     pg_database: str,
-    engines: list[AsyncEngine],
+    made_async_engines: list[AsyncEngine],
     service: str,
     mode: str,
     driver: str,
@@ -350,15 +333,11 @@ async def test_a_connection_closed_before_commit_is_replayed_not_unknown(
     prepare(pg_server, pg_database, mode)
     connect_args: dict[str, Any] = {}
     if how != "terminated":
-        connect_args = (
-            {"server_settings": {"idle_in_transaction_session_timeout": "200"}}
-            if driver == "asyncpg"
-            else {"options": "-c idle_in_transaction_session_timeout=200"}
-        )
+        connect_args = server_settings_args(driver, idle_in_transaction_session_timeout="200")
     engine = create_async_engine(
         pg_server.url(pg_database, driver=driver), connect_args=connect_args
     )
-    engines.append(engine)
+    made_async_engines.append(engine)
     Session = rdb.AsyncResilientSession(engine, service=service)
     calls = 0
 
@@ -398,7 +377,7 @@ async def test_a_unit_cancelled_with_its_commit_in_flight(
     *,
     pg_server: PostgresServer,
     pg_database: str,
-    engines: list[AsyncEngine],
+    made_async_engines: list[AsyncEngine],
     service: str,
     mode: str,
     driver: str,
@@ -412,7 +391,7 @@ async def test_a_unit_cancelled_with_its_commit_in_flight(
     hears only the cancellation): there was none."""
     prepare(pg_server, pg_database, mode)
     engine = create_async_engine(pg_server.url(pg_database, driver=driver))
-    engines.append(engine)
+    made_async_engines.append(engine)
     Session = rdb.AsyncResilientSession(engine, service=service)
     after = -1 if commit == "cancel ends it" else 0.3
     calls = 0
@@ -469,7 +448,7 @@ async def test_a_unit_cancelled_while_its_lost_answer_is_verified(
     pg_server: PostgresServer,
     pg_database: str,
     fault_proxy: FaultProxy,
-    engines: list[AsyncEngine],
+    made_async_engines: list[AsyncEngine],
     service: str,
     driver: str,
     events: list[rdb.SelfHealEvent],
@@ -486,7 +465,7 @@ async def test_a_unit_cancelled_while_its_lost_answer_is_verified(
         )
     prepare(pg_server, pg_database, MARKERS)
     engine = create_async_engine(fault_proxy.url(pg_database, driver=driver))
-    engines.append(engine)
+    made_async_engines.append(engine)
     Session = rdb.AsyncResilientSession(engine, service=service)
 
     async def write(session: AsyncSession) -> str:
@@ -521,7 +500,7 @@ async def test_a_deferred_constraint_refusing_the_commit_is_that_error(
     *,
     pg_server: PostgresServer,
     pg_database: str,
-    engines: list[AsyncEngine],
+    made_async_engines: list[AsyncEngine],
     service: str,
     mode: str,
     driver: str,
@@ -532,7 +511,7 @@ async def test_a_deferred_constraint_refusing_the_commit_is_that_error(
     statement's failure, not verified, not replayed."""
     prepare(pg_server, pg_database, mode)
     engine = create_async_engine(pg_server.url(pg_database, driver=driver))
-    engines.append(engine)
+    made_async_engines.append(engine)
     Session = rdb.AsyncResilientSession(engine, service=service)
     calls = 0
 

@@ -8,13 +8,12 @@ code, the client-side twin of psycopg's server-side ``statement_timeout`` (SQLST
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
 import pytest
-import pytest_asyncio
 import sqlalchemy as sa
+from scenarios import quick
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 import resilient_db as rdb
@@ -38,14 +37,6 @@ def async_driver(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@pytest_asyncio.fixture
-async def engines() -> AsyncIterator[list[AsyncEngine]]:
-    made: list[AsyncEngine] = []
-    yield made
-    for engine in made:
-        await engine.dispose()
-
-
 def _counters(service: str) -> dict[str, Any]:
     found: dict[str, Any] = rdb.health()["services"][service]["counters"]
     return found
@@ -55,12 +46,12 @@ async def test_a_statement_timeout_is_not_replayed_nor_an_outage(
     pg_server: PostgresServer,
     pg_database: str,
     async_driver: str,
-    engines: list[AsyncEngine],
+    made_async_engines: list[AsyncEngine],
     service: str,
 ) -> None:
     url = pg_server.url(pg_database, driver=async_driver)
     engine = create_async_engine(url, connect_args=STATEMENT_TIMEOUT[async_driver])
-    engines.append(engine)
+    made_async_engines.append(engine)
     Session = rdb.AsyncResilientSession(
         engine, service=service, config=rdb.Config(failure_threshold=1)
     )
@@ -79,9 +70,6 @@ async def test_a_statement_timeout_is_not_replayed_nor_an_outage(
     assert (counters["attempts"], counters["retries"], counters["breaker_opens"]) == (1, 0, 0)
     assert rdb.health()["services"][service]["breaker"]["state"] == "closed"
 
-    async def quick(session: AsyncSession) -> int:
-        return int((await session.execute(sa.text("SELECT 42"))).scalar_one())
-
     assert await Session.run(quick) == 42  # the connection (or its replacement) still serves
 
 
@@ -89,12 +77,12 @@ async def test_a_connect_that_times_out_is_an_outage(
     pg_database: str,
     fault_proxy: FaultProxy,
     async_driver: str,
-    engines: list[AsyncEngine],
+    made_async_engines: list[AsyncEngine],
     service: str,
 ) -> None:
     url = fault_proxy.url(pg_database, driver=async_driver)
     engine = create_async_engine(url, connect_args=CONNECT_TIMEOUT[async_driver])
-    engines.append(engine)
+    made_async_engines.append(engine)
     Session = rdb.AsyncResilientSession(
         engine, service=service, config=rdb.Config(max_retries=1, failure_threshold=10)
     )
@@ -140,7 +128,7 @@ async def test_a_commit_that_times_out_is_verified_not_reported_failed(
     markers: bool,
     pg_server: PostgresServer,
     pg_database: str,
-    engines: list[AsyncEngine],
+    made_async_engines: list[AsyncEngine],
     service: str,
     cancelled: bool,
     caplog: pytest.LogCaptureFixture,
@@ -160,7 +148,7 @@ async def test_a_commit_that_times_out_is_verified_not_reported_failed(
             sync_engine.dispose()
     url = pg_server.url(pg_database, driver="asyncpg")
     engine = create_async_engine(url, connect_args={"command_timeout": 0.3})
-    engines.append(engine)
+    made_async_engines.append(engine)
     Session = rdb.AsyncResilientSession(engine, service=service)
     note = "cancelled" if cancelled else "ignores the cancel"
     calls = 0
@@ -218,9 +206,6 @@ async def test_a_commit_that_times_out_is_verified_not_reported_failed(
     if markers and not cancelled:
         assert outcome == "done"  # committed after asyncpg gave up: reported done
 
-    async def quick(session: AsyncSession) -> int:
-        return int((await session.execute(sa.text("SELECT 42"))).scalar_one())
-
     assert await Session.run(quick) == 42  # the engine's connections still serve
 
 
@@ -228,7 +213,7 @@ async def test_a_transaction_the_server_ended_for_idling_is_the_units_doing(
     pg_server: PostgresServer,
     pg_database: str,
     async_driver: str,
-    engines: list[AsyncEngine],
+    made_async_engines: list[AsyncEngine],
     service: str,
 ) -> None:
     """``idle_in_transaction_session_timeout`` ends the session of a unit that waited too long
@@ -238,7 +223,7 @@ async def test_a_transaction_the_server_ended_for_idling_is_the_units_doing(
     lost connection, replayed."""
     url = pg_server.url(pg_database, driver=async_driver)
     engine = create_async_engine(url)
-    engines.append(engine)
+    made_async_engines.append(engine)
     Session = rdb.AsyncResilientSession(
         engine, service=service, config=rdb.Config(max_retries=1, failure_threshold=10)
     )
@@ -264,8 +249,5 @@ async def test_a_transaction_the_server_ended_for_idling_is_the_units_doing(
         assert async_driver == "asyncpg" or older
         assert rdb.is_transient(info.value)
         assert (calls, counters["retries_by_class"]) == (2, {"disconnect": 1})
-
-    async def quick(session: AsyncSession) -> int:
-        return int((await session.execute(sa.text("SELECT 42"))).scalar_one())
 
     assert await Session.run(quick) == 42  # the dead connection was replaced

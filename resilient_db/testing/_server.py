@@ -589,6 +589,19 @@ rm -rf -- "$1"
 """
 
 
+def _dismiss(proc: subprocess.Popen[bytes], done: bytes) -> None:
+    """Tell a watchdog process ``done`` (it leaves doing nothing) and wait for it to go."""
+    with contextlib.suppress(OSError, ValueError):
+        if proc.stdin is not None:
+            proc.stdin.write(done)
+            proc.stdin.close()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class Watchdog:
     """A small shell process that outlives a killed test process: when its stdin closes
     without a ``done`` (the test process died, even by SIGKILL), it sends ``signal`` to the
@@ -627,17 +640,8 @@ class Watchdog:
     def dismiss(self) -> None:
         """The server was cleaned up: the watchdog leaves without doing anything."""
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        with contextlib.suppress(OSError, ValueError):
-            if proc.stdin is not None:
-                proc.stdin.write(b"done\n")
-                proc.stdin.close()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc is not None:
+            _dismiss(proc, b"done\n")
 
 
 class EmbeddedPostgres(PostgresServer):
@@ -1183,15 +1187,7 @@ class DatabaseWatchdog:
             _live_database_watchdogs.discard(self)
         if proc is None or os.getpid() != self._owner:
             return  # a forked child: the pipe and the process are its parent's
-        with contextlib.suppress(OSError, ValueError):
-            if proc.stdin is not None:
-                proc.stdin.write(b'["done", ""]\n')
-                proc.stdin.close()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _dismiss(proc, b'["done", ""]\n')
 
 
 def _dismiss_database_watchdogs() -> None:
