@@ -3,6 +3,7 @@ transaction that moves a row just before a session's UPDATE of it."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import resilient_db as rdb
 
@@ -129,3 +130,78 @@ def conflict_after_another_factorys_unit(
     finally:
         outer_engine.dispose()
     return len(calls)
+
+
+def refuse_moves_every_way(engine: sa.Engine, service: str, *, trigger: bool = False) -> None:
+    """Illegal status moves refused on every path, on a real server, for the counting tests:
+    a bulk UPDATE whose filter leaves 4 rows unchanged, one by primary key with 1 parameter set
+    skipped, a bulk UPDATE refused in raise mode naming 4 rows, a flush (1), with ``trigger``
+    the database trigger (1), and a stale flush (counted apart). Blocked: 10, or 11 with the
+    trigger; filtered: 5; stale: 1."""
+    from resilient_db.examples.tasks import Task  # noqa: PLC0415 - only these tests need it
+
+    statuses = ["pending", "pending", "completed", "completed", "cancelled", "failed"]
+    with engine.begin() as conn:
+        p1, p2, c1, c2, _, _ = conn.execute(
+            sa.insert(Task).returning(Task.id, sort_by_parameter_order=True),
+            [{"idem_key": str(uuid.uuid4()), "title": "t", "status": s} for s in statuses],
+        ).scalars()
+    if trigger:
+        rdb.install_transition_trigger(engine, Task)  # the guard in the database too
+    Filtering = rdb.ResilientSession(engine, service=service, config=rdb.Config())
+    Raising = rdb.ResilientSession(engine, service=service, config=rdb.Config(bulk_update="raise"))
+
+    def start_all(session: Session) -> int:
+        result = session.execute(sa.update(Task).values(status="in_progress"))
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
+    assert Filtering.run(start_all) == 2  # p1, p2; c1, c2, cancelled, failed left unchanged
+
+    def by_key(session: Session) -> None:  # c1 may not start again; p2 may complete
+        session.execute(
+            sa.update(Task),
+            [{"id": c1, "status": "in_progress"}, {"id": p2, "status": "completed"}],
+        )
+
+    Filtering.run(by_key)
+    with engine.connect() as conn:
+        now = dict(conn.execute(sa.select(Task.id, Task.status)).all())
+    assert (now[p1], now[p2], now[c1]) == ("in_progress", "completed", "completed")
+
+    def reopen_all(session: Session) -> None:  # p2, c1, c2, cancelled may not: 4 rows named
+        session.execute(sa.update(Task).where(Task.status != "failed").values(status="pending"))
+
+    with pytest.raises(rdb.IllegalTransitionError):
+        Raising.run(reopen_all)
+
+    def restart(session: Session) -> None:
+        task = session.get(Task, c2)
+        assert task is not None
+        task.status = "in_progress"
+
+    with pytest.raises(rdb.IllegalTransitionError):
+        Filtering.run(restart)
+
+    if trigger:
+
+        def raw_reopen(session: Session) -> None:  # past the ORM: the trigger refuses it
+            session.execute(
+                sa.text("UPDATE tasks SET status = 'pending' WHERE id = :id"), {"id": c2}
+            )
+
+        with pytest.raises(rdb.IllegalTransitionError):
+            Filtering.run(raw_reopen)
+
+    def finish_moved(session: Session) -> None:
+        task = session.get(Task, p1)
+        assert task is not None
+        with other.begin() as conn:  # another transaction moves it meanwhile
+            conn.execute(sa.update(Task.__table__).where(Task.id == p1).values(status="failed"))
+        task.status = "completed"  # legal from the state loaded
+
+    other = sa.create_engine(engine.url)
+    try:
+        with pytest.raises(rdb.StaleTransitionError):
+            Filtering.run(finish_moved)
+    finally:
+        other.dispose()

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import re
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from scenarios import RAISE_CODE_FUNCTION
+from scenarios import RAISE_CODE_FUNCTION, refuse_moves_every_way
 from sqlalchemy.orm import Session
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -23,7 +22,7 @@ from starlette.routing import Mount
 from starlette.testclient import TestClient
 
 import resilient_db as rdb
-from resilient_db.examples.tasks import Base, Task
+from resilient_db.examples.tasks import Base
 from resilient_db.web import Recorder, dashboard, token_auth
 from resilient_db.web._recorder import MAX_SERVICES, NO_SERVICE
 
@@ -209,63 +208,7 @@ def test_blocked_transitions_are_rows_as_health_counts_them_stale_apart(
     ``blocked_transitions``, row for row; the stale move is shown apart, never as blocked."""
     board = dashboard(auth=lambda request: True)
     board.recorder.clear()  # the guard's events of earlier tests (health() was reset for this one)
-    statuses = ["pending", "pending", "completed", "completed", "cancelled", "failed"]
-    with tasks.begin() as conn:
-        p1, p2, c1, c2, _, _ = conn.execute(
-            sa.insert(Task).returning(Task.id, sort_by_parameter_order=True),
-            [{"idem_key": str(uuid.uuid4()), "title": "t", "status": s} for s in statuses],
-        ).scalars()
-    rdb.install_transition_trigger(tasks, Task)  # the guard in the database too, from now on
-    Filtering = rdb.ResilientSession(tasks, service=service, config=rdb.Config())
-    Raising = rdb.ResilientSession(tasks, service=service, config=rdb.Config(bulk_update="raise"))
-
-    def start_all(session: Session) -> int:
-        result = session.execute(sa.update(Task).values(status="in_progress"))
-        return int(result.rowcount)  # type: ignore[attr-defined]
-
-    assert Filtering.run(start_all) == 2  # p1, p2; c1, c2, cancelled, failed left unchanged
-
-    def by_key(session: Session) -> None:  # c1 may not start again; p2 may complete
-        session.execute(
-            sa.update(Task),
-            [{"id": c1, "status": "in_progress"}, {"id": p2, "status": "completed"}],
-        )
-
-    Filtering.run(by_key)
-
-    def reopen_all(session: Session) -> None:  # p2, c1, c2, cancelled may not: 4 rows named
-        session.execute(sa.update(Task).where(Task.status != "failed").values(status="pending"))
-
-    with pytest.raises(rdb.IllegalTransitionError):
-        Raising.run(reopen_all)
-
-    def restart(session: Session) -> None:
-        task = session.get(Task, c2)
-        assert task is not None
-        task.status = "in_progress"
-
-    with pytest.raises(rdb.IllegalTransitionError):
-        Filtering.run(restart)
-
-    def raw_reopen(session: Session) -> None:  # past the ORM: the trigger refuses it
-        session.execute(sa.text("UPDATE tasks SET status = 'pending' WHERE id = :id"), {"id": c2})
-
-    with pytest.raises(rdb.IllegalTransitionError):
-        Filtering.run(raw_reopen)
-
-    def finish_moved(session: Session) -> None:
-        task = session.get(Task, p1)
-        assert task is not None
-        with other.begin() as conn:  # another transaction moves it meanwhile
-            conn.execute(sa.update(Task.__table__).where(Task.id == p1).values(status="failed"))
-        task.status = "completed"  # legal from the state loaded
-
-    other = sa.create_engine(tasks.url)
-    try:
-        with pytest.raises(rdb.StaleTransitionError):
-            Filtering.run(finish_moved)
-    finally:
-        other.dispose()
+    refuse_moves_every_way(tasks, service, trigger=True)
 
     data = mounted(board).get("/admin/self-healing/data.json").json()
     transitions = rdb.health()["transitions"]

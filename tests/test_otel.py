@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
-from scenarios import RAISE_CODE_FUNCTION
+from scenarios import RAISE_CODE_FUNCTION, refuse_moves_every_way
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
@@ -202,59 +202,7 @@ def test_blocked_transitions_count_rows_alike_in_health_prometheus_and_otel(
     key one per parameter set skipped, a bulk UPDATE refused in raise mode the rows it names,
     a flush one; a stale move is counted apart, never as blocked."""
     _, _, reader = otel
-    statuses = ["pending", "pending", "completed", "completed", "cancelled", "failed"]
-    with engine.begin() as conn:
-        p1, p2, c1, c2, _, _ = conn.execute(
-            sa.insert(Task).returning(Task.id, sort_by_parameter_order=True),
-            [{"idem_key": str(uuid.uuid4()), "title": "t", "status": s} for s in statuses],
-        ).scalars()
-    Filtering = rdb.ResilientSession(engine, service=service, config=rdb.Config())
-    Raising = rdb.ResilientSession(engine, service=service, config=rdb.Config(bulk_update="raise"))
-
-    def start_all(session: Session) -> int:
-        result = session.execute(sa.update(Task).values(status="in_progress"))
-        return int(result.rowcount)  # type: ignore[attr-defined]
-
-    assert Filtering.run(start_all) == 2  # p1, p2; c1, c2, cancelled, failed left unchanged
-
-    def by_key(session: Session) -> None:  # c1 may not start again; p2 may complete
-        session.execute(
-            sa.update(Task),
-            [{"id": c1, "status": "in_progress"}, {"id": p2, "status": "completed"}],
-        )
-
-    Filtering.run(by_key)
-    with engine.connect() as conn:
-        now = dict(conn.execute(sa.select(Task.id, Task.status)).all())
-    assert (now[p1], now[p2], now[c1]) == ("in_progress", "completed", "completed")
-
-    def reopen_all(session: Session) -> None:
-        session.execute(sa.update(Task).where(Task.status != "failed").values(status="pending"))
-
-    with pytest.raises(rdb.IllegalTransitionError):  # p2, c1, c2, cancelled: 4 rows named
-        Raising.run(reopen_all)
-
-    def restart(session: Session) -> None:
-        task = session.get(Task, c2)
-        assert task is not None
-        task.status = "in_progress"
-
-    with pytest.raises(rdb.IllegalTransitionError):
-        Filtering.run(restart)
-
-    def finish_moved(session: Session) -> None:
-        task = session.get(Task, p1)
-        assert task is not None
-        with other_engine.begin() as other:  # another transaction moves it meanwhile
-            other.execute(sa.update(Task.__table__).where(Task.id == p1).values(status="failed"))
-        task.status = "completed"  # legal from the state loaded
-
-    other_engine = sa.create_engine(engine.url)
-    try:
-        with pytest.raises(rdb.StaleTransitionError):
-            Filtering.run(finish_moved)
-    finally:
-        other_engine.dispose()
+    refuse_moves_every_way(engine, service)
 
     filtered, blocked = 4 + 1, 4 + 1 + 4 + 1
     transitions = rdb.health()["transitions"]
