@@ -351,7 +351,10 @@ async def test_a_connection_closed_before_commit_is_replayed_not_unknown(
                 pg_server.execute(f"SELECT pg_terminate_backend({int(pid)})")
             gone = f"SELECT count(*) FROM pg_stat_activity WHERE pid = {int(pid)}"
             await wait_until(lambda: count(pg_server, pg_database, gone) == 0)
-            await asyncio.sleep(0.1)  # asyncpg reads the close meanwhile
+            raw = await (await session.connection()).get_raw_connection()
+            driver = raw.driver_connection
+            if isinstance(driver, asyncpg.Connection):
+                await wait_until(driver.is_closed)  # asyncpg has read the close
         return "done"
 
     if how != "terminated" and driver == "psycopg" and psycopg_reports_25p03():

@@ -178,6 +178,8 @@ async def test_a_commit_that_times_out_is_verified_not_reported_failed(
             if busy is not None and busy[0] == 0:
                 break
             await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the COMMIT still ran on the server 10 s later")
         rows = conn.execute("SELECT count(*) FROM slow_commits").fetchone()
     assert rows is not None
     verdicts = [
@@ -233,8 +235,18 @@ async def test_a_transaction_the_server_ended_for_idling_is_the_units_doing(
         nonlocal calls
         calls += 1
         await session.execute(sa.text("SET LOCAL idle_in_transaction_session_timeout = 50"))
-        await session.execute(sa.text("SELECT 1"))
-        await asyncio.sleep(0.3)  # the unit's own wait (an HTTP call, say): the server ends it
+        pid = (await session.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
+        # the unit's own wait (an HTTP call, say), until the server has ended its session
+        with pg_server.connect(pg_database) as conn:
+            for _ in range(200):
+                found = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)
+                ).fetchone()
+                if found is not None and found[0] == 0:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the server did not end the idle session in 10 s")
         await session.execute(sa.text("SELECT 2"))
 
     with pytest.raises(Exception) as info:  # noqa: PT011 (OperationalError or a lost connection)
