@@ -300,7 +300,7 @@ def psycopg_reports_25p03() -> bool:
 
 def driver_cancels_the_statement(driver: str) -> bool:
     """Whether a cancelled task's driver is known to cancel its statement on the server:
-    psycopg does, asyncpg 0.32 does; asyncpg 0.29 (the lowest this project supports) closes the
+    psycopg does, asyncpg 0.32 does; asyncpg 0.30 (the lowest this project supports) closes the
     connection instead, and the server's COMMIT runs to its end."""
     if driver != "asyncpg":
         return True
