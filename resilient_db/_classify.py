@@ -144,6 +144,25 @@ def answer_timed_out(exc: BaseException) -> bool:
     )
 
 
+def client_state_broken(exc: BaseException) -> bool:
+    """Whether ``exc`` is asyncpg's ``InternalClientError``: the driver's protocol state machine
+    is out of step with the server, and the connection can't be used again. It is what a
+    session the server ended (a terminated backend, a restart, an idle timeout) looks like when
+    asyncpg has read the server's FATAL message but not yet the socket's close: the message
+    came while no statement waited, asyncpg set its protocol to wait for a ReadyForQuery that
+    never comes, and the next operation fails with "cannot switch to state N; another
+    operation (2) is in progress" instead of "connection is closed". asyncpg closes the
+    connection after such a failure to begin an operation, and SQLAlchemy then takes it for a
+    disconnect; not after one raised for an answer the protocol did not expect, and SQLAlchemy
+    (2.1.9) judges a disconnect by the closed state alone: such a connection would go back to
+    the pool and fail every unit that got it. So the class decides, closed or not."""
+    for err in error_chain(exc):
+        kind = type(err)
+        if kind.__name__ == "InternalClientError" and kind.__module__.startswith("asyncpg"):
+            return True
+    return False
+
+
 def _driver_disconnect(exc: BaseException) -> bool:
     """True when the failure is a broken or refused connection that carries no SQLSTATE."""
     for err in error_chain(exc):
@@ -180,6 +199,7 @@ def _driver_disconnect(exc: BaseException) -> bool:
             "ConnectionDoesNotExistError",
             "ConnectionFailureError",
             "TargetServerAttributeNotMatched",
+            "InternalClientError",  # see client_state_broken
         ):
             return True
     return False

@@ -22,7 +22,14 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
-from ._classify import Classifier, Outcome, answer_timed_out, marked_replay_safe, sqlstate_of
+from ._classify import (
+    Classifier,
+    Outcome,
+    answer_timed_out,
+    client_state_broken,
+    marked_replay_safe,
+    sqlstate_of,
+)
 from ._commit import (
     MARKERS,
     CommitProtocol,
@@ -689,6 +696,12 @@ class EngineHooks:
             # (and the pool's other connections, made before this moment) must not be reused.
             ctx.is_disconnect = True
             ctx.invalidate_pool_on_disconnect = True
+        elif not ctx.is_disconnect and client_state_broken(original):
+            # asyncpg's protocol state is broken on this one connection (a session the server
+            # ended, whose close asyncpg has not read yet): it must not go back to the pool.
+            # The pool's other connections are judged by their own errors.
+            ctx.is_disconnect = True
+            ctx.invalidate_pool_on_disconnect = False
         if self.config.guard_on:
             database_error = ctx.sqlalchemy_exception or original
             mapped = exception_from_db(database_error, log=True, config=self.config)

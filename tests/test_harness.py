@@ -28,7 +28,7 @@ import psycopg
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
-from processes import alive, wait_for
+from processes import alive, wait_for, wait_for_async
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import resilient_db
@@ -789,6 +789,38 @@ def test_proxy_latency_delays_round_trips(fault_proxy: FaultProxy, pg_database: 
         assert conn.execute("SELECT 2").fetchone() == (2,)
 
 
+@pytest.mark.asyncio
+async def test_proxy_delay_closes_holds_a_terminated_sessions_close_apart_from_its_message(
+    fault_proxy: FaultProxy, pg_server: PostgresServer, pg_database: str
+) -> None:
+    """The server's FATAL message reaches asyncpg, the close does not (yet): asyncpg's
+    protocol is left waiting for a ReadyForQuery that never comes, and its next operation fails
+    with InternalClientError on a connection that looks open. The close follows when the delay
+    ends, or at restore()."""
+    direct = await asyncpg.connect(pg_server.url(pg_database, driver=""))
+    fault_proxy.delay_closes(60)
+    for end_by in ("restore", "delay"):
+        if end_by == "delay":
+            fault_proxy.delay_closes(0.2)
+        conn = await asyncpg.connect(fault_proxy.url(pg_database, driver=""))
+        try:
+            pid = await conn.fetchval("SELECT pg_backend_pid()")
+            assert await direct.fetchval("SELECT pg_terminate_backend($1)", pid)
+            await wait_for_async(lambda: fault_proxy.closes_delayed == 1, "the close held back")
+            for _ in range(3):  # the event loop reads what the proxy delivered
+                await asyncio.sleep(0)
+            assert not conn.is_closed()
+            if end_by == "restore":
+                with pytest.raises(asyncpg.InternalClientError, match="another operation"):
+                    await conn.fetchval("SELECT 1")
+                fault_proxy.restore()
+            await wait_for_async(conn.is_closed, "the close passed on")
+            assert fault_proxy.closes_delayed == 0
+        finally:
+            conn.terminate()
+    await direct.close()
+
+
 def test_proxy_lose_commit_answer_commits_but_disconnects(
     proxy_engine: sa.Engine,
     fault_proxy: FaultProxy,
@@ -1049,6 +1081,10 @@ def test_proxy_fault_arguments_are_checked() -> None:
                 proxy.latency(bad)
         with pytest.raises(TypeError, match="number of seconds, got '1'"):
             proxy.latency("1")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="delay must be a finite number of seconds >= 0"):
+            proxy.delay_closes(-1)
+        with pytest.raises(TypeError, match="number of seconds, got None"):
+            proxy.delay_closes(None)  # type: ignore[arg-type]
         assert proxy.mode == "passthrough"
 
 

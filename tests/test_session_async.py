@@ -14,10 +14,11 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import asyncpg
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
-from processes import wait_for
+from processes import wait_for, wait_for_async
 from scenarios import (
     ASYNC_DRIVERS,
     NOT_TRANSIENT,
@@ -33,6 +34,7 @@ from sqlalchemy.ext.asyncio import create_async_engine as create_engine
 import resilient_db as rdb
 from resilient_db import AsyncResilientSession, _unit
 from resilient_db._asyncio import _to_completion
+from resilient_db.testing import FaultProxy, PostgresServer
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.usefixtures("no_backoff")]
 
@@ -297,6 +299,101 @@ async def test_asyncpg_interface_errors_that_are_bugs_are_not_retried(
     assert calls == [1]
     assert (breaker(service) or {})["state"] == "closed"
     assert await Session.run(select_n, 5) == 5
+
+
+async def end_session_keep_socket(
+    pg_server: PostgresServer, fault_proxy: FaultProxy, session: AsyncSession | AsyncEngine
+) -> None:
+    """The server ends the backend of ``session`` (or of the engine's one pooled connection);
+    asyncpg reads its FATAL message, but not the close, which the proxy holds back (every
+    close, until the caller's ``fault_proxy.restore()``): the driver's protocol waits for a
+    ReadyForQuery that never comes."""
+    if isinstance(session, AsyncEngine):
+        async with session.connect() as conn:
+            pid = (await conn.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
+            await conn.rollback()
+    else:
+        pid = (await session.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
+    fault_proxy.delay_closes(60)
+    pg_server.execute(f"SELECT pg_terminate_backend({int(pid)})")
+    await wait_for_async(lambda: fault_proxy.closes_delayed == 1, "the close held back")
+    for _ in range(3):  # the event loop reads what the proxy delivered
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("async_driver", ["asyncpg"])
+@pytest.mark.parametrize("at", ["statement", "commit"])
+async def test_asyncpg_broken_protocol_state_of_an_ended_session_is_a_lost_connection(
+    *,
+    engine: AsyncEngine,
+    pg_server: PostgresServer,
+    pg_database: str,
+    fault_proxy: FaultProxy,
+    make_engine: Callable[..., AsyncEngine],
+    service: str,
+    at: str,
+) -> None:
+    """A unit's backend is terminated between two statements; asyncpg reads the server's FATAL
+    message before the socket's close (held apart by the proxy, as a network may) and fails its
+    next operation, a statement or the COMMIT, with ``InternalClientError`` on a connection that
+    looks open. That is a lost connection: the unit is replayed once on a new connection, its
+    row written once, and the broken connection never goes back to the pool (where it failed
+    every unit that got it: with one pooled connection, every attempt)."""
+    proxied = make_engine(
+        fault_proxy.url(pg_database, driver="asyncpg"), pool_size=1, max_overflow=0
+    )
+    Session = factory(proxied, service)
+    seen: list[BaseException] = []
+
+    async def unit(session: AsyncSession, name: str) -> int:
+        session.add(Item(name=name))
+        await session.flush()
+        if not seen:
+            await end_session_keep_socket(pg_server, fault_proxy, session)
+            seen.append(RuntimeError("ended"))
+            if at == "statement":
+                try:
+                    await session.execute(sa.text("SELECT 1"))
+                except sa_exc.DBAPIError as exc:
+                    seen.append(exc)
+                    raise
+        return len(seen)
+
+    assert await Session.run(unit, f"ended-{at}") == 1 + (at == "statement")
+    fault_proxy.restore()
+    if at == "statement":
+        assert isinstance(seen[1].__cause__.__cause__, asyncpg.InternalClientError)
+        assert rdb.classify(seen[1]) is rdb.Outcome.DISCONNECT
+    assert counters(service)["retries_by_class"] == {"disconnect": 1}
+    assert await count_items(engine, f"ended-{at}") == 1
+    assert fault_proxy.connections_accepted == 2  # the broken one was not pooled again
+    assert await Session.run(select_n, 7) == 7
+    assert fault_proxy.connections_accepted == 2
+
+
+async def test_asyncpg_pre_ping_replaces_a_pooled_connection_whose_session_the_server_ended(
+    pg_server: PostgresServer,
+    pg_database: str,
+    fault_proxy: FaultProxy,
+    make_engine: Callable[..., AsyncEngine],
+    service: str,
+) -> None:
+    """Drop-in use, no ``run()``: the pool's pre-ping meets asyncpg's broken protocol state on a
+    pooled connection whose backend the server ended (its close not read yet). SQLAlchemy
+    took the ``InternalClientError`` for an error of the ping, not a disconnect, and raised it
+    into the application; the connection is now replaced."""
+    proxied = make_engine(
+        fault_proxy.url(pg_database, driver="asyncpg"),
+        pool_size=1,
+        max_overflow=0,
+        pool_pre_ping=True,
+    )
+    Session = factory(proxied, service)
+    await end_session_keep_socket(pg_server, fault_proxy, proxied)
+    async with Session() as session:
+        assert (await session.execute(sa.text("SELECT 41 + 1"))).scalar_one() == 42
+    fault_proxy.restore()
+    assert fault_proxy.connections_accepted == 2
 
 
 async def test_real_deadlock_between_two_tasks_resolves_with_both_units_done(

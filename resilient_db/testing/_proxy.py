@@ -259,6 +259,7 @@ class _Pipe:
         self.ready = bytearray()
         #: how the source side ended: None (open), "fin" or "rst"; passed on once drained
         self.end: str | None = None
+        self.end_due = 0.0  # monotonic time before which the end is not passed on (delay_closes)
         self.shut = False  # FIN sent to the target
 
     def size(self) -> int:
@@ -350,6 +351,7 @@ class FaultProxy:
         self._refusing = False
         self._blackholed = False
         self._latency = 0.0
+        self._close_delay = 0.0
         self._lose_commits = 0
         self._swallow_commits = 0
         # counters: written by the loop thread, read anywhere
@@ -443,11 +445,13 @@ class FaultProxy:
         def apply() -> None:
             self._blackholed = False
             self._latency = 0.0
+            self._close_delay = 0.0
             self._lose_commits = 0
             self._swallow_commits = 0
             for conn in self._conns:
                 for pipe in (conn.to_server, conn.to_client):
                     pipe.delayed = collections.deque((0.0, chunk) for _, chunk in pipe.delayed)
+                    pipe.end_due = 0.0
             if self._refusing:
                 self._listen()
                 self._refusing = False
@@ -505,6 +509,42 @@ class FaultProxy:
             self._latency = delay
 
         self._call(apply)
+
+    def delay_closes(self, seconds: float) -> None:
+        """From now on, pass on a server's end of a connection (its FIN or reset) to the client
+        ``seconds`` after the last bytes before it (a finite number >= 0), until :meth:`restore`.
+
+        A server that ends a session (a terminated backend, a shutdown) sends a FATAL error
+        message, then closes the socket; a client may read the two at different moments. This
+        holds them apart: the client has the message and a connection that still looks open.
+        What the client sends meanwhile goes to the closed server, which resets it.
+        :attr:`closes_delayed` counts the connections whose end is held now.
+        """
+        delay = _seconds("delay", seconds)
+
+        def apply() -> None:
+            self._close_delay = delay
+
+        self._call(apply)
+
+    @property
+    def closes_delayed(self) -> int:
+        """Connections whose server has ended them, all of whose bytes the client has been
+        sent, and whose end :meth:`delay_closes` holds back now."""
+
+        def apply() -> int:
+            now = time.monotonic()
+            return sum(
+                1
+                for conn in self._conns
+                if not conn.closed
+                and conn.to_client.end is not None
+                and conn.to_client.drained()
+                and not conn.to_client.shut
+                and conn.to_client.end_due > now
+            )
+
+        return self._call(apply)
 
     def lose_commit_answer(self, times: int = 1) -> None:
         """Lose the answer of the next ``times`` COMMITs.
@@ -693,6 +733,8 @@ class FaultProxy:
             for pipe in (conn.to_server, conn.to_client):
                 if pipe.delayed:
                     wait = min(wait, max(0.0, pipe.delayed[0][0] - now))
+                if pipe.end is not None and not pipe.shut and pipe.end_due > now:
+                    wait = min(wait, pipe.end_due - now)
         return wait
 
     # ---- connections -----------------------------------------------------------------------------
@@ -812,11 +854,16 @@ class FaultProxy:
         except (BlockingIOError, InterruptedError):
             return b""
         except OSError:
-            pipe.end = "rst"
+            self._ended(conn, pipe, "rst")
             return b""
         if not data:
-            pipe.end = pipe.end or "fin"
+            self._ended(conn, pipe, pipe.end or "fin")
         return data
+
+    def _ended(self, conn: _Conn, pipe: _Pipe, how: str) -> None:
+        if pipe.end is None and pipe is conn.to_client and self._close_delay > 0:
+            pipe.end_due = time.monotonic() + self._close_delay
+        pipe.end = how
 
     def _from_client(self, conn: _Conn, data: bytes) -> None:
         if conn.lose_target is not None:
@@ -966,8 +1013,9 @@ class FaultProxy:
                     return True
                 self._drop_server(conn)  # e.g. a crash: the client keeps waiting
             return False
+        now = time.monotonic()
         for pipe, target in ((conn.to_server, conn.server), (conn.to_client, conn.client)):
-            if pipe.end is None or not pipe.drained() or pipe.shut:
+            if pipe.end is None or not pipe.drained() or pipe.shut or pipe.end_due > now:
                 continue
             if pipe.end == "rst":
                 self._abort(conn)
