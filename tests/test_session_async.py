@@ -186,6 +186,15 @@ class Gate:
         await self._open.wait()
 
 
+async def select_one_noting(session: AsyncSession, seen: list[BaseException]) -> None:
+    """SELECT 1; a database error it raises is appended to ``seen``, then raised."""
+    try:
+        await session.execute(sa.text("SELECT 1"))
+    except sa_exc.DBAPIError as exc:
+        seen.append(exc)
+        raise
+
+
 # -- replay of whole units -----------------------------------------------------------------------
 async def test_killed_backend_mid_unit_is_replayed_once_with_exactly_one_row(
     engine: AsyncEngine, pg_server: Any, service: str
@@ -201,11 +210,7 @@ async def test_killed_backend_mid_unit_is_replayed_once_with_exactly_one_row(
         if len(calls) == 1:
             pid = (await session.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
             pg_server.execute(f"SELECT pg_terminate_backend({int(pid)})")
-        try:
-            await session.execute(sa.text("SELECT 1"))
-        except sa_exc.DBAPIError as exc:
-            seen.append(exc)
-            raise
+        await select_one_noting(session, seen)
         return len(calls)
 
     assert await Session.run(unit) == 2
@@ -352,11 +357,7 @@ async def test_asyncpg_broken_protocol_state_of_an_ended_session_is_a_lost_conne
             await end_session_keep_socket(pg_server, fault_proxy, session)
             seen.append(RuntimeError("ended"))
             if at == "statement":
-                try:
-                    await session.execute(sa.text("SELECT 1"))
-                except sa_exc.DBAPIError as exc:
-                    seen.append(exc)
-                    raise
+                await select_one_noting(session, seen)
         return len(seen)
 
     assert await Session.run(unit, f"ended-{at}") == 1 + (at == "statement")
