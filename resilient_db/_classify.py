@@ -98,6 +98,27 @@ def partly_committed(exc: BaseException) -> bool:
     return bool(getattr(exc, _PARTLY_COMMITTED, False))
 
 
+_OUTCOME = "resilient_db_outcome"
+
+
+def mark_outcome(exc: BaseException, outcome: Outcome) -> None:
+    """Record on ``exc`` the outcome the retry engine gave it, with the classifier of the
+    factory (or wrapper) that ran the unit, as it raises ``exc`` to the caller: what a web
+    handler answers then follows the classifier that decided, not the default one."""
+    with contextlib.suppress(AttributeError, TypeError):  # a type that takes no attributes
+        setattr(exc, _OUTCOME, outcome)
+
+
+def marked_outcome(exc: BaseException) -> Outcome | None:
+    """The outcome :func:`mark_outcome` recorded on ``exc``, or None (it never reached the
+    retry engine: classify it with the default classifier)."""
+    try:
+        found = getattr(exc, _OUTCOME, None)
+    except Exception:  # a type whose attribute lookup misbehaves: as if unmarked
+        return None
+    return found if isinstance(found, Outcome) else None
+
+
 def marked_replay_safe(exc: BaseException) -> bool:
     """Whether :func:`mark_replay_safe` marked ``exc`` (the driver's error itself)."""
     return bool(getattr(exc, _REPLAY_SAFE, False))

@@ -117,7 +117,8 @@ def emit(
     if not hooks and not to_log:
         return
     # Values may come from outside the program (a database error's text, a row's state, a
-    # reason): control characters are escaped, so no value can start a fake log line.
+    # reason): control characters are escaped, so no value can start a fake log line, and long
+    # text is cut, so no value can make a line (or an event kept by a hook) megabytes long.
     args = tuple(_escaped(a) for a in args)
     extra = {k: _escaped(v) for k, v in extra.items()}
     if hooks:
@@ -148,10 +149,24 @@ _CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)} | {
 }
 
 
+#: The longest text value an action's log line and fields carry, in characters: longer ones
+#: (a client-chosen status of a megabyte, a database error's text) are cut, and marked.
+MAX_VALUE_CHARS = 1000
+
+
+def truncated(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, marked with how many were left off (``"…(+N
+    characters)"``); as it is when it fits."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}…(+{len(text) - limit} characters)"
+
+
 def _escaped(value: Any) -> Any:
-    """``value`` with control characters (line breaks included) escaped, if it is text."""
+    """``value`` cut to :data:`MAX_VALUE_CHARS` (marked) and with control characters (line
+    breaks included) escaped, if it is text."""
     if isinstance(value, str):
-        return value.translate(_CONTROL)
+        return truncated(value, MAX_VALUE_CHARS).translate(_CONTROL)
     return value
 
 

@@ -25,6 +25,7 @@ from ._classify import (
     DEFAULT_CLASSIFIER,
     Classifier,
     Outcome,
+    mark_outcome,
     mark_partly_committed,
     partly_committed,
 )
@@ -307,6 +308,7 @@ class Policy:
         the caller re-raises it), raising :class:`CircuitOpenError` (caused by ``exc``) instead
         when the breaker its failures opened ended the loop."""
         outcome = self.classifier.classify(exc)
+        mark_outcome(exc, outcome)  # re-raised as it is: say how this factory classified it
         if outcome in _RETRYABLE and not partly_committed(exc):  # that one said so already
             self.stats.add("gave_up")
             if spent:
@@ -370,7 +372,9 @@ class Policy:
     ) -> T:
         """The first attempt of :meth:`call` failed with ``exc``: record it, then retry or
         re-raise it. Drivers that run the first attempt inline call this directly."""
-        if not self.retryable(self.failed(exc, probe, started)) or partly_committed(exc):
+        outcome = self.failed(exc, probe, started)
+        if not self.retryable(outcome) or partly_committed(exc):
+            mark_outcome(exc, outcome)  # raised as it is: say how this factory classified it
             raise exc
         return self._call_retrying(attempt, exc)
 
@@ -423,7 +427,9 @@ class Policy:
     ) -> T:
         """The first attempt of :meth:`acall` failed with ``exc``: record it, then retry or
         re-raise it. Async drivers that run the first attempt inline call this directly."""
-        if not self.retryable(self.failed(exc, probe, started)) or partly_committed(exc):
+        outcome = self.failed(exc, probe, started)
+        if not self.retryable(outcome) or partly_committed(exc):
+            mark_outcome(exc, outcome)  # raised as it is: say how this factory classified it
             raise exc
         return await self._acall_retrying(attempt, exc)
 

@@ -7,9 +7,13 @@ counted in rows on every path, stale moves apart). The page in a real browser:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import re
-from collections.abc import Iterator
+import threading
+import uuid
+from collections.abc import Awaitable, Generator, Iterator
 from typing import Any
 
 import pytest
@@ -18,13 +22,21 @@ from scenarios import RAISE_CODE_FUNCTION, refuse_moves_every_way
 from sqlalchemy.orm import Session
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.routing import Mount
+from starlette.responses import JSONResponse
+from starlette.routing import Mount, Route
 from starlette.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
 
 import resilient_db as rdb
-from resilient_db.examples.tasks import Base
+from resilient_db._state import STATE
+from resilient_db.examples.tasks import Base, Task, create_task, move_task
 from resilient_db.web import Recorder, dashboard, token_auth
-from resilient_db.web._recorder import MAX_SERVICES, NO_SERVICE
+from resilient_db.web._recorder import (
+    MAX_FIELD_CHARS,
+    MAX_MESSAGE_CHARS,
+    MAX_SERVICES,
+    NO_SERVICE,
+)
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
 
@@ -264,3 +276,244 @@ def test_every_counter_of_health_is_shown_validation_failures_included(
     assert "response_validation_failures" in shown
     scalar = {key for key, value in counters.items() if not isinstance(value, dict)}
     assert scalar <= shown  # retries_by_class is shown as chips
+
+
+# -- bounds, checks and what the dashboard refuses -------------------------------------------------
+def test_a_client_chosen_megabyte_is_cut_in_the_log_line_the_hooks_and_the_dashboard(
+    tasks: sa.Engine, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client asks to move a task to a status of a megabyte: the guard refuses it, and the
+    value is cut (marked with how much was left off) in the ``[SELF-HEAL]`` line, in every
+    hook's fields and in what the dashboard keeps and serves: every such request would keep
+    megabytes otherwise."""
+    board = dashboard(auth=lambda request: True)
+    Sessions = rdb.ResilientSession(tasks, service=service, config=rdb.Config())
+    with Session(tasks) as session, session.begin():
+        task = create_task(session, title="t", idem_key=str(uuid.uuid4()))
+        session.flush()
+        task_id = task.id
+    huge = "X" * 1_000_000
+    seen: list[rdb.SelfHealEvent] = []
+    rdb.add_hook(seen.append)
+
+    def move(session: Session) -> None:
+        found = session.get(Task, task_id)
+        assert found is not None
+        move_task(session, found, huge, idem_key=str(uuid.uuid4()))
+        session.flush()
+
+    try:
+        with caplog.at_level(logging.INFO, logger="resilient_db"):
+            for _ in range(3):
+                with pytest.raises(rdb.IllegalTransitionError):
+                    Sessions.run(move)
+    finally:
+        rdb.remove_hook(seen.append)
+    lines = [r for r in caplog.records if "Status transition blocked" in r.getMessage()]
+    assert len(lines) == 3
+    line = lines[0].getMessage()
+    assert len(line) < 2_000
+    assert "X" * 1000 + "…(+999000 characters)" in line
+    assert lines[0].self_heal["to_state"] == "X" * 1000 + "…(+999000 characters)"  # type: ignore[attr-defined]
+    assert seen[0].fields["to_state"] == "X" * 1000 + "…(+999000 characters)"
+
+    answer = mounted(board).get("/admin/self-healing/data.json")
+    assert len(answer.content) < 20_000
+    events = [e for e in answer.json()["events"] if e["name"] == "transition_blocked"]
+    assert len(events) == 3
+    for event in events:
+        assert len(event["message"]) < MAX_MESSAGE_CHARS + 30
+        assert event["message"].endswith(" characters)")
+        assert event["fields"]["to_state"] == (
+            "X" * MAX_FIELD_CHARS + f"…(+{1000 - MAX_FIELD_CHARS + 21} characters)"
+        )
+    assert rdb.health()["transitions"]["blocked_transitions"] == 3
+
+
+def test_recorder_cuts_long_messages_and_fields() -> None:
+    """What one event keeps is bounded whatever it carries (a hook may be fed directly)."""
+    rec = Recorder(max_events=3)
+    rec(
+        rdb.SelfHealEvent(
+            name="transition_blocked",
+            service=None,
+            level=40,
+            message="m" * 1_000_000,
+            fields={"to_state": "s" * 1_000_000, "via": "flush", "blocked_rows": 1},
+        )
+    )
+    (event,) = rec.snapshot()["events"]
+    assert event["message"] == "m" * MAX_MESSAGE_CHARS + (
+        f"…(+{1_000_000 - MAX_MESSAGE_CHARS} characters)"
+    )
+    assert event["fields"]["to_state"] == "s" * MAX_FIELD_CHARS + (
+        f"…(+{1_000_000 - MAX_FIELD_CHARS} characters)"
+    )
+    assert event["fields"]["via"] == "flush"
+    assert event["fields"]["blocked_rows"] == 1
+
+
+def test_a_sync_check_runs_in_the_threadpool_not_on_the_event_loop() -> None:
+    """A sync check may block (a session lookup in a database): it runs in Starlette's
+    threadpool, so the application keeps answering meanwhile. Async checks, sync ones
+    returning an awaitable and objects with an async ``__call__`` are awaited; a check that
+    raises or returns a non-bool is a 500, never a way in."""
+    pinged = threading.Event()
+    checking = threading.Event()
+    loops: list[bool] = []
+
+    def blocking(request: Request) -> bool:
+        loops.append(on_event_loop())
+        checking.set()
+        return pinged.wait(10)  # let in once the application answered another request
+
+    def ping(request: Request) -> JSONResponse:
+        pinged.set()
+        return JSONResponse({"pong": True})
+
+    app = Starlette(
+        routes=[Route("/ping", ping), Mount("/admin/self-healing", app=dashboard(auth=blocking))]
+    )
+    answers: list[int] = []
+    with TestClient(app) as client:
+        waiting = threading.Thread(
+            target=lambda: answers.append(client.get("/admin/self-healing/data.json").status_code)
+        )
+        waiting.start()
+        assert checking.wait(10)
+        assert client.get("/ping").json() == {"pong": True}
+        waiting.join(20)
+    assert answers == [200]
+    assert loops == [False]
+
+    async def decide(request: Request) -> bool:
+        loops.append(on_event_loop())
+        return request.headers.get("x-role") == "staff"
+
+    class Verdict:  # an awaitable that is no coroutine
+        def __init__(self, verdict: bool) -> None:
+            self.verdict = verdict
+
+        def __await__(self) -> Generator[Any, None, bool]:
+            loops.append(on_event_loop())
+            return self.verdict
+            yield  # a generator: awaitable
+
+    class AsyncCall:
+        async def __call__(self, request: Request) -> bool:
+            return await decide(request)
+
+    def coroutine_of(request: Request) -> Awaitable[bool]:  # a sync callable, an awaitable out
+        return decide(request)
+
+    def verdict_of(request: Request) -> Verdict:
+        return Verdict(request.headers.get("x-role") == "staff")
+
+    checks: list[Any] = [decide, AsyncCall(), coroutine_of, verdict_of]
+    for check in checks:
+        loops.clear()
+        client = mounted(dashboard(auth=check))
+        assert client.get("/admin/self-healing/data.json").status_code == 403
+        staff = client.get("/admin/self-healing/data.json", headers={"x-role": "staff"})
+        assert staff.status_code == 200
+        assert loops == [True, True]  # awaited on the event loop
+
+    def broken(request: Request) -> bool:
+        raise ValueError("the session store is down")
+
+    def unsure(request: Request) -> Awaitable[str]:
+        async def maybe() -> str:
+            return "yes"
+
+        return maybe()
+
+    for check in (broken, unsure):
+        client = TestClient(
+            Starlette(routes=[Mount("/admin/self-healing", app=dashboard(auth=check))]),
+            raise_server_exceptions=False,
+        )
+        answer = client.get("/admin/self-healing/data.json")
+        assert answer.status_code == 500
+        assert "health" not in answer.text
+
+
+def on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def test_a_websocket_is_refused_with_1008_before_any_check() -> None:
+    """The dashboard serves no WebSocket: a connection is closed with 1008 (policy violation),
+    not a 500 and a logged traceback, and the auth check is not even asked."""
+    calls: list[str] = []
+
+    def check(request: Request) -> bool:
+        calls.append(request.url.path)
+        return True
+
+    client = mounted(dashboard(auth=check))
+    for path in ("/admin/self-healing/", "/admin/self-healing/data.json"):
+        with pytest.raises(WebSocketDisconnect) as refused, client.websocket_connect(path):
+            pass
+        assert refused.value.code == 1008
+    assert calls == []
+    assert client.get("/admin/self-healing/data.json").status_code == 200  # HTTP as before
+
+
+def test_a_recorder_of_ones_own_records_once_however_many_dashboards_show_it(
+    engine: sa.Engine, service: str
+) -> None:
+    """``dashboard(recorder=Recorder(...))`` records the process's events with that recorder,
+    registered as one hook however often it is given; ``reset_state()`` clears it."""
+    own = Recorder(max_events=10)
+    boards = [dashboard(auth=lambda request: True, recorder=own) for _ in range(2)]
+    try:
+        recorded_once(own, boards, engine, service)
+    finally:
+        rdb.remove_hook(own)
+
+
+def recorded_once(own: Recorder, boards: list[Any], engine: sa.Engine, service: str) -> None:
+    assert sum(hook is own for hook in STATE.hooks) == 1
+    Sessions = rdb.ResilientSession(engine, service=service, config=rdb.Config(max_retries=2))
+    calls: list[int] = []
+
+    def flaky(session: Session) -> int:
+        calls.append(1)
+        if len(calls) == 1:
+            session.execute(sa.text("SELECT raise_code('40001')"))
+        return 1
+
+    assert Sessions.run(flaky) == 1
+    names = [e["name"] for e in own.snapshot()["events"] if e["service"] == service]
+    assert names[-2:] == ["retry", "recovered"]
+    assert names.count("retry") == names.count("recovered") == 1  # once each: one hook
+    for board in boards:
+        assert board.recorder is own
+        data = mounted(board).get("/admin/self-healing/data.json").json()
+        assert [e["name"] for e in data["events"] if e["service"] == service] == names
+        assert data["series"][service]["retries_by_sqlstate"] == {"40001": 1}
+    rdb.reset_state()
+    assert own.snapshot()["events"] == []
+
+
+@pytest.mark.parametrize(
+    "poll", [float("inf"), float("-inf"), float("nan"), 0, -1, 0.01, 1e10, True, "2", None]
+)
+def test_poll_seconds_out_of_range_is_refused_at_once(poll: Any) -> None:
+    """A poll interval that can't work (infinite, not a number, absurdly short or long) is
+    refused when the dashboard is made, naming the argument, not at every request."""
+    with pytest.raises(ValueError, match="poll_seconds"):
+        dashboard(auth=lambda request: True, poll_seconds=poll)
+
+
+def test_poll_seconds_and_events_in_range_work() -> None:
+    for poll in (0.1, 0.3, 2, 86_400):
+        page = mounted(dashboard(auth=lambda request: True, poll_seconds=poll))
+        assert page.get("/admin/self-healing/").status_code == 200
+    for events in (float("inf"), -1, 2.5, True):
+        with pytest.raises(ValueError, match="events"):
+            dashboard(auth=lambda request: True, events=events)  # type: ignore[arg-type]

@@ -502,3 +502,214 @@ def test_fastapi_app_and_decorated_async_handler(
             "status": "in_progress",
         }
     assert status_of(direct, task_id) == "in_progress"
+
+
+# -- the factory's own classifier ------------------------------------------------------------------
+@pytest.fixture
+def engines(direct: sa.Engine, pg_url: str) -> Iterator[Callable[[], sa.Engine]]:
+    """More engines on the test database (factories sharing one must agree on their codes)."""
+    made: list[sa.Engine] = []
+
+    def make() -> sa.Engine:
+        made.append(sa.create_engine(pg_url))
+        return made[-1]
+
+    yield make
+    for engine in made:
+        engine.dispose()
+
+
+def test_the_answer_follows_the_classifier_of_the_factory_that_ran_the_unit(
+    engines: Callable[[], sa.Engine], service: str
+) -> None:
+    """A factory that removed a code (55P03, lock not available) raised its error at once,
+    never retried: that is no 503 "retrying did not help", it is the application's error. A
+    factory that added a code (XX000 as unavailable) retried it until giving up: a 503, not the
+    application's error. An error that never went through a factory is classified by default."""
+    config = rdb.Config(max_retries=1, circuit_breaker=False)
+    Busy = rdb.ResilientSession(
+        engines(),
+        service=f"{service}-busy",
+        config=config,
+        classifier=rdb.Classifier().without_codes(["55P03"]),
+    )
+    Custom = rdb.ResilientSession(
+        engines(),
+        service=f"{service}-custom",
+        config=config,
+        classifier=rdb.Classifier().with_codes({"XX000": "unavailable"}),
+    )
+
+    plain_engine = engines()
+
+    def plain(request: Request) -> JSONResponse:  # no factory: the default classifier
+        with plain_engine.connect() as conn:
+            conn.execute(sa.text("SELECT raise_code(:c)"), {"c": request.path_params["code"]})
+        return JSONResponse({})
+
+    app = raising_app(Busy)
+    app.add_route("/custom/{code}", raising_app(Custom).routes[0].endpoint)
+    app.add_route("/plain/{code}", plain)
+    app.add_exception_handler(SQLAlchemyError, own_answer(400)[1])
+    install_exception_handlers(app)
+    client = TestClient(app)
+
+    answer = client.get("/raise/55P03")
+    assert answer.status_code == 400, answer.text
+    assert answer.json() == {"own": "OperationalError", "loop": True}
+    counters = rdb.health()["services"][f"{service}-busy"]["counters"]
+    assert (counters["attempts"], counters["retries"]) == (1, 0)  # never retried
+
+    answer = client.get("/custom/XX000")
+    body = problem(answer, 503, "database-unavailable")
+    assert answer.headers["retry-after"] == "1"
+    assert body["retry_after"] == 1
+    counters = rdb.health()["services"][f"{service}-custom"]["counters"]
+    assert (counters["retries"], counters["gave_up"]) == (1, 1)
+
+    problem(client.get("/plain/55P03"), 503, "database-unavailable")
+    assert client.get("/plain/XX000").json() == {"own": "InternalError", "loop": True}
+
+
+class _Orig(Exception):
+    """A driver error with a SQLSTATE (a serialization failure)."""
+
+    sqlstate = "40001"
+
+
+class _Frozen(sa.exc.OperationalError):
+    """A database error that refuses attributes resilient_db would set on it."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("resilient_db"):
+            raise AttributeError(name)
+        super().__setattr__(name, value)
+
+
+class _FrozenValueError(ValueError):
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise TypeError(name)
+
+
+def test_errors_that_refuse_attributes_are_raised_as_they_are(service: str) -> None:
+    """An error on which the outcome can't be recorded is raised unchanged (given up after its
+    retries, or at once) and answered as the default classifier says."""
+    config = rdb.Config(max_retries=1, circuit_breaker=False)
+    frozen = _Frozen("SELECT 1", None, _Orig("could not serialize"))
+    calls: list[int] = []
+
+    def conflict() -> None:
+        calls.append(1)
+        raise frozen
+
+    with pytest.raises(_Frozen) as raised:
+        rdb.with_self_healing(conflict, service=service, config=config)
+    assert raised.value is frozen
+    assert calls == [1, 1]  # retried once, then given up
+    answered = problem_details(frozen)
+    assert answered is not None
+    assert answered.status == 503
+
+    def bug() -> None:
+        raise _FrozenValueError("a bug")
+
+    with pytest.raises(_FrozenValueError):
+        rdb.with_self_healing(bug, service=service, config=config)
+
+
+# -- WebSocket routes ----------------------------------------------------------------------------
+def test_websocket_routes_are_closed_with_a_code_not_answered_with_http(
+    direct: sa.Engine, service: str
+) -> None:
+    """A problem met on a WebSocket route closes the connection: 1013 (try again later) for a
+    503, 1011 otherwise, with the problem's title as the reason; before ``accept()`` as after.
+    A connection the route closed itself is left as it is."""
+    from starlette.routing import WebSocketRoute  # noqa: PLC0415
+    from starlette.websockets import WebSocket, WebSocketDisconnect  # noqa: PLC0415
+
+    Sessions = rdb.ResilientSession(
+        direct, service=service, config=rdb.Config(max_retries=1, circuit_breaker=False)
+    )
+    task_id = new_task(direct)
+
+    async def unavailable_after_accept(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_text("hello")
+        Sessions.run(lambda s: s.execute(sa.text("SELECT raise_code('57P03')")))
+
+    async def illegal_before_accept(websocket: WebSocket) -> None:
+        def move(session: Session) -> None:
+            task = session.get(Task, task_id)
+            assert task is not None
+            move_task(session, task, "completed", idem_key=str(uuid.uuid4()))
+            session.flush()
+
+        Sessions.run(move)
+
+    async def open_circuit_before_accept(websocket: WebSocket) -> None:
+        raise rdb.CircuitOpenError(service, 12.0)
+
+    async def closed_then_raised(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.close(code=1000)
+        raise rdb.CircuitOpenError(service, 12.0)
+
+    app = Starlette(
+        routes=[
+            WebSocketRoute("/unavailable", unavailable_after_accept),
+            WebSocketRoute("/illegal", illegal_before_accept),
+            WebSocketRoute("/open", open_circuit_before_accept),
+            WebSocketRoute("/closed", closed_then_raised),
+        ]
+    )
+    install_exception_handlers(app)
+    client = TestClient(app)
+
+    with client.websocket_connect("/unavailable") as ws:
+        assert ws.receive_text() == "hello"
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_text()
+    assert (closed.value.code, closed.value.reason) == (1013, "Database temporarily unavailable")
+    assert rdb.health()["services"][service]["counters"]["gave_up"] == 1
+
+    for path, code, reason in (
+        ("/open", 1013, "Service temporarily unavailable"),
+        ("/illegal", 1011, "Illegal status transition"),
+    ):
+        with pytest.raises(WebSocketDisconnect) as refused, client.websocket_connect(path):
+            pass
+        assert (refused.value.code, refused.value.reason) == (code, reason)
+    assert status_of(direct, task_id) == "pending"
+
+    with client.websocket_connect("/closed") as ws, pytest.raises(WebSocketDisconnect) as ended:
+        ws.receive_text()
+    assert ended.value.code == 1000
+
+
+# -- Retry-After ---------------------------------------------------------------------------------
+def test_retry_after_is_whole_seconds_from_one_second_to_a_day() -> None:
+    """Whatever ``retry_after`` a ``CircuitOpenError`` carries (infinite, huge, not a number),
+    the answer is a sane whole number of seconds, never an exception."""
+    for seconds, expected in (
+        (0.0, 1),
+        (0.2, 1),
+        (29.01, 30),
+        (86_399.5, 86_400),
+        (1e12, 86_400),
+        (float("inf"), 86_400),
+        (float("nan"), 1),
+    ):
+        answer = problem_details(rdb.CircuitOpenError("db", seconds))
+        assert answer is not None, seconds
+        assert answer.headers == {"Retry-After": str(expected)}, seconds
+        assert answer.body["retry_after"] == expected
+        assert f"for {expected} s." in answer.body["detail"]
+
+    def open_forever(request: Request) -> JSONResponse:
+        raise rdb.CircuitOpenError("db", float("inf"))
+
+    app = Starlette(routes=[Route("/", open_forever)])
+    install_exception_handlers(app)
+    answer = TestClient(app).get("/")
+    problem(answer, 503, "circuit-open")
+    assert answer.headers["retry-after"] == "86400"

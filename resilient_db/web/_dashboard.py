@@ -8,20 +8,23 @@ from __future__ import annotations
 import hmac
 import inspect
 import json
+import math
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from resilient_db._observability import health as _health
+from resilient_db._wrapper import is_async_callable
 
 from ._page import render_page
 from ._problems import PROBLEM_JSON
-from ._recorder import NO_SERVICE, Recorder, recorder
+from ._recorder import NO_SERVICE, Recorder, install, recorder
 
 __all__ = ["AuthCheck", "Dashboard", "dashboard", "token_auth"]
 
@@ -36,6 +39,12 @@ _NO_AUTH = (
     "auth=lambda request: request.user.is_authenticated with Starlette's AuthenticationMiddleware, "
     "or auth=resilient_db.web.token_auth(secret) for a bearer token"
 )
+#: The page polls ``data.json`` at most this often and at least this rarely (seconds): faster
+#: only loads the server, and a browser runs a timer of more than ~24.8 days at once.
+MIN_POLL_SECONDS = 0.1
+MAX_POLL_SECONDS = 86_400.0
+#: WebSocket close code "Policy Violation": the dashboard serves no WebSocket.
+_WS_POLICY_VIOLATION = 1008
 
 
 class Dashboard:
@@ -60,7 +69,7 @@ class Dashboard:
 
     @property
     def recorder(self) -> Recorder:
-        return self._source if self._source is not None else recorder()
+        return install(self._source) if self._source is not None else recorder()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":  # served on its own (uvicorn): nothing to set up
@@ -71,8 +80,13 @@ class Dashboard:
                 elif message["type"] == "lifespan.shutdown":
                     await send({"type": "lifespan.shutdown.complete"})
                     return
+        if scope["type"] == "websocket":  # none here: refused, before any auth check runs
+            message = await receive()
+            if message["type"] == "websocket.connect":
+                await send({"type": "websocket.close", "code": _WS_POLICY_VIOLATION})
+            return
         if scope["type"] != "http":
-            raise RuntimeError("the self-healing dashboard serves HTTP only")
+            raise RuntimeError(f"the self-healing dashboard serves HTTP, not {scope['type']!r}")
         request = Request(scope, receive)
         response = await self._respond(request)
         await response(scope, receive, send)
@@ -98,9 +112,7 @@ class Dashboard:
 
     async def _refused(self, request: Request) -> Response | None:
         try:
-            verdict = self.auth(request)
-            if inspect.isawaitable(verdict):
-                verdict = await verdict
+            verdict = await self._verdict(request)
         except HTTPException as exc:
             answer = _problem(exc.status_code, _reason(exc.status_code), str(exc.detail))
             for name, value in (exc.headers or {}).items():
@@ -114,6 +126,19 @@ class Dashboard:
             f"the dashboard's auth check returned {type(verdict).__name__}; it must return "
             "True or False (or raise starlette.exceptions.HTTPException)"
         )
+
+    async def _verdict(self, request: Request) -> object:
+        """What the check says: a coroutine function is awaited; anything else is called in
+        Starlette's threadpool (a sync check may block, on a session lookup say, and must not
+        stop the event loop), and what it returns awaited when it is awaitable."""
+        auth = self.auth
+        if is_async_callable(auth):
+            verdict: object = await auth(request)  # type: ignore[misc]
+        else:
+            verdict = await run_in_threadpool(auth, request)
+        if inspect.isawaitable(verdict):
+            verdict = await verdict
+        return verdict
 
     def data(self) -> dict[str, Any]:
         """What ``data.json`` serves: ``health()``, recent events and the time series."""
@@ -143,17 +168,29 @@ def dashboard(
     answers with its status (use 401 with ``WWW-Authenticate`` when credentials are missing;
     :func:`token_auth` does). The page refreshes itself every ``poll_seconds`` from
     ``data.json`` (the same data as :func:`resilient_db.health`, the last ``events``
-    ``[SELF-HEAL]`` events and per-second series). Events are recorded from the first
-    ``dashboard()`` call on, by a hook (:func:`resilient_db.add_hook`) with bounded memory.
+    ``[SELF-HEAL]`` events and per-second series); ``poll_seconds`` is from 0.1 to 86400.
+    Events are recorded from the first ``dashboard()`` call on, by a hook
+    (:func:`resilient_db.add_hook`) with bounded memory: the process's shared
+    :class:`~resilient_db.web.Recorder`, or ``recorder`` (installed as a hook once, however many
+    dashboards show it; ``reset_state()`` clears it). A sync ``auth`` check runs in Starlette's
+    threadpool, as a sync endpoint does. A WebSocket request is refused (closed with 1008).
     """
     if auth is None:
         raise TypeError(_NO_AUTH)
     if not callable(auth):
         raise TypeError(f"dashboard(auth=...) needs a callable, got {type(auth).__name__}")
-    if not poll_seconds > 0:
-        raise ValueError(f"poll_seconds must be > 0, got {poll_seconds!r}")
-    if events < 0:
-        raise ValueError(f"events must be >= 0, got {events!r}")
+    if (
+        isinstance(poll_seconds, bool)
+        or not isinstance(poll_seconds, (int, float))
+        or not math.isfinite(poll_seconds)
+        or not MIN_POLL_SECONDS <= poll_seconds <= MAX_POLL_SECONDS
+    ):
+        raise ValueError(
+            f"dashboard(poll_seconds=...) must be a number of seconds from {MIN_POLL_SECONDS:g} "
+            f"to {MAX_POLL_SECONDS:g}, got {poll_seconds!r}"
+        )
+    if isinstance(events, bool) or not isinstance(events, int) or events < 0:
+        raise ValueError(f"dashboard(events=...) must be a whole number >= 0, got {events!r}")
     app = Dashboard(
         auth=auth,
         title=title,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -11,6 +12,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from resilient_db._config import Config
 from resilient_db._errors import (
@@ -25,6 +27,11 @@ from resilient_db._wrapper import is_async_callable
 from ._problems import PROBLEM_JSON, PROBLEM_TYPE_BASE, Problem, problem_details
 
 __all__ = ["HANDLED", "install_exception_handlers", "problem_response"]
+
+#: WebSocket close codes (RFC 6455, IANA registry) for a problem met on a WebSocket route:
+#: "Try Again Later" for a 503 (open circuit, database unavailable), "Internal Error" otherwise.
+WS_TRY_AGAIN_LATER = 1013
+WS_INTERNAL_ERROR = 1011
 
 #: The exception classes the handlers are registered for: resilient_db's own, and the classes a
 #: transient database error that ran out of retries can have. SQLAlchemy wraps the driver's
@@ -59,6 +66,21 @@ def problem_response(problem: Problem) -> Response:
     )
 
 
+async def close_websocket(websocket: WebSocket, problem: Problem, exc: Exception) -> None:
+    """Answer ``problem`` on a WebSocket connection: close it with 1013 (try again later) for a
+    503, 1011 (internal error) otherwise, the problem's title as the reason (no values). Closed
+    before ``accept()``, the server refuses the handshake (HTTP 403). Already closed (by the
+    route, before it raised): nothing more to say; the client gone: nobody to tell."""
+    state = websocket.application_state
+    if state == WebSocketState.DISCONNECTED:
+        return
+    if state not in (WebSocketState.CONNECTING, WebSocketState.CONNECTED):
+        raise exc  # an HTTP denial response already started: it can't be answered now
+    code = WS_TRY_AGAIN_LATER if problem.status == 503 else WS_INTERNAL_ERROR
+    with contextlib.suppress(WebSocketDisconnect, OSError):
+        await websocket.close(code=code, reason=str(problem.body.get("title", ""))[:120])
+
+
 class _ProblemHandler:
     """The handler :func:`install_exception_handlers` registers for each class of
     :data:`HANDLED`. An error it does not answer goes where it would have gone without it, so
@@ -79,9 +101,13 @@ class _ProblemHandler:
         self._type_base = type_base
         self.displaced = displaced
 
-    async def __call__(self, request: Request, exc: Exception) -> Any:
+    async def __call__(self, request: Request | WebSocket, exc: Exception) -> Any:
         problem = problem_details(exc, config=self._config, type_base=self._type_base)
         if problem is not None:
+            if isinstance(request, WebSocket):
+                # an HTTP response is no answer on a WebSocket (after accept() it is a protocol
+                # error that hides this one): close it, saying why in a few words
+                return await close_websocket(request, problem, exc)
             return problem_response(problem)
         handler = self._applications(exc)
         if handler is None:
@@ -116,7 +142,9 @@ def install_exception_handlers(
     """Answer resilient_db's errors with RFC 9457 problem details (see
     :func:`~resilient_db.web.problem_details`): 503 with ``Retry-After`` for an open circuit
     and for a transient error that ran out of retries, 409 for illegal and stale transitions,
-    500 of its own type for an unknown commit outcome. Works for Starlette and FastAPI
+    500 of its own type for an unknown commit outcome. On a WebSocket route the connection is
+    closed instead, with code 1013 (try again later) for a 503 and 1011 (internal error)
+    otherwise, the problem's title as the reason. Works for Starlette and FastAPI
     applications; calling it again replaces the handlers. ``config`` decides whether row keys
     may be shown (default: the environment's ``SELF_HEALING_LOG_ROW_KEYS`` at each error).
 

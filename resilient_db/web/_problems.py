@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from resilient_db._classify import is_transient
+from resilient_db._classify import is_transient, marked_outcome
 from resilient_db._config import Config, env_config
 from resilient_db._errors import (
     CircuitOpenError,
@@ -30,6 +30,9 @@ PROBLEM_JSON = "application/problem+json"
 PROBLEM_TYPE_BASE = "urn:resilient-db:problem:"
 #: ``Retry-After`` for a transient error that ran out of retries (whole seconds).
 TRANSIENT_RETRY_AFTER = 1
+#: The longest ``Retry-After`` sent (whole seconds): a day. A breaker's ``retry_after`` is its
+#: reset timeout at most, but a ``CircuitOpenError`` can be made with any number.
+MAX_RETRY_AFTER = 86_400
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,31 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def retry_after_seconds(seconds: Any) -> int:
+    """``seconds`` as a ``Retry-After`` value: whole seconds, rounded up, at least 1 and at most
+    :data:`MAX_RETRY_AFTER` (infinity gives the most; NaN, or what is not a number, gives 1).
+    Never raises."""
+    try:
+        value = float(seconds)
+    except (TypeError, ValueError, OverflowError):
+        return 1
+    if math.isnan(value):
+        return 1
+    if value >= MAX_RETRY_AFTER:
+        return MAX_RETRY_AFTER
+    return max(1, math.ceil(value))
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether ``exc`` is a transient error, as the factory that ran its unit classified it
+    (its own classifier, with the codes it added or removed: recorded on the error when it was
+    raised), or by the default classifier for an error that never went through one."""
+    outcome = marked_outcome(exc)
+    if outcome is None:
+        return is_transient(exc)
+    return outcome.transient
+
+
 def problem_details(
     exc: BaseException,
     *,
@@ -58,16 +86,19 @@ def problem_details(
 ) -> Problem | None:
     """The problem details answer for ``exc``, or None when it is not one of these:
 
-    * :class:`~resilient_db.CircuitOpenError`: 503, ``Retry-After`` in whole seconds;
+    * :class:`~resilient_db.CircuitOpenError`: 503, ``Retry-After`` in whole seconds (1 to
+      :data:`MAX_RETRY_AFTER`);
     * :class:`~resilient_db.StaleTransitionError`: 409, reload the resource and decide again;
     * :class:`~resilient_db.IllegalTransitionError`: 409 with ``from_state``, ``to_state``,
       ``via`` (and ``pk`` only with ``SELF_HEALING_LOG_ROW_KEYS``);
     * :class:`~resilient_db.CommitOutcomeUnknownError`: 500 of its own type: the change may
       have been saved, so the client must check before resubmitting;
     * :class:`~resilient_db.ResponseValidationError`: 500 (the server produced a bad result);
-    * a transient database error that ran out of retries (``is_transient``: SQLAlchemy's
-      ``DBAPIError``, or a driver error it does not wrap, such as the ``OSError`` of a connect
-      refused to asyncpg; the application's own ``OSError`` is not one): 503.
+    * a transient database error that ran out of retries (SQLAlchemy's ``DBAPIError``, or a
+      driver error it does not wrap, such as the ``OSError`` of a connect refused to asyncpg;
+      the application's own ``OSError`` is not one): 503. Transient as the classifier of the
+      factory that ran the unit said (``classifier=``, with the codes it added or removed),
+      ``is_transient`` for an error that never went through a factory.
 
     ``config`` decides about row keys (default: the environment's).
     """
@@ -77,7 +108,7 @@ def problem_details(
         return {"type": type_base + kind, "title": title, "status": status, "detail": detail, **ext}
 
     if isinstance(exc, CircuitOpenError):
-        seconds = max(1, math.ceil(exc.retry_after))
+        seconds = retry_after_seconds(exc.retry_after)
         return Problem(
             503,
             body(
@@ -151,7 +182,7 @@ def problem_details(
                 service=exc.service,
             ),
         )
-    if is_transient(exc):  # a DBAPIError, or a driver's own error (asyncpg's refused connect)
+    if _transient(exc):  # a DBAPIError, or a driver's own error (asyncpg's refused connect)
         return Problem(
             503,
             body(

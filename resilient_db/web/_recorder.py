@@ -16,7 +16,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from resilient_db._observability import SelfHealEvent, add_hook
+from resilient_db._observability import SelfHealEvent, add_hook, truncated
 from resilient_db._state import STATE
 
 __all__ = ["Recorder", "recorder"]
@@ -27,6 +27,13 @@ MAX_SERVICES = 64
 MAX_STATE_CHANGES = 256
 #: Counted fields of events kept per service (SQLSTATEs, classes, paths).
 MAX_LABELS = 64
+#: An event's message is kept to this many characters, each text field it shows to
+#: :data:`MAX_FIELD_CHARS` (longer ones cut and marked, "…(+N characters)"): the events kept
+#: are bounded in size, not only in number, whatever a client sent (a status of a megabyte).
+MAX_MESSAGE_CHARS = 1000
+MAX_FIELD_CHARS = 200
+#: Counted labels (a SQLSTATE, a path) are cut to this many characters.
+MAX_LABEL_CHARS = 64
 #: Events whose fields are shown in the event list (what they name, not who).
 _SHOWN_FIELDS = (
     "outcome",
@@ -72,6 +79,7 @@ class _Series:
 
 
 def _count(counter: Counter[str], label: str, amount: int = 1) -> None:
+    label = truncated(label, MAX_LABEL_CHARS)
     if label in counter or len(counter) < MAX_LABELS:
         counter[label] += amount
 
@@ -88,7 +96,9 @@ def _rows(fields: Mapping[str, Any]) -> int:
 class Recorder:
     """A hook (``recorder(event)``) keeping the last ``max_events`` events and ``window``
     seconds of per-second counts and breaker states per service. Thread-safe: hooks run in
-    the threads of the units; the lock is held for a few dict and deque operations."""
+    the threads of the units; the lock is held for a few dict and deque operations. Bounded in
+    size too: each event's message and text fields are cut (:data:`MAX_MESSAGE_CHARS`,
+    :data:`MAX_FIELD_CHARS`)."""
 
     def __init__(
         self,
@@ -117,9 +127,10 @@ class Recorder:
             "name": event.name,
             "service": service,
             "level": logging.getLevelName(event.level).lower(),
-            "message": event.message,
+            "message": truncated(str(event.message), MAX_MESSAGE_CHARS),
             "fields": {
-                k: v if isinstance(v, (int, float, bool)) else str(v) for k, v in shown.items()
+                k: v if isinstance(v, (int, float, bool)) else truncated(str(v), MAX_FIELD_CHARS)
+                for k, v in shown.items()
             },
         }
         with self._lock:
@@ -190,12 +201,19 @@ _shared: Recorder | None = None
 _shared_lock = threading.Lock()
 
 
+def install(rec: Recorder) -> Recorder:
+    """Make ``rec`` record: a hook on every self-healing action, cleared by ``reset_state()``
+    as ``health()`` is zeroed. Idempotent (``add_hook`` adds a hook once; the reset's set is a
+    set): installing the same recorder again registers nothing twice."""
+    STATE.clear_on_reset.add(rec)
+    add_hook(rec)  # again after anything that removed it
+    return rec
+
+
 def recorder() -> Recorder:
     """The process's recorder, installed as a hook on first use (idempotent)."""
     global _shared
     with _shared_lock:
         if _shared is None:
             _shared = Recorder()
-            STATE.clear_on_reset.add(_shared)  # reset_state() zeroes health(): this too
-        add_hook(_shared)  # again after anything that removed it: add_hook is idempotent
-        return _shared
+        return install(_shared)
