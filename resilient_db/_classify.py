@@ -172,11 +172,10 @@ def client_state_broken(exc: BaseException) -> bool:
     asyncpg has read the server's FATAL message but not yet the socket's close: the message
     came while no statement waited, asyncpg set its protocol to wait for a ReadyForQuery that
     never comes, and the next operation fails with "cannot switch to state N; another
-    operation (2) is in progress" instead of "connection is closed". asyncpg closes the
-    connection after such a failure to begin an operation, and SQLAlchemy then takes it for a
-    disconnect; not after one raised for an answer the protocol did not expect, and SQLAlchemy
-    (2.1.9) judges a disconnect by the closed state alone: such a connection would go back to
-    the pool and fail every unit that got it. So the class decides, closed or not."""
+    operation (2) is in progress" instead of "connection is closed". SQLAlchemy before 2.0.50
+    lets it through unwrapped (no ``DBAPIError``, no ``connection_invalidated``); later
+    releases wrap it and see a disconnect when asyncpg has closed the connection, which it does
+    when an operation can't begin but not for every such error. So the class decides."""
     for err in error_chain(exc):
         kind = type(err)
         if kind.__name__ == "InternalClientError" and kind.__module__.startswith("asyncpg"):

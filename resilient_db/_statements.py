@@ -458,8 +458,7 @@ def asyncpg_statement_methods(base: type[Any]) -> dict[str, Callable[..., Any]]:
     """
     methods: dict[str, Callable[..., Any]] = {}
     for name in _ASYNCPG_SENDING:
-        if hasattr(base, name):  # (``fetchmany``: asyncpg 0.30 and later)
-            methods[name] = _asyncpg_noting(getattr(base, name))
+        methods[name] = _asyncpg_noting(getattr(base, name))
     for name in _ASYNCPG_WRITING:
         methods[name] = _asyncpg_noting(getattr(base, name), writes=True)
     prepare = base.prepare
@@ -510,8 +509,7 @@ def _noting_statement_class(base: type[Any], verdict: int) -> type[Any]:
             return cls
         namespace: dict[str, Any] = {"__slots__": (), "__module__": __name__}
         for name in _STATEMENT_SENDING:
-            if hasattr(base, name):  # (``fetchmany``: asyncpg 0.30 and later)
-                namespace[name] = _statement_noting(getattr(base, name), verdict)
+            namespace[name] = _statement_noting(getattr(base, name), verdict)
         cursor = base.cursor
 
         def cursor_of(self: Any, *args: Any, **kwargs: Any) -> Any:

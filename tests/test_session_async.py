@@ -28,6 +28,7 @@ from scenarios import (
     Item,
 )
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_dbapi
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.ext.asyncio import create_async_engine as create_engine
 
@@ -187,10 +188,10 @@ class Gate:
 
 
 async def select_one_noting(session: AsyncSession, seen: list[BaseException]) -> None:
-    """SELECT 1; a database error it raises is appended to ``seen``, then raised."""
+    """SELECT 1; an error it raises is appended to ``seen``, then raised."""
     try:
         await session.execute(sa.text("SELECT 1"))
-    except sa_exc.DBAPIError as exc:
+    except Exception as exc:
         seen.append(exc)
         raise
 
@@ -363,7 +364,9 @@ async def test_asyncpg_broken_protocol_state_of_an_ended_session_is_a_lost_conne
     assert await Session.run(unit, f"ended-{at}") == 1 + (at == "statement")
     fault_proxy.restore()
     if at == "statement":
-        assert isinstance(seen[1].__cause__.__cause__, asyncpg.InternalClientError)
+        # SQLAlchemy 2.0.50+ wraps it (DBAPIError); earlier releases let asyncpg's class through
+        chain = [seen[1], seen[1].__cause__, getattr(seen[1].__cause__, "__cause__", None)]
+        assert any(isinstance(e, asyncpg.InternalClientError) for e in chain)
         assert rdb.classify(seen[1]) is rdb.Outcome.DISCONNECT
     assert counters(service)["retries_by_class"] == {"disconnect": 1}
     assert await count_items(engine, f"ended-{at}") == 1
@@ -372,6 +375,12 @@ async def test_asyncpg_broken_protocol_state_of_an_ended_session_is_a_lost_conne
     assert fault_proxy.connections_accepted == 2
 
 
+@pytest.mark.skipif(
+    not hasattr(AsyncAdapt_asyncpg_dbapi, "InternalClientError"),
+    reason="SQLAlchemy before 2.0.50 lets asyncpg's InternalClientError out of the pre-ping "
+    "before any handle_error listener runs (the pool drops the connection; the application "
+    "sees the error once)",
+)
 async def test_asyncpg_pre_ping_replaces_a_pooled_connection_whose_session_the_server_ended(
     pg_server: PostgresServer,
     pg_database: str,
