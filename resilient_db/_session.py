@@ -181,14 +181,18 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         itself.
 
         ``validate`` (keyword-only, run's own: never passed to ``fn``) checks ``fn``'s result
-        before COMMIT with a Pydantic model, a ``TypeAdapter`` or a callable; an invalid result
-        rolls the unit back and raises :class:`~resilient_db.ResponseValidationError` (not
-        retried). The result itself is returned unchanged. Skipped with
-        ``SELF_HEALING_RESPONSE_VALIDATION=false``.
+        before COMMIT with a Pydantic model, a type (``list[Model]``, ``int``, a TypedDict...),
+        a ``TypeAdapter`` or a callable; an invalid result rolls the unit back and raises
+        :class:`~resilient_db.ResponseValidationError` (not retried). The result itself is
+        returned unchanged (an iterator is refused with ``TypeError``: checking would consume
+        it). Skipped with ``SELF_HEALING_RESPONSE_VALIDATION=false``; a ``validate`` that can't
+        check a result raises ``TypeError`` either way.
         """
         _require_unit(fn, "run")
-        if validate is not None and validation_on(self.config):
-            fn = _validated(fn, response_check(validate), self)
+        if validate is not None:
+            check = response_check(validate)  # refused where it is written, on or off
+            if validation_on(self.config):
+                fn = _validated(fn, check, self)
         active = _units.get()
         if active is not None:
             if active.factory is self:
@@ -242,8 +246,10 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         """Like :meth:`run`, with a session the caller made from this factory. It must not be
         in a transaction: a unit can only be replayed from the start of its transaction."""
         _require_unit(fn, "run_in")
-        if validate is not None and validation_on(self.config):
-            fn = _validated(fn, response_check(validate), self)
+        if validate is not None:
+            check = response_check(validate)  # refused where it is written, on or off
+            if validation_on(self.config):
+                fn = _validated(fn, check, self)
         if not isinstance(session, Session):
             raise TypeError(
                 f"run_in() needs a session made by this factory, got {type(session).__name__}"
@@ -265,7 +271,13 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         return self.policy.call(lambda: self._attempt(fn, args, kwargs, session=session))
 
     @overload
-    def transactional(self, fn: Callable[Concatenate[S, P], R], /) -> Callable[P, R]: ...
+    def transactional(
+        self,
+        fn: Callable[Concatenate[S, P], R],
+        /,
+        *,
+        validate: ResponseValidator | None = None,
+    ) -> Callable[P, R]: ...
     @overload
     def transactional(
         self, fn: None = None, /, *, validate: ResponseValidator | None = None
@@ -273,13 +285,15 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
     def transactional(self, fn: Any = None, /, *, validate: Any = None) -> Any:
         """Decorator: ``f(*args)`` runs ``fn(session, *args)`` as a unit of work.
 
-        ``@Session.transactional(validate=...)`` checks each result as :meth:`run` does."""
+        ``@Session.transactional(validate=...)`` (or ``Session.transactional(fn,
+        validate=...)``) checks each result as :meth:`run` does."""
+        if validate is not None:
+            response_check(validate)  # a bad validator is reported where it is written
         if fn is None:
             if validate is None:
                 return self.transactional
-            response_check(validate)  # a bad validator is reported where it is written
             return functools.partial(self._transactional, validate=validate)
-        return self._transactional(fn)
+        return self._transactional(fn, validate=validate)
 
     def _transactional(self, fn: Any, *, validate: Any = None) -> Any:
         _require_unit_function(fn, "transactional")
@@ -463,15 +477,24 @@ def _validated(
     fn: Callable[..., R], check: ResponseCheck, factory: FactoryCore
 ) -> Callable[..., R]:
     """``fn`` whose result is checked inside the unit, before its COMMIT: an invalid result
-    rolls the unit back (and ``ResponseValidationError`` is not transient: never retried)."""
+    rolls the unit back (and ``ResponseValidationError`` is not transient: never retried).
+
+    An async unit's check runs in ``session.run_sync``, SQLAlchemy's greenlet where a sync
+    session's I/O may happen: a relationship of an ORM row that is not loaded yet is loaded
+    there (as the sync twin loads it), not refused with ``MissingGreenlet``."""
 
     def unit(session: Any, *args: Any, **kwargs: Any) -> R:
         value = _call_unit(fn, session, args, kwargs)
-        checked: R = check_response(check, value, factory.config, factory.service)
+        checked: R = _check_in_unit(session, check, value, factory)
         return checked
 
     unit.__qualname__ = _name(fn)
     return unit
+
+
+def _check_in_unit(_session: Any, check: ResponseCheck, value: Any, factory: FactoryCore) -> Any:
+    """:func:`check_response` of a unit's result, in the unit's (sync) session."""
+    return check_response(check, value, factory.config, factory.service)
 
 
 # -- what really differs: engines, unit functions, the unit running here ---------------------------

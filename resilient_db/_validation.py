@@ -1,16 +1,25 @@
 """Response validation: ``validate=`` of units of work and of ``with_self_healing``.
 
 A validator is a Pydantic model class (``model_validate``), a Pydantic ``TypeAdapter``
-(``validate_python``), a type form such as ``list[Model]`` or ``Model | None`` (checked by a
-``TypeAdapter`` of it), or a callable. Pydantic is recognised by those methods and imported only
-for a type form, so it stays an optional dependency of the application.
+(``validate_python``), a type (checked by a ``TypeAdapter`` of it: a type form such as
+``list[Model]`` or ``Model | None``, and any class that is not a Pydantic model: ``int``, an
+enum, a ``TypedDict``, a dataclass, a ``NamedTuple``; also ``NewType``, ``Any`` and type
+aliases), or a callable that is not a class. Pydantic is recognised by those methods and
+imported only for a type, so it stays an optional dependency of the application. What can't
+check a result is refused with ``TypeError`` when ``validate=`` is given, whether validation is on
+or off: a type Pydantic can't build a schema for (an ORM class, ``list[OrmClass]``), a type
+naming a class by a string (``list["TaskOut"]``: the string would be looked up here, not where
+it was written) or not fully defined, and an ``async def`` callable (a check is synchronous).
 
 The result is checked, not converted: the caller gets the unit's own return value back, the same
 object with validation on or off (``SELF_HEALING_RESPONSE_VALIDATION``), so switching it off never
-changes what a program receives. An invalid result is logged ``[SELF-HEAL] Response validation
-failed`` with the reason (field locations and error kinds: never the values, and a key of a dict
-in the result shows as ``<key>``), counted in ``health()`` (the service's
-``response_validation_failures``) and raises :class:`~resilient_db.ResponseValidationError`.
+changes what a program receives. So a result that is an iterator (a generator, ``map()``,
+``iter(...)``, a SQLAlchemy ``Result``) is refused with ``TypeError`` while a check is on: it
+can't be checked without being consumed, and the caller would get it empty. An invalid result
+is logged ``[SELF-HEAL] Response validation failed`` with the reason (field locations and error
+kinds: never the values, and a key of a dict in the result shows as ``<key>``), counted in
+``health()`` (the service's ``response_validation_failures``) and raises
+:class:`~resilient_db.ResponseValidationError`.
 
 Invalid results are not retried, read-only units included. PostgreSQL gives each statement (and,
 under REPEATABLE READ, each transaction) a consistent snapshot, and resilient_db sends a unit to
@@ -24,10 +33,12 @@ consistent, not a retry that makes it consistent most of the time.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import types
-from collections.abc import Callable
-from typing import Any, Protocol, TypeAlias, get_origin
+import typing
+from collections.abc import Callable, Iterator
+from typing import Annotated, Any, Literal, Protocol, TypeAlias, get_args, get_origin
 
 from ._config import Config
 from ._errors import ResponseValidationError
@@ -59,13 +70,14 @@ class _PydanticAdapter(Protocol):
     def validate_python(self, obj: Any, /, *, from_attributes: bool | None = ...) -> Any: ...
 
 
-#: What ``validate=`` accepts: a Pydantic model class, a Pydantic ``TypeAdapter``, a type form
-#: (``list[Model]``, ``tuple[Model, ...]``, ``Model | None``, ``Annotated[...]``: checked by a
-#: ``TypeAdapter`` of it, so it needs Pydantic), or a callable of the result that returns
-#: ``False`` or raises ``ValueError``, ``TypeError`` or ``AssertionError`` for an invalid one
-#: (anything else it returns means valid). The reason logged for a callable is the type of what
-#: it raised, not its message (which can quote the result); Pydantic's errors are listed by
-#: location and kind, without their input.
+#: What ``validate=`` accepts: a Pydantic model class, a Pydantic ``TypeAdapter``, a type
+#: (``list[Model]``, ``tuple[Model, ...]``, ``Model | None``, ``Annotated[...]``, ``int``, an
+#: enum, a ``TypedDict``, a dataclass: checked by a ``TypeAdapter`` of it, so it needs
+#: Pydantic), or a (synchronous) callable of the result that returns ``False`` or raises
+#: ``ValueError``, ``TypeError`` or ``AssertionError`` for an invalid one (anything else it
+#: returns means valid). The reason logged for a callable is the type of what it raised, not
+#: its message (which can quote the result); Pydantic's errors are listed by location and kind,
+#: with Pydantic's message only where it can't quote the result (see :func:`_reason`).
 ResponseValidator: TypeAlias = (
     type[_PydanticModel] | _PydanticAdapter | types.UnionType | Callable[[Any], object]
 )
@@ -82,10 +94,10 @@ class ResponseCheck:
     __slots__ = ("_kind", "_validator", "name")
 
     def __init__(self, validator: Any) -> None:
-        if get_origin(validator) is not None:
-            # a type form: ``list[Model]`` is callable (``list(value)`` accepts any iterable)
-            # and ``Annotated[Model, ...]`` passes ``model_validate`` through, so neither may be
-            # taken for what it looks like
+        if _is_type_form(validator):
+            # a type: ``list[Model]`` and ``int`` are callable (``list(value)`` accepts any
+            # iterable, ``int("12")`` converts), ``Annotated[Model, ...]`` passes
+            # ``model_validate`` through: none of them may be taken for what it looks like
             validator = _type_adapter(validator)
             self._kind = "adapter"
             self.name: str = repr(validator)[:120]
@@ -98,6 +110,17 @@ class ResponseCheck:
         elif callable(validator):
             self._kind = "callable"
             self.name = getattr(validator, "__qualname__", None) or type(validator).__name__
+            if _is_async_function(validator):
+                raise TypeError(
+                    f"validate={self.name} is an async function: a result is checked "
+                    "synchronously and a coroutine would never be awaited (every result would "
+                    "pass); give a plain function (def), a Pydantic model or a type"
+                )
+        elif isinstance(validator, str):
+            raise TypeError(
+                f"validate={validator!r} is a string: give the class itself "
+                f"(validate={validator}, not validate={validator!r})"
+            )
         else:
             raise TypeError(
                 "validate= needs a Pydantic model class, a Pydantic TypeAdapter, a type such as "
@@ -106,17 +129,30 @@ class ResponseCheck:
         self._validator = validator
 
     def problem(self, value: Any) -> tuple[str, BaseException | None] | None:
-        """None for a valid ``value``; else the reason (no values in it) and the exception."""
+        """None for a valid ``value``; else the reason (no values in it) and the exception.
+        ``TypeError`` if a callable validator returns an awaitable (closed: never awaited)."""
         validator = self._validator
         try:
             if self._kind == "model":
                 validator.model_validate(value, from_attributes=True)
-            elif self._kind == "adapter":
+                return None
+            if self._kind == "adapter":
                 validator.validate_python(value, from_attributes=True)
-            elif validator(value) is False:
-                return f"{self.name} returned False", None
+                return None
+            verdict = validator(value)
         except (ValueError, TypeError, AssertionError) as exc:
             return _reason(exc, self.name, self._core_schema()), exc
+        if verdict is False:
+            return f"{self.name} returned False", None
+        if verdict is not True and verdict is not None and inspect.isawaitable(verdict):
+            close = getattr(verdict, "close", None)
+            if callable(close):
+                close()  # no "never awaited" warning: it is refused, not forgotten
+            raise TypeError(
+                f"validate={self.name} returned {type(verdict).__name__}, an awaitable: a result "
+                "is checked synchronously, so what it awaits would never decide; give a plain "
+                "function that returns False or raises for an invalid result"
+            )
         return None
 
     def _core_schema(self) -> Any:
@@ -132,25 +168,120 @@ class ResponseCheck:
         return schema if isinstance(schema, dict) else None
 
 
+#: Modules whose objects are type forms even without a typing origin (``NewType``,
+#: ``TypeAliasType``, special forms such as ``NoReturn``).
+_TYPING_MODULES = frozenset({"typing", "typing_extensions"})
+
+
+def _is_type_form(validator: Any) -> bool:
+    """Whether ``validator`` is a type to check with a ``TypeAdapter``: a parametrised form
+    (``list[Model]``, ``Model | None``, ``Annotated[...]``, ``Literal[...]``), a class that is
+    not a Pydantic model (``int``, ``list``, an enum, a ``TypedDict``, a dataclass, a
+    ``NamedTuple``, ``typing.Any``, an ORM class: refused by Pydantic), or a form of
+    ``typing`` without an origin (``NewType``, ``TypeAliasType``)."""
+    if get_origin(validator) is not None:
+        return True
+    if isinstance(validator, type):
+        return not callable(getattr(validator, "model_validate", None))
+    return type(validator).__module__ in _TYPING_MODULES
+
+
+def _is_async_function(fn: Any) -> bool:
+    """Whether calling ``fn`` gives a coroutine or an async generator by its declaration: a
+    coroutine or async generator function, a ``functools.partial`` of one, or an object whose
+    ``__call__`` is one."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    candidates = (fn, type(fn).__call__) if callable(fn) else (fn,)
+    return any(inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f) for f in candidates)
+
+
+def _describe(form: Any) -> str:
+    """A type for a message: a class by its name, a form by its repr."""
+    if isinstance(form, type) and get_origin(form) is None:
+        return getattr(form, "__qualname__", None) or repr(form)
+    return repr(form)
+
+
+def _string_reference(form: Any) -> str | None:
+    """The first class ``form`` names by a string (``list["TaskOut"]``, ``Optional["X"]``),
+    if any; ``Literal`` values and ``Annotated`` metadata are not types."""
+    if isinstance(form, str):
+        return form
+    if isinstance(form, typing.ForwardRef):
+        return form.__forward_arg__
+    if isinstance(form, list | tuple):  # ``Callable[[A, B], C]``'s parameters
+        args: tuple[Any, ...] = tuple(form)
+    else:
+        origin = get_origin(form)
+        if origin is None or origin is Literal:
+            return None
+        args = get_args(form)
+        if origin is Annotated:
+            args = args[:1]
+    for arg in args:
+        found = _string_reference(arg)
+        if found is not None:
+            return found
+    return None
+
+
 def _new_adapter(form: Any) -> Any:
+    """A complete Pydantic ``TypeAdapter`` of ``form``, or ``TypeError`` naming the form."""
+    reference = _string_reference(form)
+    if reference is not None:
+        # ``TypeAdapter`` would look the name up in this module's namespace, not the caller's:
+        # not found (every result refused), or found and wrong (``"Config"`` is resilient_db's)
+        raise TypeError(
+            f"validate={_describe(form)} names the class {reference!r} by a string, which can't "
+            "be looked up where validate= was written: give the class itself "
+            f"({reference}, not {reference!r})"
+        )
     try:
-        from pydantic import TypeAdapter  # noqa: PLC0415 - optional: only type forms need it
+        from pydantic import TypeAdapter  # noqa: PLC0415 - optional: only types need it
+        from pydantic.errors import (  # noqa: PLC0415
+            PydanticUndefinedAnnotation,
+            PydanticUserError,
+        )
     except ImportError as exc:
         raise ImportError(
-            f"validate={form!r} is a type, which is checked with Pydantic's TypeAdapter: "
-            "pip install pydantic (or pass a callable)"
+            f"validate={_describe(form)} is a type, which is checked with Pydantic's "
+            "TypeAdapter: pip install pydantic (or pass a callable)"
         ) from exc
-    return TypeAdapter(form)
+    try:
+        adapter = TypeAdapter(form)
+    except (PydanticUserError, PydanticUndefinedAnnotation, TypeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TypeError(
+            f"validate={_describe(form)}: Pydantic can't check this type ({first}). Give a "
+            "Pydantic model (from_attributes=True checks ORM rows), a type made of such models, "
+            "or a callable of the result"
+        ) from exc
+    if getattr(adapter, "pydantic_complete", True) is False:
+        raise TypeError(
+            f"validate={_describe(form)} is not fully defined: a class it refers to can't be "
+            "resolved (a name given as a string, or a class defined later). Give the classes "
+            "themselves, each defined before validate= is given"
+        )
+    return adapter
 
 
 #: Adapters by type form: building one costs far more than a check, and ``run(validate=...)``
-#: makes its check at each call.
+#: makes its check at each call. At most 256 are kept (least recently used go first).
 _cached_adapter = functools.lru_cache(maxsize=256)(_new_adapter)
 
 
 def _type_adapter(form: Any) -> Any:
     """A Pydantic ``TypeAdapter`` of ``form``, cached unless the form can't be hashed (an
-    ``Annotated`` with unhashable metadata)."""
+    ``Annotated`` with unhashable metadata).
+
+    A form is found in the cache by equality, and Pydantic's ``Field(...)`` (also
+    ``FieldInfo``) compares by identity: ``Annotated[list[TaskOut], Field(min_length=1)]``
+    written inline in the call is a new form at each call, its adapter built again each time
+    (hundreds of microseconds) and the cache's other entries pushed out. Define such a form
+    once, at module level (``NonEmpty = Annotated[...]``, then ``validate=NonEmpty``), or pass
+    a ``TypeAdapter`` made once. The cache is not keyed on the form's ``repr``: two different
+    classes can share one."""
     try:
         hash(form)
     except TypeError:
@@ -159,14 +290,24 @@ def _type_adapter(form: Any) -> Any:
 
 
 def response_check(validator: ResponseValidator) -> ResponseCheck:
-    """``validator`` made ready (raises ``TypeError`` for something that can't validate, and
-    ``ImportError`` for a type form without Pydantic installed)."""
+    """``validator`` made ready. Raises ``TypeError`` for something that can't check a result
+    (not a model, adapter, type or callable; a type Pydantic can't build a schema for, such as
+    an ORM class or ``list[OrmClass]``; a type naming a class by a string, or not fully
+    defined; an ``async def`` callable), and ``ImportError`` for a type without Pydantic
+    installed. Types are best defined once (see :func:`_type_adapter`)."""
     return ResponseCheck(validator)
 
 
 def check_response(check: ResponseCheck, value: Any, config: Config, service: str) -> Any:
     """Return ``value`` if ``check`` finds it valid; else log and raise
-    :class:`~resilient_db.ResponseValidationError`."""
+    :class:`~resilient_db.ResponseValidationError`. An iterator is refused with ``TypeError``:
+    checking it would consume it, and the caller gets the same object back."""
+    if isinstance(value, Iterator):
+        raise TypeError(
+            f"the result to check with validate={check.name} is an iterator "
+            f"({type(value).__name__}), which can't be checked without consuming it: the "
+            "caller would get it empty. Return a list (list(...), .all()) instead"
+        )
     found = check.problem(value)
     if found is None:
         return value
@@ -188,10 +329,163 @@ def check_response(check: ResponseCheck, value: Any, config: Config, service: st
     raise ResponseValidationError(service, check.name, reason) from cause
 
 
+#: Pydantic error types whose message may be shown: every part of their template is fixed
+#: text or a context value from the validator's schema (:data:`_SCHEMA_CONTEXT`), none from the
+#: checked value (checked against pydantic-core's templates: ``PydanticKnownError(type,
+#: ctx).message_template``). Left out, shown as location and ``[type]`` only: types whose
+#: message quotes the value or a part of it (``value_error``, ``assertion_error`` and
+#: ``get_attribute_error`` carry an exception's message; ``union_tag_invalid`` the tag,
+#: ``uuid_parsing``, ``date_parsing``, ``url_parsing``... a parser's error, ``timezone_offset``
+#: the value's offset, ``too_short``/``too_long`` the value's length, ``mapping_type`` and
+#: ``iteration_error`` an exception, ``no_such_attribute``, ``json_invalid``...) and custom
+#: errors (``PydanticCustomError``: any text).
+_SHOWN_MESSAGES = frozenset(
+    {
+        # fixed text
+        "arguments_type",
+        "bool_parsing",
+        "bool_type",
+        "bytes_type",
+        "callable_type",
+        "complex_str_parsing",
+        "complex_type",
+        "counter_type",
+        "date_from_datetime_inexact",
+        "date_future",
+        "date_past",
+        "date_type",
+        "datetime_future",
+        "datetime_past",
+        "datetime_type",
+        "decimal_parsing",
+        "decimal_type",
+        "default_factory_not_called",
+        "deque_type",
+        "dict_type",
+        "ellipsis_error",
+        "extra_forbidden",
+        "finite_number",
+        "float_parsing",
+        "float_type",
+        "fraction_parsing",
+        "fraction_type",
+        "frozen_dict_type",
+        "frozen_field",
+        "frozen_instance",
+        "frozen_set_type",
+        "int_from_float",
+        "int_parsing",
+        "int_parsing_size",
+        "int_type",
+        "invalid_key",
+        "iterable_type",
+        "json_type",
+        "list_type",
+        "missing",
+        "missing_argument",
+        "missing_keyword_only_argument",
+        "missing_positional_only_argument",
+        "missing_sentinel_error",
+        "model_attributes_type",
+        "multiple_argument_values",
+        "none_required",
+        "ordered_dict_type",
+        "recursion_depth_exceeded",
+        "recursion_loop",
+        "set_item_not_hashable",
+        "set_type",
+        "string_not_ascii",
+        "string_type",
+        "string_unicode",
+        "time_delta_type",
+        "time_type",
+        "timezone_aware",
+        "timezone_naive",
+        "tuple_type",
+        "unexpected_keyword_argument",
+        "unexpected_positional_argument",
+        "url_type",
+        "uuid_type",
+        # bounds, class names, patterns and expected values of the schema
+        "bytes_too_long",
+        "bytes_too_short",
+        "dataclass_exact_type",
+        "dataclass_type",
+        "decimal_max_digits",
+        "decimal_max_places",
+        "decimal_whole_digits",
+        "enum",
+        "greater_than",
+        "greater_than_equal",
+        "is_instance_of",
+        "is_subclass_of",
+        "less_than",
+        "less_than_equal",
+        "literal_error",
+        "model_type",
+        "multiple_of",
+        "named_tuple_type",
+        "string_pattern_mismatch",
+        "string_too_long",
+        "string_too_short",
+        "union_tag_not_found",
+        "url_scheme",
+        "url_too_long",
+        "uuid_version",
+    }
+)
+#: Context keys of those types' templates: each comes from the schema, never from the value.
+_SCHEMA_CONTEXT = frozenset(
+    {
+        "class",
+        "class_name",
+        "decimal_places",
+        "discriminator",
+        "expected",
+        "expected_schemes",
+        "expected_version",
+        "ge",
+        "gt",
+        "le",
+        "lt",
+        "max_digits",
+        "max_length",
+        "min_length",
+        "multiple_of",
+        "pattern",
+        "whole_digits",
+    }
+)
+
+
+def _message(error: dict[str, Any]) -> str | None:
+    """Pydantic's message of ``error`` if it can't quote the value (see
+    :data:`_SHOWN_MESSAGES`): of an allowed type, with context from the schema only, and
+    exactly Pydantic's own template for that type (a custom error reusing a type's name, or a
+    later template using another context key, shows no message)."""
+    kind = error.get("type")
+    msg = error.get("msg")
+    ctx = error.get("ctx") or {}
+    if kind not in _SHOWN_MESSAGES or not isinstance(msg, str) or not isinstance(ctx, dict):
+        return None
+    if not set(ctx) <= _SCHEMA_CONTEXT:
+        return None
+    try:
+        from pydantic_core import PydanticKnownError  # noqa: PLC0415 - Pydantic raised it
+
+        own = PydanticKnownError(kind, ctx or None).message()
+    except Exception:  # a type or context this pydantic-core doesn't know: no message
+        return None
+    return msg if own == msg else None
+
+
 def _reason(exc: BaseException, name: str, schema: Any = None) -> str:
-    """What was wrong, without the values: Pydantic's errors by location and kind; for other
-    exceptions only their type (a message such as ``invalid literal for int(): 'x'`` or a
-    rewritten ``assert`` can quote the payload; it stays on the exception, ``__cause__``).
+    """What was wrong, without the values: Pydantic's errors by location and kind, with
+    Pydantic's message only where it can't quote the value (:func:`_message`: ``id: Input
+    should be a valid integer [int_type]``, but ``email: [value_error]`` for a validator's
+    own ``ValueError``); for other exceptions only their type (a message such as ``invalid
+    literal for int(): 'x'`` or a rewritten ``assert`` can quote the payload; it stays on the
+    exception, ``__cause__``).
 
     A location names fields, list indexes and union members; a key of the result's data (a
     dict-typed field's key, an extra key of a model) is shown as ``<key>`` (see
@@ -203,11 +497,12 @@ def _reason(exc: BaseException, name: str, schema: Any = None) -> str:
         except TypeError:  # an ``errors`` method of another kind of exception
             found = None
         if isinstance(found, list) and found:
-            parts = [
-                f"{_location(tuple(e.get('loc', ())), schema)}: "
-                f"{e.get('msg', '')} [{e.get('type', '')}]"
-                for e in found[:_MAX_ERRORS]
-            ]
+            parts = []
+            for error in found[:_MAX_ERRORS]:
+                where = _location(tuple(error.get("loc", ())), schema)
+                message = _message(error)
+                kind = f"[{error.get('type', '')}]"
+                parts.append(f"{where}: {message} {kind}" if message else f"{where}: {kind}")
             more = len(found) - _MAX_ERRORS
             if more > 0:
                 parts.append(f"and {more} more error(s)")

@@ -138,9 +138,12 @@ def with_self_healing(
     plainly. The decorator needs its parentheses: ``@with_self_healing()`` or
     ``@with_self_healing(service="orders")``.
 
-    ``validate`` (a Pydantic model class, a ``TypeAdapter`` or a callable) checks the result once
-    the operation succeeded; an invalid one raises :class:`~resilient_db.ResponseValidationError`
-    and is not retried. ``config`` (default: the environment's, read at each call) governs it too.
+    ``validate`` (a Pydantic model class, a type such as ``list[Model]``, a ``TypeAdapter`` or a
+    callable) checks the result once the operation succeeded; an invalid one raises
+    :class:`~resilient_db.ResponseValidationError` and is not retried (an iterator result is
+    refused with ``TypeError``: checking would consume it). ``config`` (default: the
+    environment's, read at each call) governs it too; a ``validate`` that can't check a result
+    raises ``TypeError`` either way.
     """
     check = ResponseCheck(validate) if validate is not None else None
     if fn is None:

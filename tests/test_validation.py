@@ -5,19 +5,29 @@ the ``[SELF-HEAL]`` line names the reason and never the payload. Also the decora
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import functools
+import gc
 import inspect
 import logging
+import re
 import sys
+import uuid
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Annotated, Any, NamedTuple, Optional
+from typing import Annotated, Any, Literal, NamedTuple, NewType, Optional
 
+import pydantic
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic_core import PydanticCustomError
 from scenarios import RAISE_CODE_FUNCTION, Base, Item
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+from typing_extensions import TypeAliasType, TypedDict
 
 import resilient_db as rdb
 
@@ -102,7 +112,9 @@ def test_invalid_result_rolls_the_unit_back_is_logged_without_payload_and_not_re
     assert err.service == service
     assert err.validator == "ItemOut"
     assert "id: Input should be a valid integer" in err.reason
-    assert "name: Value error, hidden items are not served" in err.reason
+    # a field_validator's own message can quote the value: its location and kind only
+    assert "name: [value_error]" in err.reason
+    assert "hidden" not in err.reason
     assert SECRET not in str(err)
     assert calls == [1]  # never retried
     assert count_items(engine) == 0  # checked before COMMIT: nothing written
@@ -290,7 +302,7 @@ class FormCase(NamedTuple):
             "Annotated[list[ItemOut]",
             all_items,
             [],
-            "(root): List should have at least 1 item",
+            "(root): [too_short]",  # its message quotes the result's length
         ),
     ],
     ids=lambda case: case.name,
@@ -401,10 +413,438 @@ def test_a_bad_validator_is_refused_where_it_is_written(engine: sa.Engine, servi
     Session = rdb.ResilientSession(engine, service=service, config=rdb.Config())
     with pytest.raises(TypeError, match="validate= needs a Pydantic model class"):
         Session.run(lambda s: 1, validate=42)  # type: ignore[call-overload]
-    with pytest.raises(TypeError, match="validate= needs"):
+    with pytest.raises(TypeError, match=r"validate='ItemOut' is a string: give the class"):
         Session.transactional(validate="ItemOut")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="validate= needs"):
         rdb.with_self_healing(service=service, validate=3.5)  # type: ignore[arg-type]
+
+
+# -- the reason never quotes the result ------------------------------------------------------------
+class Account(BaseModel):
+    email: str
+
+    @field_validator("email")
+    @classmethod
+    def company_address(cls, value: str) -> str:
+        if not value.endswith("@corp.example"):
+            raise ValueError(f"{value!r} is not a company address")  # an ordinary validator
+        return value
+
+
+class Card(BaseModel):
+    kind: Literal["card"]
+    number: str
+
+
+class Transfer(BaseModel):
+    kind: Literal["transfer"]
+    iban: str
+
+
+class Payment(BaseModel):
+    method: Annotated[Card | Transfer, Field(discriminator="kind")]
+
+
+class Ref(BaseModel):
+    id: uuid.UUID
+
+
+class Coded(BaseModel):
+    code: int
+
+    @field_validator("code")
+    @classmethod
+    def known(cls, value: int) -> int:
+        # a custom error reusing the name of one of Pydantic's own kinds, its text the value's
+        raise PydanticCustomError("missing", f"no code {SECRET}")
+
+
+class Sealed:
+    """An ORM-like row whose attribute fails with a message quoting the data."""
+
+    @property
+    def email(self) -> str:
+        raise RuntimeError(f"cannot decrypt {SECRET}")
+
+
+class ReasonCase(NamedTuple):
+    validator: Any
+    result: Any  # an invalid result
+    reason: str  # its whole reason
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        ReasonCase(Account, {"email": SECRET}, "email: [value_error]"),
+        ReasonCase(
+            Payment, {"method": {"kind": SECRET, "number": "4111"}}, "method: [union_tag_invalid]"
+        ),
+        ReasonCase(Ref, {"id": f"1234-{SECRET}"}, "id: [uuid_parsing]"),  # "found `s` at 6"
+        ReasonCase(Account, Sealed(), "email: [get_attribute_error]"),
+        ReasonCase(Coded, {"code": 1}, "code: [missing]"),
+        # kinds whose message is fixed or the schema's own: shown
+        ReasonCase(
+            Ref, {"id": 5}, "id: UUID input should be a string, bytes or UUID object [uuid_type]"
+        ),
+        ReasonCase(
+            Card, {"kind": SECRET, "number": "1"}, "kind: Input should be 'card' [literal_error]"
+        ),
+    ],
+    ids=["value_error", "union_tag", "uuid_parsing", "attribute", "custom", "uuid_type", "literal"],
+)
+def test_the_reason_shows_pydantic_messages_only_where_they_cannot_quote_the_result(
+    engine: sa.Engine, service: str, caplog: pytest.LogCaptureFixture, case: ReasonCase
+) -> None:
+    """Pydantic's message quotes the value for some kinds (a field validator's own
+    ``ValueError``, a discriminator's tag, a parser's complaint, an attribute's exception): for
+    those the reason and the ``[SELF-HEAL]`` line give the location and the kind only."""
+    Session = rdb.ResilientSession(engine, service=service, config=rdb.Config())
+    with (
+        caplog.at_level(logging.WARNING, logger="resilient_db"),
+        pytest.raises(rdb.ResponseValidationError) as info,
+    ):
+        Session.run(
+            lambda s: (s.execute(sa.text("SELECT 1")), case.result)[1], validate=case.validator
+        )
+    reason = case.reason
+    assert info.value.reason == reason
+    (line,) = [r.getMessage() for r in caplog.records if "validation failed" in r.getMessage()]
+    assert line.endswith(f": {reason}")
+    assert SECRET not in caplog.text
+    assert SECRET not in str(info.value)
+
+
+def test_every_message_shown_is_a_template_of_the_schema_only() -> None:
+    """The kinds whose message is shown: each template's every placeholder is a value of the
+    validator's schema (a bound, a class name, a pattern, expected values), none of the result
+    (checked against the installed pydantic-core's templates)."""
+    from pydantic_core import PydanticKnownError  # noqa: PLC0415
+
+    from resilient_db import _validation  # noqa: PLC0415
+
+    context: dict[str, Any] = dict.fromkeys(_validation._SCHEMA_CONTEXT, "x")
+    context.update(gt=1, ge=1, lt=1, le=1, multiple_of=1, max_length=1, min_length=1)
+    context.update(max_digits=1, decimal_places=1, whole_digits=1, expected_version=1)
+    for kind in sorted(_validation._SHOWN_MESSAGES):
+        template = PydanticKnownError(kind, context).message_template
+        placeholders = set(re.findall(r"\{(\w+)\}", template)) - {"expected_plural"}
+        assert placeholders <= _validation._SCHEMA_CONTEXT, (kind, template)
+    quoting = {"value_error", "assertion_error", "get_attribute_error", "union_tag_invalid"}
+    quoting |= {"uuid_parsing", "date_parsing", "too_short", "too_long", "timezone_offset"}
+    assert not quoting & _validation._SHOWN_MESSAGES
+
+
+# -- every kind of type is checked as a type -------------------------------------------------------
+class ItemDict(TypedDict):
+    id: int
+    name: str
+
+
+@dataclasses.dataclass
+class ItemData:
+    id: int
+    name: str
+
+
+@pydantic.dataclasses.dataclass
+class ItemPydanticData:
+    id: int
+    name: str
+
+
+class ItemPair(NamedTuple):
+    id: int
+    name: str
+
+
+class Colour(enum.Enum):
+    RED = "red"
+
+
+ItemId = NewType("ItemId", int)
+Names = TypeAliasType("Names", list[str])
+
+INT_PARSING = "Input should be a valid integer, unable to parse string as an integer [int_parsing]"
+
+
+class TypeCase(NamedTuple):
+    form: Any
+    valid: Any  # a valid result
+    invalid: Any  # an invalid result
+    reason: str  # a part of its reason
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        TypeCase(int, 5, "five", f"(root): {INT_PARSING}"),
+        TypeCase(str, "x", 12345, "(root): Input should be a valid string [string_type]"),
+        TypeCase(list, [1], "abc", "(root): Input should be a valid list [list_type]"),
+        TypeCase(dict, {"a": 1}, [("a", 1)], "(root): Input should be a valid dictionary"),
+        TypeCase(ItemDict, {"id": 1, "name": "n"}, {"id": "x", "name": "n"}, f"id: {INT_PARSING}"),
+        TypeCase(ItemData, ItemData(1, "n"), {"id": 1}, "name: Field required [missing]"),
+        TypeCase(ItemData, {"id": 1, "name": "n"}, "abc", "(root): Input should be a dictionary"),
+        TypeCase(ItemPydanticData, ItemPydanticData(id=1, name="n"), {"id": "x"}, "id: "),
+        TypeCase(ItemPair, ItemPair(1, "n"), ("x", "n"), "[int_parsing]"),
+        TypeCase(Colour, Colour.RED, "blue", "(root): Input should be 'red' [enum]"),
+        TypeCase(Colour, "red", 1, "[enum]"),
+        TypeCase(ItemId, 7, "seven", f"(root): {INT_PARSING}"),
+        TypeCase(Names, ["a"], [1], "0: Input should be a valid string [string_type]"),
+        TypeCase(Any, object(), None, ""),
+    ],
+    ids=[
+        "int", "str", "list", "dict", "TypedDict", "dataclass", "dataclass-dict",
+        "pydantic-dataclass", "NamedTuple", "enum", "enum-value", "NewType", "TypeAliasType", "Any",
+    ],
+)  # fmt: skip
+def test_a_class_or_typing_form_is_checked_as_a_type_not_called(
+    engine: sa.Engine, service: str, case: TypeCase
+) -> None:
+    """``int``, ``dict``, a TypedDict, a dataclass, a NamedTuple, an enum, ``NewType``,
+    ``TypeAliasType``, ``Any``: checked by a ``TypeAdapter``, not called (``int("12")``
+    converts, ``str(x)`` accepts anything, a TypedDict accepts any dict, a dataclass refuses
+    its own instance)."""
+    Session = rdb.ResilientSession(engine, service=service, config=rdb.Config())
+
+    def returning(value: Any) -> Callable[[Session], Any]:
+        def unit(session: Session) -> Any:
+            session.execute(sa.text("SELECT 1"))
+            return value
+
+        return unit
+
+    assert Session.run(returning(case.valid), validate=case.form) is case.valid
+    if case.form is Any:
+        return
+    with pytest.raises(rdb.ResponseValidationError) as info:
+        Session.run(returning(case.invalid), validate=case.form)
+    assert info.value.validator.startswith("TypeAdapter(")
+    assert case.reason in info.value.reason
+
+
+def test_an_orm_class_or_a_type_pydantic_cannot_check_is_refused_where_it_is_written(
+    engine: sa.Engine, service: str
+) -> None:
+    """The ORM class for its Pydantic schema (a likely slip): a ``TypeError`` naming the form
+    when ``validate=`` is given, validation on or off; no unit runs, nothing is counted."""
+    calls: list[int] = []
+
+    def unit(session: Session) -> list[Item]:
+        calls.append(1)
+        return all_items(session)
+
+    for config in (rdb.Config(), rdb.Config(response_validation=False)):
+        Session = rdb.ResilientSession(engine, service=service, config=config)
+        with pytest.raises(TypeError, match=r"^validate=Item: Pydantic can't check this type"):
+            Session.run(unit, validate=Item)
+        with pytest.raises(TypeError, match=r"^validate=list\[scenarios\.Item\]: Pydantic can't"):
+            Session.run(unit, validate=list[Item])
+        with pytest.raises(TypeError, match=r"^validate=Item: "):
+            Session.transactional(validate=Item)
+        with pytest.raises(TypeError, match=r"^validate=list\[scenarios\.Item\]: "):
+            rdb.with_self_healing(list, service=service, config=config, validate=list[Item])
+    assert calls == []
+    failures = rdb.health()["services"].get(service, {}).get("counters", {})
+    assert failures.get("response_validation_failures", 0) == 0
+
+
+Config = ItemOut  # a name this module gives one of its models, and resilient_db its own class
+
+
+class Pending(BaseModel):
+    item: Undefined  # noqa: F821 - never defined
+
+
+@pytest.mark.parametrize(
+    "form",
+    [list["ItemOut"], Optional["ItemOut"], dict[str, list["ItemOut"]], list["Config"]],
+    ids=["list", "Optional", "nested", "a name of resilient_db's"],
+)
+def test_a_type_naming_a_class_by_a_string_is_refused_where_it_is_written(
+    engine: sa.Engine, service: str, form: Any
+) -> None:
+    """``list["ItemOut"]``: the string would be looked up in resilient_db's namespace, not
+    here: not found (every result refused) or found and wrong (``"Config"``)."""
+    name = "Config" if "Config" in repr(form) else "ItemOut"
+    refused = rf"names the class '{name}' by a string.*give the class itself \({name}, not"
+    for config in (rdb.Config(), rdb.Config(response_validation=False)):
+        Session = rdb.ResilientSession(engine, service=service, config=config)
+        with pytest.raises(TypeError, match=refused):
+            Session.run(lambda s: [], validate=form)
+        with pytest.raises(TypeError, match=refused):
+            Session.transactional(validate=form)
+        with pytest.raises(TypeError, match=refused):
+            rdb.with_self_healing(service=service, config=config, validate=form)
+
+
+def test_a_type_not_fully_defined_is_refused_where_it_is_written(service: str) -> None:
+    with pytest.raises(TypeError, match=r"^validate=list\[.*Pending\] is not fully defined"):
+        rdb.with_self_healing(service=service, validate=list[Pending])
+
+
+def test_an_iterator_result_is_refused_while_a_check_is_on(engine: sa.Engine, service: str) -> None:
+    """Checking an iterator consumes it (the caller got it empty with validation on, full with
+    it off): refused with ``TypeError`` while a check would run, the unit rolled back; with
+    validation off the same object comes back untouched, as without ``validate=``."""
+
+    def rows(session: Session) -> Iterator[dict[str, Any]]:
+        add_item(session, "written")
+        found = session.execute(sa.select(Item.id, Item.name)).all()
+        return ({"id": i, "name": n} for i, n in found)
+
+    def every_id_positive(value: Any) -> bool:
+        return all(row["id"] > 0 for row in value)
+
+    refused = r"is an iterator \(generator\).*without consuming it.*Return a list"
+    Session = rdb.ResilientSession(engine, service=service, config=rdb.Config())
+    for validator in (list[ItemOut], every_id_positive):
+        with pytest.raises(TypeError, match=refused):
+            Session.run(rows, validate=validator)
+    assert count_items(engine) == 0  # rolled back
+    with pytest.raises(TypeError, match=r"is an iterator \(list_iterator\)"):
+        rdb.with_self_healing(lambda: iter([1, 2]), service=service, validate=list[int])
+    counters = rdb.health()["services"][service]["counters"]
+    assert counters["response_validation_failures"] == 0  # a usage error, not a bad result
+    off = rdb.ResilientSession(
+        engine, service=service, config=rdb.Config(response_validation=False)
+    )
+    assert [row["name"] for row in off.run(rows, validate=list[ItemOut])] == ["written"]
+    plain = rdb.with_self_healing(
+        lambda: iter([1, 2]), service=service, validate=list[int], config=rdb.Config(enabled=False)
+    )
+    assert list(plain) == [1, 2]
+
+
+async def positive_id(value: Any) -> bool:
+    return bool(value["id"] > 0)
+
+
+class AsyncCheck:
+    async def __call__(self, value: Any) -> bool:
+        return False
+
+
+@pytest.mark.parametrize(
+    "validator",
+    [positive_id, AsyncCheck(), functools.partial(positive_id)],
+    ids=["async def", "async __call__", "partial"],
+)
+def test_an_async_validator_is_refused_where_it_is_written(
+    engine: sa.Engine, service: str, validator: Any
+) -> None:
+    """Its coroutine was never awaited, and a coroutine is not ``False``: every result passed."""
+    for config in (rdb.Config(), rdb.Config(response_validation=False)):
+        Session = rdb.ResilientSession(engine, service=service, config=config)
+        with pytest.raises(TypeError, match=r"is an async function: .*give a plain function"):
+            Session.run(add_item, "a", validate=validator)
+        with pytest.raises(TypeError, match="is an async function"):
+            Session.transactional(validate=validator)
+        with pytest.raises(TypeError, match="is an async function"):
+            rdb.with_self_healing(lambda: {"id": -1}, service=service, validate=validator)
+    assert count_items(engine) == 0
+
+
+def checks_later(value: Any) -> Any:
+    """Not declared async: what it returns is a coroutine all the same."""
+    return positive_id(value)
+
+
+def test_a_validator_returning_an_awaitable_is_an_error_not_a_pass(
+    engine: sa.Engine, service: str
+) -> None:
+    Session = rdb.ResilientSession(engine, service=service, config=rdb.Config())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(TypeError, match=r"returned coroutine, an awaitable"):
+            Session.run(add_item, "a", validate=checks_later)
+        gc.collect()
+    assert count_items(engine) == 0  # rolled back
+    assert not [w for w in caught if "never awaited" in str(w.message)]  # closed, not dropped
+
+
+@pytest.mark.parametrize("config", [{"response_validation": False}, {"enabled": False}], ids=str)
+def test_run_and_run_in_refuse_a_bad_validator_with_validation_off_too(
+    engine: sa.Engine, service: str, config: dict[str, bool]
+) -> None:
+    """As ``transactional`` and ``with_self_healing`` do: the error shows where it is written,
+    not only in production where the setting is on."""
+    Session = rdb.ResilientSession(engine, service=service, config=rdb.Config(**config))
+    with pytest.raises(TypeError, match="validate= needs a Pydantic model class"):
+        Session.run(lambda s: 1, validate=42)  # type: ignore[call-overload]
+    with Session() as session, pytest.raises(TypeError, match="validate= needs"):
+        Session.run_in(session, lambda s: 1, validate=42)  # type: ignore[call-overload]
+    assert Session.run(lambda s: {"id": "x"}, validate=ItemOut) == {"id": "x"}  # not checked
+
+
+def test_the_call_form_of_transactional_validates(engine: sa.Engine, service: str) -> None:
+    """``Session.transactional(fn, validate=...)``, written like ``with_self_healing(fn,
+    validate=...)``, dropped ``validate``."""
+    Session = rdb.ResilientSession(engine, service=service, config=rdb.Config())
+    create = Session.transactional(add_item, validate=ItemOut)
+    assert create("c1")["name"] == "c1"
+    with pytest.raises(rdb.ResponseValidationError):
+        create("hidden-c2")
+    with pytest.raises(TypeError, match="validate= needs"):
+        Session.transactional(add_item, validate=42)  # type: ignore[call-overload]
+    with Session() as session:
+        assert set(session.scalars(sa.select(Item.name))) == {"c1"}
+
+
+NonEmptyItems = Annotated[list[ItemOut], Field(min_length=1)]  # defined once: cached
+
+
+def row_model(id_type: type) -> type[BaseModel]:
+    class Row(BaseModel):
+        id: id_type  # type: ignore[valid-type]
+
+    return Row
+
+
+def test_a_type_defined_once_is_built_once_and_the_cache_is_bounded(service: str) -> None:
+    from resilient_db import _validation  # noqa: PLC0415
+
+    _validation._cached_adapter.cache_clear()
+    for _ in range(3):
+        rdb.with_self_healing(lambda: [{"id": 1, "name": "n"}], validate=NonEmptyItems)
+    info = _validation._cached_adapter.cache_info()
+    assert (info.misses, info.hits) == (1, 2)
+    # written inline, Field(...) (compared by identity) makes a new form each time: each one
+    # is built, and the cache keeps at most its bound
+    for _ in range(info.maxsize + 10):
+        _validation.response_check(Annotated[int, Field(gt=0)])
+    assert _validation._cached_adapter.cache_info().currsize == info.maxsize == 256
+    # two classes with one repr are two forms: never one adapter for both
+    by_int, by_str = row_model(int), row_model(str)
+    assert repr(list[by_int]) == repr(list[by_str])
+    rdb.with_self_healing(lambda: [{"id": 1}], service=service, validate=list[by_int])
+    with pytest.raises(rdb.ResponseValidationError):
+        rdb.with_self_healing(lambda: [{"id": 1}], service=service, validate=list[by_str])
+
+
+def test_a_nested_unit_whose_error_is_caught_keeps_what_it_wrote(
+    engine: sa.Engine, service: str
+) -> None:
+    """A nested unit joins the outer unit's transaction, with no savepoint of its own: if the
+    outer unit catches its ``ResponseValidationError`` and commits, what the nested unit wrote
+    is committed. ``session.begin_nested()`` around the call discards it."""
+    Session = rdb.ResilientSession(engine, service=service, config=rdb.Config())
+
+    def outer(session: Session, name: str, savepoint: bool) -> str:
+        try:
+            if savepoint:
+                with session.begin_nested():
+                    Session.run(add_item, name, validate=ItemOut)
+            else:
+                Session.run(add_item, name, validate=ItemOut)
+        except rdb.ResponseValidationError:
+            return "fell back"
+        return "checked"
+
+    assert Session.run(outer, "hidden-kept", False) == "fell back"
+    assert Session.run(outer, "hidden-discarded", True) == "fell back"
+    with Session() as session:
+        assert set(session.scalars(sa.select(Item.name))) == {"hidden-kept"}
 
 
 @pytest.mark.asyncio
@@ -430,6 +870,93 @@ async def test_async_units_validate(aengine: AsyncEngine, engine: sa.Engine, ser
         return await create(session, name)
 
     assert (await create_checked("async-2"))["name"] == "async-2"
+
+
+class LazyBase(DeclarativeBase):
+    pass
+
+
+class Owner(LazyBase):
+    __tablename__ = "owners"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str]
+
+
+class Job(LazyBase):
+    __tablename__ = "jobs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    owner_id: Mapped[int] = mapped_column(sa.ForeignKey("owners.id"))
+    owner: Mapped[Owner] = relationship()  # lazy: loaded when first read
+
+
+class OwnerOut(BaseModel):
+    name: str
+
+
+class JobOut(BaseModel):
+    id: int
+    owner: OwnerOut
+
+
+@pytest.mark.asyncio
+async def test_an_async_unit_checks_an_unloaded_relationship_as_the_sync_one_does(
+    aengine: AsyncEngine, engine: sa.Engine, service: str
+) -> None:
+    """Checking an ORM row reads its attributes: a relationship not loaded yet is loaded then.
+    A sync unit loads it; an async unit's check failed with ``MissingGreenlet`` (counted as an
+    invalid result) until it ran in the session's ``run_sync``."""
+    LazyBase.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.insert(Owner).values(id=1, name="owner"))
+        conn.execute(sa.insert(Job).values(id=1, owner_id=1))
+    options: dict[str, Any] = {"config": rdb.Config(), "expire_on_commit": False}
+    Sync = rdb.ResilientSession(engine, service=service, **options)
+    assert Sync.run(lambda s: s.get(Job, 1), validate=JobOut).owner.name == "owner"
+    Async = rdb.AsyncResilientSession(aengine, service=service, **options)
+
+    async def job(session: AsyncSession) -> Job | None:
+        return await session.get(Job, 1)
+
+    found = await Async.run(job, validate=JobOut)
+    assert found is not None
+    assert found.owner.name == "owner"  # loaded by the check, in the unit
+    async with Async() as session:
+        assert (await Async.run_in(session, job, validate=list[JobOut] | JobOut)) is not None
+    counters = rdb.health()["services"][service]["counters"]
+    assert counters["response_validation_failures"] == 0
+
+    async def outer(session: AsyncSession) -> Job | None:
+        return await Async.run(job, validate=JobOut)  # nested: joins, checked in the unit
+
+    assert (await Async.run(outer)) is not None
+
+
+@pytest.mark.asyncio
+async def test_async_call_form_of_transactional_validates_and_refuses_iterators(
+    aengine: AsyncEngine, engine: sa.Engine, service: str
+) -> None:
+    Session = rdb.AsyncResilientSession(aengine, service=service, config=rdb.Config())
+
+    async def create(session: AsyncSession, name: str) -> dict[str, Any]:
+        item = Item(name=name)
+        session.add(item)
+        await session.flush()
+        return {"id": item.id, "name": item.name}
+
+    checked = Session.transactional(create, validate=ItemOut)
+    assert (await checked("a1"))["name"] == "a1"
+    with pytest.raises(rdb.ResponseValidationError):
+        await checked("hidden-a2")
+    with pytest.raises(TypeError, match="validate= needs"):
+        Session.transactional(create, validate=42)  # type: ignore[call-overload]
+
+    async def rows(session: AsyncSession) -> Iterator[str]:
+        await create(session, "a3")
+        return iter((await session.scalars(sa.select(Item.name))).all())
+
+    with pytest.raises(TypeError, match=r"is an iterator \(list_iterator\).*Return a list"):
+        await Session.run(rows, validate=list[str])
+    assert count_items(engine) == 1  # a1 only
 
 
 # -- with_self_healing: call and decorator forms ---------------------------------------------------
