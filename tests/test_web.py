@@ -7,6 +7,7 @@ RFC 9457 problem details (``application/problem+json``)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 import time
@@ -684,6 +685,21 @@ def test_websocket_routes_are_closed_with_a_code_not_answered_with_http(
     with client.websocket_connect("/closed") as ws, pytest.raises(WebSocketDisconnect) as ended:
         ws.receive_text()
     assert ended.value.code == 1000
+
+
+def test_a_client_chosen_megabyte_state_is_not_sent_back_whole() -> None:
+    """A refused move to a status of a megabyte (the client's own) is answered with the state
+    cut at 1,000 characters, marked, in the members and the detail alike."""
+    huge = "X" * 1_000_000
+    answer = problem_details(
+        rdb.IllegalTransitionError(
+            model="Task", pk=1, column="status", from_state=huge, to_state=huge, via="flush"
+        )
+    )
+    assert answer is not None
+    assert answer.body["to_state"] == "X" * 1000 + "…(+999000 characters)"
+    assert answer.body["from_state"] == answer.body["to_state"]
+    assert len(json.dumps(answer.body)) < 5_000
 
 
 # -- Retry-After ---------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from resilient_db._errors import (
     ResponseValidationError,
     StaleTransitionError,
 )
+from resilient_db._observability import MAX_VALUE_CHARS, truncated
 
 __all__ = ["PROBLEM_JSON", "PROBLEM_TYPE_BASE", "Problem", "problem_details"]
 
@@ -46,11 +47,13 @@ class Problem:
 
 
 def _plain(value: Any) -> Any:
-    """A state as JSON can carry it (an Enum member by its value)."""
+    """A state as JSON can carry it (an Enum member by its value), text cut at
+    :data:`~resilient_db._observability.MAX_VALUE_CHARS` (marked): a client-chosen status of a
+    megabyte is not sent back whole, twice."""
     value = getattr(value, "value", value)
-    if value is None or isinstance(value, (str, int, float, bool)):
+    if value is None or isinstance(value, (int, float, bool)):
         return value
-    return str(value)
+    return truncated(str(value), MAX_VALUE_CHARS)
 
 
 def retry_after_seconds(seconds: Any) -> int:
