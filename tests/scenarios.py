@@ -3,6 +3,7 @@ transaction that moves a row just before a session's UPDATE of it."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -205,3 +206,12 @@ def refuse_moves_every_way(engine: sa.Engine, service: str, *, trigger: bool = F
             Filtering.run(finish_moved)
     finally:
         other.dispose()
+
+
+def on_event_loop() -> bool:
+    """Whether the caller runs on an event loop (in a coroutine or a callback of one)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True

@@ -7,7 +7,6 @@ counted in rows on every path, stale moves apart). The page in a real browser:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import re
@@ -18,7 +17,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from scenarios import RAISE_CODE_FUNCTION, refuse_moves_every_way
+from scenarios import RAISE_CODE_FUNCTION, on_event_loop, refuse_moves_every_way
 from sqlalchemy.orm import Session
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -435,14 +434,6 @@ def test_a_sync_check_runs_in_the_threadpool_not_on_the_event_loop() -> None:
         answer = client.get("/admin/self-healing/data.json")
         assert answer.status_code == 500
         assert "health" not in answer.text
-
-
-def on_event_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
 
 
 def test_a_websocket_is_refused_with_1008_before_any_check() -> None:

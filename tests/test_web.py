@@ -6,7 +6,6 @@ RFC 9457 problem details (``application/problem+json``)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import threading
@@ -19,7 +18,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from pydantic import BaseModel
-from scenarios import RAISE_CODE_FUNCTION, MoveFirst
+from scenarios import RAISE_CODE_FUNCTION, MoveFirst, on_event_loop
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
@@ -294,14 +293,6 @@ def test_invalid_response_gives_500_and_other_database_errors_stay_the_apps(
 
 
 # -- the application's own handlers ----------------------------------------------------------------
-def on_event_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
-
-
 def own_answer(status: int) -> tuple[Callable[..., Any], Callable[..., Any]]:
     """The application's handler, as a sync function and as a coroutine function: the error's
     class, and whether it ran on the event loop (Starlette runs a sync one in its threadpool)."""
