@@ -27,6 +27,7 @@ from ._classify import (
     Outcome,
     answer_timed_out,
     client_state_broken,
+    mark_outcome,
     marked_replay_safe,
     sqlstate_of,
 )
@@ -702,6 +703,13 @@ class EngineHooks:
             # The pool's other connections are judged by their own errors.
             ctx.is_disconnect = True
             ctx.invalidate_pool_on_disconnect = False
+        # how this engine's classifier (the one its factories agreed on) sees the error, for
+        # what answers it later (problem details): drop-in use never reaches the retry engine,
+        # which marks a unit's error again as it raises it
+        outcome = self.classifier.classify(ctx.sqlalchemy_exception or original)
+        mark_outcome(original, outcome)
+        if ctx.sqlalchemy_exception is not None:
+            mark_outcome(ctx.sqlalchemy_exception, outcome)
         if self.config.guard_on:
             database_error = ctx.sqlalchemy_exception or original
             mapped = exception_from_db(database_error, log=True, config=self.config)

@@ -563,6 +563,34 @@ def test_the_answer_follows_the_classifier_of_the_factory_that_ran_the_unit(
     assert client.get("/plain/XX000").json() == {"own": "InternalError", "loop": True}
 
 
+def test_a_drop_in_sessions_error_follows_its_engines_classifier(
+    engines: Callable[[], sa.Engine], service: str
+) -> None:
+    """Drop-in use (``with Session() as s``, no unit): the error never reaches the retry engine,
+    but the engine's hooks saw it, with the classifier its factories agreed on. A code that
+    classifier removed (55P03) is the application's error, not a 503; one it added (XX000 as
+    unavailable) is a 503 "database-unavailable"."""
+    Busy = rdb.ResilientSession(
+        engines(),
+        service=f"{service}-busy",
+        classifier=rdb.Classifier().without_codes(["55P03"]).with_codes({"XX000": "unavailable"}),
+    )
+
+    def route(request: Request) -> JSONResponse:
+        with Busy() as session:
+            session.execute(sa.text("SELECT raise_code(:c)"), {"c": request.path_params["code"]})
+        return JSONResponse({})
+
+    app = Starlette(routes=[Route("/raise/{code}", route)])
+    app.add_exception_handler(SQLAlchemyError, own_answer(400)[1])
+    install_exception_handlers(app)
+    client = TestClient(app)
+    answer = client.get("/raise/55P03")
+    assert answer.status_code == 400, answer.text
+    assert answer.json() == {"own": "OperationalError", "loop": True}
+    problem(client.get("/raise/XX000"), 503, "database-unavailable")
+
+
 class _Orig(Exception):
     """A driver error with a SQLSTATE (a serialization failure)."""
 
