@@ -92,8 +92,9 @@ PRUNE_INTERVAL: Final = 10.0  # seconds between prunes, per engine
 PRUNE_BATCH: Final = 1000
 PRUNE_CATCH_UP: Final = 0.05
 #: 2: mark_commit leaves read-only transactions alone, and runs as its owner for any role a
-#: unit switched to (checking the login role's right to write markers itself)
-MARKERS_VERSION: Final = 3
+#: unit switched to (checking the login role's right to write markers itself); 3: the prune
+#: runs as its owner too; 4: claim_commit runs with a fixed search_path
+MARKERS_VERSION: Final = 4
 #: the marker insert as prepared on each connection (``PREPARE``): the function call it stands
 #: in for costs the server parsing, planning and a PL/pgSQL call at every writing COMMIT
 PREPARED_MARK: Final = "resilient_db_mark_commit"
@@ -162,8 +163,13 @@ $rdb$""",
         f"GRANT EXECUTE ON FUNCTION {s}.mark_commit(uuid) TO PUBLIC",
         # the first version took no wait (a fixed lock_timeout): replaced, not overloaded
         f"DROP FUNCTION IF EXISTS {s}.claim_commit(uuid)",
+        # search_path pinned (as for every function here): the caller's would let a role that
+        # may create objects in a schema on it (public, on many databases) shadow an operator
+        # the function uses (``numeric * integer`` has no exact built-in match, so a
+        # user-defined one wins) and run its code with the caller's rights: an operator's
+        # ``claim_commit`` made as a superuser, or the claim's answer made up
         f"""CREATE OR REPLACE FUNCTION {s}.claim_commit(marker uuid, wait_ms integer)
-RETURNS text LANGUAGE plpgsql AS $rdb$
+RETURNS text LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $rdb$
 DECLARE
     was_fence boolean;
 BEGIN

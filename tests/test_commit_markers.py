@@ -395,6 +395,41 @@ def test_claim_refuses_markers_older_than_the_horizon(engine: sa.Engine) -> None
     assert markers(engine) == []  # nothing written
 
 
+def test_the_claim_ignores_operators_planted_on_the_callers_search_path(
+    engine: sa.Engine,
+) -> None:
+    """A role that may create objects in a schema on the caller's search_path (public, on
+    many databases) plants ``numeric * integer``, which the claim's horizon uses and which has
+    no exact built-in match: the claim ran it with the caller's rights (a superuser's, for an
+    operator settling a unit by hand) and answered what it made up ("expired" for a marker it
+    should fence). The claim's search_path is fixed: the operator never runs."""
+    planted = "rdb_planted_" + uuid.uuid4().hex[:8]
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                f"CREATE FUNCTION public.{planted}(numeric, integer) RETURNS numeric "
+                "LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'planted operator ran'; END $$"
+            )
+        )
+        conn.execute(
+            sa.text(
+                f"CREATE OPERATOR public.* (LEFTARG = numeric, RIGHTARG = integer, "
+                f"FUNCTION = public.{planted})"
+            )
+        )
+    try:
+        # the operator is there for anyone not pinning the path
+        with engine.begin() as conn, pytest.raises(sa.exc.DBAPIError, match="planted operator"):
+            conn.execute(sa.text("SELECT 1.5::numeric * 2"))
+        marker = uuid7()
+        assert claim(engine, marker) == "fenced"
+        assert markers(engine) == [(marker, True)]
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text("DROP OPERATOR public.* (numeric, integer)"))
+            conn.execute(sa.text(f"DROP FUNCTION public.{planted}(numeric, integer)"))
+
+
 def test_prune_deletes_expired_markers_and_keeps_recent_ones(engine: sa.Engine) -> None:
     with engine.connect() as conn:
         now_ms = conn.execute(
