@@ -593,15 +593,19 @@ def plain(state: object) -> object:
 
 
 def guard_for_table(model: object, schema: object, table: str, column: str) -> Guard | None:
-    """The guard that installed the trigger, preferring the same model name and schema."""
+    """The guard that installed the trigger of ``schema.table``'s ``column``: one of a model
+    mapping the table in exactly that schema first, else one of a model mapping it without a
+    schema (its trigger is installed in the schema current at install); within each, the same
+    model name first, then the guard compiled last. A same-named table of another schema is
+    never taken: its rules (states, types) may be other ones."""
     with _cache_lock:
         refs = list(_by_table.get((table, column), ()))
-    candidates = [
-        g
-        for g in (r() for r in reversed(refs))
-        if g is not None and g.table.schema in (None, schema)
-    ]
-    for g in candidates:
-        if g.model == model:
-            return g
-    return candidates[0] if candidates else None
+    guards = [g for g in (r() for r in reversed(refs)) if g is not None]
+    for wanted in (schema, None):
+        candidates = [g for g in guards if g.table.schema == wanted]
+        for g in candidates:
+            if g.model == model:
+                return g
+        if candidates:
+            return candidates[0]
+    return None

@@ -1,0 +1,104 @@
+"""The trigger's error mapped back to the model's rules, against the real server: which model's
+rules a refused move is read with (same-named tables in several schemas), and the row's key
+given back with the key columns' Python types.
+
+Models are mapped in registries of their own, disposed of after each test."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import mapped_column, registry
+
+import resilient_db as rdb
+from resilient_db.transitions._dbmap import exception_from_db
+from resilient_db.transitions._rules import guards_of
+
+Mapper = Callable[..., type[Any]]
+
+
+class St(enum.Enum):
+    NEW = "new"
+    DONE = "done"
+
+
+@pytest.fixture
+def engine(pg_url: str) -> Iterator[sa.Engine]:
+    eng = sa.create_engine(pg_url)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def mapped() -> Iterator[Mapper]:
+    """Map a model (``name``, a table with ``attrs``) in a registry of its own; its rules are
+    compiled at once, so the model is known in this process in the order made."""
+    registries: list[registry] = []
+
+    def make(name: str, table: str, schema: str | None, **attrs: Any) -> type[Any]:
+        reg = registry()
+        registries.append(reg)
+        ns = {"__tablename__": table, "__table_args__": {"schema": schema}, **attrs}
+        model = reg.mapped(type(name, (), ns))
+        guards_of(model)
+        return model
+
+    yield make
+    for reg in registries:
+        reg.dispose()
+
+
+def _refused(conn: sa.Connection, statement: Any) -> rdb.IllegalTransitionError:
+    with pytest.raises(sa.exc.DBAPIError) as info:
+        conn.execute(statement)
+    conn.rollback()
+    err = exception_from_db(info.value)
+    assert err is not None, f"not mapped: {info.value!r}"
+    return err
+
+
+def test_a_schema_table_is_read_with_its_own_rules_not_a_same_named_schemaless_one(
+    engine: sa.Engine, mapped: Mapper
+) -> None:
+    """``tenant."Tasks"`` (enum states) and ``"Tasks"`` without a schema (strings), both of a
+    model named ``Task``: the tenant table's refused move comes back as its enum members, even
+    when the schema-less model's rules were compiled last."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE SCHEMA tenant")
+    tenant = mapped(
+        "Task",
+        "Tasks",
+        "tenant",
+        id=mapped_column(sa.Integer, primary_key=True),
+        status=mapped_column(sa.Enum(St, name="st", schema="tenant")),
+        __transitions__=rdb.TransitionRules(
+            column="status", transitions={St.NEW: {St.DONE}}, initial={St.NEW}
+        ),
+    )
+    plain = mapped(
+        "Task",
+        "Tasks",
+        None,
+        id=mapped_column(sa.Integer, primary_key=True),
+        status=mapped_column(sa.String(10)),
+        __transitions__=rdb.TransitionRules(
+            column="status", transitions={"new": {"done"}}, initial={"new"}
+        ),
+    )
+    for model in (tenant, plain):
+        model.__table__.metadata.create_all(engine)
+        rdb.install_transition_trigger(engine, model)
+    with engine.begin() as conn:
+        conn.execute(sa.insert(tenant).values(id=1, status=St.NEW))
+        conn.execute(sa.update(tenant.__table__).values(status=St.DONE))
+    with engine.connect() as conn:
+        err = _refused(conn, sa.update(tenant.__table__).values(status=St.NEW))
+        assert (err.from_state, err.to_state, err.pk) == (St.DONE, St.NEW, 1)
+        conn.execute(sa.insert(plain).values(id=1, status="new"))
+        conn.execute(sa.update(plain.__table__).values(status="done"))
+        err = _refused(conn, sa.update(plain.__table__).values(status="new"))
+        assert (err.from_state, err.to_state) == ("done", "new")
