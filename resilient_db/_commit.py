@@ -669,6 +669,10 @@ class CommitProtocol:
         # a pool that keeps no connection (NullPool: one behind an external pooler, say) would
         # pay a PREPARE per unit for one EXECUTE: its COMMITs carry the INSERT itself
         self.one_unit_per_connection = isinstance(engine.pool, NullPool)
+        # such an engine's connection never sees a second unit, so a refusal of the marker
+        # statement on one (see _note_refused) switches the engine's new connections to the
+        # function: else every unit of a role switched out of sight would be refused anew
+        self._statement_refused = False
         self.supported = verifiable(engine)
         self._unsupported_warned = False
         if not self.supported:
@@ -760,8 +764,8 @@ class CommitProtocol:
                 mode = MARKERS
                 if prepared:
                     form = self.prepared_marker
-                elif reports:  # the client knows the read mode: the statement, sent inline
-                    form = self.inline_marker
+                elif reports and not self._statement_refused:
+                    form = self.inline_marker  # the client knows the read mode: sent inline
         except Exception:
             log_session.debug("could not check for commit markers", exc_info=True)
         finally:
@@ -865,6 +869,8 @@ class CommitProtocol:
         )
 
     def _note_refused(self, sqlstate: str) -> None:
+        if self.one_unit_per_connection:
+            self._statement_refused = True
         what = (
             "the role in effect may not write markers (a role the unit switched to)"
             if sqlstate == "42501"
@@ -876,10 +882,13 @@ class CommitProtocol:
             logging.INFO,
             "The commit-marker statement was refused on a connection of database %s "
             "(SQLSTATE %s: %s): that COMMIT did not run and the unit is replayed; the "
-            "connection's COMMITs call resilient_db.mark_commit() from now on",
+            "%s COMMITs call resilient_db.mark_commit() from now on",
             self.engine.url.database,
             sqlstate,
             what,
+            "engine's (a connection serves one unit)"
+            if self.one_unit_per_connection
+            else "connection's",
             service=self._settings.service,
             event="commit_marker_statement_refused",
             sqlstate=sqlstate,

@@ -1234,6 +1234,42 @@ def test_a_role_switched_out_of_sight_replays_the_unit_once_through_the_function
     assert "SQLSTATE 42501" in refused[0].getMessage()
 
 
+def test_a_role_switched_out_of_sight_under_nullpool_replays_once_then_calls_the_function(
+    *,
+    pg_url: str,
+    engine: sa.Engine,
+    tenant: str,
+    become: str,
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``NullPool``: every attempt gets a new connection, so switching only the refused
+    connection to the function left each new one sending the INSERT, refused again: every
+    unit of such a role failed with 42501 once its retries ran out. The engine's connections
+    call the function from the first refusal on: one replay, then one attempt per unit."""
+    eng = sa.create_engine(pg_url, poolclass=NullPool)
+    Sessions = rdb.ResilientSession(eng, service=service)
+    attempts: list[int] = []
+
+    def as_tenant(session: Session) -> int:
+        attempts.append(1)
+        session.execute(sa.text(become), {"role": tenant})
+        return _bump(session)
+
+    try:
+        with caplog.at_level("INFO", logger="resilient_db"):
+            assert Sessions.run(as_tenant) == 1
+            assert Sessions.run(as_tenant) == 2
+            assert Sessions.run(as_tenant) == 3
+    finally:
+        eng.dispose()
+    assert len(attempts) == 4  # one replay, for the first refusal
+    assert len(markers(engine)) == 3
+    refused = [r for r in caplog.records if "marker statement was refused" in r.getMessage()]
+    assert len(refused) == 1
+    assert "the engine's (a connection serves one unit) COMMITs" in refused[0].getMessage()
+
+
 def test_a_role_switched_on_the_raw_connection_is_seen(
     one_connection: sa.Engine, engine: sa.Engine, tenant: str, service: str
 ) -> None:
