@@ -789,10 +789,13 @@ class CommitProtocol:
             )
         else:
             what = (
-                "Commit markers are not installed (or not usable) in database %s: a lost "
-                "COMMIT answer is verified by transaction id, at one extra round trip per "
-                "writing unit and with more unknown outcomes; run "
-                "resilient_db.install_commit_markers(engine) once"
+                "Commit markers are not installed in database %s, or the role this "
+                "application logs in as may not use them: a lost COMMIT answer is verified "
+                "by transaction id, at one extra round trip per writing unit and with more "
+                "unknown outcomes. Run resilient_db.install_commit_markers(engine) once, as "
+                "the role that is to own them, and grant the application's role USAGE on "
+                "schema resilient_db, EXECUTE on its functions and SELECT, INSERT, DELETE on "
+                "resilient_db.commit_markers"
             )
         emit(
             self._settings.config,
@@ -957,7 +960,8 @@ class CommitProtocol:
             logging.WARNING,
             "Expired commit markers of database %s can't be pruned: the server refused "
             "(SQLSTATE 42501), so resilient_db.commit_markers grows. The role the application "
-            "logs in as needs DELETE on it; a database installed by an earlier release needs "
+            "logs in as needs DELETE on it and EXECUTE on resilient_db.prune_commit_markers; "
+            "a database installed by an earlier release needs "
             "resilient_db.install_commit_markers() again (or the Alembic step "
             "0005_commit_markers_prune_rights)",
             self.engine.url.database,
