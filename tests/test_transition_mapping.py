@@ -102,3 +102,43 @@ def test_a_schema_table_is_read_with_its_own_rules_not_a_same_named_schemaless_o
         conn.execute(sa.update(plain.__table__).values(status="done"))
         err = _refused(conn, sa.update(plain.__table__).values(status="new"))
         assert (err.from_state, err.to_state) == ("done", "new")
+
+
+def test_a_table_name_longer_than_63_bytes_is_mapped_back(
+    engine: sa.Engine, mapped: Mapper, service: str
+) -> None:
+    """PostgreSQL keeps the first 63 bytes of a longer name (SQLAlchemy sends it whole and
+    works): the trigger's detail carries the cut name, the model the whole one."""
+    name = "заявки_на_обслуживание_клиентов_архив"  # 37 characters, 70 bytes
+    assert len(name.encode()) > 63
+    model = mapped(
+        "Ticket",
+        name,
+        None,
+        id=mapped_column(sa.Integer, primary_key=True),
+        status=mapped_column(sa.String(10)),
+        __transitions__=rdb.TransitionRules(
+            column="status", transitions={"open": {"closed"}}, initial={"open"}
+        ),
+    )
+    model.__table__.metadata.create_all(engine)
+    rdb.install_transition_trigger(engine, model)
+    with engine.connect() as conn:
+        conn.execute(sa.insert(model).values(id=1, status="open"))
+        err = _refused(conn, sa.update(model.__table__).values(status="reopened"))
+    assert (err.model, err.column, err.pk) == ("Ticket", "status", 1)
+    assert (err.from_state, err.to_state, err.via) == ("open", "reopened", "db")
+    Sessions = rdb.ResilientSession(engine, service=service)
+
+    def unit(session: Any) -> None:  # through a session: the engine's hook maps it the same
+        session.add(model(id=2, status="open"))
+        session.flush()
+        session.execute(sa.text(f"UPDATE \"{name}\" SET status = 'gone' WHERE id = 2"))
+
+    with pytest.raises(rdb.IllegalTransitionError) as info:
+        Sessions.run(unit)
+    assert (info.value.model, info.value.from_state, info.value.to_state) == (
+        "Ticket",
+        "open",
+        "gone",
+    )

@@ -29,8 +29,8 @@ from resilient_db._config import Config
 from resilient_db._errors import IllegalTransitionError
 
 from ._report import report
-from ._rules import guard_for_table
-from ._sql import TRANSITION_SQLSTATE, function_name, pg_name
+from ._rules import Guard, guard_for_table
+from ._sql import _PG_NAME_MAX, TRANSITION_SQLSTATE, _truncate_utf8, function_name, pg_name
 
 __all__ = ["exception_from_db"]
 
@@ -95,6 +95,28 @@ def _raised_by_our_trigger(context: str | None, info: dict[str, Any]) -> bool:
     return fn_name in (function_name(None, table, column), pg_name("rdb_transition", table, column))
 
 
+def _stored(name: str) -> str:
+    """``name`` as PostgreSQL keeps it: cut to 63 bytes, on a character boundary."""
+    return _truncate_utf8(name, _PG_NAME_MAX)
+
+
+def _guard_of(info: dict[str, Any]) -> Guard | None:
+    """The guard of the detail's table and column, known in this process (or None)."""
+    table, column = info.get("table"), info.get("column")
+    if not (isinstance(table, str) and isinstance(column, str)):
+        return None
+    return guard_for_table(info.get("model"), info.get("schema"), table, column, stored=_stored)
+
+
+def _named_as_declared(info: dict[str, Any], guard: Guard | None) -> dict[str, Any]:
+    """The detail with the table and column named as the guard's model names them: the server
+    writes a name longer than 63 bytes cut (``TG_TABLE_NAME``), while the trigger function's
+    name hashes the whole one."""
+    if guard is None:
+        return info
+    return {**info, "table": guard.table.name, "column": guard.column.name}
+
+
 def exception_from_db(
     exc: BaseException, *, log: bool = False, config: Config | None = None
 ) -> IllegalTransitionError | None:
@@ -116,11 +138,11 @@ def exception_from_db(
         return None
     if not isinstance(info, dict) or info.get("resilient_db") != "transition":
         return None
-    if not _raised_by_our_trigger(found.context, info):
+    guard = _guard_of(info)
+    if not _raised_by_our_trigger(found.context, _named_as_declared(info, guard)):
         return None
     table = str(info["table"])
     column = str(info["column"])
-    guard = guard_for_table(info.get("model"), info.get("schema"), table, column)
     pk_obj = info.get("pk")
     pk: Any = pk_obj
     if isinstance(pk_obj, dict):

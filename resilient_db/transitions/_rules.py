@@ -14,7 +14,7 @@ import functools
 import re
 import threading
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, TypeAlias
 
@@ -592,17 +592,38 @@ def plain(state: object) -> object:
     return state.value if isinstance(state, enum.Enum) else state
 
 
-def guard_for_table(model: object, schema: object, table: str, column: str) -> Guard | None:
+def guard_for_table(
+    model: object,
+    schema: object,
+    table: str,
+    column: str,
+    *,
+    stored: Callable[[str], str] = str,
+) -> Guard | None:
     """The guard that installed the trigger of ``schema.table``'s ``column``: one of a model
     mapping the table in exactly that schema first, else one of a model mapping it without a
     schema (its trigger is installed in the schema current at install); within each, the same
     model name first, then the guard compiled last. A same-named table of another schema is
-    never taken: its rules (states, types) may be other ones."""
+    never taken: its rules (states, types) may be other ones.
+
+    ``stored`` gives a name as the database keeps it: PostgreSQL cuts identifiers longer than
+    63 bytes, so the trigger's detail may carry the cut name of a table the model names whole;
+    names are compared in that form."""
+    wanted_names = (stored(table), stored(column))
     with _cache_lock:
-        refs = list(_by_table.get((table, column), ()))
+        refs = [
+            ref
+            for (t, c), found in _by_table.items()
+            if (stored(t), stored(c)) == wanted_names
+            for ref in found
+        ]
     guards = [g for g in (r() for r in reversed(refs)) if g is not None]
-    for wanted in (schema, None):
-        candidates = [g for g in guards if g.table.schema == wanted]
+
+    def stored_schema(name: object) -> object:
+        return stored(name) if isinstance(name, str) else name
+
+    for wanted in (stored_schema(schema), None):
+        candidates = [g for g in guards if stored_schema(g.table.schema) == wanted]
         for g in candidates:
             if g.model == model:
                 return g
