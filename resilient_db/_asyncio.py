@@ -489,7 +489,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                             row = (await conn.execute(XID_STATUS_SQL, {"xid": ticket.xid})).one()
                             verdict = interpret_xid(ticket, row[0], row[1])
             except Exception as exc:
-                if self._referee.keep_checking_after(exc):
+                if self._referee.keep_checking_after(ticket, exc):
                     continue
                 return CommitVerdict.UNKNOWN
             if verdict is not CommitVerdict.IN_PROGRESS:

@@ -463,6 +463,9 @@ class CommitTicket:
     #: one connection is another engine's, through ``binds``): the outcome is settled there
     engine: Any = None
     notifies: bool = False  # the transaction sent a notification: its xid is assigned first
+    #: why the check on a new connection could not answer (an error a new check would meet
+    #: again: a missing right, row-level security on the markers), for the unknown outcome
+    check_failed: str | None = None
 
     @property
     def xid_sql(self) -> str:

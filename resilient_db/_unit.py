@@ -256,8 +256,16 @@ class CommitReferee:
                 return
             yield delay
 
-    def keep_checking_after(self, exc: BaseException) -> bool:
-        return self.policy.classifier.is_transient(exc)
+    def keep_checking_after(self, ticket: CommitTicket, exc: BaseException) -> bool:
+        """Whether to check again after ``exc`` (transient); else the outcome stays unknown,
+        and ``ticket`` keeps why (a missing right names its SQLSTATE: nothing else would)."""
+        if self.policy.classifier.is_transient(exc):
+            return True
+        code = sqlstate_of(exc)
+        driver_error = exc.orig if isinstance(exc, sa_exc.StatementError) else None
+        kind = type(driver_error if isinstance(driver_error, BaseException) else exc).__name__
+        ticket.check_failed = kind + (f" (SQLSTATE {code})" if code else "")
+        return False
 
     def settle(self, ticket: CommitTicket, verdict: CommitVerdict, exc: BaseException) -> bool:
         """True: committed. False: not committed, re-raise ``exc``. Otherwise raises."""
@@ -295,7 +303,10 @@ class CommitReferee:
                 xid=ticket.xid,
             )
             return False
-        raise self._unknown(what, verdict.value, marker=ticket.marker, xid=ticket.xid) from exc
+        reason = verdict.value
+        if ticket.check_failed is not None:
+            reason = f"the check on a new connection failed: {ticket.check_failed}"
+        raise self._unknown(what, reason, marker=ticket.marker, xid=ticket.xid) from exc
 
     def interrupted(
         self, request: CommitRequest, interruption: BaseException, *, verifying: bool = False

@@ -506,6 +506,53 @@ def test_the_application_role_prunes_with_the_documented_grants(
     assert "SQLSTATE 42501" in refused[0].getMessage()
 
 
+def test_a_check_refused_for_want_of_a_right_says_so_in_the_unknown_outcome(
+    *,
+    engine: sa.Engine,
+    app_login: tuple[str, str],
+    fault_proxy: FaultProxy,
+    pg_database: str,
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A lost COMMIT answer whose check is refused (here EXECUTE on the claim revoked after the
+    connection was made; row-level security on the markers does the same): the outcome is
+    unknown, and the error and its line said only "(unknown)", nothing naming why. They name
+    the check's failure and its SQLSTATE."""
+    _role, url = app_login
+    password = sa.make_url(url).password
+    proxied = sa.create_engine(
+        sa.make_url(fault_proxy.url(pg_database)).set(username=_role, password=password)
+    )
+    Sessions = rdb.ResilientSession(proxied, service=service)
+    try:
+        assert Sessions.run(_bump) == 1  # connected, markers usable
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "REVOKE EXECUTE ON FUNCTION resilient_db.claim_commit(uuid, integer) "
+                    "FROM PUBLIC"
+                )
+            )
+        fault_proxy.lose_commit_answer()
+        with (
+            caplog.at_level("ERROR", logger="resilient_db"),
+            pytest.raises(rdb.CommitOutcomeUnknownError) as info,
+        ):
+            Sessions.run(_bump)
+    finally:
+        proxied.dispose()
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "GRANT EXECUTE ON FUNCTION resilient_db.claim_commit(uuid, integer) TO PUBLIC"
+                )
+            )
+    why = "the check on a new connection failed: InsufficientPrivilege (SQLSTATE 42501)"
+    assert why in str(info.value)
+    assert any(why in r.getMessage() for r in caplog.records if "outcome unknown" in r.getMessage())
+
+
 def test_the_application_role_may_call_the_install_once_it_is_current(
     engine: sa.Engine, app_login: tuple[str, str]
 ) -> None:
