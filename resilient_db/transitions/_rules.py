@@ -294,7 +294,7 @@ def _db_key(type_: sa.types.TypeEngine[Any], value: object) -> Key:
     return str(value)
 
 
-_INTEGER_TEXT = re.compile(r"-?[0-9]+", re.ASCII)
+_INTEGER_TEXT = re.compile(r"[+-]?[0-9]+", re.ASCII)
 
 
 def _unstorable(impl: sa.types.TypeEngine[Any], key: Key) -> str | None:
@@ -309,6 +309,23 @@ def _unstorable(impl: sa.types.TypeEngine[Any], key: Key) -> str | None:
     if isinstance(length, int) and len(key) > length:
         return f"it is {len(key)} characters long, the column at most {length}"
     return None
+
+
+def _not_as_read(impl: sa.types.TypeEngine[Any], key: Key) -> str | None:
+    """Why a state of database text ``key``, which the column can hold, is not how PostgreSQL
+    writes that value (``col::text``, what the trigger compares), or None: ``"01"``, ``"+1"``
+    or ``"-0"`` in an integer column is stored as 1 or 0 but read back as ``"1"`` or ``"0"``,
+    so a rule about it could never apply in the database."""
+    if key is None or not isinstance(impl, sa.Integer):
+        return None
+    as_read = str(int(key))
+    if as_read == key:
+        return None
+    return (
+        f"the column holds integers, and PostgreSQL writes this one as {as_read!r} (col::text, "
+        f"what the database trigger compares), never {key!r}; declare it as {int(key)} "
+        f"(or {as_read!r})"
+    )
 
 
 def _bind_value(type_: sa.types.TypeEngine[Any], state: State) -> Any:
@@ -374,6 +391,12 @@ def _compile(mapper: Mapper[Any], rules: TransitionRules) -> Guard:
         if unstorable:
             raise TransitionRulesError(
                 f"{where}: state {state!r} can't be stored in the column ({type_!r}): {unstorable}"
+            )
+        not_as_read = _not_as_read(impl, key)
+        if not_as_read:
+            raise TransitionRulesError(
+                f"{where}: state {state!r} is not the column's ({type_!r}) text of any value: "
+                f"{not_as_read}"
             )
         if key in states and states[key] != state:
             raise TransitionRulesError(
