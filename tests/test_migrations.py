@@ -20,7 +20,7 @@ import resilient_db as rdb
 from resilient_db.demo import alembic_config, apply_migrations, downgrade_migrations
 from resilient_db.examples.tasks import Base, Task
 
-HEAD = "0006_transition_bypass_audit"
+HEAD = "0007_transition_after_triggers"
 
 
 @pytest.fixture
@@ -179,7 +179,7 @@ def test_upgrading_replaces_a_trigger_that_does_not_log_bypasses(
     )
     with engine.begin() as conn:
         ((body, stamp),) = conn.execute(source).all()
-        older = stamp.replace(" v3 ", " v2 ")
+        older = stamp.replace(" v4 ", " v2 ")
         assert older != stamp
         # stamped as version 2 left it (the drift check and the install read the stamp)
         function = conn.execute(
@@ -196,6 +196,59 @@ def test_upgrading_replaces_a_trigger_that_does_not_log_bypasses(
     with engine.connect() as conn:
         assert rdb.trigger_drift(conn, Task) is None
         assert conn.execute(source).one() == (body, stamp)
+
+
+def test_upgrading_replaces_before_triggers_by_after_triggers(
+    pg_url: str, engine: sa.Engine
+) -> None:
+    """A database migrated to 0006 by an earlier release has BEFORE triggers of generator
+    version 3, which another BEFORE trigger of the table that sorts after them can get past:
+    0007 installs AFTER triggers."""
+    apply_migrations(pg_url, revision="0006_transition_bypass_audit")
+    timing = sa.text(
+        "SELECT tgname, tgtype & 2 <> 0 AS before FROM pg_trigger "
+        "WHERE tgrelid = 'tasks'::regclass AND tgname LIKE 'rdb_transition%' ORDER BY tgname"
+    )
+    with engine.begin() as conn:
+        function, stamp = conn.execute(
+            sa.text(
+                "SELECT oid::regprocedure::text, obj_description(oid, 'pg_proc') FROM pg_proc "
+                "WHERE proname LIKE 'rdb_transition_%'"
+            )
+        ).one()
+        # as version 3 left them: BEFORE triggers, stamped v3
+        for name, event, when in (
+            ("rdb_transition_status_ins", "INSERT", ""),
+            (
+                "rdb_transition_status_upd",
+                "UPDATE",
+                "WHEN (OLD.status IS DISTINCT FROM NEW.status)",
+            ),
+        ):
+            conn.execute(sa.text(f"DROP TRIGGER {name} ON tasks"))
+            conn.execute(
+                sa.text(
+                    f"CREATE TRIGGER {name} BEFORE {event} ON tasks FOR EACH ROW {when} "
+                    f"EXECUTE FUNCTION {function}"
+                )
+            )
+        older = stamp.replace(" v4 ", " v3 ")
+        assert older != stamp
+        conn.execute(sa.text(f"COMMENT ON FUNCTION {function} IS '{older}'"))
+        drift = rdb.trigger_drift(conn, Task) or ""
+        assert [tuple(r) for r in conn.execute(timing)] == [
+            ("rdb_transition_status_ins", True),
+            ("rdb_transition_status_upd", True),
+        ]
+    assert "generator v3; it runs BEFORE the write" in drift
+    apply_migrations(pg_url)
+    assert version(engine) == HEAD
+    with engine.connect() as conn:
+        assert rdb.trigger_drift(conn, Task) is None
+        assert [tuple(r) for r in conn.execute(timing)] == [
+            ("rdb_transition_status_ins", False),
+            ("rdb_transition_status_upd", False),
+        ]
 
 
 def test_trigger_drift_notices_a_dropped_trigger_after_migration(
@@ -219,7 +272,7 @@ def test_offline_sql_includes_the_tables_and_the_trigger() -> None:
     sql = buffer.getvalue()
     assert "CREATE TABLE tasks" in sql
     assert "CREATE TABLE task_history" in sql
-    assert 'CREATE TRIGGER "rdb_transition_status_upd" BEFORE UPDATE ON "tasks"' in sql
+    assert 'CREATE TRIGGER "rdb_transition_status_upd" AFTER UPDATE ON "tasks"' in sql
     assert "ERRCODE = 'RDB01'" in sql
     assert "CREATE TABLE IF NOT EXISTS resilient_db.commit_markers" in sql
     assert "FUNCTION resilient_db.claim_commit(marker uuid, wait_ms integer)" in sql
@@ -248,6 +301,10 @@ def test_alembic_command_line_with_the_url_option(pg_url: str, engine: sa.Engine
     )
     assert (
         "Running upgrade 0005_commit_markers_prune_rights -> 0006_transition_bypass_audit"
+        in done.stderr
+    )
+    assert (
+        "Running upgrade 0006_transition_bypass_audit -> 0007_transition_after_triggers"
         in done.stderr
     )
     assert version(engine) == HEAD

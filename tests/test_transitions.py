@@ -475,8 +475,9 @@ def test_trigger_sql_shape() -> None:
     assert re.fullmatch(r"rdb_transition_tasks_status_[0-9a-f]{12}", function)
     assert f'CREATE OR REPLACE FUNCTION "{function}"() RETURNS trigger' in sql
     assert 'DROP TRIGGER IF EXISTS "rdb_transition_status_ins" ON "tasks"' in sql
-    assert 'CREATE TRIGGER "rdb_transition_status_ins" BEFORE INSERT ON "tasks"' in sql
-    assert 'CREATE TRIGGER "rdb_transition_status_upd" BEFORE UPDATE ON "tasks"' in sql
+    assert 'CREATE TRIGGER "rdb_transition_status_ins" AFTER INSERT ON "tasks"' in sql
+    assert 'CREATE TRIGGER "rdb_transition_status_upd" AFTER UPDATE ON "tasks"' in sql
+    assert "BEFORE" not in sql
     assert 'WHEN (OLD."status" IS DISTINCT FROM NEW."status")' in sql
     assert f"ERRCODE = '{TRANSITION_SQLSTATE}'" in sql
     assert "current_setting('resilient_db.bypass_transitions', true)" in sql
@@ -1848,13 +1849,49 @@ def test_trigger_blocks_raw_update_and_insert(engine: sa.Engine) -> None:
         assert (err.pk, err.from_state, err.to_state) == (6, None, "completed")
         assert "initial" in err.reason
         conn.rollback()
-        err = _db_error(lambda: conn.exec_driver_sql("UPDATE tasks SET status = NULL WHERE id = 5"))
-        assert (err.from_state, err.to_state) == ("in_progress", None)
+        # the row's own constraints are checked before the AFTER trigger runs: NOT NULL refuses
+        with pytest.raises(sa.exc.IntegrityError, match="not-null"):
+            conn.exec_driver_sql("UPDATE tasks SET status = NULL WHERE id = 5")
         conn.rollback()
         # same value and other columns are not transitions: the trigger does not fire
         conn.exec_driver_sql("UPDATE tasks SET status = status, title = 'x' WHERE id = 5")
         conn.commit()
     assert _db_status(engine, 5) == "in_progress"
+
+
+def test_a_before_trigger_of_the_application_sorting_after_ours_is_checked(
+    engine: sa.Engine,
+) -> None:
+    """PostgreSQL fires the BEFORE row triggers of an event in name order: one of the
+    application's that sets the status, named to fire after ``rdb_transition_...``, is judged
+    all the same (the guard's triggers run AFTER the write, on the row as stored)."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE FUNCTION zz_sync_status() RETURNS trigger LANGUAGE plpgsql AS $$ "
+            "BEGIN IF NEW.title = 'done' THEN NEW.status := 'completed'; END IF; "
+            "RETURN NEW; END $$"
+        )
+        conn.exec_driver_sql(
+            "CREATE TRIGGER zz_sync_status BEFORE INSERT OR UPDATE ON tasks "
+            "FOR EACH ROW EXECUTE FUNCTION zz_sync_status()"
+        )
+        conn.exec_driver_sql("INSERT INTO tasks (id, title, status) VALUES (7, 't', 'pending')")
+    with engine.connect() as conn:
+        err = _db_error(
+            lambda: conn.exec_driver_sql("UPDATE tasks SET title = 'done' WHERE id = 7")
+        )
+        assert (err.pk, err.from_state, err.to_state) == (7, "pending", "completed")
+        conn.rollback()
+        err = _db_error(
+            lambda: conn.exec_driver_sql(
+                "INSERT INTO tasks (id, title, status) VALUES (8, 'done', 'pending')"
+            )
+        )
+        assert (err.pk, err.from_state, err.to_state) == (8, None, "completed")
+        conn.rollback()
+    assert _db_status(engine, 7) == "pending"
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM tasks WHERE id = 8").scalar() == 0
 
 
 def test_exception_from_db_ignores_other_errors(engine: sa.Engine) -> None:

@@ -438,18 +438,18 @@ DECLARE
 BEGIN
     IF TG_OP = 'INSERT' THEN
         IF coalesce(v_to IN ('new'), false) THEN
-            RETURN NEW;
+            RETURN NULL;
         END IF;
         v_pk := json_build_object('id', NEW."id");
     ELSE
         v_from := OLD."state"::text;
         IF v_from IS NOT DISTINCT FROM v_to THEN
-            RETURN NEW;
+            RETURN NULL;
         END IF;
         IF (v_from IS NOT DISTINCT FROM 'new' AND coalesce(v_to IN ('run'), false))
             OR (v_from IS NOT DISTINCT FROM 'run' AND coalesce(v_to IN ('done', 'new'), \
 false)) THEN
-            RETURN NEW;
+            RETURN NULL;
         END IF;
         v_pk := json_build_object('id', OLD."id");
     END IF;
@@ -478,7 +478,7 @@ bypass_transitions())'
                     'op', TG_OP, 'from', v_from, 'to', v_to, 'pk', v_pk,
                     'role', current_user, 'login_role', session_user,
                     'xid', v_bypass, 'reason', nullif(v_reason, ''))::text;
-            RETURN NEW;
+            RETURN NULL;
         END IF;
         RAISE EXCEPTION USING
             ERRCODE = 'insufficient_privilege',
@@ -509,16 +509,16 @@ END
 $rdb$;
 
 COMMENT ON FUNCTION "rdb_transition_jobs_state_b53b700df013"() IS 'resilient_db transition \
-guard v3 rules-sha256=3a18cbe4e0a87a0ab0b97a3d48d9a95817b4923e17d4073deea849c30fbf26f8';
+guard v4 rules-sha256=ea8ee49865b010608c9c943708266c79f6fb013e8469bd7b3ba4b01ae5211418';
 
 DROP TRIGGER IF EXISTS "rdb_transition_state_ins" ON "jobs";
 
-CREATE TRIGGER "rdb_transition_state_ins" BEFORE INSERT ON "jobs"
+CREATE TRIGGER "rdb_transition_state_ins" AFTER INSERT ON "jobs"
 FOR EACH ROW EXECUTE FUNCTION "rdb_transition_jobs_state_b53b700df013"();
 
 DROP TRIGGER IF EXISTS "rdb_transition_state_upd" ON "jobs";
 
-CREATE TRIGGER "rdb_transition_state_upd" BEFORE UPDATE ON "jobs"
+CREATE TRIGGER "rdb_transition_state_upd" AFTER UPDATE ON "jobs"
 FOR EACH ROW WHEN (OLD."state" IS DISTINCT FROM NEW."state")
 EXECUTE FUNCTION "rdb_transition_jobs_state_b53b700df013"();
 
@@ -605,7 +605,7 @@ def test_the_stamp_follows_the_database_rules_only(mapped: Mapper) -> None:
     (base,) = guards_of(_jobs(mapped))
     (same,) = guards_of(_jobs(mapped))  # another registry, the same rules
     assert rules_stamp(base) == rules_stamp(same)
-    assert rules_stamp(base).startswith("resilient_db transition guard v3 rules-sha256=")
+    assert rules_stamp(base).startswith("resilient_db transition guard v4 rules-sha256=")
     more = _rules({"new": {"run", "done"}, "run": {"done", "new"}}, {"new"}, "state")
     (changed,) = guards_of(mapped(more, column="state", table="jobs", name="Job"))
     (other_table,) = guards_of(_jobs(mapped, table="jobs_2"))

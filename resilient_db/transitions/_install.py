@@ -224,6 +224,9 @@ def trigger_drift(connection: Connection | Session, model: type[Any]) -> str | N
                     if generator < 2
                     else "; bypassed moves are not written to the server log"
                     if generator < 3
+                    else "; it runs BEFORE the write, so another BEFORE trigger of the table "
+                    "that sorts after it by name can set the column to a state it never checks"
+                    if generator < 4
                     else ""
                 )
                 problems.append(

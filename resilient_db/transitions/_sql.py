@@ -46,8 +46,9 @@ BYPASS_REASON_SETTING = "resilient_db.bypass_reason"
 #: The role whose members may bypass the trigger (NOLOGIN; created by the trigger's install).
 BYPASS_ROLE = "resilient_db_bypass"
 
-# v2: the bypass only for members of BYPASS_ROLE; v3: each bypassed move in the server log
-_GENERATOR_VERSION = 3
+# v2: the bypass only for members of BYPASS_ROLE; v3: each bypassed move in the server log;
+# v4: AFTER row triggers, which check the row as stored (after every BEFORE trigger)
+_GENERATOR_VERSION = 4
 _STAMP_PREFIX = "resilient_db transition guard"
 _PG_NAME_MAX = 63  # NAMEDATALEN - 1, in bytes
 
@@ -244,6 +245,9 @@ def _function_body(guard: Guard) -> str:
         if targets
     ]
     update_ok = "\n            OR ".join(moves) if moves else "false"
+    # Run by AFTER row triggers: NEW is the row as stored, after every BEFORE trigger (also one
+    # of the application's that sets the column and fires after ours in name order); the
+    # function only reads it and raises, its return value is ignored.
     # The legal moves are checked first: the bypass is looked at only for a move that would be
     # blocked, so a legal write pays for nothing more. A bypass value naming this transaction
     # from a role that may not bypass raises its own error (42501), not RDB01: the caller asked
@@ -259,16 +263,16 @@ DECLARE
 BEGIN
     IF TG_OP = 'INSERT' THEN
         IF {_member_sql("v_to", guard.initial)} THEN
-            RETURN NEW;
+            RETURN NULL;
         END IF;
         v_pk := json_build_object({pk_new});
     ELSE
         v_from := OLD.{col}::text;
         IF v_from IS NOT DISTINCT FROM v_to THEN
-            RETURN NEW;
+            RETURN NULL;
         END IF;
         IF {update_ok} THEN
-            RETURN NEW;
+            RETURN NULL;
         END IF;
         v_pk := json_build_object({pk_old});
     END IF;
@@ -295,7 +299,7 @@ BEGIN
                     'op', TG_OP, 'from', v_from, 'to', v_to, 'pk', v_pk,
                     'role', current_user, 'login_role', session_user,
                     'xid', v_bypass, 'reason', nullif(v_reason, ''))::text;
-            RETURN NEW;
+            RETURN NULL;
         END IF;
         RAISE EXCEPTION USING
             ERRCODE = 'insufficient_privilege',
@@ -382,10 +386,10 @@ def install_statements(guard: Guard) -> list[str]:
         f"AS {_dollar_quote(_function_body(guard))}",
         f"COMMENT ON FUNCTION {n.function}() IS {literal(rules_stamp(guard))}",
         f"DROP TRIGGER IF EXISTS {ident(n.insert_trigger)} ON {n.table}",
-        f"CREATE TRIGGER {ident(n.insert_trigger)} BEFORE INSERT ON {n.table}\n"
+        f"CREATE TRIGGER {ident(n.insert_trigger)} AFTER INSERT ON {n.table}\n"
         f"FOR EACH ROW EXECUTE FUNCTION {n.function}()",
         f"DROP TRIGGER IF EXISTS {ident(n.update_trigger)} ON {n.table}",
-        f"CREATE TRIGGER {ident(n.update_trigger)} BEFORE UPDATE ON {n.table}\n"
+        f"CREATE TRIGGER {ident(n.update_trigger)} AFTER UPDATE ON {n.table}\n"
         f"FOR EACH ROW WHEN (OLD.{col} IS DISTINCT FROM NEW.{col})\n"
         f"EXECUTE FUNCTION {n.function}()",
         _drop_legacy_function(n, guard),
@@ -410,11 +414,12 @@ def transition_trigger_sql(model: type[Any]) -> str:
     """Idempotent PostgreSQL DDL enforcing the rules of ``model`` in the database.
 
     Per guarded column: a PL/pgSQL function (``CREATE OR REPLACE``) stamped with a hash of the
-    rules (``COMMENT ON FUNCTION``), a ``BEFORE INSERT`` trigger and a ``BEFORE UPDATE`` trigger
-    that fires only ``WHEN (OLD.col IS DISTINCT FROM NEW.col)``. An illegal change raises SQLSTATE
-    :data:`TRANSITION_SQLSTATE` with a JSON DETAIL (model, schema, table, column, from, to, pk),
-    unless a member of :data:`BYPASS_ROLE` asked for a bypass of the current transaction (see
-    :func:`~resilient_db.bypass_transitions`); the script first creates that role if it is
+    rules (``COMMENT ON FUNCTION``), an ``AFTER INSERT`` row trigger and an ``AFTER UPDATE`` row
+    trigger that fires only ``WHEN (OLD.col IS DISTINCT FROM NEW.col)``: AFTER, so they check the
+    row as stored, whatever other BEFORE triggers of the table did to it. An illegal change raises
+    SQLSTATE :data:`TRANSITION_SQLSTATE` with a JSON DETAIL (model, schema, table, column, from,
+    to, pk), unless a member of :data:`BYPASS_ROLE` asked for a bypass of the current transaction
+    (see :func:`~resilient_db.bypass_transitions`); the script first creates that role if it is
     missing. All literals and identifiers are quoted. Run it as a script (``psql``,
     ``op.execute``), or with :func:`install_transition_trigger`, which sends the statements one
     at a time.
