@@ -93,7 +93,8 @@ PRUNE_BATCH: Final = 1000
 PRUNE_CATCH_UP: Final = 0.05
 #: 2: mark_commit leaves read-only transactions alone, and runs as its owner for any role a
 #: unit switched to (checking the login role's right to write markers itself); 3: the prune
-#: runs as its owner too; 4: claim_commit runs with a fixed search_path
+#: runs as its owner too; 4: claim_commit runs with a fixed search_path, and the prune asks the
+#: login role's right to write markers, not to delete them (which no application should hold)
 MARKERS_VERSION: Final = 4
 #: the marker insert as prepared on each connection (``PREPARE``): the function call it stands
 #: in for costs the server parsing, planning and a PL/pgSQL call at every writing COMMIT
@@ -193,14 +194,17 @@ BEGIN
     RETURN 'committed';
 END
 $rdb$""",
-        # SECURITY DEFINER: its SKIP LOCKED row locks need UPDATE on the table, which the login
-        # role needs for nothing else; it checks that role's DELETE right itself (lends none)
+        # SECURITY DEFINER: its SKIP LOCKED row locks need UPDATE on the table, and its DELETE
+        # the right to delete, which the login role needs for nothing else and must not hold
+        # (a role that may delete a marker can make a committed unit whose answer was lost
+        # look uncommitted: replayed, written twice). It deletes only expired markers, which
+        # no claim trusts any more, for a role that may write markers (checked here)
         f"""CREATE OR REPLACE FUNCTION {s}.prune_commit_markers(batch integer) RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $rdb$
 DECLARE
     pruned integer;
 BEGIN
-    IF NOT pg_catalog.has_table_privilege(session_user, '{s}.commit_markers', 'DELETE') THEN
+    IF NOT pg_catalog.has_table_privilege(session_user, '{s}.commit_markers', 'INSERT') THEN
         RAISE EXCEPTION 'role % may not prune commit markers', session_user
             USING ERRCODE = '42501';
     END IF;
@@ -797,7 +801,7 @@ class CommitProtocol:
                 "by transaction id, at one extra round trip per writing unit and with more "
                 "unknown outcomes. Run resilient_db.install_commit_markers(engine) once, as "
                 "the role that is to own them, and grant the application's role USAGE on "
-                "schema resilient_db, EXECUTE on its functions and SELECT, INSERT, DELETE on "
+                "schema resilient_db, EXECUTE on its functions and SELECT, INSERT on "
                 "resilient_db.commit_markers"
             )
         emit(
@@ -963,10 +967,10 @@ class CommitProtocol:
             logging.WARNING,
             "Expired commit markers of database %s can't be pruned: the server refused "
             "(SQLSTATE 42501), so resilient_db.commit_markers grows. The role the application "
-            "logs in as needs DELETE on it and EXECUTE on resilient_db.prune_commit_markers; "
+            "logs in as needs INSERT on it and EXECUTE on resilient_db.prune_commit_markers; "
             "a database installed by an earlier release needs "
             "resilient_db.install_commit_markers() again (or the Alembic step "
-            "0005_commit_markers_prune_rights)",
+            "0008_commit_markers_claim_search_path)",
             self.engine.url.database,
             service=self._settings.service,
             event="commit_markers_prune_refused",

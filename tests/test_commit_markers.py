@@ -455,15 +455,14 @@ def test_prune_deletes_expired_markers_and_keeps_recent_ones(engine: sa.Engine) 
 @pytest.fixture
 def app_login(engine: sa.Engine, pg_url: str) -> Iterator[tuple[str, str]]:
     """(role, URL): a login role with only the grants the README lists for the application
-    (USAGE on the schema, SELECT, INSERT, DELETE on the markers; its own table's rights)."""
+    (USAGE on the schema, SELECT and INSERT on the markers, never DELETE; its own table's
+    rights)."""
     name = f"rdb_app_{uuid.uuid4().hex[:8]}"
     password = uuid.uuid4().hex
     with engine.begin() as conn:
         conn.execute(sa.text(f"CREATE ROLE {name} LOGIN PASSWORD '{password}'"))
         conn.execute(sa.text(f"GRANT USAGE ON SCHEMA resilient_db TO {name}"))
-        conn.execute(
-            sa.text(f"GRANT SELECT, INSERT, DELETE ON resilient_db.commit_markers TO {name}")
-        )
+        conn.execute(sa.text(f"GRANT SELECT, INSERT ON resilient_db.commit_markers TO {name}"))
         conn.execute(sa.text(f"GRANT SELECT, UPDATE ON marker_counters TO {name}"))
     url = sa.make_url(pg_url).set(username=name, password=password)
     yield name, url.render_as_string(hide_password=False)
@@ -479,18 +478,27 @@ def test_the_application_role_prunes_with_the_documented_grants(
     service: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """The prune's SKIP LOCKED row locks need UPDATE on the table, which the documented grants
-    don't give: the function runs as its owner and checks the login role's DELETE right (before,
-    every prune of such a role failed, logged at DEBUG only, and the table grew). Without DELETE
-    it is refused, and said once per engine."""
-    role, url = app_login
+    """The prune's row locks and its DELETE need rights the documented grants don't give (and
+    DELETE must not be given: a role that may delete markers can make a committed unit look
+    uncommitted). The function runs as its owner and checks the login role's right to write
+    markers. Refused (here EXECUTE on it revoked, a common hardening), it is said once per
+    engine, naming what the role needs."""
+    _, url = app_login
     _add_expired_markers(engine, 30)
     app_engine = sa.create_engine(url)
     try:
         with app_engine.connect() as conn:
             assert _commit.prune(conn) == 30
+            with pytest.raises(sa.exc.ProgrammingError, match="permission denied"):
+                conn.execute(sa.text("DELETE FROM resilient_db.commit_markers"))
+            conn.rollback()
         with engine.begin() as conn:
-            conn.execute(sa.text(f"REVOKE DELETE ON resilient_db.commit_markers FROM {role}"))
+            conn.execute(
+                sa.text(
+                    "REVOKE EXECUTE ON FUNCTION resilient_db.prune_commit_markers(integer) "
+                    "FROM PUBLIC"
+                )
+            )
         _add_expired_markers(engine, 5)
         Sessions = rdb.ResilientSession(app_engine, service=service)
         protocol = Sessions._hooks.commit
@@ -504,6 +512,7 @@ def test_the_application_role_prunes_with_the_documented_grants(
     refused = [r for r in caplog.records if "can't be pruned" in r.getMessage()]
     assert len(refused) == 1
     assert "SQLSTATE 42501" in refused[0].getMessage()
+    assert "EXECUTE on resilient_db.prune_commit_markers" in refused[0].getMessage()
 
 
 def test_a_check_refused_for_want_of_a_right_says_so_in_the_unknown_outcome(
@@ -519,10 +528,10 @@ def test_a_check_refused_for_want_of_a_right_says_so_in_the_unknown_outcome(
     connection was made; row-level security on the markers does the same): the outcome is
     unknown, and the error and its line said only "(unknown)", nothing naming why. They name
     the check's failure and its SQLSTATE."""
-    _role, url = app_login
+    role, url = app_login
     password = sa.make_url(url).password
     proxied = sa.create_engine(
-        sa.make_url(fault_proxy.url(pg_database)).set(username=_role, password=password)
+        sa.make_url(fault_proxy.url(pg_database)).set(username=role, password=password)
     )
     Sessions = rdb.ResilientSession(proxied, service=service)
     try:
