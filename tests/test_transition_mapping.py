@@ -6,7 +6,10 @@ Models are mapped in registries of their own, disposed of after each test."""
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import enum
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -179,3 +182,58 @@ def test_integer_states_as_the_database_writes_them_are_accepted(mapped: Mapper)
     )
     (guard,) = guards_of(model)
     assert set(guard.next) == {"0", "1", "-2", "10"}
+
+
+def test_the_row_key_from_the_trigger_has_the_key_columns_types(
+    engine: sa.Engine, mapped: Mapper, service: str
+) -> None:
+    """UUID, date, timestamp and Decimal key values come back as the flush guard gives them
+    (a numeric's digits exact), not as the detail's JSON text and float; a value that has no
+    Python form (a date 'infinity') as the database wrote it."""
+    model = mapped(
+        "Entry",
+        "entries",
+        None,
+        id=mapped_column(sa.Uuid, primary_key=True),
+        day=mapped_column(sa.Date, primary_key=True),
+        at=mapped_column(sa.DateTime(timezone=True), primary_key=True),
+        amount=mapped_column(sa.Numeric(20, 2), primary_key=True),
+        status=mapped_column(sa.String(10)),
+        __transitions__=rdb.TransitionRules(
+            column="status", transitions={"pending": {"done"}}, initial={"pending"}
+        ),
+    )
+    model.__table__.metadata.create_all(engine)
+    rdb.install_transition_trigger(engine, model)
+    key = (
+        uuid.UUID("12345678-1234-5678-1234-567812345678"),
+        datetime.date(2024, 2, 29),
+        datetime.datetime(2024, 2, 29, 10, 30, 15, 123456, tzinfo=datetime.timezone.utc),
+        decimal.Decimal("123456789012345678.10"),  # more digits than a float holds
+    )
+    row = dict(zip(("id", "day", "at", "amount"), key, strict=True))
+    with engine.begin() as conn:
+        conn.exec_driver_sql("SET TIME ZONE 'UTC'")
+        conn.execute(sa.insert(model).values(**row, status="pending"))
+    with engine.connect() as conn:
+        conn.exec_driver_sql("SET TIME ZONE 'UTC'")
+        err = _refused(conn, sa.update(model.__table__).values(status="zz"))
+    assert err.pk == key
+    assert [type(v) for v in err.pk] == [type(v) for v in key]
+    assert str(err.pk[3]) == "123456789012345678.10"
+    with engine.connect() as conn:
+        conn.exec_driver_sql("SET TIME ZONE 'UTC'")
+        conn.exec_driver_sql(
+            "INSERT INTO entries VALUES (%s, 'infinity', %s, 1, 'pending')", (key[0], key[2])
+        )
+        err = _refused(conn, sa.text("UPDATE entries SET status = 'zz' WHERE day = 'infinity'"))
+    assert err.pk == (key[0], "infinity", key[2], decimal.Decimal(1))
+    Sessions = rdb.ResilientSession(engine, service=service)
+
+    def unit(session: Any) -> None:
+        session.get(model, key).status = "zz"
+
+    with pytest.raises(rdb.IllegalTransitionError) as info:
+        Sessions.run(unit)
+    assert info.value.via == "flush"
+    assert info.value.pk == key  # the same as the trigger's

@@ -20,9 +20,14 @@ It costs nothing on the success path: the check reads the exception only.
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import json
 import re
+import uuid
 from typing import Any
+
+import sqlalchemy as sa
 
 from resilient_db._classify import error_chain
 from resilient_db._config import Config
@@ -117,6 +122,42 @@ def _named_as_declared(info: dict[str, Any], guard: Guard | None) -> dict[str, A
     return {**info, "table": guard.table.name, "column": guard.column.name}
 
 
+def _typed(column: sa.Column[Any] | None, value: Any) -> Any:
+    """A key value of the detail (JSON: text, number) as the column's Python type, as the
+    flush guard gives it (UUID, date, datetime, time, Decimal, float, int); as it is when the
+    type is unknown or the value does not convert (a date ``'infinity'``)."""
+    try:
+        python_type = column.type.python_type if column is not None else None
+    except NotImplementedError:
+        python_type = None
+    if python_type is None or value is None or isinstance(value, python_type):
+        return value
+    try:
+        if isinstance(value, str):
+            if python_type is uuid.UUID:
+                return uuid.UUID(value)
+            if python_type in (datetime.datetime, datetime.date, datetime.time):
+                return python_type.fromisoformat(value)
+        elif isinstance(value, (int, decimal.Decimal)) and not isinstance(value, bool):
+            if python_type is decimal.Decimal:
+                return decimal.Decimal(value)
+            if python_type is float:
+                return float(value)
+            if python_type is int and value == int(value):
+                return int(value)
+    except (ValueError, TypeError, ArithmeticError):
+        pass
+    return value
+
+
+def _typed_key(guard: Guard | None, pk: dict[str, Any]) -> tuple[Any, ...]:
+    """The detail's row key, each value typed by its key column of ``guard``."""
+    if guard is None:
+        return tuple(pk.values())
+    columns = {_stored(c.name): c for c in guard.pk_columns}
+    return tuple(_typed(columns.get(_stored(name)), value) for name, value in pk.items())
+
+
 def exception_from_db(
     exc: BaseException, *, log: bool = False, config: Config | None = None
 ) -> IllegalTransitionError | None:
@@ -133,7 +174,7 @@ def exception_from_db(
     if not found.matched or not found.detail:
         return None
     try:
-        info = json.loads(found.detail)
+        info = json.loads(found.detail, parse_float=decimal.Decimal)  # numeric keys exactly
     except ValueError:
         return None
     if not isinstance(info, dict) or info.get("resilient_db") != "transition":
@@ -146,7 +187,7 @@ def exception_from_db(
     pk_obj = info.get("pk")
     pk: Any = pk_obj
     if isinstance(pk_obj, dict):
-        values = tuple(pk_obj.values())
+        values = _typed_key(guard, pk_obj)
         pk = values[0] if len(values) == 1 else values
     from_key, to_key = info.get("from"), info.get("to")
     op = info.get("op")
