@@ -505,6 +505,58 @@ def test_a_security_definer_function_does_not_lend_its_owner_the_bypass(
     assert _status(admin, 1) == "open"
 
 
+def test_a_membership_that_confers_nothing_does_not_lend_the_bypass(
+    pg_server: PostgresServer, admin: sa.Engine, make_role: Callable[..., Role]
+) -> None:
+    """A login granted a bypassing role WITH INHERIT FALSE, SET FALSE is a member of it (and so
+    of resilient_db_bypass) but holds none of its rights: calling that role's SECURITY DEFINER
+    functions does not let it bypass (setting the value itself, or having the function do it).
+    The same grant WITH SET TRUE (the login could SET ROLE to it) does."""
+    if int(pg_server.execute("SHOW server_version_num")[0][0]) < 160000:
+        pytest.skip("GRANT ... WITH INHERIT FALSE, SET FALSE needs PostgreSQL 16")
+    owner = make_role("GRANT resilient_db_bypass TO {role}")
+    with admin.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE FUNCTION set_ticket(ticket integer, st text) RETURNS void LANGUAGE sql "
+            "SECURITY DEFINER SET search_path = public, pg_temp AS "
+            "$$ UPDATE bp_tickets SET status = st WHERE id = ticket $$"
+        )
+        conn.exec_driver_sql(
+            "CREATE FUNCTION force_ticket(ticket integer, st text) RETURNS void "
+            "LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp AS $$ BEGIN "
+            "PERFORM set_config('resilient_db.bypass_transitions', "
+            "pg_current_xact_id()::text, true); "
+            "UPDATE bp_tickets SET status = st WHERE id = ticket; END $$"
+        )
+        for function in ("set_ticket", "force_ticket"):
+            conn.exec_driver_sql(
+                f'ALTER FUNCTION {function}(integer, text) OWNER TO "{owner.name}"'
+            )
+    powerless = make_role(f'GRANT "{owner.name}" TO {{role}} WITH INHERIT FALSE, SET FALSE')
+    may_set = make_role(f'GRANT "{owner.name}" TO {{role}} WITH INHERIT FALSE, SET TRUE')
+    engine = sa.create_engine(powerless.url)
+    try:
+        with engine.connect() as conn:
+            err = _blocked(conn, "SELECT force_ticket(1, 'open')")
+            assert rdb.sqlstate_of(err) == "42501"
+            assert f"(logged in as {powerless.name}) may not bypass" in str(err)
+            conn.exec_driver_sql(OWN_XID.format("true"))
+            assert rdb.sqlstate_of(_blocked(conn, "SELECT set_ticket(1, 'open')")) == "42501"
+            with pytest.raises(rdb.BypassRefusedError):
+                rdb.bypass_transitions(conn, reason="x")
+    finally:
+        engine.dispose()
+    assert _status(admin, 1) == "closed"
+    engine = sa.create_engine(may_set.url)
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT force_ticket(1, 'open')")
+            conn.commit()
+    finally:
+        engine.dispose()
+    assert _status(admin, 1) == "open"
+
+
 # ------------------------------------------------------------------------------------------------
 # the role: created by the install, or missing
 # ------------------------------------------------------------------------------------------------

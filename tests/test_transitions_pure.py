@@ -457,7 +457,10 @@ false)) THEN
     IF v_bypass <> '' AND v_bypass = pg_current_xact_id()::text THEN
         v_role := to_regrole('resilient_db_bypass');
         IF pg_catalog.pg_has_role(current_user, v_role, 'USAGE') AND \
-pg_catalog.pg_has_role(session_user, v_role, 'MEMBER') THEN
+(pg_catalog.pg_has_role(session_user, v_role, 'USAGE') OR CASE WHEN \
+pg_catalog.current_setting('server_version_num')::integer >= 160000 THEN \
+pg_catalog.pg_has_role(session_user, v_role, 'SET') ELSE \
+pg_catalog.pg_has_role(session_user, v_role, 'MEMBER') END) THEN
             -- the audit, on the server: every move let through, whoever set the value
             v_reason := current_setting('resilient_db.bypass_reason', true);
             RAISE LOG USING
@@ -565,7 +568,8 @@ def test_the_trigger_script_of_a_simple_machine(mapped: Mapper) -> None:
     assert JOBS_SQL.startswith(f"DO $rdb$\nBEGIN\n    IF pg_catalog.to_regrole('{BYPASS_ROLE}')")
     assert "v_bypass <> '' AND v_bypass = pg_current_xact_id()::text" in JOBS_SQL
     assert "pg_has_role(current_user, v_role, 'USAGE')" in JOBS_SQL
-    assert "pg_has_role(session_user, v_role, 'MEMBER')" in JOBS_SQL
+    assert "pg_has_role(session_user, v_role, 'USAGE')" in JOBS_SQL
+    assert "pg_has_role(session_user, v_role, 'SET')" in JOBS_SQL
     assert JOBS_SQL.index("v_bypass :=") > JOBS_SQL.index("v_pk := json_build_object('id', OLD")
 
 

@@ -47,7 +47,8 @@ BYPASS_REASON_SETTING = "resilient_db.bypass_reason"
 BYPASS_ROLE = "resilient_db_bypass"
 
 # v2: the bypass only for members of BYPASS_ROLE; v3: each bypassed move in the server log;
-# v4: AFTER row triggers, which check the row as stored (after every BEFORE trigger)
+# v4: AFTER row triggers, which check the row as stored (after every BEFORE trigger), and the
+# login role needs USAGE or SET on BYPASS_ROLE (not a bare membership)
 _GENERATOR_VERSION = 4
 _STAMP_PREFIX = "resilient_db transition guard"
 _PG_NAME_MAX = 63  # NAMEDATALEN - 1, in bytes
@@ -88,9 +89,16 @@ def literal(value: str) -> str:
 # a migration role that created BYPASS_ROLE must not be able to bypass without being granted it.
 # session_user as well as current_user: an unprivileged login that sets the value and then calls
 # a SECURITY DEFINER function owned by a member (current_user = the owner) is not let through.
+# The login role must hold the role's privileges (USAGE) or be able to SET ROLE to it (SET,
+# PostgreSQL 16+): a membership granted WITH INHERIT FALSE, SET FALSE (to a role that is a member)
+# confers no rights, and must not lend the bypass to a login calling such a function. Before 16
+# every member may SET ROLE, so MEMBER is the same check there (and 'SET' is unknown).
 _MAY_BYPASS = (
     "pg_catalog.pg_has_role(current_user, {role}, 'USAGE')"
-    " AND pg_catalog.pg_has_role(session_user, {role}, 'MEMBER')"
+    " AND (pg_catalog.pg_has_role(session_user, {role}, 'USAGE')"
+    " OR CASE WHEN pg_catalog.current_setting('server_version_num')::integer >= 160000"
+    " THEN pg_catalog.pg_has_role(session_user, {role}, 'SET')"
+    " ELSE pg_catalog.pg_has_role(session_user, {role}, 'MEMBER') END)"
 )
 
 #: What :func:`~resilient_db.bypass_transitions` sends: one round trip that binds the bypass to
