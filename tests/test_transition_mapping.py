@@ -237,3 +237,98 @@ def test_the_row_key_from_the_trigger_has_the_key_columns_types(
         Sessions.run(unit)
     assert info.value.via == "flush"
     assert info.value.pk == key  # the same as the trigger's
+
+
+def test_a_boolean_column_is_guarded_by_bool_states(
+    engine: sa.Engine, mapped: Mapper, service: str
+) -> None:
+    """``True``/``False`` are the states of a Boolean column: the flush guard, an ORM bulk
+    UPDATE and the trigger (which compares ``col::text``, 'true'/'false') agree on them."""
+    model = mapped(
+        "Flag",
+        "flags",
+        None,
+        id=mapped_column(sa.Integer, primary_key=True),
+        ok=mapped_column(sa.Boolean, nullable=True),
+        __transitions__=rdb.TransitionRules(
+            column="ok", transitions={False: {True}, None: {False}}, initial={False, None}
+        ),
+    )
+    (guard,) = guards_of(model)
+    assert guard.initial == {"false", None}
+    assert dict(guard.next) == {"false": {"true"}, "true": set(), None: {"false"}}
+    model.__table__.metadata.create_all(engine)
+    rdb.install_transition_trigger(engine, model)
+    with engine.connect() as conn:
+        conn.execute(sa.insert(model).values(id=1, ok=False))
+        conn.execute(sa.update(model.__table__).values(ok=True))
+        err = _refused(conn, sa.update(model.__table__).values(ok=False))
+        assert (err.from_state, err.to_state, err.via) == (True, False, "db")
+        err = _refused(conn, sa.insert(model).values(id=2, ok=True))
+        assert (err.from_state, err.to_state, err.inserted) == (None, True, True)
+    Sessions = rdb.ResilientSession(engine, service=service)
+    with Sessions.begin() as session:
+        session.add(model(id=1, ok=False))
+        session.add(model(id=2, ok=None))
+    with Sessions.begin() as session:
+        session.get(model, 1).ok = True
+        session.get(model, 2).ok = False
+    assert rdb.allowed_transitions(model(ok=False)) == {False, None}  # a new row's: initial
+
+    def back(session: Any) -> None:
+        session.get(model, 1).ok = False
+
+    with pytest.raises(rdb.IllegalTransitionError) as info:
+        Sessions.run(back)
+    assert (info.value.from_state, info.value.to_state, info.value.via) == (True, False, "flush")
+    with Sessions.begin() as session:  # bulk: only the rows that may move (2: False -> True)
+        session.execute(sa.update(model).values(ok=True))
+    with engine.connect() as conn:
+        assert dict(conn.execute(sa.select(model.id, model.ok)).all()) == {
+            1: True,
+            2: True,
+        }
+
+
+@pytest.mark.parametrize(
+    ("type_", "rules", "message"),
+    [
+        pytest.param(
+            sa.Boolean,
+            {"transitions": {"false": {"true"}}, "initial": {"false"}},
+            r"state 'false' is no value of the Boolean column .*states are True and False",
+            id="text states of a Boolean column",
+        ),
+        pytest.param(
+            sa.String(10),
+            {"transitions": {False: {True}}, "initial": {False}},
+            r"state False is a bool, but the column .* is not Boolean",
+            id="bool states of a text column",
+        ),
+        pytest.param(
+            sa.Integer,
+            {"transitions": {False: {True}}, "initial": {False}},
+            r"state False is a bool, but the column .* is not Boolean",
+            id="bool states of an integer column",
+        ),
+    ],
+)
+def test_bool_states_and_boolean_columns_go_together(
+    mapped: Mapper, type_: Any, rules: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(rdb.TransitionRulesError, match=message):
+        mapped(
+            "Flag",
+            "flags",
+            None,
+            id=mapped_column(sa.Integer, primary_key=True),
+            ok=mapped_column(type_),
+            __transitions__=rdb.TransitionRules(column="ok", **rules),
+        )
+
+
+def test_bool_states_mixed_with_others_are_refused() -> None:
+    with pytest.raises(rdb.TransitionRulesError, match=r"True of type bool among states of other"):
+        rdb.TransitionRules(column="ok", transitions={"pending": {True}}, initial={"pending"})
+    rules = rdb.TransitionRules(column="ok", transitions={"*": {False}}, initial={True})
+    assert rules.declared_states == {True, False}

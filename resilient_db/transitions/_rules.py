@@ -47,7 +47,8 @@ __all__ = [
 #: Wildcard source state: "from any declared state".
 ANY_STATE = "*"
 
-#: A status value: a string, an integer or an ``enum.Enum`` member (``None`` means SQL NULL).
+#: A status value: a string, an integer, a bool (of a Boolean column) or an ``enum.Enum`` member
+#: (``None`` means SQL NULL).
 State: TypeAlias = str | int | enum.Enum | None
 Key: TypeAlias = str | None  # a state as the database spells it (``col::text``)
 
@@ -68,10 +69,11 @@ class TransitionRulesError(ResilientDBError, ValueError):
 def _check_state(value: object, *, where: str, column: str) -> State:
     if value is None or isinstance(value, enum.Enum):
         return value
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
+    if not isinstance(value, (str, int)):
         raise TransitionRulesError(
             f"TransitionRules(column={column!r}): {where} contains {value!r} of type "
-            f"{type(value).__name__}; states must be str, int or enum.Enum members"
+            f"{type(value).__name__}; states must be str, int or enum.Enum members (or bools, "
+            "for a Boolean column)"
         )
     if isinstance(value, str) and "\x00" in value:
         raise TransitionRulesError(
@@ -79,6 +81,25 @@ def _check_state(value: object, *, where: str, column: str) -> State:
             "which PostgreSQL text cannot store"
         )
     return value
+
+
+def _check_bools(groups: Iterable[tuple[str, Iterable[State]]], column: str) -> None:
+    """Bools are the states of a Boolean column, which holds nothing else: bool states mixed
+    with states of other types (``{"pending": {True}}``, where ``True`` is no mistyped 1) are
+    refused."""
+    found = [(where, s) for where, states in groups for s in states]
+    first_bool = next(((w, s) for w, s in found if isinstance(s, bool)), None)
+    other = next(
+        (s for _, s in found if s is not None and s != ANY_STATE and not isinstance(s, bool)),
+        None,
+    )
+    if first_bool is not None and other is not None:
+        where, value = first_bool
+        raise TransitionRulesError(
+            f"TransitionRules(column={column!r}): {where} contains {value!r} of type bool among "
+            f"states of other types ({other!r}); states must be str, int or enum.Enum members, "
+            "or all bools (for a Boolean column)"
+        )
 
 
 def _state_set(values: object, *, where: str, column: str) -> frozenset[State]:
@@ -104,7 +125,8 @@ class TransitionRules:
     ``transitions``: ``{from_state: {to_state, ...}}``; the key ``"*"`` (:data:`ANY_STATE`)
     means "from any declared state". ``initial``: the states a new row may start in.
     ``states``: optionally, every state of the machine; when given, a state used in the rules
-    but missing here is an error. States are strings, integers or ``enum.Enum`` members (for a
+    but missing here is an error. States are strings, integers, ``True``/``False`` (for a
+    ``Boolean`` column, whose states can only be bools) or ``enum.Enum`` members (for a
     SQLAlchemy ``Enum`` column); ``None`` stands for SQL NULL and is a state only if declared.
 
     Instances are immutable and hashable. A model may guard several columns by setting
@@ -145,6 +167,15 @@ class TransitionRules:
                 "inserted; name the state(s) new rows start in"
             )
         declared = None if states is None else _state_set(states, where="states", column=column)
+        _check_bools(
+            [
+                ("transitions", table),
+                *((f"transitions[{k!r}]", v) for k, v in table.items()),
+                ("initial", init),
+                ("states", declared or ()),
+            ],
+            column,
+        )
         object.__setattr__(self, "column", column)
         object.__setattr__(self, "transitions", MappingProxyType(table))
         object.__setattr__(self, "initial", init)
@@ -240,7 +271,7 @@ class Guard:
     binds: Mapping[Key, Any]  # key -> value as SQLAlchemy binds it for this column
     pk_labels: tuple[str, ...]  # how the flush's UPDATE names its primary-key parameters
     cas_param: str  # the parameter carrying the expected state in that UPDATE
-    text_keys: bool  # a str value is its own key (any column type but Enum)
+    text_keys: bool  # a str value is its own key (any column type but Enum and Boolean)
 
     @functools.cached_property
     def table(self) -> sa.Table:  # read by every guarded flush: computed once
@@ -289,6 +320,11 @@ def _db_key(type_: sa.types.TypeEngine[Any], value: object) -> Key:
         return None if db is None else str(db)
     if isinstance(value, enum.Enum):
         return _db_key(type_, value.value)
+    if isinstance(impl, sa.Boolean):
+        # what SQLAlchemy binds (True, False, also 1 and 0), as PostgreSQL writes it (bool::text)
+        if isinstance(value, int) and value in (0, 1):
+            return "true" if value else "false"
+        raise TypeError(f"{value!r} is no value of a Boolean column")
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise TypeError(f"{value!r} is no state value")
     return str(value)
@@ -382,6 +418,16 @@ def _compile(mapper: Mapper[Any], rules: TransitionRules) -> Guard:
         try:
             key = _db_key(type_, state)
         except (LookupError, TypeError, ValueError):
+            if isinstance(impl, sa.Boolean):
+                raise TransitionRulesError(
+                    f"{where}: state {state!r} is no value of the Boolean column ({type_!r}); "
+                    "its states are True and False (and None for NULL)"
+                ) from None
+            if isinstance(state, bool):
+                raise TransitionRulesError(
+                    f"{where}: state {state!r} is a bool, but the column ({type_!r}) is not "
+                    "Boolean; bool states are for a Boolean column"
+                ) from None
             allowed = ", ".join(repr(v) for v in getattr(impl, "enums", ()))
             raise TransitionRulesError(
                 f"{where}: state {state!r} has no declaration in the column type "
@@ -456,7 +502,7 @@ def _compile(mapper: Mapper[Any], rules: TransitionRules) -> Guard:
         binds=MappingProxyType(binds),
         pk_labels=pk_labels,
         cas_param=f"rdb_expected_{position}",
-        text_keys=not isinstance(impl, sa.Enum),
+        text_keys=not isinstance(impl, (sa.Enum, sa.Boolean)),
     )
 
 
