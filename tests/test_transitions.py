@@ -2071,6 +2071,49 @@ def test_a_bypass_leaves_session_info_alone(engine: sa.Engine) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("through", ["engine", "connection"])
+def test_an_install_in_autocommit_mode_is_one_transaction(engine: sa.Engine, through: str) -> None:
+    """Through an AUTOCOMMIT engine or connection the install still runs in one transaction:
+    no moment where a DROP TRIGGER is committed and its CREATE TRIGGER not yet (illegal writes
+    of other sessions got through then); an install that fails half-way changes nothing."""
+    autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+    with engine.begin() as conn:  # drift, so that the install sends its statements
+        conn.exec_driver_sql(
+            f"COMMENT ON FUNCTION {trigger_names(guards_of(Task)[0]).function}() IS 'old'"
+        )
+    triggers = (
+        "SELECT tgname FROM pg_trigger WHERE tgrelid = 'tasks'::regclass "
+        "AND tgname LIKE 'rdb_transition%%' ORDER BY tgname"
+    )
+
+    def fail_at_the_second_create(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.startswith('CREATE TRIGGER "rdb_transition_status_upd"'):
+            with engine.connect() as other:  # what other sessions see meanwhile
+                seen.append(list(other.exec_driver_sql(triggers).scalars()))
+            raise RuntimeError("interrupted")
+
+    seen: list[list[str]] = []
+    event.listen(autocommit, "before_cursor_execute", fail_at_the_second_create)
+    try:
+        if through == "engine":
+            with pytest.raises(RuntimeError, match="interrupted"):
+                install_transition_trigger(autocommit, Task)
+        else:
+            with autocommit.connect() as conn, pytest.raises(RuntimeError, match="interrupted"):
+                install_transition_trigger(conn, Task)
+    finally:
+        event.remove(autocommit, "before_cursor_execute", fail_at_the_second_create)
+    both = ["rdb_transition_status_ins", "rdb_transition_status_upd"]
+    assert seen == [both]  # the DROP TRIGGER of the update trigger was not committed
+    with engine.connect() as conn:
+        assert list(conn.exec_driver_sql(triggers).scalars()) == both
+        assert "stamp" in (trigger_drift(conn, Task) or "")  # rolled back as a whole
+    with autocommit.connect() as conn:
+        install_transition_trigger(conn, Task)
+    with engine.connect() as conn:
+        assert trigger_drift(conn, Task) is None
+
+
 def test_an_application_role_may_call_the_trigger_install_once_it_is_current(
     engine: sa.Engine, pg_url: str
 ) -> None:

@@ -4,6 +4,7 @@ commit markers), install / uninstall, and drift detection against the declared r
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable
 from typing import Any
@@ -91,8 +92,32 @@ def installed_already(target: Any, check: Callable[[Connection], bool]) -> bool:
 
 
 def _send(connection: Connection, statements: list[str]) -> None:
-    for stmt in statements:
-        connection.exec_driver_sql(stmt, execution_options={"no_parameters": True})
+    """Send ``statements`` in the connection's transaction; on a connection in AUTOCOMMIT mode,
+    in one transaction of their own (BEGIN ... COMMIT): each statement committing on its own
+    would leave the table without its trigger between a DROP TRIGGER and its CREATE TRIGGER, and
+    the install lock would be released at once."""
+    if not _autocommit(connection):
+        for stmt in statements:
+            connection.exec_driver_sql(stmt, execution_options={"no_parameters": True})
+        return
+    connection.exec_driver_sql("BEGIN", execution_options={"no_parameters": True})
+    try:
+        for stmt in statements:
+            connection.exec_driver_sql(stmt, execution_options={"no_parameters": True})
+    except BaseException:
+        with contextlib.suppress(Exception):  # the first error is the one to raise
+            connection.exec_driver_sql("ROLLBACK", execution_options={"no_parameters": True})
+        raise
+    connection.exec_driver_sql("COMMIT", execution_options={"no_parameters": True})
+
+
+def _autocommit(connection: Connection) -> bool:
+    """Whether statements on ``connection`` commit one at a time: AUTOCOMMIT set on it (an
+    execution option) or for the whole engine (``create_engine(isolation_level="AUTOCOMMIT")``),
+    which the driver connection says."""
+    if connection.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+        return True
+    return getattr(connection.connection.dbapi_connection, "autocommit", False) is True
 
 
 def _require_postgresql(dialect: Any) -> None:
