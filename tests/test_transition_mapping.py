@@ -283,6 +283,8 @@ def test_a_boolean_column_is_guarded_by_bool_states(
     assert (info.value.from_state, info.value.to_state, info.value.via) == (True, False, "flush")
     with Sessions.begin() as session:  # bulk: only the rows that may move (2: False -> True)
         session.execute(sa.update(model).values(ok=True))
+    with Sessions.begin() as session:  # True -> False: no row may
+        assert session.execute(sa.update(model).values(ok=False)).rowcount == 0
     with engine.connect() as conn:
         assert dict(conn.execute(sa.select(model.id, model.ok)).all()) == {
             1: True,
