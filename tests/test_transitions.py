@@ -1894,6 +1894,54 @@ def test_a_before_trigger_of_the_application_sorting_after_ours_is_checked(
         assert conn.exec_driver_sql("SELECT count(*) FROM tasks WHERE id = 8").scalar() == 0
 
 
+class _PartitionedBase(DeclarativeBase):
+    pass
+
+
+class PartJob(_PartitionedBase):
+    __tablename__ = "p_jobs"
+    __table_args__ = ({"postgresql_partition_by": "LIST (region)"},)
+    __transitions__ = TransitionRules(
+        column="status", transitions={"pending": {"done"}}, initial={"pending"}
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    region: Mapped[str] = mapped_column(sa.String(10), primary_key=True)
+    status: Mapped[str] = mapped_column(sa.String(20))
+
+
+def test_a_refused_move_on_a_partitioned_table_names_the_table_of_the_model(
+    engine: sa.Engine,
+) -> None:
+    """The trigger fires on the partition the row is in (TG_TABLE_NAME is the partition's): its
+    error names the root table, so the error maps back to the model."""
+    _PartitionedBase.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE p_jobs_eu PARTITION OF p_jobs FOR VALUES IN ('eu')")
+        install_transition_trigger(conn, PartJob)
+        conn.exec_driver_sql("INSERT INTO p_jobs VALUES (1, 'eu', 'pending')")
+    with engine.connect() as conn:
+        assert trigger_drift(conn, PartJob) is None
+        err = _db_error(
+            lambda: conn.exec_driver_sql("UPDATE p_jobs SET status = 'bogus' WHERE id = 1")
+        )
+        assert (err.model, err.pk, err.column) == ("PartJob", (1, "eu"), "status")
+        assert (err.from_state, err.to_state, err.via) == ("pending", "bogus", "db")
+        conn.rollback()
+        err = _db_error(
+            lambda: conn.exec_driver_sql("INSERT INTO p_jobs_eu VALUES (2, 'eu', 'done')")
+        )
+        assert (err.model, err.pk, err.to_state, err.inserted) == (
+            "PartJob",
+            (2, "eu"),
+            "done",
+            True,
+        )
+        conn.rollback()
+        with pytest.raises(sa.exc.DBAPIError, match=r"blocked: p_jobs\.status 'pending' -> 'x'"):
+            conn.exec_driver_sql("UPDATE p_jobs SET status = 'x' WHERE id = 1")
+        conn.rollback()
+
+
 def test_exception_from_db_ignores_other_errors(engine: sa.Engine) -> None:
     with engine.connect() as conn, pytest.raises(sa.exc.DBAPIError) as info:
         conn.exec_driver_sql("SELECT 1/0")

@@ -435,6 +435,8 @@ DECLARE
     v_bypass text;
     v_reason text;
     v_role oid;
+    v_schema text;
+    v_table text;
 BEGIN
     IF TG_OP = 'INSERT' THEN
         IF coalesce(v_to IN ('new'), false) THEN
@@ -453,6 +455,9 @@ false)) THEN
         END IF;
         v_pk := json_build_object('id', OLD."id");
     END IF;
+    SELECT n.nspname::text, c.relname::text INTO v_schema, v_table
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.oid = coalesce(pg_partition_root(TG_RELID), TG_RELID);
     v_bypass := current_setting('resilient_db.bypass_transitions', true);
     IF v_bypass <> '' AND v_bypass = pg_current_xact_id()::text THEN
         v_role := to_regrole('resilient_db_bypass');
@@ -466,7 +471,7 @@ pg_catalog.pg_has_role(session_user, v_role, 'MEMBER') END) THEN
             RAISE LOG USING
                 MESSAGE = format('resilient_db: status transition guard bypassed: %s.%s %s '
                                  '%s -> %s by role %s (logged in as %s), reason: %s',
-                    TG_TABLE_NAME, 'state', v_pk,
+                    v_table, 'state', v_pk,
                     CASE WHEN TG_OP = 'INSERT' THEN '(new row)'
                          ELSE coalesce(quote_literal(v_from), 'NULL') END,
                     coalesce(quote_literal(v_to), 'NULL'),
@@ -477,7 +482,7 @@ bypass_transitions())'
                          ELSE quote_literal(v_reason) END),
                 DETAIL = json_build_object(
                     'resilient_db', 'transition_bypassed', 'model', 'Job',
-                    'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME, 'column', 'state',
+                    'schema', v_schema, 'table', v_table, 'column', 'state',
                     'op', TG_OP, 'from', v_from, 'to', v_to, 'pk', v_pk,
                     'role', current_user, 'login_role', session_user,
                     'xid', v_bypass, 'reason', nullif(v_reason, ''))::text;
@@ -497,13 +502,13 @@ asked for with resilient_db bypass_transitions(), within one transaction';
     RAISE EXCEPTION USING
         ERRCODE = 'RDB01',
         MESSAGE = format('Status transition blocked: %s.%s %s -> %s',
-            TG_TABLE_NAME, 'state',
+            v_table, 'state',
             CASE WHEN TG_OP = 'INSERT' THEN '(new row)'
                  ELSE coalesce(quote_literal(v_from), 'NULL') END,
             coalesce(quote_literal(v_to), 'NULL')),
         DETAIL = json_build_object(
             'resilient_db', 'transition', 'model', 'Job',
-            'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME, 'column', 'state',
+            'schema', v_schema, 'table', v_table, 'column', 'state',
             'op', TG_OP, 'from', v_from, 'to', v_to, 'pk', v_pk)::text,
         HINT = 'Allowed moves are declared in the __transitions__ of the model; '
             'for an audited repair use resilient_db bypass_transitions()',

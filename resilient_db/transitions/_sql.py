@@ -48,7 +48,8 @@ BYPASS_ROLE = "resilient_db_bypass"
 
 # v2: the bypass only for members of BYPASS_ROLE; v3: each bypassed move in the server log;
 # v4: AFTER row triggers, which check the row as stored (after every BEFORE trigger), and the
-# login role needs USAGE or SET on BYPASS_ROLE (not a bare membership)
+# login role needs USAGE or SET on BYPASS_ROLE (not a bare membership), and the error and log
+# line name the root of a partitioned table
 _GENERATOR_VERSION = 4
 _STAMP_PREFIX = "resilient_db transition guard"
 _PG_NAME_MAX = 63  # NAMEDATALEN - 1, in bytes
@@ -260,6 +261,10 @@ def _function_body(guard: Guard) -> str:
     # blocked, so a legal write pays for nothing more. A bypass value naming this transaction
     # from a role that may not bypass raises its own error (42501), not RDB01: the caller asked
     # for a bypass and is told why it was refused.
+    # The table named in the log line and the error (its detail is how the error is mapped back to
+    # the model) is the one the model maps: on a partitioned table TG_TABLE_NAME names the
+    # partition the row is in, so the root of its partition tree is looked up (a blocked or
+    # bypassed move only).
     return f"""
 DECLARE
     v_from text;
@@ -268,6 +273,8 @@ DECLARE
     v_bypass text;
     v_reason text;
     v_role oid;
+    v_schema text;
+    v_table text;
 BEGIN
     IF TG_OP = 'INSERT' THEN
         IF {_member_sql("v_to", guard.initial)} THEN
@@ -284,6 +291,9 @@ BEGIN
         END IF;
         v_pk := json_build_object({pk_old});
     END IF;
+    SELECT n.nspname::text, c.relname::text INTO v_schema, v_table
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.oid = coalesce(pg_partition_root(TG_RELID), TG_RELID);
     v_bypass := current_setting({literal(BYPASS_SETTING)}, true);
     IF v_bypass <> '' AND v_bypass = pg_current_xact_id()::text THEN
         v_role := to_regrole({literal(BYPASS_ROLE)});
@@ -293,7 +303,7 @@ BEGIN
             RAISE LOG USING
                 MESSAGE = format('resilient_db: status transition guard bypassed: %s.%s %s '
                                  '%s -> %s by role %s (logged in as %s), reason: %s',
-                    TG_TABLE_NAME, {col_lit}, v_pk,
+                    v_table, {col_lit}, v_pk,
                     CASE WHEN TG_OP = 'INSERT' THEN '(new row)'
                          ELSE coalesce(quote_literal(v_from), 'NULL') END,
                     coalesce(quote_literal(v_to), 'NULL'),
@@ -303,7 +313,7 @@ BEGIN
                          ELSE quote_literal(v_reason) END),
                 DETAIL = json_build_object(
                     'resilient_db', 'transition_bypassed', 'model', {literal(guard.model)},
-                    'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME, 'column', {col_lit},
+                    'schema', v_schema, 'table', v_table, 'column', {col_lit},
                     'op', TG_OP, 'from', v_from, 'to', v_to, 'pk', v_pk,
                     'role', current_user, 'login_role', session_user,
                     'xid', v_bypass, 'reason', nullif(v_reason, ''))::text;
@@ -321,13 +331,13 @@ BEGIN
     RAISE EXCEPTION USING
         ERRCODE = {literal(TRANSITION_SQLSTATE)},
         MESSAGE = format('Status transition blocked: %s.%s %s -> %s',
-            TG_TABLE_NAME, {col_lit},
+            v_table, {col_lit},
             CASE WHEN TG_OP = 'INSERT' THEN '(new row)'
                  ELSE coalesce(quote_literal(v_from), 'NULL') END,
             coalesce(quote_literal(v_to), 'NULL')),
         DETAIL = json_build_object(
             'resilient_db', 'transition', 'model', {literal(guard.model)},
-            'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME, 'column', {col_lit},
+            'schema', v_schema, 'table', v_table, 'column', {col_lit},
             'op', TG_OP, 'from', v_from, 'to', v_to, 'pk', v_pk)::text,
         HINT = 'Allowed moves are declared in the __transitions__ of the model; '
             'for an audited repair use resilient_db bypass_transitions()',
