@@ -2301,6 +2301,80 @@ def _writes_are_guarded(engine: sa.Engine, model: Any) -> None:
         assert err.to_state == "done"
 
 
+_FN = "{function}()"
+
+
+@pytest.mark.parametrize(
+    ("tamper", "said"),
+    [
+        (
+            ['ALTER TABLE tasks ENABLE REPLICA TRIGGER "rdb_transition_status_upd"'],
+            "rdb_transition_status_upd fires only in sessions replaying replication",
+        ),
+        (
+            ['ALTER TABLE tasks ENABLE ALWAYS TRIGGER "rdb_transition_status_upd"'],
+            "rdb_transition_status_upd is set to fire ALWAYS",
+        ),
+        (
+            [
+                'DROP TRIGGER "rdb_transition_status_upd" ON tasks',
+                'CREATE TRIGGER "rdb_transition_status_upd" AFTER UPDATE ON tasks '
+                f"FOR EACH ROW WHEN (false) EXECUTE FUNCTION {_FN}",
+            ],
+            "rdb_transition_status_upd is not the one install creates",
+        ),
+        (
+            [
+                'DROP TRIGGER "rdb_transition_status_upd" ON tasks',
+                'CREATE TRIGGER "rdb_transition_status_upd" AFTER UPDATE OF id ON tasks '
+                f"FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status) "
+                f"EXECUTE FUNCTION {_FN}",
+            ],
+            "rdb_transition_status_upd is not the one install creates",
+        ),
+        (
+            [
+                'DROP TRIGGER "rdb_transition_status_ins" ON tasks',
+                'CREATE TRIGGER "rdb_transition_status_ins" BEFORE INSERT ON tasks '
+                f"FOR EACH ROW EXECUTE FUNCTION {_FN}",
+            ],
+            "rdb_transition_status_ins is not the one install creates",
+        ),
+        (
+            [
+                f"CREATE OR REPLACE FUNCTION {_FN} RETURNS trigger LANGUAGE plpgsql "
+                "SET search_path = pg_catalog, pg_temp AS $$BEGIN RETURN NULL; END$$"
+            ],
+            "(its body or settings were changed, its stamp kept)",
+        ),
+        (
+            [f"ALTER FUNCTION {_FN} SECURITY DEFINER"],
+            "(its body or settings were changed, its stamp kept)",
+        ),
+    ],
+    ids=["replica", "always", "when-false", "update-of", "before", "body", "definer"],
+)
+def test_drift_notices_a_guard_switched_off_behind_its_back(
+    engine: sa.Engine, tamper: list[str], said: str
+) -> None:
+    """Each of these leaves the trigger's names and the function's stamp as installed: the
+    drift check compares the triggers' definitions and the function's source too, so the
+    startup install (which installs only on drift) puts the guard back."""
+    function = trigger_names(guards_of(Task)[0]).function
+    _add_task(engine, "completed")
+    with engine.begin() as conn:
+        for statement in tamper:
+            conn.exec_driver_sql(statement.replace(_FN, f"{function}()"))
+    with engine.connect() as conn:
+        drift = trigger_drift(conn, Task)
+    assert drift is not None
+    assert said in drift
+    install_transition_trigger(engine, Task)  # the startup call
+    with engine.connect() as conn:
+        assert trigger_drift(conn, Task) is None
+        _db_error(lambda: conn.exec_driver_sql("UPDATE tasks SET status = 'pending'"))
+
+
 def test_models_whose_old_function_names_collide_keep_their_own_triggers(
     engine: sa.Engine, colliding: list[Any]
 ) -> None:

@@ -19,6 +19,7 @@ from ._sql import (
     BYPASS_ROLE,
     bypass_role_statement,
     drop_statements,
+    function_source,
     install_statements,
     rules_stamp,
     stamp_generator,
@@ -191,18 +192,59 @@ def uninstall_transition_trigger(bind_or_op: Any, model: type[Any]) -> None:
 _DRIFT_QUERY = sa.text(
     """
     SELECT t.tgname::text AS name, t.tgenabled::text AS enabled, p.proname::text AS function,
-           pg_catalog.obj_description(p.oid, 'pg_proc') AS stamp
+           pg_catalog.obj_description(p.oid, 'pg_proc') AS stamp,
+           t.tgtype::integer AS type, pg_catalog.cardinality(t.tgattr::int2[]) AS columns,
+           t.tgnargs::integer AS nargs, t.tgconstraint <> 0 AS constraint_trigger,
+           pg_catalog.pg_get_triggerdef(t.oid) AS definition,
+           pg_catalog.quote_ident(:col) AS quoted_column,
+           p.prosrc AS source, p.proconfig::text[] AS config, p.prosecdef AS definer,
+           l.lanname::text AS language
     FROM pg_catalog.pg_trigger t
     JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
+    JOIN pg_catalog.pg_language l ON l.oid = p.prolang
     WHERE t.tgrelid = pg_catalog.to_regclass(:rel) AND t.tgname IN (:ins, :upd)
     """
 )
+# pg_trigger.tgtype bits: FOR EACH ROW 1, BEFORE 2, INSERT 4, DELETE 8, UPDATE 16, TRUNCATE 32,
+# INSTEAD 64. What install creates: AFTER INSERT / AFTER UPDATE row triggers.
+_TRIGGER_TYPE_INSERT = 1 | 4
+_TRIGGER_TYPE_UPDATE = 1 | 16
+_ENABLED = {
+    "D": "is disabled",
+    "R": "fires only in sessions replaying replication (ENABLE REPLICA TRIGGER), not in others",
+    "A": "is set to fire ALWAYS (ENABLE ALWAYS TRIGGER), not as installed",
+}
+# The WHEN condition in pg_get_triggerdef()'s text: "... FOR EACH ROW WHEN (<cond>) EXECUTE ..."
+_WHEN = re.compile(r" FOR EACH ROW WHEN \((?P<cond>.*)\) EXECUTE (?:FUNCTION|PROCEDURE) ", re.S)
+_FUNCTION_CONFIG = ["search_path=pg_catalog, pg_temp"]
+
+
+def _shape_differs(row: Any, update: bool) -> bool:
+    """Whether the trigger of ``row`` is not the one install creates: AFTER INSERT, or AFTER
+    UPDATE with no column list and WHEN (OLD.col IS DISTINCT FROM NEW.col), for each row, no
+    arguments, not a constraint trigger."""
+    expected = _TRIGGER_TYPE_UPDATE if update else _TRIGGER_TYPE_INSERT
+    if row.type != expected or row.columns or row.nargs or row.constraint_trigger:
+        return True
+    match = _WHEN.search(row.definition)
+    if not update:
+        return match is not None
+    col = row.quoted_column
+    # as PostgreSQL prints it back: with the cast it added to compare a varchar column as text
+    return match is None or match["cond"] not in (
+        f"(old.{col} IS DISTINCT FROM new.{col})",
+        f"((old.{col})::text IS DISTINCT FROM (new.{col})::text)",
+    )
+
+
 _TABLE_QUERY = sa.text("SELECT pg_catalog.to_regclass(:rel) IS NOT NULL")
 
 
 def trigger_drift(connection: Connection | Session, model: type[Any]) -> str | None:
     """``None`` when the database enforces exactly the declared rules of ``model``; otherwise a
-    sentence saying what differs (trigger missing or disabled, stamp from other rules)."""
+    sentence saying what differs: a trigger missing, not enabled as installed (disabled, or
+    firing only for replication), or defined otherwise (timing, events, columns, WHEN); the
+    function's stamp from other rules or an older release, or its body or settings changed."""
     conn = connection.connection() if isinstance(connection, Session) else connection
     problems: list[str] = []
     for guard in guards_of(model):
@@ -214,19 +256,39 @@ def trigger_drift(connection: Connection | Session, model: type[Any]) -> str | N
         rows = {
             r.name: r
             for r in conn.execute(
-                _DRIFT_QUERY, {"rel": n.table, "ins": n.insert_trigger, "upd": n.update_trigger}
+                _DRIFT_QUERY,
+                {
+                    "rel": n.table,
+                    "ins": n.insert_trigger,
+                    "upd": n.update_trigger,
+                    "col": guard.column.name,
+                },
             )
         }
         expected = rules_stamp(guard)
         expected_generator = stamp_generator(expected)
         stamps: set[str | None] = set()
+        altered = False
         for trigger in (n.insert_trigger, n.update_trigger):
             row = rows.get(trigger)
             if row is None:
                 problems.append(f"{where}: trigger {trigger} is missing")
                 continue
-            if row.enabled == "D":
-                problems.append(f"{where}: trigger {trigger} is disabled")
+            if row.enabled != "O":
+                state = _ENABLED.get(row.enabled, f"has tgenabled = {row.enabled!r}")
+                problems.append(f"{where}: trigger {trigger} {state}")
+            if _shape_differs(row, update=trigger == n.update_trigger):
+                problems.append(
+                    f"{where}: trigger {trigger} is not the one install creates "
+                    f"({row.definition}); run install_transition_trigger again"
+                )
+            if row.stamp == expected and row.function == n.function_name:
+                altered = altered or (
+                    row.source != function_source(guard)
+                    or list(row.config or ()) != _FUNCTION_CONFIG
+                    or row.definer
+                    or row.language != "plpgsql"
+                )
             if row.function == n.legacy_function_name:
                 problems.append(
                     f"{where}: trigger {trigger} is installed under an older name (it calls "
@@ -240,6 +302,12 @@ def trigger_drift(connection: Connection | Session, model: type[Any]) -> str | N
                 )
             else:
                 stamps.add(row.stamp)
+        if altered:
+            problems.append(
+                f"{where}: function {n.function_name}() is not the one generated for the declared "
+                f"rules (its body or settings were changed, its stamp kept); run "
+                f"install_transition_trigger again"
+            )
         for stamp in sorted(stamps - {expected}, key=str):
             generator = stamp_generator(stamp)
             if generator is not None and expected_generator and generator < expected_generator:

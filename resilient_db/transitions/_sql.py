@@ -22,6 +22,7 @@ __all__ = [
     "bypass_role_statement",
     "drop_statements",
     "function_name",
+    "function_source",
     "ident",
     "install_statements",
     "literal",
@@ -344,6 +345,12 @@ BEGIN
         SCHEMA = TG_TABLE_SCHEMA, TABLE = TG_TABLE_NAME, COLUMN = {col_lit};
 END
 """
+
+
+def function_source(guard: Guard) -> str:
+    """The body of the trigger function generated for ``guard``, as PostgreSQL keeps it
+    (``pg_proc.prosrc``): the drift check compares the installed one with it."""
+    return _function_body(guard)
 
 
 def _dollar_quote(body: str) -> str:
