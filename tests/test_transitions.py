@@ -2375,6 +2375,52 @@ def test_drift_notices_a_guard_switched_off_behind_its_back(
         _db_error(lambda: conn.exec_driver_sql("UPDATE tasks SET status = 'pending'"))
 
 
+class _TenantBase(DeclarativeBase):
+    pass
+
+
+class TenantTask(_TenantBase):
+    __tablename__ = "tasks"
+    __table_args__ = ({"schema": "tenant"},)
+    __transitions__ = TransitionRules(
+        column="status", transitions={"pending": {"done"}}, initial={"pending"}
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    status: Mapped[str] = mapped_column(sa.String(20))
+
+
+def test_a_connection_translating_the_models_schema_is_refused(engine: sa.Engine) -> None:
+    """Install, uninstall and drift send text naming the table as the model declares it: through
+    a connection whose schema_translate_map moves it, they would act on another table than the
+    connection's queries (the tenant's table unguarded, drift None). Refused, nothing sent."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE SCHEMA tenant; CREATE SCHEMA t1")
+    _TenantBase.metadata.create_all(engine)
+    translated = engine.execution_options(schema_translate_map={"tenant": "t1"})
+    _TenantBase.metadata.create_all(translated)
+    said = "does not follow schema_translate_map: this connection maps the schema 'tenant'"
+    with pytest.raises(ValueError, match=said):
+        install_transition_trigger(translated, TenantTask)
+    with translated.connect() as conn:
+        for call in (install_transition_trigger, uninstall_transition_trigger, trigger_drift):
+            with pytest.raises(ValueError, match=said):
+                call(conn, TenantTask)
+    with Session(translated) as session, pytest.raises(ValueError, match=said):
+        install_transition_trigger(session, TenantTask)
+    count = (
+        "SELECT count(*) FROM pg_trigger WHERE tgrelid IN ('tenant.tasks'::regclass, "
+        "'t1.tasks'::regclass)"
+    )
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql(count).scalar() == 0
+    # a map that leaves the model's schema alone changes nothing
+    other = engine.execution_options(schema_translate_map={"elsewhere": "t1", None: "public"})
+    with other.begin() as conn:
+        install_transition_trigger(conn, TenantTask)
+        assert trigger_drift(conn, TenantTask) is None
+        assert conn.exec_driver_sql(count).scalar() == 2
+
+
 def test_models_whose_old_function_names_collide_keep_their_own_triggers(
     engine: sa.Engine, colliding: list[Any]
 ) -> None:

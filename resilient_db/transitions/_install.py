@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import sqlalchemy as sa
@@ -14,7 +14,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
 from ._report import logger
-from ._rules import guards_of, trigger_guards
+from ._rules import Guard, guards_of, trigger_guards
 from ._sql import (
     BYPASS_ROLE,
     bypass_role_statement,
@@ -141,6 +141,7 @@ def install_transition_trigger(bind_or_op: Any, model: type[Any]) -> None:
     of an older release (whose bypass any role could switch on).
     """
     guards = trigger_guards(model)
+    _refuse_schema_translation(bind_or_op, guards, "install_transition_trigger")
     if installed_already(bind_or_op, lambda conn: _trigger_current(conn, model)):
         return
     statements = [bypass_role_statement(), *(s for g in guards for s in install_statements(g))]
@@ -186,7 +187,35 @@ def _live_connection(target: Any) -> Connection | None:
 
 def uninstall_transition_trigger(bind_or_op: Any, model: type[Any]) -> None:
     """Remove the trigger and function of ``model`` (the downgrade of the install)."""
-    run_statements(bind_or_op, [s for g in guards_of(model) for s in drop_statements(g)])
+    guards = guards_of(model)
+    _refuse_schema_translation(bind_or_op, guards, "uninstall_transition_trigger")
+    run_statements(bind_or_op, [s for g in guards for s in drop_statements(g)])
+
+
+def _refuse_schema_translation(target: Any, guards: Iterable[Guard], what: str) -> None:
+    """Refuse, before sending anything, a connection whose ``schema_translate_map`` moves the
+    table of one of ``guards`` elsewhere: the trigger's statements are sent as text and name
+    the table as the model declares it, so they would act on that table, not on the one the
+    connection's queries reach (a tenant's table left unguarded, and drift saying all is well)."""
+    options: Mapping[str, Any] = {}
+    if isinstance(target, Engine):
+        options = target.get_execution_options()
+    else:
+        conn = _live_connection(target)
+        if conn is not None:
+            options = conn.get_execution_options()
+    mapping = options.get("schema_translate_map") or {}
+    for guard in guards:
+        schema = guard.table.schema
+        if schema in mapping and mapping[schema] != schema:
+            raise ValueError(
+                f"{what}() does not follow schema_translate_map: this connection maps the schema "
+                f"{schema!r} of {guard.model} (table {trigger_names(guard).table}) to "
+                f"{mapping[schema]!r}, and the trigger's statements name the table as the model "
+                f"declares it, so they would act on another table than this connection's "
+                f"queries; use a connection without schema_translate_map, with a model (or "
+                f"Table) of the schema to guard"
+            )
 
 
 _DRIFT_QUERY = sa.text(
@@ -246,6 +275,7 @@ def trigger_drift(connection: Connection | Session, model: type[Any]) -> str | N
     firing only for replication), or defined otherwise (timing, events, columns, WHEN); the
     function's stamp from other rules or an older release, or its body or settings changed."""
     conn = connection.connection() if isinstance(connection, Session) else connection
+    _refuse_schema_translation(conn, guards_of(model), "trigger_drift")
     problems: list[str] = []
     for guard in guards_of(model):
         n = trigger_names(guard)
