@@ -2521,6 +2521,48 @@ def test_alembic_op_online_and_offline(engine: sa.Engine) -> None:
         assert statement.strip().rstrip(";") in script
 
 
+class _ColonBase(DeclarativeBase):
+    pass
+
+
+_COLON_STATES = ("review :ab:cd", "a::b", "end:", ":start", "back\\:slash", "x :y z:")
+
+
+class Colons(_ColonBase):
+    __tablename__ = "col:ons"
+    __transitions__ = TransitionRules(
+        column="st:ate", transitions={"new": set(_COLON_STATES)}, initial={"new"}
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    state: Mapped[str] = mapped_column("st:ate", sa.String(40))
+
+
+def test_alembic_offline_script_carries_every_colon(engine: sa.Engine) -> None:
+    """Offline, the statements go through text() and are written out: a ``:word:`` in a state
+    (or a name) came out with a backslash in it, and the declared move was refused."""
+    buffer = io.StringIO()
+    offline = MigrationContext.configure(
+        dialect_name="postgresql",
+        opts={"as_sql": True, "output_buffer": buffer},
+        dialect_opts={"paramstyle": "named"},
+    )
+    install_transition_trigger(Operations(offline), Colons)
+    script = buffer.getvalue()
+    for statement in transition_trigger_sql(Colons).split(";\n\n"):
+        assert statement.strip().rstrip(";") in script
+    _ColonBase.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(script, execution_options={"no_parameters": True})
+    table = _table(Colons)
+    column = table.c["st:ate"]
+    with engine.connect() as conn:
+        assert trigger_drift(conn, Colons) is None
+        for number, state in enumerate(_COLON_STATES):
+            conn.execute(table.insert().values({table.c.id: number, column: "new"}))
+            conn.execute(table.update().where(table.c.id == number).values({column: state}))
+        conn.commit()
+
+
 def test_row_keys_reach_the_logs_only_when_the_operator_opts_in(
     engine: sa.Engine, log: pytest.LogCaptureFixture
 ) -> None:
