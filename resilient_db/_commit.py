@@ -970,7 +970,7 @@ class CommitProtocol:
             "logs in as needs INSERT on it and EXECUTE on resilient_db.prune_commit_markers; "
             "a database installed by an earlier release needs "
             "resilient_db.install_commit_markers() again (or the Alembic step "
-            "0008_commit_markers_claim_search_path)",
+            "0008_markers_claim_search_path)",
             self.engine.url.database,
             service=self._settings.service,
             event="commit_markers_prune_refused",

@@ -20,7 +20,7 @@ import resilient_db as rdb
 from resilient_db.demo import alembic_config, apply_migrations, downgrade_migrations
 from resilient_db.examples.tasks import Base, Task
 
-HEAD = "0007_transition_after_triggers"
+HEAD = "0008_markers_claim_search_path"
 
 
 @pytest.fixture
@@ -305,6 +305,10 @@ def test_alembic_command_line_with_the_url_option(pg_url: str, engine: sa.Engine
     )
     assert (
         "Running upgrade 0006_transition_bypass_audit -> 0007_transition_after_triggers"
+        in done.stderr
+    )
+    assert (
+        "Running upgrade 0007_transition_after_triggers -> 0008_markers_claim_search_path"
         in done.stderr
     )
     assert version(engine) == HEAD
