@@ -129,8 +129,8 @@ def _refuse(config: Config, role_exists: bool, role: str, login_role: str, reaso
         who = role if role == login_role else f"{role} (logged in as {login_role})"
         why = (
             f"role {who} may not bypass the transition guard; an administrator grants it with "
-            f"GRANT {BYPASS_ROLE} TO <role> (the role in effect needs its privileges and the "
-            f"login role its membership)"
+            f"GRANT {BYPASS_ROLE} TO <role> (the role in effect needs its privileges, and so "
+            f"does the login role, or the right to SET ROLE to it)"
         )
     emit(
         config,
