@@ -527,7 +527,7 @@ FOR EACH ROW EXECUTE FUNCTION "rdb_transition_jobs_state_b53b700df013"();
 DROP TRIGGER IF EXISTS "rdb_transition_state_upd" ON "jobs";
 
 CREATE TRIGGER "rdb_transition_state_upd" AFTER UPDATE ON "jobs"
-FOR EACH ROW WHEN (OLD."state" IS DISTINCT FROM NEW."state")
+FOR EACH ROW WHEN (OLD."state"::text IS DISTINCT FROM NEW."state"::text)
 EXECUTE FUNCTION "rdb_transition_jobs_state_b53b700df013"();
 
 DO $rdb$
@@ -537,7 +537,7 @@ BEGIN
     IF v_old IS NOT NULL
         AND pg_catalog.obj_description(v_old, 'pg_proc') LIKE 'resilient_db transition guard \
 %'
-        AND NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgfoid = v_old) THEN
+        AND NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgfoid = v_old::oid) THEN
         DROP FUNCTION "rdb_transition_jobs_state"();
     END IF;
 END

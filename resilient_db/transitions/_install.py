@@ -224,12 +224,17 @@ def _refuse_schema_translation(target: Any, guards: Iterable[Guard], what: str) 
             )
 
 
+# Every comparison below is between values of one built-in type (oid = oid, not oid =
+# regclass, nor oid <> integer): for such a pair the built-in operator is an exact match, found
+# in pg_catalog before any schema of the caller's search_path, so an operator of mixed types
+# planted in public (which would be an exact match where the built-in needs a coercion) never
+# runs here, with the rights of the application at startup or of an operator asking.
 _DRIFT_QUERY = sa.text(
     """
     SELECT t.tgname::text AS name, t.tgenabled::text AS enabled, p.proname::text AS function,
            pg_catalog.obj_description(p.oid, 'pg_proc') AS stamp,
            t.tgtype::integer AS type, pg_catalog.cardinality(t.tgattr::int2[]) AS columns,
-           t.tgnargs::integer AS nargs, t.tgconstraint <> 0 AS constraint_trigger,
+           t.tgnargs::integer AS nargs, t.tgconstraint <> '0'::oid AS constraint_trigger,
            pg_catalog.pg_get_triggerdef(t.oid) AS definition,
            pg_catalog.quote_ident(:col) AS quoted_column,
            p.prosrc AS source, p.proconfig::text[] AS config, p.prosecdef AS definer,
@@ -237,7 +242,7 @@ _DRIFT_QUERY = sa.text(
     FROM pg_catalog.pg_trigger t
     JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
     JOIN pg_catalog.pg_language l ON l.oid = p.prolang
-    WHERE t.tgrelid = pg_catalog.to_regclass(:rel) AND t.tgname IN (:ins, :upd)
+    WHERE t.tgrelid = pg_catalog.to_regclass(:rel)::oid AND t.tgname IN (:ins, :upd)
     """
 )
 # pg_trigger.tgtype bits: FOR EACH ROW 1, BEFORE 2, INSERT 4, DELETE 8, UPDATE 16, TRUNCATE 32,

@@ -186,7 +186,7 @@ DECLARE
 BEGIN
     IF v_old IS NOT NULL
         AND pg_catalog.obj_description(v_old, 'pg_proc') LIKE {literal(_STAMP_PREFIX + " %")}
-        AND NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgfoid = v_old) THEN
+        AND NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgfoid = v_old::oid) THEN
         DROP FUNCTION {legacy}();
     END IF;
 END
@@ -415,7 +415,11 @@ def install_statements(guard: Guard) -> list[str]:
         f"FOR EACH ROW EXECUTE FUNCTION {n.function}()",
         f"DROP TRIGGER IF EXISTS {ident(n.update_trigger)} ON {n.table}",
         f"CREATE TRIGGER {ident(n.update_trigger)} AFTER UPDATE ON {n.table}\n"
-        f"FOR EACH ROW WHEN (OLD.{col} IS DISTINCT FROM NEW.{col})\n"
+        # compared as text, as the function compares (col::text): and written so, the WHEN is
+        # bound to the built-in text equality whatever the installer's search_path holds (an
+        # equality of the column's own type planted in public, varchar = varchar, which has no
+        # built-in exact match, would win and could keep the trigger from ever firing)
+        f"FOR EACH ROW WHEN (OLD.{col}::text IS DISTINCT FROM NEW.{col}::text)\n"
         f"EXECUTE FUNCTION {n.function}()",
         _drop_legacy_function(n, guard),
     ]

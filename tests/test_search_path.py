@@ -1,0 +1,107 @@
+"""What a role that may create objects in a schema on another role's search_path (``public`` on
+many databases) can plant there must never run inside resilient_db's own SQL: the transition
+trigger (installed by an owner whose path has ``public`` on it) and the drift check (run by the
+application at every startup, or by a superuser). Operators are what such a role plants: an
+exact match in ``public`` wins over a built-in one that needs a coercion (``varchar = varchar``
+has none built in; ``oid = regclass`` neither). Against the real server."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+
+import resilient_db as rdb
+from resilient_db.examples.tasks import Base, Task
+from resilient_db.transitions._rules import guards_of
+from resilient_db.transitions._sql import trigger_names
+
+
+@pytest.fixture
+def engine(pg_url: str) -> Iterator[sa.Engine]:
+    eng = sa.create_engine(pg_url)
+    yield eng
+    eng.dispose()
+
+
+def plant(engine: sa.Engine, left: str, right: str, body: str) -> str:
+    """``public.=(left, right)`` whose function runs ``body`` (plpgsql returning boolean)."""
+    name = "rdb_planted_" + uuid.uuid4().hex[:8]
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                f"CREATE FUNCTION public.{name}({left}, {right}) RETURNS boolean "
+                f"LANGUAGE plpgsql AS $$ BEGIN {body} END $$"
+            )
+        )
+        conn.execute(
+            sa.text(
+                f"CREATE OPERATOR public.= (LEFTARG = {left}, RIGHTARG = {right}, "
+                f"FUNCTION = public.{name})"
+            )
+        )
+    return name
+
+
+def test_an_equality_planted_before_the_install_does_not_switch_the_trigger_off(
+    engine: sa.Engine,
+) -> None:
+    """``varchar = varchar`` planted in ``public`` before the owner installs the trigger, always
+    "equal": the trigger's WHEN clause bound to it, the trigger never fired, and any client
+    moved a row past the rules with raw SQL (the drift check saw nothing)."""
+    Base.metadata.create_all(engine)
+    plant(engine, "varchar", "varchar", "RETURN true;")
+    rdb.install_transition_trigger(engine, Task)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text("INSERT INTO tasks (idem_key, title, status) VALUES ('k', 'a', 'pending')")
+        )
+    with engine.begin() as conn, pytest.raises(sa.exc.DBAPIError) as refused:
+        conn.execute(sa.text("UPDATE tasks SET status = 'completed'"))
+    assert rdb.sqlstate_of(refused.value) == "RDB01"
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT status FROM tasks")).scalar_one() == "pending"
+        assert rdb.trigger_drift(conn, Task) is None
+
+
+def test_the_drift_check_runs_nothing_planted(engine: sa.Engine) -> None:
+    """``oid = regclass`` planted in ``public``: the drift check (every startup's install, an
+    operator's ``trigger_drift``) ran it with the caller's rights."""
+    Base.metadata.create_all(engine)
+    rdb.install_transition_trigger(engine, Task)
+    plant(engine, "oid", "regclass", "RAISE EXCEPTION 'planted operator ran';")
+    with engine.connect() as conn:
+        assert rdb.trigger_drift(conn, Task) is None
+    rdb.install_transition_trigger(engine, Task)  # current: checked, nothing sent
+
+
+def test_the_install_runs_nothing_planted_while_it_drops_a_legacy_function(
+    engine: sa.Engine,
+) -> None:
+    """The install drops a function of the old naming scheme if it is ours and no trigger calls
+    it, comparing ``tgfoid`` (oid) with it (regprocedure): ``oid = regprocedure`` planted in
+    public (next to a decoy of that name) ran with the installer's rights, an owner's that may
+    grant the bypass role."""
+    Base.metadata.create_all(engine)
+    legacy = trigger_names(guards_of(Task)[0]).legacy_function_name
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                f'CREATE FUNCTION public."{legacy}"() RETURNS trigger LANGUAGE plpgsql '
+                "AS $$ BEGIN RETURN NEW; END $$"
+            )
+        )
+        conn.execute(
+            sa.text(
+                f'COMMENT ON FUNCTION public."{legacy}"() IS '
+                "'resilient_db transition guard decoy'"
+            )
+        )
+    plant(engine, "oid", "regprocedure", "RAISE EXCEPTION 'planted operator ran';")
+    rdb.install_transition_trigger(engine, Task)
+    with engine.connect() as conn:
+        assert rdb.trigger_drift(conn, Task) is None
+        gone = conn.execute(sa.text("SELECT pg_catalog.to_regprocedure(:f)"), {"f": legacy + "()"})
+        assert gone.scalar() is None  # the decoy, stamped as ours and unused, was dropped
