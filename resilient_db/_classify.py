@@ -219,7 +219,6 @@ def _driver_disconnect(exc: BaseException) -> bool:
             "ConnectionDoesNotExistError",
             "ConnectionFailureError",
             "TargetServerAttributeNotMatched",
-            "InternalClientError",  # see client_state_broken
         ):
             return True
     return False
@@ -275,7 +274,7 @@ class Classifier:
                 return outcome
             if code.startswith(_DISCONNECT_CLASS):
                 return Outcome.DISCONNECT
-        if _driver_disconnect(exc):
+        if _driver_disconnect(exc) or client_state_broken(exc):
             return Outcome.DISCONNECT
         return Outcome.NOT_TRANSIENT
 

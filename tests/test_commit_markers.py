@@ -1259,6 +1259,18 @@ def become(engine: sa.Engine) -> str:
     return "SELECT rdb_become(:role)"
 
 
+def _switching_unit(become: str, role: str, pids: list[int]) -> Callable[[Session], int]:
+    """A unit that switches to ``role`` out of the client's sight (``become``), then writes;
+    each attempt appends its backend's pid to ``pids``."""
+
+    def unit(session: Session) -> int:
+        pids.append(_pid(session))
+        session.execute(sa.text(become), {"role": role})
+        return _bump(session)
+
+    return unit
+
+
 def test_a_role_switched_out_of_sight_replays_the_unit_once_through_the_function(
     *,
     one_connection: sa.Engine,
@@ -1272,12 +1284,8 @@ def test_a_role_switched_out_of_sight_replays_the_unit_once_through_the_function
     (42501) before the COMMIT in the same message, so the unit is replayed once, on the same
     connection (nothing is invalidated), which calls the function from then on."""
     Sessions = rdb.ResilientSession(one_connection, service=service)
-    pids = []
-
-    def as_tenant(session: Session) -> int:
-        pids.append(_pid(session))
-        session.execute(sa.text(become), {"role": tenant})
-        return _bump(session)
+    pids: list[int] = []
+    as_tenant = _switching_unit(become, tenant, pids)
 
     with caplog.at_level("INFO", logger="resilient_db"):
         assert Sessions.run(as_tenant) == 1
@@ -1306,11 +1314,7 @@ def test_a_role_switched_out_of_sight_under_nullpool_replays_once_then_calls_the
     eng = sa.create_engine(pg_url, poolclass=NullPool)
     Sessions = rdb.ResilientSession(eng, service=service)
     attempts: list[int] = []
-
-    def as_tenant(session: Session) -> int:
-        attempts.append(1)
-        session.execute(sa.text(become), {"role": tenant})
-        return _bump(session)
+    as_tenant = _switching_unit(become, tenant, attempts)
 
     try:
         with caplog.at_level("INFO", logger="resilient_db"):

@@ -147,22 +147,27 @@ def test_a_table_name_longer_than_63_bytes_is_mapped_back(
     )
 
 
+def prio_model(mapped: Mapper, transitions: Any, initial: Any) -> Any:
+    """A model ``P`` whose integer column ``prio`` follows ``transitions``."""
+    return mapped(
+        "P",
+        "p",
+        None,
+        id=mapped_column(sa.Integer, primary_key=True),
+        prio=mapped_column(sa.Integer),
+        __transitions__=rdb.TransitionRules(
+            column="prio", transitions=transitions, initial=initial
+        ),
+    )
+
+
 @pytest.mark.parametrize(("state", "as_read"), [("01", "1"), ("+1", "1"), ("-0", "0")])
 def test_an_integer_state_the_database_never_writes_so_is_refused(
     mapped: Mapper, state: str, as_read: str
 ) -> None:
     """``col::text`` of an integer column is never "01": a rule about it could never apply."""
     with pytest.raises(rdb.TransitionRulesError) as info:
-        mapped(
-            "P",
-            "p",
-            None,
-            id=mapped_column(sa.Integer, primary_key=True),
-            prio=mapped_column(sa.Integer),
-            __transitions__=rdb.TransitionRules(
-                column="prio", transitions={"0": {state}}, initial={"0"}
-            ),
-        )
+        prio_model(mapped, {"0": {state}}, {"0"})
     message = str(info.value)
     assert f"P.__transitions__ (column 'prio'): state {state!r}" in message
     assert f"writes this one as {as_read!r}" in message
@@ -170,16 +175,7 @@ def test_an_integer_state_the_database_never_writes_so_is_refused(
 
 
 def test_integer_states_as_the_database_writes_them_are_accepted(mapped: Mapper) -> None:
-    model = mapped(
-        "P",
-        "p",
-        None,
-        id=mapped_column(sa.Integer, primary_key=True),
-        prio=mapped_column(sa.Integer),
-        __transitions__=rdb.TransitionRules(
-            column="prio", transitions={"0": {1, "-2"}, 10: {"0"}}, initial={"0", 10}
-        ),
-    )
+    model = prio_model(mapped, {"0": {1, "-2"}, 10: {"0"}}, {"0", 10})
     (guard,) = guards_of(model)
     assert set(guard.next) == {"0", "1", "-2", "10"}
 
