@@ -29,7 +29,7 @@ from starlette.websockets import WebSocketDisconnect
 import resilient_db as rdb
 from resilient_db._state import STATE
 from resilient_db.examples.tasks import Base, Task, create_task, move_task
-from resilient_db.web import Recorder, dashboard, token_auth
+from resilient_db.web import Dashboard, Recorder, dashboard, token_auth
 from resilient_db.web._recorder import (
     MAX_FIELD_CHARS,
     MAX_MESSAGE_CHARS,
@@ -69,6 +69,46 @@ def test_refuses_to_start_without_auth() -> None:
         dashboard(auth="admin")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="at least 16 characters"):
         token_auth("short")
+
+
+def test_the_dashboard_class_checks_its_arguments_as_dashboard_does() -> None:
+    """``Dashboard`` is public: one built without a check (or with nonsense) fails at once,
+    not with an error at every request."""
+    good: dict[str, Any] = {
+        "auth": lambda request: True,
+        "title": "t",
+        "poll_seconds": 2.0,
+        "events": 10,
+        "source": None,
+        "health": rdb.health,
+    }
+    for name, bad, error in (
+        ("auth", None, "dashboard\\(\\) needs auth="),
+        ("auth", "admin", "needs a callable"),
+        ("poll_seconds", float("nan"), "poll_seconds"),
+        ("events", -1, "events"),
+        ("health", {"ok": True}, "health"),
+        ("source", object(), "Recorder"),
+    ):
+        with pytest.raises((TypeError, ValueError), match=error):
+            Dashboard(**{**good, name: bad})
+    board = Dashboard(**good)
+    assert mounted(board).get("/admin/self-healing/").status_code == 200
+
+
+def test_a_token_auth_without_query_parameter_takes_the_header_only() -> None:
+    """``query_param=None``: a token in the URL (kept by access logs, history, proxies) is not
+    accepted; the header is."""
+    client = mounted(dashboard(auth=token_auth(TOKEN, query_param=None)))
+    path = "/admin/self-healing/data.json"
+    assert client.get(path, params={"token": TOKEN}).status_code == 401
+    assert client.get(path, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    renamed = mounted(dashboard(auth=token_auth(TOKEN, query_param="key")))
+    assert renamed.get(path, params={"token": TOKEN}).status_code == 401
+    assert renamed.get(path, params={"key": TOKEN}).status_code == 200
+    for bad in ("", 3):
+        with pytest.raises(ValueError, match="query_param"):
+            token_auth(TOKEN, query_param=bad)  # type: ignore[arg-type]
 
 
 def test_unauthorised_requests_get_401_or_403() -> None:

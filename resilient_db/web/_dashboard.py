@@ -60,6 +60,31 @@ class Dashboard:
         source: Recorder | None,
         health: Callable[[], dict[str, Any]],
     ) -> None:
+        # checked here, not only in dashboard(): the class is public, and one built without a
+        # check must fail at once, not answer every request with an error
+        if auth is None:
+            raise TypeError(_NO_AUTH)
+        if not callable(auth):
+            raise TypeError(f"dashboard(auth=...) needs a callable, got {type(auth).__name__}")
+        if (
+            isinstance(poll_seconds, bool)
+            or not isinstance(poll_seconds, (int, float))
+            or not math.isfinite(poll_seconds)
+            or not MIN_POLL_SECONDS <= poll_seconds <= MAX_POLL_SECONDS
+        ):
+            raise ValueError(
+                f"dashboard(poll_seconds=...) must be a number of seconds from "
+                f"{MIN_POLL_SECONDS:g} to {MAX_POLL_SECONDS:g}, got {poll_seconds!r}"
+            )
+        if isinstance(events, bool) or not isinstance(events, int) or events < 0:
+            raise ValueError(f"dashboard(events=...) must be a whole number >= 0, got {events!r}")
+        if not callable(health):
+            raise TypeError(f"dashboard(health=...) needs a callable, got {type(health).__name__}")
+        if source is not None and not isinstance(source, Recorder):
+            raise TypeError(
+                f"dashboard(recorder=...) needs a resilient_db.web.Recorder, got "
+                f"{type(source).__name__}"
+            )
         self.auth = auth
         self.title = title
         self.poll_seconds = poll_seconds
@@ -177,20 +202,6 @@ def dashboard(
     """
     if auth is None:
         raise TypeError(_NO_AUTH)
-    if not callable(auth):
-        raise TypeError(f"dashboard(auth=...) needs a callable, got {type(auth).__name__}")
-    if (
-        isinstance(poll_seconds, bool)
-        or not isinstance(poll_seconds, (int, float))
-        or not math.isfinite(poll_seconds)
-        or not MIN_POLL_SECONDS <= poll_seconds <= MAX_POLL_SECONDS
-    ):
-        raise ValueError(
-            f"dashboard(poll_seconds=...) must be a number of seconds from {MIN_POLL_SECONDS:g} "
-            f"to {MAX_POLL_SECONDS:g}, got {poll_seconds!r}"
-        )
-    if isinstance(events, bool) or not isinstance(events, int) or events < 0:
-        raise ValueError(f"dashboard(events=...) must be a whole number >= 0, got {events!r}")
     app = Dashboard(
         auth=auth,
         title=title,
@@ -203,20 +214,26 @@ def dashboard(
     return app
 
 
-def token_auth(token: str, *, query_param: str = "token") -> Callable[[Request], bool]:
+def token_auth(token: str, *, query_param: str | None = "token") -> Callable[[Request], bool]:
     """An auth check accepting ``Authorization: Bearer <token>`` or ``?token=<token>`` (the
     page passes its query on to ``data.json``). Missing: 401 with a ``WWW-Authenticate``
-    challenge; wrong: 403. Compared in constant time. Prefer the header, or a check on your
-    own session login, outside a local demo: a token in a URL can end up in logs."""
+    challenge; wrong: 403. Compared in constant time. A token in a URL can end up in access
+    logs, browser history and proxies: ``query_param=None`` accepts the header only (for a
+    reverse proxy or a client that sends it); outside a local demo prefer that, or a check on
+    your own session login."""
     if not isinstance(token, str) or len(token) < 16:
         raise ValueError("token_auth needs a secret token of at least 16 characters")
+    if query_param is not None and (not isinstance(query_param, str) or not query_param):
+        raise ValueError(
+            f"token_auth(query_param=...) must be a non-empty name or None, got {query_param!r}"
+        )
     expected = token.encode()
 
     def check(request: Request) -> bool:
         header = request.headers.get("authorization", "")
         scheme, _, value = header.partition(" ")
         given = value.strip() if scheme.lower() == "bearer" else None
-        if given is None:
+        if given is None and query_param is not None:
             given = request.query_params.get(query_param)
         if not given:
             raise HTTPException(
