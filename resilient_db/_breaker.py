@@ -34,10 +34,19 @@ from ._fleet import FleetDown, attach, detach
 from ._observability import emit, log_breaker, stats_for
 from ._state import STATE, check_service_room
 
-__all__ = ["Breaker", "breaker_for", "breakers"]
+__all__ = ["Breaker", "breaker_for", "breakers", "open_error"]
 
 CLOSED, OPEN, HALF_OPEN = _pb.STATE_CLOSED, _pb.STATE_OPEN, _pb.STATE_HALF_OPEN
 _UTC = timezone.utc
+
+
+def open_error(service: str, retry_after: float, cause: str | None) -> CircuitOpenError:
+    """:class:`CircuitOpenError` of ``service``, its message naming ``cause`` (what the
+    failures that opened the breaker were) when known."""
+    err = CircuitOpenError(service, retry_after)
+    if cause is not None:
+        err.args = (f"{err.args[0]}; the failures: {cause}",)
+    return err
 
 
 class _LogListener(_pb.CircuitBreakerListener):
@@ -60,6 +69,8 @@ class _LogListener(_pb.CircuitBreakerListener):
                 why = f"{cb.fail_counter} consecutive failures"
             else:
                 why = "an explicit open()"
+            if b.open_cause is not None:
+                why = f"{why} (the last: {b.open_cause})"
             emit(
                 b.config,
                 log_breaker,
@@ -129,6 +140,10 @@ class Breaker:
         self._storage = self._cb._state_storage
         self.storage_given = storage
         self.open_reason: str | None = None  # why the next opening happens, when not local
+        #: what the failures that opened the breaker were, when known (a hot standby refusing
+        #: writes): named by the opening's log line and by every CircuitOpenError meanwhile
+        self.open_cause: str | None = None
+        self._last_cause: str | None = None  # the last counted failure's
         self._cb.add_listener(_LogListener(self))
         for listener in listeners:
             self._cb.add_listener(listener)
@@ -231,7 +246,7 @@ class Breaker:
             remaining = self._remaining_open()
             if remaining > 0:
                 stats_for(self.service).add("breaker_rejections")
-                raise CircuitOpenError(self.service, remaining)
+                raise self._open_error(remaining)
             with self._lock:
                 if self._storage.state == OPEN:
                     self._probes = 0
@@ -241,7 +256,7 @@ class Breaker:
                 return False
             if self._storage.state == OPEN or self._probes >= self.config.half_open_probes:
                 stats_for(self.service).add("breaker_rejections")
-                raise CircuitOpenError(self.service, self._retry_after_probe())
+                raise self._open_error(self._retry_after_probe())
             self._probes += 1
             return True
 
@@ -265,8 +280,11 @@ class Breaker:
             if self._storage.success_counter >= self.config.half_open_probes:
                 self._set_state(CLOSED)
 
-    def on_failure(self, probe: bool, started: float | None = None) -> None:
-        """The attempt failed with a transient (infrastructure) error.
+    def on_failure(
+        self, probe: bool, started: float | None = None, cause: str | None = None
+    ) -> None:
+        """The attempt failed with a transient (infrastructure) error (``cause``: what it was,
+        when the failure says more than its class, e.g. a hot standby refusing writes).
 
         ``started`` is when the attempt began (``time.monotonic()``). An attempt that began
         before the last counted failure was already in flight when the database failed: its
@@ -279,6 +297,7 @@ class Breaker:
             if started < self._last_failure:
                 return
             self._last_failure = time.monotonic()
+        self._last_cause = cause
         fleet = self._fleet
         if fleet is not None and fleet.up:
             with contextlib.suppress(FleetDown):
@@ -289,13 +308,13 @@ class Breaker:
                 self._probes = max(0, self._probes - 1)
             state = self._storage.state
             if state == HALF_OPEN:
-                self._open()
+                self._open(cause)
                 return
             if state == OPEN:
                 return
             self._storage.increment_counter()
             if self._storage.counter >= self.config.failure_threshold:
-                self._open()
+                self._open(cause)
 
     def on_neutral(self, probe: bool) -> None:
         """The attempt ended with a business error: neither success nor failure."""
@@ -323,7 +342,7 @@ class Breaker:
         """Open the circuit now (for every process when it is shared)."""
         if not self._fleet_force(OPEN, "an explicit open()"):
             with self._lock:
-                self._open()
+                self._open(None)
 
     def close(self) -> None:
         """Close the circuit now (for every process when it is shared)."""
@@ -370,7 +389,11 @@ class Breaker:
     # -- the shared breaker ----------------------------------------------------------------
     def _reject(self, retry_after: float) -> CircuitOpenError:
         stats_for(self.service).add("breaker_rejections")
-        return CircuitOpenError(self.service, max(0.0, retry_after))
+        return self._open_error(max(0.0, retry_after))
+
+    def _open_error(self, retry_after: float) -> CircuitOpenError:
+        """The error of a rejected call: it names what opened the breaker, when known."""
+        return open_error(self.service, retry_after, self.open_cause)
 
     def _fleet_admit(self, fleet: Any) -> bool:
         """Not closed: reject from the local view while it says so, else ask Redis for a
@@ -474,6 +497,7 @@ class Breaker:
                 self._storage.opened_at = datetime.fromtimestamp(self._clock() - elapsed, _UTC)
                 if self._storage.state == OPEN:
                     return  # the same opening, a fresher remaining time
+                self.open_cause = self._last_cause if mine else None
                 if reason is None:
                     reason = (
                         (
@@ -489,8 +513,9 @@ class Breaker:
             self._set_state(state)
 
     # -- internals (callers hold self._lock) ------------------------------------------------
-    def _open(self) -> None:
+    def _open(self, cause: str | None) -> None:
         self._probes = 0
+        self.open_cause = cause
         self._storage.opened_at = datetime.fromtimestamp(self._clock(), _UTC)
         self._set_state(OPEN)
 

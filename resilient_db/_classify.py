@@ -119,6 +119,83 @@ def marked_outcome(exc: BaseException) -> Outcome | None:
     return found if isinstance(found, Outcome) else None
 
 
+#: read_only_sql_transaction: a write refused in a read-only transaction, which every
+#: transaction on a hot standby is
+READ_ONLY_SQLSTATE = "25006"
+_HOT_STANDBY = "resilient_db_hot_standby"
+
+
+def hot_standby_server(driver: Any) -> str | None:
+    """The address (``host:port``) of the server behind ``driver`` (a psycopg 3 connection,
+    sync or async, or an asyncpg one) when that server says it is a hot standby; None when it
+    says it is not, or says nothing (before PostgreSQL 14), or the driver is another.
+
+    PostgreSQL 14+ reports ``in_hot_standby`` to the client at connect and again when it
+    changes (a promotion): the driver keeps it (psycopg: ``pgconn.parameter_status``, asyncpg:
+    ``get_settings()``), so this asks the server nothing. For the failure path: 25006 from such
+    a server means the URL reached a standby (by mistake, or an old primary restarted as one
+    during a failover), not a transaction the application made read-only."""
+    try:
+        pgconn = getattr(driver, "pgconn", None)
+        if pgconn is not None:  # psycopg 3
+            if pgconn.parameter_status(b"in_hot_standby") != b"on":
+                return None
+            info = driver.info
+            return _address(info.host, info.port)
+        get_settings = getattr(driver, "get_settings", None)
+        if callable(get_settings):  # asyncpg
+            if getattr(get_settings(), "in_hot_standby", None) != "on":
+                return None
+            # the address asyncpg connected to (a multi-host URL: the one that answered); it
+            # has no public accessor for it
+            addr = getattr(driver, "_addr", None)
+            if isinstance(addr, tuple) and len(addr) >= 2:
+                return _address(str(addr[0]), addr[1])
+            return str(addr) if isinstance(addr, str) else "an unknown address"
+    except Exception:  # a connection that broke meanwhile: nothing to say
+        return None
+    return None
+
+
+def _address(host: str, port: Any) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def mark_hot_standby(exc: BaseException, server: str) -> None:
+    """Record on ``exc`` (a 25006 error) that the hot standby at ``server`` refused the write."""
+    with contextlib.suppress(AttributeError, TypeError):  # a type that takes no attributes
+        setattr(exc, _HOT_STANDBY, server)
+
+
+def hot_standby_of(exc: BaseException | None) -> str | None:
+    """The address :func:`mark_hot_standby` recorded on ``exc`` or an error it wraps, or None."""
+    if exc is None:
+        return None
+    for err in error_chain(exc):
+        try:
+            found = getattr(err, _HOT_STANDBY, None)
+        except Exception:  # a type whose attribute lookup misbehaves: as if unmarked
+            continue
+        if isinstance(found, str):
+            return found
+    return None
+
+
+#: what an operator does about a unit refused by a hot standby
+HOT_STANDBY_FIX = (
+    "point the URL at the primary, or list the servers on a multi-host URL with "
+    "target_session_attrs=read-write"
+)
+
+
+def hot_standby_hint(server: str) -> str:
+    """The words every message about a write refused by the hot standby at ``server`` uses."""
+    return (
+        f"the server at {server} is a read-only hot standby (in recovery, SQLSTATE 25006): "
+        f"{HOT_STANDBY_FIX}"
+    )
+
+
 def marked_replay_safe(exc: BaseException) -> bool:
     """Whether :func:`mark_replay_safe` marked ``exc`` (the driver's error itself)."""
     return bool(getattr(exc, _REPLAY_SAFE, False))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from ._state import STATE, check_service_room
 
 __all__ = [
     "PREFIX",
+    "LineLimit",
     "SelfHealEvent",
     "SelfHealHook",
     "ServiceStats",
@@ -138,6 +140,44 @@ def emit(
                 )
     if to_log:
         logger.log(level, PREFIX + msg, *args, extra={"self_heal": extra})
+
+
+#: seconds between two log lines of one repeated warning (:class:`LineLimit`); the hooks see
+#: every occurrence
+WARNING_LINE_PERIOD = 10.0
+
+
+class LineLimit:
+    """Rate-limits the log lines of a warning that an outage repeats (one per failing unit
+    would be a log storm): at most one line per ``period`` seconds per key, each saying how
+    many were left unlogged since the last. Pass ``log=`` of :meth:`take` to :func:`emit`, so
+    that the hooks still see every occurrence. Only failure paths use it."""
+
+    def __init__(
+        self, period: float = WARNING_LINE_PERIOD, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.period = period
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last: dict[Any, float] = {}
+        self._unlogged: Counter[Any] = Counter()
+
+    def take(self, key: Any = None) -> tuple[bool, int]:
+        """(log this occurrence's line, occurrences left unlogged since the last line)."""
+        with self._lock:
+            now = self._clock()
+            last = self._last.get(key)
+            if last is not None and now - last < self.period:
+                self._unlogged[key] += 1
+                return False, 0
+            if len(self._last) >= _MAX_LIMITED_KEYS and key not in self._last:
+                self._last.clear()  # keys come from outside (server addresses): bounded
+                self._unlogged.clear()
+            self._last[key] = now
+            return True, self._unlogged.pop(key, 0)
+
+
+_MAX_LIMITED_KEYS = 256
 
 
 _CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)} | {

@@ -19,12 +19,14 @@ from typing import Any, TypeVar
 
 import tenacity as _t
 
-from ._breaker import Breaker, breaker_for
+from ._breaker import Breaker, breaker_for, open_error
 from ._budget import RetryBudget, budget_for
 from ._classify import (
     DEFAULT_CLASSIFIER,
     Classifier,
     Outcome,
+    hot_standby_hint,
+    hot_standby_of,
     mark_outcome,
     mark_partly_committed,
     partly_committed,
@@ -68,6 +70,22 @@ def set_testing(on: bool = True) -> contextlib.AbstractContextManager[None]:
 # when an attempt began, for the breaker's one-failure-per-outage-wave rule (real time, whatever
 # clock a Policy is given for its deadline: it orders attempts against failures)
 _monotonic = time.monotonic
+
+
+def _failure_cause(exc: BaseException) -> str | None:
+    """What a transient failure was, where it says more than its class (for the give-up's and
+    the breaker's messages): a write refused by a hot standby. Failure path only."""
+    server = hot_standby_of(exc)
+    return None if server is None else hot_standby_hint(server)
+
+
+def _add_note(exc: BaseException, note: str) -> None:
+    """Add ``note`` to the traceback of ``exc`` (re-raised as it is: its type and message stay
+    the driver's), once; Python 3.11+ (``add_note``), nothing before."""
+    add_note = getattr(exc, "add_note", None)
+    if callable(add_note) and note not in (getattr(exc, "__notes__", None) or ()):
+        with contextlib.suppress(Exception):
+            add_note(note)
 
 
 class Policy:
@@ -181,7 +199,7 @@ class Policy:
         if breaker is not None:
             try:
                 if outcome in _BREAKER_FAILURES:
-                    breaker.on_failure(probe, started)
+                    breaker.on_failure(probe, started, _failure_cause(exc))
                 else:
                     breaker.on_neutral(probe)
             except Exception:
@@ -309,6 +327,7 @@ class Policy:
         when the breaker its failures opened ended the loop."""
         outcome = self.classifier.classify(exc)
         mark_outcome(exc, outcome)  # re-raised as it is: say how this factory classified it
+        cause = _failure_cause(exc) if outcome in _RETRYABLE else None
         if outcome in _RETRYABLE and not partly_committed(exc):  # that one said so already
             self.stats.add("gave_up")
             if spent:
@@ -320,11 +339,12 @@ class Policy:
                 self.config,
                 log_retry,
                 logging.ERROR,
-                "Gave up: service=%s %s (SQLSTATE %s) after %d retries; %s",
+                "Gave up: service=%s %s (SQLSTATE %s) after %d retries%s; %s",
                 self.service,
                 outcome.value,
                 sqlstate_label(exc),
                 retries,
+                "" if cause is None else f" ({cause})",
                 "the circuit breaker opened, raising CircuitOpenError"
                 if refused
                 else "raising the original error",
@@ -334,9 +354,12 @@ class Policy:
                 retries=retries,
                 outcome=outcome.value,
                 sqlstate=sqlstate_label(exc),
+                **({} if cause is None else {"cause": cause}),
             )
         if refused:
-            raise CircuitOpenError(self.service, refused[0]) from exc
+            raise open_error(self.service, refused[0], cause) from exc
+        if cause is not None:
+            _add_note(exc, f"resilient_db: {cause}")
 
     def _recovered(self) -> None:
         self.stats.add("recovered")

@@ -23,10 +23,14 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
 from ._classify import (
+    HOT_STANDBY_FIX,
+    READ_ONLY_SQLSTATE,
     Classifier,
     Outcome,
     answer_timed_out,
     client_state_broken,
+    hot_standby_server,
+    mark_hot_standby,
     mark_outcome,
     marked_replay_safe,
     sqlstate_of,
@@ -40,7 +44,7 @@ from ._commit import (
 )
 from ._config import Config, load_config, register_default_user
 from ._errors import CommitOutcomeUnknownError
-from ._observability import emit, log_session
+from ._observability import LineLimit, emit, log_session
 from ._registry import factory_of, in_unit
 from ._retry import Policy
 from ._state import STATE
@@ -692,6 +696,7 @@ class EngineHooks:
         guard = guard_for_commit_protocol(engine)
         self.commit = CommitProtocol(engine, self, guard)
         self.factories: weakref.WeakSet[FactoryCore] = weakref.WeakSet()
+        self._standby_lines = LineLimit()  # writes refused by a hot standby, per server
 
     def handle_error(self, ctx: Any) -> BaseException | None:
         if not self.config.enabled:
@@ -714,6 +719,8 @@ class EngineHooks:
             # The pool's other connections are judged by their own errors.
             ctx.is_disconnect = True
             ctx.invalidate_pool_on_disconnect = False
+        if code == READ_ONLY_SQLSTATE:
+            self._refused_read_only(ctx, original)
         # how this engine's classifier (the one its factories agreed on) sees the error, for
         # what answers it later (problem details): drop-in use never reaches the retry engine,
         # which marks a unit's error again as it raises it
@@ -727,6 +734,49 @@ class EngineHooks:
             if mapped is not None:
                 return mapped  # SQLAlchemy raises it from the driver's error
         return None
+
+    def _refused_read_only(self, ctx: Any, original: BaseException) -> None:
+        """A write was refused as read-only (25006): if the server says it is a hot standby
+        (what the driver was told at connect: nothing is asked), mark the error with its
+        address, for the retry engine's give-up and the breaker's opening to name it, and warn
+        (one line per server every few seconds; the hooks see each). Classified as before: a
+        lost connection (an old primary restarted as a standby during a failover heals once
+        connections reach the new primary), but a URL that points at a standby never heals,
+        and nothing else would say why every write fails."""
+        conn = ctx.connection
+        if conn is None or conn.closed or conn.invalidated:
+            return
+        try:
+            driver = conn.connection.driver_connection
+        except Exception:
+            return
+        server = hot_standby_server(driver)
+        if server is None:
+            return  # a transaction made read-only on a primary (or a server before 14)
+        mark_hot_standby(original, server)
+        if ctx.sqlalchemy_exception is not None:
+            mark_hot_standby(ctx.sqlalchemy_exception, server)
+        log, unlogged = self._standby_lines.take(server)
+        emit(
+            self.config,
+            log_session,
+            logging.WARNING,
+            "Write refused by a hot standby: service=%s database %s at %s is a read-only "
+            "standby in recovery (SQLSTATE 25006); its units are retried as after a failover "
+            "and the circuit breaker may open. A URL that reaches a standby by mistake never "
+            "heals: %s (%d more since the last line)",
+            self.service,
+            self.commit.engine.url.database,
+            server,
+            HOT_STANDBY_FIX,
+            unlogged,
+            log=log,
+            service=self.service,
+            event="hot_standby_refused_write",
+            server=server,
+            sqlstate=READ_ONLY_SQLSTATE,
+            suppressed=unlogged,
+        )
 
     def do_connect(self, dialect: Any, record: Any, cargs: Any, cparams: Any) -> Any:
         """Drop-in use: connect under the session's factory policy (retried: nothing was sent).

