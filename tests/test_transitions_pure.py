@@ -517,7 +517,7 @@ END
 $rdb$;
 
 COMMENT ON FUNCTION "rdb_transition_jobs_state_b53b700df013"() IS 'resilient_db transition \
-guard v4 rules-sha256=ea8ee49865b010608c9c943708266c79f6fb013e8469bd7b3ba4b01ae5211418';
+guard v5 rules-sha256=184928a9ef0e5f045c6898167df67086cdc88f3f6cdc57de5b11eda78345e73f';
 
 DROP TRIGGER IF EXISTS "rdb_transition_state_ins" ON "jobs";
 
@@ -614,7 +614,7 @@ def test_the_stamp_follows_the_database_rules_only(mapped: Mapper) -> None:
     (base,) = guards_of(_jobs(mapped))
     (same,) = guards_of(_jobs(mapped))  # another registry, the same rules
     assert rules_stamp(base) == rules_stamp(same)
-    assert rules_stamp(base).startswith("resilient_db transition guard v4 rules-sha256=")
+    assert rules_stamp(base).startswith("resilient_db transition guard v5 rules-sha256=")
     more = _rules({"new": {"run", "done"}, "run": {"done", "new"}}, {"new"}, "state")
     (changed,) = guards_of(mapped(more, column="state", table="jobs", name="Job"))
     (other_table,) = guards_of(_jobs(mapped, table="jobs_2"))

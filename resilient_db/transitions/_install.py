@@ -19,9 +19,9 @@ from ._sql import (
     BYPASS_ROLE,
     bypass_role_statement,
     drop_statements,
-    function_source,
     install_statements,
     rules_stamp,
+    source_matches,
     stamp_generator,
     trigger_names,
 )
@@ -145,6 +145,11 @@ def install_transition_trigger(bind_or_op: Any, model: type[Any]) -> None:
     the installing role may not create it, the trigger is installed all the same, refuses every
     bypass until the role exists, and a warning says so. Installing again replaces the trigger
     of an older release (whose bypass any role could switch on).
+
+    The trigger belongs to the table and column, not to the model: the classes of one table
+    (single-table inheritance, two models of one table) guarding a column by the same rules
+    install the same trigger, and a model whose rules for the column differ from another's is
+    refused (:class:`TransitionRulesError` naming both).
     """
     guards = trigger_guards(model)
     _refuse_schema_translation(bind_or_op, guards, "install_transition_trigger")
@@ -325,7 +330,7 @@ def trigger_drift(connection: Connection | Session, model: type[Any]) -> str | N
                 )
             if row.stamp == expected and row.function == n.function_name:
                 altered = altered or (
-                    row.source != function_source(guard)
+                    not source_matches(guard, row.source)
                     or list(row.config or ()) != _FUNCTION_CONFIG
                     or row.definer
                     or row.language != "plpgsql"
@@ -361,6 +366,9 @@ def trigger_drift(connection: Connection | Session, model: type[Any]) -> str | N
                     else "; it runs BEFORE the write, so another BEFORE trigger of the table "
                     "that sorts after it by name can set the column to a state it never checks"
                     if generator < 4
+                    else "; it is stamped with one model's name, so each class of its table "
+                    "reinstalls it, replacing the other's"
+                    if generator < 5
                     else ""
                 )
                 problems.append(

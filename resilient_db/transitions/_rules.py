@@ -272,6 +272,11 @@ class Guard:
     pk_labels: tuple[str, ...]  # how the flush's UPDATE names its primary-key parameters
     cas_param: str  # the parameter carrying the expected state in that UPDATE
     text_keys: bool  # a str value is its own key (any column type but Enum and Boolean)
+    #: The model the database trigger names (its error detail and log line): the class nearest
+    #: the root of the inheritance hierarchy that guards the same column by the same rules (a
+    #: single-table subclass's trigger is its base's), so every class of a table installs the
+    #: same trigger.
+    owner: str
 
     @functools.cached_property
     def table(self) -> sa.Table:  # read by every guarded flush: computed once
@@ -396,6 +401,7 @@ def compiled_guards(mapper: Mapper[Any]) -> tuple[Guard, ...]:
                 raise TransitionRulesError(
                     f"{owner}.__transitions__ declares rules for column {g.attr_key!r} twice"
                 )
+        guards = tuple(dataclasses.replace(g, owner=_owner(mapper, g)) for g in guards)
     with _cache_lock:
         _compiled[mapper] = guards
         for g in guards:
@@ -403,6 +409,20 @@ def compiled_guards(mapper: Mapper[Any]) -> tuple[Guard, ...]:
             refs[:] = [r for r in refs if r() is not None]
             refs.append(weakref.ref(g))
     return guards
+
+
+def _owner(mapper: Mapper[Any], guard: Guard) -> str:
+    """The model named by ``guard``'s trigger: that of the ancestor of ``mapper`` nearest the
+    root which guards the same column by the same rules, else ``mapper``'s own."""
+    for ancestor in reversed(list(mapper.iterate_to_root())[1:]):
+        if guard.table not in ancestor.tables:
+            continue
+        if getattr(ancestor.class_, "__transitions__", None) is None:
+            continue
+        theirs = next((g for g in compiled_guards(ancestor) if g.column is guard.column), None)
+        if theirs is not None and same_trigger(guard, theirs):
+            return theirs.owner
+    return guard.model
 
 
 def _compile(mapper: Mapper[Any], rules: TransitionRules) -> Guard:
@@ -503,6 +523,7 @@ def _compile(mapper: Mapper[Any], rules: TransitionRules) -> Guard:
         pk_labels=pk_labels,
         cas_param=f"rdb_expected_{position}",
         text_keys=not isinstance(impl, (sa.Enum, sa.Boolean)),
+        owner=model,
     )
 
 
@@ -587,6 +608,40 @@ def same_rules(a: Guard, b: Guard | None) -> bool:
     return b is not None and a.initial == b.initial and a.next == b.next
 
 
+def same_trigger(a: Guard, b: Guard | None) -> bool:
+    """Whether ``a`` and ``b`` make the same database trigger (whatever their models): the same
+    table, column, states, moves and row key."""
+    return (
+        same_rules(a, b)
+        and b is not None
+        and same_table(a.table, b.table)
+        and a.column.name == b.column.name
+        and [c.name for c in a.pk_columns] == [c.name for c in b.pk_columns]
+    )
+
+
+def same_table(a: sa.Table, b: sa.Table) -> bool:
+    """Whether ``a`` and ``b`` name one database table (also from two MetaData collections)."""
+    return a is b or (a.schema, a.name) == (b.schema, b.name)
+
+
+def table_guards(model: object, table: sa.Table) -> tuple[Guard, ...]:
+    """Every guard of a column of ``table`` declared by a class of ``model``'s registry that
+    maps the table: its inheritance hierarchy, and unrelated classes mapped to the same table.
+    The triggers of their columns are the table's declared ones; ours of any other column are
+    left over. (Classes of other registries are not looked at: a registry disposed of, as
+    tests do, leaves its compiled guards behind until collected.)"""
+    mapper = _mapper_of(model)
+    found: list[Guard] = []
+    for other in mapper.registry.mappers:
+        if getattr(other.class_, "__transitions__", None) is None:
+            continue
+        if not any(isinstance(t, sa.Table) and same_table(t, table) for t in other.tables):
+            continue
+        found.extend(g for g in compiled_guards(other) if same_table(g.table, table))
+    return tuple(found)
+
+
 def rules_elsewhere(mapper: Mapper[Any], guard: Guard, among: Iterable[Mapper[Any]]) -> list[str]:
     """The classes of ``among`` (mappers of ``mapper``'s inheritance hierarchy) whose rows live
     in ``guard``'s table but that guard its column by other rules, or by none: rows that one
@@ -619,7 +674,28 @@ def trigger_guards(model: object) -> tuple[Guard, ...]:
                 "other rules (or none); declare the rules once, on the class that maps the "
                 "table, or leave these classes to the session guards"
             )
+        for other in table_guards(model, guard.table):
+            if other.column.name == guard.column.name and not same_trigger(guard, other):
+                raise TransitionRulesError(
+                    f"{guard.model}.{guard.attr_key} and {other.model}.{other.attr_key} guard "
+                    f"the same column {guard.column.name!r} of table {_table_name(guard.table)} "
+                    f"by different rules{_what_differs(guard, other)}; one trigger per column "
+                    "enforces one set of rules for every row of the table, so the trigger of "
+                    "either would replace the other's: declare the same rules on both models"
+                )
     return guards
+
+
+def _table_name(table: sa.Table) -> str:
+    return repr(f"{table.schema}.{table.name}" if table.schema else table.name)
+
+
+def _what_differs(a: Guard, b: Guard) -> str:
+    if same_rules(a, b):
+        return f" (row keys {[c.name for c in a.pk_columns]} and {[c.name for c in b.pk_columns]})"
+    if a.initial != b.initial:
+        return " (other initial states)"
+    return " (other transitions)"
 
 
 def one_guard(target: object, column: str | None) -> Guard:

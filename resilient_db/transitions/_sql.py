@@ -5,12 +5,21 @@ sent (see ``_install`` for that)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import re
 from collections.abc import Collection, Iterable
 from typing import Any, NamedTuple
 
-from ._rules import Guard, Key, TransitionRulesError, guards_of, sort_key, trigger_guards
+from ._rules import (
+    Guard,
+    Key,
+    TransitionRulesError,
+    guards_of,
+    sort_key,
+    trigger_guards,
+)
 
 __all__ = [
     "BYPASS_REASON_SETTING",
@@ -28,6 +37,7 @@ __all__ = [
     "literal",
     "pg_name",
     "rules_stamp",
+    "source_matches",
     "stamp_generator",
     "transition_trigger_drop_sql",
     "transition_trigger_sql",
@@ -50,8 +60,10 @@ BYPASS_ROLE = "resilient_db_bypass"
 # v2: the bypass only for members of BYPASS_ROLE; v3: each bypassed move in the server log;
 # v4: AFTER row triggers, which check the row as stored (after every BEFORE trigger), and the
 # login role needs USAGE or SET on BYPASS_ROLE (not a bare membership), and the error and log
-# line name the root of a partitioned table
-_GENERATOR_VERSION = 4
+# line name the root of a partitioned table; v5: the stamp identifies the table, column and rules
+# (not the model), and the trigger names the model nearest the root of its hierarchy, so every
+# class of one table installs the same trigger
+_GENERATOR_VERSION = 5
 _STAMP_PREFIX = "resilient_db transition guard"
 _PG_NAME_MAX = 63  # NAMEDATALEN - 1, in bytes
 
@@ -195,10 +207,12 @@ END
 
 
 def rules_stamp(guard: Guard) -> str:
-    """Version stamp: a hash of the database-level rules and of the generator version."""
+    """Version stamp: a hash of the database-level rules (table, column, row key, states and
+    moves) and of the generator version. Not of the model: the classes of one table (single-table
+    inheritance, two models of one table) guarding a column by the same rules install the same
+    trigger."""
     canonical = {
         "generator": _GENERATOR_VERSION,
-        "model": guard.model,
         "schema": guard.table.schema,
         "table": guard.table.name,
         "column": guard.column.name,
@@ -313,7 +327,7 @@ BEGIN
                          THEN {literal(_NO_REASON)}
                          ELSE quote_literal(v_reason) END),
                 DETAIL = json_build_object(
-                    'resilient_db', 'transition_bypassed', 'model', {literal(guard.model)},
+                    'resilient_db', 'transition_bypassed', 'model', {literal(guard.owner)},
                     'schema', v_schema, 'table', v_table, 'column', {col_lit},
                     'op', TG_OP, 'from', v_from, 'to', v_to, 'pk', v_pk,
                     'role', current_user, 'login_role', session_user,
@@ -337,7 +351,7 @@ BEGIN
                  ELSE coalesce(quote_literal(v_from), 'NULL') END,
             coalesce(quote_literal(v_to), 'NULL')),
         DETAIL = json_build_object(
-            'resilient_db', 'transition', 'model', {literal(guard.model)},
+            'resilient_db', 'transition', 'model', {literal(guard.owner)},
             'schema', v_schema, 'table', v_table, 'column', {col_lit},
             'op', TG_OP, 'from', v_from, 'to', v_to, 'pk', v_pk)::text,
         HINT = 'Allowed moves are declared in the __transitions__ of the model; '
@@ -351,6 +365,28 @@ def function_source(guard: Guard) -> str:
     """The body of the trigger function generated for ``guard``, as PostgreSQL keeps it
     (``pg_proc.prosrc``): the drift check compares the installed one with it."""
     return _function_body(guard)
+
+
+_MODEL_PLACEHOLDER = "rdb-model-placeholder-7f3a9c"
+# A literal as literal() writes it: plain, or E'...' whose only backslashes are \xHH escapes.
+_LITERAL = r"(?:'(?:[^'\\\x00-\x1f\x7f]|'')*'|E'(?:[^'\\\x00-\x1f\x7f]|''|\\x[0-9a-f]{2})*')"
+
+
+def source_matches(guard: Guard, source: str | None) -> bool:
+    """Whether ``source`` (an installed function's body) is the one generated for ``guard``'s
+    rules, for whichever model it names: a trigger installed through another class of the
+    table with the same rules (another registry's, one not imported here) enforces the same."""
+    if source is None:
+        return False
+    if source == _function_body(guard):
+        return True
+    parts = _function_body(dataclasses.replace(guard, owner=_MODEL_PLACEHOLDER)).split(
+        literal(_MODEL_PLACEHOLDER)
+    )
+    pattern = re.escape(parts[0]) + f"(?P<model>{_LITERAL})"
+    pattern += "".join(re.escape(part) + "(?P=model)" for part in parts[1:-1])
+    pattern += re.escape(parts[-1])
+    return re.fullmatch(pattern, source) is not None
 
 
 def _dollar_quote(body: str) -> str:

@@ -1,0 +1,35 @@
+"""transition trigger v5: one trigger per table and column, whatever model installs it
+
+Revision ID: 0009_transition_trigger_v5
+Revises: 0008_markers_claim_search_path
+Create Date: 2026-12-02
+
+Installs the trigger of tasks.status again (generator version 5). The stamp of earlier releases
+named the model, so the classes of one table (single-table inheritance, two models of one
+table) guarding a column by the same rules replaced each other's trigger at every install, and
+each saw the other's as drift. Version 5's stamp identifies the table, the column and the rules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from alembic import op
+
+import resilient_db as rdb
+from resilient_db.examples.tasks import Task
+
+revision: str = "0009_transition_trigger_v5"
+down_revision: str | None = "0008_markers_claim_search_path"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    rdb.install_transition_trigger(op, Task)
+
+
+def downgrade() -> None:
+    # Nothing: the trigger of version 5 enforces the same rules as that of version 4; 0001's
+    # downgrade removes the trigger.
+    pass

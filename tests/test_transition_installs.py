@@ -1,0 +1,258 @@
+"""Installs of the transition trigger against the real server: what a table holds when several
+classes guard it (single-table inheritance, two models of one table).
+
+Models are mapped in registries of their own, disposed of after each test."""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from psycopg import sql as pgsql
+from sqlalchemy.orm import mapped_column, registry
+
+import resilient_db as rdb
+from resilient_db.testing import PostgresServer
+from resilient_db.transitions._dbmap import exception_from_db
+
+RULES = rdb.TransitionRules(
+    column="status", transitions={"new": {"done"}, "done": {"new"}}, initial={"new"}
+)
+PHASES = rdb.TransitionRules(column="phase", transitions={"a": {"b"}}, initial={"a"})
+
+
+@pytest.fixture
+def engine(pg_url: str) -> Iterator[sa.Engine]:
+    eng = sa.create_engine(pg_url)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def reg() -> Iterator[registry]:
+    made = registry()
+    yield made
+    made.dispose()
+
+
+@pytest.fixture
+def registries() -> Iterator[Callable[[], registry]]:
+    """Fresh registries (a model's next release maps the same table in one of its own)."""
+    made: list[registry] = []
+
+    def make() -> registry:
+        made.append(registry())
+        return made[-1]
+
+    yield make
+    for item in made:
+        item.dispose()
+
+
+@pytest.fixture
+def app_role(pg_server: PostgresServer, pg_database: str, pg_url: str) -> Iterator[Any]:
+    """A login role owning nothing (an application at startup); ``grant(sql)`` runs admin SQL
+    with ``{role}`` standing for it. Returns a factory of its engine."""
+    name = f"rdb_t_{uuid.uuid4().hex[:12]}"
+    password = secrets.token_urlsafe(18)
+    role = pgsql.Identifier(name)
+    pg_server.execute(
+        pgsql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(role, pgsql.Literal(password))
+    )
+    engines: list[sa.Engine] = []
+
+    def connect(*grants: str) -> sa.Engine:
+        for statement in grants:
+            pg_server.execute(pgsql.SQL(statement).format(role=role), database=pg_database)
+        url = sa.make_url(pg_url).set(username=name, password=password)
+        engines.append(sa.create_engine(url))
+        return engines[-1]
+
+    try:
+        yield connect
+    finally:
+        for eng in engines:
+            eng.dispose()
+        pg_server.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+            params=(name,),
+        )
+        pg_server.execute(pgsql.SQL("DROP OWNED BY {}").format(role), database=pg_database)
+        pg_server.execute(pgsql.SQL("DROP ROLE {}").format(role))
+
+
+def _jobs(reg: registry, *, sub_rules: rdb.TransitionRules | None = None) -> tuple[Any, Any]:
+    """Single-table inheritance: Job and SpecialJob (its rules inherited, or ``sub_rules``)."""
+    job = reg.mapped(
+        type(
+            "Job",
+            (),
+            {
+                "__tablename__": "jobs",
+                "__mapper_args__": {"polymorphic_on": "kind", "polymorphic_identity": "job"},
+                "__transitions__": RULES,
+                "id": mapped_column(sa.Integer, primary_key=True),
+                "kind": mapped_column(sa.String(20)),
+                "status": mapped_column(sa.String(20)),
+            },
+        )
+    )
+    attrs: dict[str, Any] = {"__mapper_args__": {"polymorphic_identity": "special"}}
+    if sub_rules is not None:
+        attrs["__transitions__"] = sub_rules
+    return job, reg.mapped(type("SpecialJob", (job,), attrs))
+
+
+def _two_models(reg: registry, other_rules: rdb.TransitionRules) -> tuple[Any, Any]:
+    """Two unrelated classes of one table, ``Order`` by RULES and ``OrderView`` by
+    ``other_rules``."""
+    table = sa.Table(
+        "orders",
+        reg.metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("status", sa.String(20)),
+    )
+    order = reg.mapped(type("Order", (), {"__table__": table, "__transitions__": RULES}))
+    view = reg.mapped(type("OrderView", (), {"__table__": table, "__transitions__": other_rules}))
+    return order, view
+
+
+def _ours(conn: sa.Connection, table: str) -> list[tuple[str, str]]:
+    """(trigger, function) of the triggers on ``table`` whose function is stamped by us."""
+    return [
+        (r[0], r[1])
+        for r in conn.execute(
+            sa.text(
+                "SELECT t.tgname::text, p.proname::text FROM pg_trigger t "
+                "JOIN pg_proc p ON p.oid = t.tgfoid WHERE t.tgrelid = to_regclass(:t) "
+                "AND NOT t.tgisinternal "
+                "AND obj_description(p.oid, 'pg_proc') LIKE 'resilient_db transition guard %' "
+                "ORDER BY 1"
+            ),
+            {"t": table},
+        )
+    ]
+
+
+def _functions(conn: sa.Connection) -> list[str]:
+    return list(
+        conn.execute(
+            sa.text(
+                "SELECT proname::text FROM pg_proc WHERE proname LIKE 'rdb_transition%' ORDER BY 1"
+            )
+        ).scalars()
+    )
+
+
+def _refused(conn: sa.Connection, statement: str) -> rdb.IllegalTransitionError:
+    with pytest.raises(sa.exc.DBAPIError) as info:
+        conn.exec_driver_sql(statement)
+    conn.rollback()
+    err = exception_from_db(info.value)
+    assert err is not None, f"not mapped: {info.value!r}"
+    return err
+
+
+# ------------------------------------------------------------------------------------------------
+# several classes of one table
+# ------------------------------------------------------------------------------------------------
+
+
+def test_a_base_and_its_single_table_subclass_install_one_trigger(
+    engine: sa.Engine, reg: registry, app_role: Any
+) -> None:
+    """Installing the subclass's trigger after the base's changes nothing: one function, no
+    drift for either, and an application role that owns nothing installs both at startup (no
+    DDL is needed, so none is sent). The trigger names the base."""
+    job, special = _jobs(reg)
+    reg.metadata.create_all(engine)
+    rdb.install_transition_trigger(engine, job)
+    with engine.connect() as conn:
+        before = _ours(conn, "jobs")
+    rdb.install_transition_trigger(engine, special)
+    with engine.connect() as conn:
+        assert _ours(conn, "jobs") == before
+        assert len(_functions(conn)) == 1
+        assert rdb.trigger_drift(conn, job) is None
+        assert rdb.trigger_drift(conn, special) is None
+        assert rdb.transition_trigger_sql(job) == rdb.transition_trigger_sql(special)
+    app = app_role("GRANT SELECT, INSERT, UPDATE ON jobs TO {role}")
+    for model in (job, special, job):
+        rdb.install_transition_trigger(app, model)  # raised "permission denied" before
+    with app.connect() as conn:
+        conn.exec_driver_sql("INSERT INTO jobs VALUES (1, 'special', 'new')")
+        conn.commit()
+        err = _refused(conn, "INSERT INTO jobs VALUES (2, 'special', 'done')")
+        assert (err.model, err.to_state, err.inserted) == ("Job", "done", True)
+
+
+def test_two_models_of_one_table_with_the_same_rules_share_the_trigger(
+    engine: sa.Engine, reg: registry
+) -> None:
+    order, view = _two_models(reg, RULES)
+    reg.metadata.create_all(engine)
+    rdb.install_transition_trigger(engine, order)
+    rdb.install_transition_trigger(engine, view)
+    with engine.connect() as conn:
+        assert rdb.trigger_drift(conn, order) is None
+        assert rdb.trigger_drift(conn, view) is None
+        assert len(_functions(conn)) == 1
+    with engine.begin() as conn:  # on a connection the DDL is sent: the other model's name
+        rdb.install_transition_trigger(conn, order)
+    with engine.connect() as conn:
+        assert rdb.trigger_drift(conn, view) is None
+        assert rdb.trigger_drift(conn, order) is None
+
+
+def test_two_models_of_one_column_with_other_rules_are_refused(
+    engine: sa.Engine, reg: registry
+) -> None:
+    """Either trigger would replace the other's: refused, naming both models and the column,
+    before anything is sent."""
+    other = rdb.TransitionRules(column="status", transitions={"new": {"done"}}, initial={"new"})
+    order, view = _two_models(reg, other)
+    reg.metadata.create_all(engine)
+    message = r"Order.status and OrderView.status guard the same column 'status' of table 'orders'"
+    with pytest.raises(rdb.TransitionRulesError, match=message):
+        rdb.install_transition_trigger(engine, order)
+    with pytest.raises(rdb.TransitionRulesError, match=r"OrderView.status and Order.status"):
+        rdb.install_transition_trigger(engine, view)
+    with pytest.raises(rdb.TransitionRulesError, match="other transitions"):
+        rdb.transition_trigger_sql(order)
+    with engine.connect() as conn:
+        assert _ours(conn, "orders") == []
+
+
+def test_a_subclass_of_other_rules_is_refused_naming_both(reg: registry) -> None:
+    other = rdb.TransitionRules(column="status", transitions={"new": {"done"}}, initial={"new"})
+    job, special = _jobs(reg, sub_rules=other)
+    for model in (job, special):
+        with pytest.raises(rdb.TransitionRulesError) as info:
+            rdb.transition_trigger_sql(model)
+        assert "Job.status" in str(info.value)
+        assert "SpecialJob" in str(info.value)
+
+
+def test_a_trigger_stamped_with_a_model_by_an_earlier_release_is_drift_and_reinstalled(
+    engine: sa.Engine, reg: registry
+) -> None:
+    job, _ = _jobs(reg)
+    reg.metadata.create_all(engine)
+    rdb.install_transition_trigger(engine, job)
+    with engine.begin() as conn:
+        function = conn.execute(
+            sa.text("SELECT oid::regprocedure::text FROM pg_proc WHERE proname LIKE 'rdb_tr%'")
+        ).scalar_one()
+        conn.exec_driver_sql(
+            f"COMMENT ON FUNCTION {function} IS "
+            "'resilient_db transition guard v4 rules-sha256=0123456789abcdef'"
+        )
+        drift = rdb.trigger_drift(conn, job) or ""
+    assert "generator v4; it is stamped with one model's name" in drift
+    rdb.install_transition_trigger(engine, job)
+    with engine.connect() as conn:
+        assert rdb.trigger_drift(conn, job) is None
