@@ -1,0 +1,737 @@
+"""The integrations users put between them and SQLAlchemy, against the real server.
+
+* SQLModel: ``ResilientSession(engine, class_=sqlmodel.Session)`` and
+  ``AsyncResilientSession(async_engine, class_=sqlmodel.ext.asyncio.session.AsyncSession)``,
+  ``session.exec(select(...))`` in drop-in use and in units replayed after real faults (a
+  terminated backend, a real serialization failure), ``__transitions__`` on a ``table=True``
+  class (flush guard, bulk-UPDATE guard, trigger), an SQLModel class as ``validate=``.
+* Flask-SQLAlchemy 3.1: ``db.session`` on a ``ResilientSession`` of the app's engine, in an
+  app context and a request, a unit surviving a killed backend, the guard through ``db.session``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, ClassVar
+
+import pytest
+import pytest_asyncio
+import sqlalchemy as sa
+import sqlmodel
+from flask import Flask, current_app
+from flask_sqlalchemy import SQLAlchemy, track_modifications
+from flask_sqlalchemy.session import Session as FlaskSession
+from scenarios import ASYNC_DRIVERS, BYPASS_BY_HAND
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, scoped_session
+from sqlmodel import Field, SQLModel, select
+from sqlmodel.ext.asyncio.session import AsyncSession as SQLModelAsyncSession
+
+import resilient_db as rdb
+from resilient_db.web import problem_details
+
+pytestmark = pytest.mark.usefixtures("no_backoff")
+
+TICKET_RULES = rdb.TransitionRules(
+    column="status",
+    transitions={"open": {"in_progress", "rejected"}, "in_progress": {"done", "open"}},
+    initial={"open"},
+)
+
+
+class Ticket(SQLModel, table=True):
+    """An SQLModel table model with transition rules (a dunder: pydantic leaves it alone)."""
+
+    __tablename__ = "sqlmodel_tickets"
+    __transitions__: ClassVar[rdb.TransitionRules] = TICKET_RULES
+
+    id: int | None = Field(default=None, primary_key=True)
+    title: str = Field(unique=True)
+    status: str = Field(default="open", max_length=20)
+
+
+class TicketOut(SQLModel):
+    """A plain (not table) SQLModel class: a Pydantic model, usable as ``validate=``."""
+
+    id: int
+    title: str
+    status: str
+
+
+def ticket_rows(engine: sa.Engine) -> dict[str, str]:
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(Ticket.__table__.c.title, Ticket.__table__.c.status))
+        return {row[0]: row[1] for row in rows}
+
+
+@pytest.fixture
+def engine(pg_url: str) -> Iterator[sa.Engine]:
+    eng = sa.create_engine(pg_url)
+    SQLModel.metadata.create_all(eng, tables=[Ticket.__table__])  # type: ignore[list-item]
+    rdb.install_commit_markers(eng)
+    yield eng
+    eng.dispose()
+
+
+def counters(service: str) -> dict[str, Any]:
+    stats: dict[str, Any] = rdb.health()["services"][service]["counters"]
+    return stats
+
+
+# -- SQLModel, sync ------------------------------------------------------------------------------
+def test_sqlmodel_session_class_is_used_as_it_is_in_drop_in_use(
+    engine: sa.Engine, service: str
+) -> None:
+    Session = rdb.ResilientSession(engine, service=service, class_=sqlmodel.Session)
+    assert issubclass(Session.class_, sqlmodel.Session)
+    with Session.begin() as session:
+        assert isinstance(session, sqlmodel.Session)
+        session.add(Ticket(title="drop-in"))
+    with Session() as session:
+        ticket = session.exec(select(Ticket).where(Ticket.title == "drop-in")).one()
+        assert ticket.status == "open"
+        assert isinstance(ticket.id, int)
+        ticket.status = "in_progress"
+        session.commit()
+    assert ticket_rows(engine) == {"drop-in": "in_progress"}
+
+
+def test_sqlmodel_unit_with_exec_is_replayed_after_its_backend_is_killed(
+    engine: sa.Engine, pg_server: Any, service: str
+) -> None:
+    Session = rdb.ResilientSession(engine, service=service, class_=sqlmodel.Session)
+    with Session.begin() as session:
+        session.add(Ticket(title="killed"))
+    calls: list[sqlmodel.Session] = []
+
+    def start(session: sqlmodel.Session, title: str) -> str:
+        calls.append(session)
+        ticket = session.exec(select(Ticket).where(Ticket.title == title)).one()
+        ticket.status = "in_progress"
+        session.add(Ticket(title=f"{title}: log"))
+        session.flush()
+        if len(calls) == 1:
+            pid = session.scalar(sa.text("SELECT pg_backend_pid()"))
+            pg_server.execute(f"SELECT pg_terminate_backend({int(pid)})")
+        return session.exec(select(Ticket.status).where(Ticket.title == title)).one()
+
+    assert Session.run(start, "killed") == "in_progress"
+    assert len(calls) == 2
+    assert calls[0] is not calls[1]  # a fresh session for the replay
+    assert all(isinstance(s, sqlmodel.Session) for s in calls)
+    assert ticket_rows(engine) == {"killed": "in_progress", "killed: log": "open"}
+    stats = counters(service)
+    assert stats["retries_by_class"] == {"disconnect": 1}
+    assert stats["recovered"] == 1
+
+
+def test_sqlmodel_transactional_unit_is_replayed_after_a_real_serialization_failure(
+    engine: sa.Engine, service: str
+) -> None:
+    """A REPEATABLE READ unit updates a row another transaction changed after the unit's
+    snapshot: the server refuses the UPDATE with 40001, and the replay (a new snapshot)
+    succeeds."""
+    Session = rdb.ResilientSession(engine, service=service, class_=sqlmodel.Session)
+    with Session.begin() as session:
+        ticket = Ticket(title="contended")
+        session.add(ticket)
+        session.flush()
+        ticket_id = ticket.id
+    calls: list[int] = []
+    other = sa.create_engine(engine.url)  # another program: no factory on its engine
+
+    @Session.transactional
+    def start(session: sqlmodel.Session, ticket_id: int) -> str:
+        calls.append(1)
+        session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+        ticket = session.exec(select(Ticket).where(Ticket.id == ticket_id)).one()
+        if len(calls) == 1:  # another transaction changes the row after this snapshot
+            with other.begin() as conn:
+                conn.execute(
+                    sa.update(Ticket).where(Ticket.id == ticket_id).values(title="renamed")
+                )
+        ticket.status = "in_progress"
+        session.flush()  # 40001 in the first attempt: concurrent update
+        return ticket.title
+
+    try:
+        assert start(ticket_id) == "renamed"
+    finally:
+        other.dispose()
+    assert len(calls) == 2
+    assert ticket_rows(engine) == {"renamed": "in_progress"}
+    stats = counters(service)
+    assert stats["retries_by_class"] == {"conflict": 1}
+    assert stats["recovered"] == 1
+
+
+def add_tickets(engine: sa.Engine, **statuses: str) -> dict[str, int]:
+    """Rows put in place past the guards (setup), with the given statuses; their ids."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql(BYPASS_BY_HAND)  # (the trigger, where installed)
+        rows = conn.execute(
+            sa.insert(Ticket).returning(Ticket.__table__.c.title, Ticket.__table__.c.id),
+            [{"title": title, "status": status} for title, status in statuses.items()],
+        )
+        return {row[0]: row[1] for row in rows}
+
+
+def test_sqlmodel_model_with_transitions_is_guarded_at_flush(
+    engine: sa.Engine, service: str
+) -> None:
+    Session = rdb.ResilientSession(engine, service=service, class_=sqlmodel.Session)
+    ids = add_tickets(engine, done="done")
+
+    def reopen(session: sqlmodel.Session) -> None:
+        ticket = session.exec(select(Ticket).where(Ticket.id == ids["done"])).one()
+        assert rdb.allowed_transitions(ticket) == set()
+        ticket.status = "open"
+
+    with pytest.raises(rdb.IllegalTransitionError) as info:
+        Session.run(reopen)
+    err = info.value
+    assert (err.model, err.column, err.from_state, err.to_state, err.via) == (
+        "Ticket",
+        "status",
+        "done",
+        "open",
+        "flush",
+    )
+    assert err.pk == ids["done"]
+
+    def insert_done(session: sqlmodel.Session) -> None:  # a new row must start as "open"
+        session.add(Ticket(title="born done", status="done"))
+
+    with pytest.raises(rdb.IllegalTransitionError) as info:
+        Session.run(insert_done)
+    assert info.value.inserted
+    assert ticket_rows(engine) == {"done": "done"}
+    assert counters(service)["attempts"] == 2  # never retried
+    assert rdb.health()["transitions"]["blocked_transitions"] == 2
+
+    def start(session: sqlmodel.Session) -> set[object]:
+        ticket = session.exec(select(Ticket).where(Ticket.title == "new")).one()
+        ticket.status = "in_progress"
+        session.flush()
+        return rdb.allowed_transitions(ticket)
+
+    Session.run(lambda session: session.add(Ticket(title="new")))
+    assert Session.run(start) == {"done", "open"}
+    assert ticket_rows(engine) == {"done": "done", "new": "in_progress"}
+
+
+def test_sqlmodel_model_with_transitions_is_guarded_in_bulk_updates(
+    engine: sa.Engine, service: str
+) -> None:
+    ids = add_tickets(engine, a="open", b="open", c="done", d="rejected")
+    Filtering = rdb.ResilientSession(engine, service=service, class_=sqlmodel.Session)
+    Raising = rdb.ResilientSession(
+        engine, service=service, class_=sqlmodel.Session, config=rdb.Config(bulk_update="raise")
+    )
+
+    def start_all(session: sqlmodel.Session) -> int:  # session.exec takes an UPDATE too
+        result = session.exec(sa.update(Ticket).values(status="in_progress"))
+        return int(result.rowcount)
+
+    assert Filtering.run(start_all) == 2  # c and d may not start: left unchanged
+    assert ticket_rows(engine) == {
+        "a": "in_progress",
+        "b": "in_progress",
+        "c": "done",
+        "d": "rejected",
+    }
+    assert rdb.health()["transitions"]["bulk_rows_filtered"] == 2
+
+    def reject(session: sqlmodel.Session) -> None:
+        session.exec(sa.update(Ticket).where(Ticket.id == ids["a"]).values(status="rejected"))
+
+    with pytest.raises(rdb.IllegalTransitionError) as info:
+        Raising.run(reject)
+    assert (info.value.from_state, info.value.to_state, info.value.via) == (
+        "in_progress",
+        "rejected",
+        "orm-update",
+    )
+    assert ticket_rows(engine)["a"] == "in_progress"
+
+
+def test_sqlmodel_model_gets_the_transition_trigger(engine: sa.Engine, service: str) -> None:
+    rdb.install_transition_trigger(engine, Ticket)
+    with engine.connect() as conn:
+        assert rdb.trigger_drift(conn, Ticket) is None
+    Session = rdb.ResilientSession(engine, service=service, class_=sqlmodel.Session)
+    ids = add_tickets(engine, done="done")
+
+    def raw_reopen(session: sqlmodel.Session) -> None:  # past the ORM: only the trigger sees it
+        session.execute(
+            sa.text("UPDATE sqlmodel_tickets SET status = 'open' WHERE id = :id"),
+            {"id": ids["done"]},
+        )
+
+    with pytest.raises(rdb.IllegalTransitionError) as info:
+        Session.run(raw_reopen)
+    assert (info.value.model, info.value.from_state, info.value.to_state, info.value.via) == (
+        "Ticket",
+        "done",
+        "open",
+        "db",
+    )
+    with engine.begin() as conn, pytest.raises(rdb.IllegalTransitionError) as info:
+        conn.execute(sa.update(Ticket.__table__).values(status="open"))  # Core, same engine
+    assert info.value.via == "db"
+    other = sa.create_engine(engine.url)  # another program: the trigger's SQLSTATE
+    try:
+        with other.begin() as conn, pytest.raises(sa.exc.DBAPIError) as raw:
+            conn.execute(sa.insert(Ticket.__table__).values(title="x", status="done"))
+    finally:
+        other.dispose()
+    assert rdb.sqlstate_of(raw.value) == rdb.TRANSITION_SQLSTATE
+    assert ticket_rows(engine) == {"done": "done"}
+
+
+class Phase(str, enum.Enum):
+    draft = "draft"
+    live = "live"
+    retired = "retired"
+
+
+class Page(SQLModel, table=True):
+    """An enum status, as SQLModel maps it (a SQLAlchemy ``Enum`` column)."""
+
+    __tablename__ = "sqlmodel_pages"
+    __transitions__ = rdb.TransitionRules(
+        column="phase",
+        transitions={Phase.draft: {Phase.live}, Phase.live: {Phase.retired}},
+        initial={Phase.draft},
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    phase: Phase = Phase.draft
+
+
+def test_sqlmodel_enum_status_is_guarded_by_flush_bulk_and_trigger(
+    engine: sa.Engine, service: str
+) -> None:
+    assert isinstance(Page.__table__.c.phase.type, sa.Enum)
+    SQLModel.metadata.create_all(engine, tables=[Page.__table__])  # type: ignore[list-item]
+    rdb.install_transition_trigger(engine, Page)
+    Session = rdb.ResilientSession(engine, service=service, class_=sqlmodel.Session)
+    Session.run(lambda session: session.add(Page()))
+
+    def move(session: sqlmodel.Session, to: Phase) -> None:
+        page = session.exec(select(Page)).one()
+        page.phase = to
+
+    Session.run(move, Phase.live)
+    with pytest.raises(rdb.IllegalTransitionError) as info:
+        Session.run(move, Phase.draft)
+    assert (info.value.from_state, info.value.to_state) == (Phase.live, Phase.draft)
+    assert Session.run(lambda s: s.exec(sa.update(Page).values(phase=Phase.draft)).rowcount) == 0
+    with pytest.raises(rdb.IllegalTransitionError) as info:
+        Session.run(lambda s: s.execute(sa.text("UPDATE sqlmodel_pages SET phase = 'draft'")))
+    assert (info.value.from_state, info.value.to_state, info.value.via) == (
+        Phase.live,
+        Phase.draft,
+        "db",
+    )
+    with engine.connect() as conn:
+        assert conn.scalar(sa.text("SELECT phase::text FROM sqlmodel_pages")) == "live"
+
+
+def test_sqlmodel_classes_as_response_validators(engine: sa.Engine, service: str) -> None:
+    Session = rdb.ResilientSession(
+        engine, service=service, class_=sqlmodel.Session, expire_on_commit=False
+    )
+    add_tickets(engine, a="open", b="done")
+
+    def load(session: sqlmodel.Session) -> list[Ticket]:
+        return list(session.exec(select(Ticket).order_by(Ticket.title)).all())
+
+    tickets = Session.run(load, validate=list[TicketOut])  # ORM rows, read from attributes
+    assert [t.title for t in tickets] == ["a", "b"]
+    assert all(isinstance(t, Ticket) for t in tickets)  # returned as they are
+    one = Session.run(
+        lambda s: s.exec(select(Ticket).where(Ticket.title == "a")).one(), validate=Ticket
+    )
+    assert one.status == "open"
+
+    def add_and_answer_badly(session: sqlmodel.Session) -> dict[str, object]:
+        session.add(Ticket(title="written"))
+        session.flush()
+        return {"id": "one", "title": "written", "status": "open"}
+
+    with pytest.raises(rdb.ResponseValidationError) as info:
+        Session.run(add_and_answer_badly, validate=TicketOut)
+    assert info.value.reason.startswith("id: Input should be a valid integer")
+    assert "written" not in ticket_rows(engine)  # the unit was rolled back
+    assert counters(service)["response_validation_failures"] == 1
+
+
+# -- SQLModel, async ------------------------------------------------------------------------------
+@pytest.fixture(params=ASYNC_DRIVERS)
+def async_driver(request: pytest.FixtureRequest) -> str:
+    """The async tests run on both async drivers (asyncpg, psycopg 3)."""
+    return str(request.param)
+
+
+@pytest_asyncio.fixture
+async def async_engine(engine: sa.Engine, pg_async_url: str) -> AsyncIterator[AsyncEngine]:
+    eng = create_async_engine(pg_async_url)
+    yield eng
+    await eng.dispose()
+
+
+def async_factory(async_engine: AsyncEngine, service: str, **kw: Any) -> Any:
+    return rdb.AsyncResilientSession(
+        async_engine, service=service, class_=SQLModelAsyncSession, **kw
+    )
+
+
+@pytest.mark.asyncio
+async def test_async_sqlmodel_session_in_drop_in_use(
+    engine: sa.Engine, async_engine: AsyncEngine, service: str
+) -> None:
+    Session = async_factory(async_engine, service)
+    async with Session.begin() as session:
+        assert isinstance(session, SQLModelAsyncSession)
+        assert isinstance(session.sync_session, sqlmodel.Session)
+        session.add(Ticket(title="async drop-in"))
+    async with Session() as session:
+        ticket = (await session.exec(select(Ticket))).one()
+        ticket.status = "in_progress"
+        await session.commit()
+    async with Session() as session:
+        ticket = (await session.exec(select(Ticket))).one()
+        ticket.status = "open"
+        await session.flush()  # legal: in_progress -> open
+        ticket.status = "done"
+        with pytest.raises(rdb.IllegalTransitionError) as info:
+            await session.flush()  # open -> done: blocked
+        assert info.value.via == "flush"
+        await session.rollback()
+    assert ticket_rows(engine) == {"async drop-in": "in_progress"}
+
+
+@pytest.mark.asyncio
+async def test_async_sqlmodel_unit_is_replayed_after_its_backend_is_killed(
+    engine: sa.Engine, async_engine: AsyncEngine, pg_server: Any, service: str
+) -> None:
+    Session = async_factory(async_engine, service, expire_on_commit=False)
+    ids = add_tickets(engine, killed="open")
+    calls: list[SQLModelAsyncSession] = []
+
+    async def start(session: SQLModelAsyncSession, ticket_id: int) -> Ticket:
+        calls.append(session)
+        ticket = (await session.exec(select(Ticket).where(Ticket.id == ticket_id))).one()
+        ticket.status = "in_progress"
+        session.add(Ticket(title="killed: log"))
+        await session.flush()
+        if len(calls) == 1:
+            pid = await session.scalar(sa.text("SELECT pg_backend_pid()"))
+            pg_server.execute(f"SELECT pg_terminate_backend({int(pid)})")
+        await session.exec(select(Ticket.id).where(Ticket.id == ticket_id))
+        return ticket
+
+    ticket = await Session.run(start, ids["killed"], validate=TicketOut)
+    assert ticket.status == "in_progress"
+    assert len(calls) == 2
+    assert all(isinstance(s, SQLModelAsyncSession) for s in calls)
+    assert ticket_rows(engine) == {"killed": "in_progress", "killed: log": "open"}
+    stats = counters(service)
+    assert stats["retries_by_class"] == {"disconnect": 1}
+    assert stats["recovered"] == 1
+
+
+@pytest.mark.asyncio
+async def test_async_sqlmodel_guards_refuse_illegal_moves(
+    engine: sa.Engine, async_engine: AsyncEngine, service: str
+) -> None:
+    ids = add_tickets(engine, a="open", c="done")
+    Session = async_factory(async_engine, service, config=rdb.Config(bulk_update="raise"))
+
+    async def reopen(session: SQLModelAsyncSession) -> None:
+        ticket = (await session.exec(select(Ticket).where(Ticket.id == ids["c"]))).one()
+        ticket.status = "open"
+
+    with pytest.raises(rdb.IllegalTransitionError) as info:
+        await Session.run(reopen)
+    assert (info.value.from_state, info.value.to_state, info.value.via) == ("done", "open", "flush")
+
+    @Session.transactional
+    async def finish_all(session: SQLModelAsyncSession) -> None:
+        await session.exec(sa.update(Ticket).values(status="done"))
+
+    with pytest.raises(rdb.IllegalTransitionError) as info:  # a is open: may not be done
+        await finish_all()
+    assert info.value.via == "orm-update"
+    assert ticket_rows(engine) == {"a": "open", "c": "done"}
+    assert counters(service)["attempts"] == 2  # neither retried
+
+
+# -- Flask-SQLAlchemy -----------------------------------------------------------------------------
+class ResilientSQLAlchemy(SQLAlchemy):
+    """What the README shows: ``db.session`` made by a ``ResilientSession`` of each app's engine.
+
+    Flask-SQLAlchemy builds ``db.session`` in ``__init__``, before any engine exists (engines
+    are made per app by ``init_app``), so the factory is made in ``init_app``, in an app
+    context: on the app's engine, of Flask-SQLAlchemy's own session class (its ``get_bind``
+    picks each app context's engine), with the same arguments Flask-SQLAlchemy gives it, under
+    Flask-SQLAlchemy's own scope (one session per app context, removed at its teardown). The
+    factory is also ``app.extensions["resilient_db"]``, for units of work.
+    """
+
+    def init_app(self, app: Flask) -> None:
+        super().init_app(app)
+        with app.app_context():
+            factory = rdb.ResilientSession(
+                self.engine,
+                service=app.config.get("RESILIENT_DB_SERVICE", "database"),
+                class_=FlaskSession,
+                db=self,
+                query_cls=self.Query,
+            )
+        app.extensions["resilient_db"] = factory
+        self.session = scoped_session(factory, scopefunc=self.session.registry.scopefunc)
+        if app.config["SQLALCHEMY_TRACK_MODIFICATIONS"]:  # its signals, on the new sessions
+            track_modifications._listen(self.session)
+
+
+class FlaskBase(DeclarativeBase):
+    pass
+
+
+db = ResilientSQLAlchemy(model_class=FlaskBase)
+
+
+class Job(db.Model):  # type: ignore[name-defined, misc]
+    __tablename__ = "flask_jobs"
+    __transitions__ = rdb.TransitionRules(
+        column="status",
+        transitions={"queued": {"running"}, "running": {"finished", "queued"}},
+        initial={"queued"},
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(50), unique=True)
+    status: Mapped[str] = mapped_column(sa.String(20), default="queued")
+
+
+def create_app(url: str, service: str, **config: Any) -> Flask:
+    setup = sa.create_engine(url)  # the schema and the markers, as a migration makes them
+    try:
+        FlaskBase.metadata.create_all(setup)
+        rdb.install_commit_markers(setup)
+    finally:
+        setup.dispose()
+    app = Flask(__name__)
+    app.config["SQLALCHEMY_DATABASE_URI"] = url
+    app.config["RESILIENT_DB_SERVICE"] = service
+    app.config.update(config)
+    db.init_app(app)
+    return app
+
+
+def units(app: Flask) -> rdb.ResilientSession[FlaskSession]:
+    factory: rdb.ResilientSession[FlaskSession] = app.extensions["resilient_db"]
+    return factory
+
+
+@pytest.fixture
+def flask_app(pg_url: str, service: str) -> Iterator[Flask]:
+    app = create_app(pg_url, service)
+    yield app
+    with app.app_context():
+        db.engine.dispose()
+
+
+def job_rows(app: Flask) -> dict[str, str]:
+    with app.app_context(), db.engine.connect() as conn:
+        return {row[0]: row[1] for row in conn.execute(sa.select(Job.name, Job.status))}
+
+
+def marker_count(app: Flask) -> int:
+    """Commit markers in the app's database: COMMITs that went out marked (see Units of work)."""
+    with app.app_context(), db.engine.connect() as conn:
+        return int(conn.scalar(sa.text("SELECT count(*) FROM resilient_db.commit_markers")))
+
+
+def test_flask_db_session_is_a_resilient_session(flask_app: Flask) -> None:
+    Session = units(flask_app)
+    assert isinstance(db.session.session_factory, rdb.ResilientSession)
+    assert db.session.session_factory is Session
+    with flask_app.app_context():
+        session = db.session()
+        assert type(session) is Session.class_
+        assert isinstance(session, FlaskSession)
+        assert session.get_bind(Job) is db.engine  # Flask-SQLAlchemy's choice: the app's engine
+        db.session.add(Job(name="a"))
+        db.session.commit()
+        assert db.session() is session  # one session per app context, as before
+        assert db.session.get(Job, 1) is not None
+    assert marker_count(flask_app) == 0  # drop-in COMMITs are plain ones
+    with flask_app.app_context():
+        units(flask_app).run(lambda session: session.add(Job(name="b")))
+    assert marker_count(flask_app) == 1  # a unit's COMMIT carried its marker
+    with flask_app.app_context():
+        assert db.session() is not session  # removed when the context ended
+        job = db.get_or_404(Job, 1)
+        job.status = "running"
+        db.session.commit()
+        page = db.paginate(sa.select(Job).order_by(Job.name), page=1, per_page=10)
+        assert [j.name for j in page.items] == ["a", "b"]
+    assert job_rows(flask_app) == {"a": "running", "b": "queued"}
+
+
+def test_flask_views_use_db_session_and_units(
+    flask_app: Flask, pg_server: Any, service: str
+) -> None:
+    """A view uses ``db.session`` drop-in; another runs a unit (replayed after its backend is
+    killed); the guard refuses an illegal move made through ``db.session``, answered 409 by
+    resilient_db's problem details."""
+    calls: list[int] = []
+
+    @flask_app.errorhandler(rdb.ResilientDBError)
+    def problem(exc: rdb.ResilientDBError) -> Any:
+        answer = problem_details(exc)
+        assert answer is not None
+        return answer.body, answer.status, answer.headers
+
+    @flask_app.post("/jobs/<name>")
+    def create(name: str) -> Any:
+        db.session.add(Job(name=name))
+        db.session.commit()
+        return {"name": name}, 201
+
+    @flask_app.post("/jobs/<name>/status/<status>")
+    def move(name: str, status: str) -> Any:
+        job = db.session.execute(sa.select(Job).where(Job.name == name)).scalar_one()
+        job.status = status
+        db.session.commit()
+        return {"status": job.status}
+
+    def start(session: FlaskSession, name: str) -> str:
+        calls.append(1)
+        job = session.execute(sa.select(Job).where(Job.name == name)).scalar_one()
+        job.status = "running"
+        session.flush()
+        if len(calls) == 1:
+            pid = session.scalar(sa.text("SELECT pg_backend_pid()"))
+            pg_server.execute(f"SELECT pg_terminate_backend({int(pid)})")
+        session.execute(sa.text("SELECT 1"))
+        return job.status
+
+    @flask_app.post("/jobs/<name>/start")
+    def start_view(name: str) -> Any:
+        return {"status": units(current_app).run(start, name)}
+
+    client = flask_app.test_client()
+    assert client.post("/jobs/a").status_code == 201
+    assert client.post("/jobs/b").status_code == 201
+    answer = client.post("/jobs/a/start")
+    assert answer.status_code == 200
+    assert answer.json == {"status": "running"}
+    assert len(calls) == 2
+    stats = counters(service)
+    assert stats["retries_by_class"] == {"disconnect": 1}
+    assert stats["recovered"] == 1
+
+    answer = client.post("/jobs/b/status/finished")  # queued -> finished: blocked at flush
+    assert answer.status_code == 409
+    assert answer.json is not None
+    assert (answer.json["from_state"], answer.json["to_state"], answer.json["via"]) == (
+        "queued",
+        "finished",
+        "flush",
+    )
+    assert client.post("/jobs/a/status/finished").status_code == 200
+    assert job_rows(flask_app) == {"a": "finished", "b": "queued"}
+    assert rdb.health()["transitions"]["blocked_transitions"] == 1
+    assert counters(service)["retries"] == 1  # the blocked move was not retried
+
+
+def test_flask_db_session_guards_bulk_updates_and_replaces_killed_pooled_connections(
+    flask_app: Flask, pg_server: Any
+) -> None:
+    with flask_app.app_context():
+        db.session.add_all([Job(name="a"), Job(name="b", status="queued")])
+        db.session.commit()
+        db.session.execute(sa.update(Job).where(Job.name == "a").values(status="running"))
+        db.session.commit()
+        pid = db.session.scalar(sa.text("SELECT pg_backend_pid()"))
+    # the pooled connection dies between two requests (a restart of the server, a failover, an
+    # idle timeout of a proxy): the next app context gets a new one, no error
+    pg_server.execute(f"SELECT pg_terminate_backend({int(pid)}, 5000)")  # (gone on return)
+    with flask_app.app_context():
+        result = db.session.execute(sa.update(Job).values(status="finished"))  # only a may
+        assert result.rowcount == 1  # type: ignore[attr-defined]
+        db.session.commit()
+        assert db.session.scalar(sa.text("SELECT pg_backend_pid()")) != pid
+    assert job_rows(flask_app) == {"a": "finished", "b": "queued"}
+    assert rdb.health()["transitions"]["bulk_rows_filtered"] == 1
+
+
+def killed_once(session: FlaskSession, server: Any, calls: list[int], name: str) -> None:
+    """A unit adding a job, whose backend ``server`` terminates in its first attempt."""
+    calls.append(1)
+    session.add(Job(name=name))
+    session.flush()
+    if len(calls) == 1:
+        pid = session.scalar(sa.text("SELECT pg_backend_pid()"))
+        server.execute(f"SELECT pg_terminate_backend({int(pid)})")
+    session.execute(sa.text("SELECT 1"))
+
+
+def test_flask_apps_alive_at_once_each_get_their_engine_healed(
+    pg_server: Any, pg_url: str, service: str
+) -> None:
+    """``db.session`` is one object for every app: the factory of the app made last. In another
+    app's context its sessions get that app's engine (Flask-SQLAlchemy's ``get_bind``), which
+    its own factory gave resilient_db's hooks: COMMITs there are marked, units replayed, the
+    guard applies, in that app's database."""
+    second_database = f"{service}-second".replace("-", "_")
+    pg_server.create_database(second_database)
+    first = create_app(pg_url, service)
+    second = create_app(pg_server.url(second_database), service)
+    try:
+        assert db.session.session_factory is units(second)
+        for app, name in ((first, "one"), (second, "two")):
+            calls: list[int] = []
+            with app.app_context():
+                assert db.session().get_bind(Job) is db.engine
+                units(app).run(killed_once, pg_server, calls, name)
+                assert len(calls) == 2
+                job = db.session.execute(sa.select(Job).where(Job.name == name)).scalar_one()
+                job.status = "finished"
+                with pytest.raises(rdb.IllegalTransitionError):
+                    db.session.commit()
+                db.session.rollback()
+                job.status = "running"
+                db.session.commit()
+            assert job_rows(app) == {name: "running"}
+            assert marker_count(app) == 1  # the unit's COMMIT went out marked, there
+    finally:
+        for app in (first, second):
+            with app.app_context():
+                db.engine.dispose()
+        pg_server.drop_database(second_database)
+
+
+def test_flask_signals_of_tracked_modifications_still_come(pg_url: str, service: str) -> None:
+    app = create_app(pg_url, service, SQLALCHEMY_TRACK_MODIFICATIONS=True)
+    seen: list[tuple[str, str]] = []
+
+    def committed(sender: Flask, changes: list[tuple[Job, str]]) -> None:
+        seen.extend((job.name, operation) for job, operation in changes)
+
+    track_modifications.models_committed.connect(committed, app)
+    try:
+        with app.app_context():
+            db.session.add(Job(name="signalled"))
+            db.session.commit()
+            units(app).run(lambda session: session.add(Job(name="in a unit")))
+    finally:
+        track_modifications.models_committed.disconnect(committed, app)
+        with app.app_context():
+            db.engine.dispose()
+    assert seen == [("signalled", "insert"), ("in a unit", "insert")]
