@@ -1,5 +1,7 @@
 """Installs of the transition trigger against the real server: what a table holds when several
-classes guard it (single-table inheritance, two models of one table).
+classes guard it (single-table inheritance, two models of one table), and our triggers left
+behind by a column no longer guarded (removed from ``__transitions__``, or renamed in the
+database).
 
 Models are mapped in registries of their own, disposed of after each test."""
 
@@ -256,3 +258,152 @@ def test_a_trigger_stamped_with_a_model_by_an_earlier_release_is_drift_and_reins
     rdb.install_transition_trigger(engine, job)
     with engine.connect() as conn:
         assert rdb.trigger_drift(conn, job) is None
+
+
+# ------------------------------------------------------------------------------------------------
+# triggers of columns no longer guarded
+# ------------------------------------------------------------------------------------------------
+
+
+def _record(
+    reg: registry, *rules: rdb.TransitionRules, status: str = "status", schema: str | None = None
+) -> Any:
+    return reg.mapped(
+        type(
+            "Record",
+            (),
+            {
+                "__tablename__": "records",
+                "__table_args__": {"schema": schema},
+                "__transitions__": list(rules),
+                "id": mapped_column(sa.Integer, primary_key=True),
+                status: mapped_column(sa.String(20)),
+                "phase": mapped_column(sa.String(20)),
+            },
+        )
+    )
+
+
+USER_TRIGGER = """
+CREATE FUNCTION rdb_transition_records_audit() RETURNS trigger LANGUAGE plpgsql
+AS $$ BEGIN RETURN NULL; END $$;
+CREATE TRIGGER rdb_transition_audit_ins AFTER INSERT ON records
+FOR EACH ROW EXECUTE FUNCTION rdb_transition_records_audit();
+"""
+
+
+def test_a_column_removed_from_the_rules_loses_its_trigger(
+    engine: sa.Engine, registries: Callable[[], registry]
+) -> None:
+    """The next release guards ``status`` only: its drift names the trigger of ``phase`` left on
+    the table, its install drops that (and its function), never the application's own trigger
+    (named like ours, but not stamped), and its uninstall drops what is ours of both."""
+    first = _record(reg := registries(), RULES, PHASES)
+    reg.metadata.create_all(engine)
+    rdb.install_transition_trigger(engine, first)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(USER_TRIGGER)
+    nxt = _record(registries(), RULES)
+    with engine.connect() as conn:
+        drift = rdb.trigger_drift(conn, nxt) or ""
+    assert (
+        'table "records": trigger rdb_transition_phase_ins, rdb_transition_phase_upd for '
+        "column 'phase' is installed but no longer declared by Record" in drift
+    )
+    rdb.install_transition_trigger(engine, nxt)
+    with engine.connect() as conn:
+        assert rdb.trigger_drift(conn, nxt) is None
+        assert [t for t, _ in _ours(conn, "records")] == [
+            "rdb_transition_status_ins",
+            "rdb_transition_status_upd",
+        ]
+        assert len([f for f in _functions(conn) if "phase" in f]) == 0
+        conn.exec_driver_sql("INSERT INTO records VALUES (1, 'new', 'z')")  # phase unguarded
+        conn.exec_driver_sql("UPDATE records SET phase = 'y'")
+        conn.commit()
+    rdb.install_transition_trigger(engine, first)  # the earlier release again
+    rdb.uninstall_transition_trigger(engine, nxt)
+    with engine.connect() as conn:
+        assert _ours(conn, "records") == []
+        assert _functions(conn) == ["rdb_transition_records_audit"]
+        user = conn.exec_driver_sql(
+            "SELECT tgname FROM pg_trigger WHERE tgrelid = 'records'::regclass"
+        ).scalars()
+        assert list(user) == ["rdb_transition_audit_ins"]
+
+
+@pytest.mark.parametrize("schema", [None, "tenant"])
+def test_a_column_renamed_in_the_database_is_guarded_under_its_new_name(
+    engine: sa.Engine, registries: Callable[[], registry], schema: str | None
+) -> None:
+    """ALTER TABLE ... RENAME COLUMN status TO state: the trigger function still reads
+    NEW.status, so every INSERT fails until the next release (guarding ``state``) installs:
+    its drift names the left-over trigger, its install drops it, and the column is guarded
+    under its new name."""
+    table = f"{schema}.records" if schema else "records"
+    if schema:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    first = _record(reg := registries(), RULES, schema=schema)
+    reg.metadata.create_all(engine)
+    rdb.install_transition_trigger(engine, first)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"ALTER TABLE {table} RENAME COLUMN status TO state")
+    with engine.connect() as conn, pytest.raises(sa.exc.ProgrammingError, match="status"):
+        conn.exec_driver_sql(f"INSERT INTO {table} VALUES (1, 'new')")
+    with engine.connect() as conn:
+        drift = rdb.trigger_drift(conn, first) or ""
+    assert "Record.status (table records): the table has no column 'status'" in drift
+    renamed = rdb.TransitionRules(
+        column="state", transitions={"new": {"done"}, "done": {"new"}}, initial={"new"}
+    )
+    nxt = _record(registries(), renamed, status="state", schema=schema)
+    with engine.connect() as conn:
+        drift = rdb.trigger_drift(conn, nxt) or ""
+    assert "trigger rdb_transition_state_ins is missing" in drift
+    assert "for column 'status' is installed but no longer declared" in drift
+    rdb.install_transition_trigger(engine, nxt)
+    with engine.connect() as conn:
+        assert rdb.trigger_drift(conn, nxt) is None
+        assert [t for t, _ in _ours(conn, table)] == [
+            "rdb_transition_state_ins",
+            "rdb_transition_state_upd",
+        ]
+        assert [f for f in _functions(conn) if "status" in f] == []
+        conn.exec_driver_sql(f"INSERT INTO {table} VALUES (1, 'new')")
+        conn.exec_driver_sql(f"UPDATE {table} SET state = 'done'")
+        conn.commit()
+        err = _refused(conn, f"INSERT INTO {table} VALUES (2, 'done')")
+        assert (err.column, err.to_state) == ("state", "done")
+        err = _refused(conn, f"UPDATE {table} SET state = 'zzz'")
+        assert (err.from_state, err.to_state) == ("done", "zzz")
+
+
+def test_the_triggers_of_another_class_of_the_table_are_kept(
+    engine: sa.Engine, reg: registry
+) -> None:
+    """Two unrelated classes of one table guarding two columns: each one's install and
+    uninstall leaves the other's trigger alone (it is declared, not left over)."""
+    table = sa.Table(
+        "orders",
+        reg.metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("status", sa.String(20)),
+        sa.Column("phase", sa.String(20)),
+    )
+    order = reg.mapped(type("Order", (), {"__table__": table, "__transitions__": RULES}))
+    steps = reg.mapped(type("OrderSteps", (), {"__table__": table, "__transitions__": PHASES}))
+    reg.metadata.create_all(engine)
+    rdb.install_transition_trigger(engine, order)
+    rdb.install_transition_trigger(engine, steps)
+    with engine.connect() as conn:
+        assert rdb.trigger_drift(conn, order) is None
+        assert rdb.trigger_drift(conn, steps) is None
+        assert len(_ours(conn, "orders")) == 4
+    rdb.uninstall_transition_trigger(engine, order)
+    with engine.connect() as conn:
+        assert [t for t, _ in _ours(conn, "orders")] == [
+            "rdb_transition_phase_ins",
+            "rdb_transition_phase_upd",
+        ]
+        assert rdb.trigger_drift(conn, steps) is None

@@ -542,6 +542,34 @@ BEGIN
     END IF;
 END
 $rdb$;
+
+DO $rdb$
+DECLARE
+    v_rel oid := pg_catalog.to_regclass('"jobs"')::oid;
+    r record;
+BEGIN
+    IF v_rel IS NULL THEN
+        RETURN;
+    END IF;
+    FOR r IN
+        SELECT t.tgname::text AS trigger, t.tgfoid AS fn, p.proname::text AS function,
+               s.nspname::text AS schema
+        FROM pg_catalog.pg_trigger t
+        JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
+        JOIN pg_catalog.pg_namespace s ON s.oid = p.pronamespace
+        WHERE t.tgrelid = v_rel AND NOT t.tgisinternal
+            AND pg_catalog.obj_description(t.tgfoid, 'pg_proc') LIKE 'resilient_db transition \
+guard %'
+            AND t.tgname::text <> ALL (ARRAY['rdb_transition_state_ins', \
+'rdb_transition_state_upd']::text[])
+    LOOP
+        EXECUTE pg_catalog.format('DROP TRIGGER %I ON %s', r.trigger, '"jobs"');
+        IF NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgfoid = r.fn) THEN
+            EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS %I.%I()', r.schema, r.function);
+        END IF;
+    END LOOP;
+END
+$rdb$;
 """
 
 
@@ -554,11 +582,12 @@ def test_the_trigger_script_of_a_simple_machine(mapped: Mapper) -> None:
     """The whole script, byte for byte: a change here changes every installed trigger's stamp."""
     model = _jobs(mapped)
     assert transition_trigger_sql(model) == JOBS_SQL
+    # then the old-named function's drop, and that of triggers of columns no longer guarded
     assert transition_trigger_drop_sql(model) == (
         'DROP TRIGGER IF EXISTS "rdb_transition_state_ins" ON "jobs";\n\n'
         'DROP TRIGGER IF EXISTS "rdb_transition_state_upd" ON "jobs";\n\n'
         'DROP FUNCTION IF EXISTS "rdb_transition_jobs_state_b53b700df013"();\n\n'
-        + JOBS_SQL[JOBS_SQL.rindex("DO $rdb$") :]  # the old-named function's drop
+        + JOBS_SQL[JOBS_SQL.index("DO $rdb$\nDECLARE\n    v_old") :]
     )
     (guard,) = guards_of(model)
     assert len(install_statements(guard)) == 7

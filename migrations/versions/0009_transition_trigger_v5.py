@@ -8,6 +8,8 @@ Installs the trigger of tasks.status again (generator version 5). The stamp of e
 named the model, so the classes of one table (single-table inheritance, two models of one
 table) guarding a column by the same rules replaced each other's trigger at every install, and
 each saw the other's as drift. Version 5's stamp identifies the table, the column and the rules.
+The install also drops our triggers left on the table by a column no longer guarded (removed
+from ``__transitions__`` or renamed), with their functions.
 """
 
 from __future__ import annotations

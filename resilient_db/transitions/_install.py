@@ -14,15 +14,20 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
 from ._report import logger
-from ._rules import Guard, guards_of, trigger_guards
+from ._rules import Guard, guards_of, table_guards, trigger_guards
 from ._sql import (
     BYPASS_ROLE,
     bypass_role_statement,
+    column_of_trigger,
+    declared_triggers,
     drop_statements,
     install_statements,
+    left_over_statements,
+    literal,
     rules_stamp,
     source_matches,
     stamp_generator,
+    stamp_prefix_pattern,
     trigger_names,
 )
 
@@ -149,13 +154,20 @@ def install_transition_trigger(bind_or_op: Any, model: type[Any]) -> None:
     The trigger belongs to the table and column, not to the model: the classes of one table
     (single-table inheritance, two models of one table) guarding a column by the same rules
     install the same trigger, and a model whose rules for the column differ from another's is
-    refused (:class:`TransitionRulesError` naming both).
+    refused (:class:`TransitionRulesError` naming both). Our triggers on the model's tables of
+    a column no longer guarded by any class known in this process (removed from
+    ``__transitions__``, or renamed) are dropped, with their functions; triggers of the
+    application's are never touched.
     """
     guards = trigger_guards(model)
     _refuse_schema_translation(bind_or_op, guards, "install_transition_trigger")
     if installed_already(bind_or_op, lambda conn: _trigger_current(conn, model)):
         return
-    statements = [bypass_role_statement(), *(s for g in guards for s in install_statements(g))]
+    statements = [
+        bypass_role_statement(),
+        *(s for g in guards for s in install_statements(g)),
+        *left_over_statements(model, guards),
+    ]
     run_statements(bind_or_op, statements)
     conn = _live_connection(bind_or_op)
     if conn is not None and not conn.execute(_ROLE_QUERY, {"role": BYPASS_ROLE}).scalar():
@@ -197,10 +209,14 @@ def _live_connection(target: Any) -> Connection | None:
 
 
 def uninstall_transition_trigger(bind_or_op: Any, model: type[Any]) -> None:
-    """Remove the trigger and function of ``model`` (the downgrade of the install)."""
+    """Remove the trigger and function of ``model`` (the downgrade of the install), and ours
+    left on its tables by columns no longer guarded (see :func:`install_transition_trigger`)."""
     guards = guards_of(model)
     _refuse_schema_translation(bind_or_op, guards, "uninstall_transition_trigger")
-    run_statements(bind_or_op, [s for g in guards for s in drop_statements(g)])
+    run_statements(
+        bind_or_op,
+        [*(s for g in guards for s in drop_statements(g)), *left_over_statements(model, guards)],
+    )
 
 
 def _refuse_schema_translation(target: Any, guards: Iterable[Guard], what: str) -> None:
@@ -283,13 +299,21 @@ def _shape_differs(row: Any, update: bool) -> bool:
 
 
 _TABLE_QUERY = sa.text("SELECT pg_catalog.to_regclass(:rel) IS NOT NULL")
+# text = text, as the other queries compare (attname is a name)
+_COLUMN_QUERY = sa.text(
+    "SELECT EXISTS (SELECT FROM pg_catalog.pg_attribute"
+    " WHERE attrelid = pg_catalog.to_regclass(:rel)::oid AND attnum > 0 AND NOT attisdropped"
+    " AND attname::text = CAST(:col AS text))"
+)
 
 
 def trigger_drift(connection: Connection | Session, model: type[Any]) -> str | None:
     """``None`` when the database enforces exactly the declared rules of ``model``; otherwise a
     sentence saying what differs: a trigger missing, not enabled as installed (disabled, or
     firing only for replication), or defined otherwise (timing, events, columns, WHEN); the
-    function's stamp from other rules or an older release, or its body or settings changed."""
+    function's stamp from other rules or an older release, or its body or settings changed; the
+    guarded column missing from the table (renamed or dropped); a trigger of ours on the table
+    for a column no class of the table guards any more (install and uninstall drop it)."""
     conn = connection.connection() if isinstance(connection, Session) else connection
     _refuse_schema_translation(conn, guards_of(model), "trigger_drift")
     problems: list[str] = []
@@ -298,6 +322,13 @@ def trigger_drift(connection: Connection | Session, model: type[Any]) -> str | N
         where = f"{guard.model}.{guard.attr_key} (table {guard.table.name})"
         if not conn.execute(_TABLE_QUERY, {"rel": n.table}).scalar():
             problems.append(f"{where}: the table does not exist")
+            continue
+        if not conn.execute(_COLUMN_QUERY, {"rel": n.table, "col": guard.column.name}).scalar():
+            problems.append(
+                f"{where}: the table has no column {guard.column.name!r} (renamed or dropped by a "
+                "migration?); a trigger function reading it makes every INSERT fail: declare the "
+                "column's name in __transitions__ and run install_transition_trigger again"
+            )
             continue
         rows = {
             r.name: r
@@ -380,4 +411,46 @@ def trigger_drift(connection: Connection | Session, model: type[Any]) -> str | N
                 f"{where}: installed function stamp ({stamp or 'no stamp'}) does not match the "
                 f"declared rules ({expected}); reinstall with transition_trigger_sql()"
             )
+    problems.extend(_left_over(conn, model))
     return "; ".join(problems) if problems else None
+
+
+_STAMPED = literal(stamp_prefix_pattern())
+_LEFT_OVER_QUERY = sa.text(
+    f"""
+    SELECT t.tgname::text AS name, p.proname::text AS function
+    FROM pg_catalog.pg_trigger t
+    JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
+    WHERE t.tgrelid = pg_catalog.to_regclass(:rel)::oid AND NOT t.tgisinternal
+        AND pg_catalog.obj_description(p.oid, 'pg_proc') LIKE {_STAMPED}
+    ORDER BY 1
+    """
+)
+
+
+def _left_over(conn: Connection, model: type[Any]) -> list[str]:
+    """Our triggers on the tables of ``model`` of columns no class known here guards any more
+    (install and uninstall drop them): one sentence per column."""
+    found: list[str] = []
+    tables: dict[tuple[str | None, str], Guard] = {}
+    for g in guards_of(model):
+        tables.setdefault((g.table.schema, g.table.name), g)
+    for guard in tables.values():
+        table = trigger_names(guard).table
+        keep = set(declared_triggers(table_guards(model, guard.table)))
+        rows = conn.execute(_LEFT_OVER_QUERY, {"rel": table})
+        by_column: dict[str, list[tuple[str, str]]] = {}
+        for row in rows:
+            if row.name not in keep:
+                column = column_of_trigger(row.name)
+                label = f"column {column!r}" if column is not None else "a column"
+                by_column.setdefault(label, []).append((row.name, row.function))
+        for label, triggers in by_column.items():
+            names = ", ".join(name for name, _ in triggers)
+            functions = ", ".join(sorted({f"{fn}()" for _, fn in triggers}))
+            found.append(
+                f"table {table}: trigger {names} for {label} is installed but no longer "
+                f"declared by {guard.model} or another class of the table (it calls "
+                f"{functions}); run install_transition_trigger again, which drops it"
+            )
+    return found

@@ -18,6 +18,7 @@ from ._rules import (
     TransitionRulesError,
     guards_of,
     sort_key,
+    table_guards,
     trigger_guards,
 )
 
@@ -29,16 +30,21 @@ __all__ = [
     "TRANSITION_SQLSTATE",
     "TriggerNames",
     "bypass_role_statement",
+    "column_of_trigger",
+    "declared_triggers",
     "drop_statements",
     "function_name",
     "function_source",
     "ident",
     "install_statements",
+    "left_over_statement",
+    "left_over_statements",
     "literal",
     "pg_name",
     "rules_stamp",
     "source_matches",
     "stamp_generator",
+    "stamp_prefix_pattern",
     "transition_trigger_drop_sql",
     "transition_trigger_sql",
     "trigger_names",
@@ -471,6 +477,82 @@ def drop_statements(guard: Guard) -> list[str]:
     ]
 
 
+def stamp_prefix_pattern() -> str:
+    """A LIKE pattern matching every stamp :func:`rules_stamp` writes (of any release)."""
+    return _STAMP_PREFIX + " %"
+
+
+def left_over_statement(guard: Guard, keep: Collection[str]) -> str:
+    """Drop our triggers on ``guard``'s table other than ``keep`` (the trigger names of every
+    column guarded on the table), and then each one's function if no trigger calls it any
+    more: what a column removed from ``__transitions__`` (or renamed) left behind. Ours are
+    told by their function's stamp (a ``COMMENT`` only install writes), never by name alone, so
+    a trigger of the application's is never touched. A DO block, so that it runs where the
+    statements run (also in a script written by Alembic's offline mode)."""
+    n = trigger_names(guard)
+    names = ", ".join(literal(k) for k in sorted(keep))
+    stamped = literal(stamp_prefix_pattern())
+    body = f"""
+DECLARE
+    v_rel oid := pg_catalog.to_regclass({literal(n.table)})::oid;
+    r record;
+BEGIN
+    IF v_rel IS NULL THEN
+        RETURN;
+    END IF;
+    FOR r IN
+        SELECT t.tgname::text AS trigger, t.tgfoid AS fn, p.proname::text AS function,
+               s.nspname::text AS schema
+        FROM pg_catalog.pg_trigger t
+        JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
+        JOIN pg_catalog.pg_namespace s ON s.oid = p.pronamespace
+        WHERE t.tgrelid = v_rel AND NOT t.tgisinternal
+            AND pg_catalog.obj_description(t.tgfoid, 'pg_proc') LIKE {stamped}
+            AND t.tgname::text <> ALL (ARRAY[{names}]::text[])
+    LOOP
+        EXECUTE pg_catalog.format('DROP TRIGGER %I ON %s', r.trigger, {literal(n.table)});
+        IF NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgfoid = r.fn) THEN
+            EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS %I.%I()', r.schema, r.function);
+        END IF;
+    END LOOP;
+END
+"""
+    return f"DO {_dollar_quote(body)}"
+
+
+def declared_triggers(guards: Iterable[Guard]) -> list[str]:
+    """The names of the triggers of ``guards`` (both of each)."""
+    return sorted(
+        name
+        for g in guards
+        for n in [trigger_names(g)]
+        for name in (n.insert_trigger, n.update_trigger)
+    )
+
+
+def left_over_statements(model: object, guards: Iterable[Guard]) -> list[str]:
+    """:func:`left_over_statement` for each table of ``guards`` (of ``model``), keeping the
+    triggers of every column guarded on it by a class known in this process."""
+    tables: dict[tuple[str | None, str], Guard] = {}
+    for g in guards:
+        tables.setdefault((g.table.schema, g.table.name), g)
+    return [
+        left_over_statement(g, declared_triggers(table_guards(model, g.table)))
+        for g in tables.values()
+    ]
+
+
+def column_of_trigger(name: str) -> str | None:
+    """The column a trigger of ours was named after, when its name says so (not cut)."""
+    for suffix in ("_ins", "_upd"):
+        prefix = "rdb_transition_"
+        if name.startswith(prefix) and name.endswith(suffix):
+            column = name[len(prefix) : -len(suffix)]
+            if pg_name("rdb_transition", column, suffix[1:]) == name:
+                return column
+    return None
+
+
 def _script(statements: Iterable[str]) -> str:
     return "".join(f"{s};\n\n" for s in statements).rstrip("\n") + "\n"
 
@@ -490,9 +572,19 @@ def transition_trigger_sql(model: type[Any]) -> str:
     at a time.
     """
     guards = trigger_guards(model)
-    return _script([bypass_role_statement(), *(s for g in guards for s in install_statements(g))])
+    return _script(
+        [
+            bypass_role_statement(),
+            *(s for g in guards for s in install_statements(g)),
+            *left_over_statements(model, guards),
+        ]
+    )
 
 
 def transition_trigger_drop_sql(model: type[Any]) -> str:
-    """DDL removing what :func:`transition_trigger_sql` installs (for a downgrade)."""
-    return _script(s for g in guards_of(model) for s in drop_statements(g))
+    """DDL removing what :func:`transition_trigger_sql` installs (for a downgrade), and our
+    triggers left on its tables by columns no longer guarded."""
+    guards = guards_of(model)
+    return _script(
+        [*(s for g in guards for s in drop_statements(g)), *left_over_statements(model, guards)]
+    )
