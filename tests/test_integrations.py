@@ -70,6 +70,7 @@ def engine(pg_url: str) -> Iterator[sa.Engine]:
     eng = sa.create_engine(pg_url)
     SQLModel.metadata.create_all(eng, tables=[Ticket.__table__])  # type: ignore[list-item]
     rdb.install_commit_markers(eng)
+    eng.dispose()  # connections made from now on find the markers
     yield eng
     eng.dispose()
 
@@ -77,6 +78,12 @@ def engine(pg_url: str) -> Iterator[sa.Engine]:
 def counters(service: str) -> dict[str, Any]:
     stats: dict[str, Any] = rdb.health()["services"][service]["counters"]
     return stats
+
+
+def markers(engine: sa.Engine) -> int:
+    """Commit markers in the database: units' COMMITs that went out marked."""
+    with engine.connect() as conn:
+        return int(conn.scalar(sa.text("SELECT count(*) FROM resilient_db.commit_markers")))
 
 
 # -- SQLModel, sync ------------------------------------------------------------------------------
@@ -121,6 +128,7 @@ def test_sqlmodel_unit_with_exec_is_replayed_after_its_backend_is_killed(
     assert calls[0] is not calls[1]  # a fresh session for the replay
     assert all(isinstance(s, sqlmodel.Session) for s in calls)
     assert ticket_rows(engine) == {"killed": "in_progress", "killed: log": "open"}
+    assert markers(engine) == 1  # the replay's COMMIT, marked (the setup's drop-in one is not)
     stats = counters(service)
     assert stats["retries_by_class"] == {"disconnect": 1}
     assert stats["recovered"] == 1
@@ -438,6 +446,7 @@ async def test_async_sqlmodel_unit_is_replayed_after_its_backend_is_killed(
     assert len(calls) == 2
     assert all(isinstance(s, SQLModelAsyncSession) for s in calls)
     assert ticket_rows(engine) == {"killed": "in_progress", "killed: log": "open"}
+    assert markers(engine) == 1
     stats = counters(service)
     assert stats["retries_by_class"] == {"disconnect": 1}
     assert stats["recovered"] == 1
@@ -478,20 +487,28 @@ class ResilientSQLAlchemy(SQLAlchemy):
     context: on the app's engine, of Flask-SQLAlchemy's own session class (its ``get_bind``
     picks each app context's engine), with the same arguments Flask-SQLAlchemy gives it, under
     Flask-SQLAlchemy's own scope (one session per app context, removed at its teardown). The
-    factory is also ``app.extensions["resilient_db"]``, for units of work.
+    factory is also ``app.extensions["resilient_db"]``, for units of work. The engines of other
+    bind keys get a factory each: their sessions are not used (``db.session``'s pick each
+    engine through ``get_bind``), they give the engine resilient_db's hooks.
     """
 
     def init_app(self, app: Flask) -> None:
         super().init_app(app)
         with app.app_context():
-            factory = rdb.ResilientSession(
-                self.engine,
-                service=app.config.get("RESILIENT_DB_SERVICE", "database"),
-                class_=FlaskSession,
-                db=self,
-                query_cls=self.Query,
-            )
-        app.extensions["resilient_db"] = factory
+            # a factory on each of the app's engines (SQLALCHEMY_BINDS too): each engine gets
+            # resilient_db's hooks (its units' COMMITs marked, dead connections replaced, ...)
+            factories = {
+                key: rdb.ResilientSession(
+                    engine,
+                    service=app.config.get("RESILIENT_DB_SERVICE", "database"),
+                    class_=FlaskSession,
+                    db=self,
+                    query_cls=self.Query,
+                )
+                for key, engine in self.engines.items()
+            }
+        app.extensions["resilient_db"] = factory = factories[None]
+        app.extensions["resilient_db.binds"] = factories
         self.session = scoped_session(factory, scopefunc=self.session.registry.scopefunc)
         if app.config["SQLALCHEMY_TRACK_MODIFICATIONS"]:  # its signals, on the new sessions
             track_modifications._listen(self.session)
@@ -515,6 +532,20 @@ class Job(db.Model):  # type: ignore[name-defined, misc]
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(sa.String(50), unique=True)
     status: Mapped[str] = mapped_column(sa.String(20), default="queued")
+
+
+class Archived(db.Model):  # type: ignore[name-defined, misc]
+    """A model of another bind key (``SQLALCHEMY_BINDS``), another database."""
+
+    __tablename__ = "flask_archived"
+    __bind_key__ = "archive"
+    __transitions__ = rdb.TransitionRules(
+        column="status", transitions={"kept": {"purged"}}, initial={"kept"}
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(50), unique=True)
+    status: Mapped[str] = mapped_column(sa.String(20), default="kept")
 
 
 def create_app(url: str, service: str, **config: Any) -> Flask:
@@ -735,3 +766,58 @@ def test_flask_signals_of_tracked_modifications_still_come(pg_url: str, service:
         with app.app_context():
             db.engine.dispose()
     assert seen == [("signalled", "insert"), ("in a unit", "insert")]
+
+
+def test_flask_engines_of_other_bind_keys_are_healed_too(
+    pg_server: Any, pg_url: str, service: str
+) -> None:
+    """A unit touching a model of another bind key runs on that engine (Flask-SQLAlchemy's
+    ``get_bind``); the factory made on it gave it the hooks: the unit is replayed after its
+    backend there is killed, and its COMMIT goes out marked, in that database."""
+    archive_database = f"{service}-archive".replace("-", "_")
+    pg_server.create_database(archive_database)
+    archive_url = pg_server.url(archive_database)
+    setup = sa.create_engine(archive_url)
+    try:
+        Archived.metadata.create_all(setup)
+        rdb.install_commit_markers(setup)
+    finally:
+        setup.dispose()
+    app = create_app(pg_url, service, SQLALCHEMY_BINDS={"archive": archive_url})
+    calls: list[int] = []
+
+    def archive(session: FlaskSession, name: str) -> str:
+        calls.append(1)
+        session.add(Archived(name=name))
+        session.flush()
+        if len(calls) == 1:
+            connection = session.connection(bind_arguments={"mapper": Archived})
+            pid = connection.scalar(sa.text("SELECT pg_backend_pid()"))
+            pg_server.execute(f"SELECT pg_terminate_backend({int(pid)})")
+        session.execute(sa.select(Archived))
+        return str(session.get_bind(Archived).url.database)
+
+    try:
+        with app.app_context():
+            assert set(app.extensions["resilient_db.binds"]) == {None, "archive"}
+            assert units(app).run(archive, "old") == archive_database
+            assert len(calls) == 2
+            with db.engines["archive"].connect() as conn:
+                marked = conn.scalar(sa.text("SELECT count(*) FROM resilient_db.commit_markers"))
+                assert marked == 1
+                assert conn.execute(sa.select(Archived.name, Archived.status)).all() == [
+                    ("old", "kept")
+                ]
+            db.session.execute(sa.select(Archived)).scalar_one().status = "purged"
+            db.session.commit()
+            db.session.execute(sa.select(Archived)).scalar_one().status = "kept"
+            with pytest.raises(rdb.IllegalTransitionError) as info:  # on that engine too
+                db.session.commit()
+            assert (info.value.from_state, info.value.to_state) == ("purged", "kept")
+            db.session.rollback()
+        assert marker_count(app) == 0  # nothing went to the default database
+    finally:
+        with app.app_context():
+            for engine in db.engines.values():
+                engine.dispose()
+        pg_server.drop_database(archive_database)
