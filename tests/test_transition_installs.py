@@ -7,6 +7,7 @@ Models are mapped in registries of their own, disposed of after each test."""
 
 from __future__ import annotations
 
+import enum
 import secrets
 import uuid
 from collections.abc import Callable, Iterator
@@ -337,7 +338,8 @@ def test_a_column_renamed_in_the_database_is_guarded_under_its_new_name(
     engine: sa.Engine, registries: Callable[[], registry], schema: str | None
 ) -> None:
     """ALTER TABLE ... RENAME COLUMN status TO state: the trigger function still reads
-    NEW.status, so every INSERT fails until the next release (guarding ``state``) installs:
+    NEW.status, so every write it checks fails until the next release (guarding ``state``)
+    installs:
     its drift names the left-over trigger, its install drops it, and the column is guarded
     under its new name."""
     table = f"{schema}.records" if schema else "records"
@@ -349,8 +351,13 @@ def test_a_column_renamed_in_the_database_is_guarded_under_its_new_name(
     rdb.install_transition_trigger(engine, first)
     with engine.begin() as conn:
         conn.exec_driver_sql(f"ALTER TABLE {table} RENAME COLUMN status TO state")
-    with engine.connect() as conn, pytest.raises(sa.exc.ProgrammingError, match="status"):
+    with engine.connect() as conn:
+        # the triggers' WHEN reads the column by its number: a row inserted in an initial state
+        # passes, a change of the column reaches the function, which names the old column
         conn.exec_driver_sql(f"INSERT INTO {table} VALUES (1, 'new')")
+        with pytest.raises(sa.exc.ProgrammingError, match="status"):
+            conn.exec_driver_sql(f"UPDATE {table} SET state = 'done'")
+        conn.rollback()
     with engine.connect() as conn:
         drift = rdb.trigger_drift(conn, first) or ""
     assert "Record.status (table records): the table has no column 'status'" in drift
@@ -407,3 +414,140 @@ def test_the_triggers_of_another_class_of_the_table_are_kept(
             "rdb_transition_phase_upd",
         ]
         assert rdb.trigger_drift(conn, steps) is None
+
+
+# ------------------------------------------------------------------------------------------------
+# the INSERT trigger fires only for rows not in an initial state
+# ------------------------------------------------------------------------------------------------
+
+
+class Mood(enum.Enum):
+    calm = "calm"
+    angry = "angry"
+
+
+WEIRD = "it's a \\ back\tslash"
+KINDS: dict[str, tuple[Any, rdb.TransitionRules, str, str]] = {
+    # column type, rules, a legal initial value and an illegal one (as SQL)
+    "text": (
+        sa.Text,
+        rdb.TransitionRules(
+            column="status", transitions={"new": {"done"}, WEIRD: {"new"}}, initial={"new", WEIRD}
+        ),
+        "E'it''s a \\\\ back\\tslash'",
+        "'done'",
+    ),
+    "varchar": (sa.String(30), RULES, "'new'", "'done'"),
+    "enum": (
+        sa.Enum(Mood, name="mood"),
+        rdb.TransitionRules(
+            column="status", transitions={Mood.calm: {Mood.angry}}, initial={Mood.calm}
+        ),
+        "'calm'",
+        "'angry'",
+    ),
+    "integer": (
+        sa.Integer,
+        rdb.TransitionRules(column="status", transitions={1: {2}, 2: {3}}, initial={1, 2}),
+        "2",
+        "3",
+    ),
+    "boolean": (
+        sa.Boolean,
+        rdb.TransitionRules(column="status", transitions={False: {True}}, initial={False}),
+        "false",
+        "true",
+    ),
+    "nullable": (
+        sa.String(30),
+        rdb.TransitionRules(
+            column="status", transitions={None: {"new"}, "new": {"done"}}, initial={None}
+        ),
+        "NULL",
+        "'new'",
+    ),
+}
+
+
+def _calls(conn: sa.Connection, function: str) -> int:
+    """Calls of ``function`` in this transaction (track_functions = 'pl')."""
+    return int(
+        conn.execute(
+            sa.text("SELECT pg_stat_get_xact_function_calls(to_regproc(:f))"), {"f": function}
+        ).scalar_one()
+        or 0
+    )
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_the_insert_trigger_runs_only_for_rows_not_in_an_initial_state(
+    engine: sa.Engine, reg: registry, kind: str
+) -> None:
+    """The INSERT trigger carries a WHEN: a bulk INSERT of rows in an initial state calls the
+    function for none of them (no event queued), a row in another state is refused as before,
+    whatever the column's type; drift reads the WHEN back as installed (also with
+    standard_conforming_strings off)."""
+    type_, rules, legal, illegal = KINDS[kind]
+    model = reg.mapped(
+        type(
+            "Item",
+            (),
+            {
+                "__tablename__": "items",
+                "__transitions__": rules,
+                "id": mapped_column(sa.Integer, primary_key=True),
+                "status": mapped_column(type_, nullable=True),
+            },
+        )
+    )
+    reg.metadata.create_all(engine)
+    rdb.install_transition_trigger(engine, model)
+    with engine.connect() as conn:
+        assert rdb.trigger_drift(conn, model) is None
+        conn.exec_driver_sql("SET standard_conforming_strings = off")
+        assert rdb.trigger_drift(conn, model) is None
+        conn.exec_driver_sql("SET standard_conforming_strings = on")
+        conn.rollback()
+        definition = conn.exec_driver_sql(
+            "SELECT pg_get_triggerdef(oid) FROM pg_trigger "
+            "WHERE tgname = 'rdb_transition_status_ins'"
+        ).scalar_one()
+        assert " FOR EACH ROW WHEN ((NOT " in definition
+        [(_, function)] = [r for r in _ours(conn, "items") if r[0].endswith("_ins")]
+        conn.exec_driver_sql("SET track_functions = 'pl'")
+        conn.exec_driver_sql(f"INSERT INTO items SELECT g, {legal} FROM generate_series(1, 500) g")
+        assert _calls(conn, function) == 0
+        conn.commit()
+        err = _refused(conn, f"INSERT INTO items VALUES (501, {legal}), (502, {illegal})")
+        assert err.inserted
+        assert err.pk == 502
+        conn.exec_driver_sql("SET track_functions = 'pl'")
+        conn.exec_driver_sql(f"INSERT INTO items VALUES (503, {legal})")
+        assert _calls(conn, function) == 0
+        conn.commit()
+        assert conn.exec_driver_sql("SELECT count(*) FROM items").scalar_one() == 501
+
+
+def test_an_insert_trigger_without_its_when_is_drift_and_reinstalled(
+    engine: sa.Engine, reg: registry
+) -> None:
+    """The INSERT trigger of an earlier install (no WHEN: an event queued and the function
+    called for every row) is drift, and the install puts the WHEN in."""
+    job, _ = _jobs(reg)
+    reg.metadata.create_all(engine)
+    rdb.install_transition_trigger(engine, job)
+    with engine.begin() as conn:
+        [(_, function)] = [r for r in _ours(conn, "jobs") if r[0].endswith("_ins")]
+        conn.exec_driver_sql("DROP TRIGGER rdb_transition_status_ins ON jobs")
+        conn.exec_driver_sql(
+            "CREATE TRIGGER rdb_transition_status_ins AFTER INSERT ON jobs FOR EACH ROW "
+            f"EXECUTE FUNCTION {function}()"
+        )
+        drift = rdb.trigger_drift(conn, job) or ""
+    assert "trigger rdb_transition_status_ins is not the one install creates" in drift
+    rdb.install_transition_trigger(engine, job)
+    with engine.connect() as conn:
+        assert rdb.trigger_drift(conn, job) is None
+        conn.exec_driver_sql("SET track_functions = 'pl'")
+        conn.exec_driver_sql("INSERT INTO jobs SELECT g, 'job', 'new' FROM generate_series(1, 9) g")
+        assert _calls(conn, function) == 0

@@ -1,4 +1,4 @@
-"""transition trigger v5: one trigger per table and column, whatever model installs it
+"""transition trigger v5: one trigger per table and column, INSERT trigger only for rows to check
 
 Revision ID: 0009_transition_trigger_v5
 Revises: 0008_markers_claim_search_path
@@ -8,8 +8,11 @@ Installs the trigger of tasks.status again (generator version 5). The stamp of e
 named the model, so the classes of one table (single-table inheritance, two models of one
 table) guarding a column by the same rules replaced each other's trigger at every install, and
 each saw the other's as drift. Version 5's stamp identifies the table, the column and the rules.
-The install also drops our triggers left on the table by a column no longer guarded (removed
-from ``__transitions__`` or renamed), with their functions.
+The INSERT trigger fires only WHEN the new row is not in an initial state: an AFTER row trigger
+queues an event (kept in memory to the statement's end) for every row it fires for, and a bulk
+INSERT of rows starting in an initial state now queues none. The install also drops our triggers
+left on the table by a column no longer guarded (removed from ``__transitions__`` or renamed),
+with their functions.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from ._sql import (
     column_of_trigger,
     declared_triggers,
     drop_statements,
+    insert_when_printed,
     install_statements,
     left_over_statements,
     literal,
@@ -267,7 +268,7 @@ _DRIFT_QUERY = sa.text(
     """
 )
 # pg_trigger.tgtype bits: FOR EACH ROW 1, BEFORE 2, INSERT 4, DELETE 8, UPDATE 16, TRUNCATE 32,
-# INSTEAD 64. What install creates: AFTER INSERT / AFTER UPDATE row triggers.
+# INSTEAD 64. What install creates: AFTER INSERT / AFTER UPDATE row triggers, each with a WHEN.
 _TRIGGER_TYPE_INSERT = 1 | 4
 _TRIGGER_TYPE_UPDATE = 1 | 16
 _ENABLED = {
@@ -280,17 +281,17 @@ _WHEN = re.compile(r" FOR EACH ROW WHEN \((?P<cond>.*)\) EXECUTE (?:FUNCTION|PRO
 _FUNCTION_CONFIG = ["search_path=pg_catalog, pg_temp"]
 
 
-def _shape_differs(row: Any, update: bool) -> bool:
-    """Whether the trigger of ``row`` is not the one install creates: AFTER INSERT, or AFTER
-    UPDATE with no column list and WHEN (OLD.col IS DISTINCT FROM NEW.col), for each row, no
-    arguments, not a constraint trigger."""
+def _shape_differs(row: Any, guard: Guard, update: bool) -> bool:
+    """Whether the trigger of ``row`` is not the one install creates: AFTER INSERT WHEN the row
+    is not in an initial state, or AFTER UPDATE with no column list and WHEN (OLD.col IS
+    DISTINCT FROM NEW.col), for each row, no arguments, not a constraint trigger."""
     expected = _TRIGGER_TYPE_UPDATE if update else _TRIGGER_TYPE_INSERT
     if row.type != expected or row.columns or row.nargs or row.constraint_trigger:
         return True
     match = _WHEN.search(row.definition)
-    if not update:
-        return match is not None
     col = row.quoted_column
+    if not update:
+        return match is None or match["cond"] not in insert_when_printed(guard, col)
     # as PostgreSQL prints it back: with the cast it added to compare a varchar column as text
     return match is None or match["cond"] not in (
         f"(old.{col} IS DISTINCT FROM new.{col})",
@@ -326,8 +327,9 @@ def trigger_drift(connection: Connection | Session, model: type[Any]) -> str | N
         if not conn.execute(_COLUMN_QUERY, {"rel": n.table, "col": guard.column.name}).scalar():
             problems.append(
                 f"{where}: the table has no column {guard.column.name!r} (renamed or dropped by a "
-                "migration?); a trigger function reading it makes every INSERT fail: declare the "
-                "column's name in __transitions__ and run install_transition_trigger again"
+                "migration?); the trigger function reads it, so every write it checks fails: "
+                "declare the column's name in __transitions__ and run install_transition_trigger "
+                "again"
             )
             continue
         rows = {
@@ -354,7 +356,7 @@ def trigger_drift(connection: Connection | Session, model: type[Any]) -> str | N
             if row.enabled != "O":
                 state = _ENABLED.get(row.enabled, f"has tgenabled = {row.enabled!r}")
                 problems.append(f"{where}: trigger {trigger} {state}")
-            if _shape_differs(row, update=trigger == n.update_trigger):
+            if _shape_differs(row, guard, update=trigger == n.update_trigger):
                 problems.append(
                     f"{where}: trigger {trigger} is not the one install creates "
                     f"({row.definition}); run install_transition_trigger again"
@@ -398,7 +400,8 @@ def trigger_drift(connection: Connection | Session, model: type[Any]) -> str | N
                     "that sorts after it by name can set the column to a state it never checks"
                     if generator < 4
                     else "; it is stamped with one model's name, so each class of its table "
-                    "reinstalls it, replacing the other's"
+                    "reinstalls it, replacing the other's, and its INSERT trigger queues an "
+                    "event for every row inserted"
                     if generator < 5
                     else ""
                 )

@@ -36,6 +36,8 @@ __all__ = [
     "function_name",
     "function_source",
     "ident",
+    "insert_when",
+    "insert_when_printed",
     "install_statements",
     "left_over_statement",
     "left_over_statements",
@@ -68,7 +70,8 @@ BYPASS_ROLE = "resilient_db_bypass"
 # login role needs USAGE or SET on BYPASS_ROLE (not a bare membership), and the error and log
 # line name the root of a partitioned table; v5: the stamp identifies the table, column and rules
 # (not the model), and the trigger names the model nearest the root of its hierarchy, so every
-# class of one table installs the same trigger
+# class of one table installs the same trigger; the INSERT trigger fires only WHEN the row is not
+# in an initial state (no event queued for a row that starts as it should)
 _GENERATOR_VERSION = 5
 _STAMP_PREFIX = "resilient_db transition guard"
 _PG_NAME_MAX = 63  # NAMEDATALEN - 1, in bytes
@@ -444,6 +447,41 @@ _NO_ROLE_WARNING = (
 )
 
 
+def insert_when(guard: Guard) -> str:
+    """The INSERT trigger's WHEN: the new row is not in an initial state."""
+    return f"NOT ({_member_sql(f'NEW.{ident(guard.column.name)}::text', guard.initial)})"
+
+
+def _printed_literal(value: str, *, doubled_backslashes: bool) -> str:
+    """``value`` as ``pg_get_triggerdef()`` prints a text constant: quotes doubled, and
+    backslashes doubled too when the session has standard_conforming_strings off."""
+    text = value.replace("'", "''")
+    if doubled_backslashes:
+        text = text.replace("\\", "\\\\")
+    return f"'{text}'::text"
+
+
+def insert_when_printed(guard: Guard, quoted_column: str) -> set[str]:
+    """:func:`insert_when` as ``pg_get_triggerdef()`` prints it back (``quoted_column``: the
+    column as the server quotes it): the column read as is (a ``text`` column) or cast
+    (any other type), with the session's standard_conforming_strings on or off."""
+    found: set[str] = set()
+    present = sorted((k for k in guard.initial if k is not None), key=sort_key)
+    for value in (f"new.{quoted_column}", f"(new.{quoted_column})::text"):
+        for doubled in (False, True):
+            literals = [_printed_literal(k, doubled_backslashes=doubled) for k in present]
+            parts = []
+            if len(literals) == 1:
+                parts.append(f"COALESCE(({value} = {literals[0]}), false)")
+            elif literals:
+                parts.append(f"COALESCE(({value} = ANY (ARRAY[{', '.join(literals)}])), false)")
+            if None in guard.initial:
+                parts.append(f"({value} IS NULL)")
+            member = parts[0] if len(parts) == 1 else "(" + " OR ".join(parts) + ")"
+            found.add(f"(NOT {member})")
+    return found
+
+
 def install_statements(guard: Guard) -> list[str]:
     n = trigger_names(guard)
     col = ident(guard.column.name)
@@ -454,7 +492,12 @@ def install_statements(guard: Guard) -> list[str]:
         f"COMMENT ON FUNCTION {n.function}() IS {literal(rules_stamp(guard))}",
         f"DROP TRIGGER IF EXISTS {ident(n.insert_trigger)} ON {n.table}",
         f"CREATE TRIGGER {ident(n.insert_trigger)} AFTER INSERT ON {n.table}\n"
-        f"FOR EACH ROW EXECUTE FUNCTION {n.function}()",
+        # only for a row not in an initial state: PostgreSQL queues an event for every row an
+        # AFTER trigger fires for (held in memory to the statement's end), so a bulk INSERT of
+        # rows starting as they should queues none; the function checks the same (col::text,
+        # compared as text whatever the installer's search_path holds) for the rows it gets
+        f"FOR EACH ROW WHEN ({insert_when(guard)})\n"
+        f"EXECUTE FUNCTION {n.function}()",
         f"DROP TRIGGER IF EXISTS {ident(n.update_trigger)} ON {n.table}",
         f"CREATE TRIGGER {ident(n.update_trigger)} AFTER UPDATE ON {n.table}\n"
         # compared as text, as the function compares (col::text): and written so, the WHEN is
@@ -561,9 +604,12 @@ def transition_trigger_sql(model: type[Any]) -> str:
     """Idempotent PostgreSQL DDL enforcing the rules of ``model`` in the database.
 
     Per guarded column: a PL/pgSQL function (``CREATE OR REPLACE``) stamped with a hash of the
-    rules (``COMMENT ON FUNCTION``), an ``AFTER INSERT`` row trigger and an ``AFTER UPDATE`` row
-    trigger that fires only ``WHEN (OLD.col IS DISTINCT FROM NEW.col)``: AFTER, so they check the
-    row as stored, whatever other BEFORE triggers of the table did to it. An illegal change raises
+    rules (``COMMENT ON FUNCTION``), an ``AFTER INSERT`` row trigger that fires only for a row not
+    in an initial state (a bulk INSERT of rows starting as they should queues no trigger event)
+    and an ``AFTER UPDATE`` row trigger that fires only ``WHEN (OLD.col IS DISTINCT FROM
+    NEW.col)``: AFTER, so they check the row as stored, whatever other BEFORE triggers of the
+    table did to it. Our triggers left on the table by columns no longer guarded are dropped
+    (see :func:`install_transition_trigger`). An illegal change raises
     SQLSTATE :data:`TRANSITION_SQLSTATE` with a JSON DETAIL (model, schema, table, column, from,
     to, pk), unless a member of :data:`BYPASS_ROLE` asked for a bypass of the current transaction
     (see :func:`~resilient_db.bypass_transitions`); the script first creates that role if it is
