@@ -20,7 +20,7 @@ import resilient_db as rdb
 from resilient_db.demo import alembic_config, apply_migrations, downgrade_migrations
 from resilient_db.examples.tasks import Base, Task
 
-HEAD = "0008_markers_claim_search_path"
+HEAD = "0009_transition_trigger_v5"
 
 
 @pytest.fixture
@@ -179,7 +179,7 @@ def test_upgrading_replaces_a_trigger_that_does_not_log_bypasses(
     )
     with engine.begin() as conn:
         ((body, stamp),) = conn.execute(source).all()
-        older = stamp.replace(" v4 ", " v2 ")
+        older = stamp.replace(" v5 ", " v2 ")
         assert older != stamp
         # stamped as version 2 left it (the drift check and the install read the stamp)
         function = conn.execute(
@@ -232,7 +232,7 @@ def test_upgrading_replaces_before_triggers_by_after_triggers(
                     f"EXECUTE FUNCTION {function}"
                 )
             )
-        older = stamp.replace(" v4 ", " v3 ")
+        older = stamp.replace(" v5 ", " v3 ")
         assert older != stamp
         conn.execute(sa.text(f"COMMENT ON FUNCTION {function} IS '{older}'"))
         drift = rdb.trigger_drift(conn, Task) or ""
@@ -309,6 +309,10 @@ def test_alembic_command_line_with_the_url_option(pg_url: str, engine: sa.Engine
     )
     assert (
         "Running upgrade 0007_transition_after_triggers -> 0008_markers_claim_search_path"
+        in done.stderr
+    )
+    assert (
+        "Running upgrade 0008_markers_claim_search_path -> 0009_transition_trigger_v5"
         in done.stderr
     )
     assert version(engine) == HEAD
