@@ -1,12 +1,17 @@
 """The integrations users put between them and SQLAlchemy, against the real server.
 
 * SQLModel: ``ResilientSession(engine, class_=sqlmodel.Session)`` and
-  ``AsyncResilientSession(async_engine, class_=sqlmodel.ext.asyncio.session.AsyncSession)``,
-  ``session.exec(select(...))`` in drop-in use and in units replayed after real faults (a
-  terminated backend, a real serialization failure), ``__transitions__`` on a ``table=True``
-  class (flush guard, bulk-UPDATE guard, trigger), an SQLModel class as ``validate=``.
-* Flask-SQLAlchemy 3.1: ``db.session`` on a ``ResilientSession`` of the app's engine, in an
-  app context and a request, a unit surviving a killed backend, the guard through ``db.session``.
+  ``AsyncResilientSession(async_engine, class_=sqlmodel.ext.asyncio.session.AsyncSession)``
+  (both async drivers): ``session.exec(select(...))`` in drop-in use and in units replayed
+  after real faults (a terminated backend, a real serialization failure), their COMMITs marked;
+  ``__transitions__`` on ``table=True`` classes, with and without a ``ClassVar`` annotation, a
+  string and an enum status (flush guard, bulk-UPDATE guard through ``session.exec``, trigger);
+  SQLModel classes as ``validate=``.
+* Flask-SQLAlchemy 3.1: ``db.session`` made by a ``ResilientSession`` on each app's engine (a
+  subclass overriding ``init_app``, as the README shows): app contexts, views, units surviving a
+  killed backend, the guard through ``db.session`` (409 problem details), dead pooled
+  connections replaced, several apps alive at once, another bind key's database, the tracked
+  modifications' signals.
 """
 
 from __future__ import annotations
@@ -607,6 +612,7 @@ def test_flask_db_session_is_a_resilient_session(flask_app: Flask) -> None:
     with flask_app.app_context():
         assert db.session() is not session  # removed when the context ended
         job = db.get_or_404(Job, 1)
+        assert Job.query.filter_by(name="a").one() is job  # the legacy query, same session
         job.status = "running"
         db.session.commit()
         page = db.paginate(sa.select(Job).order_by(Job.name), page=1, per_page=10)
