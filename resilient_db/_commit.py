@@ -127,6 +127,111 @@ _HORIZON_SQL = """
 """
 
 
+# -- who owns them --------------------------------------------------------------------------------
+# A role that may create schemas in the database (CREATE on it, which a migration role has too)
+# can create schema resilient_db before the install, or the whole current set of objects: its
+# claim_commit would answer "not committed" for a committed unit (replayed: written twice) and
+# run with the rights of whoever asks (an operator's, a superuser's). The owner of the schema
+# controls everything in it (it may drop any object there and make its own), so ownership is
+# what is checked: the objects are built on and used only when they belong to a role that has
+# the connecting (or installing) role's trust already: a superuser, the database's owner (who
+# can set any session's search_path for this database), or that role itself.
+#: the one trusted role that is not the same for everyone: the database's owner
+_DATABASE_OWNER = (
+    "(SELECT d.datdba FROM pg_catalog.pg_database d "
+    "WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database())"
+)
+#: Runs first in every install (after the install lock): refuses, before anything is created,
+#: when the schema, or a relation or function in it, belongs to a role that is neither the
+#: installing role, a superuser nor the database's owner. Without it the install went ahead:
+#: ``CREATE SCHEMA IF NOT EXISTS`` kept the other role's schema, ``CREATE TABLE IF NOT EXISTS``
+#: its table, and a superuser's ``CREATE OR REPLACE FUNCTION`` replaced a planted function's
+#: body but not its owner (who could swap it again). Operators are named with their schema
+#: and compare values of one built-in type: nothing on the installer's search_path runs here.
+_REFUSE_PLANTED_SQL: Final = f"""DO $rdb$
+DECLARE
+    planted text;
+BEGIN
+    SELECT pg_catalog.string_agg(pg_catalog.format('%s is owned by role %s', o.what,
+               pg_catalog.quote_ident(r.rolname)), '; ' ORDER BY o.n, o.what)
+      INTO planted
+      FROM (SELECT 0 AS n, 'schema {SCHEMA}' AS what, ns.nspowner AS owner
+              FROM pg_catalog.pg_namespace ns
+             WHERE ns.nspname OPERATOR(pg_catalog.=) '{SCHEMA}'
+            UNION ALL
+            SELECT 1, pg_catalog.format('relation {SCHEMA}.%s', pg_catalog.quote_ident(c.relname)),
+                   c.relowner
+              FROM pg_catalog.pg_class c
+             WHERE c.relnamespace OPERATOR(pg_catalog.=)
+                   pg_catalog.to_regnamespace('{SCHEMA}')::pg_catalog.oid
+            UNION ALL
+            SELECT 2, pg_catalog.format('function %s', p.oid::pg_catalog.regprocedure),
+                   p.proowner
+              FROM pg_catalog.pg_proc p
+             WHERE p.pronamespace OPERATOR(pg_catalog.=)
+                   pg_catalog.to_regnamespace('{SCHEMA}')::pg_catalog.oid) o
+      JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) o.owner
+     WHERE NOT r.rolsuper
+       AND r.rolname OPERATOR(pg_catalog.<>) current_user
+       AND r.oid OPERATOR(pg_catalog.<>) {_DATABASE_OWNER};
+    IF planted IS NOT NULL THEN
+        RAISE EXCEPTION 'resilient_db: refusing to install the commit markers: % (not the '
+            'installing role %, a superuser or the database''s owner). A role that may create '
+            'schemas could have planted them: a claim_commit of its own would have committed '
+            'units replayed (written twice) and run with its callers'' rights. If that role '
+            'is to own the markers, install as it (SET ROLE); otherwise DROP SCHEMA {SCHEMA} '
+            'CASCADE (as its owner or a superuser) and install again', planted, current_user
+            USING ERRCODE = '42501';
+    END IF;
+END
+$rdb$"""
+#: what the markers rely on, each named for a message: (what, catalog, owner column, lookup)
+_RELIED_ON: Final = (
+    (f"schema {SCHEMA}", "pg_namespace", "nspowner", f"to_regnamespace('{SCHEMA}')"),
+    (
+        f"table {SCHEMA}.commit_markers",
+        "pg_class",
+        "relowner",
+        f"to_regclass('{SCHEMA}.commit_markers')",
+    ),
+    (
+        f"function {SCHEMA}.mark_commit(uuid)",
+        "pg_proc",
+        "proowner",
+        f"to_regprocedure('{SCHEMA}.mark_commit(uuid)')",
+    ),
+    (
+        f"function {SCHEMA}.claim_commit(uuid, integer)",
+        "pg_proc",
+        "proowner",
+        f"to_regprocedure('{SCHEMA}.claim_commit(uuid,integer)')",
+    ),
+    (
+        f"function {SCHEMA}.prune_commit_markers(integer)",
+        "pg_proc",
+        "proowner",
+        f"to_regprocedure('{SCHEMA}.prune_commit_markers(integer)')",
+    ),
+)
+#: An array naming each object the markers rely on that belongs to a role the connecting one
+#: has no reason to trust (NULL: none): neither a superuser, the database's owner, nor the role
+#: logged in or in effect. Objects looked up by oid (found by name with ``to_reg*``, as the
+#: check does); no operator or function from the caller's search_path.
+_UNTRUSTED_SQL: Final = (
+    "(SELECT pg_catalog.array_agg(pg_catalog.format('%s is owned by role %s', o.what, "
+    "pg_catalog.quote_ident(r.rolname)) ORDER BY o.n) FROM (VALUES "
+    + ", ".join(
+        f"({n}, '{what}', (SELECT x.{column} FROM pg_catalog.{catalog} x WHERE x.oid "
+        f"OPERATOR(pg_catalog.=) pg_catalog.{lookup}::pg_catalog.oid))"
+        for n, (what, catalog, column, lookup) in enumerate(_RELIED_ON)
+    )
+    + ") AS o(n, what, owner) JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) "
+    "o.owner WHERE NOT r.rolsuper AND r.rolname OPERATOR(pg_catalog.<>) session_user "
+    f"AND r.rolname OPERATOR(pg_catalog.<>) current_user AND r.oid OPERATOR(pg_catalog.<>) "
+    f"{_DATABASE_OWNER})"
+)
+
+
 def _install_statements() -> list[str]:
     s = SCHEMA
     prune_horizon = _HORIZON_SQL.format(at=f"now() - interval '{int(RETENTION)} seconds'")
@@ -134,6 +239,7 @@ def _install_statements() -> list[str]:
         at=f"clock_timestamp() - interval '{int(CLAIM_HORIZON)} seconds'"
     )
     return [
+        _REFUSE_PLANTED_SQL,
         f"CREATE SCHEMA IF NOT EXISTS {s}",
         # id: a UUIDv7 made by the client (its first 48 bits are milliseconds, so the primary
         # key is ordered by time and pruning is a range scan); fence: written by a claim.
@@ -232,6 +338,11 @@ _MARKERS_CURRENT = text(
     f" AND pg_catalog.to_regprocedure('{SCHEMA}.prune_commit_markers(integer)') IS NOT NULL"
     # the first version's claim, which the install drops
     f" AND pg_catalog.to_regprocedure('{SCHEMA}.claim_commit(uuid)') IS NULL"
+    # and owned by roles the caller trusts; else the install runs and refuses them, naming
+    # their owner. A role that could not install anyway (no CREATE on the database: an
+    # application's at startup) is not made to fail there: its connections won't use them.
+    f" AND ({_UNTRUSTED_SQL} IS NULL OR NOT pg_catalog.has_database_privilege("
+    "pg_catalog.current_database(), 'CREATE'))"
 )
 
 
@@ -260,6 +371,13 @@ def install_commit_markers(bind_or_op: Any) -> None:
     Given an Engine on which this version is installed already, it sends no DDL (an
     application role may call it at startup without rights to create anything); to repair an
     install by hand, pass a Connection or run the migration.
+
+    Refuses, before creating anything (SQLSTATE 42501, naming them and their owner), when
+    schema ``resilient_db`` or a relation or function in it belongs to a role that is neither
+    the installing role, a superuser nor the database's owner: a role with CREATE on the
+    database could have made them first (a ``claim_commit`` of its own would have committed
+    units replayed and run with its callers' rights). Connections likewise use only markers
+    owned by a superuser, the database's owner or the role they log in as.
     """
     from .transitions._install import installed_already  # noqa: PLC0415 (see below)
 
@@ -304,6 +422,13 @@ _CHECK_SQL = f"""SELECT COALESCE(
   AND pg_catalog.has_table_privilege(
     pg_catalog.to_regclass('{SCHEMA}.commit_markers'), 'SELECT'), false),
   extract(epoch FROM pg_catalog.clock_timestamp())::float8"""
+#: The check with a third column, the objects owned by a role the connection has no reason to
+#: trust (:data:`_UNTRUSTED_SQL`). Their owners' lookups cost a new backend 4-10 ms more (cold
+#: catalog caches), so an engine asks it until one connection has found the markers installed
+#: and trusted, then asks the check alone: only a trusted role (the schema's owner, or a
+#: superuser) can give the schema or its objects to another role, or drop them for another
+#: to plant anew.
+_CHECK_OWNERS_SQL = f"{_CHECK_SQL},\n  {_UNTRUSTED_SQL}"
 #: A marker's id carries the client's time, and the server judges its age by its own clock: a
 #: claim refuses markers older than CLAIM_HORIZON (they may have been pruned). A client whose
 #: clock is behind the server's by more than this is warned (once per engine): its lost COMMIT
@@ -667,6 +792,7 @@ class CommitProtocol:
         self._settings = settings  # the engine's hooks: its current config and service name
         self.is_asyncpg = engine.dialect.driver == "asyncpg"
         self._warned = False
+        self._owners_trusted = False  # the markers' owners were found trusted (see _CHECK_SQL)
         self._clock_warned = False
         self._prune_refused = False
         self._next_prune = time.monotonic() + PRUNE_INTERVAL
@@ -800,7 +926,8 @@ class CommitProtocol:
                 "application logs in as may not use them: a lost COMMIT answer is verified "
                 "by transaction id, at one extra round trip per writing unit and with more "
                 "unknown outcomes. Run resilient_db.install_commit_markers(engine) once, as "
-                "the role that is to own them, and grant the application's role USAGE on "
+                "the database's owner (or a superuser, or this application's role: only "
+                "markers of those are used), and grant the application's role USAGE on "
                 "schema resilient_db, EXECUTE on its functions and SELECT, INSERT on "
                 "resilient_db.commit_markers"
             )
@@ -813,6 +940,52 @@ class CommitProtocol:
             service=self._settings.service,
             event="commit_markers_missing",
         )
+
+    def _check_sql(self) -> str:
+        return _CHECK_SQL if self._owners_trusted else _CHECK_OWNERS_SQL
+
+    def _trusted_install(self, row: Any) -> bool:
+        """Whether the check's ``row`` says the markers are installed, usable by this role
+        and (asked until an engine's connection has found so) owned by roles it trusts."""
+        if not row[0]:
+            # (gone, or not usable: the owners are asked again once it is back, since a
+            # schema dropped by its owner could be made again by any role with CREATE)
+            self._owners_trusted = False
+            return False
+        if self._owners_trusted:
+            return True
+        objects = row[2]
+        if not objects:
+            self._owners_trusted = True
+            return True
+        self._warn_untrusted(objects)
+        return False
+
+    def _warn_untrusted(self, objects: list[str]) -> None:
+        """The markers rely on ``objects`` owned by a role the connection has no reason to
+        trust: they are not used, and a warning (once per engine, in place of the one of a
+        missing install) says so."""
+        if not self._warned:
+            self._warned = True
+            emit(
+                self._settings.config,
+                log_session,
+                logging.WARNING,
+                "Commit markers of database %s are not used: %s, which is neither a superuser, "
+                "the database's owner nor the role this application connects as. A role that "
+                "may create schemas in the database could have planted them (a claim_commit "
+                "of its own would have committed units replayed, written twice, and run with "
+                "this application's rights); a lost COMMIT answer is verified by transaction "
+                "id instead. If they are yours, have the database's owner (or a superuser) own "
+                "them; otherwise DROP SCHEMA %s CASCADE and run "
+                "resilient_db.install_commit_markers() as the database's owner",
+                self.engine.url.database,
+                "; ".join(objects),
+                SCHEMA,
+                service=self._settings.service,
+                event="commit_markers_untrusted",
+                objects=", ".join(objects),
+            )
 
     def _check_clock(self, sent: float, server_time: float) -> None:
         """Warn once if this host's clock is behind the server's by more than
@@ -914,9 +1087,9 @@ class CommitProtocol:
         if self.is_asyncpg:
             reports = hasattr(driver.get_settings(), "in_hot_standby")
             sent = _wall_clock()
-            row = _await(driver.fetchrow(_CHECK_SQL))
+            row = _await(driver.fetchrow(self._check_sql()))
             self._check_clock(sent, row[1])
-            if not row[0]:
+            if not self._trusted_install(row):
                 return False, False, reports
             prepare = prepare and reports
             done = prepare and _quietly(lambda: _await(driver.execute(_PREPARE_SQL)))
@@ -933,10 +1106,10 @@ class CommitProtocol:
         cursor = dbapi_connection.cursor()
         try:
             sent = _wall_clock()
-            cursor.execute(_CHECK_SQL)
+            cursor.execute(self._check_sql())
             row = cursor.fetchone()
             self._check_clock(sent, row[1])
-            if not row[0]:
+            if not self._trusted_install(row):
                 return False, False, reports
             return True, prepare and _quietly(lambda: cursor.execute(_PREPARE_SQL)), reports
         finally:

@@ -1,0 +1,322 @@
+"""Commit markers another role planted: a role with CREATE on the database (and nothing else)
+creates schema ``resilient_db`` before ``install_commit_markers`` runs, or plants the whole
+current set of objects with a ``claim_commit`` of its own. Such a claim answers "not committed"
+for a committed unit (replayed: written twice) and runs with the rights of whoever asks it.
+
+The install refuses objects owned by a role that is neither the installing role, a superuser
+nor the database's owner, naming it; a connection uses the markers only when every object they
+rely on is owned by a superuser, the database's owner or the role it logs in as, and says why
+not otherwise. Real server, real roles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
+
+import resilient_db as rdb
+from resilient_db import _commit
+from resilient_db.testing import FaultProxy
+
+pytestmark = pytest.mark.usefixtures("no_backoff")
+
+#: a claim that says every unit it is asked about did not commit, and notes whose rights it
+#: ran with (it runs with the caller's: a superuser operator's, when settling by hand)
+LIAR_CLAIM = """
+CREATE OR REPLACE FUNCTION resilient_db.claim_commit(marker uuid, wait_ms integer)
+RETURNS text LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO public.loot VALUES (current_user);
+    RETURN 'fenced';
+END $$"""
+
+
+@dataclass
+class Role:
+    name: str
+    url: str
+
+    def engine(self, **kwargs: Any) -> sa.Engine:
+        return sa.create_engine(self.url, **kwargs)
+
+
+@pytest.fixture
+def admin(pg_url: str) -> Iterator[sa.Engine]:
+    """The superuser the suite's server runs as, on this test's database; a counter to bump and
+    a table where a planted claim notes whose rights it ran with."""
+    engine = sa.create_engine(pg_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE counters (id int PRIMARY KEY, value int NOT NULL)")
+        conn.exec_driver_sql("INSERT INTO counters VALUES (1, 0)")
+        conn.exec_driver_sql("CREATE TABLE public.loot (who text)")
+        conn.exec_driver_sql("GRANT INSERT ON public.loot TO PUBLIC")
+        conn.exec_driver_sql("GRANT SELECT, UPDATE ON counters TO PUBLIC")
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def make_role(admin: sa.Engine, pg_url: str, pg_database: str) -> Iterator[Any]:
+    """``make_role(*grants)``: a login role of its own (dropped after the test); ``grants`` are
+    statements run as the admin with ``{role}`` standing for its name."""
+    made: list[str] = []
+
+    def make(*grants: str) -> Role:
+        name = f"rdb_owner_{uuid.uuid4().hex[:8]}"
+        password = uuid.uuid4().hex
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f"CREATE ROLE {name} LOGIN PASSWORD '{password}'")
+            made.append(name)
+            for grant in grants:
+                conn.exec_driver_sql(grant.format(role=name, database=pg_database))
+        url = sa.make_url(pg_url).set(username=name, password=password)
+        return Role(name, url.render_as_string(hide_password=False))
+
+    yield make
+    admin.dispose()
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f'ALTER DATABASE "{pg_database}" OWNER TO CURRENT_USER')
+        for name in made:
+            conn.exec_driver_sql(f"DROP OWNED BY {name} CASCADE")
+            conn.exec_driver_sql(f"DROP ROLE {name}")
+
+
+@pytest.fixture
+def mallory(make_role: Any) -> Role:
+    """A role that may create schemas in the database, and nothing more."""
+    role: Role = make_role('GRANT CREATE ON DATABASE "{database}" TO {role}')
+    return role
+
+
+def _plant_everything(mallory: Role) -> None:
+    """Mallory installs the current markers herself (her own install: nothing was there), then
+    swaps in her claim; she lets everyone use them."""
+    engine = mallory.engine()
+    try:
+        rdb.install_commit_markers(engine)
+        with engine.begin() as conn:
+            conn.exec_driver_sql(LIAR_CLAIM)
+            conn.exec_driver_sql("GRANT SELECT, INSERT ON resilient_db.commit_markers TO PUBLIC")
+    finally:
+        engine.dispose()
+
+
+def _exists(engine: sa.Engine, sql: str) -> bool:
+    with engine.connect() as conn:
+        return bool(conn.exec_driver_sql(sql).scalar())
+
+
+def _bump(session: Session) -> int:
+    value = session.execute(
+        sa.text("UPDATE counters SET value = value + 1 WHERE id = 1 RETURNING value")
+    ).scalar_one()
+    return int(value)
+
+
+def _counter(engine: sa.Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.exec_driver_sql("SELECT value FROM counters").scalar_one())
+
+
+def _loot(engine: sa.Engine) -> list[str]:
+    with engine.connect() as conn:
+        return [str(r[0]) for r in conn.exec_driver_sql("SELECT who FROM public.loot")]
+
+
+def _untrusted_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if getattr(r, "self_heal", {}).get("event") == "commit_markers_untrusted"
+    ]
+
+
+def _install_through(admin: sa.Engine, through: str) -> None:
+    if through == "engine":
+        rdb.install_commit_markers(admin)
+        return
+    with admin.begin() as conn:
+        rdb.install_commit_markers(conn)
+
+
+@pytest.mark.parametrize("through", ["engine", "connection"])
+def test_the_install_refuses_a_schema_another_role_created(
+    admin: sa.Engine, mallory: Role, through: str
+) -> None:
+    """Mallory creates the schema and a claim of hers before the install. Before: the install
+    (here as a superuser) went ahead, kept her schema and replaced her function's body but not
+    its owner, so she could swap it again at any time. Now it refuses before creating anything,
+    naming the schema's owner and her function."""
+    engine = mallory.engine()
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE SCHEMA resilient_db")
+            conn.exec_driver_sql(LIAR_CLAIM)
+    finally:
+        engine.dispose()
+    with pytest.raises(sa.exc.ProgrammingError) as info:
+        _install_through(admin, through)
+    message = str(info.value)
+    assert f"schema resilient_db is owned by role {mallory.name}" in message
+    assert f"claim_commit(uuid,integer) is owned by role {mallory.name}" in message
+    assert "DROP SCHEMA resilient_db CASCADE" in message
+    assert not _exists(admin, "SELECT to_regclass('resilient_db.commit_markers') IS NOT NULL")
+
+
+def test_a_planted_current_install_is_refused_by_the_install_and_not_used(
+    *,
+    admin: sa.Engine,
+    mallory: Role,
+    fault_proxy: FaultProxy,
+    pg_database: str,
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Mallory plants the whole current install, her claim lying "fenced". Before: the
+    superuser's ``install_commit_markers(engine)`` found it current and sent nothing, the
+    engine used it, and a unit whose COMMIT answer was lost was replayed on her word: written
+    twice, and her claim ran as the superuser. Now the install refuses, naming her, and the
+    engine verifies by transaction id instead (once written, not replayed), saying why."""
+    _plant_everything(mallory)
+    caplog.set_level(logging.WARNING, logger="resilient_db")
+    proxied = sa.create_engine(fault_proxy.url(pg_database))
+    Sessions = rdb.ResilientSession(proxied, service=service)
+    calls: list[int] = []
+
+    def bump(session: Session) -> int:
+        calls.append(1)
+        return _bump(session)
+
+    try:
+        assert Sessions.run(bump) == 1
+        with proxied.connect() as conn:
+            mode = conn.connection.driver_connection._rdb_mode
+        fault_proxy.lose_commit_answer()
+        Sessions.run(bump)
+        assert fault_proxy.commits_lost == 1
+    finally:
+        proxied.dispose()
+    assert _loot(admin) == []  # her claim never ran (before: it ran as the superuser)
+    assert len(calls) == 2  # verified by xid, not replayed (before: replayed on her word)
+    assert _counter(admin) == 2
+    assert mode == _commit.XID
+    (line,) = _untrusted_lines(caplog)
+    assert f"schema resilient_db is owned by role {mallory.name}" in line
+    assert f"function resilient_db.claim_commit(uuid, integer) is owned by role {mallory.name}" in (
+        line
+    )
+    assert "not used" in line
+    with pytest.raises(sa.exc.ProgrammingError, match=f"owned by role {mallory.name}"):
+        rdb.install_commit_markers(admin)
+
+
+def test_asyncpg_does_not_use_a_planted_install_either(
+    admin: sa.Engine,
+    mallory: Role,
+    pg_async_url: str,
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _plant_everything(mallory)
+    caplog.set_level(logging.WARNING, logger="resilient_db")
+
+    async def bump(session: AsyncSession) -> int:
+        value = (
+            await session.execute(
+                sa.text("UPDATE counters SET value = value + 1 WHERE id = 1 RETURNING value")
+            )
+        ).scalar_one()
+        return int(value)
+
+    async def main() -> str:
+        engine = create_async_engine(pg_async_url)
+        try:
+            Sessions = rdb.AsyncResilientSession(engine, service=service)
+            assert await Sessions.run(bump) == 1
+            async with engine.connect() as conn:
+                raw = await conn.get_raw_connection()
+                return str(raw.driver_connection._rdb_mode)
+        finally:
+            await engine.dispose()
+
+    assert asyncio.run(main()) == _commit.XID
+    (line,) = _untrusted_lines(caplog)
+    assert f"owned by role {mallory.name}" in line
+
+
+def test_the_application_role_calling_the_install_over_a_plant_is_not_fooled(
+    admin: sa.Engine, mallory: Role, make_role: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An application role without CREATE on the database calls the install at startup (the
+    quickstart): over a plant it can do nothing about, the call sends nothing and raises
+    nothing, and its connections don't use the planted objects (a warning names the owner)."""
+    _plant_everything(mallory)
+    app = make_role()
+    caplog.set_level(logging.WARNING, logger="resilient_db")
+    engine = app.engine()
+    try:
+        rdb.install_commit_markers(engine)
+        Sessions = rdb.ResilientSession(engine, service="markers-owner-app")
+        assert Sessions.run(_bump) == 1
+        with engine.connect() as conn:
+            assert conn.connection.driver_connection._rdb_mode == _commit.XID
+    finally:
+        engine.dispose()
+    (line,) = _untrusted_lines(caplog)
+    assert f"owned by role {mallory.name}" in line
+
+
+def test_markers_installed_by_the_database_owner_are_used_by_the_application_role(
+    admin: sa.Engine, make_role: Any, pg_database: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The usual production set-up keeps working: the database's owner (not a superuser)
+    installs, the application role (only the documented grants) calls the install at startup
+    (nothing to do) and uses the markers, with no warning."""
+    owner = make_role('ALTER DATABASE "{database}" OWNER TO {role}')
+    app = make_role()
+    owner_engine = owner.engine()
+    try:
+        rdb.install_commit_markers(owner_engine)
+        rdb.install_commit_markers(owner_engine)  # again: current, its own
+        with owner_engine.begin() as conn:
+            conn.exec_driver_sql(
+                f"GRANT SELECT, INSERT ON resilient_db.commit_markers TO {app.name}"
+            )
+    finally:
+        owner_engine.dispose()
+    caplog.set_level(logging.WARNING, logger="resilient_db")
+    engine = app.engine()
+    try:
+        rdb.install_commit_markers(engine)  # current: nothing sent
+        Sessions = rdb.ResilientSession(engine, service="markers-owner-db")
+        assert Sessions.run(_bump) == 1
+        with engine.connect() as conn:
+            assert conn.connection.driver_connection._rdb_mode == _commit.MARKERS
+    finally:
+        engine.dispose()
+    assert _untrusted_lines(caplog) == []
+    assert not [r for r in caplog.records if "not installed" in r.getMessage()]
+
+
+def test_a_superuser_reinstalls_over_the_database_owners_markers(
+    admin: sa.Engine, make_role: Any
+) -> None:
+    """Objects of the database's owner are trusted by the install too: a superuser may
+    install again over them (an upgrade run by the DBA)."""
+    owner = make_role('ALTER DATABASE "{database}" OWNER TO {role}')
+    owner_engine = owner.engine()
+    try:
+        rdb.install_commit_markers(owner_engine)
+    finally:
+        owner_engine.dispose()
+    with admin.begin() as conn:
+        rdb.install_commit_markers(conn)
