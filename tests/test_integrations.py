@@ -34,6 +34,7 @@ from sqlmodel import Field, SQLModel, select
 from sqlmodel.ext.asyncio.session import AsyncSession as SQLModelAsyncSession
 
 import resilient_db as rdb
+from resilient_db.testing import FaultProxy
 from resilient_db.web import problem_details
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
@@ -775,11 +776,12 @@ def test_flask_signals_of_tracked_modifications_still_come(pg_url: str, service:
 
 
 def test_flask_engines_of_other_bind_keys_are_healed_too(
-    pg_server: Any, pg_url: str, service: str
+    pg_server: Any, pg_url: str, fault_proxy: FaultProxy, service: str
 ) -> None:
     """A unit touching a model of another bind key runs on that engine (Flask-SQLAlchemy's
     ``get_bind``); the factory made on it gave it the hooks: the unit is replayed after its
-    backend there is killed, and its COMMIT goes out marked, in that database."""
+    backend there is killed, its COMMIT goes out marked, in that database, and a lost answer of
+    that COMMIT is settled there (done once, not replayed)."""
     archive_database = f"{service}-archive".replace("-", "_")
     pg_server.create_database(archive_database)
     archive_url = pg_server.url(archive_database)
@@ -789,7 +791,9 @@ def test_flask_engines_of_other_bind_keys_are_healed_too(
         rdb.install_commit_markers(setup)
     finally:
         setup.dispose()
-    app = create_app(pg_url, service, SQLALCHEMY_BINDS={"archive": archive_url})
+    app = create_app(
+        pg_url, service, SQLALCHEMY_BINDS={"archive": fault_proxy.url(archive_database)}
+    )
     calls: list[int] = []
 
     def archive(session: FlaskSession, name: str) -> str:
@@ -814,9 +818,29 @@ def test_flask_engines_of_other_bind_keys_are_healed_too(
                 assert conn.execute(sa.select(Archived.name, Archived.status)).all() == [
                     ("old", "kept")
                 ]
-            db.session.execute(sa.select(Archived)).scalar_one().status = "purged"
+            lost: list[int] = []
+
+            def archive_once_more(session: FlaskSession) -> None:
+                lost.append(1)
+                session.add(Archived(name="lost answer"))
+
+            fault_proxy.lose_commit_answer()
+            units(app).run(archive_once_more)
+            assert fault_proxy.commits_lost == 1
+            assert lost == [1]  # committed: verified in the archive database, not replayed
+            with db.engines["archive"].connect() as conn:
+                assert conn.scalars(sa.select(Archived.name).order_by(Archived.name)).all() == [
+                    "lost answer",
+                    "old",
+                ]
+            assert counters(service)["verified_commits"] == 1
+            db.session.execute(
+                sa.select(Archived).where(Archived.name == "old")
+            ).scalar_one().status = "purged"
             db.session.commit()
-            db.session.execute(sa.select(Archived)).scalar_one().status = "kept"
+            db.session.execute(
+                sa.select(Archived).where(Archived.name == "old")
+            ).scalar_one().status = "kept"
             with pytest.raises(rdb.IllegalTransitionError) as info:  # on that engine too
                 db.session.commit()
             assert (info.value.from_state, info.value.to_state) == ("purged", "kept")
