@@ -486,45 +486,55 @@ async def test_async_sqlmodel_guards_refuse_illegal_moves(
 
 # -- Flask-SQLAlchemy -----------------------------------------------------------------------------
 class ResilientSQLAlchemy(SQLAlchemy):
-    """What the README shows: ``db.session`` made by a ``ResilientSession`` of each app's engine.
+    """What the README shows: ``db.session`` made by a ``ResilientSession`` on each app's engine.
 
     Flask-SQLAlchemy builds ``db.session`` in ``__init__``, before any engine exists (engines
-    are made per app by ``init_app``), so the factory is made in ``init_app``, in an app
-    context: on the app's engine, of Flask-SQLAlchemy's own session class (its ``get_bind``
-    picks each app context's engine), with the same arguments Flask-SQLAlchemy gives it, under
-    Flask-SQLAlchemy's own scope (one session per app context, removed at its teardown). The
-    factory is also ``app.extensions["resilient_db"]``, for units of work. The engines of other
-    bind keys get a factory each: their sessions are not used (``db.session``'s pick each
-    engine through ``get_bind``), they give the engine resilient_db's hooks.
+    are made per app by ``init_app``), so the factories are made in ``init_app``, in an app
+    context: one on each of the app's engines (other bind keys too: a factory gives its engine
+    resilient_db's hooks), of the class and with the options of Flask-SQLAlchemy's own
+    sessionmaker (its ``Session``, whose ``get_bind`` picks the engine of each app context and
+    bind key, the ``session_options`` given; listeners on its class reach theirs), under its
+    scope (one session per app context, removed at teardown). Flask-SQLAlchemy's own
+    ``init_app`` is given its own ``db.session`` (it listens there for tracked modifications).
+    The default engine's factory is ``app.extensions["resilient_db"]``, for units of work.
     """
 
     def init_app(self, app: Flask) -> None:
+        self.flask_session = getattr(self, "flask_session", self.session)
+        self.session = self.flask_session
         super().init_app(app)
+        plain = self.flask_session.session_factory
         with app.app_context():
-            # a factory on each of the app's engines (SQLALCHEMY_BINDS too): each engine gets
-            # resilient_db's hooks (its units' COMMITs marked, dead connections replaced, ...)
             factories = {
                 key: rdb.ResilientSession(
-                    engine,
+                    **{**plain.kw, "bind": engine},  # (its kw: bind=None, db, query_cls, ...)
                     service=app.config.get("RESILIENT_DB_SERVICE", "database"),
-                    class_=FlaskSession,
-                    db=self,
-                    query_cls=self.Query,
+                    class_=plain.class_,
                 )
                 for key, engine in self.engines.items()
             }
-        app.extensions["resilient_db"] = factory = factories[None]
+        app.extensions["resilient_db"] = factories[None]
         app.extensions["resilient_db.binds"] = factories
-        self.session = scoped_session(factory, scopefunc=self.session.registry.scopefunc)
-        if app.config["SQLALCHEMY_TRACK_MODIFICATIONS"]:  # its signals, on the new sessions
-            track_modifications._listen(self.session)
+        self.session = scoped_session(
+            factories[None], scopefunc=self.flask_session.registry.scopefunc
+        )
 
 
 class FlaskBase(DeclarativeBase):
     pass
 
 
-db = ResilientSQLAlchemy(model_class=FlaskBase)
+class JobsSession(FlaskSession):
+    """A session class of the application's, given in ``session_options``."""
+
+    def label(self) -> str:
+        return "jobs"
+
+
+db = ResilientSQLAlchemy(
+    model_class=FlaskBase,
+    session_options={"class_": JobsSession, "expire_on_commit": False},
+)
 
 
 class Job(db.Model):  # type: ignore[name-defined, misc]
@@ -600,7 +610,9 @@ def test_flask_db_session_is_a_resilient_session(flask_app: Flask) -> None:
     with flask_app.app_context():
         session = db.session()
         assert type(session) is Session.class_
-        assert isinstance(session, FlaskSession)
+        assert isinstance(session, JobsSession)  # the class of session_options
+        assert session.label() == "jobs"
+        assert session.expire_on_commit is False  # the options of session_options
         assert session.get_bind(Job) is db.engine  # Flask-SQLAlchemy's choice: the app's engine
         db.session.add(Job(name="a"))
         db.session.commit()
