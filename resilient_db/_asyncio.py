@@ -82,10 +82,11 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
 
     @overload
     def __init__(
-        self: AsyncResilientSession[AsyncSession],
+        self: AsyncResilientSession[S],
         bind: AsyncEngine,
         service: str = ...,
         *,
+        class_: type[S],
         config: Config | None = ...,
         classifier: Classifier | None = ...,
         breaker_storage: Any = ...,
@@ -97,11 +98,10 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
     ) -> None: ...
     @overload
     def __init__(
-        self: AsyncResilientSession[S],
+        self: AsyncResilientSession[AsyncSession],
         bind: AsyncEngine,
         service: str = ...,
         *,
-        class_: type[S],
         config: Config | None = ...,
         classifier: Classifier | None = ...,
         breaker_storage: Any = ...,

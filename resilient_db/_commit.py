@@ -724,10 +724,13 @@ class AttemptRecord:
         if marked is None:  # or SQLAlchemy's adapter (asyncpg): the driver's is inside
             marked = getattr(pooled.driver_connection, "_rdb_marked", False)
         entry = (transaction, connection, marked)
-        if self.began is None:
+        began = self.began
+        if began is None:
             self.began = [entry]
-        else:
-            self.began.append(entry)
+        elif began[-1][0] is not transaction or began[-1][1] is not connection:
+            began.append(entry)
+        # else: heard twice (a session class listening and a base of it, see
+        # install_connect_retry): one connection, recorded once
 
     def autocommit(self, context: Any) -> None:
         """A statement that may write goes out in autocommit: it commits on its own."""

@@ -83,10 +83,11 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
 
     @overload
     def __init__(
-        self: ResilientSession[Session],
+        self: ResilientSession[S],
         bind: Engine,
         service: str = ...,
         *,
+        class_: type[S],
         config: Config | None = ...,
         classifier: Classifier | None = ...,
         breaker_storage: Any = ...,
@@ -98,11 +99,10 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
     ) -> None: ...
     @overload
     def __init__(
-        self: ResilientSession[S],
+        self: ResilientSession[Session],
         bind: Engine,
         service: str = ...,
         *,
-        class_: type[S],
         config: Config | None = ...,
         classifier: Classifier | None = ...,
         breaker_storage: Any = ...,

@@ -563,13 +563,10 @@ def install_connect_retry(session_class: type[Session]) -> None:
         if any(base in listening for base in session_class.__mro__):
             return
         # subclasses that listen already (a sync factory's class, made before an async factory
-        # made Session listen) stop: they hear their base's listeners, and twice would record
-        # each connection twice (a unit on one connection taken for one spanning two)
-        for sub in [c for c in listening if issubclass(c, session_class)]:
-            for name, listener in _CONNECT_EVENTS:
-                if event.contains(sub, name, listener):
-                    event.remove(sub, name, listener)
-            listening.discard(sub)
+        # made Session listen) keep their listeners and hear these too: each event comes twice
+        # to their sessions, which the listeners take as once (``began_on`` records a
+        # connection once). Not removed: ``event.remove`` of a subclass's listener once its
+        # base listens raises KeyError in SQLAlchemy before 2.0.37 (its registry's bug)
         for name, listener in _CONNECT_EVENTS:
             event.listen(session_class, name, listener)
         listening.add(session_class)

@@ -136,3 +136,34 @@ app.mount("/admin/token", dashboard(auth=token_auth("a-secret-of-sixteen-chars")
 problem: Problem | None = problem_details(rdb.CircuitOpenError("typing", 1.0))
 status: int = problem.status if problem is not None else 0
 hook: OpenTelemetryHook = install_opentelemetry()
+
+
+# -- a session class of one's own (SQLModel's, say): the factory is of that class -------------
+class OwnSession(Session):
+    def own(self) -> int:
+        return 1
+
+
+class OwnAsyncSession(AsyncSession):
+    def own(self) -> int:
+        return 1
+
+
+OwnSessions = rdb.ResilientSession(engine, class_=OwnSession, expire_on_commit=False)
+
+
+def uses_own(session: OwnSession) -> int:
+    return session.own()
+
+
+own_result: int = OwnSessions.run(uses_own)
+own_session: OwnSession = OwnSessions()
+OwnAsyncSessions = rdb.AsyncResilientSession(aengine, class_=OwnAsyncSession)
+
+
+async def auses_own(session: OwnAsyncSession) -> int:
+    return session.own()
+
+
+async def use_own() -> int:
+    return await OwnAsyncSessions.run(auses_own)
