@@ -34,19 +34,10 @@ from ._fleet import FleetDown, attach, detach
 from ._observability import emit, log_breaker, stats_for
 from ._state import STATE, check_service_room
 
-__all__ = ["Breaker", "breaker_for", "breakers", "open_error"]
+__all__ = ["Breaker", "breaker_for", "breakers"]
 
 CLOSED, OPEN, HALF_OPEN = _pb.STATE_CLOSED, _pb.STATE_OPEN, _pb.STATE_HALF_OPEN
 _UTC = timezone.utc
-
-
-def open_error(service: str, retry_after: float, cause: str | None) -> CircuitOpenError:
-    """:class:`CircuitOpenError` of ``service``, its message naming ``cause`` (what the
-    failures that opened the breaker were) when known."""
-    err = CircuitOpenError(service, retry_after)
-    if cause is not None:
-        err.args = (f"{err.args[0]}; the failures: {cause}",)
-    return err
 
 
 class _LogListener(_pb.CircuitBreakerListener):
@@ -393,7 +384,7 @@ class Breaker:
 
     def _open_error(self, retry_after: float) -> CircuitOpenError:
         """The error of a rejected call: it names what opened the breaker, when known."""
-        return open_error(self.service, retry_after, self.open_cause)
+        return CircuitOpenError(self.service, retry_after, cause=self.open_cause)
 
     def _fleet_admit(self, fleet: Any) -> bool:
         """Not closed: reject from the local view while it says so, else ask Redis for a

@@ -39,18 +39,31 @@ class ConfigError(ResilientDBError, ValueError):
 
 class CircuitOpenError(ResilientDBError):
     """The circuit breaker of ``service`` is open: the call was rejected without touching the
-    network. ``retry_after`` is the number of seconds until the breaker lets a probe through."""
+    network. ``retry_after`` is the number of seconds until the breaker lets a probe through;
+    ``cause``, when known, what the failures that opened it were (a hot standby refusing
+    writes, say), also in the message."""
 
-    def __init__(self, service: str, retry_after: float) -> None:
+    def __init__(self, service: str, retry_after: float, *, cause: str | None = None) -> None:
         self.service = service
         self.retry_after = max(0.0, retry_after)
-        super().__init__(
+        self.cause = cause
+        message = (
             f"circuit {service!r} is open after repeated database failures; "
             f"retry in {self.retry_after:.1f} s"
         )
+        super().__init__(message if cause is None else f"{message}; the failures: {cause}")
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.service, self.retry_after))
+        if self.cause is None:
+            return (type(self), (self.service, self.retry_after))
+        return (_circuit_open_error, (type(self), self.service, self.retry_after, self.cause))
+
+
+def _circuit_open_error(
+    cls: type[CircuitOpenError], service: str, retry_after: float, cause: str
+) -> CircuitOpenError:
+    """Unpickles a :class:`CircuitOpenError` with a cause (``__reduce__`` takes no keywords)."""
+    return cls(service, retry_after, cause=cause)
 
 
 class CommitOutcomeUnknownError(ResilientDBError):

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import tenacity as _t
 
-from ._breaker import Breaker, breaker_for, open_error
+from ._breaker import Breaker, breaker_for
 from ._budget import RetryBudget, budget_for
 from ._classify import (
     DEFAULT_CLASSIFIER,
@@ -357,7 +357,7 @@ class Policy:
                 **({} if cause is None else {"cause": cause}),
             )
         if refused:
-            raise open_error(self.service, refused[0], cause) from exc
+            raise CircuitOpenError(self.service, refused[0], cause=cause) from exc
         if cause is not None:
             _add_note(exc, f"resilient_db: {cause}")
 

@@ -105,3 +105,39 @@ def test_the_install_runs_nothing_planted_while_it_drops_a_legacy_function(
         assert rdb.trigger_drift(conn, Task) is None
         gone = conn.execute(sa.text("SELECT pg_catalog.to_regprocedure(:f)"), {"f": legacy + "()"})
         assert gone.scalar() is None  # the decoy, stamped as ours and unused, was dropped
+
+
+def test_the_cleanup_of_columns_no_longer_guarded_runs_nothing_planted(
+    engine: sa.Engine,
+) -> None:
+    """``public.obj_description(oid, text)`` planted: an unqualified call with a string literal
+    picks it over the built-in ``(oid, name)`` (the string category wins, whatever the path's
+    order), so the install's cleanup of left-over triggers would run it with the installer's
+    rights, and the drift check with the caller's."""
+    Base.metadata.create_all(engine)
+    rdb.install_transition_trigger(engine, Task)
+    with engine.begin() as conn:  # a trigger of the application's: the cleanup looks at it
+        conn.execute(
+            sa.text(
+                "CREATE FUNCTION app_touch() RETURNS trigger LANGUAGE plpgsql "
+                "AS $$ BEGIN RETURN NEW; END $$"
+            )
+        )
+        conn.execute(
+            sa.text(
+                "CREATE TRIGGER app_touch BEFORE UPDATE ON tasks "
+                "FOR EACH ROW EXECUTE FUNCTION app_touch()"
+            )
+        )
+        conn.execute(
+            sa.text(
+                "CREATE FUNCTION public.obj_description(oid, text) RETURNS text "
+                "LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'planted function ran'; END $$"
+            )
+        )
+    with engine.begin() as conn:  # a connection: installed again, cleanup included
+        rdb.install_transition_trigger(conn, Task)
+    with engine.connect() as conn:
+        assert rdb.trigger_drift(conn, Task) is None
+    with engine.begin() as conn:
+        rdb.uninstall_transition_trigger(conn, Task)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import pickle
 import sys
 from collections.abc import Iterator
 
@@ -129,6 +130,11 @@ def test_a_standby_reached_by_mistake_is_named_in_the_warning_the_breaker_and_it
         assert isinstance(err, rdb.CircuitOpenError)
         assert f"the server at {address} is a read-only hot standby" in str(err)
         assert "target_session_attrs=read-write" in str(err)
+        assert err.cause is not None
+        assert address in err.cause
+        copy = pickle.loads(pickle.dumps(err))  # across processes (a worker pool), kept
+        assert (type(copy), str(copy), copy.cause) == (type(err), str(err), err.cause)
+        assert (copy.service, copy.retry_after) == (err.service, err.retry_after)
 
     warned = _lines(caplog, "hot_standby_refused_write")
     assert len(warned) == 1, [r.getMessage() for r in warned]  # 2 refusals, one line
