@@ -551,3 +551,48 @@ def test_an_insert_trigger_without_its_when_is_drift_and_reinstalled(
         conn.exec_driver_sql("SET track_functions = 'pl'")
         conn.exec_driver_sql("INSERT INTO jobs SELECT g, 'job', 'new' FROM generate_series(1, 9) g")
         assert _calls(conn, function) == 0
+
+
+def test_a_model_whose_rules_were_removed_can_uninstall_what_is_left(
+    engine: sa.Engine, registries: Callable[[], registry]
+) -> None:
+    """The next release drops ``__transitions__`` from the model altogether: the triggers of
+    the last release still enforce its rules, and uninstalling through the model (or the drop
+    script) removes every one of ours on its table, never the application's trigger."""
+    first = _record(reg := registries(), RULES, PHASES)
+    reg.metadata.create_all(engine)
+    rdb.install_transition_trigger(engine, first)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(USER_TRIGGER)
+    bare = registries().mapped(
+        type(
+            "Record",
+            (),
+            {
+                "__tablename__": "records",
+                "id": mapped_column(sa.Integer, primary_key=True),
+                "status": mapped_column(sa.String(20)),
+                "phase": mapped_column(sa.String(20)),
+            },
+        )
+    )
+    with pytest.raises(rdb.TransitionRulesError, match="declares no __transitions__"):
+        rdb.install_transition_trigger(engine, bare)
+    script = rdb.transition_trigger_drop_sql(bare)
+    assert "DROP TRIGGER" in script
+    with engine.begin() as conn:  # the last release's rules, still enforced
+        conn.exec_driver_sql("INSERT INTO records VALUES (1, 'new', 'a')")
+    with engine.begin() as conn, pytest.raises(sa.exc.DBAPIError) as refused:
+        conn.exec_driver_sql("UPDATE records SET status = 'gone'")
+    assert rdb.sqlstate_of(refused.value) == rdb.TRANSITION_SQLSTATE
+    rdb.uninstall_transition_trigger(engine, bare)
+    with engine.connect() as conn:
+        assert _ours(conn, "records") == []
+        assert _functions(conn) == ["rdb_transition_records_audit"]
+        conn.exec_driver_sql("UPDATE records SET status = 'gone', phase = 'z'")  # unguarded
+        conn.commit()
+        user = conn.exec_driver_sql(
+            "SELECT tgname FROM pg_trigger WHERE tgrelid = 'records'::regclass"
+        ).scalars()
+        assert list(user) == ["rdb_transition_audit_ins"]
+    rdb.uninstall_transition_trigger(engine, bare)  # nothing left: nothing to do

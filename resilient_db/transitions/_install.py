@@ -14,17 +14,19 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
 from ._report import logger
-from ._rules import Guard, guards_of, table_guards, trigger_guards
+from ._rules import Guard, guards_of, mapper_of, table_guards, trigger_guards
 from ._sql import (
     BYPASS_ROLE,
     bypass_role_statement,
     column_of_trigger,
     declared_triggers,
-    drop_statements,
+    drop_plan,
+    drop_plan_statements,
     insert_when_printed,
     install_statements,
     left_over_statements,
     literal,
+    quoted_table,
     rules_stamp,
     source_matches,
     stamp_generator,
@@ -161,13 +163,15 @@ def install_transition_trigger(bind_or_op: Any, model: type[Any]) -> None:
     application's are never touched.
     """
     guards = trigger_guards(model)
-    _refuse_schema_translation(bind_or_op, guards, "install_transition_trigger")
+    _refuse_schema_translation(
+        bind_or_op, model, [g.table for g in guards], "install_transition_trigger"
+    )
     if installed_already(bind_or_op, lambda conn: _trigger_current(conn, model)):
         return
     statements = [
         bypass_role_statement(),
         *(s for g in guards for s in install_statements(g)),
-        *left_over_statements(model, guards),
+        *left_over_statements(model, (g.table for g in guards)),
     ]
     run_statements(bind_or_op, statements)
     conn = _live_connection(bind_or_op)
@@ -211,18 +215,19 @@ def _live_connection(target: Any) -> Connection | None:
 
 def uninstall_transition_trigger(bind_or_op: Any, model: type[Any]) -> None:
     """Remove the trigger and function of ``model`` (the downgrade of the install), and ours
-    left on its tables by columns no longer guarded (see :func:`install_transition_trigger`)."""
-    guards = guards_of(model)
-    _refuse_schema_translation(bind_or_op, guards, "uninstall_transition_trigger")
-    run_statements(
-        bind_or_op,
-        [*(s for g in guards for s in drop_statements(g)), *left_over_statements(model, guards)],
-    )
+    left on its tables by columns no longer guarded (see :func:`install_transition_trigger`).
+    For a model whose ``__transitions__`` was removed: every trigger of ours on its tables
+    that no other class of its registry declares."""
+    _, tables = drop_plan(model)
+    _refuse_schema_translation(bind_or_op, model, tables, "uninstall_transition_trigger")
+    run_statements(bind_or_op, drop_plan_statements(model))
 
 
-def _refuse_schema_translation(target: Any, guards: Iterable[Guard], what: str) -> None:
-    """Refuse, before sending anything, a connection whose ``schema_translate_map`` moves the
-    table of one of ``guards`` elsewhere: the trigger's statements are sent as text and name
+def _refuse_schema_translation(
+    target: Any, model: object, tables: Iterable[sa.Table], what: str
+) -> None:
+    """Refuse, before sending anything, a connection whose ``schema_translate_map`` moves one
+    of ``tables`` (of ``model``) elsewhere: the trigger's statements are sent as text and name
     the table as the model declares it, so they would act on that table, not on the one the
     connection's queries reach (a tenant's table left unguarded, and drift saying all is well)."""
     options: Mapping[str, Any] = {}
@@ -233,14 +238,14 @@ def _refuse_schema_translation(target: Any, guards: Iterable[Guard], what: str) 
         if conn is not None:
             options = conn.get_execution_options()
     mapping = options.get("schema_translate_map") or {}
-    for guard in guards:
-        schema = guard.table.schema
+    for table in tables:
+        schema = table.schema
         if schema in mapping and mapping[schema] != schema:
             raise ValueError(
                 f"{what}() does not follow schema_translate_map: this connection maps the schema "
-                f"{schema!r} of {guard.model} (table {trigger_names(guard).table}) to "
-                f"{mapping[schema]!r}, and the trigger's statements name the table as the model "
-                f"declares it, so they would act on another table than this connection's "
+                f"{schema!r} of {mapper_of(model).class_.__name__} (table {quoted_table(table)}) "
+                f"to {mapping[schema]!r}, and the trigger's statements name the table as the "
+                f"model declares it, so they would act on another table than this connection's "
                 f"queries; use a connection without schema_translate_map, with a model (or "
                 f"Table) of the schema to guard"
             )
@@ -316,7 +321,7 @@ def trigger_drift(connection: Connection | Session, model: type[Any]) -> str | N
     guarded column missing from the table (renamed or dropped); a trigger of ours on the table
     for a column no class of the table guards any more (install and uninstall drop it)."""
     conn = connection.connection() if isinstance(connection, Session) else connection
-    _refuse_schema_translation(conn, guards_of(model), "trigger_drift")
+    _refuse_schema_translation(conn, model, [g.table for g in guards_of(model)], "trigger_drift")
     problems: list[str] = []
     for guard in guards_of(model):
         n = trigger_names(guard)

@@ -37,6 +37,7 @@ __all__ = [
     "guard_for_table",
     "guards_of",
     "identity_key",
+    "mapper_of",
     "one_guard",
     "plain",
     "sort_key",
@@ -577,7 +578,7 @@ def sort_key(key: object) -> tuple[int, str]:
 # --------------------------------------------------------------------------------------------
 
 
-def _mapper_of(target: object) -> Mapper[Any]:
+def mapper_of(target: object) -> Mapper[Any]:
     if isinstance(target, Mapper):
         return target
     insp = sa.inspect(target, raiseerr=False)
@@ -596,7 +597,7 @@ def state_of(obj: object) -> InstanceState[Any]:
 
 def guards_of(target: object) -> tuple[Guard, ...]:
     """The guards of a mapped class, instance or mapper; raises if it declares no rules."""
-    mapper = _mapper_of(target)
+    mapper = mapper_of(target)
     guards = compiled_guards(mapper)
     if not guards:
         raise TransitionRulesError(f"{mapper.class_.__name__} declares no __transitions__")
@@ -631,7 +632,7 @@ def table_guards(model: object, table: sa.Table) -> tuple[Guard, ...]:
     The triggers of their columns are the table's declared ones; ours of any other column are
     left over. (Classes of other registries are not looked at: a registry disposed of, as
     tests do, leaves its compiled guards behind until collected.)"""
-    mapper = _mapper_of(model)
+    mapper = mapper_of(model)
     found: list[Guard] = []
     for other in mapper.registry.mappers:
         if getattr(other.class_, "__transitions__", None) is None:
@@ -663,7 +664,7 @@ def trigger_guards(model: object) -> tuple[Guard, ...]:
     the column by other rules, which it would apply to their rows too (and the trigger of one
     would replace the other's)."""
     guards = guards_of(model)
-    mapper = _mapper_of(model)
+    mapper = mapper_of(model)
     for guard in guards:
         others = rules_elsewhere(mapper, guard, mapper.base_mapper.self_and_descendants)
         if others:

@@ -12,11 +12,15 @@ import re
 from collections.abc import Collection, Iterable
 from typing import Any, NamedTuple
 
+import sqlalchemy as sa
+
 from ._rules import (
     Guard,
     Key,
     TransitionRulesError,
-    guards_of,
+    compiled_guards,
+    mapper_of,
+    same_table,
     sort_key,
     table_guards,
     trigger_guards,
@@ -32,6 +36,8 @@ __all__ = [
     "bypass_role_statement",
     "column_of_trigger",
     "declared_triggers",
+    "drop_plan",
+    "drop_plan_statements",
     "drop_statements",
     "function_name",
     "function_source",
@@ -43,6 +49,7 @@ __all__ = [
     "left_over_statements",
     "literal",
     "pg_name",
+    "quoted_table",
     "rules_stamp",
     "source_matches",
     "stamp_generator",
@@ -179,6 +186,11 @@ def function_name(schema: str | None, table: str, column: str) -> str:
     digest = hashlib.sha256(triple).hexdigest()[:_FUNCTION_HASH_LEN]
     budget = _PG_NAME_MAX - len(_FUNCTION_PREFIX) - 1 - _FUNCTION_HASH_LEN
     return f"{_FUNCTION_PREFIX}{_truncate_utf8(f'{table}_{column}', budget)}_{digest}"
+
+
+def quoted_table(table: sa.Table) -> str:
+    """``table``'s name quoted, schema-qualified when it has a schema."""
+    return f"{ident(table.schema)}.{ident(table.name)}" if table.schema else ident(table.name)
 
 
 def trigger_names(guard: Guard) -> TriggerNames:
@@ -525,19 +537,21 @@ def stamp_prefix_pattern() -> str:
     return _STAMP_PREFIX + " %"
 
 
-def left_over_statement(guard: Guard, keep: Collection[str]) -> str:
-    """Drop our triggers on ``guard``'s table other than ``keep`` (the trigger names of every
+def left_over_statement(table: sa.Table, keep: Collection[str]) -> str:
+    """Drop our triggers on ``table`` other than ``keep`` (the trigger names of every
     column guarded on the table), and then each one's function if no trigger calls it any
     more: what a column removed from ``__transitions__`` (or renamed) left behind. Ours are
     told by their function's stamp (a ``COMMENT`` only install writes), never by name alone, so
     a trigger of the application's is never touched. A DO block, so that it runs where the
     statements run (also in a script written by Alembic's offline mode)."""
-    n = trigger_names(guard)
+    quoted = literal(quoted_table(table))
     names = ", ".join(literal(k) for k in sorted(keep))
+    # an empty ARRAY[] has no type: a name no trigger has stands for "keep none"
+    names = names or literal("")
     stamped = literal(stamp_prefix_pattern())
     body = f"""
 DECLARE
-    v_rel oid := pg_catalog.to_regclass({literal(n.table)})::oid;
+    v_rel oid := pg_catalog.to_regclass({quoted})::oid;
     r record;
 BEGIN
     IF v_rel IS NULL THEN
@@ -553,7 +567,7 @@ BEGIN
             AND pg_catalog.obj_description(t.tgfoid, 'pg_proc') LIKE {stamped}
             AND t.tgname::text <> ALL (ARRAY[{names}]::text[])
     LOOP
-        EXECUTE pg_catalog.format('DROP TRIGGER %I ON %s', r.trigger, {literal(n.table)});
+        EXECUTE pg_catalog.format('DROP TRIGGER %I ON %s', r.trigger, {quoted});
         IF NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgfoid = r.fn) THEN
             EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS %I.%I()', r.schema, r.function);
         END IF;
@@ -573,16 +587,14 @@ def declared_triggers(guards: Iterable[Guard]) -> list[str]:
     )
 
 
-def left_over_statements(model: object, guards: Iterable[Guard]) -> list[str]:
-    """:func:`left_over_statement` for each table of ``guards`` (of ``model``), keeping the
-    triggers of every column guarded on it by a class known in this process."""
-    tables: dict[tuple[str | None, str], Guard] = {}
-    for g in guards:
-        tables.setdefault((g.table.schema, g.table.name), g)
-    return [
-        left_over_statement(g, declared_triggers(table_guards(model, g.table)))
-        for g in tables.values()
-    ]
+def left_over_statements(model: object, tables: Iterable[sa.Table]) -> list[str]:
+    """:func:`left_over_statement` for each of ``tables`` (of ``model``), keeping the triggers
+    of every column guarded on it by a class of ``model``'s registry."""
+    found: list[sa.Table] = []
+    for table in tables:
+        if not any(same_table(table, seen) for seen in found):
+            found.append(table)
+    return [left_over_statement(t, declared_triggers(table_guards(model, t))) for t in found]
 
 
 def column_of_trigger(name: str) -> str | None:
@@ -622,15 +634,28 @@ def transition_trigger_sql(model: type[Any]) -> str:
         [
             bypass_role_statement(),
             *(s for g in guards for s in install_statements(g)),
-            *left_over_statements(model, guards),
+            *left_over_statements(model, (g.table for g in guards)),
         ]
     )
 
 
+def drop_plan(model: object) -> tuple[tuple[Guard, ...], list[sa.Table]]:
+    """What an uninstall of ``model`` removes: the triggers of its guards, and ours left over on
+    their tables; for a model that declares no rules any more (its ``__transitions__`` removed),
+    every trigger of ours on its tables that no other class of its registry declares."""
+    mapper = mapper_of(model)
+    guards = compiled_guards(mapper)
+    tables = [g.table for g in guards] or [t for t in mapper.tables if isinstance(t, sa.Table)]
+    return guards, tables
+
+
+def drop_plan_statements(model: object) -> list[str]:
+    guards, tables = drop_plan(model)
+    return [*(s for g in guards for s in drop_statements(g)), *left_over_statements(model, tables)]
+
+
 def transition_trigger_drop_sql(model: type[Any]) -> str:
     """DDL removing what :func:`transition_trigger_sql` installs (for a downgrade), and our
-    triggers left on its tables by columns no longer guarded."""
-    guards = guards_of(model)
-    return _script(
-        [*(s for g in guards for s in drop_statements(g)), *left_over_statements(model, guards)]
-    )
+    triggers left on its tables by columns no longer guarded (for a model whose
+    ``__transitions__`` was removed: every one of ours on its tables no other class declares)."""
+    return _script(drop_plan_statements(model))
