@@ -398,11 +398,28 @@ def _run_statements(bind_or_op: Any, statements: list[str]) -> None:
     run_statements(bind_or_op, statements)
 
 
+def _fetch_value(cursor: Any, sql: str) -> Any:
+    """The first column of the one row ``sql`` answers, on a DBAPI ``cursor``."""
+    cursor.execute(sql)
+    return cursor.fetchone()[0]
+
+
 def uninstall_commit_markers(bind_or_op: Any) -> None:
     """Remove the commit markers (the downgrade of :func:`install_commit_markers`)."""
     _run_statements(bind_or_op, _uninstall_statements())
 
 
+#: The objects' identity (their oids): an engine asks who owns them (:data:`_OWNERS_SQL`) only
+#: when it differs from the last set it judged. Owners' lookups cost a new backend 4-10 ms
+#: (cold catalog caches): asked on every connection, they weighed on every unit of a
+#: ``NullPool`` engine, and most of all where nothing is installed. The oids make a verdict
+#: safe to keep: objects dropped (with the schema, by a trusted role) and made again by another
+#: role are new objects, with new oids, judged anew.
+_IDENTITY_SQL = (
+    "pg_catalog.concat_ws(' ', "
+    + ", ".join(f"pg_catalog.{lookup}::pg_catalog.oid" for _, _, _, lookup in _RELIED_ON)
+    + ")"
+)
 # Whether the markers are usable by the role this connection is (the claim's fence and the
 # prepared INSERT run with its rights): installed, and the role may call the functions and read
 # and write the table. A role that may not (a grant forgotten, a role set at connect) uses the
@@ -410,7 +427,7 @@ def uninstall_commit_markers(bind_or_op: Any) -> None:
 # role without USAGE on the schema makes the lookups fail: the fallback too). Objects are found
 # by name (``to_reg*``: NULL when missing), not by joining the catalogs: on a new backend, whose
 # caches are cold, the joins cost about 2 ms more, paid by every connection a pool makes (every
-# unit, with ``NullPool``).
+# unit, with ``NullPool``). Then the server's time, and the objects' identity.
 _CHECK_SQL = f"""SELECT COALESCE(
   pg_catalog.has_schema_privilege(pg_catalog.to_regnamespace('{SCHEMA}'), 'USAGE')
   AND pg_catalog.has_function_privilege(
@@ -421,14 +438,11 @@ _CHECK_SQL = f"""SELECT COALESCE(
     pg_catalog.to_regclass('{SCHEMA}.commit_markers'), 'INSERT')
   AND pg_catalog.has_table_privilege(
     pg_catalog.to_regclass('{SCHEMA}.commit_markers'), 'SELECT'), false),
-  extract(epoch FROM pg_catalog.clock_timestamp())::float8"""
-#: The check with a third column, the objects owned by a role the connection has no reason to
-#: trust (:data:`_UNTRUSTED_SQL`). Their owners' lookups cost a new backend 4-10 ms more (cold
-#: catalog caches), so an engine asks it until one connection has found the markers installed
-#: and trusted, then asks the check alone: only a trusted role (the schema's owner, or a
-#: superuser) can give the schema or its objects to another role, or drop them for another
-#: to plant anew.
-_CHECK_OWNERS_SQL = f"{_CHECK_SQL},\n  {_UNTRUSTED_SQL}"
+  extract(epoch FROM pg_catalog.clock_timestamp())::float8,
+  {_IDENTITY_SQL}"""
+#: The objects the markers rely on that belong to a role the connection has no reason to trust
+#: (:data:`_UNTRUSTED_SQL`: NULL when none), asked once per set of objects (see above).
+_OWNERS_SQL = f"SELECT {_UNTRUSTED_SQL}"
 #: A marker's id carries the client's time, and the server judges its age by its own clock: a
 #: claim refuses markers older than CLAIM_HORIZON (they may have been pruned). A client whose
 #: clock is behind the server's by more than this is warned (once per engine): its lost COMMIT
@@ -795,7 +809,10 @@ class CommitProtocol:
         self._settings = settings  # the engine's hooks: its current config and service name
         self.is_asyncpg = engine.dialect.driver == "asyncpg"
         self._warned = False
-        self._owners_trusted = False  # the markers' owners were found trusted (see _CHECK_SQL)
+        # the identity (_IDENTITY_SQL) of the markers' objects last found owned by trusted
+        # roles, and of those last found otherwise: only another set is asked about its owners
+        self._trusted_objects: str | None = None
+        self._untrusted_objects: str | None = None
         self._clock_warned = False
         self._prune_refused = False
         self._next_prune = time.monotonic() + PRUNE_INTERVAL
@@ -944,24 +961,23 @@ class CommitProtocol:
             event="commit_markers_missing",
         )
 
-    def _check_sql(self) -> str:
-        return _CHECK_SQL if self._owners_trusted else _CHECK_OWNERS_SQL
-
-    def _trusted_install(self, row: Any) -> bool:
-        """Whether the check's ``row`` says the markers are installed, usable by this role
-        and (asked until an engine's connection has found so) owned by roles it trusts."""
+    def _trusted_install(self, row: Any, owners: Callable[[], Any]) -> bool:
+        """Whether the check's ``row`` says the markers are installed, usable by this role and
+        owned by roles it trusts; ``owners()`` asks the last (:data:`_OWNERS_SQL`), only for
+        a set of objects not judged yet."""
         if not row[0]:
-            # (gone, or not usable: the owners are asked again once it is back, since a
-            # schema dropped by its owner could be made again by any role with CREATE)
-            self._owners_trusted = False
-            return False
-        if self._owners_trusted:
-            return True
+            return False  # not installed, or not usable by this role: nothing to judge
         objects = row[2]
-        if not objects:
-            self._owners_trusted = True
+        if objects == self._trusted_objects:
             return True
-        self._warn_untrusted(objects)
+        if objects == self._untrusted_objects:
+            return False
+        untrusted = owners()
+        if not untrusted:
+            self._trusted_objects = objects
+            return True
+        self._untrusted_objects = objects
+        self._warn_untrusted(list(untrusted))
         return False
 
     def _warn_untrusted(self, objects: list[str]) -> None:
@@ -1090,9 +1106,9 @@ class CommitProtocol:
         if self.is_asyncpg:
             reports = hasattr(driver.get_settings(), "in_hot_standby")
             sent = _wall_clock()
-            row = _await(driver.fetchrow(self._check_sql()))
+            row = _await(driver.fetchrow(_CHECK_SQL))
             self._check_clock(sent, row[1])
-            if not self._trusted_install(row):
+            if not self._trusted_install(row, lambda: _await(driver.fetchval(_OWNERS_SQL))):
                 return False, False, reports
             prepare = prepare and reports
             done = prepare and _quietly(lambda: _await(driver.execute(_PREPARE_SQL)))
@@ -1109,10 +1125,10 @@ class CommitProtocol:
         cursor = dbapi_connection.cursor()
         try:
             sent = _wall_clock()
-            cursor.execute(self._check_sql())
+            cursor.execute(_CHECK_SQL)
             row = cursor.fetchone()
             self._check_clock(sent, row[1])
-            if not self._trusted_install(row):
+            if not self._trusted_install(row, lambda: _fetch_value(cursor, _OWNERS_SQL)):
                 return False, False, reports
             return True, prepare and _quietly(lambda: cursor.execute(_PREPARE_SQL)), reports
         finally:

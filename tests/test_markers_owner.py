@@ -320,3 +320,109 @@ def test_a_superuser_reinstalls_over_the_database_owners_markers(
         owner_engine.dispose()
     with admin.begin() as conn:
         rdb.install_commit_markers(conn)
+
+
+def _counting_owner_checks(admin: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Count, in the database, each time an engine asks who owns the markers' objects (a
+    sequence advanced by the same query); returns a function reading the count."""
+    with admin.begin() as conn:
+        conn.exec_driver_sql("CREATE SEQUENCE public.owner_checks")
+        conn.exec_driver_sql("GRANT USAGE, SELECT ON SEQUENCE public.owner_checks TO PUBLIC")
+    owners = _commit._UNTRUSTED_SQL
+    monkeypatch.setattr(
+        _commit,
+        "_OWNERS_SQL",
+        f"SELECT {owners}, pg_catalog.nextval('public.owner_checks')",
+        raising=False,  # (releases that asked at every connection had no such query)
+    )
+
+    def count() -> int:
+        with admin.connect() as conn:
+            row = conn.exec_driver_sql("SELECT last_value, is_called FROM public.owner_checks")
+            last, called = row.one()
+            return int(last) if called else 0
+
+    return count
+
+
+def test_owners_are_asked_once_per_set_of_objects_never_when_nothing_is_installed(
+    admin: sa.Engine,
+    mallory: Role,
+    service: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The owners' lookups cost a new backend milliseconds: asked at every connection, they
+    weighed on every unit of a NullPool engine (before: on every one, and most of all where no
+    markers are installed, the default). Now: never while nothing is installed, once for a
+    trusted install, once for an untrusted one (warned once)."""
+    owner_checks = _counting_owner_checks(admin, monkeypatch)
+    caplog.set_level(logging.WARNING, logger="resilient_db")
+
+    def units(engine: sa.Engine, n: int) -> str:
+        Sessions = rdb.ResilientSession(engine, service=service)
+        for _ in range(n):
+            Sessions.run(_bump)
+        with engine.connect() as conn:
+            return str(conn.connection.driver_connection._rdb_mode)
+
+    bare = sa.create_engine(admin.url, poolclass=sa.pool.NullPool)
+    try:
+        assert units(bare, 5) == _commit.XID
+    finally:
+        bare.dispose()
+    assert owner_checks() == 0  # nothing installed: nothing to ask
+
+    _plant_everything(mallory)
+    planted = sa.create_engine(admin.url, poolclass=sa.pool.NullPool)
+    try:
+        assert units(planted, 5) == _commit.XID
+    finally:
+        planted.dispose()
+    assert owner_checks() == 1
+    assert len(_untrusted_lines(caplog)) == 1
+
+    with admin.begin() as conn:
+        conn.exec_driver_sql("DROP SCHEMA resilient_db CASCADE")
+    rdb.install_commit_markers(admin)  # the superuser's own
+    trusted = sa.create_engine(admin.url, poolclass=sa.pool.NullPool)
+    try:
+        assert units(trusted, 5) == _commit.MARKERS
+    finally:
+        trusted.dispose()
+    assert owner_checks() == 2
+
+
+def test_markers_planted_after_trusted_ones_were_dropped_are_not_used(
+    admin: sa.Engine,
+    mallory: Role,
+    service: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An engine that found the superuser's markers trusted kept trusting whatever stood under
+    their names: after a DROP SCHEMA (a downgrade, a reinstall) mallory installed her own, and
+    the engine's new connections used them (her mark_commit at every COMMIT, her claim with the
+    application's rights). Their identity changed: asked again, and refused."""
+    owner_checks = _counting_owner_checks(admin, monkeypatch)
+    caplog.set_level(logging.WARNING, logger="resilient_db")
+    rdb.install_commit_markers(admin)
+    engine = sa.create_engine(admin.url)
+    Sessions = rdb.ResilientSession(engine, service=service)
+    try:
+        Sessions.run(_bump)
+        with engine.connect() as conn:
+            assert conn.connection.driver_connection._rdb_mode == _commit.MARKERS
+        with admin.begin() as conn:
+            conn.exec_driver_sql("DROP SCHEMA resilient_db CASCADE")
+        _plant_everything(mallory)
+        engine.dispose()  # the same engine: new connections
+        Sessions.run(_bump)
+        with engine.connect() as conn:
+            assert conn.connection.driver_connection._rdb_mode == _commit.XID
+    finally:
+        engine.dispose()
+    assert owner_checks() == 2
+    (line,) = _untrusted_lines(caplog)
+    assert f"owned by role {mallory.name}" in line
+    assert _counter(admin) == 2
