@@ -213,23 +213,34 @@ _RELIED_ON: Final = (
         f"to_regprocedure('{SCHEMA}.prune_commit_markers(integer)')",
     ),
 )
-#: An array naming each object the markers rely on that belongs to a role the connecting one
-#: has no reason to trust (NULL: none): neither a superuser, the database's owner, nor the role
-#: logged in or in effect. Objects looked up by oid (found by name with ``to_reg*``, as the
-#: check does); no operator or function from the caller's search_path.
-_UNTRUSTED_SQL: Final = (
-    "(SELECT pg_catalog.array_agg(pg_catalog.format('%s is owned by role %s', o.what, "
-    "pg_catalog.quote_ident(r.rolname)) ORDER BY o.n) FROM (VALUES "
-    + ", ".join(
-        f"({n}, '{what}', (SELECT x.{column} FROM pg_catalog.{catalog} x WHERE x.oid "
-        f"OPERATOR(pg_catalog.=) pg_catalog.{lookup}::pg_catalog.oid))"
-        for n, (what, catalog, column, lookup) in enumerate(_RELIED_ON)
+
+
+def _untrusted_sql(owner: str | None = None) -> str:
+    """An array naming each object the markers rely on that belongs to a role the connecting
+    one has no reason to trust (NULL: none): neither a superuser, the database's owner, the role
+    logged in or in effect, nor ``owner`` (``SELF_HEALING_MARKERS_OWNER``). Objects looked up by
+    oid (found by name with ``to_reg*``, as the check does); no operator or function from the
+    caller's search_path."""
+    also = ""
+    if owner is not None:  # an E'' literal: the same whatever standard_conforming_strings says
+        quoted = owner.replace("\\", "\\\\").replace("'", "''")
+        also = f" AND r.rolname OPERATOR(pg_catalog.<>) E'{quoted}'"
+    return (
+        "(SELECT pg_catalog.array_agg(pg_catalog.format('%s is owned by role %s', o.what, "
+        "pg_catalog.quote_ident(r.rolname)) ORDER BY o.n) FROM (VALUES "
+        + ", ".join(
+            f"({n}, '{what}', (SELECT x.{column} FROM pg_catalog.{catalog} x WHERE x.oid "
+            f"OPERATOR(pg_catalog.=) pg_catalog.{lookup}::pg_catalog.oid))"
+            for n, (what, catalog, column, lookup) in enumerate(_RELIED_ON)
+        )
+        + ") AS o(n, what, owner) JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) "
+        "o.owner WHERE NOT r.rolsuper AND r.rolname OPERATOR(pg_catalog.<>) session_user "
+        f"AND r.rolname OPERATOR(pg_catalog.<>) current_user AND r.oid OPERATOR(pg_catalog.<>) "
+        f"{_DATABASE_OWNER}{also})"
     )
-    + ") AS o(n, what, owner) JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) "
-    "o.owner WHERE NOT r.rolsuper AND r.rolname OPERATOR(pg_catalog.<>) session_user "
-    f"AND r.rolname OPERATOR(pg_catalog.<>) current_user AND r.oid OPERATOR(pg_catalog.<>) "
-    f"{_DATABASE_OWNER})"
-)
+
+
+_UNTRUSTED_SQL: Final = _untrusted_sql()
 
 
 def _install_statements() -> list[str]:
@@ -409,7 +420,7 @@ def uninstall_commit_markers(bind_or_op: Any) -> None:
     _run_statements(bind_or_op, _uninstall_statements())
 
 
-#: The objects' identity (their oids): an engine asks who owns them (:data:`_OWNERS_SQL`) only
+#: The objects' identity (their oids): an engine asks who owns them (:func:`_owners_sql`) only
 #: when it differs from the last set it judged. Owners' lookups cost a new backend 4-10 ms
 #: (cold catalog caches): asked on every connection, they weighed on every unit of a
 #: ``NullPool`` engine, and most of all where nothing is installed. The oids make a verdict
@@ -440,9 +451,14 @@ _CHECK_SQL = f"""SELECT COALESCE(
     pg_catalog.to_regclass('{SCHEMA}.commit_markers'), 'SELECT'), false),
   extract(epoch FROM pg_catalog.clock_timestamp())::float8,
   {_IDENTITY_SQL}"""
-#: The objects the markers rely on that belong to a role the connection has no reason to trust
-#: (:data:`_UNTRUSTED_SQL`: NULL when none), asked once per set of objects (see above).
-_OWNERS_SQL = f"SELECT {_UNTRUSTED_SQL}"
+
+
+def _owners_sql(owner: str | None) -> str:
+    """The objects the markers rely on that belong to a role the connection has no reason to
+    trust (:func:`_untrusted_sql`: NULL when none), asked once per set of objects (see above)."""
+    return f"SELECT {_untrusted_sql(owner)}"
+
+
 #: A marker's id carries the client's time, and the server judges its age by its own clock: a
 #: claim refuses markers older than CLAIM_HORIZON (they may have been pruned). A client whose
 #: clock is behind the server's by more than this is warned (once per engine): its lost COMMIT
@@ -961,18 +977,19 @@ class CommitProtocol:
             event="commit_markers_missing",
         )
 
-    def _trusted_install(self, row: Any, owners: Callable[[], Any]) -> bool:
+    def _trusted_install(self, row: Any, owners: Callable[[str], Any]) -> bool:
         """Whether the check's ``row`` says the markers are installed, usable by this role and
-        owned by roles it trusts; ``owners()`` asks the last (:data:`_OWNERS_SQL`), only for
-        a set of objects not judged yet."""
+        owned by roles it trusts; ``owners(sql)`` asks the last (:func:`_owners_sql`), only
+        for a set of objects (and ``SELF_HEALING_MARKERS_OWNER``) not judged yet."""
         if not row[0]:
             return False  # not installed, or not usable by this role: nothing to judge
-        objects = row[2]
+        owner = self._settings.config.markers_owner
+        objects = f"{row[2]} {owner}"  # a verdict holds for these objects and this setting
         if objects == self._trusted_objects:
             return True
         if objects == self._untrusted_objects:
             return False
-        untrusted = owners()
+        untrusted = owners(_owners_sql(owner))
         if not untrusted:
             self._trusted_objects = objects
             return True
@@ -996,7 +1013,8 @@ class CommitProtocol:
                 "of its own would have committed units replayed, written twice, and run with "
                 "this application's rights); a lost COMMIT answer is verified by transaction "
                 "id instead. If they are yours, have the database's owner (or a superuser) own "
-                "them; otherwise DROP SCHEMA %s CASCADE and run "
+                "them, or name their owner in SELF_HEALING_MARKERS_OWNER; otherwise DROP "
+                "SCHEMA %s CASCADE and run "
                 "resilient_db.install_commit_markers() as the database's owner",
                 self.engine.url.database,
                 "; ".join(objects),
@@ -1108,7 +1126,7 @@ class CommitProtocol:
             sent = _wall_clock()
             row = _await(driver.fetchrow(_CHECK_SQL))
             self._check_clock(sent, row[1])
-            if not self._trusted_install(row, lambda: _await(driver.fetchval(_OWNERS_SQL))):
+            if not self._trusted_install(row, lambda sql: _await(driver.fetchval(sql))):
                 return False, False, reports
             prepare = prepare and reports
             done = prepare and _quietly(lambda: _await(driver.execute(_PREPARE_SQL)))
@@ -1128,7 +1146,7 @@ class CommitProtocol:
             cursor.execute(_CHECK_SQL)
             row = cursor.fetchone()
             self._check_clock(sent, row[1])
-            if not self._trusted_install(row, lambda: _fetch_value(cursor, _OWNERS_SQL)):
+            if not self._trusted_install(row, lambda sql: _fetch_value(cursor, sql)):
                 return False, False, reports
             return True, prepare and _quietly(lambda: cursor.execute(_PREPARE_SQL)), reports
         finally:

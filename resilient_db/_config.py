@@ -230,6 +230,9 @@ class Config:
     retry_budget: float | None = None
     #: retries per second the budget allows whatever the ratio says (a small floor)
     retry_budget_floor: int = 10
+    #: a role trusted to own the commit markers besides a superuser, the database's owner and
+    #: the role the application logs in as: a migration role that installed them (None: none)
+    markers_owner: str | None = None
 
     def __post_init__(self) -> None:
         problems: dict[str, str] = {}
@@ -318,7 +321,7 @@ class Config:
 class _Spec:
     env: str
     field: str
-    kind: str  # "bool" | "count" | "ms" | "ratio" | "url" | "choice"
+    kind: str  # "bool" | "count" | "ms" | "ratio" | "url" | "choice" | "role"
     choices: tuple[str, ...] = ()
 
 
@@ -344,6 +347,7 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("SELF_HEALING_REDIS_TIMEOUT", "redis_timeout", "ms"),
     _Spec("SELF_HEALING_RETRY_BUDGET", "retry_budget", "ratio"),
     _Spec("SELF_HEALING_RETRY_BUDGET_FLOOR", "retry_budget_floor", "count"),
+    _Spec("SELF_HEALING_MARKERS_OWNER", "markers_owner", "role"),
 )
 _BY_ENV = {spec.env: spec for spec in _SPECS}
 _ENV_OF = {spec.field: spec.env for spec in _SPECS}
@@ -414,6 +418,10 @@ def _optional_problems(config: Config) -> dict[str, str]:
         )
         if why is not None:
             problems["redis_url"] = why
+    if config.markers_owner is not None:
+        why = role_problem(config.markers_owner)
+        if why is not None:
+            problems["markers_owner"] = why
     ratio = config.retry_budget
     if ratio is not None:
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
@@ -427,8 +435,30 @@ def _optional_problems(config: Config) -> dict[str, str]:
     return problems
 
 
+#: PostgreSQL's longest name, in bytes (NAMEDATALEN - 1)
+_MAX_NAME_BYTES = 63
+
+
+def role_problem(name: object) -> str | None:
+    """What is wrong with ``name`` as a PostgreSQL role name (None: nothing)."""
+    if not isinstance(name, str):
+        return f"must be a role name (a string) or None, got {type(name).__name__}"
+    if not name:
+        return "must be a role name, got an empty one"
+    if "\x00" in name:
+        return "a role name can't hold a NUL character"
+    if len(name.encode()) > _MAX_NAME_BYTES:
+        return f"too long for a PostgreSQL role name (at most {_MAX_NAME_BYTES} bytes)"
+    return None
+
+
 def _parse(spec: _Spec, raw: str) -> Any:
     text = raw.strip()
+    if spec.kind == "role":
+        why = role_problem(text)
+        if why is not None:
+            raise ValueError(why)
+        return text
     if spec.kind == "ratio":
         if not _RATIO.fullmatch(text):
             raise ValueError("not a ratio; give a decimal number such as 0.2 (digits and a dot)")

@@ -328,13 +328,13 @@ def _counting_owner_checks(admin: sa.Engine, monkeypatch: pytest.MonkeyPatch) ->
     with admin.begin() as conn:
         conn.exec_driver_sql("CREATE SEQUENCE public.owner_checks")
         conn.exec_driver_sql("GRANT USAGE, SELECT ON SEQUENCE public.owner_checks TO PUBLIC")
-    owners = _commit._UNTRUSTED_SQL
-    monkeypatch.setattr(
-        _commit,
-        "_OWNERS_SQL",
-        f"SELECT {owners}, pg_catalog.nextval('public.owner_checks')",
-        raising=False,  # (releases that asked at every connection had no such query)
-    )
+    asked = getattr(_commit, "_owners_sql", None)  # (none where asked at every connection)
+
+    def counted(owner: str | None) -> str:
+        assert asked is not None
+        return f"{asked(owner)}, pg_catalog.nextval('public.owner_checks')"
+
+    monkeypatch.setattr(_commit, "_owners_sql", counted, raising=False)
 
     def count() -> int:
         with admin.connect() as conn:
@@ -426,3 +426,52 @@ def test_markers_planted_after_trusted_ones_were_dropped_are_not_used(
     (line,) = _untrusted_lines(caplog)
     assert f"owned by role {mallory.name}" in line
     assert _counter(admin) == 2
+
+
+def test_a_migration_role_named_as_the_markers_owner_is_trusted(
+    admin: sa.Engine, make_role: Any, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A least-privilege set-up: a migration role (CREATE on the database, not its owner)
+    installs the markers, the application role uses them. Its markers are not trusted by
+    default (no catalog tells that role from one that planted them: a warning says so and
+    the engine verifies by transaction id); ``SELF_HEALING_MARKERS_OWNER`` names it, and they
+    are used."""
+    migrator = make_role('GRANT CREATE ON DATABASE "{database}" TO {role}')
+    app = make_role()
+    engine = migrator.engine()
+    try:
+        rdb.install_commit_markers(engine)
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                f"GRANT SELECT, INSERT ON resilient_db.commit_markers TO {app.name}"
+            )
+    finally:
+        engine.dispose()
+    caplog.set_level(logging.WARNING, logger="resilient_db")
+
+    def mode(config: rdb.Config) -> str:
+        app_engine = app.engine()
+        try:
+            Sessions = rdb.ResilientSession(app_engine, service=service, config=config)
+            Sessions.run(_bump)
+            with app_engine.connect() as conn:
+                return str(conn.connection.driver_connection._rdb_mode)
+        finally:
+            app_engine.dispose()
+
+    assert mode(rdb.Config()) == _commit.XID
+    (line,) = _untrusted_lines(caplog)
+    assert f"owned by role {migrator.name}" in line
+    caplog.clear()
+    assert mode(rdb.load_config({"SELF_HEALING_MARKERS_OWNER": migrator.name})) == (_commit.MARKERS)
+    assert mode(rdb.Config(markers_owner="someone_else")) == _commit.XID
+    assert _counter(admin) == 3
+
+
+@pytest.mark.parametrize("bad", ["", "   ", "x" * 64, "a\x00b"])
+def test_a_markers_owner_that_cannot_be_a_role_name_is_refused(bad: str) -> None:
+    with pytest.raises(rdb.ConfigError, match="SELF_HEALING_MARKERS_OWNER"):
+        rdb.load_config({"SELF_HEALING_MARKERS_OWNER": bad})
+    if bad.strip():
+        with pytest.raises(rdb.ConfigError, match="markers_owner"):
+            rdb.Config(markers_owner=bad)
