@@ -151,6 +151,11 @@ def _functions(conn: sa.Connection) -> list[str]:
     )
 
 
+def _run_script(conn: sa.Connection, script: str) -> None:
+    """``script`` as psql would run it (its ``%`` are no placeholders)."""
+    conn.exec_driver_sql(script, execution_options={"no_parameters": True})
+
+
 def _refused(conn: sa.Connection, statement: str) -> rdb.IllegalTransitionError:
     with pytest.raises(sa.exc.DBAPIError) as info:
         conn.exec_driver_sql(statement)
@@ -296,9 +301,11 @@ FOR EACH ROW EXECUTE FUNCTION rdb_transition_records_audit();
 def test_a_column_removed_from_the_rules_loses_its_trigger(
     engine: sa.Engine, registries: Callable[[], registry]
 ) -> None:
-    """The next release guards ``status`` only: its drift names the trigger of ``phase`` left on
-    the table, its install drops that (and its function), never the application's own trigger
-    (named like ours, but not stamped), and its uninstall drops what is ours of both."""
+    """The next release guards ``status`` only. The trigger of ``phase`` (a column the table
+    still has) may be another code base's: its install keeps it and its drift does not name it.
+    Removed on purpose by ``uninstall_transition_trigger(..., columns=("phase",))`` (or the drop
+    script with ``columns=``): that trigger and its function, never the application's own
+    trigger (named like ours, but not stamped) nor the model's other guard."""
     first = _record(reg := registries(), RULES, PHASES)
     reg.metadata.create_all(engine)
     rdb.install_transition_trigger(engine, first)
@@ -306,12 +313,19 @@ def test_a_column_removed_from_the_rules_loses_its_trigger(
         conn.exec_driver_sql(USER_TRIGGER)
     nxt = _record(registries(), RULES)
     with engine.connect() as conn:
-        drift = rdb.trigger_drift(conn, nxt) or ""
-    assert (
-        'table "records": trigger rdb_transition_phase_ins, rdb_transition_phase_upd for '
-        "column 'phase' is installed but no longer declared by Record" in drift
-    )
+        assert rdb.trigger_drift(conn, nxt) is None
     rdb.install_transition_trigger(engine, nxt)
+    with engine.connect() as conn:
+        assert len(_ours(conn, "records")) == 4
+        assert len([f for f in _functions(conn) if "phase" in f]) == 1
+    with pytest.raises(rdb.TransitionRulesError, match="has no column 'phsae'"):
+        rdb.uninstall_transition_trigger(engine, nxt, columns=("phsae",))
+    with pytest.raises(rdb.TransitionRulesError, match="a collection of column names"):
+        rdb.uninstall_transition_trigger(engine, nxt, columns="phase")  # type: ignore[arg-type]
+    script = rdb.transition_trigger_drop_sql(nxt, columns=("phase",))
+    assert "'rdb_transition_phase_ins', 'rdb_transition_phase_upd'" in script
+    assert "rdb_transition_status" not in script
+    rdb.uninstall_transition_trigger(engine, nxt, columns=("phase",))
     with engine.connect() as conn:
         assert rdb.trigger_drift(conn, nxt) is None
         assert [t for t, _ in _ours(conn, "records")] == [
@@ -323,7 +337,14 @@ def test_a_column_removed_from_the_rules_loses_its_trigger(
         conn.exec_driver_sql("UPDATE records SET phase = 'y'")
         conn.commit()
     rdb.install_transition_trigger(engine, first)  # the earlier release again
-    rdb.uninstall_transition_trigger(engine, nxt)
+    rdb.uninstall_transition_trigger(engine, nxt)  # its own guard only
+    with engine.connect() as conn:
+        assert [t for t, _ in _ours(conn, "records")] == [
+            "rdb_transition_phase_ins",
+            "rdb_transition_phase_upd",
+        ]
+    with engine.begin() as conn:  # the drop script, run as a script
+        _run_script(conn, rdb.transition_trigger_drop_sql(nxt, columns=("phase", "status")))
     with engine.connect() as conn:
         assert _ours(conn, "records") == []
         assert _functions(conn) == ["rdb_transition_records_audit"]
@@ -339,8 +360,8 @@ def test_a_column_renamed_in_the_database_is_guarded_under_its_new_name(
 ) -> None:
     """ALTER TABLE ... RENAME COLUMN status TO state: the trigger function still reads
     NEW.status, so every write it checks fails until the next release (guarding ``state``)
-    installs:
-    its drift names the left-over trigger, its install drops it, and the column is guarded
+    installs: its drift names the left-over trigger (the table has no column ``status``), its
+    install drops it (the column's absence is read from the table), and the column is guarded
     under its new name."""
     table = f"{schema}.records" if schema else "records"
     if schema:
@@ -368,7 +389,10 @@ def test_a_column_renamed_in_the_database_is_guarded_under_its_new_name(
     with engine.connect() as conn:
         drift = rdb.trigger_drift(conn, nxt) or ""
     assert "trigger rdb_transition_state_ins is missing" in drift
-    assert "for column 'status' is installed but no longer declared" in drift
+    assert (
+        "trigger rdb_transition_status_ins, rdb_transition_status_upd of Record's table is "
+        "installed for column 'status', which the table no longer has" in drift
+    )
     rdb.install_transition_trigger(engine, nxt)
     with engine.connect() as conn:
         assert rdb.trigger_drift(conn, nxt) is None
@@ -557,8 +581,10 @@ def test_a_model_whose_rules_were_removed_can_uninstall_what_is_left(
     engine: sa.Engine, registries: Callable[[], registry]
 ) -> None:
     """The next release drops ``__transitions__`` from the model altogether: the triggers of
-    the last release still enforce its rules, and uninstalling through the model (or the drop
-    script) removes every one of ours on its table, never the application's trigger."""
+    the last release still enforce its rules. Uninstalling through the model (or its drop
+    script) asks which guards to remove (the triggers of a column that still exists may be
+    another code base's); with ``columns=`` it removes ours of those columns, never the
+    application's trigger."""
     first = _record(reg := registries(), RULES, PHASES)
     reg.metadata.create_all(engine)
     rdb.install_transition_trigger(engine, first)
@@ -578,14 +604,26 @@ def test_a_model_whose_rules_were_removed_can_uninstall_what_is_left(
     )
     with pytest.raises(rdb.TransitionRulesError, match="declares no __transitions__"):
         rdb.install_transition_trigger(engine, bare)
-    script = rdb.transition_trigger_drop_sql(bare)
+    for call in (
+        lambda: rdb.transition_trigger_drop_sql(bare),
+        lambda: rdb.uninstall_transition_trigger(engine, bare),
+    ):
+        with pytest.raises(rdb.TransitionRulesError, match=r"columns=\(\.\.\.\)"):
+            call()
+    script = rdb.transition_trigger_drop_sql(bare, columns=("status", "phase"))
     assert "DROP TRIGGER" in script
     with engine.begin() as conn:  # the last release's rules, still enforced
         conn.exec_driver_sql("INSERT INTO records VALUES (1, 'new', 'a')")
     with engine.begin() as conn, pytest.raises(sa.exc.DBAPIError) as refused:
         conn.exec_driver_sql("UPDATE records SET status = 'gone'")
     assert rdb.sqlstate_of(refused.value) == rdb.TRANSITION_SQLSTATE
-    rdb.uninstall_transition_trigger(engine, bare)
+    rdb.uninstall_transition_trigger(engine, bare, columns=("status",))
+    with engine.connect() as conn:
+        assert [t for t, _ in _ours(conn, "records")] == [
+            "rdb_transition_phase_ins",
+            "rdb_transition_phase_upd",
+        ]
+    rdb.uninstall_transition_trigger(engine, bare, columns=("phase", "status"))
     with engine.connect() as conn:
         assert _ours(conn, "records") == []
         assert _functions(conn) == ["rdb_transition_records_audit"]
@@ -595,4 +633,126 @@ def test_a_model_whose_rules_were_removed_can_uninstall_what_is_left(
             "SELECT tgname FROM pg_trigger WHERE tgrelid = 'records'::regclass"
         ).scalars()
         assert list(user) == ["rdb_transition_audit_ins"]
-    rdb.uninstall_transition_trigger(engine, bare)  # nothing left: nothing to do
+    rdb.uninstall_transition_trigger(engine, bare, columns=("phase",))  # nothing left to do
+
+
+# ------------------------------------------------------------------------------------------------
+# two code bases guarding other columns of one table
+# ------------------------------------------------------------------------------------------------
+
+PAYMENTS = rdb.TransitionRules(column="payment", transitions={"due": {"settled"}}, initial={"due"})
+
+
+def _service(reg: registry, rules: rdb.TransitionRules, schema: str | None = None) -> Any:
+    """A class of ``orders`` guarding the column of ``rules`` (a service of its own when
+    ``reg`` is its own registry)."""
+    return reg.mapped(
+        type(
+            f"Order_{rules.column}",
+            (),
+            {
+                "__tablename__": "orders",
+                "__table_args__": {"schema": schema},
+                "__transitions__": rules,
+                "id": mapped_column(sa.Integer, primary_key=True),
+                rules.column: mapped_column(sa.Text),
+            },
+        )
+    )
+
+
+ORDERS = "CREATE TABLE orders (id integer PRIMARY KEY, status text, payment text)"
+
+
+def _both_guarded(conn: sa.Connection) -> None:
+    assert [t for t, _ in _ours(conn, "orders")] == [
+        "rdb_transition_payment_ins",
+        "rdb_transition_payment_upd",
+        "rdb_transition_status_ins",
+        "rdb_transition_status_upd",
+    ]
+    err = _refused(conn, "INSERT INTO orders VALUES (1, 'new', 'settled')")
+    assert (err.column, err.to_state) == ("payment", "settled")
+    err = _refused(conn, "INSERT INTO orders VALUES (1, 'done', 'due')")
+    assert (err.column, err.to_state) == ("status", "done")
+
+
+def test_two_registries_guarding_other_columns_of_one_table_keep_each_others_triggers(
+    engine: sa.Engine, registries: Callable[[], registry], app_role: Any
+) -> None:
+    """Service A guards ``orders.status``, service B ``orders.payment``, each in a registry of
+    its own (neither imports the other): A's install kept only what A's registry declares and
+    dropped B's guard, and B's drift then asked for an install, which dropped A's. Both guards
+    stay, through installs, the scripts and uninstalls of the other; drift is None for both;
+    an application role owning nothing installs both at startup (no DDL sent)."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql(ORDERS)
+    a = _service(registries(), RULES)
+    b = _service(registries(), PAYMENTS)
+    rdb.install_transition_trigger(engine, b)
+    rdb.install_transition_trigger(engine, a)
+    with engine.connect() as conn:
+        _both_guarded(conn)
+        assert rdb.trigger_drift(conn, a) is None
+        assert rdb.trigger_drift(conn, b) is None
+    with engine.begin() as conn:  # on a connection (the DDL is sent) and as scripts
+        rdb.install_transition_trigger(conn, b)
+        rdb.install_transition_trigger(conn, a)
+        _run_script(conn, rdb.transition_trigger_sql(b))
+        _run_script(conn, rdb.transition_trigger_sql(a))
+    with engine.connect() as conn:
+        _both_guarded(conn)
+    app = app_role("GRANT SELECT, INSERT, UPDATE ON orders TO {role}")
+    for model in (a, b, a):
+        rdb.install_transition_trigger(app, model)  # raised "permission denied" before
+    with app.connect() as conn:
+        _both_guarded(conn)
+    rdb.uninstall_transition_trigger(engine, a)
+    with engine.connect() as conn:
+        assert [t for t, _ in _ours(conn, "orders")] == [
+            "rdb_transition_payment_ins",
+            "rdb_transition_payment_upd",
+        ]
+        assert rdb.trigger_drift(conn, b) is None
+
+
+def test_a_table_mapped_with_and_without_its_schema_keeps_both_guards(
+    engine: sa.Engine, reg: registry
+) -> None:
+    """One registry, one class mapping ``orders`` and another ``public.orders``: one table in
+    the database, two to SQLAlchemy (``same_table`` compares (schema, name)), so each one's
+    install took the other's guard for a left-over and dropped it."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql(ORDERS)
+    a = _service(reg, RULES)
+    b = _service(reg, PAYMENTS, schema="public")
+    rdb.install_transition_trigger(engine, b)
+    rdb.install_transition_trigger(engine, a)
+    with engine.begin() as conn:
+        rdb.install_transition_trigger(conn, b)
+    with engine.connect() as conn:
+        _both_guarded(conn)
+        assert rdb.trigger_drift(conn, a) is None
+        assert rdb.trigger_drift(conn, b) is None
+
+
+def test_a_left_over_trigger_whose_name_was_cut_is_kept(
+    engine: sa.Engine, registries: Callable[[], registry]
+) -> None:
+    """A column whose name is too long for the trigger's (cut to fit, with a hash): renamed,
+    its trigger can't say which column it was for, so the cleanup keeps it (never guessed) and
+    drift does not name it."""
+    long = "status_" + "x" * 50
+    rules = rdb.TransitionRules(column=long, transitions={"new": {"done"}}, initial={"new"})
+    first = _record(reg := registries(), rules, status=long)
+    reg.metadata.create_all(engine)
+    rdb.install_transition_trigger(engine, first)
+    with engine.begin() as conn:
+        before = _ours(conn, "records")
+        assert all(not t.endswith(("_ins", "_upd")) for t, _ in before)
+        conn.exec_driver_sql(f"ALTER TABLE records RENAME COLUMN {long} TO state")
+    nxt = _record(registries(), PHASES)
+    rdb.install_transition_trigger(engine, nxt)
+    with engine.connect() as conn:
+        assert rdb.trigger_drift(conn, nxt) is None
+        assert set(before) <= set(_ours(conn, "records"))

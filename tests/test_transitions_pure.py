@@ -561,8 +561,13 @@ BEGIN
         WHERE t.tgrelid = v_rel AND NOT t.tgisinternal
             AND pg_catalog.obj_description(t.tgfoid, 'pg_proc') LIKE 'resilient_db transition \
 guard %'
-            AND t.tgname::text <> ALL (ARRAY['rdb_transition_state_ins', \
-'rdb_transition_state_upd']::text[])
+            AND (pg_catalog.length(t.tgname::text) > 19
+                AND pg_catalog.left(t.tgname::text, 15) = 'rdb_transition_'::text
+                AND pg_catalog.right(t.tgname::text, 4) = ANY (ARRAY['_ins', '_upd']::text[])
+                AND NOT EXISTS (SELECT FROM pg_catalog.pg_attribute a
+                    WHERE a.attrelid = v_rel AND a.attnum > 0 AND NOT a.attisdropped
+                    AND a.attname::text = pg_catalog.substr(t.tgname::text, 16,
+                        pg_catalog.length(t.tgname::text) - 19)))
     LOOP
         EXECUTE pg_catalog.format('DROP TRIGGER %I ON %s', r.trigger, '"jobs"');
         IF NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgfoid = r.fn) THEN

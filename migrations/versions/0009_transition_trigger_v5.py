@@ -11,8 +11,8 @@ each saw the other's as drift. Version 5's stamp identifies the table, the colum
 The INSERT trigger fires only WHEN the new row is not in an initial state: an AFTER row trigger
 queues an event (kept in memory to the statement's end) for every row it fires for, and a bulk
 INSERT of rows starting in an initial state now queues none. The install also drops our triggers
-left on the table by a column no longer guarded (removed from ``__transitions__`` or renamed),
-with their functions.
+left on the table for a column it no longer has (renamed or dropped: their function reads a
+column that is gone), with their functions; ours of a column that exists are kept.
 """
 
 from __future__ import annotations

@@ -14,14 +14,14 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
 from ._report import logger
-from ._rules import Guard, guards_of, mapper_of, table_guards, trigger_guards
+from ._rules import Guard, guards_of, mapper_of, trigger_guards
 from ._sql import (
     BYPASS_ROLE,
     bypass_role_statement,
     column_of_trigger,
-    declared_triggers,
     drop_plan,
     drop_plan_statements,
+    gone_column_condition,
     insert_when_printed,
     install_statements,
     left_over_statements,
@@ -157,10 +157,14 @@ def install_transition_trigger(bind_or_op: Any, model: type[Any]) -> None:
     The trigger belongs to the table and column, not to the model: the classes of one table
     (single-table inheritance, two models of one table) guarding a column by the same rules
     install the same trigger, and a model whose rules for the column differ from another's is
-    refused (:class:`TransitionRulesError` naming both). Our triggers on the model's tables of
-    a column no longer guarded by any class known in this process (removed from
-    ``__transitions__``, or renamed) are dropped, with their functions; triggers of the
-    application's are never touched.
+    refused (:class:`TransitionRulesError` naming both). Our triggers on the model's tables for a
+    column the table no longer has (renamed or dropped by a migration: their function reads a
+    column that is gone, so every write they check fails) are dropped, with their functions;
+    whether the column exists is asked of the table itself when the statements run. Our
+    triggers of another column that exists are left alone, declared by this model or not (they
+    may be another code base's): remove such a guard on purpose with
+    ``uninstall_transition_trigger(bind, Model, columns=(...))``. Triggers of the application's
+    are never touched.
     """
     guards = trigger_guards(model)
     _refuse_schema_translation(
@@ -171,7 +175,7 @@ def install_transition_trigger(bind_or_op: Any, model: type[Any]) -> None:
     statements = [
         bypass_role_statement(),
         *(s for g in guards for s in install_statements(g)),
-        *left_over_statements(model, (g.table for g in guards)),
+        *left_over_statements(g.table for g in guards),
     ]
     run_statements(bind_or_op, statements)
     conn = _live_connection(bind_or_op)
@@ -213,14 +217,22 @@ def _live_connection(target: Any) -> Connection | None:
     return bind if isinstance(bind, Connection) else None
 
 
-def uninstall_transition_trigger(bind_or_op: Any, model: type[Any]) -> None:
-    """Remove the trigger and function of ``model`` (the downgrade of the install), and ours
-    left on its tables by columns no longer guarded (see :func:`install_transition_trigger`).
-    For a model whose ``__transitions__`` was removed: every trigger of ours on its tables
-    that no other class of its registry declares."""
-    _, tables = drop_plan(model)
+def uninstall_transition_trigger(
+    bind_or_op: Any, model: type[Any], *, columns: Iterable[str] | None = None
+) -> None:
+    """Remove the triggers and functions of ``model`` (the downgrade of the install), and ours on
+    its tables for a column the table no longer has (see :func:`install_transition_trigger`).
+
+    ``columns``: remove instead our triggers (and their functions, when no other trigger calls
+    them) of exactly these columns of the model's tables, whichever model (or code base) declared
+    them, and not the model's other guards: how a guard is removed on purpose, also for a model
+    whose ``__transitions__`` was removed. Names are the columns' (or their mapped attributes');
+    an unknown one raises :class:`TransitionRulesError` before anything is sent. A model without
+    ``__transitions__`` raises without ``columns``: nothing else says which guards to remove, and
+    our triggers of a column that still exists may be another code base's."""
+    _, tables, _ = drop_plan(model, columns)
     _refuse_schema_translation(bind_or_op, model, tables, "uninstall_transition_trigger")
-    run_statements(bind_or_op, drop_plan_statements(model))
+    run_statements(bind_or_op, drop_plan_statements(model, columns))
 
 
 def _refuse_schema_translation(
@@ -319,7 +331,9 @@ def trigger_drift(connection: Connection | Session, model: type[Any]) -> str | N
     firing only for replication), or defined otherwise (timing, events, columns, WHEN); the
     function's stamp from other rules or an older release, or its body or settings changed; the
     guarded column missing from the table (renamed or dropped); a trigger of ours on the table
-    for a column no class of the table guards any more (install and uninstall drop it)."""
+    for a column the table no longer has (install and uninstall drop it). Our triggers of
+    another column that exists are not this model's concern (another code base may declare
+    them)."""
     conn = connection.connection() if isinstance(connection, Session) else connection
     _refuse_schema_translation(conn, model, [g.table for g in guards_of(model)], "trigger_drift")
     problems: list[str] = []
@@ -424,6 +438,7 @@ def trigger_drift(connection: Connection | Session, model: type[Any]) -> str | N
 
 
 _STAMPED = literal(stamp_prefix_pattern())
+_INDENT = "\n            "
 _LEFT_OVER_QUERY = sa.text(
     f"""
     SELECT t.tgname::text AS name, p.proname::text AS function
@@ -431,34 +446,33 @@ _LEFT_OVER_QUERY = sa.text(
     JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
     WHERE t.tgrelid = pg_catalog.to_regclass(:rel)::oid AND NOT t.tgisinternal
         AND pg_catalog.obj_description(p.oid, 'pg_proc') LIKE {_STAMPED}
+        AND {gone_column_condition("t.tgname::text", "t.tgrelid", _INDENT)}
     ORDER BY 1
     """
 )
 
 
 def _left_over(conn: Connection, model: type[Any]) -> list[str]:
-    """Our triggers on the tables of ``model`` of columns no class known here guards any more
-    (install and uninstall drop them): one sentence per column."""
+    """Our triggers on the tables of ``model`` for a column the table no longer has (install
+    and uninstall drop them): one sentence per column. Ours of a column that exists are not the
+    model's drift, declared by it or not (another code base may declare them)."""
     found: list[str] = []
-    tables: dict[tuple[str | None, str], Guard] = {}
+    tables: dict[str, str] = {}
     for g in guards_of(model):
-        tables.setdefault((g.table.schema, g.table.name), g)
-    for guard in tables.values():
-        table = trigger_names(guard).table
-        keep = set(declared_triggers(table_guards(model, guard.table)))
-        rows = conn.execute(_LEFT_OVER_QUERY, {"rel": table})
+        tables.setdefault(trigger_names(g).table, g.model)
+    for table, owner in tables.items():
         by_column: dict[str, list[tuple[str, str]]] = {}
-        for row in rows:
-            if row.name not in keep:
-                column = column_of_trigger(row.name)
-                label = f"column {column!r}" if column is not None else "a column"
-                by_column.setdefault(label, []).append((row.name, row.function))
+        for row in conn.execute(_LEFT_OVER_QUERY, {"rel": table}):
+            column = column_of_trigger(row.name)
+            label = f"column {column!r}" if column is not None else "a column"
+            by_column.setdefault(label, []).append((row.name, row.function))
         for label, triggers in by_column.items():
             names = ", ".join(name for name, _ in triggers)
             functions = ", ".join(sorted({f"{fn}()" for _, fn in triggers}))
             found.append(
-                f"table {table}: trigger {names} for {label} is installed but no longer "
-                f"declared by {guard.model} or another class of the table (it calls "
-                f"{functions}); run install_transition_trigger again, which drops it"
+                f"table {table}: trigger {names} of {owner}'s table is installed for {label}, "
+                f"which the table no longer has (renamed or dropped), so every write it checks "
+                f"fails (it calls {functions}); run install_transition_trigger again, which "
+                "drops it"
             )
     return found

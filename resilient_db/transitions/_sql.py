@@ -9,7 +9,7 @@ import dataclasses
 import hashlib
 import json
 import re
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any, NamedTuple
 
 import sqlalchemy as sa
@@ -22,7 +22,6 @@ from ._rules import (
     mapper_of,
     same_table,
     sort_key,
-    table_guards,
     trigger_guards,
 )
 
@@ -35,12 +34,12 @@ __all__ = [
     "TriggerNames",
     "bypass_role_statement",
     "column_of_trigger",
-    "declared_triggers",
     "drop_plan",
     "drop_plan_statements",
     "drop_statements",
     "function_name",
     "function_source",
+    "gone_column_condition",
     "ident",
     "insert_when",
     "insert_when_printed",
@@ -537,18 +536,49 @@ def stamp_prefix_pattern() -> str:
     return _STAMP_PREFIX + " %"
 
 
-def left_over_statement(table: sa.Table, keep: Collection[str]) -> str:
-    """Drop our triggers on ``table`` other than ``keep`` (the trigger names of every
-    column guarded on the table), and then each one's function if no trigger calls it any
-    more: what a column removed from ``__transitions__`` (or renamed) left behind. Ours are
-    told by their function's stamp (a ``COMMENT`` only install writes), never by name alone, so
-    a trigger of the application's is never touched. A DO block, so that it runs where the
-    statements run (also in a script written by Alembic's offline mode)."""
+_TRIGGER_PREFIX = "rdb_transition_"
+
+
+def gone_column_condition(trigger: str, rel: str, indent: str = " ") -> str:
+    """SQL true when ``trigger`` (a ``pg_trigger`` name, as text) on the table ``rel`` (its oid)
+    is named ``rdb_transition_<column>_ins`` or ``_upd`` (as :func:`pg_name` names it when it
+    does not cut the name) and ``<column>`` is not a column of the table any more (renamed or
+    dropped). A name that was cut to fit (it ends in a hash) never says its column: false. Only
+    built-in functions and operators on ``text`` (and ``oid``), schema-qualified. ``indent``
+    joins its lines."""
+    prefix = len(_TRIGGER_PREFIX)
+    lines = [
+        f"(pg_catalog.length({trigger}) > {prefix + 4}",
+        f"AND pg_catalog.left({trigger}, {prefix}) = {literal(_TRIGGER_PREFIX)}::text",
+        f"AND pg_catalog.right({trigger}, 4) = ANY (ARRAY['_ins', '_upd']::text[])",
+        "AND NOT EXISTS (SELECT FROM pg_catalog.pg_attribute a",
+        f"    WHERE a.attrelid = {rel} AND a.attnum > 0 AND NOT a.attisdropped",
+        f"    AND a.attname::text = pg_catalog.substr({trigger}, {prefix + 1},",
+        f"        pg_catalog.length({trigger}) - {prefix + 4})))",
+    ]
+    return indent.join(lines)
+
+
+def left_over_statement(table: sa.Table, columns: Collection[str] = ()) -> str:
+    """Drop our triggers on ``table`` whose column the table no longer has (renamed or dropped:
+    the function reads a column that is gone, so every write it checks fails), and those of
+    ``columns`` (named on purpose), then each one's function if no trigger calls it any more.
+    Which column a trigger guards is read from its name, and whether the column exists from the
+    table itself, when the statement runs: a trigger of ours for a column that exists is kept
+    (another code base may declare it), and so is one whose name was cut to fit (its column
+    can't be read back). Ours are told by their function's stamp (a ``COMMENT`` only install
+    writes), never by name alone, so a trigger of the application's is never touched. A DO
+    block, so that it runs where the statements run (also in a script written by Alembic's
+    offline mode)."""
     quoted = literal(quoted_table(table))
-    names = ", ".join(literal(k) for k in sorted(keep))
-    # an empty ARRAY[] has no type: a name no trigger has stands for "keep none"
-    names = names or literal("")
+    named = sorted({pg_name("rdb_transition", c, op) for c in columns for op in ("ins", "upd")})
     stamped = literal(stamp_prefix_pattern())
+    condition = gone_column_condition("t.tgname::text", "v_rel", "\n                ")
+    if named:
+        names = ", ".join(literal(n) for n in named)
+        condition = (
+            f"({condition}\n                OR t.tgname::text = ANY (ARRAY[{names}]::text[]))"
+        )
     body = f"""
 DECLARE
     v_rel oid := pg_catalog.to_regclass({quoted})::oid;
@@ -565,7 +595,7 @@ BEGIN
         JOIN pg_catalog.pg_namespace s ON s.oid = p.pronamespace
         WHERE t.tgrelid = v_rel AND NOT t.tgisinternal
             AND pg_catalog.obj_description(t.tgfoid, 'pg_proc') LIKE {stamped}
-            AND t.tgname::text <> ALL (ARRAY[{names}]::text[])
+            AND {condition}
     LOOP
         EXECUTE pg_catalog.format('DROP TRIGGER %I ON %s', r.trigger, {quoted});
         IF NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgfoid = r.fn) THEN
@@ -577,30 +607,29 @@ END
     return f"DO {_dollar_quote(body)}"
 
 
-def declared_triggers(guards: Iterable[Guard]) -> list[str]:
-    """The names of the triggers of ``guards`` (both of each)."""
-    return sorted(
-        name
-        for g in guards
-        for n in [trigger_names(g)]
-        for name in (n.insert_trigger, n.update_trigger)
-    )
-
-
-def left_over_statements(model: object, tables: Iterable[sa.Table]) -> list[str]:
-    """:func:`left_over_statement` for each of ``tables`` (of ``model``), keeping the triggers
-    of every column guarded on it by a class of ``model``'s registry."""
+def _distinct_tables(tables: Iterable[sa.Table]) -> list[sa.Table]:
     found: list[sa.Table] = []
     for table in tables:
         if not any(same_table(table, seen) for seen in found):
             found.append(table)
-    return [left_over_statement(t, declared_triggers(table_guards(model, t))) for t in found]
+    return found
+
+
+def left_over_statements(
+    tables: Iterable[sa.Table], columns: Mapping[str, Collection[str]] | None = None
+) -> list[str]:
+    """:func:`left_over_statement` for each of ``tables``; ``columns`` maps a table's
+    :func:`quoted_table` to the columns whose triggers to drop on purpose."""
+    return [
+        left_over_statement(t, (columns or {}).get(quoted_table(t), ()))
+        for t in _distinct_tables(tables)
+    ]
 
 
 def column_of_trigger(name: str) -> str | None:
     """The column a trigger of ours was named after, when its name says so (not cut)."""
     for suffix in ("_ins", "_upd"):
-        prefix = "rdb_transition_"
+        prefix = _TRIGGER_PREFIX
         if name.startswith(prefix) and name.endswith(suffix):
             column = name[len(prefix) : -len(suffix)]
             if pg_name("rdb_transition", column, suffix[1:]) == name:
@@ -620,12 +649,12 @@ def transition_trigger_sql(model: type[Any]) -> str:
     in an initial state (a bulk INSERT of rows starting as they should queues no trigger event)
     and an ``AFTER UPDATE`` row trigger that fires only ``WHEN (OLD.col IS DISTINCT FROM
     NEW.col)``: AFTER, so they check the row as stored, whatever other BEFORE triggers of the
-    table did to it. Our triggers left on the table by columns no longer guarded are dropped
-    (see :func:`install_transition_trigger`). An illegal change raises
-    SQLSTATE :data:`TRANSITION_SQLSTATE` with a JSON DETAIL (model, schema, table, column, from,
-    to, pk), unless a member of :data:`BYPASS_ROLE` asked for a bypass of the current transaction
-    (see :func:`~resilient_db.bypass_transitions`); the script first creates that role if it is
-    missing. All literals and identifiers are quoted. Run it as a script (``psql``,
+    table did to it. Our triggers left on the model's tables for a column the table no longer has
+    (renamed or dropped) are dropped (see :func:`install_transition_trigger`). An illegal change
+    raises SQLSTATE :data:`TRANSITION_SQLSTATE` with a JSON DETAIL (model, schema, table, column,
+    from, to, pk), unless a member of :data:`BYPASS_ROLE` asked for a bypass of the current
+    transaction (see :func:`~resilient_db.bypass_transitions`); the script first creates that
+    role if it is missing. All literals and identifiers are quoted. Run it as a script (``psql``,
     ``op.execute``), or with :func:`install_transition_trigger`, which sends the statements one
     at a time.
     """
@@ -634,28 +663,82 @@ def transition_trigger_sql(model: type[Any]) -> str:
         [
             bypass_role_statement(),
             *(s for g in guards for s in install_statements(g)),
-            *left_over_statements(model, (g.table for g in guards)),
+            *left_over_statements(g.table for g in guards),
         ]
     )
 
 
-def drop_plan(model: object) -> tuple[tuple[Guard, ...], list[sa.Table]]:
-    """What an uninstall of ``model`` removes: the triggers of its guards, and ours left over on
-    their tables; for a model that declares no rules any more (its ``__transitions__`` removed),
-    every trigger of ours on its tables that no other class of its registry declares."""
+def _named_columns(mapper: Any, tables: list[sa.Table], columns: object) -> dict[str, list[str]]:
+    """``columns`` (the ``columns=`` of an uninstall) checked against ``tables``: each a column
+    of one of them, by its name in the database or its mapped attribute's name. Returns, per
+    table (:func:`quoted_table`), the database names of the columns it has."""
+    model = mapper.class_.__name__
+    if isinstance(columns, (str, bytes)) or not isinstance(columns, Iterable):
+        raise TransitionRulesError(
+            f"columns= takes a collection of column names (columns=({columns!r},)), not {columns!r}"
+        )
+    known = {c.name for t in tables for c in t.columns}
+    found: dict[str, list[str]] = {}
+    names = list(columns)
+    if not names:
+        raise TransitionRulesError(f"columns= names no column of {model}")
+    for name in names:
+        if not isinstance(name, str):
+            raise TransitionRulesError(f"columns=: {name!r} is not a column name")
+        column_name = name
+        if name not in known:
+            prop = mapper.columns.get(name)
+            if isinstance(prop, sa.Column) and prop.name in known:
+                column_name = prop.name
+            else:
+                raise TransitionRulesError(
+                    f"columns=: {model} has no column {name!r} (its table has "
+                    f"{', '.join(sorted(known))}); a trigger of ours for a column the table no "
+                    "longer has (renamed or dropped) is dropped without being named"
+                )
+        for table in tables:
+            if any(c.name == column_name for c in table.columns):
+                found.setdefault(quoted_table(table), []).append(column_name)
+    return found
+
+
+def drop_plan(
+    model: object, columns: Iterable[str] | None = None
+) -> tuple[tuple[Guard, ...], list[sa.Table], dict[str, list[str]]]:
+    """What an uninstall of ``model`` removes: without ``columns``, the triggers of its guards
+    (it must declare ``__transitions__``); with ``columns``, our triggers of exactly those
+    columns of its tables (whoever declares them, also for a model without
+    ``__transitions__``). Both: ours on those tables for a column the table no longer has.
+    Returns the guards, the tables and the named columns per table."""
     mapper = mapper_of(model)
-    guards = compiled_guards(mapper)
-    tables = [g.table for g in guards] or [t for t in mapper.tables if isinstance(t, sa.Table)]
-    return guards, tables
+    if columns is None:
+        guards = compiled_guards(mapper)
+        if not guards:
+            name = mapper.class_.__name__
+            raise TransitionRulesError(
+                f"{name} declares no __transitions__: name the columns whose guards to drop, "
+                f"uninstall_transition_trigger(bind, {name}, columns=(...)) or "
+                f"transition_trigger_drop_sql({name}, columns=(...)) (the triggers of a column "
+                "the table no longer has are dropped by either)"
+            )
+        return guards, _distinct_tables(g.table for g in guards), {}
+    tables = _distinct_tables(t for t in mapper.tables if isinstance(t, sa.Table))
+    return (), tables, _named_columns(mapper, tables, columns)
 
 
-def drop_plan_statements(model: object) -> list[str]:
-    guards, tables = drop_plan(model)
-    return [*(s for g in guards for s in drop_statements(g)), *left_over_statements(model, tables)]
+def drop_plan_statements(model: object, columns: Iterable[str] | None = None) -> list[str]:
+    guards, tables, named = drop_plan(model, columns)
+    return [*(s for g in guards for s in drop_statements(g)), *left_over_statements(tables, named)]
 
 
-def transition_trigger_drop_sql(model: type[Any]) -> str:
+def transition_trigger_drop_sql(model: type[Any], *, columns: Iterable[str] | None = None) -> str:
     """DDL removing what :func:`transition_trigger_sql` installs (for a downgrade), and our
-    triggers left on its tables by columns no longer guarded (for a model whose
-    ``__transitions__`` was removed: every one of ours on its tables no other class declares)."""
-    return _script(drop_plan_statements(model))
+    triggers on its tables for a column the table no longer has (renamed or dropped).
+
+    ``columns``: remove instead our triggers (and their functions, when no other trigger calls
+    them) of exactly these columns of the model's tables, whichever model declared them; names
+    are the columns' (or their mapped attributes'), an unknown one raises
+    :class:`TransitionRulesError`. A model whose ``__transitions__`` was removed needs it (it
+    raises without): nothing else says which guards to remove, and the triggers of a column
+    that still exists may be another code base's."""
+    return _script(drop_plan_statements(model, columns))
