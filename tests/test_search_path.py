@@ -141,3 +141,27 @@ def test_the_cleanup_of_columns_no_longer_guarded_runs_nothing_planted(
         assert rdb.trigger_drift(conn, Task) is None
     with engine.begin() as conn:
         rdb.uninstall_transition_trigger(conn, Task)
+
+
+def test_a_collation_c_planted_on_the_path_is_not_bound_by_the_trigger(
+    engine: sa.Engine,
+) -> None:
+    """The trigger's WHENs compare the column's text under ``pg_catalog."C"`` (bytewise): a
+    collation "C" of ``public`` found first on the installer's path (``public, pg_catalog``) is
+    not the one bound, and drift reads the WHEN back however the session prints the name."""
+    Base.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.text('CREATE COLLATION public."C" FROM pg_catalog."POSIX"'))
+    with engine.begin() as conn:
+        conn.execute(sa.text("SET LOCAL search_path = public, pg_catalog"))
+        rdb.install_transition_trigger(conn, Task)
+        assert rdb.trigger_drift(conn, Task) is None
+        bound = conn.execute(
+            sa.text(
+                "SELECT pg_get_triggerdef(oid) FROM pg_trigger "
+                "WHERE tgrelid = 'tasks'::regclass AND tgname LIKE 'rdb_transition_%'"
+            )
+        ).scalars()
+        assert all('COLLATE pg_catalog."C"' in d for d in bound)
+    with engine.connect() as conn:
+        assert rdb.trigger_drift(conn, Task) is None

@@ -756,3 +756,96 @@ def test_a_left_over_trigger_whose_name_was_cut_is_kept(
     with engine.connect() as conn:
         assert rdb.trigger_drift(conn, nxt) is None
         assert set(before) <= set(_ours(conn, "records"))
+
+
+# ------------------------------------------------------------------------------------------------
+# the WHENs compare the column's text bytewise, whatever its collation
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("type_", ["text", "varchar(20)"])
+def test_a_case_insensitive_collation_lets_no_undeclared_state_through(
+    engine: sa.Engine, reg: registry, type_: str
+) -> None:
+    """A column of a nondeterministic collation (ICU, case-insensitive): the INSERT trigger's
+    WHEN compared under it, took 'PENDING' for the initial 'pending' and never called the
+    function, so an undeclared state was stored; the UPDATE trigger's WHEN missed a change of
+    case. Both compare bytewise (COLLATE "C"). Needs a server built with ICU."""
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                "CREATE COLLATION rdb_ci "
+                "(provider = icu, locale = 'und-u-ks-level2', deterministic = false)"
+            )
+    except sa.exc.DBAPIError as exc:
+        pytest.skip(f"no nondeterministic ICU collation on this server: {exc.orig}")
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            f"CREATE TABLE jobs (id integer PRIMARY KEY, status {type_} COLLATE rdb_ci)"
+        )
+        assert conn.exec_driver_sql("SELECT 'PENDING' = 'pending' COLLATE rdb_ci").scalar()
+    rules = rdb.TransitionRules(
+        column="status",
+        transitions={"pending": {"running"}, "running": {"done"}},
+        initial={"pending"},
+    )
+    job = reg.mapped(
+        type(
+            "Job",
+            (),
+            {
+                "__tablename__": "jobs",
+                "__transitions__": rules,
+                "id": mapped_column(sa.Integer, primary_key=True),
+                "status": mapped_column(sa.Text),
+            },
+        )
+    )
+    rdb.install_transition_trigger(engine, job)
+    with engine.connect() as conn:
+        assert rdb.trigger_drift(conn, job) is None
+        err = _refused(conn, "INSERT INTO jobs VALUES (1, 'PENDING')")
+        assert (err.to_state, err.inserted) == ("PENDING", True)
+        conn.exec_driver_sql("INSERT INTO jobs VALUES (2, 'pending')")
+        conn.commit()
+        err = _refused(conn, "UPDATE jobs SET status = 'PeNdInG' WHERE id = 2")
+        assert (err.from_state, err.to_state) == ("pending", "PeNdInG")
+        assert conn.exec_driver_sql("SELECT status FROM jobs").scalars().all() == ["pending"]
+        for (definition,) in conn.exec_driver_sql(
+            "SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgrelid = 'jobs'::regclass"
+        ):
+            assert 'COLLATE "C"' in definition
+
+
+def test_triggers_of_v5_without_the_bytewise_collation_are_drift_and_reinstalled(
+    engine: sa.Engine, reg: registry
+) -> None:
+    """The WHENs as v5 first wrote them (compared under the column's collation): drift, and the
+    install puts COLLATE "C" in."""
+    job, _ = _jobs(reg)
+    reg.metadata.create_all(engine)
+    rdb.install_transition_trigger(engine, job)
+    with engine.begin() as conn:
+        (function,) = {f for _, f in _ours(conn, "jobs")}
+        conn.exec_driver_sql("DROP TRIGGER rdb_transition_status_ins ON jobs")
+        conn.exec_driver_sql("DROP TRIGGER rdb_transition_status_upd ON jobs")
+        conn.exec_driver_sql(
+            "CREATE TRIGGER rdb_transition_status_ins AFTER INSERT ON jobs FOR EACH ROW "
+            """WHEN (NOT (coalesce(NEW."status"::text IN ('new'), false))) """
+            f"EXECUTE FUNCTION {function}()"
+        )
+        conn.exec_driver_sql(
+            "CREATE TRIGGER rdb_transition_status_upd AFTER UPDATE ON jobs FOR EACH ROW "
+            """WHEN (OLD."status"::text IS DISTINCT FROM NEW."status"::text) """
+            f"EXECUTE FUNCTION {function}()"
+        )
+        drift = rdb.trigger_drift(conn, job) or ""
+    assert "trigger rdb_transition_status_ins is not the one install creates" in drift
+    assert "trigger rdb_transition_status_upd is not the one install creates" in drift
+    rdb.install_transition_trigger(engine, job)
+    with engine.connect() as conn:
+        assert rdb.trigger_drift(conn, job) is None
+        definitions = conn.exec_driver_sql(
+            "SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgrelid = 'jobs'::regclass"
+        ).scalars()
+        assert all('COLLATE "C"' in d for d in definitions)

@@ -478,7 +478,10 @@ def test_trigger_sql_shape() -> None:
     assert 'CREATE TRIGGER "rdb_transition_status_ins" AFTER INSERT ON "tasks"' in sql
     assert 'CREATE TRIGGER "rdb_transition_status_upd" AFTER UPDATE ON "tasks"' in sql
     assert "BEFORE" not in sql
-    assert 'WHEN (OLD."status"::text IS DISTINCT FROM NEW."status"::text)' in sql
+    assert (
+        'WHEN (OLD."status"::text COLLATE pg_catalog."C" IS DISTINCT FROM '
+        'NEW."status"::text COLLATE pg_catalog."C")' in sql
+    )
     assert f"ERRCODE = '{TRANSITION_SQLSTATE}'" in sql
     assert "current_setting('resilient_db.bypass_transitions', true)" in sql
     assert "json_build_object(" in sql

@@ -522,13 +522,14 @@ guard v5 rules-sha256=184928a9ef0e5f045c6898167df67086cdc88f3f6cdc57de5b11eda783
 DROP TRIGGER IF EXISTS "rdb_transition_state_ins" ON "jobs";
 
 CREATE TRIGGER "rdb_transition_state_ins" AFTER INSERT ON "jobs"
-FOR EACH ROW WHEN (NOT (coalesce(NEW."state"::text IN ('new'), false)))
+FOR EACH ROW WHEN (NOT (coalesce(NEW."state"::text COLLATE pg_catalog."C" IN ('new'), false)))
 EXECUTE FUNCTION "rdb_transition_jobs_state_b53b700df013"();
 
 DROP TRIGGER IF EXISTS "rdb_transition_state_upd" ON "jobs";
 
 CREATE TRIGGER "rdb_transition_state_upd" AFTER UPDATE ON "jobs"
-FOR EACH ROW WHEN (OLD."state"::text IS DISTINCT FROM NEW."state"::text)
+FOR EACH ROW WHEN (OLD."state"::text COLLATE pg_catalog."C" IS DISTINCT FROM \
+NEW."state"::text COLLATE pg_catalog."C")
 EXECUTE FUNCTION "rdb_transition_jobs_state_b53b700df013"();
 
 DO $rdb$

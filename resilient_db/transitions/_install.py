@@ -32,6 +32,7 @@ from ._sql import (
     stamp_generator,
     stamp_prefix_pattern,
     trigger_names,
+    update_when_printed,
 )
 
 __all__ = [
@@ -301,7 +302,8 @@ _FUNCTION_CONFIG = ["search_path=pg_catalog, pg_temp"]
 def _shape_differs(row: Any, guard: Guard, update: bool) -> bool:
     """Whether the trigger of ``row`` is not the one install creates: AFTER INSERT WHEN the row
     is not in an initial state, or AFTER UPDATE with no column list and WHEN (OLD.col IS
-    DISTINCT FROM NEW.col), for each row, no arguments, not a constraint trigger."""
+    DISTINCT FROM NEW.col), both comparing the column's text bytewise (COLLATE "C"), for each
+    row, no arguments, not a constraint trigger."""
     expected = _TRIGGER_TYPE_UPDATE if update else _TRIGGER_TYPE_INSERT
     if row.type != expected or row.columns or row.nargs or row.constraint_trigger:
         return True
@@ -309,11 +311,8 @@ def _shape_differs(row: Any, guard: Guard, update: bool) -> bool:
     col = row.quoted_column
     if not update:
         return match is None or match["cond"] not in insert_when_printed(guard, col)
-    # as PostgreSQL prints it back: with the cast it added to compare a varchar column as text
-    return match is None or match["cond"] not in (
-        f"(old.{col} IS DISTINCT FROM new.{col})",
-        f"((old.{col})::text IS DISTINCT FROM (new.{col})::text)",
-    )
+    # as PostgreSQL prints it back (a WHEN without the bytewise COLLATE is not ours any more)
+    return match is None or match["cond"] not in update_when_printed(col)
 
 
 _TABLE_QUERY = sa.text("SELECT pg_catalog.to_regclass(:rel) IS NOT NULL")

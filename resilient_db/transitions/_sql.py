@@ -34,6 +34,7 @@ __all__ = [
     "TriggerNames",
     "bypass_role_statement",
     "column_of_trigger",
+    "column_text",
     "drop_plan",
     "drop_plan_statements",
     "drop_statements",
@@ -56,6 +57,8 @@ __all__ = [
     "transition_trigger_drop_sql",
     "transition_trigger_sql",
     "trigger_names",
+    "update_when",
+    "update_when_printed",
 ]
 
 #: SQLSTATE raised by the generated trigger (class ``RD`` is not used by PostgreSQL).
@@ -458,9 +461,55 @@ _NO_ROLE_WARNING = (
 )
 
 
+# The WHENs compare the column's text bytewise. Under the column's own collation, a
+# nondeterministic one (ICU, deterministic = false: case- or accent-insensitive) took 'PENDING'
+# for the initial 'pending', so the function (which compares under the default collation, and
+# refuses it) was never called, and a change of case only was not seen. Schema-qualified, so no
+# collation "C" of another schema on the installer's search_path is bound instead.
+_BYTEWISE = 'COLLATE pg_catalog."C"'
+#: How ``pg_get_triggerdef()`` prints :data:`_BYTEWISE` back (qualified when another "C" is
+#: visible first on the session's search_path).
+_BYTEWISE_PRINTED = ('COLLATE "C"', 'COLLATE pg_catalog."C"')
+
+
+def column_text(row: str, column: sa.Column[Any]) -> str:
+    """The text of ``column`` of ``row`` (``NEW`` or ``OLD``) as the trigger's WHEN compares it:
+    cast to text (compared with the built-in text operators whatever the installer's search_path
+    holds) and bytewise (:data:`_BYTEWISE`), whatever the column's collation."""
+    return f"{row}.{ident(column.name)}::text {_BYTEWISE}"
+
+
 def insert_when(guard: Guard) -> str:
     """The INSERT trigger's WHEN: the new row is not in an initial state."""
-    return f"NOT ({_member_sql(f'NEW.{ident(guard.column.name)}::text', guard.initial)})"
+    return f"NOT ({_member_sql(column_text('NEW', guard.column), guard.initial)})"
+
+
+def update_when(guard: Guard) -> str:
+    """The UPDATE trigger's WHEN: the column's text changed (bytewise)."""
+    old, new = column_text("OLD", guard.column), column_text("NEW", guard.column)
+    return f"{old} IS DISTINCT FROM {new}"
+
+
+def _printed_values(row: str, quoted_column: str) -> list[str]:
+    """:func:`column_text` as ``pg_get_triggerdef()`` prints it: the column read as is (a
+    ``text`` column, whose cast is dropped) or cast (any other type)."""
+    return [
+        f"({value} {collation})"
+        for value in (f"{row}.{quoted_column}", f"({row}.{quoted_column})::text")
+        for collation in _BYTEWISE_PRINTED
+    ]
+
+
+def update_when_printed(quoted_column: str) -> set[str]:
+    """:func:`update_when` as ``pg_get_triggerdef()`` prints it back."""
+    return {
+        f"({old} IS DISTINCT FROM {new})"
+        for old, new in zip(
+            _printed_values("old", quoted_column),
+            _printed_values("new", quoted_column),
+            strict=True,
+        )
+    }
 
 
 def _printed_literal(value: str, *, doubled_backslashes: bool) -> str:
@@ -475,10 +524,10 @@ def _printed_literal(value: str, *, doubled_backslashes: bool) -> str:
 def insert_when_printed(guard: Guard, quoted_column: str) -> set[str]:
     """:func:`insert_when` as ``pg_get_triggerdef()`` prints it back (``quoted_column``: the
     column as the server quotes it): the column read as is (a ``text`` column) or cast
-    (any other type), with the session's standard_conforming_strings on or off."""
+    (any other type), bytewise, with the session's standard_conforming_strings on or off."""
     found: set[str] = set()
     present = sorted((k for k in guard.initial if k is not None), key=sort_key)
-    for value in (f"new.{quoted_column}", f"(new.{quoted_column})::text"):
+    for value in _printed_values("new", quoted_column):
         for doubled in (False, True):
             literals = [_printed_literal(k, doubled_backslashes=doubled) for k in present]
             parts = []
@@ -495,7 +544,6 @@ def insert_when_printed(guard: Guard, quoted_column: str) -> set[str]:
 
 def install_statements(guard: Guard) -> list[str]:
     n = trigger_names(guard)
-    col = ident(guard.column.name)
     return [
         f"CREATE OR REPLACE FUNCTION {n.function}() RETURNS trigger LANGUAGE plpgsql\n"
         f"SET search_path = pg_catalog, pg_temp\n"
@@ -506,7 +554,8 @@ def install_statements(guard: Guard) -> list[str]:
         # only for a row not in an initial state: PostgreSQL queues an event for every row an
         # AFTER trigger fires for (held in memory to the statement's end), so a bulk INSERT of
         # rows starting as they should queues none; the function checks the same (col::text,
-        # compared as text whatever the installer's search_path holds) for the rows it gets
+        # compared as text whatever the installer's search_path holds, and bytewise whatever
+        # the column's collation) for the rows it gets
         f"FOR EACH ROW WHEN ({insert_when(guard)})\n"
         f"EXECUTE FUNCTION {n.function}()",
         f"DROP TRIGGER IF EXISTS {ident(n.update_trigger)} ON {n.table}",
@@ -514,8 +563,9 @@ def install_statements(guard: Guard) -> list[str]:
         # compared as text, as the function compares (col::text): and written so, the WHEN is
         # bound to the built-in text equality whatever the installer's search_path holds (an
         # equality of the column's own type planted in public, varchar = varchar, which has no
-        # built-in exact match, would win and could keep the trigger from ever firing)
-        f"FOR EACH ROW WHEN (OLD.{col}::text IS DISTINCT FROM NEW.{col}::text)\n"
+        # built-in exact match, would win and could keep the trigger from ever firing); and
+        # bytewise, so a change of case under a case-insensitive collation is seen
+        f"FOR EACH ROW WHEN ({update_when(guard)})\n"
         f"EXECUTE FUNCTION {n.function}()",
         _drop_legacy_function(n, guard),
     ]
@@ -648,7 +698,8 @@ def transition_trigger_sql(model: type[Any]) -> str:
     rules (``COMMENT ON FUNCTION``), an ``AFTER INSERT`` row trigger that fires only for a row not
     in an initial state (a bulk INSERT of rows starting as they should queues no trigger event)
     and an ``AFTER UPDATE`` row trigger that fires only ``WHEN (OLD.col IS DISTINCT FROM
-    NEW.col)``: AFTER, so they check the row as stored, whatever other BEFORE triggers of the
+    NEW.col)`` (both compare the column's text bytewise, ``COLLATE "C"``, whatever its
+    collation): AFTER, so they check the row as stored, whatever other BEFORE triggers of the
     table did to it. Our triggers left on the model's tables for a column the table no longer has
     (renamed or dropped) are dropped (see :func:`install_transition_trigger`). An illegal change
     raises SQLSTATE :data:`TRANSITION_SQLSTATE` with a JSON DETAIL (model, schema, table, column,
