@@ -849,3 +849,67 @@ def test_triggers_of_v5_without_the_bytewise_collation_are_drift_and_reinstalled
             "SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgrelid = 'jobs'::regclass"
         ).scalars()
         assert all('COLLATE "C"' in d for d in definitions)
+
+
+def test_a_stamped_function_of_another_role_does_not_stop_the_install(
+    reg: registry,
+    app_role: Any,
+    pg_server: PostgresServer,
+    pg_database: str,
+    pg_url: str,
+) -> None:
+    """A role given TRIGGER on the table (and nothing of the owner's) attaches a trigger named
+    like ours for a column the table lacks, calling a function of its own that carries our
+    stamp: the owner's install drops that trigger but can't drop the function (not its
+    owner), and went down with it ("must be owner of function"); now the function stays and
+    the install goes through."""
+    owner = app_role("GRANT CREATE ON SCHEMA public TO {role}")
+    model = _record(reg, RULES)
+    reg.metadata.create_all(owner)
+    other = f"rdb_t_{uuid.uuid4().hex[:12]}"
+    password = secrets.token_urlsafe(18)
+    role = pgsql.Identifier(other)
+    pg_server.execute(
+        pgsql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(role, pgsql.Literal(password))
+    )
+    try:
+        pg_server.execute(
+            pgsql.SQL("GRANT CREATE ON SCHEMA public TO {}").format(role), database=pg_database
+        )
+        with owner.begin() as conn:
+            conn.execute(sa.text(f"GRANT TRIGGER ON records TO {other}"))
+        url = sa.make_url(pg_url).set(username=other, password=password)
+        intruder = sa.create_engine(url)
+        try:
+            with intruder.begin() as conn:
+                conn.exec_driver_sql(
+                    "CREATE FUNCTION public.lookalike() RETURNS trigger LANGUAGE plpgsql "
+                    "AS $$ BEGIN RETURN NULL; END $$"
+                )
+                conn.exec_driver_sql(
+                    "COMMENT ON FUNCTION public.lookalike() IS "
+                    "'resilient_db transition guard v5 0000'"
+                )
+                conn.exec_driver_sql(
+                    "CREATE TRIGGER rdb_transition_gone_ins AFTER INSERT ON records "
+                    "FOR EACH ROW EXECUTE FUNCTION public.lookalike()"
+                )
+        finally:
+            intruder.dispose()
+        rdb.install_transition_trigger(owner, model)
+        with owner.connect() as conn:
+            assert rdb.trigger_drift(conn, model) is None
+            names = conn.exec_driver_sql(
+                "SELECT tgname FROM pg_trigger WHERE tgrelid = 'records'::regclass ORDER BY 1"
+            ).scalars()
+            assert list(names) == ["rdb_transition_status_ins", "rdb_transition_status_upd"]
+            assert conn.exec_driver_sql(
+                "SELECT to_regprocedure('public.lookalike()') IS NOT NULL"
+            ).scalar()
+    finally:
+        pg_server.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+            params=(other,),
+        )
+        pg_server.execute(pgsql.SQL("DROP OWNED BY {}").format(role), database=pg_database)
+        pg_server.execute(pgsql.SQL("DROP ROLE {}").format(role))
