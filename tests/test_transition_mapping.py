@@ -6,6 +6,7 @@ Models are mapped in registries of their own, disposed of after each test."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import decimal
 import enum
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import mapped_column, registry
 
 import resilient_db as rdb
@@ -330,3 +332,44 @@ def test_bool_states_mixed_with_others_are_refused() -> None:
         rdb.TransitionRules(column="ok", transitions={"pending": {True}}, initial={"pending"})
     rules = rdb.TransitionRules(column="ok", transitions={"*": {False}}, initial={True})
     assert rules.declared_states == {True, False}
+
+
+def test_a_boolean_row_moved_underneath_an_asyncpg_flush_of_many_is_named_as_a_bool(
+    engine: sa.Engine, mapped: Mapper, pg_server: Any, pg_database: str
+) -> None:
+    """asyncpg reports no row count for an executemany, so the flush's UPDATE of many rows
+    raises from the server with what the moved row holds, as text: for a Boolean column the
+    message said "holds 'true'" where every other path says True."""
+    model = mapped(
+        "Switch",
+        "switches",
+        None,
+        id=mapped_column(sa.Integer, primary_key=True),
+        on=mapped_column(sa.Boolean, nullable=False),
+        __transitions__=rdb.TransitionRules(
+            column="on", transitions={False: {True}, True: {False}}, initial={False}
+        ),
+    )
+    model.__table__.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.insert(model), [{"id": i, "on": False} for i in (1, 2, 3)])
+
+    async def main() -> rdb.StaleTransitionError:
+        aengine = create_async_engine(pg_server.url(pg_database, driver="asyncpg"))
+        Sessions = rdb.AsyncResilientSession(aengine, service="bool-stale")
+        try:
+            async with Sessions() as session:
+                rows = [await session.get(model, i) for i in (1, 2, 3)]
+                with engine.begin() as conn:  # another transaction moves the second row
+                    conn.execute(sa.update(model.__table__).where(model.id == 2).values(on=True))
+                for row in rows:
+                    row.on = True
+                with pytest.raises(rdb.StaleTransitionError) as info:
+                    await session.flush()
+                return info.value
+        finally:
+            await aengine.dispose()
+
+    err = asyncio.run(main())
+    assert (err.pk, err.from_state, err.to_state) == (2, False, True)
+    assert "now holds True" in err.reason, err.reason

@@ -792,8 +792,14 @@ def _raised_stale(
     found = expected[int(number)][guard.column]
     held: Any = None
     if kind == "v":  # the column's text, as a value of its type where the type converts text
-        process = guard.column.type.dialect_impl(dialect).result_processor(dialect, None)
-        held = text if process is None else process(text)
+        impl = guard.column.type.dialect_impl(dialect)
+        process = impl.result_processor(dialect, None)
+        if process is not None:
+            held = process(text)
+        elif isinstance(impl, sa.Boolean) and text in ("true", "false"):
+            held = text == "true"  # asyncpg converts no text for a Boolean: the cast's words
+        else:
+            held = text
     return _stale(found.change, _moved(held), found.value)
 
 
