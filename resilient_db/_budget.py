@@ -35,7 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._config import Config
-from ._observability import emit, log_retry, stats_for
+from ._observability import LineLimit, emit, log_retry, stats_for
 from ._state import STATE, check_service_room
 
 __all__ = ["WINDOW", "LocalBudget", "RetryBudget", "budget_for", "budgets"]
@@ -146,8 +146,7 @@ class RetryBudget:
         self._pending = 0  # first attempts not yet added to the fleet's count
         self.granted = 0
         self.exhausted = 0
-        self._last_line = -math.inf
-        self._unlogged = 0
+        self._lines = LineLimit(EXHAUSTED_LOG_PERIOD, clock)  # the "exhausted" line's rate
         self._fleet: Any = None  # the FleetLink while shared through Redis
         self._fleet_view: dict[str, Any] = {}
         self._attach(config)
@@ -224,14 +223,7 @@ class RetryBudget:
         (the line rate-limited: under an outage every failing unit ends here)."""
         with self._lock:
             self.exhausted += 1
-            now = self._clock()
-            limited = now - self._last_line < EXHAUSTED_LOG_PERIOD
-            if limited:
-                self._unlogged += 1
-                since = 0
-            else:
-                self._last_line = now
-                since, self._unlogged = self._unlogged, 0
+        log, since = self._lines.take()
         cfg = self.config
         scope = "fleet-wide through Redis" if self.shared else "in this process"
         emit(
@@ -246,7 +238,7 @@ class RetryBudget:
             scope,
             cfg.retry_budget_floor,
             since,
-            log=not limited,
+            log=log,
             service=self.service,
             event="budget_exhausted",
             ratio=cfg.retry_budget,

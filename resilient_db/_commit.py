@@ -66,6 +66,7 @@ from ._statements import (
     note_dialect_calls,
     statement_listeners,
 )
+from .transitions._sql import literal
 
 try:  # SQLAlchemy 2.1 renamed ``await_only`` to ``await_`` (the old name goes in 2.2)
     from sqlalchemy.util import await_ as _await
@@ -141,6 +142,11 @@ _DATABASE_OWNER = (
     "(SELECT d.datdba FROM pg_catalog.pg_database d "
     "WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database())"
 )
+#: ``r`` (a ``pg_roles`` row) is a role the connecting or installing one has no reason to trust
+_NOT_TRUSTED = (
+    "NOT r.rolsuper AND r.rolname OPERATOR(pg_catalog.<>) current_user "
+    f"AND r.oid OPERATOR(pg_catalog.<>) {_DATABASE_OWNER}"
+)
 #: Runs first in every install (after the install lock): refuses, before anything is created,
 #: when the schema, or a relation or function in it, belongs to a role that is neither the
 #: installing role, a superuser nor the database's owner. Without it the install went ahead:
@@ -171,9 +177,7 @@ BEGIN
              WHERE p.pronamespace OPERATOR(pg_catalog.=)
                    pg_catalog.to_regnamespace('{SCHEMA}')::pg_catalog.oid) o
       JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) o.owner
-     WHERE NOT r.rolsuper
-       AND r.rolname OPERATOR(pg_catalog.<>) current_user
-       AND r.oid OPERATOR(pg_catalog.<>) {_DATABASE_OWNER};
+     WHERE {_NOT_TRUSTED};
     IF planted IS NOT NULL THEN
         RAISE EXCEPTION 'resilient_db: refusing to install the commit markers: % (not the '
             'installing role %, a superuser or the database''s owner). A role that may create '
@@ -221,10 +225,7 @@ def _untrusted_sql(owner: str | None = None) -> str:
     logged in or in effect, nor ``owner`` (``SELF_HEALING_MARKERS_OWNER``). Objects looked up by
     oid (found by name with ``to_reg*``, as the check does); no operator or function from the
     caller's search_path."""
-    also = ""
-    if owner is not None:  # an E'' literal: the same whatever standard_conforming_strings says
-        quoted = owner.replace("\\", "\\\\").replace("'", "''")
-        also = f" AND r.rolname OPERATOR(pg_catalog.<>) E'{quoted}'"
+    also = "" if owner is None else f" AND r.rolname OPERATOR(pg_catalog.<>) {literal(owner)}"
     return (
         "(SELECT pg_catalog.array_agg(pg_catalog.format('%s is owned by role %s', o.what, "
         "pg_catalog.quote_ident(r.rolname)) ORDER BY o.n) FROM (VALUES "
@@ -234,9 +235,7 @@ def _untrusted_sql(owner: str | None = None) -> str:
             for n, (what, catalog, column, lookup) in enumerate(_RELIED_ON)
         )
         + ") AS o(n, what, owner) JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) "
-        "o.owner WHERE NOT r.rolsuper AND r.rolname OPERATOR(pg_catalog.<>) session_user "
-        f"AND r.rolname OPERATOR(pg_catalog.<>) current_user AND r.oid OPERATOR(pg_catalog.<>) "
-        f"{_DATABASE_OWNER}{also})"
+        f"o.owner WHERE {_NOT_TRUSTED} AND r.rolname OPERATOR(pg_catalog.<>) session_user{also})"
     )
 
 

@@ -750,9 +750,7 @@ class EngineHooks:
         server = hot_standby_server(driver)
         if server is None:
             return  # a transaction made read-only on a primary (or a server before 14)
-        mark_hot_standby(original, server)
-        if ctx.sqlalchemy_exception is not None:
-            mark_hot_standby(ctx.sqlalchemy_exception, server)
+        mark_hot_standby(original, server)  # found through SQLAlchemy's error too (its .orig)
         log, unlogged = self._standby_lines.take(server)
         emit(
             self.config,

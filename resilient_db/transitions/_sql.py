@@ -39,7 +39,6 @@ __all__ = [
     "drop_plan_statements",
     "drop_statements",
     "function_name",
-    "function_source",
     "gone_column_condition",
     "ident",
     "insert_when",
@@ -382,12 +381,6 @@ BEGIN
         SCHEMA = TG_TABLE_SCHEMA, TABLE = TG_TABLE_NAME, COLUMN = {col_lit};
 END
 """
-
-
-def function_source(guard: Guard) -> str:
-    """The body of the trigger function generated for ``guard``, as PostgreSQL keeps it
-    (``pg_proc.prosrc``): the drift check compares the installed one with it."""
-    return _function_body(guard)
 
 
 _MODEL_PLACEHOLDER = "rdb-model-placeholder-7f3a9c"
