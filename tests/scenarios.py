@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import resilient_db as rdb
+from resilient_db.transitions._dbmap import exception_from_db
 
 #: SQLAlchemy's async PostgreSQL drivers: asyncpg, and psycopg's ``AsyncConnection`` (what
 #: ``create_async_engine("postgresql+psycopg://...")`` uses). A module runs its tests on both by
@@ -215,3 +216,16 @@ def on_event_loop() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def refused_by_trigger(conn: sa.Connection, statement: Any) -> rdb.IllegalTransitionError:
+    """Run ``statement`` (SQL text as psql would send it, or a SQLAlchemy statement) on
+    ``conn``, expect the transition trigger to refuse it, roll back, and give the refusal as
+    the session maps it back (``IllegalTransitionError(via="db")``)."""
+    run = conn.exec_driver_sql if isinstance(statement, str) else conn.execute
+    with pytest.raises(sa.exc.DBAPIError) as info:
+        run(statement)
+    conn.rollback()
+    err = exception_from_db(info.value)
+    assert err is not None, f"not mapped: {info.value!r}"
+    return err

@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from psycopg import sql as pgsql
+from scenarios import refused_by_trigger
 from sqlalchemy.orm import mapped_column, registry
 
 import resilient_db as rdb
 from resilient_db.testing import PostgresServer
-from resilient_db.transitions._dbmap import exception_from_db
 
 RULES = rdb.TransitionRules(
     column="status", transitions={"new": {"done"}, "done": {"new"}}, initial={"new"}
@@ -156,15 +156,6 @@ def _run_script(conn: sa.Connection, script: str) -> None:
     conn.exec_driver_sql(script, execution_options={"no_parameters": True})
 
 
-def _refused(conn: sa.Connection, statement: str) -> rdb.IllegalTransitionError:
-    with pytest.raises(sa.exc.DBAPIError) as info:
-        conn.exec_driver_sql(statement)
-    conn.rollback()
-    err = exception_from_db(info.value)
-    assert err is not None, f"not mapped: {info.value!r}"
-    return err
-
-
 # ------------------------------------------------------------------------------------------------
 # several classes of one table
 # ------------------------------------------------------------------------------------------------
@@ -194,7 +185,7 @@ def test_a_base_and_its_single_table_subclass_install_one_trigger(
     with app.connect() as conn:
         conn.exec_driver_sql("INSERT INTO jobs VALUES (1, 'special', 'new')")
         conn.commit()
-        err = _refused(conn, "INSERT INTO jobs VALUES (2, 'special', 'done')")
+        err = refused_by_trigger(conn, "INSERT INTO jobs VALUES (2, 'special', 'done')")
         assert (err.model, err.to_state, err.inserted) == ("Job", "done", True)
 
 
@@ -216,7 +207,7 @@ def test_two_models_of_one_table_with_the_same_rules_share_the_trigger(
         assert rdb.trigger_drift(conn, order) is None
 
 
-def test_two_models_of_one_column_with_other_rules_are_refused(
+def test_two_models_of_one_column_with_other_rules_arerefused_by_trigger(
     engine: sa.Engine, reg: registry
 ) -> None:
     """Either trigger would replace the other's: refused, naming both models and the column,
@@ -404,9 +395,9 @@ def test_a_column_renamed_in_the_database_is_guarded_under_its_new_name(
         conn.exec_driver_sql(f"INSERT INTO {table} VALUES (1, 'new')")
         conn.exec_driver_sql(f"UPDATE {table} SET state = 'done'")
         conn.commit()
-        err = _refused(conn, f"INSERT INTO {table} VALUES (2, 'done')")
+        err = refused_by_trigger(conn, f"INSERT INTO {table} VALUES (2, 'done')")
         assert (err.column, err.to_state) == ("state", "done")
-        err = _refused(conn, f"UPDATE {table} SET state = 'zzz'")
+        err = refused_by_trigger(conn, f"UPDATE {table} SET state = 'zzz'")
         assert (err.from_state, err.to_state) == ("done", "zzz")
 
 
@@ -542,7 +533,7 @@ def test_the_insert_trigger_runs_only_for_rows_not_in_an_initial_state(
         conn.exec_driver_sql(f"INSERT INTO items SELECT g, {legal} FROM generate_series(1, 500) g")
         assert _calls(conn, function) == 0
         conn.commit()
-        err = _refused(conn, f"INSERT INTO items VALUES (501, {legal}), (502, {illegal})")
+        err = refused_by_trigger(conn, f"INSERT INTO items VALUES (501, {legal}), (502, {illegal})")
         assert err.inserted
         assert err.pk == 502
         conn.exec_driver_sql("SET track_functions = 'pl'")
@@ -671,9 +662,9 @@ def _both_guarded(conn: sa.Connection) -> None:
         "rdb_transition_status_ins",
         "rdb_transition_status_upd",
     ]
-    err = _refused(conn, "INSERT INTO orders VALUES (1, 'new', 'settled')")
+    err = refused_by_trigger(conn, "INSERT INTO orders VALUES (1, 'new', 'settled')")
     assert (err.column, err.to_state) == ("payment", "settled")
-    err = _refused(conn, "INSERT INTO orders VALUES (1, 'done', 'due')")
+    err = refused_by_trigger(conn, "INSERT INTO orders VALUES (1, 'done', 'due')")
     assert (err.column, err.to_state) == ("status", "done")
 
 
@@ -804,11 +795,11 @@ def test_a_case_insensitive_collation_lets_no_undeclared_state_through(
     rdb.install_transition_trigger(engine, job)
     with engine.connect() as conn:
         assert rdb.trigger_drift(conn, job) is None
-        err = _refused(conn, "INSERT INTO jobs VALUES (1, 'PENDING')")
+        err = refused_by_trigger(conn, "INSERT INTO jobs VALUES (1, 'PENDING')")
         assert (err.to_state, err.inserted) == ("PENDING", True)
         conn.exec_driver_sql("INSERT INTO jobs VALUES (2, 'pending')")
         conn.commit()
-        err = _refused(conn, "UPDATE jobs SET status = 'PeNdInG' WHERE id = 2")
+        err = refused_by_trigger(conn, "UPDATE jobs SET status = 'PeNdInG' WHERE id = 2")
         assert (err.from_state, err.to_state) == ("pending", "PeNdInG")
         assert conn.exec_driver_sql("SELECT status FROM jobs").scalars().all() == ["pending"]
         for (definition,) in conn.exec_driver_sql(

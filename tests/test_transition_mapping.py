@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from scenarios import refused_by_trigger
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import mapped_column, registry
 
 import resilient_db as rdb
-from resilient_db.transitions._dbmap import exception_from_db
 from resilient_db.transitions._rules import guards_of
 
 Mapper = Callable[..., type[Any]]
@@ -55,15 +55,6 @@ def mapped() -> Iterator[Mapper]:
     yield make
     for reg in registries:
         reg.dispose()
-
-
-def _refused(conn: sa.Connection, statement: Any) -> rdb.IllegalTransitionError:
-    with pytest.raises(sa.exc.DBAPIError) as info:
-        conn.execute(statement)
-    conn.rollback()
-    err = exception_from_db(info.value)
-    assert err is not None, f"not mapped: {info.value!r}"
-    return err
 
 
 def test_a_schema_table_is_read_with_its_own_rules_not_a_same_named_schemaless_one(
@@ -101,11 +92,11 @@ def test_a_schema_table_is_read_with_its_own_rules_not_a_same_named_schemaless_o
         conn.execute(sa.insert(tenant).values(id=1, status=St.NEW))
         conn.execute(sa.update(tenant.__table__).values(status=St.DONE))
     with engine.connect() as conn:
-        err = _refused(conn, sa.update(tenant.__table__).values(status=St.NEW))
+        err = refused_by_trigger(conn, sa.update(tenant.__table__).values(status=St.NEW))
         assert (err.from_state, err.to_state, err.pk) == (St.DONE, St.NEW, 1)
         conn.execute(sa.insert(plain).values(id=1, status="new"))
         conn.execute(sa.update(plain.__table__).values(status="done"))
-        err = _refused(conn, sa.update(plain.__table__).values(status="new"))
+        err = refused_by_trigger(conn, sa.update(plain.__table__).values(status="new"))
         assert (err.from_state, err.to_state) == ("done", "new")
 
 
@@ -130,7 +121,7 @@ def test_a_table_name_longer_than_63_bytes_is_mapped_back(
     rdb.install_transition_trigger(engine, model)
     with engine.connect() as conn:
         conn.execute(sa.insert(model).values(id=1, status="open"))
-        err = _refused(conn, sa.update(model.__table__).values(status="reopened"))
+        err = refused_by_trigger(conn, sa.update(model.__table__).values(status="reopened"))
     assert (err.model, err.column, err.pk) == ("Ticket", "status", 1)
     assert (err.from_state, err.to_state, err.via) == ("open", "reopened", "db")
     Sessions = rdb.ResilientSession(engine, service=service)
@@ -164,7 +155,7 @@ def prio_model(mapped: Mapper, transitions: Any, initial: Any) -> Any:
 
 
 @pytest.mark.parametrize(("state", "as_read"), [("01", "1"), ("+1", "1"), ("-0", "0")])
-def test_an_integer_state_the_database_never_writes_so_is_refused(
+def test_an_integer_state_the_database_never_writes_so_isrefused_by_trigger(
     mapped: Mapper, state: str, as_read: str
 ) -> None:
     """``col::text`` of an integer column is never "01": a rule about it could never apply."""
@@ -215,7 +206,7 @@ def test_the_row_key_from_the_trigger_has_the_key_columns_types(
         conn.execute(sa.insert(model).values(**row, status="pending"))
     with engine.connect() as conn:
         conn.exec_driver_sql("SET TIME ZONE 'UTC'")
-        err = _refused(conn, sa.update(model.__table__).values(status="zz"))
+        err = refused_by_trigger(conn, sa.update(model.__table__).values(status="zz"))
     assert err.pk == key
     assert [type(v) for v in err.pk] == [type(v) for v in key]
     assert str(err.pk[3]) == "123456789012345678.10"
@@ -224,7 +215,9 @@ def test_the_row_key_from_the_trigger_has_the_key_columns_types(
         conn.exec_driver_sql(
             "INSERT INTO entries VALUES (%s, 'infinity', %s, 1, 'pending')", (key[0], key[2])
         )
-        err = _refused(conn, sa.text("UPDATE entries SET status = 'zz' WHERE day = 'infinity'"))
+        err = refused_by_trigger(
+            conn, sa.text("UPDATE entries SET status = 'zz' WHERE day = 'infinity'")
+        )
     assert err.pk == (key[0], "infinity", key[2], decimal.Decimal(1))
     Sessions = rdb.ResilientSession(engine, service=service)
 
@@ -260,9 +253,9 @@ def test_a_boolean_column_is_guarded_by_bool_states(
     with engine.connect() as conn:
         conn.execute(sa.insert(model).values(id=1, ok=False))
         conn.execute(sa.update(model.__table__).values(ok=True))
-        err = _refused(conn, sa.update(model.__table__).values(ok=False))
+        err = refused_by_trigger(conn, sa.update(model.__table__).values(ok=False))
         assert (err.from_state, err.to_state, err.via) == (True, False, "db")
-        err = _refused(conn, sa.insert(model).values(id=2, ok=True))
+        err = refused_by_trigger(conn, sa.insert(model).values(id=2, ok=True))
         assert (err.from_state, err.to_state, err.inserted) == (None, True, True)
     Sessions = rdb.ResilientSession(engine, service=service)
     with Sessions.begin() as session:
@@ -327,7 +320,7 @@ def test_bool_states_and_boolean_columns_go_together(
         )
 
 
-def test_bool_states_mixed_with_others_are_refused() -> None:
+def test_bool_states_mixed_with_others_arerefused_by_trigger() -> None:
     with pytest.raises(rdb.TransitionRulesError, match=r"True of type bool among states of other"):
         rdb.TransitionRules(column="ok", transitions={"pending": {True}}, initial={"pending"})
     rules = rdb.TransitionRules(column="ok", transitions={"*": {False}}, initial={True})
