@@ -47,6 +47,8 @@ from ._unit import (
     flush_and_commit,
     interpret_claim,
     interpret_xid,
+    runs_once_here,
+    unit_signature,
 )
 from ._validation import (
     ResponseCheck,
@@ -293,7 +295,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                 "done before it can't be replayed. Commit or roll back first, or run "
                 f"{_name(fn)}(session, ...) directly and let an outer unit retry"
             )
-        if not self.config.enabled:
+        if not self.config.enabled or runs_once_here():  # once: off, or nested (see run)
             return await self._attempt(fn, args, kwargs, session=session)
         return await self.policy.acall(lambda: self._attempt(fn, args, kwargs, session=session))
 
@@ -332,13 +334,13 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             async def wrapper(*args: Any, **kwargs: Any) -> Any:
                 return await self.run(fn, *args, **kwargs)
 
-            return wrapper
+            return _called_without_session(wrapper, fn)
 
         @functools.wraps(fn)
         async def validated(*args: Any, **kwargs: Any) -> Any:
             return await self.run(fn, *args, validate=validate, **kwargs)
 
-        return validated
+        return _called_without_session(validated, fn)
 
     async def _attempt(
         self,
@@ -546,6 +548,15 @@ def _check_in_unit(_session: Any, check: ResponseCheck, value: Any, factory: Fac
 
 
 # -- what really differs: engines, unit functions, the unit running here ---------------------------
+def _called_without_session(wrapper: Any, fn: Any) -> Any:
+    """``transactional``'s function, whose signature (for ``inspect.signature``: FastAPI,
+    documentation tools) is ``fn``'s without the session that the unit is given."""
+    signature = unit_signature(fn)
+    if signature is not None:
+        wrapper.__signature__ = signature
+    return wrapper
+
+
 if True:  # async only
     try:  # SQLAlchemy 2.1 renamed ``await_only`` to ``await_`` (the old name goes in 2.2)
         from sqlalchemy.util import await_ as _await
@@ -697,13 +708,22 @@ else:  # sync only
         if "asleep" in kwargs:
             raise TypeError("ResilientSession takes sleep= (a function of seconds), not asleep=")
 
+    # code flags of functions that are no sync unit: coroutine and generator functions
+    _NOT_A_UNIT = inspect.CO_COROUTINE | inspect.CO_GENERATOR | inspect.CO_ASYNC_GENERATOR
+
     def _require_unit(fn: Any, where: str) -> None:
-        """A unit of ``run``/``run_in``/``transactional``: not a coroutine function."""
-        if type(fn) is types.FunctionType and not fn.__code__.co_flags & inspect.CO_COROUTINE:
+        """A unit of ``run``/``run_in``/``transactional``: not a coroutine or generator
+        function."""
+        if type(fn) is types.FunctionType and not fn.__code__.co_flags & _NOT_A_UNIT:
             return  # a plain function (every unit passes here), answered from its code flags
         if inspect.iscoroutinefunction(fn):  # the rest: partials, methods, marked callables
             raise TypeError(
                 f"{_name(fn)} is a coroutine function; use AsyncResilientSession.{where} for it"
+            )
+        if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+            raise TypeError(
+                f"{_name(fn)} is a generator function: its body would run only when its result "
+                "is iterated, after the unit committed and closed its session; return a list"
             )
         if not callable(fn):
             raise TypeError(

@@ -6,10 +6,12 @@ Nothing here awaits or sleeps; ``_session`` and ``_asyncio`` are the drivers.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import ctypes
 import enum
 import functools
+import inspect
 import logging
 import select
 import weakref
@@ -70,6 +72,40 @@ current_unit: contextvars.ContextVar[ActiveUnit | None] = contextvars.ContextVar
 # Async units, by task. Not a ContextVar, which a task created inside a unit would inherit: such
 # a task runs units of its own, since an AsyncSession must not be shared between tasks.
 async_units: dict[Any, ActiveUnit] = {}
+
+
+def unit_signature(fn: Any) -> inspect.Signature | None:
+    """The signature of ``fn`` without its first parameter (the session a unit is given), or
+    None when ``fn``'s can't be read or takes no positional parameter first."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a callable without one (some built-ins)
+        return None
+    parameters = list(signature.parameters.values())
+    if not parameters or parameters[0].kind not in _POSITIONAL:
+        return None
+    return signature.replace(parameters=parameters[1:])
+
+
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def runs_once_here() -> bool:
+    """Whether an operation starting here must run once, with no retries of its own: inside a
+    unit of work (this thread's, or this asyncio task's), whose transaction can't be retried
+    from its middle, or inside an operation that replays a failed attempt whole (retry loops
+    would multiply). The enclosing one retries."""
+    if current_unit.get() is not None:
+        return True
+    attempt = current_attempt.get()
+    if attempt is not None and attempt.replayed:
+        return True
+    if not async_units:
+        return False
+    try:
+        return asyncio.current_task() in async_units
+    except RuntimeError:  # no event loop running in this thread
+        return False
 
 
 class CommitVerdict(enum.Enum):

@@ -32,6 +32,7 @@ from ._commit import AttemptRecord
 from ._config import Config, env_config
 from ._retry import Policy
 from ._state import STATE
+from ._unit import runs_once_here
 from ._validation import ResponseCheck, ResponseValidator, check_response, validation_on
 
 __all__ = ["SelfHealingDecorator", "is_async_callable", "with_self_healing"]
@@ -145,17 +146,21 @@ def with_self_healing(
     environment's, read at each call) governs it too; a ``validate`` that can't check a result
     raises ``TypeError`` either way.
     """
+    _check_arguments(service, config)
     check = ResponseCheck(validate) if validate is not None else None
     if fn is None:
         return _decorator(service, use_retry, use_circuit_breaker, config, check)
     if not callable(fn):
         raise TypeError(f"with_self_healing needs a callable, got {type(fn).__name__}")
+    _refuse_generator(fn)
     cfg = config if config is not None else env_config()
     if not cfg.enabled:
         return fn()
     policy = _policy_for(service, use_retry, use_circuit_breaker, cfg)
     if check is not None and not validation_on(cfg):
         check = None
+    if runs_once_here():
+        return _once(policy, fn, check, cfg)
     if is_async_callable(fn):
         if check is None:
             return policy.acall(lambda: _aown_call(policy, fn))
@@ -169,6 +174,52 @@ async def _acall_checked(
     result = await policy.acall(lambda: _aown_call(policy, fn))
     checked: R = check_response(check, result, cfg, policy.service)
     return checked
+
+
+def _check_arguments(service: object, config: object) -> None:
+    if not isinstance(service, str) or not service:
+        raise TypeError(
+            f"with_self_healing needs a service name (a non-empty str), got {service!r}"
+        )
+    if config is not None and not isinstance(config, Config):
+        raise TypeError(
+            f"with_self_healing's config= takes a resilient_db.Config, got {type(config).__name__}"
+        )
+
+
+def _refuse_generator(fn: object) -> None:
+    """A generator function's body runs only when its result is iterated: after the operation
+    has returned, outside its retries and its circuit breaker."""
+    if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+        raise TypeError(
+            f"with_self_healing can't retry {getattr(fn, '__qualname__', fn)!r}: it is a "
+            "generator function, whose body runs only when its result is iterated, after the "
+            "operation returned; return a list instead, or decorate the code that iterates it"
+        )
+
+
+def _once(policy: Policy, fn: Callable[[], Any], check: ResponseCheck | None, cfg: Config) -> Any:
+    """The operation inside a unit of work or a replaying operation (see ``runs_once_here``):
+    one attempt, no retry loop and no breaker of its own; the enclosing one retries. A COMMIT
+    its code sends still makes a failure final (``AttemptRecord``), for the enclosing one too."""
+    record = AttemptRecord(policy)
+    with record:
+        result = fn()
+    if inspect.isawaitable(result):
+        return _afinish_once(record, result, check, cfg, policy.service)
+    return result if check is None else check_response(check, result, cfg, policy.service)
+
+
+async def _afinish_once(
+    record: AttemptRecord,
+    first: Awaitable[Any],
+    check: ResponseCheck | None,
+    cfg: Config,
+    service: str,
+) -> Any:
+    with record:
+        result = await first
+    return result if check is None else check_response(check, result, cfg, service)
 
 
 def _call(policy: Policy, fn: Callable[[], Any], check: ResponseCheck | None, cfg: Config) -> Any:
@@ -230,12 +281,11 @@ def _decorator(
     config: Config | None,
     check: ResponseCheck | None,
 ) -> SelfHealingDecorator:
-    if not isinstance(service, str) or not service:
-        raise TypeError(f"with_self_healing needs a service name, got {service!r}")
 
     def decorate(fn: Any, /) -> Any:
         if not callable(fn):
             raise TypeError(f"@with_self_healing(...) decorates a callable, got {fn!r}")
+        _refuse_generator(fn)
         if is_async_callable(fn):
 
             @functools.wraps(fn)
@@ -244,6 +294,9 @@ def _decorator(
                 if not cfg.enabled:
                     return await fn(*args, **kwargs)
                 policy = _policy_for(service, use_retry, use_circuit_breaker, cfg)
+                if runs_once_here():
+                    active = check if check is not None and validation_on(cfg) else None
+                    return await _once(policy, lambda: fn(*args, **kwargs), active, cfg)
                 result = await policy.acall(lambda: _aown_call(policy, lambda: fn(*args, **kwargs)))
                 if check is None or not validation_on(cfg):
                     return result
@@ -258,6 +311,8 @@ def _decorator(
                 return fn(*args, **kwargs)
             policy = _policy_for(service, use_retry, use_circuit_breaker, cfg)
             active = check if check is not None and validation_on(cfg) else None
+            if runs_once_here():
+                return _once(policy, lambda: fn(*args, **kwargs), active, cfg)
             return _call(policy, lambda: fn(*args, **kwargs), active, cfg)
 
         return wrapper

@@ -1,0 +1,302 @@
+"""Operations inside operations: ``with_self_healing`` and ``run_in`` inside a unit of work or a
+replaying operation run once (the enclosing one retries: no loops multiplied, no retry inside an
+aborted transaction), and what can't be a unit is refused where it is written."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import sqlalchemy as sa
+from scenarios import RAISE_CODE_FUNCTION
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
+
+import resilient_db as rdb
+
+pytestmark = pytest.mark.usefixtures("no_backoff")
+
+RETRIES = 3  # every factory and operation here: 4 attempts
+CONFIG = rdb.Config(max_retries=RETRIES)
+
+
+@pytest.fixture
+def engine(pg_url: str) -> Iterator[sa.Engine]:
+    engine = sa.create_engine(pg_url)
+    with engine.begin() as conn:
+        conn.execute(RAISE_CODE_FUNCTION)
+    yield engine
+    engine.dispose()
+
+
+@pytest_asyncio.fixture
+async def aengine(engine: sa.Engine, pg_async_url: str) -> AsyncIterator[AsyncEngine]:
+    aengine = create_async_engine(pg_async_url)
+    yield aengine
+    await aengine.dispose()
+
+
+def conflict(session: Session) -> None:
+    session.execute(sa.text("SELECT raise_code('40001')"))
+
+
+async def aconflict(session: AsyncSession) -> None:
+    await session.execute(sa.text("SELECT raise_code('40001')"))
+
+
+def attempts(service: str) -> int:
+    return int(rdb.health()["services"][service]["counters"]["attempts"])
+
+
+# -- with_self_healing inside a unit ------------------------------------------------------------
+def test_with_self_healing_inside_a_unit_runs_once_per_attempt_of_the_unit(
+    engine: sa.Engine, service: str
+) -> None:
+    """The call form and the decorator inside ``run``: a conflict in the inner operation is the
+    unit's, replayed by the unit (4 attempts in all, not 4 x 4)."""
+    Session = rdb.ResilientSession(engine, service=service, config=CONFIG)
+    calls = {"unit": 0, "inner": 0}
+
+    @rdb.with_self_healing(service=f"{service}-inner", config=CONFIG)
+    def decorated(session: Session) -> None:
+        calls["inner"] += 1
+        conflict(session)
+
+    def by_call(session: Session) -> None:
+        calls["unit"] += 1
+
+        def inner() -> None:
+            calls["inner"] += 1
+            conflict(session)
+
+        rdb.with_self_healing(inner, service=f"{service}-inner", config=CONFIG)
+
+    def by_decorator(session: Session) -> None:
+        calls["unit"] += 1
+        decorated(session)
+
+    for unit in (by_call, by_decorator):
+        calls.update(unit=0, inner=0)
+        with pytest.raises(sa.exc.OperationalError) as caught:
+            Session.run(unit)
+        assert getattr(caught.value.orig, "sqlstate", None) == "40001"
+        assert calls == {"unit": RETRIES + 1, "inner": RETRIES + 1}, unit.__name__
+
+
+def test_a_decorated_helper_on_the_units_session_lets_the_unit_heal(
+    engine: sa.Engine, service: str
+) -> None:
+    """A helper decorated with ``@with_self_healing()`` called with the unit's session: its
+    conflict aborts the unit's transaction, so only a replay of the whole unit can heal it (a
+    retry of the helper alone ran in the aborted transaction: 25P02, not retried)."""
+    Session = rdb.ResilientSession(engine, service=service, config=CONFIG)
+    left = [1]
+
+    @rdb.with_self_healing(service=service, config=CONFIG)
+    def helper(session: Session) -> int:
+        if left:
+            left.pop()
+            conflict(session)
+        return int(session.execute(sa.text("SELECT 42")).scalar_one())
+
+    assert Session.run(helper) == 42
+    assert attempts(service) == 2  # the unit's two attempts; the helper added none
+
+
+def test_with_self_healing_inside_a_replaying_operation_runs_once(
+    engine: sa.Engine, service: str
+) -> None:
+    calls = {"outer": 0, "inner": 0}
+
+    def inner() -> None:
+        calls["inner"] += 1
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT raise_code('40001')"))
+
+    def outer() -> None:
+        calls["outer"] += 1
+        rdb.with_self_healing(inner, service=f"{service}-inner", config=CONFIG)
+
+    with pytest.raises(sa.exc.OperationalError):
+        rdb.with_self_healing(outer, service=service, config=CONFIG)
+    assert calls == {"outer": RETRIES + 1, "inner": RETRIES + 1}
+    # an operation that doesn't replay leaves the inner one its retries, as run does
+    calls.update(outer=0, inner=0)
+    with pytest.raises(sa.exc.OperationalError):
+        rdb.with_self_healing(outer, service=service, config=CONFIG, use_retry=False)
+    assert calls == {"outer": 1, "inner": RETRIES + 1}
+
+
+def test_run_in_inside_a_unit_or_an_operation_runs_once(engine: sa.Engine, service: str) -> None:
+    Session = rdb.ResilientSession(engine, service=service, config=CONFIG)
+    Other = rdb.ResilientSession(engine, service=f"{service}-other", config=CONFIG)
+    calls = {"outer": 0, "inner": 0}
+
+    def inner(session: Session) -> None:
+        calls["inner"] += 1
+        conflict(session)
+
+    def in_same(session: Session) -> None:
+        calls["outer"] += 1
+        with Session() as mine:
+            Session.run_in(mine, inner)
+
+    def in_other(session: Session) -> None:
+        calls["outer"] += 1
+        with Other() as theirs:
+            Other.run_in(theirs, inner)
+
+    def in_operation() -> None:
+        calls["outer"] += 1
+        with Session() as mine:
+            Session.run_in(mine, inner)
+
+    cases: list[Any] = [
+        lambda: Session.run(in_same),
+        lambda: Session.run(in_other),
+        lambda: rdb.with_self_healing(in_operation, service=service, config=CONFIG),
+    ]
+    for case in cases:
+        calls.update(outer=0, inner=0)
+        with pytest.raises(sa.exc.OperationalError):
+            case()
+        assert calls == {"outer": RETRIES + 1, "inner": RETRIES + 1}
+
+
+@pytest.mark.asyncio
+async def test_async_operations_inside_an_async_unit_run_once(
+    aengine: AsyncEngine, service: str
+) -> None:
+    Session = rdb.AsyncResilientSession(aengine, service=service, config=CONFIG)
+    calls = {"unit": 0, "inner": 0}
+
+    @rdb.with_self_healing(service=f"{service}-inner", config=CONFIG)
+    async def decorated(session: AsyncSession) -> None:
+        calls["inner"] += 1
+        await aconflict(session)
+
+    async def by_decorator(session: AsyncSession) -> None:
+        calls["unit"] += 1
+        await decorated(session)
+
+    async def by_call(session: AsyncSession) -> None:
+        calls["unit"] += 1
+
+        async def inner() -> None:
+            calls["inner"] += 1
+            await aconflict(session)
+
+        await rdb.with_self_healing(inner, service=f"{service}-inner", config=CONFIG)
+
+    async def by_run_in(session: AsyncSession) -> None:
+        calls["unit"] += 1
+
+        async def inner(mine: AsyncSession) -> None:
+            calls["inner"] += 1
+            await aconflict(mine)
+
+        async with Session() as mine:
+            await Session.run_in(mine, inner)
+
+    for unit in (by_decorator, by_call, by_run_in):
+        calls.update(unit=0, inner=0)
+        with pytest.raises(sa.exc.DBAPIError):
+            await Session.run(unit)
+        assert calls == {"unit": RETRIES + 1, "inner": RETRIES + 1}, unit.__name__
+
+    # a task made inside a unit runs operations of its own: it is not inside the unit
+    seen: list[int] = []
+
+    @rdb.with_self_healing(service=f"{service}-task", config=CONFIG)
+    async def flaky() -> int:
+        seen.append(1)
+        async with aengine.connect() as conn:
+            if len(seen) < 2:
+                await conn.execute(sa.text("SELECT raise_code('40001')"))
+        return 7
+
+    async def spawns(session: AsyncSession) -> int:
+        return await asyncio.create_task(flaky())
+
+    assert await Session.run(spawns) == 7
+    assert len(seen) == 2
+
+
+# -- what can't be a unit or an operation -------------------------------------------------------
+def test_generator_functions_are_refused(engine: sa.Engine, service: str) -> None:
+    """A generator's body runs when it is iterated: after the unit committed and closed its
+    session (its writes lost, a connection left checked out), or after the operation returned,
+    outside its retries."""
+    Session = rdb.ResilientSession(engine, service=service)
+
+    def rows(session: Session) -> Iterator[int]:
+        yield from session.execute(sa.text("SELECT 1")).scalars()
+
+    async def arows() -> AsyncIterator[int]:
+        yield 1
+
+    with pytest.raises(TypeError, match="rows is a generator function"):
+        Session.run(rows)
+    with pytest.raises(TypeError, match="generator function"):
+        Session.run(functools.partial(rows))
+    with pytest.raises(TypeError, match="generator function"):
+        Session.transactional(rows)
+    with Session() as session, pytest.raises(TypeError, match="generator function"):
+        Session.run_in(session, rows)
+    for gen in (rows, arows):
+        with pytest.raises(TypeError, match="generator function"):
+            rdb.with_self_healing(service=service)(gen)
+        with pytest.raises(TypeError, match="generator function"):
+            rdb.with_self_healing(functools.partial(gen, None) if gen is rows else gen)
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+def test_with_self_healing_checks_its_arguments_in_both_forms(service: str) -> None:
+    """A bad service name was accepted by the call form, and then broke ``health()`` and the
+    Prometheus scrape for good (names sorted with None among them)."""
+    for bad in (None, "", 123):
+        with pytest.raises(TypeError, match="service name"):
+            rdb.with_self_healing(lambda: 1, service=bad)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="service name"):
+            rdb.with_self_healing(service=bad)  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match=r"takes a resilient_db\.Config, got str"):
+        rdb.with_self_healing(lambda: 1, service=service, config="x")  # type: ignore[arg-type]
+    assert rdb.with_self_healing(lambda: 1, service=service) == 1
+    assert service in rdb.health()["services"]
+
+
+@pytest.mark.asyncio
+async def test_transactional_functions_take_no_session_in_their_signature(
+    engine: sa.Engine, aengine: AsyncEngine, service: str
+) -> None:
+    """What ``transactional`` makes is called without the session: frameworks that read the
+    signature (FastAPI's dependency injection) must not see one."""
+    Session = rdb.ResilientSession(engine, service=service)
+    AsyncSessionFactory = rdb.AsyncResilientSession(aengine, service=f"{service}-async")
+
+    @Session.transactional
+    def assign(session: Session, task_id: int, *, note: str = "") -> int:
+        return task_id
+
+    @Session.transactional(validate=int)
+    def checked(session: Session, task_id: int) -> int:
+        return task_id
+
+    @AsyncSessionFactory.transactional
+    async def aassign(session: AsyncSession, task_id: int) -> int:
+        return task_id
+
+    assert str(inspect.signature(assign)) == "(task_id: 'int', *, note: 'str' = '') -> 'int'"
+    assert str(inspect.signature(checked)) == "(task_id: 'int') -> 'int'"
+    assert str(inspect.signature(aassign)) == "(task_id: 'int') -> 'int'"
+    assert assign.__name__ == "assign"
+    assert aassign.__wrapped__.__name__ == "aassign"  # type: ignore[attr-defined]
+    assert assign(5) == 5
+    assert checked(6) == 6
+    assert await aassign(7) == 7
+    assert inspect.iscoroutinefunction(aassign)
