@@ -283,16 +283,21 @@ class Breaker:
         failover are one failure, not eight (which would open a threshold-5 circuit for the whole
         reset timeout after a 0.1 s failover); units that start afterwards and fail still count,
         so a database that stays down opens the circuit as before. Half-open probes always count.
+        A shared breaker applies the same rule fleet-wide: the attempt's age goes to Redis, which
+        compares its start with the last failure any process counted.
         """
+        age = -1.0  # a probe, or an attempt of unknown start: always counted
         if not probe and started is not None:
+            now = time.monotonic()
             if started < self._last_failure:
                 return
-            self._last_failure = time.monotonic()
+            self._last_failure = now
+            age = max(0.0, now - started)
         self._last_cause = cause
         fleet = self._fleet
         if fleet is not None and fleet.up:
             with contextlib.suppress(FleetDown):
-                self._fleet_failure(fleet)
+                self._fleet_failure(fleet, age)
                 return
         with self._lock:
             if probe:
@@ -413,9 +418,11 @@ class Breaker:
         self._fleet_wait = now + wait
         raise self._reject(wait)
 
-    def _fleet_failure(self, fleet: Any) -> None:
+    def _fleet_failure(self, fleet: Any, age: float) -> None:
+        """Count the failure fleet-wide (Redis skips an attempt that began before the fleet's
+        last counted failure, as :meth:`on_failure` does within this process)."""
         state, remaining, gen, failures, opens, by_me = fleet.breaker_failure(
-            self.service, self.config.failure_threshold, self.config.reset_timeout
+            self.service, self.config.failure_threshold, self.config.reset_timeout, age
         )
         self._fleet_failures = failures
         if by_me:

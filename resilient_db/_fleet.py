@@ -143,18 +143,32 @@ end
 """
 
 # KEYS: breaker hash, failure counter. ARGV: channel, service, threshold, reset timeout (s),
-# failure memory (ms). -> {state, remaining, gen, failures, opens, opened by this call}
+# failure memory (ms), age of the failed attempt (s; -1: a probe, or not known).
+# -> {state, remaining, gen, failures, opens, opened by this call}
+# An attempt that began before the last failure counted (by any process: its Redis time is
+# ``lastfail`` in the breaker hash) was already in flight when the database failed: the same
+# event seen again, not counted (one failover cutting off a unit in each of N processes is one
+# failure, as it is for N threads of one process). The age travels rather than a start time, so
+# the hosts' clocks don't matter.
 _FAILURE = (
     _COMMON
     + """
-local now, h, st, gen, opens = read_breaker()
+local now, h, st, gen, opens = read_breaker('lastfail')
 local reset = tonumber(ARGV[5])
+local age = tonumber(ARGV[7])
 local function open()
   gen, opens = open_breaker(now, gen, opens, reset)
   return {'open', tostring(reset), gstr(gen), 0, opens, 1}
 end
-if st == 'half-open' then return open() end
 if st == 'open' then return {'open', remaining(h, now), gstr(gen), 0, opens, 0} end
+if age >= 0 then
+  local last = tonumber(h[5])
+  if last ~= nil and now - age < last then
+    return {st, '0', gstr(gen), tonumber(redis.call('GET', KEYS[2])) or 0, opens, 0}
+  end
+  redis.call('HSET', KEYS[1], 'lastfail', string.format('%.6f', now))
+end
+if st == 'half-open' then return open() end
 local n = redis.call('INCR', KEYS[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[6])
 if n >= tonumber(ARGV[4]) then return open() end
@@ -447,14 +461,17 @@ class FleetLink:
             raise FleetDown(self.masked_url) from exc
 
     def breaker_failure(
-        self, service: str, threshold: int, reset_timeout: float
+        self, service: str, threshold: int, reset_timeout: float, age: float = -1.0
     ) -> tuple[str, float, int, int, int, bool]:
+        """Count one failure fleet-wide; ``age``: seconds since the failed attempt began (an
+        attempt that began before the last failure counted is not counted again), -1 for a
+        probe or an attempt of unknown start (always counted)."""
         cb, fails, _ = _keys(service)
         memory_ms = round(max(reset_timeout, FAILURE_MEMORY_MIN) * 1000)
         st, rem, gen, failures, opens, by_me = self._call(
             "failure",
             [cb, fails],
-            [self.channel, service, self.token, threshold, reset_timeout, memory_ms],
+            [self.channel, service, self.token, threshold, reset_timeout, memory_ms, age],
         )
         return _s(st), float(rem), int(gen), int(failures), int(opens), bool(by_me)
 
