@@ -40,6 +40,19 @@ CLOSED, OPEN, HALF_OPEN = _pb.STATE_CLOSED, _pb.STATE_OPEN, _pb.STATE_HALF_OPEN
 _UTC = timezone.utc
 
 
+def pybreaker_lock(cb: Any) -> Any:
+    """The lock pybreaker's ``CircuitBreaker`` holds while its state setter notifies the
+    listeners (a private attribute, ``_lock``: the one place resilient_db reaches for it;
+    ``tests/test_fleet_fork.py`` fails when pybreaker changes it)."""
+    return cb._lock
+
+
+def renew_pybreaker_lock(cb: Any) -> None:
+    """Give ``cb`` a new lock of the kind it had (in a forked child: a thread of the parent may
+    have held the old one, and it does not exist here)."""
+    cb._lock = type(pybreaker_lock(cb))()
+
+
 class _LogListener(_pb.CircuitBreakerListener):
     """Logs every state change with the ``[SELF-HEAL]`` prefix and counts openings."""
 
@@ -171,6 +184,14 @@ class Breaker:
             detach(old, breaker=self)
         if link is not None:
             link.sync_breaker(self)
+
+    def after_fork_in_child(self) -> None:
+        """In a forked child: new locks, this breaker's and pybreaker's. A thread of the parent
+        (the Redis background thread applying another process's change, or a unit) may have
+        held them while the parent forked, e.g. inside a listener; that thread does not exist
+        here, and a lock it held would stay held for good."""
+        self._lock = threading.Lock()
+        renew_pybreaker_lock(self._cb)
 
     def add_listener(self, listener: Any) -> None:
         """Register a pybreaker ``CircuitBreakerListener`` (once: again is a no-op)."""

@@ -169,6 +169,11 @@ class RetryBudget:
         if old is not None and old is not link:
             detach(old, budget=self)
 
+    def after_fork_in_child(self) -> None:
+        """In a forked child: new locks (a thread of the parent may have held them)."""
+        self._lock = threading.Lock()
+        self._lines = LineLimit(EXHAUSTED_LOG_PERIOD, self._clock)
+
     # -- the first attempts ------------------------------------------------------------------
     def _observe(self, now: float) -> int:
         """New first attempts since the last look (callers hold the lock). Every attempt is

@@ -791,9 +791,18 @@ def close_links() -> None:
 
 
 def _after_fork_in_child() -> None:
-    for link in list(STATE.fleet_links.values()):
+    """Every breaker and budget gets new locks (held by a thread of the parent, maybe: the
+    background thread inside a listener, a unit), before any link starts its thread again."""
+    owners: dict[int, Any] = {}
+    for owner in (*STATE.breakers.values(), *STATE.budgets.values()):
+        owners[id(owner)] = owner
+    found = list(STATE.fleet_links.values())
+    for link in found:
         for owner in (*link.breakers.values(), *link.budgets.values()):
-            owner._lock = threading.Lock()  # held by a thread of the parent, maybe
+            owners[id(owner)] = owner
+    for owner in owners.values():
+        owner.after_fork_in_child()
+    for link in found:
         link._after_fork_in_child()
 
 
