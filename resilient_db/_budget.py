@@ -38,12 +38,30 @@ from ._config import Config
 from ._observability import LineLimit, emit, log_retry, stats_for
 from ._state import STATE, check_service_room
 
-__all__ = ["WINDOW", "LocalBudget", "RetryBudget", "budget_for", "budgets"]
+__all__ = ["WINDOW", "LocalBudget", "RetryBudget", "budget_for", "budgets", "recent", "spread"]
 
 #: seconds a first attempt counts as "recent" (Finagle's default ttl)
 WINDOW = 10
 #: at most one "Retry budget exhausted" line per service in this many seconds
 EXHAUSTED_LOG_PERIOD = 10.0
+
+
+def spread(delta: int, start: float, end: float) -> dict[int, float]:
+    """``delta`` first attempts made between ``start`` and ``end``, by second (those of seconds
+    past the window left out)."""
+    second = math.floor(end)
+    span = end - start
+    if span <= 1.0:
+        return {second: float(delta)}
+    rate = delta / span
+    return dict.fromkeys(range(second - min(WINDOW, math.ceil(span)) + 1, second + 1), rate)
+
+
+def recent(deposits: dict[int, float], now: float) -> list[tuple[int, float]]:
+    """``deposits`` (by second) still within the window at ``now``, as (age in whole seconds,
+    amount): the fleet places each in its own second of Redis time (hosts' clocks differ)."""
+    second = math.floor(now)
+    return [(second - s, amount) for s, amount in deposits.items() if second - s < WINDOW]
 
 
 class LocalBudget:
@@ -64,8 +82,16 @@ class LocalBudget:
         self._tokens = float(floor)  # the floor's bucket starts with one second's worth
         self._tokens_at = now
 
-    def observe(self, first_attempts: int, now: float, *, reset: bool = False) -> int:
-        """Take the running count of first attempts; returns how many are new.
+    def observe(
+        self,
+        first_attempts: int,
+        now: float,
+        *,
+        reset: bool = False,
+        into: dict[int, float] | None = None,
+    ) -> int:
+        """Take the running count of first attempts; returns how many are new (``into``: the
+        deposits made, by second, are added there too).
 
         The count (attempts - retries) dips by one while a retry has been counted and its
         attempt has not ended yet, and comes back when it has: a dip is not a reset, so the
@@ -76,18 +102,17 @@ class LocalBudget:
             self._seen, self._seen_at = first_attempts, now
             return 0
         delta = first_attempts - self._seen
+        if delta == 0:
+            self._seen_at = now  # nothing new since the last look: a later count starts here
         if delta <= 0:
             return 0  # nothing new, or retries still in flight
         self._seen = first_attempts
         span = now - self._seen_at
         self._seen_at = now
-        second = math.floor(now)
-        if span <= 1.0:
-            self._deposits[second] = self._deposits.get(second, 0.0) + delta
-        else:
-            rate = delta / span
-            for s in range(second - min(WINDOW, math.ceil(span)) + 1, second + 1):
-                self._deposits[s] = self._deposits.get(s, 0.0) + rate
+        for s, amount in spread(delta, now - span, now).items():
+            self._deposits[s] = self._deposits.get(s, 0.0) + amount
+            if into is not None:
+                into[s] = into.get(s, 0.0) + amount
         return delta
 
     def totals(self, now: float) -> tuple[float, int]:
@@ -143,7 +168,10 @@ class RetryBudget:
         self._counters = stats_for(service)
         first_attempts = self._counters.attempts - self._counters.retries
         self._local = LocalBudget(ratio, config.retry_budget_floor, clock(), first_attempts)
-        self._pending = 0  # first attempts not yet added to the fleet's count
+        #: first attempts not yet added to the fleet's count, by second of this budget's clock:
+        #: only those still within the window are sent (those of a long Redis outage, or of a
+        #: long time before the budget was shared, are not recent any more)
+        self._pending: dict[int, float] = {}
         self.granted = 0
         self.exhausted = 0
         self._lines = LineLimit(EXHAUSTED_LOG_PERIOD, clock)  # the "exhausted" line's rate
@@ -176,25 +204,41 @@ class RetryBudget:
 
     # -- the first attempts ------------------------------------------------------------------
     def _observe(self, now: float) -> int:
-        """New first attempts since the last look (callers hold the lock). Every attempt is
-        counted, retries too, and every retry is counted before its attempt: the difference is
-        the units started (their first attempts)."""
+        """New first attempts since the last look (callers hold the lock), also added to those
+        pending for the fleet. Every attempt is counted, retries too, and every retry is counted
+        before its attempt: the difference is the units started (their first attempts)."""
         snap = stats_for(self.service)
         reset = snap is not self._counters  # reset_state() made new counters
         self._counters = snap
-        return self._local.observe(snap.attempts - snap.retries, now, reset=reset)
+        pending = self._pending
+        new = self._local.observe(snap.attempts - snap.retries, now, reset=reset, into=pending)
+        oldest = math.floor(now) - WINDOW
+        for s in [s for s in pending if s <= oldest]:
+            del pending[s]
+        return new
 
-    def take_pending(self) -> int:
-        """First attempts seen since the last call (for the fleet's count); observes first."""
+    def observe(self) -> None:
+        """Look at the first attempts now (while Redis is down: each lands in its own second,
+        and those older than the window are not sent when it is back)."""
         with self._lock:
-            self._pending += self._observe(self._clock())
-            pending, self._pending = self._pending, 0
+            self._observe(self._clock())
+
+    def take_pending(self) -> list[tuple[int, float]]:
+        """First attempts seen since the last call and still within the window, as (age in
+        seconds, amount) (for the fleet's count); observes first."""
+        with self._lock:
+            now = self._clock()
+            self._observe(now)
+            pending = recent(self._pending, now)
+            self._pending = {}
             return pending
 
-    def give_back(self, pending: int) -> None:
-        """The fleet did not take ``pending`` first attempts (Redis unreachable): keep them."""
+    def give_back(self, pending: list[tuple[int, float]]) -> None:
+        """The fleet did not take ``pending`` (Redis unreachable): keep them, in their seconds."""
         with self._lock:
-            self._pending += pending
+            second = math.floor(self._clock())
+            for age, amount in pending:
+                self._pending[second - age] = self._pending.get(second - age, 0.0) + amount
 
     def fleet_figures(self, figures: dict[str, Any]) -> None:
         """The fleet's totals as Redis last reported them (for ``health()``)."""
@@ -217,7 +261,7 @@ class RetryBudget:
             self.give_back(pending)  # Redis is unreachable: this process decides alone
         with self._lock:
             now = self._clock()
-            self._pending += self._observe(now)
+            self._observe(now)
             if self._local.try_withdraw(now) is not None:
                 self.granted += 1
                 return True
@@ -261,7 +305,7 @@ class RetryBudget:
         """The ``budget`` entry of ``health()``."""
         with self._lock:
             now = self._clock()
-            self._pending += self._observe(now)
+            self._observe(now)
             deposits, spent = self._local.totals(now)
             info: dict[str, Any] = {
                 "ratio": self.config.retry_budget,

@@ -257,17 +257,22 @@ return {want, tostring(reset), gstr(gen), opens}
 """
 )
 
-# KEYS: budget hash. ARGV: new first attempts, ratio, floor (retries/s), window (s),
-# 1 = spend one retry / 0 = only count.
+# KEYS: budget hash. ARGV: ratio, floor (retries/s), window (s), 1 = spend one retry / 0 = only
+# count, then new first attempts as pairs (age in whole seconds, amount): each is added to its
+# own second of Redis time, those past the window not at all.
 # -> {paid by ('ratio' | 'floor' | ''), first attempts in window, retries in window, floor tokens}
 _BUDGET = (
     _COMMON
     + """
 local now = now_s()
 local sec = math.floor(now)
-local window = tonumber(ARGV[4])
-local pending = tonumber(ARGV[1])
-if pending > 0 then redis.call('HINCRBY', KEYS[1], 'd' .. sec, pending) end
+local window = tonumber(ARGV[3])
+for i = 5, #ARGV - 1, 2 do
+  local age, amount = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
+  if age >= 0 and age < window and amount > 0 then
+    redis.call('HINCRBYFLOAT', KEYS[1], 'd' .. (sec - age), ARGV[i + 1])
+  end
+end
 local all = redis.call('HGETALL', KEYS[1])
 local deposits, spent, tokens, ts = 0, 0, nil, nil
 for i = 1, #all, 2 do
@@ -282,12 +287,12 @@ for i = 1, #all, 2 do
     else spent = spent + tonumber(v) end
   end
 end
-local floor = tonumber(ARGV[3])
+local floor = tonumber(ARGV[2])
 if tokens == nil or ts == nil then tokens, ts = floor, now end
 tokens = math.min(floor, tokens + math.max(0, now - ts) * floor)
 local paid = ''
-if ARGV[5] == '1' then
-  if tonumber(ARGV[2]) * deposits - spent >= 1 then
+if ARGV[4] == '1' then
+  if tonumber(ARGV[1]) * deposits - spent >= 1 then
     redis.call('HINCRBY', KEYS[1], 'w' .. sec, 1)
     spent = spent + 1
     paid = 'ratio'
@@ -298,7 +303,7 @@ if ARGV[5] == '1' then
 end
 redis.call('HSET', KEYS[1], 'ft', tostring(tokens), 'fts', tostring(now))
 redis.call('PEXPIRE', KEYS[1], (window + 60) * 1000)
-return {paid, deposits, spent, tostring(tokens)}
+return {paid, tostring(deposits), spent, tostring(tokens)}
 """
 )
 
@@ -525,7 +530,7 @@ class FleetLink:
             self.mark_down(exc)
             raise FleetDown(self.masked_url) from exc
 
-    def budget_withdraw(self, budget: Any, pending: int) -> str | None:
+    def budget_withdraw(self, budget: Any, pending: list[tuple[int, float]]) -> str | None:
         """Spend one retry of ``budget`` fleet-wide, adding its ``pending`` first attempts.
         ``"ratio"``/``"floor"``: granted; ``""``: spent; None: Redis did not answer."""
         try:
@@ -534,21 +539,22 @@ class FleetLink:
             return None
         return _s(answer[0])
 
-    def _budget_call(self, budget: Any, pending: int, *, spend: bool) -> Any:
+    def _budget_call(self, budget: Any, pending: list[tuple[int, float]], *, spend: bool) -> Any:
         _, _, key = _keys(budget.service)
         cfg = budget.config
         from ._budget import WINDOW  # noqa: PLC0415 - the budget module imports this one
 
+        deposit_args = [x for age, amount in pending for x in (age, amount)]
         answer = self._call(
             "budget",
             [key],
-            [pending, cfg.retry_budget or 0.0, cfg.retry_budget_floor, WINDOW, 1 if spend else 0],
+            [cfg.retry_budget or 0.0, cfg.retry_budget_floor, WINDOW, int(spend), *deposit_args],
         )
         ratio = cfg.retry_budget or 0.0
-        deposits, spent, tokens = int(answer[1]), int(answer[2]), float(answer[3])
+        deposits, spent, tokens = float(answer[1]), int(answer[2]), float(answer[3])
         budget.fleet_figures(
             {
-                "first_attempts": deposits,
+                "first_attempts": round(deposits),
                 "retries": spent,
                 "floor_tokens": round(tokens, 1),
                 "available": round(max(0.0, ratio * deposits - spent) + tokens, 1),
@@ -635,6 +641,8 @@ class FleetLink:
                         pubsub.close()
                     pubsub = None
                 stop.wait(RECONNECT_INTERVAL)
+                with contextlib.suppress(Exception):
+                    self._observe_budgets()
         if pubsub is not None:
             with contextlib.suppress(Exception):
                 pubsub.close()
@@ -659,16 +667,25 @@ class FleetLink:
         if breaker is not None:
             breaker.fleet_update(*update, mine=mine)
 
+    def _observe_budgets(self) -> None:
+        """Redis is down: look at the budgets' first attempts once a second all the same, so
+        each lands in its own second (those older than the window are not sent on rejoining)."""
+        with self._lock:
+            budgets = list(self.budgets.values())
+        for budget in budgets:
+            budget.observe()
+
     def _flush_budgets(self) -> None:
         """Add the first attempts seen since the last flush to the fleet's budgets (one script
-        per budget with new ones; none when there are none)."""
+        per budget with new ones still within the window; none when there are none)."""
         if not self.up:
+            self._observe_budgets()
             return
         with self._lock:
             budgets = list(self.budgets.values())
         for budget in budgets:
             pending = budget.take_pending()
-            if pending <= 0:
+            if not pending:
                 continue
             try:
                 self._budget_call(budget, pending, spend=False)

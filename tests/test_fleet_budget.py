@@ -1,0 +1,96 @@
+"""The retry budget shared through a real Redis counts only recent first attempts: those made
+while Redis was down, or before the budget was shared, are not recent once they are older than
+the window (the window is shortened here so the tests run in seconds)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+import resilient_db as rdb
+from resilient_db import _budget
+from resilient_db._budget import RetryBudget
+from resilient_db._observability import stats_for
+from resilient_db.testing import RedisServer
+
+WINDOW = 2  # seconds a first attempt counts as recent, in these tests
+
+
+@pytest.fixture
+def short_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_budget, "WINDOW", WINDOW)
+
+
+@pytest.fixture
+def engine(pg_url: str) -> Iterator[sa.Engine]:
+    e = sa.create_engine(pg_url)
+    yield e
+    e.dispose()
+
+
+def _wait(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def _budget_entry(service: str) -> dict[str, Any]:
+    entry: dict[str, Any] = rdb.health()["services"][service]["budget"]
+    return entry
+
+
+def _fleet_deposits(redis: RedisServer, service: str) -> float:
+    fields = redis.client().hgetall(f"resilient_db:{{{service}}}:budget")
+    return sum(float(v) for k, v in fields.items() if k.startswith(b"d"))
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("short_window")
+def test_first_attempts_made_while_redis_was_down_do_not_inflate_the_fleet_budget(
+    redis_server: RedisServer, engine: sa.Engine
+) -> None:
+    config = rdb.Config(
+        redis_url=redis_server.url,
+        retry_budget=0.1,
+        retry_budget_floor=0,
+        circuit_breaker=False,
+    )
+    Session = rdb.ResilientSession(engine, service="inflate", config=config)
+    budget = _budget.budgets()["inflate"]
+    _wait(lambda: _budget_entry("inflate")["scope"] == "fleet", "the budget to be shared")
+    redis_server.kill()
+    _wait(lambda: _budget_entry("inflate")["scope"] == "process", "the link to be down")
+    for _ in range(200):  # ordinary traffic during the outage
+        Session.run(lambda s: s.execute(sa.text("SELECT 1")))
+    time.sleep(WINDOW + 2)  # those units are no longer recent (a condition, not a backoff)
+    redis_server.start()
+    _wait(lambda: _budget_entry("inflate")["scope"] == "fleet", "the budget to be shared again")
+    time.sleep(1.2)  # one flush of the background thread (it runs on rejoining)
+    assert budget.try_withdraw() is False  # the fleet counts no recent first attempt
+    assert _fleet_deposits(redis_server, "inflate") < 5
+    assert _budget_entry("inflate")["fleet"]["first_attempts"] < 5
+
+
+@pytest.mark.usefixtures("short_window")
+def test_first_attempts_older_than_the_window_are_not_sent_to_the_fleet() -> None:
+    """A budget that ran on its own for long (then ``reload_config`` shares it): only its
+    first attempts of the window go to the fleet, each in its own second."""
+    now = [1000.0]
+    stats = stats_for("pending")
+    budget = RetryBudget("pending", rdb.Config(retry_budget=0.1), clock=lambda: now[0])
+    for _ in range(100):
+        stats.add_attempt()
+    now[0] = 1000.5
+    budget.describe()  # an observation: the 100 first attempts of second 1000
+    now[0] = 1000.0 + WINDOW + 1
+    budget.describe()  # another: nothing new
+    now[0] += 0.5
+    for _ in range(7):
+        stats.add_attempt()
+    assert budget.take_pending() == [(0, 7.0)]
+    assert budget.take_pending() == []
