@@ -160,6 +160,10 @@ class Breaker:
         self._fleet_failures = 0  # failures this process counted in the fleet's current run
         self._fleet_opens = 0  # openings of the shared breaker, fleet-wide
         self._opened_here = 0  # openings this process's failures caused
+        self._probe_gen = 0  # the generation of the half-open state the last probe came in
+        #: probes whose end Redis did not hear (it did not answer): (gen, success), reported
+        #: when it answers again, before the shared state is read back
+        self._unreported: list[tuple[int, bool]] = []
         self._attach(config)
 
     # -- configuration ---------------------------------------------------------------------
@@ -320,6 +324,9 @@ class Breaker:
             with contextlib.suppress(FleetDown):
                 self._fleet_failure(fleet, age)
                 return
+        if probe and fleet is not None:
+            # Redis did not hear it: its probe slot is released when Redis answers again
+            self._remember_probe(self._probe_gen, False)
         with self._lock:
             if probe:
                 self._probes = max(0, self._probes - 1)
@@ -341,18 +348,51 @@ class Breaker:
 
     def _fleet_probe_done(self, *, success: bool) -> bool:
         """A half-open probe ended (``success``, or neither way): tell the fleet. False when
-        the breaker is not shared or Redis did not answer (the local state decides)."""
+        the breaker is not shared or Redis did not answer (the local state decides; the
+        outcome is reported when Redis answers again, see :meth:`report_probes`)."""
         fleet = self._fleet
-        if fleet is None or not fleet.up:
+        if fleet is None:
             return False
-        try:
-            answer = fleet.breaker_probe_done(
-                self.service, self.config.half_open_probes, success=success
-            )
-        except FleetDown:
-            return False
-        self.fleet_update(*answer, answer=True)
-        return True
+        gen = self._probe_gen
+        if fleet.up:
+            try:
+                answer = fleet.breaker_probe_done(
+                    self.service, self.config.half_open_probes, success=success, gen=gen
+                )
+            except FleetDown:
+                pass
+            else:
+                self.fleet_update(*answer, answer=True)
+                return True
+        self._remember_probe(gen, success)
+        return False
+
+    def _remember_probe(self, gen: int, success: bool) -> None:
+        with self._lock:
+            self._unreported.append((gen, success))
+            del self._unreported[: -max(1, self.config.half_open_probes)]  # bounded
+
+    def report_probes(self, fleet: Any) -> None:
+        """Redis answers again: report the probes whose end it missed (a probe that succeeded
+        while it blipped closes the fleet's breaker, instead of holding a probe slot until
+        its lease runs out), each counted only in the half-open state it came in. Called by
+        the link's background thread before it reads the shared state back; raises what the
+        store raises (the rest stays for the next time)."""
+        with self._lock:
+            pending, self._unreported = self._unreported, []
+        for i, (gen, success) in enumerate(pending):
+            try:
+                fleet.breaker_probe_done(
+                    self.service,
+                    self.config.half_open_probes,
+                    success=success,
+                    gen=gen,
+                    background=True,
+                )
+            except BaseException:
+                with self._lock:
+                    self._unreported[:0] = pending[i:]
+                raise
 
     # -- manual control --------------------------------------------------------------------
     def open(self) -> None:
@@ -425,6 +465,7 @@ class Breaker:
         )
         if decision == "probe":
             self.fleet_update(HALF_OPEN, 0.0, gen, opens, answer=True)
+            self._probe_gen = gen
             return True
         if decision == CLOSED:
             self.fleet_update(CLOSED, 0.0, gen, opens, answer=True)

@@ -206,7 +206,9 @@ return {'full', '0', gstr(gen), opens}
 )
 
 # KEYS: breaker hash, failure counter. ARGV: channel, service, probes needed to close,
-# 1 = the probe succeeded / 0 = it ended neither way (its slot is released).
+# 1 = the probe succeeded / 0 = it ended neither way (its slot is released), the generation of
+# the half-open state the probe was let through in ('': the current one; a probe reported late,
+# after a Redis blip, counts only in its own half-open state).
 # -> {state, remaining, gen, opens}
 _PROBE_DONE = (
     _COMMON
@@ -214,6 +216,7 @@ _PROBE_DONE = (
 local now, h, st, gen, opens = read_breaker('probes', 'ok')
 if st == 'open' then return {'open', remaining(h, now), gstr(gen), opens} end
 if st ~= 'half-open' then return {st, '0', gstr(gen), opens} end
+if ARGV[6] ~= '' and ARGV[6] ~= gstr(gen) then return {st, '0', gstr(gen), opens} end
 local probes = math.max(0, (tonumber(h[5]) or 0) - 1)
 if ARGV[5] == '1' then
   local ok = (tonumber(h[6]) or 0) + 1
@@ -491,13 +494,29 @@ class FleetLink:
         return _s(decision), float(rem), int(gen), int(opens)
 
     def breaker_probe_done(
-        self, service: str, needed: int, *, success: bool
+        self,
+        service: str,
+        needed: int,
+        *,
+        success: bool,
+        gen: int | None = None,
+        background: bool = False,
     ) -> tuple[str, float, int, int]:
+        """A half-open probe ended (``gen``: of the half-open state it was let through in, for
+        a probe reported late; None: the current one)."""
         cb, fails, _ = _keys(service)
         st, rem, gen, opens = self._call(
             "probe_done",
             [cb, fails],
-            [self.channel, service, self.token, needed, 1 if success else 0],
+            [
+                self.channel,
+                service,
+                self.token,
+                needed,
+                1 if success else 0,
+                "" if gen is None else str(gen),
+            ],
+            background=background,
         )
         return _s(st), float(rem), int(gen), int(opens)
 
@@ -648,10 +667,12 @@ class FleetLink:
                 pubsub.close()
 
     def _resync(self) -> None:
-        """Read every attached breaker's shared state (on connecting: messages may be lost)."""
+        """Report the probe outcomes Redis missed, then read every attached breaker's shared
+        state (on connecting: messages may be lost)."""
         with self._lock:
             breakers = list(self.breakers.items())
         for service, breaker in breakers:
+            breaker.report_probes(self)
             breaker.fleet_sync(self.breaker_read(service, background=True))
 
     def _on_message(self, message: Any) -> None:
