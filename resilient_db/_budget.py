@@ -47,14 +47,19 @@ EXHAUSTED_LOG_PERIOD = 10.0
 
 
 def spread(delta: int, start: float, end: float) -> dict[int, float]:
-    """``delta`` first attempts made between ``start`` and ``end``, by second (those of seconds
-    past the window left out)."""
+    """``delta`` first attempts made evenly between ``start`` and ``end``, by second: each
+    second gets its share of the span (a second the span covers in part, a part), so they add
+    up to ``delta``; those of seconds past the window are left out."""
     second = math.floor(end)
     span = end - start
     if span <= 1.0:
         return {second: float(delta)}
     rate = delta / span
-    return dict.fromkeys(range(second - min(WINDOW, math.ceil(span)) + 1, second + 1), rate)
+    lo = max(start, float(second - WINDOW + 1))
+    shares = {s: rate * (min(end, s + 1) - max(lo, s)) for s in range(math.floor(lo), second)}
+    # the last second takes what is left when nothing was left out: the total is exact
+    shares[second] = delta - sum(shares.values()) if lo == start else rate * (end - second)
+    return {s: share for s, share in shares.items() if share > 0}
 
 
 def recent(deposits: dict[int, float], now: float) -> list[tuple[int, float]]:

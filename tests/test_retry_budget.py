@@ -59,6 +59,25 @@ def test_a_long_quiet_spell_does_not_count_as_recent() -> None:
     assert paid[-1] is None
 
 
+@pytest.mark.parametrize("start", [1000.0, 1000.3, 12345.678])
+@pytest.mark.parametrize("span", [1.01, 1.5, 2.2, 3.3, 7.77, 9.0])
+def test_first_attempts_seen_after_a_gap_are_counted_once(start: float, span: float) -> None:
+    """A count seen after a gap of more than a second is spread over the seconds of the gap,
+    each its share: the shares add up to the count (not up to twice it)."""
+    budget = LocalBudget(ratio=0.1, floor=0, now=start)
+    budget.observe(100, now=start + span)
+    assert budget.totals(start + span)[0] == pytest.approx(100)
+
+
+def test_a_count_seen_just_over_a_second_later_is_counted_once() -> None:
+    budget = LocalBudget(ratio=0.1, floor=0, now=1000.0)
+    budget.observe(100, now=1001.01)
+    assert budget.totals(1001.01)[0] == 100
+    paid = [budget.try_withdraw(1001.01) for _ in range(11)]
+    assert paid.count("ratio") == 10  # 0.1 x 100, not 0.1 x 198
+    assert paid[-1] is None
+
+
 def test_counters_started_again_start_over() -> None:
     budget = LocalBudget(ratio=1.0, floor=0, now=0.0, first_attempts=100)
     assert budget.observe(3, 0.1, reset=True) == 0  # reset_state made new counters
