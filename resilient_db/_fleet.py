@@ -27,10 +27,14 @@ off): the first failed command marks the link down, the breakers and budgets con
 process's own state (kept in step with the fleet's while the link was up, so the fallback starts
 from what the fleet knew), one ``[SELF-HEAL]`` warning naming the Redis (its password masked) is
 logged per :data:`DOWN_LOG_PERIOD`, and the background thread tries again once a second (one
-connection attempt, or one PING while the subscription survived). Once Redis answers, the
-process reads the shared state again and follows it (a flushed or restarted Redis starts
-closed). A Redis that was flushed while up looks like a closed breaker and an empty budget: the
-views follow at the next failure-path answer.
+connection attempt, or one small writing script while the subscription survived). Once Redis
+answers and takes that write, the process reports what Redis missed (half-open probes that
+ended meanwhile), reads the shared state again and follows it (a flushed or restarted Redis
+starts closed), and logs "restored" if it logged this down period's warning. A Redis that
+answers but refuses writes (a read-only replica after a failover, out of memory, an ACL
+without the rights) stays down: its scripts would fail at once. A Redis that was flushed
+while up looks like a closed breaker and an empty budget: the views follow at the next
+failure-path answer.
 
 Async units call the same synchronous scripts: they run only on the failure path (after a
 database error, before a backoff of tens of milliseconds at least), a local Redis answers in well
@@ -83,7 +87,8 @@ PREFIX = "resilient_db"
 CHANNEL = PREFIX + ":breakers:{db}"
 #: at most one "Redis unavailable" warning per link in this many seconds
 DOWN_LOG_PERIOD = 60.0
-#: seconds between attempts to reach a Redis that is down (one connection attempt or PING each)
+#: seconds between attempts to reach a Redis that is down (one connection attempt or one
+#: writing script each)
 RECONNECT_INTERVAL = 1.0
 #: seconds between flushes of new first attempts to the fleet's budget (only when there are some)
 FLUSH_INTERVAL = 1.0
@@ -310,7 +315,15 @@ return {paid, tostring(deposits), spent, tostring(tokens)}
 """
 )
 
+# KEYS: a key of ours. ARGV: this link's token. A write, so that a Redis refusing writes
+# (READONLY, OOM, NOPERM) is not taken for one that answers.
+_ALIVE = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', 10000)
+return 1
+"""
+
 _SCRIPTS = {
+    "alive": _ALIVE,
     "failure": _FAILURE,
     "admit": _ADMIT,
     "probe_done": _PROBE_DONE,
@@ -375,6 +388,8 @@ class FleetLink:
         self._restart_lock = threading.RLock()
         self._down_logged_at = -math.inf
         self._down_since: float | None = None
+        self._down_at = -math.inf  # the last time a command failed
+        self._down_warned = False  # this down period's warning was logged
 
     def _start(self) -> None:
         """Build the client (the configured timeout on every socket) and start the thread; a
@@ -588,11 +603,13 @@ class FleetLink:
             self.up = False
             self.problem = problem
             now = self._clock()
+            self._down_at = now
             if self._down_since is None:
                 self._down_since = now
             if now - self._down_logged_at < DOWN_LOG_PERIOD:
                 return
             self._down_logged_at = now
+            self._down_warned = True
         emit(
             self.config,
             log_breaker,
@@ -608,7 +625,8 @@ class FleetLink:
 
     def _mark_up(self) -> None:
         with self._lock:
-            was_down = self._down_since is not None and self._down_logged_at > -math.inf
+            # "restored" answers this down period's "unavailable" line, only when it was logged
+            was_down, self._down_warned = self._down_warned, False
             self._down_since = None
             self.up = True
             self.problem = None
@@ -635,14 +653,11 @@ class FleetLink:
                     pubsub = self._client.pubsub(ignore_subscribe_messages=True)
                     self.commands += 1
                     pubsub.subscribe(self.channel)
-                    self._resync()
-                    self._mark_up()
-                elif not self.up:
-                    # a failure-path command failed while the subscription lived: Redis slow
-                    self.commands += 1
-                    self._client.ping()
-                    self._resync()
-                    self._mark_up()
+                    self._rejoin()
+                elif not self.up and self._clock() >= self._down_at + RECONNECT_INTERVAL:
+                    # a failure-path command failed while the subscription lived (Redis slow,
+                    # or refusing writes): at most one attempt per RECONNECT_INTERVAL
+                    self._rejoin()
                 message = pubsub.get_message(timeout=_TICK)
                 while message is not None and not stop.is_set():
                     self._on_message(message)
@@ -665,6 +680,16 @@ class FleetLink:
         if pubsub is not None:
             with contextlib.suppress(Exception):
                 pubsub.close()
+
+    def _rejoin(self) -> None:
+        """Redis answers (a new subscription, or a command): check that it takes writes, report
+        and read the shared state, then share again. A Redis that answers but refuses writes
+        (a read-only replica after a failover, out of memory, an ACL without the rights)
+        raises here and stays down: its failure-path scripts would fail at once."""
+        self.commands += 1
+        self._scripts["alive"](keys=[f"{PREFIX}:alive"], args=[self.token])
+        self._resync()
+        self._mark_up()
 
     def _resync(self) -> None:
         """Report the probe outcomes Redis missed, then read every attached breaker's shared

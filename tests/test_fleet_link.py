@@ -1,0 +1,74 @@
+"""A Redis that answers but refuses writes (a read-only replica: what an old master becomes
+after a Sentinel failover while the clients still point at it) is down for the shared state
+until it takes a write again: the link does not flap between down and restored, and logs one
+warning, then one "restored" when it takes writes again."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from fleet import Gate
+
+import resilient_db as rdb
+from resilient_db.testing import RedisServer
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def gate(pg_url: str) -> Iterator[Gate]:
+    g = Gate(pg_url)
+    yield g
+    g.close()
+
+
+def _wait(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def _shared(service: str) -> dict[str, Any]:
+    shared: dict[str, Any] = rdb.health()["services"][service]["breaker"]["shared"]
+    return shared
+
+
+def _lines(caplog: pytest.LogCaptureFixture, text: str) -> int:
+    return sum(text in r.getMessage() for r in caplog.records)
+
+
+def test_a_redis_refusing_writes_stays_down_without_flapping_then_rejoins(
+    redis_server: RedisServer, pg_url: str, gate: Gate, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    engine = sa.create_engine(pg_url)
+    config = rdb.Config(
+        redis_url=redis_server.url, retry=False, failure_threshold=1000, reset_timeout=5.0
+    )
+    Factory = rdb.ResilientSession(engine, service="replica", config=config)
+    _wait(lambda: _shared("replica")["connected"], "the link")
+    with RedisServer() as master:
+        redis_server.client().execute_command("REPLICAOF", "127.0.0.1", str(master.port))
+        gate.set(down=True)
+        failed = 0
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:  # failing units: each would use the shared breaker
+            with pytest.raises(sa.exc.OperationalError):
+                Factory.run(lambda s: s.execute(sa.text("SELECT rdb_gate()")))
+            failed += 1
+            time.sleep(0.02)
+        assert failed > 20
+        assert _shared("replica")["connected"] is False
+        assert _shared("replica")["problem"]  # says why
+        assert _lines(caplog, "Shared state unavailable") == 1
+        assert _lines(caplog, "Shared state restored") == 0
+        redis_server.client().execute_command("REPLICAOF", "NO", "ONE")
+    _wait(lambda: _shared("replica")["connected"], "the link, taking writes again")
+    assert _lines(caplog, "Shared state restored") == 1
+    engine.dispose()
