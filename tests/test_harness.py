@@ -1149,3 +1149,40 @@ def test_embedded_postgres_port_zero_picks_a_free_one() -> None:
         assert server.port > 0
         with psycopg.connect(server.conninfo(), connect_timeout=CONNECT_TIMEOUT) as conn:
             assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def _spares_on(server: PostgresServer) -> set[str]:
+    rows = server.execute("SELECT datname FROM pg_database WHERE datname LIKE 't\\_ahead\\_%'")
+    return {row[0] for row in rows}
+
+
+def test_databases_are_made_ahead_and_none_while_a_test_controls_the_server(
+    pg_server: PostgresServer,
+) -> None:
+    """``pg_database``'s spares: a test takes a database made while the previous one ran,
+    gives it back dropped, and no database is made while a test controls the server (paused)
+    until it resumes."""
+    from resilient_db.testing._databases import DatabaseSpares  # noqa: PLC0415
+
+    before = _spares_on(pg_server)
+    spares = DatabaseSpares(pg_server, label="ahead")
+    try:
+        first = spares.take("first test")
+        assert pg_server.database_exists(first)
+        wait_for(lambda: len(_spares_on(pg_server) - before - {first}) == 1, "a spare made")
+        (ahead,) = _spares_on(pg_server) - before - {first}
+        spares.give_back(first)
+        assert not pg_server.database_exists(first)
+
+        spares.pause()
+        assert spares.take("second test") == ahead  # the spare made ahead
+        for _ in range(20):  # paused: no new spare
+            time.sleep(0.01)
+            assert _spares_on(pg_server) - before == {ahead}
+        spares.resume()
+        wait_for(lambda: len(_spares_on(pg_server) - before - {ahead}) == 1, "a new spare made")
+        spares.give_back(ahead)
+    finally:
+        spares.close()
+    for name in _spares_on(pg_server) - before:
+        pg_server.drop_database(name)

@@ -55,14 +55,13 @@ start: every test starts with a running server.
 from __future__ import annotations
 
 import importlib.util
-import re
-import uuid
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 if TYPE_CHECKING:
+    from ._databases import DatabaseSpares
     from ._proxy import FaultProxy
     from ._redis import RedisServer
     from ._server import PostgresServer
@@ -88,6 +87,8 @@ _MARKER_LINE = (
     "(skipped when RESILIENT_DB_TEST_URL points at an external server)"
 )
 _SERVER_KEY = pytest.StashKey["PostgresServer"]()
+_SPARES_KEY = pytest.StashKey["DatabaseSpares"]()
+_PAUSED_KEY = pytest.StashKey["DatabaseSpares"]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -107,8 +108,14 @@ def _can_control(config: pytest.Config) -> bool:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    if item.get_closest_marker("server_control") is not None and not _can_control(item.config):
+    if item.get_closest_marker("server_control") is None:
+        return
+    if not _can_control(item.config):
         pytest.skip(SERVER_CONTROL_SKIP_REASON)
+    spares = item.config.stash.get(_SPARES_KEY, None)
+    if spares is not None:  # no CREATE or DROP DATABASE while the test stops the server
+        spares.pause()
+        item.stash[_PAUSED_KEY] = spares
 
 
 @pytest.hookimpl(trylast=True)
@@ -116,6 +123,10 @@ def pytest_runtest_teardown(item: pytest.Item) -> None:
     server = item.config.stash.get(_SERVER_KEY, None)
     if server is not None:
         server.ensure_running()
+    paused = item.stash.get(_PAUSED_KEY, None)
+    if paused is not None:
+        del item.stash[_PAUSED_KEY]
+        paused.resume()
 
 
 @pytest.fixture(scope="session")
@@ -135,22 +146,38 @@ def pg_server(request: pytest.FixtureRequest) -> Iterator[PostgresServer]:
         server.close()
         raise
     request.config.stash[_SERVER_KEY] = server
+    spares: DatabaseSpares | None = None
+    if server.can_control:  # a server of the harness's own: its databases go with it
+        from ._databases import DatabaseSpares  # noqa: PLC0415
+
+        spares = request.config.stash[_SPARES_KEY] = DatabaseSpares(server)
     try:
         yield server
     finally:
+        if spares is not None:
+            del request.config.stash[_SPARES_KEY]
+            spares.close()
         del request.config.stash[_SERVER_KEY]
         server.close()
 
 
-def _database_name(test_name: str) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "_", test_name.lower()).strip("_")[:40]
-    return f"t_{slug}_{uuid.uuid4().hex[:10]}"
-
-
 @pytest.fixture
 def pg_database(pg_server: PostgresServer, request: pytest.FixtureRequest) -> Iterator[str]:
-    """Name of a fresh database for this test, dropped afterwards."""
-    name = _database_name(request.node.name)
+    """Name of a fresh database for this test, dropped afterwards (on a server of the
+    harness's own, made ahead and dropped behind in a background thread: see
+    :class:`~resilient_db.testing._databases.DatabaseSpares`)."""
+    spares = request.config.stash.get(_SPARES_KEY, None)
+    if spares is not None:
+        name = spares.take(request.node.name)
+        try:
+            yield name
+        finally:
+            pg_server.ensure_running()  # a test may have stopped or crashed it
+            spares.give_back(name)
+        return
+    from ._databases import database_name  # noqa: PLC0415
+
+    name = database_name(request.node.name)
     pg_server.ensure_running()
     pg_server.create_database(name)
     try:
