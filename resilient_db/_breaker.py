@@ -424,15 +424,18 @@ class Breaker:
 
     def describe(self) -> dict[str, Any]:
         state = self.state
+        fleet = self._fleet
         info: dict[str, Any] = {
             "state": state,
-            "failures": self._storage.counter,
+            # shared: the fleet's count (as Redis last answered this process); else this one's
+            "failures": self._fleet_failures
+            if fleet is not None and fleet.up
+            else self._storage.counter,
             "failure_threshold": self.config.failure_threshold,
             "reset_timeout": self.config.reset_timeout,
         }
         if state == OPEN:
             info["retry_after"] = round(self._remaining_open(), 3)
-        fleet = self._fleet
         if fleet is not None:
             info["shared"] = {
                 "redis": fleet.masked_url,

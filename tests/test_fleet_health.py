@@ -1,0 +1,62 @@
+"""What ``health()`` says of a breaker shared through a real Redis: the fleet's failure
+count."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from fleet import Gate
+
+import resilient_db as rdb
+from resilient_db.testing import RedisServer
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def engine(pg_url: str) -> Iterator[sa.Engine]:
+    e = sa.create_engine(pg_url)
+    yield e
+    e.dispose()
+
+
+@pytest.fixture
+def gate(pg_url: str) -> Iterator[Gate]:
+    g = Gate(pg_url)
+    yield g
+    g.close()
+
+
+def _wait(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def _entry(service: str, part: str) -> dict[str, Any]:
+    entry: dict[str, Any] = rdb.health()["services"][service][part]
+    return entry
+
+
+def test_health_shows_the_fleet_failure_count_of_a_shared_breaker(
+    redis_server: RedisServer, engine: sa.Engine, gate: Gate
+) -> None:
+    config = rdb.Config(redis_url=redis_server.url, retry=False, failure_threshold=3)
+    Factory = rdb.ResilientSession(engine, service="counted", config=config)
+    _wait(lambda: _entry("counted", "breaker")["shared"]["connected"], "the link")
+    gate.set(down=True)
+    for _ in range(2):
+        with pytest.raises(sa.exc.OperationalError):
+            Factory.run(lambda s: s.execute(sa.text("SELECT rdb_gate()")))
+    assert redis_server.client().get("resilient_db:{counted}:failures") == b"2"
+    breaker = _entry("counted", "breaker")
+    assert breaker["state"] == "closed"
+    assert breaker["failures"] == 2
+    gate.set(down=False)
+    Factory.run(lambda s: s.execute(sa.text("SELECT rdb_gate()")))
+    assert _entry("counted", "breaker")["failures"] == 0
