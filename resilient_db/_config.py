@@ -13,8 +13,9 @@ import functools
 import math
 import os
 import re
+import threading
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -260,12 +261,16 @@ class Config:
             if name not in problems and isinstance(value, (int, float)) and value > bound:
                 unit = " s" if name in _SECONDS else ""
                 problems[name] = f"too large: {value!r}; at most {bound:g}{unit}"
-        if not problems:
-            problems.update(_contradictions(vars_of(self), str))
+        for name, why in _contradictions(vars_of(self), str).items():
+            problems.setdefault(name, why)
         if self.failure_threshold == 0:
             problems["failure_threshold"] = "must be at least 1"
         if self.half_open_probes == 0:
             problems["half_open_probes"] = "must be at least 1"
+        for name in ("log_level", "bulk_update"):  # any case, as from the environment
+            value = getattr(self, name)
+            if isinstance(value, str) and value != value.lower():
+                object.__setattr__(self, name, value.lower())
         if self.log_level not in LOG_LEVELS:
             levels = ", ".join(LOG_LEVELS)
             problems["log_level"] = f"must be one of {levels}, got {self.log_level!r}"
@@ -380,19 +385,41 @@ def _shown(raw: str) -> str:
     return f"{raw[:_SHOWN]!r}... ({len(raw)} characters)"
 
 
-def _contradictions(values: Mapping[str, Any], label: Callable[[str], str]) -> dict[str, str]:
-    """Settings that are each fine but together make no sense. ``values`` holds every field;
-    ``label`` names a field in the messages (the field itself, or its variable)."""
+def _contradictions(
+    values: Mapping[str, Any],
+    label: Callable[[str], str],
+    given: Container[str] | None = None,
+) -> dict[str, str]:
+    """Settings that are each fine but together make no sense. ``values`` holds every field
+    (a value that is not a number is left to its own problem); ``label`` names a field in the
+    messages (the field itself, or its variable); ``given``: the fields the user set (default:
+    all), one of which each problem is named by."""
+
+    def named(first: str, other: str) -> str:
+        return other if given is not None and first not in given and other in given else first
+
+    def number(name: str) -> float | None:
+        value = values[name]
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return float(value) if ok and math.isfinite(value) else None
+
     problems: dict[str, str] = {}
-    if values["initial_delay"] > values["max_delay"]:
-        problems[label("initial_delay")] = (
-            f"{values['initial_delay']} s is more than {label('max_delay')} "
-            f"({values['max_delay']} s): the first backoff would already exceed the cap"
+    initial, cap = number("initial_delay"), number("max_delay")
+    if initial is not None and cap is not None and initial > cap:
+        problems[label(named("initial_delay", "max_delay"))] = (
+            f"{label('initial_delay')} ({initial:g} s) is more than {label('max_delay')} "
+            f"({cap:g} s): the first backoff would already exceed the cap"
         )
-    if values["deadline"] == 0 and values["retry"] and values["max_retries"] > 0:
-        problems[label("deadline")] = (
-            f"0 leaves no time to retry while {label('retry')} is on with "
-            f"{label('max_retries')}={values['max_retries']}; give a deadline or switch retry off"
+    retries = values["max_retries"]
+    if (
+        number("deadline") == 0
+        and values["retry"] is True
+        and isinstance(retries, int)
+        and retries > 0
+    ):
+        problems[label(named("deadline", "max_retries"))] = (
+            f"{label('deadline')} 0 leaves no time to retry while {label('retry')} is on with "
+            f"{label('max_retries')}={retries}; give a deadline or switch retry off"
         )
     return problems
 
@@ -503,13 +530,24 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
     values: dict[str, Any] = {}
     problems: dict[str, str] = {}
     for name, raw in env.items():
-        if not name.startswith(PREFIX):
+        if not isinstance(name, str):
+            problems[repr(name)] = f"an environment's names are strings, got {type(name).__name__}"
+            continue
+        if not name.upper().startswith(PREFIX):
             continue
         spec = _BY_ENV.get(name)
         if spec is None:
-            close = difflib.get_close_matches(name, list(_BY_ENV), n=1)
+            if name.upper() in _BY_ENV:  # the name in other letters: set it as written here
+                problems[name] = f"unknown setting; names are upper case: {name.upper()}"
+                continue
+            close = difflib.get_close_matches(name.upper(), list(_BY_ENV), n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
             problems[name] = f"unknown setting{hint}"
+            continue
+        if not isinstance(raw, str):
+            problems[name] = (
+                f"{raw!r} is invalid: environment values are strings, got {type(raw).__name__}"
+            )
             continue
         if spec.kind == "url":  # it may carry a password: only its masked form is shown
             why = redis_url_problem(raw.strip(), unset="unset the variable")
@@ -522,9 +560,11 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
             values[spec.field] = _parse(spec, raw)
         except ValueError as exc:
             problems[name] = f"{_shown(raw)} is invalid: {exc}"
-    if not problems:
-        defaults = {f.name: f.default for f in dataclasses.fields(Config)}
-        problems.update(_contradictions({**defaults, **values}, _ENV_OF.__getitem__))
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    for name, why in _contradictions(
+        {**defaults, **values}, _ENV_OF.__getitem__, given=values
+    ).items():
+        problems.setdefault(name, why)
     if problems:
         raise ConfigError(problems)
     return Config(**values)
@@ -563,7 +603,15 @@ def reload_config(environ: Mapping[str, str] | None = None) -> Config:
 
     Nothing changes if the environment is invalid: the :class:`ConfigError` is raised first.
     """
-    # local imports: these modules import this one
+    # (local imports in _reload: those modules import this one)
+    with _RELOADING:  # one reload at a time: the last one read is what every factory applies
+        return _reload(environ)
+
+
+_RELOADING = threading.Lock()
+
+
+def _reload(environ: Mapping[str, str] | None) -> Config:
     from ._fleet import follow_users  # noqa: PLC0415
     from ._registry import live_policies  # noqa: PLC0415
 

@@ -143,8 +143,12 @@ def with_self_healing(
     callable) checks the result once the operation succeeded; an invalid one raises
     :class:`~resilient_db.ResponseValidationError` and is not retried (an iterator result is
     refused with ``TypeError``: checking would consume it). ``config`` (default: the
-    environment's, read at each call) governs it too; a ``validate`` that can't check a result
-    raises ``TypeError`` either way.
+    environment's, read at the first call and again by :func:`reload_config`) governs it too; a
+    ``validate`` that can't check a result raises ``TypeError`` either way.
+
+    Inside a unit of work, or inside an operation that replays its attempts, the operation
+    runs once, with no retries or breaker of its own: the enclosing one retries. A generator
+    function is refused (its body would run after the operation returned).
     """
     _check_arguments(service, config)
     check = ResponseCheck(validate) if validate is not None else None

@@ -280,3 +280,83 @@ def test_factories_refuse_a_config_or_classifier_of_another_type() -> None:
         rdb.ResilientSession(engine, config={"max_retries": 3})  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"^classifier must be a resilient_db\.Classifier, got"):
         rdb.ResilientSession(engine, classifier=lambda exc: None)  # type: ignore[arg-type]
+
+
+def test_contradictions_are_reported_with_other_problems_and_named_by_what_was_set() -> None:
+    """A contradiction showed only once every other variable was fixed, and was named after a
+    variable the user had not set (only MAX_DELAY set: the error said INITIAL_DELAY)."""
+    with pytest.raises(rdb.ConfigError) as info:
+        rdb.load_config(
+            {
+                "SELF_HEALING_MAX_RETRIES": "x",
+                "SELF_HEALING_INITIAL_DELAY": "5000",
+                "SELF_HEALING_MAX_DELAY": "1000",
+            }
+        )
+    assert set(info.value.problems) == {"SELF_HEALING_MAX_RETRIES", "SELF_HEALING_INITIAL_DELAY"}
+    with pytest.raises(rdb.ConfigError) as info:
+        rdb.load_config({"SELF_HEALING_MAX_DELAY": "500"})
+    assert set(info.value.problems) == {"SELF_HEALING_MAX_DELAY"}
+    assert "SELF_HEALING_INITIAL_DELAY (1 s) is more than SELF_HEALING_MAX_DELAY (0.5 s)" in str(
+        info.value
+    )
+    with pytest.raises(rdb.ConfigError) as info:
+        rdb.load_config({"SELF_HEALING_MAX_RETRIES": "2", "SELF_HEALING_DEADLINE": "oops"})
+    assert set(info.value.problems) == {"SELF_HEALING_DEADLINE"}  # no contradiction on top
+    with pytest.raises(rdb.ConfigError) as info:  # in code: every field named at once
+        rdb.Config(max_retries=-1, initial_delay=10, max_delay=1)
+    assert set(info.value.problems) == {"max_retries", "initial_delay"}
+
+
+def test_an_environment_of_other_types_or_lower_case_names_is_a_config_error() -> None:
+    """``load_config`` given a mapping with non-string values or names raised AttributeError;
+    a name in lower case was silently ignored (environment names are case-sensitive)."""
+    for env, name, why in [
+        ({"SELF_HEALING_MAX_RETRIES": 5}, "SELF_HEALING_MAX_RETRIES", "values are strings"),
+        ({"SELF_HEALING_REDIS_URL": None}, "SELF_HEALING_REDIS_URL", "got NoneType"),
+        ({1: "x"}, "1", "names are strings"),
+        ({"self_healing_enabled": "false"}, "self_healing_enabled", "SELF_HEALING_ENABLED"),
+        ({"Self_Healing_Retrys": "1"}, "Self_Healing_Retrys", "did you mean SELF_HEALING_RETRY"),
+    ]:
+        with pytest.raises(rdb.ConfigError) as info:
+            rdb.load_config(env)  # type: ignore[arg-type]
+        assert set(info.value.problems) == {name}
+        assert why in info.value.problems[name]
+
+
+def test_choices_in_code_take_any_case_as_the_environment_does() -> None:
+    cfg = rdb.Config(log_level="INFO", bulk_update="Raise")
+    assert (cfg.log_level, cfg.bulk_update) == ("info", "raise")
+    assert cfg == rdb.load_config(
+        {"SELF_HEALING_LOG_LEVEL": "INFO", "SELF_HEALING_BULK_UPDATE": "Raise"}
+    )
+
+
+def test_concurrent_reloads_leave_every_factory_on_the_last_configuration() -> None:
+    """Two reloads at once (a SIGHUP handler and an admin endpoint): each applied its
+    configuration to the factories after letting go of the lock, so factories could end up on
+    the other one than ``with_self_healing`` uses."""
+    import sys  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    from resilient_db._state import STATE  # noqa: PLC0415
+
+    engines = [sa.create_engine("postgresql+psycopg://u@127.0.0.1:9/none") for _ in range(4)]
+    factories = [rdb.ResilientSession(e, service=f"reload-{i}") for i, e in enumerate(engines)]
+    envs = ({"SELF_HEALING_MAX_RETRIES": "1"}, {"SELF_HEALING_MAX_RETRIES": "2"})
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        for _ in range(150):
+            threads = [threading.Thread(target=rdb.reload_config, args=(env,)) for env in envs]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert STATE.env_config is not None
+            assert [f.config for f in factories] == [STATE.env_config] * len(factories)
+    finally:
+        sys.setswitchinterval(interval)
+        rdb.reload_config()
+        for engine in engines:
+            engine.dispose()
