@@ -181,7 +181,8 @@ class RetryBudget:
         self.exhausted = 0
         self._lines = LineLimit(EXHAUSTED_LOG_PERIOD, clock)  # the "exhausted" line's rate
         self._fleet: Any = None  # the FleetLink while shared through Redis
-        self._fleet_view: dict[str, Any] = {}
+        #: the fleet's figures as Redis last reported them, and when (this budget's clock)
+        self._fleet_view: tuple[float, dict[str, Any]] = (-math.inf, {})
         self._attach(config)
 
     # -- configuration -----------------------------------------------------------------------
@@ -247,7 +248,7 @@ class RetryBudget:
 
     def fleet_figures(self, figures: dict[str, Any]) -> None:
         """The fleet's totals as Redis last reported them (for ``health()``)."""
-        self._fleet_view = figures
+        self._fleet_view = (self._clock(), figures)
 
     # -- spending ----------------------------------------------------------------------------
     def try_withdraw(self) -> bool:
@@ -327,8 +328,11 @@ class RetryBudget:
         if link is not None:  # configured to be shared: through which Redis, and why not now
             info["redis"] = link.masked_url
             info["problem"] = link.problem
-        fleet = self._fleet_view
-        if self.shared and fleet:
+        # the fleet's figures while they are recent (Redis answers only on the failure path and
+        # when there are new first attempts): past the window, what they counted has expired
+        # and the local figures say more
+        taken, fleet = self._fleet_view
+        if self.shared and fleet and now - taken < WINDOW:
             info["fleet"] = dict(fleet)
             info["available"] = fleet.get("available", info["available"])
         return info
