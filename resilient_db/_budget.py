@@ -229,22 +229,31 @@ class RetryBudget:
         with self._lock:
             self._observe(self._clock())
 
-    def take_pending(self) -> list[tuple[int, float]]:
+    def take_pending(self) -> list[tuple[int, int]]:
         """First attempts seen since the last call and still within the window, as (age in
-        seconds, amount) (for the fleet's count); observes first."""
+        seconds, count) (for the fleet's count); observes first. Counts are whole numbers (the
+        fleet's hash holds integers, which every release's script adds to): a fraction left
+        over, less than one first attempt, waits for the next call."""
         with self._lock:
             now = self._clock()
             self._observe(now)
-            pending = recent(self._pending, now)
-            self._pending = {}
+            pending: list[tuple[int, int]] = []
+            carry = 0.0
+            for age, amount in sorted(recent(self._pending, now), reverse=True):  # oldest first
+                carry += amount
+                whole = math.floor(carry + 1e-9)
+                carry = max(0.0, carry - whole)
+                if whole > 0:
+                    pending.append((age, whole))
+            self._pending = {math.floor(now): carry} if carry > 1e-9 else {}
             return pending
 
-    def give_back(self, pending: list[tuple[int, float]]) -> None:
+    def give_back(self, pending: list[tuple[int, int]]) -> None:
         """The fleet did not take ``pending`` (Redis unreachable): keep them, in their seconds."""
         with self._lock:
             second = math.floor(self._clock())
             for age, amount in pending:
-                self._pending[second - age] = self._pending.get(second - age, 0.0) + amount
+                self._pending[second - age] = self._pending.get(second - age, 0.0) + float(amount)
 
     def fleet_figures(self, figures: dict[str, Any]) -> None:
         """The fleet's totals as Redis last reported them (for ``health()``)."""

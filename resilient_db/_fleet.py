@@ -266,7 +266,7 @@ return {want, tostring(reset), gstr(gen), opens}
 )
 
 # KEYS: budget hash. ARGV: ratio, floor (retries/s), window (s), 1 = spend one retry / 0 = only
-# count, then new first attempts as pairs (age in whole seconds, amount): each is added to its
+# count, then new first attempts as pairs (age in whole seconds, count): each is added to its
 # own second of Redis time, those past the window not at all.
 # -> {paid by ('ratio' | 'floor' | ''), first attempts in window, retries in window, floor tokens}
 _BUDGET = (
@@ -278,7 +278,7 @@ local window = tonumber(ARGV[3])
 for i = 5, #ARGV - 1, 2 do
   local age, amount = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
   if age >= 0 and age < window and amount > 0 then
-    redis.call('HINCRBYFLOAT', KEYS[1], 'd' .. (sec - age), ARGV[i + 1])
+    redis.call('HINCRBY', KEYS[1], 'd' .. (sec - age), ARGV[i + 1])
   end
 end
 local all = redis.call('HGETALL', KEYS[1])
@@ -564,7 +564,7 @@ class FleetLink:
             self.mark_down(exc)
             raise FleetDown(self.masked_url) from exc
 
-    def budget_withdraw(self, budget: Any, pending: list[tuple[int, float]]) -> str | None:
+    def budget_withdraw(self, budget: Any, pending: list[tuple[int, int]]) -> str | None:
         """Spend one retry of ``budget`` fleet-wide, adding its ``pending`` first attempts.
         ``"ratio"``/``"floor"``: granted; ``""``: spent; None: Redis did not answer."""
         try:
@@ -573,7 +573,7 @@ class FleetLink:
             return None
         return _s(answer[0])
 
-    def _budget_call(self, budget: Any, pending: list[tuple[int, float]], *, spend: bool) -> Any:
+    def _budget_call(self, budget: Any, pending: list[tuple[int, int]], *, spend: bool) -> Any:
         _, _, key = _keys(budget.service)
         cfg = budget.config
         from ._budget import WINDOW  # noqa: PLC0415 - the budget module imports this one

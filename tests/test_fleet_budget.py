@@ -94,3 +94,20 @@ def test_first_attempts_older_than_the_window_are_not_sent_to_the_fleet() -> Non
         stats.add_attempt()
     assert budget.take_pending() == [(0, 7.0)]
     assert budget.take_pending() == []
+
+
+@pytest.mark.usefixtures("short_window")
+def test_first_attempts_go_to_the_fleet_as_whole_numbers() -> None:
+    """The fleet's hash holds integers (every release's script adds to it): a share of a
+    first attempt left over waits for the next flush instead of being sent as a fraction."""
+    now = [1000.0]
+    stats = stats_for("whole")
+    budget = RetryBudget("whole", rdb.Config(retry_budget=0.1), clock=lambda: now[0])
+    for _ in range(7):
+        stats.add_attempt()
+    now[0] = 1003.3  # 7 over 3.3 s: 2.12 in second 1002, 0.64 in 1003, the rest too old
+    assert budget.take_pending() == [(1, 2)]
+    for _ in range(3):
+        stats.add_attempt()
+    now[0] = 1003.8
+    assert budget.take_pending() == [(0, 3)]  # 3.64: the 0.64 still waits
