@@ -23,14 +23,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from ._classify import Classifier
-from ._commit import (
-    MARKERS,
-    XID_STATUS_SQL,
-    AttemptRecord,
-    CommitRequest,
-    CommitTicket,
-    claim,
-)
+from ._commit import AttemptRecord, CommitRequest, CommitTicket
 from ._config import Config
 from ._errors import TransactionStateError
 from ._observability import log_session
@@ -41,12 +34,11 @@ from ._unit import (
     CommitVerdict,
     FactoryCore,
     async_units,
+    check_commit,
     commit_if_prepared,
     commit_plainly,
     current_unit,
     flush_and_commit,
-    interpret_claim,
-    interpret_xid,
     runs_once_here,
     unit_signature,
 )
@@ -476,27 +468,24 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             current_attempt.reset(checking)
 
     async def _settle_on_new_connection(self, ticket: CommitTicket) -> CommitVerdict:
+        last = CommitVerdict.UNKNOWN
         for delay in self._referee.checks():
             if delay:
                 await self._asleep(delay)
             try:
-                # READ COMMITTED whatever the engine's level: the claim must see the marker
                 async with _settling_engine(self.engine, ticket).connect() as conn:
+                    # READ COMMITTED whatever the engine's level: the claim must see the marker
                     await conn.execution_options(isolation_level="READ COMMITTED")
-                    async with conn.begin():
-                        if ticket.mode == MARKERS:
-                            status = await conn.run_sync(claim, ticket)
-                            verdict = interpret_claim(status)
-                        else:
-                            row = (await conn.execute(XID_STATUS_SQL, {"xid": ticket.xid})).one()
-                            verdict = interpret_xid(ticket, row[0], row[1])
+                    verdict = await conn.run_sync(check_commit, ticket)
             except Exception as exc:
                 if self._referee.keep_checking_after(ticket, exc):
                     continue
                 return CommitVerdict.UNKNOWN
-            if verdict is not CommitVerdict.IN_PROGRESS:
+            if verdict.final:
                 return verdict
-        return CommitVerdict.UNKNOWN
+            if verdict is CommitVerdict.UNREPLICATED:
+                last = verdict  # the reason, should no later check know more
+        return last
 
 
 async def _rollback_quietly(session: AsyncSession) -> None:

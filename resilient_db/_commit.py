@@ -548,6 +548,132 @@ def _command_timeout_at_least(driver: Any, seconds: float) -> Iterator[None]:
         driver._config = config
 
 
+# -- a check's "committed" made durable as the server promises ------------------------------------
+# With synchronous replication a COMMIT is answered once a synchronous standby has the commit
+# record; while it waits, the transaction is committed on the primary alone. When that wait is
+# cut short (the client cancels the COMMIT, as asyncpg's ``command_timeout`` does; an operator
+# cancels or terminates the waiting backend) the server keeps the commit on the primary only:
+# a cancelled wait even answers the COMMIT with success and the WARNING "canceling wait for
+# synchronous replication". A check that finds such a unit committed, on the primary, proves
+# nothing a failover keeps: the promoted standby may never have had it. So a check that finds
+# the unit committed writes WAL of its own (:data:`REPLICATED_WRITE_SQL`) where synchronous
+# replication is in effect, and commits: its COMMIT record lies past the unit's, so a COMMIT
+# answered plainly proves the unit's replicated as the server promises
+# (``synchronous_commit``). One cut off after :data:`REPLICATION_WAIT`, or answered with a
+# warning, or failed, proves nothing: the referee checks again, and ends unknown.
+#: the WAL the check writes where synchronous replication is in effect (a row; none where it is
+#: not: nothing to wait for). A transactional logical-decoding message: it takes an xid and
+#: writes WAL, so the transaction's COMMIT waits for the synchronous standbys as a unit's does;
+#: it needs no table, so it serves the fallback (no markers) too, and it works at any
+#: ``wal_level``. Executable by every role unless revoked (then 42501: the outcome is unknown).
+#: (A transaction that only takes an xid, ``pg_current_xact_id()``, writes a commit record
+#: without waiting for anyone: the server waits only for transactions that wrote WAL.)
+REPLICATED_WRITE_SQL = text(
+    "SELECT pg_catalog.pg_logical_emit_message(true, 'resilient_db', CAST(:what AS text)) "
+    "IS NOT NULL WHERE pg_catalog.current_setting('synchronous_standby_names') <> '' "
+    "AND pg_catalog.current_setting('synchronous_commit') NOT IN ('off', 'local')"
+)
+#: seconds the check's COMMIT may wait for the synchronous standbys before it is cut off (the
+#: server bounds it with nothing: ``statement_timeout`` ends before a COMMIT's wait begins)
+REPLICATION_WAIT: Final = 2.0
+
+
+def wrote_past_commit(connection: Connection, what: str) -> bool:
+    """In the check's transaction on ``connection``, which found a unit committed: write WAL
+    (:data:`REPLICATED_WRITE_SQL`, ``what`` naming the unit) where synchronous replication is
+    in effect; whether it did (the transaction's COMMIT must then be proven, see
+    :func:`commit_replicated`)."""
+    return bool(connection.execute(REPLICATED_WRITE_SQL, {"what": what}).scalar())
+
+
+def commit_replicated(connection: Connection) -> bool:
+    """COMMIT the check's transaction on ``connection`` (see :func:`wrote_past_commit`); True
+    when the server answered it plainly within :data:`REPLICATION_WAIT`: the synchronous
+    standbys confirmed it. False when it was cut off there, failed, or was answered with a
+    warning (a wait cancelled by someone else); the connection is then invalidated (a cancel
+    request may still be on its way to it)."""
+    driver = connection.connection.driver_connection
+    warnings: list[str] = []
+    try:
+        with _warnings_into(driver, warnings), _cut_off_after(driver, REPLICATION_WAIT) as cut:
+            connection.commit()
+        cut_off = cut()
+    except Exception:
+        log_session.debug("the check's COMMIT failed: not proven replicated", exc_info=True)
+        connection.invalidate()
+        return False
+    if cut_off or warnings:
+        log_session.debug(
+            "the check's COMMIT was %s: not proven replicated",
+            f"answered with {'; '.join(warnings)}" if warnings else "cut off",
+        )
+        connection.invalidate()
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _warnings_into(driver: Any, warnings: list[str]) -> Iterator[None]:
+    """The server's warnings to ``driver`` (psycopg's notices, asyncpg's log messages) while
+    inside, appended to ``warnings``. asyncpg hands a log message to its listener with the
+    loop's ``call_soon``, which runs it before the statement's answer wakes its waiter."""
+    if isinstance(driver, asyncpg.Connection):
+
+        def listener(_connection: Any, message: Any) -> None:
+            if getattr(message, "severity_en", None) == "WARNING":
+                warnings.append(f"{message.sqlstate}: {message.message}")
+
+        driver.add_log_listener(listener)
+        try:
+            yield
+        finally:
+            driver.remove_log_listener(listener)
+        return
+
+    def handler(diagnostic: Any) -> None:
+        if diagnostic.severity_nonlocalized == "WARNING":
+            warnings.append(f"{diagnostic.sqlstate}: {diagnostic.message_primary}")
+
+    driver.add_notice_handler(handler)
+    try:
+        yield
+    finally:
+        driver.remove_notice_handler(handler)
+
+
+@contextlib.contextmanager
+def _cut_off_after(driver: Any, seconds: float) -> Iterator[Callable[[], bool]]:
+    """A statement of ``driver``'s cut off after ``seconds``. asyncpg: its ``command_timeout``
+    (see :func:`_command_timeout_at_least`) set to ``seconds``: asyncpg cancels the statement
+    and raises ``TimeoutError``. psycopg (sync or async): a timer thread sends the server a
+    cancel request (libpq's, which may be sent from any thread). Yields a function telling,
+    once outside, whether the timer fired at all (the cancel then may have reached the
+    statement, even as its answer came)."""
+    if isinstance(driver, asyncpg.Connection):
+        config = driver._config
+        driver._config = config._replace(command_timeout=seconds)
+        try:
+            yield lambda: False  # a cut is asyncpg's TimeoutError
+        finally:
+            driver._config = config
+        return
+    cancel = driver.pgconn.get_cancel()
+    fired = threading.Event()
+
+    def cut_off() -> None:
+        fired.set()
+        cancel.cancel()
+
+    timer = threading.Timer(seconds, cut_off)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield fired.is_set
+    finally:
+        timer.cancel()
+        timer.join()  # a cut_off already running has set ``fired`` once this returns
+
+
 PRUNE_SQL = f"SELECT {SCHEMA}.prune_commit_markers({PRUNE_BATCH})"
 
 

@@ -25,14 +25,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from ._classify import Classifier
-from ._commit import (
-    MARKERS,
-    XID_STATUS_SQL,
-    AttemptRecord,
-    CommitRequest,
-    CommitTicket,
-    claim,
-)
+from ._commit import AttemptRecord, CommitRequest, CommitTicket
 from ._config import Config
 from ._errors import TransactionStateError
 from ._observability import log_session
@@ -42,12 +35,11 @@ from ._unit import (
     ActiveUnit,
     CommitVerdict,
     FactoryCore,
+    check_commit,
     commit_if_prepared,
     commit_plainly,
     current_unit,
     flush_and_commit,
-    interpret_claim,
-    interpret_xid,
     runs_once_here,
     unit_signature,
 )
@@ -428,27 +420,24 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
             current_attempt.reset(checking)
 
     def _settle_on_new_connection(self, ticket: CommitTicket) -> CommitVerdict:
+        last = CommitVerdict.UNKNOWN
         for delay in self._referee.checks():
             if delay:
                 self._sleep(delay)
             try:
-                # READ COMMITTED whatever the engine's level: the claim must see the marker
                 with _settling_engine(self.engine, ticket).connect() as conn:
+                    # READ COMMITTED whatever the engine's level: the claim must see the marker
                     conn.execution_options(isolation_level="READ COMMITTED")
-                    with conn.begin():
-                        if ticket.mode == MARKERS:
-                            status = claim(conn, ticket)
-                            verdict = interpret_claim(status)
-                        else:
-                            row = conn.execute(XID_STATUS_SQL, {"xid": ticket.xid}).one()
-                            verdict = interpret_xid(ticket, row[0], row[1])
+                    verdict = check_commit(conn, ticket)
             except Exception as exc:
                 if self._referee.keep_checking_after(ticket, exc):
                     continue
                 return CommitVerdict.UNKNOWN
-            if verdict is not CommitVerdict.IN_PROGRESS:
+            if verdict.final:
                 return verdict
-        return CommitVerdict.UNKNOWN
+            if verdict is CommitVerdict.UNREPLICATED:
+                last = verdict  # the reason, should no later check know more
+        return last
 
 
 def _rollback_quietly(session: Session) -> None:

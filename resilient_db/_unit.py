@@ -39,10 +39,14 @@ from ._classify import (
 )
 from ._commit import (
     MARKERS,
+    XID_STATUS_SQL,
     CommitProtocol,
     CommitRequest,
     CommitTicket,
+    claim,
+    commit_replicated,
     prune,
+    wrote_past_commit,
 )
 from ._config import Config, load_config, register_default_user
 from ._errors import CommitOutcomeUnknownError
@@ -112,7 +116,17 @@ class CommitVerdict(enum.Enum):
     COMMITTED = "committed"
     ABORTED = "not committed"
     IN_PROGRESS = "in progress"
+    #: committed on the server the check reached, not proven on its synchronous standbys
+    UNREPLICATED = (
+        "committed on the primary, not proven replicated to its synchronous standby: a "
+        "failover may lose it"
+    )
     UNKNOWN = "unknown"
+
+    @property
+    def final(self) -> bool:
+        """Whether a check answering this ends the checking (else the next check may know)."""
+        return self not in (CommitVerdict.IN_PROGRESS, CommitVerdict.UNREPLICATED)
 
 
 def flush_and_commit(session: Session, request: CommitRequest, protocol: CommitProtocol) -> None:
@@ -172,6 +186,30 @@ def _prune_quietly(protocol: CommitProtocol) -> None:
             protocol.prune_refused()
     finally:
         current_attempt.reset(outside)
+
+
+def check_commit(connection: Connection, ticket: CommitTicket) -> CommitVerdict:
+    """One check of ``ticket``'s lost COMMIT answer on a new ``connection`` (READ COMMITTED),
+    in a transaction of its own: the marker's claim, or the fallback's xid status.
+
+    "Committed" is a verdict only once it is durable as the server promises: where
+    synchronous replication is in effect, the check's transaction writes WAL past the unit's
+    commit record and its own COMMIT must be answered plainly within
+    :data:`~._commit.REPLICATION_WAIT` (:func:`~._commit.commit_replicated`); else the unit is
+    committed on the primary only, as far as anyone can tell: ``UNREPLICATED`` (a failover to
+    a standby that never had it would lose it)."""
+    with connection.begin():
+        if ticket.mode == MARKERS:
+            verdict = interpret_claim(claim(connection, ticket))
+        else:
+            row = connection.execute(XID_STATUS_SQL, {"xid": ticket.xid}).one()
+            verdict = interpret_xid(ticket, row[0], row[1])
+        if verdict is not CommitVerdict.COMMITTED or not wrote_past_commit(
+            connection, _whose(ticket)
+        ):
+            return verdict  # (committed on leaving: a claim's fence)
+        replicated = commit_replicated(connection)
+    return CommitVerdict.COMMITTED if replicated else CommitVerdict.UNREPLICATED
 
 
 def interpret_claim(status: str | None) -> CommitVerdict:
