@@ -1,10 +1,12 @@
 """Transient-error classification by SQLSTATE, plus driver-level disconnects.
 
-Never by exception class name or message text: the SQLSTATE the server sent is the contract.
-Where the driver saw no SQLSTATE at all (the socket broke, the connect was refused), the error
-is a disconnect when SQLAlchemy invalidated the connection or an ``OSError`` is in the chain.
-One more: an error that the commit protocol marked replay-safe (:func:`mark_replay_safe`) is a
-conflict.
+Never by exception class name or message text: the SQLSTATE the server sent is the contract,
+read with what the driver knows of its connection. Where the driver saw no SQLSTATE at all (the
+socket broke, the connect was refused), the error is a disconnect when SQLAlchemy invalidated
+the connection, an ``OSError`` is in the chain, or the driver says its connection is lost or
+could not be made (never for an error of a connection that is still sound). 25006 is a lost
+server only where the server does not take writes. One more: an error that the commit protocol
+marked replay-safe (:func:`mark_replay_safe`) is a conflict.
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ _DEFAULT_CODES: Mapping[str, Outcome] = {
     "53300": Outcome.UNAVAILABLE,  # too_many_connections
     "57P01": Outcome.DISCONNECT,  # admin_shutdown (pg_terminate_backend, smart shutdown)
     "57P02": Outcome.DISCONNECT,  # crash_shutdown
-    "25006": Outcome.DISCONNECT,  # read_only_sql_transaction: we hit a replica after failover
+    # read_only_sql_transaction from a server that takes no writes (a standby, a demoted
+    # primary, transactions read-only by default): see refused_by_a_writable_server
+    "25006": Outcome.DISCONNECT,
     "08007": Outcome.COMMIT_UNKNOWN,  # transaction_resolution_unknown
     # The server ended a session whose transaction sat idle, or ran, too long (its
     # idle_in_transaction_session_timeout; PostgreSQL 17's transaction_timeout): the unit's own
@@ -157,6 +161,70 @@ def hot_standby_server(driver: Any) -> str | None:
     return None
 
 
+def server_takes_writes(driver: Any) -> bool:
+    """Whether the server behind ``driver`` (a psycopg 3 connection, sync or async, or an
+    asyncpg one) said it takes writes: ``in_hot_standby`` and ``default_transaction_read_only``
+    both reported off (PostgreSQL 14+ reports both at connect and again when they change; the
+    driver keeps them, so this asks the server nothing). False when either is on, when the
+    server reports nothing (before PostgreSQL 14), or the driver is another."""
+    try:
+        pgconn = getattr(driver, "pgconn", None)
+        if pgconn is not None:  # psycopg 3
+            status = pgconn.parameter_status
+            return bool(
+                status(b"in_hot_standby") == b"off"
+                and status(b"default_transaction_read_only") == b"off"
+            )
+        get_settings = getattr(driver, "get_settings", None)
+        if callable(get_settings):  # asyncpg
+            settings = get_settings()
+            return bool(
+                getattr(settings, "in_hot_standby", None) == "off"
+                and getattr(settings, "default_transaction_read_only", None) == "off"
+            )
+    except Exception:  # a connection that broke meanwhile: nothing to say
+        return False
+    return False
+
+
+_WRITABLE = "resilient_db_refused_by_writable_server"
+
+
+def refused_by_a_writable_server(connection: Any, exc: BaseException) -> bool:
+    """For a 25006 (read_only_sql_transaction) raised on ``connection`` (SQLAlchemy's, as its
+    ``handle_error`` has it): True, and ``exc`` marked for the classifier, when the server says
+    it takes writes (:func:`server_takes_writes`). Then the transaction was read-only by the
+    application's own doing (``SET TRANSACTION READ ONLY``, ``postgresql_readonly``, a function
+    that sets it) and the write in it is the unit's bug: not transient, the connection and the
+    pool sound, nothing for the breaker. Otherwise (a hot standby, an old primary restarted as
+    one during a failover, a server whose transactions are read-only by default, a server that
+    reports nothing before PostgreSQL 14) 25006 is a server that takes no writes: a lost
+    server, as the classifier's table says."""
+    if connection is None or connection.closed or connection.invalidated:
+        return False
+    try:
+        driver = connection.connection.driver_connection
+    except Exception:
+        return False
+    if not server_takes_writes(driver):
+        return False
+    with contextlib.suppress(AttributeError, TypeError):  # a type that takes no attributes
+        setattr(exc, _WRITABLE, True)
+    return True
+
+
+def _read_only_by_the_application(exc: BaseException) -> bool:
+    """Whether :func:`refused_by_a_writable_server` marked ``exc`` or an error it wraps."""
+    for err in error_chain(exc):
+        try:
+            found = getattr(err, _WRITABLE, False)
+        except Exception:  # a type whose attribute lookup misbehaves: as if unmarked
+            continue
+        if found is True:
+            return True
+    return False
+
+
 def _address(host: str, port: Any) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -262,9 +330,13 @@ def client_state_broken(exc: BaseException) -> bool:
 
 def _driver_disconnect(exc: BaseException) -> bool:
     """True when the failure is a broken or refused connection that carries no SQLSTATE."""
+    wrapped = False  # SQLAlchemy wrapped the driver's error, and judged its connection
     for err in error_chain(exc):
-        if isinstance(err, sa_exc.DBAPIError) and err.connection_invalidated:
-            return True
+        if isinstance(err, sa_exc.DBAPIError):
+            if err.connection_invalidated:
+                return True
+            wrapped = True
+            continue
         if isinstance(err, OSError):
             # a socket error of the driver (asyncpg lets a refused or broken connect through
             # as OSError); the application's own OSErrors (a missing file, its own sockets) are
@@ -277,12 +349,11 @@ def _driver_disconnect(exc: BaseException) -> bool:
             if _passed_through(err, _DRIVER_MODULES):
                 return True
             continue
-        # psycopg: OperationalError with no SQLSTATE is raised for refused connects and
-        # broken sockets (and, on a multi-host URL, when no host takes the session asked for
-        # by target_session_attrs); asyncpg: ConnectionDoesNotExistError when the connection
-        # closed under an operation, TargetServerAttributeNotMatched when every host answered
-        # but none takes the session (a failover in progress: the standby not promoted yet).
-        # Identified by their driver's classes, never by message text.
+        # psycopg: OperationalError with no SQLSTATE (see _psycopg_disconnect); asyncpg:
+        # ConnectionDoesNotExistError when the connection closed under an operation,
+        # TargetServerAttributeNotMatched when every host answered but none takes the session
+        # (a failover in progress: the standby not promoted yet).
+        # Identified by their driver's classes and state, never by message text.
         # asyncpg's plain InterfaceError is not one of them: it also reports programming errors
         # (wrong argument count, a connection used by two tasks at once); a closed connection
         # behind it is recognised by SQLAlchemy (``connection_invalidated`` above).
@@ -291,7 +362,9 @@ def _driver_disconnect(exc: BaseException) -> bool:
         if module.startswith("psycopg") and name in ("OperationalError", "ConnectionTimeout"):
             # (ConnectionTimeout, psycopg 3.1+: a connect timing out; not its siblings
             # PipelineAborted and CancellationTimeout, which are no lost connection)
-            return getattr(err, "sqlstate", None) is None
+            if getattr(err, "sqlstate", None) is not None:
+                return False
+            return _psycopg_disconnect(err, name, wrapped=wrapped)
         if module.startswith("asyncpg") and name in (
             "ConnectionDoesNotExistError",
             "ConnectionFailureError",
@@ -299,6 +372,94 @@ def _driver_disconnect(exc: BaseException) -> bool:
         ):
             return True
     return False
+
+
+_CONNECTION_OK = 0  # libpq's CONNECTION_OK (psycopg.pq.ConnStatus.OK)
+
+
+def _psycopg_disconnect(err: BaseException, name: str, *, wrapped: bool) -> bool:
+    """Whether a psycopg error without SQLSTATE is a lost or refused connection.
+
+    psycopg raises these for a connect that failed (refused, timed out, no host taking the
+    session asked for by ``target_session_attrs``, and every refusal the server sent while
+    connecting: libpq keeps no SQLSTATE of those), for a socket that broke under a statement,
+    and also for errors of a sound connection (libpq refusing a statement of more than 65,535
+    parameters before sending it). So:
+
+    - raised while connecting: a disconnect (the server may be down or starting), except when
+      the server asked for a password and then refused the session, the URL asking for no
+      particular kind of session (``target_session_attrs``): a wrong password, an unknown
+      database, a role without the right to connect. Retrying can't help and the database is
+      not down. (psycopg can't tell those from the server's 53300 sent after authentication:
+      the last connection slots reserved, a role's or database's connection limit; asyncpg
+      can, by its SQLSTATE.)
+    - on an established connection: a disconnect only when the connection is lost. SQLAlchemy
+      judged that by the connection's state (``connection_invalidated``, checked before this);
+      an error of the driver's connection used directly is judged by the state of the
+      connection it came from, or, where that is not found, taken as lost (as before).
+    """
+    if name == "ConnectionTimeout":
+        return True
+    pgconn = getattr(err, "pgconn", None)  # set by psycopg on the errors of a connect
+    if pgconn is not None or _raised_connecting(err):
+        return pgconn is None or not _refused_after_authentication(pgconn)
+    if wrapped:
+        return False
+    broken = _psycopg_connection_lost(err)
+    return True if broken is None else broken
+
+
+def _raised_connecting(err: BaseException) -> bool:
+    """Whether ``err`` came out of psycopg's ``connect`` (its host list, DNS, the attempts)."""
+    tb = err.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        module = tb.tb_frame.f_globals.get("__name__", "")
+        if code.co_name == "connect" and isinstance(module, str) and module.startswith("psycopg"):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _refused_after_authentication(pgconn: Any) -> bool:
+    """Whether the connect whose libpq connection (psycopg's finished copy) is ``pgconn`` was
+    refused by a server that had asked for a password (libpq's ``PQconnectionUsedPassword`` /
+    ``PQconnectionNeedsPassword``), the URL asking for any kind of session: the server answered,
+    and refused this client, not a moment of unavailability. A server refusing before it asks
+    (starting up, shutting down, out of connection slots) or a URL with
+    ``target_session_attrs`` (libpq's own refusal of a host that takes no writes comes after
+    authentication too) stays a disconnect."""
+    try:
+        if not (pgconn.used_password or pgconn.needs_password):
+            return False
+        for option in pgconn.info:
+            if option.keyword == b"target_session_attrs":
+                return option.val in (None, b"", b"any")
+    except Exception:  # a libpq connection that tells nothing: as before, a disconnect
+        return False
+    return True
+
+
+def _psycopg_object(obj: Any) -> bool:
+    """Whether ``obj`` is of a psycopg class (or a subclass of one, as the commit protocol's
+    marked connections and cursors are)."""
+    return any(kind.__module__.startswith("psycopg") for kind in type(obj).__mro__)
+
+
+def _psycopg_connection_lost(err: BaseException) -> bool | None:
+    """The state of the psycopg connection (or the cursor's) whose method raised ``err``: True
+    when libpq lost it (or it was closed), False when it is sound, None when not found."""
+    tb = err.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if owner is not None and _psycopg_object(owner):
+            conn = owner if hasattr(owner, "pgconn") else getattr(owner, "connection", None)
+            pgconn = getattr(conn, "pgconn", None)
+            status = getattr(pgconn, "status", None)
+            if isinstance(status, int):
+                return status != _CONNECTION_OK
+        tb = tb.tb_next
+    return None
 
 
 class Classifier:
@@ -346,6 +507,8 @@ class Classifier:
             return Outcome.CONFLICT
         code = sqlstate_of(exc)
         if code is not None:
+            if code == READ_ONLY_SQLSTATE and _read_only_by_the_application(exc):
+                return Outcome.NOT_TRANSIENT  # a write in its own read-only transaction
             outcome = self._codes.get(code)
             if outcome is not None:
                 return outcome

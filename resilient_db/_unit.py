@@ -35,6 +35,7 @@ from ._classify import (
     mark_hot_standby,
     mark_outcome,
     marked_replay_safe,
+    refused_by_a_writable_server,
     sqlstate_of,
 )
 from ._commit import (
@@ -779,6 +780,8 @@ class EngineHooks:
         if marked_replay_safe(original):
             return None  # the commit protocol's own statement failed: the connection is sound
         code = sqlstate_of(original)  # psycopg 3, asyncpg, psycopg2 and pg8000 alike
+        if code == READ_ONLY_SQLSTATE and refused_by_a_writable_server(ctx.connection, original):
+            code = None  # a read-only transaction of the application's on a primary: its bug
         if code is not None and self.classifier.is_disconnect_code(code) and not ctx.is_disconnect:
             # e.g. 57P01 after pg_terminate_backend, 25006 on a demoted primary: the connection
             # (and the pool's other connections, made before this moment) must not be reused.

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import resilient_db as rdb
+from resilient_db.testing import PostgresServer
 from resilient_db.transitions._dbmap import exception_from_db
 
 #: SQLAlchemy's async PostgreSQL drivers: asyncpg, and psycopg's ``AsyncConnection`` (what
@@ -42,7 +43,11 @@ async def quick(session: AsyncSession) -> int:
     return int((await session.execute(sa.text("SELECT 42"))).scalar_one())
 
 
-#: Codes raised through the real driver with RAISE ... USING ERRCODE, and their class.
+#: Codes raised through the real driver with RAISE ... USING ERRCODE, and their class. Not
+#: 25006 (read_only_sql_transaction): raised by a server that takes writes (as these are) it is
+#: the application's own read-only transaction, not transient (NOT_TRANSIENT below); a server
+#: that takes none (``set_read_only_database``, a real standby) is what makes it a lost server
+#: (test_classify_read_only.py, test_standby_mistake.py, test_failover.py).
 TRANSIENT = {
     "40001": rdb.Outcome.CONFLICT,
     "40P01": rdb.Outcome.CONFLICT,
@@ -50,10 +55,20 @@ TRANSIENT = {
     "57P03": rdb.Outcome.UNAVAILABLE,
     "53300": rdb.Outcome.UNAVAILABLE,
     "57P01": rdb.Outcome.DISCONNECT,
-    "25006": rdb.Outcome.DISCONNECT,
     "08006": rdb.Outcome.DISCONNECT,
 }
-NOT_TRANSIENT = ["23505", "22012", "42P01", "P0001", "57014"]
+NOT_TRANSIENT = ["23505", "22012", "42P01", "P0001", "57014", "25006"]
+
+
+def set_read_only_database(server: PostgresServer, database: str, read_only: bool) -> None:
+    """Make ``database`` read-only by default (``default_transaction_read_only``), or take it
+    back: what a server that takes no writes looks like to a client, for real (every write
+    refused with 25006), without a standby. It holds for the sessions that start afterwards
+    (whose driver the server tells at connect), not for those already open."""
+    action = "SET" if read_only else "RESET"
+    value = " = on" if read_only else ""
+    server.execute(f'ALTER DATABASE "{database}" {action} default_transaction_read_only{value}')
+
 
 #: ``SELECT raise_code('40001')`` raises exactly that SQLSTATE.
 RAISE_CODE_FUNCTION = sa.text(

@@ -1,7 +1,9 @@
 """A URL that reaches a hot standby by mistake (no ``target_session_attrs=read-write``): every
 write fails with SQLSTATE 25006 (read_only_sql_transaction). The classifier takes it as a lost
 connection, as it must during a failover (an old primary restarted as a standby), so units are
-retried and the breaker opens; the operator must be told why: the server is a standby.
+retried and the breaker opens; the operator must be told why: the server is a standby. The same
+25006 from a primary that takes writes (a transaction the application made read-only) is the
+unit's error: raised at once, nothing said of a standby.
 
 Real servers: a :class:`~resilient_db.testing.StandbyPair` (one per module, a few seconds),
 psycopg and asyncpg, the refusal the standby itself sends.
@@ -171,11 +173,12 @@ def test_a_unit_that_gives_up_on_a_standby_says_so(
         assert any(address in note for note in getattr(error, "__notes__", []))
 
 
-def test_a_read_only_transaction_on_the_primary_is_not_called_a_standby(
+def test_a_primary_read_only_by_default_is_not_called_a_standby(
     pair: StandbyPair, service: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """25006 from a server that is not in recovery (``default_transaction_read_only`` on the
-    primary): the same classification, but nothing says "standby"."""
+    """25006 from a server that is not in recovery but takes no writes
+    (``default_transaction_read_only`` on, reported at connect): the same classification as a
+    standby's (a lost server: retried), but nothing says "standby"."""
     caplog.set_level(logging.INFO, logger="resilient_db")
     engine = sa.create_engine(
         pair.primary.url(DATABASE),
@@ -188,6 +191,68 @@ def test_a_read_only_transaction_on_the_primary_is_not_called_a_standby(
     finally:
         engine.dispose()
     assert getattr(info.value.orig, "sqlstate", None) == "25006"
+    assert rdb.classify(info.value) is rdb.Outcome.DISCONNECT
+    counters = rdb.health()["services"][service]["counters"]
+    assert counters["retries_by_class"] == {"disconnect": 2}  # NO_BREAKER_CONFIG's 2 retries
     assert not _lines(caplog, "hot_standby_refused_write")
     assert all("hot standby" not in r.getMessage() for r in caplog.records)
     assert not getattr(info.value, "__notes__", None)
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+def test_the_standbys_refusal_is_retried_a_read_only_transaction_on_the_primary_is_not(
+    pair: StandbyPair, driver: str, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same write, the same SQLSTATE: refused by the standby it is a lost server (retried,
+    the standby named); refused in a transaction the unit made read-only on the primary (which
+    reports ``in_hot_standby`` and ``default_transaction_read_only`` off) it is the unit's own
+    error, raised after one attempt, with nothing said of a standby."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    (standby_error,) = _run(driver, pair, NO_BREAKER_CONFIG, f"{service}-standby", units=1)
+    assert rdb.sqlstate_of(standby_error) == "25006"
+    assert rdb.classify(standby_error) is rdb.Outcome.DISCONNECT
+    assert len(_lines(caplog, "hot_standby_refused_write")) == 1
+    caplog.clear()
+
+    url = pair.primary.url(DATABASE, driver=driver)
+    calls: list[int] = []
+    if driver == "psycopg":
+        engine = sa.create_engine(url)
+        Sessions = rdb.ResilientSession(engine, service=service, config=NO_BREAKER_CONFIG)
+
+        def unit(session: Session) -> None:
+            calls.append(1)
+            session.execute(sa.text("SET TRANSACTION READ ONLY"))
+            session.execute(INSERT)
+
+        try:
+            with pytest.raises(sa.exc.DBAPIError) as info:
+                Sessions.run(unit)
+        finally:
+            engine.dispose()
+        error: BaseException = info.value
+    else:
+        import asyncio  # noqa: PLC0415
+
+        async def main() -> BaseException:
+            engine = create_async_engine(url)
+            Sessions = rdb.AsyncResilientSession(engine, service=service, config=NO_BREAKER_CONFIG)
+
+            async def unit(session: AsyncSession) -> None:
+                calls.append(1)
+                await session.execute(sa.text("SET TRANSACTION READ ONLY"))
+                await session.execute(INSERT)
+
+            try:
+                with pytest.raises(sa.exc.DBAPIError) as info:
+                    await Sessions.run(unit)
+            finally:
+                await engine.dispose()
+            return info.value
+
+        error = asyncio.run(main())
+    assert rdb.sqlstate_of(error) == "25006"
+    assert rdb.classify(error) is rdb.Outcome.NOT_TRANSIENT
+    assert calls == [1]
+    assert rdb.health()["services"][service]["counters"]["retries_by_class"] == {}
+    assert all("hot standby" not in r.getMessage() for r in caplog.records)
