@@ -167,6 +167,37 @@ class Breaker:
         self._attach(config)
 
     # -- configuration ---------------------------------------------------------------------
+    #: whether the settings in use came from a ``config=`` of the code (a factory's, or
+    #: with_self_healing's), which the environment's configuration does not override
+    explicit = False
+
+    def follow(self, config: Config, *, explicit: bool) -> None:
+        """A user of this breaker (a factory, ``with_self_healing``, a reload) asks for the
+        breaker settings of ``config``. A service has one breaker: the environment's settings
+        don't replace those a ``config=`` gave it, and two ``config=`` that differ are warned
+        about (the later one is followed)."""
+        if breaker_settings(config) == breaker_settings(self.config):
+            self.explicit = self.explicit or explicit
+            return
+        if self.explicit and not explicit:
+            return  # a config= of the code decides this service's breaker, not the environment
+        if self.explicit:
+            emit(
+                config,
+                log_breaker,
+                logging.WARNING,
+                "Circuit breaker settings differ for service=%s: %s asked for before, %s now; "
+                "a service has one breaker, which follows the later. Give both the same "
+                "settings, or each its own service name",
+                self.service,
+                _settings_text(self.config),
+                _settings_text(config),
+                service=self.service,
+                event="breaker_settings_conflict",
+            )
+        self.explicit = explicit
+        self.apply_config(config)
+
     def apply_config(self, config: Config) -> None:
         self.config = config
         self._cb.fail_max = config.failure_threshold
@@ -603,6 +634,25 @@ class Breaker:
         return f"<Breaker service={self.service!r} state={self.state}>"
 
 
+def breaker_settings(config: Config) -> tuple[Any, ...]:
+    """What a breaker takes from a configuration."""
+    return (
+        config.failure_threshold,
+        config.reset_timeout,
+        config.half_open_probes,
+        config.redis_url,
+        config.redis_timeout,
+    )
+
+
+def _settings_text(config: Config) -> str:
+    shared = "shared" if config.redis_url else "local"
+    return (
+        f"(failure_threshold={config.failure_threshold}, reset_timeout={config.reset_timeout:g} s,"
+        f" half_open_probes={config.half_open_probes}, {shared})"
+    )
+
+
 def breaker_for(
     service: str,
     config: Config,
@@ -610,8 +660,11 @@ def breaker_for(
     storage: Any = None,
     listeners: Iterable[Any] = (),
     clock: Callable[[], float] | None = None,
+    explicit: bool = True,
 ) -> Breaker:
-    """The breaker of ``service``, created on first use; later calls update its numbers.
+    """The breaker of ``service``, created on first use; later calls may update its numbers
+    (see :meth:`Breaker.follow`; ``explicit``: ``config`` is a ``config=`` of the code, not the
+    environment's).
 
     A service has one breaker and so one state storage: asking for it with another storage
     than the one it was made with is refused (ValueError), never silently ignored.
@@ -630,10 +683,10 @@ def breaker_for(
             breaker = Breaker(
                 service, config, storage=storage, listeners=listeners, clock=clock or time.time
             )
+            breaker.explicit = explicit
             STATE.breakers[service] = breaker
         else:
-            if breaker.config != config:
-                breaker.apply_config(config)
+            breaker.follow(config, explicit=explicit)
             for listener in listeners:
                 breaker.add_listener(listener)
             if clock is not None:

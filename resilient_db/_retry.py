@@ -110,8 +110,11 @@ class Policy:
         rng: Callable[[], float] = random.random,
         use_retry: bool = True,
         use_circuit_breaker: bool = True,
+        explicit_config: bool = True,
     ) -> None:
         self.service = service
+        # config is a config= of the code (else the environment's): see Breaker.follow
+        self.explicit_config = explicit_config
         self.classifier = classifier or DEFAULT_CLASSIFIER
         self.sleep = sleep
         self.asleep = asleep
@@ -144,11 +147,12 @@ class Policy:
                 storage=self._breaker_storage,
                 listeners=self._breaker_listeners,
                 clock=self._wall_clock,
+                explicit=self.explicit_config,
             )
         else:
             # a reload: the same breaker, new numbers (looking it up again could meet another
             # factory's breaker, made after reset_state() forgot this one)
-            own.apply_config(config)
+            own.follow(config, explicit=self.explicit_config)
         self.breaker = own
 
     # -- decisions (no I/O) ------------------------------------------------------------------

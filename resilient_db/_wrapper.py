@@ -71,8 +71,10 @@ async def _aown_call(policy: Policy, fn: Callable[[], Awaitable[R]]) -> R:
         return await fn()
 
 
-def _policy_for(service: str, use_retry: bool, use_circuit_breaker: bool, config: Config) -> Policy:
-    key = (service, use_retry, use_circuit_breaker, config)
+def _policy_for(
+    service: str, use_retry: bool, use_circuit_breaker: bool, config: Config, explicit: bool
+) -> Policy:
+    key = (service, use_retry, use_circuit_breaker, config, explicit)
     policies = STATE.wrapper_policies
     policy: Policy | None = policies.get(key)
     if policy is None:
@@ -81,6 +83,7 @@ def _policy_for(service: str, use_retry: bool, use_circuit_breaker: bool, config
             config,
             use_retry=use_retry,
             use_circuit_breaker=use_circuit_breaker,
+            explicit_config=explicit,
         )
         if len(policies) > 256:  # configurations come and go with reload_config
             policies.clear()
@@ -160,7 +163,7 @@ def with_self_healing(
     cfg = config if config is not None else env_config()
     if not cfg.enabled:
         return fn()
-    policy = _policy_for(service, use_retry, use_circuit_breaker, cfg)
+    policy = _policy_for(service, use_retry, use_circuit_breaker, cfg, config is not None)
     if check is not None and not validation_on(cfg):
         check = None
     if runs_once_here():
@@ -286,6 +289,8 @@ def _decorator(
     check: ResponseCheck | None,
 ) -> SelfHealingDecorator:
 
+    explicit = config is not None
+
     def decorate(fn: Any, /) -> Any:
         if not callable(fn):
             raise TypeError(f"@with_self_healing(...) decorates a callable, got {fn!r}")
@@ -297,7 +302,7 @@ def _decorator(
                 cfg = config if config is not None else env_config()
                 if not cfg.enabled:
                     return await fn(*args, **kwargs)
-                policy = _policy_for(service, use_retry, use_circuit_breaker, cfg)
+                policy = _policy_for(service, use_retry, use_circuit_breaker, cfg, explicit)
                 if runs_once_here():
                     active = check if check is not None and validation_on(cfg) else None
                     return await _once(policy, lambda: fn(*args, **kwargs), active, cfg)
@@ -313,7 +318,7 @@ def _decorator(
             cfg = config if config is not None else env_config()
             if not cfg.enabled:
                 return fn(*args, **kwargs)
-            policy = _policy_for(service, use_retry, use_circuit_breaker, cfg)
+            policy = _policy_for(service, use_retry, use_circuit_breaker, cfg, explicit)
             active = check if check is not None and validation_on(cfg) else None
             if runs_once_here():
                 return _once(policy, lambda: fn(*args, **kwargs), active, cfg)
