@@ -214,14 +214,21 @@ def refused_by_a_writable_server(connection: Any, exc: BaseException) -> bool:
 
 
 def _read_only_by_the_application(exc: BaseException) -> bool:
-    """Whether :func:`refused_by_a_writable_server` marked ``exc`` or an error it wraps."""
-    for err in error_chain(exc):
+    """Whether ``exc`` (a 25006) came from a server that takes writes: marked so by
+    :func:`refused_by_a_writable_server`, or, for an error SQLAlchemy's ``handle_error`` did
+    not see, raised by a driver connection whose server says so."""
+    chain = list(error_chain(exc))
+    for err in chain:
         try:
             found = getattr(err, _WRITABLE, False)
         except Exception:  # a type whose attribute lookup misbehaves: as if unmarked
             continue
         if found is True:
             return True
+    for err in chain:
+        driver = _driver_connection_of(err)
+        if driver is not None:
+            return server_takes_writes(driver)
     return False
 
 
@@ -440,26 +447,42 @@ def _refused_after_authentication(pgconn: Any) -> bool:
     return True
 
 
-def _psycopg_object(obj: Any) -> bool:
-    """Whether ``obj`` is of a psycopg class (or a subclass of one, as the commit protocol's
-    marked connections and cursors are)."""
-    return any(kind.__module__.startswith("psycopg") for kind in type(obj).__mro__)
+def _of_driver(obj: Any, driver: str) -> bool:
+    """Whether ``obj`` is of a class of ``driver`` (or a subclass of one, as the commit
+    protocol's marked connections and cursors are)."""
+    return any(kind.__module__.startswith(driver) for kind in type(obj).__mro__)
 
 
-def _psycopg_connection_lost(err: BaseException) -> bool | None:
-    """The state of the psycopg connection (or the cursor's) whose method raised ``err``: True
-    when libpq lost it (or it was closed), False when it is sound, None when not found."""
+def _driver_connection_of(err: BaseException) -> Any:
+    """The driver's connection (psycopg 3's, sync or async, or asyncpg's) whose method, or whose
+    cursor's, raised ``err``: found in its traceback, where SQLAlchemy's ``handle_error`` did
+    not see the error (the driver's connection used directly, an engine without a resilient
+    factory). None when not found."""
     tb = err.__traceback__
     while tb is not None:
         owner = tb.tb_frame.f_locals.get("self")
-        if owner is not None and _psycopg_object(owner):
-            conn = owner if hasattr(owner, "pgconn") else getattr(owner, "connection", None)
-            pgconn = getattr(conn, "pgconn", None)
-            status = getattr(pgconn, "status", None)
-            if isinstance(status, int):
-                return status != _CONNECTION_OK
+        if owner is not None:
+            if _of_driver(owner, "psycopg"):
+                conn = owner if hasattr(owner, "pgconn") else getattr(owner, "connection", None)
+                if getattr(conn, "pgconn", None) is not None:
+                    return conn
+            elif _of_driver(owner, "asyncpg"):
+                # its connection, or a prepared statement's or cursor's (asyncpg keeps no public
+                # reference to it)
+                conn = (
+                    owner if hasattr(owner, "get_settings") else getattr(owner, "_connection", None)
+                )
+                if callable(getattr(conn, "get_settings", None)):
+                    return conn
         tb = tb.tb_next
     return None
+
+
+def _psycopg_connection_lost(err: BaseException) -> bool | None:
+    """The state of the psycopg connection whose method (or whose cursor's) raised ``err``:
+    True when libpq lost it (or it was closed), False when it is sound, None when not found."""
+    status = getattr(getattr(_driver_connection_of(err), "pgconn", None), "status", None)
+    return status != _CONNECTION_OK if isinstance(status, int) else None
 
 
 class Classifier:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator
 
+import psycopg
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
@@ -237,3 +238,89 @@ def test_the_server_reports_what_tells_the_two_apart(
     engine.dispose()
     with engine.connect() as conn:
         assert not server_takes_writes(conn.connection.driver_connection)
+
+
+# -- errors SQLAlchemy's handle_error did not see -------------------------------------------------
+def _plain_write(engine: sa.Engine, *, read_only: bool) -> None:
+    with engine.begin() as conn:
+        if read_only:
+            conn.execute(sa.text("SET TRANSACTION READ ONLY"))
+        conn.execute(WRITE, {"name": "plain"})
+
+
+def test_the_drivers_own_connection_and_an_engine_without_a_factory_are_told_apart_too(
+    pg_url: str, pg_server: PostgresServer, pg_database: str, service: str
+) -> None:
+    """No resilient factory on the engine (``with_self_healing`` around plain SQLAlchemy code),
+    or a statement sent on psycopg's own connection inside a unit: the classifier reads the
+    server's report from the connection that raised the error."""
+    plain = sa.create_engine(pg_url)
+    hooked = sa.create_engine(pg_url)
+    Base.metadata.create_all(plain)
+    calls: list[int] = []
+
+    def handler() -> None:
+        calls.append(1)
+        _plain_write(plain, read_only=True)
+
+    def raw(session: Session) -> None:
+        calls.append(1)
+        driver = session.connection().connection.driver_connection
+        driver.execute("SET TRANSACTION READ ONLY")
+        driver.execute("INSERT INTO items (name) VALUES ('raw')")
+
+    try:
+        with pytest.raises(sa_exc.DBAPIError) as info:
+            rdb.with_self_healing(handler, service=f"{service}-plain", config=CONFIG)
+        assert rdb.sqlstate_of(info.value) == "25006"
+        assert rdb.classify(info.value) is rdb.Outcome.NOT_TRANSIENT
+        assert calls == [1]
+        _assert_breaker_untouched(f"{service}-plain")
+
+        Sessions = rdb.ResilientSession(hooked, service=service, config=CONFIG)
+        calls.clear()
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction) as raw_info:  # unwrapped
+            Sessions.run(raw)
+        assert rdb.classify(raw_info.value) is rdb.Outcome.NOT_TRANSIENT
+        assert calls == [1]
+        _assert_breaker_untouched(service)
+
+        # a server that takes no writes: the same error is a lost server
+        set_read_only_database(pg_server, pg_database, True)
+        plain.dispose()
+        with pytest.raises(sa_exc.DBAPIError) as info:
+            _plain_write(plain, read_only=False)
+        assert rdb.sqlstate_of(info.value) == "25006"
+        assert rdb.classify(info.value) is rdb.Outcome.DISCONNECT
+    finally:
+        plain.dispose()
+        hooked.dispose()
+
+
+@pytest.mark.asyncio
+async def test_async_an_engine_without_a_factory_is_told_apart_too(
+    pg_async_url: str, pg_server: PostgresServer, pg_database: str
+) -> None:
+    plain = create_async_engine(pg_async_url)
+
+    async def write(*, read_only: bool) -> None:
+        async with plain.begin() as conn:
+            if read_only:
+                await conn.execute(sa.text("SET TRANSACTION READ ONLY"))
+            await conn.execute(WRITE, {"name": "plain"})
+
+    try:
+        async with plain.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+        with pytest.raises(sa_exc.DBAPIError) as info:
+            await write(read_only=True)
+        assert rdb.sqlstate_of(info.value) == "25006"
+        assert rdb.classify(info.value) is rdb.Outcome.NOT_TRANSIENT
+        set_read_only_database(pg_server, pg_database, True)
+        await plain.dispose()
+        with pytest.raises(sa_exc.DBAPIError) as info:
+            await write(read_only=False)
+        assert rdb.sqlstate_of(info.value) == "25006"
+        assert rdb.classify(info.value) is rdb.Outcome.DISCONNECT
+    finally:
+        await plain.dispose()
