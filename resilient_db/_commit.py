@@ -582,16 +582,22 @@ def wrote_past_commit(connection: Connection, what: str) -> bool:
     """In the check's transaction on ``connection``, which found a unit committed: write WAL
     (:data:`REPLICATED_WRITE_SQL`, ``what`` naming the unit) where synchronous replication is
     in effect; whether it did (the transaction's COMMIT must then be proven, see
-    :func:`commit_replicated`)."""
+    :func:`end_check`)."""
     return bool(connection.execute(REPLICATED_WRITE_SQL, {"what": what}).scalar())
 
 
-def commit_replicated(connection: Connection) -> bool:
-    """COMMIT the check's transaction on ``connection`` (see :func:`wrote_past_commit`); True
-    when the server answered it plainly within :data:`REPLICATION_WAIT`: the synchronous
-    standbys confirmed it. False when it was cut off there, failed, or was answered with a
-    warning (a wait cancelled by someone else); the connection is then invalidated (a cancel
-    request may still be on its way to it)."""
+def end_check(connection: Connection, *, proving: bool) -> bool:
+    """COMMIT the check's transaction on ``connection``, cut off after
+    :data:`REPLICATION_WAIT` (a claim's fence waits for the synchronous standbys too, and the
+    server bounds that wait with nothing: ``statement_timeout`` ends before it begins).
+
+    ``proving`` (the check wrote WAL past the unit's commit, see :func:`wrote_past_commit`):
+    True only when the server answered plainly in time, the synchronous standbys having
+    confirmed it; not when it was cut off, failed, or was answered with a warning (a wait
+    cancelled by someone else). Otherwise True when the server answered it at all (a fence
+    committed on the primary is enough: the unit can no longer commit there). False: the
+    check proves nothing, check again. The connection is invalidated after a cut or an error
+    (a cancel request may still be on its way to it)."""
     driver = connection.connection.driver_connection
     warnings: list[str] = []
     try:
@@ -599,15 +605,16 @@ def commit_replicated(connection: Connection) -> bool:
             connection.commit()
         cut_off = cut()
     except Exception:
-        log_session.debug("the check's COMMIT failed: not proven replicated", exc_info=True)
+        log_session.debug("the check's COMMIT failed: the check proves nothing", exc_info=True)
         connection.invalidate()
         return False
-    if cut_off or warnings:
+    if cut_off:
+        connection.invalidate()
+    if proving and (cut_off or warnings):
         log_session.debug(
             "the check's COMMIT was %s: not proven replicated",
             f"answered with {'; '.join(warnings)}" if warnings else "cut off",
         )
-        connection.invalidate()
         return False
     return True
 

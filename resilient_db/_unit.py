@@ -45,7 +45,7 @@ from ._commit import (
     CommitRequest,
     CommitTicket,
     claim,
-    commit_replicated,
+    end_check,
     prune,
     wrote_past_commit,
 )
@@ -196,7 +196,7 @@ def check_commit(connection: Connection, ticket: CommitTicket) -> CommitVerdict:
     "Committed" is a verdict only once it is durable as the server promises: where
     synchronous replication is in effect, the check's transaction writes WAL past the unit's
     commit record and its own COMMIT must be answered plainly within
-    :data:`~._commit.REPLICATION_WAIT` (:func:`~._commit.commit_replicated`); else the unit is
+    :data:`~._commit.REPLICATION_WAIT` (:func:`~._commit.end_check`); else the unit is
     committed on the primary only, as far as anyone can tell: ``UNREPLICATED`` (a failover to
     a standby that never had it would lose it)."""
     with connection.begin():
@@ -205,12 +205,13 @@ def check_commit(connection: Connection, ticket: CommitTicket) -> CommitVerdict:
         else:
             row = connection.execute(XID_STATUS_SQL, {"xid": ticket.xid}).one()
             verdict = interpret_xid(ticket, row[0], row[1])
-        if verdict is not CommitVerdict.COMMITTED or not wrote_past_commit(
+        proving = verdict is CommitVerdict.COMMITTED and wrote_past_commit(
             connection, _whose(ticket)
-        ):
-            return verdict  # (committed on leaving: a claim's fence)
-        replicated = commit_replicated(connection)
-    return CommitVerdict.COMMITTED if replicated else CommitVerdict.UNREPLICATED
+        )
+        if end_check(connection, proving=proving):
+            return verdict
+    # the check's COMMIT proves nothing (a fence not known committed: check again)
+    return CommitVerdict.UNREPLICATED if proving else CommitVerdict.IN_PROGRESS
 
 
 def interpret_claim(status: str | None) -> CommitVerdict:

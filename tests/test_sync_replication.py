@@ -6,7 +6,7 @@ the commit record. While the standby is down the COMMIT waits; cut short there (
 server keeps the commit on the primary alone, and the standby a failover promotes never had it.
 A unit whose COMMIT was cut short is settled on a new connection to the same primary, which
 finds it committed: that proves nothing a failover keeps. "Done" needs the check's own WAL
-confirmed by the synchronous standby (``resilient_db._commit.commit_replicated``); while it
+confirmed by the synchronous standby (``resilient_db._commit.end_check``); while it
 can't be, the outcome is unknown.
 
 Real servers (a :class:`~resilient_db.testing.StandbyPair`), real faults: the standby stopped,
