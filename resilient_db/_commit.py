@@ -35,6 +35,7 @@ subclass (``connection_class``, set in ``do_connect``) whose ``execute("COMMIT;"
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import logging
@@ -739,6 +740,65 @@ def marker_id() -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+# -- connecting to a multi-host URL ---------------------------------------------------------------
+#: seconds a connect may take per host of a multi-host URL, where nothing else bounds it: a host
+#: that accepts TCP and never answers (a frozen server, a blackholed address) is given up after
+#: this long and the next one tried. psycopg: libpq's ``connect_timeout`` (per host) where the
+#: URL, connect arguments and PGCONNECT_TIMEOUT set none; asyncpg: its ``timeout`` (60 s by
+#: default), which asyncpg applies to the whole multi-host connect, is applied to each host
+#: instead (see :func:`_connect_host_by_host`), and is this where not given.
+MULTI_HOST_CONNECT_TIMEOUT: Final = 5
+
+#: asyncpg's errors after which its own multi-host connect tries the next host, and so does
+#: :func:`_connect_host_by_host`; and the host's session not of the wanted kind
+#: (``target_session_attrs``)
+_NEXT_HOST: Final = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TargetServerAttributeNotMatched,
+)
+
+
+async def _connect_host_by_host(
+    *args: Any,
+    host: list[str],
+    port: list[int],
+    timeout: Any = None,
+    target_session_attrs: str | None = None,
+    **kwargs: Any,
+) -> Any:
+    """``asyncpg.connect`` to a multi-host URL, one host at a time, each within ``timeout``
+    (:data:`MULTI_HOST_CONNECT_TIMEOUT` where not given). asyncpg's own loop over the hosts runs
+    inside one ``timeout``: a first host that accepts TCP and never answers used it up (60 s by
+    default), and the connect failed without trying the next host.
+
+    The hosts are tried in order; one that can't be reached, is starting up, or is not of the
+    ``target_session_attrs`` kind is passed over, as asyncpg passes it over; another error (a
+    refused password, a missing database) ends the connect, as in asyncpg. ``prefer-standby``
+    tries every host for a standby first, then every host for any server."""
+    per_host = MULTI_HOST_CONNECT_TIMEOUT if timeout is None else float(timeout)
+    wanted = target_session_attrs or os.environ.get("PGTARGETSESSIONATTRS")
+    rounds = ("standby", "any") if wanted == "prefer-standby" else (target_session_attrs,)
+    last: BaseException | None = None
+    for attrs in rounds:
+        for one_host, one_port in zip(host, port, strict=True):
+            try:
+                return await asyncpg.connect(
+                    *args,
+                    host=one_host,
+                    port=one_port,
+                    timeout=per_host,
+                    target_session_attrs=attrs,
+                    **kwargs,
+                )
+            except _NEXT_HOST as exc:
+                last = exc
+                log_session.debug("connecting to %s:%s failed", one_host, one_port, exc_info=True)
+    assert last is not None  # (at least two hosts were tried)
+    raise last
+
+
 # -- the client side ----------------------------------------------------------------------------
 @dataclass
 class CommitTicket:
@@ -990,6 +1050,8 @@ class CommitProtocol:
             event.listen(engine, name, listener)
         if self.is_asyncpg:
             event.listen(engine, "do_connect", self._asyncpg_do_connect)
+        else:
+            event.listen(engine, "do_connect", self._psycopg_do_connect)
 
     # -- events -----------------------------------------------------------------------------------
     # With self-healing off (SELF_HEALING_ENABLED=false) both connect listeners leave the
@@ -1012,13 +1074,43 @@ class CommitProtocol:
         base is what the connection is made from when self-healing is off."""
         given = cparams.get("connection_class")
         base = getattr(given, "_rdb_base", given) or asyncpg.Connection
-        if not self._settings.config.enabled or "async_creator_fn" in cparams:
+        creator = cparams.get("async_creator_fn")
+        if creator is _connect_host_by_host:  # this listener's own, from an earlier connect
+            del cparams["async_creator_fn"]
+            creator = None
+        if not self._settings.config.enabled or creator is not None:
             if given is not None and given is not base:
                 cparams["connection_class"] = base  # asyncpg's own (or yours), unmarked
             return  # (made by your async_creator: prepare adopts it at connect)
         if cparams.get("statement_cache_size") == 0:
             record.info[_NO_PREPARE_KEY] = True  # asyncpg told not to prepare (a pooler's setting)
         cparams["connection_class"] = marked_connection_class(base)
+        hosts, ports = cparams.get("host"), cparams.get("port")
+        if (
+            isinstance(hosts, (list, tuple))
+            and len(hosts) > 1
+            and isinstance(ports, (list, tuple))
+            and len(ports) == len(hosts)
+        ):
+            cparams["async_creator_fn"] = _connect_host_by_host
+
+    def _psycopg_do_connect(
+        self, dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]
+    ) -> None:
+        """A multi-host URL (``host=a&host=b``: ``"a,b"`` here) whose URL, connect arguments
+        and environment set no ``connect_timeout`` gets :data:`MULTI_HOST_CONNECT_TIMEOUT`:
+        psycopg tries the hosts one by one, each for that long (its own default is 130 s: a
+        first host that accepts TCP and never answers held every connect that long)."""
+        hosts = cparams.get("host")
+        if (
+            self._settings.config.enabled
+            and not cargs
+            and isinstance(hosts, str)
+            and "," in hosts
+            and "connect_timeout" not in cparams
+            and "PGCONNECT_TIMEOUT" not in os.environ
+        ):
+            cparams["connect_timeout"] = MULTI_HOST_CONNECT_TIMEOUT
 
     def needs_replacing(self, dbapi_connection: Any, record: Any) -> bool:
         """An asyncpg connection made before this engine had a resilient factory, or while

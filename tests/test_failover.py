@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
+from resilient_db._commit import MULTI_HOST_CONNECT_TIMEOUT
 from resilient_db.testing import FaultProxy, ServerStartError, StandbyPair
 
 pytest_plugins = ["pytester"]
@@ -790,3 +791,71 @@ def test_units_cut_off_by_a_failover_do_not_open_the_breaker(pg_standby: Standby
     assert service["counters"]["breaker_opens"] == 0, service
     assert service["counters"]["breaker_rejections"] == 0, service
     report("psycopg, 8 writers, breaker on", workload, pair, crashed, promoted)
+
+
+# -- a first host that accepts TCP and never answers -----------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_frozen_first_host_is_passed_over_after_the_per_host_connect_timeout(
+    pg_standby_factory: Callable[..., StandbyPair], driver: str
+) -> None:
+    """The multi-host URL lists first a host that accepts TCP and never answers (a blackholed
+    proxy in front of the old primary), then the promoted standby. Each host gets its own
+    bounded connect (MULTI_HOST_CONNECT_TIMEOUT where the URL sets none), so the unit writes on
+    the standby after about that long. (Before: psycopg waited its default 130 s per host, and
+    asyncpg spent its whole connect timeout, 60 s by default, on the first host and never tried
+    the second.) psycopg: a connect_timeout the URL gives is kept."""
+    pair = pg_standby_factory(synchronous=False)
+    prepare(pair, markers=False)
+    bound = MULTI_HOST_CONNECT_TIMEOUT
+    with FaultProxy(pair.primary) as proxy:
+        proxy.blackhole()
+        pair.promote()
+        url = pair.url(DATABASE, driver=driver, primary_at=(proxy.host, proxy.port))
+        config = rdb.Config(max_retries=0, deadline=60.0, circuit_breaker=False)
+        began = time.monotonic()
+        if driver == "asyncpg":
+
+            async def write(session: AsyncSession) -> tuple[int, None]:
+                port = (await session.execute(INSERT, {"key": "k"})).scalar_one()
+                return port, None
+
+            async def main() -> tuple[int, str | None]:
+                engine = create_async_engine(url)
+                factory = rdb.AsyncResilientSession(engine, service="frozen", config=config)
+                try:
+                    return await asyncio.wait_for(factory.run(write), 4 * bound)
+                finally:
+                    await engine.dispose()
+
+            port, timeout = asyncio.run(main())
+        else:
+
+            def write_sync(session: Session) -> tuple[int, str | None]:
+                port = session.execute(INSERT, {"key": "k"}).scalar_one()
+                driver_connection = session.connection().connection.driver_connection
+                return port, driver_connection.info.get_parameters().get("connect_timeout")
+
+            engine = sa.create_engine(url)
+            factory = rdb.ResilientSession(engine, service="frozen", config=config)
+            done: list[tuple[int, str | None]] = []
+            thread = threading.Thread(target=lambda: done.append(factory.run(write_sync)))
+            thread.start()
+            thread.join(4 * bound)  # (closing the proxy ends a connect still waiting on it)
+            engine.dispose()
+            assert done, f"no write within {4 * bound} s"
+            [(port, timeout)] = done
+        took = time.monotonic() - began
+    note = f"{driver}: wrote on the standby {took:.1f} s after the unit began"
+    print(f"\n[failover] a frozen first host: {note}")
+    assert port == pair.standby.port
+    assert bound * 0.8 <= took < 3 * bound, note
+    if driver == "psycopg":
+        assert timeout == str(bound)
+        engine = sa.create_engine(url + "&connect_timeout=7")
+        try:
+            with engine.connect() as conn:
+                parameters = conn.connection.driver_connection.info.get_parameters()
+            assert parameters.get("connect_timeout") == "7"
+        finally:
+            engine.dispose()
