@@ -760,6 +760,15 @@ _NEXT_HOST: Final = (
 )
 
 
+def _multi_host(url: Any) -> bool:
+    """Whether SQLAlchemy ``url`` lists several hosts (``?host=a&host=b``, or ``?host=a,b``)."""
+    hosts = url.query.get("host")
+    if not hosts:
+        return False
+    listed = hosts if isinstance(hosts, tuple) else (hosts,)
+    return sum(len(str(host).split(",")) for host in listed) > 1
+
+
 async def _connect_host_by_host(
     *args: Any,
     host: list[str],
@@ -778,6 +787,16 @@ async def _connect_host_by_host(
     refused password, a missing database) ends the connect, as in asyncpg. ``prefer-standby``
     tries every host for a standby first, then every host for any server."""
     per_host = MULTI_HOST_CONNECT_TIMEOUT if timeout is None else float(timeout)
+    if not (
+        isinstance(host, (list, tuple))
+        and isinstance(port, (list, tuple))
+        and len(host) == len(port)
+    ):  # hosts given otherwise than by the URL (connect_args): asyncpg's own connect
+        if timeout is not None:
+            kwargs["timeout"] = timeout
+        return await asyncpg.connect(
+            *args, host=host, port=port, target_session_attrs=target_session_attrs, **kwargs
+        )
     wanted = target_session_attrs or os.environ.get("PGTARGETSESSIONATTRS")
     rounds = ("standby", "any") if wanted == "prefer-standby" else (target_session_attrs,)
     last: BaseException | None = None
@@ -1016,6 +1035,8 @@ class CommitProtocol:
         self.engine = engine
         self._settings = settings  # the engine's hooks: its current config and service name
         self.is_asyncpg = engine.dialect.driver == "asyncpg"
+        #: the URL lists several hosts: each gets a bounded connect (MULTI_HOST_CONNECT_TIMEOUT)
+        self.multi_host = _multi_host(engine.url)
         self._warned = False
         # the identity (_IDENTITY_SQL) of the markers' objects last found owned by trusted
         # roles, and of those last found otherwise: only another set is asked about its owners
@@ -1050,7 +1071,7 @@ class CommitProtocol:
             event.listen(engine, name, listener)
         if self.is_asyncpg:
             event.listen(engine, "do_connect", self._asyncpg_do_connect)
-        else:
+        elif self.multi_host:  # (a single host's connects pay no listener)
             event.listen(engine, "do_connect", self._psycopg_do_connect)
 
     # -- events -----------------------------------------------------------------------------------
@@ -1074,24 +1095,17 @@ class CommitProtocol:
         base is what the connection is made from when self-healing is off."""
         given = cparams.get("connection_class")
         base = getattr(given, "_rdb_base", given) or asyncpg.Connection
-        creator = cparams.get("async_creator_fn")
-        if creator is _connect_host_by_host:  # this listener's own, from an earlier connect
-            del cparams["async_creator_fn"]
-            creator = None
-        if not self._settings.config.enabled or creator is not None:
+        creator = cparams.get("async_creator_fn")  # (this listener's own, likewise)
+        if not self._settings.config.enabled or creator not in (None, _connect_host_by_host):
             if given is not None and given is not base:
                 cparams["connection_class"] = base  # asyncpg's own (or yours), unmarked
+            if creator is _connect_host_by_host:
+                del cparams["async_creator_fn"]  # self-healing off: the URL as given
             return  # (made by your async_creator: prepare adopts it at connect)
         if cparams.get("statement_cache_size") == 0:
             record.info[_NO_PREPARE_KEY] = True  # asyncpg told not to prepare (a pooler's setting)
         cparams["connection_class"] = marked_connection_class(base)
-        hosts, ports = cparams.get("host"), cparams.get("port")
-        if (
-            isinstance(hosts, (list, tuple))
-            and len(hosts) > 1
-            and isinstance(ports, (list, tuple))
-            and len(ports) == len(hosts)
-        ):
+        if self.multi_host:
             cparams["async_creator_fn"] = _connect_host_by_host
 
     def _psycopg_do_connect(

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -859,3 +860,48 @@ def test_a_frozen_first_host_is_passed_over_after_the_per_host_connect_timeout(
             assert parameters.get("connect_timeout") == "7"
         finally:
             engine.dispose()
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_multi_host_url_connects_host_by_host_honouring_target_session_attrs(
+    pg_standby: StandbyPair, driver: str
+) -> None:
+    """The bounded per-host connect still picks the host target_session_attrs asks for: with
+    the standby listed first, read-write lands on the primary, prefer-standby on the
+    standby, any on the first host."""
+    pair = pg_standby
+    prepare(pair, markers=False)
+    standby = f"{pair.standby.host}:{pair.standby.port}"
+    primary = f"{pair.primary.host}:{pair.primary.port}"
+    landed: dict[str, int] = {}
+    for attrs in ("read-write", "prefer-standby", "any"):
+        url = sa.make_url(pair.url(DATABASE, driver=driver)).update_query_dict(
+            {"host": [standby, primary], "target_session_attrs": attrs}
+        )
+        factory_args: dict[str, Any] = {"service": f"hosts-{driver}-{attrs}"}
+        if driver == "asyncpg":
+
+            async def port_of(url: sa.URL = url, args: dict[str, Any] = factory_args) -> int:
+                engine = create_async_engine(url)
+                factory = rdb.AsyncResilientSession(engine, **args)
+                try:
+                    async with factory() as session:
+                        query = sa.text("SELECT inet_server_port()")
+                        return int((await session.execute(query)).scalar_one())
+                finally:
+                    await engine.dispose()
+
+            landed[attrs] = asyncio.run(port_of())
+        else:
+            engine = sa.create_engine(url)
+            try:
+                with rdb.ResilientSession(engine, **factory_args)() as session:
+                    port = session.execute(sa.text("SELECT inet_server_port()")).scalar_one()
+                    landed[attrs] = int(port)
+            finally:
+                engine.dispose()
+    assert landed == {
+        "read-write": pair.primary.port,
+        "prefer-standby": pair.standby.port,
+        "any": pair.standby.port,
+    }
