@@ -393,13 +393,15 @@ def _psycopg_disconnect(err: BaseException, name: str, *, wrapped: bool) -> bool
     and also for errors of a sound connection (libpq refusing a statement of more than 65,535
     parameters before sending it). So:
 
-    - raised while connecting: a disconnect (the server may be down or starting), except when
-      the server asked for a password and then refused the session, the URL asking for no
-      particular kind of session (``target_session_attrs``): a wrong password, an unknown
-      database, a role without the right to connect. Retrying can't help and the database is
-      not down. (psycopg can't tell those from the server's 53300 sent after authentication:
-      the last connection slots reserved, a role's or database's connection limit; asyncpg
-      can, by its SQLSTATE.)
+    - raised while connecting: a disconnect (the server may be down, starting, or out of
+      connection slots), except when the server asked for a password and none was given (the
+      URL asking for no particular kind of session, ``target_session_attrs``): retrying can't
+      help. A refusal after the password was sent is ambiguous with psycopg, which keeps no
+      SQLSTATE of it: a wrong password, an unknown database (28P01, 3D000: no use retrying)
+      look the same as 53300 sent after authentication (the last connection slots reserved
+      for superusers, a role's or database's connection limit), the usual "too many
+      connections" of an application, which heals; it stays a disconnect. (asyncpg's errors
+      carry the SQLSTATE and are told apart.)
     - on an established connection: a disconnect only when the connection is lost. SQLAlchemy
       judged that by the connection's state (``connection_invalidated``, checked before this);
       an error of the driver's connection used directly is judged by the state of the
@@ -430,14 +432,12 @@ def _raised_connecting(err: BaseException) -> bool:
 
 def _refused_after_authentication(pgconn: Any) -> bool:
     """Whether the connect whose libpq connection (psycopg's finished copy) is ``pgconn`` was
-    refused by a server that had asked for a password (libpq's ``PQconnectionUsedPassword`` /
-    ``PQconnectionNeedsPassword``), the URL asking for any kind of session: the server answered,
-    and refused this client, not a moment of unavailability. A server refusing before it asks
-    (starting up, shutting down, out of connection slots) or a URL with
-    ``target_session_attrs`` (libpq's own refusal of a host that takes no writes comes after
-    authentication too) stays a disconnect."""
+    refused by a server that asked for a password none was given for (libpq's
+    ``PQconnectionNeedsPassword``), the URL asking for any kind of session: a configuration
+    that can't succeed, not a moment of unavailability. Anything else stays a disconnect (see
+    :func:`_psycopg_disconnect`), as does a URL with ``target_session_attrs``."""
     try:
-        if not (pgconn.used_password or pgconn.needs_password):
+        if not pgconn.needs_password:
             return False
         for option in pgconn.info:
             if option.keyword == b"target_session_attrs":

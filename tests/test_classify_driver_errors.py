@@ -7,13 +7,12 @@
   psycopg's ``broken``; for the driver's connection used directly, its libpq status). Before,
   every such error was a disconnect: retried, counted by the breaker, which then opened for
   every unit of the service.
-- psycopg keeps no SQLSTATE of a refusal the server sends while connecting. One that comes after
-  the server asked for a password (a wrong password, an unknown database) is not transient and
-  not the database failing, as asyncpg's (which carry 28P01, 3D000) are; before, psycopg's were
-  retried (2.4 s per request with the defaults) and counted, and from the second request on the
-  users got ``CircuitOpenError`` instead of the refusal. A connect that reaches no server, or
-  that a URL with ``target_session_attrs`` makes (libpq's refusal of a host that takes no writes
-  also comes after authentication), stays a disconnect.
+- psycopg keeps no SQLSTATE of a refusal the server sends while connecting. A server that asked
+  for a password the URL did not give refused for good: not transient. A refusal after the
+  password was sent (a wrong password, an unknown database) can't be told from the server's
+  "too many connections" sent after authentication, which heals: it stays a disconnect, as a
+  connect that reaches no server does. asyncpg's carry their SQLSTATE (28P01, 3D000: not
+  transient; 53300: unavailable).
 
 Real server, real drivers, loopback; backoff zeroed.
 """
@@ -196,14 +195,20 @@ REFUSED = {
 }
 
 
-@pytest.mark.parametrize("refusal", sorted(REFUSED))
-def test_a_connect_refused_after_authentication_raises_at_once(
-    password_url: str, service: str, refusal: str
+def test_a_connect_without_the_password_the_server_asks_for_raises_at_once(
+    password_url: str, service: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    engine = sa.create_engine(_with(password_url, **REFUSED[refusal]))
+    """The server asked for a password and the URL gave none: no retry can succeed."""
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    monkeypatch.setenv("PGPASSFILE", "/nonexistent")
+    given = sa.make_url(password_url)
+    without = sa.engine.URL.create(
+        given.drivername, given.username, None, given.host, given.port, given.database
+    )
+    engine = sa.create_engine(without)
     Sessions = rdb.ResilientSession(engine, service=service, config=CONFIG)
     try:
-        for n in range(1, 11):
+        for n in range(1, 6):
             with pytest.raises(sa_exc.OperationalError) as info:  # never CircuitOpenError
                 Sessions.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one())
             assert rdb.classify(info.value) is rdb.Outcome.NOT_TRANSIENT
@@ -211,6 +216,53 @@ def test_a_connect_refused_after_authentication_raises_at_once(
     finally:
         engine.dispose()
     _assert_breaker_untouched(service)
+
+
+@pytest.mark.parametrize("refusal", sorted(REFUSED))
+def test_psycopg_refusals_after_the_password_are_disconnects(
+    password_url: str, service: str, refusal: str
+) -> None:
+    """psycopg keeps no SQLSTATE of a refusal sent while connecting: a wrong password or an
+    unknown database look the same as the server's "too many connections" sent after
+    authentication (below), which heals; so they are retried (asyncpg's are not: below)."""
+    engine = sa.create_engine(_with(password_url, **REFUSED[refusal]))
+    config = rdb.Config(max_retries=2, circuit_breaker=False)
+    Sessions = rdb.ResilientSession(engine, service=service, config=config)
+    try:
+        with pytest.raises(sa_exc.OperationalError) as info:
+            Sessions.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one())
+    finally:
+        engine.dispose()
+    assert rdb.classify(info.value) is rdb.Outcome.DISCONNECT
+    assert _counters(service)["attempts"] == 3
+
+
+def test_a_connect_refused_for_too_many_connections_after_authentication_heals(
+    password_url: str, pg_server: Any, service: str
+) -> None:
+    """53300 sent after the password was checked (here a role's connection limit; likewise the
+    last slots reserved for superusers, the usual "too many connections" of an application):
+    retried, and the unit succeeds once a connection is given back."""
+    role = f"limited_{service.replace('-', '_')}"
+    pg_server.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw' CONNECTION LIMIT 1")
+    url = _with(password_url, username=role, password="pw")
+    held = psycopg.connect(sa.make_url(url).set(drivername="postgresql").render_as_string(False))
+    given_back: list[float] = []
+
+    def sleep(seconds: float) -> None:  # the first backoff: the other connection ends
+        given_back.append(seconds)
+        held.close()
+
+    engine = sa.create_engine(url)
+    Sessions = rdb.ResilientSession(engine, service=service, config=CONFIG, sleep=sleep)
+    try:
+        assert Sessions.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one()) == 1
+    finally:
+        held.close()
+        engine.dispose()
+        pg_server.execute(f"DROP ROLE IF EXISTS {role}")
+    assert len(given_back) == 1
+    assert _counters(service)["retries_by_class"] == {"disconnect": 1}
 
 
 @pytest.mark.parametrize("refusal", sorted(REFUSED))
