@@ -22,6 +22,7 @@ import logging
 import math
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from typing import Any
@@ -164,24 +165,28 @@ class Breaker:
         #: probes whose end Redis did not hear (it did not answer): (gen, success), reported
         #: when it answers again, before the shared state is read back
         self._unreported: list[tuple[int, bool]] = []
+        # the live users whose config= of the code decides the settings (see follow)
+        self._explicit_users: weakref.WeakSet[Any] = weakref.WeakSet()
         self._attach(config)
 
     # -- configuration ---------------------------------------------------------------------
-    #: whether the settings in use came from a ``config=`` of the code (a factory's, or
-    #: with_self_healing's), which the environment's configuration does not override
-    explicit = False
-
-    def follow(self, config: Config, *, explicit: bool) -> None:
-        """A user of this breaker (a factory, ``with_self_healing``, a reload) asks for the
-        breaker settings of ``config``. A service has one breaker: the environment's settings
-        don't replace those a ``config=`` gave it, and two ``config=`` that differ are warned
-        about (the later one is followed)."""
+    def follow(self, config: Config, *, user: object, explicit: bool) -> None:
+        """``user`` of this breaker (a factory's or ``with_self_healing``'s policy; at its
+        creation, at a reload) asks for the breaker settings of ``config``, a ``config=`` of
+        the code when ``explicit`` (else the environment's). A service has one breaker: while
+        a user that gave a ``config=`` lives, the environment's settings don't replace its
+        settings, and another ``config=`` that differs is warned about (the later one is
+        followed)."""
+        held = [u for u in self._explicit_users if u is not user]  # others' config=, alive
+        if explicit:
+            self._explicit_users.add(user)
+        else:
+            self._explicit_users.discard(user)
         if breaker_settings(config) == breaker_settings(self.config):
-            self.explicit = self.explicit or explicit
             return
-        if self.explicit and not explicit:
+        if held and not explicit:
             return  # a config= of the code decides this service's breaker, not the environment
-        if self.explicit:
+        if held:
             emit(
                 config,
                 log_breaker,
@@ -195,7 +200,6 @@ class Breaker:
                 service=self.service,
                 event="breaker_settings_conflict",
             )
-        self.explicit = explicit
         self.apply_config(config)
 
     def apply_config(self, config: Config) -> None:
@@ -660,11 +664,12 @@ def breaker_for(
     storage: Any = None,
     listeners: Iterable[Any] = (),
     clock: Callable[[], float] | None = None,
+    user: object,
     explicit: bool = True,
 ) -> Breaker:
     """The breaker of ``service``, created on first use; later calls may update its numbers
-    (see :meth:`Breaker.follow`; ``explicit``: ``config`` is a ``config=`` of the code, not the
-    environment's).
+    (see :meth:`Breaker.follow`: ``user`` asks, ``explicit`` when ``config`` is a ``config=``
+    of the code, not the environment's).
 
     A service has one breaker and so one state storage: asking for it with another storage
     than the one it was made with is refused (ValueError), never silently ignored.
@@ -683,14 +688,13 @@ def breaker_for(
             breaker = Breaker(
                 service, config, storage=storage, listeners=listeners, clock=clock or time.time
             )
-            breaker.explicit = explicit
             STATE.breakers[service] = breaker
         else:
-            breaker.follow(config, explicit=explicit)
             for listener in listeners:
                 breaker.add_listener(listener)
             if clock is not None:
                 breaker._clock = clock
+        breaker.follow(config, user=user, explicit=explicit)
         return breaker
 
 

@@ -147,12 +147,13 @@ class Policy:
                 storage=self._breaker_storage,
                 listeners=self._breaker_listeners,
                 clock=self._wall_clock,
+                user=self,
                 explicit=self.explicit_config,
             )
         else:
             # a reload: the same breaker, new numbers (looking it up again could meet another
             # factory's breaker, made after reset_state() forgot this one)
-            own.follow(config, explicit=self.explicit_config)
+            own.follow(config, user=self, explicit=self.explicit_config)
         self.breaker = own
 
     # -- decisions (no I/O) ------------------------------------------------------------------

@@ -690,7 +690,13 @@ class FactoryCore:
         self._explicit_config = config is not None
         self.config = config if config is not None else load_config()
         self.classifier = classifier or Classifier()
-        self.policy = Policy(service, self.config, classifier=self.classifier, **policy_kwargs)
+        self.policy = Policy(
+            service,
+            self.config,
+            classifier=self.classifier,
+            explicit_config=self._explicit_config,
+            **policy_kwargs,
+        )
         self._referee = CommitReferee(self.policy, sync_engine)
         self._hooks = hooks_for(sync_engine, self)
 

@@ -1,0 +1,86 @@
+"""A service has one circuit breaker, whoever asks for it: a factory's ``config=`` decides its
+settings over the environment's (``with_self_healing``, default factories, reloads), and two
+``config=`` that differ are warned about."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+from scenarios import RAISE_CODE_FUNCTION
+from sqlalchemy.orm import Session
+
+import resilient_db as rdb
+
+pytestmark = pytest.mark.usefixtures("no_backoff")
+
+
+@pytest.fixture
+def engine(pg_url: str) -> Iterator[sa.Engine]:
+    engine = sa.create_engine(pg_url)
+    with engine.begin() as conn:
+        conn.execute(RAISE_CODE_FUNCTION)
+    yield engine
+    engine.dispose()
+
+
+def threshold(service: str) -> int:
+    return int(rdb.health()["services"][service]["breaker"]["failure_threshold"])
+
+
+def unavailable(session: Session) -> None:
+    session.execute(sa.text("SELECT raise_code('57P03')"))  # cannot connect now: a failure
+
+
+def test_the_environment_does_not_replace_a_factorys_breaker_settings(
+    engine: sa.Engine, service: str, clean_env: pytest.MonkeyPatch
+) -> None:
+    """The factory's ``Config(failure_threshold=50)`` was replaced by the environment's 5 at
+    the first ``with_self_healing`` call of the same service: its circuit opened after 5."""
+    Session = rdb.ResilientSession(
+        engine, service=service, config=rdb.Config(failure_threshold=50, max_retries=0)
+    )
+    assert rdb.with_self_healing(lambda: 1, service=service) == 1
+    assert threshold(service) == 50
+    for _ in range(8):
+        with pytest.raises(sa.exc.OperationalError):
+            Session.run(unavailable)
+    assert rdb.health()["services"][service]["breaker"]["state"] == "closed"
+
+    # nor do a default factory of the service, or a reload, made afterwards
+    clean_env.setenv("SELF_HEALING_FAILURE_THRESHOLD", "7")
+    rdb.ResilientSession(engine, service=service)
+    rdb.reload_config()
+    assert threshold(service) == 50
+
+
+def test_a_factorys_settings_replace_the_environments(
+    engine: sa.Engine, service: str, clean_env: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    clean_env.setenv("SELF_HEALING_FAILURE_THRESHOLD", "7")
+    rdb.ResilientSession(engine, service=service)
+    assert threshold(service) == 7
+    with caplog.at_level(logging.WARNING, logger="resilient_db"):
+        rdb.ResilientSession(engine, service=service, config=rdb.Config(failure_threshold=50))
+        rdb.reload_config()  # the environment's again: the factory's config= stays
+    assert threshold(service) == 50
+    assert not [r for r in caplog.records if "settings differ" in r.getMessage()]
+
+
+def test_two_factories_asking_for_different_breaker_settings_are_warned_about(
+    engine: sa.Engine, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    rdb.ResilientSession(engine, service=service, config=rdb.Config(failure_threshold=50))
+    rdb.ResilientSession(
+        engine, service=service, config=rdb.Config(failure_threshold=50, max_retries=9)
+    )
+    assert threshold(service) == 50
+    with caplog.at_level(logging.WARNING, logger="resilient_db"):
+        rdb.ResilientSession(engine, service=service, config=rdb.Config(failure_threshold=20))
+    (line,) = [r.getMessage() for r in caplog.records if "settings differ" in r.getMessage()]
+    assert f"service={service}" in line
+    assert "failure_threshold=50" in line
+    assert "failure_threshold=20" in line
+    assert threshold(service) == 20
