@@ -903,12 +903,12 @@ class EngineHooks:
 
 
 def engine_settings(config: Config, classifier: Classifier) -> tuple[Any, ...]:
-    """What the engine-wide hooks act on: factories sharing an engine must agree on it."""
+    """What the engine-wide hooks act on: factories sharing an engine must agree on it. (Not
+    the logging settings: the engine's own lines follow the latest factory's, which need not
+    agree with the others'.)"""
     return (
         config.enabled,
         config.guard_on,
-        config.logging_on,
-        config.log_level,
         tuple(sorted((code, outcome.value) for code, outcome in classifier.codes.items())),
     )
 
@@ -941,8 +941,10 @@ def hooks_for(engine: Engine, factory: FactoryCore) -> EngineHooks:
                 f"another resilient factory (service {hooks.service!r}) already uses this "
                 f"engine with different engine-wide settings: "
                 f"{_settings_diff(hooks.settings, mine)}. Factories sharing an engine must "
-                "agree on enabled, status_validation, logging, log_level and the classifier's "
-                "codes; use one factory, the same settings, or another engine"
+                "agree on enabled, status_validation and the classifier's codes; use one "
+                "factory, the same settings, or another engine. (A factory without config= "
+                "follows the SELF_HEALING_* variables, one with config= does not: to have it "
+                "follow them as well, give it config=rdb.load_config().replace(...).)"
             )
         hooks.factories.add(factory)
         hooks.config = config
@@ -952,7 +954,7 @@ def hooks_for(engine: Engine, factory: FactoryCore) -> EngineHooks:
         return hooks
 
 
-_SETTING_NAMES = ("enabled", "status validation", "logging", "log_level", "classifier codes")
+_SETTING_NAMES = ("enabled", "status validation", "classifier codes")
 
 
 def _settings_diff(theirs: tuple[Any, ...], mine: tuple[Any, ...]) -> str:

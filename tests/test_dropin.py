@@ -941,3 +941,30 @@ def test_a_sync_factory_made_before_an_async_one_records_each_connection_once(
     assert done.stdout.split() == ["1", "0", "1"]  # verified, not unknown; one answer lost
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM sync_before_async").scalar() == 2
+
+
+@pytest.mark.parametrize("variable", ["SELF_HEALING_LOG_LEVEL=debug", "SELF_HEALING_LOGGING=off"])
+def test_factories_on_one_engine_may_log_differently(
+    engine: sa.Engine, service: str, clean_env: pytest.MonkeyPatch, variable: str
+) -> None:
+    """A default factory (the environment's settings) and one with ``config=`` on one engine:
+    turning debug logging on (or logging off) in the environment made the second refuse to
+    start. Logging is no engine-wide setting: the engine's own lines follow the latest."""
+    name, value = variable.split("=")
+    clean_env.setenv(name, value)
+    default = rdb.ResilientSession(engine, service=service)
+    explicit = rdb.ResilientSession(engine, service=f"{service}-x", config=rdb.Config())
+    assert default.run(lambda session: session.scalar(sa.select(sa.literal(1)))) == 1
+    assert explicit.run(lambda session: session.scalar(sa.select(sa.literal(2)))) == 2
+
+
+def test_a_kill_switch_refusal_says_how_to_follow_the_environment(
+    engine: sa.Engine, service: str, clean_env: pytest.MonkeyPatch
+) -> None:
+    clean_env.setenv("SELF_HEALING_ENABLED", "false")
+    rdb.ResilientSession(engine, service=service)
+    with pytest.raises(ValueError, match=r"enabled: False there, True here") as info:
+        rdb.ResilientSession(engine, service=f"{service}-x", config=rdb.Config())
+    assert "config=rdb.load_config().replace(...)" in str(info.value)
+    follows = rdb.load_config().replace(max_retries=9)
+    rdb.ResilientSession(engine, service=f"{service}-y", config=follows)  # agrees: accepted
