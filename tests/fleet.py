@@ -17,6 +17,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
+import resilient_db as rdb
+
 WORKER = Path(__file__).with_name("fleet_worker.py")
 HOLD_LOCK = 4242
 
@@ -185,3 +187,9 @@ def fleet(
     finally:
         for worker in workers:
             worker.close()
+
+
+def shared(service: str) -> dict[str, Any]:
+    """``health()``'s entry of ``service``'s breaker shared through Redis."""
+    entry: dict[str, Any] = rdb.health()["services"][service]["breaker"]["shared"]
+    return entry

@@ -12,13 +12,13 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from fleet import Gate, fleet
+from fleet import Gate, fleet, shared
 from processes import alive, killed_at_exit, wait_for
 
 import resilient_db as rdb
@@ -208,25 +208,13 @@ def test_shared_breaker_health_never_shows_the_password(
         assert worker.self_heal_lines("redis://***@127.0.0.1")
 
 
-def _wait(predicate: Callable[[], bool], what: str) -> None:
-    for _ in range(4000):
-        if predicate():
-            return
-        time.sleep(0.005)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _shared(service: str) -> dict[str, Any]:
-    return rdb.health()["services"][service]["breaker"]["shared"]  # type: ignore[no-any-return]
-
-
 def test_background_thread_is_a_daemon_and_stops_on_reset_state(
     redis_server: RedisServer, pg_url: str
 ) -> None:
     engine = sa.create_engine(pg_url)
     config = rdb.Config(redis_url=redis_server.url)
     rdb.ResilientSession(engine, service="threads", config=config)
-    _wait(lambda: _shared("threads")["connected"], "the link")
+    wait_for(lambda: shared("threads")["connected"], "the link")
     (link,) = links().values()
     assert link._thread.daemon
     assert link._thread.is_alive()
@@ -246,7 +234,7 @@ def test_breakers_of_another_redis_database_are_other_breakers(
     config_1 = rdb.Config(redis_url=url_1, failure_threshold=1)
     Session = rdb.ResilientSession(engine, service="orders", config=config_1)
     Sentinel = rdb.ResilientSession(engine, service="sentinel", config=config_1)
-    _wait(lambda: _shared("orders")["connected"], "the link")
+    wait_for(lambda: shared("orders")["connected"], "the link")
     breaker, sentinel = Session.policy.breaker, Sentinel.policy.breaker
     assert breaker is not None
     assert sentinel is not None
@@ -256,15 +244,15 @@ def test_breakers_of_another_redis_database_are_other_breakers(
     ]
     try:
         for link in others:
-            _wait(lambda link=link: link.up, "the other link")  # type: ignore[misc]
+            wait_for(lambda link=link: link.up, "the other link")  # type: ignore[misc]
         others[0].breaker_failure("orders", 1, 30.0)  # opens /0's "orders"
         # then /1's "sentinel": one subscription delivers messages in the order they were
         # published, so once the sentinel's opening is here, /0's would have been too
         others[1].breaker_failure("sentinel", 1, 30.0)
-        _wait(lambda: sentinel.state == "open", "the sentinel's opening on /1")
+        wait_for(lambda: sentinel.state == "open", "the sentinel's opening on /1")
         assert breaker.state == "closed"
         others[1].breaker_failure("orders", 1, 30.0)  # opens /1's "orders"
-        _wait(lambda: breaker.state == "open", "the opening on /1")
+        wait_for(lambda: breaker.state == "open", "the opening on /1")
     finally:
         for link in others:
             link.close()
@@ -306,10 +294,10 @@ def test_reload_applies_a_new_redis_timeout(
     env.setenv("SELF_HEALING_REDIS_TIMEOUT", "100")
     engine = sa.create_engine(pg_url)
     Session = rdb.ResilientSession(engine, service="timeout")
-    _wait(lambda: _shared("timeout")["connected"], "the link")
+    wait_for(lambda: shared("timeout")["connected"], "the link")
     env.setenv("SELF_HEALING_REDIS_TIMEOUT", "700")
     rdb.reload_config()
-    _wait(lambda: _shared("timeout")["connected"], "the restarted link")
+    wait_for(lambda: shared("timeout")["connected"], "the restarted link")
     assert len(_link_threads()) == 1
     redis_server.pause()  # hangs: the failure path waits for the timeout, then goes local
     try:
@@ -320,7 +308,7 @@ def test_reload_applies_a_new_redis_timeout(
     finally:
         redis_server.resume()
     assert 0.65 <= waited < 5.0  # 0.7 s (it was 0.1 s: the old sockets' timeout)
-    _wait(lambda: _shared("timeout")["connected"], "the link after the pause")
+    wait_for(lambda: shared("timeout")["connected"], "the link after the pause")
     engine.dispose()
 
 
@@ -339,8 +327,8 @@ def test_a_link_nothing_is_attached_to_any_more_is_closed(
         pinned = rdb.ResilientSession(
             engine, service="pinned", config=rdb.Config(redis_url=other.url)
         )
-        _wait(lambda: _shared("moved")["connected"], "the first link")
-        _wait(lambda: _shared("pinned")["connected"], "the second link")
+        wait_for(lambda: shared("moved")["connected"], "the first link")
+        wait_for(lambda: shared("pinned")["connected"], "the second link")
         (first,) = [link for link in links().values() if link.url == redis_server.url]
         assert _clients_of(redis_server) > 1
 
@@ -350,9 +338,9 @@ def test_a_link_nothing_is_attached_to_any_more_is_closed(
         assert list(links()) == [mask_url(other.url)]
         assert first.closed
         assert len(_link_threads()) == 1
-        _wait(lambda: _clients_of(redis_server) == 1, "the old link's connections to close")
-        _wait(lambda: rdb.health()["services"]["moved"]["budget"]["scope"] == "fleet", "fleet")
-        assert _shared("moved")["redis"] == mask_url(other.url)
+        wait_for(lambda: _clients_of(redis_server) == 1, "the old link's connections to close")
+        wait_for(lambda: rdb.health()["services"]["moved"]["budget"]["scope"] == "fleet", "fleet")
+        assert shared("moved")["redis"] == mask_url(other.url)
 
         # "moved" leaves Redis altogether; "pinned" still uses the link, which stays
         env.delenv("SELF_HEALING_REDIS_URL")
@@ -360,7 +348,7 @@ def test_a_link_nothing_is_attached_to_any_more_is_closed(
         assert list(links()) == [mask_url(other.url)]
         assert rdb.health()["services"]["moved"]["budget"]["scope"] == "process"
         assert "shared" not in rdb.health()["services"]["moved"]["breaker"]
-        assert _shared("pinned")["connected"]
+        assert shared("pinned")["connected"]
         del moved, pinned
     engine.dispose()
 
@@ -386,7 +374,7 @@ def test_a_reload_takes_breakers_and_budgets_whose_factories_are_gone_off_the_ol
     # with_self_healing keeps a policy per configuration: the old one's is not used again
     assert rdb.with_self_healing(lambda: 42, service="orphan") == 42
     with RedisServer() as other:
-        _wait(lambda: _shared("orphan")["connected"], "the first link")
+        wait_for(lambda: shared("orphan")["connected"], "the first link")
         (first,) = links().values()
 
         env.setenv("SELF_HEALING_REDIS_URL", other.url)
@@ -394,16 +382,16 @@ def test_a_reload_takes_breakers_and_budgets_whose_factories_are_gone_off_the_ol
         assert links() == {}
         assert first.closed
         assert _link_threads() == []
-        _wait(lambda: _clients_of(redis_server) == 1, "the old link's connections to close")
+        wait_for(lambda: _clients_of(redis_server) == 1, "the old link's connections to close")
         entry = rdb.health()["services"]["orphan"]
         assert "shared" not in entry["breaker"]
         assert entry["budget"]["scope"] == "process"
 
         # a factory of the service, made later: the new configuration's Redis
         Session = rdb.ResilientSession(engine, service="orphan")
-        _wait(lambda: _shared("orphan")["connected"], "the new link")
-        assert _shared("orphan")["redis"] == mask_url(other.url)
-        _wait(lambda: rdb.health()["services"]["orphan"]["budget"]["scope"] == "fleet", "fleet")
+        wait_for(lambda: shared("orphan")["connected"], "the new link")
+        assert shared("orphan")["redis"] == mask_url(other.url)
+        wait_for(lambda: rdb.health()["services"]["orphan"]["budget"]["scope"] == "fleet", "fleet")
         (second,) = links().values()
 
         # gone again, and the URL removed: nothing talks to any Redis
@@ -415,7 +403,7 @@ def test_a_reload_takes_breakers_and_budgets_whose_factories_are_gone_off_the_ol
         assert links() == {}
         assert second.closed
         assert _link_threads() == []
-        _wait(lambda: _clients_of(other) == 1, "the second link's connections to close")
+        wait_for(lambda: _clients_of(other) == 1, "the second link's connections to close")
     engine.dispose()
 
 
@@ -431,13 +419,13 @@ def test_a_breaker_switched_off_by_a_reload_leaves_redis_unless_a_factory_still_
     keeper = rdb.ResilientSession(
         engine, service="switched", config=rdb.Config(redis_url=redis_server.url)
     )
-    _wait(lambda: _shared("switched")["connected"], "the link")
+    wait_for(lambda: shared("switched")["connected"], "the link")
     (link,) = links().values()
 
     env.setenv("SELF_HEALING_CIRCUIT_BREAKER", "false")
     rdb.reload_config()
     assert Session.policy.breaker is None
-    assert _shared("switched")["connected"]  # keeper's breaker is still shared
+    assert shared("switched")["connected"]  # keeper's breaker is still shared
     assert links() == {link.masked_url: link}
 
     ref = weakref.ref(keeper)
@@ -447,13 +435,13 @@ def test_a_breaker_switched_off_by_a_reload_leaves_redis_unless_a_factory_still_
     assert links() == {}
     assert link.closed
     assert _link_threads() == []
-    _wait(lambda: _clients_of(redis_server) == 1, "the link's connections to close")
+    wait_for(lambda: _clients_of(redis_server) == 1, "the link's connections to close")
     assert "shared" not in rdb.health()["services"]["switched"]["breaker"]
 
     env.delenv("SELF_HEALING_CIRCUIT_BREAKER")
     rdb.reload_config()
     assert Session.policy.breaker is not None
-    _wait(lambda: _shared("switched")["connected"], "the link, switched on again")
+    wait_for(lambda: shared("switched")["connected"], "the link, switched on again")
     engine.dispose()
 
 
@@ -464,7 +452,7 @@ def test_a_forked_child_gets_its_own_link_and_shares_the_breaker(
     engine = sa.create_engine(pg_url)
     config = rdb.Config(redis_url=redis_server.url, reset_timeout=60.0)
     Session = rdb.ResilientSession(engine, service="forked", config=config)
-    _wait(lambda: _shared("forked")["connected"], "the parent's link")
+    wait_for(lambda: shared("forked")["connected"], "the parent's link")
     (parent_link,) = links().values()
     read_end, write_end = os.pipe()
     with warnings.catch_warnings():
@@ -496,7 +484,7 @@ def test_a_forked_child_gets_its_own_link_and_shares_the_breaker(
     finally:
         os.close(read_end)
     # the parent's own thread heard the child's opening
-    _wait(lambda: rdb.health()["services"]["forked"]["breaker"]["state"] == "open", "open")
+    wait_for(lambda: rdb.health()["services"]["forked"]["breaker"]["state"] == "open", "open")
     with pytest.raises(rdb.CircuitOpenError):
         Session.run(lambda s: s.execute(sa.text("SELECT 1")))
     engine.dispose()

@@ -5,11 +5,12 @@ the window (the window is shortened here so the tests run in seconds)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from processes import wait_for
 
 import resilient_db as rdb
 from resilient_db import _budget
@@ -30,13 +31,6 @@ def engine(pg_url: str) -> Iterator[sa.Engine]:
     e = sa.create_engine(pg_url)
     yield e
     e.dispose()
-
-
-def _wait(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
 
 
 def _budget_entry(service: str) -> dict[str, Any]:
@@ -62,14 +56,14 @@ def test_first_attempts_made_while_redis_was_down_do_not_inflate_the_fleet_budge
     )
     Session = rdb.ResilientSession(engine, service="inflate", config=config)
     budget = _budget.budgets()["inflate"]
-    _wait(lambda: _budget_entry("inflate")["scope"] == "fleet", "the budget to be shared")
+    wait_for(lambda: _budget_entry("inflate")["scope"] == "fleet", "the budget to be shared")
     redis_server.kill()
-    _wait(lambda: _budget_entry("inflate")["scope"] == "process", "the link to be down")
+    wait_for(lambda: _budget_entry("inflate")["scope"] == "process", "the link to be down")
     for _ in range(200):  # ordinary traffic during the outage
         Session.run(lambda s: s.execute(sa.text("SELECT 1")))
     time.sleep(WINDOW + 2)  # those units are no longer recent (a condition, not a backoff)
     redis_server.start()
-    _wait(lambda: _budget_entry("inflate")["scope"] == "fleet", "the budget to be shared again")
+    wait_for(lambda: _budget_entry("inflate")["scope"] == "fleet", "the budget to be shared again")
     time.sleep(1.2)  # one flush of the background thread (it runs on rejoining)
     assert budget.try_withdraw() is False  # the fleet counts no recent first attempt
     assert _fleet_deposits(redis_server, "inflate") < 5

@@ -4,12 +4,13 @@ fleet's failure count, and the fleet's budget figures only while they are recent
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from fleet import Gate
+from processes import wait_for
 
 import resilient_db as rdb
 from resilient_db import _budget
@@ -34,13 +35,6 @@ def gate(pg_url: str) -> Iterator[Gate]:
     g.close()
 
 
-def _wait(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
-
-
 def _entry(service: str, part: str) -> dict[str, Any]:
     entry: dict[str, Any] = rdb.health()["services"][service][part]
     return entry
@@ -51,7 +45,7 @@ def test_health_shows_the_fleet_failure_count_of_a_shared_breaker(
 ) -> None:
     config = rdb.Config(redis_url=redis_server.url, retry=False, failure_threshold=3)
     Factory = rdb.ResilientSession(engine, service="counted", config=config)
-    _wait(lambda: _entry("counted", "breaker")["shared"]["connected"], "the link")
+    wait_for(lambda: _entry("counted", "breaker")["shared"]["connected"], "the link")
     gate.set(down=True)
     for _ in range(2):
         with pytest.raises(sa.exc.OperationalError):
@@ -71,7 +65,7 @@ def test_health_drops_the_fleet_budget_figures_once_they_are_past_the_window(
     monkeypatch.setattr(_budget, "WINDOW", WINDOW)
     config = rdb.Config(redis_url=redis_server.url, retry_budget=0.2, retry_budget_floor=0)
     Factory = rdb.ResilientSession(engine, service="stale", config=config)
-    _wait(lambda: _entry("stale", "budget")["scope"] == "fleet", "the budget to be shared")
+    wait_for(lambda: _entry("stale", "budget")["scope"] == "fleet", "the budget to be shared")
     for _ in range(50):
         Factory.run(lambda s: s.execute(sa.text("SELECT 1")))
     budget = _budget.budgets()["stale"]

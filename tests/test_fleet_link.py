@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
-from fleet import Gate
+from fleet import Gate, shared
+from processes import wait_for
 
 import resilient_db as rdb
 from resilient_db.testing import RedisServer
@@ -25,18 +25,6 @@ def gate(pg_url: str) -> Iterator[Gate]:
     g = Gate(pg_url)
     yield g
     g.close()
-
-
-def _wait(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
-
-
-def _shared(service: str) -> dict[str, Any]:
-    shared: dict[str, Any] = rdb.health()["services"][service]["breaker"]["shared"]
-    return shared
 
 
 def _lines(caplog: pytest.LogCaptureFixture, text: str) -> int:
@@ -52,7 +40,7 @@ def test_a_redis_refusing_writes_stays_down_without_flapping_then_rejoins(
         redis_url=redis_server.url, retry=False, failure_threshold=1000, reset_timeout=5.0
     )
     Factory = rdb.ResilientSession(engine, service="replica", config=config)
-    _wait(lambda: _shared("replica")["connected"], "the link")
+    wait_for(lambda: shared("replica")["connected"], "the link")
     with RedisServer() as master:
         redis_server.client().execute_command("REPLICAOF", "127.0.0.1", str(master.port))
         gate.set(down=True)
@@ -64,11 +52,11 @@ def test_a_redis_refusing_writes_stays_down_without_flapping_then_rejoins(
             failed += 1
             time.sleep(0.02)
         assert failed > 20
-        assert _shared("replica")["connected"] is False
-        assert _shared("replica")["problem"]  # says why
+        assert shared("replica")["connected"] is False
+        assert shared("replica")["problem"]  # says why
         assert _lines(caplog, "Shared state unavailable") == 1
         assert _lines(caplog, "Shared state restored") == 0
         redis_server.client().execute_command("REPLICAOF", "NO", "ONE")
-    _wait(lambda: _shared("replica")["connected"], "the link, taking writes again")
+    wait_for(lambda: shared("replica")["connected"], "the link, taking writes again")
     assert _lines(caplog, "Shared state restored") == 1
     engine.dispose()

@@ -6,11 +6,12 @@ until the lease runs out."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
+from fleet import shared
+from processes import wait_for
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
@@ -24,18 +25,6 @@ def engine(pg_url: str) -> Iterator[sa.Engine]:
     e = sa.create_engine(pg_url)
     yield e
     e.dispose()
-
-
-def _wait(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
-
-
-def _shared(service: str) -> dict[str, Any]:
-    shared: dict[str, Any] = rdb.health()["services"][service]["breaker"]["shared"]
-    return shared
 
 
 def _fleet_state(redis: RedisServer, service: str) -> str:
@@ -55,7 +44,7 @@ def test_a_probe_that_succeeded_while_redis_blipped_closes_the_fleet_breaker_on_
         failure_threshold=5,
     )
     Factory = rdb.ResilientSession(engine, service="blip", config=config)
-    _wait(lambda: _shared("blip")["connected"], "the link")
+    wait_for(lambda: shared("blip")["connected"], "the link")
     breaker = Factory.policy.breaker
     assert breaker is not None
     breaker.open()
@@ -69,10 +58,10 @@ def test_a_probe_that_succeeded_while_redis_blipped_closes_the_fleet_breaker_on_
 
     try:
         assert Factory.run(probe) == 1
-        assert _shared("blip")["connected"] is False
+        assert shared("blip")["connected"] is False
     finally:
         redis_server.resume()
-    _wait(lambda: _shared("blip")["connected"], "the link, again")
+    wait_for(lambda: shared("blip")["connected"], "the link, again")
     # the probe's success was reported before the shared state was read back: closed for all
     assert _fleet_state(redis_server, "blip") == "closed"
     assert breaker.state == "closed"

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from fleet import shared
+from processes import wait_for
 
 import resilient_db as rdb
 from resilient_db._cli import main
@@ -47,14 +47,6 @@ def _shapes() -> Iterator[tuple[str, str]]:
 SHAPES = dict(_shapes())
 
 
-def _wait(predicate: Any, what: str) -> None:
-    for _ in range(2000):
-        if predicate():
-            return
-        time.sleep(0.005)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.parametrize("url", SHAPES.values(), ids=SHAPES.keys())
 def test_a_redis_password_is_never_shown(
     url: str,
@@ -82,7 +74,7 @@ def test_a_redis_password_is_never_shown(
     if config is not None:  # accepted: made into a link that cannot reach its Redis
         engine = sa.create_engine("postgresql+psycopg://u@127.0.0.1:9/db")  # never connected
         rdb.ResilientSession(engine, service="secret", config=config.replace(retry_budget=0.2))
-        _wait(lambda: "Shared state unavailable" in caplog.text, "the link's warning")
+        wait_for(lambda: "Shared state unavailable" in caplog.text, "the link's warning")
         shown += [repr(config), str(rdb.health()), *map(repr, links().values()), *links()]
         shown += [thread.name for thread in threading.enumerate()]
     shown += [repr(record.__dict__) for record in caplog.records]
@@ -258,10 +250,6 @@ def test_a_link_whose_client_cannot_be_built_runs_on_local_state(
     assert not any(t.name.startswith("resilient_db-redis") for t in threading.enumerate())
 
 
-def _shared(service: str) -> dict[str, Any]:
-    return rdb.health()["services"][service]["breaker"]["shared"]  # type: ignore[no-any-return]
-
-
 def test_health_says_why_a_shared_breaker_is_not_connected(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -279,23 +267,23 @@ def test_health_says_why_a_shared_breaker_is_not_connected(
         Session = rdb.ResilientSession(  # noqa: F841 - held: its breaker stays shared
             engine, service="right", config=rdb.Config(redis_url=redis.url)
         )
-        _wait(lambda: _shared("right")["connected"], "the link")
-        assert _shared("right")["problem"] is None
-        _wait(lambda: _shared("wrong")["problem"] is not None, "the wrong password's problem")
-        assert _shared("wrong")["problem"].startswith("AuthenticationError: ")
-        assert "password" in _shared("wrong")["problem"]
-        assert not _shared("wrong")["connected"]
+        wait_for(lambda: shared("right")["connected"], "the link")
+        assert shared("right")["problem"] is None
+        wait_for(lambda: shared("wrong")["problem"] is not None, "the wrong password's problem")
+        assert shared("wrong")["problem"].startswith("AuthenticationError: ")
+        assert "password" in shared("wrong")["problem"]
+        assert not shared("wrong")["connected"]
         budget = rdb.health()["services"]["wrong"]["budget"]  # the budget says the same
-        assert (budget["scope"], budget["problem"]) == ("process", _shared("wrong")["problem"])
-        assert budget["redis"] == _shared("wrong")["redis"]
+        assert (budget["scope"], budget["problem"]) == ("process", shared("wrong")["problem"])
+        assert budget["redis"] == shared("wrong")["redis"]
 
         redis.kill()
-        _wait(lambda: not _shared("right")["connected"], "the link to go down")
-        problem = _shared("right")["problem"]
+        wait_for(lambda: not shared("right")["connected"], "the link to go down")
+        problem = shared("right")["problem"]
         assert problem.startswith("ConnectionError: "), problem
         redis.start()
-        _wait(lambda: _shared("right")["connected"], "the link to come back")
-        assert _shared("right")["problem"] is None
+        wait_for(lambda: shared("right")["connected"], "the link to come back")
+        assert shared("right")["problem"] is None
         shown = [str(rdb.health()), *(repr(r.__dict__) for r in caplog.records)]
     for text in shown:
         assert LEFT not in text
