@@ -908,6 +908,7 @@ class AttemptRecord:
 
     # Defaults are class attributes (an instance sets only what changes: every unit makes one)
     committed: bool = False
+    running: bool = False  # inside its ``with`` (see runs_once_here)
     # the execution context of the last writing statement sent in autocommit
     autocommitting: Any = None
     # (root transaction, connection, marked) for each connection a session began on in the
@@ -936,10 +937,13 @@ class AttemptRecord:
     def __enter__(self) -> AttemptRecord:
         self._enclosing = current_attempt.get()
         self._token = current_attempt.set(self)
+        self.running = True
         return self
 
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
         current_attempt.reset(self._token)
+        # a task or a copied context made inside the attempt still holds it: not running
+        self.running = False
         if not self.unreplayable:
             return
         if exc is not None:

@@ -102,8 +102,8 @@ def runs_once_here() -> bool:
     would multiply). The enclosing one retries."""
     if current_unit.get() is not None:
         return True
-    attempt = current_attempt.get()
-    if attempt is not None and attempt.replayed:
+    attempt = current_attempt.get()  # (a task made inside an operation inherits it: running?)
+    if attempt is not None and attempt.running and attempt.replayed:
         return True
     if not async_units:
         return False

@@ -207,26 +207,46 @@ def _refuse_generator(fn: object) -> None:
 
 def _once(policy: Policy, fn: Callable[[], Any], check: ResponseCheck | None, cfg: Config) -> Any:
     """The operation inside a unit of work or a replaying operation (see ``runs_once_here``):
-    one attempt, no retry loop and no breaker of its own; the enclosing one retries. A COMMIT
-    its code sends still makes a failure final (``AttemptRecord``), for the enclosing one too."""
+    one attempt and no retry loop of its own, the enclosing one retries; its service's breaker
+    still admits it and counts its failure (another service's breaker protects that service;
+    the enclosing attempt of the same service, already running when it failed, is not counted
+    again). A COMMIT its code sends still makes a failure final (``AttemptRecord``), for the
+    enclosing one too."""
+    probe = policy.admit()
+    started = time.monotonic()
     record = AttemptRecord(policy)
-    with record:
-        result = fn()
+    try:
+        with record:
+            result = fn()
+    except BaseException as exc:
+        policy.failed(exc, probe, started)
+        raise
     if inspect.isawaitable(result):
-        return _afinish_once(record, result, check, cfg, policy.service)
+        return _afinish_once(
+            policy, record, result, admitted=(probe, started), check=check, cfg=cfg
+        )
+    policy.succeeded(probe)
     return result if check is None else check_response(check, result, cfg, policy.service)
 
 
 async def _afinish_once(
+    policy: Policy,
     record: AttemptRecord,
     first: Awaitable[Any],
+    *,
+    admitted: tuple[bool, float],
     check: ResponseCheck | None,
     cfg: Config,
-    service: str,
 ) -> Any:
-    with record:
-        result = await first
-    return result if check is None else check_response(check, result, cfg, service)
+    probe, started = admitted
+    try:
+        with record:
+            result = await first
+    except BaseException as exc:
+        policy.failed(exc, probe, started)
+        raise
+    policy.succeeded(probe)
+    return result if check is None else check_response(check, result, cfg, policy.service)
 
 
 def _call(policy: Policy, fn: Callable[[], Any], check: ResponseCheck | None, cfg: Config) -> Any:

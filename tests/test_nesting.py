@@ -105,7 +105,9 @@ def test_a_decorated_helper_on_the_units_session_lets_the_unit_heal(
         return int(session.execute(sa.text("SELECT 42")).scalar_one())
 
     assert Session.run(helper) == 42
-    assert attempts(service) == 2  # the unit's two attempts; the helper added none
+    # the unit's two attempts, and one of the helper's in each (its breaker admits it)
+    assert attempts(service) == 4
+    assert rdb.health()["services"][service]["breaker"]["failures"] == 0
 
 
 def test_with_self_healing_inside_a_replaying_operation_runs_once(
@@ -300,3 +302,64 @@ async def test_transactional_functions_take_no_session_in_their_signature(
     assert checked(6) == 6
     assert await aassign(7) == 7
     assert inspect.iscoroutinefunction(aassign)
+
+
+@pytest.mark.asyncio
+async def test_a_task_made_inside_an_operation_retries_on_its_own_once_it_returned(
+    aengine: AsyncEngine, service: str
+) -> None:
+    """A task made inside an operation inherits its context (the running attempt): after the
+    operation returned, the task's own operations are nested in nothing and retry."""
+    seen: list[int] = []
+    returned = asyncio.Event()
+
+    @rdb.with_self_healing(service=f"{service}-bg", config=CONFIG)
+    async def flaky() -> int:
+        seen.append(1)
+        async with aengine.connect() as conn:
+            if len(seen) < 2:
+                await conn.execute(sa.text("SELECT raise_code('40001')"))
+        return 7
+
+    async def background() -> int:
+        await returned.wait()
+        return await flaky()
+
+    tasks: list[asyncio.Task[int]] = []
+
+    @rdb.with_self_healing(service=service, config=CONFIG)
+    async def handler() -> str:
+        tasks.append(asyncio.create_task(background()))
+        return "handled"
+
+    assert await handler() == "handled"
+    returned.set()
+    assert await tasks[0] == 7
+    assert len(seen) == 2
+
+
+def test_an_operation_inside_a_unit_still_asks_its_services_breaker(
+    engine: sa.Engine, service: str
+) -> None:
+    """Inside a database unit, an operation of another service (a payment API, say) whose
+    circuit is open fails fast, and its failures count for its breaker."""
+    Session = rdb.ResilientSession(engine, service=service, config=CONFIG)
+    other = rdb.Config(failure_threshold=1, max_retries=0)
+    charges: list[int] = []
+
+    def charge() -> str:
+        charges.append(1)
+        with engine.connect() as conn:  # the other service is down: 57P03, a failure
+            conn.execute(sa.text("SELECT raise_code('57P03')"))
+        return "charged"
+
+    with pytest.raises(sa.exc.OperationalError):
+        rdb.with_self_healing(charge, service=f"{service}-payments", config=other)
+    assert rdb.health()["services"][f"{service}-payments"]["breaker"]["state"] == "open"
+
+    def unit(session: Session) -> str:
+        return rdb.with_self_healing(charge, service=f"{service}-payments", config=other)
+
+    with pytest.raises(rdb.CircuitOpenError):
+        Session.run(unit)
+    assert len(charges) == 1  # refused before it ran
