@@ -569,14 +569,27 @@ def _command_timeout_at_least(driver: Any, seconds: float) -> Iterator[None]:
 #: ``wal_level``. Executable by every role unless revoked (then 42501: the outcome is unknown).
 #: (A transaction that only takes an xid, ``pg_current_xact_id()``, writes a commit record
 #: without waiting for anyone: the server waits only for transactions that wrote WAL.)
+#: The warning of a cancelled wait must reach the check, whatever the database or role set:
+#: ``client_min_messages`` at ``warning`` for the transaction (the server reports the cancelled
+#: wait before it resets the transaction's settings).
 REPLICATED_WRITE_SQL = text(
-    "SELECT pg_catalog.pg_logical_emit_message(true, 'resilient_db', CAST(:what AS text)) "
+    "SELECT pg_catalog.set_config('client_min_messages', 'warning', true) IS NOT NULL "
+    "AND pg_catalog.pg_logical_emit_message(true, 'resilient_db', CAST(:what AS text)) "
     "IS NOT NULL WHERE pg_catalog.current_setting('synchronous_standby_names') <> '' "
     "AND pg_catalog.current_setting('synchronous_commit') NOT IN ('off', 'local')"
 )
-#: seconds the check's COMMIT may wait for the synchronous standbys before it is cut off (the
-#: server bounds it with nothing: ``statement_timeout`` ends before a COMMIT's wait begins)
+#: seconds the first check's COMMIT may wait for the synchronous standbys before it is cut off
+#: (the server bounds it with nothing: ``statement_timeout`` ends before a COMMIT's wait
+#: begins); each later check of the same unit waits twice as long as the one before, up to
+#: :data:`REPLICATION_WAIT_CAP`, so that a standby slower than the first wait (replay lag, a
+#: slow link) still proves the unit within the deadline
 REPLICATION_WAIT: Final = 2.0
+REPLICATION_WAIT_CAP: Final = 30.0
+
+
+def replication_wait(proofs: int) -> float:
+    """How long the ``proofs``-th check (0-based) of a unit waits for the standbys."""
+    return min(REPLICATION_WAIT * 2.0 ** min(proofs, 8), REPLICATION_WAIT_CAP)
 
 
 def wrote_past_commit(connection: Connection, what: str) -> bool:
@@ -587,7 +600,7 @@ def wrote_past_commit(connection: Connection, what: str) -> bool:
     return bool(connection.execute(REPLICATED_WRITE_SQL, {"what": what}).scalar())
 
 
-def end_check(connection: Connection, *, proving: bool) -> bool:
+def end_check(connection: Connection, *, proving: bool, wait: float = REPLICATION_WAIT) -> bool:
     """COMMIT the check's transaction on ``connection``, cut off after
     :data:`REPLICATION_WAIT` (a claim's fence waits for the synchronous standbys too, and the
     server bounds that wait with nothing: ``statement_timeout`` ends before it begins).
@@ -602,7 +615,7 @@ def end_check(connection: Connection, *, proving: bool) -> bool:
     driver = connection.connection.driver_connection
     warnings: list[str] = []
     try:
-        with _warnings_into(driver, warnings), _cut_off_after(driver, REPLICATION_WAIT) as cut:
+        with _warnings_into(driver, warnings), _cut_off_after(driver, wait) as cut:
             connection.commit()
         cut_off = cut()
     except Exception:
@@ -836,6 +849,7 @@ class CommitTicket:
     #: why the check on a new connection could not answer (an error a new check would meet
     #: again: a missing right, row-level security on the markers), for the unknown outcome
     check_failed: str | None = None
+    proofs: int = 0  # checks that wrote WAL past the unit's commit (each waits longer)
 
     @property
     def xid_sql(self) -> str:

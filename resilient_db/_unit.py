@@ -47,6 +47,7 @@ from ._commit import (
     claim,
     end_check,
     prune,
+    replication_wait,
     wrote_past_commit,
 )
 from ._config import Config, load_config, register_default_user
@@ -208,7 +209,10 @@ def check_commit(connection: Connection, ticket: CommitTicket) -> CommitVerdict:
         proving = verdict is CommitVerdict.COMMITTED and wrote_past_commit(
             connection, _whose(ticket)
         )
-        if end_check(connection, proving=proving):
+        wait = replication_wait(ticket.proofs)
+        if proving:
+            ticket.proofs += 1
+        if end_check(connection, proving=proving, wait=wait):
             return verdict
     # the check's COMMIT proves nothing (a fence not known committed: check again)
     return CommitVerdict.UNREPLICATED if proving else CommitVerdict.IN_PROGRESS

@@ -230,3 +230,45 @@ def test_a_commit_cut_short_is_done_once_the_standby_confirms_the_check(
     assert unit.calls == 1, "replayed after a COMMIT that was applied"
     assert ledger(pair) == {"k": 1}, "reported done, lost by the failover"
     assert backoffs, "done before the standby was back"
+
+
+def test_a_standby_slower_than_the_first_check_still_proves_the_unit(
+    pg_standby_factory: Callable[..., StandbyPair],
+) -> None:
+    """A healthy synchronous standby that confirms a COMMIT only after 3 s (``remote_apply``
+    with an apply delay: replay lag, a slow link): every check was cut off after the same 2 s
+    and the unit ended unknown. Each check of a unit waits twice as long as the one before."""
+    pair = pg_standby_factory(
+        synchronous=True,
+        settings={"synchronous_commit": "remote_apply", "recovery_min_apply_delay": "3s"},
+    )
+    pair.create_database(DATABASE)
+    engine = sa.create_engine(pair.primary.url(DATABASE))
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE ledger (key text NOT NULL)"))
+    rdb.install_commit_markers(engine)
+    engine.dispose()
+    config = rdb.Config(initial_delay=0.01, max_delay=0.02, deadline=30.0, circuit_breaker=False)
+    calls: list[int] = []
+
+    def write(session: Any) -> None:
+        calls.append(1)
+        session.execute(INSERT, {"key": "slow"})
+        session.flush()
+        # the COMMIT's answer is lost: the connection is cut while it waits for the standby
+        pid = session.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+        kill = f"SELECT pg_catalog.pg_terminate_backend({int(pid)})"
+        killer = threading.Timer(1.0, pair.primary.execute, (kill,))
+        killer.daemon = True
+        killer.start()
+
+    Units = rdb.ResilientSession(
+        sa.create_engine(pair.primary.url(DATABASE)),
+        service="slow-standby",
+        config=config,
+        sleep=no_sleep,
+    )
+    Units.run(write)  # done: the second check's COMMIT waits 4 s, and is confirmed
+    assert calls == [1]
+    pair.wait_replayed()
+    assert ledger(pair) == {"slow": 1}
