@@ -22,7 +22,7 @@ import asyncio
 import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -50,9 +50,10 @@ INSERT = sa.text("INSERT INTO ledger (key) VALUES (:key)")
 _services = itertools.count()
 
 
-def prepare(pair: StandbyPair, mode: str) -> None:
+def prepare(pair: StandbyPair, mode: str, *, before_the_standby_stops: Sequence[str] = ()) -> None:
     """The ledger and (for MARKERS) the commit markers, replicated; then the standby stops:
-    from here on every writing COMMIT on the primary waits for it."""
+    from here on every writing COMMIT on the primary waits for it (so does any statement that
+    writes: ``before_the_standby_stops`` are sent to the primary first)."""
     pair.create_database(DATABASE)
     engine = sa.create_engine(pair.primary.url(DATABASE))
     try:
@@ -62,6 +63,8 @@ def prepare(pair: StandbyPair, mode: str) -> None:
             rdb.install_commit_markers(engine)
     finally:
         engine.dispose()
+    for statement in before_the_standby_stops:
+        pair.primary.execute(statement)
     pair.wait_replayed()
     pair.standby.stop()
 
@@ -272,3 +275,57 @@ def test_a_standby_slower_than_the_first_check_still_proves_the_unit(
     assert calls == [1]
     pair.wait_replayed()
     assert ledger(pair) == {"slow": 1}
+
+
+def test_a_cancelled_wait_is_no_proof_whatever_client_min_messages_says(
+    pg_standby_factory: Callable[..., StandbyPair],
+) -> None:
+    """The standby is down, the unit's COMMIT is cut short (asyncpg's ``command_timeout``), and
+    a watchdog cancels every backend waiting for the standby, the checks' too: a cancelled
+    COMMIT answers success with a WARNING, which ``client_min_messages = error`` (set for the
+    database) kept from the client, so the check took the plain answer for proof: "done", and
+    lost by the failover. The check asks for warnings for its own transaction."""
+    pair = pg_standby_factory(synchronous=True)
+    quiet = f"ALTER DATABASE {DATABASE} SET client_min_messages = error"
+    prepare(pair, MARKERS, before_the_standby_stops=[quiet])
+    stop = threading.Event()
+
+    def watchdog() -> None:
+        if stop.wait(1.5):  # after asyncpg cut the unit's own COMMIT (1 s)
+            return
+        while not stop.wait(0.1):
+            pair.primary.execute(
+                "SELECT pg_catalog.pg_cancel_backend(pid) FROM pg_catalog.pg_stat_activity "
+                "WHERE datname = %s AND wait_event = 'SyncRep'",
+                params=(DATABASE,),
+            )
+
+    config = rdb.Config(
+        initial_delay=0.01, max_delay=0.02, max_retries=50, deadline=6.0, circuit_breaker=False
+    )
+
+    async def main() -> BaseException | None:
+        engine = create_async_engine(
+            pair.primary.url(DATABASE, driver="asyncpg"), connect_args={"command_timeout": 1}
+        )
+        factory = rdb.AsyncResilientSession(engine, service="quiet-warnings", config=config)
+
+        async def write(session: Any) -> None:
+            await session.execute(INSERT, {"key": "quiet"})
+
+        try:
+            await asyncio.wait_for(factory.run(write), 60)
+        except Exception as exc:
+            return exc
+        finally:
+            await engine.dispose()
+        return None
+
+    thread = threading.Thread(target=watchdog, daemon=True)
+    thread.start()
+    try:
+        error = asyncio.run(main())
+    finally:
+        stop.set()
+        thread.join(10)
+    assert isinstance(error, rdb.CommitOutcomeUnknownError), error
