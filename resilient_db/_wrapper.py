@@ -74,6 +74,11 @@ async def _aown_call(policy: Policy, fn: Callable[[], Awaitable[R]]) -> R:
 def _policy_for(
     service: str, use_retry: bool, use_circuit_breaker: bool, config: Config, explicit: bool
 ) -> Policy:
+    # Inside a unit of work or an operation that replays its attempts (see runs_once_here) the
+    # operation runs once: the enclosing one retries. Its service's breaker still admits it and
+    # counts its failures (another service's breaker protects that service; the enclosing
+    # attempt of the same service, already running when it failed, is not counted again).
+    use_retry = use_retry and not runs_once_here()
     key = (service, use_retry, use_circuit_breaker, config, explicit)
     policies = STATE.wrapper_policies
     policy: Policy | None = policies.get(key)
@@ -166,8 +171,6 @@ def with_self_healing(
     policy = _policy_for(service, use_retry, use_circuit_breaker, cfg, config is not None)
     if check is not None and not validation_on(cfg):
         check = None
-    if runs_once_here():
-        return _once(policy, fn, check, cfg)
     if is_async_callable(fn):
         if check is None:
             return policy.acall(lambda: _aown_call(policy, fn))
@@ -203,50 +206,6 @@ def _refuse_generator(fn: object) -> None:
             "generator function, whose body runs only when its result is iterated, after the "
             "operation returned; return a list instead, or decorate the code that iterates it"
         )
-
-
-def _once(policy: Policy, fn: Callable[[], Any], check: ResponseCheck | None, cfg: Config) -> Any:
-    """The operation inside a unit of work or a replaying operation (see ``runs_once_here``):
-    one attempt and no retry loop of its own, the enclosing one retries; its service's breaker
-    still admits it and counts its failure (another service's breaker protects that service;
-    the enclosing attempt of the same service, already running when it failed, is not counted
-    again). A COMMIT its code sends still makes a failure final (``AttemptRecord``), for the
-    enclosing one too."""
-    probe = policy.admit()
-    started = time.monotonic()
-    record = AttemptRecord(policy)
-    try:
-        with record:
-            result = fn()
-    except BaseException as exc:
-        policy.failed(exc, probe, started)
-        raise
-    if inspect.isawaitable(result):
-        return _afinish_once(
-            policy, record, result, admitted=(probe, started), check=check, cfg=cfg
-        )
-    policy.succeeded(probe)
-    return result if check is None else check_response(check, result, cfg, policy.service)
-
-
-async def _afinish_once(
-    policy: Policy,
-    record: AttemptRecord,
-    first: Awaitable[Any],
-    *,
-    admitted: tuple[bool, float],
-    check: ResponseCheck | None,
-    cfg: Config,
-) -> Any:
-    probe, started = admitted
-    try:
-        with record:
-            result = await first
-    except BaseException as exc:
-        policy.failed(exc, probe, started)
-        raise
-    policy.succeeded(probe)
-    return result if check is None else check_response(check, result, cfg, policy.service)
 
 
 def _call(policy: Policy, fn: Callable[[], Any], check: ResponseCheck | None, cfg: Config) -> Any:
@@ -323,9 +282,6 @@ def _decorator(
                 if not cfg.enabled:
                     return await fn(*args, **kwargs)
                 policy = _policy_for(service, use_retry, use_circuit_breaker, cfg, explicit)
-                if runs_once_here():
-                    active = check if check is not None and validation_on(cfg) else None
-                    return await _once(policy, lambda: fn(*args, **kwargs), active, cfg)
                 result = await policy.acall(lambda: _aown_call(policy, lambda: fn(*args, **kwargs)))
                 if check is None or not validation_on(cfg):
                     return result
@@ -340,8 +296,6 @@ def _decorator(
                 return fn(*args, **kwargs)
             policy = _policy_for(service, use_retry, use_circuit_breaker, cfg, explicit)
             active = check if check is not None and validation_on(cfg) else None
-            if runs_once_here():
-                return _once(policy, lambda: fn(*args, **kwargs), active, cfg)
             return _call(policy, lambda: fn(*args, **kwargs), active, cfg)
 
         return wrapper
