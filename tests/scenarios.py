@@ -244,3 +244,13 @@ def refused_by_trigger(conn: sa.Connection, statement: Any) -> rdb.IllegalTransi
     err = exception_from_db(info.value)
     assert err is not None, f"not mapped: {info.value!r}"
     return err
+
+
+def assert_breaker_untouched(service: str) -> None:
+    """``service``'s breaker counted no failure and its units retried nothing."""
+    health = rdb.health()["services"][service]
+    assert health["breaker"]["state"] == "closed"
+    assert health["breaker"]["failures"] == 0
+    counters = health["counters"]
+    assert (counters["retries"], counters["gave_up"], counters["breaker_opens"]) == (0, 0, 0)
+    assert counters["retries_by_class"] == {}

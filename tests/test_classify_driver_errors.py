@@ -27,7 +27,7 @@ import psycopg
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
-from scenarios import ASYNC_DRIVERS
+from scenarios import ASYNC_DRIVERS, assert_breaker_untouched
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
@@ -48,15 +48,6 @@ PID = sa.text("SELECT pg_backend_pid()")
 
 def _counters(service: str) -> dict[str, Any]:
     return dict(rdb.health()["services"][service]["counters"])
-
-
-def _assert_breaker_untouched(service: str) -> None:
-    health = rdb.health()["services"][service]
-    assert health["breaker"]["state"] == "closed"
-    assert health["breaker"]["failures"] == 0
-    counters = health["counters"]
-    assert (counters["retries"], counters["gave_up"], counters["breaker_opens"]) == (0, 0, 0)
-    assert counters["retries_by_class"] == {}
 
 
 # -- an error of a sound connection ----------------------------------------------------------------
@@ -86,7 +77,7 @@ def test_a_unit_of_70000_parameters_raises_after_one_attempt(
         assert not info.value.connection_invalidated
         assert rdb.classify(info.value) is rdb.Outcome.NOT_TRANSIENT
         assert len(calls) == n  # one attempt each
-    _assert_breaker_untouched(service)
+    assert_breaker_untouched(service)
     with engine.connect() as conn:
         assert conn.execute(PID).scalar_one() == pid  # the pooled connection was kept
     assert Sessions.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one()) == 1
@@ -130,7 +121,7 @@ def test_the_drivers_own_connection_is_judged_by_its_state(
             assert info.value.sqlstate is None
             assert rdb.classify(info.value) is rdb.Outcome.NOT_TRANSIENT
             assert len(seen) == 1
-            _assert_breaker_untouched(service)
+            assert_breaker_untouched(service)
 
             seen.clear()
             assert Sessions.run(cut) == 1
@@ -174,7 +165,7 @@ async def test_async_a_unit_of_70000_parameters_raises_after_one_attempt(
         assert not info.value.connection_invalidated
         assert rdb.classify(info.value) is rdb.Outcome.NOT_TRANSIENT
         assert len(calls) == n
-    _assert_breaker_untouched(service)
+    assert_breaker_untouched(service)
 
 
 # -- refusals while connecting ---------------------------------------------------------------------
@@ -187,6 +178,20 @@ def password_url(pg_url: str) -> str:
     if sa.make_url(pg_url).password is None:
         pytest.skip("the test server takes connections without a password")
     return pg_url
+
+
+def _assert_retried_as_disconnect(url: str, service: str) -> None:
+    """A unit on ``url`` whose connect fails: a disconnect, tried three times (2 retries)."""
+    engine = sa.create_engine(url)
+    config = rdb.Config(max_retries=2, circuit_breaker=False)
+    Sessions = rdb.ResilientSession(engine, service=service, config=config)
+    try:
+        with pytest.raises(sa_exc.OperationalError) as info:
+            Sessions.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one())
+    finally:
+        engine.dispose()
+    assert rdb.classify(info.value) is rdb.Outcome.DISCONNECT
+    assert _counters(service)["attempts"] == 3
 
 
 REFUSED = {
@@ -215,7 +220,7 @@ def test_a_connect_without_the_password_the_server_asks_for_raises_at_once(
             assert _counters(service)["attempts"] == n  # one attempt per request
     finally:
         engine.dispose()
-    _assert_breaker_untouched(service)
+    assert_breaker_untouched(service)
 
 
 @pytest.mark.parametrize("refusal", sorted(REFUSED))
@@ -225,16 +230,7 @@ def test_psycopg_refusals_after_the_password_are_disconnects(
     """psycopg keeps no SQLSTATE of a refusal sent while connecting: a wrong password or an
     unknown database look the same as the server's "too many connections" sent after
     authentication (below), which heals; so they are retried (asyncpg's are not: below)."""
-    engine = sa.create_engine(_with(password_url, **REFUSED[refusal]))
-    config = rdb.Config(max_retries=2, circuit_breaker=False)
-    Sessions = rdb.ResilientSession(engine, service=service, config=config)
-    try:
-        with pytest.raises(sa_exc.OperationalError) as info:
-            Sessions.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one())
-    finally:
-        engine.dispose()
-    assert rdb.classify(info.value) is rdb.Outcome.DISCONNECT
-    assert _counters(service)["attempts"] == 3
+    _assert_retried_as_disconnect(_with(password_url, **REFUSED[refusal]), service)
 
 
 def test_a_connect_refused_for_too_many_connections_after_authentication_heals(
@@ -296,7 +292,7 @@ def test_asyncpg_refusals_after_authentication_carry_their_code_and_raise_at_onc
         {"wrong-password": "28P01", "unknown-database": "3D000"}[refusal]
     }
     assert _counters(service)["attempts"] == 10
-    _assert_breaker_untouched(service)
+    assert_breaker_untouched(service)
 
 
 def _free_port() -> int:
@@ -317,15 +313,6 @@ def test_a_connect_that_may_heal_is_still_a_disconnect(
         url = _with(password_url, host="127.0.0.1", port=_free_port())
     else:
         url = _with(password_url, password="wrong", query={"target_session_attrs": "read-write"})
-    engine = sa.create_engine(url)
-    config = rdb.Config(max_retries=2, circuit_breaker=False)
-    Sessions = rdb.ResilientSession(engine, service=service, config=config)
-    try:
-        with pytest.raises(sa_exc.OperationalError) as info:
-            Sessions.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one())
-    finally:
-        engine.dispose()
-    assert rdb.classify(info.value) is rdb.Outcome.DISCONNECT
+    _assert_retried_as_disconnect(url, service)
     counters = _counters(service)
-    assert counters["attempts"] == 3
     assert counters["retries_by_class"] == {"disconnect": 2}

@@ -25,7 +25,7 @@ import psycopg
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
-from scenarios import ASYNC_DRIVERS, Base, set_read_only_database
+from scenarios import ASYNC_DRIVERS, Base, assert_breaker_untouched, set_read_only_database
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
@@ -57,15 +57,6 @@ READ_ONLY_WAYS: dict[str, Callable[[Session], None]] = {
     "set-transaction-read-only": _set_transaction_read_only,
     "postgresql_readonly": _postgresql_readonly,
 }
-
-
-def _assert_breaker_untouched(service: str) -> None:
-    health = rdb.health()["services"][service]
-    assert health["breaker"]["state"] == "closed"
-    assert health["breaker"]["failures"] == 0
-    counters = health["counters"]
-    assert (counters["retries"], counters["gave_up"], counters["breaker_opens"]) == (0, 0, 0)
-    assert counters["retries_by_class"] == {}
 
 
 # -- sync (psycopg) --------------------------------------------------------------------------------
@@ -104,7 +95,7 @@ def test_writes_in_read_only_transactions_on_a_primary_raise_at_once(
         assert not rdb.is_transient(info.value)
         assert not info.value.connection_invalidated
         assert len(calls) == n  # one attempt each
-    _assert_breaker_untouched(service)
+    assert_breaker_untouched(service)
     assert _pooled_pids(engine) == before  # the pool's connections survived
     Sessions.run(lambda s: s.execute(WRITE, {"name": "after"}))
     with engine.connect() as conn:
@@ -190,7 +181,7 @@ async def test_async_writes_in_read_only_transactions_on_a_primary_raise_at_once
         assert rdb.classify(info.value) is rdb.Outcome.NOT_TRANSIENT
         assert not info.value.connection_invalidated
         assert len(calls) == n
-    _assert_breaker_untouched(service)
+    assert_breaker_untouched(service)
     assert await _apooled_pids(aengine) == before
 
     async def write(session: AsyncSession) -> None:
@@ -275,7 +266,7 @@ def test_the_drivers_own_connection_and_an_engine_without_a_factory_are_told_apa
         assert rdb.sqlstate_of(info.value) == "25006"
         assert rdb.classify(info.value) is rdb.Outcome.NOT_TRANSIENT
         assert calls == [1]
-        _assert_breaker_untouched(f"{service}-plain")
+        assert_breaker_untouched(f"{service}-plain")
 
         Sessions = rdb.ResilientSession(hooked, service=service, config=CONFIG)
         calls.clear()
@@ -283,7 +274,7 @@ def test_the_drivers_own_connection_and_an_engine_without_a_factory_are_told_apa
             Sessions.run(raw)
         assert rdb.classify(raw_info.value) is rdb.Outcome.NOT_TRANSIENT
         assert calls == [1]
-        _assert_breaker_untouched(service)
+        assert_breaker_untouched(service)
 
         # a server that takes no writes: the same error is a lost server
         set_read_only_database(pg_server, pg_database, True)
