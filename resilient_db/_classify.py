@@ -129,62 +129,60 @@ READ_ONLY_SQLSTATE = "25006"
 _HOT_STANDBY = "resilient_db_hot_standby"
 
 
+def _reported(driver: Any, name: str) -> str | None:
+    """The value of server parameter ``name`` as the server last reported it to ``driver`` (a
+    psycopg 3 connection, sync or async, or an asyncpg one: PostgreSQL reports some settings at
+    connect and again when they change, and the driver keeps them), or None: not reported
+    (``in_hot_standby`` before PostgreSQL 14), another driver, a connection that broke."""
+    try:
+        pgconn = getattr(driver, "pgconn", None)
+        if pgconn is not None:  # psycopg 3
+            value = pgconn.parameter_status(name.encode())
+            return None if value is None else bytes(value).decode()
+        get_settings = getattr(driver, "get_settings", None)
+        if callable(get_settings):  # asyncpg
+            reported = getattr(get_settings(), name, None)
+            return reported if isinstance(reported, str) else None
+    except Exception:  # a connection that broke meanwhile: nothing to say
+        return None
+    return None
+
+
 def hot_standby_server(driver: Any) -> str | None:
     """The address (``host:port``) of the server behind ``driver`` (a psycopg 3 connection,
     sync or async, or an asyncpg one) when that server says it is a hot standby; None when it
     says it is not, or says nothing (before PostgreSQL 14), or the driver is another.
 
     PostgreSQL 14+ reports ``in_hot_standby`` to the client at connect and again when it
-    changes (a promotion): the driver keeps it (psycopg: ``pgconn.parameter_status``, asyncpg:
-    ``get_settings()``), so this asks the server nothing. For the failure path: 25006 from such
-    a server means the URL reached a standby (by mistake, or an old primary restarted as one
-    during a failover), not a transaction the application made read-only."""
+    changes (a promotion): the driver keeps it (:func:`_reported`), so this asks the server
+    nothing. For the failure path: 25006 from such a server means the URL reached a standby
+    (by mistake, or an old primary restarted as one during a failover), not a transaction the
+    application made read-only."""
+    if _reported(driver, "in_hot_standby") != "on":
+        return None
     try:
-        pgconn = getattr(driver, "pgconn", None)
-        if pgconn is not None:  # psycopg 3
-            if pgconn.parameter_status(b"in_hot_standby") != b"on":
-                return None
+        if getattr(driver, "pgconn", None) is not None:  # psycopg 3
             info = driver.info
             return _address(info.host, info.port)
-        get_settings = getattr(driver, "get_settings", None)
-        if callable(get_settings):  # asyncpg
-            if getattr(get_settings(), "in_hot_standby", None) != "on":
-                return None
-            # the address asyncpg connected to (a multi-host URL: the one that answered); it
-            # has no public accessor for it
-            addr = getattr(driver, "_addr", None)
-            if isinstance(addr, tuple) and len(addr) >= 2:
-                return _address(str(addr[0]), addr[1])
-            return str(addr) if isinstance(addr, str) else "an unknown address"
+        # asyncpg: the address it connected to (a multi-host URL: the one that answered); it
+        # has no public accessor for it
+        addr = getattr(driver, "_addr", None)
     except Exception:  # a connection that broke meanwhile: nothing to say
         return None
-    return None
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return _address(str(addr[0]), addr[1])
+    return str(addr) if isinstance(addr, str) else "an unknown address"
 
 
 def server_takes_writes(driver: Any) -> bool:
-    """Whether the server behind ``driver`` (a psycopg 3 connection, sync or async, or an
-    asyncpg one) said it takes writes: ``in_hot_standby`` and ``default_transaction_read_only``
-    both reported off (PostgreSQL 14+ reports both at connect and again when they change; the
-    driver keeps them, so this asks the server nothing). False when either is on, when the
-    server reports nothing (before PostgreSQL 14), or the driver is another."""
-    try:
-        pgconn = getattr(driver, "pgconn", None)
-        if pgconn is not None:  # psycopg 3
-            status = pgconn.parameter_status
-            return bool(
-                status(b"in_hot_standby") == b"off"
-                and status(b"default_transaction_read_only") == b"off"
-            )
-        get_settings = getattr(driver, "get_settings", None)
-        if callable(get_settings):  # asyncpg
-            settings = get_settings()
-            return bool(
-                getattr(settings, "in_hot_standby", None) == "off"
-                and getattr(settings, "default_transaction_read_only", None) == "off"
-            )
-    except Exception:  # a connection that broke meanwhile: nothing to say
-        return False
-    return False
+    """Whether the server behind ``driver`` said it takes writes: ``in_hot_standby`` and
+    ``default_transaction_read_only`` both reported off (:func:`_reported`: PostgreSQL 14+
+    reports both; this asks the server nothing). False when either is on, when the server
+    reports nothing (before PostgreSQL 14), or the driver is another."""
+    return (
+        _reported(driver, "in_hot_standby") == "off"
+        and _reported(driver, "default_transaction_read_only") == "off"
+    )
 
 
 _WRITABLE = "resilient_db_refused_by_writable_server"
