@@ -8,14 +8,16 @@ Subcommands::
     resilient-db check-config [--json]
     resilient-db rules MODULE:Model [--format mermaid|dot] [--column NAME]
 
-Exit status: 0 success; 1 a demo invariant failed; 2 usage errors, an invalid configuration,
-a bad ``rules`` target, or a demo that could not run; 130 a demo interrupted (Ctrl-C).
+Exit status: 0 success; 1 a demo invariant failed, or the output could not be written (a full
+disk); 2 usage errors, an invalid configuration, a bad ``rules`` target, or a demo that could
+not run; 130 a demo interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import json
 import math
 import os
@@ -191,15 +193,67 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _OutputFailed(Exception):
+    """Standard output refused what the command wrote (a full disk, a closed terminal)."""
+
+
+class _Output(io.TextIOBase):
+    """Standard output for a command: a write or flush it refuses raises :class:`_OutputFailed`
+    (told apart from the command's own ``OSError``, a refused connection, say); a closed pipe
+    (``resilient-db rules ... | head``) stays a ``BrokenPipeError``."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        super().__init__()
+        self._stream = stream
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise _OutputFailed(exc) from exc
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise _OutputFailed(exc) from exc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``resilient-db`` console script; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
+    out = _Output(sys.stdout)
+    status = EXIT_OK
     try:
-        status: int = args.handler(args, sys.stdout, sys.stderr)
-    except BrokenPipeError:  # e.g. `resilient-db rules ... | head`
-        return EXIT_OK
+        status = int(args.handler(args, out, sys.stderr))
+        out.flush()  # within reach of the handlers below, not at the interpreter's exit
+    except BrokenPipeError:  # e.g. `resilient-db rules ... | head`: the reader has had enough
+        _quiet_stdout()
+        return status
+    except _OutputFailed as exc:
+        _quiet_stdout()
+        print(f"resilient-db: error: could not write the output: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     return status
+
+
+def _quiet_stdout() -> None:
+    """Point standard output at the null device: what is still buffered for the broken pipe
+    or full disk would fail again when the interpreter flushes it at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, io.UnsupportedOperation):  # no real stdout (a test's capture)
+        pass
 
 
 # -- demo ---------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import inspect
 import time
+import types
 from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, Protocol, TypeVar, overload
 
@@ -145,7 +146,8 @@ def with_self_healing(
     returned (the decorated function stays a coroutine function, so frameworks such as FastAPI
     still see an async route handler with its parameters). With self-healing off, ``fn()`` runs
     plainly. The decorator needs its parentheses: ``@with_self_healing()`` or
-    ``@with_self_healing(service="orders")``.
+    ``@with_self_healing(service="orders")`` (without them, a function that takes arguments is
+    refused with ``TypeError`` when decorated; one that takes none would be called there).
 
     ``validate`` (a Pydantic model class, a type such as ``list[Model]``, a ``TypeAdapter`` or a
     callable) checks the result once the operation succeeded; an invalid one raises
@@ -165,6 +167,7 @@ def with_self_healing(
     if not callable(fn):
         raise TypeError(f"with_self_healing needs a callable, got {type(fn).__name__}")
     _refuse_generator(fn)
+    _refuse_needing_arguments(fn)
     cfg = config if config is not None else env_config()
     if not cfg.enabled:
         return fn()
@@ -205,6 +208,30 @@ def _refuse_generator(fn: object) -> None:
             f"with_self_healing can't retry {getattr(fn, '__qualname__', fn)!r}: it is a "
             "generator function, whose body runs only when its result is iterated, after the "
             "operation returned; return a list instead, or decorate the code that iterates it"
+        )
+
+
+def _refuse_needing_arguments(fn: object) -> None:
+    """The call form calls ``fn()`` now. A function that can't be called without arguments is
+    most likely decorated without the parentheses (``@with_self_healing``), which would call
+    it at import: say so, before anything runs. Only Python functions and bound methods are
+    looked at (their code tells, at the cost of a few attribute reads); anything else is
+    called, and fails as it would."""
+    bound = 0
+    if isinstance(fn, types.MethodType):
+        fn, bound = fn.__func__, 1
+    if not isinstance(fn, types.FunctionType):
+        return
+    code = fn.__code__
+    positional = code.co_argcount - bound - len(fn.__defaults__ or ())
+    keyword = code.co_kwonlyargcount - len(fn.__kwdefaults__ or {})
+    if positional > 0 or keyword > 0:
+        name = fn.__qualname__
+        raise TypeError(
+            f"with_self_healing({name}) calls {name}() now, and it needs arguments: to "
+            "decorate a function, write @with_self_healing() (with its parentheses) or "
+            f"@with_self_healing(service=...); to run it once, pass "
+            f"with_self_healing(lambda: {name}(...))"
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -192,6 +193,43 @@ def test_python_dash_m_runs_the_command() -> None:
         check=False,
     )
     assert version.stdout.strip() == f"resilient-db {rdb.__version__}"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_output_refused_by_a_full_disk_is_one_line_and_exit_1(json_flag: list[str]) -> None:
+    with open("/dev/full", "w") as full:  # every write fails with ENOSPC
+        done = subprocess.run(
+            [sys.executable, "-m", "resilient_db", "check-config", *json_flag],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        "resilient-db: error: could not write the output: [Errno 28] No space left on device"
+    ]
+
+
+def test_output_to_a_reader_that_stopped_reading_ends_quietly() -> None:
+    # `resilient-db rules ... | head -0`: the pipe is closed before anything is written
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "resilient_db", "rules", "resilient_db.examples.tasks:Task"],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write)
+    assert done.returncode == 0
+    assert done.stderr == ""
 
 
 # -- metrics ------------------------------------------------------------------------------------

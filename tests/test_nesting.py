@@ -272,6 +272,48 @@ def test_with_self_healing_checks_its_arguments_in_both_forms(service: str) -> N
     assert service in rdb.health()["services"]
 
 
+def test_decorating_without_parentheses_is_refused_for_a_function_with_arguments(
+    engine: sa.Engine, service: str
+) -> None:
+    """``@with_self_healing`` without its parentheses is the call form: it called the function
+    at once, which failed with Python's "missing 1 required positional argument" (or, for an
+    async one, made a coroutine that was never awaited) instead of saying what was wrong."""
+    calls: list[str] = []
+
+    with pytest.raises(TypeError, match=r"write @with_self_healing\(\) \(with its parentheses"):
+
+        @rdb.with_self_healing  # type: ignore[arg-type]
+        def load(task_id: int) -> int:
+            calls.append("load")
+            return task_id
+
+    with pytest.raises(TypeError, match=r"with_self_healing\(.*aload\) calls .*aload\(\) now"):
+
+        @rdb.with_self_healing  # type: ignore[arg-type]
+        async def aload(*, task_id: int) -> int:
+            calls.append("aload")
+            return task_id
+
+    class Repository:
+        def get(self, task_id: int) -> int:
+            calls.append("get")
+            return task_id
+
+        def count(self) -> int:
+            calls.append("count")
+            return 3
+
+    with pytest.raises(TypeError, match="needs arguments"):
+        rdb.with_self_healing(Repository().get, service=service)  # type: ignore[arg-type]
+    assert calls == []
+    assert rdb.health()["services"].get(service) is None  # nothing reached a breaker
+    # what takes no arguments (or has defaults for them) is called as before
+    assert rdb.with_self_healing(Repository().count, service=service) == 3
+    assert rdb.with_self_healing(lambda task_id=5: task_id, service=service) == 5
+    assert rdb.with_self_healing(functools.partial(Repository().get, 7), service=service) == 7
+    assert calls == ["count", "get"]
+
+
 @pytest.mark.asyncio
 async def test_transactional_functions_take_no_session_in_their_signature(
     engine: sa.Engine, aengine: AsyncEngine, service: str
