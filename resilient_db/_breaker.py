@@ -55,7 +55,13 @@ def renew_pybreaker_lock(cb: Any) -> None:
 
 
 class _LogListener(_pb.CircuitBreakerListener):
-    """Logs every state change with the ``[SELF-HEAL]`` prefix and counts openings."""
+    """Logs every state change with the ``[SELF-HEAL]`` prefix and counts openings.
+
+    An opening counts in ``breaker_opens`` in the process that made it: its own breaker's, or
+    a shared breaker's that its failure (or its ``open()``) opened. A shared breaker's opening
+    that another process made is logged here too (this process rejects calls from then on),
+    but counted apart, as an opening followed (``opens_followed``): summed over the fleet,
+    ``breaker_opens`` counts each opening once."""
 
     def __init__(self, breaker: Breaker) -> None:
         self._breaker = breaker
@@ -64,7 +70,11 @@ class _LogListener(_pb.CircuitBreakerListener):
         b = self._breaker
         new = new_state.name
         if new == OPEN:
-            stats_for(b.service).add("breaker_opens")
+            followed, b.open_followed = b.open_followed, False
+            if followed:
+                b.opens_followed += 1
+            else:
+                stats_for(b.service).add("breaker_opens")
             reason, b.open_reason = b.open_reason, None
             if reason is not None:
                 why = reason
@@ -86,6 +96,7 @@ class _LogListener(_pb.CircuitBreakerListener):
                 b.config.reset_timeout,
                 service=b.service,
                 event="breaker_opened",
+                opened_here=not followed,
             )
         elif new == HALF_OPEN:
             emit(
@@ -145,6 +156,10 @@ class Breaker:
         self._storage = self._cb._state_storage
         self.storage_given = storage
         self.open_reason: str | None = None  # why the next opening happens, when not local
+        #: the next opening is another process's, followed through Redis (see _LogListener)
+        self.open_followed = False
+        #: openings of the shared breaker made by other processes that this one followed
+        self.opens_followed = 0
         #: what the failures that opened the breaker were, when known (a hot standby refusing
         #: writes): named by the opening's log line and by every CircuitOpenError meanwhile
         self.open_cause: str | None = None
@@ -478,6 +493,7 @@ class Breaker:
                 "problem": fleet.problem,
                 "fleet_opens": self._fleet_opens,
                 "opened_here": self._opened_here,
+                "opens_followed": self.opens_followed,
             }
         return info
 
@@ -544,7 +560,10 @@ class Breaker:
             answer = fleet.breaker_force(self.service, state, self.config.reset_timeout)
         except FleetDown:
             return False
-        self.fleet_update(*answer, answer=True, reason=reason)
+        if state == OPEN:
+            self._opened_here += 1
+        # this process's change, as its own pub/sub message says (``mine``)
+        self.fleet_update(*answer, answer=True, mine=True, reason=reason)
         return True
 
     def fleet_sync(self, answer: tuple[str, float, int, int]) -> None:
@@ -566,7 +585,9 @@ class Breaker:
         """Take a state of the shared breaker into the view (and the local storage, whose
         listeners log the change). Messages older than the view are ignored; a script's
         ``answer`` with ``gen`` 0 (no shared state: Redis was flushed or restarted) is taken.
-        ``mine``: this process's failure made the change (its answer and its message race)."""
+        ``mine``: this process made the change, by a failure or by ``open()``/``close()``
+        (its answer and its message race); an opening it did not make is counted as followed,
+        not in ``breaker_opens`` (see :class:`_LogListener`)."""
         if state not in (CLOSED, OPEN, HALF_OPEN):
             return
         with self._lock:
@@ -595,7 +616,8 @@ class Breaker:
                 self._storage.opened_at = datetime.fromtimestamp(self._clock() - elapsed, _UTC)
                 if self._storage.state == OPEN:
                     return  # the same opening, a fresher remaining time
-                self.open_cause = self._last_cause if mine else None
+                # what this process's failures were (not for its open(): a reason of its own)
+                self.open_cause = self._last_cause if mine and reason is None else None
                 if reason is None:
                     reason = (
                         (
@@ -608,6 +630,7 @@ class Breaker:
                         else "another process's failures (shared through Redis)"
                     )
                 self.open_reason = reason
+                self.open_followed = not mine
             self._set_state(state)
 
     # -- internals (callers hold self._lock) ------------------------------------------------

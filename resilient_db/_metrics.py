@@ -15,7 +15,9 @@ Metrics (label ``service`` is the ResilientSession's service name):
 ``resilient_db_retries_total{class}``                counter  retries by class (conflict, ...)
 ``resilient_db_recovered_total``                     counter  units that succeeded after retrying
 ``resilient_db_gave_up_total``                       counter  units whose retries ran out
-``resilient_db_breaker_opens_total``                 counter  times the breaker opened
+``resilient_db_breaker_opens_total``                 counter  times this process opened the breaker
+``resilient_db_breaker_opens_followed_total``        counter  openings of a shared breaker that
+                                                              other processes made, followed here
 ``resilient_db_breaker_rejections_total``            counter  calls rejected by an open breaker
 ``resilient_db_breaker_state{state}``                gauge    1 for the breaker's current state
 ``resilient_db_commit_outcome_unknown_total``        counter  COMMITs whose outcome stayed unknown
@@ -34,7 +36,14 @@ Metrics (label ``service`` is the ResilientSession's service name):
 ===================================================  =======  ======================================
 
 The retry budget series exist for services with ``SELF_HEALING_RETRY_BUDGET`` set; the
-``breaker_shared`` series for breakers with ``SELF_HEALING_REDIS_URL`` set.
+``breaker_shared`` and ``breaker_opens_followed`` series for breakers with
+``SELF_HEALING_REDIS_URL`` set.
+
+A breaker shared through Redis opens once for the whole fleet: the opening counts in
+``breaker_opens`` of the process whose failure (or ``open()``) opened it, and in
+``breaker_opens_followed`` of every other process that learnt of it. ``sum()`` of
+``resilient_db_breaker_opens_total`` over the fleet counts each opening once (while Redis does
+not answer, each process decides alone: its own openings count in its ``breaker_opens``).
 
 A blocked transition is one row whose illegal status move was refused, whichever path refused
 it (flush, database trigger, a bulk UPDATE that raised or whose filter skipped the row): the same
@@ -63,7 +72,12 @@ _SERVICE_COUNTERS = (
     ("attempts", "resilient_db_attempts", "Attempts of units of work (each try counts)."),
     ("recovered", "resilient_db_recovered", "Units of work that succeeded after retrying."),
     ("gave_up", "resilient_db_gave_up", "Units of work whose retries ran out."),
-    ("breaker_opens", "resilient_db_breaker_opens", "Times the circuit breaker opened."),
+    (
+        "breaker_opens",
+        "resilient_db_breaker_opens",
+        "Times this process opened the circuit breaker (a shared breaker's opening counts in "
+        "the process whose failure opened it only: a sum over the fleet counts it once).",
+    ),
     (
         "breaker_rejections",
         "resilient_db_breaker_rejections",
@@ -163,6 +177,12 @@ class HealthCollector:
             "Units of work that gave up at once because the retry budget was spent.",
             labels=["service"],
         )
+        followed = core.CounterMetricFamily(
+            "resilient_db_breaker_opens_followed",
+            "Openings of a circuit breaker shared through Redis that other processes made and "
+            "this process followed (not in resilient_db_breaker_opens_total).",
+            labels=["service"],
+        )
         budget_shared = core.GaugeMetricFamily(
             "resilient_db_retry_budget_shared",
             "1 while the retry budget is counted fleet-wide through Redis, else 0.",
@@ -182,6 +202,8 @@ class HealthCollector:
                 if breaker.get("shared") is not None:
                     up = breaker["shared"].get("connected")
                     shared.add_metric([service], 1.0 if up else 0.0)
+                    n = breaker["shared"].get("opens_followed", 0)
+                    followed.add_metric([service], float(n))
             budget = entry.get("budget")
             if budget is not None and "available" in budget:
                 available.add_metric([service], float(budget["available"]))
@@ -192,6 +214,7 @@ class HealthCollector:
         yield from (families[k] for k, _, _ in _SERVICE_COUNTERS if k != "attempts")
         yield state
         yield shared
+        yield followed
         yield available
         yield exhausted
         yield budget_shared

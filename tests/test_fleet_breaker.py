@@ -24,6 +24,7 @@ from processes import alive, killed_at_exit, wait_for
 import resilient_db as rdb
 from resilient_db._config import mask_url
 from resilient_db._fleet import FleetLink, links
+from resilient_db._metrics import HealthCollector
 from resilient_db.testing import FaultProxy, PostgresServer, RedisServer
 
 pytestmark = pytest.mark.slow
@@ -91,6 +92,59 @@ def test_one_process_opens_the_circuit_and_the_others_reject_without_the_databas
         assert openers == [others[0]]  # the process whose failure was the third
         assert len(others[0].self_heal_lines("consecutive failures across the fleet")) == 1
         assert len(first.self_heal_lines("another process's failures")) == 1
+
+
+def _breaker_opens_summed(healths: list[dict[str, Any]]) -> float:
+    """``sum(resilient_db_breaker_opens_total)`` over the fleet, as Prometheus would add the
+    scrapes of every process (each scrape: the collector over that process's health())."""
+    total = 0.0
+    for health in healths:
+        for family in HealthCollector(health=lambda h=health: h).collect():  # type: ignore[misc]
+            if family.name == "resilient_db_breaker_opens":
+                total += sum(s.value for s in family.samples if s.name.endswith("_total"))
+    return total
+
+
+def test_an_opening_of_the_shared_breaker_counts_once_across_the_fleet(
+    redis_server: RedisServer, pg_url: str, gate: Gate, tmp_path: Path
+) -> None:
+    """One opening is counted by the process that made it; the others follow it (they log it
+    and reject from then on) and count it apart, as followed."""
+    reset = 0.3
+    config = settings(redis_server, SELF_HEALING_RESET_TIMEOUT=str(round(reset * 1000)))
+    with fleet(3, pg_url, config, tmp_path) as workers:
+        for w in workers:
+            assert w.ask("wait", what="connected", timeout=20)["ok"], w.log()
+        a, b, c = workers
+        gate.set(down=True)
+        assert a.ask("run", n=3)["errors"] == {"57P03": 3}  # a's third failure opens it
+        for w in workers:
+            assert w.ask("wait", what="open", timeout=10)["ok"], w.log()
+        time.sleep(reset)  # the breaker's own open period (not a backoff)
+        assert b.ask("run", n=1)["errors"] == {"57P03": 1}  # b's probe fails: open again
+
+        def breakers() -> list[dict[str, Any]]:
+            return [w.ask("health")["services"]["fleet"]["breaker"] for w in workers]
+
+        # every process has heard of both openings
+        wait_for(
+            lambda: all(br["shared"]["fleet_opens"] == 2 for br in breakers()), "both openings"
+        )
+        healths = [w.ask("health") for w in workers]
+        opens = [h["services"]["fleet"]["counters"]["breaker_opens"] for h in healths]
+        assert opens == [1, 1, 0]
+        assert _breaker_opens_summed(healths) == 2.0
+        shared_entries = [h["services"]["fleet"]["breaker"]["shared"] for h in healths]
+        assert [e["opened_here"] for e in shared_entries] == [1, 1, 0]
+        wait_for(
+            lambda: [br["shared"]["opens_followed"] for br in breakers()] == [1, 1, 2],
+            "the openings followed",
+            timeout=10,
+        )
+        # each process logs every opening it follows, with who made it
+        assert len(a.self_heal_lines("consecutive failures across the fleet")) == 1
+        assert len(b.self_heal_lines("a half-open probe failed")) == 1
+        assert len(c.self_heal_lines("another process's failures")) == 2
 
 
 def test_half_open_admits_the_configured_probes_across_processes(
