@@ -1156,6 +1156,31 @@ def _spares_on(server: PostgresServer) -> set[str]:
     return {row[0] for row in rows}
 
 
+def test_spares_are_paused_for_a_server_control_test_that_runs_first(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The session's first test that asks for the server may be one that stops it: the spares
+    are made during its setup (with the server), after the marker was looked at; they were not
+    paused for it, and made a database while it had the server down."""
+    monkeypatch.delenv("RESILIENT_DB_TEST_URL", raising=False)  # an embedded server of its own
+    monkeypatch.delenv("RESILIENT_DB_TEST_DOCKER", raising=False)
+    pytester.makepyfile(
+        """
+        import pytest
+        from resilient_db.testing._pytest_plugin import _SPARES_KEY
+
+        @pytest.mark.server_control
+        def test_controls_first(request, pg_server):
+            assert request.config.stash[_SPARES_KEY].paused
+
+        def test_after(request, pg_server):
+            assert not request.config.stash[_SPARES_KEY].paused
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:asyncio")
+    result.assert_outcomes(passed=2)
+
+
 def test_databases_are_made_ahead_and_none_while_a_test_controls_the_server(
     pg_server: PostgresServer,
 ) -> None:

@@ -78,6 +78,12 @@ class DatabaseSpares:
             self._paused = max(0, self._paused - 1)
             self._cond.notify_all()
 
+    @property
+    def paused(self) -> bool:
+        """Whether no database is made now (between :meth:`pause` and :meth:`resume`)."""
+        with self._cond:
+            return self._paused > 0
+
     def close(self) -> None:
         """Stop the thread; a spare not taken stays (it goes with the server)."""
         with self._cond:

@@ -89,6 +89,9 @@ _MARKER_LINE = (
 _SERVER_KEY = pytest.StashKey["PostgresServer"]()
 _SPARES_KEY = pytest.StashKey["DatabaseSpares"]()
 _PAUSED_KEY = pytest.StashKey["DatabaseSpares"]()
+#: a ``server_control`` test being set up before the session's server (and its spares) exists:
+#: the spares are paused for it as soon as they are made (see ``pg_server``)
+_CONTROLLING_KEY = pytest.StashKey[pytest.Item]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -116,10 +119,14 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if spares is not None:  # no CREATE or DROP DATABASE while the test stops the server
         spares.pause()
         item.stash[_PAUSED_KEY] = spares
+    else:  # the session's first test that asks for the server: it is made during setup
+        item.config.stash[_CONTROLLING_KEY] = item
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_runtest_teardown(item: pytest.Item) -> None:
+    if _CONTROLLING_KEY in item.config.stash:
+        del item.config.stash[_CONTROLLING_KEY]
     server = item.config.stash.get(_SERVER_KEY, None)
     if server is not None:
         server.ensure_running()
@@ -151,6 +158,10 @@ def pg_server(request: pytest.FixtureRequest) -> Iterator[PostgresServer]:
         from ._databases import DatabaseSpares  # noqa: PLC0415
 
         spares = request.config.stash[_SPARES_KEY] = DatabaseSpares(server)
+        controlling = request.config.stash.get(_CONTROLLING_KEY, None)
+        if controlling is not None:  # made for a server_control test: paused until its end
+            spares.pause()
+            controlling.stash[_PAUSED_KEY] = spares
     try:
         yield server
     finally:
