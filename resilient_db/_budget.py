@@ -204,9 +204,16 @@ class RetryBudget:
             detach(old, budget=self)
 
     def after_fork_in_child(self) -> None:
-        """In a forked child: new locks (a thread of the parent may have held them)."""
+        """In a forked child: new locks (a thread of the parent may have held them), and none
+        of the parent's first attempts. Those the parent had not yet added to the fleet's
+        count (pending), and those made since its last look at its counters (the child
+        inherits the counters), are the parent's: it sends them itself, and the child sending
+        its copy would count them twice fleet-wide. The child counts from here."""
         self._lock = threading.Lock()
         self._lines = LineLimit(EXHAUSTED_LOG_PERIOD, self._clock)
+        self._pending = {}
+        snap = self._counters
+        self._local.observe(snap.attempts - snap.retries, self._clock(), reset=True)
 
     # -- the first attempts ------------------------------------------------------------------
     def _observe(self, now: float) -> int:

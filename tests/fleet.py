@@ -8,9 +8,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+import traceback
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -193,3 +197,58 @@ def shared(service: str) -> dict[str, Any]:
     """``health()``'s entry of ``service``'s breaker shared through Redis."""
     entry: dict[str, Any] = rdb.health()["services"][service]["breaker"]["shared"]
     return entry
+
+
+class Forked:
+    """A child forked from the test process (as gunicorn forks its workers) running ``child``;
+    :meth:`result` waits for it, bounded."""
+
+    def __init__(self, child: Callable[[], bool]) -> None:
+        read_end, write_end = os.pipe()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork of a threaded process
+            pid = os.fork()
+        if pid == 0:  # the child: report through the pipe and leave, no cleanup of the parent's
+            code = 1
+            try:
+                os.close(read_end)
+                code = 0 if child() else 1
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                try:
+                    os.write(write_end, bytes([code]))
+                finally:
+                    os._exit(code)
+        os.close(write_end)
+        self.pid: int | None = pid
+        self._read = read_end
+
+    def result(self, timeout: float) -> bool | None:
+        """True when ``child`` returned True, False when it returned False or raised, None when
+        it did not end within ``timeout`` seconds (it is killed)."""
+        ready, _, _ = select.select([self._read], [], [], timeout)
+        answer = os.read(self._read, 1) if ready else b""
+        self.close()
+        return None if not answer else answer == b"\x00"
+
+    def close(self) -> None:
+        """Kill the child if it still runs, and reap it."""
+        pid, self.pid = self.pid, None
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        if self._read >= 0:
+            os.close(self._read)
+            self._read = -1
+
+
+@contextmanager
+def forked(child: Callable[[], bool]) -> Iterator[Forked]:
+    """Fork a child running ``child``; it is killed and reaped on leaving, failed or not."""
+    proc = Forked(child)
+    try:
+        yield proc
+    finally:
+        proc.close()

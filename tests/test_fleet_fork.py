@@ -16,11 +16,12 @@ from typing import Any
 import pybreaker
 import pytest
 import sqlalchemy as sa
-from fleet import Gate
+from fleet import Gate, forked
 from processes import wait_for
 
 import resilient_db as rdb
 from resilient_db._breaker import pybreaker_lock, renew_pybreaker_lock
+from resilient_db._budget import budgets
 from resilient_db._fleet import FleetLink
 from resilient_db.testing import RedisServer
 
@@ -141,4 +142,56 @@ def test_a_child_forked_while_a_listener_runs_in_the_background_thread_does_not_
         os.close(read_end)
         if write_end >= 0:
             os.close(write_end)
+        engine.dispose()
+
+
+def _fleet_deposits(redis: RedisServer, service: str) -> float:
+    """The first attempts the fleet's budget of ``service`` counts, read from Redis."""
+    fields = redis.client().hgetall(f"resilient_db:{{{service}}}:budget")
+    return sum(float(v) for k, v in fields.items() if k.startswith(b"d"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_sends_the_fleet_its_own_first_attempts_not_the_parents(
+    redis_server: RedisServer, pg_url: str
+) -> None:
+    """The parent's first attempts not yet added to the fleet's budget when it forks are the
+    parent's to send: the child sends only those it makes itself."""
+    engine = sa.create_engine(pg_url)
+    config = rdb.Config(
+        redis_url=redis_server.url, retry_budget=0.5, retry_budget_floor=0, circuit_breaker=False
+    )
+    Session = rdb.ResilientSession(engine, service="forkbudget", config=config)
+    budget = budgets()["forkbudget"]
+    wait_for(lambda: budget.shared, "the budget shared")
+    redis_server.kill()  # the parent's first attempts wait for Redis, in the parent
+    wait_for(lambda: not budget.shared, "the link down")
+    for _ in range(5):
+        Session.run(lambda s: s.execute(sa.text("SELECT 1")))
+
+    def child() -> bool:
+        engine.dispose(close=False)  # the parent's connections are the parent's
+        for _ in range(2):
+            Session.run(lambda s: s.execute(sa.text("SELECT 1")))
+        ran = budget._clock()
+        link = budget._fleet
+        deadline = time.monotonic() + 15
+        while not link.up and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if not link.up:
+            return False
+        link._flush_budgets()  # what this process has for the fleet, now
+        # sent by this call or by the link's thread: wait for Redis's answer
+        while budget._fleet_view[0] < ran and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return bool(budget._fleet_view[0] >= ran)
+
+    try:
+        with forked(child) as proc:
+            rdb.reset_state()  # the parent forgets its first attempts: never sent
+            redis_server.start()
+            assert proc.result(timeout=20) is True, "the child did not reach the fleet"
+        assert _fleet_deposits(redis_server, "forkbudget") == 2
+    finally:
         engine.dispose()
