@@ -604,11 +604,32 @@ def reload_config(environ: Mapping[str, str] | None = None) -> Config:
     Nothing changes if the environment is invalid: the :class:`ConfigError` is raised first.
     """
     # (local imports in _reload: those modules import this one)
+    global _reloading_in
     with _RELOADING:  # one reload at a time: the last one read is what every factory applies
-        return _reload(environ)
+        _reloading_in = threading.get_ident()
+        try:
+            return _reload(environ)
+        finally:
+            _reloading_in = None
 
 
 _RELOADING = threading.Lock()
+_reloading_in: int | None = None  # the thread holding _RELOADING, while one does
+
+
+def _renew_reload_lock_in_child() -> None:
+    """In a forked child: a reload that another thread of the parent was running when it forked
+    never ends here (that thread does not exist), so its lock is replaced, else the child's
+    first ``reload_config()`` would wait forever. Kept when the thread that forked holds it (a
+    fork from inside a reload: it goes on here and releases it itself)."""
+    global _RELOADING, _reloading_in
+    if _reloading_in != threading.get_ident():
+        _RELOADING = threading.Lock()
+        _reloading_in = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_renew_reload_lock_in_child)
 
 
 def _reload(environ: Mapping[str, str] | None) -> Config:

@@ -10,6 +10,7 @@ describe, weak where the key is the user's object), and a test suite can start o
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import weakref
 from collections.abc import Callable
@@ -82,6 +83,23 @@ class State:
 
 
 STATE = State()
+
+
+def _renew_lock_in_child() -> None:
+    """In a forked child (gunicorn forks its workers after import): a lock held by another
+    thread of the parent when it forked stays held for good here (that thread does not exist),
+    and the child's first factory, ``health()`` or ``reload_config()`` would wait forever. Such
+    a lock is replaced; one free, or held by the thread that forked (it goes on here and
+    releases it itself), is kept."""
+    lock = STATE.lock
+    if lock.acquire(blocking=False):  # free, or this thread's (re-entrant)
+        lock.release()
+    else:
+        STATE.lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_renew_lock_in_child)
 
 
 def check_service_room(service: str, known: Any) -> None:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
+from fleet import forked
 
 import resilient_db as rdb
+from resilient_db import _config
 
 
 def test_defaults_are_the_plans() -> None:
@@ -360,3 +364,29 @@ def test_concurrent_reloads_leave_every_factory_on_the_last_configuration() -> N
         rdb.reload_config()
         for engine in engines:
             engine.dispose()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_child_forked_during_a_reload_in_another_thread_can_reload() -> None:
+    """The reload lock, held by a thread of the parent when it forked, is renewed in the child:
+    its reload_config() does not wait for a reload that never ends there."""
+    held, release = threading.Event(), threading.Event()
+
+    def reloading() -> None:
+        with _config._RELOADING:  # as reload_config() holds it while it applies a reload
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=reloading, daemon=True)
+    holder.start()
+    try:
+        assert held.wait(10)
+
+        def child() -> bool:
+            return rdb.reload_config({"SELF_HEALING_MAX_RETRIES": "7"}).max_retries == 7
+
+        with forked(child) as proc:
+            assert proc.result(timeout=5) is True, "the child hung on the reload lock"
+    finally:
+        release.set()
+        holder.join(10)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import threading
+
 import pytest
 import sqlalchemy as sa
+from fleet import forked
 
 import resilient_db as rdb
 from resilient_db import _state
@@ -50,3 +54,45 @@ def test_service_names_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         Policy("bounded-3", rdb.Config())
     with pytest.raises(ValueError, match="at most 3"):
         rdb.with_self_healing(lambda: 1, service="bounded-4")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_child_forked_while_another_thread_holds_the_state_lock_makes_factories() -> None:
+    """The lock of every registry, held by a thread of the parent when it forked, is renewed
+    in the child: its first factory (and health()) do not wait for a thread it does not have."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with STATE.lock:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    try:
+        assert held.wait(10)
+
+        def child() -> bool:
+            engine = sa.create_engine("postgresql+psycopg://u@127.0.0.1:9/db")  # never connected
+            rdb.ResilientSession(engine, service="forked-state", config=rdb.Config())
+            return "forked-state" in rdb.health()["services"]
+
+        with forked(child) as proc:
+            assert proc.result(timeout=5) is True, "the child hung on the state lock"
+    finally:
+        release.set()
+        holder.join(10)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_child_forked_by_the_thread_holding_the_state_lock_keeps_it() -> None:
+    """Forked from inside the lock (a factory made in a hook, say): the child's thread goes on
+    holding it and releases it itself."""
+
+    def child() -> bool:
+        rdb.health()  # re-entrant: this thread holds it
+        STATE.lock.release()  # the parent's acquisition, carried on here
+        return True
+
+    with STATE.lock, forked(child) as proc:
+        assert proc.result(timeout=5) is True
