@@ -68,6 +68,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import threading
 import time
@@ -101,6 +102,15 @@ PROBE_LEASE_MIN = 10.0
 FAILURE_MEMORY_MIN = 10.0
 
 _log = logging.getLogger("resilient_db.fleet")
+
+#: why a Redis that answered refused a command: (its error code, the redis client's exception
+#: class, what it means). A script's error carries the code after a dash ("... -READONLY You
+#: can't write against a read only replica.").
+_REFUSALS = (
+    ("READONLY", "ReadOnlyError", "read-only replica, writes refused"),
+    ("OOM", "OutOfMemoryError", "out of memory (maxmemory), writes refused"),
+    ("NOPERM", "NoPermissionError", "no permission for these commands (ACL)"),
+)
 
 
 class FleetDown(Exception):
@@ -597,8 +607,26 @@ class FleetLink:
         return answer
 
     # -- up and down -------------------------------------------------------------------------
+    def _refusal(self, exc: BaseException) -> str | None:
+        """What Redis meant when it answered ``exc`` (an error reply): a read-only replica,
+        out of memory, no permission, or another error. None: it did not answer."""
+        errors = self._redis.exceptions
+        if not isinstance(exc, errors.ResponseError):
+            return None
+        text = str(exc)
+        for code, name, meaning in _REFUSALS:
+            kind = getattr(errors, name, None)
+            if (isinstance(kind, type) and isinstance(exc, kind)) or re.search(
+                rf"(?:^|[\s-]){code}\b", text
+            ):
+                return meaning
+        return "an error reply"
+
     def mark_down(self, exc: BaseException) -> None:
-        problem = client_says(exc, self.url)  # e.g. "ConnectionError: Error 111 connecting ..."
+        said = client_says(exc, self.url)  # e.g. "ConnectionError: Error 111 connecting ..."
+        refusal = self._refusal(exc)
+        # health()'s problem and the warning say the same: what Redis answered, when it did
+        problem = said if refusal is None else f"{refusal} ({said})"
         with self._lock:
             self.up = False
             self.problem = problem
@@ -610,6 +638,21 @@ class FleetLink:
                 return
             self._down_logged_at = now
             self._down_warned = True
+        if refusal is not None:
+            emit(
+                self.config,
+                log_breaker,
+                logging.WARNING,
+                "Shared state unavailable: Redis at %s answered: %s; circuit breakers and "
+                "retry budgets run on this process's own state until it takes writes again",
+                self.masked_url,
+                problem,
+                event="shared_state_down",
+                redis=self.masked_url,
+                error=type(exc).__name__,
+                problem=problem,
+            )
+            return
         emit(
             self.config,
             log_breaker,
@@ -621,6 +664,7 @@ class FleetLink:
             event="shared_state_down",
             redis=self.masked_url,
             error=type(exc).__name__,
+            problem=problem,
         )
 
     def _mark_up(self) -> None:

@@ -15,6 +15,7 @@ from fleet import Gate, shared
 from processes import wait_for
 
 import resilient_db as rdb
+from resilient_db._config import mask_url
 from resilient_db.testing import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -60,3 +61,38 @@ def test_a_redis_refusing_writes_stays_down_without_flapping_then_rejoins(
     wait_for(lambda: shared("replica")["connected"], "the link, taking writes again")
     assert _lines(caplog, "Shared state restored") == 1
     engine.dispose()
+
+
+def test_the_warning_for_a_read_only_replica_says_it_answered_and_refused_writes(
+    redis_server: RedisServer, pg_url: str, gate: Gate, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis answered (it is no outage of Redis): the warning says what it answered, as
+    health()'s problem does."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    engine = sa.create_engine(pg_url)
+    config = rdb.Config(
+        redis_url=redis_server.url, retry=False, failure_threshold=1000, reset_timeout=5.0
+    )
+    Factory = rdb.ResilientSession(engine, service="replica-line", config=config)
+    wait_for(lambda: shared("replica-line")["connected"], "the link")
+    try:
+        with RedisServer() as master:
+            redis_server.client().execute_command("REPLICAOF", "127.0.0.1", str(master.port))
+            gate.set(down=True)
+            with pytest.raises(sa.exc.OperationalError):  # its failure is written to Redis
+                Factory.run(lambda s: s.execute(sa.text("SELECT rdb_gate()")))
+            wait_for(lambda: not shared("replica-line")["connected"], "the link down")
+            problem = shared("replica-line")["problem"]
+            (line,) = [
+                r.getMessage()
+                for r in caplog.records
+                if "Shared state unavailable" in r.getMessage()
+            ]
+            redis_server.client().execute_command("REPLICAOF", "NO", "ONE")
+    finally:
+        engine.dispose()
+    assert "did not answer" not in line
+    assert f"Redis at {mask_url(redis_server.url)} answered: {problem};" in line
+    assert problem.startswith("read-only replica, writes refused (ResponseError: ")
+    assert "READONLY" in problem
+    assert line.endswith("run on this process's own state until it takes writes again")
