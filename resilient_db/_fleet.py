@@ -32,7 +32,9 @@ answers and takes that write, the process reports what Redis missed (half-open p
 ended meanwhile), reads the shared state again and follows it (a flushed or restarted Redis
 starts closed), and logs "restored" if it logged this down period's warning. A Redis that
 answers but refuses writes (a read-only replica after a failover, out of memory, an ACL
-without the rights) stays down: its scripts would fail at once. A Redis that was flushed
+without the rights) stays down: its scripts would fail at once; its warning, and
+``problem``, say what it answered ("read-only replica, writes refused"), not that it did not
+answer. A Redis that was flushed
 while up looks like a closed breaker and an empty budget: the views follow at the next
 failure-path answer.
 
@@ -45,7 +47,12 @@ event loop for the same few failure-path commands.
 
 The background thread is a daemon, stops on ``reset_state()`` and at interpreter exit, and is
 fork-safe: a child process (gunicorn forks its workers after import) gets new locks, a new client
-and its own thread, and starts on its local state until it has synced with Redis.
+and its own thread, and starts on its local state until it has synced with Redis. The first
+attempts its parent had not yet added to the fleet's budgets stay the parent's to send.
+
+One opening of a shared breaker counts once across the fleet: in ``breaker_opens`` of the process
+that made it (its failure, its probe's, its ``open()``); every other process follows it (logs
+it, rejects calls) and counts it in the breaker's ``shared.opens_followed``.
 
 A link lives while a breaker or a budget is attached to it: one that ``reload_config()`` (or a
 factory's new settings) moved to another Redis, or off Redis, detaches, and the last one to go

@@ -94,13 +94,13 @@ def test_one_process_opens_the_circuit_and_the_others_reject_without_the_databas
         assert len(first.self_heal_lines("another process's failures")) == 1
 
 
-def _breaker_opens_summed(healths: list[dict[str, Any]]) -> float:
-    """``sum(resilient_db_breaker_opens_total)`` over the fleet, as Prometheus would add the
-    scrapes of every process (each scrape: the collector over that process's health())."""
+def _summed(healths: list[dict[str, Any]], metric: str) -> float:
+    """``sum(metric)`` (a counter) over the fleet, as Prometheus would add the scrapes of every
+    process (each scrape: the collector over that process's health())."""
     total = 0.0
     for health in healths:
         for family in HealthCollector(health=lambda h=health: h).collect():  # type: ignore[misc]
-            if family.name == "resilient_db_breaker_opens":
+            if family.name == metric:
                 total += sum(s.value for s in family.samples if s.name.endswith("_total"))
     return total
 
@@ -126,21 +126,21 @@ def test_an_opening_of_the_shared_breaker_counts_once_across_the_fleet(
         def breakers() -> list[dict[str, Any]]:
             return [w.ask("health")["services"]["fleet"]["breaker"] for w in workers]
 
-        # every process has heard of both openings
+        # every process has heard of both openings, and followed them (logged, rejecting)
         wait_for(
-            lambda: all(br["shared"]["fleet_opens"] == 2 for br in breakers()), "both openings"
+            lambda: all(
+                br["shared"]["fleet_opens"] == 2 and br["state"] == "open" for br in breakers()
+            ),
+            "both openings",
         )
         healths = [w.ask("health") for w in workers]
         opens = [h["services"]["fleet"]["counters"]["breaker_opens"] for h in healths]
         assert opens == [1, 1, 0]
-        assert _breaker_opens_summed(healths) == 2.0
+        assert _summed(healths, "resilient_db_breaker_opens") == 2.0
         shared_entries = [h["services"]["fleet"]["breaker"]["shared"] for h in healths]
         assert [e["opened_here"] for e in shared_entries] == [1, 1, 0]
-        wait_for(
-            lambda: [br["shared"]["opens_followed"] for br in breakers()] == [1, 1, 2],
-            "the openings followed",
-            timeout=10,
-        )
+        assert [e["opens_followed"] for e in shared_entries] == [1, 1, 2]
+        assert _summed(healths, "resilient_db_breaker_opens_followed") == 4.0
         # each process logs every opening it follows, with who made it
         assert len(a.self_heal_lines("consecutive failures across the fleet")) == 1
         assert len(b.self_heal_lines("a half-open probe failed")) == 1

@@ -104,7 +104,7 @@ col.c-ev { width: 170px; }
   const COLORS = { "closed": "#12b76a", "half-open": "#f79009", "open": "#e5484d" };
   const LABELS = {
     attempts: "attempts", retries: "retries", recovered: "recovered", gave_up: "gave up",
-    breaker_opens: "breaker opens", breaker_rejections: "rejected calls",
+    breaker_opens: "breaker opened here", breaker_rejections: "rejected calls",
     verified_commits: "verified commits", unknown_commits: "unknown commits",
     response_validation_failures: "invalid responses"
   };
