@@ -301,8 +301,10 @@ def health() -> dict[str, Any]:
     ``redis`` (the URL with its password masked), ``connected`` (whether it answers),
     ``problem`` (why it does not, in a few words without the password: the redis client's
     objection to the URL, or the error of the last command or connection attempt; None while it
-    answers or before its first attempt has ended), ``fleet_opens`` and ``opened_here``
-    (openings fleet-wide and caused here); ``budget`` is the retry budget
+    answers or before its first attempt has ended), ``fleet_opens``, ``opened_here`` and
+    ``opens_followed`` (openings fleet-wide, made here, and made by other processes and
+    followed here: ``counters.breaker_opens`` counts only those made here, so that a sum over
+    the fleet counts each opening once); ``budget`` is the retry budget
     (``SELF_HEALING_RETRY_BUDGET``), None without one; configured to be shared, it has
     ``redis`` and ``problem`` too (its ``scope`` is "process" while that Redis can't be used).
     Nothing here talks to Redis: shared figures are the last ones this process heard.
