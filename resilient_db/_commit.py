@@ -831,6 +831,90 @@ async def _connect_host_by_host(
     raise last
 
 
+# -- a COMMIT answered with a warning --------------------------------------------------------------
+class UnprovenCommit(Exception):
+    """The server answered a unit's own COMMIT with success *and* a WARNING: committed on the
+    primary, but not proven as the server promises. A synchronous-replication wait cancelled
+    by someone else (``pg_cancel_backend`` of the backend waiting in ``SyncRep``) answers so:
+    "canceling wait for synchronous replication due to user request ... committed locally,
+    but might not have been replicated", and a failover may lose the unit. Raised by the
+    marked COMMIT in place of returning, so that the unit is settled as a lost answer (a
+    check that must see the unit's commit confirmed by the standbys), never reported done on
+    that answer alone. (Only for a COMMIT that may have written: see ``CommitTicket.wrote``.)
+
+    The client learns of the cancelled wait only from that warning: a session whose
+    ``client_min_messages`` is ``error`` or above (set for the role or the database, or by the
+    application) is never sent it, and its units are reported done on such an answer, as
+    plain PostgreSQL clients take it. Keep ``client_min_messages`` at ``warning`` or below
+    where synchronous replication matters."""
+
+    def __init__(self, warning: str) -> None:
+        super().__init__(f"the server answered the COMMIT with a warning: {warning}")
+        self.warning = warning
+
+
+# Which warnings count. The cancelled wait's ``ereport(WARNING, ...)`` in PostgreSQL's
+# ``SyncRepWaitForLSN`` names no SQLSTATE, so it carries the generic warning code 01000, as
+# every RAISE WARNING does: no code singles it out, and its text is translated (lc_messages).
+# So any WARNING (by its non-localised severity) the server sends while the COMMIT message runs
+# counts: a warning of another cause (a deferred trigger's RAISE WARNING) costs that unit a
+# check on a new connection, which proves it, never a wrong "done". Notices below WARNING
+# don't count. A session whose ``client_min_messages`` is above ``warning`` (``error``, say:
+# set for the role or the database) never hears the warning: its cancelled waits can't be
+# told from a plain success by the client, and such units are reported done as before.
+_WARNING: Final = "WARNING"
+
+
+def _psycopg_commit_warning(diagnostic: Any) -> None:
+    """A psycopg connection's notice handler, added once when the connection is made
+    (:meth:`CommitProtocol.prepare`). It runs inside the call that reads the server's answer,
+    on the committing unit's thread (or task): a WARNING while a unit's COMMIT is out (its
+    ticket sent, not answered yet) is noted on the ticket, which the marked ``commit()`` reads
+    once the COMMIT returns."""
+    if diagnostic.severity_nonlocalized != _WARNING:
+        return
+    request = current_request.get()
+    if request is None or not request.tickets:
+        return
+    ticket = request.tickets[-1]
+    if ticket.sent and not ticket.done:
+        ticket.warned = f"{diagnostic.sqlstate}: {diagnostic.message_primary}"
+
+
+def _listen_for_commit_warnings(driver: Any) -> None:
+    """Add the listener that notes the server's warnings on ``driver``, once per connection
+    (its COMMITs read what it noted: one attribute per unit, nothing added or removed per
+    unit). psycopg: :func:`_psycopg_commit_warning`. asyncpg calls a log listener later (the
+    loop's ``call_soon``, still before the statement's answer wakes its waiter) and outside
+    the committing task's context, but hands it the statement the warning came with: the
+    connection keeps (statement, warning) in ``_rdb_warned``, and the COMMIT compares the
+    statement with the message it sent (a marked message names the unit's own marker)."""
+    if not isinstance(driver, asyncpg.Connection):
+        driver.add_notice_handler(_psycopg_commit_warning)
+        return
+    ref = weakref.ref(driver)
+
+    def listener(_connection: Any, message: Any) -> None:
+        owner = ref()
+        if owner is not None and getattr(message, "severity_en", None) == _WARNING:
+            owner._rdb_warned = (
+                getattr(message, "query", None),
+                f"{message.sqlstate}: {message.message}",
+            )
+
+    driver.add_log_listener(listener)
+
+
+def _asyncpg_warned(connection: Any, sent: str, ticket: CommitTicket) -> None:
+    """An asyncpg connection's COMMIT (``sent``) returned while its log listener had noted a
+    warning: raise :class:`UnprovenCommit` if the warning came with this statement."""
+    statement, warning = connection._rdb_warned
+    connection._rdb_warned = None
+    if ticket.wrote and statement == sent:  # (nothing to prove for a read-only one)
+        ticket.warned = warning
+        raise UnprovenCommit(warning)
+
+
 # -- the client side ----------------------------------------------------------------------------
 @dataclass
 class CommitTicket:
@@ -850,6 +934,8 @@ class CommitTicket:
     #: again: a missing right, row-level security on the markers), for the unknown outcome
     check_failed: str | None = None
     proofs: int = 0  # checks that wrote WAL past the unit's commit (each waits longer)
+    #: the WARNING the server answered the COMMIT with (see :class:`UnprovenCommit`)
+    warned: str | None = None
 
     @property
     def xid_sql(self) -> str:
@@ -1170,6 +1256,7 @@ class CommitProtocol:
         if not getattr(driver, "_rdb_marked", False):
             self._warn_if_missing(None)  # made by your own creator: no marked COMMIT
             return
+        _listen_for_commit_warnings(driver)
         mode = XID
         want_prepared = (
             self.prepared_marker.usable
@@ -1805,9 +1892,12 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                             if ticket.mode == XID:
                                 row = await base.fetchrow(self, ticket.xid_sql)
                                 ticket.xid, ticket.incarnation = row[0], row[1]
+                                self._rdb_warned = None  # (its COMMIT is spelled as any)
                             ticket.sent = True
                             if message is None:
                                 result = await base.execute(self, query, timeout=timeout)
+                                if self._rdb_warned is not None:
+                                    _asyncpg_warned(self, query, ticket)
                             else:
                                 try:
                                     result = await base.execute(
@@ -1821,6 +1911,8 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                                         if isinstance(exc, asyncpg.PostgresError):
                                             await _failed_before_commit(self, base, message, exc)
                                         raise
+                                if self._rdb_warned is not None:
+                                    _asyncpg_warned(self, message + ";", ticket)
                             ticket.done = True
                             return result
                     elif end == "ROLLBACK":
@@ -1837,6 +1929,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                 self._rdb_prepared = None
                 self._rdb_read_only = False
                 self._rdb_notifies = False
+                self._rdb_warned = None
 
             namespace.update(execute=execute, _rdb_read_mode=_asyncpg_read_mode)
             if adopted:
@@ -1847,6 +1940,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                     _rdb_prepared=_kept_beside("prepared", None),
                     _rdb_read_only=_kept_beside("read_only", False),
                     _rdb_notifies=_kept_beside("notifies", False),
+                    _rdb_warned=_kept_beside("warned", None),
                 )
             else:
                 namespace.update(
@@ -1856,6 +1950,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                         "_rdb_prepared",
                         "_rdb_read_only",
                         "_rdb_notifies",
+                        "_rdb_warned",
                     ),
                     __init__=__init__,
                 )
@@ -1877,6 +1972,8 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                     with _marker_statement_errors(self, message):
                         await _psycopg_simple_query_async(self, message.encode())
                 if ticket is not None:
+                    if ticket.warned is not None and ticket.wrote:  # (_psycopg_commit_warning)
+                        raise UnprovenCommit(ticket.warned)
                     ticket.done = True
                 return None
 
@@ -1902,6 +1999,8 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                         _psycopg_marked_commit_failed(self, message, exc)
                         raise
                 if ticket is not None:
+                    if ticket.warned is not None and ticket.wrote:  # (_psycopg_commit_warning)
+                        raise UnprovenCommit(ticket.warned)
                     ticket.done = True
                 return None
 

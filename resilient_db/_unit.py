@@ -44,6 +44,7 @@ from ._commit import (
     CommitProtocol,
     CommitRequest,
     CommitTicket,
+    UnprovenCommit,
     claim,
     end_check,
     prune,
@@ -261,10 +262,13 @@ class CommitReferee:
 
     def must_verify(self, exc: BaseException, request: CommitRequest) -> CommitTicket | None:
         """The ticket to settle: the COMMIT may have been applied and the unit may have written."""
-        lost = self.policy.classifier.classify(exc) in (
-            Outcome.DISCONNECT,
-            Outcome.COMMIT_UNKNOWN,
-        ) or answer_timed_out(exc)  # the client stopped waiting for the COMMIT's answer
+        lost = (
+            self.policy.classifier.classify(exc) in (Outcome.DISCONNECT, Outcome.COMMIT_UNKNOWN)
+            or answer_timed_out(exc)  # the client stopped waiting for the COMMIT's answer
+            # answered with success and a warning (a cancelled wait for the synchronous
+            # standbys): committed on the primary, not proven; settled as a lost answer
+            or isinstance(exc, UnprovenCommit)
+        )
         elsewhere = None  # the engine of the unit's one connection, when not the factory's
         if request.committing:
             connections = request.connections()
@@ -357,6 +361,15 @@ class CommitReferee:
         what = _whose(ticket)
         if verdict is CommitVerdict.COMMITTED:
             policy.stats.add("verified_commits")
+            if isinstance(exc, UnprovenCommit):
+                how = (
+                    "as a check on a new connection proved (its COMMIT was answered with "
+                    f"{exc.warning})"
+                )
+            elif answer_timed_out(exc):
+                how = "after the client stopped waiting for its answer"
+            else:
+                how = "before the connection was lost"
             emit(
                 policy.config,
                 log_session,
@@ -364,14 +377,16 @@ class CommitReferee:
                 "Commit outcome verified: service=%s %s committed %s; not replaying",
                 policy.service,
                 what,
-                "after the client stopped waiting for its answer"
-                if answer_timed_out(exc)
-                else "before the connection was lost",
+                how,
                 service=policy.service,
                 event="commit_verified",
                 marker=ticket.marker,
                 xid=ticket.xid,
             )
+            return True
+        if verdict is CommitVerdict.ABORTED and isinstance(exc, UnprovenCommit):
+            # the server did answer the COMMIT with success: no marker (the fence went in)
+            # means its transaction held no xid, so it wrote nothing a failover could lose
             return True
         if verdict is CommitVerdict.ABORTED:
             emit(
@@ -390,6 +405,8 @@ class CommitReferee:
         reason = verdict.value
         if ticket.check_failed is not None:
             reason = f"the check on a new connection failed: {ticket.check_failed}"
+        if ticket.warned is not None:
+            reason += f"; its COMMIT was answered with {ticket.warned}"
         raise self._unknown(what, reason, marker=ticket.marker, xid=ticket.xid) from exc
 
     def interrupted(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -103,13 +104,20 @@ def run_unit(
     *,
     cut_short: bool,
     sleep: Callable[[float], None],
+    during: Callable[[StandbyPair], None] | None = None,
+    config: rdb.Config = CONFIG,
 ) -> Outcome:
     """One unit writing ``key``, on the pair's multi-host URL. ``cut_short``: its COMMIT's wait
     for the standby is cut short: asyncpg's ``command_timeout=1`` cancels it; psycopg's
-    backend, seen waiting in ``SyncRep``, is terminated. ``sleep``: the factory's backoff."""
+    backend, seen waiting in ``SyncRep``, is terminated. ``sleep``: the factory's backoff.
+    ``during``: run in a thread of its own while the unit runs (any driver). ``driver``
+    "psycopg_async": psycopg's ``AsyncConnection`` under an ``AsyncResilientSession``."""
     outcome = Outcome()
     service = f"syncrep-{next(_services)}"
-    if driver == "asyncpg":
+    if during is not None:
+        helper = threading.Thread(target=during, args=(pair,), daemon=True)
+        helper.start()
+    if driver in ("asyncpg", "psycopg_async"):
 
         async def write(session: Any, key: str) -> None:
             outcome.calls += 1
@@ -120,9 +128,10 @@ def run_unit(
 
         async def main() -> None:
             args = {"command_timeout": 1} if cut_short else {}
-            engine = create_async_engine(pair.url(DATABASE, driver="asyncpg"), connect_args=args)
+            url = pair.url(DATABASE, driver="asyncpg" if driver == "asyncpg" else "psycopg")
+            engine = create_async_engine(url, connect_args=args)
             factory = rdb.AsyncResilientSession(
-                engine, service=service, config=CONFIG, asleep=asleep
+                engine, service=service, config=config, asleep=asleep
             )
             try:
                 await asyncio.wait_for(factory.run(write, key), 60)
@@ -132,6 +141,8 @@ def run_unit(
                 await engine.dispose()
 
         asyncio.run(main())
+        if during is not None:
+            helper.join(30)
         return outcome
 
     def write_sync(session: Any, key: str) -> None:
@@ -139,7 +150,7 @@ def run_unit(
         session.execute(INSERT, {"key": key})
 
     engine = sa.create_engine(pair.url(DATABASE))
-    factory = rdb.ResilientSession(engine, service=service, config=CONFIG, sleep=sleep)
+    factory = rdb.ResilientSession(engine, service=service, config=config, sleep=sleep)
 
     def run() -> None:
         try:
@@ -156,6 +167,8 @@ def run_unit(
         assert not thread.is_alive(), "the unit did not end within 60 s"
     finally:
         engine.dispose()
+    if during is not None:
+        helper.join(30)
     return outcome
 
 
@@ -166,6 +179,24 @@ def terminate_the_waiting_commit(pair: StandbyPair) -> None:
     while True:
         rows = pair.primary.execute(
             "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity "
+            "WHERE datname = %s AND wait_event = 'SyncRep'",
+            params=(DATABASE,),
+        )
+        if rows:
+            return
+        assert time.monotonic() < deadline, "no COMMIT waited for the standby"
+        time.sleep(0.02)
+
+
+def cancel_the_waiting_commit(pair: StandbyPair) -> None:
+    """Cancel (``pg_cancel_backend``, as an operator or a watchdog does) the wait of the unit's
+    COMMIT for the standby, once it waits: PostgreSQL answers that COMMIT with success and a
+    WARNING, the transaction committed on the primary alone. Once: the checks' own COMMITs
+    wait there too, later."""
+    deadline = time.monotonic() + 20
+    while True:
+        rows = pair.primary.execute(
+            "SELECT pg_catalog.pg_cancel_backend(pid) FROM pg_catalog.pg_stat_activity "
             "WHERE datname = %s AND wait_event = 'SyncRep'",
             params=(DATABASE,),
         )
@@ -329,3 +360,130 @@ def test_a_cancelled_wait_is_no_proof_whatever_client_min_messages_says(
         stop.set()
         thread.join(10)
     assert isinstance(error, rdb.CommitOutcomeUnknownError), error
+
+
+#: (driver, commit verification) for a COMMIT answered with a warning: both drivers (and
+#: psycopg's async connection), with the markers and with the fallback
+WARNED_CASES = [
+    ("asyncpg", MARKERS),
+    ("asyncpg", FALLBACK),
+    ("psycopg", MARKERS),
+    ("psycopg", FALLBACK),
+    ("psycopg_async", MARKERS),
+]
+
+
+@pytest.mark.parametrize(("driver", "mode"), WARNED_CASES)
+def test_a_commit_whose_wait_for_the_standby_was_cancelled_is_not_done_on_its_answer(
+    pg_standby_factory: Callable[..., StandbyPair], driver: str, mode: str
+) -> None:
+    """The standby is down; the unit's own COMMIT waits for it and someone cancels that wait
+    (``pg_cancel_backend``): PostgreSQL answers the COMMIT with success and the WARNING
+    "canceling wait for synchronous replication ... committed locally, but might not have been
+    replicated". That answer was taken for "done", and a failover lost the unit. The answer
+    proves nothing: the unit is checked as a lost answer is. While the standby is down it ends
+    unknown (not replayed); when the standby comes back during the checks, the check's COMMIT
+    is confirmed and the unit is done, and the failover keeps it."""
+    pair = pg_standby_factory(synchronous=True)
+    prepare(pair, mode)
+    cancelled = run_unit(
+        pair, driver, "cancelled", cut_short=False, sleep=no_sleep, during=cancel_the_waiting_commit
+    )
+    assert isinstance(cancelled.error, rdb.CommitOutcomeUnknownError), (
+        f"a COMMIT answered with a cancelled wait's warning was reported as {cancelled.error!r} "
+        "(None: done), not unknown"
+    )
+    assert "not proven replicated" in str(cancelled.error)
+    assert cancelled.calls == 1, "replayed after a COMMIT that was applied on the primary"
+
+    backoffs: list[float] = []
+
+    def start_the_standby(seconds: float) -> None:
+        if not backoffs:
+            pair.start()  # waits until it streams, synchronous again
+        backoffs.append(seconds)
+
+    proven = run_unit(
+        pair,
+        driver,
+        "proven",
+        cut_short=False,
+        sleep=start_the_standby,
+        during=cancel_the_waiting_commit,
+    )
+    fail_over(pair)  # at once: nothing else reaches the standby first
+    assert proven.done, proven.error
+    assert proven.calls == 1, "replayed after a COMMIT that was applied"
+    assert backoffs, "done on the COMMIT's own answer, before the standby was back"
+    rows = ledger(pair)
+    assert rows.get("proven") == 1, rows  # reported done: on the new primary
+    assert rows.get("cancelled", 0) <= 1, rows  # unknown: either, never twice
+
+
+@pytest.mark.parametrize(("driver", "mode"), WARNED_CASES)
+def test_another_warning_at_commit_costs_a_check_never_a_wrong_outcome(
+    pg_url: str, pg_async_url: str, caplog: pytest.LogCaptureFixture, driver: str, mode: str
+) -> None:
+    """No replication at all; a deferred constraint trigger raises a WARNING while the unit's
+    COMMIT runs. The COMMIT's warning can't be told from a cancelled wait's (both SQLSTATE
+    01000), so the unit is checked on a new connection: found committed (nothing to wait for
+    here), it is done, once, and never replayed."""
+    engine = sa.create_engine(pg_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE ledger (key text NOT NULL)"))
+        conn.execute(
+            sa.text(
+                "CREATE FUNCTION warn() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$BEGIN RAISE WARNING 'deferred check'; RETURN NULL; END$$"
+            )
+        )
+        conn.execute(
+            sa.text(
+                "CREATE CONSTRAINT TRIGGER warn AFTER INSERT ON ledger "
+                "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION warn()"
+            )
+        )
+    if mode == MARKERS:
+        rdb.install_commit_markers(engine)
+    engine.dispose()
+    calls: list[int] = []
+    with caplog.at_level(logging.WARNING, logger="resilient_db"):
+        if driver == "psycopg":
+            factory = rdb.ResilientSession(
+                sa.create_engine(pg_url), service="warned", config=CONFIG, sleep=no_sleep
+            )
+
+            def write(session: Any) -> None:
+                calls.append(1)
+                session.execute(INSERT, {"key": "k"})
+
+            factory.run(write)
+            factory.engine.dispose()
+        else:
+            url = pg_async_url if driver == "asyncpg" else pg_url
+
+            async def main() -> None:
+                engine = create_async_engine(url)
+                factory = rdb.AsyncResilientSession(engine, service="warned", config=CONFIG)
+
+                async def write(session: Any) -> None:
+                    calls.append(1)
+                    await session.execute(INSERT, {"key": "k"})
+
+                try:
+                    await factory.run(write)
+                finally:
+                    await engine.dispose()
+
+            asyncio.run(main())
+    assert calls == [1]
+    messages = [r.getMessage() for r in caplog.records]
+    verified = [m for m in messages if "Commit outcome verified" in m]
+    assert len(verified) == 1, verified
+    assert "deferred check" in verified[0], verified
+    engine = sa.create_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM ledger")).scalar() == 1
+    finally:
+        engine.dispose()
