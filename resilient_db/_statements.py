@@ -191,7 +191,47 @@ def _judge_write(head: str, statement: str) -> int:
         return MAY_WRITE  # schema.function(...) or "quoted"(...)
     if any(m.group(1).lower() not in _SAFE_CALLS for m in _CALL.finditer(statement)):
         return MAY_WRITE
+    if not _builtin_operators_only(statement):
+        return MAY_WRITE
     return READ_ONLY
+
+
+# An operator calls a function: one of the database's own (``CREATE OPERATOR ##! (...,
+# FUNCTION = f)``) may write as any function may. Operators named as PostgreSQL's built-in ones
+# are taken as those (its own, in pg_catalog: ``SELECT DISTINCT oprname FROM pg_operator``, and
+# ``!=``, which the parser reads as ``<>``); any other name may write. (An operator of your own
+# under a built-in name, on a type of your own, is not seen: see the README's limits.)
+_BUILTIN_OPERATORS: Final = frozenset(
+    """
+    !! !~ !~* !~~ !~~* # ## #- #> #>> % & && &< &<| &> * *< *<= *<> *= *> *>= + - -> ->> -|- /
+    < <-> << <<= <<| <= <> <@ <^ = > >= >> >>= >^ ? ?# ?& ?- ?-| ?| ?|| @ @-@ @> @? @@ @@@ ^
+    ^@ | |&> |/ |>> || ||/ ~ ~* ~<=~ ~<~ ~= ~>=~ ~>~ ~~ ~~* !=
+    """.split()  # noqa: SIM905
+)
+_OPERATOR_RUN = re.compile(r"[+\-*/<>=~!@#%^&|`?]+")
+# what is not an operator although it is spelled with operator characters: quoted text and
+# names, and the drivers' parameters (psycopg's ``%(name)s``, ``%s`` and ``%%``)
+_NOT_OPERATORS = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|%\([^)]*\)s|%s|%%")
+# PostgreSQL's lexer: a name of several characters can't end in + or - unless it holds one of
+# these (``x=-1`` is ``=`` and ``-``)
+_ENDS_IN_SIGN_OK: Final = frozenset("~!@#%^&|`?")
+
+
+def _builtin_operators_only(statement: str) -> bool:
+    """Whether every operator ``statement`` uses is named as a built-in one."""
+    if _OPERATOR_RUN.search(statement) is None:
+        return True
+    bare = _NOT_OPERATORS.sub(" ", statement)
+    for run in _OPERATOR_RUN.findall(bare):
+        rest = run
+        while rest:
+            name = rest
+            while len(name) > 1 and name[-1] in "+-" and not _ENDS_IN_SIGN_OK & set(name):
+                name = name[:-1]
+            if name not in _BUILTIN_OPERATORS:
+                return False
+            rest = rest[len(name) :]
+    return True
 
 
 #: the flush guard's ``do_execute`` / ``do_executemany`` listener (``guard_execute``)

@@ -105,6 +105,10 @@ def claim(engine: sa.Engine, marker: uuid.UUID | str, *, wait_ms: int | None = N
         "ROLLBACK TO SAVEPOINT sa_savepoint_1",
         "",
         ";",  # asyncpg's ping (SQLAlchemy's pool_pre_ping)
+        # built-in operators, and operator characters that are no operator
+        "SELECT t.a FROM t WHERE t.j ->> %(j_1)s::TEXT = %(p)s AND t.arr @> %(a)s::INTEGER[]",
+        "SELECT t.a FROM t WHERE t.a != 1 AND t.b <> 2 AND t.c ~* 'x' AND t.d=-1 AND t.e*-1 > 0",
+        "SELECT '##!' AS a, \"x##y\" FROM t WHERE t.a = $1::INTEGER + $2",
     ],
 )
 def test_plain_selects_are_proven_read_only(statement: str) -> None:
@@ -136,6 +140,9 @@ def test_plain_selects_are_proven_read_only(statement: str) -> None:
         "SELECT 1 /* a /* nested */ */",
         "SELECT $$ -- $$",
         "SELECT 1 /* unterminated",
+        # an operator of the database's own calls its function, which may write
+        "SELECT %(p_1)s ##! %(p_2)s",
+        "SELECT t.a FROM t WHERE t.a <-% $1",
     ],
 )
 def test_anything_else_may_write(statement: str) -> None:
@@ -185,6 +192,41 @@ def test_a_writing_call_behind_a_comment_is_not_replayed_after_a_lost_answer(
     assert calls == [1]  # verified, not replayed
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM commented_writes").scalar() == 1
+
+
+def test_a_writing_operator_is_not_replayed_after_a_lost_answer(
+    engine: sa.Engine, fault_proxy: FaultProxy, pg_database: str, service: str
+) -> None:
+    """An operator of the database's own calls a function that writes: ``SELECT 1 ##! 2``
+    was taken for a read, its COMMIT went out without a marker and a lost answer was replayed
+    (the row written twice)."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE operator_writes (v int)")
+        conn.exec_driver_sql(
+            "CREATE FUNCTION operator_write(a int, b int) RETURNS int LANGUAGE sql "
+            "AS 'INSERT INTO operator_writes VALUES (a + b) RETURNING a + b'"
+        )
+        conn.exec_driver_sql(
+            "CREATE OPERATOR ##! (LEFTARG = int, RIGHTARG = int, FUNCTION = operator_write)"
+        )
+    proxied = sa.create_engine(fault_proxy.url(pg_database))
+    try:
+        Sessions = rdb.ResilientSession(proxied, service=service)
+        calls = []
+
+        def write(session: Session) -> object:
+            calls.append(1)
+            return session.execute(sa.select(sa.literal(1).op("##!")(2))).scalar()
+
+        Sessions.run(lambda session: session.execute(sa.text("SELECT 1")))  # connected
+        fault_proxy.lose_commit_answer()
+        assert Sessions.run(write) == 3
+        assert fault_proxy.commits_lost == 1
+    finally:
+        proxied.dispose()
+    assert calls == [1]  # verified, not replayed
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM operator_writes").scalar() == 1
 
 
 @pytest.mark.parametrize(
