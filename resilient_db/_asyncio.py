@@ -469,14 +469,15 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
 
     async def _settle_on_new_connection(self, ticket: CommitTicket) -> CommitVerdict:
         last = CommitVerdict.UNKNOWN
-        for delay in self._referee.checks():
+        referee = self._referee
+        for delay, ends in referee.timed_checks():
             if delay:
                 await self._asleep(delay)
             try:
                 async with _settling_engine(self.engine, ticket).connect() as conn:
                     # READ COMMITTED whatever the engine's level: the claim must see the marker
                     await conn.execution_options(isolation_level="READ COMMITTED")
-                    verdict = await conn.run_sync(check_commit, ticket)
+                    verdict = await conn.run_sync(check_commit, ticket, referee.left(ends))
             except Exception as exc:
                 if self._referee.keep_checking_after(ticket, exc):
                     continue

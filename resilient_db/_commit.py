@@ -572,11 +572,38 @@ def _command_timeout_at_least(driver: Any, seconds: float) -> Iterator[None]:
 #: The warning of a cancelled wait must reach the check, whatever the database or role set:
 #: ``client_min_messages`` at ``warning`` for the transaction (the server reports the cancelled
 #: wait before it resets the transaction's settings).
+#:
+#: The level the check's COMMIT waits at (``synchronous_commit``, for its transaction only).
+#: "Done" must hold for the level the unit ran with, which the check can't know: a unit may
+#: raise its own (``SET LOCAL synchronous_commit = on`` in a session whose level is ``local``
+#: or ``off``: PostgreSQL's documented way to replicate only the transactions that matter), and
+#: that is not reported to the client (asking would cost every unit a statement). So wherever
+#: ``synchronous_standby_names`` is set the check waits, at the session's level (the server's,
+#: role's or database's, or the connect options': the check's connection shares them with the
+#: unit's), raised to ``on`` where that waits for no standby (``off``, ``local``). ``on`` is
+#: what "durable on the standby" must mean for a failover: the standby has flushed the WAL, and
+#: a promoted standby replays everything it flushed. ``remote_apply`` is not imposed on every
+#: check: a synchronous standby that never applies WAL (``pg_receivewal --synchronous``, as WAL
+#: archivers run it) would never confirm it, and every check there would end unknown
+#: (PostgreSQL's documentation warns of exactly that block). A session at ``remote_apply`` keeps
+#: it; a unit that raised only its own transaction to ``remote_apply`` is proven durable on the
+#: standby (``on``), not visible there yet.
+#:
+#: Its row also counts the server's WAL senders (``pg_stat_replication`` lists one for every
+#: role, with details only for privileged ones): none while ``synchronous_standby_names`` is
+#: set means no standby can confirm anything (stopped, or a promoted standby still naming the
+#: primary it replaced), which the referee reports once (see ``CommitReferee``).
+#: (The settings are changed in the select list, which the server evaluates only once the
+#: WHERE has held.)
 REPLICATED_WRITE_SQL = text(
     "SELECT pg_catalog.set_config('client_min_messages', 'warning', true) IS NOT NULL "
+    "AND pg_catalog.set_config('synchronous_commit', CASE WHEN "
+    "pg_catalog.current_setting('synchronous_commit') IN ('off', 'local') THEN 'on' "
+    "ELSE pg_catalog.current_setting('synchronous_commit') END, true) IS NOT NULL "
     "AND pg_catalog.pg_logical_emit_message(true, 'resilient_db', CAST(:what AS text)) "
-    "IS NOT NULL WHERE pg_catalog.current_setting('synchronous_standby_names') <> '' "
-    "AND pg_catalog.current_setting('synchronous_commit') NOT IN ('off', 'local')"
+    "IS NOT NULL, (SELECT pg_catalog.count(*) FROM pg_catalog.pg_stat_replication), "
+    "pg_catalog.current_setting('synchronous_standby_names') "
+    "WHERE pg_catalog.current_setting('synchronous_standby_names') <> ''"
 )
 #: seconds the first check's COMMIT may wait for the synchronous standbys before it is cut off
 #: (the server bounds it with nothing: ``statement_timeout`` ends before a COMMIT's wait
@@ -592,12 +619,40 @@ def replication_wait(proofs: int) -> float:
     return min(REPLICATION_WAIT * 2.0 ** min(proofs, 8), REPLICATION_WAIT_CAP)
 
 
-def wrote_past_commit(connection: Connection, what: str) -> bool:
+#: the shortest wait a check's COMMIT is given, however little of the deadline is left (a
+#: COMMIT that needs no standby is answered in milliseconds; a cut sooner than that would only
+#: turn a fence the server did commit into "check again")
+REPLICATION_WAIT_FLOOR: Final = 0.25
+
+
+def replication_wait_within(proofs: int, left: float | None) -> float:
+    """How long the ``proofs``-th check waits for the standbys when ``left`` seconds remain
+    before the unit's deadline (None: no deadline): :func:`replication_wait`, cut to what is
+    left (at least :data:`REPLICATION_WAIT_FLOOR`), so that the last check does not overrun
+    the deadline by a whole growing wait."""
+    wait = replication_wait(proofs)
+    if left is None:
+        return wait
+    return max(min(wait, left), REPLICATION_WAIT_FLOOR)
+
+
+@dataclass(frozen=True)
+class PastCommit:
+    """What the check's write past the unit's commit found (see :func:`wrote_past_commit`)."""
+
+    senders: int  # the server's WAL senders (any standby connected, synchronous or not)
+    standby_names: str  # its ``synchronous_standby_names``
+
+
+def wrote_past_commit(connection: Connection, what: str) -> PastCommit | None:
     """In the check's transaction on ``connection``, which found a unit committed: write WAL
     (:data:`REPLICATED_WRITE_SQL`, ``what`` naming the unit) where synchronous replication is
-    in effect; whether it did (the transaction's COMMIT must then be proven, see
-    :func:`end_check`)."""
-    return bool(connection.execute(REPLICATED_WRITE_SQL, {"what": what}).scalar())
+    in effect, to be confirmed at least at ``on``; what it found where it did (the
+    transaction's COMMIT must then be proven, see :func:`end_check`), None where it did not."""
+    row = connection.execute(REPLICATED_WRITE_SQL, {"what": what}).first()
+    if row is None or not row[0]:
+        return None
+    return PastCommit(int(row[1]), str(row[2]))
 
 
 def end_check(connection: Connection, *, proving: bool, wait: float = REPLICATION_WAIT) -> bool:
@@ -936,6 +991,9 @@ class CommitTicket:
     proofs: int = 0  # checks that wrote WAL past the unit's commit (each waits longer)
     #: the WARNING the server answered the COMMIT with (see :class:`UnprovenCommit`)
     warned: str | None = None
+    #: a check found no WAL sender while synchronous replication is in effect: the server's
+    #: ``synchronous_standby_names`` (no standby can confirm anything)
+    unserved_standby_names: str | None = None
 
     @property
     def xid_sql(self) -> str:

@@ -421,14 +421,15 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
 
     def _settle_on_new_connection(self, ticket: CommitTicket) -> CommitVerdict:
         last = CommitVerdict.UNKNOWN
-        for delay in self._referee.checks():
+        referee = self._referee
+        for delay, ends in referee.timed_checks():
             if delay:
                 self._sleep(delay)
             try:
                 with _settling_engine(self.engine, ticket).connect() as conn:
                     # READ COMMITTED whatever the engine's level: the claim must see the marker
                     conn.execution_options(isolation_level="READ COMMITTED")
-                    verdict = check_commit(conn, ticket)
+                    verdict = check_commit(conn, ticket, referee.left(ends))
             except Exception as exc:
                 if self._referee.keep_checking_after(ticket, exc):
                     continue

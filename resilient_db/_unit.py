@@ -48,7 +48,7 @@ from ._commit import (
     claim,
     end_check,
     prune,
-    replication_wait,
+    replication_wait_within,
     wrote_past_commit,
 )
 from ._config import Config, load_config, register_default_user
@@ -191,30 +191,36 @@ def _prune_quietly(protocol: CommitProtocol) -> None:
         current_attempt.reset(outside)
 
 
-def check_commit(connection: Connection, ticket: CommitTicket) -> CommitVerdict:
+def check_commit(
+    connection: Connection, ticket: CommitTicket, left: float | None = None
+) -> CommitVerdict:
     """One check of ``ticket``'s lost COMMIT answer on a new ``connection`` (READ COMMITTED),
     in a transaction of its own: the marker's claim, or the fallback's xid status.
 
     "Committed" is a verdict only once it is durable as the server promises: where
     synchronous replication is in effect, the check's transaction writes WAL past the unit's
-    commit record and its own COMMIT must be answered plainly within
-    :data:`~._commit.REPLICATION_WAIT` (:func:`~._commit.end_check`); else the unit is
-    committed on the primary only, as far as anyone can tell: ``UNREPLICATED`` (a failover to
-    a standby that never had it would lose it)."""
+    commit record and its own COMMIT must be answered plainly (at ``on`` at least) within
+    the check's wait (:func:`~._commit.replication_wait_within`: growing with each check, cut
+    to the ``left`` seconds before the deadline; :func:`~._commit.end_check`); else the unit
+    is committed on the primary only, as far as anyone can tell: ``UNREPLICATED`` (a failover
+    to a standby that never had it would lose it)."""
     with connection.begin():
         if ticket.mode == MARKERS:
             verdict = interpret_claim(claim(connection, ticket))
         else:
             row = connection.execute(XID_STATUS_SQL, {"xid": ticket.xid}).one()
             verdict = interpret_xid(ticket, row[0], row[1])
-        proving = verdict is CommitVerdict.COMMITTED and wrote_past_commit(
-            connection, _whose(ticket)
-        )
-        wait = replication_wait(ticket.proofs)
+        past = None
+        if verdict is CommitVerdict.COMMITTED:
+            past = wrote_past_commit(connection, _whose(ticket))
+        proving = past is not None
+        wait = replication_wait_within(ticket.proofs, left)
         if proving:
             ticket.proofs += 1
         if end_check(connection, proving=proving, wait=wait):
             return verdict
+    if past is not None:  # not proven: was anybody there to confirm it?
+        ticket.unserved_standby_names = past.standby_names if past.senders == 0 else None
     # the check's COMMIT proves nothing (a fence not known committed: check again)
     return CommitVerdict.UNREPLICATED if proving else CommitVerdict.IN_PROGRESS
 
@@ -259,6 +265,7 @@ class CommitReferee:
     def __init__(self, policy: Policy, engine: Engine) -> None:
         self.policy = policy
         self.engine = engine  # the factory's: where a marker is looked up
+        self._standby_warned = False  # (see no_standby_connected)
 
     def must_verify(self, exc: BaseException, request: CommitRequest) -> CommitTicket | None:
         """The ticket to settle: the COMMIT may have been applied and the unit may have written."""
@@ -335,14 +342,58 @@ class CommitReferee:
 
     def checks(self) -> Iterator[float]:
         """The delay before each check: at once, then backing off, within the deadline."""
+        for delay, _ends in self.timed_checks():
+            yield delay
+
+    def timed_checks(self) -> Iterator[tuple[float, float]]:
+        """:meth:`checks`, each with the time (the policy's clock) its check must end by: the
+        deadline (see :meth:`left`)."""
         cfg = self.policy.config
         started = self.policy.clock()
-        yield 0.0
+        ends = started + cfg.deadline
+        yield 0.0, ends
         for attempt in range(1, cfg.max_retries + 1):
             delay = self.policy.delay(Outcome.DISCONNECT, attempt)
             if self.policy.clock() - started + delay > cfg.deadline:
                 return
-            yield delay
+            yield delay, ends
+
+    def left(self, ends: float) -> float:
+        """Seconds left until ``ends`` (a time of :meth:`timed_checks`): a check's wait for the
+        synchronous standbys is cut to it, so that the last check does not overrun the
+        deadline by a whole (growing) wait."""
+        return ends - self.policy.clock()
+
+    def no_standby_connected(self, ticket: CommitTicket) -> None:
+        """Say once per factory (a WARNING) that a check found synchronous replication in
+        effect with no standby connected to confirm anything (``ticket``'s
+        ``unserved_standby_names``): every writing COMMIT there waits until one connects, and
+        a unit whose answer was lost can't be proven (it ends unknown, never done). PostgreSQL
+        itself waits for ever there; nothing the client does can prove a commit no standby
+        has, so this only names the setting, for the operator."""
+        names = ticket.unserved_standby_names
+        if names is None or self._standby_warned:
+            return
+        self._standby_warned = True
+        policy = self.policy
+        emit(
+            policy.config,
+            log_session,
+            logging.WARNING,
+            "Synchronous replication without a standby: service=%s the server has "
+            "synchronous_standby_names = %r but no standby connected (pg_stat_replication is "
+            "empty), so every writing COMMIT waits for one, and a unit whose COMMIT answer was "
+            "lost can't be proven replicated (it ends in CommitOutcomeUnknownError). If this "
+            "server is a promoted standby, its synchronous_standby_names may still name the "
+            "primary it replaced: set it to the standbys it has now (or to '' to stop waiting "
+            "for any: ALTER SYSTEM SET synchronous_standby_names = ''; SELECT "
+            "pg_reload_conf()), or start its standby",
+            policy.service,
+            names,
+            service=policy.service,
+            event="synchronous_standby_missing",
+            synchronous_standby_names=names,
+        )
 
     def keep_checking_after(self, ticket: CommitTicket, exc: BaseException) -> bool:
         """Whether to check again after ``exc`` (transient); else the outcome stays unknown,
@@ -405,8 +456,14 @@ class CommitReferee:
         reason = verdict.value
         if ticket.check_failed is not None:
             reason = f"the check on a new connection failed: {ticket.check_failed}"
+        elif ticket.unserved_standby_names is not None:
+            reason += (
+                " (no standby is connected to the server, whose synchronous_standby_names is "
+                f"{ticket.unserved_standby_names!r})"
+            )
         if ticket.warned is not None:
             reason += f"; its COMMIT was answered with {ticket.warned}"
+        self.no_standby_connected(ticket)
         raise self._unknown(what, reason, marker=ticket.marker, xid=ticket.xid) from exc
 
     def interrupted(

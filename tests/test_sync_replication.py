@@ -106,11 +106,13 @@ def run_unit(
     sleep: Callable[[float], None],
     during: Callable[[StandbyPair], None] | None = None,
     config: rdb.Config = CONFIG,
+    level: str | None = None,
 ) -> Outcome:
     """One unit writing ``key``, on the pair's multi-host URL. ``cut_short``: its COMMIT's wait
     for the standby is cut short: asyncpg's ``command_timeout=1`` cancels it; psycopg's
     backend, seen waiting in ``SyncRep``, is terminated. ``sleep``: the factory's backoff.
-    ``during``: run in a thread of its own while the unit runs (any driver). ``driver``
+    ``during``: run in a thread of its own while the unit runs (any driver). ``level``: the
+    unit's own ``SET LOCAL synchronous_commit``. ``driver``
     "psycopg_async": psycopg's ``AsyncConnection`` under an ``AsyncResilientSession``."""
     outcome = Outcome()
     service = f"syncrep-{next(_services)}"
@@ -121,6 +123,8 @@ def run_unit(
 
         async def write(session: Any, key: str) -> None:
             outcome.calls += 1
+            if level is not None:
+                await session.execute(sa.text(f"SET LOCAL synchronous_commit = {level}"))
             await session.execute(INSERT, {"key": key})
 
         async def asleep(seconds: float) -> None:
@@ -147,6 +151,8 @@ def run_unit(
 
     def write_sync(session: Any, key: str) -> None:
         outcome.calls += 1
+        if level is not None:
+            session.execute(sa.text(f"SET LOCAL synchronous_commit = {level}"))
         session.execute(INSERT, {"key": key})
 
     engine = sa.create_engine(pair.url(DATABASE))
@@ -418,6 +424,94 @@ def test_a_commit_whose_wait_for_the_standby_was_cancelled_is_not_done_on_its_an
     rows = ledger(pair)
     assert rows.get("proven") == 1, rows  # reported done: on the new primary
     assert rows.get("cancelled", 0) <= 1, rows  # unknown: either, never twice
+
+
+@pytest.mark.parametrize(("driver", "mode"), CASES)
+def test_a_unit_that_raised_its_own_level_is_proven_at_it(
+    pg_standby_factory: Callable[..., StandbyPair], driver: str, mode: str
+) -> None:
+    """The database's ``synchronous_commit`` is ``local`` (no standby waited for), and the
+    unit raises its own to ``on`` (``SET LOCAL``: the transactions that matter replicated).
+    The standby is down and the unit's COMMIT, waiting for it, is cut short. The check waited
+    at its session's level, ``local``: it proved nothing, and took the unit, committed on the
+    primary alone, for done. The check waits at ``on`` at least: unknown while the standby is
+    down, done once it is back, and the failover keeps what was reported done."""
+    pair = pg_standby_factory(synchronous=True)
+    local = f"ALTER DATABASE {DATABASE} SET synchronous_commit = local"
+    prepare(pair, mode, before_the_standby_stops=[local])
+    raised = run_unit(pair, driver, "raised", cut_short=True, sleep=no_sleep, level="on")
+    assert isinstance(raised.error, rdb.CommitOutcomeUnknownError), (
+        f"a COMMIT committed on the primary alone was reported as {raised.error!r} "
+        "(None: done), not unknown"
+    )
+    assert raised.calls == 1
+
+    backoffs: list[float] = []
+
+    def start_the_standby(seconds: float) -> None:
+        if not backoffs:
+            pair.start()
+        backoffs.append(seconds)
+
+    proven = run_unit(pair, driver, "proven", cut_short=True, sleep=start_the_standby, level="on")
+    fail_over(pair)
+    assert proven.done, proven.error
+    assert backoffs, "done before the standby was back"
+    rows = ledger(pair)
+    assert rows.get("proven") == 1, rows
+    assert rows.get("raised", 0) <= 1, rows
+
+
+def test_the_last_check_does_not_overrun_the_deadline(
+    pg_standby_factory: Callable[..., StandbyPair],
+) -> None:
+    """The standby is down and the unit's COMMIT is cut short; each check waits for the
+    standby twice as long as the one before (2 s, 4 s, ...). A check begun just before the
+    deadline waited its whole 4 s past it: the unit ended more than 6 s after its COMMIT with a
+    deadline of 2.5 s. Each check's wait is cut to the time left."""
+    pair = pg_standby_factory(synchronous=True)
+    prepare(pair, MARKERS)
+    config = CONFIG.replace(deadline=2.5)
+    began = time.monotonic()
+    cut = run_unit(pair, "psycopg", "cut", cut_short=True, sleep=no_sleep, config=config)
+    took = time.monotonic() - began
+    assert isinstance(cut.error, rdb.CommitOutcomeUnknownError), cut.error
+    # the unit's statements, its COMMIT until terminated, and the checks within the deadline
+    # (the last one's COMMIT given at least REPLICATION_WAIT_FLOOR), with a margin for a
+    # loaded machine: well short of the 2 s + 4 s of the growing waits
+    assert took < config.deadline + 2.5, f"the unit took {took:.1f} s"
+
+
+def test_a_promoted_standby_still_naming_its_old_primary_is_reported(
+    pg_standby_factory: Callable[..., StandbyPair], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The primary dies and its standby is promoted, its ``synchronous_standby_names`` still
+    naming the old primary (a configuration copied across): every writing COMMIT waits for a
+    standby that will never connect. PostgreSQL waits for ever; the unit whose COMMIT is cut
+    short ends unknown, as it must (nothing can prove it), and a WARNING says why, naming the
+    setting."""
+    pair = pg_standby_factory(synchronous=True)
+    pair.create_database(DATABASE)
+    engine = sa.create_engine(pair.primary.url(DATABASE))
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE ledger (key text NOT NULL)"))
+    rdb.install_commit_markers(engine)
+    engine.dispose()
+    pair.wait_replayed()
+    fail_over(pair)
+    pair.standby.execute("ALTER SYSTEM SET synchronous_standby_names = 'old_primary'")
+    pair.standby.execute("SELECT pg_catalog.pg_reload_conf()")
+    with caplog.at_level(logging.WARNING, logger="resilient_db"):
+        cut = run_unit(pair, "asyncpg", "k", cut_short=True, sleep=no_sleep)
+    assert isinstance(cut.error, rdb.CommitOutcomeUnknownError), cut.error
+    assert "synchronous_standby_names" in str(cut.error)
+    warned = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "synchronous_standby_names" in r.getMessage()
+    ]
+    assert len(warned) == 1, warned
+    assert "'old_primary'" in warned[0]
 
 
 @pytest.mark.parametrize(("driver", "mode"), WARNED_CASES)
