@@ -14,9 +14,10 @@ import functools
 import inspect
 import logging
 import select
+import socket
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 
 import psycopg
 from sqlalchemy import event
@@ -1059,9 +1060,11 @@ def connection_looks_dead(dbapi_connection: Any, cache: dict[str, Any] | None = 
     Written by hand because SQLAlchemy's ``pool_pre_ping`` costs a network round trip on every
     checkout. An idle PostgreSQL connection has nothing to read; after ``pg_terminate_backend``
     or a server shutdown the server has sent an error and/or closed the socket, so it polls
-    readable. A zero-timeout poll costs about a microsecond. asyncpg notices a closed socket by
-    itself (``is_closed()``), but only once the event loop has read from it: a checkout that
-    runs before that (e.g. in the same loop iteration as the kill) polls the socket as well.
+    readable (so does one that received notifications for a LISTEN while it sat in the pool:
+    told apart, see :func:`_psycopg_notified`). A zero-timeout poll costs about a microsecond.
+    asyncpg notices a closed socket by itself (``is_closed()``), but only once the event loop
+    has read from it: a checkout that runs before that (e.g. in the same loop iteration as the
+    kill) polls the socket as well.
     """
     inner = getattr(dbapi_connection, "_connection", None)
     is_closed = getattr(inner, "is_closed", None)
@@ -1078,7 +1081,7 @@ def connection_looks_dead(dbapi_connection: Any, cache: dict[str, Any] | None = 
                 return fd is not None  # no socket: nothing to poll; a broken one: dead
             if cache is not None:
                 cache[_FD_KEY] = (inner, fd)
-        return _readable(fd, cache)
+        return _readable(fd, cache) and not _asyncpg_notified(fd)
     # psycopg 3: its connection, or its async one through SQLAlchemy's adapter
     pgconn = getattr(dbapi_connection if inner is None else inner, "pgconn", None)
     if pgconn is None:  # not psycopg 3: no cheap check; SQLAlchemy's handling applies
@@ -1089,7 +1092,9 @@ def connection_looks_dead(dbapi_connection: Any, cache: dict[str, Any] | None = 
         fd = pgconn.socket
     except Exception:
         return True
-    return _readable(fd, cache)
+    if not _readable(fd, cache):
+        return False
+    return not (_psycopg_notified(pgconn) and not _readable(fd, cache))
 
 
 def _asyncpg_socket(connection: Any) -> int | None:
@@ -1121,7 +1126,12 @@ def dead_probe(dbapi_connection: Any, cache: dict[str, Any]) -> Callable[[], boo
             asyncpg_pointer = ctypes.pointer(_PollFd(asyncpg_fd, _POLL_EVENTS, 0))
 
             def asyncpg_probe() -> bool:
-                return bool(is_closed() or poll(asyncpg_pointer, _ONE_FD, _NO_WAIT) > 0)
+                if is_closed():
+                    return True
+                return bool(
+                    poll(asyncpg_pointer, _ONE_FD, _NO_WAIT) > 0
+                    and not _asyncpg_notified(asyncpg_fd)
+                )
 
             return asyncpg_probe
     pgconn = getattr(dbapi_connection if inner is None else inner, "pgconn", None)
@@ -1134,9 +1144,58 @@ def dead_probe(dbapi_connection: Any, cache: dict[str, Any]) -> Callable[[], boo
     pointer = ctypes.pointer(_PollFd(fd, _POLL_EVENTS, 0))
 
     def probe() -> bool:
-        return bool(pgconn.status != _PG_OK or poll(pointer, _ONE_FD, _NO_WAIT) > 0)
+        if pgconn.status != _PG_OK:
+            return True
+        return bool(
+            poll(pointer, _ONE_FD, _NO_WAIT) > 0
+            and not (_psycopg_notified(pgconn) and poll(pointer, _ONE_FD, _NO_WAIT) == 0)
+        )
 
     return probe
+
+
+# An idle connection's socket that polls readable: the server left (its goodbye, an error,
+# EOF), or it sent notifications for a LISTEN of the connection (``NOTIFY`` while it sat in the
+# pool), which plain SQLAlchemy hands to the application at its next use. Those are told apart
+# on this path only (the quiet socket of the common case costs the one poll above).
+def _psycopg_notified(pgconn: Any) -> bool:
+    """Read what came into libpq (``PQconsumeInput``: it does not block) and hand its
+    notifications on as psycopg does after a statement (its connection's ``notify_handler``:
+    to the ``notifies()`` backlog or your notify handlers). True when the connection is sound
+    and notifications came; anything else (the server's goodbye, EOF, a notice alone) leaves the
+    connection judged dead, as before."""
+    try:
+        pgconn.consume_input()
+    except Exception:  # EOF, a broken socket
+        return False
+    if pgconn.status != _PG_OK:
+        return False
+    notified = False
+    while (notify := pgconn.notifies()) is not None:
+        notified = True
+        handler = pgconn.notify_handler
+        if handler is not None:
+            handler(notify)
+    return notified
+
+
+#: the first byte of a NotificationResponse (PostgreSQL's protocol)
+_NOTIFICATION: Final = b"A"
+
+
+def _asyncpg_notified(fd: int) -> bool:
+    """Whether what waits on asyncpg's socket begins with a notification (asyncpg reads it,
+    and calls your listeners, when the event loop next runs). Peeked at, not read: asyncpg
+    reads its socket itself. A TLS connection's bytes tell nothing here: judged dead, as
+    before."""
+    sock = socket.socket(fileno=fd)
+    try:
+        first = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:
+        return False
+    finally:
+        sock.detach()  # the descriptor stays asyncpg's
+    return first == _NOTIFICATION
 
 
 _PROBE_KEY = "resilient_db.dead_probe"

@@ -8,6 +8,7 @@ Exact SQLSTATEs come from ``RAISE ... USING ERRCODE`` through the real driver; d
 from __future__ import annotations
 
 import logging
+import select
 import sys
 import threading
 import time
@@ -806,6 +807,35 @@ def test_drop_in_use_survives_a_dead_pooled_connection(
         new_pid = session.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
     assert new_pid != pid
     assert "[SELF-HEAL] Discarded a dead pooled connection" in caplog.text
+
+
+def test_a_pooled_connection_with_notifications_waiting_is_kept_and_they_are_delivered(
+    engine: sa.Engine, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A connection LISTENing sits in the pool when a NOTIFY comes: its socket polls readable,
+    which the checkout took for a server that had left. The connection was discarded, its
+    LISTEN and the notification with it; plain SQLAlchemy hands both over at the next use."""
+    pooled = sa.create_engine(engine.url, pool_size=1, max_overflow=0)
+    Session = factory(pooled, service)
+    try:
+        with Session() as session:
+            conn = session.connection()
+            pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+            conn.exec_driver_sql("LISTEN rdb_jobs")
+            fd = conn.connection.driver_connection.pgconn.socket  # type: ignore[union-attr]
+            session.commit()
+        with engine.begin() as other:
+            other.exec_driver_sql("NOTIFY rdb_jobs, 'job-1'")
+        assert select.select([fd], [], [], 10)[0], "the notification never arrived"
+        with caplog.at_level(logging.INFO, logger="resilient_db"), Session() as session:
+            conn = session.connection()
+            assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one() == pid
+            driver: Any = conn.connection.driver_connection
+            got = [n.payload for n in driver.notifies(timeout=2, stop_after=1)]
+        assert got == ["job-1"]
+        assert "Discarded a dead pooled connection" not in caplog.text
+    finally:
+        pooled.dispose()
 
 
 def test_drop_in_connect_failure_is_retried_before_anything_is_sent(

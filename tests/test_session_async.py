@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import select
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -1140,6 +1141,44 @@ async def test_drop_in_use_survives_a_dead_pooled_connection(
             new_pid = (await session.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
     assert new_pid != pid
     assert "[SELF-HEAL] Discarded a dead pooled connection" in caplog.text
+
+
+async def test_a_pooled_connection_with_notifications_waiting_is_kept_and_they_are_delivered(
+    engine: AsyncEngine, pg_server: Any, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As for sync: a NOTIFY for a LISTEN of a pooled connection, arrived before the event
+    loop read it, made the checkout discard the connection (the listener lost with it). The
+    loop is blocked here on purpose between the NOTIFY and the checkout."""
+    pooled = create_engine(engine.url, pool_size=1, max_overflow=0)
+    Session = factory(pooled, service)
+    payloads: list[str] = []
+    try:
+        async with Session() as session:
+            conn = await session.connection()
+            pid = (await conn.exec_driver_sql("SELECT pg_backend_pid()")).scalar_one()
+            driver: Any = (await conn.get_raw_connection()).driver_connection
+            if isinstance(driver, asyncpg.Connection):
+                await driver.add_listener("rdb_jobs", lambda *args: payloads.append(args[-1]))
+                fd = driver._transport.get_extra_info("socket").fileno()
+            else:
+                await conn.exec_driver_sql("LISTEN rdb_jobs")
+                fd = driver.pgconn.socket
+            await session.commit()
+        # blocking: asyncpg reads nothing meanwhile
+        pg_server.execute("NOTIFY rdb_jobs, 'job-1'", database=engine.url.database)
+        assert select.select([fd], [], [], 10)[0], "the notification never arrived"
+        with caplog.at_level(logging.INFO, logger="resilient_db"):
+            async with Session() as session:
+                conn = await session.connection()
+                new_pid = (await conn.exec_driver_sql("SELECT pg_backend_pid()")).scalar_one()
+                if not isinstance(driver, asyncpg.Connection):
+                    async for n in driver.notifies(timeout=2, stop_after=1):
+                        payloads.append(n.payload)
+        await wait_for_async(lambda: payloads == ["job-1"], "the notification delivered")
+        assert new_pid == pid
+        assert "Discarded a dead pooled connection" not in caplog.text
+    finally:
+        await pooled.dispose()
 
 
 async def test_the_dead_connection_check_of_asyncpg_is_bound_to_its_socket(
