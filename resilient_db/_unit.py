@@ -23,6 +23,7 @@ import psycopg
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.orm import Session
 
 from ._classify import (
@@ -798,6 +799,51 @@ class FactoryCore:
                 hooks_for(engine, self)
         if not self._explicit_config:
             register_default_user(self)
+
+    def configure(self, **new_kw: Any) -> None:
+        """As ``sessionmaker.configure``. A new ``bind`` engine becomes the factory's engine
+        (its sessions', where their commits are verified) and gets the factory's engine hooks
+        first, as do the engines of a new ``binds``: a factory configured onto another engine
+        keeps commit verification, disconnect handling and the dead-connection check there.
+        Engine hooks that can't be had (another factory on that engine with other engine-wide
+        settings: ``ValueError``) leave the factory as it was. A ``Connection`` given as
+        ``bind`` (SQLAlchemy's recipe for joining a test's external transaction) is passed on
+        as it is: the transaction is the caller's."""
+        bind = new_kw.get("bind")
+        engine = None
+        if bind is not None:
+            engine = self._engine_to_bind(bind)
+        hooks = None if engine is None else hooks_for(engine, self)
+        for bound in (new_kw.get("binds") or {}).values():
+            bound_engine = getattr(bound, "sync_engine", bound)
+            if isinstance(bound_engine, Engine):
+                hooks_for(bound_engine, self)
+        super().configure(**new_kw)  # type: ignore[misc]
+        if hooks is not None and hooks is not self._hooks:
+            self._hooks.factories.discard(self)
+            self.engine = bind
+            self._referee.engine = hooks.commit.engine
+            self._hooks = hooks
+
+    def _engine_to_bind(self, bind: Any) -> Engine | None:
+        """The sync engine of ``bind`` given to :meth:`configure`, None for a connection;
+        ``TypeError`` for what this factory can't take (a sync engine for an async factory,
+        or the other way round)."""
+        if isinstance(self.engine, AsyncEngine):
+            if isinstance(bind, AsyncEngine):
+                return bind.sync_engine
+            if isinstance(bind, AsyncConnection):
+                return None
+            wanted = "an AsyncEngine"
+        else:
+            if isinstance(bind, Engine):
+                return bind
+            if isinstance(bind, Connection):
+                return None
+            wanted = "an Engine"
+        raise TypeError(
+            f"{type(self).__name__}.configure(bind=...) takes {wanted}, got {type(bind).__name__}"
+        )
 
     def _apply_config(self, config: Config) -> None:
         self.config = config

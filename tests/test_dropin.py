@@ -120,6 +120,107 @@ def test_events_on_the_factory_and_on_scoped_session(engine: sa.Engine, service:
     assert seen == []
 
 
+def test_configure_onto_another_engine_keeps_commit_verification_there(
+    engine: sa.Engine, pg_database: str, fault_proxy: FaultProxy, service: str
+) -> None:
+    """``Session.configure(bind=...)`` (a factory made early, bound at start-up) rebound the
+    sessions and left the engine hooks behind: a lost COMMIT answer on the new engine ended in
+    CommitOutcomeUnknownError instead of being verified."""
+    placeholder = sa.create_engine(engine.url)
+    proxied = sa.create_engine(fault_proxy.url(pg_database))
+    Sessions = rdb.ResilientSession(placeholder, service=service)
+    try:
+        Sessions.configure(bind=proxied)
+        assert Sessions.engine is proxied
+        assert Sessions.kw["bind"] is proxied
+        calls: list[int] = []
+
+        def add(session: Session) -> None:
+            calls.append(1)
+            session.add(Item(name="configured"))
+
+        Sessions.run(lambda session: session.execute(sa.text("SELECT 1")))  # connected
+        fault_proxy.lose_commit_answer()
+        Sessions.run(add)
+        assert fault_proxy.commits_lost == 1
+        assert calls == [1]  # verified, not replayed, not unknown
+        with engine.connect() as conn:
+            names = conn.scalars(sa.select(Item.name).where(Item.name == "configured")).all()
+        assert names == ["configured"]
+    finally:
+        proxied.dispose()
+        placeholder.dispose()
+
+
+def test_configure_refuses_a_bind_of_the_other_kind_and_changes_nothing(
+    engine: sa.Engine, pg_async_url: str, service: str
+) -> None:
+    Sessions = rdb.ResilientSession(engine, service=service)
+    async_engine = create_async_engine(pg_async_url)
+    with pytest.raises(TypeError, match=r"configure\(bind=...\) takes an Engine, got AsyncEngine"):
+        Sessions.configure(bind=async_engine)
+    with pytest.raises(TypeError, match="takes an Engine, got str"):
+        Sessions.configure(bind="postgresql://")
+    assert Sessions.engine is engine
+    assert Sessions.kw["bind"] is engine
+    other = rdb.ResilientSession(
+        sa.create_engine(engine.url), service=f"{service}-other", config=rdb.Config(enabled=False)
+    )
+    with pytest.raises(ValueError, match="different engine-wide settings"):
+        Sessions.configure(bind=other.engine)  # its factory disagrees: nothing changed
+    assert Sessions.kw["bind"] is engine
+    other.engine.dispose()
+
+
+def test_configure_onto_a_connection_joins_its_transaction(engine: sa.Engine, service: str) -> None:
+    """SQLAlchemy's recipe for a test's external transaction works as with sessionmaker."""
+    Sessions = rdb.ResilientSession(engine, service=service)
+    with engine.connect() as conn:
+        outer = conn.begin()
+        Sessions.configure(bind=conn, join_transaction_mode="create_savepoint")
+        with Sessions() as session:
+            session.add(Item(name="inside"))
+            session.commit()  # a savepoint released: the outer transaction stays the caller's
+        assert conn.scalar(sa.select(sa.func.count()).where(Item.name == "inside")) == 1
+        outer.rollback()
+    with engine.connect() as conn:
+        assert conn.scalar(sa.select(sa.func.count()).where(Item.name == "inside")) == 0
+
+
+@pytest.mark.asyncio
+async def test_async_configure_onto_another_engine_keeps_commit_verification_there(
+    async_engine: AsyncEngine, pg_database: str, fault_proxy: FaultProxy, service: str
+) -> None:
+    proxied = create_async_engine(fault_proxy.url(pg_database, driver="asyncpg"))
+    Sessions = rdb.AsyncResilientSession(async_engine, service=service)
+    try:
+        with pytest.raises(TypeError, match="takes an AsyncEngine, got Engine"):
+            Sessions.configure(bind=proxied.sync_engine)
+        Sessions.configure(bind=proxied)
+        assert Sessions.engine is proxied
+        calls: list[int] = []
+
+        async def add(session: AsyncSession) -> None:
+            calls.append(1)
+            session.add(Item(name="configured-async"))
+
+        async def connect(session: AsyncSession) -> None:
+            await session.execute(sa.text("SELECT 1"))
+
+        await Sessions.run(connect)
+        fault_proxy.lose_commit_answer()
+        await Sessions.run(add)
+        assert fault_proxy.commits_lost == 1
+        assert calls == [1]
+        async with async_engine.connect() as conn:
+            found = await conn.scalar(
+                sa.select(sa.func.count()).where(Item.name == "configured-async")
+            )
+        assert found == 1
+    finally:
+        await proxied.dispose()
+
+
 def test_info_is_the_users_and_clearing_it_keeps_the_guard(engine: sa.Engine, service: str) -> None:
     Sessions = rdb.ResilientSession(engine, service=service, info={"tenant": "a"})
     with Sessions(info={"request": 1}) as session:
