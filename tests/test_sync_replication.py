@@ -9,11 +9,17 @@ finds it committed: that proves nothing a failover keeps. "Done" needs the check
 confirmed by the synchronous standby (``resilient_db._commit.end_check``); while it
 can't be, the outcome is unknown.
 
+A COMMIT whose wait someone cancels (``pg_cancel_backend``) is answered with success and a
+WARNING: committed on the primary alone too, so that answer is checked the same way. The check
+waits at the session's ``synchronous_commit``, at least ``on`` (a unit may raise its own level),
+within the time left before the deadline; a server with no standby connected is reported.
+
 Real servers (a :class:`~resilient_db.testing.StandbyPair`), real faults: the standby stopped,
-asyncpg's timeout, ``pg_terminate_backend`` of the backend waiting in ``SyncRep``, a crash of
-the primary and the standby's promotion. Each unit writes one ledger row under a key of its own
-(not unique: a unit that wrote twice shows up as two rows). No backoff is slept: the factories'
-sleep is a hook that sleeps nothing (and, where a test says so, starts the standby).
+asyncpg's timeout, ``pg_terminate_backend`` or ``pg_cancel_backend`` of the backend waiting in
+``SyncRep``, a crash of the primary and the standby's promotion. Each unit writes one ledger
+row under a key of its own (not unique: a unit that wrote twice shows up as two rows). No
+backoff is slept: the factories' sleep is a hook that sleeps nothing (and, where a test says
+so, starts the standby).
 """
 
 from __future__ import annotations
