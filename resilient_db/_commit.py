@@ -1047,6 +1047,8 @@ class CommitRequest:
 class _ReplayPolicy(Protocol):
     classifier: Classifier
     retry_on: bool
+    config: Config
+    service: str
 
     def partly_committed(self, exc: BaseException) -> None: ...
 
@@ -1081,6 +1083,12 @@ class AttemptRecord:
     @property
     def classifier(self) -> Classifier:
         return self._policy.classifier
+
+    @property
+    def speaker(self) -> tuple[Config, str]:
+        """The configuration and service of the operation running the attempt (what an
+        engine-wide line about it is said under)."""
+        return self._policy.config, self._policy.service
 
     @property
     def replayed(self) -> bool:

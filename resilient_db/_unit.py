@@ -858,18 +858,24 @@ class FactoryCore:
             )
             if other is not self and theirs != mine:
                 # reload_config gave this factory settings another one on its engine does not
-                # share (an explicit config=): the engine-wide hooks follow the reload
+                # share (an explicit config=): the engine-wide hooks follow the reload. Said
+                # under the other factory's configuration when this one's says nothing (the
+                # reload switched self-healing or logging off): that factory is the one that
+                # loses what it was configured for (its COMMITs unmarked, say)
+                speaker = config if config.enabled and config.logging_on else other.config
                 emit(
-                    config,
+                    speaker,
                     log_session,
                     logging.WARNING,
                     "Factories on one engine disagree after a reload: service=%s and "
-                    "service=%s (%s); engine-wide handling follows service=%s",
+                    "service=%s (%s); engine-wide handling (commit verification, disconnect "
+                    "handling, the trigger's errors) follows service=%s, also for service=%s",
                     self.service,
                     other.service,
                     _settings_diff(theirs, mine),
                     self.service,
-                    service=self.service,
+                    other.service,
+                    service=other.service,
                     event="engine_settings_conflict",
                 )
                 break
@@ -901,6 +907,7 @@ class EngineHooks:
         self.commit = CommitProtocol(engine, self, guard)
         self.factories: weakref.WeakSet[FactoryCore] = weakref.WeakSet()
         self._standby_lines = LineLimit()  # writes refused by a hot standby, per server
+        self._pool_lines = LineLimit()  # pools replaced, per SQLSTATE
 
     def handle_error(self, ctx: Any) -> BaseException | None:
         if not self.config.enabled:
@@ -919,6 +926,7 @@ class EngineHooks:
             # (and the pool's other connections, made before this moment) must not be reused.
             ctx.is_disconnect = True
             ctx.invalidate_pool_on_disconnect = True
+            self._pool_invalidated(code)
         elif not ctx.is_disconnect and client_state_broken(original):
             # asyncpg's protocol state is broken on this one connection (a session the server
             # ended, whose close asyncpg has not read yet): it must not go back to the pool.
@@ -936,10 +944,40 @@ class EngineHooks:
             mark_outcome(ctx.sqlalchemy_exception, outcome)
         if self.config.guard_on:
             database_error = ctx.sqlalchemy_exception or original
-            mapped = exception_from_db(database_error, log=True, config=self.config)
+            mapped = exception_from_db(database_error, log=True, config=self._speaker()[0])
             if mapped is not None:
                 return mapped  # SQLAlchemy raises it from the driver's error
         return None
+
+    def _speaker(self) -> tuple[Config, str]:
+        """The configuration and service an engine-wide line is said under: the running unit's
+        factory's (its logging settings, its name), else the engine's latest factory's."""
+        attempt = current_attempt.get()
+        return (self.config, self.service) if attempt is None else attempt.speaker
+
+    def _pool_invalidated(self, code: str) -> None:
+        """The pool's connections are replaced for an error SQLAlchemy does not take for a lost
+        connection (its own disconnects invalidate the pool by themselves): said, one line per
+        engine every few seconds (a failover fails many units at once; the hooks see each)."""
+        config, service = self._speaker()
+        log, unlogged = self._pool_lines.take(code)
+        emit(
+            config,
+            log_session,
+            logging.INFO,
+            "Replacing the pooled connections: service=%s database %s answered SQLSTATE %s, "
+            "which ends its connections' use (a failover, a shutdown): connections made before "
+            "now are closed at their next checkout (%d more since the last line)",
+            service,
+            self.commit.engine.url.database,
+            code,
+            unlogged,
+            log=log,
+            service=service,
+            event="pool_invalidated",
+            sqlstate=code,
+            suppressed=unlogged,
+        )
 
     def _refused_read_only(self, ctx: Any, original: BaseException) -> None:
         """A write was refused as read-only (25006): if the server says it is a hot standby
@@ -961,21 +999,22 @@ class EngineHooks:
             return  # a transaction made read-only on a primary (or a server before 14)
         mark_hot_standby(original, server)  # found through SQLAlchemy's error too (its .orig)
         log, unlogged = self._standby_lines.take(server)
+        config, service = self._speaker()
         emit(
-            self.config,
+            config,
             log_session,
             logging.WARNING,
             "Write refused by a hot standby: service=%s database %s at %s is a read-only "
             "standby in recovery (SQLSTATE 25006); its units are retried as after a failover "
             "and the circuit breaker may open. A URL that reaches a standby by mistake never "
             "heals: %s (%d more since the last line)",
-            self.service,
+            service,
             self.commit.engine.url.database,
             server,
             HOT_STANDBY_FIX,
             unlogged,
             log=log,
-            service=self.service,
+            service=service,
             event="hot_standby_refused_write",
             server=server,
             sqlstate=READ_ONLY_SQLSTATE,
@@ -1006,13 +1045,14 @@ class EngineHooks:
         if probe is None or probe[0] is not dbapi_connection:
             probe = info[_PROBE_KEY] = (dbapi_connection, dead_probe(dbapi_connection, info))
         if probe[1]():
+            config, service = self._speaker()
             emit(
-                self.config,
+                config,
                 log_session,
                 logging.INFO,
                 "Discarded a dead pooled connection at checkout: service=%s",
-                self.service,
-                service=self.service,
+                service,
+                service=service,
                 event="dead_pooled_connection",
             )
             raise sa_exc.DisconnectionError("pooled connection was closed by the server")

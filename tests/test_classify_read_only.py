@@ -19,6 +19,7 @@ Real server, real drivers (psycopg; asyncpg and psycopg's async connection), exa
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import psycopg
@@ -103,10 +104,17 @@ def test_writes_in_read_only_transactions_on_a_primary_raise_at_once(
 
 
 def test_a_server_that_takes_no_writes_is_lost_and_the_unit_resumes_where_writes_are_taken(
-    engine: sa.Engine, pg_server: PostgresServer, pg_database: str, service: str
+    engine: sa.Engine,
+    pg_server: PostgresServer,
+    pg_database: str,
+    service: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A failover seen from the client: the server the pool's connections reach takes no
-    writes (it reports ``default_transaction_read_only`` on at connect), then one does."""
+    writes (it reports ``default_transaction_read_only`` on at connect), then one does. The
+    pool's connections replaced say so (SQLAlchemy does not take 25006 for a lost connection:
+    replacing them is resilient_db's doing)."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
     set_read_only_database(pg_server, pg_database, True)
     engine.dispose()  # connections made from now on are read-only by default
     Sessions = rdb.ResilientSession(engine, service=service, config=CONFIG)
@@ -130,6 +138,9 @@ def test_a_server_that_takes_no_writes_is_lost_and_the_unit_resumes_where_writes
     assert not before & _pooled_pids(engine), "connections made before the 25006 were reused"
     with engine.connect() as conn:
         assert conn.execute(COUNT).scalar_one() == 1
+    lines = [r.getMessage() for r in caplog.records if "Replacing the pooled" in r.getMessage()]
+    assert len(lines) == 1
+    assert f"service={service} database {pg_database} answered SQLSTATE 25006" in lines[0]
 
 
 # -- async (asyncpg, psycopg) ----------------------------------------------------------------------

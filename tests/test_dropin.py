@@ -467,6 +467,60 @@ def test_a_reload_warns_only_of_factories_that_really_disagree(
     del first, second, pinned
 
 
+def test_a_reload_switching_self_healing_off_says_what_another_factory_loses(
+    engine: sa.Engine,
+    service: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``SELF_HEALING_ENABLED=false`` reloaded turns the engine-wide hooks off for a factory
+    with its own ``config=`` on the same engine too (its COMMITs go unmarked): the warning
+    saying so was emitted under the new configuration, which says nothing, so it was lost."""
+    follows = rdb.ResilientSession(engine, service=service)
+    pinned = rdb.ResilientSession(engine, service=service + "-pinned", config=rdb.Config())
+    caplog.set_level(logging.WARNING, logger="resilient_db")
+    monkeypatch.setenv("SELF_HEALING_ENABLED", "false")
+    rdb.reload_config()
+    lines = [r.getMessage() for r in caplog.records if "disagree" in r.getMessage()]
+    assert lines
+    assert f"also for service={service}-pinned" in lines[0]
+    assert "enabled: True there, False here" in lines[0]
+    del follows, pinned
+
+
+def test_engine_wide_lines_are_said_under_the_units_factory(
+    engine: sa.Engine, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The engine's hooks are shared by its factories: a trigger's block (and the other
+    engine-wide lines) was said under the engine's latest factory's configuration and name, so
+    a second factory with logging off silenced the first one's blocks, and their events named
+    the other service. Now the running unit's factory says them."""
+    with engine.begin() as conn:
+        rdb.install_transition_trigger(conn, Task)
+        conn.execute(sa.text("DELETE FROM tasks"))
+        conn.execute(sa.text("INSERT INTO tasks (idem_key, title) VALUES ('speaker', 't')"))
+    orders = rdb.ResilientSession(engine, service=service)
+    quiet = rdb.ResilientSession(
+        engine, service=f"{service}-quiet", config=rdb.load_config().replace(logging=False)
+    )
+    events: list[Any] = []
+    rdb.add_hook(events.append)
+    caplog.set_level(logging.ERROR, logger="resilient_db")
+    try:
+        with pytest.raises(rdb.IllegalTransitionError):
+            orders.run(
+                lambda s: s.execute(
+                    sa.text("UPDATE tasks SET status = 'completed' WHERE idem_key = 'speaker'")
+                )
+            )
+    finally:
+        rdb.remove_hook(events.append)
+    blocked = [e for e in events if e.name == "transition_blocked"]
+    assert [e.service for e in blocked] == [service]
+    assert [r for r in caplog.records if "Status transition blocked" in r.getMessage()]
+    del quiet
+
+
 def test_factories_on_one_engine_must_agree_on_engine_wide_settings(
     engine: sa.Engine, service: str
 ) -> None:

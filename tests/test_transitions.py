@@ -34,6 +34,7 @@ from sqlalchemy.orm import (
 )
 from sqlalchemy.orm.exc import StaleDataError
 
+from resilient_db import ResilientSession
 from resilient_db._config import Config
 from resilient_db._errors import IllegalTransitionError, StaleTransitionError
 from resilient_db._state import STATE
@@ -2061,6 +2062,28 @@ def test_bypass_only_inside_its_transaction_and_logged(
         "reason=ticket OPS-42: reopen after data fix"
     )
     assert bypasses[0].self_heal["reason"] == "ticket OPS-42: reopen after data fix"
+
+
+@pytest.mark.parametrize("switch", ["enabled", "status_validation"])
+def test_a_bypass_is_logged_with_self_healing_switched_off(
+    engine: sa.Engine, log: pytest.LogCaptureFixture, switch: str, service: str
+) -> None:
+    """The trigger honours a bypass whatever the client's switches say: its audit line was
+    dropped with ``SELF_HEALING_ENABLED=false`` (the move went through, unlogged); only
+    ``SELF_HEALING_LOGGING=false`` silences it."""
+    task_id = _add_task(engine, "completed")
+    for logging_on in (True, False):
+        log.clear()
+        config = Config(**{switch: False, "logging": logging_on})
+        factory = ResilientSession(engine, service=f"{service}-{logging_on}", config=config)
+        with factory() as s:
+            bypass_transitions(s, reason="ticket OPS-43")
+            s.execute(
+                sa.text("UPDATE tasks SET status = 'pending' WHERE id = :id"), {"id": task_id}
+            )
+            s.rollback()
+        lines = [r.getMessage() for r in log.records if "bypassed" in r.getMessage()]
+        assert len(lines) == (1 if logging_on else 0)
 
 
 def test_bypass_on_a_connection(engine: sa.Engine, sessions: sessionmaker[_S]) -> None:

@@ -7,6 +7,7 @@ configuration has ``guard_on`` and no bypass is active in the session's transact
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -105,8 +106,11 @@ def bypass_transitions(target: Session | Connection, *, reason: str) -> None:
     if isinstance(target, Session):
         STATE.bypasses[target] = target.get_transaction()
     count("bypasses")
+    # The audit line of a move past the guard: said whether or not self-healing is on (the
+    # bypass works either way: the trigger honours it), unless logging is switched off
+    audit = config if config.enabled else dataclasses.replace(config, enabled=True)
     emit(
-        config,
+        audit,
         logger,
         logging.WARNING,
         "transition guard bypassed for the current transaction (xid %s): reason=%s",

@@ -15,6 +15,7 @@ from resilient_db._config import env_config as environment_config
 from resilient_db._errors import ConfigError, IllegalTransitionError, StaleTransitionError
 from resilient_db._observability import emit
 from resilient_db._state import STATE
+from resilient_db._statements import current_attempt
 
 from ._rules import plain
 
@@ -55,6 +56,7 @@ def report(err: IllegalTransitionError, config: Config | None, *, blocked_rows: 
     stale = isinstance(err, StaleTransitionError)
     count("stale_transitions" if stale else "blocked_transitions", blocked_rows)
     cfg = config if config is not None else env_config()
+    attempt = current_attempt.get()  # the unit (or operation) it happened in, if any
     emit(
         cfg,
         logger,
@@ -68,6 +70,7 @@ def report(err: IllegalTransitionError, config: Config | None, *, blocked_rows: 
         err.via,
         f"; {err.reason}" if err.reason else "",
         event="transition_blocked",
+        service=None if attempt is None else attempt.speaker[1],
         model=err.model,
         column=err.column,
         from_state=plain(err.from_state),
