@@ -44,7 +44,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, TypeAlias
 
@@ -866,24 +866,78 @@ async def _connect_host_by_host(
             *args, host=host, port=port, target_session_attrs=target_session_attrs, **kwargs
         )
     wanted = target_session_attrs or os.environ.get("PGTARGETSESSIONATTRS")
-    rounds = ("standby", "any") if wanted == "prefer-standby" else (target_session_attrs,)
+    if wanted == "prefer-standby":
+        return await _prefer_standby(args, kwargs, host, port, per_host)
     last: BaseException | None = None
-    for attrs in rounds:
-        for one_host, one_port in zip(host, port, strict=True):
+    for one_host, one_port in zip(host, port, strict=True):
+        try:
+            return await asyncpg.connect(
+                *args,
+                host=one_host,
+                port=one_port,
+                timeout=per_host,
+                target_session_attrs=target_session_attrs,
+                **kwargs,
+            )
+        except _NEXT_HOST as exc:
+            last = exc
+            log_session.debug("connecting to %s:%s failed", one_host, one_port, exc_info=True)
+    assert last is not None  # (at least two hosts were tried)
+    raise last
+
+
+async def _prefer_standby(
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    hosts: Sequence[str],
+    ports: Sequence[int],
+    per_host: float,
+) -> Any:
+    """``prefer-standby`` in one pass over the hosts: the first standby found, else the first
+    server reached (kept open meanwhile, not connected to again: a second pass would spend
+    each unreachable host's timeout twice)."""
+    fallback: Any = None
+    last: BaseException | None = None
+    try:
+        for one_host, one_port in zip(hosts, ports, strict=True):
             try:
-                return await asyncpg.connect(
+                conn = await asyncpg.connect(
                     *args,
                     host=one_host,
                     port=one_port,
                     timeout=per_host,
-                    target_session_attrs=attrs,
+                    target_session_attrs="any",
                     **kwargs,
                 )
             except _NEXT_HOST as exc:
                 last = exc
                 log_session.debug("connecting to %s:%s failed", one_host, one_port, exc_info=True)
+                continue
+            if await _in_hot_standby(conn):
+                if fallback is not None:
+                    await fallback.close(timeout=per_host)
+                return conn
+            if fallback is None:
+                fallback = conn
+            else:
+                await conn.close(timeout=per_host)
+    except BaseException:
+        if fallback is not None:
+            fallback.terminate()
+        raise
+    if fallback is not None:
+        return fallback
     assert last is not None  # (at least two hosts were tried)
     raise last
+
+
+async def _in_hot_standby(conn: Any) -> bool:
+    """Whether asyncpg's ``conn`` reached a standby: what the server reported at connect
+    (``in_hot_standby``, PostgreSQL 14+), else asked, as asyncpg's own check does."""
+    reported = getattr(conn.get_settings(), "in_hot_standby", None)
+    if reported is not None:
+        return bool(reported == "on")
+    return bool(await conn.fetchval("SELECT pg_catalog.pg_is_in_recovery()"))
 
 
 # -- a COMMIT answered with a warning --------------------------------------------------------------
@@ -1284,7 +1338,10 @@ class CommitProtocol:
         """A multi-host URL (``host=a&host=b``: ``"a,b"`` here) whose URL, connect arguments
         and environment set no ``connect_timeout`` gets :data:`MULTI_HOST_CONNECT_TIMEOUT`:
         psycopg tries the hosts one by one, each for that long (its own default is 130 s: a
-        first host that accepts TCP and never answers held every connect that long)."""
+        first host that accepts TCP and never answers held every connect that long). Not where
+        a connection service is named (``service=``, ``PGSERVICE``): libpq reads its
+        ``connect_timeout`` from the service file, which a value given here would override, and
+        only libpq knows which file that is."""
         hosts = cparams.get("host")
         if (
             self._settings.config.enabled
@@ -1293,6 +1350,8 @@ class CommitProtocol:
             and "," in hosts
             and "connect_timeout" not in cparams
             and "PGCONNECT_TIMEOUT" not in os.environ
+            and "service" not in cparams
+            and "PGSERVICE" not in os.environ
         ):
             cparams["connect_timeout"] = MULTI_HOST_CONNECT_TIMEOUT
 

@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 
 import resilient_db as rdb
 from resilient_db._commit import MULTI_HOST_CONNECT_TIMEOUT
-from resilient_db.testing import FaultProxy, ServerStartError, StandbyPair
+from resilient_db.testing import FaultProxy, PostgresServer, ServerStartError, StandbyPair
 
 pytest_plugins = ["pytester"]
 
@@ -860,6 +860,59 @@ def test_a_frozen_first_host_is_passed_over_after_the_per_host_connect_timeout(
             assert parameters.get("connect_timeout") == "7"
         finally:
             engine.dispose()
+
+
+def test_a_multi_host_url_naming_a_service_keeps_its_connect_timeout(
+    pg_server: PostgresServer,
+    pg_database: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """psycopg: the default per-host connect_timeout given to a multi-host URL overrode the one
+    a connection service file sets (a value in the connect string wins over the file's)."""
+    services = tmp_path / "pg_service.conf"
+    services.write_text("[orders]\nconnect_timeout=7\n")
+    monkeypatch.setenv("PGSERVICEFILE", str(services))
+    here = f"{pg_server.host}:{pg_server.port}"
+    url = sa.make_url(pg_server.url(pg_database)).update_query_dict(
+        {"host": [here, here], "service": "orders"}
+    )
+    engine = sa.create_engine(url)
+    try:
+        with rdb.ResilientSession(engine, service="service-file")() as session:
+            driver: Any = session.connection().connection.driver_connection
+            assert driver.info.get_parameters().get("connect_timeout") == "7"
+    finally:
+        engine.dispose()
+
+
+def test_prefer_standby_without_a_standby_connects_to_each_host_once(
+    pg_server: PostgresServer, pg_database: str
+) -> None:
+    """asyncpg, ``prefer-standby`` over hosts that are all primaries: one pass finds no
+    standby and keeps the first server reached. Before, a second pass connected to the first
+    host again (twice its connect timeout where it never answers)."""
+    with FaultProxy(pg_server) as first, FaultProxy(pg_server) as second:
+        url = sa.make_url(pg_server.url(pg_database, driver="asyncpg")).update_query_dict(
+            {
+                "host": [f"{first.host}:{first.port}", f"{second.host}:{second.port}"],
+                "target_session_attrs": "prefer-standby",
+            }
+        )
+
+        async def port_of() -> int:
+            engine = create_async_engine(url)
+            factory = rdb.AsyncResilientSession(engine, service="prefer-standby-once")
+            try:
+                async with factory() as session:
+                    query = sa.text("SELECT inet_client_port()")
+                    return int((await session.execute(query)).scalar_one())
+            finally:
+                await engine.dispose()
+
+        asyncio.run(port_of())
+        assert (first.connections_accepted, second.connections_accepted) == (1, 1)
+        assert (first.active_connections, second.active_connections) == (0, 0)
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
