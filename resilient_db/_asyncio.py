@@ -19,8 +19,8 @@ import types
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 
-from sqlalchemy.engine import Engine
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from ._classify import Classifier
 from ._commit import AttemptRecord, CommitRequest, CommitTicket
@@ -77,7 +77,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
     @overload
     def __init__(
         self: AsyncResilientSession[S],
-        bind: AsyncEngine,
+        bind: AsyncEngine | AsyncConnection | None = ...,
         service: str = ...,
         *,
         class_: type[S],
@@ -93,7 +93,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
     @overload
     def __init__(
         self: AsyncResilientSession[AsyncSession],
-        bind: AsyncEngine,
+        bind: AsyncEngine | AsyncConnection | None = ...,
         service: str = ...,
         *,
         config: Config | None = ...,
@@ -107,7 +107,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
     ) -> None: ...
     def __init__(
         self,
-        bind: AsyncEngine,
+        bind: AsyncEngine | AsyncConnection | None = None,
         service: str = "database",
         *,
         config: Config | None = None,
@@ -119,11 +119,11 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         wall_clock: Callable[[], float] | None = None,
         **async_sessionmaker_kwargs: Any,
     ) -> None:
-        _require_engine(bind, async_sessionmaker_kwargs)
-        self.engine = bind
+        engine = _engine_of(bind, async_sessionmaker_kwargs)
+        self.engine = engine
         self._asleep = asleep
         self._init_core(
-            bind.sync_engine,
+            None if engine is None else engine.sync_engine,
             service,
             config,
             classifier,
@@ -583,7 +583,21 @@ if True:  # async only
         an ``AsyncEngine``), wrapped as SQLAlchemy does."""
         return AsyncEngine(engine)
 
-    def _require_engine(bind: Any, kwargs: dict[str, Any]) -> None:
+    def _engine_of(bind: Any, kwargs: dict[str, Any]) -> AsyncEngine | None:
+        """The factory's engine: ``bind`` (or the engine of an ``AsyncConnection`` whose
+        transaction the sessions join, SQLAlchemy's recipe for tests), else the first engine of
+        ``binds=``, else None: bound later with ``configure(bind=...)``."""
+        if "sleep" in kwargs:
+            raise TypeError(
+                "AsyncResilientSession takes asleep= (an async function of seconds), not sleep="
+            )
+        if bind is None:
+            for bound in (kwargs.get("binds") or {}).values():
+                if isinstance(bound, (AsyncEngine, AsyncConnection)):
+                    return _engine_of(bound, {})
+            return None
+        if isinstance(bind, AsyncConnection):
+            return bind.engine
         if isinstance(bind, Engine):
             raise TypeError(
                 "AsyncResilientSession needs an AsyncEngine (create_async_engine("
@@ -591,12 +605,10 @@ if True:  # async only
             )
         if not isinstance(bind, AsyncEngine):
             raise TypeError(
-                f"AsyncResilientSession needs a SQLAlchemy AsyncEngine, got {type(bind).__name__}"
+                "AsyncResilientSession needs a SQLAlchemy AsyncEngine (or an AsyncConnection, or "
+                f"none until configure(bind=...)), got {type(bind).__name__}"
             )
-        if "sleep" in kwargs:
-            raise TypeError(
-                "AsyncResilientSession takes asleep= (an async function of seconds), not sleep="
-            )
+        return bind
 
     _SYNC_HINT = (
         "for sync code use ResilientSession with a sync Engine, or await session.run_sync(fn) "
@@ -689,14 +701,26 @@ else:  # sync only
         """One of the unit's engines, as SQLAlchemy's events name it."""
         return engine
 
-    def _require_engine(bind: Any, kwargs: dict[str, Any]) -> None:
-        if not isinstance(bind, Engine):
-            raise TypeError(
-                f"ResilientSession needs a SQLAlchemy Engine, got {type(bind).__name__}; "
-                "for an AsyncEngine use AsyncResilientSession"
-            )
+    def _engine_of(bind: Any, kwargs: dict[str, Any]) -> Engine | None:
+        """The factory's engine: ``bind`` (or the engine of a ``Connection`` whose transaction
+        the sessions join, SQLAlchemy's recipe for tests), else the first engine of ``binds=``,
+        else None: bound later with ``configure(bind=...)``."""
         if "asleep" in kwargs:
             raise TypeError("ResilientSession takes sleep= (a function of seconds), not asleep=")
+        if bind is None:
+            for bound in (kwargs.get("binds") or {}).values():
+                if isinstance(bound, (Engine, Connection)):
+                    return _engine_of(bound, {})
+            return None
+        if isinstance(bind, Connection):
+            return bind.engine
+        if not isinstance(bind, Engine):
+            raise TypeError(
+                "ResilientSession needs a SQLAlchemy Engine (or a Connection, or none until "
+                f"configure(bind=...)), got {type(bind).__name__}; for an AsyncEngine use "
+                "AsyncResilientSession"
+            )
+        return bind
 
     # code flags of functions that are no sync unit: coroutine and generator functions
     _NOT_A_UNIT = inspect.CO_COROUTINE | inspect.CO_GENERATOR | inspect.CO_ASYNC_GENERATOR

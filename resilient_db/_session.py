@@ -21,7 +21,7 @@ import types
 from collections.abc import Callable
 from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from ._classify import Classifier
@@ -78,7 +78,7 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
     @overload
     def __init__(
         self: ResilientSession[S],
-        bind: Engine,
+        bind: Engine | Connection | None = ...,
         service: str = ...,
         *,
         class_: type[S],
@@ -94,7 +94,7 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
     @overload
     def __init__(
         self: ResilientSession[Session],
-        bind: Engine,
+        bind: Engine | Connection | None = ...,
         service: str = ...,
         *,
         config: Config | None = ...,
@@ -108,7 +108,7 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
     ) -> None: ...
     def __init__(
         self,
-        bind: Engine,
+        bind: Engine | Connection | None = None,
         service: str = "database",
         *,
         config: Config | None = None,
@@ -120,11 +120,11 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         wall_clock: Callable[[], float] | None = None,
         **sessionmaker_kwargs: Any,
     ) -> None:
-        _require_engine(bind, sessionmaker_kwargs)
-        self.engine = bind
+        engine = _engine_of(bind, sessionmaker_kwargs)
+        self.engine = engine
         self._sleep = sleep
         self._init_core(
-            bind,
+            None if engine is None else engine,
             service,
             config,
             classifier,
@@ -510,14 +510,26 @@ def _bound_engine(engine: Engine) -> Engine:
     return engine
 
 
-def _require_engine(bind: Any, kwargs: dict[str, Any]) -> None:
-    if not isinstance(bind, Engine):
-        raise TypeError(
-            f"ResilientSession needs a SQLAlchemy Engine, got {type(bind).__name__}; "
-            "for an AsyncEngine use AsyncResilientSession"
-        )
+def _engine_of(bind: Any, kwargs: dict[str, Any]) -> Engine | None:
+    """The factory's engine: ``bind`` (or the engine of a ``Connection`` whose transaction
+    the sessions join, SQLAlchemy's recipe for tests), else the first engine of ``binds=``,
+    else None: bound later with ``configure(bind=...)``."""
     if "asleep" in kwargs:
         raise TypeError("ResilientSession takes sleep= (a function of seconds), not asleep=")
+    if bind is None:
+        for bound in (kwargs.get("binds") or {}).values():
+            if isinstance(bound, (Engine, Connection)):
+                return _engine_of(bound, {})
+        return None
+    if isinstance(bind, Connection):
+        return bind.engine
+    if not isinstance(bind, Engine):
+        raise TypeError(
+            "ResilientSession needs a SQLAlchemy Engine (or a Connection, or none until "
+            f"configure(bind=...)), got {type(bind).__name__}; for an AsyncEngine use "
+            "AsyncResilientSession"
+        )
+    return bind
 
 
 # code flags of functions that are no sync unit: coroutine and generator functions

@@ -23,7 +23,7 @@ import psycopg
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker
 from sqlalchemy.orm import Session
 
 from ._classify import (
@@ -264,9 +264,9 @@ class CommitReferee:
     replayed) or :class:`CommitOutcomeUnknownError`.
     """
 
-    def __init__(self, policy: Policy, engine: Engine) -> None:
+    def __init__(self, policy: Policy, engine: Engine | None) -> None:
         self.policy = policy
-        self.engine = engine  # the factory's: where a marker is looked up
+        self.engine = engine  # the factory's: where a marker is looked up (None: not bound yet)
         self._standby_warned = False  # (see no_standby_connected)
 
     def must_verify(self, exc: BaseException, request: CommitRequest) -> CommitTicket | None:
@@ -281,8 +281,9 @@ class CommitReferee:
         elsewhere = None  # the engine of the unit's one connection, when not the factory's
         if request.committing:
             connections = request.connections()
+            main = self.engine
             if len(connections) > 1 or (
-                connections and connections[0][0].engine.pool is not self.engine.pool
+                connections and (main is None or connections[0][0].engine.pool is not main.pool)
             ):
                 if len(connections) > 1 or not connections[0][1]:
                     self._spread(exc, request, connections, lost=lost)
@@ -748,7 +749,7 @@ class FactoryCore:
 
     def _init_core(
         self,
-        sync_engine: Engine,
+        sync_engine: Engine | None,
         service: str,
         config: Config | None,
         classifier: Classifier | None,
@@ -778,7 +779,9 @@ class FactoryCore:
             **policy_kwargs,
         )
         self._referee = CommitReferee(self.policy, sync_engine)
-        self._hooks = hooks_for(sync_engine, self)
+        self._hooks = (
+            hooks_for(sync_engine, self) if sync_engine is not None else _unbound_hooks(self)
+        )
 
     def _connect_policy_call(self, connect: Callable[[], T]) -> T:
         """The drop-in connect retry (sync code; in async, inside SQLAlchemy's greenlet)."""
@@ -792,54 +795,56 @@ class FactoryCore:
         install_connect_retry(cls)
         # the engines of ``binds=`` are the factory's too: their connections get the same
         # hooks (their COMMITs marked, dead ones discarded at checkout, disconnects handled)
-        main = self._hooks.commit.engine
+        main = self._referee.engine
         for bound in (kw.get("binds") or {}).values():
             engine = getattr(bound, "sync_engine", bound)  # an AsyncEngine's sync engine
-            if isinstance(engine, Engine) and engine.pool is not main.pool:  # not main's options
-                hooks_for(engine, self)
+            if isinstance(engine, Connection):
+                engine = engine.engine
+            if isinstance(engine, Engine) and (main is None or engine.pool is not main.pool):
+                hooks_for(engine, self)  # (not main's options)
         if not self._explicit_config:
             register_default_user(self)
 
     def configure(self, **new_kw: Any) -> None:
-        """As ``sessionmaker.configure``. A new ``bind`` engine becomes the factory's engine
-        (its sessions', where their commits are verified) and gets the factory's engine hooks
-        first, as do the engines of a new ``binds``: a factory configured onto another engine
-        keeps commit verification, disconnect handling and the dead-connection check there.
-        Engine hooks that can't be had (another factory on that engine with other engine-wide
-        settings: ``ValueError``) leave the factory as it was. A ``Connection`` given as
-        ``bind`` (SQLAlchemy's recipe for joining a test's external transaction) is passed on
-        as it is: the transaction is the caller's."""
+        """As ``sessionmaker.configure``. A new ``bind`` becomes the factory's engine (its
+        sessions', where their commits are verified; for a ``Connection`` whose transaction the
+        sessions join, SQLAlchemy's recipe for tests, its engine) and gets the factory's engine
+        hooks first, as do the engines of a new ``binds``: a factory made without a bind, or
+        configured onto another engine, has commit verification, disconnect handling and the
+        dead-connection check there. Engine hooks that can't be had (another factory on that
+        engine with other engine-wide settings: ``ValueError``) leave the factory as it was."""
         bind = new_kw.get("bind")
-        engine = None
-        if bind is not None:
-            engine = self._engine_to_bind(bind)
-        hooks = None if engine is None else hooks_for(engine, self)
+        engine = None if bind is None else self._engine_to_bind(bind)
+        sync = None if engine is None else getattr(engine, "sync_engine", engine)
+        hooks = None if sync is None else hooks_for(sync, self)
         for bound in (new_kw.get("binds") or {}).values():
             bound_engine = getattr(bound, "sync_engine", bound)
+            if isinstance(bound_engine, Connection):
+                bound_engine = bound_engine.engine
             if isinstance(bound_engine, Engine):
                 hooks_for(bound_engine, self)
         super().configure(**new_kw)  # type: ignore[misc]
         if hooks is not None and hooks is not self._hooks:
             self._hooks.factories.discard(self)
-            self.engine = bind
-            self._referee.engine = hooks.commit.engine
+            self.engine = engine
+            self._referee.engine = sync
             self._hooks = hooks
 
-    def _engine_to_bind(self, bind: Any) -> Engine | None:
-        """The sync engine of ``bind`` given to :meth:`configure`, None for a connection;
-        ``TypeError`` for what this factory can't take (a sync engine for an async factory,
-        or the other way round)."""
-        if isinstance(self.engine, AsyncEngine):
+    def _engine_to_bind(self, bind: Any) -> Any:
+        """The engine of ``bind`` given to :meth:`configure` (an ``Engine`` or ``AsyncEngine``,
+        as the factory takes; a connection's engine); ``TypeError`` for what this factory can't
+        take (a sync engine for an async factory, or the other way round)."""
+        if isinstance(self, async_sessionmaker):
             if isinstance(bind, AsyncEngine):
-                return bind.sync_engine
+                return bind
             if isinstance(bind, AsyncConnection):
-                return None
+                return bind.engine
             wanted = "an AsyncEngine"
         else:
             if isinstance(bind, Engine):
                 return bind
             if isinstance(bind, Connection):
-                return None
+                return bind.engine
             wanted = "an Engine"
         raise TypeError(
             f"{type(self).__name__}.configure(bind=...) takes {wanted}, got {type(bind).__name__}"
@@ -849,6 +854,8 @@ class FactoryCore:
         self.config = config
         self.policy.apply_config(config)
         hooks = self._hooks
+        if isinstance(hooks, _UnboundHooks):
+            return  # no engine yet: its hooks get this configuration when it is bound
         mine = engine_settings(config, self.classifier)
         for other in list(hooks.factories):
             # a factory of the environment's configuration gets this one too in the same
@@ -885,6 +892,29 @@ class FactoryCore:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} service={self.service!r} engine={self.engine!r}>"
+
+
+class _UnboundHooks:
+    """The engine hooks of a factory made without a bind (``ResilientSession()``, bound at
+    start-up with ``configure(bind=engine)``), until it has one: a unit that reaches its COMMIT
+    meanwhile is told so (a statement is refused by SQLAlchemy itself, as for sessionmaker)."""
+
+    def __init__(self, factory: Any) -> None:
+        self.factories: weakref.WeakSet[FactoryCore] = weakref.WeakSet()
+        self._name = type(factory).__name__
+
+    @property
+    def commit(self) -> CommitProtocol:
+        raise sa_exc.UnboundExecutionError(
+            f"this {self._name} has no bind: give it an engine with configure(bind=engine)"
+        )
+
+
+def _unbound_hooks(factory: Any) -> EngineHooks:
+    """:class:`_UnboundHooks` where the factory keeps its engine's hooks (nothing but
+    :meth:`FactoryCore.configure` and ``_apply_config``, which look for it, touches more than
+    ``commit`` and ``factories`` of them)."""
+    return _UnboundHooks(factory)  # type: ignore[return-value]
 
 
 # -- engine hooks ------------------------------------------------------------------------------

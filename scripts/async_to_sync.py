@@ -67,6 +67,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NAMES: dict[str, str] = {
     "AsyncResilientSession": "ResilientSession",
     "AsyncEngine": "Engine",
+    "AsyncConnection": "Connection",
     "AsyncSession": "Session",
     "AsyncIterator": "Iterator",
     "async_sessionmaker": "sessionmaker",
@@ -85,6 +86,7 @@ DOTTED: dict[str, str] = {"asyncio.sleep": "time.sleep"}
 MODULES: dict[str, str] = {
     "sqlalchemy.ext.asyncio": "sqlalchemy.orm",
     "sqlalchemy.ext.asyncio.AsyncEngine": "sqlalchemy.engine",
+    "sqlalchemy.ext.asyncio.AsyncConnection": "sqlalchemy.engine",
     "sqlalchemy.ext.asyncio.create_async_engine": "sqlalchemy",
 }
 #: generic types whose sync form is their last argument

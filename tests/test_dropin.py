@@ -152,6 +152,98 @@ def test_configure_onto_another_engine_keeps_commit_verification_there(
         placeholder.dispose()
 
 
+def test_a_factory_made_without_a_bind_is_bound_later_with_configure(
+    engine: sa.Engine, pg_database: str, fault_proxy: FaultProxy, service: str
+) -> None:
+    """``Session = ResilientSession()`` at import, ``Session.configure(bind=engine)`` at start-up,
+    as with ``sessionmaker()``: refused before (a bind was required). Until it is bound, its
+    sessions are unbound as sessionmaker's are; once bound, a lost COMMIT answer is verified."""
+    Sessions: rdb.ResilientSession[Session] = rdb.ResilientSession(service=service)
+    assert Sessions.engine is None
+    with Sessions() as session, pytest.raises(sa.exc.UnboundExecutionError):
+        session.execute(sa.text("SELECT 1"))
+    with pytest.raises(sa.exc.UnboundExecutionError, match=r"configure\(bind=engine\)"):
+        Sessions.run(lambda session: None)
+    rdb.reload_config()  # an unbound factory follows reloads too
+    proxied = sa.create_engine(fault_proxy.url(pg_database))
+    try:
+        Sessions.configure(bind=proxied)
+        assert Sessions.engine is proxied
+        calls: list[int] = []
+
+        def add(session: Session) -> None:
+            calls.append(1)
+            session.add(Item(name="bound-later"))
+
+        Sessions.run(lambda session: session.execute(sa.text("SELECT 1")))  # connected
+        fault_proxy.lose_commit_answer()
+        Sessions.run(add)
+        assert calls == [1]  # verified, not replayed
+    finally:
+        proxied.dispose()
+    with engine.connect() as conn:
+        assert conn.scalar(sa.select(sa.func.count()).where(Item.name == "bound-later")) == 1
+
+
+def test_a_factory_on_a_connection_joins_its_transaction_in_units_too(
+    engine: sa.Engine, service: str
+) -> None:
+    """SQLAlchemy's recipe for a test's external transaction, given to the constructor:
+    refused before (an Engine was required)."""
+    with engine.connect() as conn:
+        outer = conn.begin()
+        Sessions = rdb.ResilientSession(
+            conn, service=service, join_transaction_mode="create_savepoint"
+        )
+        assert Sessions.engine is engine
+        Sessions.run(lambda session: session.add(Item(name="in-the-test")))
+        with Sessions() as session:
+            session.add(Item(name="drop-in"))
+            session.commit()
+        assert conn.scalar(sa.select(sa.func.count()).where(Item.name.like("%-%"))) == 2
+        outer.rollback()
+    with engine.connect() as conn:
+        assert conn.scalar(sa.select(sa.func.count()).where(Item.name.like("%-%"))) == 0
+
+
+def test_a_factory_with_binds_only_takes_its_first_engine(engine: sa.Engine, service: str) -> None:
+    Sessions = rdb.ResilientSession(service=service, binds={Item: engine})
+    assert Sessions.engine is engine
+    Sessions.run(lambda session: session.add(Item(name="binds-only")))
+    with Sessions() as session:
+        assert session.scalars(sa.select(Item.name)).all() == ["binds-only"]
+
+
+@pytest.mark.asyncio
+async def test_an_async_factory_made_without_a_bind_or_on_a_connection(
+    async_engine: AsyncEngine, service: str
+) -> None:
+    Sessions: rdb.AsyncResilientSession[AsyncSession] = rdb.AsyncResilientSession(service=service)
+    assert Sessions.engine is None
+    Sessions.configure(bind=async_engine)
+    assert Sessions.engine is async_engine
+
+    async def add(session: AsyncSession) -> None:
+        session.add(Item(name="async-later"))
+
+    await Sessions.run(add)
+    async with async_engine.connect() as conn:
+        outer = await conn.begin()
+        joined = rdb.AsyncResilientSession(
+            conn, service=f"{service}-conn", join_transaction_mode="create_savepoint"
+        )
+        assert joined.engine is async_engine
+
+        async def add_inside(session: AsyncSession) -> None:
+            session.add(Item(name="async-inside"))
+
+        await joined.run(add_inside)
+        await outer.rollback()
+    async with async_engine.connect() as conn:
+        names = (await conn.scalars(sa.select(Item.name).order_by(Item.name))).all()
+    assert names == ["async-later"]
+
+
 def test_configure_refuses_a_bind_of_the_other_kind_and_changes_nothing(
     engine: sa.Engine, pg_async_url: str, service: str
 ) -> None:
