@@ -447,7 +447,7 @@ class CommitReferee:
                 policy.config,
                 log_session,
                 logging.WARNING,
-                "Commit outcome verified: service=%s %s did not commit; replaying is safe",
+                "Commit outcome verified: service=%s %s did not commit; it may be run again",
                 policy.service,
                 what,
                 service=policy.service,

@@ -192,8 +192,7 @@ def problem_details(
                 "database-unavailable",
                 "Database temporarily unavailable",
                 503,
-                "The database failed with a transient error and retrying did not help in "
-                "time. Retry shortly.",
+                "The database failed with a transient error. Retry shortly.",
                 retry_after=TRANSIENT_RETRY_AFTER,
             ),
             {"Retry-After": str(TRANSIENT_RETRY_AFTER)},
