@@ -891,7 +891,10 @@ class FactoryCore:
         hooks.commit.warn_unsupported()  # if this reload switched self-healing on
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} service={self.service!r} engine={self.engine!r}>"
+        # sessionmaker's own (its class, its bind, your arguments, as they are now), with the
+        # service first: ResilientSession(service='orders', class_='Session', bind=Engine(...))
+        name, _, arguments = super().__repr__().partition("(")
+        return f"{name}(service={self.service!r}, {arguments}"
 
 
 class _UnboundHooks:

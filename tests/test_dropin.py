@@ -244,6 +244,20 @@ async def test_an_async_factory_made_without_a_bind_or_on_a_connection(
     assert names == ["async-later"]
 
 
+def test_the_factorys_repr_is_sessionmakers_with_its_service(service: str) -> None:
+    """It showed only the service and the engine given first, not your class, your arguments
+    or a bind configured since."""
+    first = sa.create_engine("postgresql+psycopg://app:secret@127.0.0.1:1/one")
+    later = sa.create_engine("postgresql+psycopg://app:secret@127.0.0.1:1/two")
+    Sessions = rdb.ResilientSession(first, service=service, class_=MySession, autoflush=False)
+    Sessions.configure(bind=later)
+    text = repr(Sessions)
+    assert text.startswith(f"ResilientSession(service={service!r}, class_='MySession', ")
+    assert "bind=Engine(postgresql+psycopg://app:***@127.0.0.1:1/two)" in text
+    assert "autoflush=False" in text
+    assert "secret" not in text
+
+
 def test_configure_refuses_a_bind_of_the_other_kind_and_changes_nothing(
     engine: sa.Engine, pg_async_url: str, service: str
 ) -> None:
