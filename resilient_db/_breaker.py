@@ -32,7 +32,7 @@ import pybreaker as _pb
 from ._config import Config
 from ._errors import CircuitOpenError
 from ._fleet import FleetDown, attach, detach
-from ._observability import emit, log_breaker, stats_for
+from ._observability import LineLimit, emit, log_breaker, stats_for
 from ._state import STATE, check_service_room
 
 __all__ = ["Breaker", "breaker_for", "breakers"]
@@ -70,6 +70,7 @@ class _LogListener(_pb.CircuitBreakerListener):
         b = self._breaker
         new = new_state.name
         if new == OPEN:
+            b.rejection_lines.restart()  # the first call this opening rejects has its line
             followed, b.open_followed = b.open_followed, False
             if followed:
                 b.opens_followed += 1
@@ -164,6 +165,9 @@ class Breaker:
         #: writes): named by the opening's log line and by every CircuitOpenError meanwhile
         self.open_cause: str | None = None
         self._last_cause: str | None = None  # the last counted failure's
+        #: the lines of rejected calls: the first after each opening, then one per period
+        #: (the clock is the breaker's, read when asked: breaker_for may give another)
+        self.rejection_lines = LineLimit(clock=self._now)
         self._cb.add_listener(_LogListener(self))
         for listener in listeners:
             self._cb.add_listener(listener)
@@ -311,20 +315,20 @@ class Breaker:
         if state == OPEN:
             remaining = self._remaining_open()
             if remaining > 0:
-                stats_for(self.service).add("breaker_rejections")
-                raise self._open_error(remaining)
+                raise self._reject(remaining, OPEN)
             with self._lock:
                 if self._storage.state == OPEN:
                     self._probes = 0
                     self._set_state(HALF_OPEN)
         with self._lock:
-            if self._storage.state == CLOSED:
+            state = self._storage.state
+            if state == CLOSED:
                 return False
-            if self._storage.state == OPEN or self._probes >= self.config.half_open_probes:
-                stats_for(self.service).add("breaker_rejections")
-                raise self._open_error(self._retry_after_probe())
-            self._probes += 1
-            return True
+            if state == HALF_OPEN and self._probes < self.config.half_open_probes:
+                self._probes += 1
+                return True
+        # rejected (outside the lock: its line may reach the hooks)
+        raise self._reject(self._retry_after_probe(), state)
 
     def on_success(self, probe: bool) -> None:
         """The attempt succeeded."""
@@ -498,9 +502,47 @@ class Breaker:
         return info
 
     # -- the shared breaker ----------------------------------------------------------------
-    def _reject(self, retry_after: float) -> CircuitOpenError:
+    def _reject(self, retry_after: float, state: str) -> CircuitOpenError:
+        """Count a call rejected in ``state`` and report it (see :meth:`_report_rejection`);
+        the error to raise."""
+        retry_after = max(0.0, retry_after)
         stats_for(self.service).add("breaker_rejections")
-        return self._open_error(max(0.0, retry_after))
+        self._report_rejection(retry_after, state)
+        return self._open_error(retry_after)
+
+    def _report_rejection(self, retry_after: float, state: str) -> None:
+        """The ``[SELF-HEAL]`` line of rejected calls: one for the first call rejected after
+        each opening, then at most one per ``WARNING_LINE_PERIOD`` (10 s) saying how many were
+        rejected since the last line (an open breaker may reject thousands of calls a second).
+
+        The hook event goes with the line, not with each rejection: an open breaker is there to
+        fail calls cheaply, and every hook called for each one (an OpenTelemetry span event and
+        counter, an application's own hook doing I/O) would make failing fast expensive just
+        when the service is under stress. The event's ``rejected`` says how many calls it
+        stands for; the ``breaker_rejections`` counter (``health()``, Prometheus) counts each."""
+        log, unlogged = self.rejection_lines.take()
+        if not log:
+            return
+        cause = self.open_cause
+        emit(
+            self.config,
+            log_breaker,
+            logging.WARNING,
+            "Circuit breaker rejected %d call(s) since the last line: service=%s %s%s; "
+            "failing calls fast, retry in %.1f s",
+            unlogged + 1,
+            self.service,
+            "open" if state == OPEN else "half-open with every probe slot taken",
+            "" if cause is None else f" ({cause})",
+            retry_after,
+            service=self.service,
+            event="breaker_rejected",
+            rejected=unlogged + 1,
+            state=state,
+            retry_after=round(retry_after, 3),
+            log=True,
+            **({} if cause is None else {"cause": cause}),
+        )
 
     def _open_error(self, retry_after: float) -> CircuitOpenError:
         """The error of a rejected call: it names what opened the breaker, when known."""
@@ -511,9 +553,9 @@ class Breaker:
         probe (the open time has passed, or every probe slot was taken a while ago)."""
         now = time.monotonic()
         if self._fleet_state == OPEN and now < self._fleet_until:
-            raise self._reject(self._fleet_until - now)
+            raise self._reject(self._fleet_until - now, OPEN)
         if self._fleet_state == HALF_OPEN and now < self._fleet_wait:
-            raise self._reject(self._fleet_wait - now)
+            raise self._reject(self._fleet_wait - now, HALF_OPEN)
         decision, remaining, gen, opens = fleet.breaker_admit(
             self.service, self.config.half_open_probes, self.config.reset_timeout
         )
@@ -526,13 +568,13 @@ class Breaker:
             return False
         if decision == OPEN:
             self.fleet_update(OPEN, remaining, gen, opens, answer=True)
-            raise self._reject(remaining)
+            raise self._reject(remaining, OPEN)
         # half-open with every probe slot taken: the answer comes within one attempt; the
         # pub/sub message of the closing or re-opening ends the wait sooner
         self.fleet_update(HALF_OPEN, 0.0, gen, opens, answer=True)
         wait = self._retry_after_probe()
         self._fleet_wait = now + wait
-        raise self._reject(wait)
+        raise self._reject(wait, HALF_OPEN)
 
     def _fleet_failure(self, fleet: Any, age: float) -> None:
         """Count the failure fleet-wide (Redis skips an attempt that began before the fleet's
@@ -652,6 +694,9 @@ class Breaker:
             return 0.0
         elapsed = self._clock() - opened_at.timestamp()
         return float(self.config.reset_timeout - elapsed)
+
+    def _now(self) -> float:
+        return self._clock()
 
     def _retry_after_probe(self) -> float:
         # Half-open with every probe slot taken: the answer comes within one attempt.

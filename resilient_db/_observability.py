@@ -57,7 +57,8 @@ class SelfHealEvent:
     """One self-healing action, as every hook sees it.
 
     ``name`` is stable (``"retry"``, ``"gave_up"``, ``"recovered"``, ``"breaker_opened"``,
-    ``"breaker_half_open"``, ``"breaker_closed"``, ``"commit_verified"``,
+    ``"breaker_half_open"``, ``"breaker_closed"``, ``"breaker_rejected"`` (one per line of
+    rejected calls, not per call), ``"commit_verified"``,
     ``"commit_not_applied"``, ``"commit_unknown"``, ``"transition_blocked"``, ...);
     ``fields`` are the same structured values the log record carries (``extra["self_heal"]``),
     never a password, a DSN or a bound parameter; ``message`` is the log line without its
@@ -167,7 +168,7 @@ class LineLimit:
         with self._lock:
             now = self._clock()
             last = self._last.get(key)
-            if last is not None and now - last < self.period:
+            if last is not None and 0 <= now - last < self.period:  # a clock set back: a line
                 self._unlogged[key] += 1
                 return False, 0
             if len(self._last) >= _MAX_LIMITED_KEYS and key not in self._last:
@@ -175,6 +176,12 @@ class LineLimit:
                 self._unlogged.clear()
             self._last[key] = now
             return True, self._unlogged.pop(key, 0)
+
+    def restart(self, key: Any = None) -> None:
+        """The next occurrence of ``key`` is logged whenever it comes (a new episode began: a
+        circuit breaker opened again); the count of those left unlogged is kept for its line."""
+        with self._lock:
+            self._last.pop(key, None)
 
 
 _MAX_LIMITED_KEYS = 256
