@@ -366,6 +366,39 @@ class Policy:
         if cause is not None:
             _add_note(exc, f"resilient_db: {cause}")
 
+    def _refused_retry(self, exc: BaseException, last: BaseException, retries: int) -> None:
+        """The breaker refused the unit's next retry (``exc``, a :class:`CircuitOpenError`): it
+        opened while the unit backed off, other units' failures opening it. Counted and
+        reported as a give-up like any other, raising ``exc`` caused by the unit's last
+        failure (``last``), as :meth:`_gave_up` does when the unit's own failure opened it."""
+        outcome = self.classifier.classify(last)
+        mark_outcome(last, outcome)
+        cause = _failure_cause(last)
+        ran = retries - 1  # the last retry was refused, not run
+        self.stats.add("gave_up")
+        emit(
+            self.config,
+            log_retry,
+            logging.ERROR,
+            "Gave up: service=%s %s (SQLSTATE %s) after %d retries%s; the circuit breaker "
+            "opened while it retried and refused retry %d, raising CircuitOpenError",
+            self.service,
+            outcome.value,
+            sqlstate_label(last),
+            ran,
+            "" if cause is None else f" ({cause})",
+            retries,
+            service=self.service,
+            event="gave_up",
+            retries=ran,
+            outcome=outcome.value,
+            sqlstate=sqlstate_label(last),
+            circuit_opened=True,
+            log=True,
+            **({} if cause is None else {"cause": cause}),
+        )
+        raise exc from last
+
     def _recovered(self) -> None:
         self.stats.add("recovered")
         emit(
@@ -408,15 +441,24 @@ class Policy:
 
     def _call_retrying(self, attempt: Callable[[], T], first: BaseException) -> T:
         pending = [first]
+        # the unit's last failure; True appended when the breaker refused a retry (it opened
+        # while the unit backed off: other units' failures)
+        last = [first]
+        rejected: list[bool] = []
 
         def one() -> T:
             if pending:  # the attempt that already failed on the fast path
                 raise pending.pop()
-            probe = self.admit()
+            try:
+                probe = self.admit()
+            except CircuitOpenError:
+                rejected.append(True)
+                raise
             started = _monotonic()
             try:
                 result = attempt()
             except BaseException as exc:
+                last[0] = exc
                 self.failed(exc, probe, started)
                 raise
             self.succeeded(probe)
@@ -429,6 +471,8 @@ class Policy:
             result = retrying(one)
         except BaseException as exc:
             retries = retrying.statistics.get("attempt_number", 1) - 1
+            if rejected:
+                self._refused_retry(exc, last[0], retries)
             self._gave_up(exc, retries, spent, refused)
             raise
         self._recovered()
@@ -463,15 +507,22 @@ class Policy:
 
     async def _acall_retrying(self, attempt: Callable[[], Awaitable[T]], first: BaseException) -> T:
         pending = [first]
+        last = [first]  # as in _call_retrying
+        rejected: list[bool] = []
 
         async def one() -> T:
             if pending:
                 raise pending.pop()
-            probe = self.admit()
+            try:
+                probe = self.admit()
+            except CircuitOpenError:
+                rejected.append(True)
+                raise
             started = _monotonic()
             try:
                 result = await attempt()
             except BaseException as exc:
+                last[0] = exc
                 self.failed(exc, probe, started)
                 raise
             self.succeeded(probe)
@@ -484,6 +535,8 @@ class Policy:
             result: T = await retrying(one)
         except BaseException as exc:
             retries = retrying.statistics.get("attempt_number", 1) - 1
+            if rejected:
+                self._refused_retry(exc, last[0], retries)
             self._gave_up(exc, retries, spent, refused)
             raise
         self._recovered()

@@ -1,9 +1,11 @@
 """What the circuit breaker says: calls it rejects have their ``[SELF-HEAL]`` line and hook event
-(rate-limited: an open breaker may reject thousands of calls a second)."""
+(rate-limited: an open breaker may reject thousands of calls a second), and a unit whose retry
+it refuses gives up visibly."""
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -134,3 +136,49 @@ def test_rejection_events_reach_the_hooks_whatever_the_logging_switch(
         with pytest.raises(rdb.CircuitOpenError):
             Factory.run(healthy)
     assert [e.fields["rejected"] for e in events if e.name == "breaker_rejected"] == [1]
+
+
+# -- a retry the breaker refuses ---------------------------------------------------------------
+def test_a_unit_whose_retry_the_breaker_refuses_gives_up_visibly(
+    engine: sa.Engine,
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """While the unit backs off, other units' failures open the breaker: its next retry is
+    refused. It ends with CircuitOpenError as before, now counted and logged as given up, its
+    last failure the error's cause."""
+    config = rdb.Config(failure_threshold=3, max_retries=5, reset_timeout=30.0)
+    others = rdb.ResilientSession(engine, service=service, config=config.replace(max_retries=0))
+
+    def other_units_fail(seconds: float) -> None:
+        def run() -> None:
+            for _ in range(2):  # with the unit's own first failure: 3, the threshold
+                with pytest.raises(sa.exc.OperationalError):
+                    others.run(unavailable)
+
+        thread = threading.Thread(target=run)  # other requests, meanwhile
+        thread.start()
+        thread.join()
+        gave_up_before.append(counters(service)["gave_up"])
+
+    gave_up_before: list[int] = []
+
+    Factory = rdb.ResilientSession(engine, service=service, config=config, sleep=other_units_fail)
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    with pytest.raises(rdb.CircuitOpenError) as info:
+        Factory.run(unavailable)
+    assert isinstance(info.value.__cause__, sa.exc.OperationalError)
+    assert "57P03" in str(info.value.__cause__)
+    (line,) = lines(caplog, "refused retry")  # the other units gave up too, their own way
+    assert line.startswith(
+        f"[SELF-HEAL] Gave up: service={service} unavailable (SQLSTATE 57P03) after 0 retries"
+    )
+    assert "the circuit breaker opened while it retried and refused retry 1" in line
+    assert line.endswith("raising CircuitOpenError")
+    c = counters(service)
+    assert c["gave_up"] == gave_up_before[0] + 1
+    assert c["breaker_rejections"] == 1
+    (gave_up,) = [e for e in events if e.name == "gave_up" and "circuit_opened" in e.fields]
+    assert gave_up.fields["circuit_opened"] is True
+    assert (gave_up.fields["retries"], gave_up.fields["sqlstate"]) == (0, "57P03")

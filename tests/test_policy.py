@@ -173,6 +173,87 @@ def test_open_breaker_ends_the_retry_loop_at_once() -> None:
     assert [e.name for e in seen if e.name in ("retry", "gave_up")] == ["retry", "gave_up"]
 
 
+class _OpenedMeanwhile:
+    """A backoff sleep during whose ``nth`` call other units of ``p``'s service fail until
+    its breaker opens."""
+
+    def __init__(self, nth: int) -> None:
+        self.nth = nth
+        self.slept: list[float] = []
+        self.policy: Policy | None = None
+        self.gave_up_before = 0  # the other units' give-ups counted in the service's stats
+
+    def __call__(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        p = self.policy
+        if len(self.slept) != self.nth or p is None or p.breaker is None:
+            return
+        other = Policy(p.service, p.config.replace(max_retries=0))
+        while p.breaker.state == "closed":
+            with pytest.raises(pge.AdminShutdown):
+                other.call(failing(1, pge.AdminShutdown))
+        self.gave_up_before = p.stats.gave_up
+
+    async def asleep(self, seconds: float) -> None:
+        self(seconds)
+
+
+def _assert_gave_up_as_the_circuit_opened(
+    p: Policy,
+    meanwhile: _OpenedMeanwhile,
+    info: pytest.ExceptionInfo[rdb.CircuitOpenError],
+    seen: list[rdb.SelfHealEvent],
+) -> None:
+    assert len(meanwhile.slept) == 2
+    assert isinstance(info.value.__cause__, pge.AdminShutdown)  # the unit's last failure
+    assert info.value.retry_after == pytest.approx(30.0)
+    assert p.stats.gave_up == meanwhile.gave_up_before + 1
+    mine = [e for e in seen if e.name == "gave_up" and e.fields.get("circuit_opened")]
+    assert [(e.fields["retries"], e.fields["outcome"]) for e in mine] == [(1, "disconnect")]
+    assert "the circuit breaker opened while it retried and refused retry 2" in mine[0].message
+
+
+def test_a_retry_refused_by_a_breaker_opened_meanwhile_gives_up_with_the_last_error() -> None:
+    """Other units' failures open the breaker while the unit backs off: its next retry is
+    refused. Counted and reported as given up, the last failure the CircuitOpenError's cause,
+    as when the unit's own failure opens it."""
+    cfg = rdb.Config(failure_threshold=3, max_retries=10, reset_timeout=30.0)
+    meanwhile = _OpenedMeanwhile(nth=2)
+    p = meanwhile.policy = make_policy(cfg, sleep=meanwhile, wall_clock=FakeClock())
+    attempt = failing(100, pge.AdminShutdown)
+    seen: list[rdb.SelfHealEvent] = []
+    rdb.add_hook(seen.append)
+    try:
+        with pytest.raises(rdb.CircuitOpenError) as info:
+            p.call(attempt)
+    finally:
+        rdb.remove_hook(seen.append)
+    assert attempt.calls["n"] == 2  # type: ignore[attr-defined]
+    _assert_gave_up_as_the_circuit_opened(p, meanwhile, info, seen)
+
+
+@pytest.mark.asyncio
+async def test_an_async_retry_refused_by_a_breaker_opened_meanwhile_gives_up_the_same() -> None:
+    cfg = rdb.Config(failure_threshold=3, max_retries=10, reset_timeout=30.0)
+    meanwhile = _OpenedMeanwhile(nth=2)
+    p = meanwhile.policy = make_policy(cfg, asleep=meanwhile.asleep, wall_clock=FakeClock())
+    calls = {"n": 0}
+
+    async def attempt() -> str:
+        calls["n"] += 1
+        raise pge.AdminShutdown()
+
+    seen: list[rdb.SelfHealEvent] = []
+    rdb.add_hook(seen.append)
+    try:
+        with pytest.raises(rdb.CircuitOpenError) as info:
+            await p.acall(attempt)
+    finally:
+        rdb.remove_hook(seen.append)
+    assert calls["n"] == 2
+    _assert_gave_up_as_the_circuit_opened(p, meanwhile, info, seen)
+
+
 # -- the breaker ---------------------------------------------------------------------------------
 def new_breaker(clock: FakeClock, **cfg: object) -> Breaker:
     config = rdb.Config(**cfg)  # type: ignore[arg-type]
