@@ -111,14 +111,18 @@ class _LogListener(_pb.CircuitBreakerListener):
                 event="breaker_half_open",
             )
         elif new == CLOSED and old_state is not None:
+            reason, b.close_reason = b.close_reason, None
             emit(
                 b.config,
                 log_breaker,
                 logging.INFO,
-                "Circuit breaker closed: service=%s recovered",
+                "Circuit breaker closed: service=%s %s",
                 b.service,
+                reason or "recovered",
                 service=b.service,
                 event="breaker_closed",
+                log=True,
+                **({} if reason is None else {"reason": reason}),
             )
 
 
@@ -157,6 +161,7 @@ class Breaker:
         self._storage = self._cb._state_storage
         self.storage_given = storage
         self.open_reason: str | None = None  # why the next opening happens, when not local
+        self.close_reason: str | None = None  # why the next closing happens, when not recovery
         #: the next opening is another process's, followed through Redis (see _LogListener)
         self.open_followed = False
         #: openings of the shared breaker made by other processes that this one followed
@@ -168,6 +173,13 @@ class Breaker:
         #: the lines of rejected calls: the first after each opening, then one per period
         #: (the clock is the breaker's, read when asked: breaker_for may give another)
         self.rejection_lines = LineLimit(clock=self._now)
+        #: the live users (policies) that have this breaker switched on, and those that
+        #: switched it off (see switch_on)
+        self._users_on: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._users_off: weakref.WeakSet[Any] = weakref.WeakSet()
+        #: the local view of a shared breaker started over (switch_on) while Redis did not
+        #: answer: the state first read back is the fleet's, not a change
+        self._view_restarted = False
         self._cb.add_listener(_LogListener(self))
         for listener in listeners:
             self._cb.add_listener(listener)
@@ -227,6 +239,79 @@ class Breaker:
         self._cb.reset_timeout = config.reset_timeout
         self._cb.success_threshold = config.half_open_probes
         self._attach(config)
+
+    def switch_off(self, user: object) -> None:
+        """``user`` switched this breaker off (``SELF_HEALING_CIRCUIT_BREAKER=false`` applied
+        by a reload): its calls run without it, and are not recorded."""
+        self._users_on.discard(user)
+        self._users_off.add(user)
+
+    def switch_on(self, user: object) -> None:
+        """``user`` has this breaker switched on (made, or reloaded).
+
+        Switched on when no other live user has it on and a user had it switched off, it
+        starts over: calls ran meanwhile without it, unrecorded, so what it held (an opening,
+        a run of failures) is stale, and an opening would reject healthy calls for the rest
+        of its reset timeout. The local view starts closed with no failures counted; a shared
+        breaker's state in Redis is left alone (other processes keep it up to date) and read
+        back into the view (when Redis does not answer, its background thread reads it on
+        reconnecting); a state other than closed is logged. Kept on by another user
+        meanwhile, its state is current and stays."""
+        others_on = any(u is not user for u in self._users_on)
+        stale = not others_on and len(self._users_off) > 0
+        self._users_off.discard(user)
+        self._users_on.add(user)
+        if not stale:
+            return
+        with self._lock:
+            self._fleet_gen = -1
+            self._fleet_state = CLOSED
+            self._fleet_until = self._fleet_wait = 0.0
+            self._fleet_failures = 0
+            self._probes = 0
+            self._last_failure = -math.inf
+            self._storage.reset_counter()
+        was = self._storage.state
+        self.close_reason = (
+            f"switched on again (it was {was} when switched off; that state is not kept while off)"
+        )
+        try:
+            fleet = self._fleet
+            if fleet is not None and fleet.up:
+                with contextlib.suppress(FleetDown):
+                    # the fleet's state replaces the view, whatever it was
+                    self.fleet_sync(fleet.breaker_read(self.service))
+                    self._resumed_shared()
+                    return
+            with self._lock:
+                if self._fleet_gen != -1:
+                    return  # Redis answered meanwhile: its background thread read the state
+                self._view_restarted = fleet is not None
+                if self._storage.state != CLOSED:
+                    self._set_state(CLOSED)
+                self._storage.reset_counter()
+                self._storage.reset_success_counter()
+        finally:
+            self.close_reason = None
+
+    def _resumed_shared(self) -> None:
+        """Switched on again with the shared state read back: say so when it is not closed."""
+        state = self.state
+        if state == CLOSED:
+            return
+        emit(
+            self.config,
+            log_breaker,
+            logging.WARNING,
+            "Circuit breaker switched on again: service=%s resumes %s, as the processes "
+            "sharing it through Redis left it; retry in %.1f s",
+            self.service,
+            state,
+            self.open_for(),
+            service=self.service,
+            event="breaker_resumed",
+            state=state,
+        )
 
     def _attach(self, config: Config) -> None:
         """Follow the shared breaker of ``config.redis_url`` (unless the caller gave a storage of
@@ -641,6 +726,7 @@ class Breaker:
                     self._fleet_until = min(self._fleet_until, time.monotonic() + remaining)
                 return
             self._fleet_gen = gen
+            restarted, self._view_restarted = self._view_restarted, False
             self._fleet_opens = max(self._fleet_opens, opens) if not force else opens
             self._fleet_state = state
             if state == OPEN:
@@ -660,6 +746,9 @@ class Breaker:
                     return  # the same opening, a fresher remaining time
                 # what this process's failures were (not for its open(): a reason of its own)
                 self.open_cause = self._last_cause if mine and reason is None else None
+                if reason is None and restarted and not mine:
+                    # switched on again: the fleet's opening, whoever made it, read back
+                    reason = "being switched on again (the state shared through Redis, read back)"
                 if reason is None:
                     reason = (
                         (

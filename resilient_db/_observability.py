@@ -58,7 +58,7 @@ class SelfHealEvent:
 
     ``name`` is stable (``"retry"``, ``"gave_up"``, ``"recovered"``, ``"breaker_opened"``,
     ``"breaker_half_open"``, ``"breaker_closed"``, ``"breaker_rejected"`` (one per line of
-    rejected calls, not per call), ``"commit_verified"``,
+    rejected calls, not per call), ``"breaker_resumed"``, ``"commit_verified"``,
     ``"commit_not_applied"``, ``"commit_unknown"``, ``"transition_blocked"``, ...);
     ``fields`` are the same structured values the log record carries (``extra["self_heal"]``),
     never a password, a DSN or a bound parameter; ``message`` is the log line without its

@@ -136,10 +136,14 @@ class Policy:
         self.config = config
         self.retry_on = self.use_retry and config.retry_on
         self.budget = budget_for(self.service, config) if self.retry_on else None
-        if not (self.use_circuit_breaker and config.breaker_on):
-            self.breaker = None  # switched off; its breaker is kept for when it is back on
-            return
         own = self._own_breaker
+        if not (self.use_circuit_breaker and config.breaker_on):
+            # switched off; its breaker is kept for when it is back on (where it starts over
+            # unless another user kept it on: see Breaker.switch_on)
+            self.breaker = None
+            if own is not None:
+                own.switch_off(self)
+            return
         if own is None:
             own = self._own_breaker = breaker_for(
                 self.service,
@@ -154,6 +158,8 @@ class Policy:
             # a reload: the same breaker, new numbers (looking it up again could meet another
             # factory's breaker, made after reset_state() forgot this one)
             own.follow(config, user=self, explicit=self.explicit_config)
+        # after follow(): a shared breaker is attached to the Redis it now asks for
+        own.switch_on(self)
         self.breaker = own
 
     # -- decisions (no I/O) ------------------------------------------------------------------

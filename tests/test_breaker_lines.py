@@ -1,6 +1,6 @@
 """What the circuit breaker says: calls it rejects have their ``[SELF-HEAL]`` line and hook event
-(rate-limited: an open breaker may reject thousands of calls a second), and a unit whose retry
-it refuses gives up visibly."""
+(rate-limited: an open breaker may reject thousands of calls a second), a unit whose retry it
+refuses gives up visibly, and a breaker switched off and on again by reloads starts over."""
 
 from __future__ import annotations
 
@@ -10,10 +10,14 @@ from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
+from fleet import shared
+from processes import wait_for
 from scenarios import RAISE_CODE_FUNCTION
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
+from resilient_db._fleet import links
+from resilient_db.testing import RedisServer
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
 
@@ -182,3 +186,132 @@ def test_a_unit_whose_retry_the_breaker_refuses_gives_up_visibly(
     (gave_up,) = [e for e in events if e.name == "gave_up" and "circuit_opened" in e.fields]
     assert gave_up.fields["circuit_opened"] is True
     assert (gave_up.fields["retries"], gave_up.fields["sqlstate"]) == (0, "57P03")
+
+
+# -- switched off and on again -----------------------------------------------------------------
+def switched(env: pytest.MonkeyPatch, on: bool) -> None:
+    env.setenv("SELF_HEALING_CIRCUIT_BREAKER", "true" if on else "false")
+    rdb.reload_config()
+
+
+def test_a_breaker_open_when_switched_off_starts_closed_when_switched_on_again(
+    engine: sa.Engine,
+    service: str,
+    clean_env: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    clean_env.setenv("SELF_HEALING_FAILURE_THRESHOLD", "1")
+    clean_env.setenv("SELF_HEALING_RETRY", "false")
+    Factory = rdb.ResilientSession(engine, service=service)
+    with pytest.raises(sa.exc.OperationalError):
+        Factory.run(unavailable)
+    assert rdb.health()["services"][service]["breaker"]["state"] == "open"
+
+    switched(clean_env, on=False)
+    assert Factory.run(healthy) == 1  # calls run without it, unrecorded
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    switched(clean_env, on=True)
+    # healthy calls are not rejected for the rest of the old reset timeout
+    assert Factory.run(healthy) == 1
+    breaker = rdb.health()["services"][service]["breaker"]
+    assert (breaker["state"], breaker["failures"]) == ("closed", 0)
+    assert counters(service)["breaker_rejections"] == 0
+    (line,) = lines(caplog, "Circuit breaker closed")
+    assert line == (
+        f"[SELF-HEAL] Circuit breaker closed: service={service} switched on again (it was open "
+        "when switched off; that state is not kept while off)"
+    )
+    assert [e.fields.get("reason") for e in events if e.name == "breaker_closed"] == [
+        "switched on again (it was open when switched off; that state is not kept while off)"
+    ]
+
+
+def test_failures_counted_before_the_breaker_was_switched_off_are_forgotten(
+    engine: sa.Engine, service: str, clean_env: pytest.MonkeyPatch
+) -> None:
+    clean_env.setenv("SELF_HEALING_FAILURE_THRESHOLD", "3")
+    clean_env.setenv("SELF_HEALING_RETRY", "false")
+    Factory = rdb.ResilientSession(engine, service=service)
+    for _ in range(2):
+        with pytest.raises(sa.exc.OperationalError):
+            Factory.run(unavailable)
+    switched(clean_env, on=False)
+    switched(clean_env, on=True)
+    with pytest.raises(sa.exc.OperationalError):
+        Factory.run(unavailable)  # the first of a fresh count: not the third
+    breaker = rdb.health()["services"][service]["breaker"]
+    assert (breaker["state"], breaker["failures"]) == ("closed", 1)
+
+
+def test_a_breaker_another_factory_kept_on_keeps_its_state(
+    engine: sa.Engine, service: str, clean_env: pytest.MonkeyPatch
+) -> None:
+    """The environment switched it off for one factory, but a factory with a config= of its
+    own kept it on, and its state up to date: switched on again, it is as that one left it."""
+    clean_env.setenv("SELF_HEALING_FAILURE_THRESHOLD", "1")
+    clean_env.setenv("SELF_HEALING_RETRY", "false")
+    Factory = rdb.ResilientSession(engine, service=service)
+    keeper = rdb.ResilientSession(
+        engine, service=service, config=rdb.Config(failure_threshold=1, max_retries=0)
+    )
+    switched(clean_env, on=False)
+    with pytest.raises(sa.exc.OperationalError):
+        keeper.run(unavailable)
+    switched(clean_env, on=True)
+    with pytest.raises(rdb.CircuitOpenError):
+        Factory.run(healthy)
+    assert rdb.health()["services"][service]["breaker"]["state"] == "open"
+
+
+@pytest.mark.slow
+def test_a_shared_breaker_switched_on_again_takes_the_fleets_state_and_says_so(
+    engine: sa.Engine,
+    service: str,
+    redis_server: RedisServer,
+    clean_env: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Only the local view starts over: the opening in Redis is the fleet's (other processes
+    keep it up to date), left as it is and read back, with a line saying why calls are
+    rejected right after the breaker was switched on."""
+    for name, value in {
+        "SELF_HEALING_REDIS_URL": redis_server.url,
+        "SELF_HEALING_FAILURE_THRESHOLD": "1",
+        "SELF_HEALING_RETRY": "false",
+        "SELF_HEALING_RESET_TIMEOUT": "60000",
+    }.items():
+        clean_env.setenv(name, value)
+    Factory = rdb.ResilientSession(engine, service=service)
+    wait_for(lambda: shared(service)["connected"], "the link")
+    with pytest.raises(sa.exc.OperationalError):
+        Factory.run(unavailable)  # opens the shared breaker
+    assert rdb.health()["services"][service]["breaker"]["state"] == "open"
+
+    switched(clean_env, on=False)
+    assert links() == {}  # it left Redis while off
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    try:
+        switched(clean_env, on=True)
+        wait_for(lambda: shared(service)["connected"], "the link, switched on again")
+        wait_for(
+            lambda: rdb.health()["services"][service]["breaker"]["state"] == "open",
+            "the fleet's opening read back",
+        )
+        with pytest.raises(rdb.CircuitOpenError):
+            Factory.run(healthy)
+        (link,) = links().values()
+        assert link.breaker_read(service)[0] == "open"  # the fleet's state, untouched
+    finally:
+        clean_env.delenv("SELF_HEALING_REDIS_URL")
+        rdb.reload_config()
+    # Redis answered at once: the resumed state is named; or later: the closed fresh start,
+    # then the fleet's opening read back
+    assert any(
+        "resumes open, as the processes sharing it through Redis left it" in line
+        or (
+            "opened: service=" in line
+            and "after being switched on again (the state shared through Redis, read back)" in line
+        )
+        for line in lines(caplog, "switched on again")
+    ), caplog.text
