@@ -622,7 +622,7 @@ def test_engine_wide_lines_are_said_under_the_units_factory(
     finally:
         rdb.remove_hook(events.append)
     blocked = [e for e in events if e.name == "transition_blocked"]
-    assert [e.service for e in blocked] == [service]
+    assert [e.fields["unit_service"] for e in blocked] == [service]
     assert [r for r in caplog.records if "Status transition blocked" in r.getMessage()]
     del quiet
 

@@ -70,7 +70,9 @@ def report(err: IllegalTransitionError, config: Config | None, *, blocked_rows: 
         err.via,
         f"; {err.reason}" if err.reason else "",
         event="transition_blocked",
-        service=None if attempt is None else attempt.speaker[1],
+        # the unit's service as a field of its own: the guard's events are process-wide (as
+        # health()'s transitions are: the dashboard keeps them in one series, service None)
+        unit_service=None if attempt is None else attempt.speaker[1],
         model=err.model,
         column=err.column,
         from_state=plain(err.from_state),
