@@ -10,10 +10,10 @@ extra); the application's SDK decides where spans and metrics go.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
-from ._observability import SelfHealEvent, add_hook, remove_hook
+from ._observability import SelfHealEvent, add_hook, health, remove_hook
 
 __all__ = ["OpenTelemetryHook", "install_opentelemetry", "uninstall_opentelemetry"]
 
@@ -41,11 +41,15 @@ def _opentelemetry() -> tuple[Any, Any]:
 
 
 class OpenTelemetryHook:
-    """The hook :func:`install_opentelemetry` installs. Instruments (all counters):
+    """The hook :func:`install_opentelemetry` installs. Instruments (all counters; the
+    rejections' is observed, read from :func:`resilient_db.health` as the meter collects):
 
     ``resilient_db.events`` (every action; ``event``, ``service``),
     ``resilient_db.retries`` (``service``, ``outcome``, ``sqlstate``),
     ``resilient_db.breaker.transitions`` (``service``, ``state``),
+    ``resilient_db.breaker.rejections`` (``service``: calls the open breaker rejected, each
+    ``breaker_rejected`` event adding the calls it stands for, as ``breaker_rejections`` of
+    :func:`resilient_db.health` counts them),
     ``resilient_db.commit.verifications`` (``service``, ``outcome``: committed, not_committed,
     unknown), ``resilient_db.transitions.blocked`` (``model``, ``via``),
     ``resilient_db.transitions.stale`` (``model``, ``via``),
@@ -100,6 +104,17 @@ class OpenTelemetryHook:
             unit="{transition}",
             description="Status moves refused because another transaction had moved the row",
         )
+        # read from health() when the meter collects, as the Prometheus collector does: the
+        # rejections' event goes with their rate-limited line, not with each call, so counting
+        # events would lag behind the calls by up to a line's period
+        self._observation = metrics.Observation
+        self.active = True
+        meter.create_observable_counter(
+            "resilient_db.breaker.rejections",
+            callbacks=[self._observe_rejections],
+            unit="{call}",
+            description="Calls rejected by an open circuit breaker",
+        )
         self._invalid = meter.create_counter(
             "resilient_db.response_validation.failures",
             unit="{result}",
@@ -138,6 +153,14 @@ class OpenTelemetryHook:
                 1, {"service": service, "validator": str(fields.get("validator", ""))}
             )
 
+    def _observe_rejections(self, _options: Any) -> Iterator[Any]:
+        """Each service's ``breaker_rejections`` (nothing once uninstalled: a meter keeps its
+        instruments)."""
+        if not self.active:
+            return
+        for name, service in health()["services"].items():
+            yield self._observation(service["counters"]["breaker_rejections"], {"service": name})
+
 
 def _attributes(event: SelfHealEvent, fields: Mapping[str, Any]) -> dict[str, Any]:
     """The span event's attributes: the action's fields that OTel can carry (no None, no
@@ -169,6 +192,7 @@ def install_opentelemetry(*, meter_provider: Any = None) -> OpenTelemetryHook:
             return hook
         if hook is not None:
             remove_hook(hook)
+            hook.active = False
         hook = _installed = OpenTelemetryHook(meter_provider)
         add_hook(hook)
         return hook
@@ -180,4 +204,5 @@ def uninstall_opentelemetry() -> None:
     with _lock:
         if _installed is not None:
             remove_hook(_installed)
+            _installed.active = False
             _installed = None

@@ -112,6 +112,26 @@ def test_retries_and_breaker_transitions_as_span_events_and_counters(
     assert events[(("event", "recovered"), ("service", service))] == 1
 
 
+def test_rejected_calls_count_alike_in_health_and_otel(
+    engine: sa.Engine, otel: tuple[Any, InMemorySpanExporter, InMemoryMetricReader], service: str
+) -> None:
+    """The rejections' event goes with their rate-limited line, not with each call: the
+    counter is read from health() when the meter collects, so it counts every call."""
+    _tracer, _spans, reader = otel
+    Sessions = rdb.ResilientSession(
+        engine, service=service, config=rdb.Config(max_retries=0, failure_threshold=1)
+    )
+    with contextlib.suppress(sa.exc.DBAPIError):
+        Sessions.run(lambda s: s.execute(sa.text("SELECT raise_code('57P03')")))
+    for _ in range(5):
+        with pytest.raises(rdb.CircuitOpenError):
+            Sessions.run(lambda s: s.execute(sa.text("SELECT 1")))
+    rejected = rdb.health()["services"][service]["counters"]["breaker_rejections"]
+    assert rejected == 5
+    counted = points(reader, "resilient_db.breaker.rejections")
+    assert counted[(("service", service),)] == 5
+
+
 def test_commit_verification_and_blocked_transitions(
     engine: sa.Engine,
     fault_proxy: FaultProxy,
