@@ -646,28 +646,18 @@ class FleetLink:
             self._down_logged_at = now
             self._down_warned = True
         if refusal is not None:
-            emit(
-                self.config,
-                log_breaker,
-                logging.WARNING,
-                "Shared state unavailable: Redis at %s answered: %s; circuit breakers and "
-                "retry budgets run on this process's own state until it takes writes again",
-                self.masked_url,
-                problem,
-                event="shared_state_down",
-                redis=self.masked_url,
-                error=type(exc).__name__,
-                problem=problem,
-            )
-            return
+            what, until = f"answered: {problem}", "it takes writes again"
+        else:
+            what, until = f"did not answer ({type(exc).__name__})", "it answers again"
         emit(
             self.config,
             log_breaker,
             logging.WARNING,
-            "Shared state unavailable: Redis at %s did not answer (%s); circuit breakers and "
-            "retry budgets run on this process's own state until it answers again",
+            "Shared state unavailable: Redis at %s %s; circuit breakers and retry budgets run "
+            "on this process's own state until %s",
             self.masked_url,
-            type(exc).__name__,
+            what,
+            until,
             event="shared_state_down",
             redis=self.masked_url,
             error=type(exc).__name__,
