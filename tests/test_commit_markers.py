@@ -163,52 +163,34 @@ def test_comments_are_whitespace_to_the_read_only_proof(statement: str) -> None:
     assert not may_write(statement)
 
 
-def test_a_writing_call_behind_a_comment_is_not_replayed_after_a_lost_answer(
-    engine: sa.Engine, fault_proxy: FaultProxy, pg_database: str, service: str
+#: writes hidden from a look at the statement's text, each once taken for a read: its COMMIT
+#: went out without a marker and a lost answer was replayed (the row written twice).
+#: ``w/**/(...)`` calls ``w``; ``1 ##! 2`` calls the operator's function.
+HIDDEN_WRITES: dict[str, tuple[list[str], sa.Executable]] = {
+    "call-behind-a-comment": (
+        [],
+        sa.text("SELECT hidden_write/**/(1, 2)"),
+    ),
+    "operator": (
+        ["CREATE OPERATOR ##! (LEFTARG = int, RIGHTARG = int, FUNCTION = hidden_write)"],
+        sa.select(sa.literal(1).op("##!")(2)),
+    ),
+}
+
+
+@pytest.mark.parametrize("hidden", sorted(HIDDEN_WRITES))
+def test_a_hidden_write_is_not_replayed_after_a_lost_answer(
+    engine: sa.Engine, fault_proxy: FaultProxy, pg_database: str, service: str, hidden: str
 ) -> None:
-    """``w/**/(...)`` calls ``w``: taken for a read, its COMMIT went out without a marker and
-    a lost answer was replayed (the row written twice)."""
+    setup, statement = HIDDEN_WRITES[hidden]
     with engine.begin() as conn:
-        conn.exec_driver_sql("CREATE TABLE commented_writes (v text)")
+        conn.exec_driver_sql("CREATE TABLE hidden_writes (v int)")
         conn.exec_driver_sql(
-            "CREATE FUNCTION commented_write(x text) RETURNS void LANGUAGE sql "
-            "AS 'INSERT INTO commented_writes VALUES (x)'"
+            "CREATE FUNCTION hidden_write(a int, b int) RETURNS int LANGUAGE sql "
+            "AS 'INSERT INTO hidden_writes VALUES (a + b) RETURNING a + b'"
         )
-    proxied = sa.create_engine(fault_proxy.url(pg_database))
-    try:
-        Sessions = rdb.ResilientSession(proxied, service=service)
-        calls = []
-
-        def write(session: Session) -> None:
-            calls.append(1)
-            session.execute(sa.text("SELECT commented_write/**/(:v)"), {"v": "once"})
-
-        Sessions.run(lambda session: session.execute(sa.text("SELECT 1")))  # connected
-        fault_proxy.lose_commit_answer()
-        Sessions.run(write)
-        assert fault_proxy.commits_lost == 1
-    finally:
-        proxied.dispose()
-    assert calls == [1]  # verified, not replayed
-    with engine.connect() as conn:
-        assert conn.exec_driver_sql("SELECT count(*) FROM commented_writes").scalar() == 1
-
-
-def test_a_writing_operator_is_not_replayed_after_a_lost_answer(
-    engine: sa.Engine, fault_proxy: FaultProxy, pg_database: str, service: str
-) -> None:
-    """An operator of the database's own calls a function that writes: ``SELECT 1 ##! 2``
-    was taken for a read, its COMMIT went out without a marker and a lost answer was replayed
-    (the row written twice)."""
-    with engine.begin() as conn:
-        conn.exec_driver_sql("CREATE TABLE operator_writes (v int)")
-        conn.exec_driver_sql(
-            "CREATE FUNCTION operator_write(a int, b int) RETURNS int LANGUAGE sql "
-            "AS 'INSERT INTO operator_writes VALUES (a + b) RETURNING a + b'"
-        )
-        conn.exec_driver_sql(
-            "CREATE OPERATOR ##! (LEFTARG = int, RIGHTARG = int, FUNCTION = operator_write)"
-        )
+        for sql in setup:
+            conn.exec_driver_sql(sql)
     proxied = sa.create_engine(fault_proxy.url(pg_database))
     try:
         Sessions = rdb.ResilientSession(proxied, service=service)
@@ -216,7 +198,7 @@ def test_a_writing_operator_is_not_replayed_after_a_lost_answer(
 
         def write(session: Session) -> object:
             calls.append(1)
-            return session.execute(sa.select(sa.literal(1).op("##!")(2))).scalar()
+            return session.execute(statement).scalar()
 
         Sessions.run(lambda session: session.execute(sa.text("SELECT 1")))  # connected
         fault_proxy.lose_commit_answer()
@@ -226,7 +208,7 @@ def test_a_writing_operator_is_not_replayed_after_a_lost_answer(
         proxied.dispose()
     assert calls == [1]  # verified, not replayed
     with engine.connect() as conn:
-        assert conn.exec_driver_sql("SELECT count(*) FROM operator_writes").scalar() == 1
+        assert conn.exec_driver_sql("SELECT count(*) FROM hidden_writes").scalar() == 1
 
 
 @pytest.mark.parametrize(
