@@ -187,17 +187,7 @@ def run_unit(
 def terminate_the_waiting_commit(pair: StandbyPair) -> None:
     """Terminate the backend of the unit's COMMIT once it waits for the standby (once: the
     checks' own COMMITs wait there too, later)."""
-    deadline = time.monotonic() + 20
-    while True:
-        rows = pair.primary.execute(
-            "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity "
-            "WHERE datname = %s AND wait_event = 'SyncRep'",
-            params=(DATABASE,),
-        )
-        if rows:
-            return
-        assert time.monotonic() < deadline, "no COMMIT waited for the standby"
-        time.sleep(0.02)
+    _signal_the_waiting_commit(pair, "pg_terminate_backend")
 
 
 def cancel_the_waiting_commit(pair: StandbyPair) -> None:
@@ -205,10 +195,14 @@ def cancel_the_waiting_commit(pair: StandbyPair) -> None:
     COMMIT for the standby, once it waits: PostgreSQL answers that COMMIT with success and a
     WARNING, the transaction committed on the primary alone. Once: the checks' own COMMITs
     wait there too, later."""
+    _signal_the_waiting_commit(pair, "pg_cancel_backend")
+
+
+def _signal_the_waiting_commit(pair: StandbyPair, function: str) -> None:
     deadline = time.monotonic() + 20
     while True:
         rows = pair.primary.execute(
-            "SELECT pg_catalog.pg_cancel_backend(pid) FROM pg_catalog.pg_stat_activity "
+            f"SELECT pg_catalog.{function}(pid) FROM pg_catalog.pg_stat_activity "
             "WHERE datname = %s AND wait_event = 'SyncRep'",
             params=(DATABASE,),
         )
