@@ -12,6 +12,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import traceback
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -242,6 +243,27 @@ class Forked:
         if self._read >= 0:
             os.close(self._read)
             self._read = -1
+
+
+@contextmanager
+def held_by_another_thread(lock: Any) -> Iterator[None]:
+    """``lock`` held by another thread while inside (as a thread of a process that forks may
+    hold it); released, and the thread joined, on leaving."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lock:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    try:
+        assert held.wait(10), "the lock was not taken"
+        yield
+    finally:
+        release.set()
+        holder.join(10)
 
 
 @contextmanager

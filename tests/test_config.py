@@ -8,7 +8,7 @@ from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
-from fleet import forked
+from fleet import forked, held_by_another_thread
 
 import resilient_db as rdb
 from resilient_db import _config
@@ -341,7 +341,6 @@ def test_concurrent_reloads_leave_every_factory_on_the_last_configuration() -> N
     configuration to the factories after letting go of the lock, so factories could end up on
     the other one than ``with_self_healing`` uses."""
     import sys  # noqa: PLC0415
-    import threading  # noqa: PLC0415
 
     from resilient_db._state import STATE  # noqa: PLC0415
 
@@ -370,23 +369,10 @@ def test_concurrent_reloads_leave_every_factory_on_the_last_configuration() -> N
 def test_a_child_forked_during_a_reload_in_another_thread_can_reload() -> None:
     """The reload lock, held by a thread of the parent when it forked, is renewed in the child:
     its reload_config() does not wait for a reload that never ends there."""
-    held, release = threading.Event(), threading.Event()
-
-    def reloading() -> None:
-        with _config._RELOADING:  # as reload_config() holds it while it applies a reload
-            held.set()
-            release.wait(30)
-
-    holder = threading.Thread(target=reloading, daemon=True)
-    holder.start()
-    try:
-        assert held.wait(10)
+    with held_by_another_thread(_config._RELOADING):  # as a reload_config() running there
 
         def child() -> bool:
             return rdb.reload_config({"SELF_HEALING_MAX_RETRIES": "7"}).max_retries == 7
 
         with forked(child) as proc:
             assert proc.result(timeout=5) is True, "the child hung on the reload lock"
-    finally:
-        release.set()
-        holder.join(10)

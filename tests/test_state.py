@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import threading
 
 import pytest
 import sqlalchemy as sa
-from fleet import forked
+from fleet import forked, held_by_another_thread
 
 import resilient_db as rdb
 from resilient_db import _state
@@ -60,17 +59,7 @@ def test_service_names_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_child_forked_while_another_thread_holds_the_state_lock_makes_factories() -> None:
     """The lock of every registry, held by a thread of the parent when it forked, is renewed
     in the child: its first factory (and health()) do not wait for a thread it does not have."""
-    held, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with STATE.lock:
-            held.set()
-            release.wait(30)
-
-    holder = threading.Thread(target=hold, daemon=True)
-    holder.start()
-    try:
-        assert held.wait(10)
+    with held_by_another_thread(STATE.lock):
 
         def child() -> bool:
             engine = sa.create_engine("postgresql+psycopg://u@127.0.0.1:9/db")  # never connected
@@ -79,9 +68,6 @@ def test_a_child_forked_while_another_thread_holds_the_state_lock_makes_factorie
 
         with forked(child) as proc:
             assert proc.result(timeout=5) is True, "the child hung on the state lock"
-    finally:
-        release.set()
-        holder.join(10)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
