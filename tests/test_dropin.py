@@ -120,6 +120,25 @@ def test_events_on_the_factory_and_on_scoped_session(engine: sa.Engine, service:
     assert seen == []
 
 
+def assert_a_lost_answer_is_verified(
+    Sessions: rdb.ResilientSession[Session], fault_proxy: FaultProxy, name: str
+) -> None:
+    """A unit adding an Item ``name`` through ``fault_proxy`` whose COMMIT answer is lost is
+    verified: done, run once (not replayed, not unknown)."""
+    calls: list[int] = []
+
+    def add(session: Session) -> None:
+        calls.append(1)
+        session.add(Item(name=name))
+
+    Sessions.run(lambda session: session.execute(sa.text("SELECT 1")))  # connected
+    lost_before = fault_proxy.commits_lost
+    fault_proxy.lose_commit_answer()
+    Sessions.run(add)
+    assert fault_proxy.commits_lost == lost_before + 1
+    assert calls == [1]
+
+
 def test_configure_onto_another_engine_keeps_commit_verification_there(
     engine: sa.Engine, pg_database: str, fault_proxy: FaultProxy, service: str
 ) -> None:
@@ -133,17 +152,7 @@ def test_configure_onto_another_engine_keeps_commit_verification_there(
         Sessions.configure(bind=proxied)
         assert Sessions.engine is proxied
         assert Sessions.kw["bind"] is proxied
-        calls: list[int] = []
-
-        def add(session: Session) -> None:
-            calls.append(1)
-            session.add(Item(name="configured"))
-
-        Sessions.run(lambda session: session.execute(sa.text("SELECT 1")))  # connected
-        fault_proxy.lose_commit_answer()
-        Sessions.run(add)
-        assert fault_proxy.commits_lost == 1
-        assert calls == [1]  # verified, not replayed, not unknown
+        assert_a_lost_answer_is_verified(Sessions, fault_proxy, "configured")
         with engine.connect() as conn:
             names = conn.scalars(sa.select(Item.name).where(Item.name == "configured")).all()
         assert names == ["configured"]
@@ -169,16 +178,7 @@ def test_a_factory_made_without_a_bind_is_bound_later_with_configure(
     try:
         Sessions.configure(bind=proxied)
         assert Sessions.engine is proxied
-        calls: list[int] = []
-
-        def add(session: Session) -> None:
-            calls.append(1)
-            session.add(Item(name="bound-later"))
-
-        Sessions.run(lambda session: session.execute(sa.text("SELECT 1")))  # connected
-        fault_proxy.lose_commit_answer()
-        Sessions.run(add)
-        assert calls == [1]  # verified, not replayed
+        assert_a_lost_answer_is_verified(Sessions, fault_proxy, "bound-later")
     finally:
         proxied.dispose()
     with engine.connect() as conn:
