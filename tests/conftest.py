@@ -80,3 +80,12 @@ async def made_async_engines() -> AsyncIterator[list[AsyncEngine]]:
     yield made
     for engine in made:
         await engine.dispose()
+
+
+@pytest.fixture
+def events() -> Iterator[list[rdb.SelfHealEvent]]:
+    """Every self-healing action while the test runs (a hook on the one emitter)."""
+    seen: list[rdb.SelfHealEvent] = []
+    rdb.add_hook(seen.append)
+    yield seen
+    rdb.remove_hook(seen.append)

@@ -60,6 +60,19 @@ TRANSIENT = {
 NOT_TRANSIENT = ["23505", "22012", "42P01", "P0001", "57014", "25006"]
 
 
+class FakeClock:
+    """A clock a test moves by hand (breakers' opening times, rate-limited lines)."""
+
+    def __init__(self, start: float = 1_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def set_read_only_database(server: PostgresServer, database: str, read_only: bool) -> None:
     """Make ``database`` read-only by default (``default_transaction_read_only``), or take it
     back: what a server that takes no writes looks like to a client, for real (every write

@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 from fleet import shared
 from processes import wait_for
-from scenarios import RAISE_CODE_FUNCTION
+from scenarios import RAISE_CODE_FUNCTION, FakeClock
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
@@ -22,17 +22,6 @@ from resilient_db.testing import RedisServer
 pytestmark = pytest.mark.usefixtures("no_backoff")
 
 
-class FakeClock:
-    def __init__(self, start: float = 1_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 @pytest.fixture
 def engine(pg_url: str) -> Iterator[sa.Engine]:
     engine = sa.create_engine(pg_url)
@@ -40,14 +29,6 @@ def engine(pg_url: str) -> Iterator[sa.Engine]:
         conn.execute(RAISE_CODE_FUNCTION)
     yield engine
     engine.dispose()
-
-
-@pytest.fixture
-def events() -> Iterator[list[rdb.SelfHealEvent]]:
-    seen: list[rdb.SelfHealEvent] = []
-    rdb.add_hook(seen.append)
-    yield seen
-    rdb.remove_hook(seen.append)
 
 
 def unavailable(session: Session) -> None:

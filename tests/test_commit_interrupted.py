@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -137,14 +137,6 @@ def counters(service: str) -> dict[str, Any]:
 def breaker(service: str) -> dict[str, Any]:
     found: dict[str, Any] = rdb.health()["services"][service]["breaker"]
     return found
-
-
-@pytest.fixture
-def events() -> Iterator[list[rdb.SelfHealEvent]]:
-    seen: list[rdb.SelfHealEvent] = []
-    rdb.add_hook(seen.append)
-    yield seen
-    rdb.remove_hook(seen.append)
 
 
 def named(events: list[rdb.SelfHealEvent], name: str) -> list[rdb.SelfHealEvent]:

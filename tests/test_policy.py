@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import psycopg.errors as pge
 import pytest
+from scenarios import FakeClock
 
 import resilient_db as rdb
 from resilient_db._breaker import Breaker
@@ -19,17 +20,6 @@ from resilient_db._classify import Outcome
 from resilient_db._retry import Policy
 
 _names = itertools.count()
-
-
-class FakeClock:
-    def __init__(self, start: float = 1_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class Sleeps:
