@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import pytest_asyncio
+import sqlalchemy as sa
+from scenarios import RAISE_CODE_FUNCTION
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import resilient_db as rdb
@@ -89,3 +91,15 @@ def events() -> Iterator[list[rdb.SelfHealEvent]]:
     rdb.add_hook(seen.append)
     yield seen
     rdb.remove_hook(seen.append)
+
+
+@pytest.fixture
+def engine(pg_url: str) -> Iterator[sa.Engine]:
+    """An engine on the test's database with ``raise_code(sqlstate)`` installed
+    (``scenarios.RAISE_CODE_FUNCTION``), for the modules that define no ``engine`` of their own
+    (a module's own fixture of that name replaces this one)."""
+    engine = sa.create_engine(pg_url)
+    with engine.begin() as conn:
+        conn.execute(RAISE_CODE_FUNCTION)
+    yield engine
+    engine.dispose()

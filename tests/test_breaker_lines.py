@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
 from fleet import shared
 from processes import wait_for
-from scenarios import RAISE_CODE_FUNCTION, FakeClock
+from scenarios import FakeClock
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
@@ -20,15 +19,6 @@ from resilient_db._fleet import links
 from resilient_db.testing import RedisServer
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
-
-
-@pytest.fixture
-def engine(pg_url: str) -> Iterator[sa.Engine]:
-    engine = sa.create_engine(pg_url)
-    with engine.begin() as conn:
-        conn.execute(RAISE_CODE_FUNCTION)
-    yield engine
-    engine.dispose()
 
 
 def unavailable(session: Session) -> None:

@@ -5,25 +5,14 @@ settings over the environment's (``with_self_healing``, default factories, reloa
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
-from scenarios import RAISE_CODE_FUNCTION
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
-
-
-@pytest.fixture
-def engine(pg_url: str) -> Iterator[sa.Engine]:
-    engine = sa.create_engine(pg_url)
-    with engine.begin() as conn:
-        conn.execute(RAISE_CODE_FUNCTION)
-    yield engine
-    engine.dispose()
 
 
 def threshold(service: str) -> int:

@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
-from scenarios import RAISE_CODE_FUNCTION
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
@@ -23,15 +22,6 @@ pytestmark = pytest.mark.usefixtures("no_backoff")
 
 RETRIES = 3  # every factory and operation here: 4 attempts
 CONFIG = rdb.Config(max_retries=RETRIES)
-
-
-@pytest.fixture
-def engine(pg_url: str) -> Iterator[sa.Engine]:
-    engine = sa.create_engine(pg_url)
-    with engine.begin() as conn:
-        conn.execute(RAISE_CODE_FUNCTION)
-    yield engine
-    engine.dispose()
 
 
 @pytest_asyncio.fixture
