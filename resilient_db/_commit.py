@@ -950,6 +950,9 @@ class UnprovenCommit(Exception):
     marked COMMIT in place of returning, so that the unit is settled as a lost answer (a
     check that must see the unit's commit confirmed by the standbys), never reported done on
     that answer alone. (Only for a COMMIT that may have written: see ``CommitTicket.wrote``.)
+    The marked COMMIT notes the warning on its ticket; the unit raises this once every
+    connection's COMMIT has returned (:func:`~._unit.flush_and_commit`): raised in the middle
+    of SQLAlchemy's COMMITs, it would leave the unit's other connections rolled back.
 
     The client learns of the cancelled wait only from that warning: a session whose
     ``client_min_messages`` is ``error`` or above (set for the role or the database, or by the
@@ -988,6 +991,7 @@ def _psycopg_commit_warning(diagnostic: Any) -> None:
     ticket = request.tickets[-1]
     if ticket.sent and not ticket.done:
         ticket.warned = f"{diagnostic.sqlstate}: {diagnostic.message_primary}"
+        request.warned = request.warned or ticket.wrote
 
 
 def _listen_for_commit_warnings(driver: Any) -> None:
@@ -1016,12 +1020,15 @@ def _listen_for_commit_warnings(driver: Any) -> None:
 
 def _asyncpg_warned(connection: Any, sent: str, ticket: CommitTicket) -> None:
     """An asyncpg connection's COMMIT (``sent``) returned while its log listener had noted a
-    warning: raise :class:`UnprovenCommit` if the warning came with this statement."""
+    warning: noted on ``ticket`` if the warning came with this statement (the unit reads it
+    once every connection's COMMIT returned: see :func:`~._unit.flush_and_commit`)."""
     statement, warning = connection._rdb_warned
     connection._rdb_warned = None
     if ticket.wrote and statement == sent:  # (nothing to prove for a read-only one)
         ticket.warned = warning
-        raise UnprovenCommit(warning)
+        request = current_request.get()
+        if request is not None:
+            request.warned = True
 
 
 # -- the client side ----------------------------------------------------------------------------
@@ -1073,6 +1080,7 @@ class CommitRequest:
     committing: bool = False  # flushed; COMMIT may go out from here on
     transaction: Any = None  # the session's root transaction that COMMIT ends
     attempt: AttemptRecord | None = None  # the unit's attempt (it saw the connections)
+    warned: bool = False  # a COMMIT that wrote was answered with a WARNING (UnprovenCommit)
 
     def __init__(self) -> None:
         self.tickets: list[CommitTicket] = []
@@ -2038,7 +2046,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                                         raise
                                 if self._rdb_warned is not None:
                                     _asyncpg_warned(self, message + ";", ticket)
-                            ticket.done = True
+                            ticket.done = ticket.warned is None  # (see UnprovenCommit)
                             return result
                     elif end == "ROLLBACK":
                         self._rdb_may_write = False
@@ -2096,10 +2104,8 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                 else:
                     with _marker_statement_errors(self, message):
                         await _psycopg_simple_query_async(self, message.encode())
-                if ticket is not None:
-                    if ticket.warned is not None and ticket.wrote:  # (_psycopg_commit_warning)
-                        raise UnprovenCommit(ticket.warned)
-                    ticket.done = True
+                if ticket is not None:  # (a warning noted by _psycopg_commit_warning: unproven)
+                    ticket.done = ticket.warned is None or not ticket.wrote
                 return None
 
             namespace.update(commit=acommit)
@@ -2123,10 +2129,8 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                     except BaseException as exc:
                         _psycopg_marked_commit_failed(self, message, exc)
                         raise
-                if ticket is not None:
-                    if ticket.warned is not None and ticket.wrote:  # (_psycopg_commit_warning)
-                        raise UnprovenCommit(ticket.warned)
-                    ticket.done = True
+                if ticket is not None:  # (a warning noted by _psycopg_commit_warning: unproven)
+                    ticket.done = ticket.warned is None or not ticket.wrote
                 return None
 
             namespace.update(commit=commit)

@@ -36,6 +36,7 @@ from ._classify import (
     hot_standby_server,
     mark_hot_standby,
     mark_outcome,
+    mark_replay_safe,
     marked_replay_safe,
     refused_by_a_writable_server,
     sqlstate_of,
@@ -156,8 +157,42 @@ def flush_and_commit(session: Session, request: CommitRequest, protocol: CommitP
         session.commit()
     finally:
         current_request.reset(token)
+    if request.warned:
+        _answered_with_a_warning(request)
     if request.tickets and request.tickets[-1].mode == MARKERS and protocol.prune_due():
         _prune_quietly(protocol)
+
+
+def _answered_with_a_warning(request: CommitRequest) -> None:
+    """A COMMIT that wrote was answered with success and a WARNING (see
+    :class:`~._commit.UnprovenCommit`), now that every connection's COMMIT has returned. A unit
+    on one connection raises :class:`~._commit.UnprovenCommit`: settled as a lost answer (done
+    once a check proves it, replayed if the check finds it not committed where it looks,
+    unknown otherwise). A unit whose transaction spans several connections is committed on
+    each and can't be replayed: said in a line, and done, as the server answered."""
+    warned = [t for t in request.tickets if t.warned is not None and t.wrote and not t.done]
+    if not warned:
+        return
+    if len(request.connections()) <= 1:
+        raise UnprovenCommit(str(warned[-1].warned))
+    attempt = request.attempt
+    if attempt is not None:
+        config, service = attempt.speaker
+        emit(
+            config,
+            log_session,
+            logging.WARNING,
+            "Commit answered with a warning: service=%s a unit spanning %d connections is "
+            "committed on each, not proven replicated where a standby should confirm it (%s)",
+            service,
+            len(request.connections()),
+            warned[-1].warned,
+            service=service,
+            event="commit_warned",
+            warning=warned[-1].warned,
+        )
+    for ticket in warned:
+        ticket.done = True
 
 
 def commit_plainly(session: Session) -> None:
@@ -438,11 +473,12 @@ class CommitReferee:
                 xid=ticket.xid,
             )
             return True
-        if verdict is CommitVerdict.ABORTED and isinstance(exc, UnprovenCommit):
-            # the server did answer the COMMIT with success: no marker (the fence went in)
-            # means its transaction held no xid, so it wrote nothing a failover could lose
-            return True
         if verdict is CommitVerdict.ABORTED:
+            if isinstance(exc, UnprovenCommit):
+                # answered with success, yet the check found no marker where it looked: a
+                # failover to a server that never had the commit (or it held no xid: it wrote
+                # nothing). Either way the unit is not committed there: run it again
+                mark_replay_safe(exc)
             emit(
                 policy.config,
                 log_session,

@@ -35,9 +35,10 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import resilient_db as rdb
-from resilient_db.testing import StandbyPair
+from resilient_db.testing import PostgresServer, StandbyPair
 
 pytestmark = pytest.mark.slow
 
@@ -427,6 +428,37 @@ def test_a_commit_whose_wait_for_the_standby_was_cancelled_is_not_done_on_its_an
 
 
 @pytest.mark.parametrize(("driver", "mode"), CASES)
+def test_a_cancelled_wait_then_a_failover_before_the_proof_runs_the_unit_again(
+    pg_standby_factory: Callable[..., StandbyPair], driver: str, mode: str
+) -> None:
+    """The unit's COMMIT was answered with the cancelled wait's warning; its first check could
+    not prove it (the standby is down), and before the next the primary dies and the standby
+    is promoted. The next check reaches the new primary, which never had the unit: reported
+    done before (its row lost); the unit is run again there, once."""
+    pair = pg_standby_factory(synchronous=True)
+    prepare(pair, mode)
+    backoffs: list[float] = []
+
+    def fail_over_at_the_first_backoff(seconds: float) -> None:
+        if not backoffs:
+            fail_over(pair)
+        backoffs.append(seconds)
+
+    out = run_unit(
+        pair,
+        driver,
+        "lost",
+        cut_short=False,
+        sleep=fail_over_at_the_first_backoff,
+        during=cancel_the_waiting_commit,
+    )
+    assert backoffs, "done on the COMMIT's own answer"
+    assert out.done, out.error
+    assert out.calls == 2, "not run again on the new primary"
+    assert ledger(pair) == {"lost": 1}
+
+
+@pytest.mark.parametrize(("driver", "mode"), CASES)
 def test_a_unit_that_raised_its_own_level_is_proven_at_it(
     pg_standby_factory: Callable[..., StandbyPair], driver: str, mode: str
 ) -> None:
@@ -581,3 +613,80 @@ def test_another_warning_at_commit_costs_a_check_never_a_wrong_outcome(
             assert conn.execute(sa.text("SELECT count(*) FROM ledger")).scalar() == 1
     finally:
         engine.dispose()
+
+
+def test_a_warning_at_the_commit_of_a_unit_on_two_databases_leaves_both_committed(
+    pg_server: PostgresServer, pg_database: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A deferred trigger's WARNING at one database's COMMIT of a unit spanning two (binds=):
+    the unit's check was raised in the middle of SQLAlchemy's COMMITs, which rolled the other
+    connection back (one database committed, the other not) and ended the unit unknown. Now
+    every COMMIT goes out; the unit, committed on each and not replayable, is done, and a line
+    says its COMMIT was answered with a warning."""
+    other = f"{pg_database}_b"
+    pg_server.create_database(other)
+    first = sa.create_engine(pg_server.url(pg_database))
+    second = sa.create_engine(pg_server.url(other))
+    try:
+        with first.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE ledger (key text NOT NULL)"))
+            conn.execute(
+                sa.text(
+                    "CREATE FUNCTION warn() RETURNS trigger LANGUAGE plpgsql AS "
+                    "$$BEGIN RAISE WARNING 'deferred check'; RETURN NULL; END$$"
+                )
+            )
+            conn.execute(
+                sa.text(
+                    "CREATE CONSTRAINT TRIGGER warn AFTER INSERT ON ledger "
+                    "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION warn()"
+                )
+            )
+        with second.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE ledger (key text NOT NULL)"))
+        for engine in (first, second):
+            rdb.install_commit_markers(engine)
+
+        class Base(DeclarativeBase):
+            pass
+
+        class First(Base):
+            __tablename__ = "ledger"
+            key: Mapped[str] = mapped_column(primary_key=True)
+
+        class Second(DeclarativeBase):
+            pass
+
+        class SecondRow(Second):
+            __tablename__ = "ledger"
+            key: Mapped[str] = mapped_column(primary_key=True)
+
+        factory = rdb.ResilientSession(
+            first,
+            service="two-databases",
+            config=CONFIG,
+            sleep=no_sleep,
+            binds={First: first, SecondRow: second},
+        )
+        calls: list[int] = []
+
+        def write(session: Any) -> None:
+            calls.append(1)
+            session.add(First(key="a"))
+            session.add(SecondRow(key="b"))
+
+        with caplog.at_level(logging.WARNING, logger="resilient_db"):
+            factory.run(write)
+        assert calls == [1]
+        for engine in (first, second):
+            with engine.connect() as conn:
+                assert conn.execute(sa.text("SELECT count(*) FROM ledger")).scalar() == 1
+        lines = [
+            r.getMessage() for r in caplog.records if "answered with a warning" in r.getMessage()
+        ]
+        assert len(lines) == 1
+        assert "spanning 2 connections" in lines[0]
+    finally:
+        first.dispose()
+        second.dispose()
+        pg_server.drop_database(other)
