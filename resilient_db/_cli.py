@@ -209,6 +209,13 @@ class _Output(io.TextIOBase):
     def writable(self) -> bool:
         return True
 
+    # what a view asks of its stream (a terminal, its size, its encoding): the stream's answers
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
     def write(self, text: str) -> int:
         try:
             return self._stream.write(text)

@@ -213,6 +213,28 @@ def test_output_refused_by_a_full_disk_is_one_line_and_exit_1(json_flag: list[st
     ]
 
 
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+def test_the_demo_on_a_terminal_still_gets_the_rich_view() -> None:
+    """The CLI hands its commands standard output wrapped (to tell a full disk from the
+    command's own errors): the wrapper answered isatty() False, so the demo's live view was
+    never chosen on a terminal."""
+    pytest.importorskip("rich")
+    from resilient_db._cli import _Output  # noqa: PLC0415
+    from resilient_db.demo._view import RichView, make_view  # noqa: PLC0415
+
+    master, slave = os.openpty()
+    try:
+        with open(slave, "w", encoding="utf-8", closefd=False) as terminal:
+            out = _Output(terminal)
+            assert out.isatty()
+            assert out.fileno() == slave
+            view = make_view(out=out, err=sys.stderr, as_json=False, plain=False)
+            assert isinstance(view, RichView)
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
 def test_output_to_a_reader_that_stopped_reading_ends_quietly() -> None:
     # `resilient-db rules ... | head -0`: the pipe is closed before anything is written
     read, write = os.pipe()
