@@ -1334,23 +1334,33 @@ def _psycopg_notified(pgconn: Any) -> bool:
     return notified
 
 
-#: the first byte of a NotificationResponse (PostgreSQL's protocol)
-_NOTIFICATION: Final = b"A"
+#: the type byte of a NotificationResponse (PostgreSQL's protocol)
+_NOTIFICATION: Final = ord("A")
+#: bytes looked at on asyncpg's socket (notifications beyond them are taken on trust)
+_PEEKED: Final = 8192
 
 
 def _asyncpg_notified(fd: int) -> bool:
-    """Whether what waits on asyncpg's socket begins with a notification (asyncpg reads it,
-    and calls your listeners, when the event loop next runs). Peeked at, not read: asyncpg
-    reads its socket itself. A TLS connection's bytes tell nothing here: judged dead, as
+    """Whether what waits on asyncpg's socket is notifications only (asyncpg reads them, and
+    calls your listeners, when the event loop next runs). Peeked at, not read: asyncpg reads
+    its socket itself. Every message in view must be one (a terminated session's FATAL behind
+    a notification means dead). A TLS connection's bytes tell nothing here: judged dead, as
     before."""
     sock = socket.socket(fileno=fd)
     try:
-        first = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        data = sock.recv(_PEEKED, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except OSError:
         return False
     finally:
         sock.detach()  # the descriptor stays asyncpg's
-    return first == _NOTIFICATION
+    at = 0
+    while at < len(data):
+        if data[at] != _NOTIFICATION:
+            return False
+        if at + 5 > len(data):
+            break  # its length not in view yet
+        at += 1 + int.from_bytes(data[at + 1 : at + 5], "big")
+    return at > 0
 
 
 _PROBE_KEY = "resilient_db.dead_probe"

@@ -1181,6 +1181,42 @@ async def test_a_pooled_connection_with_notifications_waiting_is_kept_and_they_a
         await pooled.dispose()
 
 
+async def test_a_pooled_connection_notified_then_terminated_is_discarded(
+    engine: AsyncEngine, pg_server: Any, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A notification ahead of the server's goodbye on the socket: the connection is dead all
+    the same. asyncpg's check peeked at the first message only and kept it; the unit then
+    failed on it."""
+    pooled = create_engine(engine.url, pool_size=1, max_overflow=0)
+    Session = factory(pooled, service, retry=False)
+    try:
+        async with Session() as session:
+            conn = await session.connection()
+            pid = (await conn.exec_driver_sql("SELECT pg_backend_pid()")).scalar_one()
+            driver: Any = (await conn.get_raw_connection()).driver_connection
+            if isinstance(driver, asyncpg.Connection):
+                await driver.add_listener("rdb_jobs", lambda *args: None)
+            else:
+                await conn.exec_driver_sql("LISTEN rdb_jobs")
+            await session.commit()
+        # blocking calls: the event loop reads nothing meanwhile
+        pg_server.execute("NOTIFY rdb_jobs, 'job-1'", database=engine.url.database)
+        pg_server.execute(f"SELECT pg_terminate_backend({int(pid)})")
+        wait_for(
+            lambda: not pg_server.execute(f"SELECT 1 FROM pg_stat_activity WHERE pid = {int(pid)}"),
+            "the terminated backend gone",
+        )
+        with caplog.at_level(logging.INFO, logger="resilient_db"):
+
+            async def new_pid(session: AsyncSession) -> int:
+                return int((await session.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one())
+
+            assert await Session.run(new_pid) != pid
+        assert "Discarded a dead pooled connection" in caplog.text
+    finally:
+        await pooled.dispose()
+
+
 async def test_the_dead_connection_check_of_asyncpg_is_bound_to_its_socket(
     engine: AsyncEngine, pg_server: Any
 ) -> None:
