@@ -850,10 +850,13 @@ class FactoryCore:
         dead-connection check there. Engine hooks that can't be had (another factory on that
         engine with other engine-wide settings: ``ValueError``) leave the factory as it was."""
         bind = new_kw.get("bind")
+        binds = list((new_kw.get("binds") or {}).values())
         engine = None if bind is None else self._engine_to_bind(bind)
+        if engine is None and binds and isinstance(self._hooks, _UnboundHooks):
+            engine = self._engine_to_bind(binds[0])  # as made with binds= alone
         sync = None if engine is None else getattr(engine, "sync_engine", engine)
         hooks = None if sync is None else hooks_for(sync, self)
-        for bound in (new_kw.get("binds") or {}).values():
+        for bound in binds:
             bound_engine = getattr(bound, "sync_engine", bound)
             if isinstance(bound_engine, Connection):
                 bound_engine = bound_engine.engine
@@ -861,7 +864,12 @@ class FactoryCore:
                 hooks_for(bound_engine, self)
         super().configure(**new_kw)  # type: ignore[misc]
         if hooks is not None and hooks is not self._hooks:
-            self._hooks.factories.discard(self)
+            old = self._hooks
+            old.factories.discard(self)
+            remaining = list(old.factories)
+            if remaining and isinstance(old, EngineHooks) and old.service == self.service:
+                # the engine's lines are said under a factory still on it (see _speaker)
+                old.config, old.service = remaining[-1].config, remaining[-1].service
             self.engine = engine
             self._referee.engine = sync
             self._hooks = hooks

@@ -206,12 +206,41 @@ def test_a_factory_on_a_connection_joins_its_transaction_in_units_too(
         assert conn.scalar(sa.select(sa.func.count()).where(Item.name.like("%-%"))) == 0
 
 
-def test_a_factory_with_binds_only_takes_its_first_engine(engine: sa.Engine, service: str) -> None:
-    Sessions = rdb.ResilientSession(service=service, binds={Item: engine})
+@pytest.mark.parametrize("how", ["made", "configured"])
+def test_a_factory_with_binds_only_takes_its_first_engine(
+    engine: sa.Engine, service: str, how: str
+) -> None:
+    if how == "made":
+        Sessions = rdb.ResilientSession(service=service, binds={Item: engine})
+    else:
+        Sessions = rdb.ResilientSession(service=service)
+        Sessions.configure(binds={Item: engine})
     assert Sessions.engine is engine
     Sessions.run(lambda session: session.add(Item(name="binds-only")))
     with Sessions() as session:
         assert session.scalars(sa.select(Item.name)).all() == ["binds-only"]
+
+
+def test_an_engine_a_factory_left_speaks_for_the_factory_still_on_it(
+    engine: sa.Engine, pg_server: Any, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two factories on one engine, the later configured onto another: the first engine's
+    lines (a dead pooled connection here, in drop-in use) named the one that had left."""
+    staying = rdb.ResilientSession(engine, service=f"{service}-staying")
+    leaving = rdb.ResilientSession(engine, service=f"{service}-leaving")
+    other = sa.create_engine(engine.url)
+    try:
+        leaving.configure(bind=other)
+        with staying() as session:
+            session.execute(sa.text("SELECT 1"))
+        assert pg_server.terminate_backends(database=engine.url.database) >= 1
+        with caplog.at_level(logging.INFO, logger="resilient_db"), staying() as session:
+            session.execute(sa.text("SELECT 1"))
+        lines = [r.getMessage() for r in caplog.records if "dead pooled" in r.getMessage()]
+        assert lines
+        assert all(f"service={service}-staying" in line for line in lines), lines
+    finally:
+        other.dispose()
 
 
 @pytest.mark.asyncio
