@@ -205,7 +205,7 @@ _BUILTIN_OPERATORS: Final = frozenset(
     """
     !! !~ !~* !~~ !~~* # ## #- #> #>> % & && &< &<| &> * *< *<= *<> *= *> *>= + - -> ->> -|- /
     < <-> << <<= <<| <= <> <@ <^ = > >= >> >>= >^ ? ?# ?& ?- ?-| ?| ?|| @ @-@ @> @? @@ @@@ ^
-    ^@ | |&> |/ |>> || ||/ ~ ~* ~<=~ ~<~ ~= ~>=~ ~>~ ~~ ~~* !=
+    ^@ | |&> |/ |>> || ||/ ~ ~* ~<=~ ~<~ ~= ~>=~ ~>~ ~~ ~~* != =>
     """.split()  # noqa: SIM905
 )
 _OPERATOR_RUN = re.compile(r"[+\-*/<>=~!@#%^&|`?]+")
@@ -218,9 +218,14 @@ _ENDS_IN_SIGN_OK: Final = frozenset("~!@#%^&|`?")
 
 
 def _builtin_operators_only(statement: str) -> bool:
-    """Whether every operator ``statement`` uses is named as a built-in one."""
+    """Whether every operator ``statement`` uses is named as a built-in one (``=>`` too: the
+    named notation of a call's arguments). A statement with a backslash is not looked at (an
+    ``E'...'`` string's escaped quote would hide what follows it from the scan): it may
+    write."""
     if _OPERATOR_RUN.search(statement) is None:
         return True
+    if "\\" in statement:
+        return False
     bare = _NOT_OPERATORS.sub(" ", statement)
     for run in _OPERATOR_RUN.findall(bare):
         rest = run
