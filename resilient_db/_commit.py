@@ -589,10 +589,12 @@ def _command_timeout_at_least(driver: Any, seconds: float) -> Iterator[None]:
 #: it; a unit that raised only its own transaction to ``remote_apply`` is proven durable on the
 #: standby (``on``), not visible there yet.
 #:
-#: Its row also counts the server's WAL senders (``pg_stat_replication`` lists one for every
-#: role, with details only for privileged ones): none while ``synchronous_standby_names`` is
-#: set means no standby can confirm anything (stopped, or a promoted standby still naming the
-#: primary it replaced), which the referee reports once (see ``CommitReferee``).
+#: Its row also counts the server's WAL senders that may confirm (``pg_stat_replication``
+#: lists one for every role, its ``sync_state`` only for privileged ones: an ``async`` one, a
+#: logical sender of a change-data-capture tool say, can't confirm, and is left out where it
+#: is shown): none while ``synchronous_standby_names`` is set means no standby can confirm
+#: anything (stopped, or a promoted standby still naming the primary it replaced), which the
+#: referee reports once (see ``CommitReferee``).
 #: (The settings are changed in the select list, which the server evaluates only once the
 #: WHERE has held.)
 REPLICATED_WRITE_SQL = text(
@@ -601,7 +603,8 @@ REPLICATED_WRITE_SQL = text(
     "pg_catalog.current_setting('synchronous_commit') IN ('off', 'local') THEN 'on' "
     "ELSE pg_catalog.current_setting('synchronous_commit') END, true) IS NOT NULL "
     "AND pg_catalog.pg_logical_emit_message(true, 'resilient_db', CAST(:what AS text)) "
-    "IS NOT NULL, (SELECT pg_catalog.count(*) FROM pg_catalog.pg_stat_replication), "
+    "IS NOT NULL, (SELECT pg_catalog.count(*) FROM pg_catalog.pg_stat_replication "
+    "WHERE sync_state IS DISTINCT FROM 'async'), "
     "pg_catalog.current_setting('synchronous_standby_names') "
     "WHERE pg_catalog.current_setting('synchronous_standby_names') <> ''"
 )
@@ -913,7 +916,13 @@ async def _prefer_standby(
                 last = exc
                 log_session.debug("connecting to %s:%s failed", one_host, one_port, exc_info=True)
                 continue
-            if await _in_hot_standby(conn):
+            try:
+                standby = await _in_hot_standby(conn)
+            except Exception as exc:  # (the query of a server before 14): the next host
+                conn.terminate()
+                last = exc
+                continue
+            if standby:
                 if fallback is not None:
                     await fallback.close(timeout=per_host)
                 return conn

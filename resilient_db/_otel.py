@@ -47,9 +47,8 @@ class OpenTelemetryHook:
     ``resilient_db.events`` (every action; ``event``, ``service``),
     ``resilient_db.retries`` (``service``, ``outcome``, ``sqlstate``),
     ``resilient_db.breaker.transitions`` (``service``, ``state``),
-    ``resilient_db.breaker.rejections`` (``service``: calls the open breaker rejected, each
-    ``breaker_rejected`` event adding the calls it stands for, as ``breaker_rejections`` of
-    :func:`resilient_db.health` counts them),
+    ``resilient_db.breaker.rejections`` (``service``: calls the open breaker rejected, read
+    from ``breaker_rejections`` of :func:`resilient_db.health` as the meter collects),
     ``resilient_db.commit.verifications`` (``service``, ``outcome``: committed, not_committed,
     unknown), ``resilient_db.transitions.blocked`` (``model``, ``via``),
     ``resilient_db.transitions.stale`` (``model``, ``via``),
