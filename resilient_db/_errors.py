@@ -95,10 +95,11 @@ class CommitOutcomeUnknownError(ResilientDBError):
             what = "the transaction"
         extra = f" ({detail})" if detail else ""
         super().__init__(
-            f"service {service!r}: the answer to COMMIT never came (the connection was lost, or "
-            f"the client stopped waiting) and the outcome of {what} could not be "
-            f"verified{extra}; it was not replayed. Check the data (or use an "
-            "idempotency key) before running the unit again"
+            f"service {service!r}: the outcome of {what} could not be verified{extra} (the "
+            "answer to its COMMIT never came: the connection was lost, or the client stopped "
+            "waiting; or it came with a warning, as a cancelled wait for the synchronous standby "
+            "answers); it was not replayed. Check the data (or use an idempotency key) before "
+            "running the unit again"
         )
 
     def __reduce__(self) -> tuple[Any, ...]:

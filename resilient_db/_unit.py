@@ -165,34 +165,15 @@ def flush_and_commit(session: Session, request: CommitRequest, protocol: CommitP
 
 def _answered_with_a_warning(request: CommitRequest) -> None:
     """A COMMIT that wrote was answered with success and a WARNING (see
-    :class:`~._commit.UnprovenCommit`), now that every connection's COMMIT has returned. A unit
-    on one connection raises :class:`~._commit.UnprovenCommit`: settled as a lost answer (done
-    once a check proves it, replayed if the check finds it not committed where it looks,
-    unknown otherwise). A unit whose transaction spans several connections is committed on
-    each and can't be replayed: said in a line, and done, as the server answered."""
+    :class:`~._commit.UnprovenCommit`), now that every connection's COMMIT has returned: raise
+    :class:`~._commit.UnprovenCommit`. A unit on one connection is settled as a lost answer
+    (done once a check proves it, run again if the check finds it not committed where it
+    looks, unknown otherwise); one whose transaction spans several connections is committed on
+    each, can't be replayed and can't be proven (which ticket is whose connection is not
+    known): unknown (see ``CommitReferee._spread``)."""
     warned = [t for t in request.tickets if t.warned is not None and t.wrote and not t.done]
-    if not warned:
-        return
-    if len(request.connections()) <= 1:
+    if warned:
         raise UnprovenCommit(str(warned[-1].warned))
-    attempt = request.attempt
-    if attempt is not None:
-        config, service = attempt.speaker
-        emit(
-            config,
-            log_session,
-            logging.WARNING,
-            "Commit answered with a warning: service=%s a unit spanning %d connections is "
-            "committed on each, not proven replicated where a standby should confirm it (%s)",
-            service,
-            len(request.connections()),
-            warned[-1].warned,
-            service=service,
-            event="commit_warned",
-            warning=warned[-1].warned,
-        )
-    for ticket in warned:
-        ticket.done = True
 
 
 def commit_plainly(session: Session) -> None:
@@ -358,6 +339,13 @@ class CommitReferee:
         error is raised as it is (marked partly committed). Returns when the caller should go
         on as for one connection's COMMIT error.
         """
+        if isinstance(exc, UnprovenCommit):
+            databases = ", ".join(sorted({str(c.engine.url.database) for c, _ in connections}))
+            raise self._unknown(
+                f"a transaction on databases {databases}, committed on each",
+                f"a COMMIT of its {len(connections)} connections was answered with a warning "
+                f"({exc.warning}): not proven replicated, and not replayable",
+            ) from exc
         if lost:
             databases = ", ".join(sorted({str(c.engine.url.database) for c, _ in connections}))
             raise self._unknown(
@@ -369,7 +357,8 @@ class CommitReferee:
         marked = all(is_marked for _, is_marked in connections)
         if (
             not marked
-            or any(t.done and t.wrote for t in request.tickets)
+            # answered (a warned one too: committed, only not proven replicated) and wrote
+            or any((t.done or t.warned is not None) and t.wrote for t in request.tickets)
             # two-phase: an earlier COMMIT PREPARED committed (SQLAlchemy went on after it)
             or len(request.two_phase_commits or ()) > 1
         ):
@@ -479,6 +468,10 @@ class CommitReferee:
                 # failover to a server that never had the commit (or it held no xid: it wrote
                 # nothing). Either way the unit is not committed there: run it again
                 mark_replay_safe(exc)
+                exc.args = (
+                    f"{exc.args[0]}; a check on a new connection found the unit not committed "
+                    "there (a failover to a server that never had it): it may be run again",
+                )
             emit(
                 policy.config,
                 log_session,

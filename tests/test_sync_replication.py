@@ -615,14 +615,17 @@ def test_another_warning_at_commit_costs_a_check_never_a_wrong_outcome(
         engine.dispose()
 
 
-def test_a_warning_at_the_commit_of_a_unit_on_two_databases_leaves_both_committed(
-    pg_server: PostgresServer, pg_database: str, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("second_commit", ["committed", "refused-40001"])
+def test_a_warning_at_the_commit_of_a_unit_on_two_databases_is_never_done_nor_replayed(
+    pg_server: PostgresServer, pg_database: str, second_commit: str
 ) -> None:
-    """A deferred trigger's WARNING at one database's COMMIT of a unit spanning two (binds=):
-    the unit's check was raised in the middle of SQLAlchemy's COMMITs, which rolled the other
-    connection back (one database committed, the other not) and ended the unit unknown. Now
-    every COMMIT goes out; the unit, committed on each and not replayable, is done, and a line
-    says its COMMIT was answered with a warning."""
+    """A deferred trigger's WARNING at one database's COMMIT of a unit spanning two (binds=).
+    The unit's check was raised in the middle of SQLAlchemy's COMMITs, which rolled the other
+    connection back (one database committed, the other not). Now every COMMIT goes out; the
+    unit is committed on each and can't be proven replicated (which COMMIT is whose is not
+    known): unknown, never done on that answer, never replayed. When the other database
+    refuses its COMMIT (40001), the warned one counts as committed: the unit is not replayed
+    (it was, writing the first database's row twice)."""
     other = f"{pg_database}_b"
     pg_server.create_database(other)
     first = sa.create_engine(pg_server.url(pg_database))
@@ -644,6 +647,19 @@ def test_a_warning_at_the_commit_of_a_unit_on_two_databases_leaves_both_committe
             )
         with second.begin() as conn:
             conn.execute(sa.text("CREATE TABLE ledger (key text NOT NULL)"))
+            if second_commit == "refused-40001":
+                conn.execute(
+                    sa.text(
+                        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
+                        "$$BEGIN RAISE EXCEPTION 'refused' USING ERRCODE = '40001'; END$$"
+                    )
+                )
+                conn.execute(
+                    sa.text(
+                        "CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON ledger "
+                        "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse()"
+                    )
+                )
         for engine in (first, second):
             rdb.install_commit_markers(engine)
 
@@ -673,19 +689,21 @@ def test_a_warning_at_the_commit_of_a_unit_on_two_databases_leaves_both_committe
         def write(session: Any) -> None:
             calls.append(1)
             session.add(First(key="a"))
+            session.flush()  # the first database's connection begins first
             session.add(SecondRow(key="b"))
 
-        with caplog.at_level(logging.WARNING, logger="resilient_db"):
+        with pytest.raises(Exception) as info:  # noqa: PT011 - which one is asserted below
             factory.run(write)
-        assert calls == [1]
-        for engine in (first, second):
-            with engine.connect() as conn:
-                assert conn.execute(sa.text("SELECT count(*) FROM ledger")).scalar() == 1
-        lines = [
-            r.getMessage() for r in caplog.records if "answered with a warning" in r.getMessage()
-        ]
-        assert len(lines) == 1
-        assert "spanning 2 connections" in lines[0]
+        if second_commit == "committed":
+            assert isinstance(info.value, rdb.CommitOutcomeUnknownError), info.value
+            assert "answered with a warning" in str(info.value)
+            assert calls == [1], "replayed after a COMMIT that was applied"
+        else:
+            # SQLAlchemy commits the two in no set order: an attempt whose refused COMMIT went
+            # first committed nothing and is replayed; one whose warned COMMIT went first is not
+            assert isinstance(info.value, sa.exc.OperationalError), info.value
+        with first.connect() as conn:  # never written twice
+            assert conn.execute(sa.text("SELECT count(*) FROM ledger")).scalar() <= 1
     finally:
         first.dispose()
         second.dispose()
