@@ -213,6 +213,24 @@ def _signal_the_waiting_commit(pair: StandbyPair, function: str) -> None:
         time.sleep(0.02)
 
 
+def create_a_warning_ledger(conn: sa.Connection) -> None:
+    """A ledger table whose rows raise a WARNING when their transaction commits (a deferred
+    constraint trigger): a COMMIT answered with a warning, with no replication at all."""
+    conn.execute(sa.text("CREATE TABLE ledger (key text NOT NULL)"))
+    conn.execute(
+        sa.text(
+            "CREATE FUNCTION warn() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$BEGIN RAISE WARNING 'deferred check'; RETURN NULL; END$$"
+        )
+    )
+    conn.execute(
+        sa.text(
+            "CREATE CONSTRAINT TRIGGER warn AFTER INSERT ON ledger "
+            "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION warn()"
+        )
+    )
+
+
 def no_sleep(_seconds: float) -> None:
     """The factories' backoff: nothing is slept."""
 
@@ -556,19 +574,7 @@ def test_another_warning_at_commit_costs_a_check_never_a_wrong_outcome(
     here), it is done, once, and never replayed."""
     engine = sa.create_engine(pg_url)
     with engine.begin() as conn:
-        conn.execute(sa.text("CREATE TABLE ledger (key text NOT NULL)"))
-        conn.execute(
-            sa.text(
-                "CREATE FUNCTION warn() RETURNS trigger LANGUAGE plpgsql AS "
-                "$$BEGIN RAISE WARNING 'deferred check'; RETURN NULL; END$$"
-            )
-        )
-        conn.execute(
-            sa.text(
-                "CREATE CONSTRAINT TRIGGER warn AFTER INSERT ON ledger "
-                "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION warn()"
-            )
-        )
+        create_a_warning_ledger(conn)
     if mode == MARKERS:
         rdb.install_commit_markers(engine)
     engine.dispose()
@@ -632,19 +638,7 @@ def test_a_warning_at_the_commit_of_a_unit_on_two_databases_is_never_done_nor_re
     second = sa.create_engine(pg_server.url(other))
     try:
         with first.begin() as conn:
-            conn.execute(sa.text("CREATE TABLE ledger (key text NOT NULL)"))
-            conn.execute(
-                sa.text(
-                    "CREATE FUNCTION warn() RETURNS trigger LANGUAGE plpgsql AS "
-                    "$$BEGIN RAISE WARNING 'deferred check'; RETURN NULL; END$$"
-                )
-            )
-            conn.execute(
-                sa.text(
-                    "CREATE CONSTRAINT TRIGGER warn AFTER INSERT ON ledger "
-                    "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION warn()"
-                )
-            )
+            create_a_warning_ledger(conn)
         with second.begin() as conn:
             conn.execute(sa.text("CREATE TABLE ledger (key text NOT NULL)"))
             if second_commit == "refused-40001":
