@@ -19,7 +19,7 @@ import types
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from ._classify import Classifier
@@ -38,6 +38,7 @@ from ._unit import (
     commit_if_prepared,
     commit_plainly,
     current_unit,
+    engine_of,
     flush_and_commit,
     runs_once_here,
     unit_signature,
@@ -583,32 +584,11 @@ if True:  # async only
         an ``AsyncEngine``), wrapped as SQLAlchemy does."""
         return AsyncEngine(engine)
 
-    def _engine_of(bind: Any, kwargs: dict[str, Any]) -> AsyncEngine | None:
-        """The factory's engine: ``bind`` (or the engine of an ``AsyncConnection`` whose
-        transaction the sessions join, SQLAlchemy's recipe for tests), else the first engine of
-        ``binds=``, else None: bound later with ``configure(bind=...)``."""
+    def _refuse_the_other_sleep(kwargs: dict[str, Any]) -> None:
         if "sleep" in kwargs:
             raise TypeError(
                 "AsyncResilientSession takes asleep= (an async function of seconds), not sleep="
             )
-        if bind is None:
-            for bound in (kwargs.get("binds") or {}).values():
-                if isinstance(bound, (AsyncEngine, AsyncConnection)):
-                    return _engine_of(bound, {})
-            return None
-        if isinstance(bind, AsyncConnection):
-            return bind.engine
-        if isinstance(bind, Engine):
-            raise TypeError(
-                "AsyncResilientSession needs an AsyncEngine (create_async_engine("
-                "'postgresql+asyncpg://...')), got a sync Engine; for it use ResilientSession"
-            )
-        if not isinstance(bind, AsyncEngine):
-            raise TypeError(
-                "AsyncResilientSession needs a SQLAlchemy AsyncEngine (or an AsyncConnection, or "
-                f"none until configure(bind=...)), got {type(bind).__name__}"
-            )
-        return bind
 
     _SYNC_HINT = (
         "for sync code use ResilientSession with a sync Engine, or await session.run_sync(fn) "
@@ -701,26 +681,9 @@ else:  # sync only
         """One of the unit's engines, as SQLAlchemy's events name it."""
         return engine
 
-    def _engine_of(bind: Any, kwargs: dict[str, Any]) -> Engine | None:
-        """The factory's engine: ``bind`` (or the engine of a ``Connection`` whose transaction
-        the sessions join, SQLAlchemy's recipe for tests), else the first engine of ``binds=``,
-        else None: bound later with ``configure(bind=...)``."""
+    def _refuse_the_other_sleep(kwargs: dict[str, Any]) -> None:
         if "asleep" in kwargs:
             raise TypeError("ResilientSession takes sleep= (a function of seconds), not asleep=")
-        if bind is None:
-            for bound in (kwargs.get("binds") or {}).values():
-                if isinstance(bound, (Engine, Connection)):
-                    return _engine_of(bound, {})
-            return None
-        if isinstance(bind, Connection):
-            return bind.engine
-        if not isinstance(bind, Engine):
-            raise TypeError(
-                "ResilientSession needs a SQLAlchemy Engine (or a Connection, or none until "
-                f"configure(bind=...)), got {type(bind).__name__}; for an AsyncEngine use "
-                "AsyncResilientSession"
-            )
-        return bind
 
     # code flags of functions that are no sync unit: coroutine and generator functions
     _NOT_A_UNIT = inspect.CO_COROUTINE | inspect.CO_GENERATOR | inspect.CO_ASYNC_GENERATOR
@@ -754,3 +717,15 @@ else:  # sync only
 
     # The unit of work running in this thread (or greenlet, under gevent).
     _units = current_unit
+
+
+def _engine_of(bind: Any, kwargs: dict[str, Any]) -> AsyncEngine | None:
+    """The factory's engine: ``bind``'s, else the first engine of ``binds=``, else None (bound
+    later with ``configure(bind=...)``)."""
+    _refuse_the_other_sleep(kwargs)
+    if bind is None:
+        bind = next(iter((kwargs.get("binds") or {}).values()), None)
+        if bind is None:
+            return None
+    engine: AsyncEngine = engine_of(bind, AsyncResilientSession, "AsyncResilientSession")
+    return engine

@@ -39,6 +39,7 @@ from ._unit import (
     commit_if_prepared,
     commit_plainly,
     current_unit,
+    engine_of,
     flush_and_commit,
     runs_once_here,
     unit_signature,
@@ -510,26 +511,9 @@ def _bound_engine(engine: Engine) -> Engine:
     return engine
 
 
-def _engine_of(bind: Any, kwargs: dict[str, Any]) -> Engine | None:
-    """The factory's engine: ``bind`` (or the engine of a ``Connection`` whose transaction
-    the sessions join, SQLAlchemy's recipe for tests), else the first engine of ``binds=``,
-    else None: bound later with ``configure(bind=...)``."""
+def _refuse_the_other_sleep(kwargs: dict[str, Any]) -> None:
     if "asleep" in kwargs:
         raise TypeError("ResilientSession takes sleep= (a function of seconds), not asleep=")
-    if bind is None:
-        for bound in (kwargs.get("binds") or {}).values():
-            if isinstance(bound, (Engine, Connection)):
-                return _engine_of(bound, {})
-        return None
-    if isinstance(bind, Connection):
-        return bind.engine
-    if not isinstance(bind, Engine):
-        raise TypeError(
-            "ResilientSession needs a SQLAlchemy Engine (or a Connection, or none until "
-            f"configure(bind=...)), got {type(bind).__name__}; for an AsyncEngine use "
-            "AsyncResilientSession"
-        )
-    return bind
 
 
 # code flags of functions that are no sync unit: coroutine and generator functions
@@ -568,3 +552,15 @@ def _call_unit(
 
 # The unit of work running in this thread (or greenlet, under gevent).
 _units = current_unit
+
+
+def _engine_of(bind: Any, kwargs: dict[str, Any]) -> Engine | None:
+    """The factory's engine: ``bind``'s, else the first engine of ``binds=``, else None (bound
+    later with ``configure(bind=...)``)."""
+    _refuse_the_other_sleep(kwargs)
+    if bind is None:
+        bind = next(iter((kwargs.get("binds") or {}).values()), None)
+        if bind is None:
+            return None
+    engine: Engine = engine_of(bind, ResilientSession, "ResilientSession")
+    return engine

@@ -868,24 +868,8 @@ class FactoryCore:
             self._hooks = hooks
 
     def _engine_to_bind(self, bind: Any) -> Any:
-        """The engine of ``bind`` given to :meth:`configure` (an ``Engine`` or ``AsyncEngine``,
-        as the factory takes; a connection's engine); ``TypeError`` for what this factory can't
-        take (a sync engine for an async factory, or the other way round)."""
-        if isinstance(self, async_sessionmaker):
-            if isinstance(bind, AsyncEngine):
-                return bind
-            if isinstance(bind, AsyncConnection):
-                return bind.engine
-            wanted = "an AsyncEngine"
-        else:
-            if isinstance(bind, Engine):
-                return bind
-            if isinstance(bind, Connection):
-                return bind.engine
-            wanted = "an Engine"
-        raise TypeError(
-            f"{type(self).__name__}.configure(bind=...) takes {wanted}, got {type(bind).__name__}"
-        )
+        """The engine of ``bind`` given to :meth:`configure` (see :func:`engine_of`)."""
+        return engine_of(bind, type(self), f"{type(self).__name__}.configure(bind=...)")
 
     def _apply_config(self, config: Config) -> None:
         self.config = config
@@ -932,6 +916,29 @@ class FactoryCore:
         # service first: ResilientSession(service='orders', class_='Session', bind=Engine(...))
         name, _, arguments = super().__repr__().partition("(")
         return f"{name}(service={self.service!r}, {arguments}"
+
+
+def engine_of(bind: Any, factory: type, where: str) -> Any:
+    """The engine a factory of class ``factory`` takes from ``bind`` (``where``: what takes
+    it, for the error): an ``Engine`` (an ``AsyncEngine`` for an async factory), or the engine
+    of a connection whose transaction its sessions join (SQLAlchemy's recipe for tests); else
+    ``TypeError``."""
+    if issubclass(factory, async_sessionmaker):
+        if isinstance(bind, AsyncConnection):
+            return bind.engine
+        if isinstance(bind, AsyncEngine):
+            return bind
+        wanted, instead = "an AsyncEngine", "for a sync Engine use ResilientSession"
+    else:
+        if isinstance(bind, Connection):
+            return bind.engine
+        if isinstance(bind, Engine):
+            return bind
+        wanted, instead = "an Engine", "for an AsyncEngine use AsyncResilientSession"
+    raise TypeError(
+        f"{where} takes {wanted}, got {type(bind).__name__} (a connection whose transaction "
+        f"its sessions join works too, or no bind until configure(bind=...); {instead})"
+    )
 
 
 class _UnboundHooks:
