@@ -1143,6 +1143,26 @@ async def test_drop_in_use_survives_a_dead_pooled_connection(
     assert "[SELF-HEAL] Discarded a dead pooled connection" in caplog.text
 
 
+async def _listening(
+    Session: AsyncResilientSession[AsyncSession], payloads: list[str]
+) -> tuple[int, Any, int]:
+    """The pool's one connection LISTENs on ``rdb_jobs`` (asyncpg: a listener appending the
+    payloads to ``payloads``) and goes back to the pool: its backend, driver connection and
+    socket."""
+    async with Session() as session:
+        conn = await session.connection()
+        pid = int((await conn.exec_driver_sql("SELECT pg_backend_pid()")).scalar_one())
+        driver: Any = (await conn.get_raw_connection()).driver_connection
+        if isinstance(driver, asyncpg.Connection):
+            await driver.add_listener("rdb_jobs", lambda *args: payloads.append(args[-1]))
+            fd = driver._transport.get_extra_info("socket").fileno()
+        else:
+            await conn.exec_driver_sql("LISTEN rdb_jobs")
+            fd = driver.pgconn.socket
+        await session.commit()
+    return pid, driver, fd
+
+
 async def test_a_pooled_connection_with_notifications_waiting_is_kept_and_they_are_delivered(
     engine: AsyncEngine, pg_server: Any, service: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1153,17 +1173,7 @@ async def test_a_pooled_connection_with_notifications_waiting_is_kept_and_they_a
     Session = factory(pooled, service)
     payloads: list[str] = []
     try:
-        async with Session() as session:
-            conn = await session.connection()
-            pid = (await conn.exec_driver_sql("SELECT pg_backend_pid()")).scalar_one()
-            driver: Any = (await conn.get_raw_connection()).driver_connection
-            if isinstance(driver, asyncpg.Connection):
-                await driver.add_listener("rdb_jobs", lambda *args: payloads.append(args[-1]))
-                fd = driver._transport.get_extra_info("socket").fileno()
-            else:
-                await conn.exec_driver_sql("LISTEN rdb_jobs")
-                fd = driver.pgconn.socket
-            await session.commit()
+        pid, driver, fd = await _listening(Session, payloads)
         # blocking: asyncpg reads nothing meanwhile
         pg_server.execute("NOTIFY rdb_jobs, 'job-1'", database=engine.url.database)
         assert select.select([fd], [], [], 10)[0], "the notification never arrived"
@@ -1190,15 +1200,7 @@ async def test_a_pooled_connection_notified_then_terminated_is_discarded(
     pooled = create_engine(engine.url, pool_size=1, max_overflow=0)
     Session = factory(pooled, service, retry=False)
     try:
-        async with Session() as session:
-            conn = await session.connection()
-            pid = (await conn.exec_driver_sql("SELECT pg_backend_pid()")).scalar_one()
-            driver: Any = (await conn.get_raw_connection()).driver_connection
-            if isinstance(driver, asyncpg.Connection):
-                await driver.add_listener("rdb_jobs", lambda *args: None)
-            else:
-                await conn.exec_driver_sql("LISTEN rdb_jobs")
-            await session.commit()
+        pid, _driver, _fd = await _listening(Session, [])
         # blocking calls: the event loop reads nothing meanwhile
         pg_server.execute("NOTIFY rdb_jobs, 'job-1'", database=engine.url.database)
         pg_server.execute(f"SELECT pg_terminate_backend({int(pid)})")
