@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -160,6 +160,24 @@ def test_run_in_inside_a_unit_or_an_operation_runs_once(engine: sa.Engine, servi
         assert calls == {"outer": RETRIES + 1, "inner": RETRIES + 1}
 
 
+def _failing_once(
+    aengine: AsyncEngine, service: str
+) -> tuple[list[int], Callable[[], Awaitable[int]]]:
+    """An operation of ``service`` whose first attempt fails with a serialization failure and
+    whose second returns 7; its attempts are counted in the list."""
+    seen: list[int] = []
+
+    @rdb.with_self_healing(service=service, config=CONFIG)
+    async def flaky() -> int:
+        seen.append(1)
+        async with aengine.connect() as conn:
+            if len(seen) < 2:
+                await conn.execute(sa.text("SELECT raise_code('40001')"))
+        return 7
+
+    return seen, flaky
+
+
 @pytest.mark.asyncio
 async def test_async_operations_inside_an_async_unit_run_once(
     aengine: AsyncEngine, service: str
@@ -202,15 +220,7 @@ async def test_async_operations_inside_an_async_unit_run_once(
         assert calls == {"unit": RETRIES + 1, "inner": RETRIES + 1}, unit.__name__
 
     # a task made inside a unit runs operations of its own: it is not inside the unit
-    seen: list[int] = []
-
-    @rdb.with_self_healing(service=f"{service}-task", config=CONFIG)
-    async def flaky() -> int:
-        seen.append(1)
-        async with aengine.connect() as conn:
-            if len(seen) < 2:
-                await conn.execute(sa.text("SELECT raise_code('40001')"))
-        return 7
+    seen, flaky = _failing_once(aengine, f"{service}-task")
 
     async def spawns(session: AsyncSession) -> int:
         return await asyncio.create_task(flaky())
@@ -342,16 +352,8 @@ async def test_a_task_made_inside_an_operation_retries_on_its_own_once_it_return
 ) -> None:
     """A task made inside an operation inherits its context (the running attempt): after the
     operation returned, the task's own operations are nested in nothing and retry."""
-    seen: list[int] = []
+    seen, flaky = _failing_once(aengine, f"{service}-bg")
     returned = asyncio.Event()
-
-    @rdb.with_self_healing(service=f"{service}-bg", config=CONFIG)
-    async def flaky() -> int:
-        seen.append(1)
-        async with aengine.connect() as conn:
-            if len(seen) < 2:
-                await conn.execute(sa.text("SELECT raise_code('40001')"))
-        return 7
 
     async def background() -> int:
         await returned.wait()
