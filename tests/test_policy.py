@@ -139,19 +139,14 @@ def test_retry_switch_off_raises_transient_errors_at_once() -> None:
     assert attempt.calls["n"] == 1  # type: ignore[attr-defined]
 
 
-def test_open_breaker_ends_the_retry_loop_at_once() -> None:
+def test_open_breaker_ends_the_retry_loop_at_once(events: list[rdb.SelfHealEvent]) -> None:
     clock = FakeClock()
     sleeps = Sleeps()
     cfg = rdb.Config(failure_threshold=2, max_retries=10, reset_timeout=30.0)
     p = make_policy(cfg, sleep=sleeps, wall_clock=clock)
     attempt = failing(100, pge.AdminShutdown)
-    seen: list[rdb.SelfHealEvent] = []
-    rdb.add_hook(seen.append)
-    try:
-        with pytest.raises(rdb.CircuitOpenError) as info:
-            p.call(attempt)
-    finally:
-        rdb.remove_hook(seen.append)
+    with pytest.raises(rdb.CircuitOpenError) as info:
+        p.call(attempt)
     assert attempt.calls["n"] == 2  # type: ignore[attr-defined]
     assert info.value.retry_after == pytest.approx(30.0)
     assert "retry in 30.0 s" in str(info.value)
@@ -160,7 +155,7 @@ def test_open_breaker_ends_the_retry_loop_at_once() -> None:
     assert len(sleeps.calls) == 1
     assert (p.stats.attempts, p.stats.retries, p.stats.gave_up) == (2, 1, 1)
     assert isinstance(info.value.__cause__, pge.AdminShutdown)
-    assert [e.name for e in seen if e.name in ("retry", "gave_up")] == ["retry", "gave_up"]
+    assert [e.name for e in events if e.name in ("retry", "gave_up")] == ["retry", "gave_up"]
 
 
 class _OpenedMeanwhile:
@@ -203,7 +198,9 @@ def _assert_gave_up_as_the_circuit_opened(
     assert "the circuit breaker opened while it retried and refused retry 2" in mine[0].message
 
 
-def test_a_retry_refused_by_a_breaker_opened_meanwhile_gives_up_with_the_last_error() -> None:
+def test_a_retry_refused_by_a_breaker_opened_meanwhile_gives_up_with_the_last_error(
+    events: list[rdb.SelfHealEvent],
+) -> None:
     """Other units' failures open the breaker while the unit backs off: its next retry is
     refused. Counted and reported as given up, the last failure the CircuitOpenError's cause,
     as when the unit's own failure opens it."""
@@ -211,19 +208,16 @@ def test_a_retry_refused_by_a_breaker_opened_meanwhile_gives_up_with_the_last_er
     meanwhile = _OpenedMeanwhile(nth=2)
     p = meanwhile.policy = make_policy(cfg, sleep=meanwhile, wall_clock=FakeClock())
     attempt = failing(100, pge.AdminShutdown)
-    seen: list[rdb.SelfHealEvent] = []
-    rdb.add_hook(seen.append)
-    try:
-        with pytest.raises(rdb.CircuitOpenError) as info:
-            p.call(attempt)
-    finally:
-        rdb.remove_hook(seen.append)
+    with pytest.raises(rdb.CircuitOpenError) as info:
+        p.call(attempt)
     assert attempt.calls["n"] == 2  # type: ignore[attr-defined]
-    _assert_gave_up_as_the_circuit_opened(p, meanwhile, info, seen)
+    _assert_gave_up_as_the_circuit_opened(p, meanwhile, info, events)
 
 
 @pytest.mark.asyncio
-async def test_an_async_retry_refused_by_a_breaker_opened_meanwhile_gives_up_the_same() -> None:
+async def test_an_async_retry_refused_by_a_breaker_opened_meanwhile_gives_up_the_same(
+    events: list[rdb.SelfHealEvent],
+) -> None:
     cfg = rdb.Config(failure_threshold=3, max_retries=10, reset_timeout=30.0)
     meanwhile = _OpenedMeanwhile(nth=2)
     p = meanwhile.policy = make_policy(cfg, asleep=meanwhile.asleep, wall_clock=FakeClock())
@@ -233,15 +227,10 @@ async def test_an_async_retry_refused_by_a_breaker_opened_meanwhile_gives_up_the
         calls["n"] += 1
         raise pge.AdminShutdown()
 
-    seen: list[rdb.SelfHealEvent] = []
-    rdb.add_hook(seen.append)
-    try:
-        with pytest.raises(rdb.CircuitOpenError) as info:
-            await p.acall(attempt)
-    finally:
-        rdb.remove_hook(seen.append)
+    with pytest.raises(rdb.CircuitOpenError) as info:
+        await p.acall(attempt)
     assert calls["n"] == 2
-    _assert_gave_up_as_the_circuit_opened(p, meanwhile, info, seen)
+    _assert_gave_up_as_the_circuit_opened(p, meanwhile, info, events)
 
 
 # -- the breaker ---------------------------------------------------------------------------------
