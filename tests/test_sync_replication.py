@@ -231,6 +231,20 @@ def create_a_warning_ledger(conn: sa.Connection) -> None:
     )
 
 
+class AtTheFirstBackoff:
+    """A factory's backoff that does ``action`` at the first backoff (the standby started, a
+    failover), nothing else; the backoffs asked for are in ``backoffs``."""
+
+    def __init__(self, action: Callable[[], object]) -> None:
+        self.action = action
+        self.backoffs: list[float] = []
+
+    def __call__(self, seconds: float) -> None:
+        if not self.backoffs:
+            self.action()  # (pair.start() waits until the standby streams, synchronous again)
+        self.backoffs.append(seconds)
+
+
 def no_sleep(_seconds: float) -> None:
     """The factories' backoff: nothing is slept."""
 
@@ -276,12 +290,8 @@ def test_a_commit_cut_short_is_done_once_the_standby_confirms_the_check(
     the row is on the promoted standby."""
     pair = pg_standby_factory(synchronous=True)
     prepare(pair, mode)
-    backoffs: list[float] = []
-
-    def start_the_standby(seconds: float) -> None:
-        if not backoffs:
-            pair.start()  # waits until it streams, synchronous again
-        backoffs.append(seconds)
+    start_the_standby = AtTheFirstBackoff(pair.start)
+    backoffs = start_the_standby.backoffs
 
     unit = run_unit(pair, driver, "k", cut_short=True, sleep=start_the_standby)
     fail_over(pair)  # at once: nothing else reaches the standby first
@@ -421,12 +431,8 @@ def test_a_commit_whose_wait_for_the_standby_was_cancelled_is_not_done_on_its_an
     assert "not proven replicated" in str(cancelled.error)
     assert cancelled.calls == 1, "replayed after a COMMIT that was applied on the primary"
 
-    backoffs: list[float] = []
-
-    def start_the_standby(seconds: float) -> None:
-        if not backoffs:
-            pair.start()  # waits until it streams, synchronous again
-        backoffs.append(seconds)
+    start_the_standby = AtTheFirstBackoff(pair.start)
+    backoffs = start_the_standby.backoffs
 
     proven = run_unit(
         pair,
@@ -455,12 +461,8 @@ def test_a_cancelled_wait_then_a_failover_before_the_proof_runs_the_unit_again(
     done before (its row lost); the unit is run again there, once."""
     pair = pg_standby_factory(synchronous=True)
     prepare(pair, mode)
-    backoffs: list[float] = []
-
-    def fail_over_at_the_first_backoff(seconds: float) -> None:
-        if not backoffs:
-            fail_over(pair)
-        backoffs.append(seconds)
+    fail_over_at_the_first_backoff = AtTheFirstBackoff(lambda: fail_over(pair))
+    backoffs = fail_over_at_the_first_backoff.backoffs
 
     out = run_unit(
         pair,
@@ -496,12 +498,8 @@ def test_a_unit_that_raised_its_own_level_is_proven_at_it(
     )
     assert raised.calls == 1
 
-    backoffs: list[float] = []
-
-    def start_the_standby(seconds: float) -> None:
-        if not backoffs:
-            pair.start()
-        backoffs.append(seconds)
+    start_the_standby = AtTheFirstBackoff(pair.start)
+    backoffs = start_the_standby.backoffs
 
     proven = run_unit(pair, driver, "proven", cut_short=True, sleep=start_the_standby, level="on")
     fail_over(pair)
