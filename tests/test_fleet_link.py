@@ -35,6 +35,9 @@ def _lines(caplog: pytest.LogCaptureFixture, text: str) -> int:
 def test_a_redis_refusing_writes_stays_down_without_flapping_then_rejoins(
     redis_server: RedisServer, pg_url: str, gate: Gate, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """A Redis that answers but refuses writes (a replica): one warning saying what it
+    answered, as health()'s problem does (not that it did not answer), no flapping while
+    units fail for 3 s, one "restored" once it takes writes again."""
     caplog.set_level(logging.INFO, logger="resilient_db")
     engine = sa.create_engine(pg_url)
     config = rdb.Config(
@@ -45,7 +48,14 @@ def test_a_redis_refusing_writes_stays_down_without_flapping_then_rejoins(
     with RedisServer() as master:
         redis_server.client().execute_command("REPLICAOF", "127.0.0.1", str(master.port))
         gate.set(down=True)
-        failed = 0
+        with pytest.raises(sa.exc.OperationalError):  # its failure is written to Redis
+            Factory.run(lambda s: s.execute(sa.text("SELECT rdb_gate()")))
+        wait_for(lambda: not shared("replica")["connected"], "the link down")
+        problem = shared("replica")["problem"]  # says why, as the warning does
+        (line,) = [
+            r.getMessage() for r in caplog.records if "Shared state unavailable" in r.getMessage()
+        ]
+        failed = 1
         deadline = time.monotonic() + 3.0
         while time.monotonic() < deadline:  # failing units: each would use the shared breaker
             with pytest.raises(sa.exc.OperationalError):
@@ -54,45 +64,16 @@ def test_a_redis_refusing_writes_stays_down_without_flapping_then_rejoins(
             time.sleep(0.02)
         assert failed > 20
         assert shared("replica")["connected"] is False
-        assert shared("replica")["problem"]  # says why
         assert _lines(caplog, "Shared state unavailable") == 1
         assert _lines(caplog, "Shared state restored") == 0
         redis_server.client().execute_command("REPLICAOF", "NO", "ONE")
-    wait_for(lambda: shared("replica")["connected"], "the link, taking writes again")
-    assert _lines(caplog, "Shared state restored") == 1
-    engine.dispose()
-
-
-def test_the_warning_for_a_read_only_replica_says_it_answered_and_refused_writes(
-    redis_server: RedisServer, pg_url: str, gate: Gate, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Redis answered (it is no outage of Redis): the warning says what it answered, as
-    health()'s problem does."""
-    caplog.set_level(logging.INFO, logger="resilient_db")
-    engine = sa.create_engine(pg_url)
-    config = rdb.Config(
-        redis_url=redis_server.url, retry=False, failure_threshold=1000, reset_timeout=5.0
-    )
-    Factory = rdb.ResilientSession(engine, service="replica-line", config=config)
-    wait_for(lambda: shared("replica-line")["connected"], "the link")
-    try:
-        with RedisServer() as master:
-            redis_server.client().execute_command("REPLICAOF", "127.0.0.1", str(master.port))
-            gate.set(down=True)
-            with pytest.raises(sa.exc.OperationalError):  # its failure is written to Redis
-                Factory.run(lambda s: s.execute(sa.text("SELECT rdb_gate()")))
-            wait_for(lambda: not shared("replica-line")["connected"], "the link down")
-            problem = shared("replica-line")["problem"]
-            (line,) = [
-                r.getMessage()
-                for r in caplog.records
-                if "Shared state unavailable" in r.getMessage()
-            ]
-            redis_server.client().execute_command("REPLICAOF", "NO", "ONE")
-    finally:
-        engine.dispose()
+    # Redis answered (it is no outage of Redis): the warning says what it answered, as
+    # health()'s problem does
     assert "did not answer" not in line
     assert f"Redis at {mask_url(redis_server.url)} answered: {problem};" in line
     assert problem.startswith("read-only replica, writes refused (ResponseError: ")
     assert "READONLY" in problem
     assert line.endswith("run on this process's own state until it takes writes again")
+    wait_for(lambda: shared("replica")["connected"], "the link, taking writes again")
+    assert _lines(caplog, "Shared state restored") == 1
+    engine.dispose()
