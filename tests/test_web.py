@@ -6,6 +6,7 @@ RFC 9457 problem details (``application/problem+json``)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -185,6 +186,34 @@ def test_illegal_transition_gives_409_by_each_path(
     # a legal move through the same route works
     assert client.post(f"/tasks/{task_id}/in_progress", params={"via": how}).status_code == 200
     assert status_of(direct, task_id) == "in_progress"
+
+
+def test_an_invalid_environment_setting_turns_no_answer_into_a_500(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An application that gives its factories ``config=`` in code runs with a stray
+    ``SELF_HEALING_*`` variable in its environment; its error answers must not fail on it (an
+    open circuit answered 500 instead of 503 with Retry-After). Row keys: none, as by default."""
+    monkeypatch.setenv("SELF_HEALING_RETRIES", "5")  # a typo of SELF_HEALING_MAX_RETRIES
+    with pytest.raises(rdb.ConfigError):
+        rdb.load_config()
+    opened = problem_details(rdb.CircuitOpenError("db", 3.0))
+    assert opened is not None
+    assert (opened.status, opened.headers) == (503, {"Retry-After": "3"})
+    assert problem_details(OSError("disk full")) is None  # the application's own
+    illegal = problem_details(
+        rdb.IllegalTransitionError(
+            model="Task", pk=7, column="status", from_state="a", to_state="b", via="flush"
+        )
+    )
+    assert illegal is not None
+    assert illegal.status == 409
+    assert "pk" not in illegal.body
+    app = Starlette()
+    install_exception_handlers(app)
+    handler = app.exception_handlers[rdb.CircuitOpenError]
+    answer = asyncio.run(handler(Request({"type": "http"}), rdb.CircuitOpenError("db", 3.0)))
+    assert answer.status_code == 503
 
 
 def test_row_keys_appear_only_when_opted_in(direct: sa.Engine, service: str) -> None:

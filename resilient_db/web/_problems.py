@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from resilient_db._classify import is_transient, marked_outcome
-from resilient_db._config import Config, env_config
+from resilient_db._config import Config
 from resilient_db._errors import (
     CircuitOpenError,
     CommitOutcomeUnknownError,
@@ -22,6 +22,7 @@ from resilient_db._errors import (
     StaleTransitionError,
 )
 from resilient_db._observability import MAX_VALUE_CHARS, truncated
+from resilient_db.transitions._report import env_config
 
 __all__ = ["PROBLEM_JSON", "PROBLEM_TYPE_BASE", "Problem", "problem_details"]
 
@@ -103,9 +104,10 @@ def problem_details(
       factory that ran the unit said (``classifier=``, with the codes it added or removed),
       ``is_transient`` for an error that never went through a factory.
 
-    ``config`` decides about row keys (default: the environment's).
+    ``config`` decides about row keys (default: the environment's; an environment with an
+    invalid ``SELF_HEALING_*`` setting counts as none set, so that it turns no answer into a
+    500: the factories refuse such an environment where it matters).
     """
-    cfg = config if config is not None else env_config()
 
     def body(kind: str, title: str, status: int, detail: str, **ext: Any) -> dict[str, Any]:
         return {"type": type_base + kind, "title": title, "status": status, "detail": detail, **ext}
@@ -135,7 +137,7 @@ def problem_details(
             "to_state": dst,
             "via": exc.via,
         }
-        if cfg.log_row_keys:
+        if (config if config is not None else env_config()).log_row_keys:
             ext["pk"] = _plain(exc.pk)
         if stale:
             return Problem(
