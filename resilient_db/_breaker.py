@@ -562,6 +562,16 @@ class Breaker:
             self._storage.reset_success_counter()
 
     def describe(self) -> dict[str, Any]:
+        """health()'s view. ``state`` is ``"off"`` while every live user has the breaker
+        switched off (``SELF_HEALING_CIRCUIT_BREAKER=false`` or ``SELF_HEALING_ENABLED=false``
+        applied by a reload): it rejects nothing then, whatever it held."""
+        if not self._users_on and len(self._users_off) > 0:
+            return {
+                "state": "off",
+                "failures": 0,
+                "failure_threshold": self.config.failure_threshold,
+                "reset_timeout": self.config.reset_timeout,
+            }
         state = self.state
         fleet = self._fleet
         info: dict[str, Any] = {

@@ -62,7 +62,7 @@ from ._observability import health as _health
 
 __all__ = ["BREAKER_STATES", "HealthCollector", "MetricsServer", "register", "serve"]
 
-BREAKER_STATES = ("closed", "open", "half-open")
+BREAKER_STATES = ("closed", "open", "half-open", "off")
 _INSTALL_HINT = (
     "Prometheus metrics need the prometheus_client package: pip install 'resilient-db[prometheus]'"
 )

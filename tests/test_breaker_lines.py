@@ -11,11 +11,13 @@ import pytest
 import sqlalchemy as sa
 from fleet import shared
 from processes import wait_for
+from prometheus_client import CollectorRegistry
 from scenarios import FakeClock
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
 from resilient_db._fleet import links
+from resilient_db.metrics import register
 from resilient_db.testing import RedisServer
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
@@ -181,6 +183,19 @@ def test_a_breaker_open_when_switched_off_starts_closed_when_switched_on_again(
 
     switched(clean_env, on=False)
     assert Factory.run(healthy) == 1  # calls run without it, unrecorded
+    # switched off, it rejects nothing: health() and Prometheus must not call the service down
+    health = rdb.health()
+    assert health["services"][service]["breaker"]["state"] == "off"
+    assert health["healthy"] is True
+    registry = CollectorRegistry()
+    register(registry)
+    assert (
+        registry.get_sample_value(
+            "resilient_db_breaker_state", {"service": service, "state": "off"}
+        )
+        == 1
+    )
+    assert registry.get_sample_value("resilient_db_healthy") == 1
     caplog.set_level(logging.INFO, logger="resilient_db")
     switched(clean_env, on=True)
     # healthy calls are not rejected for the rest of the old reset timeout
@@ -229,6 +244,7 @@ def test_a_breaker_another_factory_kept_on_keeps_its_state(
     switched(clean_env, on=False)
     with pytest.raises(sa.exc.OperationalError):
         keeper.run(unavailable)
+    assert rdb.health()["services"][service]["breaker"]["state"] == "open"  # on for the keeper
     switched(clean_env, on=True)
     with pytest.raises(rdb.CircuitOpenError):
         Factory.run(healthy)

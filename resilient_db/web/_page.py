@@ -125,7 +125,7 @@ col.c-ev { width: 170px; }
     return node;
   }
   function stateClass(state) {
-    return ["closed", "half-open", "open"].includes(state) ? state : "unknown";
+    return ["closed", "half-open", "open", "off"].includes(state) ? state : "unknown";
   }
   function normState(state) {
     return state === "half_open" ? "half-open" : String(state);
