@@ -34,6 +34,7 @@ from ._classify import (
 from ._config import Config
 from ._errors import CircuitOpenError
 from ._observability import emit, log_retry, sqlstate_label, stats_for
+from ._state import STATE
 
 __all__ = ["Policy", "set_testing"]
 
@@ -122,6 +123,7 @@ class Policy:
         self.rng = rng
         self.use_retry = use_retry
         self.use_circuit_breaker = use_circuit_breaker
+        self._generation = STATE.generation
         self.stats = stats_for(service)
         self._breaker_storage = breaker_storage
         self._breaker_listeners = breaker_listeners
@@ -181,6 +183,8 @@ class Policy:
     def admit(self) -> bool:
         """Ask the breaker for one attempt. Returns True for a half-open probe. A closed
         breaker answers on its fast path: every unit passes here."""
+        if self._generation != STATE.generation:
+            self._after_reset()
         breaker = self.breaker
         if breaker is None or breaker.fast_closed():
             return False
@@ -191,6 +195,21 @@ class Policy:
         except Exception:  # graceful fallback: a broken breaker store must not stop the call
             self._machinery_failed("circuit breaker admission")
             return False
+
+    def _after_reset(self) -> None:
+        """``reset_state()`` forgot this policy's breaker, counters and budget (a test suite
+        starting over): take the service's new ones, as a factory made now would, so that
+        ``health()`` shows what this factory does. A breaker that a factory made since has
+        given the service with another state storage can't be this one's (a service has one
+        breaker, one storage): this policy then keeps its own, reset and unlisted."""
+        self._generation = STATE.generation
+        self.stats = stats_for(self.service)
+        own, self._own_breaker = self._own_breaker, None
+        try:
+            self.apply_config(self.config)
+        except ValueError:
+            self._own_breaker = own
+            self.apply_config(self.config)
 
     def succeeded(self, probe: bool) -> None:
         self.stats.add_attempt()

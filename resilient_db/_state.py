@@ -34,6 +34,9 @@ class State:
         self.breakers: dict[str, Any] = {}
         #: the counters of each service name
         self.stats: dict[str, Any] = {}
+        #: how many times reset_state() ran: a live policy that sees it move looks its
+        #: service's breaker, counters and budget up again (see ``Policy.admit``)
+        self.generation = 0
         #: factories that follow the environment's configuration (``reload_config``)
         self.default_config_users: weakref.WeakSet[Any] = weakref.WeakSet()
         #: the hooks installed on each engine (one set per engine, shared by its factories)
@@ -123,9 +126,12 @@ def reset_state() -> None:
     recent events and time series are cleared. State shared through
     Redis is left as it is: other processes share it. Factories, their engines' hooks (the
     transition guard's listeners included), flushes in progress and the configuration stay as
-    they are: they belong to objects that are still alive.
+    they are: they belong to objects that are still alive. A live factory takes its service's
+    new breaker, counters and budget at its next unit of work, as a factory made then would
+    (``health()`` shows what it does after the reset, not what it did before).
     """
     with STATE.lock:
+        STATE.generation += 1
         breakers = list(STATE.breakers.values())
         STATE.breakers.clear()
         STATE.budgets.clear()

@@ -42,6 +42,33 @@ def test_reset_state_forgets_breakers_and_zeroes_every_counter(pg_url: str) -> N
     engine.dispose()
 
 
+def test_a_factory_made_before_reset_state_is_seen_by_health_after_it(
+    engine: sa.Engine, service: str
+) -> None:
+    """A module-level factory outlives reset_state() between tests: what it does afterwards
+    (its breaker opening, its counters) shows in health(), and a factory made later for the
+    same service shares its breaker (one per service), instead of each keeping its own."""
+    config = rdb.Config(retry=False, failure_threshold=2, reset_timeout=30)
+    Sessions = rdb.ResilientSession(engine, service=service, config=config)
+    Sessions.run(lambda s: s.execute(sa.text("SELECT 1")).scalar())
+    rdb.reset_state()
+
+    for _ in range(2):
+        with pytest.raises(sa.exc.OperationalError):
+            Sessions.run(lambda s: s.execute(sa.text("SELECT raise_code('57P03')")))
+    with pytest.raises(rdb.CircuitOpenError):
+        Sessions.run(lambda s: 1)
+    health = rdb.health()
+    entry = health["services"][service]
+    assert not health["healthy"]
+    assert entry["breaker"]["state"] == "open"
+    assert (entry["counters"]["attempts"], entry["counters"]["breaker_rejections"]) == (2, 1)
+    later = rdb.ResilientSession(engine, service=service, config=config)
+    with pytest.raises(rdb.CircuitOpenError):
+        later.run(lambda s: 1)
+    assert later.policy.breaker is Sessions.policy.breaker
+
+
 def test_service_names_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     """Service names are configuration: past MAX_SERVICES distinct ones a new one is refused
     with a clear error (each would keep a breaker, counters and metric series for good)."""
