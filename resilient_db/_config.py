@@ -246,6 +246,8 @@ class Config:
                     object.__setattr__(self, field.name, value)
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     problems[field.name] = f"must be a number of seconds, got {value!r}"
+                elif _too_large_for_a_float(value):
+                    problems[field.name] = "too large for a number of seconds"
                 elif not math.isfinite(value) or value < 0:
                     problems[field.name] = f"must be a finite number >= 0, got {value!r}"
                 else:
@@ -260,11 +262,15 @@ class Config:
             bound = limit / 1000 if name in _SECONDS else limit
             if name not in problems and isinstance(value, (int, float)) and value > bound:
                 unit = " s" if name in _SECONDS else ""
-                problems[name] = f"too large: {value!r}; at most {bound:g}{unit}"
+                shown = repr(value) if len(repr(value)) <= 30 else f"{len(str(value))} digits"
+                problems[name] = f"too large: {shown}; at most {bound:g}{unit}"
         for name, why in _contradictions(vars_of(self), str).items():
             problems.setdefault(name, why)
         if self.failure_threshold == 0:
             problems["failure_threshold"] = "must be at least 1"
+        if "redis_timeout" not in problems and self.redis_timeout < 0.001:
+            # (after the conversion above: a timedelta(0) is no 0); the environment's least
+            problems["redis_timeout"] = f"must be at least 0.001 s, got {self.redis_timeout!r}"
         if self.half_open_probes == 0:
             problems["half_open_probes"] = "must be at least 1"
         for name in ("log_level", "bulk_update"):  # any case, as from the environment
@@ -314,7 +320,9 @@ class Config:
             if masked and spec.kind == "url":
                 value = mask_url(value)
             if spec.kind == "ms":
-                out[spec.env] = str(round(value * 1000))
+                # a duration under half a millisecond is no 0 (which may mean "none" or be
+                # refused): the least the environment takes, 1 ms
+                out[spec.env] = str(max(1, round(value * 1000)) if value > 0 else 0)
             elif spec.kind == "bool":
                 out[spec.env] = "true" if value else "false"
             else:
@@ -401,7 +409,9 @@ def _contradictions(
     def number(name: str) -> float | None:
         value = values[name]
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return float(value) if ok and math.isfinite(value) else None
+        if not ok or _too_large_for_a_float(value):
+            return None  # (its own problem)
+        return float(value) if math.isfinite(value) else None
 
     problems: dict[str, str] = {}
     initial, cap = number("initial_delay"), number("max_delay")
@@ -453,13 +463,18 @@ def _optional_problems(config: Config) -> dict[str, str]:
     if ratio is not None:
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
             problems["retry_budget"] = f"must be a ratio such as 0.2 or None, got {ratio!r}"
+        elif _too_large_for_a_float(ratio):
+            problems["retry_budget"] = f"must be between 0 and {MAX_RETRY_BUDGET:g}; too large"
         elif not (math.isfinite(ratio) and 0 <= ratio <= MAX_RETRY_BUDGET):
             problems["retry_budget"] = f"must be between 0 and {MAX_RETRY_BUDGET:g}, got {ratio!r}"
         else:
             object.__setattr__(config, "retry_budget", float(ratio))
-    if config.redis_timeout == 0:
-        problems["redis_timeout"] = "must be more than 0"
     return problems
+
+
+def _too_large_for_a_float(value: int | float) -> bool:
+    """An int past what a float holds (``math.isfinite`` raises OverflowError on it)."""
+    return isinstance(value, int) and value.bit_length() > 1000
 
 
 #: PostgreSQL's longest name, in bytes (NAMEDATALEN - 1)
@@ -487,6 +502,8 @@ def _parse(spec: _Spec, raw: str) -> Any:
             raise ValueError(why)
         return text
     if spec.kind == "ratio":
+        if text.startswith("-") and _RATIO.fullmatch(text[1:]):
+            raise ValueError("must not be negative")
         if not _RATIO.fullmatch(text):
             raise ValueError("not a ratio; give a decimal number such as 0.2 (digits and a dot)")
         value = float(text)
@@ -507,7 +524,8 @@ def _parse(spec: _Spec, raw: str) -> Any:
         # ASCII digits only: no sign, no "_", no other scripts' digits, no exponent
         if not _DIGITS.fullmatch(text):
             raise ValueError(f"not a whole number{unit} (digits 0-9 only)")
-        number = int(text) if len(text) <= 15 else _TOO_BIG
+        digits = text.lstrip("0") or "0"  # leading zeros are no size
+        number = int(digits) if len(digits) <= 15 else _TOO_BIG
         limit = _LIMITS[spec.field]
         if number > limit:
             raise ValueError(f"too large; at most {limit}{' ms' if spec.kind == 'ms' else ''}")

@@ -109,6 +109,34 @@ def test_config_in_code_is_validated_and_accepts_timedelta() -> None:
 def test_as_env_round_trips() -> None:
     cfg = rdb.Config(initial_delay=0.05, max_retries=9, logging=False, bulk_update="raise")
     assert rdb.load_config(cfg.as_env()) == cfg
+    # under half a millisecond is no 0 (a DEADLINE of 0 with retries on is refused)
+    tiny = rdb.Config(deadline=0.0004, redis_timeout=0.001).as_env()
+    assert tiny["SELF_HEALING_DEADLINE"] == "1"
+    assert rdb.load_config(tiny).deadline == 0.001
+
+
+def test_config_in_code_refuses_what_the_environment_would() -> None:
+    """A timedelta(0) Redis timeout (the Redis link never connected with it) and anything
+    under the environment's least, 1 ms; integers too large for a float are a ConfigError
+    named by the field, not an OverflowError."""
+    for timeout in (timedelta(0), 0, 1e-12):
+        with pytest.raises(rdb.ConfigError, match=r"redis_timeout: must be at least 0\.001 s"):
+            rdb.Config(redis_timeout=timeout)
+    with pytest.raises(rdb.ConfigError) as info:
+        rdb.Config(
+            initial_delay=10**400, redis_timeout=10**400, retry_budget=10**400, max_retries=10**400
+        )
+    problems = info.value.problems
+    assert set(problems) == {"initial_delay", "redis_timeout", "retry_budget", "max_retries"}
+    assert problems["max_retries"] == "too large: 401 digits; at most 1000"
+    assert "too large" in problems["initial_delay"]
+
+
+def test_leading_zeros_are_no_size_and_a_negative_ratio_says_so() -> None:
+    assert rdb.load_config({"SELF_HEALING_MAX_RETRIES": "0000000000000005"}).max_retries == 5
+    assert rdb.load_config({"SELF_HEALING_INITIAL_DELAY": "0" * 30 + "250"}).initial_delay == 0.25
+    with pytest.raises(rdb.ConfigError, match=r"'-0\.2' is invalid: must not be negative"):
+        rdb.load_config({"SELF_HEALING_RETRY_BUDGET": "-0.2"})
 
 
 def test_feature_switches_follow_the_master_switch() -> None:
@@ -242,7 +270,7 @@ def test_redis_url_and_retry_budget() -> None:
         ("SELF_HEALING_REDIS_URL", "redis://:s3cret@:6379/0", "has no host"),
         ("SELF_HEALING_REDIS_URL", "", "is empty; unset the variable to run without Redis"),
         ("SELF_HEALING_RETRY_BUDGET", "20%", "not a ratio"),
-        ("SELF_HEALING_RETRY_BUDGET", "-0.2", "not a ratio"),
+        ("SELF_HEALING_RETRY_BUDGET", "-0.2", "must not be negative"),
         ("SELF_HEALING_RETRY_BUDGET", "11", "too large; at most 10"),
         ("SELF_HEALING_RETRY_BUDGET_FLOOR", "1001", "too large; at most 1000"),
         ("SELF_HEALING_REDIS_TIMEOUT", "0", "must be at least 1"),
