@@ -53,7 +53,10 @@ count as ``health()["transitions"]["blocked_transitions"]`` and OpenTelemetry's
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import threading
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -139,8 +142,9 @@ class HealthCollector:
         self._health = health
 
     def describe(self) -> list[Any]:
-        """No fixed description: the label values (services) are only known at scrape time."""
-        return []
+        """The metric families (their names are fixed; the services in their labels are
+        known at scrape time): a registry refuses a second collector of the same names."""
+        return list(self.collect())
 
     def collect(self) -> Iterator[Any]:
         core = self._core
@@ -228,13 +232,29 @@ class HealthCollector:
         )
 
 
+#: the collector registered with each registry (a registry is scraped once per collector)
+_REGISTERED: weakref.WeakKeyDictionary[Any, HealthCollector] = weakref.WeakKeyDictionary()
+_REGISTER_LOCK = threading.Lock()
+
+
 def register(registry: Any = None) -> HealthCollector:
     """Register a :class:`HealthCollector` with ``registry`` (default: prometheus_client's
-    global ``REGISTRY``) and return it."""
-    collector = HealthCollector()
+    global ``REGISTRY``) and return it. Idempotent: registered again, the same collector is
+    returned (and registered again if the application unregistered it); another collector of
+    the same metrics is refused by the registry."""
     if registry is None:
         registry = importlib.import_module("prometheus_client").REGISTRY
-    registry.register(collector)
+    with _REGISTER_LOCK:
+        collector = _REGISTERED.get(registry)
+        if collector is not None:
+            # registered again if the application unregistered it; prometheus_client's
+            # DuplicateTimeseries (a ValueError) when it is still registered
+            with contextlib.suppress(ValueError):
+                registry.register(collector)
+            return collector
+        collector = HealthCollector()
+        registry.register(collector)
+        _REGISTERED[registry] = collector
     return collector
 
 

@@ -16,13 +16,13 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from scenarios import RAISE_CODE_FUNCTION, refuse_moves_every_way
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
 from resilient_db.examples.tasks import Base, Task, create_task, move_task
-from resilient_db.metrics import HealthCollector
+from resilient_db.metrics import HealthCollector, register
 from resilient_db.otel import install_opentelemetry, uninstall_opentelemetry
 from resilient_db.testing import FaultProxy
 
@@ -203,6 +203,23 @@ def test_install_is_idempotent_and_uninstall_stops_it(
     with tracer.start_as_current_span("after"):
         Sessions.run(flaky)
     assert spans.get_finished_spans()[-1].events == ()
+
+
+def test_registering_the_prometheus_collector_again_reports_each_series_once() -> None:
+    """Registered twice (two modules of an application each calling register()), every series
+    was exported twice, which the OpenMetrics parser refuses ("Clashing name")."""
+    registry = CollectorRegistry()
+    collector = register(registry)
+    assert register(registry) is collector
+    text = generate_latest(registry).decode()
+    assert [line for line in text.splitlines() if line.startswith("resilient_db_healthy ")] == [
+        "resilient_db_healthy 1.0"
+    ]
+    registry.unregister(collector)  # the application took it out: registered again
+    assert register(registry) is collector
+    assert registry.get_sample_value("resilient_db_healthy") == 1
+    with pytest.raises(ValueError, match="Duplicated timeseries"):
+        registry.register(HealthCollector())  # another of the same metrics: refused
 
 
 def prometheus(name: str, service: str | None = None) -> float:
