@@ -174,7 +174,7 @@ def _judge_bare(statement: str) -> int:
         return DEALLOCATES
     if head == "NOTIFY" or _NOTIFY_CALL.search(statement):
         return NOTIFIES
-    if head[:5] == "SHOW ":
+    if head[:5] == "SHOW " and ";" not in statement.strip().rstrip(";"):
         return READ_ONLY
     verdict = _judge_write(head, statement)
     if verdict == MAY_WRITE and _SESSION_STATE.search(statement):

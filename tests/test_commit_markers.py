@@ -145,6 +145,8 @@ def test_plain_selects_are_proven_read_only(statement: str) -> None:
         "SELECT t.a FROM t WHERE t.a <-% $1",
         # an escaped quote in an E'' string hides the rest from a simple scan
         "SELECT E'\\'' AS a, 1 ##! 2 AS b, '' AS c",
+        # a statement after SHOW in the same text
+        "SHOW search_path; DELETE FROM t",
     ],
 )
 def test_anything_else_may_write(statement: str) -> None:
