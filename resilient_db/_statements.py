@@ -67,12 +67,23 @@ _SAFE_CALLS: Final = frozenset(
     pg_table_is_visible to_regclass
     """.split()  # noqa: SIM905 - a word list reads better as words
 )
-_CALL = re.compile(r"([A-Za-z_][\w$]*)\s*\(")
+# Names as PostgreSQL's lexer reads them: an unquoted name holds ASCII letters, digits, ``_``,
+# ``$`` and any non-ASCII character (``записать``, ``ésum``, even a no-break space), and only
+# ASCII spaces, tabs and line breaks are whitespace. A call's name is taken whole (a run of name
+# characters, so ``ésum(`` is not ``sum(``); one that starts with a digit is no built-in either.
+_NAME_CHAR = "A-Za-z0-9_$\u0080-\U0010ffff"
+_SPACE = "[ \t\n\r\f\v]"
+_CALL = re.compile(f"([{_NAME_CHAR}]+){_SPACE}*\\(")
 # ``pg_catalog.f(`` is the built-in ``f`` (SQLAlchemy's first statements on a new engine are
 # ``select pg_catalog.version()`` and ``select current_schema()``): judged as ``f(``
-_CATALOG_CALL = re.compile(r"\bpg_catalog\s*\.\s*(?=[A-Za-z_][\w$]*\s*\()", re.IGNORECASE)
-_QUALIFIED_CALL = re.compile(r"\.\s*\"?[A-Za-z_][\w$]*\"?\s*\(|\"\s*\(")
-_INTO = re.compile(r"\bINTO\b", re.IGNORECASE)
+_CATALOG_CALL = re.compile(
+    f"(?<![{_NAME_CHAR}])pg_catalog{_SPACE}*\\.{_SPACE}*(?=[{_NAME_CHAR}]+{_SPACE}*\\()",
+    re.IGNORECASE,
+)
+_QUALIFIED_CALL = re.compile(f'\\.{_SPACE}*"?[{_NAME_CHAR}]+"?{_SPACE}*\\(|"{_SPACE}*\\(')
+# (``1INTO`` is ``1 INTO`` to a server before 15: only a letter, ``_`` or ``$`` before INTO
+# joins it to a name)
+_INTO = re.compile(f"(?<![A-Za-z_$\u0080-\U0010ffff])INTO(?![{_NAME_CHAR}])", re.IGNORECASE)
 # A statement that may make transactions read-only (SET TRANSACTION READ ONLY, SET SESSION
 # CHARACTERISTICS ..., SET default_transaction_read_only, BEGIN READ WRITE, ...) or switch the
 # role in effect (SET [LOCAL] ROLE, SET SESSION AUTHORIZATION, RESET ROLE, set_config('role')),

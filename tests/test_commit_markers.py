@@ -147,6 +147,12 @@ def test_plain_selects_are_proven_read_only(statement: str) -> None:
         "SELECT E'\\'' AS a, 1 ##! 2 AS b, '' AS c",
         # a statement after SHOW in the same text
         "SHOW search_path; DELETE FROM t",
+        # an unquoted name may hold any non-ASCII character: taken whole, it is no built-in
+        "SELECT записать(1)",
+        "SELECT ésum(1)",  # not sum(
+        "SELECT app.записать(1)",
+        "SELECT sum\xa0(1)",  # a no-break space is part of the name (only ASCII space is space)
+        "SELECT 1INTO t",  # SELECT 1 INTO t, to a server before PostgreSQL 15
     ],
 )
 def test_anything_else_may_write(statement: str) -> None:
@@ -178,6 +184,14 @@ HIDDEN_WRITES: dict[str, tuple[list[str], sa.Executable]] = {
     "operator": (
         ["CREATE OPERATOR ##! (LEFTARG = int, RIGHTARG = int, FUNCTION = hidden_write)"],
         sa.select(sa.literal(1).op("##!")(2)),
+    ),
+    # a name with a non-ASCII letter, once read as the built-in sum(
+    "non-ascii-name": (
+        [
+            "CREATE FUNCTION ésum(a int, b int) RETURNS int LANGUAGE sql "
+            "AS 'SELECT hidden_write(a, b)'"
+        ],
+        sa.text("SELECT ésum(1, 2)"),
     ),
 }
 
