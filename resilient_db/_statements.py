@@ -110,7 +110,10 @@ STOPS_PREPARED: Final = 2
 #: lost answer would be replayed: the notification sent twice. Its COMMIT assigns the xid first.
 NOTIFIES: Final = 3
 DEALLOCATES: Final = 4
-_NOTIFY_CALL = re.compile(r"\bpg_notify\s*\(", re.IGNORECASE)
+# Anywhere in the statement, not only at its head: after another statement in the same text
+# (``SELECT 1; NOTIFY jobs``), in a ``DO`` block's body. A name or text that merely holds the
+# word (a column ``notify``) costs its transaction the xid's request at COMMIT, nothing more.
+_NOTIFIES = re.compile(r"\bpg_notify\s*\(|\bNOTIFY\b", re.IGNORECASE)
 # Statements of transaction control that write nothing themselves (asyncpg's savepoints, for
 # one, go through ``execute``): judged read-only, as an empty statement (asyncpg's ping, ";").
 _CONTROL_HEADS: Final = frozenset({"SAVEPO", "RELEAS", "ROLLBA", ""})
@@ -183,7 +186,7 @@ def _judge_bare(statement: str) -> int:
         return READ_ONLY
     if head in ("DISCAR", "DEALLO"):
         return DEALLOCATES
-    if head == "NOTIFY" or _NOTIFY_CALL.search(statement):
+    if _NOTIFIES.search(statement):
         return NOTIFIES
     if head[:5] == "SHOW " and ";" not in statement.strip().rstrip(";"):
         return READ_ONLY

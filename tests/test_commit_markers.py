@@ -236,6 +236,10 @@ def test_a_hidden_write_is_not_replayed_after_a_lost_answer(
         "notify jobs, 'ready'",
         "SELECT pg_notify('jobs', 'ready')",
         "SELECT PG_NOTIFY ('j', '')",
+        # not at the statement's head
+        "SELECT 1; NOTIFY jobs, 'ready'",
+        "DO $$ BEGIN NOTIFY jobs; END $$",
+        "DO $$ BEGIN PERFORM pg_notify('jobs', 'ready'); END $$",
     ],
 )
 def test_notifications_are_writes_whose_xid_comes_at_commit(statement: str) -> None:
