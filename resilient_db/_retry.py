@@ -196,6 +196,16 @@ class Policy:
             self._machinery_failed("circuit breaker admission")
             return False
 
+    def unused(self, probe: bool) -> None:
+        """An admission whose attempt will not run under it: a half-open probe's slot is
+        given back (neither a success nor a failure)."""
+        breaker = self.breaker
+        if probe and breaker is not None:
+            try:
+                breaker.on_neutral(probe)
+            except Exception:
+                self._machinery_failed("circuit breaker accounting")
+
     def _after_reset(self) -> None:
         """``reset_state()`` forgot this policy's breaker, counters and budget (a test suite
         starting over): take the service's new ones, as a factory made now would, so that

@@ -249,16 +249,11 @@ def _call(policy: Policy, fn: Callable[[], Any], check: ResponseCheck | None, cf
         result = policy.call_failed(lambda: _own_call(policy, fn), exc, probe, started)
     else:
         if inspect.isawaitable(result):
-            return _afinish(
-                policy,
-                fn,
-                result,
-                record=record,
-                probe=probe,
-                started=started,
-                check=check,
-                cfg=cfg,
-            )
+            # the work runs when the result is awaited, which may be never (a caller's
+            # deadline already spent cancels it before its first step): a half-open probe's
+            # slot is given back now and asked for again then, or it would be held for good
+            policy.unused(probe)
+            return _afinish(policy, fn, result, record=record, check=check, cfg=cfg)
         policy.succeeded(probe)
     return result if check is None else check_response(check, result, cfg, policy.service)
 
@@ -269,14 +264,20 @@ async def _afinish(
     first: Awaitable[Any],
     *,
     record: AttemptRecord,
-    probe: bool,
-    started: float,
     check: ResponseCheck | None,
     cfg: Config,
 ) -> Any:
     """The first attempt of :func:`_call` returned ``first``: awaiting it finishes that attempt
     (in the same ``record``, so a COMMIT sent before ``fn`` returned still forbids a replay),
-    and a failure goes on as :meth:`Policy.acall` would: each retry calls ``fn`` again."""
+    admitted by the breaker now that it runs, and a failure goes on as :meth:`Policy.acall`
+    would: each retry calls ``fn`` again."""
+    try:
+        probe = policy.admit()
+    except BaseException:
+        if inspect.iscoroutine(first):
+            first.close()  # never to run: not "never awaited"
+        raise
+    started = time.monotonic()
     try:
         with record:
             result = await first

@@ -12,7 +12,7 @@ import asyncio
 import functools
 import logging
 import select
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -845,6 +845,38 @@ async def test_32_tasks_through_a_half_open_breaker_let_one_probe_through(
     assert all(isinstance(o, rdb.CircuitOpenError) for o in outcomes if o != 1)
     assert (breaker(service) or {})["state"] == "closed"
     assert await Session.run(unit) == 1
+
+
+# the caller's coroutine, made when the operation was called and cancelled before it ran, is
+# never awaited: Python says so when it is collected, as for any coroutine made and dropped
+@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_an_operation_cancelled_before_it_started_gives_its_probe_slot_back(
+    engine: AsyncEngine, service: str
+) -> None:
+    """``with_self_healing(lambda: coroutine)`` is admitted by the breaker when it is called,
+    before its work runs; cancelled before its first step (a caller whose deadline was already
+    spent), a half-open probe's slot was never given back: the breaker stayed half-open,
+    rejecting every call, after the database was back."""
+    clock = Clock()
+    config = rdb.Config(failure_threshold=1, reset_timeout=1.0, half_open_probes=1)
+    Session = AsyncResilientSession(engine, service=service, config=config, wall_clock=clock)
+    assert Session.policy.breaker is not None
+    Session.policy.breaker.open()
+    clock.now += 1.0  # half-open: one probe may go
+
+    async def select_one() -> int:
+        async with engine.connect() as conn:
+            return int((await conn.execute(sa.text("SELECT 1"))).scalar_one())
+
+    def operation() -> Awaitable[int]:
+        # a callable not declared async: admitted when called, its work runs when awaited
+        return rdb.with_self_healing(lambda: select_one(), service=service, config=config)  # noqa: PLW0108
+
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(operation(), 0)
+    assert await operation() == 1
+    assert (breaker(service) or {})["state"] == "closed"
 
 
 # -- cancellation ----------------------------------------------------------------------------------
