@@ -292,6 +292,7 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
 
     def _transactional(self, fn: Any, *, validate: Any = None) -> Any:
         _require_unit_function(fn, "transactional")
+        _refuse_method(fn)
         if validate is None:
 
             @functools.wraps(fn)
@@ -488,6 +489,22 @@ def _validated(
 def _check_in_unit(_session: Any, check: ResponseCheck, value: Any, factory: FactoryCore) -> Any:
     """:func:`check_response` of a unit's result, in the unit's (sync) session."""
     return check_response(check, value, factory.config, factory.service)
+
+
+def _refuse_method(fn: Any) -> None:
+    """``transactional`` passes the session as the first argument: on a method (a function
+    whose first parameter is ``self`` or ``cls``, decorated in its class) the session would
+    arrive as ``self`` and the instance as the session."""
+    code = getattr(fn, "__code__", None)
+    if type(fn) is not types.FunctionType or code is None or not code.co_argcount:
+        return
+    first = code.co_varnames[0]
+    if first in ("self", "cls"):
+        raise TypeError(
+            f"{_name(fn)} takes {first!r} first, but transactional passes the session as the "
+            f"first argument (it would arrive as {first!r}): decorate a function whose first "
+            "parameter is the session, or call Session.run(fn, ...) from the method"
+        )
 
 
 # -- what really differs: engines, unit functions, the unit running here ---------------------------

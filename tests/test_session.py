@@ -1113,3 +1113,26 @@ def test_run_refuses_what_is_not_a_sync_unit_before_sending_anything(
         Session.run_in(session, "select 1")  # type: ignore[call-overload]
     assert engine.pool.checkedout() == checked_out
     assert rdb.health()["services"][service]["counters"]["attempts"] == 0
+
+
+def test_transactional_refuses_a_method_which_would_get_the_session_as_self(
+    engine: sa.Engine, service: str
+) -> None:
+    """Decorated in its class, a method was called with the session as ``self`` and the
+    instance as the session, silently."""
+    Session = factory(engine, service)
+    with pytest.raises(TypeError, match=r"Repo\.get takes 'self' first, but transactional "):
+
+        class Repo:
+            @Session.transactional
+            def get(self, session: Any, n: int) -> int:
+                return n
+
+    with pytest.raises(TypeError, match=r"takes 'cls' first"):
+        Session.transactional(lambda cls, session: None)
+
+    @Session.transactional
+    def get(session: Any, n: int) -> int:  # a function: the session first
+        return int(session.execute(sa.text(f"SELECT {n}")).scalar_one())
+
+    assert get(3) == 3
