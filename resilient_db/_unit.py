@@ -1120,8 +1120,13 @@ class EngineHooks:
         info = record.info
         probe = info.get(_PROBE_KEY)
         if probe is None or probe[0] is not dbapi_connection:
+            # first seen here: just made (as SQLAlchemy's pre-ping, no check of a fresh one:
+            # a pool retries a checkout only once, so a dead pooled connection followed by a
+            # new one the server ended at once raised "This connection is closed", not a
+            # disconnect; such a connection fails its first statement as one instead), or
+            # made before this engine had a resilient factory (prepared below)
             probe = info[_PROBE_KEY] = (dbapi_connection, dead_probe(dbapi_connection, info))
-        if probe[1]():
+        elif probe[1]():
             config, service = self._speaker()
             emit(
                 config,

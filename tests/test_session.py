@@ -809,6 +809,41 @@ def test_drop_in_use_survives_a_dead_pooled_connection(
     assert "[SELF-HEAL] Discarded a dead pooled connection" in caplog.text
 
 
+def test_a_dead_pooled_connection_then_a_new_one_ended_at_once_is_replayed(
+    engine: sa.Engine, pg_server: Any, service: str
+) -> None:
+    """The pooled connection is dead, and so is the new one the pool makes for it (the server
+    terminating every backend, a kill storm). The pool retries a checkout once: the checkout
+    check, which refused the new one too, made SQLAlchemy raise "This connection is closed",
+    which no classifier takes for a disconnect, so the unit failed at once. A connection the
+    check sees for the first time is not checked (as SQLAlchemy's pre-ping): it fails its
+    first statement with a disconnect, and the unit is run again."""
+    pooled = sa.create_engine(engine.url, pool_size=1, max_overflow=0)
+    Session = factory(pooled, service)
+    ends_at_once = [1]
+
+    @sa.event.listens_for(pooled, "connect")
+    def terminated_on_connect(dbapi_connection: Any, record: Any) -> None:
+        if ends_at_once:
+            ends_at_once.pop()
+            pid = int(dbapi_connection.info.backend_pid)
+            pg_server.execute(f"SELECT pg_terminate_backend({pid}, 5000)")
+
+    def backend(session: Session) -> int:
+        return int(session.execute(sa.text("SELECT pg_backend_pid()")).scalar_one())
+
+    try:
+        ends_at_once.clear()
+        first = Session.run(backend)
+        ends_at_once.append(1)
+        assert pg_server.terminate_backends(database=engine.url.database) >= 1
+        assert Session.run(backend) != first
+        assert not ends_at_once  # the new connection was ended, and the unit ran again
+        assert rdb.health()["services"][service]["counters"]["retries"] == 1
+    finally:
+        pooled.dispose()
+
+
 def test_a_pooled_connection_with_notifications_waiting_is_kept_and_they_are_delivered(
     engine: sa.Engine, service: str, caplog: pytest.LogCaptureFixture
 ) -> None:
