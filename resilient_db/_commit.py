@@ -1975,6 +1975,24 @@ def _commit_plan(driver: Any) -> tuple[CommitTicket | None, str | None, AttemptR
     return ticket, None, None
 
 
+def _idle_commit_plan(driver: Any) -> tuple[CommitTicket | None, None, None]:
+    """What an asyncpg connection's COMMIT does outside a transaction, as psycopg's does there
+    (:func:`_psycopg_commit_plan`): a plain COMMIT, with no marker. The transaction SQLAlchemy
+    began was ended by a statement of the unit's own code (``COMMIT`` sent as text, which the
+    statement's noting recorded on the attempt, see ``_statements.COMMITS``): this COMMIT ends
+    nothing, and a marker's INSERT would run on its own, outside any transaction, holding no
+    xid, so the marker would never be written (and the server's warning, "there is no
+    transaction in progress", would make the unit check a commit that never was). A committing
+    unit's ticket is the read-only one: nothing to verify, whatever its answer."""
+    driver._rdb_may_write = False
+    driver._rdb_notifies = False
+    request = current_request.get()
+    if request is None:
+        return None, None, None
+    request.tickets.append(_READ_ONLY)
+    return _READ_ONLY, None, None
+
+
 def prune(connection: Connection) -> int:
     """Delete expired markers, at most :data:`PRUNE_BATCH`; concurrent pruners skip each
     other's rows. Returns how many."""
@@ -2026,7 +2044,11 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                     if end == "BEGIN":  # asyncpg's own, spelled in capitals
                         self._rdb_read_only = "READ ONLY" in query
                     elif end == "COMMIT":
-                        ticket, message, attempt = _commit_plan(self)
+                        ticket, message, attempt = (
+                            _commit_plan(self)
+                            if self.is_in_transaction()
+                            else _idle_commit_plan(self)
+                        )
                         if attempt is not None:  # a unit's own code commits (AttemptRecord)
                             with _own_commit(attempt):
                                 return await base.execute(self, query, timeout=timeout)
