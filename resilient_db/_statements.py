@@ -117,6 +117,16 @@ _NOTIFIES = re.compile(r"\bpg_notify\s*\(|\bNOTIFY\b", re.IGNORECASE)
 # Statements of transaction control that write nothing themselves (asyncpg's savepoints, for
 # one, go through ``execute``): judged read-only, as an empty statement (asyncpg's ping, ";").
 _CONTROL_HEADS: Final = frozenset({"SAVEPO", "RELEAS", "ROLLBA", ""})
+#: A flag over any verdict (which it makes truthy): the statement ends the transaction it runs
+#: in by committing it (``COMMIT``, ``END``, ``COMMIT AND CHAIN``, ``PREPARE TRANSACTION``,
+#: ``COMMIT PREPARED``), sent as statement text by the unit's own code: the work before it is
+#: committed (or prepared, to be committed by whoever ends it), so the unit's attempt can't be
+#: replayed after it, unless the server answered it with an error (as for a statement sent in
+#: autocommit). COMMITS_MIDWAY: more statements follow it in the same text, so an error answer
+#: proves nothing (the error may be theirs): the attempt can't be replayed at all.
+COMMITS: Final = 8
+COMMITS_MIDWAY: Final = 16
+_KIND: Final = 7  # the verdict without its flags
 _verdicts: dict[str, int] = {}
 
 
@@ -181,6 +191,54 @@ def _judge(statement: str) -> int:
 
 
 def _judge_bare(statement: str) -> int:
+    verdict = _judge_kind(statement)
+    if _COMMIT_HINT.search(statement) is None:
+        return verdict
+    commits = _commits(statement)
+    return (verdict or MAY_WRITE) | commits if commits else verdict
+
+
+# Statements that commit, found where a statement of the text starts (after its start or a
+# ``;``), outside quoted text and names, dollar-quoted bodies (a DO block's ``END``) and
+# comments. A text the scan can't be sure of (a backslash, which may escape a quote in an
+# ``E''`` string; a quote, comment or dollar quote left open) is looked at as it is: a COMMIT
+# found in a string costs the unit its replay, one missed would have the unit replayed after it
+# committed part of its work (written twice).
+_COMMIT_HINT = re.compile("COMMIT|END|PREPARE", re.IGNORECASE)
+_DOLLAR_QUOTE = (
+    f"(?<![{_NAME_CHAR}])\\$(?:[A-Za-z_\u0080-\U0010ffff][A-Za-z0-9_\u0080-\U0010ffff]*)?\\$"
+)
+_NOT_STATEMENT_WORDS = re.compile(
+    f"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|/\\*.*?\\*/|--[^\n]*|({_DOLLAR_QUOTE}).*?\\1",
+    re.DOTALL,
+)
+_OPEN_DOLLAR_QUOTE = re.compile(_DOLLAR_QUOTE)
+_COMMITTING = re.compile(
+    f"{_SPACE}*(?:COMMIT|END|PREPARE{_SPACE}+TRANSACTION)(?![{_NAME_CHAR}])", re.IGNORECASE
+)
+
+
+def _commits(statement: str) -> int:
+    """``COMMITS`` (with ``COMMITS_MIDWAY`` when more follows it) if a statement of
+    ``statement``'s text commits the transaction, else 0 (see above)."""
+    bare = _NOT_STATEMENT_WORDS.sub(" ", statement)
+    if (
+        "\\" in statement
+        or "'" in bare
+        or '"' in bare
+        or "/*" in bare
+        or "--" in bare
+        or _OPEN_DOLLAR_QUOTE.search(bare)
+    ):
+        bare = statement
+    parts = [part for part in bare.split(";") if part.strip(" \t\n\r\f\v")]
+    for at, part in enumerate(parts):
+        if _COMMITTING.match(part):
+            return COMMITS | COMMITS_MIDWAY if at < len(parts) - 1 else COMMITS
+    return 0
+
+
+def _judge_kind(statement: str) -> int:
     head = statement.lstrip().lstrip("(").lstrip()[:6].upper()
     if head.rstrip(";") in _CONTROL_HEADS and ";" not in statement.strip().rstrip(";"):
         return READ_ONLY
@@ -305,6 +363,10 @@ def statement_listeners(
                 attempt = current_attempt.get()
                 if attempt is not None:
                     attempt.autocommit(context)
+            elif verdict & COMMITS:
+                attempt = _committing(verdict)
+                if attempt is not None:
+                    attempt.autocommit(context)
         if guard is not None and context.isupdate:
             return guard(cursor, statement, parameters, context)
         return False
@@ -321,12 +383,13 @@ def statement_listeners(
 
 def _special_statement(verdict: int, driver: Any) -> None:
     """What a STOPS_PREPARED, NOTIFIES or DEALLOCATES statement changes on a marked connection
-    (off the common path)."""
-    if verdict == STOPS_PREPARED:
+    (off the common path; the COMMITS flags are the noting paths' to act on)."""
+    kind = verdict & _KIND
+    if kind == STOPS_PREPARED:
         driver._rdb_prepared = None  # its COMMITs call the function from now on
-    elif verdict == NOTIFIES:
+    elif kind == NOTIFIES:
         driver._rdb_notifies = True  # read (and cleared) by the unit's COMMIT
-    elif verdict == DEALLOCATES:
+    elif kind == DEALLOCATES:
         form = driver._rdb_prepared
         if form is not None:  # (the function needs nothing prepared)
             driver._rdb_prepared = form.dropped(driver)  # its next COMMIT prepares it again
@@ -459,13 +522,31 @@ def _query_verdict(query: Any, context: Any) -> int:
 
 def _psycopg_noted(connection: Any, verdict: int) -> AttemptRecord | None:
     """Note a statement that may write on ``connection``; the unit's attempt when it goes out
-    in autocommit."""
+    in autocommit, or commits the transaction (see ``COMMITS``)."""
     connection._rdb_may_write = True
     if verdict != MAY_WRITE:
         _special_statement(verdict, connection)
+        if verdict & COMMITS and not connection.autocommit:
+            return _committing(verdict)
     if connection.autocommit:
         return current_attempt.get()
     return None
+
+
+def _committing(verdict: int) -> AttemptRecord | None:
+    """A statement that commits the transaction (``COMMITS``) goes out in one: the attempt of the
+    unit whose code sends it, which can't be replayed after it unless the server refuses it (as
+    for one sent in autocommit), or none. Not while the unit's own COMMIT is made (a two-phase
+    unit's ``PREPARE TRANSACTION`` and ``COMMIT PREPARED``, sent as statements, are its commit,
+    not part of its work). Text that goes on after its COMMIT makes the attempt unreplayable at
+    once (``COMMITS_MIDWAY``): an error answer proves nothing of what went before it."""
+    if current_request.get() is not None:
+        return None
+    attempt = current_attempt.get()
+    if attempt is not None and verdict & COMMITS_MIDWAY:
+        attempt.committed = True
+        return None
+    return attempt
 
 
 def _autocommitted(attempt: AttemptRecord, token: object, send: Callable[[], Any]) -> Any:
@@ -601,16 +682,20 @@ def statement_connection(statement: Any) -> Any:
 
 def _asyncpg_noted(connection: Any, verdict: int, *, lazy: bool = False) -> AttemptRecord | None:
     """Note a statement that may write on a marked asyncpg ``connection``; the unit's attempt
-    when it goes out in autocommit (outside a transaction). ``lazy``: the statement runs later
-    (a cursor); one in autocommit is taken as committed."""
+    when it goes out in autocommit (outside a transaction), or commits the transaction (see
+    ``COMMITS``). ``lazy``: the statement runs later (a cursor); one in autocommit is taken as
+    committed."""
     if not verdict:
         return None
     connection._rdb_may_write = True
     if verdict != MAY_WRITE:
         _special_statement(verdict, connection)
-    if connection.is_in_transaction():
+    if not connection.is_in_transaction():
+        attempt = current_attempt.get()
+    elif verdict & COMMITS:
+        attempt = _committing(verdict)
+    else:
         return None
-    attempt = current_attempt.get()
     if attempt is None:
         return None
     if lazy:

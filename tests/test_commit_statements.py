@@ -11,15 +11,19 @@ asyncpg, with the commit markers and without them.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
+import asyncpg
+import psycopg
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
 
 import resilient_db as rdb
+from resilient_db import _statements
 from resilient_db.testing import PostgresServer
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
@@ -69,6 +73,72 @@ def fail_first_commit(server: PostgresServer, database: str) -> None:
         server.execute(statement, database=database)
 
 
+# -- psycopg ------------------------------------------------------------------------------------
+def _raw(session: Session) -> Any:
+    return session.connection().connection.driver_connection
+
+
+SYNC_COMMITS: dict[str, Callable[[Session, str], object]] = {
+    "text-commit": lambda s, u: s.execute(sa.text("COMMIT")),
+    "text-end": lambda s, u: s.execute(sa.text("END")),
+    "text-commit-and-chain": lambda s, u: s.execute(sa.text("commit and chain")),
+    "driver-sql-commit": lambda s, u: s.connection().exec_driver_sql("COMMIT"),
+    "raw-commit": lambda s, u: _raw(s).execute("COMMIT"),
+    "raw-cursor-end": lambda s, u: _raw(s).cursor().execute("END WORK"),
+    # committed midway through a text whose last statement fails
+    "text-commit-midway": lambda s, u: s.connection().exec_driver_sql(
+        "COMMIT; SELECT serialization_failure()"
+    ),
+}
+
+
+@pytest.fixture
+def engine(pg_server: PostgresServer, database: str) -> Iterator[sa.Engine]:
+    engine = sa.create_engine(pg_server.url(database))
+    yield engine
+    engine.dispose()
+
+
+@pytest.mark.parametrize("way", sorted(SYNC_COMMITS))
+def test_a_unit_that_committed_with_a_statement_is_not_replayed(
+    engine: sa.Engine, pg_server: PostgresServer, database: str, service: str, way: str
+) -> None:
+    Sessions = rdb.ResilientSession(engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+    calls = []
+
+    def work(session: Session) -> None:
+        calls.append(1)
+        session.execute(INSERT, {"unit": unit})
+        SYNC_COMMITS[way](session, unit)
+        session.execute(sa.text("SELECT serialization_failure()"))  # retried, were it replayable
+
+    with pytest.raises(sa.exc.OperationalError) as raised:
+        Sessions.run(work)
+    assert rdb.sqlstate_of(raised.value) == "40001"
+    assert calls == [1], "replayed after it committed part of its work"
+    assert rows(pg_server, database, unit) == 1
+
+
+def test_a_commit_statement_refused_by_the_server_is_replayed(
+    engine: sa.Engine, pg_server: PostgresServer, database: str, service: str
+) -> None:
+    """The server's error answer to the COMMIT proves that nothing was committed."""
+    fail_first_commit(pg_server, database)
+    Sessions = rdb.ResilientSession(engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+    calls = []
+
+    def work(session: Session) -> None:
+        calls.append(1)
+        session.execute(INSERT, {"unit": unit})
+        session.execute(sa.text("COMMIT"))
+
+    Sessions.run(work)
+    assert len(calls) == 2
+    assert rows(pg_server, database, unit) == 1
+
+
 # -- async: asyncpg and psycopg -----------------------------------------------------------------
 async def _araw(session: AsyncSession) -> Any:
     return (await (await session.connection()).get_raw_connection()).driver_connection
@@ -89,6 +159,8 @@ ASYNC_COMMITS: dict[str, Callable[[AsyncSession], Awaitable[object]]] = {
     "driver-sql-commit": lambda s: _driver_sql(s, "COMMIT"),
     "raw-commit": lambda s: _raw_execute(s, "COMMIT"),
     "raw-commit-and-chain": lambda s: _raw_execute(s, "COMMIT AND CHAIN"),
+    # (asyncpg's execute sends a text without arguments as one simple query)
+    "raw-commit-midway": lambda s: _raw_execute(s, "COMMIT; SELECT serialization_failure()"),
 }
 
 
@@ -103,6 +175,29 @@ async def async_engine(
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("way", sorted(ASYNC_COMMITS))
+async def test_an_async_unit_that_committed_with_a_statement_is_not_replayed(
+    async_engine: AsyncEngine, pg_server: PostgresServer, database: str, service: str, way: str
+) -> None:
+    Sessions = rdb.AsyncResilientSession(async_engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+    calls = []
+
+    async def work(session: AsyncSession) -> None:
+        calls.append(1)
+        await session.execute(INSERT, {"unit": unit})
+        await ASYNC_COMMITS[way](session)
+        await session.execute(sa.text("SELECT serialization_failure()"))
+
+    # (SQLAlchemy's error, or the driver's own where the raw connection failed)
+    with pytest.raises((sa.exc.DBAPIError, asyncpg.PostgresError, psycopg.Error)) as raised:
+        await Sessions.run(work)
+    assert rdb.sqlstate_of(raised.value) == "40001"
+    assert calls == [1], "replayed after it committed part of its work"
+    assert rows(pg_server, database, unit) == 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("way", sorted(set(ASYNC_COMMITS) - {"raw-commit-midway"}))
 async def test_an_async_unit_that_committed_with_a_statement_and_went_through_runs_once(
     async_engine: AsyncEngine, pg_server: PostgresServer, database: str, service: str, way: str
 ) -> None:
@@ -122,3 +217,57 @@ async def test_an_async_unit_that_committed_with_a_statement_and_went_through_ru
     assert await Sessions.run(work) == unit
     assert calls == [1]
     assert rows(pg_server, database, unit) == 1
+
+
+@pytest.mark.asyncio
+async def test_an_async_commit_statement_refused_by_the_server_is_replayed(
+    async_engine: AsyncEngine, pg_server: PostgresServer, database: str, service: str
+) -> None:
+    fail_first_commit(pg_server, database)
+    Sessions = rdb.AsyncResilientSession(async_engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+    calls = []
+
+    async def work(session: AsyncSession) -> None:
+        calls.append(1)
+        await session.execute(INSERT, {"unit": unit})
+        await session.execute(sa.text("COMMIT"))
+
+    await Sessions.run(work)
+    assert len(calls) == 2
+    assert rows(pg_server, database, unit) == 1
+
+
+# -- which statements commit --------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("statement", "flags"),
+    [
+        ("COMMIT", _statements.COMMITS),
+        ("commit;", _statements.COMMITS),
+        ("END WORK", _statements.COMMITS),
+        ("COMMIT AND CHAIN", _statements.COMMITS),
+        ("PREPARE TRANSACTION 'unit-1'", _statements.COMMITS),
+        ("COMMIT PREPARED 'unit-1'", _statements.COMMITS),
+        ("INSERT INTO t VALUES (1); COMMIT", _statements.COMMITS),
+        (
+            "INSERT INTO t VALUES (1); COMMIT; INSERT INTO t VALUES (2)",
+            _statements.COMMITS | _statements.COMMITS_MIDWAY,
+        ),
+        ("/* x */ END", _statements.COMMITS),
+        # an escaped quote the scan can't be sure of: a COMMIT is taken as one
+        ("SELECT E'\\'; COMMIT'", _statements.COMMITS),
+        # no statement of these commits
+        ("SELECT CASE WHEN a THEN 1 END FROM t", 0),
+        ("DO $$ BEGIN INSERT INTO t VALUES (1); END $$", 0),
+        ("DO $body$ BEGIN COMMIT; END $body$", 0),  # (a procedure's: only in autocommit)
+        ("SELECT 'a; commit' AS x", 0),
+        ("SELECT 1 -- ; commit", 0),
+        ("SELECT endless FROM t; SELECT committed FROM t", 0),
+        ("PREPARE p AS SELECT 1", 0),
+        ("ROLLBACK", 0),
+    ],
+)
+def test_statements_that_commit_are_told_apart(statement: str, flags: int) -> None:
+    verdict = _statements.verdict_of(statement)
+    assert verdict & (_statements.COMMITS | _statements.COMMITS_MIDWAY) == flags
+    assert bool(verdict) or not flags  # a commit may write
