@@ -833,6 +833,26 @@ class FactoryCore:
                 hooks_for(engine, self)  # (not main's options)
         if not self._explicit_config:
             register_default_user(self)
+        self._prepare_bound_connection()
+
+    def _prepare_bound_connection(self) -> None:
+        """A ``Connection`` the factory is bound to may have been checked out before its engine
+        had the factory's hooks (``conn = engine.connect(); ResilientSession(conn)``): it never
+        passed their checkout, so its COMMITs would carry no marker and a lost answer, even a
+        read's, could never be settled. It is prepared now, as the checkout does (idempotent),
+        when it is idle (not inside a transaction of its own). An ``AsyncConnection``'s can't be
+        prepared outside SQLAlchemy's greenlet: it is not looked at here."""
+        bind = getattr(self, "kw", {}).get("bind")
+        hooks = self._hooks
+        if (
+            isinstance(bind, Connection)
+            and isinstance(hooks, EngineHooks)
+            and hooks.config.enabled
+            and not bind.closed
+            and not bind.invalidated
+            and not bind.in_transaction()
+        ):
+            hooks.commit.prepare(bind.connection.dbapi_connection)
 
     def configure(self, **new_kw: Any) -> None:
         """As ``sessionmaker.configure``. A new ``bind`` becomes the factory's engine (its
@@ -866,6 +886,8 @@ class FactoryCore:
             self.engine = engine
             self._referee.engine = sync
             self._hooks = hooks
+        if bind is not None:
+            self._prepare_bound_connection()
 
     def _engine_to_bind(self, bind: Any) -> Any:
         """The engine of ``bind`` given to :meth:`configure` (see :func:`engine_of`)."""

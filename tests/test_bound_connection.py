@@ -1,0 +1,105 @@
+"""A factory bound to a ``Connection`` that was checked out before the factory was made
+(``conn = engine.connect(); ResilientSession(conn)``), or bound to one later with
+``configure(bind=conn)``: that connection never passed the factory's checkout hook, so it is
+prepared for the commit protocol when the factory is bound to it. Its units' lost COMMIT
+answers are settled as any unit's: a read replayed, a write verified by its marker (once)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+import resilient_db as rdb
+from resilient_db.testing import FaultProxy, PostgresServer
+
+pytestmark = pytest.mark.usefixtures("no_backoff")
+
+
+@pytest.fixture
+def database(pg_server: PostgresServer, pg_database: str) -> str:
+    engine = sa.create_engine(pg_server.url(pg_database))
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE ledger (id bigserial PRIMARY KEY, unit text)")
+        rdb.install_commit_markers(engine)
+    finally:
+        engine.dispose()
+    return pg_database
+
+
+@pytest.fixture
+def proxied(fault_proxy: FaultProxy, database: str) -> Iterator[sa.Engine]:
+    engine = sa.create_engine(fault_proxy.url(database), connect_args={"connect_timeout": 2})
+    yield engine
+    engine.dispose()
+
+
+def rows(server: PostgresServer, database: str, unit: str) -> int:
+    found = server.execute(
+        "SELECT count(*) FROM ledger WHERE unit = %s", params=(unit,), database=database
+    )
+    return int(found[0][0])
+
+
+def bound_to_an_earlier_connection(
+    engine: sa.Engine, service: str, how: str
+) -> tuple[sa.Connection, rdb.ResilientSession[Session]]:
+    conn = engine.connect()  # checked out before the engine had any resilient factory
+    if how == "constructor":
+        return conn, rdb.ResilientSession(conn, service=service)
+    Sessions = rdb.ResilientSession(service=service)
+    Sessions.configure(bind=conn)
+    return conn, Sessions
+
+
+@pytest.mark.parametrize("how", ["constructor", "configure"])
+def test_a_read_on_an_earlier_connection_with_a_lost_answer_is_replayed(
+    proxied: sa.Engine, fault_proxy: FaultProxy, service: str, how: str
+) -> None:
+    conn, Sessions = bound_to_an_earlier_connection(proxied, service, how)
+    calls = []
+
+    def read(session: Session) -> int:
+        calls.append(1)
+        return int(session.execute(sa.text("SELECT 1")).scalar_one())
+
+    try:
+        fault_proxy.lose_commit_answer()
+        assert Sessions.run(read) == 1  # not CommitOutcomeUnknownError
+    finally:
+        conn.close()
+    assert fault_proxy.commits_lost == 1
+    assert calls == [1, 1]
+
+
+@pytest.mark.parametrize("how", ["constructor", "configure"])
+def test_a_write_on_an_earlier_connection_with_a_lost_answer_is_verified_once(
+    *,
+    proxied: sa.Engine,
+    fault_proxy: FaultProxy,
+    pg_server: PostgresServer,
+    database: str,
+    service: str,
+    how: str,
+) -> None:
+    conn, Sessions = bound_to_an_earlier_connection(proxied, service, how)
+    unit = f"unit-{uuid.uuid4()}"
+    calls = []
+
+    def write(session: Session) -> str:
+        calls.append(1)
+        session.execute(sa.text("INSERT INTO ledger (unit) VALUES (:u)"), {"u": unit})
+        return unit
+
+    try:
+        fault_proxy.lose_commit_answer()
+        assert Sessions.run(write) == unit  # verified by its marker
+    finally:
+        conn.close()
+    assert fault_proxy.commits_lost == 1
+    assert calls == [1]
+    assert rows(pg_server, database, unit) == 1
