@@ -8,6 +8,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple, NoReturn
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapper
 
 from resilient_db._config import Config
@@ -16,7 +17,15 @@ from resilient_db._errors import IllegalTransitionError
 from ._report import report
 from ._rules import Guard, plain, sort_key
 
-__all__ = ["Change", "chunks", "illegal", "in_key_order", "pk_filter", "raise_errors"]
+__all__ = [
+    "Change",
+    "chunks",
+    "illegal",
+    "in_key_order",
+    "pk_filter",
+    "raise_errors",
+    "read_by_keys",
+]
 
 _CHUNK = 1000  # keys per locked SELECT
 
@@ -84,6 +93,79 @@ def in_key_order(keys: Iterable[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
 
 
 def pk_filter(pk_columns: Sequence[sa.Column[Any]], keys: Sequence[tuple[Any, ...]]) -> Any:
+    """``pk IN (keys)``, the keys bound as values of the key columns' types (a key given in
+    another Python type, ``"2"`` for an integer, is converted by the database as the UPDATE
+    converts it, not compared as text)."""
     if len(pk_columns) == 1:
-        return pk_columns[0].in_([k[0] for k in keys])
+        column = pk_columns[0]
+        values = [k[0] for k in keys]
+        return column.in_(sa.bindparam("rdb_keys", values, expanding=True, type_=column.type))
     return sa.tuple_(*pk_columns).in_([tuple(k) for k in keys])
+
+
+def read_by_keys(
+    conn: Connection,
+    pk_columns: Sequence[sa.Column[Any]],
+    columns: Sequence[Any],
+    keys: Sequence[tuple[Any, ...]],
+    *,
+    lock: bool,
+    of: Any = None,
+) -> dict[tuple[Any, ...], tuple[Any, ...]]:
+    """``pk_columns`` and ``columns`` of the rows with primary keys ``keys``, by key as given:
+    one SELECT per chunk of keys, rows in key order (``FOR UPDATE`` when ``lock``, of ``of``
+    when given: concurrent writers lock in the same order).
+
+    A key given in another Python type than the database returns (a UUID or an integer given
+    as a string) is matched by the database, as the UPDATE matches it: the keys not found by
+    equality are looked up again by their position in a VALUES list of the key columns'
+    types. A key absent from the result matches no row."""
+    n_pk = len(pk_columns)
+    current: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+    for chunk in chunks(keys):
+        stmt = (
+            sa.select(*pk_columns, *columns)
+            .where(pk_filter(pk_columns, chunk))
+            .order_by(*pk_columns)
+        )
+        if lock:
+            stmt = stmt.with_for_update(of=of) if of is not None else stmt.with_for_update()
+        for row in conn.execute(stmt):
+            current[tuple(row[:n_pk])] = tuple(row)
+    missing = [k for k in keys if k not in current]
+    if missing:
+        current.update(_read_by_position(conn, pk_columns, columns, missing, lock=lock, of=of))
+    return current
+
+
+def _read_by_position(
+    conn: Connection,
+    pk_columns: Sequence[sa.Column[Any]],
+    columns: Sequence[Any],
+    keys: Sequence[tuple[Any, ...]],
+    *,
+    lock: bool,
+    of: Any,
+) -> dict[tuple[Any, ...], tuple[Any, ...]]:
+    found: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+    for chunk in chunks(keys):
+        given = sa.values(
+            sa.column("rdb_n", sa.Integer()),
+            *(sa.column(f"rdb_k{i}", c.type) for i, c in enumerate(pk_columns)),
+            name="rdb_keys",
+        ).data([(n, *key) for n, key in enumerate(chunk)])
+        on = sa.and_(
+            *(c == sa.cast(given.c[f"rdb_k{i}"], c.type) for i, c in enumerate(pk_columns))
+        )
+        table = pk_columns[0].table
+        stmt = (
+            sa.select(given.c.rdb_n, *pk_columns, *columns)
+            .select_from(table)
+            .join(given, on)
+            .order_by(*pk_columns)
+        )
+        if lock:
+            stmt = stmt.with_for_update(of=of if of is not None else table)
+        for row in conn.execute(stmt):
+            found[tuple(chunk[row[0]])] = tuple(row[1:])
+    return found

@@ -35,7 +35,7 @@ from resilient_db._state import STATE
 from resilient_db._statements import StatementGuard, current_attempt, note_write
 
 from ._bypass import active_config
-from ._changes import Change, chunks, illegal, in_key_order, pk_filter, raise_errors
+from ._changes import Change, illegal, in_key_order, raise_errors, read_by_keys
 from ._rules import Guard, compiled_guards, plain, sort_key
 
 __all__ = [
@@ -189,21 +189,11 @@ def _read_states(
     *,
     lock: bool,
 ) -> dict[tuple[Any, ...], tuple[Any, ...]]:
-    """``columns`` of the rows with primary keys ``keys``: one SELECT per chunk of keys, rows
-    in key order (``FOR UPDATE`` when ``lock``: concurrent flushes lock in the same order)."""
+    """``columns`` of the rows with primary keys ``keys``, by key as given (see
+    :func:`read_by_keys`)."""
     n_pk = len(pk_columns)
-    current: dict[tuple[Any, ...], tuple[Any, ...]] = {}
-    for chunk in chunks(keys):
-        stmt = (
-            sa.select(*pk_columns, *columns)
-            .where(pk_filter(pk_columns, chunk))
-            .order_by(*pk_columns)
-        )
-        if lock:
-            stmt = stmt.with_for_update()
-        for row in conn.execute(stmt):
-            current[tuple(row[:n_pk])] = tuple(row[n_pk:])
-    return current
+    found = read_by_keys(conn, pk_columns, columns, keys, lock=lock)
+    return {key: row[n_pk:] for key, row in found.items()}
 
 
 def _check_against_db(
