@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column
 from sqlalchemy.orm.exc import StaleDataError
 
 from resilient_db._classify import sqlstate_of
@@ -699,3 +699,27 @@ async def test_bypass_under_async(
         await conn.exec_driver_sql(f"UPDATE jobs SET status = 'crashed' WHERE id = {job_id}")
         await conn.commit()
     assert await _db_status(engine, job_id) == "crashed"
+
+
+async def test_bulk_update_of_an_alias_and_by_primary_key_through_values(
+    engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    """``update(aliased(Job))`` is judged on the alias, and a bulk UPDATE by primary key whose
+    state comes from ``values()`` per row: the illegal moves are left out (filter mode) before
+    the trigger would see them, the legal ones written."""
+    done, queued = await _add_job(engine, "done"), await _add_job(engine)
+    alias = aliased(Job)
+    no_sync = {"synchronize_session": False}
+    async with sessions() as s:
+        stmt = sa.update(alias).where(alias.id == done).values(status="queued")
+        result = await s.execute(stmt, execution_options=no_sync)
+        assert result.rowcount == 0  # type: ignore[attr-defined]
+        stmt = sa.update(alias).where(alias.id == queued).values({alias.status: "running"})
+        result = await s.execute(stmt, execution_options=no_sync)
+        assert result.rowcount == 1  # type: ignore[attr-defined]
+        await s.execute(
+            sa.update(Job).values(status=sa.bindparam("s")),
+            [{"id": done, "s": "queued"}, {"id": queued, "s": "crashed"}],
+        )
+        await s.commit()
+    assert (await _db_status(engine, done), await _db_status(engine, queued)) == ("done", "crashed")

@@ -12,14 +12,20 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Result
 from sqlalchemy.engine.result import null_result
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session
-from sqlalchemy.sql.elements import BindParameter, ClauseElement, ColumnElement, Null
+from sqlalchemy.sql.elements import (
+    BindParameter,
+    ClauseElement,
+    ColumnElement,
+    Null,
+    _anonymous_label,
+)
 
 from resilient_db._config import Config
 from resilient_db._errors import IllegalTransitionError
 from resilient_db._observability import emit
 
 from ._bypass import active_config
-from ._changes import Change, chunks, illegal, in_key_order, pk_filter
+from ._changes import Change, illegal, in_key_order, read_by_keys
 from ._report import count, logger, report, row_keys, row_label
 from ._rules import Guard, Key, TransitionRulesError, compiled_guards, plain, same_rules, sort_key
 
@@ -43,29 +49,57 @@ def _dml_values(stmt: Any) -> list[tuple[Any, Any]]:
 
 
 def _is_guard_key(key: Any, guard: Guard) -> bool:
+    """Whether ``key`` of an UPDATE's ``values()`` names the guarded column: its attribute,
+    its ``Column.key`` or its name, the column itself (also annotated, or as a column of an
+    alias of its table), or a same-named column of a same-named table."""
     if isinstance(key, str):
-        return key in (guard.attr_key, guard.column.name)
+        return key in (guard.attr_key, guard.column.key, guard.column.name)
     element = key.__clause_element__() if hasattr(key, "__clause_element__") else key
     if element is guard.column:
         return True
+    if not isinstance(element, sa.ColumnClause):
+        return False
+    if guard.column in element.proxy_set:
+        return True
     table = getattr(element, "table", None)
     return (
-        isinstance(element, sa.ColumnClause)
-        and isinstance(table, sa.Table)
+        isinstance(table, sa.Table)
         and table.name == guard.table.name
         and element.name == guard.column.name
     )
 
 
-def _target(stmt: Any, params: Any, guard: Guard) -> _Target | None:
+def _param_name(params: Any, guard: Guard, by_pk: bool) -> str | None:
+    """The execution parameter that sets the guarded column, if ``params`` has one: the
+    attribute's name in a bulk UPDATE by primary key, else the ``Column.key`` (as SQLAlchemy
+    reads them)."""
+    if not isinstance(params, Mapping):
+        return None
+    name = guard.attr_key if by_pk else guard.column.key
+    return name if name in params else None
+
+
+def _target(stmt: Any, params: Any, guard: Guard, *, by_pk: bool = False) -> _Target | None:
+    """The state the UPDATE writes into the guarded column, as SQLAlchemy will send it: a
+    literal of ``values()`` is a parameter named after the column, which an execution
+    parameter of that name replaces; a ``bindparam()`` of its own takes its own parameter."""
+    given = _param_name(params, guard, by_pk)
     for key, value in _dml_values(stmt):
         if _is_guard_key(key, guard):
+            if given is not None and _replaceable(value):
+                return _Target(True, params[given])
             return _resolve_value(value, params)
-    if isinstance(params, Mapping):
-        for name in (guard.attr_key, guard.column.name):
-            if name in params:
-                return _Target(True, params[name])
+    if given is not None:
+        return _Target(True, params[given])
     return None
+
+
+def _replaceable(value: Any) -> bool:
+    """A ``values()`` entry an execution parameter named after the column replaces: a plain
+    value, or the anonymous parameter SQLAlchemy makes of it (also of ``literal()``)."""
+    if isinstance(value, BindParameter):
+        return isinstance(value.key, _anonymous_label)
+    return not (isinstance(value, ClauseElement) or hasattr(value, "__clause_element__"))
 
 
 def _resolve_value(value: Any, params: Any) -> _Target:
@@ -80,6 +114,49 @@ def _resolve_value(value: Any, params: Any) -> _Target:
     if isinstance(value, ClauseElement) or hasattr(value, "__clause_element__"):
         return _Target(False, value)
     return _Target(True, value)
+
+
+class _Named(NamedTuple):
+    """The guarded table's columns as the UPDATE names its target (the mapped class, or an
+    alias of its table)."""
+
+    status: Any  # the guarded column
+    pks: tuple[Any, ...]  # the primary key
+    of: Any  # what a locking read locks
+    counted: Any  # the key counted in filter mode (brings a subclass's criteria)
+
+
+def _named(stmt: Any, mapper: Mapper[Any], guard: Guard) -> _Named:
+    entity = stmt.entity_description.get("entity") if hasattr(stmt, "entity_description") else None
+    insp = sa.inspect(entity, raiseerr=False) if entity is not None else None
+    if insp is None or not getattr(insp, "is_aliased_class", False):
+        return _Named(
+            getattr(mapper.class_, guard.attr_key),
+            guard.pk_columns,
+            guard.table,
+            getattr(mapper.class_, guard.pk_attr_keys[0]),
+        )
+    selectable = insp.selectable
+    pks = tuple(
+        selectable.corresponding_column(c) if isinstance(selectable, sa.Alias) else None
+        for c in guard.pk_columns
+    )
+    if (
+        not isinstance(selectable, sa.Alias)
+        or selectable.element is not guard.table
+        or any(c is None for c in pks)
+    ):
+        raise TransitionRulesError(
+            f"update() of an alias of {guard.model} that is not an alias of its table "
+            f"{guard.table.name!r}: the guard of {guard.model}.{guard.attr_key} can't name "
+            f"its rows; update({guard.model}) instead"
+        )
+    return _Named(
+        getattr(entity, guard.attr_key),
+        pks,
+        selectable,
+        getattr(entity, guard.pk_attr_keys[0]),
+    )
 
 
 def _membership(expr: Any, guard: Guard, keys: Collection[Key]) -> ColumnElement[bool]:
@@ -136,7 +213,8 @@ def do_orm_execute(orm_state: ORMExecuteState) -> Result[Any] | None:
     for guard in guards:
         target = _target(stmt, params, guard)
         if target is not None:
-            col = getattr(mapper.class_, guard.attr_key)
+            named = _named(stmt, mapper, guard)
+            col = named.status
             if target.static:
                 legal = _membership(col, guard, guard.sources_of(guard.key(target.value)))
                 new_expr: Any = None
@@ -151,6 +229,7 @@ def do_orm_execute(orm_state: ORMExecuteState) -> Result[Any] | None:
                 config=config,
                 mapper=mapper,
                 guard=guard,
+                named=named,
                 where=(stmt.whereclause, legal),
                 param_sets=[exec_params],
                 new=(new_expr, target.value),
@@ -205,7 +284,7 @@ def _restrict_many(
     ours: list[str] = []  # the names of the parameters added to each set
     for n, guard in enumerate(guards):
         targets = [_target(stmt, p, guard) for p in sets]
-        first = targets[0]
+        first = next((t for t in targets if t is not None), None)
         if first is None:
             continue
         if first.static:
@@ -221,13 +300,14 @@ def _restrict_many(
         else:
             new_expr = sa.type_coerce(first.value, guard.column.type)
             shown = "(SQL expression)"
-        col = getattr(mapper.class_, guard.attr_key)
-        legal = _legal_predicate(guard, col, new_expr)
+        named = _named(stmt, mapper, guard)
+        legal = _legal_predicate(guard, named.status, new_expr)
         _check_rows(
             orm_state.session,
             config=config,
             mapper=mapper,
             guard=guard,
+            named=named,
             where=(stmt.whereclause, legal),
             param_sets=sets,
             new=(new_expr, None),
@@ -246,6 +326,7 @@ def _check_rows(
     config: Config,
     mapper: Mapper[Any],
     guard: Guard,
+    named: _Named,
     where: tuple[Any, ColumnElement[bool]],
     param_sets: list[dict[str, Any]],
     new: tuple[Any, Any],
@@ -258,15 +339,15 @@ def _check_rows(
     (or None) and as a value (when static)."""
     criteria, legal = where
     new_expr, value = new
-    col = getattr(mapper.class_, guard.attr_key)
+    col = named.status
     blocked = sa.not_(sa.func.coalesce(legal, sa.false()))
     conn = session.connection(bind_arguments={"mapper": mapper})
     if config.bulk_update == "raise":
         extra = [new_expr.label("rdb_new")] if new_expr is not None else []
-        query = sa.select(*guard.pk_columns, col, *extra).where(blocked)
+        query = sa.select(*named.pks, col, *extra).where(blocked)
         if criteria is not None:
             query = query.where(criteria)
-        query = query.order_by(*guard.pk_columns).with_for_update(of=guard.table)
+        query = query.order_by(*named.pks).with_for_update(of=named.of)
         for exec_params in param_sets:
             rows = conn.execute(query, exec_params).all()
             if rows:
@@ -288,8 +369,7 @@ def _check_rows(
         return
     # counted through the mapped class: its primary key brings the ORM's criteria of a
     # single-table subclass (the discriminator), as the UPDATE has them
-    pk_attr = getattr(mapper.class_, guard.pk_attr_keys[0])
-    count_q = sa.select(sa.func.count(pk_attr)).where(blocked)
+    count_q = sa.select(sa.func.count(named.counted)).where(blocked)
     if criteria is not None:
         count_q = count_q.where(criteria)
     n_blocked = sum(int(conn.execute(count_q, p).scalar_one()) for p in param_sets)
@@ -321,38 +401,49 @@ def _bulk_by_pk(
     guards: tuple[Guard, ...],
     params: list[Any],
 ) -> Result[Any] | None:
-    """ORM bulk UPDATE by primary key (a list of parameter dicts): lock and check each row."""
+    """ORM bulk UPDATE by primary key (a list of parameter dicts): lock and check each row.
+    The state a set writes is its own (by the attribute's name) or the statement's
+    ``values()``, as SQLAlchemy sends it; its row is found by the database (a key given as a
+    string for a UUID or an integer matches as it does in the UPDATE)."""
     rejected: set[int] = set()
+    stmt: Any = orm_state.statement
     for guard in guards:
         wanted: dict[tuple[Any, ...], list[tuple[int, Any]]] = {}
         for index, row in enumerate(params):
             if not isinstance(row, Mapping):
                 continue
-            name = next((n for n in (guard.attr_key, guard.column.name) if n in row), None)
-            if name is None or any(k not in row for k in guard.pk_attr_keys):
+            target = _target(stmt, row, guard, by_pk=True)
+            if target is None or any(k not in row for k in guard.pk_attr_keys):
                 continue
+            if not target.static:
+                raise TransitionRulesError(
+                    f"a bulk UPDATE by primary key of {guard.model} sets {guard.attr_key} to a "
+                    f"SQL expression, whose value per row the guard can't read before the "
+                    f"UPDATE; set the state as a value, or run an UPDATE with WHERE criteria "
+                    f"(update({guard.model}).where(...).values(...))"
+                )
             identity = tuple(row[k] for k in guard.pk_attr_keys)
-            wanted.setdefault(identity, []).append((index, row[name]))
+            wanted.setdefault(identity, []).append((index, target.value))
         if not wanted:
             continue
         conn = orm_state.session.connection(bind_arguments={"mapper": mapper})
-        current: dict[tuple[Any, ...], Any] = {}
-        keys = in_key_order(wanted)
         n_pk = len(guard.pk_columns)
-        for chunk in chunks(keys):
-            stmt = (
-                sa.select(*guard.pk_columns, guard.column)
-                .where(pk_filter(guard.pk_columns, chunk))
-                .order_by(*guard.pk_columns)
-                .with_for_update()
-            )
-            for db_row in conn.execute(stmt):
-                current[tuple(db_row[:n_pk])] = db_row[n_pk]
-        for identity, items in wanted.items():
-            if identity not in current:
+        found = read_by_keys(
+            conn, guard.pk_columns, [guard.column], in_key_order(wanted), lock=True
+        )
+        # the sets of each row (keys spelled apart may name one row), in their order
+        per_row: dict[tuple[Any, ...], list[tuple[int, Any]]] = {}
+        current: dict[tuple[Any, ...], Any] = {}
+        for given, items in wanted.items():
+            db_row = found.get(given)
+            if db_row is None:
                 continue  # no such row: the UPDATE changes nothing
+            identity = db_row[:n_pk]
+            current[identity] = db_row[n_pk]
+            per_row.setdefault(identity, []).extend(items)
+        for identity, items in per_row.items():
             old = current[identity]
-            for index, new in items:
+            for index, new in sorted(items, key=lambda item: item[0]):
                 if guard.legal(guard.key(old), guard.key(new)):
                     old = new  # a later set of the same row moves on from here
                     continue

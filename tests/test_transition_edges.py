@@ -1,0 +1,302 @@
+"""The session guards at the edges of how SQLAlchemy names a write: aliased UPDATE targets,
+states given through ``values()`` or replaced by execution parameters, ``Column.key``,
+primary keys in another Python type than the database returns, CHAR columns, states written
+during the flush by the application's listeners or the ORM's own synchronization.
+
+No trigger is installed here: what is tested is that the session guards see the move."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from scenarios import BYPASS_BY_HAND
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    aliased,
+    column_property,
+    mapped_column,
+    sessionmaker,
+)
+
+from resilient_db._config import Config
+from resilient_db._errors import IllegalTransitionError
+from resilient_db.transitions import TransitionRules, TransitionRulesError
+from resilient_db.transitions._bypass import GUARD_INFO_KEY
+from resilient_db.transitions._guards import install_guard
+
+RULES: dict[str, Any] = {
+    "column": "status",
+    "transitions": {
+        "pending": {"in_progress", "cancelled"},
+        "in_progress": {"completed", "failed", "pending"},
+        "failed": {"pending"},
+    },
+    "initial": {"pending"},
+}
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Task(Base):
+    __tablename__ = "edge_tasks"
+    __transitions__ = TransitionRules(**RULES)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    note: Mapped[str] = mapped_column(default="")
+    status: Mapped[str] = mapped_column(sa.String(40), default="pending")
+
+
+class Job(Base):
+    __tablename__ = "edge_jobs"
+    __transitions__ = TransitionRules(**RULES)
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    status: Mapped[str] = mapped_column(sa.String(40), default="pending")
+
+
+keyed_table = sa.Table(
+    "edge_keyed",
+    Base.metadata,
+    sa.Column("id", sa.Integer, primary_key=True, key="ident"),
+    sa.Column("status_db", sa.String(40), key="st", nullable=False, default="pending"),
+)
+
+
+class Keyed(Base):
+    """Attribute ``state``, ``Column.key`` ``st``, column name ``status_db``."""
+
+    __table__ = keyed_table
+    __transitions__ = TransitionRules(**{**RULES, "column": "state"})
+    tid = column_property(keyed_table.c.ident)
+    state = column_property(keyed_table.c.st)
+
+
+class Log(Base):
+    __tablename__ = "edge_log"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    task_id: Mapped[int]
+
+
+class _S(Session):
+    pass
+
+
+install_guard(_S)
+
+
+@pytest.fixture
+def engine(pg_url: str) -> Iterator[sa.Engine]:
+    eng = sa.create_engine(pg_url)
+    Base.metadata.create_all(eng)
+    yield eng
+    eng.dispose()
+
+
+def _factory(engine: sa.Engine, **config: Any) -> sessionmaker[_S]:
+    return sessionmaker(engine, class_=_S, info={GUARD_INFO_KEY: Config(**config)})
+
+
+def _set_rows(engine: sa.Engine, table: str, rows: str) -> None:
+    with engine.begin() as conn:
+        conn.exec_driver_sql(BYPASS_BY_HAND)
+        conn.exec_driver_sql(f"DELETE FROM {table}")
+        conn.exec_driver_sql(f"INSERT INTO {table} VALUES {rows}")
+
+
+def _rows(engine: sa.Engine, table: str) -> dict[Any, str]:
+    with engine.connect() as conn:
+        return {r[0]: r[-1] for r in conn.exec_driver_sql(f"SELECT * FROM {table} ORDER BY 1")}
+
+
+NO_SYNC = {"synchronize_session": False}
+
+
+# ------------------------------------------------------------------------------------------------
+# bulk UPDATE: what it targets and what it writes
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["filter", "raise"])
+def test_bulk_update_of_an_alias_is_judged_on_the_alias(engine: sa.Engine, mode: str) -> None:
+    """``update(aliased(Task))``: the legal condition names the alias the UPDATE targets (not
+    the table, which would join every row of it), and ``values({A.status: ...})`` is seen."""
+    sessions = _factory(engine, bulk_update=mode)
+    a = aliased(Task)
+    illegal = [
+        sa.update(a).where(a.id == 1).values(status="pending"),
+        sa.update(a).where(a.id == 1).values({a.status: "pending"}),
+    ]
+    for stmt in illegal:
+        _set_rows(engine, "edge_tasks", "(1, '', 'completed'), (2, '', 'pending')")
+        with sessions() as s:
+            if mode == "raise":
+                with pytest.raises(IllegalTransitionError) as info:
+                    s.execute(stmt, execution_options=NO_SYNC)
+                assert (info.value.pk, info.value.from_state) == (1, "completed")
+            else:
+                assert s.execute(stmt, execution_options=NO_SYNC).rowcount == 0  # type: ignore[attr-defined]
+            s.commit()
+        assert _rows(engine, "edge_tasks") == {1: "completed", 2: "pending"}
+    with sessions() as s:  # legal: row 2 moves, row 1 (untargeted) is not named
+        stmt = sa.update(a).where(a.id == 2).values(status="in_progress")
+        assert s.execute(stmt, execution_options=NO_SYNC).rowcount == 1  # type: ignore[attr-defined]
+        s.commit()
+    assert _rows(engine, "edge_tasks") == {1: "completed", 2: "in_progress"}
+
+
+@pytest.mark.parametrize("mode", ["filter", "raise"])
+def test_bulk_update_by_primary_key_judges_the_state_set_by_values(
+    engine: sa.Engine, mode: str
+) -> None:
+    """A list of parameter sets by primary key whose state comes from the statement's
+    ``values()`` (a literal, or a ``bindparam`` each set fills) is judged per row."""
+    sessions = _factory(engine, bulk_update=mode)
+    cases: list[tuple[Any, list[dict[str, Any]]]] = [
+        (sa.update(Task).values(status=sa.bindparam("s")), [{"id": 1, "s": "pending"}]),
+        (sa.update(Task).values(status="pending"), [{"id": 1}]),
+        (sa.update(Task).values(status="pending"), [{"id": 1, "note": "x"}]),
+    ]
+    for stmt, sets in cases:
+        _set_rows(engine, "edge_tasks", "(1, '', 'completed'), (2, '', 'pending')")
+        with sessions() as s:
+            if mode == "raise":
+                with pytest.raises(IllegalTransitionError) as info:
+                    s.execute(stmt, sets)
+                assert (info.value.pk, info.value.from_state) == (1, "completed")
+            else:
+                s.execute(stmt, sets)
+            s.commit()
+        assert _rows(engine, "edge_tasks") == {1: "completed", 2: "pending"}, stmt
+    with sessions() as s:  # legal, by values(): written
+        s.execute(sa.update(Task).values(status="in_progress"), [{"id": 2}])
+        s.commit()
+    assert _rows(engine, "edge_tasks")[2] == "in_progress"
+
+
+def test_bulk_update_by_primary_key_to_a_sql_expression_is_refused(engine: sa.Engine) -> None:
+    _set_rows(engine, "edge_tasks", "(1, '', 'completed')")
+    with _factory(engine)() as s, pytest.raises(TransitionRulesError, match="SQL expression"):
+        s.execute(sa.update(Task).values(status=sa.func.lower("PENDING")), [{"id": 1}])
+    assert _rows(engine, "edge_tasks") == {1: "completed"}
+
+
+@pytest.mark.parametrize("sync", ["auto", False, "fetch"])
+def test_an_execution_parameter_replacing_a_values_literal_is_judged(
+    engine: sa.Engine, sync: Any
+) -> None:
+    """``values(status="completed")`` executed with ``{"status": "cancelled"}`` writes
+    ``cancelled`` (SQLAlchemy names the literal's parameter after the column): that is the
+    move judged."""
+    _set_rows(engine, "edge_tasks", "(1, '', 'in_progress')")
+    stmt = sa.update(Task).where(Task.id == 1).values(status="completed")
+    with _factory(engine)() as s:  # in_progress -> cancelled: illegal
+        s.execute(stmt, {"status": "cancelled"}, execution_options={"synchronize_session": sync})
+        s.commit()
+    assert _rows(engine, "edge_tasks") == {1: "in_progress"}
+    with _factory(engine, bulk_update="raise")() as s:
+        options = {"synchronize_session": sync}
+        with pytest.raises(IllegalTransitionError) as info:
+            s.execute(stmt, {"status": "cancelled"}, execution_options=options)
+        assert info.value.to_state == "cancelled"
+    # the other way round: the literal is illegal, the parameter that replaces it legal
+    _set_rows(engine, "edge_tasks", "(1, '', 'pending')")
+    with _factory(engine, bulk_update="raise")() as s:
+        bad = sa.update(Task).where(Task.id == 1).values(status="completed")
+        s.execute(bad, {"status": "cancelled"}, execution_options={"synchronize_session": sync})
+        s.commit()
+    assert _rows(engine, "edge_tasks") == {1: "cancelled"}
+
+
+def test_an_execution_parameter_replacing_a_literal_in_each_parameter_set(
+    engine: sa.Engine,
+) -> None:
+    _set_rows(engine, "edge_tasks", "(1, '', 'in_progress'), (2, '', 'pending')")
+    stmt = sa.update(Task).where(Task.id == sa.bindparam("i")).values(status="completed")
+    with _factory(engine)() as s:
+        s.execute(
+            stmt,
+            [{"i": 1, "status": "cancelled"}, {"i": 2, "status": "cancelled"}],
+            execution_options={"dml_strategy": "orm"},
+        )
+        s.commit()
+    assert _rows(engine, "edge_tasks") == {1: "in_progress", 2: "cancelled"}
+
+
+def test_a_column_key_other_than_its_name_and_attribute(engine: sa.Engine) -> None:
+    """``Column("status_db", key="st")`` mapped as ``state``: ``values(st=...)`` and an
+    execution parameter ``st`` set the column, and are judged."""
+    cases: list[tuple[Any, Any]] = [
+        (sa.update(Keyed).where(Keyed.tid == 1).values(st="pending"), None),
+        (sa.update(Keyed).where(Keyed.tid == 1).values(state="pending"), None),
+        (sa.update(Keyed).where(Keyed.tid == 1).values({keyed_table.c.st: "pending"}), None),
+        (sa.update(Keyed).where(Keyed.tid == 1), {"st": "pending"}),
+        (sa.update(Keyed).where(Keyed.tid == 1).values(state="in_progress"), {"st": "pending"}),
+    ]
+    for stmt, params in cases:
+        _set_rows(engine, "edge_keyed", "(1, 'completed'), (2, 'pending')")
+        with _factory(engine)() as s:
+            s.execute(stmt, params, execution_options=NO_SYNC)
+            s.commit()
+        assert _rows(engine, "edge_keyed") == {1: "completed", 2: "pending"}, (stmt, params)
+    with _factory(engine)() as s:  # legal through the column key
+        stmt = sa.update(Keyed).where(Keyed.tid == 2).values(st="in_progress")
+        s.execute(stmt, execution_options=NO_SYNC)
+        s.commit()
+    assert _rows(engine, "edge_keyed") == {1: "completed", 2: "in_progress"}
+
+
+# ------------------------------------------------------------------------------------------------
+# primary keys given in another Python type
+# ------------------------------------------------------------------------------------------------
+
+U = uuid.UUID("3f2a7c1e-0000-4000-8000-000000000001")
+
+
+@pytest.mark.parametrize("mode", ["filter", "raise"])
+def test_bulk_update_by_primary_key_given_as_a_string(engine: sa.Engine, mode: str) -> None:
+    """``[{"id": "1", ...}]`` for an integer key, ``str(uuid)`` for a UUID key: the row is
+    found as the UPDATE finds it, and its move judged."""
+    sessions = _factory(engine, bulk_update=mode)
+    _set_rows(engine, "edge_tasks", "(1, '', 'completed'), (2, '', 'pending')")
+    _set_rows(engine, "edge_jobs", f"('{U}', 'completed')")
+    for model, key in ((Task, "1"), (Job, str(U))):
+        with sessions() as s:
+            if mode == "raise":
+                with pytest.raises(IllegalTransitionError) as info:
+                    s.execute(sa.update(model), [{"id": key, "status": "pending"}])
+                assert info.value.from_state == "completed"
+            else:
+                s.execute(sa.update(model), [{"id": key, "status": "pending"}])
+            s.commit()
+    assert _rows(engine, "edge_tasks") == {1: "completed", 2: "pending"}
+    assert _rows(engine, "edge_jobs") == {U: "completed"}
+    with sessions() as s:  # legal, the key as a string
+        s.execute(sa.update(Task), [{"id": "2", "status": "in_progress"}])
+        s.commit()
+    assert _rows(engine, "edge_tasks")[2] == "in_progress"
+
+
+def test_flush_of_a_row_keyed_by_a_uuid_given_as_a_string(engine: sa.Engine) -> None:
+    """An object whose identity key holds the UUID as a string (as given by the application),
+    its status expired: the state the guard reads is matched to it by the database."""
+    sessions = _factory(engine)
+    with sessions() as s:
+        job = Job(id=str(U))
+        s.add(job)
+        s.commit()
+        job.status = "in_progress"  # legal; the status was expired by the commit
+        s.commit()
+        job.status = "pending"  # legal again
+        s.commit()
+        s.expire(job, ["status"])
+        job.status = "completed"  # pending -> completed: illegal
+        with pytest.raises(IllegalTransitionError) as info:
+            s.commit()
+        assert (info.value.from_state, info.value.to_state) == ("pending", "completed")
+    assert _rows(engine, "edge_jobs") == {U: "pending"}
