@@ -33,6 +33,7 @@ from ._unit import (
     ActiveUnit,
     CommitVerdict,
     FactoryCore,
+    admitted_by,
     async_units,
     check_commit,
     commit_if_prepared,
@@ -220,12 +221,17 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             return await self._attempt(fn, args, kwargs)  # another database: once, no own retries
         if not self.config.enabled:
             return await self._attempt(fn, args, kwargs)  # once: no retry, no breaker
+        policy = self.policy
         enclosing = current_attempt.get()
-        if enclosing is not None and enclosing.replayed:  # with_self_healing retries it all
-            return await self._attempt(fn, args, kwargs)
+        if enclosing is not None:
+            if enclosing.replayed:  # with_self_healing retries it all
+                return await self._attempt(fn, args, kwargs)
+            if admitted_by(policy.breaker):
+                # an operation of this service that does not retry: the unit retries, its
+                # attempts part of the one the breaker let through (not asked again)
+                policy = policy.without_breaker()
         # Policy.acall with its first attempt inline: one frame (async: one coroutine) fewer
         # on every unit's path
-        policy = self.policy
         probe = policy.admit()
         started = time.monotonic()
         try:
@@ -290,7 +296,10 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             )
         if not self.config.enabled or runs_once_here():  # once: off, or nested (see run)
             return await self._attempt(fn, args, kwargs, session=session)
-        return await self.policy.acall(lambda: self._attempt(fn, args, kwargs, session=session))
+        policy = self.policy
+        if admitted_by(policy.breaker):  # (see run)
+            policy = policy.without_breaker()
+        return await policy.acall(lambda: self._attempt(fn, args, kwargs, session=session))
 
     @overload
     def transactional(

@@ -1120,6 +1120,7 @@ class _ReplayPolicy(Protocol):
     retry_on: bool
     config: Config
     service: str
+    breaker: Any  # the circuit breaker that admits its attempts (None: none)
 
     def partly_committed(self, exc: BaseException) -> None: ...
 
@@ -1160,6 +1161,11 @@ class AttemptRecord:
         """The configuration and service of the operation running the attempt (what an
         engine-wide line about it is said under)."""
         return self._policy.config, self._policy.service
+
+    @property
+    def breaker(self) -> Any:
+        """The circuit breaker that let the attempt through (None: none did)."""
+        return self._policy.breaker
 
     @property
     def replayed(self) -> bool:

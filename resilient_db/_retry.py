@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import random
 import threading
@@ -195,6 +196,13 @@ class Policy:
         except Exception:  # graceful fallback: a broken breaker store must not stop the call
             self._machinery_failed("circuit breaker admission")
             return False
+
+    def without_breaker(self) -> Policy:
+        """This policy asking no breaker: for attempts that are part of one its breaker let
+        through (see ``_unit.admitted_by``), whose outcome that one's counts."""
+        clone = copy.copy(self)
+        clone.breaker = None
+        return clone
 
     def unused(self, probe: bool) -> None:
         """An admission whose attempt will not run under it: a half-open probe's slot is
@@ -456,6 +464,19 @@ class Policy:
             result = attempt()
         except BaseException as exc:
             return self.call_failed(attempt, exc, probe, started)
+        self.succeeded(probe)
+        return result
+
+    def call_once(self, attempt: Callable[[], T]) -> T:
+        """Run ``attempt`` once under the breaker (admitted, its outcome counted), no retry:
+        a call inside an operation that retries."""
+        probe = self.admit()
+        started = _monotonic()
+        try:
+            result = attempt()
+        except BaseException as exc:
+            mark_outcome(exc, self.failed(exc, probe, started))
+            raise
         self.succeeded(probe)
         return result
 

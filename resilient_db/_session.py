@@ -35,6 +35,7 @@ from ._unit import (
     ActiveUnit,
     CommitVerdict,
     FactoryCore,
+    admitted_by,
     check_commit,
     commit_if_prepared,
     commit_plainly,
@@ -195,12 +196,17 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
             return self._attempt(fn, args, kwargs)  # another database: once, no own retries
         if not self.config.enabled:
             return self._attempt(fn, args, kwargs)  # once: no retry, no breaker
+        policy = self.policy
         enclosing = current_attempt.get()
-        if enclosing is not None and enclosing.replayed:  # with_self_healing retries it all
-            return self._attempt(fn, args, kwargs)
+        if enclosing is not None:
+            if enclosing.replayed:  # with_self_healing retries it all
+                return self._attempt(fn, args, kwargs)
+            if admitted_by(policy.breaker):
+                # an operation of this service that does not retry: the unit retries, its
+                # attempts part of the one the breaker let through (not asked again)
+                policy = policy.without_breaker()
         # Policy.call with its first attempt inline: one frame (async: one coroutine) fewer
         # on every unit's path
-        policy = self.policy
         probe = policy.admit()
         started = time.monotonic()
         try:
@@ -263,7 +269,10 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
             )
         if not self.config.enabled or runs_once_here():  # once: off, or nested (see run)
             return self._attempt(fn, args, kwargs, session=session)
-        return self.policy.call(lambda: self._attempt(fn, args, kwargs, session=session))
+        policy = self.policy
+        if admitted_by(policy.breaker):  # (see run)
+            policy = policy.without_breaker()
+        return policy.call(lambda: self._attempt(fn, args, kwargs, session=session))
 
     @overload
     def transactional(

@@ -118,6 +118,19 @@ def runs_once_here() -> bool:
         return False
 
 
+def admitted_by(breaker: Any) -> bool:
+    """Whether ``breaker`` let the attempt running here through: a call made inside an
+    operation or a unit of the same service (a drop-in session's connect in a decorated
+    handler, a decorated helper or a unit called from one). Such a call is not put to the
+    breaker again: half-open, it would be refused (the enclosing attempt holds the probe
+    slot, and the breaker would never close), and its outcome is the enclosing attempt's,
+    which the breaker counts."""
+    if breaker is None:
+        return False
+    attempt = current_attempt.get()
+    return attempt is not None and attempt.running and attempt.breaker is breaker
+
+
 class CommitVerdict(enum.Enum):
     COMMITTED = "committed"
     ABORTED = "not committed"
@@ -813,8 +826,17 @@ class FactoryCore:
         )
 
     def _connect_policy_call(self, connect: Callable[[], T]) -> T:
-        """The drop-in connect retry (sync code; in async, inside SQLAlchemy's greenlet)."""
-        return self.policy.call(connect)
+        """The drop-in connect retry (sync code; in async, inside SQLAlchemy's greenlet). Inside
+        a unit or a replaying operation (see :func:`runs_once_here`) it connects once: the
+        enclosing one retries (the loops would multiply, and the deadline with them). The
+        breaker is not asked again inside an attempt it let through (see :func:`admitted_by`)."""
+        policy = self.policy
+        admitted = admitted_by(policy.breaker)
+        if runs_once_here():
+            return connect() if admitted else policy.call_once(connect)
+        if admitted:  # an operation of this service that does not retry: the connect does
+            policy = policy.without_breaker()
+        return policy.call(connect)
 
     def _register(self) -> None:
         cls: Any = getattr(self, "class_", None)

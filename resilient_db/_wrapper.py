@@ -33,7 +33,7 @@ from ._commit import AttemptRecord
 from ._config import Config, env_config
 from ._retry import Policy
 from ._state import STATE
-from ._unit import runs_once_here
+from ._unit import admitted_by, runs_once_here
 from ._validation import ResponseCheck, ResponseValidator, check_response, validation_on
 
 __all__ = ["SelfHealingDecorator", "is_async_callable", "with_self_healing"]
@@ -80,6 +80,10 @@ def _policy_for(
     # counts its failures (another service's breaker protects that service; the enclosing
     # attempt of the same service, already running when it failed, is not counted again).
     use_retry = use_retry and not runs_once_here()
+    # inside an operation or a unit of the same service, its breaker already let the attempt
+    # through and counts its outcome: not asked again (see admitted_by)
+    if use_circuit_breaker and admitted_by(STATE.breakers.get(service)):
+        use_circuit_breaker = False
     key = (service, use_retry, use_circuit_breaker, config, explicit)
     policies = STATE.wrapper_policies
     policy: Policy | None = policies.get(key)

@@ -397,3 +397,120 @@ def test_an_operation_inside_a_unit_still_asks_its_services_breaker(
     with pytest.raises(rdb.CircuitOpenError):
         Session.run(unit)
     assert len(charges) == 1  # refused before it ran
+
+
+# -- one breaker, asked once per attempt ---------------------------------------------------------
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def half_open(engine: sa.Engine, service: str) -> tuple[rdb.ResilientSession[Session], Clock]:
+    """A factory of ``service`` whose breaker was opened and is half-open now: one probe."""
+    clock = Clock()
+    config = rdb.Config(failure_threshold=1, reset_timeout=1.0, half_open_probes=1)
+    Session = rdb.ResilientSession(engine, service=service, config=config, wall_clock=clock)
+    assert Session.policy.breaker is not None
+    Session.policy.breaker.open()
+    clock.now += 1.0
+    return Session, clock
+
+
+def breaker_state(service: str) -> str:
+    return str(rdb.health()["services"][service]["breaker"]["state"])
+
+
+def test_a_half_open_breaker_closes_through_an_operation_using_a_drop_in_session(
+    engine: sa.Engine, service: str
+) -> None:
+    """The README's pattern: ``with_self_healing(handler)`` whose handler opens a drop-in
+    session of the same service. The operation was let through as the one probe, then its
+    session's connect asked the same breaker again, found the probe slot taken and raised
+    CircuitOpenError: the breaker stayed half-open for good, the database back."""
+    Session, _ = half_open(engine, service)
+    engine.dispose()  # the session must connect
+
+    def handler() -> int:
+        with Session.begin() as session:
+            return int(session.execute(sa.text("SELECT 1")).scalar_one())
+
+    assert rdb.with_self_healing(handler, service=service, config=Session.config) == 1
+    assert breaker_state(service) == "closed"
+
+
+def test_a_half_open_breaker_closes_through_a_unit_calling_a_decorated_helper(
+    engine: sa.Engine, service: str
+) -> None:
+    """A unit whose code calls a ``@with_self_healing`` helper of the same service (as the
+    README allows): the helper asked the breaker again and was refused."""
+    Session, _ = half_open(engine, service)
+
+    @rdb.with_self_healing(service=service, config=Session.config)
+    def helper(session: Session) -> int:
+        return int(session.execute(sa.text("SELECT 2")).scalar_one())
+
+    assert Session.run(helper) == 2
+    assert breaker_state(service) == "closed"
+
+
+@pytest.mark.asyncio
+async def test_a_half_open_breaker_closes_through_an_async_operation_running_a_unit(
+    aengine: AsyncEngine, service: str
+) -> None:
+    """An operation that does not retry (``use_retry=False``) running a unit of the same
+    service: the unit asked the breaker again, refused; it runs as part of the operation's
+    attempt now."""
+    clock = Clock()
+    config = rdb.Config(failure_threshold=1, reset_timeout=1.0, half_open_probes=1)
+    Session = rdb.AsyncResilientSession(aengine, service=service, config=config, wall_clock=clock)
+    assert Session.policy.breaker is not None
+    Session.policy.breaker.open()
+    clock.now += 1.0
+
+    async def unit(session: AsyncSession) -> int:
+        return int((await session.execute(sa.text("SELECT 3"))).scalar_one())
+
+    async def operation() -> int:
+        return await Session.run(unit)
+
+    assert (
+        await rdb.with_self_healing(operation, service=service, config=config, use_retry=False) == 3
+    )
+    assert breaker_state(service) == "closed"
+
+
+def test_a_drop_in_sessions_connect_inside_an_operation_is_not_retried_again(
+    engine: sa.Engine, service: str, fault_proxy: Any
+) -> None:
+    """The database refusing connections: each attempt of the operation ran the drop-in connect
+    retry's own loop (16 connects where one loop makes 4, 15 retry lines, the deadline twice
+    over). The operation retries; its session connects once per attempt."""
+    proxied = sa.create_engine(fault_proxy.url(engine.url.database))
+    Session = rdb.ResilientSession(
+        proxied, service=service, config=rdb.Config(max_retries=RETRIES, failure_threshold=100)
+    )
+    connects: list[int] = []
+    connect = proxied.dialect.connect
+
+    def counted(*args: Any, **kwargs: Any) -> Any:  # every connect the driver is asked for
+        connects.append(1)
+        return connect(*args, **kwargs)
+
+    proxied.dialect.connect = counted  # type: ignore[method-assign]
+
+    def handler() -> int:
+        with Session.begin() as session:
+            return int(session.execute(sa.text("SELECT 1")).scalar_one())
+
+    fault_proxy.refuse()
+    try:
+        with pytest.raises(sa.exc.OperationalError):
+            rdb.with_self_healing(handler, service=service, config=Session.config)
+    finally:
+        fault_proxy.restore()
+        proxied.dispose()
+    assert len(connects) == RETRIES + 1
+    assert attempts(service) == RETRIES + 1
