@@ -7,6 +7,7 @@ No trigger is installed here: what is tested is that the session guards see the 
 
 from __future__ import annotations
 
+import enum
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -21,6 +22,7 @@ from sqlalchemy.orm import (
     aliased,
     column_property,
     mapped_column,
+    registry,
     sessionmaker,
 )
 
@@ -29,6 +31,7 @@ from resilient_db._errors import IllegalTransitionError
 from resilient_db.transitions import TransitionRules, TransitionRulesError
 from resilient_db.transitions._bypass import GUARD_INFO_KEY
 from resilient_db.transitions._guards import install_guard
+from resilient_db.transitions._rules import guards_of
 
 RULES: dict[str, Any] = {
     "column": "status",
@@ -75,6 +78,13 @@ class Keyed(Base):
     __transitions__ = TransitionRules(**{**RULES, "column": "state"})
     tid = column_property(keyed_table.c.ident)
     state = column_property(keyed_table.c.st)
+
+
+class Padded(Base):
+    __tablename__ = "edge_padded"
+    __transitions__ = TransitionRules(**RULES)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    status: Mapped[str] = mapped_column(sa.CHAR(12), default="pending")
 
 
 class Log(Base):
@@ -300,3 +310,98 @@ def test_flush_of_a_row_keyed_by_a_uuid_given_as_a_string(engine: sa.Engine) -> 
             s.commit()
         assert (info.value.from_state, info.value.to_state) == ("pending", "completed")
     assert _rows(engine, "edge_jobs") == {U: "pending"}
+
+
+# ------------------------------------------------------------------------------------------------
+# column types: CHAR(n), plain enum members, server defaults
+# ------------------------------------------------------------------------------------------------
+
+
+def test_a_char_column_is_judged_without_its_padding(engine: sa.Engine) -> None:
+    """character(n) gives its values back padded with spaces: the states are compared as the
+    database's text (without them), on the flush and on a bulk UPDATE by primary key."""
+    raising = _factory(engine, bulk_update="raise")
+    with raising() as s:
+        s.add_all([Padded(id=1), Padded(id=2)])
+        s.commit()
+    with raising() as s:
+        task = s.get(Padded, 1)
+        assert task is not None
+        assert task.status == "pending     "
+        task.status = "in_progress"
+        s.commit()
+        s.execute(sa.update(Padded), [{"id": 2, "status": "in_progress"}])
+        s.commit()
+    with raising() as s:
+        task = s.get(Padded, 1)
+        assert task is not None
+        task.status = "cancelled"  # in_progress -> cancelled: illegal
+        with pytest.raises(IllegalTransitionError) as info:
+            s.commit()
+        assert info.value.to_state == "cancelled"
+    assert _rows(engine, "edge_padded") == {1: "in_progress ", 2: "in_progress "}
+
+
+def _compile(name: str, rules: TransitionRules, column: Any) -> None:
+    reg = registry()
+    try:
+        ns = {
+            "__tablename__": name,
+            "id": mapped_column(sa.Integer, primary_key=True),
+            "status": column,
+            "__transitions__": rules,
+        }
+        guards_of(reg.mapped(type(name.title(), (), ns)))
+    finally:
+        reg.dispose()
+
+
+class Plain(enum.Enum):
+    PENDING = "pending"
+    DONE = "done"
+
+
+class Mixed(str, enum.Enum):
+    PENDING = "pending"
+    DONE = "done"
+
+
+def test_type_mistakes_are_refused_when_the_rules_compile() -> None:
+    """Rules no row could follow: members of a plain enum.Enum on a column that is not an
+    Enum (the driver writes their names), a CHAR state with trailing spaces (read back
+    without them), a server_default outside the initial states."""
+    by_member = TransitionRules(
+        column="status", transitions={Plain.PENDING: {Plain.DONE}}, initial={Plain.PENDING}
+    )
+    with pytest.raises(TransitionRulesError, match=r"enum.Enum Plain.*its name \('DONE'\)"):
+        _compile("e1", by_member, mapped_column(sa.String(20)))
+    _compile("e2", by_member, mapped_column(sa.Enum(Plain, name="plain_e2")))  # by name: fine
+    by_mixin = TransitionRules(
+        column="status", transitions={Mixed.PENDING: {Mixed.DONE}}, initial={Mixed.PENDING}
+    )
+    _compile("e3", by_mixin, mapped_column(sa.String(20)))  # a str: written as its value
+    padded = TransitionRules(column="status", transitions={"a ": {"b"}}, initial={"a "})
+    with pytest.raises(TransitionRulesError, match="ends in a space"):
+        _compile("e4", padded, mapped_column(sa.CHAR(4)))
+    plain = TransitionRules(column="status", transitions={"new": {"done"}}, initial={"new"})
+    with pytest.raises(TransitionRulesError, match="server_default 'done' is not an initial"):
+        _compile("e5", plain, mapped_column(sa.String(10), server_default="done"))
+    _compile("e6", plain, mapped_column(sa.String(10), server_default="new"))
+    _compile("e7", plain, mapped_column(sa.String(10), default="new", server_default="done"))
+
+
+def test_a_plain_enum_member_written_to_a_string_column_is_refused(engine: sa.Engine) -> None:
+    """The driver would write the member's name (``'IN_PROGRESS'``), no state of the rules,
+    though its value (``'in_progress'``) is a legal move."""
+
+    class St(enum.Enum):
+        IN_PROGRESS = "in_progress"
+
+    _set_rows(engine, "edge_tasks", "(1, '', 'pending')")
+    with _factory(engine)() as s:
+        task = s.get(Task, 1)
+        assert task is not None
+        task.status = St.IN_PROGRESS  # type: ignore[assignment]
+        with pytest.raises(IllegalTransitionError, match="by its name"):
+            s.commit()
+    assert _rows(engine, "edge_tasks") == {1: "pending"}

@@ -4,6 +4,7 @@ same order by concurrent flushes)."""
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple, NoReturn
 
@@ -15,7 +16,7 @@ from resilient_db._config import Config
 from resilient_db._errors import IllegalTransitionError
 
 from ._report import report
-from ._rules import Guard, plain, sort_key
+from ._rules import Guard, plain, sort_key, written_by_name
 
 __all__ = [
     "Change",
@@ -68,6 +69,14 @@ def illegal(change: Change, old: Any, via: str) -> IllegalTransitionError:
     guard = change.guard
     nxt = guard.next.get(guard.key(old), frozenset())
     allowed = ", ".join(repr(plain(guard.state(k))) for k in sorted(nxt, key=sort_key))
+    reason = f"allowed from here: {allowed}" if allowed else "no moves are allowed from here"
+    new = change.new
+    if isinstance(new, enum.Enum) and written_by_name(guard.column.type, new):
+        reason = (
+            f"{new!r} is a member of a plain enum.Enum, which the driver writes by its name "
+            f"({new.name!r}), not its value, into a column that is not an Enum column; "
+            f"{reason}"
+        )
     return IllegalTransitionError(
         model=guard.model,
         pk=change.pk,
@@ -75,7 +84,7 @@ def illegal(change: Change, old: Any, via: str) -> IllegalTransitionError:
         from_state=old,
         to_state=change.new,
         via=via,
-        reason=f"allowed from here: {allowed}" if allowed else "no moves are allowed from here",
+        reason=reason,
     )
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "sort_key",
     "state_of",
     "transition_rules",
+    "written_by_name",
 ]
 
 #: Wildcard source state: "from any declared state".
@@ -325,6 +326,8 @@ def _db_key(type_: sa.types.TypeEngine[Any], value: object) -> Key:
             raise LookupError(f"{value!r} is not among the values of {impl!r}")
         return None if db is None else str(db)
     if isinstance(value, enum.Enum):
+        if written_by_name(type_, value):
+            raise TypeError(f"{value!r} is written by its name, not its value")
         return _db_key(type_, value.value)
     if isinstance(impl, sa.Boolean):
         # what SQLAlchemy binds (True, False, also 1 and 0), as PostgreSQL writes it (bool::text)
@@ -333,7 +336,19 @@ def _db_key(type_: sa.types.TypeEngine[Any], value: object) -> Key:
         raise TypeError(f"{value!r} is no value of a Boolean column")
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise TypeError(f"{value!r} is no state value")
+    if isinstance(impl, (sa.CHAR, sa.NCHAR)):
+        # character(n) pads with spaces, and gives them back; col::text drops them
+        return str(value).rstrip(" ")
     return str(value)
+
+
+def written_by_name(type_: sa.types.TypeEngine[Any], value: enum.Enum) -> bool:
+    """Whether the driver writes ``value``, a member of a plain ``enum.Enum`` (no ``str`` or
+    ``int`` mixin) bound to a column that is not an ``Enum`` (and converts nothing itself),
+    by its name: psycopg does, so its value is not what the column gets."""
+    return not isinstance(value, (str, int)) and not isinstance(
+        type_, (sa.Enum, sa.types.TypeDecorator)
+    )
 
 
 _INTEGER_TEXT = re.compile(r"[+-]?[0-9]+", re.ASCII)
@@ -436,6 +451,20 @@ def _compile(mapper: Mapper[Any], rules: TransitionRules) -> Guard:
     states: dict[Key, State] = {}
     binds: dict[Key, Any] = {}
     for state in sorted(rules.declared_states, key=sort_key):
+        if isinstance(state, enum.Enum) and written_by_name(type_, state):
+            raise TransitionRulesError(
+                f"{where}: state {state!r} is a member of the plain enum.Enum "
+                f"{type(state).__name__}, but the column ({type_!r}) is not an Enum column: "
+                f"the driver writes such a member by its name ({state.name!r}), not by its "
+                f"value ({state.value!r}), so no rule about it would apply; map the column as "
+                f"sa.Enum({type(state).__name__}), or declare the states by their values"
+            )
+        if isinstance(impl, (sa.CHAR, sa.NCHAR)) and isinstance(state, str) and state[-1:] == " ":
+            raise TransitionRulesError(
+                f"{where}: state {state!r} ends in a space, but the column ({type_!r}) is "
+                "character(n), whose values PostgreSQL pads with spaces and reads back "
+                "(col::text) without the trailing ones; declare it without them"
+            )
         try:
             key = _db_key(type_, state)
         except (LookupError, TypeError, ValueError):
@@ -505,6 +534,7 @@ def _compile(mapper: Mapper[Any], rules: TransitionRules) -> Guard:
             "add a transition into it or list it in initial"
         )
 
+    _check_server_default(column, initial, states, where)
     pk_columns, pk_attr_keys = _pk_columns(mapper, column, where)
     # The ORM's flush binds an UPDATE's primary key as ``col._label`` (``tasks_id``) and the new
     # values as ``col.key``; the compare-and-set reads both (see _attach_compare_and_set).
@@ -523,8 +553,33 @@ def _compile(mapper: Mapper[Any], rules: TransitionRules) -> Guard:
         binds=MappingProxyType(binds),
         pk_labels=pk_labels,
         cas_param=f"rdb_expected_{position}",
-        text_keys=not isinstance(impl, (sa.Enum, sa.Boolean)),
+        text_keys=not isinstance(impl, (sa.Enum, sa.Boolean, sa.CHAR, sa.NCHAR)),
         owner=model,
+    )
+
+
+def _check_server_default(
+    column: sa.Column[Any], initial: frozenset[Key], states: Mapping[Key, State], where: str
+) -> None:
+    """A literal ``server_default`` (with no Python-side default, which the ORM would send
+    instead) is the state of every row inserted without one: it must be an initial state."""
+    default = column.server_default
+    if column.default is not None or not isinstance(default, sa.DefaultClause):
+        return
+    arg = default.arg
+    if not isinstance(arg, str):
+        return  # a SQL expression: its value is the database's (the trigger checks it)
+    try:
+        key = _db_key(column.type, arg)
+    except (LookupError, TypeError, ValueError):
+        return
+    if key in initial:
+        return
+    allowed = ", ".join(repr(states.get(k, k)) for k in sorted(initial, key=sort_key))
+    raise TransitionRulesError(
+        f"{where}: the column's server_default {arg!r} is not an initial state ({allowed}): "
+        "every row inserted without a status would start in it; make it an initial state, "
+        "or change the server_default"
     )
 
 
