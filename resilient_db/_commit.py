@@ -58,6 +58,7 @@ from sqlalchemy.pool import NullPool
 from ._classify import Classifier, mark_replay_safe, sqlstate_of
 from ._config import Config
 from ._observability import emit, log_session
+from ._state import STATE
 from ._statements import (
     StatementGuard,
     asyncpg_statement_methods,
@@ -1211,6 +1212,8 @@ class AttemptRecord:
         marked = getattr(pooled.dbapi_connection, "_rdb_marked", None)  # psycopg's connection
         if marked is None:  # or SQLAlchemy's adapter (asyncpg): the driver's is inside
             marked = getattr(pooled.driver_connection, "_rdb_marked", False)
+        if not marked:
+            marked = _prepared_late(connection, pooled)
         entry = (transaction, connection, marked)
         began = self.began
         if began is None:
@@ -1235,6 +1238,21 @@ class AttemptRecord:
             and _answered(exc, self._policy.classifier)
         ):
             self.autocommitting = None
+
+
+def _prepared_late(connection: Any, pooled: Any) -> bool:
+    """Whether a connection that is not marked, beginning a unit's transaction, could be
+    prepared for the commit protocol now (before the transaction sends anything): one checked
+    out before its engine had a resilient factory, which never passed the factory's checkout,
+    as the ``AsyncConnection`` an async factory is bound to may be (a sync ``Connection`` is
+    prepared when the factory is bound to it; an async one's set-up needs SQLAlchemy's
+    greenlet, which the unit's begin runs in). Idempotent; a connection the protocol can't
+    mark (another driver, your own creator's) stays as it is."""
+    hooks = STATE.engine_hooks.get(connection.engine)
+    if hooks is None or not hooks.config.enabled:
+        return False
+    hooks.commit.prepare(pooled.dbapi_connection)
+    return bool(getattr(pooled.driver_connection, "_rdb_marked", False))
 
 
 def _answered(exc: BaseException, classifier: Classifier) -> bool:

@@ -7,10 +7,13 @@ answers are settled as any unit's: a read replayed, a write verified by its mark
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import pytest_asyncio
 import sqlalchemy as sa
+from scenarios import async_connect_args
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
@@ -100,6 +103,68 @@ def test_a_write_on_an_earlier_connection_with_a_lost_answer_is_verified_once(
         assert Sessions.run(write) == unit  # verified by its marker
     finally:
         conn.close()
+    assert fault_proxy.commits_lost == 1
+    assert calls == [1]
+    assert rows(pg_server, database, unit) == 1
+
+
+# -- async: the AsyncConnection an async factory is bound to ------------------------------------
+@pytest_asyncio.fixture(params=["asyncpg", "psycopg"])
+async def aproxied(
+    request: pytest.FixtureRequest, fault_proxy: FaultProxy, database: str
+) -> AsyncIterator[AsyncEngine]:
+    driver = request.param
+    engine = create_async_engine(
+        fault_proxy.url(database, driver=driver), connect_args=async_connect_args(driver, 2)
+    )
+    yield engine
+    await engine.dispose()
+
+
+@pytest.mark.asyncio
+async def test_an_async_read_on_an_earlier_connection_with_a_lost_answer_is_replayed(
+    aproxied: AsyncEngine, fault_proxy: FaultProxy, service: str
+) -> None:
+    conn = await aproxied.connect()  # checked out before the engine had a resilient factory
+    Sessions = rdb.AsyncResilientSession(conn, service=service)
+    calls = []
+
+    async def read(session: AsyncSession) -> int:
+        calls.append(1)
+        return int((await session.execute(sa.text("SELECT 1"))).scalar_one())
+
+    try:
+        fault_proxy.lose_commit_answer()
+        assert await Sessions.run(read) == 1  # not CommitOutcomeUnknownError
+    finally:
+        await conn.close()
+    assert fault_proxy.commits_lost == 1
+    assert calls == [1, 1]
+
+
+@pytest.mark.asyncio
+async def test_an_async_write_on_an_earlier_connection_with_a_lost_answer_is_verified_once(
+    aproxied: AsyncEngine,
+    fault_proxy: FaultProxy,
+    pg_server: PostgresServer,
+    database: str,
+    service: str,
+) -> None:
+    conn = await aproxied.connect()
+    Sessions = rdb.AsyncResilientSession(conn, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+    calls = []
+
+    async def write(session: AsyncSession) -> str:
+        calls.append(1)
+        await session.execute(sa.text("INSERT INTO ledger (unit) VALUES (:u)"), {"u": unit})
+        return unit
+
+    try:
+        fault_proxy.lose_commit_answer()
+        assert await Sessions.run(write) == unit  # verified by its marker
+    finally:
+        await conn.close()
     assert fault_proxy.commits_lost == 1
     assert calls == [1]
     assert rows(pg_server, database, unit) == 1
