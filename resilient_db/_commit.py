@@ -44,7 +44,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, TypeAlias
 
@@ -2037,7 +2037,8 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
     COMMIT, or first reads the xid (the fallback). It runs inside SQLAlchemy's ``do_commit``, so
     errors are wrapped and dead connections invalidated exactly as for a plain COMMIT:
 
-    * psycopg: ``commit()``;
+    * psycopg: ``commit()`` (and ``transaction()``, whose outermost block psycopg commits
+      itself: that COMMIT is noted as the unit's own, see :func:`_noting_block`);
     * asyncpg: its transaction object commits with ``connection.execute("COMMIT;")`` (and rolls
       back with ``"ROLLBACK;"``), so ``execute`` sees those.
 
@@ -2163,7 +2164,10 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                     ticket.done = ticket.warned is None or not ticket.wrote
                 return None
 
-            namespace.update(commit=acommit)
+            def atransaction(self: Any, *args: Any, **kwargs: Any) -> Any:
+                return _noting_block_async(self, base.transaction(self, *args, **kwargs))
+
+            namespace.update(commit=acommit, transaction=atransaction)
         else:
 
             def commit(self: Any) -> None:
@@ -2188,7 +2192,10 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                     ticket.done = ticket.warned is None or not ticket.wrote
                 return None
 
-            namespace.update(commit=commit)
+            def transaction(self: Any, *args: Any, **kwargs: Any) -> Any:
+                return _noting_block(self, base.transaction(self, *args, **kwargs))
+
+            namespace.update(commit=commit, transaction=transaction)
         if not issubclass(base, asyncpg.Connection):
             # No rollback(): the flag of a rolled-back transaction is cleared at the next
             # checkout (``CommitProtocol.checked_out``), not by a Python frame in every pool
@@ -2236,6 +2243,7 @@ def _adopt_asyncpg(driver: Any) -> None:
         log_session.debug("could not mark an asyncpg connection", exc_info=True)
 
 
+_IDLE: Final = int(psycopg.pq.TransactionStatus.IDLE)
 _INTRANS: Final = int(psycopg.pq.TransactionStatus.INTRANS)
 _INERROR: Final = int(psycopg.pq.TransactionStatus.INERROR)
 _FATAL_ERROR: Final = int(psycopg.pq.ExecStatus.FATAL_ERROR)
@@ -2252,6 +2260,55 @@ def _psycopg_commit_plan(
         connection._rdb_may_write = False  # idle or failed: COMMIT as plain psycopg does
         return None, None, None
     return _commit_plan(connection)
+
+
+def _block_attempt(connection: Any) -> AttemptRecord | None:
+    """The attempt of the unit whose code enters a psycopg ``transaction()`` block on
+    ``connection`` now, when the block is the outermost transaction (the connection is idle):
+    psycopg then sends its BEGIN and its COMMIT itself, past the marked ``commit()`` and the
+    cursors, and that COMMIT is the unit's own (see :func:`_own_commit`). None otherwise (a
+    savepoint inside the transaction, the unit's own COMMIT being made, no unit)."""
+    if connection.pgconn.transaction_status != _IDLE or current_request.get() is not None:
+        return None
+    return current_attempt.get()
+
+
+@contextlib.contextmanager
+def _noting_block(connection: Any, block: Any) -> Iterator[Any]:
+    """psycopg's ``transaction()`` block (``block``, as psycopg made it) on a marked
+    connection: the COMMIT at the end of an outermost one counts as the unit's own (see
+    :func:`_block_attempt`). A block left by an error rolls back, as psycopg does."""
+    attempt = _block_attempt(connection)
+    entered = block.__enter__()
+    try:
+        yield entered
+    except BaseException as exc:
+        if not block.__exit__(type(exc), exc, exc.__traceback__):
+            raise
+        return  # (psycopg's Rollback, swallowed by its block)
+    if attempt is None:
+        block.__exit__(None, None, None)
+        return
+    with _own_commit(attempt):
+        block.__exit__(None, None, None)
+
+
+@contextlib.asynccontextmanager
+async def _noting_block_async(connection: Any, block: Any) -> AsyncIterator[Any]:
+    """:func:`_noting_block` of a ``psycopg.AsyncConnection``."""
+    attempt = _block_attempt(connection)
+    entered = await block.__aenter__()
+    try:
+        yield entered
+    except BaseException as exc:
+        if not await block.__aexit__(type(exc), exc, exc.__traceback__):
+            raise
+        return
+    if attempt is None:
+        await block.__aexit__(None, None, None)
+        return
+    with _own_commit(attempt):
+        await block.__aexit__(None, None, None)
 
 
 @contextlib.contextmanager

@@ -139,6 +139,50 @@ def test_a_commit_statement_refused_by_the_server_is_replayed(
     assert rows(pg_server, database, unit) == 1
 
 
+def test_a_unit_whose_psycopg_transaction_block_committed_is_not_replayed(
+    engine: sa.Engine, pg_server: PostgresServer, database: str, service: str
+) -> None:
+    """psycopg's ``transaction()`` on an idle connection (SQLAlchemy's transaction has sent
+    nothing yet) is the outermost transaction: psycopg sends its BEGIN and COMMIT itself."""
+    Sessions = rdb.ResilientSession(engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+    calls = []
+
+    def work(session: Session) -> None:
+        calls.append(1)
+        raw = _raw(session)
+        with raw.transaction():
+            raw.execute("INSERT INTO ledger (unit) VALUES (%s)", (unit,))
+        session.execute(sa.text("SELECT serialization_failure()"))
+
+    with pytest.raises(sa.exc.OperationalError):
+        Sessions.run(work)
+    assert calls == [1], "replayed after its transaction block committed"
+    assert rows(pg_server, database, unit) == 1
+
+
+def test_a_psycopg_transaction_block_inside_the_units_transaction_is_replayed(
+    engine: sa.Engine, pg_server: PostgresServer, database: str, service: str
+) -> None:
+    """Inside a transaction, psycopg's ``transaction()`` is a savepoint: nothing committed."""
+    Sessions = rdb.ResilientSession(engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+    calls = []
+
+    def work(session: Session) -> None:
+        calls.append(1)
+        session.execute(sa.text("SELECT 1"))
+        raw = _raw(session)
+        with raw.transaction():
+            raw.execute("INSERT INTO ledger (unit) VALUES (%s)", (unit,))
+        if len(calls) == 1:
+            session.execute(sa.text("SELECT serialization_failure()"))
+
+    Sessions.run(work)
+    assert len(calls) == 2
+    assert rows(pg_server, database, unit) == 1
+
+
 # -- async: asyncpg and psycopg -----------------------------------------------------------------
 async def _araw(session: AsyncSession) -> Any:
     return (await (await session.connection()).get_raw_connection()).driver_connection
@@ -235,6 +279,31 @@ async def test_an_async_commit_statement_refused_by_the_server_is_replayed(
 
     await Sessions.run(work)
     assert len(calls) == 2
+    assert rows(pg_server, database, unit) == 1
+
+
+@pytest.mark.asyncio
+async def test_an_async_unit_whose_psycopg_transaction_block_committed_is_not_replayed(
+    pg_server: PostgresServer, database: str, service: str
+) -> None:
+    engine = create_async_engine(pg_server.url(database, driver="psycopg"))
+    Sessions = rdb.AsyncResilientSession(engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+    calls = []
+
+    async def work(session: AsyncSession) -> None:
+        calls.append(1)
+        raw = await _araw(session)
+        async with raw.transaction():
+            await raw.execute("INSERT INTO ledger (unit) VALUES (%s)", (unit,))
+        await session.execute(sa.text("SELECT serialization_failure()"))
+
+    try:
+        with pytest.raises(sa.exc.DBAPIError):
+            await Sessions.run(work)
+    finally:
+        await engine.dispose()
+    assert calls == [1], "replayed after its transaction block committed"
     assert rows(pg_server, database, unit) == 1
 
 
