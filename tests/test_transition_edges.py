@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from scenarios import BYPASS_BY_HAND
+from sent import Sent
+from sqlalchemy import event
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -23,6 +25,7 @@ from sqlalchemy.orm import (
     column_property,
     mapped_column,
     registry,
+    relationship,
     sessionmaker,
 )
 
@@ -85,6 +88,21 @@ class Padded(Base):
     __transitions__ = TransitionRules(**RULES)
     id: Mapped[int] = mapped_column(primary_key=True)
     status: Mapped[str] = mapped_column(sa.CHAR(12), default="pending")
+
+
+class StatusRow(Base):
+    __tablename__ = "edge_statuses"
+    name: Mapped[str] = mapped_column(primary_key=True)
+    tasks: Mapped[list[Linked]] = relationship()  # one-to-many, no backref
+
+
+class Linked(Base):
+    """The status is a foreign key to a table of statuses."""
+
+    __tablename__ = "edge_linked"
+    __transitions__ = TransitionRules(**RULES)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    status: Mapped[str] = mapped_column(sa.ForeignKey("edge_statuses.name"), default="pending")
 
 
 class Log(Base):
@@ -405,3 +423,73 @@ def test_a_plain_enum_member_written_to_a_string_column_is_refused(engine: sa.En
         with pytest.raises(IllegalTransitionError, match="by its name"):
             s.commit()
     assert _rows(engine, "edge_tasks") == {1: "pending"}
+
+
+# ------------------------------------------------------------------------------------------------
+# a status written during the flush, of a row the guard saw unchanged
+# ------------------------------------------------------------------------------------------------
+
+
+def test_a_status_set_by_a_later_before_flush_listener_is_judged(engine: sa.Engine) -> None:
+    """An application's ``before_flush`` listener, added after the guard's, that sets the
+    status of a task no one changed in the unit: the move is judged from the state the row
+    holds (an illegal one is never sent), a legal one written."""
+
+    def reopen(session: Session, context: Any, instances: Any) -> None:
+        for obj in list(session.new):
+            if isinstance(obj, Log):
+                task = session.get(Task, obj.task_id)
+                assert task is not None
+                task.status = "pending"
+
+    _set_rows(engine, "edge_tasks", "(1, '', 'completed'), (2, '', 'in_progress')")
+    event.listen(_S, "before_flush", reopen)
+    try:
+        with _factory(engine)() as s:  # completed -> pending: illegal
+            s.add(Log(id=1, task_id=1))
+            statements = Sent(engine)
+            with pytest.raises(IllegalTransitionError) as info:
+                s.commit()
+            assert (info.value.pk, info.value.from_state, info.value.to_state) == (
+                1,
+                "completed",
+                "pending",
+            )
+            assert not statements.matching("UPDATE")
+        with _factory(engine)() as s:  # in_progress -> pending: legal
+            s.add(Log(id=2, task_id=2))
+            s.commit()
+    finally:
+        event.remove(_S, "before_flush", reopen)
+    assert _rows(engine, "edge_tasks") == {1: "completed", 2: "pending"}
+
+
+def test_a_status_foreign_key_moved_through_a_collection_is_judged(engine: sa.Engine) -> None:
+    """The status is a foreign key; appending the task to another status's one-to-many
+    collection makes the ORM write it during the flush (the task itself looked unchanged)."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO edge_statuses VALUES "
+            "('pending'), ('in_progress'), ('completed'), ('cancelled'), ('failed')"
+        )
+        conn.exec_driver_sql("INSERT INTO edge_linked VALUES (1, 'completed'), (2, 'pending')")
+    with _factory(engine)() as s:
+        done, pending = s.get(Linked, 1), s.get(StatusRow, "pending")
+        assert done is not None
+        assert pending is not None
+        pending.tasks.append(done)  # completed -> pending: illegal
+        with pytest.raises(IllegalTransitionError) as info:
+            s.commit()
+        assert (info.value.pk, info.value.from_state, info.value.to_state) == (
+            1,
+            "completed",
+            "pending",
+        )
+    with _factory(engine)() as s:
+        fresh = s.get(Linked, 2)
+        running = s.get(StatusRow, "in_progress")
+        assert fresh is not None
+        assert running is not None
+        running.tasks.append(fresh)  # pending -> in_progress: legal
+        s.commit()
+    assert _rows(engine, "edge_linked") == {1: "completed", 2: "in_progress"}

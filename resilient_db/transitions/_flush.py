@@ -22,7 +22,7 @@ from typing import Any, NamedTuple, TypeAlias
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.orm import Mapper, Session, UOWTransaction
+from sqlalchemy.orm import Mapper, Session, UOWTransaction, object_session
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.base import PASSIVE_NO_INITIALIZE
 from sqlalchemy.orm.state import InstanceState
@@ -40,6 +40,7 @@ from ._rules import Guard, compiled_guards, plain, sort_key
 
 __all__ = [
     "before_flush",
+    "before_update",
     "flush_ended",
     "guard_execute",
     "guard_for_commit_protocol",
@@ -87,6 +88,39 @@ def before_flush(
         errors.extend(_prepare_compare_and_set(session, config, changes, touched))
     if errors:
         raise_errors(errors, config)
+
+
+def before_update(mapper: Mapper[Any], connection: Connection, target: Any) -> None:
+    """Mapper ``before_update`` of a model with rules: a row of it is being updated by a flush.
+    A status set after :func:`before_flush` looked (by a ``before_flush`` listener added after
+    the guard's, or by the ORM itself: a foreign key written through a one-to-many
+    collection) was judged by no one: the guarded tables of ``mapper`` are watched on
+    ``connection`` for this flush, so that the flush's UPDATE setting a guarded column of a row
+    with no expectation has the row checked under lock first (:func:`_check_written`). Costs
+    a lookup when the flush watches them already."""
+    guards = compiled_guards(mapper)
+    flush_checks = STATE.flush_checks
+    checks: _FlushChecks | None = flush_checks.get(connection) if flush_checks else None
+    if checks is not None:
+        rows = checks.rows
+        for guard in guards:
+            if guard.table not in rows:
+                break
+        else:
+            return  # the common case: before_flush watches these tables already
+    if not guards:
+        return
+    session = object_session(target)
+    config = None if session is None else active_config(session)
+    if session is None or config is None:
+        return
+    if checks is None:
+        install_engine_hooks(connection.engine)
+        checks = STATE.flush_checks[connection] = _FlushChecks(config)
+        STATE.flushing.setdefault(session, []).append(connection)
+    for guard in guards:
+        checks.note_guard(guard, mapper)
+        checks.rows.setdefault(guard.table, {})
 
 
 class _GuardsByMapper(dict[Mapper[Any], tuple[Guard, ...]]):
