@@ -8,6 +8,7 @@ No trigger is installed here: what is tested is that the session guards see the 
 from __future__ import annotations
 
 import enum
+import logging
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -31,7 +32,11 @@ from sqlalchemy.orm import (
 
 from resilient_db._config import Config
 from resilient_db._errors import IllegalTransitionError
-from resilient_db.transitions import TransitionRules, TransitionRulesError
+from resilient_db.transitions import (
+    TransitionRules,
+    TransitionRulesError,
+    install_transition_trigger,
+)
 from resilient_db.transitions._bypass import GUARD_INFO_KEY
 from resilient_db.transitions._guards import install_guard
 from resilient_db.transitions._rules import guards_of
@@ -493,3 +498,64 @@ def test_a_status_foreign_key_moved_through_a_collection_is_judged(engine: sa.En
         running.tasks.append(fresh)  # pending -> in_progress: legal
         s.commit()
     assert _rows(engine, "edge_linked") == {1: "completed", 2: "in_progress"}
+
+
+# ------------------------------------------------------------------------------------------------
+# partitioned tables: the trigger's limit is said at install
+# ------------------------------------------------------------------------------------------------
+
+
+def test_installing_on_a_partitioned_table_warns_of_moves_across_partitions(
+    engine: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An UPDATE moving a row to another partition is a DELETE and an INSERT: no UPDATE
+    trigger fires. Installing says so, for a table the model declares partitioned and for one
+    partitioned in the database only."""
+    reg = registry()
+    try:
+        rules = TransitionRules(**RULES)
+        declared = reg.mapped(
+            type(
+                "PartDeclared",
+                (),
+                {
+                    "__tablename__": "edge_part_declared",
+                    "__table_args__": {"postgresql_partition_by": "LIST (region)"},
+                    "__transitions__": rules,
+                    "id": mapped_column(sa.Integer, primary_key=True),
+                    "region": mapped_column(sa.String(10), primary_key=True),
+                    "status": mapped_column(sa.String(20)),
+                },
+            )
+        )
+        undeclared = reg.mapped(
+            type(
+                "PartInDb",
+                (),
+                {
+                    "__tablename__": "edge_part_db",
+                    "__transitions__": rules,
+                    "id": mapped_column(sa.Integer, primary_key=True),
+                    "region": mapped_column(sa.String(10), primary_key=True),
+                    "status": mapped_column(sa.String(20)),
+                },
+            )
+        )
+        declared.__table__.create(engine)
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                "CREATE TABLE edge_part_db (id int, region varchar(10), status varchar(20), "
+                "PRIMARY KEY (id, region)) PARTITION BY LIST (region)"
+            )
+        caplog.set_level(logging.WARNING, logger="resilient_db.transitions")
+        for model, table in ((declared, "edge_part_declared"), (undeclared, "edge_part_db")):
+            caplog.clear()
+            install_transition_trigger(engine, model)
+            [record] = [r for r in caplog.records if "partitioned table" in r.getMessage()]
+            assert f"partitioned table {table!r}:" in record.getMessage()
+            assert "another partition" in record.getMessage()
+        caplog.clear()
+        install_transition_trigger(engine, Task)  # not partitioned: nothing said
+        assert not [r for r in caplog.records if "partitioned" in r.getMessage()]
+    finally:
+        reg.dispose()

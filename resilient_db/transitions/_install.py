@@ -171,6 +171,7 @@ def install_transition_trigger(bind_or_op: Any, model: type[Any]) -> None:
     _refuse_schema_translation(
         bind_or_op, model, [g.table for g in guards], "install_transition_trigger"
     )
+    _warn_partitioned(bind_or_op, guards)
     if installed_already(bind_or_op, lambda conn: _trigger_current(conn, model)):
         return
     statements = [
@@ -192,6 +193,55 @@ def install_transition_trigger(bind_or_op: Any, model: type[Any]) -> None:
 
 
 _ROLE_QUERY = sa.text("SELECT pg_catalog.to_regrole(:role) IS NOT NULL")
+_PARTITIONED_QUERY = sa.text(
+    "SELECT EXISTS (SELECT FROM pg_catalog.pg_class c "
+    "WHERE c.oid = pg_catalog.to_regclass(:table) AND c.relkind = 'p')"
+)
+
+
+def _warn_partitioned(target: Any, guards: Iterable[Guard]) -> None:
+    """Warn when a guarded table is partitioned (declared so by the model, or found so in the
+    database): an UPDATE moving a row to another partition runs as a DELETE and an INSERT,
+    for which PostgreSQL fires no UPDATE trigger, so the trigger can't judge that move."""
+    tables = list(dict.fromkeys(g.table for g in guards))
+    partitioned = [
+        t for t in tables if t.dialect_options["postgresql"].get("partition_by") is not None
+    ]
+    rest = [t for t in tables if t not in partitioned]
+    if rest:
+        with contextlib.suppress(sa.exc.DBAPIError):
+            partitioned.extend(t for t in rest if _partitioned_in_db(target, t))
+    for table in partitioned:
+        logger.warning(
+            "transition trigger of %s on partitioned table %r: an UPDATE that moves a row to "
+            "another partition runs as a DELETE and an INSERT, for which PostgreSQL fires no "
+            "UPDATE trigger, so the trigger does not judge such a move (an illegal one is not "
+            "refused by the database) and refuses a legal one into a state that is not "
+            "initial, as it refuses such an INSERT; the session guards judge the ORM's "
+            "writes as before. Keep status changes from moving rows across partitions (e.g. a "
+            "partition key other than the status, never changed in the same UPDATE)",
+            _model_of(guards, table),
+            table.fullname,
+        )
+
+
+def _model_of(guards: Iterable[Guard], table: sa.Table) -> str:
+    return next(g.model for g in guards if g.table is table)
+
+
+def _partitioned_in_db(target: Any, table: sa.Table) -> bool:
+    """Whether ``table`` is partitioned in the database ``target`` reaches (False when it
+    can't be asked: offline Alembic)."""
+    name = quoted_table(table)
+    if isinstance(target, Engine):
+        if target.dialect.name != "postgresql":
+            return False
+        with target.connect() as conn:
+            return bool(conn.execute(_PARTITIONED_QUERY, {"table": name}).scalar())
+    live = _live_connection(target)
+    if live is None or live.dialect.name != "postgresql":
+        return False
+    return bool(live.execute(_PARTITIONED_QUERY, {"table": name}).scalar())
 
 
 def _trigger_current(conn: Connection, model: type[Any]) -> bool:
