@@ -111,8 +111,12 @@ def before_update(mapper: Mapper[Any], connection: Connection, target: Any) -> N
     if not guards:
         return
     session = object_session(target)
-    config = None if session is None else active_config(session)
-    if session is None or config is None:
+    if session is None or not any(
+        cls in STATE.guarded_session_classes for cls in type(session).__mro__
+    ):
+        return  # a session whose flushes the guard does not follow
+    config = active_config(session)
+    if config is None:
         return
     if checks is None:
         install_engine_hooks(connection.engine)
