@@ -723,3 +723,38 @@ async def test_bulk_update_of_an_alias_and_by_primary_key_through_values(
         )
         await s.commit()
     assert (await _db_status(engine, done), await _db_status(engine, queued)) == ("done", "crashed")
+
+
+async def test_a_status_set_by_a_later_before_flush_listener_is_judged_at_the_flush(
+    engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    """An application's ``before_flush`` listener added after the guard's sets the status of
+    a job the unit left alone: the flush judges it from the state the row holds (under lock,
+    without MissingGreenlet), before the trigger would."""
+    done, running = await _add_job(engine, "done"), await _add_job(engine, "running")
+    target: dict[str, int] = {}
+
+    def requeue(session: Session, context: Any, instances: Any) -> None:
+        if "id" in target:
+            job = session.get(Job, target.pop("id"))
+            assert job is not None
+            job.status = "crashed" if job.status == "running" else "queued"
+
+    event.listen(_S, "before_flush", requeue)
+    try:
+        async with sessions() as s:
+            target["id"] = done
+            s.add(Job(name="other"))
+            with pytest.raises(IllegalTransitionError) as info:
+                await s.flush()
+            assert (info.value.pk, info.value.from_state, info.value.via) == (done, "done", "flush")
+        async with sessions() as s:  # running -> crashed: legal
+            target["id"] = running
+            s.add(Job(name="other"))
+            await s.commit()
+    finally:
+        event.remove(_S, "before_flush", requeue)
+    assert (await _db_status(engine, done), await _db_status(engine, running)) == (
+        "done",
+        "crashed",
+    )
