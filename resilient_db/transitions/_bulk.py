@@ -252,7 +252,10 @@ def _refuse_other_rules(
             continue
         for guard in compiled_guards(sub):
             own = next((g for g in guards if g.column is guard.column), None)
-            if same_rules(guard, own) or _target(stmt, first, guard) is None:
+            if same_rules(guard, own) or (
+                _target(stmt, first, guard) is None
+                and _target(stmt, first, guard, by_pk=True) is None
+            ):
                 continue
             name = mapper.class_.__name__
             which = f"rules other than {name}'s" if own is not None else f"rules {name} lacks"
