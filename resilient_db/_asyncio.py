@@ -431,6 +431,12 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             raise
         if not self._referee.settle(ticket, verdict, exc):
             raise exc
+        # committed, as the check proved. The session's transaction still holds the failed
+        # COMMIT: a bound Connection's own transaction with it, which the factory's next unit
+        # could not begin past. End it as a failed COMMIT is ended, keeping the unit's objects
+        # as they are (a rollback expires what it holds: let go of them first, as close does)
+        session.sync_session.expunge_all()
+        await session.rollback()
 
     async def _finish_two_phase(
         self, request: CommitRequest, exc: Exception, session: AsyncSession

@@ -101,6 +101,9 @@ def test_a_write_on_an_earlier_connection_with_a_lost_answer_is_verified_once(
     try:
         fault_proxy.lose_commit_answer()
         assert Sessions.run(write) == unit  # verified by its marker
+        # the connection's transaction, whose COMMIT failed, is ended: the next unit begins
+        # (it raised InvalidRequestError, "already initialized a SQLAlchemy Transaction()")
+        assert Sessions.run(lambda session: session.execute(sa.text("SELECT 7")).scalar()) == 7
     finally:
         conn.close()
     assert fault_proxy.commits_lost == 1
@@ -160,9 +163,13 @@ async def test_an_async_write_on_an_earlier_connection_with_a_lost_answer_is_ver
         await session.execute(sa.text("INSERT INTO ledger (unit) VALUES (:u)"), {"u": unit})
         return unit
 
+    async def read(session: AsyncSession) -> int:
+        return int((await session.execute(sa.text("SELECT 7"))).scalar_one())
+
     try:
         fault_proxy.lose_commit_answer()
         assert await Sessions.run(write) == unit  # verified by its marker
+        assert await Sessions.run(read) == 7  # the failed COMMIT's transaction was ended
     finally:
         await conn.close()
     assert fault_proxy.commits_lost == 1
