@@ -2079,7 +2079,11 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                                 return await base.execute(self, query, timeout=timeout)
                         if ticket is not None:
                             if ticket.mode == XID:
-                                row = await base.fetchrow(self, ticket.xid_sql)
+                                try:
+                                    row = await base.fetchrow(self, ticket.xid_sql)
+                                except asyncpg.PostgresError:  # a failed transaction: 25P02
+                                    await _end_failed_transaction(self, base)
+                                    raise
                                 ticket.xid, ticket.incarnation = row[0], row[1]
                                 self._rdb_warned = None  # (its COMMIT is spelled as any)
                             ticket.sent = True
@@ -2256,10 +2260,23 @@ def _psycopg_commit_plan(
     """What a psycopg connection's (sync or async) COMMIT does: (ticket, message, attempt).
     A connection that is idle or failed commits as plain psycopg does (nothing else); otherwise
     :func:`_commit_plan`."""
-    if connection.pgconn.transaction_status != _INTRANS:
+    status = connection.pgconn.transaction_status
+    if status != _INTRANS:
         connection._rdb_may_write = False  # idle or failed: COMMIT as plain psycopg does
+        if status == _INERROR and current_request.get() is not None:
+            raise _failed_transaction_commit()
         return None, None, None
     return _commit_plan(connection)
+
+
+def _failed_transaction_commit() -> psycopg.errors.InFailedSqlTransaction:
+    """A unit's COMMIT of a transaction that failed: its own code caught a database error and
+    went on. The server would answer ROLLBACK (psycopg takes that for done), and the unit be
+    reported done with nothing written; raised instead, as asyncpg raises it (25P02)."""
+    return psycopg.errors.InFailedSqlTransaction(
+        "the unit's transaction had failed (its code caught a database error and went on), "
+        "so its COMMIT would have rolled everything back: current transaction is aborted"
+    )
 
 
 def _block_attempt(connection: Any) -> AttemptRecord | None:
@@ -2437,10 +2454,20 @@ async def _failed_before_commit(
     of its transaction object, so nothing else would, and the next ``BEGIN`` would be refused)."""
     if connection.is_in_transaction():
         _marker_statement_failed(connection, message, exc)
-        try:
-            await base.execute(connection, "ROLLBACK;")
-        except Exception:  # the connection broke: SQLAlchemy invalidates it for the error
-            log_session.debug("ROLLBACK after a failed marker failed", exc_info=True)
+        await _end_failed_transaction(connection, base)
+
+
+async def _end_failed_transaction(connection: Any, base: type[Any]) -> None:
+    """ROLLBACK an asyncpg connection's transaction whose COMMIT never ran (a statement the
+    COMMIT message sends first failed): SQLAlchemy's asyncpg adapter has already let go of its
+    transaction object, so nothing else would, and the pool would hand the connection out
+    still in that transaction (the next ``BEGIN`` refused)."""
+    if not connection.is_in_transaction():
+        return
+    try:
+        await base.execute(connection, "ROLLBACK;")
+    except Exception:  # the connection broke: SQLAlchemy invalidates it for the error
+        log_session.debug("ROLLBACK of a transaction whose COMMIT failed failed", exc_info=True)
 
 
 #: asyncpg's longest BEGIN: ``BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY DEFERRABLE;``

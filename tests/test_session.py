@@ -7,6 +7,7 @@ Exact SQLSTATEs come from ``RAISE ... USING ERRCODE`` through the real driver; d
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import select
 import sys
@@ -243,6 +244,29 @@ def test_a_unit_inside_with_self_healing_runs_once_per_operation_attempt(
     with pytest.raises(sa.exc.OperationalError):  # an operation that doesn't retry: run does
         rdb.with_self_healing(handler, service=service, use_retry=False)
     assert calls == {"handler": 5, "unit": 8}
+
+
+def test_a_unit_whose_code_swallowed_a_database_error_is_not_reported_done(
+    engine: sa.Engine, service: str
+) -> None:
+    """The unit writes, then catches a database error and goes on: its transaction has failed,
+    and its COMMIT is answered with a ROLLBACK. psycopg takes that for done, so the unit was
+    reported done with nothing written; it raises 25P02 now, as on asyncpg (not retried)."""
+    Session = factory(engine, service)
+
+    def unit(session: Session) -> str:
+        session.add(Item(name="swallowed"))
+        session.flush()
+        with contextlib.suppress(sa.exc.DBAPIError):  # "handled"
+            raise_code(session, "22012")
+        return "done"
+
+    with pytest.raises(sa.exc.InternalError) as caught:
+        Session.run(unit)
+    assert getattr(caught.value.orig, "sqlstate", None) == "25P02"
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(Item).where(Item.name == "swallowed")).first() is None
+    assert Session.run(lambda session: session.execute(sa.text("SELECT 1")).scalar()) == 1
 
 
 def test_a_unit_that_committed_part_of_its_work_is_not_replayed(

@@ -9,6 +9,7 @@ Backoff is zeroed (``set_testing``) or replaced by an injected ``asleep``, never
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import select
@@ -695,6 +696,36 @@ async def test_business_errors_never_trip_the_breaker(engine: AsyncEngine, servi
     assert found is not None
     assert found["state"] == "closed"
     assert found["failures"] == 0
+
+
+async def test_a_unit_whose_code_swallowed_a_database_error_fails_alike_on_both_drivers(
+    make_engine: Callable[..., AsyncEngine],
+    pg_server: Any,
+    pg_database: str,
+    async_driver: str,
+    service: str,
+) -> None:
+    """A unit that catches a database error and goes on commits a failed transaction: asyncpg
+    raised 25P02, psycopg's COMMIT was answered ROLLBACK and the unit reported done with
+    nothing written. Both raise 25P02 now, and the one connection goes back to the pool out of
+    that transaction (asyncpg's was handed out still in it: the next BEGIN refused)."""
+    engine = make_engine(pg_server.url(pg_database, driver=async_driver), pool_size=1)
+    await _create_schema(engine)
+    Session = factory(engine, service)
+
+    async def unit(session: AsyncSession) -> str:
+        session.add(Item(name="swallowed"))
+        await session.flush()
+        with contextlib.suppress(sa_exc.DBAPIError):  # "handled"
+            await raise_code(session, "22012")
+        return "done"
+
+    with pytest.raises(sa_exc.DBAPIError) as caught:
+        await Session.run(unit)
+    assert "25P02" in str(getattr(caught.value.orig, "sqlstate", None)) or (
+        "InFailedSQLTransaction" in type(caught.value.orig).__name__
+    )
+    assert await count_items(engine, "swallowed") == 0
 
 
 # -- the breaker against a real outage ------------------------------------------------------------
