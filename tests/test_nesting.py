@@ -408,15 +408,19 @@ class Clock:
         return self.now
 
 
-def half_open(engine: sa.Engine, service: str) -> tuple[rdb.ResilientSession[Session], Clock]:
-    """A factory of ``service`` whose breaker was opened and is half-open now: one probe."""
+HALF_OPEN = rdb.Config(failure_threshold=1, reset_timeout=1.0, half_open_probes=1)
+
+
+def half_open(engine: Any, service: str) -> Any:
+    """A factory of ``service`` (async for an ``AsyncEngine``) whose breaker was opened and is
+    half-open now: one probe may go."""
     clock = Clock()
-    config = rdb.Config(failure_threshold=1, reset_timeout=1.0, half_open_probes=1)
-    Session = rdb.ResilientSession(engine, service=service, config=config, wall_clock=clock)
+    make = rdb.AsyncResilientSession if isinstance(engine, AsyncEngine) else rdb.ResilientSession
+    Session = make(engine, service=service, config=HALF_OPEN, wall_clock=clock)
     assert Session.policy.breaker is not None
     Session.policy.breaker.open()
-    clock.now += 1.0
-    return Session, clock
+    clock.now += HALF_OPEN.reset_timeout
+    return Session
 
 
 def breaker_state(service: str) -> str:
@@ -430,7 +434,7 @@ def test_a_half_open_breaker_closes_through_an_operation_using_a_drop_in_session
     session of the same service. The operation was let through as the one probe, then its
     session's connect asked the same breaker again, found the probe slot taken and raised
     CircuitOpenError: the breaker stayed half-open for good, the database back."""
-    Session, _ = half_open(engine, service)
+    Session = half_open(engine, service)
     engine.dispose()  # the session must connect
 
     def handler() -> int:
@@ -446,7 +450,7 @@ def test_a_half_open_breaker_closes_through_a_unit_calling_a_decorated_helper(
 ) -> None:
     """A unit whose code calls a ``@with_self_healing`` helper of the same service (as the
     README allows): the helper asked the breaker again and was refused."""
-    Session, _ = half_open(engine, service)
+    Session = half_open(engine, service)
 
     @rdb.with_self_healing(service=service, config=Session.config)
     def helper(session: Session) -> int:
@@ -463,12 +467,7 @@ async def test_a_half_open_breaker_closes_through_an_async_operation_running_a_u
     """An operation that does not retry (``use_retry=False``) running a unit of the same
     service: the unit asked the breaker again, refused; it runs as part of the operation's
     attempt now."""
-    clock = Clock()
-    config = rdb.Config(failure_threshold=1, reset_timeout=1.0, half_open_probes=1)
-    Session = rdb.AsyncResilientSession(aengine, service=service, config=config, wall_clock=clock)
-    assert Session.policy.breaker is not None
-    Session.policy.breaker.open()
-    clock.now += 1.0
+    Session = half_open(aengine, service)
 
     async def unit(session: AsyncSession) -> int:
         return int((await session.execute(sa.text("SELECT 3"))).scalar_one())
@@ -477,7 +476,8 @@ async def test_a_half_open_breaker_closes_through_an_async_operation_running_a_u
         return await Session.run(unit)
 
     assert (
-        await rdb.with_self_healing(operation, service=service, config=config, use_retry=False) == 3
+        await rdb.with_self_healing(operation, service=service, config=HALF_OPEN, use_retry=False)
+        == 3
     )
     assert breaker_state(service) == "closed"
 
