@@ -90,6 +90,46 @@ RAISE_CODE_FUNCTION = sa.text(
 )
 
 
+#: a ledger of what units wrote, by unit (``note`` for tests that say more)
+LEDGER_TABLE = "CREATE TABLE ledger (id bigserial PRIMARY KEY, unit text NOT NULL, note text)"
+#: fails with a serialization failure (40001, retried) without writing anything
+SERIALIZATION_FAILURE_FUNCTION = (
+    "CREATE FUNCTION serialization_failure() RETURNS void LANGUAGE plpgsql AS "
+    "$$ BEGIN RAISE EXCEPTION 'try again' USING ERRCODE = '40001'; END $$"
+)
+
+
+def create_ledger(
+    server: PostgresServer, database: str, *, markers: bool, also: tuple[str, ...] = ()
+) -> str:
+    """``database`` with the ledger, ``serialization_failure()``, the statements ``also``
+    and (``markers``) the commit markers; returns ``database``."""
+    engine = sa.create_engine(server.url(database))
+    try:
+        with engine.begin() as conn:
+            for statement in (LEDGER_TABLE, SERIALIZATION_FAILURE_FUNCTION, *also):
+                conn.exec_driver_sql(statement)
+        if markers:
+            rdb.install_commit_markers(engine)
+    finally:
+        engine.dispose()
+    return database
+
+
+def ledger_rows(server: PostgresServer, database: str, unit: str) -> int:
+    """Rows of the ledger written for ``unit``, read on a connection of the test's own."""
+    found = server.execute(
+        "SELECT count(*) FROM ledger WHERE unit = %s", params=(unit,), database=database
+    )
+    return int(found[0][0])
+
+
+def driver_connection(session: Session) -> Any:
+    """The driver's own connection under ``session``'s (psycopg's, for statements sent past
+    SQLAlchemy)."""
+    return session.connection().connection.driver_connection
+
+
 class Base(DeclarativeBase):
     pass
 

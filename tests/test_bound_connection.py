@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
-from scenarios import async_connect_args
+from scenarios import async_connect_args, create_ledger, ledger_rows
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
@@ -24,14 +24,7 @@ pytestmark = pytest.mark.usefixtures("no_backoff")
 
 @pytest.fixture
 def database(pg_server: PostgresServer, pg_database: str) -> str:
-    engine = sa.create_engine(pg_server.url(pg_database))
-    try:
-        with engine.begin() as conn:
-            conn.exec_driver_sql("CREATE TABLE ledger (id bigserial PRIMARY KEY, unit text)")
-        rdb.install_commit_markers(engine)
-    finally:
-        engine.dispose()
-    return pg_database
+    return create_ledger(pg_server, pg_database, markers=True)
 
 
 @pytest.fixture
@@ -39,13 +32,6 @@ def proxied(fault_proxy: FaultProxy, database: str) -> Iterator[sa.Engine]:
     engine = sa.create_engine(fault_proxy.url(database), connect_args={"connect_timeout": 2})
     yield engine
     engine.dispose()
-
-
-def rows(server: PostgresServer, database: str, unit: str) -> int:
-    found = server.execute(
-        "SELECT count(*) FROM ledger WHERE unit = %s", params=(unit,), database=database
-    )
-    return int(found[0][0])
 
 
 def bound_to_an_earlier_connection(
@@ -108,7 +94,7 @@ def test_a_write_on_an_earlier_connection_with_a_lost_answer_is_verified_once(
         conn.close()
     assert fault_proxy.commits_lost == 1
     assert calls == [1]
-    assert rows(pg_server, database, unit) == 1
+    assert ledger_rows(pg_server, database, unit) == 1
 
 
 # -- async: the AsyncConnection an async factory is bound to ------------------------------------
@@ -174,4 +160,4 @@ async def test_an_async_write_on_an_earlier_connection_with_a_lost_answer_is_ver
         await conn.close()
     assert fault_proxy.commits_lost == 1
     assert calls == [1]
-    assert rows(pg_server, database, unit) == 1
+    assert ledger_rows(pg_server, database, unit) == 1

@@ -19,6 +19,7 @@ import psycopg
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
+from scenarios import create_ledger, driver_connection, ledger_rows
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
@@ -29,11 +30,6 @@ from resilient_db.testing import PostgresServer
 pytestmark = pytest.mark.usefixtures("no_backoff")
 
 INSERT = sa.text("INSERT INTO ledger (unit) VALUES (:unit)")
-#: fails with a serialization failure (40001, retried) without writing anything
-CONFLICT_FUNCTION = (
-    "CREATE FUNCTION serialization_failure() RETURNS void LANGUAGE plpgsql AS "
-    "$$ BEGIN RAISE EXCEPTION 'try again' USING ERRCODE = '40001'; END $$"
-)
 #: a deferred check that fails the first COMMIT it sees with a serialization failure (the
 #: sequence is not rolled back with it) and lets the next ones through
 FAIL_FIRST_COMMIT = [
@@ -49,23 +45,7 @@ FAIL_FIRST_COMMIT = [
 @pytest.fixture(params=["markers", "fallback"])
 def database(request: pytest.FixtureRequest, pg_server: PostgresServer, pg_database: str) -> str:
     """``pg_database`` with the ledger and (``markers``) the commit markers."""
-    engine = sa.create_engine(pg_server.url(pg_database))
-    try:
-        with engine.begin() as conn:
-            conn.exec_driver_sql("CREATE TABLE ledger (id bigserial PRIMARY KEY, unit text)")
-            conn.exec_driver_sql(CONFLICT_FUNCTION)
-        if request.param == "markers":
-            rdb.install_commit_markers(engine)
-    finally:
-        engine.dispose()
-    return pg_database
-
-
-def rows(server: PostgresServer, database: str, unit: str) -> int:
-    found = server.execute(
-        "SELECT count(*) FROM ledger WHERE unit = %s", params=(unit,), database=database
-    )
-    return int(found[0][0])
+    return create_ledger(pg_server, pg_database, markers=request.param == "markers")
 
 
 def fail_first_commit(server: PostgresServer, database: str) -> None:
@@ -74,17 +54,14 @@ def fail_first_commit(server: PostgresServer, database: str) -> None:
 
 
 # -- psycopg ------------------------------------------------------------------------------------
-def _raw(session: Session) -> Any:
-    return session.connection().connection.driver_connection
-
 
 SYNC_COMMITS: dict[str, Callable[[Session, str], object]] = {
     "text-commit": lambda s, u: s.execute(sa.text("COMMIT")),
     "text-end": lambda s, u: s.execute(sa.text("END")),
     "text-commit-and-chain": lambda s, u: s.execute(sa.text("commit and chain")),
     "driver-sql-commit": lambda s, u: s.connection().exec_driver_sql("COMMIT"),
-    "raw-commit": lambda s, u: _raw(s).execute("COMMIT"),
-    "raw-cursor-end": lambda s, u: _raw(s).cursor().execute("END WORK"),
+    "raw-commit": lambda s, u: driver_connection(s).execute("COMMIT"),
+    "raw-cursor-end": lambda s, u: driver_connection(s).cursor().execute("END WORK"),
     # committed midway through a text whose last statement fails
     "text-commit-midway": lambda s, u: s.connection().exec_driver_sql(
         "COMMIT; SELECT serialization_failure()"
@@ -117,7 +94,7 @@ def test_a_unit_that_committed_with_a_statement_is_not_replayed(
         Sessions.run(work)
     assert rdb.sqlstate_of(raised.value) == "40001"
     assert calls == [1], "replayed after it committed part of its work"
-    assert rows(pg_server, database, unit) == 1
+    assert ledger_rows(pg_server, database, unit) == 1
 
 
 def test_a_commit_statement_refused_by_the_server_is_replayed(
@@ -136,7 +113,7 @@ def test_a_commit_statement_refused_by_the_server_is_replayed(
 
     Sessions.run(work)
     assert len(calls) == 2
-    assert rows(pg_server, database, unit) == 1
+    assert ledger_rows(pg_server, database, unit) == 1
 
 
 def test_a_unit_whose_psycopg_transaction_block_committed_is_not_replayed(
@@ -150,7 +127,7 @@ def test_a_unit_whose_psycopg_transaction_block_committed_is_not_replayed(
 
     def work(session: Session) -> None:
         calls.append(1)
-        raw = _raw(session)
+        raw = driver_connection(session)
         with raw.transaction():
             raw.execute("INSERT INTO ledger (unit) VALUES (%s)", (unit,))
         session.execute(sa.text("SELECT serialization_failure()"))
@@ -158,7 +135,7 @@ def test_a_unit_whose_psycopg_transaction_block_committed_is_not_replayed(
     with pytest.raises(sa.exc.OperationalError):
         Sessions.run(work)
     assert calls == [1], "replayed after its transaction block committed"
-    assert rows(pg_server, database, unit) == 1
+    assert ledger_rows(pg_server, database, unit) == 1
 
 
 def test_a_psycopg_transaction_block_inside_the_units_transaction_is_replayed(
@@ -172,7 +149,7 @@ def test_a_psycopg_transaction_block_inside_the_units_transaction_is_replayed(
     def work(session: Session) -> None:
         calls.append(1)
         session.execute(sa.text("SELECT 1"))
-        raw = _raw(session)
+        raw = driver_connection(session)
         with raw.transaction():
             raw.execute("INSERT INTO ledger (unit) VALUES (%s)", (unit,))
         if len(calls) == 1:
@@ -180,7 +157,7 @@ def test_a_psycopg_transaction_block_inside_the_units_transaction_is_replayed(
 
     Sessions.run(work)
     assert len(calls) == 2
-    assert rows(pg_server, database, unit) == 1
+    assert ledger_rows(pg_server, database, unit) == 1
 
 
 # -- async: asyncpg and psycopg -----------------------------------------------------------------
@@ -237,7 +214,7 @@ async def test_an_async_unit_that_committed_with_a_statement_is_not_replayed(
         await Sessions.run(work)
     assert rdb.sqlstate_of(raised.value) == "40001"
     assert calls == [1], "replayed after it committed part of its work"
-    assert rows(pg_server, database, unit) == 1
+    assert ledger_rows(pg_server, database, unit) == 1
 
 
 @pytest.mark.asyncio
@@ -260,7 +237,7 @@ async def test_an_async_unit_that_committed_with_a_statement_and_went_through_ru
 
     assert await Sessions.run(work) == unit
     assert calls == [1]
-    assert rows(pg_server, database, unit) == 1
+    assert ledger_rows(pg_server, database, unit) == 1
 
 
 @pytest.mark.asyncio
@@ -279,7 +256,7 @@ async def test_an_async_commit_statement_refused_by_the_server_is_replayed(
 
     await Sessions.run(work)
     assert len(calls) == 2
-    assert rows(pg_server, database, unit) == 1
+    assert ledger_rows(pg_server, database, unit) == 1
 
 
 @pytest.mark.asyncio
@@ -304,7 +281,7 @@ async def test_an_async_unit_whose_psycopg_transaction_block_committed_is_not_re
     finally:
         await engine.dispose()
     assert calls == [1], "replayed after its transaction block committed"
-    assert rows(pg_server, database, unit) == 1
+    assert ledger_rows(pg_server, database, unit) == 1
 
 
 # -- which statements commit --------------------------------------------------------------------

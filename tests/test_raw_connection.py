@@ -21,7 +21,7 @@ import pytest
 import pytest_asyncio
 import sqlalchemy as sa
 from psycopg import sql
-from scenarios import async_connect_args
+from scenarios import async_connect_args, create_ledger, driver_connection, ledger_rows
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
@@ -36,11 +36,6 @@ WRITE_FUNCTION = (
     "CREATE FUNCTION write_ledger(u text, n text) RETURNS bigint LANGUAGE sql AS "
     "$$ INSERT INTO ledger (unit, note) VALUES (u, n) RETURNING id $$"
 )
-#: fails with a serialization failure (40001, retried) without writing anything
-CONFLICT_FUNCTION = (
-    "CREATE FUNCTION serialization_failure() RETURNS void LANGUAGE plpgsql AS "
-    "$$ BEGIN RAISE EXCEPTION 'try again' USING ERRCODE = '40001'; END $$"
-)
 
 
 @pytest.fixture(params=["markers", "fallback"])
@@ -52,35 +47,14 @@ def mode(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def database(pg_server: PostgresServer, pg_database: str, mode: str) -> str:
     """``pg_database`` with the ledger, its writing functions and (``markers``) the markers."""
-    engine = sa.create_engine(pg_server.url(pg_database))
-    try:
-        with engine.begin() as conn:
-            conn.exec_driver_sql(
-                "CREATE TABLE ledger (id bigserial PRIMARY KEY, unit text NOT NULL, note text)"
-            )
-            conn.exec_driver_sql(WRITE_FUNCTION)
-            conn.exec_driver_sql(CONFLICT_FUNCTION)
-        if mode == "markers":
-            rdb.install_commit_markers(engine)
-    finally:
-        engine.dispose()
-    return pg_database
-
-
-def rows(server: PostgresServer, database: str, unit: str) -> int:
-    found = server.execute(
-        "SELECT count(*) FROM ledger WHERE unit = %s", params=(unit,), database=database
-    )
-    return int(found[0][0])
+    return create_ledger(pg_server, pg_database, markers=mode == "markers", also=(WRITE_FUNCTION,))
 
 
 # -- psycopg -------------------------------------------------------------------------------------
-def _raw(session: Session) -> Any:
-    return session.connection().connection.driver_connection
 
 
 def _cursor_execute(session: Session, unit: str) -> None:
-    with _raw(session).cursor() as cursor:
+    with driver_connection(session).cursor() as cursor:
         cursor.execute(INSERT, (unit, "cursor"))
 
 
@@ -91,32 +65,32 @@ def _dbapi_cursor(session: Session, unit: str) -> None:
 
 
 def _connection_execute(session: Session, unit: str) -> None:
-    _raw(session).execute(INSERT, (unit, "connection"))
+    driver_connection(session).execute(INSERT, (unit, "connection"))
 
 
 def _executemany(session: Session, unit: str) -> None:
-    with _raw(session).cursor() as cursor:
+    with driver_connection(session).cursor() as cursor:
         cursor.executemany(INSERT, [(unit, "many")])
 
 
 def _composed(session: Session, unit: str) -> None:
     query = sql.SQL("INSERT INTO {} (unit, note) VALUES (%s, %s)").format(sql.Identifier("ledger"))
-    _raw(session).execute(query, (unit, "composed"))
+    driver_connection(session).execute(query, (unit, "composed"))
 
 
 def _copy(session: Session, unit: str) -> None:
-    cursor = _raw(session).cursor()
+    cursor = driver_connection(session).cursor()
     with cursor, cursor.copy("COPY ledger (unit, note) FROM STDIN") as copy:
         copy.write_row((unit, "copy"))
 
 
 def _stream(session: Session, unit: str) -> None:
-    with _raw(session).cursor() as cursor:
+    with driver_connection(session).cursor() as cursor:
         assert len(list(cursor.stream(INSERT + " RETURNING id", (unit, "stream")))) == 1
 
 
 def _server_cursor(session: Session, unit: str) -> None:
-    with _raw(session).cursor(name=f"c_{uuid.uuid4().hex}") as cursor:
+    with driver_connection(session).cursor(name=f"c_{uuid.uuid4().hex}") as cursor:
         cursor.execute("SELECT write_ledger(%s, 'server-cursor')", (unit,))
         assert cursor.fetchone() is not None
 
@@ -163,7 +137,7 @@ def test_a_raw_psycopg_write_with_a_lost_commit_answer_is_done_once(
     assert Sessions.run(work) == unit
     assert fault_proxy.commits_lost == 1
     assert len(calls) == 1, "replayed blindly after a COMMIT that was applied"
-    assert rows(pg_server, database, unit) == 1
+    assert ledger_rows(pg_server, database, unit) == 1
 
 
 def test_a_raw_psycopg_read_is_no_write(
@@ -176,7 +150,7 @@ def test_a_raw_psycopg_read_is_no_write(
 
     def work(session: Session) -> int:
         calls.append(1)
-        return int(_raw(session).execute("SELECT count(*) FROM ledger").fetchone()[0])
+        return int(driver_connection(session).execute("SELECT count(*) FROM ledger").fetchone()[0])
 
     fault_proxy.lose_commit_answer()
     assert Sessions.run(work) == 0
@@ -208,7 +182,7 @@ def test_a_raw_psycopg_write_in_autocommit_is_never_replayed(
         Sessions.run(work)
     assert rdb.sqlstate_of(raised.value) == "40001"
     assert len(calls) == 1
-    assert rows(pg_server, database, unit) == 1
+    assert ledger_rows(pg_server, database, unit) == 1
 
 
 def test_a_raw_psycopg_autocommit_statement_refused_by_the_server_is_replayed(
@@ -222,12 +196,12 @@ def test_a_raw_psycopg_autocommit_statement_refused_by_the_server_is_replayed(
     def work(session: Session) -> None:
         calls.append(1)
         if len(calls) == 1:
-            _raw(session).execute("SELECT serialization_failure()")
+            driver_connection(session).execute("SELECT serialization_failure()")
         _cursor_execute(session, unit)
 
     Sessions.run(work)
     assert len(calls) == 2
-    assert rows(pg_server, database, unit) == 1
+    assert ledger_rows(pg_server, database, unit) == 1
 
 
 def test_a_cursor_factory_assigned_after_connect_still_has_its_writes_verified(
@@ -257,7 +231,7 @@ def test_a_cursor_factory_assigned_after_connect_still_has_its_writes_verified(
         assert Sessions.run(work) == unit
         assert fault_proxy.commits_lost == 1
         assert len(calls) == 1
-        assert rows(pg_server, database, unit) == 1
+        assert ledger_rows(pg_server, database, unit) == 1
         with engine.connect() as conn:  # the connection's cursors are noting ones
             driver = conn.connection.driver_connection
             cursor = driver.cursor()
@@ -386,7 +360,7 @@ async def test_a_raw_async_write_with_a_lost_commit_answer_is_done_once(
     assert await Sessions.run(work) == unit
     assert fault_proxy.commits_lost == 1
     assert len(calls) == 1, "replayed blindly after a COMMIT that was applied"
-    assert rows(pg_server, database, unit) == 1
+    assert ledger_rows(pg_server, database, unit) == 1
 
 
 @pytest.mark.asyncio
@@ -413,7 +387,7 @@ async def test_a_raw_async_write_in_autocommit_is_never_replayed(
     finally:
         await engine.dispose()
     assert len(calls) == 1
-    assert rows(pg_server, database, unit) == 1
+    assert ledger_rows(pg_server, database, unit) == 1
 
 
 @pytest.mark.asyncio
@@ -455,7 +429,7 @@ async def test_an_asyncpg_statement_prepared_in_one_unit_is_noted_when_run_in_an
         await engine.dispose()
     assert fault_proxy.commits_lost == 1
     assert len(calls) == 1, "replayed blindly after a COMMIT that was applied"
-    assert rows(pg_server, database, unit) == 1
+    assert ledger_rows(pg_server, database, unit) == 1
 
 
 @pytest.mark.asyncio
