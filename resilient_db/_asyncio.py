@@ -39,6 +39,7 @@ from ._unit import (
     commit_if_prepared,
     commit_plainly,
     current_unit,
+    end_committed_transactions,
     engine_of,
     flush_and_commit,
     runs_once_here,
@@ -226,6 +227,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         if enclosing is not None:
             if enclosing.replayed:  # with_self_healing retries it all
                 return await self._attempt(fn, args, kwargs)
+            policy.refresh()  # (a breaker replaced by reset_state() is not the one to ask)
             if admitted_by(policy.breaker):
                 # an operation of this service that does not retry: the unit retries, its
                 # attempts part of the one the breaker let through (not asked again)
@@ -297,6 +299,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         if not self.config.enabled or runs_once_here():  # once: off, or nested (see run)
             return await self._attempt(fn, args, kwargs, session=session)
         policy = self.policy
+        policy.refresh()
         if admitted_by(policy.breaker):  # (see run)
             policy = policy.without_breaker()
         return await policy.acall(lambda: self._attempt(fn, args, kwargs, session=session))
@@ -389,6 +392,8 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                         await s.run_sync(flush_and_commit, request, self._hooks.commit)
                     except Exception as exc:
                         await self._commit_failed(exc, request, s)
+                        if own:  # (a run_in caller's session is the caller's to roll back)
+                            await s.run_sync(end_committed_transactions, request)
                     except BaseException as interruption:  # cancelled or interrupted: not verified
                         self._referee.interrupted(request, interruption)
                         raise
@@ -431,12 +436,6 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             raise
         if not self._referee.settle(ticket, verdict, exc):
             raise exc
-        # committed, as the check proved. The session's transaction still holds the failed
-        # COMMIT: a bound Connection's own transaction with it, which the factory's next unit
-        # could not begin past. End it as a failed COMMIT is ended, keeping the unit's objects
-        # as they are (a rollback expires what it holds: let go of them first, as close does)
-        session.sync_session.expunge_all()
-        await session.rollback()
 
     async def _finish_two_phase(
         self, request: CommitRequest, exc: Exception, session: AsyncSession

@@ -1122,6 +1122,7 @@ class _ReplayPolicy(Protocol):
     config: Config
     service: str
     breaker: Any  # the circuit breaker that admits its attempts (None: none)
+    admitted_through: Any  # the one that admitted the attempt they are part of, if any
 
     def partly_committed(self, exc: BaseException) -> None: ...
 
@@ -1165,8 +1166,11 @@ class AttemptRecord:
 
     @property
     def breaker(self) -> Any:
-        """The circuit breaker that let the attempt through (None: none did)."""
-        return self._policy.breaker
+        """The circuit breaker that let the attempt through (None: none did): its policy's, or
+        for an attempt that is part of another (a policy without a breaker of its own, see
+        ``Policy.without_breaker``), the one that let that through."""
+        policy = self._policy
+        return policy.breaker if policy.breaker is not None else policy.admitted_through
 
     @property
     def replayed(self) -> bool:

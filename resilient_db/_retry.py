@@ -184,7 +184,7 @@ class Policy:
     def admit(self) -> bool:
         """Ask the breaker for one attempt. Returns True for a half-open probe. A closed
         breaker answers on its fast path: every unit passes here."""
-        if self._generation != STATE.generation:
+        if self._generation != STATE.generation:  # (refresh(), inline: every unit passes)
             self._after_reset()
         breaker = self.breaker
         if breaker is None or breaker.fast_closed():
@@ -197,12 +197,25 @@ class Policy:
             self._machinery_failed("circuit breaker admission")
             return False
 
+    #: the breaker that let through the attempt this policy's attempts are part of (a
+    #: policy of :meth:`without_breaker`): what an attempt nested in them is admitted by
+    admitted_through: Breaker | None = None
+
     def without_breaker(self) -> Policy:
         """This policy asking no breaker: for attempts that are part of one its breaker let
-        through (see ``_unit.admitted_by``), whose outcome that one's counts."""
+        through (see ``_unit.admitted_by``), whose outcome that one's counts. Their attempts
+        still say which breaker admitted them (:attr:`admitted_through`), so that a call
+        nested deeper is not asked again either."""
         clone = copy.copy(self)
+        clone.admitted_through = self.breaker or self.admitted_through
         clone.breaker = None
         return clone
+
+    def refresh(self) -> None:
+        """Take the service's breaker, counters and budget again if ``reset_state()`` ran
+        since this policy last did (see :meth:`_after_reset`)."""
+        if self._generation != STATE.generation:
+            self._after_reset()
 
     def unused(self, probe: bool) -> None:
         """An admission whose attempt will not run under it: a half-open probe's slot is

@@ -118,6 +118,21 @@ def runs_once_here() -> bool:
         return False
 
 
+def end_committed_transactions(_session: Any, request: CommitRequest) -> None:
+    """A unit's COMMIT whose answer was lost was proved committed: the transaction of each
+    connection it began on still holds that COMMIT, failed (SQLAlchemy ends it only at a
+    rollback): a bound ``Connection``'s own, which the factory's next unit could not begin
+    past ("already initialized a SQLAlchemy Transaction()"). For a unit's own session, which
+    is closed next, end those, and nothing else: no session rollback, whose events
+    (``after_rollback``) and expiry would speak of work that is committed. (A ``run_in``
+    session is left as a failed COMMIT leaves it, for its caller to roll back, which ends
+    them, with the caller's objects kept.)"""
+    for connection, _ in request.connections():
+        transaction = connection.get_transaction()
+        if transaction is not None and not transaction.is_active:
+            transaction.close()  # (inactive: no I/O)
+
+
 def admitted_by(breaker: Any) -> bool:
     """Whether ``breaker`` let the attempt running here through: a call made inside an
     operation or a unit of the same service (a drop-in session's connect in a decorated
@@ -831,6 +846,7 @@ class FactoryCore:
         enclosing one retries (the loops would multiply, and the deadline with them). The
         breaker is not asked again inside an attempt it let through (see :func:`admitted_by`)."""
         policy = self.policy
+        policy.refresh()
         admitted = admitted_by(policy.breaker)
         if runs_once_here():
             return connect() if admitted else policy.call_once(connect)
@@ -1149,8 +1165,11 @@ class EngineHooks:
         is the chain's last listener: one of yours registered later (say, one that sets a fresh
         password token in ``cparams``) is never skipped; the connect then is not retried.
         """
+        if not self.config.enabled:
+            return None  # (a connection made now is checked at its first checkout once on)
+        record.info[_FRESH_KEY] = True  # (see checkout)
         factory = connecting_factory()
-        if factory is None or not self.config.enabled:
+        if factory is None:
             return None
         if not _last_do_connect(dialect, self.do_connect):
             return None
@@ -1164,13 +1183,17 @@ class EngineHooks:
         info = record.info
         probe = info.get(_PROBE_KEY)
         if probe is None or probe[0] is not dbapi_connection:
-            # first seen here: just made (as SQLAlchemy's pre-ping, no check of a fresh one:
-            # a pool retries a checkout only once, so a dead pooled connection followed by a
-            # new one the server ended at once raised "This connection is closed", not a
-            # disconnect; such a connection fails its first statement as one instead), or
-            # made before this engine had a resilient factory (prepared below)
+            # first seen here: made before this engine had a resilient factory (prepared
+            # below), or while self-healing was off, and checked; or just made (our do_connect
+            # saw it), and not checked, as SQLAlchemy's pre-ping checks no fresh one: a pool
+            # retries a checkout once, so a dead pooled connection followed by a new one the
+            # server ended at once raised "This connection is closed", not a disconnect; such
+            # a connection fails its first statement as one instead
             probe = info[_PROBE_KEY] = (dbapi_connection, dead_probe(dbapi_connection, info))
-        elif probe[1]():
+            dead = not info.pop(_FRESH_KEY, False) and probe[1]()
+        else:
+            dead = probe[1]()
+        if dead:
             config, service = self._speaker()
             emit(
                 config,
@@ -1421,6 +1444,7 @@ def _asyncpg_notified(fd: int) -> bool:
 
 
 _PROBE_KEY = "resilient_db.dead_probe"
+_FRESH_KEY = "resilient_db.connecting"  # our do_connect ran for the record's connection
 _FD_KEY = "resilient_db.socket_fd"
 _POLL_KEY = "resilient_db.poller"
 _PG_OK = int(psycopg.pq.ConnStatus.OK)

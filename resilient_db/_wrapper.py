@@ -80,10 +80,6 @@ def _policy_for(
     # counts its failures (another service's breaker protects that service; the enclosing
     # attempt of the same service, already running when it failed, is not counted again).
     use_retry = use_retry and not runs_once_here()
-    # inside an operation or a unit of the same service, its breaker already let the attempt
-    # through and counts its outcome: not asked again (see admitted_by)
-    if use_circuit_breaker and admitted_by(STATE.breakers.get(service)):
-        use_circuit_breaker = False
     key = (service, use_retry, use_circuit_breaker, config, explicit)
     policies = STATE.wrapper_policies
     policy: Policy | None = policies.get(key)
@@ -98,6 +94,10 @@ def _policy_for(
         if len(policies) > 256:  # configurations come and go with reload_config
             policies.clear()
         policies[key] = policy
+    if admitted_by(policy.breaker):
+        # inside an operation or a unit of the same service, its breaker already let the
+        # attempt through and counts its outcome: not asked again (see admitted_by)
+        return policy.without_breaker()
     return policy
 
 
@@ -253,11 +253,17 @@ def _call(policy: Policy, fn: Callable[[], Any], check: ResponseCheck | None, cf
         result = policy.call_failed(lambda: _own_call(policy, fn), exc, probe, started)
     else:
         if inspect.isawaitable(result):
-            # the work runs when the result is awaited, which may be never (a caller's
-            # deadline already spent cancels it before its first step): a half-open probe's
-            # slot is given back now and asked for again then, or it would be held for good
-            policy.unused(probe)
-            return _afinish(policy, fn, result, record=record, check=check, cfg=cfg)
+            admitted: bool | None = probe
+            if inspect.iscoroutine(result):
+                # its work runs when it is awaited, which may be never (a caller's deadline
+                # already spent cancels it before its first step): a half-open probe's slot
+                # is given back now and asked for again then, or it would be held for good.
+                # (Another awaitable, a task say, may be running already: admitted now.)
+                policy.unused(probe)
+                admitted = None
+            return _afinish(
+                policy, fn, result, admitted=admitted, record=record, check=check, cfg=cfg
+            )
         policy.succeeded(probe)
     return result if check is None else check_response(check, result, cfg, policy.service)
 
@@ -267,20 +273,25 @@ async def _afinish(
     fn: Callable[[], Awaitable[Any]],
     first: Awaitable[Any],
     *,
+    admitted: bool | None,
     record: AttemptRecord,
     check: ResponseCheck | None,
     cfg: Config,
 ) -> Any:
     """The first attempt of :func:`_call` returned ``first``: awaiting it finishes that attempt
     (in the same ``record``, so a COMMIT sent before ``fn`` returned still forbids a replay),
-    admitted by the breaker now that it runs, and a failure goes on as :meth:`Policy.acall`
-    would: each retry calls ``fn`` again."""
-    try:
-        probe = policy.admit()
-    except BaseException:
-        if inspect.iscoroutine(first):
-            first.close()  # never to run: not "never awaited"
-        raise
+    admitted by the breaker now that it runs (``admitted``: None; else whether the call's
+    admission was a half-open probe), and a failure goes on as :meth:`Policy.acall` would:
+    each retry calls ``fn`` again."""
+    if admitted is not None:
+        probe = admitted
+    else:
+        try:
+            probe = policy.admit()
+        except BaseException:
+            if inspect.iscoroutine(first):
+                first.close()  # never to run: not "never awaited"
+            raise
     started = time.monotonic()
     try:
         with record:

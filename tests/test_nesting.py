@@ -411,16 +411,21 @@ class Clock:
 HALF_OPEN = rdb.Config(failure_threshold=1, reset_timeout=1.0, half_open_probes=1)
 
 
-def half_open(engine: Any, service: str) -> Any:
+def half_open(engine: Any, service: str, clock: Clock | None = None) -> Any:
     """A factory of ``service`` (async for an ``AsyncEngine``) whose breaker was opened and is
-    half-open now: one probe may go."""
-    clock = Clock()
+    half-open now, by ``clock``: one probe may go."""
+    clock = clock or Clock()
     make = rdb.AsyncResilientSession if isinstance(engine, AsyncEngine) else rdb.ResilientSession
     Session = make(engine, service=service, config=HALF_OPEN, wall_clock=clock)
-    assert Session.policy.breaker is not None
-    Session.policy.breaker.open()
-    clock.now += HALF_OPEN.reset_timeout
+    reopen(Session, clock)
     return Session
+
+
+def reopen(factory: Any, clock: Clock) -> None:
+    """Open ``factory``'s breaker and let its reset timeout pass: half-open."""
+    assert factory.policy.breaker is not None
+    factory.policy.breaker.open()
+    clock.now += HALF_OPEN.reset_timeout
 
 
 def breaker_state(service: str) -> str:
@@ -514,3 +519,82 @@ def test_a_drop_in_sessions_connect_inside_an_operation_is_not_retried_again(
         proxied.dispose()
     assert len(connects) == RETRIES + 1
     assert attempts(service) == RETRIES + 1
+
+
+def test_a_half_open_breaker_closes_through_calls_nested_two_deep(
+    engine: sa.Engine, service: str
+) -> None:
+    """An operation calling a decorated helper of its service that opens a drop-in session,
+    and a unit calling a helper that calls another: the first nested call ran without a
+    breaker of its own and said none had admitted it, so the call below it asked again."""
+    clock = Clock()
+    Session = half_open(engine, service, clock)
+    engine.dispose()  # the drop-in session must connect
+
+    @rdb.with_self_healing(service=service, config=HALF_OPEN)
+    def reads() -> int:
+        with Session.begin() as session:
+            return int(session.execute(sa.text("SELECT 1")).scalar_one())
+
+    assert rdb.with_self_healing(reads, service=service, config=HALF_OPEN) == 1
+    assert breaker_state(service) == "closed"
+
+    reopen(Session, clock)
+
+    @rdb.with_self_healing(service=service, config=HALF_OPEN)
+    def inner(session: Session) -> int:
+        return int(session.execute(sa.text("SELECT 2")).scalar_one())
+
+    @rdb.with_self_healing(service=service, config=HALF_OPEN)
+    def outer(session: Session) -> int:
+        return inner(session)
+
+    assert Session.run(outer) == 2
+    assert breaker_state(service) == "closed"
+
+
+def test_a_factory_made_before_reset_state_is_not_asked_again_inside_an_operation(
+    engine: sa.Engine, service: str
+) -> None:
+    """After reset_state(), the factory still held the breaker the reset forgot: inside an
+    operation of its service that the new breaker had let through as the half-open probe, it
+    took that breaker for another and asked again, refused."""
+    Session = rdb.ResilientSession(engine, service=service, config=HALF_OPEN)
+    rdb.reset_state()
+    later = half_open(engine, service)  # the service's new breaker, half-open
+    assert later.policy.breaker is not Session.policy.breaker
+
+    def operation() -> int:
+        return int(Session.run(lambda session: session.execute(sa.text("SELECT 7")).scalar()))
+
+    assert rdb.with_self_healing(operation, service=service, config=HALF_OPEN, use_retry=False) == 7
+    assert breaker_state(service) == "closed"
+
+
+@pytest.mark.asyncio
+async def test_an_operation_returning_a_running_task_keeps_its_admission(
+    aengine: AsyncEngine, service: str
+) -> None:
+    """``with_self_healing(lambda: task)``: the task runs whether it is awaited or not, so its
+    admission stays the one taken at the call (given back and asked again at the await, it
+    was refused there while its work went on, uncounted)."""
+    Session = half_open(aengine, service)
+    done: list[str] = []
+
+    async def work() -> str:
+        await asyncio.sleep(0.05)
+        done.append("written")
+        return "ok"
+
+    async def other() -> str:
+        return "other"
+
+    first = rdb.with_self_healing(
+        lambda: asyncio.ensure_future(work()), service=service, config=HALF_OPEN
+    )
+    with pytest.raises(rdb.CircuitOpenError):  # the probe's slot is the task's
+        await rdb.with_self_healing(other, service=service, config=HALF_OPEN)
+    assert await first == "ok"
+    assert done == ["written"]
+    assert breaker_state(service) == "closed"
+    assert Session.policy.breaker is not None

@@ -698,6 +698,61 @@ def test_commit_answer_lost_is_verified_and_never_written_twice(
     engine.dispose()
 
 
+def test_a_verified_commit_fires_no_rollback_event_and_leaves_a_run_in_callers_objects(
+    pg_database: str, fault_proxy: Any, service: str, pg_url: str
+) -> None:
+    """A unit whose lost COMMIT answer was proved committed: the session's failed transaction
+    was ended with a rollback, which told the application's ``after_rollback`` listeners of
+    work that is committed, and let go of a ``run_in`` caller's objects (a later change of
+    theirs, committed by the caller, wrote nothing)."""
+    engine = sa.create_engine(fault_proxy.url(pg_database))
+    Base.metadata.create_all(engine)
+    Session = rdb.ResilientSession(engine, service=service, config=rdb.Config())
+    rollbacks: list[str] = []
+    sa.event.listen(Session, "after_rollback", lambda session: rollbacks.append("rollback"))
+    Session.run(lambda session: session.add(Item(name="kept")))
+
+    fault_proxy.lose_commit_answer()
+    Session.run(lambda session: session.add(Item(name="verified")))
+    assert fault_proxy.commits_lost == 1
+    assert rollbacks == []
+
+    with Session() as session:
+        item = session.execute(sa.select(Item).where(Item.name == "kept")).scalar_one()
+        session.rollback()  # run_in wants a session out of a transaction
+
+        def rename(unit_session: Session) -> None:
+            unit_session.get(Item, item.id).name = "renamed"  # type: ignore[union-attr]
+
+        fault_proxy.lose_commit_answer()
+        Session.run_in(session, rename)
+        assert fault_proxy.commits_lost == 2
+        assert item in session
+        session.rollback()  # after a failed COMMIT, as SQLAlchemy asks
+        item.name = "changed by the caller"
+        session.commit()
+    assert count_items(engine, "changed by the caller") == 1
+    engine.dispose()
+
+
+def test_a_pooled_connection_made_before_the_factory_and_dead_is_replaced_at_checkout(
+    engine: sa.Engine, pg_server: Any, service: str
+) -> None:
+    """A connection the checkout sees for the first time is left unchecked only when the
+    factory's hooks saw it made: one made before the factory (or while self-healing was off)
+    is checked, and a dead one replaced, as before."""
+    pooled = sa.create_engine(engine.url, pool_size=1, max_overflow=0)
+    try:
+        with pooled.connect() as conn:  # made before any resilient factory on this engine
+            conn.execute(sa.text("SELECT 1"))
+        Session = factory(pooled, service)
+        assert pg_server.terminate_backends(database=engine.url.database) >= 1
+        with Session() as session:
+            assert session.execute(sa.text("SELECT 2")).scalar_one() == 2
+    finally:
+        pooled.dispose()
+
+
 WRITE_PATHS = {
     "text": lambda s: s.execute(sa.text("INSERT INTO items (id, name) VALUES (1, 'w')")),
     "core-insert": lambda s: s.execute(sa.insert(Item).values(id=1, name="w")),
