@@ -146,17 +146,22 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             register_class(self.class_, self)
         self._register()
 
-    if True:  # async only
+    def __call__(self, **local_kw: Any) -> S:
+        """A new session, as the sessionmaker gives. A ``bind`` or ``binds`` given for this
+        one session gets the factory's engine hooks first, as :meth:`configure` gives them
+        (disconnect handling, the dead-connection check, commit verification there too).
 
-        def __call__(self, **local_kw: Any) -> S:
-            """A new ``AsyncSession``, as ``async_sessionmaker()`` gives.
-
-            Its ``sync_session`` is an instance of your class, shared with other factories,
-            so the factory records each one it makes (a sync factory names its own class).
-            """
-            session = async_sessionmaker.__call__(self, **local_kw)
+        (async: its ``sync_session`` is an instance of your class, shared with other factories,
+        so the factory records each one it makes; a sync factory names its own class.)
+        """
+        if local_kw:
+            self._hook_engines((local_kw.get("bind"), *(local_kw.get("binds") or {}).values()))
+        session: S = async_sessionmaker.__call__(self, **local_kw)
+        if True:  # async only
             register_session(session.sync_session, self)
-            return session
+        return session
+
+    if True:  # async only
 
         def _greenlet_sleep(self, seconds: float) -> None:
             """Back off without blocking the event loop.

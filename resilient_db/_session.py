@@ -142,6 +142,19 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         register_class(self.class_, self)
         self._register()
 
+    def __call__(self, **local_kw: Any) -> S:
+        """A new session, as the sessionmaker gives. A ``bind`` or ``binds`` given for this
+        one session gets the factory's engine hooks first, as :meth:`configure` gives them
+        (disconnect handling, the dead-connection check, commit verification there too).
+
+        (async: its ``sync_session`` is an instance of your class, shared with other factories,
+        so the factory records each one it makes; a sync factory names its own class.)
+        """
+        if local_kw:
+            self._hook_engines((local_kw.get("bind"), *(local_kw.get("binds") or {}).values()))
+        session: S = sessionmaker.__call__(self, **local_kw)
+        return session
+
     # -- units of work -----------------------------------------------------------------------
     @overload
     def run(

@@ -16,7 +16,7 @@ import logging
 import select
 import socket
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, NamedTuple, TypeVar
 
 import psycopg
@@ -907,12 +907,7 @@ class FactoryCore:
             engine = self._engine_to_bind(binds[0])  # as made with binds= alone
         sync = None if engine is None else getattr(engine, "sync_engine", engine)
         hooks = None if sync is None else hooks_for(sync, self)
-        for bound in binds:
-            bound_engine = getattr(bound, "sync_engine", bound)
-            if isinstance(bound_engine, Connection):
-                bound_engine = bound_engine.engine
-            if isinstance(bound_engine, Engine):
-                hooks_for(bound_engine, self)
+        self._hook_engines(binds)
         super().configure(**new_kw)  # type: ignore[misc]
         if hooks is not None and hooks is not self._hooks:
             old = self._hooks
@@ -926,6 +921,16 @@ class FactoryCore:
             self._hooks = hooks
         if bind is not None:
             self._prepare_bound_connection()
+
+    def _hook_engines(self, targets: Iterable[Any]) -> None:
+        """Give the engines of ``targets`` (engines, async engines, connections; anything else
+        is left alone) this factory's engine hooks (see :meth:`configure`)."""
+        for target in targets:
+            engine = getattr(target, "sync_engine", target)
+            if isinstance(engine, Connection):
+                engine = engine.engine
+            if isinstance(engine, Engine):
+                hooks_for(engine, self)
 
     def _engine_to_bind(self, bind: Any) -> Any:
         """The engine of ``bind`` given to :meth:`configure` (see :func:`engine_of`)."""

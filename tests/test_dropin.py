@@ -161,6 +161,25 @@ def test_configure_onto_another_engine_keeps_commit_verification_there(
         placeholder.dispose()
 
 
+def test_a_session_given_its_own_bind_gets_the_factorys_engine_hooks_there(
+    engine: sa.Engine, pg_server: Any, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``Session(bind=other_engine)``, as sessionmaker takes it for one session: the other
+    engine had none of the factory's hooks, so its dead pooled connection was handed to the
+    session (OperationalError) instead of being replaced at checkout."""
+    other = sa.create_engine(engine.url, pool_size=1, max_overflow=0)
+    Sessions = rdb.ResilientSession(engine, service=service)
+    try:
+        with Sessions(bind=other) as session:
+            assert session.execute(sa.text("SELECT 1")).scalar_one() == 1
+        assert pg_server.terminate_backends(database=engine.url.database) >= 1
+        with caplog.at_level(logging.INFO, logger="resilient_db"), Sessions(bind=other) as s:
+            assert s.execute(sa.text("SELECT 2")).scalar_one() == 2
+        assert "[SELF-HEAL] Discarded a dead pooled connection" in caplog.text
+    finally:
+        other.dispose()
+
+
 def test_a_factory_made_without_a_bind_is_bound_later_with_configure(
     engine: sa.Engine, pg_database: str, fault_proxy: FaultProxy, service: str
 ) -> None:
