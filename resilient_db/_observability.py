@@ -246,6 +246,15 @@ class ServiceStats:
         with self._lock:
             setattr(self, name, getattr(self, name) + amount)
 
+    def after_fork_in_child(self) -> None:
+        """In a forked child: the counters' lock, taken by another thread of the parent when
+        it forked, would stay taken for good here (its next add would wait forever): renewed
+        then. (Never held by the forking thread across the fork: it guards one addition.)"""
+        if self._lock.acquire(blocking=False):
+            self._lock.release()
+        else:
+            self._lock = threading.Lock()
+
     def add_attempt(self) -> None:
         """One attempt (every unit's path: no name lookups)."""
         with self._lock:

@@ -99,6 +99,8 @@ def _renew_lock_in_child() -> None:
         lock.release()
     else:
         STATE.lock = threading.RLock()
+    for stats in list(STATE.stats.values()):  # each service's counters have a short lock too
+        stats.after_fork_in_child()
 
 
 if hasattr(os, "register_at_fork"):

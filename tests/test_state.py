@@ -10,6 +10,7 @@ from fleet import forked, held_by_another_thread
 
 import resilient_db as rdb
 from resilient_db import _state
+from resilient_db._observability import stats_for
 from resilient_db._retry import Policy
 from resilient_db._state import STATE
 
@@ -95,6 +96,21 @@ def test_a_child_forked_while_another_thread_holds_the_state_lock_makes_factorie
 
         with forked(child) as proc:
             assert proc.result(timeout=5) is True, "the child hung on the state lock"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_child_forked_while_another_thread_adds_to_a_services_counters_counts() -> None:
+    """A service's counters have a lock of their own, held for one addition: taken by another
+    thread of the parent when it forked, the child's first unit waited on it forever."""
+    stats = stats_for("forked-counters")
+    with held_by_another_thread(stats._lock):
+
+        def child() -> bool:
+            stats_for("forked-counters").add("retries")
+            return rdb.health()["services"]["forked-counters"]["counters"]["retries"] == 1
+
+        with forked(child) as proc:
+            assert proc.result(timeout=5) is True, "the child hung on the counters' lock"
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
