@@ -1998,6 +1998,10 @@ def _commit_plan(driver: Any) -> tuple[CommitTicket | None, str | None, AttemptR
         else:
             message = f"{_FUNCTION_MARK}('{marker}'); COMMIT"
         return ticket, _ASSIGN_XID + message if notifies else message, None
+    if notifies and driver._rdb_read_mode() == STANDBY:
+        # (nothing can be written there, and pg_current_xact_id() would be refused)
+        request.tickets.append(_READ_ONLY)
+        return _READ_ONLY, None, None
     ticket = CommitTicket(XID, notifies=notifies)
     request.tickets.append(ticket)
     return ticket, None, None
@@ -2298,7 +2302,8 @@ def _block_attempt(connection: Any) -> AttemptRecord | None:
 def _noting_block(connection: Any, block: Any) -> Iterator[Any]:
     """psycopg's ``transaction()`` block (``block``, as psycopg made it) on a marked
     connection: the COMMIT at the end of an outermost one counts as the unit's own (see
-    :func:`_block_attempt`). A block left by an error rolls back, as psycopg does."""
+    :func:`_block_attempt`). A block left by an error (psycopg's ``Rollback`` too), or made with
+    ``force_rollback=True``, rolls back, as psycopg does: it commits nothing."""
     attempt = _block_attempt(connection)
     entered = block.__enter__()
     try:
@@ -2307,7 +2312,7 @@ def _noting_block(connection: Any, block: Any) -> Iterator[Any]:
         if not block.__exit__(type(exc), exc, exc.__traceback__):
             raise
         return  # (psycopg's Rollback, swallowed by its block)
-    if attempt is None:
+    if attempt is None or getattr(entered, "force_rollback", False):  # (commits nothing)
         block.__exit__(None, None, None)
         return
     with _own_commit(attempt):
@@ -2325,7 +2330,7 @@ async def _noting_block_async(connection: Any, block: Any) -> AsyncIterator[Any]
         if not await block.__aexit__(type(exc), exc, exc.__traceback__):
             raise
         return
-    if attempt is None:
+    if attempt is None or getattr(entered, "force_rollback", False):
         await block.__aexit__(None, None, None)
         return
     with _own_commit(attempt):

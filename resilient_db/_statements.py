@@ -111,9 +111,21 @@ STOPS_PREPARED: Final = 2
 NOTIFIES: Final = 3
 DEALLOCATES: Final = 4
 # Anywhere in the statement, not only at its head: after another statement in the same text
-# (``SELECT 1; NOTIFY jobs``), in a ``DO`` block's body. A name or text that merely holds the
-# word (a column ``notify``) costs its transaction the xid's request at COMMIT, nothing more.
-_NOTIFIES = re.compile(r"\bpg_notify\s*\(|\bNOTIFY\b", re.IGNORECASE)
+# (``SELECT 1; NOTIFY jobs``), in a ``DO`` block's body or a string a function ``EXECUTE``s
+# (``pg_notify(`` anywhere). ``NOTIFY`` counts where a command can start: at the text's start,
+# after a ``;``, at a quoted body's or string's start, after a PL/pgSQL ``BEGIN``, ``THEN``,
+# ``ELSE``, ``LOOP`` or a rule's ``DO [ALSO | INSTEAD]`` (comments between), and followed by a
+# channel, so a column or a value named ``notify`` (``SELECT notify FROM t``, ``kind =
+# 'notify'``) is no notification. A word taken for one by mistake (``'a; notify me'``) costs its
+# transaction the xid's request at COMMIT (on a hot standby, nothing), nothing more.
+# (comments matched one way only: a pattern that could split them backtracks without end)
+_GAP = r"(?:\s|--[^\n]*(?:\n|\Z)|/\*(?:[^*]|\*(?!/))*\*/)*"
+_NOTIFIES = re.compile(
+    r"\bpg_notify\s*\(|(?:^|[;'$]|(?<![\w$])(?:BEGIN|THEN|ELSE|LOOP|DO|ALSO|INSTEAD))"
+    + _GAP
+    + r"NOTIFY(?=[\s\"]|--|/\*)",
+    re.IGNORECASE | re.DOTALL,
+)
 # Statements of transaction control that write nothing themselves (asyncpg's savepoints, for
 # one, go through ``execute``): judged read-only, as an empty statement (asyncpg's ping, ";").
 _CONTROL_HEADS: Final = frozenset({"SAVEPO", "RELEAS", "ROLLBA", ""})
@@ -200,8 +212,12 @@ def _judge_bare(statement: str) -> int:
 
 # Statements that commit, found where a statement of the text starts (after its start or a
 # ``;``), outside quoted text and names, dollar-quoted bodies (a DO block's ``END``) and
-# comments. A text the scan can't be sure of (a backslash, which may escape a quote in an
-# ``E''`` string; a quote, comment or dollar quote left open) is looked at as it is: a COMMIT
+# comments; a SQL-standard body (``BEGIN ATOMIC ... END``) is part of its ``CREATE`` statement.
+# A backslash inside a dollar-quoted body escapes nothing. A text the scan can't be sure of (a
+# backslash elsewhere, which may escape a quote in an ``E''`` string; a nested comment; a quote,
+# comment or dollar quote left open) is looked at as it is: any ``COMMIT`` or ``PREPARE
+# TRANSACTION`` in it counts, wherever it stands (a comment may hide the start of a statement),
+# and an ``END`` that is a statement of its own (not a block's ``END IF``, ``END $$``): one
 # found in a string costs the unit its replay, one missed would have the unit replayed after it
 # committed part of its work (written twice).
 _COMMIT_HINT = re.compile("COMMIT|END|PREPARE", re.IGNORECASE)
@@ -216,26 +232,116 @@ _OPEN_DOLLAR_QUOTE = re.compile(_DOLLAR_QUOTE)
 _COMMITTING = re.compile(
     f"{_SPACE}*(?:COMMIT|END|PREPARE{_SPACE}+TRANSACTION)(?![{_NAME_CHAR}])", re.IGNORECASE
 )
+_ATOMIC = re.compile(f"(?<![{_NAME_CHAR}])ATOMIC(?![{_NAME_CHAR}])", re.IGNORECASE)
+_WORD_OR_END = re.compile(f"[{_NAME_CHAR}]+|;")
+# (unsure text)
+_COMMITTING_ANYWHERE = re.compile(
+    f"(?<![{_NAME_CHAR}])(?:COMMIT|PREPARE{_SPACE}+TRANSACTION)(?![{_NAME_CHAR}])",
+    re.IGNORECASE,
+)
+_END_STATEMENT = re.compile(
+    f"END(?:{_SPACE}+(?:WORK|TRANSACTION))?(?:{_SPACE}+AND(?:{_SPACE}+NO)?{_SPACE}+CHAIN)?"
+    f"{_SPACE}*",
+    re.IGNORECASE,
+)
 
 
 def _commits(statement: str) -> int:
     """``COMMITS`` (with ``COMMITS_MIDWAY`` when more follows it) if a statement of
     ``statement``'s text commits the transaction, else 0 (see above)."""
-    bare = _NOT_STATEMENT_WORDS.sub(" ", statement)
+    kept: list[str] = []
+    pos = 0
+    for match in _NOT_STATEMENT_WORDS.finditer(statement):
+        token = match.group(0)
+        if (token[0] == "'" and "\\" in token) or (token[:2] == "/*" and "/*" in token[2:]):
+            return _commits_unsure(statement)  # an escape, or a nested comment
+        kept += (statement[pos : match.start()], " ")
+        pos = match.end()
+    kept.append(statement[pos:])
+    bare = "".join(kept)
     if (
-        "\\" in statement
+        "\\" in bare
         or "'" in bare
         or '"' in bare
         or "/*" in bare
+        or "*/" in bare
         or "--" in bare
         or _OPEN_DOLLAR_QUOTE.search(bare)
     ):
-        bare = statement
-    parts = [part for part in bare.split(";") if part.strip(" \t\n\r\f\v")]
+        return _commits_unsure(statement)
+    parts = _statements_of(bare) if _ATOMIC.search(bare) else bare.split(";")
+    parts = [part for part in parts if part.strip(" \t\n\r\f\v")]
     for at, part in enumerate(parts):
         if _COMMITTING.match(part):
             return COMMITS | COMMITS_MIDWAY if at < len(parts) - 1 else COMMITS
     return 0
+
+
+def _statements_of(bare: str) -> list[str]:
+    """The statements of ``bare`` (a text without quotes or comments), a SQL-standard body
+    (``BEGIN ATOMIC ... END``, whose statements end in ``;`` and may hold ``CASE ... END``)
+    kept whole in its statement."""
+    parts: list[str] = []
+    start = depth = 0
+    previous = ""
+    for match in _WORD_OR_END.finditer(bare):
+        word = match.group(0).upper()
+        if word == ";":
+            if not depth:
+                parts.append(bare[start : match.start()])
+                start = match.end()
+        elif (word == "ATOMIC" and previous == "BEGIN") or (depth and word == "CASE"):
+            depth += 1
+        elif depth and word == "END":
+            depth -= 1
+        previous = word
+    parts.append(bare[start:])
+    return parts
+
+
+def _commits_unsure(statement: str) -> int:
+    """:func:`_commits` of a text the scan can't be sure of (see above): from the first
+    committing word on, any further statement makes it ``COMMITS_MIDWAY``."""
+    found = _COMMITTING_ANYWHERE.search(statement)
+    first = found.end() if found else None
+    at = 0
+    for part in statement.split(";"):
+        if first is not None and at >= first:
+            break
+        if _END_STATEMENT.fullmatch(_without_leading_comments(part)):
+            first = at + len(part)
+            break
+        at += len(part) + 1
+    if first is None:
+        return 0
+    rest = statement[first:].split(";", 1)
+    if len(rest) > 1 and rest[1].strip(" \t\n\r\f\v;"):
+        return COMMITS | COMMITS_MIDWAY
+    return COMMITS
+
+
+def _without_leading_comments(part: str) -> str:
+    """``part`` from its first word on: without the whitespace and comments (nested ones
+    too) before it."""
+    while True:
+        part = part.lstrip(" \t\n\r\f\v")
+        if part[:2] == "--":
+            line_end = part.find("\n")
+            part = "" if line_end < 0 else part[line_end + 1 :]
+        elif part[:2] == "/*":
+            depth, at = 0, 0
+            while at < len(part):
+                if part.startswith("/*", at):
+                    depth, at = depth + 1, at + 2
+                elif part.startswith("*/", at):
+                    depth, at = depth - 1, at + 2
+                    if not depth:
+                        break
+                else:
+                    at += 1
+            part = part[at:] if not depth else ""
+        else:
+            return part
 
 
 def _judge_kind(statement: str) -> int:

@@ -240,11 +240,33 @@ def test_a_hidden_write_is_not_replayed_after_a_lost_answer(
         "SELECT 1; NOTIFY jobs, 'ready'",
         "DO $$ BEGIN NOTIFY jobs; END $$",
         "DO $$ BEGIN PERFORM pg_notify('jobs', 'ready'); END $$",
+        "DO $$ BEGIN IF true THEN NOTIFY jobs; END IF; END $$",
+        "DO $$ BEGIN EXECUTE 'NOTIFY jobs'; END $$",
+        "-- tell the workers\nNOTIFY jobs",
+        'SELECT 1; /* then */ NOTIFY "Jobs"',
     ],
 )
 def test_notifications_are_writes_whose_xid_comes_at_commit(statement: str) -> None:
     assert _statements.verdict_of(statement) == _statements.NOTIFIES
     assert may_write(statement)
+
+
+@pytest.mark.parametrize(
+    ("statement", "verdict"),
+    [
+        ("SELECT notify FROM prefs WHERE id = 1", _statements.READ_ONLY),
+        ('SELECT "notify", p.notify FROM prefs p', _statements.READ_ONLY),
+        ("SELECT id FROM events WHERE kind = 'notify'", _statements.READ_ONLY),
+        ("SELECT id AS notify FROM events", _statements.READ_ONLY),
+        ("UPDATE prefs SET notify = true", _statements.MAY_WRITE),
+        ("INSERT INTO prefs (id, notify) VALUES (1, true)", _statements.MAY_WRITE),
+    ],
+)
+def test_a_name_or_value_that_is_the_word_notify_is_no_notification(
+    statement: str, verdict: int
+) -> None:
+    """Only a ``NOTIFY`` command is one: a read of a column named ``notify`` stays a read."""
+    assert _statements.verdict_of(statement) == verdict
 
 
 @pytest.mark.parametrize(

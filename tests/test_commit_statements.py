@@ -160,6 +160,104 @@ def test_a_psycopg_transaction_block_inside_the_units_transaction_is_replayed(
     assert ledger_rows(pg_server, database, unit) == 1
 
 
+def test_a_commit_the_scan_cannot_read_surely_is_still_seen(
+    engine: sa.Engine, pg_server: PostgresServer, database: str, service: str
+) -> None:
+    """A text with a backslash escape (which may end an ``E''`` string anywhere) whose COMMIT
+    follows a comment: the unit committed its INSERT, so it is not replayed."""
+    Sessions = rdb.ResilientSession(engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+    calls = []
+
+    def work(session: Session) -> None:
+        calls.append(1)
+        session.connection().exec_driver_sql(
+            f"INSERT INTO ledger (unit) VALUES ('{unit}'); SELECT E'a\\\\b'; -- commit now\nCOMMIT"
+        )
+        session.execute(sa.text("SELECT serialization_failure()"))
+
+    with pytest.raises(sa.exc.OperationalError) as raised:
+        Sessions.run(work)
+    assert rdb.sqlstate_of(raised.value) == "40001"
+    assert calls == [1], "replayed after it committed part of its work"
+    assert ledger_rows(pg_server, database, unit) == 1
+
+
+def test_a_commit_after_a_nested_comment_is_seen(
+    engine: sa.Engine, pg_server: PostgresServer, database: str, service: str
+) -> None:
+    Sessions = rdb.ResilientSession(engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+    calls = []
+
+    def work(session: Session) -> None:
+        calls.append(1)
+        session.execute(INSERT, {"unit": unit})
+        session.connection().exec_driver_sql("/* a /* b */ c */ COMMIT")
+        session.execute(sa.text("SELECT serialization_failure()"))
+
+    with pytest.raises(sa.exc.OperationalError):
+        Sessions.run(work)
+    assert calls == [1], "replayed after it committed part of its work"
+    assert ledger_rows(pg_server, database, unit) == 1
+
+
+BODIES_THAT_COMMIT_NOTHING = {
+    "do-block-with-a-backslash": ("DO $$ BEGIN IF 'a1' ~ '\\d' THEN PERFORM 1; END IF; END $$"),
+    "begin-atomic": (
+        "CREATE OR REPLACE FUNCTION one() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; END"
+    ),
+}
+
+
+@pytest.mark.parametrize("body", sorted(BODIES_THAT_COMMIT_NOTHING))
+def test_a_unit_whose_statement_holds_a_block_end_is_replayed(
+    engine: sa.Engine, pg_server: PostgresServer, database: str, service: str, body: str
+) -> None:
+    """A block's ``END`` (a DO block's, with a backslash in its body; a SQL-standard
+    ``BEGIN ATOMIC ... END`` body) commits nothing: the unit is replayed as any other."""
+    Sessions = rdb.ResilientSession(engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+    calls = []
+
+    def work(session: Session) -> None:
+        calls.append(1)
+        session.execute(INSERT, {"unit": unit})
+        session.execute(sa.text(BODIES_THAT_COMMIT_NOTHING[body]))
+        if len(calls) == 1:
+            session.execute(sa.text("SELECT serialization_failure()"))
+
+    Sessions.run(work)
+    assert len(calls) == 2
+    assert ledger_rows(pg_server, database, unit) == 1
+
+
+def test_a_psycopg_transaction_block_that_rolls_back_commits_nothing(
+    engine: sa.Engine, pg_server: PostgresServer, database: str, service: str
+) -> None:
+    """An outermost ``transaction(force_rollback=True)``, or one left by psycopg's
+    ``Rollback``, sends ROLLBACK: the unit is replayed as any other."""
+    Sessions = rdb.ResilientSession(engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+    calls = []
+
+    def work(session: Session) -> None:
+        calls.append(1)
+        raw = driver_connection(session)
+        with raw.transaction(force_rollback=True):
+            raw.execute("SELECT 1")
+        with raw.transaction():
+            raw.execute("SELECT 1")
+            raise psycopg.Rollback()
+        session.execute(INSERT, {"unit": unit})
+        if len(calls) == 1:
+            session.execute(sa.text("SELECT serialization_failure()"))
+
+    Sessions.run(work)
+    assert len(calls) == 2
+    assert ledger_rows(pg_server, database, unit) == 1
+
+
 # -- async: asyncpg and psycopg -----------------------------------------------------------------
 async def _araw(session: AsyncSession) -> Any:
     return (await (await session.connection()).get_raw_connection()).driver_connection
@@ -284,6 +382,32 @@ async def test_an_async_unit_whose_psycopg_transaction_block_committed_is_not_re
     assert ledger_rows(pg_server, database, unit) == 1
 
 
+@pytest.mark.asyncio
+async def test_an_async_psycopg_transaction_block_that_rolls_back_commits_nothing(
+    pg_server: PostgresServer, database: str, service: str
+) -> None:
+    engine = create_async_engine(pg_server.url(database, driver="psycopg"))
+    Sessions = rdb.AsyncResilientSession(engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+    calls = []
+
+    async def work(session: AsyncSession) -> None:
+        calls.append(1)
+        raw = await _araw(session)
+        async with raw.transaction(force_rollback=True):
+            await raw.execute("SELECT 1")
+        await session.execute(INSERT, {"unit": unit})
+        if len(calls) == 1:
+            await session.execute(sa.text("SELECT serialization_failure()"))
+
+    try:
+        await Sessions.run(work)
+    finally:
+        await engine.dispose()
+    assert len(calls) == 2
+    assert ledger_rows(pg_server, database, unit) == 1
+
+
 # -- which statements commit --------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("statement", "flags"),
@@ -311,6 +435,36 @@ async def test_an_async_unit_whose_psycopg_transaction_block_committed_is_not_re
         ("SELECT endless FROM t; SELECT committed FROM t", 0),
         ("PREPARE p AS SELECT 1", 0),
         ("ROLLBACK", 0),
+        # a text the scan can't be sure of: a COMMIT after a comment, or in a nested one
+        ("INSERT INTO t VALUES (E'a\\b'); -- done\nCOMMIT", _statements.COMMITS),
+        ("INSERT INTO t VALUES (E'a\\b'); /* done */ COMMIT", _statements.COMMITS),
+        (
+            "SELECT E'a\\b'; /* done */ COMMIT; SELECT 1",
+            _statements.COMMITS | _statements.COMMITS_MIDWAY,
+        ),
+        ("/* a /* b */ c */ COMMIT", _statements.COMMITS),
+        ("INSERT INTO t VALUES (1); /* a /* b */ c */ COMMIT", _statements.COMMITS),
+        ("SELECT E'a\\b'; -- x\nEND", _statements.COMMITS),
+        # a backslash inside a dollar-quoted body escapes nothing
+        ("DO $$ BEGIN IF 'a1' ~ '\\d' THEN PERFORM 1; END IF; END $$", 0),
+        (
+            "CREATE FUNCTION f() RETURNS text LANGUAGE plpgsql AS $b$ BEGIN "
+            "RETURN E'a\\nb'; END; $b$",
+            0,
+        ),
+        # a SQL-standard body is part of its statement
+        ("CREATE FUNCTION g() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; END", 0),
+        (
+            "CREATE PROCEDURE p(x int) LANGUAGE sql BEGIN ATOMIC INSERT INTO t VALUES (x); "
+            "SELECT CASE WHEN x > 1 THEN 1 END; END",
+            0,
+        ),
+        (
+            "CREATE FUNCTION g() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; END; COMMIT",
+            _statements.COMMITS,
+        ),
+        # unsure text: a block's END is no statement of its own
+        ("SELECT E'a\\b'; DO $$ BEGIN IF a THEN PERFORM 1; END IF; END $$", 0),
     ],
 )
 def test_statements_that_commit_are_told_apart(statement: str, flags: int) -> None:

@@ -31,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
+from resilient_db import _statements
 from resilient_db._commit import MULTI_HOST_CONNECT_TIMEOUT
 from resilient_db.testing import FaultProxy, PostgresServer, ServerStartError, StandbyPair
 
@@ -597,6 +598,53 @@ def test_units_on_a_hot_standby_commit_plainly(pg_standby: StandbyPair) -> None:
     assert pair.execute("SELECT count(*) FROM resilient_db.commit_markers", database=DATABASE) == [
         (0,)
     ]
+
+
+def test_reads_taken_for_notifications_commit_on_a_hot_standby_without_markers(
+    pg_standby: StandbyPair,
+) -> None:
+    """Without the markers, a transaction that notifies asks for its transaction id before
+    COMMIT (``pg_current_xact_id()``), which a hot standby refuses. A read there that merely
+    looks like one (a text holding ``; notify ...``), or reads a column named ``notify``, is
+    committed plainly, as a unit there always is. Both drivers."""
+    pair = pg_standby
+    prepare(pair, markers=False)
+    pair.execute("CREATE TABLE prefs (id int PRIMARY KEY, notify bool)", database=DATABASE)
+    pair.execute("INSERT INTO prefs VALUES (1, true)", database=DATABASE)
+    pair.wait_replayed()
+    reads = [
+        sa.text("SELECT notify FROM prefs WHERE id = 1"),
+        sa.text("SELECT 'a; notify me' IS NOT NULL"),
+    ]
+    assert _statements.verdict_of(str(reads[1])) == _statements.NOTIFIES
+    config = rdb.Config(retry=False, circuit_breaker=False)
+
+    engine = sa.create_engine(pair.standby.url(DATABASE))
+    Sessions = rdb.ResilientSession(engine, service="standby-notify", config=config)
+    try:
+        for read in reads:
+            assert Sessions.run(lambda s, read=read: s.execute(read).scalar_one()) is True
+    finally:
+        engine.dispose()
+
+    async def async_reads() -> list[bool]:
+        async_engine = create_async_engine(pair.standby.url(DATABASE, driver="asyncpg"))
+        AsyncSessions = rdb.AsyncResilientSession(
+            async_engine, service="standby-notify-async", config=config
+        )
+        try:
+            found = []
+            for read in reads:
+
+                async def unit(session: AsyncSession, read: Any = read) -> bool:
+                    return bool((await session.execute(read)).scalar_one())
+
+                found.append(await AsyncSessions.run(unit))
+            return found
+        finally:
+            await async_engine.dispose()
+
+    assert asyncio.run(async_reads()) == [True, True]
 
 
 # -- writers through a failover --------------------------------------------------------------------
