@@ -413,6 +413,62 @@ def test_type_mistakes_are_refused_when_the_rules_compile() -> None:
     _compile("e7", plain, mapped_column(sa.String(10), default="new", server_default="done"))
 
 
+class Same(enum.Enum):
+    """A plain enum.Enum whose names are its values: written by name, the value arrives."""
+
+    pending = "pending"
+    in_progress = "in_progress"
+    cancelled = "cancelled"
+
+
+def test_a_plain_enum_whose_names_are_its_values_is_accepted(engine: sa.Engine) -> None:
+    same = TransitionRules(
+        column="status",
+        transitions={Same.pending: {Same.in_progress, Same.cancelled}},
+        initial={Same.pending},
+    )
+    _compile("e8", same, mapped_column(sa.String(20)))
+    by_number = TransitionRules(
+        column="status",
+        transitions={enum.Enum("N", {"ONE": 1}).ONE: {2}},  # type: ignore[attr-defined]
+        initial={2},
+    )
+    with pytest.raises(TransitionRulesError, match=r"its name \('ONE'\)"):
+        _compile("e9", by_number, mapped_column(sa.Integer))
+    _set_rows(engine, "edge_tasks", "(1, '', 'pending')")
+    with _factory(engine)() as s:
+        task = s.get(Task, 1)
+        assert task is not None
+        task.status = Same.in_progress  # type: ignore[assignment]
+        s.commit()
+    with _factory(engine)() as s:
+        task = s.get(Task, 1)
+        assert task is not None
+        task.status = Same.cancelled  # type: ignore[assignment]  # in_progress -> cancelled
+        with pytest.raises(IllegalTransitionError):
+            s.commit()
+    assert _rows(engine, "edge_tasks") == {1: "in_progress"}
+
+
+def test_a_server_default_is_compared_as_postgresql_stores_it() -> None:
+    """``'00'`` and ``'+1'`` are 0 and 1 in an integer column, ``'f'`` and ``'no'`` false in a
+    boolean one; a literal whose value can't be told here is left to the database."""
+    zero = TransitionRules(column="status", transitions={0: {1}}, initial={0})
+    _compile("d1", zero, mapped_column(sa.Integer, server_default="00"))
+    _compile("d2", zero, mapped_column(sa.Integer, server_default=" -0 "))
+    one = TransitionRules(column="status", transitions={1: {2}}, initial={1})
+    _compile("d3", one, mapped_column(sa.SmallInteger, server_default="+1"))
+    with pytest.raises(TransitionRulesError, match="server_default '2' is not an initial"):
+        _compile("d4", one, mapped_column(sa.Integer, server_default="2"))
+    true = TransitionRules(column="status", transitions={True: {False}}, initial={True})
+    for spelled in ("f", "no", "OFF", "0", " false "):
+        with pytest.raises(TransitionRulesError, match="is not an initial state"):
+            _compile("d5", true, mapped_column(sa.Boolean, server_default=spelled))
+    for spelled in ("t", "Yes", "on", "1", "tru"):
+        _compile("d6", true, mapped_column(sa.Boolean, server_default=spelled))
+    _compile("d7", true, mapped_column(sa.Boolean, server_default="o"))  # (not judged here)
+
+
 def test_a_plain_enum_member_written_to_a_string_column_is_refused(engine: sa.Engine) -> None:
     """The driver would write the member's name (``'IN_PROGRESS'``), no state of the rules,
     though its value (``'in_progress'``) is a legal move."""

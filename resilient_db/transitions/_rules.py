@@ -16,7 +16,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, TypeAlias
+from typing import Any, Final, TypeAlias
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapper
@@ -345,10 +345,15 @@ def _db_key(type_: sa.types.TypeEngine[Any], value: object) -> Key:
 def written_by_name(type_: sa.types.TypeEngine[Any], value: enum.Enum) -> bool:
     """Whether the driver writes ``value``, a member of a plain ``enum.Enum`` (no ``str`` or
     ``int`` mixin) bound to a column that is not an ``Enum`` (and converts nothing itself),
-    by its name: psycopg does, so its value is not what the column gets."""
-    return not isinstance(value, (str, int)) and not isinstance(
-        type_, (sa.Enum, sa.types.TypeDecorator)
-    )
+    by its name where that is not its value as the column compares it: psycopg writes such a
+    member by its name, so a ``draft = "draft"`` member is fine, a ``DRAFT = "draft"`` one or
+    ``ONE = 1`` (in an integer column) never gets its value into the column."""
+    if isinstance(value, (str, int)) or isinstance(type_, (sa.Enum, sa.types.TypeDecorator)):
+        return False
+    try:
+        return _db_key(type_, value.name) != _db_key(type_, value.value)
+    except (LookupError, TypeError, ValueError):
+        return True
 
 
 _INTEGER_TEXT = re.compile(r"[+-]?[0-9]+", re.ASCII)
@@ -569,18 +574,51 @@ def _check_server_default(
     arg = default.arg
     if not isinstance(arg, str):
         return  # a SQL expression: its value is the database's (the trigger checks it)
-    try:
-        key = _db_key(column.type, arg)
-    except (LookupError, TypeError, ValueError):
-        return
-    if key in initial:
-        return
+    key = _stored_key(column.type, arg)
+    if key is _UNKNOWN or key in initial:
+        return  # (a literal whose stored value is not plainly known is left to the trigger)
     allowed = ", ".join(repr(states.get(k, k)) for k in sorted(initial, key=sort_key))
     raise TransitionRulesError(
         f"{where}: the column's server_default {arg!r} is not an initial state ({allowed}): "
         "every row inserted without a status would start in it; make it an initial state, "
         "or change the server_default"
     )
+
+
+_UNKNOWN: Final = object()
+# PostgreSQL's integer input: surrounding whitespace, a sign, digits (underscores between them
+# from PostgreSQL 16 on)
+_INTEGER_INPUT = re.compile(r"[ \t\n\r\f\v]*([+-]?[0-9]+(?:_[0-9]+)*)[ \t\n\r\f\v]*", re.ASCII)
+# PostgreSQL's boolean input: a prefix of these words (of on and off from two letters)
+_BOOLEAN_WORDS: Final = (("true", 1), ("yes", 1), ("on", 2), ("false", 1), ("no", 1), ("off", 2))
+
+
+def _stored_key(type_: sa.types.TypeEngine[Any], literal: str) -> Key | object:
+    """The key (``col::text``) of the value PostgreSQL stores for the text ``literal`` in a
+    column of ``type_`` (``'00'`` or ``'+0'`` in an integer column is 0, ``'f'`` or ``'no'`` in
+    a boolean one is false), or ``_UNKNOWN`` when that can't be told here."""
+    impl = getattr(type_, "impl", type_) if isinstance(type_, sa.types.TypeDecorator) else type_
+    if isinstance(impl, sa.Boolean):
+        return _boolean_input(literal)
+    if isinstance(impl, sa.Integer):
+        match = _INTEGER_INPUT.fullmatch(literal)
+        return str(int(match.group(1))) if match else _UNKNOWN
+    try:
+        return _db_key(type_, literal)
+    except (LookupError, TypeError, ValueError):
+        return _UNKNOWN
+
+
+def _boolean_input(literal: str) -> Key | object:
+    """What PostgreSQL's boolean input makes of ``literal``: a prefix of true, false, yes or
+    no, of on or off from two letters, 1 or 0, in any case, with whitespace around."""
+    word = literal.strip(" \t\n\r\f\v").lower()
+    if word in ("1", "0"):
+        return "true" if word == "1" else "false"
+    for spelled, shortest in _BOOLEAN_WORDS:
+        if len(word) >= shortest and spelled.startswith(word):
+            return "true" if spelled in ("true", "yes", "on") else "false"
+    return _UNKNOWN
 
 
 def _resolve_column(mapper: Mapper[Any], name: str, where: str) -> tuple[str, sa.Column[Any]]:
