@@ -521,11 +521,12 @@ class Classifier:
 
     def classify(self, exc: BaseException) -> Outcome:
         """The outcome class of ``exc``."""
-        if not isinstance(exc, Exception) or isinstance(exc, ResilientDBError):
-            # Cancellation, KeyboardInterrupt, SystemExit and our own errors never retry.
-            return Outcome.NOT_TRANSIENT
+        if not isinstance(exc, Exception):
+            return Outcome.NOT_TRANSIENT  # cancellation, KeyboardInterrupt, SystemExit
         if any(marked_replay_safe(err) for err in error_chain(exc)):
-            return Outcome.CONFLICT
+            return Outcome.CONFLICT  # (ours alone mark: a COMMIT proved not to have run)
+        if isinstance(exc, ResilientDBError):
+            return Outcome.NOT_TRANSIENT  # our own errors never retry
         code = sqlstate_of(exc)
         if code is not None:
             if code == READ_ONLY_SQLSTATE and _read_only_by_the_application(exc):

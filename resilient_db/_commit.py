@@ -57,6 +57,7 @@ from sqlalchemy.pool import NullPool
 
 from ._classify import Classifier, mark_replay_safe, sqlstate_of
 from ._config import Config
+from ._errors import ResilientDBError
 from ._observability import emit, log_session
 from ._state import STATE
 from ._statements import (
@@ -951,7 +952,7 @@ async def _in_hot_standby(conn: Any) -> bool:
 
 
 # -- a COMMIT answered with a warning --------------------------------------------------------------
-class UnprovenCommit(Exception):
+class UnprovenCommit(ResilientDBError):
     """The server answered a unit's own COMMIT with success *and* a WARNING: committed on the
     primary, but not proven as the server promises. A synchronous-replication wait cancelled
     by someone else (``pg_cancel_backend`` of the backend waiting in ``SyncRep``) answers so:
@@ -968,7 +969,10 @@ class UnprovenCommit(Exception):
     ``client_min_messages`` is ``error`` or above (set for the role or the database, or by the
     application) is never sent it, and its units are reported done on such an answer, as
     plain PostgreSQL clients take it. Keep ``client_min_messages`` at ``warning`` or below
-    where synchronous replication matters."""
+    where synchronous replication matters.
+
+    A :class:`~resilient_db.ResilientDBError`: what a caller gets when the check found the unit
+    not committed and it is not run again (retrying off, or out of retries)."""
 
     def __init__(self, warning: str) -> None:
         super().__init__(f"the server answered the COMMIT with a warning: {warning}")

@@ -16,7 +16,8 @@ from scenarios import FakeClock
 
 import resilient_db as rdb
 from resilient_db._breaker import Breaker
-from resilient_db._classify import Outcome
+from resilient_db._classify import Outcome, mark_replay_safe
+from resilient_db._commit import UnprovenCommit
 from resilient_db._retry import Policy
 
 _names = itertools.count()
@@ -438,3 +439,16 @@ def test_the_applications_own_os_errors_are_not_database_faults(
     with pytest.raises(kind) as info:
         unit()
     assert not rdb.is_transient(info.value)
+
+
+def test_an_unproven_commit_found_not_committed_is_ours_and_run_again() -> None:
+    """A COMMIT answered with a warning (a cancelled wait for the synchronous standby) is an
+    error of resilient_db's own (``except rdb.ResilientDBError`` catches it where it is raised
+    to the caller: retrying off, or out of retries); found not committed by the check, it is
+    marked so, and a marked one is run again, although errors of ours never are."""
+    warned = UnprovenCommit("canceling wait for synchronous replication due to user request")
+    assert isinstance(warned, rdb.ResilientDBError)
+    assert rdb.classify(warned) is Outcome.NOT_TRANSIENT
+    mark_replay_safe(warned)
+    assert rdb.classify(warned) is Outcome.CONFLICT
+    assert rdb.classify(rdb.CircuitOpenError("db", 1.0)) is Outcome.NOT_TRANSIENT
