@@ -358,11 +358,11 @@ async def test_an_async_commit_statement_refused_by_the_server_is_replayed(
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("async_engine", ["psycopg"], indirect=True)
 async def test_an_async_unit_whose_psycopg_transaction_block_committed_is_not_replayed(
-    pg_server: PostgresServer, database: str, service: str
+    async_engine: AsyncEngine, pg_server: PostgresServer, database: str, service: str
 ) -> None:
-    engine = create_async_engine(pg_server.url(database, driver="psycopg"))
-    Sessions = rdb.AsyncResilientSession(engine, service=service)
+    Sessions = rdb.AsyncResilientSession(async_engine, service=service)
     unit = f"unit-{uuid.uuid4()}"
     calls = []
 
@@ -373,21 +373,18 @@ async def test_an_async_unit_whose_psycopg_transaction_block_committed_is_not_re
             await raw.execute("INSERT INTO ledger (unit) VALUES (%s)", (unit,))
         await session.execute(sa.text("SELECT serialization_failure()"))
 
-    try:
-        with pytest.raises(sa.exc.DBAPIError):
-            await Sessions.run(work)
-    finally:
-        await engine.dispose()
+    with pytest.raises(sa.exc.DBAPIError):
+        await Sessions.run(work)
     assert calls == [1], "replayed after its transaction block committed"
     assert ledger_rows(pg_server, database, unit) == 1
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("async_engine", ["psycopg"], indirect=True)
 async def test_an_async_psycopg_transaction_block_that_rolls_back_commits_nothing(
-    pg_server: PostgresServer, database: str, service: str
+    async_engine: AsyncEngine, pg_server: PostgresServer, database: str, service: str
 ) -> None:
-    engine = create_async_engine(pg_server.url(database, driver="psycopg"))
-    Sessions = rdb.AsyncResilientSession(engine, service=service)
+    Sessions = rdb.AsyncResilientSession(async_engine, service=service)
     unit = f"unit-{uuid.uuid4()}"
     calls = []
 
@@ -400,10 +397,7 @@ async def test_an_async_psycopg_transaction_block_that_rolls_back_commits_nothin
         if len(calls) == 1:
             await session.execute(sa.text("SELECT serialization_failure()"))
 
-    try:
-        await Sessions.run(work)
-    finally:
-        await engine.dispose()
+    await Sessions.run(work)
     assert len(calls) == 2
     assert ledger_rows(pg_server, database, unit) == 1
 
