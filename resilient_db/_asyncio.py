@@ -147,15 +147,17 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         self._register()
 
     def __call__(self, **local_kw: Any) -> S:
-        """A new session, as the sessionmaker gives. A ``bind`` or ``binds`` given for this
-        one session gets the factory's engine hooks first, as :meth:`configure` gives them
-        (disconnect handling, the dead-connection check, commit verification there too).
+        """A new session, as the sessionmaker gives. An engine given as ``bind`` or in
+        ``binds`` for this one session gets the factory's engine hooks first where it has none
+        (disconnect handling, the dead-connection check, commit marking there too); one with
+        another factory's keeps those, and the factory is not made one of its factories.
 
         (async: its ``sync_session`` is an instance of your class, shared with other factories,
         so the factory records each one it makes; a sync factory names its own class.)
         """
         if local_kw:
-            self._hook_engines((local_kw.get("bind"), *(local_kw.get("binds") or {}).values()))
+            binds = (local_kw.get("bind"), *(local_kw.get("binds") or {}).values())
+            self._hook_engines(binds, register=False)
         session: S = async_sessionmaker.__call__(self, **local_kw)
         if True:  # async only
             register_session(session.sync_session, self)

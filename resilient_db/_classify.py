@@ -523,10 +523,13 @@ class Classifier:
         """The outcome class of ``exc``."""
         if not isinstance(exc, Exception):
             return Outcome.NOT_TRANSIENT  # cancellation, KeyboardInterrupt, SystemExit
-        if any(marked_replay_safe(err) for err in error_chain(exc)):
-            return Outcome.CONFLICT  # (ours alone mark: a COMMIT proved not to have run)
         if isinstance(exc, ResilientDBError):
-            return Outcome.NOT_TRANSIENT  # our own errors never retry
+            # our own errors never retry, but for one marked so itself (a COMMIT answered with
+            # a warning, proved not to have run); not for one caused by a marked error (a
+            # CircuitOpenError raised from a unit's last failure)
+            return Outcome.CONFLICT if marked_replay_safe(exc) else Outcome.NOT_TRANSIENT
+        if any(marked_replay_safe(err) for err in error_chain(exc)):
+            return Outcome.CONFLICT
         code = sqlstate_of(exc)
         if code is not None:
             if code == READ_ONLY_SQLSTATE and _read_only_by_the_application(exc):

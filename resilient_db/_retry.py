@@ -201,13 +201,13 @@ class Policy:
     #: policy of :meth:`without_breaker`): what an attempt nested in them is admitted by
     admitted_through: Breaker | None = None
 
-    def without_breaker(self) -> Policy:
-        """This policy asking no breaker: for attempts that are part of one its breaker let
-        through (see ``_unit.admitted_by``), whose outcome that one's counts. Their attempts
-        still say which breaker admitted them (:attr:`admitted_through`), so that a call
-        nested deeper is not asked again either."""
+    def without_breaker(self, admitted_through: Breaker | None = None) -> Policy:
+        """This policy asking no breaker: for attempts that are part of one its breaker (or
+        ``admitted_through``) let through (see ``_unit.admitted_by``), whose outcome that
+        one's counts. Their attempts still say which breaker admitted them
+        (:attr:`admitted_through`), so that a call nested deeper is not asked again either."""
         clone = copy.copy(self)
-        clone.admitted_through = self.breaker or self.admitted_through
+        clone.admitted_through = admitted_through or self.breaker or self.admitted_through
         clone.breaker = None
         return clone
 

@@ -922,15 +922,16 @@ class FactoryCore:
         if bind is not None:
             self._prepare_bound_connection()
 
-    def _hook_engines(self, targets: Iterable[Any]) -> None:
+    def _hook_engines(self, targets: Iterable[Any], *, register: bool = True) -> None:
         """Give the engines of ``targets`` (engines, async engines, connections; anything else
-        is left alone) this factory's engine hooks (see :meth:`configure`)."""
+        is left alone) this factory's engine hooks (see :meth:`configure`); ``register=False``
+        for the binds of one session (see :func:`hooks_for`)."""
         for target in targets:
             engine = getattr(target, "sync_engine", target)
             if isinstance(engine, Connection):
                 engine = engine.engine
             if isinstance(engine, Engine):
-                hooks_for(engine, self)
+                hooks_for(engine, self, register=register)
 
     def _engine_to_bind(self, bind: Any) -> Any:
         """The engine of ``bind`` given to :meth:`configure` (see :func:`engine_of`)."""
@@ -1232,8 +1233,13 @@ def engine_settings(config: Config, classifier: Classifier) -> tuple[Any, ...]:
     )
 
 
-def hooks_for(engine: Engine, factory: FactoryCore) -> EngineHooks:
+def hooks_for(engine: Engine, factory: FactoryCore, *, register: bool = True) -> EngineHooks:
     """Install (once) and return the hooks of ``engine``, for ``factory``.
+
+    ``register=False`` (an engine one session of ``factory`` is bound to): hooks installed
+    with ``factory``'s settings where the engine has none, and the engine's own left as they
+    are; the factory is not one of the engine's (it neither holds other factories to its
+    settings nor is held to theirs, and it speaks for the engine only until one is).
 
     The hooks are one per engine (disconnect handling, the trigger's error, the checkout check,
     the commit protocol), so every factory on an engine must agree on what they act on
@@ -1255,6 +1261,11 @@ def hooks_for(engine: Engine, factory: FactoryCore) -> EngineHooks:
             note_dialect_calls(engine.dialect, "do_commit_twophase", _commit_twophase)
             event.listen(engine, "do_connect", hooks.do_connect)
             STATE.engine_hooks[engine] = hooks
+            if not register:
+                hooks.settings, hooks.service = mine, service
+                return hooks
+        elif not register:
+            return hooks
         elif hooks.settings != mine and hooks.factories:
             raise ValueError(
                 f"another resilient factory (service {hooks.service!r}) already uses this "

@@ -22,6 +22,7 @@ not lost, only finished later.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import time
@@ -98,6 +99,13 @@ def _policy_for(
         # inside an operation or a unit of the same service, its breaker already let the
         # attempt through and counts its outcome: not asked again (see admitted_by)
         return policy.without_breaker()
+    if policy.breaker is None:
+        # no breaker of its own (use_circuit_breaker=False): one of its service's running
+        # here still let through what runs inside it (a unit of the service, asked again,
+        # would be refused while this attempt holds the half-open probe's slot)
+        service_breaker = STATE.breakers.get(service)
+        if admitted_by(service_breaker):
+            return policy.without_breaker(admitted_through=service_breaker)
     return policy
 
 
@@ -253,19 +261,45 @@ def _call(policy: Policy, fn: Callable[[], Any], check: ResponseCheck | None, cf
         result = policy.call_failed(lambda: _own_call(policy, fn), exc, probe, started)
     else:
         if inspect.isawaitable(result):
-            admitted: bool | None = probe
-            if inspect.iscoroutine(result):
-                # its work runs when it is awaited, which may be never (a caller's deadline
-                # already spent cancels it before its first step): a half-open probe's slot
-                # is given back now and asked for again then, or it would be held for good.
-                # (Another awaitable, a task say, may be running already: admitted now.)
+            admission: _Admission | None = None
+            if isinstance(result, asyncio.Future):
+                # a task (or future) runs whether the operation is awaited or not: admitted
+                # now; if the operation never starts (dropped, or cancelled before its first
+                # step by a caller whose deadline was spent), the slot of a half-open probe is
+                # given back when the task ends, or it would be held for good
+                admission = _Admission(policy, probe)
+                result.add_done_callback(admission.give_back_unless_taken)
+            else:
+                # its work runs when it is awaited, which may be never: a half-open probe's
+                # slot is given back now and asked for again then
                 policy.unused(probe)
-                admitted = None
             return _afinish(
-                policy, fn, result, admitted=admitted, record=record, check=check, cfg=cfg
+                policy, fn, result, admission=admission, record=record, check=check, cfg=cfg
             )
         policy.succeeded(probe)
     return result if check is None else check_response(check, result, cfg, policy.service)
+
+
+class _Admission:
+    """The breaker's admission of a task an operation returned (see :func:`_call`): taken by
+    the operation when it starts, or given back when the task ends first."""
+
+    __slots__ = ("policy", "probe", "taken")
+
+    def __init__(self, policy: Policy, probe: bool) -> None:
+        self.policy, self.probe, self.taken = policy, probe, False
+
+    def take(self) -> bool:
+        """The operation started: whether its admission is a half-open probe's (False when
+        the slot was given back already: the task ended before)."""
+        probe = self.probe and not self.taken
+        self.taken = True
+        return probe
+
+    def give_back_unless_taken(self, _task: object) -> None:
+        if not self.taken:
+            self.taken = True
+            self.policy.unused(self.probe)
 
 
 async def _afinish(
@@ -273,18 +307,18 @@ async def _afinish(
     fn: Callable[[], Awaitable[Any]],
     first: Awaitable[Any],
     *,
-    admitted: bool | None,
+    admission: _Admission | None,
     record: AttemptRecord,
     check: ResponseCheck | None,
     cfg: Config,
 ) -> Any:
     """The first attempt of :func:`_call` returned ``first``: awaiting it finishes that attempt
     (in the same ``record``, so a COMMIT sent before ``fn`` returned still forbids a replay),
-    admitted by the breaker now that it runs (``admitted``: None; else whether the call's
-    admission was a half-open probe), and a failure goes on as :meth:`Policy.acall` would:
-    each retry calls ``fn`` again."""
-    if admitted is not None:
-        probe = admitted
+    admitted by the breaker now that it runs (or, a task's, when the operation was called:
+    ``admission``), and a failure goes on as :meth:`Policy.acall` would: each retry calls
+    ``fn`` again."""
+    if admission is not None:
+        probe = admission.take()
     else:
         try:
             probe = policy.admit()

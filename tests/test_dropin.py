@@ -180,6 +180,27 @@ def test_a_session_given_its_own_bind_gets_the_factorys_engine_hooks_there(
         other.dispose()
 
 
+def test_a_sessions_own_bind_neither_holds_nor_is_held_to_other_factories_settings(
+    engine: sa.Engine, service: str
+) -> None:
+    """A session's own bind is one session's: the factory is not made one of the engine's
+    factories. It tied the engine to its settings (a factory made there later with another
+    classifier was refused), and a bind to another factory's engine with other settings was
+    refused where sessionmaker takes it."""
+    other = sa.create_engine(engine.url)
+    Sessions = rdb.ResilientSession(engine, service=service)
+    try:
+        with Sessions(bind=other) as session:
+            assert session.execute(sa.text("SELECT 1")).scalar_one() == 1
+        strict = rdb.Classifier().without_codes(["40001"])
+        Theirs = rdb.ResilientSession(other, service=f"{service}-b", classifier=strict)
+        with Sessions(bind=other) as session:  # their engine, their hooks
+            assert session.execute(sa.text("SELECT 2")).scalar_one() == 2
+        assert Theirs.run(lambda session: session.execute(sa.text("SELECT 3")).scalar()) == 3
+    finally:
+        other.dispose()
+
+
 def test_a_factory_made_without_a_bind_is_bound_later_with_configure(
     engine: sa.Engine, pg_database: str, fault_proxy: FaultProxy, service: str
 ) -> None:

@@ -598,3 +598,55 @@ async def test_an_operation_returning_a_running_task_keeps_its_admission(
     assert done == ["written"]
     assert breaker_state(service) == "closed"
     assert Session.policy.breaker is not None
+
+
+def test_a_helper_that_asks_no_breaker_passes_its_services_admission_on(
+    engine: sa.Engine, service: str
+) -> None:
+    """An operation of the service calls a helper decorated with ``use_circuit_breaker=False``
+    that runs a unit of the service: the helper's attempt said no breaker had admitted it, so
+    the unit asked the half-open breaker again while the operation held its one probe slot."""
+    Session = half_open(engine, service)
+
+    @rdb.with_self_healing(service=service, config=HALF_OPEN, use_circuit_breaker=False)
+    def helper() -> int:
+        return int(Session.run(lambda session: session.execute(sa.text("SELECT 7")).scalar()))
+
+    @rdb.with_self_healing(service=service, config=HALF_OPEN)
+    def operation() -> int:
+        return helper()
+
+    assert operation() == 7
+    assert breaker_state(service) == "closed"
+
+
+@pytest.mark.asyncio
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_a_running_task_never_awaited_through_its_operation_gives_its_slot_back(
+    aengine: AsyncEngine, service: str
+) -> None:
+    """``with_self_healing(lambda: task)`` keeps the admission taken when it is called (the
+    task runs either way); if the operation itself is never started (a caller whose deadline
+    was already spent), the half-open probe's slot is given back when the task ends, or the
+    breaker stayed half-open for good."""
+    half_open(aengine, service)
+    done: list[str] = []
+
+    async def work() -> str:
+        done.append("ran")
+        return "ok"
+
+    operation = rdb.with_self_healing(
+        lambda: asyncio.ensure_future(work()), service=service, config=HALF_OPEN
+    )
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(operation, 0)  # cancelled before its first step
+    for _ in range(3):
+        await asyncio.sleep(0)  # the task runs to its end
+    assert done == ["ran"]
+
+    async def other() -> str:
+        return "other"
+
+    assert await rdb.with_self_healing(other, service=service, config=HALF_OPEN) == "other"
+    assert breaker_state(service) == "closed"

@@ -452,3 +452,12 @@ def test_an_unproven_commit_found_not_committed_is_ours_and_run_again() -> None:
     mark_replay_safe(warned)
     assert rdb.classify(warned) is Outcome.CONFLICT
     assert rdb.classify(rdb.CircuitOpenError("db", 1.0)) is Outcome.NOT_TRANSIENT
+    # one of ours caused by a marked error (the breaker opened while such a unit backed off)
+    # is not run again: only the marked error itself is
+    marked = pge.InvalidSqlStatementName("the marker statement is gone")
+    mark_replay_safe(marked)
+    opened = rdb.CircuitOpenError("db", 1.0)
+    opened.__cause__ = marked
+    assert rdb.classify(marked) is Outcome.CONFLICT
+    assert rdb.classify(opened) is Outcome.NOT_TRANSIENT
+    assert not rdb.is_transient(opened)
