@@ -73,7 +73,9 @@ _SAFE_CALLS: Final = frozenset(
 # characters, so ``ésum(`` is not ``sum(``); one that starts with a digit is no built-in either.
 _NAME_CHAR = "A-Za-z0-9_$\u0080-\U0010ffff"
 _SPACE = "[ \t\n\r\f\v]"
-_CALL = re.compile(f"([{_NAME_CHAR}]+){_SPACE}*\\(")
+# (a name is tried from its start only: from each of its characters, a long name, or text
+# in quotes, would be read again to its end)
+_CALL = re.compile(f"(?<![{_NAME_CHAR}])([{_NAME_CHAR}]+){_SPACE}*\\(")
 # ``pg_catalog.f(`` is the built-in ``f`` (SQLAlchemy's first statements on a new engine are
 # ``select pg_catalog.version()`` and ``select current_schema()``): judged as ``f(``
 _CATALOG_CALL = re.compile(
@@ -114,18 +116,59 @@ DEALLOCATES: Final = 4
 # (``SELECT 1; NOTIFY jobs``), in a ``DO`` block's body or a string a function ``EXECUTE``s
 # (``pg_notify(`` anywhere). ``NOTIFY`` counts where a command can start: at the text's start,
 # after a ``;``, at a quoted body's or string's start, after a PL/pgSQL ``BEGIN``, ``THEN``,
-# ``ELSE``, ``LOOP`` or a rule's ``DO [ALSO | INSTEAD]`` (comments between), and followed by a
-# channel, so a column or a value named ``notify`` (``SELECT notify FROM t``, ``kind =
-# 'notify'``) is no notification. A word taken for one by mistake (``'a; notify me'``) costs its
-# transaction the xid's request at COMMIT (on a hot standby, nothing), nothing more.
-# (comments matched one way only: a pattern that could split them backtracks without end)
-_GAP = r"(?:\s|--[^\n]*(?:\n|\Z)|/\*(?:[^*]|\*(?!/))*\*/)*"
-_NOTIFIES = re.compile(
-    r"\bpg_notify\s*\(|(?:^|[;'$]|(?<![\w$])(?:BEGIN|THEN|ELSE|LOOP|DO|ALSO|INSTEAD))"
-    + _GAP
-    + r"NOTIFY(?=[\s\"]|--|/\*)",
-    re.IGNORECASE | re.DOTALL,
+# ``ELSE``, ``LOOP`` or a rule's ``DO [ALSO | INSTEAD]`` (spaces and comments between: after a
+# comment, or first on a line after one that holds ``--``, it is taken as one), and followed by
+# a channel, so a column or a value named ``notify`` (``SELECT notify FROM t``, ``kind =
+# 'notify'``) is no notification. In a text that ``EXECUTE``s a string, the command may be
+# put together from pieces (``EXECUTE 'NOTIFY' || ' jobs'``, ``format('%s jobs', 'NOTIFY')``):
+# there the word ``NOTIFY`` counts wherever it stands. A word taken for one by mistake (``'a;
+# notify me'``) costs its transaction the xid's request at COMMIT (on a hot standby, nothing),
+# nothing more. Each ``NOTIFY`` is looked at from where it stands back over the spaces before
+# it (and one line): the time is linear in the text's length, whatever it holds.
+_PG_NOTIFY = re.compile(r"\bpg_notify\s*\(", re.IGNORECASE)
+_NOTIFY_COMMAND = re.compile(f'(?<![{_NAME_CHAR}])NOTIFY(?=[\\s"$]|--|/\\*)', re.IGNORECASE)
+_NOTIFY_WORD = re.compile(
+    "(?<![A-Za-z0-9_\u0080-\U0010ffff])NOTIFY(?![A-Za-z0-9_\u0080-\U0010ffff])", re.IGNORECASE
 )
+_EXECUTE = re.compile(f"(?<![{_NAME_CHAR}])EXECUTE(?![{_NAME_CHAR}])", re.IGNORECASE)
+_COMMAND_BEFORE: Final = frozenset({"BEGIN", "THEN", "ELSE", "LOOP", "DO", "ALSO", "INSTEAD"})
+_SPACES: Final = " \t\n\r\f\v"
+
+
+def _notifies(statement: str) -> bool:
+    """Whether ``statement`` may send a notification (see above)."""
+    if "notify" not in statement.lower():
+        return False
+    if _PG_NOTIFY.search(statement):
+        return True
+    if _EXECUTE.search(statement):
+        return _NOTIFY_WORD.search(statement) is not None
+    # (a ``--`` comment ends at a line feed or a carriage return: one kind of line end)
+    text = statement.replace("\r", "\n")
+    return any(_command_starts_before(text, m.start()) for m in _NOTIFY_COMMAND.finditer(text))
+
+
+def _command_starts_before(text: str, at: int) -> bool:
+    """Whether a command may start at ``at`` in ``text`` (whose line ends are ``\\n``): after
+    the text's start, a ``;``, a quote, a dollar quote or a word that opens a command, with
+    only spaces between; after a comment, or on a line of its own after one that holds ``--``
+    (perhaps in a string), it is taken as one."""
+    i = at
+    while i and text[i - 1] in _SPACES:
+        i -= 1
+    if not i or text[i - 1] in ";'$" or text.endswith("*/", 0, i):
+        return True
+    if text.find("\n", i, at) >= 0 and text.find("--", text.rfind("\n", 0, i) + 1, i) >= 0:
+        return True
+    start = i
+    while start and (
+        text[start - 1].isalnum() or text[start - 1] in "_$" or text[start - 1] >= "\x80"
+    ):
+        start -= 1
+    word = text[start:i]
+    return word[word.rfind("$") + 1 :].upper() in _COMMAND_BEFORE
+
+
 # Statements of transaction control that write nothing themselves (asyncpg's savepoints, for
 # one, go through ``execute``): judged read-only, as an empty statement (asyncpg's ping, ";").
 _CONTROL_HEADS: Final = frozenset({"SAVEPO", "RELEAS", "ROLLBA", ""})
@@ -163,7 +206,10 @@ def verdict_of(statement: str) -> int:
 # the call pattern sees no call (or, after ``-- lower``, a safe one). A statement is judged
 # without them; one whose comments can't be told from the rest by a simple scan (dollar quotes,
 # backslash escapes, nested or unterminated comments) may write.
-_TOKENS = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|/\*.*?\*/|--[^\n]*", re.DOTALL)
+# (A comment left open runs to the text's end, so that no scan goes there again from each of
+# its ``/*``: a text of many ``'/*.py'`` strings is read in linear time; a ``--`` comment ends
+# at a line feed or a carriage return, as PostgreSQL ends it.)
+_TOKENS = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|/\*.*?(?:\*/|\Z)|--[^\n\r]*", re.DOTALL)
 
 
 def _uncommented(statement: str) -> str | None:
@@ -180,8 +226,8 @@ def _uncommented(statement: str) -> str | None:
         token = match.group(0)
         if token[0] in "'\"":
             kept += (gap, token)
-        elif token.startswith("/*") and "/*" in token[2:]:
-            return None  # nested: PostgreSQL's block comments nest, the pattern does not
+        elif token.startswith("/*") and ("/*" in token[2:] or not _closed_comment(token)):
+            return None  # nested (PostgreSQL's block comments nest, the pattern does not), or open
         else:
             kept += (gap, " ")
         pos = match.end()
@@ -212,20 +258,31 @@ def _judge_bare(statement: str) -> int:
 
 # Statements that commit, found where a statement of the text starts (after its start or a
 # ``;``), outside quoted text and names, dollar-quoted bodies (a DO block's ``END``) and
-# comments; a SQL-standard body (``BEGIN ATOMIC ... END``) is part of its ``CREATE`` statement.
-# A backslash inside a dollar-quoted body escapes nothing. A text the scan can't be sure of (a
-# backslash elsewhere, which may escape a quote in an ``E''`` string; a nested comment; a quote,
-# comment or dollar quote left open) is looked at as it is: any ``COMMIT`` or ``PREPARE
-# TRANSACTION`` in it counts, wherever it stands (a comment may hide the start of a statement),
-# and an ``END`` that is a statement of its own (not a block's ``END IF``, ``END $$``): one
-# found in a string costs the unit its replay, one missed would have the unit replayed after it
-# committed part of its work (written twice).
+# comments; a SQL-standard body (``BEGIN ATOMIC ... END``) is part of its ``CREATE`` statement
+# (a ``CASE`` or ``END`` after ``AS`` or ``.`` is a name there, not a keyword; a ``COMMIT``
+# anywhere after ``ATOMIC`` counts, and a body whose ends can't be counted makes the text one
+# the scan can't be sure of). A backslash inside a dollar-quoted body escapes nothing. A text
+# the scan can't be sure of (a backslash elsewhere, which may escape a quote in an ``E''``
+# string; a nested comment; a quote, comment or dollar quote left open) is looked at as it is:
+# any ``COMMIT`` or ``PREPARE TRANSACTION`` in it counts, wherever it stands (a comment may
+# hide the start of a statement), and an ``END`` that may be a statement of its own: one with
+# only spaces and comments (or a ``;``, perhaps inside one) before it back to the text's
+# start, and only spaces and comments after it up to a ``;`` or the text's end (or ``WORK``,
+# ``TRANSACTION``, ``AND``), not a block's ``END IF``, ``END $$``. One found in a string costs
+# the unit its replay, one missed would have the unit replayed after it committed part of its
+# work (written twice). A ``--`` comment ends at a line feed or a carriage return.
 _COMMIT_HINT = re.compile("COMMIT|END|PREPARE", re.IGNORECASE)
 _DOLLAR_QUOTE = (
     f"(?<![{_NAME_CHAR}])\\$(?:[A-Za-z_\u0080-\U0010ffff][A-Za-z0-9_\u0080-\U0010ffff]*)?\\$"
 )
+# (an ``E''`` string, whose backslashes escape, is read with them: its ends are sure, as
+# psycopg's client-side quoting of a value with a backslash writes it; a backslash in a plain
+# string escapes a quote only where ``standard_conforming_strings`` is off: unsure. A comment
+# or a dollar-quoted body left open runs to the text's end: see ``_TOKENS``.)
 _NOT_STATEMENT_WORDS = re.compile(
-    f"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|/\\*.*?\\*/|--[^\n]*|({_DOLLAR_QUOTE}).*?\\1",
+    f"(?<![{_NAME_CHAR}])[Ee]'(?:[^'\\\\]|\\\\.|'')*'|'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\""
+    f"|/\\*.*?(?:\\*/|\\Z)|--[^\n\r]*"
+    f"|({_DOLLAR_QUOTE}).*?(?:\\1|\\Z)",
     re.DOTALL,
 )
 _OPEN_DOLLAR_QUOTE = re.compile(_DOLLAR_QUOTE)
@@ -233,17 +290,21 @@ _COMMITTING = re.compile(
     f"{_SPACE}*(?:COMMIT|END|PREPARE{_SPACE}+TRANSACTION)(?![{_NAME_CHAR}])", re.IGNORECASE
 )
 _ATOMIC = re.compile(f"(?<![{_NAME_CHAR}])ATOMIC(?![{_NAME_CHAR}])", re.IGNORECASE)
-_WORD_OR_END = re.compile(f"[{_NAME_CHAR}]+|;")
+_WORD_OR_END = re.compile(f"[{_NAME_CHAR}]+|;|\\.")
 # (unsure text)
 _COMMITTING_ANYWHERE = re.compile(
     f"(?<![{_NAME_CHAR}])(?:COMMIT|PREPARE{_SPACE}+TRANSACTION)(?![{_NAME_CHAR}])",
     re.IGNORECASE,
 )
-_END_STATEMENT = re.compile(
-    f"END(?:{_SPACE}+(?:WORK|TRANSACTION))?(?:{_SPACE}+AND(?:{_SPACE}+NO)?{_SPACE}+CHAIN)?"
-    f"{_SPACE}*",
-    re.IGNORECASE,
-)
+_END_WORD = re.compile(f"(?<![{_NAME_CHAR}])END(?![{_NAME_CHAR}])", re.IGNORECASE)
+_END_GOES_ON = re.compile(f"(?:WORK|TRANSACTION|AND)(?![{_NAME_CHAR}])", re.IGNORECASE)
+_COMMENT_MARK = re.compile(r"/\*|\*/")
+_LINE_END = re.compile(r"[\n\r]")
+
+
+def _closed_comment(token: str) -> bool:
+    """Whether a block comment's token (``/*`` on) ends in ``*/``."""
+    return len(token) >= 4 and token.endswith("*/")
 
 
 def _commits(statement: str) -> int:
@@ -253,8 +314,15 @@ def _commits(statement: str) -> int:
     pos = 0
     for match in _NOT_STATEMENT_WORDS.finditer(statement):
         token = match.group(0)
-        if (token[0] == "'" and "\\" in token) or (token[:2] == "/*" and "/*" in token[2:]):
-            return _commits_unsure(statement)  # an escape, or a nested comment
+        if (
+            (token[0] == "'" and "\\" in token)  # (not an E'' string's)
+            or (token[:2] == "/*" and ("/*" in token[2:] or not _closed_comment(token)))
+            or (
+                match.group(1)
+                and not (len(token) >= 2 * len(match.group(1)) and token.endswith(match.group(1)))
+            )
+        ):
+            return _commits_unsure(statement)  # an escape, a nested or open comment or body
         kept += (statement[pos : match.start()], " ")
         pos = match.end()
     kept.append(statement[pos:])
@@ -269,18 +337,25 @@ def _commits(statement: str) -> int:
         or _OPEN_DOLLAR_QUOTE.search(bare)
     ):
         return _commits_unsure(statement)
-    parts = _statements_of(bare) if _ATOMIC.search(bare) else bare.split(";")
-    parts = [part for part in parts if part.strip(" \t\n\r\f\v")]
+    atomic = _ATOMIC.search(bare)
+    split = bare.split(";") if atomic is None else _statements_of(bare)
+    if split is None:
+        return _commits_unsure(statement)
+    parts = [part for part in split if part.strip(_SPACES)]
     for at, part in enumerate(parts):
         if _COMMITTING.match(part):
             return COMMITS | COMMITS_MIDWAY if at < len(parts) - 1 else COMMITS
+    if atomic is not None:
+        found = _COMMITTING_ANYWHERE.search(bare, atomic.end())
+        if found is not None:
+            return _commit_flags(bare, found.end())
     return 0
 
 
-def _statements_of(bare: str) -> list[str]:
+def _statements_of(bare: str) -> list[str] | None:
     """The statements of ``bare`` (a text without quotes or comments), a SQL-standard body
     (``BEGIN ATOMIC ... END``, whose statements end in ``;`` and may hold ``CASE ... END``)
-    kept whole in its statement."""
+    kept whole in its statement; None when a body's ends don't add up."""
     parts: list[str] = []
     start = depth = 0
     previous = ""
@@ -290,11 +365,15 @@ def _statements_of(bare: str) -> list[str]:
             if not depth:
                 parts.append(bare[start : match.start()])
                 start = match.end()
+        elif previous in ("AS", "."):
+            pass  # a name (``AS case``, ``t.end``)
         elif (word == "ATOMIC" and previous == "BEGIN") or (depth and word == "CASE"):
             depth += 1
         elif depth and word == "END":
             depth -= 1
         previous = word
+    if depth:
+        return None
     parts.append(bare[start:])
     return parts
 
@@ -302,46 +381,78 @@ def _statements_of(bare: str) -> list[str]:
 def _commits_unsure(statement: str) -> int:
     """:func:`_commits` of a text the scan can't be sure of (see above): from the first
     committing word on, any further statement makes it ``COMMITS_MIDWAY``."""
+    # (a ``--`` comment ends at a line feed or a carriage return: one kind of line end)
+    statement = statement.replace("\r", "\n")
     found = _COMMITTING_ANYWHERE.search(statement)
-    first = found.end() if found else None
-    at = 0
-    for part in statement.split(";"):
-        if first is not None and at >= first:
-            break
-        if _END_STATEMENT.fullmatch(_without_leading_comments(part)):
-            first = at + len(part)
-            break
-        at += len(part) + 1
-    if first is None:
+    first = found.end() if found else len(statement) + 1
+    scanned = 0
+    for match in _END_WORD.finditer(statement, 0, first):
+        if match.start() < scanned:
+            continue  # inside the comments after an earlier END
+        if not _statement_starts_before(statement, match.start()):
+            continue
+        after = _after_gap(statement, match.end())
+        scanned = after
+        if after == len(statement) or statement[after] == ";":
+            return _commit_flags(statement, after)
+        if _END_GOES_ON.match(statement, after):
+            return _commit_flags(statement, after)
+    if found is None:
         return 0
-    rest = statement[first:].split(";", 1)
-    if len(rest) > 1 and rest[1].strip(" \t\n\r\f\v;"):
-        return COMMITS | COMMITS_MIDWAY
+    return _commit_flags(statement, first)
+
+
+def _commit_flags(text: str, at: int) -> int:
+    """``COMMITS``, with ``COMMITS_MIDWAY`` if a statement follows the one that commits at
+    ``at`` (from ``at`` on, in ``text``: up to its ``;``)."""
+    end = text.find(";", at)
+    while end >= 0:
+        after = _after_gap(text, end + 1)
+        if after == len(text):
+            return COMMITS
+        if text[after] != ";":
+            return COMMITS | COMMITS_MIDWAY
+        end = after
     return COMMITS
 
 
-def _without_leading_comments(part: str) -> str:
-    """``part`` from its first word on: without the whitespace and comments (nested ones
-    too) before it."""
-    while True:
-        part = part.lstrip(" \t\n\r\f\v")
-        if part[:2] == "--":
-            line_end = part.find("\n")
-            part = "" if line_end < 0 else part[line_end + 1 :]
-        elif part[:2] == "/*":
-            depth, at = 0, 0
-            while at < len(part):
-                if part.startswith("/*", at):
-                    depth, at = depth + 1, at + 2
-                elif part.startswith("*/", at):
-                    depth, at = depth - 1, at + 2
-                    if not depth:
-                        break
-                else:
-                    at += 1
-            part = part[at:] if not depth else ""
+def _statement_starts_before(text: str, at: int) -> bool:
+    """Whether only spaces and comments may stand between ``at`` and the text's start or a
+    ``;`` in ``text`` (whose line ends are ``\\n``): after a comment, or first on a line after
+    one that holds ``--``, it is taken as so (the text is unsure)."""
+    i = at
+    while i and text[i - 1] in _SPACES:
+        i -= 1
+    if not i or text[i - 1] == ";" or text.endswith("*/", 0, i):
+        return True
+    if text.find("\n", i, at) < 0:
+        return False
+    return text.find("--", text.rfind("\n", 0, i) + 1, i) >= 0
+
+
+def _after_gap(text: str, at: int) -> int:
+    """Where the spaces and comments (nested ones too; one left open runs to the end) from
+    ``at`` on in ``text`` end."""
+    end = len(text)
+    while at < end:
+        char = text[at]
+        if char in _SPACES:
+            at += 1
+        elif text.startswith("--", at):
+            line_end = _LINE_END.search(text, at)
+            at = end if line_end is None else line_end.end()
+        elif text.startswith("/*", at):
+            depth = 0
+            for mark in _COMMENT_MARK.finditer(text, at):
+                depth += 1 if mark.group(0) == "/*" else -1
+                if not depth:
+                    at = mark.end()
+                    break
+            else:
+                return end
         else:
-            return part
+            return at
+    return end
 
 
 def _judge_kind(statement: str) -> int:
@@ -350,7 +461,7 @@ def _judge_kind(statement: str) -> int:
         return READ_ONLY
     if head in ("DISCAR", "DEALLO"):
         return DEALLOCATES
-    if _NOTIFIES.search(statement):
+    if _notifies(statement):
         return NOTIFIES
     if head[:5] == "SHOW " and ";" not in statement.strip().rstrip(";"):
         return READ_ONLY

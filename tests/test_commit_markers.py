@@ -244,6 +244,15 @@ def test_a_hidden_write_is_not_replayed_after_a_lost_answer(
         "DO $$ BEGIN EXECUTE 'NOTIFY jobs'; END $$",
         "-- tell the workers\nNOTIFY jobs",
         'SELECT 1; /* then */ NOTIFY "Jobs"',
+        # a command put together from pieces in a string a block EXECUTEs
+        "DO $$ BEGIN EXECUTE 'NOTIFY' || ' jobs, ' || quote_literal('ready'); END $$",
+        "DO $$ BEGIN EXECUTE format('%s jobs, %L', 'NOTIFY', 'ready'); END $$",
+        "DO $$ BEGIN EXECUTE $q$NOTIFY$q$ || ' jobs'; END $$",
+        "DO $$BEGIN NOTIFY jobs; END$$",
+        # a -- comment ends at a carriage return too
+        "-- tell the workers\rNOTIFY jobs",
+        "SELECT 1; -- then\rNOTIFY jobs",
+        "SELECT 'a\\b'; -- then\rNOTIFY jobs",
     ],
 )
 def test_notifications_are_writes_whose_xid_comes_at_commit(statement: str) -> None:
@@ -260,6 +269,8 @@ def test_notifications_are_writes_whose_xid_comes_at_commit(statement: str) -> N
         ("SELECT id AS notify FROM events", _statements.READ_ONLY),
         ("UPDATE prefs SET notify = true", _statements.MAY_WRITE),
         ("INSERT INTO prefs (id, notify) VALUES (1, true)", _statements.MAY_WRITE),
+        ("SELECT id FROM events WHERE kind = 'notify' -- x\rAND 1 = 1", _statements.READ_ONLY),
+        ("DO $$ BEGIN PERFORM 1 FROM prefs WHERE notify; END $$", _statements.MAY_WRITE),
     ],
 )
 def test_a_name_or_value_that_is_the_word_notify_is_no_notification(

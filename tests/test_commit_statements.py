@@ -10,6 +10,7 @@ asyncpg, with the commit markers and without them.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -194,6 +195,42 @@ def test_a_commit_after_a_nested_comment_is_seen(
         calls.append(1)
         session.execute(INSERT, {"unit": unit})
         session.connection().exec_driver_sql("/* a /* b */ c */ COMMIT")
+        session.execute(sa.text("SELECT serialization_failure()"))
+
+    with pytest.raises(sa.exc.OperationalError):
+        Sessions.run(work)
+    assert calls == [1], "replayed after it committed part of its work"
+    assert ledger_rows(pg_server, database, unit) == 1
+
+
+#: texts whose statement after a comment (or before one) commits
+TEXTS_THAT_COMMIT_AFTER_COMMENTS = {
+    "comment-ended-by-a-carriage-return": "SELECT 1; -- note\rCOMMIT",
+    "unsure-end-then-a-line-comment": "SELECT 'a\\tb'; END -- done\n",
+    "unsure-end-then-a-block-comment": "SELECT 'a\\tb'; END /* done */",
+    "unsure-end-after-a-comment-with-a-semicolon": "SELECT 'a\\tb'; /* a; b */ END",
+    "e-string-end-then-a-line-comment": "SELECT E'a\\tb'; END -- done\n",
+    "atomic-body-with-case-as-a-name": (
+        "CREATE OR REPLACE FUNCTION as_case() RETURNS int LANGUAGE sql "
+        "BEGIN ATOMIC SELECT 1 AS case; END; COMMIT"
+    ),
+}
+
+
+@pytest.mark.parametrize("text", sorted(TEXTS_THAT_COMMIT_AFTER_COMMENTS))
+def test_a_commit_next_to_comments_is_seen(
+    engine: sa.Engine, pg_server: PostgresServer, database: str, service: str, text: str
+) -> None:
+    """The driver's own connection sends a text whose ``COMMIT`` or ``END`` stands next to
+    comments: the unit committed its INSERT, so it is not replayed."""
+    Sessions = rdb.ResilientSession(engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+    calls = []
+
+    def work(session: Session) -> None:
+        calls.append(1)
+        session.execute(INSERT, {"unit": unit})
+        driver_connection(session).execute(TEXTS_THAT_COMMIT_AFTER_COMMENTS[text])
         session.execute(sa.text("SELECT serialization_failure()"))
 
     with pytest.raises(sa.exc.OperationalError):
@@ -418,8 +455,15 @@ async def test_an_async_psycopg_transaction_block_that_rolls_back_commits_nothin
             _statements.COMMITS | _statements.COMMITS_MIDWAY,
         ),
         ("/* x */ END", _statements.COMMITS),
-        # an escaped quote the scan can't be sure of: a COMMIT is taken as one
-        ("SELECT E'\\'; COMMIT'", _statements.COMMITS),
+        # an escaped quote the scan can't be sure of (a plain string's backslash escapes where
+        # standard_conforming_strings is off): a COMMIT is taken as one
+        ("SELECT 'a\\'; COMMIT'", _statements.COMMITS),
+        # an E'' string's escapes are read: its ends are sure (psycopg's client-side quoting of a
+        # value with a backslash writes one)
+        ("SELECT E'\\'; COMMIT'", 0),
+        ("INSERT INTO t VALUES ('x' || E'\\t commit message')", 0),
+        ("SELECT E'it''s \\' commit'", 0),
+        ("SELECT E'a\\\\'; COMMIT", _statements.COMMITS),
         # no statement of these commits
         ("SELECT CASE WHEN a THEN 1 END FROM t", 0),
         ("DO $$ BEGIN INSERT INTO t VALUES (1); END $$", 0),
@@ -459,9 +503,75 @@ async def test_an_async_psycopg_transaction_block_that_rolls_back_commits_nothin
         ),
         # unsure text: a block's END is no statement of its own
         ("SELECT E'a\\b'; DO $$ BEGIN IF a THEN PERFORM 1; END IF; END $$", 0),
+        ("SELECT 'a\\b'; DO $$ BEGIN IF a THEN PERFORM 1; END IF; END $$", 0),
+        ("SELECT 'a\\b', CASE WHEN a THEN 1 END FROM t", 0),
+        # an END with a comment after it, or after a comment that holds a ";"
+        ("SELECT E'a\\tb'; END -- done\n", _statements.COMMITS),
+        ("SELECT E'a\\tb'; END /* done */", _statements.COMMITS),
+        ("SELECT E'a\\tb'; /* a; b */ END", _statements.COMMITS),
+        ("SELECT 'a\\tb'; END -- done\n", _statements.COMMITS),
+        ("SELECT 'a\\tb'; END /* done */", _statements.COMMITS),
+        ("SELECT 'a\\tb'; /* a; b */ END", _statements.COMMITS),
+        ("SELECT 'a\\tb'; -- a; b\nEND", _statements.COMMITS),
+        ("SELECT 'a\\tb'; END /* x */ WORK; -- done", _statements.COMMITS),
+        ("/* a /* b */ c */ END -- done", _statements.COMMITS),
+        (
+            "SELECT 'a\\tb'; END /* done */; SELECT 1",
+            _statements.COMMITS | _statements.COMMITS_MIDWAY,
+        ),
+        # CASE and END as names inside a SQL-standard body
+        (
+            "CREATE FUNCTION g() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1 AS case; END; "
+            "COMMIT",
+            _statements.COMMITS,
+        ),
+        (
+            "CREATE FUNCTION g() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT t.case, t.end "
+            "FROM t; END; END",
+            _statements.COMMITS,
+        ),
+        ("CREATE FUNCTION g() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1 AS case; END", 0),
+        (
+            "CREATE FUNCTION g() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; END; COMMIT; "
+            "SELECT 2",
+            _statements.COMMITS | _statements.COMMITS_MIDWAY,
+        ),
+        # a body whose ends don't add up: read as unsure text (its END taken as a statement)
+        (
+            "CREATE FUNCTION g() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT CASE 1; END; COMMIT",
+            _statements.COMMITS | _statements.COMMITS_MIDWAY,
+        ),
+        # a -- comment ends at a carriage return too
+        ("SELECT 1; -- note\rCOMMIT", _statements.COMMITS),
+        ("SELECT 1; -- note\rEND", _statements.COMMITS),
+        ("SELECT 'a\\b'; -- note\rEND", _statements.COMMITS),
+        ("SELECT 1 -- note; COMMIT\r", 0),
     ],
 )
 def test_statements_that_commit_are_told_apart(statement: str, flags: int) -> None:
     verdict = _statements.verdict_of(statement)
     assert verdict & (_statements.COMMITS | _statements.COMMITS_MIDWAY) == flags
     assert bool(verdict) or not flags  # a commit may write
+
+
+#: texts of about 100 KB full of what opens a comment, a string or a dollar quote
+LONG_TEXTS = {
+    "globs": "INSERT INTO paths (glob) VALUES " + ", ".join("('/*.py')" for _ in range(10_000)),
+    "select-globs": "SELECT " + ", ".join("'/*.py'" for _ in range(12_000)),
+    "dashes-in-strings": "SELECT " + ", ".join("'--a'" for _ in range(16_000)),
+    "open-comments": "SELECT E'\\t' " + "/* a " * 20_000,
+    "open-dollar-quotes": "SELECT " + " ".join(f"$t{i}$" for i in range(12_000)),
+    "a-long-name": "SELECT " + "a" * 100_000,
+    "a-long-string": "SELECT '" + "a" * 100_000 + "'",
+    "ends-after-comments": "SELECT 'a\\b'" + "; END /* ; " * 8_000 + "*/" * 8_000,
+    "notify-after-comments": "SELECT 1;\r" + "-- x\rx NOTIFY \r" * 6_000,
+}
+
+
+@pytest.mark.parametrize("name", sorted(LONG_TEXTS))
+def test_a_long_text_is_judged_in_linear_time(name: str) -> None:
+    """No scan goes to a text's end again from each of its ``/*``, quotes or names."""
+    text = LONG_TEXTS[name]
+    started = time.perf_counter()
+    _statements._judge(text)
+    assert time.perf_counter() - started < 0.5
