@@ -46,8 +46,10 @@ DATABASE = "app"
 MARKERS = "markers"  # rdb.install_commit_markers ran
 FALLBACK = "fallback"  # it did not: a lost COMMIT answer is checked by transaction id
 #: (driver, commit verification): (a) asyncpg's command_timeout cancels the COMMIT's wait,
-#: (b) psycopg's waiting backend is terminated; the fallback with psycopg
-CASES = [("asyncpg", MARKERS), ("psycopg", MARKERS), ("psycopg", FALLBACK)]
+#: (b) psycopg's waiting backend is terminated; each with the markers (the fallback with a
+#: standby is run by the cancelled-wait cases below, for both drivers: each case starts a
+#: primary and a standby, so the matrix is kept to what differs)
+CASES = [("asyncpg", MARKERS), ("psycopg", MARKERS)]
 
 #: Checks every few milliseconds for at most a few seconds (each check whose COMMIT waits for
 #: the standby in vain takes resilient_db._commit.REPLICATION_WAIT); the breaker stays out.
@@ -408,7 +410,17 @@ WARNED_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("driver", "mode"), WARNED_CASES)
+#: the same with a standby (each case starts a primary and a standby): every driver once,
+#: the fallback on both drivers (each driver's way of noting the warning is run in all five
+#: cases without replication, by test_another_warning_at_commit_costs_a_check_...)
+STANDBY_WARNED_CASES = [
+    ("asyncpg", FALLBACK),
+    ("psycopg", FALLBACK),
+    ("psycopg_async", MARKERS),
+]
+
+
+@pytest.mark.parametrize(("driver", "mode"), STANDBY_WARNED_CASES)
 def test_a_commit_whose_wait_for_the_standby_was_cancelled_is_not_done_on_its_answer(
     pg_standby_factory: Callable[..., StandbyPair], driver: str, mode: str
 ) -> None:
