@@ -125,7 +125,9 @@ DEALLOCATES: Final = 4
 # notify me'``) costs its transaction the xid's request at COMMIT (on a hot standby, nothing),
 # nothing more. Each ``NOTIFY`` is looked at from where it stands back over the spaces before
 # it (and one line): the time is linear in the text's length, whatever it holds.
-_PG_NOTIFY = re.compile(r"\bpg_notify\s*\(", re.IGNORECASE)
+# (any ``pg_notify`` as a name: a call may be spelled ``"pg_notify"(``, or with a comment before
+# its ``(``; one taken by mistake costs the xid's request)
+_PG_NOTIFY = re.compile(f"(?<![{_NAME_CHAR}])pg_notify(?![{_NAME_CHAR}])", re.IGNORECASE)
 _NOTIFY_COMMAND = re.compile(f'(?<![{_NAME_CHAR}])NOTIFY(?=[\\s"$]|--|/\\*)', re.IGNORECASE)
 _NOTIFY_WORD = re.compile(
     "(?<![A-Za-z0-9_\u0080-\U0010ffff])NOTIFY(?![A-Za-z0-9_\u0080-\U0010ffff])", re.IGNORECASE
@@ -290,7 +292,9 @@ _COMMITTING = re.compile(
     f"{_SPACE}*(?:COMMIT|END|PREPARE{_SPACE}+TRANSACTION)(?![{_NAME_CHAR}])", re.IGNORECASE
 )
 _ATOMIC = re.compile(f"(?<![{_NAME_CHAR}])ATOMIC(?![{_NAME_CHAR}])", re.IGNORECASE)
-_WORD_OR_END = re.compile(f"[{_NAME_CHAR}]+|;|\\.")
+# (a number with its dot, ``1.``, is one word; any other sign is one too, so that the word
+# before a ``CASE`` or ``END`` is the one right before it: ``t.*, CASE``)
+_WORD_OR_END = re.compile(f"[0-9][0-9_]*\\.[0-9]*|[{_NAME_CHAR}]+|[^{_NAME_CHAR}{_SPACES}]")
 # (unsure text)
 _COMMITTING_ANYWHERE = re.compile(
     f"(?<![{_NAME_CHAR}])(?:COMMIT|PREPARE{_SPACE}+TRANSACTION)(?![{_NAME_CHAR}])",
@@ -323,7 +327,9 @@ def _commits(statement: str) -> int:
             )
         ):
             return _commits_unsure(statement)  # an escape, a nested or open comment or body
-        kept += (statement[pos : match.start()], " ")
+        # a quoted name, a string or a body stands as a word of its own (``AS "text") END``:
+        # the END is no name); a comment as a space
+        kept += (statement[pos : match.start()], " " if token[0] in "-/" else " q ")
         pos = match.end()
     kept.append(statement[pos:])
     bare = "".join(kept)
@@ -500,7 +506,9 @@ _BUILTIN_OPERATORS: Final = frozenset(
 _OPERATOR_RUN = re.compile(r"[+\-*/<>=~!@#%^&|`?]+")
 # what is not an operator although it is spelled with operator characters: quoted text and
 # names, and the drivers' parameters (psycopg's ``%(name)s``, ``%s`` and ``%%``)
-_NOT_OPERATORS = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|%\([^)]*\)s|%s|%%")
+# (a psycopg parameter's name holds no ``%``: from each ``%(`` the scan stops at the next one,
+# so that a text of many ``%(`` is read in linear time)
+_NOT_OPERATORS = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|%\([^)%]*\)s|%s|%%")
 # PostgreSQL's lexer: a name of several characters can't end in + or - unless it holds one of
 # these (``x=-1`` is ``=`` and ``-``)
 _ENDS_IN_SIGN_OK: Final = frozenset("~!@#%^&|`?")

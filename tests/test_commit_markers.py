@@ -253,6 +253,10 @@ def test_a_hidden_write_is_not_replayed_after_a_lost_answer(
         "-- tell the workers\rNOTIFY jobs",
         "SELECT 1; -- then\rNOTIFY jobs",
         "SELECT 'a\\b'; -- then\rNOTIFY jobs",
+        # the function spelled as a quoted name, or with a comment before its arguments
+        "SELECT \"pg_notify\"('jobs', 'ready')",
+        "SELECT pg_catalog.\"pg_notify\"('jobs', 'ready')",
+        "SELECT pg_notify /* the queue */ ('jobs', $$ready$$)",
     ],
 )
 def test_notifications_are_writes_whose_xid_comes_at_commit(statement: str) -> None:

@@ -439,6 +439,10 @@ async def test_an_async_psycopg_transaction_block_that_rolls_back_commits_nothin
     assert ledger_rows(pg_server, database, unit) == 1
 
 
+#: a SQL-standard body's head, for the texts below
+ATOMIC_G = "CREATE OR REPLACE FUNCTION g() RETURNS text LANGUAGE sql BEGIN ATOMIC"
+
+
 # -- which statements commit --------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("statement", "flags"),
@@ -546,6 +550,19 @@ async def test_an_async_psycopg_transaction_block_that_rolls_back_commits_nothin
         ("SELECT 1; -- note\rEND", _statements.COMMITS),
         ("SELECT 'a\\b'; -- note\rEND", _statements.COMMITS),
         ("SELECT 1 -- note; COMMIT\r", 0),
+        # the word before a body's CASE or END is the one right before it: a quoted name, a
+        # string, a number with its dot or a sign is none of AS or "."
+        (
+            f"{ATOMIC_G} SELECT CASE WHEN true THEN CAST('a' AS \"text\") END; END; END",
+            _statements.COMMITS,
+        ),
+        (
+            f"{ATOMIC_G} SELECT CASE WHEN true THEN 'a'::pg_catalog.\"text\" END; END; END",
+            _statements.COMMITS,
+        ),
+        (f"{ATOMIC_G} SELECT CASE WHEN true THEN 1. END; END; END", _statements.COMMITS),
+        (f"{ATOMIC_G} SELECT t.*, CASE WHEN t.a > 0 THEN 1 END FROM t; END", 0),
+        (f'{ATOMIC_G} SELECT t.a AS "A", CASE WHEN t.a > 0 THEN 1 END AS "B" FROM t; END', 0),
     ],
 )
 def test_statements_that_commit_are_told_apart(statement: str, flags: int) -> None:
@@ -556,6 +573,7 @@ def test_statements_that_commit_are_told_apart(statement: str, flags: int) -> No
 
 #: texts of about 100 KB full of what opens a comment, a string or a dollar quote
 LONG_TEXTS = {
+    "psycopg-parameters": "SELECT " + "%(" * 50_000,
     "globs": "INSERT INTO paths (glob) VALUES " + ", ".join("('/*.py')" for _ in range(10_000)),
     "select-globs": "SELECT " + ", ".join("'/*.py'" for _ in range(12_000)),
     "dashes-in-strings": "SELECT " + ", ".join("'--a'" for _ in range(16_000)),
