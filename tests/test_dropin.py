@@ -655,7 +655,11 @@ def test_a_reload_switching_self_healing_off_says_what_another_factory_loses(
     pinned = rdb.ResilientSession(engine, service=service + "-pinned", config=rdb.Config())
     caplog.set_level(logging.WARNING, logger="resilient_db")
     monkeypatch.setenv("SELF_HEALING_ENABLED", "false")
-    rdb.reload_config()
+    try:
+        rdb.reload_config()
+    finally:
+        monkeypatch.delenv("SELF_HEALING_ENABLED")
+        rdb.reload_config()  # the process-wide default configuration as the environment says
     lines = [
         r.getMessage()
         for r in caplog.records
