@@ -2462,9 +2462,8 @@ async def _failed_before_commit(
     connection: Any, base: type[Any], message: str, exc: BaseException
 ) -> None:
     """The server answered an asyncpg connection's marked COMMIT message with an error. If the
-    marker statement failed, the COMMIT after it never ran and the transaction is still open,
-    failed: end it, as a failed COMMIT ends it (SQLAlchemy's asyncpg adapter has already let go
-    of its transaction object, so nothing else would, and the next ``BEGIN`` would be refused)."""
+    marker statement failed, the COMMIT after it never ran: note why, and end the transaction
+    (:func:`_end_failed_transaction`)."""
     if connection.is_in_transaction():
         _marker_statement_failed(connection, message, exc)
         await _end_failed_transaction(connection, base)

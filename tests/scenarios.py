@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -114,6 +114,15 @@ def create_ledger(
     finally:
         engine.dispose()
     return database
+
+
+def metadata_engine(url: str, base: type[DeclarativeBase]) -> Iterator[sa.Engine]:
+    """An engine on ``url`` with ``base``'s tables created, disposed of after (the body of a
+    module's ``engine`` fixture whose models have a ``Base`` of their own)."""
+    engine = sa.create_engine(url)
+    base.metadata.create_all(engine)
+    yield engine
+    engine.dispose()
 
 
 def ledger_rows(server: PostgresServer, database: str, unit: str) -> int:

@@ -26,7 +26,13 @@ import psycopg
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
-from scenarios import ASYNC_DRIVERS, Base, assert_breaker_untouched, set_read_only_database
+from scenarios import (
+    ASYNC_DRIVERS,
+    Base,
+    assert_breaker_untouched,
+    metadata_engine,
+    set_read_only_database,
+)
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
@@ -63,10 +69,7 @@ READ_ONLY_WAYS: dict[str, Callable[[Session], None]] = {
 # -- sync (psycopg) --------------------------------------------------------------------------------
 @pytest.fixture
 def engine(pg_url: str) -> Iterator[sa.Engine]:
-    eng = sa.create_engine(pg_url)
-    Base.metadata.create_all(eng)
-    yield eng
-    eng.dispose()
+    yield from metadata_engine(pg_url, Base)
 
 
 def _pooled_pids(engine: sa.Engine) -> set[int]:

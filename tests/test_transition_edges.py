@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from scenarios import BYPASS_BY_HAND
+from scenarios import BYPASS_BY_HAND, metadata_engine
 from sent import Sent
 from sqlalchemy import event
 from sqlalchemy.orm import (
@@ -125,10 +125,7 @@ install_guard(_S)
 
 @pytest.fixture
 def engine(pg_url: str) -> Iterator[sa.Engine]:
-    eng = sa.create_engine(pg_url)
-    Base.metadata.create_all(eng)
-    yield eng
-    eng.dispose()
+    yield from metadata_engine(pg_url, Base)
 
 
 def _factory(engine: sa.Engine, **config: Any) -> sessionmaker[_S]:
