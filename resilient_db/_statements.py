@@ -364,7 +364,7 @@ def _statements_of(bare: str) -> list[str] | None:
     kept whole in its statement; None when a body's ends don't add up."""
     parts: list[str] = []
     start = depth = 0
-    previous = ""
+    previous = before = ""
     for match in _WORD_OR_END.finditer(bare):
         word = match.group(0).upper()
         if word == ";":
@@ -373,15 +373,48 @@ def _statements_of(bare: str) -> list[str] | None:
                 start = match.end()
         elif previous in ("AS", "."):
             pass  # a name (``AS case``, ``t.end``)
-        elif (word == "ATOMIC" and previous == "BEGIN") or (depth and word == "CASE"):
+        elif (word == "ATOMIC" and previous == "BEGIN") or (
+            depth and word == "CASE" and _case_expression_after(previous, before)
+        ):
             depth += 1
         elif depth and word == "END":
             depth -= 1
-        previous = word
+        previous, before = word, previous
     if depth:
         return None
     parts.append(bare[start:])
     return parts
+
+
+# Reserved words (no column can be named by them bare) after which an expression, so a
+# ``CASE`` expression, may start; ``BY`` after ``ORDER``, ``GROUP`` or ``PARTITION`` and a
+# statement's ``RETURN`` are such words too. After any other word, a number, a quoted name or
+# string, ``)`` or ``]``, a ``CASE`` is a bare column label (``SELECT 1 case``), whose END
+# would be missed if its ``CASE`` were counted. A ``CASE`` expression taken for a label (after
+# a word missing here) only closes the body early: the body's own ``END`` then reads as a
+# statement that commits, which costs a unit its replay, never a write.
+_NAME_START: Final = re.compile(f"[{_NAME_CHAR}]")
+_CASE_AFTER: Final = frozenset(
+    """
+    SELECT WHEN THEN ELSE AND OR NOT WHERE ON IN ALL ANY SOME DISTINCT SYMMETRIC ASYMMETRIC BOTH
+    LEADING TRAILING PLACING FOR FROM HAVING LIMIT OFFSET RETURNING USING TO CASE LIKE ILIKE
+    SIMILAR IS OVERLAPS VARIADIC
+    """.split()  # noqa: SIM905 - a word list reads better as words
+)
+
+
+def _case_expression_after(previous: str, before: str) -> bool:
+    """Whether a ``CASE`` after the words ``before`` ``previous`` (upper case, a sign as a word
+    of its own) starts a ``CASE`` expression, not a bare column label."""
+    if previous in _CASE_AFTER:
+        return True
+    if previous == "BY":
+        return before in ("ORDER", "GROUP", "PARTITION")
+    if previous == "RETURN":
+        return before in (";", "ATOMIC")
+    first = previous[:1]
+    # a sign (``(``, ``,``, ``=``, ``||``'s bars) but a value's end (``)``, ``]``)
+    return bool(first) and not _NAME_START.match(first) and first not in ")]"
 
 
 def _commits_unsure(statement: str) -> int:

@@ -214,6 +214,10 @@ TEXTS_THAT_COMMIT_AFTER_COMMENTS = {
         "CREATE OR REPLACE FUNCTION as_case() RETURNS int LANGUAGE sql "
         "BEGIN ATOMIC SELECT 1 AS case; END; COMMIT"
     ),
+    "atomic-body-with-a-bare-case-label": (
+        "CREATE OR REPLACE FUNCTION bare_case() RETURNS int LANGUAGE sql "
+        "BEGIN ATOMIC SELECT 1 case; END; END"
+    ),
 }
 
 
@@ -563,6 +567,24 @@ ATOMIC_G = "CREATE OR REPLACE FUNCTION g() RETURNS text LANGUAGE sql BEGIN ATOMI
         (f"{ATOMIC_G} SELECT CASE WHEN true THEN 1. END; END; END", _statements.COMMITS),
         (f"{ATOMIC_G} SELECT t.*, CASE WHEN t.a > 0 THEN 1 END FROM t; END", 0),
         (f'{ATOMIC_G} SELECT t.a AS "A", CASE WHEN t.a > 0 THEN 1 END AS "B" FROM t; END', 0),
+        # a bare column label ``case`` (after a value: a number, a name, a cast's type, ")", a
+        # string) opens no CASE: the END after the body is a statement that commits
+        (f"{ATOMIC_G} SELECT 1 case; END; END", _statements.COMMITS),
+        (f"{ATOMIC_G} SELECT NULL::text case; END; END", _statements.COMMITS),
+        (f"{ATOMIC_G} SELECT (1) case; END; END", _statements.COMMITS),
+        (f"{ATOMIC_G} SELECT 'a' case; END; END", _statements.COMMITS),
+        (f"{ATOMIC_G} SELECT t.a case FROM t; END; END", _statements.COMMITS),
+        (f"{ATOMIC_G} SELECT 1 case; END", 0),
+        # where a CASE expression starts: after a sign, a reserved word, ORDER BY, RETURN
+        (f"{ATOMIC_G} RETURN CASE WHEN true THEN 'a' END; END", 0),
+        (f"{ATOMIC_G} SELECT 'a' WHERE CASE WHEN true THEN true END; END", 0),
+        (f"{ATOMIC_G} SELECT 'a' FROM t ORDER BY CASE WHEN t.a > 0 THEN 1 END; END", 0),
+        (f"{ATOMIC_G} SELECT CASE CASE WHEN true THEN 1 END WHEN 1 THEN 'a' END; END", 0),
+        (f"{ATOMIC_G} SELECT 'a' || CASE WHEN true THEN 'b' END; END", 0),
+        (
+            f"{ATOMIC_G} SELECT 'a'; SELECT CASE WHEN true THEN 'b' END; END; END",
+            _statements.COMMITS,
+        ),
     ],
 )
 def test_statements_that_commit_are_told_apart(statement: str, flags: int) -> None:
