@@ -54,6 +54,32 @@ def fail_first_commit(server: PostgresServer, database: str) -> None:
         server.execute(statement, database=database)
 
 
+def assert_committed_once(
+    engine: sa.Engine,
+    pg_server: PostgresServer,
+    database: str,
+    service: str,
+    commits: Callable[[Session, str], object],
+) -> None:
+    """A unit runs ``commits`` (given its session and the key of its ledger row), which
+    commits the unit's work so far, then fails with a serialization failure: retried, were it
+    replayable. It is not replayed, raises the failure, and its row is written once."""
+    Sessions = rdb.ResilientSession(engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+    calls = []
+
+    def work(session: Session) -> None:
+        calls.append(1)
+        commits(session, unit)
+        session.execute(sa.text("SELECT serialization_failure()"))
+
+    with pytest.raises(sa.exc.OperationalError) as raised:
+        Sessions.run(work)
+    assert rdb.sqlstate_of(raised.value) == "40001"
+    assert calls == [1], "replayed after it committed part of its work"
+    assert ledger_rows(pg_server, database, unit) == 1
+
+
 # -- psycopg ------------------------------------------------------------------------------------
 
 SYNC_COMMITS: dict[str, Callable[[Session, str], object]] = {
@@ -81,21 +107,11 @@ def engine(pg_server: PostgresServer, database: str) -> Iterator[sa.Engine]:
 def test_a_unit_that_committed_with_a_statement_is_not_replayed(
     engine: sa.Engine, pg_server: PostgresServer, database: str, service: str, way: str
 ) -> None:
-    Sessions = rdb.ResilientSession(engine, service=service)
-    unit = f"unit-{uuid.uuid4()}"
-    calls = []
-
-    def work(session: Session) -> None:
-        calls.append(1)
+    def commits(session: Session, unit: str) -> None:
         session.execute(INSERT, {"unit": unit})
         SYNC_COMMITS[way](session, unit)
-        session.execute(sa.text("SELECT serialization_failure()"))  # retried, were it replayable
 
-    with pytest.raises(sa.exc.OperationalError) as raised:
-        Sessions.run(work)
-    assert rdb.sqlstate_of(raised.value) == "40001"
-    assert calls == [1], "replayed after it committed part of its work"
-    assert ledger_rows(pg_server, database, unit) == 1
+    assert_committed_once(engine, pg_server, database, service, commits)
 
 
 def test_a_commit_statement_refused_by_the_server_is_replayed(
@@ -122,21 +138,13 @@ def test_a_unit_whose_psycopg_transaction_block_committed_is_not_replayed(
 ) -> None:
     """psycopg's ``transaction()`` on an idle connection (SQLAlchemy's transaction has sent
     nothing yet) is the outermost transaction: psycopg sends its BEGIN and COMMIT itself."""
-    Sessions = rdb.ResilientSession(engine, service=service)
-    unit = f"unit-{uuid.uuid4()}"
-    calls = []
 
-    def work(session: Session) -> None:
-        calls.append(1)
+    def commits(session: Session, unit: str) -> None:
         raw = driver_connection(session)
         with raw.transaction():
             raw.execute("INSERT INTO ledger (unit) VALUES (%s)", (unit,))
-        session.execute(sa.text("SELECT serialization_failure()"))
 
-    with pytest.raises(sa.exc.OperationalError):
-        Sessions.run(work)
-    assert calls == [1], "replayed after its transaction block committed"
-    assert ledger_rows(pg_server, database, unit) == 1
+    assert_committed_once(engine, pg_server, database, service, commits)
 
 
 def test_a_psycopg_transaction_block_inside_the_units_transaction_is_replayed(
@@ -166,41 +174,23 @@ def test_a_commit_the_scan_cannot_read_surely_is_still_seen(
 ) -> None:
     """A text with a backslash escape (which may end an ``E''`` string anywhere) whose COMMIT
     follows a comment: the unit committed its INSERT, so it is not replayed."""
-    Sessions = rdb.ResilientSession(engine, service=service)
-    unit = f"unit-{uuid.uuid4()}"
-    calls = []
 
-    def work(session: Session) -> None:
-        calls.append(1)
+    def commits(session: Session, unit: str) -> None:
         session.connection().exec_driver_sql(
             f"INSERT INTO ledger (unit) VALUES ('{unit}'); SELECT E'a\\\\b'; -- commit now\nCOMMIT"
         )
-        session.execute(sa.text("SELECT serialization_failure()"))
 
-    with pytest.raises(sa.exc.OperationalError) as raised:
-        Sessions.run(work)
-    assert rdb.sqlstate_of(raised.value) == "40001"
-    assert calls == [1], "replayed after it committed part of its work"
-    assert ledger_rows(pg_server, database, unit) == 1
+    assert_committed_once(engine, pg_server, database, service, commits)
 
 
 def test_a_commit_after_a_nested_comment_is_seen(
     engine: sa.Engine, pg_server: PostgresServer, database: str, service: str
 ) -> None:
-    Sessions = rdb.ResilientSession(engine, service=service)
-    unit = f"unit-{uuid.uuid4()}"
-    calls = []
-
-    def work(session: Session) -> None:
-        calls.append(1)
+    def commits(session: Session, unit: str) -> None:
         session.execute(INSERT, {"unit": unit})
         session.connection().exec_driver_sql("/* a /* b */ c */ COMMIT")
-        session.execute(sa.text("SELECT serialization_failure()"))
 
-    with pytest.raises(sa.exc.OperationalError):
-        Sessions.run(work)
-    assert calls == [1], "replayed after it committed part of its work"
-    assert ledger_rows(pg_server, database, unit) == 1
+    assert_committed_once(engine, pg_server, database, service, commits)
 
 
 #: texts whose statement after a comment (or before one) commits
@@ -227,20 +217,12 @@ def test_a_commit_next_to_comments_is_seen(
 ) -> None:
     """The driver's own connection sends a text whose ``COMMIT`` or ``END`` stands next to
     comments: the unit committed its INSERT, so it is not replayed."""
-    Sessions = rdb.ResilientSession(engine, service=service)
-    unit = f"unit-{uuid.uuid4()}"
-    calls = []
 
-    def work(session: Session) -> None:
-        calls.append(1)
+    def commits(session: Session, unit: str) -> None:
         session.execute(INSERT, {"unit": unit})
         driver_connection(session).execute(TEXTS_THAT_COMMIT_AFTER_COMMENTS[text])
-        session.execute(sa.text("SELECT serialization_failure()"))
 
-    with pytest.raises(sa.exc.OperationalError):
-        Sessions.run(work)
-    assert calls == [1], "replayed after it committed part of its work"
-    assert ledger_rows(pg_server, database, unit) == 1
+    assert_committed_once(engine, pg_server, database, service, commits)
 
 
 BODIES_THAT_COMMIT_NOTHING = {
