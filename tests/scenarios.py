@@ -133,6 +133,32 @@ def ledger_rows(server: PostgresServer, database: str, unit: str) -> int:
     return int(found[0][0])
 
 
+def assert_committed_once(
+    engine: sa.Engine,
+    pg_server: PostgresServer,
+    database: str,
+    service: str,
+    commits: Callable[[Session, str], object],
+) -> None:
+    """A unit runs ``commits`` (given its session and the key of its ledger row), which
+    commits the unit's work so far, then fails with a serialization failure: retried, were it
+    replayable. It is not replayed, raises the failure, and its row is written once."""
+    Sessions = rdb.ResilientSession(engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+    calls = []
+
+    def work(session: Session) -> None:
+        calls.append(1)
+        commits(session, unit)
+        session.execute(sa.text("SELECT serialization_failure()"))
+
+    with pytest.raises(sa.exc.OperationalError) as raised:
+        Sessions.run(work)
+    assert rdb.sqlstate_of(raised.value) == "40001"
+    assert calls == [1], "replayed after it committed part of its work"
+    assert ledger_rows(pg_server, database, unit) == 1
+
+
 def driver_connection(session: Session) -> Any:
     """The driver's own connection under ``session``'s (psycopg's, for statements sent past
     SQLAlchemy)."""

@@ -20,7 +20,7 @@ import psycopg
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
-from scenarios import create_ledger, driver_connection, ledger_rows
+from scenarios import assert_committed_once, create_ledger, driver_connection, ledger_rows
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
@@ -52,32 +52,6 @@ def database(request: pytest.FixtureRequest, pg_server: PostgresServer, pg_datab
 def fail_first_commit(server: PostgresServer, database: str) -> None:
     for statement in FAIL_FIRST_COMMIT:
         server.execute(statement, database=database)
-
-
-def assert_committed_once(
-    engine: sa.Engine,
-    pg_server: PostgresServer,
-    database: str,
-    service: str,
-    commits: Callable[[Session, str], object],
-) -> None:
-    """A unit runs ``commits`` (given its session and the key of its ledger row), which
-    commits the unit's work so far, then fails with a serialization failure: retried, were it
-    replayable. It is not replayed, raises the failure, and its row is written once."""
-    Sessions = rdb.ResilientSession(engine, service=service)
-    unit = f"unit-{uuid.uuid4()}"
-    calls = []
-
-    def work(session: Session) -> None:
-        calls.append(1)
-        commits(session, unit)
-        session.execute(sa.text("SELECT serialization_failure()"))
-
-    with pytest.raises(sa.exc.OperationalError) as raised:
-        Sessions.run(work)
-    assert rdb.sqlstate_of(raised.value) == "40001"
-    assert calls == [1], "replayed after it committed part of its work"
-    assert ledger_rows(pg_server, database, unit) == 1
 
 
 # -- psycopg ------------------------------------------------------------------------------------

@@ -21,7 +21,13 @@ import pytest
 import pytest_asyncio
 import sqlalchemy as sa
 from psycopg import sql
-from scenarios import async_connect_args, create_ledger, driver_connection, ledger_rows
+from scenarios import (
+    assert_committed_once,
+    async_connect_args,
+    create_ledger,
+    driver_connection,
+    ledger_rows,
+)
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
@@ -169,20 +175,7 @@ def test_a_raw_psycopg_write_in_autocommit_is_never_replayed(
     autocommit: sa.Engine, pg_server: PostgresServer, database: str, service: str
 ) -> None:
     """The raw INSERT committed on its own; a retried error after it must not replay it."""
-    Sessions = rdb.ResilientSession(autocommit, service=service)
-    unit = f"unit-{uuid.uuid4()}"
-    calls = []
-
-    def work(session: Session) -> None:
-        calls.append(1)
-        _cursor_execute(session, unit)
-        session.execute(sa.text("SELECT serialization_failure()"))
-
-    with pytest.raises(sa.exc.OperationalError) as raised:
-        Sessions.run(work)
-    assert rdb.sqlstate_of(raised.value) == "40001"
-    assert len(calls) == 1
-    assert ledger_rows(pg_server, database, unit) == 1
+    assert_committed_once(autocommit, pg_server, database, service, _cursor_execute)
 
 
 def test_a_raw_psycopg_autocommit_statement_refused_by_the_server_is_replayed(
