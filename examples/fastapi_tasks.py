@@ -30,6 +30,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from typing import Annotated
+from urllib.parse import quote
 
 import sqlalchemy as sa
 from fastapi import FastAPI, Header, HTTPException
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             app = create_app(engine, dashboard_token=token)
             base = f"http://{args.host}:{args.port}"
             print(f"tasks API at {base}/tasks (docs: {base}/docs)", flush=True)
-            print(f"dashboard at {base}/admin/self-healing/?token={token}", flush=True)
+            print(f"dashboard at {base}/admin/self-healing/?token={quote(token)}", flush=True)
             uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
         finally:
             engine.dispose()

@@ -71,6 +71,16 @@ def test_refuses_to_start_without_auth() -> None:
         token_auth("short")
 
 
+@pytest.mark.parametrize(
+    "token", [TOKEN + "\n", f" {TOKEN}", " " * 16, TOKEN + "é", TOKEN[:8] + " " + TOKEN[8:]]
+)
+def test_a_token_no_request_could_carry_is_refused_at_once(token: str) -> None:
+    """A header value is stripped and ASCII: a token read from a file with its line end, or
+    with spaces or non-ASCII characters in it, could never match: refused, not 403 forever."""
+    with pytest.raises(ValueError, match="printable ASCII"):
+        token_auth(token)
+
+
 def test_the_dashboard_class_checks_its_arguments_as_dashboard_does() -> None:
     """``Dashboard`` is public: one built without a check (or with nonsense) fails at once,
     not with an error at every request."""
@@ -89,6 +99,8 @@ def test_the_dashboard_class_checks_its_arguments_as_dashboard_does() -> None:
         ("events", -1, "events"),
         ("health", {"ok": True}, "health"),
         ("source", object(), "Recorder"),
+        ("title", None, "title"),
+        ("title", 123, "title"),
     ):
         with pytest.raises((TypeError, ValueError), match=error):
             Dashboard(**{**good, name: bad})

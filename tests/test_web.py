@@ -33,6 +33,7 @@ import resilient_db as rdb
 from resilient_db.examples.tasks import Base, Task, create_task, move_task
 from resilient_db.testing import FaultProxy, free_port
 from resilient_db.web import PROBLEM_JSON, install_exception_handlers, problem_details
+from resilient_db.web._handlers import HANDLED
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
 
@@ -777,3 +778,22 @@ def test_retry_after_is_whole_seconds_from_one_second_to_a_day() -> None:
     answer = TestClient(app).get("/")
     problem(answer, 503, "circuit-open")
     assert answer.headers["retry-after"] == "86400"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        ({"type_base": None}, "type_base"),
+        ({"type_base": 42}, "type_base"),
+        ({"config": {"log_row_keys": False}}, "config"),
+    ],
+)
+def test_install_exception_handlers_refuses_arguments_that_would_answer_500(
+    arguments: dict[str, Any], named: str
+) -> None:
+    """Accepted, these turned every problem answer into a plain 500: refused at once, naming
+    the argument, with nothing installed."""
+    app = Starlette()
+    with pytest.raises(TypeError, match=named):
+        install_exception_handlers(app, **arguments)
+    assert not any(cls in app.exception_handlers for cls in HANDLED)

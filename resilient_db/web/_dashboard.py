@@ -76,6 +76,8 @@ class Dashboard:
                 f"dashboard(poll_seconds=...) must be a number of seconds from "
                 f"{MIN_POLL_SECONDS:g} to {MAX_POLL_SECONDS:g}, got {poll_seconds!r}"
             )
+        if not isinstance(title, str):
+            raise TypeError(f"dashboard(title=...) must be a string, got {type(title).__name__}")
         if isinstance(events, bool) or not isinstance(events, int) or events < 0:
             raise ValueError(f"dashboard(events=...) must be a whole number >= 0, got {events!r}")
         if not callable(health):
@@ -223,6 +225,13 @@ def token_auth(token: str, *, query_param: str | None = "token") -> Callable[[Re
     your own session login."""
     if not isinstance(token, str) or len(token) < 16:
         raise ValueError("token_auth needs a secret token of at least 16 characters")
+    if token != token.strip() or not all("!" <= c <= "~" for c in token):
+        # (a header value is stripped, and carries ASCII only: such a token could never match;
+        # a secret read from a file with its line end, most often)
+        raise ValueError(
+            "token_auth needs a token of printable ASCII characters without spaces (a token "
+            "read from a file still has its line end?)"
+        )
     if query_param is not None and (not isinstance(query_param, str) or not query_param):
         raise ValueError(
             f"token_auth(query_param=...) must be a non-empty name or None, got {query_param!r}"
