@@ -133,6 +133,19 @@ def end_committed_transactions(_session: Any, request: CommitRequest) -> None:
             transaction.close()  # (inactive: no I/O)
 
 
+def refuse_unencodable_service(service: str) -> None:
+    """A service name is shared by name (Redis keys, metrics labels, log lines): one that is
+    not valid UTF-8 text (a lone surrogate, as ``os.environ`` gives for a byte that is not
+    UTF-8) can't be sent anywhere, and failed only later, in the shared breaker's link."""
+    try:
+        service.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"service name {service!r} is not valid UTF-8 text ({exc.reason} at "
+            f"{exc.start}): it is sent to Redis and to metrics by name"
+        ) from None
+
+
 def admitted_by(breaker: Any) -> bool:
     """Whether ``breaker`` let the attempt running here through: a call made inside an
     operation or a unit of the same service (a drop-in session's connect in a decorated
@@ -815,6 +828,7 @@ class FactoryCore:
         """Set up everything but the sessionmaker itself."""
         if not isinstance(service, str) or not service:
             raise ValueError(f"service must be a non-empty name, got {service!r}")
+        refuse_unencodable_service(service)
         if config is not None and not isinstance(config, Config):
             raise TypeError(
                 f"config must be a resilient_db.Config (Config(max_retries=3), say), got "

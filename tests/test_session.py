@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import select
 import sys
 import threading
@@ -20,6 +21,7 @@ import pytest
 import sqlalchemy as sa
 from scenarios import NOT_TRANSIENT, RAISE_CODE_FUNCTION, TRANSIENT, Base, Item
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 import resilient_db as rdb
@@ -1250,3 +1252,21 @@ def test_transactional_refuses_a_method_which_would_get_the_session_as_self(
         return int(session.execute(sa.text(f"SELECT {n}")).scalar_one())
 
     assert get(3) == 3
+
+
+@pytest.mark.parametrize("name", ["", os.fsdecode(b"caf\xe9"), "a\udcff"])
+def test_a_service_name_that_is_not_utf8_text_is_refused_at_once(
+    engine: sa.Engine, name: str
+) -> None:
+    """A name with a lone surrogate (what ``os.environ`` gives for a byte that is not UTF-8)
+    was accepted, then failed in the shared breaker's link to Redis, taking it down for every
+    service; it can't be a metrics label or a Redis key either."""
+    with pytest.raises(ValueError, match="service"):
+        rdb.ResilientSession(engine, service=name)
+    with pytest.raises(ValueError, match="service"):
+        rdb.AsyncResilientSession(
+            create_async_engine("postgresql+asyncpg://u@127.0.0.1/d"), service=name
+        )
+    with pytest.raises((TypeError, ValueError), match="service"):
+        rdb.with_self_healing(service=name)
+    assert rdb.ResilientSession(engine, service="café: orders 1").service == "café: orders 1"
