@@ -42,6 +42,7 @@ from ._unit import (
     end_committed_transactions,
     engine_of,
     flush_and_commit,
+    joins_callers_transaction,
     runs_once_here,
     unit_signature,
 )
@@ -369,6 +370,9 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         token = _units.set(ActiveUnit(self, s))  # the outer unit, if any, is another factory's
         failed = False
         try:
+            joined = joins_callers_transaction(
+                s.sync_session, self.kw.get("binds") if own else None
+            )
             if not s.sync_session.autobegin:  # the transaction autobegin would begin (no I/O)
                 await s.begin()
             if not self.config.enabled:
@@ -406,8 +410,10 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                         raise
                     record.unit_committed(request)
                     return value
-                except BaseException:
+                except BaseException as exc:
                     failed = True
+                    if joined is not None:
+                        self.policy.not_replayable(exc, joined)
                     await _rollback_quietly(s)
                     raise
         finally:

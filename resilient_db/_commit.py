@@ -1423,6 +1423,10 @@ class CommitProtocol:
         driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
         if getattr(driver, "_rdb_mode", None) is not None:
             return
+        if not self.is_asyncpg and driver.info.transaction_status:  # (IDLE is 0)
+            # inside a transaction (a Connection in its caller's transaction, bound to an async
+            # factory): the set-up's autocommit is refused there; prepared at its next checkout
+            return
         if not self.is_asyncpg:
             _mark_psycopg(driver)
         elif not getattr(driver, "_rdb_marked", False):

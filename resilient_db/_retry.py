@@ -285,6 +285,25 @@ class Policy:
             event="partly_committed",
         )
 
+    def not_replayable(self, exc: BaseException, why: str) -> None:
+        """An attempt failed whose replay can't be what a first attempt would have been
+        (``why``): ``exc`` is raised as it is. Said only for an error that would have been
+        replayed."""
+        if partly_committed(exc) or not self.retry_on or not self._retry_predicate(exc):
+            return
+        mark_partly_committed(exc)  # (the mark that keeps the policy from replaying it)
+        emit(
+            self.config,
+            log_retry,
+            logging.WARNING,
+            "Not replaying: service=%s %s (%s); raising the error",
+            self.service,
+            why,
+            type(exc).__name__,
+            service=self.service,
+            event="not_replayable",
+        )
+
     def _machinery_failed(self, what: str) -> None:
         emit(
             self.config,

@@ -43,6 +43,7 @@ from ._unit import (
     end_committed_transactions,
     engine_of,
     flush_and_commit,
+    joins_callers_transaction,
     runs_once_here,
     unit_signature,
 )
@@ -348,6 +349,7 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         token = _units.set(ActiveUnit(self, s))  # the outer unit, if any, is another factory's
         failed = False
         try:
+            joined = joins_callers_transaction(s, self.kw.get("binds") if own else None)
             if not s.autobegin:  # the transaction autobegin would begin (no I/O)
                 s.begin()
             if not self.config.enabled:
@@ -381,8 +383,10 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                         raise
                     record.unit_committed(request)
                     return value
-                except BaseException:
+                except BaseException as exc:
                     failed = True
+                    if joined is not None:
+                        self.policy.not_replayable(exc, joined)
                     _rollback_quietly(s)
                     raise
         finally:

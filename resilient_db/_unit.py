@@ -133,6 +133,38 @@ def end_committed_transactions(_session: Any, request: CommitRequest) -> None:
             transaction.close()  # (inactive: no I/O)
 
 
+def joins_callers_transaction(session: Any, binds: Any = None) -> str | None:
+    """Why a failed attempt of ``session`` (a sync ``Session``) must not be replayed because
+    its rollback ends a transaction its caller began, or None. A session bound to a
+    ``Connection`` already in a transaction joins it: with ``join_transaction_mode``
+    ``"rollback_only"``, ``"control_fully"``, or the default ``"conditional_savepoint"``
+    outside a savepoint, its rollback rolls the caller's whole transaction back (the caller's
+    work before the unit is gone), and a replay would begin and commit a transaction of its
+    own on the connection: what the caller meant to commit or roll back as one. With
+    ``"create_savepoint"`` (SQLAlchemy's recipe) the unit's work is a savepoint, and replayed.
+    ``binds``: the factory's ``binds=``, for its own sessions. Two attribute reads for a
+    session bound to an engine: every unit passes here."""
+    bind = session.bind
+    if not binds and not isinstance(bind, Connection):
+        return None
+    mode = session.join_transaction_mode
+    if mode == "create_savepoint":
+        return None
+    for given in (bind, *(binds.values() if binds else ())):
+        candidate = getattr(given, "sync_connection", given)  # (an AsyncConnection's)
+        if (
+            isinstance(candidate, Connection)
+            and candidate.in_transaction()
+            and not (mode == "conditional_savepoint" and candidate.in_nested_transaction())
+        ):
+            return (
+                "it joined the transaction its caller began on the Connection it is bound "
+                f"to (join_transaction_mode={mode!r}), which its rollback ended; bind it with "
+                "join_transaction_mode='create_savepoint' to have it replayed"
+            )
+    return None
+
+
 def refuse_unencodable_service(service: str) -> None:
     """A service name is shared by name (Redis keys, metrics labels, log lines): one that is
     not valid UTF-8 text (a lone surrogate, as ``os.environ`` gives for a byte that is not

@@ -161,3 +161,105 @@ async def test_an_async_write_on_an_earlier_connection_with_a_lost_answer_is_ver
     assert fault_proxy.commits_lost == 1
     assert calls == [1]
     assert ledger_rows(pg_server, database, unit) == 1
+
+
+# -- a Connection in its caller's transaction ----------------------------------------------------
+JOIN_MODES = ["conditional_savepoint", "rollback_only", "control_fully", "create_savepoint"]
+INSERT = sa.text("INSERT INTO ledger (unit) VALUES (:u)")
+
+
+@pytest.fixture
+def direct(pg_server: PostgresServer, database: str) -> Iterator[sa.Engine]:
+    engine = sa.create_engine(pg_server.url(database))
+    yield engine
+    engine.dispose()
+
+
+@pytest.mark.parametrize("mode", JOIN_MODES)
+def test_a_unit_joining_its_callers_transaction_is_replayed_only_inside_a_savepoint(
+    *,
+    direct: sa.Engine,
+    pg_server: PostgresServer,
+    database: str,
+    service: str,
+    mode: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The caller wrote, then runs a unit on its Connection, in its transaction; the unit's
+    first attempt fails with a serialization failure. Its rollback (without a savepoint) rolled
+    the caller's whole transaction back, and the replay committed a transaction of its own:
+    the unit's row in the database, the caller's gone, "done". Only inside a savepoint
+    (``create_savepoint``) is it replayed; otherwise the error is raised as it is, and the
+    caller's rollback leaves nothing."""
+    caller, unit = f"caller-{uuid.uuid4()}", f"unit-{uuid.uuid4()}"
+    calls = []
+
+    def write(session: Session) -> str:
+        calls.append(1)
+        session.execute(INSERT, {"u": unit})
+        if len(calls) == 1:
+            session.execute(sa.text("SELECT serialization_failure()"))
+        return unit
+
+    with direct.connect() as conn:
+        trans = conn.begin()
+        conn.execute(INSERT, {"u": caller})
+        Sessions = rdb.ResilientSession(conn, service=service, join_transaction_mode=mode)
+        if mode == "create_savepoint":
+            assert Sessions.run(write) == unit
+            assert calls == [1, 1]
+            assert trans.is_active
+            seen = conn.execute(sa.text("SELECT unit FROM ledger ORDER BY unit")).scalars().all()
+            assert seen == [caller, unit]
+        else:
+            with pytest.raises(sa.exc.OperationalError) as raised:
+                Sessions.run(write)
+            assert rdb.sqlstate_of(raised.value) == "40001"
+            assert calls == [1], "replayed outside the caller's transaction"
+            assert "Not replaying" in caplog.text
+            assert "join_transaction_mode='create_savepoint'" in caplog.text
+            assert "Commit markers are not installed" not in caplog.text
+        if trans.is_active:  # (the unit's rollback ended it, as SQLAlchemy's session does)
+            trans.rollback()
+    assert ledger_rows(pg_server, database, caller) == 0
+    assert ledger_rows(pg_server, database, unit) == 0
+    # the connection, checked out before the factory and in a transaction when bound, was
+    # left unprepared (psycopg refuses the set-up there), not set to the fallback for good:
+    # back in the pool, it is prepared at its next checkout
+    assert direct.pool.checkedout() == 0
+
+    def mode(session: Session) -> str:
+        return str(session.connection().connection.driver_connection._rdb_mode)
+
+    assert rdb.ResilientSession(direct, service=service).run(mode) == "markers"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+async def test_an_async_unit_joining_its_callers_transaction_is_not_replayed(
+    pg_server: PostgresServer, database: str, service: str, driver: str
+) -> None:
+    engine = create_async_engine(pg_server.url(database, driver=driver))
+    caller, unit = f"caller-{uuid.uuid4()}", f"unit-{uuid.uuid4()}"
+    calls = []
+
+    async def write(session: AsyncSession) -> None:
+        calls.append(1)
+        await session.execute(INSERT, {"u": unit})
+        await session.execute(sa.text("SELECT serialization_failure()"))
+
+    try:
+        async with engine.connect() as conn:
+            trans = await conn.begin()
+            await conn.execute(INSERT, {"u": caller})
+            Sessions = rdb.AsyncResilientSession(conn, service=service)  # (the default mode)
+            with pytest.raises(sa.exc.DBAPIError) as raised:
+                await Sessions.run(write)
+            assert rdb.sqlstate_of(raised.value) == "40001"
+            assert calls == [1]
+            if trans.is_active:
+                await trans.rollback()
+    finally:
+        await engine.dispose()
+    assert ledger_rows(pg_server, database, caller) == 0
+    assert ledger_rows(pg_server, database, unit) == 0
