@@ -102,6 +102,19 @@ def partly_committed(exc: BaseException) -> bool:
     return bool(getattr(exc, _PARTLY_COMMITTED, False))
 
 
+_COMMIT_UNANSWERED = "resilient_db_commit_unanswered"
+
+
+def mark_commit_unanswered(exc: BaseException) -> None:
+    """Mark the driver's error of a COMMIT outside any unit (drop-in use) that may have
+    written and whose answer never came (the connection was lost): it is classified as
+    :attr:`Outcome.COMMIT_UNKNOWN`, whatever its SQLSTATE: the transaction may have committed,
+    so whoever retries it must check first (a web client told "503, retry shortly" would write
+    twice)."""
+    with contextlib.suppress(AttributeError, TypeError):
+        setattr(exc, _COMMIT_UNANSWERED, True)
+
+
 _OUTCOME = "resilient_db_outcome"
 
 
@@ -528,8 +541,11 @@ class Classifier:
             # a warning, proved not to have run); not for one caused by a marked error (a
             # CircuitOpenError raised from a unit's last failure)
             return Outcome.CONFLICT if marked_replay_safe(exc) else Outcome.NOT_TRANSIENT
-        if any(marked_replay_safe(err) for err in error_chain(exc)):
-            return Outcome.CONFLICT
+        for err in error_chain(exc):
+            if marked_replay_safe(err):
+                return Outcome.CONFLICT
+            if getattr(err, _COMMIT_UNANSWERED, False):
+                return Outcome.COMMIT_UNKNOWN
         code = sqlstate_of(exc)
         if code is not None:
             if code == READ_ONLY_SQLSTATE and _read_only_by_the_application(exc):

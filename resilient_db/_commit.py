@@ -55,7 +55,13 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import NullPool
 
-from ._classify import Classifier, mark_replay_safe, sqlstate_of
+from ._classify import (
+    DEFAULT_CLASSIFIER,
+    Classifier,
+    mark_commit_unanswered,
+    mark_replay_safe,
+    sqlstate_of,
+)
 from ._config import Config
 from ._errors import ResilientDBError
 from ._observability import emit, log_session
@@ -1284,6 +1290,14 @@ def _own_commit(attempt: AttemptRecord) -> Iterator[None]:
     attempt.committed = True
 
 
+def _drop_in_commit_failed(exc: BaseException) -> None:
+    """A COMMIT outside any unit (drop-in use) of a transaction that may have written failed:
+    unless the server answered it with an error (nothing committed), its outcome is unknown
+    (see :func:`~._classify.mark_commit_unanswered`)."""
+    if not _answered(exc, DEFAULT_CLASSIFIER):
+        mark_commit_unanswered(exc)
+
+
 class _Settings(Protocol):
     config: Config
     service: str
@@ -2085,6 +2099,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                     if end == "BEGIN":  # asyncpg's own, spelled in capitals
                         self._rdb_read_only = "READ ONLY" in query
                     elif end == "COMMIT":
+                        wrote = self._rdb_may_write
                         ticket, message, attempt = (
                             _commit_plan(self)
                             if self.is_in_transaction()
@@ -2093,6 +2108,12 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                         if attempt is not None:  # a unit's own code commits (AttemptRecord)
                             with _own_commit(attempt):
                                 return await base.execute(self, query, timeout=timeout)
+                        if ticket is None and wrote:  # no unit (drop-in use): see psycopg's
+                            try:
+                                return await base.execute(self, query, timeout=timeout)
+                            except BaseException as exc:
+                                _drop_in_commit_failed(exc)
+                                raise
                         if ticket is not None:
                             if ticket.mode == XID:
                                 try:
@@ -2166,6 +2187,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
         elif issubclass(base, psycopg.AsyncConnection):
 
             async def acommit(self: Any) -> None:
+                wrote = self._rdb_may_write
                 ticket, message, attempt = _psycopg_commit_plan(self)
                 if attempt is not None:  # a unit's own code commits (see AttemptRecord)
                     with _own_commit(attempt):
@@ -2175,6 +2197,13 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                         cursor = await self.execute(ticket.xid_sql)
                         ticket.xid, ticket.incarnation = await cursor.fetchone()
                     ticket.sent = True
+                elif wrote:  # no unit (drop-in use): a lost answer is unknown, not transient
+                    try:
+                        await base.commit(self)
+                    except BaseException as exc:
+                        _drop_in_commit_failed(exc)
+                        raise
+                    return None
                 if message is None:
                     await base.commit(self)
                 else:
@@ -2191,6 +2220,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
         else:
 
             def commit(self: Any) -> None:
+                wrote = self._rdb_may_write
                 ticket, message, attempt = _psycopg_commit_plan(self)
                 if attempt is not None:  # a unit's own code commits (see AttemptRecord)
                     with _own_commit(attempt):
@@ -2199,6 +2229,13 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                     if ticket.mode == XID:
                         ticket.xid, ticket.incarnation = self.execute(ticket.xid_sql).fetchone()
                     ticket.sent = True
+                elif wrote:  # no unit (drop-in use): a lost answer is unknown, not transient
+                    try:
+                        base.commit(self)
+                    except BaseException as exc:
+                        _drop_in_commit_failed(exc)
+                        raise
+                    return None
                 if message is None:
                     base.commit(self)
                 else:

@@ -1306,3 +1306,70 @@ def test_a_kill_switch_refusal_says_how_to_follow_the_environment(
     assert "config=rdb.load_config().replace(...)" in str(info.value)
     follows = rdb.load_config().replace(max_retries=9)
     rdb.ResilientSession(engine, service=f"{service}-y", config=follows)  # agrees: accepted
+
+
+# -- a drop-in COMMIT whose answer is lost ---------------------------------------------------
+@pytest.mark.parametrize("write", [True, False])
+def test_a_drop_in_commit_whose_answer_is_lost_is_an_unknown_outcome_not_a_transient_error(
+    engine: sa.Engine, pg_database: str, fault_proxy: FaultProxy, service: str, write: bool
+) -> None:
+    """Drop-in use raises the driver's error, as plain SQLAlchemy does; it was classified a
+    transient disconnect, and the web handlers answered "503, retry shortly" for a write that
+    had committed: a client obeying Retry-After wrote twice. A COMMIT that may have written
+    and got no answer is an unknown outcome (a 500 that says to check first); a read's stays
+    a transient disconnect."""
+    from resilient_db.web import problem_details  # noqa: PLC0415 - the web extra
+
+    name = f"lost-{uuid.uuid4()}"
+    proxied = sa.create_engine(fault_proxy.url(pg_database))
+    Sessions = rdb.ResilientSession(proxied, service=service)
+    try:
+        with Sessions() as session:
+            session.execute(sa.text("SELECT 1"))
+            session.commit()  # connected
+            if write:
+                session.add(Item(name=name))
+            else:
+                session.execute(sa.text("SELECT 1"))
+            fault_proxy.lose_commit_answer()
+            with pytest.raises(sa.exc.OperationalError) as raised:
+                session.commit()
+    finally:
+        proxied.dispose()
+    assert fault_proxy.commits_lost == 1
+    answer = problem_details(raised.value)
+    assert answer is not None
+    if write:
+        assert rdb.classify(raised.value) is rdb.Outcome.COMMIT_UNKNOWN
+        assert answer.status == 500
+        assert answer.body["type"].endswith("commit-outcome-unknown")
+        assert "Retry-After" not in answer.headers
+        with engine.connect() as conn:  # it did commit
+            assert conn.scalar(sa.select(sa.func.count()).where(Item.name == name)) == 1
+    else:
+        assert rdb.classify(raised.value) is rdb.Outcome.DISCONNECT
+        assert answer.status == 503
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+async def test_an_async_drop_in_commit_whose_answer_is_lost_is_an_unknown_outcome(
+    engine: sa.Engine, pg_database: str, fault_proxy: FaultProxy, service: str, driver: str
+) -> None:
+    name = f"lost-{uuid.uuid4()}"
+    proxied = create_async_engine(fault_proxy.url(pg_database, driver=driver))
+    Sessions = rdb.AsyncResilientSession(proxied, service=service)
+    try:
+        async with Sessions() as session:
+            await session.execute(sa.text("SELECT 1"))
+            await session.commit()
+            session.add(Item(name=name))
+            fault_proxy.lose_commit_answer()
+            with pytest.raises(sa.exc.DBAPIError) as raised:
+                await session.commit()
+    finally:
+        await proxied.dispose()
+    assert fault_proxy.commits_lost == 1
+    assert rdb.classify(raised.value) is rdb.Outcome.COMMIT_UNKNOWN
+    with engine.connect() as conn:
+        assert conn.scalar(sa.select(sa.func.count()).where(Item.name == name)) == 1

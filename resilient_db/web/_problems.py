@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from resilient_db._classify import is_transient, marked_outcome
+from resilient_db._classify import Outcome, classify, marked_outcome
 from resilient_db._config import Config
 from resilient_db._errors import (
     CircuitOpenError,
@@ -72,14 +72,19 @@ def retry_after_seconds(seconds: Any) -> int:
     return max(1, math.ceil(value))
 
 
-def _transient(exc: BaseException) -> bool:
-    """Whether ``exc`` is a transient error, as the factory that ran its unit classified it
-    (its own classifier, with the codes it added or removed: recorded on the error when it was
-    raised), or by the default classifier for an error that never went through one."""
+_UNKNOWN_DETAIL = (
+    "The connection to the database was lost while the change was being committed, and "
+    "whether it was saved could not be verified. Do not resubmit blindly: check whether the "
+    "change is there first (or resubmit with the same idempotency key)."
+)
+
+
+def _outcome(exc: BaseException) -> Outcome:
+    """The outcome of ``exc``, as the factory that ran its unit classified it (its own
+    classifier, with the codes it added or removed: recorded on the error when it was raised),
+    or by the default classifier for an error that never went through one."""
     outcome = marked_outcome(exc)
-    if outcome is None:
-        return is_transient(exc)
-    return outcome.transient
+    return classify(exc) if outcome is None else outcome
 
 
 def problem_details(
@@ -102,7 +107,8 @@ def problem_details(
       driver error it does not wrap, such as the ``OSError`` of a connect refused to asyncpg;
       the application's own ``OSError`` is not one): 503. Transient as the classifier of the
       factory that ran the unit said (``classifier=``, with the codes it added or removed),
-      ``is_transient`` for an error that never went through a factory.
+      ``is_transient`` for an error that never went through a factory; a COMMIT whose answer
+      was lost outside a unit (drop-in use), or 08007: 500, as an unknown commit outcome.
 
     ``config`` decides about row keys (default: the environment's; an environment with an
     invalid ``SELF_HEALING_*`` setting counts as none set, so that it turns no answer into a
@@ -170,9 +176,7 @@ def problem_details(
                 "commit-outcome-unknown",
                 "Outcome of the change unknown",
                 500,
-                "The connection to the database was lost while the change was being committed, "
-                "and whether it was saved could not be verified. Do not resubmit blindly: check "
-                "whether the change is there first (or resubmit with the same idempotency key).",
+                _UNKNOWN_DETAIL,
                 service=exc.service,
             ),
         )
@@ -187,7 +191,18 @@ def problem_details(
                 service=exc.service,
             ),
         )
-    if _transient(exc):  # a DBAPIError, or a driver's own error (asyncpg's refused connect)
+    outcome = _outcome(exc)
+    if outcome is Outcome.COMMIT_UNKNOWN:  # a drop-in COMMIT whose answer was lost, 08007
+        return Problem(
+            500,
+            body(
+                "commit-outcome-unknown",
+                "Outcome of the change unknown",
+                500,
+                _UNKNOWN_DETAIL,
+            ),
+        )
+    if outcome.transient:  # a DBAPIError, or a driver's own error (asyncpg's refused connect)
         return Problem(
             503,
             body(
