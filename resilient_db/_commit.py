@@ -1624,6 +1624,22 @@ class CommitProtocol:
         )
 
     def _note_refused(self, sqlstate: str) -> None:
+        if sqlstate in _MARKERS_GONE:
+            emit(
+                self._settings.config,
+                log_session,
+                logging.WARNING,
+                "The commit markers are gone from database %s (SQLSTATE %s: uninstalled while "
+                "the application ran?): that COMMIT did not run and the unit is replayed; the "
+                "connections that meet this verify lost COMMIT answers by transaction id from "
+                "now on. Run resilient_db.install_commit_markers(engine) again to use them",
+                self.engine.url.database,
+                sqlstate,
+                service=self._settings.service,
+                event="commit_markers_gone",
+                sqlstate=sqlstate,
+            )
+            return
         if self.one_unit_per_connection:
             self._statement_refused = True
         what = (
@@ -1924,6 +1940,9 @@ _MarkerForm: TypeAlias = "PreparedMarker | InlineMarker | _Reprepare"
 #: effect may not write markers (42501: a role the unit switched to past the statement
 #: listener), or the transaction is read-only (25006: made so past it).
 _REFUSED_MARKER: Final = frozenset({"42501", "25006"})
+#: what the marker statement (any form) meets once the markers are uninstalled: no table, no
+#: schema, no function
+_MARKERS_GONE: Final = frozenset({"42P01", "3F000", "42883"})
 
 
 def _marker_statement_failed(driver: Any, message: str, exc: BaseException) -> None:
@@ -1934,9 +1953,18 @@ def _marker_statement_failed(driver: Any, message: str, exc: BaseException) -> N
     goes inline), the statement on this connection when refused (the function). Any other
     error is the unit's to report (a replay would meet it again)."""
     prepared = driver._rdb_prepared
+    code = getattr(exc, "sqlstate", None)  # psycopg's and asyncpg's errors both carry it
+    if code in _MARKERS_GONE and SCHEMA in str(exc):
+        # the markers were uninstalled under the running application (a downgrade): this
+        # connection verifies by transaction id from now on (a new one finds them missing)
+        driver._rdb_prepared = None
+        driver._rdb_mode = XID
+        if prepared is not None:
+            prepared.refused(str(code))
+        mark_replay_safe(exc)
+        return
     if prepared is None or _FUNCTION_MARK in message:
         return
-    code = getattr(exc, "sqlstate", None)  # psycopg's and asyncpg's errors both carry it
     if code == "26000":
         prepared.lost()  # its COMMITs (and the engine's) send the statement inline from now on
     elif code in _REFUSED_MARKER:

@@ -925,6 +925,37 @@ def test_without_markers_a_writing_unit_pays_one_round_trip_for_its_xid(
     assert warnings[0].getMessage().startswith("[SELF-HEAL] ")
 
 
+def test_markers_uninstalled_under_a_running_application_cost_one_replay_per_connection(
+    engine: sa.Engine, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``uninstall_commit_markers`` (an Alembic downgrade) while the application runs: every
+    writing unit on a pooled connection prepared with the markers failed with 42P01 until the
+    process restarted. The marker statement's error proves the COMMIT did not run: the unit is
+    replayed at once, and the connection verifies by transaction id from then on."""
+    Sessions = rdb.ResilientSession(engine, service=service)
+    first = Sessions.run(_bump)  # the pooled connection is prepared with the markers
+    rdb.uninstall_commit_markers(engine)
+    with caplog.at_level("WARNING", logger="resilient_db"):
+        assert [Sessions.run(_bump) for _ in range(3)] == [first + 1, first + 2, first + 3]
+    assert "The commit markers are gone from database" in caplog.text
+    counters = rdb.health()["services"][service]["counters"]
+    assert counters["retries_by_class"] == {"conflict": 1}  # the first unit after, once
+    with engine.connect() as conn:
+        assert conn.scalar(sa.select(Counter.value).where(Counter.id == 1)) == first + 3
+
+
+@pytest.mark.asyncio
+async def test_async_markers_uninstalled_under_a_running_application_cost_one_replay(
+    engine: sa.Engine, async_engine: AsyncEngine, service: str
+) -> None:
+    Sessions = rdb.AsyncResilientSession(async_engine, service=service)
+    first = await Sessions.run(_abump)
+    rdb.uninstall_commit_markers(engine)
+    assert [await Sessions.run(_abump) for _ in range(3)] == [first + 1, first + 2, first + 3]
+    with engine.connect() as conn:
+        assert conn.scalar(sa.select(Counter.value).where(Counter.id == 1)) == first + 3
+
+
 # -- the kill switch: connections stay the driver's own --------------------------------------------
 @pytest.fixture
 def switch(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[bool], None]]:
