@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.operations import Operations
 from sqlalchemy import exc as sa_exc
 
 import resilient_db as rdb
@@ -276,6 +277,79 @@ def test_offline_sql_includes_the_tables_and_the_trigger() -> None:
     assert "ERRCODE = 'RDB01'" in sql
     assert "CREATE TABLE IF NOT EXISTS resilient_db.commit_markers" in sql
     assert "FUNCTION resilient_db.claim_commit(marker uuid, wait_ms integer)" in sql
+
+
+def _statements(script: str) -> list[str]:
+    """The statements of an offline script (Alembic ends each with ``;`` and a blank line)."""
+    return [s for s in (part.strip() for part in script.split(";\n\n")) if s]
+
+
+def test_offline_sql_replaces_each_trigger_in_one_statement() -> None:
+    """``alembic upgrade head --sql`` may be run by psql statement by statement, each
+    committing on its own (an environment without transactional DDL around it): a DROP
+    TRIGGER apart from its CREATE TRIGGER left the table unguarded in between. Each install
+    replaces the function and both triggers in one DO block."""
+    buffer = io.StringIO()
+    cfg = alembic_config()
+    cfg.output_buffer = buffer
+    cfg.set_main_option("sqlalchemy.url", "postgresql+psycopg://offline@localhost/offline")
+    command.upgrade(cfg, "head", sql=True)
+    statements = _statements(buffer.getvalue())
+    trigger_ddl = [s for s in statements if "TRIGGER" in s and "rdb_transition_status" in s]
+    installs = [s for s in trigger_ddl if 'CREATE TRIGGER "rdb_transition_status_upd"' in s]
+    assert len(installs) >= 2  # 0001 and every later step reinstalling the trigger
+    for statement in installs:
+        assert statement.startswith("DO $rdb")
+        for part in (
+            "CREATE OR REPLACE FUNCTION",
+            'DROP TRIGGER IF EXISTS "rdb_transition_status_ins"',
+            'CREATE TRIGGER "rdb_transition_status_ins"',
+            'DROP TRIGGER IF EXISTS "rdb_transition_status_upd"',
+        ):
+            assert part in statement
+    # no DROP TRIGGER of ours on its own (0001's downgrade is not part of an upgrade)
+    assert not [s for s in statements if s.startswith('DROP TRIGGER IF EXISTS "rdb_transition')]
+
+
+def test_an_offline_install_run_one_statement_at_a_time_keeps_the_table_guarded(
+    pg_url: str, engine: sa.Engine
+) -> None:
+    """The statements install_transition_trigger(op, Task) writes offline, run one at a time
+    in autocommit over the migrated trigger: after each, the table has both triggers and an
+    illegal move (completed -> pending) is refused."""
+    apply_migrations(pg_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO tasks (idem_key, title, status) VALUES ('a', 'a', 'pending')"
+        )
+        conn.exec_driver_sql("UPDATE tasks SET status = 'in_progress'")
+        conn.exec_driver_sql("UPDATE tasks SET status = 'completed'")
+    buffer = io.StringIO()
+    offline = MigrationContext.configure(  # as Alembic's env.py template configures it
+        dialect_name="postgresql",
+        opts={"as_sql": True, "output_buffer": buffer},
+        dialect_opts={"paramstyle": "named"},
+    )
+    rdb.install_transition_trigger(Operations(offline), Task)
+    statements = _statements(buffer.getvalue())
+    assert len(statements) > 3
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as runner:
+        for statement in statements:
+            runner.exec_driver_sql(statement, execution_options={"no_parameters": True})
+            with engine.connect() as conn:
+                names = conn.exec_driver_sql(
+                    "SELECT tgname::text FROM pg_trigger WHERE tgrelid = 'tasks'::regclass "
+                    "AND tgname::text IN ('rdb_transition_status_ins', 'rdb_transition_status_upd')"
+                ).scalars()
+                assert sorted(names) == [
+                    "rdb_transition_status_ins",
+                    "rdb_transition_status_upd",
+                ], statement[:200]
+                with pytest.raises(sa_exc.DBAPIError) as info:
+                    conn.exec_driver_sql("UPDATE tasks SET status = 'pending'")
+                assert getattr(info.value.orig, "sqlstate", None) == rdb.TRANSITION_SQLSTATE
+    with engine.connect() as conn:
+        assert rdb.trigger_drift(conn, Task) is None
 
 
 def test_alembic_command_line_with_the_url_option(pg_url: str, engine: sa.Engine) -> None:

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import enum
 import secrets
+import shutil
+import subprocess
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -904,3 +908,183 @@ def test_a_stamped_function_of_another_role_does_not_stop_the_install(
         )
         pg_server.execute(pgsql.SQL("DROP OWNED BY {}").format(role), database=pg_database)
         pg_server.execute(pgsql.SQL("DROP ROLE {}").format(role))
+
+
+# ------------------------------------------------------------------------------------------------
+# the script run statement by statement, each committing on its own (psql's default)
+# ------------------------------------------------------------------------------------------------
+
+
+def _tickets(reg: registry) -> Any:
+    return reg.mapped(
+        type(
+            "Ticket",
+            (),
+            {
+                "__tablename__": "tickets",
+                "__transitions__": RULES,
+                "id": mapped_column(sa.Integer, primary_key=True),
+                "status": mapped_column(sa.String(20)),
+            },
+        )
+    )
+
+
+def _as_before_triggers(conn: sa.Connection) -> None:
+    """What generator v3 left: BEFORE triggers calling a function of the same name, which
+    returns NEW (a stand-in for its body: it refuses what the rules refuse), stamped v3."""
+    function, stamp = conn.execute(
+        sa.text(
+            "SELECT oid::regprocedure::text, obj_description(oid, 'pg_proc') FROM pg_proc "
+            "WHERE proname LIKE 'rdb_transition_tickets_status_%'"
+        )
+    ).one()
+    conn.exec_driver_sql(
+        f"CREATE OR REPLACE FUNCTION {function} RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "IF (TG_OP = 'INSERT' AND NEW.status IS DISTINCT FROM 'new') OR (TG_OP = 'UPDATE' "
+        "AND NEW.status IS DISTINCT FROM 'new' AND NEW.status IS DISTINCT FROM 'done') THEN "
+        "RAISE EXCEPTION USING ERRCODE = 'RDB01', MESSAGE = 'blocked'; END IF; "
+        "RETURN NEW; END $$",
+        execution_options={"no_parameters": True},
+    )
+    for name, event, when in (
+        ("rdb_transition_status_ins", "INSERT", ""),
+        ("rdb_transition_status_upd", "UPDATE", "WHEN (OLD.status IS DISTINCT FROM NEW.status)"),
+    ):
+        conn.exec_driver_sql(f"DROP TRIGGER {name} ON tickets")
+        conn.exec_driver_sql(
+            f"CREATE TRIGGER {name} BEFORE {event} ON tickets FOR EACH ROW {when} "
+            f"EXECUTE FUNCTION {function}"
+        )
+    older = stamp.replace(" v5 ", " v3 ")
+    conn.exec_driver_sql(f"COMMENT ON FUNCTION {function} IS '{older}'")
+
+
+def _guarded_now(engine: sa.Engine, step: str) -> None:
+    """From another connection: both triggers are on the table, an illegal move is refused
+    and a legal one is stored (not skipped by a BEFORE trigger calling the new function)."""
+    with engine.connect() as conn:
+        names = conn.exec_driver_sql(
+            "SELECT tgname::text FROM pg_trigger WHERE tgrelid = 'tickets'::regclass "
+            "AND tgname::text LIKE 'rdb_transition_status_%%' AND tgenabled = 'O' ORDER BY 1"
+        ).scalars()
+        assert list(names) == ["rdb_transition_status_ins", "rdb_transition_status_upd"], step
+        with pytest.raises(sa.exc.DBAPIError) as info:
+            conn.exec_driver_sql("UPDATE tickets SET status = 'bogus' WHERE id = 1")
+        assert getattr(info.value.orig, "sqlstate", None) == rdb.TRANSITION_SQLSTATE, step
+        conn.rollback()
+        with pytest.raises(sa.exc.DBAPIError) as info:
+            conn.exec_driver_sql("INSERT INTO tickets (id, status) VALUES (2, 'done')")
+        assert getattr(info.value.orig, "sqlstate", None) == rdb.TRANSITION_SQLSTATE, step
+        conn.rollback()
+        moved = conn.exec_driver_sql(
+            "UPDATE tickets SET status = CASE status WHEN 'new' THEN 'done' ELSE 'new' END "
+            "WHERE id = 1 RETURNING status"
+        ).all()
+        assert len(moved) == 1, f"a legal move was skipped after: {step}"
+        conn.commit()
+
+
+@pytest.mark.parametrize("installed", ["current", "v3 BEFORE triggers"])
+def test_the_script_run_one_statement_at_a_time_never_leaves_the_table_unguarded(
+    engine: sa.Engine, reg: registry, installed: str
+) -> None:
+    """psql runs a file one statement at a time, each committing on its own: between a DROP
+    TRIGGER and its CREATE TRIGGER a concurrent writer's illegal move was committed, and
+    after CREATE OR REPLACE FUNCTION an older release's BEFORE triggers called the new (AFTER)
+    function, whose NULL skipped legal writes. Every statement of the script leaves the table
+    guarded, and the result is the install's (no drift)."""
+    ticket = _tickets(reg)
+    reg.metadata.create_all(engine)
+    rdb.install_transition_trigger(engine, ticket)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO tickets (id, status) VALUES (1, 'new')")
+        if installed != "current":
+            _as_before_triggers(conn)
+    statements = rdb.transition_trigger_sql(ticket).split(";\n\n")
+    assert not {s.strip().upper() for s in statements} & {"BEGIN", "COMMIT", "ROLLBACK"}
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        for statement in statements:
+            _run_script(conn, statement)
+            _guarded_now(engine, statement[:200])
+    with engine.connect() as conn:
+        assert rdb.trigger_drift(conn, ticket) is None
+
+
+def test_the_script_inside_a_transaction_and_through_alembic_op_execute(
+    engine: sa.Engine, reg: registry
+) -> None:
+    """No BEGIN or COMMIT in the script: op.execute() runs it inside the migration's
+    transaction, and a rollback takes all of it back."""
+    from alembic.migration import MigrationContext  # noqa: PLC0415
+    from alembic.operations import Operations  # noqa: PLC0415
+
+    ticket = _tickets(reg)
+    reg.metadata.create_all(engine)
+    with engine.connect() as conn:
+        Operations(MigrationContext.configure(conn)).execute(rdb.transition_trigger_sql(ticket))
+        assert conn.in_transaction()
+        assert rdb.trigger_drift(conn, ticket) is None
+        conn.rollback()
+        assert "is missing" in (rdb.trigger_drift(conn, ticket) or "")
+    with engine.begin() as conn:
+        Operations(MigrationContext.configure(conn)).execute(rdb.transition_trigger_sql(ticket))
+    with engine.connect() as conn:
+        assert rdb.trigger_drift(conn, ticket) is None
+
+
+@pytest.mark.skipif(shutil.which("psql") is None, reason="needs psql")
+def test_psql_running_the_script_lets_no_concurrent_illegal_move_through(
+    engine: sa.Engine, reg: registry, pg_url: str
+) -> None:
+    """The script as psql runs it (autocommit, statement by statement), again and again, while
+    another connection tries an illegal move the whole time: none is committed."""
+    ticket = _tickets(reg)
+    reg.metadata.create_all(engine)
+    rdb.install_transition_trigger(engine, ticket)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO tickets (id, status) VALUES (1, 'new')")
+    dsn = sa.make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    script = rdb.transition_trigger_sql(ticket)
+    stop = threading.Event()
+    slipped: list[int] = []
+    tries: list[int] = []
+
+    def writer() -> None:
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            while not stop.is_set():
+                tries.append(1)
+                try:
+                    moved = conn.exec_driver_sql(
+                        "UPDATE tickets SET status = 'bogus' WHERE id = 1 RETURNING id"
+                    ).all()
+                except sa.exc.DBAPIError:
+                    continue
+                slipped.extend(row[0] for row in moved)
+                conn.exec_driver_sql("SET session_replication_role = replica")
+                conn.exec_driver_sql("UPDATE tickets SET status = 'new' WHERE id = 1")
+                conn.exec_driver_sql("SET session_replication_role = origin")
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 3
+        runs = 0
+        while time.monotonic() < deadline and not slipped:
+            subprocess.run(
+                ["psql", "-q", "-X", "-v", "ON_ERROR_STOP=1", "-d", dsn],
+                input=script,
+                text=True,
+                check=True,
+                capture_output=True,
+                timeout=10,
+            )
+            runs += 1
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert runs > 0
+    assert len(tries) > runs  # the writer ran meanwhile
+    assert slipped == [], f"illegal moves committed while psql ran the script {runs} times"
+    with engine.connect() as conn:
+        assert rdb.trigger_drift(conn, ticket) is None

@@ -28,6 +28,7 @@ from ._sql import (
     literal,
     quoted_table,
     rules_stamp,
+    script_statements,
     source_matches,
     stamp_generator,
     stamp_prefix_pattern,
@@ -174,9 +175,14 @@ def install_transition_trigger(bind_or_op: Any, model: type[Any]) -> None:
     _warn_partitioned(bind_or_op, guards)
     if installed_already(bind_or_op, lambda conn: _trigger_current(conn, model)):
         return
+    # Offline, the statements are written into a script that may run them one at a time, each
+    # committing on its own (psql's default, a migration environment without a transaction):
+    # there, each guard's function and triggers are replaced in one statement. Online they are
+    # sent in one transaction (see _send).
+    per_guard = script_statements if _offline(bind_or_op) else install_statements
     statements = [
         bypass_role_statement(),
-        *(s for g in guards for s in install_statements(g)),
+        *(s for g in guards for s in per_guard(g)),
         *left_over_statements(g.table for g in guards),
     ]
     run_statements(bind_or_op, statements)
@@ -249,6 +255,21 @@ def _trigger_current(conn: Connection, model: type[Any]) -> bool:
     return trigger_drift(conn, model) is None and bool(
         conn.execute(_ROLE_QUERY, {"role": BYPASS_ROLE}).scalar()
     )
+
+
+def _migration_context(target: Any) -> Any:
+    """The MigrationContext of an Alembic ``op`` (an Operations object or the module proxy),
+    else None."""
+    context = getattr(target, "migration_context", None)
+    if context is None and not isinstance(target, (Engine, Connection, Session)):
+        get_context = getattr(target, "get_context", None)
+        context = get_context() if callable(get_context) else None
+    return context
+
+
+def _offline(target: Any) -> bool:
+    """Whether ``target`` is an Alembic ``op`` in offline mode (``--sql``: SQL written out)."""
+    return bool(getattr(_migration_context(target), "as_sql", False))
 
 
 def _live_connection(target: Any) -> Connection | None:

@@ -50,6 +50,7 @@ __all__ = [
     "pg_name",
     "quoted_table",
     "rules_stamp",
+    "script_statements",
     "source_matches",
     "stamp_generator",
     "stamp_prefix_pattern",
@@ -564,6 +565,22 @@ def install_statements(guard: Guard) -> list[str]:
     ]
 
 
+def script_statements(guard: Guard) -> list[str]:
+    """:func:`install_statements` for a script whose statements may each commit on their own
+    (``psql`` runs a file so by default, as does an Alembic offline script without a
+    transaction around it): the function, its stamp and both triggers in one ``DO`` block, one
+    statement, so no statement leaves the table without its trigger (between a ``DROP TRIGGER``
+    and its ``CREATE TRIGGER`` a concurrent write went unchecked) nor an older release's
+    triggers calling the new function (a BEFORE trigger of generator v3 calling the new AFTER
+    function, which returns NULL, skipped every write it fired for). The statements are those
+    of :func:`install_statements`, unchanged (not indented: the function's source is what
+    drift detection compares), so what is installed is the same. No BEGIN or COMMIT: the
+    script also runs inside a transaction (``op.execute``, ``psql -1``)."""
+    *ddl, legacy = install_statements(guard)
+    body = "\nBEGIN\n" + "".join(f"{s};\n" for s in ddl) + "END\n"
+    return [f"DO {_dollar_quote(body)}", legacy]
+
+
 def drop_statements(guard: Guard) -> list[str]:
     n = trigger_names(guard)
     return [
@@ -703,13 +720,15 @@ def transition_trigger_sql(model: type[Any]) -> str:
     transaction (see :func:`~resilient_db.bypass_transitions`); the script first creates that
     role if it is missing. All literals and identifiers are quoted. Run it as a script (``psql``,
     ``op.execute``), or with :func:`install_transition_trigger`, which sends the statements one
-    at a time.
+    at a time. Each statement may commit on its own (``psql`` without ``-1``): the function and
+    both triggers of a column are replaced in one ``DO`` block, so no statement leaves the table
+    unguarded; there is no ``BEGIN`` or ``COMMIT``, so it runs inside a caller's transaction too.
     """
     guards = trigger_guards(model)
     return _script(
         [
             bypass_role_statement(),
-            *(s for g in guards for s in install_statements(g)),
+            *(s for g in guards for s in script_statements(g)),
             *left_over_statements(g.table for g in guards),
         ]
     )
