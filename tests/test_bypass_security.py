@@ -616,6 +616,81 @@ def test_without_the_role_the_guard_is_installed_and_every_bypass_refused(
         conn.exec_driver_sql("UPDATE bp_chores SET status = 'todo' WHERE id = 1")
 
 
+_DDL = ("CREATE", "DROP", "ALTER", "COMMENT", "DO", "GRANT", "REVOKE")
+
+
+def test_without_the_role_an_install_through_an_engine_warns(
+    admin: sa.Engine,
+    make_role: Callable[..., Role],
+    bypass_role_missing: None,
+    log: pytest.LogCaptureFixture,
+) -> None:
+    """The installing role may not create the bypass role: an install through an Engine says
+    so, as one through a Connection does (the Engine's check was skipped)."""
+    installer = make_role("GRANT CREATE ON SCHEMA public TO {role}")
+    engine = sa.create_engine(installer.url)
+    try:
+        with engine.begin() as conn:
+            Base.metadata.create_all(conn, tables=[Chore.__table__])  # type: ignore[list-item]
+        rdb.install_transition_trigger(engine, Chore)
+    finally:
+        engine.dispose()
+    warnings = [r.getMessage() for r in log.records if r.levelno == logging.WARNING]
+    assert any(
+        "transition trigger of Chore installed, but role resilient_db_bypass does not exist "
+        "and could not be created by this role" in m
+        for m in warnings
+    ), warnings
+    with admin.connect() as conn:
+        assert rdb.trigger_drift(conn, Chore) is None
+
+
+_DDL = ("CREATE", "DROP", "ALTER", "COMMENT", "DO", "GRANT", "REVOKE")
+
+
+def test_without_the_role_an_application_at_startup_sends_no_ddl(
+    admin: sa.Engine,
+    make_role: Callable[..., Role],
+    bypass_role_missing: None,
+    log: pytest.LogCaptureFixture,
+) -> None:
+    """The migration role installed the trigger but could not create the bypass role. An
+    application role calls the install at startup: the trigger is current, so no DDL is sent
+    (the missing role counted as "not installed": the DDL failed with "permission denied for
+    schema public"), and the missing role is warned about."""
+    installer = make_role("GRANT CREATE ON SCHEMA public TO {role}")
+    app = make_role()
+    migrations = sa.create_engine(installer.url)
+    startup = sa.create_engine(app.url)
+    sent: list[str] = []
+
+    @sa.event.listens_for(startup, "before_cursor_execute")
+    def _record(*args: Any) -> None:
+        sent.append(args[2])
+
+    try:
+        with migrations.begin() as conn:
+            Base.metadata.create_all(conn, tables=[Chore.__table__])  # type: ignore[list-item]
+            conn.exec_driver_sql(f"GRANT SELECT, UPDATE ON bp_chores TO {app.name}")
+            rdb.install_transition_trigger(conn, Chore)
+        log.clear()
+        with startup.connect() as conn:
+            assert rdb.trigger_drift(conn, Chore) is None
+        sent.clear()
+        rdb.install_transition_trigger(startup, Chore)
+    finally:
+        migrations.dispose()
+        startup.dispose()
+    assert [s for s in sent if s.lstrip().upper().startswith(_DDL)] == []
+    warnings = [r.getMessage() for r in log.records if r.levelno == logging.WARNING]
+    assert any(
+        "transition trigger of Chore installed, but role resilient_db_bypass does not exist" in m
+        for m in warnings
+    ), warnings
+    with admin.connect() as conn:
+        assert rdb.trigger_drift(conn, Chore) is None
+
+
 def test_concurrent_installs_create_the_role_once(
     pg_server: PostgresServer, bypass_role_missing: None
 ) -> None:

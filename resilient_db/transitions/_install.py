@@ -154,7 +154,9 @@ def install_transition_trigger(bind_or_op: Any, model: type[Any]) -> None:
     Creates the role :data:`~resilient_db.transitions.BYPASS_ROLE` first if it is missing; when
     the installing role may not create it, the trigger is installed all the same, refuses every
     bypass until the role exists, and a warning says so. Installing again replaces the trigger
-    of an older release (whose bypass any role could switch on).
+    of an older release (whose bypass any role could switch on). Through an Engine on which
+    the trigger is installed as declared (no drift), nothing is sent, also when the role is
+    missing (a warning says so): an application role may call it at startup.
 
     The trigger belongs to the table and column, not to the model: the classes of one table
     (single-table inheritance, two models of one table) guarding a column by the same rules
@@ -173,7 +175,12 @@ def install_transition_trigger(bind_or_op: Any, model: type[Any]) -> None:
         bind_or_op, model, [g.table for g in guards], "install_transition_trigger"
     )
     _warn_partitioned(bind_or_op, guards)
-    if installed_already(bind_or_op, lambda conn: _trigger_current(conn, model)):
+    role_found: list[bool] = []
+    if installed_already(bind_or_op, lambda conn: _trigger_current(conn, model, role_found)):
+        # Current is the trigger's state: a missing bypass role (the migration role could not
+        # create it) is no reason to send DDL, which an application role at startup may not.
+        if role_found and not role_found[0]:
+            _warn_no_role(guards[0].model, installed_now=False)
         return
     # Offline, the statements are written into a script that may run them one at a time, each
     # committing on its own (psql's default, a migration environment without a transaction):
@@ -186,19 +193,39 @@ def install_transition_trigger(bind_or_op: Any, model: type[Any]) -> None:
         *left_over_statements(g.table for g in guards),
     ]
     run_statements(bind_or_op, statements)
-    conn = _live_connection(bind_or_op)
-    if conn is not None and not conn.execute(_ROLE_QUERY, {"role": BYPASS_ROLE}).scalar():
-        logger.warning(
-            "transition trigger of %s installed, but role %s does not exist and could not be "
-            "created by this role: every bypass is refused until a role with CREATEROLE runs "
-            "CREATE ROLE %s NOLOGIN",
-            guards[0].model,
-            BYPASS_ROLE,
-            BYPASS_ROLE,
-        )
+    if _role_missing(bind_or_op):
+        _warn_no_role(guards[0].model, installed_now=True)
 
 
 _ROLE_QUERY = sa.text("SELECT pg_catalog.to_regrole(:role) IS NOT NULL")
+
+
+def _role_exists(conn: Connection) -> bool:
+    return bool(conn.execute(_ROLE_QUERY, {"role": BYPASS_ROLE}).scalar())
+
+
+def _role_missing(target: Any) -> bool:
+    """Whether the bypass role is missing after an install through ``target``: asked on its
+    connection, or on a connection of its own for an Engine (whose transaction is over);
+    offline, nobody can tell (False)."""
+    if isinstance(target, Engine):
+        with target.connect() as conn:
+            return not _role_exists(conn)
+    live = _live_connection(target)
+    return live is not None and not _role_exists(live)
+
+
+def _warn_no_role(model: str, *, installed_now: bool) -> None:
+    logger.warning(
+        "transition trigger of %s installed, but role %s does not exist%s: every bypass is "
+        "refused until a role with CREATEROLE runs CREATE ROLE %s NOLOGIN",
+        model,
+        BYPASS_ROLE,
+        " and could not be created by this role" if installed_now else "",
+        BYPASS_ROLE,
+    )
+
+
 _PARTITIONED_QUERY = sa.text(
     "SELECT EXISTS (SELECT FROM pg_catalog.pg_class c "
     "WHERE c.oid = pg_catalog.to_regclass(:table) AND c.relkind = 'p')"
@@ -250,11 +277,14 @@ def _partitioned_in_db(target: Any, table: sa.Table) -> bool:
     return bool(live.execute(_PARTITIONED_QUERY, {"table": name}).scalar())
 
 
-def _trigger_current(conn: Connection, model: type[Any]) -> bool:
-    """Installed as declared (no drift), and the bypass role exists."""
-    return trigger_drift(conn, model) is None and bool(
-        conn.execute(_ROLE_QUERY, {"role": BYPASS_ROLE}).scalar()
-    )
+def _trigger_current(conn: Connection, model: type[Any], role_found: list[bool]) -> bool:
+    """Installed as declared (no drift). Whether the bypass role exists is put into
+    ``role_found``: a missing role is warned about, not reinstalled (the trigger looks it up
+    when a bypass is asked for; creating it takes CREATEROLE, which an install may lack)."""
+    if trigger_drift(conn, model) is not None:
+        return False
+    role_found.append(_role_exists(conn))
+    return True
 
 
 def _migration_context(target: Any) -> Any:
@@ -279,10 +309,7 @@ def _live_connection(target: Any) -> Connection | None:
         return target
     if isinstance(target, Session):
         return target.connection()
-    context = getattr(target, "migration_context", None)
-    if context is None and not isinstance(target, Engine):
-        get_context = getattr(target, "get_context", None)
-        context = get_context() if callable(get_context) else None
+    context = _migration_context(target)
     if context is None or getattr(context, "as_sql", False):
         return None
     bind = context.bind
