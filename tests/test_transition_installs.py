@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -21,6 +22,7 @@ import pytest
 import sqlalchemy as sa
 from psycopg import sql as pgsql
 from scenarios import refused_by_trigger
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import mapped_column, registry
 
 import resilient_db as rdb
@@ -1088,3 +1090,34 @@ def test_psql_running_the_script_lets_no_concurrent_illegal_move_through(
     assert slipped == [], f"illegal moves committed while psql ran the script {runs} times"
     with engine.connect() as conn:
         assert rdb.trigger_drift(conn, ticket) is None
+
+
+# ------------------------------------------------------------------------------------------------
+# asyncio binds
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_trigger_drift_refuses_an_async_bind_pointing_to_run_sync(
+    engine: sa.Engine, reg: registry, pg_async_url: str
+) -> None:
+    """An AsyncEngine, AsyncConnection or AsyncSession: a TypeError naming run_sync, as the
+    installers give (it failed with AttributeError, leaving a coroutine never awaited); through
+    run_sync the answer is the sync one."""
+    ticket = _tickets(reg)
+    reg.metadata.create_all(engine)
+    rdb.install_transition_trigger(engine, ticket)
+    async_engine = create_async_engine(pg_async_url)
+    try:
+        async with async_engine.connect() as conn, AsyncSession(async_engine) as session:
+            for bind in (async_engine, conn, session):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")  # no coroutine left never awaited
+                    with pytest.raises(TypeError, match=r"run_sync") as info:
+                        rdb.trigger_drift(bind, ticket)  # type: ignore[arg-type]
+                assert type(bind).__name__ in str(info.value)
+            assert await conn.run_sync(rdb.trigger_drift, ticket) is None
+    finally:
+        await async_engine.dispose()
+    with pytest.raises(TypeError, match=r"engine\.connect\(\)"):
+        rdb.trigger_drift(engine, ticket)  # type: ignore[arg-type]

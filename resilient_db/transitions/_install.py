@@ -432,6 +432,15 @@ def trigger_drift(connection: Connection | Session, model: type[Any]) -> str | N
     another column that exists are not this model's concern (another code base may declare
     them)."""
     conn = connection.connection() if isinstance(connection, Session) else connection
+    if not isinstance(conn, Connection):
+        hint = (
+            "use engine.connect()"
+            if isinstance(conn, Engine)
+            else "for asyncio use await conn.run_sync(trigger_drift, Model)"
+        )
+        raise TypeError(
+            f"trigger_drift expected a Connection or a Session, got {type(conn).__name__} ({hint})"
+        )
     _refuse_schema_translation(conn, model, [g.table for g in guards_of(model)], "trigger_drift")
     problems: list[str] = []
     for guard in guards_of(model):
