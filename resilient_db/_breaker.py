@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import secrets
 import threading
 import time
 import weakref
@@ -192,10 +193,14 @@ class Breaker:
         self._fleet_failures = 0  # failures this process counted in the fleet's current run
         self._fleet_opens = 0  # openings of the shared breaker, fleet-wide
         self._opened_here = 0  # openings this process's failures caused
-        self._probe_gen = 0  # the generation of the half-open state the last probe came in
-        #: probes whose end Redis did not hear (it did not answer): (gen, success), reported
-        #: when it answers again, before the shared state is read back
-        self._unreported: list[tuple[int, bool]] = []
+        #: the reservations of the probes this process let through and that have not ended yet,
+        #: oldest first (None: a probe of its own state, Redis reserved nothing for it); each
+        #: probe's end takes one (see _take_probe)
+        self._held: list[str | None] = []
+        #: reservations whose end Redis may not have heard (it did not answer): (reservation,
+        #: success), reported when it answers again, before the shared state is read back
+        #: (Redis applies each once: one it ran late is not counted again)
+        self._unreported: list[tuple[str, bool]] = []
         # the live users whose config= of the code decides the settings (see follow)
         self._explicit_users: weakref.WeakSet[Any] = weakref.WeakSet()
         self._attach(config)
@@ -335,6 +340,9 @@ class Breaker:
         here, and a lock it held would stay held for good."""
         self._lock = threading.Lock()
         renew_pybreaker_lock(self._cb)
+        # the parent's probes and reports are the parent's: it ends and reports them
+        self._held = []
+        self._unreported = []
 
     def add_listener(self, listener: Any) -> None:
         """Register a pybreaker ``CircuitBreakerListener`` (once: again is a no-op)."""
@@ -389,11 +397,32 @@ class Breaker:
         Returns True when the attempt is a half-open probe (pass it back to the ``on_*`` calls).
         """
         fleet = self._fleet
+        lost = None  # an admit whose answer was lost: its reservation
         if fleet is not None and fleet.up:
             if self._fleet_state == CLOSED:
                 return False
-            with contextlib.suppress(FleetDown):
+            try:
                 return self._fleet_admit(fleet)
+            except FleetDown as down:
+                lost = down.reservation
+        if fleet is None:
+            return self._local_admit(None)
+        # Redis did not answer: this process decides on its own state. An admit that may have
+        # run in Redis all the same is this attempt's: a probe reports its end under that
+        # reservation, any other decision releases it (when Redis answers again)
+        try:
+            probe = self._local_admit(lost)
+        except BaseException:
+            if lost is not None:
+                self._remember_probe(lost, False)
+            raise
+        if not probe and lost is not None:
+            self._remember_probe(lost, False)
+        return probe
+
+    def _local_admit(self, reservation: str | None) -> bool:
+        """:meth:`before_call` on the local state (``reservation``: that of an admit whose
+        answer was lost, held by the probe this lets through, if any)."""
         state = self._storage.state
         if state == CLOSED:
             return False
@@ -411,6 +440,7 @@ class Breaker:
                 return False
             if state == HALF_OPEN and self._probes < self.config.half_open_probes:
                 self._probes += 1
+                self._hold(reservation)  # (under the lock, as every caller)
                 return True
         # rejected (outside the lock: its line may reach the hooks)
         raise self._reject(self._retry_after_probe(), state)
@@ -425,7 +455,7 @@ class Breaker:
             if self._storage.counter:
                 self._storage.reset_counter()
             return
-        if self._fleet_probe_done(success=True):
+        if self._fleet_probe_done(self._take_probe(), success=True):
             return
         with self._lock:
             self._probes = max(0, self._probes - 1)
@@ -450,6 +480,7 @@ class Breaker:
         A shared breaker applies the same rule fleet-wide: the attempt's age goes to Redis, which
         compares its start with the last failure any process counted.
         """
+        reservation = self._take_probe() if probe else None
         age = -1.0  # a probe, or an attempt of unknown start: always counted
         if not probe and started is not None:
             now = time.monotonic()
@@ -463,9 +494,10 @@ class Breaker:
             with contextlib.suppress(FleetDown):
                 self._fleet_failure(fleet, age)
                 return
-        if probe and fleet is not None:
-            # Redis did not hear it: its probe slot is released when Redis answers again
-            self._remember_probe(self._probe_gen, False)
+        if reservation is not None:
+            # Redis may not have heard it: its probe slot is released when Redis answers again
+            # (when Redis did hear it, its breaker opened, and the release does nothing)
+            self._remember_probe(reservation, False)
         with self._lock:
             if probe:
                 self._probes = max(0, self._probes - 1)
@@ -481,51 +513,76 @@ class Breaker:
 
     def on_neutral(self, probe: bool) -> None:
         """The attempt ended with a business error: neither success nor failure."""
-        if probe and not self._fleet_probe_done(success=False):
+        if probe and not self._fleet_probe_done(self._take_probe(), success=False):
             with self._lock:
                 self._probes = max(0, self._probes - 1)
 
-    def _fleet_probe_done(self, *, success: bool) -> bool:
-        """A half-open probe ended (``success``, or neither way): tell the fleet. False when
-        the breaker is not shared or Redis did not answer (the local state decides; the
-        outcome is reported when Redis answers again, see :meth:`report_probes`)."""
+    def _hold(self, reservation: str | None) -> None:
+        """A probe was let through (under ``reservation`` in Redis, if any); callers hold
+        ``self._lock``."""
+        self._held.append(reservation)
+        del self._held[: -max(16, 4 * self.config.half_open_probes)]  # bounded
+
+    def _take_probe(self) -> str | None:
+        """A probe ended: the reservation it held (the oldest; None: none in Redis)."""
+        with self._lock:
+            return self._held.pop(0) if self._held else None
+
+    def _fleet_probe_done(self, reservation: str | None, *, success: bool) -> bool:
+        """A half-open probe holding ``reservation`` ended (``success``, or neither way): tell
+        the fleet. False when the local state decides: the breaker is not shared, or Redis did
+        not answer (the outcome is reported when it answers again, see
+        :meth:`report_probes`), or the probe was let through by this process's own state
+        while Redis was down (it holds no slot in Redis)."""
         fleet = self._fleet
         if fleet is None:
             return False
-        gen = self._probe_gen
+        if reservation is None:
+            if not fleet.up:
+                return False
+            with self._lock:  # the view follows the fleet's state, which this probe is not in
+                self._probes = max(0, self._probes - 1)
+            return True
         if fleet.up:
             try:
                 answer = fleet.breaker_probe_done(
-                    self.service, self.config.half_open_probes, success=success, gen=gen
+                    self.service,
+                    self.config.half_open_probes,
+                    success=success,
+                    reservation=reservation,
+                    reset_timeout=self.config.reset_timeout,
                 )
             except FleetDown:
                 pass
             else:
                 self.fleet_update(*answer, answer=True)
                 return True
-        self._remember_probe(gen, success)
+        self._remember_probe(reservation, success)
         return False
 
-    def _remember_probe(self, gen: int, success: bool) -> None:
+    def _remember_probe(self, reservation: str, success: bool) -> None:
         with self._lock:
-            self._unreported.append((gen, success))
-            del self._unreported[: -max(1, self.config.half_open_probes)]  # bounded
+            self._unreported.append((reservation, success))
+            del self._unreported[: -max(4, 2 * self.config.half_open_probes)]  # bounded
 
     def report_probes(self, fleet: Any) -> None:
-        """Redis answers again: report the probes whose end it missed (a probe that succeeded
-        while it blipped closes the fleet's breaker, instead of holding a probe slot until
-        its lease runs out), each counted only in the half-open state it came in. Called by
+        """Redis answers again: report the probes whose end it may have missed (a probe that
+        succeeded while it blipped closes the fleet's breaker, instead of holding a probe slot
+        until its lease runs out), and release the admits whose answer was lost. Each counts
+        once (Redis may have run the report, or the admit, late, when it resumed: a
+        reservation's end is applied once), and only in the half-open state it came in. Called by
         the link's background thread before it reads the shared state back; raises what the
         store raises (the rest stays for the next time)."""
         with self._lock:
             pending, self._unreported = self._unreported, []
-        for i, (gen, success) in enumerate(pending):
+        for i, (reservation, success) in enumerate(pending):
             try:
                 fleet.breaker_probe_done(
                     self.service,
                     self.config.half_open_probes,
                     success=success,
-                    gen=gen,
+                    reservation=reservation,
+                    reset_timeout=self.config.reset_timeout,
                     background=True,
                 )
             except BaseException:
@@ -651,12 +708,19 @@ class Breaker:
             raise self._reject(self._fleet_until - now, OPEN)
         if self._fleet_state == HALF_OPEN and now < self._fleet_wait:
             raise self._reject(self._fleet_wait - now, HALF_OPEN)
-        decision, remaining, gen, opens = fleet.breaker_admit(
-            self.service, self.config.half_open_probes, self.config.reset_timeout
-        )
+        reservation = secrets.token_hex(8)  # drawn before sending: names this attempt's probe
+        try:
+            decision, remaining, gen, opens = fleet.breaker_admit(
+                self.service, self.config.half_open_probes, self.config.reset_timeout, reservation
+            )
+        except FleetDown as down:
+            if down.sent:  # Redis may run it when it resumes: released on rejoining
+                down.reservation = reservation
+            raise
         if decision == "probe":
             self.fleet_update(HALF_OPEN, 0.0, gen, opens, answer=True)
-            self._probe_gen = gen
+            with self._lock:
+                self._hold(reservation)
             return True
         if decision == CLOSED:
             self.fleet_update(CLOSED, 0.0, gen, opens, answer=True)

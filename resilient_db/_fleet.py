@@ -29,8 +29,13 @@ from what the fleet knew), one ``[SELF-HEAL]`` warning naming the Redis (its pas
 logged per :data:`DOWN_LOG_PERIOD`, and the background thread tries again once a second (one
 connection attempt, or one small writing script while the subscription survived). Once Redis
 answers and takes that write, the process reports what Redis missed (half-open probes that
-ended meanwhile), reads the shared state again and follows it (a flushed or restarted Redis
-starts closed), and logs "restored" if it logged this down period's warning. A Redis that
+ended meanwhile, admits whose answer was lost), reads the shared state again and follows it (a
+flushed or restarted Redis starts closed), and logs "restored" if it logged this down period's
+warning. A command that timed out may run all the same: a Redis that hung runs what it received
+when it resumes. So what is sent again is idempotent: every half-open admit carries a
+reservation id drawn before sending, and a probe's end (or the release of an admit whose answer
+was lost) names it; Redis applies each reservation's end once, and only in the half-open state
+it was made in, and an admit arriving after its release takes no slot. A Redis that
 answers but refuses writes (a read-only replica after a failover, out of memory, an ACL
 without the rights) stays down: its scripts would fail at once; its warning, and
 ``problem``, say what it answered ("read-only replica, writes refused"), not that it did not
@@ -121,7 +126,18 @@ _REFUSALS = (
 
 
 class FleetDown(Exception):
-    """Redis did not answer (or the link is down): the caller uses its local state."""
+    """Redis did not answer (or the link is down): the caller uses its local state.
+
+    ``sent``: the command went out and may have run all the same (a timeout, a connection lost
+    after sending: Redis runs a command it received once it resumes, whatever became of its
+    answer). False: it surely did not run (the link was down, so nothing was sent; the
+    connection was refused; Redis answered an error). ``reservation``: the probe reservation
+    of an admit whose answer was lost (set by the breaker, see ``Breaker.before_call``)."""
+
+    def __init__(self, url: str, *, sent: bool = False) -> None:
+        super().__init__(url)
+        self.sent = sent
+        self.reservation: str | None = None
 
 
 # -- the scripts (Lua, run atomically by Redis) ---------------------------------------------------
@@ -152,19 +168,30 @@ local function read_breaker(...)
 end
 -- seconds until an open breaker read by read_breaker half-opens
 local function remaining(h, now) return tostring((tonumber(h[2]) or now) - now) end
--- open the breaker for reset seconds, forget its failures (KEYS[2]), tell every process
+-- open the breaker for reset seconds, forget its failures (KEYS[2]) and its probe reservations
+-- (KEYS[3]), tell every process
 local function open_breaker(now, gen, opens, reset)
   gen = next_gen(now, gen)
   opens = opens + 1
   redis.call('HSET', KEYS[1], 'st', 'open', 'until', tostring(now + reset), 'gen', gstr(gen),
              'opens', opens, 'probes', 0, 'ok', 0)
-  redis.call('DEL', KEYS[2])
+  redis.call('DEL', KEYS[2], KEYS[3])
   publish('open', reset, gen, opens)
   return gen, opens
 end
 """
 
-# KEYS: breaker hash, failure counter. ARGV: channel, service, threshold, reset timeout (s),
+# The probe reservations (KEYS[3] of every breaker script): a hash of reservation id -> '1' (it
+# holds a probe slot) or '0' (it ended, or was released before its admit ran). Every admit
+# carries an id its process drew before sending it, and every probe end names it: a script that
+# ran although its answer was lost (Redis hung past the client's timeout, then resumed) and is
+# sent again on rejoining finds its reservation ended and does nothing, and an admit that
+# arrives after its release takes no slot. The hash is cleared at every state change and when
+# the probe lease runs out (a reservation holds a slot only in the half-open state it was made
+# in), and expires (twice the lease after its last write).
+
+# KEYS: breaker hash, failure counter, probe reservations. ARGV: channel, service, threshold,
+# reset timeout (s),
 # failure memory (ms), age of the failed attempt (s; -1: a probe, or not known).
 # -> {state, remaining, gen, failures, opens, opened by this call}
 # An attempt that began before the last failure counted (by any process: its Redis time is
@@ -198,54 +225,76 @@ return {'closed', '0', gstr(gen), n, opens, 0}
 """
 )
 
-# KEYS: breaker hash. ARGV: channel, service, probes, lease (s).
-# -> {decision (probe|closed|open|full), remaining, gen, opens}
+# KEYS: breaker hash, failure counter, probe reservations. ARGV: channel, service, probes,
+# lease (s), reservation id. -> {decision (probe|closed|open|full), remaining, gen, opens}
 _ADMIT = (
     _COMMON
     + """
 local now, h, st, gen, opens = read_breaker('probes', 'hos')
 if st == 'closed' then return {'closed', '0', gstr(gen), opens} end
+local rid = ARGV[6]
+local function reserve()
+  redis.call('HSET', KEYS[3], rid, '1')
+  redis.call('PEXPIRE', KEYS[3], math.floor(tonumber(ARGV[5]) * 2000))
+end
+-- released (or ended) before it ran: its process went on without it, it takes no slot
+local released = redis.call('HEXISTS', KEYS[3], rid) == 1
 if st == 'open' then
   local untl = tonumber(h[2]) or now
-  if now < untl then return {'open', tostring(untl - now), gstr(gen), opens} end
+  if now < untl or released then
+    return {'open', tostring(math.max(0, untl - now)), gstr(gen), opens}
+  end
   gen = next_gen(now, gen)
   redis.call('HSET', KEYS[1], 'st', 'half-open', 'hos', tostring(now), 'probes', 1, 'ok', 0,
              'gen', gstr(gen))
+  redis.call('DEL', KEYS[3])
+  reserve()
   publish('half-open', 0, gen, opens)
   return {'probe', '0', gstr(gen), opens}
 end
+if released then return {'full', '0', gstr(gen), opens} end
 local probes = tonumber(h[5]) or 0
 if now - (tonumber(h[6]) or now) > tonumber(ARGV[5]) then
+  -- the lease ran out: the slots are given again, the reservations made so far hold none
   probes = 0
   redis.call('HSET', KEYS[1], 'hos', tostring(now))
+  redis.call('DEL', KEYS[3])
 end
 if probes < tonumber(ARGV[4]) then
   redis.call('HSET', KEYS[1], 'probes', probes + 1)
+  reserve()
   return {'probe', '0', gstr(gen), opens}
 end
 return {'full', '0', gstr(gen), opens}
 """
 )
 
-# KEYS: breaker hash, failure counter. ARGV: channel, service, probes needed to close,
-# 1 = the probe succeeded / 0 = it ended neither way (its slot is released), the generation of
-# the half-open state the probe was let through in ('': the current one; a probe reported late,
-# after a Redis blip, counts only in its own half-open state).
+# KEYS: breaker hash, failure counter, probe reservations. ARGV: channel, service, probes
+# needed to close, 1 = the probe succeeded / 0 = it ended neither way or its admit's answer was
+# lost (its slot is released), its reservation id, the lease (s). Applied once per reservation,
+# and only while it holds a slot: a report that ran already, or one of a probe let through in an
+# earlier half-open state (a probe reported late, after a Redis blip), does nothing; a
+# reservation not made yet is marked ended, so that its admit, arriving late, takes no slot.
 # -> {state, remaining, gen, opens}
 _PROBE_DONE = (
     _COMMON
     + """
 local now, h, st, gen, opens = read_breaker('probes', 'ok')
+local rid = ARGV[6]
+local held = redis.call('HGET', KEYS[3], rid)
+if held ~= '0' then
+  redis.call('HSET', KEYS[3], rid, '0')
+  redis.call('PEXPIRE', KEYS[3], math.floor(tonumber(ARGV[7]) * 2000))
+end
 if st == 'open' then return {'open', remaining(h, now), gstr(gen), opens} end
-if st ~= 'half-open' then return {st, '0', gstr(gen), opens} end
-if ARGV[6] ~= '' and ARGV[6] ~= gstr(gen) then return {st, '0', gstr(gen), opens} end
+if st ~= 'half-open' or held ~= '1' then return {st, '0', gstr(gen), opens} end
 local probes = math.max(0, (tonumber(h[5]) or 0) - 1)
 if ARGV[5] == '1' then
   local ok = (tonumber(h[6]) or 0) + 1
   if ok >= tonumber(ARGV[4]) then
     gen = next_gen(now, gen)
     redis.call('HSET', KEYS[1], 'st', 'closed', 'probes', 0, 'ok', 0, 'gen', gstr(gen))
-    redis.call('DEL', KEYS[2])
+    redis.call('DEL', KEYS[2], KEYS[3])
     publish('closed', 0, gen, opens)
     return {'closed', '0', gstr(gen), opens}
   end
@@ -257,7 +306,8 @@ return {'half-open', '0', gstr(gen), opens}
 """
 )
 
-# KEYS: breaker hash, failure counter. ARGV: channel, service, state to force ('' = read only),
+# KEYS: breaker hash, failure counter, probe reservations. ARGV: channel, service, state to
+# force ('' = read only),
 # reset timeout (s). -> {state, remaining, gen, opens}
 _FORCE = (
     _COMMON
@@ -274,7 +324,7 @@ if want == 'open' then
 else
   gen = next_gen(now, gen)
   redis.call('HSET', KEYS[1], 'st', 'closed', 'gen', gstr(gen), 'probes', 0, 'ok', 0)
-  redis.call('DEL', KEYS[2])
+  redis.call('DEL', KEYS[2], KEYS[3])
   publish(want, 0, gen, opens)
   reset = 0
 end
@@ -353,6 +403,13 @@ def _keys(service: str) -> tuple[str, str, str]:
     """The breaker hash, failure counter and budget hash of ``service`` (one hash slot)."""
     tag = f"{PREFIX}:{{{service}}}"
     return f"{tag}:breaker", f"{tag}:failures", f"{tag}:budget"
+
+
+def _breaker_keys(service: str) -> list[str]:
+    """The keys of ``service``'s breaker scripts: its hash, failure counter and probe
+    reservations (one hash slot)."""
+    cb, fails, _ = _keys(service)
+    return [cb, fails, f"{PREFIX}:{{{service}}}:probes"]
 
 
 def _import_redis() -> Any:
@@ -498,7 +555,20 @@ class FleetLink:
             return self._scripts[name](keys=keys, args=args)
         except Exception as exc:  # any failure of the store: this process decides alone
             self.mark_down(exc)
-            raise FleetDown(self.masked_url) from exc
+            raise FleetDown(self.masked_url, sent=self._may_have_run(exc)) from exc
+
+    def _may_have_run(self, exc: BaseException) -> bool:
+        """Whether a command that failed with ``exc`` may run in Redis all the same: it was
+        sent, and Redis may have it (a timeout: a Redis that hung runs it when it resumes; a
+        connection lost after sending). False only when it surely did not run: Redis answered
+        an error, or the connection was never made (redis-py says "connecting")."""
+        if isinstance(exc, self._redis.exceptions.ResponseError):
+            return False
+        text = str(exc)
+        return not (
+            isinstance(exc, self._redis.exceptions.ConnectionError)
+            and (" connecting to " in text or text.startswith("Timeout connecting to"))
+        )
 
     def breaker_failure(
         self, service: str, threshold: int, reset_timeout: float, age: float = -1.0
@@ -506,22 +576,24 @@ class FleetLink:
         """Count one failure fleet-wide; ``age``: seconds since the failed attempt began (an
         attempt that began before the last failure counted is not counted again), -1 for a
         probe or an attempt of unknown start (always counted)."""
-        cb, fails, _ = _keys(service)
         memory_ms = round(max(reset_timeout, FAILURE_MEMORY_MIN) * 1000)
         st, rem, gen, failures, opens, by_me = self._call(
             "failure",
-            [cb, fails],
+            _breaker_keys(service),
             [self.channel, service, self.token, threshold, reset_timeout, memory_ms, age],
         )
         return _s(st), float(rem), int(gen), int(failures), int(opens), bool(by_me)
 
     def breaker_admit(
-        self, service: str, probes: int, reset_timeout: float
+        self, service: str, probes: int, reset_timeout: float, reservation: str
     ) -> tuple[str, float, int, int]:
-        cb, _, _ = _keys(service)
+        """Ask for a half-open probe under ``reservation`` (an id drawn for this attempt: its
+        end, or its release when the answer is lost, names it)."""
         lease = max(reset_timeout, PROBE_LEASE_MIN)
         decision, rem, gen, opens = self._call(
-            "admit", [cb], [self.channel, service, self.token, probes, lease]
+            "admit",
+            _breaker_keys(service),
+            [self.channel, service, self.token, probes, lease, reservation],
         )
         return _s(decision), float(rem), int(gen), int(opens)
 
@@ -531,22 +603,24 @@ class FleetLink:
         needed: int,
         *,
         success: bool,
-        gen: int | None = None,
+        reservation: str,
+        reset_timeout: float,
         background: bool = False,
     ) -> tuple[str, float, int, int]:
-        """A half-open probe ended (``gen``: of the half-open state it was let through in, for
-        a probe reported late; None: the current one)."""
-        cb, fails, _ = _keys(service)
+        """The half-open probe of ``reservation`` ended (``success``, or neither way: its slot
+        is released; an admit whose answer was lost is released so too). Applied once, and
+        only in the half-open state the reservation was made in."""
         st, rem, gen, opens = self._call(
             "probe_done",
-            [cb, fails],
+            _breaker_keys(service),
             [
                 self.channel,
                 service,
                 self.token,
                 needed,
                 1 if success else 0,
-                "" if gen is None else str(gen),
+                reservation,
+                max(reset_timeout, PROBE_LEASE_MIN),
             ],
             background=background,
         )
@@ -556,10 +630,9 @@ class FleetLink:
         self, service: str, state: str, reset_timeout: float, *, background: bool = False
     ) -> tuple[str, float, int, int]:
         """Set the shared state to ``state`` (``""``: only read it)."""
-        cb, fails, _ = _keys(service)
         st, rem, gen, opens = self._call(
             "force",
-            [cb, fails],
+            _breaker_keys(service),
             [self.channel, service, self.token, state, reset_timeout],
             background=background,
         )

@@ -15,6 +15,7 @@ from processes import wait_for
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
+from resilient_db import _fleet
 from resilient_db.testing import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -66,3 +67,97 @@ def test_a_probe_that_succeeded_while_redis_blipped_closes_the_fleet_breaker_on_
     assert _fleet_state(redis_server, "blip") == "closed"
     assert breaker.state == "closed"
     assert Factory.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one()) == 1
+
+
+def _load_scripts(redis: RedisServer) -> None:
+    """Load every script into Redis, as a process running a while has: a script sent for the
+    first time while Redis hangs would be refused late (NOSCRIPT), not run late."""
+    client = redis.client()
+    for source in _fleet._SCRIPTS.values():
+        client.script_load(source)
+
+
+@pytest.mark.parametrize("probe_ok", [True, False], ids=["probe-succeeds", "probe-fails"])
+def test_an_admit_redis_ran_after_its_answer_was_lost_holds_no_probe_slot(
+    redis_server: RedisServer, engine: sa.Engine, probe_ok: bool
+) -> None:
+    """Redis hangs while a process asks it for a half-open probe: the answer is lost (the
+    process probes on its own state), but Redis runs the admit when it resumes. The slot it
+    took is this process's attempt's: its outcome is reported on rejoining (a success closes
+    the fleet's breaker, a failure gives the slot back), so no unit is refused afterwards by
+    a probe slot that nobody holds."""
+    reset = 0.3
+    config = rdb.Config(
+        redis_url=redis_server.url,
+        retry=False,
+        reset_timeout=reset,
+        half_open_probes=1,
+        failure_threshold=5,
+        redis_timeout=0.05,
+    )
+    Factory = rdb.ResilientSession(engine, service="ghost", config=config)
+    wait_for(lambda: shared("ghost")["connected"], "the link")
+    _load_scripts(redis_server)
+    breaker = Factory.policy.breaker
+    assert breaker is not None
+    breaker.open()
+    time.sleep(reset)  # the breaker's open period (not a backoff)
+    redis_server.pause()
+    try:
+        # the admit times out: the attempt runs as this process's own probe
+        if probe_ok:
+            assert Factory.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one()) == 1
+        else:
+            with pytest.raises(sa.exc.DBAPIError):
+                Factory.run(lambda s: s.execute(sa.text("SELECT 1/0")))
+        assert shared("ghost")["connected"] is False
+    finally:
+        redis_server.resume()
+    wait_for(lambda: shared("ghost")["connected"], "the link, again", timeout=5)
+    held = redis_server.client().hget("resilient_db:{ghost}:breaker", "probes")
+    assert int(held or 0) == 0  # the late admit's slot is not held by nobody
+    assert _fleet_state(redis_server, "ghost") == ("closed" if probe_ok else "half-open")
+    # the database is healthy: the next unit runs (as the fleet's probe, when half-open)
+    assert Factory.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one()) == 1
+    assert _fleet_state(redis_server, "ghost") == "closed"
+
+
+def test_a_probe_end_redis_ran_late_is_not_counted_again_on_rejoin(
+    redis_server: RedisServer, engine: sa.Engine
+) -> None:
+    """Redis hangs as a probe ends (two probes needed to close): the report times out, and
+    Redis runs it when it resumes; the process reports it again on rejoining, as it would
+    one Redis never got. One probe counts once: the fleet's breaker stays half-open, one
+    success counted, until a second probe succeeds."""
+    reset = 0.3
+    config = rdb.Config(
+        redis_url=redis_server.url,
+        retry=False,
+        reset_timeout=reset,
+        half_open_probes=2,
+        failure_threshold=5,
+        redis_timeout=0.05,
+    )
+    Factory = rdb.ResilientSession(engine, service="twice", config=config)
+    wait_for(lambda: shared("twice")["connected"], "the link")
+    _load_scripts(redis_server)
+    breaker = Factory.policy.breaker
+    assert breaker is not None
+    breaker.open()
+    time.sleep(reset)  # the breaker's open period (not a backoff)
+
+    def probe(s: Session) -> int:
+        value = int(s.execute(sa.text("SELECT 1")).scalar_one())
+        redis_server.pause()  # Redis hangs just as the probe ends: its report times out
+        return value
+
+    try:
+        assert Factory.run(probe) == 1
+        assert shared("twice")["connected"] is False
+    finally:
+        redis_server.resume()
+    wait_for(lambda: shared("twice")["connected"], "the link, again", timeout=5)
+    fields = redis_server.client().hmget("resilient_db:{twice}:breaker", "st", "ok", "probes")
+    assert fields == [b"half-open", b"1", b"0"]  # one success, counted once; no slot held
+    assert Factory.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one()) == 1
+    assert _fleet_state(redis_server, "twice") == "closed"
