@@ -256,7 +256,9 @@ class RetryBudget:
             return pending
 
     def give_back(self, pending: list[tuple[int, int]]) -> None:
-        """The fleet did not take ``pending`` (Redis unreachable): keep them, in their seconds."""
+        """The fleet did not take ``pending`` (its script surely did not run: the link was
+        down, the connection refused): keep them, in their seconds. One that may have run
+        (a timeout) does not give them back: sent again, they would count twice."""
         with self._lock:
             second = math.floor(self._clock())
             for age, amount in pending:
@@ -280,7 +282,8 @@ class RetryBudget:
                         self.granted += 1
                         return True
                     return False
-            self.give_back(pending)  # Redis is unreachable: this process decides alone
+            # Redis did not answer: this process decides alone (the link gave ``pending`` back
+            # unless Redis may have counted them all the same)
         with self._lock:
             now = self._clock()
             self._observe(now)

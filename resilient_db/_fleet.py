@@ -35,7 +35,9 @@ warning. A command that timed out may run all the same: a Redis that hung runs w
 when it resumes. So what is sent again is idempotent: every half-open admit carries a
 reservation id drawn before sending, and a probe's end (or the release of an admit whose answer
 was lost) names it; Redis applies each reservation's end once, and only in the half-open state
-it was made in, and an admit arriving after its release takes no slot. A Redis that
+it was made in, and an admit arriving after its release takes no slot. A retry budget's first
+attempts whose script may have run are not sent again (counting too few is the safe side); those
+refused before sending (the link down, the connection refused) are. A Redis that
 answers but refuses writes (a read-only replica after a failover, out of memory, an ACL
 without the rights) stays down: its scripts would fail at once; its warning, and
 ``problem``, say what it answered ("read-only replica, writes refused"), not that it did not
@@ -656,12 +658,23 @@ class FleetLink:
 
     def budget_withdraw(self, budget: Any, pending: list[tuple[int, int]]) -> str | None:
         """Spend one retry of ``budget`` fleet-wide, adding its ``pending`` first attempts.
-        ``"ratio"``/``"floor"``: granted; ``""``: spent; None: Redis did not answer."""
+        ``"ratio"``/``"floor"``: granted; ``""``: spent; None: Redis did not answer (``pending``
+        is given back to ``budget`` when the script surely did not run)."""
         try:
             answer = self._budget_call(budget, pending, spend=True)
-        except FleetDown:
+        except FleetDown as down:
+            self._unsent(budget, pending, down)
             return None
         return _s(answer[0])
+
+    @staticmethod
+    def _unsent(budget: Any, pending: list[tuple[int, int]], down: FleetDown) -> None:
+        """A budget script carrying ``pending`` first attempts failed: they are sent again
+        later only if it surely did not run. One that timed out may run when Redis resumes
+        (a Redis that hung runs what it received): sent again, they would count twice
+        fleet-wide, and the fleet's budget would grow by the ratio of attempts never made."""
+        if not down.sent:
+            budget.give_back(pending)
 
     def _budget_call(self, budget: Any, pending: list[tuple[int, int]], *, spend: bool) -> Any:
         _, _, key = _keys(budget.service)
@@ -849,8 +862,8 @@ class FleetLink:
                 continue
             try:
                 self._budget_call(budget, pending, spend=False)
-            except FleetDown:
-                budget.give_back(pending)
+            except FleetDown as down:
+                self._unsent(budget, pending, down)
                 return
 
     # -- stopping ------------------------------------------------------------------------------

@@ -13,12 +13,16 @@ import sqlalchemy as sa
 from processes import wait_for
 
 import resilient_db as rdb
-from resilient_db import _budget
+from resilient_db import _budget, _fleet
 from resilient_db._budget import RetryBudget
 from resilient_db._observability import stats_for
 from resilient_db.testing import RedisServer
 
 WINDOW = 2  # seconds a first attempt counts as recent, in these tests
+#: fails as a server refusing connections does (57P03): retried, and charged to the budget
+UNAVAILABLE = sa.text(
+    "DO $$ BEGIN RAISE EXCEPTION 'unavailable for this test' USING ERRCODE = '57P03'; END $$"
+)
 
 
 @pytest.fixture
@@ -105,3 +109,45 @@ def test_first_attempts_go_to_the_fleet_as_whole_numbers() -> None:
         stats.add_attempt()
     now[0] = 1003.8
     assert budget.take_pending() == [(0, 3)]  # 3.64: the 0.64 still waits
+
+
+@pytest.mark.slow
+def test_first_attempts_whose_deposit_redis_ran_late_are_not_sent_again(
+    redis_server: RedisServer, engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis hangs while a retry asks the fleet's budget, carrying the first attempts not
+    counted yet: the script times out, but Redis runs it when it resumes. Those first attempts
+    are not sent again (the fleet would count them twice, and its budget grow by the ratio of
+    attempts never made): the fleet counts no more first attempts than were made."""
+    monkeypatch.setattr(_fleet, "FLUSH_INTERVAL", 60.0)  # only this test's flush, below
+    config = rdb.Config(
+        redis_url=redis_server.url,
+        retry_budget=0.5,
+        retry_budget_floor=0,
+        circuit_breaker=False,
+        max_retries=1,
+        redis_timeout=0.05,
+    )
+    Session = rdb.ResilientSession(engine, service="late", config=config)
+    budget = _budget.budgets()["late"]
+    wait_for(lambda: _budget_entry("late")["scope"] == "fleet", "the budget to be shared")
+    link = budget._fleet
+    assert link is not None
+    client = redis_server.client()
+    for source in _fleet._SCRIPTS.values():  # loaded, as in a process running a while
+        client.script_load(source)
+    for _ in range(40):
+        Session.run(lambda s: s.execute(sa.text("SELECT 1")))
+    redis_server.pause()
+    try:  # its retry asks the fleet's budget, with the 40 first attempts: the script times out
+        with rdb.set_testing(), pytest.raises(sa.exc.OperationalError):
+            Session.run(lambda s: s.execute(UNAVAILABLE))
+        assert _budget_entry("late")["scope"] == "process"
+    finally:
+        redis_server.resume()
+    wait_for(lambda: _budget_entry("late")["scope"] == "fleet", "the budget, shared again", 5)
+    link._flush_budgets()  # what the background thread sends about once a second
+    counters = rdb.health()["services"]["late"]["counters"]
+    made = counters["attempts"] - counters["retries"]
+    assert made >= 41
+    assert 0 < _fleet_deposits(redis_server, "late") <= made
