@@ -118,19 +118,23 @@ def runs_once_here() -> bool:
         return False
 
 
-def end_committed_transactions(_session: Any, request: CommitRequest) -> None:
+def end_committed_transactions(session: Session, request: CommitRequest) -> None:
     """A unit's COMMIT whose answer was lost was proved committed: the transaction of each
     connection it began on still holds that COMMIT, failed (SQLAlchemy ends it only at a
     rollback): a bound ``Connection``'s own, which the factory's next unit could not begin
     past ("already initialized a SQLAlchemy Transaction()"). For a unit's own session, which
     is closed next, end those, and nothing else: no session rollback, whose events
-    (``after_rollback``) and expiry would speak of work that is committed. (A ``run_in``
-    session is left as a failed COMMIT leaves it, for its caller to roll back, which ends
-    them, with the caller's objects kept.)"""
+    (``after_rollback``) and expiry would speak of work that is committed. Its
+    ``after_commit`` listeners are told, as for any commit (an outbox, a cache invalidation:
+    the work is committed), once. (A ``run_in`` session is left as a failed COMMIT leaves it,
+    for its caller to roll back, which ends them, with the caller's objects kept.)"""
     for connection, _ in request.connections():
         transaction = connection.get_transaction()
         if transaction is not None and not transaction.is_active:
             transaction.close()  # (inactive: no I/O)
+    # the session's event dispatcher, as SessionTransaction.commit calls it (the attribute
+    # every event target has; tests/test_session.py checks the listeners are called)
+    session.dispatch.after_commit(session)
 
 
 def joins_callers_transaction(session: Any, binds: Any = None) -> str | None:

@@ -705,19 +705,31 @@ def test_a_verified_commit_fires_no_rollback_event_and_leaves_a_run_in_callers_o
 ) -> None:
     """A unit whose lost COMMIT answer was proved committed: the session's failed transaction
     was ended with a rollback, which told the application's ``after_rollback`` listeners of
-    work that is committed, and let go of a ``run_in`` caller's objects (a later change of
-    theirs, committed by the caller, wrote nothing)."""
+    work that is committed (its ``after_commit`` listeners were never told), and let go of a
+    ``run_in`` caller's objects (a later change of theirs, committed by the caller, wrote
+    nothing)."""
     engine = sa.create_engine(fault_proxy.url(pg_database))
     Base.metadata.create_all(engine)
     Session = rdb.ResilientSession(engine, service=service, config=rdb.Config())
     rollbacks: list[str] = []
+    commits: list[str] = []
     sa.event.listen(Session, "after_rollback", lambda session: rollbacks.append("rollback"))
+    sa.event.listen(
+        Session, "after_commit", lambda session: commits.append(session.info.get("unit", "?"))
+    )
     Session.run(lambda session: session.add(Item(name="kept")))
+    assert commits == ["?"]
+
+    def verified(session: Session) -> None:
+        session.info["unit"] = "verified"  # what an outbox's listener would look at
+        session.add(Item(name="verified"))
 
     fault_proxy.lose_commit_answer()
-    Session.run(lambda session: session.add(Item(name="verified")))
+    Session.run(verified)
     assert fault_proxy.commits_lost == 1
     assert rollbacks == []
+    # committed: its after_commit listeners are told, once (an outbox, a cache invalidation)
+    assert commits == ["?", "verified"]
 
     with Session() as session:
         item = session.execute(sa.select(Item).where(Item.name == "kept")).scalar_one()

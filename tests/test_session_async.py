@@ -1081,8 +1081,16 @@ async def test_commit_answer_lost_is_verified_and_never_written_twice(
 ) -> None:
     engine = proxied
     await _create_schema(engine)
-    Session = AsyncResilientSession(engine, service=service, config=rdb.Config())
+
+    class Told(sa.orm.Session):
+        """A sync session class whose after_commit listeners are told of a verified commit."""
+
+    Session = AsyncResilientSession(
+        engine, service=service, config=rdb.Config(), sync_session_class=Told
+    )
     calls: list[int] = []
+    commits: list[str] = []
+    sa.event.listen(Told, "after_commit", lambda session: commits.append("c"))
 
     async def unit(session: AsyncSession) -> str:
         calls.append(1)
@@ -1093,6 +1101,7 @@ async def test_commit_answer_lost_is_verified_and_never_written_twice(
     assert await Session.run(unit) == "committed"
     assert fault_proxy.commits_lost == 1
     assert calls == [1]
+    assert commits == ["c"]
     assert await count_items(direct, "once") == 1
     assert counters(service)["verified_commits"] == 1
 

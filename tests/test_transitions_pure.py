@@ -424,6 +424,8 @@ CREATEROLE';
 END
 $rdb$;
 
+DO $rdb1$
+BEGIN
 CREATE OR REPLACE FUNCTION "rdb_transition_jobs_state_b53b700df013"() RETURNS trigger \
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -515,22 +517,19 @@ asked for with resilient_db bypass_transitions(), within one transaction';
         SCHEMA = TG_TABLE_SCHEMA, TABLE = TG_TABLE_NAME, COLUMN = 'state';
 END
 $rdb$;
-
 COMMENT ON FUNCTION "rdb_transition_jobs_state_b53b700df013"() IS 'resilient_db transition \
 guard v5 rules-sha256=184928a9ef0e5f045c6898167df67086cdc88f3f6cdc57de5b11eda78345e73f';
-
 DROP TRIGGER IF EXISTS "rdb_transition_state_ins" ON "jobs";
-
 CREATE TRIGGER "rdb_transition_state_ins" AFTER INSERT ON "jobs"
 FOR EACH ROW WHEN (NOT (coalesce(NEW."state"::text COLLATE pg_catalog."C" IN ('new'), false)))
 EXECUTE FUNCTION "rdb_transition_jobs_state_b53b700df013"();
-
 DROP TRIGGER IF EXISTS "rdb_transition_state_upd" ON "jobs";
-
 CREATE TRIGGER "rdb_transition_state_upd" AFTER UPDATE ON "jobs"
 FOR EACH ROW WHEN (OLD."state"::text COLLATE pg_catalog."C" IS DISTINCT FROM \
 NEW."state"::text COLLATE pg_catalog."C")
 EXECUTE FUNCTION "rdb_transition_jobs_state_b53b700df013"();
+END
+$rdb1$;
 
 DO $rdb$
 DECLARE
