@@ -349,7 +349,7 @@ _MARKERS_COMMENT: Final = (
     f"committed, kept {int(RETENTION)} s"
 )
 # the install is current: this version's table (its comment says which) and the functions
-_MARKERS_CURRENT = text(
+_MARKERS_CURRENT = (
     f"SELECT pg_catalog.obj_description("
     f"pg_catalog.to_regclass('{SCHEMA}.commit_markers'), 'pg_class') = :comment"
     f" AND pg_catalog.to_regprocedure('{SCHEMA}.mark_commit(uuid)') IS NOT NULL"
@@ -360,7 +360,7 @@ _MARKERS_CURRENT = text(
     # and owned by roles the caller trusts; else the install runs and refuses them, naming
     # their owner. A role that could not install anyway (no CREATE on the database: an
     # application's at startup) is not made to fail there: its connections won't use them.
-    f" AND ({_UNTRUSTED_SQL} IS NULL OR NOT pg_catalog.has_database_privilege("
+    " AND ({untrusted} IS NULL OR NOT pg_catalog.has_database_privilege("
     "pg_catalog.current_database(), 'CREATE'))"
 )
 
@@ -406,7 +406,16 @@ def install_commit_markers(bind_or_op: Any) -> None:
 
 
 def _markers_current(conn: Connection) -> bool:
-    return bool(conn.execute(_MARKERS_CURRENT, {"comment": _MARKERS_COMMENT}).scalar())
+    """Whether this version is installed, owned by roles the connections would trust: the
+    environment's ``SELF_HEALING_MARKERS_OWNER`` too (markers a migration role installed, used
+    by the application's units, are current for its install at startup: no DDL)."""
+    from .transitions._report import env_config  # noqa: PLC0415 (see _run_statements)
+
+    owner = env_config().markers_owner
+    # (a colon in the owner's name would read as a bind parameter: escaped, as text() wants)
+    untrusted = _UNTRUSTED_SQL if owner is None else _untrusted_sql(owner).replace(":", "\\:")
+    statement = text(_MARKERS_CURRENT.replace("{untrusted}", untrusted))
+    return bool(conn.execute(statement, {"comment": _MARKERS_COMMENT}).scalar())
 
 
 def _run_statements(bind_or_op: Any, statements: list[str]) -> None:

@@ -475,3 +475,36 @@ def test_a_markers_owner_that_cannot_be_a_role_name_is_refused(bad: str) -> None
     if bad.strip():
         with pytest.raises(rdb.ConfigError, match="markers_owner"):
             rdb.Config(markers_owner=bad)
+
+
+def test_the_application_installing_at_startup_trusts_the_named_markers_owner(
+    admin: sa.Engine, make_role: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The application role holds CREATE on the database (``GRANT ALL ON DATABASE``, common)
+    and calls ``install_commit_markers(engine)`` at startup, as the quickstart does, over the
+    markers the migration role named in ``SELF_HEALING_MARKERS_OWNER`` installed: its units use
+    them, yet the install took them for another role's, sent DDL and was refused (advising to
+    drop the schema). It sends nothing now."""
+    migrator = make_role('GRANT CREATE ON DATABASE "{database}" TO {role}')
+    app = make_role('GRANT CREATE ON DATABASE "{database}" TO {role}')
+    engine = migrator.engine()
+    try:
+        rdb.install_commit_markers(engine)
+    finally:
+        engine.dispose()
+    app_engine = app.engine()
+    sent: list[str] = []
+    sa.event.listen(app_engine, "before_cursor_execute", lambda *a: sent.append(a[2]))
+    try:
+        with pytest.raises(sa.exc.ProgrammingError, match="owned by role"):
+            rdb.install_commit_markers(app_engine)  # not named: refused, as before
+        monkeypatch.setenv("SELF_HEALING_MARKERS_OWNER", migrator.name)
+        rdb.reload_config()  # (the process's configuration: the environment read at first use)
+        sent.clear()
+        rdb.install_commit_markers(app_engine)
+    finally:
+        app_engine.dispose()
+        monkeypatch.delenv("SELF_HEALING_MARKERS_OWNER")
+        rdb.reload_config()
+    assert sent  # it looked
+    assert [s for s in sent if s.lstrip().upper().startswith(("DO", "CREATE"))] == []
