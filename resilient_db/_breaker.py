@@ -745,6 +745,20 @@ class Breaker:
         if by_me:
             self._opened_here += 1
         self.fleet_update(state, remaining, gen, opens, answer=True, mine=by_me)
+        if state == CLOSED:
+            self._mirror_failures(failures)
+
+    def _mirror_failures(self, failures: int) -> None:
+        """The fleet counts ``failures`` in its current run (closed): the local breaker, what
+        this process falls back to when Redis stops answering, counts as many, so that the
+        fallback starts from what the fleet knew, not from zero."""
+        with self._lock:
+            storage = self._storage
+            if storage.state != CLOSED or storage.counter == failures:
+                return
+            storage.reset_counter()
+            for _ in range(min(failures, self.config.failure_threshold)):
+                storage.increment_counter()
 
     def _fleet_reset_failures(self) -> None:
         self._fleet_failures = 0

@@ -564,3 +564,36 @@ def test_a_killed_test_process_leaves_no_redis_behind() -> None:
         assert alive(pid)
     wait_for(lambda: not alive(pid), "redis-server to stop")
     wait_for(lambda: not directory.exists(), "its directory to be deleted")
+
+
+def test_the_fallback_breaker_starts_from_the_failures_the_fleet_counted(
+    redis_server: RedisServer, pg_url: str, gate: Gate
+) -> None:
+    """Two of three failures counted fleet-wide, then Redis dies: this process's own breaker
+    starts from those two (what the fleet knew as it last answered), so one more failure
+    opens it, not three more."""
+    engine = sa.create_engine(pg_url)
+    config = rdb.Config(
+        redis_url=redis_server.url, retry=False, failure_threshold=3, reset_timeout=30.0
+    )
+    Factory = rdb.ResilientSession(engine, service="fallback", config=config)
+    wait_for(lambda: shared("fallback")["connected"], "the link")
+    gate.set(down=True)
+
+    def unit(s: Any) -> None:
+        s.execute(sa.text("SELECT rdb_gate()"))
+
+    for _ in range(2):
+        with pytest.raises(sa.exc.OperationalError):
+            Factory.run(unit)
+    breaker = rdb.health()["services"]["fallback"]["breaker"]
+    assert (breaker["state"], breaker["failures"]) == ("closed", 2)
+    redis_server.kill()
+    wait_for(lambda: not shared("fallback")["connected"], "the link down", timeout=5)
+    assert rdb.health()["services"]["fallback"]["breaker"]["failures"] == 2
+    with pytest.raises(sa.exc.OperationalError):
+        Factory.run(unit)  # the third failure
+    assert rdb.health()["services"]["fallback"]["breaker"]["state"] == "open"
+    with pytest.raises(rdb.CircuitOpenError):
+        Factory.run(unit)
+    engine.dispose()
