@@ -465,7 +465,11 @@ _CHECK_SQL = f"""SELECT COALESCE(
   AND pg_catalog.has_table_privilege(
     pg_catalog.to_regclass('{SCHEMA}.commit_markers'), 'INSERT')
   AND pg_catalog.has_table_privilege(
-    pg_catalog.to_regclass('{SCHEMA}.commit_markers'), 'SELECT'), false),
+    pg_catalog.to_regclass('{SCHEMA}.commit_markers'), 'SELECT')
+  -- mark_commit and the prune ask the login role's right (a role switched to needs none): a
+  -- role set at connect (SET ROLE in a connect listener) whose login role may not is not enough
+  AND pg_catalog.has_table_privilege(session_user,
+    pg_catalog.to_regclass('{SCHEMA}.commit_markers'), 'INSERT'), false),
   extract(epoch FROM pg_catalog.clock_timestamp())::float8,
   {_IDENTITY_SQL}"""
 

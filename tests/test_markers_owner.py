@@ -508,3 +508,41 @@ def test_the_application_installing_at_startup_trusts_the_named_markers_owner(
         rdb.reload_config()
     assert sent  # it looked
     assert [s for s in sent if s.lstrip().upper().startswith(("DO", "CREATE"))] == []
+
+
+def test_a_role_set_at_connect_whose_login_role_may_not_write_markers_uses_the_fallback(
+    admin: sa.Engine, make_role: Any, service: str
+) -> None:
+    """The login role (NOINHERIT, a member of the application's role) sets that role in a
+    connect listener, as shared-login set-ups do; the grants went to the application's role.
+    The connection's check asked the role in effect and used the markers, but ``mark_commit``
+    asks the login role: a unit switching roles (``SET LOCAL ROLE``) was refused ("may not
+    write commit markers"), and no prune ever ran. The check asks the login role too: such a
+    connection verifies by transaction id, and every unit commits."""
+    rdb.install_commit_markers(admin)
+    app, tenant = make_role(), make_role()
+    login = make_role("ALTER ROLE {role} NOINHERIT", f"GRANT {app.name} TO {{role}}")
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"GRANT {tenant.name} TO {app.name}")
+        conn.exec_driver_sql(f"GRANT SELECT, INSERT ON resilient_db.commit_markers TO {app.name}")
+    engine = login.engine()
+
+    @sa.event.listens_for(engine, "connect")
+    def set_role(dbapi_connection: Any, _record: Any) -> None:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute(f"SET ROLE {app.name}")
+        dbapi_connection.commit()
+
+    def switching(session: Session) -> int:
+        session.execute(sa.text(f"SET LOCAL ROLE {tenant.name}"))
+        return _bump(session)
+
+    try:
+        Sessions = rdb.ResilientSession(engine, service=service)
+        Sessions.run(_bump)
+        Sessions.run(switching)
+        with engine.connect() as conn:
+            assert conn.connection.driver_connection._rdb_mode == _commit.XID
+    finally:
+        engine.dispose()
+    assert _counter(admin) == 2
