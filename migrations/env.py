@@ -3,17 +3,20 @@
 The connection comes from, in order: ``config.attributes["connection"]`` (a SQLAlchemy
 ``Connection`` handed over by a program, as ``resilient-db demo`` does), ``-x url=...`` on the
 alembic command line, the ``RESILIENT_DB_URL`` environment variable, ``sqlalchemy.url`` in
-``alembic.ini``. Offline mode (``alembic upgrade --sql``) writes the SQL, the transition
+``alembic.ini``; an async driver's URL (``postgresql+asyncpg://...``) runs them through an
+async engine. Offline mode (``alembic upgrade --sql``) writes the SQL, the transition
 trigger included.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from logging.config import fileConfig
 
 import sqlalchemy as sa
 from alembic import context
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from resilient_db.examples.tasks import Base
 
@@ -65,12 +68,28 @@ def run_migrations_online() -> None:
     if given is not None:
         _run_on(given)
         return
-    engine = sa.create_engine(_url(), poolclass=sa.pool.NullPool)
+    url = sa.make_url(_url())
+    if url.get_dialect().is_async:  # an async driver's URL (+asyncpg): run through its engine
+        asyncio.run(_run_async(url))
+        return
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
     try:
         with engine.connect() as connection:
             _run_on(connection)
     finally:
         engine.dispose()
+
+
+async def _run_async(url: sa.URL) -> None:
+    """The same on an async engine (a URL with ``+asyncpg`` or ``+psycopg_async``, which a
+    sync engine can't use): the migrations run in ``run_sync``, as Alembic's async template
+    does."""
+    engine = create_async_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        async with engine.connect() as connection:
+            await connection.run_sync(_run_on)
+    finally:
+        await engine.dispose()
 
 
 if context.is_offline_mode():

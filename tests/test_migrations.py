@@ -20,6 +20,7 @@ from sqlalchemy import exc as sa_exc
 import resilient_db as rdb
 from resilient_db.demo import alembic_config, apply_migrations, downgrade_migrations
 from resilient_db.examples.tasks import Base, Task
+from resilient_db.testing import PostgresServer
 
 HEAD = "0009_transition_trigger_v5"
 
@@ -390,6 +391,31 @@ def test_alembic_command_line_with_the_url_option(pg_url: str, engine: sa.Engine
         in done.stderr
     )
     assert version(engine) == HEAD
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg_async"])
+def test_alembic_command_line_with_an_async_drivers_url(
+    pg_server: PostgresServer, pg_database: str, engine: sa.Engine, driver: str
+) -> None:
+    """An application whose only URL is its async one (``+asyncpg``): the command line ended
+    in "MissingGreenlet: greenlet_spawn has not been called"; it migrates through an async
+    engine."""
+    url = pg_server.url(pg_database, driver="asyncpg")
+    if driver == "psycopg_async":
+        url = url.replace("+asyncpg", "+psycopg_async", 1)
+    ini = alembic_config().config_file_name
+    done = subprocess.run(
+        [sys.executable, "-m", "alembic", "-c", ini, "-x", f"url={url}", "upgrade", "head"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert version(engine) == HEAD
+    assert marker_objects(engine) == MARKER_OBJECTS
+    with engine.connect() as conn:
+        assert rdb.trigger_drift(conn, Task) is None
 
 
 def test_commit_markers_install_is_idempotent_next_to_the_migration(
