@@ -170,13 +170,18 @@ def test_real_deadlock_between_two_threads_resolves_with_both_units_done(
         t.join(timeout=30)
     assert errors == []
     counters = rdb.health()["services"][service]["counters"]
-    assert sorted(attempts.values()) == [1, 2], counters  # the deadlock victim was replayed once
-    counters = rdb.health()["services"][service]["counters"]
-    assert counters["retries_by_class"] == {"conflict": 1}
+    # the deadlock's victim was replayed (once, as a rule; under load the replay can meet the
+    # other unit in a deadlock of its own, seen once in a full suite run: each is replayed)
+    replays = sum(attempts.values()) - 2
+    assert 1 <= replays <= 2, (attempts, counters)
+    assert counters["retries_by_class"] == {"conflict": replays}
     with engine.connect() as conn:
         names = dict(conn.execute(sa.select(Item.id, Item.name)).all())
-    winner = "first" if attempts["first"] == 2 else "second"
-    assert names == {1: f"{winner}-1", 2: f"{winner}-2"}  # the replayed unit ran last
+    # both rows hold one unit's names: whichever committed last wrote both, all or nothing
+    assert names in ({1: "first-1", 2: "first-2"}, {1: "second-1", 2: "second-2"}), names
+    if replays == 1:
+        winner = "first" if attempts["first"] == 2 else "second"
+        assert names == {1: f"{winner}-1", 2: f"{winner}-2"}  # the replayed unit ran last
 
 
 def test_exhausted_retries_reraise_the_original_database_error(
