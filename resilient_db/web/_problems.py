@@ -118,6 +118,10 @@ def problem_details(
     def body(kind: str, title: str, status: int, detail: str, **ext: Any) -> dict[str, Any]:
         return {"type": type_base + kind, "title": title, "status": status, "detail": detail, **ext}
 
+    def unknown(**ext: Any) -> Problem:
+        title = "Outcome of the change unknown"
+        return Problem(500, body("commit-outcome-unknown", title, 500, _UNKNOWN_DETAIL, **ext))
+
     if isinstance(exc, CircuitOpenError):
         seconds = retry_after_seconds(exc.retry_after)
         return Problem(
@@ -170,16 +174,7 @@ def problem_details(
             ),
         )
     if isinstance(exc, CommitOutcomeUnknownError):
-        return Problem(
-            500,
-            body(
-                "commit-outcome-unknown",
-                "Outcome of the change unknown",
-                500,
-                _UNKNOWN_DETAIL,
-                service=exc.service,
-            ),
-        )
+        return unknown(service=exc.service)
     if isinstance(exc, ResponseValidationError):
         return Problem(
             500,
@@ -193,15 +188,7 @@ def problem_details(
         )
     outcome = _outcome(exc)
     if outcome is Outcome.COMMIT_UNKNOWN:  # a drop-in COMMIT whose answer was lost, 08007
-        return Problem(
-            500,
-            body(
-                "commit-outcome-unknown",
-                "Outcome of the change unknown",
-                500,
-                _UNKNOWN_DETAIL,
-            ),
-        )
+        return unknown()
     if outcome.transient:  # a DBAPIError, or a driver's own error (asyncpg's refused connect)
         return Problem(
             503,
