@@ -813,6 +813,7 @@ class Breaker:
                     # whatever the subscriber thread waited), so the earliest end is the truest
                     self._fleet_until = min(self._fleet_until, time.monotonic() + remaining)
                 return
+            seen = gen == self._fleet_gen and gen != 0  # the view had this state already
             self._fleet_gen = gen
             restarted, self._view_restarted = self._view_restarted, False
             self._fleet_opens = max(self._fleet_opens, opens) if not force else opens
@@ -824,6 +825,12 @@ class Breaker:
             if state != CLOSED:
                 self._fleet_failures = 0
             if self._storage.state == state and state != OPEN:
+                return
+            if seen and state == OPEN and remaining <= 0 and self._storage.state != OPEN:
+                # read back after a Redis blip: an opening this view followed already, over
+                # since (nobody asked Redis for a probe yet), which the local breaker got past
+                # meanwhile. Not an opening to follow again (logged, counted as another
+                # process's): the next call asks Redis for a probe
                 return
             # mirror into the local breaker: what it falls back to, and its listeners log
             self._probes = 0

@@ -161,3 +161,37 @@ def test_a_probe_end_redis_ran_late_is_not_counted_again_on_rejoin(
     assert fields == [b"half-open", b"1", b"0"]  # one success, counted once; no slot held
     assert Factory.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one()) == 1
     assert _fleet_state(redis_server, "twice") == "closed"
+
+
+def test_an_opening_read_back_after_a_blip_is_not_followed_again(
+    redis_server: RedisServer, engine: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One process opens the shared breaker; Redis hangs while the opening runs out, and the
+    process's own probe closes its breaker. Read back on rejoining, Redis's state is the same
+    opening, over (nobody asked it for a probe): it was followed again, logged "opened ...
+    after another process's failures" and counted in ``opens_followed`` in a fleet of one. The
+    next call asks Redis for a probe, as it would have."""
+    reset = 0.3
+    config = rdb.Config(
+        redis_url=redis_server.url, retry=False, reset_timeout=reset, failure_threshold=1
+    )
+    Factory = rdb.ResilientSession(engine, service="alone", config=config)
+    wait_for(lambda: shared("alone")["connected"], "the link")
+
+    breaker = Factory.policy.breaker
+    assert breaker is not None
+    breaker.open()
+    time.sleep(reset)  # the breaker's open period (not a backoff)
+    redis_server.pause()
+    try:
+        with caplog.at_level("WARNING", logger="resilient_db"):
+            assert Factory.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one()) == 1
+        assert shared("alone")["connected"] is False
+    finally:
+        redis_server.resume()
+    wait_for(lambda: shared("alone")["connected"], "the link, again")
+    assert shared("alone")["opens_followed"] == 0
+    assert "after another process's failures" not in caplog.text
+    assert Factory.run(lambda s: s.execute(sa.text("SELECT 2")).scalar_one()) == 2
+    assert _fleet_state(redis_server, "alone") == "closed"
+    assert shared("alone")["opens_followed"] == 0
