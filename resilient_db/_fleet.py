@@ -87,7 +87,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from ._config import Config, client_problem, client_says, mask_url
 from ._errors import ConfigError
@@ -117,6 +117,9 @@ FAILURE_MEMORY_MIN = 10.0
 
 _log = logging.getLogger("resilient_db.fleet")
 
+#: a Redis that answered the connection's login with a refusal (redis-py raises its
+#: ``AuthenticationError``, a ``ConnectionError``, though Redis did answer)
+_LOGIN_REFUSED: Final = "login refused (wrong password or user)"
 #: why a Redis that answered refused a command: (its error code, the redis client's exception
 #: class, what it means). A script's error carries the code after a dash ("... -READONLY You
 #: can't write against a read only replica.").
@@ -704,6 +707,9 @@ class FleetLink:
         """What Redis meant when it answered ``exc`` (an error reply): a read-only replica,
         out of memory, no permission, or another error. None: it did not answer."""
         errors = self._redis.exceptions
+        login = getattr(errors, "AuthenticationError", None)  # (a ConnectionError in redis-py)
+        if isinstance(login, type) and isinstance(exc, login):
+            return _LOGIN_REFUSED
         if not isinstance(exc, errors.ResponseError):
             return None
         text = str(exc)
@@ -732,7 +738,8 @@ class FleetLink:
             self._down_logged_at = now
             self._down_warned = True
         if refusal is not None:
-            what, until = f"answered: {problem}", "it takes writes again"
+            what = f"answered: {problem}"
+            until = "it accepts the login" if refusal == _LOGIN_REFUSED else "it takes writes again"
         else:
             what, until = f"did not answer ({type(exc).__name__})", "it answers again"
         emit(

@@ -271,7 +271,10 @@ def test_health_says_why_a_shared_breaker_is_not_connected(
         wait_for(lambda: shared("right")["connected"], "the link")
         assert shared("right")["problem"] is None
         wait_for(lambda: shared("wrong")["problem"] is not None, "the wrong password's problem")
-        assert shared("wrong")["problem"].startswith("AuthenticationError: ")
+        # Redis answered: it refused the login (said so, not "did not answer")
+        login = "login refused (wrong password or user) (AuthenticationError: "
+        assert shared("wrong")["problem"].startswith(login)
+        assert "answered: login refused" in caplog.text
         assert "password" in shared("wrong")["problem"]
         assert not shared("wrong")["connected"]
         budget = rdb.health()["services"]["wrong"]["budget"]  # the budget says the same
