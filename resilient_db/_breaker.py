@@ -834,6 +834,12 @@ class Breaker:
                 return
             # mirror into the local breaker: what it falls back to, and its listeners log
             self._probes = 0
+            if state == CLOSED and gen == 0 and self.close_reason is None:
+                # no shared state: not the database's recovery (it may well be down still)
+                self.close_reason = (
+                    "no state shared through Redis any more (Redis restarted or flushed, or "
+                    "another Redis): starting closed"
+                )
             if state == OPEN:
                 elapsed = self.config.reset_timeout - max(0.0, remaining)
                 self._storage.opened_at = datetime.fromtimestamp(self._clock() - elapsed, _UTC)

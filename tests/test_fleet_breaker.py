@@ -236,6 +236,9 @@ def test_redis_killed_mid_workload_then_back(
         # shared again: the restarted Redis has no state, so both follow it (closed) ...
         for w in workers:
             assert w.ask("wait", what="closed", timeout=10)["ok"]
+        # ... which a, whose own breaker was open, does not call the database's recovery
+        (closed,) = a.self_heal_lines("Circuit breaker closed")
+        assert "no state shared through Redis any more" in closed, closed
         # ... and b's failures now open the circuit for a too
         calls = gate.calls()
         assert b.ask("run", n=3)["errors"] == {"57P03": 3}
