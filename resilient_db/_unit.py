@@ -803,9 +803,24 @@ def _on_after_begin(session: Session, transaction: Any, connection: Any) -> None
         attempt.began_on(transaction, connection)
 
 
+def _on_after_commit(session: Session) -> None:
+    """A session's root transaction committed. Inside an attempt, unless it is the unit's own
+    final COMMIT (``current_request`` is set then), the attempt's code committed part of its
+    work: not replayable. The driver's COMMIT notes that (``_commit._own_commit``), but a
+    session joined to its caller's transaction through a savepoint sends none: its
+    ``commit()`` releases the savepoint into the caller's transaction, which a replay would
+    add the same work to again."""
+    if current_request.get() is not None:
+        return
+    attempt = current_attempt.get()
+    if attempt is not None and attempt.running:
+        attempt.committed = True
+
+
 _CONNECT_EVENTS = (
     ("after_transaction_create", _on_transaction_create),
     ("after_begin", _on_after_begin),
+    ("after_commit", _on_after_commit),
 )
 
 

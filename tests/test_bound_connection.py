@@ -263,3 +263,67 @@ async def test_an_async_unit_joining_its_callers_transaction_is_not_replayed(
         await engine.dispose()
     assert ledger_rows(pg_server, database, caller) == 0
     assert ledger_rows(pg_server, database, unit) == 0
+
+
+@pytest.mark.parametrize("mode", ["create_savepoint", "conditional_savepoint-in-a-savepoint"])
+def test_a_savepoint_unit_that_committed_part_of_its_work_is_not_replayed(
+    direct: sa.Engine, pg_server: PostgresServer, database: str, service: str, mode: str
+) -> None:
+    """Inside a savepoint, the unit's own ``session.commit()`` releases it into the caller's
+    transaction (no COMMIT is sent, which is what marked a unit as having committed part of its
+    work): a transient error after it replayed the unit, and its first part was in the caller's
+    transaction twice, committed by the caller."""
+    caller, unit = f"caller-{uuid.uuid4()}", f"unit-{uuid.uuid4()}"
+    calls = []
+
+    def write(session: Session) -> None:
+        calls.append(1)
+        session.execute(INSERT, {"u": unit})
+        session.commit()  # releases the savepoint: part of the work is the caller's now
+        session.execute(INSERT, {"u": f"{unit}-2"})
+        if len(calls) == 1:
+            session.execute(sa.text("SELECT serialization_failure()"))
+
+    with direct.connect() as conn:
+        trans = conn.begin()
+        conn.execute(INSERT, {"u": caller})
+        if mode == "create_savepoint":
+            Sessions = rdb.ResilientSession(conn, service=service, join_transaction_mode=mode)
+        else:
+            conn.begin_nested()  # the caller's savepoint: the default mode makes one too
+            Sessions = rdb.ResilientSession(conn, service=service)
+        with pytest.raises(sa.exc.OperationalError):
+            Sessions.run(write)
+        assert calls == [1], "replayed after it released part of its work to the caller"
+        trans.commit()
+    assert ledger_rows(pg_server, database, unit) == 1
+    assert ledger_rows(pg_server, database, caller) == 1
+
+
+@pytest.mark.asyncio
+async def test_an_async_savepoint_unit_that_committed_part_of_its_work_is_not_replayed(
+    pg_server: PostgresServer, database: str, service: str
+) -> None:
+    engine = create_async_engine(pg_server.url(database, driver="asyncpg"))
+    unit = f"unit-{uuid.uuid4()}"
+    calls = []
+
+    async def write(session: AsyncSession) -> None:
+        calls.append(1)
+        await session.execute(INSERT, {"u": unit})
+        await session.commit()
+        await session.execute(sa.text("SELECT serialization_failure()"))
+
+    try:
+        async with engine.connect() as conn:
+            trans = await conn.begin()
+            Sessions = rdb.AsyncResilientSession(
+                conn, service=service, join_transaction_mode="create_savepoint"
+            )
+            with pytest.raises(sa.exc.DBAPIError):
+                await Sessions.run(write)
+            assert calls == [1]
+            await trans.commit()
+    finally:
+        await engine.dispose()
+    assert ledger_rows(pg_server, database, unit) == 1
