@@ -1291,14 +1291,19 @@ def _answered(exc: BaseException, classifier: Classifier) -> bool:
 
 
 @contextlib.contextmanager
-def _own_commit(attempt: AttemptRecord) -> Iterator[None]:
+def _own_commit(attempt: AttemptRecord, wrote: bool = True) -> Iterator[None]:
     """Around a COMMIT sent by the code of ``attempt``: unless the server answered it with an
-    error, the attempt can't be replayed. (Only a unit's own COMMITs pass here.)"""
+    error, the attempt can't be replayed. (Only a unit's own COMMITs pass here.) One that
+    ``wrote`` (may have) and got no answer is an unknown outcome, as a drop-in one is (see
+    :func:`_drop_in_commit_failed`): raised as it is, it must not read as transient (a web
+    client told to retry would write twice)."""
     try:
         yield
     except BaseException as exc:
         if not _answered(exc, attempt.classifier):
             attempt.committed = True
+            if wrote:
+                mark_commit_unanswered(exc)
         raise
     attempt.committed = True
 
@@ -2147,7 +2152,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                             else _idle_commit_plan(self)
                         )
                         if attempt is not None:  # a unit's own code commits (AttemptRecord)
-                            with _own_commit(attempt):
+                            with _own_commit(attempt, wrote):
                                 return await base.execute(self, query, timeout=timeout)
                         if ticket is None and wrote:  # no unit (drop-in use): see psycopg's
                             try:
@@ -2231,7 +2236,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                 wrote = self._rdb_may_write
                 ticket, message, attempt = _psycopg_commit_plan(self)
                 if attempt is not None:  # a unit's own code commits (see AttemptRecord)
-                    with _own_commit(attempt):
+                    with _own_commit(attempt, wrote):
                         return await base.commit(self)
                 if ticket is not None:
                     if ticket.mode == XID:
@@ -2264,7 +2269,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                 wrote = self._rdb_may_write
                 ticket, message, attempt = _psycopg_commit_plan(self)
                 if attempt is not None:  # a unit's own code commits (see AttemptRecord)
-                    with _own_commit(attempt):
+                    with _own_commit(attempt, wrote):
                         return base.commit(self)  # type: ignore[no-any-return]
                 if ticket is not None:
                     if ticket.mode == XID:

@@ -1373,3 +1373,46 @@ async def test_an_async_drop_in_commit_whose_answer_is_lost_is_an_unknown_outcom
     assert rdb.classify(raised.value) is rdb.Outcome.COMMIT_UNKNOWN
     with engine.connect() as conn:
         assert conn.scalar(sa.select(sa.func.count()).where(Item.name == name)) == 1
+
+
+@pytest.mark.parametrize("how", ["with_self_healing", "the-units-own-commit"])
+def test_an_own_commit_whose_answer_is_lost_is_an_unknown_outcome(
+    engine: sa.Engine, pg_database: str, fault_proxy: FaultProxy, service: str, how: str
+) -> None:
+    """The same lost answer inside an operation: ``with_self_healing`` around drop-in work (a
+    route handler), or a unit's own ``session.commit()``. Not replayed (it committed itself),
+    and not a transient error either: the web answer was 503 with Retry-After."""
+    from resilient_db.web import problem_details  # noqa: PLC0415 - the web extra
+
+    name = f"own-{uuid.uuid4()}"
+    proxied = sa.create_engine(fault_proxy.url(pg_database))
+    Sessions = rdb.ResilientSession(proxied, service=service)
+    calls: list[int] = []
+
+    @rdb.with_self_healing(service=service)
+    def handler() -> None:
+        calls.append(1)
+        with Sessions() as session:
+            session.add(Item(name=name))
+            session.commit()
+
+    def unit(session: Session) -> None:
+        calls.append(1)
+        session.add(Item(name=name))
+        session.commit()
+
+    try:
+        Sessions.run(lambda session: session.execute(sa.text("SELECT 1")))  # connected
+        fault_proxy.lose_commit_answer()
+        with pytest.raises(sa.exc.OperationalError) as raised:
+            handler() if how == "with_self_healing" else Sessions.run(unit)
+    finally:
+        proxied.dispose()
+    assert fault_proxy.commits_lost == 1
+    assert calls == [1]
+    assert rdb.classify(raised.value) is rdb.Outcome.COMMIT_UNKNOWN
+    answer = problem_details(raised.value)
+    assert answer is not None
+    assert answer.status == 500
+    with engine.connect() as conn:
+        assert conn.scalar(sa.select(sa.func.count()).where(Item.name == name)) == 1
