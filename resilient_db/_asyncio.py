@@ -42,6 +42,7 @@ from ._unit import (
     end_committed_transactions,
     engine_of,
     flush_and_commit,
+    joined_callers_transaction,
     joins_callers_transaction,
     runs_once_here,
     unit_signature,
@@ -370,9 +371,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         token = _units.set(ActiveUnit(self, s))  # the outer unit, if any, is another factory's
         failed = False
         try:
-            joined = joins_callers_transaction(
-                s.sync_session, self.kw.get("binds") if own else None
-            )
+            joined = joins_callers_transaction(s.sync_session)
             if not s.sync_session.autobegin:  # the transaction autobegin would begin (no I/O)
                 await s.begin()
             if not self.config.enabled:
@@ -412,8 +411,10 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                     return value
                 except BaseException as exc:
                     failed = True
-                    if joined is not None:
-                        self.policy.not_replayable(exc, joined)
+                    if joined:
+                        why = joined_callers_transaction(joined, record)
+                        if why is not None:
+                            self.policy.not_replayable(exc, why)
                     await _rollback_quietly(s)
                     raise
         finally:

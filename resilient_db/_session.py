@@ -43,6 +43,7 @@ from ._unit import (
     end_committed_transactions,
     engine_of,
     flush_and_commit,
+    joined_callers_transaction,
     joins_callers_transaction,
     runs_once_here,
     unit_signature,
@@ -349,7 +350,7 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         token = _units.set(ActiveUnit(self, s))  # the outer unit, if any, is another factory's
         failed = False
         try:
-            joined = joins_callers_transaction(s, self.kw.get("binds") if own else None)
+            joined = joins_callers_transaction(s)
             if not s.autobegin:  # the transaction autobegin would begin (no I/O)
                 s.begin()
             if not self.config.enabled:
@@ -385,8 +386,10 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                     return value
                 except BaseException as exc:
                     failed = True
-                    if joined is not None:
-                        self.policy.not_replayable(exc, joined)
+                    if joined:
+                        why = joined_callers_transaction(joined, record)
+                        if why is not None:
+                            self.policy.not_replayable(exc, why)
                     _rollback_quietly(s)
                     raise
         finally:

@@ -16,7 +16,7 @@ import logging
 import select
 import socket
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Final, NamedTuple, TypeVar
 
 import psycopg
@@ -137,35 +137,54 @@ def end_committed_transactions(session: Session, request: CommitRequest) -> None
     session.dispatch.after_commit(session)
 
 
-def joins_callers_transaction(session: Any, binds: Any = None) -> str | None:
-    """Why a failed attempt of ``session`` (a sync ``Session``) must not be replayed because
-    its rollback ends a transaction its caller began, or None. A session bound to a
-    ``Connection`` already in a transaction joins it: with ``join_transaction_mode``
-    ``"rollback_only"``, ``"control_fully"``, or the default ``"conditional_savepoint"``
-    outside a savepoint, its rollback rolls the caller's whole transaction back (the caller's
-    work before the unit is gone), and a replay would begin and commit a transaction of its
-    own on the connection: what the caller meant to commit or roll back as one. With
-    ``"create_savepoint"`` (SQLAlchemy's recipe) the unit's work is a savepoint, and replayed.
-    ``binds``: the factory's ``binds=``, for its own sessions. Two attribute reads for a
-    session bound to an engine: every unit passes here."""
+def session_binds(session: Any) -> Iterable[Any]:
+    """The ``binds=`` of ``session`` (a sync ``Session``): the engines and connections given
+    per mapper or table, whether the factory or the session itself was given them. SQLAlchemy
+    2.1 keeps them in ``Session.binds``, 2.0 in a private attribute (``Session.__binds``): read
+    here only, in this one place; tests/test_bound_connection.py fails loudly if they move."""
+    binds: Any = getattr(session, "binds", None)
+    if not isinstance(binds, Mapping):
+        binds = getattr(session, "_Session__binds", None)
+    return binds.values() if isinstance(binds, Mapping) and binds else ()
+
+
+def joins_callers_transaction(session: Any) -> tuple[Any, ...]:
+    """The connections ``session`` (a sync ``Session``) is bound to that are in a transaction
+    their caller began and that the session joins without a savepoint, so that its rollback
+    ends that transaction: with ``join_transaction_mode`` ``"rollback_only"``,
+    ``"control_fully"``, or the default ``"conditional_savepoint"`` outside a savepoint, a
+    failed attempt's rollback rolls the caller's whole transaction back (its work before the
+    unit is gone), and a replay would begin and commit a transaction of its own on the
+    connection. With ``"create_savepoint"`` (SQLAlchemy's recipe) the unit's work is a
+    savepoint, and replayed. A few attribute reads for a session bound to an engine: every
+    unit passes here."""
     bind = session.bind
+    binds = session_binds(session)
     if not binds and not isinstance(bind, Connection):
-        return None
+        return ()
     mode = session.join_transaction_mode
     if mode == "create_savepoint":
-        return None
-    for given in (bind, *(binds.values() if binds else ())):
-        candidate = getattr(given, "sync_connection", given)  # (an AsyncConnection's)
-        if (
-            isinstance(candidate, Connection)
-            and candidate.in_transaction()
-            and not (mode == "conditional_savepoint" and candidate.in_nested_transaction())
-        ):
-            return (
-                "it joined the transaction its caller began on the Connection it is bound "
-                f"to (join_transaction_mode={mode!r}), which its rollback ended; bind it with "
-                "join_transaction_mode='create_savepoint' to have it replayed"
-            )
+        return ()
+    return tuple(
+        candidate
+        for candidate in (getattr(given, "sync_connection", given) for given in (bind, *binds))
+        if isinstance(candidate, Connection)
+        and candidate.in_transaction()
+        and not (mode == "conditional_savepoint" and candidate.in_nested_transaction())
+    )
+
+
+def joined_callers_transaction(joined: tuple[Any, ...], record: Any) -> str | None:
+    """Why a failed attempt must not be replayed: it began on one of the ``joined`` connections
+    (:func:`joins_callers_transaction`; ``record``: its ``AttemptRecord``, which saw where it
+    began), whose caller's transaction its rollback ends. None: it used none of them."""
+    used = {connection for _, connection, _ in record.began or ()}
+    if any(connection in used for connection in joined):
+        return (
+            "it joined the transaction its caller began on a Connection it is bound to, which "
+            "its rollback ended; bind it with join_transaction_mode='create_savepoint' to have "
+            "it replayed"
+        )
     return None
 
 

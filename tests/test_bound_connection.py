@@ -6,6 +6,7 @@ answers are settled as any unit's: a read replayed, a write verified by its mark
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -17,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
+from resilient_db import _unit
 from resilient_db.testing import FaultProxy, PostgresServer
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
@@ -327,3 +329,65 @@ async def test_an_async_savepoint_unit_that_committed_part_of_its_work_is_not_re
     finally:
         await engine.dispose()
     assert ledger_rows(pg_server, database, unit) == 1
+
+
+LEDGER = sa.Table("ledger", sa.MetaData(), sa.Column("unit", sa.Text))
+OTHER = sa.Table("other", sa.MetaData(), sa.Column("unit", sa.Text))
+
+
+def test_session_binds_reads_what_the_session_was_given(direct: sa.Engine) -> None:
+    """``_unit.session_binds`` reads SQLAlchemy's private ``Session.__binds``: this fails
+    loudly if it moves (units joining their caller's transaction through ``binds=`` would
+    then be replayed outside it)."""
+    with direct.connect() as conn:
+        session = Session(binds={LEDGER: conn, OTHER: direct})
+        assert set(map(id, _unit.session_binds(session))) == {id(conn), id(direct)}
+        assert list(_unit.session_binds(Session(direct))) == []
+
+
+@pytest.mark.parametrize("how", ["run", "run_in", "session-binds"])
+def test_a_unit_joining_its_callers_transaction_through_binds_is_not_replayed(
+    direct: sa.Engine, pg_server: PostgresServer, database: str, service: str, how: str
+) -> None:
+    """``binds=`` holds a Connection in its caller's transaction: the factory's own, a
+    ``run_in`` session of it (whose binds were not looked at: replayed, committing alone), or
+    a session given them itself. A unit that writes through it is not replayed; one that
+    touches only the engine's tables is (its rollback ends nothing of the caller's)."""
+    pg_server.execute("CREATE TABLE other (unit text)", database=database)
+    unit = f"unit-{uuid.uuid4()}"
+    calls = []
+
+    def write(session: Session, table: sa.Table) -> None:
+        calls.append(1)
+        session.execute(sa.insert(table).values(unit=unit))
+        if len(calls) == 1:
+            session.execute(
+                sa.text("SELECT serialization_failure()"), bind_arguments={"bind": direct}
+            )
+
+    with direct.connect() as conn:
+        trans = conn.begin()
+        binds = {LEDGER: conn, OTHER: direct}
+        if how == "session-binds":
+            Sessions = rdb.ResilientSession(direct, service=service)
+            run = functools.partial(Sessions.run_in, Sessions(binds=binds), write)
+        else:
+            Sessions = rdb.ResilientSession(binds=binds, service=service)
+            if how == "run":
+                run = functools.partial(Sessions.run, write)
+            else:
+                run = functools.partial(Sessions.run_in, Sessions(), write)
+        with pytest.raises(sa.exc.OperationalError):
+            run(LEDGER)
+        assert calls == [1], "replayed outside the caller's transaction"
+        if trans.is_active:
+            trans.rollback()
+    assert ledger_rows(pg_server, database, unit) == 0
+    calls.clear()
+    with direct.connect() as conn:
+        trans = conn.begin()
+        Sessions = rdb.ResilientSession(binds={LEDGER: conn, OTHER: direct}, service=service)
+        Sessions.run(write, OTHER)  # only the engine's table: replayed as any unit
+        assert calls == [1, 1]
+        assert trans.is_active
+        trans.rollback()

@@ -1300,12 +1300,15 @@ def test_a_kill_switch_refusal_says_how_to_follow_the_environment(
     engine: sa.Engine, service: str, clean_env: pytest.MonkeyPatch
 ) -> None:
     clean_env.setenv("SELF_HEALING_ENABLED", "false")
-    rdb.ResilientSession(engine, service=service)
+    # held: the refusal is about the engine's live factories (a dropped one, collected by a
+    # garbage collection that came between, made the test depend on the tests before it)
+    following = rdb.ResilientSession(engine, service=service)
     with pytest.raises(ValueError, match=r"enabled: False there, True here") as info:
         rdb.ResilientSession(engine, service=f"{service}-x", config=rdb.Config())
     assert "config=rdb.load_config().replace(...)" in str(info.value)
     follows = rdb.load_config().replace(max_retries=9)
     rdb.ResilientSession(engine, service=f"{service}-y", config=follows)  # agrees: accepted
+    assert not following.config.enabled
 
 
 # -- a drop-in COMMIT whose answer is lost ---------------------------------------------------
