@@ -18,6 +18,7 @@ breaker falls back to while Redis does not answer.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import math
 import secrets
@@ -40,6 +41,11 @@ __all__ = ["Breaker", "breaker_for", "breakers"]
 
 CLOSED, OPEN, HALF_OPEN = _pb.STATE_CLOSED, _pb.STATE_OPEN, _pb.STATE_HALF_OPEN
 _UTC = timezone.utc
+#: the probe the attempt running in this context (thread, asyncio task) was let through as:
+#: (its breaker, its reservation in Redis or None); see Breaker._take_probe
+_probe_here: contextvars.ContextVar[tuple[Any, str | None] | None] = contextvars.ContextVar(
+    "resilient_db_probe_here", default=None
+)
 
 
 def pybreaker_lock(cb: Any) -> Any:
@@ -519,13 +525,27 @@ class Breaker:
 
     def _hold(self, reservation: str | None) -> None:
         """A probe was let through (under ``reservation`` in Redis, if any); callers hold
-        ``self._lock``."""
+        ``self._lock``. Its attempt's context (thread, task) notes which (see
+        :meth:`_take_probe`)."""
         self._held.append(reservation)
         del self._held[: -max(16, 4 * self.config.half_open_probes)]  # bounded
+        _probe_here.set((self, reservation))
 
     def _take_probe(self) -> str | None:
-        """A probe ended: the reservation it held (the oldest; None: none in Redis)."""
+        """A probe ended: the reservation it held. The admission travels as a bool through the
+        retry engine, so the probe's own is found in its context, where it was let through
+        (an attempt ends in the thread or task it began in); an end elsewhere (a returned
+        task's admission given back by its callback) takes the oldest held. Pairing each end
+        with the oldest was wrong when an older probe was still running: a newer one's success
+        was reported under the older's reservation (gone with a state change or the lease), so
+        it counted nowhere and its own slot stayed taken (every call refused meanwhile)."""
+        here = _probe_here.get()
         with self._lock:
+            if here is not None and here[0] is self:
+                _probe_here.set(None)
+                with contextlib.suppress(ValueError):
+                    self._held.remove(here[1])
+                return here[1]
             return self._held.pop(0) if self._held else None
 
     def _fleet_probe_done(self, reservation: str | None, *, success: bool) -> bool:

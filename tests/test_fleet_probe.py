@@ -5,6 +5,7 @@ until the lease runs out."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 
@@ -195,3 +196,44 @@ def test_an_opening_read_back_after_a_blip_is_not_followed_again(
     assert Factory.run(lambda s: s.execute(sa.text("SELECT 2")).scalar_one()) == 2
     assert _fleet_state(redis_server, "alone") == "closed"
     assert shared("alone")["opens_followed"] == 0
+
+
+def test_a_probe_ending_while_an_older_one_runs_reports_its_own_reservation(
+    redis_server: RedisServer, engine: sa.Engine
+) -> None:
+    """Probe A (a thread) is let through and keeps running; the breaker opens again and
+    half-opens, and probe B is let through and succeeds. Each probe's end took the oldest
+    reservation held: B's success was reported under A's, gone with the state change, so it
+    counted nowhere and B's slot stayed taken: the shared breaker stayed half-open, every call
+    refused, until A ended (or the lease ran out, 10 s). B's end reports B's own now."""
+    reset = 0.3
+    config = rdb.Config(
+        redis_url=redis_server.url, retry=False, reset_timeout=reset, half_open_probes=1
+    )
+    Factory = rdb.ResilientSession(engine, service="overlap", config=config)
+    wait_for(lambda: shared("overlap")["connected"], "the link")
+    breaker = Factory.policy.breaker
+    assert breaker is not None
+    breaker.open()
+    time.sleep(reset)  # the breaker's open period (not a backoff)
+    admitted, release = threading.Event(), threading.Event()
+
+    def slow(s: Session) -> int:
+        admitted.set()
+        assert release.wait(10)
+        return int(s.execute(sa.text("SELECT 1")).scalar_one())
+
+    probe_a = threading.Thread(target=Factory.run, args=(slow,))
+    probe_a.start()
+    try:
+        assert admitted.wait(10)
+        assert _fleet_state(redis_server, "overlap") == "half-open"
+        breaker.open()  # another opening meanwhile: the reservations of the last are gone
+        time.sleep(reset)
+        assert Factory.run(lambda s: s.execute(sa.text("SELECT 2")).scalar_one()) == 2  # B
+        assert _fleet_state(redis_server, "overlap") == "closed"
+        assert Factory.run(lambda s: s.execute(sa.text("SELECT 3")).scalar_one()) == 3
+    finally:
+        release.set()
+        probe_a.join(10)
+    assert not probe_a.is_alive()
