@@ -148,43 +148,54 @@ def session_binds(session: Any) -> Iterable[Any]:
     return binds.values() if isinstance(binds, Mapping) and binds else ()
 
 
-def joins_callers_transaction(session: Any) -> tuple[Any, ...]:
+def joins_callers_transaction(session: Any) -> tuple[tuple[Any, bool], ...]:
     """The connections ``session`` (a sync ``Session``) is bound to that are in a transaction
-    their caller began and that the session joins without a savepoint, so that its rollback
-    ends that transaction: with ``join_transaction_mode`` ``"rollback_only"``,
-    ``"control_fully"``, or the default ``"conditional_savepoint"`` outside a savepoint, a
-    failed attempt's rollback rolls the caller's whole transaction back (its work before the
-    unit is gone), and a replay would begin and commit a transaction of its own on the
-    connection. With ``"create_savepoint"`` (SQLAlchemy's recipe) the unit's work is a
-    savepoint, and replayed. A few attribute reads for a session bound to an engine: every
-    unit passes here."""
+    their caller began, each with whether the session joins it through a savepoint. Without
+    one (``join_transaction_mode`` ``"rollback_only"``, ``"control_fully"``, or the default
+    ``"conditional_savepoint"`` outside a savepoint), a failed attempt's rollback rolls the
+    caller's whole transaction back (its work before the unit is gone), and a replay would
+    begin and commit a transaction of its own on the connection. With one
+    (``"create_savepoint"``, SQLAlchemy's recipe) the unit's work is a savepoint, and
+    replayed, unless the connection was lost with the caller's transaction. A few attribute
+    reads for a session bound to an engine: every unit passes here."""
     bind = session.bind
     binds = session_binds(session)
     if not binds and not isinstance(bind, Connection):
         return ()
     mode = session.join_transaction_mode
-    if mode == "create_savepoint":
-        return ()
     return tuple(
-        candidate
+        (
+            candidate,
+            mode == "create_savepoint"
+            or (mode == "conditional_savepoint" and candidate.in_nested_transaction()),
+        )
         for candidate in (getattr(given, "sync_connection", given) for given in (bind, *binds))
-        if isinstance(candidate, Connection)
-        and candidate.in_transaction()
-        and not (mode == "conditional_savepoint" and candidate.in_nested_transaction())
+        if isinstance(candidate, Connection) and candidate.in_transaction()
     )
 
 
-def joined_callers_transaction(joined: tuple[Any, ...], record: Any) -> str | None:
+def joined_callers_transaction(joined: tuple[tuple[Any, bool], ...], record: Any) -> str | None:
     """Why a failed attempt must not be replayed: it began on one of the ``joined`` connections
     (:func:`joins_callers_transaction`; ``record``: its ``AttemptRecord``, which saw where it
-    began), whose caller's transaction its rollback ends. None: it used none of them."""
+    began) without a savepoint, so its rollback ends its caller's transaction; or with one on
+    a connection that lost the caller's transaction (the connection was lost: a replay would
+    only meet SQLAlchemy's PendingRollbackError). None: a replay is the unit's alone."""
     used = {connection for _, connection, _ in record.began or ()}
-    if any(connection in used for connection in joined):
-        return (
-            "it joined the transaction its caller began on a Connection it is bound to, which "
-            "its rollback ended; bind it with join_transaction_mode='create_savepoint' to have "
-            "it replayed"
-        )
+    for connection, savepoint in joined:
+        if connection not in used:
+            continue
+        if not savepoint:
+            return (
+                "it joined the transaction its caller began on a Connection it is bound to, "
+                "which its rollback ended; bind it with join_transaction_mode="
+                "'create_savepoint' to have it replayed"
+            )
+        outer = connection.get_transaction()
+        if connection.invalidated or outer is None or not outer.is_valid:
+            return (
+                "the Connection it is bound to lost the transaction its caller began there "
+                "(the connection was lost): the caller must roll back and begin again"
+            )
     return None
 
 

@@ -391,3 +391,29 @@ def test_a_unit_joining_its_callers_transaction_through_binds_is_not_replayed(
         assert calls == [1, 1]
         assert trans.is_active
         trans.rollback()
+
+
+def test_a_savepoint_unit_whose_connection_was_lost_raises_the_disconnect(
+    proxied: sa.Engine, fault_proxy: FaultProxy, service: str
+) -> None:
+    """The connection a ``create_savepoint`` unit joined is cut mid-unit: the caller's
+    transaction went with it. The unit was replayed (after a backoff) and raised SQLAlchemy's
+    PendingRollbackError instead of the disconnect, which is what the caller needs to see."""
+    calls = []
+
+    def write(session: Session) -> None:
+        calls.append(1)
+        session.execute(sa.text("SELECT 1"))
+        fault_proxy.cut_all()
+        session.execute(sa.text("SELECT 2"))
+
+    with proxied.connect() as conn:
+        conn.begin()
+        conn.execute(sa.text("SELECT 0"))
+        Sessions = rdb.ResilientSession(
+            conn, service=service, join_transaction_mode="create_savepoint"
+        )
+        with pytest.raises(sa.exc.OperationalError) as raised:
+            Sessions.run(write)
+        assert rdb.classify(raised.value) is rdb.Outcome.DISCONNECT
+        assert calls == [1]
