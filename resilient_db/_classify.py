@@ -106,8 +106,9 @@ _COMMIT_UNANSWERED = "resilient_db_commit_unanswered"
 
 
 def mark_commit_unanswered(exc: BaseException) -> None:
-    """Mark the driver's error of a COMMIT outside any unit (drop-in use) that may have
-    written and whose answer never came (the connection was lost): it is classified as
+    """Mark the driver's error of a COMMIT that is not a unit's final one (drop-in use, or an
+    operation's own code) that may have written and whose answer never came (the connection
+    was lost): it is classified as
     :attr:`Outcome.COMMIT_UNKNOWN`, whatever its SQLSTATE: the transaction may have committed,
     so whoever retries it must check first (a web client told "503, retry shortly" would write
     twice)."""

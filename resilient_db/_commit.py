@@ -248,9 +248,6 @@ def _untrusted_sql(owner: str | None = None) -> str:
     )
 
 
-_UNTRUSTED_SQL: Final = _untrusted_sql()
-
-
 def _install_statements() -> list[str]:
     s = SCHEMA
     prune_horizon = _HORIZON_SQL.format(at=f"now() - interval '{int(RETENTION)} seconds'")
@@ -413,7 +410,7 @@ def _markers_current(conn: Connection) -> bool:
 
     owner = env_config().markers_owner
     # (a colon in the owner's name would read as a bind parameter: escaped, as text() wants)
-    untrusted = _UNTRUSTED_SQL if owner is None else _untrusted_sql(owner).replace(":", "\\:")
+    untrusted = _untrusted_sql(owner).replace(":", "\\:")
     statement = text(_MARKERS_CURRENT.replace("{untrusted}", untrusted))
     return bool(conn.execute(statement, {"comment": _MARKERS_COMMENT}).scalar())
 
@@ -1290,30 +1287,30 @@ def _answered(exc: BaseException, classifier: Classifier) -> bool:
     return code is not None and not classifier.is_disconnect_code(code)
 
 
+def _unanswered_commit(exc: BaseException, classifier: Classifier, wrote: bool) -> bool:
+    """A COMMIT that a unit's final one is not (drop-in use, or an operation's own code)
+    failed with ``exc``: whether the server left it unanswered (it may have committed). One
+    that ``wrote`` (may have) is marked an unknown outcome (see
+    :func:`~._classify.mark_commit_unanswered`): raised as it is, it must not read as transient
+    (a web client told to retry would write twice)."""
+    if _answered(exc, classifier):
+        return False
+    if wrote:
+        mark_commit_unanswered(exc)
+    return True
+
+
 @contextlib.contextmanager
 def _own_commit(attempt: AttemptRecord, wrote: bool = True) -> Iterator[None]:
     """Around a COMMIT sent by the code of ``attempt``: unless the server answered it with an
-    error, the attempt can't be replayed. (Only a unit's own COMMITs pass here.) One that
-    ``wrote`` (may have) and got no answer is an unknown outcome, as a drop-in one is (see
-    :func:`_drop_in_commit_failed`): raised as it is, it must not read as transient (a web
-    client told to retry would write twice)."""
+    error, the attempt can't be replayed. (Only a unit's own COMMITs pass here.)"""
     try:
         yield
     except BaseException as exc:
-        if not _answered(exc, attempt.classifier):
+        if _unanswered_commit(exc, attempt.classifier, wrote):
             attempt.committed = True
-            if wrote:
-                mark_commit_unanswered(exc)
         raise
     attempt.committed = True
-
-
-def _drop_in_commit_failed(exc: BaseException) -> None:
-    """A COMMIT outside any unit (drop-in use) of a transaction that may have written failed:
-    unless the server answered it with an error (nothing committed), its outcome is unknown
-    (see :func:`~._classify.mark_commit_unanswered`)."""
-    if not _answered(exc, DEFAULT_CLASSIFIER):
-        mark_commit_unanswered(exc)
 
 
 class _Settings(Protocol):
@@ -2158,7 +2155,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                             try:
                                 return await base.execute(self, query, timeout=timeout)
                             except BaseException as exc:
-                                _drop_in_commit_failed(exc)
+                                _unanswered_commit(exc, DEFAULT_CLASSIFIER, wrote=True)
                                 raise
                         if ticket is not None:
                             if ticket.mode == XID:
@@ -2247,7 +2244,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                     try:
                         await base.commit(self)
                     except BaseException as exc:
-                        _drop_in_commit_failed(exc)
+                        _unanswered_commit(exc, DEFAULT_CLASSIFIER, wrote=True)
                         raise
                     return None
                 if message is None:
@@ -2279,7 +2276,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                     try:
                         base.commit(self)
                     except BaseException as exc:
-                        _drop_in_commit_failed(exc)
+                        _unanswered_commit(exc, DEFAULT_CLASSIFIER, wrote=True)
                         raise
                     return None
                 if message is None:

@@ -87,7 +87,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, Final, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 from ._config import Config, client_problem, client_says, mask_url
 from ._errors import ConfigError
@@ -196,8 +196,8 @@ end
 # in), and expires (twice the lease after its last write).
 
 # KEYS: breaker hash, failure counter, probe reservations. ARGV: channel, service, threshold,
-# reset timeout (s),
-# failure memory (ms), age of the failed attempt (s; -1: a probe, or not known).
+# reset timeout (s), failure memory (ms), age of the failed attempt (s; -1: a probe, or not
+# known).
 # -> {state, remaining, gen, failures, opens, opened by this call}
 # An attempt that began before the last failure counted (by any process: its Redis time is
 # ``lastfail`` in the breaker hash) was already in flight when the database failed: the same
@@ -312,8 +312,7 @@ return {'half-open', '0', gstr(gen), opens}
 )
 
 # KEYS: breaker hash, failure counter, probe reservations. ARGV: channel, service, state to
-# force ('' = read only),
-# reset timeout (s). -> {state, remaining, gen, opens}
+# force ('' = read only), reset timeout (s). -> {state, remaining, gen, opens}
 _FORCE = (
     _COMMON
     + """
@@ -404,17 +403,24 @@ _SCRIPTS = {
 }
 
 
-def _keys(service: str) -> tuple[str, str, str]:
-    """The breaker hash, failure counter and budget hash of ``service`` (one hash slot)."""
+class _Keys(NamedTuple):
+    """The keys of ``service`` (one hash slot): its breaker's hash, failure counter and probe
+    reservations (the breaker scripts' KEYS, in this order), and its budget's hash."""
+
+    breaker: str
+    failures: str
+    probes: str
+    budget: str
+
+
+def _keys(service: str) -> _Keys:
     tag = f"{PREFIX}:{{{service}}}"
-    return f"{tag}:breaker", f"{tag}:failures", f"{tag}:budget"
+    return _Keys(f"{tag}:breaker", f"{tag}:failures", f"{tag}:probes", f"{tag}:budget")
 
 
 def _breaker_keys(service: str) -> list[str]:
-    """The keys of ``service``'s breaker scripts: its hash, failure counter and probe
-    reservations (one hash slot)."""
-    cb, fails, _ = _keys(service)
-    return [cb, fails, f"{PREFIX}:{{{service}}}:probes"]
+    """The KEYS of ``service``'s breaker scripts."""
+    return list(_keys(service)[:3])
 
 
 def _import_redis() -> Any:
@@ -649,7 +655,7 @@ class FleetLink:
         return self.breaker_force(service, "", 0, background=background)
 
     def breaker_reset_failures(self, service: str) -> None:
-        _, fails, _ = _keys(service)
+        fails = _keys(service).failures
         if not self.up:
             raise FleetDown(self.masked_url)
         try:
@@ -680,7 +686,7 @@ class FleetLink:
             budget.give_back(pending)
 
     def _budget_call(self, budget: Any, pending: list[tuple[int, int]], *, spend: bool) -> Any:
-        _, _, key = _keys(budget.service)
+        key = _keys(budget.service).budget
         cfg = budget.config
         from ._budget import WINDOW  # noqa: PLC0415 - the budget module imports this one
 
