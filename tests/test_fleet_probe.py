@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -17,6 +18,7 @@ from sqlalchemy.orm import Session
 
 import resilient_db as rdb
 from resilient_db import _fleet
+from resilient_db._breaker import Breaker
 from resilient_db.testing import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -34,24 +36,33 @@ def _fleet_state(redis: RedisServer, service: str) -> str:
     return (state or b"closed").decode()
 
 
-def test_a_probe_that_succeeded_while_redis_blipped_closes_the_fleet_breaker_on_rejoin(
-    redis_server: RedisServer, engine: sa.Engine
-) -> None:
-    reset = 0.3
-    config = rdb.Config(
-        redis_url=redis_server.url,
-        retry=False,
-        reset_timeout=reset,
-        half_open_probes=1,
-        failure_threshold=5,
-    )
-    Factory = rdb.ResilientSession(engine, service="blip", config=config)
-    wait_for(lambda: shared("blip")["connected"], "the link")
+#: the shared breakers' open period here (real time: what a half-open state waits for)
+RESET = 0.3
+
+
+def opened(
+    redis: RedisServer, engine: sa.Engine, service: str, *, scripts: bool = False, **settings: Any
+) -> tuple[rdb.ResilientSession[Session], Breaker]:
+    """A factory of ``service`` sharing its breaker through ``redis`` (no retries, ``settings``
+    besides), its breaker opened fleet-wide and the open period waited out: its next unit is a
+    half-open probe. ``scripts``: loaded into Redis first (see :func:`_load_scripts`)."""
+    config = rdb.Config(redis_url=redis.url, retry=False, reset_timeout=RESET, **settings)
+    Factory = rdb.ResilientSession(engine, service=service, config=config)
+    wait_for(lambda: shared(service)["connected"], "the link")
+    if scripts:
+        _load_scripts(redis)
     breaker = Factory.policy.breaker
     assert breaker is not None
     breaker.open()
-    assert _fleet_state(redis_server, "blip") == "open"
-    time.sleep(reset)  # the breaker's open period (not a backoff)
+    assert _fleet_state(redis, service) == "open"
+    time.sleep(RESET)  # the breaker's open period (not a backoff)
+    return Factory, breaker
+
+
+def test_a_probe_that_succeeded_while_redis_blipped_closes_the_fleet_breaker_on_rejoin(
+    redis_server: RedisServer, engine: sa.Engine
+) -> None:
+    Factory, breaker = opened(redis_server, engine, "blip", half_open_probes=1, failure_threshold=5)
 
     def probe(s: Session) -> int:
         value = int(s.execute(sa.text("SELECT 1")).scalar_one())
@@ -87,22 +98,15 @@ def test_an_admit_redis_ran_after_its_answer_was_lost_holds_no_probe_slot(
     took is this process's attempt's: its outcome is reported on rejoining (a success closes
     the fleet's breaker, a failure gives the slot back), so no unit is refused afterwards by
     a probe slot that nobody holds."""
-    reset = 0.3
-    config = rdb.Config(
-        redis_url=redis_server.url,
-        retry=False,
-        reset_timeout=reset,
+    Factory, _breaker = opened(
+        redis_server,
+        engine,
+        "ghost",
+        scripts=True,
         half_open_probes=1,
         failure_threshold=5,
         redis_timeout=0.05,
     )
-    Factory = rdb.ResilientSession(engine, service="ghost", config=config)
-    wait_for(lambda: shared("ghost")["connected"], "the link")
-    _load_scripts(redis_server)
-    breaker = Factory.policy.breaker
-    assert breaker is not None
-    breaker.open()
-    time.sleep(reset)  # the breaker's open period (not a backoff)
     redis_server.pause()
     try:
         # the admit times out: the attempt runs as this process's own probe
@@ -130,22 +134,15 @@ def test_a_probe_end_redis_ran_late_is_not_counted_again_on_rejoin(
     Redis runs it when it resumes; the process reports it again on rejoining, as it would
     one Redis never got. One probe counts once: the fleet's breaker stays half-open, one
     success counted, until a second probe succeeds."""
-    reset = 0.3
-    config = rdb.Config(
-        redis_url=redis_server.url,
-        retry=False,
-        reset_timeout=reset,
+    Factory, _breaker = opened(
+        redis_server,
+        engine,
+        "twice",
+        scripts=True,
         half_open_probes=2,
         failure_threshold=5,
         redis_timeout=0.05,
     )
-    Factory = rdb.ResilientSession(engine, service="twice", config=config)
-    wait_for(lambda: shared("twice")["connected"], "the link")
-    _load_scripts(redis_server)
-    breaker = Factory.policy.breaker
-    assert breaker is not None
-    breaker.open()
-    time.sleep(reset)  # the breaker's open period (not a backoff)
 
     def probe(s: Session) -> int:
         value = int(s.execute(sa.text("SELECT 1")).scalar_one())
@@ -172,17 +169,7 @@ def test_an_opening_read_back_after_a_blip_is_not_followed_again(
     opening, over (nobody asked it for a probe): it was followed again, logged "opened ...
     after another process's failures" and counted in ``opens_followed`` in a fleet of one. The
     next call asks Redis for a probe, as it would have."""
-    reset = 0.3
-    config = rdb.Config(
-        redis_url=redis_server.url, retry=False, reset_timeout=reset, failure_threshold=1
-    )
-    Factory = rdb.ResilientSession(engine, service="alone", config=config)
-    wait_for(lambda: shared("alone")["connected"], "the link")
-
-    breaker = Factory.policy.breaker
-    assert breaker is not None
-    breaker.open()
-    time.sleep(reset)  # the breaker's open period (not a backoff)
+    Factory, _breaker = opened(redis_server, engine, "alone", failure_threshold=1)
     redis_server.pause()
     try:
         with caplog.at_level("WARNING", logger="resilient_db"):
@@ -206,16 +193,7 @@ def test_a_probe_ending_while_an_older_one_runs_reports_its_own_reservation(
     reservation held: B's success was reported under A's, gone with the state change, so it
     counted nowhere and B's slot stayed taken: the shared breaker stayed half-open, every call
     refused, until A ended (or the lease ran out, 10 s). B's end reports B's own now."""
-    reset = 0.3
-    config = rdb.Config(
-        redis_url=redis_server.url, retry=False, reset_timeout=reset, half_open_probes=1
-    )
-    Factory = rdb.ResilientSession(engine, service="overlap", config=config)
-    wait_for(lambda: shared("overlap")["connected"], "the link")
-    breaker = Factory.policy.breaker
-    assert breaker is not None
-    breaker.open()
-    time.sleep(reset)  # the breaker's open period (not a backoff)
+    Factory, breaker = opened(redis_server, engine, "overlap", half_open_probes=1)
     admitted, release = threading.Event(), threading.Event()
 
     def slow(s: Session) -> int:
@@ -229,7 +207,7 @@ def test_a_probe_ending_while_an_older_one_runs_reports_its_own_reservation(
         assert admitted.wait(10)
         assert _fleet_state(redis_server, "overlap") == "half-open"
         breaker.open()  # another opening meanwhile: the reservations of the last are gone
-        time.sleep(reset)
+        time.sleep(RESET)  # (the open period)
         assert Factory.run(lambda s: s.execute(sa.text("SELECT 2")).scalar_one()) == 2  # B
         assert _fleet_state(redis_server, "overlap") == "closed"
         assert Factory.run(lambda s: s.execute(sa.text("SELECT 3")).scalar_one()) == 3
