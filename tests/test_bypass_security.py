@@ -616,9 +616,6 @@ def test_without_the_role_the_guard_is_installed_and_every_bypass_refused(
         conn.exec_driver_sql("UPDATE bp_chores SET status = 'todo' WHERE id = 1")
 
 
-_DDL = ("CREATE", "DROP", "ALTER", "COMMENT", "DO", "GRANT", "REVOKE")
-
-
 def test_without_the_role_an_install_through_an_engine_warns(
     admin: sa.Engine,
     make_role: Callable[..., Role],

@@ -353,15 +353,21 @@ def test_an_offline_install_run_one_statement_at_a_time_keeps_the_table_guarded(
         assert rdb.trigger_drift(conn, Task) is None
 
 
-def test_alembic_command_line_with_the_url_option(pg_url: str, engine: sa.Engine) -> None:
+def alembic_upgrade_head(url: str) -> subprocess.CompletedProcess[str]:
+    """``alembic -c migrations/alembic.ini -x url=... upgrade head``, as a user runs it."""
     ini = alembic_config().config_file_name
-    done = subprocess.run(
-        [sys.executable, "-m", "alembic", "-c", ini, "-x", f"url={pg_url}", "upgrade", "head"],
+    assert ini is not None
+    return subprocess.run(
+        [sys.executable, "-m", "alembic", "-c", ini, "-x", f"url={url}", "upgrade", "head"],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
+
+
+def test_alembic_command_line_with_the_url_option(pg_url: str, engine: sa.Engine) -> None:
+    done = alembic_upgrade_head(pg_url)
     assert done.returncode == 0, done.stderr
     assert "Running upgrade  -> 0001_tasks" in done.stderr
     assert "Running upgrade 0001_tasks -> 0002_commit_markers" in done.stderr
@@ -403,14 +409,7 @@ def test_alembic_command_line_with_an_async_drivers_url(
     url = pg_server.url(pg_database, driver="asyncpg")
     if driver == "psycopg_async":
         url = url.replace("+asyncpg", "+psycopg_async", 1)
-    ini = alembic_config().config_file_name
-    done = subprocess.run(
-        [sys.executable, "-m", "alembic", "-c", ini, "-x", f"url={url}", "upgrade", "head"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = alembic_upgrade_head(url)
     assert done.returncode == 0, done.stderr
     assert version(engine) == HEAD
     assert marker_objects(engine) == MARKER_OBJECTS
