@@ -432,12 +432,17 @@ async def test_real_deadlock_between_two_tasks_resolves_with_both_units_done(
         ),
         timeout=30,
     )
-    assert sorted(attempts.values()) == [1, 2]  # the deadlock victim was replayed once
-    assert counters(service)["retries_by_class"] == {"conflict": 1}
+    # the deadlock's victim was replayed; as in the sync test, its immediate replay may take
+    # the row the other unit waits for before that one wakes, and deadlock with it again
+    replays = sum(attempts.values()) - 2
+    assert 1 <= replays <= 2, attempts
+    assert counters(service)["retries_by_class"] == {"conflict": replays}
     async with engine.connect() as conn:
         names = dict((await conn.execute(sa.select(Item.id, Item.name))).all())
-    winner = "first" if attempts["first"] == 2 else "second"
-    assert names == {1: f"{winner}-1", 2: f"{winner}-2"}  # the replayed unit ran last
+    assert names in ({1: "first-1", 2: "first-2"}, {1: "second-1", 2: "second-2"}), names
+    if replays == 1:
+        winner = "first" if attempts["first"] == 2 else "second"
+        assert names == {1: f"{winner}-1", 2: f"{winner}-2"}  # the replayed unit ran last
 
 
 async def _add_all(session: AsyncSession, items: list[Item]) -> None:
