@@ -139,7 +139,7 @@ def test_real_sqlstates_from_the_driver_for_real_failures(engine: sa.Engine, ser
 def test_real_deadlock_between_two_threads_resolves_with_both_units_done(
     engine: sa.Engine, service: str
 ) -> None:
-    Session = factory(engine, service, conflict_delay=0.001)
+    Session = factory(engine, service, conflict_delay=0.001, max_retries=8)
     Session.run(lambda s: s.add_all([Item(id=1, name="a"), Item(id=2, name="b")]))
     barrier = threading.Barrier(2, timeout=10)
     attempts = {"first": 0, "second": 0}
@@ -173,9 +173,10 @@ def test_real_deadlock_between_two_threads_resolves_with_both_units_done(
     # the deadlock's victim was replayed (once, as a rule). Its replay, at once, may take the
     # row the other unit waits for before that one wakes (the victim's aborted lock no longer
     # holds it, and PostgreSQL lets the first to ask have it), and so deadlock with it again:
-    # each deadlock is replayed
+    # each deadlock is replayed. A chain of them was seen in a CI run (three replays), so the
+    # units may retry up to 8 times: the test is about resolving, not about how many rounds
     replays = sum(attempts.values()) - 2
-    assert 1 <= replays <= 2, (attempts, counters)
+    assert 1 <= replays <= 16, (attempts, counters)
     assert counters["retries_by_class"] == {"conflict": replays}
     with engine.connect() as conn:
         names = dict(conn.execute(sa.select(Item.id, Item.name)).all())

@@ -411,7 +411,7 @@ async def test_asyncpg_pre_ping_replaces_a_pooled_connection_whose_session_the_s
 async def test_real_deadlock_between_two_tasks_resolves_with_both_units_done(
     engine: AsyncEngine, service: str
 ) -> None:
-    Session = factory(engine, service, conflict_delay=0.001)
+    Session = factory(engine, service, conflict_delay=0.001, max_retries=8)
     await Session.run(lambda s: _add_all(s, [Item(id=1, name="a"), Item(id=2, name="b")]))
     gate = Gate(2)
     attempts = {"first": 0, "second": 0}
@@ -433,9 +433,10 @@ async def test_real_deadlock_between_two_tasks_resolves_with_both_units_done(
         timeout=30,
     )
     # the deadlock's victim was replayed; as in the sync test, its immediate replay may take
-    # the row the other unit waits for before that one wakes, and deadlock with it again
+    # the row the other unit waits for before that one wakes, and deadlock with it again, a
+    # chain of them seen in a CI run (three replays): up to 8 retries each, it resolves
     replays = sum(attempts.values()) - 2
-    assert 1 <= replays <= 2, attempts
+    assert 1 <= replays <= 16, attempts
     assert counters(service)["retries_by_class"] == {"conflict": replays}
     async with engine.connect() as conn:
         names = dict((await conn.execute(sa.select(Item.id, Item.name))).all())
