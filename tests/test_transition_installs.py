@@ -1035,6 +1035,47 @@ def test_the_script_inside_a_transaction_and_through_alembic_op_execute(
         assert rdb.trigger_drift(conn, ticket) is None
 
 
+def test_the_script_through_op_execute_with_states_that_look_like_bind_parameters(
+    engine: sa.Engine, reg: registry
+) -> None:
+    """op.execute() takes a string for text(), which reads every bare ``:word`` as a bind
+    parameter, inside quotes too: a state such as ``on :hold`` made the script fail ("A value
+    is required for bind parameter 'hold'"). Such states are written so that none shows."""
+    from alembic.migration import MigrationContext  # noqa: PLC0415
+    from alembic.operations import Operations  # noqa: PLC0415
+
+    rules = rdb.TransitionRules(
+        column="status",
+        transitions={":new": {"on :hold"}, "on :hold": {"done"}},
+        initial={":new"},
+    )
+    ticket = reg.mapped(
+        type(
+            "ColonTicket",
+            (),
+            {
+                "__tablename__": "colon_tickets",
+                "__transitions__": rules,
+                "id": mapped_column(sa.Integer, primary_key=True),
+                "status": mapped_column(sa.String(20)),
+            },
+        )
+    )
+    reg.metadata.create_all(engine)
+    with engine.begin() as conn:
+        Operations(MigrationContext.configure(conn)).execute(rdb.transition_trigger_sql(ticket))
+    with engine.connect() as conn:
+        assert rdb.trigger_drift(conn, ticket) is None
+        conn.exec_driver_sql("INSERT INTO colon_tickets (id, status) VALUES (1, ':new')")
+        with pytest.raises(sa.exc.DBAPIError) as info:
+            conn.exec_driver_sql("UPDATE colon_tickets SET status = 'done' WHERE id = 1")
+        assert getattr(info.value.orig, "sqlstate", None) == rdb.TRANSITION_SQLSTATE
+        conn.rollback()
+        conn.exec_driver_sql("UPDATE colon_tickets SET status = 'on :hold' WHERE id = 1")
+        conn.exec_driver_sql("UPDATE colon_tickets SET status = 'done' WHERE id = 1")
+        conn.commit()
+
+
 @pytest.mark.skipif(shutil.which("psql") is None, reason="needs psql")
 def test_psql_running_the_script_lets_no_concurrent_illegal_move_through(
     engine: sa.Engine, reg: registry, pg_url: str

@@ -278,7 +278,10 @@ def _unquote(sql: str) -> str:
         ("it's", "'it''s'"),
         ("", "''"),
         ("ünï ☃", "'ünï ☃'"),
-        ("%s :name $$ $rdb$", "'%s :name $$ $rdb$'"),  # nothing special to PostgreSQL here
+        ("%s $$ $rdb$ a:", "'%s $$ $rdb$ a:'"),  # nothing special to PostgreSQL here
+        # text() (op.execute) would take :name for a bind parameter, inside quotes too
+        ("%s :name", "E'%s \\x3aname'"),
+        ("a::int", "E'a:\\x3aint'"),
         ("back\\slash", "E'back\\x5cslash'"),
         ("tab\there", "E'tab\\x09here'"),
         ("new\nline 'q'", "E'new\\x0aline ''q'''"),
@@ -290,6 +293,7 @@ def test_literals_mean_the_value_whatever_the_settings(value: str, sql: str) -> 
     assert _unquote(sql) == value
     assert re.fullmatch(r"(?:[^\\]|\\x[0-9a-f]{2})*", sql)  # every backslash starts a \xHH
     assert not any(ord(ch) < 32 for ch in sql)  # no control character in the SQL text
+    assert not sa.text(f"SELECT {sql}").compile().params  # no bind parameter seen by text()
 
 
 def test_nul_has_no_spelling_in_postgres() -> None:

@@ -10,7 +10,7 @@ import hashlib
 import json
 import re
 from collections.abc import Collection, Iterable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import sqlalchemy as sa
 
@@ -97,21 +97,25 @@ def literal(value: str) -> str:
 
     Plain ``'...'`` when there is nothing special; otherwise an escape string ``E'...'`` in which
     backslashes and control characters are written as ``\\xHH`` (so the SQL text itself contains
-    neither, and survives tools that rewrite tabs or treat backslash-colon specially).
+    neither, and survives tools that rewrite tabs or treat backslash-colon specially), and so is
+    a colon before a letter, digit or ``_``: SQLAlchemy's ``text()`` (what Alembic's
+    ``op.execute`` makes of a string) takes every ``:word`` for a bind parameter, inside quotes
+    too.
     """
     if "\x00" in value:
         raise TransitionRulesError(f"value {value!r} contains a NUL character")
-    if not any(ch == "\\" or ord(ch) < 32 or ord(ch) == 127 for ch in value):
+    if _ESCAPED.search(value) is None:
         return "'" + value.replace("'", "''") + "'"
-    out = []
-    for ch in value:
-        if ch == "'":
-            out.append("''")
-        elif ch == "\\" or ord(ch) < 32 or ord(ch) == 127:
-            out.append(f"\\x{ord(ch):02x}")
-        else:
-            out.append(ch)
-    return "E'" + "".join(out) + "'"
+    return "E'" + _ESCAPED.sub(_escape, value).replace("'", "''") + "'"
+
+
+#: what :func:`literal` writes as ``\\xHH``: a backslash, a control character, a colon that
+#: ``text()`` would read as the start of a bind parameter
+_ESCAPED: Final = re.compile(r"[\\\x00-\x1f\x7f]|:(?=\w)")
+
+
+def _escape(found: re.Match[str]) -> str:
+    return f"\\x{ord(found.group()):02x}"
 
 
 # Who may bypass: the role in effect must hold the privileges of BYPASS_ROLE (USAGE: a member
