@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Final
 
 import sqlalchemy.exc as sa_exc
 
@@ -302,6 +303,31 @@ def error_chain(exc: BaseException) -> Iterator[BaseException]:
 _DRIVER_MODULES = ("asyncpg", "psycopg", "sqlalchemy")
 
 
+#: modules whose frames stand between a driver and the socket error it let out (the event loop
+#: asyncpg runs on: the standard library's, or uvloop's)
+_IO_MODULES: Final = ("uvloop",)
+
+
+def _raised_by(err: BaseException, modules: tuple[str, ...]) -> bool:
+    """Whether ``err`` was raised by code of ``modules`` (name prefixes): the innermost frame of
+    its traceback that is not the standard library's (or the event loop's) belongs to one. Not
+    whether it merely passed through one: the application's own code that SQLAlchemy calls (a
+    validator, a column type, an event listener) has SQLAlchemy's frames around it."""
+    frames = []
+    tb = err.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        module = frame.f_globals.get("__name__", "")
+        if not isinstance(module, str):
+            return False
+        if module.partition(".")[0] in sys.stdlib_module_names or module.startswith(_IO_MODULES):
+            continue
+        return module.startswith(modules)
+    return False
+
+
 def _passed_through(err: BaseException, modules: tuple[str, ...]) -> bool:
     """Whether ``err``'s traceback passes through code of ``modules`` (name prefixes)."""
     tb = err.__traceback__
@@ -358,14 +384,16 @@ def _driver_disconnect(exc: BaseException) -> bool:
             continue
         if isinstance(err, OSError):
             # a socket error of the driver (asyncpg lets a refused or broken connect through
-            # as OSError); the application's own OSErrors (a missing file, its own sockets) are
-            # not the database's and are never retried or counted. A TimeoutError is one only
-            # while connecting: raised by a statement, it is asyncpg's ``command_timeout`` (the
-            # query ran too long; asyncpg cancels it and the connection stays usable), which is
+            # as OSError); the application's own OSErrors (a missing file, its own sockets),
+            # raised in its own code even where SQLAlchemy called it (a validator, a column
+            # type), are not the database's and are never retried or counted. A TimeoutError
+            # is one only while connecting: raised by a statement, it is asyncpg's
+            # ``command_timeout`` (the query ran too long; asyncpg cancels it and the
+            # connection stays usable), which is
             # psycopg's ``statement_timeout`` (57014, not transient) on the client side.
             if isinstance(err, TimeoutError) and not _passed_through(err, _CONNECTING_MODULES):
                 continue
-            if _passed_through(err, _DRIVER_MODULES):
+            if _raised_by(err, _DRIVER_MODULES):
                 return True
             continue
         # psycopg: OperationalError with no SQLSTATE (see _psycopg_disconnect); asyncpg:

@@ -11,10 +11,11 @@ import contextlib
 import logging
 import os
 import select
+import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -27,6 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import resilient_db as rdb
 from resilient_db import _unit
+from resilient_db.testing import free_port
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
 
@@ -206,6 +208,72 @@ def test_exhausted_retries_reraise_the_original_database_error(
     assert len(errors) == 3
     assert info.value is errors[-1]
     assert rdb.health()["services"][service]["counters"]["gave_up"] == 1
+
+
+class _OwnBase(sa.orm.DeclarativeBase):
+    pass
+
+
+class _KeyedText(sa.types.TypeDecorator[str]):
+    """A column type that calls another service of the application for each value it binds
+    (a key service, here one that is down: nothing listens on the port)."""
+
+    impl = sa.Text
+    cache_ok = True
+    port = 0
+
+    def process_bind_param(self, value: str | None, dialect: Any) -> str | None:
+        socket.create_connection(("127.0.0.1", self.port), timeout=2).close()
+        return value
+
+
+class _Doc(_OwnBase):
+    __tablename__ = "own_os_error_docs"
+    id: sa.orm.Mapped[int] = sa.orm.mapped_column(primary_key=True)
+    title: sa.orm.Mapped[str]
+    secret: sa.orm.Mapped[str | None] = sa.orm.mapped_column(_KeyedText)
+
+    @sa.orm.validates("title")
+    def _from_template(self, key: str, value: str) -> str:
+        if value == "from-template":
+            with open("/nonexistent/resilient_db/template.txt") as f:  # the application's file
+                return f.read()
+        return value
+
+
+@pytest.mark.parametrize(
+    ("doc", "kind"),
+    [
+        (lambda: _Doc(id=1, title="from-template"), FileNotFoundError),  # in a @validates hook
+        (lambda: _Doc(id=2, title="x", secret="s"), ConnectionRefusedError),  # in a bind type
+    ],
+)
+def test_the_applications_os_errors_raised_through_sqlalchemy_are_not_disconnects(
+    engine: sa.Engine, service: str, doc: Callable[[], _Doc], kind: type[OSError]
+) -> None:
+    """The application's own OSError raised in its code that SQLAlchemy calls (a validator
+    reading a file, a column type calling a service) passed through SQLAlchemy's frames, which
+    made it a driver's socket error: the unit was replayed, the breaker counted each attempt
+    (and opened on a healthy database), and the web answer was 503. It is the application's:
+    raised at once, not retried, not counted."""
+    _KeyedText.port = free_port()  # nothing listens there
+    _OwnBase.metadata.create_all(engine)
+    Session = factory(engine, service, failure_threshold=1)
+    calls: list[int] = []
+
+    def unit(session: Session) -> None:
+        calls.append(1)
+        session.add(doc())
+        session.flush()
+
+    with pytest.raises((kind, sa_exc.StatementError)) as info:  # (a bind type's: wrapped)
+        Session.run(unit)
+    assert isinstance(getattr(info.value, "orig", info.value), kind)
+    assert calls == [1]
+    assert not rdb.is_transient(info.value)
+    assert rdb.classify(info.value) is not rdb.Outcome.DISCONNECT
+    assert rdb.health()["services"][service]["breaker"]["state"] == "closed"
+    assert Session.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one()) == 1
 
 
 def test_nested_units_run_once_inside_the_outer_and_are_not_retried_alone(
