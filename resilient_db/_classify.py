@@ -389,8 +389,8 @@ def _driver_disconnect(exc: BaseException) -> bool:
             # type), are not the database's and are never retried or counted. A TimeoutError
             # is one only while connecting: raised by a statement, it is asyncpg's
             # ``command_timeout`` (the query ran too long; asyncpg cancels it and the
-            # connection stays usable), which is
-            # psycopg's ``statement_timeout`` (57014, not transient) on the client side.
+            # connection stays usable), which is psycopg's ``statement_timeout`` (57014, not
+            # transient) on the client side.
             if isinstance(err, TimeoutError) and not _passed_through(err, _CONNECTING_MODULES):
                 continue
             if _raised_by(err, _DRIVER_MODULES):
