@@ -30,8 +30,14 @@ import types
 from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, Protocol, TypeVar, overload
 
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import async_session
+from sqlalchemy.orm import Session
+
+from ._classify import sqlstate_of
 from ._commit import AttemptRecord
 from ._config import Config, env_config
+from ._observability import log_retry
 from ._retry import Policy
 from ._state import STATE
 from ._unit import admitted_by, refuse_unencodable_service, runs_once_here
@@ -61,16 +67,113 @@ def is_async_callable(fn: object) -> bool:
     )
 
 
-def _own_call(policy: Policy, fn: Callable[[], R]) -> R:
-    """One attempt of an operation: a COMMIT its code sends through a resilient engine that
-    commits (or may have) makes a failure of it final (see ``AttemptRecord``)."""
-    with AttemptRecord(policy):
-        return fn()
+# An operation's code may work on a session that outlives an attempt (a ``scoped_session``,
+# Flask-SQLAlchemy's ``db.session``, a FastAPI dependency's): a unit's replay gets a new
+# session, an operation's meets that one again, its transaction left aborted by the failure.
+# Before a replay, the sessions whose transaction the failed attempt began (its record's
+# ``began``) are rolled back, which is what a new session would be. A session whose transaction
+# began before the operation holds the caller's work too, which the failure aborted and a
+# replay of the operation can't bring back: left as it is, and the replay that meets it raises
+# the original error (as the operation would have without the wrapper), not its own.
+_BEGUN_BEFORE = (
+    "a session it uses is in a transaction begun before the operation, which the failed "
+    "attempt aborted (roll that session back first, or let the operation open its own)"
+)
 
 
-async def _aown_call(policy: Policy, fn: Callable[[], Awaitable[R]]) -> R:
-    with AttemptRecord(policy):
-        return await fn()
+def _begun_sessions(record: AttemptRecord) -> list[Session]:
+    """The sessions still in a transaction that the attempt of ``record`` began."""
+    found: list[Session] = []
+    for transaction, _connection, _marked in record.began or ():
+        session = transaction.session
+        if session.get_transaction() is transaction and session not in found:
+            found.append(session)
+    return found
+
+
+def _aborted_before(exc: BaseException) -> bool:
+    """Whether ``exc`` is a session's transaction found aborted by an earlier failure."""
+    return isinstance(exc, sa_exc.PendingRollbackError) or sqlstate_of(exc) == "25P02"
+
+
+class _Attempts:
+    """The attempts of one operation after its first (``record``, which failed with
+    ``failure``): each rolls back what the one before began (see above)."""
+
+    __slots__ = ("failure", "fn", "policy", "record")
+
+    def __init__(
+        self, policy: Policy, fn: Callable[[], Any], record: AttemptRecord | None = None
+    ) -> None:
+        self.policy, self.fn, self.record = policy, fn, record
+        self.failure: BaseException | None = None
+
+    def _next(self) -> AttemptRecord:
+        self.record = AttemptRecord(self.policy)
+        return self.record
+
+    def _failed(self, exc: BaseException) -> BaseException | None:
+        """What to raise instead of ``exc``: the failure before it, when ``exc`` only says
+        that failure left a transaction the operation did not begin aborted."""
+        earlier = self.failure
+        if earlier is not None and _aborted_before(exc):
+            self.policy.not_replayable(earlier, _BEGUN_BEFORE)
+            return earlier
+        self.failure = exc
+        return None
+
+    def __call__(self) -> Any:
+        if self.record is not None:
+            for session in _begun_sessions(self.record):
+                _quietly(session.rollback)
+        record = self._next()
+        try:
+            with record:
+                return self.fn()
+        except BaseException as exc:
+            instead = self._failed(exc)
+            if instead is None:
+                raise
+        raise instead
+
+    async def acall(self) -> Any:
+        if self.record is not None:
+            for session in _begun_sessions(self.record):
+                proxy = async_session(session)
+                if proxy is not None:
+                    await _aquietly(proxy.rollback)
+        record = self._next()
+        try:
+            with record:
+                return await self.fn()
+        except BaseException as exc:
+            instead = self._failed(exc)
+            if instead is None:
+                raise
+        raise instead
+
+
+def _quietly(rollback: Callable[[], None]) -> None:
+    try:
+        rollback()
+    except Exception:  # a broken connection: the replay meets it, and says so
+        log_retry.debug("rollback before a replay failed", exc_info=True)
+
+
+async def _aquietly(rollback: Callable[[], Awaitable[None]]) -> None:
+    try:
+        await rollback()
+    except Exception:
+        log_retry.debug("rollback before a replay failed", exc_info=True)
+
+
+def _replays(
+    policy: Policy, fn: Callable[[], Any], record: AttemptRecord, exc: BaseException
+) -> _Attempts:
+    """The attempts after a first one (``record``) that failed with ``exc``."""
+    attempts = _Attempts(policy, fn, record)
+    attempts.failure = exc
+    return attempts
 
 
 def _policy_for(
@@ -188,7 +291,7 @@ def with_self_healing(
         check = None
     if is_async_callable(fn):
         if check is None:
-            return policy.acall(lambda: _aown_call(policy, fn))
+            return policy.acall(_Attempts(policy, fn).acall)
         return _acall_checked(policy, fn, check, cfg)
     return _call(policy, fn, check, cfg)
 
@@ -196,7 +299,7 @@ def with_self_healing(
 async def _acall_checked(
     policy: Policy, fn: Callable[[], Awaitable[R]], check: ResponseCheck, cfg: Config
 ) -> R:
-    result = await policy.acall(lambda: _aown_call(policy, fn))
+    result = await policy.acall(_Attempts(policy, fn).acall)
     checked: R = check_response(check, result, cfg, policy.service)
     return checked
 
@@ -259,7 +362,7 @@ def _call(policy: Policy, fn: Callable[[], Any], check: ResponseCheck | None, cf
         with record:
             result = fn()
     except BaseException as exc:
-        result = policy.call_failed(lambda: _own_call(policy, fn), exc, probe, started)
+        result = policy.call_failed(_replays(policy, fn, record, exc), exc, probe, started)
     else:
         if inspect.isawaitable(result):
             admission: _Admission | None = None
@@ -332,7 +435,9 @@ async def _afinish(
         with record:
             result = await first
     except BaseException as exc:
-        result = await policy.acall_failed(lambda: _aown_call(policy, fn), exc, probe, started)
+        result = await policy.acall_failed(
+            _replays(policy, fn, record, exc).acall, exc, probe, started
+        )
     else:
         policy.succeeded(probe)
     return result if check is None else check_response(check, result, cfg, policy.service)
@@ -360,7 +465,8 @@ def _decorator(
                 if not cfg.enabled:
                     return await fn(*args, **kwargs)
                 policy = _policy_for(service, use_retry, use_circuit_breaker, cfg, explicit)
-                result = await policy.acall(lambda: _aown_call(policy, lambda: fn(*args, **kwargs)))
+                attempts = _Attempts(policy, lambda: fn(*args, **kwargs))
+                result = await policy.acall(attempts.acall)
                 if check is None or not validation_on(cfg):
                     return result
                 return check_response(check, result, cfg, service)

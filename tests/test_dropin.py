@@ -33,6 +33,7 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
+    async_scoped_session,
     async_sessionmaker,
     create_async_engine,
 )
@@ -527,6 +528,94 @@ def test_factory_docstrings() -> None:
     assert "async_sessionmaker" in rdb.AsyncResilientSession.__doc__
 
 
+_FAST = rdb.Config(initial_delay=0.001, conflict_delay=0.001)
+_SERIALIZATION_FAILURE = "SELECT serialization_failure()"
+
+
+def _install_serialization_failure(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE OR REPLACE FUNCTION serialization_failure() RETURNS void LANGUAGE plpgsql "
+            "AS $$ BEGIN RAISE EXCEPTION 'try again' USING ERRCODE = '40001'; END $$"
+        )
+
+
+def _end_own_backend(pg_server: Any, pid: int) -> None:
+    pg_server.execute(f"SELECT pg_terminate_backend({int(pid)})")
+    wait_for(
+        lambda: not pg_server.execute(f"SELECT 1 FROM pg_stat_activity WHERE pid = {int(pid)}"),
+        "the terminated backend gone",
+    )
+
+
+@pytest.mark.parametrize("fault", ["serialization failure", "terminated backend"])
+def test_with_self_healing_around_a_scoped_session_replays_in_a_new_transaction(
+    engine: sa.Engine, pg_server: Any, service: str, fault: str
+) -> None:
+    """Existing code on a long-lived session (``scoped_session``, Flask-SQLAlchemy's
+    ``db.session``, a FastAPI dependency's) under ``with_self_healing``: the replay ran in the
+    session whose transaction the failed attempt had left aborted, and failed with
+    InFailedSqlTransaction or PendingRollbackError in place of the original error (a 500, not
+    a 503). The sessions whose transaction the failed attempt began are rolled back before the
+    replay, as a unit's replay gets a new session."""
+    _install_serialization_failure(engine)
+    db = scoped_session(rdb.ResilientSession(engine, service=service))
+    name = f"scoped-{uuid.uuid4()}"
+    calls: list[int] = []
+
+    @rdb.with_self_healing(service=service, config=_FAST)
+    def handler() -> int:
+        calls.append(1)
+        db.add(Item(name=name))
+        db.flush()
+        if len(calls) == 1:
+            if fault == "serialization failure":
+                db.execute(sa.text(_SERIALIZATION_FAILURE))
+            else:
+                _end_own_backend(pg_server, db.execute(sa.text("SELECT pg_backend_pid()")).one()[0])
+                db.execute(sa.text("SELECT 1"))
+        db.commit()
+        return len(calls)
+
+    try:
+        assert handler() == 2
+    finally:
+        db.remove()
+    with engine.connect() as conn:
+        assert conn.scalar(sa.select(sa.func.count()).where(Item.name == name)) == 1
+
+
+def test_with_self_healing_does_not_replay_into_a_transaction_begun_before_it(
+    engine: sa.Engine, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The session was in a transaction before the operation (the caller's own work in it),
+    which the failed attempt aborted: replaying the operation alone can't bring that work
+    back. Not rolled back; the original error is raised (a 503, as without the wrapper), not
+    the replay's InFailedSqlTransaction, with a line saying why."""
+    _install_serialization_failure(engine)
+    db = scoped_session(rdb.ResilientSession(engine, service=service))
+    calls: list[int] = []
+
+    @rdb.with_self_healing(service=service, config=_FAST)
+    def helper() -> None:
+        calls.append(1)
+        db.execute(sa.text(_SERIALIZATION_FAILURE))
+
+    try:
+        db.add(Item(name=f"before-{uuid.uuid4()}"))
+        db.flush()  # the caller's work, in the session's transaction
+        with (
+            caplog.at_level(logging.WARNING, logger="resilient_db"),
+            pytest.raises(sa.exc.OperationalError) as raised,
+        ):
+            helper()
+    finally:
+        db.remove()
+    assert rdb.sqlstate_of(raised.value) == "40001"
+    assert "Not replaying" in caplog.text
+    assert "begun before the operation" in caplog.text
+
+
 # -- async ----------------------------------------------------------------------------------------
 @pytest.mark.asyncio
 async def test_the_async_factory_is_an_async_sessionmaker_with_the_users_class(
@@ -549,6 +638,66 @@ async def test_the_async_factory_is_an_async_sessionmaker_with_the_users_class(
         return session.sync_session.label()  # type: ignore[attr-defined, no-any-return]
 
     assert await Sessions.run(unit) == "mine"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("fault", ["serialization failure", "terminated backend"])
+async def test_async_with_self_healing_around_a_scoped_session_replays_in_a_new_transaction(
+    engine: sa.Engine, async_engine: AsyncEngine, pg_server: Any, service: str, fault: str
+) -> None:
+    """As for sync: an async operation on an ``async_scoped_session``, its replay in the same
+    session, rolled back first."""
+    _install_serialization_failure(engine)
+    db = async_scoped_session(
+        rdb.AsyncResilientSession(async_engine, service=service), scopefunc=asyncio.current_task
+    )
+    name = f"scoped-{uuid.uuid4()}"
+    calls: list[int] = []
+
+    @rdb.with_self_healing(service=service, config=_FAST)
+    async def handler() -> int:
+        calls.append(1)
+        db.add(Item(name=name))
+        await db.flush()
+        if len(calls) == 1:
+            if fault == "serialization failure":
+                await db.execute(sa.text(_SERIALIZATION_FAILURE))
+            else:
+                pid = (await db.execute(sa.text("SELECT pg_backend_pid()"))).one()[0]
+                _end_own_backend(pg_server, pid)
+                await db.execute(sa.text("SELECT 1"))
+        await db.commit()
+        return len(calls)
+
+    try:
+        assert await handler() == 2
+    finally:
+        await db.remove()
+    with engine.connect() as conn:
+        assert conn.scalar(sa.select(sa.func.count()).where(Item.name == name)) == 1
+
+
+@pytest.mark.asyncio
+async def test_async_with_self_healing_does_not_replay_into_a_transaction_begun_before_it(
+    engine: sa.Engine, async_engine: AsyncEngine, service: str
+) -> None:
+    _install_serialization_failure(engine)
+    db = async_scoped_session(
+        rdb.AsyncResilientSession(async_engine, service=service), scopefunc=asyncio.current_task
+    )
+
+    @rdb.with_self_healing(service=service, config=_FAST)
+    async def helper() -> None:
+        await db.execute(sa.text(_SERIALIZATION_FAILURE))
+
+    try:
+        db.add(Item(name=f"before-{uuid.uuid4()}"))
+        await db.flush()
+        with pytest.raises(sa.exc.DBAPIError) as raised:
+            await helper()
+    finally:
+        await db.remove()
+    assert rdb.sqlstate_of(raised.value) == "40001"
 
 
 @pytest.mark.asyncio
