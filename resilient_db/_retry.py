@@ -272,6 +272,21 @@ class Policy:
         since a replay would write the committed part again; ``exc`` is raised as it is.
         ``how``: how it committed, when not by its own code."""
         mark_partly_committed(exc)
+        if not how and self.classifier.classify(exc) is Outcome.COMMIT_UNKNOWN:
+            # its own COMMIT is what failed, its answer lost: not "committed", unknown
+            emit(
+                self.config,
+                log_retry,
+                logging.WARNING,
+                "Not replaying: service=%s a COMMIT sent by the unit's own code lost its answer "
+                "(%s): it may have committed, the outcome is unknown; raising the error",
+                self.service,
+                type(exc).__name__,
+                service=self.service,
+                event="partly_committed",
+                outcome=Outcome.COMMIT_UNKNOWN.value,
+            )
+            return
         emit(
             self.config,
             log_retry,

@@ -1529,11 +1529,19 @@ async def test_an_async_drop_in_commit_whose_answer_is_lost_is_an_unknown_outcom
 
 @pytest.mark.parametrize("how", ["with_self_healing", "the-units-own-commit"])
 def test_an_own_commit_whose_answer_is_lost_is_an_unknown_outcome(
-    engine: sa.Engine, pg_database: str, fault_proxy: FaultProxy, service: str, how: str
+    engine: sa.Engine,
+    pg_database: str,
+    fault_proxy: FaultProxy,
+    service: str,
+    how: str,
+    *,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The same lost answer inside an operation: ``with_self_healing`` around drop-in work (a
     route handler), or a unit's own ``session.commit()``. Not replayed (it committed itself),
-    and not a transient error either: the web answer was 503 with Retry-After."""
+    and not a transient error either: the web answer was 503 with Retry-After. Its line said
+    the unit "committed part of its work", which nobody knows: it says the outcome is
+    unknown."""
     from resilient_db.web import problem_details  # noqa: PLC0415 - the web extra
 
     name = f"own-{uuid.uuid4()}"
@@ -1556,12 +1564,18 @@ def test_an_own_commit_whose_answer_is_lost_is_an_unknown_outcome(
     try:
         Sessions.run(lambda session: session.execute(sa.text("SELECT 1")))  # connected
         fault_proxy.lose_commit_answer()
-        with pytest.raises(sa.exc.OperationalError) as raised:
+        with (
+            caplog.at_level(logging.WARNING, logger="resilient_db"),
+            pytest.raises(sa.exc.OperationalError) as raised,
+        ):
             handler() if how == "with_self_healing" else Sessions.run(unit)
     finally:
         proxied.dispose()
     assert fault_proxy.commits_lost == 1
     assert calls == [1]
+    assert "lost its answer" in caplog.text
+    assert "the outcome is unknown" in caplog.text
+    assert "committed part of its work" not in caplog.text
     assert rdb.classify(raised.value) is rdb.Outcome.COMMIT_UNKNOWN
     answer = problem_details(raised.value)
     assert answer is not None
