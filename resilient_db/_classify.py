@@ -36,8 +36,20 @@ class Outcome(str, enum.Enum):
 
     @property
     def transient(self) -> bool:
+        """A fault of the database or the network, not of the code (an unknown commit outcome
+        included). Whether replaying the unit may succeed is :attr:`replayable`."""
         return self is not Outcome.NOT_TRANSIENT
 
+    @property
+    def replayable(self) -> bool:
+        """Whether replaying the whole unit may succeed: not for an unknown commit outcome (a
+        replay may write it twice: check first)."""
+        return self in _REPLAYABLE
+
+
+_REPLAYABLE: frozenset[Outcome] = frozenset(
+    {Outcome.CONFLICT, Outcome.UNAVAILABLE, Outcome.DISCONNECT}
+)
 
 _DEFAULT_CODES: Mapping[str, Outcome] = {
     "40001": Outcome.CONFLICT,  # serialization_failure
@@ -589,7 +601,8 @@ class Classifier:
         return Outcome.NOT_TRANSIENT
 
     def is_transient(self, exc: BaseException) -> bool:
-        return self.classify(exc) is not Outcome.NOT_TRANSIENT
+        """See :func:`is_transient`."""
+        return self.classify(exc).replayable
 
     def is_disconnect_code(self, code: str | None) -> bool:
         """True for SQLSTATEs after which the connection must not be reused."""
@@ -620,6 +633,8 @@ def classify(exc: BaseException, *, classifier: Classifier | None = None) -> Out
 
 def is_transient(exc: BaseException, *, classifier: Classifier | None = None) -> bool:
     """True when replaying the whole unit of work may succeed: conflicts, an unavailable server,
-    lost connections. ``CommitOutcomeUnknown`` (08007) counts as transient for callers that can
-    check before replaying; resilient_db itself never replays it blindly."""
-    return (classifier or DEFAULT_CLASSIFIER).classify(exc) is not Outcome.NOT_TRANSIENT
+    lost connections. Not for an unknown commit outcome (a COMMIT that may have written whose
+    answer was lost, 08007, :class:`~resilient_db.CommitOutcomeUnknownError`): a replay may
+    write it twice; check whether it committed first (``classify`` says
+    ``Outcome.COMMIT_UNKNOWN``)."""
+    return (classifier or DEFAULT_CLASSIFIER).classify(exc).replayable

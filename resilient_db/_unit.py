@@ -56,7 +56,7 @@ from ._commit import (
 )
 from ._config import Config, load_config, register_default_user
 from ._errors import CommitOutcomeUnknownError
-from ._observability import LineLimit, emit, log_session
+from ._observability import LineLimit, emit, log_session, stats_for
 from ._registry import factory_of, in_unit
 from ._retry import Policy
 from ._state import STATE
@@ -532,7 +532,7 @@ class CommitReferee:
     def keep_checking_after(self, ticket: CommitTicket, exc: BaseException) -> bool:
         """Whether to check again after ``exc`` (transient); else the outcome stays unknown,
         and ``ticket`` keeps why (a missing right names its SQLSTATE: nothing else would)."""
-        if self.policy.classifier.is_transient(exc):
+        if self.policy.classifier.classify(exc).transient:  # (an unknown outcome too)
             return True
         code = sqlstate_of(exc)
         driver_error = exc.orig if isinstance(exc, sa_exc.StatementError) else None
@@ -1180,12 +1180,35 @@ class EngineHooks:
         mark_outcome(original, outcome)
         if ctx.sqlalchemy_exception is not None:
             mark_outcome(ctx.sqlalchemy_exception, outcome)
+        if outcome is Outcome.COMMIT_UNKNOWN and current_request.get() is None:
+            self._commit_unanswered(attempt)
         if self.config.guard_on:
             database_error = ctx.sqlalchemy_exception or original
             mapped = exception_from_db(database_error, log=True, config=self._speaker()[0])
             if mapped is not None:
                 return mapped  # SQLAlchemy raises it from the driver's error
         return None
+
+    def _commit_unanswered(self, attempt: Any) -> None:
+        """A COMMIT that is not a unit's final one (drop-in use, or an operation's own code)
+        may have written and lost its answer (or the server said 08007): counted as a unit's
+        unknown outcome is; said here for drop-in use (an operation's says it is not
+        replayed, and why)."""
+        config, service = self._speaker()
+        stats_for(service).add("unknown_commits")
+        if attempt is not None:
+            return
+        emit(
+            config,
+            log_session,
+            logging.ERROR,
+            "Commit outcome unknown: service=%s a COMMIT sent outside a unit (drop-in use) "
+            "lost its answer, or the server could not tell (08007): it may have committed; "
+            "the error is raised as it is: check before doing the work again",
+            service,
+            service=service,
+            event="commit_unknown",
+        )
 
     def _speaker(self) -> tuple[Config, str]:
         """The configuration and service an engine-wide line is said under: the running unit's

@@ -1463,7 +1463,13 @@ def test_a_kill_switch_refusal_says_how_to_follow_the_environment(
 # -- a drop-in COMMIT whose answer is lost ---------------------------------------------------
 @pytest.mark.parametrize("write", [True, False])
 def test_a_drop_in_commit_whose_answer_is_lost_is_an_unknown_outcome_not_a_transient_error(
-    engine: sa.Engine, pg_database: str, fault_proxy: FaultProxy, service: str, write: bool
+    engine: sa.Engine,
+    pg_database: str,
+    fault_proxy: FaultProxy,
+    service: str,
+    write: bool,
+    *,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Drop-in use raises the driver's error, as plain SQLAlchemy does; it was classified a
     transient disconnect, and the web handlers answered "503, retry shortly" for a write that
@@ -1484,13 +1490,22 @@ def test_a_drop_in_commit_whose_answer_is_lost_is_an_unknown_outcome_not_a_trans
             else:
                 session.execute(sa.text("SELECT 1"))
             fault_proxy.lose_commit_answer()
-            with pytest.raises(sa.exc.OperationalError) as raised:
+            with (
+                caplog.at_level(logging.WARNING, logger="resilient_db"),
+                pytest.raises(sa.exc.OperationalError) as raised,
+            ):
                 session.commit()
     finally:
         proxied.dispose()
     assert fault_proxy.commits_lost == 1
     answer = problem_details(raised.value)
     assert answer is not None
+    # is_transient: "whether replaying your unit may succeed" (the README's drop-in advice);
+    # it said yes to the write, which had committed: a replay wrote it twice
+    assert rdb.is_transient(raised.value) is not write
+    # said and counted, as a unit's unknown outcome is (nothing was, before)
+    assert rdb.health()["services"][service]["counters"]["unknown_commits"] == int(write)
+    assert ("Commit outcome unknown" in caplog.text) is write
     if write:
         assert rdb.classify(raised.value) is rdb.Outcome.COMMIT_UNKNOWN
         assert answer.status == 500
@@ -1523,6 +1538,8 @@ async def test_an_async_drop_in_commit_whose_answer_is_lost_is_an_unknown_outcom
         await proxied.dispose()
     assert fault_proxy.commits_lost == 1
     assert rdb.classify(raised.value) is rdb.Outcome.COMMIT_UNKNOWN
+    assert not rdb.is_transient(raised.value)
+    assert rdb.health()["services"][service]["counters"]["unknown_commits"] == 1
     with engine.connect() as conn:
         assert conn.scalar(sa.select(sa.func.count()).where(Item.name == name)) == 1
 
