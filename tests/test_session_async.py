@@ -13,6 +13,7 @@ import contextlib
 import functools
 import logging
 import select
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -1638,3 +1639,44 @@ async def test_run_refuses_what_is_not_an_async_unit_before_sending_anything(
     assert engine.sync_engine.pool.checkedout() == 0
     assert rdb.health()["services"][service]["counters"]["attempts"] == 0
     assert not [w for w in recwarn if "never awaited" in str(w.message)]
+
+
+@pytest.mark.parametrize("replayed", [False, True])
+async def test_a_schema_change_under_prepared_statements_fails_once_or_is_replayed(
+    pg_async_url: str, make_engine: Callable[..., AsyncEngine], service: str, replayed: bool
+) -> None:
+    """What the README says of an online schema change: a statement the driver prepared on a
+    pooled connection before an ALTER TABLE fails once on that connection (0A000 "cached plan
+    must not change result type"; asyncpg: its InvalidCachedStatementError), not retried by
+    default (0A000 also reports features that are not supported at all); with 0A000 added as a
+    conflict, the unit is replayed at once and succeeds (the driver dropped its statement)."""
+    pooled = make_engine(pg_async_url, pool_size=1, max_overflow=0)
+    table = f"shape_{uuid.uuid4().hex[:8]}"
+    async with pooled.begin() as conn:
+        await conn.exec_driver_sql(f"CREATE TABLE {table} (id int, v int)")
+        await conn.exec_driver_sql(f"INSERT INTO {table} VALUES (1, 1)")
+    classifier = rdb.Classifier().with_codes({"0A000": "conflict"}) if replayed else None
+    Session = AsyncResilientSession(
+        pooled, service=service, config=rdb.Config(conflict_delay=0.001), classifier=classifier
+    )
+    calls: list[int] = []
+
+    async def read(session: AsyncSession) -> int:
+        calls.append(1)
+        result = await session.execute(sa.text(f"SELECT * FROM {table} WHERE v >= :v"), {"v": 0})
+        return len(result.all())
+
+    for _ in range(7):  # prepared by now (psycopg prepares at its 5th execution)
+        assert await Session.run(read) == 1
+    async with make_engine(pg_async_url).begin() as conn:  # a migration, elsewhere
+        await conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN extra int")
+    calls.clear()
+    if replayed:
+        assert await Session.run(read) == 1
+        assert calls == [1, 1]
+    else:
+        with pytest.raises(sa.exc.DBAPIError) as info:
+            await Session.run(read)
+        assert rdb.sqlstate_of(info.value) == "0A000"
+        assert calls == [1]
+        assert await Session.run(read) == 1  # the next unit on that connection succeeds
