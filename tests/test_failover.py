@@ -434,6 +434,29 @@ def test_a_killed_test_process_leaves_nothing_behind() -> None:
     wait_for(lambda: not any(d.parent.exists() for d in dirs), "their files to be deleted")
 
 
+_KILLED_WHILE_STOPPED_SCRIPT = """
+import os, signal, sys
+from resilient_db.testing import EmbeddedPostgres
+server = EmbeddedPostgres()
+server.start()
+server.crash()
+print(server.data_dir, flush=True)
+sys.stdin.readline()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_process_killed_while_its_server_is_stopped_leaves_no_files() -> None:
+    """Killed between a crash() and the restart (a CI timeout in a failover test, the demo's
+    crash window): the watchdog was told pid 0 for "no server", and "kill -0 0" / "kill 0"
+    reach its own process group, so it killed itself before deleting the cluster's files."""
+    with killed_at_exit(_KILLED_WHILE_STOPPED_SCRIPT) as out:
+        data = Path(out.readline().strip())
+        assert data.name == "data"
+        assert data.is_dir()
+    wait_for(lambda: not data.parent.exists(), "the stopped server's files to be deleted")
+
+
 def test_bad_arguments_are_refused_with_the_reason() -> None:
     with pytest.raises(ValueError, match="synchronous_standby_names"):
         StandbyPair(settings={"synchronous_standby_names": "*"})

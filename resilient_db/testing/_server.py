@@ -612,8 +612,9 @@ while read -r cmd arg; do
     done) exit 0 ;;
   esac
 done
-# the test process died without cleaning up: stop its server and remove its files
-if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+# the test process died without cleaning up: stop its server and remove its files ("pid 0":
+# no server runs; kill -0 0 would ask about, and kill 0 signal, this script's own group)
+if [ -n "$pid" ] && [ "$pid" -gt 0 ] && kill -0 "$pid" 2>/dev/null; then
   if [ ! -r "/proc/$pid/cmdline" ] || tr '\0' ' ' < "/proc/$pid/cmdline" | grep -qF -- "$2"; then
     kill -"${3:-QUIT}" "$pid" 2>/dev/null
     i=0
