@@ -86,7 +86,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--workers",
         type=int,
-        help="worker threads in all (default 8, or one per process when --processes is more)",
+        help=(
+            "worker threads in all, at most 100 (default 8, or one per process when --processes "
+            "is more)"
+        ),
     )
     demo.add_argument(
         "--processes",

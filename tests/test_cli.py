@@ -380,6 +380,9 @@ def test_demo_rejects_a_too_short_workload(capsys: pytest.CaptureFixture[str]) -
         (["--url-from-env"], {"DATABASE_URL": "::::"}, "DATABASE_URL is not a database URL"),
         (["--url", "postgresql://h/db", "--url-from-env"], {}, "not both"),
         (["--url", "postgresql://u:secret@/db?host=h1&host=h2"], {}, "names several hosts"),
+        # each worker holds a connection: 300 ran the embedded server out of them, and the
+        # demo ended in a traceback after its workload
+        (["--workers", "300"], {}, "--workers must be at most 100"),
     ],
 )
 def test_demo_usage_errors_exit_2_with_one_line(
@@ -399,6 +402,22 @@ def test_demo_usage_errors_exit_2_with_one_line(
     assert says in err
     assert "Traceback" not in err
     assert "secret" not in err  # a URL is never echoed
+
+
+def test_demo_that_can_not_be_set_up_exits_2_with_one_line(
+    pg_server: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A URL option the driver refuses (past the demo's own URL checks) made the demo end in
+    a traceback with exit 1, which says an invariant failed."""
+    url = sa.make_url(pg_server.url()).set(
+        drivername="postgresql", query={"connect_timeout": "abc"}
+    )
+    assert main(["demo", "--seconds", "8", "--url", url.render_as_string(hide_password=False)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "resilient-db demo: error: could not set up the demo: " in err
+    assert "connect_timeout" in err
+    assert (url.password or "?") not in err
 
 
 @pytest.mark.parametrize(

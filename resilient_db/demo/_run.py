@@ -51,6 +51,8 @@ SERVICE = "tasks-demo"
 _DRAIN_SECONDS = 20.0
 #: the shortest workload in which every kind of fault fits
 MIN_SECONDS = 8.0
+#: worker threads at most (each holds a connection; the embedded server allows 200)
+MAX_WORKERS = 100
 
 
 class DemoError(Exception):
@@ -314,6 +316,11 @@ class Demo:
                 raise DemoError(f"{flag} must be a port, 1-65535 (0: a free one), got {port}")
         if options.workers < 1:
             raise DemoError("--workers must be at least 1")
+        if options.workers > MAX_WORKERS:
+            raise DemoError(
+                f"--workers must be at most {MAX_WORKERS}, got {options.workers} (each worker "
+                "holds a connection of its own; the embedded server allows 200 in all)"
+            )
         self.options = options
         self.view = view
         self.started = time.monotonic()
@@ -703,6 +710,12 @@ class Demo:
         conn.rollback()
 
 
+def _one_line(exc: BaseException) -> str:
+    """``exc``'s message, its first line (SQLAlchemy's add the statement and a link)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
 def _demo_for(options: DemoOptions, view: View) -> Demo:
     """The demo in this process, or spread over processes (``--processes``, ``--ha``)."""
     from ._fleet import FleetDemo, check_fleet_options  # noqa: PLC0415 - imports this module
@@ -723,12 +736,24 @@ def run_demo(
     out = out or sys.stdout
     err = err or sys.stderr
     view = make_view(out=out, err=err, as_json=options.as_json, plain=options.plain)
+    demo: Demo | None = None
     try:
         demo = _demo_for(options, view)
         report = demo.run()
     except DemoError as exc:
         view.stop()
         err.write(f"resilient-db demo: error: {exc}\n")
+        return 2
+    except Exception as exc:
+        if demo is not None and demo.phase != "setup":
+            raise  # the demo's own failure, once it runs: with its traceback
+        # the database or the migrations refused what the demo's own checks let through (a
+        # URL option the driver rejects, an env.py that fails): said in a line, as those are
+        view.stop()
+        err.write(
+            f"resilient-db demo: error: could not set up the demo: {type(exc).__name__}: "
+            f"{_one_line(exc)}\n"
+        )
         return 2
     except KeyboardInterrupt:
         view.stop()
