@@ -362,8 +362,12 @@ def check_config(
     (exit status 0) or the :class:`~resilient_db.ConfigError` (exit status 2)."""
     import resilient_db as rdb  # noqa: PLC0415
 
+    from ._fleet import _import_redis  # noqa: PLC0415
+
     try:
         config = rdb.load_config(environ)
+        if config.enabled and config.redis_url is not None:
+            _import_redis()  # what every factory would refuse to start without
     except rdb.ConfigError as exc:
         if as_json:
             out.write(json.dumps({"valid": False, "problems": exc.problems}, indent=2) + "\n")

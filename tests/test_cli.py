@@ -71,6 +71,21 @@ def test_check_config_names_every_bad_variable_and_exits_2(
     assert "did you mean SELF_HEALING_RETRY?" in captured.err
 
 
+def test_check_config_says_a_redis_url_needs_the_redis_package(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Installed without the redis extra: check-config said "valid" while every factory
+    refused to start."""
+    clean_env.setenv("SELF_HEALING_REDIS_URL", "redis://127.0.0.1:6379/0")
+    clean_env.setitem(sys.modules, "redis", None)  # what a missing package gives import
+    assert main(["check-config"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "SELF_HEALING_REDIS_URL: is set, but the redis package is not installed" in captured.err
+    with pytest.raises(rdb.ConfigError, match="redis package is not installed"):
+        rdb.ResilientSession(service="cli-no-redis")  # what the command foretold
+
+
 def test_check_config_json_for_a_bad_environment(
     clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
