@@ -39,6 +39,7 @@ def main() -> int:
         server.create_database("shop")
         engine = sa.create_engine(server.url("shop"))
         Base.metadata.create_all(engine)
+        rdb.install_commit_markers(engine)  # once per database: lost COMMIT answers settled
         # Short delays so the demo is quick; in production the defaults come from SELF_HEALING_*.
         config = rdb.Config(
             initial_delay=0.05, max_delay=0.5, failure_threshold=3, reset_timeout=0.5
