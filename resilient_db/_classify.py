@@ -312,7 +312,9 @@ def error_chain(exc: BaseException) -> Iterator[BaseException]:
         current = orig if isinstance(orig, BaseException) else current.__cause__
 
 
-_DRIVER_MODULES = ("asyncpg", "psycopg", "sqlalchemy")
+#: the drivers (psycopg covers psycopg2) and SQLAlchemy: an OSError one of them raised is a
+#: lost connection
+_DRIVER_MODULES = ("asyncpg", "psycopg", "pg8000", "sqlalchemy")
 
 
 #: modules whose frames stand between a driver and the socket error it let out (the event loop

@@ -502,7 +502,8 @@ def test_trigger_sql_quotes_hostile_names() -> None:
     assert """'it''s "odd"; drop table x; --'""" in sql
     assert "E'tab\\x09here'" in sql
     assert "E'new\\x0aline'" in sql
-    assert "E'back\\x5cslash \\x5c: colon :name %s %% $rdb$ $$'" in sql
+    # (a colon before a word too: text(), as op.execute, would take it for a parameter)
+    assert "E'back\\x5cslash \\x5c: colon \\x3aname %s %% $rdb$ $$'" in sql
     assert '"we""ird; table"' in sql
     assert 'NEW."st""ate"' in sql
     assert "$rdb1$" in sql  # the body contains "$rdb$", so another dollar-quote tag is used
