@@ -97,16 +97,21 @@ def _aborted_before(exc: BaseException) -> bool:
 
 
 class _Attempts:
-    """The attempts of one operation after its first (``record``, which failed with
-    ``failure``): each rolls back what the one before began (see above)."""
+    """The attempts of one operation, each calling ``fn`` in an :class:`AttemptRecord` (a
+    COMMIT its code sends that commits, or may have, makes its failure final) after rolling
+    back what the one before began (see above). ``record`` and ``failure``: a first attempt
+    made already (inline, by the caller), and how it failed."""
 
     __slots__ = ("failure", "fn", "policy", "record")
 
     def __init__(
-        self, policy: Policy, fn: Callable[[], Any], record: AttemptRecord | None = None
+        self,
+        policy: Policy,
+        fn: Callable[[], Any],
+        record: AttemptRecord | None = None,
+        failure: BaseException | None = None,
     ) -> None:
-        self.policy, self.fn, self.record = policy, fn, record
-        self.failure: BaseException | None = None
+        self.policy, self.fn, self.record, self.failure = policy, fn, record, failure
 
     def _next(self) -> AttemptRecord:
         self.record = AttemptRecord(self.policy)
@@ -165,15 +170,6 @@ async def _aquietly(rollback: Callable[[], Awaitable[None]]) -> None:
         await rollback()
     except Exception:
         log_retry.debug("rollback before a replay failed", exc_info=True)
-
-
-def _replays(
-    policy: Policy, fn: Callable[[], Any], record: AttemptRecord, exc: BaseException
-) -> _Attempts:
-    """The attempts after a first one (``record``) that failed with ``exc``."""
-    attempts = _Attempts(policy, fn, record)
-    attempts.failure = exc
-    return attempts
 
 
 def _policy_for(
@@ -362,7 +358,7 @@ def _call(policy: Policy, fn: Callable[[], Any], check: ResponseCheck | None, cf
         with record:
             result = fn()
     except BaseException as exc:
-        result = policy.call_failed(_replays(policy, fn, record, exc), exc, probe, started)
+        result = policy.call_failed(_Attempts(policy, fn, record, exc), exc, probe, started)
     else:
         if inspect.isawaitable(result):
             admission: _Admission | None = None
@@ -436,7 +432,7 @@ async def _afinish(
             result = await first
     except BaseException as exc:
         result = await policy.acall_failed(
-            _replays(policy, fn, record, exc).acall, exc, probe, started
+            _Attempts(policy, fn, record, exc).acall, exc, probe, started
         )
     else:
         policy.succeeded(probe)
