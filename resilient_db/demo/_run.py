@@ -716,6 +716,13 @@ def _one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else "(no message)"
 
 
+def _password_of(url: str | None) -> str | None:
+    try:
+        return sa.make_url(url).password if url else None
+    except Exception:  # (refused by the demo's own checks before it got this far)
+        return None
+
+
 def _demo_for(options: DemoOptions, view: View) -> Demo:
     """The demo in this process, or spread over processes (``--processes``, ``--ha``)."""
     from ._fleet import FleetDemo, check_fleet_options  # noqa: PLC0415 - imports this module
@@ -750,9 +757,12 @@ def run_demo(
         # the database or the migrations refused what the demo's own checks let through (a
         # URL option the driver rejects, an env.py that fails): said in a line, as those are
         view.stop()
+        said = _one_line(exc)
+        password = _password_of(options.url)
+        if password:
+            said = said.replace(password, "***")  # a URL is never echoed
         err.write(
-            f"resilient-db demo: error: could not set up the demo: {type(exc).__name__}: "
-            f"{_one_line(exc)}\n"
+            f"resilient-db demo: error: could not set up the demo: {type(exc).__name__}: {said}\n"
         )
         return 2
     except KeyboardInterrupt:
