@@ -917,14 +917,20 @@ def test_a_stamped_function_of_another_role_does_not_stop_the_install(
 # ------------------------------------------------------------------------------------------------
 
 
-def _tickets(reg: registry) -> Any:
+def _tickets(
+    reg: registry,
+    rules: rdb.TransitionRules = RULES,
+    *,
+    name: str = "Ticket",
+    table: str = "tickets",
+) -> Any:
     return reg.mapped(
         type(
-            "Ticket",
+            name,
             (),
             {
-                "__tablename__": "tickets",
-                "__transitions__": RULES,
+                "__tablename__": table,
+                "__transitions__": rules,
                 "id": mapped_column(sa.Integer, primary_key=True),
                 "status": mapped_column(sa.String(20)),
             },
@@ -1049,18 +1055,7 @@ def test_the_script_through_op_execute_with_states_that_look_like_bind_parameter
         transitions={":new": {"on :hold"}, "on :hold": {"done"}},
         initial={":new"},
     )
-    ticket = reg.mapped(
-        type(
-            "ColonTicket",
-            (),
-            {
-                "__tablename__": "colon_tickets",
-                "__transitions__": rules,
-                "id": mapped_column(sa.Integer, primary_key=True),
-                "status": mapped_column(sa.String(20)),
-            },
-        )
-    )
+    ticket = _tickets(reg, rules, name="ColonTicket", table="colon_tickets")
     reg.metadata.create_all(engine)
     with engine.begin() as conn:
         Operations(MigrationContext.configure(conn)).execute(rdb.transition_trigger_sql(ticket))
