@@ -18,6 +18,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -36,6 +37,8 @@ __all__ = ["RedisServer", "redis_server_binary"]
 
 log = logging.getLogger("resilient_db.testing")
 
+#: commands that write files where the server's OS user may, or load code into it
+_SWITCHED_OFF: Final = ("CONFIG", "MODULE", "DEBUG")
 _START_TIMEOUT: Final = 10.0
 _POLL_INTERVAL: Final = 0.005
 _INSTALL_HINT: Final = (
@@ -72,8 +75,12 @@ class RedisServer(Service):
     """A private ``redis-server`` on ``127.0.0.1``; :meth:`start` it (or use ``with``).
 
     ``port`` defaults to a free port (also with 0), kept across :meth:`kill` and :meth:`start`
-    so clients reconnect to the same address. With ``password`` the server requires it
-    (``requirepass``) and :attr:`url` carries it.
+    so clients reconnect to the same address. The server requires a password (``requirepass``),
+    ``password`` or one generated for it, and :attr:`url` carries it (``password=""``: none).
+    Other local users of a shared host reach 127.0.0.1 too, and the server runs as the tests'
+    OS user (root, in a container): without a password anyone could have it write files where
+    it may (``CONFIG SET dir``, ``SAVE``) or load code (``MODULE LOAD``). Those commands are
+    switched off as well (renamed away); nothing of the harness or of resilient_db uses them.
     """
 
     def __init__(
@@ -87,7 +94,9 @@ class RedisServer(Service):
         if port is not None:
             _check_port(port, free=True)  # not a late "(no log)" from a server that can't bind
         self.port = port or free_port(self.host)
-        self.password = password
+        if password is not None and not isinstance(password, str):
+            raise TypeError(f"password must be a str (or None: one made for it), got {password!r}")
+        self.password = secrets.token_urlsafe(18) if password is None else password
         self._executable = Path(executable) if executable else None
         self._dir: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -118,6 +127,7 @@ class RedisServer(Service):
         """
         if self.is_running():
             return
+        _redis_client()  # before anything starts: without it the server's answer can't be heard
         executable = self._executable or redis_server_binary()
         if self._dir is None:
             self._dir = Path(tempfile.mkdtemp(prefix="rdb-redis-"))
@@ -136,6 +146,8 @@ class RedisServer(Service):
         ]  # fmt: skip
         if self.password:
             command += ["--requirepass", self.password]
+        for name in _SWITCHED_OFF:
+            command += ["--rename-command", name, ""]
         self._proc = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
@@ -170,8 +182,10 @@ class RedisServer(Service):
             time.sleep(_POLL_INTERVAL)
 
     def _answering_pid(self) -> int | None:
-        """The process id of the Redis answering PING on our port (None: no answer yet)."""
-        with contextlib.suppress(Exception), contextlib.closing(self.client()) as client:
+        """The process id of the Redis answering PING on our port (None: no answer yet). An
+        ImportError (no redis client installed) is raised: waiting would not bring it."""
+        client = self.client()
+        with contextlib.suppress(Exception), contextlib.closing(client):
             if client.ping():
                 return int(client.info("server")["process_id"])
         return None
@@ -222,12 +236,7 @@ class RedisServer(Service):
     # -- talking to it -----------------------------------------------------------------------
     def client(self, **kwargs: Any) -> Any:
         """A ``redis.Redis`` client of this server (short timeouts unless given)."""
-        try:
-            import redis  # noqa: PLC0415 - optional dependency
-        except ImportError as exc:
-            raise ImportError(
-                "RedisServer needs the redis client: pip install 'resilient-db[redis]'"
-            ) from exc
+        redis = _redis_client()
         kwargs.setdefault("socket_timeout", 2.0)
         kwargs.setdefault("socket_connect_timeout", 2.0)
         kwargs.setdefault("password", self.password)
@@ -253,6 +262,17 @@ class RedisServer(Service):
         if path is None or not path.exists():
             return "(no log)"
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _redis_client() -> Any:
+    """The ``redis`` client package; ImportError saying how to install it."""
+    try:
+        import redis  # noqa: PLC0415 - optional dependency
+    except ImportError as exc:
+        raise ImportError(
+            "RedisServer needs the redis client: pip install 'resilient-db[redis]'"
+        ) from exc
+    return redis
 
 
 def _close_all() -> None:

@@ -1,0 +1,64 @@
+"""resilient_db.testing.RedisServer as other local users and a user without the client see it."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+
+import pytest
+
+from resilient_db.testing import RedisServer
+
+
+def _raw(port: int, *command: str) -> bytes:
+    """One command over a raw connection, with no password: what any local user can send."""
+    parts = [f"*{len(command)}\r\n".encode()]
+    for arg in command:
+        parts.append(f"${len(arg.encode())}\r\n{arg}\r\n".encode())
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"".join(parts))
+        return sock.recv(4096)
+
+
+def test_a_redis_server_requires_a_password_and_has_no_file_writing_commands() -> None:
+    """Run as root (a container), a RedisServer without a password let any local user make it
+    write files wherever root may (CONFIG SET dir / dbfilename, SAVE) or load code (MODULE
+    LOAD). It gets a password of its own, carried by its URL, and those commands are off."""
+    with RedisServer() as server:
+        assert server.password
+        assert f":{server.password}@" in server.url
+        assert _raw(server.port, "PING").startswith(b"-NOAUTH")
+        assert _raw(server.port, "SET", "k", "v").startswith(b"-NOAUTH")
+        with server.client() as client:  # the password holder: the commands are gone
+            assert client.ping()
+            for command in (
+                ("CONFIG", "SET", "dir", "/"),
+                ("MODULE", "LIST"),
+                ("DEBUG", "SLEEP", "0"),
+            ):
+                with pytest.raises(Exception, match="unknown command"):
+                    client.execute_command(*command)
+
+
+def test_a_redis_server_without_a_password_when_asked() -> None:
+    with RedisServer(password="") as server:
+        assert server.url == f"redis://127.0.0.1:{server.port}/0"
+        assert _raw(server.port, "PING") == b"+PONG\r\n"
+    with pytest.raises(TypeError, match="password must be a str"):
+        RedisServer(password=123)  # type: ignore[arg-type]
+
+
+def test_without_the_redis_client_a_redis_server_says_so_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The server started, the check that it answers failed on the missing client (every
+    error was taken for "not yet"), and ten seconds later: "did not answer in time"."""
+    monkeypatch.setitem(sys.modules, "redis", None)  # what a missing package gives import
+    server = RedisServer()
+    started = time.monotonic()
+    with pytest.raises(ImportError, match=r"pip install 'resilient-db\[redis\]'"):
+        server.start()
+    assert time.monotonic() - started < 5
+    assert not server.is_running()
+    server.close()
