@@ -1168,6 +1168,9 @@ class AttemptRecord:
     # (root transaction, connection, marked) for each connection a session began on in the
     # attempt (see ``CommitRequest.connections``)
     began: list[tuple[Any, Any, bool]] | None = None
+    # the root session transactions made in the attempt by sessions that are not a unit's
+    # (a drop-in session's: what a replay of a ``with_self_healing`` operation rolls back)
+    created: list[Any] | None = None
     _enclosing: AttemptRecord | None
     _token: contextvars.Token[AttemptRecord | None]
 
@@ -1246,6 +1249,15 @@ class AttemptRecord:
             began.append(entry)
         # else: heard twice (a session class listening and a base of it, see
         # install_connect_retry): one connection, recorded once
+
+    def created_transaction(self, transaction: Any) -> None:
+        """A session made its root ``transaction`` in the attempt (``after_transaction_create``;
+        not when it first got a connection: a transaction the caller began, or autobegan with
+        ``add()``, gets its connection from the attempt's first statement)."""
+        if self.created is None:
+            self.created = [transaction]
+        else:
+            self.created.append(transaction)
 
     def autocommit(self, context: Any) -> None:
         """A statement that may write goes out in autocommit: it commits on its own."""

@@ -70,8 +70,8 @@ def is_async_callable(fn: object) -> bool:
 # An operation's code may work on a session that outlives an attempt (a ``scoped_session``,
 # Flask-SQLAlchemy's ``db.session``, a FastAPI dependency's): a unit's replay gets a new
 # session, an operation's meets that one again, its transaction left aborted by the failure.
-# Before a replay, the sessions whose transaction the failed attempt began (its record's
-# ``began``) are rolled back, which is what a new session would be. A session whose transaction
+# Before a replay, the sessions whose transaction the failed attempt made (its record's
+# ``created``) are rolled back, which is what a new session would be. A session whose transaction
 # began before the operation holds the caller's work too, which the failure aborted and a
 # replay of the operation can't bring back: left as it is, and the replay that meets it raises
 # the original error (as the operation would have without the wrapper), not its own.
@@ -82,9 +82,10 @@ _BEGUN_BEFORE = (
 
 
 def _begun_sessions(record: AttemptRecord) -> list[Session]:
-    """The sessions still in a transaction that the attempt of ``record`` began."""
+    """The sessions still in a transaction that the attempt of ``record`` made (not one it
+    only gave a connection: see ``AttemptRecord.created_transaction``)."""
     found: list[Session] = []
-    for transaction, _connection, _marked in record.began or ():
+    for transaction in record.created or ():
         session = transaction.session
         if session.get_transaction() is transaction and session not in found:
             found.append(session)

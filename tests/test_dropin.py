@@ -616,6 +616,42 @@ def test_with_self_healing_does_not_replay_into_a_transaction_begun_before_it(
     assert "begun before the operation" in caplog.text
 
 
+@pytest.mark.parametrize("how", ["add", "begin"])
+def test_with_self_healing_keeps_the_callers_pending_work_in_a_shared_session(
+    engine: sa.Engine, pg_server: Any, service: str, how: str
+) -> None:
+    """The caller's session holds work not sent yet (``add()``, or ``begin()``: a transaction
+    with no connection) when the operation starts. The operation's flush gave that transaction
+    its connection, which made it look begun by the attempt: rolled back before the replay, it
+    took the caller's pending row with it, and the caller's commit then succeeded without it.
+    A transaction that existed before the operation is never rolled back: the original error
+    is raised."""
+    db = scoped_session(rdb.ResilientSession(engine, service=service))
+    mine, theirs = f"caller-{uuid.uuid4()}", f"operation-{uuid.uuid4()}"
+    calls: list[int] = []
+
+    @rdb.with_self_healing(service=service, config=_FAST)
+    def operation() -> None:
+        calls.append(1)
+        db.add(Item(name=theirs))
+        db.flush()
+        if len(calls) == 1:
+            _end_own_backend(pg_server, db.execute(sa.text("SELECT pg_backend_pid()")).one()[0])
+            db.execute(sa.text("SELECT 1"))
+
+    try:
+        if how == "begin":
+            db.begin()
+        db.add(Item(name=mine))  # the caller's, pending
+        with pytest.raises(sa.exc.OperationalError):
+            operation()
+    finally:
+        db.remove()
+    with engine.connect() as conn:
+        names = set(conn.scalars(sa.select(Item.name).where(Item.name.in_([mine, theirs]))))
+    assert names == set()  # nothing half-done: the caller's work and the operation's both gone
+
+
 # -- async ----------------------------------------------------------------------------------------
 @pytest.mark.asyncio
 async def test_the_async_factory_is_an_async_sessionmaker_with_the_users_class(
@@ -675,6 +711,38 @@ async def test_async_with_self_healing_around_a_scoped_session_replays_in_a_new_
         await db.remove()
     with engine.connect() as conn:
         assert conn.scalar(sa.select(sa.func.count()).where(Item.name == name)) == 1
+
+
+@pytest.mark.asyncio
+async def test_async_with_self_healing_keeps_the_callers_pending_work_in_a_shared_session(
+    engine: sa.Engine, async_engine: AsyncEngine, pg_server: Any, service: str
+) -> None:
+    """As for sync: the caller's pending row is never rolled back by the operation's replay."""
+    db = async_scoped_session(
+        rdb.AsyncResilientSession(async_engine, service=service), scopefunc=asyncio.current_task
+    )
+    mine, theirs = f"caller-{uuid.uuid4()}", f"operation-{uuid.uuid4()}"
+    calls: list[int] = []
+
+    @rdb.with_self_healing(service=service, config=_FAST)
+    async def operation() -> None:
+        calls.append(1)
+        db.add(Item(name=theirs))
+        await db.flush()
+        if len(calls) == 1:
+            pid = (await db.execute(sa.text("SELECT pg_backend_pid()"))).one()[0]
+            _end_own_backend(pg_server, pid)
+            await db.execute(sa.text("SELECT 1"))
+
+    try:
+        db.add(Item(name=mine))
+        with pytest.raises(sa.exc.DBAPIError):
+            await operation()
+    finally:
+        await db.remove()
+    with engine.connect() as conn:
+        names = set(conn.scalars(sa.select(Item.name).where(Item.name.in_([mine, theirs]))))
+    assert names == set()
 
 
 @pytest.mark.asyncio
