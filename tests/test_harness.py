@@ -557,6 +557,63 @@ def test_a_with_block_whose_start_fails_leaves_no_files(scratch_dir: Path) -> No
     assert list(scratch_dir.iterdir()) == []  # not only at interpreter exit
 
 
+def _processes_naming(path: Path) -> dict[int, str]:
+    """The processes whose command line names ``path`` (pid: command line)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(path) in args and alive(int(entry.name)):
+            found[int(entry.name)] = args
+    return found
+
+
+_MAKE_CLUSTER_SCRIPT = """
+import sys
+from resilient_db.testing import {kind}
+{kind}(base_dir={base!r}).start()
+print("started", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.parametrize(
+    ("program", "kind"),
+    [("initdb", "EmbeddedPostgres"), ("pg_basebackup", "StandbyPair")],
+)
+def test_a_test_process_killed_while_its_cluster_is_made_leaves_nothing(
+    program: str, kind: str, scratch_dir: Path
+) -> None:
+    """SIGKILL while initdb (or a standby's pg_basebackup) runs: the watchdog stops it, waits
+    for it, then removes the files; nothing keeps writing there once they are removed."""
+    script = _MAKE_CLUSTER_SCRIPT.format(kind=kind, base=str(scratch_dir))
+    with subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL
+    ) as proc:
+        try:
+            wait_for(
+                lambda: any(
+                    args.split()[0].endswith("/" + program)
+                    for args in _processes_naming(scratch_dir).values()
+                ),
+                f"{program} to run",
+                30,
+            )
+            proc.kill()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    wait_for(
+        lambda: not _processes_naming(scratch_dir) and not any(scratch_dir.iterdir()),
+        "the watchdog to stop everything and remove the files",
+        20,
+    )
+
+
 def test_server_control_marker_skips_for_an_external_server(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -637,19 +637,37 @@ def _check_reachable(base: Path, uid: int, gid: int) -> None:
 
 _WATCHDOG_SCRIPT: Final = r"""
 pid=""
+group=""
+gone() {  # wait up to 10 s until process (or with "-", process group) $1 is gone
+  i=0
+  while kill -0 "$1" 2>/dev/null && [ "$i" -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+}
 while read -r cmd arg; do
   case "$cmd" in
-    pid) pid="$arg" ;;
+    pid) pid="$arg"; group="" ;;
+    job) pid="$arg"; group="-" ;;
     done) exit 0 ;;
   esac
 done
-# the test process died without cleaning up: stop its server and remove its files ("pid 0":
-# no server runs; kill -0 0 would ask about, and kill 0 signal, this script's own group)
+# the test process died without cleaning up: stop its server, or the initdb / pg_basebackup
+# making its files ("job": the leader of a process group of its own), wait for it, and remove
+# its files ("pid 0": nothing runs; kill -0 0 would ask about, and kill 0 signal, this script's
+# own group)
 if [ -n "$pid" ] && [ "$pid" -gt 0 ] && kill -0 "$pid" 2>/dev/null; then
   if [ ! -r "/proc/$pid/cmdline" ] || tr '\0' ' ' < "/proc/$pid/cmdline" | grep -qF -- "$2"; then
-    kill -"${3:-QUIT}" "$pid" 2>/dev/null
-    i=0
-    while kill -0 "$pid" 2>/dev/null && [ "$i" -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+    if [ -n "$group" ]; then
+      # SIGTERM to the leader only: initdb lets its step end (its postgres child exits cleanly,
+      # freeing its shared memory), removes what it made and exits; then whatever is left of
+      # the group (pg_basebackup's WAL streamer)
+      kill -TERM "$pid" 2>/dev/null
+      gone "$pid"
+      kill -TERM "-$pid" 2>/dev/null
+      gone "-$pid"
+      kill -KILL "-$pid" 2>/dev/null
+    else
+      kill -"${3:-QUIT}" "$pid" 2>/dev/null
+      gone "$pid"
+    fi
   fi
 fi
 rm -rf -- "$1"
@@ -695,6 +713,12 @@ class Watchdog:
     def watch(self, pid: int) -> None:
         """The server's pid (0: none running)."""
         self._tell(f"pid {pid}")
+
+    def watch_job(self, pid: int) -> None:
+        """The pid of a program making the server's files (initdb, pg_basebackup), the leader
+        of a process group of its own: if the test process dies, the group gets SIGTERM and is
+        waited for before the files are removed. :meth:`watch` (0) once it has finished."""
+        self._tell(f"job {pid}")
 
     def _tell(self, line: str) -> None:
         proc = self._proc
@@ -893,18 +917,36 @@ class EmbeddedPostgres(PostgresServer):
             "--no-sync",
             "--no-instructions",
         ]
-        result = subprocess.run(
+        try:
+            code, output = self._run_job(command, self._subprocess_kwargs())
+        finally:
+            pwfile.unlink()
+        if code != 0:
+            raise ServerStartError(f"initdb failed (exit {code}):\n{output[-4000:]}")
+
+    def _run_job(self, command: list[str], kwargs: dict[str, Any]) -> tuple[int, str]:
+        """Run a program that makes the cluster's files (initdb, pg_basebackup: ``command``
+        names the data directory, the watchdog's marker) in a process group of its own, told to
+        the watchdog while it runs; return its exit code and output. Interrupted here (Ctrl-C,
+        the timeout), the group is stopped and waited for before the exception goes on: nothing
+        writes to the directory once it may be removed."""
+        proc = subprocess.Popen(
             command,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            timeout=120,
-            check=False,
-            **self._subprocess_kwargs(),
+            start_new_session=True,
+            **kwargs,
         )
-        pwfile.unlink()
-        if result.returncode != 0:
-            output = result.stdout.decode(errors="replace")[-4000:]
-            raise ServerStartError(f"initdb failed (exit {result.returncode}):\n{output}")
+        if self._watchdog is not None:
+            self._watchdog.watch_job(proc.pid)
+        try:
+            output, _ = proc.communicate(timeout=_JOB_TIMEOUT)
+        except BaseException:
+            _stop_group(proc)
+            raise
+        finally:
+            self._watch(0)
+        return proc.returncode, output.decode(errors="replace")
 
     def _start_watchdog(self) -> None:
         assert self._base is not None
@@ -1016,6 +1058,36 @@ class EmbeddedPostgres(PostgresServer):
             proc.wait()
             self._proc = None
             self._watch(0)
+
+
+#: seconds initdb or pg_basebackup may take
+_JOB_TIMEOUT: Final = 120
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """Stop ``proc`` and the process group it leads, and wait for them: SIGTERM to ``proc``
+    (initdb ends its step, so its postgres child exits cleanly, removes what it made and
+    exits), then to what is left of the group, then SIGKILL."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        log.warning("%s (pid %s) ignored SIGTERM", proc.args, proc.pid)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                break
+            time.sleep(0.05)
+        else:
+            continue
+        break
+    proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
 
 
 def _pid_file_ready(pid_file: Path, pid: int) -> bool:

@@ -16,7 +16,6 @@ interpreter exit, and by their watchdogs if the test process is killed.
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -152,20 +151,12 @@ class StandbyServer(EmbeddedPostgres):
             "--no-manifest",
         ]
         try:
-            result = subprocess.run(
-                command,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                timeout=120,
-                check=False,
-                **kwargs,
-            )
+            code, output = self._run_job(command, kwargs)
         finally:
             passfile.unlink()
-        if result.returncode != 0:
-            output = result.stdout.decode(errors="replace")[-4000:]
+        if code != 0:
             raise ServerStartError(
-                f"pg_basebackup of {primary!r} failed (exit {result.returncode}):\n{output}"
+                f"pg_basebackup of {primary!r} failed (exit {code}):\n{output[-4000:]}"
             )
         conninfo = psycopg.conninfo.make_conninfo(
             "",
