@@ -312,9 +312,19 @@ def error_chain(exc: BaseException) -> Iterator[BaseException]:
         current = orig if isinstance(orig, BaseException) else current.__cause__
 
 
-#: the drivers (psycopg covers psycopg2) and SQLAlchemy: an OSError one of them raised is a
-#: lost connection
-_DRIVER_MODULES = ("asyncpg", "psycopg", "pg8000", "sqlalchemy")
+#: the drivers (psycopg covers psycopg2) and SQLAlchemy's parts that talk to them: an OSError
+#: one of them raised is a lost connection (not SQLAlchemy's SQL and ORM modules: a builtin
+#: column default, called through a lambda of ``sqlalchemy.sql.schema``, is the application's)
+_DRIVER_MODULES = (
+    "asyncpg",
+    "psycopg",
+    "pg8000",
+    "sqlalchemy.connectors",
+    "sqlalchemy.dialects",
+    "sqlalchemy.engine",
+    "sqlalchemy.pool",
+    "sqlalchemy.util",
+)
 
 
 #: modules whose frames stand between a driver and the socket error it let out (the event loop
@@ -405,9 +415,12 @@ def _driver_disconnect(exc: BaseException) -> bool:
             # ``command_timeout`` (the query ran too long; asyncpg cancels it and the
             # connection stays usable), which is psycopg's ``statement_timeout`` (57014, not
             # transient) on the client side.
-            if isinstance(err, TimeoutError) and not _passed_through(err, _CONNECTING_MODULES):
+            connecting = _passed_through(err, _CONNECTING_MODULES)
+            if isinstance(err, TimeoutError) and not connecting:
                 continue
-            if _raised_by(err, _DRIVER_MODULES):
+            # raised while the pool connects, by whatever opens the socket (the driver, or a
+            # ``creator=`` of a cloud connector that opens it itself), or by a driver later
+            if connecting or _raised_by(err, _DRIVER_MODULES):
                 return True
             continue
         # psycopg: OperationalError with no SQLSTATE (see _psycopg_disconnect); asyncpg:

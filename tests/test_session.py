@@ -8,6 +8,7 @@ Exact SQLSTATEs come from ``RAISE ... USING ERRCODE`` through the real driver; d
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import select
@@ -241,15 +242,27 @@ class _Doc(_OwnBase):
         return value
 
 
+class _Stamped(_OwnBase):
+    __tablename__ = "own_os_error_stamped"
+    id: sa.orm.Mapped[int] = sa.orm.mapped_column(primary_key=True)
+    title: sa.orm.Mapped[str]
+    # a builtin as the default (os.getlogin is one that fails without a terminal): SQLAlchemy
+    # calls it through a lambda of its own, which is the innermost frame of the error
+    stamp: sa.orm.Mapped[str] = sa.orm.mapped_column(
+        default=functools.partial(os.stat, "/nonexistent/resilient_db/stamp")
+    )
+
+
 @pytest.mark.parametrize(
     ("doc", "kind"),
     [
         (lambda: _Doc(id=1, title="from-template"), FileNotFoundError),  # in a @validates hook
         (lambda: _Doc(id=2, title="x", secret="s"), ConnectionRefusedError),  # in a bind type
+        (lambda: _Stamped(id=3, title="x"), FileNotFoundError),  # a builtin column default
     ],
 )
 def test_the_applications_os_errors_raised_through_sqlalchemy_are_not_disconnects(
-    engine: sa.Engine, service: str, doc: Callable[[], _Doc], kind: type[OSError]
+    engine: sa.Engine, service: str, doc: Callable[[], object], kind: type[OSError]
 ) -> None:
     """The application's own OSError raised in its code that SQLAlchemy calls (a validator
     reading a file, a column type calling a service) passed through SQLAlchemy's frames, which
@@ -274,6 +287,34 @@ def test_the_applications_os_errors_raised_through_sqlalchemy_are_not_disconnect
     assert rdb.classify(info.value) is not rdb.Outcome.DISCONNECT
     assert rdb.health()["services"][service]["breaker"]["state"] == "closed"
     assert Session.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one()) == 1
+
+
+def test_a_creator_whose_own_socket_is_refused_is_a_disconnect(pg_url: str, service: str) -> None:
+    """A ``creator=`` that opens the connection's socket itself (a cloud SQL connector): its
+    refused connect is raised from its own code, not the driver's, and is a lost connection
+    all the same (raised while the pool connects): retried, counted."""
+    url = sa.make_url(pg_url)
+    refused_port = free_port()
+    made: list[int] = []
+
+    def creator() -> Any:
+        made.append(1)
+        if len(made) == 1:  # the connector's first try: its proxy is not up yet
+            socket.create_connection(("127.0.0.1", refused_port), timeout=2).close()
+        return psycopg.connect(
+            host=url.host, port=url.port, user=url.username, password=url.password,
+            dbname=url.database,
+        )  # fmt: skip
+
+    engine = sa.create_engine("postgresql+psycopg://", creator=creator)
+    try:
+        Session = factory(engine, service, initial_delay=0.001)
+        assert Session.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one()) == 1
+        assert made == [1, 1]
+        counters = rdb.health()["services"][service]["counters"]
+        assert counters["retries_by_class"] == {"disconnect": 1}
+    finally:
+        engine.dispose()
 
 
 def test_nested_units_run_once_inside_the_outer_and_are_not_retried_alone(
