@@ -351,6 +351,15 @@ _FEATURES: tuple[tuple[str, Callable[[Any], bool]], ...] = (
 )
 
 
+def _uses_redis(config: Any) -> bool:
+    """Whether factories made with ``config`` talk to its Redis: the breaker they share, or the
+    retry budget (as ``Policy.apply_config`` decides)."""
+    return bool(
+        config.enabled
+        and (config.breaker_on or (config.retry_on and config.retry_budget is not None))
+    )
+
+
 def _check_config(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     return check_config(os.environ, out=out, err=err, as_json=args.json)
 
@@ -366,7 +375,7 @@ def check_config(
 
     try:
         config = rdb.load_config(environ)
-        if config.enabled and config.redis_url is not None:
+        if config.redis_url is not None and _uses_redis(config):
             _import_redis()  # what every factory would refuse to start without
     except rdb.ConfigError as exc:
         if as_json:

@@ -84,6 +84,10 @@ def test_check_config_says_a_redis_url_needs_the_redis_package(
     assert "SELF_HEALING_REDIS_URL: is set, but the redis package is not installed" in captured.err
     with pytest.raises(rdb.ConfigError, match="redis package is not installed"):
         rdb.ResilientSession(service="cli-no-redis")  # what the command foretold
+    # neither a breaker nor a retry budget: nothing would talk to Redis, and factories start
+    clean_env.setenv("SELF_HEALING_CIRCUIT_BREAKER", "false")
+    assert main(["check-config"]) == 0
+    rdb.ResilientSession(service="cli-no-redis-needed")
 
 
 def test_check_config_json_for_a_bad_environment(
