@@ -614,6 +614,70 @@ def test_a_test_process_killed_while_its_cluster_is_made_leaves_nothing(
     )
 
 
+_CTRL_C_AFTER_FORK_SCRIPT = """
+import os, signal, subprocess, sys
+from resilient_db.testing import EmbeddedPostgres
+
+def tracer(frame, event, arg):
+    if frame.f_code is not subprocess.Popen._execute_child.__code__:
+        return None
+    def local(frame, event, arg):
+        if event == "return":  # the server's process is forked, its pid not recorded yet
+            sys.settrace(None)
+            signal.raise_signal(signal.SIGINT)
+        return local
+    return local
+
+server = EmbeddedPostgres(base_dir={base!r})
+server.start()
+try:
+    sys.settrace(tracer)
+    server.restart()
+except KeyboardInterrupt:
+    # the server's process runs: the server must know it (to stop it)
+    print("interrupted, running:", server.is_running(), flush=True)
+finally:
+    sys.settrace(None)
+    server.close()
+# right after close(): is a process still running in the removed directory?
+left = []
+for entry in os.listdir("/proc"):
+    try:
+        with open(f"/proc/{{entry}}/cmdline", "rb") as handle:
+            args = handle.read()
+    except OSError:
+        continue
+    mine = entry == str(os.getpid())  # this script's command line names the directory too
+    if entry.isdigit() and not mine and b"postgres" in args and {base!r}.encode() in args:
+        left.append(entry)
+print("left", len(left), flush=True)
+"""
+
+
+def test_ctrl_c_just_after_a_server_is_forked_leaves_nothing(scratch_dir: Path) -> None:
+    """A KeyboardInterrupt between the fork of postgres and the record of its pid lost the
+    process: close() left it running (writing to the files it removes). It is delivered once
+    the pid is kept, and close() stops the server."""
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", _CTRL_C_AFTER_FORK_SCRIPT.format(base=str(scratch_dir))],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.stdout == "interrupted, running: True\nleft 0\n", result.stderr
+        wait_for(
+            lambda: not _processes_naming(scratch_dir) and not any(scratch_dir.iterdir()),
+            "no server and no files",
+            5,
+        )
+    finally:
+        for pid in _processes_naming(scratch_dir):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGQUIT)
+
+
 def test_server_control_marker_skips_for_an_external_server(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:

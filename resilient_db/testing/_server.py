@@ -34,7 +34,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Final
@@ -930,19 +930,22 @@ class EmbeddedPostgres(PostgresServer):
         the watchdog while it runs; return its exit code and output. Interrupted here (Ctrl-C,
         the timeout), the group is stopped and waited for before the exception goes on: nothing
         writes to the directory once it may be removed."""
-        proc = subprocess.Popen(
-            command,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            **kwargs,
-        )
-        if self._watchdog is not None:
-            self._watchdog.watch_job(proc.pid)
+        proc: subprocess.Popen[bytes] | None = None
         try:
+            with _sigint_deferred():
+                proc = subprocess.Popen(
+                    command,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    **kwargs,
+                )
+                if self._watchdog is not None:
+                    self._watchdog.watch_job(proc.pid)
             output, _ = proc.communicate(timeout=_JOB_TIMEOUT)
         except BaseException:
-            _stop_group(proc)
+            if proc is not None:
+                _stop_group(proc)
             raise
         finally:
             self._watch(0)
@@ -1010,15 +1013,16 @@ class EmbeddedPostgres(PostgresServer):
                 os.chown(log_path, *self._ids)
             log_file.write(f"--- resilient_db.testing: starting postgres on {self._host}:{port}\n")
             log_file.flush()
-            proc = subprocess.Popen(
-                self._server_command(port),
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                **self._subprocess_kwargs(),
-            )
-        self._proc = proc
-        self._watch(proc.pid)
+            with _sigint_deferred():  # nothing between the fork and the pid's record
+                proc = subprocess.Popen(
+                    self._server_command(port),
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    **self._subprocess_kwargs(),
+                )
+                self._proc = proc
+                self._watch(proc.pid)
         pid_file = self.data_dir / "postmaster.pid"
         deadline = time.monotonic() + self._start_timeout
         while True:
@@ -1062,6 +1066,32 @@ class EmbeddedPostgres(PostgresServer):
 
 #: seconds initdb or pg_basebackup may take
 _JOB_TIMEOUT: Final = 120
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """A SIGINT (Ctrl-C) arriving in the block is delivered when it ends, as it would have been:
+    a KeyboardInterrupt between starting a process and recording its pid would lose the process
+    (left running, writing to files being removed). In the main thread only (the one Python
+    delivers signals to), and only when SIGINT's handler is one Python can put back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None:
+        yield
+        return
+    received: list[Any] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            if callable(previous):
+                previous(signal.SIGINT, received[0])
+            elif previous == signal.SIG_DFL:
+                signal.raise_signal(signal.SIGINT)
 
 
 def _stop_group(proc: subprocess.Popen[bytes]) -> None:
