@@ -528,6 +528,44 @@ def test_a_base_dir_the_servers_user_cant_reach_is_refused_and_its_modes_left_al
     assert _mode(scratch_dir) == 0o777
 
 
+def test_a_base_dir_that_is_a_file_is_refused_by_name(scratch_dir: Path) -> None:
+    not_a_dir = scratch_dir / "file"
+    not_a_dir.write_text("kept")
+    server = EmbeddedPostgres(base_dir=not_a_dir)
+    with pytest.raises(ServerStartError, match=r"base_dir=.*file.* is not a directory"):
+        server.start()
+    server.close()
+    assert not_a_dir.read_text() == "kept"
+    server = EmbeddedPostgres(base_dir=not_a_dir / "below")
+    with pytest.raises(ServerStartError, match=r"can't make the directory base_dir="):
+        server.start()
+    server.close()
+
+
+@pytest.mark.parametrize(
+    ("timeout", "error"),
+    [(0, ValueError), (-5, ValueError), (float("nan"), ValueError), ("9", TypeError)],
+)
+def test_a_start_timeout_that_is_not_a_positive_number_is_refused(
+    timeout: object, error: type[Exception]
+) -> None:
+    with pytest.raises(error, match="start_timeout"):
+        EmbeddedPostgres(start_timeout=timeout)  # type: ignore[arg-type]
+
+
+@pytest.mark.server_control
+def test_restart_after_refuses_a_bad_delay_before_stopping_the_server(
+    pg_server: PostgresServer,
+) -> None:
+    """A delay it can't wait (text, negative, not finite) failed in the background thread,
+    after the crash: the server stayed down. It is refused first."""
+    for seconds, error in (("2", TypeError), (-1, ValueError), (float("inf"), ValueError)):
+        with pytest.raises(error, match="seconds"):
+            pg_server.restart_after(seconds)  # type: ignore[arg-type]
+        assert pg_server.is_running()
+    assert pg_server.execute("SELECT 1") == [(1,)]
+
+
 def test_without_a_directory_given_clusters_go_to_ram_only_when_it_has_room(
     monkeypatch: pytest.MonkeyPatch, scratch_dir: Path
 ) -> None:
@@ -871,6 +909,27 @@ def test_the_database_watchdog_is_not_given_the_password_on_its_command_line(
 
 # --------------------------------------------------------------------------------------------------
 # the fault proxy
+
+
+def test_proxy_refuses_an_upstream_it_cant_use(pg_server: PostgresServer) -> None:
+    """A "host:port" string, or a port given as text, was accepted: the first connection then
+    killed the proxy's loop thread. Refused at construction, saying what it takes."""
+    address = f"{pg_server.host}:{pg_server.port}"
+    bad: list[tuple[object, type[Exception]]] = [
+        (address, TypeError),
+        ((pg_server.host, str(pg_server.port)), TypeError),
+        ((pg_server.host, 70000), ValueError),
+        ((pg_server.host,), TypeError),
+        ((None, pg_server.port), TypeError),
+    ]
+    for upstream, error in bad:
+        with pytest.raises(error, match=r"\(host, port\) pair"):
+            FaultProxy(upstream)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="connect_timeout"):
+        FaultProxy(pg_server, connect_timeout=-1)
+    with FaultProxy((pg_server.host, pg_server.port)) as proxy:
+        conn = psycopg.connect(pg_server.conninfo(host=proxy.host, port=proxy.port))
+        conn.close()
 
 
 def test_proxy_passthrough_psycopg(

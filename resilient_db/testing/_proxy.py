@@ -46,7 +46,7 @@ from concurrent.futures import Future
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar, cast
 
-from ._server import PostgresServer, _is_socket_dir, free_port
+from ._server import PostgresServer, _check_port, _check_seconds, _is_socket_dir, free_port
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -315,14 +315,33 @@ def _seconds(name: str, value: object) -> float:
     return float(value)
 
 
+def _check_upstream(upstream: object) -> PostgresServer | tuple[str, int]:
+    """``upstream`` as :class:`FaultProxy` keeps it, or :class:`TypeError` / :class:`ValueError`
+    saying what it takes: a mistake fails at once, not as the loop's error at the first
+    connection."""
+    if isinstance(upstream, PostgresServer):
+        return upstream
+    forms = "a PostgresServer or a (host, port) pair such as ('127.0.0.1', 5432)"
+    if not isinstance(upstream, (tuple, list)) or len(upstream) != 2:
+        raise TypeError(f"upstream must be {forms}, got {upstream!r}")
+    host, port = upstream
+    if not isinstance(host, str) or not host:
+        raise TypeError(f"upstream's host must be a non-empty str ({forms}), got {host!r}")
+    try:
+        return host, _check_port(port)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"upstream's {exc} ({forms})") from None
+
+
 class FaultProxy:
     """Loopback TCP proxy in front of a PostgreSQL server, with switchable faults.
 
     ``upstream`` is a :class:`PostgresServer` (its current host and port are used for every new
     connection; :meth:`url` reuses its credentials) or a ``(host, port)`` pair; a host that is
-    a unix socket's directory is reached through that socket. The proxy listens on ``host``
-    (127.0.0.1) and ``port`` (a free one by default) as soon as it is created; :meth:`close`
-    (or leaving the ``with`` block) stops it and joins its thread.
+    a unix socket's directory is reached through that socket; anything else (a ``"host:port"``
+    string, a port given as text) raises :class:`TypeError` or :class:`ValueError` at once.
+    The proxy listens on ``host`` (127.0.0.1) and ``port`` (a free one by default) as soon as
+    it is created; :meth:`close` (or leaving the ``with`` block) stops it and joins its thread.
 
     All fault methods are thread-safe and take effect before they return.
     """
@@ -335,10 +354,10 @@ class FaultProxy:
         port: int | None = None,
         connect_timeout: float = 5.0,
     ) -> None:
-        self._upstream = upstream
+        self._upstream = _check_upstream(upstream)
         self._host = host
         self._port = port if port is not None else free_port(host)
-        self._connect_timeout = connect_timeout
+        self._connect_timeout = _check_seconds("connect_timeout", connect_timeout, zero=False)
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)

@@ -20,6 +20,7 @@ import atexit
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -197,6 +198,17 @@ def _check_port(port: object, *, free: bool = False) -> int:
         zero = " (0: a free port)" if free else ""
         raise ValueError(f"port must be from {low} to 65535{zero}, got {port}")
     return port
+
+
+def _check_seconds(name: str, value: object, *, zero: bool) -> float:
+    """``value`` if it is a finite number of seconds (> 0; with ``zero``, >= 0), else
+    :class:`TypeError` / :class:`ValueError` naming ``name``: checked before anything happens."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        least = "0 or more" if zero else "more than 0"
+        raise ValueError(f"{name} must be a finite number of seconds, {least}, got {value!r}")
+    return float(value)
 
 
 def _is_socket_dir(host: str) -> bool:
@@ -461,8 +473,10 @@ class PostgresServer(Service):
 
         The returned thread ends when the server is back (join it to wait); if that start failed
         its exception is in the thread's ``error`` attribute. :meth:`ensure_running`,
-        :meth:`stop` and :meth:`close` cancel a pending start.
+        :meth:`stop` and :meth:`close` cancel a pending start. A ``seconds`` that is not a
+        finite number >= 0 raises :class:`TypeError` / :class:`ValueError` before anything.
         """
+        seconds = _check_seconds("seconds", seconds, zero=True)
         self._require_control("restart")
         if crash:
             self.crash()
@@ -778,7 +792,7 @@ class EmbeddedPostgres(PostgresServer):
         self._port_given = bool(port)
         self._base_parent = Path(base_dir) if base_dir is not None else None
         self._settings = {**DEFAULT_SETTINGS, **(settings or {})}
-        self._start_timeout = start_timeout
+        self._start_timeout = _check_seconds("start_timeout", start_timeout, zero=False)
         self._os_user = os_user
         self._lock = threading.RLock()
         self._base: Path | None = None
@@ -881,7 +895,18 @@ class EmbeddedPostgres(PostgresServer):
             self._ids = _prepare_root(self._os_user, self._bin)
         parent = self._base_parent if self._base_parent is not None else _scratch_parent()
         if parent is not None:
-            parent.mkdir(parents=True, exist_ok=True)
+            if self._base_parent is not None:
+                given = f"base_dir={str(parent)!r}"
+            elif parent != _RAM_DIR:
+                given = f"{_DIR_VARIABLE}={str(parent)!r}"
+            else:
+                given = str(parent)
+            if parent.exists() and not parent.is_dir():
+                raise ServerStartError(f"{given} is not a directory")
+            try:
+                parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ServerStartError(f"can't make the directory {given}: {exc}") from exc
         self._base = Path(tempfile.mkdtemp(prefix="resilient-db-pg-", dir=parent))
         with _live_lock:
             _live_servers.add(self)
