@@ -556,7 +556,7 @@ def test_with_self_healing_around_a_scoped_session_replays_in_a_new_transaction(
     ``db.session``, a FastAPI dependency's) under ``with_self_healing``: the replay ran in the
     session whose transaction the failed attempt had left aborted, and failed with
     InFailedSqlTransaction or PendingRollbackError in place of the original error (a 500, not
-    a 503). The sessions whose transaction the failed attempt began are rolled back before the
+    a 503). The sessions whose transaction the failed attempt made are rolled back before the
     replay, as a unit's replay gets a new session."""
     _install_serialization_failure(engine)
     db = scoped_session(rdb.ResilientSession(engine, service=service))
