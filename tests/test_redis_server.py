@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -62,3 +63,19 @@ def test_without_the_redis_client_a_redis_server_says_so_at_once(
     assert time.monotonic() - started < 5
     assert not server.is_running()
     server.close()
+
+
+@pytest.mark.parametrize(
+    "password", ["--starts-like-an-option", 'a "quoted\\ one', "ünï tab\there"]
+)
+def test_any_password_starts_the_server_and_never_shows_on_its_command_line(password: str) -> None:
+    """The password went on redis-server's command line: one starting with "--" (one generated
+    password in 4096) read as an option and the server would not start, and any local user
+    could read it in /proc/PID/cmdline. It goes in a file only the tests' user reads."""
+    with RedisServer(password=password) as server:
+        with server.client() as client:
+            assert client.ping()
+        assert server._proc is not None
+        cmdline = Path(f"/proc/{server._proc.pid}/cmdline").read_bytes()
+        assert password.encode() not in cmdline
+        assert _raw(server.port, "PING").startswith(b"-NOAUTH")

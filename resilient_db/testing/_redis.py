@@ -134,8 +134,19 @@ class RedisServer(Service):
         if self._watchdog is None:
             # a test process killed outright (SIGKILL) leaves no redis-server behind
             self._watchdog = Watchdog(self._dir, str(self.port), "KILL")
+        # the password and the renamed commands go in a file only this user reads: on the
+        # command line any local user would see the password (/proc/PID/cmdline), and one
+        # starting with "--" would read as an option there
+        conf = self._dir / "redis.conf"
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            if self.password:
+                handle.write(f"requirepass {_conf_string(self.password)}\n")
+            for name in _SWITCHED_OFF:
+                handle.write(f'rename-command {name} ""\n')
         command = [
             str(executable),
+            str(conf),
             "--bind", self.host,
             "--port", str(self.port),
             "--save", "",
@@ -144,17 +155,15 @@ class RedisServer(Service):
             "--logfile", str(self._dir / "redis.log"),
             "--daemonize", "no",
         ]  # fmt: skip
-        if self.password:
-            command += ["--requirepass", self.password]
-        for name in _SWITCHED_OFF:
-            command += ["--rename-command", name, ""]
+        startup = (self._dir / "startup.log").open("wb")  # what it says before its log is set up
         self._proc = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdout=startup,
+            stderr=subprocess.STDOUT,
             start_new_session=True,  # a Ctrl-C to the tests does not reach it mid-test
         )
+        startup.close()
         self._watchdog.watch(self._proc.pid)
         with _live_lock:
             _live.add(self)
@@ -258,10 +267,20 @@ class RedisServer(Service):
         }
 
     def _log_tail(self, lines: int = 30) -> str:
-        path = self.log_path
-        if path is None or not path.exists():
+        if self._dir is None:
             return "(no log)"
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        found: list[str] = []
+        for path in (self._dir / "startup.log", self._dir / "redis.log"):
+            if path.exists():
+                found += path.read_text(errors="replace").splitlines()
+        return "\n".join(found[-lines:]) if found else "(no log)"
+
+
+def _conf_string(value: str) -> str:
+    """``value`` as a double-quoted string of a Redis configuration file."""
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    escaped = "".join(f"\\x{ord(c):02x}" if ord(c) < 32 or ord(c) == 127 else c for c in escaped)
+    return f'"{escaped}"'
 
 
 def _redis_client() -> Any:
