@@ -528,6 +528,32 @@ def test_a_base_dir_the_servers_user_cant_reach_is_refused_and_its_modes_left_al
     assert _mode(scratch_dir) == 0o777
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="as root only: the server runs as another user")
+def test_directories_the_harness_makes_for_a_base_dir_are_open_to_the_server_whatever_the_umask(
+    scratch_dir: Path,
+) -> None:
+    """Under umask 077 (or 027) the missing directories of a base_dir were made 0700 by the
+    harness itself, and then refused as closed to the server's user, the message blaming the
+    user's directories."""
+    previous = os.umask(0o077)
+    try:
+        with EmbeddedPostgres(base_dir=scratch_dir / "made" / "here") as server:
+            assert server.execute("SELECT 1") == [(1,)]
+    finally:
+        os.umask(previous)
+    assert _mode(scratch_dir / "made") == 0o755
+    assert _mode(scratch_dir / "made" / "here") == 0o755
+
+
+def test_a_relative_base_dir_works(scratch_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """initdb runs in the cluster's directory: a relative base_dir, taken from there, made it
+    fail with "could not open file .../pwfile"."""
+    monkeypatch.chdir(scratch_dir)
+    with EmbeddedPostgres(base_dir="relative") as server:
+        assert server.execute("SELECT 1") == [(1,)]
+        assert server.data_dir.is_absolute()
+
+
 def test_a_base_dir_that_is_a_file_is_refused_by_name(scratch_dir: Path) -> None:
     not_a_dir = scratch_dir / "file"
     not_a_dir.write_text("kept")

@@ -790,7 +790,8 @@ class EmbeddedPostgres(PostgresServer):
             raise ValueError(f"port must be a whole number from 0 to 65535, got {port!r}")
         self._port = port or None  # 0, as for a socket: a free port
         self._port_given = bool(port)
-        self._base_parent = Path(base_dir) if base_dir is not None else None
+        # absolute: initdb and pg_basebackup run with the cluster's directory as theirs
+        self._base_parent = Path(base_dir).absolute() if base_dir is not None else None
         self._settings = {**DEFAULT_SETTINGS, **(settings or {})}
         self._start_timeout = _check_seconds("start_timeout", start_timeout, zero=False)
         self._os_user = os_user
@@ -903,8 +904,14 @@ class EmbeddedPostgres(PostgresServer):
                 given = str(parent)
             if parent.exists() and not parent.is_dir():
                 raise ServerStartError(f"{given} is not a directory")
+            missing = [d for d in (parent, *parent.parents) if not d.exists()]
             try:
                 parent.mkdir(parents=True, exist_ok=True)
+                if self._ids is not None:
+                    # the directories made here are the harness's: open to the server's user
+                    # whatever the umask (0700 under umask 077 refused the server its own)
+                    for made in missing:
+                        made.chmod(0o755)
             except OSError as exc:
                 raise ServerStartError(f"can't make the directory {given}: {exc}") from exc
         self._base = Path(tempfile.mkdtemp(prefix="resilient-db-pg-", dir=parent))
