@@ -799,14 +799,16 @@ def _on_transaction_create(session: Session, transaction: Any) -> None:
     active = current_unit.get()
     if active is not None and active.session is session:
         return  # a sync unit's session (the registry's answer below, without its lookups)
-    attempt = current_attempt.get()
-    if attempt is not None and attempt.running:
-        attempt.created_transaction(transaction)  # (what a replay may roll back: _wrapper)
     factory = factory_of(session)
     if not isinstance(factory, FactoryCore) or in_unit(session) or not factory.config.enabled:
         if connecting_for.get() is not None:
             connecting_for.set(None)
         return
+    # a drop-in session of a factory: made in an operation's attempt, a replay may roll it
+    # back (_wrapper; a unit's session is its own, and was returned from above)
+    attempt = current_attempt.get()
+    if attempt is not None and attempt.running:
+        attempt.created_transaction(transaction)
     connecting_for.set((factory, weakref.ref(transaction)))
 
 
