@@ -548,6 +548,16 @@ def _end_own_backend(pg_server: Any, pid: int) -> None:
     )
 
 
+def _fail(db: Any, pg_server: Any, fault: str) -> None:
+    """The session's statement fails with ``fault``: a real serialization failure, or its
+    backend terminated by the server."""
+    if fault == "serialization failure":
+        db.execute(sa.text(_SERIALIZATION_FAILURE))
+    else:
+        _end_own_backend(pg_server, db.execute(sa.text("SELECT pg_backend_pid()")).one()[0])
+        db.execute(sa.text("SELECT 1"))
+
+
 @pytest.mark.parametrize("fault", ["serialization failure", "terminated backend"])
 def test_with_self_healing_around_a_scoped_session_replays_in_a_new_transaction(
     engine: sa.Engine, pg_server: Any, service: str, fault: str
@@ -569,11 +579,7 @@ def test_with_self_healing_around_a_scoped_session_replays_in_a_new_transaction(
         db.add(Item(name=name))
         db.flush()
         if len(calls) == 1:
-            if fault == "serialization failure":
-                db.execute(sa.text(_SERIALIZATION_FAILURE))
-            else:
-                _end_own_backend(pg_server, db.execute(sa.text("SELECT pg_backend_pid()")).one()[0])
-                db.execute(sa.text("SELECT 1"))
+            _fail(db, pg_server, fault)
         db.commit()
         return len(calls)
 
@@ -636,8 +642,7 @@ def test_with_self_healing_keeps_the_callers_pending_work_in_a_shared_session(
         db.add(Item(name=theirs))
         db.flush()
         if len(calls) == 1:
-            _end_own_backend(pg_server, db.execute(sa.text("SELECT pg_backend_pid()")).one()[0])
-            db.execute(sa.text("SELECT 1"))
+            _fail(db, pg_server, "terminated backend")
 
     try:
         if how == "begin":
