@@ -332,20 +332,23 @@ _DRIVER_MODULES = (
 _IO_MODULES: Final = ("uvloop",)
 
 
+def _frames(err: BaseException) -> list[tuple[str, str]]:
+    """(module name, function name) of each frame of ``err``'s traceback, outermost first."""
+    found = []
+    tb = err.__traceback__
+    while tb is not None:
+        module = tb.tb_frame.f_globals.get("__name__", "")
+        found.append((module if isinstance(module, str) else "", tb.tb_frame.f_code.co_name))
+        tb = tb.tb_next
+    return found
+
+
 def _raised_by(err: BaseException, modules: tuple[str, ...]) -> bool:
     """Whether ``err`` was raised by code of ``modules`` (name prefixes): the innermost frame of
     its traceback that is not the standard library's (or the event loop's) belongs to one. Not
     whether it merely passed through one: the application's own code that SQLAlchemy calls (a
     validator, a column type, an event listener) has SQLAlchemy's frames around it."""
-    frames = []
-    tb = err.__traceback__
-    while tb is not None:
-        frames.append(tb.tb_frame)
-        tb = tb.tb_next
-    for frame in reversed(frames):
-        module = frame.f_globals.get("__name__", "")
-        if not isinstance(module, str):
-            return False
+    for module, _function in reversed(_frames(err)):
         if module.partition(".")[0] in sys.stdlib_module_names or module.startswith(_IO_MODULES):
             continue
         return module.startswith(modules)
@@ -354,13 +357,7 @@ def _raised_by(err: BaseException, modules: tuple[str, ...]) -> bool:
 
 def _passed_through(err: BaseException, modules: tuple[str, ...]) -> bool:
     """Whether ``err``'s traceback passes through code of ``modules`` (name prefixes)."""
-    tb = err.__traceback__
-    while tb is not None:
-        module = tb.tb_frame.f_globals.get("__name__", "")
-        if isinstance(module, str) and module.startswith(modules):
-            return True
-        tb = tb.tb_next
-    return False
+    return any(module.startswith(modules) for module, _function in _frames(err))
 
 
 # the driver's connect and the pool's: a TimeoutError there is a connect timing out
@@ -487,14 +484,9 @@ def _psycopg_disconnect(err: BaseException, name: str, *, wrapped: bool) -> bool
 
 def _raised_connecting(err: BaseException) -> bool:
     """Whether ``err`` came out of psycopg's ``connect`` (its host list, DNS, the attempts)."""
-    tb = err.__traceback__
-    while tb is not None:
-        code = tb.tb_frame.f_code
-        module = tb.tb_frame.f_globals.get("__name__", "")
-        if code.co_name == "connect" and isinstance(module, str) and module.startswith("psycopg"):
-            return True
-        tb = tb.tb_next
-    return False
+    return any(
+        function == "connect" and module.startswith("psycopg") for module, function in _frames(err)
+    )
 
 
 def _refused_after_authentication(pgconn: Any) -> bool:
