@@ -159,8 +159,14 @@ def test_a_forked_child_sends_the_fleet_its_own_first_attempts_not_the_parents(
     """The parent's first attempts not yet added to the fleet's budget when it forks are the
     parent's to send: the child sends only those it makes itself."""
     engine = sa.create_engine(pg_url)
+    # a generous Redis timeout: a script that times out is not sent again (it may have run), so
+    # on a loaded machine the freshly restarted Redis's first, slow answer would lose a deposit
     config = rdb.Config(
-        redis_url=redis_server.url, retry_budget=0.5, retry_budget_floor=0, circuit_breaker=False
+        redis_url=redis_server.url,
+        redis_timeout=5.0,
+        retry_budget=0.5,
+        retry_budget_floor=0,
+        circuit_breaker=False,
     )
     Session = rdb.ResilientSession(engine, service="forkbudget", config=config)
     budget = budgets()["forkbudget"]
@@ -172,15 +178,17 @@ def test_a_forked_child_sends_the_fleet_its_own_first_attempts_not_the_parents(
 
     def child() -> bool:
         engine.dispose(close=False)  # the parent's connections are the parent's
-        for _ in range(2):
-            Session.run(lambda s: s.execute(sa.text("SELECT 1")))
-        ran = budget._clock()
         link = budget._fleet
         deadline = time.monotonic() + 15
+        # the child's own first attempts once Redis is back: made earlier, a slow restart of
+        # Redis (a loaded machine) could age them out of the window before they are sent
         while not link.up and time.monotonic() < deadline:
             time.sleep(0.005)
         if not link.up:
             return False
+        for _ in range(2):
+            Session.run(lambda s: s.execute(sa.text("SELECT 1")))
+        ran = budget._clock()
         link._flush_budgets()  # what this process has for the fleet, now
         # sent by this call or by the link's thread: wait for Redis's answer
         while budget._fleet_view[0] < ran and time.monotonic() < deadline:
