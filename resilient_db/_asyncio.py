@@ -22,7 +22,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
-from ._classify import Classifier
+from ._classify import Classifier, debug_failure
 from ._commit import AttemptRecord, CommitRequest, CommitTicket
 from ._config import Config
 from ._errors import TransactionStateError
@@ -486,7 +486,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                 async with _bound_engine(engine).connect() as conn:
                     return await conn.run_sync(commit_if_prepared, xid)
             except Exception:  # the old backend may still hold it, or the server restarts
-                log_session.debug("finishing %s failed", xid, exc_info=True)
+                debug_failure(log_session, "finishing %s failed", xid)
         return False
 
     async def _verify_commit(self, ticket: CommitTicket) -> CommitVerdict:
@@ -524,7 +524,7 @@ async def _rollback_quietly(session: AsyncSession) -> None:
     try:
         await session.rollback()
     except Exception:
-        log_session.debug("rollback after a failed attempt failed too", exc_info=True)
+        debug_failure(log_session, "rollback after a failed attempt failed too")
 
 
 async def _close(session: AsyncSession, *, quiet: bool) -> None:
@@ -536,7 +536,7 @@ async def _close(session: AsyncSession, *, quiet: bool) -> None:
     try:
         await session.close()
     except Exception:
-        log_session.debug("closing the session after a failed attempt failed too", exc_info=True)
+        debug_failure(log_session, "closing the session after a failed attempt failed too")
 
 
 def _name(fn: Any) -> str:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import logging
 import sys
+import traceback
 from collections.abc import Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any, Final
@@ -645,3 +647,51 @@ def is_transient(exc: BaseException, *, classifier: Classifier | None = None) ->
     write it twice; check whether it committed first (``classify`` says
     ``Outcome.COMMIT_UNKNOWN``)."""
     return (classifier or DEFAULT_CLASSIFIER).classify(exc).replayable
+
+
+#: packages whose exception texts may quote a statement, its bound parameters or a row's values
+#: (SQLAlchemy's "[parameters: ...]", a driver's "DETAIL: Key (email)=(...)"; SQLAlchemy's
+#: PendingRollbackError repeats the original error's text)
+_TALKATIVE: Final = ("sqlalchemy", "psycopg", "psycopg2", "asyncpg", "pg8000")
+
+
+def failure_detail(exc: BaseException) -> str:
+    """A traceback of ``exc`` and the errors chained to it (cause or context), for a DEBUG line:
+    every frame, but a database error's text replaced by its SQLSTATE. Tracebacks formatted by
+    ``logging``'s ``exc_info`` would carry bound parameters and row values into the logs (the
+    error being handled is often a database error's context)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and len(chain) < _MAX_CHAIN and all(current is not e for e in chain):
+        chain.append(current)
+        cause = current.__cause__
+        if cause is None and not current.__suppress_context__:
+            cause = current.__context__
+        current = cause
+    parts: list[str] = []
+    for err in reversed(chain):  # the first error first, as Python prints a chain
+        if parts:
+            parts.append("which led to:\n")
+        parts.append("Traceback (most recent call last):\n")
+        parts.extend(traceback.format_tb(err.__traceback__))
+        kind = type(err)
+        name = f"{kind.__module__}.{kind.__qualname__}"
+        if kind.__module__.split(".", 1)[0] in _TALKATIVE:
+            code = sqlstate_of(err)
+            text = f"SQLSTATE {code}" if code else "no SQLSTATE"
+            parts.append(f"{name}: ({text}; its text left out: it may quote values)\n")
+        else:
+            parts.append("".join(traceback.format_exception_only(kind, err)))
+    return "".join(parts).rstrip("\n")
+
+
+def debug_failure(logger: logging.Logger, message: str, *args: object) -> None:
+    """``logger.debug(message, *args)`` followed by :func:`failure_detail` of the error being
+    handled: what ``exc_info=True`` would add, without the values a database error quotes."""
+    if not logger.isEnabledFor(logging.DEBUG):
+        return
+    exc = sys.exc_info()[1]
+    if exc is None:
+        logger.debug(message, *args)
+    else:
+        logger.debug(f"{message}\n%s", *args, failure_detail(exc))

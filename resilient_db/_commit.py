@@ -58,6 +58,7 @@ from sqlalchemy.pool import NullPool
 from ._classify import (
     DEFAULT_CLASSIFIER,
     Classifier,
+    debug_failure,
     mark_commit_unanswered,
     mark_replay_safe,
     sqlstate_of,
@@ -695,7 +696,7 @@ def end_check(connection: Connection, *, proving: bool, wait: float = REPLICATIO
             connection.commit()
         cut_off = cut()
     except Exception:
-        log_session.debug("the check's COMMIT failed: the check proves nothing", exc_info=True)
+        debug_failure(log_session, "the check's COMMIT failed: the check proves nothing")
         connection.invalidate()
         return False
     if cut_off:
@@ -902,7 +903,7 @@ async def _connect_host_by_host(
             )
         except _NEXT_HOST as exc:
             last = exc
-            log_session.debug("connecting to %s:%s failed", one_host, one_port, exc_info=True)
+            debug_failure(log_session, "connecting to %s:%s failed", one_host, one_port)
     assert last is not None  # (at least two hosts were tried)
     raise last
 
@@ -932,7 +933,7 @@ async def _prefer_standby(
                 )
             except _NEXT_HOST as exc:
                 last = exc
-                log_session.debug("connecting to %s:%s failed", one_host, one_port, exc_info=True)
+                debug_failure(log_session, "connecting to %s:%s failed", one_host, one_port)
                 continue
             try:
                 standby = await _in_hot_standby(conn)
@@ -1498,7 +1499,7 @@ class CommitProtocol:
                 elif reports and not self._statement_refused:
                     form = self.inline_marker  # the client knows the read mode: sent inline
         except Exception:
-            log_session.debug("could not check for commit markers", exc_info=True)
+            debug_failure(log_session, "could not check for commit markers")
         finally:
             current_attempt.reset(outside)
         driver._rdb_may_write = False  # (the set-up's PREPARE was noted)
@@ -1794,7 +1795,7 @@ def _quietly(action: Callable[[], object]) -> bool:
     try:
         action()
     except Exception:
-        log_session.debug("could not prepare the commit-marker statement", exc_info=True)
+        debug_failure(log_session, "could not prepare the commit-marker statement")
         return False
     return True
 
@@ -2352,7 +2353,7 @@ def _adopt_asyncpg(driver: Any) -> None:
     try:
         driver.__class__ = marked_connection_class(type(driver), adopted=True)
     except TypeError:  # a class whose layout can't be switched: the connection stays unmarked
-        log_session.debug("could not mark an asyncpg connection", exc_info=True)
+        debug_failure(log_session, "could not mark an asyncpg connection")
 
 
 _IDLE: Final = int(psycopg.pq.TransactionStatus.IDLE)
@@ -2575,7 +2576,7 @@ async def _end_failed_transaction(connection: Any, base: type[Any]) -> None:
     try:
         await base.execute(connection, "ROLLBACK;")
     except Exception:  # the connection broke: SQLAlchemy invalidates it for the error
-        log_session.debug("ROLLBACK of a transaction whose COMMIT failed failed", exc_info=True)
+        debug_failure(log_session, "ROLLBACK of a transaction whose COMMIT failed failed")
 
 
 #: asyncpg's longest BEGIN: ``BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY DEFERRABLE;``

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from ._classify import sqlstate_of
+from ._classify import debug_failure, sqlstate_of
 from ._config import Config
 from ._state import STATE, check_service_room
 
@@ -136,8 +136,8 @@ def emit(
             try:
                 hook(event)
             except Exception:
-                logging.getLogger("resilient_db").debug(
-                    "self-healing hook %r failed", hook, exc_info=True
+                debug_failure(
+                    logging.getLogger("resilient_db"), "self-healing hook %r failed", hook
                 )
     if to_log:
         logger.log(level, PREFIX + msg, *args, extra={"self_heal": extra})

@@ -26,6 +26,7 @@ from ._classify import (
     DEFAULT_CLASSIFIER,
     Classifier,
     Outcome,
+    debug_failure,
     hot_standby_hint,
     hot_standby_of,
     mark_outcome,
@@ -330,7 +331,7 @@ class Policy:
             service=self.service,
             event="machinery_failed",
         )
-        log_retry.debug("machinery failure detail", exc_info=True)
+        debug_failure(log_retry, "machinery failure detail")
 
     # -- tenacity plumbing -------------------------------------------------------------------
     def _retry_predicate(self, exc: BaseException) -> bool:

@@ -24,7 +24,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from ._classify import Classifier
+from ._classify import Classifier, debug_failure
 from ._commit import AttemptRecord, CommitRequest, CommitTicket
 from ._config import Config
 from ._errors import TransactionStateError
@@ -446,7 +446,7 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                 with _bound_engine(engine).connect() as conn:
                     return commit_if_prepared(conn, xid)
             except Exception:  # the old backend may still hold it, or the server restarts
-                log_session.debug("finishing %s failed", xid, exc_info=True)
+                debug_failure(log_session, "finishing %s failed", xid)
         return False
 
     def _verify_commit(self, ticket: CommitTicket) -> CommitVerdict:
@@ -484,7 +484,7 @@ def _rollback_quietly(session: Session) -> None:
     try:
         session.rollback()
     except Exception:
-        log_session.debug("rollback after a failed attempt failed too", exc_info=True)
+        debug_failure(log_session, "rollback after a failed attempt failed too")
 
 
 def _close(session: Session, *, quiet: bool) -> None:
@@ -496,7 +496,7 @@ def _close(session: Session, *, quiet: bool) -> None:
     try:
         session.close()
     except Exception:
-        log_session.debug("closing the session after a failed attempt failed too", exc_info=True)
+        debug_failure(log_session, "closing the session after a failed attempt failed too")
 
 
 def _name(fn: Any) -> str:

@@ -132,6 +132,8 @@ def reset_state() -> None:
     new breaker, counters and budget at its next unit of work, as a factory made then would
     (``health()`` shows what it does after the reset, not what it did before).
     """
+    from ._classify import debug_failure  # noqa: PLC0415 - _classify's imports reach this module
+
     with STATE.lock:
         STATE.generation += 1
         breakers = list(STATE.breakers.values())
@@ -152,11 +154,13 @@ def reset_state() -> None:
         try:
             link.close()
         except Exception:
-            logging.getLogger("resilient_db.fleet").debug("could not close %r", link, exc_info=True)
+            debug_failure(logging.getLogger("resilient_db.fleet"), "could not close %r", link)
     for breaker in breakers:
         try:
             breaker.reset()
         except Exception:  # a shared store that is unreachable: forgotten all the same
-            logging.getLogger("resilient_db.breaker").debug(
-                "could not reset the breaker of %s", breaker.service, exc_info=True
+            debug_failure(
+                logging.getLogger("resilient_db.breaker"),
+                "could not reset the breaker of %s",
+                breaker.service,
             )

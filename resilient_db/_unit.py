@@ -33,6 +33,7 @@ from ._classify import (
     Outcome,
     answer_timed_out,
     client_state_broken,
+    debug_failure,
     hot_standby_server,
     mark_hot_standby,
     mark_outcome,
@@ -309,7 +310,7 @@ def _prune_quietly(protocol: CommitProtocol) -> None:
         protocol.prune_left(count)
         log_session.debug("pruned %d expired commit markers", count)
     except Exception as exc:  # the unit is done; a failed prune is retried at the next interval
-        log_session.debug("pruning commit markers failed", exc_info=True)
+        debug_failure(log_session, "pruning commit markers failed")
         if sqlstate_of(exc) == "42501":
             protocol.prune_refused()
     finally:

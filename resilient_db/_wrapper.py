@@ -34,7 +34,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import async_session
 from sqlalchemy.orm import Session
 
-from ._classify import sqlstate_of
+from ._classify import debug_failure, sqlstate_of
 from ._commit import AttemptRecord
 from ._config import Config, env_config
 from ._observability import log_retry
@@ -163,14 +163,14 @@ def _quietly(rollback: Callable[[], None]) -> None:
     try:
         rollback()
     except Exception:  # a broken connection: the replay meets it, and says so
-        log_retry.debug("rollback before a replay failed", exc_info=True)
+        debug_failure(log_retry, "rollback before a replay failed")
 
 
 async def _aquietly(rollback: Callable[[], Awaitable[None]]) -> None:
     try:
         await rollback()
     except Exception:
-        log_retry.debug("rollback before a replay failed", exc_info=True)
+        debug_failure(log_retry, "rollback before a replay failed")
 
 
 def _policy_for(

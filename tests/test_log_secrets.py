@@ -1,0 +1,116 @@
+"""No log line carries a statement's bound parameters or a row's values, DEBUG lines included.
+
+A database error's text quotes them (SQLAlchemy's ``[parameters: ...]``, the server's ``DETAIL:
+Key (email)=(...)``), and so does every error raised while it is handled (its context): a
+traceback logged with ``exc_info`` would carry them into the application's logs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
+
+import resilient_db as rdb
+from resilient_db.testing import FaultProxy
+
+SECRET = "carol.secret@example.com"
+CONFIG = rdb.Config(initial_delay=0.001, max_delay=0.001, circuit_breaker=False)
+
+
+@pytest.fixture
+def users(pg_url: str) -> None:
+    engine = sa.create_engine(pg_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE leak_users (id int PRIMARY KEY, email text UNIQUE)"))
+        conn.execute(sa.text("INSERT INTO leak_users VALUES (1, :e)"), {"e": SECRET})
+    engine.dispose()
+
+
+INSERT = sa.text("INSERT INTO leak_users VALUES (2, :e)")
+
+
+def _cut_on_duplicate(engine: sa.Engine, proxy: FaultProxy) -> None:
+    """The network goes down right after the duplicate key: the rollback that follows fails."""
+
+    @sa.event.listens_for(engine, "handle_error")
+    def cut(context: Any) -> None:
+        if getattr(context.original_exception, "sqlstate", None) == "23505":
+            proxy.cut_all()
+
+
+def _assert_no_secret(caplog: pytest.LogCaptureFixture) -> None:
+    lines = [r for r in caplog.records if r.name.startswith("resilient_db")]
+    text = "\n".join(logging.Formatter("%(message)s").format(r) for r in lines)
+    assert "rollback after a failed attempt failed too" in text  # the line is there ...
+    assert SECRET not in text  # ... without the value ...
+    assert "[parameters:" not in text
+    assert "SQLSTATE 23505" in text  # ... saying what failed first
+
+
+@pytest.mark.usefixtures("users")
+def test_a_failed_rollback_after_a_database_error_logs_no_values(
+    pg_server: Any, pg_database: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="resilient_db")
+    with FaultProxy(pg_server) as proxy:
+        engine = sa.create_engine(proxy.url(pg_database))
+        _cut_on_duplicate(engine, proxy)
+        Sessions = rdb.ResilientSession(engine, service="leaks", config=CONFIG)
+
+        def unit(session: Session) -> None:
+            session.execute(INSERT, {"e": SECRET})
+
+        try:
+            with pytest.raises(sa.exc.IntegrityError):
+                Sessions.run(unit)
+        finally:
+            engine.dispose()
+    _assert_no_secret(caplog)
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("users")
+async def test_a_failed_rollback_after_a_database_error_logs_no_values_async(
+    pg_server: Any, pg_database: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="resilient_db")
+    with FaultProxy(pg_server) as proxy:
+        engine = create_async_engine(proxy.url(pg_database, driver="asyncpg"))
+        _cut_on_duplicate(engine.sync_engine, proxy)
+        Sessions = rdb.AsyncResilientSession(engine, service="leaks-async", config=CONFIG)
+
+        async def unit(session: AsyncSession) -> None:
+            await session.execute(INSERT, {"e": SECRET})
+
+        try:
+            with pytest.raises(sa.exc.IntegrityError):
+                await Sessions.run(unit)
+        finally:
+            await engine.dispose()
+    _assert_no_secret(caplog)
+
+
+@pytest.mark.usefixtures("users")
+def test_failure_detail_keeps_the_frames_and_codes_of_a_chain(engine: sa.Engine) -> None:
+    """Every error of the chain with its frames; a database error's text left out, another's
+    kept (it is the library's or the application's own)."""
+    from resilient_db._classify import failure_detail  # noqa: PLC0415
+
+    try:
+        try:
+            with engine.begin() as conn:
+                conn.execute(INSERT.bindparams(e=SECRET))
+        except sa.exc.IntegrityError as exc:
+            raise RuntimeError("the handler failed too") from exc
+    except RuntimeError as exc:
+        detail = failure_detail(exc)
+    assert SECRET not in detail
+    assert "sqlalchemy.exc.IntegrityError: (SQLSTATE 23505;" in detail
+    assert "RuntimeError: the handler failed too" in detail
+    assert detail.index("IntegrityError") < detail.index("RuntimeError")  # first error first
+    assert "test_failure_detail_keeps_the_frames_and_codes_of_a_chain" in detail  # frames
