@@ -28,7 +28,7 @@ from ._config import Config
 from ._errors import TransactionStateError
 from ._observability import log_session
 from ._registry import enter_unit, factory_of, leave_unit, register_class, register_session
-from ._statements import current_attempt, current_request
+from ._statements import current_attempt, current_request, own_work
 from ._unit import (
     ActiveUnit,
     CommitVerdict,
@@ -467,9 +467,11 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         # the recovery's own statements are neither the unit's nor its commit's
         checking = current_attempt.set(None)
         committing = current_request.set(None)
+        working = own_work.set(True)
         try:
             finished = [xid for engine, xid in pending if await self._commit_pending(engine, xid)]
         finally:
+            own_work.reset(working)
             current_request.reset(committing)
             current_attempt.reset(checking)
         if finished:
@@ -492,9 +494,11 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
     async def _verify_commit(self, ticket: CommitTicket) -> CommitVerdict:
         """Settle a lost COMMIT answer on a new connection, reconnecting with backoff."""
         checking = current_attempt.set(None)  # the check's own COMMIT is not the unit's
+        working = own_work.set(True)  # nor an application's, should it lose its answer
         try:
             return await self._settle_on_new_connection(ticket)
         finally:
+            own_work.reset(working)
             current_attempt.reset(checking)
 
     async def _settle_on_new_connection(self, ticket: CommitTicket) -> CommitVerdict:

@@ -36,6 +36,13 @@ current_attempt: contextvars.ContextVar[AttemptRecord | None] = contextvars.Cont
     "resilient_db_attempt", default=None
 )
 
+# Set while the library does its own work on an application's engine (settling a lost COMMIT
+# answer, finishing a two-phase commit, pruning commit markers): a COMMIT of that work which
+# loses its answer is the library's to handle, not an application's unknown outcome.
+own_work: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "resilient_db_own_work", default=False
+)
+
 # The commit being made by a unit in this thread/greenlet: set around ``session.commit()``.
 current_request: contextvars.ContextVar[CommitRequest | None] = contextvars.ContextVar(
     "resilient_db_commit", default=None

@@ -61,7 +61,7 @@ from ._observability import LineLimit, emit, log_session, stats_for
 from ._registry import factory_of, in_unit
 from ._retry import Policy
 from ._state import STATE
-from ._statements import current_attempt, current_request, note_dialect_calls
+from ._statements import current_attempt, current_request, note_dialect_calls, own_work
 from .transitions._dbmap import exception_from_db
 from .transitions._flush import guard_for_commit_protocol
 from .transitions._guards import install_guard
@@ -304,6 +304,7 @@ def _prune_quietly(protocol: CommitProtocol) -> None:
     if not protocol.pruned():
         return
     outside = current_attempt.set(None)  # the prune's DELETE is not the unit's statement
+    working = own_work.set(True)
     try:
         with protocol.engine.connect() as conn:
             count = prune(conn)
@@ -314,6 +315,7 @@ def _prune_quietly(protocol: CommitProtocol) -> None:
         if sqlstate_of(exc) == "42501":
             protocol.prune_refused()
     finally:
+        own_work.reset(working)
         current_attempt.reset(outside)
 
 
@@ -1186,7 +1188,11 @@ class EngineHooks:
         mark_outcome(original, outcome)
         if ctx.sqlalchemy_exception is not None:
             mark_outcome(ctx.sqlalchemy_exception, outcome)
-        if outcome is Outcome.COMMIT_UNKNOWN and current_request.get() is None:
+        if (
+            outcome is Outcome.COMMIT_UNKNOWN
+            and current_request.get() is None
+            and not own_work.get()
+        ):
             self._commit_unanswered(attempt)
         if self.config.guard_on:
             database_error = ctx.sqlalchemy_exception or original

@@ -314,6 +314,24 @@ def test_lost_commit_answer_is_done_once_and_not_replayed(env: Env) -> None:
     assert env.rows(unit) == 1
 
 
+def test_the_checks_own_lost_commit_answer_is_not_an_unknown_outcome(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The check settling a lost COMMIT answer loses its own COMMIT's answer too: the library
+    checks again; nothing is counted or said as an application's unknown outcome."""
+    unit = Unit()
+    env.proxy.lose_commit_answer(2)
+    outcome = run(env.factory(), unit)
+    assert outcome.error is None, outcome.error
+    assert env.proxy.commits_lost == 2
+    assert unit.calls == 1
+    assert env.rows(unit) == 1
+    counters = rdb.health()["services"][env.service]["counters"]
+    assert counters["unknown_commits"] == 0
+    assert counters["verified_commits"] == 1
+    assert "Commit outcome unknown" not in caplog.text
+
+
 @pytest.mark.parametrize("path", sorted(set(WRITES) - {"orm-add"}))
 def test_writers_through_functions_and_text_are_verified_not_replayed(env: Env, path: str) -> None:
     """A unit whose only write is ``SELECT write_ledger(...)`` or ``text("INSERT ...")``."""
