@@ -24,7 +24,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from ._classify import Classifier, debug_failure
+from ._classify import Classifier, debug_failure, mark_outcome
 from ._commit import AttemptRecord, CommitRequest, CommitTicket
 from ._config import Config
 from ._errors import TransactionStateError
@@ -211,14 +211,14 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         if active is not None:
             if active.factory is self:
                 return _call_unit(fn, active.session, args, kwargs)
-            return self._attempt(fn, args, kwargs)  # another database: once, no own retries
+            return self._once(fn, args, kwargs)  # another database: see _once
         if not self.config.enabled:
             return self._attempt(fn, args, kwargs)  # once: no retry, no breaker
         policy = self.policy
         enclosing = current_attempt.get()
         if enclosing is not None:
-            if enclosing.replayed:  # with_self_healing retries it all
-                return self._attempt(fn, args, kwargs)
+            if enclosing.replayed:  # with_self_healing retries it all: see _once
+                return self._once(fn, args, kwargs)
             policy.refresh()  # (a breaker replaced by reset_state() is not the one to ask)
             if admitted_by(policy.breaker):
                 # an operation of this service that does not retry: the unit retries, its
@@ -286,8 +286,10 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                 "done before it can't be replayed. Commit or roll back first, or run "
                 f"{_name(fn)}(session, ...) directly and let an outer unit retry"
             )
-        if not self.config.enabled or runs_once_here():  # once: off, or nested (see run)
+        if not self.config.enabled:
             return self._attempt(fn, args, kwargs, session=session)
+        if runs_once_here():  # nested (see run)
+            return self._once(fn, args, kwargs, session=session)
         policy = self.policy
         policy.refresh()
         if admitted_by(policy.breaker):  # (see run)
@@ -335,6 +337,36 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
             return self.run(fn, *args, validate=validate, **kwargs)
 
         return _called_without_session(validated, fn)
+
+    def _once(
+        self,
+        fn: Callable[..., R],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        session: Session | None = None,
+    ) -> R:
+        """A unit inside a unit of another factory or an operation that replays: it runs once
+        (the enclosing one replays it: retry loops never multiply), but its own service's
+        breaker still admits it and counts its outcome, as for an operation inside a unit (a
+        unit of a database whose circuit is open fails fast inside an operation of another
+        service). Inside an attempt that this breaker let through (the same service) it is not
+        asked again (see ``admitted_by``)."""
+        if not self.config.enabled:
+            return self._attempt(fn, args, kwargs, session=session)
+        policy = self.policy
+        policy.refresh()  # (a breaker replaced by reset_state() is not the one to ask)
+        if admitted_by(policy.breaker):
+            return self._attempt(fn, args, kwargs, session=session)
+        probe = policy.admit()
+        started = time.monotonic()
+        try:
+            result = self._attempt(fn, args, kwargs, session=session)
+        except BaseException as exc:
+            mark_outcome(exc, policy.failed(exc, probe, started))
+            raise
+        policy.succeeded(probe)
+        return result
 
     def _attempt(
         self,

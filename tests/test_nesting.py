@@ -399,6 +399,86 @@ def test_an_operation_inside_a_unit_still_asks_its_services_breaker(
     assert len(charges) == 1  # refused before it ran
 
 
+def _down(session: Session) -> None:
+    session.execute(sa.text("SELECT raise_code('57P03')"))  # the database refuses: a failure
+
+
+def test_a_unit_inside_an_operation_of_another_service_asks_its_own_breaker(
+    engine: sa.Engine, service: str
+) -> None:
+    """The other way round (a route handler decorated for an "api" service, running a unit of
+    the "db" factory): the unit runs once per attempt of the operation, its failures count for
+    its own breaker, and once that one is open the unit fails fast, the database untouched."""
+    Session = rdb.ResilientSession(
+        engine, service=service, config=rdb.Config(failure_threshold=2, max_retries=RETRIES)
+    )
+    api = rdb.Config(max_retries=1)
+    calls: list[int] = []
+
+    def unit(session: Session) -> None:
+        calls.append(1)
+        _down(session)
+
+    with pytest.raises(sa.exc.OperationalError):
+        rdb.with_self_healing(lambda: Session.run(unit), service=f"{service}-api", config=api)
+    assert len(calls) == 2  # once per attempt of the operation: no retries of its own
+    assert rdb.health()["services"][service]["breaker"]["state"] == "open"
+    assert attempts(service) == 2
+
+    with pytest.raises(rdb.CircuitOpenError):
+        rdb.with_self_healing(lambda: Session.run(unit), service=f"{service}-api", config=api)
+    assert len(calls) == 2  # refused before it ran
+
+
+def test_a_unit_inside_a_unit_of_another_service_asks_its_own_breaker(
+    engine: sa.Engine, service: str
+) -> None:
+    Outer = rdb.ResilientSession(engine, service=f"{service}-outer", config=CONFIG)
+    Inner = rdb.ResilientSession(
+        engine, service=service, config=rdb.Config(failure_threshold=1, max_retries=0)
+    )
+    calls: list[int] = []
+
+    def inner(session: Session) -> None:
+        calls.append(1)
+        _down(session)
+
+    # the inner unit's failure opens its breaker: the outer unit's replay meets it, open
+    with pytest.raises(rdb.CircuitOpenError):
+        Outer.run(lambda s: Inner.run(inner))
+    assert rdb.health()["services"][service]["breaker"]["state"] == "open"
+    assert len(calls) == 1
+    with pytest.raises(rdb.CircuitOpenError):
+        Outer.run(lambda s: Inner.run(inner))
+    assert len(calls) == 1  # refused before it ran
+
+
+@pytest.mark.asyncio
+async def test_an_async_unit_inside_an_operation_of_another_service_asks_its_own_breaker(
+    aengine: AsyncEngine, service: str
+) -> None:
+    Session = rdb.AsyncResilientSession(
+        aengine, service=service, config=rdb.Config(failure_threshold=2, max_retries=RETRIES)
+    )
+    api = rdb.Config(max_retries=1)
+    calls: list[int] = []
+
+    async def unit(session: AsyncSession) -> None:
+        calls.append(1)
+        await session.execute(sa.text("SELECT raise_code('57P03')"))
+
+    async def operation() -> None:
+        await Session.run(unit)
+
+    with pytest.raises(sa.exc.DBAPIError):
+        await rdb.with_self_healing(operation, service=f"{service}-api", config=api)
+    assert len(calls) == 2
+    assert rdb.health()["services"][service]["breaker"]["state"] == "open"
+    with pytest.raises(rdb.CircuitOpenError):
+        await rdb.with_self_healing(operation, service=f"{service}-api", config=api)
+    assert len(calls) == 2
+
+
 # -- one breaker, asked once per attempt ---------------------------------------------------------
 class Clock:
     def __init__(self) -> None:
