@@ -632,6 +632,7 @@ class CommitReferee:
                 if verifying
                 else "with its COMMIT in flight"
             ) + "; outcome unknown, not verified, not replayed"
+            policy.stats.add("unknown_commits")  # as a unit's unknown outcome is
         emit(
             policy.config,
             log_session,
