@@ -641,7 +641,15 @@ class Breaker:
     def describe(self) -> dict[str, Any]:
         """health()'s view. ``state`` is ``"off"`` while every live user has the breaker
         switched off (``SELF_HEALING_CIRCUIT_BREAKER=false`` or ``SELF_HEALING_ENABLED=false``
-        applied by a reload): it rejects nothing then, whatever it held."""
+        applied by a reload): it rejects nothing then, whatever it held.
+
+        ``state`` is what the next call meets: an opening whose reset timeout has passed is
+        ``"half-open"`` (the next call is let through as a probe), though the breaker moves
+        there only when a call comes (pybreaker's way, and a shared breaker's: the next call
+        asks Redis for a probe). Without calls, an opening stored as open would otherwise be
+        reported open for good, with a ``retry_after`` going ever more negative, and a
+        readiness probe built on ``healthy`` would keep the instance out of traffic, so no call
+        would ever come. ``retry_after`` (seconds, > 0) is there only while open."""
         if not self._users_on and len(self._users_off) > 0:
             return {
                 "state": "off",
@@ -661,7 +669,11 @@ class Breaker:
             "reset_timeout": self.config.reset_timeout,
         }
         if state == OPEN:
-            info["retry_after"] = round(self._remaining_open(), 3)
+            retry_after = round(self._open_remaining(), 3)
+            if retry_after > 0:
+                info["retry_after"] = retry_after
+            else:  # the open time is over: the next call is a probe
+                info["state"] = HALF_OPEN
         if fleet is not None:
             info["shared"] = {
                 "redis": fleet.masked_url,
@@ -897,6 +909,15 @@ class Breaker:
         # pybreaker's setter builds its state object and notifies the listeners; it resets the
         # failure counter on closing and the success counter on opening / half-opening.
         self._cb.state = state
+
+    def _open_remaining(self) -> float:
+        """Seconds the opening stored as open still lasts (0 or less: over), as the next call
+        would find it: the shared view's end while Redis answers (it decides then), else the
+        local storage's opening time."""
+        fleet = self._fleet
+        if fleet is not None and fleet.up and self._fleet_state == OPEN:
+            return self._fleet_until - time.monotonic()
+        return self._remaining_open()
 
     def _remaining_open(self) -> float:
         opened_at = self._storage.opened_at

@@ -1,0 +1,118 @@
+"""What ``health()`` (and the Prometheus state gauge reading it) says of a breaker whose
+opening is over while no call has come yet: what the next call meets, a half-open probe, not
+an opening that lasts for good with a negative ``retry_after``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from processes import wait_for
+from prometheus_client import CollectorRegistry
+from scenarios import FakeClock
+from sqlalchemy.orm import Session
+
+import resilient_db as rdb
+from resilient_db.metrics import HealthCollector
+from resilient_db.testing import RedisServer
+
+pytestmark = pytest.mark.usefixtures("no_backoff")
+
+
+def unavailable(session: Session) -> None:
+    session.execute(sa.text("SELECT raise_code('57P03')"))  # cannot connect now: a failure
+
+
+def healthy(session: Session) -> int:
+    return int(session.execute(sa.text("SELECT 1")).scalar_one())
+
+
+def breaker(service: str) -> dict[str, Any]:
+    entry: dict[str, Any] = rdb.health()["services"][service]["breaker"]
+    return entry
+
+
+def gauges(service: str) -> dict[str, float | None]:
+    """``resilient_db_breaker_state{state}`` of ``service`` and ``resilient_db_healthy``."""
+    registry = CollectorRegistry()
+    registry.register(HealthCollector())
+    found: dict[str, float | None] = {
+        state: registry.get_sample_value(
+            "resilient_db_breaker_state", {"service": service, "state": state}
+        )
+        for state in ("closed", "open", "half-open")
+    }
+    found["healthy"] = registry.get_sample_value("resilient_db_healthy")
+    return found
+
+
+def test_an_opening_past_its_reset_timeout_is_reported_half_open_until_a_call_comes(
+    engine: sa.Engine, service: str, events: list[rdb.SelfHealEvent]
+) -> None:
+    """No call arrives after the opening (a readiness probe built on ``healthy`` keeps the
+    instance out of traffic): the breaker stays stored as open, and ``health()`` said "open"
+    for good with an ever more negative ``retry_after``. It says what the next call meets: a
+    half-open probe, ``healthy`` as for any half-open breaker, no ``retry_after``."""
+    clock = FakeClock()
+    config = rdb.Config(failure_threshold=1, max_retries=0, reset_timeout=30.0)
+    Factory = rdb.ResilientSession(engine, service=service, config=config, wall_clock=clock)
+    with pytest.raises(sa.exc.OperationalError):
+        Factory.run(unavailable)
+    assert breaker(service)["state"] == "open"
+    assert breaker(service)["retry_after"] == pytest.approx(30.0)
+    assert rdb.health()["healthy"] is False
+    assert gauges(service) == {"closed": 0, "open": 1, "half-open": 0, "healthy": 0}
+
+    clock.advance(29.5)
+    assert breaker(service)["retry_after"] == pytest.approx(0.5)  # still open
+
+    clock.advance(0.5)  # the open time is over, to the microsecond
+    for _ in range(2):  # and stays over, however late health() is asked
+        info = breaker(service)
+        assert info["state"] == "half-open"
+        assert "retry_after" not in info  # as for any half-open breaker: never negative
+        assert rdb.health()["healthy"] is True
+        assert gauges(service) == {"closed": 0, "open": 0, "half-open": 1, "healthy": 1}
+        clock.advance(3600.0)
+    # health() only reads: the breaker moves to half-open when a call comes, as pybreaker does
+    assert [e.name for e in events if e.name.startswith("breaker_")] == ["breaker_opened"]
+
+    assert Factory.run(healthy) == 1  # the probe, let through
+    assert breaker(service)["state"] == "closed"
+    names = [e.name for e in events if e.name.startswith("breaker_")]
+    assert names == ["breaker_opened", "breaker_half_open", "breaker_closed"]
+    assert rdb.health()["services"][service]["counters"]["breaker_rejections"] == 0
+
+
+@pytest.mark.slow
+def test_a_shared_opening_past_its_reset_timeout_is_reported_half_open(
+    redis_server: RedisServer, engine: sa.Engine, service: str
+) -> None:
+    """The same for a breaker shared through Redis: its view's end of the opening decides
+    (the next call asks Redis for a probe), and ``retry_after`` never goes negative."""
+    config = rdb.Config(
+        redis_url=redis_server.url, failure_threshold=1, max_retries=0, reset_timeout=0.5
+    )
+    Factory = rdb.ResilientSession(engine, service=service, config=config)
+    wait_for(lambda: bool(breaker(service)["shared"]["connected"]), "the link")
+    with pytest.raises(sa.exc.OperationalError):
+        Factory.run(unavailable)
+    info = breaker(service)
+    assert info["state"] == "open"
+    assert 0 < info["retry_after"] <= 0.5
+    assert rdb.health()["healthy"] is False
+    seen: list[dict[str, Any]] = []
+
+    def half_open() -> bool:  # polling a state, not a backoff
+        seen.append(breaker(service))
+        return bool(seen[-1]["state"] == "half-open")
+
+    wait_for(half_open, "the opening to end", timeout=10.0)
+    assert all(s["state"] in ("open", "half-open") for s in seen)
+    assert all(s["retry_after"] > 0 for s in seen if s["state"] == "open")
+    assert "retry_after" not in seen[-1]
+    assert rdb.health()["healthy"] is True
+    assert gauges(service)["half-open"] == 1
+    assert Factory.run(healthy) == 1  # Redis lets the probe through
+    wait_for(lambda: breaker(service)["state"] == "closed", "the fleet's closing")
