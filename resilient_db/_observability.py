@@ -27,6 +27,7 @@ __all__ = [
     "ServiceStats",
     "add_hook",
     "emit",
+    "emit_line",
     "health",
     "remove_hook",
     "sqlstate_label",
@@ -110,21 +111,44 @@ def emit(
     ``extra["event"]`` names the action; the other ``extra`` values are its fields. ``log``
     False: to the hooks only (an action whose line is rate-limited still reaches them all).
     """
-    hooks = STATE.hooks if config.enabled else ()
+    _emit(config, logger, level, msg, args=args, extra=extra, log=log, hooks=True)
+
+
+def emit_line(
+    config: Config, logger: logging.Logger, level: int, msg: str, *args: Any, **extra: Any
+) -> None:
+    """The ``[SELF-HEAL]`` line of an action, not its hook event: for an action whose line
+    comes before the action itself (a retry's, before its backoff), whose event
+    :func:`emit` sends with ``log=False`` when it happens (the breaker admitted the retry)."""
+    _emit(config, logger, level, msg, args=args, extra=extra, log=True, hooks=False)
+
+
+def _emit(
+    config: Config,
+    logger: logging.Logger,
+    level: int,
+    msg: str,
+    *,
+    args: tuple[Any, ...],
+    extra: dict[str, Any],
+    log: bool,
+    hooks: bool,
+) -> None:
+    to_hooks = STATE.hooks if config.enabled and hooks else ()
     to_log = (
         log
         and config.logging_on
         and level >= _LEVELS[config.log_level]
         and logger.isEnabledFor(level)
     )
-    if not hooks and not to_log:
+    if not to_hooks and not to_log:
         return
     # Values may come from outside the program (a database error's text, a row's state, a
     # reason): control characters are escaped, so no value can start a fake log line, and long
     # text is cut, so no value can make a line (or an event kept by a hook) megabytes long.
     args = tuple(_escaped(a) for a in args)
     extra = {k: _escaped(v) for k, v in extra.items()}
-    if hooks:
+    if to_hooks:
         event = SelfHealEvent(
             name=str(extra.get("event", "self_heal")),
             service=extra.get("service"),
@@ -132,7 +156,7 @@ def emit(
             message=msg % args if args else msg,
             fields=MappingProxyType(extra),
         )
-        for hook in hooks:
+        for hook in to_hooks:
             try:
                 hook(event)
             except Exception:

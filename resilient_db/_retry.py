@@ -16,7 +16,7 @@ import random
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import tenacity as _t
 
@@ -35,7 +35,7 @@ from ._classify import (
 )
 from ._config import Config
 from ._errors import CircuitOpenError
-from ._observability import emit, log_retry, sqlstate_label, stats_for
+from ._observability import emit, emit_line, log_retry, sqlstate_label, stats_for
 from ._state import STATE
 
 __all__ = ["Policy", "set_testing"]
@@ -89,6 +89,18 @@ def _add_note(exc: BaseException, note: str) -> None:
     if callable(add_note) and note not in (getattr(exc, "__notes__", None) or ()):
         with contextlib.suppress(Exception):
             add_note(note)
+
+
+_RETRY_LINE = "Retry attempt %d/%d: service=%s %s (SQLSTATE %s); next attempt in %.3f s"
+
+
+class _Retry(NamedTuple):
+    """A retry decided (its backoff about to be slept), not yet started."""
+
+    outcome: Outcome
+    sqlstate: str
+    attempt: int
+    delay: float
 
 
 class Policy:
@@ -382,36 +394,65 @@ class Policy:
             self._machinery_failed("retry budget")
             return True
 
-    def _before_sleep(self, rs: _t.RetryCallState) -> None:
+    def _before_sleep(self, rs: _t.RetryCallState, announced: list[_Retry]) -> None:
+        """A retry is decided, its backoff about to be slept: its ``Retry attempt`` line now
+        (an operator sees the failure when it happens, not a backoff later). The retry is
+        counted, and its ``retry`` event reaches the hooks, when its attempt starts (see
+        :meth:`_retry_started`): the breaker may refuse it after the backoff, and a refused
+        retry is no retry (no attempt ran), in ``health()``, Prometheus, OpenTelemetry and the
+        retry budget's first attempts (``attempts - retries``) alike."""
         exc = rs.outcome.exception() if rs.outcome is not None else None
         outcome = self.classifier.classify(exc) if exc is not None else Outcome.DISCONNECT
-        self.stats.add_retry(outcome.value)
-        emit(
-            self.config,
-            log_retry,
-            logging.WARNING,
-            "Retry attempt %d/%d: service=%s %s (SQLSTATE %s); next attempt in %.3f s",
-            rs.attempt_number,
+        retry = _Retry(outcome, sqlstate_label(exc), rs.attempt_number, rs.upcoming_sleep)
+        announced.append(retry)
+        self._retry_action(retry, line=True)
+
+    def _retry_started(self, announced: list[_Retry]) -> None:
+        """The breaker admitted the retry announced last: its attempt starts now. Counted
+        before the attempt ends (the budget's ``attempts - retries`` dips while it runs, never
+        rises above the units started), and its event reaches the hooks."""
+        if not announced:
+            return
+        retry = announced.pop()
+        self.stats.add_retry(retry.outcome.value)
+        self._retry_action(retry, line=False)
+
+    def _retry_action(self, retry: _Retry, *, line: bool) -> None:
+        """A retry's log line (``line``) or its hook event (not ``line``): the same message
+        and fields."""
+        args = (
+            retry.attempt,
             self.config.max_retries,
             self.service,
-            outcome.value,
-            sqlstate_label(exc),
-            rs.upcoming_sleep,
-            service=self.service,
-            event="retry",
-            attempt=rs.attempt_number,
-            max_retries=self.config.max_retries,
-            outcome=outcome.value,
-            sqlstate=sqlstate_label(exc),
-            delay=rs.upcoming_sleep,
+            retry.outcome.value,
+            retry.sqlstate,
+            retry.delay,
         )
+        fields: dict[str, Any] = {
+            "service": self.service,
+            "event": "retry",
+            "attempt": retry.attempt,
+            "max_retries": self.config.max_retries,
+            "outcome": retry.outcome.value,
+            "sqlstate": retry.sqlstate,
+            "delay": retry.delay,
+        }
+        if line:
+            emit_line(self.config, log_retry, logging.WARNING, _RETRY_LINE, *args, **fields)
+        else:
+            emit(self.config, log_retry, logging.WARNING, _RETRY_LINE, *args, log=False, **fields)
 
-    def _retrying_kwargs(self, spent: list[RetryBudget], refused: list[float]) -> dict[str, Any]:
+    def _retrying_kwargs(
+        self, spent: list[RetryBudget], refused: list[float], announced: list[_Retry]
+    ) -> dict[str, Any]:
+        def before_sleep(rs: _t.RetryCallState) -> None:
+            self._before_sleep(rs, announced)
+
         return {
             "retry": _t.retry_if_exception(self._retry_predicate),
             "wait": self._wait,
             "stop": self._stopper(self.clock(), spent, refused),
-            "before_sleep": self._before_sleep,
+            "before_sleep": before_sleep,
             "reraise": True,
         }
 
@@ -461,7 +502,9 @@ class Policy:
         """The breaker refused the unit's next retry (``exc``, a :class:`CircuitOpenError`): it
         opened while the unit backed off, other units' failures opening it. Counted and
         reported as a give-up like any other, raising ``exc`` caused by the unit's last
-        failure (``last``), as :meth:`_gave_up` does when the unit's own failure opened it."""
+        failure (``last``), as :meth:`_gave_up` does when the unit's own failure opened it.
+        The refused retry was announced (its line) but never counted: no attempt of it ran
+        (see :meth:`_before_sleep`)."""
         outcome = self.classifier.classify(last)
         mark_outcome(last, outcome)
         cause = _failure_cause(last)
@@ -549,6 +592,7 @@ class Policy:
         # while the unit backed off: other units' failures)
         last = [first]
         rejected: list[bool] = []
+        announced: list[_Retry] = []  # the retry decided, its attempt not started yet
 
         def one() -> T:
             if pending:  # the attempt that already failed on the fast path
@@ -558,6 +602,7 @@ class Policy:
             except CircuitOpenError:
                 rejected.append(True)
                 raise
+            self._retry_started(announced)
             started = _monotonic()
             try:
                 result = attempt()
@@ -570,7 +615,7 @@ class Policy:
 
         spent: list[RetryBudget] = []
         refused: list[float] = []
-        retrying = _t.Retrying(sleep=self.sleep, **self._retrying_kwargs(spent, refused))
+        retrying = _t.Retrying(sleep=self.sleep, **self._retrying_kwargs(spent, refused, announced))
         try:
             result = retrying(one)
         except BaseException as exc:
@@ -613,6 +658,7 @@ class Policy:
         pending = [first]
         last = [first]  # as in _call_retrying
         rejected: list[bool] = []
+        announced: list[_Retry] = []  # the retry decided, its attempt not started yet
 
         async def one() -> T:
             if pending:
@@ -622,6 +668,7 @@ class Policy:
             except CircuitOpenError:
                 rejected.append(True)
                 raise
+            self._retry_started(announced)
             started = _monotonic()
             try:
                 result = await attempt()
@@ -634,7 +681,9 @@ class Policy:
 
         spent: list[RetryBudget] = []
         refused: list[float] = []
-        retrying = _t.AsyncRetrying(sleep=self.asleep, **self._retrying_kwargs(spent, refused))
+        retrying = _t.AsyncRetrying(
+            sleep=self.asleep, **self._retrying_kwargs(spent, refused, announced)
+        )
         try:
             result: T = await retrying(one)
         except BaseException as exc:
