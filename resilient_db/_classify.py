@@ -427,11 +427,14 @@ def _driver_disconnect(exc: BaseException) -> bool:
         # TargetServerAttributeNotMatched when every host answered but none takes the session
         # (a failover in progress: the standby not promoted yet).
         # Identified by their driver's classes and state, never by message text.
-        # asyncpg's plain InterfaceError is not one of them: it also reports programming errors
-        # (wrong argument count, a connection used by two tasks at once); a closed connection
-        # behind it is recognised by SQLAlchemy (``connection_invalidated`` above).
+        # asyncpg's plain InterfaceError also reports programming errors (wrong argument
+        # count, a connection used by two tasks at once): a closed connection behind it is
+        # recognised by SQLAlchemy where it wraps it (``connection_invalidated`` above), else
+        # by where asyncpg raised it (see _asyncpg_closed).
         module = type(err).__module__
         name = type(err).__name__
+        if not wrapped and _asyncpg_closed(err, module, name):
+            return True
         if module.startswith("psycopg") and name in ("OperationalError", "ConnectionTimeout"):
             # (ConnectionTimeout, psycopg 3.1+: a connect timing out; not its siblings
             # PipelineAborted and CancellationTimeout, which are no lost connection)
@@ -445,6 +448,35 @@ def _driver_disconnect(exc: BaseException) -> bool:
         ):
             return True
     return False
+
+
+def _asyncpg_closed(err: BaseException, module: str, name: str) -> bool:
+    """Whether ``err`` is asyncpg's ``InterfaceError`` raised because its connection was closed
+    when an operation began: raised by ``Connection._check_open``, which every public method
+    of the connection that talks to the server calls first, or by ``add_log_listener``, which
+    makes the same check itself (:data:`_ASYNCPG_CLOSED_CHECKS`); both raise it only when
+    ``is_closed()``. It reaches the
+    caller unwrapped where SQLAlchemy calls asyncpg outside a statement: its ``on_connect``
+    (the JSON codecs: a connection the server ended, or whose socket was cut, between
+    asyncpg's connect and the set-up), and the commit protocol's own set-up.
+
+    Decided by where it was raised, not by the connection's state now: a ``connect`` listener
+    that raises has SQLAlchemy close the connection, so an application's mistake there (a
+    statement with the wrong number of arguments) finds it closed afterwards, and is no lost
+    connection. Nor by its message (the classifier never reads one)."""
+    if name != "InterfaceError" or not module.startswith("asyncpg"):
+        return False
+    for frame_module, function in reversed(_frames(err)):
+        if frame_module.startswith("asyncpg"):
+            return frame_module == "asyncpg.connection" and function in _ASYNCPG_CLOSED_CHECKS
+    return False
+
+
+#: the functions of ``asyncpg.connection`` that raise ``InterfaceError`` only for a closed
+#: connection (``if self.is_closed(): raise InterfaceError(...)``); the others that raise it
+#: (and its protocol's state check, which also refuses a second operation at once) report an
+#: application's mistakes too
+_ASYNCPG_CLOSED_CHECKS: Final = ("_check_open", "add_log_listener")
 
 
 _CONNECTION_OK = 0  # libpq's CONNECTION_OK (psycopg.pq.ConnStatus.OK)

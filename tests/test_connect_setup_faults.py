@@ -1,0 +1,304 @@
+"""A connection lost while it is being set up, between the driver's connect and the end of the
+pool's ``connect`` listeners (SQLAlchemy's ``on_connect``, the commit protocol's set-up).
+
+- asyncpg: SQLAlchemy's ``on_connect`` (the JSON codecs) meets a connection the server ended and
+  asyncpg raises its bare ``InterfaceError`` from ``Connection._check_open``, which SQLAlchemy
+  does not wrap. It is a disconnect: ``run`` retries it, ``is_transient`` says so, a lost
+  COMMIT's check keeps checking after it. asyncpg's ``InterfaceError`` of an application's
+  mistake (wrong argument count, two operations at once) stays not transient, raised in a
+  ``connect`` listener too (where SQLAlchemy then closes the connection itself).
+- the commit markers' set-up meets a lost connection: the markers are not reported missing (the
+  once-per-engine warning stays for a real misconfiguration), the connection is not used on,
+  and the unit is retried.
+
+Every fault is the test's own ``connect`` listener terminating its own backend at exactly that
+moment (``pg_terminate_backend``, waiting until the backend has gone); backoff zeroed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import asyncpg
+import pytest
+import pytest_asyncio
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
+from sqlalchemy.util import await_only
+
+import resilient_db as rdb
+from resilient_db.testing import FaultProxy
+
+pytestmark = pytest.mark.usefixtures("no_backoff")
+
+CONFIG = rdb.Config(initial_delay=0.001, max_delay=0.002, failure_threshold=100)
+PID = sa.text("SELECT pg_backend_pid()")
+GONE = sa.text("SELECT count(*) FROM pg_stat_activity WHERE pid = :p")
+
+
+class Killer:
+    """A ``connect`` listener that, while ``armed`` is above zero, terminates the backend of the
+    connection being set up and returns once it has gone (and, for asyncpg, once the driver
+    has seen its connection close, unless not ``driver_sees_it``: its next statement is then
+    the first to meet the dead connection): what the listeners after it do next meets a dead
+    connection."""
+
+    def __init__(self, admin: sa.Engine, *, driver_sees_it: bool = True) -> None:
+        self.admin = admin
+        self.driver_sees_it = driver_sees_it
+        self.armed = 0
+        self.killed = 0
+
+    def __call__(self, dbapi_connection: Any, record: Any) -> None:
+        if self.armed <= 0:
+            return
+        self.armed -= 1
+        driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+        is_asyncpg = isinstance(driver, asyncpg.Connection)
+        pid = driver.get_server_pid() if is_asyncpg else driver.info.backend_pid
+        with self.admin.connect() as conn:
+            assert conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid}).scalar()
+            deadline = time.monotonic() + 10
+            while conn.execute(GONE, {"p": pid}).scalar_one():
+                assert time.monotonic() < deadline, "the backend did not exit"
+                time.sleep(0.005)
+        if is_asyncpg and self.driver_sees_it:
+            deadline = time.monotonic() + 10
+            while not driver.is_closed():
+                assert time.monotonic() < deadline, "asyncpg did not see its connection close"
+                await_only(asyncio.sleep(0.005))
+        self.killed += 1
+
+
+@pytest.fixture
+def admin(pg_url: str) -> Iterator[sa.Engine]:
+    eng = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    yield eng
+    eng.dispose()
+
+
+def _counters(service: str) -> dict[str, Any]:
+    return dict(rdb.health()["services"][service]["counters"])
+
+
+# -- defect 1: asyncpg's InterfaceError of a closed connection, raised by SQLAlchemy's on_connect --
+@pytest_asyncio.fixture
+async def async_engine(pg_async_url: str) -> AsyncIterator[AsyncEngine]:
+    eng = create_async_engine(pg_async_url)
+    yield eng
+    await eng.dispose()
+
+
+async def _warm_up(engine: AsyncEngine) -> None:
+    """The engine's first connect (SQLAlchemy's dialect initialisation) done, and its
+    connection dropped: the next checkout connects anew."""
+    async with engine.connect() as conn:
+        await conn.execute(sa.text("SELECT 1"))
+    await engine.dispose()
+
+
+@pytest.mark.asyncio
+async def test_asyncpg_on_connect_meeting_a_closed_connection_is_retried(
+    async_engine: AsyncEngine, admin: sa.Engine, service: str
+) -> None:
+    await _warm_up(async_engine)
+    killer = Killer(admin)
+    # before SQLAlchemy's own on_connect: its JSON codec set-up meets the dead connection
+    event.listen(async_engine.sync_engine, "connect", killer, insert=True)
+    Sessions = rdb.AsyncResilientSession(async_engine, service=service, config=CONFIG)
+    calls: list[int] = []
+
+    async def unit(session: AsyncSession) -> int:
+        calls.append(1)
+        return int((await session.execute(sa.text("SELECT 7"))).scalar_one())
+
+    killer.armed = 1
+    assert await Sessions.run(unit) == 7
+    assert killer.killed == 1
+    assert len(calls) == 2  # the first attempt's connect failed, the second one ran it
+    counters = _counters(service)
+    assert counters["retries"] == 1
+    assert counters["recovered"] == 1
+
+
+@pytest.mark.asyncio
+async def test_asyncpg_closed_connection_error_at_connect_is_a_disconnect(
+    async_engine: AsyncEngine, admin: sa.Engine
+) -> None:
+    """The error itself, as a drop-in caller (or plain SQLAlchemy) sees it."""
+    await _warm_up(async_engine)
+    killer = Killer(admin)
+    event.listen(async_engine.sync_engine, "connect", killer, insert=True)
+    killer.armed = 1
+    with pytest.raises(asyncpg.InterfaceError) as info:  # asyncpg's own, not wrapped
+        async with async_engine.connect() as conn:
+            await conn.execute(sa.text("SELECT 1"))
+    err = info.value
+    assert rdb.classify(err) is rdb.Outcome.DISCONNECT
+    assert rdb.is_transient(err)
+
+
+@pytest.mark.asyncio
+async def test_asyncpg_interface_errors_of_a_sound_connection_are_not_transient(
+    async_engine: AsyncEngine,
+) -> None:
+    """The application's mistakes asyncpg reports as InterfaceError, on an open connection."""
+    async with async_engine.connect() as conn:
+        raw = await conn.get_raw_connection()
+        driver = raw.driver_connection
+        assert isinstance(driver, asyncpg.Connection)
+        with pytest.raises(asyncpg.InterfaceError) as wrong_count:
+            await driver.fetchval("SELECT $1::int")  # no argument for $1
+        busy = asyncio.ensure_future(driver.execute("SELECT pg_sleep(0.2)"))
+        await asyncio.sleep(0.05)
+        with pytest.raises(asyncpg.InterfaceError) as in_progress:
+            await driver.execute("SELECT 1")  # another operation is in progress
+        await busy
+        assert not driver.is_closed()
+    for err in (wrong_count.value, in_progress.value):
+        assert rdb.classify(err) is rdb.Outcome.NOT_TRANSIENT, err
+        assert not rdb.is_transient(err)
+
+
+@pytest.mark.asyncio
+async def test_an_interface_error_of_an_applications_connect_listener_raises_at_once(
+    async_engine: AsyncEngine, service: str
+) -> None:
+    """A connect listener of the application makes a mistake: SQLAlchemy closes the connection
+    (so it is closed when the error is classified), yet the error is not a lost connection."""
+    await _warm_up(async_engine)
+
+    def mistaken(dbapi_connection: Any, record: Any) -> None:
+        await_only(dbapi_connection.driver_connection.fetchval("SELECT $1::int"))
+
+    event.listen(async_engine.sync_engine, "connect", mistaken)
+    Sessions = rdb.AsyncResilientSession(async_engine, service=service, config=CONFIG)
+    calls: list[int] = []
+
+    async def unit(session: AsyncSession) -> None:
+        calls.append(1)
+        await session.execute(sa.text("SELECT 1"))
+
+    with pytest.raises(asyncpg.InterfaceError) as info:
+        await Sessions.run(unit)
+    assert len(calls) == 1  # not retried
+    assert rdb.classify(info.value) is rdb.Outcome.NOT_TRANSIENT
+    assert _counters(service)["retries"] == 0
+
+
+@pytest.mark.asyncio
+async def test_a_lost_commits_check_meeting_the_error_keeps_checking(
+    fault_proxy: FaultProxy, pg_database: str, admin: sa.Engine, service: str
+) -> None:
+    """The check of a lost COMMIT answer connects anew; that connect meets a dead connection
+    (asyncpg's bare InterfaceError): the check is made again, not given up as unknown."""
+    with admin.connect() as conn:
+        conn.execute(sa.text("CREATE TABLE ledger (id uuid PRIMARY KEY)"))
+    engine = create_async_engine(fault_proxy.url(pg_database, driver="asyncpg"))
+    try:
+        await _warm_up(engine)
+        killer = Killer(admin)
+        event.listen(engine.sync_engine, "connect", killer, insert=True)
+        Sessions = rdb.AsyncResilientSession(engine, service=service, config=CONFIG)
+        row = str(uuid.uuid4())
+        calls: list[int] = []
+
+        async def unit(session: AsyncSession) -> None:
+            calls.append(1)
+            await session.execute(sa.text("INSERT INTO ledger VALUES (:i)"), {"i": row})
+            killer.armed = 1  # the next connect is the check's
+            fault_proxy.lose_commit_answer()
+
+        await Sessions.run(unit)
+        assert fault_proxy.commits_lost == 1
+        assert killer.killed == 1
+        assert len(calls) == 1  # verified committed, never replayed
+        assert _counters(service)["verified_commits"] == 1
+        with admin.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM ledger")).scalar_one() == 1
+    finally:
+        await engine.dispose()
+
+
+# -- defect 2: the commit markers' set-up meeting a lost connection --------------------------------
+@pytest.fixture
+def markers_engine(pg_url: str, admin: sa.Engine) -> Iterator[sa.Engine]:
+    rdb.install_commit_markers(admin)
+    eng = sa.create_engine(pg_url)
+    yield eng
+    eng.dispose()
+
+
+def test_markers_set_up_on_a_lost_connection_is_retried_not_reported_missing(
+    markers_engine: sa.Engine,
+    admin: sa.Engine,
+    service: str,
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    killer = Killer(admin)
+    # after SQLAlchemy's own listeners, before the commit protocol's (the factory's, added next)
+    event.listen(markers_engine, "connect", killer)
+    Sessions = rdb.ResilientSession(markers_engine, service=service, config=CONFIG)
+    modes: list[Any] = []
+
+    def unit(session: Session) -> int:
+        driver = session.connection().connection.driver_connection
+        modes.append(getattr(driver, "_rdb_mode", None))
+        return int(session.execute(sa.text("SELECT 7")).scalar_one())
+
+    killer.armed = 1
+    assert Sessions.run(unit) == 7
+    assert killer.killed == 1
+    assert modes == ["markers"]  # the only connection used was set up and verified
+    assert _counters(service)["retries"] == 1
+    assert [e for e in events if e.name == "commit_markers_missing"] == []
+    # the once-per-engine warning is still there for a real misconfiguration
+    with admin.connect() as conn:
+        conn.execute(sa.text("DROP SCHEMA resilient_db CASCADE"))
+    markers_engine.dispose()
+    assert Sessions.run(unit) == 7
+    assert modes[-1] == "xid"
+    assert [e.name for e in events if e.name == "commit_markers_missing"] == [
+        "commit_markers_missing"
+    ]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "driver_sees_it",
+    [
+        True,  # asyncpg's InterfaceError, raised as the set-up begins
+        False,  # the set-up's first statement meets the lost connection
+    ],
+)
+async def test_async_markers_set_up_on_a_lost_connection_is_retried_not_reported_missing(
+    async_engine: AsyncEngine,
+    admin: sa.Engine,
+    service: str,
+    events: list[rdb.SelfHealEvent],
+    driver_sees_it: bool,
+) -> None:
+    rdb.install_commit_markers(admin)
+    await _warm_up(async_engine)
+    killer = Killer(admin, driver_sees_it=driver_sees_it)
+    event.listen(async_engine.sync_engine, "connect", killer)  # before the factory's listener
+    Sessions = rdb.AsyncResilientSession(async_engine, service=service, config=CONFIG)
+    modes: list[Any] = []
+
+    async def unit(session: AsyncSession) -> int:
+        raw = await (await session.connection()).get_raw_connection()
+        modes.append(getattr(raw.driver_connection, "_rdb_mode", None))
+        return int((await session.execute(sa.text("SELECT 7"))).scalar_one())
+
+    killer.armed = 1
+    assert await Sessions.run(unit) == 7
+    assert killer.killed == 1
+    assert modes == ["markers"]
+    assert _counters(service)["retries"] == 1
+    assert [e for e in events if e.name == "commit_markers_missing"] == []
