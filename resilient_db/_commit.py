@@ -58,6 +58,7 @@ from sqlalchemy.pool import NullPool
 from ._classify import (
     DEFAULT_CLASSIFIER,
     Classifier,
+    Outcome,
     debug_failure,
     mark_commit_unanswered,
     mark_replay_safe,
@@ -1498,7 +1499,14 @@ class CommitProtocol:
                     form = self.prepared_marker
                 elif reports and not self._statement_refused:
                     form = self.inline_marker  # the client knows the read mode: sent inline
-        except Exception:
+        except Exception as exc:
+            if self._connection_lost(driver, exc):
+                # not a missing install: the connection died under the set-up. It is not used
+                # on (unverified, and dead anyway): the error goes on to the pool, which closes
+                # the connection (a ``connect`` listener that raised) or invalidates it (a
+                # ``checkout`` one), and to the unit connecting, which retries a disconnect
+                debug_failure(log_session, "the connection was lost checking for commit markers")
+                raise
             debug_failure(log_session, "could not check for commit markers")
         finally:
             current_attempt.reset(outside)
@@ -1509,6 +1517,19 @@ class CommitProtocol:
             if form is self.prepared_marker and not self.is_asyncpg:
                 _watch_psycopg_deallocations(driver, form)
         self._warn_if_missing(mode)
+
+    def _connection_lost(self, driver: Any, exc: BaseException) -> bool:
+        """Whether the set-up's ``exc`` means the connection was lost (a disconnect to the
+        classifier, or the driver's connection is now closed or broken), not that the markers
+        are missing or refused."""
+        if DEFAULT_CLASSIFIER.classify(exc) is Outcome.DISCONNECT:
+            return True
+        try:
+            if self.is_asyncpg:
+                return bool(driver.is_closed())
+            return bool(driver.closed or driver.broken)
+        except Exception:  # a connection that tells nothing: judged by the error alone
+            return False
 
     def _warn_if_missing(self, mode: str | None) -> None:
         if mode == MARKERS or self._warned:
@@ -1730,7 +1751,8 @@ class CommitProtocol:
             return True, prepare and _quietly(lambda: cursor.execute(_PREPARE_SQL)), reports
         finally:
             cursor.close()
-            dbapi_connection.autocommit = autocommit
+            if not dbapi_connection.closed:  # (a lost one refuses it: the set-up's error stands)
+                dbapi_connection.autocommit = autocommit
 
     # -- pruning ----------------------------------------------------------------------------------
     def prune_due(self) -> bool:
