@@ -2215,6 +2215,59 @@ def test_an_application_role_may_call_the_trigger_install_once_it_is_current(
         assert trigger_drift(conn, Task) is None
 
 
+def test_a_trigger_installed_from_other_rules_says_so_when_it_blocks(pg_url: str) -> None:
+    """The model's rules changed (a new move allowed) and the trigger was not installed again:
+    the trigger's refusal of a move the model allows says the two differ and what to do."""
+    engine = sa.create_engine(pg_url)
+    table = sa.Table(
+        "drifted_jobs",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("status", sa.String(20)),
+    )
+
+    def mapped(reg: Any, transitions: dict[str, set[str]]) -> type[Any]:
+        rules = TransitionRules(column="status", transitions=transitions, initial={"new"})
+        return reg.mapped(type("DriftedJob", (), {"__table__": table, "__transitions__": rules}))
+
+    old = registry()
+    try:
+        with engine.begin() as conn:
+            table.create(conn)
+            install_transition_trigger(conn, mapped(old, {"new": {"done"}}))
+            conn.execute(table.insert(), [{"id": 1, "status": "new"}, {"id": 2, "status": "new"}])
+    finally:
+        old.dispose()
+    new = registry()
+    try:
+        # "skipped" is new: the trigger never heard of it (the class is kept, as a module keeps
+        # its models: the guard lives as long as its mapper)
+        model = mapped(new, {"new": {"done", "skipped"}})
+        sa.orm.configure_mappers()  # (as the application's first ORM statement would)
+        Sessions = ResilientSession(engine, service="drifted")
+
+        def move(key: int, to: str) -> Callable[[Session], None]:
+            def unit(session: Session) -> None:
+                session.execute(table.update().where(table.c.id == key).values(status=to))
+
+            return unit
+
+        with pytest.raises(IllegalTransitionError) as allowed_here:
+            Sessions.run(move(1, "skipped"))
+        assert allowed_here.value.via == "db"
+        assert "whose rules differ from those declared on the model" in str(allowed_here.value)
+        assert "install_transition_trigger" in str(allowed_here.value)
+        with pytest.raises(IllegalTransitionError) as illegal:  # refused by both: no such hint
+            Sessions.run(move(2, "new-again"))
+        assert "differ" not in str(illegal.value)
+        assert model.__table__ is table
+    finally:
+        new.dispose()
+        with engine.begin() as conn:
+            table.drop(conn)
+        engine.dispose()
+
+
 def test_drift_detection(engine: sa.Engine) -> None:
     with engine.connect() as conn:
         for model in MODELS:

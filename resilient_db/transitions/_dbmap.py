@@ -191,6 +191,20 @@ def exception_from_db(
         pk = values[0] if len(values) == 1 else values
     from_key, to_key = info.get("from"), info.get("to")
     op = info.get("op")
+    reason = (
+        "new rows must start in an initial state"
+        if op == "INSERT"
+        else "blocked by the database trigger"
+    )
+    if guard is not None and (
+        to_key in guard.initial if op == "INSERT" else guard.legal(from_key, to_key)
+    ):
+        # the model declares this move legal: the trigger was installed from other rules
+        reason = (
+            f"{reason}, whose rules differ from those declared on the model (which allow this "
+            "move): install the trigger again from the model's __transitions__ (a migration "
+            "calling rdb.install_transition_trigger; rdb.trigger_drift tells what differs)"
+        )
     err = IllegalTransitionError(
         model=str(info.get("model", guard.model if guard else table)),
         pk=pk,
@@ -198,11 +212,7 @@ def exception_from_db(
         from_state=guard.state(from_key) if guard else from_key,
         to_state=guard.state(to_key) if guard else to_key,
         via="db",
-        reason=(
-            "new rows must start in an initial state"
-            if op == "INSERT"
-            else "blocked by the database trigger"
-        ),
+        reason=reason,
         inserted=op == "INSERT",
     )
     if log:
