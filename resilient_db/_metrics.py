@@ -243,7 +243,7 @@ def register(registry: Any = None) -> HealthCollector:
     returned (and registered again if the application unregistered it); another collector of
     the same metrics is refused by the registry."""
     if registry is None:
-        registry = importlib.import_module("prometheus_client").REGISTRY
+        registry = _prometheus_core().REGISTRY  # (the hint when prometheus_client is missing)
     with _REGISTER_LOCK:
         collector = _REGISTERED.get(registry)
         if collector is not None:

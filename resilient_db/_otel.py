@@ -141,6 +141,10 @@ class OpenTelemetryHook:
             self._breaker.add(1, {"service": service, "state": _BREAKER_STATES[name]})
         elif name in _COMMIT_OUTCOMES:
             self._commits.add(1, {"service": service, "outcome": _COMMIT_OUTCOMES[name]})
+        elif name == "commit_interrupted" and fields.get("outcome") == "unknown":
+            # (health()'s unknown_commits counts it too; one interrupted after its COMMIT
+            # succeeded is not a verification)
+            self._commits.add(1, {"service": service, "outcome": "unknown"})
         elif name == "transition_blocked":
             counter = self._stale if fields.get("stale") else self._blocked
             counter.add(

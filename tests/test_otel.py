@@ -5,6 +5,7 @@ on a real server become span events on the current span and counts on OTel count
 from __future__ import annotations
 
 import contextlib
+import logging
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -276,4 +277,46 @@ def test_validation_failures_count_alike_in_health_prometheus_and_otel(
     name = positive.__qualname__
     assert points(reader, "resilient_db.response_validation.failures") == {
         (("service", service), ("validator", name)): 2
+    }
+
+
+@pytest.mark.parametrize("call", ["register", "serve"])
+def test_prometheus_without_its_package_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch, call: str
+) -> None:
+    """Without prometheus_client, both entry points say which extra to install (``register()``
+    raised importlib's bare ModuleNotFoundError)."""
+    import sys  # noqa: PLC0415
+
+    from resilient_db import metrics  # noqa: PLC0415
+
+    for name in [m for m in sys.modules if m == "prometheus_client" or m.startswith("prometheus_")]:
+        monkeypatch.setitem(sys.modules, name, None)  # an import of it raises ImportError
+    with pytest.raises(ImportError, match=r"pip install 'resilient-db\[prometheus\]'"):
+        metrics.register() if call == "register" else metrics.serve(0)
+
+
+def test_an_interrupted_commit_of_unknown_outcome_counts_as_unknown(
+    otel: tuple[Any, InMemorySpanExporter, InMemoryMetricReader], service: str
+) -> None:
+    """The ``commit_interrupted`` event (a unit cancelled with its COMMIT in flight: see
+    tests/test_commit_interrupted.py for the real fault) is an unknown outcome, as health()'s
+    ``unknown_commits`` counts it; one interrupted after its COMMIT succeeded is none."""
+    from resilient_db._observability import emit  # noqa: PLC0415
+    from resilient_db._unit import log_session  # noqa: PLC0415
+
+    _, _, reader = otel
+    for outcome in ("unknown", "committed"):
+        emit(
+            rdb.Config(),
+            log_session,
+            logging.ERROR,
+            "Commit interrupted: service=%s",
+            service,
+            service=service,
+            event="commit_interrupted",
+            outcome=outcome,
+        )
+    assert points(reader, "resilient_db.commit.verifications") == {
+        (("outcome", "unknown"), ("service", service)): 1
     }
