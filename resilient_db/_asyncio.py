@@ -544,6 +544,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                     # READ COMMITTED whatever the engine's level: the claim must see the marker
                     await conn.execution_options(isolation_level="READ COMMITTED")
                     verdict = await conn.run_sync(check_commit, ticket, referee.left(ends))
+                ticket.check_unreached = None  # this one reached it
             except Exception as exc:
                 if self._referee.keep_checking_after(ticket, exc):
                     continue

@@ -1081,6 +1081,9 @@ class CommitTicket:
     #: why the check on a new connection could not answer (an error a new check would meet
     #: again: a missing right, row-level security on the markers), for the unknown outcome
     check_failed: str | None = None
+    #: the last check on a new connection that could not reach the server (a transient error:
+    #: checked again until the verification's time was up), while none has answered since
+    check_unreached: str | None = None
     proofs: int = 0  # checks that wrote WAL past the unit's commit (each waits longer)
     #: the WARNING the server answered the COMMIT with (see :class:`UnprovenCommit`)
     warned: str | None = None

@@ -504,6 +504,7 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                     # READ COMMITTED whatever the engine's level: the claim must see the marker
                     conn.execution_options(isolation_level="READ COMMITTED")
                     verdict = check_commit(conn, ticket, referee.left(ends))
+                ticket.check_unreached = None  # this one reached it
             except Exception as exc:
                 if self._referee.keep_checking_after(ticket, exc):
                     continue

@@ -535,12 +535,14 @@ class CommitReferee:
     def keep_checking_after(self, ticket: CommitTicket, exc: BaseException) -> bool:
         """Whether to check again after ``exc`` (transient); else the outcome stays unknown,
         and ``ticket`` keeps why (a missing right names its SQLSTATE: nothing else would)."""
-        if self.policy.classifier.classify(exc).transient:  # (an unknown outcome too)
-            return True
         code = sqlstate_of(exc)
         driver_error = exc.orig if isinstance(exc, sa_exc.StatementError) else None
         kind = type(driver_error if isinstance(driver_error, BaseException) else exc).__name__
-        ticket.check_failed = kind + (f" (SQLSTATE {code})" if code else "")
+        said = kind + (f" (SQLSTATE {code})" if code else "")
+        if self.policy.classifier.classify(exc).transient:  # (an unknown outcome too)
+            ticket.check_unreached = said
+            return True
+        ticket.check_failed = said
         return False
 
     def settle(self, ticket: CommitTicket, verdict: CommitVerdict, exc: BaseException) -> bool:
@@ -598,6 +600,11 @@ class CommitReferee:
         reason = verdict.value
         if ticket.check_failed is not None:
             reason = f"the check on a new connection failed: {ticket.check_failed}"
+        elif ticket.check_unreached is not None:
+            reason = (
+                "no check on a new connection reached the server before the verification's "
+                f"time was up (the last one: {ticket.check_unreached})"
+            )
         elif ticket.unserved_standby_names is not None:
             reason += (
                 " (no standby is connected to the server, whose synchronous_standby_names is "
