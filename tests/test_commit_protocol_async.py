@@ -525,6 +525,27 @@ async def test_lost_answer_then_crash_before_the_check_is_never_replayed(env: En
     settled(outcome, rows, known=env.known)
 
 
+async def test_checks_that_never_reach_the_server_say_so(env: Env) -> None:
+    """The COMMIT's answer is lost and the server refuses every new connection until the
+    verification's time is up: the unknown outcome says the checks could not reach it."""
+
+    def arm(call: int) -> None:
+        env.proxy.lose_commit_answer()
+        env.proxy.refuse()
+
+    unit = Unit()
+    unit.hook = arm
+    factory = env.factory(initial_delay=0.001, max_delay=0.002, deadline=0.2, circuit_breaker=False)
+    try:
+        outcome = await run(factory, unit)
+    finally:
+        env.proxy.restore()
+    assert isinstance(outcome.error, rdb.CommitOutcomeUnknownError), outcome.error
+    assert "no check on a new connection reached the server" in str(outcome.error)
+    assert "(the last one: " in str(outcome.error)
+    assert unit.calls == 1
+
+
 # -- the xid-reuse case --------------------------------------------------------------------------
 def commit_another_transaction(server: PostgresServer, database: str) -> str:
     """Another client writes and commits; returns its xid."""
