@@ -541,9 +541,16 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                 await self._asleep(delay)
             try:
                 async with _settling_engine(self.engine, ticket).connect() as conn:
-                    # READ COMMITTED whatever the engine's level: the claim must see the marker
-                    await conn.execution_options(isolation_level="READ COMMITTED")
-                    verdict = await conn.run_sync(check_commit, ticket, referee.left(ends))
+                    try:
+                        # READ COMMITTED whatever the engine's level: the claim must see it
+                        await conn.execution_options(isolation_level="READ COMMITTED")
+                        verdict = await conn.run_sync(check_commit, ticket, referee.left(ends))
+                    except Exception:
+                        # not back to the pool: a driver error SQLAlchemy did not wrap (the
+                        # isolation level set on a connection lost under the check) leaves it
+                        # to the pool's reset, whose failure SQLAlchemy logs with a traceback
+                        await _invalidate_quietly(conn)
+                        raise
                 ticket.check_unreached = None  # this one reached it
             except Exception as exc:
                 if self._referee.keep_checking_after(ticket, exc):
@@ -554,6 +561,13 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             if verdict is CommitVerdict.UNREPLICATED:
                 last = verdict  # the reason, should no later check know more
         return last
+
+
+async def _invalidate_quietly(conn: AsyncConnection) -> None:
+    try:
+        await conn.invalidate()
+    except Exception:
+        debug_failure(log_session, "invalidating a check's connection failed")
 
 
 async def _rollback_quietly(session: AsyncSession) -> None:

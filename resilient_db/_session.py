@@ -501,9 +501,16 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                 self._sleep(delay)
             try:
                 with _settling_engine(self.engine, ticket).connect() as conn:
-                    # READ COMMITTED whatever the engine's level: the claim must see the marker
-                    conn.execution_options(isolation_level="READ COMMITTED")
-                    verdict = check_commit(conn, ticket, referee.left(ends))
+                    try:
+                        # READ COMMITTED whatever the engine's level: the claim must see it
+                        conn.execution_options(isolation_level="READ COMMITTED")
+                        verdict = check_commit(conn, ticket, referee.left(ends))
+                    except Exception:
+                        # not back to the pool: a driver error SQLAlchemy did not wrap (the
+                        # isolation level set on a connection lost under the check) leaves it
+                        # to the pool's reset, whose failure SQLAlchemy logs with a traceback
+                        _invalidate_quietly(conn)
+                        raise
                 ticket.check_unreached = None  # this one reached it
             except Exception as exc:
                 if self._referee.keep_checking_after(ticket, exc):
@@ -514,6 +521,13 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
             if verdict is CommitVerdict.UNREPLICATED:
                 last = verdict  # the reason, should no later check know more
         return last
+
+
+def _invalidate_quietly(conn: Connection) -> None:
+    try:
+        conn.invalidate()
+    except Exception:
+        debug_failure(log_session, "invalidating a check's connection failed")
 
 
 def _rollback_quietly(session: Session) -> None:

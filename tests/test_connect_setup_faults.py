@@ -18,12 +18,15 @@ moment (``pg_terminate_backend``, waiting until the backend has gone); backoff z
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import asyncpg
+import psycopg
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
@@ -87,7 +90,7 @@ def _counters(service: str) -> dict[str, Any]:
     return dict(rdb.health()["services"][service]["counters"])
 
 
-# -- defect 1: asyncpg's InterfaceError of a closed connection, raised by SQLAlchemy's on_connect --
+# -- asyncpg's InterfaceError of a closed connection, raised by SQLAlchemy's on_connect ---------
 @pytest_asyncio.fixture
 async def async_engine(pg_async_url: str) -> AsyncIterator[AsyncEngine]:
     eng = create_async_engine(pg_async_url)
@@ -226,7 +229,7 @@ async def test_a_lost_commits_check_meeting_the_error_keeps_checking(
         await engine.dispose()
 
 
-# -- defect 2: the commit markers' set-up meeting a lost connection --------------------------------
+# -- the commit markers' set-up meeting a lost connection -----------------------------------------
 @pytest.fixture
 def markers_engine(pg_url: str, admin: sa.Engine) -> Iterator[sa.Engine]:
     rdb.install_commit_markers(admin)
@@ -302,3 +305,67 @@ async def test_async_markers_set_up_on_a_lost_connection_is_retried_not_reported
     assert modes == ["markers"]
     assert _counters(service)["retries"] == 1
     assert [e for e in events if e.name == "commit_markers_missing"] == []
+
+
+# -- the check of a lost COMMIT answer meeting a connection lost under it --------------------------
+def test_a_check_whose_connection_is_lost_under_it_leaves_no_pool_error(
+    pg_server: Any,
+    pg_database: str,
+    admin: sa.Engine,
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The check settling a lost COMMIT answer gets a connection whose backend is terminated as
+    it is checked out, and psycopg has seen it (setting the check's isolation level raises
+    psycopg's own "the connection is lost", unwrapped). The check's connection is dropped, not
+    handed back to the pool (whose reset would fail, and SQLAlchemy log that with a
+    traceback); the next check verifies the COMMIT."""
+    rdb.install_commit_markers(admin)
+    with FaultProxy(pg_server) as proxy:
+        engine = sa.create_engine(proxy.url(pg_database))
+        Sessions = rdb.ResilientSession(engine, service=service, config=CONFIG)
+        armed: list[int] = []
+
+        @event.listens_for(engine, "checkout")
+        def kill(dbapi_connection: Any, record: Any, proxied: Any) -> None:
+            if not armed:
+                return
+            armed.clear()
+            pid = dbapi_connection.info.backend_pid
+            with admin.connect() as conn:
+                conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+                deadline = time.monotonic() + 10
+                while conn.execute(GONE, {"p": pid}).scalar_one():
+                    assert time.monotonic() < deadline, "the backend did not exit"
+                    time.sleep(0.005)
+            pgconn = dbapi_connection.pgconn
+            for _ in range(100):  # libpq reads the server's goodbye, then the end of the stream
+                if pgconn.status == psycopg.pq.ConnStatus.BAD:
+                    break
+                with contextlib.suppress(psycopg.OperationalError):
+                    pgconn.consume_input()
+                time.sleep(0.005)
+            assert pgconn.status == psycopg.pq.ConnStatus.BAD
+
+        key = str(uuid.uuid4())
+        calls: list[int] = []
+
+        def unit(session: Session) -> None:
+            calls.append(1)
+            session.execute(sa.text("CREATE TABLE IF NOT EXISTS lost_checks (k text)"))
+            session.execute(sa.text("INSERT INTO lost_checks VALUES (:k)"), {"k": key})
+            proxy.lose_commit_answer()
+            armed.append(1)  # the next checkout is the check's
+
+        caplog.set_level(logging.WARNING, logger="sqlalchemy.pool")
+        try:
+            Sessions.run(unit)
+        finally:
+            engine.dispose()
+    assert calls == [1]  # verified, not replayed
+    assert not armed, "the check never checked a connection out"
+    with admin.connect() as conn:
+        rows = conn.execute(sa.text("SELECT count(*) FROM lost_checks WHERE k = :k"), {"k": key})
+        assert rows.scalar_one() == 1
+    assert _counters(service)["verified_commits"] == 1
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("sqlalchemy.pool")] == []
