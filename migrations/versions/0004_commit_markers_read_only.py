@@ -1,5 +1,4 @@
-"""commit markers, version 2: mark_commit leaves read-only transactions alone and serves roles
-a unit switched to
+"""commit markers, version 2: read-only transactions left alone, switched roles served
 
 Revision ID: 0004_commit_markers_read_only
 Revises: 0003_transition_bypass_role
