@@ -46,6 +46,7 @@ def test_the_wheel_ships_the_migrations_and_the_demo_finds_them(tmp_path: Path) 
         "resilient_db/demo/migrations/versions/0003_transition_bypass_role.py",
     ):
         assert name in names
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), "no license text"
     # every module of the package (the wheel's package list is explicit: a new subpackage
     # missing from it would be left out of the wheel)
     source = Path(__file__).resolve().parent.parent / "resilient_db"
