@@ -683,38 +683,63 @@ def is_transient(exc: BaseException, *, classifier: Classifier | None = None) ->
 
 #: packages whose exception texts may quote a statement, its bound parameters or a row's values
 #: (SQLAlchemy's "[parameters: ...]", a driver's "DETAIL: Key (email)=(...)"; SQLAlchemy's
-#: PendingRollbackError repeats the original error's text)
-_TALKATIVE: Final = ("sqlalchemy", "psycopg", "psycopg2", "asyncpg", "pg8000")
+#: PendingRollbackError repeats the original error's text; pydantic's "input_value=...")
+_TALKATIVE: Final = ("sqlalchemy", "psycopg", "psycopg2", "asyncpg", "pg8000", "pydantic")
+
+
+def _quotes_values(err: BaseException) -> bool:
+    """Whether ``err``'s text may quote values: a database driver's, SQLAlchemy's or pydantic's
+    error, or resilient_db's own (an illegal transition names its row's key, which the
+    ``[SELF-HEAL]`` lines show only with ``SELF_HEALING_LOG_ROW_KEYS``)."""
+    module = str(getattr(type(err), "__module__", None) or "")
+    return isinstance(err, ResilientDBError) or module.split(".", 1)[0].startswith(_TALKATIVE)
+
+
+def _code_of(err: BaseException) -> str:
+    try:
+        code = sqlstate_of(err)
+    except Exception:  # a driver error whose fields can't be read
+        code = None
+    return f"SQLSTATE {code}" if code else "no SQLSTATE"
 
 
 def failure_detail(exc: BaseException) -> str:
     """A traceback of ``exc`` and the errors chained to it (cause or context), for a DEBUG line:
-    every frame, but a database error's text replaced by its SQLSTATE. Tracebacks formatted by
-    ``logging``'s ``exc_info`` would carry bound parameters and row values into the logs (the
-    error being handled is often a database error's context)."""
-    chain: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and len(chain) < _MAX_CHAIN and all(current is not e for e in chain):
-        chain.append(current)
-        cause = current.__cause__
-        if cause is None and not current.__suppress_context__:
-            cause = current.__context__
-        current = cause
-    parts: list[str] = []
-    for err in reversed(chain):  # the first error first, as Python prints a chain
-        if parts:
-            parts.append("which led to:\n")
-        parts.append("Traceback (most recent call last):\n")
-        parts.extend(traceback.format_tb(err.__traceback__))
-        kind = type(err)
-        name = f"{kind.__module__}.{kind.__qualname__}"
-        if kind.__module__.split(".", 1)[0] in _TALKATIVE:
-            code = sqlstate_of(err)
-            text = f"SQLSTATE {code}" if code else "no SQLSTATE"
-            parts.append(f"{name}: ({text}; its text left out: it may quote values)\n")
-        else:
-            parts.append("".join(traceback.format_exception_only(kind, err)))
-    return "".join(parts).rstrip("\n")
+    every frame, but no text that may quote values. Tracebacks formatted by ``logging``'s
+    ``exc_info`` would carry bound parameters and row values into the logs: the error being
+    handled is often a database error's context, and the errors a database error was raised
+    from quote what it was given (an Enum's bind processor: ``LookupError: 'the value' is not
+    among ...``). So a database driver's, SQLAlchemy's, pydantic's or resilient_db's own error
+    shows its class and SQLSTATE only, and so does every error it was raised from or while."""
+    try:
+        chain: list[BaseException] = []
+        current: BaseException | None = exc
+        while current is not None and len(chain) < _MAX_CHAIN:
+            if any(current is seen for seen in chain):
+                break
+            chain.append(current)
+            cause = current.__cause__
+            if cause is None and not current.__suppress_context__:
+                cause = current.__context__
+            current = cause
+        hidden = [False] * len(chain)  # newest first: hidden from the first that quotes on
+        for i, err in enumerate(chain):
+            hidden[i] = (i > 0 and hidden[i - 1]) or _quotes_values(err)
+        parts: list[str] = []
+        for err, hide in reversed(list(zip(chain, hidden, strict=True))):  # the first first
+            if parts:
+                parts.append("which led to:\n")
+            parts.append("Traceback (most recent call last):\n")
+            parts.extend(traceback.format_tb(err.__traceback__))
+            kind = type(err)
+            name = f"{getattr(kind, '__module__', None)}.{kind.__qualname__}"
+            if hide:
+                parts.append(f"{name}: ({_code_of(err)}; its text left out: it may quote values)\n")
+            else:
+                parts.append("".join(traceback.format_exception_only(kind, err)))
+        return "".join(parts).rstrip("\n")
+    except Exception:  # never raised into the except block that logs it
+        return f"{type(exc).__qualname__} (its traceback could not be formatted)"
 
 
 def debug_failure(logger: logging.Logger, message: str, *args: object) -> None:

@@ -114,3 +114,57 @@ def test_failure_detail_keeps_the_frames_and_codes_of_a_chain(engine: sa.Engine)
     assert "RuntimeError: the handler failed too" in detail
     assert detail.index("IntegrityError") < detail.index("RuntimeError")  # first error first
     assert "test_failure_detail_keeps_the_frames_and_codes_of_a_chain" in detail  # frames
+
+
+def test_failure_detail_hides_what_a_database_error_was_raised_from(engine: sa.Engine) -> None:
+    """An Enum's bind processor refuses a value (``LookupError: '<the value>' is not among the
+    defined enum values``) and SQLAlchemy raises its StatementError from it: both are left
+    out, and so is a ResponseValidationError's pydantic cause (``input_value=...``)."""
+    from resilient_db._classify import failure_detail  # noqa: PLC0415
+
+    pydantic = pytest.importorskip("pydantic")
+    table = sa.Table(
+        "leak_kinds",
+        sa.MetaData(),
+        sa.Column("kind", sa.Enum("a", "b", name="leak_kind", validate_strings=True)),
+    )
+    with pytest.raises(sa.exc.StatementError) as bound:
+        with engine.begin() as conn:
+            table.create(conn)
+            conn.execute(table.insert().values(kind=SECRET))
+    detail = failure_detail(bound.value)
+    assert SECRET not in detail
+    assert "LookupError: (no SQLSTATE; its text left out" in detail
+
+    class Account(pydantic.BaseModel):
+        email: int
+
+    Sessions = rdb.ResilientSession(engine, service="leaks-validation", config=CONFIG)
+    with pytest.raises(rdb.ResponseValidationError) as invalid:
+        Sessions.run(lambda s: {"email": SECRET}, validate=Account)
+    detail = failure_detail(invalid.value)
+    assert SECRET not in detail
+    assert "ResponseValidationError: (no SQLSTATE; its text left out" in detail
+
+
+def test_failure_detail_never_raises() -> None:
+    """Inside the ``except`` block that logs it: an error class without a module, or a driver
+    error whose fields raise, still gives a text."""
+    from resilient_db._classify import failure_detail  # noqa: PLC0415
+
+    class Odd(Exception):
+        pass
+
+    Odd.__module__ = None  # type: ignore[assignment]
+
+    class Broken(Exception):
+        @property
+        def sqlstate(self) -> str:
+            raise RuntimeError("no fields")
+
+    Broken.__module__ = "psycopg.errors"
+    for error in (Odd("odd"), Broken("broken")):
+        try:
+            raise error
+        except Exception as exc:
+            assert type(error).__qualname__ in failure_detail(exc)
