@@ -551,14 +551,14 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                         # to the pool's reset, whose failure SQLAlchemy logs with a traceback
                         await _invalidate_quietly(conn)
                         raise
-                ticket.check_unreached = None  # this one reached it
             except Exception as exc:
                 if self._referee.keep_checking_after(ticket, exc):
                     continue
                 return CommitVerdict.UNKNOWN
+            ticket.check_reached, ticket.check_unreached = True, None
             if verdict.final:
                 return verdict
-            if verdict is CommitVerdict.UNREPLICATED:
+            if verdict is CommitVerdict.UNREPLICATED or last is CommitVerdict.UNKNOWN:
                 last = verdict  # the reason, should no later check know more
         return last
 

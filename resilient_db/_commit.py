@@ -1082,8 +1082,10 @@ class CommitTicket:
     #: again: a missing right, row-level security on the markers), for the unknown outcome
     check_failed: str | None = None
     #: the last check on a new connection that could not reach the server (a transient error:
-    #: checked again until the verification's time was up), while none has answered since
+    #: checked again until the verification's time was up), since the last one that did
     check_unreached: str | None = None
+    #: a check on a new connection reached the server and answered (not final: in progress)
+    check_reached: bool = False
     proofs: int = 0  # checks that wrote WAL past the unit's commit (each waits longer)
     #: the WARNING the server answered the COMMIT with (see :class:`UnprovenCommit`)
     warned: str | None = None

@@ -600,7 +600,7 @@ class CommitReferee:
         reason = verdict.value
         if ticket.check_failed is not None:
             reason = f"the check on a new connection failed: {ticket.check_failed}"
-        elif ticket.check_unreached is not None:
+        elif ticket.check_unreached is not None and not ticket.check_reached:
             reason = (
                 "no check on a new connection reached the server before the verification's "
                 f"time was up (the last one: {ticket.check_unreached})"
@@ -610,6 +610,8 @@ class CommitReferee:
                 " (no standby is connected to the server, whose synchronous_standby_names is "
                 f"{ticket.unserved_standby_names!r})"
             )
+        if ticket.check_reached and ticket.check_unreached is not None:
+            reason += f"; a later check could not reach the server ({ticket.check_unreached})"
         if ticket.warned is not None:
             reason += f"; its COMMIT was answered with {ticket.warned}"
         self.no_standby_connected(ticket)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -369,3 +370,56 @@ def test_a_check_whose_connection_is_lost_under_it_leaves_no_pool_error(
         assert rows.scalar_one() == 1
     assert _counters(service)["verified_commits"] == 1
     assert [r.getMessage() for r in caplog.records if r.name.startswith("sqlalchemy.pool")] == []
+
+
+# -- a check that reached the server, then checks that could not -------------------------------
+def test_an_unknown_outcome_says_what_the_check_that_reached_the_server_found(
+    pg_server: Any, pg_database: str, admin: sa.Engine, service: str
+) -> None:
+    """Without markers: the COMMIT never reached the server (the transaction stays open there),
+    the first check finds it in progress, then the network fails and no later check connects.
+    The unknown outcome says it was found in progress and that later checks could not reach the
+    server (it said no check had reached the server at all)."""
+    with admin.connect() as conn:
+        conn.execute(sa.text("CREATE TABLE in_progress_units (id int)"))
+    with FaultProxy(pg_server) as proxy:
+        engine = sa.create_engine(proxy.url(pg_database))
+        backoffs: list[float] = []
+
+        def sleep(seconds: float) -> None:  # between checks: the network fails after check 1
+            backoffs.append(seconds)
+            proxy.refuse(cut=True)
+
+        Sessions = rdb.ResilientSession(
+            engine,
+            service=service,
+            # the first check waits for the open transaction most of that time; the later
+            # ones are refused at once
+            config=rdb.Config(initial_delay=0.01, max_delay=0.02, deadline=2.0),
+            sleep=sleep,
+        )
+
+        def unit(session: Session) -> None:
+            session.execute(sa.text("INSERT INTO in_progress_units VALUES (1)"))
+            proxy.swallow_commit()
+
+        def release() -> None:
+            deadline = time.monotonic() + 10
+            while not proxy.commits_swallowed and time.monotonic() < deadline:
+                time.sleep(0.005)
+            proxy.release_swallowed(keep_server=True)  # the transaction stays open there
+
+        releaser = threading.Thread(target=release)
+        releaser.start()
+        try:
+            with rdb.set_testing(False), pytest.raises(rdb.CommitOutcomeUnknownError) as info:
+                Sessions.run(unit)  # (backoffs between checks as configured, through sleep)
+        finally:
+            releaser.join(15)
+            proxy.restore()
+            engine.dispose()
+    assert backoffs, "no check after the first"
+    text = str(info.value)
+    assert "in progress" in text
+    assert "a later check could not reach the server" in text
+    assert "no check on a new connection reached the server" not in text
