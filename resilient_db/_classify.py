@@ -466,6 +466,12 @@ def _asyncpg_closed(err: BaseException, module: str, name: str) -> bool:
     connection. Nor by its message (the classifier never reads one)."""
     if name != "InterfaceError" or not module.startswith("asyncpg"):
         return False
+    if not _passed_through(err, _CONNECTING_MODULES):
+        # only while the pool connects or checks a connection out (SQLAlchemy's on_connect,
+        # the commit protocol's set-up): elsewhere a closed connection is SQLAlchemy's to tell
+        # (it wraps what it sends), or the application's own mistake (a raw connection kept
+        # past its use, closed since)
+        return False
     for frame_module, function in reversed(_frames(err)):
         if frame_module.startswith("asyncpg"):
             return frame_module == "asyncpg.connection" and function in _ASYNCPG_CLOSED_CHECKS

@@ -423,3 +423,34 @@ def test_an_unknown_outcome_says_what_the_check_that_reached_the_server_found(
     assert "in progress" in text
     assert "a later check could not reach the server" in text
     assert "no check on a new connection reached the server" not in text
+
+
+@pytest.mark.asyncio
+async def test_a_raw_asyncpg_connection_used_after_it_was_closed_is_the_applications_mistake(
+    async_engine: AsyncEngine, service: str
+) -> None:
+    """A raw asyncpg connection kept from an earlier unit and used after it was closed: the
+    same InterfaceError of a closed connection, raised outside connecting, is the application's
+    mistake, raised at once (it was replayed and opened the circuit of a healthy database)."""
+    Sessions = rdb.AsyncResilientSession(
+        async_engine, service=service, config=rdb.Config(max_retries=3, failure_threshold=3)
+    )
+    kept: list[Any] = []
+
+    async def first(session: AsyncSession) -> None:
+        conn = await session.connection()
+        kept.append((await conn.get_raw_connection()).driver_connection)
+
+    await Sessions.run(first)
+    await kept[0].close()
+    calls: list[int] = []
+
+    async def second(session: AsyncSession) -> object:
+        calls.append(1)
+        return await kept[0].fetchval("SELECT 1")
+
+    with pytest.raises(asyncpg.InterfaceError) as info:
+        await Sessions.run(second)
+    assert calls == [1]
+    assert rdb.classify(info.value) is rdb.Outcome.NOT_TRANSIENT
+    assert rdb.health()["services"][service]["breaker"]["failures"] == 0
