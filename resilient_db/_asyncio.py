@@ -233,7 +233,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             return await self._attempt(fn, args, kwargs)  # once: no retry, no breaker
         policy = self.policy
         enclosing = current_attempt.get()
-        if enclosing is not None:
+        if enclosing is not None and enclosing.running:  # (a task's, after it: not nested)
             if enclosing.replayed:  # with_self_healing retries it all: see _once
                 return await self._once(fn, args, kwargs)
             policy.refresh()  # (a breaker replaced by reset_state() is not the one to ask)

@@ -216,7 +216,7 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
             return self._attempt(fn, args, kwargs)  # once: no retry, no breaker
         policy = self.policy
         enclosing = current_attempt.get()
-        if enclosing is not None:
+        if enclosing is not None and enclosing.running:  # (a task's, after it: not nested)
             if enclosing.replayed:  # with_self_healing retries it all: see _once
                 return self._once(fn, args, kwargs)
             policy.refresh()  # (a breaker replaced by reset_state() is not the one to ask)

@@ -372,6 +372,39 @@ async def test_a_task_made_inside_an_operation_retries_on_its_own_once_it_return
     assert len(seen) == 2
 
 
+@pytest.mark.asyncio
+async def test_a_unit_in_a_task_made_inside_an_operation_retries_once_it_returned(
+    aengine: AsyncEngine, service: str
+) -> None:
+    """The same for a unit of work run by such a task: once the operation returned, the unit
+    retries on its own (it ran once, its conflict raised)."""
+    Session = rdb.AsyncResilientSession(aengine, service=service, config=CONFIG)
+    calls: list[int] = []
+
+    async def unit(session: AsyncSession) -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            await aconflict(session)
+        return "done"
+
+    returned = asyncio.Event()
+    tasks: list[asyncio.Task[str]] = []
+
+    async def later() -> str:
+        await returned.wait()
+        return await Session.run(unit)
+
+    @rdb.with_self_healing(service=f"{service}-api", config=CONFIG)
+    async def handler() -> str:
+        tasks.append(asyncio.create_task(later()))
+        return "accepted"
+
+    assert await handler() == "accepted"
+    returned.set()
+    assert await tasks[0] == "done"
+    assert len(calls) == 2
+
+
 def test_an_operation_inside_a_unit_still_asks_its_services_breaker(
     engine: sa.Engine, service: str
 ) -> None:
