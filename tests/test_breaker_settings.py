@@ -4,6 +4,7 @@ settings over the environment's (``with_self_healing``, default factories, reloa
 
 from __future__ import annotations
 
+import gc
 import logging
 
 import pytest
@@ -61,13 +62,18 @@ def test_a_factorys_settings_replace_the_environments(
 def test_two_factories_asking_for_different_breaker_settings_are_warned_about(
     engine: sa.Engine, service: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    rdb.ResilientSession(engine, service=service, config=rdb.Config(failure_threshold=50))
-    rdb.ResilientSession(
-        engine, service=service, config=rdb.Config(failure_threshold=50, max_retries=9)
-    )
+    # kept: a factory that is gone (garbage-collected) no longer holds the breaker's settings
+    kept = [
+        rdb.ResilientSession(engine, service=service, config=rdb.Config(failure_threshold=50)),
+        rdb.ResilientSession(
+            engine, service=service, config=rdb.Config(failure_threshold=50, max_retries=9)
+        ),
+    ]
     assert threshold(service) == 50
+    gc.collect()  # (as a long run's collector may, at any moment)
     with caplog.at_level(logging.WARNING, logger="resilient_db"):
         rdb.ResilientSession(engine, service=service, config=rdb.Config(failure_threshold=20))
+    assert len(kept) == 2
     (line,) = [r.getMessage() for r in caplog.records if "settings differ" in r.getMessage()]
     assert f"service={service}" in line
     assert "failure_threshold=50" in line
