@@ -539,8 +539,12 @@ class CommitReferee:
         driver_error = exc.orig if isinstance(exc, sa_exc.StatementError) else None
         kind = type(driver_error if isinstance(driver_error, BaseException) else exc).__name__
         said = kind + (f" (SQLSTATE {code})" if code else "")
-        if self.policy.classifier.classify(exc).transient:  # (an unknown outcome too)
-            ticket.check_unreached = said
+        outcome = self.policy.classifier.classify(exc)
+        if outcome.transient:  # (an unknown outcome too)
+            if outcome in (Outcome.DISCONNECT, Outcome.UNAVAILABLE):
+                ticket.check_unreached = said  # the server did not answer the check
+            else:  # it did (a lock wait for a transaction still running ran out: 55P03)
+                ticket.check_reached, ticket.check_unreached = True, None
             return True
         ticket.check_failed = said
         return False
