@@ -507,7 +507,8 @@ def _psycopg_disconnect(err: BaseException, name: str, *, wrapped: bool) -> bool
       connections" of an application, which heals; it stays a disconnect. (asyncpg's errors
       carry the SQLSTATE and are told apart.)
     - on an established connection: a disconnect only when the connection is lost. SQLAlchemy
-      judged that by the connection's state (``connection_invalidated``, checked before this);
+      judged that by the connection's state (``connection_invalidated``, checked before this),
+      but for a statement of a pool listener (then judged here, by the connection's state);
       an error of the driver's connection used directly is judged by the state of the
       connection it came from, or, where that is not found, taken as lost (as before).
     """
@@ -516,7 +517,10 @@ def _psycopg_disconnect(err: BaseException, name: str, *, wrapped: bool) -> bool
     pgconn = getattr(err, "pgconn", None)  # set by psycopg on the errors of a connect
     if pgconn is not None or _raised_connecting(err):
         return pgconn is None or not _refused_after_authentication(pgconn)
-    if wrapped:
+    if wrapped and not _passed_through(err, _CONNECTING_MODULES):
+        # (while the pool connects or checks out, a listener's statement - the commit
+        # markers' set-up - may meet a lost connection that SQLAlchemy 2.0.18, the oldest
+        # supported, does not take for one: judged by the connection's state, as below)
         return False
     broken = _psycopg_connection_lost(err)
     return True if broken is None else broken
