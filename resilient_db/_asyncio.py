@@ -22,13 +22,13 @@ from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
-from ._classify import Classifier, debug_failure, mark_outcome
+from ._classify import Classifier, debug_failure
 from ._commit import AttemptRecord, CommitRequest, CommitTicket
 from ._config import Config
 from ._errors import TransactionStateError
 from ._observability import log_session
 from ._registry import enter_unit, factory_of, leave_unit, register_class, register_session
-from ._statements import current_attempt, current_request, own_work
+from ._statements import current_attempt, library_work
 from ._unit import (
     ActiveUnit,
     CommitVerdict,
@@ -379,15 +379,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         policy.refresh()  # (a breaker replaced by reset_state() is not the one to ask)
         if admitted_by(policy.breaker):
             return await self._attempt(fn, args, kwargs, session=session)
-        probe = policy.admit()
-        started = time.monotonic()
-        try:
-            result = await self._attempt(fn, args, kwargs, session=session)
-        except BaseException as exc:
-            mark_outcome(exc, policy.failed(exc, probe, started))
-            raise
-        policy.succeeded(probe)
-        return result
+        return await policy.acall_once(lambda: self._attempt(fn, args, kwargs, session=session))
 
     async def _attempt(
         self,
@@ -496,16 +488,8 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         pending = self._referee.two_phase_pending(request, exc)
         if not pending:
             return False
-        # the recovery's own statements are neither the unit's nor its commit's
-        checking = current_attempt.set(None)
-        committing = current_request.set(None)
-        working = own_work.set(True)
-        try:
+        with library_work():  # the recovery's statements are neither the unit's nor its commit's
             finished = [xid for engine, xid in pending if await self._commit_pending(engine, xid)]
-        finally:
-            own_work.reset(working)
-            current_request.reset(committing)
-            current_attempt.reset(checking)
         if finished:
             await session.invalidate()
         return self._referee.two_phase_finished(request, pending, finished, exc)
@@ -525,13 +509,8 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
 
     async def _verify_commit(self, ticket: CommitTicket) -> CommitVerdict:
         """Settle a lost COMMIT answer on a new connection, reconnecting with backoff."""
-        checking = current_attempt.set(None)  # the check's own COMMIT is not the unit's
-        working = own_work.set(True)  # nor an application's, should it lose its answer
-        try:
+        with library_work():  # the check's own COMMIT is neither the unit's nor the application's
             return await self._settle_on_new_connection(ticket)
-        finally:
-            own_work.reset(working)
-            current_attempt.reset(checking)
 
     async def _settle_on_new_connection(self, ticket: CommitTicket) -> CommitVerdict:
         last = CommitVerdict.UNKNOWN

@@ -466,13 +466,14 @@ def _asyncpg_closed(err: BaseException, module: str, name: str) -> bool:
     connection. Nor by its message (the classifier never reads one)."""
     if name != "InterfaceError" or not module.startswith("asyncpg"):
         return False
-    if not _passed_through(err, _CONNECTING_MODULES):
+    frames = _frames(err)
+    if not any(frame_module.startswith(_CONNECTING_MODULES) for frame_module, _ in frames):
         # only while the pool connects or checks a connection out (SQLAlchemy's on_connect,
         # the commit protocol's set-up): elsewhere a closed connection is SQLAlchemy's to tell
         # (it wraps what it sends), or the application's own mistake (a raw connection kept
         # past its use, closed since)
         return False
-    for frame_module, function in reversed(_frames(err)):
+    for frame_module, function in reversed(frames):
         if frame_module.startswith("asyncpg"):
             return frame_module == "asyncpg.connection" and function in _ASYNCPG_CLOSED_CHECKS
     return False
@@ -732,11 +733,11 @@ def failure_detail(exc: BaseException) -> str:
             if cause is None and not current.__suppress_context__:
                 cause = current.__context__
             current = cause
-        hidden = [False] * len(chain)  # newest first: hidden from the first that quotes on
-        for i, err in enumerate(chain):
-            hidden[i] = (i > 0 and hidden[i - 1]) or _quotes_values(err)
+        # newest first: hidden from the first that quotes values on (what it was raised from)
+        quoting = next((i for i, err in enumerate(chain) if _quotes_values(err)), len(chain))
         parts: list[str] = []
-        for err, hide in reversed(list(zip(chain, hidden, strict=True))):  # the first first
+        for i in reversed(range(len(chain))):  # the first error first, as Python prints them
+            err, hide = chain[i], i >= quoting
             if parts:
                 parts.append("which led to:\n")
             parts.append("Traceback (most recent call last):\n")

@@ -639,6 +639,18 @@ class Policy:
         self.succeeded(probe)
         return result
 
+    async def acall_once(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """The async twin of :meth:`call_once`."""
+        probe = self.admit()
+        started = _monotonic()
+        try:
+            result = await attempt()
+        except BaseException as exc:
+            mark_outcome(exc, self.failed(exc, probe, started))
+            raise
+        self.succeeded(probe)
+        return result
+
     async def acall_failed(
         self,
         attempt: Callable[[], Awaitable[T]],

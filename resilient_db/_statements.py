@@ -19,10 +19,11 @@ code on the raw connection (``session.connection().connection``, its ``driver_co
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 import psycopg
@@ -47,6 +48,23 @@ own_work: contextvars.ContextVar[bool] = contextvars.ContextVar(
 current_request: contextvars.ContextVar[CommitRequest | None] = contextvars.ContextVar(
     "resilient_db_commit", default=None
 )
+
+
+@contextlib.contextmanager
+def library_work() -> Iterator[None]:
+    """Around the library's own work on an application's engine (settling a lost COMMIT answer,
+    finishing a two-phase commit, pruning commit markers): its statements are no unit's and its
+    COMMIT no unit's (``current_attempt``, ``current_request``), and a COMMIT of it that loses
+    its answer is no application's unknown outcome (``own_work``)."""
+    attempt = current_attempt.set(None)
+    request = current_request.set(None)
+    working = own_work.set(True)
+    try:
+        yield
+    finally:
+        own_work.reset(working)
+        current_request.reset(request)
+        current_attempt.reset(attempt)
 
 
 # Statements that can't write: the decision per SQL string, cached. Only a plain SELECT (not

@@ -61,7 +61,13 @@ from ._observability import LineLimit, emit, log_session, stats_for
 from ._registry import factory_of, in_unit
 from ._retry import Policy
 from ._state import STATE
-from ._statements import current_attempt, current_request, note_dialect_calls, own_work
+from ._statements import (
+    current_attempt,
+    current_request,
+    library_work,
+    note_dialect_calls,
+    own_work,
+)
 from .transitions._dbmap import exception_from_db
 from .transitions._flush import guard_for_commit_protocol
 from .transitions._guards import install_guard
@@ -303,10 +309,8 @@ def commit_plainly(session: Session) -> None:
 def _prune_quietly(protocol: CommitProtocol) -> None:
     if not protocol.pruned():
         return
-    outside = current_attempt.set(None)  # the prune's DELETE is not the unit's statement
-    working = own_work.set(True)
     try:
-        with protocol.engine.connect() as conn:
+        with library_work(), protocol.engine.connect() as conn:  # (not the unit's DELETE)
             count = prune(conn)
         protocol.prune_left(count)
         log_session.debug("pruned %d expired commit markers", count)
@@ -314,9 +318,6 @@ def _prune_quietly(protocol: CommitProtocol) -> None:
         debug_failure(log_session, "pruning commit markers failed")
         if sqlstate_of(exc) == "42501":
             protocol.prune_refused()
-    finally:
-        own_work.reset(working)
-        current_attempt.reset(outside)
 
 
 def check_commit(

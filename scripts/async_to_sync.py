@@ -79,6 +79,7 @@ NAMES: dict[str, str] = {
     "_asleep": "_sleep",
     "acall": "call",
     "acall_failed": "call_failed",
+    "acall_once": "call_once",
 }
 #: dotted async names -> sync names
 DOTTED: dict[str, str] = {"asyncio.sleep": "time.sleep"}
