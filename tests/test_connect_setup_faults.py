@@ -46,6 +46,16 @@ PID = sa.text("SELECT pg_backend_pid()")
 GONE = sa.text("SELECT count(*) FROM pg_stat_activity WHERE pid = :p")
 
 
+def _terminate(admin: sa.Engine, pid: int) -> None:
+    """Terminate backend ``pid`` and return once it has gone."""
+    with admin.connect() as conn:
+        assert conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid}).scalar()
+        deadline = time.monotonic() + 10
+        while conn.execute(GONE, {"p": pid}).scalar_one():
+            assert time.monotonic() < deadline, "the backend did not exit"
+            time.sleep(0.005)
+
+
 class Killer:
     """A ``connect`` listener that, while ``armed`` is above zero, terminates the backend of the
     connection being set up and returns once it has gone (and, for asyncpg, once the driver
@@ -65,13 +75,7 @@ class Killer:
         self.armed -= 1
         driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
         is_asyncpg = isinstance(driver, asyncpg.Connection)
-        pid = driver.get_server_pid() if is_asyncpg else driver.info.backend_pid
-        with self.admin.connect() as conn:
-            assert conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid}).scalar()
-            deadline = time.monotonic() + 10
-            while conn.execute(GONE, {"p": pid}).scalar_one():
-                assert time.monotonic() < deadline, "the backend did not exit"
-                time.sleep(0.005)
+        _terminate(self.admin, driver.get_server_pid() if is_asyncpg else driver.info.backend_pid)
         if is_asyncpg and self.driver_sees_it:
             deadline = time.monotonic() + 10
             while not driver.is_closed():
@@ -332,13 +336,7 @@ def test_a_check_whose_connection_is_lost_under_it_leaves_no_pool_error(
             if not armed:
                 return
             armed.clear()
-            pid = dbapi_connection.info.backend_pid
-            with admin.connect() as conn:
-                conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
-                deadline = time.monotonic() + 10
-                while conn.execute(GONE, {"p": pid}).scalar_one():
-                    assert time.monotonic() < deadline, "the backend did not exit"
-                    time.sleep(0.005)
+            _terminate(admin, dbapi_connection.info.backend_pid)
             pgconn = dbapi_connection.pgconn
             for _ in range(100):  # libpq reads the server's goodbye, then the end of the stream
                 if pgconn.status == psycopg.pq.ConnStatus.BAD:
