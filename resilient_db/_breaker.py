@@ -669,7 +669,7 @@ class Breaker:
             "reset_timeout": self.config.reset_timeout,
         }
         if state == OPEN:
-            retry_after = round(self._open_remaining(), 3)
+            retry_after = round(self.open_for(), 3)
             if retry_after > 0:
                 info["retry_after"] = retry_after
             else:  # the open time is over: the next call is a probe
@@ -909,15 +909,6 @@ class Breaker:
         # pybreaker's setter builds its state object and notifies the listeners; it resets the
         # failure counter on closing and the success counter on opening / half-opening.
         self._cb.state = state
-
-    def _open_remaining(self) -> float:
-        """Seconds the opening stored as open still lasts (0 or less: over), as the next call
-        would find it: the shared view's end while Redis answers (it decides then), else the
-        local storage's opening time."""
-        fleet = self._fleet
-        if fleet is not None and fleet.up and self._fleet_state == OPEN:
-            return self._fleet_until - time.monotonic()
-        return self._remaining_open()
 
     def _remaining_open(self) -> float:
         opened_at = self._storage.opened_at
