@@ -520,8 +520,8 @@ def _psycopg_disconnect(err: BaseException, name: str, *, wrapped: bool) -> bool
         return pgconn is None or not _refused_after_authentication(pgconn)
     if wrapped and not _passed_through(err, _CONNECTING_MODULES):
         # (while the pool connects or checks out, a listener's statement - the commit
-        # markers' set-up - may meet a lost connection that SQLAlchemy 2.0.18, the oldest
-        # supported, does not take for one: judged by the connection's state, as below)
+        # markers' set-up - may meet a lost connection that SQLAlchemy 2.0.18 did not take
+        # for one: judged by the connection's state, as below)
         return False
     broken = _psycopg_connection_lost(err)
     return True if broken is None else broken
