@@ -199,6 +199,9 @@ class Breaker:
         self._fleet_failures = 0  # failures this process counted in the fleet's current run
         self._fleet_opens = 0  # openings of the shared breaker, fleet-wide
         self._opened_here = 0  # openings this process's failures caused
+        #: the local breaker opened by this process's own decision (Redis did not answer), not
+        #: as a mirror of the fleet's state: shared on rejoining (see fleet_rejoin)
+        self._opened_locally = False
         #: the reservations of the probes this process let through and that have not ended yet,
         #: oldest first (None: a probe of its own state, Redis reserved nothing for it); each
         #: probe's end takes one (see _take_probe)
@@ -817,6 +820,30 @@ class Breaker:
         """The shared state as read on (re)connecting: it replaces the view whatever it was."""
         self.fleet_update(*answer, answer=True, force=True)
 
+    def fleet_rejoin(self, fleet: Any) -> None:
+        """Redis answers again (the link's background thread; raises what the store raises):
+        read the shared state into the view, after sharing the opening this process made on
+        its own meanwhile, if it still holds one. Its failures opened it while Redis did not
+        hear them; read back as closed (the fleet's breaker never opened, or Redis lost its
+        state) it would be thrown away, and the next unit sent to the database that just
+        failed. Redis takes it unless the shared breaker is open, or changed after it (the
+        fleet's probes closed it since): then the fleet's state is followed."""
+        with self._lock:
+            opening = None
+            if self._opened_locally and self._storage.state == OPEN:
+                remaining = self._remaining_open()
+                if remaining > 0:
+                    opening = (remaining, self.config.reset_timeout - remaining)
+        if opening is None:
+            self.fleet_sync(fleet.breaker_read(self.service, background=True))
+            return
+        state, remaining, gen, opens, by_me = fleet.breaker_share_opening(
+            self.service, round(opening[0], 3), round(max(0.0, opening[1]), 3)
+        )
+        if by_me:
+            self._opened_here += 1
+        self.fleet_update(state, remaining, gen, opens, answer=True, force=True, mine=by_me)
+
     def fleet_update(
         self,
         state: str,
@@ -846,7 +873,10 @@ class Breaker:
                     self._fleet_until = min(self._fleet_until, time.monotonic() + remaining)
                 return
             seen = gen == self._fleet_gen and gen != 0  # the view had this state already
+            # the view had a shared state, and Redis has none now: restarted, or flushed
+            lost = gen == 0 and self._fleet_gen > 0
             self._fleet_gen = gen
+            self._opened_locally = False  # the view and the local breaker follow the fleet
             restarted, self._view_restarted = self._view_restarted, False
             self._fleet_opens = max(self._fleet_opens, opens) if not force else opens
             self._fleet_state = state
@@ -871,6 +901,9 @@ class Breaker:
                 self.close_reason = (
                     "no state shared through Redis any more (Redis restarted or flushed, or "
                     "another Redis): starting closed"
+                    if lost
+                    else "following the state shared through Redis: closed (no process has "
+                    "opened it)"
                 )
             if state == OPEN:
                 elapsed = self.config.reset_timeout - max(0.0, remaining)
@@ -899,12 +932,15 @@ class Breaker:
 
     # -- internals (callers hold self._lock) ------------------------------------------------
     def _open(self, cause: str | None) -> None:
+        """Open on this process's own decision (not shared, or Redis did not answer)."""
         self._probes = 0
         self.open_cause = cause
         self._storage.opened_at = datetime.fromtimestamp(self._clock(), _UTC)
         self._set_state(OPEN)
+        self._opened_locally = self._fleet is not None
 
     def _set_state(self, state: str) -> None:
+        self._opened_locally = False
         self._storage.state = state
         # pybreaker's setter builds its state object and notifies the listeners; it resets the
         # failure counter on closing and the success counter on opening / half-opening.

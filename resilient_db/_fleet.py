@@ -29,11 +29,15 @@ from what the fleet knew), one ``[SELF-HEAL]`` warning naming the Redis (its pas
 logged per :data:`DOWN_LOG_PERIOD`, and the background thread tries again once a second (one
 connection attempt, or one small writing script while the subscription survived). Once Redis
 answers and takes that write, the process reports what Redis missed (half-open probes that
-ended meanwhile, admits whose answer was lost), reads the shared state again and follows it (a
-flushed or restarted Redis starts closed), and logs "restored" if it logged this down period's
-warning. A command that timed out may run all the same: a Redis that hung runs what it received
-when it resumes. So what is sent again is idempotent: every half-open admit carries a
-reservation id drawn before sending, and a probe's end (or the release of an admit whose answer
+ended meanwhile, admits whose answer was lost), shares an opening it made on its own meanwhile
+(unless the shared breaker is open, or changed since), reads the shared state again and
+follows it (a flushed or restarted Redis starts closed), and logs "restored" if it logged this
+down period's warning. The link is up only once the subscription is confirmed and that write
+(a check of every command the scripts run, and a PUBLISH on the channel) went through: an ACL
+refusing one of them keeps it down, its warning naming what was refused. A command that
+timed out may run all the same: a Redis that hung runs what it received when it resumes. So
+what is sent again is idempotent: every half-open admit carries a reservation id drawn before
+sending, and a probe's end (or the release of an admit whose answer
 was lost) names it; Redis applies each reservation's end once, and only in the half-open state
 it was made in, and an admit arriving after its release takes no slot. A retry budget's first
 attempts whose script may have run are not sent again (counting too few is the safe side); those
@@ -126,8 +130,20 @@ _LOGIN_REFUSED: Final = "login refused (wrong password or user)"
 _REFUSALS = (
     ("READONLY", "ReadOnlyError", "read-only replica, writes refused"),
     ("OOM", "OutOfMemoryError", "out of memory (maxmemory), writes refused"),
-    ("NOPERM", "NoPermissionError", "no permission for these commands (ACL)"),
+    ("NOPERM", "NoPermissionError", "no permission (ACL)"),
 )
+#: the ACL refusals that carry no NOPERM code: a command refused inside a script, in Redis
+#: 6.2's words ("The user executing the script can't run this command or subcommand", "...
+#: can't publish to the channel ...", "... can't access at least one of the keys ...")
+_ACL_WORDS = re.compile(r"user executing the script can't|no permissions? to", re.IGNORECASE)
+#: what was refused, when the answer names it: "HSET on key resilient_db:alive refused: ..."
+#: (the alive check's, and the subscription's, own words), or Redis 7's "... no permissions
+#: to run the 'hset' command"
+_REFUSED_WHAT = (
+    re.compile(r"(?:^|: )([A-Z]+(?: on (?:key|channel) \S+)?) refused: "),
+    re.compile(r"no permissions? to run the '([\w|]+)' command", re.IGNORECASE),
+)
+_ACL_REFUSED = _REFUSALS[2][2]
 
 
 class FleetDown(Exception):
@@ -336,6 +352,25 @@ return {want, tostring(reset), gstr(gen), opens}
 """
 )
 
+# KEYS: breaker hash, failure counter, probe reservations. ARGV: channel, service, token, the
+# seconds an opening this process made on its own (while Redis did not answer it) has left,
+# its age (s). Shared when the breaker is not open and changed last before that opening (gen 0:
+# it never changed): this process's failures would have opened it, had Redis heard them. Else
+# only read: the fleet's opening, or a change made since, is followed.
+# -> {state, remaining, gen, opens, opened by this call}
+_SHARE_OPENING = (
+    _COMMON
+    + """
+local now, h, st, gen, opens = read_breaker()
+if st ~= 'open' and gen / 1000000 < now - tonumber(ARGV[5]) then
+  gen, opens = open_breaker(now, gen, opens, tonumber(ARGV[4]))
+  return {'open', ARGV[4], gstr(gen), opens, 1}
+end
+if st == 'open' then return {'open', remaining(h, now), gstr(gen), opens, 0} end
+return {st, '0', gstr(gen), opens, 0}
+"""
+)
+
 # KEYS: budget hash. ARGV: ratio, floor (retries/s), window (s), 1 = spend one retry / 0 = only
 # count, then new first attempts as pairs (age in whole seconds, count): each is added to its
 # own second of Redis time, those past the window not at all.
@@ -386,10 +421,29 @@ return {paid, tostring(deposits), spent, tostring(tokens)}
 """
 )
 
-# KEYS: a key of ours. ARGV: this link's token. A write, so that a Redis refusing writes
-# (READONLY, OOM, NOPERM) is not taken for one that answers.
+# KEYS: a key of ours. ARGV: this link's token, the channel. Writes, so that a Redis refusing
+# writes (READONLY, OOM) is not taken for one that answers; and every command the other scripts
+# run, on this key, and a PUBLISH on the channel (a message every process ignores), so that an
+# ACL refusing one of them (NOPERM) keeps the link down instead of letting the failure path
+# fail at once, again and again. The answer names the command refused, and what it was
+# refused on. The key ends as it always was: this token, for 10 s.
 _ALIVE = """
-redis.call('SET', KEYS[1], ARGV[1], 'PX', 10000)
+local k, token, channel = KEYS[1], ARGV[1], ARGV[2]
+local steps = {
+  {'TIME'}, {'DEL', k}, {'HSET', k, 'n', '1'}, {'PEXPIRE', k, 10000}, {'HEXISTS', k, 'n'},
+  {'HGET', k, 'n'}, {'HMGET', k, 'n'}, {'HINCRBY', k, 'n', 1}, {'HGETALL', k},
+  {'HDEL', k, 'n'}, {'INCR', k}, {'GET', k}, {'DEL', k}, {'SET', k, token, 'PX', 10000},
+  {'PUBLISH', channel, cjson.encode({alive = token})},
+}
+for _, step in ipairs(steps) do
+  local r = redis.pcall(unpack(step))
+  if type(r) == 'table' and r.err then
+    local on = ' on key ' .. k
+    if step[1] == 'PUBLISH' then on = ' on channel ' .. channel
+    elseif step[1] == 'TIME' then on = '' end
+    return redis.error_reply(step[1] .. on .. ' refused: ' .. r.err)
+  end
+end
 return 1
 """
 
@@ -399,6 +453,7 @@ _SCRIPTS = {
     "admit": _ADMIT,
     "probe_done": _PROBE_DONE,
     "force": _FORCE,
+    "share_opening": _SHARE_OPENING,
     "budget": _BUDGET,
 }
 
@@ -649,6 +704,21 @@ class FleetLink:
         )
         return _s(st), float(rem), int(gen), int(opens)
 
+    def breaker_share_opening(
+        self, service: str, remaining: float, age: float
+    ) -> tuple[str, float, int, int, bool]:
+        """On rejoining: share the opening this process made on its own while Redis did not
+        answer (``remaining`` seconds left, made ``age`` seconds ago), unless the shared
+        breaker is open or changed since; the shared state, and whether this call opened it.
+        Run by the background thread (it handles failures itself)."""
+        st, rem, gen, opens, by_me = self._call(
+            "share_opening",
+            _breaker_keys(service),
+            [self.channel, service, self.token, remaining, age],
+            background=True,
+        )
+        return _s(st), float(rem), int(gen), int(opens), bool(by_me)
+
     def breaker_read(
         self, service: str, *, background: bool = False
     ) -> tuple[str, float, int, int]:
@@ -724,7 +794,9 @@ class FleetLink:
             if (isinstance(kind, type) and isinstance(exc, kind)) or re.search(
                 rf"(?:^|[\s-]){code}\b", text
             ):
-                return meaning
+                return _acl_refusal(text) if meaning == _ACL_REFUSED else meaning
+        if _ACL_WORDS.search(text):
+            return _acl_refusal(text)
         return "an error reply"
 
     def mark_down(self, exc: BaseException) -> None:
@@ -745,7 +817,13 @@ class FleetLink:
             self._down_warned = True
         if refusal is not None:
             what = f"answered: {problem}"
-            until = "it accepts the login" if refusal == _LOGIN_REFUSED else "it takes writes again"
+            until = (
+                "it accepts the login"
+                if refusal == _LOGIN_REFUSED
+                else "its ACL allows them"
+                if refusal.startswith(_ACL_REFUSED)
+                else "it takes writes again"
+            )
         else:
             what, until = f"did not answer ({type(exc).__name__})", "it answers again"
         emit(
@@ -790,9 +868,10 @@ class FleetLink:
         while not stop.is_set():
             try:
                 if pubsub is None:
-                    pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+                    pubsub = self._client.pubsub()
                     self.commands += 1
                     pubsub.subscribe(self.channel)
+                    self._subscribed(pubsub)
                     self._rejoin()
                 elif not self.up and self._clock() >= self._down_at + RECONNECT_INTERVAL:
                     # a failure-path command failed while the subscription lived (Redis slow,
@@ -821,13 +900,32 @@ class FleetLink:
             with contextlib.suppress(Exception):
                 pubsub.close()
 
+    def _subscribed(self, pubsub: Any) -> None:
+        """Wait for Redis's answer to the subscription (at most the timeout): a refusal (an ACL
+        without the channel) arrives as that answer, not when ``subscribe`` sends it, and a
+        link that took it for granted would be up without pub/sub, its failure path refused.
+        Raises the refusal, naming the channel, or a timeout."""
+        errors = self._redis.exceptions
+        deadline = time.monotonic() + self.config.redis_timeout
+        while True:
+            try:
+                message = pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
+            except errors.ResponseError as exc:
+                raise type(exc)(f"SUBSCRIBE on channel {self.channel} refused: {exc}") from exc
+            if message is not None and message.get("type") == "subscribe":
+                return
+            if time.monotonic() >= deadline:
+                raise errors.TimeoutError(
+                    f"no answer to SUBSCRIBE within {self.config.redis_timeout:g} s"
+                )
+
     def _rejoin(self) -> None:
         """Redis answers (a new subscription, or a command): check that it takes writes, report
         and read the shared state, then share again. A Redis that answers but refuses writes
         (a read-only replica after a failover, out of memory, an ACL without the rights)
         raises here and stays down: its failure-path scripts would fail at once."""
         self.commands += 1
-        self._scripts["alive"](keys=[f"{PREFIX}:alive"], args=[self.token])
+        self._scripts["alive"](keys=[f"{PREFIX}:alive"], args=[self.token, self.channel])
         self._resync()
         self._mark_up()
 
@@ -836,13 +934,17 @@ class FleetLink:
         state (on connecting: messages may be lost)."""
         with self._lock:
             breakers = list(self.breakers.items())
-        for service, breaker in breakers:
+        for _service, breaker in breakers:
             breaker.report_probes(self)
-            breaker.fleet_sync(self.breaker_read(service, background=True))
+            breaker.fleet_rejoin(self)
 
     def _on_message(self, message: Any) -> None:
+        if message.get("type") != "message":
+            return  # the subscription's own answers
         try:
             data = json.loads(message["data"])
+            if "alive" in data and "s" not in data:
+                return  # a link's alive check (see _ALIVE)
             service = str(data["s"])
             update = (str(data["st"]), float(data["r"]), int(data["g"]), int(data["o"]))
             mine = data.get("b") == self.token
@@ -897,6 +999,16 @@ class FleetLink:
         self.token = f"{os.getpid()}-{secrets.token_hex(4)}"
         self._new_locks()
         self._start()
+
+
+def _acl_refusal(text: str) -> str:
+    """A refusal by the ACL, naming what was refused when the answer says."""
+    for pattern in _REFUSED_WHAT:
+        found = pattern.search(text)
+        if found:
+            what = found[1]
+            return f"{_ACL_REFUSED}: {what if ' ' in what else what.upper()}"
+    return _ACL_REFUSED
 
 
 def _s(value: Any) -> str:

@@ -233,18 +233,17 @@ def test_redis_killed_mid_workload_then_back(
         for w in workers:
             assert w.ask("wait", what="connected", timeout=10)["ok"], w.log()
             assert len(w.self_heal_lines("Shared state restored")) == 1
-        # shared again: the restarted Redis has no state, so both follow it (closed) ...
-        for w in workers:
-            assert w.ask("wait", what="closed", timeout=10)["ok"]
-        # ... which a, whose own breaker was open, does not call the database's recovery
-        (closed,) = a.self_heal_lines("Circuit breaker closed")
-        assert "no state shared through Redis any more" in closed, closed
-        # ... and b's failures now open the circuit for a too
+        # shared again: the opening a made on its own while Redis was down is not thrown away
+        # (the database it failed on may well be down still): the restarted Redis, which has
+        # no state, takes it, and b follows it without calling the database
         calls = gate.calls()
-        assert b.ask("run", n=3)["errors"] == {"57P03": 3}
-        assert a.ask("wait", what="open", timeout=10)["ok"]
-        assert a.ask("run", n=2)["open"] == 2
-        assert gate.calls() == calls + 3
+        assert b.ask("wait", what="open", timeout=10)["ok"], b.log()
+        assert b.ask("run", n=2)["open"] == 2
+        assert a.ask("run", n=1)["open"] == 1
+        assert gate.calls() == calls
+        assert a.self_heal_lines("Circuit breaker closed") == []
+        # (a Redis restarted empty while nobody opened anything on its own brings every
+        # process back to closed: tests/test_fleet_acl.py)
 
 
 def test_shared_breaker_health_never_shows_the_password(

@@ -1,0 +1,220 @@
+"""A Redis whose ACL refuses part of what the shared breaker needs (a channel, a command), and a
+link that blips while this process opens its breaker on its own: the process keeps its own
+opening, for its whole reset timeout, and says what Redis refused, never the password."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from fleet import Gate, shared
+from processes import wait_for
+
+import resilient_db as rdb
+from resilient_db._fleet import links
+from resilient_db.testing import RedisServer
+
+pytestmark = pytest.mark.slow
+
+PASSWORD = "acl-pw-Zq81"
+CHANNEL = "resilient_db:breakers:0"
+
+
+@pytest.fixture
+def gate(pg_url: str) -> Iterator[Gate]:
+    g = Gate(pg_url)
+    yield g
+    g.close()
+
+
+def _user(redis: RedisServer, *rules: str) -> str:
+    """The URL of a Redis user ``app`` with ``rules`` (ACL SETUSER)."""
+    redis.client().execute_command("ACL", "SETUSER", "app", "on", f">{PASSWORD}", *rules)
+    return f"redis://app:{PASSWORD}@{redis.host}:{redis.port}/0"
+
+
+def _unit(s: Any) -> None:
+    s.execute(sa.text("SELECT rdb_gate()"))
+
+
+def _lines(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+
+@pytest.mark.parametrize(
+    ("rules", "refused"),
+    [
+        # Redis 7's default for a new user (acl-pubsub-default resetchannels): keys, no channel
+        (
+            ("resetchannels", "~resilient_db:*", "+@all"),
+            f"no permission (ACL): SUBSCRIBE on channel {CHANNEL}",
+        ),
+        (("~*", "&*", "+@all", "-publish"), f"no permission (ACL): PUBLISH on channel {CHANNEL}"),
+        (("~*", "&*", "+@all", "-hset"), "no permission (ACL): HSET on key resilient_db:alive"),
+    ],
+    ids=["no-channel", "no-publish", "no-hset"],
+)
+def test_a_redis_refusing_a_right_the_breaker_needs_stays_down_and_the_opening_is_kept(
+    redis_server: RedisServer,
+    pg_url: str,
+    gate: Gate,
+    caplog: pytest.LogCaptureFixture,
+    *,
+    rules: tuple[str, ...],
+    refused: str,
+) -> None:
+    """The link is never up (no "restored", the local breaker's opening not closed by a
+    shared state read as "closed, never changed"): failing units open this process's breaker
+    after the threshold and it stays open through the link's later attempts; one warning
+    names what was refused."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    engine = sa.create_engine(pg_url)
+    config = rdb.Config(
+        redis_url=_user(redis_server, *rules), retry=False, failure_threshold=3, reset_timeout=30.0
+    )
+    Factory = rdb.ResilientSession(engine, service="acl", config=config)
+    wait_for(
+        lambda: shared("acl")["connected"] or shared("acl")["problem"] is not None,
+        "the link's first attempt",
+        5,
+    )
+    (link,) = links().values()
+    gate.set(down=True)
+    for _ in range(3):
+        with pytest.raises(sa.exc.OperationalError):
+            Factory.run(_unit)
+    assert rdb.health()["services"]["acl"]["breaker"]["state"] == "open"
+    # the link tries again once a second: two attempts more (at least) see the same refusal
+    commands = link.commands
+
+    def state() -> str:
+        return str(rdb.health()["services"]["acl"]["breaker"]["state"])
+
+    wait_for(lambda: link.commands >= commands + 3 or state() != "open", "two more attempts", 6)
+    assert state() == "open"
+    with pytest.raises(rdb.CircuitOpenError):
+        Factory.run(_unit)
+    assert gate.calls() == 3
+    assert rdb.health()["services"]["acl"]["breaker"]["state"] == "open"
+    assert shared("acl")["connected"] is False
+    assert shared("acl")["problem"].startswith(refused)
+    assert _lines(caplog, "Shared state restored") == []
+    assert _lines(caplog, "Circuit breaker closed") == []
+    (line,) = _lines(caplog, "Shared state unavailable")
+    assert f"answered: {refused} (" in line, line
+    assert line.endswith("run on this process's own state until its ACL allows them"), line
+    everything = [r.getMessage() for r in caplog.records] + [json.dumps(rdb.health())]
+    assert not [text for text in everything if PASSWORD in text]
+    engine.dispose()
+
+
+def test_a_command_refused_inside_a_script_is_a_permission_problem(
+    redis_server: RedisServer, pg_url: str, gate: Gate, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ACL takes a right away while the link is up: the failure path's script is refused
+    in Redis 6.2's words ("The user executing the script can't run this command"), with no
+    NOPERM code; that is no permission (ACL), not "an error reply"."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    engine = sa.create_engine(pg_url)
+    url = _user(redis_server, "~*", "&*", "+@all")
+    config = rdb.Config(redis_url=url, retry=False, failure_threshold=3, reset_timeout=30.0)
+    Factory = rdb.ResilientSession(engine, service="acl-script", config=config)
+    wait_for(lambda: shared("acl-script")["connected"], "the link", 5)
+    redis_server.client().execute_command("ACL", "SETUSER", "app", "-incr")
+    gate.set(down=True)
+    with pytest.raises(sa.exc.OperationalError):
+        Factory.run(_unit)
+    (line,) = _lines(caplog, "Shared state unavailable")
+    assert "answered: no permission (ACL) (ResponseError: " in line, line
+    assert "an error reply" not in line
+    # the link's next attempt names the command (its alive check runs each one)
+    wait_for(
+        lambda: (shared("acl-script")["problem"] or "").startswith(
+            "no permission (ACL): INCR on key resilient_db:alive"
+        ),
+        "the alive check's refusal",
+        5,
+    )
+    engine.dispose()
+
+
+def test_redis_7_wording_names_the_command() -> None:
+    """Redis 7 names the command a script may not run (no such server here to ask)."""
+    from resilient_db._fleet import _acl_refusal  # noqa: PLC0415 - private, this test only
+
+    said = "user_script:1: NOPERM User app has no permissions to run the 'hset' command script"
+    assert _acl_refusal(said) == "no permission (ACL): HSET"
+    assert _acl_refusal("this user has no permissions to access one of the keys") == (
+        "no permission (ACL)"
+    )
+
+
+def test_an_opening_made_while_the_link_blipped_is_shared_on_rejoining(
+    redis_server: RedisServer, pg_url: str, gate: Gate, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The subscription is cut (a proxy's idle timeout, a network blip) and Redis keeps its
+    data; the database fails meanwhile and this process's own breaker opens. Rejoining, the
+    process does not throw its opening away (Redis's breaker never changed: gen 0, which is
+    no restart nor flush), it shares it: Redis is open, the next unit is rejected, and no
+    "restarted or flushed" closing is logged."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    engine = sa.create_engine(pg_url)
+    config = rdb.Config(
+        redis_url=redis_server.url, retry=False, failure_threshold=3, reset_timeout=30.0
+    )
+    Factory = rdb.ResilientSession(engine, service="blip", config=config)
+    wait_for(lambda: shared("blip")["connected"], "the link", 5)
+    Factory.run(_unit)
+    client = redis_server.client()
+    client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+    wait_for(lambda: not shared("blip")["connected"], "the link down", 5)
+    gate.set(down=True)
+    for _ in range(3):
+        with pytest.raises(sa.exc.OperationalError):
+            Factory.run(_unit)
+    assert rdb.health()["services"]["blip"]["breaker"]["state"] == "open"
+    wait_for(lambda: shared("blip")["connected"], "the link back", 5)
+    assert client.hget("resilient_db:{blip}:breaker", "st") == b"open"
+    with pytest.raises(rdb.CircuitOpenError):
+        Factory.run(_unit)
+    assert gate.calls() == 4  # the success, then the three failures
+    health = rdb.health()["services"]["blip"]
+    assert health["breaker"]["state"] == "open"
+    assert health["breaker"]["shared"]["opened_here"] == 1
+    assert health["counters"]["breaker_opens"] == 1  # one opening, counted once
+    assert _lines(caplog, "Circuit breaker closed") == []
+    assert len(_lines(caplog, "Shared state restored")) == 1
+    engine.dispose()
+
+
+def test_a_redis_restarted_empty_brings_the_breaker_back_to_closed_saying_so(
+    redis_server: RedisServer, pg_url: str, gate: Gate, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The fleet's opening (gen > 0 seen), then Redis restarted with no state while this
+    process opened nothing on its own: it follows the empty Redis (closed), and says why."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    engine = sa.create_engine(pg_url)
+    config = rdb.Config(
+        redis_url=redis_server.url, retry=False, failure_threshold=3, reset_timeout=30.0
+    )
+    Factory = rdb.ResilientSession(engine, service="restart", config=config)
+    wait_for(lambda: shared("restart")["connected"], "the link", 5)
+    gate.set(down=True)
+    for _ in range(3):
+        with pytest.raises(sa.exc.OperationalError):
+            Factory.run(_unit)
+    assert redis_server.client().hget("resilient_db:{restart}:breaker", "st") == b"open"
+    redis_server.kill()
+    wait_for(lambda: not shared("restart")["connected"], "the link down", 5)
+    redis_server.start()  # same port, no state
+    wait_for(lambda: shared("restart")["connected"], "the link back", 5)
+    wait_for(
+        lambda: rdb.health()["services"]["restart"]["breaker"]["state"] == "closed", "closed", 5
+    )
+    (closed,) = _lines(caplog, "Circuit breaker closed")
+    assert "Redis restarted or flushed" in closed, closed
+    engine.dispose()
