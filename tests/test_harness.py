@@ -682,6 +682,10 @@ _CTRL_C_AFTER_FORK_SCRIPT = """
 import os, signal, subprocess, sys
 from resilient_db.testing import EmbeddedPostgres
 
+# Ctrl-C in a terminal: a process started in the background by a shell (`make test &`)
+# inherits SIGINT ignored, and Python then keeps it ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 def tracer(frame, event, arg):
     if frame.f_code is not subprocess.Popen._execute_child.__code__:
         return None
