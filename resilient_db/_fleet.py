@@ -127,10 +127,11 @@ _LOGIN_REFUSED: Final = "login refused (wrong password or user)"
 #: why a Redis that answered refused a command: (its error code, the redis client's exception
 #: class, what it means). A script's error carries the code after a dash ("... -READONLY You
 #: can't write against a read only replica.").
+_ACL_REFUSED: Final = "no permission (ACL)"
 _REFUSALS = (
     ("READONLY", "ReadOnlyError", "read-only replica, writes refused"),
     ("OOM", "OutOfMemoryError", "out of memory (maxmemory), writes refused"),
-    ("NOPERM", "NoPermissionError", "no permission (ACL)"),
+    ("NOPERM", "NoPermissionError", _ACL_REFUSED),
 )
 #: the ACL refusals that carry no NOPERM code: a command refused inside a script, in Redis
 #: 6.2's words ("The user executing the script can't run this command or subcommand", "...
@@ -143,7 +144,6 @@ _REFUSED_WHAT = (
     re.compile(r"(?:^|: )([A-Z]+(?: on (?:key|channel) \S+)?) refused: "),
     re.compile(r"no permissions? to run the '([\w|]+)' command", re.IGNORECASE),
 )
-_ACL_REFUSED = _REFUSALS[2][2]
 
 
 class FleetDown(Exception):

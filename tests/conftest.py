@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
+from fleet import Gate
 from scenarios import RAISE_CODE_FUNCTION
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -103,3 +104,11 @@ def engine(pg_url: str) -> Iterator[sa.Engine]:
         conn.execute(RAISE_CODE_FUNCTION)
     yield engine
     engine.dispose()
+
+
+@pytest.fixture
+def gate(pg_url: str) -> Iterator[Gate]:
+    """The fleet tests' switch for the database's answer (``fleet.Gate``)."""
+    g = Gate(pg_url)
+    yield g
+    g.close()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,17 +23,17 @@ PASSWORD = "acl-pw-Zq81"
 CHANNEL = "resilient_db:breakers:0"
 
 
-@pytest.fixture
-def gate(pg_url: str) -> Iterator[Gate]:
-    g = Gate(pg_url)
-    yield g
-    g.close()
-
-
 def _user(redis: RedisServer, *rules: str) -> str:
     """The URL of a Redis user ``app`` with ``rules`` (ACL SETUSER)."""
     redis.client().execute_command("ACL", "SETUSER", "app", "on", f">{PASSWORD}", *rules)
     return f"redis://app:{PASSWORD}@{redis.host}:{redis.port}/0"
+
+
+def _factory(engine: sa.Engine, redis_url: str, service: str) -> Any:
+    """A factory sharing its breaker through ``redis_url``: no retry, opening after 3 failures
+    for 30 s (longer than any test here: an opening seen closed was closed by something)."""
+    config = rdb.Config(redis_url=redis_url, retry=False, failure_threshold=3, reset_timeout=30.0)
+    return rdb.ResilientSession(engine, service=service, config=config)
 
 
 def _unit(s: Any) -> None:
@@ -60,7 +59,7 @@ def _lines(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
 )
 def test_a_redis_refusing_a_right_the_breaker_needs_stays_down_and_the_opening_is_kept(
     redis_server: RedisServer,
-    pg_url: str,
+    engine: sa.Engine,
     gate: Gate,
     caplog: pytest.LogCaptureFixture,
     *,
@@ -72,11 +71,7 @@ def test_a_redis_refusing_a_right_the_breaker_needs_stays_down_and_the_opening_i
     after the threshold and it stays open through the link's later attempts; one warning
     names what was refused."""
     caplog.set_level(logging.INFO, logger="resilient_db")
-    engine = sa.create_engine(pg_url)
-    config = rdb.Config(
-        redis_url=_user(redis_server, *rules), retry=False, failure_threshold=3, reset_timeout=30.0
-    )
-    Factory = rdb.ResilientSession(engine, service="acl", config=config)
+    Factory = _factory(engine, _user(redis_server, *rules), "acl")
     wait_for(
         lambda: shared("acl")["connected"] or shared("acl")["problem"] is not None,
         "the link's first attempt",
@@ -109,20 +104,16 @@ def test_a_redis_refusing_a_right_the_breaker_needs_stays_down_and_the_opening_i
     assert line.endswith("run on this process's own state until its ACL allows them"), line
     everything = [r.getMessage() for r in caplog.records] + [json.dumps(rdb.health())]
     assert not [text for text in everything if PASSWORD in text]
-    engine.dispose()
 
 
 def test_a_command_refused_inside_a_script_is_a_permission_problem(
-    redis_server: RedisServer, pg_url: str, gate: Gate, caplog: pytest.LogCaptureFixture
+    redis_server: RedisServer, engine: sa.Engine, gate: Gate, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The ACL takes a right away while the link is up: the failure path's script is refused
     in Redis 6.2's words ("The user executing the script can't run this command"), with no
     NOPERM code; that is no permission (ACL), not "an error reply"."""
     caplog.set_level(logging.INFO, logger="resilient_db")
-    engine = sa.create_engine(pg_url)
-    url = _user(redis_server, "~*", "&*", "+@all")
-    config = rdb.Config(redis_url=url, retry=False, failure_threshold=3, reset_timeout=30.0)
-    Factory = rdb.ResilientSession(engine, service="acl-script", config=config)
+    Factory = _factory(engine, _user(redis_server, "~*", "&*", "+@all"), "acl-script")
     wait_for(lambda: shared("acl-script")["connected"], "the link", 5)
     redis_server.client().execute_command("ACL", "SETUSER", "app", "-incr")
     gate.set(down=True)
@@ -139,7 +130,6 @@ def test_a_command_refused_inside_a_script_is_a_permission_problem(
         "the alive check's refusal",
         5,
     )
-    engine.dispose()
 
 
 def test_redis_7_wording_names_the_command() -> None:
@@ -154,7 +144,7 @@ def test_redis_7_wording_names_the_command() -> None:
 
 
 def test_an_opening_made_while_the_link_blipped_is_shared_on_rejoining(
-    redis_server: RedisServer, pg_url: str, gate: Gate, caplog: pytest.LogCaptureFixture
+    redis_server: RedisServer, engine: sa.Engine, gate: Gate, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The subscription is cut (a proxy's idle timeout, a network blip) and Redis keeps its
     data; the database fails meanwhile and this process's own breaker opens. Rejoining, the
@@ -162,11 +152,7 @@ def test_an_opening_made_while_the_link_blipped_is_shared_on_rejoining(
     no restart nor flush), it shares it: Redis is open, the next unit is rejected, and no
     "restarted or flushed" closing is logged."""
     caplog.set_level(logging.INFO, logger="resilient_db")
-    engine = sa.create_engine(pg_url)
-    config = rdb.Config(
-        redis_url=redis_server.url, retry=False, failure_threshold=3, reset_timeout=30.0
-    )
-    Factory = rdb.ResilientSession(engine, service="blip", config=config)
+    Factory = _factory(engine, redis_server.url, "blip")
     wait_for(lambda: shared("blip")["connected"], "the link", 5)
     Factory.run(_unit)
     client = redis_server.client()
@@ -188,20 +174,15 @@ def test_an_opening_made_while_the_link_blipped_is_shared_on_rejoining(
     assert health["counters"]["breaker_opens"] == 1  # one opening, counted once
     assert _lines(caplog, "Circuit breaker closed") == []
     assert len(_lines(caplog, "Shared state restored")) == 1
-    engine.dispose()
 
 
 def test_a_redis_restarted_empty_brings_the_breaker_back_to_closed_saying_so(
-    redis_server: RedisServer, pg_url: str, gate: Gate, caplog: pytest.LogCaptureFixture
+    redis_server: RedisServer, engine: sa.Engine, gate: Gate, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The fleet's opening (gen > 0 seen), then Redis restarted with no state while this
     process opened nothing on its own: it follows the empty Redis (closed), and says why."""
     caplog.set_level(logging.INFO, logger="resilient_db")
-    engine = sa.create_engine(pg_url)
-    config = rdb.Config(
-        redis_url=redis_server.url, retry=False, failure_threshold=3, reset_timeout=30.0
-    )
-    Factory = rdb.ResilientSession(engine, service="restart", config=config)
+    Factory = _factory(engine, redis_server.url, "restart")
     wait_for(lambda: shared("restart")["connected"], "the link", 5)
     gate.set(down=True)
     for _ in range(3):
@@ -217,4 +198,3 @@ def test_a_redis_restarted_empty_brings_the_breaker_back_to_closed_saying_so(
     )
     (closed,) = _lines(caplog, "Circuit breaker closed")
     assert "Redis restarted or flushed" in closed, closed
-    engine.dispose()

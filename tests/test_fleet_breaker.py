@@ -30,13 +30,6 @@ from resilient_db.testing import FaultProxy, PostgresServer, RedisServer
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def gate(pg_url: str) -> Iterator[Gate]:
-    g = Gate(pg_url)
-    yield g
-    g.close()
-
-
 def settings(redis: RedisServer, **more: str) -> dict[str, str]:
     base = {
         "SELF_HEALING_REDIS_URL": redis.url,

@@ -6,7 +6,6 @@ unit recovers on its retry."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,13 +16,6 @@ from resilient_db.testing import PostgresServer, RedisServer
 pytestmark = pytest.mark.slow
 
 APP = "rdb_fleet_failover"
-
-
-@pytest.fixture
-def gate(pg_url: str) -> Iterator[Gate]:
-    g = Gate(pg_url)
-    yield g
-    g.close()
 
 
 def test_one_failover_cutting_off_a_unit_in_each_process_keeps_the_shared_breaker_closed(

@@ -10,7 +10,6 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import pybreaker
@@ -52,13 +51,6 @@ def test_pybreaker_state_setter_holds_the_lock_that_a_fork_renews() -> None:
     renew_pybreaker_lock(cb)
     assert pybreaker_lock(cb) is not lock
     assert isinstance(pybreaker_lock(cb), type(threading.RLock()))
-
-
-@pytest.fixture
-def gate(pg_url: str) -> Iterator[Gate]:
-    g = Gate(pg_url)
-    yield g
-    g.close()
 
 
 @pytest.mark.slow

@@ -28,13 +28,6 @@ def engine(pg_url: str) -> Iterator[sa.Engine]:
     e.dispose()
 
 
-@pytest.fixture
-def gate(pg_url: str) -> Iterator[Gate]:
-    g = Gate(pg_url)
-    yield g
-    g.close()
-
-
 def _entry(service: str, part: str) -> dict[str, Any]:
     entry: dict[str, Any] = rdb.health()["services"][service][part]
     return entry

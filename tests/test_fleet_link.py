@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
@@ -19,13 +18,6 @@ from resilient_db._config import mask_url
 from resilient_db.testing import RedisServer
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def gate(pg_url: str) -> Iterator[Gate]:
-    g = Gate(pg_url)
-    yield g
-    g.close()
 
 
 def _lines(caplog: pytest.LogCaptureFixture, text: str) -> int:
