@@ -157,7 +157,8 @@ class Dashboard:
     async def _verdict(self, request: Request) -> object:
         """What the check says: a coroutine function is awaited; anything else is called in
         Starlette's threadpool (a sync check may block, on a session lookup say, and must not
-        stop the event loop), and what it returns awaited when it is awaitable."""
+        stop the event loop; it then waits for a thread as the application's sync endpoints
+        do), and what it returns awaited when it is awaitable."""
         auth = self.auth
         if is_async_callable(auth):
             verdict: object = await auth(request)  # type: ignore[misc]
@@ -200,7 +201,10 @@ def dashboard(
     (:func:`resilient_db.add_hook`) with bounded memory: the process's shared
     :class:`~resilient_db.web.Recorder`, or ``recorder`` (installed as a hook once, however many
     dashboards show it; ``reset_state()`` clears it). A sync ``auth`` check runs in Starlette's
-    threadpool, as a sync endpoint does. A WebSocket request is refused (closed with 1008).
+    threadpool, as a sync endpoint does, and so shares it: while the application's sync
+    endpoints fill it waiting on a slow database, the dashboard waits with them. An async check
+    (:func:`token_auth`'s is one) runs on the event loop, and the dashboard's own work needs no
+    thread. A WebSocket request is refused (closed with 1008).
     """
     if auth is None:
         raise TypeError(_NO_AUTH)
@@ -216,13 +220,19 @@ def dashboard(
     return app
 
 
-def token_auth(token: str, *, query_param: str | None = "token") -> Callable[[Request], bool]:
+def token_auth(
+    token: str, *, query_param: str | None = "token"
+) -> Callable[[Request], Awaitable[bool]]:
     """An auth check accepting ``Authorization: Bearer <token>`` or ``?token=<token>`` (the
     page passes its query on to ``data.json``). Missing: 401 with a ``WWW-Authenticate``
     challenge; wrong: 403. Compared in constant time. A token in a URL can end up in access
     logs, browser history and proxies: ``query_param=None`` accepts the header only (for a
     reverse proxy or a client that sends it); outside a local demo prefer that, or a check on
-    your own session login."""
+    your own session login.
+
+    The check is a coroutine function: it only compares strings, so it runs on the event loop
+    and never waits for a thread of Starlette's threadpool, which the application's sync
+    endpoints fill while they wait on a slow database (the dashboard answers meanwhile)."""
     if not isinstance(token, str) or len(token) < 16:
         raise ValueError("token_auth needs a secret token of at least 16 characters")
     if token != token.strip() or not all("!" <= c <= "~" for c in token):
@@ -238,7 +248,7 @@ def token_auth(token: str, *, query_param: str | None = "token") -> Callable[[Re
         )
     expected = token.encode()
 
-    def check(request: Request) -> bool:
+    async def check(request: Request) -> bool:
         header = request.headers.get("authorization", "")
         scheme, _, value = header.partition(" ")
         given = value.strip() if scheme.lower() == "bearer" else None
