@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import asyncpg
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -22,9 +24,18 @@ from resilient_db._errors import (
     ResponseValidationError,
     StaleTransitionError,
 )
+from resilient_db._observability import LineLimit, emit
 from resilient_db._wrapper import is_async_callable
+from resilient_db.transitions._report import env_config
 
-from ._problems import PROBLEM_JSON, PROBLEM_TYPE_BASE, Problem, problem_details
+from ._problems import (
+    PROBLEM_JSON,
+    PROBLEM_TYPE_BASE,
+    TRANSIENT_RETRY_AFTER,
+    Problem,
+    pool_exhausted,
+    problem_details,
+)
 
 __all__ = ["HANDLED", "install_exception_handlers", "problem_response"]
 
@@ -39,13 +50,15 @@ WS_INTERNAL_ERROR = 1011
 #: application as a plain ``OSError`` (``ConnectionRefusedError``, ``TimeoutError``), and
 #: asyncpg's own classes do where SQLAlchemy does not translate them (the raw driver connection).
 #: Only transient ones (``is_transient``) are answered; any other error of these classes goes to
-#: the application's own handling (see ``install_exception_handlers``).
+#: the application's own handling (see ``install_exception_handlers``). SQLAlchemy's pool
+#: ``TimeoutError`` (no ``DBAPIError``: no connection was had) is this process overloaded.
 HANDLED: tuple[type[Exception], ...] = (
     CircuitOpenError,
     IllegalTransitionError,
     StaleTransitionError,
     CommitOutcomeUnknownError,
     ResponseValidationError,
+    PoolTimeoutError,
     DBAPIError,
     OSError,
     asyncpg.PostgresError,
@@ -54,6 +67,36 @@ HANDLED: tuple[type[Exception], ...] = (
 )
 
 _Handler = Callable[[Any, Exception], Any]
+
+log_web = logging.getLogger("resilient_db.web")
+#: the pool-exhausted line: at most one per ``WARNING_LINE_PERIOD`` (an overloaded process
+#: answers every waiting request so), each saying how many came since the last
+POOL_LINES = LineLimit()
+
+
+def report_pool_exhausted(config: Config | None, exc: Exception) -> None:
+    """The ``[SELF-HEAL]`` line (WARNING, ``resilient_db.web``, rate-limited) and the
+    ``pool_exhausted`` hook event (every occurrence) of a pool exhaustion answered with a 503:
+    nothing else reports it (the unit raised it at once, as an error not transient), and
+    without the handlers it was a logged 500."""
+    log, unlogged = POOL_LINES.take()
+    emit(
+        config if config is not None else env_config(),
+        log_web,
+        logging.WARNING,
+        "Connection pool exhausted: %d request(s) since the last line waited for a database "
+        "connection for the whole pool_timeout (%s) and were answered 503, Retry-After %d s; "
+        "every connection was in use (a slow database, or more concurrent work than "
+        "pool_size + max_overflow)",
+        unlogged + 1,
+        type(exc).__name__,
+        TRANSIENT_RETRY_AFTER,
+        log=log,
+        service=None,
+        event="pool_exhausted",
+        error=type(exc).__name__,
+        status=503,
+    )
 
 
 def problem_response(problem: Problem) -> Response:
@@ -104,6 +147,8 @@ class _ProblemHandler:
     async def __call__(self, request: Request | WebSocket, exc: Exception) -> Any:
         problem = problem_details(exc, config=self._config, type_base=self._type_base)
         if problem is not None:
+            if pool_exhausted(exc):
+                report_pool_exhausted(self._config, exc)
             if isinstance(request, WebSocket):
                 # an HTTP response is no answer on a WebSocket (after accept() it is a protocol
                 # error that hides this one): close it, saying why in a few words
@@ -140,8 +185,11 @@ def install_exception_handlers(
     type_base: str = PROBLEM_TYPE_BASE,
 ) -> None:
     """Answer resilient_db's errors with RFC 9457 problem details (see
-    :func:`~resilient_db.web.problem_details`): 503 with ``Retry-After`` for an open circuit
-    and for a transient error that ran out of retries, 409 for illegal and stale transitions,
+    :func:`~resilient_db.web.problem_details`): 503 with ``Retry-After`` for an open circuit,
+    for a transient error that ran out of retries and for SQLAlchemy's pool ``TimeoutError``
+    (every connection in use: logged as a ``[SELF-HEAL]`` WARNING of ``resilient_db.web``, at
+    most one line per 10 s, and a ``pool_exhausted`` hook event), 409 for illegal and stale
+    transitions,
     500 of its own type for an unknown commit outcome. On a WebSocket route the connection is
     closed instead, with code 1013 (try again later) for a 503 and 1011 (internal error)
     otherwise, the problem's title as the reason. Works for Starlette and FastAPI

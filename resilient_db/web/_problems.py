@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
 from resilient_db._classify import Outcome, classify, marked_outcome
 from resilient_db._config import Config
 from resilient_db._errors import (
@@ -79,6 +81,15 @@ _UNKNOWN_DETAIL = (
 )
 
 
+def pool_exhausted(exc: BaseException) -> bool:
+    """Whether ``exc`` is SQLAlchemy's pool giving up waiting for a free connection ("QueuePool
+    limit of size N overflow M reached, connection timed out"): every connection of this
+    process was in use for the whole ``pool_timeout``. An overload of this process, transient,
+    and no failure of the database: the classifier says not transient (never retried, never
+    a failure for the breaker), and the answer is a 503 of its own."""
+    return isinstance(exc, PoolTimeoutError)
+
+
 def _outcome(exc: BaseException) -> Outcome:
     """The outcome of ``exc``, as the factory that ran its unit classified it (its own
     classifier, with the codes it added or removed: recorded on the error when it was raised),
@@ -103,6 +114,8 @@ def problem_details(
     * :class:`~resilient_db.CommitOutcomeUnknownError`: 500 of its own type: the change may
       have been saved, so the client must check before resubmitting;
     * :class:`~resilient_db.ResponseValidationError`: 500 (the server produced a bad result);
+    * SQLAlchemy's pool ``TimeoutError`` (every connection of the pool in use for its whole
+      ``pool_timeout``: this process overloaded, or its database slow): 503, ``Retry-After``;
     * a transient database error that ran out of retries (SQLAlchemy's ``DBAPIError``, or a
       driver error it does not wrap, such as the ``OSError`` of a connect refused to asyncpg;
       the application's own ``OSError`` is not one): 503. Transient as the classifier of the
@@ -185,6 +198,19 @@ def problem_details(
                 "The server produced a result that failed its own validation.",
                 service=exc.service,
             ),
+        )
+    if pool_exhausted(exc):
+        return Problem(
+            503,
+            body(
+                "pool-exhausted",
+                "Service temporarily overloaded",
+                503,
+                "Every database connection of the server was busy for longer than it waits "
+                "for one. Retry shortly.",
+                retry_after=TRANSIENT_RETRY_AFTER,
+            ),
+            {"Retry-After": str(TRANSIENT_RETRY_AFTER)},
         )
     outcome = _outcome(exc)
     if outcome is Outcome.COMMIT_UNKNOWN:  # a drop-in COMMIT whose answer was lost, 08007

@@ -45,6 +45,7 @@ _SHOWN_FIELDS = (
     "validator",
     "blocked_rows",
     "stale",
+    "error",
 )
 _BREAKER_STATES = {
     "breaker_opened": "open",
@@ -53,6 +54,10 @@ _BREAKER_STATES = {
 }
 #: Events without a service (the transition guard's) are kept under this name.
 NO_SERVICE = "(transitions)"
+#: The web layer's own events, without a service (a pool exhausted: which factory's pool is
+#: not known where the error is answered): listed under this name, counted in no series.
+WEB_SERVICE = "(web)"
+_WEB_EVENTS = frozenset({"pool_exhausted"})
 #: The columns of a per-second bucket (``snapshot()["bucket_columns"]``).
 BUCKET_COLUMNS = ("second", "retries", "gave_up", "recovered", "blocked", "stale")
 _RETRIES, _GAVE_UP, _RECOVERED, _BLOCKED, _STALE = range(1, len(BUCKET_COLUMNS))
@@ -119,7 +124,8 @@ class Recorder:
 
     def __call__(self, event: SelfHealEvent) -> None:
         now = self.clock()
-        service = event.service or NO_SERVICE
+        listed_only = event.service is None and event.name in _WEB_EVENTS
+        service = event.service or (WEB_SERVICE if listed_only else NO_SERVICE)
         fields = event.fields
         shown = {k: fields[k] for k in _SHOWN_FIELDS if fields.get(k) is not None}
         entry = {
@@ -135,6 +141,8 @@ class Recorder:
         }
         with self._lock:
             self._events.append(entry)
+            if listed_only:
+                return
             series = self._series.get(service)
             if series is None:
                 # the guard's series is always kept: its counts are health()'s transitions
