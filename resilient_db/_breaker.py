@@ -137,8 +137,14 @@ class Breaker:
     """The circuit breaker of one service.
 
     ``storage`` is any pybreaker ``CircuitBreakerStorage`` (``CircuitRedisStorage`` shares the
-    state between processes); ``listeners`` are pybreaker listeners. ``clock`` gives wall-clock
-    seconds (shared storages compare opening times across processes).
+    state between processes); ``listeners`` are pybreaker listeners.
+
+    ``clock`` is the breaker's timer (monotonic seconds): how long an opening has lasted, the
+    pace of its log lines. A step of the wall clock (NTP) neither stretches nor shortens an
+    opening. ``wall_clock`` gives the time of day written as the storage's ``opened_at``
+    (pybreaker's field: a storage shared between processes compares it across them, so an
+    opening this breaker did not make is timed by it, as pybreaker does). A ``clock`` given
+    alone (a test's fake clock) is both.
     """
 
     def __init__(
@@ -148,11 +154,17 @@ class Breaker:
         *,
         storage: Any = None,
         listeners: Iterable[Any] = (),
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
+        wall_clock: Callable[[], float] | None = None,
     ) -> None:
         self.service = service
         self.config = config
-        self._clock = clock
+        self._timer: Callable[[], float] = time.monotonic
+        self._wall: Callable[[], float] = time.time
+        self.set_clocks(clock, wall_clock)
+        #: the opening this breaker stamped last: the storage's ``opened_at`` as read back
+        #: after writing it, and the timer's time it stands for (see _remaining_open)
+        self._opened: tuple[datetime | None, float] | None = None
         self._lock = threading.Lock()
         self._probes = 0
         # monotonic time of the last failure counted: an attempt that was already running then
@@ -215,6 +227,14 @@ class Breaker:
         self._attach(config)
 
     # -- configuration ---------------------------------------------------------------------
+    def set_clocks(
+        self, clock: Callable[[], float] | None, wall_clock: Callable[[], float] | None = None
+    ) -> None:
+        """Time this breaker by ``clock`` (monotonic seconds; None: ``time.monotonic``) and
+        stamp its openings by ``wall_clock`` (None: ``time.time``, or ``clock`` when given)."""
+        self._timer = clock or time.monotonic
+        self._wall = wall_clock or clock or time.time
+
     def follow(self, config: Config, *, user: object, explicit: bool) -> None:
         """``user`` of this breaker (a factory's or ``with_self_healing``'s policy; at its
         creation, at a reload) asks for the breaker settings of ``config``, a ``config=`` of
@@ -906,8 +926,7 @@ class Breaker:
                     "opened it)"
                 )
             if state == OPEN:
-                elapsed = self.config.reset_timeout - max(0.0, remaining)
-                self._storage.opened_at = datetime.fromtimestamp(self._clock() - elapsed, _UTC)
+                self._stamp_opening(self.config.reset_timeout - max(0.0, remaining))
                 if self._storage.state == OPEN:
                     return  # the same opening, a fresher remaining time
                 # what this process's failures were (not for its open(): a reason of its own)
@@ -935,7 +954,7 @@ class Breaker:
         """Open on this process's own decision (not shared, or Redis did not answer)."""
         self._probes = 0
         self.open_cause = cause
-        self._storage.opened_at = datetime.fromtimestamp(self._clock(), _UTC)
+        self._stamp_opening(0.0)
         self._set_state(OPEN)
         self._opened_locally = self._fleet is not None
 
@@ -946,15 +965,30 @@ class Breaker:
         # failure counter on closing and the success counter on opening / half-opening.
         self._cb.state = state
 
+    def _stamp_opening(self, elapsed: float) -> None:
+        """The breaker opened ``elapsed`` seconds ago: the storage's ``opened_at`` says when
+        (the time of day, pybreaker's field), and the timer's time is kept beside the value
+        read back (a storage may round it: pybreaker's Redis storage keeps whole seconds, and
+        keeps the later of two)."""
+        self._storage.opened_at = datetime.fromtimestamp(self._wall() - elapsed, _UTC)
+        self._opened = (self._storage.opened_at, self._timer() - elapsed)
+
     def _remaining_open(self) -> float:
+        """Seconds the opening in the storage has left. Timed by the monotonic timer when this
+        breaker stamped it; an opening stamped by another breaker sharing the storage (another
+        process's, through a storage of the caller's) is timed by its ``opened_at``."""
         opened_at = self._storage.opened_at
         if opened_at is None:
             return 0.0
-        elapsed = self._clock() - opened_at.timestamp()
+        mine = self._opened
+        if mine is not None and mine[0] == opened_at:
+            elapsed = self._timer() - mine[1]
+        else:
+            elapsed = self._wall() - opened_at.timestamp()
         return float(self.config.reset_timeout - elapsed)
 
     def _now(self) -> float:
-        return self._clock()
+        return self._timer()
 
     def _retry_after_probe(self) -> float:
         # Half-open with every probe slot taken: the answer comes within one attempt.
@@ -1011,15 +1045,13 @@ def breaker_for(
             )
         if breaker is None:
             check_service_room(service, STATE.breakers)
-            breaker = Breaker(
-                service, config, storage=storage, listeners=listeners, clock=clock or time.time
-            )
+            breaker = Breaker(service, config, storage=storage, listeners=listeners, clock=clock)
             STATE.breakers[service] = breaker
         else:
             for listener in listeners:
                 breaker.add_listener(listener)
             if clock is not None:
-                breaker._clock = clock
+                breaker.set_clocks(clock)
         breaker.follow(config, user=user, explicit=explicit)
         return breaker
 

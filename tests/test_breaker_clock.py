@@ -1,0 +1,167 @@
+"""How long a breaker stays open is timed by a monotonic clock: a step of the wall clock (NTP
+setting it back, or forward) neither keeps an opening for the size of the step nor ends it
+early. The wall clock only stamps the opening (pybreaker's ``opened_at``, the time of day), and
+times an opening another breaker made in a storage they share (another process's), as pybreaker
+does."""
+
+from __future__ import annotations
+
+import itertools
+import types
+from datetime import datetime, timezone
+
+import pybreaker
+import pytest
+import sqlalchemy as sa
+from scenarios import FakeClock
+from sqlalchemy.orm import Session
+
+import resilient_db as rdb
+from resilient_db import _breaker
+from resilient_db._breaker import Breaker
+
+pytestmark = pytest.mark.usefixtures("no_backoff")
+
+HOUR = 3600.0
+_names = itertools.count()
+
+
+class WholeSecondStorage(pybreaker.CircuitMemoryStorage):
+    """A storage of the caller's that keeps ``opened_at`` in whole seconds, as pybreaker's
+    ``CircuitRedisStorage`` does."""
+
+    def __init__(self) -> None:
+        super().__init__(pybreaker.STATE_CLOSED)
+
+    @property
+    def opened_at(self) -> datetime | None:
+        return self._opened_at
+
+    @opened_at.setter
+    def opened_at(self, value: datetime) -> None:
+        self._opened_at = value.replace(microsecond=0)
+
+
+def opened(
+    mono: FakeClock, wall: FakeClock, storage: pybreaker.CircuitBreakerStorage | None = None
+) -> Breaker:
+    """A breaker timed by ``mono``, stamped by ``wall``, opened by one failure."""
+    config = rdb.Config(failure_threshold=1, reset_timeout=30.0)
+    b = Breaker(f"clock-{next(_names)}", config, storage=storage, clock=mono, wall_clock=wall)
+    b.on_failure(b.before_call())
+    assert b.state == "open"
+    return b
+
+
+def retry_after(b: Breaker) -> float:
+    with pytest.raises(rdb.CircuitOpenError) as info:
+        b.before_call()
+    return info.value.retry_after
+
+
+@pytest.mark.parametrize("storage", [None, WholeSecondStorage], ids=["own", "whole-seconds"])
+def test_a_wall_clock_set_back_an_hour_does_not_keep_the_breaker_open_for_an_hour(
+    storage: type[pybreaker.CircuitBreakerStorage] | None,
+) -> None:
+    mono, wall = FakeClock(5_000.0), FakeClock(1_700_000_000.25)
+    b = opened(mono, wall, None if storage is None else storage())
+    # the opening is stamped with the time of day (pybreaker's field, for display and logs)
+    stamp = datetime.fromtimestamp(1_700_000_000.25, timezone.utc)
+    if storage is not None:
+        stamp = stamp.replace(microsecond=0)
+    assert b._storage.opened_at == stamp
+
+    wall.advance(-HOUR)  # NTP sets the wall clock back
+    assert retry_after(b) == pytest.approx(30.0)
+    assert b.describe()["retry_after"] == pytest.approx(30.0)
+    mono.advance(29.5)
+    assert retry_after(b) == pytest.approx(0.5)
+    mono.advance(0.5)  # the reset timeout has passed, by the monotonic clock
+    assert b.describe()["state"] == "half-open"
+    probe = b.before_call()
+    assert probe is True
+    assert b.state == "half-open"
+    b.on_success(probe)
+    assert b.state == "closed"
+
+
+@pytest.mark.parametrize("storage", [None, WholeSecondStorage], ids=["own", "whole-seconds"])
+def test_a_wall_clock_set_forward_does_not_end_the_opening_early(
+    storage: type[pybreaker.CircuitBreakerStorage] | None,
+) -> None:
+    mono, wall = FakeClock(5_000.0), FakeClock(1_700_000_000.25)
+    b = opened(mono, wall, None if storage is None else storage())
+    wall.advance(HOUR)
+    assert retry_after(b) == pytest.approx(30.0)
+    mono.advance(20.0)
+    wall.advance(HOUR)
+    assert retry_after(b) == pytest.approx(10.0)
+    assert b.state == "open"
+    mono.advance(10.0)
+    assert b.before_call() is True
+
+
+def test_an_opening_another_breaker_made_in_a_shared_storage_is_timed_by_its_opened_at() -> None:
+    """A storage of the caller's shared by processes (``CircuitRedisStorage``): an opening this
+    breaker did not make is known only by its ``opened_at``, a time of day, as pybreaker times
+    it (the monotonic clocks of two processes have nothing in common)."""
+    storage = WholeSecondStorage()
+    wall = FakeClock(1_700_000_000.0)
+    other = opened(FakeClock(5_000.0), wall, storage)  # "another process" opened it
+    mono = FakeClock(9_000.0)
+    b = Breaker(other.service, other.config, storage=storage, clock=mono, wall_clock=wall)
+    assert retry_after(b) == pytest.approx(30.0)
+    wall.advance(30.0)
+    assert b.before_call() is True
+
+
+def test_a_clock_given_alone_times_and_stamps_the_breaker() -> None:
+    """A test's fake clock (a factory's ``wall_clock=``, ``Breaker(clock=...)``) drives the
+    opening's time and its stamp, as before."""
+    clock = FakeClock(1_700_000_000.0)
+    b = Breaker(f"clock-{next(_names)}", rdb.Config(failure_threshold=1), clock=clock)
+    b.on_failure(b.before_call())
+    assert b._storage.opened_at == datetime.fromtimestamp(1_700_000_000.0, timezone.utc)
+    clock.advance(b.config.reset_timeout)
+    assert b.before_call() is True
+
+
+# -- a factory with the clocks it has by default -------------------------------------------------
+def unavailable(session: Session) -> None:
+    session.execute(sa.text("SELECT raise_code('57P03')"))  # cannot connect now: a failure
+
+
+def healthy(session: Session) -> int:
+    return int(session.execute(sa.text("SELECT 1")).scalar_one())
+
+
+def test_a_factorys_breaker_is_timed_monotonically_whatever_the_wall_clock_does(
+    engine: sa.Engine, service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No clock injected: the breaker reads this host's clocks, here stood in for (the time
+    module as the breaker module sees it) so that the wall clock can be stepped."""
+    mono, wall = FakeClock(5_000.0), FakeClock(1_700_000_000.0)
+    monkeypatch.setattr(_breaker, "time", types.SimpleNamespace(monotonic=mono, time=wall))
+    config = rdb.Config(failure_threshold=1, max_retries=0, reset_timeout=30.0)
+    Factory = rdb.ResilientSession(engine, service=service, config=config)
+
+    def state() -> dict[str, object]:
+        return rdb.health()["services"][service]["breaker"]  # type: ignore[no-any-return]
+
+    with pytest.raises(sa.exc.OperationalError):
+        Factory.run(unavailable)
+    wall.advance(-HOUR)
+    assert state()["retry_after"] == pytest.approx(30.0)
+    with pytest.raises(rdb.CircuitOpenError):
+        Factory.run(healthy)
+    mono.advance(30.0)
+    assert Factory.run(healthy) == 1  # the probe went through and closed the breaker
+    assert state()["state"] == "closed"
+
+    with pytest.raises(sa.exc.OperationalError):
+        Factory.run(unavailable)
+    wall.advance(2 * HOUR)  # and set forward: the opening is not over
+    with pytest.raises(rdb.CircuitOpenError) as info:
+        Factory.run(healthy)
+    assert info.value.retry_after == pytest.approx(30.0)
+    assert state()["state"] == "open"
