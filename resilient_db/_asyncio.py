@@ -146,6 +146,10 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         else:  # sync only
             # sessionmaker made a class of its own for this factory: its sessions name us
             register_class(self.class_, self)
+            # and, where your class picks the engines, hook each one it picks (see there)
+            routing = self._routing_get_bind(self.class_)
+            if routing is not None:
+                setattr(self.class_, "get_bind", routing)  # noqa: B010 (a method, set on our class)
         self._register()
 
     def __call__(self, **local_kw: Any) -> S:
@@ -162,7 +166,9 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             self._hook_engines(binds, register=False)
         session: S = async_sessionmaker.__call__(self, **local_kw)
         if True:  # async only
-            register_session(session.sync_session, self)
+            sync = session.sync_session
+            register_session(sync, self)
+            self._route(sync)  # if your class picks the engines, hook each one it picks
         return session
 
     if True:  # async only

@@ -142,6 +142,10 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         sessionmaker.__init__(self, bind, **sessionmaker_kwargs)
         # sessionmaker made a class of its own for this factory: its sessions name us
         register_class(self.class_, self)
+        # and, where your class picks the engines, hook each one it picks (see there)
+        routing = self._routing_get_bind(self.class_)
+        if routing is not None:
+            setattr(self.class_, "get_bind", routing)  # noqa: B010 (a method, set on our class)
         self._register()
 
     def __call__(self, **local_kw: Any) -> S:

@@ -15,6 +15,7 @@ import inspect
 import logging
 import select
 import socket
+import types
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Final, NamedTuple, TypeVar
@@ -249,12 +250,17 @@ class CommitVerdict(enum.Enum):
         return self not in (CommitVerdict.IN_PROGRESS, CommitVerdict.UNREPLICATED)
 
 
-def flush_and_commit(session: Session, request: CommitRequest, protocol: CommitProtocol) -> None:
+def flush_and_commit(
+    session: Session, request: CommitRequest, protocol: CommitProtocol | None
+) -> None:
     """End a unit of work: flush and commit, the COMMIT marked by the commit protocol.
 
     Plain sync code for both drivers (the async one runs it in one ``run_sync`` greenlet hop).
     ``request`` (the caller's, so that a failed COMMIT can be settled) gathers what the COMMIT
-    carried. Expired markers are pruned now and then, after a successful commit.
+    carried. Expired markers are pruned now and then, after a successful commit: through
+    ``protocol`` (the factory's engine's), or for a factory without an engine of its own (its
+    session class picks the engines, see :meth:`FactoryCore._routing_get_bind`) through the
+    protocol of the engine the unit's COMMIT went to.
 
     Without autobegin (``autobegin=False``), a unit whose own code ended the transaction ``run``
     began for it (``session.commit()`` in ``fn``) has nothing left to commit: ``commit()`` would
@@ -273,8 +279,21 @@ def flush_and_commit(session: Session, request: CommitRequest, protocol: CommitP
         current_request.reset(token)
     if request.warned:
         _answered_with_a_warning(request)
-    if request.tickets and request.tickets[-1].mode == MARKERS and protocol.prune_due():
-        _prune_quietly(protocol)
+    if request.tickets and request.tickets[-1].mode == MARKERS:
+        if protocol is None:
+            protocol = _protocol_committed_through(request)
+        if protocol is not None and protocol.prune_due():
+            _prune_quietly(protocol)
+
+
+def _protocol_committed_through(request: CommitRequest) -> CommitProtocol | None:
+    """The commit protocol of the engine of the unit's last connection (see
+    :func:`flush_and_commit`)."""
+    for connection, _ in reversed(request.connections()):
+        hooks: EngineHooks | None = STATE.engine_hooks.get(connection.engine)
+        if hooks is not None:
+            return hooks.commit
+    return None
 
 
 def _answered_with_a_warning(request: CommitRequest) -> None:
@@ -954,9 +973,9 @@ class FactoryCore:
             **policy_kwargs,
         )
         self._referee = CommitReferee(self.policy, sync_engine)
-        self._hooks = (
-            hooks_for(sync_engine, self) if sync_engine is not None else _unbound_hooks(self)
-        )
+        #: (async) the routing get_bind of each session class that picks engines (see _route)
+        self._routes: dict[type[Session], Callable[..., Any] | None] = {}
+        self._hooks = hooks_for(sync_engine, self) if sync_engine is not None else _unbound_hooks()
 
     def _connect_policy_call(self, connect: Callable[[], T]) -> T:
         """The drop-in connect retry (sync code; in async, inside SQLAlchemy's greenlet). Inside
@@ -1051,6 +1070,52 @@ class FactoryCore:
             if isinstance(engine, Engine):
                 hooks_for(engine, self, register=register)
 
+    def _routing_get_bind(self, session_class: type[Session]) -> Callable[..., Any] | None:
+        """A ``get_bind`` for the sessions of ``session_class`` when that class picks engines
+        itself (it overrides ``Session.get_bind``: SQLAlchemy's read/write split and vertical
+        partitioning recipes, ``ShardedSession(shards=...)``), or None when it doesn't (its
+        engines are the factory's ``bind`` and ``binds``, hooked already).
+
+        It returns what the class's own ``get_bind`` picks, and gives each engine picked the
+        factory's engine hooks the first time (as the engines of ``binds=`` get them when the
+        factory is made): before the session connects there, so the engine's connections are
+        made under its hooks, its COMMITs marked and a lost answer settled in its database. An
+        engine whose hooks another factory holds with other engine-wide settings is refused
+        with the ``ValueError`` of :func:`hooks_for`, at the statement that picked it.
+        Wrapping the class's method is the only point where a routed engine is known before
+        its connection is made: SQLAlchemy has no event there."""
+        routed = session_class.get_bind
+        if routed is Session.get_bind:
+            return None
+        factory = weakref.ref(self)
+        hooked: weakref.WeakSet[Any] = weakref.WeakSet()
+
+        def get_bind(session: Session, *args: Any, **kw: Any) -> Any:
+            bind = routed(session, *args, **kw)
+            engine = getattr(bind, "sync_engine", bind)
+            if isinstance(engine, Connection):
+                engine = engine.engine
+            if isinstance(engine, Engine) and engine not in hooked:
+                made_by = factory()
+                if made_by is not None:
+                    hooks_for(engine, made_by)
+                hooked.add(engine)
+            return bind
+
+        return get_bind
+
+    def _route(self, session: Session) -> None:
+        """(async) Where the class of ``session`` (an ``AsyncSession``'s sync session) picks
+        engines, its ``get_bind`` becomes :meth:`_routing_get_bind`'s for this factory: set on
+        the session, since that class is yours and maybe other factories' too."""
+        cls = type(session)
+        try:
+            route = self._routes[cls]
+        except KeyError:
+            route = self._routes[cls] = self._routing_get_bind(cls)
+        if route is not None:
+            session.get_bind = types.MethodType(route, session)  # type: ignore[method-assign]
+
     def _engine_to_bind(self, bind: Any) -> Any:
         """The engine of ``bind`` given to :meth:`configure` (see :func:`engine_of`)."""
         return engine_of(bind, type(self), f"{type(self).__name__}.configure(bind=...)")
@@ -1127,25 +1192,23 @@ def engine_of(bind: Any, factory: type, where: str) -> Any:
 
 class _UnboundHooks:
     """The engine hooks of a factory made without a bind (``ResilientSession()``, bound at
-    start-up with ``configure(bind=engine)``), until it has one: a unit that reaches its COMMIT
-    meanwhile is told so (a statement is refused by SQLAlchemy itself, as for sessionmaker)."""
+    start-up with ``configure(bind=engine)``, or whose session class picks its engines), until
+    it has one: no commit protocol of its own. Its units' COMMITs are marked by the hooks of the
+    engines their sessions reach (:meth:`FactoryCore._routing_get_bind`); with no engine at all
+    a statement is refused by SQLAlchemy itself, as for sessionmaker."""
 
-    def __init__(self, factory: Any) -> None:
+    commit = None
+
+    def __init__(self) -> None:
         self.factories: weakref.WeakSet[FactoryCore] = weakref.WeakSet()
-        self._name = type(factory).__name__
-
-    @property
-    def commit(self) -> CommitProtocol:
-        raise sa_exc.UnboundExecutionError(
-            f"this {self._name} has no bind: give it an engine with configure(bind=engine)"
-        )
 
 
-def _unbound_hooks(factory: Any) -> EngineHooks:
+def _unbound_hooks() -> EngineHooks:
     """:class:`_UnboundHooks` where the factory keeps its engine's hooks (nothing but
     :meth:`FactoryCore.configure` and ``_apply_config``, which look for it, touches more than
-    ``commit`` and ``factories`` of them)."""
-    return _UnboundHooks(factory)  # type: ignore[return-value]
+    ``commit`` and ``factories`` of them; a unit takes a ``commit`` of None as "no engine of the
+    factory's own", see :func:`flush_and_commit`)."""
+    return _UnboundHooks()  # type: ignore[return-value]
 
 
 # -- engine hooks ------------------------------------------------------------------------------

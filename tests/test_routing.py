@@ -1,0 +1,239 @@
+"""Factories whose session class picks the engine itself: no ``bind``/``binds`` on the factory,
+the engine chosen by a ``get_bind()`` override (SQLAlchemy's "custom vertical partitioning"
+recipe, a read/write split) or by ``ShardedSession(shards=...)``. The engines it routes to get
+the factory's hooks when the session first picks them, before any connection is made there:
+units run, their COMMITs are marked, and a lost COMMIT answer is settled in the database the
+COMMIT went to. Real server, real faults (the fault proxy loses a COMMIT's answer)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import sqlalchemy as sa
+from scenarios import ASYNC_DRIVERS, Base, Item
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.ext.horizontal_shard import ShardedSession
+from sqlalchemy.orm import Session
+
+import resilient_db as rdb
+from resilient_db.testing import FaultProxy, PostgresServer
+
+pytestmark = pytest.mark.usefixtures("no_backoff")
+
+
+@pytest.fixture
+def database(pg_server: PostgresServer, pg_database: str) -> str:
+    engine = sa.create_engine(pg_server.url(pg_database))
+    try:
+        Base.metadata.create_all(engine)
+        rdb.install_commit_markers(engine)
+    finally:
+        engine.dispose()
+    return pg_database
+
+
+@pytest.fixture
+def leader_follower(
+    pg_server: PostgresServer, database: str, fault_proxy: FaultProxy
+) -> Iterator[tuple[sa.Engine, sa.Engine]]:
+    """The leader through the fault proxy, the follower straight to the server (a replica in
+    real life; the same database here)."""
+    made = (
+        sa.create_engine(fault_proxy.url(database), connect_args={"connect_timeout": 2}),
+        sa.create_engine(pg_server.url(database)),
+    )
+    yield made
+    for engine in made:
+        engine.dispose()
+
+
+def routing_class(leader: Any, follower: Any) -> type[Session]:
+    """A read/write split: flushes and DML to the leader, the rest to the follower."""
+
+    class RoutingSession(Session):
+        def get_bind(self, mapper: Any = None, clause: Any = None, **kw: Any) -> Any:
+            if self._flushing or isinstance(clause, (sa.Update, sa.Delete, sa.Insert)):
+                return leader
+            return follower
+
+    return RoutingSession
+
+
+def names(server: PostgresServer, database: str) -> list[str]:
+    return sorted(row[0] for row in server.execute("SELECT name FROM items", database=database))
+
+
+def markers(server: PostgresServer, database: str) -> int:
+    found = server.execute("SELECT count(*) FROM resilient_db.commit_markers", database=database)
+    return int(found[0][0])
+
+
+def add_and_count(session: Session, name: str) -> int:
+    session.add(Item(name=name))
+    session.flush()
+    return int(session.scalar(sa.select(sa.func.count()).select_from(Item)) or 0)
+
+
+def test_a_routed_unit_runs_and_its_commit_is_marked(
+    pg_server: PostgresServer,
+    database: str,
+    leader_follower: tuple[sa.Engine, sa.Engine],
+    service: str,
+) -> None:
+    Sessions = rdb.ResilientSession(class_=routing_class(*leader_follower), service=service)
+    Sessions.run(add_and_count, "a")
+    assert names(pg_server, database) == ["a"]
+    assert markers(pg_server, database) == 1  # the leader's COMMIT carried its marker
+    with Sessions.begin() as session:  # drop-in use, as before
+        session.add(Item(name="b"))
+    assert names(pg_server, database) == ["a", "b"]
+
+
+def test_a_lost_answer_on_a_routed_engine_is_settled_there_done_once(
+    pg_server: PostgresServer,
+    database: str,
+    leader_follower: tuple[sa.Engine, sa.Engine],
+    fault_proxy: FaultProxy,
+    service: str,
+) -> None:
+    Sessions = rdb.ResilientSession(class_=routing_class(*leader_follower), service=service)
+    calls: list[str] = []
+
+    def unit(session: Session) -> None:
+        calls.append("x")
+        session.add(Item(name=f"u-{len(calls)}"))
+
+    fault_proxy.lose_commit_answer()  # the very first COMMIT: the engine's first connection
+    Sessions.run(unit)
+    assert fault_proxy.commits_lost == 1
+    assert calls == ["x"]  # verified done by its marker, not replayed
+    assert names(pg_server, database) == ["u-1"]
+
+
+def test_a_sharded_session_with_shards_only_runs_units(
+    pg_server: PostgresServer, database: str, fault_proxy: FaultProxy, service: str
+) -> None:
+    first = sa.create_engine(fault_proxy.url(database), connect_args={"connect_timeout": 2})
+    second = sa.create_engine(pg_server.url(database))
+    try:
+        Sessions = rdb.ResilientSession(
+            class_=ShardedSession,
+            service=service,
+            shards={"first": first, "second": second},
+            shard_chooser=lambda mapper, instance, clause=None: "first",
+            identity_chooser=lambda *args, **kw: ["first"],
+            execute_chooser=lambda context: ["first"],
+        )
+        calls: list[str] = []
+
+        def unit(session: Session) -> int:
+            calls.append("x")
+            return add_and_count(session, f"s-{len(calls)}")
+
+        fault_proxy.lose_commit_answer()
+        assert Sessions.run(unit) == 1
+        assert calls == ["x"]
+        assert names(pg_server, database) == ["s-1"]
+    finally:
+        first.dispose()
+        second.dispose()
+
+
+def test_a_routed_engine_with_another_factorys_settings_is_refused_by_name(
+    database: str, leader_follower: tuple[sa.Engine, sa.Engine], service: str
+) -> None:
+    leader, _ = leader_follower
+    rdb.ResilientSession(leader, service="other", config=rdb.Config(status_validation=False))
+    Sessions = rdb.ResilientSession(
+        class_=routing_class(*leader_follower),
+        service=service,
+        config=rdb.Config(status_validation=True),
+    )
+    with pytest.raises(ValueError, match="status_validation"):
+        Sessions.run(add_and_count, "refused")
+
+
+def test_a_factory_without_bind_or_routing_fails_as_sessionmaker_does(
+    database: str, service: str
+) -> None:
+    """No engine anywhere: SQLAlchemy's own error at the first statement (as with
+    sessionmaker); a unit that runs no statement has nothing to commit and returns."""
+    Sessions = rdb.ResilientSession(service=service)
+    assert Sessions.run(lambda session: 7) == 7
+    with pytest.raises(sa.exc.UnboundExecutionError):
+        Sessions.run(lambda session: session.execute(sa.text("SELECT 1")))
+
+
+@pytest_asyncio.fixture(params=ASYNC_DRIVERS)
+async def async_leader_follower(
+    request: pytest.FixtureRequest,
+    pg_server: PostgresServer,
+    database: str,
+    fault_proxy: FaultProxy,
+) -> AsyncIterator[tuple[AsyncEngine, AsyncEngine]]:
+    driver = request.param
+    made = (
+        create_async_engine(fault_proxy.url(database, driver=driver)),
+        create_async_engine(pg_server.url(database, driver=driver)),
+    )
+    yield made
+    for engine in made:
+        await engine.dispose()
+
+
+@pytest.mark.asyncio
+async def test_async_a_routed_unit_is_marked_and_a_lost_answer_settled_once(
+    pg_server: PostgresServer,
+    database: str,
+    async_leader_follower: tuple[AsyncEngine, AsyncEngine],
+    fault_proxy: FaultProxy,
+    service: str,
+) -> None:
+    leader, follower = async_leader_follower
+    Sessions = rdb.AsyncResilientSession(
+        service=service,
+        sync_session_class=routing_class(leader.sync_engine, follower.sync_engine),
+    )
+    calls: list[str] = []
+
+    async def unit(session: AsyncSession) -> None:
+        calls.append("x")
+        session.add(Item(name=f"a-{len(calls)}"))
+
+    async def count(session: AsyncSession) -> int:
+        return int(await session.scalar(sa.select(sa.func.count()).select_from(Item)) or 0)
+
+    fault_proxy.lose_commit_answer()  # the very first COMMIT: the engine's first connection
+    await Sessions.run(unit)
+    assert fault_proxy.commits_lost == 1
+    assert calls == ["x"]  # verified done by its marker, not replayed
+    await Sessions.run(unit)
+    assert await Sessions.run(count) == 2  # read on the follower
+    assert names(pg_server, database) == ["a-1", "a-2"]
+
+
+def test_a_lost_answer_of_a_unit_that_read_on_the_follower_is_unknown_never_replayed(
+    pg_server: PostgresServer,
+    database: str,
+    leader_follower: tuple[sa.Engine, sa.Engine],
+    fault_proxy: FaultProxy,
+    service: str,
+) -> None:
+    """A unit that wrote on the leader and read on the follower spans two connections, which
+    SQLAlchemy commits one by one: a lost answer there is unknown (as for ``binds``), and the
+    unit is not run again."""
+    Sessions = rdb.ResilientSession(class_=routing_class(*leader_follower), service=service)
+    calls: list[str] = []
+
+    def unit(session: Session) -> int:
+        calls.append("x")
+        return add_and_count(session, f"r-{len(calls)}")
+
+    fault_proxy.lose_commit_answer()
+    with pytest.raises(rdb.CommitOutcomeUnknownError, match="2 connection"):
+        Sessions.run(unit)
+    assert calls == ["x"]
+    assert names(pg_server, database) == ["r-1"]
