@@ -41,3 +41,14 @@ def test_readme_examples_run_as_written(
         "in_progress",
     ]
     namespace["engine"].dispose()  # type: ignore[attr-defined]
+
+
+def test_readme_quickstart_and_async_type_check_strictly(tmp_path: Path) -> None:
+    """The first examples (quickstart, the wrapper, async) pass ``mypy --strict`` as a reader
+    copies them: the factory's name does not shadow the session class it annotates."""
+    from mypy import api  # noqa: PLC0415 (a test dependency, loaded for this test only)
+
+    source = tmp_path / "readme_quickstart.py"
+    source.write_text("".join(python_blocks()[:3]), encoding="utf-8")
+    out, err, status = api.run(["--strict", str(source)])
+    assert status == 0, out + err
