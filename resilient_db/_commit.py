@@ -1404,7 +1404,17 @@ class CommitProtocol:
         if not self._settings.config.enabled:
             return
         record.info[_SEEN_KEY] = True
-        self.prepare(dbapi_connection, record)
+        try:
+            self.prepare(dbapi_connection, record)
+        except BaseException:
+            # the set-up met a lost connection, or was interrupted in the middle of a statement
+            # (a cancelled task, Ctrl-C): the connection is not handed on, so it is closed here.
+            # SQLAlchemy 2.0.24 leaves a connection whose ``connect`` listener raised open, held
+            # by nothing (sqlalchemy#13548, fixed in later releases): its socket, and an
+            # interrupted set-up's backend on the server, were left to the garbage collector.
+            # (A later SQLAlchemy's own close of it finds it closed.)
+            _close_abandoned(dbapi_connection)
+            raise
 
     def _asyncpg_do_connect(
         self, dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]
@@ -1507,9 +1517,10 @@ class CommitProtocol:
         except Exception as exc:
             if self._connection_lost(driver, exc):
                 # not a missing install: the connection died under the set-up. It is not used
-                # on (unverified, and dead anyway): the error goes on to the pool, which closes
-                # the connection (a ``connect`` listener that raised) or invalidates it (a
-                # ``checkout`` one), and to the unit connecting, which retries a disconnect
+                # on (unverified, and dead anyway): the error goes on, the connection closed by
+                # the ``connect`` listener (``_on_connect``) or invalidated by the pool (a
+                # ``checkout`` listener that raised), to the unit connecting, which retries a
+                # disconnect
                 debug_failure(log_session, "the connection was lost checking for commit markers")
                 raise
             debug_failure(log_session, "could not check for commit markers")
@@ -2371,6 +2382,23 @@ def _kept_beside(name: str, default: Any) -> property:
         state[name] = value
 
     return property(get, set_)
+
+
+def _close_abandoned(dbapi_connection: Any) -> None:
+    """Close a new connection whose set-up raised, without waiting on the server: asyncpg's is
+    terminated (it may be lost, or in the middle of an interrupted statement), psycopg's closed
+    (libpq's close sends its goodbye without waiting for an answer). Never raises: the set-up's
+    error is what the caller gets."""
+    driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+    try:
+        if isinstance(driver, asyncpg.Connection):
+            driver.terminate()
+        elif isinstance(driver, psycopg.AsyncConnection):
+            _await(driver.close())  # (a coroutine that never waits: libpq's close)
+        else:
+            driver.close()
+    except Exception:
+        debug_failure(log_session, "could not close a connection whose set-up failed")
 
 
 def _adopt_asyncpg(driver: Any) -> None:

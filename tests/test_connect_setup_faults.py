@@ -10,9 +10,12 @@ pool's ``connect`` listeners (SQLAlchemy's ``on_connect``, the commit protocol's
 - the commit markers' set-up meets a lost connection: the markers are not reported missing (the
   once-per-engine warning stays for a real misconfiguration), the connection is not used on,
   and the unit is retried.
+- the task connecting is cancelled in the middle of the markers' set-up: the new connection is
+  closed at once (SQLAlchemy 2.0.24 closes no connection whose ``connect`` listener raised).
 
 Every fault is the test's own ``connect`` listener terminating its own backend at exactly that
-moment (``pg_terminate_backend``, waiting until the backend has gone); backoff zeroed.
+moment (``pg_terminate_backend``, waiting until the backend has gone), or cancelling its own
+task; backoff zeroed.
 """
 
 from __future__ import annotations
@@ -178,12 +181,18 @@ async def test_asyncpg_interface_errors_of_a_sound_connection_are_not_transient(
 async def test_an_interface_error_of_an_applications_connect_listener_raises_at_once(
     async_engine: AsyncEngine, service: str
 ) -> None:
-    """A connect listener of the application makes a mistake: SQLAlchemy closes the connection
-    (so it is closed when the error is classified), yet the error is not a lost connection."""
+    """A connect listener of the application makes a mistake and closes its connection (as
+    SQLAlchemy itself does after a ``connect`` listener raised since sqlalchemy#13548 was fixed;
+    2.0.24 leaves it open, held by nothing), so it is closed when the error is classified, yet
+    the error is not a lost connection."""
     await _warm_up(async_engine)
 
     def mistaken(dbapi_connection: Any, record: Any) -> None:
-        await_only(dbapi_connection.driver_connection.fetchval("SELECT $1::int"))
+        driver = dbapi_connection.driver_connection
+        try:
+            await_only(driver.fetchval("SELECT $1::int"))
+        finally:
+            await_only(driver.close())
 
     event.listen(async_engine.sync_engine, "connect", mistaken)
     Sessions = rdb.AsyncResilientSession(async_engine, service=service, config=CONFIG)
@@ -310,6 +319,51 @@ async def test_async_markers_set_up_on_a_lost_connection_is_retried_not_reported
     assert modes == ["markers"]
     assert _counters(service)["retries"] == 1
     assert [e for e in events if e.name == "commit_markers_missing"] == []
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("async_driver", ["asyncpg", "psycopg"])
+async def test_a_connect_cancelled_in_the_markers_set_up_closes_its_connection(
+    async_engine: AsyncEngine, admin: sa.Engine, service: str, async_driver: str
+) -> None:
+    """The task connecting is cancelled while the commit markers' set-up waits on the server:
+    the cancellation goes on to the caller, and the new connection, which the pool never got,
+    is closed there and then, its backend gone from the server (SQLAlchemy 2.0.24 closes no
+    connection whose ``connect`` listener raised: it was left open to the garbage collector)."""
+    rdb.install_commit_markers(admin)
+    await _warm_up(async_engine)
+    made: list[tuple[Any, int]] = []
+
+    def cancel(dbapi_connection: Any, record: Any) -> None:
+        if made:
+            return
+        driver = dbapi_connection.driver_connection
+        is_asyncpg = isinstance(driver, asyncpg.Connection)
+        made.append((driver, driver.get_server_pid() if is_asyncpg else driver.info.backend_pid))
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()  # delivered at the task's next wait: the set-up's first statement
+
+    event.listen(async_engine.sync_engine, "connect", cancel)  # before the factory's listener
+    Sessions = rdb.AsyncResilientSession(async_engine, service=service, config=CONFIG)
+    calls: list[int] = []
+
+    async def unit(session: AsyncSession) -> None:
+        calls.append(1)
+        await session.execute(sa.text("SELECT 1"))
+
+    run = asyncio.ensure_future(Sessions.run(unit))
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    assert calls == [1]  # its first statement connected; not run again
+    [(driver, pid)] = made
+    assert getattr(driver, "_rdb_mode", None) is None  # the set-up never finished
+    assert driver.is_closed() if async_driver == "asyncpg" else driver.closed
+    with admin.connect() as conn:
+        deadline = time.monotonic() + 10
+        while conn.execute(GONE, {"p": pid}).scalar_one():
+            assert time.monotonic() < deadline, "the set-up's backend is still there"
+            time.sleep(0.005)
 
 
 # -- the check of a lost COMMIT answer meeting a connection lost under it --------------------------
