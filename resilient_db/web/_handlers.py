@@ -29,10 +29,12 @@ from resilient_db._wrapper import is_async_callable
 from resilient_db.transitions._report import env_config
 
 from ._problems import (
+    EXCEPTION_GROUP,
     PROBLEM_JSON,
     PROBLEM_TYPE_BASE,
     TRANSIENT_RETRY_AFTER,
     Problem,
+    group_errors,
     pool_exhausted,
     problem_details,
 )
@@ -51,7 +53,9 @@ WS_INTERNAL_ERROR = 1011
 #: asyncpg's own classes do where SQLAlchemy does not translate them (the raw driver connection).
 #: Only transient ones (``is_transient``) are answered; any other error of these classes goes to
 #: the application's own handling (see ``install_exception_handlers``). SQLAlchemy's pool
-#: ``TimeoutError`` (no ``DBAPIError``: no connection was had) is this process overloaded.
+#: ``TimeoutError`` (no ``DBAPIError``: no connection was had) is this process overloaded. An
+#: ``ExceptionGroup`` (a ``TaskGroup``'s) is answered when its errors are (see
+#: ``problem_details``).
 HANDLED: tuple[type[Exception], ...] = (
     CircuitOpenError,
     IllegalTransitionError,
@@ -64,6 +68,7 @@ HANDLED: tuple[type[Exception], ...] = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
     asyncpg.InternalClientError,
+    *(() if EXCEPTION_GROUP is None else (EXCEPTION_GROUP,)),
 )
 
 _Handler = Callable[[Any, Exception], Any]
@@ -74,7 +79,7 @@ log_web = logging.getLogger("resilient_db.web")
 POOL_LINES = LineLimit()
 
 
-def report_pool_exhausted(config: Config | None, exc: Exception) -> None:
+def report_pool_exhausted(config: Config | None, exc: BaseException) -> None:
     """The ``[SELF-HEAL]`` line (WARNING, ``resilient_db.web``, rate-limited) and the
     ``pool_exhausted`` hook event (every occurrence) of a pool exhaustion answered with a 503:
     nothing else reports it (the unit raised it at once, as an error not transient), and
@@ -147,8 +152,9 @@ class _ProblemHandler:
     async def __call__(self, request: Request | WebSocket, exc: Exception) -> Any:
         problem = problem_details(exc, config=self._config, type_base=self._type_base)
         if problem is not None:
-            if pool_exhausted(exc):
-                report_pool_exhausted(self._config, exc)
+            exhausted = [e for e in group_errors(exc) or [exc] if pool_exhausted(e)]
+            if exhausted:
+                report_pool_exhausted(self._config, exhausted[0])
             if isinstance(request, WebSocket):
                 # an HTTP response is no answer on a WebSocket (after accept() it is a protocol
                 # error that hides this one): close it, saying why in a few words
@@ -200,7 +206,15 @@ def install_exception_handlers(
     its own goes to the application's handler of the nearest class (``SQLAlchemyError``, its own
     ``OSError`` handler registered before this call, ...), or is raised as before. A handler the
     application registers afterwards for one of :data:`HANDLED` itself replaces ours for that
-    class, as Starlette's registration does."""
+    class, as Starlette's registration does; one it registers for a narrower class
+    (``OperationalError``), before or after, answers those errors before ours, transient ones
+    included; one it registered before for our own classes (``CircuitOpenError``) is replaced.
+    An ``ExceptionGroup`` (a ``TaskGroup``'s) is answered when its errors are (one, or several
+    503s). Not answered: errors of a mounted sub-application (install on it too), errors
+    raised in a middleware (outside Starlette's handlers), and errors raised after the response
+    started (a ``BackgroundTask``, a streaming body): Starlette raises its "response already
+    started" ``RuntimeError`` from them instead. Call it before the application's first request
+    (Starlette copies the handlers then)."""
     if not hasattr(app, "add_exception_handler"):
         raise TypeError(
             "install_exception_handlers needs a Starlette or FastAPI application, got "

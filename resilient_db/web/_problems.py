@@ -8,6 +8,8 @@ web framework can answer with it; :func:`install_exception_handlers` registers i
 
 from __future__ import annotations
 
+import builtins
+import importlib
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,6 +83,46 @@ _UNKNOWN_DETAIL = (
 )
 
 
+def _group_class(name: str) -> type[BaseException] | None:
+    """Python's ``ExceptionGroup`` or ``BaseExceptionGroup`` (3.11+), or the ``exceptiongroup``
+    backport's (what anyio raises on 3.10); None without either."""
+    found = getattr(builtins, name, None)
+    if found is None:
+        try:
+            found = getattr(importlib.import_module("exceptiongroup"), name)
+        except (ImportError, AttributeError):
+            return None
+    return found if isinstance(found, type) and issubclass(found, BaseException) else None
+
+
+#: ``BaseExceptionGroup`` and ``ExceptionGroup`` where this Python (or its backport) has them
+BASE_GROUP = _group_class("BaseExceptionGroup")
+_GROUP = _group_class("ExceptionGroup")
+EXCEPTION_GROUP: type[Exception] | None = (
+    _GROUP if _GROUP is not None and issubclass(_GROUP, Exception) else None
+)
+#: a group with more errors than this is not looked into (no answer of ours)
+MAX_GROUP_ERRORS = 64
+
+
+def group_errors(exc: BaseException) -> list[BaseException] | None:
+    """The errors of ``exc`` when it is an exception group (a ``TaskGroup``'s), nested groups
+    flattened; None when it is no group, or has more than :data:`MAX_GROUP_ERRORS`."""
+    if BASE_GROUP is None or not isinstance(exc, BASE_GROUP):
+        return None
+    found: list[BaseException] = []
+    pending: list[BaseException] = [exc]
+    while pending:
+        current = pending.pop(0)
+        if isinstance(current, BASE_GROUP):
+            pending[:0] = list(getattr(current, "exceptions", ()))
+        else:
+            found.append(current)
+        if len(found) + len(pending) > MAX_GROUP_ERRORS:
+            return None
+    return found
+
+
 def pool_exhausted(exc: BaseException) -> bool:
     """Whether ``exc`` is SQLAlchemy's pool giving up waiting for a free connection ("QueuePool
     limit of size N overflow M reached, connection timed out"): every connection of this
@@ -123,10 +165,28 @@ def problem_details(
       ``is_transient`` for an error that never went through a factory; a COMMIT whose answer
       was lost outside a unit (drop-in use), or 08007: 500, as an unknown commit outcome.
 
+    An exception group (``asyncio.TaskGroup``'s, anyio's) of one such error is answered as that
+    error, and one of several such errors, every one a 503, as the one with the longest
+    ``Retry-After``; any other group is not answered (None).
+
     ``config`` decides about row keys (default: the environment's; an environment with an
     invalid ``SELF_HEALING_*`` setting counts as none set, so that it turns no answer into a
     500: the factories refuse such an environment where it matters).
     """
+    errors = group_errors(exc)
+    if errors is None:
+        return _problem_of(exc, config, type_base)
+    problems = [_problem_of(error, config, type_base) for error in errors]
+    if len(problems) == 1:
+        return problems[0]
+    answered = [p for p in problems if p is not None and p.status == 503]
+    if not answered or len(answered) < len(problems):
+        return None
+    return max(answered, key=lambda p: int(p.headers.get("Retry-After", "0")))
+
+
+def _problem_of(exc: BaseException, config: Config | None, type_base: str) -> Problem | None:
+    """:func:`problem_details` of one error (no group)."""
 
     def body(kind: str, title: str, status: int, detail: str, **ext: Any) -> dict[str, Any]:
         return {"type": type_base + kind, "title": title, "status": status, "detail": detail, **ext}
