@@ -75,7 +75,8 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
     Configuration comes from the ``SELF_HEALING_*`` environment when the factory is made (and
     on :func:`~resilient_db.reload_config`) unless ``config=`` is given. ``asleep`` (the backoff
     sleep), ``clock`` (monotonic seconds, for the deadline) and ``wall_clock`` (the breaker's
-    opening times) are injectable for tests. Other keyword arguments go to
+    clock: how long an opening lasts and its ``opened_at`` stamp; by default a monotonic timer
+    and the time of day) are injectable for tests. Other keyword arguments go to
     ``async_sessionmaker``.
     """
 
@@ -137,6 +138,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             asleep=asleep,
             clock=clock,
             wall_clock=wall_clock,
+            session_kwargs=async_sessionmaker_kwargs,
         )
         async_sessionmaker.__init__(self, bind, **async_sessionmaker_kwargs)
         if True:  # async only

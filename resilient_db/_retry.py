@@ -107,7 +107,9 @@ class Policy:
     """Retry and breaker decisions for one service under one configuration.
 
     ``sleep``/``asleep`` and ``clock`` (monotonic seconds, for the deadline) are injectable, as is
-    ``wall_clock`` (the breaker's opening times); ``rng`` returns a float in [0, 1) for the jitter.
+    ``wall_clock`` (the breaker's clock: how long an opening lasts and its ``opened_at``
+    stamp; by default a monotonic timer and the time of day); ``rng`` returns a float in
+    [0, 1) for the jitter.
     """
 
     def __init__(

@@ -76,7 +76,8 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
     Configuration comes from the ``SELF_HEALING_*`` environment when the factory is made (and
     on :func:`~resilient_db.reload_config`) unless ``config=`` is given. ``sleep`` (the backoff
     sleep), ``clock`` (monotonic seconds, for the deadline) and ``wall_clock`` (the breaker's
-    opening times) are injectable for tests. Other keyword arguments go to
+    clock: how long an opening lasts and its ``opened_at`` stamp; by default a monotonic timer
+    and the time of day) are injectable for tests. Other keyword arguments go to
     ``sessionmaker``.
     """
 
@@ -138,6 +139,7 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
             sleep=sleep,
             clock=clock,
             wall_clock=wall_clock,
+            session_kwargs=sessionmaker_kwargs,
         )
         sessionmaker.__init__(self, bind, **sessionmaker_kwargs)
         # sessionmaker made a class of its own for this factory: its sessions name us

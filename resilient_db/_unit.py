@@ -927,6 +927,58 @@ def install_connect_retry(session_class: type[Session]) -> None:
 install_guard(Session)
 
 
+def refuse_keywords_kept(
+    factory: Any, session_kwargs: Mapping[str, Any], mine: Mapping[str, Any]
+) -> None:
+    """A keyword given to the factory (``mine``: its own arguments, as given) is the
+    factory's own, where a sessionmaker passes every keyword to its session class: a class in
+    ``session_kwargs`` (``class_``; async: the sync session class given, else ``class_``'s own)
+    whose ``__init__`` declares a parameter of that name would never get it. ``TypeError``
+    naming each such keyword, raised before anything of the factory is set up (a breaker,
+    hooks)."""
+    kw = session_kwargs
+    sync_class = kw.get("sync_session_class") or getattr(
+        kw.get("class_"), "sync_session_class", None
+    )
+    classes = [c for c in dict.fromkeys((kw.get("class_"), sync_class)) if isinstance(c, type)]
+    if not classes:
+        return
+    made = next(k for k in type(factory).__mro__ if FactoryCore in k.__bases__)
+    defaults = inspect.signature(made).parameters
+    given = [
+        name
+        for name, value in mine.items()
+        if name not in defaults
+        or not (
+            value is defaults[name].default
+            or (isinstance(value, (str, tuple)) and value == defaults[name].default)
+        )
+    ]
+    by_keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    clashes: list[str] = []
+    for cls in classes:
+        try:
+            params = inspect.signature(cls).parameters
+        except (TypeError, ValueError):  # no signature to read: nothing declared
+            continue
+        names = [n for n in given if n in params and params[n].kind in by_keyword]
+        if not names:
+            continue
+        one = len(names) == 1
+        keywords = ", ".join(f"{n}=..." for n in names)
+        clashes.append(
+            f"{cls.__qualname__}.__init__ takes {', '.join(f'{n}=' for n in names)}, "
+            f"which {type(factory).__name__} keeps for itself: given to the factory, "
+            f"{'it never reaches' if one else 'they never reach'} {cls.__qualname__}. "
+            f"Give {'it' if one else 'them'} to the sessions instead: "
+            f"Factory({keywords}) for one session, Factory.configure({keywords}) for "
+            f"every session the factory makes (run()'s included); or rename "
+            f"{'that parameter' if one else 'those parameters'} of {cls.__qualname__}."
+        )
+    if clashes:
+        raise TypeError(" ".join(clashes))
+
+
 # -- what both factories share ------------------------------------------------------------------
 class FactoryCore:
     """Configuration, policy and engine hooks of a resilient session factory.
@@ -964,51 +1016,11 @@ class FactoryCore:
             raise TypeError(
                 f"classifier must be a resilient_db.Classifier, got {type(classifier).__name__}"
             )
-        # A keyword given to the factory is the factory's own, where a sessionmaker passes
-        # every keyword to its session class: a class whose __init__ declares a parameter of
-        # that name would never get it. Refused before anything is set up (a breaker, hooks).
-        kw = session_kwargs or {}
-        # (async) the sync session class given, else class_'s own
-        sync_class = kw.get("sync_session_class") or getattr(
-            kw.get("class_"), "sync_session_class", None
+        refuse_keywords_kept(
+            self,
+            session_kwargs or {},
+            {"service": service, "config": config, "classifier": classifier, **policy_kwargs},
         )
-        classes = [c for c in dict.fromkeys((kw.get("class_"), sync_class)) if isinstance(c, type)]
-        clashes: list[str] = []
-        if classes:
-            mine = {"service": service, "config": config, "classifier": classifier, **policy_kwargs}
-            factory = next(k for k in type(self).__mro__ if FactoryCore in k.__bases__)
-            defaults = inspect.signature(factory).parameters
-            given = [
-                name
-                for name, value in mine.items()
-                if name not in defaults
-                or not (
-                    value is defaults[name].default
-                    or (isinstance(value, (str, tuple)) and value == defaults[name].default)
-                )
-            ]
-            by_keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-            for cls in classes:
-                try:
-                    params = inspect.signature(cls).parameters
-                except (TypeError, ValueError):  # no signature to read: nothing declared
-                    continue
-                names = [n for n in given if n in params and params[n].kind in by_keyword]
-                if not names:
-                    continue
-                one = len(names) == 1
-                keywords = ", ".join(f"{n}=..." for n in names)
-                clashes.append(
-                    f"{cls.__qualname__}.__init__ takes {', '.join(f'{n}=' for n in names)}, "
-                    f"which {type(self).__name__} keeps for itself: given to the factory, "
-                    f"{'it never reaches' if one else 'they never reach'} {cls.__qualname__}. "
-                    f"Give {'it' if one else 'them'} to the sessions instead: "
-                    f"Factory({keywords}) for one session, Factory.configure({keywords}) for "
-                    f"every session the factory makes (run()'s included); or rename "
-                    f"{'that parameter' if one else 'those parameters'} of {cls.__qualname__}."
-                )
-        if clashes:
-            raise TypeError(" ".join(clashes))
         self.service = service
         self._explicit_config = config is not None
         self.config = config if config is not None else load_config()

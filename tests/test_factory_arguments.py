@@ -25,15 +25,6 @@ from resilient_db._state import STATE
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
 
-#: the refusals need the factories (``_asyncio.py``, ``_session.py`` generated from it) to hand
-#: their sessionmaker keywords to ``FactoryCore._init_core`` (``session_kwargs=``); until they
-#: do, these tests fail, as expected (strict: they flag the change when it lands)
-refusal = pytest.mark.xfail(
-    raises=pytest.fail.Exception,  # "DID NOT RAISE" only
-    strict=True,
-    reason="the factories do not pass session_kwargs= to _init_core yet",
-)
-
 
 async def _asleep(seconds: float) -> None:
     pass
@@ -99,7 +90,6 @@ def served(session: Session) -> tuple[str, int]:
 
 
 # -- the sync factory ------------------------------------------------------------------------
-@refusal
 @pytest.mark.parametrize("name", SYNC_OWN)
 def test_a_keyword_the_factory_keeps_is_refused_when_the_session_class_declares_it(
     engine: sa.Engine, service: str, name: str
@@ -118,7 +108,6 @@ def test_a_keyword_the_factory_keeps_is_refused_when_the_session_class_declares_
     _nothing_left(engine, service)
 
 
-@refusal
 def test_every_keyword_refused_is_named_at_once_positional_service_included(
     engine: sa.Engine, service: str
 ) -> None:
@@ -134,7 +123,6 @@ def test_every_keyword_refused_is_named_at_once_positional_service_included(
     _nothing_left(engine, service)
 
 
-@refusal
 def test_a_refused_factory_leaves_nothing_a_later_one_would_meet(
     engine: sa.Engine, service: str
 ) -> None:
@@ -209,7 +197,6 @@ async def aserved(session: AsyncSession) -> tuple[str, int]:
     return getattr(session, "service", ""), int(one)
 
 
-@refusal
 @pytest.mark.parametrize("name", ASYNC_OWN)
 @pytest.mark.parametrize(
     ("classes", "refused"),
@@ -238,7 +225,6 @@ async def test_async_a_keyword_the_factory_keeps_is_refused_when_a_session_class
     _nothing_left(async_engine.sync_engine, service)
 
 
-@refusal
 @pytest.mark.asyncio
 async def test_async_the_class_itself_declaring_the_keyword_is_refused_too(
     async_engine: AsyncEngine, service: str
