@@ -692,9 +692,9 @@ class Breaker:
             "reset_timeout": self.config.reset_timeout,
         }
         if state == OPEN:
-            retry_after = round(self.open_for(), 3)
-            if retry_after > 0:
-                info["retry_after"] = retry_after
+            remaining = self.open_for()
+            if remaining > 0:  # (rounded up: a call now is rejected, and told to wait > 0)
+                info["retry_after"] = math.ceil(remaining * 1000) / 1000
             else:  # the open time is over: the next call is a probe
                 info["state"] = HALF_OPEN
         if fleet is not None:

@@ -846,19 +846,26 @@ class FleetLink:
             # "restored" answers this down period's "unavailable" line, only when it was logged
             was_down, self._down_warned = self._down_warned, False
             self._down_since = None
-            self.up = True
-            self.problem = None
-        if was_down:
-            emit(
-                self.config,
-                log_breaker,
-                logging.INFO,
-                "Shared state restored: Redis at %s answers again; circuit breakers and retry "
-                "budgets are shared with the other processes again",
-                self.masked_url,
-                event="shared_state_restored",
-                redis=self.masked_url,
-            )
+            if not was_down:
+                self.up = True
+                self.problem = None
+                return
+        # the line first, then the link is up: whoever sees it up (health(), a test) finds the
+        # line written
+        emit(
+            self.config,
+            log_breaker,
+            logging.INFO,
+            "Shared state restored: Redis at %s answers again; circuit breakers and retry "
+            "budgets are shared with the other processes again",
+            self.masked_url,
+            event="shared_state_restored",
+            redis=self.masked_url,
+        )
+        with self._lock:
+            if self._down_since is None:  # (not marked down again meanwhile)
+                self.up = True
+                self.problem = None
 
     # -- the background thread ---------------------------------------------------------------
     def _run(self) -> None:

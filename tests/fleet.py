@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -152,6 +153,14 @@ class WorkerProcess:
 
     def self_heal_lines(self, text: str) -> list[str]:
         return [line for line in self.log().splitlines() if "[SELF-HEAL]" in line and text in line]
+
+    def said(self, text: str, timeout: float = 5.0) -> list[str]:
+        """:meth:`self_heal_lines` once at least one is there (bounded: ``timeout``): the link
+        is marked up or down before its line is written, from another thread of the worker."""
+        deadline = time.monotonic() + timeout
+        while not (lines := self.self_heal_lines(text)) and time.monotonic() < deadline:
+            time.sleep(0.01)  # polling the worker's log, not a backoff
+        return lines
 
     def close(self) -> None:
         proc = self.proc

@@ -212,7 +212,7 @@ def test_redis_killed_mid_workload_then_back(
             assert stats["errors"] == {}
         # one warning per process naming the Redis (reconnection attempts don't repeat it)
         for w in workers:
-            lines = w.self_heal_lines("Shared state unavailable")
+            lines = w.said("Shared state unavailable")
             assert len(lines) == 1, w.log()
             assert f"127.0.0.1:{redis_server.port}" in lines[0]
 
@@ -225,7 +225,7 @@ def test_redis_killed_mid_workload_then_back(
         redis_server.start()  # same port
         for w in workers:
             assert w.ask("wait", what="connected", timeout=10)["ok"], w.log()
-            assert len(w.self_heal_lines("Shared state restored")) == 1
+            assert len(w.said("Shared state restored")) == 1
         # shared again: the opening a made on its own while Redis was down is not thrown away
         # (the database it failed on may well be down still): the restarted Redis, which has
         # no state, takes it, and b follows it without calling the database
