@@ -412,6 +412,14 @@ class Breaker:
             return 0.0
         return 0.0
 
+    def refuse_if_open(self) -> None:
+        """Raise :class:`CircuitOpenError` (counted and reported as any rejection) while the
+        breaker is open, read from the local view (nothing sent); closed or half-open: return.
+        For drop-in use, which is no probe (its outcome is never reported to the breaker)."""
+        remaining = self.open_for()
+        if remaining > 0:
+            raise self._reject(remaining, OPEN)
+
     def fast_success(self) -> bool:
         """True when :meth:`on_success` of a non-probe attempt has nothing to do (no failure
         counted since the last success). False: call :meth:`on_success` (as above)."""

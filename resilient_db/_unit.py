@@ -846,6 +846,16 @@ def _on_transaction_create(session: Session, transaction: Any) -> None:
     attempt = current_attempt.get()
     if attempt is not None and attempt.running:
         attempt.created_transaction(transaction)
+    policy = factory.policy
+    policy.refresh()
+    breaker = policy.breaker
+    if breaker is not None and not breaker.fast_closed() and not admitted_by(breaker):
+        # open: refused before it takes a connection, a pooled one too (a new one is put to
+        # the breaker by the connect retry, see FactoryCore._connect_policy_call); half-open
+        # lets it through, as no probe: its outcome is not reported to the breaker
+        if connecting_for.get() is not None:
+            connecting_for.set(None)
+        breaker.refuse_if_open()
     connecting_for.set((factory, weakref.ref(transaction)))
 
 

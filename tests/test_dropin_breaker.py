@@ -1,0 +1,110 @@
+"""Drop-in use meets an open breaker when its transaction begins, also on a pooled connection
+that still works: it is refused before it sends anything (``CircuitOpenError``, counted as a
+rejection), where before only a new connection's connect asked the breaker. Half-open lets it
+through (it is no probe: its outcome is never reported). Real server, real failures (57P03
+raised by the server)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from scenarios import FakeClock
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
+
+import resilient_db as rdb
+from resilient_db.testing import PostgresServer
+
+pytestmark = pytest.mark.usefixtures("no_backoff")
+
+LEDGER = "CREATE TABLE ledger (id serial PRIMARY KEY, note text NOT NULL)"
+
+
+def unavailable(session: Session) -> None:
+    session.execute(sa.text("SELECT raise_code('57P03')"))  # cannot connect now: a failure
+
+
+def rows(server: PostgresServer, database: str) -> list[str]:
+    return [r[0] for r in server.execute("SELECT note FROM ledger ORDER BY id", database=database)]
+
+
+def rejections(service: str) -> int:
+    return int(rdb.health()["services"][service]["counters"]["breaker_rejections"])
+
+
+def config() -> rdb.Config:
+    return rdb.Config(failure_threshold=1, max_retries=0, reset_timeout=30)
+
+
+def test_an_open_breaker_refuses_drop_in_work_on_a_pooled_connection(
+    engine: sa.Engine, pg_server: PostgresServer, pg_database: str, service: str
+) -> None:
+    with engine.begin() as conn:
+        conn.exec_driver_sql(LEDGER)
+    clock = FakeClock()
+    Factory = rdb.ResilientSession(engine, service=service, config=config(), wall_clock=clock)
+    with Factory.begin() as session:  # a pooled connection, known to work
+        session.execute(sa.text("INSERT INTO ledger (note) VALUES ('before')"))
+    with pytest.raises(sa.exc.OperationalError):
+        Factory.run(unavailable)  # opens the breaker
+    assert engine.pool.checkedin() >= 1  # the working connection is back in the pool
+    with pytest.raises(rdb.CircuitOpenError) as opened, Factory.begin() as session:
+        session.execute(sa.text("INSERT INTO ledger (note) VALUES ('while open')"))
+    assert opened.value.retry_after > 0
+    with pytest.raises(rdb.CircuitOpenError), Factory() as session:
+        session.execute(sa.text("SELECT 1"))
+    assert rejections(service) == 2
+    assert rows(pg_server, pg_database) == ["before"]
+    clock.advance(31)  # half-open: drop-in use goes through, as no probe
+    with Factory.begin() as session:
+        session.execute(sa.text("INSERT INTO ledger (note) VALUES ('half-open')"))
+    assert rows(pg_server, pg_database) == ["before", "half-open"]
+    assert Factory.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one()) == 1  # the probe
+    assert rdb.health()["services"][service]["breaker"]["state"] == "closed"
+
+
+def test_drop_in_work_inside_an_operation_of_its_service_is_not_asked_again(
+    engine: sa.Engine, service: str
+) -> None:
+    """An operation the breaker let through (``with_self_healing``) runs drop-in sessions of
+    its service without a second question (half-open, the operation holds the probe)."""
+    clock = FakeClock()
+    Factory = rdb.ResilientSession(engine, service=service, config=config(), wall_clock=clock)
+    with pytest.raises(sa.exc.OperationalError):
+        Factory.run(unavailable)
+    clock.advance(31)
+
+    def handler() -> Any:
+        with Factory() as session:
+            return session.execute(sa.text("SELECT 7")).scalar_one()
+
+    assert rdb.with_self_healing(handler, service=service, config=config()) == 7
+    assert rdb.health()["services"][service]["breaker"]["state"] == "closed"
+
+
+@pytest.mark.asyncio
+async def test_async_an_open_breaker_refuses_drop_in_work_on_a_pooled_connection(
+    engine: sa.Engine, pg_server: PostgresServer, pg_database: str, service: str
+) -> None:
+    with engine.begin() as conn:
+        conn.exec_driver_sql(LEDGER)
+    aengine = create_async_engine(pg_server.url(pg_database, driver="asyncpg"))
+    try:
+        Factory = rdb.AsyncResilientSession(aengine, service=service, config=config())
+        async with Factory.begin() as session:
+            await session.execute(sa.text("INSERT INTO ledger (note) VALUES ('before')"))
+
+        async def aunavailable(session: AsyncSession) -> None:
+            await session.execute(sa.text("SELECT raise_code('57P03')"))
+
+        with pytest.raises(sa.exc.DBAPIError):  # (asyncpg's: no OperationalError class)
+            await Factory.run(aunavailable)
+        with pytest.raises(rdb.CircuitOpenError):
+            async with Factory.begin() as session:
+                await session.execute(sa.text("INSERT INTO ledger (note) VALUES ('open')"))
+        assert rejections(service) == 1
+        assert rows(pg_server, pg_database) == ["before"]
+    finally:
+        await aengine.dispose()
