@@ -76,8 +76,13 @@ class _LogListener(_pb.CircuitBreakerListener):
     def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
         b = self._breaker
         new = new_state.name
+        # the calls the state ending now rejected since its last line are said now (summed,
+        # the events' ``rejected`` are every rejection); the next state's first has its line
+        left = b.rejection_lines.drain()
+        old = getattr(old_state, "name", None)
+        if left and old in (OPEN, HALF_OPEN):
+            b.report_rejections_left(left, old)
         if new == OPEN:
-            b.rejection_lines.restart()  # the first call this opening rejects has its line
             followed, b.open_followed = b.open_followed, False
             if followed:
                 b.opens_followed += 1
@@ -757,6 +762,24 @@ class Breaker:
             retry_after=round(retry_after, 3),
             log=True,
             **({} if cause is None else {"cause": cause}),
+        )
+
+    def report_rejections_left(self, rejected: int, state: str) -> None:
+        """The line and event of the ``rejected`` calls that ``state``, now ending, rejected
+        since its last rejection line (see :meth:`_report_rejection`)."""
+        emit(
+            self.config,
+            log_breaker,
+            logging.WARNING,
+            "Circuit breaker rejected %d more call(s) before leaving the %s state: service=%s",
+            rejected,
+            state,
+            self.service,
+            service=self.service,
+            event="breaker_rejected",
+            rejected=rejected,
+            state=state,
+            log=True,
         )
 
     def _open_error(self, retry_after: float) -> CircuitOpenError:

@@ -201,6 +201,14 @@ class LineLimit:
             self._last[key] = now
             return True, self._unlogged.pop(key, 0)
 
+    def drain(self, key: Any = None) -> int:
+        """The occurrences of ``key`` left unlogged since its last line, taken (an episode
+        ended: its rest is said now, not in the next episode's first line); the next one is
+        logged whenever it comes."""
+        with self._lock:
+            self._last.pop(key, None)
+            return self._unlogged.pop(key, 0)
+
     def restart(self, key: Any = None) -> None:
         """The next occurrence of ``key`` is logged whenever it comes (a new episode began: a
         circuit breaker opened again); the count of those left unlogged is kept for its line."""

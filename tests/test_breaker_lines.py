@@ -98,6 +98,18 @@ def test_rejected_calls_have_a_line_and_an_event_the_first_after_each_opening_th
     assert counters(service)["breaker_rejections"] == 1006
     assert len(lines(caplog, "Circuit breaker rejected")) == 3
 
+    # leaving the open state, the 4 rejections not yet said are: summed, the events count all
+    clock.advance(31)
+    assert Factory.run(healthy) == 1  # half-open: the probe closes it
+    assert [e.fields["rejected"] for e in rejected_events()] == [1, 1000, 1, 4]
+    assert sum(e.fields["rejected"] for e in rejected_events()) == 1006
+    (left,) = lines(caplog, "more call(s)")
+    assert left.startswith(
+        f"[SELF-HEAL] Circuit breaker rejected 4 more call(s) before leaving the open state: "
+        f"service={service}"
+    )
+    assert rejected_events()[-1].fields["state"] == "open"
+
 
 def test_rejection_events_reach_the_hooks_whatever_the_logging_switch(
     engine: sa.Engine, service: str, events: list[rdb.SelfHealEvent]
