@@ -181,7 +181,13 @@ def client_says(exc: BaseException, url: str) -> str:
     secrets: set[str] = set()
     credentials = url.partition("://")[2].rpartition("@")[0]
     values = [match[2] for match in _PASSWORD_VALUE.finditer(url)]
-    for raw in (credentials, *credentials.split(":"), *values):
+    parts = credentials.split(":")
+    user, colon, password = credentials.partition(":")
+    if colon and password and _PLAIN_USER.fullmatch(user):
+        # a user name the masked URL shows: not replaced (a short one would be, in every word
+        # of the message: "invalid ***sername-password pair" for user "u")
+        parts = parts[1:]
+    for raw in (credentials, *parts, *values):
         secrets.update((raw, urllib.parse.unquote(raw), urllib.parse.unquote_plus(raw)))
     text = str(exc).replace(url, mask_url(url))
     for secret in sorted(secrets - {""}, key=len, reverse=True):

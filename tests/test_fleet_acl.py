@@ -198,3 +198,23 @@ def test_a_redis_restarted_empty_brings_the_breaker_back_to_closed_saying_so(
     )
     (closed,) = _lines(caplog, "Circuit breaker closed")
     assert "Redis restarted or flushed" in closed, closed
+
+
+def test_a_refused_login_names_the_user_and_never_the_password(
+    redis_server: RedisServer, engine: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis's own words about a wrong password keep their text: a one-letter user name the
+    masked URL shows is not replaced in them ("invalid ***sername-password pair" before)."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    redis_server.client().execute_command("ACL", "SETUSER", "u", "on", f">{PASSWORD}", "+@all")
+    url = f"redis://u:wrong-{PASSWORD}@{redis_server.host}:{redis_server.port}/0"
+    _factory(engine, url, "login")
+    wait_for(lambda: shared("login")["problem"] is not None, "the link's first attempt", 5)
+    problem = shared("login")["problem"]
+    (line,) = _lines(caplog, "Shared state unavailable")
+    for said in (problem, line):
+        assert "login refused" in said
+        assert "username-password pair" in said
+        assert "***sername" not in said
+        assert PASSWORD not in said
+    assert f"redis://u:***@{redis_server.host}:{redis_server.port}/0" in line
