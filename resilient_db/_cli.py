@@ -274,6 +274,9 @@ def _demo(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     url, problem = _demo_url(args)
     redis_url, redis_problem = _demo_redis_url(args)
     problem = problem or redis_problem
+    if problem is None and args.keep_database and url is None:
+        # the demo's own server goes at the end, its databases with it: nothing to keep
+        problem = "--keep-database needs --url (the demo's own server is removed at the end)"
     if problem is not None:
         print(f"resilient-db demo: error: {problem}", file=err)
         return EXIT_USAGE

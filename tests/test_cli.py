@@ -402,6 +402,8 @@ def test_demo_rejects_a_too_short_workload(capsys: pytest.CaptureFixture[str]) -
         # each worker holds a connection: 300 ran the embedded server out of them, and the
         # demo ended in a traceback after its workload
         (["--workers", "300"], {}, "--workers must be at most 100"),
+        # the demo's own server is removed at the end: there would be nothing kept
+        (["--keep-database"], {}, "--keep-database needs --url"),
     ],
 )
 def test_demo_usage_errors_exit_2_with_one_line(
