@@ -236,8 +236,22 @@ def do_orm_execute(orm_state: ORMExecuteState) -> Result[Any] | None:
                 shown=shown,
             )
             stmt = stmt.where(legal)
+            if new_expr is not None:
+                stmt = _synchronized_by_fetch(orm_state, stmt)
     orm_state.statement = stmt
     return None
+
+
+def _synchronized_by_fetch(orm_state: ORMExecuteState, stmt: Any) -> Any:
+    """``stmt`` synchronized with the session by ``"fetch"`` where it asked for
+    ``"evaluate"``: the legal condition added for a new state given as a SQL expression can't
+    be evaluated in Python (SQLAlchemy's evaluator refuses it, where the statement without it
+    ran), and ``"fetch"`` leaves the session's objects as ``"evaluate"`` would (as
+    ``"auto"`` falls back to it)."""
+    if orm_state.execution_options.get("synchronize_session") != "evaluate":
+        return stmt
+    orm_state.update_execution_options(synchronize_session="fetch")
+    return stmt.execution_options(synchronize_session="fetch")
 
 
 def _refuse_other_rules(
@@ -285,6 +299,7 @@ def _restrict_many(
         return None  # nothing to run, or not parameter sets SQLAlchemy would take
     sets = [dict(p) for p in params]  # copies: the caller's dicts are left as they were
     ours: list[str] = []  # the names of the parameters added to each set
+    expression = False  # a new state given as a SQL expression (see below)
     for n, guard in enumerate(guards):
         targets = [_target(stmt, p, guard) for p in sets]
         first = next((t for t in targets if t is not None), None)
@@ -303,6 +318,7 @@ def _restrict_many(
         else:
             new_expr = sa.type_coerce(first.value, guard.column.type)
             shown = "(SQL expression)"
+            expression = True
         named = _named(stmt, mapper, guard)
         legal = _legal_predicate(guard, named.status, new_expr)
         _check_rows(
@@ -320,6 +336,19 @@ def _restrict_many(
     if stmt is orm_state.statement:
         return None  # no guarded column set: the statement runs as it is
     added = [{name: p[name] for name in ours} for p in sets]
+    if expression and orm_state.execution_options.get("synchronize_session", "auto") in (
+        "auto",
+        "evaluate",
+    ):
+        # the legal condition of a new state given as a SQL expression can't be evaluated in
+        # Python, and "fetch" (what "auto" falls back to) takes no parameter sets: not
+        # synchronized, as SQLAlchemy's "evaluate" leaves the session's objects here anyway
+        stmt = stmt.execution_options(synchronize_session=False)
+        return orm_state.invoke_statement(
+            statement=stmt,
+            params=added if ours else None,
+            execution_options={"synchronize_session": False},
+        )
     return orm_state.invoke_statement(statement=stmt, params=added if ours else None)
 
 
