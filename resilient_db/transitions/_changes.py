@@ -48,11 +48,11 @@ def raise_errors(errors: Sequence[IllegalTransitionError], config: Config) -> No
     first = errors[0]
     if len(errors) > 1:
         more = f"{len(errors) - 1} more illegal change(s) in the same flush"
-        first = _with_reason(first, f"{first.reason}; {more}" if first.reason else more)
+        first = with_reason(first, f"{first.reason}; {more}" if first.reason else more)
     raise first
 
 
-def _with_reason(err: IllegalTransitionError, reason: str) -> IllegalTransitionError:
+def with_reason(err: IllegalTransitionError, reason: str) -> IllegalTransitionError:
     return type(err)(
         model=err.model,
         pk=err.pk,

@@ -35,7 +35,7 @@ from resilient_db._state import STATE
 from resilient_db._statements import StatementGuard, current_attempt, note_write
 
 from ._bypass import active_config
-from ._changes import Change, illegal, in_key_order, raise_errors, read_by_keys
+from ._changes import Change, illegal, in_key_order, raise_errors, read_by_keys, with_reason
 from ._rules import Guard, compiled_guards, plain, sort_key
 
 __all__ = [
@@ -60,10 +60,18 @@ def before_flush(
     changes: list[Change] = []
     guards_of = _GuardsByMapper()
     new = session.new
+    replaced: dict[Any, InstanceState[Any]] | None = None  # deleted rows, by identity key
     for obj in list(new) if only is None else [o for o in new if id(o) in only]:
         state = instance_state(obj)  # the session's objects are mapped: no inspect() needed
-        for guard in guards_of[state.mapper]:
+        guards = guards_of[state.mapper]
+        for guard in guards:
             errors.extend(_check_insert(guard, state))
+        if guards:
+            if replaced is None:
+                gone = (instance_state(o) for o in session.deleted)
+                replaced = {d.key: d for d in gone if d.key is not None}
+            if replaced:
+                errors.extend(_check_row_switch(guards, state, replaced))
     # mappers of guarded rows this flush updates with no change of status seen here: a mapper's
     # before_update listener may still set one during the flush (checked when it is sent)
     touched: set[Mapper[Any]] = set()
@@ -162,6 +170,43 @@ def _check_insert(guard: Guard, state: InstanceState[Any]) -> list[IllegalTransi
             inserted=True,
         )
     ]
+
+
+def _check_row_switch(
+    guards: tuple[Guard, ...],
+    state: InstanceState[Any],
+    replaced: dict[Any, InstanceState[Any]],
+) -> list[IllegalTransitionError]:
+    """A new object with the key of a row deleted in the same flush: SQLAlchemy sends the pair
+    as one UPDATE of that row (its "row switch"), which moves the row from the state it was
+    loaded in to the new object's, so the move is judged as one (the trigger judges that
+    UPDATE so too; the same delete and add in two flushes are a DELETE and an INSERT)."""
+    key = state.mapper.identity_key_from_instance(state.obj())
+    if None in key[1]:
+        return []  # no key of its own yet (the database gives it): no row to switch to
+    gone = replaced.get(key)
+    if gone is None:
+        return []
+    errors = []
+    for guard in guards:
+        attr = guard.attr_key
+        old = gone.committed_state.get(attr, gone.dict.get(attr))
+        new = state.dict.get(attr)
+        if old is None or new is None or isinstance(new, ClauseElement):
+            continue  # not loaded, or not known before the flush: the trigger judges it
+        if guard.legal(guard.key(old), guard.key(new)):
+            continue
+        identity = key[1]
+        change = Change(guard, guard.pk_of(identity), identity, old, True, new, state.mapper)
+        err = illegal(change, old, "flush")
+        errors.append(
+            with_reason(
+                err,
+                f"{err.reason}; a row deleted and added again with the same key in one flush "
+                "is written as an UPDATE of the row: flush the delete first to replace it",
+            )
+        )
+    return errors
 
 
 def _pending_pk(guard: Guard, state: InstanceState[Any]) -> tuple[Any, ...] | None:
