@@ -15,6 +15,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.operations import Operations
+from alembic.script import ScriptDirectory
 from sqlalchemy import exc as sa_exc
 
 import resilient_db as rdb
@@ -415,6 +416,84 @@ def test_alembic_command_line_with_an_async_drivers_url(
     assert marker_objects(engine) == MARKER_OBJECTS
     with engine.connect() as conn:
         assert rdb.trigger_drift(conn, Task) is None
+
+
+# The steps that install the trigger of tasks.status, each with a Task model of its own.
+TRIGGER_STEPS = (
+    "0001_tasks",
+    "0003_transition_bypass_role",
+    "0006_transition_bypass_audit",
+    "0007_transition_after_triggers",
+    "0009_transition_trigger_v5",
+)
+
+
+def test_the_migrations_install_their_own_rules_not_the_applications(
+    pg_url: str, engine: sa.Engine
+) -> None:
+    """Each step installs the rules it was written with: run by the alembic command line in a
+    process whose application model has other rules by then (here: pending -> completed
+    only), a fresh database gets the rules of the migrations, which are the example's."""
+    patched = (
+        "import sys; import resilient_db as rdb; from resilient_db.examples import tasks; "
+        "tasks.Task.__transitions__ = rdb.TransitionRules(column='status', "
+        "transitions={'pending': {'completed'}}, initial={'pending'}); "
+        "from alembic.config import main; main(sys.argv[1:], prog='alembic')"
+    )
+    ini = alembic_config().config_file_name
+    assert ini is not None
+    done = subprocess.run(
+        [sys.executable, "-c", patched, "-c", ini, "-x", f"url={pg_url}", "upgrade", "head"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert version(engine) == HEAD
+    with engine.connect() as conn:
+        assert rdb.trigger_drift(conn, Task) is None
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO tasks (idem_key, title) VALUES ('k', 't')")
+        conn.exec_driver_sql("UPDATE tasks SET status = 'in_progress'")
+    with pytest.raises(sa_exc.DBAPIError) as info, engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE tasks SET status = 'cancelled'")
+    assert rdb.sqlstate_of(info.value) == rdb.TRANSITION_SQLSTATE
+
+
+def test_the_migrations_models_and_the_applications_in_one_process(
+    pg_url: str, engine: sa.Engine
+) -> None:
+    """The steps' own Task classes (each in a registry of its own, loaded into this process by
+    the upgrade run here) and the application's Task map one table by the same rules: the
+    trigger is no drift for any of them, and its error is mapped back as the application's
+    Task (model, column, states, typed key), with no word of rules that differ."""
+    apply_migrations(pg_url)
+    script = ScriptDirectory.from_config(alembic_config())
+    frozen = [script.get_revision(step).module.Task for step in TRIGGER_STEPS]
+    assert len({id(model) for model in (*frozen, Task)}) == len(TRIGGER_STEPS) + 1
+    assert len({model.registry for model in (*frozen, Task)}) == len(TRIGGER_STEPS) + 1
+    with engine.connect() as conn:
+        for model in (*frozen, Task):
+            assert rdb.trigger_drift(conn, model) is None, model.__module__
+    with engine.begin() as conn:
+        task_id = conn.execute(
+            sa.text("INSERT INTO tasks (idem_key, title) VALUES ('k', 't') RETURNING id")
+        ).scalar_one()
+    sessions = rdb.ResilientSession(engine, service="migrations-frozen")
+
+    def move(to: str) -> None:
+        with sessions.begin() as session:
+            session.execute(sa.text("UPDATE tasks SET status = :to"), {"to": to})
+
+    move("in_progress")
+    with pytest.raises(rdb.IllegalTransitionError) as info:
+        move("cancelled")
+    err = info.value
+    assert (err.model, err.column, err.via) == ("Task", "status", "db")
+    assert (err.from_state, err.to_state, err.pk) == ("in_progress", "cancelled", task_id)
+    assert type(err.pk) is int
+    assert "differ" not in str(err)
 
 
 def test_commit_markers_install_is_idempotent_next_to_the_migration(
