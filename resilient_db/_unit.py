@@ -251,7 +251,7 @@ class CommitVerdict(enum.Enum):
 
 
 def flush_and_commit(
-    session: Session, request: CommitRequest, protocol: CommitProtocol | None
+    session: Session, request: CommitRequest, protocol: CommitProtocol | _UnboundProtocol
 ) -> None:
     """End a unit of work: flush and commit, the COMMIT marked by the commit protocol.
 
@@ -259,8 +259,8 @@ def flush_and_commit(
     ``request`` (the caller's, so that a failed COMMIT can be settled) gathers what the COMMIT
     carried. Expired markers are pruned now and then, after a successful commit: through
     ``protocol`` (the factory's engine's), or for a factory without an engine of its own (its
-    session class picks the engines, see :meth:`FactoryCore._routing_get_bind`) through the
-    protocol of the engine the unit's COMMIT went to.
+    session class picks the engines, see :meth:`FactoryCore._routing_get_bind`; its protocol
+    is :data:`_UNBOUND_PROTOCOL`) through the protocol of the engine the unit's COMMIT went to.
 
     Without autobegin (``autobegin=False``), a unit whose own code ended the transaction ``run``
     began for it (``session.commit()`` in ``fn``) has nothing left to commit: ``commit()`` would
@@ -279,21 +279,22 @@ def flush_and_commit(
         current_request.reset(token)
     if request.warned:
         _answered_with_a_warning(request)
-    if request.tickets and request.tickets[-1].mode == MARKERS:
-        if protocol is None:
-            protocol = _protocol_committed_through(request)
-        if protocol is not None and protocol.prune_due():
-            _prune_quietly(protocol)
+    if request.tickets and request.tickets[-1].mode == MARKERS and protocol.prune_due():
+        _prune_quietly(protocol, request)
 
 
-def _protocol_committed_through(request: CommitRequest) -> CommitProtocol | None:
-    """The commit protocol of the engine of the unit's last connection (see
-    :func:`flush_and_commit`)."""
-    for connection, _ in reversed(request.connections()):
-        hooks: EngineHooks | None = STATE.engine_hooks.get(connection.engine)
-        if hooks is not None:
-            return hooks.commit
-    return None
+class _UnboundProtocol:
+    """The commit protocol of a factory without an engine of its own: nothing but the prune's
+    question, always due, answered by the engine the unit's COMMIT went to (see
+    :func:`_prune_quietly`). (Every writing unit asks: its question is one call, as a bound
+    factory's protocol's.)"""
+
+    @staticmethod
+    def prune_due() -> bool:
+        return True
+
+
+_UNBOUND_PROTOCOL: Final = _UnboundProtocol()
 
 
 def _answered_with_a_warning(request: CommitRequest) -> None:
@@ -325,7 +326,17 @@ def commit_plainly(session: Session) -> None:
         enclosing.committed = True
 
 
-def _prune_quietly(protocol: CommitProtocol) -> None:
+def _prune_quietly(given: CommitProtocol | _UnboundProtocol, request: CommitRequest) -> None:
+    if isinstance(given, _UnboundProtocol):
+        # the protocol of an engine the unit's COMMIT went to whose prune is due
+        hooks = (STATE.engine_hooks.get(c.engine) for c, _ in request.connections())
+        due: list[CommitProtocol] = [
+            h.commit for h in hooks if h is not None and h.commit.prune_due()
+        ]
+        if not due:
+            return
+        given = due[-1]
+    protocol: CommitProtocol = given
     if not protocol.pruned():
         return
     try:
@@ -1263,11 +1274,12 @@ def engine_of(bind: Any, factory: type, where: str) -> Any:
 class _UnboundHooks:
     """The engine hooks of a factory made without a bind (``ResilientSession()``, bound at
     start-up with ``configure(bind=engine)``, or whose session class picks its engines), until
-    it has one: no commit protocol of its own. Its units' COMMITs are marked by the hooks of the
+    it has one: no commit protocol of its own (:data:`_UNBOUND_PROTOCOL`). Its units' COMMITs
+    are marked by the hooks of the
     engines their sessions reach (:meth:`FactoryCore._routing_get_bind`); with no engine at all
     a statement is refused by SQLAlchemy itself, as for sessionmaker."""
 
-    commit = None
+    commit = _UNBOUND_PROTOCOL
 
     def __init__(self) -> None:
         self.factories: weakref.WeakSet[FactoryCore] = weakref.WeakSet()
@@ -1276,8 +1288,8 @@ class _UnboundHooks:
 def _unbound_hooks() -> EngineHooks:
     """:class:`_UnboundHooks` where the factory keeps its engine's hooks (nothing but
     :meth:`FactoryCore.configure` and ``_apply_config``, which look for it, touches more than
-    ``commit`` and ``factories`` of them; a unit takes a ``commit`` of None as "no engine of the
-    factory's own", see :func:`flush_and_commit`)."""
+    ``commit`` and ``factories`` of them; a unit takes its ``commit``, :data:`_UNBOUND_PROTOCOL`,
+    as "no engine of the factory's own", see :func:`flush_and_commit`)."""
     return _UnboundHooks()  # type: ignore[return-value]
 
 

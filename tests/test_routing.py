@@ -19,6 +19,7 @@ from sqlalchemy.ext.horizontal_shard import ShardedSession
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
+from resilient_db._state import STATE
 from resilient_db.testing import FaultProxy, PostgresServer
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
@@ -237,3 +238,29 @@ def test_a_lost_answer_of_a_unit_that_read_on_the_follower_is_unknown_never_repl
         Sessions.run(unit)
     assert calls == ["x"]
     assert names(pg_server, database) == ["r-1"]
+
+
+def test_a_routed_unit_prunes_expired_markers_where_it_committed(
+    pg_server: PostgresServer,
+    database: str,
+    leader_follower: tuple[sa.Engine, sa.Engine],
+    service: str,
+) -> None:
+    """A factory without an engine of its own prunes through the engine its unit's COMMIT went
+    to, as a bound factory prunes through its own."""
+    leader, _ = leader_follower
+    with leader.begin() as conn:  # five markers 20 minutes old: expired
+        conn.execute(
+            sa.text(
+                "INSERT INTO resilient_db.commit_markers (id) SELECT (lpad(to_hex(floor(extract("
+                "epoch FROM now() - interval '20 minutes') * 1000)::bigint), 12, '0') || '7' || "
+                "substr(md5(g::text), 1, 3) || '8' || substr(md5(g::text), 4, 15))::uuid "
+                "FROM generate_series(1, 5) g"
+            )
+        )
+    Sessions = rdb.ResilientSession(class_=routing_class(*leader_follower), service=service)
+    Sessions.run(lambda session: session.add(Item(name="first")))  # the leader gets its hooks
+    assert markers(pg_server, database) == 6
+    STATE.engine_hooks[leader].commit._next_prune = 0.0  # (as if the interval had passed)
+    Sessions.run(lambda session: session.add(Item(name="second")))
+    assert markers(pg_server, database) == 2  # the expired ones pruned; the two units' kept

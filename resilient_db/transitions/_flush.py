@@ -63,15 +63,13 @@ def before_flush(
     replaced: dict[Any, InstanceState[Any]] | None = None  # deleted rows, by identity key
     for obj in list(new) if only is None else [o for o in new if id(o) in only]:
         state = instance_state(obj)  # the session's objects are mapped: no inspect() needed
-        guards = guards_of[state.mapper]
-        for guard in guards:
+        for guard in guards_of[state.mapper]:
             errors.extend(_check_insert(guard, state))
-        if guards:
             if replaced is None:
                 gone = (instance_state(o) for o in session.deleted)
                 replaced = {d.key: d for d in gone if d.key is not None}
             if replaced:
-                errors.extend(_check_row_switch(guards, state, replaced))
+                errors.extend(_check_row_switch(guard, state, replaced))
     # mappers of guarded rows this flush updates with no change of status seen here: a mapper's
     # before_update listener may still set one during the flush (checked when it is sent)
     touched: set[Mapper[Any]] = set()
@@ -173,9 +171,7 @@ def _check_insert(guard: Guard, state: InstanceState[Any]) -> list[IllegalTransi
 
 
 def _check_row_switch(
-    guards: tuple[Guard, ...],
-    state: InstanceState[Any],
-    replaced: dict[Any, InstanceState[Any]],
+    guard: Guard, state: InstanceState[Any], replaced: dict[Any, InstanceState[Any]]
 ) -> list[IllegalTransitionError]:
     """A new object with the key of a row deleted in the same flush: SQLAlchemy sends the pair
     as one UPDATE of that row (its "row switch"), which moves the row from the state it was
@@ -187,26 +183,23 @@ def _check_row_switch(
     gone = replaced.get(key)
     if gone is None:
         return []
-    errors = []
-    for guard in guards:
-        attr = guard.attr_key
-        old = gone.committed_state.get(attr, gone.dict.get(attr))
-        new = state.dict.get(attr)
-        if old is None or new is None or isinstance(new, ClauseElement):
-            continue  # not loaded, or not known before the flush: the trigger judges it
-        if guard.legal(guard.key(old), guard.key(new)):
-            continue
-        identity = key[1]
-        change = Change(guard, guard.pk_of(identity), identity, old, True, new, state.mapper)
-        err = illegal(change, old, "flush")
-        errors.append(
-            with_reason(
-                err,
-                f"{err.reason}; a row deleted and added again with the same key in one flush "
-                "is written as an UPDATE of the row: flush the delete first to replace it",
-            )
+    attr = guard.attr_key
+    old = gone.committed_state.get(attr, gone.dict.get(attr))
+    new = state.dict.get(attr)
+    if old is None or new is None or isinstance(new, ClauseElement):
+        return []  # not loaded, or not known before the flush: the trigger judges it
+    if guard.legal(guard.key(old), guard.key(new)):
+        return []
+    identity = key[1]
+    change = Change(guard, guard.pk_of(identity), identity, old, True, new, state.mapper)
+    err = illegal(change, old, "flush")
+    return [
+        with_reason(
+            err,
+            f"{err.reason}; a row deleted and added again with the same key in one flush is "
+            "written as an UPDATE of the row: flush the delete first to replace it",
         )
-    return errors
+    ]
 
 
 def _pending_pk(guard: Guard, state: InstanceState[Any]) -> tuple[Any, ...] | None:
