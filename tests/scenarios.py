@@ -125,6 +125,20 @@ def metadata_engine(url: str, base: type[DeclarativeBase]) -> Iterator[sa.Engine
     engine.dispose()
 
 
+def waiting_on_lock(engine: sa.Engine, key: int) -> int:
+    """Backends waiting for the advisory lock ``key`` (a test's units held up on the server)."""
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                    "AND objid = :key AND NOT granted"
+                ),
+                {"key": key},
+            ).scalar_one()
+        )
+
+
 def ledger_rows(server: PostgresServer, database: str, unit: str) -> int:
     """Rows of the ledger written for ``unit``, read on a connection of the test's own."""
     found = server.execute(

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
+from scenarios import waiting_on_lock
 from sqlalchemy.orm import Session
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -43,19 +44,6 @@ def one_connection(pg_url: str) -> Iterator[sa.Engine]:
     eng = sa.create_engine(pg_url, pool_size=1, max_overflow=0, pool_timeout=0.2)
     yield eng
     eng.dispose()
-
-
-def waiting_on_lock(engine: sa.Engine) -> int:
-    with engine.connect() as conn:
-        return int(
-            conn.execute(
-                sa.text(
-                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
-                    "AND objid = :key AND NOT granted"
-                ),
-                {"key": LOCK_KEY},
-            ).scalar_one()
-        )
 
 
 def test_an_exhausted_pool_is_a_503_with_retry_after_logged_and_no_failure_for_the_breaker(
@@ -97,13 +85,15 @@ def test_an_exhausted_pool_is_a_503_with_retry_after_logged_and_no_failure_for_t
             waiting = threading.Thread(target=call_slow)
             waiting.start()
             for _ in range(1000):  # bounded: the pool's only connection waits on the database
-                if waiting_on_lock(direct) == 1:
+                if waiting_on_lock(direct, LOCK_KEY) == 1:
                     break
                 threading.Event().wait(0.01)
-            assert waiting_on_lock(direct) == 1
+            assert waiting_on_lock(direct, LOCK_KEY) == 1
             answers = [client.get("/quick") for _ in range(2)]
             order.append("quick answered")
-            assert waiting_on_lock(direct) == 1  # still waiting: the pool was exhausted all along
+            assert (
+                waiting_on_lock(direct, LOCK_KEY) == 1
+            )  # still waiting: the pool was exhausted all along
             holder.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": LOCK_KEY})
             holder.commit()
             waiting.join(BOUND_SECONDS)

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 import anyio.to_thread
 import pytest
 import sqlalchemy as sa
+from scenarios import waiting_on_lock
 from sqlalchemy.orm import Session
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -39,20 +40,6 @@ def engine(pg_url: str) -> Iterator[sa.Engine]:
     eng = sa.create_engine(pg_url, pool_size=THREADS + 2, max_overflow=0)
     yield eng
     eng.dispose()
-
-
-def waiting_on_lock(engine: sa.Engine) -> int:
-    """Backends waiting for the test's advisory lock."""
-    with engine.connect() as conn:
-        return int(
-            conn.execute(
-                sa.text(
-                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
-                    "AND objid = :key AND NOT granted"
-                ),
-                {"key": LOCK_KEY},
-            ).scalar_one()
-        )
 
 
 @contextlib.asynccontextmanager
@@ -109,14 +96,14 @@ def test_the_dashboard_answers_while_sync_endpoints_fill_the_threadpool_waiting_
             for thread in units:
                 thread.start()
             for _ in range(1000):  # bounded: every thread of the pool waits on the database
-                if waiting_on_lock(engine) == THREADS:
+                if waiting_on_lock(engine, LOCK_KEY) == THREADS:
                     break
                 threading.Event().wait(0.01)
-            assert waiting_on_lock(engine) == THREADS
+            assert waiting_on_lock(engine, LOCK_KEY) == THREADS
             board = threading.Thread(target=call_dashboard)
             board.start()
             answered.wait(BOUND_SECONDS)
-            still_waiting = waiting_on_lock(engine)
+            still_waiting = waiting_on_lock(engine, LOCK_KEY)
             order.append("units released")
             holder.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": LOCK_KEY})
             holder.commit()
