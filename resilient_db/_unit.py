@@ -57,7 +57,7 @@ from ._commit import (
     wrote_past_commit,
 )
 from ._config import Config, load_config, register_default_user
-from ._errors import CommitOutcomeUnknownError
+from ._errors import CircuitOpenError, CommitOutcomeUnknownError
 from ._observability import LineLimit, emit, log_session, stats_for
 from ._registry import factory_of, in_unit
 from ._retry import Policy
@@ -866,7 +866,13 @@ def _on_transaction_create(session: Session, transaction: Any) -> None:
         # lets it through, as no probe: its outcome is not reported to the breaker
         if connecting_for.get() is not None:
             connecting_for.set(None)
-        breaker.refuse_if_open()
+        try:
+            breaker.refuse_if_open()
+        except CircuitOpenError:
+            # the refused transaction is ended (it holds no connection): the session's next
+            # statement begins another, which is asked again
+            transaction.close()
+            raise
     connecting_for.set((factory, weakref.ref(transaction)))
 
 

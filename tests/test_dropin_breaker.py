@@ -57,6 +57,13 @@ def test_an_open_breaker_refuses_drop_in_work_on_a_pooled_connection(
         session.execute(sa.text("SELECT 1"))
     assert rejections(service) == 2
     assert rows(pg_server, pg_database) == ["before"]
+    with Factory() as session:  # a session kept after its refusal is asked again, each time
+        for _ in range(2):
+            with pytest.raises(rdb.CircuitOpenError):
+                session.execute(sa.text("INSERT INTO ledger (note) VALUES ('kept session')"))
+            assert not session.in_transaction()
+    assert rejections(service) == 4
+    assert rows(pg_server, pg_database) == ["before"]
     clock.advance(31)  # half-open: drop-in use goes through, as no probe
     with Factory.begin() as session:
         session.execute(sa.text("INSERT INTO ledger (note) VALUES ('half-open')"))
@@ -104,7 +111,11 @@ async def test_async_an_open_breaker_refuses_drop_in_work_on_a_pooled_connection
         with pytest.raises(rdb.CircuitOpenError):
             async with Factory.begin() as session:
                 await session.execute(sa.text("INSERT INTO ledger (note) VALUES ('open')"))
-        assert rejections(service) == 1
+        async with Factory() as session:  # kept after its refusal: asked again
+            for _ in range(2):
+                with pytest.raises(rdb.CircuitOpenError):
+                    await session.execute(sa.text("INSERT INTO ledger (note) VALUES ('kept')"))
+        assert rejections(service) == 3
         assert rows(pg_server, pg_database) == ["before"]
     finally:
         await aengine.dispose()
