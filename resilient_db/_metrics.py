@@ -23,6 +23,7 @@ Metrics (label ``service`` is the ResilientSession's service name):
 ``resilient_db_commit_outcome_unknown_total``        counter  COMMITs whose outcome stayed unknown
 ``resilient_db_commits_verified_total``              counter  lost COMMIT answers verified committed
 ``resilient_db_response_validation_failures_total``  counter  results that failed ``validate=``
+``resilient_db_pool_timeouts_total``                 counter  attempts that found the pool full
 ``resilient_db_transitions_blocked_total``           counter  rows whose illegal move was blocked
 ``resilient_db_transitions_stale_total``             counter  transitions refused: the row had moved
 ``resilient_db_transition_rows_filtered_total``      counter  of the blocked: rows a bulk UPDATE's
@@ -100,6 +101,12 @@ _SERVICE_COUNTERS = (
         "response_validation_failures",
         "resilient_db_response_validation_failures",
         "Results of units of work that failed their validate= check.",
+    ),
+    (
+        "pool_timeouts",
+        "resilient_db_pool_timeouts",
+        "Attempts that waited the whole pool_timeout for a connection of the engine's pool "
+        "(every one in use): not retried, no failure of the database for the breaker.",
     ),
 )
 _TRANSITION_COUNTERS = (

@@ -270,6 +270,7 @@ class ServiceStats:
     unknown_commits: int = 0
     verified_commits: int = 0
     response_validation_failures: int = 0
+    pool_timeouts: int = 0
     retries_by_class: Counter[str] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -309,6 +310,7 @@ class ServiceStats:
                 "unknown_commits": self.unknown_commits,
                 "verified_commits": self.verified_commits,
                 "response_validation_failures": self.response_validation_failures,
+                "pool_timeouts": self.pool_timeouts,
                 "retries_by_class": dict(self.retries_by_class),
             }
 
@@ -324,6 +326,7 @@ class ServiceStats:
                 "unknown_commits",
                 "verified_commits",
                 "response_validation_failures",
+                "pool_timeouts",
             ):
                 setattr(self, name, 0)
             self.retries_by_class.clear()
@@ -359,8 +362,11 @@ def health() -> dict[str, Any]:
 
     A service's ``counters``: ``attempts``, ``retries`` (and ``retries_by_class``),
     ``recovered``, ``gave_up``, ``breaker_opens``, ``breaker_rejections``, ``unknown_commits``,
-    ``verified_commits``, and ``response_validation_failures`` (results that failed their
-    ``validate=`` check: each raised ``ResponseValidationError`` counts once).
+    ``verified_commits``, ``response_validation_failures`` (results that failed their
+    ``validate=`` check: each raised ``ResponseValidationError`` counts once), and
+    ``pool_timeouts`` (attempts that found every connection of the engine's pool in use for its
+    whole ``pool_timeout``: SQLAlchemy's pool ``TimeoutError``, never retried, no failure of the
+    database for the breaker).
 
     ``transitions`` (process-wide): ``blocked_transitions`` counts rows whose illegal status move
     was refused, one per row whatever the path (flush, database trigger, a bulk UPDATE that

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, NamedTuple, TypeVar
 
 import tenacity as _t
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from ._breaker import Breaker, breaker_for
 from ._budget import RetryBudget, budget_for
@@ -271,6 +272,8 @@ class Policy:
         when the attempt began (``time.monotonic()``; see :meth:`Breaker.on_failure`)."""
         self.stats.add_attempt()
         outcome = self.classifier.classify(exc)
+        if isinstance(exc, PoolTimeoutError):
+            self.stats.add("pool_timeouts")  # this process overloaded (see ServiceStats)
         breaker = self.breaker
         if breaker is not None:
             try:

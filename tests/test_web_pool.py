@@ -91,9 +91,8 @@ def test_an_exhausted_pool_is_a_503_with_retry_after_logged_and_no_failure_for_t
             assert waiting_on_lock(direct, LOCK_KEY) == 1
             answers = [client.get("/quick") for _ in range(2)]
             order.append("quick answered")
-            assert (
-                waiting_on_lock(direct, LOCK_KEY) == 1
-            )  # still waiting: the pool was exhausted all along
+            # still waiting: the pool was exhausted all along
+            assert waiting_on_lock(direct, LOCK_KEY) == 1
             holder.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": LOCK_KEY})
             holder.commit()
             waiting.join(BOUND_SECONDS)
@@ -125,6 +124,7 @@ def test_an_exhausted_pool_is_a_503_with_retry_after_logged_and_no_failure_for_t
     assert state["breaker"]["failures"] == 0
     assert state["counters"]["gave_up"] == 0
     assert state["counters"]["retries"] == 0
+    assert state["counters"]["pool_timeouts"] == 2  # each unit that found the pool full
 
 
 def test_the_dashboard_lists_a_pool_exhausted_event_under_the_web_counted_in_no_series() -> None:

@@ -106,11 +106,11 @@ col.c-ev { width: 170px; }
     attempts: "attempts", retries: "retries", recovered: "recovered", gave_up: "gave up",
     breaker_opens: "breaker opened here", breaker_rejections: "rejected calls",
     verified_commits: "verified commits", unknown_commits: "unknown commits",
-    response_validation_failures: "invalid responses"
+    response_validation_failures: "invalid responses", pool_timeouts: "pool full"
   };
   const TONE = { gave_up: "bad", unknown_commits: "bad", breaker_opens: "warn",
     breaker_rejections: "warn", recovered: "good", verified_commits: "good",
-    response_validation_failures: "bad" };
+    response_validation_failures: "bad", pool_timeouts: "warn" };
 
   function el(tag, cls, text) {
     const node = document.createElement(tag);
