@@ -863,9 +863,8 @@ def _on_transaction_create(session: Session, transaction: Any) -> None:
     if breaker is not None and not breaker.fast_closed() and not admitted_by(breaker):
         # open: refused before it takes a connection, a pooled one too (a new one is put to
         # the breaker by the connect retry, see FactoryCore._connect_policy_call); half-open
-        # lets it through, as no probe: its outcome is not reported to the breaker
-        if connecting_for.get() is not None:
-            connecting_for.set(None)
+        # lets it through, as no probe: its outcome is not reported to the breaker. (An entry
+        # of an earlier transaction left in connecting_for is not this one's: never used.)
         try:
             breaker.refuse_if_open()
         except CircuitOpenError:
@@ -1006,6 +1005,15 @@ def refuse_keywords_kept(
         raise TypeError(" ".join(clashes))
 
 
+def engine_behind(target: Any) -> Engine | None:
+    """The sync ``Engine`` behind ``target`` (an engine, an async engine, a connection of
+    either); None for anything else."""
+    engine = getattr(target, "sync_engine", target)
+    if isinstance(engine, Connection):
+        engine = engine.engine
+    return engine if isinstance(engine, Engine) else None
+
+
 # -- what both factories share ------------------------------------------------------------------
 class FactoryCore:
     """Configuration, policy and engine hooks of a resilient session factory.
@@ -1088,10 +1096,8 @@ class FactoryCore:
         # hooks (their COMMITs marked, dead ones discarded at checkout, disconnects handled)
         main = self._referee.engine
         for bound in (kw.get("binds") or {}).values():
-            engine = getattr(bound, "sync_engine", bound)  # an AsyncEngine's sync engine
-            if isinstance(engine, Connection):
-                engine = engine.engine
-            if isinstance(engine, Engine) and (main is None or engine.pool is not main.pool):
+            engine = engine_behind(bound)
+            if engine is not None and (main is None or engine.pool is not main.pool):
                 hooks_for(engine, self)  # (not main's options)
         if not self._explicit_config:
             register_default_user(self)
@@ -1151,10 +1157,8 @@ class FactoryCore:
         is left alone) this factory's engine hooks (see :meth:`configure`); ``register=False``
         for the binds of one session (see :func:`hooks_for`)."""
         for target in targets:
-            engine = getattr(target, "sync_engine", target)
-            if isinstance(engine, Connection):
-                engine = engine.engine
-            if isinstance(engine, Engine):
+            engine = engine_behind(target)
+            if engine is not None:
                 hooks_for(engine, self, register=register)
 
     def _routing_get_bind(self, session_class: type[Session]) -> Callable[..., Any] | None:
@@ -1179,10 +1183,8 @@ class FactoryCore:
 
         def get_bind(session: Session, *args: Any, **kw: Any) -> Any:
             bind = routed(session, *args, **kw)
-            engine = getattr(bind, "sync_engine", bind)
-            if isinstance(engine, Connection):
-                engine = engine.engine
-            if isinstance(engine, Engine) and engine not in hooked:
+            engine = engine_behind(bind)
+            if engine is not None and engine not in hooked:
                 made_by = factory()
                 if made_by is not None:
                     hooks_for(engine, made_by)

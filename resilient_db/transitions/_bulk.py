@@ -236,22 +236,23 @@ def do_orm_execute(orm_state: ORMExecuteState) -> Result[Any] | None:
                 shown=shown,
             )
             stmt = stmt.where(legal)
-            if new_expr is not None:
-                stmt = _synchronized_by_fetch(orm_state, stmt)
+            if (
+                new_expr is not None
+                and orm_state.execution_options.get("synchronize_session") == "evaluate"
+            ):
+                # "fetch" leaves the session's objects as "evaluate" would ("auto" falls back
+                # to it by itself)
+                stmt = _synchronized_by(orm_state, stmt, "fetch")
     orm_state.statement = stmt
     return None
 
 
-def _synchronized_by_fetch(orm_state: ORMExecuteState, stmt: Any) -> Any:
-    """``stmt`` synchronized with the session by ``"fetch"`` where it asked for
-    ``"evaluate"``: the legal condition added for a new state given as a SQL expression can't
-    be evaluated in Python (SQLAlchemy's evaluator refuses it, where the statement without it
-    ran), and ``"fetch"`` leaves the session's objects as ``"evaluate"`` would (as
-    ``"auto"`` falls back to it)."""
-    if orm_state.execution_options.get("synchronize_session") != "evaluate":
-        return stmt
-    orm_state.update_execution_options(synchronize_session="fetch")
-    return stmt.execution_options(synchronize_session="fetch")
+def _synchronized_by(orm_state: ORMExecuteState, stmt: Any, how: Any) -> Any:
+    """``stmt``, to be synchronized with the session by ``how`` instead of ``"evaluate"``: the
+    legal condition added for a new state given as a SQL expression can't be evaluated in
+    Python (SQLAlchemy's evaluator refuses it, where the statement without it ran)."""
+    orm_state.update_execution_options(synchronize_session=how)
+    return stmt.execution_options(synchronize_session=how)
 
 
 def _refuse_other_rules(
@@ -340,15 +341,9 @@ def _restrict_many(
         "auto",
         "evaluate",
     ):
-        # the legal condition of a new state given as a SQL expression can't be evaluated in
-        # Python, and "fetch" (what "auto" falls back to) takes no parameter sets: not
-        # synchronized, as SQLAlchemy's "evaluate" leaves the session's objects here anyway
-        stmt = stmt.execution_options(synchronize_session=False)
-        return orm_state.invoke_statement(
-            statement=stmt,
-            params=added if ours else None,
-            execution_options={"synchronize_session": False},
-        )
+        # "fetch" (what "auto" falls back to) takes no parameter sets: not synchronized, as
+        # SQLAlchemy's "evaluate" leaves the session's objects here anyway
+        stmt = _synchronized_by(orm_state, stmt, False)
     return orm_state.invoke_statement(statement=stmt, params=added if ours else None)
 
 
