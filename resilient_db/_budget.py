@@ -32,13 +32,22 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from ._config import Config
 from ._observability import LineLimit, emit, log_retry, stats_for
 from ._state import STATE, check_service_room
 
-__all__ = ["WINDOW", "LocalBudget", "RetryBudget", "budget_for", "budgets", "recent", "spread"]
+__all__ = [
+    "WINDOW",
+    "LocalBudget",
+    "RetryBudget",
+    "Withdrawal",
+    "budget_for",
+    "budgets",
+    "recent",
+    "spread",
+]
 
 #: seconds a first attempt counts as "recent" (Finagle's default ttl)
 WINDOW = 10
@@ -146,6 +155,20 @@ class LocalBudget:
             return "floor"
         return None
 
+    def refund(self, paid_by: str, at: float, now: float) -> None:
+        """Give back one retry spent at ``at`` (``paid_by``: what paid for it) whose attempt
+        never ran: a ratio-paid one leaves its second (nothing when that second has left the
+        window), a floor-paid one goes back into the bucket (never above one second's worth)."""
+        if paid_by == "ratio":
+            second = math.floor(at)
+            left = self._spent.get(second, 0)
+            if left > 1:
+                self._spent[second] = left - 1
+            elif left == 1:
+                del self._spent[second]
+        elif paid_by == "floor":
+            self._tokens = min(float(self.floor), self.floor_tokens(now) + 1.0)
+
     def record(self, paid_by: str, now: float) -> None:
         """Account a retry granted elsewhere (the fleet), so a fallback starts warm."""
         if paid_by == "ratio":
@@ -157,6 +180,58 @@ class LocalBudget:
     def available(self, now: float) -> float:
         deposits, spent = self.totals(now)
         return max(0.0, self.ratio * deposits - spent) + self.floor_tokens(now)
+
+
+# KEYS: budget hash (the fleet's, see resilient_db._fleet). ARGV: what paid for the retry given
+# back ('ratio' | 'floor'), seconds since it was paid (this process's clock: a duration, which
+# hosts' clocks agree on), floor (retries/s), window (s). A ratio-paid retry leaves the second of
+# Redis time it was spent in (give or take the round trip: the nearest of that second and its
+# neighbours holding one); a floor-paid one goes back into the bucket. Nothing when what it was
+# spent in has expired, or Redis lost the hash (flushed: the budget starts over anyway).
+# -> 1 given back, 0 nothing to give back
+_REFUND = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local sec = math.floor(now)
+if ARGV[1] == 'ratio' then
+  local paid = math.floor(now - tonumber(ARGV[2]))
+  local window = tonumber(ARGV[4])
+  for _, s in ipairs({paid, paid + 1, paid - 1}) do
+    if s > sec - window and s <= sec then
+      local f = 'w' .. s
+      local n = tonumber(redis.call('HGET', KEYS[1], f) or '0') or 0
+      if n > 1 then
+        redis.call('HINCRBY', KEYS[1], f, -1)
+        return 1
+      elseif n == 1 then
+        redis.call('HDEL', KEYS[1], f)
+        return 1
+      end
+    end
+  end
+elseif ARGV[1] == 'floor' then
+  local h = redis.call('HMGET', KEYS[1], 'ft', 'fts')
+  local tokens, ts, floor = tonumber(h[1]), tonumber(h[2]), tonumber(ARGV[3])
+  if tokens ~= nil and ts ~= nil then
+    tokens = math.min(floor, tokens + math.max(0, now - ts) * floor + 1)
+    redis.call('HSET', KEYS[1], 'ft', tostring(tokens), 'fts', tostring(now))
+    return 1
+  end
+end
+return 0
+"""
+
+
+class Withdrawal(NamedTuple):
+    """A retry a budget paid for (:meth:`RetryBudget.withdraw`), kept until its attempt
+    starts: given back (:meth:`RetryBudget.refund`) if it never does."""
+
+    #: what paid for it: ``"ratio"`` or ``"floor"``
+    paid_by: str
+    #: when, by the budget's clock
+    at: float
+    #: the fleet link whose Redis paid for it, or None (this process alone)
+    fleet: Any
 
 
 class RetryBudget:
@@ -271,6 +346,11 @@ class RetryBudget:
     # -- spending ----------------------------------------------------------------------------
     def try_withdraw(self) -> bool:
         """One retry of an outage: True if the budget pays for it (fleet-wide when shared)."""
+        return self.withdraw() is not None
+
+    def withdraw(self) -> Withdrawal | None:
+        """One retry of an outage: what paid for it (fleet-wide when shared), or None when the
+        budget is spent. Given back by :meth:`refund` if its attempt never runs."""
         link = self._fleet
         if link is not None and link.up:
             pending = self.take_pending()
@@ -278,19 +358,34 @@ class RetryBudget:
             if paid_by is not None:  # the fleet answered: its word counts
                 with self._lock:
                     if paid_by:
-                        self._local.record(paid_by, self._clock())
+                        now = self._clock()
+                        self._local.record(paid_by, now)
                         self.granted += 1
-                        return True
-                    return False
+                        return Withdrawal(paid_by, now, link)
+                    return None
             # Redis did not answer: this process decides alone (the link gave ``pending`` back
             # unless Redis may have counted them all the same)
         with self._lock:
             now = self._clock()
             self._observe(now)
-            if self._local.try_withdraw(now) is not None:
+            paid_by = self._local.try_withdraw(now)
+            if paid_by is not None:
                 self.granted += 1
-                return True
-            return False
+                return Withdrawal(paid_by, now, None)
+            return None
+
+    def refund(self, withdrawal: Withdrawal) -> None:
+        """The retry ``withdrawal`` paid for never ran (the breaker refused its attempt, or
+        the unit was interrupted while it backed off): the budget gets it back, in this
+        process and, when the fleet paid for it, in Redis (atomically, by a script). Redis not
+        answering: this process's own figures only, as a withdrawal falls back."""
+        with self._lock:
+            now = self._clock()
+            self._local.refund(withdrawal.paid_by, withdrawal.at, now)
+            self.granted = max(0, self.granted - 1)
+        link = withdrawal.fleet
+        if link is not None and link is self._fleet and link.up:
+            _refund_in_fleet(link, self, withdrawal, max(0.0, now - withdrawal.at))
 
     def spent(self) -> None:
         """A unit gave up because the budget is spent: count it, tell the hooks, and log it
@@ -358,6 +453,24 @@ class RetryBudget:
 
     def __repr__(self) -> str:
         return f"<RetryBudget service={self.service!r} ratio={self.config.retry_budget}>"
+
+
+def _refund_in_fleet(link: Any, budget: RetryBudget, withdrawal: Withdrawal, age: float) -> None:
+    """Give ``withdrawal`` back to the fleet's budget (``age``: seconds since it was paid).
+    A failure of Redis is one as on any failure-path call: the link is marked down (its one
+    warning) and this process goes on alone; nothing is raised."""
+    from ._fleet import _keys  # noqa: PLC0415 - the fleet imports this module
+
+    cfg = budget.config
+    try:
+        link.commands += 1
+        script = link._client.register_script(_REFUND)  # (hashed here; EVALSHA, else EVAL)
+        script(
+            keys=[_keys(budget.service).budget],
+            args=[withdrawal.paid_by, age, cfg.retry_budget_floor, WINDOW],
+        )
+    except Exception as exc:  # any failure of the store: this process's figures stand
+        link.mark_down(exc)
 
 
 def budget_for(service: str, config: Config) -> RetryBudget | None:

@@ -22,7 +22,7 @@ import tenacity as _t
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from ._breaker import Breaker, breaker_for
-from ._budget import RetryBudget, budget_for
+from ._budget import RetryBudget, Withdrawal, budget_for
 from ._classify import (
     DEFAULT_CLASSIFIER,
     Classifier,
@@ -102,6 +102,10 @@ class _Retry(NamedTuple):
     sqlstate: str
     attempt: int
     delay: float
+
+
+#: what a retry budget paid for the retry decided last, until its attempt starts
+_Paid = list[tuple[RetryBudget, Withdrawal]]
 
 
 class Policy:
@@ -360,12 +364,13 @@ class Policy:
         return self.delay(outcome, rs.attempt_number)
 
     def _stopper(
-        self, started: float, spent: list[RetryBudget], refused: list[float]
+        self, started: float, spent: list[RetryBudget], refused: list[float], paid: _Paid
     ) -> Callable[[_t.RetryCallState], bool]:
         """Stop after ``max_retries``, at the deadline, when the breaker would refuse the retry
         when it is due (the failure just counted opened it: ``refused`` gets how long it stays
         open, and nothing is slept), or when the retry budget can't pay for the retry (then
-        ``spent`` names the budget: the unit gives up at once)."""
+        ``spent`` names the budget: the unit gives up at once). What the budget paid goes to
+        ``paid`` until the retry's attempt starts (see :meth:`_unspent`)."""
         max_retries = self.config.max_retries
         deadline = self.config.deadline
         budget = self.budget
@@ -381,23 +386,40 @@ class Policy:
                 if remaining > rs.upcoming_sleep:
                     refused.append(remaining)
                     return True
-            if budget is not None and not self._budget_pays(budget, rs):
+            if budget is not None and not self._budget_pays(budget, rs, paid):
                 spent.append(budget)
                 return True
             return False
 
         return stop
 
-    def _budget_pays(self, budget: RetryBudget, rs: _t.RetryCallState) -> bool:
-        """Outage retries are paid from the budget; conflicts are not (the server answered)."""
+    def _budget_pays(self, budget: RetryBudget, rs: _t.RetryCallState, paid: _Paid) -> bool:
+        """Outage retries are paid from the budget (what paid goes to ``paid``); conflicts are
+        not (the server answered)."""
         exc = rs.outcome.exception() if rs.outcome is not None else None
         if exc is not None and self.classifier.classify(exc) is Outcome.CONFLICT:
             return True
         try:
-            return budget.try_withdraw()
+            withdrawal = budget.withdraw()
         except Exception:  # graceful fallback: a broken budget must not stop the retry
             self._machinery_failed("retry budget")
             return True
+        if withdrawal is None:
+            return False
+        paid.append((budget, withdrawal))
+        return True
+
+    def _unspent(self, paid: _Paid) -> None:
+        """The retry the budget paid for never ran: the breaker refused its attempt (it opened
+        while the unit backed off), or the unit was interrupted during the backoff
+        (``KeyboardInterrupt``, a cancelled task). The budget gets it back, as a refused retry
+        is no retry anywhere else (see :meth:`_before_sleep`)."""
+        while paid:
+            budget, withdrawal = paid.pop()
+            try:
+                budget.refund(withdrawal)
+            except Exception:  # graceful fallback: the unit's own error is what it raises
+                self._machinery_failed("retry budget refund")
 
     def _before_sleep(self, rs: _t.RetryCallState, announced: list[_Retry]) -> None:
         """A retry is decided, its backoff about to be slept: its ``Retry attempt`` line now
@@ -405,17 +427,20 @@ class Policy:
         counted, and its ``retry`` event reaches the hooks, when its attempt starts (see
         :meth:`_retry_started`): the breaker may refuse it after the backoff, and a refused
         retry is no retry (no attempt ran), in ``health()``, Prometheus, OpenTelemetry and the
-        retry budget's first attempts (``attempts - retries``) alike."""
+        retry budget's first attempts (``attempts - retries``) alike; the retry budget gets
+        back what it paid for it (see :meth:`_unspent`)."""
         exc = rs.outcome.exception() if rs.outcome is not None else None
         outcome = self.classifier.classify(exc) if exc is not None else Outcome.DISCONNECT
         retry = _Retry(outcome, sqlstate_label(exc), rs.attempt_number, rs.upcoming_sleep)
         announced.append(retry)
         self._retry_action(retry, line=True)
 
-    def _retry_started(self, announced: list[_Retry]) -> None:
+    def _retry_started(self, announced: list[_Retry], paid: _Paid) -> None:
         """The breaker admitted the retry announced last: its attempt starts now. Counted
         before the attempt ends (the budget's ``attempts - retries`` dips while it runs, never
-        rises above the units started), and its event reaches the hooks."""
+        rises above the units started), and its event reaches the hooks. What the budget paid
+        for it stays spent."""
+        paid.clear()
         if not announced:
             return
         retry = announced.pop()
@@ -448,7 +473,11 @@ class Policy:
             emit(self.config, log_retry, logging.WARNING, _RETRY_LINE, *args, log=False, **fields)
 
     def _retrying_kwargs(
-        self, spent: list[RetryBudget], refused: list[float], announced: list[_Retry]
+        self,
+        spent: list[RetryBudget],
+        refused: list[float],
+        announced: list[_Retry],
+        paid: _Paid,
     ) -> dict[str, Any]:
         def before_sleep(rs: _t.RetryCallState) -> None:
             self._before_sleep(rs, announced)
@@ -456,7 +485,7 @@ class Policy:
         return {
             "retry": _t.retry_if_exception(self._retry_predicate),
             "wait": self._wait,
-            "stop": self._stopper(self.clock(), spent, refused),
+            "stop": self._stopper(self.clock(), spent, refused, paid),
             "before_sleep": before_sleep,
             "reraise": True,
         }
@@ -509,7 +538,7 @@ class Policy:
         reported as a give-up like any other, raising ``exc`` caused by the unit's last
         failure (``last``), as :meth:`_gave_up` does when the unit's own failure opened it.
         The refused retry was announced (its line) but never counted: no attempt of it ran
-        (see :meth:`_before_sleep`)."""
+        (see :meth:`_before_sleep`), and the retry budget got back what it paid for it."""
         outcome = self.classifier.classify(last)
         mark_outcome(last, outcome)
         cause = _failure_cause(last)
@@ -598,6 +627,7 @@ class Policy:
         last = [first]
         rejected: list[bool] = []
         announced: list[_Retry] = []  # the retry decided, its attempt not started yet
+        paid: _Paid = []  # what the budget paid for that retry (see _unspent)
 
         def one() -> T:
             if pending:  # the attempt that already failed on the fast path
@@ -607,7 +637,7 @@ class Policy:
             except CircuitOpenError:
                 rejected.append(True)
                 raise
-            self._retry_started(announced)
+            self._retry_started(announced, paid)
             started = _monotonic()
             try:
                 result = attempt()
@@ -620,10 +650,13 @@ class Policy:
 
         spent: list[RetryBudget] = []
         refused: list[float] = []
-        retrying = _t.Retrying(sleep=self.sleep, **self._retrying_kwargs(spent, refused, announced))
+        retrying = _t.Retrying(
+            sleep=self.sleep, **self._retrying_kwargs(spent, refused, announced, paid)
+        )
         try:
             result = retrying(one)
         except BaseException as exc:
+            self._unspent(paid)  # a retry paid for whose attempt never ran
             retries = retrying.statistics.get("attempt_number", 1) - 1
             if rejected:
                 self._refused_retry(exc, last[0], retries)
@@ -676,6 +709,7 @@ class Policy:
         last = [first]  # as in _call_retrying
         rejected: list[bool] = []
         announced: list[_Retry] = []  # the retry decided, its attempt not started yet
+        paid: _Paid = []  # what the budget paid for that retry (see _unspent)
 
         async def one() -> T:
             if pending:
@@ -685,7 +719,7 @@ class Policy:
             except CircuitOpenError:
                 rejected.append(True)
                 raise
-            self._retry_started(announced)
+            self._retry_started(announced, paid)
             started = _monotonic()
             try:
                 result = await attempt()
@@ -699,11 +733,12 @@ class Policy:
         spent: list[RetryBudget] = []
         refused: list[float] = []
         retrying = _t.AsyncRetrying(
-            sleep=self.asleep, **self._retrying_kwargs(spent, refused, announced)
+            sleep=self.asleep, **self._retrying_kwargs(spent, refused, announced, paid)
         )
         try:
             result: T = await retrying(one)
         except BaseException as exc:
+            self._unspent(paid)  # a retry paid for whose attempt never ran
             retries = retrying.statistics.get("attempt_number", 1) - 1
             if rejected:
                 self._refused_retry(exc, last[0], retries)
