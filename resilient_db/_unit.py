@@ -1373,19 +1373,36 @@ class EngineHooks:
         """A COMMIT that is not a unit's final one (drop-in use, or an operation's own code)
         may have written and lost its answer (or the server said 08007): counted as a unit's
         unknown outcome is; said here for drop-in use (an operation's says it is not
-        replayed, and why)."""
+        replayed, and why), and for a unit's that carried no marker: a unit runs without an
+        attempt only when it began with self-healing off (it commits plainly, nothing marked,
+        see ``commit_plainly``), a reload having switched it on before its COMMIT."""
         config, service = self._speaker()
         stats_for(service).add("unknown_commits")
         if attempt is not None:
             return
+        unit = current_unit.get()
+        if unit is None and async_units:  # an async unit's, by its task
+            try:
+                task = asyncio.current_task()
+            except RuntimeError:  # no event loop running in this thread
+                task = None
+            unit = async_units.get(task)
+        where = (
+            "a COMMIT sent outside a unit (drop-in use)"
+            if unit is None
+            else "a COMMIT of a unit begun with self-healing off (SELF_HEALING_ENABLED=false, "
+            "switched on by a reload before its COMMIT: the COMMIT was not marked, so its "
+            "outcome can't be verified, and the unit is not replayed)"
+        )
         emit(
             config,
             log_session,
             logging.ERROR,
-            "Commit outcome unknown: service=%s a COMMIT sent outside a unit (drop-in use) "
-            "lost its answer, or the server could not tell (08007): it may have committed; "
-            "the error is raised as it is: check before doing the work again",
+            "Commit outcome unknown: service=%s %s lost its answer, or the server could not "
+            "tell (08007): it may have committed; the error is raised as it is: check before "
+            "doing the work again",
             service,
+            where,
             service=service,
             event="commit_unknown",
         )
