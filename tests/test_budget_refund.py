@@ -173,6 +173,28 @@ async def test_a_unit_cancelled_during_its_backoff_gives_its_budget_back(
     assert_given_back(service)
 
 
+def test_a_unit_interrupted_during_its_backoff_gives_its_budget_back(
+    engine: sa.Engine, service: str
+) -> None:
+    def interrupted(seconds: float) -> None:  # Ctrl-C while the unit backs off
+        assert budget_entry(service)["retries"] == 1  # paid for, its backoff begun
+        raise KeyboardInterrupt
+
+    Factory = rdb.ResilientSession(
+        engine, service=service, config=rdb.Config(**SETTINGS), sleep=interrupted
+    )
+    runs = {"n": 0}
+
+    def unit(session: Session) -> None:
+        runs["n"] += 1
+        unavailable(session)
+
+    with pytest.raises(KeyboardInterrupt):
+        Factory.run(unit)
+    assert runs["n"] == 1
+    assert_given_back(service)
+
+
 def test_a_retry_that_runs_keeps_its_budget_spent(engine: sa.Engine, service: str) -> None:
     Factory = rdb.ResilientSession(engine, service=service, config=rdb.Config(**SETTINGS))
     runs = {"n": 0}
