@@ -475,12 +475,14 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         ticket = self._referee.must_verify(exc, request)
         if ticket is None:
             raise exc
-        try:
-            verdict = await self._verify_commit(ticket)
-        except BaseException as interruption:  # (its errors are verdicts)
-            self._referee.interrupted(request, interruption, verifying=True)
-            raise
-        if not self._referee.settle(ticket, verdict, exc):
+        verdict = self._referee.known(request)
+        if verdict is None:
+            try:
+                verdict = await self._verify_commit(ticket)
+            except BaseException as interruption:  # (its errors are verdicts)
+                self._referee.interrupted(request, interruption, verifying=True)
+                raise
+        if not self._referee.settle(ticket, verdict, exc, request):
             raise exc
 
     async def _finish_two_phase(

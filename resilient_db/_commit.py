@@ -45,7 +45,7 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, TypeAlias
 
 import asyncpg
@@ -1092,6 +1092,9 @@ class CommitTicket:
     #: a check found no WAL sender while synchronous replication is in effect: the server's
     #: ``synchronous_standby_names`` (no standby can confirm anything)
     unserved_standby_names: str | None = None
+    #: the driver's connection the COMMIT went out on (a unit spanning several connections
+    #: finds the engine of its lost answer by it: see ``_unit.Split``)
+    driver: Any = field(default=None, repr=False, compare=False)
 
     @property
     def xid_sql(self) -> str:
@@ -1118,6 +1121,8 @@ class CommitRequest:
     transaction: Any = None  # the session's root transaction that COMMIT ends
     attempt: AttemptRecord | None = None  # the unit's attempt (it saw the connections)
     warned: bool = False  # a COMMIT that wrote was answered with a WARNING (UnprovenCommit)
+    #: a lost answer in a transaction spanning several connections, as settled (``_unit.Split``)
+    split: Any = None
 
     def __init__(self) -> None:
         self.tickets: list[CommitTicket] = []
@@ -1140,7 +1145,16 @@ class CommitRequest:
         if attempt is None or not attempt.began:
             return []
         mine = self.transaction
-        return [(conn, marked) for trans, conn, marked in attempt.began if trans is mine]
+        return [(conn, marked) for trans, conn, marked, _ in attempt.began if trans is mine]
+
+    def drivers(self) -> list[tuple[Any, Any]]:
+        """The connections of :meth:`connections`, each with its driver's connection (the one
+        its COMMIT's ticket names, see ``CommitTicket.driver``), as the transaction began."""
+        attempt = self.attempt
+        if attempt is None or not attempt.began:
+            return []
+        mine = self.transaction
+        return [(conn, driver) for trans, conn, _, driver in attempt.began if trans is mine]
 
 
 class _ReplayPolicy(Protocol):
@@ -1172,9 +1186,9 @@ class AttemptRecord:
     running: bool = False  # inside its ``with`` (see runs_once_here)
     # the execution context of the last writing statement sent in autocommit
     autocommitting: Any = None
-    # (root transaction, connection, marked) for each connection a session began on in the
-    # attempt (see ``CommitRequest.connections``)
-    began: list[tuple[Any, Any, bool]] | None = None
+    # (root transaction, connection, marked, driver's connection) for each connection a session
+    # began on in the attempt (see ``CommitRequest.connections``)
+    began: list[tuple[Any, Any, bool, Any]] | None = None
     # the root session transactions made in the attempt by sessions that are not a unit's
     # (a drop-in session's: what a replay of a ``with_self_healing`` operation rolls back)
     created: list[Any] | None = None
@@ -1243,12 +1257,14 @@ class AttemptRecord:
     def began_on(self, transaction: Any, connection: Any) -> None:
         """A session's root ``transaction`` began on ``connection`` (``after_begin``)."""
         pooled = connection.connection
-        marked = getattr(pooled.dbapi_connection, "_rdb_marked", None)  # psycopg's connection
+        driver = pooled.dbapi_connection
+        marked = getattr(driver, "_rdb_marked", None)  # psycopg's connection
         if marked is None:  # or SQLAlchemy's adapter (asyncpg): the driver's is inside
-            marked = getattr(pooled.driver_connection, "_rdb_marked", False)
+            driver = pooled.driver_connection
+            marked = getattr(driver, "_rdb_marked", False)
         if not marked:
             marked = _prepared_late(connection, pooled)
-        entry = (transaction, connection, marked)
+        entry = (transaction, connection, marked, driver)
         began = self.began
         if began is None:
             self.began = [entry]
@@ -2106,7 +2122,7 @@ def _commit_plan(driver: Any) -> tuple[CommitTicket | None, str | None, AttemptR
             request.tickets.append(_READ_ONLY)
             return _READ_ONLY, None, None
         marker = marker_id()
-        ticket = CommitTicket(MARKERS, marker=marker)
+        ticket = CommitTicket(MARKERS, marker=marker, driver=driver)
         request.tickets.append(ticket)
         form = driver._rdb_prepared  # the statement (prepared, or inline), or None
         if read_mode == READ_WRITE and form is not None:
@@ -2118,7 +2134,7 @@ def _commit_plan(driver: Any) -> tuple[CommitTicket | None, str | None, AttemptR
         # (nothing can be written there, and pg_current_xact_id() would be refused)
         request.tickets.append(_READ_ONLY)
         return _READ_ONLY, None, None
-    ticket = CommitTicket(XID, notifies=notifies)
+    ticket = CommitTicket(XID, notifies=notifies, driver=driver)
     request.tickets.append(ticket)
     return ticket, None, None
 

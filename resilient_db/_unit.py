@@ -18,6 +18,7 @@ import socket
 import types
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Final, NamedTuple, TypeVar
 
 import psycopg
@@ -188,7 +189,7 @@ def joined_callers_transaction(joined: tuple[tuple[Any, bool], ...], record: Any
     began) without a savepoint, so its rollback ends its caller's transaction; or with one on
     a connection that lost the caller's transaction (the connection was lost: a replay would
     only meet SQLAlchemy's PendingRollbackError). None: a replay is the unit's alone."""
-    used = {connection for _, connection, _ in record.began or ()}
+    used = {connection for _, connection, _, _ in record.began or ()}
     for connection, savepoint in joined:
         if connection not in used:
             continue
@@ -303,8 +304,8 @@ def _answered_with_a_warning(request: CommitRequest) -> None:
     :class:`~._commit.UnprovenCommit`. A unit on one connection is settled as a lost answer
     (done once a check proves it, run again if the check finds it not committed where it
     looks, unknown otherwise); one whose transaction spans several connections is committed on
-    each, can't be replayed and can't be proven (which ticket is whose connection is not
-    known): unknown (see ``CommitReferee._spread``)."""
+    each, can't be replayed, and is not proven (a check proves one connection's COMMIT, not
+    each warned one's): unknown (see ``CommitReferee._spread``)."""
     warned = [t for t in request.tickets if t.warned is not None and t.wrote and not t.done]
     if warned:
         raise UnprovenCommit(str(warned[-1].warned))
@@ -443,8 +444,7 @@ class CommitReferee:
                 connections and (main is None or connections[0][0].engine.pool is not main.pool)
             ):
                 if len(connections) > 1 or not connections[0][1]:
-                    self._spread(exc, request, connections, lost=lost)
-                    return None
+                    return self._spread(exc, request, connections, lost=lost)
                 elsewhere = connections[0][0].engine  # marked: settled in its own database
             if _sent_nothing(request, connections):
                 # the driver refused the COMMIT before sending it, as asyncpg does on a
@@ -469,16 +469,18 @@ class CommitReferee:
         connections: list[tuple[Any, bool]],
         *,
         lost: bool,
-    ) -> None:
+    ) -> CommitTicket | None:
         """A COMMIT failed in a unit whose transaction spans several connections (several
-        engines, through ``binds``), or whose one connection is another engine's than the
-        factory's and is not marked. SQLAlchemy commits a session's connections one by one,
-        and in no set order, so part of such a unit may be committed for good. Unless the
-        failing COMMIT is provably the first that could commit anything (every connection
-        marked, every earlier COMMIT read-only) and the server answered it with an error, the
-        unit is not replayed: a lost answer raises :class:`CommitOutcomeUnknownError`, another
-        error is raised as it is (marked partly committed). Returns when the caller should go
-        on as for one connection's COMMIT error.
+        engines, through ``binds``; a read/write split), or whose one connection is another
+        engine's than the factory's and is not marked. SQLAlchemy commits a session's
+        connections one by one, and in no set order, so part of such a unit may be committed
+        for good. A lost answer, every connection marked, is settled part by part (see
+        :class:`Split`): the ticket to check (in the database its COMMIT went to), or None
+        when nothing is left to check; otherwise it raises
+        :class:`CommitOutcomeUnknownError`. Another error: unless the failing COMMIT is
+        provably the first that could commit anything (every connection marked, every earlier
+        COMMIT read-only), it is raised as it is, marked partly committed. Returns None when
+        the caller should go on as for one connection's COMMIT error.
         """
         if isinstance(exc, UnprovenCommit):
             databases = ", ".join(sorted({str(c.engine.url.database) for c, _ in connections}))
@@ -488,11 +490,14 @@ class CommitReferee:
                 f"({exc.warning}): not proven replicated, and not replayable",
             ) from exc
         if lost:
-            databases = ", ".join(sorted({str(c.engine.url.database) for c, _ in connections}))
-            raise self._unknown(
-                f"a transaction on databases {databases}, part of which may be committed",
-                f"its transaction spans {len(connections)} connection(s), committed one by one",
-            ) from exc
+            split = Split.of(request, connections)
+            if split is None:
+                databases = ", ".join(sorted({str(c.engine.url.database) for c, _ in connections}))
+                raise self._unknown(
+                    f"a transaction on databases {databases}, part of which may be committed",
+                    f"its transaction spans {len(connections)} connection(s), committed one by one",
+                ) from exc
+            return self._split(exc, request, split)
         # every COMMIT that went out is a ticket when every connection is marked; one that
         # succeeded and wrote committed part of the unit
         marked = all(is_marked for _, is_marked in connections)
@@ -507,6 +512,38 @@ class CommitReferee:
                 exc, "on another connection of its transaction (whose COMMIT went out first)"
             )
         # else the server refused the first COMMIT that could write: nothing committed
+        return None
+
+    def _split(
+        self, exc: BaseException, request: CommitRequest, split: Split
+    ) -> CommitTicket | None:
+        """A lost answer in a unit spanning several connections, every one marked: the ticket
+        of its COMMIT to check, with the engine to check it in; or, when the COMMIT that lost
+        its answer wrote nothing, what the other parts prove: every part that wrote committed
+        (the unit is done: the last of their tickets, known committed, see :meth:`known`),
+        none did (None: settled as any error, replayed when transient), or some did and some
+        never will (None, ``exc`` marked partly committed: never replayed)."""
+        request.split = split
+        failing = split.failing
+        if failing is not None:
+            failing.engine = split.failing_engine
+            return failing
+        if split.committed and split.uncommitted:
+            self.policy.partly_committed(exc, split.partly())
+            return None
+        if split.committed:
+            return split.committed_tickets[-1]
+        return None  # nothing that wrote was committed anywhere: as any error
+
+    @staticmethod
+    def known(request: CommitRequest) -> CommitVerdict | None:
+        """The verdict of a lost answer that needs no check: in a unit spanning several
+        connections, one whose lost COMMIT wrote nothing while every COMMIT that wrote was
+        answered (see :meth:`_split`)."""
+        split = request.split
+        if split is not None and split.failing is None:
+            return CommitVerdict.COMMITTED
+        return None
 
     def checks(self) -> Iterator[float]:
         """The delay before each check: at once, then backing off, within the deadline."""
@@ -580,10 +617,24 @@ class CommitReferee:
         ticket.check_failed = said
         return False
 
-    def settle(self, ticket: CommitTicket, verdict: CommitVerdict, exc: BaseException) -> bool:
-        """True: committed. False: not committed, re-raise ``exc``. Otherwise raises."""
+    def settle(
+        self,
+        ticket: CommitTicket,
+        verdict: CommitVerdict,
+        exc: BaseException,
+        request: CommitRequest | None = None,
+    ) -> bool:
+        """True: committed. False: not committed, re-raise ``exc`` (replayed when transient,
+        unless part of a unit spanning several connections is committed for good: then marked
+        partly committed). Otherwise raises."""
         policy = self.policy
         what = _whose(ticket)
+        split = request.split if request is not None else None
+        if split is not None:
+            if split.failing is None:  # (see known): nothing checked
+                self._split_done(split)
+                return True
+            what = f"{what} (database {split.failing_engine.url.database})"
         if verdict is CommitVerdict.COMMITTED:
             policy.stats.add("verified_commits")
             if isinstance(exc, UnprovenCommit):
@@ -608,6 +659,9 @@ class CommitReferee:
                 marker=ticket.marker,
                 xid=ticket.xid,
             )
+            if split is not None and split.uncommitted:
+                policy.partly_committed(exc, split.partly(failing_committed=True))
+                return False
             return True
         if verdict is CommitVerdict.ABORTED:
             if isinstance(exc, UnprovenCommit):
@@ -623,14 +677,17 @@ class CommitReferee:
                 policy.config,
                 log_session,
                 logging.WARNING,
-                "Commit outcome verified: service=%s %s did not commit; it may be run again",
+                "Commit outcome verified: service=%s %s did not commit%s",
                 policy.service,
                 what,
+                "" if split is not None and split.committed else "; it may be run again",
                 service=policy.service,
                 event="commit_not_applied",
                 marker=ticket.marker,
                 xid=ticket.xid,
             )
+            if split is not None and split.committed:
+                policy.partly_committed(exc, split.partly())
             return False
         reason = verdict.value
         if ticket.check_failed is not None:
@@ -651,6 +708,28 @@ class CommitReferee:
             reason += f"; its COMMIT was answered with {ticket.warned}"
         self.no_standby_connected(ticket)
         raise self._unknown(what, reason, marker=ticket.marker, xid=ticket.xid) from exc
+
+    def _split_done(self, split: Split) -> None:
+        """The lost answer of a unit spanning several connections was a COMMIT that wrote
+        nothing, and every COMMIT that wrote was answered: the unit is done (nothing checked)."""
+        policy = self.policy
+        policy.stats.add("verified_commits")
+        last = split.committed_tickets[-1]
+        emit(
+            policy.config,
+            log_session,
+            logging.WARNING,
+            "Commit outcome verified: service=%s a transaction on databases %s committed: "
+            "every COMMIT of it that wrote was answered (%s), the one whose answer was lost "
+            "wrote nothing; not replaying",
+            policy.service,
+            split.databases,
+            split.committed,
+            service=policy.service,
+            event="commit_verified",
+            marker=last.marker,
+            xid=last.xid,
+        )
 
     def interrupted(
         self, request: CommitRequest, interruption: BaseException, *, verifying: bool = False
@@ -770,6 +849,100 @@ class CommitReferee:
         )
         return CommitOutcomeUnknownError(
             policy.service, int(xid) if xid is not None else None, reason, marker=marker
+        )
+
+
+@dataclass(frozen=True)
+class Split:
+    """A unit whose transaction spans several connections (``binds``, a read/write split), every
+    one marked, lost a COMMIT's answer: what each part of it is known to have done.
+
+    SQLAlchemy commits the connections one by one and stops at the first COMMIT that fails, so
+    when the lost answer came: the COMMITs before it were answered (their tickets are done; the
+    ones that wrote are committed for good), and the connections after it never sent theirs
+    (rolled back: what they may have written is lost). A connection whose COMMIT never went out
+    still holds its "may have written" flag (``_rdb_may_write``, cleared only by a COMMIT's plan
+    or the next checkout); a read-only one, like every connection whose COMMIT went out, holds
+    False. What the failing COMMIT did is checked in its own database, as for one connection.
+    (A read on a follower and a write on the leader: the follower's part wrote nothing, so the
+    leader's check settles the unit, whichever COMMIT went out first.)"""
+
+    #: the COMMIT whose answer was lost, when it wrote (None: it wrote nothing)
+    failing: CommitTicket | None
+    failing_engine: Any  # the engine its COMMIT went to
+    committed_tickets: list[CommitTicket]  # answered COMMITs that wrote, in order
+    committed: str  # the databases of those ("": none)
+    #: the databases where a part that may have written never committed ("": none)
+    uncommitted: str
+    databases: str  # the unit's databases, for the lines
+
+    @classmethod
+    def of(cls, request: CommitRequest, connections: list[tuple[Any, bool]]) -> Split | None:
+        """The parts of ``request``'s unit, or None when they can't be told apart (a connection
+        not marked, a two-phase unit, a COMMIT answered with a warning, a ticket whose
+        connection is not found): its outcome is unknown."""
+        if (
+            not connections
+            or not all(marked for _, marked in connections)
+            or request.two_phase
+            or request.two_phase_commits
+            or request.warned
+        ):
+            return None
+        engine_of = {id(driver): conn.engine for conn, driver in request.drivers()}
+        tickets = request.tickets
+        failing = tickets[-1] if tickets and not tickets[-1].done else None
+        if any(not t.done for t in tickets[:-1]):
+            return None  # (every COMMIT before the failing one was answered)
+        committed_tickets = [t for t in tickets if t.done and t.wrote]
+        engines = []
+        for ticket in committed_tickets:
+            engine = engine_of.get(id(ticket.driver))
+            if engine is None:
+                return None
+            engines.append(engine)
+        uncommitted = [
+            conn.engine
+            for conn, driver in request.drivers()
+            if getattr(driver, "_rdb_may_write", True)
+        ]
+        failing_engine = None
+        if failing is not None:
+            failing_engine = engine_of.get(id(failing.driver))
+            if failing.mode is None or failing_engine is None:
+                return None
+            if not failing.sent:  # its COMMIT never went out: a part that never committed
+                uncommitted.append(failing_engine)
+                failing = None
+            elif not failing.wrote:  # it held no xid: it wrote nothing
+                failing = None
+
+        def named(found: list[Any]) -> str:
+            return ", ".join(sorted({str(e.url.database) for e in found}))
+
+        return cls(
+            failing=failing,
+            failing_engine=failing_engine,
+            committed_tickets=committed_tickets,
+            committed=named(engines),
+            uncommitted=named(uncommitted),
+            databases=named([conn.engine for conn, _ in connections]),
+        )
+
+    def partly(self, *, failing_committed: bool = False) -> str:
+        """How the unit is partly committed, for ``Policy.partly_committed``'s line
+        (``failing_committed``: the check found the lost answer's COMMIT committed)."""
+        committed = [self.committed] if self.committed else []
+        if failing_committed:
+            committed.append(str(self.failing_engine.url.database))
+        why = []
+        if self.failing is not None and not failing_committed:
+            why.append(f"the one on {self.failing_engine.url.database} did not commit")
+        if self.uncommitted:
+            why.append(f"that of {self.uncommitted} never went out")
+        return (
+            f"on database(s) {', '.join(committed)} (whose COMMIT was answered or verified "
+            f"committed; {'; '.join(why)})"
         )
 
 

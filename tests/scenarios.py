@@ -4,6 +4,7 @@ transaction that moves a row just before a session's UPDATE of it."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -15,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import resilient_db as rdb
-from resilient_db.testing import PostgresServer
+from resilient_db.testing import FaultProxy, PostgresServer
 from resilient_db.transitions._dbmap import exception_from_db
 
 #: SQLAlchemy's async PostgreSQL drivers: asyncpg, and psycopg's ``AsyncConnection`` (what
@@ -356,3 +357,20 @@ def assert_breaker_untouched(service: str) -> None:
     counters = health["counters"]
     assert (counters["retries"], counters["gave_up"], counters["breaker_opens"]) == (0, 0, 0)
     assert counters["retries_by_class"] == {}
+
+
+def held_and_released(proxy: FaultProxy, *, keep_server: bool = False) -> threading.Thread:
+    """Release the COMMIT the proxy holds once it holds one more than now (bounded: about
+    10 s); ``keep_server``: its server connection stays, for ``deliver_late_commits``."""
+    before = proxy.commits_swallowed
+
+    def release() -> None:
+        for _ in range(200):
+            if proxy.commits_swallowed > before:
+                proxy.release_swallowed(keep_server=keep_server)
+                return
+            threading.Event().wait(0.05)
+
+    thread = threading.Thread(target=release, daemon=True)
+    thread.start()
+    return thread

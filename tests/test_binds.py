@@ -8,7 +8,6 @@ holds or loses one database's COMMIT; a deferred trigger fails one at COMMIT).""
 from __future__ import annotations
 
 import asyncio
-import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -16,11 +15,12 @@ from typing import Any
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
-from scenarios import ASYNC_DRIVERS, Base, Item, async_connect_args
+from scenarios import ASYNC_DRIVERS, Base, Item, async_connect_args, held_and_released
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import resilient_db as rdb
+from resilient_db._classify import partly_committed
 from resilient_db.testing import FaultProxy, PostgresServer
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
@@ -133,9 +133,15 @@ async def async_engines(
         await engine.dispose()
 
 
-def bound(e1: Any, e2: Any, service: str, factory: Any = rdb.ResilientSession) -> Any:
+def bound(
+    e1: Any, e2: Any, service: str, factory: Any = rdb.ResilientSession, **kwargs: Any
+) -> Any:
     """A factory whose items go to ``e1`` and entries to ``e2``."""
-    return factory(e1, service=service, binds={Item: e1, Entry: e2})
+    return factory(e1, service=service, binds={Item: e1, Entry: e2}, **kwargs)
+
+
+#: units that fail on purpose, round after round, must not open the circuit
+PATIENT = rdb.Config(failure_threshold=1000)
 
 
 def both(calls: list[str]) -> Callable[[Session], None]:
@@ -148,22 +154,6 @@ def both(calls: list[str]) -> Callable[[Session], None]:
         session.add(Entry(name=name))
 
     return unit
-
-
-def held_and_released(proxy: FaultProxy, *, keep_server: bool = False) -> threading.Thread:
-    """Release the COMMIT the proxy holds once it holds one (bounded: about 10 s);
-    ``keep_server``: its server connection stays, for ``deliver_late_commits``."""
-
-    def release() -> None:
-        for _ in range(200):
-            if proxy.commits_swallowed:
-                proxy.release_swallowed(keep_server=keep_server)
-                return
-            threading.Event().wait(0.05)
-
-    thread = threading.Thread(target=release, daemon=True)
-    thread.start()
-    return thread
 
 
 def test_a_unit_across_two_databases_commits_both(
@@ -180,8 +170,66 @@ def test_a_unit_across_two_databases_commits_both(
     assert names(pg_server, second, "entries") == ["u-1"]
 
 
-@pytest.mark.parametrize("held", ["first", "second"])
-def test_a_lost_commit_across_two_databases_is_unknown_never_replayed_or_done(
+#: what a lost or swallowed COMMIT of one database makes of a unit writing to both, by whether
+#: SQLAlchemy sent that database's COMMIT first (the other's never went out: rolled back) or
+#: second (the other's was answered: committed)
+SETTLED = {
+    # the COMMIT reached the server: first, the unit is committed there only (never replayed);
+    # second, it is committed on both: done
+    "lost": {"first": "partly committed", "second": "done"},
+    # it never did: first, nothing is committed anywhere (replayed once); second, only the
+    # other database's part is (never replayed)
+    "swallowed": {"first": "replayed", "second": "partly committed"},
+}
+ROUNDS = 16  # units per case at most: SQLAlchemy's order of the two COMMITs varies per unit
+
+
+def settled(
+    server: PostgresServer,
+    databases: tuple[str, str],
+    *,
+    held: str,
+    fault: str,
+    prefix: str,
+    calls: list[str],
+    raised: BaseException | None,
+) -> str:
+    """Which of the ``held`` database's COMMIT went out, "first" or "second", as the outcome
+    of a unit writing ``prefix``-named rows to both databases proves it (``calls``: the names
+    its attempts wrote; ``raised``: its error), checked against both databases and against
+    what ``fault`` should make of that order (:data:`SETTLED`)."""
+    faulted, other = databases if held == "first" else databases[::-1]
+    here = {
+        "faulted": [n for n in names(server, faulted, FAULTED_TABLE[held]) if n.startswith(prefix)],
+        "other": [n for n in names(server, other, OTHER_TABLE[held]) if n.startswith(prefix)],
+    }
+    first = f"{prefix}1"
+    if raised is None and calls == [first]:
+        assert here == {"faulted": [first], "other": [first]}
+        outcome = "done"
+    elif raised is None:
+        assert calls == [first, f"{prefix}2"]
+        assert here == {"faulted": [calls[1]], "other": [calls[1]]}
+        outcome = "replayed"
+    else:
+        assert not isinstance(raised, rdb.CommitOutcomeUnknownError), raised
+        assert calls == [first]  # not replayed
+        assert partly_committed(raised)
+        committed_on = "faulted" if fault == "lost" else "other"
+        assert here[committed_on] == [first]
+        assert here["other" if committed_on == "faulted" else "faulted"] == []
+        outcome = "partly committed"
+    orders = [order for order, expected in SETTLED[fault].items() if expected == outcome]
+    assert orders, f"{fault}: {outcome} is no outcome of either order"
+    return orders[0]
+
+
+FAULTED_TABLE = {"first": "items", "second": "entries"}
+OTHER_TABLE = {"first": "entries", "second": "items"}
+
+
+@pytest.mark.parametrize("fault", ["lost", "swallowed"])
+def test_a_lost_commit_across_two_databases_is_settled_part_by_part(
     *,
     pg_server: PostgresServer,
     databases: tuple[str, str],
@@ -189,24 +237,56 @@ def test_a_lost_commit_across_two_databases_is_unknown_never_replayed_or_done(
     second_proxy: FaultProxy,
     service: str,
     engines: tuple[sa.Engine, sa.Engine],
-    held: str,
+    fault: str,
 ) -> None:
-    """One database's COMMIT never arrives. Whichever of the two SQLAlchemy committed first,
-    part of the unit may be committed: it is neither replayed (the committed part would be
-    written twice) nor reported done (the other part is lost)."""
-    first, second = databases
-    proxy = fault_proxy if held == "first" else second_proxy
-    calls: list[str] = []
-    proxy.swallow_commit()
-    releaser = held_and_released(proxy)
-    with pytest.raises(rdb.CommitOutcomeUnknownError) as info:
-        bound(*engines, service).run(both(calls))
-    releaser.join(15)
-    assert "spans 2 connection(s)" in str(info.value)
-    assert calls == ["u-1"]  # not replayed
-    # at most the one attempt's rows, in either database
-    assert names(pg_server, first, "items") in ([], ["u-1"])
-    assert names(pg_server, second, "entries") in ([], ["u-1"])
+    """One database's COMMIT loses its answer, or never arrives. SQLAlchemy commits the two
+    connections one by one, in an order of its own, and stops at the failed one: what the
+    other part did is known (answered, or never sent), and the failed one is checked in its own
+    database. Each unit ends done, replayed once, or raised as partly committed (never
+    replayed: the committed part would be written twice), never unknown; the databases agree
+    with the outcome. The faulted database alternates, so that both orders are met whether
+    SQLAlchemy's order is fixed or varies."""
+    Sessions = bound(*engines, service, config=PATIENT)
+    seen: set[str] = set()  # the faulted database's COMMIT went out first, or second
+    for round_ in range(ROUNDS):
+        held = ("first", "second")[round_ % 2]
+        for engine in engines:  # new connections for both: no order carried over
+            engine.dispose()
+        proxy = fault_proxy if held == "first" else second_proxy
+        calls: list[str] = []
+
+        def unit(session: Session, calls: list[str] = calls, round_: int = round_) -> None:
+            name = f"r{round_}-{len(calls) + 1}"
+            calls.append(name)
+            session.add(Item(name=name))
+            session.add(Entry(name=name))
+
+        releaser = None
+        if fault == "lost":
+            proxy.lose_commit_answer()
+        else:
+            proxy.swallow_commit()
+            releaser = held_and_released(proxy)
+        raised: BaseException | None = None
+        try:
+            Sessions.run(unit)
+        except sa.exc.DBAPIError as exc:
+            raised = exc
+        if releaser is not None:
+            releaser.join(15)
+        order = settled(
+            pg_server,
+            databases,
+            held=held,
+            fault=fault,
+            prefix=f"r{round_}-",
+            calls=calls,
+            raised=raised,
+        )
+        seen.add(order)
+        if len(seen) == 2:
+            break
+    assert seen == {"first", "second"}  # both orders were met
 
 
 def test_a_commit_refused_after_the_other_database_committed_is_not_replayed(
@@ -298,33 +378,63 @@ def test_a_lost_answer_on_another_engine_is_settled_in_that_engines_database(
 
 
 @pytest.mark.asyncio
-async def test_async_a_lost_commit_across_two_databases_is_unknown(
+@pytest.mark.parametrize("fault", ["lost", "swallowed"])
+async def test_async_a_lost_commit_across_two_databases_is_settled_part_by_part(
     *,
     pg_server: PostgresServer,
     databases: tuple[str, str],
+    fault_proxy: FaultProxy,
     second_proxy: FaultProxy,
     async_engines: tuple[AsyncEngine, AsyncEngine],
     service: str,
+    fault: str,
 ) -> None:
-    """The async twin of the lost COMMIT across two databases."""
-    first, second = databases
-    Sessions = bound(*async_engines, service, rdb.AsyncResilientSession)
-    calls: list[int] = []
+    """The async twin: one database's COMMIT loses its answer or never arrives; each unit is
+    done, replayed once or raised as partly committed, as the databases agree, and both
+    orders of SQLAlchemy's COMMITs are met."""
+    Sessions = bound(*async_engines, service, rdb.AsyncResilientSession, config=PATIENT)
+    seen: set[str] = set()
+    for round_ in range(ROUNDS):
+        held = ("first", "second")[round_ % 2]
+        for engine in async_engines:  # new connections for both: no order carried over
+            await engine.dispose()
+        proxy = fault_proxy if held == "first" else second_proxy
+        calls: list[str] = []
 
-    async def unit(session: AsyncSession) -> None:
-        calls.append(1)
-        session.add(Item(name=f"a-{len(calls)}"))
-        session.add(Entry(name=f"a-{len(calls)}"))
+        async def unit(
+            session: AsyncSession, calls: list[str] = calls, round_: int = round_
+        ) -> None:
+            name = f"a{round_}-{len(calls) + 1}"
+            calls.append(name)
+            session.add(Item(name=name))
+            session.add(Entry(name=name))
 
-    await Sessions.run(unit)
-    second_proxy.swallow_commit()
-    releaser = held_and_released(second_proxy)
-    with pytest.raises(rdb.CommitOutcomeUnknownError):
-        await Sessions.run(unit)
-    await asyncio.to_thread(releaser.join, 15)
-    assert len(calls) == 2  # not replayed
-    assert names(pg_server, first, "items") in (["a-1"], ["a-1", "a-2"])
-    assert names(pg_server, second, "entries") in (["a-1"], ["a-1", "a-2"])
+        releaser = None
+        if fault == "lost":
+            proxy.lose_commit_answer()
+        else:
+            proxy.swallow_commit()
+            releaser = held_and_released(proxy)
+        raised: BaseException | None = None
+        try:
+            await Sessions.run(unit)
+        except sa.exc.DBAPIError as exc:
+            raised = exc
+        if releaser is not None:
+            await asyncio.to_thread(releaser.join, 15)
+        order = settled(
+            pg_server,
+            databases,
+            held=held,
+            fault=fault,
+            prefix=f"a{round_}-",
+            calls=calls,
+            raised=raised,
+        )
+        seen.add(order)
+        if len(seen) == 2:
+            break
+    assert seen == {"first", "second"}  # both orders were met
 
 
 def test_the_guard_compares_and_sets_through_the_connection_of_the_models_own_database(

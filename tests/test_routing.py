@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
-from scenarios import ASYNC_DRIVERS, Base, Item
+from scenarios import ASYNC_DRIVERS, Base, Item, held_and_released
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.ext.horizontal_shard import ShardedSession
 from sqlalchemy.orm import Session
@@ -216,28 +216,77 @@ async def test_async_a_routed_unit_is_marked_and_a_lost_answer_settled_once(
     assert names(pg_server, database) == ["a-1", "a-2"]
 
 
-def test_a_lost_answer_of_a_unit_that_read_on_the_follower_is_unknown_never_replayed(
+@pytest.mark.parametrize("fault", ["lost", "swallowed"])
+def test_a_lost_answer_of_a_unit_that_read_on_the_follower_is_settled_on_the_leader(
+    *,
     pg_server: PostgresServer,
     database: str,
     leader_follower: tuple[sa.Engine, sa.Engine],
     fault_proxy: FaultProxy,
     service: str,
+    fault: str,
 ) -> None:
     """A unit that wrote on the leader and read on the follower spans two connections, which
-    SQLAlchemy commits one by one: a lost answer there is unknown (as for ``binds``), and the
-    unit is not run again."""
+    SQLAlchemy commits one by one, in an order that varies from unit to unit. The follower's
+    part wrote nothing, so the leader's COMMIT decides, whichever went first: its answer lost
+    after it committed, the unit is done once; swallowed before the server, it is replayed
+    once. Several units, so that both orders are met."""
     Sessions = rdb.ResilientSession(class_=routing_class(*leader_follower), service=service)
-    calls: list[str] = []
+    for round_ in range(6):
+        calls: list[str] = []
 
-    def unit(session: Session) -> int:
-        calls.append("x")
-        return add_and_count(session, f"r-{len(calls)}")
+        def unit(session: Session, calls: list[str] = calls, round_: int = round_) -> int:
+            calls.append("x")
+            return add_and_count(session, f"r{round_}-{len(calls)}")
 
-    fault_proxy.lose_commit_answer()
-    with pytest.raises(rdb.CommitOutcomeUnknownError, match="2 connection"):
-        Sessions.run(unit)
-    assert calls == ["x"]
-    assert names(pg_server, database) == ["r-1"]
+        if fault == "lost":
+            fault_proxy.lose_commit_answer()
+            Sessions.run(unit)
+            assert calls == ["x"]  # done: verified by its marker on the leader
+        else:
+            fault_proxy.swallow_commit()
+            releaser = held_and_released(fault_proxy)
+            Sessions.run(unit)
+            releaser.join(15)
+            assert calls == ["x", "x"]  # the check fenced the held COMMIT: replayed once
+    done = [f"r{n}-1" if fault == "lost" else f"r{n}-2" for n in range(6)]
+    assert names(pg_server, database) == sorted(done)
+    assert (fault_proxy.commits_lost, fault_proxy.commits_swallowed) == (
+        (6, 0) if fault == "lost" else (0, 6)
+    )
+
+
+@pytest.mark.asyncio
+async def test_async_a_lost_answer_of_a_unit_that_read_on_the_follower_is_done_once(
+    pg_server: PostgresServer,
+    database: str,
+    async_leader_follower: tuple[AsyncEngine, AsyncEngine],
+    fault_proxy: FaultProxy,
+    service: str,
+) -> None:
+    """The async twin: a read on the follower and a write on the leader, whose COMMIT answer
+    is lost after it committed: done once, whichever COMMIT SQLAlchemy sent first."""
+    leader, follower = async_leader_follower
+    Sessions = rdb.AsyncResilientSession(
+        service=service,
+        sync_session_class=routing_class(leader.sync_engine, follower.sync_engine),
+    )
+    for round_ in range(6):
+        calls: list[str] = []
+
+        async def unit(
+            session: AsyncSession, calls: list[str] = calls, round_: int = round_
+        ) -> int:
+            calls.append("x")
+            session.add(Item(name=f"a{round_}"))
+            await session.flush()
+            return int(await session.scalar(sa.select(sa.func.count()).select_from(Item)) or 0)
+
+        fault_proxy.lose_commit_answer()
+        await Sessions.run(unit)
+        assert calls == ["x"]
+    assert names(pg_server, database) == [f"a{n}" for n in range(6)]
+    assert fault_proxy.commits_lost == 6
 
 
 def test_a_routed_unit_prunes_expired_markers_where_it_committed(

@@ -518,7 +518,7 @@ def _began_connections(session: Session) -> dict[Any, Connection] | None:
     if not began:
         return None
     transaction = session.get_transaction()
-    found = {conn.engine: conn for trans, conn, _ in began if trans is transaction}
+    found = {conn.engine: conn for trans, conn, _, _ in began if trans is transaction}
     return found or None
 
 
