@@ -182,46 +182,6 @@ class LocalBudget:
         return max(0.0, self.ratio * deposits - spent) + self.floor_tokens(now)
 
 
-# KEYS: budget hash (the fleet's, see resilient_db._fleet). ARGV: what paid for the retry given
-# back ('ratio' | 'floor'), seconds since it was paid (this process's clock: a duration, which
-# hosts' clocks agree on), floor (retries/s), window (s). A ratio-paid retry leaves the second of
-# Redis time it was spent in (give or take the round trip: the nearest of that second and its
-# neighbours holding one); a floor-paid one goes back into the bucket. Nothing when what it was
-# spent in has expired, or Redis lost the hash (flushed: the budget starts over anyway).
-# -> 1 given back, 0 nothing to give back
-_REFUND = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local sec = math.floor(now)
-if ARGV[1] == 'ratio' then
-  local paid = math.floor(now - tonumber(ARGV[2]))
-  local window = tonumber(ARGV[4])
-  for _, s in ipairs({paid, paid + 1, paid - 1}) do
-    if s > sec - window and s <= sec then
-      local f = 'w' .. s
-      local n = tonumber(redis.call('HGET', KEYS[1], f) or '0') or 0
-      if n > 1 then
-        redis.call('HINCRBY', KEYS[1], f, -1)
-        return 1
-      elseif n == 1 then
-        redis.call('HDEL', KEYS[1], f)
-        return 1
-      end
-    end
-  end
-elseif ARGV[1] == 'floor' then
-  local h = redis.call('HMGET', KEYS[1], 'ft', 'fts')
-  local tokens, ts, floor = tonumber(h[1]), tonumber(h[2]), tonumber(ARGV[3])
-  if tokens ~= nil and ts ~= nil then
-    tokens = math.min(floor, tokens + math.max(0, now - ts) * floor + 1)
-    redis.call('HSET', KEYS[1], 'ft', tostring(tokens), 'fts', tostring(now))
-    return 1
-  end
-end
-return 0
-"""
-
-
 class Withdrawal(NamedTuple):
     """A retry a budget paid for (:meth:`RetryBudget.withdraw`), kept until its attempt
     starts: given back (:meth:`RetryBudget.refund`) if it never does."""
@@ -385,7 +345,7 @@ class RetryBudget:
             self.granted = max(0, self.granted - 1)
         link = withdrawal.fleet
         if link is not None and link is self._fleet and link.up:
-            _refund_in_fleet(link, self, withdrawal, max(0.0, now - withdrawal.at))
+            link.budget_refund(self, withdrawal.paid_by, max(0.0, now - withdrawal.at))
 
     def spent(self) -> None:
         """A unit gave up because the budget is spent: count it, tell the hooks, and log it
@@ -453,24 +413,6 @@ class RetryBudget:
 
     def __repr__(self) -> str:
         return f"<RetryBudget service={self.service!r} ratio={self.config.retry_budget}>"
-
-
-def _refund_in_fleet(link: Any, budget: RetryBudget, withdrawal: Withdrawal, age: float) -> None:
-    """Give ``withdrawal`` back to the fleet's budget (``age``: seconds since it was paid).
-    A failure of Redis is one as on any failure-path call: the link is marked down (its one
-    warning) and this process goes on alone; nothing is raised."""
-    from ._fleet import _keys  # noqa: PLC0415 - the fleet imports this module
-
-    cfg = budget.config
-    try:
-        link.commands += 1
-        script = link._client.register_script(_REFUND)  # (hashed here; EVALSHA, else EVAL)
-        script(
-            keys=[_keys(budget.service).budget],
-            args=[withdrawal.paid_by, age, cfg.retry_budget_floor, WINDOW],
-        )
-    except Exception as exc:  # any failure of the store: this process's figures stand
-        link.mark_down(exc)
 
 
 def budget_for(service: str, config: Config) -> RetryBudget | None:

@@ -447,6 +447,46 @@ end
 return 1
 """
 
+# KEYS: budget hash (see _BUDGET). ARGV: what paid for the retry given
+# back ('ratio' | 'floor'), seconds since it was paid (this process's clock: a duration, which
+# hosts' clocks agree on), floor (retries/s), window (s). A ratio-paid retry leaves the second of
+# Redis time it was spent in (give or take the round trip: the nearest of that second and its
+# neighbours holding one); a floor-paid one goes back into the bucket. Nothing when what it was
+# spent in has expired, or Redis lost the hash (flushed: the budget starts over anyway).
+# -> 1 given back, 0 nothing to give back
+_BUDGET_REFUND = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local sec = math.floor(now)
+if ARGV[1] == 'ratio' then
+  local paid = math.floor(now - tonumber(ARGV[2]))
+  local window = tonumber(ARGV[4])
+  for _, s in ipairs({paid, paid + 1, paid - 1}) do
+    if s > sec - window and s <= sec then
+      local f = 'w' .. s
+      local n = tonumber(redis.call('HGET', KEYS[1], f) or '0') or 0
+      if n > 1 then
+        redis.call('HINCRBY', KEYS[1], f, -1)
+        return 1
+      elseif n == 1 then
+        redis.call('HDEL', KEYS[1], f)
+        return 1
+      end
+    end
+  end
+elseif ARGV[1] == 'floor' then
+  local h = redis.call('HMGET', KEYS[1], 'ft', 'fts')
+  local tokens, ts, floor = tonumber(h[1]), tonumber(h[2]), tonumber(ARGV[3])
+  if tokens ~= nil and ts ~= nil then
+    tokens = math.min(floor, tokens + math.max(0, now - ts) * floor + 1)
+    redis.call('HSET', KEYS[1], 'ft', tostring(tokens), 'fts', tostring(now))
+    return 1
+  end
+end
+return 0
+"""
+
+
 _SCRIPTS = {
     "alive": _ALIVE,
     "failure": _FAILURE,
@@ -455,6 +495,7 @@ _SCRIPTS = {
     "force": _FORCE,
     "share_opening": _SHARE_OPENING,
     "budget": _BUDGET,
+    "budget_refund": _BUDGET_REFUND,
 }
 
 
@@ -745,6 +786,18 @@ class FleetLink:
             self._unsent(budget, pending, down)
             return None
         return _s(answer[0])
+
+    def budget_refund(self, budget: Any, paid_by: str, age: float) -> None:
+        """Give back to ``budget``'s fleet-wide figures a retry paid for ``age`` seconds ago
+        by ``paid_by`` (``"ratio"``/``"floor"``) that never ran. Redis failing: the link is
+        marked down as on any failure-path call (its one warning), nothing raised."""
+        from ._budget import WINDOW  # noqa: PLC0415 - the budget module imports this one
+
+        key = _keys(budget.service).budget
+        args = [paid_by, age, budget.config.retry_budget_floor, WINDOW]
+        # (this process's own figures were given back: without Redis it goes on alone)
+        with contextlib.suppress(FleetDown):
+            self._call("budget_refund", [key], args)
 
     @staticmethod
     def _unsent(budget: Any, pending: list[tuple[int, int]], down: FleetDown) -> None:
