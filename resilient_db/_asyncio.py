@@ -427,7 +427,12 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                         # checked inline, not through _call_unit: this is every unit's path
                         if type(result) is not types.CoroutineType:
                             _require_awaitable(fn, result)
-                    value: R = await result
+                        value: R = await result
+                    else:  # sync only
+                        # checked inline, not through _call_unit: this is every unit's path
+                        if type(result) is types.CoroutineType:
+                            _refuse_coroutine(fn, result)
+                        value = result
                     request = CommitRequest()
                     try:
                         # flush and COMMIT (async: in one greenlet hop)
@@ -798,7 +803,25 @@ else:  # sync only
     def _call_unit(
         fn: Callable[..., R], session: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> R:
-        return fn(session, *args, **kwargs)
+        """``fn(session, ...)``; a function that returns a coroutine is a usage error."""
+        result = fn(session, *args, **kwargs)
+        if type(result) is types.CoroutineType:
+            _refuse_coroutine(fn, result)
+        return result
+
+    def _refuse_coroutine(fn: Any, result: Any) -> None:
+        """A sync unit returned a coroutine (a lambda or a class around an ``async def``):
+        nothing would ever await it, so its work would never run while the unit committed and
+        reported success. Closed, so it leaves no "never awaited" warning behind; the
+        ``TypeError`` rolls the unit back (not retried)."""
+        result.close()
+        raise TypeError(
+            f"{_name(fn)} returned a coroutine ({result.__qualname__}(...), never awaited): "
+            "units of a ResilientSession are sync functions, and nothing awaits what they "
+            "return, so its work would never run. For async code use AsyncResilientSession "
+            "with an AsyncEngine (await Session.run(fn, ...)); in sync code, call sync "
+            "functions in the unit"
+        )
 
     # The unit of work running in this thread (or greenlet, under gevent).
     _units = current_unit
