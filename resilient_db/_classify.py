@@ -597,8 +597,8 @@ class Classifier:
 
     def __init__(self, codes: Mapping[str, Outcome | str] | None = None) -> None:
         table = dict(_DEFAULT_CODES if codes is None else {})
-        for code, outcome in (codes or {}).items():
-            table[_check_code(code)] = Outcome(outcome)
+        for code, outcome in _code_items("Classifier()", codes or {}):
+            table[_check_code(code)] = _check_outcome(code, outcome)
         self._codes: Mapping[str, Outcome] = MappingProxyType(table)
 
     @property
@@ -609,11 +609,21 @@ class Classifier:
     def with_codes(self, codes: Mapping[str, Outcome | str]) -> Classifier:
         """A classifier that also treats ``codes`` (SQLSTATE -> outcome) as given."""
         table: dict[str, Outcome | str] = dict(self._codes)
-        table.update({_check_code(c): Outcome(o) for c, o in codes.items()})
+        table.update(
+            {_check_code(c): _check_outcome(c, o) for c, o in _code_items("with_codes()", codes)}
+        )
         return Classifier._from_table(table)
 
-    def without_codes(self, codes: Iterable[str]) -> Classifier:
-        """A classifier for which ``codes`` are not transient any more."""
+    def without_codes(self, codes: str | Iterable[str]) -> Classifier:
+        """A classifier for which ``codes`` are not transient any more: SQLSTATEs, or one
+        SQLSTATE as a string (``without_codes("55P03")`` is ``without_codes(["55P03"])``)."""
+        if isinstance(codes, str):
+            codes = (codes,)
+        elif not isinstance(codes, Iterable):
+            raise TypeError(
+                "without_codes() takes SQLSTATEs (an iterable of strings such as "
+                f"['40001'], or one as a string), got {type(codes).__name__}"
+            )
         table: dict[str, Outcome | str] = dict(self._codes)
         for code in codes:
             table[_check_code(code)] = Outcome.NOT_TRANSIENT
@@ -667,6 +677,25 @@ class Classifier:
 
     def __repr__(self) -> str:
         return f"Classifier({dict(self._codes)!r})"
+
+
+def _code_items(where: str, codes: object) -> Iterable[tuple[Any, Any]]:
+    if not isinstance(codes, Mapping):
+        raise TypeError(
+            f"{where} takes a mapping of SQLSTATE to outcome, such as "
+            f"{{'40001': Outcome.CONFLICT}}, got {type(codes).__name__}"
+        )
+    return codes.items()
+
+
+def _check_outcome(code: object, outcome: Any) -> Outcome:
+    try:
+        return Outcome(outcome)
+    except ValueError:
+        valid = ", ".join(f"Outcome.{o.name} ({o.value!r})" for o in Outcome)
+        raise ValueError(
+            f"{outcome!r} (for SQLSTATE {code!r}) is not an outcome; use one of {valid}"
+        ) from None
 
 
 def _check_code(code: Any) -> str:

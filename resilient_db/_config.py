@@ -548,8 +548,17 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
     """Read the ``SELF_HEALING_*`` variables from ``environ`` (default ``os.environ``).
 
     Unset variables take the plan's defaults. Raises :class:`ConfigError` naming every bad
-    variable and its value, including unknown ``SELF_HEALING_*`` names (a typo is an error).
+    variable and its value, including unknown ``SELF_HEALING_*`` names (a typo is an error);
+    ``TypeError`` when ``environ`` is not a mapping of names to values (such as a string of
+    ``NAME=value`` text).
     """
+    if environ is not None and not isinstance(environ, Mapping):
+        # (its value is not shown: it may be a line of settings with a Redis password)
+        raise TypeError(
+            "load_config(environ=...) takes a mapping of variable names to string values "
+            f"(os.environ, or a dict such as {{'SELF_HEALING_ENABLED': 'false'}}), got "
+            f"{type(environ).__name__}"
+        )
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     problems: dict[str, str] = {}

@@ -6,6 +6,8 @@ or a bound parameter: only service names, SQLSTATEs, outcome classes, counts and
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import threading
 import time
@@ -82,12 +84,52 @@ def add_hook(hook: SelfHealHook) -> None:
     Hooks see every action while self-healing is enabled, whatever the logging switches say
     (those govern the ``[SELF-HEAL]`` log lines only). A hook that raises is logged at DEBUG and
     skipped: instrumentation never breaks a unit of work.
+
+    Hooks are called synchronously, in the thread of the action, with one positional argument.
+    Refused with ``TypeError``: an ``async def`` hook (also a ``functools.partial`` of one, or an
+    object whose ``__call__`` is one), whose coroutine nobody would await, so it would see no
+    event; an async generator function likewise; and a hook that can't be called with the event
+    alone (it takes no argument, or needs more), which would fail at every event. A callable
+    whose signature can't be read is taken as it is.
     """
     if not callable(hook):
         raise TypeError(f"add_hook() needs a callable, got {type(hook).__name__}")
+    _refuse_unfit_hook(hook)
     with STATE.lock:
         if hook not in STATE.hooks:
             STATE.hooks = (*STATE.hooks, hook)
+
+
+def _is_async(hook: object) -> bool:
+    """Whether calling ``hook`` gives a coroutine or an async generator instead of running it."""
+    while isinstance(hook, functools.partial):
+        hook = hook.func
+    call = type(hook).__call__  # an object's own: async if it is declared so
+    return any(
+        inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn) for fn in (hook, call)
+    )
+
+
+def _refuse_unfit_hook(hook: object) -> None:
+    name = getattr(hook, "__qualname__", None) or repr(hook)
+    if _is_async(hook):
+        raise TypeError(
+            f"add_hook() can't use {name}: it is async, and hooks are called synchronously "
+            "(what calling it returns would never be awaited, so it would see no event); pass "
+            "a plain function, which may hand the event to your event loop (e.g. with "
+            "loop.call_soon_threadsafe)"
+        )
+    try:
+        signature = inspect.signature(hook)  # type: ignore[arg-type]
+    except (TypeError, ValueError):  # some builtins and extension types: taken as they are
+        return
+    try:
+        signature.bind(None)
+    except TypeError as exc:
+        raise TypeError(
+            f"add_hook() can't use {name}{signature}: hooks are called as hook(event), with "
+            f"the event as their one argument, and it can't be called that way ({exc})"
+        ) from None
 
 
 def remove_hook(hook: SelfHealHook) -> None:

@@ -65,6 +65,7 @@ class OpenTelemetryHook:
     """
 
     def __init__(self, meter_provider: Any = None) -> None:
+        _check_meter_provider(meter_provider)
         metrics, trace = _opentelemetry()
         from . import __version__  # noqa: PLC0415 - the package imports this module lazily
 
@@ -165,6 +166,24 @@ class OpenTelemetryHook:
             yield self._observation(service["counters"]["breaker_rejections"], {"service": name})
 
 
+def _check_meter_provider(meter_provider: object) -> None:
+    """A meter provider is an object with ``get_meter()`` (an instance: the class's
+    ``get_meter`` would take the meter's name for ``self``)."""
+    if meter_provider is None:
+        return
+    if isinstance(meter_provider, type):
+        raise TypeError(
+            f"meter_provider= takes a meter provider instance, got the class "
+            f"{meter_provider.__qualname__}: pass {meter_provider.__qualname__}(...), or "
+            "leave it out for the global one"
+        )
+    if not callable(getattr(meter_provider, "get_meter", None)):
+        raise TypeError(
+            "meter_provider= takes an OpenTelemetry meter provider (an object with "
+            f"get_meter()), got {type(meter_provider).__name__}"
+        )
+
+
 def _attributes(event: SelfHealEvent, fields: Mapping[str, Any]) -> dict[str, Any]:
     """The span event's attributes: the action's fields that OTel can carry (no None, no
     objects), under ``resilient_db.``, and the log line without its prefix."""
@@ -186,18 +205,21 @@ def install_opentelemetry(*, meter_provider: Any = None) -> OpenTelemetryHook:
     counters (see :class:`OpenTelemetryHook`). Idempotent: calling it again returns the hook
     already installed, unless another ``meter_provider`` is given (then that one replaces it).
     ``meter_provider`` defaults to the global one (``opentelemetry.metrics``); spans always go
-    to the current span of the context the action happens in."""
+    to the current span of the context the action happens in. One that is not a meter provider
+    instance is refused with ``TypeError``. The new hook is built before the old one is
+    removed: a provider that fails leaves the hook installed before as it was."""
     global _installed
     with _lock:
-        hook = _installed
-        if hook is not None and (meter_provider is None or hook.meter_provider is meter_provider):
-            add_hook(hook)  # idempotent
-            return hook
-        if hook is not None:
-            remove_hook(hook)
-            hook.active = False
-        hook = _installed = OpenTelemetryHook(meter_provider)
+        old = _installed
+        if old is not None and (meter_provider is None or old.meter_provider is meter_provider):
+            add_hook(old)  # idempotent
+            return old
+        hook = OpenTelemetryHook(meter_provider)
         add_hook(hook)
+        if old is not None:
+            remove_hook(old)
+            old.active = False
+        _installed = hook
         return hook
 
 

@@ -272,7 +272,7 @@ def with_self_healing(
     runs once, with no retries or breaker of its own: the enclosing one retries. A generator
     function is refused (its body would run after the operation returned).
     """
-    _check_arguments(service, config)
+    _check_arguments(service, config, use_retry=use_retry, use_circuit_breaker=use_circuit_breaker)
     check = ResponseCheck(validate) if validate is not None else None
     if fn is None:
         return _decorator(service, use_retry, use_circuit_breaker, config, check)
@@ -301,7 +301,7 @@ async def _acall_checked(
     return checked
 
 
-def _check_arguments(service: object, config: object) -> None:
+def _check_arguments(service: object, config: object, **flags: object) -> None:
     if not isinstance(service, str) or not service:
         raise TypeError(
             f"with_self_healing needs a service name (a non-empty str), got {service!r}"
@@ -311,6 +311,14 @@ def _check_arguments(service: object, config: object) -> None:
         raise TypeError(
             f"with_self_healing's config= takes a resilient_db.Config, got {type(config).__name__}"
         )
+    for name, value in flags.items():
+        # any object is truthy or falsy, and a non-empty str is truthy: use_retry="false"
+        # would retry an operation its caller said is not safe to replay
+        if not isinstance(value, bool):
+            raise TypeError(
+                f"with_self_healing's {name}= takes a bool (True or False), got "
+                f"{type(value).__name__} {value!r}"
+            )
 
 
 def _refuse_generator(fn: object) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
 
 from resilient_db._config import Config
@@ -156,8 +157,14 @@ def _refuse(config: Config, role_exists: bool, role: str, login_role: str, reaso
     )
 
 
-async def bypass_transitions_async(target: Any, *, reason: str) -> None:
-    """:func:`bypass_transitions` for an ``AsyncSession`` or ``AsyncConnection``."""
+async def bypass_transitions_async(target: AsyncSession | AsyncConnection, *, reason: str) -> None:
+    """:func:`bypass_transitions` for an ``AsyncSession`` or ``AsyncConnection`` (anything else
+    is refused with ``TypeError``)."""
+    if not isinstance(target, (AsyncSession, AsyncConnection)):
+        raise TypeError(
+            "bypass_transitions_async() takes an AsyncSession or an AsyncConnection (for a "
+            f"Session or a Connection use bypass_transitions), got {type(target).__name__}"
+        )
 
     def run(sync_target: Any) -> None:
         bypass_transitions(sync_target, reason=reason)

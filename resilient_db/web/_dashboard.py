@@ -66,6 +66,7 @@ class Dashboard:
             raise TypeError(_NO_AUTH)
         if not callable(auth):
             raise TypeError(f"dashboard(auth=...) needs a callable, got {type(auth).__name__}")
+        _refuse_unfit_check(auth)
         if (
             isinstance(poll_seconds, bool)
             or not isinstance(poll_seconds, (int, float))
@@ -266,6 +267,30 @@ def token_auth(
 
 
 # -- helpers -------------------------------------------------------------------------------------
+def _refuse_unfit_check(auth: object) -> None:
+    """An auth check is called as ``check(request)``: the factory :func:`token_auth` itself
+    (which would take the request for its token, and fail every request with a 500), or a
+    callable that can't take the request alone, would fail every request; said here instead.
+    A callable whose signature can't be read is taken as it is."""
+    if auth is token_auth:
+        raise TypeError(
+            "dashboard(auth=token_auth) passes the factory itself: call it with the secret, "
+            "auth=token_auth(secret), to get the check"
+        )
+    try:
+        signature = inspect.signature(auth)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(None)
+    except TypeError as exc:
+        name = getattr(auth, "__qualname__", None) or repr(auth)
+        raise TypeError(
+            f"dashboard(auth=...) is called as check(request), with the request as its one "
+            f"argument, and {name}{signature} can't be called that way ({exc})"
+        ) from None
+
+
 _CSP = (
     "default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; "
     "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "

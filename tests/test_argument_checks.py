@@ -1,0 +1,262 @@
+"""Wrong arguments are refused where the mistake is made, with an error that names it: not
+taken (a truthy string for a flag, a hook that never sees an event, the ``token_auth`` factory
+for a check) nor answered later with an error from deep inside (an ``AttributeError`` about
+``run_sync`` or ``items``). None of these needs a database: each is refused before any I/O."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.orm import Session
+
+import resilient_db as rdb
+from resilient_db._state import STATE
+
+# never connected to: every call below is refused before anything is sent
+_NOWHERE = "postgresql+psycopg://127.0.0.1:9/never"
+_NOWHERE_ASYNC = "postgresql+asyncpg://127.0.0.1:9/never"
+
+
+# -- with_self_healing's flags ----------------------------------------------------------------
+@pytest.mark.parametrize("flag", ["use_retry", "use_circuit_breaker"])
+@pytest.mark.parametrize("value", ["false", "no", 0, None])
+def test_a_flag_that_is_not_a_bool_is_refused_before_the_operation_runs(
+    flag: str, value: Any
+) -> None:
+    """``use_retry="false"`` is truthy: it would retry an operation its caller said is not
+    safe to replay. Refused, and the operation is not called."""
+    calls: list[int] = []
+    with pytest.raises(TypeError, match=rf"^with_self_healing's {flag}= takes a bool .*got "):
+        rdb.with_self_healing(lambda: calls.append(1), **{flag: value})
+    with pytest.raises(TypeError, match=rf"{flag}= takes a bool"):
+        rdb.with_self_healing(**{flag: value})  # the decorator form, when it is made
+    assert calls == []
+    assert rdb.health()["services"] == {}  # no breaker made for it
+
+
+def test_bool_flags_are_taken() -> None:
+    assert rdb.with_self_healing(lambda: 7, use_retry=False, use_circuit_breaker=False) == 7
+
+
+# -- add_hook ---------------------------------------------------------------------------------
+async def _async_hook(event: rdb.SelfHealEvent) -> None:
+    pass
+
+
+async def _async_generator_hook(event: rdb.SelfHealEvent) -> AsyncIterator[None]:
+    yield
+
+
+class _AsyncCall:
+    async def __call__(self, event: rdb.SelfHealEvent) -> None:
+        pass
+
+
+def _no_argument() -> None:
+    pass
+
+
+def _two_arguments(event: rdb.SelfHealEvent, more: object) -> None:
+    pass
+
+
+def _keyword_needed(event: rdb.SelfHealEvent, *, more: object) -> None:
+    pass
+
+
+@pytest.fixture
+def hooks_before() -> Iterator[tuple[Any, ...]]:
+    before = STATE.hooks
+    yield before
+    STATE.hooks = before
+
+
+@pytest.mark.parametrize(
+    "hook",
+    [
+        _async_hook,
+        functools.partial(_async_hook),
+        _AsyncCall(),
+        functools.partial(_AsyncCall()),
+        _async_generator_hook,
+    ],
+    ids=["async-def", "partial-of-async", "async-call", "partial-of-async-call", "async-gen"],
+)
+def test_an_async_hook_is_refused(hook: Any, hooks_before: tuple[Any, ...]) -> None:
+    """Hooks are called synchronously: an async one's coroutine would never be awaited."""
+    with pytest.raises(TypeError, match=r"^add_hook\(\) can't use .*: it is async, and hooks"):
+        rdb.add_hook(hook)
+    assert STATE.hooks == hooks_before
+
+
+@pytest.mark.parametrize(
+    ("hook", "why"),
+    [
+        (_no_argument, "too many positional arguments"),
+        (_two_arguments, "missing a required argument: 'more'"),
+        (_keyword_needed, "missing a required argument: 'more'"),
+    ],
+)
+def test_a_hook_that_cannot_take_the_event_is_refused(
+    hook: Any, why: str, hooks_before: tuple[Any, ...]
+) -> None:
+    """One that takes no argument (or needs more) would fail at every event, said only at
+    DEBUG."""
+    with pytest.raises(TypeError, match=r"^add_hook\(\) can't use .*hook\(event\)") as raised:
+        rdb.add_hook(hook)
+    assert hook.__name__ in str(raised.value)
+    assert why in str(raised.value)
+    assert STATE.hooks == hooks_before
+
+
+class _SyncCall:
+    def __call__(self, event: rdb.SelfHealEvent) -> None:
+        pass
+
+
+class _Unreadable:
+    """A callable whose signature can't be read: taken as it is."""
+
+    def __call__(self, *args: Any) -> None:
+        pass
+
+    @property
+    def __signature__(self) -> Any:
+        raise ValueError("no signature")
+
+
+def test_hooks_that_take_the_event_are_taken(hooks_before: tuple[Any, ...]) -> None:
+    seen: list[rdb.SelfHealEvent] = []
+    good: list[Any] = [
+        seen.append,
+        lambda event: None,
+        functools.partial(_two_arguments, more=1),
+        _SyncCall(),
+        _Unreadable(),
+        print,
+    ]
+    for hook in good:
+        rdb.add_hook(hook)
+    assert STATE.hooks == (*hooks_before, *good)
+
+
+# -- install_opentelemetry --------------------------------------------------------------------
+class _BrokenProvider:
+    """A meter provider whose meters can't be made."""
+
+    def get_meter(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("meter provider shut down")
+
+
+def test_a_wrong_meter_provider_is_refused_and_leaves_the_installed_hook_as_it_was() -> None:
+    pytest.importorskip("opentelemetry.sdk")
+    from opentelemetry.sdk.metrics import MeterProvider  # noqa: PLC0415 - optional extra
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader  # noqa: PLC0415
+
+    from resilient_db.otel import install_opentelemetry, uninstall_opentelemetry  # noqa: PLC0415
+
+    provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    hook = install_opentelemetry(meter_provider=provider)
+    try:
+        with pytest.raises(TypeError, match=r"got the class MeterProvider: pass MeterProvider"):
+            install_opentelemetry(meter_provider=MeterProvider)
+        with pytest.raises(TypeError, match=r"an object with get_meter\(\)\), got str"):
+            install_opentelemetry(meter_provider="console")
+        with pytest.raises(RuntimeError, match="meter provider shut down"):
+            install_opentelemetry(meter_provider=_BrokenProvider())
+        # telemetry stayed on, with the hook installed before
+        assert hook in STATE.hooks
+        assert hook.active
+        assert install_opentelemetry(meter_provider=provider) is hook
+        assert sum(h is hook for h in STATE.hooks) == 1
+        # replacing it with a good provider still swaps them
+        other = MeterProvider(metric_readers=[InMemoryMetricReader()])
+        new = install_opentelemetry(meter_provider=other)
+        assert new is not hook
+        assert new.active
+        assert not hook.active
+        assert new in STATE.hooks
+        assert hook not in STATE.hooks
+    finally:
+        uninstall_opentelemetry()
+        provider.shutdown()
+
+
+# -- dashboard(auth=...) ----------------------------------------------------------------------
+def test_the_token_auth_factory_itself_is_refused_as_a_check() -> None:
+    """``auth=token_auth`` (not ``token_auth(secret)``) would answer every request 500."""
+    pytest.importorskip("starlette")
+    from resilient_db.web import dashboard, token_auth  # noqa: PLC0415 - optional extra
+
+    with pytest.raises(TypeError, match=r"auth=token_auth\) passes the factory itself.*"):
+        dashboard(auth=token_auth)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"is called as check\(request\).*too many positional"):
+        dashboard(auth=_no_argument)  # type: ignore[arg-type]
+    assert callable(dashboard(auth=token_auth("s" * 32)).auth)
+
+
+# -- bypass_transitions_async -----------------------------------------------------------------
+@pytest.fixture
+def async_engine() -> Iterator[AsyncEngine]:
+    engine = create_async_engine(_NOWHERE_ASYNC)
+    yield engine
+    engine.sync_engine.dispose()  # nothing was ever connected
+
+
+@pytest.mark.asyncio
+async def test_bypass_transitions_async_refuses_what_is_not_async_session_or_connection(
+    async_engine: AsyncEngine,
+) -> None:
+    engine = sa.create_engine(_NOWHERE)
+    try:
+        expected = r"^bypass_transitions_async\(\) takes an AsyncSession or an AsyncConnection"
+        with Session(engine) as session, pytest.raises(TypeError, match=expected + ".*got Session"):
+            await rdb.bypass_transitions_async(session, reason="repair")  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=expected + ".*got AsyncEngine"):
+            await rdb.bypass_transitions_async(async_engine, reason="repair")  # type: ignore[arg-type]
+    finally:
+        engine.dispose()
+
+
+# -- load_config ------------------------------------------------------------------------------
+def test_load_config_refuses_what_is_not_a_mapping_without_showing_it() -> None:
+    text = "SELF_HEALING_REDIS_URL=redis://:hunter2@cache:6379/0"
+    for read in (rdb.load_config, rdb.reload_config):
+        with pytest.raises(TypeError, match=r"^load_config\(environ=...\) takes a mapping") as err:
+            read(text)  # type: ignore[arg-type]
+        assert "got str" in str(err.value)
+        assert "hunter2" not in str(err.value)
+    assert rdb.load_config({"SELF_HEALING_ENABLED": "false"}).enabled is False
+
+
+# -- Classifier -------------------------------------------------------------------------------
+def test_without_codes_takes_one_code_as_a_string() -> None:
+    one = rdb.Classifier().without_codes("40001")
+    assert one.codes == rdb.Classifier().without_codes(["40001"]).codes
+    assert one.codes["40001"] is rdb.Outcome.NOT_TRANSIENT
+    assert one.codes["40P01"] is rdb.Outcome.CONFLICT
+    with pytest.raises(TypeError, match=r"^without_codes\(\) takes SQLSTATEs .*got int"):
+        rdb.Classifier().without_codes(40001)  # type: ignore[arg-type]
+
+
+def test_codes_that_are_not_a_mapping_are_refused() -> None:
+    with pytest.raises(TypeError, match=r"^with_codes\(\) takes a mapping of SQLSTATE to outcome"):
+        rdb.Classifier().with_codes(["40001"])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^Classifier\(\) takes a mapping .*got str"):
+        rdb.Classifier("40001")  # type: ignore[arg-type]
+
+
+def test_an_unknown_outcome_is_refused_with_the_outcomes_there_are() -> None:
+    for make in (rdb.Classifier, rdb.Classifier().with_codes):
+        with pytest.raises(
+            ValueError, match=r"'retry' \(for SQLSTATE '40001'\) is not an outcome"
+        ) as err:
+            make({"40001": "retry"})
+        for outcome in rdb.Outcome:
+            assert f"Outcome.{outcome.name} ({outcome.value!r})" in str(err.value)
+    assert rdb.Classifier({"40001": "conflict"}).codes == {"40001": rdb.Outcome.CONFLICT}
