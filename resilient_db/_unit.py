@@ -1135,15 +1135,10 @@ def refuse_keywords_kept(
     whose ``__init__`` declares a parameter of that name would never get it. ``TypeError``
     naming each such keyword, raised before anything of the factory is set up (a breaker,
     hooks)."""
-    kw = session_kwargs
-    sync_class = kw.get("sync_session_class") or getattr(
-        kw.get("class_"), "sync_session_class", None
-    )
-    classes = [c for c in dict.fromkeys((kw.get("class_"), sync_class)) if isinstance(c, type)]
+    classes = session_classes(session_kwargs)
     if not classes:
         return
-    made = next(k for k in type(factory).__mro__ if FactoryCore in k.__bases__)
-    defaults = inspect.signature(made).parameters
+    defaults = inspect.signature(_factory_class(type(factory))).parameters
     given = [
         name
         for name, value in mine.items()
@@ -1153,14 +1148,9 @@ def refuse_keywords_kept(
             or (isinstance(value, (str, tuple)) and value == defaults[name].default)
         )
     ]
-    by_keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     clashes: list[str] = []
     for cls in classes:
-        try:
-            params = inspect.signature(cls).parameters
-        except (TypeError, ValueError):  # no signature to read: nothing declared
-            continue
-        names = [n for n in given if n in params and params[n].kind in by_keyword]
+        names = [n for n in given if declares(cls, n)]
         if not names:
             continue
         one = len(names) == 1
@@ -1176,6 +1166,69 @@ def refuse_keywords_kept(
         )
     if clashes:
         raise TypeError(" ".join(clashes))
+
+
+def session_classes(kw: Mapping[str, Any]) -> list[type]:
+    """The session classes of a factory's keywords ``kw``: ``class_`` and (async) the sync
+    session class given, else ``class_``'s own."""
+    sync_class = kw.get("sync_session_class") or getattr(
+        kw.get("class_"), "sync_session_class", None
+    )
+    return [c for c in dict.fromkeys((kw.get("class_"), sync_class)) if isinstance(c, type)]
+
+
+_BY_KEYWORD = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+def declares(cls: type, name: str) -> bool:
+    """Whether ``cls.__init__`` declares a parameter ``name`` that a keyword reaches."""
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):  # no signature to read: nothing declared
+        return False
+    return name in params and params[name].kind in _BY_KEYWORD
+
+
+def _factory_class(factory_class: type) -> type:
+    """The resilient factory class ``factory_class`` is (or derives from)."""
+    return next(k for k in factory_class.__mro__ if FactoryCore in k.__bases__)
+
+
+def refuse_own_keywords_in_configure(factory: Any, new_kw: Mapping[str, Any]) -> None:
+    """``configure()`` passes its keywords to every session the factory makes, as
+    sessionmaker's does: a keyword that is the factory's own (``config=``, ``service=``, the
+    clocks...) would reach the session class, where ``__init__`` takes no such parameter, and
+    every ``Session()`` and unit would fail far from the mistake. ``TypeError`` naming it,
+    unless the session class declares that parameter (then it is meant for the sessions, as
+    the constructor's refusal of such keywords advises)."""
+    params = inspect.signature(_factory_class(type(factory))).parameters
+    own = {n for n, p in params.items() if n != "bind" and p.kind is not p.VAR_KEYWORD}
+    own.update(("sleep", "asleep"))
+    names = [n for n in new_kw if n in own]
+    if not names:
+        return
+    classes = session_classes({"class_": factory.class_, **factory.kw, **new_kw})
+    names = [n for n in names if not any(declares(cls, n) for cls in classes)]
+    if not names:
+        return
+    made = type(factory).__name__
+    one = len(names) == 1
+    given = ", ".join(f"{n}=" for n in names)
+    session_class = " or ".join(cls.__qualname__ for cls in classes) or "the session class"
+    reload = (
+        "; to change the configuration of a running factory, set the SELF_HEALING_* variables "
+        "and call resilient_db.reload_config() (it applies to the factories made without "
+        "config=)"
+        if "config" in names
+        else ""
+    )
+    raise TypeError(
+        f"{made}.configure() got {given}, {'which is' if one else 'which are'} the factory's "
+        f"own, not the sessions': configure() passes its keywords to every session the "
+        f"factory makes, and {session_class} takes no {given} (every Session() and unit would "
+        f"fail). Give {'it' if one else 'them'} when the factory is made: "
+        f"{made}(engine, {', '.join(f'{n}=...' for n in names)}){reload}"
+    )
 
 
 def engine_behind(target: Any) -> Engine | None:
@@ -1302,7 +1355,10 @@ class FactoryCore:
         hooks first, as do the engines of a new ``binds``: a factory made without a bind, or
         configured onto another engine, has commit verification, disconnect handling and the
         dead-connection check there. Engine hooks that can't be had (another factory on that
-        engine with other engine-wide settings: ``ValueError``) leave the factory as it was."""
+        engine with other engine-wide settings: ``ValueError``) leave the factory as it was.
+        The factory's own keywords (``config=``, ``service=``...) are given when it is made:
+        ``TypeError`` here (unless your session class takes them)."""
+        refuse_own_keywords_in_configure(self, new_kw)
         bind = new_kw.get("bind")
         binds = list((new_kw.get("binds") or {}).values())
         engine = None if bind is None else self._engine_to_bind(bind)
