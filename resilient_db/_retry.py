@@ -62,7 +62,12 @@ def _restore_testing(previous: bool) -> Iterator[None]:
 
 def set_testing(on: bool = True) -> contextlib.AbstractContextManager[None]:
     """Zero every backoff delay (for test suites). Returns a context manager that restores the
-    previous setting, so ``with set_testing(): ...`` works as well as a plain call."""
+    previous setting, so ``with set_testing(): ...`` works as well as a plain call. ``on`` is a
+    bool: anything else (``"no"`` is truthy) is refused with ``TypeError``."""
+    if not isinstance(on, bool):
+        raise TypeError(
+            f"set_testing() takes a bool (True or False), got {type(on).__name__} {on!r}"
+        )
     previous = _testing.is_set()
     if on:
         _testing.set()

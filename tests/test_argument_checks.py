@@ -260,3 +260,14 @@ def test_an_unknown_outcome_is_refused_with_the_outcomes_there_are() -> None:
         for outcome in rdb.Outcome:
             assert f"Outcome.{outcome.name} ({outcome.value!r})" in str(err.value)
     assert rdb.Classifier({"40001": "conflict"}).codes == {"40001": rdb.Outcome.CONFLICT}
+
+
+@pytest.mark.parametrize("value", ["no", "false", 0, None])
+def test_set_testing_refuses_what_is_not_a_bool(value: Any) -> None:
+    """``set_testing("no")`` is truthy: it would switch test mode on (every backoff zeroed)."""
+    from resilient_db._retry import _testing  # noqa: PLC0415 - the switch itself
+
+    before = _testing.is_set()
+    with pytest.raises(TypeError, match=r"^set_testing\(\) takes a bool \(True or False\), got "):
+        rdb.set_testing(value)
+    assert _testing.is_set() == before
