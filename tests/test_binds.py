@@ -8,6 +8,7 @@ holds or loses one database's COMMIT; a deferred trigger fails one at COMMIT).""
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -224,6 +225,16 @@ def settled(
     return orders[0]
 
 
+def armed(proxy: FaultProxy, fault: str) -> threading.Thread | None:
+    """Arm ``fault`` on ``proxy``'s next COMMIT: "lost" (its answer), or "swallowed" (held,
+    then released: the thread that releases it, to join)."""
+    if fault == "lost":
+        proxy.lose_commit_answer()
+        return None
+    proxy.swallow_commit()
+    return held_and_released(proxy)
+
+
 FAULTED_TABLE = {"first": "items", "second": "entries"}
 OTHER_TABLE = {"first": "entries", "second": "items"}
 
@@ -261,12 +272,7 @@ def test_a_lost_commit_across_two_databases_is_settled_part_by_part(
             session.add(Item(name=name))
             session.add(Entry(name=name))
 
-        releaser = None
-        if fault == "lost":
-            proxy.lose_commit_answer()
-        else:
-            proxy.swallow_commit()
-            releaser = held_and_released(proxy)
+        releaser = armed(proxy, fault)
         raised: BaseException | None = None
         try:
             Sessions.run(unit)
@@ -409,12 +415,7 @@ async def test_async_a_lost_commit_across_two_databases_is_settled_part_by_part(
             session.add(Item(name=name))
             session.add(Entry(name=name))
 
-        releaser = None
-        if fault == "lost":
-            proxy.lose_commit_answer()
-        else:
-            proxy.swallow_commit()
-            releaser = held_and_released(proxy)
+        releaser = armed(proxy, fault)
         raised: BaseException | None = None
         try:
             await Sessions.run(unit)
