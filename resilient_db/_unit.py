@@ -25,7 +25,7 @@ import psycopg
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
 from ._classify import (
@@ -1277,15 +1277,28 @@ class FactoryCore:
             raise TypeError(
                 f"classifier must be a resilient_db.Classifier, got {type(classifier).__name__}"
             )
+        session_kwargs = session_kwargs or {}
+        refuse_session_classes(type(self), session_kwargs)
         refuse_keywords_kept(
             self,
-            session_kwargs or {},
+            session_kwargs,
             {"service": service, "config": config, "classifier": classifier, **policy_kwargs},
         )
+        explicit = config is not None
+        config = config if config is not None else load_config()
+        classifier = classifier or Classifier()
+        # every engine the factory would hook, checked before it registers on any (or makes
+        # its breaker): a refused factory leaves no trace a later one would meet
+        binds = (session_kwargs.get("binds") or {}).values()
+        if not isinstance(self, async_sessionmaker):
+            for bound in binds:
+                refuse_async_driver(engine_behind(bound), "ResilientSession(binds=...)")
+        settings = engine_settings(config, classifier)
+        refuse_disagreeing(factory_engines(sync_engine, binds), settings)
         self.service = service
-        self._explicit_config = config is not None
-        self.config = config if config is not None else load_config()
-        self.classifier = classifier or Classifier()
+        self._explicit_config = explicit
+        self.config = config
+        self.classifier = classifier
         self.policy = Policy(
             service,
             self.config,
@@ -1296,7 +1309,11 @@ class FactoryCore:
         self._referee = CommitReferee(self.policy, sync_engine)
         #: (async) the routing get_bind of each session class that picks engines (see _route)
         self._routes: dict[type[Session], Callable[..., Any] | None] = {}
-        self._hooks = hooks_for(sync_engine, self) if sync_engine is not None else _unbound_hooks()
+        self._hooks = (
+            _unbound_hooks()
+            if sync_engine is None
+            else hooks_for(sync_engine, self, settings=settings)
+        )
 
     def _connect_policy_call(self, connect: Callable[[], T]) -> T:
         """The drop-in connect retry (sync code; in async, inside SQLAlchemy's greenlet). Inside
@@ -1321,10 +1338,9 @@ class FactoryCore:
         # the engines of ``binds=`` are the factory's too: their connections get the same
         # hooks (their COMMITs marked, dead ones discarded at checkout, disconnects handled)
         main = self._referee.engine
-        for bound in (kw.get("binds") or {}).values():
-            engine = engine_behind(bound)
-            if engine is not None and (main is None or engine.pool is not main.pool):
-                hooks_for(engine, self)  # (not main's options)
+        for engine in factory_engines(main, (kw.get("binds") or {}).values()):
+            if engine is not main:
+                hooks_for(engine, self)
         if not self._explicit_config:
             register_default_user(self)
         self._prepare_bound_connection()
@@ -1359,14 +1375,20 @@ class FactoryCore:
         The factory's own keywords (``config=``, ``service=``...) are given when it is made:
         ``TypeError`` here (unless your session class takes them)."""
         refuse_own_keywords_in_configure(self, new_kw)
+        refuse_session_classes(type(self), new_kw)
         bind = new_kw.get("bind")
         binds = list((new_kw.get("binds") or {}).values())
         engine = None if bind is None else self._engine_to_bind(bind)
         if engine is None and binds and isinstance(self._hooks, _UnboundHooks):
             engine = self._engine_to_bind(binds[0])  # as made with binds= alone
         sync = None if engine is None else getattr(engine, "sync_engine", engine)
-        hooks = None if sync is None else hooks_for(sync, self)
-        self._hook_engines(binds)
+        with STATE.lock:
+            # every engine checked before the factory registers on any
+            engines = [sync, *(engine_behind(target) for target in binds)]
+            mine = engine_settings(self.config, self.classifier)
+            refuse_disagreeing([e for e in engines if e is not None], mine)
+            hooks = None if sync is None else hooks_for(sync, self)
+            self._hook_engines(binds)
         super().configure(**new_kw)  # type: ignore[misc]
         if hooks is not None and hooks is not self._hooks:
             old = self._hooks
@@ -1498,14 +1520,89 @@ def engine_of(bind: Any, factory: type, where: str) -> Any:
         wanted, instead = "an AsyncEngine", "for a sync Engine use ResilientSession"
     else:
         if isinstance(bind, Connection):
+            refuse_async_driver(bind.engine, where)
             return bind.engine
         if isinstance(bind, Engine):
+            refuse_async_driver(bind, where)
             return bind
         wanted, instead = "an Engine", "for an AsyncEngine use AsyncResilientSession"
     raise TypeError(
         f"{where} takes {wanted}, got {type(bind).__name__} (a connection whose transaction "
         f"its sessions join works too, or no bind until configure(bind=...); {instead})"
     )
+
+
+def refuse_async_driver(engine: Engine | None, where: str) -> None:
+    """A sync factory given the sync ``Engine`` behind an ``AsyncEngine`` (its
+    ``sync_engine``): its driver is async, and every statement would fail with
+    ``MissingGreenlet``."""
+    if engine is not None and engine.dialect.is_async:
+        raise TypeError(
+            f"{where} takes a sync Engine, got one whose driver ({engine.dialect.driver}) is "
+            "async: the sync_engine of an AsyncEngine, whose statements can't run in sync "
+            "code. Use AsyncResilientSession with the AsyncEngine itself, or make a sync "
+            "engine (create_engine with a sync driver, such as postgresql+psycopg)"
+        )
+
+
+def _class_name(value: Any) -> str:
+    """A class by its name, a function by its module's and name (``time.sleep``), anything
+    else by its type's: ``a str``."""
+    name = getattr(value, "__qualname__", None)
+    if isinstance(name, str):
+        module = getattr(value, "__module__", None)
+        if isinstance(value, type) or module in (None, "builtins", "__main__"):
+            return name
+        return f"{module}.{name}"
+    if value is None:
+        return "None"
+    kind = type(value).__name__
+    return f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind}"
+
+
+def refuse_session_classes(factory_class: type, kw: Mapping[str, Any]) -> None:
+    """``class_`` (and, async, ``sync_session_class``) of a factory's keywords ``kw`` are
+    session classes of the factory's kind: ``TypeError`` naming the mix-up otherwise, raised
+    before anything of the factory is set up (SQLAlchemy would fail later, deep inside, or
+    at the first unit)."""
+    is_async = issubclass(factory_class, async_sessionmaker)
+    cls = kw.get("class_", AsyncSession if is_async else Session)
+    sync_class = kw.get("sync_session_class", Session)
+    if not is_async:
+        if not (isinstance(cls, type) and issubclass(cls, Session)):
+            instead = (
+                ", an async session class: for async code use AsyncResilientSession with an "
+                "AsyncEngine"
+                if isinstance(cls, type) and issubclass(cls, AsyncSession)
+                else ""
+            )
+            raise TypeError(
+                "ResilientSession(class_=...) takes a Session subclass (sqlalchemy.orm.Session "
+                f"or yours), got {_class_name(cls)}{instead}"
+            )
+        return
+    if not (isinstance(cls, type) and issubclass(cls, AsyncSession)):
+        instead = (
+            ", a sync session class: give it as sync_session_class= (the class of each "
+            "AsyncSession's sync_session), or use ResilientSession with a sync Engine"
+            if isinstance(cls, type) and issubclass(cls, Session)
+            else ""
+        )
+        raise TypeError(
+            "AsyncResilientSession(class_=...) takes an AsyncSession subclass, got "
+            f"{_class_name(cls)}{instead}"
+        )
+    if not (isinstance(sync_class, type) and issubclass(sync_class, Session)):
+        instead = (
+            ", the async session class: give it as class_="
+            if isinstance(sync_class, type) and issubclass(sync_class, AsyncSession)
+            else ""
+        )
+        raise TypeError(
+            "AsyncResilientSession(sync_session_class=...) takes a sync Session subclass "
+            f"(the class of each AsyncSession's sync_session), got {_class_name(sync_class)}"
+            f"{instead}"
+        )
 
 
 class _UnboundHooks:
@@ -1777,7 +1874,13 @@ def engine_settings(config: Config, classifier: Classifier) -> tuple[Any, ...]:
     )
 
 
-def hooks_for(engine: Engine, factory: FactoryCore, *, register: bool = True) -> EngineHooks:
+def hooks_for(
+    engine: Engine,
+    factory: FactoryCore,
+    *,
+    register: bool = True,
+    settings: tuple[Any, ...] | None = None,
+) -> EngineHooks:
     """Install (once) and return the hooks of ``engine``, for ``factory``.
 
     ``register=False`` (an engine one session of ``factory`` is bound to): hooks installed
@@ -1791,9 +1894,10 @@ def hooks_for(engine: Engine, factory: FactoryCore, *, register: bool = True) ->
     difference, rather than one factory's settings silently overriding another's. The hooks
     keep the settings agreed on (a new factory is compared with them, not with each factory on
     the engine); once every factory on the engine is gone, a new one may bring others.
+    ``settings``: the factory's :func:`engine_settings`, where the caller has them already.
     """
     config, classifier, service = factory.config, factory.classifier, factory.service
-    mine = engine_settings(config, classifier)
+    mine = engine_settings(config, classifier) if settings is None else settings
     with STATE.lock:
         hooks: EngineHooks | None = STATE.engine_hooks.get(engine)
         if hooks is None:
@@ -1810,22 +1914,50 @@ def hooks_for(engine: Engine, factory: FactoryCore, *, register: bool = True) ->
                 return hooks
         elif not register:
             return hooks
-        elif hooks.settings != mine and hooks.factories:
-            raise ValueError(
-                f"another resilient factory (service {hooks.service!r}) already uses this "
-                f"engine with different engine-wide settings: "
-                f"{_settings_diff(hooks.settings, mine)}. Factories sharing an engine must "
-                "agree on enabled, status_validation and the classifier's codes; use one "
-                "factory, the same settings, or another engine. (A factory without config= "
-                "follows the SELF_HEALING_* variables, one with config= does not: to have it "
-                "follow them as well, give it config=rdb.load_config().replace(...).)"
-            )
+        _refuse_other_settings(hooks, mine)
         hooks.factories.add(factory)
         hooks.config = config
         hooks.classifier = classifier
         hooks.settings = mine
         hooks.service = service
         return hooks
+
+
+def _refuse_other_settings(hooks: EngineHooks, mine: tuple[Any, ...]) -> None:
+    if hooks.settings != mine and hooks.factories:
+        raise ValueError(
+            f"another resilient factory (service {hooks.service!r}) already uses this "
+            f"engine with different engine-wide settings: "
+            f"{_settings_diff(hooks.settings, mine)}. Factories sharing an engine must "
+            "agree on enabled, status_validation and the classifier's codes; use one "
+            "factory, the same settings, or another engine. (A factory without config= "
+            "follows the SELF_HEALING_* variables, one with config= does not: to have it "
+            "follow them as well, give it config=rdb.load_config().replace(...).)"
+        )
+
+
+def refuse_disagreeing(engines: Iterable[Engine], mine: tuple[Any, ...]) -> None:
+    """The ``ValueError`` of :func:`hooks_for` for the first of ``engines`` whose hooks
+    another factory holds with other engine-wide settings than ``mine``
+    (:func:`engine_settings`); nothing registered. A factory checks every engine it would hook
+    before it registers on any: refused, it leaves no engine holding it."""
+    with STATE.lock:
+        for engine in engines:
+            hooks = STATE.engine_hooks.get(engine)
+            if hooks is not None:
+                _refuse_other_settings(hooks, mine)
+
+
+def factory_engines(main: Engine | None, binds: Iterable[Any]) -> list[Engine]:
+    """The engines a factory hooks: its own (``main``) and those of ``binds=`` (engines, async
+    engines, connections; anything else is left alone), but one that shares ``main``'s pool
+    (an ``execution_options()`` copy of it: its connections have ``main``'s hooks)."""
+    engines = [] if main is None else [main]
+    for bound in binds:
+        engine = engine_behind(bound)
+        if engine is not None and (main is None or engine.pool is not main.pool):
+            engines.append(engine)
+    return engines
 
 
 _SETTING_NAMES = ("enabled", "status validation", "classifier codes")

@@ -4,15 +4,19 @@ report) as they were: nothing a later, correct factory would meet."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 import resilient_db as rdb
+from resilient_db._breaker import breakers
+from resilient_db._state import STATE
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
 
@@ -76,3 +80,172 @@ async def test_async_configure_refuses_the_factorys_own_keywords(
     )
     assert Factory.kw["expire_on_commit"] is True  # nothing of the refused call was kept
     assert await Factory.run(aone) == 1
+
+
+# -- a refused configure() or construction leaves no trace --------------------------------------
+REPORTS = sa.Table("reports", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True))
+RELAXED = rdb.Config(status_validation=False)  # engine-wide settings of another kind
+
+
+def nothing_left(engine: sa.Engine, service: str) -> None:
+    """No hooks or listeners on ``engine``, no breaker or health entry for ``service``."""
+    assert STATE.engine_hooks.get(engine) is None
+    assert len(engine.pool.dispatch.checkout) == 0
+    assert service not in breakers()
+    assert service not in rdb.health()["services"]
+
+
+def test_a_refused_configure_registers_the_factory_on_no_engine(
+    pg_url: str, engine: sa.Engine, service: str
+) -> None:
+    """Every engine of a configure() is checked before the factory registers on any: refused
+    for ``binds=``'s engine, it is not left on the new ``bind``'s hooks, whose own factory
+    (other settings) is then made."""
+    engine_b, engine_c = sa.create_engine(pg_url), sa.create_engine(pg_url)
+    try:
+        Reporting = rdb.ResilientSession(engine_c, service=f"{service}-r", config=RELAXED)
+        Orders = rdb.ResilientSession(engine, service=service)
+        with pytest.raises(ValueError, match=r"service '.*-r'.* different engine-wide settings"):
+            Orders.configure(bind=engine_b, binds={REPORTS: engine_c})
+        assert Orders.kw["bind"] is engine
+        assert "binds" not in Orders.kw
+        assert STATE.engine_hooks.get(engine_b) is None
+        Batch = rdb.ResilientSession(engine_b, service=f"{service}-b", config=RELAXED)
+        assert Batch.run(one) == Orders.run(one) == Reporting.run(one) == 1
+    finally:
+        engine_b.dispose()
+        engine_c.dispose()
+
+
+def test_a_factory_refused_for_a_binds_engine_leaves_no_trace(
+    pg_url: str, engine: sa.Engine, service: str
+) -> None:
+    other = sa.create_engine(pg_url)
+    try:
+        Reports = rdb.ResilientSession(other, service=f"{service}-r", config=RELAXED)
+        with pytest.raises(ValueError, match="different engine-wide settings") as info:
+            rdb.ResilientSession(engine, service=service, binds={REPORTS: other})
+        assert info.value.__traceback__ is not None  # the refused factory, still referenced
+        nothing_left(engine, service)
+        # the fix: a factory of engine's own, with other settings, while the refused one lives
+        Orders = rdb.ResilientSession(engine, service=service, config=RELAXED)
+        assert Orders.run(one) == Reports.run(one) == 1
+    finally:
+        other.dispose()
+
+
+@pytest.mark.asyncio
+async def test_async_a_factory_refused_for_a_binds_engine_leaves_no_trace(
+    pg_async_url: str, async_engine: AsyncEngine, service: str
+) -> None:
+    other = create_async_engine(pg_async_url)
+    try:
+        rdb.AsyncResilientSession(other, service=f"{service}-r", config=RELAXED)
+        with pytest.raises(ValueError, match="different engine-wide settings"):
+            rdb.AsyncResilientSession(async_engine, service=service, binds={REPORTS: other})
+        nothing_left(async_engine.sync_engine, service)
+        Orders = rdb.AsyncResilientSession(async_engine, service=service, config=RELAXED)
+        assert await Orders.run(aone) == 1
+    finally:
+        await other.dispose()
+
+
+def test_a_factory_refused_for_its_engine_is_no_service_of_health(
+    engine: sa.Engine, service: str
+) -> None:
+    rdb.ResilientSession(engine, service=f"{service}-a")
+    with pytest.raises(ValueError, match="different engine-wide settings"):
+        rdb.ResilientSession(engine, service=service, config=RELAXED)
+    assert service not in breakers()
+    assert service not in rdb.health()["services"]
+
+
+class NotASession:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        (
+            {"class_": NotASession},
+            "ResilientSession(class_=...) takes a Session subclass (sqlalchemy.orm.Session or "
+            "yours), got NotASession",
+        ),
+        (
+            {"class_": dict},
+            "ResilientSession(class_=...) takes a Session subclass (sqlalchemy.orm.Session or "
+            "yours), got dict",
+        ),
+        (
+            {"class_": AsyncSession},
+            "ResilientSession(class_=...) takes a Session subclass (sqlalchemy.orm.Session or "
+            "yours), got AsyncSession, an async session class: for async code use "
+            "AsyncResilientSession with an AsyncEngine",
+        ),
+    ],
+    ids=["not-a-session", "dict", "async"],
+)
+def test_a_session_class_of_another_kind_is_refused_leaving_no_trace(
+    engine: sa.Engine, service: str, kw: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(TypeError) as info:
+        rdb.ResilientSession(engine, service=service, **kw)
+    assert str(info.value) == message
+    nothing_left(engine, service)
+    with sessionmaker(engine)() as session:  # plain sessions on it: nothing prepared for them
+        prepared = session.execute(sa.text("SELECT name FROM pg_prepared_statements"))
+        assert prepared.scalars().all() == []
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        (
+            {"class_": Session},
+            "AsyncResilientSession(class_=...) takes an AsyncSession subclass, got Session, a "
+            "sync session class: give it as sync_session_class= (the class of each "
+            "AsyncSession's sync_session), or use ResilientSession with a sync Engine",
+        ),
+        (
+            {"sync_session_class": AsyncSession},
+            "AsyncResilientSession(sync_session_class=...) takes a sync Session subclass (the "
+            "class of each AsyncSession's sync_session), got AsyncSession, the async session "
+            "class: give it as class_=",
+        ),
+        (
+            {"class_": NotASession},
+            "AsyncResilientSession(class_=...) takes an AsyncSession subclass, got NotASession",
+        ),
+    ],
+    ids=["sync-class", "async-sync-class", "not-a-session"],
+)
+@pytest.mark.asyncio
+async def test_async_a_session_class_of_another_kind_is_refused_leaving_no_trace(
+    async_engine: AsyncEngine, service: str, kw: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(TypeError) as info:
+        rdb.AsyncResilientSession(async_engine, service=service, **kw)
+    assert str(info.value) == message
+    nothing_left(async_engine.sync_engine, service)
+
+
+@pytest.mark.asyncio
+async def test_the_sync_engine_of_an_async_engine_is_refused_by_the_sync_factory(
+    async_engine: AsyncEngine, engine: sa.Engine, service: str
+) -> None:
+    sync_engine = async_engine.sync_engine
+    expected = (
+        "takes a sync Engine, got one whose driver (asyncpg) is async: the sync_engine of an "
+        "AsyncEngine, whose statements can't run in sync code. Use AsyncResilientSession with "
+        "the AsyncEngine itself"
+    )
+    with pytest.raises(TypeError, match=re.escape(f"ResilientSession {expected}")):
+        rdb.ResilientSession(sync_engine, service=service)
+    with pytest.raises(TypeError, match=re.escape(f"ResilientSession(binds=...) {expected}")):
+        rdb.ResilientSession(engine, service=service, binds={REPORTS: sync_engine})
+    nothing_left(sync_engine, service)
+    Factory = rdb.ResilientSession(engine, service=service)
+    with pytest.raises(TypeError, match=re.escape(expected)):
+        Factory.configure(bind=sync_engine)
+    assert Factory.run(one) == 1
