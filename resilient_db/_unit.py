@@ -1279,6 +1279,7 @@ class FactoryCore:
             )
         session_kwargs = session_kwargs or {}
         refuse_session_classes(type(self), session_kwargs)
+        refuse_bad_timing(policy_kwargs)
         refuse_keywords_kept(
             self,
             session_kwargs,
@@ -1602,6 +1603,49 @@ def refuse_session_classes(factory_class: type, kw: Mapping[str, Any]) -> None:
             "AsyncResilientSession(sync_session_class=...) takes a sync Session subclass "
             f"(the class of each AsyncSession's sync_session), got {_class_name(sync_class)}"
             f"{instead}"
+        )
+
+
+#: what the injectable timing keywords take
+_TIMING = {
+    "sleep": "a function of seconds (time.sleep, say)",
+    "asleep": "an async function of seconds (asyncio.sleep, say)",
+    "clock": "a function returning monotonic seconds (time.monotonic, say)",
+    "wall_clock": "a function returning seconds (time.time, say), or None",
+}
+
+
+def is_async_callable(fn: Any) -> bool:
+    """An async function, a ``functools.partial`` of one, or an object whose ``__call__`` is
+    one."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    if inspect.iscoroutinefunction(fn):
+        return True
+    return inspect.iscoroutinefunction(getattr(type(fn), "__call__", None))  # noqa: B004
+
+
+def refuse_bad_timing(kw: Mapping[str, Any]) -> None:
+    """The sleep and clocks a factory is given (``sleep``/``asleep``, ``clock``,
+    ``wall_clock``) are checked where they are given: used only at the first transient error
+    (a backoff, a deadline), a mistake would replace that error with a ``TypeError`` there."""
+    for name, what in _TIMING.items():
+        if name not in kw or (name == "wall_clock" and kw[name] is None):
+            continue
+        value = kw[name]
+        if not callable(value):
+            raise TypeError(f"{name}= takes {what}, got {_class_name(value)}")
+    if "asleep" in kw and not is_async_callable(kw["asleep"]):
+        raise TypeError(
+            f"asleep= takes {_TIMING['asleep']}: the backoff awaits what it returns, and "
+            f"{_class_name(kw['asleep'])} is no async function (async def, or a "
+            "functools.partial of one)"
+        )
+    if "sleep" in kw and is_async_callable(kw["sleep"]):
+        raise TypeError(
+            f"sleep= takes {_TIMING['sleep']}, called in sync code: "
+            f"{_class_name(kw['sleep'])} is an async function, whose coroutine would never be "
+            "awaited (no backoff at all); for async code use AsyncResilientSession(asleep=...)"
         )
 
 

@@ -4,7 +4,10 @@ report) as they were: nothing a later, correct factory would meet."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import re
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -249,3 +252,93 @@ async def test_the_sync_engine_of_an_async_engine_is_refused_by_the_sync_factory
     with pytest.raises(TypeError, match=re.escape(expected)):
         Factory.configure(bind=sync_engine)
     assert Factory.run(one) == 1
+
+
+# -- the sleep and clocks are checked where they are given --------------------------------------
+async def _asleep(seconds: float) -> None:
+    pass
+
+
+class AsyncSleeper:
+    def __init__(self) -> None:
+        self.slept: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.slept.append(seconds)
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"sleep": 0}, "sleep= takes a function of seconds (time.sleep, say), got an int"),
+        (
+            {"clock": None},
+            "clock= takes a function returning monotonic seconds (time.monotonic, say), got None",
+        ),
+        (
+            {"wall_clock": "utc"},
+            "wall_clock= takes a function returning seconds (time.time, say), or None, got a str",
+        ),
+        (
+            {"sleep": asyncio.sleep},
+            "sleep= takes a function of seconds (time.sleep, say), called in sync code: "
+            "asyncio.tasks.sleep is an async function, whose coroutine would never be awaited "
+            "(no backoff at all); for async code use AsyncResilientSession(asleep=...)",
+        ),
+    ],
+    ids=["sleep", "clock", "wall_clock", "async-sleep"],
+)
+def test_a_sleep_or_clock_that_cant_be_called_is_refused_when_given(
+    engine: sa.Engine, service: str, kw: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(TypeError) as info:
+        rdb.ResilientSession(engine, service=service, **kw)
+    assert str(info.value) == message
+    nothing_left(engine, service)
+
+
+@pytest.mark.parametrize(
+    ("asleep", "message"),
+    [
+        (
+            time.sleep,
+            "asleep= takes an async function of seconds (asyncio.sleep, say): the backoff "
+            "awaits what it returns, and time.sleep is no async function (async def, or a "
+            "functools.partial of one)",
+        ),
+        (None, "asleep= takes an async function of seconds (asyncio.sleep, say), got None"),
+    ],
+    ids=["time.sleep", "None"],
+)
+@pytest.mark.asyncio
+async def test_async_an_asleep_that_is_no_async_function_is_refused_when_given(
+    async_engine: AsyncEngine, service: str, asleep: Any, message: str
+) -> None:
+    with pytest.raises(TypeError) as info:
+        rdb.AsyncResilientSession(async_engine, service=service, asleep=asleep)
+    assert str(info.value) == message
+    nothing_left(async_engine.sync_engine, service)
+    with pytest.raises(TypeError, match=r"^clock= takes"):
+        rdb.AsyncResilientSession(async_engine, service=service, clock=0)
+
+
+@pytest.mark.parametrize(
+    "asleep",
+    [_asleep, functools.partial(_asleep), AsyncSleeper(), functools.partial(AsyncSleeper())],
+    ids=["async-def", "partial", "async-__call__", "partial-of-object"],
+)
+@pytest.mark.asyncio
+async def test_async_the_forms_of_an_async_sleep_are_accepted(
+    engine: sa.Engine, async_engine: AsyncEngine, service: str, asleep: Any
+) -> None:
+    Factory = rdb.AsyncResilientSession(async_engine, service=service, asleep=asleep)
+    attempts: list[int] = []
+
+    async def conflict_once(session: AsyncSession) -> int:
+        attempts.append(1)
+        if len(attempts) == 1:
+            await session.execute(sa.text("SELECT raise_code('40001')"))
+        return await aone(session)
+
+    assert await Factory.run(conflict_once) == 1
+    assert len(attempts) == 2
