@@ -1214,7 +1214,8 @@ def refuse_own_keywords_in_configure(factory: Any, new_kw: Mapping[str, Any]) ->
     made = type(factory).__name__
     one = len(names) == 1
     given = ", ".join(f"{n}=" for n in names)
-    session_class = " or ".join(cls.__qualname__ for cls in classes) or "the session class"
+    # (async: the sync session class, which AsyncSession passes the keywords on to)
+    session_class = classes[-1].__qualname__ if classes else "the session class"
     reload = (
         "; to change the configuration of a running factory, set the SELF_HEALING_* variables "
         "and call resilient_db.reload_config() (it applies to the factories made without "

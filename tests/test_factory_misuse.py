@@ -79,7 +79,7 @@ async def test_async_configure_refuses_the_factorys_own_keywords(
     assert str(info.value).startswith(
         "AsyncResilientSession.configure() got asleep=, which is the factory's own, not the "
         "sessions': configure() passes its keywords to every session the factory makes, and "
-        "AsyncSession or Session takes no asleep= "
+        "Session takes no asleep= "
     )
     assert Factory.kw["expire_on_commit"] is True  # nothing of the refused call was kept
     assert await Factory.run(aone) == 1
