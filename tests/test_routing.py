@@ -147,7 +147,10 @@ def test_a_routed_engine_with_another_factorys_settings_is_refused_by_name(
     database: str, leader_follower: tuple[sa.Engine, sa.Engine], service: str
 ) -> None:
     leader, _ = leader_follower
-    rdb.ResilientSession(leader, service="other", config=rdb.Config(status_validation=False))
+    # kept: a factory nobody holds leaves the engine at the next garbage collection
+    other = rdb.ResilientSession(
+        leader, service="other", config=rdb.Config(status_validation=False)
+    )
     Sessions = rdb.ResilientSession(
         class_=routing_class(*leader_follower),
         service=service,
@@ -155,6 +158,7 @@ def test_a_routed_engine_with_another_factorys_settings_is_refused_by_name(
     )
     with pytest.raises(ValueError, match="status_validation"):
         Sessions.run(add_and_count, "refused")
+    assert other.kw is not None  # (held to here)
 
 
 def test_a_factory_without_bind_or_routing_fails_as_sessionmaker_does(
