@@ -32,7 +32,9 @@ The modules, each importing only those listed before it; ``_rules``, ``_sql``, `
 * ``_sql``: the trigger's SQL text (names, quoting, stamp); ``_diagrams``: Mermaid and Graphviz
 * ``_report``: the guard's counters and its report through the one emitter
 * ``_dbmap``: the trigger's SQLSTATE mapped back to :class:`IllegalTransitionError`
-* ``_install``: running the statements, install / uninstall, drift detection
+* ``_install``: running the statements, install / uninstall, drift detection;
+  :class:`TransitionTrigger`, a trigger described without a mapped class (what a migration
+  installs), compiled by ``_rules`` and registered nowhere
 * ``_bypass``: when the session guards act, and the audited bypass
 * ``_changes``: what the session guards share (a row's change, its errors, reads by key)
 * ``_flush``: the flush guard and its compare-and-set; ``_bulk``: the ORM bulk-UPDATE guard
@@ -44,7 +46,12 @@ from __future__ import annotations
 from . import _guards  # noqa: F401 - its mapper_configured listener checks rules as models map
 from ._bypass import bypass_transitions, bypass_transitions_async
 from ._diagrams import rules_to_dot, rules_to_mermaid
-from ._install import install_transition_trigger, trigger_drift, uninstall_transition_trigger
+from ._install import (
+    TransitionTrigger,
+    install_transition_trigger,
+    trigger_drift,
+    uninstall_transition_trigger,
+)
 from ._rules import (
     ANY_STATE,
     TransitionRules,
@@ -67,6 +74,7 @@ __all__ = [
     "TRANSITION_SQLSTATE",
     "TransitionRules",
     "TransitionRulesError",
+    "TransitionTrigger",
     "allowed_transitions",
     "bypass_transitions",
     "bypass_transitions_async",

@@ -1,26 +1,43 @@
 """Putting the trigger into a database and checking it is still there: running the generated
 statements through an Alembic ``op``, a Connection, an Engine or a Session (also used for the
-commit markers), install / uninstall, and drift detection against the declared rules."""
+commit markers), install / uninstall, and drift detection against the declared rules.
+
+What is installed comes from a model's ``__transitions__``, or from a :class:`TransitionTrigger`,
+which describes one guarded column without a mapped class (what a migration installs): it
+compiles to the same :class:`~._rules.Guard` by the same code, and registers nothing, so the
+database error of its trigger is mapped back by the application's models alone and no session
+guards it."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import enum
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Mapper, Session, registry
 
 from ._report import logger
-from ._rules import Guard, guards_of, mapper_of, trigger_guards
+from ._rules import (
+    Guard,
+    TransitionRules,
+    TransitionRulesError,
+    _compile,
+    guards_of,
+    mapper_of,
+    trigger_guards,
+)
 from ._sql import (
     BYPASS_ROLE,
     bypass_role_statement,
     column_of_trigger,
     drop_plan,
     drop_plan_statements,
+    drop_statements,
     gone_column_condition,
     insert_when_printed,
     install_statements,
@@ -37,11 +54,190 @@ from ._sql import (
 )
 
 __all__ = [
+    "TransitionTrigger",
     "install_transition_trigger",
     "run_statements",
     "trigger_drift",
     "uninstall_transition_trigger",
 ]
+
+
+# --------------------------------------------------------------------------------------------
+# A trigger described without a mapped class: what a migration installs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TransitionTrigger:
+    """The database trigger of one guarded column, for :func:`install_transition_trigger` and
+    :func:`uninstall_transition_trigger` in place of a model: how a migration declares the rules
+    it was written with, without a model of its own::
+
+        TASKS = rdb.transitions.TransitionTrigger(
+            model="Task",
+            table="tasks",
+            primary_key="id",
+            rules=rdb.TransitionRules(
+                column="status",
+                transitions={"pending": {"in_progress"}, "in_progress": {"done"}},
+                initial={"pending"},
+            ),
+        )
+
+        def upgrade() -> None:
+            rdb.install_transition_trigger(op, TASKS)
+
+    It installs exactly the trigger of a model of that table, row key, column and rules (the same
+    function, names, stamp and error detail), so the two are interchangeable, drift detection
+    included; unlike a model it is never used to map the trigger's error back to
+    :class:`IllegalTransitionError`, nor by the session guards.
+
+    ``model``: the class name the trigger's error names (the application's model of the table).
+    ``table`` and ``schema``: the table (``schema=None``: the one found on the search_path).
+    ``primary_key``: the name of the row key's column, or a sequence of them in the key's order
+    (the error's ``pk``). ``rules``: the rules of the column ``rules.column`` (the column's name
+    in the database). ``type_``: the column's SQLAlchemy type (``sa.String(20)``,
+    ``sa.Enum(Status)``): required for states that are ``enum.Enum`` members, whose stored text
+    depends on it (an ``Enum`` column stores a member's name, a string column its value);
+    otherwise optional (bools mean a ``Boolean`` column, anything else a string or integer
+    column, which both store a state as its text), and when given its checks apply as for a
+    model (a state longer than a ``String``'s length, a string state in an ``Integer`` column).
+    Invalid input raises :class:`TransitionRulesError` (or ``TypeError`` for a wrong kind of
+    argument) when the value is built.
+    """
+
+    model: str
+    table: str
+    primary_key: str | Sequence[str]
+    rules: TransitionRules
+    schema: str | None = None
+    type_: sa.types.TypeEngine[Any] | type[sa.types.TypeEngine[Any]] | None = None
+    _guard: Guard = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        key = _names("primary_key", self.primary_key)
+        object.__setattr__(self, "primary_key", key)
+        for name, value in (("model", self.model), ("table", self.table)):
+            if not isinstance(value, str) or not value:
+                raise TypeError(f"TransitionTrigger: {name} must be a non-empty str, got {value!r}")
+            _no_nul(name, value)
+        if self.schema is not None:
+            if not isinstance(self.schema, str) or not self.schema:
+                raise TypeError(
+                    f"TransitionTrigger: schema must be a non-empty str or None, got "
+                    f"{self.schema!r}"
+                )
+            _no_nul("schema", self.schema)
+        if not isinstance(self.rules, TransitionRules):
+            raise TypeError(
+                f"TransitionTrigger: rules must be a TransitionRules, got {self.rules!r} (one "
+                "value per guarded column)"
+            )
+        _no_nul("rules.column", self.rules.column)
+        object.__setattr__(self, "_guard", self._compiled(self._column_type()))
+
+    @property
+    def column(self) -> str:
+        """The guarded column (``rules.column``)."""
+        return self.rules.column
+
+    def _where(self) -> str:
+        where = f"model={self.model!r}, table={self.table!r}"
+        if self.schema is not None:
+            where += f", schema={self.schema!r}"
+        return f"TransitionTrigger({where}, column={self.rules.column!r})"
+
+    def _column_type(self) -> sa.types.TypeEngine[Any]:
+        given = self.type_
+        if isinstance(given, type) and issubclass(given, sa.types.TypeEngine):
+            return given()
+        if isinstance(given, sa.types.TypeEngine):
+            return given
+        if given is not None:
+            raise TypeError(
+                f"{self._where()}: type_ must be a SQLAlchemy type (sa.String(20), "
+                f"sa.Enum(Status)), got {given!r}"
+            )
+        states = self.rules.declared_states
+        member = next((s for s in states if isinstance(s, enum.Enum)), None)
+        if member is not None:
+            cls = type(member).__name__
+            raise TransitionRulesError(
+                f"{self._where()}: state {member!r} is a member of {cls}, whose text in the "
+                f"database depends on the column's type: pass type_= as the column is "
+                f"declared (sa.Enum({cls}) stores a member's name, a string column its value)"
+            )
+        if any(isinstance(s, bool) for s in states):
+            return sa.Boolean()
+        return sa.String()
+
+    def _compiled(self, column_type: sa.types.TypeEngine[Any]) -> Guard:
+        """The guard a model of this table, key, column and rules compiles to (by the same
+        code): compiled on a mapping of its own, disposed of at once, which no registry of the
+        application's sees and which declares no ``__transitions__`` (so nothing registers it
+        for the error mapping or the session guards)."""
+        column = self.rules.column
+        columns = [
+            sa.Column(name, column_type if name == column else sa.types.NullType())
+            for name in self.primary_key
+        ]
+        if column not in self.primary_key:
+            columns.append(sa.Column(column, column_type))
+        # the key's columns in the order given (the error detail's pk, the stamp)
+        key = sa.PrimaryKeyConstraint(*self.primary_key)
+        table = sa.Table(self.table, sa.MetaData(), *columns, key, schema=self.schema)
+        mappings = registry()
+        try:
+            mapper: Mapper[Any] = mappings.map_imperatively(type(self.model, (), {}), table)
+            try:
+                return _compile(mapper, self.rules)
+            except TransitionRulesError as exc:
+                prefix = f"{self.model}.__transitions__ (column {column!r})"
+                message = str(exc).replace(prefix, self._where(), 1)
+                raise TransitionRulesError(message) from None
+        finally:
+            mappings.dispose()
+
+
+def _names(what: str, value: object) -> tuple[str, ...]:
+    names = (value,) if isinstance(value, str) else value
+    if not isinstance(names, Sequence) or isinstance(names, (bytes, str)):
+        raise TypeError(
+            f"TransitionTrigger: {what} must be a column name or a sequence of them, got {value!r}"
+        )
+    found = tuple(names)
+    if not found:
+        raise TypeError(f"TransitionTrigger: {what} names no column")
+    for name in found:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"TransitionTrigger: {what}: {name!r} is not a column name")
+        _no_nul(what, name)
+    if len(set(found)) != len(found):
+        raise TypeError(f"TransitionTrigger: {what} names a column twice: {found!r}")
+    return found
+
+
+def _no_nul(what: str, value: str) -> None:
+    if "\x00" in value:
+        raise TransitionRulesError(
+            f"TransitionTrigger: {what} {value!r} contains a NUL character, which PostgreSQL "
+            "identifiers cannot hold"
+        )
+
+
+def described(trigger: TransitionTrigger) -> str:
+    """``trigger`` as messages name it: ``TransitionTrigger(model=..., table=..., column=...)``."""
+    return trigger._where()
+
+
+def guard_of(trigger: TransitionTrigger) -> Guard:
+    """The compiled guard of ``trigger`` (for the install)."""
+    return trigger._guard
+
+
+# --------------------------------------------------------------------------------------------
+# Running the statements
+# --------------------------------------------------------------------------------------------
 
 
 def _offline_escape(statement: str) -> str:
@@ -146,10 +342,29 @@ def _require_postgresql(dialect: Any) -> None:
         )
 
 
-def install_transition_trigger(bind_or_op: Any, model: type[Any]) -> None:
+def _install_guards(model: type[Any] | TransitionTrigger) -> tuple[Guard, ...]:
+    """The guards whose triggers an install of ``model`` puts in: a model's (checked against
+    the other classes of its tables), or the one a :class:`TransitionTrigger` describes."""
+    if isinstance(model, TransitionTrigger):
+        return (guard_of(model),)
+    return trigger_guards(model)
+
+
+def _declared_guards(model: type[Any] | TransitionTrigger) -> tuple[Guard, ...]:
+    """The guards drift detection compares the database with (see :func:`_install_guards`)."""
+    if isinstance(model, TransitionTrigger):
+        return (guard_of(model),)
+    return guards_of(model)
+
+
+def install_transition_trigger(bind_or_op: Any, model: type[Any] | TransitionTrigger) -> None:
     """Install (or replace) the trigger of ``model``: in an Alembic migration pass ``op``;
     otherwise a ``Connection``, ``Engine`` or ``Session`` (for asyncio:
     ``await conn.run_sync(install_transition_trigger, Model)``).
+
+    ``model`` is a mapped class declaring ``__transitions__``, or a :class:`TransitionTrigger`
+    describing the table, key, column and rules without a class (what a migration installs):
+    both install the same trigger for the same table, key, column and rules.
 
     Creates the role :data:`~resilient_db.transitions.BYPASS_ROLE` first if it is missing; when
     the installing role may not create it, the trigger is installed all the same, refuses every
@@ -170,7 +385,7 @@ def install_transition_trigger(bind_or_op: Any, model: type[Any]) -> None:
     ``uninstall_transition_trigger(bind, Model, columns=(...))``. Triggers of the application's
     are never touched.
     """
-    guards = trigger_guards(model)
+    guards = _install_guards(model)
     _refuse_schema_translation(
         bind_or_op, model, [g.table for g in guards], "install_transition_trigger"
     )
@@ -277,7 +492,9 @@ def _partitioned_in_db(target: Any, table: sa.Table) -> bool:
     return bool(live.execute(_PARTITIONED_QUERY, {"table": name}).scalar())
 
 
-def _trigger_current(conn: Connection, model: type[Any], role_found: list[bool]) -> bool:
+def _trigger_current(
+    conn: Connection, model: type[Any] | TransitionTrigger, role_found: list[bool]
+) -> bool:
     """Installed as declared (no drift). Whether the bypass role exists is put into
     ``role_found``: a missing role is warned about, not reinstalled (the trigger looks it up
     when a bypass is asked for; creating it takes CREATEROLE, which an install may lack)."""
@@ -317,7 +534,7 @@ def _live_connection(target: Any) -> Connection | None:
 
 
 def uninstall_transition_trigger(
-    bind_or_op: Any, model: type[Any], *, columns: Iterable[str] | None = None
+    bind_or_op: Any, model: type[Any] | TransitionTrigger, *, columns: Iterable[str] | None = None
 ) -> None:
     """Remove the triggers and functions of ``model`` (the downgrade of the install), and ours on
     its tables for a column the table no longer has (see :func:`install_transition_trigger`).
@@ -328,7 +545,23 @@ def uninstall_transition_trigger(
     whose ``__transitions__`` was removed. Names are the columns' (or their mapped attributes');
     an unknown one raises :class:`TransitionRulesError` before anything is sent. A model without
     ``__transitions__`` raises without ``columns``: nothing else says which guards to remove, and
-    our triggers of a column that still exists may be another code base's."""
+    our triggers of a column that still exists may be another code base's.
+
+    A :class:`TransitionTrigger` removes the trigger and function of its column (and ours left
+    on its table for a column the table no longer has), as the model it stands for would;
+    ``columns=`` is for a model."""
+    if isinstance(model, TransitionTrigger):
+        if columns is not None:
+            raise TypeError(
+                f"uninstall_transition_trigger: columns= names the guards to remove of a model's "
+                f"tables; {described(model)} removes the trigger of its own column "
+                f"{model.column!r}: leave columns= out, or pass a TransitionTrigger of each "
+                "column to remove"
+            )
+        guard = guard_of(model)
+        _refuse_schema_translation(bind_or_op, model, [guard.table], "uninstall_transition_trigger")
+        run_statements(bind_or_op, [*drop_statements(guard), *left_over_statements([guard.table])])
+        return
     _, tables, _ = drop_plan(model, columns)
     _refuse_schema_translation(bind_or_op, model, tables, "uninstall_transition_trigger")
     run_statements(bind_or_op, drop_plan_statements(model, columns))
@@ -352,9 +585,14 @@ def _refuse_schema_translation(
     for table in tables:
         schema = table.schema
         if schema in mapping and mapping[schema] != schema:
+            name = (
+                described(model)
+                if isinstance(model, TransitionTrigger)
+                else mapper_of(model).class_.__name__
+            )
             raise ValueError(
                 f"{what}() does not follow schema_translate_map: this connection maps the schema "
-                f"{schema!r} of {mapper_of(model).class_.__name__} (table {quoted_table(table)}) "
+                f"{schema!r} of {name} (table {quoted_table(table)}) "
                 f"to {mapping[schema]!r}, and the trigger's statements name the table as the "
                 f"model declares it, so they would act on another table than this connection's "
                 f"queries; use a connection without schema_translate_map, with a model (or "
@@ -422,7 +660,9 @@ _COLUMN_QUERY = sa.text(
 )
 
 
-def trigger_drift(connection: Connection | Session, model: type[Any]) -> str | None:
+def trigger_drift(
+    connection: Connection | Session, model: type[Any] | TransitionTrigger
+) -> str | None:
     """``None`` when the database enforces exactly the declared rules of ``model``; otherwise a
     sentence saying what differs: a trigger missing, not enabled as installed (disabled, or
     firing only for replication), or defined otherwise (timing, events, columns, WHEN); the
@@ -430,7 +670,8 @@ def trigger_drift(connection: Connection | Session, model: type[Any]) -> str | N
     guarded column missing from the table (renamed or dropped); a trigger of ours on the table
     for a column the table no longer has (install and uninstall drop it). Our triggers of
     another column that exists are not this model's concern (another code base may declare
-    them)."""
+    them). ``model`` may be a :class:`TransitionTrigger`: the trigger it describes is compared
+    (what its install put in, or a model's of the same table, key, column and rules)."""
     conn = connection.connection() if isinstance(connection, Session) else connection
     if not isinstance(conn, Connection):
         hint = (
@@ -441,9 +682,10 @@ def trigger_drift(connection: Connection | Session, model: type[Any]) -> str | N
         raise TypeError(
             f"trigger_drift expected a Connection or a Session, got {type(conn).__name__} ({hint})"
         )
-    _refuse_schema_translation(conn, model, [g.table for g in guards_of(model)], "trigger_drift")
+    guards = _declared_guards(model)
+    _refuse_schema_translation(conn, model, [g.table for g in guards], "trigger_drift")
     problems: list[str] = []
-    for guard in guards_of(model):
+    for guard in guards:
         n = trigger_names(guard)
         where = f"{guard.model}.{guard.attr_key} (table {guard.table.name})"
         if not conn.execute(_TABLE_QUERY, {"rel": n.table}).scalar():
@@ -539,7 +781,7 @@ def trigger_drift(connection: Connection | Session, model: type[Any]) -> str | N
                 f"{where}: installed function stamp ({stamp or 'no stamp'}) does not match the "
                 f"declared rules ({expected}); reinstall with transition_trigger_sql()"
             )
-    problems.extend(_left_over(conn, model))
+    problems.extend(_left_over(conn, guards))
     return "; ".join(problems) if problems else None
 
 
@@ -558,13 +800,13 @@ _LEFT_OVER_QUERY = sa.text(
 )
 
 
-def _left_over(conn: Connection, model: type[Any]) -> list[str]:
-    """Our triggers on the tables of ``model`` for a column the table no longer has (install
+def _left_over(conn: Connection, guards: Iterable[Guard]) -> list[str]:
+    """Our triggers on the tables of ``guards`` for a column the table no longer has (install
     and uninstall drop them): one sentence per column. Ours of a column that exists are not the
     model's drift, declared by it or not (another code base may declare them)."""
     found: list[str] = []
     tables: dict[str, str] = {}
-    for g in guards_of(model):
+    for g in guards:
         tables.setdefault(trigger_names(g).table, g.model)
     for table, owner in tables.items():
         by_column: dict[str, list[tuple[str, str]]] = {}
