@@ -889,7 +889,13 @@ class Split:
             or request.warned
         ):
             return None
-        engine_of = {id(driver): conn.engine for conn, driver in request.drivers()}
+        # (the driver's own connection: SQLAlchemy 2.0's async adapter, which passes attribute
+        # reads on to it, may be what the record of the attempt holds)
+        drivers = [
+            (conn, getattr(driver, "driver_connection", driver))
+            for conn, driver in request.drivers()
+        ]
+        engine_of = {id(driver): conn.engine for conn, driver in drivers}
         tickets = request.tickets
         failing = tickets[-1] if tickets and not tickets[-1].done else None
         if any(not t.done for t in tickets[:-1]):
@@ -902,9 +908,7 @@ class Split:
                 return None
             engines.append(engine)
         uncommitted = [
-            conn.engine
-            for conn, driver in request.drivers()
-            if getattr(driver, "_rdb_may_write", True)
+            conn.engine for conn, driver in drivers if getattr(driver, "_rdb_may_write", True)
         ]
         failing_engine = None
         if failing is not None:

@@ -260,6 +260,59 @@ def test_a_lost_answer_of_a_unit_that_read_on_the_follower_is_settled_on_the_lea
     )
 
 
+def test_a_lost_answer_of_the_followers_read_only_commit_is_settled_without_a_check(
+    pg_server: PostgresServer,
+    database: str,
+    fault_proxy: FaultProxy,
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The follower's COMMIT (read-only) loses its answer. When the leader's COMMIT went out
+    first it was answered: every part that wrote is committed, so the unit is done, nothing
+    to check. When the follower's went first, the leader's never went out: nothing written is
+    committed, and the unit is replayed. Either way one row per unit (several units, fresh
+    connections each, so that SQLAlchemy's order varies)."""
+    leader = sa.create_engine(pg_server.url(database))
+    follower = sa.create_engine(fault_proxy.url(database), connect_args={"connect_timeout": 2})
+    try:
+        Sessions = rdb.ResilientSession(
+            class_=routing_class(leader, follower),
+            service=service,
+            config=rdb.Config(failure_threshold=1000),
+        )
+        outcomes = set()
+        for round_ in range(12):
+            for engine in (leader, follower):
+                engine.dispose()
+            calls: list[str] = []
+
+            def unit(session: Session, calls: list[str] = calls, round_: int = round_) -> int:
+                calls.append("x")
+                return add_and_count(session, f"f{round_}-{len(calls)}")
+
+            fault_proxy.lose_commit_answer()
+            caplog.clear()
+            Sessions.run(unit)
+            if calls == ["x"]:  # the leader's COMMIT went first and was answered
+                outcomes.add("done")
+                assert any(
+                    "the one whose answer was lost wrote nothing" in r.getMessage()
+                    for r in caplog.records
+                )
+            else:  # the follower's went first: the leader's never went out
+                outcomes.add("replayed")
+                assert calls == ["x", "x"]
+            if len(outcomes) == 2:
+                break
+        rows = names(pg_server, database)
+        assert len(rows) == round_ + 1  # one per unit: none twice, none lost
+        assert {row.split("-")[0] for row in rows} == {f"f{n}" for n in range(round_ + 1)}
+        assert outcomes == {"done", "replayed"}  # both orders were met
+    finally:
+        leader.dispose()
+        follower.dispose()
+
+
 @pytest.mark.asyncio
 async def test_async_a_lost_answer_of_a_unit_that_read_on_the_follower_is_done_once(
     pg_server: PostgresServer,
