@@ -1,6 +1,10 @@
 """The pattern the README gives for the transition trigger in an Alembic history: each migration
-that installs it declares a model of its own, frozen as at that revision, and never imports the
-application's, whose rules and columns when the migration runs may be later ones.
+that installs it declares the trigger frozen as at that revision (a
+``rdb.transitions.TransitionTrigger``: table, key, column, rules) and never imports the
+application's model, whose rules and columns when the migration runs may be later ones. Loaded
+into the application's process (by an upgrade run there), the migrations' descriptions are never
+used to map the trigger's error back: the application's model is, and says when the installed
+rules differ from its own.
 
 A temporary Alembic project with two revisions: 0001 creates ``jobs`` with ``status`` and
 installs its rules; 0002 renames the column to ``state`` and installs other rules (its downgrade
@@ -78,7 +82,6 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
-from sqlalchemy.orm import DeclarativeBase, mapped_column
 
 import resilient_db as rdb
 
@@ -87,21 +90,17 @@ down_revision = None
 branch_labels = None
 depends_on = None
 
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Job(Base):  # jobs as at this revision
-    __tablename__ = "jobs"
-    __transitions__ = rdb.TransitionRules(
+JOBS = rdb.transitions.TransitionTrigger(  # the trigger of jobs as at this revision
+    model="Job",
+    table="jobs",
+    primary_key="id",
+    type_=sa.String(20),
+    rules=rdb.TransitionRules(
         column="status",
         transitions={"queued": {"running", "cancelled"}, "running": {"done"}},
         initial={"queued"},
-    )
-
-    id = mapped_column(sa.Integer, primary_key=True)
-    status = mapped_column(sa.String(20), nullable=False, server_default="queued")
+    ),
+)
 
 
 def upgrade() -> None:
@@ -110,11 +109,11 @@ def upgrade() -> None:
         sa.Column("id", sa.Integer, primary_key=True),
         sa.Column("status", sa.String(20), nullable=False, server_default="queued"),
     )
-    rdb.install_transition_trigger(op, Job)
+    rdb.install_transition_trigger(op, JOBS)
 
 
 def downgrade() -> None:
-    rdb.uninstall_transition_trigger(op, Job)
+    rdb.uninstall_transition_trigger(op, JOBS)
     op.drop_table("jobs")
 '''
 
@@ -129,7 +128,6 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
-from sqlalchemy.orm import DeclarativeBase, mapped_column
 
 import resilient_db as rdb
 
@@ -138,48 +136,39 @@ down_revision = "0001_jobs"
 branch_labels = None
 depends_on = None
 
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Job(Base):  # jobs as at this revision
-    __tablename__ = "jobs"
-    __transitions__ = rdb.TransitionRules(
+JOBS = rdb.transitions.TransitionTrigger(  # the trigger of jobs as at this revision
+    model="Job",
+    table="jobs",
+    primary_key="id",
+    type_=sa.String(20),
+    rules=rdb.TransitionRules(
         column="state",
         transitions={"queued": {"running"}, "running": {"done", "queued"}},
         initial={"queued"},
-    )
-
-    id = mapped_column(sa.Integer, primary_key=True)
-    state = mapped_column(sa.String(20), nullable=False, server_default="queued")
-
-
-class Before:  # jobs as at 0001, which downgrade() restores
-    class Base(DeclarativeBase):
-        pass
-
-    class Job(Base):
-        __tablename__ = "jobs"
-        __transitions__ = rdb.TransitionRules(
-            column="status",
-            transitions={"queued": {"running", "cancelled"}, "running": {"done"}},
-            initial={"queued"},
-        )
-
-        id = mapped_column(sa.Integer, primary_key=True)
-        status = mapped_column(sa.String(20), nullable=False, server_default="queued")
+    ),
+)
+JOBS_BEFORE = rdb.transitions.TransitionTrigger(  # as at 0001, which downgrade() restores
+    model="Job",
+    table="jobs",
+    primary_key="id",
+    type_=sa.String(20),
+    rules=rdb.TransitionRules(
+        column="status",
+        transitions={"queued": {"running", "cancelled"}, "running": {"done"}},
+        initial={"queued"},
+    ),
+)
 
 
 def upgrade() -> None:
     op.alter_column("jobs", "status", new_column_name="state")
     # installs the trigger of `state`, and drops ours of `status`, a column the table lost
-    rdb.install_transition_trigger(op, Job)
+    rdb.install_transition_trigger(op, JOBS)
 
 
 def downgrade() -> None:
     op.alter_column("jobs", "state", new_column_name="status")
-    rdb.install_transition_trigger(op, Before.Job)
+    rdb.install_transition_trigger(op, JOBS_BEFORE)
 '''
 
 
@@ -261,6 +250,9 @@ def test_each_revision_installs_its_own_rules_up_and_down(
 ) -> None:
     engine = sa.create_engine(pg_url)
     try:
+        # the application's models are configured first, as in a process that migrates at
+        # startup: what the migrations declare is loaded after them
+        sa.orm.configure_mappers()
         migrate(engine, project, "upgrade", "head")  # on a fresh database, every step replayed
         assert {"state"} <= columns(engine)
         assert "status" not in columns(engine)
@@ -269,7 +261,7 @@ def test_each_revision_installs_its_own_rules_up_and_down(
         assert triggers == ["rdb_transition_state_ins", "rdb_transition_state_upd"]
         at_2 = frozen(project, "0002_jobs_state")
         with engine.connect() as conn:
-            assert rdb.trigger_drift(conn, at_2.Job) is None
+            assert rdb.trigger_drift(conn, at_2.JOBS) is None
             # the application's newer rules are not installed: that takes a migration of its own
             drift = rdb.trigger_drift(conn, app.Job)
         assert drift is not None
@@ -283,12 +275,16 @@ def test_each_revision_installs_its_own_rules_up_and_down(
         refused(engine, "INSERT INTO jobs (id, state) VALUES (2, 'running')")
 
         # the application's session maps the trigger's error back (an engine of its own:
-        # the factory's hooks map the errors of its engine)
+        # the factory's hooks map the errors of its engine), with the application's rules:
+        # the migrations' descriptions, loaded into this process, are never looked up
         resilient = sa.create_engine(pg_url)
         try:
             sessions = rdb.ResilientSession(resilient, service="frozen-models")
             with pytest.raises(rdb.IllegalTransitionError) as info, sessions.begin() as session:
                 session.execute(sa.text("UPDATE jobs SET state = 'done' WHERE id = 1"))
+            # queued -> held: legal for the application's model, not in 0002's rules
+            with pytest.raises(rdb.IllegalTransitionError) as held, sessions.begin() as session:
+                session.execute(sa.text("UPDATE jobs SET state = 'held' WHERE id = 1"))
         finally:
             resilient.dispose()
         err = info.value
@@ -299,6 +295,9 @@ def test_each_revision_installs_its_own_rules_up_and_down(
             "db",
         )
         assert (err.model, err.pk) == ("Job", 1)
+        assert "differ" not in str(err)
+        assert (held.value.from_state, held.value.to_state) == ("queued", "held")
+        assert "whose rules differ from those declared on the model" in str(held.value)
 
         migrate(engine, project, "downgrade", "0001_jobs")
         assert {"status"} <= columns(engine)
@@ -308,7 +307,7 @@ def test_each_revision_installs_its_own_rules_up_and_down(
         assert triggers == ["rdb_transition_status_ins", "rdb_transition_status_upd"]
         at_1 = frozen(project, "0001_jobs")
         with engine.connect() as conn:
-            assert rdb.trigger_drift(conn, at_1.Job) is None
+            assert rdb.trigger_drift(conn, at_1.JOBS) is None
         # 0001's rules are back, on status: running -> queued is refused again
         run(engine, "UPDATE jobs SET status = 'running' WHERE id = 1")
         refused(engine, "UPDATE jobs SET status = 'queued' WHERE id = 1")
@@ -321,6 +320,6 @@ def test_each_revision_installs_its_own_rules_up_and_down(
 
         migrate(engine, project, "upgrade", "head")  # and up again
         with engine.connect() as conn:
-            assert rdb.trigger_drift(conn, at_2.Job) is None
+            assert rdb.trigger_drift(conn, at_2.JOBS) is None
     finally:
         engine.dispose()
