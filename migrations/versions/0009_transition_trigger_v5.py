@@ -21,7 +21,6 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
-from sqlalchemy.orm import DeclarativeBase, mapped_column
 
 import resilient_db as rdb
 
@@ -31,19 +30,18 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
-class Base(DeclarativeBase):
-    """This migration's own models: a registry of their own, never the application's."""
-
-
-class Task(Base):
-    """``tasks`` as at this revision, as far as the trigger reads it: the row key, and the status
-    column with the rules this step installs. Declared here, not imported from the application
-    (``resilient_db.examples.tasks``): a migration installs the rules it was written with,
-    whatever the model holds when it runs (a fresh database replays every step; a later change
-    of the rules or a renamed column comes with a migration of its own)."""
-
-    __tablename__ = "tasks"
-    __transitions__ = rdb.TransitionRules(
+# The trigger of tasks.status as at this revision: the row key, the column and the rules this
+# step installs, written here, not imported from the application (resilient_db.examples.tasks):
+# a migration installs the rules it was written with, whatever the model holds when it runs (a
+# fresh database replays every step; a later change of the rules or a renamed column comes with
+# a migration of its own). A description, not a model: the application's process never maps
+# the trigger's error back with it.
+TASK_STATUS = rdb.transitions.TransitionTrigger(
+    model="Task",  # the application's class, which the trigger's error names
+    table="tasks",
+    primary_key="id",
+    type_=sa.String(20),
+    rules=rdb.TransitionRules(
         column="status",
         transitions={
             "pending": {"in_progress", "cancelled"},
@@ -51,17 +49,12 @@ class Task(Base):
             "failed": {"pending"},
         },
         initial={"pending"},
-    )
-
-    # No Mapped[...] annotations: Alembic loads a migration as a module outside sys.modules,
-    # where SQLAlchemy can't resolve the string annotations of `from __future__ import
-    # annotations`.
-    id = mapped_column(sa.BigInteger, primary_key=True)
-    status = mapped_column(sa.String(20), nullable=False, server_default="pending")
+    ),
+)
 
 
 def upgrade() -> None:
-    rdb.install_transition_trigger(op, Task)
+    rdb.install_transition_trigger(op, TASK_STATUS)
 
 
 def downgrade() -> None:
