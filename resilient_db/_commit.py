@@ -1394,6 +1394,10 @@ class CommitProtocol:
         self._statement_refused = False
         self.supported = verifiable(engine)
         self._unsupported_warned = False
+        # the driver's connections made while self-healing was off, left as the driver made
+        # them: marked when it is switched on (see switched_on), in use or not
+        self._made_off: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._made_off_lock = threading.Lock()
         if not self.supported:
             self.warn_unsupported()
             # nothing to mark: every unit's COMMIT is UNMARKED (see CommitRequest.last). What
@@ -1413,11 +1417,16 @@ class CommitProtocol:
 
     # -- events -----------------------------------------------------------------------------------
     # With self-healing off (SELF_HEALING_ENABLED=false) both connect listeners leave the
-    # connection as the driver made it: its own class, no query, nothing prepared. Turned on
-    # later (reload_config), the engine's checkout marks such a connection (psycopg) or has the
-    # pool replace it (asyncpg, see needs_replacing) before a unit uses it.
+    # connection as the driver made it: its own class, no query, nothing prepared (it is only
+    # remembered, weakly). The reload that switches self-healing on marks every such connection
+    # (switched_on), the ones in use too: each COMMIT from then on is marked. The engine's
+    # checkout then sets a connection up for the markers (psycopg) or has the pool replace it
+    # with one made marked (asyncpg, see needs_replacing) before a unit uses it.
     def _on_connect(self, dbapi_connection: Any, record: Any) -> None:
         if not self._settings.config.enabled:
+            driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+            with self._made_off_lock:
+                self._made_off.add(driver)
             return
         record.info[_SEEN_KEY] = True
         try:
@@ -1480,13 +1489,34 @@ class CommitProtocol:
 
     def needs_replacing(self, dbapi_connection: Any, record: Any) -> bool:
         """An asyncpg connection made before this engine had a resilient factory, or while
-        self-healing was off: its class can't be marked any more, so the pool should replace it
-        (once; see ``checkout``)."""
+        self-healing was off: its class can't be marked any more (or was switched to the slower
+        adopted one when self-healing was switched on, see :meth:`switched_on`), so the pool
+        should replace it (once; see ``checkout``)."""
         if not self.is_asyncpg or record.info.get(_SEEN_KEY):
             return False
         record.info[_SEEN_KEY] = True  # its replacement is made through do_connect: marked
         driver = dbapi_connection.driver_connection
-        return not getattr(driver, "_rdb_marked", False)
+        return not getattr(driver, "_rdb_marked", False) or driver in _switched_on
+
+    def switched_on(self) -> None:
+        """Self-healing was switched on for this engine (a reload): every connection made
+        while it was off is marked now, the ones in use included, so that no COMMIT from here
+        on goes out unmarked. A unit begun while it was off, or a drop-in transaction, whose
+        connection is in use now commits through the marked class: a lost answer of its COMMIT
+        is an unknown outcome, never a transient disconnect (which a web client is told to
+        retry: it would write twice). What such a connection sent before now was not seen, so it
+        is taken to have written (until its next checkout, which sets it up for the markers:
+        psycopg; or has the pool replace it: asyncpg). Idempotent; no I/O."""
+        if not self.supported or not self._settings.config.enabled:
+            return
+        with self._made_off_lock:
+            made_off = list(self._made_off)
+            self._made_off.clear()
+        for driver in made_off:
+            try:
+                _mark_switched_on(driver)
+            except Exception:  # a connection whose class can't be switched: left as it is
+                debug_failure(log_session, "could not mark a connection made while off")
 
     def prepare(self, dbapi_connection: Any, record: Any = None) -> None:
         """Mark a new connection (psycopg: its class; asyncpg: made marked in ``do_connect``),
@@ -1825,6 +1855,15 @@ class CommitProtocol:
         if count >= PRUNE_BATCH:
             with self._prune_lock:
                 self._next_prune = min(self._next_prune, time.monotonic() + PRUNE_CATCH_UP)
+
+
+def switched_on_everywhere() -> None:
+    """After a reload: every engine's connections made while self-healing was off are marked
+    where it is on now (see :meth:`CommitProtocol.switched_on`)."""
+    with STATE.lock:
+        engines = list(STATE.engine_hooks.values())
+    for hooks in engines:
+        hooks.commit.switched_on()
 
 
 def _unmarked_commit(dbapi_connection: Any) -> None:
@@ -2417,14 +2456,48 @@ def _close_abandoned(dbapi_connection: Any) -> None:
         debug_failure(log_session, "could not close a connection whose set-up failed")
 
 
-def _adopt_asyncpg(driver: Any) -> None:
-    """Switch an asyncpg connection made by your ``async_creator`` to a marked class."""
+def _adopt_asyncpg(driver: Any, *, may_have_written: bool = False) -> None:
+    """Switch an asyncpg connection made by your ``async_creator`` (or made while self-healing
+    was off, see :func:`_mark_switched_on`) to a marked class. ``may_have_written``: the
+    connection may be inside a transaction whose statements were not seen (they are taken to
+    have written: its COMMIT is marked if its answer is lost)."""
     if not isinstance(driver, asyncpg.Connection):
         return
     try:
-        driver.__class__ = marked_connection_class(type(driver), adopted=True)
+        marked = marked_connection_class(type(driver), adopted=True)
     except TypeError:  # a class whose layout can't be switched: the connection stays unmarked
         debug_failure(log_session, "could not mark an asyncpg connection")
+        return
+    if may_have_written:  # (before the switch: a COMMIT made meanwhile finds it)
+        _beside[driver] = {"may_write": True}
+    try:
+        driver.__class__ = marked
+    except TypeError:
+        _beside.pop(driver, None)
+        debug_failure(log_session, "could not mark an asyncpg connection")
+
+
+#: asyncpg connections switched to the adopted class when self-healing was switched on: the
+#: pool replaces them at their next checkout (see ``CommitProtocol.needs_replacing``)
+_switched_on: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _mark_switched_on(driver: Any) -> None:
+    """Mark ``driver``, a connection made while self-healing was off, now that it is on (see
+    ``CommitProtocol.switched_on``). It may be in use (in a transaction) by another thread or
+    task: the class is switched last, its state set before, so that whatever it does meanwhile
+    finds one class or the other, whole; and it is taken to have written, since its statements
+    so far were not seen. A connection marked already (set up at a checkout since) keeps its
+    own record of what it wrote."""
+    if getattr(driver, "_rdb_marked", False):
+        return
+    if isinstance(driver, asyncpg.Connection):
+        _switched_on.add(driver)  # (before the switch: a checkout meanwhile replaces it)
+        _adopt_asyncpg(driver, may_have_written=True)
+        if not getattr(driver, "_rdb_marked", False):
+            _switched_on.discard(driver)  # left unmarked: replaced at checkout all the same
+        return
+    _mark_psycopg(driver, may_have_written=True)
 
 
 _IDLE: Final = int(psycopg.pq.TransactionStatus.IDLE)
@@ -2568,7 +2641,7 @@ def _raise_error(connection: Any, results: list[Any]) -> None:
         raise psycopg.errors.error_from_result(last, encoding=connection.info.encoding)
 
 
-def _mark_psycopg(dbapi_connection: Any) -> bool:
+def _mark_psycopg(dbapi_connection: Any, *, may_have_written: bool = False) -> bool:
     """Make a psycopg connection's (sync or async) COMMIT markable (its class becomes a marked
     subclass).
 
@@ -2576,7 +2649,10 @@ def _mark_psycopg(dbapi_connection: Any) -> bool:
     or ``creator`` of the user's), so its class is switched rather than the class it is made
     from; the subclass only adds a ``commit()`` override, a few attributes, and its cursor
     factories, which mark whatever is assigned to them (:func:`_marking_factory`): the ones the
-    connection has now move there.
+    connection has now move there. The class is switched last, once the marked class finds
+    all it reads (a connection made while self-healing was off may be in use by another thread
+    when it is switched on: see :func:`_mark_switched_on`). ``may_have_written``: its
+    transaction's statements so far were not seen (taken to have written).
     """
     if getattr(dbapi_connection, "_rdb_marked", False):
         return True
@@ -2584,10 +2660,14 @@ def _mark_psycopg(dbapi_connection: Any) -> bool:
         return False
     marked = marked_connection_class(type(dbapi_connection))
     state = vars(dbapi_connection)
-    factories = [(name, state.pop(name)) for name in _CURSOR_FACTORIES if name in state]
+    for name in _CURSOR_FACTORIES:
+        if name in state:  # what the marked class's property reads (see _marking_factory)
+            state[f"_rdb_{name}"] = marked_cursor_factory(state[name])
+    if may_have_written:
+        state["_rdb_may_write"] = True
     dbapi_connection.__class__ = marked
-    for name, factory in factories:
-        setattr(dbapi_connection, name, factory)  # marked by the class's setter
+    for name in _CURSOR_FACTORIES:
+        state.pop(name, None)  # (the class's property is what is read now)
     return True
 
 

@@ -628,6 +628,11 @@ def env_config() -> Config:
 def reload_config(environ: Mapping[str, str] | None = None) -> Config:
     """Re-read the environment and apply it to every factory created without ``config=``.
 
+    Where it switches self-healing on, every pooled connection made while it was off commits
+    through the commit protocol from the moment this returns, the ones in use too (a unit begun
+    while it was off, a drop-in transaction): a lost answer of such a COMMIT is an unknown
+    outcome, never a transient disconnect.
+
     Then every circuit breaker and retry budget shared through Redis follows what a live user
     of it asks for (a factory, ``with_self_healing``): one that no live user shares any more
     (its factories are gone, or the reload switched it off) leaves its Redis and runs on this
@@ -666,6 +671,7 @@ if hasattr(os, "register_at_fork"):
 
 
 def _reload(environ: Mapping[str, str] | None) -> Config:
+    from ._commit import switched_on_everywhere  # noqa: PLC0415
     from ._fleet import follow_users  # noqa: PLC0415
     from ._registry import live_policies  # noqa: PLC0415
 
@@ -681,5 +687,8 @@ def _reload(environ: Mapping[str, str] | None) -> Config:
                 del stale[key]
     for user in users:
         user._apply_config(config)
+    # connections made while self-healing was off, in use ones too, commit marked from here
+    # on where this reload switched it on
+    switched_on_everywhere()
     follow_users(live_policies())
     return config
