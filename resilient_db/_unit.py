@@ -1965,10 +1965,13 @@ def hooks_for(
             return hooks
         _refuse_other_settings(hooks, mine)
         hooks.factories.add(factory)
+        switched_on = config.enabled and not hooks.config.enabled
         hooks.config = config
         hooks.classifier = classifier
         hooks.settings = mine
         hooks.service = service
+        if switched_on:  # the engine's factories were off and are gone: see switched_on
+            hooks.commit.switched_on()
         return hooks
 
 

@@ -9,6 +9,7 @@ and both async drivers."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import uuid
@@ -221,6 +222,35 @@ def test_drop_in_use_in_use_at_the_switch_has_its_lost_answer_called_unknown(
     line = assert_unknown(raised.value, caplog, service)
     assert "drop-in" in line
     assert written(engine, name) == 1
+
+
+def test_a_new_factory_switching_its_engine_on_marks_a_connection_in_use(
+    proxied: sa.Engine, fault_proxy: FaultProxy, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not a reload: the engine's factories were off and are gone, and a new one with
+    self-healing on is made while a connection made meanwhile is in use. Its lost COMMIT
+    answer is an unknown outcome, as after a reload that switches self-healing on."""
+    off = rdb.ResilientSession(
+        proxied, service=service, config=rdb.load_config({"SELF_HEALING_ENABLED": "false"})
+    )
+    off.run(lambda session: session.execute(sa.text("SELECT 1")))
+    del off
+    gc.collect()  # (the engine keeps its factories weakly)
+    name = str(uuid.uuid4())
+    with proxied.connect() as conn:  # made while off, in use
+        conn.execute(sa.text("SELECT 1"))
+        on = rdb.ResilientSession(proxied, service=service)
+        assert on.config.enabled
+        conn.execute(sa.insert(NOTES).values(name=name))
+        fault_proxy.lose_commit_answer()
+        with (
+            caplog.at_level(logging.WARNING, logger="resilient_db"),
+            pytest.raises(sa.exc.DBAPIError) as raised,
+        ):
+            conn.commit()
+    assert fault_proxy.commits_lost == 1
+    assert "drop-in use" in assert_unknown(raised.value, caplog, service)
+    assert written(proxied, name) == 1  # it committed: the outcome was unknown, not absent
 
 
 def test_a_later_unit_on_a_connection_in_use_at_the_switch_is_verified(
