@@ -19,8 +19,12 @@ promoted standby hands them out again. So, with the commit markers installed
   holding the marker; if the marker is there (and is not a fence) the unit committed; if the fence
   went in, the original can no longer commit (its marker would now violate the key), so a replay
   is safe.
-* Markers are pruned after :data:`RETENTION` by :func:`prune`; a claim refuses to judge a marker
-  older than :data:`CLAIM_HORIZON` (the answer is then "unknown", never a guess).
+* Markers are pruned once :data:`RETENTION` older than the newest marker by :func:`prune`; a
+  claim refuses to judge a marker :data:`CLAIM_HORIZON` older than the newest (the answer is then
+  "unknown", never a guess). Both judge ages against the same data, the markers' own ids (the
+  clients' times), never a server's clock: a prune judged by one server's clock and a claim by
+  another's (a failover between servers whose clocks disagree, or one clock stepped back) could
+  take a pruned marker for one never written, and replay a committed unit.
 
 Units proven read-only on the client (every statement a plain ``SELECT`` without function calls)
 send a plain COMMIT: nothing to verify, a replay can't write twice.
@@ -106,8 +110,10 @@ PRUNE_CATCH_UP: Final = 0.05
 #: 2: mark_commit leaves read-only transactions alone, and runs as its owner for any role a
 #: unit switched to (checking the login role's right to write markers itself); 3: the prune
 #: runs as its owner too; 4: claim_commit runs with a fixed search_path, and the prune asks the
-#: login role's right to write markers, not to delete them (which no application should hold)
-MARKERS_VERSION: Final = 4
+#: login role's right to write markers, not to delete them (which no application should hold);
+#: 5: the claim and the prune judge a marker's age against the newest marker, not a server's
+#: clock, and the prune waits for no synchronous standby and does nothing on a hot standby
+MARKERS_VERSION: Final = 5
 #: the marker insert as prepared on each connection (``PREPARE``): the function call it stands
 #: in for costs the server parsing, planning and a PL/pgSQL call at every writing COMMIT
 PREPARED_MARK: Final = "resilient_db_mark_commit"
@@ -133,9 +139,16 @@ XID: Final = "xid"
 UNMARKED: Final = "unmarked"  # the connection's COMMIT could not be marked: never verifiable
 
 # -- the database side --------------------------------------------------------------------------
-_HORIZON_SQL = """
+#: the smallest id of a marker less than ``{ms}`` milliseconds older than the newest marker in
+#: the table (by the times the clients wrote into the ids; NULL while there is none). Markers
+#: are data: the newest one only ever grows, on every server that has the prunes it made (a
+#: prune's DELETE replicates after the marker it judged by), so a marker a prune deleted is
+#: older than this for every later claim, whatever the servers' clocks say.
+_NEWEST_HORIZON_SQL = """
     (SELECT (substr(h, 1, 8) || '-' || substr(h, 9, 4) || '-0000-0000-000000000000')::uuid
-     FROM (SELECT lpad(to_hex(floor(extract(epoch FROM {at}) * 1000)::bigint), 12, '0') AS h) s)
+     FROM (SELECT lpad(to_hex(greatest(0, ('x' || substr(replace(n.id::text, '-', ''), 1, 12))
+                   ::bit(48)::bigint - {ms})), 12, '0') AS h
+           FROM (SELECT id FROM {s}.commit_markers ORDER BY id DESC LIMIT 1) n) s)
 """
 
 
@@ -252,10 +265,8 @@ def _untrusted_sql(owner: str | None = None) -> str:
 
 def _install_statements() -> list[str]:
     s = SCHEMA
-    prune_horizon = _HORIZON_SQL.format(at=f"now() - interval '{int(RETENTION)} seconds'")
-    claim_horizon = _HORIZON_SQL.format(
-        at=f"clock_timestamp() - interval '{int(CLAIM_HORIZON)} seconds'"
-    )
+    prune_horizon = _NEWEST_HORIZON_SQL.format(s=s, ms=int(RETENTION * 1000))
+    claim_horizon = _NEWEST_HORIZON_SQL.format(s=s, ms=int(CLAIM_HORIZON * 1000))
     return [
         _REFUSE_PLANTED_SQL,
         f"CREATE SCHEMA IF NOT EXISTS {s}",
@@ -307,6 +318,11 @@ BEGIN
     -- transaction can no longer commit (its own insert would violate the primary key)
     INSERT INTO {s}.commit_markers (id, fence) VALUES (marker, true) ON CONFLICT (id) DO NOTHING;
     IF FOUND THEN
+        -- judged again now: the insert may have waited for a prune deleting the marker, by a
+        -- newest marker committed after the first look (this statement sees it)
+        IF marker < {claim_horizon} THEN
+            RETURN 'expired';
+        END IF;
         RETURN 'fenced';
     END IF;
     SELECT fence INTO was_fence FROM {s}.commit_markers WHERE id = marker;
@@ -327,13 +343,21 @@ $rdb$""",
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $rdb$
 DECLARE
     pruned integer;
+    horizon uuid;
 BEGIN
     IF NOT pg_catalog.has_table_privilege(session_user, '{s}.commit_markers', 'INSERT') THEN
         RAISE EXCEPTION 'role % may not prune commit markers', session_user
             USING ERRCODE = '42501';
     END IF;
+    IF pg_catalog.pg_is_in_recovery() THEN
+        RETURN 0;  -- a hot standby (a read/write split's follower): its primary prunes
+    END IF;
+    -- nothing waits for a synchronous standby to confirm a prune (one that is down would hold
+    -- the unit whose commit ran it): a prune lost in a failover only leaves markers behind
+    PERFORM pg_catalog.set_config('synchronous_commit', 'local', true);
+    horizon := {prune_horizon};
     DELETE FROM {s}.commit_markers WHERE id IN (
-        SELECT id FROM {s}.commit_markers WHERE id < {prune_horizon}
+        SELECT id FROM {s}.commit_markers WHERE id < horizon
         ORDER BY id LIMIT batch FOR UPDATE SKIP LOCKED);
     GET DIAGNOSTICS pruned = ROW_COUNT;
     RETURN pruned;
@@ -479,12 +503,12 @@ def _owners_sql(owner: str | None) -> str:
     return f"SELECT {_untrusted_sql(owner)}"
 
 
-#: A marker's id carries the client's time, and the server judges its age by its own clock: a
-#: claim refuses markers older than CLAIM_HORIZON (they may have been pruned). A client whose
-#: clock is behind the server's by more than this is warned (once per engine): its lost COMMIT
-#: answers can be verified only for CLAIM_HORIZON minus that much, then end unknown. (A clock
-#: ahead only keeps markers longer.) Safety does not depend on it: both judgments are the
-#: server's, on the same id.
+#: A marker's id carries the client's time, and a claim refuses markers CLAIM_HORIZON older than
+#: the newest marker, which the other clients write (they may have been pruned). A client whose
+#: clock is behind the server's (taken for the other clients') by more than this is warned (once
+#: per engine): its lost COMMIT answers can be verified only for CLAIM_HORIZON minus that much,
+#: then end unknown. Safety does not depend on it: the prune and the claim judge by the same
+#: data, the ids.
 CLOCK_BEHIND_WARNING: Final = 60.0
 
 # The fallback's evidence: the xid, and what changes when the server restarts or recovers from
@@ -1684,8 +1708,9 @@ class CommitProtocol:
             log_session,
             logging.WARNING,
             "This host's clock is %.0f s behind the clock of database %s's server. Commit "
-            "markers carry this host's time and the server judges their age by its own, so %s "
-            "(then it ends in CommitOutcomeUnknownError). Synchronise the clocks (NTP)",
+            "markers carry this host's time and a check judges their age against the newest "
+            "marker, which hosts with clocks like the server's write, so %s (then it ends in "
+            "CommitOutcomeUnknownError). Synchronise the clocks (NTP)",
             behind,
             self.engine.url.database,
             f"a lost COMMIT answer can be verified only within {left:.0f} s of the COMMIT"

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -467,15 +468,101 @@ def test_claim_waits_for_the_original_still_committing(engine: sa.Engine) -> Non
     assert claim(engine, marker) == "committed"
 
 
-def test_claim_refuses_markers_older_than_the_horizon(engine: sa.Engine) -> None:
-    with engine.connect() as conn:
-        old_ms = conn.execute(
-            sa.text("SELECT floor(extract(epoch FROM now()) * 1000)::bigint - :age"),
-            {"age": int((CLAIM_HORIZON + 5) * 1000)},
-        ).scalar_one()
-    old = uuid.UUID(int=(old_ms << 80) | (0x7 << 76) | (0x2 << 62) | 12345)
+def _marker_at(ms: int, n: int = 12345) -> uuid.UUID:
+    """A marker id whose time is ``ms`` (Unix milliseconds)."""
+    return uuid.UUID(int=(ms << 80) | (0x7 << 76) | (0x2 << 62) | n)
+
+
+def test_claim_refuses_markers_older_than_the_horizon_of_the_newest(engine: sa.Engine) -> None:
+    """A claim does not judge a marker CLAIM_HORIZON older than the newest marker (another
+    client's, written since): it may have been pruned, so its absence proves nothing."""
+    newest = uuid7()
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text("INSERT INTO resilient_db.commit_markers (id) VALUES (:m)"), {"m": newest}
+        )
+    newest_ms = newest.int >> 80
+    old = _marker_at(newest_ms - int((CLAIM_HORIZON + 5) * 1000))
     assert claim(engine, old) == "expired"
-    assert markers(engine) == []  # nothing written
+    assert markers(engine) == [(newest, False)]  # nothing written
+    young = _marker_at(newest_ms - int((CLAIM_HORIZON - 5) * 1000))
+    assert claim(engine, young) == "fenced"
+
+
+@pytest.mark.parametrize("days", [-1, 1])
+def test_claims_and_prunes_judge_ages_by_the_markers_not_the_servers_clock(
+    engine: sa.Engine, days: int
+) -> None:
+    """A server whose clock is a day off the clients' (or was stepped since a prune: a failover
+    to a server whose clock disagrees) judges markers as the clients wrote them: a prune by one
+    clock and a claim by another could take a pruned marker for one never written, and replay a
+    committed unit. Markers a day older or younger than the server's clock, the newest of them
+    ten seconds ago: a claim of one of the last few minutes is judged (fenced when missing),
+    the prune deletes only what is RETENTION older than the newest, and a claim of a pruned one
+    is "expired"."""
+    with engine.connect() as conn:
+        server_ms = conn.execute(
+            sa.text("SELECT floor(extract(epoch FROM now()) * 1000)::bigint")
+        ).scalar_one()
+    base = server_ms + days * 86_400_000  # the clients' "now"
+    newest = _marker_at(base - 10_000, 1)
+    pruned = [_marker_at(base - int((RETENTION + 60) * 1000), n) for n in range(2, 5)]
+    kept = _marker_at(base - int((RETENTION - 60) * 1000), 5)
+    with engine.begin() as conn:
+        for marker in [newest, *pruned, kept]:
+            conn.execute(
+                sa.text("INSERT INTO resilient_db.commit_markers (id) VALUES (:m)"), {"m": marker}
+            )
+    assert claim(engine, newest) == "committed"
+    missing = _marker_at(base - 60_000, 6)
+    assert claim(engine, missing) == "fenced"
+    with engine.connect() as conn:
+        assert _commit.prune(conn) == 3
+    assert {m for m, _ in markers(engine)} == {newest, kept, missing}
+    assert all(claim(engine, marker) == "expired" for marker in pruned)
+
+
+def test_a_claim_that_waited_judges_the_markers_age_again(engine: sa.Engine) -> None:
+    """A claim's fence waits for a transaction holding the marker (here one that rolls back).
+    Meanwhile a newer marker committed (a prune deleting this marker would have judged by it):
+    the claim judges the age again after its wait, and does not take the marker's absence for
+    "never committed" ("expired": the unit's outcome is unknown, never a replay that might
+    write it twice)."""
+    newest_ms = uuid7().int >> 80
+    marker = _marker_at(newest_ms, 7)
+    holder = engine.connect()
+    try:
+        holder.execute(
+            sa.text("INSERT INTO resilient_db.commit_markers (id) VALUES (:m)"), {"m": marker}
+        )
+        answer: list[str] = []
+        waiting = threading.Thread(
+            target=lambda: answer.append(claim(engine, marker, wait_ms=10_000))
+        )
+        waiting.start()
+        # the claim is waiting on the holder's row (bounded: 5 s)
+        for _ in range(100):
+            with engine.connect() as conn:
+                waits = conn.execute(
+                    sa.text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                        "AND query LIKE '%claim_commit%'"
+                    )
+                ).scalar_one()
+            if waits:
+                break
+            threading.Event().wait(0.05)
+        assert waits
+        newer = _marker_at(newest_ms + int((CLAIM_HORIZON + 60) * 1000), 8)
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text("INSERT INTO resilient_db.commit_markers (id) VALUES (:m)"), {"m": newer}
+            )
+        holder.rollback()
+        waiting.join(10)
+    finally:
+        holder.close()
+    assert answer == ["expired"]
 
 
 def test_the_claim_ignores_operators_planted_on_the_callers_search_path(
@@ -671,7 +758,7 @@ def test_the_application_role_may_call_the_install_once_it_is_current(
 
 def _expired_markers(engine: sa.Engine) -> int:
     with engine.connect() as conn:
-        horizon = _commit._HORIZON_SQL.format(at=f"now() - interval '{int(RETENTION)} seconds'")
+        horizon = _commit._NEWEST_HORIZON_SQL.format(s=_commit.SCHEMA, ms=int(RETENTION * 1000))
         return int(
             conn.execute(
                 sa.text(f"SELECT count(*) FROM resilient_db.commit_markers WHERE id < {horizon}")
@@ -680,8 +767,12 @@ def _expired_markers(engine: sa.Engine) -> int:
 
 
 def _add_expired_markers(engine: sa.Engine, count: int) -> None:
-    """``count`` markers 20 minutes old."""
+    """``count`` markers 20 minutes old, and one of now (the newest, as another client's unit
+    would have written it: ages are judged against the newest marker)."""
     with engine.begin() as conn:
+        conn.execute(
+            sa.text("INSERT INTO resilient_db.commit_markers (id) VALUES (:m)"), {"m": uuid7()}
+        )
         conn.execute(
             sa.text(
                 "INSERT INTO resilient_db.commit_markers (id) SELECT (lpad(to_hex(floor(extract("
@@ -715,7 +806,7 @@ def test_units_prune_a_backlog_of_markers_in_short_batches_until_it_is_gone(
         left.append(_expired_markers(engine))
     assert left == [batch * 3 // 2, batch // 2, 0, 0]
     assert not protocol.prune_due()  # the last prune did not fill its batch: an interval
-    assert len(markers(engine)) == 5  # the units' own
+    assert len(markers(engine)) == 6  # the units' own, and the newest of the backlog's
 
 
 @pytest.mark.asyncio

@@ -23,7 +23,7 @@ from resilient_db.demo import alembic_config, apply_migrations, downgrade_migrat
 from resilient_db.examples.tasks import Base, Task
 from resilient_db.testing import PostgresServer
 
-HEAD = "0009_transition_trigger_v5"
+HEAD = "0010_markers_newest_horizon"
 
 
 @pytest.fixture
@@ -396,6 +396,9 @@ def test_alembic_command_line_with_the_url_option(pg_url: str, engine: sa.Engine
     assert (
         "Running upgrade 0008_markers_claim_search_path -> 0009_transition_trigger_v5"
         in done.stderr
+    )
+    assert (
+        "Running upgrade 0009_transition_trigger_v5 -> 0010_markers_newest_horizon" in done.stderr
     )
     assert version(engine) == HEAD
 

@@ -60,10 +60,17 @@ INSERT = sa.text("INSERT INTO ledger (key) VALUES (:key)")
 _services = itertools.count()
 
 
-def prepare(pair: StandbyPair, mode: str, *, before_the_standby_stops: Sequence[str] = ()) -> None:
+def prepare(
+    pair: StandbyPair,
+    mode: str,
+    *,
+    before_the_standby_stops: Sequence[str] = (),
+    in_the_database: Sequence[str] = (),
+) -> None:
     """The ledger and (for MARKERS) the commit markers, replicated; then the standby stops:
     from here on every writing COMMIT on the primary waits for it (so does any statement that
-    writes: ``before_the_standby_stops`` are sent to the primary first)."""
+    writes: ``before_the_standby_stops`` are sent to the primary first, ``in_the_database``
+    to the primary's application database)."""
     pair.create_database(DATABASE)
     engine = sa.create_engine(pair.primary.url(DATABASE))
     try:
@@ -75,6 +82,8 @@ def prepare(pair: StandbyPair, mode: str, *, before_the_standby_stops: Sequence[
         engine.dispose()
     for statement in before_the_standby_stops:
         pair.primary.execute(statement)
+    for statement in in_the_database:
+        pair.primary.execute(statement, database=DATABASE)
     pair.wait_replayed()
     pair.standby.stop()
 
@@ -712,3 +721,106 @@ def test_a_warning_at_the_commit_of_a_unit_on_two_databases_is_never_done_nor_re
         first.dispose()
         second.dispose()
         pg_server.drop_database(other)
+
+
+def test_a_unit_that_waits_for_no_standby_is_not_held_by_the_markers_prune(
+    pg_standby_factory: Callable[..., StandbyPair],
+) -> None:
+    """The standby is down; a unit opts out of waiting for it (``SET LOCAL synchronous_commit =
+    local``, PostgreSQL's per-transaction choice) and its COMMIT is answered at once. The prune
+    of old markers that runs after it (a transaction of its own, at the session's level) waits
+    for no standby either: before, its COMMIT waited for the missing one, and the unit's
+    ``run()`` with it, for as long as the standby stayed away."""
+    pair = pg_standby_factory(synchronous=True)
+    # markers of units 20 minutes ago, which the prune deletes (a prune that deletes nothing
+    # writes nothing, and waits for nobody); replicated before the standby stops
+    prepare(
+        pair,
+        MARKERS,
+        in_the_database=[
+            "INSERT INTO resilient_db.commit_markers (id) SELECT (lpad(to_hex(floor(extract("
+            "epoch FROM now() - interval '20 minutes') * 1000)::bigint), 12, '0') || '7' || "
+            "substr(md5(g::text), 1, 3) || '8' || substr(md5(g::text), 4, 15))::uuid "
+            "FROM generate_series(1, 5) g"
+        ],
+    )
+    engine = sa.create_engine(pair.primary.url(DATABASE))
+    try:
+        Sessions = rdb.ResilientSession(engine, service=f"syncrep-{next(_services)}", config=CONFIG)
+
+        def local(session: Any, key: str) -> None:
+            session.execute(sa.text("SET LOCAL synchronous_commit = local"))
+            session.execute(INSERT, {"key": key})
+
+        Sessions._hooks.commit._next_prune = 0.0  # the prune is due after the next COMMIT
+        returned: list[object] = []
+        unit = threading.Thread(
+            target=lambda: returned.append(Sessions.run(local, "local")), daemon=True
+        )
+        unit.start()
+        unit.join(15)  # (a prune held by the standby would hold it for ever)
+        assert not unit.is_alive(), "run() is still waiting after its COMMIT was answered"
+        assert returned == [None]
+        assert ledger(pair) == {"local": 1}
+        assert not Sessions._hooks.commit.prune_due()  # the prune ran
+    finally:
+        engine.dispose()
+
+
+def test_a_read_write_split_onto_a_hot_standby_prunes_on_the_primary_only(
+    pg_standby_factory: Callable[..., StandbyPair], caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLAlchemy's read/write split recipe, the follower being the hot standby: units read
+    there and write on the primary. The prune due on the follower's engine (an engine the
+    unit's COMMIT went to) does nothing on a standby: before, its DELETE was refused there
+    (25006), the follower's pool was replaced and a "Write refused by a hot standby ... point
+    the URL at the primary" warning said the application's setup was wrong."""
+    pair = pg_standby_factory(synchronous=False)
+    pair.create_database(DATABASE)
+    primary = sa.create_engine(pair.primary.url(DATABASE))
+    try:
+        with primary.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE ledger (key text NOT NULL)"))
+        rdb.install_commit_markers(primary)
+    finally:
+        primary.dispose()
+    pair.wait_replayed()
+    leader = sa.create_engine(pair.primary.url(DATABASE))
+    follower = sa.create_engine(pair.standby.url(DATABASE))
+    replaced: list[object] = []
+    sa.event.listen(follower.pool, "invalidate", lambda *args: replaced.append(args))
+
+    class Split(sa.orm.Session):
+        def get_bind(self, mapper: Any = None, clause: Any = None, **kw: Any) -> Any:
+            return leader if isinstance(clause, (sa.Insert, sa.TextClause)) else follower
+
+    def unit(session: Any, key: str) -> None:
+        session.execute(sa.select(sa.func.count()).select_from(sa.table("ledger")))
+        session.execute(INSERT, {"key": key})
+
+    try:
+        Sessions = rdb.ResilientSession(
+            class_=Split, service=f"syncrep-{next(_services)}", config=CONFIG
+        )
+        Sessions.run(unit, "first")
+        hooks = rdb._state.STATE.engine_hooks
+        caplog.set_level(logging.WARNING, logger="resilient_db")
+        pruned_there = 0
+        for n in range(20):  # until it ran there (a unit whose last COMMIT wrote prunes)
+            for engine in (leader, follower):
+                engine.dispose()  # new connections: SQLAlchemy's order of the COMMITs varies
+            hooks[follower].commit._next_prune = 0.0  # due on the follower's engine alone
+            Sessions.run(unit, f"k{n}")
+            pruned_there += not hooks[follower].commit.prune_due()
+            if pruned_there:
+                break
+        assert pruned_there
+    finally:
+        leader.dispose()
+        follower.dispose()
+    assert replaced == []
+    assert not [r.getMessage() for r in caplog.records if "hot standby" in r.getMessage()]
+    pair.wait_replayed()
+    rows = ledger(pair)
+    assert rows.pop("first") == 1
+    assert set(rows.values()) == {1}  # each unit once
