@@ -45,6 +45,7 @@ import contextvars
 import logging
 import operator
 import os
+import re
 import threading
 import time
 import weakref
@@ -495,6 +496,15 @@ _CHECK_SQL = f"""SELECT COALESCE(
     pg_catalog.to_regclass('{SCHEMA}.commit_markers'), 'INSERT'), false),
   extract(epoch FROM pg_catalog.clock_timestamp())::float8,
   {_IDENTITY_SQL}"""
+
+
+#: the markers' version, as their table's comment names it (see ``_MARKERS_COMMENT``): asked
+#: with the owners, once per set of objects
+_VERSION_SQL = (
+    f"SELECT pg_catalog.obj_description(pg_catalog.to_regclass('{SCHEMA}.commit_markers'), "
+    "'pg_class')"
+)
+_VERSION_IN_COMMENT = re.compile(r"commit markers, version ([0-9]+)")
 
 
 def _owners_sql(owner: str | None) -> str:
@@ -1404,6 +1414,7 @@ class CommitProtocol:
         self._trusted_objects: str | None = None
         self._untrusted_objects: str | None = None
         self._clock_warned = False
+        self._outdated_warned = False
         self._prune_refused = False
         self._next_prune = time.monotonic() + PRUNE_INTERVAL
         self._prune_lock = threading.Lock()
@@ -1662,10 +1673,37 @@ class CommitProtocol:
         untrusted = owners(_owners_sql(owner))
         if not untrusted:
             self._trusted_objects = objects
+            self._warn_if_outdated(owners(_VERSION_SQL))
             return True
         self._untrusted_objects = objects
         self._warn_untrusted(list(untrusted))
         return False
+
+    def _warn_if_outdated(self, comment: Any) -> None:
+        """Say once per engine that the markers were installed by an earlier release (their
+        table's comment names the version): they are used, but what the versions since fixed
+        (:data:`MARKERS_VERSION`) is not fixed in that database until they are installed again."""
+        found = _VERSION_IN_COMMENT.search(comment) if isinstance(comment, str) else None
+        version = int(found.group(1)) if found else 0
+        if version >= MARKERS_VERSION or self._outdated_warned:
+            return
+        self._outdated_warned = True
+        emit(
+            self._settings.config,
+            log_session,
+            logging.WARNING,
+            "Commit markers of database %s are %s, installed by an earlier release (this one "
+            "installs version %d): they are used, but the fixes since are not in that database "
+            "(before version 5, a check after a failover between servers whose clocks disagree "
+            "could replay a committed unit). Run resilient_db.install_commit_markers(engine) "
+            "again as the markers' owner, or the latest Alembic step",
+            self.engine.url.database,
+            f"version {version}" if version else "of an unknown version",
+            MARKERS_VERSION,
+            service=self._settings.service,
+            event="commit_markers_outdated",
+            version=version,
+        )
 
     def _warn_untrusted(self, objects: list[str]) -> None:
         """The markers rely on ``objects`` owned by a role the connection has no reason to

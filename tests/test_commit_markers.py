@@ -2399,3 +2399,41 @@ def test_installing_on_a_database_that_is_not_postgresql_is_refused_before_sendi
             assert conn.exec_driver_sql("SELECT count(*) FROM sqlite_master").scalar() == 0
     finally:
         eng.dispose()
+
+
+def test_markers_installed_by_an_earlier_release_are_used_and_said_once(
+    engine: sa.Engine, pg_url: str, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Markers of an earlier version (their table's comment says which) still serve, but the
+    fixes since are not in that database: a warning per engine says so and how to install
+    them again; a current install says nothing."""
+    eng = sa.create_engine(pg_url)
+    try:
+        Sessions = rdb.ResilientSession(eng, service=service)
+        with caplog.at_level(logging.WARNING, logger="resilient_db"):
+            Sessions.run(_bump)
+        assert not [r for r in caplog.records if "earlier release" in r.getMessage()]
+    finally:
+        eng.dispose()
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "COMMENT ON TABLE resilient_db.commit_markers IS 'resilient_db commit markers, "
+                "version 4: proof that a unit of work committed, kept 900 s'"
+            )
+        )
+    caplog.clear()
+    eng = sa.create_engine(pg_url)
+    try:
+        Sessions = rdb.ResilientSession(eng, service=f"{service}-old")
+        with caplog.at_level(logging.WARNING, logger="resilient_db"):
+            Sessions.run(_bump)
+            eng.dispose()  # a new connection checks again: said once
+            Sessions.run(_bump)
+    finally:
+        eng.dispose()
+    said = [r.getMessage() for r in caplog.records if "earlier release" in r.getMessage()]
+    assert len(said) == 1, said
+    assert "are version 4, installed by an earlier release" in said[0]
+    assert "install_commit_markers" in said[0]
+    assert len(markers(engine)) == 3  # used: every unit's COMMIT carried its marker
