@@ -304,8 +304,9 @@ def _answered_with_a_warning(request: CommitRequest) -> None:
     :class:`~._commit.UnprovenCommit`. A unit on one connection is settled as a lost answer
     (done once a check proves it, run again if the check finds it not committed where it
     looks, unknown otherwise); one whose transaction spans several connections is committed on
-    each, can't be replayed, and is not proven (a check proves one connection's COMMIT, not
-    each warned one's): unknown (see ``CommitReferee._spread``)."""
+    each and can't be replayed: the one COMMIT answered with a warning is checked in its own
+    database (done once proven; raised, not replayed, if not committed there), and several
+    answered so are unknown, since a check proves one (see ``CommitReferee._spread``)."""
     warned = [t for t in request.tickets if t.warned is not None and t.wrote and not t.done]
     if warned:
         raise UnprovenCommit(str(warned[-1].warned))
@@ -483,12 +484,16 @@ class CommitReferee:
         the caller should go on as for one connection's COMMIT error.
         """
         if isinstance(exc, UnprovenCommit):
-            databases = ", ".join(sorted({str(c.engine.url.database) for c, _ in connections}))
-            raise self._unknown(
-                f"a transaction on databases {databases}, committed on each",
-                f"a COMMIT of its {len(connections)} connections was answered with a warning "
-                f"({exc.warning}): not proven replicated, and not replayable",
-            ) from exc
+            # committed on each; the one answered with a warning is checked in its database
+            split = Split.of(request, connections, warned=True)
+            if split is None:
+                databases = ", ".join(sorted({str(c.engine.url.database) for c, _ in connections}))
+                raise self._unknown(
+                    f"a transaction on databases {databases}, committed on each",
+                    f"COMMITs of its {len(connections)} connections were answered with a "
+                    f"warning ({exc.warning}): not proven replicated, and not replayable",
+                ) from exc
+            return self._split(exc, request, split)
         if lost:
             split = Split.of(request, connections)
             if split is None:
@@ -877,16 +882,20 @@ class Split:
     databases: str  # the unit's databases, for the lines
 
     @classmethod
-    def of(cls, request: CommitRequest, connections: list[tuple[Any, bool]]) -> Split | None:
+    def of(
+        cls, request: CommitRequest, connections: list[tuple[Any, bool]], *, warned: bool = False
+    ) -> Split | None:
         """The parts of ``request``'s unit, or None when they can't be told apart (a connection
-        not marked, a two-phase unit, a COMMIT answered with a warning, a ticket whose
-        connection is not found): its outcome is unknown."""
+        not marked, a two-phase unit, a COMMIT answered with a warning besides the one lost,
+        several answered with one, a ticket whose connection is not found): its outcome is
+        unknown. ``warned``: every COMMIT was answered, one that wrote with a warning
+        (:class:`~._commit.UnprovenCommit`): that one is the part to check."""
         if (
             not connections
             or not all(marked for _, marked in connections)
             or request.two_phase
             or request.two_phase_commits
-            or request.warned
+            or (request.warned and not warned)
         ):
             return None
         # (the driver's own connection: SQLAlchemy 2.0's async adapter, which passes attribute
@@ -897,9 +906,15 @@ class Split:
         ]
         engine_of = {id(driver): conn.engine for conn, driver in drivers}
         tickets = request.tickets
-        failing = tickets[-1] if tickets and not tickets[-1].done else None
-        if any(not t.done for t in tickets[:-1]):
-            return None  # (every COMMIT before the failing one was answered)
+        if warned:
+            unproven = [t for t in tickets if t.warned is not None and t.wrote and not t.done]
+            if len(unproven) != 1:
+                return None  # (a check proves one COMMIT)
+            failing: CommitTicket | None = unproven[0]
+        else:
+            failing = tickets[-1] if tickets and not tickets[-1].done else None
+        if any(not t.done for t in tickets if t is not failing):
+            return None  # (every COMMIT but the failing one was answered)
         committed_tickets = [t for t in tickets if t.done and t.wrote]
         engines = []
         for ticket in committed_tickets:
