@@ -480,7 +480,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         ticket = self._referee.must_verify(exc, request)
         if ticket is None:
             raise exc
-        verdict = self._referee.known(request)
+        verdict = self._referee.known(request, ticket)
         if verdict is None:
             try:
                 verdict = await self._verify_commit(ticket)

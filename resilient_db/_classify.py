@@ -114,7 +114,9 @@ def mark_partly_committed(exc: BaseException) -> None:
 
 
 def partly_committed(exc: BaseException) -> bool:
-    return bool(getattr(exc, _PARTLY_COMMITTED, False))
+    """Whether ``exc``, or an error it was raised from, is the error of an attempt that
+    committed part of its work (see :func:`mark_partly_committed`)."""
+    return any(getattr(err, _PARTLY_COMMITTED, False) for err in error_chain(exc))
 
 
 _COMMIT_UNANSWERED = "resilient_db_commit_unanswered"
@@ -664,7 +666,7 @@ class Classifier:
 
     def is_transient(self, exc: BaseException) -> bool:
         """See :func:`is_transient`."""
-        return self.classify(exc).replayable
+        return self.classify(exc).replayable and not partly_committed(exc)
 
     def is_disconnect_code(self, code: str | None) -> bool:
         """True for SQLSTATEs after which the connection must not be reused."""
@@ -712,13 +714,37 @@ def classify(exc: BaseException, *, classifier: Classifier | None = None) -> Out
     return (classifier or DEFAULT_CLASSIFIER).classify(exc)
 
 
+def answered(exc: BaseException, classifier: Classifier) -> bool:
+    """The server answered with an error after which the connection is sound (the factory's
+    classifier's disconnect codes are not such an answer): a statement so answered, a COMMIT
+    included, did not commit."""
+    code = sqlstate_of(exc)
+    return code is not None and not classifier.is_disconnect_code(code)
+
+
+def unanswered_commit(exc: BaseException, classifier: Classifier, wrote: bool) -> bool:
+    """A COMMIT that a unit's final one is not (drop-in use, or an operation's own code)
+    failed with ``exc``: whether the server left it unanswered (it may have committed). One
+    that ``wrote`` (may have) is marked an unknown outcome (see
+    :func:`~._classify.mark_commit_unanswered`): raised as it is, it must not read as transient
+    (a web client told to retry would write twice)."""
+    if answered(exc, classifier):
+        return False
+    if wrote:
+        mark_commit_unanswered(exc)
+    return True
+
+
 def is_transient(exc: BaseException, *, classifier: Classifier | None = None) -> bool:
     """True when replaying the whole unit of work may succeed: conflicts, an unavailable server,
     lost connections. Not for an unknown commit outcome (a COMMIT that may have written whose
     answer was lost, 08007, :class:`~resilient_db.CommitOutcomeUnknownError`): a replay may
     write it twice; check whether it committed first (``classify`` says
-    ``Outcome.COMMIT_UNKNOWN``)."""
-    return (classifier or DEFAULT_CLASSIFIER).classify(exc).replayable
+    ``Outcome.COMMIT_UNKNOWN``). Nor for the error of a unit that committed part of its work
+    before it failed (its own ``session.commit()``, a statement in autocommit, one database
+    of several): ``classify`` says what the error is, and a replay would write that part
+    again."""
+    return (classifier or DEFAULT_CLASSIFIER).is_transient(exc)
 
 
 #: packages whose exception texts may quote a statement, its bound parameters or a row's values

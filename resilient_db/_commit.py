@@ -64,10 +64,10 @@ from ._classify import (
     DEFAULT_CLASSIFIER,
     Classifier,
     Outcome,
+    answered,
     debug_failure,
-    mark_commit_unanswered,
     mark_replay_safe,
-    sqlstate_of,
+    unanswered_commit,
 )
 from ._config import Config
 from ._errors import ResilientDBError
@@ -1328,7 +1328,7 @@ class AttemptRecord:
         if (
             context is not None
             and context is self.autocommitting
-            and _answered(exc, self._policy.classifier)
+            and answered(exc, self._policy.classifier)
         ):
             self.autocommitting = None
 
@@ -1348,27 +1348,6 @@ def _prepared_late(connection: Any, pooled: Any) -> bool:
     return bool(getattr(pooled.driver_connection, "_rdb_marked", False))
 
 
-def _answered(exc: BaseException, classifier: Classifier) -> bool:
-    """The server answered with an error after which the connection is sound (the factory's
-    classifier's disconnect codes are not such an answer): a statement so answered, a COMMIT
-    included, did not commit."""
-    code = sqlstate_of(exc)
-    return code is not None and not classifier.is_disconnect_code(code)
-
-
-def _unanswered_commit(exc: BaseException, classifier: Classifier, wrote: bool) -> bool:
-    """A COMMIT that a unit's final one is not (drop-in use, or an operation's own code)
-    failed with ``exc``: whether the server left it unanswered (it may have committed). One
-    that ``wrote`` (may have) is marked an unknown outcome (see
-    :func:`~._classify.mark_commit_unanswered`): raised as it is, it must not read as transient
-    (a web client told to retry would write twice)."""
-    if _answered(exc, classifier):
-        return False
-    if wrote:
-        mark_commit_unanswered(exc)
-    return True
-
-
 @contextlib.contextmanager
 def _own_commit(attempt: AttemptRecord, wrote: bool = True) -> Iterator[None]:
     """Around a COMMIT sent by the code of ``attempt``: unless the server answered it with an
@@ -1376,7 +1355,7 @@ def _own_commit(attempt: AttemptRecord, wrote: bool = True) -> Iterator[None]:
     try:
         yield
     except BaseException as exc:
-        if _unanswered_commit(exc, attempt.classifier, wrote):
+        if unanswered_commit(exc, attempt.classifier, wrote):
             attempt.committed = True
         raise
     attempt.committed = True
@@ -2324,7 +2303,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                             try:
                                 return await base.execute(self, query, timeout=timeout)
                             except BaseException as exc:
-                                _unanswered_commit(exc, DEFAULT_CLASSIFIER, wrote=True)
+                                unanswered_commit(exc, DEFAULT_CLASSIFIER, wrote=True)
                                 raise
                         if ticket is not None:
                             if ticket.mode == XID:
@@ -2413,7 +2392,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                     try:
                         await base.commit(self)
                     except BaseException as exc:
-                        _unanswered_commit(exc, DEFAULT_CLASSIFIER, wrote=True)
+                        unanswered_commit(exc, DEFAULT_CLASSIFIER, wrote=True)
                         raise
                     return None
                 if message is None:
@@ -2445,7 +2424,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                     try:
                         base.commit(self)
                     except BaseException as exc:
-                        _unanswered_commit(exc, DEFAULT_CLASSIFIER, wrote=True)
+                        unanswered_commit(exc, DEFAULT_CLASSIFIER, wrote=True)
                         raise
                     return None
                 if message is None:

@@ -438,7 +438,7 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         ticket = self._referee.must_verify(exc, request)
         if ticket is None:
             raise exc
-        verdict = self._referee.known(request)
+        verdict = self._referee.known(request, ticket)
         if verdict is None:
             try:
                 verdict = self._verify_commit(ticket)

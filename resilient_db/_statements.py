@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any, Final, TypeAlias
 import psycopg
 from psycopg import sql
 
+from ._classify import unanswered_commit
+
 if TYPE_CHECKING:
     from ._commit import AttemptRecord, CommitRequest
 
@@ -765,7 +767,8 @@ def _noting(method: Callable[..., Any]) -> Callable[..., Any]:
         if verdict:
             attempt = _psycopg_noted(self.connection, verdict)
             if attempt is not None:
-                return _autocommitted(attempt, self, lambda: method(self, query, *args, **kwargs))
+                send = lambda: method(self, query, *args, **kwargs)  # noqa: E731
+                return _autocommitted(attempt, self, send, verdict)
         return method(self, query, *args, **kwargs)
 
     return noted
@@ -782,7 +785,7 @@ def _noting_async(method: Callable[..., Any]) -> Callable[..., Any]:
             attempt = _psycopg_noted(self.connection, verdict)
             if attempt is not None:
                 send = lambda: method(self, query, *args, **kwargs)  # noqa: E731
-                return await _autocommitted_async(attempt, self, send)
+                return await _autocommitted_async(attempt, self, send, verdict)
         return await method(self, query, *args, **kwargs)
 
     return noted
@@ -832,26 +835,36 @@ def _committing(verdict: int) -> AttemptRecord | None:
     return attempt
 
 
-def _autocommitted(attempt: AttemptRecord, token: object, send: Callable[[], Any]) -> Any:
+def _autocommitted(
+    attempt: AttemptRecord, token: object, send: Callable[[], Any], verdict: int
+) -> Any:
     """Send a statement that commits on its own: ``attempt`` can't be replayed after it, unless
-    the server answers it with an error."""
+    the server answers it with an error. One that commits the transaction (``COMMITS``: a
+    COMMIT sent as a statement) whose answer is lost is an unknown outcome, as a lost answer
+    of ``session.commit()`` is: never a transient error."""
     attempt.autocommit(token)
     try:
         return send()
     except Exception as exc:
-        attempt.failed(token, exc)
+        _autocommit_failed(attempt, token, exc, verdict)
         raise
 
 
 async def _autocommitted_async(
-    attempt: AttemptRecord, token: object, send: Callable[[], Any]
+    attempt: AttemptRecord, token: object, send: Callable[[], Any], verdict: int
 ) -> Any:
     attempt.autocommit(token)
     try:
         return await send()
     except Exception as exc:
-        attempt.failed(token, exc)
+        _autocommit_failed(attempt, token, exc, verdict)
         raise
+
+
+def _autocommit_failed(attempt: AttemptRecord, token: object, exc: Exception, verdict: int) -> None:
+    attempt.failed(token, exc)
+    if verdict & COMMITS:
+        unanswered_commit(exc, attempt.classifier, wrote=True)
 
 
 # -- asyncpg: the raw connection's methods --------------------------------------------------------
@@ -911,7 +924,7 @@ def _asyncpg_noting(method: Callable[..., Any], *, writes: bool = False) -> Call
             return await method(self, query, *args, **kwargs)
         token = object()
         return await _autocommitted_async(
-            attempt, token, lambda: method(self, query, *args, **kwargs)
+            attempt, token, lambda: method(self, query, *args, **kwargs), verdict
         )
 
     return noted
@@ -951,7 +964,8 @@ def _statement_noting(method: Callable[..., Any], verdict: int) -> Callable[...,
         if attempt is None:
             return await method(self, *args, **kwargs)
         token = object()
-        return await _autocommitted_async(attempt, token, lambda: method(self, *args, **kwargs))
+        send = lambda: method(self, *args, **kwargs)  # noqa: E731
+        return await _autocommitted_async(attempt, token, send, verdict)
 
     return noted
 

@@ -43,9 +43,11 @@ from ._classify import (
     marked_replay_safe,
     refused_by_a_writable_server,
     sqlstate_of,
+    unanswered_commit,
 )
 from ._commit import (
     MARKERS,
+    UNMARKED,
     XID_STATUS_SQL,
     CommitProtocol,
     CommitRequest,
@@ -64,11 +66,13 @@ from ._registry import factory_of, in_unit
 from ._retry import Policy
 from ._state import STATE
 from ._statements import (
+    COMMITS,
     current_attempt,
     current_request,
     library_work,
     note_dialect_calls,
     own_work,
+    verdict_of,
 )
 from .transitions._dbmap import exception_from_db
 from .transitions._flush import guard_for_commit_protocol
@@ -541,13 +545,17 @@ class CommitReferee:
         return None  # nothing that wrote was committed anywhere: as any error
 
     @staticmethod
-    def known(request: CommitRequest) -> CommitVerdict | None:
+    def known(request: CommitRequest, ticket: CommitTicket) -> CommitVerdict | None:
         """The verdict of a lost answer that needs no check: in a unit spanning several
         connections, one whose lost COMMIT wrote nothing while every COMMIT that wrote was
-        answered (see :meth:`_split`)."""
+        answered (see :meth:`_split`), committed; a COMMIT that carried no marker (a connection
+        the protocol can't mark: another driver, your own creator's), unknown: no check could
+        find anything of it."""
         split = request.split
         if split is not None and split.failing is None:
             return CommitVerdict.COMMITTED
+        if ticket.mode == UNMARKED:
+            return CommitVerdict.UNKNOWN
         return None
 
     def checks(self) -> Iterator[float]:
@@ -695,7 +703,9 @@ class CommitReferee:
                 policy.partly_committed(exc, split.partly())
             return False
         reason = verdict.value
-        if ticket.check_failed is not None:
+        if ticket.mode == UNMARKED:
+            reason = "no check could tell whether it committed"
+        elif ticket.check_failed is not None:
             reason = f"the check on a new connection failed: {ticket.check_failed}"
         elif ticket.check_unreached is not None and not ticket.check_reached:
             reason = (
@@ -1739,6 +1749,16 @@ class EngineHooks:
             ctx.invalidate_pool_on_disconnect = False
         if code == READ_ONLY_SQLSTATE:
             self._refused_read_only(ctx, original)
+        statement = ctx.statement
+        if (
+            isinstance(statement, str)
+            and verdict_of(statement) & COMMITS
+            and current_request.get() is None  # (a unit's own COMMIT is settled by the protocol)
+        ):
+            # a COMMIT sent as a statement (text("COMMIT"), exec_driver_sql) whose answer was
+            # lost may have committed, as session.commit()'s may: an unknown outcome, never a
+            # transient error (a web client told to retry would write twice)
+            unanswered_commit(original, self.classifier, wrote=True)
         # how this engine's classifier (the one its factories agreed on) sees the error, for
         # what answers it later (problem details): drop-in use never reaches the retry engine,
         # which marks a unit's error again as it raises it

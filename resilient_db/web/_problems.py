@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from resilient_db._classify import Outcome, classify, marked_outcome
+from resilient_db._classify import Outcome, classify, marked_outcome, partly_committed
 from resilient_db._config import Config
 from resilient_db._errors import (
     CircuitOpenError,
@@ -76,6 +76,11 @@ def retry_after_seconds(seconds: Any) -> int:
     return max(1, math.ceil(value))
 
 
+_PARTLY_DETAIL = (
+    "The request failed after part of its change was saved, which resubmitting it would save "
+    "again. Do not resubmit blindly: check what is there first (or resubmit with the same "
+    "idempotency key)."
+)
 _UNKNOWN_DETAIL = (
     "The connection to the database was lost while the change was being committed, and "
     "whether it was saved could not be verified. Do not resubmit blindly: check whether the "
@@ -275,6 +280,11 @@ def _problem_of(exc: BaseException, config: Config | None, type_base: str) -> Pr
     outcome = _outcome(exc)
     if outcome is Outcome.COMMIT_UNKNOWN:  # a drop-in COMMIT whose answer was lost, 08007
         return unknown()
+    if partly_committed(exc):  # whatever its class: a client resubmitting repeats that part
+        return Problem(
+            500,
+            body("partly-committed", "Change partly saved", 500, _PARTLY_DETAIL),
+        )
     if outcome.transient:  # a DBAPIError, or a driver's own error (asyncpg's refused connect)
         return Problem(
             503,

@@ -1,0 +1,144 @@
+"""A COMMIT sent as a statement (``text("COMMIT")``, ``exec_driver_sql("COMMIT")``) whose answer
+is lost, and the error of a unit that committed part of its work before it failed.
+
+Either may have left part of the work committed: the error is never transient
+(``is_transient`` False) and the web layer never answers it with a 503 that invites a client to
+resubmit (and write the committed part twice). A lost COMMIT statement is an unknown outcome, as
+``session.commit()``'s is: counted and said for drop-in use. Real server, real faults (the fault
+proxy loses the COMMIT's answer; a backend terminated after the unit's own COMMIT).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+import resilient_db as rdb
+from resilient_db.testing import FaultProxy
+from resilient_db.web import problem_details
+
+pytestmark = pytest.mark.usefixtures("no_backoff")
+
+NOTES = sa.table("lost_notes", sa.column("who", sa.Text))
+
+COMMIT_STATEMENTS: dict[str, Callable[[Session], Any]] = {
+    "text": lambda session: session.execute(sa.text("COMMIT")),
+    "exec_driver_sql": lambda session: session.connection().exec_driver_sql("COMMIT"),
+}
+
+
+@pytest.fixture
+def proxied(engine: sa.Engine, pg_database: str, fault_proxy: FaultProxy) -> Iterator[sa.Engine]:
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE lost_notes (who text NOT NULL)"))
+    rdb.install_commit_markers(engine)
+    through_proxy = sa.create_engine(fault_proxy.url(pg_database))
+    yield through_proxy
+    through_proxy.dispose()
+
+
+def written(engine: sa.Engine, who: str) -> int:
+    with engine.connect() as conn:
+        return int(conn.scalar(sa.select(sa.func.count()).where(NOTES.c.who == who)) or 0)
+
+
+def unknown_commits(service: str) -> int:
+    return int(rdb.health()["services"][service]["counters"]["unknown_commits"])
+
+
+def assert_unknown_outcome(exc: BaseException) -> None:
+    assert rdb.classify(exc) is rdb.Outcome.COMMIT_UNKNOWN
+    assert not rdb.is_transient(exc)
+    problem = problem_details(exc)
+    assert problem is not None
+    assert (problem.status, problem.body["type"]) == (
+        500,
+        "urn:resilient-db:problem:commit-outcome-unknown",
+    )
+    assert "Retry-After" not in problem.headers
+
+
+@pytest.mark.parametrize("how", list(COMMIT_STATEMENTS))
+def test_a_units_commit_statement_whose_answer_is_lost_is_an_unknown_outcome(
+    proxied: sa.Engine, fault_proxy: FaultProxy, service: str, how: str
+) -> None:
+    Sessions = rdb.ResilientSession(proxied, service=service)
+    calls: list[int] = []
+
+    def unit(session: Session) -> None:
+        calls.append(1)
+        session.execute(sa.insert(NOTES).values(who=how))
+        fault_proxy.lose_commit_answer()
+        COMMIT_STATEMENTS[how](session)
+
+    with pytest.raises(sa.exc.DBAPIError) as raised:
+        Sessions.run(unit)
+    assert fault_proxy.commits_lost == 1
+    assert calls == [1]  # not replayed
+    assert written(proxied, how) == 1  # it committed: unknown, never "retry"
+    assert_unknown_outcome(raised.value)
+    assert unknown_commits(service) == 1
+
+
+@pytest.mark.parametrize("how", list(COMMIT_STATEMENTS))
+def test_a_drop_in_commit_statement_whose_answer_is_lost_is_an_unknown_outcome(
+    proxied: sa.Engine,
+    fault_proxy: FaultProxy,
+    service: str,
+    how: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    Sessions = rdb.ResilientSession(proxied, service=service)
+    with caplog.at_level(logging.WARNING, logger="resilient_db"), Sessions() as session:
+        session.execute(sa.insert(NOTES).values(who=how))
+        fault_proxy.lose_commit_answer()
+        with pytest.raises(sa.exc.DBAPIError) as raised:
+            COMMIT_STATEMENTS[how](session)
+    assert fault_proxy.commits_lost == 1
+    assert written(proxied, how) == 1
+    assert_unknown_outcome(raised.value)
+    assert unknown_commits(service) == 1
+    said = [r.getMessage() for r in caplog.records if "Commit outcome unknown" in r.getMessage()]
+    assert len(said) == 1
+    assert "drop-in use" in said[0]
+
+
+def test_a_unit_that_committed_part_of_its_work_is_never_answered_retry(
+    engine: sa.Engine, service: str
+) -> None:
+    """The unit commits its first part itself, then its connection is lost: not replayed (the
+    first part would be written twice), and neither ``is_transient`` nor the web layer says
+    to try again (a 503 with Retry-After did)."""
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE lost_notes (who text NOT NULL)"))
+    Sessions = rdb.ResilientSession(engine, service=service)
+    calls: list[int] = []
+
+    def unit(session: Session) -> None:
+        calls.append(1)
+        session.execute(sa.insert(NOTES).values(who="first part"))
+        session.commit()
+        pid = session.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+        with engine.connect() as other:
+            other.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        session.execute(sa.insert(NOTES).values(who="second part"))
+
+    with pytest.raises(sa.exc.DBAPIError) as raised:
+        Sessions.run(unit)
+    assert calls == [1]
+    assert rdb.classify(raised.value) is rdb.Outcome.DISCONNECT  # what the error is
+    assert not rdb.is_transient(raised.value)  # what a replay would do
+    problem = problem_details(raised.value)
+    assert problem is not None
+    assert (problem.status, problem.body["type"]) == (
+        500,
+        "urn:resilient-db:problem:partly-committed",
+    )
+    assert "Retry-After" not in problem.headers
+    assert written(engine, "first part") == 1
+    assert written(engine, "second part") == 0
