@@ -72,6 +72,8 @@ def test_demo_on_the_embedded_server(capsys: pytest.CaptureFixture[str]) -> None
     assert_healthy_report(report, progress)
     assert status == 0
     assert report["faults_injected"]["server_crash"] == 1
+    # the same retries, by SQLSTATE and in all (those that ran: not one the breaker refused)
+    assert sum(report["retries_by_sqlstate"].values()) == report["retries"]
     assert report["outages"][0]["kind"] == "server_crash"
     assert report["server"].startswith("embedded PostgreSQL")
     assert "time is up" in progress  # progress went to stderr as plain lines

@@ -213,7 +213,10 @@ _SHOWN_EVENTS = {
 
 
 class _LogTap(logging.Handler):
-    """Reads the ``[SELF-HEAL]`` log records: retries by SQLSTATE, notable events."""
+    """Reads the ``[SELF-HEAL]`` log records (notable events) and, as a hook, the retries by
+    SQLSTATE: a retry's event reaches hooks when its attempt starts, so these are the retries
+    that ran, as the report's retry count is (its ``Retry attempt`` line is written when the
+    retry is decided, also for one the circuit breaker then refuses)."""
 
     def __init__(self, demo: Demo, *, verbose: bool) -> None:
         super().__init__(logging.INFO)
@@ -226,10 +229,7 @@ class _LogTap(logging.Handler):
         try:
             fields = getattr(record, "self_heal", None)
             name = fields.get("event") if isinstance(fields, dict) else None
-            if name == "retry" and isinstance(fields, dict):
-                with self._counts_lock:
-                    self.retries_by_sqlstate[str(fields.get("sqlstate", "none"))] += 1
-            elif name in _SHOWN_EVENTS:
+            if name in _SHOWN_EVENTS:
                 self.demo.event(_SHOWN_EVENTS[name])
             elif getattr(record, "event", None) == "transition_blocked":
                 via = getattr(record, "via", "?")
@@ -240,6 +240,12 @@ class _LogTap(logging.Handler):
                 self.demo.event(record.getMessage())
         except Exception:
             self.handleError(record)
+
+    def hook(self, event: rdb.SelfHealEvent) -> None:
+        """Count a retry that starts (``rdb.add_hook``)."""
+        if event.name == "retry":
+            with self._counts_lock:
+                self.retries_by_sqlstate[str(event.fields.get("sqlstate", "none"))] += 1
 
     def snapshot(self) -> dict[str, int]:
         with self._counts_lock:
@@ -254,9 +260,11 @@ def _captured_logs(tap: _LogTap) -> Iterator[None]:
     logger.addHandler(tap)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    rdb.add_hook(tap.hook)
     try:
         yield
     finally:
+        rdb.remove_hook(tap.hook)
         logger.removeHandler(tap)
         logger.setLevel(old_level)
         logger.propagate = old_propagate
