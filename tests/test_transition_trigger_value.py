@@ -98,6 +98,15 @@ def test_the_statements_are_the_models(model: type[Any], trigger: Any) -> None:
     assert drop_statements(guard) == drop_statements(theirs)
 
 
+def test_the_scripts_are_the_models() -> None:
+    """``transition_trigger_sql`` / ``transition_trigger_drop_sql`` of the value are those of a
+    model of one guarded column (the Task model's), byte for byte; ``columns=`` is a model's."""
+    assert rdb.transition_trigger_sql(tasks_trigger()) == rdb.transition_trigger_sql(Task)
+    assert rdb.transition_trigger_drop_sql(tasks_trigger()) == rdb.transition_trigger_drop_sql(Task)
+    with pytest.raises(TypeError, match="columns= names the guards to remove of a model"):
+        rdb.transition_trigger_drop_sql(tasks_trigger(), columns=["status"])
+
+
 def test_it_is_registered_nowhere() -> None:
     """Built, installed or not, it never becomes the guard the trigger's error is mapped back
     with, nor a mapped class a session could guard."""

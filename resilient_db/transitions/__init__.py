@@ -49,6 +49,8 @@ from ._diagrams import rules_to_dot, rules_to_mermaid
 from ._install import (
     TransitionTrigger,
     install_transition_trigger,
+    transition_trigger_drop_sql,
+    transition_trigger_sql,
     trigger_drift,
     uninstall_transition_trigger,
 )
@@ -63,8 +65,6 @@ from ._sql import (
     BYPASS_ROLE,
     BYPASS_SETTING,
     TRANSITION_SQLSTATE,
-    transition_trigger_drop_sql,
-    transition_trigger_sql,
 )
 
 __all__ = [

@@ -37,8 +37,10 @@ from ._sql import (
     column_of_trigger,
     drop_plan,
     drop_plan_statements,
+    drop_script,
     drop_statements,
     gone_column_condition,
+    guards_script,
     insert_when_printed,
     install_statements,
     left_over_statements,
@@ -52,11 +54,15 @@ from ._sql import (
     trigger_names,
     update_when_printed,
 )
+from ._sql import transition_trigger_drop_sql as _model_drop_sql
+from ._sql import transition_trigger_sql as _model_sql
 
 __all__ = [
     "TransitionTrigger",
     "install_transition_trigger",
     "run_statements",
+    "transition_trigger_drop_sql",
+    "transition_trigger_sql",
     "trigger_drift",
     "uninstall_transition_trigger",
 ]
@@ -533,6 +539,65 @@ def _live_connection(target: Any) -> Connection | None:
     return bind if isinstance(bind, Connection) else None
 
 
+def transition_trigger_sql(model: type[Any] | TransitionTrigger) -> str:
+    """Idempotent PostgreSQL DDL enforcing the rules of ``model`` in the database.
+
+    Per guarded column: a PL/pgSQL function (``CREATE OR REPLACE``) stamped with a hash of the
+    rules (``COMMENT ON FUNCTION``), an ``AFTER INSERT`` row trigger that fires only for a row not
+    in an initial state (a bulk INSERT of rows starting as they should queues no trigger event)
+    and an ``AFTER UPDATE`` row trigger that fires only ``WHEN (OLD.col IS DISTINCT FROM
+    NEW.col)`` (both compare the column's text bytewise, ``COLLATE "C"``, whatever its
+    collation): AFTER, so they check the row as stored, whatever other BEFORE triggers of the
+    table did to it. Our triggers left on the model's tables for a column the table no longer has
+    (renamed or dropped) are dropped (see :func:`install_transition_trigger`). An illegal change
+    raises SQLSTATE :data:`TRANSITION_SQLSTATE` with a JSON DETAIL (model, schema, table, column,
+    from, to, pk), unless a member of :data:`BYPASS_ROLE` asked for a bypass of the current
+    transaction (see :func:`~resilient_db.bypass_transitions`); the script first creates that
+    role if it is missing. All literals and identifiers are quoted. Run it as a script (``psql``,
+    ``op.execute``), or with :func:`install_transition_trigger`, which sends the statements one
+    at a time. Each statement may commit on its own (``psql`` without ``-1``): the function and
+    both triggers of a column are replaced in one ``DO`` block, so no statement leaves the table
+    unguarded; there is no ``BEGIN`` or ``COMMIT``, so it runs inside a caller's transaction too.
+
+    ``model`` may be a :class:`TransitionTrigger` too: the script of its column, as the model it
+    stands for would have it.
+    """
+    if isinstance(model, TransitionTrigger):
+        return guards_script([guard_of(model)])
+    return _model_sql(model)
+
+
+def transition_trigger_drop_sql(
+    model: type[Any] | TransitionTrigger, *, columns: Iterable[str] | None = None
+) -> str:
+    """DDL removing what :func:`transition_trigger_sql` installs (for a downgrade), and our
+    triggers on its tables for a column the table no longer has (renamed or dropped).
+
+    ``columns``: remove instead our triggers (and their functions, when no other trigger calls
+    them) of exactly these columns of the model's tables, whichever model declared them; names
+    are the columns' (or their mapped attributes'), an unknown one raises
+    :class:`TransitionRulesError`. A model whose ``__transitions__`` was removed needs it (it
+    raises without): nothing else says which guards to remove, and the triggers of a column
+    that still exists may be another code base's.
+
+    ``model`` may be a :class:`TransitionTrigger` too: the removal of its column's trigger
+    (``columns=`` is for a model)."""
+    if not isinstance(model, TransitionTrigger):
+        return _model_drop_sql(model, columns=columns)
+    if columns is not None:
+        raise TypeError(_columns_of_a_trigger("transition_trigger_drop_sql", model))
+    guard = guard_of(model)
+    return drop_script([*drop_statements(guard), *left_over_statements([guard.table])])
+
+
+def _columns_of_a_trigger(what: str, model: TransitionTrigger) -> str:
+    return (
+        f"{what}: columns= names the guards to remove of a model's tables; {described(model)} "
+        f"removes the trigger of its own column {model.column!r}: leave columns= out, or pass a "
+        "TransitionTrigger of each column to remove"
+    )
+
+
 def uninstall_transition_trigger(
     bind_or_op: Any, model: type[Any] | TransitionTrigger, *, columns: Iterable[str] | None = None
 ) -> None:
@@ -552,12 +617,7 @@ def uninstall_transition_trigger(
     ``columns=`` is for a model."""
     if isinstance(model, TransitionTrigger):
         if columns is not None:
-            raise TypeError(
-                f"uninstall_transition_trigger: columns= names the guards to remove of a model's "
-                f"tables; {described(model)} removes the trigger of its own column "
-                f"{model.column!r}: leave columns= out, or pass a TransitionTrigger of each "
-                "column to remove"
-            )
+            raise TypeError(_columns_of_a_trigger("uninstall_transition_trigger", model))
         guard = guard_of(model)
         _refuse_schema_translation(bind_or_op, model, [guard.table], "uninstall_transition_trigger")
         run_statements(bind_or_op, [*drop_statements(guard), *left_over_statements([guard.table])])

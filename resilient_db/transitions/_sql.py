@@ -708,27 +708,9 @@ def _script(statements: Iterable[str]) -> str:
     return "".join(f"{s};\n\n" for s in statements).rstrip("\n") + "\n"
 
 
-def transition_trigger_sql(model: type[Any]) -> str:
-    """Idempotent PostgreSQL DDL enforcing the rules of ``model`` in the database.
-
-    Per guarded column: a PL/pgSQL function (``CREATE OR REPLACE``) stamped with a hash of the
-    rules (``COMMENT ON FUNCTION``), an ``AFTER INSERT`` row trigger that fires only for a row not
-    in an initial state (a bulk INSERT of rows starting as they should queues no trigger event)
-    and an ``AFTER UPDATE`` row trigger that fires only ``WHEN (OLD.col IS DISTINCT FROM
-    NEW.col)`` (both compare the column's text bytewise, ``COLLATE "C"``, whatever its
-    collation): AFTER, so they check the row as stored, whatever other BEFORE triggers of the
-    table did to it. Our triggers left on the model's tables for a column the table no longer has
-    (renamed or dropped) are dropped (see :func:`install_transition_trigger`). An illegal change
-    raises SQLSTATE :data:`TRANSITION_SQLSTATE` with a JSON DETAIL (model, schema, table, column,
-    from, to, pk), unless a member of :data:`BYPASS_ROLE` asked for a bypass of the current
-    transaction (see :func:`~resilient_db.bypass_transitions`); the script first creates that
-    role if it is missing. All literals and identifiers are quoted. Run it as a script (``psql``,
-    ``op.execute``), or with :func:`install_transition_trigger`, which sends the statements one
-    at a time. Each statement may commit on its own (``psql`` without ``-1``): the function and
-    both triggers of a column are replaced in one ``DO`` block, so no statement leaves the table
-    unguarded; there is no ``BEGIN`` or ``COMMIT``, so it runs inside a caller's transaction too.
-    """
-    guards = trigger_guards(model)
+def guards_script(guards: Iterable[Guard]) -> str:
+    """The script that installs ``guards`` (see :func:`transition_trigger_sql`)."""
+    guards = list(guards)
     return _script(
         [
             bypass_role_statement(),
@@ -736,6 +718,16 @@ def transition_trigger_sql(model: type[Any]) -> str:
             *left_over_statements(g.table for g in guards),
         ]
     )
+
+
+def drop_script(statements: Iterable[str]) -> str:
+    """``statements`` (a removal's) as a script (see :func:`transition_trigger_drop_sql`)."""
+    return _script(statements)
+
+
+def transition_trigger_sql(model: type[Any]) -> str:
+    """The script of a model (see :func:`~._install.transition_trigger_sql`, the public one)."""
+    return guards_script(trigger_guards(model))
 
 
 def _named_columns(mapper: Any, tables: list[sa.Table], columns: object) -> dict[str, list[str]]:
@@ -802,13 +794,5 @@ def drop_plan_statements(model: object, columns: Iterable[str] | None = None) ->
 
 
 def transition_trigger_drop_sql(model: type[Any], *, columns: Iterable[str] | None = None) -> str:
-    """DDL removing what :func:`transition_trigger_sql` installs (for a downgrade), and our
-    triggers on its tables for a column the table no longer has (renamed or dropped).
-
-    ``columns``: remove instead our triggers (and their functions, when no other trigger calls
-    them) of exactly these columns of the model's tables, whichever model declared them; names
-    are the columns' (or their mapped attributes'), an unknown one raises
-    :class:`TransitionRulesError`. A model whose ``__transitions__`` was removed needs it (it
-    raises without): nothing else says which guards to remove, and the triggers of a column
-    that still exists may be another code base's."""
+    """The removal script of a model (see :func:`~._install.transition_trigger_drop_sql`)."""
     return _script(drop_plan_statements(model, columns))
