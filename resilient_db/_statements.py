@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeAlias
 import psycopg
 from psycopg import sql
 
-from ._classify import unanswered_commit
+from ._classify import DEFAULT_CLASSIFIER, unanswered_commit
 
 if TYPE_CHECKING:
     from ._commit import AttemptRecord, CommitRequest
@@ -766,9 +766,11 @@ def _noting(method: Callable[..., Any]) -> Callable[..., Any]:
             verdict = _query_verdict(query, self)
         if verdict:
             attempt = _psycopg_noted(self.connection, verdict)
+            send = lambda: method(self, query, *args, **kwargs)  # noqa: E731
             if attempt is not None:
-                send = lambda: method(self, query, *args, **kwargs)  # noqa: E731
                 return _autocommitted(attempt, self, send, verdict)
+            if verdict & COMMITS:
+                return _committed_outside_a_unit(send)
         return method(self, query, *args, **kwargs)
 
     return noted
@@ -783,9 +785,11 @@ def _noting_async(method: Callable[..., Any]) -> Callable[..., Any]:
             verdict = _query_verdict(query, self)
         if verdict:
             attempt = _psycopg_noted(self.connection, verdict)
+            send = lambda: method(self, query, *args, **kwargs)  # noqa: E731
             if attempt is not None:
-                send = lambda: method(self, query, *args, **kwargs)  # noqa: E731
                 return await _autocommitted_async(attempt, self, send, verdict)
+            if verdict & COMMITS:
+                return await _committed_outside_a_unit_async(send)
         return await method(self, query, *args, **kwargs)
 
     return noted
@@ -861,6 +865,28 @@ async def _autocommitted_async(
         raise
 
 
+def _committed_outside_a_unit(send: Callable[[], Any]) -> Any:
+    """Send a COMMIT sent as a statement outside a unit's attempt (drop-in use, the driver's
+    own connection): one whose answer is lost may have committed, an unknown outcome (as
+    ``session.commit()``'s is), never a transient error that a client would be told to retry.
+    (Not while a unit's own COMMIT is made: a two-phase unit's statements are the protocol's.)"""
+    try:
+        return send()
+    except Exception as exc:
+        if current_request.get() is None:
+            unanswered_commit(exc, DEFAULT_CLASSIFIER, wrote=True)
+        raise
+
+
+async def _committed_outside_a_unit_async(send: Callable[[], Any]) -> Any:
+    try:
+        return await send()
+    except Exception as exc:
+        if current_request.get() is None:
+            unanswered_commit(exc, DEFAULT_CLASSIFIER, wrote=True)
+        raise
+
+
 def _autocommit_failed(attempt: AttemptRecord, token: object, exc: Exception, verdict: int) -> None:
     attempt.failed(token, exc)
     if verdict & COMMITS:
@@ -921,6 +947,9 @@ def _asyncpg_noting(method: Callable[..., Any], *, writes: bool = False) -> Call
         verdict = MAY_WRITE if writes else _query_verdict(query, None)
         attempt = _asyncpg_noted(self, verdict) if verdict else None
         if attempt is None:
+            if verdict & COMMITS:
+                send = lambda: method(self, query, *args, **kwargs)  # noqa: E731
+                return await _committed_outside_a_unit_async(send)
             return await method(self, query, *args, **kwargs)
         token = object()
         return await _autocommitted_async(
@@ -962,6 +991,8 @@ def _statement_noting(method: Callable[..., Any], verdict: int) -> Callable[...,
     async def noted(self: Any, *args: Any, **kwargs: Any) -> Any:
         attempt = _asyncpg_noted(statement_connection(self), verdict)
         if attempt is None:
+            if verdict & COMMITS:
+                return await _committed_outside_a_unit_async(lambda: method(self, *args, **kwargs))
             return await method(self, *args, **kwargs)
         token = object()
         send = lambda: method(self, *args, **kwargs)  # noqa: E731

@@ -142,3 +142,23 @@ def test_a_unit_that_committed_part_of_its_work_is_never_answered_retry(
     assert "Retry-After" not in problem.headers
     assert written(engine, "first part") == 1
     assert written(engine, "second part") == 0
+
+
+def test_a_commit_sent_on_the_drivers_own_connection_outside_a_unit_is_an_unknown_outcome(
+    proxied: sa.Engine, fault_proxy: FaultProxy, service: str
+) -> None:
+    """Drop-in use, the COMMIT sent on psycopg's own connection (SQLAlchemy never sees it):
+    its lost answer is an unknown outcome too, not a transient error."""
+    Sessions = rdb.ResilientSession(proxied, service=service)
+    with Sessions() as session:
+        session.execute(sa.insert(NOTES).values(who="raw"))
+        driver = session.connection().connection.driver_connection
+        assert driver is not None
+        fault_proxy.lose_commit_answer()
+        with pytest.raises(Exception) as raised:  # noqa: PT011 - the driver's own error
+            driver.execute("COMMIT")
+        session.invalidate()
+    assert fault_proxy.commits_lost == 1
+    assert written(proxied, "raw") == 1
+    assert rdb.classify(raised.value) is rdb.Outcome.COMMIT_UNKNOWN
+    assert not rdb.is_transient(raised.value)
