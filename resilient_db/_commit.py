@@ -1607,6 +1607,12 @@ class CommitProtocol:
         except Exception:  # a connection that tells nothing: judged by the error alone
             return False
 
+    @property
+    def _where(self) -> str:
+        """The engine's database as its lines name it, with the service they are said under
+        (the engine's latest factory's), as other lines name theirs."""
+        return f"{self.engine.url.database} (service={self._settings.service})"
+
     def _warn_if_missing(self, mode: str | None) -> None:
         if mode == MARKERS or self._warned:
             return
@@ -1632,7 +1638,7 @@ class CommitProtocol:
             log_session,
             logging.WARNING,
             what,
-            self.engine.url.database,
+            self._where,
             service=self._settings.service,
             event="commit_markers_missing",
         )
@@ -1676,7 +1682,7 @@ class CommitProtocol:
             "(before version 5, a check after a failover between servers whose clocks disagree "
             "could replay a committed unit). Run resilient_db.install_commit_markers(engine) "
             "again as the markers' owner, or the latest Alembic step",
-            self.engine.url.database,
+            self._where,
             f"version {version}" if version else "of an unknown version",
             MARKERS_VERSION,
             service=self._settings.service,
@@ -1703,7 +1709,7 @@ class CommitProtocol:
                 "them, or name their owner in SELF_HEALING_MARKERS_OWNER; otherwise DROP "
                 "SCHEMA %s CASCADE and run "
                 "resilient_db.install_commit_markers() as the database's owner",
-                self.engine.url.database,
+                self._where,
                 "; ".join(objects),
                 SCHEMA,
                 service=self._settings.service,
@@ -1724,12 +1730,12 @@ class CommitProtocol:
             self._settings.config,
             log_session,
             logging.WARNING,
-            "This host's clock is %.0f s behind the clock of database %s's server. Commit "
+            "This host's clock is %.0f s behind the clock of the server of database %s. Commit "
             "markers carry this host's time and a check judges their age against the newest "
             "marker, which hosts with clocks like the server's write, so %s (then it ends in "
             "CommitOutcomeUnknownError). Synchronise the clocks (NTP)",
             behind,
-            self.engine.url.database,
+            self._where,
             f"a lost COMMIT answer can be verified only within {left:.0f} s of the COMMIT"
             if left > 0
             else "no lost COMMIT answer can be verified",
@@ -1749,13 +1755,13 @@ class CommitProtocol:
             self._settings.config,
             log_session,
             logging.WARNING,
-            "Engine %s+%s (database %s) is not PostgreSQL through psycopg 3 or asyncpg: its "
+            "Engine %s+%s of database %s is not PostgreSQL through psycopg 3 or asyncpg: its "
             "COMMITs can't carry a marker, so a unit whose COMMIT answer is lost ends in "
             "CommitOutcomeUnknownError, and errors are retried only where they carry a "
             "PostgreSQL SQLSTATE or SQLAlchemy saw a disconnect",
             url.get_backend_name(),
             url.get_driver_name(),
-            url.database,
+            self._where,
             service=self._settings.service,
             event="commit_verification_unavailable",
         )
@@ -1771,7 +1777,7 @@ class CommitProtocol:
             "INSERT in their message from now on. Behind such a pooler, turn the driver's "
             "prepared statements off (psycopg: prepare_threshold=None; asyncpg: "
             "statement_cache_size=0) and this engine won't prepare it",
-            self.engine.url.database,
+            self._where,
             service=self._settings.service,
             event="commit_marker_statement_lost",
         )
@@ -1786,7 +1792,7 @@ class CommitProtocol:
                 "the application ran?): that COMMIT did not run and the unit is replayed; the "
                 "connections that meet this verify lost COMMIT answers by transaction id from "
                 "now on. Run resilient_db.install_commit_markers(engine) again to use them",
-                self.engine.url.database,
+                self._where,
                 sqlstate,
                 service=self._settings.service,
                 event="commit_markers_gone",
@@ -1807,7 +1813,7 @@ class CommitProtocol:
             "The commit-marker statement was refused on a connection of database %s "
             "(SQLSTATE %s: %s): that COMMIT did not run and the unit is replayed; the "
             "%s COMMITs call resilient_db.mark_commit() from now on",
-            self.engine.url.database,
+            self._where,
             sqlstate,
             what,
             "engine's (a connection serves one unit)"
@@ -1886,7 +1892,7 @@ class CommitProtocol:
             "a database installed by an earlier release needs "
             "resilient_db.install_commit_markers() again (or the Alembic step "
             "0008_markers_claim_search_path)",
-            self.engine.url.database,
+            self._where,
             service=self._settings.service,
             event="commit_markers_prune_refused",
         )

@@ -2435,5 +2435,6 @@ def test_markers_installed_by_an_earlier_release_are_used_and_said_once(
     said = [r.getMessage() for r in caplog.records if "earlier release" in r.getMessage()]
     assert len(said) == 1, said
     assert "are version 4, installed by an earlier release" in said[0]
+    assert f"(service={service}-old) are version 4" in said[0]  # the service, as lines name it
     assert "install_commit_markers" in said[0]
     assert len(markers(engine)) == 3  # used: every unit's COMMIT carried its marker
