@@ -443,6 +443,8 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                             await s.run_sync(end_committed_transactions, request)
                     except BaseException as interruption:  # cancelled or interrupted: not verified
                         self._referee.interrupted(request, interruption)
+                        if self._referee.two_phase_decided(request):
+                            await _keep_prepared(s)
                         raise
                     record.unit_committed(request)
                     return value
@@ -503,10 +505,18 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         pending = self._referee.two_phase_pending(request, exc)
         if not pending:
             return False
-        with library_work():  # the recovery's statements are neither the unit's nor its commit's
-            finished = [xid for engine, xid in pending if await self._commit_pending(engine, xid)]
-        if finished:
-            await session.invalidate()
+        try:
+            # (the recovery's statements are neither the unit's nor its commit's)
+            with library_work():
+                finished = [
+                    xid for engine, xid in pending if await self._commit_pending(engine, xid)
+                ]
+        except BaseException as interruption:  # cancelled or interrupted while finishing
+            self._referee.interrupted(request, interruption, verifying=True)
+            await _keep_prepared(session)
+            raise
+        # finished or not: those still pending stay prepared (the unit had decided to commit)
+        await _keep_prepared(session)
         return self._referee.two_phase_finished(request, pending, finished, exc)
 
     async def _commit_pending(self, engine: Engine, xid: Any) -> bool:
@@ -555,6 +565,21 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             if verdict is CommitVerdict.UNREPLICATED or last is CommitVerdict.UNKNOWN:
                 last = verdict  # the reason, should no later check know more
         return last
+
+
+async def _keep_prepared(session: AsyncSession) -> None:
+    """Invalidate the connections of a two-phase unit whose COMMIT PREPAREDs had begun (it had
+    decided to commit), rather than let SQLAlchemy's rollback end its prepared transactions
+    with ROLLBACK PREPARED: the ones still pending stay prepared, to be committed (the unit's
+    lines name them), never rolled back while another database committed. Run to completion
+    (an interruption may be what brought the unit here)."""
+    try:
+        if True:  # async only
+            await _to_completion(session.invalidate())
+        else:  # sync only
+            session.invalidate()
+    except Exception:
+        debug_failure(log_session, "invalidating a two-phase unit's connections failed")
 
 
 async def _invalidate_quietly(conn: AsyncConnection) -> None:

@@ -414,6 +414,8 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                             end_committed_transactions(s, request)
                     except BaseException as interruption:  # cancelled or interrupted: not verified
                         self._referee.interrupted(request, interruption)
+                        if self._referee.two_phase_decided(request):
+                            _keep_prepared(s)
                         raise
                     record.unit_committed(request)
                     return value
@@ -459,10 +461,16 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         pending = self._referee.two_phase_pending(request, exc)
         if not pending:
             return False
-        with library_work():  # the recovery's statements are neither the unit's nor its commit's
-            finished = [xid for engine, xid in pending if self._commit_pending(engine, xid)]
-        if finished:
-            session.invalidate()
+        try:
+            # (the recovery's statements are neither the unit's nor its commit's)
+            with library_work():
+                finished = [xid for engine, xid in pending if self._commit_pending(engine, xid)]
+        except BaseException as interruption:  # cancelled or interrupted while finishing
+            self._referee.interrupted(request, interruption, verifying=True)
+            _keep_prepared(session)
+            raise
+        # finished or not: those still pending stay prepared (the unit had decided to commit)
+        _keep_prepared(session)
         return self._referee.two_phase_finished(request, pending, finished, exc)
 
     def _commit_pending(self, engine: Engine, xid: Any) -> bool:
@@ -511,6 +519,18 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
             if verdict is CommitVerdict.UNREPLICATED or last is CommitVerdict.UNKNOWN:
                 last = verdict  # the reason, should no later check know more
         return last
+
+
+def _keep_prepared(session: Session) -> None:
+    """Invalidate the connections of a two-phase unit whose COMMIT PREPAREDs had begun (it had
+    decided to commit), rather than let SQLAlchemy's rollback end its prepared transactions
+    with ROLLBACK PREPARED: the ones still pending stay prepared, to be committed (the unit's
+    lines name them), never rolled back while another database committed. Run to completion
+    (an interruption may be what brought the unit here)."""
+    try:
+        session.invalidate()
+    except Exception:
+        debug_failure(log_session, "invalidating a two-phase unit's connections failed")
 
 
 def _invalidate_quietly(conn: Connection) -> None:

@@ -504,7 +504,8 @@ class CommitReferee:
                 databases = ", ".join(sorted({str(c.engine.url.database) for c, _ in connections}))
                 raise self._unknown(
                     f"a transaction on databases {databases}, part of which may be committed",
-                    f"its transaction spans {len(connections)} connection(s), committed one by one",
+                    f"its transaction spans {len(connections)} connection(s), committed one "
+                    f"by one{_left_prepared(request)}",
                 ) from exc
             return self._split(exc, request, split)
         # every COMMIT that went out is a ticket when every connection is marked; one that
@@ -705,6 +706,8 @@ class CommitReferee:
         reason = verdict.value
         if ticket.mode == UNMARKED:
             reason = "no check could tell whether it committed"
+            if request is not None:
+                reason += _left_prepared(request)
         elif ticket.check_failed is not None:
             reason = f"the check on a new connection failed: {ticket.check_failed}"
         elif ticket.check_unreached is not None and not ticket.check_reached:
@@ -771,6 +774,7 @@ class CommitReferee:
                 else "with its COMMIT in flight"
             ) + "; outcome unknown, not verified, not replayed"
             policy.stats.add("unknown_commits")  # as a unit's unknown outcome is
+            how += _left_prepared(request)
         emit(
             policy.config,
             log_session,
@@ -786,6 +790,13 @@ class CommitReferee:
             marker=ticket.marker,
             xid=ticket.xid,
         )
+
+    @staticmethod
+    def two_phase_decided(request: CommitRequest) -> bool:
+        """Whether ``request`` is a two-phase unit whose COMMIT PREPAREDs began: every database
+        prepared, the unit decided to commit (its prepared transactions are never rolled back
+        from here on)."""
+        return bool(request.two_phase and request.two_phase_commits)
 
     def two_phase_pending(
         self, request: CommitRequest, exc: BaseException
@@ -973,6 +984,20 @@ class Split:
             f"on database(s) {', '.join(committed)} (whose COMMIT was answered or verified "
             f"committed; {'; '.join(why)})"
         )
+
+
+def _left_prepared(request: CommitRequest) -> str:
+    """What a two-phase unit that had decided to commit leaves for an operator: its prepared
+    transactions not known committed, kept prepared (see ``_keep_prepared``); "" otherwise."""
+    if not (request.two_phase and request.two_phase_commits):
+        return ""
+    answered = set(map(str, request.two_phase_commits[:-1]))
+    left = [str(xid) for _, xid in request.two_phase if str(xid) not in answered]
+    return (
+        f"; its prepared transactions not known committed are kept prepared, never rolled back "
+        f"(it had decided to commit): COMMIT PREPARED those still in pg_prepared_xacts: "
+        f"{', '.join(left)}"
+    )
 
 
 def _sent_nothing(request: CommitRequest, connections: list[tuple[Any, bool]]) -> bool:

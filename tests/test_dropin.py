@@ -1373,6 +1373,105 @@ def test_a_swallowed_commit_prepared_is_finished_not_left_pending(
     assert pending_prepared(two_phase_server, two_databases) == []
 
 
+def test_a_two_phase_unit_that_cant_finish_keeps_its_prepared_transactions(
+    two_phase_server: Any,
+    two_databases: tuple[str, str],
+    two_proxied: tuple[FaultProxy, list[Any]],
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The first COMMIT PREPARED's answer is lost and no new connection gets through while the
+    factory tries to finish: the outcome is unknown, and the other database's prepared
+    transaction is kept prepared, named in the line, never rolled back (SQLAlchemy's rollback
+    sent ROLLBACK PREPARED for it while the first database had committed: half a unit)."""
+    proxy, engines = two_proxied
+    Sessions = two_phase_factory(rdb.ResilientSession, engines, service)
+    calls: list[int] = []
+
+    def refuse_new_connections(_context: Any) -> None:  # the answer lost: before finishing
+        if proxy.commits_lost:
+            proxy.refuse()
+
+    for eng in engines:
+        sa.event.listen(eng, "handle_error", refuse_new_connections)
+    proxy.lose_commit_answer()
+    try:
+        with (
+            caplog.at_level(logging.WARNING, logger="resilient_db"),
+            pytest.raises(rdb.CommitOutcomeUnknownError),
+        ):
+            Sessions.run(add_to_both, calls)
+    finally:
+        proxy.restore()
+    assert proxy.commits_lost == 1
+    assert calls == [1]
+    left = pending_prepared(two_phase_server, two_databases)
+    assert len(left) == 1  # kept prepared, for an operator to COMMIT PREPARED
+    assert sorted(counts(two_phase_server, two_databases)) == [0, 1]  # one committed
+    (line,) = [r.getMessage() for r in caplog.records if "Commit outcome unknown" in r.getMessage()]
+    assert "kept prepared, never rolled back" in line
+    assert left[0] in line
+
+
+@pytest.mark.asyncio
+async def test_a_two_phase_unit_cancelled_while_it_finishes_keeps_its_prepared_transactions(
+    two_phase_server: Any,
+    two_databases: tuple[str, str],
+    two_proxied: tuple[FaultProxy, list[Any]],
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The async twin, cancelled (a client gone, ``asyncio.timeout``) while the factory backs off
+    between its tries to finish: the interruption is said and counted, naming the prepared
+    transaction kept (psycopg's COMMIT PREPARED is one the fault proxy sees)."""
+    proxy, _ = two_proxied
+    engines = [
+        create_async_engine(proxy.url(name, driver="psycopg"), connect_args={"connect_timeout": 2})
+        for name in two_databases
+    ]
+    backing_off = asyncio.Event()
+
+    async def asleep(_seconds: float) -> None:
+        backing_off.set()
+        await asyncio.Event().wait()  # until cancelled
+
+    Sessions = rdb.AsyncResilientSession(
+        engines[0],
+        service=service,
+        twophase=True,
+        binds={Item: engines[0], Task: engines[1]},
+        asleep=asleep,
+    )
+
+    def refuse_new_connections(_context: Any) -> None:  # the answer lost: before finishing
+        if proxy.commits_lost:
+            proxy.refuse()
+
+    for eng in engines:
+        sa.event.listen(eng.sync_engine, "handle_error", refuse_new_connections)
+    calls: list[int] = []
+    proxy.lose_commit_answer()
+    try:
+        with caplog.at_level(logging.WARNING, logger="resilient_db"):
+            unit = asyncio.ensure_future(Sessions.run(add_to_both_async, calls))
+            await asyncio.wait_for(backing_off.wait(), 30)
+            unit.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await unit
+    finally:
+        proxy.restore()
+        for eng in engines:
+            await eng.dispose()
+    assert calls == [1]
+    left = pending_prepared(two_phase_server, two_databases)
+    assert len(left) == 1
+    assert sorted(counts(two_phase_server, two_databases)) == [0, 1]
+    (line,) = [r.getMessage() for r in caplog.records if "Commit interrupted" in r.getMessage()]
+    assert "kept prepared, never rolled back" in line
+    assert left[0] in line
+    assert rdb.health()["services"][service]["counters"]["unknown_commits"] == 1
+
+
 def test_a_lost_commit_prepared_answer_still_finishes_the_other_database(
     two_phase_server: Any,
     two_databases: tuple[str, str],
