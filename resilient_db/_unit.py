@@ -487,27 +487,27 @@ class CommitReferee:
         COMMIT read-only), it is raised as it is, marked partly committed. Returns None when
         the caller should go on as for one connection's COMMIT error.
         """
-        if isinstance(exc, UnprovenCommit):
-            # committed on each; the one answered with a warning is checked in its database
-            split = Split.of(request, connections, warned=True)
-            if split is None:
-                databases = ", ".join(sorted({str(c.engine.url.database) for c, _ in connections}))
-                raise self._unknown(
-                    f"a transaction on databases {databases}, committed on each",
+        warned = isinstance(exc, UnprovenCommit)
+        if warned or lost:
+            # (answered with a warning: committed on each, the warned one checked in its
+            # database)
+            split = Split.of(request, connections, warned=warned)
+            if split is not None:
+                return self._split(exc, request, split)
+            databases = ", ".join(sorted({str(c.engine.url.database) for c, _ in connections}))
+            if isinstance(exc, UnprovenCommit):
+                what = f"a transaction on databases {databases}, committed on each"
+                reason = (
                     f"COMMITs of its {len(connections)} connections were answered with a "
-                    f"warning ({exc.warning}): not proven replicated, and not replayable",
-                ) from exc
-            return self._split(exc, request, split)
-        if lost:
-            split = Split.of(request, connections)
-            if split is None:
-                databases = ", ".join(sorted({str(c.engine.url.database) for c, _ in connections}))
-                raise self._unknown(
-                    f"a transaction on databases {databases}, part of which may be committed",
+                    f"warning ({exc.warning}): not proven replicated, and not replayable"
+                )
+            else:
+                what = f"a transaction on databases {databases}, part of which may be committed"
+                reason = (
                     f"its transaction spans {len(connections)} connection(s), committed one "
-                    f"by one{_left_prepared(request)}",
-                ) from exc
-            return self._split(exc, request, split)
+                    f"by one{_left_prepared(request)}"
+                )
+            raise self._unknown(what, reason) from exc
         # every COMMIT that went out is a ticket when every connection is marked; one that
         # succeeded and wrote committed part of the unit
         marked = all(is_marked for _, is_marked in connections)
