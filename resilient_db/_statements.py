@@ -24,7 +24,7 @@ import contextvars
 import re
 import threading
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, Final, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, TypeAlias, cast
 
 import psycopg
 from psycopg import sql
@@ -766,11 +766,9 @@ def _noting(method: Callable[..., Any]) -> Callable[..., Any]:
             verdict = _query_verdict(query, self)
         if verdict:
             attempt = _psycopg_noted(self.connection, verdict)
-            send = lambda: method(self, query, *args, **kwargs)  # noqa: E731
             if attempt is not None:
+                send = lambda: method(self, query, *args, **kwargs)  # noqa: E731
                 return _autocommitted(attempt, self, send, verdict)
-            if verdict & COMMITS:
-                return _committed_outside_a_unit(send)
         return method(self, query, *args, **kwargs)
 
     return noted
@@ -785,11 +783,9 @@ def _noting_async(method: Callable[..., Any]) -> Callable[..., Any]:
             verdict = _query_verdict(query, self)
         if verdict:
             attempt = _psycopg_noted(self.connection, verdict)
-            send = lambda: method(self, query, *args, **kwargs)  # noqa: E731
             if attempt is not None:
+                send = lambda: method(self, query, *args, **kwargs)  # noqa: E731
                 return await _autocommitted_async(attempt, self, send, verdict)
-            if verdict & COMMITS:
-                return await _committed_outside_a_unit_async(send)
         return await method(self, query, *args, **kwargs)
 
     return noted
@@ -829,14 +825,36 @@ def _committing(verdict: int) -> AttemptRecord | None:
     for one sent in autocommit), or none. Not while the unit's own COMMIT is made (a two-phase
     unit's ``PREPARE TRANSACTION`` and ``COMMIT PREPARED``, sent as statements, are its commit,
     not part of its work). Text that goes on after its COMMIT makes the attempt unreplayable at
-    once (``COMMITS_MIDWAY``): an error answer proves nothing of what went before it."""
+    once (``COMMITS_MIDWAY``): an error answer proves nothing of what went before it. Outside
+    any attempt (drop-in use, the driver's own connection): :data:`_NO_ATTEMPT`, so that its
+    lost answer is still marked an unknown outcome (see :func:`_autocommit_failed`)."""
     if current_request.get() is not None:
         return None
     attempt = current_attempt.get()
-    if attempt is not None and verdict & COMMITS_MIDWAY:
+    if attempt is None:
+        return _NO_ATTEMPT
+    if verdict & COMMITS_MIDWAY:
         attempt.committed = True
         return None
     return attempt
+
+
+class _NoAttempt:
+    """What a COMMIT sent as a statement outside any attempt is sent for: nothing to record,
+    only its lost answer to mark an unknown outcome (as ``session.commit()``'s is), never a
+    transient error a client would be told to retry."""
+
+    classifier = DEFAULT_CLASSIFIER
+
+    def autocommit(self, context: Any) -> None:
+        pass
+
+    def failed(self, context: Any, exc: BaseException) -> None:
+        pass
+
+
+#: (typed as an attempt: it answers the calls the noting paths make of one)
+_NO_ATTEMPT: Final = cast("AttemptRecord", _NoAttempt())
 
 
 def _autocommitted(
@@ -862,28 +880,6 @@ async def _autocommitted_async(
         return await send()
     except Exception as exc:
         _autocommit_failed(attempt, token, exc, verdict)
-        raise
-
-
-def _committed_outside_a_unit(send: Callable[[], Any]) -> Any:
-    """Send a COMMIT sent as a statement outside a unit's attempt (drop-in use, the driver's
-    own connection): one whose answer is lost may have committed, an unknown outcome (as
-    ``session.commit()``'s is), never a transient error that a client would be told to retry.
-    (Not while a unit's own COMMIT is made: a two-phase unit's statements are the protocol's.)"""
-    try:
-        return send()
-    except Exception as exc:
-        if current_request.get() is None:
-            unanswered_commit(exc, DEFAULT_CLASSIFIER, wrote=True)
-        raise
-
-
-async def _committed_outside_a_unit_async(send: Callable[[], Any]) -> Any:
-    try:
-        return await send()
-    except Exception as exc:
-        if current_request.get() is None:
-            unanswered_commit(exc, DEFAULT_CLASSIFIER, wrote=True)
         raise
 
 
@@ -947,9 +943,6 @@ def _asyncpg_noting(method: Callable[..., Any], *, writes: bool = False) -> Call
         verdict = MAY_WRITE if writes else _query_verdict(query, None)
         attempt = _asyncpg_noted(self, verdict) if verdict else None
         if attempt is None:
-            if verdict & COMMITS:
-                send = lambda: method(self, query, *args, **kwargs)  # noqa: E731
-                return await _committed_outside_a_unit_async(send)
             return await method(self, query, *args, **kwargs)
         token = object()
         return await _autocommitted_async(
@@ -991,8 +984,6 @@ def _statement_noting(method: Callable[..., Any], verdict: int) -> Callable[...,
     async def noted(self: Any, *args: Any, **kwargs: Any) -> Any:
         attempt = _asyncpg_noted(statement_connection(self), verdict)
         if attempt is None:
-            if verdict & COMMITS:
-                return await _committed_outside_a_unit_async(lambda: method(self, *args, **kwargs))
             return await method(self, *args, **kwargs)
         token = object()
         send = lambda: method(self, *args, **kwargs)  # noqa: E731
