@@ -888,8 +888,8 @@ class Split:
     ones that wrote are committed for good), and the connections after it never sent theirs
     (rolled back: what they may have written is lost). A connection whose COMMIT never went out
     still holds its "may have written" flag (``_rdb_may_write``, cleared only by a COMMIT's plan
-    or the next checkout); a read-only one, like every connection whose COMMIT went out, holds
-    False. What the failing COMMIT did is checked in its own database, as for one connection.
+    or the next checkout); one whose COMMIT went out wrote only if its ticket says so (a
+    read-only one shares a ticket that names no connection, and its flag was cleared). What the failing COMMIT did is checked in its own database, as for one connection.
     (A read on a follower and a write on the leader: the follower's part wrote nothing, so the
     leader's check settles the unit, whichever COMMIT went out first.)"""
 
@@ -943,8 +943,13 @@ class Split:
             if engine is None:
                 return None
             engines.append(engine)
+        # (a connection whose COMMIT went out has a ticket: its flag proves nothing any more,
+        # the fallback's query for the transaction id having set it again)
+        ticketed = {id(t.driver) for t in tickets if t.driver is not None}
         uncommitted = [
-            conn.engine for conn, driver in drivers if getattr(driver, "_rdb_may_write", True)
+            conn.engine
+            for conn, driver in drivers
+            if id(driver) not in ticketed and getattr(driver, "_rdb_may_write", True)
         ]
         failing_engine = None
         if failing is not None:
