@@ -889,8 +889,9 @@ class Split:
     (rolled back: what they may have written is lost). A connection whose COMMIT never went out
     still holds its "may have written" flag (``_rdb_may_write``, cleared only by a COMMIT's plan
     or the next checkout); one whose COMMIT went out wrote only if its ticket says so (a
-    read-only one shares a ticket that names no connection, and its flag was cleared). What the failing COMMIT did is checked in its own database, as for one connection.
-    (A read on a follower and a write on the leader: the follower's part wrote nothing, so the
+    read-only one shares a ticket that names no connection, and its flag was cleared). What the
+    failing COMMIT did is checked in its own database, as for one connection. (A read on a
+    follower and a write on the leader: the follower's part wrote nothing, so the
     leader's check settles the unit, whichever COMMIT went out first.)"""
 
     #: the COMMIT whose answer was lost, when it wrote (None: it wrote nothing)
