@@ -239,6 +239,7 @@ FAULTED_TABLE = {"first": "items", "second": "entries"}
 OTHER_TABLE = {"first": "entries", "second": "items"}
 
 
+@pytest.mark.parametrize("markers", [True, False], ids=["markers", "fallback"])
 @pytest.mark.parametrize("fault", ["lost", "swallowed"])
 def test_a_lost_commit_across_two_databases_is_settled_part_by_part(
     *,
@@ -249,6 +250,7 @@ def test_a_lost_commit_across_two_databases_is_settled_part_by_part(
     service: str,
     engines: tuple[sa.Engine, sa.Engine],
     fault: str,
+    markers: bool,
 ) -> None:
     """One database's COMMIT loses its answer, or never arrives. SQLAlchemy commits the two
     connections one by one, in an order of its own, and stops at the failed one: what the
@@ -256,7 +258,16 @@ def test_a_lost_commit_across_two_databases_is_settled_part_by_part(
     database. Each unit ends done, replayed once, or raised as partly committed (never
     replayed: the committed part would be written twice), never unknown; the databases agree
     with the outcome. The faulted database alternates, so that both orders are met whether
-    SQLAlchemy's order is fixed or varies."""
+    SQLAlchemy's order is fixed or varies. With the commit markers, and without them (the
+    fallback: each writing COMMIT's transaction id read before it, its status asked after a
+    lost answer, in the database it went to)."""
+    if not markers:
+        for name in databases:
+            eng = sa.create_engine(pg_server.url(name))
+            try:
+                rdb.uninstall_commit_markers(eng)
+            finally:
+                eng.dispose()
     Sessions = bound(*engines, service, config=PATIENT)
     seen: set[str] = set()  # the faulted database's COMMIT went out first, or second
     for round_ in range(ROUNDS):
@@ -293,63 +304,6 @@ def test_a_lost_commit_across_two_databases_is_settled_part_by_part(
         if len(seen) == 2:
             break
     assert seen == {"first", "second"}  # both orders were met
-
-
-@pytest.mark.parametrize("fault", ["lost", "swallowed"])
-def test_without_markers_a_lost_commit_across_two_databases_is_settled_part_by_part(
-    *,
-    pg_server: PostgresServer,
-    databases: tuple[str, str],
-    fault_proxy: FaultProxy,
-    second_proxy: FaultProxy,
-    service: str,
-    engines: tuple[sa.Engine, sa.Engine],
-    fault: str,
-) -> None:
-    """The same without the commit markers (the fallback: each writing COMMIT's transaction id
-    read before it, its status asked after a lost answer, in the database it went to)."""
-    for name in databases:
-        eng = sa.create_engine(pg_server.url(name))
-        try:
-            rdb.uninstall_commit_markers(eng)
-        finally:
-            eng.dispose()
-    Sessions = bound(*engines, service, config=PATIENT)
-    seen: set[str] = set()
-    for round_ in range(ROUNDS):
-        held = ("first", "second")[round_ % 2]
-        for engine in engines:
-            engine.dispose()
-        calls: list[str] = []
-
-        def unit(session: Session, calls: list[str] = calls, round_: int = round_) -> None:
-            name = f"x{round_}-{len(calls) + 1}"
-            calls.append(name)
-            session.add(Item(name=name))
-            session.add(Entry(name=name))
-
-        releaser = armed(fault_proxy if held == "first" else second_proxy, fault)
-        raised: BaseException | None = None
-        try:
-            Sessions.run(unit)
-        except sa.exc.DBAPIError as exc:
-            raised = exc
-        if releaser is not None:
-            releaser.join(15)
-        seen.add(
-            settled(
-                pg_server,
-                databases,
-                held=held,
-                fault=fault,
-                prefix=f"x{round_}-",
-                calls=calls,
-                raised=raised,
-            )
-        )
-        if len(seen) == 2:
-            break
-    assert seen == {"first", "second"}
 
 
 def test_a_commit_refused_after_the_other_database_committed_is_not_replayed(

@@ -299,6 +299,106 @@ def test_connections_made_while_off_commit_marked_once_switched_on(
     assert getattr(made_off, "_rdb_marked", False)
 
 
+# -- the line's words (sync and async) ------------------------------------------------------------
+# A unit begun while self-healing was off and switched on before its COMMIT is a unit, not drop-in
+# use: its COMMIT was not marked (the unit began without the protocol), so its outcome can't be
+# verified. Drop-in use keeps its own words.
+def test_a_unit_begun_with_self_healing_off_is_not_called_drop_in_use(
+    engine: sa.Engine,
+    proxied: sa.Engine,
+    fault_proxy: FaultProxy,
+    service: str,
+    switched_off: pytest.MonkeyPatch,
+    *,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    Sessions = rdb.ResilientSession(proxied, service=service)
+    assert not Sessions.config.enabled
+    Sessions.run(lambda session: session.execute(sa.text("SELECT 1")))  # connected
+    name = f"lost-{uuid.uuid4()}"
+    runs: list[int] = []
+
+    def switched_on_then_add(session: Session) -> None:
+        runs.append(1)
+        # a reload while the unit runs, before its first statement: its connection is checked
+        # out, its INSERT and its COMMIT sent, with self-healing on
+        switch_on(switched_off)
+        session.execute(sa.insert(NOTES).values(name=name))
+        fault_proxy.lose_commit_answer()
+
+    with (
+        caplog.at_level(logging.WARNING, logger="resilient_db"),
+        pytest.raises(sa.exc.DBAPIError),
+    ):
+        Sessions.run(switched_on_then_add)
+    assert Sessions.config.enabled
+    assert fault_proxy.commits_lost == 1
+    assert runs == [1]  # not replayed: it began with self-healing off
+    (line,) = unknown_lines(caplog)
+    assert "drop-in" not in line
+    assert "outside a unit" not in line
+    assert "a unit begun with self-healing off" in line
+    assert "not marked" in line
+    assert written(engine, name) == 1  # (it did commit: what the line tells to check)
+
+
+@pytest.mark.asyncio
+async def test_an_async_unit_begun_with_self_healing_off_is_not_called_drop_in_use(
+    engine: sa.Engine,
+    async_proxied: AsyncEngine,
+    fault_proxy: FaultProxy,
+    service: str,
+    switched_off: pytest.MonkeyPatch,
+    *,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    Sessions = rdb.AsyncResilientSession(async_proxied, service=service)
+    assert not Sessions.config.enabled
+    name = f"lost-{uuid.uuid4()}"
+
+    async def connected(session: AsyncSession) -> None:
+        await session.execute(sa.text("SELECT 1"))
+
+    async def switched_on_then_add(session: AsyncSession) -> None:
+        switch_on(switched_off)  # (as in the sync test)
+        await session.execute(sa.insert(NOTES).values(name=name))
+        fault_proxy.lose_commit_answer()
+
+    await Sessions.run(connected)
+    with (
+        caplog.at_level(logging.WARNING, logger="resilient_db"),
+        pytest.raises(sa.exc.DBAPIError),
+    ):
+        await Sessions.run(switched_on_then_add)
+    assert fault_proxy.commits_lost == 1
+    (line,) = unknown_lines(caplog)
+    assert "drop-in" not in line
+    assert "a unit begun with self-healing off" in line
+    assert written(engine, name) == 1
+
+
+def test_drop_in_use_is_still_called_drop_in_use(
+    proxied: sa.Engine,
+    fault_proxy: FaultProxy,
+    service: str,
+    clean_env: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    Sessions = rdb.ResilientSession(proxied, service=service)
+    with Sessions() as session:
+        session.execute(sa.text("SELECT 1"))
+        session.commit()  # connected
+        session.execute(sa.insert(NOTES).values(name=f"lost-{uuid.uuid4()}"))
+        fault_proxy.lose_commit_answer()
+        with (
+            caplog.at_level(logging.WARNING, logger="resilient_db"),
+            pytest.raises(sa.exc.OperationalError),
+        ):
+            session.commit()
+    (line,) = unknown_lines(caplog)
+    assert "a COMMIT sent outside a unit (drop-in use)" in line
+
+
 # -- async (asyncpg, psycopg) --------------------------------------------------------------------
 @pytest.mark.asyncio
 async def test_an_async_unit_in_use_at_the_switch_has_its_lost_answer_called_unknown(
