@@ -304,10 +304,6 @@ class RetryBudget:
         self._fleet_view = (self._clock(), figures)
 
     # -- spending ----------------------------------------------------------------------------
-    def try_withdraw(self) -> bool:
-        """One retry of an outage: True if the budget pays for it (fleet-wide when shared)."""
-        return self.withdraw() is not None
-
     def withdraw(self) -> Withdrawal | None:
         """One retry of an outage: what paid for it (fleet-wide when shared), or None when the
         budget is spent. Given back by :meth:`refund` if its attempt never runs."""

@@ -636,14 +636,14 @@ class CommitReferee:
         ticket: CommitTicket,
         verdict: CommitVerdict,
         exc: BaseException,
-        request: CommitRequest | None = None,
+        request: CommitRequest,
     ) -> bool:
         """True: committed. False: not committed, re-raise ``exc`` (replayed when transient,
         unless part of a unit spanning several connections is committed for good: then marked
         partly committed). Otherwise raises."""
         policy = self.policy
         what = _whose(ticket)
-        split = request.split if request is not None else None
+        split = request.split
         if split is not None:
             if split.failing is None:  # (see known): nothing checked
                 self._split_done(split)
@@ -705,9 +705,7 @@ class CommitReferee:
             return False
         reason = verdict.value
         if ticket.mode == UNMARKED:
-            reason = "no check could tell whether it committed"
-            if request is not None:
-                reason += _left_prepared(request)
+            reason = "no check could tell whether it committed" + _left_prepared(request)
         elif ticket.check_failed is not None:
             reason = f"the check on a new connection failed: {ticket.check_failed}"
         elif ticket.check_unreached is not None and not ticket.check_reached:

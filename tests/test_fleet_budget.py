@@ -69,7 +69,7 @@ def test_first_attempts_made_while_redis_was_down_do_not_inflate_the_fleet_budge
     redis_server.start()
     wait_for(lambda: _budget_entry("inflate")["scope"] == "fleet", "the budget to be shared again")
     time.sleep(1.2)  # one flush of the background thread (it runs on rejoining)
-    assert budget.try_withdraw() is False  # the fleet counts no recent first attempt
+    assert budget.withdraw() is None  # the fleet counts no recent first attempt
     assert _fleet_deposits(redis_server, "inflate") < 5
     assert _budget_entry("inflate")["fleet"]["first_attempts"] < 5
 
