@@ -1444,9 +1444,8 @@ class FactoryCore:
         sync = None if engine is None else getattr(engine, "sync_engine", engine)
         with STATE.lock:
             # every engine checked before the factory registers on any
-            engines = [sync, *(engine_behind(target) for target in binds)]
             mine = engine_settings(self.config, self.classifier)
-            refuse_disagreeing([e for e in engines if e is not None], mine)
+            refuse_disagreeing(factory_engines(sync, binds), mine)
             hooks = None if sync is None else hooks_for(sync, self)
             self._hook_engines(binds)
         super().configure(**new_kw)  # type: ignore[misc]
