@@ -209,7 +209,9 @@ def vars_of(config: Any) -> dict[str, Any]:
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Effective self-healing configuration. Durations are seconds (``float`` or ``timedelta``);
-    the environment gives them in milliseconds, as the plan does."""
+    the environment gives them in milliseconds, as the plan does. Each duration is at most an
+    hour (``conflict_delay`` a minute, ``redis_timeout`` 10 s): a number of milliseconds given
+    here (``reset_timeout=30000``) is a :class:`ConfigError` asking whether seconds were meant."""
 
     enabled: bool = True
     retry: bool = True
@@ -244,10 +246,12 @@ class Config:
     def __post_init__(self) -> None:
         problems: dict[str, str] = {}
         problems.update(_optional_problems(self))
+        as_timedelta: set[str] = set()  # (a timedelta has its unit: no milliseconds hint)
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if field.type == "float":
                 if isinstance(value, timedelta):
+                    as_timedelta.add(field.name)
                     value = value.total_seconds()
                     object.__setattr__(self, field.name, value)
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -265,13 +269,27 @@ class Config:
                 problems[field.name] = f"must be True or False, got {value!r}"
         for name, limit in _LIMITS.items():
             value = getattr(self, name)
-            bound = limit / 1000 if name in _SECONDS else limit
-            if name not in problems and isinstance(value, (int, float)) and value > bound:
-                unit = " s" if name in _SECONDS else ""
+            if name in problems or not isinstance(value, (int, float)):
+                continue
+            if name in _SECONDS:
+                if value > limit / 1000:
+                    problems[name] = f"{value:.12g} s is over the {limit / 1000:g} s limit"
+                    # value / 1000 would be within the bound: maybe milliseconds
+                    if name not in as_timedelta and value / 1000 <= limit / 1000:
+                        problems[name] += _milliseconds_hint(value)
+            elif value > limit:
                 shown = repr(value) if len(repr(value)) <= 30 else f"{len(str(value))} digits"
-                problems[name] = f"too large: {shown}; at most {bound:g}{unit}"
+                problems[name] = f"too large: {shown}; at most {limit}"
         for name, why in _contradictions(vars_of(self), str).items():
-            problems.setdefault(name, why)
+            hint = ""
+            if (
+                name == "initial_delay"
+                and name not in as_timedelta
+                and self.initial_delay >= _HINTED_INITIAL_DELAY
+            ):
+                # the environment's default, 1000, passed as seconds: over the default cap
+                hint = _milliseconds_hint(self.initial_delay)
+            problems.setdefault(name, why + hint)
         if self.failure_threshold == 0:
             problems["failure_threshold"] = "must be at least 1"
         if "redis_timeout" not in problems and self.redis_timeout < 0.001:
@@ -372,21 +390,38 @@ _BY_ENV = {spec.env: spec for spec in _SPECS}
 _ENV_OF = {spec.field: spec.env for spec in _SPECS}
 _DIGITS = re.compile(r"[0-9]+", re.ASCII)
 _TOO_BIG = 10**15
-_DAY_MS = 86_400_000
+_HOUR_MS = 3_600_000
 # Upper bounds: settings are configuration, and a larger value is a mistake (a delay of years
-# overflows the clock, a million retries never ends). Milliseconds for "ms" settings.
+# overflows the clock, a million retries never ends). Milliseconds for "ms" settings. The
+# durations' bounds are what no service plausibly wants (a unit retrying for hours holds its
+# caller as long; a conflict backoff is tens of milliseconds), low enough that a number of
+# milliseconds given to Config(...), which takes seconds, is over them: reset_timeout=30000 is
+# refused (did you mean 30?), not taken for 8 hours.
 _LIMITS: dict[str, int] = {
     "max_retries": 1_000,
     "failure_threshold": 1_000_000,
     "half_open_probes": 10_000,
-    "initial_delay": _DAY_MS,
-    "max_delay": _DAY_MS,
-    "conflict_delay": _DAY_MS,
-    "deadline": 7 * _DAY_MS,
-    "reset_timeout": _DAY_MS,
+    "initial_delay": _HOUR_MS,
+    "max_delay": _HOUR_MS,
+    "conflict_delay": 60_000,
+    "deadline": _HOUR_MS,
+    "reset_timeout": _HOUR_MS,
     "redis_timeout": 10_000,
     "retry_budget_floor": 1_000,
 }
+#: an initial_delay over max_delay from this many seconds on is hinted at as milliseconds
+#: (the environment's default, 1000, against the default cap of 30 s)
+_HINTED_INITIAL_DELAY = 100
+
+
+def _milliseconds_hint(seconds: float) -> str:
+    """The end of a message about a duration given to Config: maybe it was milliseconds."""
+    return (
+        "; Config takes seconds (the environment takes milliseconds): "
+        f"did you mean {seconds / 1000:.12g}?"
+    )
+
+
 _RATIO = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)", re.ASCII)
 _SHOWN = 40
 

@@ -212,8 +212,72 @@ def test_huge_delays_are_refused_before_they_overflow_the_clock() -> None:
             {"SELF_HEALING_INITIAL_DELAY": "9" * 15, "SELF_HEALING_MAX_DELAY": "9" * 15}
         )
     assert set(info.value.problems) == {"SELF_HEALING_INITIAL_DELAY", "SELF_HEALING_MAX_DELAY"}
-    with pytest.raises(rdb.ConfigError, match="too large"):
+    with pytest.raises(rdb.ConfigError, match="over the 3600 s limit"):
         rdb.Config(reset_timeout=10**12)
+
+
+@pytest.mark.parametrize(
+    ("given", "problem"),
+    [
+        (
+            {"reset_timeout": 30000},
+            "reset_timeout: 30000 s is over the 3600 s limit; Config takes seconds (the "
+            "environment takes milliseconds): did you mean 30?",
+        ),
+        ({"deadline": 60000}, "deadline: 60000 s is over the 3600 s limit; Config takes seconds"),
+        ({"max_delay": 30000.0}, "max_delay: 30000 s is over the 3600 s limit; Config"),
+        ({"conflict_delay": 100}, "conflict_delay: 100 s is over the 60 s limit; Config"),
+        ({"redis_timeout": 100}, "redis_timeout: 100 s is over the 10 s limit; Config"),
+        # under its own bound, but over the default cap of 30 s
+        ({"initial_delay": 1000}, "more than max_delay (30 s): the first backoff would already"),
+    ],
+)
+def test_milliseconds_given_to_config_are_refused_with_a_hint(
+    given: dict[str, float], problem: str
+) -> None:
+    """Config takes seconds, the environment milliseconds: a number of milliseconds given to
+    Config (reset_timeout=30000 for 30 s) is an error saying so, not a reset timeout of 8
+    hours."""
+    with pytest.raises(rdb.ConfigError) as info:
+        rdb.Config(**given)
+    ((name, value),) = given.items()
+    assert problem in str(info.value)
+    assert info.value.problems[name].endswith(f"did you mean {value / 1000:g}?")
+
+
+def test_duration_bounds_are_the_environments_and_small_values_pass() -> None:
+    """Each duration's bound is the environment's in milliseconds; at the bound and near zero
+    it is accepted; a timedelta or a number far past the bound gets no milliseconds hint."""
+    bounds = {
+        "initial_delay": 3600,
+        "max_delay": 3600,
+        "conflict_delay": 60,
+        "deadline": 3600,
+        "reset_timeout": 3600,
+        "redis_timeout": 10,
+    }
+    for name, seconds in bounds.items():
+        env = f"SELF_HEALING_{name.upper()}"
+        cap = {"max_delay": 3600} if name == "initial_delay" else {}  # (the default is 30 s)
+        cap_env = {"SELF_HEALING_MAX_DELAY": "3600000"} if cap else {}
+        assert getattr(rdb.load_config({env: str(seconds * 1000), **cap_env}), name) == seconds
+        assert getattr(rdb.Config(**{name: seconds}, **cap), name) == seconds
+        in_env = rdb.Config(**{name: timedelta(seconds=seconds)}, **cap).as_env()
+        assert in_env[env] == str(seconds * 1000)
+        with pytest.raises(rdb.ConfigError) as info:
+            rdb.load_config({env: str(seconds * 1000 + 1)})
+        assert info.value.problems[env] == (
+            f"'{seconds * 1000 + 1}' is invalid: too large; at most {seconds * 1000} ms"
+        )
+        for over in (timedelta(seconds=seconds * 1000), seconds * 1000 + 1):
+            with pytest.raises(rdb.ConfigError) as info:
+                rdb.Config(**{name: over})
+            assert info.value.problems[name].endswith(f"s is over the {seconds} s limit")
+    tiny = rdb.Config(initial_delay=0.0, max_delay=0.001, conflict_delay=0, reset_timeout=0.0)
+    assert (tiny.initial_delay, tiny.conflict_delay, tiny.reset_timeout) == (0.0, 0.0, 0.0)
+    with pytest.raises(rdb.ConfigError) as info:  # plainly seconds, wrong way round: no hint
+        rdb.Config(initial_delay=10, max_delay=1)
+    assert "did you mean" not in str(info.value)
 
 
 def test_contradictory_settings_are_refused_together() -> None:
