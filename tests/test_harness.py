@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import psycopg
@@ -140,6 +141,15 @@ def _dead_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def _open_writers(server: PostgresServer, database: str) -> int:
+    """Transactions open in ``database`` that hold a transaction id (have written)."""
+    rows = server.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND backend_xid IS NOT NULL",
+        params=(database,),
+    )
+    return int(rows[0][0])
 
 
 def _idle_in_transaction(server: PostgresServer, database: str) -> int:
@@ -1212,6 +1222,87 @@ async def test_proxy_lose_commit_answer_of_statements_then_commit_asyncpg(
         await conn.invalidate()
     assert fault_proxy.commits_lost == 1
     assert _rows(pg_server, pg_database) == [(1, "asyncpg")]
+
+
+#: a COMMIT sent through the extended protocol (Parse / Bind / Execute / Sync) on psycopg: the
+#: unnamed statement (binary results force it) or a named, prepared one (its Parse and its Bind in
+#: groups of their own)
+EXTENDED_COMMITS: dict[str, Callable[[psycopg.Connection[Any]], object]] = {
+    "unnamed": lambda conn: conn.execute("COMMIT", binary=True),
+    "prepared": lambda conn: conn.execute("COMMIT", prepare=True),
+}
+
+
+@pytest.mark.parametrize("how", list(EXTENDED_COMMITS))
+def test_proxy_lose_commit_answer_of_an_extended_protocol_commit(
+    fault_proxy: FaultProxy, pg_server: PostgresServer, pg_url: str, pg_database: str, how: str
+) -> None:
+    _make_table(pg_url)
+    conninfo = fault_proxy.url(pg_database, driver="")
+    with psycopg.connect(conninfo, connect_timeout=CONNECT_TIMEOUT) as conn:
+        # statements parsed before arming, named or not, are known by their text
+        conn.execute("INSERT INTO items VALUES (1, 'before')")
+        EXTENDED_COMMITS[how](conn)
+        fault_proxy.lose_commit_answer()
+        conn.execute("INSERT INTO items VALUES (%s, 'extended')", [2])  # the unnamed statement
+        conn.execute("SELECT 1", prepare=True)  # a prepared statement that is no COMMIT
+        with pytest.raises(psycopg.OperationalError):
+            EXTENDED_COMMITS[how](conn)
+    assert fault_proxy.commits_lost == 1
+    assert _rows(pg_server, pg_database) == [(1, "before"), (2, "extended")]
+
+
+@pytest.mark.asyncio
+async def test_proxy_lose_commit_answer_of_an_asyncpg_prepared_commit(
+    fault_proxy: FaultProxy, pg_server: PostgresServer, pg_url: str, pg_database: str
+) -> None:
+    """asyncpg prepares a statement (``prepare``, or any call with arguments) in one group and
+    runs it in another: the COMMIT is known by its statement's name."""
+    _make_table(pg_url)
+    conn = await asyncpg.connect(
+        fault_proxy.url(pg_database, driver="asyncpg").replace("postgresql+asyncpg", "postgresql"),
+        timeout=CONNECT_TIMEOUT,
+    )
+    try:
+        await conn.execute("BEGIN")
+        commit = await conn.prepare("COMMIT")
+        await conn.execute("INSERT INTO items VALUES (1, 'asyncpg')")
+        await commit.fetch()
+        fault_proxy.lose_commit_answer()
+        await conn.execute("BEGIN")
+        await conn.execute("INSERT INTO items VALUES ($1, 'prepared')", 2)
+        assert await conn.fetchval("SELECT $1::int", 3) == 3
+        with pytest.raises(asyncpg.ConnectionDoesNotExistError):
+            await commit.fetch()
+    finally:
+        conn.terminate()
+    assert fault_proxy.commits_lost == 1
+    assert _rows(pg_server, pg_database) == [(1, "asyncpg"), (2, "prepared")]
+
+
+@pytest.mark.parametrize("how", list(EXTENDED_COMMITS))
+def test_proxy_swallow_commit_of_an_extended_protocol_commit(
+    fault_proxy: FaultProxy, pg_server: PostgresServer, pg_url: str, pg_database: str, how: str
+) -> None:
+    _make_table(pg_url)
+    with psycopg.connect(fault_proxy.url(pg_database, driver=""), connect_timeout=2) as conn:
+        EXTENDED_COMMITS[how](conn)  # (outside a transaction: a warning, nothing else)
+        fault_proxy.swallow_commit()
+        conn.execute("INSERT INTO items VALUES (1, 'held')")
+        committer = _Blocked(lambda: EXTENDED_COMMITS[how](conn))
+        committer.start()
+        _wait_for(lambda: fault_proxy.commits_swallowed == 1)
+        committer.join(timeout=0.3)
+        assert committer.is_alive()
+        # the COMMIT never got there: the transaction is open (its Parse may have, so the
+        # backend waits in the middle of the group rather than idle)
+        assert _open_writers(pg_server, pg_database) == 1
+        assert fault_proxy.release_swallowed(keep_server=True) == 1
+        committer.join(timeout=5)
+        assert isinstance(committer.error, psycopg.OperationalError)
+    assert _rows(pg_server, pg_database) == []
+    assert fault_proxy.deliver_late_commits() == 1  # the held Bind / Execute / Sync, late
+    _wait_for(lambda: _rows(pg_server, pg_database) == [(1, "held")])
 
 
 def test_proxy_swallow_commit_holds_the_client_until_released(

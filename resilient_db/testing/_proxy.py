@@ -18,7 +18,10 @@ and each call returns once the loop has applied it:
   as a network that delayed it would.
 
 A ``COMMIT`` is a simple-query message whose last statement is ``COMMIT`` or ``END``, alone or
-after others (``SELECT f(); COMMIT``), comments and quoted text skipped.
+after others (``SELECT f(); COMMIT``), comments and quoted text skipped; or, in the extended
+protocol (asyncpg, pg8000, a prepared statement), the Bind of a statement parsed from such a
+text (named, or the unnamed one) up to the Sync that ends its group: its answer is everything up
+to that Sync's ReadyForQuery.
 
 The client->server direction is parsed with PostgreSQL's framing (untyped startup messages, then
 typed messages) and so is the server->client direction (to find the ``ReadyForQuery`` that
@@ -74,10 +77,13 @@ _DOLLAR_TAG_RE: Final = re.compile(r"\$(?:[^\W\d]\w*)?\$")
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 #: messages that the server answers with exactly one ReadyForQuery
 _SYNC_POINTS: Final = frozenset({b"Q", b"S", b"F"})
+#: the client's messages whose bodies the proxy reads: Query, Parse, Bind, Close
+_CLIENT_BODIES: Final = frozenset({b"Q", b"P", b"B", b"C"})
 
 
 class _Msg(NamedTuple):
-    """A complete protocol message: its type byte (or a pseudo type) and, for ``Q``, its body."""
+    """A complete protocol message: its type byte (or a pseudo type) and, for the client's
+    ``Q``, ``P``, ``B`` and ``C`` (Query, Parse, Bind, Close), its body."""
 
     kind: bytes
     body: bytes = b""
@@ -96,6 +102,7 @@ class _Splitter:
         self._first = client_side
         self._stream_left = 0
         self._stream_kind = b""
+        self._bodies = _CLIENT_BODIES if client_side else frozenset()
         self.opaque = False
         #: one-byte answers the server owes to SSLRequest / GSSENCRequest
         self.pending_answers = 0
@@ -155,7 +162,7 @@ class _Splitter:
                 break
             total = 1 + length
             if end - pos >= total:
-                body = bytes(buf[pos + 5 : pos + total]) if kind == b"Q" else b""
+                body = bytes(buf[pos + 5 : pos + total]) if kind in self._bodies else b""
                 out.append((bytes(buf[pos : pos + total]), _Msg(kind, body)))
                 pos += total
             elif total > _STREAM_THRESHOLD:
@@ -176,6 +183,33 @@ def _is_commit(body: bytes) -> bool:
     """Whether a simple query's last statement is ``COMMIT`` / ``END`` (ends the transaction)."""
     text = body.rstrip(b"\0").decode("utf-8", "replace")
     return _COMMIT_RE.match(_last_statement(text)) is not None
+
+
+def _runs_commit(conn: _Conn, msg: _Msg, *, armed: bool) -> bool:
+    """Whether the client's message ``msg`` runs a COMMIT (when a fault is ``armed``; its
+    statements are noted either way): a simple query ending with one, or the Bind of a
+    prepared COMMIT (then noted until the group's Sync, in ``conn.commit_bound``)."""
+    kind = msg.kind
+    if kind == b"Q":
+        conn.statements.pop(b"", None)  # a simple query ends the unnamed statement
+        return armed and _is_commit(msg.body)
+    if kind == b"P":  # Parse: name, text (a message streamed through has no body: unnamed)
+        name, *text = _cstrings(msg.body, 2)
+        conn.statements[name] = text[0] if text else b""
+    elif kind == b"C" and msg.body[:1] == b"S":  # Close of a statement
+        conn.statements.pop(_cstrings(msg.body[1:], 1)[0], None)
+    elif kind == b"B" and armed:  # Bind: portal, statement
+        names = _cstrings(msg.body, 2)
+        text = conn.statements.get(names[1]) if len(names) == 2 else None
+        if text is not None and _is_commit(text):
+            conn.commit_bound = True
+            return True
+    return False
+
+
+def _cstrings(body: bytes, count: int) -> list[bytes]:
+    """The first ``count`` NUL-terminated strings of a message body (fewer if it has fewer)."""
+    return body.split(b"\0", count)[:count]
 
 
 def _is_ident_char(char: str) -> bool:
@@ -284,6 +318,9 @@ class _Conn:
         self.syncs_sent = 0  # messages that each get one ReadyForQuery
         self.answers_seen = 0  # ReadyForQuery messages received
         self.lose_target: int | None = None  # answers_seen value that ends the lost COMMIT answer
+        #: prepared statements' texts by name (extended protocol; b"" is the unnamed one)
+        self.statements: dict[bytes, bytes] = {}
+        self.commit_bound = False  # a COMMIT statement was bound since the last Sync
         self.reset_when_flushed = False
         # swallow_commit: the COMMIT and everything after it are held here, never forwarded
         self.swallowed = False
@@ -568,8 +605,9 @@ class FaultProxy:
     def lose_commit_answer(self, times: int = 1) -> None:
         """Lose the answer of the next ``times`` COMMITs.
 
-        A simple-query ``COMMIT`` (or ``END``) is forwarded; the server's whole answer up to
-        its ReadyForQuery is discarded, then the client connection is reset. The server
+        A ``COMMIT`` (or ``END``; a simple query, or a prepared statement's Bind up to its
+        Sync) is forwarded; the server's whole answer up to its ReadyForQuery is discarded,
+        then the client connection is reset. The server
         committed; the client sees a disconnect. Counted in :attr:`commits_lost`.
         ``times`` is a whole number >= 0.
         """
@@ -893,12 +931,9 @@ class FaultProxy:
         out = bytearray()
         parts = conn.client_parser.feed(data)
         for index, (chunk, msg) in enumerate(parts):
-            if (
-                msg is not None
-                and msg.kind == b"Q"
-                and self._swallow_commits > 0
-                and _is_commit(msg.body)
-            ):
+            armed = self._swallow_commits > 0 or self._lose_commits > 0
+            commit = msg is not None and _runs_commit(conn, msg, armed=armed)
+            if commit and self._swallow_commits > 0:
                 self._swallow_commits -= 1
                 self._commits_swallowed += 1
                 conn.syncs_sent += 1
@@ -916,7 +951,9 @@ class FaultProxy:
                 conn.syncs_sent += 1  # the server says ReadyForQuery once logged in
             elif msg.kind in _SYNC_POINTS:
                 conn.syncs_sent += 1
-                if msg.kind == b"Q" and self._lose_commits > 0 and _is_commit(msg.body):
+                if msg.kind == b"S":
+                    commit, conn.commit_bound = conn.commit_bound, False
+                if commit and self._lose_commits > 0:
                     self._lose_commits -= 1
                     conn.lose_target = conn.syncs_sent
                     break  # forward up to the COMMIT, drop anything after it
