@@ -25,8 +25,9 @@ Redis down, slow or flushed never raises into a unit and never holds it past ``r
 (100 ms by default; every command has it as its socket timeout, and the client's own retries are
 off): the first failed command marks the link down, the breakers and budgets continue on this
 process's own state (kept in step with the fleet's while the link was up, so the fallback starts
-from what the fleet knew), one ``[SELF-HEAL]`` warning naming the Redis (its password masked) is
-logged per :data:`DOWN_LOG_PERIOD`, and the background thread tries again once a second (one
+from what the fleet knew), one ``[SELF-HEAL]`` warning naming the Redis (its password masked)
+and the services of this process using it (``(services: billing, orders)``) is logged per
+:data:`DOWN_LOG_PERIOD`, and the background thread tries again once a second (one
 connection attempt, or one small writing script while the subscription survived). Once Redis
 answers and takes that write, the process reports what Redis missed (half-open probes that
 ended meanwhile, admits whose answer was lost), shares an opening it made on its own meanwhile
@@ -543,7 +544,16 @@ class FleetLink:
     the password (None while it answers, and before its first attempt has ended).
     """
 
-    def __init__(self, config: Config, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        start: bool = True,
+    ) -> None:
+        """``start`` False: the caller attaches first, then calls :meth:`start` (so the first
+        warning, made at once when the client refuses the URL or Redis is down, names the
+        services)."""
         assert config.redis_url is not None
         self._redis = _import_redis()
         self.url = config.redis_url
@@ -559,7 +569,21 @@ class FleetLink:
         self.breakers: dict[str, Any] = {}
         self.budgets: dict[str, Any] = {}
         self._new_locks()
+        if start:
+            self._start()
+
+    def start(self) -> None:
+        """Build the client and start the thread of a link made with ``start=False``."""
         self._start()
+
+    def services(self) -> list[str]:
+        """The services attached now (by a breaker or a budget), sorted: the link's lines name
+        them (one Redis may serve several services of this process). No Redis round trip."""
+        with self._lock:
+            return self._services_locked()
+
+    def _services_locked(self) -> list[str]:
+        return sorted({*self.breakers, *self.budgets})
 
     def _new_locks(self) -> None:
         """Locks and the down-warning's memory, at creation and in a forked child (where the
@@ -603,6 +627,7 @@ class FleetLink:
                 problem,
                 event="shared_state_down",
                 redis=self.masked_url,
+                services=", ".join(self.services()),
                 error=type(exc).__name__,
                 problem=problem,
             )
@@ -868,6 +893,7 @@ class FleetLink:
                 return
             self._down_logged_at = now
             self._down_warned = True
+            services = self._services_locked()
         if refusal is not None:
             what = f"answered: {problem}"
             until = (
@@ -883,13 +909,15 @@ class FleetLink:
             self.config,
             log_breaker,
             logging.WARNING,
-            "Shared state unavailable: Redis at %s %s; circuit breakers and retry budgets run "
-            "on this process's own state until %s",
+            "Shared state unavailable: Redis at %s%s %s; circuit breakers and retry budgets "
+            "run on this process's own state until %s",
             self.masked_url,
+            _naming(services),
             what,
             until,
             event="shared_state_down",
             redis=self.masked_url,
+            services=", ".join(services),
             error=type(exc).__name__,
             problem=problem,
         )
@@ -903,17 +931,20 @@ class FleetLink:
                 self.up = True
                 self.problem = None
                 return
+            services = self._services_locked()
         # the line first, then the link is up: whoever sees it up (health(), a test) finds the
         # line written
         emit(
             self.config,
             log_breaker,
             logging.INFO,
-            "Shared state restored: Redis at %s answers again; circuit breakers and retry "
+            "Shared state restored: Redis at %s%s answers again; circuit breakers and retry "
             "budgets are shared with the other processes again",
             self.masked_url,
+            _naming(services),
             event="shared_state_restored",
             redis=self.masked_url,
+            services=", ".join(services),
         )
         with self._lock:
             if self._down_since is None:  # (not marked down again meanwhile)
@@ -1061,6 +1092,12 @@ class FleetLink:
         self._start()
 
 
+def _naming(services: list[str]) -> str:
+    """`` (services: billing, orders)``: which services of this process a link's line is about
+    (nothing for a link that has none attached)."""
+    return f" (services: {', '.join(services)})" if services else ""
+
+
 def _acl_refusal(text: str) -> str:
     """A refusal by the ACL, naming what was refused when the answer says."""
     for pattern in _REFUSED_WHAT:
@@ -1093,13 +1130,16 @@ def attach(
     assert url is not None
     with STATE.lock:
         link: FleetLink | None = STATE.fleet_links.get(url)
-        if link is None or link.closed:
-            link = STATE.fleet_links[url] = FleetLink(config)
+        new = link is None or link.closed
+        if link is None or link.closed:  # (both tests again: mypy narrows ``link`` here)
+            link = STATE.fleet_links[url] = FleetLink(config, start=False)
         with link._lock:
             if breaker is not None:
                 link.breakers[breaker.service] = breaker
             if budget is not None:
                 link.budgets[budget.service] = budget
+        if new:  # started once attached: its first line names the service
+            link.start()
     if link.config != config:
         link.reconfigure(config)  # outside STATE.lock: it waits for the thread to stop
     return link

@@ -62,7 +62,8 @@ def test_a_redis_refusing_writes_stays_down_without_flapping_then_rejoins(
     # Redis answered (it is no outage of Redis): the warning says what it answered, as
     # health()'s problem does
     assert "did not answer" not in line
-    assert f"Redis at {mask_url(redis_server.url)} answered: {problem};" in line
+    # (naming the service that uses the link)
+    assert f"Redis at {mask_url(redis_server.url)} (services: replica) answered: {problem};" in line
     assert problem.startswith("read-only replica, writes refused (ResponseError: ")
     assert "READONLY" in problem
     assert line.endswith("run on this process's own state until it takes writes again")

@@ -1,0 +1,67 @@
+"""A Redis link's lines (Redis down, Redis back) name the services of this process that use the
+link at that moment: one Redis may serve several services of a process, and "Redis at ... did
+not answer" alone does not say whose breakers and budgets now run on this process's own state."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import sqlalchemy as sa
+from fleet import shared
+from processes import wait_for
+
+import resilient_db as rdb
+from resilient_db._config import mask_url
+from resilient_db._fleet import links
+from resilient_db.testing import RedisServer
+
+pytestmark = pytest.mark.slow
+
+
+def _records(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if text in r.getMessage()]
+
+
+def test_redis_down_and_back_lines_name_the_services_using_the_link(
+    redis_server: RedisServer, pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two services share breakers through one Redis, a third only its retry budget: Redis
+    killed, its one warning names all three (sorted); restarted, so does its "restored"."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    engine = sa.create_engine(pg_url)
+    config = rdb.Config(redis_url=redis_server.url)
+    factories = [
+        rdb.ResilientSession(engine, service="orders", config=config),
+        rdb.ResilientSession(engine, service="billing", config=config),
+        # no breaker: attached to the link by its retry budget alone
+        rdb.ResilientSession(
+            engine,
+            service="reports",
+            config=config.replace(circuit_breaker=False, retry_budget=0.2),
+        ),
+    ]
+    for service in ("orders", "billing"):
+        wait_for(lambda service=service: shared(service)["connected"], "the link", 10)
+    where = f"Redis at {mask_url(redis_server.url)} (services: billing, orders, reports)"
+
+    redis_server.kill()
+    wait_for(lambda: bool(_records(caplog, "Shared state unavailable")), "the down line", 10)
+    (down,) = _records(caplog, "Shared state unavailable")
+    assert down.getMessage().startswith(f"[SELF-HEAL] Shared state unavailable: {where} did not")
+    assert down.self_heal["services"] == "billing, orders, reports"  # type: ignore[attr-defined]
+
+    redis_server.start()  # the same port
+    wait_for(lambda: bool(_records(caplog, "Shared state restored")), "the restored line", 10)
+    (back,) = _records(caplog, "Shared state restored")
+    assert back.getMessage().startswith(f"[SELF-HEAL] Shared state restored: {where} answers")
+    assert back.self_heal["services"] == "billing, orders, reports"  # type: ignore[attr-defined]
+    credentials = redis_server.url.partition("://")[2].rpartition("@")[0]
+    assert credentials
+    assert credentials not in caplog.text
+    (link,) = links().values()
+    commands = link.commands
+    assert link.services() == ["billing", "orders", "reports"]
+    assert link.commands == commands  # read from this process's tables: no Redis round trip
+    del factories
+    engine.dispose()
