@@ -11,11 +11,13 @@ proxy loses the COMMIT's answer; a backend terminated after the unit's own COMMI
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
+import pytest_asyncio
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
@@ -40,6 +42,32 @@ def proxied(engine: sa.Engine, pg_database: str, fault_proxy: FaultProxy) -> Ite
     through_proxy = sa.create_engine(fault_proxy.url(pg_database))
     yield through_proxy
     through_proxy.dispose()
+
+
+async def _exec_driver_commit(session: AsyncSession) -> Any:
+    return await (await session.connection()).exec_driver_sql("COMMIT")
+
+
+ASYNC_COMMIT_STATEMENTS: dict[str, Callable[[AsyncSession], Awaitable[Any]]] = {
+    "text": lambda session: session.execute(sa.text("COMMIT")),
+    "exec_driver_sql": _exec_driver_commit,
+}
+
+
+@pytest.fixture(params=["asyncpg", "psycopg_async"])
+def async_driver(request: pytest.FixtureRequest) -> str:
+    """asyncpg sends a COMMIT statement through the extended protocol (prepared), psycopg as a
+    simple query: the fault proxy loses either's answer."""
+    return str(request.param)
+
+
+@pytest_asyncio.fixture
+async def async_proxied(
+    proxied: sa.Engine, pg_database: str, fault_proxy: FaultProxy, async_driver: str
+) -> AsyncIterator[AsyncEngine]:
+    through_proxy = create_async_engine(fault_proxy.url(pg_database, driver=async_driver))
+    yield through_proxy
+    await through_proxy.dispose()
 
 
 def written(engine: sa.Engine, who: str) -> int:
@@ -106,6 +134,54 @@ def test_a_drop_in_commit_statement_whose_answer_is_lost_is_an_unknown_outcome(
     said = [r.getMessage() for r in caplog.records if "Commit outcome unknown" in r.getMessage()]
     assert len(said) == 1
     assert "drop-in use" in said[0]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("how", list(ASYNC_COMMIT_STATEMENTS))
+async def test_an_async_units_commit_statement_whose_answer_is_lost_is_an_unknown_outcome(
+    async_proxied: AsyncEngine,
+    proxied: sa.Engine,
+    fault_proxy: FaultProxy,
+    service: str,
+    how: str,
+) -> None:
+    Sessions = rdb.AsyncResilientSession(async_proxied, service=service)
+    calls: list[int] = []
+
+    async def unit(session: AsyncSession) -> None:
+        calls.append(1)
+        await session.execute(sa.insert(NOTES).values(who=how))
+        fault_proxy.lose_commit_answer()
+        await ASYNC_COMMIT_STATEMENTS[how](session)
+
+    with pytest.raises(sa.exc.DBAPIError) as raised:
+        await Sessions.run(unit)
+    assert fault_proxy.commits_lost == 1
+    assert calls == [1]  # not replayed
+    assert written(proxied, how) == 1
+    assert_unknown_outcome(raised.value)
+    assert unknown_commits(service) == 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("how", list(ASYNC_COMMIT_STATEMENTS))
+async def test_an_async_drop_in_commit_statement_whose_answer_is_lost_is_an_unknown_outcome(
+    async_proxied: AsyncEngine,
+    proxied: sa.Engine,
+    fault_proxy: FaultProxy,
+    service: str,
+    how: str,
+) -> None:
+    Sessions = rdb.AsyncResilientSession(async_proxied, service=service)
+    async with Sessions() as session:
+        await session.execute(sa.insert(NOTES).values(who=how))
+        fault_proxy.lose_commit_answer()
+        with pytest.raises(sa.exc.DBAPIError) as raised:
+            await ASYNC_COMMIT_STATEMENTS[how](session)
+    assert fault_proxy.commits_lost == 1
+    assert written(proxied, how) == 1
+    assert_unknown_outcome(raised.value)
+    assert unknown_commits(service) == 1
 
 
 def test_a_unit_that_committed_part_of_its_work_is_never_answered_retry(

@@ -12,6 +12,7 @@ import logging
 import subprocess
 import sys
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -1200,6 +1201,25 @@ async def two_async_engines(
         await eng.dispose()
 
 
+@pytest_asyncio.fixture
+async def two_async_proxied(
+    two_phase_server: Any, two_databases: tuple[str, str], driver: str
+) -> AsyncIterator[tuple[FaultProxy, list[Any]]]:
+    """A fault proxy in front of the server, and an async engine on ``driver`` through it on
+    each database (asyncpg's COMMIT PREPARED goes through the extended protocol, psycopg's as a
+    simple query: the proxy sees either)."""
+    with FaultProxy(two_phase_server) as proxy:
+        engines = [
+            create_async_engine(
+                proxy.url(name, driver=driver), connect_args=async_connect_args(driver, 2)
+            )
+            for name in two_databases
+        ]
+        yield proxy, engines
+        for eng in engines:
+            await eng.dispose()
+
+
 def pending_prepared(server: Any, databases: tuple[str, ...]) -> list[str]:
     """The prepared transactions still pending in ``databases`` (they hold their locks)."""
     return [
@@ -1373,6 +1393,32 @@ def test_a_swallowed_commit_prepared_is_finished_not_left_pending(
     assert pending_prepared(two_phase_server, two_databases) == []
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
+async def test_async_a_swallowed_commit_prepared_is_finished_not_left_pending(
+    two_phase_server: Any,
+    two_databases: tuple[str, str],
+    two_async_proxied: tuple[FaultProxy, list[Any]],
+    service: str,
+) -> None:
+    """The async twin, on both drivers."""
+    proxy, engines = two_async_proxied
+    Sessions = two_phase_factory(rdb.AsyncResilientSession, engines, service)
+    calls: list[int] = []
+    proxy.swallow_commit()
+    unit = asyncio.ensure_future(Sessions.run(add_to_both_async, calls))
+    deadline = time.monotonic() + 10
+    while proxy.commits_swallowed == 0:
+        assert time.monotonic() < deadline, "the COMMIT PREPARED was never held"
+        await asyncio.sleep(0.005)
+    assert len(pending_prepared(two_phase_server, two_databases)) == 2
+    proxy.release_swallowed()
+    await asyncio.wait_for(unit, 30)
+    assert calls == [1]  # done once, not replayed
+    assert counts(two_phase_server, two_databases) == [1, 1]
+    assert pending_prepared(two_phase_server, two_databases) == []
+
+
 def test_a_two_phase_unit_that_cant_finish_keeps_its_prepared_transactions(
     two_phase_server: Any,
     two_databases: tuple[str, str],
@@ -1414,21 +1460,18 @@ def test_a_two_phase_unit_that_cant_finish_keeps_its_prepared_transactions(
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
 async def test_a_two_phase_unit_cancelled_while_it_finishes_keeps_its_prepared_transactions(
     two_phase_server: Any,
     two_databases: tuple[str, str],
-    two_proxied: tuple[FaultProxy, list[Any]],
+    two_async_proxied: tuple[FaultProxy, list[Any]],
     service: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """The async twin, cancelled (a client gone, ``asyncio.timeout``) while the factory backs off
-    between its tries to finish: the interruption is said and counted, naming the prepared
-    transaction kept (psycopg's COMMIT PREPARED is one the fault proxy sees)."""
-    proxy, _ = two_proxied
-    engines = [
-        create_async_engine(proxy.url(name, driver="psycopg"), connect_args={"connect_timeout": 2})
-        for name in two_databases
-    ]
+    """The async twin, on both drivers, cancelled (a client gone, ``asyncio.timeout``) while the
+    factory backs off between its tries to finish: the interruption is said and counted, naming
+    the prepared transaction kept."""
+    proxy, engines = two_async_proxied
     backing_off = asyncio.Event()
 
     async def asleep(_seconds: float) -> None:
@@ -1460,8 +1503,6 @@ async def test_a_two_phase_unit_cancelled_while_it_finishes_keeps_its_prepared_t
                 await unit
     finally:
         proxy.restore()
-        for eng in engines:
-            await eng.dispose()
     assert calls == [1]
     left = pending_prepared(two_phase_server, two_databases)
     assert len(left) == 1
@@ -1488,6 +1529,27 @@ def test_a_lost_commit_prepared_answer_still_finishes_the_other_database(
     proxy.lose_commit_answer()
     with pytest.raises(rdb.CommitOutcomeUnknownError):
         Sessions.run(add_to_both, calls)
+    assert proxy.commits_lost == 1
+    assert calls == [1]
+    assert counts(two_phase_server, two_databases) == [1, 1]
+    assert pending_prepared(two_phase_server, two_databases) == []
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
+async def test_async_a_lost_commit_prepared_answer_still_finishes_the_other_database(
+    two_phase_server: Any,
+    two_databases: tuple[str, str],
+    two_async_proxied: tuple[FaultProxy, list[Any]],
+    service: str,
+) -> None:
+    """The async twin, on both drivers."""
+    proxy, engines = two_async_proxied
+    Sessions = two_phase_factory(rdb.AsyncResilientSession, engines, service)
+    calls: list[int] = []
+    proxy.lose_commit_answer()
+    with pytest.raises(rdb.CommitOutcomeUnknownError):
+        await Sessions.run(add_to_both_async, calls)
     assert proxy.commits_lost == 1
     assert calls == [1]
     assert counts(two_phase_server, two_databases) == [1, 1]

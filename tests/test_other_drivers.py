@@ -252,7 +252,7 @@ def test_a_real_deadlock_between_two_units_ends_with_both_done(
     assert counters["retries_by_class"] == {"conflict": 1}
 
 
-@pytest.mark.parametrize("driver", ["psycopg2"])
+@pytest.mark.parametrize("driver", DRIVERS)
 def test_a_lost_commit_answer_is_unknown_never_replayed(
     *,
     pg_server: PostgresServer,
@@ -262,9 +262,8 @@ def test_a_lost_commit_answer_is_unknown_never_replayed(
     service: str,
     caplog: Any,
 ) -> None:
-    """psycopg2 only: the fault proxy sees a COMMIT sent as a simple query, and pg8000 sends its
-    COMMIT through the extended protocol. What follows a lost answer does not depend on the
-    driver (no marker, so no proof either way)."""
+    """No marker, so no proof either way: the unit is never replayed. psycopg2 sends its COMMIT
+    as a simple query, pg8000 through the extended protocol."""
     with FaultProxy(pg_server) as proxy:
         proxied = sa.create_engine(driver_url(driver, pg_server, pg_database, proxy))
         try:
