@@ -65,3 +65,22 @@ def test_redis_down_and_back_lines_name_the_services_using_the_link(
     assert link.commands == commands  # read from this process's tables: no Redis round trip
     del factories
     engine.dispose()
+
+
+def test_a_link_refused_by_the_client_names_its_first_service(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A link's first line, made as the link is made (here: the client refuses the URL), comes
+    once the service that asked for the link is attached: its event names it."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    url = "redis://:s3cret@127.0.0.1:9/0"
+    config = rdb.Config(redis_url=url)
+    # a URL the client refuses, behind the validation's back (as in test_redis_url.py)
+    object.__setattr__(config, "redis_url", url + "?db=x")
+    engine = sa.create_engine("postgresql+psycopg://u@127.0.0.1:9/db")  # never connected
+    factory = rdb.ResilientSession(engine, service="ledger", config=config)
+    (line,) = _records(caplog, "Shared state unavailable")
+    assert line.self_heal["services"] == "ledger"  # type: ignore[attr-defined]
+    assert "s3cret" not in caplog.text
+    del factory
+    engine.dispose()
