@@ -194,14 +194,14 @@ def _runs_commit(conn: _Conn, msg: _Msg, *, armed: bool) -> bool:
         conn.statements.pop(b"", None)  # a simple query ends the unnamed statement
         return armed and _is_commit(msg.body)
     if kind == b"P":  # Parse: name, text (a message streamed through has no body: unnamed)
-        name, *text = _cstrings(msg.body, 2)
-        conn.statements[name] = text[0] if text else b""
+        name, *query = _cstrings(msg.body, 2)
+        conn.statements[name] = query[0] if query else b""
     elif kind == b"C" and msg.body[:1] == b"S":  # Close of a statement
         conn.statements.pop(_cstrings(msg.body[1:], 1)[0], None)
     elif kind == b"B" and armed:  # Bind: portal, statement
         names = _cstrings(msg.body, 2)
-        text = conn.statements.get(names[1]) if len(names) == 2 else None
-        if text is not None and _is_commit(text):
+        bound = conn.statements.get(names[1]) if len(names) == 2 else None
+        if bound is not None and _is_commit(bound):
             conn.commit_bound = True
             return True
     return False
