@@ -621,9 +621,10 @@ class FleetLink:
                 self.config,
                 log_breaker,
                 logging.WARNING,
-                "Shared state unavailable: Redis at %s cannot be used (%s); circuit breakers "
+                "Shared state unavailable: Redis at %s%s cannot be used (%s); circuit breakers "
                 "and retry budgets run on this process's own state",
                 self.masked_url,
+                _naming(self.services()),
                 problem,
                 event="shared_state_down",
                 redis=self.masked_url,

@@ -241,9 +241,9 @@ def test_a_link_whose_client_cannot_be_built_runs_on_local_state(
     assert warning.levelno == logging.WARNING
     assert warning.getMessage() == (
         f"[SELF-HEAL] Shared state unavailable: Redis at redis://***@127.0.0.1:{PORT}/0?db=x "
-        "cannot be used (the redis client does not accept it (ValueError: Invalid value for "
-        "'db' in connection URL.)); circuit breakers and retry budgets run on this process's "
-        "own state"
+        "(services: refused) cannot be used (the redis client does not accept it (ValueError: "
+        "Invalid value for 'db' in connection URL.)); circuit breakers and retry budgets run on "
+        "this process's own state"
     )
     assert "s3cret" not in repr([r.__dict__ for r in caplog.records])
     (link,) = links().values()
