@@ -1138,8 +1138,12 @@ def _on_after_commit(session: Session) -> None:
     work: not replayable. The driver's COMMIT notes that (``_commit._own_commit``), but a
     session joined to its caller's transaction through a savepoint sends none: its
     ``commit()`` releases the savepoint into the caller's transaction, which a replay would
-    add the same work to again."""
-    if current_request.get() is not None:
+    add the same work to again.
+
+    SQLAlchemy fires this event for a ``begin_nested()`` savepoint released too (the session's
+    transaction is still the nested one then): that commits nothing, and the unit stays
+    replayable."""
+    if current_request.get() is not None or session.in_nested_transaction():
         return
     attempt = current_attempt.get()
     if attempt is not None and attempt.running:

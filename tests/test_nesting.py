@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
+from resilient_db._classify import partly_committed
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
 
@@ -764,3 +765,119 @@ async def test_a_running_task_never_awaited_through_its_operation_gives_its_slot
 
     assert await rdb.with_self_healing(other, service=service, config=HALF_OPEN) == "other"
     assert breaker_state(service) == "closed"
+
+
+# -- savepoints inside a unit -------------------------------------------------------------------
+SAVED = sa.table("saved_rows", sa.column("name", sa.Text))
+
+
+@pytest.fixture
+def saved_rows(engine: sa.Engine) -> Callable[[], list[str]]:
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE saved_rows (name text PRIMARY KEY)"))
+
+    def names() -> list[str]:
+        with engine.connect() as conn:
+            return sorted(conn.scalars(sa.select(SAVED.c.name)))
+
+    return names
+
+
+def _in_savepoint(session: Session, name: str) -> None:
+    with session.begin_nested():
+        session.execute(sa.insert(SAVED).values(name=name))
+
+
+def _released(session: Session, name: str) -> None:
+    nested = session.begin_nested()
+    session.execute(sa.insert(SAVED).values(name=name))
+    nested.commit()
+
+
+SAVEPOINT_FORMS: dict[str, Callable[[Session, str], None]] = {
+    "with begin_nested()": _in_savepoint,
+    "begin_nested().commit()": _released,
+}
+
+
+@pytest.mark.parametrize("form", list(SAVEPOINT_FORMS))
+def test_a_unit_that_released_a_savepoint_is_still_replayed(
+    engine: sa.Engine, service: str, saved_rows: Callable[[], list[str]], form: str
+) -> None:
+    """Releasing a savepoint commits nothing (SQLAlchemy fires ``after_commit`` for it all the
+    same): a conflict later in the attempt replays the unit, which writes its row once."""
+    Session = rdb.ResilientSession(engine, service=service, config=CONFIG)
+    calls: list[int] = []
+
+    def unit(session: Session) -> str:
+        calls.append(1)
+        SAVEPOINT_FORMS[form](session, "kept")
+        if len(calls) == 1:
+            conflict(session)
+        return "done"
+
+    assert Session.run(unit) == "done"
+    assert calls == [1, 1]
+    assert saved_rows() == ["kept"]
+
+
+def test_a_unit_that_committed_after_a_savepoint_is_not_replayed(
+    engine: sa.Engine, service: str, saved_rows: Callable[[], list[str]]
+) -> None:
+    """The other side: a savepoint released, then the unit's own ``commit()``: that committed,
+    and a replay would write the row twice."""
+    Session = rdb.ResilientSession(engine, service=service, config=CONFIG)
+    calls: list[int] = []
+
+    def unit(session: Session) -> None:
+        calls.append(1)
+        _in_savepoint(session, "committed")
+        session.commit()
+        conflict(session)
+
+    with pytest.raises(sa.exc.DBAPIError) as raised:
+        Session.run(unit)
+    assert calls == [1]
+    assert partly_committed(raised.value)
+    assert not rdb.is_transient(raised.value)
+    assert saved_rows() == ["committed"]
+
+
+def test_an_operation_whose_drop_in_session_released_a_savepoint_is_still_replayed(
+    engine: sa.Engine, service: str, saved_rows: Callable[[], list[str]]
+) -> None:
+    Session = rdb.ResilientSession(engine, service=service, config=CONFIG)
+    calls: list[int] = []
+
+    @rdb.with_self_healing(service=service, config=CONFIG)
+    def operation() -> str:
+        calls.append(1)
+        with Session.begin() as session:
+            _in_savepoint(session, "op")
+            if len(calls) == 1:
+                conflict(session)
+        return "done"
+
+    assert operation() == "done"
+    assert calls == [1, 1]
+    assert saved_rows() == ["op"]
+
+
+@pytest.mark.asyncio
+async def test_an_async_unit_that_released_a_savepoint_is_still_replayed(
+    aengine: AsyncEngine, service: str, saved_rows: Callable[[], list[str]]
+) -> None:
+    Session = rdb.AsyncResilientSession(aengine, service=service, config=CONFIG)
+    calls: list[int] = []
+
+    async def unit(session: AsyncSession) -> str:
+        calls.append(1)
+        async with session.begin_nested():
+            await session.execute(sa.insert(SAVED).values(name="async"))
+        if len(calls) == 1:
+            await aconflict(session)
+        return "done"
+
+    assert await Session.run(unit) == "done"
+    assert calls == [1, 1]
+    assert saved_rows() == ["async"]
