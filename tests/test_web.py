@@ -226,15 +226,21 @@ def test_row_keys_appear_only_when_opted_in(direct: sa.Engine, service: str) -> 
     assert body["pk"] == task_id
 
 
-def test_stale_transition_gives_409_telling_to_reload(direct: sa.Engine, service: str) -> None:
+def test_stale_transition_gives_409_telling_to_reload(
+    direct: sa.Engine, service: str, pg_url: str
+) -> None:
     Sessions = rdb.ResilientSession(direct, service=service, config=rdb.Config())
     client = TestClient(make_app(Sessions))
     task_id = new_task(direct)
-    # another transaction cancels the task between this unit's read and its UPDATE
+    # another transaction cancels the task between this unit's read and its UPDATE, through an
+    # engine of its own: one of the unit's factory would count its COMMIT, sent in the unit's
+    # thread while the unit runs, as the unit's own (partly committed, a 500)
+    other = sa.create_engine(pg_url)
     with MoveFirst(
-        direct, direct, "UPDATE tasks SET status = 'cancelled' WHERE id = :id", id=task_id
+        direct, other, "UPDATE tasks SET status = 'cancelled' WHERE id = :id", id=task_id
     ) as mover:
         answer = client.post(f"/tasks/{task_id}/in_progress")
+    other.dispose()
     assert mover.done
     body = problem(answer, 409, "stale-transition")
     assert "Reload" in body["detail"]

@@ -152,8 +152,9 @@ class _ProblemHandler:
     async def __call__(self, request: Request | WebSocket, exc: Exception) -> Any:
         problem = problem_details(exc, config=self._config, type_base=self._type_base)
         if problem is not None:
+            # (not when a partly-committed change is answered: the line says "answered 503")
             exhausted = [e for e in group_errors(exc) or [exc] if pool_exhausted(e)]
-            if exhausted:
+            if exhausted and problem.status == 503:
                 report_pool_exhausted(self._config, exhausted[0])
             if isinstance(request, WebSocket):
                 # an HTTP response is no answer on a WebSocket (after accept() it is a protocol

@@ -151,15 +151,22 @@ def problem_details(
     config: Config | None = None,
     type_base: str = PROBLEM_TYPE_BASE,
 ) -> Problem | None:
-    """The problem details answer for ``exc``, or None when it is not one of these:
+    """The problem details answer for ``exc``, or None when it is not one of these (the first
+    that fits):
 
+    * an unknown commit outcome (:class:`~resilient_db.CommitOutcomeUnknownError`, a COMMIT
+      whose answer was lost outside a unit or in an operation's own code, 08007): 500 of its
+      own type, ``commit-outcome-unknown``: the change may have been saved, so the client must
+      check before resubmitting;
+    * the error of a unit or operation that committed part of its work before it failed,
+      whatever its class (an open circuit, an exhausted pool, an illegal transition
+      included): 500 ``partly-committed``, never a status inviting a resubmit; ``failure``
+      names the problem type the error has by itself, when it has one;
     * :class:`~resilient_db.CircuitOpenError`: 503, ``Retry-After`` in whole seconds (1 to
       :data:`MAX_RETRY_AFTER`);
     * :class:`~resilient_db.StaleTransitionError`: 409, reload the resource and decide again;
     * :class:`~resilient_db.IllegalTransitionError`: 409 with ``from_state``, ``to_state``,
       ``via`` (and ``pk`` only with ``SELF_HEALING_LOG_ROW_KEYS``);
-    * :class:`~resilient_db.CommitOutcomeUnknownError`: 500 of its own type: the change may
-      have been saved, so the client must check before resubmitting;
     * :class:`~resilient_db.ResponseValidationError`: 500 (the server produced a bad result);
     * SQLAlchemy's pool ``TimeoutError`` (every connection of the pool in use for its whole
       ``pool_timeout``: this process overloaded, or its database slow): 503, ``Retry-After``;
@@ -167,8 +174,7 @@ def problem_details(
       driver error it does not wrap, such as the ``OSError`` of a connect refused to asyncpg;
       the application's own ``OSError`` is not one): 503. Transient as the classifier of the
       factory that ran the unit said (``classifier=``, with the codes it added or removed),
-      ``is_transient`` for an error that never went through a factory; a COMMIT whose answer
-      was lost outside a unit (drop-in use), or 08007: 500, as an unknown commit outcome.
+      ``is_transient`` for an error that never went through a factory.
 
     An exception group (``asyncio.TaskGroup``'s, anyio's) of one such error is answered as that
     error, and one of several such errors, every one a 503, as the one with the longest
@@ -190,16 +196,90 @@ def problem_details(
     return max(answered, key=lambda p: int(p.headers.get("Retry-After", "0")))
 
 
+_UNKNOWN = "commit-outcome-unknown"
+_PARTLY = "partly-committed"
+
+
+def _body(
+    type_base: str, kind: str, title: str, status: int, detail: str, **ext: Any
+) -> dict[str, Any]:
+    return {"type": type_base + kind, "title": title, "status": status, "detail": detail, **ext}
+
+
+def _failure_of(exc: BaseException, outcome: Outcome) -> tuple[str, dict[str, Any]]:
+    """What the rest of a partly-committed change failed with: a sentence for the detail and
+    extension members (``failure``: the problem type the error has by itself; ``service``),
+    naming no values (no row key, state or message text); nothing for an error of the
+    application's own."""
+    if isinstance(exc, CircuitOpenError):
+        return (
+            f" The rest was not attempted: the {exc.service!r} dependency is failing.",
+            {"failure": "circuit-open", "service": exc.service},
+        )
+    if isinstance(exc, StaleTransitionError):
+        return (
+            f" The rest was refused: the {exc.model} was moved by another request meanwhile.",
+            {"failure": "stale-transition"},
+        )
+    if isinstance(exc, IllegalTransitionError):
+        return (
+            f" The rest was refused: an illegal transition of {exc.model}.{exc.column}.",
+            {"failure": "illegal-transition"},
+        )
+    if isinstance(exc, ResponseValidationError):
+        return (
+            " Its result then failed the server's own validation.",
+            {"failure": "response-invalid", "service": exc.service},
+        )
+    if pool_exhausted(exc):
+        return (
+            " The rest found every database connection of the server busy.",
+            {"failure": "pool-exhausted"},
+        )
+    if outcome.transient:
+        return (
+            f" The rest failed with a transient database error ({type(exc).__name__}).",
+            {"failure": "database-unavailable"},
+        )
+    if _database_error(exc):
+        return f" The rest failed with a database error ({type(exc).__name__}).", {}
+    return "", {}
+
+
+#: the packages whose errors are the database's (their class names say what failed, no values)
+_DATABASE_PACKAGES = ("sqlalchemy", "psycopg", "psycopg2", "asyncpg", "pg8000")
+
+
+def _database_error(exc: BaseException) -> bool:
+    module = str(getattr(type(exc), "__module__", None) or "")
+    return module.split(".", 1)[0] in _DATABASE_PACKAGES
+
+
+def _partly_problem(failed: BaseException | None, type_base: str) -> Problem:
+    """The 500 ``partly-committed`` answer; ``failed``: the error the change failed with, when
+    it is one (see :func:`_failure_of`)."""
+    said, ext = ("", {}) if failed is None else _failure_of(failed, _outcome(failed))
+    title = "Change partly saved"
+    return Problem(500, _body(type_base, _PARTLY, title, 500, _PARTLY_DETAIL + said, **ext))
+
+
 def _problem_of(exc: BaseException, config: Config | None, type_base: str) -> Problem | None:
-    """:func:`problem_details` of one error (no group)."""
+    """:func:`problem_details` of one error (no group): an unknown commit outcome first (it may
+    have committed), then a partly-committed change whatever the error's class, then the rest."""
 
     def body(kind: str, title: str, status: int, detail: str, **ext: Any) -> dict[str, Any]:
-        return {"type": type_base + kind, "title": title, "status": status, "detail": detail, **ext}
+        return _body(type_base, kind, title, status, detail, **ext)
 
-    def unknown(**ext: Any) -> Problem:
-        title = "Outcome of the change unknown"
-        return Problem(500, body("commit-outcome-unknown", title, 500, _UNKNOWN_DETAIL, **ext))
-
+    unknown_title = "Outcome of the change unknown"
+    if isinstance(exc, CommitOutcomeUnknownError):
+        return Problem(
+            500, body(_UNKNOWN, unknown_title, 500, _UNKNOWN_DETAIL, service=exc.service)
+        )
+    outcome = _outcome(exc)
+    if outcome is Outcome.COMMIT_UNKNOWN:  # a drop-in COMMIT whose answer was lost, 08007
+        return Problem(500, body(_UNKNOWN, unknown_title, 500, _UNKNOWN_DETAIL))
+    if partly_committed(exc):  # whatever its class: a client resubmitting repeats that part
+        return _partly_problem(exc, type_base)
     if isinstance(exc, CircuitOpenError):
         seconds = retry_after_seconds(exc.retry_after)
         return Problem(
@@ -251,8 +331,6 @@ def _problem_of(exc: BaseException, config: Config | None, type_base: str) -> Pr
                 **ext,
             ),
         )
-    if isinstance(exc, CommitOutcomeUnknownError):
-        return unknown(service=exc.service)
     if isinstance(exc, ResponseValidationError):
         return Problem(
             500,
@@ -276,14 +354,6 @@ def _problem_of(exc: BaseException, config: Config | None, type_base: str) -> Pr
                 retry_after=TRANSIENT_RETRY_AFTER,
             ),
             {"Retry-After": str(TRANSIENT_RETRY_AFTER)},
-        )
-    outcome = _outcome(exc)
-    if outcome is Outcome.COMMIT_UNKNOWN:  # a drop-in COMMIT whose answer was lost, 08007
-        return unknown()
-    if partly_committed(exc):  # whatever its class: a client resubmitting repeats that part
-        return Problem(
-            500,
-            body("partly-committed", "Change partly saved", 500, _PARTLY_DETAIL),
         )
     if outcome.transient:  # a DBAPIError, or a driver's own error (asyncpg's refused connect)
         return Problem(

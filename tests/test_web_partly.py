@@ -1,0 +1,175 @@
+"""resilient_db.web's answer to a change that was partly saved before it failed, against real
+failures on a real server: whatever the class of the error that ended it (an open circuit, an
+exhausted pool, an illegal or stale transition), a client is told 500 ``partly-committed``,
+never a 503 with ``Retry-After`` nor a 409 saying nothing was changed: a resubmit would save
+the saved part again."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from scenarios import RAISE_CODE_FUNCTION, MoveFirst
+from sqlalchemy.orm import Session
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.testclient import TestClient
+
+import resilient_db as rdb
+from resilient_db._classify import partly_committed
+from resilient_db.examples.tasks import Base, Task, create_task, move_task
+from resilient_db.testing import FaultProxy
+from resilient_db.web import PROBLEM_JSON, install_exception_handlers
+
+pytestmark = pytest.mark.usefixtures("no_backoff")
+
+
+@pytest.fixture
+def direct(pg_url: str) -> Iterator[sa.Engine]:
+    """The test database with the tasks schema and its trigger, reached directly."""
+    engine = sa.create_engine(pg_url)
+    Base.metadata.create_all(engine)
+    rdb.install_transition_trigger(engine, Task)
+    with engine.begin() as conn:
+        conn.execute(RAISE_CODE_FUNCTION)
+    yield engine
+    engine.dispose()
+
+
+def new_task(engine: sa.Engine, idem_key: str | None = None) -> int:
+    with Session(engine) as session, session.begin():
+        task = create_task(session, title="t", idem_key=idem_key or str(uuid.uuid4()))
+        session.flush()
+        return task.id
+
+
+def saved(engine: sa.Engine, idem_key: str) -> int:
+    with engine.connect() as conn:
+        query = sa.text("SELECT count(*) FROM tasks WHERE idem_key = :k")
+        return int(conn.execute(query, {"k": idem_key}).scalar_one())
+
+
+def partly(response: Any, failure: str | None) -> dict[str, Any]:
+    """``response`` is the 500 ``partly-committed`` answer, with no ``Retry-After``, saying what
+    the rest failed with (``failure``: that error's own problem type)."""
+    assert response.status_code == 500, response.text
+    assert response.headers["content-type"] == PROBLEM_JSON
+    assert "retry-after" not in response.headers
+    body: dict[str, Any] = response.json()
+    assert body["type"] == "urn:resilient-db:problem:partly-committed"
+    assert "Do not resubmit blindly" in body["detail"]
+    assert "retry_after" not in body
+    assert body.get("failure") == failure
+    return body
+
+
+def app_of(route: Callable[[Request], Any]) -> TestClient:
+    app = Starlette()
+    app.add_route("/change", route, methods=["POST"])
+    install_exception_handlers(app)
+    return TestClient(app, raise_server_exceptions=False)
+
+
+# -- one error, of a class answered otherwise by itself ----------------------------------------
+def test_a_circuit_open_after_a_committed_part_is_partly_committed_not_503(
+    direct: sa.Engine, fault_proxy: FaultProxy, pg_database: str, service: str
+) -> None:
+    """An operation commits its first part through one factory, then the second factory's
+    circuit is open (opened by refused connections): a 503 with the circuit's Retry-After had
+    the client save the first part again."""
+    billing_engine = sa.create_engine(
+        fault_proxy.url(pg_database), connect_args={"connect_timeout": 2}
+    )
+    config = rdb.Config(max_retries=1, failure_threshold=1, reset_timeout=30)
+    Orders = rdb.ResilientSession(direct, service=service, config=config)
+    Billing = rdb.ResilientSession(billing_engine, service=f"{service}-billing", config=config)
+    key = str(uuid.uuid4())
+
+    @rdb.with_self_healing(service=f"{service}-api", config=config)
+    def change(request: Request) -> JSONResponse:
+        with Orders.begin() as session:  # the first part: committed
+            create_task(session, title="order", idem_key=key)
+        Billing.run(lambda s: s.execute(sa.text("SELECT 1")))
+        return JSONResponse({})
+
+    fault_proxy.refuse()
+    with pytest.raises(rdb.CircuitOpenError):  # the billing circuit opens
+        Billing.run(lambda s: s.execute(sa.text("SELECT 1")))
+    try:
+        body = partly(app_of(change).post("/change"), "circuit-open")
+        assert body["service"] == f"{service}-billing"
+        assert saved(direct, key) == 1
+    finally:
+        fault_proxy.restore()
+        billing_engine.dispose()
+
+
+def test_an_exhausted_pool_after_a_committed_part_is_partly_committed_not_503(
+    pg_url: str, direct: sa.Engine, service: str
+) -> None:
+    engine = sa.create_engine(pg_url, pool_size=1, max_overflow=0, pool_timeout=0.2)
+    Sessions = rdb.ResilientSession(engine, service=service, config=rdb.Config())
+    key = str(uuid.uuid4())
+    raised: list[BaseException] = []
+
+    @rdb.with_self_healing(service=service, config=rdb.Config())
+    def change(request: Request) -> JSONResponse:
+        with Sessions.begin() as session:  # the first part: committed
+            create_task(session, title="order", idem_key=key)
+        with engine.connect() as held:  # another request holds the pool's only connection
+            held.exec_driver_sql("SELECT 1")
+            try:
+                with Sessions.begin() as session:
+                    create_task(session, title="bill", idem_key=str(uuid.uuid4()))
+            except sa.exc.TimeoutError as exc:
+                raised.append(exc)
+                raise
+        return JSONResponse({})
+
+    try:
+        partly(app_of(change).post("/change"), "pool-exhausted")
+        assert len(raised) == 1
+        assert partly_committed(raised[0])
+        assert saved(direct, key) == 1
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["illegal", "stale"])
+def test_a_refused_transition_after_the_units_own_commit_is_partly_committed_not_409(
+    direct: sa.Engine, service: str, stale: bool, pg_url: str
+) -> None:
+    """A 409 says "the change was refused" / "nothing was changed": here the unit had committed
+    a new task itself before its move of another one was refused."""
+    Sessions = rdb.ResilientSession(direct, service=service, config=rdb.Config())
+    key = str(uuid.uuid4())
+    other = new_task(direct)
+
+    def unit(session: Session) -> None:
+        create_task(session, title="first", idem_key=key)
+        session.commit()  # the unit commits its first part itself
+        task = session.get_one(Task, other)
+        move_task(session, task, "in_progress" if stale else "completed", idem_key="m")
+        session.flush()
+
+    def change(request: Request) -> JSONResponse:
+        Sessions.run(unit)
+        return JSONResponse({})
+
+    # the mover's engine has no factory: its COMMIT is not the unit's
+    mover_engine = sa.create_engine(pg_url)
+    sql = "UPDATE tasks SET status = 'cancelled' WHERE id = :id"
+    with MoveFirst(direct, mover_engine, sql, id=other) as mover:
+        if not stale:
+            mover.done = True  # nobody moves it: pending -> completed is refused by itself
+        answer = app_of(change).post("/change")
+    mover_engine.dispose()
+    assert mover.done
+    body = partly(answer, "stale-transition" if stale else "illegal-transition")
+    assert "from_state" not in body  # no states, no row keys: the detail names the model only
+    assert "Task" in body["detail"]
+    assert saved(direct, key) == 1
