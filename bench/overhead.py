@@ -9,6 +9,8 @@
     python bench/overhead.py --units guarded  # only some units (read, write, guarded)
     python bench/overhead.py --redis    # SELF_HEALING_REDIS_URL set (a Redis it starts) and a
                                         # retry budget of 0.2; counts Redis commands
+    python bench/overhead.py --control  # also plain SQLAlchemy on a second engine (an A/A
+                                        # control: the noise floor of each ratio)
 
 Units of work, each in a new session and committed (``sessionmaker.begin()`` /
 ``async_sessionmaker.begin()`` for plain SQLAlchemy, ``run`` for resilient_db; the same
@@ -57,6 +59,10 @@ The variants are interleaved so that the machine's noise hits them alike: latenc
 (each key runs through every variant in turn), throughput in short alternating runs. Each ratio
 is the median of the per-round ratios, shown with a 95 % bootstrap interval of that median.
 Ratios, not absolute numbers, are the result (the machine these run on is shared and noisy).
+``--control`` adds a third variant to every case: plain SQLAlchemy again, on an engine (and so
+connections and server backends) of its own, interleaved like the others. Its ratio to plain
+should be 1; how far it strays is what the machine's noise and the two engines' differences do
+to a ratio in that case.
 """
 
 from __future__ import annotations
@@ -252,7 +258,8 @@ class SyncFactories:
     plain: sessionmaker[Session]
     resilient: Any  # rdb.ResilientSession
     naive_breaker: pybreaker.CircuitBreaker
-    engines: tuple[sa.Engine, sa.Engine]
+    engines: tuple[sa.Engine, ...]
+    control: sessionmaker[Session] | None = None  # plain again, on a third engine
 
     def dispose(self) -> None:
         for engine in self.engines:
@@ -263,14 +270,23 @@ class SyncFactories:
 RESILIENT_CONFIG = rdb.Config()
 
 
-def sync_factories(url: str, pool_size: int, service: str = "bench") -> SyncFactories:
+def sync_factories(
+    url: str, pool_size: int, service: str = "bench", *, control: bool = False
+) -> SyncFactories:
     plain_engine = sa.create_engine(url, pool_size=pool_size, max_overflow=0)
     resilient_engine = sa.create_engine(url, pool_size=pool_size, max_overflow=0)
+    engines: tuple[sa.Engine, ...] = (plain_engine, resilient_engine)
+    control_factory = None
+    if control:
+        control_engine = sa.create_engine(url, pool_size=pool_size, max_overflow=0)
+        engines += (control_engine,)
+        control_factory = sessionmaker(control_engine)
     return SyncFactories(
         plain=sessionmaker(plain_engine),
         resilient=rdb.ResilientSession(resilient_engine, service=service, config=RESILIENT_CONFIG),
         naive_breaker=pybreaker.CircuitBreaker(fail_max=5, reset_timeout=30),
-        engines=(plain_engine, resilient_engine),
+        engines=engines,
+        control=control_factory,
     )
 
 
@@ -288,7 +304,20 @@ def sync_variants(factories: SyncFactories, unit: SyncUnit) -> dict[str, Callabl
     def naive_unit(key: int) -> object:
         return breaker.call(plain_unit, key)
 
-    return {"plain": plain_unit, "resilient": resilient_unit, "naive": naive_unit}
+    variants: dict[str, Callable[[int], object]] = {
+        "plain": plain_unit,
+        "resilient": resilient_unit,
+        "naive": naive_unit,
+    }
+    control = factories.control
+    if control is not None:
+
+        def control_unit(key: int) -> object:
+            with control.begin() as session:
+                return plain_fn(session, key)
+
+        variants["control"] = control_unit
+    return variants
 
 
 def latency(
@@ -366,22 +395,32 @@ class AsyncFactories:
 
     plain: async_sessionmaker[AsyncSession]
     resilient: Any  # rdb.AsyncResilientSession
-    engines: tuple[AsyncEngine, AsyncEngine]
+    engines: tuple[AsyncEngine, ...]
+    control: async_sessionmaker[AsyncSession] | None = None
 
     async def dispose(self) -> None:
         for engine in self.engines:
             await engine.dispose()
 
 
-def async_factories(url: str, pool_size: int, service: str = "bench-async") -> AsyncFactories:
+def async_factories(
+    url: str, pool_size: int, service: str = "bench-async", *, control: bool = False
+) -> AsyncFactories:
     plain_engine = create_async_engine(url, pool_size=pool_size, max_overflow=0)
     resilient_engine = create_async_engine(url, pool_size=pool_size, max_overflow=0)
+    engines: tuple[AsyncEngine, ...] = (plain_engine, resilient_engine)
+    control_factory = None
+    if control:
+        control_engine = create_async_engine(url, pool_size=pool_size, max_overflow=0)
+        engines += (control_engine,)
+        control_factory = async_sessionmaker(control_engine)
     return AsyncFactories(
         plain=async_sessionmaker(plain_engine),
         resilient=rdb.AsyncResilientSession(
             resilient_engine, service=service, config=RESILIENT_CONFIG
         ),
-        engines=(plain_engine, resilient_engine),
+        engines=engines,
+        control=control_factory,
     )
 
 
@@ -398,7 +437,19 @@ def async_variants(
     async def resilient_unit(key: int) -> object:
         return await resilient.run(unit, key)
 
-    return {"plain": plain_unit, "resilient": resilient_unit}
+    variants: dict[str, Callable[[int], Awaitable[object]]] = {
+        "plain": plain_unit,
+        "resilient": resilient_unit,
+    }
+    control = factories.control
+    if control is not None:
+
+        async def control_unit(key: int) -> object:
+            async with control.begin() as session:
+                return await plain_fn(session, key)
+
+        variants["control"] = control_unit
+    return variants
 
 
 async def alatency(
@@ -655,7 +706,7 @@ def _row(
     unit: str, case: str, metric: str, stats: dict[str, float], variant: str = "resilient"
 ) -> dict[str, Any]:
     scale = 1e6 if metric == "latency" else 1.0
-    return {
+    row = {
         "unit": unit,
         "case": case,
         "metric": "latency_us" if metric == "latency" else "ops_per_s",
@@ -664,6 +715,10 @@ def _row(
         "ratio": stats[f"{variant}_ratio"],
         "ratio_95": [stats[f"{variant}_ratio_low"], stats[f"{variant}_ratio_high"]],
     }
+    if "control_ratio" in stats:
+        row["control_ratio"] = stats["control_ratio"]
+        row["control_ratio_95"] = [stats["control_ratio_low"], stats["control_ratio_high"]]
+    return row
 
 
 def _revision() -> str | None:
@@ -707,12 +762,13 @@ def run(
     quick: bool,
     markers: bool,
     units: tuple[str, ...] = UNITS,
+    control: bool = False,
 ) -> dict[str, Any]:
     heard = Heard()
     logger = logging.getLogger("resilient_db")
     logger.addHandler(heard)
     try:
-        result = _run(url, async_url, quick=quick, markers=markers, units=units)
+        result = _run(url, async_url, quick=quick, markers=markers, units=units, control=control)
     finally:
         logger.removeHandler(heard)
     result["warnings"] = heard.messages
@@ -726,8 +782,10 @@ def _run(
     quick: bool,
     markers: bool,
     units: tuple[str, ...],
+    control: bool,
 ) -> dict[str, Any]:
     p = QUICK if quick else DEFAULT
+    extra = ["control"] if control else []
     revision = _revision()
     started = time.perf_counter()
     prepare(url, markers=markers)
@@ -736,16 +794,18 @@ def _run(
         _progress(line)
     rows: list[dict[str, Any]] = []
 
-    factories = sync_factories(url, THREADS)
+    factories = sync_factories(url, THREADS, control=control)
     for unit in units:
         _progress(f"sync: {UNIT_NAMES[unit]} ...")
         variants = sync_variants(factories, SYNC_UNITS[unit])
         for fn in variants.values():  # warm up pools, statement caches, code paths
             for key in _keys(p.warmup):
                 fn(key)
-        lat = summary(latency(variants, ["plain", "resilient"], p.latency_rounds, p.per_round))
+        lat = summary(
+            latency(variants, ["plain", "resilient", *extra], p.latency_rounds, p.per_round)
+        )
         rows.append(_row(unit, "sync_1_thread", "latency", lat))
-        names = ["plain", "resilient", "naive"] if unit == "read" else ["plain", "resilient"]
+        names = ["plain", "resilient", *(["naive"] if unit == "read" else []), *extra]
         throughput(variants, names, THREADS, 1, WARM_SECONDS)  # every pooled connection, warm
         thr = summary(throughput(variants, names, THREADS, p.throughput_rounds, p.seconds))
         rows.append(_row(unit, "sync_8_threads", "throughput", thr))
@@ -753,7 +813,7 @@ def _run(
             rows.append(_row(unit, "sync_8_threads_naive_pybreaker", "throughput", thr, "naive"))
             _progress("sync: read, 2 ms server wait ...")
             slow_variants = sync_variants(factories, slow_select_unit)
-            slow_names = ["plain", "resilient", "naive"]
+            slow_names = ["plain", "resilient", "naive", *extra]
             throughput(slow_variants, slow_names, THREADS, 1, WARM_SECONDS)
             slow = summary(
                 throughput(slow_variants, slow_names, THREADS, p.throughput_rounds, p.seconds)
@@ -765,7 +825,7 @@ def _run(
     factories.dispose()
 
     async def async_part() -> None:
-        afactories = async_factories(async_url, TASKS)
+        afactories = async_factories(async_url, TASKS, control=control)
         for unit in units:
             _progress(f"async: {UNIT_NAMES[unit]} ...")
             avariants = async_variants(afactories, ASYNC_UNITS[unit])
@@ -784,6 +844,7 @@ def _run(
         "revision": revision,
         "commit_markers": markers,
         "quick": quick,
+        "control": control,
         "seconds": round(time.perf_counter() - started, 1),
         "round_trips": {"method": method, **trips},
         "results": rows,
@@ -815,10 +876,12 @@ CASES = {
 
 def render(result: dict[str, Any]) -> str:
     trips = result["round_trips"]
+    control = bool(result.get("control"))
     lines = [
         "| unit | case | plain SQLAlchemy | resilient_db | ratio (95 % interval) | target "
-        "| round trips (plain / resilient) |",
-        "|---|---|---|---|---|---|---|",
+        "| round trips (plain / resilient) |"
+        + (" A/A control (95 % interval) |" if control else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if control else ""),
     ]
     for row in result["results"]:
         label, driver, target = CASES[row["case"]]
@@ -838,9 +901,13 @@ def render(result: dict[str, Any]) -> str:
             ratio = f"**{ratio}**"
         low, high = row["ratio_95"]
         ratio += f" ({low:.2f}–{high:.2f})"
-        lines.append(
+        line = (
             f"| {UNIT_NAMES[row['unit']]} | {label} | {values} | {ratio} | {target} | {trip_cell} |"
         )
+        if control:
+            c_low, c_high = row["control_ratio_95"]
+            line += f" {row['control_ratio']:.3f} ({c_low:.2f}–{c_high:.2f}) |"
+        lines.append(line)
     markers = "installed" if result["commit_markers"] else "NOT installed (--no-markers)"
     heard = result.get("warnings", [])
     said = (
@@ -852,6 +919,14 @@ def render(result: dict[str, Any]) -> str:
         "",
         f"resilient_db revision: {result['revision'] or 'unknown'}; commit markers: {markers}",
         f"resilient_db warnings during the run: {said}",
+        *(
+            [
+                "A/A control: plain SQLAlchemy again on an engine of its own, interleaved with "
+                "the others; its ratio to plain is the noise floor of the case's ratio"
+            ]
+            if control
+            else []
+        ),
         *round_trip_lines(trips),
         f"round trips counted as: {trips['method']}",
         "Python lines counted as: line events of sys.settrace in the unit's thread, median of "
@@ -918,6 +993,12 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated units to measure (default: all of {','.join(UNITS)})",
     )
     parser.add_argument(
+        "--control",
+        action="store_true",
+        help="also run plain SQLAlchemy on a second engine in every case (an A/A control: its "
+        "ratio to plain shows the noise floor); about half as long again",
+    )
+    parser.add_argument(
         "--redis",
         action="store_true",
         help="share breakers and a retry budget of 0.2 through a Redis started here (the "
@@ -934,6 +1015,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "markers": not args.no_markers,
         "units": units,
+        "control": args.control,
     }
     if args.url:
         url = args.url
