@@ -1,11 +1,14 @@
 """resilient_db.web's answer to a change that was partly saved before it failed, against real
 failures on a real server: whatever the class of the error that ended it (an open circuit, an
-exhausted pool, an illegal or stale transition), a client is told 500 ``partly-committed``,
-never a 503 with ``Retry-After`` nor a 409 saying nothing was changed: a resubmit would save
-the saved part again."""
+exhausted pool, an illegal or stale transition, a transient error in one task of an
+``asyncio.TaskGroup``), a client is told 500 ``partly-committed``, never a 503 with
+``Retry-After`` nor a 409 saying nothing was changed: a resubmit would save the saved part
+again."""
 
 from __future__ import annotations
 
+import asyncio
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -13,6 +16,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from scenarios import RAISE_CODE_FUNCTION, MoveFirst
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -20,10 +24,11 @@ from starlette.responses import JSONResponse
 from starlette.testclient import TestClient
 
 import resilient_db as rdb
-from resilient_db._classify import partly_committed
+from resilient_db._classify import mark_partly_committed, partly_committed
 from resilient_db.examples.tasks import Base, Task, create_task, move_task
 from resilient_db.testing import FaultProxy
-from resilient_db.web import PROBLEM_JSON, install_exception_handlers
+from resilient_db.web import PROBLEM_JSON, install_exception_handlers, problem_details
+from resilient_db.web._problems import EXCEPTION_GROUP
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
 
@@ -173,3 +178,125 @@ def test_a_refused_transition_after_the_units_own_commit_is_partly_committed_not
     assert "from_state" not in body  # no states, no row keys: the detail names the model only
     assert "Task" in body["detail"]
     assert saved(direct, key) == 1
+
+
+# -- exception groups (an asyncio.TaskGroup in an async route) ---------------------------------
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.TaskGroup is Python 3.11's")
+def test_a_task_group_whose_operation_committed_a_part_is_partly_committed_not_503(
+    direct: sa.Engine, pg_async_url: str, service: str
+) -> None:
+    """Task A's unit commits, then task B's unit runs out of retries on a real serialization
+    failure: the operation marks the group it raises (it committed A), while B's own error is
+    not marked (B's unit committed nothing). Judging only the members answered 503."""
+    from fastapi import FastAPI  # noqa: PLC0415
+
+    # no pool: each connection is closed on the test client's event loop that opened it
+    aengine = create_async_engine(pg_async_url, poolclass=sa.pool.NullPool)
+    config = rdb.Config(max_retries=1, circuit_breaker=False)
+    Sessions = rdb.AsyncResilientSession(aengine, service=service, config=config)
+    key = str(uuid.uuid4())
+    raised: list[BaseException] = []
+    app = FastAPI()
+    install_exception_handlers(app)
+
+    @rdb.with_self_healing(service=service, config=config)
+    async def operation() -> dict[str, Any]:
+        a_done = asyncio.Event()
+
+        async def a(session: AsyncSession) -> None:
+            create_task(session, title="a", idem_key=key)  # type: ignore[arg-type]
+
+        async def b(session: AsyncSession) -> None:
+            await session.execute(sa.text("SELECT raise_code('40001')"))
+
+        async def first() -> None:
+            await Sessions.run(a)
+            a_done.set()
+
+        async def then() -> None:
+            await a_done.wait()  # B fails after A committed
+            await Sessions.run(b)
+
+        async with asyncio.TaskGroup() as group:  # type: ignore[attr-defined,unused-ignore]
+            group.create_task(first())
+            group.create_task(then())
+        return {}
+
+    @app.post("/change")
+    async def change() -> dict[str, Any]:
+        try:
+            return await operation()
+        except BaseException as exc:
+            raised.append(exc)
+            raise
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        answer = client.post("/change")
+    (group,) = raised
+    assert EXCEPTION_GROUP is not None
+    assert isinstance(group, EXCEPTION_GROUP)
+    assert partly_committed(group)
+    members = group.exceptions  # type: ignore[attr-defined]
+    assert [partly_committed(e) for e in members] == [False]
+    assert rdb.is_transient(members[0])
+    partly(answer, "database-unavailable")
+    assert saved(direct, key) == 1
+
+
+@pytest.mark.skipif(EXCEPTION_GROUP is None, reason="no ExceptionGroup here")
+def test_a_group_is_judged_as_one_error_is_unknown_outcome_then_partly_committed_first() -> None:
+    """Beside 503s, a member with an unknown commit outcome makes the group's answer that
+    (it was not answered at all), and a partly-committed member or a partly-committed group,
+    nested or not, makes it ``partly-committed`` (a 503 of another member, or nothing)."""
+    group: Any = EXCEPTION_GROUP  # Python 3.11's, or the backport's
+    opened = rdb.CircuitOpenError("db", 3.0)
+    unknown = rdb.CommitOutcomeUnknownError("db")
+
+    def marked(exc: BaseException) -> BaseException:
+        mark_partly_committed(exc)
+        return exc
+
+    def answer(exc: BaseException) -> tuple[int, str, str | None] | None:
+        found = problem_details(exc)
+        if found is None:
+            return None
+        kind = found.body["type"].rpartition(":")[2]
+        return found.status, kind, found.headers.get("Retry-After")
+
+    assert answer(group("g", [opened, unknown])) == (500, "commit-outcome-unknown", None)
+    assert answer(group("g", [opened, marked(rdb.CircuitOpenError("db", 3.0))])) == (
+        500,
+        "partly-committed",
+        None,
+    )
+    assert answer(group("g", [marked(ValueError("app")), opened])) == (
+        500,
+        "partly-committed",
+        None,
+    )
+    assert answer(marked(group("g", [opened]))) == (500, "partly-committed", None)
+    nested = group("outer", [group("inner", [opened]), opened])
+    mark_partly_committed(nested.exceptions[0])
+    assert answer(nested) == (500, "partly-committed", None)
+    # unknown before partly committed, in a group as in one error
+    assert answer(marked(group("g", [opened, unknown]))) == (
+        500,
+        "commit-outcome-unknown",
+        None,
+    )
+    # a marked group of an error of the application's own: answered, saying no more
+    app_own = problem_details(marked(group("g", [ValueError("secret")])))
+    assert app_own is not None
+    assert app_own.status == 500
+    assert "failure" not in app_own.body
+    assert "secret" not in str(app_own.body)
+    # too many errors to look into: a marked group is still no 503
+    many = marked(group("g", [rdb.CircuitOpenError("db", 1.0) for _ in range(100)]))
+    assert answer(many) == (500, "partly-committed", None)
+    # unmarked, as before
+    assert answer(group("g", [opened, rdb.CircuitOpenError("db", 9.0)])) == (
+        503,
+        "circuit-open",
+        "9",
+    )
+    assert answer(group("g", [opened, ValueError("app")])) is None

@@ -211,11 +211,13 @@ def install_exception_handlers(
     (``OperationalError``), before or after, answers those errors before ours, transient ones
     included; one it registered before for our own classes (``CircuitOpenError``) is replaced.
     An ``ExceptionGroup`` (a ``TaskGroup``'s) is answered when its errors are (one, or several
-    503s). Not answered: errors of a mounted sub-application (install on it too), errors
-    raised in a middleware (outside Starlette's handlers), and errors raised after the response
-    started (a ``BackgroundTask``, a streaming body): Starlette raises its "response already
-    started" ``RuntimeError`` from them instead. Call it before the application's first request
-    (Starlette copies the handlers then)."""
+    503s), and as an unknown commit outcome or ``partly-committed`` when one of its errors is
+    one, or when it is marked partly committed itself (an operation that committed part of its
+    work before one of its tasks failed). Not answered: errors of a mounted sub-application
+    (install on it too), errors raised in a middleware (outside Starlette's handlers), and
+    errors raised after the response started (a ``BackgroundTask``, a streaming body):
+    Starlette raises its "response already started" ``RuntimeError`` from them instead. Call it
+    before the application's first request (Starlette copies the handlers then)."""
     if not hasattr(app, "add_exception_handler"):
         raise TypeError(
             "install_exception_handlers needs a Starlette or FastAPI application, got "

@@ -176,24 +176,56 @@ def problem_details(
       factory that ran the unit said (``classifier=``, with the codes it added or removed),
       ``is_transient`` for an error that never went through a factory.
 
-    An exception group (``asyncio.TaskGroup``'s, anyio's) of one such error is answered as that
-    error, and one of several such errors, every one a 503, as the one with the longest
-    ``Retry-After``; any other group is not answered (None).
+    An exception group (``asyncio.TaskGroup``'s, anyio's) is judged in the same order: one
+    with an unknown commit outcome among its errors is answered as that, then one marked
+    partly committed itself (an operation that committed part of its work before one of its
+    tasks failed) or with such an error among its own, as ``partly-committed``; otherwise a
+    group of one such error is answered as that error, and one of several such errors, every
+    one a 503, as the one with the longest ``Retry-After``; any other group is not answered
+    (None).
 
     ``config`` decides about row keys (default: the environment's; an environment with an
     invalid ``SELF_HEALING_*`` setting counts as none set, so that it turns no answer into a
     500: the factories refuse such an environment where it matters).
     """
-    errors = group_errors(exc)
-    if errors is None:
+    if BASE_GROUP is None or not isinstance(exc, BASE_GROUP):
         return _problem_of(exc, config, type_base)
-    problems = [_problem_of(error, config, type_base) for error in errors]
+    errors = group_errors(exc)
+    problems = [] if errors is None else [_problem_of(e, config, type_base) for e in errors]
+    # as for one error: an unknown commit outcome first, then a partly-committed change (a
+    # member's, or the group's own: an operation that committed part of its work before one of
+    # its tasks failed, whose tasks' errors are not marked themselves), then the rest
+    for kind in (_UNKNOWN, _PARTLY):
+        for found in problems:
+            if found is not None and found.body["type"] == type_base + kind:
+                return found
+    if _group_partly_committed(exc):
+        failed = errors[0] if errors is not None and len(errors) == 1 else None
+        return _partly_problem(failed, type_base)
+    if errors is None:
+        return None
     if len(problems) == 1:
         return problems[0]
     answered = [p for p in problems if p is not None and p.status == 503]
     if not answered or len(answered) < len(problems):
         return None
     return max(answered, key=lambda p: int(p.headers.get("Retry-After", "0")))
+
+
+def _group_partly_committed(exc: BaseException) -> bool:
+    """Whether ``exc``, an exception group, or a group nested in it, is marked partly
+    committed (see :func:`~resilient_db._classify.partly_committed`); at most
+    :data:`MAX_GROUP_ERRORS` groups and errors are looked at."""
+    pending: list[BaseException] = [exc]
+    looked = 0
+    while pending and looked <= MAX_GROUP_ERRORS:
+        current = pending.pop()
+        looked += 1
+        if BASE_GROUP is not None and isinstance(current, BASE_GROUP):
+            if partly_committed(current):
+                return True
+            pending.extend(getattr(current, "exceptions", ()))
+    return False
 
 
 _UNKNOWN = "commit-outcome-unknown"
