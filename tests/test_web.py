@@ -226,6 +226,28 @@ def test_row_keys_appear_only_when_opted_in(direct: sa.Engine, service: str) -> 
     assert body["pk"] == task_id
 
 
+def test_row_keys_follow_the_environment_as_last_read_not_at_each_error(
+    direct: sa.Engine, service: str, clean_env: pytest.MonkeyPatch
+) -> None:
+    """Without ``config=``, the handlers follow ``SELF_HEALING_LOG_ROW_KEYS`` as the process
+    read it (at first use, then at each ``reload_config()``), as the factories and the logs do:
+    setting it in a running process shows no key until the next reload."""
+    rdb.reload_config()  # the environment without SELF_HEALING_* variables, read now
+    Sessions = rdb.ResilientSession(direct, service=service, config=rdb.Config())
+    client = TestClient(make_app(Sessions))
+    task_id = new_task(direct)
+    try:
+        clean_env.setenv("SELF_HEALING_LOG_ROW_KEYS", "true")
+        body = problem(client.post(f"/tasks/{task_id}/completed"), 409, "illegal-transition")
+        assert "pk" not in body
+        rdb.reload_config()
+        body = problem(client.post(f"/tasks/{task_id}/completed"), 409, "illegal-transition")
+        assert body["pk"] == task_id
+    finally:
+        clean_env.delenv("SELF_HEALING_LOG_ROW_KEYS")
+        rdb.reload_config()
+
+
 def test_stale_transition_gives_409_telling_to_reload(
     direct: sa.Engine, service: str, pg_url: str
 ) -> None:

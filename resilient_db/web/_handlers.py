@@ -201,7 +201,9 @@ def install_exception_handlers(
     closed instead, with code 1013 (try again later) for a 503 and 1011 (internal error)
     otherwise, the problem's title as the reason. Works for Starlette and FastAPI
     applications; calling it again replaces the handlers. ``config`` decides whether row keys
-    may be shown (default: the environment's ``SELF_HEALING_LOG_ROW_KEYS`` at each error).
+    may be shown (default: the environment's ``SELF_HEALING_LOG_ROW_KEYS`` as the process last
+    read it: at its first use, and again at each ``rdb.reload_config()``; a change to the
+    environment counts from the next reload).
 
     Any other error stays the application's: a non-transient ``DBAPIError`` or an ``OSError`` of
     its own goes to the application's handler of the nearest class (``SQLAlchemyError``, its own

@@ -184,9 +184,10 @@ def problem_details(
     one a 503, as the one with the longest ``Retry-After``; any other group is not answered
     (None).
 
-    ``config`` decides about row keys (default: the environment's; an environment with an
-    invalid ``SELF_HEALING_*`` setting counts as none set, so that it turns no answer into a
-    500: the factories refuse such an environment where it matters).
+    ``config`` decides about row keys (default: the environment's, as the process last read it:
+    at its first use and at each ``rdb.reload_config()``; an environment with an invalid
+    ``SELF_HEALING_*`` setting counts as none set, so that it turns no answer into a 500: the
+    factories refuse such an environment where it matters).
     """
     if BASE_GROUP is None or not isinstance(exc, BASE_GROUP):
         return _problem_of(exc, config, type_base)
