@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING, Any, Final, TypeAlias, cast
 
 import psycopg
 from psycopg import sql
+from sqlalchemy.engine import Connection
 
-from ._classify import DEFAULT_CLASSIFIER, unanswered_commit
+from ._classify import DEFAULT_CLASSIFIER, Classifier, unanswered_commit
 
 if TYPE_CHECKING:
     from ._commit import AttemptRecord, CommitRequest
@@ -887,6 +888,46 @@ def _autocommit_failed(attempt: AttemptRecord, token: object, exc: Exception, ve
     attempt.failed(token, exc)
     if verdict & COMMITS:
         unanswered_commit(exc, attempt.classifier, wrote=True)
+
+
+# -- self-healing off: a lost COMMIT answer, on the error path only -------------------------------
+#: the code of SQLAlchemy's ``Connection`` method that sends a transaction's COMMIT through
+#: the dialect (``do_commit``) and catches its driver error: the frame at the head of that
+#: error's traceback when ``handle_error`` sees it (its context says "no statement", as for a
+#: ROLLBACK). A SQLAlchemy without it: nothing is recognised this way (the tests say so). (A
+#: two-phase COMMIT PREPARED goes out as a statement on PostgreSQL's dialects: seen as one.)
+_SQLALCHEMY_COMMIT: Final = getattr(getattr(Connection, "_commit_impl", None), "__code__", None)
+
+
+def sqlalchemy_commit_failed(exc: BaseException) -> bool:
+    """Whether ``exc``, a driver's error that SQLAlchemy's ``handle_error`` sees with no
+    statement, was raised by the COMMIT a ``Connection`` sent through its dialect (a session's
+    ``commit()``, an ``engine.begin()`` block's, ``Connection.commit()``)."""
+    tb = exc.__traceback__
+    return (
+        tb is not None
+        and _SQLALCHEMY_COMMIT is not None
+        and tb.tb_frame.f_code is _SQLALCHEMY_COMMIT
+    )
+
+
+def lost_commit_while_off(ctx: Any, classifier: Classifier) -> None:
+    """Self-healing off (``SELF_HEALING_ENABLED=false``: a factory is a plain
+    ``sessionmaker``) on an engine of a resilient factory: a COMMIT whose answer was lost (no
+    answer from the server, or a disconnect code of ``classifier``) may have committed, so its
+    error is marked an unknown outcome (``is_transient`` False, the web layer's 500
+    ``commit-outcome-unknown``), as with self-healing on, where a 503 had a client write twice.
+    Nothing else: no check of what became of it, no retry, no line, no counter; called by
+    ``handle_error`` only, so nothing runs when no error does. Whether the transaction wrote
+    is not known with self-healing off (nothing watches its statements): any such COMMIT
+    counts."""
+    statement = ctx.statement
+    if statement is None:
+        if not sqlalchemy_commit_failed(ctx.original_exception):
+            return
+    elif not (isinstance(statement, str) and verdict_of(statement) & COMMITS):
+        return  # (text("COMMIT"), exec_driver_sql("COMMIT"), a COMMIT PREPARED: as a COMMIT)
+    unanswered_commit(ctx.original_exception, classifier, wrote=True)
 
 
 # -- asyncpg: the raw connection's methods --------------------------------------------------------

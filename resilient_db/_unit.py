@@ -70,6 +70,7 @@ from ._statements import (
     current_attempt,
     current_request,
     library_work,
+    lost_commit_while_off,
     note_dialect_calls,
     own_work,
     verdict_of,
@@ -1757,6 +1758,7 @@ class EngineHooks:
 
     def handle_error(self, ctx: Any) -> BaseException | None:
         if not self.config.enabled:
+            lost_commit_while_off(ctx, self.classifier)  # (an unknown outcome: no 503)
             return None
         original = ctx.original_exception
         attempt = current_attempt.get()
