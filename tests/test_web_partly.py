@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from pydantic import BaseModel
 from scenarios import RAISE_CODE_FUNCTION, MoveFirst
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
@@ -177,6 +178,30 @@ def test_a_refused_transition_after_the_units_own_commit_is_partly_committed_not
     body = partly(answer, "stale-transition" if stale else "illegal-transition")
     assert "from_state" not in body  # no states, no row keys: the detail names the model only
     assert "Task" in body["detail"]
+    assert saved(direct, key) == 1
+
+
+def test_an_invalid_result_after_the_units_own_commit_is_partly_committed(
+    direct: sa.Engine, service: str
+) -> None:
+    """The unit committed a new task itself, then its result failed validation: not the plain
+    ``response-invalid`` answer, which does not say that part of the change was saved."""
+    Sessions = rdb.ResilientSession(direct, service=service, config=rdb.Config())
+    key = str(uuid.uuid4())
+
+    class Out(BaseModel):
+        id: int
+
+    def unit(session: Session) -> dict[str, Any]:
+        create_task(session, title="first", idem_key=key)
+        session.commit()  # the unit commits its first part itself
+        return {"id": "not a number"}
+
+    def change(request: Request) -> JSONResponse:
+        return JSONResponse(Sessions.run(unit, validate=Out))
+
+    body = partly(app_of(change).post("/change"), "response-invalid")
+    assert "not a number" not in str(body)
     assert saved(direct, key) == 1
 
 
