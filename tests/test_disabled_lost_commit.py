@@ -97,6 +97,20 @@ COMMITTING: dict[str, Callable[[Any, str], None]] = {
 }
 
 
+def test_sqlalchemys_commit_method_is_where_the_library_looks_for_it() -> None:
+    """With self-healing off, a lost COMMIT answer is told from a ROLLBACK's by the frame of
+    ``Connection._commit_impl`` (SQLAlchemy's, not public API) at the head of the driver error's
+    traceback, in one place (``_statements.sqlalchemy_commit_failed``). This fails loudly if
+    SQLAlchemy renames or moves it (the lost answer would go back to being a 503)."""
+    from sqlalchemy.engine import Connection  # noqa: PLC0415
+
+    from resilient_db import _statements  # noqa: PLC0415
+
+    assert _statements._SQLALCHEMY_COMMIT is not None, "Connection._commit_impl is gone"
+    assert _statements._SQLALCHEMY_COMMIT is Connection._commit_impl.__code__
+    assert "do_commit" in Connection._commit_impl.__code__.co_names
+
+
 @pytest.mark.parametrize("how", list(COMMITTING))
 def test_a_lost_commit_answer_with_self_healing_off_is_an_unknown_outcome(
     proxied: sa.Engine,
