@@ -4,11 +4,16 @@ object's. The flush guard judges that move, as the trigger judges the UPDATE: an
 blocked at flush, before anything is written, with or without the trigger (before, the flush
 guard judged only the new object's initial state: the trigger refused it at COMMIT time, and
 without the trigger a completed task went back to pending). The same delete and add in two
-flushes are a DELETE and an INSERT, allowed. Real server, sync and async."""
+flushes are a DELETE and an INSERT, allowed. A legal row switch into a state no new row starts
+in goes through (it was refused as a new row's), and its UPDATE is a compare-and-set like a
+changed row's: a row another transaction moved meanwhile raises StaleTransitionError (it was
+written over, or refused by the trigger as an illegal move). Real server, sync and async."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
 import sqlalchemy as sa
@@ -105,5 +110,147 @@ async def test_async_an_illegal_row_switch_is_blocked_at_flush(
                 await session.commit()
         assert (blocked.value.via, blocked.value.from_state) == ("flush", "completed")
         assert stored(engine) == [("old", "completed")]
+    finally:
+        await aengine.dispose()
+
+
+def test_a_legal_row_switch_into_a_state_no_new_row_starts_in_goes_through(
+    engine: sa.Engine, service: str
+) -> None:
+    reset(engine, "pending")
+    Sessions = rdb.ResilientSession(engine, service=service)
+    with Sessions.begin() as session:  # pending -> in_progress: legal, though not initial
+        session.delete(session.get_one(Task, 1))
+        session.add(Task(id=1, title="switched", status="in_progress"))
+    assert stored(engine) == [("switched", "in_progress")]
+
+
+def move_by_hand(engine: sa.Engine, status: str) -> None:
+    """Another transaction moves row 1 (legally: the trigger lets it) and commits."""
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE tasks SET status = :s WHERE id = 1"), {"s": status})
+
+
+def test_a_row_switch_is_a_compare_and_set(engine: sa.Engine, service: str) -> None:
+    reset(engine, "in_progress")
+    Sessions = rdb.ResilientSession(engine, service=service)
+    with Sessions() as session:
+        task = session.get_one(Task, 1)
+        move_by_hand(engine, "completed")  # committed after the row was loaded
+        session.delete(task)
+        session.add(Task(id=1, title="new", status="pending"))  # legal from in_progress
+        with pytest.raises(rdb.StaleTransitionError) as stale:
+            session.commit()
+    err = stale.value
+    assert (err.via, err.pk, err.from_state, err.to_state) == ("flush", 1, "in_progress", "pending")
+    assert "now holds 'completed'" in err.reason
+    assert stored(engine) == [("old", "completed")]
+
+
+def test_a_row_switch_waiting_for_the_row_lock_of_another_transaction_is_stale(
+    engine: sa.Engine, service: str
+) -> None:
+    """The row switch's UPDATE waits for the transaction holding the row; once that one
+    commits its move, the UPDATE matches no row (the compare-and-set): stale."""
+    reset(engine, "in_progress")
+    Sessions = rdb.ResilientSession(engine, service=service)
+    outcome: list[BaseException | None] = []
+    with Sessions() as session, engine.connect() as winner:
+        task = session.get_one(Task, 1)
+        winner.execute(sa.text("UPDATE tasks SET status = 'completed' WHERE id = 1"))
+        session.delete(task)
+        session.add(Task(id=1, title="new", status="pending"))
+
+        def flush() -> None:
+            try:
+                session.flush()
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=flush)
+        thread.start()
+        try:
+            wait_until(lambda: waiting_for_a_row(engine) == 1 or not thread.is_alive())
+            assert thread.is_alive(), outcome  # the flush's UPDATE waits for the winner
+        finally:
+            winner.commit()
+            thread.join(timeout=60)
+        assert not thread.is_alive()
+        session.rollback()
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], rdb.StaleTransitionError), outcome
+    assert stored(engine) == [("old", "completed")]
+
+
+def test_a_row_switch_of_a_status_not_loaded_is_judged_from_the_row(
+    engine: sa.Engine, service: str
+) -> None:
+    reset(engine, "in_progress")
+    Sessions = rdb.ResilientSession(engine, service=service)
+    with Sessions() as session:
+        task = session.get_one(Task, 1)
+        session.expire(task, ["status"])
+        move_by_hand(engine, "completed")
+        session.delete(task)
+        session.add(Task(id=1, title="new", status="pending"))
+        with pytest.raises(rdb.IllegalTransitionError) as blocked:
+            session.commit()
+    err = blocked.value
+    assert (err.via, err.from_state, err.to_state) == ("flush", "completed", "pending")
+    assert stored(engine) == [("old", "completed")]
+
+
+def waiting_for_a_row(engine: sa.Engine) -> int:
+    """Backends of this database waiting for a lock in an UPDATE of tasks."""
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock' AND query LIKE 'UPDATE tasks%'"
+                )
+            ).scalar_one()
+        )
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Polls ``condition`` (a bounded loop: it orders nothing, the server's lock does)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.mark.asyncio
+async def test_async_a_row_switch_of_several_rows_is_a_compare_and_set(
+    engine: sa.Engine, pg_server: PostgresServer, pg_database: str, service: str
+) -> None:
+    """Two rows switched in one flush: asyncpg's executemany, whose UPDATE makes the server
+    raise for the row that moved (it reports no row count), names row 2."""
+    reset(engine, "in_progress")
+    with engine.begin() as conn:
+        conn.exec_driver_sql(BYPASS_BY_HAND)
+        conn.exec_driver_sql("INSERT INTO tasks VALUES (2, 'old', 'in_progress')")
+    aengine = create_async_engine(pg_server.url(pg_database, driver="asyncpg"))
+    try:
+        Sessions = rdb.AsyncResilientSession(aengine, service=service)
+        async with Sessions() as session:
+            tasks = [await session.get_one(Task, n) for n in (1, 2)]
+            with engine.begin() as conn:
+                conn.exec_driver_sql("UPDATE tasks SET status = 'completed' WHERE id = 2")
+            for task in tasks:
+                await session.delete(task)
+            session.add_all([Task(id=n, title="new", status="pending") for n in (1, 2)])
+            with pytest.raises(rdb.StaleTransitionError) as stale:
+                await session.commit()
+        err = stale.value
+        assert (err.pk, err.from_state, err.to_state) == (2, "in_progress", "pending")
+        assert "now holds 'completed'" in err.reason
+        assert sorted(stored(engine)) == [("old", "completed"), ("old", "in_progress")]
+        async with Sessions.begin() as session:  # legal and not raced: goes through
+            await session.delete(await session.get_one(Task, 1))
+            session.add(Task(id=1, title="switched", status="pending"))
+        assert ("switched", "pending") in stored(engine)
     finally:
         await aengine.dispose()

@@ -24,7 +24,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Mapper, Session, UOWTransaction, object_session
 from sqlalchemy.orm.attributes import instance_state
-from sqlalchemy.orm.base import PASSIVE_NO_INITIALIZE
+from sqlalchemy.orm.base import NEVER_SET, NO_VALUE, PASSIVE_NO_INITIALIZE
 from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.sql.elements import ClauseElement
 
@@ -63,13 +63,18 @@ def before_flush(
     replaced: dict[Any, InstanceState[Any]] | None = None  # deleted rows, by identity key
     for obj in list(new) if only is None else [o for o in new if id(o) in only]:
         state = instance_state(obj)  # the session's objects are mapped: no inspect() needed
-        for guard in guards_of[state.mapper]:
-            errors.extend(_check_insert(guard, state))
-            if replaced is None:
-                gone = (instance_state(o) for o in session.deleted)
-                replaced = {d.key: d for d in gone if d.key is not None}
-            if replaced:
-                errors.extend(_check_row_switch(guard, state, replaced))
+        guards = guards_of[state.mapper]
+        if not guards:
+            continue
+        if replaced is None:
+            gone = (instance_state(o) for o in session.deleted)
+            replaced = {d.key: d for d in gone if d.key is not None}
+        switched = _switched_from(state, replaced) if replaced else None
+        for guard in guards:
+            if switched is None:
+                errors.extend(_check_insert(guard, state))
+            else:
+                _check_row_switch(guard, state, switched, changes, errors)
     # mappers of guarded rows this flush updates with no change of status seen here: a mapper's
     # before_update listener may still set one during the flush (checked when it is sent)
     touched: set[Mapper[Any]] = set()
@@ -170,36 +175,60 @@ def _check_insert(guard: Guard, state: InstanceState[Any]) -> list[IllegalTransi
     ]
 
 
-def _check_row_switch(
-    guard: Guard, state: InstanceState[Any], replaced: dict[Any, InstanceState[Any]]
-) -> list[IllegalTransitionError]:
-    """A new object with the key of a row deleted in the same flush: SQLAlchemy sends the pair
-    as one UPDATE of that row (its "row switch"), which moves the row from the state it was
-    loaded in to the new object's, so the move is judged as one (the trigger judges that
-    UPDATE so too; the same delete and add in two flushes are a DELETE and an INSERT)."""
+def _switched_from(
+    state: InstanceState[Any], replaced: dict[Any, InstanceState[Any]]
+) -> InstanceState[Any] | None:
+    """The deleted row a new object replaces in this flush (the same identity key), if any:
+    SQLAlchemy sends the pair as one UPDATE of that row (its "row switch")."""
     key = state.mapper.identity_key_from_instance(state.obj())
     if None in key[1]:
-        return []  # no key of its own yet (the database gives it): no row to switch to
-    gone = replaced.get(key)
-    if gone is None:
-        return []
+        return None  # no key of its own yet (the database gives it): no row to switch to
+    return replaced.get(key)
+
+
+def _check_row_switch(
+    guard: Guard,
+    state: InstanceState[Any],
+    gone: InstanceState[Any],
+    changes: list[Change],
+    errors: list[IllegalTransitionError],
+) -> None:
+    """A new object replacing the row ``gone`` (deleted in the same flush, same key): the
+    UPDATE SQLAlchemy sends for the pair moves the row from the state it was loaded in to the
+    new object's, so the move is judged as one, not as a new row's (the trigger judges that
+    UPDATE so too; the same delete and add in two flushes are a DELETE and an INSERT). A legal
+    move is recorded like a changed row's (``changes``), so its UPDATE is a compare-and-set; a
+    state that was not loaded is read first, as for a changed row."""
     attr = guard.attr_key
-    old = gone.committed_state.get(attr, gone.dict.get(attr))
+    if attr not in state.committed_state:
+        return  # not set on the new object: SQLAlchemy's UPDATE leaves the column alone
     new = state.dict.get(attr)
-    if old is None or new is None or isinstance(new, ClauseElement):
-        return []  # not loaded, or not known before the flush: the trigger judges it
-    if guard.legal(guard.key(old), guard.key(new)):
-        return []
-    identity = key[1]
-    change = Change(guard, guard.pk_of(identity), identity, old, True, new, state.mapper)
+    if new.__class__ is not str and (
+        isinstance(new, ClauseElement) or hasattr(new, "__clause_element__")
+    ):
+        return  # a SQL expression: only the trigger can see its value
+    old = gone.committed_state.get(attr, _UNSET)
+    if old is _UNSET:
+        old = gone.dict.get(attr, _UNSET)
+    known = old is not _UNSET and old is not NO_VALUE and old is not NEVER_SET
+    identity = gone.key[1]  # type: ignore[index]
+    change = Change(
+        guard, guard.pk_of(identity), identity, old if known else None, known, new, state.mapper
+    )
+    if not known or guard.legal(guard.key(old), guard.key(new)):
+        changes.append(change)
+        return
     err = illegal(change, old, "flush")
-    return [
+    errors.append(
         with_reason(
             err,
             f"{err.reason}; a row deleted and added again with the same key in one flush is "
             "written as an UPDATE of the row: flush the delete first to replace it",
         )
-    ]
+    )
+
+
+_UNSET: Any = object()
 
 
 def _pending_pk(guard: Guard, state: InstanceState[Any]) -> tuple[Any, ...] | None:
