@@ -25,7 +25,7 @@ from resilient_db._errors import IllegalTransitionError
 from resilient_db._observability import emit
 
 from ._bypass import active_config
-from ._changes import Change, illegal, in_key_order, read_by_keys
+from ._changes import Change, as_declared, illegal, in_key_order, read_by_keys
 from ._report import count, logger, report, row_keys, row_label
 from ._rules import Guard, Key, TransitionRulesError, compiled_guards, plain, same_rules, sort_key
 
@@ -385,7 +385,7 @@ def _check_rows(
                     pk=guard.pk_of(first[:n_pk]),
                     column=guard.attr_key,
                     from_state=first[n_pk],
-                    to_state=first[n_pk + 1] if new_expr is not None else value,
+                    to_state=first[n_pk + 1] if new_expr is not None else as_declared(guard, value),
                     via="orm-update",
                     reason=(
                         f"{len(rows)} matching row(s) may not make this move; nothing was updated"

@@ -20,6 +20,7 @@ from ._rules import Guard, plain, sort_key, written_by_name
 
 __all__ = [
     "Change",
+    "as_declared",
     "chunks",
     "illegal",
     "in_key_order",
@@ -65,6 +66,16 @@ def with_reason(err: IllegalTransitionError, reason: str) -> IllegalTransitionEr
     )
 
 
+def as_declared(guard: Guard, value: Any) -> Any:
+    """``value``, a state as assigned, in the form the declared states have, for errors: a
+    string naming a declared state by its database spelling (an ``Enum`` column's member by
+    its name, a ``str`` enum's member by its value) is that state; anything else is as
+    given."""
+    if value.__class__ is not str:
+        return value
+    return guard.states.get(guard.key(value), value)
+
+
 def illegal(change: Change, old: Any, via: str) -> IllegalTransitionError:
     guard = change.guard
     nxt = guard.next.get(guard.key(old), frozenset())
@@ -82,7 +93,7 @@ def illegal(change: Change, old: Any, via: str) -> IllegalTransitionError:
         pk=change.pk,
         column=guard.attr_key,
         from_state=old,
-        to_state=change.new,
+        to_state=as_declared(guard, change.new),
         via=via,
         reason=reason,
     )

@@ -35,7 +35,15 @@ from resilient_db._state import STATE
 from resilient_db._statements import StatementGuard, current_attempt, note_write
 
 from ._bypass import active_config
-from ._changes import Change, illegal, in_key_order, raise_errors, read_by_keys, with_reason
+from ._changes import (
+    Change,
+    as_declared,
+    illegal,
+    in_key_order,
+    raise_errors,
+    read_by_keys,
+    with_reason,
+)
 from ._rules import Guard, compiled_guards, plain, sort_key
 
 __all__ = [
@@ -167,7 +175,7 @@ def _check_insert(guard: Guard, state: InstanceState[Any]) -> list[IllegalTransi
             pk=pk,
             column=guard.attr_key,
             from_state=None,
-            to_state=value,
+            to_state=as_declared(guard, value),
             via="flush",
             reason=f"new rows must start in one of: {allowed}",
             inserted=True,
@@ -276,7 +284,7 @@ def _stale(change: Change, reason: str, from_state: Any = None) -> StaleTransiti
         pk=change.pk,
         column=guard.attr_key,
         from_state=change.old if from_state is None else from_state,
-        to_state=change.new,
+        to_state=as_declared(guard, change.new),
         via="flush",
         reason=reason,
     )
