@@ -947,8 +947,8 @@ def test_rows_moved_to_the_same_state_in_a_many_row_flush(
             )
         with pytest.raises(StaleTransitionError) as info:
             s.flush()
-        assert info.value.to_state == "in_progress"
-        assert "1 of the 3 rows" in info.value.reason
+        assert (info.value.pk, info.value.to_state) == (ids[1], "in_progress")
+        assert "had already moved the row to 'in_progress'" in info.value.reason
         s.rollback()
 
 

@@ -1015,23 +1015,36 @@ def _stale_rows(
     conn: Connection, guards: tuple[Guard, ...], expected: list[_Row], matched: int
 ) -> list[IllegalTransitionError]:
     """The error path of a compare-and-set UPDATE that matched fewer rows than it was sent for:
-    read what the rows hold now and say which moved."""
+    read what the rows hold now and say which moved.
+
+    A row that now holds the state this flush wrote was updated by it, or moved there first by
+    another transaction: on PostgreSQL the row's ``xmin`` tells them apart (this transaction
+    wrote the row's current version). That answer is used only when it accounts for exactly
+    the rows the UPDATE matched (not within a savepoint, whose rows carry the savepoint's own
+    transaction id); else no row is named (``pk`` None) rather than a wrong one."""
     first = guards[0]
     keys = in_key_order({found[first.column].change.identity for found in expected})
     position = {identity: i for i, identity in enumerate(keys)}
     rows = sorted(expected, key=lambda found: position[found[first.column].change.identity])
-    current = _read_states(conn, first.pk_columns, [g.column for g in guards], keys, lock=False)
+    columns: list[Any] = [g.column for g in guards]
+    if conn.dialect.name == "postgresql":
+        columns.append(_written_here(first.table))
+    current = _read_states(conn, first.pk_columns, columns, keys, lock=False)
+    n_guards = len(guards)
     stale: list[IllegalTransitionError] = []
     unsure: list[_Row] = []
+    written_here = 0  # rows whose current version this transaction wrote
     for found in rows:
         change = found[first.column].change
         now = current.get(change.identity)
         if now is None:
             stale.append(_stale(change, "the row no longer exists", found[first.column].value))
             continue
+        if now[n_guards:] and now[n_guards]:
+            written_here += 1
         moved = [
             (g, value)
-            for g, value in zip(guards, now, strict=True)
+            for g, value in zip(guards, now[:n_guards], strict=True)
             if g.key(value) != g.key(found[g.column].value)
         ]
         if not moved:
@@ -1047,16 +1060,39 @@ def _stale_rows(
     missing = len(rows) - matched - len(stale)
     if missing > 0 and unsure:
         # Rows that another transaction had already moved to the state this flush was writing
-        # look the same as rows this flush updated; name the first and say how many.
-        found = unsure[0]
-        change = found[first.column].change
+        # look the same as rows this flush updated, but for who wrote them.
+        if written_here == matched and len(columns) > n_guards:
+            there_first = [f for f in unsure if not current[f[first.column].change.identity][-1]]
+            if len(there_first) == missing:
+                for found in there_first:
+                    expect = found[first.column]
+                    reason = (
+                        f"another transaction had already moved the row to "
+                        f"{plain(expect.change.new)!r}; reload it and decide again"
+                    )
+                    stale.append(_stale(expect.change, reason, expect.value))
+                return stale
+        # Else no row is named, and no state it was in unless they all were in one.
+        expect = unsure[0][first.column]
+        held = {first.key(f[first.column].value) for f in unsure}
+        change = expect.change._replace(pk=None, old=expect.value if len(held) == 1 else None)
         stale.append(
             _stale(
                 change,
                 f"{missing} of the {len(unsure)} rows of this UPDATE that now hold "
-                f"{plain(change.new)!r} had already been moved there by another transaction; "
-                "reload them and decide again",
-                found[first.column].value,
+                f"{plain(change.new)!r} had already been moved there by another transaction, "
+                "which of them can't be told; reload them and decide again",
             )
         )
     return stale
+
+
+def _written_here(table: sa.Table) -> Any:
+    """True for a row of ``table`` whose current version this transaction wrote (its ``xmin``
+    is the low 32 bits of the transaction's id; NULL before the transaction wrote anything).
+    The system column is named with its table: a join hides it otherwise."""
+    xmin: sa.ColumnClause[Any] = sa.column("xmin")
+    xmin.table = table
+    return sa.cast(sa.cast(xmin, sa.Text), sa.BigInteger) == (
+        sa.func.txid_current_if_assigned() % 4294967296
+    )

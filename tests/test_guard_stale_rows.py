@@ -1,0 +1,179 @@
+"""A flush moving several rows of one table, one of which another transaction had already moved
+to the very state this flush writes: the compare-and-set UPDATE matches one row fewer, and the
+row count (psycopg's executemany, sync and async) says how many, not which. The
+StaleTransitionError named the first row of the UPDATE, which nobody else had touched; it now
+names the row that moved (its current version was not written by this transaction), and the
+409 body with row keys says the same. Where that can't be told (inside a savepoint, whose rows
+carry the savepoint's own transaction id), no row is named (``pk`` None). asyncpg names the row
+through the condition that makes the server raise (tests/test_transitions_async.py). Real
+server, real concurrent transactions."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+import resilient_db as rdb
+from resilient_db.testing import PostgresServer
+from resilient_db.web import problem_details
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Task(Base):
+    __tablename__ = "tasks"
+    __transitions__ = rdb.TransitionRules(
+        column="status",
+        transitions={"pending": {"in_progress", "cancelled"}, "in_progress": {"completed"}},
+        initial={"pending"},
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    status: Mapped[str] = mapped_column(sa.String(40), default="pending")
+
+
+ROW_KEYS = rdb.load_config(environ={}).replace(log_row_keys=True)
+
+
+@pytest.fixture
+def engine(pg_url: str) -> Iterator[sa.Engine]:
+    eng = sa.create_engine(pg_url)
+    Base.metadata.create_all(eng)
+    with eng.begin() as conn:
+        conn.execute(sa.insert(Task), [{"id": n, "status": "pending"} for n in (1, 2, 3)])
+    yield eng
+    eng.dispose()
+
+
+def stored(engine: sa.Engine) -> list[str]:
+    with engine.connect() as conn:
+        return list(conn.scalars(sa.text("SELECT status FROM tasks ORDER BY id")))
+
+
+def move_row_3(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE tasks SET status = 'in_progress' WHERE id = 3")
+
+
+def assert_names_row_3(err: rdb.StaleTransitionError) -> None:
+    assert (err.pk, err.from_state, err.to_state, err.via) == (3, "pending", "in_progress", "flush")
+    assert "another transaction had already moved the row to 'in_progress'" in err.reason
+    assert problem_details(err, config=ROW_KEYS).body["pk"] == 3
+
+
+def test_the_row_another_transaction_moved_to_the_same_state_is_named(
+    engine: sa.Engine, service: str
+) -> None:
+    Sessions = rdb.ResilientSession(engine, service=service, config=ROW_KEYS)
+    with Sessions() as session:
+        for task in session.scalars(sa.select(Task).order_by(Task.id)):
+            task.status = "in_progress"
+        move_row_3(engine)
+        with pytest.raises(rdb.StaleTransitionError) as stale:
+            session.flush()
+    assert_names_row_3(stale.value)
+    assert stored(engine) == ["pending", "pending", "in_progress"]
+
+
+def test_the_row_moved_while_the_update_waited_for_its_lock_is_named(
+    engine: sa.Engine, service: str
+) -> None:
+    """The flush's UPDATE waits for the transaction holding row 3; once that one commits the
+    same move, the UPDATE skips row 3 (the compare-and-set) and updates rows 1 and 2."""
+    Sessions = rdb.ResilientSession(engine, service=service, config=ROW_KEYS)
+    outcome: list[BaseException | None] = []
+    with Sessions() as session, engine.connect() as winner:
+        for task in session.scalars(sa.select(Task).order_by(Task.id)):
+            task.status = "in_progress"
+        winner.exec_driver_sql("UPDATE tasks SET status = 'in_progress' WHERE id = 3")
+
+        def flush() -> None:
+            try:
+                session.flush()
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=flush)
+        thread.start()
+        try:
+            wait_until(lambda: waiting_for_a_row(engine) == 1 or not thread.is_alive())
+            assert thread.is_alive(), outcome  # the flush's UPDATE waits for the winner
+        finally:
+            winner.commit()
+            thread.join(timeout=60)
+        assert not thread.is_alive()
+        session.rollback()
+    [err] = outcome
+    assert isinstance(err, rdb.StaleTransitionError), err
+    assert_names_row_3(err)
+    assert stored(engine) == ["pending", "pending", "in_progress"]
+
+
+def test_inside_a_savepoint_no_row_is_named(engine: sa.Engine, service: str) -> None:
+    """The savepoint's rows carry its own transaction id: who wrote which can't be told, so
+    the error says so and names no row (it named row 1)."""
+    Sessions = rdb.ResilientSession(engine, service=service, config=ROW_KEYS)
+    with Sessions() as session:
+        tasks = list(session.scalars(sa.select(Task).order_by(Task.id)))
+        move_row_3(engine)
+        with pytest.raises(rdb.StaleTransitionError) as stale:
+            savepoint_flush(session, tasks)
+    err = stale.value
+    assert (err.pk, err.from_state, err.to_state) == (None, "pending", "in_progress")
+    assert "which of them can't be told" in err.reason
+    assert problem_details(err, config=ROW_KEYS).body["pk"] is None
+    assert stored(engine) == ["pending", "pending", "in_progress"]
+
+
+def savepoint_flush(session: Session, tasks: list[Task]) -> None:
+    with session.begin_nested():
+        for task in tasks:
+            task.status = "in_progress"
+
+
+@pytest.mark.asyncio
+async def test_async_psycopg_names_the_row_another_transaction_moved(
+    engine: sa.Engine, pg_server: PostgresServer, pg_database: str, service: str
+) -> None:
+    aengine = create_async_engine(pg_server.url(pg_database, driver="psycopg"))
+    try:
+        Sessions = rdb.AsyncResilientSession(aengine, service=service, config=ROW_KEYS)
+        async with Sessions() as session:
+            for task in await session.scalars(sa.select(Task).order_by(Task.id)):
+                task.status = "in_progress"
+            move_row_3(engine)
+            with pytest.raises(rdb.StaleTransitionError) as stale:
+                await session.flush()
+        assert_names_row_3(stale.value)
+        assert stored(engine) == ["pending", "pending", "in_progress"]
+    finally:
+        await aengine.dispose()
+
+
+def waiting_for_a_row(engine: sa.Engine) -> int:
+    """Backends of this database waiting for a lock in an UPDATE of tasks."""
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock' AND query LIKE 'UPDATE tasks%'"
+                )
+            ).scalar_one()
+        )
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Polls ``condition`` (a bounded loop: it orders nothing, the server's lock does)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
