@@ -15,6 +15,7 @@ import contextlib
 import enum
 import logging
 import sys
+import time
 import traceback
 from collections.abc import Iterable, Iterator, Mapping
 from types import MappingProxyType
@@ -131,6 +132,27 @@ def mark_commit_unanswered(exc: BaseException) -> None:
     twice)."""
     with contextlib.suppress(AttributeError, TypeError):
         setattr(exc, _COMMIT_UNANSWERED, True)
+
+
+_BREAKER_OPEN_FOR = "resilient_db_breaker_open_for"
+
+
+def mark_breaker_open(exc: BaseException, seconds: float) -> None:
+    """Record on ``exc``, the error a unit gave up on, that the circuit breaker its failures
+    opened refuses attempts for ``seconds`` more (a web answer's ``Retry-After``: a client
+    told to retry sooner would only meet the open circuit)."""
+    with contextlib.suppress(AttributeError, TypeError):  # a type that takes no attributes
+        setattr(exc, _BREAKER_OPEN_FOR, (seconds, time.monotonic()))
+
+
+def breaker_open_for(exc: BaseException) -> float:
+    """Seconds the breaker recorded by :func:`mark_breaker_open` still refuses attempts for,
+    as of now (0: none recorded, or it has run out)."""
+    try:
+        seconds, when = getattr(exc, _BREAKER_OPEN_FOR)
+        return max(0.0, float(seconds) - (time.monotonic() - float(when)))
+    except Exception:  # not recorded, or a type whose attribute lookup misbehaves
+        return 0.0
 
 
 _OUTCOME = "resilient_db_outcome"

@@ -30,6 +30,7 @@ from ._classify import (
     debug_failure,
     hot_standby_hint,
     hot_standby_of,
+    mark_breaker_open,
     mark_outcome,
     mark_partly_committed,
     partly_committed,
@@ -536,6 +537,13 @@ class Policy:
             raise CircuitOpenError(self.service, refused[0], cause=cause) from exc
         if cause is not None:
             _add_note(exc, f"resilient_db: {cause}")
+        breaker = self.breaker
+        if breaker is not None and outcome in _RETRYABLE:
+            # its last failure opened the breaker (the retries had run out then): the web
+            # layer's Retry-After says how long it refuses, not "retry shortly"
+            open_for = breaker.open_for()
+            if open_for > 0:
+                mark_breaker_open(exc, open_for)
 
     def _refused_retry(self, exc: BaseException, last: BaseException, retries: int) -> None:
         """The breaker refused the unit's next retry (``exc``, a :class:`CircuitOpenError`): it

@@ -16,7 +16,13 @@ from typing import Any
 
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from resilient_db._classify import Outcome, classify, marked_outcome, partly_committed
+from resilient_db._classify import (
+    Outcome,
+    breaker_open_for,
+    classify,
+    marked_outcome,
+    partly_committed,
+)
 from resilient_db._config import Config
 from resilient_db._errors import (
     CircuitOpenError,
@@ -389,15 +395,25 @@ def _problem_of(exc: BaseException, config: Config | None, type_base: str) -> Pr
             {"Retry-After": str(TRANSIENT_RETRY_AFTER)},
         )
     if outcome.transient:  # a DBAPIError, or a driver's own error (asyncpg's refused connect)
+        open_for = breaker_open_for(exc)
+        if open_for > 0:  # its failures opened the breaker: a sooner retry meets it
+            seconds = retry_after_seconds(open_for)
+            detail = (
+                "The database failed with a transient error, and the circuit breaker opened: "
+                f"requests are not attempted for {seconds} s. Retry after that."
+            )
+        else:
+            seconds = TRANSIENT_RETRY_AFTER
+            detail = "The database failed with a transient error. Retry shortly."
         return Problem(
             503,
             body(
                 "database-unavailable",
                 "Database temporarily unavailable",
                 503,
-                "The database failed with a transient error. Retry shortly.",
-                retry_after=TRANSIENT_RETRY_AFTER,
+                detail,
+                retry_after=seconds,
             ),
-            {"Retry-After": str(TRANSIENT_RETRY_AFTER)},
+            {"Retry-After": str(seconds)},
         )
     return None
