@@ -123,7 +123,6 @@ class _Named(NamedTuple):
     status: Any  # the guarded column
     pks: tuple[Any, ...]  # the primary key
     of: Any  # what a locking read locks
-    counted: Any  # the key counted in filter mode (brings a subclass's criteria)
 
 
 def _named(stmt: Any, mapper: Mapper[Any], guard: Guard) -> _Named:
@@ -134,7 +133,6 @@ def _named(stmt: Any, mapper: Mapper[Any], guard: Guard) -> _Named:
             getattr(mapper.class_, guard.attr_key),
             guard.pk_columns,
             guard.table,
-            getattr(mapper.class_, guard.pk_attr_keys[0]),
         )
     selectable = insp.selectable
     pks = tuple(
@@ -151,12 +149,7 @@ def _named(stmt: Any, mapper: Mapper[Any], guard: Guard) -> _Named:
             f"{guard.table.name!r}: the guard of {guard.model}.{guard.attr_key} can't name "
             f"its rows; update({guard.model}) instead"
         )
-    return _Named(
-        getattr(entity, guard.attr_key),
-        pks,
-        selectable,
-        getattr(entity, guard.pk_attr_keys[0]),
-    )
+    return _Named(getattr(entity, guard.attr_key), pks, selectable)
 
 
 def _membership(expr: Any, guard: Guard, keys: Collection[Key]) -> ColumnElement[bool]:
@@ -361,24 +354,51 @@ def _check_rows(
 ) -> None:
     """Before a bulk UPDATE restricted to the rows that may legally move (``where``: the
     statement's own criteria and the legal condition): raise for the first row it would
-    leave behind ("raise" mode, rows locked so the answer holds), or count and log them
-    ("filter" mode), one query per parameter set. ``new``: the target as a SQL expression
-    (or None) and as a value (when static)."""
+    leave behind ("raise" mode), or count and log them ("filter" mode), one query per
+    parameter set. ``new``: the target as a SQL expression (or None) and as a value (when
+    static).
+
+    The query locks every row the statement's criteria match (in key order, as concurrent
+    flushes lock), not only those it would leave behind, so that the answer holds for the
+    UPDATE that follows: another transaction can no longer move a row the check found legal
+    into a state the UPDATE then leaves out, unseen (the UPDATE locks those rows itself
+    anyway, a moment later). It returns only the rows left behind (or their count). Rows that
+    come to match the criteria only after the check (a change committed in between, under
+    READ COMMITTED) are judged by the UPDATE's condition alone."""
     criteria, legal = where
     new_expr, value = new
     col = named.status
     blocked = sa.not_(sa.func.coalesce(legal, sa.false()))
     conn = session.connection(bind_arguments={"mapper": mapper})
+    n_pk = len(named.pks)
+    # the mapped attribute brings the ORM's criteria of a single-table subclass (the
+    # discriminator), as the UPDATE has them
+    selected = [
+        *(pk.label(f"rdb_k{n}") for n, pk in enumerate(named.pks)),
+        col.label("rdb_old"),
+        blocked.label("rdb_blocked"),
+    ]
+    if new_expr is not None:
+        selected.append(new_expr.label("rdb_new"))
+    matched = sa.select(*selected)
+    if criteria is not None:
+        matched = matched.where(criteria)
+    matched = matched.order_by(*named.pks).with_for_update(of=named.of)
+    # materialized: the server runs the locking read in full, whatever the outer query keeps
+    rows_q = matched.cte("rdb_matched").prefix_with("MATERIALIZED", dialect="postgresql")
+    left = rows_q.c
     if config.bulk_update == "raise":
-        extra = [new_expr.label("rdb_new")] if new_expr is not None else []
-        query = sa.select(*named.pks, col, *extra).where(blocked)
-        if criteria is not None:
-            query = query.where(criteria)
-        query = query.order_by(*named.pks).with_for_update(of=named.of)
+        shown_cols = [*(left[f"rdb_k{n}"] for n in range(n_pk)), left.rdb_old]
+        if new_expr is not None:
+            shown_cols.append(left.rdb_new)
+        query = (
+            sa.select(*shown_cols)
+            .where(left.rdb_blocked)
+            .order_by(*(left[f"rdb_k{n}"] for n in range(n_pk)))
+        )
         for exec_params in param_sets:
             rows = conn.execute(query, exec_params).all()
             if rows:
-                n_pk = len(guard.pk_columns)
                 first = rows[0]
                 err = IllegalTransitionError(
                     model=guard.model,
@@ -394,11 +414,7 @@ def _check_rows(
                 report(err, config, blocked_rows=len(rows))
                 raise err
         return
-    # counted through the mapped class: its primary key brings the ORM's criteria of a
-    # single-table subclass (the discriminator), as the UPDATE has them
-    count_q = sa.select(sa.func.count(named.counted)).where(blocked)
-    if criteria is not None:
-        count_q = count_q.where(criteria)
+    count_q = sa.select(sa.func.count()).select_from(rows_q).where(left.rdb_blocked)
     n_blocked = sum(int(conn.execute(count_q, p).scalar_one()) for p in param_sets)
     if n_blocked:
         count("bulk_rows_filtered", n_blocked)
