@@ -71,18 +71,16 @@ def before_flush(
     replaced: dict[Any, InstanceState[Any]] | None = None  # deleted rows, by identity key
     for obj in list(new) if only is None else [o for o in new if id(o) in only]:
         state = instance_state(obj)  # the session's objects are mapped: no inspect() needed
-        guards = guards_of[state.mapper]
-        if not guards:
-            continue
-        if replaced is None:
-            gone = (instance_state(o) for o in session.deleted)
-            replaced = {d.key: d for d in gone if d.key is not None}
-        switched = _switched_from(state, replaced) if replaced else None
-        for guard in guards:
-            if switched is None:
-                errors.extend(_check_insert(guard, state))
-            else:
-                _check_row_switch(guard, state, switched, changes, errors)
+        if guards := guards_of[state.mapper]:
+            if replaced is None:
+                gone = (instance_state(o) for o in session.deleted)
+                replaced = {d.key: d for d in gone if d.key is not None}
+            switched = _switched_from(state, replaced) if replaced else None
+            for guard in guards:
+                if switched is None:
+                    errors.extend(_check_insert(guard, state))
+                else:
+                    _check_row_switch(guard, state, switched, changes, errors)
     # mappers of guarded rows this flush updates with no change of status seen here: a mapper's
     # before_update listener may still set one during the flush (checked when it is sent)
     touched: set[Mapper[Any]] = set()
