@@ -4,7 +4,8 @@ it found legal could be moved meanwhile into a state the UPDATE's added conditio
 silently, in both modes (``raise`` answered "done" for a statement it was to refuse, ``filter``
 neither logged nor counted the row). The check now locks every row the statement's criteria
 match, so the other transaction waits for this one, and the answer holds for the UPDATE. Real
-server, real concurrent transactions (a thread), ordered by the server's row locks."""
+server, real concurrent transactions (a thread), ordered by the server's row locks; sync
+(psycopg) and async (asyncpg)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import resilient_db as rdb
+from resilient_db.testing import PostgresServer
 from resilient_db.transitions._report import transition_stats
 
 
@@ -105,6 +108,48 @@ def test_a_row_moved_between_the_check_and_the_update_waits_for_it(
     assert after["bulk_rows_filtered"] == before["bulk_rows_filtered"]
     assert after["blocked_transitions"] == before["blocked_transitions"]
     with engine.connect() as conn:  # the other transaction's move, after this one's
+        assert list(conn.scalars(sa.text("SELECT status FROM tasks ORDER BY id"))) == [
+            "pending",
+            "completed",
+        ]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("mode", ["raise", "filter"])
+async def test_async_a_row_moved_between_the_check_and_the_update_waits_for_it(
+    engine: sa.Engine, pg_server: PostgresServer, pg_database: str, service: str, mode: str
+) -> None:
+    """As above, through ``AsyncResilientSession`` on asyncpg (the listener runs in the
+    session's greenlet, so the event loop waits with it: nothing else runs meanwhile)."""
+    aengine = create_async_engine(pg_server.url(pg_database, driver="asyncpg"))
+    config = rdb.load_config(environ={}).replace(bulk_update=mode, max_retries=0)
+    Sessions = rdb.AsyncResilientSession(aengine, service=service, config=config)
+    mover = threading.Thread(target=move_row_2, args=(engine,))
+    seen: dict[str, bool] = {}
+
+    def before_update(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if statement.startswith("UPDATE tasks") and mover.ident is None:
+            mover.start()
+            wait_until(lambda: waiting_for_a_row(engine) == 1 or not mover.is_alive())
+            seen["mover waited for the check's lock"] = mover.is_alive()
+
+    event.listen(aengine.sync_engine, "before_cursor_execute", before_update)
+    try:
+        async with Sessions() as session:
+            result: Any = await session.execute(
+                sa.update(Task).where(Task.id > 0).values(status="pending")
+            )
+            updated = int(result.rowcount)
+            statuses = list(await session.scalars(sa.select(Task.status).order_by(Task.id)))
+            await session.commit()
+    finally:
+        event.remove(aengine.sync_engine, "before_cursor_execute", before_update)
+        if mover.ident is not None:
+            mover.join(timeout=60)
+        await aengine.dispose()
+    assert seen == {"mover waited for the check's lock": True}
+    assert (updated, statuses) == (2, ["pending", "pending"])
+    with engine.connect() as conn:
         assert list(conn.scalars(sa.text("SELECT status FROM tasks ORDER BY id"))) == [
             "pending",
             "completed",
