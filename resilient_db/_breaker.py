@@ -532,6 +532,11 @@ class Breaker:
             age = max(0.0, now - started)
         self._last_cause = cause
         fleet = self._fleet
+        if fleet is not None and not fleet.up:
+            # a link still making its first attempt (a process just started): counted by the
+            # fleet, whose breaker may be open, not by a fresh closed one (at most the Redis
+            # timeout)
+            fleet.wait_first_attempt()
         if fleet is not None and fleet.up:
             with contextlib.suppress(FleetDown):
                 self._fleet_failure(fleet, age)

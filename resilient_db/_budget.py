@@ -308,6 +308,10 @@ class RetryBudget:
         """One retry of an outage: what paid for it (fleet-wide when shared), or None when the
         budget is spent. Given back by :meth:`refund` if its attempt never runs."""
         link = self._fleet
+        if link is not None and not link.up:
+            # a link still making its first attempt (a process just started): the fleet's
+            # word, not a full floor of this process's own (at most the Redis timeout)
+            link.wait_first_attempt()
         if link is not None and link.up:
             pending = self.take_pending()
             paid_by = link.budget_withdraw(self, pending)

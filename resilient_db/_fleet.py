@@ -62,6 +62,15 @@ fork-safe: a child process (gunicorn forks its workers after import) gets new lo
 and its own thread, and starts on its local state until it has synced with Redis. The first
 attempts its parent had not yet added to the fleet's budgets stay the parent's to send.
 
+A link connects in the background: in a process just started (or forked) it is not up for the
+first ~10 ms. The success path does not wait for it (a unit admitted then meets this process's
+fresh closed breaker), but the failure path does: a failure to count or a retry to pay for,
+while the thread's first attempt to reach Redis has not ended, waits for it (at most
+``redis_timeout``, once for all callers; see :meth:`FleetLink.wait_first_attempt`) and is then
+decided by the fleet, or alone when Redis did not answer. Deciding alone at once, every worker
+of a restart storm during an outage would count its failures from zero past the fleet's open
+breaker and spend a floor of retries of its own.
+
 One opening of a shared breaker counts once across the fleet: in ``breaker_opens`` of the process
 that made it (its failure, its probe's, its ``open()``); every other process follows it (logs
 it, rejects calls) and counts it in the breaker's ``shared.opens_followed``.
@@ -569,6 +578,8 @@ class FleetLink:
         self.breakers: dict[str, Any] = {}
         self.budgets: dict[str, Any] = {}
         self._new_locks()
+        self._first_attempt = threading.Event()  # (each start makes its own)
+        self._first_wait_until: float | None = None
         if start:
             self._start()
 
@@ -602,6 +613,12 @@ class FleetLink:
         into the caller (a factory being made, a unit's first call)."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        #: set once this start's first attempt to reach Redis has ended, up or down (see
+        #: :meth:`wait_first_attempt`), and when the link stops
+        self._first_attempt = threading.Event()
+        #: when failure-path calls stop waiting for that attempt: the first one to wait
+        #: sets it, the Redis timeout later (one bound for them all)
+        self._first_wait_until = None
         redis = self._redis
         timeout = self.config.redis_timeout
         try:
@@ -632,6 +649,7 @@ class FleetLink:
                 error=type(exc).__name__,
                 problem=problem,
             )
+            self._first_attempt.set()
             return
         self.channel = CHANNEL.format(db=self._client.get_connection_kwargs().get("db") or 0)
         self._scripts = {name: self._client.register_script(src) for name, src in _SCRIPTS.items()}
@@ -645,6 +663,7 @@ class FleetLink:
         socket timeout the thread's client has)."""
         self.up = False
         self._stop.set()
+        self._first_attempt.set()  # nobody waits for a link that stops
         thread = self._thread
         if thread is not None and thread.is_alive() and thread is not threading.current_thread():
             thread.join(timeout=2 * _TICK + timeout + 0.5)
@@ -655,7 +674,9 @@ class FleetLink:
     def reconfigure(self, config: Config) -> None:
         """Take ``config`` (a reload, or another factory's settings for this Redis). A new
         timeout restarts the client and the thread; meanwhile, a few milliseconds, breakers and
-        budgets run on their local state as while Redis is down (without a warning)."""
+        budgets run on their local state as while Redis is down (without a warning), their
+        failure path waiting for the new thread's first attempt as at the start (see
+        :meth:`wait_first_attempt`)."""
         with self._restart_lock:
             old, self.config = self.config, config
             if self.closed or old.redis_timeout == config.redis_timeout:
@@ -665,6 +686,29 @@ class FleetLink:
 
     def __repr__(self) -> str:
         return f"<FleetLink {self.masked_url} {'up' if self.up else 'down'}>"
+
+    def wait_first_attempt(self) -> None:
+        """The failure path of a breaker or budget finding the link not up: while the first
+        attempt of its thread to reach Redis has not ended (a process just started, or
+        forked: the link connects in the background, ~10 ms on a local Redis), wait for it,
+        then decide as the fleet says, or alone when Redis did not answer. A fresh process
+        deciding alone at once would start from a closed breaker and a full floor of retries
+        whatever the fleet's state, so every worker of a restart storm would add its own.
+
+        Bounded by the Redis timeout counted from the first call that waits, for every call
+        (threads, an event loop's tasks): together they wait at most that long once. Never
+        on the success path: the first unit's admission does not wait. Returns at once once
+        the attempt has ended, whatever it found, and in the link's own thread."""
+        first = self._first_attempt
+        if first.is_set() or threading.current_thread() is self._thread:
+            return
+        now = time.monotonic()
+        with self._lock:
+            if self._first_wait_until is None:
+                self._first_wait_until = now + self.config.redis_timeout
+            until = self._first_wait_until
+        if until > now:
+            first.wait(until - now)
 
     # -- attachments (see attach and detach) ---------------------------------------------------
     def sync_breaker(self, breaker: Any) -> None:
@@ -965,6 +1009,7 @@ class FleetLink:
                     pubsub.subscribe(self.channel)
                     self._subscribed(pubsub)
                     self._rejoin()
+                    self._first_attempt.set()  # (up: the failure path waiting asks Redis)
                 elif not self.up and self._clock() >= self._down_at + RECONNECT_INTERVAL:
                     # a failure-path command failed while the subscription lived (Redis slow,
                     # or refusing writes): at most one attempt per RECONNECT_INTERVAL
@@ -981,6 +1026,7 @@ class FleetLink:
                 if stop.is_set():
                     break
                 self.mark_down(exc)
+                self._first_attempt.set()  # (down: the failure path waiting decides alone)
                 if pubsub is not None:
                     with contextlib.suppress(Exception):
                         pubsub.close()
