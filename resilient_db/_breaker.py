@@ -99,6 +99,11 @@ class _LogListener(_pb.CircuitBreakerListener):
                 why = "an explicit open()"
             if b.open_cause is not None:
                 why = f"{why} (the last: {b.open_cause})"
+            # a shared opening says the time it has left (one made a while ago, by another
+            # process, followed now: by pub/sub, or read back on connecting); one made now,
+            # here or by Redis for this process's failure, the whole reset timeout
+            time_left, b.open_left = b.open_left, None
+            open_for = b.config.reset_timeout if time_left is None else time_left
             emit(
                 b.config,
                 log_breaker,
@@ -106,10 +111,11 @@ class _LogListener(_pb.CircuitBreakerListener):
                 "Circuit breaker opened: service=%s after %s; rejecting calls for %.1f s",
                 b.service,
                 why,
-                b.config.reset_timeout,
+                open_for,
                 service=b.service,
                 event="breaker_opened",
                 opened_here=not followed,
+                open_for=round(open_for, 3),
             )
         elif new == HALF_OPEN:
             emit(
@@ -188,6 +194,9 @@ class Breaker:
         self.close_reason: str | None = None  # why the next closing happens, when not recovery
         #: the next opening is another process's, followed through Redis (see _LogListener)
         self.open_followed = False
+        #: the seconds the next opening has left, when it is the shared breaker's (its line
+        #: says so; None: a local opening, for the whole reset timeout)
+        self.open_left: float | None = None
         #: openings of the shared breaker made by other processes that this one followed
         self.opens_followed = 0
         #: what the failures that opened the breaker were, when known (a hot standby refusing
@@ -983,6 +992,7 @@ class Breaker:
                     )
                 self.open_reason = reason
                 self.open_followed = not mine
+                self.open_left = max(0.0, remaining)
             self._set_state(state)
 
     # -- internals (callers hold self._lock) ------------------------------------------------

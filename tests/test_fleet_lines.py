@@ -5,13 +5,16 @@ not answer" alone does not say whose breakers and budgets now run on this proces
 from __future__ import annotations
 
 import logging
+import re
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from fleet import shared
+from fleet import Gate, fleet, shared
 from processes import wait_for
 
 import resilient_db as rdb
+from resilient_db import _fleet
 from resilient_db._config import mask_url
 from resilient_db._fleet import links
 from resilient_db.testing import RedisServer
@@ -83,4 +86,49 @@ def test_a_link_refused_by_the_client_names_its_first_service(
     assert line.self_heal["services"] == "ledger"  # type: ignore[attr-defined]
     assert "s3cret" not in caplog.text
     del factory
+    engine.dispose()
+
+
+def test_a_followed_opening_says_the_time_it_has_left(
+    redis_server: RedisServer,
+    pg_url: str,
+    gate: Gate,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Another process opened the shared breaker for its 600 s reset timeout (its line says
+    so), and 300 s of that have passed (the opening's end moved back in Redis, as if they
+    had). A process that follows it now says the time it has left, 300 s at most, not the
+    600 s of the reset timeout, in its line and its event."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    settings = {
+        "SELF_HEALING_REDIS_URL": redis_server.url,
+        "SELF_HEALING_RETRY": "false",
+        "SELF_HEALING_FAILURE_THRESHOLD": "1",
+        "SELF_HEALING_RESET_TIMEOUT": "600000",
+    }
+    gate.set(down=True)
+    with fleet(1, pg_url, settings, tmp_path) as (opener,):
+        assert opener.ask("wait", what="connected", timeout=20)["ok"], opener.log()
+        assert opener.run(1)["errors"] == {"57P03": 1}  # its failure opens the fleet's breaker
+        assert opener.ask("wait", what="open", timeout=10)["ok"], opener.log()
+        (opened,) = opener.said("Circuit breaker opened")
+        assert opened.endswith("rejecting calls for 600.0 s")  # made here: the whole timeout
+    key = _fleet._keys("fleet").breaker
+    client = redis_server.client()
+    client.hset(key, "until", repr(float(client.hget(key, "until")) - 300.0))
+
+    engine = sa.create_engine(pg_url)
+    config = rdb.Config(redis_url=redis_server.url, failure_threshold=1, reset_timeout=600.0)
+    rdb.ResilientSession(engine, service="fleet", config=config)
+    wait_for(lambda: bool(_records(caplog, "Circuit breaker opened")), "the opening followed", 10)
+    (line,) = _records(caplog, "Circuit breaker opened")
+    message = line.getMessage()
+    assert "after another process's failures (shared through Redis)" in message
+    said = re.search(r"rejecting calls for ([\d.]+) s$", message)
+    assert said is not None, message
+    assert 0 < float(said[1]) <= 300.0
+    left = line.self_heal["open_for"]  # type: ignore[attr-defined]
+    assert 0 < left <= 300.0
+    assert shared("fleet")["opens_followed"] == 1
     engine.dispose()
