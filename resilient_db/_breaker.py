@@ -224,7 +224,11 @@ class Breaker:
         self._fleet_wait = 0.0  # half-open, every probe taken: monotonic time to ask again
         self._fleet_failures = 0  # failures this process counted in the fleet's current run
         self._fleet_opens = 0  # openings of the shared breaker, fleet-wide
-        self._opened_here = 0  # openings this process's failures caused
+        #: openings of the shared breaker (in Redis) this process made: its failure or probe
+        #: that Redis answered by opening, its open() through Redis, its own opening shared on
+        #: rejoining. Summed over the fleet: ``_fleet_opens``. An opening made alone while
+        #: Redis did not answer counts only in ``breaker_opens`` (until it is shared)
+        self._opened_here = 0
         #: the local breaker opened by this process's own decision (Redis did not answer), not
         #: as a mirror of the fleet's state: shared on rejoining (see fleet_rejoin)
         self._opened_locally = False

@@ -71,3 +71,52 @@ def test_health_drops_the_fleet_budget_figures_once_they_are_past_the_window(
     assert "fleet" not in figures
     assert figures["first_attempts"] == 0
     assert figures["available"] == 0.0
+
+
+def test_openings_made_alone_count_in_breaker_opens_and_only_shared_ones_in_opened_here(
+    redis_server: RedisServer, engine: sa.Engine, gate: Gate
+) -> None:
+    """health()'s two counts of openings made here: ``counters.breaker_opens`` counts every
+    opening this process made (its line says so), those made on its own while Redis was down
+    included; ``breaker.shared.opened_here`` counts its openings of the shared breaker, the
+    fleet's openings (``fleet_opens``) this process caused. Two openings made alone, then one
+    through Redis: 3 and 1, fleet_opens 1."""
+    reset = 0.3
+    config = rdb.Config(
+        redis_url=redis_server.url, retry=False, failure_threshold=2, reset_timeout=reset
+    )
+    Factory = rdb.ResilientSession(engine, service="alone", config=config)
+    wait_for(lambda: _entry("alone", "breaker")["shared"]["connected"], "the link")
+
+    def unit() -> None:
+        Factory.run(lambda s: s.execute(sa.text("SELECT rdb_gate()")))
+
+    def figures() -> tuple[int, int, int]:
+        service = rdb.health()["services"]["alone"]
+        shared = service["breaker"]["shared"]
+        return service["counters"]["breaker_opens"], shared["opened_here"], shared["fleet_opens"]
+
+    redis_server.kill()
+    wait_for(lambda: not _entry("alone", "breaker")["shared"]["connected"], "the link down")
+    gate.set(down=True)
+    for _ in range(2):  # the second failure opens this process's own breaker
+        with pytest.raises(sa.exc.OperationalError):
+            unit()
+    assert _entry("alone", "breaker")["state"] == "open"
+    assert figures() == (1, 0, 0)
+    # its open time over (the breaker's own period, not a backoff), the probe fails: again
+    wait_for(lambda: _entry("alone", "breaker")["state"] == "half-open", "the open time over")
+    with pytest.raises(sa.exc.OperationalError):
+        unit()
+    assert figures() == (2, 0, 0)
+    wait_for(lambda: _entry("alone", "breaker")["state"] == "half-open", "the opening over")
+
+    redis_server.start()  # empty, on the same port: the link rejoins (no opening to share)
+    wait_for(lambda: _entry("alone", "breaker")["shared"]["connected"], "the link back")
+    assert figures() == (2, 0, 0)
+    wait_for(lambda: _entry("alone", "breaker")["state"] == "closed", "the fleet's state read")
+    for _ in range(2):  # the fleet's breaker, opened by this process's second failure
+        with pytest.raises(sa.exc.OperationalError):
+            unit()
+    assert redis_server.client().hget("resilient_db:{alone}:breaker", "st") == b"open"
+    assert figures() == (3, 1, 1)
