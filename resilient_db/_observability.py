@@ -395,9 +395,11 @@ def health() -> dict[str, Any]:
     ``problem`` (why it does not, in a few words without the password: the redis client's
     objection to the URL, or the error of the last command or connection attempt; None while it
     answers or before its first attempt has ended), ``fleet_opens``, ``opened_here`` and
-    ``opens_followed`` (openings fleet-wide, made here, and made by other processes and
-    followed here: ``counters.breaker_opens`` counts only those made here, so that a sum over
-    the fleet counts each opening once); ``budget`` is the retry budget
+    ``opens_followed`` (openings fleet-wide; openings of the shared breaker this process
+    caused, so that their sum over the fleet is ``fleet_opens``; and openings other processes
+    made, followed here: ``counters.breaker_opens`` counts only those made here, including
+    those made alone while Redis did not answer, so that a sum over the fleet counts each
+    opening once); ``budget`` is the retry budget
     (``SELF_HEALING_RETRY_BUDGET``), None without one; configured to be shared, it has
     ``redis`` and ``problem`` too (its ``scope`` is "process" while that Redis can't be used).
     Nothing here talks to Redis: shared figures are the last ones this process heard.
