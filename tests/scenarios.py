@@ -140,6 +140,20 @@ def waiting_on_lock(engine: sa.Engine, key: int) -> int:
         )
 
 
+def waiting_on_task_update(engine: sa.Engine) -> int:
+    """Backends of ``engine``'s database waiting for a lock in an UPDATE of ``tasks`` (a flush
+    or bulk UPDATE held up by another transaction's row lock)."""
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock' AND query LIKE 'UPDATE tasks%'"
+                )
+            ).scalar_one()
+        )
+
+
 def ledger_rows(server: PostgresServer, database: str, unit: str) -> int:
     """Rows of the ledger written for ``unit``, read on a connection of the test's own."""
     found = server.execute(

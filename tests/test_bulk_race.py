@@ -10,12 +10,13 @@ server, real concurrent transactions (a thread), ordered by the server's row loc
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from processes import wait_for
+from scenarios import waiting_on_task_update
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -87,7 +88,10 @@ def test_a_row_moved_between_the_check_and_the_update_waits_for_it(
     def before_update(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
         if statement.startswith("UPDATE tasks") and mover.ident is None:
             mover.start()
-            wait_until(lambda: waiting_for_a_row(engine) == 1 or not mover.is_alive())
+            wait_for(
+                lambda: waiting_on_task_update(engine) == 1 or not mover.is_alive(),
+                "the UPDATE waiting on the row lock",
+            )
             seen["mover waited for the check's lock"] = mover.is_alive()
 
     before = transition_stats()
@@ -130,7 +134,10 @@ async def test_async_a_row_moved_between_the_check_and_the_update_waits_for_it(
     def before_update(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
         if statement.startswith("UPDATE tasks") and mover.ident is None:
             mover.start()
-            wait_until(lambda: waiting_for_a_row(engine) == 1 or not mover.is_alive())
+            wait_for(
+                lambda: waiting_on_task_update(engine) == 1 or not mover.is_alive(),
+                "the UPDATE waiting on the row lock",
+            )
             seen["mover waited for the check's lock"] = mover.is_alive()
 
     event.listen(aengine.sync_engine, "before_cursor_execute", before_update)
@@ -185,24 +192,3 @@ def test_rows_left_behind_are_still_refused_or_counted(
     with engine.connect() as conn:
         found = list(conn.scalars(sa.text("SELECT status FROM tasks ORDER BY id")))
     assert found == (["in_progress", "completed"] if mode == "raise" else ["pending", "completed"])
-
-
-def waiting_for_a_row(engine: sa.Engine) -> int:
-    """Backends of this database waiting for a lock in an UPDATE of tasks."""
-    with engine.connect() as conn:
-        return int(
-            conn.execute(
-                sa.text(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                    "AND wait_event_type = 'Lock' AND query LIKE 'UPDATE tasks%'"
-                )
-            ).scalar_one()
-        )
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    """Polls ``condition`` (a bounded loop: it orders nothing, the server's lock does)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)

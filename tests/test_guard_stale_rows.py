@@ -11,11 +11,12 @@ server, real concurrent transactions."""
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
+from processes import wait_for
+from scenarios import waiting_on_task_update
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -104,7 +105,10 @@ def test_the_row_moved_while_the_update_waited_for_its_lock_is_named(
         thread = threading.Thread(target=flush)
         thread.start()
         try:
-            wait_until(lambda: waiting_for_a_row(engine) == 1 or not thread.is_alive())
+            wait_for(
+                lambda: waiting_on_task_update(engine) == 1 or not thread.is_alive(),
+                "the UPDATE waiting on the row lock",
+            )
             assert thread.is_alive(), outcome  # the flush's UPDATE waits for the winner
         finally:
             winner.commit()
@@ -156,24 +160,3 @@ async def test_async_psycopg_names_the_row_another_transaction_moved(
         assert stored(engine) == ["pending", "pending", "in_progress"]
     finally:
         await aengine.dispose()
-
-
-def waiting_for_a_row(engine: sa.Engine) -> int:
-    """Backends of this database waiting for a lock in an UPDATE of tasks."""
-    with engine.connect() as conn:
-        return int(
-            conn.execute(
-                sa.text(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                    "AND wait_event_type = 'Lock' AND query LIKE 'UPDATE tasks%'"
-                )
-            ).scalar_one()
-        )
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    """Polls ``condition`` (a bounded loop: it orders nothing, the server's lock does)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)

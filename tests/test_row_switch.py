@@ -12,12 +12,12 @@ written over, or refused by the trigger as an illegal move). Real server, sync a
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
-from scenarios import BYPASS_BY_HAND
+from processes import wait_for
+from scenarios import BYPASS_BY_HAND, waiting_on_task_update
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -171,7 +171,10 @@ def test_a_row_switch_waiting_for_the_row_lock_of_another_transaction_is_stale(
         thread = threading.Thread(target=flush)
         thread.start()
         try:
-            wait_until(lambda: waiting_for_a_row(engine) == 1 or not thread.is_alive())
+            wait_for(
+                lambda: waiting_on_task_update(engine) == 1 or not thread.is_alive(),
+                "the UPDATE waiting on the row lock",
+            )
             assert thread.is_alive(), outcome  # the flush's UPDATE waits for the winner
         finally:
             winner.commit()
@@ -199,27 +202,6 @@ def test_a_row_switch_of_a_status_not_loaded_is_judged_from_the_row(
     err = blocked.value
     assert (err.via, err.from_state, err.to_state) == ("flush", "completed", "pending")
     assert stored(engine) == [("old", "completed")]
-
-
-def waiting_for_a_row(engine: sa.Engine) -> int:
-    """Backends of this database waiting for a lock in an UPDATE of tasks."""
-    with engine.connect() as conn:
-        return int(
-            conn.execute(
-                sa.text(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                    "AND wait_event_type = 'Lock' AND query LIKE 'UPDATE tasks%'"
-                )
-            ).scalar_one()
-        )
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    """Polls ``condition`` (a bounded loop: it orders nothing, the server's lock does)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 @pytest.mark.asyncio
