@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from processes import wait_for
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -152,6 +153,36 @@ def waiting_on_task_update(engine: sa.Engine) -> int:
                 )
             ).scalar_one()
         )
+
+
+def flush_behind(
+    session: Session, winner: sa.Connection, engine: sa.Engine
+) -> BaseException | None:
+    """Flush ``session`` in a thread while ``winner`` (a transaction that changed the same rows)
+    holds their locks: once the flush's UPDATE waits for them on the server, ``winner``
+    commits. Returns what the flush raised (None: it went through)."""
+    outcome: list[BaseException | None] = []
+
+    def flush() -> None:
+        try:
+            session.flush()
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=flush)
+    thread.start()
+    try:
+        wait_for(
+            lambda: waiting_on_task_update(engine) == 1 or not thread.is_alive(),
+            "the UPDATE waiting on the row lock",
+        )
+        assert thread.is_alive(), outcome  # the flush's UPDATE waits for the winner
+    finally:
+        winner.commit()
+        thread.join(timeout=60)
+    assert not thread.is_alive()
+    return outcome[0]
 
 
 def ledger_rows(server: PostgresServer, database: str, unit: str) -> int:

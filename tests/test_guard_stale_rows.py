@@ -10,13 +10,11 @@ server, real concurrent transactions."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
-from processes import wait_for
-from scenarios import waiting_on_task_update
+from scenarios import flush_behind
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -94,26 +92,7 @@ def test_the_row_moved_while_the_update_waited_for_its_lock_is_named(
         for task in session.scalars(sa.select(Task).order_by(Task.id)):
             task.status = "in_progress"
         winner.exec_driver_sql("UPDATE tasks SET status = 'in_progress' WHERE id = 3")
-
-        def flush() -> None:
-            try:
-                session.flush()
-                outcome.append(None)
-            except BaseException as exc:
-                outcome.append(exc)
-
-        thread = threading.Thread(target=flush)
-        thread.start()
-        try:
-            wait_for(
-                lambda: waiting_on_task_update(engine) == 1 or not thread.is_alive(),
-                "the UPDATE waiting on the row lock",
-            )
-            assert thread.is_alive(), outcome  # the flush's UPDATE waits for the winner
-        finally:
-            winner.commit()
-            thread.join(timeout=60)
-        assert not thread.is_alive()
+        outcome.append(flush_behind(session, winner, engine))
         session.rollback()
     [err] = outcome
     assert isinstance(err, rdb.StaleTransitionError), err

@@ -11,13 +11,11 @@ written over, or refused by the trigger as an illegal move). Real server, sync a
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
-from processes import wait_for
-from scenarios import BYPASS_BY_HAND, waiting_on_task_update
+from scenarios import BYPASS_BY_HAND, flush_behind
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -160,26 +158,7 @@ def test_a_row_switch_waiting_for_the_row_lock_of_another_transaction_is_stale(
         winner.execute(sa.text("UPDATE tasks SET status = 'completed' WHERE id = 1"))
         session.delete(task)
         session.add(Task(id=1, title="new", status="pending"))
-
-        def flush() -> None:
-            try:
-                session.flush()
-                outcome.append(None)
-            except BaseException as exc:
-                outcome.append(exc)
-
-        thread = threading.Thread(target=flush)
-        thread.start()
-        try:
-            wait_for(
-                lambda: waiting_on_task_update(engine) == 1 or not thread.is_alive(),
-                "the UPDATE waiting on the row lock",
-            )
-            assert thread.is_alive(), outcome  # the flush's UPDATE waits for the winner
-        finally:
-            winner.commit()
-            thread.join(timeout=60)
-        assert not thread.is_alive()
+        outcome.append(flush_behind(session, winner, engine))
         session.rollback()
     assert len(outcome) == 1
     assert isinstance(outcome[0], rdb.StaleTransitionError), outcome
