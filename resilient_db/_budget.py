@@ -215,6 +215,7 @@ class RetryBudget:
         self.granted = 0
         self.exhausted = 0
         self._lines = LineLimit(EXHAUSTED_LOG_PERIOD, clock)  # the "exhausted" line's rate
+        self._last_line: float | None = None  # when the last "exhausted" line was logged
         self._fleet: Any = None  # the FleetLink while shared through Redis
         #: the fleet's figures as Redis last reported them, and when (this budget's clock)
         self._fleet_view: tuple[float, dict[str, Any]] = (-math.inf, {})
@@ -246,6 +247,7 @@ class RetryBudget:
         its copy would count them twice fleet-wide. The child counts from here."""
         self._lock = threading.Lock()
         self._lines = LineLimit(EXHAUSTED_LOG_PERIOD, self._clock)
+        self._last_line = None
         self._pending = {}
         snap = self._counters
         self._local.observe(snap.attempts - snap.retries, self._clock(), reset=True)
@@ -353,6 +355,14 @@ class RetryBudget:
         with self._lock:
             self.exhausted += 1
         log, since = self._lines.take()
+        # when the last line was: the units it folds may be an earlier outage's (the hooks and
+        # counters have each one; the lines are one per period)
+        now = self._clock()
+        last, ago = self._last_line, ""
+        if log:
+            self._last_line = now
+            if since and last is not None:
+                ago = f", the last line {max(0.0, now - last):.0f} s ago"
         cfg = self.config
         scope = "fleet-wide through Redis" if self.shared else "in this process"
         emit(
@@ -360,13 +370,14 @@ class RetryBudget:
             log_retry,
             logging.WARNING,
             "Retry budget exhausted: service=%s retries may add %g of recent first attempts "
-            "(%s) plus %d/s; failing units give up at once with their original error "
-            "(%d more since the last line)",
+            "(%s) plus %d/s; failing units give up with their original error instead of "
+            "retrying (%d more since the last line%s)",
             self.service,
             cfg.retry_budget or 0.0,
             scope,
             cfg.retry_budget_floor,
             since,
+            ago,
             log=log,
             service=self.service,
             event="budget_exhausted",

@@ -525,7 +525,9 @@ class Policy:
                 "the circuit breaker opened, raising CircuitOpenError"
                 if refused
                 else "raising the original error",
-                log=not spent,
+                # (a unit that retried before the budget ran out has its own line: its retries
+                # were said; one that never retried is counted in the budget's line)
+                log=not spent or retries > 0,
                 service=self.service,
                 event="gave_up",
                 retries=retries,

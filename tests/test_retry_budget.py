@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
-from resilient_db._budget import WINDOW, LocalBudget
+from resilient_db._budget import WINDOW, LocalBudget, RetryBudget
 from resilient_db.metrics import HealthCollector
 from resilient_db.testing import RedisServer
 
@@ -150,6 +150,49 @@ def test_spent_budget_gives_up_at_once_with_the_original_error(
     assert len(lines) == 1  # rate-limited: one line for the three units
     assert lines[0].startswith("[SELF-HEAL] Retry budget exhausted: service=budget")
     assert not [r for r in caplog.records if "Gave up" in r.getMessage()]
+
+
+def test_a_unit_that_retried_before_the_budget_ran_out_says_it_gave_up(
+    engine: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its "Retry attempt" line was logged: its "Gave up" line is too (the budget's line is
+    rate-limited and folds only the units that never retried). A ratio of 1.0: the unit's one
+    first attempt pays for one retry, then the budget is spent."""
+    Session = rdb.ResilientSession(
+        engine, service="budget-retried", config=budget_config(retry_budget=1.0)
+    )
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    with pytest.raises(sa.exc.OperationalError):
+        Session.run(unavailable)
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("Retry attempt 1/5" in line for line in said) == 1
+    (gave_up,) = [line for line in said if "Gave up" in line]
+    assert "after 1 retries" in gave_up
+    assert sum("Retry budget exhausted" in line for line in said) == 1
+
+
+def test_the_budgets_line_says_when_the_last_one_was() -> None:
+    """The units one line folds may be an earlier outage's: the line says how long ago the
+    last line was."""
+    now = [100.0]
+    budget = RetryBudget("ago", rdb.Config(retry_budget=0.1), clock=lambda: now[0])
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("resilient_db")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        for at in (100.0, 101.0, 102.0, 130.0):
+            now[0] = at
+            budget.spent()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert len(lines) == 2
+    assert lines[0].endswith("(0 more since the last line)")
+    assert lines[1].endswith("(2 more since the last line, the last line 30 s ago)")
 
 
 def test_conflicts_are_not_charged_to_the_budget(engine: sa.Engine) -> None:
