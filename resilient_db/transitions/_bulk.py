@@ -26,7 +26,7 @@ from resilient_db._observability import emit
 
 from ._bypass import active_config
 from ._changes import Change, as_declared, illegal, in_key_order, read_by_keys
-from ._report import count, logger, report, row_keys, row_label
+from ._report import count, logger, report, row_keys, row_label, unit_service
 from ._rules import Guard, Key, TransitionRulesError, compiled_guards, plain, same_rules, sort_key
 
 __all__ = ["do_orm_execute"]
@@ -429,10 +429,12 @@ def _check_rows(
             guard.attr_key,
             shown,
             event="transition_blocked",
+            unit_service=unit_service(),
             model=guard.model,
             column=guard.attr_key,
             to_state=None if new_expr is not None else plain(value),
             via="orm-update",
+            stale=False,
             blocked_rows=n_blocked,
         )
 
@@ -510,11 +512,13 @@ def _bulk_by_pk(
                     plain(old),
                     plain(new),
                     event="transition_blocked",
+                    unit_service=unit_service(),
                     model=guard.model,
                     column=guard.attr_key,
                     from_state=plain(old),
                     to_state=plain(new),
                     via="orm-update",
+                    stale=False,
                     blocked_rows=1,
                     **row_keys(change.pk, config),
                 )

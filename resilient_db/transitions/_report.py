@@ -56,7 +56,6 @@ def report(err: IllegalTransitionError, config: Config | None, *, blocked_rows: 
     stale = isinstance(err, StaleTransitionError)
     count("stale_transitions" if stale else "blocked_transitions", blocked_rows)
     cfg = config if config is not None else env_config()
-    attempt = current_attempt.get()  # the unit (or operation) it happened in, if any
     emit(
         cfg,
         logger,
@@ -70,9 +69,7 @@ def report(err: IllegalTransitionError, config: Config | None, *, blocked_rows: 
         err.via,
         f"; {err.reason}" if err.reason else "",
         event="transition_blocked",
-        # the unit's service as a field of its own: the guard's events are process-wide (as
-        # health()'s transitions are: the dashboard keeps them in one series, service None)
-        unit_service=None if attempt is None else attempt.speaker[1],
+        unit_service=unit_service(),
         model=err.model,
         column=err.column,
         from_state=plain(err.from_state),
@@ -82,6 +79,14 @@ def report(err: IllegalTransitionError, config: Config | None, *, blocked_rows: 
         blocked_rows=blocked_rows,
         **row_keys(err.pk, cfg),
     )
+
+
+def unit_service() -> str | None:
+    """The service of the unit (or operation) a block happened in, None outside any: a field
+    of its own in every ``transition_blocked`` event, the guard's events being process-wide
+    (as health()'s transitions are: the dashboard keeps them in one series, service None)."""
+    attempt = current_attempt.get()
+    return None if attempt is None else attempt.speaker[1]
 
 
 def row_label(model: str, pk: object, config: Config) -> str:
