@@ -98,6 +98,12 @@ _SERVICE_COUNTERS = (
         "COMMITs whose answer was lost and that were verified as committed on the server.",
     ),
     (
+        "verified_not_committed",
+        "resilient_db_commits_verified_not_committed",
+        "COMMITs whose answer was lost and that were verified as not committed on the server "
+        "(the unit may be run again).",
+    ),
+    (
         "response_validation_failures",
         "resilient_db_response_validation_failures",
         "Results of units of work that failed their validate= check.",

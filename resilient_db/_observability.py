@@ -311,6 +311,7 @@ class ServiceStats:
     breaker_rejections: int = 0
     unknown_commits: int = 0
     verified_commits: int = 0
+    verified_not_committed: int = 0
     response_validation_failures: int = 0
     pool_timeouts: int = 0
     retries_by_class: Counter[str] = field(default_factory=Counter)
@@ -351,6 +352,7 @@ class ServiceStats:
                 "breaker_rejections": self.breaker_rejections,
                 "unknown_commits": self.unknown_commits,
                 "verified_commits": self.verified_commits,
+                "verified_not_committed": self.verified_not_committed,
                 "response_validation_failures": self.response_validation_failures,
                 "pool_timeouts": self.pool_timeouts,
                 "retries_by_class": dict(self.retries_by_class),
@@ -367,6 +369,7 @@ class ServiceStats:
                 "breaker_rejections",
                 "unknown_commits",
                 "verified_commits",
+                "verified_not_committed",
                 "response_validation_failures",
                 "pool_timeouts",
             ):
@@ -406,7 +409,9 @@ def health() -> dict[str, Any]:
 
     A service's ``counters``: ``attempts``, ``retries`` (and ``retries_by_class``),
     ``recovered``, ``gave_up``, ``breaker_opens``, ``breaker_rejections``, ``unknown_commits``,
-    ``verified_commits``, ``response_validation_failures`` (results that failed their
+    ``verified_commits`` (lost COMMIT answers verified as committed), ``verified_not_committed``
+    (lost COMMIT answers verified as not committed: the unit may be run again),
+    ``response_validation_failures`` (results that failed their
     ``validate=`` check: each raised ``ResponseValidationError`` counts once), and
     ``pool_timeouts`` (attempts that found every connection of the engine's pool in use for its
     whole ``pool_timeout``: SQLAlchemy's pool ``TimeoutError``, never retried, no failure of the

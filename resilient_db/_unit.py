@@ -679,6 +679,7 @@ class CommitReferee:
                 return False
             return True
         if verdict is CommitVerdict.ABORTED:
+            policy.stats.add("verified_not_committed")
             if isinstance(exc, UnprovenCommit):
                 # answered with success, yet the check found no marker where it looked: a
                 # failover to a server that never had the commit (or it held no xid: it wrote

@@ -18,7 +18,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry, generate_latest
-from scenarios import RAISE_CODE_FUNCTION, refuse_moves_every_way
+from scenarios import RAISE_CODE_FUNCTION, held_and_released, refuse_moves_every_way
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
@@ -319,4 +319,54 @@ def test_an_interrupted_commit_of_unknown_outcome_counts_as_unknown(
         )
     assert points(reader, "resilient_db.commit.verifications") == {
         (("outcome", "unknown"), ("service", service)): 1
+    }
+
+
+def test_a_lost_commit_verified_not_committed_is_counted_once_everywhere(
+    engine: sa.Engine,
+    fault_proxy: FaultProxy,
+    pg_database: str,
+    otel: tuple[Any, InMemorySpanExporter, InMemoryMetricReader],
+    service: str,
+) -> None:
+    """A COMMIT swallowed on its way, then its connection dropped: the check on a new
+    connection finds no marker ("Commit outcome verified: ... did not commit; it may be run
+    again") and the unit runs again. health(), Prometheus, OpenTelemetry and the hook count that
+    verification once each, apart from the verified commits."""
+    _, _, reader = otel
+    registry = CollectorRegistry()
+    registry.register(HealthCollector())
+    proxied = sa.create_engine(fault_proxy.url(pg_database))
+    Sessions = rdb.ResilientSession(proxied, service=service, config=rdb.Config())
+    key = str(uuid.uuid4())
+    calls: list[int] = []
+
+    def create(session: Session) -> int:
+        calls.append(1)
+        task = create_task(session, title="t", idem_key=key)
+        session.flush()
+        return task.id
+
+    events: list[rdb.SelfHealEvent] = []
+    rdb.add_hook(events.append)
+    fault_proxy.swallow_commit()
+    releaser = held_and_released(fault_proxy)  # the COMMIT never reaches the server
+    try:
+        Sessions.run(create)
+    finally:
+        rdb.remove_hook(events.append)
+    releaser.join()
+    proxied.dispose()
+    assert (fault_proxy.commits_swallowed, len(calls)) == (1, 2)  # not committed: run again
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).where(Task.idem_key == key)).scalar() == 1
+    assert [e.name for e in events if e.name.startswith("commit_")] == ["commit_not_applied"]
+    counters = rdb.health()["services"][service]["counters"]
+    assert (counters["verified_not_committed"], counters["verified_commits"]) == (1, 0)
+    exposition = generate_latest(registry).decode()
+    labels = f'{{service="{service}"}}'
+    assert f"resilient_db_commits_verified_not_committed_total{labels} 1.0" in exposition
+    assert f"resilient_db_commits_verified_total{labels} 0.0" in exposition
+    assert points(reader, "resilient_db.commit.verifications") == {
+        (("outcome", "not_committed"), ("service", service)): 1
     }

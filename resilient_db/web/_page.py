@@ -105,7 +105,8 @@ col.c-ev { width: 170px; }
   const LABELS = {
     attempts: "attempts", retries: "retries", recovered: "recovered", gave_up: "gave up",
     breaker_opens: "breaker opened here", breaker_rejections: "rejected calls",
-    verified_commits: "verified commits", unknown_commits: "unknown commits",
+    verified_commits: "verified commits", verified_not_committed: "verified not committed",
+    unknown_commits: "unknown commits",
     response_validation_failures: "invalid responses", pool_timeouts: "pool full"
   };
   const TONE = { gave_up: "bad", unknown_commits: "bad", breaker_opens: "warn",
