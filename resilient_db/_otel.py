@@ -142,6 +142,10 @@ class OpenTelemetryHook:
             self._breaker.add(1, {"service": service, "state": _BREAKER_STATES[name]})
         elif name in _COMMIT_OUTCOMES:
             self._commits.add(1, {"service": service, "outcome": _COMMIT_OUTCOMES[name]})
+        elif name == "two_phase_finished" and fields.get("done"):
+            # the factory finished the unit's prepared transactions: the unit is done, counted
+            # as a verified commit, as health()'s verified_commits counts it
+            self._commits.add(1, {"service": service, "outcome": "committed"})
         elif name == "commit_interrupted" and fields.get("outcome") == "unknown":
             # (health()'s unknown_commits counts it too; one interrupted after its COMMIT
             # succeeded is not a verification)

@@ -849,6 +849,7 @@ class CommitReferee:
             else "the failed one was no longer pending, so its failure is settled as before",
             service=policy.service,
             event="two_phase_finished",
+            done=done,
         )
         if done:
             policy.stats.add("verified_commits")

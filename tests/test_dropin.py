@@ -22,6 +22,8 @@ import pybreaker
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from processes import wait_for
 from scenarios import (
     ASYNC_DRIVERS,
@@ -45,6 +47,7 @@ from resilient_db import _unit
 from resilient_db._state import STATE
 from resilient_db.examples.tasks import Base as TaskBase
 from resilient_db.examples.tasks import Task
+from resilient_db.otel import install_opentelemetry, uninstall_opentelemetry
 from resilient_db.testing import EmbeddedPostgres, FaultProxy
 
 
@@ -1379,18 +1382,42 @@ def test_a_swallowed_commit_prepared_is_finished_not_left_pending(
         except Exception as exc:  # checked below
             outcome["error"] = exc
 
-    proxy.swallow_commit()
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    wait_for(lambda: proxy.commits_swallowed == 1, "the COMMIT PREPARED held", timeout=10)
-    assert len(pending_prepared(two_phase_server, two_databases)) == 2
-    proxy.release_swallowed()
-    worker.join(30)
-    assert not worker.is_alive()
+    reader = InMemoryMetricReader()
+    meter_provider = MeterProvider(metric_readers=[reader])
+    install_opentelemetry(meter_provider=meter_provider)
+    try:
+        proxy.swallow_commit()
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        wait_for(lambda: proxy.commits_swallowed == 1, "the COMMIT PREPARED held", timeout=10)
+        assert len(pending_prepared(two_phase_server, two_databases)) == 2
+        proxy.release_swallowed()
+        worker.join(30)
+        assert not worker.is_alive()
+        verifications = otel_counts(reader, "resilient_db.commit.verifications")
+    finally:
+        uninstall_opentelemetry()
+        meter_provider.shutdown()
     assert "error" not in outcome, outcome
     assert calls == [1]  # done once, not replayed
     assert counts(two_phase_server, two_databases) == [1, 1]
     assert pending_prepared(two_phase_server, two_databases) == []
+    # counted once as a verified commit, by health() and OpenTelemetry alike
+    assert rdb.health()["services"][service]["counters"]["verified_commits"] == 1
+    assert verifications == {(("outcome", "committed"), ("service", service)): 1}
+
+
+def otel_counts(reader: Any, name: str) -> dict[tuple[tuple[str, Any], ...], int]:
+    """The OpenTelemetry counter ``name``'s values by their attributes."""
+    found: dict[tuple[tuple[str, Any], ...], int] = {}
+    data = reader.get_metrics_data()
+    for resource in data.resource_metrics if data else ():
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                if metric.name == name:
+                    for point in metric.data.data_points:
+                        found[tuple(sorted(point.attributes.items()))] = int(point.value)
+    return found
 
 
 @pytest.mark.asyncio
