@@ -419,3 +419,33 @@ def held_and_released(proxy: FaultProxy, *, keep_server: bool = False) -> thread
     thread = threading.Thread(target=release, daemon=True)
     thread.start()
     return thread
+
+
+def otel_points(reader: Any, name: str) -> dict[tuple[tuple[str, Any], ...], int]:
+    """The OpenTelemetry counter ``name``'s values by their attributes, as ``reader`` (an SDK
+    metric reader) has them."""
+    found: dict[tuple[tuple[str, Any], ...], int] = {}
+    data = reader.get_metrics_data()
+    for resource in data.resource_metrics if data else ():
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                if metric.name == name:
+                    for point in metric.data.data_points:
+                        found[tuple(sorted(point.attributes.items()))] = int(point.value)
+    return found
+
+
+def assert_unknown_outcome(exc: BaseException) -> None:
+    """``exc`` is an unknown commit outcome: not transient, and the web layer's 500
+    ``commit-outcome-unknown`` without a ``Retry-After``."""
+    from resilient_db.web import problem_details  # noqa: PLC0415 - the web extra
+
+    assert rdb.classify(exc) is rdb.Outcome.COMMIT_UNKNOWN
+    assert not rdb.is_transient(exc)
+    problem = problem_details(exc)
+    assert problem is not None
+    assert (problem.status, problem.body["type"]) == (
+        500,
+        "urn:resilient-db:problem:commit-outcome-unknown",
+    )
+    assert "Retry-After" not in problem.headers

@@ -70,6 +70,25 @@ def per_parameter_set(session: Session) -> int:
     return int(result.rowcount)
 
 
+def mover_before_the_update(
+    mover: threading.Thread, engine: sa.Engine, seen: dict[str, bool]
+) -> Callable[..., None]:
+    """A ``before_cursor_execute`` listener: just before the bulk UPDATE is sent (its check
+    done), start ``mover`` and wait until it waits for a row lock (or ended); ``seen`` records
+    whether it was still waiting then."""
+
+    def before_update(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if statement.startswith("UPDATE tasks") and mover.ident is None:
+            mover.start()
+            wait_for(
+                lambda: waiting_on_task_update(engine) == 1 or not mover.is_alive(),
+                "the UPDATE waiting on the row lock",
+            )
+            seen["mover waited for the check's lock"] = mover.is_alive()
+
+    return before_update
+
+
 @pytest.mark.parametrize("mode", ["raise", "filter"])
 @pytest.mark.parametrize("unit", [with_criteria, per_parameter_set])
 def test_a_row_moved_between_the_check_and_the_update_waits_for_it(
@@ -84,15 +103,7 @@ def test_a_row_moved_between_the_check_and_the_update_waits_for_it(
     other = sa.create_engine(engine.url)  # the other transaction's, without the listener
     mover = threading.Thread(target=move_row_2, args=(other,))
     seen: dict[str, bool] = {}
-
-    def before_update(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
-        if statement.startswith("UPDATE tasks") and mover.ident is None:
-            mover.start()
-            wait_for(
-                lambda: waiting_on_task_update(engine) == 1 or not mover.is_alive(),
-                "the UPDATE waiting on the row lock",
-            )
-            seen["mover waited for the check's lock"] = mover.is_alive()
+    before_update = mover_before_the_update(mover, engine, seen)
 
     before = transition_stats()
     event.listen(engine, "before_cursor_execute", before_update)
@@ -130,15 +141,7 @@ async def test_async_a_row_moved_between_the_check_and_the_update_waits_for_it(
     Sessions = rdb.AsyncResilientSession(aengine, service=service, config=config)
     mover = threading.Thread(target=move_row_2, args=(engine,))
     seen: dict[str, bool] = {}
-
-    def before_update(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
-        if statement.startswith("UPDATE tasks") and mover.ident is None:
-            mover.start()
-            wait_for(
-                lambda: waiting_on_task_update(engine) == 1 or not mover.is_alive(),
-                "the UPDATE waiting on the row lock",
-            )
-            seen["mover waited for the check's lock"] = mover.is_alive()
+    before_update = mover_before_the_update(mover, engine, seen)
 
     event.listen(aengine.sync_engine, "before_cursor_execute", before_update)
     try:

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
+from scenarios import assert_unknown_outcome
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
@@ -77,18 +78,6 @@ def written(engine: sa.Engine, who: str) -> int:
 
 def unknown_commits(service: str) -> int:
     return int(rdb.health()["services"][service]["counters"]["unknown_commits"])
-
-
-def assert_unknown_outcome(exc: BaseException) -> None:
-    assert rdb.classify(exc) is rdb.Outcome.COMMIT_UNKNOWN
-    assert not rdb.is_transient(exc)
-    problem = problem_details(exc)
-    assert problem is not None
-    assert (problem.status, problem.body["type"]) == (
-        500,
-        "urn:resilient-db:problem:commit-outcome-unknown",
-    )
-    assert "Retry-After" not in problem.headers
 
 
 @pytest.mark.parametrize("how", list(COMMIT_STATEMENTS))

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
+from scenarios import assert_unknown_outcome
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import sessionmaker
 from starlette.applications import Starlette
@@ -48,18 +49,6 @@ def proxied(engine: sa.Engine, pg_database: str, fault_proxy: FaultProxy) -> Ite
 def written(engine: sa.Engine, who: str) -> int:
     with engine.connect() as conn:
         return int(conn.scalar(sa.select(sa.func.count()).where(NOTES.c.who == who)) or 0)
-
-
-def assert_unknown_outcome(exc: BaseException) -> None:
-    assert rdb.classify(exc) is rdb.Outcome.COMMIT_UNKNOWN
-    assert not rdb.is_transient(exc)
-    problem = problem_details(exc)
-    assert problem is not None
-    assert (problem.status, problem.body["type"]) == (
-        500,
-        "urn:resilient-db:problem:commit-outcome-unknown",
-    )
-    assert "Retry-After" not in problem.headers
 
 
 def _run(Sessions: Any, who: str) -> None:

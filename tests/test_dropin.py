@@ -31,6 +31,7 @@ from scenarios import (
     Item,
     async_connect_args,
     conflict_after_another_factorys_unit,
+    otel_points,
 )
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import (
@@ -1394,7 +1395,7 @@ def test_a_swallowed_commit_prepared_is_finished_not_left_pending(
         proxy.release_swallowed()
         worker.join(30)
         assert not worker.is_alive()
-        verifications = otel_counts(reader, "resilient_db.commit.verifications")
+        verifications = otel_points(reader, "resilient_db.commit.verifications")
     finally:
         uninstall_opentelemetry()
         meter_provider.shutdown()
@@ -1405,19 +1406,6 @@ def test_a_swallowed_commit_prepared_is_finished_not_left_pending(
     # counted once as a verified commit, by health() and OpenTelemetry alike
     assert rdb.health()["services"][service]["counters"]["verified_commits"] == 1
     assert verifications == {(("outcome", "committed"), ("service", service)): 1}
-
-
-def otel_counts(reader: Any, name: str) -> dict[tuple[tuple[str, Any], ...], int]:
-    """The OpenTelemetry counter ``name``'s values by their attributes."""
-    found: dict[tuple[tuple[str, Any], ...], int] = {}
-    data = reader.get_metrics_data()
-    for resource in data.resource_metrics if data else ():
-        for scope in resource.scope_metrics:
-            for metric in scope.metrics:
-                if metric.name == name:
-                    for point in metric.data.data_points:
-                        found[tuple(sorted(point.attributes.items()))] = int(point.value)
-    return found
 
 
 @pytest.mark.asyncio

