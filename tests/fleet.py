@@ -203,6 +203,25 @@ def fleet(
             worker.close()
 
 
+def opener_settings(redis_url: str) -> dict[str, str]:
+    """A worker's environment for opening the fleet's breaker with its first failure, for long
+    (600 s): no retries, a threshold of one."""
+    return {
+        "SELF_HEALING_REDIS_URL": redis_url,
+        "SELF_HEALING_RETRY": "false",
+        "SELF_HEALING_FAILURE_THRESHOLD": "1",
+        "SELF_HEALING_RESET_TIMEOUT": "600000",
+    }
+
+
+def open_the_fleets_breaker(opener: WorkerProcess) -> None:
+    """``opener`` (a worker of :func:`opener_settings`, the database down behind its gate)
+    joins the fleet and opens its breaker with one failed unit."""
+    assert opener.ask("wait", what="connected", timeout=20)["ok"], opener.log()
+    assert opener.run(1)["errors"] == {"57P03": 1}  # its failure opens the fleet's breaker
+    assert opener.ask("wait", what="open", timeout=10)["ok"], opener.log()
+
+
 def shared(service: str) -> dict[str, Any]:
     """``health()``'s entry of ``service``'s breaker shared through Redis."""
     entry: dict[str, Any] = rdb.health()["services"][service]["breaker"]["shared"]

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from fleet import Gate, fleet
+from fleet import Gate, fleet, open_the_fleets_breaker, opener_settings
 from processes import wait_for
 
 import resilient_db as rdb
@@ -84,17 +84,9 @@ def test_a_new_process_follows_the_fleets_open_breaker_from_its_first_failure(
     first unit on its own closed breaker (the success path does not wait for Redis); the
     unit's failure waits for the link and is answered by the fleet: open, so the unit ends
     with CircuitOpenError instead of retrying past the fleet's open breaker."""
-    settings = {
-        "SELF_HEALING_REDIS_URL": redis_server.url,
-        "SELF_HEALING_RETRY": "false",
-        "SELF_HEALING_FAILURE_THRESHOLD": "1",
-        "SELF_HEALING_RESET_TIMEOUT": "600000",
-    }
     gate.set(down=True)
-    with fleet(1, pg_url, settings, tmp_path) as (opener,):
-        assert opener.ask("wait", what="connected", timeout=20)["ok"], opener.log()
-        assert opener.run(1)["errors"] == {"57P03": 1}  # its failure opens the fleet's breaker
-        assert opener.ask("wait", what="open", timeout=10)["ok"], opener.log()
+    with fleet(1, pg_url, opener_settings(redis_server.url), tmp_path) as (opener,):
+        open_the_fleets_breaker(opener)
     calls = gate.calls()
     config = rdb.Config(
         redis_url=redis_server.url,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from fleet import Gate, fleet, shared
+from fleet import Gate, fleet, open_the_fleets_breaker, opener_settings, shared
 from processes import wait_for
 
 import resilient_db as rdb
@@ -101,17 +101,9 @@ def test_a_followed_opening_says_the_time_it_has_left(
     had). A process that follows it now says the time it has left, 300 s at most, not the
     600 s of the reset timeout, in its line and its event."""
     caplog.set_level(logging.INFO, logger="resilient_db")
-    settings = {
-        "SELF_HEALING_REDIS_URL": redis_server.url,
-        "SELF_HEALING_RETRY": "false",
-        "SELF_HEALING_FAILURE_THRESHOLD": "1",
-        "SELF_HEALING_RESET_TIMEOUT": "600000",
-    }
     gate.set(down=True)
-    with fleet(1, pg_url, settings, tmp_path) as (opener,):
-        assert opener.ask("wait", what="connected", timeout=20)["ok"], opener.log()
-        assert opener.run(1)["errors"] == {"57P03": 1}  # its failure opens the fleet's breaker
-        assert opener.ask("wait", what="open", timeout=10)["ok"], opener.log()
+    with fleet(1, pg_url, opener_settings(redis_server.url), tmp_path) as (opener,):
+        open_the_fleets_breaker(opener)
         (opened,) = opener.said("Circuit breaker opened")
         assert opened.endswith("rejecting calls for 600.0 s")  # made here: the whole timeout
     key = _fleet._keys("fleet").breaker
