@@ -11,6 +11,7 @@ from __future__ import annotations
 import builtins
 import importlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -245,44 +246,41 @@ def _body(
     return {"type": type_base + kind, "title": title, "status": status, "detail": detail, **ext}
 
 
+#: what the rest of a partly-committed change failed with, by the problem type its error has by
+#: itself (the sentence names no values: no row key, state or message text)
+_REST: dict[str, Callable[[Any], str]] = {
+    "circuit-open": lambda exc: (
+        f" The rest was not attempted: the {exc.service!r} dependency is failing."
+    ),
+    "stale-transition": lambda exc: (
+        f" The rest was refused: the {exc.model} was moved by another request meanwhile."
+    ),
+    "illegal-transition": lambda exc: (
+        f" The rest was refused: an illegal transition of {exc.model}.{exc.column}."
+    ),
+    "response-invalid": lambda exc: " Its result then failed the server's own validation.",
+    "pool-exhausted": lambda exc: " The rest found every database connection of the server busy.",
+    "database-unavailable": lambda exc: (
+        f" The rest failed with a transient database error ({type(exc).__name__})."
+    ),
+}
+
+
 def _failure_of(exc: BaseException, outcome: Outcome) -> tuple[str, dict[str, Any]]:
     """What the rest of a partly-committed change failed with: a sentence for the detail and
-    extension members (``failure``: the problem type the error has by itself; ``service``),
-    naming no values (no row key, state or message text); nothing for an error of the
-    application's own."""
-    if isinstance(exc, CircuitOpenError):
-        return (
-            f" The rest was not attempted: the {exc.service!r} dependency is failing.",
-            {"failure": "circuit-open", "service": exc.service},
-        )
-    if isinstance(exc, StaleTransitionError):
-        return (
-            f" The rest was refused: the {exc.model} was moved by another request meanwhile.",
-            {"failure": "stale-transition"},
-        )
-    if isinstance(exc, IllegalTransitionError):
-        return (
-            f" The rest was refused: an illegal transition of {exc.model}.{exc.column}.",
-            {"failure": "illegal-transition"},
-        )
-    if isinstance(exc, ResponseValidationError):
-        return (
-            " Its result then failed the server's own validation.",
-            {"failure": "response-invalid", "service": exc.service},
-        )
-    if pool_exhausted(exc):
-        return (
-            " The rest found every database connection of the server busy.",
-            {"failure": "pool-exhausted"},
-        )
-    if outcome.transient:
-        return (
-            f" The rest failed with a transient database error ({type(exc).__name__}).",
-            {"failure": "database-unavailable"},
-        )
-    if _database_error(exc):
-        return f" The rest failed with a database error ({type(exc).__name__}).", {}
-    return "", {}
+    extension members (``failure``: the problem type the error has by itself, as
+    :func:`_problem_by_class` answers it; its ``service``), naming no values; nothing for an
+    error of the application's own."""
+    own = _problem_by_class(exc, outcome, None, "")
+    if own is None:
+        if _database_error(exc):
+            return f" The rest failed with a database error ({type(exc).__name__}).", {}
+        return "", {}
+    kind = own.body["type"]
+    ext = {"failure": kind}
+    if "service" in own.body:
+        ext["service"] = own.body["service"]
+    return _REST[kind](exc), ext
 
 
 #: the packages whose errors are the database's (their class names say what failed, no values)
@@ -319,6 +317,18 @@ def _problem_of(exc: BaseException, config: Config | None, type_base: str) -> Pr
         return Problem(500, body(_UNKNOWN, unknown_title, 500, _UNKNOWN_DETAIL))
     if partly_committed(exc):  # whatever its class: a client resubmitting repeats that part
         return _partly_problem(exc, type_base)
+    return _problem_by_class(exc, outcome, config, type_base)
+
+
+def _problem_by_class(
+    exc: BaseException, outcome: Outcome, config: Config | None, type_base: str
+) -> Problem | None:
+    """The answer of an error by its class (``outcome``: its classification), once it is
+    neither an unknown commit outcome nor partly committed (see :func:`_problem_of`)."""
+
+    def body(kind: str, title: str, status: int, detail: str, **ext: Any) -> dict[str, Any]:
+        return _body(type_base, kind, title, status, detail, **ext)
+
     if isinstance(exc, CircuitOpenError):
         seconds = retry_after_seconds(exc.retry_after)
         return Problem(
