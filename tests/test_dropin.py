@@ -12,7 +12,6 @@ import logging
 import subprocess
 import sys
 import threading
-import time
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -24,7 +23,7 @@ import pytest_asyncio
 import sqlalchemy as sa
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from processes import wait_for
+from processes import wait_for, wait_for_async
 from scenarios import (
     ASYNC_DRIVERS,
     Base,
@@ -1422,10 +1421,9 @@ async def test_async_a_swallowed_commit_prepared_is_finished_not_left_pending(
     calls: list[int] = []
     proxy.swallow_commit()
     unit = asyncio.ensure_future(Sessions.run(add_to_both_async, calls))
-    deadline = time.monotonic() + 10
-    while proxy.commits_swallowed == 0:
-        assert time.monotonic() < deadline, "the COMMIT PREPARED was never held"
-        await asyncio.sleep(0.005)
+    await wait_for_async(
+        lambda: proxy.commits_swallowed == 1, "the COMMIT PREPARED held", timeout=10
+    )
     assert len(pending_prepared(two_phase_server, two_databases)) == 2
     proxy.release_swallowed()
     await asyncio.wait_for(unit, 30)
