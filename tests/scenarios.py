@@ -127,6 +127,18 @@ def metadata_engine(url: str, base: type[DeclarativeBase]) -> Iterator[sa.Engine
     engine.dispose()
 
 
+def tasks_engine(url: str) -> Iterator[sa.Engine]:
+    """An engine on ``url`` with the example's tasks schema, its transition trigger and
+    :data:`RAISE_CODE_FUNCTION` (the body of a web module's ``direct`` fixture)."""
+    from resilient_db.examples import tasks  # noqa: PLC0415 - only these tests need it
+
+    for engine in metadata_engine(url, tasks.Base):
+        rdb.install_transition_trigger(engine, tasks.Task)
+        with engine.begin() as conn:
+            conn.execute(RAISE_CODE_FUNCTION)
+        yield engine
+
+
 def waiting_on_lock(engine: sa.Engine, key: int) -> int:
     """Backends waiting for the advisory lock ``key`` (a test's units held up on the server)."""
     with engine.connect() as conn:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from pydantic import BaseModel
-from scenarios import RAISE_CODE_FUNCTION, MoveFirst
+from scenarios import MoveFirst, tasks_engine
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 from starlette.applications import Starlette
@@ -26,7 +26,7 @@ from starlette.testclient import TestClient
 
 import resilient_db as rdb
 from resilient_db._classify import mark_partly_committed, partly_committed
-from resilient_db.examples.tasks import Base, Task, create_task, move_task
+from resilient_db.examples.tasks import Task, create_task, move_task
 from resilient_db.testing import FaultProxy
 from resilient_db.web import PROBLEM_JSON, install_exception_handlers, problem_details
 from resilient_db.web._problems import EXCEPTION_GROUP
@@ -37,13 +37,7 @@ pytestmark = pytest.mark.usefixtures("no_backoff")
 @pytest.fixture
 def direct(pg_url: str) -> Iterator[sa.Engine]:
     """The test database with the tasks schema and its trigger, reached directly."""
-    engine = sa.create_engine(pg_url)
-    Base.metadata.create_all(engine)
-    rdb.install_transition_trigger(engine, Task)
-    with engine.begin() as conn:
-        conn.execute(RAISE_CODE_FUNCTION)
-    yield engine
-    engine.dispose()
+    yield from tasks_engine(pg_url)
 
 
 def new_task(engine: sa.Engine, idem_key: str | None = None) -> int:
