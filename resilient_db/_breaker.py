@@ -688,7 +688,12 @@ class Breaker:
             self._fleet_failures = 0
             self._probes = 0
             if self._storage.state != CLOSED:
-                self._set_state(CLOSED)
+                # its line says so: the state was forgotten, nothing recovered
+                self.close_reason = "reset by reset_state() (its state forgotten, not a recovery)"
+                try:
+                    self._set_state(CLOSED)
+                finally:
+                    self.close_reason = None
             self._storage.reset_counter()
             self._storage.reset_success_counter()
 

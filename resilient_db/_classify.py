@@ -791,14 +791,16 @@ def _code_of(err: BaseException) -> str:
     return f"SQLSTATE {code}" if code else "no SQLSTATE"
 
 
-def failure_detail(exc: BaseException) -> str:
+def failure_detail(exc: BaseException, *, texts: bool = True) -> str:
     """A traceback of ``exc`` and the errors chained to it (cause or context), for a DEBUG line:
     every frame, but no text that may quote values. Tracebacks formatted by ``logging``'s
     ``exc_info`` would carry bound parameters and row values into the logs: the error being
     handled is often a database error's context, and the errors a database error was raised
     from quote what it was given (an Enum's bind processor: ``LookupError: 'the value' is not
     among ...``). So a database driver's, SQLAlchemy's, pydantic's or resilient_db's own error
-    shows its class and SQLSTATE only, and so does every error it was raised from or while."""
+    shows its class and SQLSTATE only, and so does every error it was raised from or while.
+    ``texts`` False: no error's text at all (an error of code that is not ours to know, such
+    as a breaker state storage given to a factory, which may quote its own secrets)."""
     try:
         chain: list[BaseException] = []
         current: BaseException | None = exc
@@ -811,7 +813,9 @@ def failure_detail(exc: BaseException) -> str:
                 cause = current.__context__
             current = cause
         # newest first: hidden from the first that quotes values on (what it was raised from)
-        quoting = next((i for i, err in enumerate(chain) if _quotes_values(err)), len(chain))
+        quoting = next(
+            (i for i, err in enumerate(chain) if not texts or _quotes_values(err)), len(chain)
+        )
         parts: list[str] = []
         for i in reversed(range(len(chain))):  # the first error first, as Python prints them
             err, hide = chain[i], i >= quoting
@@ -822,7 +826,8 @@ def failure_detail(exc: BaseException) -> str:
             kind = type(err)
             name = f"{getattr(kind, '__module__', None)}.{kind.__qualname__}"
             if hide:
-                parts.append(f"{name}: ({_code_of(err)}; its text left out: it may quote values)\n")
+                why = "it may quote values" if texts else "not ours to show"
+                parts.append(f"{name}: ({_code_of(err)}; its text left out: {why})\n")
             else:
                 parts.append("".join(traceback.format_exception_only(kind, err)))
         return "".join(parts).rstrip("\n")
@@ -830,13 +835,14 @@ def failure_detail(exc: BaseException) -> str:
         return f"{type(exc).__qualname__} (its traceback could not be formatted)"
 
 
-def debug_failure(logger: logging.Logger, message: str, *args: object) -> None:
+def debug_failure(logger: logging.Logger, message: str, *args: object, texts: bool = True) -> None:
     """``logger.debug(message, *args)`` followed by :func:`failure_detail` of the error being
-    handled: what ``exc_info=True`` would add, without the values a database error quotes."""
+    handled: what ``exc_info=True`` would add, without the values a database error quotes
+    (``texts`` False: without any error's text)."""
     if not logger.isEnabledFor(logging.DEBUG):
         return
     exc = sys.exc_info()[1]
     if exc is None:
         logger.debug(message, *args)
     else:
-        logger.debug(f"{message}\n%s", *args, failure_detail(exc))
+        logger.debug(f"{message}\n%s", *args, failure_detail(exc, texts=texts))

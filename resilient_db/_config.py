@@ -314,7 +314,8 @@ class Config:
     # The plan's ``isFeatureEnabled``: a feature is on when self-healing is on and it is on.
     @property
     def retry_on(self) -> bool:
-        return self.enabled and self.retry
+        """Retry on (``max_retries`` 0 is retry off: the same units, lines and counts)."""
+        return self.enabled and self.retry and self.max_retries > 0
 
     @property
     def breaker_on(self) -> bool:

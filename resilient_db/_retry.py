@@ -13,6 +13,7 @@ import contextlib
 import copy
 import logging
 import random
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -37,7 +38,7 @@ from ._classify import (
 )
 from ._config import Config
 from ._errors import CircuitOpenError
-from ._observability import emit, emit_line, log_retry, sqlstate_label, stats_for
+from ._observability import LineLimit, emit, emit_line, log_retry, sqlstate_label, stats_for
 from ._state import STATE
 
 __all__ = ["Policy", "set_testing"]
@@ -98,6 +99,9 @@ def _add_note(exc: BaseException, note: str) -> None:
             add_note(note)
 
 
+#: the lines of a machinery failure (``Policy._machinery_failed``), per service: one at most
+#: every 10 s
+_MACHINERY_LINES = LineLimit()
 _RETRY_LINE = "Retry attempt %d/%d: service=%s %s (SQLSTATE %s); next attempt in %.3f s"
 
 
@@ -348,17 +352,31 @@ class Policy:
         )
 
     def _machinery_failed(self, what: str) -> None:
+        """A part of the machinery (``what``: the breaker's state storage, the retry budget)
+        raised: the call runs without it. Its line is rate-limited per service (a broken
+        storage fails at every unit, in two places of each) and names the error's class, never
+        its text (a storage of the user's may quote its own secrets; DEBUG has the frames)."""
+        exc = sys.exc_info()[1]
+        kind = "an error" if exc is None else type(exc).__qualname__
+        log, since = _MACHINERY_LINES.take((self.service, STATE.generation))
         emit(
             self.config,
             log_retry,
             logging.WARNING,
-            "%s failed for service=%s; running the call without it",
+            "%s failed for service=%s (%s); running the call without it "
+            "(%d more since the last line)",
             what,
             self.service,
+            kind,
+            since,
+            log=log,
             service=self.service,
             event="machinery_failed",
+            part=what,
+            error=kind,
         )
-        debug_failure(log_retry, "machinery failure detail")
+        if log:
+            debug_failure(log_retry, "machinery failure detail", texts=False)
 
     # -- tenacity plumbing -------------------------------------------------------------------
     def _retry_predicate(self, exc: BaseException) -> bool:
@@ -507,6 +525,7 @@ class Policy:
         cause = _failure_cause(exc) if outcome in _RETRYABLE else None
         if outcome in _RETRYABLE and not partly_committed(exc):  # that one said so already
             self.stats.add("gave_up")
+            limit, why = self._limit(retries, spent, refused)
             if spent:
                 # the retry budget's own line, rate-limited: under an outage every failing
                 # unit ends here, and one line per unit would be a log storm (the hooks still
@@ -516,11 +535,12 @@ class Policy:
                 self.config,
                 log_retry,
                 logging.ERROR,
-                "Gave up: service=%s %s (SQLSTATE %s) after %d retries%s; %s",
+                "Gave up: service=%s %s (SQLSTATE %s) after %d retries%s%s; %s",
                 self.service,
                 outcome.value,
                 sqlstate_label(exc),
                 retries,
+                why,
                 "" if cause is None else f" ({cause})",
                 "the circuit breaker opened, raising CircuitOpenError"
                 if refused
@@ -533,19 +553,39 @@ class Policy:
                 retries=retries,
                 outcome=outcome.value,
                 sqlstate=sqlstate_label(exc),
+                limit=limit,
                 **({} if cause is None else {"cause": cause}),
             )
         if refused:
             raise CircuitOpenError(self.service, refused[0], cause=cause) from exc
         if cause is not None:
             _add_note(exc, f"resilient_db: {cause}")
+        self._mark_if_opened(exc, outcome)
+
+    def _mark_if_opened(self, exc: BaseException, outcome: Outcome) -> None:
+        """The unit's last allowed attempt failed with ``exc``, raised as it is: when the
+        breaker is open now (that failure opened it, with no retry left, or retry off), the
+        web layer's Retry-After says how long it refuses, not "retry shortly"."""
         breaker = self.breaker
         if breaker is not None and outcome in _RETRYABLE:
-            # its last failure opened the breaker (the retries had run out then): the web
-            # layer's Retry-After says how long it refuses, not "retry shortly"
             open_for = breaker.open_for()
             if open_for > 0:
                 mark_breaker_open(exc, open_for)
+
+    def _limit(
+        self, retries: int, spent: list[RetryBudget], refused: list[float]
+    ) -> tuple[str, str]:
+        """What ended the retries of a unit that gave up on a transient error (the ``limit``
+        field of its ``gave_up`` event, and the words its line adds): the breaker its failure
+        opened, the retry budget, the retry count, or else the deadline (the stopper's one
+        other reason: the next backoff would have ended past it)."""
+        if refused:
+            return "breaker", ""
+        if spent:
+            return "budget", " (the retry budget is spent)"
+        if retries >= self.config.max_retries:
+            return "max_retries", ""
+        return "deadline", f" (the next would end past the deadline of {self.config.deadline:g} s)"
 
     def _refused_retry(self, exc: BaseException, last: BaseException, retries: int) -> None:
         """The breaker refused the unit's next retry (``exc``, a :class:`CircuitOpenError`): it
@@ -576,6 +616,7 @@ class Policy:
             retries=ran,
             outcome=outcome.value,
             sqlstate=sqlstate_label(last),
+            limit="breaker",
             circuit_opened=True,
             log=True,
             **({} if cause is None else {"cause": cause}),
@@ -632,6 +673,7 @@ class Policy:
         outcome = self.failed(exc, probe, started)
         if not self.retryable(outcome) or partly_committed(exc):
             mark_outcome(exc, outcome)  # raised as it is: say how this factory classified it
+            self._mark_if_opened(exc, outcome)
             raise exc
         return self._call_retrying(attempt, exc)
 
@@ -716,6 +758,7 @@ class Policy:
         outcome = self.failed(exc, probe, started)
         if not self.retryable(outcome) or partly_committed(exc):
             mark_outcome(exc, outcome)  # raised as it is: say how this factory classified it
+            self._mark_if_opened(exc, outcome)
             raise exc
         return await self._acall_retrying(attempt, exc)
 

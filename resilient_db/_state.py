@@ -148,8 +148,6 @@ def reset_state() -> None:
             STATE.transition_stats[name] = 0
         STATE.wrapper_policies.clear()
         keepers = list(STATE.clear_on_reset)
-    for keeper in keepers:
-        keeper.clear()
     for link in links:
         try:
             link.close()
@@ -164,3 +162,5 @@ def reset_state() -> None:
                 "could not reset the breaker of %s",
                 breaker.service,
             )
+    for keeper in keepers:  # last: the dashboard keeps no event of the reset itself
+        keeper.clear()

@@ -225,6 +225,31 @@ def test_a_breaker_open_when_switched_off_starts_closed_when_switched_on_again(
     ]
 
 
+def test_reset_state_closing_an_open_breaker_says_it_was_reset_not_recovered(
+    engine: sa.Engine,
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """``reset_state()`` logged ``Circuit breaker closed: ... recovered`` (and sent the dashboard
+    a closing) for a breaker whose state it had only forgotten."""
+    Factory = rdb.ResilientSession(
+        engine, service=service, config=rdb.Config(failure_threshold=1, retry=False)
+    )
+    with pytest.raises(sa.exc.OperationalError):
+        Factory.run(unavailable)
+    assert rdb.health()["services"][service]["breaker"]["state"] == "open"
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    rdb.reset_state()
+    reason = "reset by reset_state() (its state forgotten, not a recovery)"
+    assert lines(caplog, "Circuit breaker closed") == [
+        f"[SELF-HEAL] Circuit breaker closed: service={service} {reason}"
+    ]
+    assert [e.fields.get("reason") for e in events if e.name == "breaker_closed"] == [reason]
+    assert Factory.run(healthy) == 1
+    assert not lines(caplog, "recovered")
+
+
 def test_failures_counted_before_the_breaker_was_switched_off_are_forgotten(
     engine: sa.Engine, service: str, clean_env: pytest.MonkeyPatch
 ) -> None:

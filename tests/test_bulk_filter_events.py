@@ -1,9 +1,11 @@
 """A bulk UPDATE's filter mode (the guard leaves a blocked row unchanged instead of raising)
 reports its block with the fields every other ``transition_blocked`` event carries: the
-service of the unit it happened in (``unit_service``, None outside any) and ``stale``."""
+service of the unit it happened in (``unit_service``, None outside any) and ``stale``. Every
+block's line names that service (``service=NAME``), as every other ``[SELF-HEAL]`` line does."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import pytest
@@ -37,9 +39,17 @@ def _blocked(events: list[rdb.SelfHealEvent]) -> list[rdb.SelfHealEvent]:
     return [e for e in events if e.name == "transition_blocked"]
 
 
+def _lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "Status transition blocked" in r.getMessage()]
+
+
 def test_filter_mode_blocks_name_the_units_service_as_the_flushs_do(
-    engine: sa.Engine, service: str, events: list[rdb.SelfHealEvent]
+    engine: sa.Engine,
+    service: str,
+    events: list[rdb.SelfHealEvent],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="resilient_db")
     Sessions = rdb.ResilientSession(engine, service=service, config=rdb.Config())
 
     def by_criteria(session: Session) -> int:
@@ -67,6 +77,12 @@ def test_filter_mode_blocks_name_the_units_service_as_the_flushs_do(
         assert (event.fields["unit_service"], event.fields["stale"]) == (service, False)
     assert set(by_pk.fields) == set(flush.fields)
     assert set(criteria.fields) == set(flush.fields) - {"from_state"}
+    criteria_line, by_pk_line, flush_line = _lines(caplog)
+    assert criteria_line.startswith(
+        f"[SELF-HEAL] Status transition blocked for 1 row(s): service={service} bulk UPDATE of "
+    )
+    assert by_pk_line.startswith(f"[SELF-HEAL] Status transition blocked: service={service} Task.")
+    assert flush_line.startswith(f"[SELF-HEAL] Status transition blocked: service={service} Task.")
     with engine.connect() as conn:
         assert conn.execute(sa.select(Task.status).order_by(Task.id)).scalars().all() == [
             "completed",
@@ -75,8 +91,12 @@ def test_filter_mode_blocks_name_the_units_service_as_the_flushs_do(
 
 
 def test_filter_mode_block_outside_a_unit_names_no_service(
-    engine: sa.Engine, service: str, events: list[rdb.SelfHealEvent]
+    engine: sa.Engine,
+    service: str,
+    events: list[rdb.SelfHealEvent],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="resilient_db")
     Sessions = rdb.ResilientSession(engine, service=service, config=rdb.Config())
     with Sessions() as session:
         session.execute(
@@ -87,3 +107,6 @@ def test_filter_mode_block_outside_a_unit_names_no_service(
         session.commit()
     blocked = _blocked(events)
     assert [(e.fields["unit_service"], e.fields["stale"]) for e in blocked] == [(None, False)] * 2
+    lines = _lines(caplog)
+    assert len(lines) == 2
+    assert not [line for line in lines if "service=" in line]

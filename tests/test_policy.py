@@ -132,6 +132,51 @@ def test_overall_deadline_stops_retrying_before_sleeping_past_it() -> None:
     assert len(sleeps.calls) == 3  # 1 + 2 + 4 = 7 s slept; another 4 s would pass the deadline
 
 
+def test_a_unit_stopped_by_the_deadline_says_so(
+    caplog: pytest.LogCaptureFixture, events: list[rdb.SelfHealEvent]
+) -> None:
+    """Its ``Gave up`` line said "after 3 retries" of 50 and nothing of the deadline."""
+    clock = FakeClock()
+    cfg = rdb.Config(max_retries=50, initial_delay=1.0, max_delay=4.0, deadline=10.0)
+    p = make_policy(
+        cfg, sleep=Sleeps(clock), clock=clock, rng=lambda: 0.999999, use_circuit_breaker=False
+    )
+    with caplog.at_level("ERROR", logger="resilient_db"), pytest.raises(pge.CannotConnectNow):
+        p.call(failing(100, pge.CannotConnectNow))
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line == (
+        f"[SELF-HEAL] Gave up: service={p.service} unavailable (SQLSTATE 57P03) after 3 retries"
+        " (the next would end past the deadline of 10 s); raising the original error"
+    )
+    [gave_up] = [e for e in events if e.name == "gave_up"]
+    assert gave_up.fields["limit"] == "deadline"
+    with pytest.raises(pge.CannotConnectNow):
+        make_policy(rdb.Config(max_retries=2), use_circuit_breaker=False).call(
+            failing(100, pge.CannotConnectNow)
+        )
+    assert events[-1].name == "gave_up"
+    assert events[-1].fields["limit"] == "max_retries"
+    assert "past the deadline" not in events[-1].message
+
+
+def test_no_retries_is_retry_off(
+    caplog: pytest.LogCaptureFixture, events: list[rdb.SelfHealEvent]
+) -> None:
+    """``max_retries=0`` logged an ERROR ``Gave up ... after 0 retries`` and counted a give-up
+    for every failing unit, where ``retry=False`` (the same units) says and counts nothing."""
+    results = []
+    for cfg in (rdb.Config(max_retries=0), rdb.Config(retry=False)):
+        p = make_policy(cfg, use_circuit_breaker=False)
+        attempt = failing(100, pge.CannotConnectNow)
+        with caplog.at_level("INFO", logger="resilient_db"), pytest.raises(pge.CannotConnectNow):
+            p.call(attempt)
+        counters = rdb.health()["services"][p.service]["counters"]
+        results.append((attempt.calls["n"], counters["gave_up"], cfg.retry_on))  # type: ignore[attr-defined]
+    assert results == [(1, 0, False)] * 2
+    assert not caplog.records
+    assert not events
+
+
 def test_retry_switch_off_raises_transient_errors_at_once() -> None:
     p = make_policy(rdb.Config(retry=False))
     attempt = failing(1, pge.DeadlockDetected)
@@ -376,8 +421,14 @@ def test_pybreaker_listeners_see_every_state_change() -> None:
 
 
 def test_broken_breaker_storage_falls_back_to_running_the_call(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, events: list[rdb.SelfHealEvent]
 ) -> None:
+    """The calls run without the breaker; one line for them all (a broken storage fails every
+    call: a line each was a log storm), naming the error's class, never its text (the
+    storage's own, which may quote its secrets), at DEBUG neither; the hooks see each."""
+
+    SECRET = "password=" + "hunter2"  # (not a literal: a traceback shows the raising line)
+
     class BrokenStorage:
         """A shared store that works when the breaker is made, then becomes unreachable."""
 
@@ -391,7 +442,7 @@ def test_broken_breaker_storage_falls_back_to_running_the_call(
         @property
         def state(self) -> str:
             if self.broken:
-                raise ConnectionError("shared breaker store unreachable")
+                raise ConnectionError(f"shared breaker store unreachable, {SECRET}")
             return self._state
 
         @state.setter
@@ -401,9 +452,20 @@ def test_broken_breaker_storage_falls_back_to_running_the_call(
     storage = BrokenStorage()
     p = make_policy(rdb.Config(), breaker_storage=storage)
     storage.broken = True
-    with caplog.at_level("WARNING", logger="resilient_db"):
-        assert p.call(lambda: 42) == 42
-    assert "[SELF-HEAL] circuit breaker admission failed" in caplog.text
+    with caplog.at_level("DEBUG", logger="resilient_db"):
+        for _ in range(5):
+            assert p.call(lambda: 42) == 42
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        f"[SELF-HEAL] circuit breaker admission failed for service={p.service} (ConnectionError);"
+        " running the call without it (0 more since the last line)"
+    ]
+    assert "hunter2" not in caplog.text
+    assert "ConnectionError: (no SQLSTATE; its text left out: not ours to show)" in caplog.text
+    failed = [e for e in events if e.name == "machinery_failed"]
+    assert [(e.fields["part"], e.fields["error"]) for e in failed] == [
+        ("circuit breaker admission", "ConnectionError")
+    ] * 5
 
 
 @pytest.mark.parametrize(

@@ -131,14 +131,20 @@ def problem(response: Any, status: int, kind: str) -> dict[str, Any]:
 
 
 # -- an open breaker -----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "config",
+    [
+        rdb.Config(max_retries=1, failure_threshold=2, reset_timeout=30),
+        # the unit's only attempt opens it (retry off: said as max_retries=0, or retry=False)
+        rdb.Config(max_retries=0, failure_threshold=1, reset_timeout=30),
+        rdb.Config(retry=False, failure_threshold=1, reset_timeout=30),
+    ],
+    ids=["retries-ran-out", "no-retries", "retry-off"],
+)
 def test_refused_connections_give_503_then_the_open_breaker_503_with_retry_after(
-    proxied: sa.Engine, fault_proxy: FaultProxy, service: str
+    proxied: sa.Engine, fault_proxy: FaultProxy, service: str, config: rdb.Config
 ) -> None:
-    Sessions = rdb.ResilientSession(
-        proxied,
-        service=service,
-        config=rdb.Config(max_retries=1, failure_threshold=2, reset_timeout=30),
-    )
+    Sessions = rdb.ResilientSession(proxied, service=service, config=config)
     client = TestClient(make_app(Sessions))
     assert client.get("/tasks").json() == []
     fault_proxy.refuse(cut=True)  # the pooled connection is cut, new ones are refused

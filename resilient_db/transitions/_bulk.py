@@ -26,7 +26,7 @@ from resilient_db._observability import emit
 
 from ._bypass import active_config
 from ._changes import Change, as_declared, illegal, in_key_order, read_by_keys
-from ._report import count, logger, report, row_keys, row_label, unit_service
+from ._report import count, logger, report, row_keys, row_label, service_words, unit_service
 from ._rules import Guard, Key, TransitionRulesError, compiled_guards, plain, same_rules, sort_key
 
 __all__ = ["do_orm_execute"]
@@ -418,18 +418,20 @@ def _check_rows(
     n_blocked = sum(int(conn.execute(count_q, p).scalar_one()) for p in param_sets)
     if n_blocked:
         count("bulk_rows_filtered", n_blocked)
+        service = unit_service()
         emit(
             config,
             logger,
             logging.WARNING,
-            "Status transition blocked for %d row(s): bulk UPDATE of %s.%s "
+            "Status transition blocked for %d row(s): %sbulk UPDATE of %s.%s "
             "to %s left them unchanged (filter mode)",
             n_blocked,
+            service_words(service),
             guard.model,
             guard.attr_key,
             shown,
             event="transition_blocked",
-            unit_service=unit_service(),
+            unit_service=service,
             model=guard.model,
             column=guard.attr_key,
             to_state=None if new_expr is not None else plain(value),
@@ -501,18 +503,20 @@ def _bulk_by_pk(
                 # one per refused move, as the event says (a set moving two guarded columns
                 # illegally is two), like the filter of an UPDATE with criteria counts them
                 count("bulk_rows_filtered")
+                service = unit_service()
                 emit(
                     config,
                     logger,
                     logging.WARNING,
-                    "Status transition blocked: %s.%s %r -> %r "
+                    "Status transition blocked: %s%s.%s %r -> %r "
                     "(via orm-update, filter mode: parameter set skipped)",
+                    service_words(service),
                     row_label(guard.model, change.pk, config),
                     guard.attr_key,
                     plain(old),
                     plain(new),
                     event="transition_blocked",
-                    unit_service=unit_service(),
+                    unit_service=service,
                     model=guard.model,
                     column=guard.attr_key,
                     from_state=plain(old),

@@ -56,12 +56,14 @@ def report(err: IllegalTransitionError, config: Config | None, *, blocked_rows: 
     stale = isinstance(err, StaleTransitionError)
     count("stale_transitions" if stale else "blocked_transitions", blocked_rows)
     cfg = config if config is not None else env_config()
+    service = unit_service()
     emit(
         cfg,
         logger,
         logging.WARNING if stale else logging.ERROR,
-        "Status transition blocked%s: %s.%s %s -> %r (via %s)%s",
+        "Status transition blocked%s: %s%s.%s %s -> %r (via %s)%s",
         " (row moved by another transaction)" if stale else "",
+        service_words(service),
         row_label(err.model, err.pk, cfg),
         err.column,
         "(new row)" if err.inserted else repr(plain(err.from_state)),
@@ -69,7 +71,7 @@ def report(err: IllegalTransitionError, config: Config | None, *, blocked_rows: 
         err.via,
         f"; {err.reason}" if err.reason else "",
         event="transition_blocked",
-        unit_service=unit_service(),
+        unit_service=service,
         model=err.model,
         column=err.column,
         from_state=plain(err.from_state),
@@ -87,6 +89,12 @@ def unit_service() -> str | None:
     (as health()'s transitions are: the dashboard keeps them in one series, service None)."""
     attempt = current_attempt.get()
     return None if attempt is None else attempt.speaker[1]
+
+
+def service_words(service: str | None) -> str:
+    """``service=NAME `` for a block's line when it happened in a unit (or operation) of that
+    service, as every other ``[SELF-HEAL]`` line names its service; nothing outside any."""
+    return "" if service is None else f"service={service} "
 
 
 def row_label(model: str, pk: object, config: Config) -> str:
