@@ -372,20 +372,20 @@ _MARKERS_COMMENT: Final = (
     f"resilient_db commit markers, version {MARKERS_VERSION}: proof that a unit of work "
     f"committed, kept {int(RETENTION)} s"
 )
-# the install is current: this version's table (its comment says which) and the functions
-_MARKERS_CURRENT = (
+# What an install would find: the table's comment (its version), this version's functions (and
+# not the first version's claim, which the install drops), whether they belong to roles the
+# caller trusts (else the install runs and refuses them, naming their owner), and whether the
+# caller may create in the database at all (an application's role at startup may not)
+_MARKERS_STATE = (
     f"SELECT pg_catalog.obj_description("
-    f"pg_catalog.to_regclass('{SCHEMA}.commit_markers'), 'pg_class') = :comment"
-    f" AND pg_catalog.to_regprocedure('{SCHEMA}.mark_commit(uuid)') IS NOT NULL"
+    f"pg_catalog.to_regclass('{SCHEMA}.commit_markers'), 'pg_class'),"
+    f" pg_catalog.to_regprocedure('{SCHEMA}.mark_commit(uuid)') IS NOT NULL"
     f" AND pg_catalog.to_regprocedure('{SCHEMA}.claim_commit(uuid, integer)') IS NOT NULL"
     f" AND pg_catalog.to_regprocedure('{SCHEMA}.prune_commit_markers(integer)') IS NOT NULL"
-    # the first version's claim, which the install drops
-    f" AND pg_catalog.to_regprocedure('{SCHEMA}.claim_commit(uuid)') IS NULL"
-    # and owned by roles the caller trusts; else the install runs and refuses them, naming
-    # their owner. A role that could not install anyway (no CREATE on the database: an
-    # application's at startup) is not made to fail there: its connections won't use them.
-    " AND ({untrusted} IS NULL OR NOT pg_catalog.has_database_privilege("
-    "pg_catalog.current_database(), 'CREATE'))"
+    f" AND pg_catalog.to_regprocedure('{SCHEMA}.claim_commit(uuid)') IS NULL,"
+    " {untrusted} IS NULL,"
+    " pg_catalog.has_database_privilege(pg_catalog.current_database(), 'CREATE'),"
+    " current_user"
 )
 
 
@@ -430,16 +430,43 @@ def install_commit_markers(bind_or_op: Any) -> None:
 
 
 def _markers_current(conn: Connection) -> bool:
-    """Whether this version is installed, owned by roles the connections would trust: the
-    environment's ``SELF_HEALING_MARKERS_OWNER`` too (markers a migration role installed, used
-    by the application's units, are current for its install at startup: no DDL)."""
+    """Whether an install through ``conn``'s engine sends no DDL: this version is installed,
+    owned by roles the connections would trust (the environment's
+    ``SELF_HEALING_MARKERS_OWNER`` too: markers a migration role installed, used by the
+    application's units, are current for its install at startup); or the caller may not create
+    in the database (an application's role at startup), which could not install anyway: its
+    connections judge what is there (markers of another owner are not used; an earlier
+    release's are, with a warning this says first, naming the fix)."""
     from .transitions._report import env_config  # noqa: PLC0415 (see _run_statements)
 
-    owner = env_config().markers_owner
+    config = env_config()
     # (a colon in the owner's name would read as a bind parameter: escaped, as text() wants)
-    untrusted = _untrusted_sql(owner).replace(":", "\\:")
-    statement = text(_MARKERS_CURRENT.replace("{untrusted}", untrusted))
-    return bool(conn.execute(statement, {"comment": _MARKERS_COMMENT}).scalar())
+    untrusted = _untrusted_sql(config.markers_owner).replace(":", "\\:")
+    statement = text(_MARKERS_STATE.replace("{untrusted}", untrusted))
+    comment, functions, trusted, may_create, role = conn.execute(statement).one()
+    if comment == _MARKERS_COMMENT and functions and (trusted or not may_create):
+        return True
+    found = _VERSION_IN_COMMENT.search(comment) if isinstance(comment, str) else None
+    if may_create or found is None or int(found.group(1)) >= MARKERS_VERSION:
+        return False  # the install runs (and where it can't, the server says why)
+    if not trusted:
+        return True  # not used by the connections, whose warning names their owner
+    emit(
+        config,
+        log_session,
+        logging.WARNING,
+        "install_commit_markers: database %s has commit markers version %s, installed by an "
+        "earlier release (this one installs version %d), and role %s may not create in it, so "
+        "they are left as they are: units use them. Run resilient_db.install_commit_markers() "
+        "as the markers' owner, or the latest Alembic step, to upgrade them",
+        conn.engine.url.database,
+        found.group(1),
+        MARKERS_VERSION,
+        role,
+        event="commit_markers_outdated",
+        version=int(found.group(1)),
+    )
+    return True
 
 
 def _run_statements(bind_or_op: Any, statements: list[str]) -> None:
@@ -496,6 +523,42 @@ _CHECK_SQL = f"""SELECT COALESCE(
     pg_catalog.to_regclass('{SCHEMA}.commit_markers'), 'INSERT'), false),
   extract(epoch FROM pg_catalog.clock_timestamp())::float8,
   {_IDENTITY_SQL}"""
+
+
+# What keeps an installed set of markers from being usable by the connection's role, asked
+# once per engine when the check says they are not (before its warning): each missing right
+# or object named, NULL when nothing is installed (no table). Every lookup is guarded so that
+# it never fails: no USAGE on the schema, say, is itself the answer.
+_MISSING_SQL = """SELECT CASE
+  WHEN pg_catalog.to_regnamespace('{s}') IS NULL THEN NULL
+  WHEN NOT pg_catalog.has_schema_privilege(pg_catalog.to_regnamespace('{s}'), 'USAGE')
+    THEN pg_catalog.format('role %s lacks USAGE on schema {s}', current_user)
+  WHEN pg_catalog.to_regclass('{s}.commit_markers') IS NULL THEN NULL
+  ELSE NULLIF(pg_catalog.concat_ws(', ',
+    CASE WHEN pg_catalog.to_regprocedure('{s}.claim_commit(uuid,integer)') IS NULL
+      THEN 'function {s}.claim_commit(uuid, integer) is missing (installed by an earlier release)'
+      WHEN NOT pg_catalog.has_function_privilege(
+        pg_catalog.to_regprocedure('{s}.claim_commit(uuid,integer)'), 'EXECUTE')
+      THEN pg_catalog.format('role %s lacks EXECUTE on {s}.claim_commit(uuid, integer)',
+        current_user) END,
+    CASE WHEN pg_catalog.to_regprocedure('{s}.mark_commit(uuid)') IS NULL
+      THEN 'function {s}.mark_commit(uuid) is missing'
+      WHEN NOT pg_catalog.has_function_privilege(
+        pg_catalog.to_regprocedure('{s}.mark_commit(uuid)'), 'EXECUTE')
+      THEN pg_catalog.format('role %s lacks EXECUTE on {s}.mark_commit(uuid)', current_user)
+      END,
+    CASE WHEN NOT pg_catalog.has_table_privilege(
+        pg_catalog.to_regclass('{s}.commit_markers'), 'INSERT')
+      THEN pg_catalog.format('role %s lacks INSERT on {s}.commit_markers', current_user) END,
+    CASE WHEN NOT pg_catalog.has_table_privilege(
+        pg_catalog.to_regclass('{s}.commit_markers'), 'SELECT')
+      THEN pg_catalog.format('role %s lacks SELECT on {s}.commit_markers', current_user) END,
+    CASE WHEN session_user OPERATOR(pg_catalog.<>) current_user
+      AND NOT pg_catalog.has_table_privilege(session_user,
+        pg_catalog.to_regclass('{s}.commit_markers'), 'INSERT')
+      THEN pg_catalog.format('login role %s lacks INSERT on {s}.commit_markers',
+        session_user) END), '')
+  END""".replace("{s}", SCHEMA)
 
 
 #: the markers' version, as their table's comment names it (see ``_MARKERS_COMMENT``): asked
@@ -1388,6 +1451,7 @@ class CommitProtocol:
         #: the URL lists several hosts: each gets a bounded connect (MULTI_HOST_CONNECT_TIMEOUT)
         self.multi_host = _multi_host(engine.url)
         self._warned = False
+        self._missing: str | None = None  # what installed markers lack here (_MISSING_SQL)
         # the identity (_IDENTITY_SQL) of the markers' objects last found owned by trusted
         # roles, and of those last found otherwise: only another set is asked about its owners
         self._trusted_objects: str | None = None
@@ -1617,10 +1681,21 @@ class CommitProtocol:
         if mode == MARKERS or self._warned:
             return
         self._warned = True
+        missing = self._missing
         if mode is None:
             what = (
                 "connections of database %s are made by your own creator, so their COMMIT "
                 "can't carry a marker: a lost COMMIT answer of a unit on them ends unknown"
+            )
+        elif missing:
+            what = (
+                "Commit markers are installed in database %s, but not usable here: "
+                f"{missing.replace('%', '%%')}. A lost COMMIT answer is verified by "
+                "transaction id meanwhile, at one extra round trip per writing unit and with "
+                "more unknown outcomes. The application's role needs USAGE on schema "
+                "resilient_db, EXECUTE on its functions and SELECT, INSERT on "
+                "resilient_db.commit_markers (a missing function: run "
+                "resilient_db.install_commit_markers(engine) again as the markers' owner)"
             )
         else:
             what = (
@@ -1648,6 +1723,7 @@ class CommitProtocol:
         owned by roles it trusts; ``owners(sql)`` asks the last (:func:`_owners_sql`), only
         for a set of objects (and ``SELF_HEALING_MARKERS_OWNER``) not judged yet."""
         if not row[0]:
+            self._look_for_missing(owners)
             return False  # not installed, or not usable by this role: nothing to judge
         owner = self._settings.config.markers_owner
         objects = f"{row[2]} {owner}"  # a verdict holds for these objects and this setting
@@ -1663,6 +1739,16 @@ class CommitProtocol:
         self._untrusted_objects = objects
         self._warn_untrusted(list(untrusted))
         return False
+
+    def _look_for_missing(self, fetch: Callable[[str], Any]) -> None:
+        """Before the warning of markers not used here (once per engine): ask what they lack
+        (:data:`_MISSING_SQL`, through ``fetch(sql)``), for the warning to name it."""
+        if self._warned:
+            return
+        try:
+            self._missing = fetch(_MISSING_SQL)
+        except Exception:  # the warning without it
+            debug_failure(log_session, "could not tell what the commit markers lack")
 
     def _warn_if_outdated(self, comment: Any) -> None:
         """Say once per engine that the markers were installed by an earlier release (their
@@ -1834,7 +1920,11 @@ class CommitProtocol:
         if self.is_asyncpg:
             reports = hasattr(driver.get_settings(), "in_hot_standby")
             sent = _wall_clock()
-            row = _await(driver.fetchrow(_CHECK_SQL))
+            try:
+                row = _await(driver.fetchrow(_CHECK_SQL))
+            except Exception:  # (no USAGE on the schema fails the lookups: say that)
+                self._look_for_missing(lambda sql: _await(driver.fetchval(sql)))
+                raise
             self._check_clock(sent, row[1])
             if not self._trusted_install(row, lambda sql: _await(driver.fetchval(sql))):
                 return False, False, reports
@@ -1853,7 +1943,11 @@ class CommitProtocol:
         cursor = dbapi_connection.cursor()
         try:
             sent = _wall_clock()
-            cursor.execute(_CHECK_SQL)
+            try:
+                cursor.execute(_CHECK_SQL)
+            except Exception:  # (no USAGE on the schema fails the lookups: say that)
+                self._look_for_missing(lambda sql: _fetch_value(cursor, sql))
+                raise
             row = cursor.fetchone()
             self._check_clock(sent, row[1])
             if not self._trusted_install(row, lambda sql: _fetch_value(cursor, sql)):

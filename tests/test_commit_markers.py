@@ -1403,7 +1403,8 @@ def test_a_role_that_may_not_write_markers_uses_the_fallback(
     pg_url: str, engine: sa.Engine, tenant: str, service: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Connections made as a role without rights on the markers (here set at connect) use the
-    fallback, with the warning of a missing install, rather than fail every writing COMMIT."""
+    fallback, with a warning naming the rights it lacks, rather than fail every writing
+    COMMIT."""
     eng = sa.create_engine(pg_url, connect_args={"options": f"-c role={tenant}"})
     Sessions = rdb.ResilientSession(eng, service=service)
     try:
@@ -1413,7 +1414,12 @@ def test_a_role_that_may_not_write_markers_uses_the_fallback(
         assert trips[-1] == '"COMMIT"'
     finally:
         eng.dispose()
-    assert any("Commit markers are not installed" in r.getMessage() for r in caplog.records)
+    lacks = f"role {tenant} lacks INSERT on resilient_db.commit_markers, role {tenant} lacks SELECT"
+    assert any(
+        f"Commit markers are installed in database {engine.url.database} (service={service}), "
+        f"but not usable here: {lacks} on resilient_db.commit_markers." in r.getMessage()
+        for r in caplog.records
+    )
     assert markers(engine) == []
     with engine.connect() as conn:
         assert conn.execute(sa.select(Counter.value)).scalar() == 1
@@ -2399,6 +2405,93 @@ def test_installing_on_a_database_that_is_not_postgresql_is_refused_before_sendi
             assert conn.exec_driver_sql("SELECT count(*) FROM sqlite_master").scalar() == 0
     finally:
         eng.dispose()
+
+
+def _as_version_4(engine: sa.Engine) -> None:
+    """The markers' table says an earlier release (version 4) installed them."""
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "COMMENT ON TABLE resilient_db.commit_markers IS 'resilient_db commit markers, "
+                "version 4: proof that a unit of work committed, kept 900 s'"
+            )
+        )
+
+
+def test_an_application_role_installing_at_startup_leaves_an_earlier_releases_markers(
+    engine: sa.Engine,
+    app_login: tuple[str, str],
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A rolling deploy: the new release starts before the migration ran. Its startup
+    ``install_commit_markers(engine)``, as the application's role (no CREATE on the database),
+    raised "permission denied for database" on an earlier release's markers (which units use):
+    every instance failed to start. It leaves them, saying so and how to upgrade them; the
+    owner's install upgrades them."""
+    role, url = app_login
+    _as_version_4(engine)
+    app_engine = sa.create_engine(url)
+    try:
+        with caplog.at_level(logging.WARNING, logger="resilient_db"):
+            rdb.install_commit_markers(app_engine)
+            Sessions = rdb.ResilientSession(app_engine, service=service)
+            before = len(markers(engine))
+            Sessions.run(_bump)
+        assert len(markers(engine)) == before + 1  # its COMMIT carried a marker
+    finally:
+        app_engine.dispose()
+    [said] = [r.getMessage() for r in caplog.records if "install_commit_markers:" in r.getMessage()]
+    assert said.startswith(
+        f"[SELF-HEAL] install_commit_markers: database {engine.url.database} has commit markers "
+        f"version 4, installed by an earlier release (this one installs version "
+        f"{_commit.MARKERS_VERSION}), and role {role} may not create in it, so they are left"
+    )
+    rdb.install_commit_markers(engine)  # the owner's (here a superuser's) install upgrades them
+    with engine.connect() as conn:
+        assert conn.execute(sa.text(_commit._VERSION_SQL)).scalar() == _commit._MARKERS_COMMENT
+
+
+@pytest.mark.parametrize(
+    ("revoke", "lacks"),
+    [
+        ("REVOKE SELECT ON resilient_db.commit_markers FROM {role}", "SELECT on"),
+        ("REVOKE INSERT ON resilient_db.commit_markers FROM {role}", "INSERT on"),
+        (
+            "REVOKE EXECUTE ON FUNCTION resilient_db.claim_commit(uuid, integer) FROM PUBLIC",
+            "EXECUTE on resilient_db.claim_commit(uuid, integer)",
+        ),
+        ("REVOKE USAGE ON SCHEMA resilient_db FROM PUBLIC, {role}", "USAGE on schema resilient_db"),
+    ],
+    ids=["select", "insert", "execute", "usage"],
+)
+def test_markers_a_role_may_not_use_are_said_with_the_right_it_lacks(
+    *,
+    engine: sa.Engine,
+    app_login: tuple[str, str],
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+    revoke: str,
+    lacks: str,
+) -> None:
+    """An installed set of markers the role may not use (a grant forgotten) was said as "not
+    installed, or the role may not use them ... Run install_commit_markers", pointing the
+    operator at the wrong fix. The warning names the right the role lacks."""
+    role, url = app_login
+    with engine.begin() as conn:
+        conn.execute(sa.text(revoke.format(role=role)))
+    app_engine = sa.create_engine(url)
+    try:
+        with caplog.at_level(logging.WARNING, logger="resilient_db"):
+            assert rdb.ResilientSession(app_engine, service=service).run(_bump) >= 1
+    finally:
+        app_engine.dispose()
+    [said] = [r.getMessage() for r in caplog.records if "Commit markers" in r.getMessage()]
+    assert said.startswith(
+        f"[SELF-HEAL] Commit markers are installed in database {engine.url.database} "
+        f"(service={service}), but not usable here: role {role} lacks {lacks}"
+    )
+    assert "not installed" not in said
 
 
 def test_markers_installed_by_an_earlier_release_are_used_and_said_once(
