@@ -413,7 +413,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                 # units) does not depend on the kill switch
                 try:
                     returned = await _call_unit(fn, s, args, kwargs)
-                    await s.run_sync(commit_plainly)
+                    await _ends[type(s)](s, commit_plainly)
                     return returned
                 except BaseException:
                     failed = True
@@ -435,8 +435,9 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                         value = result
                     request = CommitRequest()
                     try:
-                        # flush and COMMIT (async: in one greenlet hop)
-                        await s.run_sync(flush_and_commit, request, self._hooks.commit)
+                        # flush and COMMIT (async: in one greenlet hop; with your session
+                        # class's own flush and commit where it overrides them)
+                        await _ends[type(s)](s, flush_and_commit, request, self._hooks.commit)
                     except Exception as exc:
                         await self._commit_failed(exc, request, s)
                         if own:  # (a run_in caller's session is the caller's to roll back)
@@ -461,10 +462,11 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             leave_unit(s.sync_session)
             if own:
                 if True:  # async only
-                    if failed or s.sync_session.in_transaction():
+                    if failed or s.sync_session.in_transaction() or _ends[type(s)] is _own_methods:
                         # run to completion, as SQLAlchemy's async session is on exit: a
                         # cancellation arriving now must not leave it half closed and its
-                        # connection out of the pool, nor return before the close is done
+                        # connection out of the pool, nor return before the close is done.
+                        # (A session class's own close is awaited so, as after a failure.)
                         await _to_completion(_close(s, quiet=failed))
                     else:
                         # committed: the session holds no connection, so closing it does no
@@ -759,6 +761,59 @@ if True:  # async only
                 f"{_name(fn)} returned {type(result).__name__}, not an awaitable: units of an "
                 f"AsyncResilientSession are async functions (async def); {_SYNC_HINT}"
             )
+
+    # -- a session class's own flush, commit and close ------------------------------------------
+    class _OwnMethods:
+        """A unit's sync session as the end of the unit (``flush_and_commit``,
+        ``commit_plainly``) sees it, whose ``flush`` and ``commit`` are the async session's own,
+        awaited through SQLAlchemy's bridge out of its greenlet, as if the unit's code awaited
+        them; everything else is the sync session's."""
+
+        __slots__ = ("_session", "_sync")
+
+        def __init__(self, sync: Any, session: AsyncSession) -> None:
+            self._sync = sync
+            self._session = session
+
+        def flush(self) -> None:
+            _await(self._session.flush())
+
+        def commit(self) -> None:
+            _await(self._session.commit())
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._sync, name)
+
+    async def _own_methods(session: AsyncSession, end: Callable[..., None], *args: Any) -> None:
+        """End a unit whose session class overrides ``flush``, ``commit`` or ``close`` (to
+        publish events, free a resource...): ``end`` as for any class, in one greenlet hop,
+        with the class's own ``flush`` and ``commit`` awaited (the unit's session is then
+        closed with its own ``close``, awaited too: see ``_attempt``), as the sync twin calls
+        its session class's. The commit protocol, the checks and the counters are the same."""
+        await session.run_sync(_end_with, session, end, *args)
+
+    def _end_with(sync: Any, session: AsyncSession, end: Callable[..., None], *args: Any) -> None:
+        end(_OwnMethods(sync, session), *args)
+
+    class _Ends(dict[type[AsyncSession], Callable[..., Awaitable[None]]]):
+        """How a unit of each ``AsyncSession`` class ends, decided once per class:
+        ``_ends[type(s)](s, end, *args)`` runs ``end(sync_session, *args)`` with
+        ``s.run_sync``, in one greenlet hop (the class's ``run_sync``, as ``s.run_sync``
+        calls it), or, for a class that overrides ``flush``, ``commit`` or ``close``, with
+        :func:`_own_methods`. (A dict: a class seen before is answered without a line of
+        Python on every unit's path; ``scripts/async_to_sync.py`` makes the call ``end(s,
+        *args)`` in the sync twin, whose session class's methods are the ones called.)"""
+
+        def __missing__(self, cls: type[AsyncSession]) -> Callable[..., Awaitable[None]]:
+            overrides = any(
+                getattr(cls, name) is not getattr(AsyncSession, name)
+                for name in ("flush", "commit", "close")
+            )
+            end = _own_methods if overrides else cls.run_sync
+            self[cls] = end
+            return end
+
+    _ends = _Ends()
 
     class _TaskUnit:
         """The unit of work running in the current asyncio task, with ``ContextVar``'s

@@ -406,7 +406,8 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                     value = result
                     request = CommitRequest()
                     try:
-                        # flush and COMMIT (async: in one greenlet hop)
+                        # flush and COMMIT (async: in one greenlet hop; with your session
+                        # class's own flush and commit where it overrides them)
                         flush_and_commit(s, request, self._hooks.commit)
                     except Exception as exc:
                         self._commit_failed(exc, request, s)

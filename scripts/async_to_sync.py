@@ -22,7 +22,9 @@ How the async source becomes the sync one:
   become ``X``; ``asyncio.shield(x)``, ``asyncio.create_task(x)`` and ``_to_completion(x)``
   become ``x``;
   ``asyncio.to_thread(f, *a)`` becomes ``f(*a)``; ``s.run_sync(f, *a)`` (SQLAlchemy's hop into
-  its sync session) becomes ``f(s, *a)``; ``x.sync_session`` / ``x.sync_engine`` become ``x``.
+  its sync session) becomes ``f(s, *a)``, and so does ``_ends[type(s)](s, f, *a)`` (the same hop,
+  or through the session class's own methods: :data:`RUN_SYNC_BY_CLASS`); ``x.sync_session`` /
+  ``x.sync_engine`` become ``x``.
 * Where the two really differ, the source says so with a marker block::
 
       if True:  # async only
@@ -94,6 +96,9 @@ MODULES: dict[str, str] = {
 UNWRAP_TYPES = frozenset({"Awaitable", "Coroutine"})
 #: calls whose sync form is their only argument
 UNWRAP_CALLS = frozenset({"asyncio.shield", "asyncio.create_task", "_to_completion"})
+#: mappings of a callable per session class that is called as ``s.run_sync`` is, with the session
+#: first: ``_ends[type(s)](s, f, *a)`` (see ``_asyncio._Ends``) becomes ``f(s, *a)``
+RUN_SYNC_BY_CLASS = frozenset({"_ends"})
 #: attributes whose sync form is the object itself (SQLAlchemy's async proxies)
 IDENTITY_ATTRS = frozenset({"sync_session", "sync_engine"})
 
@@ -407,6 +412,16 @@ def _rewrite_call(src: Source, ed: Editor, node: ast.Call) -> None:
     if name == "asyncio.to_thread":
         fn, rest = node.args[0], _rest(src, ed, node, 1)
         ed.replace(start, end, f"{ed.render(src.start(fn), src.end(fn))}({rest})")
+        return
+    func = node.func
+    if isinstance(func, ast.Subscript) and dotted(func.value) in RUN_SYNC_BY_CLASS:
+        if len(node.args) < 2 or any(isinstance(a, ast.Starred) for a in node.args[:2]):
+            raise GenerateError(f"{src.where(node)}: {dotted(func.value)}[...](session, fn, ...)")
+        obj, fn = node.args[0], node.args[1]
+        rest = _rest(src, ed, node, 2)
+        obj_text = ed.render(src.start(obj), src.end(obj))
+        args = f"{obj_text}, {rest}" if rest else obj_text
+        ed.replace(start, end, f"{ed.render(src.start(fn), src.end(fn))}({args})")
         return
     if isinstance(node.func, ast.Attribute) and node.func.attr == "run_sync":
         obj, fn = node.func.value, node.args[0]
