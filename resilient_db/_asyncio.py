@@ -35,6 +35,7 @@ from ._unit import (
     FactoryCore,
     admitted_by,
     async_units,
+    attempt_of,
     check_commit,
     commit_if_prepared,
     commit_plainly,
@@ -210,7 +211,10 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
 
         On a transient error anywhere in the unit (COMMIT included) the session is rolled back
         and ``fn`` runs again with a fresh one, after a backoff. Inside another unit of this
-        factory, ``fn`` joins the outer unit's session and runs once (the outer unit retries);
+        factory, ``fn`` joins the outer unit's session and runs once (the outer unit retries;
+        async: in the outer unit's task, as when awaited directly or under ``asyncio.timeout``.
+        Started in another task, as ``asyncio.wait_for`` does before Python 3.12, it runs in a
+        transaction of its own, committed by itself, with a ``[SELF-HEAL]`` warning);
         inside another factory's unit, or an operation of ``with_self_healing`` that retries, it
         runs once in a session of its own (the outer operation replays it: no retry loops
         multiplied). Cancellation is never retried. With self-healing off
@@ -242,6 +246,11 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         policy = self.policy
         enclosing = current_attempt.get()
         if enclosing is not None and enclosing.running:  # (a task's, after it: not nested)
+            if True:  # async only
+                # a unit of this factory runs in the task that made this one (wait_for's
+                # before Python 3.12, create_task's, gather's): not joined (see _TaskUnit)
+                if attempt_of(self.policy, enclosing):
+                    self._unit_in_other_task(fn)
             if enclosing.replayed:  # with_self_healing retries it all: see _once
                 return await self._once(fn, args, kwargs)
             policy.refresh()  # (a breaker replaced by reset_state() is not the one to ask)

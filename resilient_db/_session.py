@@ -191,7 +191,10 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
 
         On a transient error anywhere in the unit (COMMIT included) the session is rolled back
         and ``fn`` runs again with a fresh one, after a backoff. Inside another unit of this
-        factory, ``fn`` joins the outer unit's session and runs once (the outer unit retries);
+        factory, ``fn`` joins the outer unit's session and runs once (the outer unit retries;
+        async: in the outer unit's task, as when awaited directly or under ``asyncio.timeout``.
+        Started in another task, as ``asyncio.wait_for`` does before Python 3.12, it runs in a
+        transaction of its own, committed by itself, with a ``[SELF-HEAL]`` warning);
         inside another factory's unit, or an operation of ``with_self_healing`` that retries, it
         runs once in a session of its own (the outer operation replays it: no retry loops
         multiplied). Cancellation is never retried. With self-healing off

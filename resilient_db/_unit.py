@@ -239,6 +239,13 @@ def admitted_by(breaker: Any) -> bool:
     return attempt is not None and attempt.running and attempt.breaker is breaker
 
 
+def attempt_of(policy: Policy, attempt: Any) -> bool:
+    """Whether ``attempt`` (an :class:`~._commit.AttemptRecord`) is an attempt made by
+    ``policy``: for a factory's policy, an attempt of one of its units (a task made inside the
+    unit inherits it as ``current_attempt``)."""
+    return getattr(attempt, "_policy", None) is policy  # (the policy the record was made with)
+
+
 class CommitVerdict(enum.Enum):
     COMMITTED = "committed"
     ABORTED = "not committed"
@@ -1318,6 +1325,35 @@ class FactoryCore:
     policy: Policy
     config: Config
     service: str
+    #: (async) whether a unit started in another asyncio task than the enclosing unit of this
+    #: factory was said (:meth:`_unit_in_other_task`: one log line per factory)
+    _told_other_task = False
+
+    def _unit_in_other_task(self, fn: Any) -> None:
+        """An async unit of this factory was started inside a unit of this factory, but in
+        another asyncio task (``asyncio.wait_for`` runs its awaitable in a task of its own
+        before Python 3.12; ``create_task``, ``gather``, a ``TaskGroup`` or ``shield`` do on
+        every version): the unit running in that other task is not this task's, and an
+        ``AsyncSession`` can't be shared between tasks, so it runs in a transaction of its
+        own, committed by itself. Said once per factory (the hooks see each one)."""
+        told, self._told_other_task = self._told_other_task, True
+        emit(
+            self.config,
+            log_session,
+            logging.WARNING,
+            "Unit in another task: service=%s unit %s started inside a unit of the same "
+            "factory, but in another asyncio task, so it runs in a transaction of its own, "
+            "committed by itself (it does not see the enclosing unit's uncommitted work, waits "
+            "on the rows it locked, and stays committed if the enclosing unit fails or is "
+            "replayed). Await it directly, or under asyncio.timeout() (Python 3.11+), to join "
+            "the enclosing unit; asyncio.wait_for runs it in another task before Python 3.12 "
+            "(said once per factory)",
+            self.service,
+            getattr(fn, "__qualname__", None) or repr(fn),
+            log=not told,
+            service=self.service,
+            event="unit_in_other_task",
+        )
 
     def _init_core(
         self,

@@ -3,12 +3,20 @@
 * a session class given as ``class_=`` is used as it is: a unit calls its own ``flush``,
   ``commit``, ``rollback`` and ``close``, in the order the sync twin calls its session
   class's, and still commits once (through the commit protocol: replayed after a conflict at
-  COMMIT, verified after a lost COMMIT answer).
+  COMMIT, verified after a lost COMMIT answer);
+* a unit of a factory started inside a unit of the same factory joins it when it runs in the
+  same asyncio task (awaited directly, or under ``asyncio.timeout``), and runs in a
+  transaction of its own, committed by itself and said once in a ``[SELF-HEAL]`` warning,
+  when it runs in another task (``asyncio.create_task``; ``asyncio.wait_for`` before Python
+  3.12).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import logging
+import sys
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -269,3 +277,162 @@ async def test_a_class_that_overrides_only_close_has_it_called(
     assert calls == ["close", "close"]
     assert await count_items(async_engine, "closed") == 1
     assert await count_items(async_engine, "validated") == 1
+
+
+# -- a unit of the same factory in another asyncio task -------------------------------------------
+def other_task_lines(records: list[logging.LogRecord]) -> list[logging.LogRecord]:
+    return [
+        r
+        for r in records
+        if getattr(r, "self_heal", {}).get("event") == "unit_in_other_task"
+        and r.levelno == logging.WARNING
+    ]
+
+
+async def nested_in(
+    Async: AsyncResilientSession[Any], call: Callable[[Any], Any]
+) -> tuple[list[int], list[str]]:
+    """Run a unit that writes the row "outer", runs two nested units of the same factory
+    through ``call(coroutine)`` (each counting the "outer" rows it sees and writing a row of
+    its own), then fails. Returns (what each nested unit saw, the rows left)."""
+    seen: list[int] = []
+
+    async def inner(session: AsyncSession) -> None:
+        q = sa.select(sa.func.count()).select_from(Item).where(Item.name == "outer")
+        seen.append(int(await session.scalar(q) or 0))
+        session.add(Item(name=f"inner-{len(seen)}"))
+        await session.flush()
+
+    async def outer(session: AsyncSession) -> None:
+        session.add(Item(name="outer"))
+        await session.flush()
+        await call(Async.run(inner))
+        await call(Async.run(inner))
+        raise ValueError("the outer unit fails")
+
+    with pytest.raises(ValueError, match="outer unit fails"):
+        await Async.run(outer)
+    async with Async() as session:
+        left = (await session.scalars(sa.select(Item.name).order_by(Item.name))).all()
+    return seen, list(left)
+
+
+async def awaited(coro: Any) -> Any:
+    return await coro
+
+
+async def under_timeout(coro: Any) -> Any:
+    async with asyncio.timeout(30):  # type: ignore[attr-defined]  (Python 3.11+)
+        return await coro
+
+
+async def in_a_task(coro: Any) -> Any:
+    return await asyncio.create_task(coro)
+
+
+async def under_wait_for(coro: Any) -> Any:
+    return await asyncio.wait_for(coro, 30)
+
+
+JOINS = pytest.mark.parametrize(
+    "call",
+    [
+        awaited,
+        pytest.param(
+            under_timeout,
+            marks=pytest.mark.skipif(
+                not hasattr(asyncio, "timeout"), reason="asyncio.timeout is Python 3.11+"
+            ),
+        ),
+        *([under_wait_for] if sys.version_info >= (3, 12) else []),
+    ],
+)
+
+
+@JOINS
+async def test_a_unit_awaited_in_the_units_task_joins_it(
+    async_engine: AsyncEngine,
+    service: str,
+    call: Callable[[Any], Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Awaited directly or under ``asyncio.timeout`` (and ``asyncio.wait_for`` from Python
+    3.12, which runs it in the calling task): the nested units see the outer unit's row and
+    are rolled back with it. Nothing said."""
+    Async = AsyncResilientSession(async_engine, service=service)
+    with caplog.at_level(logging.WARNING, logger="resilient_db"):
+        seen, left = await nested_in(Async, call)
+    assert seen == [1, 1]
+    assert left == []
+    assert other_task_lines(caplog.records) == []
+
+
+OTHER_TASK = pytest.mark.parametrize(
+    "call", [in_a_task, *([under_wait_for] if sys.version_info < (3, 12) else [])]
+)
+
+
+@OTHER_TASK
+async def test_a_unit_in_another_task_runs_on_its_own_and_says_so_once(
+    async_engine: AsyncEngine,
+    service: str,
+    call: Callable[[Any], Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Started in another task (``asyncio.create_task``; ``asyncio.wait_for`` before Python
+    3.12): each nested unit runs in a transaction of its own (it does not see the outer unit's
+    row, and stays committed when the outer unit fails), and one warning per factory says so,
+    with the way to join (the hooks are told of each)."""
+    Async = AsyncResilientSession(async_engine, service=service)
+    events: list[rdb.SelfHealEvent] = []
+    rdb.add_hook(events.append)
+    try:
+        with caplog.at_level(logging.WARNING, logger="resilient_db"):
+            seen, left = await nested_in(Async, call)
+    finally:
+        rdb.remove_hook(events.append)
+    assert seen == [0, 0]
+    assert left == ["inner-1", "inner-2"]
+    [line] = other_task_lines(caplog.records)
+    text = line.getMessage()
+    assert text.startswith("[SELF-HEAL] Unit in another task: ")
+    assert f"service={service} " in text
+    assert "in a transaction of its own, committed by itself" in text
+    assert "asyncio.timeout()" in text
+    assert "asyncio.wait_for runs it in another task before Python 3.12" in text
+    told = [e for e in events if e.name == "unit_in_other_task" and e.service == service]
+    assert len(told) == 2
+
+
+async def test_a_unit_of_another_factory_in_a_task_is_not_said(
+    async_engine: AsyncEngine, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A unit of another factory runs in a session of its own wherever it runs (documented):
+    nothing to say about it. Nor about a unit of the factory in a task that outlives the unit
+    that made it (run after that one ended: not nested)."""
+    Async = AsyncResilientSession(async_engine, service=service)
+    Other = AsyncResilientSession(async_engine, service=f"{service}-other")
+    later: list[asyncio.Task[None]] = []
+
+    async def inner(session: AsyncSession) -> None:
+        session.add(Item(name=f"inner-{len(later)}"))
+
+    started = asyncio.Event()
+
+    async def after_the_unit() -> None:
+        await started.wait()
+        await Async.run(inner)
+
+    async def outer(session: AsyncSession) -> None:
+        session.add(Item(name="outer"))
+        await asyncio.create_task(Other.run(inner))
+        later.append(asyncio.create_task(after_the_unit()))
+
+    with caplog.at_level(logging.WARNING, logger="resilient_db"):
+        await Async.run(outer)
+        started.set()
+        await later[0]
+    assert other_task_lines(caplog.records) == []
+    assert await count_items(async_engine, "outer") == 1
+    assert await count_items(async_engine, "inner-0") == 1
+    assert await count_items(async_engine, "inner-1") == 1
