@@ -48,6 +48,7 @@ from ._bypass import bypass_transitions, bypass_transitions_async
 from ._diagrams import rules_to_dot, rules_to_mermaid
 from ._install import (
     TransitionTrigger,
+    TriggerInstallRefusedError,
     install_transition_trigger,
     transition_trigger_drop_sql,
     transition_trigger_sql,
@@ -75,6 +76,7 @@ __all__ = [
     "TransitionRules",
     "TransitionRulesError",
     "TransitionTrigger",
+    "TriggerInstallRefusedError",
     "allowed_transitions",
     "bypass_transitions",
     "bypass_transitions_async",

@@ -21,6 +21,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Mapper, Session, registry
 
+from resilient_db._classify import sqlstate_of
+from resilient_db._errors import ResilientDBError
+
 from ._report import logger
 from ._rules import (
     Guard,
@@ -42,13 +45,14 @@ from ._sql import (
     gone_column_condition,
     guards_script,
     insert_when_printed,
-    install_statements,
     left_over_statements,
     literal,
+    online_install_statements,
+    online_uninstall_statements,
     quoted_table,
-    rules_stamp,
     script_statements,
     source_matches,
+    spellings,
     stamp_generator,
     stamp_prefix_pattern,
     trigger_names,
@@ -59,6 +63,7 @@ from ._sql import transition_trigger_sql as _model_sql
 
 __all__ = [
     "TransitionTrigger",
+    "TriggerInstallRefusedError",
     "install_transition_trigger",
     "run_statements",
     "transition_trigger_drop_sql",
@@ -100,6 +105,10 @@ class TransitionTrigger:
 
     ``model``: the class name the trigger's error names (the application's model of the table).
     ``table`` and ``schema``: the table (``schema=None``: the one found on the search_path).
+    Whether the schema is given or left to the search_path, here or in the application's model,
+    the trigger of one table is the same to :func:`trigger_drift` and to an install through an
+    Engine (which sends nothing when it is current), though its function's name, which hashes
+    the schema as written, differs (an install on a server drops the one of the other name).
     ``primary_key``: the name of the row key's column, or a sequence of them in the key's order
     (the error's ``pk``). ``rules``: the rules of the column ``rules.column`` (the column's name
     in the database). ``type_``: the column's SQLAlchemy type (``sa.String(20)``,
@@ -241,6 +250,50 @@ def guard_of(trigger: TransitionTrigger) -> Guard:
     return trigger._guard
 
 
+class TriggerInstallRefusedError(ResilientDBError, sa.exc.ProgrammingError):
+    """:func:`install_transition_trigger` through an Engine found the trigger in the database
+    not as declared, and this role may not install it (SQLSTATE 42501: an application role at
+    startup, say, which owns neither the table nor its schema). ``model`` names what was
+    installed, ``drift`` is what :func:`trigger_drift` said, ``reason`` the server's refusal;
+    the driver's error is ``orig``, as on the ``ProgrammingError`` it stands for (which is its
+    ``__cause__``, and which handlers of ``ProgrammingError`` keep catching). The fix: install
+    as the table's owner (the migration), or declare the rules that are installed; after that,
+    the startup install sends nothing."""
+
+    def __init__(self, model: str, drift: str, error: sa.exc.DBAPIError | str) -> None:
+        self.model = model
+        self.drift = drift
+        if isinstance(error, sa.exc.DBAPIError):
+            statement, params = error.statement, error.params
+            orig = error.orig if error.orig is not None else Exception(str(error))
+            text = str(orig).strip()
+        else:
+            statement, params, orig, text = None, None, Exception(error), error
+        self.reason = text.splitlines()[0] if text else "permission denied"
+        super().__init__(statement, params, orig)
+        self.message = (
+            f"install_transition_trigger({model}): the trigger in the database is not the one "
+            f"declared (drift: {drift}), so an install was needed, and this role may not run it "
+            f"({self.reason}); install it as the table's owner (the migration's "
+            f"install_transition_trigger), after which this call sends nothing"
+        )
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.model, self.drift, self.reason))
+
+
+_INSUFFICIENT_PRIVILEGE = "42501"
+
+
+def _model_name(model: type[Any] | TransitionTrigger) -> str:
+    if isinstance(model, TransitionTrigger):
+        return described(model)
+    return getattr(model, "__name__", repr(model))
+
+
 # --------------------------------------------------------------------------------------------
 # Running the statements
 # --------------------------------------------------------------------------------------------
@@ -377,7 +430,16 @@ def install_transition_trigger(bind_or_op: Any, model: type[Any] | TransitionTri
     bypass until the role exists, and a warning says so. Installing again replaces the trigger
     of an older release (whose bypass any role could switch on). Through an Engine on which
     the trigger is installed as declared (no drift), nothing is sent, also when the role is
-    missing (a warning says so): an application role may call it at startup.
+    missing (a warning says so): an application role may call it at startup. The table is
+    compared as the server resolves it: installed by a migration naming its schema, and
+    declared by a model without one that reaches it through the search_path (or the other way
+    round), it is current. When there is drift and the role may not install (SQLSTATE 42501),
+    :class:`TriggerInstallRefusedError` (a ``ProgrammingError``, as before) says what the
+    drift is and that the table's owner must install (the driver's error is its cause).
+    Installed on a server, a function of the trigger's earlier name (its table written with or
+    without the schema) is dropped with the triggers that called it; an offline script
+    (Alembic ``--sql``, :func:`transition_trigger_sql`) names the function by the table as
+    declared, needs no server, and leaves an earlier one of the other name in place, unused.
 
     The trigger belongs to the table and column, not to the model: the classes of one table
     (single-table inheritance, two models of one table) guarding a column by the same rules
@@ -397,7 +459,8 @@ def install_transition_trigger(bind_or_op: Any, model: type[Any] | TransitionTri
     )
     _warn_partitioned(bind_or_op, guards)
     role_found: list[bool] = []
-    if installed_already(bind_or_op, lambda conn: _trigger_current(conn, model, role_found)):
+    drift: list[str] = []
+    if installed_already(bind_or_op, lambda conn: _trigger_current(conn, model, role_found, drift)):
         # Current is the trigger's state: a missing bypass role (the migration role could not
         # create it) is no reason to send DDL, which an application role at startup may not.
         if role_found and not role_found[0]:
@@ -406,14 +469,20 @@ def install_transition_trigger(bind_or_op: Any, model: type[Any] | TransitionTri
     # Offline, the statements are written into a script that may run them one at a time, each
     # committing on its own (psql's default, a migration environment without a transaction):
     # there, each guard's function and triggers are replaced in one statement. Online they are
-    # sent in one transaction (see _send).
-    per_guard = script_statements if _offline(bind_or_op) else install_statements
+    # sent in one transaction (see _send), and a function of the trigger's earlier name (the
+    # table written with or without its schema) is dropped with the triggers that called it.
+    per_guard = script_statements if _offline(bind_or_op) else online_install_statements
     statements = [
         bypass_role_statement(),
         *(s for g in guards for s in per_guard(g)),
         *left_over_statements(g.table for g in guards),
     ]
-    run_statements(bind_or_op, statements)
+    try:
+        run_statements(bind_or_op, statements)
+    except sa.exc.ProgrammingError as exc:  # what the drivers make of 42501
+        if drift and sqlstate_of(exc) == _INSUFFICIENT_PRIVILEGE:
+            raise TriggerInstallRefusedError(_model_name(model), drift[0], exc) from exc
+        raise
     if _role_missing(bind_or_op):
         _warn_no_role(guards[0].model, installed_now=True)
 
@@ -499,12 +568,18 @@ def _partitioned_in_db(target: Any, table: sa.Table) -> bool:
 
 
 def _trigger_current(
-    conn: Connection, model: type[Any] | TransitionTrigger, role_found: list[bool]
+    conn: Connection,
+    model: type[Any] | TransitionTrigger,
+    role_found: list[bool],
+    drift: list[str],
 ) -> bool:
-    """Installed as declared (no drift). Whether the bypass role exists is put into
-    ``role_found``: a missing role is warned about, not reinstalled (the trigger looks it up
-    when a bypass is asked for; creating it takes CREATEROLE, which an install may lack)."""
-    if trigger_drift(conn, model) is not None:
+    """Installed as declared (no drift; else what differs is put into ``drift``). Whether the
+    bypass role exists is put into ``role_found``: a missing role is warned about, not
+    reinstalled (the trigger looks it up when a bypass is asked for; creating it takes
+    CREATEROLE, which an install may lack)."""
+    found = trigger_drift(conn, model)
+    if found is not None:
+        drift.append(found)
         return False
     role_found.append(_role_exists(conn))
     return True
@@ -620,11 +695,13 @@ def uninstall_transition_trigger(
             raise TypeError(_columns_of_a_trigger("uninstall_transition_trigger", model))
         guard = guard_of(model)
         _refuse_schema_translation(bind_or_op, model, [guard.table], "uninstall_transition_trigger")
-        run_statements(bind_or_op, [*drop_statements(guard), *left_over_statements([guard.table])])
+        per_guard = drop_statements if _offline(bind_or_op) else online_uninstall_statements
+        run_statements(bind_or_op, [*per_guard(guard), *left_over_statements([guard.table])])
         return
     _, tables, _ = drop_plan(model, columns)
     _refuse_schema_translation(bind_or_op, model, tables, "uninstall_transition_trigger")
-    run_statements(bind_or_op, drop_plan_statements(model, columns))
+    online = not _offline(bind_or_op)
+    run_statements(bind_or_op, drop_plan_statements(model, columns, online=online))
 
 
 def _refuse_schema_translation(
@@ -711,7 +788,12 @@ def _shape_differs(row: Any, guard: Guard, update: bool) -> bool:
     return match is None or match["cond"] not in update_when_printed(col)
 
 
-_TABLE_QUERY = sa.text("SELECT pg_catalog.to_regclass(:rel) IS NOT NULL")
+# the schema the table resolves to (no row: no such table); oid = oid, as the others compare
+_TABLE_QUERY = sa.text(
+    "SELECT s.nspname::text FROM pg_catalog.pg_class c"
+    " JOIN pg_catalog.pg_namespace s ON s.oid = c.relnamespace"
+    " WHERE c.oid = pg_catalog.to_regclass(:rel)::oid"
+)
 # text = text, as the other queries compare (attname is a name)
 _COLUMN_QUERY = sa.text(
     "SELECT EXISTS (SELECT FROM pg_catalog.pg_attribute"
@@ -731,7 +813,14 @@ def trigger_drift(
     for a column the table no longer has (install and uninstall drop it). Our triggers of
     another column that exists are not this model's concern (another code base may declare
     them). ``model`` may be a :class:`TransitionTrigger`: the trigger it describes is compared
-    (what its install put in, or a model's of the same table, key, column and rules)."""
+    (what its install put in, or a model's of the same table, key, column and rules).
+
+    The table is the one this connection resolves the declared name to, and its triggers are
+    compared however its install wrote the table: with its schema or without it (found on the
+    installer's search_path). A migration's ``TransitionTrigger(schema="app")`` and a model
+    without a schema reaching ``app.tasks`` through ``search_path=app`` (or the other way
+    round) name the function differently (the name hashes the schema as written, so that
+    offline SQL needs no server), and are the same trigger here: no drift."""
     conn = connection.connection() if isinstance(connection, Session) else connection
     if not isinstance(conn, Connection):
         hint = (
@@ -748,9 +837,13 @@ def trigger_drift(
     for guard in guards:
         n = trigger_names(guard)
         where = f"{guard.model}.{guard.attr_key} (table {guard.table.name})"
-        if not conn.execute(_TABLE_QUERY, {"rel": n.table}).scalar():
+        resolved = conn.execute(_TABLE_QUERY, {"rel": n.table}).first()
+        if resolved is None:
             problems.append(f"{where}: the table does not exist")
             continue
+        # the function name and stamp as an install of this table spelled with or without its
+        # schema writes them: both are this table's trigger (the triggers are read off it)
+        accepted = spellings(guard, resolved[0])
         if not conn.execute(_COLUMN_QUERY, {"rel": n.table, "col": guard.column.name}).scalar():
             problems.append(
                 f"{where}: the table has no column {guard.column.name!r} (renamed or dropped by a "
@@ -771,10 +864,10 @@ def trigger_drift(
                 },
             )
         }
-        expected = rules_stamp(guard)
+        expected = accepted[n.function_name]
         expected_generator = stamp_generator(expected)
-        stamps: set[str | None] = set()
-        altered = False
+        stamps: dict[str | None, str] = {}  # installed stamp -> the one expected
+        altered: dict[str, None] = {}  # functions whose body or settings were changed
         for trigger in (n.insert_trigger, n.update_trigger):
             row = rows.get(trigger)
             if row is None:
@@ -788,33 +881,34 @@ def trigger_drift(
                     f"{where}: trigger {trigger} is not the one install creates "
                     f"({row.definition}); run install_transition_trigger again"
                 )
-            if row.stamp == expected and row.function == n.function_name:
-                altered = altered or (
-                    not source_matches(guard, row.source)
-                    or list(row.config or ()) != _FUNCTION_CONFIG
-                    or row.definer
-                    or row.language != "plpgsql"
-                )
+            current = row.function in accepted and row.stamp == accepted[row.function]
+            if current and (
+                not source_matches(guard, row.source)
+                or list(row.config or ()) != _FUNCTION_CONFIG
+                or row.definer
+                or row.language != "plpgsql"
+            ):
+                altered.setdefault(row.function)
             if row.function == n.legacy_function_name:
                 problems.append(
                     f"{where}: trigger {trigger} is installed under an older name (it calls "
                     f"{row.function}(), which another table's guard may share); run "
                     f"install_transition_trigger again"
                 )
-            elif row.function != n.function_name:
+            elif row.function not in accepted:
                 problems.append(
                     f"{where}: trigger {trigger} calls {row.function}() instead of "
                     f"{n.function_name}()"
                 )
             else:
-                stamps.add(row.stamp)
-        if altered:
+                stamps.setdefault(row.stamp, accepted[row.function])
+        for function in altered:
             problems.append(
-                f"{where}: function {n.function_name}() is not the one generated for the declared "
+                f"{where}: function {function}() is not the one generated for the declared "
                 f"rules (its body or settings were changed, its stamp kept); run "
                 f"install_transition_trigger again"
             )
-        for stamp in sorted(stamps - {expected}, key=str):
+        for stamp in sorted((found for found in stamps if found != stamps[found]), key=str):
             generator = stamp_generator(stamp)
             if generator is not None and expected_generator and generator < expected_generator:
                 # v1 honoured the bypass setting for any role that set it
@@ -839,7 +933,7 @@ def trigger_drift(
                 continue
             problems.append(
                 f"{where}: installed function stamp ({stamp or 'no stamp'}) does not match the "
-                f"declared rules ({expected}); reinstall with transition_trigger_sql()"
+                f"declared rules ({stamps[stamp]}); reinstall with transition_trigger_sql()"
             )
     problems.extend(_left_over(conn, guards))
     return "; ".join(problems) if problems else None

@@ -47,11 +47,15 @@ __all__ = [
     "left_over_statement",
     "left_over_statements",
     "literal",
+    "online_install_statements",
+    "online_uninstall_statements",
     "pg_name",
     "quoted_table",
+    "replaced_functions_statement",
     "rules_stamp",
     "script_statements",
     "source_matches",
+    "spellings",
     "stamp_generator",
     "stamp_prefix_pattern",
     "transition_trigger_drop_sql",
@@ -237,10 +241,30 @@ def rules_stamp(guard: Guard) -> str:
     """Version stamp: a hash of the database-level rules (table, column, row key, states and
     moves) and of the generator version. Not of the model: the classes of one table (single-table
     inheritance, two models of one table) guarding a column by the same rules install the same
-    trigger."""
+    trigger. The table as declared: its schema, or none (see :func:`spellings`)."""
+    return _stamp(guard, guard.table.schema)
+
+
+def spellings(guard: Guard, resolved_schema: str | None) -> dict[str, str]:
+    """The function names (each with its stamp) under which an install of ``guard``'s rules
+    may have put the trigger of the table the server resolves to ``resolved_schema``: the
+    table as declared, without its schema (found on the installer's search_path), and with
+    the schema it resolves to. The name and stamp hash the schema as written (what offline
+    SQL knows), so a migration's ``TransitionTrigger(schema="app")`` and a model of ``tasks``
+    reached through ``search_path=app`` install the same trigger under two names; on a
+    server both are the one table's trigger (drift detection asks which table the trigger is
+    on, and it is this one). The declared spelling comes first."""
+    found: dict[str, str] = {}
+    for schema in (guard.table.schema, None, resolved_schema):
+        name = function_name(schema, guard.table.name, guard.column.name)
+        found.setdefault(name, _stamp(guard, schema))
+    return found
+
+
+def _stamp(guard: Guard, schema: str | None) -> str:
     canonical = {
         "generator": _GENERATOR_VERSION,
-        "schema": guard.table.schema,
+        "schema": schema,
         "table": guard.table.name,
         "column": guard.column.name,
         "pk": [c.name for c in guard.pk_columns],
@@ -585,6 +609,72 @@ def script_statements(guard: Guard) -> list[str]:
     return [f"DO {_dollar_quote(body)}", legacy]
 
 
+def replaced_functions_statement(guard: Guard, *, keep_own: bool = True) -> str:
+    """Drop our INSERT and UPDATE triggers of ``guard``'s column on its table that call a
+    function of ours (stamped) other than the one its install creates (``keep_own=False``:
+    whichever function they call), then each such function no trigger calls any more, when
+    this role may drop it (another role's, stamped like ours, stays). The function an earlier
+    install put in under another name, the table written otherwise (its schema given or left
+    to the search_path: see :func:`spellings`), goes with it; told by the function the
+    table's triggers call, never by a name alone. Run before the triggers are created again,
+    in the same transaction: the table is never without its triggers to another session."""
+    n = trigger_names(guard)
+    own = literal(f"{n.function}()")
+    ours = ", ".join(literal(t) for t in (n.insert_trigger, n.update_trigger))
+    other = "(v_own IS NULL OR t.tgfoid <> v_own)" if keep_own else "true"
+    found_own = f"pg_catalog.to_regprocedure({own})::oid" if keep_own else "NULL"
+    body = f"""
+DECLARE
+    v_rel oid := pg_catalog.to_regclass({literal(n.table)})::oid;
+    v_own oid := {found_own};
+    v_replaced oid[] := ARRAY[]::oid[];
+    r record;
+BEGIN
+    IF v_rel IS NULL THEN
+        RETURN;
+    END IF;
+    FOR r IN
+        SELECT t.tgname::text AS trigger, t.tgfoid AS fn
+        FROM pg_catalog.pg_trigger t
+        WHERE t.tgrelid = v_rel AND NOT t.tgisinternal
+            AND t.tgname::text = ANY (ARRAY[{ours}]::text[])
+            AND {other}
+            AND pg_catalog.obj_description(t.tgfoid, 'pg_proc') LIKE {literal(_STAMP_PREFIX + " %")}
+    LOOP
+        EXECUTE pg_catalog.format('DROP TRIGGER %I ON %s', r.trigger, {literal(n.table)});
+        v_replaced := pg_catalog.array_append(v_replaced, r.fn);
+    END LOOP;
+    FOR r IN
+        SELECT p.proname::text AS function, s.nspname::text AS schema
+        FROM pg_catalog.pg_proc p
+        JOIN pg_catalog.pg_namespace s ON s.oid = p.pronamespace
+        WHERE p.oid = ANY (v_replaced)
+            AND NOT EXISTS (SELECT FROM pg_catalog.pg_trigger u WHERE u.tgfoid = p.oid)
+            AND pg_catalog.pg_has_role(p.proowner, 'USAGE')
+    LOOP
+        EXECUTE pg_catalog.format('DROP FUNCTION %I.%I()', r.schema, r.function);
+    END LOOP;
+END
+"""
+    return f"DO {_dollar_quote(body)}"
+
+
+def online_install_statements(guard: Guard) -> list[str]:
+    """:func:`install_statements` as an install on a server sends them, in one transaction:
+    once the function exists, :func:`replaced_functions_statement` drops the triggers that
+    call an earlier function of another name, and that function (no leftovers). The scripts
+    (:func:`script_statements`) are left as they are."""
+    create, comment, *rest = install_statements(guard)
+    return [create, comment, replaced_functions_statement(guard), *rest]
+
+
+def online_uninstall_statements(guard: Guard) -> list[str]:
+    """:func:`drop_statements` as an uninstall on a server sends them: first our triggers of
+    the column with whatever function of ours they call (installed under the other spelling of
+    the table too: see :func:`spellings`), and that function."""
+    return [replaced_functions_statement(guard, keep_own=False), *drop_statements(guard)]
+
+
 def drop_statements(guard: Guard) -> list[str]:
     n = trigger_names(guard)
     return [
@@ -788,9 +878,14 @@ def drop_plan(
     return (), tables, _named_columns(mapper, tables, columns)
 
 
-def drop_plan_statements(model: object, columns: Iterable[str] | None = None) -> list[str]:
+def drop_plan_statements(
+    model: object, columns: Iterable[str] | None = None, *, online: bool = False
+) -> list[str]:
+    """The statements of a removal (``online``: as an uninstall on a server sends them, see
+    :func:`online_uninstall_statements`; otherwise as the script has them)."""
     guards, tables, named = drop_plan(model, columns)
-    return [*(s for g in guards for s in drop_statements(g)), *left_over_statements(tables, named)]
+    per_guard = online_uninstall_statements if online else drop_statements
+    return [*(s for g in guards for s in per_guard(g)), *left_over_statements(tables, named)]
 
 
 def transition_trigger_drop_sql(model: type[Any], *, columns: Iterable[str] | None = None) -> str:
