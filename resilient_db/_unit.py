@@ -1344,10 +1344,10 @@ class FactoryCore:
             "Unit in another task: service=%s unit %s started inside a unit of the same "
             "factory, but in another asyncio task, so it runs in a transaction of its own, "
             "committed by itself (it does not see the enclosing unit's uncommitted work, waits "
-            "on the rows it locked, and stays committed if the enclosing unit fails or is "
-            "replayed). Await it directly, or under asyncio.timeout() (Python 3.11+), to join "
-            "the enclosing unit; asyncio.wait_for runs it in another task before Python 3.12 "
-            "(said once per factory)",
+            "for the rows that unit locked, which no server sees as a deadlock, and stays "
+            "committed if that unit fails or is replayed). Await it directly, or under "
+            "asyncio.timeout() (Python 3.11+), to join the enclosing unit; asyncio.wait_for "
+            "runs it in another task before Python 3.12 (said once per factory)",
             self.service,
             getattr(fn, "__qualname__", None) or repr(fn),
             log=not told,
