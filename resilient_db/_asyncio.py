@@ -144,8 +144,10 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         async_sessionmaker.__init__(self, bind, **async_sessionmaker_kwargs)
         if True:  # async only
             # One policy, two drivers: ``acall`` awaits ``asleep`` between units' attempts;
-            # ``call`` runs the drop-in connect retry inside SQLAlchemy's greenlet.
-            self.policy.sleep = self._greenlet_sleep
+            # ``call`` runs the drop-in connect retry inside SQLAlchemy's greenlet. (Not a
+            # method of the factory: a unit's attempt, kept by a driver's timer made in it,
+            # holds the policy, which would keep the factory and its engine alive.)
+            self.policy.sleep = _greenlet_sleep(asleep)
         else:  # sync only
             # sessionmaker made a class of its own for this factory: its sessions name us
             register_class(self.class_, self)
@@ -173,17 +175,6 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             register_session(sync, self)
             self._route(sync)  # if your class picks the engines, hook each one it picks
         return session
-
-    if True:  # async only
-
-        def _greenlet_sleep(self, seconds: float) -> None:
-            """Back off without blocking the event loop.
-
-            SQLAlchemy runs an ``AsyncSession``'s ORM work in a greenlet on the loop; the
-            drop-in connect retry happens there (in ``Session._connection_for_bind``), so it
-            sleeps with SQLAlchemy's ``await_`` bridge and the loop keeps running meanwhile.
-            """
-            _await(self._asleep(seconds))
 
     # -- units of work -----------------------------------------------------------------------
     @overload
@@ -770,6 +761,19 @@ if True:  # async only
                 f"{_name(fn)} returned {type(result).__name__}, not an awaitable: units of an "
                 f"AsyncResilientSession are async functions (async def); {_SYNC_HINT}"
             )
+
+    def _greenlet_sleep(asleep: Callable[[float], Awaitable[None]]) -> Callable[[float], None]:
+        """Back off without blocking the event loop, with ``asleep``.
+
+        SQLAlchemy runs an ``AsyncSession``'s ORM work in a greenlet on the loop; the drop-in
+        connect retry happens there (in ``Session._connection_for_bind``), so it sleeps with
+        SQLAlchemy's ``await_`` bridge and the loop keeps running meanwhile.
+        """
+
+        def sleep(seconds: float) -> None:
+            _await(asleep(seconds))
+
+        return sleep
 
     # -- a session class's own flush, commit and close ------------------------------------------
     class _OwnMethods:

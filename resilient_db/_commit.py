@@ -49,7 +49,7 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, TypeAlias
 
@@ -74,6 +74,7 @@ from ._errors import ResilientDBError
 from ._observability import emit, log_session
 from ._state import STATE
 from ._statements import (
+    UNIT_CONTEXT,
     StatementGuard,
     asyncpg_statement_methods,
     current_attempt,
@@ -957,6 +958,32 @@ def _multi_host(url: Any) -> bool:
     return sum(len(str(host).split(",")) for host in listed) > 1
 
 
+def connect_outside_units(connect: Callable[..., Awaitable[Any]] | None) -> Any:
+    """``connect`` (an asyncpg connect: ``asyncpg.connect`` when None) run with the library's
+    context variables that hold a unit's objects cleared (:data:`UNIT_CONTEXT`).
+
+    asyncpg's transport registers its socket's reader with the event loop for as long as the
+    connection lives, and the loop keeps the context the reader was registered in: made for a
+    unit, a pooled connection kept the unit's attempt, and through it the unit's session, its
+    factory and its engine, which was never freed (nor the pool's connections, with their
+    server backends). Cleared only while the driver connects: the pool's ``connect`` events,
+    after it, see the unit as before. Given the same ``cparams`` again (SQLAlchemy before
+    2.0.2x), the wrapper is found as such and not wrapped twice."""
+    inner = getattr(connect, "_rdb_inner", connect)
+    target = asyncpg.connect if inner is None else inner
+
+    async def connect_for_unit(*args: Any, **kwargs: Any) -> Any:
+        tokens = [(var, var.set(None)) for var in UNIT_CONTEXT]
+        try:
+            return await target(*args, **kwargs)
+        finally:
+            for var, token in reversed(tokens):
+                var.reset(token)
+
+    connect_for_unit._rdb_inner = inner  # type: ignore[attr-defined]
+    return connect_for_unit
+
+
 async def _connect_host_by_host(
     *args: Any,
     host: list[str],
@@ -1331,8 +1358,11 @@ class AttemptRecord:
 
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
         current_attempt.reset(self._token)
-        # a task or a copied context made inside the attempt still holds it: not running
+        # a task or a copied context made inside the attempt still holds it: not running, and
+        # holding none of the attempt's transactions (a driver's timer made in the attempt,
+        # such as asyncpg's statement cache's, would keep their session and engine alive)
         self.running = False
+        self.began = None
         if not self.unreplayable:
             return
         if exc is not None:
@@ -1445,7 +1475,10 @@ class CommitProtocol:
     def __init__(
         self, engine: Engine, settings: _Settings, guard: StatementGuard | None = None
     ) -> None:
-        self.engine = engine
+        # weakly: the engine's hooks are kept by a weak-keyed registry (STATE.engine_hooks),
+        # whose value must not keep its key alive (a dropped engine, and the connections of
+        # its pool, would never be freed)
+        self._engine = weakref.ref(engine)
         self._settings = settings  # the engine's hooks: its current config and service name
         self.is_asyncpg = engine.dialect.driver == "asyncpg"
         #: the URL lists several hosts: each gets a bounded connect (MULTI_HOST_CONNECT_TIMEOUT)
@@ -1493,6 +1526,14 @@ class CommitProtocol:
         elif self.multi_host:  # (a single host's connects pay no listener)
             event.listen(engine, "do_connect", self._psycopg_do_connect)
 
+    @property
+    def engine(self) -> Engine:
+        """The engine these hooks are installed on (alive while anything of it runs)."""
+        engine = self._engine()
+        if engine is None:  # (nothing of a dropped engine calls its hooks)
+            raise ReferenceError("the engine of these commit hooks was garbage-collected")
+        return engine
+
     # -- events -----------------------------------------------------------------------------------
     # With self-healing off (SELF_HEALING_ENABLED=false) both connect listeners leave the
     # connection as the driver made it: its own class, no query, nothing prepared (it is only
@@ -1529,18 +1570,28 @@ class CommitProtocol:
         base is what the connection is made from when self-healing is off."""
         given = cparams.get("connection_class")
         base = getattr(given, "_rdb_base", given) or asyncpg.Connection
-        creator = cparams.get("async_creator_fn")  # (this listener's own, likewise)
-        if not self._settings.config.enabled or creator not in (None, _connect_host_by_host):
+        # (this listener's own, likewise: the connect it wraps, see connect_outside_units)
+        wrapped = cparams.get("async_creator_fn")
+        creator = getattr(wrapped, "_rdb_inner", wrapped)
+        if not self._settings.config.enabled:
             if given is not None and given is not base:
                 cparams["connection_class"] = base  # asyncpg's own (or yours), unmarked
-            if creator is _connect_host_by_host:
-                del cparams["async_creator_fn"]  # self-healing off: the URL as given
+            if creator is None or creator is _connect_host_by_host:
+                cparams.pop("async_creator_fn", None)  # self-healing off: the URL as given
+            else:
+                cparams["async_creator_fn"] = creator  # yours, as given
+            return
+        # connected outside the unit's context (see connect_outside_units)
+        cparams["async_creator_fn"] = connect_outside_units(
+            _connect_host_by_host if self.multi_host and creator is None else creator
+        )
+        if creator not in (None, _connect_host_by_host):
+            if given is not None and given is not base:
+                cparams["connection_class"] = base  # yours, unmarked
             return  # (made by your async_creator: prepare adopts it at connect)
         if cparams.get("statement_cache_size") == 0:
             record.info[_NO_PREPARE_KEY] = True  # asyncpg told not to prepare (a pooler's setting)
         cparams["connection_class"] = marked_connection_class(base)
-        if self.multi_host:
-            cparams["async_creator_fn"] = _connect_host_by_host
 
     def _psycopg_do_connect(
         self, dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]
@@ -2407,11 +2458,16 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                                 raise
                         if ticket is not None:
                             if ticket.mode == XID:
+                                # (its statement cache's timer keeps the context it was made
+                                # in: not the commit's request, which holds the unit's session)
+                                outside = current_request.set(None)
                                 try:
                                     row = await base.fetchrow(self, ticket.xid_sql)
                                 except asyncpg.PostgresError:  # a failed transaction: 25P02
                                     await _end_failed_transaction(self, base)
                                     raise
+                                finally:
+                                    current_request.reset(outside)
                                 ticket.xid, ticket.incarnation = row[0], row[1]
                                 self._rdb_warned = None  # (its COMMIT is spelled as any)
                             ticket.sent = True

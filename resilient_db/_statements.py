@@ -52,6 +52,13 @@ current_request: contextvars.ContextVar[CommitRequest | None] = contextvars.Cont
     "resilient_db_commit", default=None
 )
 
+#: the library's context variables whose values hold a unit's objects (its session, its
+#: transactions and so its engine), each defaulting to None: cleared while asyncpg connects for
+#: a unit (see ``_commit.connect_outside_units``), since its transport's reader keeps the
+#: context it was made in for as long as the connection lives (in the pool of an engine that
+#: would otherwise be freed, with the unit's session)
+UNIT_CONTEXT: list[contextvars.ContextVar[Any]] = [current_attempt, current_request]
+
 
 @contextlib.contextmanager
 def library_work() -> Iterator[None]:

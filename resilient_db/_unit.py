@@ -67,6 +67,7 @@ from ._retry import Policy
 from ._state import STATE
 from ._statements import (
     COMMITS,
+    UNIT_CONTEXT,
     current_attempt,
     current_request,
     library_work,
@@ -1080,6 +1081,7 @@ def commit_if_prepared(connection: Connection, xid: Any) -> bool:
 connecting_for: contextvars.ContextVar[tuple[Any, weakref.ref[Any]] | None] = (
     contextvars.ContextVar("resilient_db_connecting_for", default=None)
 )
+UNIT_CONTEXT.extend((current_unit, connecting_for))
 
 
 def _on_transaction_create(session: Session, transaction: Any) -> None:
