@@ -72,7 +72,7 @@ from ._classify import (
 from ._config import Config
 from ._errors import ResilientDBError
 from ._observability import emit, log_session
-from ._state import STATE
+from ._state import STATE, renew_after_fork
 from ._statements import (
     UNIT_CONTEXT,
     StatementGuard,
@@ -1526,6 +1526,12 @@ class CommitProtocol:
         elif self.multi_host:  # (a single host's connects pay no listener)
             event.listen(engine, "do_connect", self._psycopg_do_connect)
 
+    def after_fork_in_child(self) -> None:
+        """New locks in a forked child (a thread of the parent may have held them: a reload
+        switching self-healing on, a prune)."""
+        self._prune_lock = threading.Lock()
+        self._made_off_lock = threading.Lock()
+
     @property
     def engine(self) -> Engine:
         """The engine these hooks are installed on (alive while anything of it runs)."""
@@ -2399,6 +2405,7 @@ def prune(connection: Connection) -> int:
 # -- the drivers' marked COMMIT ------------------------------------------------------------------
 _marked_classes: dict[tuple[type[Any], bool], type[Any]] = {}
 _marked_lock = threading.Lock()
+renew_after_fork(globals(), "_marked_lock")
 
 
 def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[Any]:

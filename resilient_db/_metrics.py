@@ -63,6 +63,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._observability import health as _health
+from ._state import renew_after_fork
 
 __all__ = ["BREAKER_STATES", "HealthCollector", "MetricsServer", "register", "serve"]
 
@@ -248,6 +249,7 @@ class HealthCollector:
 #: the collector registered with each registry (a registry is scraped once per collector)
 _REGISTERED: weakref.WeakKeyDictionary[Any, HealthCollector] = weakref.WeakKeyDictionary()
 _REGISTER_LOCK = threading.Lock()
+renew_after_fork(globals(), "_REGISTER_LOCK")
 
 
 def register(registry: Any = None) -> HealthCollector:

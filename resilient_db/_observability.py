@@ -251,6 +251,10 @@ class LineLimit:
             self._last.pop(key, None)
             return self._unlogged.pop(key, 0)
 
+    def after_fork_in_child(self) -> None:
+        """A new lock in a forked child (a thread of the parent may have held it)."""
+        self._lock = threading.Lock()
+
     def restart(self, key: Any = None) -> None:
         """The next occurrence of ``key`` is logged whenever it comes (a new episode began: a
         circuit breaker opened again); the count of those left unlogged is kept for its line."""

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ._observability import SelfHealEvent, add_hook, health, remove_hook
+from ._state import renew_after_fork
 
 __all__ = ["OpenTelemetryHook", "install_opentelemetry", "uninstall_opentelemetry"]
 
@@ -202,6 +203,7 @@ def _attributes(event: SelfHealEvent, fields: Mapping[str, Any]) -> dict[str, An
 
 _installed: OpenTelemetryHook | None = None
 _lock = threading.Lock()
+renew_after_fork(globals(), "_lock")
 
 
 def install_opentelemetry(*, meter_provider: Any = None) -> OpenTelemetryHook:

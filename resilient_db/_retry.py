@@ -39,7 +39,7 @@ from ._classify import (
 from ._config import Config
 from ._errors import CircuitOpenError
 from ._observability import LineLimit, emit, emit_line, log_retry, sqlstate_label, stats_for
-from ._state import STATE
+from ._state import STATE, renew_after_fork
 
 __all__ = ["Policy", "set_testing"]
 
@@ -102,6 +102,7 @@ def _add_note(exc: BaseException, note: str) -> None:
 #: the lines of a machinery failure (``Policy._machinery_failed``), per service: one at most
 #: every 10 s
 _MACHINERY_LINES = LineLimit()
+renew_after_fork(globals(), "_MACHINERY_LINES", LineLimit)
 _RETRY_LINE = "Retry attempt %d/%d: service=%s %s (SQLSTATE %s); next attempt in %.3f s"
 
 

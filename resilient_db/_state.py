@@ -88,6 +88,19 @@ class State:
 STATE = State()
 
 
+#: modules' own locks, renewed in a forked child: (the module's globals, the name, a factory)
+_MODULE_LOCKS: list[tuple[dict[str, Any], str, Callable[[], Any]]] = []
+
+
+def renew_after_fork(
+    namespace: dict[str, Any], name: str, factory: Callable[[], Any] = threading.Lock
+) -> None:
+    """Have ``namespace[name]`` (a module's lock, taken only in ``with`` blocks, which release
+    the lock they took) replaced by ``factory()`` in a forked child: held by another thread of
+    the parent when it forked, it would stay held for good there."""
+    _MODULE_LOCKS.append((namespace, name, factory))
+
+
 def _renew_lock_in_child() -> None:
     """In a forked child (gunicorn forks its workers after import): a lock held by another
     thread of the parent when it forked stays held for good here (that thread does not exist),
@@ -101,6 +114,10 @@ def _renew_lock_in_child() -> None:
         STATE.lock = threading.RLock()
     for stats in list(STATE.stats.values()):  # each service's counters have a short lock too
         stats.after_fork_in_child()
+    for hooks in list(STATE.engine_hooks.values()):  # each engine's (commit protocol, lines)
+        hooks.after_fork_in_child()
+    for namespace, name, factory in _MODULE_LOCKS:
+        namespace[name] = factory()
 
 
 if hasattr(os, "register_at_fork"):

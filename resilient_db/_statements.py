@@ -31,6 +31,7 @@ from psycopg import sql
 from sqlalchemy.engine import Connection
 
 from ._classify import DEFAULT_CLASSIFIER, Classifier, unanswered_commit
+from ._state import renew_after_fork
 
 if TYPE_CHECKING:
     from ._commit import AttemptRecord, CommitRequest
@@ -701,6 +702,7 @@ def note_write(context: Any) -> None:
 _PSYCOPG_CURSORS: Final = (psycopg.Cursor, psycopg.AsyncCursor)
 _cursor_classes: dict[type[Any], type[Any]] = {}
 _cursor_lock = threading.Lock()
+renew_after_fork(globals(), "_cursor_lock")
 
 
 def note_dialect_calls(dialect: Any, name: str, note: Callable[..., None]) -> None:

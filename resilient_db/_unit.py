@@ -1796,6 +1796,13 @@ class EngineHooks:
         self._standby_lines = LineLimit()  # writes refused by a hot standby, per server
         self._pool_lines = LineLimit()  # pools replaced, per SQLSTATE
 
+    def after_fork_in_child(self) -> None:
+        """New locks in a forked child: the commit protocol's and the lines' (see
+        ``_state._renew_lock_in_child``)."""
+        self.commit.after_fork_in_child()
+        self._standby_lines.after_fork_in_child()
+        self._pool_lines.after_fork_in_child()
+
     def handle_error(self, ctx: Any) -> BaseException | None:
         if not self.config.enabled:
             lost_commit_while_off(ctx, self.classifier)  # (an unknown outcome: no 503)

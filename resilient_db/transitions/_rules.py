@@ -23,6 +23,7 @@ from sqlalchemy.orm import Mapper
 from sqlalchemy.orm.state import InstanceState
 
 from resilient_db._errors import ResilientDBError
+from resilient_db._state import renew_after_fork
 
 __all__ = [
     "ANY_STATE",
@@ -403,6 +404,7 @@ def _bind_value(type_: sa.types.TypeEngine[Any], state: State) -> Any:
 _compiled: weakref.WeakKeyDictionary[Mapper[Any], tuple[Guard, ...]] = weakref.WeakKeyDictionary()
 _by_table: dict[tuple[str, str], list[weakref.ref[Guard]]] = {}
 _cache_lock = threading.Lock()
+renew_after_fork(globals(), "_cache_lock")
 
 
 def compiled_guards(mapper: Mapper[Any]) -> tuple[Guard, ...]:

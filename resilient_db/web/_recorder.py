@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from resilient_db._observability import SelfHealEvent, add_hook, truncated
-from resilient_db._state import STATE
+from resilient_db._state import STATE, renew_after_fork
 
 __all__ = ["Recorder", "recorder"]
 
@@ -207,6 +207,7 @@ class Recorder:
 
 _shared: Recorder | None = None
 _shared_lock = threading.Lock()
+renew_after_fork(globals(), "_shared_lock")
 
 
 def install(rec: Recorder) -> Recorder:

@@ -1,0 +1,112 @@
+"""A worker forked (gunicorn's preload) while another thread of the parent held one of the
+library's locks must not inherit it held: that thread does not exist in the child, and the
+child's first use would wait for good. A child forked while a config watcher thread was inside
+``reload_config()`` hung in its own first ``reload_config()``, on the engine's commit
+protocol's lock (taken on every reload and on every connect made while self-healing is off)."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+import resilient_db as rdb
+from resilient_db import _commit, _retry, _statements
+from resilient_db._state import STATE
+from resilient_db.transitions import _rules
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+
+#: where each lock lives, read again in the child (a renewed lock is a new object)
+LOCKS: dict[str, Callable[[sa.Engine], Any]] = {
+    "commit protocol (reload)": lambda e: STATE.engine_hooks[e].commit._made_off_lock,
+    "commit protocol (prune)": lambda e: STATE.engine_hooks[e].commit._prune_lock,
+    "engine's pool lines": lambda e: STATE.engine_hooks[e]._pool_lines._lock,
+    "marked connection classes": lambda e: _commit._marked_lock,
+    "statement cursors": lambda e: _statements._cursor_lock,
+    "compiled guards": lambda e: _rules._cache_lock,
+    "machinery lines": lambda e: _retry._MACHINERY_LINES._lock,
+}
+
+
+@pytest.fixture
+def engine(pg_url: str) -> Iterator[sa.Engine]:
+    eng = sa.create_engine(pg_url)
+    yield eng
+    eng.dispose()
+
+
+def in_child(work: Callable[[], bool], timeout: float = 15.0) -> bytes:
+    """Fork; the child runs ``work`` and reports whether it returned True (b"\\x00"), failed
+    (b"\\x01") or hung (b"": killed after ``timeout``)."""
+    read_end, write_end = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork of a threaded process
+        pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = 0 if work() else 1
+        finally:
+            os.write(write_end, bytes([code]))
+            os._exit(code)
+    os.close(write_end)
+    try:
+        ready, _, _ = select.select([read_end], [], [], timeout)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+        answer = os.read(read_end, 1) if ready else b""
+        os.waitpid(pid, 0)
+        return answer
+    finally:
+        os.close(read_end)
+
+
+def held_by_another_thread(lock: Any) -> Callable[[], None]:
+    """Hold ``lock`` in a thread of this process until the returned function is called."""
+    taken, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lock:
+            taken.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    assert taken.wait(10)
+
+    def let_go() -> None:
+        release.set()
+        thread.join(10)
+
+    return let_go
+
+
+@pytest.mark.parametrize("where", list(LOCKS))
+def test_a_child_forked_while_a_thread_held_a_lock_gets_it_free(
+    engine: sa.Engine, service: str, where: str
+) -> None:
+    Session = rdb.ResilientSession(engine, service=service)
+    assert Session.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one()) == 1
+    let_go = held_by_another_thread(LOCKS[where](engine))
+
+    def child() -> bool:
+        engine.dispose(close=False)  # the parent's connections are the parent's
+        lock = LOCKS[where](engine)
+        if not lock.acquire(timeout=5):
+            return False
+        lock.release()
+        rdb.reload_config()  # takes the commit protocol's lock, as the reviewer's child did
+        return bool(Session.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one()) == 1)
+
+    try:
+        assert in_child(child) == b"\x00", f"the child hung or failed on the {where} lock"
+    finally:
+        let_go()
