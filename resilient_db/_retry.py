@@ -524,7 +524,9 @@ class Policy:
         outcome = self.classifier.classify(exc)
         mark_outcome(exc, outcome)  # re-raised as it is: say how this factory classified it
         cause = _failure_cause(exc) if outcome in _RETRYABLE else None
-        if outcome in _RETRYABLE and not partly_committed(exc):  # that one said so already
+        # (that one said so already; with self-healing switched off meanwhile, nothing is
+        # counted or said, as the hooks are told nothing)
+        if outcome in _RETRYABLE and not partly_committed(exc) and self.config.enabled:
             self.stats.add("gave_up")
             limit, why = self._limit(retries, spent, refused)
             if spent:
@@ -578,12 +580,15 @@ class Policy:
     ) -> tuple[str, str]:
         """What ended the retries of a unit that gave up on a transient error (the ``limit``
         field of its ``gave_up`` event, and the words its line adds): the breaker its failure
-        opened, the retry budget, the retry count, or else the deadline (the stopper's one
-        other reason: the next backoff would have ended past it)."""
+        opened, the retry budget, retry switched off by a reload during the backoff, the retry
+        count, or else the deadline (the stopper's one other reason: the next backoff would
+        have ended past it)."""
         if refused:
             return "breaker", ""
         if spent:
             return "budget", " (the retry budget is spent)"
+        if not self.retry_on:
+            return "retry_off", " (retry was switched off meanwhile)"
         if retries >= self.config.max_retries:
             return "max_retries", ""
         return "deadline", f" (the next would end past the deadline of {self.config.deadline:g} s)"
@@ -625,6 +630,8 @@ class Policy:
         raise exc from last
 
     def _recovered(self) -> None:
+        if not self.config.enabled:  # switched off meanwhile: the hooks are told nothing
+            return
         self.stats.add("recovered")
         emit(
             self.config,
@@ -686,10 +693,14 @@ class Policy:
         rejected: list[bool] = []
         announced: list[_Retry] = []  # the retry decided, its attempt not started yet
         paid: _Paid = []  # what the budget paid for that retry (see _unspent)
+        stopped: list[bool] = []  # True: retry was switched off before the retry's attempt
 
         def one() -> T:
             if pending:  # the attempt that already failed on the fast path
                 raise pending.pop()
+            if not self.retry_on:  # switched off during the backoff (reload_config)
+                stopped.append(True)
+                raise last[0]
             try:
                 probe = self.admit()
             except CircuitOpenError:
@@ -715,7 +726,7 @@ class Policy:
             result = retrying(one)
         except BaseException as exc:
             self._unspent(paid)  # a retry paid for whose attempt never ran
-            retries = retrying.statistics.get("attempt_number", 1) - 1
+            retries = retrying.statistics.get("attempt_number", 1) - 1 - len(stopped)
             if rejected:
                 self._refused_retry(exc, last[0], retries)
             self._gave_up(exc, retries, spent, refused)
@@ -769,10 +780,14 @@ class Policy:
         rejected: list[bool] = []
         announced: list[_Retry] = []  # the retry decided, its attempt not started yet
         paid: _Paid = []  # what the budget paid for that retry (see _unspent)
+        stopped: list[bool] = []  # True: retry was switched off before the retry's attempt
 
         async def one() -> T:
             if pending:
                 raise pending.pop()
+            if not self.retry_on:  # switched off during the backoff (reload_config)
+                stopped.append(True)
+                raise last[0]
             try:
                 probe = self.admit()
             except CircuitOpenError:
@@ -798,7 +813,7 @@ class Policy:
             result: T = await retrying(one)
         except BaseException as exc:
             self._unspent(paid)  # a retry paid for whose attempt never ran
-            retries = retrying.statistics.get("attempt_number", 1) - 1
+            retries = retrying.statistics.get("attempt_number", 1) - 1 - len(stopped)
             if rejected:
                 self._refused_retry(exc, last[0], retries)
             self._gave_up(exc, retries, spent, refused)
