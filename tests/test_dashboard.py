@@ -8,10 +8,12 @@ counted in rows on every path, stale moves apart). The page in a real browser:
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import re
 import threading
 import uuid
+import weakref
 from collections.abc import Awaitable, Generator, Iterator
 from typing import Any
 
@@ -519,8 +521,32 @@ def test_a_recorder_of_ones_own_records_once_however_many_dashboards_show_it(
         rdb.remove_hook(own)
 
 
+def test_a_dropped_apps_recorder_leaves_the_hooks(engine: sa.Engine, service: str) -> None:
+    """An application factory (an app per test, or per tenant) giving each app's dashboard a
+    recorder of its own: every dropped app's recorder stayed installed as a hook, alive, for
+    good (called on every later event, keeping its events). It leaves with its app; the one
+    still shown records as before."""
+    before = len(STATE.hooks)
+    dropped: list[weakref.ref[Recorder]] = []
+    for _ in range(20):
+        rec = Recorder(max_events=10)
+        dashboard(auth=lambda request: True, recorder=rec)
+        dropped.append(weakref.ref(rec))
+        del rec
+    kept = Recorder(max_events=10)
+    board = dashboard(auth=lambda request: True, recorder=kept)
+    gc.collect()
+    assert [ref() for ref in dropped] == [None] * 20
+    assert len(STATE.hooks) == before + 1
+    try:
+        recorded_once(kept, [board], engine, service)
+    finally:
+        rdb.remove_hook(kept)
+    assert len(STATE.hooks) == before
+
+
 def recorded_once(own: Recorder, boards: list[Any], engine: sa.Engine, service: str) -> None:
-    assert sum(hook is own for hook in STATE.hooks) == 1
+    assert sum(hook == own for hook in STATE.hooks) == 1
     Sessions = rdb.ResilientSession(engine, service=service, config=rdb.Config(max_retries=2))
     calls: list[int] = []
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from resilient_db._observability import SelfHealEvent, add_hook, truncated
+from resilient_db._observability import SelfHealEvent, add_hook, remove_hook, truncated
 from resilient_db._state import STATE, renew_after_fork
 
 __all__ = ["Recorder", "recorder"]
@@ -210,12 +211,46 @@ _shared_lock = threading.Lock()
 renew_after_fork(globals(), "_shared_lock")
 
 
+class _Installed:
+    """The hook a recorder is installed as: it calls the recorder while the recorder lives
+    (held weakly), and takes itself out of the hooks when the recorder is gone. A dashboard
+    given a recorder of its own in an application factory (an app per test, or per tenant)
+    left every dropped app's recorder installed, and alive, for good. Equal to its recorder,
+    so that ``remove_hook(recorder)`` removes it and ``add_hook(recorder)`` does not add the
+    recorder a second time."""
+
+    __slots__ = ("__weakref__", "_recorder")
+
+    def __init__(self, rec: Recorder) -> None:
+        self._recorder = weakref.ref(rec, self._gone)
+
+    def _gone(self, _: object) -> None:
+        remove_hook(self)
+
+    def __call__(self, event: SelfHealEvent) -> None:
+        rec = self._recorder()
+        if rec is None:
+            remove_hook(self)
+        else:
+            rec(event)
+
+    def __eq__(self, other: object) -> bool:
+        return other is self or (other is not None and other is self._recorder())
+
+    def __hash__(self) -> int:
+        return id(self)
+
+
 def install(rec: Recorder) -> Recorder:
-    """Make ``rec`` record: a hook on every self-healing action, cleared by ``reset_state()``
-    as ``health()`` is zeroed. Idempotent (``add_hook`` adds a hook once; the reset's set is a
-    set): installing the same recorder again registers nothing twice."""
+    """Make ``rec`` record: a hook on every self-healing action (held weakly: see
+    :class:`_Installed`), cleared by ``reset_state()`` as ``health()`` is zeroed. Idempotent
+    (``add_hook`` adds a hook once; the reset's set is a set): installing the same recorder
+    again registers nothing twice."""
     STATE.clear_on_reset.add(rec)
-    add_hook(rec)  # again after anything that removed it
+    hook = rec.__dict__.get("_installed")
+    if hook is None:
+        hook = rec.__dict__["_installed"] = _Installed(rec)
+    add_hook(hook)  # again after anything that removed it
     return rec
 
 
