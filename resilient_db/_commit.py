@@ -1206,8 +1206,10 @@ class CommitTicket:
     #: again: a missing right, row-level security on the markers), for the unknown outcome
     check_failed: str | None = None
     #: the last check on a new connection that could not reach the server (a transient error:
-    #: checked again until the verification's time was up), since the last one that did
+    #: checked again while the verification's retries and time last), since the last one that
+    #: did, and how many did not
     check_unreached: str | None = None
+    checks_unreached: int = 0
     #: a check on a new connection reached the server and answered (not final: in progress)
     check_reached: bool = False
     proofs: int = 0  # checks that wrote WAL past the unit's commit (each waits longer)

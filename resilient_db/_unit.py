@@ -634,6 +634,7 @@ class CommitReferee:
         if outcome.transient:  # (an unknown outcome too)
             if outcome in (Outcome.DISCONNECT, Outcome.UNAVAILABLE):
                 ticket.check_unreached = said  # the server did not answer the check
+                ticket.checks_unreached += 1
             else:  # it did (a lock wait for a transaction still running ran out: 55P03)
                 ticket.check_reached, ticket.check_unreached = True, None
             return True
@@ -719,9 +720,12 @@ class CommitReferee:
         elif ticket.check_failed is not None:
             reason = f"the check on a new connection failed: {ticket.check_failed}"
         elif ticket.check_unreached is not None and not ticket.check_reached:
+            cfg = self.policy.config
             reason = (
-                "no check on a new connection reached the server before the verification's "
-                f"time was up (the last one: {ticket.check_unreached})"
+                f"none of the {ticket.checks_unreached} check(s) on a new connection reached "
+                f"the server (the verification makes at most {cfg.max_retries + 1}, one and "
+                f"SELF_HEALING_MAX_RETRIES more, within SELF_HEALING_DEADLINE, {cfg.deadline:g} "
+                f"s; the last one: {ticket.check_unreached})"
             )
         elif ticket.unserved_standby_names is not None:
             reason += (

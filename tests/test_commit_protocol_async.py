@@ -526,8 +526,10 @@ async def test_lost_answer_then_crash_before_the_check_is_never_replayed(env: En
 
 
 async def test_checks_that_never_reach_the_server_say_so(env: Env) -> None:
-    """The COMMIT's answer is lost and the server refuses every new connection until the
-    verification's time is up: the unknown outcome says the checks could not reach it."""
+    """The COMMIT's answer is lost and the server refuses every new connection while the
+    verification checks: the unknown outcome says the checks could not reach it, how many
+    there were and what bounds them (it said "before the verification's time was up" when
+    the retry count had ended them, pointing at the deadline)."""
 
     def arm(call: int) -> None:
         env.proxy.lose_commit_answer()
@@ -535,14 +537,18 @@ async def test_checks_that_never_reach_the_server_say_so(env: Env) -> None:
 
     unit = Unit()
     unit.hook = arm
-    factory = env.factory(initial_delay=0.001, max_delay=0.002, deadline=0.2, circuit_breaker=False)
+    factory = env.factory(initial_delay=0.001, max_delay=0.002, deadline=20, circuit_breaker=False)
     try:
         outcome = await run(factory, unit)
     finally:
         env.proxy.restore()
     assert isinstance(outcome.error, rdb.CommitOutcomeUnknownError), outcome.error
-    assert "no check on a new connection reached the server" in str(outcome.error)
-    assert "(the last one: " in str(outcome.error)
+    # the checks ran out by count (the deadline is far): said so, with how many there were
+    assert "none of the 4 check(s) on a new connection reached the server" in str(outcome.error)
+    assert "(the verification makes at most 4, one and SELF_HEALING_MAX_RETRIES more" in str(
+        outcome.error
+    )
+    assert "; the last one: " in str(outcome.error)
     assert unit.calls == 1
 
 
