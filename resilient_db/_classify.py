@@ -390,6 +390,16 @@ def _passed_through(err: BaseException, modules: tuple[str, ...]) -> bool:
 _CONNECTING_MODULES = ("asyncpg.connect_utils", "sqlalchemy.pool")
 
 
+def _connecting(err: BaseException) -> bool:
+    """Whether ``err`` was raised while connecting: in the pool's connect or the driver's (a
+    raw ``asyncpg.connect(timeout=...)`` raises its timeout in ``asyncpg.connection.connect``
+    itself, outside ``connect_utils``)."""
+    return _passed_through(err, _CONNECTING_MODULES) or any(
+        module == "asyncpg.connection" and function == "connect"
+        for module, function in _frames(err)
+    )
+
+
 def answer_timed_out(exc: BaseException) -> bool:
     """Whether ``exc`` is the client giving up waiting for an answer (asyncpg's
     ``command_timeout``: a ``TimeoutError`` outside connecting). Not transient as such (a slow
@@ -397,7 +407,7 @@ def answer_timed_out(exc: BaseException) -> bool:
     COMMIT may be applied after the client stopped waiting (one waiting for a synchronous
     standby stays committed locally when cancelled), as a lost answer's may."""
     return any(
-        isinstance(err, TimeoutError) and not _passed_through(err, _CONNECTING_MODULES)
+        isinstance(err, TimeoutError) and not _connecting(err)
         for err in error_chain(exc)
     )
 
@@ -438,7 +448,7 @@ def _driver_disconnect(exc: BaseException) -> bool:
             # ``command_timeout`` (the query ran too long; asyncpg cancels it and the
             # connection stays usable), which is psycopg's ``statement_timeout`` (57014, not
             # transient) on the client side.
-            connecting = _passed_through(err, _CONNECTING_MODULES)
+            connecting = _connecting(err)
             if isinstance(err, TimeoutError) and not connecting:
                 continue
             # raised while the pool connects, by whatever opens the socket (the driver, or a
@@ -596,10 +606,13 @@ def _driver_connection_of(err: BaseException) -> Any:
                     return conn
             elif _of_driver(owner, "asyncpg"):
                 # its connection, or a prepared statement's or cursor's (asyncpg keeps no public
-                # reference to it)
-                conn = (
-                    owner if hasattr(owner, "get_settings") else getattr(owner, "_connection", None)
-                )
+                # reference to it: read in one place, _statements.statement_connection)
+                from ._statements import statement_connection  # noqa: PLC0415 (imports this)
+
+                try:
+                    conn = owner if hasattr(owner, "get_settings") else statement_connection(owner)
+                except AttributeError:  # an object of asyncpg's with no connection
+                    conn = None
                 if callable(getattr(conn, "get_settings", None)):
                     return conn
         tb = tb.tb_next

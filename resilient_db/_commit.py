@@ -2428,7 +2428,9 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
     its own can only be made from, through ``connection_class``; this one keeps the protocol's
     four attributes beside the connection instead, at a dictionary lookup each).
 
-    ``tests/test_commit_markers.py`` fails if either driver stops committing this way.
+    ``tests/test_commit_markers.py`` fails if either driver stops committing this way (the
+    COMMIT would then carry no ticket, and a lost answer would be replayed as a disconnect:
+    ``pyproject.toml`` bounds both drivers to the releases tested).
     """
     with _marked_lock:
         cls = _marked_classes.get((base, adopted))

@@ -1043,9 +1043,9 @@ def _statement_noting(method: Callable[..., Any], verdict: int) -> Callable[...,
 
 
 def statement_connection(statement: Any) -> Any:
-    """The connection an asyncpg prepared statement belongs to. asyncpg offers no public
-    accessor: this reads its ``_connection`` attribute, here only
-    (``tests/test_raw_connection.py`` fails loudly if that changes)."""
+    """The connection an asyncpg prepared statement (or cursor) belongs to. asyncpg offers no
+    public accessor: this reads its ``_connection`` attribute, here only (the classifier asks
+    through this too; ``tests/test_raw_connection.py`` fails loudly if that changes)."""
     return statement._connection
 
 

@@ -2165,7 +2165,7 @@ def connection_looks_dead(dbapi_connection: Any, cache: dict[str, Any] | None = 
     has read from it: a checkout that runs before that (e.g. in the same loop iteration as the
     kill) polls the socket as well.
     """
-    inner = getattr(dbapi_connection, "_connection", None)
+    inner = getattr(dbapi_connection, "driver_connection", None)  # (SQLAlchemy's adapter)
     is_closed = getattr(inner, "is_closed", None)
     if callable(is_closed):  # asyncpg through SQLAlchemy's adapter
         if is_closed():
@@ -2214,7 +2214,7 @@ def dead_probe(dbapi_connection: Any, cache: dict[str, Any]) -> Callable[[], boo
     its pool record (``cache``): every checkout calls it. The socket's ``pollfd`` is bound into
     the probe, with psycopg's connection status or asyncpg's ``is_closed`` (a connection keeps
     its socket for life; a broken one reports it there first)."""
-    inner = getattr(dbapi_connection, "_connection", None)
+    inner = getattr(dbapi_connection, "driver_connection", None)  # (SQLAlchemy's adapter)
     poll = _poll
     is_closed = getattr(inner, "is_closed", None)
     if callable(is_closed) and poll is not None:  # asyncpg through SQLAlchemy's adapter

@@ -19,6 +19,7 @@ Real server, real drivers, loopback; backoff zeroed.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -319,3 +320,25 @@ def test_a_connect_that_may_heal_is_still_a_disconnect(
     _assert_retried_as_disconnect(url, service)
     counters = _counters(service)
     assert counters["retries_by_class"] == {"disconnect": 2}
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+def test_a_raw_connect_that_times_out_is_a_disconnect(
+    fault_proxy: FaultProxy, pg_database: str, driver: str
+) -> None:
+    """README: "A connect that times out (asyncpg's ``timeout``, psycopg's
+    ``connect_timeout``) is a disconnect". Raised by a driver's own connect (not the pool's),
+    asyncpg's timed-out connect was no transient error: its ``TimeoutError`` comes from
+    ``asyncpg.connection.connect``, which the classifier did not take for connecting."""
+    fault_proxy.blackhole()  # accepts TCP, never answers
+    url = fault_proxy.url(pg_database, driver="")
+
+    def connect() -> object:
+        if driver == "asyncpg":
+            return asyncio.run(asyncpg.connect(url, timeout=0.3))
+        return psycopg.connect(url, connect_timeout=1)
+
+    with pytest.raises(Exception) as raised:  # noqa: PT011 (each driver's own class)
+        connect()
+    assert rdb.classify(raised.value) is rdb.Outcome.DISCONNECT
+    assert rdb.is_transient(raised.value)

@@ -2230,7 +2230,10 @@ async def test_asyncpg_commits_through_the_marked_connection(
     engine: sa.Engine, async_engine: AsyncEngine, service: str
 ) -> None:
     """Fails loudly if asyncpg stops committing through ``Connection.execute("COMMIT;")``: the
-    marked message would then never be sent (units would end "unknown" after a lost answer)."""
+    marked message would then never be sent, and no ticket would be taken for the COMMIT, so
+    a lost answer would be taken for a plain disconnect and the unit REPLAYED (written twice
+    when it had committed), not settled. ``pyproject.toml`` bounds asyncpg to the releases
+    this passes with."""
     Sessions = rdb.AsyncResilientSession(async_engine, service=service)
 
     assert await Sessions.run(_abump) == 1

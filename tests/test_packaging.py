@@ -84,7 +84,7 @@ def test_the_oldest_constraints_pin_the_lowest_versions_pyproject_allows() -> No
     bounds = {}
     for requirement in dependencies:
         name, _, version = requirement.partition(">=")
-        bounds[name.split("[")[0].strip().lower()] = version.strip()
+        bounds[name.split("[")[0].strip().lower()] = version.split(",")[0].strip()
     pinned = {}
     for line in (ROOT / "scripts" / "oldest-constraints.txt").read_text().splitlines():
         if line.strip() and not line.startswith("#"):
