@@ -406,10 +406,7 @@ def answer_timed_out(exc: BaseException) -> bool:
     statement is the application's), but raised by a COMMIT it leaves the outcome open: the
     COMMIT may be applied after the client stopped waiting (one waiting for a synchronous
     standby stays committed locally when cancelled), as a lost answer's may."""
-    return any(
-        isinstance(err, TimeoutError) and not _connecting(err)
-        for err in error_chain(exc)
-    )
+    return any(isinstance(err, TimeoutError) and not _connecting(err) for err in error_chain(exc))
 
 
 def client_state_broken(exc: BaseException) -> bool:
