@@ -9,13 +9,13 @@ from __future__ import annotations
 import os
 import select
 import signal
-import threading
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from fleet import held_by_another_thread
 
 import resilient_db as rdb
 from resilient_db import _commit, _retry, _statements
@@ -69,33 +69,12 @@ def in_child(work: Callable[[], bool], timeout: float = 15.0) -> bytes:
         os.close(read_end)
 
 
-def held_by_another_thread(lock: Any) -> Callable[[], None]:
-    """Hold ``lock`` in a thread of this process until the returned function is called."""
-    taken, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with lock:
-            taken.set()
-            release.wait(30)
-
-    thread = threading.Thread(target=hold, daemon=True)
-    thread.start()
-    assert taken.wait(10)
-
-    def let_go() -> None:
-        release.set()
-        thread.join(10)
-
-    return let_go
-
-
 @pytest.mark.parametrize("where", list(LOCKS))
 def test_a_child_forked_while_a_thread_held_a_lock_gets_it_free(
     engine: sa.Engine, service: str, where: str
 ) -> None:
     Session = rdb.ResilientSession(engine, service=service)
     assert Session.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one()) == 1
-    let_go = held_by_another_thread(LOCKS[where](engine))
 
     def child() -> bool:
         engine.dispose(close=False)  # the parent's connections are the parent's
@@ -106,7 +85,5 @@ def test_a_child_forked_while_a_thread_held_a_lock_gets_it_free(
         rdb.reload_config()  # takes the commit protocol's lock, as the reviewer's child did
         return bool(Session.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one()) == 1)
 
-    try:
+    with held_by_another_thread(LOCKS[where](engine)):
         assert in_child(child) == b"\x00", f"the child hung or failed on the {where} lock"
-    finally:
-        let_go()
