@@ -50,13 +50,16 @@ def test_a_factorys_settings_replace_the_environments(
     engine: sa.Engine, service: str, clean_env: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     clean_env.setenv("SELF_HEALING_FAILURE_THRESHOLD", "7")
-    rdb.ResilientSession(engine, service=service)
+    # kept: a factory that is gone (garbage-collected) no longer holds the breaker's settings
+    default = rdb.ResilientSession(engine, service=service)
     assert threshold(service) == 7
     with caplog.at_level(logging.WARNING, logger="resilient_db"):
-        rdb.ResilientSession(engine, service=service, config=rdb.Config(failure_threshold=50))
+        own = rdb.ResilientSession(engine, service=service, config=rdb.Config(failure_threshold=50))
+        gc.collect()  # (as a long run's collector may, at any moment)
         rdb.reload_config()  # the environment's again: the factory's config= stays
     assert threshold(service) == 50
     assert not [r for r in caplog.records if "settings differ" in r.getMessage()]
+    assert [default.service, own.service] == [service] * 2  # (held to here)
 
 
 def test_two_factories_asking_for_different_breaker_settings_are_warned_about(
