@@ -220,7 +220,7 @@ def test_a_real_deadlock_between_two_units_ends_with_both_done(
 ) -> None:
     """Two threads lock two rows in opposite orders; the server breaks the deadlock with 40P01
     in one of them, which is replayed."""
-    Sessions = rdb.ResilientSession(engine, service=service)
+    Sessions = rdb.ResilientSession(engine, service=service, config=rdb.Config(max_retries=8))
     with Sessions.begin() as session:
         session.add_all([Item(id=1, name="a"), Item(id=2, name="b")])
     both_locked = threading.Barrier(2, timeout=10)
@@ -246,10 +246,14 @@ def test_a_real_deadlock_between_two_units_ends_with_both_done(
     for thread in threads:
         thread.join(30)
     assert errors == []
-    assert len(calls) == 3  # one of the two replayed once
+    # the victim is replayed (once, as a rule: its replay, at once, may take the row the other
+    # unit waits for before that one wakes, and deadlock with it again; see test_session's
+    # twin): the test is about resolving, not about how many rounds
+    replays = len(calls) - 2
+    assert 1 <= replays <= 16, calls
     assert names(engine) == ["a+", "b+"]
     counters = rdb.health()["services"][service]["counters"]
-    assert counters["retries_by_class"] == {"conflict": 1}
+    assert counters["retries_by_class"] == {"conflict": replays}
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
