@@ -181,14 +181,18 @@ class Breaker:
         # monotonic time of the last failure counted: an attempt that was already running then
         # failed in the same outage (see on_failure)
         self._last_failure = -math.inf
+        # the storage pybreaker would make itself when given none, made here: its breaker
+        # keeps it only in a private attribute
+        self._storage = (
+            storage if storage is not None else _pb.CircuitMemoryStorage(_pb.STATE_CLOSED)
+        )
         self._cb = _pb.CircuitBreaker(
             fail_max=config.failure_threshold,
             reset_timeout=config.reset_timeout,
             success_threshold=config.half_open_probes,
-            state_storage=storage,
+            state_storage=self._storage,
             name=service,
         )
-        self._storage = self._cb._state_storage
         self.storage_given = storage
         self.open_reason: str | None = None  # why the next opening happens, when not local
         self.close_reason: str | None = None  # why the next closing happens, when not recovery
