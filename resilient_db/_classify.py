@@ -394,8 +394,9 @@ def _connecting(err: BaseException) -> bool:
     """Whether ``err`` was raised while connecting: in the pool's connect or the driver's (a
     raw ``asyncpg.connect(timeout=...)`` raises its timeout in ``asyncpg.connection.connect``
     itself, outside ``connect_utils``)."""
-    return _passed_through(err, _CONNECTING_MODULES) or any(
-        module == "asyncpg.connection" and function == "connect"
+    return any(
+        module.startswith(_CONNECTING_MODULES)
+        or (module == "asyncpg.connection" and function == "connect")
         for module, function in _frames(err)
     )
 

@@ -2511,13 +2511,7 @@ def test_markers_installed_by_an_earlier_release_are_used_and_said_once(
         assert not [r for r in caplog.records if "earlier release" in r.getMessage()]
     finally:
         eng.dispose()
-    with engine.begin() as conn:
-        conn.execute(
-            sa.text(
-                "COMMENT ON TABLE resilient_db.commit_markers IS 'resilient_db commit markers, "
-                "version 4: proof that a unit of work committed, kept 900 s'"
-            )
-        )
+    _as_version_4(engine)
     caplog.clear()
     eng = sa.create_engine(pg_url)
     try:
