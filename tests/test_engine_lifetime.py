@@ -62,6 +62,7 @@ def test_a_dropped_engine_is_freed_with_its_connections(
     pg_server: PostgresServer, pg_database: str, pg_url: str, service: str, dispose: bool
 ) -> None:
     before = backends(pg_server, pg_database)
+    hooked = len(STATE.engine_hooks)
     engines = []
     for _ in range(ROUNDS):
         engine = sa.create_engine(pg_url)
@@ -72,7 +73,7 @@ def test_a_dropped_engine_is_freed_with_its_connections(
         del engine
     gc.collect()
     assert [ref() for ref in engines] == [None] * ROUNDS
-    assert not [e for e in STATE.engine_hooks if any(e is ref() for ref in engines)]
+    assert len(STATE.engine_hooks) <= hooked  # their hooks went with them (others may too)
     wait_for(lambda: backends(pg_server, pg_database) == before, "the backends to end")
 
 
