@@ -223,18 +223,16 @@ def _drop_legacy_function(n: TriggerNames, guard: Guard) -> str:
     (after a name collision it may be another table's; that one drops it on its reinstall)."""
     schema = f"{ident(guard.table.schema)}." if guard.table.schema else ""
     legacy = f"{schema}{ident(n.legacy_function_name)}"
-    body = f"""
+    return _do(f"""\
 DECLARE
     v_old regprocedure := pg_catalog.to_regprocedure({literal(legacy + "()")});
 BEGIN
     IF v_old IS NOT NULL
-        AND pg_catalog.obj_description(v_old, 'pg_proc') LIKE {literal(_STAMP_PREFIX + " %")}
-        AND NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgfoid = v_old::oid) THEN
+        AND {_stamped("v_old")}
+        AND {_uncalled("v_old::oid")} THEN
         DROP FUNCTION {legacy}();
     END IF;
-END
-"""
-    return f"DO {_dollar_quote(body)}"
+END""")
 
 
 def rules_stamp(guard: Guard) -> str:
@@ -443,6 +441,62 @@ def _dollar_quote(body: str) -> str:
     return f"{tag}{body}{tag}"
 
 
+def _do(block: str) -> str:
+    """``block`` (PL/pgSQL: ``[DECLARE ...] BEGIN ... END``) as a ``DO`` statement: it runs
+    wherever the statements run, also in a script (``psql``, Alembic's offline mode)."""
+    return "DO " + _dollar_quote("\n" + block + "\n")
+
+
+def _stamped(function: str) -> str:
+    """SQL true when ``function`` (its oid or ``regprocedure``) is ours: stamped with a
+    ``COMMENT`` only install writes (never told by its name alone)."""
+    return (
+        f"pg_catalog.obj_description({function}, 'pg_proc') LIKE {literal(stamp_prefix_pattern())}"
+    )
+
+
+def _uncalled(function: str) -> str:
+    """SQL true when no trigger calls ``function`` (its oid)."""
+    return f"NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgfoid = {function})"
+
+
+def _our_triggers_dropped(table: str, condition: str, declare: str = "") -> str:
+    """A PL/pgSQL block that drops our triggers (their function stamped: :func:`_stamped`) on
+    ``table`` (quoted, as :func:`quoted_table` writes it) for which ``condition`` holds (SQL on
+    ``t``, their ``pg_trigger`` row, and ``v_rel``, the table's oid), and then each one's
+    function when no trigger calls it any more and this role may drop it (another role's,
+    stamped like ours, stays). Nothing when there is no such table. ``declare``: more
+    variables, each a line of its own."""
+    quoted = literal(table)
+    return f"""\
+DECLARE
+    v_rel oid := pg_catalog.to_regclass({quoted})::oid;{declare}
+    r record;
+BEGIN
+    IF v_rel IS NULL THEN
+        RETURN;
+    END IF;
+    FOR r IN
+        SELECT t.tgname::text AS trigger, t.tgfoid AS fn, p.proname::text AS function,
+               s.nspname::text AS schema, p.proowner AS owner
+        FROM pg_catalog.pg_trigger t
+        JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
+        JOIN pg_catalog.pg_namespace s ON s.oid = p.pronamespace
+        WHERE t.tgrelid = v_rel AND NOT t.tgisinternal
+            AND {_stamped("t.tgfoid")}
+            AND {condition}
+    LOOP
+        EXECUTE pg_catalog.format('DROP TRIGGER %I ON %s', r.trigger, {quoted});
+        -- a function this role may not drop (another role's, stamped like ours) stays: its
+        -- trigger is gone, and the install must not fail on it
+        IF {_uncalled("r.fn")}
+                AND pg_catalog.pg_has_role(r.owner, 'USAGE') THEN
+            EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS %I.%I()', r.schema, r.function);
+        END IF;
+    END LOOP;
+END"""
+
+
 def bypass_role_statement() -> str:
     """Create :data:`BYPASS_ROLE` (NOLOGIN, no members) unless it exists.
 
@@ -452,7 +506,7 @@ def bypass_role_statement() -> str:
     role up when asked) until an administrator creates the role. The guard itself is never
     left off, and the bypass never open to everyone.
     """
-    body = f"""
+    return _do(f"""\
 BEGIN
     IF pg_catalog.to_regrole({literal(BYPASS_ROLE)}) IS NULL THEN
         BEGIN
@@ -467,9 +521,7 @@ BEGIN
                     HINT = {literal(_NO_ROLE_HINT)};
         END;
     END IF;
-END
-"""
-    return f"DO {_dollar_quote(body)}"
+END""")
 
 
 _NO_ROLE_HINT = f"Run CREATE ROLE {BYPASS_ROLE} NOLOGIN as a role with CREATEROLE"
@@ -605,8 +657,7 @@ def script_statements(guard: Guard) -> list[str]:
     drift detection compares), so what is installed is the same. No BEGIN or COMMIT: the
     script also runs inside a transaction (``op.execute``, ``psql -1``)."""
     *ddl, legacy = install_statements(guard)
-    body = "\nBEGIN\n" + "".join(f"{s};\n" for s in ddl) + "END\n"
-    return [f"DO {_dollar_quote(body)}", legacy]
+    return [_do("BEGIN\n" + "".join(f"{s};\n" for s in ddl) + "END"), legacy]
 
 
 def replaced_functions_statement(guard: Guard, *, keep_own: bool = True) -> str:
@@ -619,44 +670,18 @@ def replaced_functions_statement(guard: Guard, *, keep_own: bool = True) -> str:
     table's triggers call, never by a name alone. Run before the triggers are created again,
     in the same transaction: the table is never without its triggers to another session."""
     n = trigger_names(guard)
-    own = literal(f"{n.function}()")
     ours = ", ".join(literal(t) for t in (n.insert_trigger, n.update_trigger))
-    other = "(v_own IS NULL OR t.tgfoid <> v_own)" if keep_own else "true"
-    found_own = f"pg_catalog.to_regprocedure({own})::oid" if keep_own else "NULL"
-    body = f"""
-DECLARE
-    v_rel oid := pg_catalog.to_regclass({literal(n.table)})::oid;
-    v_own oid := {found_own};
-    v_replaced oid[] := ARRAY[]::oid[];
-    r record;
-BEGIN
-    IF v_rel IS NULL THEN
-        RETURN;
-    END IF;
-    FOR r IN
-        SELECT t.tgname::text AS trigger, t.tgfoid AS fn
-        FROM pg_catalog.pg_trigger t
-        WHERE t.tgrelid = v_rel AND NOT t.tgisinternal
-            AND t.tgname::text = ANY (ARRAY[{ours}]::text[])
-            AND {other}
-            AND pg_catalog.obj_description(t.tgfoid, 'pg_proc') LIKE {literal(_STAMP_PREFIX + " %")}
-    LOOP
-        EXECUTE pg_catalog.format('DROP TRIGGER %I ON %s', r.trigger, {literal(n.table)});
-        v_replaced := pg_catalog.array_append(v_replaced, r.fn);
-    END LOOP;
-    FOR r IN
-        SELECT p.proname::text AS function, s.nspname::text AS schema
-        FROM pg_catalog.pg_proc p
-        JOIN pg_catalog.pg_namespace s ON s.oid = p.pronamespace
-        WHERE p.oid = ANY (v_replaced)
-            AND NOT EXISTS (SELECT FROM pg_catalog.pg_trigger u WHERE u.tgfoid = p.oid)
-            AND pg_catalog.pg_has_role(p.proowner, 'USAGE')
-    LOOP
-        EXECUTE pg_catalog.format('DROP FUNCTION %I.%I()', r.schema, r.function);
-    END LOOP;
-END
-"""
-    return f"DO {_dollar_quote(body)}"
+    condition = f"t.tgname::text = ANY (ARRAY[{ours}]::text[])"
+    if not keep_own:
+        return _do(_our_triggers_dropped(n.table, condition))
+    own = literal(f"{n.function}()")
+    return _do(
+        _our_triggers_dropped(
+            n.table,
+            f"{condition}\n            AND (v_own IS NULL OR t.tgfoid <> v_own)",
+            f"\n    v_own oid := pg_catalog.to_regprocedure({own})::oid;",
+        )
+    )
 
 
 def online_install_statements(guard: Guard) -> list[str]:
@@ -724,44 +749,14 @@ def left_over_statement(table: sa.Table, columns: Collection[str] = ()) -> str:
     writes), never by name alone, so a trigger of the application's is never touched. A DO
     block, so that it runs where the statements run (also in a script written by Alembic's
     offline mode)."""
-    quoted = literal(quoted_table(table))
     named = sorted({pg_name("rdb_transition", c, op) for c in columns for op in ("ins", "upd")})
-    stamped = literal(stamp_prefix_pattern())
     condition = gone_column_condition("t.tgname::text", "v_rel", "\n                ")
     if named:
         names = ", ".join(literal(n) for n in named)
         condition = (
             f"({condition}\n                OR t.tgname::text = ANY (ARRAY[{names}]::text[]))"
         )
-    body = f"""
-DECLARE
-    v_rel oid := pg_catalog.to_regclass({quoted})::oid;
-    r record;
-BEGIN
-    IF v_rel IS NULL THEN
-        RETURN;
-    END IF;
-    FOR r IN
-        SELECT t.tgname::text AS trigger, t.tgfoid AS fn, p.proname::text AS function,
-               s.nspname::text AS schema, p.proowner AS owner
-        FROM pg_catalog.pg_trigger t
-        JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
-        JOIN pg_catalog.pg_namespace s ON s.oid = p.pronamespace
-        WHERE t.tgrelid = v_rel AND NOT t.tgisinternal
-            AND pg_catalog.obj_description(t.tgfoid, 'pg_proc') LIKE {stamped}
-            AND {condition}
-    LOOP
-        EXECUTE pg_catalog.format('DROP TRIGGER %I ON %s', r.trigger, {quoted});
-        -- a function this role may not drop (another role's, stamped like ours) stays: its
-        -- trigger is gone, and the install must not fail on it
-        IF NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgfoid = r.fn)
-                AND pg_catalog.pg_has_role(r.owner, 'USAGE') THEN
-            EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS %I.%I()', r.schema, r.function);
-        END IF;
-    END LOOP;
-END
-"""
-    return f"DO {_dollar_quote(body)}"
+    return _do(_our_triggers_dropped(quoted_table(table), condition))
 
 
 def _distinct_tables(tables: Iterable[sa.Table]) -> list[sa.Table]:
