@@ -523,6 +523,33 @@ END
 $rdb$;
 COMMENT ON FUNCTION "rdb_transition_jobs_state_b53b700df013"() IS 'resilient_db transition \
 guard v5 rules-sha256=184928a9ef0e5f045c6898167df67086cdc88f3f6cdc57de5b11eda78345e73f';
+DECLARE
+    v_rel oid := pg_catalog.to_regclass('"jobs"')::oid;
+    v_own oid := pg_catalog.to_regprocedure('"rdb_transition_jobs_state_b53b700df013"()')::oid;
+    r record;
+BEGIN
+    FOR r IN
+        SELECT t.tgname::text AS trigger, t.tgfoid AS fn, p.proname::text AS function,
+               s.nspname::text AS schema, p.proowner AS owner
+        FROM pg_catalog.pg_trigger t
+        JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
+        JOIN pg_catalog.pg_namespace s ON s.oid = p.pronamespace
+        WHERE t.tgrelid = v_rel AND NOT t.tgisinternal
+            AND pg_catalog.obj_description(t.tgfoid, 'pg_proc') LIKE 'resilient_db transition \
+guard %'
+            AND t.tgname::text = ANY (ARRAY['rdb_transition_state_ins', \
+'rdb_transition_state_upd']::text[])
+            AND (v_own IS NULL OR t.tgfoid <> v_own)
+    LOOP
+        EXECUTE pg_catalog.format('DROP TRIGGER %I ON %s', r.trigger, '"jobs"');
+        -- a function this role may not drop (another role's, stamped like ours) stays: its
+        -- trigger is gone, and the install must not fail on it
+        IF NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgfoid = r.fn)
+                AND pg_catalog.pg_has_role(r.owner, 'USAGE') THEN
+            EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS %I.%I()', r.schema, r.function);
+        END IF;
+    END LOOP;
+END;
 DROP TRIGGER IF EXISTS "rdb_transition_state_ins" ON "jobs";
 CREATE TRIGGER "rdb_transition_state_ins" AFTER INSERT ON "jobs"
 FOR EACH ROW WHEN (NOT (coalesce(NEW."state"::text COLLATE pg_catalog."C" IN ('new'), false)))

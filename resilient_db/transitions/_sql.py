@@ -460,23 +460,25 @@ def _uncalled(function: str) -> str:
     return f"NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgfoid = {function})"
 
 
-def _our_triggers_dropped(table: str, condition: str, declare: str = "") -> str:
+def _our_triggers_dropped(
+    table: str, condition: str, declare: str = "", *, inner: bool = False
+) -> str:
     """A PL/pgSQL block that drops our triggers (their function stamped: :func:`_stamped`) on
     ``table`` (quoted, as :func:`quoted_table` writes it) for which ``condition`` holds (SQL on
     ``t``, their ``pg_trigger`` row, and ``v_rel``, the table's oid), and then each one's
     function when no trigger calls it any more and this role may drop it (another role's,
     stamped like ours, stays). Nothing when there is no such table. ``declare``: more
-    variables, each a line of its own."""
+    variables, each a line of its own. ``inner``: a block inside another, which goes on after
+    it: no early ``RETURN`` (which would end the outer block too) when the table is missing
+    (no trigger is found then either)."""
     quoted = literal(table)
+    missing = "" if inner else "    IF v_rel IS NULL THEN\n        RETURN;\n    END IF;\n"
     return f"""\
 DECLARE
     v_rel oid := pg_catalog.to_regclass({quoted})::oid;{declare}
     r record;
 BEGIN
-    IF v_rel IS NULL THEN
-        RETURN;
-    END IF;
-    FOR r IN
+{missing}    FOR r IN
         SELECT t.tgname::text AS trigger, t.tgfoid AS fn, p.proname::text AS function,
                s.nspname::text AS schema, p.proowner AS owner
         FROM pg_catalog.pg_trigger t
@@ -654,9 +656,14 @@ def script_statements(guard: Guard) -> list[str]:
     triggers calling the new function (a BEFORE trigger of generator v3 calling the new AFTER
     function, which returns NULL, skipped every write it fired for). The statements are those
     of :func:`install_statements`, unchanged (not indented: the function's source is what
-    drift detection compares), so what is installed is the same. No BEGIN or COMMIT: the
-    script also runs inside a transaction (``op.execute``, ``psql -1``)."""
-    *ddl, legacy = install_statements(guard)
+    drift detection compares), so what is installed is the same. Before the triggers, the
+    same block drops those that call a function of ours of another name, and that function, as
+    an install on a server does (:func:`replaced_functions_statement`): the function of the
+    table written otherwise goes with the triggers that called it, and the table is never
+    without its triggers. No BEGIN or COMMIT: the script also runs inside a transaction
+    (``op.execute``, ``psql -1``)."""
+    create, comment, *triggers, legacy = install_statements(guard)
+    ddl = [create, comment, _replaced_functions(guard, keep_own=True, inner=True), *triggers]
     return [_do("BEGIN\n" + "".join(f"{s};\n" for s in ddl) + "END"), legacy]
 
 
@@ -669,26 +676,31 @@ def replaced_functions_statement(guard: Guard, *, keep_own: bool = True) -> str:
     to the search_path: see :func:`spellings`), goes with it; told by the function the
     table's triggers call, never by a name alone. Run before the triggers are created again,
     in the same transaction: the table is never without its triggers to another session."""
+    return _do(_replaced_functions(guard, keep_own=keep_own))
+
+
+def _replaced_functions(guard: Guard, *, keep_own: bool, inner: bool = False) -> str:
+    """The PL/pgSQL block of :func:`replaced_functions_statement` (``inner``: see
+    :func:`_our_triggers_dropped`)."""
     n = trigger_names(guard)
     ours = ", ".join(literal(t) for t in (n.insert_trigger, n.update_trigger))
     condition = f"t.tgname::text = ANY (ARRAY[{ours}]::text[])"
     if not keep_own:
-        return _do(_our_triggers_dropped(n.table, condition))
+        return _our_triggers_dropped(n.table, condition, inner=inner)
     own = literal(f"{n.function}()")
-    return _do(
-        _our_triggers_dropped(
-            n.table,
-            f"{condition}\n            AND (v_own IS NULL OR t.tgfoid <> v_own)",
-            f"\n    v_own oid := pg_catalog.to_regprocedure({own})::oid;",
-        )
+    return _our_triggers_dropped(
+        n.table,
+        f"{condition}\n            AND (v_own IS NULL OR t.tgfoid <> v_own)",
+        f"\n    v_own oid := pg_catalog.to_regprocedure({own})::oid;",
+        inner=inner,
     )
 
 
 def online_install_statements(guard: Guard) -> list[str]:
     """:func:`install_statements` as an install on a server sends them, in one transaction:
     once the function exists, :func:`replaced_functions_statement` drops the triggers that
-    call an earlier function of another name, and that function (no leftovers). The scripts
-    (:func:`script_statements`) are left as they are."""
+    call an earlier function of another name, and that function (no leftovers), as the
+    scripts do (:func:`script_statements`, in their one block)."""
     create, comment, *rest = install_statements(guard)
     return [create, comment, replaced_functions_statement(guard), *rest]
 

@@ -1,0 +1,183 @@
+"""What the transition trigger's installs and the project's migrations leave behind, on a real
+server.
+
+A table's schema may be written two ways (a migration's ``TransitionTrigger(schema="appdata")``
+and a description of ``tasks`` reached through ``search_path=appdata``): the two name the
+trigger's function differently (see ``spellings``). The script form of an install (what
+``transition_trigger_sql`` writes, and Alembic's offline mode) replaces the function of the
+other name as an install on a server does: dropped with the triggers that called it, in the
+statement that creates the new ones."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator
+
+import pytest
+import sqlalchemy as sa
+from alembic.migration import MigrationContext
+from alembic.operations import Operations
+
+import resilient_db as rdb
+from resilient_db.transitions import TransitionTrigger
+from resilient_db.transitions._sql import function_name
+
+RULES = rdb.TransitionRules(
+    column="status",
+    transitions={"pending": {"in_progress"}, "in_progress": {"completed"}},
+    initial={"pending"},
+)
+ON_PATH = {"options": "-csearch_path=appdata"}
+
+
+@pytest.fixture
+def owner(pg_url: str) -> Iterator[sa.Engine]:
+    """The migration's role (it owns ``appdata.tasks``), with ``appdata`` on its path."""
+    eng = sa.create_engine(pg_url, connect_args=ON_PATH)
+    with eng.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE SCHEMA appdata; CREATE TABLE appdata.tasks (id integer PRIMARY KEY, "
+            "status varchar(20) NOT NULL DEFAULT 'pending')"
+        )
+        conn.exec_driver_sql("INSERT INTO appdata.tasks VALUES (1, 'pending')")
+    yield eng
+    eng.dispose()
+
+
+def _trigger(schema: str | None) -> TransitionTrigger:
+    return TransitionTrigger(
+        model="Task",
+        table="tasks",
+        primary_key="id",
+        schema=schema,
+        type_=sa.String(20),
+        rules=RULES,
+    )
+
+
+def _functions(conn: sa.Connection) -> list[str]:
+    """Our trigger functions of ``tasks.status``, wherever they are."""
+    query = sa.text(
+        "SELECT n.nspname || '.' || p.proname FROM pg_proc p "
+        "JOIN pg_namespace n ON n.oid = p.pronamespace "
+        "WHERE starts_with(p.proname::text, :prefix) ORDER BY 1"
+    )
+    return list(conn.execute(query, {"prefix": "rdb_transition_tasks_status_"}).scalars())
+
+
+def _guarded(conn: sa.Connection) -> None:
+    """Both triggers are there, an illegal move is refused by the trigger (RDB01) and a legal
+    one is stored (then rolled back)."""
+    names = conn.exec_driver_sql(
+        "SELECT tgname::text FROM pg_trigger WHERE tgrelid = 'appdata.tasks'::regclass "
+        "AND starts_with(tgname::text, 'rdb_transition_') ORDER BY 1"
+    ).scalars()
+    assert list(names) == ["rdb_transition_status_ins", "rdb_transition_status_upd"]
+    with pytest.raises(sa.exc.DBAPIError) as info:
+        conn.exec_driver_sql("UPDATE tasks SET status = 'completed' WHERE id = 1")
+    assert rdb.sqlstate_of(info.value) == rdb.TRANSITION_SQLSTATE
+    conn.rollback()
+    conn.exec_driver_sql("UPDATE tasks SET status = 'in_progress' WHERE id = 1")
+    conn.rollback()
+
+
+def _offline_statements(trigger: TransitionTrigger) -> list[str]:
+    """What ``install_transition_trigger(op, trigger)`` writes in Alembic's offline mode, one
+    statement each (Alembic ends each with ``;`` and a blank line)."""
+    buffer = io.StringIO()
+    offline = MigrationContext.configure(  # as Alembic's env.py template configures it
+        dialect_name="postgresql",
+        opts={"as_sql": True, "output_buffer": buffer},
+        dialect_opts={"paramstyle": "named"},
+    )
+    rdb.install_transition_trigger(Operations(offline), trigger)
+    return [s for s in (part.strip() for part in buffer.getvalue().split(";\n\n")) if s]
+
+
+def _run_offline_one_at_a_time(engine: sa.Engine, trigger: TransitionTrigger) -> None:
+    """The offline statements run as ``psql`` runs a file: one at a time, each committing on
+    its own; after each, the table is guarded."""
+    statements = _offline_statements(trigger)
+    assert len(statements) > 2
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as runner:
+        for statement in statements:
+            runner.exec_driver_sql(statement, execution_options={"no_parameters": True})
+            with engine.connect() as conn:
+                _guarded(conn)
+
+
+def _run_script(engine: sa.Engine, trigger: TransitionTrigger) -> None:
+    """``transition_trigger_sql(trigger)`` run as one script in one transaction (``psql -1``,
+    ``op.execute``)."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            rdb.transition_trigger_sql(trigger), execution_options={"no_parameters": True}
+        )
+
+
+# (the schema as the installed trigger wrote it, as the script writes it)
+SPELLINGS = [
+    pytest.param("appdata", None, id="installed-with-the-schema"),
+    pytest.param(None, "appdata", id="script-with-the-schema"),
+]
+Run = Callable[[sa.Engine, TransitionTrigger], None]
+RUNS = [
+    pytest.param(_run_script, id="transition_trigger_sql"),
+    pytest.param(_run_offline_one_at_a_time, id="alembic-offline-one-at-a-time"),
+]
+
+
+@pytest.mark.parametrize("run", RUNS)
+@pytest.mark.parametrize(("installed", "scripted"), SPELLINGS)
+def test_the_script_drops_the_function_of_the_other_spelling(
+    owner: sa.Engine, run: Run, installed: str | None, scripted: str | None
+) -> None:
+    """Installed on the server with the table's schema written one way, then replaced by the
+    script of the other: the script's triggers replaced the first ones and left their function
+    in the schema, called by nothing (an install on a server drops it). Now the script drops it
+    too, in the statement that replaces the triggers, so the table stays guarded after every
+    statement; run again, it changes nothing."""
+    rdb.install_transition_trigger(owner, _trigger(installed))
+    with owner.connect() as conn:
+        assert _functions(conn) == [f"appdata.{function_name(installed, 'tasks', 'status')}"]
+    expected = [f"appdata.{function_name(scripted, 'tasks', 'status')}"]
+    for _ in range(2):  # idempotent: the second run finds nothing to drop
+        run(owner, _trigger(scripted))
+        with owner.connect() as conn:
+            assert _functions(conn) == expected
+            assert rdb.trigger_drift(conn, _trigger(scripted)) is None
+            assert rdb.trigger_drift(conn, _trigger(installed)) is None
+            _guarded(conn)
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_the_script_keeps_its_own_function_and_the_applications_triggers(
+    owner: sa.Engine, run: Run
+) -> None:
+    """The script's cleanup drops only a function of ours that our triggers of the column
+    called and no longer call: run over its own install, the function is replaced in place
+    (the same object), and the application's trigger on the table and its function stay."""
+    own = f"appdata.{function_name('appdata', 'tasks', 'status')}()"
+    with owner.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE FUNCTION appdata.audit() RETURNS trigger LANGUAGE plpgsql "
+            "AS $$BEGIN RETURN NULL; END$$; "
+            "CREATE TRIGGER tasks_audit AFTER UPDATE ON appdata.tasks "
+            "FOR EACH ROW EXECUTE FUNCTION appdata.audit()"
+        )
+    rdb.install_transition_trigger(owner, _trigger("appdata"))
+    with owner.connect() as conn:
+        before = conn.exec_driver_sql(f"SELECT '{own}'::regprocedure::oid").scalar()
+    run(owner, _trigger("appdata"))
+    with owner.connect() as conn:
+        assert conn.exec_driver_sql(f"SELECT '{own}'::regprocedure::oid").scalar() == before
+        names = conn.exec_driver_sql(
+            "SELECT tgname::text, tgfoid::regprocedure::text FROM pg_trigger "
+            "WHERE tgrelid = 'appdata.tasks'::regclass ORDER BY 1"
+        ).all()
+        assert [tuple(row) for row in names] == [
+            ("rdb_transition_status_ins", own.removeprefix("appdata.")),
+            ("rdb_transition_status_upd", own.removeprefix("appdata.")),
+            ("tasks_audit", "audit()"),
+        ]
+        assert rdb.trigger_drift(conn, _trigger("appdata")) is None
