@@ -6,12 +6,14 @@ and a description of ``tasks`` reached through ``search_path=appdata``): the two
 trigger's function differently (see ``spellings``). The script form of an install (what
 ``transition_trigger_sql`` writes, and Alembic's offline mode) replaces the function of the
 other name as an install on a server does: dropped with the triggers that called it, in the
-statement that creates the new ones."""
+statement that creates the new ones. And ``alembic downgrade base`` leaves nothing in the
+database that ``upgrade head`` made (Alembic's own ``alembic_version`` aside)."""
 
 from __future__ import annotations
 
 import io
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -19,6 +21,8 @@ from alembic.migration import MigrationContext
 from alembic.operations import Operations
 
 import resilient_db as rdb
+from resilient_db.demo import apply_migrations, downgrade_migrations
+from resilient_db.examples.tasks import Task
 from resilient_db.transitions import TransitionTrigger
 from resilient_db.transitions._sql import function_name
 
@@ -181,3 +185,114 @@ def test_the_script_keeps_its_own_function_and_the_applications_triggers(
             ("tasks_audit", "audit()"),
         ]
         assert rdb.trigger_drift(conn, _trigger("appdata")) is None
+
+
+# ------------------------------------------------------------------------------------------------
+# alembic downgrade base
+# ------------------------------------------------------------------------------------------------
+
+#: The database's own catalogs, each as a set of rows naming the objects (not their oids).
+_CATALOG = {
+    "schemas": "SELECT nspname::text, nspowner::regrole::text, coalesce(nspacl::text, '') "
+    "FROM pg_catalog.pg_namespace",
+    "relations": "SELECT n.nspname::text, c.relname::text, c.relkind::text "
+    "FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace",
+    "functions": "SELECT p.oid::regprocedure::text FROM pg_catalog.pg_proc p",
+    "types": "SELECT t.oid::regtype::text FROM pg_catalog.pg_type t",
+    "triggers": "SELECT tgrelid::regclass::text, tgname::text FROM pg_catalog.pg_trigger "
+    "WHERE NOT tgisinternal",  # a foreign key's are named by oids
+    "comments": "SELECT classoid::regclass::text, description FROM pg_catalog.pg_description",
+    "default privileges": "SELECT defaclrole::regrole::text, defaclobjtype::text, "
+    "coalesce(defaclacl::text, '') FROM pg_catalog.pg_default_acl",
+    "extensions": "SELECT extname::text FROM pg_catalog.pg_extension",
+    "database privileges": "SELECT coalesce(datacl::text, '') FROM pg_catalog.pg_database "
+    "WHERE datname = current_database()",
+}
+
+
+def _catalog(engine: sa.Engine) -> dict[str, set[tuple[object, ...]]]:
+    with engine.connect() as conn:
+        return {
+            what: {tuple(row) for row in conn.exec_driver_sql(query)}
+            for what, query in _CATALOG.items()
+        }
+
+
+def _without_alembic_version(catalog: dict[str, set[tuple[object, ...]]]) -> None:
+    """Alembic's own bookkeeping, which ``downgrade base`` leaves (empty) by design."""
+    catalog["relations"] -= {
+        ("public", "alembic_version", "r"),
+        ("public", "alembic_version_pkc", "i"),
+    }
+    catalog["types"] -= {("alembic_version",), ("alembic_version[]",)}
+
+
+def test_downgrade_base_leaves_nothing_the_upgrade_made(pg_url: str) -> None:
+    """``upgrade head`` then ``downgrade base`` on a fresh database: every catalog of the
+    database is as it was (the empty schema ``resilient_db`` the commit markers were in was
+    left behind), and ``upgrade head`` runs again."""
+    engine = sa.create_engine(pg_url)
+    try:
+        before = _catalog(engine)
+        apply_migrations(pg_url)
+        upgraded = _catalog(engine)
+        assert ("resilient_db", "commit_markers", "r") in upgraded["relations"]
+        downgrade_migrations(pg_url)
+        after = _catalog(engine)
+        _without_alembic_version(after)
+        for what in _CATALOG:
+            assert after[what] == before[what], (
+                what,
+                sorted(after[what] - before[what], key=str),
+                sorted(before[what] - after[what], key=str),
+            )
+        apply_migrations(pg_url)
+        assert _catalog(engine) == upgraded
+        with engine.connect() as conn:
+            assert rdb.trigger_drift(conn, Task) is None
+    finally:
+        engine.dispose()
+
+
+def test_downgrade_base_keeps_a_schema_resilient_db_that_holds_other_objects(
+    pg_url: str,
+) -> None:
+    """Something of the application's put into schema ``resilient_db`` stays, and so does the
+    schema, with a warning naming what is left: the downgrade drops the schema only when it is
+    empty, and does not fail."""
+    engine = sa.create_engine(pg_url)
+    try:
+        apply_migrations(pg_url)
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE resilient_db.notes (id integer)")
+        notices: list[tuple[str | None, str | None, str | None]] = []
+
+        def notice(diag: Any) -> None:  # read here: the notice is gone after the call
+            notices.append((diag.severity_nonlocalized, diag.message_primary, diag.message_detail))
+
+        with engine.begin() as conn:
+            conn.connection.driver_connection.add_notice_handler(notice)
+            downgrade_migrations(conn)
+        warnings = [
+            (primary, detail) for severity, primary, detail in notices if severity == "WARNING"
+        ]
+        assert len(warnings) == 1, notices
+        primary, detail = warnings[0]
+        assert (
+            primary == "schema resilient_db is kept: it holds objects other than the commit markers"
+        )
+        assert "table resilient_db.notes" in (detail or ""), detail
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql(
+                "SELECT to_regclass('resilient_db.notes') IS NOT NULL"
+            ).scalar()
+            left = conn.exec_driver_sql(
+                "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = 'resilient_db' AND c.relname <> 'notes'"
+            ).scalar()
+            assert left == 0
+        apply_migrations(pg_url)
+        with engine.connect() as conn:
+            assert rdb.trigger_drift(conn, Task) is None
+    finally:
+        engine.dispose()

@@ -86,6 +86,9 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # The triggers and their function; the role resilient_db_bypass the install creates when
+    # missing stays: it belongs to the whole cluster (other databases' triggers look it up, and
+    # its grants are an administrator's), not to this database.
     rdb.uninstall_transition_trigger(op, TASK_STATUS)
     op.drop_index(op.f("ix_task_history_task_id"), table_name="task_history")
     op.drop_table("task_history")
