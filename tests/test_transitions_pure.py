@@ -613,6 +613,43 @@ $rdb$;
 """
 
 
+#: The removal's first statement: our triggers of the column, with the function of ours they call
+#: (whichever its name: the table's schema written otherwise), and that function.
+JOBS_TRIGGERS_DROP = """\
+DO $rdb$
+DECLARE
+    v_rel oid := pg_catalog.to_regclass('"jobs"')::oid;
+    r record;
+BEGIN
+    IF v_rel IS NULL THEN
+        RETURN;
+    END IF;
+    FOR r IN
+        SELECT t.tgname::text AS trigger, t.tgfoid AS fn, p.proname::text AS function,
+               s.nspname::text AS schema, p.proowner AS owner
+        FROM pg_catalog.pg_trigger t
+        JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
+        JOIN pg_catalog.pg_namespace s ON s.oid = p.pronamespace
+        WHERE t.tgrelid = v_rel AND NOT t.tgisinternal
+            AND pg_catalog.obj_description(t.tgfoid, 'pg_proc') LIKE 'resilient_db transition \
+guard %'
+            AND t.tgname::text = ANY (ARRAY['rdb_transition_state_ins', \
+'rdb_transition_state_upd']::text[])
+    LOOP
+        EXECUTE pg_catalog.format('DROP TRIGGER %I ON %s', r.trigger, '"jobs"');
+        -- a function this role may not drop (another role's, stamped like ours) stays: its
+        -- trigger is gone, and the install must not fail on it
+        IF NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgfoid = r.fn)
+                AND pg_catalog.pg_has_role(r.owner, 'USAGE') THEN
+            EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS %I.%I()', r.schema, r.function);
+        END IF;
+    END LOOP;
+END
+$rdb$;
+
+"""
+
+
 def _jobs(mapped: Mapper, table: str = "jobs") -> type[Any]:
     rules = _rules({"new": {"run"}, "run": {"done", "new"}}, {"new"}, "state")
     return mapped(rules, column="state", table=table, name="Job")
@@ -624,14 +661,16 @@ def test_the_trigger_script_of_a_simple_machine(mapped: Mapper) -> None:
     assert transition_trigger_sql(model) == JOBS_SQL
     # then the old-named function's drop, and that of triggers of columns no longer guarded
     assert transition_trigger_drop_sql(model) == (
-        'DROP TRIGGER IF EXISTS "rdb_transition_state_ins" ON "jobs";\n\n'
+        JOBS_TRIGGERS_DROP + 'DROP TRIGGER IF EXISTS "rdb_transition_state_ins" ON "jobs";\n\n'
         'DROP TRIGGER IF EXISTS "rdb_transition_state_upd" ON "jobs";\n\n'
         'DROP FUNCTION IF EXISTS "rdb_transition_jobs_state_b53b700df013"();\n\n'
         + JOBS_SQL[JOBS_SQL.index("DO $rdb$\nDECLARE\n    v_old") :]
     )
     (guard,) = guards_of(model)
     assert len(install_statements(guard)) == 7
-    assert [s.split(" ", 2)[:2] for s in drop_statements(guard)] == [["DROP", "TRIGGER"]] * 2 + [
+    assert [s.split(" ", 2)[:2] for s in drop_statements(guard)] == [
+        ["DO", "$rdb$\nDECLARE\n"],
+        *[["DROP", "TRIGGER"]] * 2,
         ["DROP", "FUNCTION"],
         ["DO", "$rdb$\nDECLARE\n"],
     ]

@@ -69,14 +69,18 @@ def _functions(conn: sa.Connection) -> list[str]:
     return list(conn.execute(query, {"prefix": "rdb_transition_tasks_status_"}).scalars())
 
 
-def _guarded(conn: sa.Connection) -> None:
-    """Both triggers are there, an illegal move is refused by the trigger (RDB01) and a legal
-    one is stored (then rolled back)."""
+def _our_triggers(conn: sa.Connection) -> list[str]:
     names = conn.exec_driver_sql(
         "SELECT tgname::text FROM pg_trigger WHERE tgrelid = 'appdata.tasks'::regclass "
         "AND starts_with(tgname::text, 'rdb_transition_') ORDER BY 1"
     ).scalars()
-    assert list(names) == ["rdb_transition_status_ins", "rdb_transition_status_upd"]
+    return list(names)
+
+
+def _guarded(conn: sa.Connection) -> None:
+    """Both triggers are there, an illegal move is refused by the trigger (RDB01) and a legal
+    one is stored (then rolled back)."""
+    assert _our_triggers(conn) == ["rdb_transition_status_ins", "rdb_transition_status_upd"]
     with pytest.raises(sa.exc.DBAPIError) as info:
         conn.exec_driver_sql("UPDATE tasks SET status = 'completed' WHERE id = 1")
     assert rdb.sqlstate_of(info.value) == rdb.TRANSITION_SQLSTATE
@@ -85,23 +89,25 @@ def _guarded(conn: sa.Connection) -> None:
     conn.rollback()
 
 
-def _offline_statements(trigger: TransitionTrigger) -> list[str]:
-    """What ``install_transition_trigger(op, trigger)`` writes in Alembic's offline mode, one
-    statement each (Alembic ends each with ``;`` and a blank line)."""
+def _offline_statements(
+    trigger: TransitionTrigger, action: Callable[[Any, TransitionTrigger], None]
+) -> list[str]:
+    """What ``action(op, trigger)`` (an install or an uninstall) writes in Alembic's offline
+    mode, one statement each (Alembic ends each with ``;`` and a blank line)."""
     buffer = io.StringIO()
     offline = MigrationContext.configure(  # as Alembic's env.py template configures it
         dialect_name="postgresql",
         opts={"as_sql": True, "output_buffer": buffer},
         dialect_opts={"paramstyle": "named"},
     )
-    rdb.install_transition_trigger(Operations(offline), trigger)
+    action(Operations(offline), trigger)
     return [s for s in (part.strip() for part in buffer.getvalue().split(";\n\n")) if s]
 
 
 def _run_offline_one_at_a_time(engine: sa.Engine, trigger: TransitionTrigger) -> None:
     """The offline statements run as ``psql`` runs a file: one at a time, each committing on
     its own; after each, the table is guarded."""
-    statements = _offline_statements(trigger)
+    statements = _offline_statements(trigger, rdb.install_transition_trigger)
     assert len(statements) > 2
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as runner:
         for statement in statements:
@@ -185,6 +191,48 @@ def test_the_script_keeps_its_own_function_and_the_applications_triggers(
             ("tasks_audit", "audit()"),
         ]
         assert rdb.trigger_drift(conn, _trigger("appdata")) is None
+
+
+def _run_offline_removal(engine: sa.Engine, trigger: TransitionTrigger) -> None:
+    """What ``uninstall_transition_trigger(op, trigger)`` writes in Alembic's offline mode, run
+    one statement at a time, each committing on its own."""
+    statements = _offline_statements(trigger, rdb.uninstall_transition_trigger)
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as runner:
+        for statement in statements:
+            runner.exec_driver_sql(statement, execution_options={"no_parameters": True})
+
+
+def _run_removal_script(engine: sa.Engine, trigger: TransitionTrigger) -> None:
+    """``transition_trigger_drop_sql(trigger)`` run as one script in one transaction."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            rdb.transition_trigger_drop_sql(trigger), execution_options={"no_parameters": True}
+        )
+
+
+@pytest.mark.parametrize(
+    "run",
+    [
+        pytest.param(_run_removal_script, id="transition_trigger_drop_sql"),
+        pytest.param(_run_offline_removal, id="alembic-offline-one-at-a-time"),
+    ],
+)
+@pytest.mark.parametrize(("installed", "scripted"), SPELLINGS)
+def test_the_removal_script_drops_the_function_of_the_other_spelling(
+    owner: sa.Engine, run: Run, installed: str | None, scripted: str | None
+) -> None:
+    """Installed with the table's schema written one way, removed by the script of the other:
+    the script dropped the triggers by their names and the function of its own name, and left
+    the one the triggers called. Now it goes with them, as an uninstall on a server drops it;
+    run again, the script changes nothing."""
+    rdb.install_transition_trigger(owner, _trigger(installed))
+    for _ in range(2):
+        run(owner, _trigger(scripted))
+        with owner.connect() as conn:
+            assert _functions(conn) == []
+            assert _our_triggers(conn) == []
+            conn.exec_driver_sql("UPDATE tasks SET status = 'completed' WHERE id = 1")
+            conn.rollback()
 
 
 # ------------------------------------------------------------------------------------------------

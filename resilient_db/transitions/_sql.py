@@ -706,15 +706,18 @@ def online_install_statements(guard: Guard) -> list[str]:
 
 
 def online_uninstall_statements(guard: Guard) -> list[str]:
-    """:func:`drop_statements` as an uninstall on a server sends them: first our triggers of
-    the column with whatever function of ours they call (installed under the other spelling of
-    the table too: see :func:`spellings`), and that function."""
-    return [replaced_functions_statement(guard, keep_own=False), *drop_statements(guard)]
+    """:func:`drop_statements`: an uninstall on a server sends what the scripts hold."""
+    return drop_statements(guard)
 
 
 def drop_statements(guard: Guard) -> list[str]:
+    """What removes ``guard``'s trigger, on a server and in a script alike: first our triggers
+    of the column with whatever function of ours they call (installed under the other spelling
+    of the table too: see :func:`spellings`), and that function; then the triggers and the
+    function by their names, and the function of the old naming scheme."""
     n = trigger_names(guard)
     return [
+        replaced_functions_statement(guard, keep_own=False),
         f"DROP TRIGGER IF EXISTS {ident(n.insert_trigger)} ON {n.table}",
         f"DROP TRIGGER IF EXISTS {ident(n.update_trigger)} ON {n.table}",
         f"DROP FUNCTION IF EXISTS {n.function}()",
