@@ -11,27 +11,19 @@ database that ``upgrade head`` made (Alembic's own ``alembic_version`` aside).""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from alembic.migration import MigrationContext
-from alembic.operations import Operations
+from test_transition_trigger_value import offline_script
+from test_trigger_schema_spelling import ON_PATH, _functions, _trigger
 
 import resilient_db as rdb
 from resilient_db.demo import apply_migrations, downgrade_migrations
 from resilient_db.examples.tasks import Task
 from resilient_db.transitions import TransitionTrigger
 from resilient_db.transitions._sql import function_name
-
-RULES = rdb.TransitionRules(
-    column="status",
-    transitions={"pending": {"in_progress"}, "in_progress": {"completed"}},
-    initial={"pending"},
-)
-ON_PATH = {"options": "-csearch_path=appdata"}
 
 
 @pytest.fixture
@@ -46,27 +38,6 @@ def owner(pg_url: str) -> Iterator[sa.Engine]:
         conn.exec_driver_sql("INSERT INTO appdata.tasks VALUES (1, 'pending')")
     yield eng
     eng.dispose()
-
-
-def _trigger(schema: str | None) -> TransitionTrigger:
-    return TransitionTrigger(
-        model="Task",
-        table="tasks",
-        primary_key="id",
-        schema=schema,
-        type_=sa.String(20),
-        rules=RULES,
-    )
-
-
-def _functions(conn: sa.Connection) -> list[str]:
-    """Our trigger functions of ``tasks.status``, wherever they are."""
-    query = sa.text(
-        "SELECT n.nspname || '.' || p.proname FROM pg_proc p "
-        "JOIN pg_namespace n ON n.oid = p.pronamespace "
-        "WHERE starts_with(p.proname::text, :prefix) ORDER BY 1"
-    )
-    return list(conn.execute(query, {"prefix": "rdb_transition_tasks_status_"}).scalars())
 
 
 def _our_triggers(conn: sa.Connection) -> list[str]:
@@ -94,14 +65,8 @@ def _offline_statements(
 ) -> list[str]:
     """What ``action(op, trigger)`` (an install or an uninstall) writes in Alembic's offline
     mode, one statement each (Alembic ends each with ``;`` and a blank line)."""
-    buffer = io.StringIO()
-    offline = MigrationContext.configure(  # as Alembic's env.py template configures it
-        dialect_name="postgresql",
-        opts={"as_sql": True, "output_buffer": buffer},
-        dialect_opts={"paramstyle": "named"},
-    )
-    action(Operations(offline), trigger)
-    return [s for s in (part.strip() for part in buffer.getvalue().split(";\n\n")) if s]
+    script = offline_script(action, trigger)
+    return [s for s in (part.strip() for part in script.split(";\n\n")) if s]
 
 
 def _run_offline_one_at_a_time(engine: sa.Engine, trigger: TransitionTrigger) -> None:
