@@ -11,16 +11,18 @@ database that ``upgrade head`` made (Alembic's own ``alembic_version`` aside).""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from test_transition_trigger_value import offline_script
 from test_trigger_schema_spelling import ON_PATH, _functions, _trigger
 
 import resilient_db as rdb
-from resilient_db.demo import apply_migrations, downgrade_migrations
+from resilient_db.demo import alembic_config, apply_migrations, downgrade_migrations
 from resilient_db.examples.tasks import Task
 from resilient_db.transitions import TransitionTrigger
 from resilient_db.transitions._sql import function_name
@@ -240,17 +242,43 @@ def _without_alembic_version(catalog: dict[str, set[tuple[object, ...]]]) -> Non
     catalog["types"] -= {("alembic_version",), ("alembic_version[]",)}
 
 
-def test_downgrade_base_leaves_nothing_the_upgrade_made(pg_url: str) -> None:
-    """``upgrade head`` then ``downgrade base`` on a fresh database: every catalog of the
-    database is as it was (the empty schema ``resilient_db`` the commit markers were in was
-    left behind), and ``upgrade head`` runs again."""
+def _downgrade_offline(url: str) -> None:
+    """``alembic downgrade head:base --sql``, the script run on the server as ``psql`` runs a
+    file (the script has its own BEGIN and COMMIT)."""
+    buffer = io.StringIO()
+    cfg = alembic_config()
+    cfg.output_buffer = buffer
+    cfg.set_main_option("sqlalchemy.url", "postgresql+psycopg://offline@localhost/offline")
+    command.downgrade(cfg, "head:base", sql=True)
+    engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql(buffer.getvalue(), execution_options={"no_parameters": True})
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "downgrade",
+    [
+        pytest.param(downgrade_migrations, id="online"),
+        pytest.param(_downgrade_offline, id="offline-sql"),
+    ],
+)
+def test_downgrade_base_leaves_nothing_the_upgrade_made(
+    pg_url: str, downgrade: Callable[[str], None]
+) -> None:
+    """``upgrade head`` then ``downgrade base`` on a fresh database, on the server or as the
+    offline script: every catalog of the database is as it was (the empty schema
+    ``resilient_db`` the commit markers were in was left behind), and ``upgrade head`` runs
+    again."""
     engine = sa.create_engine(pg_url)
     try:
         before = _catalog(engine)
         apply_migrations(pg_url)
         upgraded = _catalog(engine)
         assert ("resilient_db", "commit_markers", "r") in upgraded["relations"]
-        downgrade_migrations(pg_url)
+        downgrade(pg_url)
         after = _catalog(engine)
         _without_alembic_version(after)
         for what in _CATALOG:
