@@ -3,10 +3,11 @@
 Never by exception class name or message text: the SQLSTATE the server sent is the contract,
 read with what the driver knows of its connection. Where the driver saw no SQLSTATE at all (the
 socket broke, the connect was refused), the error is a disconnect when SQLAlchemy invalidated
-the connection, an ``OSError`` is in the chain, or the driver says its connection is lost or
-could not be made (never for an error of a connection that is still sound). 25006 is a lost
-server only where the server does not take writes. One more: an error that the commit protocol
-marked replay-safe (:func:`mark_replay_safe`) is a conflict.
+the connection, an ``OSError`` is in the chain, the driver says its connection is lost or could
+not be made, or psycopg gave up on its socket with a statement in flight (never for an error of
+a connection that is still sound). 25006 is a lost server only where the server does not take
+writes. One more: an error that the commit protocol marked replay-safe
+(:func:`mark_replay_safe`) is a conflict.
 """
 
 from __future__ import annotations
@@ -544,6 +545,8 @@ def _psycopg_disconnect(err: BaseException, name: str, *, wrapped: bool) -> bool
       but for a statement of a pool listener (then judged here, by the connection's state);
       an error of the driver's connection used directly is judged by the state of the
       connection it came from, or, where that is not found, taken as lost (as before).
+    - either way, a statement whose socket psycopg gave up on before libpq saw the loss
+      (:func:`_psycopg_gave_up`): SQLAlchemy, which asks libpq, found the connection sound.
     """
     if name == "ConnectionTimeout":
         return True
@@ -554,9 +557,74 @@ def _psycopg_disconnect(err: BaseException, name: str, *, wrapped: bool) -> bool
         # (while the pool connects or checks out, a listener's statement - the commit
         # markers' set-up - may meet a lost connection that SQLAlchemy 2.0.18 did not take
         # for one: judged by the connection's state, as below)
-        return False
+        return _psycopg_gave_up(err)
     broken = _psycopg_connection_lost(err)
-    return True if broken is None else broken
+    return True if broken is None else broken or _psycopg_gave_up(err)
+
+
+_TRANSACTION_ACTIVE: Final = 1  # libpq's PQTRANS_ACTIVE (psycopg.pq.TransactionStatus.ACTIVE)
+_PIPELINE_OFF: Final = 0  # libpq's PQ_PIPELINE_OFF (psycopg.pq.PipelineStatus.OFF)
+_GAVE_UP = "resilient_db_socket_given_up"
+
+
+def _psycopg_gave_up(err: BaseException) -> bool:
+    """Whether psycopg raised ``err`` (an ``OperationalError`` without SQLSTATE) because it gave
+    up on its connection's socket in the middle of a statement, before libpq saw the connection
+    lost: then libpq still says the connection is sound, and so do psycopg's ``closed`` and
+    ``broken`` (which ask libpq) and SQLAlchemy (which asks those), but it is lost all the same.
+
+    psycopg's wait on the socket gives up ("connection socket closed") when the kernel flags an
+    error on it and nothing to read: a reset that the poll sees before the socket's end (a
+    server that ended the session, a connection cut on the way), or a descriptor that is no
+    longer a socket; libpq never reads the reset. Told by what psycopg leaves, never by its
+    message: an ``OSError`` it was raised from (the descriptor's own error, where the wait had
+    one), or the connection left with the statement in flight - libpq's transaction status
+    ``ACTIVE`` while the connection is otherwise sound, outside pipeline mode. No error of the
+    statement itself leaves a connection so (the server's errors carry a SQLSTATE and end the
+    statement; libpq refuses a statement it can't send before sending it), and nothing more can
+    be sent on it ("another command is already in progress").
+
+    Recorded on ``err`` the first time it is judged (for a factory's engine: in its
+    ``handle_error``, the connection as psycopg left it): a later judgement (the retry
+    engine's, a web handler's) may find that connection closed by the pool, or in use again."""
+    try:
+        found = getattr(err, _GAVE_UP, None)
+    except Exception:  # a type whose attribute lookup misbehaves: judged afresh
+        found = None
+    if isinstance(found, bool):
+        return found
+    gave_up = isinstance(err.__cause__, OSError) or _left_mid_statement(err)
+    with contextlib.suppress(AttributeError, TypeError):  # a type that takes no attributes
+        setattr(err, _GAVE_UP, gave_up)
+    return gave_up
+
+
+def socket_given_up(exc: BaseException) -> bool:
+    """Whether ``exc`` (SQLAlchemy's error, or the driver's) is psycopg's giving up on its
+    connection's socket in the middle of a statement (:func:`_psycopg_gave_up`): a lost
+    connection that SQLAlchemy, asking libpq, takes for a sound one. For ``handle_error``: that
+    connection must not go back to the pool, whose reset of it would fail ("another command is
+    already in progress")."""
+    for err in error_chain(exc):
+        kind = type(err)
+        if kind.__module__.startswith("psycopg") and kind.__name__ == "OperationalError":
+            return getattr(err, "sqlstate", None) is None and _psycopg_gave_up(err)
+    return False
+
+
+def _left_mid_statement(err: BaseException) -> bool:
+    """Whether the psycopg connection whose method (or whose cursor's) raised ``err`` is sound
+    to libpq but has a statement in flight, outside pipeline mode (see :func:`_psycopg_gave_up`)."""
+    pgconn = getattr(_driver_connection_of(err), "pgconn", None)
+    try:
+        return bool(
+            pgconn is not None
+            and pgconn.status == _CONNECTION_OK
+            and pgconn.transaction_status == _TRANSACTION_ACTIVE
+            and pgconn.pipeline_status == _PIPELINE_OFF
+        )
+    except Exception:  # a connection that tells nothing: judged by the rest
+        return False
 
 
 def _raised_connecting(err: BaseException) -> bool:
