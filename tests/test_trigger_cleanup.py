@@ -12,20 +12,24 @@ database that ``upgrade head`` made (Alembic's own ``alembic_version`` aside).""
 from __future__ import annotations
 
 import io
+import secrets
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from alembic import command
+from sqlalchemy.orm import registry
 from test_transition_trigger_value import offline_script
-from test_trigger_schema_spelling import ON_PATH, _functions, _trigger
+from test_trigger_schema_spelling import ON_PATH, _functions, _task, _trigger
 
 import resilient_db as rdb
 from resilient_db.demo import alembic_config, apply_migrations, downgrade_migrations
 from resilient_db.examples.tasks import Task
 from resilient_db.transitions import TransitionTrigger
-from resilient_db.transitions._sql import function_name
+from resilient_db.transitions._rules import guards_of
+from resilient_db.transitions._sql import function_name, install_statements, trigger_names
 
 
 @pytest.fixture
@@ -337,3 +341,74 @@ def test_downgrade_base_keeps_a_schema_resilient_db_that_holds_other_objects(
             assert rdb.trigger_drift(conn, Task) is None
     finally:
         engine.dispose()
+
+
+def test_an_install_keeps_an_unused_legacy_function_another_role_owns(
+    pg_server: Any, pg_database: str, pg_url: str
+) -> None:
+    """A function of the trigger's oldest naming scheme (``rdb_transition_<table>_<column>``),
+    stamped ours and called by no trigger, owned by a role the installing role is not a member
+    of: the install leaves it (as every other cleanup block leaves another role's function)
+    instead of failing with "must be owner of function"."""
+    suffix = uuid.uuid4().hex[:10]
+    installer, other = f"rdb_inst_{suffix}", f"rdb_other_{suffix}"
+    password = secrets.token_urlsafe(18)
+    reg = registry()
+    model = _task(reg, None)
+    guard = guards_of(model)[0]
+    names = trigger_names(guard)
+    admin = sa.create_engine(pg_url)
+    try:
+        pg_server.execute(f"CREATE ROLE \"{installer}\" LOGIN PASSWORD '{password}'")
+        pg_server.execute(f'CREATE ROLE "{other}" NOLOGIN')
+        with admin.begin() as conn:
+            conn.exec_driver_sql(
+                "CREATE TABLE tasks (id integer PRIMARY KEY, "
+                "status varchar(20) NOT NULL DEFAULT 'pending')"
+            )
+            conn.exec_driver_sql("INSERT INTO tasks VALUES (1, 'pending')")
+            # what an early release installed: its triggers gone since, its function left
+            for stmt in install_statements(guard):
+                if not stmt.startswith("DO "):
+                    conn.exec_driver_sql(
+                        stmt.replace(names.function_name, names.legacy_function_name)
+                    )
+            conn.exec_driver_sql(
+                "DROP TRIGGER rdb_transition_status_ins ON tasks; "
+                "DROP TRIGGER rdb_transition_status_upd ON tasks"
+            )
+            conn.exec_driver_sql(
+                f'ALTER FUNCTION "{names.legacy_function_name}"() OWNER TO "{other}"'
+            )
+            conn.exec_driver_sql(f'ALTER TABLE tasks OWNER TO "{installer}"')
+            conn.exec_driver_sql(f'GRANT CREATE ON SCHEMA public TO "{installer}"')
+        app = sa.create_engine(sa.make_url(pg_url).set(username=installer, password=password))
+        try:
+            with app.begin() as conn:
+                rdb.install_transition_trigger(conn, model)
+                assert rdb.trigger_drift(conn, model) is None
+                conn.exec_driver_sql("SET search_path = public")
+                with pytest.raises(sa.exc.DBAPIError) as info, conn.begin_nested():
+                    conn.exec_driver_sql("UPDATE tasks SET status = 'completed' WHERE id = 1")
+                assert rdb.sqlstate_of(info.value) == rdb.TRANSITION_SQLSTATE
+        finally:
+            app.dispose()
+        with admin.connect() as conn:
+            left = conn.exec_driver_sql(
+                "SELECT pg_get_userbyid(proowner)::text FROM pg_proc WHERE proname = %s",
+                (names.legacy_function_name,),
+            ).scalar()
+        assert left == other  # another role's, kept
+    finally:
+        reg.dispose()
+        pg_server.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+            params=(installer,),
+        )
+        with admin.begin() as conn:
+            conn.exec_driver_sql("DROP TABLE IF EXISTS tasks CASCADE")
+            conn.exec_driver_sql(f'DROP FUNCTION IF EXISTS "{names.legacy_function_name}"()')
+        admin.dispose()
+        for role in (installer, other):
+            pg_server.execute(f'DROP OWNED BY "{role}"', database=pg_database)
+            pg_server.execute(f'DROP ROLE "{role}"')

@@ -436,10 +436,10 @@ def install_transition_trigger(bind_or_op: Any, model: type[Any] | TransitionTri
     round), it is current. When there is drift and the role may not install (SQLSTATE 42501),
     :class:`TriggerInstallRefusedError` (a ``ProgrammingError``, as before) says what the
     drift is and that the table's owner must install (the driver's error is its cause).
-    Installed on a server, a function of the trigger's earlier name (its table written with or
-    without the schema) is dropped with the triggers that called it; an offline script
-    (Alembic ``--sql``, :func:`transition_trigger_sql`) names the function by the table as
-    declared, needs no server, and leaves an earlier one of the other name in place, unused.
+    On a server and in an offline script (Alembic ``--sql``, :func:`transition_trigger_sql`)
+    alike, a function of the trigger's earlier name (its table written with or without the
+    schema) is dropped with the triggers that called it (unless another role owns it); the
+    script names the function by the table as declared and needs no server.
 
     The trigger belongs to the table and column, not to the model: the classes of one table
     (single-table inheritance, two models of one table) guarding a column by the same rules
@@ -469,8 +469,8 @@ def install_transition_trigger(bind_or_op: Any, model: type[Any] | TransitionTri
     # Offline, the statements are written into a script that may run them one at a time, each
     # committing on its own (psql's default, a migration environment without a transaction):
     # there, each guard's function and triggers are replaced in one statement. Online they are
-    # sent in one transaction (see _send), and a function of the trigger's earlier name (the
-    # table written with or without its schema) is dropped with the triggers that called it.
+    # sent in one transaction (see _send). Either way a function of the trigger's earlier name
+    # (the table written with or without its schema) is dropped with the triggers that called it.
     per_guard = script_statements if _offline(bind_or_op) else online_install_statements
     statements = [
         bypass_role_statement(),

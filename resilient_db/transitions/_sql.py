@@ -219,8 +219,10 @@ def trigger_names(guard: Guard) -> TriggerNames:
 
 
 def _drop_legacy_function(n: TriggerNames, guard: Guard) -> str:
-    """Drop the function of the old naming scheme if it is ours and no trigger still calls it
-    (after a name collision it may be another table's; that one drops it on its reinstall)."""
+    """Drop the function of the old naming scheme if it is ours, no trigger still calls it and
+    this role may drop it (after a name collision it may be another table's; that one drops it
+    on its reinstall. Another role's, stamped like ours, stays, as in the other cleanup
+    blocks: an install by a role that may not drop it does not fail on it)."""
     schema = f"{ident(guard.table.schema)}." if guard.table.schema else ""
     legacy = f"{schema}{ident(n.legacy_function_name)}"
     return _do(f"""\
@@ -229,7 +231,9 @@ DECLARE
 BEGIN
     IF v_old IS NOT NULL
         AND {_stamped("v_old")}
-        AND {_uncalled("v_old::oid")} THEN
+        AND {_uncalled("v_old::oid")}
+        AND pg_catalog.pg_has_role(
+            (SELECT p.proowner FROM pg_catalog.pg_proc p WHERE p.oid = v_old::oid), 'USAGE') THEN
         DROP FUNCTION {legacy}();
     END IF;
 END""")
