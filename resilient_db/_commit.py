@@ -400,6 +400,22 @@ def _uninstall_statements() -> list[str]:
         f"DROP FUNCTION IF EXISTS {s}.claim_commit(uuid)",
         f"DROP FUNCTION IF EXISTS {s}.prune_commit_markers(integer)",
         f"DROP TABLE IF EXISTS {s}.commit_markers",
+        # the schema the install made, when nothing else is in it: a table or function of the
+        # application's put there keeps it, and a WARNING names what is left (PostgreSQL's
+        # detail), instead of failing the uninstall (an Alembic downgrade)
+        f"""DO $rdb$
+DECLARE
+    v_detail text;
+BEGIN
+    DROP SCHEMA IF EXISTS {s};
+EXCEPTION
+    WHEN dependent_objects_still_exist THEN
+        GET STACKED DIAGNOSTICS v_detail = PG_EXCEPTION_DETAIL;
+        RAISE WARNING USING
+            MESSAGE = 'schema {s} is kept: it holds objects other than the commit markers',
+            DETAIL = v_detail;
+END
+$rdb$""",
     ]
 
 
@@ -485,7 +501,9 @@ def _fetch_value(cursor: Any, sql: str) -> Any:
 
 
 def uninstall_commit_markers(bind_or_op: Any) -> None:
-    """Remove the commit markers (the downgrade of :func:`install_commit_markers`)."""
+    """Remove the commit markers (the downgrade of :func:`install_commit_markers`), and the
+    schema ``resilient_db`` the install made when nothing else is in it (otherwise it stays,
+    with a WARNING from the server naming what is left)."""
     _run_statements(bind_or_op, _uninstall_statements())
 
 

@@ -378,13 +378,38 @@ def test_install_is_idempotent_and_uninstall_removes_everything(engine: sa.Engin
     rdb.uninstall_commit_markers(engine)
     rdb.uninstall_commit_markers(engine)  # idempotent too
     with engine.connect() as conn:
-        assert (
-            conn.execute(sa.text("SELECT to_regclass('resilient_db.commit_markers')")).scalar()
-            is None
-        )
-        assert conn.execute(public_usage).scalar() is False
+        # the schema the install made goes too: nothing else was in it
+        assert conn.scalar(sa.text("SELECT to_regnamespace('resilient_db')")) is None
     rdb.install_commit_markers(engine)
     assert markers(engine) == []
+
+
+def test_uninstall_keeps_the_schema_when_it_holds_other_objects(engine: sa.Engine) -> None:
+    """A table of the application's in schema ``resilient_db``: the uninstall removes the
+    markers, keeps the schema and the table, and the server's WARNING names the table."""
+    rdb.install_commit_markers(engine)
+    notices: list[str] = []
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE resilient_db.app_notes (id integer PRIMARY KEY)")
+    try:
+        with engine.begin() as conn:
+            driver = conn.connection.driver_connection
+            assert driver is not None
+            driver.add_notice_handler(
+                lambda d: notices.append(f"{d.severity}: {d.message_primary} {d.message_detail}")
+            )
+            rdb.uninstall_commit_markers(conn)
+        with engine.connect() as conn:
+            assert conn.scalar(sa.text("SELECT to_regclass('resilient_db.commit_markers')")) is None
+            assert conn.scalar(sa.text("SELECT to_regclass('resilient_db.app_notes')")) is not None
+        warned = [n for n in notices if n.startswith("WARNING: ")]
+        assert len(warned) == 1, notices
+        assert warned[0].startswith("WARNING: schema resilient_db is kept")
+        assert "app_notes" in warned[0]
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP TABLE IF EXISTS resilient_db.app_notes")
+        rdb.install_commit_markers(engine)
 
 
 def test_mark_commit_refuses_a_login_role_that_may_not_write_markers(engine: sa.Engine) -> None:

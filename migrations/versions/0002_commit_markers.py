@@ -23,25 +23,7 @@ def upgrade() -> None:
     rdb.install_commit_markers(op)
 
 
-# The schema the markers were in (the install creates it when missing), dropped when nothing
-# else is in it: a table or function of the application's put there keeps it, and a warning
-# names what is left (PostgreSQL's detail), instead of failing the downgrade.
-DROP_SCHEMA_IF_EMPTY = """\
-DO $rdb$
-DECLARE
-    v_detail text;
-BEGIN
-    DROP SCHEMA IF EXISTS resilient_db;
-EXCEPTION
-    WHEN dependent_objects_still_exist THEN
-        GET STACKED DIAGNOSTICS v_detail = PG_EXCEPTION_DETAIL;
-        RAISE WARNING USING
-            MESSAGE = 'schema resilient_db is kept: it holds objects other than the commit markers',
-            DETAIL = v_detail;
-END
-$rdb$"""
-
-
 def downgrade() -> None:
+    # (the markers, then their schema resilient_db when nothing else is in it: see
+    # uninstall_commit_markers)
     rdb.uninstall_commit_markers(op)
-    op.execute(DROP_SCHEMA_IF_EMPTY)
