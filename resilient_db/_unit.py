@@ -42,6 +42,7 @@ from ._classify import (
     mark_replay_safe,
     marked_replay_safe,
     refused_by_a_writable_server,
+    socket_given_up,
     sqlstate_of,
     unanswered_commit,
 )
@@ -1830,6 +1831,12 @@ class EngineHooks:
             # asyncpg's protocol state is broken on this one connection (a session the server
             # ended, whose close asyncpg has not read yet): it must not go back to the pool.
             # The pool's other connections are judged by their own errors.
+            ctx.is_disconnect = True
+            ctx.invalidate_pool_on_disconnect = False
+        elif not ctx.is_disconnect and code is None and socket_given_up(original):
+            # psycopg gave up on this connection's socket mid-statement before libpq saw it
+            # lost: it must not go back to the pool (its reset would fail). The pool's other
+            # connections are judged by their own errors.
             ctx.is_disconnect = True
             ctx.invalidate_pool_on_disconnect = False
         if code == READ_ONLY_SQLSTATE:

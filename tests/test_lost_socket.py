@@ -184,6 +184,12 @@ def rows(server: PostgresServer, database: str, table: str, unit: str) -> int:
     return int(found[0][0])
 
 
+def no_failed_reset(caplog: pytest.LogCaptureFixture) -> None:
+    """The lost connection was not handed back to the pool (whose reset of it fails with
+    "another command is already in progress", an ERROR with a traceback in the log)."""
+    assert "Exception during reset" not in caplog.text
+
+
 def counters(service: str) -> dict[str, Any]:
     found: dict[str, Any] = rdb.health()["services"][service]["counters"]
     return found
@@ -218,7 +224,7 @@ async def async_engine(fault_proxy: FaultProxy, fault: Fault) -> AsyncIterator[A
 
 # -- a statement waiting for its answer -----------------------------------------------------------
 def test_a_statement_whose_socket_is_lost_is_replayed_once(
-    fault: Fault, engine: sa.Engine, service: str
+    fault: Fault, engine: sa.Engine, service: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     seen = Seen()
     seen.listen(engine)
@@ -237,11 +243,12 @@ def test_a_statement_whose_socket_is_lost_is_replayed_once(
     assert len(calls) == 2
     assert rows(fault.server, fault.database, "writes", "statement") == 1
     assert counters(service)["retries_by_class"] == {"disconnect": 1}
+    no_failed_reset(caplog)
 
 
 @pytest.mark.asyncio
 async def test_an_async_statement_whose_socket_is_lost_is_replayed_once(
-    fault: Fault, async_engine: AsyncEngine, service: str
+    fault: Fault, async_engine: AsyncEngine, service: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     seen = Seen()
     seen.listen(async_engine.sync_engine)
@@ -261,11 +268,12 @@ async def test_an_async_statement_whose_socket_is_lost_is_replayed_once(
     assert len(calls) == 2
     assert rows(fault.server, fault.database, "writes", "statement") == 1
     assert counters(service)["retries_by_class"] == {"disconnect": 1}
+    no_failed_reset(caplog)
 
 
 # -- a COMMIT waiting for its answer --------------------------------------------------------------
 def test_a_commit_whose_socket_is_lost_is_settled_not_replayed(
-    fault: Fault, engine: sa.Engine, service: str
+    fault: Fault, engine: sa.Engine, service: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     seen = Seen()
     seen.listen(engine)
@@ -284,11 +292,12 @@ def test_a_commit_whose_socket_is_lost_is_settled_not_replayed(
     assert len(calls) == 1  # committed on the server: settled, never replayed
     assert rows(fault.server, fault.database, "held_commits", "commit") == 1
     assert counters(service)["unknown_commits"] == 0
+    no_failed_reset(caplog)
 
 
 @pytest.mark.asyncio
 async def test_an_async_commit_whose_socket_is_lost_is_settled_not_replayed(
-    fault: Fault, async_engine: AsyncEngine, service: str
+    fault: Fault, async_engine: AsyncEngine, service: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     seen = Seen()
     seen.listen(async_engine.sync_engine)
@@ -308,3 +317,4 @@ async def test_an_async_commit_whose_socket_is_lost_is_settled_not_replayed(
     assert len(calls) == 1
     assert rows(fault.server, fault.database, "held_commits", "commit") == 1
     assert counters(service)["unknown_commits"] == 0
+    no_failed_reset(caplog)
