@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from alembic import command
 from sqlalchemy.orm import registry
 from test_transition_trigger_value import offline_script
-from test_trigger_schema_spelling import ON_PATH, _functions, _task, _trigger
+from test_trigger_schema_spelling import _functions, _task, _trigger, owner_engine
 
 import resilient_db as rdb
 from resilient_db.demo import alembic_config, apply_migrations, downgrade_migrations
@@ -34,14 +34,7 @@ from resilient_db.transitions._sql import function_name, install_statements, tri
 
 @pytest.fixture
 def owner(pg_url: str) -> Iterator[sa.Engine]:
-    """The migration's role (it owns ``appdata.tasks``), with ``appdata`` on its path."""
-    eng = sa.create_engine(pg_url, connect_args=ON_PATH)
-    with eng.begin() as conn:
-        conn.exec_driver_sql(
-            "CREATE SCHEMA appdata; CREATE TABLE appdata.tasks (id integer PRIMARY KEY, "
-            "status varchar(20) NOT NULL DEFAULT 'pending')"
-        )
-        conn.exec_driver_sql("INSERT INTO appdata.tasks VALUES (1, 'pending')")
+    eng = owner_engine(pg_url)
     yield eng
     eng.dispose()
 

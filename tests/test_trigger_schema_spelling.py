@@ -39,9 +39,9 @@ def reg() -> Iterator[registry]:
     made.dispose()
 
 
-@pytest.fixture
-def owner(pg_url: str) -> Iterator[sa.Engine]:
-    """The migration's role (it owns ``appdata.tasks``), with ``appdata`` on its path."""
+def owner_engine(pg_url: str) -> sa.Engine:
+    """The migration's role (it owns ``appdata.tasks``, made here), with ``appdata`` on its
+    path."""
     eng = sa.create_engine(pg_url, connect_args=ON_PATH)
     with eng.begin() as conn:
         conn.exec_driver_sql(
@@ -49,6 +49,12 @@ def owner(pg_url: str) -> Iterator[sa.Engine]:
             "status varchar(20) NOT NULL DEFAULT 'pending')"
         )
         conn.exec_driver_sql("INSERT INTO appdata.tasks VALUES (1, 'pending')")
+    return eng
+
+
+@pytest.fixture
+def owner(pg_url: str) -> Iterator[sa.Engine]:
+    eng = owner_engine(pg_url)
     yield eng
     eng.dispose()
 
