@@ -1999,9 +1999,9 @@ class EngineHooks:
         return factory._connect_policy_call(lambda: dialect.connect(*cargs, **cparams))
 
     def checkout(self, dbapi_connection: Any, record: Any, proxy: Any) -> None:
-        if connecting_for.get() is not None:
-            connecting_for.set(None)  # the connecting session has its connection
         if not self.config.enabled:
+            if connecting_for.get() is not None:
+                connecting_for.set(None)  # the connecting session has its connection
             return
         info = record.info
         probe = info.get(_PROBE_KEY)
@@ -2037,6 +2037,12 @@ class EngineHooks:
             if self.commit.needs_replacing(dbapi_connection, record):
                 raise sa_exc.DisconnectionError("connection made before the commit protocol")
             self.commit.prepare(dbapi_connection, record)
+        # the connecting session has its connection, a live one: not before, since a pooled
+        # connection found dead above is replaced by a connect that is still the session's (it
+        # retries as the session's first connect does: a restart leaves the pool full of dead
+        # connections while the server still refuses)
+        if connecting_for.get() is not None:
+            connecting_for.set(None)
 
 
 def engine_settings(config: Config, classifier: Classifier) -> tuple[Any, ...]:

@@ -1125,6 +1125,34 @@ def test_drop_in_connect_failure_is_retried_before_anything_is_sent(
     engine.dispose()
 
 
+def test_drop_in_connect_after_a_dead_pooled_connection_is_retried(
+    pg_database: str, fault_proxy: Any, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A restart leaves the pool holding dead connections while the server still refuses: the
+    dead pooled connection is discarded at checkout, and the connect that replaces it is the
+    drop-in session's first connect, retried as on an empty pool. (It was raised at once: the
+    session's connect was taken as made before the dead connection was found.)"""
+    engine = sa.create_engine(fault_proxy.url(pg_database), pool_size=1, max_overflow=0)
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        fault_proxy.restore()  # the server "comes back" during the first backoff
+
+    Session = rdb.ResilientSession(engine, service=service, config=rdb.Config(), sleep=sleep)
+    try:
+        with Session() as session:
+            assert session.execute(sa.text("SELECT 1")).scalar_one() == 1  # pooled now
+        fault_proxy.refuse()
+        assert fault_proxy.cut_all() >= 1  # the pooled connection is dead
+        with caplog.at_level(logging.INFO, logger="resilient_db"), Session() as session:
+            assert session.execute(sa.text("SELECT 7")).scalar_one() == 7
+        assert "[SELF-HEAL] Discarded a dead pooled connection" in caplog.text
+        assert len(slept) == 1
+    finally:
+        engine.dispose()
+
+
 def test_a_session_that_never_connected_leaves_no_connect_retry_behind(
     pg_database: str, fault_proxy: Any, service: str
 ) -> None:

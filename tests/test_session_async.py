@@ -1320,6 +1320,29 @@ async def test_the_dead_connection_check_of_asyncpg_is_bound_to_its_socket(
         await conn.invalidate()
 
 
+async def test_drop_in_connect_after_a_dead_pooled_connection_is_retried(
+    proxied: AsyncEngine, fault_proxy: Any, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The async twin of the sync test: a dead pooled connection discarded at checkout while
+    the server refuses; the connect replacing it is retried as the session's first connect."""
+    delays: list[float] = []
+
+    async def asleep(seconds: float) -> None:
+        delays.append(seconds)
+        fault_proxy.restore()  # the server "comes back" during the first backoff
+
+    Session = AsyncResilientSession(proxied, service=service, config=rdb.Config(), asleep=asleep)
+    async with Session() as session:
+        assert (await session.execute(sa.text("SELECT 1"))).scalar_one() == 1  # pooled now
+    fault_proxy.refuse()
+    assert fault_proxy.cut_all() >= 1  # the pooled connection is dead
+    with caplog.at_level(logging.INFO, logger="resilient_db"):
+        async with Session() as session:
+            assert (await session.execute(sa.text("SELECT 7"))).scalar_one() == 7
+    assert "[SELF-HEAL] Discarded a dead pooled connection" in caplog.text
+    assert len(delays) == 1
+
+
 async def test_drop_in_connect_failure_is_retried_without_blocking_the_loop(
     proxied: AsyncEngine, fault_proxy: Any, service: str
 ) -> None:
