@@ -11,7 +11,8 @@ Needs the optional ``prometheus`` extra (``pip install 'resilient-db[prometheus]
 Metrics (label ``service`` is the ResilientSession's service name):
 
 ===================================================  =======  ======================================
-``resilient_db_attempts_total``                      counter  attempts (each try of a unit of work)
+``resilient_db_attempts_total``                      counter  attempts (each try of a unit, an
+                                                              operation or a drop-in connect)
 ``resilient_db_retries_total{class}``                counter  retries by class (conflict, ...)
 ``resilient_db_recovered_total``                     counter  units that succeeded after retrying
 ``resilient_db_gave_up_total``                       counter  units whose retries ran out
@@ -74,7 +75,11 @@ _INSTALL_HINT = (
 
 # (counter name in health(), metric name, help)
 _SERVICE_COUNTERS = (
-    ("attempts", "resilient_db_attempts", "Attempts of units of work (each try counts)."),
+    (
+        "attempts",
+        "resilient_db_attempts",
+        "Attempts of units, operations and drop-in connects (each try counts).",
+    ),
     ("recovered", "resilient_db_recovered", "Units of work that succeeded after retrying."),
     ("gave_up", "resilient_db_gave_up", "Units of work whose retries ran out."),
     (

@@ -637,7 +637,7 @@ class Policy:
             self.config,
             log_retry,
             logging.INFO,
-            "Recovered: service=%s unit of work succeeded after retrying",
+            "Recovered: service=%s succeeded after retrying",
             self.service,
             service=self.service,
             event="recovered",
