@@ -646,6 +646,10 @@ def _processes_naming(path: Path) -> dict[int, str]:
     return found
 
 
+#: the longest a watchdog works once its test process died: 10 s for each of its three steps
+#: (the polite signal, the group's SIGTERM, SIGKILL), then the removal of the files
+_WATCHDOG_BOUND = 45
+
 _MAKE_CLUSTER_SCRIPT = """
 import sys
 from resilient_db.testing import {kind}
@@ -684,8 +688,232 @@ def test_a_test_process_killed_while_its_cluster_is_made_leaves_nothing(
     wait_for(
         lambda: not _processes_naming(scratch_dir) and not any(scratch_dir.iterdir()),
         "the watchdog to stop everything and remove the files",
-        20,
+        _WATCHDOG_BOUND,  # about 2 s, but a slow machine is no failure
     )
+
+
+_KILLED_AT_SCRIPT = """
+import os, signal, subprocess, sys
+from pathlib import Path
+from resilient_db.testing import {kind}
+from resilient_db.testing import _server
+from resilient_db.testing._server import Watchdog
+
+def names(pid):
+    try:
+        return Path(f"/proc/{{pid}}/cmdline").read_bytes().split(b"\\0")
+    except OSError:
+        return []
+
+def die(frozen):
+    # the watchdogs of this process's clusters, for the test to wait for, and the process
+    # frozen; then SIGKILL: no finally, no atexit
+    watchdogs = [
+        entry.name
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit()
+        and b"resilient-db-watchdog" in names(entry.name)
+        and any({base!r}.encode() in arg for arg in names(entry.name))
+    ]
+    print(*watchdogs, flush=True)
+    print(frozen or "", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def runs_program(args):
+    return any(os.fsdecode(arg).endswith("/{program}") for arg in args)
+
+def made(frame, event, arg):
+    if event == "line" and os.listdir({base!r}):
+        die(None)
+    return made
+
+def tracer(frame, event, arg):
+    code = frame.f_code
+    if {point!r} == "made":
+        # at every line of the harness's server code, once the cluster's directory exists
+        return made if code.co_filename == _server.__file__ else None
+    if code is subprocess.Popen._execute_child.__code__ and {point!r} == "started":
+        if not runs_program(frame.f_locals["args"]):
+            return None
+        def local(frame, event, arg):
+            if event == "return":
+                # the process is forked and runs; it is frozen (as by a machine too busy to run
+                # it) until the watchdog has done its work
+                pid = frame.f_locals["self"].pid
+                os.kill(pid, signal.SIGSTOP)
+                die(pid)
+            return local
+        return local
+    if code is Watchdog._tell.__code__ and {point!r} == "told":
+        word, _, pid = frame.f_locals["line"].partition(" ")
+        if word not in ("pid", "job") or pid == "0" or not runs_program(names(pid)):
+            return None
+        def local(frame, event, arg):
+            if event == "return":
+                die(None)
+            return local
+        return local
+    return None
+
+sys.settrace(tracer)
+{kind}(base_dir={base!r}).start()
+print("not killed", flush=True)
+"""
+
+
+def _kill_at(point: str, kind: str, program: str, scratch_dir: Path) -> None:
+    """Run _KILLED_AT_SCRIPT; once its watchdogs are done, no program of the cluster runs and no
+    file is left; then the process it froze (if any) is let go, and ends running nothing."""
+    script = _KILLED_AT_SCRIPT.format(
+        kind=kind, base=str(scratch_dir), program=program, point=point
+    )
+    programs = {"initdb", "pg_basebackup", "postgres"}
+
+    def running() -> list[str]:
+        return [
+            args
+            for args in _processes_naming(scratch_dir).values()
+            if Path(args.split()[0]).name in programs
+        ]
+
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert result.returncode == -signal.SIGKILL, (result.stdout, result.stderr)
+        watchdog_line, frozen_line, *_ = [*result.stdout.split("\n"), ""]
+        watchdogs = [int(pid) for pid in watchdog_line.split()]
+        wait_for(
+            lambda: not any(alive(pid) for pid in watchdogs),
+            "the watchdogs to finish",
+            _WATCHDOG_BOUND,
+        )
+        assert running() == []
+        assert list(scratch_dir.iterdir()) == []
+        if frozen_line:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(frozen_line), signal.SIGCONT)
+        wait_for(lambda: not _processes_naming(scratch_dir), "nothing left running", 10)
+        assert list(scratch_dir.iterdir()) == []
+    finally:
+        for pid in _processes_naming(scratch_dir):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGCONT)
+
+
+@pytest.mark.parametrize("point", ["started", "told"])
+@pytest.mark.parametrize(
+    ("kind", "program"),
+    [
+        ("EmbeddedPostgres", "initdb"),
+        ("EmbeddedPostgres", "postgres"),
+        ("StandbyPair", "pg_basebackup"),
+    ],
+)
+def test_a_test_process_killed_as_a_program_of_its_cluster_starts_leaves_nothing(
+    kind: str, program: str, point: str, scratch_dir: Path
+) -> None:
+    """SIGKILL just after initdb, pg_basebackup or postgres is started ("started": its process
+    forked, its pid not told to the watchdog yet; the process is frozen meanwhile, as on a busy
+    machine), or just after the watchdog is told ("told"): once the watchdogs are done, the
+    program does not run and no file is left, and the process frozen never runs it. Started
+    before its pid was told, a program ran unwatched: the watchdog removed the files while it
+    wrote there, and a server stayed up."""
+    _kill_at(point, kind, program, scratch_dir)
+
+
+def test_a_test_process_killed_as_its_cluster_directory_appears_leaves_nothing(
+    scratch_dir: Path,
+) -> None:
+    """SIGKILL at the first line of the harness's code that runs once the cluster's directory
+    exists: it is removed. The directory was made before its watchdog started, and stayed."""
+    _kill_at("made", "EmbeddedPostgres", "initdb", scratch_dir)
+
+
+_STUBBORN_SERVER_SCRIPT = """
+import os, signal, subprocess, sys
+from pathlib import Path
+from resilient_db.testing._server import Watchdog
+
+watchdog = Watchdog(None, parent=Path({base!r}), prefix="stubborn-")
+# a server that ignores the watchdog's SIGQUIT (its command line names the directory)
+stubborn = "trap '' QUIT; while :; do sleep 0.1; done"
+proc = watchdog.spawn(
+    ["/bin/sh", "-c", stubborn, "stubborn", str(watchdog.directory)],
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+)
+print(proc.pid, watchdog._proc.pid, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.slow
+def test_a_server_that_ignores_the_watchdogs_signal_is_killed_before_its_files_go(
+    scratch_dir: Path,
+) -> None:
+    """The watchdog of a killed test process gives a server that ignores its signal 10 s, then
+    SIGKILL, and waits for it: when the watchdog is done nothing runs and nothing is left. It
+    used to remove the files and leave the server running."""
+    result = subprocess.run(
+        [sys.executable, "-c", _STUBBORN_SERVER_SCRIPT.format(base=str(scratch_dir))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == -signal.SIGKILL, (result.stdout, result.stderr)
+    server, watchdog = (int(pid) for pid in result.stdout.split())
+    try:
+        assert alive(server)  # the watchdog's signal is ignored
+        wait_for(lambda: not alive(watchdog), "the watchdog to finish", _WATCHDOG_BOUND)
+        assert not alive(server)
+        assert list(scratch_dir.iterdir()) == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server, signal.SIGKILL)
+
+
+def test_a_watchdog_whose_test_process_dies_before_reading_the_directorys_name_removes_it(
+    scratch_dir: Path,
+) -> None:
+    """The watchdog's report of the directory it made goes nowhere (the test process died
+    first): it goes on, and removes the directory. SIGPIPE used to end it there."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the test process is gone before the watchdog says the name
+    try:
+        watchdog = subprocess.Popen(
+            [
+                "/bin/sh",
+                "-c",
+                server_module._WATCHDOG_SCRIPT,
+                "resilient-db-watchdog",
+                "",
+                "",
+                "QUIT",
+                str(scratch_dir / "resilient-db-XXXXXXXX"),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=write_end,
+            stderr=subprocess.DEVNULL,
+        )
+    finally:
+        os.close(write_end)
+    assert watchdog.stdin is not None
+    wait_for(lambda: any(scratch_dir.iterdir()), "the watchdog to make its directory", 10)
+    watchdog.stdin.close()  # and its stdin closes: the test process died
+    assert watchdog.wait(timeout=_WATCHDOG_BOUND) == 0
+    assert list(scratch_dir.iterdir()) == []
+
+
+def test_a_watchdog_that_cant_make_its_directory_says_why(scratch_dir: Path) -> None:
+    missing = scratch_dir / "missing"
+    with pytest.raises(ServerStartError, match=f"can't make a directory in {missing}: .+"):
+        server_module.Watchdog(None, parent=missing)
+    with pytest.raises(TypeError, match="a directory, or the parent"):
+        server_module.Watchdog(None)
+    assert list(scratch_dir.iterdir()) == []
 
 
 _CTRL_C_AFTER_FORK_SCRIPT = """

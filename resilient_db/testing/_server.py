@@ -650,6 +650,17 @@ def _check_reachable(base: Path, uid: int, gid: int) -> None:
 
 
 _WATCHDOG_SCRIPT: Final = r"""
+dir="$1"
+if [ -z "$dir" ]; then
+  # no directory given: make a fresh one from the template $4 and say its name (or why not);
+  # from the moment it exists, it is removed if the test process dies
+  dir=$(mktemp -d "$4" 2>&1) || { printf '%s\n' "$dir"; exit 1; }
+  trap '' PIPE  # the test process already dead, the name goes nowhere: this goes on
+  printf '%s\n' "$dir"
+  trap - PIPE
+  exec >/dev/null
+fi
+marker="${2:-$dir}"
 pid=""
 group=""
 gone() {  # wait up to 10 s until process (or with "-", process group) $1 is gone
@@ -666,9 +677,11 @@ done
 # the test process died without cleaning up: stop its server, or the initdb / pg_basebackup
 # making its files ("job": the leader of a process group of its own), wait for it, and remove
 # its files ("pid 0": nothing runs; kill -0 0 would ask about, and kill 0 signal, this script's
-# own group)
+# own group). Whatever does not end in 10 s gets SIGKILL and is waited for: nothing runs in
+# the directory once it is removed.
 if [ -n "$pid" ] && [ "$pid" -gt 0 ] && kill -0 "$pid" 2>/dev/null; then
-  if [ ! -r "/proc/$pid/cmdline" ] || tr '\0' ' ' < "/proc/$pid/cmdline" | grep -qF -- "$2"; then
+  cmdline="/proc/$pid/cmdline"
+  if [ ! -r "$cmdline" ] || tr '\0' ' ' < "$cmdline" | grep -qF -- "$marker"; then
     if [ -n "$group" ]; then
       # SIGTERM to the leader only: initdb lets its step end (its postgres child exits cleanly,
       # freeing its shared memory), removes what it made and exits; then whatever is left of
@@ -678,14 +691,25 @@ if [ -n "$pid" ] && [ "$pid" -gt 0 ] && kill -0 "$pid" 2>/dev/null; then
       kill -TERM "-$pid" 2>/dev/null
       gone "-$pid"
       kill -KILL "-$pid" 2>/dev/null
+      gone "-$pid"
     else
       kill -"${3:-QUIT}" "$pid" 2>/dev/null
       gone "$pid"
+      if kill -0 "$pid" 2>/dev/null; then
+        kill -KILL "$pid" 2>/dev/null
+        gone "$pid"
+      fi
     fi
   fi
 fi
-rm -rf -- "$1"
+rm -rf -- "$dir"
 """
+
+#: what a program of a cluster is started under (``/bin/sh -c``, the program's command line
+#: following): it waits for the line ``go`` on its stdin, written once the watchdog knows its
+#: pid, then becomes the program (the same pid; stdin from /dev/null). Its stdin closed without
+#: ``go`` (the test process died before), it exits: the program never runs unwatched.
+_GATE_SCRIPT: Final = 'read -r go && [ "$go" = go ] && exec "$@" </dev/null\nexit 1\n'
 
 
 def _dismiss(proc: subprocess.Popen[bytes], done: bytes) -> None:
@@ -704,25 +728,67 @@ def _dismiss(proc: subprocess.Popen[bytes], done: bytes) -> None:
 class Watchdog:
     """A small shell process that outlives a killed test process: when its stdin closes
     without a ``done`` (the test process died, even by SIGKILL), it sends ``signal`` to the
-    server whose pid it was last told, if that process's command line still names ``marker``,
-    and removes ``directory``. Used by every server the harness starts."""
+    server whose pid it was last told, if that process's command line still names ``marker``
+    (SIGKILL if it has not ended 10 s later), waits for it, and removes ``directory``. Used by
+    every server the harness starts.
 
-    def __init__(self, directory: Path, marker: str, signal_name: str = "QUIT") -> None:
+    Given no ``directory``, it makes a fresh one itself under ``parent`` (its name ``prefix``
+    and random characters: :attr:`directory`; the marker, unless given, is that directory), so
+    no moment passes between the directory's making and its watchdog's start: the test process
+    killed at any point leaves nothing. A directory it can't make raises
+    :class:`ServerStartError` saying why.
+    """
+
+    def __init__(
+        self,
+        directory: Path | None,
+        marker: str = "",
+        signal_name: str = "QUIT",
+        *,
+        parent: Path | None = None,
+        prefix: str = "resilient-db-",
+    ) -> None:
+        make = directory is None
+        if make and parent is None:
+            raise TypeError("Watchdog needs a directory, or the parent to make one in")
+        template = str(Path(parent).absolute() / f"{prefix}XXXXXXXX") if parent else ""
         self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
             [
                 "/bin/sh",
                 "-c",
                 _WATCHDOG_SCRIPT,
                 "resilient-db-watchdog",
-                str(directory),
+                "" if directory is None else str(directory),
                 marker,
                 signal_name,
+                template,
             ],
             stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if make else subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
+        if directory is None:
+            directory = self._made_directory(parent)
+        #: the directory it removes
+        self.directory: Path = directory
+
+    def _made_directory(self, parent: Path | None) -> Path:
+        proc = self._proc
+        assert proc is not None
+        assert proc.stdout is not None
+        assert proc.stdin is not None
+        try:
+            with proc.stdout:
+                said = proc.stdout.readline().decode(errors="replace").strip()
+        except BaseException:
+            proc.stdin.close()  # as if this process died: it removes what it made, and exits
+            self._proc = None
+            raise
+        if not said.startswith("/"):
+            self.dismiss()  # nothing made: it has exited already
+            raise ServerStartError(f"can't make a directory in {parent}: {said or 'mktemp failed'}")
+        return Path(said)
 
     def watch(self, pid: int) -> None:
         """The server's pid (0: none running)."""
@@ -733,6 +799,37 @@ class Watchdog:
         of a process group of its own: if the test process dies, the group gets SIGTERM and is
         waited for before the files are removed. :meth:`watch` (0) once it has finished."""
         self._tell(f"job {pid}")
+
+    def spawn(
+        self, command: Sequence[str], *, job: bool = False, **popen: Any
+    ) -> subprocess.Popen[bytes]:
+        """Start ``command`` (``popen``: :class:`subprocess.Popen`'s other arguments; its stdin
+        is /dev/null) so that it never runs unwatched: its process waits until this watchdog
+        has been told its pid (:meth:`watch`, or with ``job`` :meth:`watch_job`), then becomes
+        the program, keeping that pid. The test process killed in between (however long the
+        machine takes to run it), the waiting process exits and the program never runs."""
+        proc = subprocess.Popen(
+            ["/bin/sh", "-c", _GATE_SCRIPT, "resilient-db-gate", *command],
+            stdin=subprocess.PIPE,
+            **popen,
+        )
+        gate = proc.stdin
+        assert gate is not None
+        try:
+            if job:
+                self.watch_job(proc.pid)
+            else:
+                self.watch(proc.pid)
+            with contextlib.suppress(BrokenPipeError):  # it died: the caller sees it exit
+                os.write(gate.fileno(), b"go\n")
+        except BaseException:
+            proc.kill()  # still waiting: the program never ran
+            proc.wait()
+            raise
+        finally:
+            gate.close()
+            proc.stdin = None  # the gate's: communicate() writes nothing there
+        return proc
 
     def _tell(self, line: str) -> None:
         proc = self._proc
@@ -870,10 +967,11 @@ class EmbeddedPostgres(PostgresServer):
                 self._discard_cluster()
 
     def _discard_cluster(self) -> None:
-        self._dismiss_watchdog()
+        # the files first: killed while they are removed, the watchdog removes the rest
         if self._base is not None:
             shutil.rmtree(self._base, ignore_errors=True)
             self._base = None
+        self._dismiss_watchdog()
         with _live_lock:
             _live_servers.discard(self)
 
@@ -883,7 +981,7 @@ class EmbeddedPostgres(PostgresServer):
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "LANG": "C"}
         if "TZ" in os.environ:
             env["TZ"] = os.environ["TZ"]
-        kwargs: dict[str, Any] = {"env": env, "cwd": str(self._base), "stdin": subprocess.DEVNULL}
+        kwargs: dict[str, Any] = {"env": env, "cwd": str(self._base)}
         if self._ids is not None:
             kwargs.update(user=self._ids[0], group=self._ids[1], extra_groups=[])
         return kwargs
@@ -914,7 +1012,11 @@ class EmbeddedPostgres(PostgresServer):
                         made.chmod(0o755)
             except OSError as exc:
                 raise ServerStartError(f"can't make the directory {given}: {exc}") from exc
-        self._base = Path(tempfile.mkdtemp(prefix="resilient-db-pg-", dir=parent))
+        # the watchdog makes the directory: there is none it would not remove
+        self._watchdog = Watchdog(
+            None, parent=parent or Path(tempfile.gettempdir()), prefix="resilient-db-pg-"
+        )
+        self._base = self._watchdog.directory
         with _live_lock:
             _live_servers.add(self)
         if self._ids is not None:
@@ -922,7 +1024,6 @@ class EmbeddedPostgres(PostgresServer):
             # can't reach its files is refused (start() removes the directory just made)
             _check_reachable(self._base, *self._ids)
             os.chown(self._base, *self._ids)
-        self._start_watchdog()
         self._create_data_dir()
 
     def _create_data_dir(self) -> None:
@@ -958,22 +1059,22 @@ class EmbeddedPostgres(PostgresServer):
 
     def _run_job(self, command: list[str], kwargs: dict[str, Any]) -> tuple[int, str]:
         """Run a program that makes the cluster's files (initdb, pg_basebackup: ``command``
-        names the data directory, the watchdog's marker) in a process group of its own, told to
-        the watchdog while it runs; return its exit code and output. Interrupted here (Ctrl-C,
-        the timeout), the group is stopped and waited for before the exception goes on: nothing
-        writes to the directory once it may be removed."""
+        names the directory, the watchdog's marker) in a process group of its own, told to the
+        watchdog before it runs (:meth:`Watchdog.spawn`); return its exit code and output.
+        Interrupted here (Ctrl-C, the timeout), the group is stopped and waited for before the
+        exception goes on: nothing writes to the directory once it may be removed."""
+        assert self._watchdog is not None
         proc: subprocess.Popen[bytes] | None = None
         try:
             with _sigint_deferred():
-                proc = subprocess.Popen(
+                proc = self._watchdog.spawn(
                     command,
+                    job=True,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
                     **kwargs,
                 )
-                if self._watchdog is not None:
-                    self._watchdog.watch_job(proc.pid)
             output, _ = proc.communicate(timeout=_JOB_TIMEOUT)
         except BaseException:
             if proc is not None:
@@ -982,10 +1083,6 @@ class EmbeddedPostgres(PostgresServer):
         finally:
             self._watch(0)
         return proc.returncode, output.decode(errors="replace")
-
-    def _start_watchdog(self) -> None:
-        assert self._base is not None
-        self._watchdog = Watchdog(self._base, str(self._base / "data"))
 
     def _watch(self, pid: int) -> None:
         if self._watchdog is not None:
@@ -1045,8 +1142,10 @@ class EmbeddedPostgres(PostgresServer):
                 os.chown(log_path, *self._ids)
             log_file.write(f"--- resilient_db.testing: starting postgres on {self._host}:{port}\n")
             log_file.flush()
+            assert self._watchdog is not None
             with _sigint_deferred():  # nothing between the fork and the pid's record
-                proc = subprocess.Popen(
+                # the watchdog is told the pid before postgres runs
+                proc = self._watchdog.spawn(
                     self._server_command(port),
                     stdout=log_file,
                     stderr=subprocess.STDOUT,
@@ -1054,7 +1153,6 @@ class EmbeddedPostgres(PostgresServer):
                     **self._subprocess_kwargs(),
                 )
                 self._proc = proc
-                self._watch(proc.pid)
         pid_file = self.data_dir / "postmaster.pid"
         deadline = time.monotonic() + self._start_timeout
         while True:
