@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session
 from ._classify import debug_failure, sqlstate_of
 from ._commit import AttemptRecord
 from ._config import Config, env_config
+from ._errors import ResponseValidationError
 from ._observability import log_retry
 from ._retry import Policy
 from ._state import STATE
@@ -296,9 +297,30 @@ def with_self_healing(
 async def _acall_checked(
     policy: Policy, fn: Callable[[], Awaitable[R]], check: ResponseCheck, cfg: Config
 ) -> R:
-    result = await policy.acall(_Attempts(policy, fn).acall)
-    checked: R = check_response(check, result, cfg, policy.service)
+    attempts = _Attempts(policy, fn)
+    result = await policy.acall(attempts.acall)
+    checked: R = _checked(policy, check, result, cfg, attempts.record)
     return checked
+
+
+def _checked(
+    policy: Policy,
+    check: ResponseCheck,
+    result: Any,
+    cfg: Config,
+    record: AttemptRecord | None,
+) -> Any:
+    """:func:`check_response` of an operation's result, once the operation succeeded. The
+    attempt that succeeded (``record``) may have committed work of its own (drop-in
+    ``Session.begin()`` blocks, a unit run inside it): an invalid result is then the error of
+    an operation that committed part of its work (partly committed, as a unit's invalid result
+    after its own ``session.commit()`` is), not a failure that saved nothing."""
+    try:
+        return check_response(check, result, cfg, policy.service)
+    except ResponseValidationError as exc:
+        if record is not None and record.unreplayable:
+            policy.partly_committed(exc)
+        raise
 
 
 def _check_arguments(service: object, config: object, **flags: object) -> None:
@@ -367,7 +389,9 @@ def _call(policy: Policy, fn: Callable[[], Any], check: ResponseCheck | None, cf
         with record:
             result = fn()
     except BaseException as exc:
-        result = policy.call_failed(_Attempts(policy, fn, record, exc), exc, probe, started)
+        attempts = _Attempts(policy, fn, record, exc)
+        result = policy.call_failed(attempts, exc, probe, started)
+        record = attempts.record or record
     else:
         if inspect.isawaitable(result):
             admission: _Admission | None = None
@@ -386,7 +410,7 @@ def _call(policy: Policy, fn: Callable[[], Any], check: ResponseCheck | None, cf
                 policy, fn, result, admission=admission, record=record, check=check, cfg=cfg
             )
         policy.succeeded(probe)
-    return result if check is None else check_response(check, result, cfg, policy.service)
+    return result if check is None else _checked(policy, check, result, cfg, record)
 
 
 class _Admission:
@@ -440,12 +464,12 @@ async def _afinish(
         with record:
             result = await first
     except BaseException as exc:
-        result = await policy.acall_failed(
-            _Attempts(policy, fn, record, exc).acall, exc, probe, started
-        )
+        attempts = _Attempts(policy, fn, record, exc)
+        result = await policy.acall_failed(attempts.acall, exc, probe, started)
+        record = attempts.record or record
     else:
         policy.succeeded(probe)
-    return result if check is None else check_response(check, result, cfg, policy.service)
+    return result if check is None else _checked(policy, check, result, cfg, record)
 
 
 def _decorator(
@@ -474,7 +498,7 @@ def _decorator(
                 result = await policy.acall(attempts.acall)
                 if check is None or not validation_on(cfg):
                     return result
-                return check_response(check, result, cfg, service)
+                return _checked(policy, check, result, cfg, attempts.record)
 
             return awrapper
 

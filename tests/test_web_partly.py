@@ -199,6 +199,111 @@ def test_an_invalid_result_after_the_units_own_commit_is_partly_committed(
     assert saved(direct, key) == 1
 
 
+class _Out(BaseModel):
+    id: int
+
+
+@pytest.mark.parametrize(
+    "form", ["call-form-unit", "decorated-async-drop-in", "decorated-sync-replayed"]
+)
+def test_an_invalid_result_of_an_operation_that_committed_is_partly_committed(
+    direct: sa.Engine, service: str, form: str
+) -> None:
+    """``with_self_healing(..., validate=...)`` whose operation committed (a unit run inside
+    it, drop-in ``Session.begin()`` work of its own; after a replay of a real serialization
+    failure too), then returned an invalid result: the change is saved, so the answer is
+    ``partly-committed`` (as for a unit's invalid result after its own commit), not the plain
+    ``response-invalid`` that does not say so."""
+    from fastapi import FastAPI  # noqa: PLC0415
+
+    config = rdb.Config()
+    Sessions = rdb.ResilientSession(direct, service=service, config=config)
+    key = str(uuid.uuid4())
+    attempts: list[int] = []
+    app = FastAPI()
+    install_exception_handlers(app)
+
+    def create(session: Session) -> dict[str, Any]:
+        create_task(session, title="t", idem_key=key)
+        session.flush()
+        return {"id": "not a number"}
+
+    if form == "call-form-unit":
+
+        @app.post("/change")
+        def call_form() -> Any:
+            return rdb.with_self_healing(
+                lambda: Sessions.run(create), service=service, config=config, validate=_Out
+            )
+
+    elif form == "decorated-async-drop-in":
+
+        @app.post("/change")
+        @rdb.with_self_healing(service=service, config=config, validate=_Out)
+        async def decorated() -> Any:
+            with Sessions.begin() as session:  # drop-in work of the operation's own
+                create_task(session, title="t", idem_key=key)
+            return {"id": "not a number"}
+
+    else:
+
+        @app.post("/change")
+        @rdb.with_self_healing(service=service, config=config, validate=_Out)
+        def replayed() -> Any:
+            attempts.append(1)
+            with Sessions.begin() as session:
+                if len(attempts) == 1:  # a real serialization failure: nothing committed
+                    session.execute(sa.text("SELECT raise_code('40001')"))
+                create_task(session, title="t", idem_key=key)
+            return {"id": "not a number"}
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        body = partly(client.post("/change"), "response-invalid")
+    assert "not a number" not in str(body)
+    assert saved(direct, key) == 1
+    if form == "decorated-sync-replayed":
+        assert len(attempts) == 2
+
+
+@pytest.mark.parametrize("form", ["call-form", "decorated-async"])
+def test_an_invalid_result_of_an_operation_that_committed_nothing_stays_response_invalid(
+    direct: sa.Engine, service: str, form: str
+) -> None:
+    """An operation that only read (a unit that wrote nothing, nothing committed of its own)
+    and returned an invalid result: nothing was saved, the plain ``response-invalid``."""
+    from fastapi import FastAPI  # noqa: PLC0415
+
+    config = rdb.Config()
+    Sessions = rdb.ResilientSession(direct, service=service, config=config)
+    app = FastAPI()
+    install_exception_handlers(app)
+
+    def read(session: Session) -> dict[str, Any]:
+        session.execute(sa.select(sa.func.count()).select_from(Task))
+        return {"id": "not a number"}
+
+    if form == "call-form":
+
+        @app.post("/change")
+        def call_form() -> Any:
+            return rdb.with_self_healing(
+                lambda: Sessions.run(read), service=service, config=config, validate=_Out
+            )
+
+    else:
+
+        @app.post("/change")
+        @rdb.with_self_healing(service=service, config=config, validate=_Out)
+        async def decorated() -> Any:
+            with Sessions() as session:
+                return read(session)
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        answer = client.post("/change")
+    assert answer.status_code == 500
+    assert answer.json()["type"] == "urn:resilient-db:problem:response-invalid"
+
+
 # -- exception groups (an asyncio.TaskGroup in an async route) ---------------------------------
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.TaskGroup is Python 3.11's")
 def test_a_task_group_whose_operation_committed_a_part_is_partly_committed_not_503(
