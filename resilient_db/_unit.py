@@ -7,6 +7,7 @@ Nothing here awaits or sleeps; ``_session`` and ``_asyncio`` are the drivers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import ctypes
 import enum
@@ -36,6 +37,7 @@ from ._classify import (
     answer_timed_out,
     client_state_broken,
     debug_failure,
+    error_chain,
     hot_standby_server,
     mark_hot_standby,
     mark_outcome,
@@ -427,6 +429,34 @@ def interpret_xid(
     return CommitVerdict.UNKNOWN
 
 
+_COMMIT_INTERRUPTED = "resilient_db_commit_interrupted"
+
+
+def mark_commit_interrupted(interruption: BaseException, service: str) -> None:
+    """Mark ``interruption`` (a unit's cancellation, ``KeyboardInterrupt``) as having cut off
+    a COMMIT that may have written, whose outcome is unknown (see
+    :meth:`CommitReferee.interrupted`), with the unit's ``service``. It is raised as it is;
+    the mark only tells a web handler meeting it, or the ``TimeoutError`` that
+    ``asyncio.timeout`` or ``asyncio.wait_for`` raises from it, that the change may be saved
+    (500 ``commit-outcome-unknown``, not a plain 500 that a client may resubmit after)."""
+    with contextlib.suppress(AttributeError, TypeError):  # a type that takes no attributes
+        setattr(interruption, _COMMIT_INTERRUPTED, service)
+
+
+def commit_interrupted(exc: BaseException) -> str | None:
+    """The service of the unit whose COMMIT ``exc``, or an error it was raised from (the
+    cancellation ``asyncio.timeout`` turned into ``TimeoutError``), cut off with its outcome
+    unknown (see :func:`mark_commit_interrupted`); None when it is no such interruption."""
+    for err in error_chain(exc):
+        try:
+            service = getattr(err, _COMMIT_INTERRUPTED, None)
+        except Exception:  # a type whose attribute lookup misbehaves: as if unmarked
+            continue
+        if isinstance(service, str):
+            return service
+    return None
+
+
 class CommitReferee:
     """Decides what a failed COMMIT means; the sync and async drivers do the I/O.
 
@@ -788,6 +818,7 @@ class CommitReferee:
             ) + "; outcome unknown, not verified, not replayed"
             policy.stats.add("unknown_commits")  # as a unit's unknown outcome is
             how += _left_prepared(request)
+            mark_commit_interrupted(interruption, policy.service)  # (for a web answer)
         emit(
             policy.config,
             log_session,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Mapping
@@ -55,7 +56,9 @@ WS_INTERNAL_ERROR = 1011
 #: the application's own handling (see ``install_exception_handlers``). SQLAlchemy's pool
 #: ``TimeoutError`` (no ``DBAPIError``: no connection was had) is this process overloaded. An
 #: ``ExceptionGroup`` (a ``TaskGroup``'s) is answered when its errors are (see
-#: ``problem_details``).
+#: ``problem_details``). A ``TimeoutError`` (an ``OSError``; before Python 3.11 asyncio's own
+#: class) is answered when it was raised from a unit's cancellation that cut off its COMMIT
+#: (``asyncio.timeout`` or ``asyncio.wait_for`` around ``run``): an unknown commit outcome.
 HANDLED: tuple[type[Exception], ...] = (
     CircuitOpenError,
     IllegalTransitionError,
@@ -65,6 +68,7 @@ HANDLED: tuple[type[Exception], ...] = (
     PoolTimeoutError,
     DBAPIError,
     OSError,
+    *(() if issubclass(asyncio.TimeoutError, OSError) else (asyncio.TimeoutError,)),
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
     asyncpg.InternalClientError,

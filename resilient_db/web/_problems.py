@@ -33,6 +33,7 @@ from resilient_db._errors import (
     StaleTransitionError,
 )
 from resilient_db._observability import MAX_VALUE_CHARS, truncated
+from resilient_db._unit import commit_interrupted
 from resilient_db.transitions._report import env_config
 
 __all__ = ["PROBLEM_JSON", "PROBLEM_TYPE_BASE", "Problem", "problem_details"]
@@ -92,6 +93,11 @@ _UNKNOWN_DETAIL = (
     "The connection to the database was lost while the change was being committed, and "
     "whether it was saved could not be verified. Do not resubmit blindly: check whether the "
     "change is there first (or resubmit with the same idempotency key)."
+)
+_INTERRUPTED_DETAIL = (
+    "The request was interrupted (its time ran out) while the change was being committed, "
+    "and whether it was saved could not be verified. Do not resubmit blindly: check whether "
+    "the change is there first (or resubmit with the same idempotency key)."
 )
 
 
@@ -162,7 +168,9 @@ def problem_details(
     that fits):
 
     * an unknown commit outcome (:class:`~resilient_db.CommitOutcomeUnknownError`, a COMMIT
-      whose answer was lost outside a unit or in an operation's own code, 08007): 500 of its
+      whose answer was lost outside a unit or in an operation's own code, 08007, a unit's
+      COMMIT cut off by its interruption: the ``TimeoutError`` of ``asyncio.timeout`` or
+      ``asyncio.wait_for`` around ``run``, raised from the unit's cancellation): 500 of its
       own type, ``commit-outcome-unknown``: the change may have been saved, so the client must
       check before resubmitting;
     * the error of a unit or operation that committed part of its work before it failed,
@@ -311,6 +319,11 @@ def _problem_of(exc: BaseException, config: Config | None, type_base: str) -> Pr
     if isinstance(exc, CommitOutcomeUnknownError):
         return Problem(
             500, body(_UNKNOWN, unknown_title, 500, _UNKNOWN_DETAIL, service=exc.service)
+        )
+    interrupted = commit_interrupted(exc)
+    if interrupted is not None:  # a unit's COMMIT cut off (asyncio.timeout around run)
+        return Problem(
+            500, body(_UNKNOWN, unknown_title, 500, _INTERRUPTED_DETAIL, service=interrupted)
         )
     outcome = _outcome(exc)
     if outcome is Outcome.COMMIT_UNKNOWN:  # a drop-in COMMIT whose answer was lost, 08007
