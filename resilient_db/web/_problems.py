@@ -58,6 +58,14 @@ class Problem:
     body: dict[str, Any]
     headers: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def response_headers(self) -> dict[str, str]:
+        """Every header of the answer: ``headers`` and the ``Content-Type``,
+        ``application/problem+json``. For a framework that takes the body and the headers
+        apart and would otherwise say ``application/json`` (Flask: ``return answer.body,
+        answer.status, answer.response_headers``)."""
+        return {"Content-Type": PROBLEM_JSON, **self.headers}
+
 
 def _plain(value: Any) -> Any:
     """A state as JSON can carry it (an Enum member by its value), text cut at

@@ -1,0 +1,92 @@
+"""README's Flask recipe for resilient_db's errors (``problem_details(exc)`` in an
+``errorhandler``, ``return answer.body, answer.status, answer.response_headers``) answers
+``application/problem+json`` with ``Retry-After`` where there is one, not the
+``application/json`` Flask gives a dict body: through Flask's test client, against real failures
+(an illegal transition refused by the server's trigger, a database refusing connections through
+the fault proxy until the circuit opens)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from scenarios import tasks_engine
+from sqlalchemy.orm import Session
+
+import resilient_db as rdb
+from resilient_db.examples.tasks import Task, create_task, move_task
+from resilient_db.testing import FaultProxy
+from resilient_db.web import PROBLEM_JSON, problem_details
+
+flask = pytest.importorskip("flask")
+
+pytestmark = pytest.mark.usefixtures("no_backoff")
+
+
+@pytest.fixture
+def direct(pg_url: str) -> Iterator[sa.Engine]:
+    yield from tasks_engine(pg_url)
+
+
+def test_the_readmes_flask_recipe_answers_problem_json(
+    direct: sa.Engine, fault_proxy: FaultProxy, pg_database: str, service: str
+) -> None:
+    engine = sa.create_engine(fault_proxy.url(pg_database), connect_args={"connect_timeout": 2})
+    config = rdb.Config(max_retries=0, failure_threshold=1, reset_timeout=30)
+    Sessions = rdb.ResilientSession(engine, service=service, config=config)
+    with Session(direct) as session, session.begin():
+        task = create_task(session, title="t", idem_key=str(uuid.uuid4()))
+        session.flush()
+        task_id = task.id
+    app = flask.Flask(__name__)
+
+    @app.errorhandler(Exception)
+    def problem(exc: Exception) -> Any:  # the README's recipe
+        answer = problem_details(exc)
+        if answer is None:
+            raise exc
+        return answer.body, answer.status, answer.response_headers
+
+    @app.post("/tasks/<int:tid>/<to>")
+    def move(tid: int, to: str) -> Any:
+        def unit(session: Session) -> dict[str, str]:
+            move_task(session, session.get_one(Task, tid), to, idem_key=str(uuid.uuid4()))
+            session.flush()
+            return {"status": to}
+
+        return Sessions.run(unit)
+
+    client = app.test_client()
+    try:
+        refused = client.post(f"/tasks/{task_id}/completed")  # pending -> completed: illegal
+        assert refused.status_code == 409
+        assert refused.headers["Content-Type"] == PROBLEM_JSON
+        assert refused.json is not None
+        assert refused.json["type"] == "urn:resilient-db:problem:illegal-transition"
+        assert "Retry-After" not in refused.headers
+
+        fault_proxy.refuse(cut=True)
+        failed = client.post(f"/tasks/{task_id}/in_progress")  # gives up, opens the circuit
+        rejected = client.post(f"/tasks/{task_id}/in_progress")  # not attempted
+        for answer, kind in ((failed, "database-unavailable"), (rejected, "circuit-open")):
+            assert answer.status_code == 503
+            assert answer.headers["Content-Type"] == PROBLEM_JSON
+            assert answer.json is not None
+            assert answer.json["type"] == f"urn:resilient-db:problem:{kind}"
+            assert 1 <= int(answer.headers["Retry-After"]) <= 30
+    finally:
+        fault_proxy.restore()
+        engine.dispose()
+
+
+def test_response_headers_are_the_headers_and_the_content_type() -> None:
+    opened = problem_details(rdb.CircuitOpenError("db", 2.5))
+    assert opened is not None
+    assert opened.headers == {"Retry-After": "3"}  # the extra headers, as before
+    assert opened.response_headers == {"Content-Type": PROBLEM_JSON, "Retry-After": "3"}
+    invalid = problem_details(rdb.ResponseValidationError("db", "Out", "bad"))
+    assert invalid is not None
+    assert invalid.response_headers == {"Content-Type": PROBLEM_JSON}
