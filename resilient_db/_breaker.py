@@ -33,7 +33,7 @@ import pybreaker as _pb
 
 from ._config import Config
 from ._errors import CircuitOpenError
-from ._fleet import FleetDown, attach, detach
+from ._fleet import FAILOVER_WINDOW, FleetDown, attach, detach
 from ._observability import LineLimit, emit, log_breaker, stats_for
 from ._state import STATE, check_service_room
 
@@ -227,6 +227,9 @@ class Breaker:
         self._fleet_until = 0.0  # open: monotonic time the opening ends
         self._fleet_wait = 0.0  # half-open, every probe taken: monotonic time to ask again
         self._fleet_failures = 0  # failures this process counted in the fleet's current run
+        #: that run (Redis's name for it, see _fleet._FAILURE): a success resets the fleet's
+        #: count only while it is still that run
+        self._fleet_run = ""
         self._fleet_opens = 0  # openings of the shared breaker, fleet-wide
         #: openings of the shared breaker (in Redis) this process made: its failure or probe
         #: that Redis answered by opening, its open() through Redis, its own opening shared on
@@ -381,8 +384,17 @@ class Breaker:
         self._fleet_gen = -1
         if old is not None:
             detach(old, breaker=self)
-        if link is not None:
-            link.sync_breaker(self)
+        if link is None:
+            return
+        if old is None:
+            # shared from now on (a reload setting SELF_HEALING_REDIS_URL): an opening this
+            # process made on its own is kept and shared, as one made while Redis was down is
+            # (read back as closed, it would be thrown away and the next unit sent to the
+            # database that just failed)
+            with self._lock:
+                if self._storage.state == OPEN and self._remaining_open() > 0:
+                    self._opened_locally = True
+        link.sync_breaker(self)
 
     def after_fork_in_child(self) -> None:
         """In a forked child: new locks, this breaker's and pybreaker's. A thread of the parent
@@ -531,19 +543,27 @@ class Breaker:
         when the failure says more than its class, e.g. a hot standby refusing writes).
 
         ``started`` is when the attempt began (``time.monotonic()``). An attempt that began
-        before the last counted failure was already in flight when the database failed: its
-        failure is the same event seen again, so it is not counted. Eight units cut off by one
-        failover are one failure, not eight (which would open a threshold-5 circuit for the whole
-        reset timeout after a 0.1 s failover); units that start afterwards and fail still count,
-        so a database that stays down opens the circuit as before. Half-open probes always count.
-        A shared breaker applies the same rule fleet-wide: the attempt's age goes to Redis, which
-        compares its start with the last failure any process counted.
+        before the last counted failure and fails within :data:`FAILOVER_WINDOW` (1 s) after it
+        was already in flight when the database failed: its failure is the same event seen
+        again, so it is not counted. Eight units cut off by one failover fail within
+        milliseconds of each other and are one failure, not eight (which would open a
+        threshold-5 circuit for the whole reset timeout after a 0.1 s failover). A failure
+        arriving later counts, whenever its attempt began, and is the new last one: a database
+        that hangs (connects waiting for their timeout) fails attempts one timeout after each
+        began, and counting one per timeout would keep sending units to it for threshold x
+        timeout; counted once per window, it opens after about threshold windows. Units that
+        start afterwards and fail count too, so a database that stays down opens the circuit.
+        A half-open probe's failure always counts (a shared breaker's: while its probe slot
+        holds, see :meth:`_fleet_failure`). A shared breaker applies the same rule fleet-wide: the
+        attempt's age goes to Redis, which compares its start and its end with the last failure
+        any process counted, by Redis's clock.
         """
         reservation = self._take_probe() if probe else None
         age = -1.0  # a probe, or an attempt of unknown start: always counted
         if not probe and started is not None:
             now = time.monotonic()
-            if started < self._last_failure:
+            last = self._last_failure
+            if started < last and now - last < FAILOVER_WINDOW:
                 return
             self._last_failure = now
             age = max(0.0, now - started)
@@ -556,7 +576,7 @@ class Breaker:
             fleet.wait_first_attempt()
         if fleet is not None and fleet.up:
             with contextlib.suppress(FleetDown):
-                self._fleet_failure(fleet, age)
+                self._fleet_failure(fleet, age, reservation)
                 return
         if reservation is not None:
             # Redis may not have heard it: its probe slot is released when Redis answers again
@@ -848,13 +868,22 @@ class Breaker:
         self._fleet_wait = now + wait
         raise self._reject(wait, HALF_OPEN)
 
-    def _fleet_failure(self, fleet: Any, age: float) -> None:
+    def _fleet_failure(self, fleet: Any, age: float, reservation: str | None = None) -> None:
         """Count the failure fleet-wide (Redis skips an attempt that began before the fleet's
-        last counted failure, as :meth:`on_failure` does within this process)."""
-        state, remaining, gen, failures, opens, by_me = fleet.breaker_failure(
-            self.service, self.config.failure_threshold, self.config.reset_timeout, age
+        last counted failure and failed within the failover window after it, as
+        :meth:`on_failure` does within this process). A half-open probe's failure carries its
+        ``reservation``: it opens the shared breaker only while the reservation holds a probe
+        slot (a probe still running past its lease counts nowhere when it ends, as a success
+        would not count)."""
+        state, remaining, gen, failures, opens, by_me, run = fleet.breaker_failure(
+            self.service,
+            self.config.failure_threshold,
+            self.config.reset_timeout,
+            age,
+            reservation=reservation,
         )
         self._fleet_failures = failures
+        self._fleet_run = run
         if by_me:
             self._opened_here += 1
         self.fleet_update(state, remaining, gen, opens, answer=True, mine=by_me)
@@ -874,11 +903,14 @@ class Breaker:
                 storage.increment_counter()
 
     def _fleet_reset_failures(self) -> None:
+        """A success after failures this process saw counted: the fleet forgets them, if they
+        are still the run it saw (once: the next successes send nothing)."""
         self._fleet_failures = 0
+        run, self._fleet_run = self._fleet_run, ""
         fleet = self._fleet
-        if fleet is not None and fleet.up:
+        if fleet is not None and fleet.up and run:
             with contextlib.suppress(FleetDown):
-                fleet.breaker_reset_failures(self.service)
+                fleet.breaker_reset_failures(self.service, run)
 
     def _fleet_force(self, state: str, reason: str | None) -> bool:
         fleet = self._fleet
@@ -898,14 +930,17 @@ class Breaker:
         """The shared state as read on (re)connecting: it replaces the view whatever it was."""
         self.fleet_update(*answer, answer=True, force=True)
 
-    def fleet_rejoin(self, fleet: Any) -> None:
-        """Redis answers again (the link's background thread; raises what the store raises):
-        read the shared state into the view, after sharing the opening this process made on
-        its own meanwhile, if it still holds one. Its failures opened it while Redis did not
-        hear them; read back as closed (the fleet's breaker never opened, or Redis lost its
-        state) it would be thrown away, and the next unit sent to the database that just
-        failed. Redis takes it unless the shared breaker is open, or changed after it (the
-        fleet's probes closed it since): then the fleet's state is followed."""
+    def fleet_rejoin(self, fleet: Any, *, background: bool = True) -> None:
+        """Redis answers again (the link's background thread; raises what the store raises),
+        or this breaker was just attached to a link that is up (not ``background``: raises
+        :class:`FleetDown`): read the shared state into the view, after sharing the opening
+        this process made on its own meanwhile (or before it shared the breaker: a reload
+        setting ``SELF_HEALING_REDIS_URL``), if it still holds one. Its failures opened it
+        while Redis did not hear them; read back as closed (the fleet's breaker never opened,
+        or Redis lost its state) it would be thrown away, and the next unit sent to the
+        database that just failed. Redis takes it unless the shared breaker is open, or
+        changed after it (the fleet's probes closed it since): then the fleet's state is
+        followed."""
         with self._lock:
             opening = None
             if self._opened_locally and self._storage.state == OPEN:
@@ -913,10 +948,13 @@ class Breaker:
                 if remaining > 0:
                     opening = (remaining, self.config.reset_timeout - remaining)
         if opening is None:
-            self.fleet_sync(fleet.breaker_read(self.service, background=True))
+            self.fleet_sync(fleet.breaker_read(self.service, background=background))
             return
         state, remaining, gen, opens, by_me = fleet.breaker_share_opening(
-            self.service, round(opening[0], 3), round(max(0.0, opening[1]), 3)
+            self.service,
+            round(opening[0], 3),
+            round(max(0.0, opening[1]), 3),
+            background=background,
         )
         if by_me:
             self._opened_here += 1

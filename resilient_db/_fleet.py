@@ -26,9 +26,11 @@ Redis down, slow or flushed never raises into a unit and never holds it past ``r
 off): the first failed command marks the link down, the breakers and budgets continue on this
 process's own state (kept in step with the fleet's while the link was up, so the fallback starts
 from what the fleet knew), one ``[SELF-HEAL]`` warning naming the Redis (its password masked)
-and the services of this process using it (``(services: billing, orders)``) is logged per
-:data:`DOWN_LOG_PERIOD`, and the background thread tries again once a second (one
-connection attempt, or one small writing script while the subscription survived). Once Redis
+and the services of this process using it (``(services: billing, orders)``) is logged when
+the link goes down and once per :data:`DOWN_LOG_PERIOD` while it stays down (a new down
+period after a logged "restored" warns at once), and the background thread tries again once a
+second (one connection attempt, or one small writing script while the subscription survived).
+Once Redis
 answers and takes that write, the process reports what Redis missed (half-open probes that
 ended meanwhile, admits whose answer was lost), shares an opening it made on its own meanwhile
 (unless the shared breaker is open, or changed since), reads the shared state again and
@@ -114,7 +116,8 @@ PREFIX = "resilient_db"
 #: the pub/sub channel every breaker state change is published on, per Redis database number:
 #: pub/sub ignores the database, and the keys of another database are other breakers
 CHANNEL = PREFIX + ":breakers:{db}"
-#: at most one "Redis unavailable" warning per link in this many seconds
+#: at most one "Redis unavailable" warning per link in this many seconds within one down period
+#: (a new down period after a logged "restored" warns at once)
 DOWN_LOG_PERIOD = 60.0
 #: seconds between attempts to reach a Redis that is down (one connection attempt or one
 #: writing script each)
@@ -128,6 +131,13 @@ _TICK = 0.2
 PROBE_LEASE_MIN = 10.0
 #: failures counted while closed expire this long after the last one (at least the reset timeout)
 FAILURE_MEMORY_MIN = 10.0
+#: seconds after a counted failure within which the failure of an attempt that began before it
+#: is the same event seen again, not counted: a failover or a restart cuts off the units in
+#: flight within milliseconds of each other. Failures arriving later count, whenever their
+#: attempts began: a database that hangs (a blackholed address, connects waiting for their
+#: timeout) fails attempts one timeout after each began, and those must add up within a few
+#: of these windows, not one per timeout (see ``Breaker.on_failure``)
+FAILOVER_WINDOW = 1.0
 
 _log = logging.getLogger("resilient_db.fleet")
 
@@ -221,40 +231,75 @@ end
 # the probe lease runs out (a reservation holds a slot only in the half-open state it was made
 # in), and expires (twice the lease after its last write).
 
-# KEYS: breaker hash, failure counter, probe reservations. ARGV: channel, service, threshold,
-# reset timeout (s), failure memory (ms), age of the failed attempt (s; -1: a probe, or not
-# known).
-# -> {state, remaining, gen, failures, opens, opened by this call}
+# KEYS: breaker hash, failure counter, probe reservations. ARGV: channel, service, token,
+# threshold, reset timeout (s), failure memory (ms), age of the failed attempt (s; -1: a probe,
+# or not known), the failover window (s), the probe's reservation ('': none), the lease (s).
+# -> {state, remaining, gen, failures, opens, opened by this call, the run of failures}
 # An attempt that began before the last failure counted (by any process: its Redis time is
-# ``lastfail`` in the breaker hash) was already in flight when the database failed: the same
-# event seen again, not counted (one failover cutting off a unit in each of N processes is one
-# failure, as it is for N threads of one process). The age travels rather than a start time, so
-# the hosts' clocks don't matter.
+# ``lastfail`` in the breaker hash) and fails within the failover window after it was in flight
+# when the database failed: the same event seen again, not counted (one failover cutting off a
+# unit in each of N processes is one failure, as it is for N threads of one process). One
+# failing later counts, whenever it began (a hung database's attempts fail one connect timeout
+# after they began: each window of them counts once). The age travels rather than a start time,
+# so the hosts' clocks don't matter.
+# A half-open probe's failure names its reservation: it opens the breaker only while that
+# reservation holds a slot (a probe let through in an earlier half-open state, or one whose
+# lease ran out and whose slot was given again, counts nowhere, as its success would not).
+# The run of failures (``run`` in the breaker hash) is the Redis time its first failure was
+# counted: a success resets the count only in a process that saw that run (see _RESET).
 _FAILURE = (
     _COMMON
     + """
-local now, h, st, gen, opens = read_breaker('lastfail')
+local now, h, st, gen, opens = read_breaker('lastfail', 'run')
 local reset = tonumber(ARGV[5])
 local age = tonumber(ARGV[7])
+local rid = ARGV[9]
+local run = h[6] or ''
 local function open()
   gen, opens = open_breaker(now, gen, opens, reset)
-  return {'open', tostring(reset), gstr(gen), 0, opens, 1}
+  return {'open', tostring(reset), gstr(gen), 0, opens, 1, ''}
 end
-if st == 'open' then return {'open', remaining(h, now), gstr(gen), 0, opens, 0} end
+if st == 'open' then return {'open', remaining(h, now), gstr(gen), 0, opens, 0, ''} end
+if rid ~= '' then
+  local held = redis.call('HGET', KEYS[3], rid)
+  if held ~= '0' then
+    redis.call('HSET', KEYS[3], rid, '0')
+    redis.call('PEXPIRE', KEYS[3], math.floor(tonumber(ARGV[10]) * 2000))
+  end
+  if st == 'half-open' and held == '1' then return open() end
+  return {st, '0', gstr(gen), tonumber(redis.call('GET', KEYS[2])) or 0, opens, 0, run}
+end
 if age >= 0 then
   local last = tonumber(h[5])
-  if last ~= nil and now - age < last then
-    return {st, '0', gstr(gen), tonumber(redis.call('GET', KEYS[2])) or 0, opens, 0}
+  if last ~= nil and now - age < last and now - last < tonumber(ARGV[8]) then
+    return {st, '0', gstr(gen), tonumber(redis.call('GET', KEYS[2])) or 0, opens, 0, run}
   end
   redis.call('HSET', KEYS[1], 'lastfail', string.format('%.6f', now))
 end
 if st == 'half-open' then return open() end
 local n = redis.call('INCR', KEYS[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[6])
+if n == 1 then
+  run = string.format('%.6f', now)
+  redis.call('HSET', KEYS[1], 'run', run)
+end
 if n >= tonumber(ARGV[4]) then return open() end
-return {'closed', '0', gstr(gen), n, opens, 0}
+return {'closed', '0', gstr(gen), n, opens, 0, run}
 """
 )
+
+# KEYS: breaker hash, failure counter. ARGV: the run of failures the process saw (see
+# _FAILURE). A success forgets the failures counted while closed only when they are that run:
+# a process whose own failure expired from the fleet's memory (a new run began since, made
+# by other processes' failures) leaves the new run's count alone. -> 1 reset, 0 not
+_RESET = """
+local run = redis.call('HGET', KEYS[1], 'run')
+if run and run == ARGV[1] then
+  redis.call('DEL', KEYS[2])
+  return 1
+end
+return 0
+"""
 
 # KEYS: breaker hash, failure counter, probe reservations. ARGV: channel, service, probes,
 # lease (s), reservation id. -> {decision (probe|closed|open|full), remaining, gen, opens}
@@ -500,6 +545,7 @@ return 0
 _SCRIPTS = {
     "alive": _ALIVE,
     "failure": _FAILURE,
+    "reset_failures": _RESET,
     "admit": _ADMIT,
     "probe_done": _PROBE_DONE,
     "force": _FORCE,
@@ -713,10 +759,11 @@ class FleetLink:
     # -- attachments (see attach and detach) ---------------------------------------------------
     def sync_breaker(self, breaker: Any) -> None:
         """Give a breaker just attached the shared state (when Redis answers; else the thread
-        does on connecting)."""
+        does on connecting), sharing first an opening of its own it holds (see
+        ``Breaker.fleet_rejoin``)."""
         if self.up:
             with contextlib.suppress(FleetDown):
-                breaker.fleet_sync(self.breaker_read(breaker.service))
+                breaker.fleet_rejoin(self, background=False)
 
     # -- failure-path calls ------------------------------------------------------------------
     def _call(
@@ -748,18 +795,39 @@ class FleetLink:
         )
 
     def breaker_failure(
-        self, service: str, threshold: int, reset_timeout: float, age: float = -1.0
-    ) -> tuple[str, float, int, int, int, bool]:
+        self,
+        service: str,
+        threshold: int,
+        reset_timeout: float,
+        age: float = -1.0,
+        *,
+        reservation: str | None = None,
+    ) -> tuple[str, float, int, int, int, bool, str]:
         """Count one failure fleet-wide; ``age``: seconds since the failed attempt began (an
-        attempt that began before the last failure counted is not counted again), -1 for a
-        probe or an attempt of unknown start (always counted)."""
+        attempt that began before the last failure counted and failing within
+        :data:`FAILOVER_WINDOW` after it is not counted again), -1 for a probe or an attempt of
+        unknown start (always counted). ``reservation``: a half-open probe's, which counts only
+        while it holds a probe slot. The answer ends with the run of failures it saw (see
+        :meth:`breaker_reset_failures`; ``""``: none)."""
         memory_ms = round(max(reset_timeout, FAILURE_MEMORY_MIN) * 1000)
-        st, rem, gen, failures, opens, by_me = self._call(
+        lease = max(reset_timeout, PROBE_LEASE_MIN)
+        st, rem, gen, failures, opens, by_me, run = self._call(
             "failure",
             _breaker_keys(service),
-            [self.channel, service, self.token, threshold, reset_timeout, memory_ms, age],
+            [
+                self.channel,
+                service,
+                self.token,
+                threshold,
+                reset_timeout,
+                memory_ms,
+                age,
+                FAILOVER_WINDOW,
+                reservation or "",
+                lease,
+            ],
         )
-        return _s(st), float(rem), int(gen), int(failures), int(opens), bool(by_me)
+        return _s(st), float(rem), int(gen), int(failures), int(opens), bool(by_me), _s(run)
 
     def breaker_admit(
         self, service: str, probes: int, reset_timeout: float, reservation: str
@@ -816,17 +884,19 @@ class FleetLink:
         return _s(st), float(rem), int(gen), int(opens)
 
     def breaker_share_opening(
-        self, service: str, remaining: float, age: float
+        self, service: str, remaining: float, age: float, *, background: bool = True
     ) -> tuple[str, float, int, int, bool]:
-        """On rejoining: share the opening this process made on its own while Redis did not
-        answer (``remaining`` seconds left, made ``age`` seconds ago), unless the shared
-        breaker is open or changed since; the shared state, and whether this call opened it.
-        Run by the background thread (it handles failures itself)."""
+        """On rejoining, or attaching: share the opening this process made on its own while
+        Redis did not answer it (or before it shared the breaker: ``remaining`` seconds left,
+        made ``age`` seconds ago), unless the shared breaker is open or changed since; the
+        shared state, and whether this call opened it. ``background``: run by the background
+        thread (it handles failures itself); else a failure marks the link down and raises
+        :class:`FleetDown`."""
         st, rem, gen, opens, by_me = self._call(
             "share_opening",
             _breaker_keys(service),
             [self.channel, service, self.token, remaining, age],
-            background=True,
+            background=background,
         )
         return _s(st), float(rem), int(gen), int(opens), bool(by_me)
 
@@ -835,16 +905,11 @@ class FleetLink:
     ) -> tuple[str, float, int, int]:
         return self.breaker_force(service, "", 0, background=background)
 
-    def breaker_reset_failures(self, service: str) -> None:
-        fails = _keys(service).failures
-        if not self.up:
-            raise FleetDown(self.masked_url)
-        try:
-            self.commands += 1
-            self._client.delete(fails)
-        except Exception as exc:
-            self.mark_down(exc)
-            raise FleetDown(self.masked_url) from exc
+    def breaker_reset_failures(self, service: str, run: str) -> None:
+        """A success: forget the failures counted while closed, if they are still the ``run``
+        this process saw (a run its own failure no longer belongs to is left alone)."""
+        keys = _keys(service)
+        self._call("reset_failures", [keys.breaker, keys.failures], [run])
 
     def budget_withdraw(self, budget: Any, pending: list[tuple[int, int]]) -> str | None:
         """Spend one retry of ``budget`` fleet-wide, adding its ``pending`` first attempts.
@@ -934,8 +999,9 @@ class FleetLink:
             self._down_at = now
             if self._down_since is None:
                 self._down_since = now
-            if now - self._down_logged_at < DOWN_LOG_PERIOD:
-                return
+            if self._down_warned and now - self._down_logged_at < DOWN_LOG_PERIOD:
+                return  # this down period's warning was logged (a new one, after a logged
+                # "restored", warns at once: its last line must not say Redis answers)
             self._down_logged_at = now
             self._down_warned = True
             services = self._services_locked()
