@@ -1815,3 +1815,63 @@ def test_databases_are_made_ahead_and_none_while_a_test_controls_the_server(
         spares.close()
     for name in _spares_on(pg_server) - before:
         pg_server.drop_database(name)
+
+
+_REDIS_KILLED_AS_IT_STARTS = """
+import os, signal, socket, subprocess, sys, time
+from resilient_db.testing import RedisServer
+
+def listening(port):
+    with socket.socket() as probe:
+        probe.settimeout(0.1)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+def tracer(frame, event, arg):
+    if frame.f_code is not subprocess.Popen._execute_child.__code__:
+        return None
+    args = [str(a) for a in frame.f_locals["args"]]
+    if not any(a.endswith("redis-server") for a in args):
+        return None
+    port = int(args[args.index("--port") + 1])
+    def local(frame, event, arg):
+        if event == "return":
+            # forked, its pid not told to the watchdog yet: given up to 2 s to be serving (as
+            # on a busy machine, where this process may get no CPU meanwhile), then killed
+            print(frame.f_locals["self"].pid, flush=True)
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline and not listening(port):
+                time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return local
+    return local
+
+sys.settrace(tracer)
+RedisServer().start()
+print("not killed", flush=True)
+"""
+
+
+def test_a_test_process_killed_as_its_redis_server_starts_leaves_nothing(
+    scratch_dir: Path,
+) -> None:
+    """SIGKILL just after redis-server is started, before the watchdog was told its pid: once
+    the watchdog is done, the process started does not run (it never became a redis-server)
+    and the directory is gone. (A redis-server ran unwatched and stayed up.)"""
+    env = {**os.environ, "TMPDIR": str(scratch_dir)}
+    result = subprocess.run(
+        [sys.executable, "-c", _REDIS_KILLED_AS_IT_STARTS],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+        cwd=scratch_dir,  # (the package the test runs is the one imported, not one under cwd)
+    )
+    assert result.returncode == -signal.SIGKILL, (result.stdout, result.stderr)
+    started = int(result.stdout.split()[0])
+    try:
+        wait_for(lambda: not any(scratch_dir.iterdir()), "the watchdog to remove the files", 30)
+        wait_for(lambda: not alive(started), "the process started to end", 10)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(started, signal.SIGKILL)

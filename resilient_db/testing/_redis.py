@@ -129,11 +129,22 @@ class RedisServer(Service):
             return
         _redis_client()  # before anything starts: without it the server's answer can't be heard
         executable = self._executable or redis_server_binary()
-        if self._dir is None:
-            self._dir = Path(tempfile.mkdtemp(prefix="rdb-redis-"))
         if self._watchdog is None:
-            # a test process killed outright (SIGKILL) leaves no redis-server behind
-            self._watchdog = Watchdog(self._dir, str(self.port), "KILL")
+            # a test process killed outright (SIGKILL), at any moment, leaves no redis-server
+            # and no directory behind: the watchdog makes the directory itself (none exists
+            # that it would not remove)
+            if self._dir is None:
+                self._watchdog = Watchdog(
+                    None,
+                    str(self.port),
+                    "KILL",
+                    parent=Path(tempfile.gettempdir()),
+                    prefix="rdb-redis-",
+                )
+                self._dir = self._watchdog.directory
+            else:
+                self._watchdog = Watchdog(self._dir, str(self.port), "KILL")
+        assert self._dir is not None
         # the password and the renamed commands go in a file only this user reads: on the
         # command line any local user would see the password (/proc/PID/cmdline), and one
         # starting with "--" would read as an option there
@@ -156,15 +167,16 @@ class RedisServer(Service):
             "--daemonize", "no",
         ]  # fmt: skip
         startup = (self._dir / "startup.log").open("wb")  # what it says before its log is set up
-        self._proc = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=startup,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # a Ctrl-C to the tests does not reach it mid-test
-        )
-        startup.close()
-        self._watchdog.watch(self._proc.pid)
+        try:
+            # it runs only once the watchdog knows its pid (see Watchdog.spawn)
+            self._proc = self._watchdog.spawn(
+                command,
+                stdout=startup,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # a Ctrl-C to the tests does not reach it mid-test
+            )
+        finally:
+            startup.close()
         with _live_lock:
             _live.add(self)
         self._paused = False
@@ -235,12 +247,12 @@ class RedisServer(Service):
         self.kill()
         with _live_lock:
             _live.discard(self)
+        if self._dir is not None:  # (before the watchdog goes: killed meanwhile, it removes it)
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
         if self._watchdog is not None:
             self._watchdog.dismiss()
             self._watchdog = None
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
 
     # -- talking to it -----------------------------------------------------------------------
     def client(self, **kwargs: Any) -> Any:
