@@ -576,7 +576,10 @@ def _validated(
 
     An async unit's check runs in ``session.run_sync``, SQLAlchemy's greenlet where a sync
     session's I/O may happen: a relationship of an ORM row that is not loaded yet is loaded
-    there (as the sync twin loads it), not refused with ``MissingGreenlet``."""
+    there (as the sync twin loads it), not refused with ``MissingGreenlet``. An error raised
+    by a statement of the session meanwhile (a lost connection while such a relationship
+    loads) is raised as itself, not taken for an invalid result (see
+    :func:`~._validation.check_response`)."""
 
     def unit(session: Any, *args: Any, **kwargs: Any) -> R:
         value = _call_unit(fn, session, args, kwargs)
@@ -587,9 +590,10 @@ def _validated(
     return unit
 
 
-def _check_in_unit(_session: Any, check: ResponseCheck, value: Any, factory: FactoryCore) -> Any:
-    """:func:`check_response` of a unit's result, in the unit's (sync) session."""
-    return check_response(check, value, factory.config, factory.service)
+def _check_in_unit(session: Any, check: ResponseCheck, value: Any, factory: FactoryCore) -> Any:
+    """:func:`check_response` of a unit's result, in the unit's (sync) session, whose
+    statements' errors are raised as themselves."""
+    return check_response(check, value, factory.config, factory.service, session)
 
 
 def _refuse_method(fn: Any) -> None:

@@ -14,12 +14,23 @@ it was written) or not fully defined, and an ``async def`` callable (a check is 
 The result is checked, not converted: the caller gets the unit's own return value back, the same
 object with validation on or off (``SELF_HEALING_RESPONSE_VALIDATION``), so switching it off never
 changes what a program receives. So a result that is an iterator (a generator, ``map()``,
-``iter(...)``, a SQLAlchemy ``Result``) is refused with ``TypeError`` while a check is on: it
-can't be checked without being consumed, and the caller would get it empty. An invalid result
+``iter(...)``, a SQLAlchemy ``Result``), or that holds one in a dict, list, tuple, set or
+dataclass of it (``{"ids": map(int, rows)}``), is refused with ``TypeError`` naming where, while
+a check is on: it can't be checked without being consumed, and the caller would get it empty
+(a copy checked in its place would not be the unit's own object). An invalid result
 is logged ``[SELF-HEAL] Response validation failed`` with the reason (field locations and error
 kinds: never the values, and a key of a dict in the result shows as ``<key>``), counted in
 ``health()`` (the service's ``response_validation_failures``) and raises
 :class:`~resilient_db.ResponseValidationError`.
+
+A check of a unit's result reads what an ORM row has not loaded yet (a deferred column, a lazy
+relationship) with the unit's session. An error raised meanwhile by a statement of that session
+(a lost connection, a serialization failure, the transition guard at an autoflush; a
+cancellation too) is raised as itself, with its own class and retry semantics, whatever the
+validator made of it: Pydantic turns an exception raised by an attribute into a
+``get_attribute_error``, which made a lost connection an invalid result, never retried; and
+a statement that failed left the unit's transaction aborted, unable to commit, whatever the
+verdict.
 
 Invalid results are not retried, read-only units included. PostgreSQL gives each statement (and,
 under REPEATABLE READ, each transaction) a consistent snapshot, and resilient_db sends a unit to
@@ -32,17 +43,26 @@ consistent, not a retry that makes it consistent most of the time.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import functools
 import inspect
 import logging
 import types
 import typing
-from collections.abc import Callable, Iterator
-from typing import Annotated, Any, Literal, Protocol, TypeAlias, get_args, get_origin
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol, TypeAlias, get_args, get_origin
+
+from sqlalchemy import event
+from sqlalchemy.orm import Session
 
 from ._config import Config
 from ._errors import ResponseValidationError
 from ._observability import emit, stats_for
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Result
+    from sqlalchemy.orm import ORMExecuteState
 
 __all__ = [
     "ResponseCheck",
@@ -298,17 +318,36 @@ def response_check(validator: ResponseValidator) -> ResponseCheck:
     return ResponseCheck(validator)
 
 
-def check_response(check: ResponseCheck, value: Any, config: Config, service: str) -> Any:
+def check_response(
+    check: ResponseCheck,
+    value: Any,
+    config: Config,
+    service: str,
+    session: Session | None = None,
+) -> Any:
     """Return ``value`` if ``check`` finds it valid; else log and raise
-    :class:`~resilient_db.ResponseValidationError`. An iterator is refused with ``TypeError``:
-    checking it would consume it, and the caller gets the same object back."""
+    :class:`~resilient_db.ResponseValidationError`. An iterator, or a result holding one (see
+    :func:`_iterator_in`), is refused with ``TypeError``: checking it would consume it, and the
+    caller gets the same object back.
+
+    With the unit's ``session``, an error raised by one of its statements while the check runs
+    (an ORM attribute loaded by the check: see :class:`_StatementErrors`) is raised as itself,
+    whether the check passed or not."""
     if isinstance(value, Iterator):
         raise TypeError(
             f"the result to check with validate={check.name} is an iterator "
             f"({type(value).__name__}), which can't be checked without consuming it: the "
             "caller would get it empty. Return a list (list(...), .all()) instead"
         )
-    found = check.problem(value)
+    inner = _iterator_in(value)
+    if inner is not None:
+        loc, kind = inner
+        raise TypeError(
+            f"the result to check with validate={check.name} holds an iterator ({kind}) at "
+            f"{_location(loc, check._core_schema())}, which can't be checked without "
+            "consuming it: the caller would get it empty. Make it a list (list(...), .all())"
+        )
+    found = check.problem(value) if session is None else _problem_in(session, check, value)
     if found is None:
         return value
     reason, cause = found
@@ -327,6 +366,138 @@ def check_response(check: ResponseCheck, value: Any, config: Config, service: st
         reason=reason,
     )
     raise ResponseValidationError(service, check.name, reason) from cause
+
+
+class _StatementErrors:
+    """A ``do_orm_execute`` listener of the unit's session while its result is checked: it
+    runs each statement and keeps the first error one raised. Pydantic's ``from_attributes``
+    turns any exception raised by reading an attribute (a deferred column or a lazy
+    relationship loaded then, an autoflush refused by the transition guard) into a
+    ``get_attribute_error`` and drops the exception: kept here, it is raised as itself."""
+
+    __slots__ = ("__weakref__", "first")  # (SQLAlchemy's event registry refers to it weakly)
+
+    def __init__(self) -> None:
+        self.first: BaseException | None = None
+
+    def __call__(self, orm_state: ORMExecuteState) -> Result[Any]:
+        try:
+            return orm_state.invoke_statement()  # (autoflush included)
+        except BaseException as exc:
+            if self.first is None:
+                self.first = exc
+            raise
+
+
+def _problem_in(
+    session: Session, check: ResponseCheck, value: Any
+) -> tuple[str, BaseException | None] | None:
+    """``check.problem(value)`` with the statements of ``session`` watched meanwhile: the
+    first error one raised is raised instead of the verdict, valid or not (the validator may
+    have swallowed it; a failed statement also aborted the unit's transaction). Listened on
+    this session only, for the check only: a ``do_orm_execute`` listener costs each statement
+    of its sessions an ``ORMExecuteState``."""
+    if not isinstance(session, Session):  # (a scoped_session would be listened on its class)
+        return check.problem(value)
+    errors = _StatementErrors()
+    event.listen(session, "do_orm_execute", errors, insert=True)
+    try:
+        found = check.problem(value)
+    finally:
+        event.remove(session, "do_orm_execute", errors)
+    if errors.first is not None:
+        raise errors.first  # (outside an except block: its own __context__ is kept)
+    return found
+
+
+#: How :func:`_iterator_in` treats an object, by its class.
+_LEAF, _ITERATOR, _MAPPING, _COLLECTION, _DATACLASS = range(5)
+_COLLECTIONS = (list, tuple, set, frozenset, collections.deque)
+_ATOMS = (str, bytes, bytearray, memoryview)
+#: Kinds by class, found once per class, and the classes found to be leaves (both cleared
+#: when they grow past :data:`_MAX_KINDS`).
+_kinds: dict[type, int] = {}
+_leaves: set[type] = set()
+_MAX_KINDS = 1024
+
+
+def _kind(cls: type) -> int:
+    kind = _kinds.get(cls)
+    if kind is None:
+        if issubclass(cls, _ATOMS):
+            kind = _LEAF
+        elif issubclass(cls, Iterator):
+            kind = _ITERATOR
+        elif issubclass(cls, Mapping):
+            kind = _MAPPING
+        elif issubclass(cls, _COLLECTIONS):
+            kind = _COLLECTION
+        elif dataclasses.is_dataclass(cls):
+            kind = _DATACLASS
+        else:
+            kind = _LEAF  # an ORM row, a model, a scalar: not looked into
+        if len(_kinds) >= _MAX_KINDS:
+            _kinds.clear()
+            _leaves.clear()
+        _kinds[cls] = kind
+        if kind == _LEAF:
+            _leaves.add(cls)
+    return kind
+
+
+def _iterator_in(value: Any) -> tuple[tuple[Any, ...], str] | None:
+    """Where ``value`` holds an iterator, and its type's name: in a dict (or other mapping),
+    list, tuple, set, frozenset or deque, or a dataclass's field, at any depth (None if it
+    holds none). A check would consume it and the caller would get it empty; checking a copy
+    instead would hand the caller another object than the unit's (in a tuple or a frozen
+    dataclass, one that can't even be put back), and would run a generator's code at the
+    check instead of where the caller iterates it. Other objects (ORM rows, Pydantic models)
+    are not looked into: an attribute that makes an iterator when read (a property) gives the
+    caller a new one.
+
+    The location has a mapping's keys, collections' indexes and fields' names, as Pydantic's
+    locations do (shown by :func:`_location`, keys of the data masked). Each container is
+    looked into once (a cycle ends there); one whose items' classes are all known leaves is
+    passed over at C speed (a list of 10,000 ORM rows or scalars)."""
+    kind = _kind(type(value))
+    if kind == _LEAF or _only_leaves(kind, value):
+        return None
+    todo: list[tuple[tuple[Any, ...], Any]] = [((), value)]
+    seen: set[int] = set()
+    while todo:
+        loc, node = todo.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        kind = _kind(type(node))
+        if kind == _MAPPING:
+            items: Any = node.items()
+        elif kind == _COLLECTION:
+            items = enumerate(node)
+        elif kind == _DATACLASS:
+            items = [(f.name, getattr(node, f.name, None)) for f in dataclasses.fields(node)]
+        else:
+            continue
+        for key, item in items:
+            found = _kinds.get(type(item))
+            if found is None:
+                found = _kind(type(item))
+            if found == _LEAF or _only_leaves(found, item):
+                continue
+            if found == _ITERATOR:
+                return (*loc, key), type(item).__name__
+            todo.append(((*loc, key), item))
+    return None
+
+
+def _only_leaves(kind: int, node: Any) -> bool:
+    """Whether ``node``, a mapping or collection, holds known leaves only (found at C speed:
+    a list of rows, a dict of scalars is not looked into further)."""
+    if kind == _MAPPING:
+        return _leaves.issuperset(map(type, node.values()))
+    if kind == _COLLECTION:
+        return _leaves.issuperset(map(type, node))
+    return False
 
 
 #: Pydantic error types whose message may be shown: every part of their template is fixed
