@@ -12,6 +12,7 @@ drivers):
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -20,7 +21,7 @@ import pytest
 import pytest_asyncio
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict
-from scenarios import ASYNC_DRIVERS
+from scenarios import ASYNC_DRIVERS, waiting_on_lock
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import (
     DeclarativeBase,
@@ -52,6 +53,8 @@ class Order(Base):
     note: Mapped[str] = mapped_column(default="")
     #: read by a statement of its own, which fails the first time (40001: see CHECK_ONCE)
     checked: Mapped[str] = column_property(sa.func.check_once(), deferred=True)
+    #: read by a statement that waits for the advisory lock LOCK_KEY (see WAIT_FOR_LOCK)
+    waited: Mapped[str] = column_property(sa.func.wait_for_lock(), deferred=True)
     lines: Mapped[list[Line]] = relationship(back_populates="order")  # lazy
 
 
@@ -68,6 +71,13 @@ CHECK_ONCE = (
     "CREATE FUNCTION check_once() RETURNS text LANGUAGE plpgsql AS $$ BEGIN "
     "IF nextval('checks') = 1 THEN RAISE EXCEPTION 'try again' USING ERRCODE = '40001'; "
     "END IF; RETURN 'checked'; END $$",
+)
+
+
+LOCK_KEY = 7401
+WAIT_FOR_LOCK = (
+    "CREATE FUNCTION wait_for_lock() RETURNS text LANGUAGE plpgsql AS $$ BEGIN "
+    f"PERFORM pg_advisory_xact_lock({LOCK_KEY}); RETURN 'free'; END $$"
 )
 
 
@@ -96,6 +106,12 @@ class OrderChecked(BaseModel):
     checked: str
 
 
+class OrderWaited(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: int
+    waited: str
+
+
 class OrderPlain(BaseModel):
     model_config = ConfigDict(from_attributes=True)
     id: int
@@ -112,7 +128,7 @@ def engine(pg_url: str) -> Iterator[sa.Engine]:
     eng = sa.create_engine(pg_url)
     Base.metadata.create_all(eng)
     with eng.begin() as conn:
-        for statement in CHECK_ONCE:
+        for statement in (*CHECK_ONCE, WAIT_FOR_LOCK):
             conn.exec_driver_sql(statement)
         conn.execute(sa.insert(Order).values(id=1, status="new", note="n"))
         conn.execute(sa.insert(Line).values(order_id=1, sku="a"))  # id 1, from its sequence
@@ -252,6 +268,36 @@ async def test_a_statement_error_while_an_async_check_runs_is_raised_though_it_p
     assert found is not None
     assert attempts == [1, 1]
     assert skus(engine) == ["a", "written"]
+
+
+@pytest.mark.asyncio
+async def test_a_cancellation_while_an_async_check_loads_is_raised_as_itself(
+    aengine: AsyncEngine, engine: sa.Engine, service: str
+) -> None:
+    """The caller cancels while the check's statement waits on the server (for a lock): the
+    ``CancelledError`` thrown into SQLAlchemy's greenlet went through Pydantic's attribute
+    access as a ``get_attribute_error``, and the cancellation became ``ResponseValidationError``
+    (counted as an invalid result)."""
+    Async = rdb.AsyncResilientSession(aengine, service=service, **OPTIONS)
+
+    async def unit(session: AsyncSession) -> Order | None:
+        return await session.get(Order, 1)
+
+    with engine.connect() as holder:
+        holder.execute(sa.text(f"SELECT pg_advisory_lock({LOCK_KEY})"))
+        try:
+            task = asyncio.create_task(Async.run(unit, validate=OrderWaited))
+            for _ in range(1000):  # bounded: until the check's statement waits for the lock
+                if waiting_on_lock(engine, LOCK_KEY) == 1:
+                    break
+                await asyncio.sleep(0.01)
+            assert waiting_on_lock(engine, LOCK_KEY) == 1
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            holder.execute(sa.text(f"SELECT pg_advisory_unlock({LOCK_KEY})"))
+    assert counters(service)["response_validation_failures"] == 0
 
 
 def ship(session: Session) -> Order | None:
