@@ -574,6 +574,12 @@ def _validated(
     """``fn`` whose result is checked inside the unit, before its COMMIT: an invalid result
     rolls the unit back (and ``ResponseValidationError`` is not transient: never retried).
 
+    The unit's changes are flushed first, with the session class's own ``flush``, as the
+    COMMIT would flush them: a row the unit added is checked with its id (and the check's
+    reads find the unit's writes); a flush error is the unit's error, as without ``validate``
+    (the transition guard's refusal included). The flush sends no COMMIT: the unit may be
+    replayed after it as after any statement of its own.
+
     An async unit's check runs in ``session.run_sync``, SQLAlchemy's greenlet where a sync
     session's I/O may happen: a relationship of an ORM row that is not loaded yet is loaded
     there (as the sync twin loads it), not refused with ``MissingGreenlet``. An error raised
@@ -583,6 +589,7 @@ def _validated(
 
     def unit(session: Any, *args: Any, **kwargs: Any) -> R:
         value = _call_unit(fn, session, args, kwargs)
+        session.flush()
         checked: R = _check_in_unit(session, check, value, factory)
         return checked
 

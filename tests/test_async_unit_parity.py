@@ -252,7 +252,7 @@ async def test_an_invalid_result_is_rolled_back_through_the_session_classs_own_m
         Sync.run(sync_unit, validate=int)
     with pytest.raises(rdb.ResponseValidationError):
         await Async.run(async_unit, validate=int)
-    assert sync_calls == async_calls == ["rollback", "close"]
+    assert sync_calls == async_calls == ["flush", "rollback", "close"]
     assert await count_items(async_engine, "sync") == 0
     assert await count_items(async_engine, "async") == 0
 

@@ -6,6 +6,8 @@ drivers):
   the transition guard refusing an autoflush) is raised as itself and retried if transient:
   Pydantic's ``from_attributes`` turned it into a ``get_attribute_error``, and the unit failed
   with ``ResponseValidationError`` (never retried; 500 ``response-invalid``);
+* the unit's changes are flushed before the check (a row it added is checked with its id; a
+  flush error, the guard's refusal included, is the unit's error, as without ``validate``);
 * a result holding an iterator (``{"ids": map(int, rows)}``) is refused naming where: the check
   consumed it, and the caller got it empty.
 """
@@ -22,6 +24,7 @@ import pytest_asyncio
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict
 from scenarios import ASYNC_DRIVERS, waiting_on_lock
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import (
     DeclarativeBase,
@@ -392,13 +395,52 @@ def test_the_check_listens_on_the_units_session_only_while_it_runs(
         assert list(bystander.dispatch.do_orm_execute) == before
 
 
-# -- iterators held in a result ----------------------------------------------------------------
+# -- the unit's changes are flushed before the check ----------------------------------------------
 def add_line(session: Session, line_id: int, order_id: int) -> Line:
     line = Line(id=None if line_id == 0 else line_id, order_id=order_id, sku="new")
     session.add(line)
     return line  # flushed by the COMMIT without validate=
 
 
+def test_a_row_the_unit_added_is_checked_with_its_id(engine: sa.Engine, service: str) -> None:
+    """Checked unflushed, the new row had no id yet: a correct unit was refused and rolled
+    back, though with validation off it committed and the caller got the row with its id."""
+    Session = rdb.ResilientSession(engine, service=service, **OPTIONS)
+    line = Session.run(add_line, 0, 1, validate=LineOut)
+    assert isinstance(line.id, int)
+    assert skus(engine) == ["a", "new"]
+    assert counters(service)["response_validation_failures"] == 0
+
+
+@pytest.mark.asyncio
+async def test_a_row_an_async_unit_added_is_checked_with_its_id(
+    aengine: AsyncEngine, engine: sa.Engine, service: str
+) -> None:
+    Async = rdb.AsyncResilientSession(aengine, service=service, **OPTIONS)
+
+    async def unit(session: AsyncSession) -> Line:
+        return add_line(session.sync_session, 0, 1)
+
+    line = await Async.run(unit, validate=LineOut)
+    assert isinstance(line.id, int)
+    assert skus(engine) == ["a", "new"]
+
+
+def test_a_flush_error_is_the_units_error_as_without_validate(
+    engine: sa.Engine, service: str
+) -> None:
+    """A line of an order that doesn't exist: the foreign key refuses the flush before the
+    check, as it refuses the COMMIT's flush without ``validate`` (not an invalid result)."""
+    Session = rdb.ResilientSession(engine, service=service, **OPTIONS)
+    with pytest.raises(IntegrityError):
+        Session.run(add_line, 0, 999)
+    with pytest.raises(IntegrityError):
+        Session.run(add_line, 0, 999, validate=LineOut)  # (no id without a flush)
+    assert counters(service)["response_validation_failures"] == 0
+    assert skus(engine) == ["a"]
+
+
+# -- iterators held in a result ----------------------------------------------------------------
 class Page(BaseModel):
     ids: list[int]
 
