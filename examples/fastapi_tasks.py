@@ -88,10 +88,21 @@ def create_app(engine: sa.Engine, *, dashboard_token: str) -> FastAPI:
         key = idempotency_key or str(uuid.uuid4())
 
         def unit(session: Session) -> TaskOut:
-            task = session.scalar(sa.select(Task).where(Task.idem_key == key))
-            if task is None:  # sent again with the same key: the task made the first time
-                task = create_task(session, title=body.title, idem_key=key, owner=body.owner)
-                session.flush()
+            made = sa.select(Task).where(Task.idem_key == key)
+            task = session.scalar(made)
+            if task is not None:  # sent again with the same key: the task made the first time
+                return out(task)
+            try:
+                # in a savepoint: a duplicate key rolls back only this part, not the unit
+                with session.begin_nested():
+                    task = create_task(session, title=body.title, idem_key=key, owner=body.owner)
+                    session.flush()
+            except sa.exc.IntegrityError as exc:
+                if rdb.sqlstate_of(exc) != "23505":  # unique_violation, any driver
+                    raise
+                # sent again while the first request was still running: the unique index
+                # made this INSERT wait for it, and it committed; the task it made
+                task = session.scalars(made).one()
             return out(task)
 
         return Sessions.run(unit, validate=TaskOut)

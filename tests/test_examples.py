@@ -4,6 +4,7 @@ dashboard, started with one command and exercised over HTTP)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import runpy
 import signal
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import httpx2 as httpx
 import pytest
+import sqlalchemy as sa
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart.py"
 
@@ -118,3 +120,60 @@ def test_fastapi_tasks_runs_with_one_command_on_the_embedded_server(tmp_path: Pa
     output = log.read_text()
     assert f"dashboard at {base}/admin/self-healing/?token={token}" in output
     assert proc.returncode == 0, output
+
+
+def test_fastapi_tasks_answers_a_key_resent_while_the_first_is_running_with_that_task(
+    pg_url: str,
+) -> None:
+    """``POST /tasks`` sent again with the same ``Idempotency-Key`` while the first request is
+    still running (the client timed out and resent): its INSERT waits on the unique index for
+    the first one, which then commits; the answer is the task made the first time (the
+    docstring's promise), not a 500 from the unique violation. The first request is a
+    transaction of the test's, committed once the resent request waits for it (an order)."""
+    pytest.importorskip("fastapi")
+    from sqlalchemy.orm import Session  # noqa: PLC0415
+    from starlette.testclient import TestClient  # noqa: PLC0415
+
+    from resilient_db.examples.tasks import create_task  # noqa: PLC0415
+
+    example = runpy.run_path(str(FASTAPI_TASKS), run_name="fastapi_tasks_example")
+    engine = sa.create_engine(pg_url)
+    try:
+        example["prepare"](engine)
+        app = example["create_app"](engine, dashboard_token="t" * 20)
+        key = f"order-{uuid.uuid4()}"
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        with pool, TestClient(app) as client, Session(engine) as first:
+            with first.begin():
+                task = create_task(first, title="report", idem_key=key)
+                first.flush()
+                made = task.id
+                resent = pool.submit(
+                    client.post,
+                    "/tasks",
+                    json={"title": "report"},
+                    headers={"Idempotency-Key": key},
+                )
+                for _ in range(1000):  # until the resent INSERT waits for this one
+                    if resent.done() or _waiting_on_a_lock(engine):
+                        break
+                    time.sleep(0.01)
+                assert not resent.done(), resent.result().text
+            answer = resent.result(timeout=30)
+        assert answer.status_code == 201, answer.text
+        assert answer.headers["content-type"] == "application/json"
+        assert answer.json()["id"] == made
+        with engine.connect() as conn:
+            query = sa.text("SELECT count(*) FROM tasks WHERE idem_key = :k")
+            assert conn.execute(query, {"k": key}).scalar_one() == 1
+    finally:
+        engine.dispose()
+
+
+def _waiting_on_a_lock(engine: sa.Engine) -> bool:
+    with engine.connect() as conn:
+        query = sa.text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock'"
+        )
+        return bool(conn.execute(query).scalar_one())
