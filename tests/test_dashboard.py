@@ -263,6 +263,102 @@ def test_recorder_counts_rows_and_keeps_the_guards_series_when_full() -> None:
     assert [row[4:] for row in series["buckets"]] == [[5, 1]]
 
 
+def _retry(service: str = "svc") -> rdb.SelfHealEvent:
+    return rdb.SelfHealEvent(name="retry", service=service, level=30, message="", fields={})
+
+
+def test_recorder_keeps_one_bucket_per_second_in_order_when_times_come_out_of_order() -> None:
+    """An event recorded after another may carry an earlier time (a clock read before the
+    lock, a wall clock stepped back): it is counted in its own second's row, each second one
+    row, in order; one older than every row of a full window is counted nowhere."""
+    now = [103.0]
+    rec = Recorder(clock=lambda: now[0])
+    times = [101.5, 100.5, 101.7, 99.2, 100.9, 103.0, 102.1]
+    for when in times:
+        now[0] = when
+        rec(_retry())
+    now[0] = 104.0
+    snap = rec.snapshot()
+    rows = snap["series"]["svc"]["buckets"]
+    assert [row[:2] for row in rows] == [[99, 1], [100, 2], [101, 2], [102, 1], [103, 1]]
+    assert [e["time"] for e in snap["events"]] == times
+    now = [1_000.0]
+    full = Recorder(window=10, clock=lambda: now[0])
+    for second in range(1_000, 1_010):
+        now[0] = second
+        full(_retry())
+    now[0] = 999.0  # older than the window's every row: not counted, nothing dropped
+    full(_retry())
+    now[0] = 1_004.5  # a second it holds
+    full(_retry())
+    now[0] = 1_010.0
+    seconds = [row[0] for row in full.snapshot()["series"]["svc"]["buckets"]]
+    assert seconds == list(range(1_001, 1_010))  # (the snapshot's window: after 1,000)
+
+
+def test_recorder_buckets_from_threads_are_one_per_second_in_order() -> None:
+    """Hooks run in the units' threads: events recorded by four threads around second
+    boundaries (a clock that moves a second every 50 readings) make one row per second, in
+    order, whose counts add up to every event; the events are listed in the order of their
+    times."""
+    ticks = iter(range(10**9))
+    rec = Recorder(max_events=200, clock=lambda: 1_000_000 + next(ticks) / 50)
+    per_thread = 5_000
+
+    def work() -> None:
+        for _ in range(per_thread):
+            rec(_retry())
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    snap = rec.snapshot()
+    seconds = [row[0] for row in snap["series"]["svc"]["buckets"]]
+    assert seconds == sorted(set(seconds))
+    assert sum(row[1] for row in snap["series"]["svc"]["buckets"]) == 4 * per_thread
+    times = [e["time"] for e in snap["events"]]
+    assert times == sorted(times)
+
+
+def test_recorder_beyond_max_services_lists_those_left_out_and_keeps_the_active() -> None:
+    """Beyond ``MAX_SERVICES`` a new service has no series: it is listed in ``left_out`` (the
+    page says so), unless a tracked one had no event for a whole window, whose place it
+    takes (that one is then listed)."""
+    now = [1_000_000.0]
+    rec = Recorder(window=60, clock=lambda: now[0])
+    rec(_retry("s0"))
+    now[0] += 5
+    for n in range(1, MAX_SERVICES):
+        rec(_retry(f"s{n}"))
+    rec(_retry("late"))  # every tracked service active within the window: left out
+    snap = rec.snapshot()
+    assert (len(snap["series"]), "late" in snap["series"]) == (MAX_SERVICES, False)
+    assert (snap["left_out"], snap["max_services"]) == (["late"], MAX_SERVICES)
+    rec(_retry("late"))
+    assert rec.snapshot()["left_out"] == ["late"]  # listed once
+    now[0] += 57  # s0 idle for a whole window now, the others not yet
+    rec(_retry("late"))
+    snap = rec.snapshot()
+    assert "late" in snap["series"]
+    assert "s0" not in snap["series"]
+    assert snap["series"]["late"]["buckets"][0][1] == 1
+    assert (len(snap["series"]), snap["left_out"]) == (MAX_SERVICES, ["s0"])
+    rec.clear()
+    assert rec.snapshot()["left_out"] == []
+
+
+def test_data_json_lists_the_services_left_out() -> None:
+    rec = Recorder(clock=lambda: 1_000_000.0)
+    for n in range(MAX_SERVICES + 2):
+        rec(_retry(f"svc-{n:03d}"))
+    board = mounted(dashboard(auth=lambda request: True, recorder=rec))
+    data = board.get("/admin/self-healing/data.json").json()
+    assert data["left_out"] == [f"svc-{MAX_SERVICES:03d}", f"svc-{MAX_SERVICES + 1:03d}"]
+    assert data["max_services"] == MAX_SERVICES
+
+
 def test_blocked_transitions_are_rows_as_health_counts_them_stale_apart(
     tasks: sa.Engine, service: str
 ) -> None:

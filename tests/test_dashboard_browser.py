@@ -238,6 +238,62 @@ def test_page_shows_services_updates_after_a_real_fault_and_refuses_strangers(
         direct.dispose()
 
 
+#: run before the page's own script: records the delay of every timer the page sets
+_RECORD_TIMERS = (
+    "window.__delays = [];"
+    "const setTimer = window.setTimeout;"
+    "window.setTimeout = function (fn, delay, ...rest) {"
+    "  window.__delays.push(delay); return setTimer(fn, delay, ...rest); };"
+)
+
+
+def test_page_polls_as_often_as_asked_and_says_which_services_have_no_plots(
+    browser: Any, pg_url: str
+) -> None:
+    """``poll_seconds=0.1`` (the least ``dashboard()`` takes) is what the page polls at, not a
+    floor of its own (it was 0.5 s); and with more services than the recorder keeps series
+    for, the page says which have no plots (the service's card, and a note above) instead of
+    showing empty plots."""
+    from resilient_db.web import Recorder  # noqa: PLC0415
+    from resilient_db.web._recorder import MAX_SERVICES  # noqa: PLC0415
+
+    n = next(_services)
+    left = f"left-out-{n}"
+    engine = sa.create_engine(pg_url)
+    Sessions = rdb.ResilientSession(engine, service=left)  # health() lists it
+    rec = Recorder()
+    for k in range(MAX_SERVICES):  # as many services active as series are kept
+        rec(rdb.SelfHealEvent(name="retry", service=f"busy-{k}", level=30, message="", fields={}))
+    rec(rdb.SelfHealEvent(name="retry", service=left, level=30, message="", fields={}))
+    app = dashboard(auth=token_auth(TOKEN), recorder=rec, poll_seconds=0.1)
+    try:
+        with serve_in_background(app) as server:
+            browser.execute_cdp_cmd(
+                "Page.addScriptToEvaluateOnNewDocument", {"source": _RECORD_TIMERS}
+            )
+            browser.get(f"{server.url}/?token={TOKEN}")
+            wait_for("three refreshes", lambda: updates(browser) >= 3)
+            delays = browser.execute_script("return window.__delays")
+            assert delays
+            assert set(delays) == {100}, delays
+            note = browser.execute_script("return document.getElementById('left-out').textContent")
+            assert f"at most {MAX_SERVICES} services" in note
+            assert left in note
+            shown = browser.execute_script(
+                "const card = Array.from(document.querySelectorAll('section.service'))"
+                ".find(c => c.dataset.service === arguments[0]);"
+                "const note = card && card.querySelector('[data-left-out]');"
+                "return note ? note.textContent : null;",
+                left,
+            )
+            assert shown is not None
+            assert "no plots" in shown
+            browser.save_screenshot(str(artifacts() / "dashboard-left-out.png"))
+    finally:
+        del Sessions
+        engine.dispose()
+
+
 @pytest.mark.slow
 def test_dashboard_during_the_demo(browser: Any, pg_server: PostgresServer) -> None:
     """``resilient-db demo --dashboard-port 0``: the page shows the demo's service, its counters

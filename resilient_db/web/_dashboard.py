@@ -135,7 +135,12 @@ class Dashboard:
                 JSONResponse(self.data(), headers={"Cache-Control": "no-store"}),
             )
         nonce = secrets.token_urlsafe(16)
-        page = render_page(title=self.title, nonce=nonce, poll_ms=round(self.poll_seconds * 1000))
+        page = render_page(
+            title=self.title,
+            nonce=nonce,
+            poll_ms=round(self.poll_seconds * 1000),
+            min_poll_ms=round(MIN_POLL_SECONDS * 1000),
+        )
         return _secured(HTMLResponse(page), nonce=nonce)
 
     async def _refused(self, request: Request) -> Response | None:

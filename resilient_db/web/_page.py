@@ -52,6 +52,9 @@ main { padding: 20px 24px 32px; display: grid; gap: 18px;
 .card h2 { font-size: 16px; margin: 0; font-weight: 600; overflow-wrap: anywhere; }
 .card .top { display: flex; align-items: center; gap: 10px; margin-bottom: 12px; flex-wrap: wrap; }
 .card .top .note { color: var(--muted); font-size: 12.5px; }
+.note.left-out, .card.left-out .note { color: #b54708; background: var(--warn-bg);
+  border-radius: 6px; padding: 6px 9px; margin-bottom: 10px; font-size: 12.5px; }
+.card.left-out .note { margin: 0; overflow-wrap: anywhere; }
 .stats { display: grid; grid-template-columns: repeat(4, 1fr); gap: 8px; margin-bottom: 12px; }
 .stat { background: #f9fafb; border: 1px solid #eef0f3; border-radius: 8px; padding: 7px 9px; }
 .stat .v { font-size: 19px; font-weight: 650; font-variant-numeric: tabular-nums; }
@@ -100,7 +103,7 @@ col.c-ev { width: 170px; }
 (function () {
   const SVG = "http://www.w3.org/2000/svg";
   const main = document.getElementById("main");
-  const poll = Math.max(500, Number(main.dataset.poll) || 2000);
+  const poll = Math.max(@MIN_POLL@, Number(main.dataset.poll) || 2000);
   const COLORS = { "closed": "#12b76a", "half-open": "#f79009", "open": "#e5484d" };
   const LABELS = {
     attempts: "attempts", retries: "retries", recovered: "recovered", gave_up: "gave up",
@@ -229,7 +232,12 @@ col.c-ev { width: 170px; }
     }
     return line;
   }
-  function serviceCard(name, info, series, from, to, since) {
+  function leftOutNote(count, limit) {
+    return count + (count === 1 ? " service has" : " services have") + " no plots: the " +
+      "dashboard keeps per-second series for at most " + limit + " services (a new one takes " +
+      "the place of one idle for a whole window)";
+  }
+  function serviceCard(name, info, series, from, to, since, limit) {
     const card = el("section", "card service");
     card.dataset.service = name;
     const top = el("div", "top");
@@ -246,6 +254,12 @@ col.c-ev { width: 170px; }
       top.appendChild(el("span", "note", note));
     }
     card.appendChild(top);
+    if (!series && limit) {
+      const note = el("div", "note left-out", "no plots: the dashboard keeps per-second " +
+        "series for at most " + limit + " services, and this one is not among them");
+      note.dataset.leftOut = "true";
+      card.appendChild(note);
+    }
     const counters = info.counters || {};
     const stats = el("div", "stats");
     // the counters named above, then any other count health() has (one added later)
@@ -337,11 +351,21 @@ col.c-ev { width: 170px; }
     const from = to - Math.min(data.window, Math.max(60, to - data.since));
     const open = [];
     const frag = document.createDocumentFragment();
+    // services beyond the recorder's bound have no series: said, not left blank
+    const leftOut = Array.isArray(data.left_out) ? data.left_out : [];
+    if (leftOut.length) {
+      const card = el("section", "card wide left-out");
+      card.id = "left-out";
+      card.appendChild(el("div", "note", leftOutNote(leftOut.length, data.max_services) + ": " +
+        leftOut.slice(0, 20).join(", ") + (leftOut.length > 20 ? ", …" : "")));
+      frag.appendChild(card);
+    }
     // the services health() knows (one forgotten by reset_state() keeps only its old events)
     for (const name of Object.keys(services).sort()) {
       const info = services[name];
       if (info.breaker && normState(info.breaker.state) === "open") open.push(name);
-      frag.appendChild(serviceCard(name, info, series[name], from, to, data.since));
+      const limit = leftOut.includes(name) ? data.max_services : 0;
+      frag.appendChild(serviceCard(name, info, series[name], from, to, data.since, limit));
     }
     frag.appendChild(transitionsCard(health.transitions, series[data.no_service], from, to));
     frag.appendChild(eventsCard(data.events || []));
@@ -380,10 +404,12 @@ col.c-ev { width: 170px; }
 """
 
 
-def render_page(*, title: str, nonce: str, poll_ms: int) -> str:
-    """The page, with ``title`` escaped and the script's nonce."""
+def render_page(*, title: str, nonce: str, poll_ms: int, min_poll_ms: int = 100) -> str:
+    """The page, with ``title`` escaped and the script's nonce; it polls every ``poll_ms``,
+    never more often than every ``min_poll_ms`` (the dashboard's ``MIN_POLL_SECONDS``)."""
     return (
         _TEMPLATE.replace("@TITLE@", html.escape(title, quote=True))
         .replace("@NONCE@", nonce)
+        .replace("@MIN_POLL@", str(int(min_poll_ms)))
         .replace("@POLL@", str(int(poll_ms)))
     )

@@ -22,8 +22,12 @@ from resilient_db._state import STATE, renew_after_fork
 
 __all__ = ["Recorder", "recorder"]
 
-#: Services tracked at most (the library allows a bounded number of service names too).
+#: Services tracked at most (the library allows a bounded number of service names too). Beyond
+#: it, a service with no series yet takes the place of the least recently active one when that
+#: had no event for a whole window (its plots would be empty), else it is left out; the services
+#: left out (or put out) are listed, at most :data:`MAX_LEFT_OUT` names, in ``left_out``.
 MAX_SERVICES = 64
+MAX_LEFT_OUT = 256
 #: Breaker state changes kept per service.
 MAX_STATE_CHANGES = 256
 #: Counted fields of events kept per service (SQLSTATEs, classes, paths).
@@ -69,6 +73,7 @@ class _Series:
 
     def __init__(self, window: int) -> None:
         self.buckets: deque[list[int]] = deque(maxlen=window)  # [second, retries, gave_up, ...]
+        self.last = 0.0  # when its last event came (the clock's time)
         self.states: deque[tuple[float, str]] = deque(maxlen=MAX_STATE_CHANGES)
         self.retries_by_sqlstate: Counter[str] = Counter()
         self.blocked_by_via: Counter[str] = Counter()
@@ -76,11 +81,37 @@ class _Series:
         self.events_by_name: Counter[str] = Counter()
 
     def bucket(self, second: int) -> list[int]:
+        """The row of ``second``: one per second, in order. A second before the last row's
+        (the clock stepped back: wall time, or a caller's clock) finds its row, or gets one
+        in its place; one older than every row of a full window is counted nowhere."""
         buckets = self.buckets
-        if buckets and buckets[-1][0] == second:
-            return buckets[-1]
+        if buckets:
+            last = buckets[-1]
+            if last[0] == second:
+                return last
+            if last[0] > second:
+                return self._earlier(second)
         row = [second] + [0] * (len(BUCKET_COLUMNS) - 1)
         buckets.append(row)
+        return row
+
+    def _earlier(self, second: int) -> list[int]:
+        buckets = self.buckets
+        index = 0
+        for i in range(len(buckets) - 1, -1, -1):
+            found = buckets[i][0]
+            if found == second:
+                return buckets[i]
+            if found < second:
+                index = i + 1
+                break
+        row = [second] + [0] * (len(BUCKET_COLUMNS) - 1)
+        if len(buckets) == buckets.maxlen:
+            if index == 0:
+                return row
+            buckets.popleft()
+            index -= 1
+        buckets.insert(index, row)
         return row
 
 
@@ -121,16 +152,16 @@ class Recorder:
         self.started = clock()
         self._events: deque[dict[str, Any]] = deque(maxlen=max_events)
         self._series: dict[str, _Series] = {}
+        self._left_out: dict[str, None] = {}  # (ordered: the first left out first)
         self._lock = threading.Lock()
 
     def __call__(self, event: SelfHealEvent) -> None:
-        now = self.clock()
         listed_only = event.service is None and event.name in _WEB_EVENTS
         service = event.service or (WEB_SERVICE if listed_only else NO_SERVICE)
         fields = event.fields
         shown = {k: fields[k] for k in _SHOWN_FIELDS if fields.get(k) is not None}
         entry = {
-            "time": now,
+            "time": 0.0,
             "name": event.name,
             "service": service,
             "level": logging.getLevelName(event.level).lower(),
@@ -141,15 +172,19 @@ class Recorder:
             },
         }
         with self._lock:
+            # the time is read under the lock: events from several threads are recorded in
+            # the order of their times (read before it, a later second's bucket could be
+            # appended first, and this second's count split over a second row)
+            now = entry["time"] = self.clock()
             self._events.append(entry)
             if listed_only:
                 return
             series = self._series.get(service)
             if series is None:
-                # the guard's series is always kept: its counts are health()'s transitions
-                if len(self._series) >= MAX_SERVICES and service != NO_SERVICE:
+                series = self._new_series(service, now)
+                if series is None:
                     return
-                series = self._series[service] = _Series(self.window)
+            series.last = now
             _count(series.events_by_name, event.name)
             row = series.bucket(int(now))
             if event.name == "retry":
@@ -172,8 +207,35 @@ class Recorder:
             if state is not None:
                 series.states.append((now, state))
 
+    def _new_series(self, service: str, now: float) -> _Series | None:
+        """A series for ``service``, once :data:`MAX_SERVICES` are tracked only in the place
+        of the least recently active one that had no event for a whole window (None: it is
+        left out). The guard's series is always kept: its counts are health()'s transitions."""
+        tracked = self._series
+        if len(tracked) >= MAX_SERVICES and service != NO_SERVICE:
+            idle = min(
+                (s for s in tracked.items() if s[0] != NO_SERVICE),
+                key=lambda item: item[1].last,
+                default=None,
+            )
+            if idle is None or idle[1].last > now - self.window:
+                self._leave_out(service)
+                return None
+            del tracked[idle[0]]
+            self._leave_out(idle[0])
+        self._left_out.pop(service, None)
+        series = tracked[service] = _Series(self.window)
+        return series
+
+    def _leave_out(self, service: str) -> None:
+        left_out = self._left_out
+        if service not in left_out and len(left_out) < MAX_LEFT_OUT:
+            left_out[service] = None
+
     def snapshot(self, *, events: int | None = None) -> dict[str, Any]:
-        """Recent events (oldest first) and the time series, as JSON-able data."""
+        """Recent events (oldest first) and the time series, as JSON-able data; ``left_out``:
+        the services without a series (beyond :data:`MAX_SERVICES`), ``max_services`` that
+        bound."""
         now = self.clock()
         since = int(now) - self.window
         with self._lock:
@@ -189,6 +251,7 @@ class Recorder:
                 }
                 for name, s in self._series.items()
             }
+            left_out = sorted(self._left_out)
         if events is not None:
             recent = recent[-events:] if events > 0 else []
         return {
@@ -198,12 +261,15 @@ class Recorder:
             "bucket_columns": list(BUCKET_COLUMNS),
             "events": recent,
             "series": series,
+            "max_services": MAX_SERVICES,
+            "left_out": left_out,
         }
 
     def clear(self) -> None:
         with self._lock:
             self._events.clear()
             self._series.clear()
+            self._left_out.clear()
 
 
 _shared: Recorder | None = None
