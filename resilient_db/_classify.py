@@ -296,11 +296,15 @@ def mark_hot_standby(exc: BaseException, server: str) -> None:
 
 def hot_standby_of(exc: BaseException | None) -> str | None:
     """The address :func:`mark_hot_standby` recorded on ``exc`` or an error it wraps, or None."""
-    if exc is None:
-        return None
+    return None if exc is None else text_mark(exc, _HOT_STANDBY)
+
+
+def text_mark(exc: BaseException, name: str) -> str | None:
+    """The text recorded as attribute ``name`` on ``exc`` or on an error of its chain (see
+    :func:`error_chain`), the first found; None when none carries one."""
     for err in error_chain(exc):
         try:
-            found = getattr(err, _HOT_STANDBY, None)
+            found = getattr(err, name, None)
         except Exception:  # a type whose attribute lookup misbehaves: as if unmarked
             continue
         if isinstance(found, str):

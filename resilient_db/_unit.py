@@ -37,7 +37,6 @@ from ._classify import (
     answer_timed_out,
     client_state_broken,
     debug_failure,
-    error_chain,
     hot_standby_server,
     mark_hot_standby,
     mark_outcome,
@@ -46,6 +45,7 @@ from ._classify import (
     refused_by_a_writable_server,
     socket_given_up,
     sqlstate_of,
+    text_mark,
     unanswered_commit,
 )
 from ._commit import (
@@ -447,14 +447,7 @@ def commit_interrupted(exc: BaseException) -> str | None:
     """The service of the unit whose COMMIT ``exc``, or an error it was raised from (the
     cancellation ``asyncio.timeout`` turned into ``TimeoutError``), cut off with its outcome
     unknown (see :func:`mark_commit_interrupted`); None when it is no such interruption."""
-    for err in error_chain(exc):
-        try:
-            service = getattr(err, _COMMIT_INTERRUPTED, None)
-        except Exception:  # a type whose attribute lookup misbehaves: as if unmarked
-            continue
-        if isinstance(service, str):
-            return service
-    return None
+    return text_mark(exc, _COMMIT_INTERRUPTED)
 
 
 class CommitReferee:
