@@ -406,6 +406,12 @@ def _connecting(err: BaseException) -> bool:
     )
 
 
+def connect_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an error of its chain) was raised while connecting: the attempt never
+    had a connection (the pool's connect, the driver's own, a drop-in connect retry's)."""
+    return any(_connecting(err) or _raised_connecting(err) for err in error_chain(exc))
+
+
 def answer_timed_out(exc: BaseException) -> bool:
     """Whether ``exc`` is the client giving up waiting for an answer (asyncpg's
     ``command_timeout``: a ``TimeoutError`` outside connecting). Not transient as such (a slow

@@ -28,6 +28,7 @@ from ._classify import (
     DEFAULT_CLASSIFIER,
     Classifier,
     Outcome,
+    connect_failed,
     debug_failure,
     hot_standby_hint,
     hot_standby_of,
@@ -293,6 +294,13 @@ class Policy:
         if breaker is not None:
             try:
                 if outcome in _BREAKER_FAILURES:
+                    # an attempt that never got a connection was not cut off in flight by the
+                    # failure another attempt was counted for: its failure always counts (the
+                    # connects of units started together to a hung database fail together, one
+                    # connect timeout later: each is the database's answer, not one event seen
+                    # again; see Breaker.on_failure)
+                    if connect_failed(exc):
+                        started = None
                     breaker.on_failure(probe, started, _failure_cause(exc))
                 else:
                     breaker.on_neutral(probe)

@@ -74,9 +74,10 @@ def test_a_hung_database_opens_the_breaker_after_about_threshold_windows_not_tim
     Each began before the first of them failed; the old rule (an attempt that began before
     the last counted failure is not counted) counted one failure per connect timeout: 12
     units over 3.3 s, threshold 3, counted 2 and left the breaker closed (a threshold of 5 and
-    the default 5 s timeout: 25 s of units sent to a dead database). Failures merge only
-    within the failover window (1 s) after a counted one: these count once a window, and the
-    third opens the breaker while the batch is still failing."""
+    the default 5 s timeout: 25 s of units sent to a dead database). An attempt that never got
+    a connection was not in flight when another failed: each of these counts, and the
+    threshold-th opens the breaker while the batch is still failing; the units that begin
+    after it are rejected at once."""
     threshold = 3
     config = rdb.Config(
         retry=False,
@@ -125,10 +126,14 @@ def test_a_hung_database_opens_the_breaker_after_about_threshold_windows_not_tim
         assert not any(t.is_alive() for t in threads)
     finally:
         rdb.remove_hook(opened)
-    # every unit of the batch began before the breaker opened: each failed on its own
-    # connect timeout, and the breaker opened while they were failing
-    assert sorted(order) == ["failed"] * UNITS + ["opened"], order
-    assert threshold <= order.index("opened") < UNITS, order
+    # each failed connect counted: the threshold-th failure opened the breaker (its hook runs
+    # before that unit's end is noted), while the batch was still failing
+    opened_at = order.index("opened")
+    assert order[:opened_at] == ["failed"] * (threshold - 1), order
+    assert order.count("opened") == 1, order
+    assert set(order) <= {"failed", "opened", "rejected"}, order
+    assert order.count("failed") + order.count("rejected") == UNITS, order
+    assert "failed" in order[opened_at + 1 :], order  # the batch still failing meanwhile
     breaker = _breaker(Factory)
     assert breaker.state == "open"
     if shared_breaker:
