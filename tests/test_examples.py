@@ -4,7 +4,7 @@ dashboard, started with one command and exercised over HTTP)."""
 
 from __future__ import annotations
 
-import concurrent.futures
+import json
 import os
 import runpy
 import signal
@@ -122,6 +122,27 @@ def test_fastapi_tasks_runs_with_one_command_on_the_embedded_server(tmp_path: Pa
     assert proc.returncode == 0, output
 
 
+#: The resent request, in a process of its own: the example's app, made in this process, would
+#: stay alive after the test (FastAPI's caches keep its endpoints), and with it its factory,
+#: which follows the environment's configuration (a later test's reload_config() would attach
+#: it to that test's Redis). Prints the answer's status, content type and body.
+_RESEND_SCRIPT = """
+import json, runpy, sys
+import sqlalchemy as sa
+from starlette.testclient import TestClient
+
+example = runpy.run_path(sys.argv[1], run_name="fastapi_tasks_example")
+engine = sa.create_engine(sys.argv[2])
+app = example["create_app"](engine, dashboard_token="t" * 20)
+with TestClient(app) as client:
+    answer = client.post(
+        "/tasks", json={"title": "report"}, headers={"Idempotency-Key": sys.argv[3]}
+    )
+print(json.dumps([answer.status_code, answer.headers["content-type"], answer.text]))
+engine.dispose()
+"""
+
+
 def test_fastapi_tasks_answers_a_key_resent_while_the_first_is_running_with_that_task(
     pg_url: str,
 ) -> None:
@@ -132,37 +153,39 @@ def test_fastapi_tasks_answers_a_key_resent_while_the_first_is_running_with_that
     transaction of the test's, committed once the resent request waits for it (an order)."""
     pytest.importorskip("fastapi")
     from sqlalchemy.orm import Session  # noqa: PLC0415
-    from starlette.testclient import TestClient  # noqa: PLC0415
 
     from resilient_db.examples.tasks import create_task  # noqa: PLC0415
 
-    example = runpy.run_path(str(FASTAPI_TASKS), run_name="fastapi_tasks_example")
     engine = sa.create_engine(pg_url)
     try:
-        example["prepare"](engine)
-        app = example["create_app"](engine, dashboard_token="t" * 20)
+        runpy.run_path(str(FASTAPI_TASKS), run_name="fastapi_tasks_example")["prepare"](engine)
         key = f"order-{uuid.uuid4()}"
-        pool = concurrent.futures.ThreadPoolExecutor(1)
-        with pool, TestClient(app) as client, Session(engine) as first:
-            with first.begin():
-                task = create_task(first, title="report", idem_key=key)
-                first.flush()
-                made = task.id
-                resent = pool.submit(
-                    client.post,
-                    "/tasks",
-                    json={"title": "report"},
-                    headers={"Idempotency-Key": key},
-                )
-                for _ in range(1000):  # until the resent INSERT waits for this one
-                    if resent.done() or _waiting_on_a_lock(engine):
+        with Session(engine) as first, first.begin():
+            task = create_task(first, title="report", idem_key=key)
+            first.flush()
+            made = task.id
+            resent = subprocess.Popen(
+                [sys.executable, "-c", _RESEND_SCRIPT, str(FASTAPI_TASKS), pg_url, key],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                for _ in range(3000):  # until the resent INSERT waits for this one
+                    if resent.poll() is not None or _waiting_on_a_lock(engine):
                         break
                     time.sleep(0.01)
-                assert not resent.done(), resent.result().text
-            answer = resent.result(timeout=30)
-        assert answer.status_code == 201, answer.text
-        assert answer.headers["content-type"] == "application/json"
-        assert answer.json()["id"] == made
+                assert resent.poll() is None, resent.communicate()
+            except BaseException:
+                resent.kill()
+                resent.communicate()
+                raise
+        out, err = resent.communicate(timeout=60)
+        assert resent.returncode == 0, err
+        status, content_type, body = json.loads(out.strip().splitlines()[-1])
+        assert status == 201, body
+        assert content_type == "application/json"
+        assert json.loads(body)["id"] == made
         with engine.connect() as conn:
             query = sa.text("SELECT count(*) FROM tasks WHERE idem_key = :k")
             assert conn.execute(query, {"k": key}).scalar_one() == 1
