@@ -54,6 +54,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol, TypeAlias, get_args, get_origin
 
 from sqlalchemy import event
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import Session
 
 from ._config import Config
@@ -432,7 +433,9 @@ def _kind(cls: type) -> int:
             kind = _MAPPING
         elif issubclass(cls, _COLLECTIONS):
             kind = _COLLECTION
-        elif dataclasses.is_dataclass(cls):
+        elif dataclasses.is_dataclass(cls) and sa_inspect(cls, raiseerr=False) is None:
+            # (a mapped class is an ORM row even when it is a dataclass, as MappedAsDataclass
+            # models are: reading its fields would run the ORM's loaders)
             kind = _DATACLASS
         else:
             kind = _LEAF  # an ORM row, a model, a scalar: not looked into
@@ -475,7 +478,12 @@ def _iterator_in(value: Any) -> tuple[tuple[Any, ...], str] | None:
         elif kind == _COLLECTION:
             items = enumerate(node)
         elif kind == _DATACLASS:
-            items = [(f.name, getattr(node, f.name, None)) for f in dataclasses.fields(node)]
+            # the fields' stored values (no descriptor run), or, with slots, their slots
+            stored = getattr(node, "__dict__", None)
+            items = [
+                (f.name, stored.get(f.name) if stored is not None else getattr(node, f.name, None))
+                for f in dataclasses.fields(node)
+            ]
         else:
             continue
         for key, item in items:
