@@ -414,6 +414,11 @@ EXCEPTION
         RAISE WARNING USING
             MESSAGE = 'schema {s} is kept: it holds objects other than the commit markers',
             DETAIL = v_detail;
+    WHEN insufficient_privilege THEN
+        RAISE WARNING USING
+            MESSAGE = 'schema {s} is kept: this role may not drop it',
+            DETAIL = pg_catalog.format('It belongs to %s.', (SELECT pg_catalog.pg_get_userbyid(
+                n.nspowner) FROM pg_catalog.pg_namespace n WHERE n.nspname = '{s}'));
 END
 $rdb$""",
     ]
@@ -503,7 +508,8 @@ def _fetch_value(cursor: Any, sql: str) -> Any:
 def uninstall_commit_markers(bind_or_op: Any) -> None:
     """Remove the commit markers (the downgrade of :func:`install_commit_markers`), and the
     schema ``resilient_db`` the install made when nothing else is in it (otherwise it stays,
-    with a WARNING from the server naming what is left)."""
+    with a WARNING from the server naming what is left; so does one this role may not drop, a
+    schema another role made for the install)."""
     _run_statements(bind_or_op, _uninstall_statements())
 
 

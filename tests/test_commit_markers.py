@@ -412,6 +412,50 @@ def test_uninstall_keeps_the_schema_when_it_holds_other_objects(engine: sa.Engin
         rdb.install_commit_markers(engine)
 
 
+def test_uninstall_keeps_a_schema_another_role_made_for_the_install(
+    engine: sa.Engine, pg_server: Any, pg_database: str
+) -> None:
+    """A DBA (a superuser) made schema ``resilient_db`` and let the application's migration
+    role create in it; that role installed the markers and uninstalls them: the markers go,
+    the schema stays with a WARNING (it failed with "must be owner of schema", and the whole
+    uninstall, an Alembic downgrade, was rolled back)."""
+    role = f"rdb_installer_{uuid.uuid4().hex[:8]}"
+    password = uuid.uuid4().hex
+    rdb.uninstall_commit_markers(engine)  # (the fixture's install, by the superuser)
+    pg_server.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+    installer = sa.create_engine(engine.url.set(username=role, password=password))
+    notices: list[str] = []
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                f"CREATE SCHEMA resilient_db; GRANT USAGE, CREATE ON SCHEMA resilient_db TO {role}"
+            )
+            # (the database's owner, as the migration role often is, may create schemas)
+            conn.exec_driver_sql(f'GRANT CREATE ON DATABASE "{pg_database}" TO {role}')
+        rdb.install_commit_markers(installer)
+        with installer.begin() as conn:
+            driver = conn.connection.driver_connection
+            assert driver is not None
+            driver.add_notice_handler(
+                lambda d: notices.append(f"{d.severity}: {d.message_primary} {d.message_detail}")
+            )
+            rdb.uninstall_commit_markers(conn)
+        with engine.connect() as conn:
+            assert conn.scalar(sa.text("SELECT to_regclass('resilient_db.commit_markers')")) is None
+            assert conn.scalar(sa.text("SELECT to_regnamespace('resilient_db')")) is not None
+        kept = [n for n in notices if "schema resilient_db is kept" in n]
+        assert len(kept) == 1, notices
+        assert kept[0].startswith("WARNING: schema resilient_db is kept: this role may not")
+        assert f"It belongs to {engine.url.username}." in kept[0]
+    finally:
+        installer.dispose()
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP SCHEMA IF EXISTS resilient_db CASCADE")
+        pg_server.execute(f"DROP OWNED BY {role}", database=pg_database)
+        pg_server.execute(f"DROP ROLE {role}")
+        rdb.install_commit_markers(engine)
+
+
 def test_mark_commit_refuses_a_login_role_that_may_not_write_markers(engine: sa.Engine) -> None:
     """The function runs as its owner, so that a role a unit switched to can call it; it lends
     no right: the role that logged in (``session_user``) must be allowed to write markers."""
