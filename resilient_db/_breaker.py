@@ -377,6 +377,15 @@ class Breaker:
         its own: that one is the breaker's state, as asked), leaving the link of another Redis
         this breaker followed (closed when nothing else is attached to it)."""
         shared = bool(config.redis_url) and self.storage_given is None
+        if shared and self._fleet is None:
+            # shared from now on (a reload setting SELF_HEALING_REDIS_URL): an opening this
+            # process made on its own is kept and shared, as one made while Redis was down is
+            # (read back as closed, it would be thrown away and the next unit sent to the
+            # database that just failed). Marked before attaching: a new link's thread may
+            # connect and read the shared state back before attach() returns
+            with self._lock:
+                if self._storage.state == OPEN and self._remaining_open() > 0:
+                    self._opened_locally = True
         link = attach(config, breaker=self) if shared else None
         old, self._fleet = self._fleet, link
         if old is link:
@@ -386,14 +395,6 @@ class Breaker:
             detach(old, breaker=self)
         if link is None:
             return
-        if old is None:
-            # shared from now on (a reload setting SELF_HEALING_REDIS_URL): an opening this
-            # process made on its own is kept and shared, as one made while Redis was down is
-            # (read back as closed, it would be thrown away and the next unit sent to the
-            # database that just failed)
-            with self._lock:
-                if self._storage.state == OPEN and self._remaining_open() > 0:
-                    self._opened_locally = True
         link.sync_breaker(self)
 
     def after_fork_in_child(self) -> None:
