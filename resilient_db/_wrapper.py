@@ -37,7 +37,6 @@ from sqlalchemy.orm import Session
 from ._classify import debug_failure, sqlstate_of
 from ._commit import AttemptRecord
 from ._config import Config, env_config
-from ._errors import ResponseValidationError
 from ._observability import log_retry
 from ._retry import Policy
 from ._state import STATE
@@ -314,10 +313,11 @@ def _checked(
     attempt that succeeded (``record``) may have committed work of its own (drop-in
     ``Session.begin()`` blocks, a unit run inside it): an invalid result is then the error of
     an operation that committed part of its work (partly committed, as a unit's invalid result
-    after its own ``session.commit()`` is), not a failure that saved nothing."""
+    after its own ``session.commit()`` is), not a failure that saved nothing; so is a result
+    the check refuses (``TypeError``: an iterator in it)."""
     try:
         return check_response(check, result, cfg, policy.service)
-    except ResponseValidationError as exc:
+    except Exception as exc:  # an invalid result, or one the check refuses (an iterator in it)
         if record is not None and record.unreplayable:
             policy.partly_committed(exc)
         raise

@@ -265,6 +265,37 @@ def test_an_invalid_result_of_an_operation_that_committed_is_partly_committed(
         assert len(attempts) == 2
 
 
+def test_a_result_the_check_refuses_after_an_operation_committed_is_partly_committed(
+    direct: sa.Engine, service: str
+) -> None:
+    """``with_self_healing(..., validate=...)`` whose operation committed, then returned a
+    result holding an iterator (refused by the check with ``TypeError``): the change is saved,
+    so the error is partly committed (``problem_details`` answers ``partly-committed``), not a
+    generic error that a client resubmits after."""
+    config = rdb.Config()
+    Sessions = rdb.ResilientSession(direct, service=service, config=config)
+    key = str(uuid.uuid4())
+
+    def create(session: Session) -> dict[str, Any]:
+        create_task(session, title="t", idem_key=key)
+        return {"ids": map(int, ["1", "2"])}
+
+    with pytest.raises(TypeError, match="holds an iterator") as info:
+        rdb.with_self_healing(
+            lambda: Sessions.run(create), service=service, config=config, validate=_Ids
+        )
+    assert partly_committed(info.value)
+    answer = problem_details(info.value)
+    assert answer is not None
+    assert answer.status == 500
+    assert answer.body["type"] == "urn:resilient-db:problem:partly-committed"
+    assert saved(direct, key) == 1
+
+
+class _Ids(BaseModel):
+    ids: list[int]
+
+
 @pytest.mark.parametrize("form", ["call-form", "decorated-async"])
 def test_an_invalid_result_of_an_operation_that_committed_nothing_stays_response_invalid(
     direct: sa.Engine, service: str, form: str
