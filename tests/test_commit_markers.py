@@ -384,6 +384,16 @@ def test_install_is_idempotent_and_uninstall_removes_everything(engine: sa.Engin
     assert markers(engine) == []
 
 
+def _hear_notices(conn: sa.Connection, notices: list[str]) -> None:
+    """The server's notices and warnings to ``conn`` (psycopg) from now on, as
+    ``"SEVERITY: message detail"``."""
+    driver = conn.connection.driver_connection
+    assert driver is not None
+    driver.add_notice_handler(
+        lambda d: notices.append(f"{d.severity}: {d.message_primary} {d.message_detail}")
+    )
+
+
 def test_uninstall_keeps_the_schema_when_it_holds_other_objects(engine: sa.Engine) -> None:
     """A table of the application's in schema ``resilient_db``: the uninstall removes the
     markers, keeps the schema and the table, and the server's WARNING names the table."""
@@ -393,11 +403,7 @@ def test_uninstall_keeps_the_schema_when_it_holds_other_objects(engine: sa.Engin
         conn.exec_driver_sql("CREATE TABLE resilient_db.app_notes (id integer PRIMARY KEY)")
     try:
         with engine.begin() as conn:
-            driver = conn.connection.driver_connection
-            assert driver is not None
-            driver.add_notice_handler(
-                lambda d: notices.append(f"{d.severity}: {d.message_primary} {d.message_detail}")
-            )
+            _hear_notices(conn, notices)
             rdb.uninstall_commit_markers(conn)
         with engine.connect() as conn:
             assert conn.scalar(sa.text("SELECT to_regclass('resilient_db.commit_markers')")) is None
@@ -434,11 +440,7 @@ def test_uninstall_keeps_a_schema_another_role_made_for_the_install(
             conn.exec_driver_sql(f'GRANT CREATE ON DATABASE "{pg_database}" TO {role}')
         rdb.install_commit_markers(installer)
         with installer.begin() as conn:
-            driver = conn.connection.driver_connection
-            assert driver is not None
-            driver.add_notice_handler(
-                lambda d: notices.append(f"{d.severity}: {d.message_primary} {d.message_detail}")
-            )
+            _hear_notices(conn, notices)
             rdb.uninstall_commit_markers(conn)
         with engine.connect() as conn:
             assert conn.scalar(sa.text("SELECT to_regclass('resilient_db.commit_markers')")) is None
