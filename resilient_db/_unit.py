@@ -1851,15 +1851,13 @@ class EngineHooks:
             ctx.is_disconnect = True
             ctx.invalidate_pool_on_disconnect = True
             self._pool_invalidated(code)
-        elif not ctx.is_disconnect and client_state_broken(original):
-            # asyncpg's protocol state is broken on this one connection (a session the server
-            # ended, whose close asyncpg has not read yet): it must not go back to the pool.
-            # The pool's other connections are judged by their own errors.
-            ctx.is_disconnect = True
-            ctx.invalidate_pool_on_disconnect = False
-        elif not ctx.is_disconnect and code is None and socket_given_up(original):
-            # psycopg gave up on this connection's socket mid-statement before libpq saw it
-            # lost: it must not go back to the pool (its reset would fail). The pool's other
+        elif not ctx.is_disconnect and (
+            client_state_broken(original) or (code is None and socket_given_up(original))
+        ):
+            # this one connection is lost although its driver does not say so yet: asyncpg's
+            # protocol state is broken (a session the server ended, whose close asyncpg has not
+            # read yet), or psycopg gave up on its socket mid-statement before libpq saw it
+            # lost. It must not go back to the pool (its reset would fail); the pool's other
             # connections are judged by their own errors.
             ctx.is_disconnect = True
             ctx.invalidate_pool_on_disconnect = False

@@ -384,29 +384,31 @@ def test_install_is_idempotent_and_uninstall_removes_everything(engine: sa.Engin
     assert markers(engine) == []
 
 
-def _hear_notices(conn: sa.Connection, notices: list[str]) -> None:
-    """The server's notices and warnings to ``conn`` (psycopg) from now on, as
-    ``"SEVERITY: message detail"``."""
-    driver = conn.connection.driver_connection
-    assert driver is not None
-    driver.add_notice_handler(
-        lambda d: notices.append(f"{d.severity}: {d.message_primary} {d.message_detail}")
-    )
+def _uninstalled(by: sa.Engine, engine: sa.Engine) -> list[str]:
+    """``uninstall_commit_markers`` run through ``by``: the markers are gone (as ``engine``
+    sees); the server's notices and warnings to it, as ``"SEVERITY: message detail"``."""
+    notices: list[str] = []
+    with by.begin() as conn:
+        driver = conn.connection.driver_connection
+        assert driver is not None
+        driver.add_notice_handler(
+            lambda d: notices.append(f"{d.severity}: {d.message_primary} {d.message_detail}")
+        )
+        rdb.uninstall_commit_markers(conn)
+    with engine.connect() as conn:
+        assert conn.scalar(sa.text("SELECT to_regclass('resilient_db.commit_markers')")) is None
+    return notices
 
 
 def test_uninstall_keeps_the_schema_when_it_holds_other_objects(engine: sa.Engine) -> None:
     """A table of the application's in schema ``resilient_db``: the uninstall removes the
     markers, keeps the schema and the table, and the server's WARNING names the table."""
     rdb.install_commit_markers(engine)
-    notices: list[str] = []
     with engine.begin() as conn:
         conn.exec_driver_sql("CREATE TABLE resilient_db.app_notes (id integer PRIMARY KEY)")
     try:
-        with engine.begin() as conn:
-            _hear_notices(conn, notices)
-            rdb.uninstall_commit_markers(conn)
+        notices = _uninstalled(engine, engine)
         with engine.connect() as conn:
-            assert conn.scalar(sa.text("SELECT to_regclass('resilient_db.commit_markers')")) is None
             assert conn.scalar(sa.text("SELECT to_regclass('resilient_db.app_notes')")) is not None
         warned = [n for n in notices if n.startswith("WARNING: ")]
         assert len(warned) == 1, notices
@@ -430,7 +432,6 @@ def test_uninstall_keeps_a_schema_another_role_made_for_the_install(
     rdb.uninstall_commit_markers(engine)  # (the fixture's install, by the superuser)
     pg_server.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
     installer = sa.create_engine(engine.url.set(username=role, password=password))
-    notices: list[str] = []
     try:
         with engine.begin() as conn:
             conn.exec_driver_sql(
@@ -439,11 +440,8 @@ def test_uninstall_keeps_a_schema_another_role_made_for_the_install(
             # (the database's owner, as the migration role often is, may create schemas)
             conn.exec_driver_sql(f'GRANT CREATE ON DATABASE "{pg_database}" TO {role}')
         rdb.install_commit_markers(installer)
-        with installer.begin() as conn:
-            _hear_notices(conn, notices)
-            rdb.uninstall_commit_markers(conn)
+        notices = _uninstalled(installer, engine)
         with engine.connect() as conn:
-            assert conn.scalar(sa.text("SELECT to_regclass('resilient_db.commit_markers')")) is None
             assert conn.scalar(sa.text("SELECT to_regnamespace('resilient_db')")) is not None
         kept = [n for n in notices if "schema resilient_db is kept" in n]
         assert len(kept) == 1, notices
