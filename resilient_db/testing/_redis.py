@@ -129,22 +129,18 @@ class RedisServer(Service):
             return
         _redis_client()  # before anything starts: without it the server's answer can't be heard
         executable = self._executable or redis_server_binary()
-        if self._watchdog is None:
+        if self._watchdog is None or self._dir is None:  # (made and dropped together)
             # a test process killed outright (SIGKILL), at any moment, leaves no redis-server
             # and no directory behind: the watchdog makes the directory itself (none exists
             # that it would not remove)
-            if self._dir is None:
-                self._watchdog = Watchdog(
-                    None,
-                    str(self.port),
-                    "KILL",
-                    parent=Path(tempfile.gettempdir()),
-                    prefix="rdb-redis-",
-                )
-                self._dir = self._watchdog.directory
-            else:
-                self._watchdog = Watchdog(self._dir, str(self.port), "KILL")
-        assert self._dir is not None
+            self._watchdog = Watchdog(
+                None,
+                str(self.port),
+                "KILL",
+                parent=Path(tempfile.gettempdir()),
+                prefix="rdb-redis-",
+            )
+            self._dir = self._watchdog.directory
         # the password and the renamed commands go in a file only this user reads: on the
         # command line any local user would see the password (/proc/PID/cmdline), and one
         # starting with "--" would read as an option there
