@@ -570,8 +570,8 @@ BEGIN
         AND pg_catalog.obj_description(v_old, 'pg_proc') LIKE 'resilient_db transition guard \
 %'
         AND NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgfoid = v_old::oid)
-        AND pg_catalog.pg_has_role(
-            (SELECT p.proowner FROM pg_catalog.pg_proc p WHERE p.oid = v_old::oid), 'USAGE') THEN
+        AND pg_catalog.pg_has_role((SELECT p.proowner FROM pg_catalog.pg_proc p WHERE \
+p.oid = v_old::oid), 'USAGE') THEN
         DROP FUNCTION "rdb_transition_jobs_state"();
     END IF;
 END

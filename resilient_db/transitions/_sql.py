@@ -218,6 +218,9 @@ def trigger_names(guard: Guard) -> TriggerNames:
     )
 
 
+_OWNER_OF_OLD: Final = "(SELECT p.proowner FROM pg_catalog.pg_proc p WHERE p.oid = v_old::oid)"
+
+
 def _drop_legacy_function(n: TriggerNames, guard: Guard) -> str:
     """Drop the function of the old naming scheme if it is ours, no trigger still calls it and
     this role may drop it (after a name collision it may be another table's; that one drops it
@@ -232,8 +235,7 @@ BEGIN
     IF v_old IS NOT NULL
         AND {_stamped("v_old")}
         AND {_uncalled("v_old::oid")}
-        AND pg_catalog.pg_has_role(
-            (SELECT p.proowner FROM pg_catalog.pg_proc p WHERE p.oid = v_old::oid), 'USAGE') THEN
+        AND {_may_drop(_OWNER_OF_OLD)} THEN
         DROP FUNCTION {legacy}();
     END IF;
 END""")
@@ -464,6 +466,13 @@ def _uncalled(function: str) -> str:
     return f"NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgfoid = {function})"
 
 
+def _may_drop(owner: str) -> str:
+    """SQL true when this role may drop an object ``owner`` (SQL: a role's oid) owns: a member
+    of that role. Another role's function, stamped like ours, stays (the install must not fail
+    on it)."""
+    return f"pg_catalog.pg_has_role({owner}, 'USAGE')"
+
+
 def _our_triggers_dropped(
     table: str, condition: str, declare: str = "", *, inner: bool = False
 ) -> str:
@@ -496,7 +505,7 @@ BEGIN
         -- a function this role may not drop (another role's, stamped like ours) stays: its
         -- trigger is gone, and the install must not fail on it
         IF {_uncalled("r.fn")}
-                AND pg_catalog.pg_has_role(r.owner, 'USAGE') THEN
+                AND {_may_drop("r.owner")} THEN
             EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS %I.%I()', r.schema, r.function);
         END IF;
     END LOOP;
