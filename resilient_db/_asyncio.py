@@ -26,6 +26,7 @@ from ._classify import Classifier, debug_failure
 from ._commit import AttemptRecord, CommitRequest, CommitTicket
 from ._config import Config
 from ._errors import TransactionStateError
+from ._internals import with_own_session_class
 from ._observability import log_session
 from ._registry import enter_unit, factory_of, leave_unit, register_class, register_session
 from ._statements import current_attempt, library_work
@@ -141,7 +142,14 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             wall_clock=wall_clock,
             session_kwargs=async_sessionmaker_kwargs,
         )
-        async_sessionmaker.__init__(self, bind, **async_sessionmaker_kwargs)
+        kwargs = async_sessionmaker_kwargs
+        if True:  # async only
+            # (the sync session of each AsyncSession names its factory in the registry)
+            pass
+        else:  # sync only
+            # a class of this factory's own, whatever sessionmaker does with it (see there)
+            kwargs = with_own_session_class(kwargs)
+        async_sessionmaker.__init__(self, bind, **kwargs)
         if True:  # async only
             # One policy, two drivers: ``acall`` awaits ``asleep`` between units' attempts;
             # ``call`` runs the drop-in connect retry inside SQLAlchemy's greenlet. (Not a
@@ -149,7 +157,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             # holds the policy, which would keep the factory and its engine alive.)
             self.policy.sleep = _greenlet_sleep(asleep)
         else:  # sync only
-            # sessionmaker made a class of its own for this factory: its sessions name us
+            # the class is this factory's own (made above): its sessions name us
             register_class(self.class_, self)
             # and, where your class picks the engines, hook each one it picks (see there)
             routing = self._routing_get_bind(self.class_)

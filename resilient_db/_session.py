@@ -28,6 +28,7 @@ from ._classify import Classifier, debug_failure
 from ._commit import AttemptRecord, CommitRequest, CommitTicket
 from ._config import Config
 from ._errors import TransactionStateError
+from ._internals import with_own_session_class
 from ._observability import log_session
 from ._registry import enter_unit, factory_of, leave_unit, register_class
 from ._statements import current_attempt, library_work
@@ -141,8 +142,11 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
             wall_clock=wall_clock,
             session_kwargs=sessionmaker_kwargs,
         )
-        sessionmaker.__init__(self, bind, **sessionmaker_kwargs)
-        # sessionmaker made a class of its own for this factory: its sessions name us
+        kwargs = sessionmaker_kwargs
+        # a class of this factory's own, whatever sessionmaker does with it (see there)
+        kwargs = with_own_session_class(kwargs)
+        sessionmaker.__init__(self, bind, **kwargs)
+        # the class is this factory's own (made above): its sessions name us
         register_class(self.class_, self)
         # and, where your class picks the engines, hook each one it picks (see there)
         routing = self._routing_get_bind(self.class_)

@@ -10,18 +10,17 @@ from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Result
-from sqlalchemy.engine.result import null_result
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session
 from sqlalchemy.sql.elements import (
     BindParameter,
     ClauseElement,
     ColumnElement,
     Null,
-    _anonymous_label,
 )
 
 from resilient_db._config import Config
 from resilient_db._errors import IllegalTransitionError
+from resilient_db._internals import dml_values, empty_result, is_anonymous_bind
 from resilient_db._observability import emit
 
 from ._bypass import active_config
@@ -35,17 +34,6 @@ __all__ = ["do_orm_execute"]
 class _Target(NamedTuple):
     static: bool
     value: Any  # the Python value (static) or a SQL expression (dynamic)
-
-
-def _dml_values(stmt: Any) -> list[tuple[Any, Any]]:
-    pairs: list[tuple[Any, Any]] = []
-    ordered = getattr(stmt, "_ordered_values", None)  # SQLAlchemy 2.0 ordered_values()
-    if ordered:
-        pairs.extend(ordered)
-    values = getattr(stmt, "_values", None)
-    if values:
-        pairs.extend(values.items())
-    return pairs
 
 
 def _is_guard_key(key: Any, guard: Guard) -> bool:
@@ -84,7 +72,7 @@ def _target(stmt: Any, params: Any, guard: Guard, *, by_pk: bool = False) -> _Ta
     literal of ``values()`` is a parameter named after the column, which an execution
     parameter of that name replaces; a ``bindparam()`` of its own takes its own parameter."""
     given = _param_name(params, guard, by_pk)
-    for key, value in _dml_values(stmt):
+    for key, value in dml_values(stmt):
         if _is_guard_key(key, guard):
             if given is not None and _replaceable(value):
                 return _Target(True, params[given])
@@ -98,7 +86,7 @@ def _replaceable(value: Any) -> bool:
     """A ``values()`` entry an execution parameter named after the column replaces: a plain
     value, or the anonymous parameter SQLAlchemy makes of it (also of ``literal()``)."""
     if isinstance(value, BindParameter):
-        return isinstance(value.key, _anonymous_label)
+        return is_anonymous_bind(value)
     return not (isinstance(value, ClauseElement) or hasattr(value, "__clause_element__"))
 
 
@@ -530,6 +518,6 @@ def _bulk_by_pk(
         return None
     kept = [row for index, row in enumerate(params) if index not in rejected]
     if not kept:
-        return null_result()
+        return empty_result()
     orm_state.parameters = kept
     return orm_state.invoke_statement()

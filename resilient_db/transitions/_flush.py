@@ -22,15 +22,15 @@ from typing import Any, NamedTuple, TypeAlias
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.orm import Mapper, Session, UOWTransaction, object_session
+from sqlalchemy.orm import NO_VALUE, Mapper, Session, UOWTransaction, object_session
 from sqlalchemy.orm.attributes import instance_state
-from sqlalchemy.orm.base import NEVER_SET, NO_VALUE, PASSIVE_NO_INITIALIZE
 from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.sql.elements import ClauseElement
 
 from resilient_db._classify import error_chain, sqlstate_of
 from resilient_db._config import Config
 from resilient_db._errors import IllegalTransitionError, StaleTransitionError
+from resilient_db._internals import NEVER_SET, attribute_history
 from resilient_db._state import STATE
 from resilient_db._statements import StatementGuard, current_attempt, note_write
 
@@ -257,7 +257,7 @@ def _pending_change(
     if key not in state.committed_state:
         return None  # the attribute was not set since the row was loaded
     # the attribute's own history (``state.attrs[...]`` builds a view of every attribute)
-    history = state.manager[key].impl.get_history(state, state.dict, _NO_INITIALIZE)
+    history = attribute_history(state, key)
     added = history.added
     if not added:
         return None
@@ -270,9 +270,6 @@ def _pending_change(
     pk = identity[0] if len(identity) == 1 else identity
     old = deleted[0] if deleted else None
     return Change(guard, pk, identity, old, bool(deleted), new, state.mapper)
-
-
-_NO_INITIALIZE = PASSIVE_NO_INITIALIZE
 
 
 def _stale(change: Change, reason: str, from_state: Any = None) -> StaleTransitionError:

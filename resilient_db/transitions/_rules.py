@@ -23,6 +23,7 @@ from sqlalchemy.orm import Mapper
 from sqlalchemy.orm.state import InstanceState
 
 from resilient_db._errors import ResilientDBError
+from resilient_db._internals import flush_pk_bind_name
 from resilient_db._state import renew_after_fork
 
 __all__ = [
@@ -321,11 +322,10 @@ def _db_key(type_: sa.types.TypeEngine[Any], value: object) -> Key:
         return None
     impl = getattr(type_, "impl", type_) if isinstance(type_, sa.types.TypeDecorator) else type_
     if isinstance(impl, sa.Enum):
-        enum_type: Any = impl  # _db_value_for_elem: name or member -> database value
-        db = enum_type._db_value_for_elem(value)
-        if db is not None and db not in impl.enums:
+        db = enum_db_values(impl).get(value)  # TypeError: unhashable, no state
+        if db is None:
             raise LookupError(f"{value!r} is not among the values of {impl!r}")
-        return None if db is None else str(db)
+        return db
     if isinstance(value, enum.Enum):
         if written_by_name(type_, value):
             raise TypeError(f"{value!r} is written by its name, not its value")
@@ -341,6 +341,38 @@ def _db_key(type_: sa.types.TypeEngine[Any], value: object) -> Key:
         # character(n) pads with spaces, and gives them back; col::text drops them
         return str(value).rstrip(" ")
     return str(value)
+
+
+_ENUM_DB_VALUES: weakref.WeakKeyDictionary[sa.Enum, dict[Any, str]] = weakref.WeakKeyDictionary()
+
+
+def enum_db_values(enum_type: sa.Enum) -> dict[Any, str]:
+    """The database value SQLAlchemy binds for each value an ``Enum`` column takes: each
+    member of its ``enum_class`` and each of its ``enums`` strings (a member's database
+    spelling, its name unless ``values_callable`` says otherwise; an alias's, its canonical
+    member's). Read from the public ``Enum.enums`` and ``Enum.enum_class`` as SQLAlchemy
+    builds its own lookup from them (``tests/test_internals.py`` compares the two); made once
+    per type."""
+    found = _ENUM_DB_VALUES.get(enum_type)
+    if found is not None:
+        return found
+    values = [str(v) for v in enum_type.enums]
+    cls = enum_type.enum_class
+    objects: list[Any]
+    if cls is None:
+        objects = list(values)
+    else:
+        members = list(cls.__members__.items())
+        if len(members) != len(values):  # omit_aliases (the default) leaves the aliases out
+            members = [(name, m) for name, m in members if m.name == name]
+        objects = [m for _, m in members]
+    if len(objects) != len(values):
+        raise TypeError(f"cannot pair the members of {cls!r} with {enum_type!r}.enums")
+    # a member (or value) listed twice: its first database value, as SQLAlchemy binds it
+    found = dict(zip(reversed(objects), reversed(values), strict=True))
+    found.update((v, found[o]) for v, o in zip(values, objects, strict=True))
+    _ENUM_DB_VALUES[enum_type] = found
+    return found
 
 
 def written_by_name(type_: sa.types.TypeEngine[Any], value: enum.Enum) -> bool:
@@ -543,9 +575,10 @@ def _compile(mapper: Mapper[Any], rules: TransitionRules) -> Guard:
 
     _check_server_default(column, initial, states, where)
     pk_columns, pk_attr_keys = _pk_columns(mapper, column, where)
-    # The ORM's flush binds an UPDATE's primary key as ``col._label`` (``tasks_id``) and the new
-    # values as ``col.key``; the compare-and-set reads both (see _attach_compare_and_set).
-    pk_labels = tuple(str(c._label) for c in pk_columns)
+    # The ORM's flush binds an UPDATE's primary key by the column's label (``tasks_id``) and
+    # the new values as ``col.key``; the compare-and-set reads both (see
+    # _attach_compare_and_set).
+    pk_labels = tuple(flush_pk_bind_name(c) for c in pk_columns)
     position = next(i for i, c in enumerate(column.table.columns) if c is column)
     return Guard(
         rules=rules,

@@ -1,0 +1,322 @@
+"""Canaries for ``resilient_db/_internals.py``: one per function that reads a library's
+non-public API, failing with a message that names the library, the private name, the function
+and what breaks (run at both ends of the supported range by ``make test-oldest``); plus the
+checks that the guard, the factories and the checkout probe never fail open when one moves."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
+
+import resilient_db as rdb
+from resilient_db import _internals
+from resilient_db._internals import InternalsChanged
+from resilient_db.examples.tasks import Base, Task
+from resilient_db.transitions._rules import enum_db_values
+
+
+def _says(library: str, name: str, function: str, breaks: str) -> str:
+    return (
+        f"{library} no longer behaves as resilient_db/_internals.py:{function} expects "
+        f"({name}): {breaks}. Find the new spelling and change {function} (and its docstring)."
+    )
+
+
+# -- SQLAlchemy: a bulk UPDATE's values -------------------------------------------------------
+
+
+def test_dml_values_reads_values_and_ordered_values() -> None:
+    by_values = sa.update(Task).values(status="completed", title="t")
+    by_order = sa.update(Task).ordered_values((Task.title, "t"), (Task.status, "completed"))
+    message = _says(
+        "SQLAlchemy",
+        "Update._values / _ordered_values / _maintain_values_ordering",
+        "dml_values",
+        "the bulk-UPDATE transition guard reads no values and refuses every bulk UPDATE",
+    )
+    got = [(getattr(k, "key", k), getattr(v, "value", v)) for k, v in _dml(by_values)]
+    assert sorted(got) == [("status", "completed"), ("title", "t")], message
+    got = [(getattr(k, "key", k), getattr(v, "value", v)) for k, v in _dml(by_order)]
+    assert got == [("title", "t"), ("status", "completed")], message
+    assert _internals.dml_values(sa.update(Task)) == [], message
+
+
+def _dml(stmt: Any) -> list[tuple[Any, Any]]:
+    try:
+        return _internals.dml_values(stmt)
+    except InternalsChanged as err:
+        pytest.fail(f"{err}")
+
+
+def test_dml_values_refuses_a_statement_it_cannot_read() -> None:
+    """A statement class with neither known layout raises, naming SQLAlchemy and the
+    attribute: returning no values let an illegal move through the guard (fail open)."""
+
+    class Moved:
+        values_by_key: tuple[Any, ...] = ()  # what a release might call it instead
+
+    with pytest.raises(InternalsChanged) as info:
+        _internals.dml_values(Moved())
+    assert info.value.library == "SQLAlchemy"
+    assert "Moved._values" in str(info.value)
+    assert "_ordered_values" in str(info.value)
+
+    class NotAMapping:
+        _values = (("status", "completed"),)  # the 2.1 name, holding something else
+        _maintain_values_ordering = False
+
+    with pytest.raises(InternalsChanged, match="as a mapping"):
+        _internals.dml_values(NotAMapping())
+
+
+def test_is_anonymous_bind_tells_a_values_literal_from_a_named_bindparam() -> None:
+    [(_, plain)] = _internals.dml_values(sa.update(Task).values(status="completed"))
+    [(_, literal)] = _internals.dml_values(sa.update(Task).values(status=sa.literal("x")))
+    [(_, named)] = _internals.dml_values(sa.update(Task).values(status=sa.bindparam("new")))
+    message = _says(
+        "SQLAlchemy",
+        "sqlalchemy.sql.elements._anonymous_label",
+        "is_anonymous_bind",
+        "an execution parameter named after the status no longer replaces a values() literal "
+        "in what the bulk-UPDATE guard checks",
+    )
+    assert isinstance(plain, sa.BindParameter), message
+    assert _internals.is_anonymous_bind(plain), message
+    assert _internals.is_anonymous_bind(literal), message
+    assert not _internals.is_anonymous_bind(named), message
+
+
+def test_empty_result_is_an_empty_result() -> None:
+    result = _internals.empty_result()
+    message = _says(
+        "SQLAlchemy",
+        "sqlalchemy.engine.result.null_result",
+        "empty_result",
+        "a bulk UPDATE by primary key whose every row is refused returns no Result",
+    )
+    assert isinstance(result, sa.Result), message
+    assert result.all() == [], message
+
+
+def test_flush_pk_bind_name_is_what_the_flush_binds_its_update_by(pg_url: str) -> None:
+    """The compare-and-set finds the primary key among the flush UPDATE's parameters under
+    this name (else it checks the rows under lock first: correct, a round trip more)."""
+    engine = sa.create_engine(pg_url)
+    seen: list[dict[str, Any]] = []
+
+    @sa.event.listens_for(engine, "before_cursor_execute")
+    def note(*args: Any) -> None:
+        statement, context = args[2], args[4]
+        if statement.startswith("UPDATE tasks"):
+            seen.extend(context.compiled_parameters)
+
+    try:
+        Base.metadata.create_all(engine)
+        with Session(engine) as s:
+            task = Task(idem_key=uuid.uuid4().hex, title="t", status="pending")
+            s.add(task)
+            s.commit()
+            task.title = "u"
+            s.commit()
+        name = _internals.flush_pk_bind_name(Task.__table__.c.id)
+        assert seen, "the flush sent no UPDATE"
+        assert name in seen[0], _says(
+            "SQLAlchemy",
+            "ColumnElement._label, the ORM flush's primary-key bind names",
+            "flush_pk_bind_name",
+            f"the flush's UPDATE binds {sorted(seen[0])}, not {name!r}: every guarded flush "
+            "checks its rows under lock first (correct, a round trip more)",
+        )
+    finally:
+        engine.dispose()
+
+
+def test_attribute_history_reads_a_change_without_loading() -> None:
+    task = Task(idem_key="k", title="t", status="pending")
+    state = sa.inspect(task)
+    history = _internals.attribute_history(state, "status")
+    message = _says(
+        "SQLAlchemy",
+        "InstanceState.manager[key].impl.get_history / sqlalchemy.orm.base",
+        "attribute_history",
+        "the flush transition guard cannot read a status change",
+    )
+    assert list(history.added) == ["pending"], message
+    assert _internals.NEVER_SET is not None, message
+    from sqlalchemy.orm import attributes  # noqa: PLC0415
+
+    assert _internals.NEVER_SET is attributes.NEVER_SET, message
+
+
+class _Color(enum.Enum):
+    RED = "r"
+    GREEN = "g"
+    CRIMSON = "r"  # noqa: PIE796 - an alias of RED
+
+
+class _Text(str, enum.Enum):
+    DRAFT = "draft"
+    DONE = "done"
+
+
+@pytest.mark.parametrize(
+    "enum_type",
+    [
+        sa.Enum("a", "b", name="plain"),
+        sa.Enum(_Color, name="color"),
+        sa.Enum(_Color, name="color_aliases", omit_aliases=False),
+        sa.Enum(_Color, name="color_values", values_callable=lambda c: [m.value for m in c]),
+        sa.Enum(_Text, name="text"),
+        sa.Enum(_Text, name="text_values", values_callable=lambda c: [m.value for m in c]),
+        sa.Enum(_Text, name="text_strict", validate_strings=True),
+    ],
+    ids=lambda t: t.name,
+)
+def test_enum_db_values_binds_as_sqlalchemy_does(enum_type: sa.Enum) -> None:
+    """The guard reads an Enum's database values from the public ``enums`` / ``enum_class``;
+    SQLAlchemy's own lookup (``Enum._db_value_for_elem``, read here only to compare) agrees."""
+    ours = enum_db_values(enum_type)
+    members = list(enum_type.enum_class) if enum_type.enum_class is not None else []
+    candidates = [*members, *enum_type.enums, "no such state"]
+    if enum_type.enum_class is not None:
+        candidates.extend(m.value for m in enum_type.enum_class)
+        candidates.extend(enum_type.enum_class.__members__)
+    private: Any = enum_type
+    for value in candidates:
+        try:
+            theirs = private._db_value_for_elem(value)
+        except LookupError:
+            theirs = None
+        if theirs is not None and theirs not in enum_type.enums:
+            theirs = None  # an unknown string passed through: no state
+        assert ours.get(value) == theirs, (value, ours, theirs)
+
+
+# -- the bulk-UPDATE guard never lets an illegal move through --------------------------------
+
+
+@pytest.fixture
+def tasks_engine(pg_url: str) -> Iterator[sa.Engine]:
+    engine = sa.create_engine(pg_url)
+    Base.metadata.create_all(engine)  # no trigger: the ORM guard is the only one
+    yield engine
+    engine.dispose()
+
+
+def _pending_task(engine: sa.Engine) -> int:
+    with engine.begin() as conn:
+        found = conn.execute(
+            sa.insert(Task)
+            .values(idem_key=uuid.uuid4().hex, title="t", status="pending")
+            .returning(Task.id)
+        ).scalar_one()
+    return int(found)
+
+
+def _status(engine: sa.Engine, task_id: int) -> str:
+    with engine.connect() as conn:
+        return str(conn.execute(sa.select(Task.status).where(Task.id == task_id)).scalar_one())
+
+
+@pytest.mark.parametrize("form", ["values", "ordered_values"])
+def test_an_illegal_bulk_update_is_refused_in_either_form(
+    tasks_engine: sa.Engine, form: str
+) -> None:
+    """``pending -> completed`` is illegal: the guard leaves the row as it was, whether the
+    UPDATE says ``values()`` or ``ordered_values()`` (stored differently by SQLAlchemy 2.0 and
+    2.1)."""
+    sessions = rdb.ResilientSession(tasks_engine, service="internals")
+    task_id = _pending_task(tasks_engine)
+
+    def unit(s: Session) -> None:
+        stmt = sa.update(Task).where(Task.id == task_id)
+        if form == "values":
+            stmt = stmt.values(status="completed")
+        else:
+            stmt = stmt.ordered_values((Task.title, "moved"), (Task.status, "completed"))
+        s.execute(stmt)
+
+    sessions.run(unit)
+    assert _status(tasks_engine, task_id) == "pending"
+
+
+def test_a_bulk_update_the_guard_cannot_read_is_refused(
+    tasks_engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If SQLAlchemy stores an UPDATE's values where the guard does not look, the UPDATE is
+    refused with an error naming SQLAlchemy and the attribute, and the row keeps its status
+    (it was committed as ``completed``: the guard read no values and let it through)."""
+    from resilient_db.transitions import _bulk  # noqa: PLC0415
+
+    def moved(stmt: Any) -> list[tuple[Any, Any]]:
+        class Update:  # what a release that renamed both attributes would hand over
+            pass
+
+        return _internals.dml_values(Update())
+
+    monkeypatch.setattr(_bulk, "dml_values", moved)
+    sessions = rdb.ResilientSession(tasks_engine, service="internals")
+    task_id = _pending_task(tasks_engine)
+    stmt = sa.update(Task).where(Task.id == task_id).values(status="completed")
+    with pytest.raises(InternalsChanged, match=r"SQLAlchemy .* no longer has Update\._values"):
+        sessions.run(lambda s: s.execute(stmt))
+    assert _status(tasks_engine, task_id) == "pending"
+
+
+# -- SQLAlchemy: the factory's own session class ---------------------------------------------
+
+
+def test_sessionmaker_class_is_the_factorys_own() -> None:
+    class MySession(Session):
+        pass
+
+    engine = sa.create_engine("postgresql+psycopg://u:p@127.0.0.1:1/db")  # never connected
+    a = rdb.ResilientSession(engine, service="a", class_=MySession)
+    b = rdb.ResilientSession(engine, service="b", class_=MySession)
+    plain = rdb.ResilientSession(engine, service="plain")
+    for factory in (a, b, plain):
+        assert factory.class_ not in (MySession, Session), factory.class_
+    assert a.class_ is not b.class_
+    assert issubclass(a.class_, MySession)
+    assert issubclass(plain.class_, Session)
+    assert "_resilient_db_factory" not in vars(Session)
+    assert "_resilient_db_factory" not in vars(MySession)
+    assert sessionmaker(class_=MySession).class_ is not MySession, _says(
+        "SQLAlchemy",
+        "sessionmaker.__init__ making a subclass per factory",
+        "own_session_class",
+        "nothing (resilient_db makes the class itself); update the docstring",
+    )
+
+
+def test_factories_own_their_class_when_sessionmaker_keeps_it_as_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Were ``sessionmaker`` to keep ``class_`` as given (it makes a subclass per factory
+    today, undocumented), factory A's sessions would be B's and a plain ``Session()`` a
+    resilient factory's: the factory makes its class itself."""
+    from resilient_db._registry import factory_of  # noqa: PLC0415
+
+    made = sessionmaker.__init__
+
+    def keeps_the_class(self: Any, *args: Any, **kwargs: Any) -> None:
+        given = kwargs.get("class_", Session)
+        made(self, *args, **kwargs)
+        self.class_ = given
+
+    monkeypatch.setattr(sessionmaker, "__init__", keeps_the_class)
+    engine = sa.create_engine("postgresql+psycopg://u:p@127.0.0.1:1/db")  # never connected
+    a = rdb.ResilientSession(engine, service="orders")
+    b = rdb.ResilientSession(engine, service="billing")
+    assert "_resilient_db_factory" not in vars(Session)
+    assert factory_of(Session(engine)) is None
+    with a() as s:
+        assert factory_of(s) is a
+    with b() as s:
+        assert factory_of(s) is b
