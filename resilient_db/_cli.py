@@ -81,7 +81,10 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     demo.add_argument(
-        "--seconds", type=_seconds, default=45.0, help="workload duration (default 45, at least 8)"
+        "--seconds",
+        type=_seconds,
+        default=45.0,
+        help="workload duration (default 45, at least 8, at most 86400)",
     )
     demo.add_argument(
         "--workers",
@@ -287,6 +290,11 @@ def _demo(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
         processes=args.processes,
         ha=args.ha,
         redis_url=redis_url,
+        redis_url_from=(
+            "SELF_HEALING_REDIS_URL (--redis-url-from-env)"
+            if args.redis_url_from_env
+            else "--redis-url"
+        ),
         url=url,
         as_json=args.json,
         plain=args.plain,
@@ -311,8 +319,10 @@ def _demo_redis_url(args: argparse.Namespace) -> tuple[str | None, str | None]:
         return None, "give --redis-url or --redis-url-from-env, not both"
     if args.redis_url_from_env:
         url = os.environ.get("SELF_HEALING_REDIS_URL")
-        if not url:
+        if url is None:
             return None, "--redis-url-from-env: SELF_HEALING_REDIS_URL is not set"
+        if not url.strip():
+            return None, "--redis-url-from-env: SELF_HEALING_REDIS_URL is empty"
         return url, None
     return args.redis_url, None
 
@@ -355,15 +365,6 @@ _FEATURES: tuple[tuple[str, Callable[[Any], bool]], ...] = (
 )
 
 
-def _uses_redis(config: Any) -> bool:
-    """Whether factories made with ``config`` talk to its Redis: the breaker they share, or the
-    retry budget (as ``Policy.apply_config`` decides)."""
-    return bool(
-        config.enabled
-        and (config.breaker_on or (config.retry_on and config.retry_budget is not None))
-    )
-
-
 def _check_config(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     return check_config(os.environ, out=out, err=err, as_json=args.json)
 
@@ -375,12 +376,8 @@ def check_config(
     (exit status 0) or the :class:`~resilient_db.ConfigError` (exit status 2)."""
     import resilient_db as rdb  # noqa: PLC0415
 
-    from ._fleet import _import_redis  # noqa: PLC0415
-
     try:
-        config = rdb.load_config(environ)
-        if config.redis_url is not None and _uses_redis(config):
-            _import_redis()  # what every factory would refuse to start without
+        config = rdb.load_config(environ)  # (a Redis URL without the redis package refused too)
     except rdb.ConfigError as exc:
         if as_json:
             out.write(json.dumps({"valid": False, "problems": exc.problems}, indent=2) + "\n")

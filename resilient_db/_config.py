@@ -255,7 +255,7 @@ class Config:
                     value = value.total_seconds()
                     object.__setattr__(self, field.name, value)
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    problems[field.name] = f"must be a number of seconds, got {value!r}"
+                    problems[field.name] = f"must be a number of seconds, got {_given(value)}"
                 elif _too_large_for_a_float(value):
                     problems[field.name] = "too large for a number of seconds"
                 elif not math.isfinite(value) or value < 0:
@@ -264,9 +264,9 @@ class Config:
                     object.__setattr__(self, field.name, float(value))
             elif field.type == "int":
                 if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                    problems[field.name] = f"must be a whole number >= 0, got {value!r}"
+                    problems[field.name] = f"must be a whole number >= 0, got {_given(value)}"
             elif field.type == "bool" and not isinstance(value, bool):
-                problems[field.name] = f"must be True or False, got {value!r}"
+                problems[field.name] = f"must be True or False, got {_given(value)}"
         for name, limit in _LIMITS.items():
             value = getattr(self, name)
             if name in problems or not isinstance(value, (int, float)):
@@ -295,6 +295,13 @@ class Config:
         if "redis_timeout" not in problems and self.redis_timeout < 0.001:
             # (after the conversion above: a timedelta(0) is no 0); the environment's least
             problems["redis_timeout"] = f"must be at least 0.001 s, got {self.redis_timeout!r}"
+        if "reset_timeout" not in problems and self.reset_timeout < 0.001:
+            # an opening that ends at once rejects nothing, and logs an opening per failure
+            problems["reset_timeout"] = (
+                f"must be at least 0.001 s, got {self.reset_timeout!r} (a circuit that never "
+                "stays open: to let every call through, switch the breaker off, "
+                "circuit_breaker=False)"
+            )
         if self.half_open_probes == 0:
             problems["half_open_probes"] = "must be at least 1"
         for name in ("log_level", "bulk_update"):  # any case, as from the environment
@@ -303,10 +310,10 @@ class Config:
                 object.__setattr__(self, name, value.lower())
         if self.log_level not in LOG_LEVELS:
             levels = ", ".join(LOG_LEVELS)
-            problems["log_level"] = f"must be one of {levels}, got {self.log_level!r}"
+            problems["log_level"] = f"must be one of {levels}, got {_given(self.log_level)}"
         if self.bulk_update not in BULK_UPDATE_MODES:
             problems["bulk_update"] = (
-                f"must be one of {', '.join(BULK_UPDATE_MODES)}, got {self.bulk_update!r}"
+                f"must be one of {', '.join(BULK_UPDATE_MODES)}, got {_given(self.bulk_update)}"
             )
         if problems:
             raise ConfigError(problems)
@@ -320,6 +327,14 @@ class Config:
     @property
     def breaker_on(self) -> bool:
         return self.enabled and self.circuit_breaker
+
+    @property
+    def uses_redis(self) -> bool:
+        """Whether factories made with this configuration talk to its Redis (when it names
+        one): the breaker they share, or the retry budget (as ``Policy.apply_config`` decides)."""
+        return self.enabled and (
+            self.circuit_breaker or (self.retry_on and self.retry_budget is not None)
+        )
 
     @property
     def guard_on(self) -> bool:
@@ -427,9 +442,17 @@ _RATIO = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)", re.ASCII)
 _SHOWN = 40
 
 
+def _given(value: object) -> str:
+    """A bad argument of ``Config(...)`` as echoed in an error (a string as :func:`_shown`)."""
+    return _shown(value) if isinstance(value, str) else repr(value)
+
+
 def _shown(raw: str) -> str:
     """A bad value as echoed in an error: at most a short prefix (it may be huge or a secret
-    pasted into the wrong variable)."""
+    pasted into the wrong variable), and a URL masked as :func:`mask_url` masks it (a Redis or
+    database URL set in the wrong variable may carry a password)."""
+    if "://" in raw:
+        return repr(mask_url(raw.strip()))
     if len(raw) <= _SHOWN:
         return repr(raw)
     return f"{raw[:_SHOWN]!r}... ({len(raw)} characters)"
@@ -481,6 +504,7 @@ _AT_LEAST_ONE = frozenset(
         "SELF_HEALING_FAILURE_THRESHOLD",
         "SELF_HEALING_HALF_OPEN_PROBES",
         "SELF_HEALING_REDIS_TIMEOUT",
+        "SELF_HEALING_RESET_TIMEOUT",
     }
 )
 
@@ -636,7 +660,12 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         problems.setdefault(name, why)
     if problems:
         raise ConfigError(problems)
-    return Config(**values)
+    config = Config(**values)
+    if config.redis_url is not None and config.uses_redis:
+        from ._fleet import _import_redis  # noqa: PLC0415 (it imports this module)
+
+        _import_redis()  # what every factory would refuse to start without: refused here, first
+    return config
 
 
 class _Configurable(Protocol):

@@ -217,10 +217,16 @@ def joined_callers_transaction(joined: tuple[tuple[Any, bool], ...], record: Any
     return None
 
 
-def refuse_unencodable_service(service: str) -> None:
-    """A service name is shared by name (Redis keys, metrics labels, log lines): one that is
-    not valid UTF-8 text (a lone surrogate, as ``os.environ`` gives for a byte that is not
-    UTF-8) can't be sent anywhere, and failed only later, in the shared breaker's link."""
+def check_service_name(service: object, where: str) -> None:
+    """Refuse a service name that can't be one: not a str (``TypeError``), empty or not valid
+    UTF-8 text (``ValueError``). A service name is shared by name (Redis keys, metrics labels,
+    log lines): one that is not valid UTF-8 text (a lone surrogate, as ``os.environ`` gives for
+    a byte that is not UTF-8) can't be sent anywhere, and failed only later, in the shared
+    breaker's link."""
+    if not isinstance(service, str):
+        raise TypeError(f"{where} needs a service name (a non-empty str), got {service!r}")
+    if not service:
+        raise ValueError(f"{where} needs a service name (a non-empty str), got ''")
     try:
         service.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -1398,9 +1404,7 @@ class FactoryCore:
     ) -> None:
         """Set up everything but the sessionmaker itself (``session_kwargs``: the keywords
         that go to it, whose session classes are checked before anything is set up)."""
-        if not isinstance(service, str) or not service:
-            raise ValueError(f"service must be a non-empty name, got {service!r}")
-        refuse_unencodable_service(service)
+        check_service_name(service, type(self).__name__)
         if config is not None and not isinstance(config, Config):
             raise TypeError(
                 f"config must be a resilient_db.Config (Config(max_retries=3), say), got "

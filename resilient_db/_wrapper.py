@@ -40,7 +40,7 @@ from ._config import Config, env_config
 from ._observability import log_retry
 from ._retry import Policy
 from ._state import STATE
-from ._unit import admitted_by, refuse_unencodable_service, runs_once_here
+from ._unit import admitted_by, check_service_name, runs_once_here
 from ._validation import ResponseCheck, ResponseValidator, check_response, validation_on
 
 __all__ = ["SelfHealingDecorator", "is_async_callable", "with_self_healing"]
@@ -324,11 +324,7 @@ def _checked(
 
 
 def _check_arguments(service: object, config: object, **flags: object) -> None:
-    if not isinstance(service, str) or not service:
-        raise TypeError(
-            f"with_self_healing needs a service name (a non-empty str), got {service!r}"
-        )
-    refuse_unencodable_service(service)
+    check_service_name(service, "with_self_healing")
     if config is not None and not isinstance(config, Config):
         raise TypeError(
             f"with_self_healing's config= takes a resilient_db.Config, got {type(config).__name__}"

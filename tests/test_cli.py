@@ -390,6 +390,13 @@ def test_demo_rejects_a_too_short_workload(capsys: pytest.CaptureFixture[str]) -
     assert "--seconds must be at least" in capsys.readouterr().err
 
 
+def test_demo_rejects_a_workload_longer_than_a_day(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--seconds 1e300`` was taken: a demo that ran for good."""
+    for seconds in ("1e300", "86401"):
+        assert main(["demo", "--seconds", seconds]) == 2
+        assert "--seconds must be at most 86400 (a day)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("argv", "env", "says"),
     [

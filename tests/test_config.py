@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from datetime import timedelta
 
@@ -273,8 +274,8 @@ def test_duration_bounds_are_the_environments_and_small_values_pass() -> None:
             with pytest.raises(rdb.ConfigError) as info:
                 rdb.Config(**{name: over})
             assert info.value.problems[name].endswith(f"s is over the {seconds} s limit")
-    tiny = rdb.Config(initial_delay=0.0, max_delay=0.001, conflict_delay=0, reset_timeout=0.0)
-    assert (tiny.initial_delay, tiny.conflict_delay, tiny.reset_timeout) == (0.0, 0.0, 0.0)
+    tiny = rdb.Config(initial_delay=0.0, max_delay=0.001, conflict_delay=0, reset_timeout=0.001)
+    assert (tiny.initial_delay, tiny.conflict_delay, tiny.reset_timeout) == (0.0, 0.0, 0.001)
     with pytest.raises(rdb.ConfigError) as info:  # plainly seconds, wrong way round: no hint
         rdb.Config(initial_delay=10, max_delay=1)
     assert "did you mean" not in str(info.value)
@@ -468,3 +469,88 @@ def test_a_child_forked_during_a_reload_in_another_thread_can_reload() -> None:
 
         with forked(child) as proc:
             assert proc.result(timeout=5) is True, "the child hung on the reload lock"
+
+
+def test_a_reset_timeout_of_zero_is_refused() -> None:
+    """An opening that ends at once rejects nothing: the breaker let every call through and
+    logged an opening and a half-open state per failure."""
+    with pytest.raises(rdb.ConfigError) as info:
+        rdb.load_config({"SELF_HEALING_RESET_TIMEOUT": "0"})
+    assert info.value.problems["SELF_HEALING_RESET_TIMEOUT"] == "'0' is invalid: must be at least 1"
+    for zero in (0, 0.0, timedelta(0), 0.0005):
+        with pytest.raises(rdb.ConfigError) as info:
+            rdb.Config(reset_timeout=zero)
+        assert "must be at least 0.001 s" in info.value.problems["reset_timeout"]
+        assert "circuit_breaker=False" in info.value.problems["reset_timeout"]
+    assert rdb.load_config({"SELF_HEALING_RESET_TIMEOUT": "1"}).reset_timeout == 0.001
+
+
+@pytest.mark.parametrize(
+    "secret",
+    [
+        "redis://:hunter2@cache.internal:6379/0",
+        "postgresql://app:hunter2@db.internal/app",
+        " redis://app:hunter2@cache.internal:6379/0 ",
+    ],
+)
+def test_a_url_set_in_the_wrong_setting_is_shown_masked(secret: str) -> None:
+    """``SELF_HEALING_REDIS_URL`` and ``SELF_HEALING_REDIS_TIMEOUT`` swapped: the URL, password
+    and all, was quoted as the timeout's bad value (and by ``Config(log_level=...)``)."""
+    with pytest.raises(rdb.ConfigError) as info:
+        rdb.load_config({"SELF_HEALING_REDIS_TIMEOUT": secret, "SELF_HEALING_LOG_LEVEL": secret})
+    text = str(info.value)
+    assert "hunter2" not in text
+    assert "***@" in info.value.problems["SELF_HEALING_REDIS_TIMEOUT"]
+    for name in ("log_level", "bulk_update"):
+        with pytest.raises(rdb.ConfigError) as info:
+            rdb.Config(**{name: secret})
+        assert "hunter2" not in str(info.value)
+        assert "***@" in info.value.problems[name]
+    with pytest.raises(rdb.ConfigError) as info:
+        rdb.Config(retry=secret)  # type: ignore[arg-type]
+    assert "hunter2" not in str(info.value)
+
+
+def test_a_reload_refused_for_a_missing_redis_package_changes_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without the redis package, a reload turning Redis on raised only once the first factory
+    had taken the new settings: that factory ran without retries, the next on the old
+    settings, and ``with_self_healing`` failed on every call (the process-wide settings were
+    the new, unusable ones). Refused before anything is applied now, as ``check-config`` and a
+    new factory refuse it."""
+    from resilient_db._state import STATE  # noqa: PLC0415
+
+    engine = sa.create_engine("postgresql+psycopg://u@127.0.0.1:9/none")
+    for name in [n for n in os.environ if n.startswith("SELF_HEALING_")]:
+        monkeypatch.delenv(name)
+    rdb.reload_config()
+    factories = [rdb.ResilientSession(engine, service=f"no-redis-{i}") for i in range(2)]
+    before = STATE.env_config
+    decorated = rdb.with_self_healing(service="no-redis-op")(lambda: 42)
+    assert decorated() == 42
+    monkeypatch.setitem(sys.modules, "redis", None)  # what a missing package gives import
+    monkeypatch.setenv("SELF_HEALING_RETRY", "false")
+    monkeypatch.setenv("SELF_HEALING_REDIS_URL", "redis://127.0.0.1:6379/0")
+    try:
+        with pytest.raises(rdb.ConfigError, match="redis package is not installed"):
+            rdb.reload_config()
+        with pytest.raises(rdb.ConfigError, match="redis package is not installed"):
+            rdb.load_config()  # what check-config says too
+        assert STATE.env_config is before
+        assert [f.config for f in factories] == [before, before]
+        assert all(f.policy.retry_on for f in factories)
+        assert decorated() == 42
+        # nothing would talk to Redis: valid without the package, and applied
+        monkeypatch.setenv("SELF_HEALING_CIRCUIT_BREAKER", "false")
+        assert rdb.reload_config().redis_url is not None
+        assert [f.policy.retry_on for f in factories] == [False, False]
+    finally:
+        for name in (
+            "SELF_HEALING_RETRY",
+            "SELF_HEALING_REDIS_URL",
+            "SELF_HEALING_CIRCUIT_BREAKER",
+        ):
+            monkeypatch.delenv(name)
+        rdb.reload_config()
+        engine.dispose()

@@ -157,6 +157,50 @@ def test_redis_url_from_env_must_be_set(
     monkeypatch.delenv("SELF_HEALING_REDIS_URL", raising=False)
     assert main(["demo", "--processes", "2", "--redis-url-from-env"]) == 2
     assert "SELF_HEALING_REDIS_URL is not set" in capsys.readouterr().err
+    monkeypatch.setenv("SELF_HEALING_REDIS_URL", " ")
+    assert main(["demo", "--processes", "2", "--redis-url-from-env"]) == 2
+    assert "SELF_HEALING_REDIS_URL is empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "url", "message"),
+    [
+        (
+            ["--processes", "2"],
+            "http://:hunter2@x/0",
+            "SELF_HEALING_REDIS_URL (--redis-url-from-env) is invalid",
+        ),
+        ([], "redis://:hunter2@x/0", "SELF_HEALING_REDIS_URL (--redis-url-from-env) is for runs"),
+    ],
+)
+def test_errors_of_a_redis_url_from_the_environment_name_the_variable(
+    args: list[str],
+    url: str,
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The URL came from ``SELF_HEALING_REDIS_URL``: its errors said ``--redis-url``, an
+    option the user never gave."""
+    monkeypatch.setenv("SELF_HEALING_REDIS_URL", url)
+    assert main(["demo", *args, "--redis-url-from-env"]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "hunter2" not in err
+
+
+def test_an_unreachable_redis_from_the_environment_is_named_by_its_variable(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SELF_HEALING_REDIS_URL", f"redis://:hunter2@127.0.0.1:{_free_port()}/0")
+    argv = ["demo", "--processes", "2", "--seconds", "8", "--redis-url-from-env"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert (
+        "cannot reach the Redis given with SELF_HEALING_REDIS_URL (--redis-url-from-env) at "
+        "redis://***@127.0.0.1:" in err
+    )
+    assert "hunter2" not in err
 
 
 def test_an_unreachable_redis_is_named_without_its_password(

@@ -1071,5 +1071,8 @@ async def test_decorating_an_object_with_an_async_call_gives_a_coroutine_functio
 
 
 def test_decorator_needs_a_service_name() -> None:
-    with pytest.raises(TypeError, match="service name"):
+    """As a factory does: not a str is a TypeError, an empty name a ValueError."""
+    with pytest.raises(ValueError, match="with_self_healing needs a service name"):
         rdb.with_self_healing(service="")
+    with pytest.raises(TypeError, match="with_self_healing needs a service name"):
+        rdb.with_self_healing(service=None)  # type: ignore[arg-type]

@@ -83,11 +83,12 @@ def check_fleet_options(options: DemoOptions) -> str | None:
         )
     fleet = options.processes > 1 or options.ha
     if options.redis_url is not None:
+        given = options.redis_url_from
         if not fleet:
-            return "--redis-url is for runs over several processes: add --processes N or --ha"
+            return f"{given} is for runs over several processes: add --processes N or --ha"
         why = check_redis_url(options.redis_url)
         if why is not None:
-            return f"--redis-url is invalid ({why})"
+            return f"{given} is invalid ({why})"
     if fleet and options.workers < options.processes:
         return (
             f"--workers ({options.workers}) must be at least --processes "
@@ -405,7 +406,9 @@ class FleetDemo(Demo):
 
     def _start_redis(self) -> None:
         if self.options.redis_url is not None:
-            self._check_redis(self.options.redis_url, "the Redis given with --redis-url")
+            self._check_redis(
+                self.options.redis_url, f"the Redis given with {self.options.redis_url_from}"
+            )
             return
         server = RedisServer(password=secrets.token_urlsafe(18))
         try:

@@ -52,6 +52,8 @@ SERVICE = "tasks-demo"
 _DRAIN_SECONDS = 20.0
 #: the shortest workload in which every kind of fault fits
 MIN_SECONDS = 8.0
+#: the longest workload the demo runs (a day): a longer one is a typo, not a demo
+MAX_SECONDS = 86_400.0
 #: worker threads at most (each holds a connection; the embedded server allows 200)
 MAX_WORKERS = 100
 
@@ -177,6 +179,8 @@ class DemoOptions:
     #: ``--redis-url``: the Redis the processes share (None: the demo starts its own); not in
     #: ``repr()``: it may carry a password
     redis_url: str | None = field(default=None, repr=False)
+    #: where ``redis_url`` came from, as its errors name it
+    redis_url_from: str = "--redis-url"
 
 
 # -- instrumentation ----------------------------------------------------------------------------
@@ -316,6 +320,10 @@ class Demo:
             raise DemoError(
                 f"--seconds must be at least {MIN_SECONDS:g} (the faults need time to happen), "
                 f"got {options.seconds:g}"
+            )
+        if options.seconds > MAX_SECONDS:
+            raise DemoError(
+                f"--seconds must be at most {MAX_SECONDS:g} (a day), got {options.seconds:g}"
             )
         for flag, port in (
             ("--metrics-port", options.metrics_port),
