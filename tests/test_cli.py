@@ -390,6 +390,28 @@ def test_demo_rejects_a_too_short_workload(capsys: pytest.CaptureFixture[str]) -
     assert "--seconds must be at least" in capsys.readouterr().err
 
 
+def test_demo_refuses_a_migrations_directory_before_starting_a_server(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A wrong ``--migrations`` was found only once the embedded server had started (seconds
+    of initdb for a usage error)."""
+    from resilient_db.demo import _run  # noqa: PLC0415
+
+    started: list[object] = []
+
+    class NoServer(_run.EmbeddedPostgres):  # type: ignore[misc]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            started.append(args)
+            raise AssertionError("a server was started for a usage error")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_run, "EmbeddedPostgres", NoServer)
+        assert main(["demo", "--seconds", "8", "--migrations", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert "no Alembic migrations found" in err
+    assert started == []
+
+
 def test_demo_rejects_a_workload_longer_than_a_day(capsys: pytest.CaptureFixture[str]) -> None:
     """``--seconds 1e300`` was taken: a demo that ran for good."""
     for seconds in ("1e300", "86401"):

@@ -338,6 +338,8 @@ class Demo:
                 f"--workers must be at most {MAX_WORKERS}, got {options.workers} (each worker "
                 "holds a connection of its own; the embedded server allows 200 in all)"
             )
+        if options.migrations is not None:
+            migrations_dir(options.migrations)  # a wrong directory, before any server starts
         self.options = options
         self.view = view
         self.started = time.monotonic()
