@@ -836,7 +836,8 @@ import os, signal, subprocess, sys
 from pathlib import Path
 from resilient_db.testing._server import Watchdog
 
-watchdog = Watchdog(None, parent=Path({base!r}), prefix="stubborn-")
+# the grace before SIGKILL shortened from its 10 s (the same steps, sooner)
+watchdog = Watchdog(None, parent=Path({base!r}), prefix="stubborn-", grace=1.0)
 # a server that ignores the watchdog's SIGQUIT (its command line names the directory)
 stubborn = "trap '' QUIT; while :; do sleep 0.1; done"
 proc = watchdog.spawn(
@@ -853,9 +854,9 @@ os.kill(os.getpid(), signal.SIGKILL)
 def test_a_server_that_ignores_the_watchdogs_signal_is_killed_before_its_files_go(
     scratch_dir: Path,
 ) -> None:
-    """The watchdog of a killed test process gives a server that ignores its signal 10 s, then
-    SIGKILL, and waits for it: when the watchdog is done nothing runs and nothing is left. It
-    used to remove the files and leave the server running."""
+    """The watchdog of a killed test process gives a server that ignores its signal its grace
+    (10 s; 1 s here), then SIGKILL, and waits for it: when the watchdog is done nothing runs
+    and nothing is left. It used to remove the files and leave the server running."""
     result = subprocess.run(
         [sys.executable, "-c", _STUBBORN_SERVER_SCRIPT.format(base=str(scratch_dir))],
         capture_output=True,
@@ -905,6 +906,15 @@ def test_a_watchdog_whose_test_process_dies_before_reading_the_directorys_name_r
     watchdog.stdin.close()  # and its stdin closes: the test process died
     assert watchdog.wait(timeout=_WATCHDOG_BOUND) == 0
     assert list(scratch_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("grace", [0, -1.0, float("nan")])
+def test_a_watchdog_grace_that_is_not_a_positive_time_is_refused(
+    scratch_dir: Path, grace: float
+) -> None:
+    with pytest.raises(ValueError, match="grace must be a finite number of seconds"):
+        server_module.Watchdog(None, parent=scratch_dir, grace=grace)
+    assert list(scratch_dir.iterdir()) == []  # refused before anything was made
 
 
 def test_a_watchdog_that_cant_make_its_directory_says_why(scratch_dir: Path) -> None:

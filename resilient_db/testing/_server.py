@@ -661,11 +661,12 @@ if [ -z "$dir" ]; then
   exec >/dev/null
 fi
 marker="${2:-$dir}"
+ticks="${5:-100}"  # tenths of a second a process is given to end (10 s)
 pid=""
 group=""
-gone() {  # wait up to 10 s until process (or with "-", process group) $1 is gone
+gone() {  # wait up to $ticks tenths of a second until process (or with "-", group) $1 is gone
   i=0
-  while kill -0 "$1" 2>/dev/null && [ "$i" -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+  while kill -0 "$1" 2>/dev/null && [ "$i" -lt "$ticks" ]; do sleep 0.1; i=$((i + 1)); done
 }
 while read -r cmd arg; do
   case "$cmd" in
@@ -677,8 +678,8 @@ done
 # the test process died without cleaning up: stop its server, or the initdb / pg_basebackup
 # making its files ("job": the leader of a process group of its own), wait for it, and remove
 # its files ("pid 0": nothing runs; kill -0 0 would ask about, and kill 0 signal, this script's
-# own group). Whatever does not end in 10 s gets SIGKILL and is waited for: nothing runs in
-# the directory once it is removed.
+# own group). Whatever does not end in 10 s ($ticks) gets SIGKILL and is waited for: nothing
+# runs in the directory once it is removed.
 if [ -n "$pid" ] && [ "$pid" -gt 0 ] && kill -0 "$pid" 2>/dev/null; then
   cmdline="/proc/$pid/cmdline"
   if [ ! -r "$cmdline" ] || tr '\0' ' ' < "$cmdline" | grep -qF -- "$marker"; then
@@ -729,8 +730,8 @@ class Watchdog:
     """A small shell process that outlives a killed test process: when its stdin closes
     without a ``done`` (the test process died, even by SIGKILL), it sends ``signal`` to the
     server whose pid it was last told, if that process's command line still names ``marker``
-    (SIGKILL if it has not ended 10 s later), waits for it, and removes ``directory``. Used by
-    every server the harness starts.
+    (SIGKILL if it has not ended ``grace`` seconds later, 10 by default), waits for it, and
+    removes ``directory``. Used by every server the harness starts.
 
     Given no ``directory``, it makes a fresh one itself under ``parent`` (its name ``prefix``
     and random characters: :attr:`directory`; the marker, unless given, is that directory), so
@@ -747,10 +748,12 @@ class Watchdog:
         *,
         parent: Path | None = None,
         prefix: str = "resilient-db-",
+        grace: float = 10.0,
     ) -> None:
         make = directory is None
         if make and parent is None:
             raise TypeError("Watchdog needs a directory, or the parent to make one in")
+        ticks = max(1, round(_check_seconds("grace", grace, zero=False) * 10))
         template = str(Path(parent).absolute() / f"{prefix}XXXXXXXX") if parent else ""
         self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
             [
@@ -762,6 +765,7 @@ class Watchdog:
                 marker,
                 signal_name,
                 template,
+                str(ticks),
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE if make else subprocess.DEVNULL,
