@@ -169,6 +169,15 @@ class StaleTransitionError(IllegalTransitionError, StaleDataError):
     ``version_id_col``; code that handles stale rows that way handles this one too.
     """
 
+    def _message(self) -> str:
+        # the move may well have been legal: it lost a race
+        why = f": {self.reason}" if self.reason else ""
+        return (
+            f"status transition conflict on {self.model}(pk={self.pk!r}).{self.column}: "
+            f"{_plain(self.from_state)!r} -> {_plain(self.to_state)!r} "
+            f"(refused at {self.via}){why}"
+        )
+
 
 class ResponseValidationError(ResilientDBError):
     """The result of a unit of work (or of a ``with_self_healing`` call) failed its ``validate=``

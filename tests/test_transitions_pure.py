@@ -877,7 +877,7 @@ def test_the_trigger_error_comes_back_with_declared_states(mapped: Mapper) -> No
         assert isinstance(err, IllegalTransitionError)
         assert (err.model, err.pk, err.column, err.via) == ("Doc", 7, "phase", "db")
         assert (err.from_state, err.to_state) == (Phase.review, Phase.draft)
-        assert err.reason == "blocked by the database trigger"
+        assert err.reason == "blocked by the database trigger; no moves are allowed from here"
 
 
 def test_an_unknown_table_keeps_the_database_text() -> None:

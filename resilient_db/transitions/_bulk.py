@@ -392,8 +392,8 @@ def _check_rows(
                     model=guard.model,
                     pk=guard.pk_of(first[:n_pk]),
                     column=guard.attr_key,
-                    from_state=first[n_pk],
-                    to_state=first[n_pk + 1] if new_expr is not None else as_declared(guard, value),
+                    from_state=as_declared(guard, first[n_pk]),
+                    to_state=as_declared(guard, first[n_pk + 1] if new_expr is not None else value),
                     via="orm-update",
                     reason=(
                         f"{len(rows)} matching row(s) may not make this move; nothing was updated"

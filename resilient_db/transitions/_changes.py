@@ -16,7 +16,7 @@ from resilient_db._config import Config
 from resilient_db._errors import IllegalTransitionError
 
 from ._report import report
-from ._rules import Guard, plain, sort_key, written_by_name
+from ._rules import Guard, Undeclared, allowed_from, written_by_name
 
 __all__ = [
     "Change",
@@ -67,20 +67,18 @@ def with_reason(err: IllegalTransitionError, reason: str) -> IllegalTransitionEr
 
 
 def as_declared(guard: Guard, value: Any) -> Any:
-    """``value``, a state as assigned, in the form the declared states have, for errors: a
-    string naming a declared state by its database spelling (an ``Enum`` column's member by
-    its name, a ``str`` enum's member by its value) is that state; anything else is as
-    given."""
-    if value.__class__ is not str:
-        return value
+    """``value``, a state as assigned or read, in the form the declared states have, for
+    errors: a value the column stores as a declared state is that state (an ``Enum`` column's
+    member given by its name, a ``str`` enum's member read as its value, a ``CHAR(n)`` value
+    read with its padding, ``1.0`` for the integer state 1); anything else is as given."""
+    if value is None:
+        return None
     return guard.states.get(guard.key(value), value)
 
 
 def illegal(change: Change, old: Any, via: str) -> IllegalTransitionError:
     guard = change.guard
-    nxt = guard.next.get(guard.key(old), frozenset())
-    allowed = ", ".join(repr(plain(guard.state(k))) for k in sorted(nxt, key=sort_key))
-    reason = f"allowed from here: {allowed}" if allowed else "no moves are allowed from here"
+    reason = allowed_from(guard, guard.key(old))
     new = change.new
     if isinstance(new, enum.Enum) and written_by_name(guard.column.type, new):
         reason = (
@@ -88,11 +86,15 @@ def illegal(change: Change, old: Any, via: str) -> IllegalTransitionError:
             f"({new.name!r}), not its value, into a column that is not an Enum column; "
             f"{reason}"
         )
+    else:
+        key = guard.key(new)
+        if isinstance(key, Undeclared) and key.why:
+            reason = f"{key.why}; {reason}"  # what the column type made of the value
     return IllegalTransitionError(
         model=guard.model,
         pk=change.pk,
         column=guard.attr_key,
-        from_state=old,
+        from_state=as_declared(guard, old),
         to_state=as_declared(guard, change.new),
         via=via,
         reason=reason,

@@ -34,7 +34,7 @@ from resilient_db._config import Config
 from resilient_db._errors import IllegalTransitionError
 
 from ._report import report
-from ._rules import Guard, guard_for_table
+from ._rules import Guard, Key, allowed_from, guard_for_table, plain, sort_key
 from ._sql import _PG_NAME_MAX, TRANSITION_SQLSTATE, _truncate_utf8, function_name, pg_name
 
 __all__ = ["exception_from_db"]
@@ -158,6 +158,10 @@ def _typed_key(guard: Guard | None, pk: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(_typed(columns.get(_stored(name)), value) for name, value in pk.items())
 
 
+def _shown(guard: Guard, keys: list[Key]) -> str:
+    return ", ".join(repr(plain(guard.state(k))) for k in keys)
+
+
 def exception_from_db(
     exc: BaseException, *, log: bool = False, config: Config | None = None
 ) -> IllegalTransitionError | None:
@@ -205,6 +209,13 @@ def exception_from_db(
             "move): install the trigger again from the model's __transitions__ (a migration "
             "calling rdb.install_transition_trigger; rdb.trigger_drift tells what differs)"
         )
+    elif guard is not None:
+        # what the flush guard would say: the declared way out (or in)
+        if op == "INSERT":
+            initial = sorted(guard.initial, key=sort_key)
+            reason = f"new rows must start in an initial state: {_shown(guard, initial)}"
+        else:
+            reason = f"{reason}; {allowed_from(guard, from_key)}"
     err = IllegalTransitionError(
         model=str(info.get("model", guard.model if guard else table)),
         pk=pk,

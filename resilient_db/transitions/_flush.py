@@ -278,15 +278,15 @@ def _stale(change: Change, reason: str, from_state: Any = None) -> StaleTransiti
         model=guard.model,
         pk=change.pk,
         column=guard.attr_key,
-        from_state=change.old if from_state is None else from_state,
+        from_state=as_declared(guard, change.old if from_state is None else from_state),
         to_state=as_declared(guard, change.new),
         via="flush",
         reason=reason,
     )
 
 
-def _moved(value: Any) -> str:
-    return f"the row now holds {plain(value)!r}; reload it and decide again"
+def _moved(guard: Guard, value: Any) -> str:
+    return f"the row now holds {plain(as_declared(guard, value))!r}; reload it and decide again"
 
 
 def _read_states(
@@ -338,7 +338,7 @@ def _check_against_db(
                 if not guard.legal(guard.key(db_value), guard.key(change.new)):
                     errors.append(illegal(change, db_value, "flush"))
             elif guard.key(db_value) != guard.key(change.old):
-                errors.append(_stale(change, _moved(db_value)))
+                errors.append(_stale(change, _moved(guard, db_value)))
     return errors, values
 
 
@@ -736,8 +736,8 @@ def _compare_and_set(
         errors = _stale_rows(conn, guards, expected, matched)
         if errors:
             raise_errors(errors, checks.config)
-        # every row still holds what this flush expected: not the status (e.g. the user's own
-        # version_id_col); SQLAlchemy's row count check raises its StaleDataError
+        # else the rows of a versioned model hold the states expected (their version moved
+        # on), or more rows matched than were sent: SQLAlchemy's row count check raises
     return True
 
 
@@ -898,7 +898,7 @@ def _raised_stale(
             held = text == "true"  # asyncpg converts no text for a Boolean: the cast's words
         else:
             held = text
-    return _stale(found.change, _moved(held), found.value)
+    return _stale(found.change, _moved(guard, held), found.value)
 
 
 def _cas_form(
@@ -1016,7 +1016,16 @@ def _stale_rows(
     another transaction: on PostgreSQL the row's ``xmin`` tells them apart (this transaction
     wrote the row's current version). That answer is used only when it accounts for exactly
     the rows the UPDATE matched (not within a savepoint, whose rows carry the savepoint's own
-    transaction id); else no row is named (``pk`` None) rather than a wrong one."""
+    transaction id); else no row is named (``pk`` None) rather than a wrong one.
+
+    A row that holds the state this flush expected, where it wrote another, was not updated by
+    it (a row it updated holds what it wrote, and stays locked): another transaction moved it
+    meanwhile, and back since. So was the row of a one-row UPDATE that matched nothing,
+    whatever it holds now. An UPDATE that matched fewer rows than it was sent for gets an
+    error, but for a row of a model with a ``version_id_col`` that holds the state expected:
+    the UPDATE checked its version too, which another transaction may have moved on by any
+    change (SQLAlchemy's row count check raises its ``StaleDataError`` for it, as without the
+    guard)."""
     first = guards[0]
     keys = in_key_order({found[first.column].change.identity for found in expected})
     position = {identity: i for i, identity in enumerate(keys)}
@@ -1043,13 +1052,28 @@ def _stale_rows(
             if g.key(value) != g.key(found[g.column].value)
         ]
         if not moved:
-            continue  # still as expected: this row was updated, or stale for another reason
+            # holds what this flush expected: not updated, unless it wrote the same spelling
+            changed = [
+                g
+                for g in guards
+                if g.key(found[g.column].change.new) != g.key(found[g.column].value)
+            ]
+            if (changed or len(rows) == 1) and change.mapper.version_id_col is None:
+                g = changed[0] if changed else first
+                expect = found[g.column]
+                shown = plain(as_declared(g, expect.value))
+                reason = (
+                    f"another transaction changed the row since it was read, though it now "
+                    f"holds {shown!r} as then; reload it and decide again"
+                )
+                stale.append(_stale(expect.change, reason, expect.value))
+            continue
         if len(rows) == 1 or any(g.key(v) != g.key(found[g.column].change.new) for g, v in moved):
             g, value = next(
                 ((g, v) for g, v in moved if g.key(v) != g.key(found[g.column].change.new)),
                 moved[0],
             )
-            stale.append(_stale(found[g.column].change, _moved(value), found[g.column].value))
+            stale.append(_stale(found[g.column].change, _moved(g, value), found[g.column].value))
         else:
             unsure.append(found)  # holds what this flush wrote: updated now, or moved there first
     missing = len(rows) - matched - len(stale)
@@ -1063,7 +1087,8 @@ def _stale_rows(
                     expect = found[first.column]
                     reason = (
                         f"another transaction had already moved the row to "
-                        f"{plain(expect.change.new)!r}; reload it and decide again"
+                        f"{plain(as_declared(first, expect.change.new))!r}; reload it and decide "
+                        "again"
                     )
                     stale.append(_stale(expect.change, reason, expect.value))
                 return stale
@@ -1075,8 +1100,27 @@ def _stale_rows(
             _stale(
                 change,
                 f"{missing} of the {len(unsure)} rows of this UPDATE that now hold "
-                f"{plain(change.new)!r} had already been moved there by another transaction, "
+                f"{plain(as_declared(first, change.new))!r} had already been moved there by "
+                "another transaction, "
                 "which of them can't be told; reload them and decide again",
+            )
+        )
+    if (
+        not stale
+        and matched < len(rows)
+        and all(f[first.column].change.mapper.version_id_col is None for f in rows)
+    ):
+        # rows that hold what this flush expected and wrote (the same spelling): which of them
+        # another transaction changed meanwhile can't be told
+        expect = rows[0][first.column]
+        held = {first.key(f[first.column].value) for f in rows}
+        change = expect.change._replace(pk=None, old=expect.value if len(held) == 1 else None)
+        stale.append(
+            _stale(
+                change,
+                f"{len(rows) - matched} of the {len(rows)} rows of this UPDATE were changed by "
+                "another transaction meanwhile, which of them can't be told; reload them and "
+                "decide again",
             )
         )
     return stale

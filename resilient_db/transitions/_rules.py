@@ -9,8 +9,10 @@ primary key. Everything else in the package works from guards. Pure: no connecti
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import enum
 import functools
+import math
 import re
 import threading
 import weakref
@@ -19,6 +21,7 @@ from types import MappingProxyType
 from typing import Any, Final, TypeAlias
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql.base import PGDialect
 from sqlalchemy.orm import Mapper
 from sqlalchemy.orm.state import InstanceState
 
@@ -33,6 +36,8 @@ __all__ = [
     "State",
     "TransitionRules",
     "TransitionRulesError",
+    "Undeclared",
+    "allowed_from",
     "allowed_transitions",
     "compiled_guards",
     "expand",
@@ -250,11 +255,11 @@ def _normalize_rules(value: object, owner: str) -> tuple[TransitionRules, ...]:
 # --------------------------------------------------------------------------------------------
 
 
-class _Undeclared(str):
+class Undeclared(str):
     """Key of a value that is no state of the column type; it starts with NUL, which no real
-    key contains, so it never equals one."""
+    key contains, so it never equals one. ``why``: what the column type made of the value."""
 
-    __slots__ = ()
+    why: str = ""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -294,8 +299,10 @@ class Guard:
             return value  # the common case, without _db_key
         try:
             return _db_key(self.column.type, value)
-        except (LookupError, TypeError, ValueError):
-            return _Undeclared("\x00" + repr(value))
+        except (LookupError, TypeError, ValueError) as exc:
+            key = Undeclared("\x00" + repr(value))
+            key.why = str(exc)
+            return key
 
     def legal(self, old: Key, new: Key) -> bool:
         return old == new or new in self.next.get(old, frozenset())
@@ -320,7 +327,15 @@ class Guard:
 def _db_key(type_: sa.types.TypeEngine[Any], value: object) -> Key:
     if value is None:
         return None
-    impl = getattr(type_, "impl", type_) if isinstance(type_, sa.types.TypeDecorator) else type_
+    if isinstance(type_, sa.types.TypeDecorator):
+        impl: sa.types.TypeEngine[Any] = type_.impl_instance
+        if converts(type_):
+            # the column stores what the type's process_bind_param makes of the value
+            return _db_key(impl, _stored_value(type_, value))
+        if isinstance(impl, sa.types.TypeDecorator):
+            return _db_key(impl, value)
+    else:
+        impl = type_
     if isinstance(impl, sa.Enum):
         db = enum_db_values(impl).get(value)  # TypeError: unhashable, no state
         if db is None:
@@ -335,12 +350,80 @@ def _db_key(type_: sa.types.TypeEngine[Any], value: object) -> Key:
         if isinstance(value, int) and value in (0, 1):
             return "true" if value else "false"
         raise TypeError(f"{value!r} is no value of a Boolean column")
+    if isinstance(value, (float, decimal.Decimal)) and isinstance(impl, sa.Integer):
+        return _integral_key(value)
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise TypeError(f"{value!r} is no state value")
     if isinstance(impl, (sa.CHAR, sa.NCHAR)):
         # character(n) pads with spaces, and gives them back; col::text drops them
         return str(value).rstrip(" ")
     return str(value)
+
+
+def _integral_key(value: float | decimal.Decimal) -> str:
+    """The key of a number given for an integer column: PostgreSQL stores ``1.0`` or
+    ``Decimal("1")`` as 1, a state like ``1``; a number that is no integer it rounds, which no
+    guard can tell as the database would (refused as no state)."""
+    finite = value.is_finite() if isinstance(value, decimal.Decimal) else math.isfinite(value)
+    if not finite or value != int(value):
+        raise ValueError(
+            f"{value!r} is no integer: the column holds integers (PostgreSQL would round it)"
+        )
+    return str(int(value))
+
+
+#: The dialect a TypeDecorator's ``process_bind_param`` is given where the guards compute what
+#: the column stores for a state (when the rules compile, and for a value at a flush or bulk
+#: UPDATE): PostgreSQL's, without a driver.
+_DIALECT: Final[sa.Dialect] = PGDialect()  # type: ignore[no-untyped-call]
+
+
+def converts(type_: sa.types.TypeDecorator[Any]) -> bool:
+    """Whether ``type_`` converts a value before it is stored (its own ``process_bind_param``)."""
+    return _overrides(type_, "process_bind_param")
+
+
+def _overrides(type_: sa.types.TypeDecorator[Any], method: str) -> bool:
+    return getattr(type(type_), method) is not getattr(sa.types.TypeDecorator, method)
+
+
+def _stored_value(type_: sa.types.TypeDecorator[Any], value: object) -> Any:
+    """What ``type_``'s ``process_bind_param`` makes of ``value`` (its failure a ValueError,
+    which makes the value no state)."""
+    try:
+        return type_.process_bind_param(value, _DIALECT)
+    except Exception as exc:
+        raise ValueError(
+            f"{type(type_).__name__}.process_bind_param({value!r}) raised {exc!r}"
+        ) from exc
+
+
+def storage_type(type_: sa.types.TypeEngine[Any]) -> sa.types.TypeEngine[Any]:
+    """The type the column stores its values by: under every ``TypeDecorator``."""
+    while isinstance(type_, sa.types.TypeDecorator):
+        type_ = type_.impl_instance
+    return type_
+
+
+def _converting(type_: sa.types.TypeEngine[Any]) -> bool:
+    """Whether a ``TypeDecorator`` of ``type_`` (or under it) converts the values stored."""
+    while isinstance(type_, sa.types.TypeDecorator):
+        if converts(type_):
+            return True
+        type_ = type_.impl_instance
+    return False
+
+
+def _converts_in_sql(type_: sa.types.TypeEngine[Any]) -> str | None:
+    """The method by which a ``TypeDecorator`` of ``type_`` (or under it) converts values in
+    SQL (``bind_expression``: what is stored; ``column_expression``: what is read), or None:
+    neither can be told in Python. A ``bind_processor`` of its own is as unknown."""
+    while isinstance(type_, sa.types.TypeDecorator):
+        for method in ("bind_expression", "column_expression", "bind_processor"):
+            if _overrides(type_, method):
+                return method
+        type_ = type_.impl_instance
+    return None
 
 
 _ENUM_DB_VALUES: weakref.WeakKeyDictionary[sa.Enum, dict[Any, str]] = weakref.WeakKeyDictionary()
@@ -425,6 +508,8 @@ def _not_as_read(impl: sa.types.TypeEngine[Any], key: Key) -> str | None:
 
 def _bind_value(type_: sa.types.TypeEngine[Any], state: State) -> Any:
     impl = getattr(type_, "impl", type_) if isinstance(type_, sa.types.TypeDecorator) else type_
+    if _converting(type_):
+        return state  # the type converts it as it is declared
     if isinstance(impl, sa.Enum) or not isinstance(state, enum.Enum):
         return state
     return state.value
@@ -485,7 +570,18 @@ def _compile(mapper: Mapper[Any], rules: TransitionRules) -> Guard:
     where = f"{model}.__transitions__ (column {rules.column!r})"
     attr_key, column = _resolve_column(mapper, rules.column, where)
     type_ = column.type
-    impl = getattr(type_, "impl", type_) if isinstance(type_, sa.types.TypeDecorator) else type_
+    in_sql = _converts_in_sql(type_)
+    if in_sql is not None:
+        raise TransitionRulesError(
+            f"{where}: the column's type {type_!r} converts values in SQL ({in_sql}), so the "
+            "value it stores for a state can't be told here, and the guards and the database "
+            "trigger could not compare states as stored; give the status a type that converts "
+            "in Python (process_bind_param and process_result_value) or not at all"
+        )
+    # a TypeDecorator converting the states (process_bind_param): every state is keyed by the
+    # text of what the column stores for it, which the trigger compares
+    converting = _converting(type_)
+    impl = storage_type(type_)
 
     states: dict[Key, State] = {}
     binds: dict[Key, Any] = {}
@@ -498,7 +594,12 @@ def _compile(mapper: Mapper[Any], rules: TransitionRules) -> Guard:
                 f"value ({state.value!r}), so no rule about it would apply; map the column as "
                 f"sa.Enum({type(state).__name__}), or declare the states by their values"
             )
-        if isinstance(impl, (sa.CHAR, sa.NCHAR)) and isinstance(state, str) and state[-1:] == " ":
+        if (
+            not converting
+            and isinstance(impl, (sa.CHAR, sa.NCHAR))
+            and isinstance(state, str)
+            and state[-1:] == " "
+        ):
             raise TransitionRulesError(
                 f"{where}: state {state!r} ends in a space, but the column ({type_!r}) is "
                 "character(n), whose values PostgreSQL pads with spaces and reads back "
@@ -506,7 +607,12 @@ def _compile(mapper: Mapper[Any], rules: TransitionRules) -> Guard:
             )
         try:
             key = _db_key(type_, state)
-        except (LookupError, TypeError, ValueError):
+        except (LookupError, TypeError, ValueError) as exc:
+            if converting:
+                raise TransitionRulesError(
+                    f"{where}: state {state!r} can't be stored by the column's type "
+                    f"({type_!r}): {exc}"
+                ) from None
             if isinstance(impl, sa.Boolean):
                 raise TransitionRulesError(
                     f"{where}: state {state!r} is no value of the Boolean column ({type_!r}); "
@@ -524,8 +630,10 @@ def _compile(mapper: Mapper[Any], rules: TransitionRules) -> Guard:
             ) from None
         unstorable = _unstorable(impl, key)
         if unstorable:
+            stored_as = f", stored as {key!r}," if converting else ""
             raise TransitionRulesError(
-                f"{where}: state {state!r} can't be stored in the column ({type_!r}): {unstorable}"
+                f"{where}: state {state!r}{stored_as} can't be stored in the column "
+                f"({type_!r}): {unstorable}"
             )
         not_as_read = _not_as_read(impl, key)
         if not_as_read:
@@ -540,7 +648,7 @@ def _compile(mapper: Mapper[Any], rules: TransitionRules) -> Guard:
             )
         states[key] = state
         binds[key] = _bind_value(type_, state)
-    if isinstance(impl, sa.Enum) and impl.enum_class is not None:
+    if not converting and isinstance(impl, sa.Enum) and impl.enum_class is not None:
         for member in impl.enum_class:
             member_key = _db_key(type_, member)
             if member_key in binds:
@@ -593,7 +701,7 @@ def _compile(mapper: Mapper[Any], rules: TransitionRules) -> Guard:
         binds=MappingProxyType(binds),
         pk_labels=pk_labels,
         cas_param=f"rdb_expected_{position}",
-        text_keys=not isinstance(impl, (sa.Enum, sa.Boolean, sa.CHAR, sa.NCHAR)),
+        text_keys=not converting and not isinstance(impl, (sa.Enum, sa.Boolean, sa.CHAR, sa.NCHAR)),
         owner=model,
     )
 
@@ -631,15 +739,16 @@ _BOOLEAN_WORDS: Final = (("true", 1), ("yes", 1), ("on", 2), ("false", 1), ("no"
 def _stored_key(type_: sa.types.TypeEngine[Any], literal: str) -> Key | object:
     """The key (``col::text``) of the value PostgreSQL stores for the text ``literal`` in a
     column of ``type_`` (``'00'`` or ``'+0'`` in an integer column is 0, ``'f'`` or ``'no'`` in
-    a boolean one is false), or ``_UNKNOWN`` when that can't be told here."""
-    impl = getattr(type_, "impl", type_) if isinstance(type_, sa.types.TypeDecorator) else type_
+    a boolean one is false), or ``_UNKNOWN`` when that can't be told here. The literal is the
+    stored value itself: a ``TypeDecorator`` does not convert it."""
+    impl = storage_type(type_)
     if isinstance(impl, sa.Boolean):
         return _boolean_input(literal)
     if isinstance(impl, sa.Integer):
         match = _INTEGER_INPUT.fullmatch(literal)
         return str(int(match.group(1))) if match else _UNKNOWN
     try:
-        return _db_key(type_, literal)
+        return _db_key(impl, literal)
     except (LookupError, TypeError, ValueError):
         return _UNKNOWN
 
@@ -859,6 +968,13 @@ def allowed_transitions(obj: object, *, column: str | None = None) -> set[Any]:
         return {guard.state(k) for k in guard.initial}
     value = getattr(obj, guard.attr_key)
     return {guard.state(k) for k in guard.next.get(guard.key(value), frozenset())}
+
+
+def allowed_from(guard: Guard, key: Key) -> str:
+    """The states a row in the state of ``key`` may move to, as a reason says it."""
+    nxt = guard.next.get(key, frozenset())
+    allowed = ", ".join(repr(plain(guard.state(k))) for k in sorted(nxt, key=sort_key))
+    return f"allowed from here: {allowed}" if allowed else "no moves are allowed from here"
 
 
 def plain(state: object) -> object:
