@@ -344,3 +344,15 @@ def test_the_triggers_refusal_lists_the_moves_allowed(engine: sa.Engine) -> None
         err = refused_by_trigger(conn, "UPDATE padded SET status = 'done' WHERE id = 1")
     assert (err.from_state, err.to_state, err.via) == ("new", "done", "db")
     assert "allowed from here: 'run'" in err.reason
+
+
+def test_a_bulk_update_by_key_reports_a_char_state_without_its_padding(
+    engine: sa.Engine, service: str, events: list[rdb.SelfHealEvent]
+) -> None:
+    Sessions = rdb.ResilientSession(engine, service=service)
+    Sessions.run(lambda s: s.add(Padded(id=1)))
+    Sessions.run(lambda s: s.execute(sa.update(Padded), [{"id": 1, "status": "done"}]))
+    [blocked] = [e for e in events if e.name == "transition_blocked"]
+    assert (blocked.fields["from_state"], blocked.fields["to_state"]) == ("new", "done")
+    assert "'new'" in blocked.message
+    assert stored(engine, "padded") == [(1, "new   ")]
