@@ -71,6 +71,7 @@ from ._classify import (
 )
 from ._config import Config
 from ._errors import ResilientDBError
+from ._internals import asyncpg_command_timeout
 from ._observability import emit, log_session
 from ._state import STATE, renew_after_fork
 from ._statements import (
@@ -640,6 +641,10 @@ CLAIM_WAIT_MS: Final = 2000  # a claim waits this long for an original still com
 CLAIM_SQL = text(
     f"SELECT {SCHEMA}.claim_commit(CAST(CAST(:marker AS text) AS uuid), {CLAIM_WAIT_MS})"
 )
+#: :data:`CLAIM_SQL` as asyncpg takes it (sent by asyncpg itself: see :func:`claim`)
+CLAIM_SQL_ASYNCPG: Final = (
+    f"SELECT {SCHEMA}.claim_commit(CAST(CAST($1 AS text) AS uuid), {CLAIM_WAIT_MS})"
+)
 #: the time a claim is given on the server: its wait, and a second for the rest
 CLAIM_TIMEOUT_MS: Final = CLAIM_WAIT_MS + 1000
 #: sent before a claim: the application's statement_timeout (and PostgreSQL 17's
@@ -664,31 +669,20 @@ def claim(connection: Connection, ticket: CommitTicket) -> str | None:
     COMMITTED transaction begun for it); its answer. The claim is given its whole wait whatever the
     application's timeouts (:data:`CLAIM_TIMEOUTS_SQL`, and asyncpg's ``command_timeout``):
     a claim they cut short could only answer "unknown" for a COMMIT still running, whose
-    outcome the wait would have known."""
+    outcome the wait would have known. asyncpg: sent by asyncpg itself with a timeout of its
+    own (``timeout=`` overrides ``command_timeout`` for the one call; SQLAlchemy's adapter
+    passes none), through SQLAlchemy's ``run_async``, in the transaction begun above."""
     connection.execute(READ_WRITE_SQL)
     connection.execute(CLAIM_TIMEOUTS_SQL)
-    driver = connection.connection.driver_connection
-    with _command_timeout_at_least(driver, CLAIM_CLIENT_TIMEOUT):
+    adapted = connection.connection.dbapi_connection
+    if isinstance(connection.connection.driver_connection, asyncpg.Connection):
+        marker = ticket.marker
+        status = adapted.run_async(  # type: ignore[union-attr]
+            lambda driver: driver.fetchval(CLAIM_SQL_ASYNCPG, marker, timeout=CLAIM_CLIENT_TIMEOUT)
+        )
+    else:
         status = connection.execute(CLAIM_SQL, {"marker": ticket.marker}).scalar()
     return None if status is None else str(status)
-
-
-@contextlib.contextmanager
-def _command_timeout_at_least(driver: Any, seconds: float) -> Iterator[None]:
-    """An asyncpg connection's ``command_timeout`` raised to ``seconds`` while inside, where it
-    is shorter (other drivers have none). asyncpg reads it from the connection's configuration
-    (``_config``, a named tuple) at each statement, and SQLAlchemy passes no timeout of its
-    own; ``tests/test_commit_interrupted.py`` fails if that changes."""
-    config = getattr(driver, "_config", None) if isinstance(driver, asyncpg.Connection) else None
-    current = getattr(config, "command_timeout", None)
-    if config is None or current is None or current >= seconds:
-        yield
-        return
-    driver._config = config._replace(command_timeout=seconds)
-    try:
-        yield
-    finally:
-        driver._config = config
 
 
 # -- a check's "committed" made durable as the server promises ------------------------------------
@@ -865,18 +859,14 @@ def _warnings_into(driver: Any, warnings: list[str]) -> Iterator[None]:
 @contextlib.contextmanager
 def _cut_off_after(driver: Any, seconds: float) -> Iterator[Callable[[], bool]]:
     """A statement of ``driver``'s cut off after ``seconds``. asyncpg: its ``command_timeout``
-    (see :func:`_command_timeout_at_least`) set to ``seconds``: asyncpg cancels the statement
+    set to ``seconds`` (:func:`~._internals.asyncpg_command_timeout`): asyncpg cancels the statement
     and raises ``TimeoutError``. psycopg (sync or async): a timer thread sends the server a
     cancel request (libpq's, which may be sent from any thread). Yields a function telling,
     once outside, whether the timer fired at all (the cancel then may have reached the
     statement, even as its answer came)."""
     if isinstance(driver, asyncpg.Connection):
-        config = driver._config
-        driver._config = config._replace(command_timeout=seconds)
-        try:
+        with asyncpg_command_timeout(driver, seconds):
             yield lambda: False  # a cut is asyncpg's TimeoutError
-        finally:
-            driver._config = config
         return
     cancel = driver.pgconn.get_cancel()
     fired = threading.Event()

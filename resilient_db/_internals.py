@@ -17,7 +17,8 @@ Rules for every function here:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import sqlalchemy as sa
@@ -28,6 +29,8 @@ from ._errors import ResilientDBError
 __all__ = [
     "NEVER_SET",
     "InternalsChanged",
+    "asyncpg_command_timeout",
+    "asyncpg_socket_fd",
     "attribute_history",
     "dml_values",
     "empty_result",
@@ -238,3 +241,63 @@ def with_own_session_class(kwargs: Mapping[str, Any]) -> dict[str, Any]:
         {"__module__": given.__module__, "__qualname__": given.__qualname__},
     )
     return {**kwargs, "class_": own}
+
+
+# --------------------------------------------------------------------------------------------
+# asyncpg
+# --------------------------------------------------------------------------------------------
+
+
+def asyncpg_socket_fd(connection: Any) -> int | None:
+    """The descriptor of an asyncpg connection's socket, for the checkout probe's poll: None
+    when it has no transport (closed), -1 when the socket is broken.
+
+    Private: asyncpg ``Connection._transport`` (a ``__slots__`` attribute; verified 0.30.0,
+    0.32.0) and the transport's ``get_extra_info("socket")`` (public asyncio). Gone:
+    :class:`InternalsChanged` (reading it as "no socket" made the probe hand out a terminated
+    backend as alive). Public alternative: none (asyncpg exposes no transport or descriptor;
+    ``pool_pre_ping`` costs a round trip per checkout).
+    """
+    if not hasattr(type(connection), "_transport"):
+        raise InternalsChanged(
+            "asyncpg",
+            "Connection._transport",
+            "the checkout probe cannot find the connection's socket, so it cannot tell a "
+            "terminated backend from a live one",
+        )
+    transport = connection._transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return None
+    try:
+        return int(sock.fileno())
+    except Exception:
+        return -1
+
+
+@contextlib.contextmanager
+def asyncpg_command_timeout(driver: Any, seconds: float) -> Iterator[None]:
+    """Every statement of asyncpg connection ``driver`` cut off by asyncpg after ``seconds``
+    while inside (asyncpg cancels it and raises ``TimeoutError``), whatever its
+    ``command_timeout``: for statements SQLAlchemy sends, which take no per-call timeout (the
+    check's COMMIT, whose wait for synchronous standbys the server bounds with nothing).
+
+    Private: asyncpg ``Connection._config``, a ``_ClientConfiguration`` named tuple whose
+    ``command_timeout`` asyncpg reads at each statement, replaced with ``_replace`` (verified
+    0.30.0, 0.32.0). Gone: :class:`InternalsChanged` (the check's COMMIT could wait for
+    good). Public alternative: the ``timeout=`` of asyncpg's own ``execute``/``fetch*``, used
+    where resilient_db sends the statement itself (the claim, through SQLAlchemy's public
+    ``AdaptedConnection.run_async``); SQLAlchemy's asyncpg adapter passes none.
+    """
+    config: Any = getattr(driver, "_config", None)
+    if not hasattr(config, "command_timeout") or not hasattr(config, "_replace"):
+        raise InternalsChanged(
+            "asyncpg",
+            "Connection._config.command_timeout",
+            "the check's COMMIT cannot be cut off after its wait for synchronous standbys",
+        )
+    driver._config = config._replace(command_timeout=seconds)
+    try:
+        yield
+    finally:
+        driver._config = config

@@ -64,6 +64,7 @@ from ._commit import (
 )
 from ._config import Config, load_config, register_default_user
 from ._errors import CircuitOpenError, CommitOutcomeUnknownError
+from ._internals import asyncpg_socket_fd
 from ._observability import LineLimit, emit, log_session, stats_for
 from ._registry import factory_of, in_unit
 from ._retry import Policy
@@ -2214,7 +2215,7 @@ def connection_looks_dead(dbapi_connection: Any, cache: dict[str, Any] | None = 
         if cached is not None and cached[0] is inner:
             fd = cached[1]
         else:
-            fd = _asyncpg_socket(inner)
+            fd = asyncpg_socket_fd(inner)
             if fd is None or fd < 0:
                 return fd is not None  # no socket: nothing to poll; a broken one: dead
             if cache is not None:
@@ -2235,19 +2236,6 @@ def connection_looks_dead(dbapi_connection: Any, cache: dict[str, Any] | None = 
     return not (_psycopg_notified(pgconn) and not _readable(fd, cache))
 
 
-def _asyncpg_socket(connection: Any) -> int | None:
-    """The descriptor of an asyncpg connection's socket: None when it has none (no transport),
-    -1 when the socket is broken (``get_extra_info`` is slow: look it up once per connection)."""
-    transport = getattr(connection, "_transport", None)
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is None:
-        return None
-    try:
-        return int(sock.fileno())
-    except Exception:
-        return -1
-
-
 def dead_probe(dbapi_connection: Any, cache: dict[str, Any]) -> Callable[[], bool]:
     """:func:`connection_looks_dead` for one connection, made once per connection and kept in
     its pool record (``cache``): every checkout calls it. The socket's ``pollfd`` is bound into
@@ -2257,7 +2245,7 @@ def dead_probe(dbapi_connection: Any, cache: dict[str, Any]) -> Callable[[], boo
     poll = _poll
     is_closed = getattr(inner, "is_closed", None)
     if callable(is_closed) and poll is not None:  # asyncpg through SQLAlchemy's adapter
-        asyncpg_fd = _asyncpg_socket(inner)
+        asyncpg_fd = asyncpg_socket_fd(inner)
         if asyncpg_fd is not None:
             if asyncpg_fd < 0:
                 return lambda: True

@@ -6,18 +6,24 @@ checks that the guard, the factories and the checkout probe never fail open when
 from __future__ import annotations
 
 import enum
+import os
+import socket
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import asyncpg
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 import resilient_db as rdb
 from resilient_db import _internals
 from resilient_db._internals import InternalsChanged
+from resilient_db._unit import connection_looks_dead, dead_probe
 from resilient_db.examples.tasks import Base, Task
+from resilient_db.testing import PostgresServer
 from resilient_db.transitions._rules import enum_db_values
 
 
@@ -320,3 +326,106 @@ def test_factories_own_their_class_when_sessionmaker_keeps_it_as_given(
         assert factory_of(s) is a
     with b() as s:
         assert factory_of(s) is b
+
+
+# -- asyncpg ---------------------------------------------------------------------------------
+
+
+async def _asyncpg_driver(url: str, **connect_args: Any) -> tuple[AsyncEngine, Any, Any]:
+    """An engine, one of its connections and that connection's asyncpg connection."""
+    engine = create_async_engine(url, connect_args=connect_args, poolclass=sa.NullPool)
+    conn = await engine.connect()
+    driver = (await conn.get_raw_connection()).driver_connection
+    assert isinstance(driver, asyncpg.Connection)
+    return engine, conn, driver
+
+
+@pytest.mark.asyncio
+async def test_asyncpg_socket_fd_is_the_connections_socket(
+    pg_server: PostgresServer, pg_database: str
+) -> None:
+    """The descriptor is the socket this connection talks to its backend on (the server sees
+    the client's port the socket is bound to)."""
+    engine, conn, driver = await _asyncpg_driver(pg_server.url(pg_database, driver="asyncpg"))
+    try:
+        client_port = (await conn.exec_driver_sql("SELECT inet_client_port()")).scalar_one()
+        fd = _internals.asyncpg_socket_fd(driver)
+        message = _says(
+            "asyncpg",
+            "Connection._transport",
+            "asyncpg_socket_fd",
+            "the checkout probe cannot tell a terminated backend from a live one",
+        )
+        assert isinstance(fd, int), message
+        assert fd >= 0, message
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            assert sock.getsockname()[1] == client_port, message
+    finally:
+        await conn.close()
+        await engine.dispose()
+
+
+@pytest.mark.asyncio
+async def test_the_checkout_probe_refuses_an_asyncpg_connection_it_cannot_read() -> None:
+    """An asyncpg whose connection keeps its transport under another name: the probe raises,
+    naming asyncpg and the attribute (it found "no socket" and called every connection,
+    a terminated backend's too, alive)."""
+
+    class Renamed:  # asyncpg's Connection, as a release that renamed _transport would have it
+        transport_renamed = None
+
+        def is_closed(self) -> bool:
+            return False
+
+    class Adapted:  # SQLAlchemy's adapter around it
+        driver_connection = Renamed()
+
+    with pytest.raises(InternalsChanged, match=r"asyncpg .* no longer has Connection\._transport"):
+        connection_looks_dead(Adapted(), {})
+    with pytest.raises(InternalsChanged, match=r"Connection\._transport"):
+        dead_probe(Adapted(), {})()
+
+
+@pytest.mark.asyncio
+async def test_asyncpg_command_timeout_is_what_asyncpg_enforces(
+    pg_server: PostgresServer, pg_database: str
+) -> None:
+    url = pg_server.url(pg_database, driver="asyncpg")
+    engine, conn, driver = await _asyncpg_driver(url)
+    message = _says(
+        "asyncpg",
+        "Connection._config.command_timeout",
+        "asyncpg_command_timeout",
+        "the check's COMMIT is not cut off after its wait for synchronous standbys",
+    )
+    try:
+        with _internals.asyncpg_command_timeout(driver, 0.2), pytest.raises(TimeoutError):
+            await driver.fetchval("SELECT pg_sleep(2)")
+        assert await driver.fetchval("SELECT 1 FROM pg_sleep(0.4)"), message
+    finally:
+        await conn.close()
+        await engine.dispose()
+
+
+@pytest.mark.asyncio
+async def test_asyncpgs_per_call_timeout_overrides_command_timeout(
+    pg_server: PostgresServer, pg_database: str
+) -> None:
+    """The claim relies on it (public asyncpg API: ``timeout=`` of ``fetchval``), sent
+    through SQLAlchemy's public ``AdaptedConnection.run_async``."""
+    url = pg_server.url(pg_database, driver="asyncpg")
+    engine = create_async_engine(url, connect_args={"command_timeout": 0.2}, poolclass=sa.NullPool)
+    try:
+        async with engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+
+            def slow(adapted: Any) -> Any:
+                return adapted.run_async(
+                    lambda driver: driver.fetchval("SELECT 1 FROM pg_sleep(0.5)", timeout=5)
+                )
+
+            assert await conn.run_sync(lambda _: slow(raw.dbapi_connection))
+            with pytest.raises(TimeoutError):
+                await raw.driver_connection.fetchval("SELECT pg_sleep(0.5)")
+    finally:
+        await engine.dispose()
