@@ -32,6 +32,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, regi
 from sqlalchemy.types import TypeDecorator
 
 import resilient_db as rdb
+from resilient_db.transitions import TransitionTrigger
 from resilient_db.transitions._rules import guards_of
 
 
@@ -187,6 +188,24 @@ def test_a_converting_column_refuses_illegal_moves_naming_the_declared_states(
         Sessions.run(lambda s: s.execute(sa.insert(table).values(id=9, status="running")))
     assert (inserted.value.to_state, inserted.value.inserted) == ("running", True)
     assert stored(engine, model.__tablename__) == [(1, "P" if model is Coded else 0)]
+
+
+def test_a_trigger_comparing_the_python_spellings_is_drift(engine: sa.Engine) -> None:
+    """What an earlier release installed for ``Coded`` (its literals the Python spellings,
+    which no stored code ever equals) is told apart from the trigger of its rules (it was
+    reported as no drift), and an install replaces it."""
+    earlier = TransitionTrigger(
+        model="Coded",
+        table="coded",
+        primary_key="id",
+        rules=Coded.__transitions__,
+        type_=sa.String(20),
+    )
+    with engine.begin() as conn:
+        rdb.install_transition_trigger(conn, earlier)
+        assert rdb.trigger_drift(conn, Coded) is not None
+        rdb.install_transition_trigger(conn, Coded)
+        assert rdb.trigger_drift(conn, Coded) is None
 
 
 def test_a_converting_column_is_judged_by_the_codes_it_stores() -> None:
