@@ -218,6 +218,37 @@ def test_a_converting_column_is_judged_by_the_codes_it_stores() -> None:
     assert numbered.key("done") == "2"
 
 
+class PerDialect(TypeDecorator[str]):
+    """Stores the states as codes in a column of PostgreSQL's own type (its impl is another
+    database's)."""
+
+    impl = sa.Integer
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: sa.Dialect) -> Any:
+        return dialect.type_descriptor(
+            sa.String(1) if dialect.name == "postgresql" else sa.Integer()
+        )
+
+    def process_bind_param(self, value: Any, dialect: sa.Dialect) -> Any:
+        return None if value is None else value[0].upper()
+
+
+def test_the_stored_values_are_those_of_postgresqls_column_type() -> None:
+    reg = registry()
+    try:
+        attrs = {
+            "__tablename__": "per_dialect",
+            "__transitions__": rdb.TransitionRules(column="status", **RULES),
+            "id": mapped_column(sa.Integer, primary_key=True),
+            "status": mapped_column(PerDialect()),
+        }
+        (guard,) = guards_of(reg.mapped(type("Coded1", (), attrs)))
+        assert (guard.key("pending"), guard.key("running")) == ("P", "R")
+    finally:
+        reg.dispose()
+
+
 class Upper(TypeDecorator[str]):
     """Converts in SQL (``upper(:param)``): what it stores can't be told in Python."""
 

@@ -328,7 +328,7 @@ def _db_key(type_: sa.types.TypeEngine[Any], value: object) -> Key:
     if value is None:
         return None
     if isinstance(type_, sa.types.TypeDecorator):
-        impl: sa.types.TypeEngine[Any] = type_.impl_instance
+        impl: sa.types.TypeEngine[Any] = _under(type_)
         if converts(type_):
             # the column stores what the type's process_bind_param makes of the value
             return _db_key(impl, _stored_value(type_, value))
@@ -398,10 +398,15 @@ def _stored_value(type_: sa.types.TypeDecorator[Any], value: object) -> Any:
         ) from exc
 
 
+def _under(type_: sa.types.TypeDecorator[Any]) -> sa.types.TypeEngine[Any]:
+    """The type under ``type_`` on PostgreSQL (its ``load_dialect_impl``: its ``impl``)."""
+    return type_.load_dialect_impl(_DIALECT)
+
+
 def storage_type(type_: sa.types.TypeEngine[Any]) -> sa.types.TypeEngine[Any]:
     """The type the column stores its values by: under every ``TypeDecorator``."""
     while isinstance(type_, sa.types.TypeDecorator):
-        type_ = type_.impl_instance
+        type_ = _under(type_)
     return type_
 
 
@@ -410,7 +415,7 @@ def _converting(type_: sa.types.TypeEngine[Any]) -> bool:
     while isinstance(type_, sa.types.TypeDecorator):
         if converts(type_):
             return True
-        type_ = type_.impl_instance
+        type_ = _under(type_)
     return False
 
 
@@ -422,7 +427,7 @@ def _converts_in_sql(type_: sa.types.TypeEngine[Any]) -> str | None:
         for method in ("bind_expression", "column_expression", "bind_processor"):
             if _overrides(type_, method):
                 return method
-        type_ = type_.impl_instance
+        type_ = _under(type_)
     return None
 
 
