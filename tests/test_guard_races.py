@@ -93,7 +93,9 @@ def assert_stale_for_row(
     assert (err.pk, err.from_state, err.to_state, err.via) == (key, "pending", "cancelled", "flush")
     assert "another transaction changed the row" in err.reason
     assert "now holds 'pending'" in err.reason
-    assert problem_details(err, config=ROW_KEYS).status == 409
+    problem = problem_details(err, config=ROW_KEYS)
+    assert problem is not None
+    assert problem.status == 409
     stale = [e for e in events if e.name == "transition_blocked" and e.fields.get("stale")]
     assert len(stale) == 1
     assert rdb.health()["transitions"]["stale_transitions"] == 1

@@ -67,7 +67,10 @@ class Number(TypeDecorator[str]):
         return None if value is None else self.NAMES[value]
 
 
-RULES = {"transitions": {"pending": {"running"}, "running": {"done"}}, "initial": {"pending"}}
+RULES: dict[str, Any] = {
+    "transitions": {"pending": {"running"}, "running": {"done"}},
+    "initial": {"pending"},
+}
 
 
 class Base(DeclarativeBase):
@@ -341,7 +344,7 @@ def test_a_number_that_is_no_integer_is_refused_saying_so(engine: sa.Engine, ser
     Sessions.run(lambda s: s.add(Phased(id=1)))
 
     def move(session: Session) -> None:
-        session.get_one(Phased, 1).phase = 1.5
+        session.get_one(Phased, 1).phase = 1.5  # type: ignore[assignment]
 
     with pytest.raises(rdb.IllegalTransitionError) as info:
         Sessions.run(move)
