@@ -329,14 +329,6 @@ class Config:
         return self.enabled and self.circuit_breaker
 
     @property
-    def uses_redis(self) -> bool:
-        """Whether factories made with this configuration talk to its Redis (when it names
-        one): the breaker they share, or the retry budget (as ``Policy.apply_config`` decides)."""
-        return self.enabled and (
-            self.circuit_breaker or (self.retry_on and self.retry_budget is not None)
-        )
-
-    @property
     def guard_on(self) -> bool:
         return self.enabled and self.status_validation
 
@@ -654,18 +646,31 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         except ValueError as exc:
             problems[name] = f"{_shown(raw)} is invalid: {exc}"
     defaults = {f.name: f.default for f in dataclasses.fields(Config)}
-    for name, why in _contradictions(
-        {**defaults, **values}, _ENV_OF.__getitem__, given=values
-    ).items():
+    merged = {**defaults, **values}
+    for name, why in _contradictions(merged, _ENV_OF.__getitem__, given=values).items():
         problems.setdefault(name, why)
-    if problems:
-        raise ConfigError(problems)
-    config = Config(**values)
-    if config.redis_url is not None and config.uses_redis:
+    if merged["redis_url"] is not None and _uses_redis(merged):
+        # what every factory would refuse to start without: refused here, before anything is
+        # applied, and with the other problems
         from ._fleet import _import_redis  # noqa: PLC0415 (it imports this module)
 
-        _import_redis()  # what every factory would refuse to start without: refused here, first
-    return config
+        try:
+            _import_redis()
+        except ConfigError as exc:
+            problems.update(exc.problems)
+    if problems:
+        raise ConfigError(problems)
+    return Config(**values)
+
+
+def _uses_redis(values: Mapping[str, Any]) -> bool:
+    """Whether factories made with these settings talk to the Redis they name: the breaker
+    they share, or the retry budget (as ``Policy.apply_config`` decides)."""
+    retry_on = values["enabled"] and values["retry"] and values["max_retries"] > 0
+    return bool(
+        values["enabled"]
+        and (values["circuit_breaker"] or (retry_on and values["retry_budget"] is not None))
+    )
 
 
 class _Configurable(Protocol):

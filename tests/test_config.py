@@ -537,6 +537,9 @@ def test_a_reload_refused_for_a_missing_redis_package_changes_nothing(
             rdb.reload_config()
         with pytest.raises(rdb.ConfigError, match="redis package is not installed"):
             rdb.load_config()  # what check-config says too
+        with pytest.raises(rdb.ConfigError) as info:  # with the other problems, at once
+            rdb.load_config({**os.environ, "SELF_HEALING_MAX_RETRIES": "abc"})
+        assert set(info.value.problems) >= {"SELF_HEALING_REDIS_URL", "SELF_HEALING_MAX_RETRIES"}
         assert STATE.env_config is before
         assert [f.config for f in factories] == [before, before]
         assert all(f.policy.retry_on for f in factories)
