@@ -685,10 +685,7 @@ def _called_without_session(wrapper: Any, fn: Any) -> Any:
 
 
 if True:  # async only
-    try:  # SQLAlchemy 2.1 renamed ``await_only`` to ``await_`` (the old name goes in 2.2)
-        from sqlalchemy.util import await_ as _await
-    except ImportError:  # SQLAlchemy 2.0
-        from sqlalchemy.util import await_only as _await
+    from ._internals import sa_await as _await
 
     async def _to_completion(coro: Coroutine[Any, Any, None]) -> None:
         """Run ``coro`` (a clean-up) in a task of its own and wait for it to finish even when

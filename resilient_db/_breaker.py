@@ -34,6 +34,7 @@ import pybreaker as _pb
 from ._config import Config
 from ._errors import CircuitOpenError
 from ._fleet import FAILOVER_WINDOW, FleetDown, attach, detach
+from ._internals import pybreaker_lock, renew_pybreaker_lock  # noqa: F401 (the first: tests)
 from ._observability import LineLimit, emit, log_breaker, stats_for
 from ._state import STATE, check_service_room
 
@@ -46,19 +47,6 @@ _UTC = timezone.utc
 _probe_here: contextvars.ContextVar[tuple[Any, str | None] | None] = contextvars.ContextVar(
     "resilient_db_probe_here", default=None
 )
-
-
-def pybreaker_lock(cb: Any) -> Any:
-    """The lock pybreaker's ``CircuitBreaker`` holds while its state setter notifies the
-    listeners (a private attribute, ``_lock``: the one place resilient_db reaches for it;
-    ``tests/test_fleet_fork.py`` fails when pybreaker changes it)."""
-    return cb._lock
-
-
-def renew_pybreaker_lock(cb: Any) -> None:
-    """Give ``cb`` a new lock of the kind it had (in a forked child: a thread of the parent may
-    have held the old one, and it does not exist here)."""
-    cb._lock = type(pybreaker_lock(cb))()
 
 
 class _LogListener(_pb.CircuitBreakerListener):

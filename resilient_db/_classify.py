@@ -25,6 +25,7 @@ from typing import Any, Final
 import sqlalchemy.exc as sa_exc
 
 from ._errors import ResilientDBError
+from ._internals import InternalsChanged, asyncpg_address, asyncpg_statement_connection
 
 __all__ = ["Classifier", "Outcome", "classify", "is_transient", "sqlstate_of"]
 
@@ -220,7 +221,7 @@ def hot_standby_server(driver: Any) -> str | None:
             return _address(info.host, info.port)
         # asyncpg: the address it connected to (a multi-host URL: the one that answered); it
         # has no public accessor for it
-        addr = getattr(driver, "_addr", None)
+        addr = asyncpg_address(driver)
     except Exception:  # a connection that broke meanwhile: nothing to say
         return None
     if isinstance(addr, tuple) and len(addr) >= 2:
@@ -682,12 +683,14 @@ def _driver_connection_of(err: BaseException) -> Any:
                     return conn
             elif _of_driver(owner, "asyncpg"):
                 # its connection, or a prepared statement's or cursor's (asyncpg keeps no public
-                # reference to it: read in one place, _statements.statement_connection)
-                from ._statements import statement_connection  # noqa: PLC0415 (imports this)
-
+                # reference to it: read in one place, _internals.asyncpg_statement_connection)
                 try:
-                    conn = owner if hasattr(owner, "get_settings") else statement_connection(owner)
-                except AttributeError:  # an object of asyncpg's with no connection
+                    conn = (
+                        owner
+                        if hasattr(owner, "get_settings")
+                        else asyncpg_statement_connection(owner)
+                    )
+                except InternalsChanged:  # an object of asyncpg's with no connection
                     conn = None
                 if callable(getattr(conn, "get_settings", None)):
                     return conn

@@ -55,9 +55,8 @@ from typing import Any, Final, Protocol, TypeAlias
 
 import asyncpg
 import psycopg
-from psycopg.generators import execute as _pq_execute
 from sqlalchemy import event, text
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import AdaptedConnection, Connection, Engine
 from sqlalchemy.pool import NullPool
 
 from ._classify import (
@@ -71,7 +70,15 @@ from ._classify import (
 )
 from ._config import Config
 from ._errors import ResilientDBError
-from ._internals import asyncpg_command_timeout
+from ._internals import (
+    ASYNC_CREATOR_KWARG,
+    asyncpg_command_timeout,
+    psycopg_error_from_result,
+    psycopg_on_deallocate_all,
+    psycopg_simple_query,
+    psycopg_simple_query_async,
+    sa_await,
+)
 from ._observability import emit, log_session
 from ._state import STATE, renew_after_fork
 from ._statements import (
@@ -85,11 +92,6 @@ from ._statements import (
     statement_listeners,
 )
 from .transitions._sql import literal
-
-try:  # SQLAlchemy 2.1 renamed ``await_only`` to ``await_`` (the old name goes in 2.2)
-    from sqlalchemy.util import await_ as _await
-except ImportError:  # SQLAlchemy 2.0
-    from sqlalchemy.util import await_only as _await
 
 __all__ = [
     "CLAIM_HORIZON",
@@ -1593,18 +1595,18 @@ class CommitProtocol:
         given = cparams.get("connection_class")
         base = getattr(given, "_rdb_base", given) or asyncpg.Connection
         # (this listener's own, likewise: the connect it wraps, see connect_outside_units)
-        wrapped = cparams.get("async_creator_fn")
+        wrapped = cparams.get(ASYNC_CREATOR_KWARG)
         creator = getattr(wrapped, "_rdb_inner", wrapped)
         if not self._settings.config.enabled:
             if given is not None and given is not base:
                 cparams["connection_class"] = base  # asyncpg's own (or yours), unmarked
             if creator is None or creator is _connect_host_by_host:
-                cparams.pop("async_creator_fn", None)  # self-healing off: the URL as given
+                cparams.pop(ASYNC_CREATOR_KWARG, None)  # self-healing off: the URL as given
             else:
-                cparams["async_creator_fn"] = creator  # yours, as given
+                cparams[ASYNC_CREATOR_KWARG] = creator  # yours, as given
             return
         # connected outside the unit's context (see connect_outside_units)
-        cparams["async_creator_fn"] = connect_outside_units(
+        cparams[ASYNC_CREATOR_KWARG] = connect_outside_units(
             _connect_host_by_host if self.multi_host and creator is None else creator
         )
         if creator not in (None, _connect_host_by_host):
@@ -1992,17 +1994,18 @@ class CommitProtocol:
         idle here, new or just checked out."""
         if self.is_asyncpg:
             reports = hasattr(driver.get_settings(), "in_hot_standby")
+            run = _runner(dbapi_connection, driver)
             sent = _wall_clock()
             try:
-                row = _await(driver.fetchrow(_CHECK_SQL))
+                row = run(lambda d: d.fetchrow(_CHECK_SQL))
             except Exception:  # (no USAGE on the schema fails the lookups: say that)
-                self._look_for_missing(lambda sql: _await(driver.fetchval(sql)))
+                self._look_for_missing(lambda sql: run(lambda d: d.fetchval(sql)))
                 raise
             self._check_clock(sent, row[1])
-            if not self._trusted_install(row, lambda sql: _await(driver.fetchval(sql))):
+            if not self._trusted_install(row, lambda sql: run(lambda d: d.fetchval(sql))):
                 return False, False, reports
             prepare = prepare and reports
-            done = prepare and _quietly(lambda: _await(driver.execute(_PREPARE_SQL)))
+            done = prepare and _quietly(lambda: run(lambda d: d.execute(_PREPARE_SQL)))
             return True, done, reports
         # A server that doesn't report ``in_hot_standby`` (before PostgreSQL 14) doesn't tell
         # the client when its transactions are read-only either: no prepared statement there
@@ -2244,27 +2247,18 @@ def _watch_psycopg_deallocations(connection: Any, prepared: PreparedMarker) -> N
     committing, an error) and after a DROP, ALTER or DISCARD ALL it runs: the marker statement
     goes with them, and the next writing unit's ``EXECUTE`` would fail (the unit replayed, the
     engine's COMMITs sent inline from then on). The moment psycopg decides so is its prepare
-    manager's ``clear()``, which returns True when it will deallocate: wrapped here on this
-    connection's manager, it switches the connection to :class:`_Reprepare`. This reaches into
-    psycopg's private ``_prepared`` (its only public trace is the ``DEALLOCATE ALL`` on the
-    wire); ``tests/test_commit_markers.py`` fails loudly if that changes, and without the
-    attribute the connection is left as it was (a lost statement is then found at its next
-    COMMIT, as for a pooler's).
+    manager's ``clear()`` (:func:`~._internals.psycopg_on_deallocate_all`): then the connection
+    switches to :class:`_Reprepare`. Where that cannot be watched the connection is left as it
+    was (a lost statement is then found at its next COMMIT, as for a pooler's).
     """
-    manager: Any = getattr(connection, "_prepared", None)
-    clear = getattr(manager, "clear", None)
-    if not callable(clear):
-        return
     ref = weakref.ref(connection)
 
-    def clear_and_reprepare() -> bool:
-        dropping: bool = clear()
+    def dropped() -> None:
         owner = ref()
-        if dropping and owner is not None and owner._rdb_prepared is prepared:
+        if owner is not None and owner._rdb_prepared is prepared:
             owner._rdb_prepared = prepared.dropped(owner)
-        return dropping
 
-    manager.clear = clear_and_reprepare
+    psycopg_on_deallocate_all(connection, dropped)
 
 
 #: A connection's marker statement: the engine's prepared one, or the inline one (set up at
@@ -2580,7 +2574,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                     await base.commit(self)
                 else:
                     with _marker_statement_errors(self, message):
-                        await _psycopg_simple_query_async(self, message.encode())
+                        _raise_error(self, await psycopg_simple_query_async(self, message.encode()))
                 if ticket is not None:  # (a warning noted by _psycopg_commit_warning: unproven)
                     ticket.done = ticket.warned is None or not ticket.wrote
                 return None
@@ -2613,7 +2607,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                 else:
                     # (_marker_statement_errors, written out: every writing unit passes here)
                     try:
-                        _psycopg_simple_query(self, message.encode())
+                        _raise_error(self, psycopg_simple_query(self, message.encode()))
                     except BaseException as exc:
                         _psycopg_marked_commit_failed(self, message, exc)
                         raise
@@ -2662,6 +2656,15 @@ def _kept_beside(name: str, default: Any) -> property:
     return property(get, set_)
 
 
+def _runner(dbapi_connection: Any, driver: Any) -> Callable[[Callable[[Any], Any]], Any]:
+    """Run ``fn(driver)``, a coroutine of an asyncio driver's connection, from the sync code
+    of an async engine (inside SQLAlchemy's greenlet): through SQLAlchemy's public
+    ``AdaptedConnection.run_async`` where ``dbapi_connection`` is its adapter."""
+    if isinstance(dbapi_connection, AdaptedConnection):
+        return dbapi_connection.run_async
+    return lambda fn: sa_await(fn(driver))
+
+
 def _close_abandoned(dbapi_connection: Any) -> None:
     """Close a new connection whose set-up raised, without waiting on the server: asyncpg's is
     terminated (it may be lost, or in the middle of an interrupted statement), psycopg's closed
@@ -2672,7 +2675,8 @@ def _close_abandoned(dbapi_connection: Any) -> None:
         if isinstance(driver, asyncpg.Connection):
             driver.terminate()
         elif isinstance(driver, psycopg.AsyncConnection):
-            _await(driver.close())  # (a coroutine that never waits: libpq's close)
+            # (a coroutine that never waits: libpq's close)
+            _runner(dbapi_connection, driver)(lambda d: d.close())
         else:
             driver.close()
     except Exception:
@@ -2825,29 +2829,14 @@ def _psycopg_marked_commit_failed(connection: Any, message: str, exc: BaseExcept
 
 def _psycopg_simple_query(connection: Any, message: bytes) -> None:
     """Send ``message`` (several statements, no parameters) as one simple-query message on a
-    psycopg connection and wait for its results; raise the first error as psycopg would.
-
-    This is what psycopg's own ``commit()`` does for ``COMMIT``: the libpq call through the
-    public ``pgconn``, waited for by the connection's ``wait()`` (so Ctrl-C still cancels), with
-    psycopg's generator for a sent query. A cursor's ``execute`` would do the same at about
-    40,000 more instructions per commit (query conversion, prepared-statement bookkeeping, row
-    makers). ``psycopg.generators`` and ``psycopg.errors.error_from_result`` are not documented
-    API: this is their one use (with the async twin below), and ``tests/test_commit_markers.py``
-    fails loudly if they change.
-    """
-    with connection.lock:
-        pgconn = connection.pgconn
-        pgconn.send_query(message)
-        results = connection.wait(_pq_execute(pgconn))
-    _raise_error(connection, results)
+    psycopg connection and wait for its results; raise the first error as psycopg would
+    (:func:`~._internals.psycopg_simple_query`; the marked COMMIT writes this out)."""
+    _raise_error(connection, psycopg_simple_query(connection, message))
 
 
 async def _psycopg_simple_query_async(connection: Any, message: bytes) -> None:
     """:func:`_psycopg_simple_query` on a ``psycopg.AsyncConnection``."""
-    async with connection.lock:
-        connection.pgconn.send_query(message)
-        results = await connection.wait(_pq_execute(connection.pgconn))
-    _raise_error(connection, results)
+    _raise_error(connection, await psycopg_simple_query_async(connection, message))
 
 
 def _raise_error(connection: Any, results: list[Any]) -> None:
@@ -2861,7 +2850,7 @@ def _raise_error(connection: Any, results: list[Any]) -> None:
             code = last.error_field(_SQLSTATE)
             _prepare_failed_after_commit(connection, code.decode() if code else None)
             return
-        raise psycopg.errors.error_from_result(last, encoding=connection.info.encoding)
+        raise psycopg_error_from_result(last, connection)
 
 
 def _mark_psycopg(dbapi_connection: Any, *, may_have_written: bool = False) -> bool:

@@ -18,7 +18,7 @@ Rules for every function here:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import sqlalchemy as sa
@@ -27,15 +27,31 @@ from sqlalchemy.orm import Session
 from ._errors import ResilientDBError
 
 __all__ = [
+    "ASYNC_CREATOR_KWARG",
     "NEVER_SET",
+    "SQLALCHEMY_COMMIT_CODE",
     "InternalsChanged",
+    "asyncpg_address",
     "asyncpg_command_timeout",
     "asyncpg_socket_fd",
+    "asyncpg_statement_connection",
     "attribute_history",
     "dml_values",
     "empty_result",
+    "fire_after_commit",
     "flush_pk_bind_name",
     "is_anonymous_bind",
+    "last_do_connect",
+    "psycopg_error_from_result",
+    "psycopg_notify_handler",
+    "psycopg_on_deallocate_all",
+    "psycopg_simple_query",
+    "psycopg_simple_query_async",
+    "pybreaker_lock",
+    "raised_by_commit_impl",
+    "renew_pybreaker_lock",
+    "sa_await",
+    "session_binds",
     "with_own_session_class",
 ]
 
@@ -221,6 +237,115 @@ else:
         return state.manager[key].impl.get_history(state, state.dict, PASSIVE_NO_INITIALIZE)
 
 
+#: Run an awaitable from inside SQLAlchemy's greenlet (an async engine's sync code), the
+#: event loop running meanwhile. Private: ``sqlalchemy.util.await_`` (2.1; verified 2.1.9) or
+#: ``await_only`` (2.0; verified 2.0.24; in 2.1 a deprecated alias, to go in 2.2). Both gone:
+#: it raises :class:`InternalsChanged`. Public alternative: ``AdaptedConnection.run_async``
+#: for a driver connection's own coroutines (used wherever one is at hand); none for others
+#: (a session's ``flush()``, a sleep), short of the ``awaitlet`` package.
+sa_await: Callable[[Any], Any]
+try:
+    from sqlalchemy.util import await_ as sa_await
+except ImportError:  # SQLAlchemy 2.0
+    try:
+        from sqlalchemy.util import await_only as sa_await
+    except ImportError:  # pragma: no cover - exercised by tests/test_internals.py's canary
+
+        def sa_await(awaitable: Any) -> Any:
+            awaitable.close()
+            raise InternalsChanged(
+                "SQLAlchemy",
+                "sqlalchemy.util.await_ / await_only",
+                "nothing can be awaited from inside an async engine's sync code",
+            )
+
+
+def session_binds(session: Any) -> Iterable[Any]:
+    """The ``binds=`` of ``session`` (a sync ``Session``): the engines and connections given
+    per mapper or table, whether the factory or the session itself was given them (and
+    ``bind_mapper()`` / ``bind_table()`` since).
+
+    Private: SQLAlchemy 2.1's ``Session.binds`` (undocumented; verified 2.1.9), 2.0's
+    ``Session.__binds`` (``_Session__binds``; verified 2.0.24). Gone: :class:`InternalsChanged`
+    (a unit could not tell that it must join its caller's transaction). Public alternative:
+    partial (``sessionmaker.kw["binds"]`` and the ``binds=`` given to ``__call__`` miss
+    ``bind_mapper()`` / ``bind_table()``).
+    """
+    binds: Any = getattr(session, "binds", None)
+    if not isinstance(binds, Mapping):
+        binds = getattr(session, "_Session__binds", _GONE)
+        if binds is _GONE:
+            raise InternalsChanged(
+                "SQLAlchemy",
+                "Session.binds / Session.__binds",
+                "a unit cannot tell which engines and connections its session was bound to",
+            )
+    return binds.values() if isinstance(binds, Mapping) and binds else ()
+
+
+_GONE: Any = object()
+
+
+def fire_after_commit(session: Any) -> None:
+    """Call ``session``'s ``after_commit`` listeners (class- and instance-level), as
+    ``SessionTransaction.commit`` does: a COMMIT whose answer was lost, proven committed.
+
+    Private: the event dispatcher's ``dispatch.after_commit(session)`` call, as SQLAlchemy's
+    own code makes it (``dispatch`` is the attribute every event target has; calling it is
+    undocumented; verified 2.0.24, 2.1.9). Gone: :class:`InternalsChanged`. Public
+    alternative: none.
+    """
+    dispatch = getattr(getattr(session, "dispatch", None), "after_commit", None)
+    if not callable(dispatch):
+        raise InternalsChanged(
+            "SQLAlchemy",
+            "Session.dispatch.after_commit",
+            "after_commit listeners are not told of a COMMIT proven committed",
+        )
+    dispatch(session)
+
+
+def last_do_connect(dialect: Any, listener: Any) -> bool:
+    """Whether ``listener`` is the last ``do_connect`` listener of ``dialect`` (the one whose
+    connect arguments the dialect uses).
+
+    Private: iterating ``dialect.dispatch.do_connect`` in call order (verified 2.0.24,
+    2.1.9). Public alternative: none (``event.contains`` tells membership, not order).
+    """
+    listeners = list(dialect.dispatch.do_connect)
+    return bool(listeners) and listeners[-1] == listener
+
+
+#: The code of SQLAlchemy's ``Connection._commit_impl``, the method that sends a
+#: transaction's COMMIT through the dialect (``do_commit``) and catches its driver error: the
+#: frame at the head of that error's traceback when ``handle_error`` sees it. Private (verified
+#: 2.0.24, 2.1.9). Gone: None, and no lost COMMIT answer is recognised this way with
+#: self-healing off (the canary fails). Public alternative: ``ConnectionEvents.commit``, at
+#: about +5 % per unit.
+SQLALCHEMY_COMMIT_CODE: Any = getattr(
+    getattr(sa.engine.Connection, "_commit_impl", None), "__code__", None
+)
+
+
+def raised_by_commit_impl(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised by the COMMIT a ``Connection`` sent through its dialect
+    (:data:`SQLALCHEMY_COMMIT_CODE` at the head of its traceback)."""
+    tb = exc.__traceback__
+    return (
+        tb is not None
+        and SQLALCHEMY_COMMIT_CODE is not None
+        and tb.tb_frame.f_code is SQLALCHEMY_COMMIT_CODE
+    )
+
+
+#: The keyword SQLAlchemy's asyncpg DBAPI adapter takes for the connect function to use
+#: (``create_async_engine(async_creator=)`` arrives at ``do_connect`` as it). Private:
+#: ``AsyncAdapt_asyncpg_dbapi.connect(..., async_creator_fn=)`` (verified 2.0.24, 2.1.9).
+#: Renamed: every asyncpg connect fails with a TypeError from ``asyncpg.connect`` (the canary
+#: fails first). Public alternative: none at ``do_connect`` time.
+ASYNC_CREATOR_KWARG = "async_creator_fn"
+
+
 def with_own_session_class(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """``sessionmaker`` keywords ``kwargs`` with ``class_`` replaced by a class of the
     factory's own, subclassing the class given (``Session`` by default).
@@ -301,3 +426,188 @@ def asyncpg_command_timeout(driver: Any, seconds: float) -> Iterator[None]:
         yield
     finally:
         driver._config = config
+
+
+def asyncpg_statement_connection(statement: Any) -> Any:
+    """The connection an asyncpg prepared statement (or cursor) belongs to.
+
+    Private: asyncpg ``PreparedStatement._connection`` / ``CursorFactory``/``Cursor``
+    ``._connection`` (verified 0.30.0, 0.32.0). Gone: :class:`InternalsChanged` (a statement
+    could not be noted against its connection's unit). Public alternative: none (and no
+    ``__weakref__`` slot, so no side table either).
+    """
+    try:
+        return statement._connection
+    except AttributeError:
+        raise InternalsChanged(
+            "asyncpg",
+            f"{type(statement).__name__}._connection",
+            "a prepared statement's writes cannot be noted against its connection's unit",
+        ) from None
+
+
+def asyncpg_address(driver: Any) -> Any:
+    """The address an asyncpg connection connected to (a multi-host URL: the host that
+    answered): a ``(host, port)`` tuple, a socket path, or None when it has none to say.
+
+    Private: asyncpg ``Connection._addr`` (verified 0.30.0, 0.32.0). Gone: None (safe: only
+    the "read-only standby" message's wording degrades to "an unknown address"). Public
+    alternative: none (the URL's host and port, for a single-host URL).
+    """
+    return getattr(driver, "_addr", None)
+
+
+# --------------------------------------------------------------------------------------------
+# psycopg
+# --------------------------------------------------------------------------------------------
+
+try:  # guarded: the marked COMMIT of every psycopg unit sends through it
+    from psycopg.generators import execute as _psycopg_execute
+except ImportError:  # pragma: no cover - exercised by tests/test_internals.py's canary
+
+    def psycopg_simple_query(connection: Any, message: bytes) -> list[Any]:
+        """See the definition below: the private name is gone."""
+        raise InternalsChanged(
+            "psycopg",
+            "psycopg.generators.execute",
+            "the marked COMMIT cannot be sent as one message",
+        )
+
+    async def psycopg_simple_query_async(connection: Any, message: bytes) -> list[Any]:
+        """See the definition below: the private name is gone."""
+        raise InternalsChanged(
+            "psycopg",
+            "psycopg.generators.execute",
+            "the marked COMMIT cannot be sent as one message",
+        )
+
+else:
+
+    def psycopg_simple_query(connection: Any, message: bytes) -> list[Any]:
+        """Send ``message`` (several statements, no parameters) as one simple-query message
+        on psycopg connection ``connection`` and wait for its results (libpq's
+        ``PGresult``s; :func:`psycopg_error_from_result` makes psycopg's error of one).
+
+        This is what psycopg's own ``commit()`` does for ``COMMIT``: the libpq call through
+        the public ``pgconn``, waited for by the connection's ``wait()`` (so Ctrl-C still
+        cancels), under the connection's ``lock``, with psycopg's generator for a sent query.
+        Private: ``psycopg.generators.execute`` (an undocumented module), and the
+        undocumented ``Connection.lock`` and ``Connection.wait()`` (verified 3.2.1, 3.3.9).
+        Gone at import: this raises :class:`InternalsChanged` (``import resilient_db`` does
+        not fail). Public alternative: a base ``psycopg.Cursor``'s parameterless
+        ``execute(message, prepare=False)`` runs the statements too, at about 40,000 more
+        instructions per commit (query conversion, prepared-statement bookkeeping).
+        """
+        with connection.lock:
+            pgconn = connection.pgconn
+            pgconn.send_query(message)
+            results: list[Any] = connection.wait(_psycopg_execute(pgconn))
+        return results
+
+    async def psycopg_simple_query_async(connection: Any, message: bytes) -> list[Any]:
+        """:func:`psycopg_simple_query` on a ``psycopg.AsyncConnection`` (the same privates,
+        its ``lock`` an ``asyncio.Lock`` and its ``wait()`` a coroutine)."""
+        async with connection.lock:
+            connection.pgconn.send_query(message)
+            results: list[Any] = await connection.wait(_psycopg_execute(connection.pgconn))
+        return results
+
+
+def psycopg_error_from_result(result: Any, connection: Any) -> BaseException:
+    """psycopg's own exception for a failed libpq ``result`` of ``connection`` (the class its
+    SQLSTATE maps to, with its diagnostics), as psycopg raises it for a cursor.
+
+    Private: ``psycopg.errors.error_from_result`` (undocumented; verified 3.2.1, 3.3.9),
+    imported on use (an error path). Gone: :class:`InternalsChanged`. Public alternative:
+    none for a result psycopg did not make.
+    """
+    try:
+        from psycopg.errors import error_from_result  # noqa: PLC0415
+    except ImportError:
+        return InternalsChanged(
+            "psycopg",
+            "psycopg.errors.error_from_result",
+            "an error of the marked COMMIT cannot be raised as psycopg's own exception",
+        )
+    error: BaseException = error_from_result(result, encoding=connection.info.encoding)
+    return error
+
+
+def psycopg_on_deallocate_all(connection: Any, callback: Callable[[], None]) -> bool:
+    """Have ``callback`` called whenever psycopg connection ``connection`` (sync or async)
+    decides to send ``DEALLOCATE ALL`` (its prepared statements, the marker statement among
+    them, are dropped); False when that cannot be watched.
+
+    Private: psycopg ``Connection._prepared`` (the ``PrepareManager``), whose ``clear()``
+    returns True when it will deallocate; wrapped on this connection's manager (verified
+    3.2.1, 3.3.9). Gone: False, and nothing is watched (safe: the statement's loss is found
+    at the next COMMIT, which is replayed, then the engine's COMMITs go inline). Public
+    alternative: partial (only the ``DEALLOCATE ALL`` on the wire; ``prepare_threshold=None``
+    avoids it but changes the application's setting).
+    """
+    manager: Any = getattr(connection, "_prepared", None)
+    clear = getattr(manager, "clear", None)
+    if not callable(clear):
+        return False
+
+    def clear_and_tell() -> bool:
+        dropping: bool = clear()
+        if dropping:
+            callback()
+        return dropping
+
+    manager.clear = clear_and_tell
+    return True
+
+
+def psycopg_notify_handler(pgconn: Any) -> Callable[[Any], None] | None:
+    """What psycopg does with a notification read on ``pgconn`` (``notifies()``' backlog or
+    the application's notify handlers): the hook psycopg installs on its ``PGconn``, which
+    the checkout probe calls for notifications it read.
+
+    Private: ``PGconn.notify_handler`` (``pgconn`` is public, this attribute undocumented;
+    verified 3.2.1, where it drops a notification when no handler is registered, and 3.3.9,
+    where it goes to the ``notifies()`` backlog: each as the version itself does). Gone:
+    :class:`InternalsChanged` (notifications the probe read would be lost). Public
+    alternative: none.
+    """
+    try:
+        handler: Callable[[Any], None] | None = pgconn.notify_handler
+    except AttributeError:
+        raise InternalsChanged(
+            "psycopg",
+            "PGconn.notify_handler",
+            "notifications a pooled connection received would be lost",
+        ) from None
+    return handler
+
+
+# --------------------------------------------------------------------------------------------
+# pybreaker
+# --------------------------------------------------------------------------------------------
+
+
+def pybreaker_lock(cb: Any) -> Any:
+    """The lock pybreaker's ``CircuitBreaker`` holds while its state setter notifies the
+    listeners.
+
+    Private: pybreaker ``CircuitBreaker._lock`` (an ``RLock``; verified 1.4.0, 1.4.1). Gone:
+    :class:`InternalsChanged`. Public alternative: rebuilding the breaker in a forked child
+    with the public constructor, which would lose its in-memory state.
+    """
+    try:
+        return cb._lock
+    except AttributeError:
+        raise InternalsChanged(
+            "pybreaker",
+            "CircuitBreaker._lock",
+            "a forked child cannot renew the lock a thread of its parent may have held (its "
+            "breaker could hang)",
+        ) from None
+
+
+def renew_pybreaker_lock(cb: Any) -> None:
+    """Give ``cb`` a new lock of the kind it had (in a forked child: a thread of the parent
+    may have held the old one, and it does not exist here). Private: as
+    :func:`pybreaker_lock`."""
+    cb._lock = type(pybreaker_lock(cb))()

@@ -28,9 +28,10 @@ from typing import TYPE_CHECKING, Any, Final, TypeAlias, cast
 
 import psycopg
 from psycopg import sql
-from sqlalchemy.engine import Connection
 
 from ._classify import DEFAULT_CLASSIFIER, Classifier, unanswered_commit
+from ._internals import SQLALCHEMY_COMMIT_CODE, raised_by_commit_impl
+from ._internals import asyncpg_statement_connection as statement_connection
 from ._state import renew_after_fork
 
 if TYPE_CHECKING:
@@ -901,23 +902,17 @@ def _autocommit_failed(attempt: AttemptRecord, token: object, exc: Exception, ve
 
 # -- self-healing off: a lost COMMIT answer, on the error path only -------------------------------
 #: the code of SQLAlchemy's ``Connection`` method that sends a transaction's COMMIT through
-#: the dialect (``do_commit``) and catches its driver error: the frame at the head of that
-#: error's traceback when ``handle_error`` sees it (its context says "no statement", as for a
-#: ROLLBACK). A SQLAlchemy without it: nothing is recognised this way (the tests say so). (A
-#: two-phase COMMIT PREPARED goes out as a statement on PostgreSQL's dialects: seen as one.)
-_SQLALCHEMY_COMMIT: Final = getattr(getattr(Connection, "_commit_impl", None), "__code__", None)
+#: the dialect (``do_commit``) and catches its driver error (its context says "no statement",
+#: as for a ROLLBACK): see :data:`~._internals.SQLALCHEMY_COMMIT_CODE`. (A two-phase COMMIT
+#: PREPARED goes out as a statement on PostgreSQL's dialects: seen as one.)
+_SQLALCHEMY_COMMIT: Final = SQLALCHEMY_COMMIT_CODE
 
 
 def sqlalchemy_commit_failed(exc: BaseException) -> bool:
     """Whether ``exc``, a driver's error that SQLAlchemy's ``handle_error`` sees with no
     statement, was raised by the COMMIT a ``Connection`` sent through its dialect (a session's
     ``commit()``, an ``engine.begin()`` block's, ``Connection.commit()``)."""
-    tb = exc.__traceback__
-    return (
-        tb is not None
-        and _SQLALCHEMY_COMMIT is not None
-        and tb.tb_frame.f_code is _SQLALCHEMY_COMMIT
-    )
+    return raised_by_commit_impl(exc)
 
 
 def lost_commit_while_off(ctx: Any, classifier: Classifier) -> None:
@@ -1040,13 +1035,6 @@ def _statement_noting(method: Callable[..., Any], verdict: int) -> Callable[...,
         return await _autocommitted_async(attempt, token, send, verdict)
 
     return noted
-
-
-def statement_connection(statement: Any) -> Any:
-    """The connection an asyncpg prepared statement (or cursor) belongs to. asyncpg offers no
-    public accessor: this reads its ``_connection`` attribute, here only (the classifier asks
-    through this too; ``tests/test_raw_connection.py`` fails loudly if that changes)."""
-    return statement._connection
 
 
 def _asyncpg_noted(connection: Any, verdict: int, *, lazy: bool = False) -> AttemptRecord | None:

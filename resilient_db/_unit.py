@@ -64,7 +64,13 @@ from ._commit import (
 )
 from ._config import Config, load_config, register_default_user
 from ._errors import CircuitOpenError, CommitOutcomeUnknownError
-from ._internals import asyncpg_socket_fd
+from ._internals import (
+    asyncpg_socket_fd,
+    fire_after_commit,
+    psycopg_notify_handler,
+    session_binds,
+)
+from ._internals import last_do_connect as _last_do_connect
 from ._observability import LineLimit, emit, log_session, stats_for
 from ._registry import factory_of, in_unit
 from ._retry import Policy
@@ -151,20 +157,8 @@ def end_committed_transactions(session: Session, request: CommitRequest) -> None
         transaction = connection.get_transaction()
         if transaction is not None and not transaction.is_active:
             transaction.close()  # (inactive: no I/O)
-    # the session's event dispatcher, as SessionTransaction.commit calls it (the attribute
-    # every event target has; tests/test_session.py checks the listeners are called)
-    session.dispatch.after_commit(session)
-
-
-def session_binds(session: Any) -> Iterable[Any]:
-    """The ``binds=`` of ``session`` (a sync ``Session``): the engines and connections given
-    per mapper or table, whether the factory or the session itself was given them. SQLAlchemy
-    2.1 keeps them in ``Session.binds``, 2.0 in a private attribute (``Session.__binds``): read
-    here only, in this one place; tests/test_bound_connection.py fails loudly if they move."""
-    binds: Any = getattr(session, "binds", None)
-    if not isinstance(binds, Mapping):
-        binds = getattr(session, "_Session__binds", None)
-    return binds.values() if isinstance(binds, Mapping) and binds else ()
+    # as SessionTransaction.commit calls them (tests/test_session.py checks they are called)
+    fire_after_commit(session)
 
 
 def joins_callers_transaction(session: Any) -> tuple[tuple[Any, bool], ...]:
@@ -2183,16 +2177,6 @@ def _settings_diff(theirs: tuple[Any, ...], mine: tuple[Any, ...]) -> str:
     )
 
 
-def _last_do_connect(dialect: Any, listener: Any) -> bool:
-    """Whether ``listener`` is the last ``do_connect`` listener of ``dialect``.
-
-    SQLAlchemy offers no public way to ask for the order of listeners; iterating the dispatch
-    collection is the one private detail here, and ``tests/test_dropin.py`` fails if it changes.
-    """
-    listeners = list(dialect.dispatch.do_connect)
-    return bool(listeners) and listeners[-1] == listener
-
-
 def connection_looks_dead(dbapi_connection: Any, cache: dict[str, Any] | None = None) -> bool:
     """True when an idle pooled connection has been closed by the server.
 
@@ -2299,7 +2283,7 @@ def _psycopg_notified(pgconn: Any) -> bool:
     notified = False
     while (notify := pgconn.notifies()) is not None:
         notified = True
-        handler = pgconn.notify_handler
+        handler = psycopg_notify_handler(pgconn)
         if handler is not None:
             handler(notify)
     return notified
