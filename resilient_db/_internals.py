@@ -181,7 +181,7 @@ def empty_result() -> sa.Result[Any]:
     return result
 
 
-def flush_pk_bind_name(column: sa.Column[Any]) -> str:
+def flush_pk_bind_name(column: sa.ColumnElement[Any]) -> str:
     """The name the ORM flush gives the parameter of ``column`` in an UPDATE's primary-key
     criteria (``tasks_id``): the transition guard's compare-and-set reads it.
 

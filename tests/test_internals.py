@@ -5,18 +5,24 @@ checks that the guard, the factories and the checkout probe never fail open when
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import inspect
 import os
 import socket
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
+import psycopg
+import pybreaker
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import NO_VALUE, Session, sessionmaker
 
 import resilient_db as rdb
 from resilient_db import _internals
@@ -154,10 +160,8 @@ def test_attribute_history_reads_a_change_without_loading() -> None:
         "the flush transition guard cannot read a status change",
     )
     assert list(history.added) == ["pending"], message
-    assert _internals.NEVER_SET is not None, message
-    from sqlalchemy.orm import attributes  # noqa: PLC0415
-
-    assert _internals.NEVER_SET is attributes.NEVER_SET, message
+    # SQLAlchemy's symbol (an alias of the public NO_VALUE in 2.x), not a stand-in of ours
+    assert _internals.NEVER_SET is NO_VALUE or "NEVER_SET" in repr(_internals.NEVER_SET), message
 
 
 class _Color(enum.Enum):
@@ -417,7 +421,7 @@ async def test_asyncpgs_per_call_timeout_overrides_command_timeout(
     engine = create_async_engine(url, connect_args={"command_timeout": 0.2}, poolclass=sa.NullPool)
     try:
         async with engine.connect() as conn:
-            raw = await conn.get_raw_connection()
+            raw: Any = await conn.get_raw_connection()
 
             def slow(adapted: Any) -> Any:
                 return adapted.run_async(
@@ -429,3 +433,275 @@ async def test_asyncpgs_per_call_timeout_overrides_command_timeout(
                 await raw.driver_connection.fetchval("SELECT pg_sleep(0.5)")
     finally:
         await engine.dispose()
+
+
+@pytest.mark.asyncio
+async def test_asyncpg_statement_connection_is_the_statements_connection(
+    pg_server: PostgresServer, pg_database: str
+) -> None:
+    engine, conn, driver = await _asyncpg_driver(pg_server.url(pg_database, driver="asyncpg"))
+    try:
+        statement = await driver.prepare("SELECT 1")
+        assert _internals.asyncpg_statement_connection(statement) is driver, _says(
+            "asyncpg",
+            "PreparedStatement._connection",
+            "asyncpg_statement_connection",
+            "writes through a prepared statement are not noted against their unit (a lost "
+            "COMMIT answer of such a unit ends unknown)",
+        )
+    finally:
+        await conn.close()
+        await engine.dispose()
+
+
+@pytest.mark.asyncio
+async def test_asyncpg_address_is_where_it_connected(
+    pg_server: PostgresServer, pg_database: str
+) -> None:
+    engine, conn, driver = await _asyncpg_driver(pg_server.url(pg_database, driver="asyncpg"))
+    try:
+        addr = _internals.asyncpg_address(driver)
+        assert isinstance(addr, tuple), _says(
+            "asyncpg",
+            "Connection._addr",
+            "asyncpg_address",
+            "a read-only standby's error names 'an unknown address' instead of the standby",
+        )
+        assert addr[1] == pg_server.port
+    finally:
+        await conn.close()
+        await engine.dispose()
+
+
+def test_the_async_creator_keyword_is_what_sqlalchemys_asyncpg_adapter_takes() -> None:
+    from sqlalchemy.dialects.postgresql import asyncpg as sa_asyncpg  # noqa: PLC0415
+
+    source = inspect.getsource(sa_asyncpg.AsyncAdapt_asyncpg_dbapi.connect)
+    assert f'"{_internals.ASYNC_CREATOR_KWARG}"' in source, _says(
+        "SQLAlchemy",
+        "AsyncAdapt_asyncpg_dbapi.connect(async_creator_fn=)",
+        "ASYNC_CREATOR_KWARG",
+        "every asyncpg connect fails (the keyword reaches asyncpg.connect)",
+    )
+
+
+# -- SQLAlchemy: the rest --------------------------------------------------------------------
+
+
+def test_sa_await_is_sqlalchemys_greenlet_bridge(pg_server: PostgresServer) -> None:
+    import sqlalchemy.util as sa_util  # noqa: PLC0415
+
+    known = [getattr(sa_util, name, None) for name in ("await_", "await_only")]
+    message = _says(
+        "SQLAlchemy",
+        "sqlalchemy.util.await_ / await_only",
+        "sa_await",
+        "async units cannot back off, flush or commit from SQLAlchemy's greenlet",
+    )
+    assert _internals.sa_await in [k for k in known if k is not None], message
+
+    async def inside() -> str:
+        engine = create_async_engine(pg_server.url(driver="asyncpg"), poolclass=sa.NullPool)
+        try:
+            async with engine.connect() as conn:
+                return str(
+                    await conn.run_sync(lambda _: _internals.sa_await(asyncio.sleep(0, "awaited")))
+                )
+        finally:
+            await engine.dispose()
+
+    assert asyncio.run(inside()) == "awaited", message
+
+
+def test_session_binds_are_what_the_session_was_given() -> None:
+    engine = sa.create_engine("postgresql+psycopg://u:p@127.0.0.1:1/db")  # never connected
+    other = sa.create_engine("postgresql+psycopg://u:p@127.0.0.1:1/other")
+    session = Session(binds={Task: engine})
+    session.bind_table(sa.Table("elsewhere", sa.MetaData()), other)
+    message = _says(
+        "SQLAlchemy",
+        "Session.binds (2.1) / Session.__binds (2.0)",
+        "session_binds",
+        "a unit cannot tell that it must join its caller's transaction",
+    )
+    assert set(map(id, _internals.session_binds(session))) == {id(engine), id(other)}, message
+    assert list(_internals.session_binds(Session(engine))) == [], message
+
+
+def test_fire_after_commit_tells_class_and_instance_listeners() -> None:
+    class Listened(Session):
+        pass
+
+    heard: list[str] = []
+    sa.event.listen(Listened, "after_commit", lambda s: heard.append("class"))
+    session = Listened()
+    sa.event.listen(session, "after_commit", lambda s: heard.append("instance"))
+    _internals.fire_after_commit(session)
+    assert sorted(heard) == ["class", "instance"], _says(
+        "SQLAlchemy",
+        "Session.dispatch.after_commit(session)",
+        "fire_after_commit",
+        "after_commit listeners (an outbox, a cache) miss a COMMIT proven committed",
+    )
+
+
+def test_last_do_connect_tells_the_order_of_listeners() -> None:
+    engine = sa.create_engine("postgresql+psycopg://u:p@127.0.0.1:1/db")  # never connected
+
+    def first(*args: Any) -> None:
+        pass
+
+    def second(*args: Any) -> None:
+        pass
+
+    message = _says(
+        "SQLAlchemy",
+        "iterating dialect.dispatch.do_connect",
+        "last_do_connect",
+        "the drop-in connect retry cannot tell whether its listener runs last",
+    )
+    sa.event.listen(engine, "do_connect", first)
+    assert _internals.last_do_connect(engine.dialect, first), message
+    sa.event.listen(engine, "do_connect", second)
+    assert not _internals.last_do_connect(engine.dialect, first), message
+    assert _internals.last_do_connect(engine.dialect, second), message
+
+
+def test_raised_by_commit_impl_recognises_a_failed_commit(pg_url: str) -> None:
+    """A deferred constraint fails at COMMIT: ``handle_error`` sees the driver's error with
+    SQLAlchemy's ``Connection._commit_impl`` at the head of its traceback."""
+    engine = sa.create_engine(pg_url)
+    seen: list[bool] = []
+    sa.event.listen(
+        engine,
+        "handle_error",
+        lambda ctx: seen.append(_internals.raised_by_commit_impl(ctx.original_exception)),
+    )
+    table = f"t_internals_{uuid.uuid4().hex[:8]}"
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                f"CREATE TABLE {table} (id int UNIQUE DEFERRABLE INITIALLY DEFERRED)"
+            )
+        with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+            conn.exec_driver_sql(f"INSERT INTO {table} VALUES (1), (1)")
+        assert seen == [True], _says(
+            "SQLAlchemy",
+            "Connection._commit_impl",
+            "raised_by_commit_impl",
+            "with self-healing off, a lost COMMIT answer is not recognised as one",
+        )
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
+        engine.dispose()
+
+
+# -- psycopg ---------------------------------------------------------------------------------
+
+
+def test_psycopg_simple_query_runs_every_statement_and_fails_as_psycopg(
+    pg_server: PostgresServer, pg_database: str
+) -> None:
+    message = _says(
+        "psycopg",
+        "psycopg.generators.execute / Connection.lock / Connection.wait()",
+        "psycopg_simple_query",
+        "the marked COMMIT of every psycopg unit fails",
+    )
+    with psycopg.connect(pg_server.conninfo(pg_database)) as conn:
+        conn.execute("SELECT 1")  # a transaction open, as a unit's
+        results = _internals.psycopg_simple_query(conn, b"SELECT 1; COMMIT")
+        assert [r.command_status for r in results] == [b"SELECT 1", b"COMMIT"], message
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE, message
+        results = _internals.psycopg_simple_query(conn, b"SELECT no_such_function(); COMMIT")
+        error = _internals.psycopg_error_from_result(results[-1], conn)
+        assert isinstance(error, psycopg.errors.UndefinedFunction), _says(
+            "psycopg",
+            "psycopg.errors.error_from_result",
+            "psycopg_error_from_result",
+            "a failed marked COMMIT raises the wrong error",
+        )
+
+
+def test_psycopg_on_deallocate_all_is_told_when_psycopg_drops_its_statements(
+    pg_server: PostgresServer, pg_database: str
+) -> None:
+    with psycopg.connect(pg_server.conninfo(pg_database), prepare_threshold=0) as conn:
+        told: list[bool] = []
+        assert _internals.psycopg_on_deallocate_all(conn, lambda: told.append(True)), _says(
+            "psycopg",
+            "Connection._prepared.clear()",
+            "psycopg_on_deallocate_all",
+            "after psycopg's DEALLOCATE ALL the next marked COMMIT fails once and is replayed",
+        )
+        conn.execute("SELECT 1")  # prepared at once (prepare_threshold=0)
+        conn.rollback()  # psycopg deallocates what it prepared
+        assert told == [True]
+
+
+def test_psycopg_notify_handler_delivers_a_notification_read_by_hand(
+    pg_server: PostgresServer, pg_database: str
+) -> None:
+    with psycopg.connect(pg_server.conninfo(pg_database), autocommit=True) as conn:
+        heard: list[str] = []
+        conn.add_notify_handler(lambda n: heard.append(n.payload))
+        conn.execute("LISTEN rdb_internals")
+        with pg_server.connect(pg_database) as other:
+            other.execute("NOTIFY rdb_internals, 'hello'")
+        pgconn = conn.pgconn
+        for _ in range(100):
+            pgconn.consume_input()
+            notify = pgconn.notifies()
+            if notify is not None:
+                break
+            time.sleep(0.01)  # the notification on its way (not a backoff)
+        assert notify is not None
+        handler = _internals.psycopg_notify_handler(pgconn)
+        assert handler is not None
+        handler(notify)
+        assert heard == ["hello"], _says(
+            "psycopg",
+            "PGconn.notify_handler",
+            "psycopg_notify_handler",
+            "notifications a pooled connection received while idle are lost",
+        )
+
+
+# -- pybreaker -------------------------------------------------------------------------------
+
+
+def test_pybreaker_lock_is_the_lock_its_state_setter_holds() -> None:
+    cb = pybreaker.CircuitBreaker()
+    lock = _internals.pybreaker_lock(cb)
+    message = _says(
+        "pybreaker",
+        "CircuitBreaker._lock",
+        "pybreaker_lock / renew_pybreaker_lock",
+        "a forked child may hang on a lock a thread of its parent held",
+    )
+    assert isinstance(lock, type(threading.RLock())), message
+    _internals.renew_pybreaker_lock(cb)
+    assert _internals.pybreaker_lock(cb) is not lock, message
+    assert isinstance(_internals.pybreaker_lock(cb), type(threading.RLock())), message
+
+
+def test_a_missing_private_raises_naming_the_library() -> None:
+    class Bare:
+        pass
+
+    with pytest.raises(InternalsChanged, match=r"pybreaker .* no longer has CircuitBreaker\._lock"):
+        _internals.pybreaker_lock(Bare())
+    with pytest.raises(InternalsChanged, match=r"Session\.dispatch\.after_commit"):
+        _internals.fire_after_commit(Bare())
+    with pytest.raises(InternalsChanged, match=r"Session\.binds / Session\.__binds"):
+        _internals.session_binds(Bare())
+    with pytest.raises(InternalsChanged, match=r"PGconn\.notify_handler"):
+        _internals.psycopg_notify_handler(Bare())
+    with pytest.raises(InternalsChanged, match=r"Bare\._connection"):
+        _internals.asyncpg_statement_connection(Bare())
+    timeout = _internals.asyncpg_command_timeout(Bare(), 1.0)
+    with pytest.raises(InternalsChanged, match=r"_config\.command_timeout"):
+        timeout.__enter__()
+    assert not _internals.psycopg_on_deallocate_all(Bare(), lambda: None)
+    assert _internals.asyncpg_address(Bare()) is None
