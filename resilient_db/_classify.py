@@ -25,7 +25,7 @@ from typing import Any, Final
 import sqlalchemy.exc as sa_exc
 
 from ._errors import ResilientDBError
-from ._internals import InternalsChanged, asyncpg_address, asyncpg_statement_connection
+from ._internals import asyncpg_address, asyncpg_statement_connection
 
 __all__ = ["Classifier", "Outcome", "classify", "is_transient", "sqlstate_of"]
 
@@ -690,7 +690,7 @@ def _driver_connection_of(err: BaseException) -> Any:
                         if hasattr(owner, "get_settings")
                         else asyncpg_statement_connection(owner)
                     )
-                except InternalsChanged:  # an object of asyncpg's with no connection
+                except AttributeError:  # an object of asyncpg's with no connection
                     conn = None
                 if callable(getattr(conn, "get_settings", None)):
                     return conn

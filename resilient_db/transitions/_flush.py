@@ -248,7 +248,7 @@ def _pending_change(
     """The change of the guarded column that the flush will write, if any (``identity``: the
     row's, from ``state.key``).
 
-    ``history.added`` is empty exactly when the ORM leaves the column out of its UPDATE (both
+    The history's ``added`` is empty exactly when the ORM leaves the column out of its UPDATE (both
     compare with the attribute's ``is_equal``). A change to a value with the same database
     spelling (an Enum member for its name) is still returned: it is legal, but the UPDATE sets
     the column, so it carries the compare-and-set like any other.
@@ -256,9 +256,9 @@ def _pending_change(
     key = guard.attr_key
     if key not in state.committed_state:
         return None  # the attribute was not set since the row was loaded
-    # the attribute's own history (``state.attrs[...]`` builds a view of every attribute)
-    history = attribute_history(state, key)
-    added = history.added
+    # the attribute's own history (``state.attrs[...]`` builds a view of every attribute), a
+    # named tuple (added, unchanged, deleted)
+    added, _, deleted = attribute_history(state, key)
     if not added:
         return None
     new = added[0]
@@ -266,7 +266,6 @@ def _pending_change(
         isinstance(new, ClauseElement) or hasattr(new, "__clause_element__")
     ):
         return None  # a SQL expression: only the trigger can see its value
-    deleted = history.deleted
     pk = identity[0] if len(identity) == 1 else identity
     old = deleted[0] if deleted else None
     return Change(guard, pk, identity, old, bool(deleted), new, state.mapper)
