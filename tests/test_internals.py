@@ -705,3 +705,55 @@ def test_a_missing_private_raises_naming_the_library() -> None:
         timeout.__enter__()
     assert not _internals.psycopg_on_deallocate_all(Bare(), lambda: None)
     assert _internals.asyncpg_address(Bare()) is None
+
+
+# -- the drivers' objects take the project's subclasses (a behaviour, no private name) --------
+
+
+@pytest.mark.asyncio
+async def test_asyncpg_objects_switch_to_the_projects_subclasses(
+    pg_server: PostgresServer, pg_database: str
+) -> None:
+    """A connection made by an application's ``async_creator`` and every prepared statement
+    switch class (``obj.__class__ = ...``), which needs the same layout: a release that gives
+    asyncpg's classes a layout the subclasses do not share fails here (TypeError), not at an
+    application's ``prepare()``."""
+    from resilient_db._commit import _adopt_asyncpg  # noqa: PLC0415
+    from resilient_db._statements import MAY_WRITE, _noting_statement_class  # noqa: PLC0415
+
+    engine, conn, driver = await _asyncpg_driver(pg_server.url(pg_database, driver="asyncpg"))
+    try:
+        _adopt_asyncpg(driver)
+        assert getattr(driver, "_rdb_marked", False), (
+            "asyncpg's Connection no longer takes resilient_db's marked subclass "
+            "(_commit._adopt_asyncpg): connections of an application's async_creator stay "
+            "unmarked, and a lost COMMIT answer of their units ends unknown"
+        )
+        assert await driver.fetchval("SELECT 2") == 2
+        statement = await driver.prepare("SELECT 1")
+        statement.__class__ = _noting_statement_class(type(statement), MAY_WRITE)
+        assert await statement.fetchval() == 1
+    finally:
+        await conn.close()
+        await engine.dispose()
+
+
+def test_psycopg_objects_switch_to_the_projects_subclasses(
+    pg_server: PostgresServer, pg_database: str
+) -> None:
+    """psycopg keeps a connection's ``cursor_factory`` in the instance (what marking moves to
+    the marked class), and a connection and its cursors switch class."""
+    from resilient_db._commit import _mark_psycopg  # noqa: PLC0415
+    from resilient_db._statements import marked_cursor_class  # noqa: PLC0415
+
+    with psycopg.connect(pg_server.conninfo(pg_database)) as conn:
+        assert "cursor_factory" in vars(conn), (
+            "psycopg no longer keeps Connection.cursor_factory in the instance (_commit."
+            "_mark_psycopg moves it from there): a marked connection's cursors are not noted"
+        )
+        cursor = conn.cursor()
+        cursor.__class__ = marked_cursor_class(type(cursor))
+        assert cursor.execute("SELECT 1").fetchone() == (1,)
+        assert _mark_psycopg(conn)
+        assert getattr(conn, "_rdb_marked", False)
+        assert conn.execute("SELECT 2").fetchone() == (2,)
