@@ -534,7 +534,9 @@ class Policy:
         cause = _failure_cause(exc) if outcome in _RETRYABLE else None
         # (that one said so already; with self-healing switched off meanwhile, nothing is
         # counted or said, as the hooks are told nothing)
-        if outcome in _RETRYABLE and not partly_committed(exc) and self.config.enabled:
+        if outcome is Outcome.NOT_TRANSIENT:
+            self._gave_up_on_error(exc, retries)
+        elif outcome in _RETRYABLE and not partly_committed(exc) and self.config.enabled:
             self.stats.add("gave_up")
             limit, why = self._limit(retries, spent, refused)
             if spent:
@@ -555,7 +557,7 @@ class Policy:
                 "" if cause is None else f" ({cause})",
                 "the circuit breaker opened, raising CircuitOpenError"
                 if refused
-                else "raising the original error",
+                else f"raising {type(exc).__name__}",
                 # (a unit that retried before the budget ran out has its own line: its retries
                 # were said; one that never retried is counted in the budget's line)
                 log=not spent or retries > 0,
@@ -565,6 +567,7 @@ class Policy:
                 outcome=outcome.value,
                 sqlstate=sqlstate_label(exc),
                 limit=limit,
+                error=type(exc).__name__,
                 **({} if cause is None else {"cause": cause}),
             )
         if refused:
@@ -572,6 +575,39 @@ class Policy:
         if cause is not None:
             _add_note(exc, f"resilient_db: {cause}")
         self._mark_if_opened(exc, outcome)
+
+    def _gave_up_on_error(self, exc: BaseException, retries: int) -> None:
+        """A unit that retried, then failed with an error that is not retried (a bug, a
+        business error, a constraint its replay met): counted and said as a give-up, else an
+        operator saw its retries and then nothing. Not for a cancellation or an interruption
+        (not an ``Exception``), nor for a unit that committed part of its work (its
+        ``Not replaying`` line said why), nor with self-healing switched off meanwhile."""
+        if (
+            retries == 0
+            or not isinstance(exc, Exception)
+            or partly_committed(exc)
+            or not self.config.enabled
+        ):
+            return
+        self.stats.add("gave_up")
+        emit(
+            self.config,
+            log_retry,
+            logging.ERROR,
+            "Gave up: service=%s after %d retries: the last attempt failed with %s (SQLSTATE "
+            "%s), which is not retried; raising it",
+            self.service,
+            retries,
+            type(exc).__name__,
+            sqlstate_label(exc),
+            service=self.service,
+            event="gave_up",
+            retries=retries,
+            outcome=Outcome.NOT_TRANSIENT.value,
+            sqlstate=sqlstate_label(exc),
+            limit="not_retried",
+            error=type(exc).__name__,
+        )
 
     def _mark_if_opened(self, exc: BaseException, outcome: Outcome) -> None:
         """The unit's last allowed attempt failed with ``exc``, raised as it is: when the

@@ -146,7 +146,7 @@ def test_a_unit_stopped_by_the_deadline_says_so(
     [line] = [r.getMessage() for r in caplog.records]
     assert line == (
         f"[SELF-HEAL] Gave up: service={p.service} unavailable (SQLSTATE 57P03) after 3 retries"
-        " (the next would end past the deadline of 10 s); raising the original error"
+        " (the next would end past the deadline of 10 s); raising CannotConnectNow"
     )
     [gave_up] = [e for e in events if e.name == "gave_up"]
     assert gave_up.fields["limit"] == "deadline"

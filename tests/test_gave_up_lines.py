@@ -1,0 +1,106 @@
+"""How a unit that retried ends, as operators see it: a ``Gave up`` line, a ``gave_up`` count
+and event naming the error raised, also when the last attempt failed with an error that is not
+retried (a unit that retried, then met a constraint, ended with its retries said and then
+nothing)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+import resilient_db as rdb
+
+pytestmark = pytest.mark.usefixtures("no_backoff")
+
+
+class PaymentFailed(Exception):
+    """An application's own error, raised from the driver's."""
+
+
+def lines(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+
+def gave_up(service: str) -> int:
+    return int(rdb.health()["services"][service]["counters"]["gave_up"])
+
+
+@pytest.fixture
+def table(engine: sa.Engine) -> str:
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE IF EXISTS gave_up_rows")
+        conn.exec_driver_sql("CREATE TABLE gave_up_rows (id int PRIMARY KEY)")
+        conn.exec_driver_sql("INSERT INTO gave_up_rows VALUES (1)")
+    return "gave_up_rows"
+
+
+def test_a_unit_that_retried_then_met_an_error_not_retried_gives_up_visibly(
+    engine: sa.Engine,
+    service: str,
+    table: str,
+    caplog: pytest.LogCaptureFixture,
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    Factory = rdb.ResilientSession(engine, service=service, config=rdb.Config(max_retries=3))
+    calls: list[int] = []
+
+    def unit(session: Session) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            session.execute(sa.text("SELECT raise_code('40001')"))  # a conflict: replayed
+        session.execute(sa.text(f"INSERT INTO {table} VALUES (1)"))  # 23505: not replayed
+
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    with pytest.raises(sa.exc.IntegrityError) as raised:
+        Factory.run(unit)
+    assert raised.value.orig is not None
+    assert getattr(raised.value.orig, "sqlstate", None) == "23505"
+    assert len(calls) == 2
+    assert lines(caplog, "Gave up") == [
+        f"[SELF-HEAL] Gave up: service={service} after 1 retries: the last attempt failed with "
+        "IntegrityError (SQLSTATE 23505), which is not retried; raising it"
+    ]
+    assert gave_up(service) == 1
+    (event,) = [e for e in events if e.name == "gave_up" and e.service == service]
+    assert event.fields["limit"] == "not_retried"
+    assert event.fields["error"] == "IntegrityError"
+    assert event.fields["sqlstate"] == "23505"
+
+    # a unit that never retried raises its error as before: no line, no count
+    caplog.clear()
+    with pytest.raises(sa.exc.IntegrityError):
+        Factory.run(lambda session: session.execute(sa.text(f"INSERT INTO {table} VALUES (1)")))
+    assert lines(caplog, "Gave up") == []
+    assert gave_up(service) == 1
+
+
+def test_a_gave_up_line_names_the_error_raised(
+    engine: sa.Engine,
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """An application error raised ``from`` the driver's is classified by its cause and
+    replayed; when the retries run out, the line said "raising the original error" while the
+    application's error was raised."""
+    Factory = rdb.ResilientSession(engine, service=service, config=rdb.Config(max_retries=1))
+
+    def unit(session: Session) -> None:
+        try:
+            session.execute(sa.text("SELECT raise_code('40001')"))
+        except sa.exc.OperationalError as exc:
+            raise PaymentFailed("the payment could not be booked") from exc
+
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    with pytest.raises(PaymentFailed):
+        Factory.run(unit)
+    assert lines(caplog, "Gave up") == [
+        f"[SELF-HEAL] Gave up: service={service} conflict (SQLSTATE 40001) after 1 retries; "
+        "raising PaymentFailed"
+    ]
+    (event,) = [e for e in events if e.name == "gave_up" and e.service == service]
+    assert event.fields["error"] == "PaymentFailed"
+    assert event.fields["limit"] == "max_retries"
