@@ -15,7 +15,7 @@ Metrics (label ``service`` is the ResilientSession's service name):
                                                               operation or a drop-in connect)
 ``resilient_db_retries_total{class}``                counter  retries by class (conflict, ...)
 ``resilient_db_recovered_total``                     counter  units that succeeded after retrying
-``resilient_db_gave_up_total``                       counter  units whose retries ran out
+``resilient_db_gave_up_total``                       counter  units that gave up (see ``gave_up``)
 ``resilient_db_breaker_opens_total``                 counter  times this process opened the breaker
 ``resilient_db_breaker_opens_followed_total``        counter  openings of a shared breaker that
                                                               other processes made, followed here
@@ -81,7 +81,12 @@ _SERVICE_COUNTERS = (
         "Attempts of units, operations and drop-in connects (each try counts).",
     ),
     ("recovered", "resilient_db_recovered", "Units of work that succeeded after retrying."),
-    ("gave_up", "resilient_db_gave_up", "Units of work whose retries ran out."),
+    (
+        "gave_up",
+        "resilient_db_gave_up",
+        "Units of work that gave up: retries ran out or were refused, or a retry met an error "
+        "that is not retried.",
+    ),
     (
         "breaker_opens",
         "resilient_db_breaker_opens",
