@@ -37,9 +37,9 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
-from sqlalchemy.util import await_only
 
 import resilient_db as rdb
+from resilient_db._internals import sa_await as await_only
 from resilient_db.testing import FaultProxy
 
 pytestmark = pytest.mark.usefixtures("no_backoff")

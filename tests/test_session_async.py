@@ -38,6 +38,7 @@ from sqlalchemy.ext.asyncio import create_async_engine as create_engine
 import resilient_db as rdb
 from resilient_db import AsyncResilientSession, _unit
 from resilient_db._asyncio import _to_completion
+from resilient_db._internals import asyncpg_socket_fd
 from resilient_db.testing import FaultProxy, PostgresServer
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.usefixtures("no_backoff")]
@@ -1236,7 +1237,7 @@ async def _listening(
         driver: Any = (await conn.get_raw_connection()).driver_connection
         if isinstance(driver, asyncpg.Connection):
             await driver.add_listener("rdb_jobs", lambda *args: payloads.append(args[-1]))
-            fd = driver._transport.get_extra_info("socket").fileno()
+            fd = int(asyncpg_socket_fd(driver) or -1)
         else:
             await conn.exec_driver_sql("LISTEN rdb_jobs")
             driver.add_notify_handler(lambda n: payloads.append(n.payload))
