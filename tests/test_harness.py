@@ -838,13 +838,15 @@ from resilient_db.testing._server import Watchdog
 
 # the grace before SIGKILL shortened from its 10 s (the same steps, sooner)
 watchdog = Watchdog(None, parent=Path({base!r}), prefix="stubborn-", grace=1.0)
-# a server that ignores the watchdog's SIGQUIT (its command line names the directory)
-stubborn = "trap '' QUIT; while :; do sleep 0.1; done"
+# a server that ignores the watchdog's SIGQUIT (its command line names the directory), once
+# it says so: killed before, it would not ignore it
+stubborn = "trap '' QUIT; echo ignoring; exec >/dev/null; while :; do sleep 0.1; done"
 proc = watchdog.spawn(
     ["/bin/sh", "-c", stubborn, "stubborn", str(watchdog.directory)],
-    stdout=subprocess.DEVNULL,
+    stdout=subprocess.PIPE,
     stderr=subprocess.DEVNULL,
 )
+assert proc.stdout.readline() == b"ignoring\\n"
 print(proc.pid, watchdog._proc.pid, flush=True)
 os.kill(os.getpid(), signal.SIGKILL)
 """

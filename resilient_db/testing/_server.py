@@ -661,12 +661,12 @@ if [ -z "$dir" ]; then
   exec >/dev/null
 fi
 marker="${2:-$dir}"
-ticks="${5:-100}"  # tenths of a second a process is given to end (10 s)
+grace="${5:-100}"  # tenths of a second a process is given to end before SIGKILL (10 s)
 pid=""
 group=""
-gone() {  # wait up to $ticks tenths of a second until process (or with "-", group) $1 is gone
+gone() {  # wait up to $2 tenths of a second until process (or with "-", group) $1 is gone
   i=0
-  while kill -0 "$1" 2>/dev/null && [ "$i" -lt "$ticks" ]; do sleep 0.1; i=$((i + 1)); done
+  while kill -0 "$1" 2>/dev/null && [ "$i" -lt "$2" ]; do sleep 0.1; i=$((i + 1)); done
 }
 while read -r cmd arg; do
   case "$cmd" in
@@ -678,27 +678,41 @@ done
 # the test process died without cleaning up: stop its server, or the initdb / pg_basebackup
 # making its files ("job": the leader of a process group of its own), wait for it, and remove
 # its files ("pid 0": nothing runs; kill -0 0 would ask about, and kill 0 signal, this script's
-# own group). Whatever does not end in 10 s ($ticks) gets SIGKILL and is waited for: nothing
-# runs in the directory once it is removed.
+# own group). Whatever does not end in 10 s ($grace) gets SIGKILL and is waited for (up to 10 s
+# more): nothing runs in the directory once it is removed.
 if [ -n "$pid" ] && [ "$pid" -gt 0 ] && kill -0 "$pid" 2>/dev/null; then
   cmdline="/proc/$pid/cmdline"
-  if [ ! -r "$cmdline" ] || tr '\0' ' ' < "$cmdline" | grep -qF -- "$marker"; then
+  # a process in the middle of an exec (a gate becoming its program) shows an empty command
+  # line for a moment: read again until it shows one (up to 5 s; a zombie's stays empty); the
+  # line read is the one looked at (a second read may fall into the exec's moment)
+  named=""
+  i=0
+  while [ -r "$cmdline" ] && [ "$i" -lt 250 ]; do
+    named=$(tr '\0' ' ' < "$cmdline" 2>/dev/null)
+    [ -n "$named" ] && break
+    kill -0 "$pid" 2>/dev/null || break
+    case "$(cat "/proc/$pid/stat" 2>/dev/null)" in *") Z "*) break ;; esac
+    sleep 0.02
+    i=$((i + 1))
+  done
+  case "$named" in *"$marker"*) named=yes ;; *) named="" ;; esac
+  if [ ! -r "$cmdline" ] || [ -n "$named" ]; then
     if [ -n "$group" ]; then
       # SIGTERM to the leader only: initdb lets its step end (its postgres child exits cleanly,
       # freeing its shared memory), removes what it made and exits; then whatever is left of
       # the group (pg_basebackup's WAL streamer)
       kill -TERM "$pid" 2>/dev/null
-      gone "$pid"
+      gone "$pid" "$grace"
       kill -TERM "-$pid" 2>/dev/null
-      gone "-$pid"
+      gone "-$pid" "$grace"
       kill -KILL "-$pid" 2>/dev/null
-      gone "-$pid"
+      gone "-$pid" 100
     else
       kill -"${3:-QUIT}" "$pid" 2>/dev/null
-      gone "$pid"
+      gone "$pid" "$grace"
       if kill -0 "$pid" 2>/dev/null; then
         kill -KILL "$pid" 2>/dev/null
-        gone "$pid"
+        gone "$pid" 100
       fi
     fi
   fi
@@ -730,8 +744,8 @@ class Watchdog:
     """A small shell process that outlives a killed test process: when its stdin closes
     without a ``done`` (the test process died, even by SIGKILL), it sends ``signal`` to the
     server whose pid it was last told, if that process's command line still names ``marker``
-    (SIGKILL if it has not ended ``grace`` seconds later, 10 by default), waits for it, and
-    removes ``directory``. Used by every server the harness starts.
+    (SIGKILL if it has not ended ``grace`` seconds later, 10 by default), waits for it (up to
+    10 s more), and removes ``directory``. Used by every server the harness starts.
 
     Given no ``directory``, it makes a fresh one itself under ``parent`` (its name ``prefix``
     and random characters: :attr:`directory`; the marker, unless given, is that directory), so
