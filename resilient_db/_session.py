@@ -408,8 +408,8 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                 try:
                     result = fn(s, *args, **kwargs)  # (autobegin: the session begins on first use)
                     # checked inline, not through _call_unit: this is every unit's path
-                    if type(result) is types.CoroutineType:
-                        _refuse_coroutine(fn, result)
+                    if type(result) in _REFUSED_RESULTS:
+                        _refuse_result(fn, result)
                     value = result
                     request = CommitRequest()
                     try:
@@ -680,19 +680,34 @@ _require_unit_function = _require_unit
 def _call_unit(
     fn: Callable[..., R], session: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> R:
-    """``fn(session, ...)``; a function that returns a coroutine is a usage error."""
+    """``fn(session, ...)``; a function that returns a coroutine or a generator is a
+    usage error."""
     result = fn(session, *args, **kwargs)
-    if type(result) is types.CoroutineType:
-        _refuse_coroutine(fn, result)
+    if type(result) in _REFUSED_RESULTS:
+        _refuse_result(fn, result)
     return result
 
 
-def _refuse_coroutine(fn: Any, result: Any) -> None:
-    """A sync unit returned a coroutine (a lambda or a class around an ``async def``):
-    nothing would ever await it, so its work would never run while the unit committed and
-    reported success. Closed, so it leaves no "never awaited" warning behind; the
-    ``TypeError`` rolls the unit back (not retried)."""
+#: what a sync unit may not return (see _refuse_result)
+_REFUSED_RESULTS = frozenset({types.CoroutineType, types.GeneratorType})
+
+
+def _refuse_result(fn: Any, result: Any) -> None:
+    """A sync unit returned a coroutine (a lambda or a class around an ``async def``) or a
+    generator (a lambda or a class around a generator function, a generator expression):
+    nothing of it has run yet. A coroutine would never be awaited, so its work would never
+    run; a generator's code would run when the caller iterates it, after the unit
+    committed and closed its session (a statement there begins a transaction nobody
+    commits, holding its connection and locks), while the unit reported success. Closed,
+    so it leaves no "never awaited" warning behind; the ``TypeError`` rolls the unit back
+    (not retried)."""
     result.close()
+    if type(result) is types.GeneratorType:
+        raise TypeError(
+            f"{_name(fn)} returned a generator ({result.__qualname__}), whose code would run "
+            "only when it is iterated, after the unit committed and closed its session: "
+            "return a list (list(...), .all()) instead"
+        )
     raise TypeError(
         f"{_name(fn)} returned a coroutine ({result.__qualname__}(...), never awaited): "
         "units of a ResilientSession are sync functions, and nothing awaits what they "

@@ -112,3 +112,70 @@ def test_a_unit_returning_a_coroutine_under_validate_is_refused(
     message = refused(lambda: Sessions.run(lambda s: save_order(s, 1), validate=int))
     assert "returned a coroutine" in message
     assert written(orders) == []
+
+
+# -- a generator returned: its code would run after the commit --------------------------------
+def save_each(session: Session, *order_ids: int) -> Any:  # a generator function
+    for order_id in order_ids:
+        session.execute(INSERT, {"id": order_id})
+        yield order_id
+
+
+class SaveEach:  # a callable object whose __call__ is a generator function
+    def __call__(self, session: Session, order_id: int) -> Any:
+        session.execute(INSERT, {"id": order_id})
+        yield order_id
+
+
+def idle_in_transaction(engine: sa.Engine) -> int:
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND state = 'idle in transaction'"
+                )
+            ).scalar_one()
+        )
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(lambda S: S.run(lambda s: save_each(s, 1)), id="lambda"),
+        pytest.param(lambda S: S.run(SaveEach(), 1), id="generator-__call__"),
+        pytest.param(
+            lambda S: S.run(lambda s: (s.execute(INSERT, {"id": i}) for i in (1, 2))),
+            id="generator-expression",
+        ),
+        pytest.param(lambda S: S.transactional(lambda s: save_each(s, 1))(), id="transactional"),
+        pytest.param(
+            lambda S: S.run(lambda s: S.run(lambda inner: save_each(inner, 1))), id="nested"
+        ),
+        pytest.param(lambda S: S.run_in(S(), lambda s: save_each(s, 1)), id="run_in"),
+    ],
+)
+@pytest.mark.parametrize("enabled", [True, False], ids=["on", "off"])
+def test_a_unit_returning_a_generator_is_refused_and_rolled_back(
+    orders: sa.Engine, service: str, call: Callable[[Any], Any], enabled: bool
+) -> None:
+    """A unit returning a generator reported success with nothing committed: the caller's
+    iteration ran its INSERT on the unit's closed session, which began a transaction nobody
+    committed (the write lost, the connection left idle in transaction with its locks)."""
+    Sessions = rdb.ResilientSession(orders, service=service, config=rdb.Config(enabled=enabled))
+    calls: list[int] = []
+
+    def unit(session: Session) -> Any:
+        calls.append(1)
+        session.execute(INSERT, {"id": 9})  # done before the mistake: rolled back with it
+        return save_each(session, 3)
+
+    message = refused(lambda: call(Sessions))
+    assert "returned a generator (" in message
+    assert "return a list" in message
+    message = refused(lambda: Sessions.run(unit))
+    assert calls == [1]  # a usage error: never replayed
+    assert written(orders) == []
+    assert idle_in_transaction(orders) == 0
+    assert Sessions.run(lambda s: s.execute(INSERT, {"id": 7}).rowcount) == 1  # the factory works
+    assert written(orders) == [7]
