@@ -1808,13 +1808,16 @@ class EngineHooks:
     transition trigger's SQLSTATE, a cheap dead-connection check at pool checkout, and the
     commit protocol's events."""
 
-    def __init__(self, engine: Engine, config: Config, classifier: Classifier) -> None:
+    def __init__(
+        self, engine: Engine, config: Config, classifier: Classifier, service: str = "database"
+    ) -> None:
         self.config = config
         self.classifier = classifier
         #: what the hooks act on (:func:`engine_settings`), agreed by the engine's factories:
         #: kept here so that a new factory is checked against it, not against every factory
         self.settings = engine_settings(config, classifier)
-        self.service = "database"
+        # (the factory's already: the commit protocol below may speak at once)
+        self.service = service
         # (hooks_for holds STATE.lock)
         # the guard listens through the protocol's statement listener (every engine has one:
         # registered now, none is added while statements run)
@@ -2104,7 +2107,7 @@ def hooks_for(
     with STATE.lock:
         hooks: EngineHooks | None = STATE.engine_hooks.get(engine)
         if hooks is None:
-            hooks = EngineHooks(engine, config, classifier)
+            hooks = EngineHooks(engine, config, classifier, service)
             event.listen(engine, "handle_error", hooks.handle_error)
             event.listen(engine, "checkout", hooks.checkout)
             # each unit's PREPAREs and COMMIT PREPAREDs, where the dialect sends them

@@ -310,3 +310,16 @@ def test_no_unverifiable_commit_warning_while_self_healing_is_off(
         rdb.reload_config()
         assert Sessions.run(lambda s: s.execute(sa.text("SELECT 1")).scalar()) == 1
     assert warnings() == 1
+
+
+def test_the_unverifiable_commit_warning_names_the_factorys_service(
+    engine: sa.Engine, service: str, caplog: Any, events: list[rdb.SelfHealEvent]
+) -> None:
+    """Said as the engine's first factory is made: it was said under "database", the engine's
+    placeholder before any factory's service was known."""
+    with caplog.at_level("WARNING", logger="resilient_db"):
+        rdb.ResilientSession(engine, service=service)
+    [line] = [r.getMessage() for r in caplog.records if "can't carry a marker" in r.getMessage()]
+    [event] = [e for e in events if e.name == "commit_verification_unavailable"]
+    assert event.service == service
+    assert line.startswith("[SELF-HEAL] Engine ")
