@@ -25,7 +25,13 @@ from typing import Any, Final
 import sqlalchemy.exc as sa_exc
 
 from ._errors import ResilientDBError
-from ._internals import asyncpg_address, asyncpg_statement_connection
+from ._internals import (
+    ASYNCPG_CLOSED_CHECKS,
+    ASYNCPG_CONNECT_FUNCTION,
+    ASYNCPG_CONNECT_MODULES,
+    asyncpg_address,
+    asyncpg_statement_connection,
+)
 
 __all__ = ["Classifier", "Outcome", "classify", "is_transient", "sqlstate_of"]
 
@@ -393,7 +399,7 @@ def _passed_through(err: BaseException, modules: tuple[str, ...]) -> bool:
 
 
 # the driver's connect and the pool's: a TimeoutError there is a connect timing out
-_CONNECTING_MODULES = ("asyncpg.connect_utils", "sqlalchemy.pool")
+_CONNECTING_MODULES = (*ASYNCPG_CONNECT_MODULES, "sqlalchemy.pool")
 
 
 def _connecting(err: BaseException) -> bool:
@@ -401,8 +407,7 @@ def _connecting(err: BaseException) -> bool:
     raw ``asyncpg.connect(timeout=...)`` raises its timeout in ``asyncpg.connection.connect``
     itself, outside ``connect_utils``)."""
     return any(
-        module.startswith(_CONNECTING_MODULES)
-        or (module == "asyncpg.connection" and function == "connect")
+        module.startswith(_CONNECTING_MODULES) or (module, function) == ASYNCPG_CONNECT_FUNCTION
         for module, function in _frames(err)
     )
 
@@ -498,11 +503,12 @@ def _asyncpg_closed(err: BaseException, module: str, name: str) -> bool:
     """Whether ``err`` is asyncpg's ``InterfaceError`` raised because its connection was closed
     when an operation began: raised by ``Connection._check_open``, which every public method
     of the connection that talks to the server calls first, or by ``add_log_listener``, which
-    makes the same check itself (:data:`_ASYNCPG_CLOSED_CHECKS`); both raise it only when
-    ``is_closed()``. It reaches the
-    caller unwrapped where SQLAlchemy calls asyncpg outside a statement: its ``on_connect``
-    (the JSON codecs: a connection the server ended, or whose socket was cut, between
-    asyncpg's connect and the set-up), and the commit protocol's own set-up.
+    makes the same check itself (:data:`~._internals.ASYNCPG_CLOSED_CHECKS`); both raise it
+    only when ``is_closed()`` (the others that raise it, and its protocol's state check, which
+    also refuses a second operation at once, report an application's mistakes too). It
+    reaches the caller unwrapped where SQLAlchemy calls asyncpg outside a statement: its
+    ``on_connect`` (the JSON codecs: a connection the server ended, or whose socket was cut,
+    between asyncpg's connect and the set-up), and the commit protocol's own set-up.
 
     Decided by where it was raised, not by the connection's state now: a ``connect`` listener
     that raises has SQLAlchemy close the connection, so an application's mistake there (a
@@ -519,15 +525,8 @@ def _asyncpg_closed(err: BaseException, module: str, name: str) -> bool:
         return False
     for frame_module, function in reversed(frames):
         if frame_module.startswith("asyncpg"):
-            return frame_module == "asyncpg.connection" and function in _ASYNCPG_CLOSED_CHECKS
+            return frame_module == "asyncpg.connection" and function in ASYNCPG_CLOSED_CHECKS
     return False
-
-
-#: the functions of ``asyncpg.connection`` that raise ``InterfaceError`` only for a closed
-#: connection (``if self.is_closed(): raise InterfaceError(...)``); the others that raise it
-#: (and its protocol's state check, which also refuses a second operation at once) report an
-#: application's mistakes too
-_ASYNCPG_CLOSED_CHECKS: Final = ("_check_open", "add_log_listener")
 
 
 _CONNECTION_OK = 0  # libpq's CONNECTION_OK (psycopg.pq.ConnStatus.OK)

@@ -27,6 +27,9 @@ from sqlalchemy.orm import Session
 from ._errors import ResilientDBError
 
 __all__ = [
+    "ASYNCPG_CLOSED_CHECKS",
+    "ASYNCPG_CONNECT_FUNCTION",
+    "ASYNCPG_CONNECT_MODULES",
     "ASYNC_CREATOR_KWARG",
     "NEVER_SET",
     "SQLALCHEMY_COMMIT_CODE",
@@ -450,6 +453,24 @@ def asyncpg_address(driver: Any) -> Any:
     alternative: none (the URL's host and port, for a single-host URL).
     """
     return getattr(driver, "_addr", None)
+
+
+#: Where asyncpg's code that connects runs, by module name, for telling "while connecting"
+#: from a traceback (a bare ``TimeoutError`` / ``OSError`` asyncpg lets out): its module
+#: ``asyncpg.connect_utils``, and the function ``connect`` of ``asyncpg.connection`` (a raw
+#: ``asyncpg.connect(timeout=...)`` raises its timeout there). Internal layout, no private
+#: name (verified 0.30.0, 0.32.0). Moved: a connect's timeout or socket error is taken for a
+#: statement's (not retried as a connect); the canary fails first. Public alternative: none
+#: (asyncpg raises bare builtins).
+ASYNCPG_CONNECT_MODULES: tuple[str, ...] = ("asyncpg.connect_utils",)
+ASYNCPG_CONNECT_FUNCTION: tuple[str, str] = ("asyncpg.connection", "connect")
+#: The functions of ``asyncpg.connection`` that raise ``InterfaceError`` only for a closed
+#: connection (``if self.is_closed(): raise InterfaceError(...)``): the private
+#: ``Connection._check_open``, which every public method that talks to the server calls first,
+#: and ``add_log_listener``, which makes the same check itself (verified 0.30.0, 0.32.0).
+#: Moved: such an error while connecting is not taken for a lost connection (not retried);
+#: the canary fails first. Public alternative: none.
+ASYNCPG_CLOSED_CHECKS: tuple[str, ...] = ("_check_open", "add_log_listener")
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import importlib
+import importlib.util
 import inspect
 import os
 import socket
@@ -757,3 +759,24 @@ def test_psycopg_objects_switch_to_the_projects_subclasses(
         assert _mark_psycopg(conn)
         assert getattr(conn, "_rdb_marked", False)
         assert conn.execute("SELECT 2").fetchone() == (2,)
+
+
+def test_asyncpgs_connect_and_closed_checks_are_where_the_classifier_looks() -> None:
+    """The classifier tells "while connecting" and "connection closed" from the frames of a
+    bare error asyncpg lets out."""
+    import asyncpg.connection  # noqa: PLC0415
+
+    message = _says(
+        "asyncpg",
+        "asyncpg.connect_utils, asyncpg.connection.connect, Connection._check_open",
+        "ASYNCPG_CONNECT_MODULES / ASYNCPG_CONNECT_FUNCTION / ASYNCPG_CLOSED_CHECKS",
+        "a connect's timeout or a closed connection's error while connecting is not retried",
+    )
+    for name in _internals.ASYNCPG_CONNECT_MODULES:
+        assert importlib.util.find_spec(name) is not None, message
+    module, function = _internals.ASYNCPG_CONNECT_FUNCTION
+    assert inspect.isfunction(getattr(importlib.import_module(module), function, None)), message
+    for name in _internals.ASYNCPG_CLOSED_CHECKS:
+        source = inspect.getsource(getattr(asyncpg.connection.Connection, name))
+        assert "if self.is_closed():" in source, message
+        assert "InterfaceError" in source, message
