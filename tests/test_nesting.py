@@ -262,10 +262,10 @@ def test_generator_functions_are_refused(engine: sa.Engine, service: str) -> Non
 def test_with_self_healing_checks_its_arguments_in_both_forms(service: str) -> None:
     """A bad service name was accepted by the call form, and then broke ``health()`` and the
     Prometheus scrape for good (names sorted with None among them)."""
-    for bad in (None, "", 123):
-        with pytest.raises(TypeError, match="service name"):
+    for bad, error in ((None, TypeError), ("", ValueError), (123, TypeError)):
+        with pytest.raises(error, match="service name"):
             rdb.with_self_healing(lambda: 1, service=bad)  # type: ignore[arg-type]
-        with pytest.raises(TypeError, match="service name"):
+        with pytest.raises(error, match="service name"):
             rdb.with_self_healing(service=bad)  # type: ignore[call-overload]
     with pytest.raises(TypeError, match=r"takes a resilient_db\.Config, got str"):
         rdb.with_self_healing(lambda: 1, service=service, config="x")  # type: ignore[arg-type]
