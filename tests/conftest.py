@@ -41,12 +41,16 @@ _services = itertools.count()
 
 
 @pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    """No SELF_HEALING_* variables from the machine running the tests."""
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    """No SELF_HEALING_* variables from the machine running the tests. Afterwards the
+    environment is restored and the process's configuration read again from it: a test that
+    reloaded it (a Redis URL, say) leaves nothing to the factories of the tests after it."""
     for name in list(os.environ):
         if name.startswith("SELF_HEALING_"):
             monkeypatch.delenv(name)
-    return monkeypatch
+    yield monkeypatch
+    monkeypatch.undo()
+    rdb.reload_config()
 
 
 @pytest.fixture
