@@ -1092,16 +1092,14 @@ def _stale_rows(
                     stale.append(_stale(expect.change, reason, expect.value))
                 return stale
         # Else no row is named, and no state it was in unless they all were in one.
-        expect = unsure[0][first.column]
-        held = {first.key(f[first.column].value) for f in unsure}
-        change = expect.change._replace(pk=None, old=expect.value if len(held) == 1 else None)
+        shown = plain(as_declared(first, unsure[0][first.column].change.new))
         stale.append(
-            _stale(
-                change,
-                f"{missing} of the {len(unsure)} rows of this UPDATE that now hold "
-                f"{plain(as_declared(first, change.new))!r} had already been moved there by "
-                "another transaction, "
-                "which of them can't be told; reload them and decide again",
+            _unnamed_stale(
+                first,
+                unsure,
+                f"{missing} of the {len(unsure)} rows of this UPDATE that now hold {shown!r} had "
+                "already been moved there by another transaction, which of them can't be told; "
+                "reload them and decide again",
             )
         )
     if (
@@ -1111,18 +1109,25 @@ def _stale_rows(
     ):
         # rows that hold what this flush expected and wrote (the same spelling): which of them
         # another transaction changed meanwhile can't be told
-        expect = rows[0][first.column]
-        held = {first.key(f[first.column].value) for f in rows}
-        change = expect.change._replace(pk=None, old=expect.value if len(held) == 1 else None)
         stale.append(
-            _stale(
-                change,
+            _unnamed_stale(
+                first,
+                rows,
                 f"{len(rows) - matched} of the {len(rows)} rows of this UPDATE were changed by "
                 "another transaction meanwhile, which of them can't be told; reload them and "
                 "decide again",
             )
         )
     return stale
+
+
+def _unnamed_stale(guard: Guard, rows: list[_Row], reason: str) -> StaleTransitionError:
+    """The error for stale ``rows`` of one UPDATE none of which can be named: no ``pk``, and
+    no state the rows were in unless they all were in one."""
+    expect = rows[0][guard.column]
+    held = {guard.key(f[guard.column].value) for f in rows}
+    change = expect.change._replace(pk=None, old=expect.value if len(held) == 1 else None)
+    return _stale(change, reason)
 
 
 def _written_here(table: sa.Table) -> Any:
