@@ -512,10 +512,9 @@ def _not_as_read(impl: sa.types.TypeEngine[Any], key: Key) -> str | None:
 
 
 def _bind_value(type_: sa.types.TypeEngine[Any], state: State) -> Any:
-    impl = getattr(type_, "impl", type_) if isinstance(type_, sa.types.TypeDecorator) else type_
     if _converting(type_):
         return state  # the type converts it as it is declared
-    if isinstance(impl, sa.Enum) or not isinstance(state, enum.Enum):
+    if isinstance(storage_type(type_), sa.Enum) or not isinstance(state, enum.Enum):
         return state
     return state.value
 
