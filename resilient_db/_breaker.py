@@ -34,7 +34,7 @@ import pybreaker as _pb
 from ._config import Config
 from ._errors import CircuitOpenError
 from ._fleet import FAILOVER_WINDOW, FleetDown, attach, detach
-from ._internals import pybreaker_lock, renew_pybreaker_lock  # noqa: F401 (the first: tests)
+from ._internals import renew_pybreaker_lock
 from ._observability import LineLimit, emit, log_breaker, stats_for
 from ._state import STATE, check_service_room
 

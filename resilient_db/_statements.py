@@ -30,8 +30,8 @@ import psycopg
 from psycopg import sql
 
 from ._classify import DEFAULT_CLASSIFIER, Classifier, unanswered_commit
-from ._internals import SQLALCHEMY_COMMIT_CODE, raised_by_commit_impl
 from ._internals import asyncpg_statement_connection as statement_connection
+from ._internals import raised_by_commit_impl
 from ._state import renew_after_fork
 
 if TYPE_CHECKING:
@@ -901,13 +901,6 @@ def _autocommit_failed(attempt: AttemptRecord, token: object, exc: Exception, ve
 
 
 # -- self-healing off: a lost COMMIT answer, on the error path only -------------------------------
-#: the code of SQLAlchemy's ``Connection`` method that sends a transaction's COMMIT through
-#: the dialect (``do_commit``) and catches its driver error (its context says "no statement",
-#: as for a ROLLBACK): see :data:`~._internals.SQLALCHEMY_COMMIT_CODE`. (A two-phase COMMIT
-#: PREPARED goes out as a statement on PostgreSQL's dialects: seen as one.)
-_SQLALCHEMY_COMMIT: Final = SQLALCHEMY_COMMIT_CODE
-
-
 def sqlalchemy_commit_failed(exc: BaseException) -> bool:
     """Whether ``exc``, a driver's error that SQLAlchemy's ``handle_error`` sees with no
     statement, was raised by the COMMIT a ``Connection`` sent through its dialect (a session's

@@ -93,10 +93,10 @@ def test_sqlalchemys_commit_method_is_where_the_library_looks_for_it() -> None:
     SQLAlchemy renames or moves it (the lost answer would go back to being a 503)."""
     from sqlalchemy.engine import Connection  # noqa: PLC0415
 
-    from resilient_db import _statements  # noqa: PLC0415
+    from resilient_db import _internals  # noqa: PLC0415
 
-    assert _statements._SQLALCHEMY_COMMIT is not None, "Connection._commit_impl is gone"
-    assert _statements._SQLALCHEMY_COMMIT is Connection._commit_impl.__code__
+    assert _internals.SQLALCHEMY_COMMIT_CODE is not None, "Connection._commit_impl is gone"
+    assert _internals.SQLALCHEMY_COMMIT_CODE is Connection._commit_impl.__code__
     assert "do_commit" in Connection._commit_impl.__code__.co_names
 
 

@@ -19,9 +19,9 @@ from fleet import Gate, forked
 from processes import wait_for
 
 import resilient_db as rdb
-from resilient_db._breaker import pybreaker_lock, renew_pybreaker_lock
 from resilient_db._budget import budgets
 from resilient_db._fleet import FleetLink
+from resilient_db._internals import pybreaker_lock, renew_pybreaker_lock
 from resilient_db.testing import RedisServer
 
 
