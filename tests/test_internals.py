@@ -6,6 +6,7 @@ checks that the guard, the factories and the checkout probe never fail open when
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import importlib
 import importlib.util
@@ -15,7 +16,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import asyncpg
@@ -23,7 +24,7 @@ import psycopg
 import pybreaker
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 from sqlalchemy.orm import NO_VALUE, Session, sessionmaker
 
 import resilient_db as rdb
@@ -337,13 +338,20 @@ def test_factories_own_their_class_when_sessionmaker_keeps_it_as_given(
 # -- asyncpg ---------------------------------------------------------------------------------
 
 
-async def _asyncpg_driver(url: str, **connect_args: Any) -> tuple[AsyncEngine, Any, Any]:
-    """An engine, one of its connections and that connection's asyncpg connection."""
+@contextlib.asynccontextmanager
+async def _asyncpg_driver(
+    url: str, **connect_args: Any
+) -> AsyncIterator[tuple[AsyncConnection, Any]]:
+    """A connection of an engine of its own, and that connection's asyncpg connection;
+    closed, and the engine disposed of, at the end."""
     engine = create_async_engine(url, connect_args=connect_args, poolclass=sa.NullPool)
-    conn = await engine.connect()
-    driver = (await conn.get_raw_connection()).driver_connection
-    assert isinstance(driver, asyncpg.Connection)
-    return engine, conn, driver
+    try:
+        async with engine.connect() as conn:
+            driver = (await conn.get_raw_connection()).driver_connection
+            assert isinstance(driver, asyncpg.Connection)
+            yield conn, driver
+    finally:
+        await engine.dispose()
 
 
 @pytest.mark.asyncio
@@ -352,8 +360,7 @@ async def test_asyncpg_socket_fd_is_the_connections_socket(
 ) -> None:
     """The descriptor is the socket this connection talks to its backend on (the server sees
     the client's port the socket is bound to)."""
-    engine, conn, driver = await _asyncpg_driver(pg_server.url(pg_database, driver="asyncpg"))
-    try:
+    async with _asyncpg_driver(pg_server.url(pg_database, driver="asyncpg")) as (conn, driver):
         client_port = (await conn.exec_driver_sql("SELECT inet_client_port()")).scalar_one()
         fd = _internals.asyncpg_socket_fd(driver)
         message = _says(
@@ -366,9 +373,6 @@ async def test_asyncpg_socket_fd_is_the_connections_socket(
         assert fd >= 0, message
         with socket.socket(fileno=os.dup(fd)) as sock:
             assert sock.getsockname()[1] == client_port, message
-    finally:
-        await conn.close()
-        await engine.dispose()
 
 
 @pytest.mark.asyncio
@@ -397,20 +401,16 @@ async def test_asyncpg_command_timeout_is_what_asyncpg_enforces(
     pg_server: PostgresServer, pg_database: str
 ) -> None:
     url = pg_server.url(pg_database, driver="asyncpg")
-    engine, conn, driver = await _asyncpg_driver(url)
-    message = _says(
-        "asyncpg",
-        "Connection._config.command_timeout",
-        "asyncpg_command_timeout",
-        "the check's COMMIT is not cut off after its wait for synchronous standbys",
-    )
-    try:
+    async with _asyncpg_driver(url) as (_conn, driver):
+        message = _says(
+            "asyncpg",
+            "Connection._config.command_timeout",
+            "asyncpg_command_timeout",
+            "the check's COMMIT is not cut off after its wait for synchronous standbys",
+        )
         with _internals.asyncpg_command_timeout(driver, 0.2), pytest.raises(TimeoutError):
             await driver.fetchval("SELECT pg_sleep(2)")
         assert await driver.fetchval("SELECT 1 FROM pg_sleep(0.4)"), message
-    finally:
-        await conn.close()
-        await engine.dispose()
 
 
 @pytest.mark.asyncio
@@ -441,8 +441,7 @@ async def test_asyncpgs_per_call_timeout_overrides_command_timeout(
 async def test_asyncpg_statement_connection_is_the_statements_connection(
     pg_server: PostgresServer, pg_database: str
 ) -> None:
-    engine, conn, driver = await _asyncpg_driver(pg_server.url(pg_database, driver="asyncpg"))
-    try:
+    async with _asyncpg_driver(pg_server.url(pg_database, driver="asyncpg")) as (_conn, driver):
         statement = await driver.prepare("SELECT 1")
         assert _internals.asyncpg_statement_connection(statement) is driver, _says(
             "asyncpg",
@@ -451,17 +450,13 @@ async def test_asyncpg_statement_connection_is_the_statements_connection(
             "writes through a prepared statement are not noted against their unit (a lost "
             "COMMIT answer of such a unit ends unknown)",
         )
-    finally:
-        await conn.close()
-        await engine.dispose()
 
 
 @pytest.mark.asyncio
 async def test_asyncpg_address_is_where_it_connected(
     pg_server: PostgresServer, pg_database: str
 ) -> None:
-    engine, conn, driver = await _asyncpg_driver(pg_server.url(pg_database, driver="asyncpg"))
-    try:
+    async with _asyncpg_driver(pg_server.url(pg_database, driver="asyncpg")) as (_conn, driver):
         addr = _internals.asyncpg_address(driver)
         assert isinstance(addr, tuple), _says(
             "asyncpg",
@@ -470,9 +465,6 @@ async def test_asyncpg_address_is_where_it_connected(
             "a read-only standby's error names 'an unknown address' instead of the standby",
         )
         assert addr[1] == pg_server.port
-    finally:
-        await conn.close()
-        await engine.dispose()
 
 
 def test_the_async_creator_keyword_is_what_sqlalchemys_asyncpg_adapter_takes() -> None:
@@ -723,8 +715,7 @@ async def test_asyncpg_objects_switch_to_the_projects_subclasses(
     from resilient_db._commit import _adopt_asyncpg  # noqa: PLC0415
     from resilient_db._statements import MAY_WRITE, _noting_statement_class  # noqa: PLC0415
 
-    engine, conn, driver = await _asyncpg_driver(pg_server.url(pg_database, driver="asyncpg"))
-    try:
+    async with _asyncpg_driver(pg_server.url(pg_database, driver="asyncpg")) as (_conn, driver):
         _adopt_asyncpg(driver)
         assert getattr(driver, "_rdb_marked", False), (
             "asyncpg's Connection no longer takes resilient_db's marked subclass "
@@ -735,9 +726,6 @@ async def test_asyncpg_objects_switch_to_the_projects_subclasses(
         statement = await driver.prepare("SELECT 1")
         statement.__class__ = _noting_statement_class(type(statement), MAY_WRITE)
         assert await statement.fetchval() == 1
-    finally:
-        await conn.close()
-        await engine.dispose()
 
 
 def test_psycopg_objects_switch_to_the_projects_subclasses(
