@@ -1651,6 +1651,20 @@ class CommitProtocol:
         driver = dbapi_connection.driver_connection
         return not getattr(driver, "_rdb_marked", False) or driver in _switched_on
 
+    def checked_out_while_off(self, dbapi_connection: Any) -> None:
+        """A connection checked out while self-healing is off: one that no connect listener of
+        this engine saw (made before the engine had a resilient factory, then pooled) is
+        remembered as one made while off, so that :meth:`switched_on` marks it, in use or not
+        (its unit's lost COMMIT answer is then an unknown outcome, not a transient disconnect a
+        web client is told to retry). A connection marked already is left alone."""
+        if not self.supported:
+            return
+        driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+        if getattr(driver, "_rdb_marked", False):
+            return
+        with self._made_off_lock:
+            self._made_off.add(driver)
+
     def switched_on(self) -> None:
         """Self-healing was switched on for this engine (a reload): every connection made
         while it was off is marked now, the ones in use included, so that no COMMIT from here

@@ -2026,6 +2026,9 @@ class EngineHooks:
         if not self.config.enabled:
             if connecting_for.get() is not None:
                 connecting_for.set(None)  # the connecting session has its connection
+            # one made before this engine had a resilient factory passed no connect of ours:
+            # remembered like one made while off, so that a switch on marks it in use
+            self.commit.checked_out_while_off(dbapi_connection)
             return
         info = record.info
         probe = info.get(_PROBE_KEY)
