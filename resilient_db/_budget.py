@@ -91,6 +91,9 @@ class LocalBudget:
         self.floor = floor
         self._deposits: dict[int, float] = {}
         self._spent: dict[int, int] = {}
+        # retries the floor paid for, by second: counted for ``health()`` only (the ratio's
+        # arithmetic takes what the ratio paid)
+        self._floor_spent: dict[int, int] = {}
         self._seen = first_attempts
         self._seen_at = now
         self._tokens = float(floor)  # the floor's bucket starts with one second's worth
@@ -132,10 +135,15 @@ class LocalBudget:
     def totals(self, now: float) -> tuple[float, int]:
         """First attempts and ratio-paid retries within the window (old buckets dropped)."""
         oldest = math.floor(now) - WINDOW
-        for buckets in (self._deposits, self._spent):
+        for buckets in (self._deposits, self._spent, self._floor_spent):
             for s in [s for s in buckets if s <= oldest]:
                 del buckets[s]
         return sum(self._deposits.values()), sum(self._spent.values())
+
+    def retries(self, now: float) -> int:
+        """Retries spent within the window, whatever paid for them (the ratio or the floor)."""
+        _, spent = self.totals(now)
+        return spent + sum(self._floor_spent.values())
 
     def floor_tokens(self, now: float) -> float:
         elapsed = max(0.0, now - self._tokens_at)
@@ -147,11 +155,11 @@ class LocalBudget:
         """Spend one retry: ``"ratio"`` or ``"floor"`` (what paid for it), or None (spent)."""
         deposits, spent = self.totals(now)
         if self.ratio * deposits - spent >= 1.0:
-            second = math.floor(now)
-            self._spent[second] = self._spent.get(second, 0) + 1
+            _count(self._spent, now)
             return "ratio"
         if self.floor_tokens(now) >= 1.0:
             self._tokens -= 1.0
+            _count(self._floor_spent, now)
             return "floor"
         return None
 
@@ -160,26 +168,37 @@ class LocalBudget:
         never ran: a ratio-paid one leaves its second (nothing when that second has left the
         window), a floor-paid one goes back into the bucket (never above one second's worth)."""
         if paid_by == "ratio":
-            second = math.floor(at)
-            left = self._spent.get(second, 0)
-            if left > 1:
-                self._spent[second] = left - 1
-            elif left == 1:
-                del self._spent[second]
+            _uncount(self._spent, at)
         elif paid_by == "floor":
+            _uncount(self._floor_spent, at)
             self._tokens = min(float(self.floor), self.floor_tokens(now) + 1.0)
 
     def record(self, paid_by: str, now: float) -> None:
         """Account a retry granted elsewhere (the fleet), so a fallback starts warm."""
         if paid_by == "ratio":
-            second = math.floor(now)
-            self._spent[second] = self._spent.get(second, 0) + 1
+            _count(self._spent, now)
         elif paid_by == "floor":
+            _count(self._floor_spent, now)
             self._tokens = max(0.0, self.floor_tokens(now) - 1.0)
 
     def available(self, now: float) -> float:
         deposits, spent = self.totals(now)
         return max(0.0, self.ratio * deposits - spent) + self.floor_tokens(now)
+
+
+def _count(buckets: dict[int, int], at: float) -> None:
+    second = math.floor(at)
+    buckets[second] = buckets.get(second, 0) + 1
+
+
+def _uncount(buckets: dict[int, int], at: float) -> None:
+    """Take back one counted at ``at`` (nothing when its second has left the window)."""
+    second = math.floor(at)
+    left = buckets.get(second, 0)
+    if left > 1:
+        buckets[second] = left - 1
+    elif left == 1:
+        del buckets[second]
 
 
 class Withdrawal(NamedTuple):
@@ -397,14 +416,14 @@ class RetryBudget:
         with self._lock:
             now = self._clock()
             self._observe(now)
-            deposits, spent = self._local.totals(now)
+            deposits, _ = self._local.totals(now)
             info: dict[str, Any] = {
                 "ratio": self.config.retry_budget,
                 "floor_per_second": self.config.retry_budget_floor,
                 "window_seconds": WINDOW,
                 "scope": "fleet" if self.shared else "process",
                 "first_attempts": round(deposits),
-                "retries": spent,
+                "retries": self._local.retries(now),
                 "available": round(self._local.available(now), 1),
                 "granted": self.granted,
                 "exhausted": self.exhausted,

@@ -220,6 +220,20 @@ def test_budget_pays_for_retries_while_it_lasts(engine: sa.Engine) -> None:
     assert entry["counters"]["retries"] == 2
     assert entry["budget"]["granted"] == 2
     assert entry["budget"]["exhausted"] == 1
+    assert entry["budget"]["retries"] == 2  # recent retries, the floor's included
+
+
+def test_recent_retries_count_what_the_floor_paid_and_not_what_was_given_back() -> None:
+    budget = LocalBudget(ratio=0.5, floor=2, now=100.0)
+    budget.observe(2, 100.0)
+    paid = [budget.try_withdraw(100.0) for _ in range(3)]
+    assert paid == ["ratio", "floor", "floor"]
+    assert budget.retries(100.0) == 3
+    budget.refund("floor", 100.0, 100.2)  # its attempt never ran
+    assert budget.retries(100.2) == 2
+    budget.record("floor", 100.4)  # one the fleet granted this process
+    assert budget.retries(100.4) == 3
+    assert budget.retries(100.0 + WINDOW + 1) == 0  # past the window
 
 
 def test_metrics_show_the_budget(engine: sa.Engine) -> None:
