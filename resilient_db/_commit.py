@@ -1315,7 +1315,8 @@ class AttemptRecord:
     can't undo, seen by the marked connection: a COMMIT its own code sent (``session.commit()``
     inside the unit) that committed, or may have (its answer lost; see :func:`_own_commit`),
     or a statement that may write sent in autocommit (an ``AUTOCOMMIT`` engine or connection),
-    unless the server answered it with an error (``handle_error`` calls :meth:`failed`).
+    unless the server answered it with an error (``handle_error`` calls :meth:`failed`) and it
+    was no ``CALL`` or ``DO`` block (which may commit inside itself before its error).
 
     Used as a context manager around the attempt: it is :data:`current_attempt` meanwhile; an
     error leaving it after such a commit is marked so that the policy does not replay it
@@ -1435,7 +1436,9 @@ class AttemptRecord:
 
     def failed(self, context: Any, exc: BaseException) -> None:
         """The statement of ``context`` failed: the server's error answer proves that an
-        autocommit statement committed nothing (a lost answer proves nothing)."""
+        autocommit statement committed nothing (a lost answer proves nothing). Not a ``CALL``
+        or a ``DO`` block's, which may commit inside itself before its error: one sent in
+        autocommit marks the attempt committed at once (``_statements.COMMITS_INSIDE``)."""
         if (
             context is not None
             and context is self.autocommitting

@@ -3,9 +3,11 @@
 A statement that may write marks its connection's transaction, so the driver's COMMIT carries
 a marker (see :mod:`resilient_db._commit`); one sent in autocommit commits on its own, so it is
 recorded on the unit's attempt, which can then no longer be replayed (unless the server
-answered it with an error). Every statement must be seen, whoever sends it: SQLAlchemy, or your
-code on the raw connection (``session.connection().connection``, its ``driver_connection``,
-``engine.raw_connection()``), which a unit's retry replays like everything else. Where:
+answered it with an error and it was no ``CALL`` or ``DO`` block, which may commit inside
+itself before its error: see ``COMMITS_INSIDE``). Every statement must be seen, whoever sends
+it: SQLAlchemy, or your code on the raw connection (``session.connection().connection``, its
+``driver_connection``, ``engine.raw_connection()``), which a unit's retry replays like
+everything else. Where:
 
 * psycopg (sync and async): the marked connection's cursor classes (``cursor_factory`` and
   ``server_cursor_factory`` become marked subclasses of what they were), whose ``execute``,
@@ -29,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeAlias, cast
 import psycopg
 from psycopg import sql
 
-from ._classify import DEFAULT_CLASSIFIER, Classifier, unanswered_commit
+from ._classify import DEFAULT_CLASSIFIER, Classifier, mark_partly_committed, unanswered_commit
 from ._internals import asyncpg_statement_connection as statement_connection
 from ._internals import raised_by_commit_impl
 from ._state import renew_after_fork
@@ -220,6 +222,15 @@ _CONTROL_HEADS: Final = frozenset({"SAVEPO", "RELEAS", "ROLLBA", ""})
 #: proves nothing (the error may be theirs): the attempt can't be replayed at all.
 COMMITS: Final = 8
 COMMITS_MIDWAY: Final = 16
+#: A flag over any verdict: a statement of the text is a ``CALL`` or a ``DO`` block, which may
+#: commit inside itself: sent outside a transaction block (in autocommit), a procedure's or a
+#: ``DO`` block's own ``COMMIT`` is allowed, so the server may commit part of its work and then
+#: answer it with an error (a deadlock, a lock timeout after the COMMIT). Such an error answer
+#: proves nothing, unlike one to a statement that commits only as a whole: the attempt of the
+#: unit whose code sends it in autocommit can't be replayed, whatever the answer. In a
+#: transaction they can't commit (the server refuses their transaction control there): as any
+#: statement.
+COMMITS_INSIDE: Final = 32
 _KIND: Final = 7  # the verdict without its flags
 _verdicts: dict[str, int] = {}
 
@@ -289,10 +300,10 @@ def _judge(statement: str) -> int:
 
 def _judge_bare(statement: str) -> int:
     verdict = _judge_kind(statement)
-    if _COMMIT_HINT.search(statement) is None:
-        return verdict
-    commits = _commits(statement)
-    return (verdict or MAY_WRITE) | commits if commits else verdict
+    flags = _commits(statement) if _COMMIT_HINT.search(statement) is not None else 0
+    if _INSIDE_WORD.search(statement) is not None and _commits_inside(statement):
+        flags |= COMMITS_INSIDE
+    return (verdict or MAY_WRITE) | flags if flags else verdict
 
 
 # Statements that commit, found where a statement of the text starts (after its start or a
@@ -351,6 +362,47 @@ def _closed_comment(token: str) -> bool:
 def _commits(statement: str) -> int:
     """``COMMITS`` (with ``COMMITS_MIDWAY`` when more follows it) if a statement of
     ``statement``'s text commits the transaction, else 0 (see above)."""
+    bare = _bare_text(statement)
+    if bare is None:
+        return _commits_unsure(statement)
+    atomic = _ATOMIC.search(bare)
+    split = bare.split(";") if atomic is None else _statements_of(bare)
+    if split is None:
+        return _commits_unsure(statement)
+    parts = [part for part in split if part.strip(_SPACES)]
+    for at, part in enumerate(parts):
+        if _COMMITTING.match(part):
+            return COMMITS | COMMITS_MIDWAY if at < len(parts) - 1 else COMMITS
+    if atomic is not None:
+        found = _COMMITTING_ANYWHERE.search(bare, atomic.end())
+        if found is not None:
+            return _commit_flags(bare, found.end())
+    return 0
+
+
+# Statements that may commit inside themselves (``COMMITS_INSIDE``): a ``CALL`` or a ``DO``
+# where a statement of the text starts (after its start or a ``;``, outside quoted text,
+# dollar-quoted bodies and comments). In a text the scan can't be sure of (see above), one
+# where a statement may start: after the text's start, a ``;`` or a comment, or first on a line
+# after one that holds ``--``. One taken by mistake costs the unit its replay after an error
+# answer in autocommit; one missed, a replay after the statement committed part of its work.
+_INSIDE_WORD = re.compile(f"(?<![{_NAME_CHAR}])(?:CALL|DO)(?![{_NAME_CHAR}])", re.IGNORECASE)
+_INSIDE_HEAD = re.compile(f"{_SPACE}*(?:CALL|DO)(?![{_NAME_CHAR}])", re.IGNORECASE)
+
+
+def _commits_inside(statement: str) -> bool:
+    """Whether a statement of ``statement``'s text is a ``CALL`` or a ``DO`` (see above)."""
+    bare = _bare_text(statement)
+    if bare is None:
+        text = statement.replace("\r", "\n")
+        return any(_statement_starts_before(text, m.start()) for m in _INSIDE_WORD.finditer(text))
+    return any(_INSIDE_HEAD.match(part) for part in bare.split(";"))
+
+
+def _bare_text(statement: str) -> str | None:
+    """``statement`` with each quoted name, string and dollar-quoted body a word of its own
+    (`` q ``) and each comment a space; None when the scan can't be sure of its text (see
+    above: an escape, a nested or open comment, an open quote or body)."""
     kept: list[str] = []
     pos = 0
     for match in _NOT_STATEMENT_WORDS.finditer(statement):
@@ -363,7 +415,7 @@ def _commits(statement: str) -> int:
                 and not (len(token) >= 2 * len(match.group(1)) and token.endswith(match.group(1)))
             )
         ):
-            return _commits_unsure(statement)  # an escape, a nested or open comment or body
+            return None  # an escape, a nested or open comment or body
         # a quoted name, a string or a body stands as a word of its own (``AS "text") END``:
         # the END is no name); a comment as a space
         kept += (statement[pos : match.start()], " " if token[0] in "-/" else " q ")
@@ -379,20 +431,8 @@ def _commits(statement: str) -> int:
         or "--" in bare
         or _OPEN_DOLLAR_QUOTE.search(bare)
     ):
-        return _commits_unsure(statement)
-    atomic = _ATOMIC.search(bare)
-    split = bare.split(";") if atomic is None else _statements_of(bare)
-    if split is None:
-        return _commits_unsure(statement)
-    parts = [part for part in split if part.strip(_SPACES)]
-    for at, part in enumerate(parts):
-        if _COMMITTING.match(part):
-            return COMMITS | COMMITS_MIDWAY if at < len(parts) - 1 else COMMITS
-    if atomic is not None:
-        found = _COMMITTING_ANYWHERE.search(bare, atomic.end())
-        if found is not None:
-            return _commit_flags(bare, found.end())
-    return 0
+        return None
+    return bare
 
 
 def _statements_of(bare: str) -> list[str] | None:
@@ -658,6 +698,8 @@ def statement_listeners(
                 attempt = current_attempt.get()
                 if attempt is not None:
                     attempt.autocommit(context)
+                    if verdict & COMMITS_INSIDE:  # (its error is marked by handle_error)
+                        attempt.committed = True
             elif verdict & COMMITS:
                 attempt = _committing(verdict)
                 if attempt is not None:
@@ -823,8 +865,10 @@ def _psycopg_noted(connection: Any, verdict: int) -> AttemptRecord | None:
     connection._rdb_may_write = True
     if verdict != MAY_WRITE:
         _special_statement(verdict, connection)
-        if verdict & COMMITS and not connection.autocommit:
-            return _committing(verdict)
+        if not connection.autocommit:
+            return _committing(verdict) if verdict & COMMITS else None
+        if verdict & COMMITS_INSIDE:
+            return _committing_inside()
     if connection.autocommit:
         return current_attempt.get()
     return None
@@ -850,6 +894,21 @@ def _committing(verdict: int) -> AttemptRecord | None:
     return attempt
 
 
+def _committing_inside() -> AttemptRecord:
+    """A statement that may commit inside itself (``COMMITS_INSIDE``: a ``CALL``, a ``DO``
+    block) goes out in autocommit: the attempt of the unit whose code sends it can't be
+    replayed after it, whatever the server answers (an error may come after a COMMIT inside
+    it), so it is marked committed now (its error is then raised as that of an attempt that
+    committed part of its work). Outside any attempt (drop-in use, the driver's own connection):
+    :data:`_PARTLY_COMMITTING`, so that its error is marked so (``is_transient`` False: a caller
+    told to retry would write the committed part again)."""
+    attempt = current_attempt.get()
+    if attempt is None:
+        return _PARTLY_COMMITTING
+    attempt.committed = True
+    return attempt
+
+
 class _NoAttempt:
     """What a COMMIT sent as a statement outside any attempt is sent for: nothing to record,
     only its lost answer to mark an unknown outcome (as ``session.commit()``'s is), never a
@@ -864,8 +923,18 @@ class _NoAttempt:
         pass
 
 
-#: (typed as an attempt: it answers the calls the noting paths make of one)
+class _PartlyCommitting(_NoAttempt):
+    """What a statement that may commit part of its work before it fails (see
+    :func:`_committing_inside`) is sent for outside any attempt: its error, whatever it is, is
+    marked as that of work partly committed."""
+
+    def failed(self, context: Any, exc: BaseException) -> None:
+        mark_partly_committed(exc)
+
+
+#: (typed as attempts: they answer the calls the noting paths make of one)
 _NO_ATTEMPT: Final = cast("AttemptRecord", _NoAttempt())
+_PARTLY_COMMITTING: Final = cast("AttemptRecord", _PartlyCommitting())
 
 
 def _autocommitted(
@@ -1041,7 +1110,7 @@ def _asyncpg_noted(connection: Any, verdict: int, *, lazy: bool = False) -> Atte
     if verdict != MAY_WRITE:
         _special_statement(verdict, connection)
     if not connection.is_in_transaction():
-        attempt = current_attempt.get()
+        attempt = _committing_inside() if verdict & COMMITS_INSIDE else current_attempt.get()
     elif verdict & COMMITS:
         attempt = _committing(verdict)
     else:

@@ -40,6 +40,7 @@ from ._classify import (
     hot_standby_server,
     mark_hot_standby,
     mark_outcome,
+    mark_partly_committed,
     mark_replay_safe,
     marked_replay_safe,
     refused_by_a_writable_server,
@@ -77,6 +78,7 @@ from ._retry import Policy
 from ._state import STATE
 from ._statements import (
     COMMITS,
+    COMMITS_INSIDE,
     UNIT_CONTEXT,
     current_attempt,
     current_request,
@@ -1803,6 +1805,17 @@ def _unbound_hooks() -> EngineHooks:
 
 
 # -- engine hooks ------------------------------------------------------------------------------
+def _sent_in_autocommit(connection: Any) -> bool:
+    """Whether the driver's connection under a ``Connection`` whose statement failed is in
+    autocommit (the DBAPI's ``autocommit``: psycopg's, SQLAlchemy's asyncpg adapter's)."""
+    if connection is None:
+        return False
+    try:
+        return bool(getattr(connection.connection.dbapi_connection, "autocommit", False))
+    except Exception:  # (a connection already closed or invalidated)
+        return False
+
+
 class EngineHooks:
     """Installed once per engine: disconnect classification in ``handle_error``, mapping of the
     transition trigger's SQLSTATE, a cheap dead-connection check at pool checkout, and the
@@ -1866,15 +1879,17 @@ class EngineHooks:
         if code == READ_ONLY_SQLSTATE:
             self._refused_read_only(ctx, original)
         statement = ctx.statement
-        if (
-            isinstance(statement, str)
-            and verdict_of(statement) & COMMITS
-            and current_request.get() is None  # (a unit's own COMMIT is settled by the protocol)
-        ):
+        verdict = verdict_of(statement) if isinstance(statement, str) else 0
+        # (a unit's own COMMIT is settled by the protocol)
+        if verdict & COMMITS and current_request.get() is None:
             # a COMMIT sent as a statement (text("COMMIT"), exec_driver_sql) whose answer was
             # lost may have committed, as session.commit()'s may: an unknown outcome, never a
             # transient error (a web client told to retry would write twice)
             unanswered_commit(original, self.classifier, wrote=True)
+        if verdict & COMMITS_INSIDE and _sent_in_autocommit(ctx.connection):
+            # a CALL or a DO block in autocommit may have committed part of its work before
+            # its error (the marked drivers' statement paths say so too; this is for the others)
+            mark_partly_committed(original)
         # how this engine's classifier (the one its factories agreed on) sees the error, for
         # what answers it later (problem details): drop-in use never reaches the retry engine,
         # which marks a unit's error again as it raises it

@@ -1,0 +1,452 @@
+"""Statements that commit inside themselves, and the driver's own two-phase API.
+
+A ``CALL`` of a procedure or a ``DO`` block sent outside a transaction block (in autocommit)
+may ``COMMIT`` inside, then fail: the server's error answer proves nothing of what it committed
+before. A unit that sent one in autocommit is not replayed after its error (the replay would
+write the committed part again), and in drop-in use its error is not transient. In a
+transaction they can't commit (the server refuses their transaction control there): a unit is
+replayed as before.
+
+psycopg's own two-phase API (``tpc_begin``, ``tpc_prepare``, ``tpc_commit``) on the unit's
+driver connection sends ``PREPARE TRANSACTION`` / ``COMMIT`` / ``COMMIT PREPARED`` itself, past
+``commit()`` and the cursors: each counts as the unit's own COMMIT.
+
+Real server, real SQLSTATEs raised by it (a deadlock code raised inside the procedure after its
+COMMIT, a real lock timeout), psycopg (sync and async) and asyncpg.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import asyncpg
+import psycopg
+import pytest
+import pytest_asyncio
+import sqlalchemy as sa
+from scenarios import create_ledger, driver_connection, ledger_rows
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
+
+import resilient_db as rdb
+from resilient_db import _statements
+from resilient_db.testing import PostgresServer
+
+pytestmark = pytest.mark.usefixtures("no_backoff")
+
+#: a batch that commits its first chunk, then (``fail``) meets a deadlock in its second
+BATCH = (
+    "CREATE PROCEDURE batch(tag text, fail boolean) LANGUAGE plpgsql AS $$ BEGIN "
+    "INSERT INTO ledger (unit) VALUES (tag); COMMIT; "
+    "IF fail THEN RAISE EXCEPTION 'deadlock in chunk 2' USING ERRCODE = '40P01'; END IF; "
+    "INSERT INTO ledger (unit, note) VALUES (tag, 'chunk 2'); END $$"
+)
+#: the same batch without its COMMIT (what a CALL in a transaction may run)
+BATCH_IN_ONE = (
+    "CREATE PROCEDURE batch_in_one(tag text, fail boolean) LANGUAGE plpgsql AS $$ BEGIN "
+    "INSERT INTO ledger (unit) VALUES (tag); "
+    "IF fail THEN RAISE EXCEPTION 'deadlock' USING ERRCODE = '40P01'; END IF; END $$"
+)
+#: a batch whose second chunk waits for a row another session holds, until its lock_timeout
+BATCH_LOCKED = (
+    "CREATE PROCEDURE batch_locked(tag text) LANGUAGE plpgsql AS $$ BEGIN "
+    "INSERT INTO ledger (unit) VALUES (tag); COMMIT; "
+    "SET LOCAL lock_timeout = '200ms'; "
+    "UPDATE ledger SET note = note WHERE unit = 'hot row'; END $$"
+)
+AUTOCOMMIT = {"isolation_level": "AUTOCOMMIT"}
+LOGGER = "resilient_db"
+
+
+def do_block(unit: str, fail: bool) -> str:
+    """A DO block that commits its INSERT, then (``fail``) raises a serialization failure."""
+    return (
+        f"DO $$ BEGIN INSERT INTO ledger (unit) VALUES ('{unit}'); COMMIT; "
+        f"IF {str(fail).lower()} THEN "
+        "RAISE EXCEPTION 'try again' USING ERRCODE = '40001'; END IF; END $$"
+    )
+
+
+@pytest.fixture
+def database(pg_server: PostgresServer, pg_database: str) -> str:
+    return create_ledger(
+        pg_server, pg_database, markers=True, also=(BATCH, BATCH_IN_ONE, BATCH_LOCKED)
+    )
+
+
+@pytest.fixture
+def engine(pg_server: PostgresServer, database: str) -> Iterator[sa.Engine]:
+    engine = sa.create_engine(pg_server.url(database))
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def autocommit_engine(pg_server: PostgresServer, database: str) -> Iterator[sa.Engine]:
+    engine = sa.create_engine(pg_server.url(database), isolation_level="AUTOCOMMIT")
+    yield engine
+    engine.dispose()
+
+
+def not_replaying_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if "Not replaying" in r.getMessage() and "committed part of its work" in r.getMessage()
+    ]
+
+
+# -- psycopg ------------------------------------------------------------------------------------
+
+
+def _call_on_autocommit_connection(session: Session, unit: str, fail: bool) -> None:
+    conn = session.connection(execution_options=AUTOCOMMIT)
+    conn.execute(sa.text("CALL batch(:u, :f)"), {"u": unit, "f": fail})
+
+
+def _do_block_on_autocommit_connection(session: Session, unit: str, fail: bool) -> None:
+    session.connection(execution_options=AUTOCOMMIT).exec_driver_sql(do_block(unit, fail))
+
+
+def _call_on_driver_connection(session: Session, unit: str, fail: bool) -> None:
+    session.connection(execution_options=AUTOCOMMIT)
+    driver_connection(session).execute("CALL batch(%s, %s)", (unit, fail))
+
+
+def _do_block_on_driver_cursor(session: Session, unit: str, fail: bool) -> None:
+    session.connection(execution_options=AUTOCOMMIT)
+    driver_connection(session).cursor().execute(do_block(unit, fail))
+
+
+SYNC_WAYS: dict[str, Callable[[Session, str, bool], None]] = {
+    "call-autocommit-connection": _call_on_autocommit_connection,
+    "do-autocommit-connection": _do_block_on_autocommit_connection,
+    "call-driver-connection": _call_on_driver_connection,
+    "do-driver-cursor": _do_block_on_driver_cursor,
+}
+
+
+@pytest.mark.parametrize("way", sorted(SYNC_WAYS))
+def test_a_unit_whose_autocommit_call_committed_inside_then_failed_is_not_replayed(
+    engine: sa.Engine,
+    pg_server: PostgresServer,
+    database: str,
+    *,
+    service: str,
+    way: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The procedure (or DO block) committed its first chunk, then the server answered it
+    with a deadlock (a serialization failure): not replayed, not transient, written once."""
+    Sessions = rdb.ResilientSession(engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+    calls = []
+
+    def work(session: Session) -> None:
+        calls.append(1)
+        SYNC_WAYS[way](session, unit, len(calls) == 1)
+
+    with (
+        caplog.at_level(logging.WARNING, logger=LOGGER),
+        pytest.raises((sa.exc.OperationalError, psycopg.errors.OperationalError)) as raised,
+    ):
+        Sessions.run(work)
+    assert rdb.sqlstate_of(raised.value) in ("40P01", "40001")
+    assert calls == [1], "replayed after it committed part of its work"
+    assert ledger_rows(pg_server, database, unit) == 1
+    assert not rdb.is_transient(raised.value)
+    assert not_replaying_lines(caplog)
+
+
+def test_a_unit_on_an_autocommit_engine_whose_call_committed_inside_is_not_replayed(
+    autocommit_engine: sa.Engine, pg_server: PostgresServer, database: str, service: str
+) -> None:
+    Sessions = rdb.ResilientSession(autocommit_engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+    calls = []
+
+    def work(session: Session) -> None:
+        calls.append(1)
+        session.execute(sa.text("CALL batch(:u, :f)"), {"u": unit, "f": len(calls) == 1})
+
+    with pytest.raises(sa.exc.OperationalError) as raised:
+        Sessions.run(work)
+    assert rdb.sqlstate_of(raised.value) == "40P01"
+    assert calls == [1]
+    assert ledger_rows(pg_server, database, unit) == 1
+
+
+def test_a_real_lock_timeout_after_the_procedures_commit_is_not_replayed(
+    autocommit_engine: sa.Engine, pg_server: PostgresServer, database: str, service: str
+) -> None:
+    """The batch's second chunk waits for a row another session holds: the server's own
+    lock_timeout (55P03, a conflict that is replayed) ends it after its first chunk
+    committed. The conflict is gone by the time a replay would run: there must be none."""
+    unit = f"unit-{uuid.uuid4()}"
+    pg_server.execute("INSERT INTO ledger (unit, note) VALUES ('hot row', '')", database=database)
+    blocker = psycopg.connect(pg_server.conninfo(database))
+    try:
+        blocker.execute("SELECT * FROM ledger WHERE unit = 'hot row' FOR UPDATE")
+        Sessions = rdb.ResilientSession(autocommit_engine, service=service)
+        calls = []
+
+        def work(session: Session) -> None:
+            calls.append(1)
+            if len(calls) > 1:
+                blocker.rollback()  # (were it replayed, the replay would go through)
+            session.execute(sa.text("CALL batch_locked(:u)"), {"u": unit})
+
+        with pytest.raises(sa.exc.OperationalError) as raised:
+            Sessions.run(work)
+    finally:
+        blocker.close()
+    assert rdb.sqlstate_of(raised.value) == "55P03"
+    assert calls == [1]
+    assert ledger_rows(pg_server, database, unit) == 1
+
+
+def test_a_call_in_the_units_transaction_is_replayed_as_before(
+    engine: sa.Engine, pg_server: PostgresServer, database: str, service: str
+) -> None:
+    """In a transaction a procedure can't commit: its error rolled everything back, and the
+    unit is replayed (once written)."""
+    Sessions = rdb.ResilientSession(engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+    calls = []
+
+    def work(session: Session) -> None:
+        calls.append(1)
+        session.execute(sa.text("CALL batch_in_one(:u, :f)"), {"u": unit, "f": len(calls) == 1})
+
+    Sessions.run(work)
+    assert calls == [1, 1]
+    assert ledger_rows(pg_server, database, unit) == 1
+
+
+def test_a_commit_inside_a_call_in_a_transaction_is_refused_by_the_server(
+    engine: sa.Engine, pg_server: PostgresServer, database: str, service: str
+) -> None:
+    """What the item above rests on: the server refuses a procedure's COMMIT in a transaction
+    block (2D000), so nothing of it was committed."""
+    Sessions = rdb.ResilientSession(engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+
+    def work(session: Session) -> None:
+        session.execute(sa.text("CALL batch(:u, false)"), {"u": unit})
+
+    with pytest.raises(sa.exc.DBAPIError) as raised:
+        Sessions.run(work)
+    assert rdb.sqlstate_of(raised.value) == "2D000"
+    assert ledger_rows(pg_server, database, unit) == 0
+
+
+def test_in_drop_in_use_the_error_of_a_call_that_committed_inside_is_not_transient(
+    autocommit_engine: sa.Engine, pg_server: PostgresServer, database: str, service: str
+) -> None:
+    Sessions = rdb.ResilientSession(autocommit_engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+    with Sessions() as session, pytest.raises(sa.exc.OperationalError) as raised:
+        session.execute(sa.text("CALL batch(:u, true)"), {"u": unit})
+    assert rdb.sqlstate_of(raised.value) == "40P01"
+    assert not rdb.is_transient(raised.value), "a caller told to retry writes chunk 1 twice"
+    with Sessions() as session:
+        raw = driver_connection(session)
+        with pytest.raises(psycopg.errors.SerializationFailure) as raw_raised:
+            raw.execute(do_block(unit, True))
+    assert not rdb.is_transient(raw_raised.value)
+    assert ledger_rows(pg_server, database, unit) == 2  # (one row by each)
+
+
+def test_a_with_self_healing_operation_whose_call_committed_inside_is_not_called_again(
+    autocommit_engine: sa.Engine, pg_server: PostgresServer, database: str, service: str
+) -> None:
+    Sessions = rdb.ResilientSession(autocommit_engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+    calls = []
+
+    def operation() -> None:
+        calls.append(1)
+        with Sessions() as session:
+            session.execute(sa.text("CALL batch(:u, :f)"), {"u": unit, "f": len(calls) == 1})
+
+    with pytest.raises(sa.exc.OperationalError) as raised:
+        rdb.with_self_healing(operation, service=service)
+    assert not rdb.is_transient(raised.value)
+    assert calls == [1]
+    assert ledger_rows(pg_server, database, unit) == 1
+
+
+# -- async: asyncpg and psycopg -----------------------------------------------------------------
+
+
+@pytest_asyncio.fixture(params=["asyncpg", "psycopg"])
+async def async_engine(
+    request: pytest.FixtureRequest, pg_server: PostgresServer, database: str
+) -> AsyncIterator[AsyncEngine]:
+    engine = create_async_engine(pg_server.url(database, driver=request.param))
+    yield engine
+    await engine.dispose()
+
+
+async def _araw(session: AsyncSession) -> Any:
+    conn = await session.connection(execution_options=AUTOCOMMIT)
+    return (await conn.get_raw_connection()).driver_connection
+
+
+async def _acall_on_autocommit_connection(session: AsyncSession, unit: str, fail: bool) -> None:
+    conn = await session.connection(execution_options=AUTOCOMMIT)
+    await conn.execute(sa.text("CALL batch(:u, :f)"), {"u": unit, "f": fail})
+
+
+async def _ado_block_on_autocommit_connection(session: AsyncSession, unit: str, fail: bool) -> None:
+    conn = await session.connection(execution_options=AUTOCOMMIT)
+    await conn.exec_driver_sql(do_block(unit, fail))
+
+
+async def _acall_on_driver_connection(session: AsyncSession, unit: str, fail: bool) -> None:
+    raw = await _araw(session)
+    if isinstance(raw, asyncpg.Connection):
+        await raw.execute("CALL batch($1, $2)", unit, fail)
+    else:
+        await raw.execute("CALL batch(%s, %s)", (unit, fail))
+
+
+async def _ado_block_on_driver_connection(session: AsyncSession, unit: str, fail: bool) -> None:
+    await (await _araw(session)).execute(do_block(unit, fail))
+
+
+ASYNC_WAYS: dict[str, Callable[[AsyncSession, str, bool], Awaitable[None]]] = {
+    "call-autocommit-connection": _acall_on_autocommit_connection,
+    "do-autocommit-connection": _ado_block_on_autocommit_connection,
+    "call-driver-connection": _acall_on_driver_connection,
+    "do-driver-connection": _ado_block_on_driver_connection,
+}
+ASYNC_ERRORS = (sa.exc.DBAPIError, asyncpg.PostgresError, psycopg.Error)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("way", sorted(ASYNC_WAYS))
+async def test_an_async_unit_whose_autocommit_call_committed_inside_is_not_replayed(
+    async_engine: AsyncEngine,
+    pg_server: PostgresServer,
+    database: str,
+    *,
+    service: str,
+    way: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    Sessions = rdb.AsyncResilientSession(async_engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+    calls = []
+
+    async def work(session: AsyncSession) -> None:
+        calls.append(1)
+        await ASYNC_WAYS[way](session, unit, len(calls) == 1)
+
+    with caplog.at_level(logging.WARNING, logger=LOGGER), pytest.raises(ASYNC_ERRORS) as raised:
+        await Sessions.run(work)
+    assert rdb.sqlstate_of(raised.value) in ("40P01", "40001")
+    assert calls == [1], "replayed after it committed part of its work"
+    assert ledger_rows(pg_server, database, unit) == 1
+    assert not rdb.is_transient(raised.value)
+    assert not_replaying_lines(caplog)
+
+
+@pytest.mark.asyncio
+async def test_an_async_call_in_the_units_transaction_is_replayed_as_before(
+    async_engine: AsyncEngine, pg_server: PostgresServer, database: str, service: str
+) -> None:
+    Sessions = rdb.AsyncResilientSession(async_engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+    calls = []
+
+    async def work(session: AsyncSession) -> None:
+        calls.append(1)
+        params = {"u": unit, "f": len(calls) == 1}
+        await session.execute(sa.text("CALL batch_in_one(:u, :f)"), params)
+
+    await Sessions.run(work)
+    assert calls == [1, 1]
+    assert ledger_rows(pg_server, database, unit) == 1
+
+
+@pytest.mark.asyncio
+async def test_in_async_drop_in_use_the_error_of_a_call_that_committed_inside_is_not_transient(
+    async_engine: AsyncEngine, pg_server: PostgresServer, database: str, service: str
+) -> None:
+    Sessions = rdb.AsyncResilientSession(async_engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+    async with Sessions() as session:
+        with pytest.raises(ASYNC_ERRORS) as raised:
+            await _acall_on_autocommit_connection(session, unit, True)
+    assert rdb.sqlstate_of(raised.value) == "40P01"
+    assert not rdb.is_transient(raised.value)
+    async with Sessions() as session:
+        with pytest.raises(ASYNC_ERRORS) as raw_raised:
+            await _acall_on_driver_connection(session, unit, True)
+    assert rdb.sqlstate_of(raw_raised.value) == "40P01"
+    assert not rdb.is_transient(raw_raised.value)
+    assert ledger_rows(pg_server, database, unit) == 2  # (one row by each)
+
+
+# -- psycopg2 and pg8000 (statements seen by the engine's listener) -----------------------------
+
+
+@pytest.mark.parametrize("driver", ["psycopg2", "pg8000"])
+def test_other_drivers_a_call_that_committed_inside_is_not_replayed_nor_transient(
+    pg_server: PostgresServer, database: str, service: str, driver: str
+) -> None:
+    engine = sa.create_engine(pg_server.url(database, driver=driver), isolation_level="AUTOCOMMIT")
+    try:
+        Sessions = rdb.ResilientSession(engine, service=service)
+        unit = f"unit-{uuid.uuid4()}"
+        calls = []
+
+        def work(session: Session) -> None:
+            calls.append(1)
+            session.execute(sa.text("CALL batch(:u, :f)"), {"u": unit, "f": len(calls) == 1})
+
+        with pytest.raises(sa.exc.DBAPIError) as raised:
+            Sessions.run(work)
+        assert rdb.sqlstate_of(raised.value) == "40P01"
+        assert calls == [1]
+        with Sessions() as session, pytest.raises(sa.exc.DBAPIError) as dropped_in:
+            session.execute(sa.text("CALL batch(:u, true)"), {"u": unit})
+        assert rdb.sqlstate_of(dropped_in.value) == "40P01"
+        assert not rdb.is_transient(dropped_in.value)
+        assert ledger_rows(pg_server, database, unit) == 2  # (one row by each)
+    finally:
+        engine.dispose()
+
+
+# -- which statements may commit inside ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("statement", "inside"),
+    [
+        ("CALL batch('a', true)", True),
+        ("call batch(%s, %s)", True),
+        ("CALL batch($1, $2)", True),
+        ("DO $$ BEGIN INSERT INTO t VALUES (1); COMMIT; END $$", True),
+        ("do language plpgsql $x$ begin commit; end $x$", True),
+        ("DO 'BEGIN COMMIT; END'", True),
+        ("/* batch */ CALL batch('a', true)", True),
+        ("-- batch\nCALL batch('a', true)", True),
+        ("SET lock_timeout = '1s'; CALL batch('a', true)", True),
+        ("SELECT 'a\\'; CALL batch(1)", True),  # (unsure text: a statement may start there)
+        ("INSERT INTO t VALUES (1) ON CONFLICT DO NOTHING", False),
+        ("INSERT INTO t VALUES (1) ON CONFLICT -- none\nDO NOTHING", False),
+        ("SELECT 'CALL batch(1); DO $$ $$'", False),
+        ("SELECT callback(1), do_it(2)", False),
+        ("CREATE RULE r AS ON INSERT TO t DO INSTEAD NOTHING", False),
+        ("UPDATE t SET done = true", False),
+    ],
+)
+def test_which_statements_may_commit_inside(statement: str, inside: bool) -> None:
+    verdict = _statements.verdict_of(statement)
+    assert bool(verdict & _statements.COMMITS_INSIDE) is inside
+    assert verdict  # (any of them may write)
