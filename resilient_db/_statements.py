@@ -231,6 +231,10 @@ COMMITS_MIDWAY: Final = 16
 #: transaction they can't commit (the server refuses their transaction control there): as any
 #: statement.
 COMMITS_INSIDE: Final = 32
+#: What a statement sent in autocommit may commit part of before its error: a ``CALL`` or a
+#: ``DO`` block, or a text whose ``COMMIT`` has more statements after it (outside a transaction
+#: block the text runs in one the server makes for it, which its ``COMMIT`` ends).
+PARTLY_IN_AUTOCOMMIT: Final = COMMITS_INSIDE | COMMITS_MIDWAY
 _KIND: Final = 7  # the verdict without its flags
 _verdicts: dict[str, int] = {}
 
@@ -698,7 +702,7 @@ def statement_listeners(
                 attempt = current_attempt.get()
                 if attempt is not None:
                     attempt.autocommit(context)
-                    if verdict & COMMITS_INSIDE:  # (its error is marked by handle_error)
+                    if verdict & PARTLY_IN_AUTOCOMMIT:  # (its error: marked by handle_error)
                         attempt.committed = True
             elif verdict & COMMITS:
                 attempt = _committing(verdict)
@@ -867,7 +871,7 @@ def _psycopg_noted(connection: Any, verdict: int) -> AttemptRecord | None:
         _special_statement(verdict, connection)
         if not connection.autocommit:
             return _committing(verdict) if verdict & COMMITS else None
-        if verdict & COMMITS_INSIDE:
+        if verdict & PARTLY_IN_AUTOCOMMIT:
             return _committing_inside()
     if connection.autocommit:
         return current_attempt.get()
@@ -882,12 +886,14 @@ def _committing(verdict: int) -> AttemptRecord | None:
     not part of its work). Text that goes on after its COMMIT makes the attempt unreplayable at
     once (``COMMITS_MIDWAY``): an error answer proves nothing of what went before it. Outside
     any attempt (drop-in use, the driver's own connection): :data:`_NO_ATTEMPT`, so that its
-    lost answer is still marked an unknown outcome (see :func:`_autocommit_failed`)."""
+    lost answer is still marked an unknown outcome (see :func:`_autocommit_failed`), or for a
+    ``COMMITS_MIDWAY`` text :data:`_PARTLY_COMMITTING`, so that any error of it is marked as
+    that of work partly committed."""
     if current_request.get() is not None:
         return None
     attempt = current_attempt.get()
     if attempt is None:
-        return _NO_ATTEMPT
+        return _PARTLY_COMMITTING if verdict & COMMITS_MIDWAY else _NO_ATTEMPT
     if verdict & COMMITS_MIDWAY:
         attempt.committed = True
         return None
@@ -895,13 +901,14 @@ def _committing(verdict: int) -> AttemptRecord | None:
 
 
 def _committing_inside() -> AttemptRecord:
-    """A statement that may commit inside itself (``COMMITS_INSIDE``: a ``CALL``, a ``DO``
-    block) goes out in autocommit: the attempt of the unit whose code sends it can't be
-    replayed after it, whatever the server answers (an error may come after a COMMIT inside
-    it), so it is marked committed now (its error is then raised as that of an attempt that
-    committed part of its work). Outside any attempt (drop-in use, the driver's own connection):
-    :data:`_PARTLY_COMMITTING`, so that its error is marked so (``is_transient`` False: a caller
-    told to retry would write the committed part again)."""
+    """A statement that may commit part of its work before its error goes out in autocommit
+    (``PARTLY_IN_AUTOCOMMIT``: a ``CALL``, a ``DO`` block, a ``COMMIT`` midway): the attempt
+    of the unit whose code sends it can't be replayed after it, whatever the server answers
+    (an error may come after a COMMIT inside it), so it is marked committed now (its error is
+    then raised as that of an attempt that committed part of its work). Outside any attempt
+    (drop-in use, the driver's own connection): :data:`_PARTLY_COMMITTING`, so that its error
+    is marked so (``is_transient`` False: a caller told to retry would write the committed
+    part again)."""
     attempt = current_attempt.get()
     if attempt is None:
         return _PARTLY_COMMITTING
@@ -1110,7 +1117,8 @@ def _asyncpg_noted(connection: Any, verdict: int, *, lazy: bool = False) -> Atte
     if verdict != MAY_WRITE:
         _special_statement(verdict, connection)
     if not connection.is_in_transaction():
-        attempt = _committing_inside() if verdict & COMMITS_INSIDE else current_attempt.get()
+        partly = verdict & PARTLY_IN_AUTOCOMMIT
+        attempt = _committing_inside() if partly else current_attempt.get()
     elif verdict & COMMITS:
         attempt = _committing(verdict)
     else:

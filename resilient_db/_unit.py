@@ -79,6 +79,7 @@ from ._state import STATE
 from ._statements import (
     COMMITS,
     COMMITS_INSIDE,
+    COMMITS_MIDWAY,
     UNIT_CONTEXT,
     current_attempt,
     current_request,
@@ -1886,9 +1887,12 @@ class EngineHooks:
             # lost may have committed, as session.commit()'s may: an unknown outcome, never a
             # transient error (a web client told to retry would write twice)
             unanswered_commit(original, self.classifier, wrote=True)
-        if verdict & COMMITS_INSIDE and _sent_in_autocommit(ctx.connection):
-            # a CALL or a DO block in autocommit may have committed part of its work before
-            # its error (the marked drivers' statement paths say so too; this is for the others)
+        if verdict & COMMITS_MIDWAY or (
+            verdict & COMMITS_INSIDE and _sent_in_autocommit(ctx.connection)
+        ):
+            # a text that goes on after its COMMIT, or a CALL or a DO block in autocommit, may
+            # have committed part of its work before its error (the marked drivers' statement
+            # paths say so too; this is for the others)
             mark_partly_committed(original)
         # how this engine's classifier (the one its factories agreed on) sees the error, for
         # what answers it later (problem details): drop-in use never reaches the retry engine,

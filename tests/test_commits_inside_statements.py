@@ -450,3 +450,142 @@ def test_which_statements_may_commit_inside(statement: str, inside: bool) -> Non
     verdict = _statements.verdict_of(statement)
     assert bool(verdict & _statements.COMMITS_INSIDE) is inside
     assert verdict  # (any of them may write)
+
+
+# -- a COMMIT midway through a text in autocommit, or in drop-in use -----------------------------
+#: the unit's row committed by the text's COMMIT, then a serialization failure (in autocommit the
+#: server runs the text in a transaction block of its own, which that COMMIT ends)
+MIDWAY = "INSERT INTO ledger (unit) VALUES ('{}'); COMMIT; SELECT serialization_failure()"
+
+
+def _midway_on_autocommit_connection(session: Session, unit: str) -> None:
+    session.connection(execution_options=AUTOCOMMIT).exec_driver_sql(MIDWAY.format(unit))
+
+
+def _midway_on_driver_connection(session: Session, unit: str) -> None:
+    session.connection(execution_options=AUTOCOMMIT)
+    driver_connection(session).execute(MIDWAY.format(unit))
+
+
+@pytest.mark.parametrize(
+    "send", [_midway_on_autocommit_connection, _midway_on_driver_connection], ids=["sa", "raw"]
+)
+def test_a_unit_whose_autocommit_text_committed_midway_is_not_replayed(
+    engine: sa.Engine,
+    pg_server: PostgresServer,
+    database: str,
+    service: str,
+    send: Callable[[Session, str], None],
+) -> None:
+    Sessions = rdb.ResilientSession(engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+    calls = []
+
+    def work(session: Session) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            send(session, unit)
+        else:  # (what a replay would write again)
+            session.execute(sa.text("INSERT INTO ledger (unit) VALUES (:u)"), {"u": unit})
+
+    with pytest.raises((sa.exc.OperationalError, psycopg.errors.SerializationFailure)) as raised:
+        Sessions.run(work)
+    assert rdb.sqlstate_of(raised.value) == "40001"
+    assert calls == [1]
+    assert ledger_rows(pg_server, database, unit) == 1
+
+
+@pytest.mark.asyncio
+async def test_an_async_unit_whose_autocommit_text_committed_midway_is_not_replayed(
+    async_engine: AsyncEngine, pg_server: PostgresServer, database: str, service: str
+) -> None:
+    """On the driver's own connection (asyncpg's ``execute`` without arguments, psycopg's:
+    one simple query)."""
+    Sessions = rdb.AsyncResilientSession(async_engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+    calls = []
+
+    async def work(session: AsyncSession) -> None:
+        calls.append(1)
+        raw = await _araw(session)
+        if len(calls) == 1:
+            await raw.execute(MIDWAY.format(unit))
+        else:
+            await raw.execute(f"INSERT INTO ledger (unit) VALUES ('{unit}')")
+
+    with pytest.raises(ASYNC_ERRORS) as raised:
+        await Sessions.run(work)
+    assert rdb.sqlstate_of(raised.value) == "40001"
+    assert calls == [1]
+    assert ledger_rows(pg_server, database, unit) == 1
+
+
+def _midway_in_transaction(session: Session, unit: str) -> None:
+    session.execute(sa.text("INSERT INTO ledger (unit) VALUES (:u)"), {"u": unit})
+    session.connection().exec_driver_sql("COMMIT; SELECT serialization_failure()")
+
+
+def _midway_in_transaction_on_driver_connection(session: Session, unit: str) -> None:
+    session.execute(sa.text("INSERT INTO ledger (unit) VALUES (:u)"), {"u": unit})
+    driver_connection(session).execute("COMMIT; SELECT serialization_failure()")
+
+
+@pytest.mark.parametrize(
+    "send",
+    [
+        _midway_in_transaction,
+        _midway_in_transaction_on_driver_connection,
+        _midway_on_autocommit_connection,
+        _midway_on_driver_connection,
+    ],
+    ids=["transaction-sa", "transaction-raw", "autocommit-sa", "autocommit-raw"],
+)
+def test_in_drop_in_use_the_error_of_a_text_that_committed_midway_is_not_transient(
+    engine: sa.Engine,
+    pg_server: PostgresServer,
+    database: str,
+    service: str,
+    send: Callable[[Session, str], None],
+) -> None:
+    """A caller told to retry would write the committed row again."""
+    Sessions = rdb.ResilientSession(engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+    with (
+        Sessions() as session,
+        pytest.raises((sa.exc.OperationalError, psycopg.Error)) as raised,
+    ):
+        send(session, unit)
+    assert rdb.sqlstate_of(raised.value) == "40001"
+    assert not rdb.is_transient(raised.value)
+    assert ledger_rows(pg_server, database, unit) == 1
+
+
+@pytest.mark.asyncio
+async def test_in_async_drop_in_use_the_error_of_a_text_that_committed_midway_is_not_transient(
+    async_engine: AsyncEngine, pg_server: PostgresServer, database: str, service: str
+) -> None:
+    Sessions = rdb.AsyncResilientSession(async_engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+    async with Sessions() as session:
+        with pytest.raises(ASYNC_ERRORS) as raised:
+            await (await _araw(session)).execute(MIDWAY.format(unit))
+    assert rdb.sqlstate_of(raised.value) == "40001"
+    assert not rdb.is_transient(raised.value)
+    assert ledger_rows(pg_server, database, unit) == 1
+
+
+def test_psycopg2_in_drop_in_use_the_error_of_a_text_that_committed_midway_is_not_transient(
+    pg_server: PostgresServer, database: str, service: str
+) -> None:
+    engine = sa.create_engine(pg_server.url(database, driver="psycopg2"))
+    try:
+        Sessions = rdb.ResilientSession(engine, service=service)
+        unit = f"unit-{uuid.uuid4()}"
+        with Sessions() as session:
+            session.execute(sa.text("INSERT INTO ledger (unit) VALUES (:u)"), {"u": unit})
+            with pytest.raises(sa.exc.OperationalError) as raised:
+                session.connection().exec_driver_sql("COMMIT; SELECT serialization_failure()")
+        assert not rdb.is_transient(raised.value)
+        assert ledger_rows(pg_server, database, unit) == 1
+    finally:
+        engine.dispose()
