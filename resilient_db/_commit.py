@@ -1326,6 +1326,9 @@ class AttemptRecord:
 
     # Defaults are class attributes (an instance sets only what changes: every unit makes one)
     committed: bool = False
+    # transactions its code prepared with the driver's two-phase API (psycopg's
+    # ``tpc_prepare``) and has not rolled back: committed by whoever ends them (see _tpc_step)
+    prepared: int = 0
     running: bool = False  # inside its ``with`` (see runs_once_here)
     # the execution context of the last writing statement sent in autocommit
     autocommitting: Any = None
@@ -1367,7 +1370,7 @@ class AttemptRecord:
 
     @property
     def unreplayable(self) -> bool:
-        return self.committed or self.autocommitting is not None
+        return self.committed or self.autocommitting is not None or self.prepared > 0
 
     def __enter__(self) -> AttemptRecord:
         self._enclosing = current_attempt.get()
@@ -2444,7 +2447,8 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
     errors are wrapped and dead connections invalidated exactly as for a plain COMMIT:
 
     * psycopg: ``commit()`` (and ``transaction()``, whose outermost block psycopg commits
-      itself: that COMMIT is noted as the unit's own, see :func:`_noting_block`);
+      itself: that COMMIT is noted as the unit's own, see :func:`_noting_block`; and the
+      two-phase API's ``tpc_prepare``, ``tpc_commit``, ``tpc_rollback``, see :func:`_tpc_step`);
     * asyncpg: its transaction object commits with ``connection.execute("COMMIT;")`` (and rolls
       back with ``"ROLLBACK;"``), so ``execute`` sees those.
 
@@ -2599,7 +2603,25 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
             def atransaction(self: Any, *args: Any, **kwargs: Any) -> Any:
                 return _noting_block_async(self, base.transaction(self, *args, **kwargs))
 
-            namespace.update(commit=acommit, transaction=atransaction)
+            async def atpc_prepare(self: Any) -> None:
+                with _tpc_step(self, "prepare"):
+                    await base.tpc_prepare(self)
+
+            async def atpc_commit(self: Any, xid: Any = None) -> None:
+                with _tpc_step(self, "commit", xid):
+                    await base.tpc_commit(self, xid)
+
+            async def atpc_rollback(self: Any, xid: Any = None) -> None:
+                with _tpc_step(self, "rollback", xid):
+                    await base.tpc_rollback(self, xid)
+
+            namespace.update(
+                commit=acommit,
+                transaction=atransaction,
+                tpc_prepare=atpc_prepare,
+                tpc_commit=atpc_commit,
+                tpc_rollback=atpc_rollback,
+            )
         else:
 
             def commit(self: Any) -> None:
@@ -2635,7 +2657,25 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
             def transaction(self: Any, *args: Any, **kwargs: Any) -> Any:
                 return _noting_block(self, base.transaction(self, *args, **kwargs))
 
-            namespace.update(commit=commit, transaction=transaction)
+            def tpc_prepare(self: Any) -> None:
+                with _tpc_step(self, "prepare"):
+                    base.tpc_prepare(self)
+
+            def tpc_commit(self: Any, xid: Any = None) -> None:
+                with _tpc_step(self, "commit", xid):
+                    base.tpc_commit(self, xid)
+
+            def tpc_rollback(self: Any, xid: Any = None) -> None:
+                with _tpc_step(self, "rollback", xid):
+                    base.tpc_rollback(self, xid)
+
+            namespace.update(
+                commit=commit,
+                transaction=transaction,
+                tpc_prepare=tpc_prepare,
+                tpc_commit=tpc_commit,
+                tpc_rollback=tpc_rollback,
+            )
         if not issubclass(base, asyncpg.Connection):
             # No rollback(): the flag of a rolled-back transaction is cleared at the next
             # checkout (``CommitProtocol.checked_out``), not by a Python frame in every pool
@@ -2824,6 +2864,56 @@ async def _noting_block_async(connection: Any, block: Any) -> AsyncIterator[Any]
         return
     with _own_commit(attempt):
         await block.__aexit__(None, None, None)
+
+
+@contextlib.contextmanager
+def _tpc_step(connection: Any, step: str, xid: Any = None) -> Iterator[None]:
+    """Around a step of psycopg's own two-phase API on a marked connection (``tpc_prepare``,
+    ``tpc_commit``, ``tpc_rollback``; ``xid``: the one given to the last two, for a
+    transaction prepared elsewhere), which sends its ``PREPARE TRANSACTION``, ``COMMIT`` or
+    ``COMMIT PREPARED`` itself, past ``commit()`` and the cursors.
+
+    In a unit's attempt (not while the unit's own COMMIT is made): ``tpc_commit`` is the unit's
+    own COMMIT (:func:`_own_commit`); so is ``tpc_prepare``, whose transaction outlives the
+    attempt and is committed by whoever ends it, unless the same connection's ``tpc_rollback``
+    of it is answered (then it committed nothing: the attempt's ``prepared`` count goes back).
+    Outside any unit (drop-in use): a lost answer of ``tpc_prepare`` or ``tpc_commit`` is an
+    unknown outcome, as one of ``commit()`` is."""
+    if current_request.get() is not None:
+        yield
+        return
+    attempt = current_attempt.get()
+    if step == "rollback":
+        preparer = getattr(connection, "_rdb_tpc_preparer", None) if xid is None else None
+        yield  # (one that fails may leave the transaction prepared: still counted)
+        if preparer is not None:
+            connection._rdb_tpc_preparer = None
+            prepared_by = preparer()
+            if prepared_by is not None:
+                prepared_by.prepared -= 1
+        return
+    if attempt is None:
+        try:
+            yield
+        except BaseException as exc:
+            unanswered_commit(exc, DEFAULT_CLASSIFIER, wrote=True)
+            raise
+        return
+    if step == "commit":
+        if xid is None:
+            connection._rdb_tpc_preparer = None
+        with _own_commit(attempt):
+            yield
+        return
+    try:
+        yield
+    except BaseException as exc:
+        if unanswered_commit(exc, attempt.classifier, wrote=True):
+            attempt.committed = True  # (it may be prepared, and no rollback of it will know)
+        raise
+    attempt.prepared += 1
+    # (weakly: the pooled connection outlives the attempt, which holds its sessions)
+    connection._rdb_tpc_preparer = weakref.ref(attempt)
 
 
 @contextlib.contextmanager

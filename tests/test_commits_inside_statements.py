@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 
 import resilient_db as rdb
 from resilient_db import _statements
-from resilient_db.testing import PostgresServer
+from resilient_db.testing import EmbeddedPostgres, FaultProxy, PostgresServer
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
 
@@ -589,3 +589,200 @@ def test_psycopg2_in_drop_in_use_the_error_of_a_text_that_committed_midway_is_no
         assert ledger_rows(pg_server, database, unit) == 1
     finally:
         engine.dispose()
+
+
+# -- psycopg's own two-phase API on the unit's driver connection ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_phase_server(pg_server: PostgresServer) -> Iterator[EmbeddedPostgres]:
+    """A server that accepts PREPARE TRANSACTION (``max_prepared_transactions`` above 0)."""
+    if not isinstance(pg_server, EmbeddedPostgres):
+        pytest.skip("needs an embedded server with its own settings")
+    with EmbeddedPostgres(settings={"max_prepared_transactions": "4"}) as server:
+        yield server
+
+
+@pytest.fixture
+def two_phase_database(two_phase_server: EmbeddedPostgres) -> Iterator[str]:
+    name = f"tpc_{uuid.uuid4().hex[:10]}"
+    two_phase_server.create_database(name)
+    create_ledger(two_phase_server, name, markers=True)
+    yield name
+    for (gid,) in two_phase_server.execute(
+        "SELECT gid FROM pg_prepared_xacts WHERE database = current_database()", database=name
+    ):  # (a test may leave one prepared: it would block the drop)
+        two_phase_server.execute(f"ROLLBACK PREPARED '{gid}'", database=name)
+    two_phase_server.drop_database(name)
+
+
+def pending_prepared(server: EmbeddedPostgres, database: str) -> int:
+    found = server.execute(
+        "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()",
+        database=database,
+    )
+    return int(found[0][0])
+
+
+INSERT_RAW = "INSERT INTO ledger (unit) VALUES (%s)"
+
+
+@pytest.mark.parametrize("prepare", [True, False], ids=["prepare-commit", "one-phase-commit"])
+def test_a_unit_that_committed_with_psycopgs_two_phase_api_is_not_replayed(
+    two_phase_server: EmbeddedPostgres,
+    two_phase_database: str,
+    service: str,
+    prepare: bool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    engine = sa.create_engine(two_phase_server.url(two_phase_database))
+    try:
+        Sessions = rdb.ResilientSession(engine, service=service)
+        unit = f"unit-{uuid.uuid4()}"
+        calls = []
+
+        def work(session: Session) -> None:
+            calls.append(1)
+            raw = driver_connection(session)
+            raw.tpc_begin(raw.xid(1, f"{unit}-{len(calls)}", "b"))
+            raw.execute(INSERT_RAW, (unit,))
+            if prepare:
+                raw.tpc_prepare()
+            raw.tpc_commit()
+            session.execute(sa.text("SELECT serialization_failure()"))
+
+        with (
+            caplog.at_level(logging.WARNING, logger=LOGGER),
+            pytest.raises(sa.exc.OperationalError) as raised,
+        ):
+            Sessions.run(work)
+    finally:
+        engine.dispose()
+    assert rdb.sqlstate_of(raised.value) == "40001"
+    assert calls == [1], "replayed after it committed part of its work"
+    assert not rdb.is_transient(raised.value)
+    assert not_replaying_lines(caplog)
+    assert ledger_rows(two_phase_server, two_phase_database, unit) == 1
+    assert pending_prepared(two_phase_server, two_phase_database) == 0
+
+
+def test_a_unit_that_left_a_transaction_prepared_is_not_replayed(
+    two_phase_server: EmbeddedPostgres, two_phase_database: str, service: str
+) -> None:
+    """Its prepared transaction is committed by whoever ends it: a replay would write it again."""
+    engine = sa.create_engine(two_phase_server.url(two_phase_database))
+    try:
+        Sessions = rdb.ResilientSession(engine, service=service)
+        unit = f"unit-{uuid.uuid4()}"
+        calls = []
+
+        def work(session: Session) -> None:
+            calls.append(1)
+            raw = driver_connection(session)
+            raw.tpc_begin(raw.xid(1, f"{unit}-{len(calls)}", "b"))
+            raw.execute(INSERT_RAW, (unit,))
+            raw.tpc_prepare()
+            session.execute(sa.text("SELECT serialization_failure()"))
+
+        with pytest.raises(sa.exc.OperationalError) as raised:
+            Sessions.run(work)
+    finally:
+        engine.dispose()
+    assert rdb.sqlstate_of(raised.value) == "40001"
+    assert calls == [1]
+    assert pending_prepared(two_phase_server, two_phase_database) == 1
+
+
+def test_a_unit_whose_prepared_transaction_was_rolled_back_is_replayed(
+    two_phase_server: EmbeddedPostgres, two_phase_database: str, service: str
+) -> None:
+    """``tpc_rollback`` of what the attempt prepared: nothing of it was committed."""
+    engine = sa.create_engine(two_phase_server.url(two_phase_database))
+    try:
+        Sessions = rdb.ResilientSession(engine, service=service)
+        unit = f"unit-{uuid.uuid4()}"
+        calls = []
+
+        def work(session: Session) -> None:
+            calls.append(1)
+            raw = driver_connection(session)
+            raw.tpc_begin(raw.xid(1, f"{unit}-{len(calls)}", "b"))
+            raw.execute(INSERT_RAW, (unit,))
+            raw.tpc_prepare()
+            if len(calls) == 1:
+                raw.tpc_rollback()
+                session.execute(sa.text("SELECT serialization_failure()"))
+            raw.tpc_commit()
+
+        Sessions.run(work)
+    finally:
+        engine.dispose()
+    assert calls == [1, 1]
+    assert ledger_rows(two_phase_server, two_phase_database, unit) == 1
+    assert pending_prepared(two_phase_server, two_phase_database) == 0
+
+
+def test_in_drop_in_use_a_lost_answer_of_tpc_commit_is_an_unknown_outcome(
+    two_phase_server: EmbeddedPostgres, two_phase_database: str, service: str
+) -> None:
+    """As one of ``commit()``: never transient (a caller told to retry would write twice)."""
+    with FaultProxy(two_phase_server) as proxy:
+        engine = sa.create_engine(proxy.url(two_phase_database))
+        try:
+            Sessions = rdb.ResilientSession(engine, service=service)
+            unit = f"unit-{uuid.uuid4()}"
+            with Sessions() as session:
+                raw = driver_connection(session)
+                raw.tpc_begin(raw.xid(1, unit, "b"))
+                raw.execute(INSERT_RAW, (unit,))
+                raw.tpc_prepare()
+                proxy.lose_commit_answer()
+                with pytest.raises(psycopg.OperationalError) as raised:
+                    raw.tpc_commit()
+                session.invalidate()
+        finally:
+            engine.dispose()
+        assert proxy.commits_lost == 1
+    assert rdb.classify(raised.value) is rdb.Outcome.COMMIT_UNKNOWN
+    assert not rdb.is_transient(raised.value)
+    assert ledger_rows(two_phase_server, two_phase_database, unit) == 1
+
+
+@pytest_asyncio.fixture
+async def two_phase_async_engine(
+    two_phase_server: EmbeddedPostgres, two_phase_database: str
+) -> AsyncIterator[AsyncEngine]:
+    engine = create_async_engine(two_phase_server.url(two_phase_database, driver="psycopg"))
+    yield engine
+    await engine.dispose()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("prepare", [True, False], ids=["prepare-commit", "one-phase-commit"])
+async def test_an_async_unit_that_committed_with_psycopgs_two_phase_api_is_not_replayed(
+    two_phase_async_engine: AsyncEngine,
+    two_phase_server: EmbeddedPostgres,
+    two_phase_database: str,
+    service: str,
+    prepare: bool,
+) -> None:
+    Sessions = rdb.AsyncResilientSession(two_phase_async_engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+    calls = []
+
+    async def work(session: AsyncSession) -> None:
+        calls.append(1)
+        raw = (await (await session.connection()).get_raw_connection()).driver_connection
+        await raw.tpc_begin(raw.xid(1, f"{unit}-{len(calls)}", "b"))
+        await raw.execute(INSERT_RAW, (unit,))
+        if prepare:
+            await raw.tpc_prepare()
+        await raw.tpc_commit()
+        await session.execute(sa.text("SELECT serialization_failure()"))
+
+    with pytest.raises(sa.exc.OperationalError) as raised:
+        await Sessions.run(work)
+    assert rdb.sqlstate_of(raised.value) == "40001"
+    assert calls == [1]
+    assert not rdb.is_transient(raised.value)
+    assert ledger_rows(two_phase_server, two_phase_database, unit) == 1
