@@ -786,3 +786,33 @@ async def test_an_async_unit_that_committed_with_psycopgs_two_phase_api_is_not_r
     assert calls == [1]
     assert not rdb.is_transient(raised.value)
     assert ledger_rows(two_phase_server, two_phase_database, unit) == 1
+
+
+@pytest.mark.asyncio
+async def test_asyncpgs_two_phase_statements_on_the_driver_connection_are_the_units_commit(
+    two_phase_server: EmbeddedPostgres, two_phase_database: str, service: str
+) -> None:
+    """asyncpg has no two-phase API: its ``PREPARE TRANSACTION`` and ``COMMIT PREPARED`` go out
+    as statements (``execute``), which count as the unit's own COMMIT."""
+    engine = create_async_engine(two_phase_server.url(two_phase_database, driver="asyncpg"))
+    try:
+        Sessions = rdb.AsyncResilientSession(engine, service=service)
+        unit = f"unit-{uuid.uuid4()}"
+        calls = []
+
+        async def work(session: AsyncSession) -> None:
+            calls.append(1)
+            await session.execute(sa.text("INSERT INTO ledger (unit) VALUES (:u)"), {"u": unit})
+            raw = (await (await session.connection()).get_raw_connection()).driver_connection
+            gid = f"{unit}-{len(calls)}"
+            await raw.execute(f"PREPARE TRANSACTION '{gid}'")
+            await raw.execute(f"COMMIT PREPARED '{gid}'")
+            await session.execute(sa.text("SELECT serialization_failure()"))
+
+        with pytest.raises(sa.exc.DBAPIError) as raised:
+            await Sessions.run(work)
+    finally:
+        await engine.dispose()
+    assert rdb.sqlstate_of(raised.value) == "40001"
+    assert calls == [1]
+    assert ledger_rows(two_phase_server, two_phase_database, unit) == 1
