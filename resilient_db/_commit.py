@@ -7,10 +7,14 @@ promoted standby hands them out again. So, with the commit markers installed
 (:func:`install_commit_markers`):
 
 * A unit that may have written sends its COMMIT as one simple-query message,
-  ``EXECUTE resilient_db_mark_commit('<uuid>'); COMMIT``: the statement, prepared on each
-  connection when it is made, inserts a marker row with the client-made id, but only when the
-  transaction already holds an xid (the server's fact that it wrote). No extra round trip; the
-  marker is data, so it survives a crash with the commit and replicates with it to a standby.
+  ``EXECUTE resilient_db_mark_commit('<uuid>', <always>); COMMIT``: the statement, prepared on
+  each connection when it is made, inserts a marker row with the client-made id, but only when
+  the transaction already holds an xid (the server's fact that it wrote), or ``always``: when
+  it ran a statement that writes by its kind (``INSERT``, ``UPDATE``, ``COPY ... FROM``,
+  ``DECLARE ... WITH HOLD``, ...: see ``_statements.WRITES``), whose write may hold no local
+  xid (a foreign table's rows; a held cursor's query, run during COMMIT), or sent a
+  notification (its xid is assigned during COMMIT). No extra round trip; the marker is data, so
+  it survives a crash with the commit and replicates with it to a standby.
   Where the prepared statement can't be used (see :class:`PreparedMarker`), the message calls
   the function ``resilient_db.mark_commit('<uuid>')``, which does the same at about twice the
   server's time.
@@ -27,7 +31,10 @@ promoted standby hands them out again. So, with the commit markers installed
   take a pruned marker for one never written, and replay a committed unit.
 
 Units proven read-only on the client (every statement a plain ``SELECT`` without function calls)
-send a plain COMMIT: nothing to verify, a replay can't write twice.
+send a plain COMMIT: nothing to verify, a replay can't write twice. A notification in a
+transaction that may be read-only, where the function can write no marker, has its xid read
+before COMMIT too (one round trip): a lost answer whose marker is missing is settled by the
+xid, as without markers.
 
 Without the markers, the fallback asks for the xid before COMMIT (one extra round trip) and
 trusts ``pg_xact_status`` only while the server has not restarted or checkpointed in between.
@@ -122,16 +129,23 @@ MARKERS_VERSION: Final = 5
 #: the marker insert as prepared on each connection (``PREPARE``): the function call it stands
 #: in for costs the server parsing, planning and a PL/pgSQL call at every writing COMMIT
 PREPARED_MARK: Final = "resilient_db_mark_commit"
+#: Its second parameter is true when the transaction ran a statement that writes by its kind
+#: (or sent a notification): the marker is inserted whatever the xid, since such a write may
+#: hold none when the condition is evaluated (a foreign table's rows, a held cursor's query run
+#: during COMMIT, a notification's xid assigned during COMMIT: see ``_statements.WRITES``).
 _PREPARE_SQL: Final = (
-    f"PREPARE {PREPARED_MARK}(uuid) AS INSERT INTO {SCHEMA}.commit_markers (id) SELECT $1 "
-    "WHERE pg_catalog.pg_current_xact_id_if_assigned() IS NOT NULL"
+    f"PREPARE {PREPARED_MARK}(uuid, boolean) AS INSERT INTO {SCHEMA}.commit_markers (id) "
+    "SELECT $1 WHERE $2 OR pg_catalog.pg_current_xact_id_if_assigned() IS NOT NULL"
 )
 #: the same INSERT sent in the COMMIT message itself (``InlineMarker``); ``{marker}`` is a
-#: marker id made here (:func:`marker_id`: hex digits and dashes only)
+#: marker id made here (:func:`marker_id`: hex digits and dashes only), ``{always}`` ``true``
+#: or ``false`` (the prepared statement's second parameter)
 _INLINE_MARK: Final = (
     f"INSERT INTO {SCHEMA}.commit_markers (id) SELECT '{{marker}}'::uuid "
-    "WHERE pg_catalog.pg_current_xact_id_if_assigned() IS NOT NULL"
+    "WHERE {always} OR pg_catalog.pg_current_xact_id_if_assigned() IS NOT NULL"
 )
+#: the SQL spelling of a marker statement's ``always`` (indexed by the flag)
+_ALWAYS: Final = ("false", "true")
 #: the function form, which decides on the server (read-only transactions, switched roles)
 _FUNCTION_MARK: Final = f"SELECT {SCHEMA}.mark_commit"
 
@@ -622,8 +636,11 @@ _INCARNATION = (
     "END"
 )
 _XID_SQL = f"SELECT pg_catalog.pg_current_xact_id_if_assigned()::text, {_INCARNATION}"
-# A transaction that sent a notification gets its xid now (see ``NOTIFIES``): in the fallback's
-# query, and first in a marked COMMIT message, so that the marker's condition holds.
+# A transaction that may have written without a local xid (a notification, whose xid the
+# server assigns during COMMIT; a foreign table's rows; a held cursor's query, run during
+# COMMIT: see ``_statements.WRITES``) gets its xid now: in the query that reads it before COMMIT
+# (the fallback's; a notification's where the marker function may write no marker), or first
+# in a COMMIT message that calls the marker function, so that the function's condition holds.
 _XID_ASSIGN_SQL = f"SELECT pg_catalog.pg_current_xact_id()::text, {_INCARNATION}"
 _ASSIGN_XID = "SELECT pg_catalog.pg_current_xact_id(); "
 # Parameters travel as text: asyncpg has no text encoder for xid8 or uuid parameters given as str.
@@ -1217,7 +1234,13 @@ class CommitTicket:
     #: the engine whose database the COMMIT went to, when it is not the factory's (a unit whose
     #: one connection is another engine's, through ``binds``): the outcome is settled there
     engine: Any = None
-    notifies: bool = False  # the transaction sent a notification: its xid is assigned first
+    #: the xid (and the server's incarnation) is read before COMMIT, one round trip: the
+    #: fallback's evidence (XID), or a marker's second one (a notification in a transaction
+    #: that may be read-only, where the marker function writes no marker: see _commit_plan)
+    reads_xid: bool = False
+    #: the transaction may have written without a local xid (a notification, a statement that
+    #: writes by its kind: see ``_statements.WRITES``): the xid read is assigned
+    assign_xid: bool = False
     #: why the check on a new connection could not answer (an error a new check would meet
     #: again: a missing right, row-level security on the markers), for the unknown outcome
     check_failed: str | None = None
@@ -1240,8 +1263,8 @@ class CommitTicket:
 
     @property
     def xid_sql(self) -> str:
-        """The fallback's query before COMMIT."""
-        return _XID_ASSIGN_SQL if self.notifies else _XID_SQL
+        """The query before COMMIT (see ``reads_xid``)."""
+        return _XID_ASSIGN_SQL if self.assign_xid else _XID_SQL
 
     @property
     def wrote(self) -> bool:
@@ -1746,6 +1769,7 @@ class CommitProtocol:
         finally:
             current_attempt.reset(outside)
         driver._rdb_may_write = False  # (the set-up's PREPARE was noted)
+        driver._rdb_writes = False
         driver._rdb_mode = mode
         if form is not None:
             driver._rdb_prepared = form
@@ -2166,11 +2190,12 @@ class PreparedMarker:
         """The server refused the statement on one connection (see ``_REFUSED_MARKER``)."""
         self._on_refused(sqlstate)
 
-    def message(self, marker: str) -> str:
-        """``EXECUTE`` of the statement; once it was found gone, the same INSERT inline."""
+    def message(self, marker: str, always: bool) -> str:
+        """``EXECUTE`` of the statement; once it was found gone, the same INSERT inline.
+        ``always``: the marker is inserted whatever the xid (see :data:`_PREPARE_SQL`)."""
         if self.usable:
-            return f"EXECUTE {PREPARED_MARK}('{marker}'); COMMIT"
-        return InlineMarker.message(marker)
+            return f"EXECUTE {PREPARED_MARK}('{marker}', {_ALWAYS[always]}); COMMIT"
+        return InlineMarker.message(marker, always)
 
     def dropped(self, connection: Any) -> _MarkerForm:
         """The form for ``connection`` once its statement may have been deallocated."""
@@ -2198,8 +2223,8 @@ class InlineMarker:
         self._on_refused(sqlstate)
 
     @staticmethod
-    def message(marker: str) -> str:
-        return f"{_INLINE_MARK.format(marker=marker)}; COMMIT"
+    def message(marker: str, always: bool) -> str:
+        return f"{_INLINE_MARK.format(marker=marker, always=_ALWAYS[always])}; COMMIT"
 
     def dropped(self, connection: Any) -> _MarkerForm:
         return self  # nothing prepared
@@ -2223,11 +2248,11 @@ class _Reprepare:
         self._connection = weakref.ref(connection)
         self._prepared = prepared
 
-    def message(self, marker: str) -> str:
+    def message(self, marker: str, always: bool) -> str:
         connection = self._connection()
         if connection is not None and connection._rdb_prepared is self:
             connection._rdb_prepared = self._prepared  # prepared again by this message
-        inline = InlineMarker.message(marker)
+        inline = InlineMarker.message(marker, always)
         return f"{inline}; {_PREPARE_SQL}" if self._prepared.usable else inline
 
     def dropped(self, connection: Any) -> _MarkerForm:
@@ -2377,6 +2402,7 @@ def _commit_plan(driver: Any) -> tuple[CommitTicket | None, str | None, AttemptR
     driver._rdb_may_write = False
     request = current_request.get()
     if request is None:
+        driver._rdb_writes = False  # (no unit: a plain COMMIT)
         return None, None, current_attempt.get()
     if not may_write:  # proven read-only: nothing to verify
         request.tickets.append(_READ_ONLY)
@@ -2384,25 +2410,40 @@ def _commit_plan(driver: Any) -> tuple[CommitTicket | None, str | None, AttemptR
     notifies = driver._rdb_notifies
     if notifies:
         driver._rdb_notifies = False
+    writes = driver._rdb_writes  # (see _statements.WRITES)
+    driver._rdb_writes = False
     if driver._rdb_mode == MARKERS:
         read_mode = driver._rdb_read_mode()
         if read_mode == STANDBY:  # nothing can be written there
             request.tickets.append(_READ_ONLY)
             return _READ_ONLY, None, None
-        marker = marker_id()
-        ticket = CommitTicket(MARKERS, marker=marker, driver=driver)
-        request.tickets.append(ticket)
         form = driver._rdb_prepared  # the statement (prepared, or inline), or None
         if read_mode == READ_WRITE and form is not None:
-            message = form.message(marker)
-        else:
-            message = f"{_FUNCTION_MARK}('{marker}'); COMMIT"
-        return ticket, _ASSIGN_XID + message if notifies else message, None
-    if notifies and driver._rdb_read_mode() == STANDBY:
+            marker = marker_id()
+            ticket = CommitTicket(MARKERS, marker=marker, driver=driver)
+            request.tickets.append(ticket)
+            return ticket, form.message(marker, writes or notifies), None
+        # The function, which writes no marker in a read-only transaction: there only a
+        # notification or a temporary table's rows (gone with the session a lost answer ends)
+        # can be written. Elsewhere it inserts the marker once the transaction holds an xid,
+        # which a write that may hold none (see _statements.WRITES) is given first, in the
+        # same message. A notification where the transaction may be read-only (begun so,
+        # read-only by default, after a statement that may have made it so or a role switch:
+        # the client can't tell) is delivered at COMMIT with no marker there: its xid is read
+        # (assigned) first, one round trip, and a lost answer whose marker is missing is
+        # settled by the xid's status, as without markers (see _unit.check_commit).
+        marker = marker_id()
+        ticket = CommitTicket(
+            MARKERS, marker=marker, driver=driver, reads_xid=notifies, assign_xid=notifies
+        )
+        request.tickets.append(ticket)
+        message = f"{_FUNCTION_MARK}('{marker}'); COMMIT"
+        return ticket, _ASSIGN_XID + message if writes and not notifies else message, None
+    if (notifies or writes) and driver._rdb_read_mode() == STANDBY:
         # (nothing can be written there, and pg_current_xact_id() would be refused)
         request.tickets.append(_READ_ONLY)
         return _READ_ONLY, None, None
-    ticket = CommitTicket(XID, notifies=notifies, driver=driver)
+    ticket = CommitTicket(XID, reads_xid=True, assign_xid=notifies or writes, driver=driver)
     request.tickets.append(ticket)
     return ticket, None, None
 
@@ -2418,6 +2459,7 @@ def _idle_commit_plan(driver: Any) -> tuple[CommitTicket | None, None, None]:
     unit's ticket is the read-only one: nothing to verify, whatever its answer."""
     driver._rdb_may_write = False
     driver._rdb_notifies = False
+    driver._rdb_writes = False
     request = current_request.get()
     if request is None:
         return None, None, None
@@ -2442,9 +2484,10 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
     """A subclass of the driver's connection class ``base`` whose COMMIT can carry a marker.
 
     Its commit asks :func:`_commit_plan` what the committing unit wants (nothing, outside a
-    unit) and sends one message, ``EXECUTE resilient_db_mark_commit('<id>'); COMMIT``, instead of
-    COMMIT, or first reads the xid (the fallback). It runs inside SQLAlchemy's ``do_commit``, so
-    errors are wrapped and dead connections invalidated exactly as for a plain COMMIT:
+    unit) and sends one message, ``EXECUTE resilient_db_mark_commit('<id>', true); COMMIT``,
+    instead of COMMIT, or first reads the xid (the fallback; see ``CommitTicket.reads_xid``).
+    It runs inside SQLAlchemy's ``do_commit``, so errors are wrapped and dead connections
+    invalidated exactly as for a plain COMMIT:
 
     * psycopg: ``commit()`` (and ``transaction()``, whose outermost block psycopg commits
       itself: that COMMIT is noted as the unit's own, see :func:`_noting_block`; and the
@@ -2497,7 +2540,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                                 unanswered_commit(exc, DEFAULT_CLASSIFIER, wrote=True)
                                 raise
                         if ticket is not None:
-                            if ticket.mode == XID:
+                            if ticket.reads_xid:
                                 # (its statement cache's timer keeps the context it was made
                                 # in: not the commit's request, which holds the unit's session)
                                 outside = current_request.set(None)
@@ -2534,6 +2577,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                             return result
                     elif end == "ROLLBACK":
                         self._rdb_may_write = False
+                        self._rdb_writes = False
                     else:
                         return await noting_execute(self, query, timeout=timeout)
                     return await base.execute(self, query, timeout=timeout)
@@ -2546,6 +2590,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                 self._rdb_prepared = None
                 self._rdb_read_only = False
                 self._rdb_notifies = False
+                self._rdb_writes = False
                 self._rdb_warned = None
 
             namespace.update(execute=execute, _rdb_read_mode=_asyncpg_read_mode)
@@ -2557,6 +2602,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                     _rdb_prepared=_kept_beside("prepared", None),
                     _rdb_read_only=_kept_beside("read_only", False),
                     _rdb_notifies=_kept_beside("notifies", False),
+                    _rdb_writes=_kept_beside("writes", False),
                     _rdb_warned=_kept_beside("warned", None),
                 )
             else:
@@ -2567,6 +2613,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                         "_rdb_prepared",
                         "_rdb_read_only",
                         "_rdb_notifies",
+                        "_rdb_writes",
                         "_rdb_warned",
                     ),
                     __init__=__init__,
@@ -2580,7 +2627,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                     with _own_commit(attempt, wrote):
                         return await base.commit(self)
                 if ticket is not None:
-                    if ticket.mode == XID:
+                    if ticket.reads_xid:
                         cursor = await self.execute(ticket.xid_sql)
                         ticket.xid, ticket.incarnation = await cursor.fetchone()
                     ticket.sent = True
@@ -2631,7 +2678,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                     with _own_commit(attempt, wrote):
                         return base.commit(self)  # type: ignore[no-any-return]
                 if ticket is not None:
-                    if ticket.mode == XID:
+                    if ticket.reads_xid:
                         ticket.xid, ticket.incarnation = self.execute(ticket.xid_sql).fetchone()
                     ticket.sent = True
                 elif wrote:  # no unit (drop-in use): a lost answer is unknown, not transient
@@ -2688,6 +2735,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                 _rdb_mode=None,
                 _rdb_prepared=None,
                 _rdb_notifies=False,
+                _rdb_writes=False,
                 **{name: _marking_factory(name) for name in _CURSOR_FACTORIES},
             )
         cls = type(f"Marked{base.__name__}", (base,), namespace)
@@ -2753,7 +2801,7 @@ def _adopt_asyncpg(driver: Any, *, may_have_written: bool = False) -> None:
         debug_failure(log_session, "could not mark an asyncpg connection")
         return
     if may_have_written:  # (before the switch: a COMMIT made meanwhile finds it)
-        _beside[driver] = {"may_write": True}
+        _beside[driver] = {"may_write": True, "writes": True}
     try:
         driver.__class__ = marked
     except TypeError:
@@ -2800,6 +2848,7 @@ def _psycopg_commit_plan(
     status = connection.pgconn.transaction_status
     if status != _INTRANS:
         connection._rdb_may_write = False  # idle or failed: COMMIT as plain psycopg does
+        connection._rdb_writes = False
         if status == _INERROR and current_request.get() is not None:
             raise _failed_transaction_commit()
         return None, None, None
@@ -2984,6 +3033,7 @@ def _mark_psycopg(dbapi_connection: Any, *, may_have_written: bool = False) -> b
             state[f"_rdb_{name}"] = marked_cursor_factory(state[name])
     if may_have_written:
         state["_rdb_may_write"] = True
+        state["_rdb_writes"] = True  # (what it ran was not seen: a marker whatever the xid)
     dbapi_connection.__class__ = marked
     for name in _CURSOR_FACTORIES:
         state.pop(name, None)  # (the class's property is what is read now)

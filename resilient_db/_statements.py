@@ -84,8 +84,9 @@ def library_work() -> Iterator[None]:
 # Statements that can't write: the decision per SQL string, cached. Only a plain SELECT (not
 # SELECT INTO, not WITH, which may hold a data-modifying CTE) whose calls are all built-ins that
 # don't write counts as read-only; anything else may write and the server decides (the marker is
-# inserted only by a transaction that holds an xid). A SELECT on a view whose definition calls a
-# writing function is not seen: such a unit is replayed after a lost COMMIT answer.
+# inserted only by a transaction that holds an xid), unless the statement writes by its kind
+# (``WRITES``: then the marker is inserted whatever the xid). A SELECT on a view whose definition
+# calls a writing function is not seen: such a unit is replayed after a lost COMMIT answer.
 _SAFE_CALLS: Final = frozenset(
     """
     any all in exists cast coalesce nullif greatest least count sum min max avg bool_and bool_or
@@ -235,6 +236,20 @@ COMMITS_INSIDE: Final = 32
 #: ``DO`` block, or a text whose ``COMMIT`` has more statements after it (outside a transaction
 #: block the text runs in one the server makes for it, which its ``COMMIT`` ends).
 PARTLY_IN_AUTOCOMMIT: Final = COMMITS_INSIDE | COMMITS_MIDWAY
+#: A flag over a verdict that may write: the statement writes by its kind (``INSERT``,
+#: ``UPDATE``, ``DELETE``, ``MERGE``, ``TRUNCATE``, ``COPY ... FROM``, ``SELECT ... INTO``, a
+#: ``WITH`` or a ``DO`` block holding one of those words, ``DECLARE ... WITH HOLD``), not only
+#: through a function it calls. Such a write may leave the transaction without a local xid,
+#: which the marker's condition looks for: rows of a foreign table (postgres_fdw writes them
+#: on the remote server, and commits them there with the local COMMIT), or a held cursor's
+#: query, which runs during COMMIT, after the condition was evaluated. A transaction that ran
+#: one carries its marker whatever its xid (see ``_commit._commit_plan``). A word taken for one
+#: by mistake (``WHERE kind = 'update'`` in a statement that calls a function) costs the
+#: transaction a marker row, nothing more; a plain read never gets the flag.
+WRITES: Final = 64
+#: the verdict of the most common writes (an ``INSERT``, ``UPDATE``, ``DELETE`` alone): the
+#: noting paths set its flag themselves, without a call
+_PLAIN_WRITE: Final = MAY_WRITE | WRITES
 _KIND: Final = 7  # the verdict without its flags
 _verdicts: dict[str, int] = {}
 
@@ -580,15 +595,41 @@ def _judge_kind(statement: str) -> int:
     if head.rstrip(";") in _CONTROL_HEADS and ";" not in statement.strip().rstrip(";"):
         return READ_ONLY
     if head in ("DISCAR", "DEALLO"):
-        return DEALLOCATES
+        return DEALLOCATES | _writes(head, statement)
     if _notifies(statement):
-        return NOTIFIES
+        return NOTIFIES | _writes(head, statement)
     if head[:5] == "SHOW " and ";" not in statement.strip().rstrip(";"):
         return READ_ONLY
     verdict = _judge_write(head, statement)
-    if verdict == MAY_WRITE and _SESSION_STATE.search(statement):
-        return STOPS_PREPARED
-    return verdict
+    if verdict == READ_ONLY:
+        return verdict
+    if _SESSION_STATE.search(statement):
+        verdict = STOPS_PREPARED
+    return verdict | _writes(head, statement)
+
+
+# What makes a statement one that writes by its kind (see ``WRITES``): a word that names a
+# writing command anywhere (a ``WITH``'s data-modifying part, a ``DO`` block's or a second
+# statement's command); ``COPY`` of a table (not of a query) ``FROM``; ``WITH HOLD``.
+_WRITE_WORD = re.compile(
+    f"(?<![{_NAME_CHAR}])(?:INSERT|UPDATE|DELETE|MERGE|TRUNCATE)(?![{_NAME_CHAR}])",
+    re.IGNORECASE,
+)
+_WITH_HOLD = re.compile(f"(?<![{_NAME_CHAR}])WITH{_SPACE}+HOLD(?![{_NAME_CHAR}])", re.IGNORECASE)
+_FROM = re.compile(f"(?<![{_NAME_CHAR}])FROM(?![{_NAME_CHAR}])", re.IGNORECASE)
+
+
+def _writes(head: str, statement: str) -> int:
+    """``WRITES`` when ``statement`` (which may write; ``head`` its first six characters,
+    upper case) writes by its kind, else 0."""
+    if _WRITE_WORD.search(statement) or _WITH_HOLD.search(statement):
+        return WRITES
+    if head == "SELECT" and _INTO.search(statement):
+        return WRITES  # (SELECT ... INTO makes a table)
+    if head[:5] != "COPY " or _FROM.search(statement) is None:
+        return 0
+    table = statement.lstrip().lstrip("(").lstrip()[4:].lstrip()
+    return 0 if table.startswith("(") else WRITES  # (COPY (query) TO reads)
 
 
 def _judge_write(head: str, statement: str) -> int:
@@ -723,8 +764,10 @@ def statement_listeners(
 
 
 def _special_statement(verdict: int, driver: Any) -> None:
-    """What a STOPS_PREPARED, NOTIFIES or DEALLOCATES statement changes on a marked connection
-    (off the common path; the COMMITS flags are the noting paths' to act on)."""
+    """What a STOPS_PREPARED, NOTIFIES or DEALLOCATES statement, or one that ``WRITES``,
+    changes on a marked connection (the COMMITS flags are the noting paths' to act on)."""
+    if verdict & WRITES:
+        driver._rdb_writes = True  # read (and cleared) by the unit's COMMIT
     kind = verdict & _KIND
     if kind == STOPS_PREPARED:
         driver._rdb_prepared = None  # its COMMITs call the function from now on
@@ -743,6 +786,7 @@ def note_write(context: Any) -> None:
     driver = context.root_connection.connection.driver_connection
     if getattr(driver, "_rdb_marked", False):
         driver._rdb_may_write = True
+        driver._rdb_writes = True  # (an UPDATE)
 
 
 # -- psycopg: marked cursors ----------------------------------------------------------------------
@@ -806,12 +850,30 @@ def marked_cursor_class(base: type[Any]) -> type[Any]:
         namespace: dict[str, Any] = {"__slots__": (), "__module__": __name__, "_rdb_notes": True}
         for name in ("execute", "executemany"):
             namespace[name] = sent_now(getattr(base, name))
+        if issubclass(base, _SERVER_CURSORS):
+            namespace["execute"] = _holding(namespace["execute"])
         for name in ("stream", "copy"):
             if hasattr(base, name):
                 namespace[name] = _noting(getattr(base, name))
         cls = type(f"Marked{base.__name__}", (base,), namespace)
         _cursor_classes[base] = cls
         return cls
+
+
+_SERVER_CURSORS: Final = (psycopg.ServerCursor, psycopg.AsyncServerCursor)
+
+
+def _holding(noted: Callable[..., Any]) -> Callable[..., Any]:
+    """A server cursor's ``execute`` (``noted``, sync or async: its result is returned as it
+    is): psycopg sends the ``DECLARE`` itself, so a cursor made ``withhold=True`` is seen here.
+    Its query, unless fetched in full before, runs during COMMIT (see ``WRITES``)."""
+
+    def execute(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.withhold and _query_verdict(query, self):
+            self.connection._rdb_writes = True
+        return noted(self, query, *args, **kwargs)
+
+    return execute
 
 
 def _noting(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -867,7 +929,9 @@ def _psycopg_noted(connection: Any, verdict: int) -> AttemptRecord | None:
     """Note a statement that may write on ``connection``; the unit's attempt when it goes out
     in autocommit, or commits the transaction (see ``COMMITS``)."""
     connection._rdb_may_write = True
-    if verdict != MAY_WRITE:
+    if verdict == _PLAIN_WRITE:
+        connection._rdb_writes = True
+    elif verdict != MAY_WRITE:
         _special_statement(verdict, connection)
         if not connection.autocommit:
             return _committing(verdict) if verdict & COMMITS else None
@@ -1054,7 +1118,7 @@ def asyncpg_statement_methods(base: type[Any]) -> dict[str, Callable[..., Any]]:
 
 def _asyncpg_noting(method: Callable[..., Any], *, writes: bool = False) -> Callable[..., Any]:
     async def noted(self: Any, query: str, *args: Any, **kwargs: Any) -> Any:
-        verdict = MAY_WRITE if writes else _query_verdict(query, None)
+        verdict = MAY_WRITE | WRITES if writes else _query_verdict(query, None)
         attempt = _asyncpg_noted(self, verdict) if verdict else None
         if attempt is None:
             return await method(self, query, *args, **kwargs)
@@ -1114,7 +1178,9 @@ def _asyncpg_noted(connection: Any, verdict: int, *, lazy: bool = False) -> Atte
     if not verdict:
         return None
     connection._rdb_may_write = True
-    if verdict != MAY_WRITE:
+    if verdict == _PLAIN_WRITE:
+        connection._rdb_writes = True
+    elif verdict != MAY_WRITE:
         _special_statement(verdict, connection)
     if not connection.is_in_transaction():
         partly = verdict & PARTLY_IN_AUTOCOMMIT

@@ -388,6 +388,12 @@ def check_commit(
     with connection.begin():
         if ticket.mode == MARKERS:
             verdict = interpret_claim(claim(connection, ticket))
+            if verdict is CommitVerdict.ABORTED and ticket.xid is not None:
+                # no marker, but the xid was read too: a notification in a transaction that
+                # may have been read-only, where none is written (see _commit._commit_plan).
+                # The fence is in: a transaction that could write its marker never commits now
+                row = connection.execute(XID_STATUS_SQL, {"xid": ticket.xid}).one()
+                verdict = interpret_xid(ticket, row[0], row[1])
         else:
             row = connection.execute(XID_STATUS_SQL, {"xid": ticket.xid}).one()
             verdict = interpret_xid(ticket, row[0], row[1])

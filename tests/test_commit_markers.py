@@ -35,6 +35,10 @@ pytestmark = pytest.mark.usefixtures("no_backoff")
 
 PREPARED = _commit.PREPARED_MARK
 FUNCTION_FORM = '"SELECT resilient_db.mark_commit('
+#: the function form of a unit that ran a statement that writes by its kind (an UPDATE, ...):
+#: its xid is assigned first, so that the function writes the marker whatever the write held
+#: (see ``_statements.WRITES``)
+FUNCTION_FORM_AFTER_WRITE = f'"SELECT pg_catalog.pg_current_xact_id(); {FUNCTION_FORM[1:]}'
 INLINE_FORM = "\"INSERT INTO resilient_db.commit_markers (id) SELECT '"
 
 
@@ -273,8 +277,11 @@ def test_notifications_are_writes_whose_xid_comes_at_commit(statement: str) -> N
         ('SELECT "notify", p.notify FROM prefs p', _statements.READ_ONLY),
         ("SELECT id FROM events WHERE kind = 'notify'", _statements.READ_ONLY),
         ("SELECT id AS notify FROM events", _statements.READ_ONLY),
-        ("UPDATE prefs SET notify = true", _statements.MAY_WRITE),
-        ("INSERT INTO prefs (id, notify) VALUES (1, true)", _statements.MAY_WRITE),
+        ("UPDATE prefs SET notify = true", _statements.MAY_WRITE | _statements.WRITES),
+        (
+            "INSERT INTO prefs (id, notify) VALUES (1, true)",
+            _statements.MAY_WRITE | _statements.WRITES,
+        ),
         ("SELECT id FROM events WHERE kind = 'notify' -- x\rAND 1 = 1", _statements.READ_ONLY),
         ("DO $$ BEGIN PERFORM 1 FROM prefs WHERE notify; END $$", _statements.MAY_WRITE),
     ],
@@ -1079,7 +1086,7 @@ def test_without_markers_a_writing_unit_pays_one_round_trip_for_its_xid(
         ours = _traced(engine, lambda: Sessions.run(_bump))
         Sessions.run(_bump)
     assert len(ours) == len(plain_trips) + 1
-    assert "pg_current_xact_id_if_assigned" in ours[-2]
+    assert "pg_current_xact_id()::text" in ours[-2]  # (an UPDATE: its xid is assigned)
     assert ours[-1] == '"COMMIT"'
     warnings = [r for r in caplog.records if "Commit markers are not installed" in r.getMessage()]
     assert len(warnings) == 1  # once per engine
@@ -1301,7 +1308,7 @@ def test_a_read_only_transaction_that_may_have_written_commits_through_the_funct
         finally:
             pooled.close()
         trips = _traced(eng, lambda: Sessions.run(read_only_unit), fresh=False)
-        assert trips[-1].startswith(FUNCTION_FORM), trips
+        assert trips[-1].startswith(FUNCTION_FORM_AFTER_WRITE), trips
         assert markers(engine) == []
         assert Sessions.run(bump) == 1  # the same connection marks a writing unit
     finally:
@@ -1480,7 +1487,7 @@ def test_a_role_that_may_not_write_markers_uses_the_fallback(
     try:
         with caplog.at_level("WARNING", logger="resilient_db"):
             trips = _traced(eng, lambda: Sessions.run(_bump))
-        assert "pg_current_xact_id_if_assigned" in trips[-2]
+        assert "pg_current_xact_id()::text" in trips[-2]  # (an UPDATE: assigned)
         assert trips[-1] == '"COMMIT"'
     finally:
         eng.dispose()
@@ -1508,7 +1515,7 @@ def _commits_through_the_function_after(
         return _bump(session)
 
     trips = _traced(eng, lambda: Sessions.run(unit))
-    assert trips[-1].startswith(FUNCTION_FORM)
+    assert trips[-1].startswith(FUNCTION_FORM_AFTER_WRITE)
     assert attempts == [1]
 
 
@@ -1626,7 +1633,7 @@ def test_a_role_switched_on_the_raw_connection_is_seen(
         return _bump(session)
 
     trips = _traced(one_connection, lambda: Sessions.run(as_tenant))
-    assert trips[-1].startswith(FUNCTION_FORM)
+    assert trips[-1].startswith(FUNCTION_FORM_AFTER_WRITE)
     assert attempts == [1]
     assert len(markers(engine)) == 1
 
@@ -2197,7 +2204,7 @@ def test_an_inline_marker_refused_out_of_sight_replays_once_through_the_function
     try:
         assert Sessions.run(read_only_unit) == 0
         trips = _traced(eng, lambda: Sessions.run(_bump), fresh=False)
-        assert trips[-1].startswith(FUNCTION_FORM), trips
+        assert trips[-1].startswith(FUNCTION_FORM_AFTER_WRITE), trips
     finally:
         eng.dispose()
     assert len(pids) == 2
