@@ -177,11 +177,11 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         if local_kw:
             binds = (local_kw.get("bind"), *(local_kw.get("binds") or {}).values())
             self._hook_engines(binds, register=False)
+        if True:  # async only
+            local_kw = self._routed(local_kw)  # if your class picks the engines (see there)
         session: S = async_sessionmaker.__call__(self, **local_kw)
         if True:  # async only
-            sync = session.sync_session
-            register_session(sync, self)
-            self._route(sync)  # if your class picks the engines, hook each one it picks
+            register_session(session.sync_session, self)
         return session
 
     # -- units of work -----------------------------------------------------------------------

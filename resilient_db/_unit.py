@@ -16,7 +16,6 @@ import inspect
 import logging
 import select
 import socket
-import types
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -1449,8 +1448,9 @@ class FactoryCore:
             **policy_kwargs,
         )
         self._referee = CommitReferee(self.policy, sync_engine)
-        #: (async) the routing get_bind of each session class that picks engines (see _route)
-        self._routes: dict[type[Session], Callable[..., Any] | None] = {}
+        #: (async) the routing subclass of each sync session class that picks engines, or None
+        #: (see _routed)
+        self._routes: dict[type[Any], type[Any] | None] = {}
         self._hooks = (
             _unbound_hooks()
             if sync_engine is None
@@ -1585,17 +1585,39 @@ class FactoryCore:
 
         return get_bind
 
-    def _route(self, session: Session) -> None:
-        """(async) Where the class of ``session`` (an ``AsyncSession``'s sync session) picks
-        engines, its ``get_bind`` becomes :meth:`_routing_get_bind`'s for this factory: set on
-        the session, since that class is yours and maybe other factories' too."""
-        cls = type(session)
+    def _routed(self, local_kw: dict[str, Any]) -> dict[str, Any]:
+        """(async) The keywords of a new session: where its sync session class picks engines
+        (see :meth:`_routing_get_bind`), a subclass of it made for this factory, whose
+        ``get_bind`` is the routing one, takes its place (that class is yours, and maybe other
+        factories' too: it is left as it is). On the class, not on the session: a session
+        copied from it (SQLAlchemy's ``using_bind`` recipe copies ``vars(session)`` into a new
+        session of your class) must route as its own class does, not as the session it was
+        copied from."""
+        kw: dict[str, Any] = getattr(self, "kw", {})  # (the async_sessionmaker's)
+        cls = (
+            local_kw.get("sync_session_class")
+            or kw.get("sync_session_class")
+            or getattr(getattr(self, "class_", None), "sync_session_class", None)
+        )
+        if not isinstance(cls, type):
+            return local_kw
         try:
-            route = self._routes[cls]
+            routed = self._routes[cls]
         except KeyError:
-            route = self._routes[cls] = self._routing_get_bind(cls)
-        if route is not None:
-            session.get_bind = types.MethodType(route, session)  # type: ignore[method-assign]
+            route = self._routing_get_bind(cls)
+            routed = None
+            if route is not None:
+                namespace = {
+                    "get_bind": route,
+                    "__module__": cls.__module__,
+                    "__qualname__": cls.__qualname__,
+                    "__doc__": cls.__doc__,
+                }
+                routed = type(cls.__name__, (cls,), namespace)
+            self._routes[cls] = routed
+        if routed is None:
+            return local_kw
+        return {**local_kw, "sync_session_class": routed}
 
     def _engine_to_bind(self, bind: Any) -> Any:
         """The engine of ``bind`` given to :meth:`configure` (see :func:`engine_of`)."""

@@ -370,3 +370,92 @@ def test_a_routed_unit_prunes_expired_markers_where_it_committed(
     STATE.engine_hooks[leader].commit._next_prune = 0.0  # (as if the interval had passed)
     Sessions.run(lambda session: session.add(Item(name="second")))
     assert markers(pg_server, database) == 2  # the expired ones pruned; the two units' kept
+
+
+# -- SQLAlchemy's using_bind recipe: a session copied from another routes as its own class does
+def named_routing_class(engines: dict[str, Any]) -> type[Session]:
+    """The read/write split of SQLAlchemy's documentation with its ``using_bind(name)``: a new
+    session of the class with the first one's state (``vars``) and a name that picks the
+    engine."""
+
+    class NamedRoutingSession(Session):
+        _name: str | None = None
+
+        def get_bind(self, mapper: Any = None, clause: Any = None, **kw: Any) -> Any:
+            if self._name:
+                return engines[self._name]
+            if self._flushing:
+                return engines["leader"]
+            return engines["follower"]
+
+        def using_bind(self, name: str) -> Session:
+            copy = NamedRoutingSession()
+            vars(copy).update(vars(self))
+            copy._name = name
+            return copy
+
+    return NamedRoutingSession
+
+
+def read_through(session: Session, name: str) -> str:
+    """The ``application_name`` of the connection a copy of ``session`` made by ``using_bind``
+    reads through (the engines differ by it)."""
+    copy: Any = session.using_bind(name)  # type: ignore[attr-defined]
+    try:  # (the first session began nothing: the copy's transaction is its own)
+        return str(copy.scalar(sa.text("SELECT current_setting('application_name')")))
+    finally:
+        copy.close()
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+@pytest.mark.asyncio
+async def test_async_using_bind_reads_through_the_engine_named(
+    pg_server: PostgresServer,
+    database: str,
+    service: str,
+    clean_env: pytest.MonkeyPatch,
+    enabled: bool,
+) -> None:
+    clean_env.setenv("SELF_HEALING_ENABLED", str(enabled).lower())
+    rdb.reload_config()
+    url = pg_server.url(database, driver="asyncpg")
+    made = {
+        name: create_async_engine(url, connect_args={"server_settings": {"application_name": name}})
+        for name in ("leader", "follower")
+    }
+    try:
+        cls = named_routing_class({n: e.sync_engine for n, e in made.items()})
+        plain = sa.ext.asyncio.async_sessionmaker(sync_session_class=cls)
+        ours = rdb.AsyncResilientSession(service=service, sync_session_class=cls)
+        for factory in (plain, ours):
+            async with factory() as session:
+                assert await session.run_sync(read_through, "leader") == "leader"
+                assert await session.run_sync(read_through, "follower") == "follower"
+                assert isinstance(session.sync_session, cls)
+    finally:
+        for engine in made.values():
+            await engine.dispose()
+        clean_env.undo()
+        rdb.reload_config()
+
+
+def test_using_bind_reads_through_the_engine_named(
+    pg_server: PostgresServer, database: str, service: str
+) -> None:
+    url = pg_server.url(database)
+    made = {
+        name: sa.create_engine(url, connect_args={"application_name": name})
+        for name in ("leader", "follower")
+    }
+    try:
+        cls = named_routing_class(made)
+        for factory in (
+            sa.orm.sessionmaker(class_=cls),
+            rdb.ResilientSession(service=service, class_=cls),
+        ):
+            with factory() as session:
+                assert read_through(session, "leader") == "leader"
+                assert read_through(session, "follower") == "follower"
+    finally:
+        for engine in made.values():
+            engine.dispose()
