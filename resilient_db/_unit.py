@@ -2104,7 +2104,8 @@ class EngineHooks:
             raise sa_exc.DisconnectionError("pooled connection was closed by the server")
         driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
         if getattr(driver, "_rdb_mode", None) is not None:
-            driver._rdb_may_write = False  # a transaction rolled back before it was returned
+            # a transaction rolled back before it was returned
+            driver._rdb_may_write = driver._rdb_writes = False
         else:
             # made before this engine had a resilient factory: prepare it now (psycopg), or
             # have the pool replace it with one made through our do_connect (asyncpg, once)
