@@ -2061,6 +2061,7 @@ class CommitProtocol:
         autocommit = dbapi_connection.autocommit
         dbapi_connection.autocommit = True
         cursor = dbapi_connection.cursor()
+        interrupted = False
         try:
             sent = _wall_clock()
             try:
@@ -2073,9 +2074,16 @@ class CommitProtocol:
             if not self._trusted_install(row, lambda sql: _fetch_value(cursor, sql)):
                 return False, False, reports
             return True, prepare and _quietly(lambda: cursor.execute(_PREPARE_SQL)), reports
+        except BaseException as exc:
+            # interrupted (Ctrl-C, SystemExit) maybe with a statement in flight: the connection
+            # is left as it is, to be closed by the caller, and the interruption goes on (the
+            # autocommit's reset would be refused there, and its error would replace it)
+            interrupted = not isinstance(exc, Exception)
+            raise
         finally:
             cursor.close()
-            if not dbapi_connection.closed:  # (a lost one refuses it: the set-up's error stands)
+            # (a lost one refuses it: the set-up's error stands)
+            if not interrupted and not dbapi_connection.closed:
                 dbapi_connection.autocommit = autocommit
 
     # -- pruning ----------------------------------------------------------------------------------

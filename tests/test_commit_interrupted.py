@@ -580,3 +580,51 @@ def test_psycopg_cancel_of_a_commit_is_the_servers_answer(
         assert slow_rows(pg_server, pg_database) == (0 if after < 0 else 1)
     finally:
         engine.dispose()
+
+
+def test_an_interrupt_during_the_markers_check_of_a_new_connection_goes_on(
+    pg_url: str, service: str, *, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Ctrl-C (or SystemExit) landing while a new connection's set-up checks for the commit
+    markers, its query in flight: the interruption reaches the caller and the connection is
+    closed. (The set-up's reset of autocommit was refused on the busy connection and its error
+    replaced the interruption, which was then taken for a failed check: a false "markers are
+    not installed" warning, and the unit ran on a connection with a command in progress.)"""
+    from resilient_db._commit import _CHECK_SQL
+
+    armed = [True]
+
+    class InterruptedCursor(psycopg.Cursor[Any]):
+        def execute(self, query: Any, *args: Any, **kwargs: Any) -> Any:
+            if armed[0] and query == _CHECK_SQL:
+                armed[0] = False
+                self.connection.pgconn.send_query(b"SELECT pg_sleep(0.2)")  # in flight
+                raise KeyboardInterrupt
+            return super().execute(query, *args, **kwargs)
+
+    engine = sa.create_engine(pg_url, pool_size=1, max_overflow=0)
+
+    @sa.event.listens_for(engine, "connect")
+    def interrupted_cursors(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.cursor_factory = InterruptedCursor
+
+    installer = sa.create_engine(pg_url)
+    try:
+        rdb.install_commit_markers(installer)
+    finally:
+        installer.dispose()
+    try:
+        Sessions = rdb.ResilientSession(engine, service=service)
+
+        def read(session: Session) -> int:
+            return int(session.scalar(sa.text("SELECT 1")) or 0)
+
+        with caplog.at_level("WARNING", logger="resilient_db"):
+            with pytest.raises(KeyboardInterrupt):
+                Sessions.run(read)
+            assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+            assert Sessions.run(read) == 1  # on a new connection, set up in full
+        assert not [r for r in caplog.records if "not installed" in r.getMessage()]
+        assert not armed[0]
+    finally:
+        engine.dispose()
