@@ -38,6 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
+from resilient_db._commit import _CHECK_SQL
 from resilient_db.testing import FaultProxy, PostgresServer
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
@@ -590,8 +591,6 @@ def test_an_interrupt_during_the_markers_check_of_a_new_connection_goes_on(
     closed. (The set-up's reset of autocommit was refused on the busy connection and its error
     replaced the interruption, which was then taken for a failed check: a false "markers are
     not installed" warning, and the unit ran on a connection with a command in progress.)"""
-    from resilient_db._commit import _CHECK_SQL
-
     armed = [True]
 
     class InterruptedCursor(psycopg.Cursor[Any]):
