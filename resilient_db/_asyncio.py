@@ -12,6 +12,7 @@ really differ are marked). Edit ``_asyncio``, then run the script.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
 import time
@@ -23,7 +24,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from ._classify import Classifier, debug_failure
-from ._commit import AttemptRecord, CommitRequest, CommitTicket
+from ._commit import AttemptRecord, CommitProtocol, CommitRequest, CommitTicket, prune
 from ._config import Config
 from ._errors import TransactionStateError
 from ._internals import with_own_session_class
@@ -38,6 +39,7 @@ from ._unit import (
     async_units,
     attempt_of,
     check_commit,
+    claim_prune,
     commit_if_prepared,
     commit_plainly,
     current_unit,
@@ -46,6 +48,9 @@ from ._unit import (
     flush_and_commit,
     joined_callers_transaction,
     joins_callers_transaction,
+    prune_failed,
+    prune_quietly,
+    pruned,
     runs_once_here,
     unit_signature,
 )
@@ -445,7 +450,9 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                     try:
                         # flush and COMMIT (async: in one greenlet hop; with your session
                         # class's own flush and commit where it overrides them)
-                        await _ends[type(s)](s, flush_and_commit, request, self._hooks.commit)
+                        await _ends[type(s)](
+                            s, flush_and_commit, request, self._hooks.commit, _prune_after
+                        )
                     except Exception as exc:
                         await self._commit_failed(exc, request, s)
                         if own:  # (a run_in caller's session is the caller's to roll back)
@@ -869,6 +876,48 @@ if True:  # async only
                 async_units[task] = outer
 
     _units = _TaskUnit()
+
+    def _prune_in_task(given: CommitProtocol | Any, request: CommitRequest) -> None:
+        """Prune expired markers after a unit's COMMIT (see ``flush_and_commit``), in a task of
+        its own: nothing of it runs on the unit's task, so a deadline (``asyncio.timeout``
+        around ``run``) or a cancellation of the unit arriving then can't turn the committed
+        unit into a failure for its caller, nor cut the prune off. One per engine at a time
+        (see ``claim_prune``), kept until it is done (``asyncio.run`` and ``asyncio.Runner``
+        cancel it if the loop ends first). Its context is a new one: it is no unit's work.
+        (Called in the unit's greenlet hop, on the event loop's thread.)"""
+        protocol = claim_prune(given, request)
+        if protocol is None:
+            return
+        loop = asyncio.get_running_loop()
+        task = contextvars.Context().run(loop.create_task, _prune(protocol))
+        protocol.pruning = task
+        task.add_done_callback(functools.partial(_pruned_by, protocol))
+
+    def _pruned_by(protocol: CommitProtocol, task: asyncio.Task[None]) -> None:
+        if protocol.pruning is task:
+            protocol.pruning = None
+
+    async def _prune(protocol: CommitProtocol) -> None:
+        """The prune's task: a short transaction on a connection of the engine, its errors
+        handled as the sync factory's (see ``prune_quietly``). Its connection is closed, not
+        checked in, when the engine was disposed of meanwhile (``AsyncEngine.dispose()`` does
+        not wait for it): nothing would ever close it in the pool disposed of."""
+        engine = protocol.engine
+        pool = engine.pool
+        try:
+            with library_work():
+                async with _bound_engine(engine).connect() as conn:
+                    try:
+                        count = await conn.run_sync(prune)
+                    finally:
+                        if engine.pool is not pool:
+                            await conn.invalidate()
+        except Exception as exc:
+            prune_failed(protocol, exc)
+        else:
+            pruned(protocol, count)
+
+    _prune_after = _prune_in_task
 else:  # sync only
 
     def _settling_engine(engine: Engine, ticket: CommitTicket) -> Engine:
@@ -948,6 +997,9 @@ else:  # sync only
 
     # The unit of work running in this thread (or greenlet, under gevent).
     _units = current_unit
+
+    # (inline: see prune_quietly)
+    _prune_after = prune_quietly
 
 
 def _engine_of(bind: Any, kwargs: dict[str, Any]) -> AsyncEngine | None:

@@ -1519,6 +1519,10 @@ class CommitProtocol:
     unit's :class:`CommitRequest`.
     """
 
+    #: the task of an async factory's prune of this engine's markers while it runs (one at a
+    #: time; see ``_unit.claim_prune`` and ``_asyncio._prune_in_task``)
+    pruning: asyncio.Task[None] | None = None
+
     def __init__(
         self, engine: Engine, settings: _Settings, guard: StatementGuard | None = None
     ) -> None:
@@ -1578,6 +1582,7 @@ class CommitProtocol:
         switching self-healing on, a prune)."""
         self._prune_lock = threading.Lock()
         self._made_off_lock = threading.Lock()
+        self.pruning = None  # (the parent's loop's)
 
     @property
     def engine(self) -> Engine:

@@ -46,6 +46,7 @@ from ._unit import (
     flush_and_commit,
     joined_callers_transaction,
     joins_callers_transaction,
+    prune_quietly,
     runs_once_here,
     unit_signature,
 )
@@ -415,7 +416,7 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                     try:
                         # flush and COMMIT (async: in one greenlet hop; with your session
                         # class's own flush and commit where it overrides them)
-                        flush_and_commit(s, request, self._hooks.commit)
+                        flush_and_commit(s, request, self._hooks.commit, _prune_after)
                     except Exception as exc:
                         self._commit_failed(exc, request, s)
                         if own:  # (a run_in caller's session is the caller's to roll back)
@@ -719,6 +720,9 @@ def _refuse_result(fn: Any, result: Any) -> None:
 
 # The unit of work running in this thread (or greenlet, under gevent).
 _units = current_unit
+
+# (inline: see prune_quietly)
+_prune_after = prune_quietly
 
 
 def _engine_of(bind: Any, kwargs: dict[str, Any]) -> Engine | None:

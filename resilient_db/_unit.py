@@ -271,7 +271,10 @@ class CommitVerdict(enum.Enum):
 
 
 def flush_and_commit(
-    session: Session, request: CommitRequest, protocol: CommitProtocol | _UnboundProtocol
+    session: Session,
+    request: CommitRequest,
+    protocol: CommitProtocol | _UnboundProtocol,
+    prune_after: Callable[[CommitProtocol | _UnboundProtocol, CommitRequest], None],
 ) -> None:
     """End a unit of work: flush and commit, the COMMIT marked by the commit protocol.
 
@@ -281,6 +284,10 @@ def flush_and_commit(
     ``protocol`` (the factory's engine's), or for a factory without an engine of its own (its
     session class picks the engines, see :meth:`FactoryCore._routing_get_bind`; its protocol
     is :data:`_UNBOUND_PROTOCOL`) through the protocol of the engine the unit's COMMIT went to.
+    ``prune_after`` does it: the sync factory's :func:`prune_quietly`, inline; the async
+    factory's starts a task of its own (``_asyncio._prune_in_task``), so that nothing of the
+    prune runs on the unit's task: a deadline or a cancellation of the unit arriving then
+    would turn the committed unit into a failure for its caller.
 
     Without autobegin (``autobegin=False``), a unit whose own code ended the transaction ``run``
     began for it (``session.commit()`` in ``fn``) has nothing left to commit: ``commit()`` would
@@ -300,13 +307,13 @@ def flush_and_commit(
     if request.warned:
         _answered_with_a_warning(request)
     if request.tickets and request.tickets[-1].mode == MARKERS and protocol.prune_due():
-        _prune_quietly(protocol, request)
+        prune_after(protocol, request)
 
 
 class _UnboundProtocol:
     """The commit protocol of a factory without an engine of its own: nothing but the prune's
     question, always due, answered by the engine the unit's COMMIT went to (see
-    :func:`_prune_quietly`). (Every writing unit asks: its question is one call, as a bound
+    :func:`claim_prune`). (Every writing unit asks: its question is one call, as a bound
     factory's protocol's.)"""
 
     @staticmethod
@@ -347,7 +354,13 @@ def commit_plainly(session: Session) -> None:
         enclosing.committed = True
 
 
-def _prune_quietly(given: CommitProtocol | _UnboundProtocol, request: CommitRequest) -> None:
+def claim_prune(
+    given: CommitProtocol | _UnboundProtocol, request: CommitRequest
+) -> CommitProtocol | None:
+    """The protocol whose prune the unit that made ``request`` runs now, its interval claimed
+    (see ``CommitProtocol.pruned``): ``given``, or for a factory without an engine of its own
+    that of an engine the unit's COMMIT went to whose prune is due. None when none is, or
+    when a prune of that engine is still running (an async factory's, in its task)."""
     if isinstance(given, _UnboundProtocol):
         # the protocol of an engine the unit's COMMIT went to whose prune is due
         hooks = (STATE.engine_hooks.get(c.engine) for c, _ in request.connections())
@@ -355,20 +368,42 @@ def _prune_quietly(given: CommitProtocol | _UnboundProtocol, request: CommitRequ
             h.commit for h in hooks if h is not None and h.commit.prune_due()
         ]
         if not due:
-            return
+            return None
         given = due[-1]
     protocol: CommitProtocol = given
-    if not protocol.pruned():
+    if protocol.pruning is not None or not protocol.pruned():
+        return None
+    return protocol
+
+
+def prune_quietly(given: CommitProtocol | _UnboundProtocol, request: CommitRequest) -> None:
+    """The sync factory's prune after a unit's COMMIT: inline, in a short transaction of its
+    own on another connection of the engine. (An interruption arriving meanwhile, a
+    ``KeyboardInterrupt``, could as well arrive anywhere else after the COMMIT: the unit's
+    line says it is committed, see ``CommitReferee.interrupted``.)"""
+    protocol = claim_prune(given, request)
+    if protocol is None:
         return
     try:
         with library_work(), protocol.engine.connect() as conn:  # (not the unit's DELETE)
             count = prune(conn)
-        protocol.prune_left(count)
-        log_session.debug("pruned %d expired commit markers", count)
-    except Exception as exc:  # the unit is done; a failed prune is retried at the next interval
-        debug_failure(log_session, "pruning commit markers failed")
-        if sqlstate_of(exc) == "42501":
-            protocol.prune_refused()
+    except Exception as exc:
+        prune_failed(protocol, exc)
+    else:
+        pruned(protocol, count)
+
+
+def pruned(protocol: CommitProtocol, count: int) -> None:
+    """A prune deleted ``count`` expired markers."""
+    protocol.prune_left(count)
+    log_session.debug("pruned %d expired commit markers", count)
+
+
+def prune_failed(protocol: CommitProtocol, exc: Exception) -> None:
+    """A prune failed: the unit is done; the prune is retried at the next interval."""
+    debug_failure(log_session, "pruning commit markers failed")
+    if sqlstate_of(exc) == "42501":
+        protocol.prune_refused()
 
 
 def check_commit(

@@ -890,7 +890,8 @@ def test_units_prune_a_backlog_of_markers_in_short_batches_until_it_is_gone(
 async def test_async_units_prune_a_backlog_of_markers_too(
     engine: sa.Engine, async_engine: AsyncEngine, service: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The same prune from an async unit (asyncpg), in the unit's greenlet hop."""
+    """The same prune from an async unit (asyncpg), in a task of its own started after the
+    unit's COMMIT (awaited here before the markers are counted)."""
     batch = _commit.PRUNE_BATCH
     _add_expired_markers(engine, batch * 3 // 2)
     monkeypatch.setattr(_commit, "PRUNE_CATCH_UP", 0.0)
@@ -900,6 +901,9 @@ async def test_async_units_prune_a_backlog_of_markers_too(
     left = []
     for _ in range(2):
         await Sessions.run(_abump)
+        pruning = Sessions._hooks.commit.pruning
+        assert pruning is not None
+        await pruning
         left.append(_expired_markers(engine))
     assert left == [batch // 2, 0]
 
