@@ -114,7 +114,8 @@ RETENTION: Final = 900.0  # seconds a marker is kept
 CLAIM_HORIZON: Final = 600.0  # a claim judges markers younger than this (margin for clock steps)
 PRUNE_INTERVAL: Final = 10.0  # seconds between prunes, per engine
 #: markers deleted by one prune (about 5 ms of the server's time here): it runs after a unit's
-#: COMMIT, on that unit's time, so it is kept short; a prune that fills its batch leaves more
+#: COMMIT (a sync unit's on that unit's time, an async unit's in a task of its own), so it is
+#: kept short; a prune that fills its batch leaves more
 #: behind, so the next is due after PRUNE_CATCH_UP instead: an engine prunes up to ~20,000
 #: markers a second while behind, more than one process writes
 PRUNE_BATCH: Final = 1000

@@ -283,8 +283,9 @@ async def test_an_engine_disposed_of_while_its_prune_runs_leaves_no_connection_o
         await engine.dispose()
 
 
+@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
 def test_a_prune_still_running_when_the_loop_ends_is_cancelled_without_warnings(
-    pg_server: PostgresServer, database: str, service: str, tmp_path: Any
+    pg_server: PostgresServer, database: str, driver: str, service: str, tmp_path: Any
 ) -> None:
     """``asyncio.run`` ends with the prune's task waiting on the server: the task is cancelled
     and its connection closed, with no warning (no "Task was destroyed but it is pending",
@@ -305,7 +306,7 @@ async def note(session, text):
     await session.execute(sa.text("INSERT INTO prune_notes (note) VALUES (:n)"), {{"n": text}})
 
 async def main(holder):
-    engine = create_async_engine({pg_server.url(database, driver="asyncpg")!r})
+    engine = create_async_engine({pg_server.url(database, driver=driver)!r})
     Sessions = rdb.AsyncResilientSession(engine, service={service!r})
     await Sessions.run(note, "first")
     Sessions._hooks.commit._next_prune = 0.0
