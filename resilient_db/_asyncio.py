@@ -891,11 +891,16 @@ if True:  # async only
         loop = asyncio.get_running_loop()
         task = contextvars.Context().run(loop.create_task, _prune(protocol))
         protocol.pruning = task
+        _prunes.add(task)  # (the loop keeps its tasks only weakly)
         task.add_done_callback(functools.partial(_pruned_by, protocol))
 
     def _pruned_by(protocol: CommitProtocol, task: asyncio.Task[None]) -> None:
+        _prunes.discard(task)
         if protocol.pruning is task:
             protocol.pruning = None
+
+    #: the prunes' tasks still running
+    _prunes: set[asyncio.Task[None]] = set()
 
     async def _prune(protocol: CommitProtocol) -> None:
         """The prune's task: a short transaction on a connection of the engine, its errors
