@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from resilient_db.testing import RedisServer
+from resilient_db.testing import RedisServer, ServerStartError
 
 
 def _raw(port: int, *command: str) -> bytes:
@@ -77,3 +78,50 @@ def test_any_password_starts_the_server_and_never_shows_on_its_command_line(pass
         cmdline = Path(f"/proc/{server._proc.pid}/cmdline").read_bytes()
         assert password.encode() not in cmdline
         assert _raw(server.port, "PING").startswith(b"-NOAUTH")
+
+
+def test_a_port_held_by_a_listener_that_never_answers_is_refused_quickly() -> None:
+    """Something accepting on the port but never answering (a silent listener) made start()
+    wait out redis-py's retries of each PING (about 26 s) and then say "did not answer in
+    time"; the server it had started had exited at once, its port taken."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        server = RedisServer(port=port)
+        began = time.monotonic()
+        try:
+            with pytest.raises(ServerStartError, match=rf"port {port} on 127\.0\.0\.1 is taken"):
+                server.start()
+        finally:
+            server.close()
+        assert time.monotonic() - began < 5
+
+
+def test_the_port_of_a_paused_redis_is_refused_quickly_and_its_calls_fail_in_seconds() -> None:
+    """A paused Redis (SIGSTOP) holds its port and answers nothing: a second server on that
+    port is refused as "taken" within the start's deadline, and flushall(), command_counts()
+    and a client()'s calls fail after about 2 s (no retries), not half a minute later."""
+    import redis  # noqa: PLC0415 - the test extra has it
+
+    with RedisServer() as paused:
+        paused.pause()
+        try:
+            other = RedisServer(port=paused.port)
+            began = time.monotonic()
+            try:
+                with pytest.raises(ServerStartError, match=rf"port {paused.port} .* is taken"):
+                    other.start()
+            finally:
+                other.close()
+            assert time.monotonic() - began < 5
+            with paused.client() as client:
+                calls = (paused.flushall, paused.command_counts, client.ping)
+                for call in calls:
+                    began = time.monotonic()
+                    with pytest.raises(redis.TimeoutError):
+                        call()
+                    assert time.monotonic() - began < 4, call
+        finally:
+            paused.resume()
+        paused.flushall()  # resumed, it answers again

