@@ -1909,3 +1909,14 @@ def test_a_test_process_killed_as_its_redis_server_starts_leaves_nothing(
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(started, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("name", ["listen_addresses", "LISTEN_ADDRESSES"])
+def test_an_embedded_server_refuses_settings_that_listen_beyond_loopback(
+    name: str, tmp_path: Path
+) -> None:
+    """settings={"listen_addresses": "*"} overrode the harness's 127.0.0.1 (a later ``-c``
+    wins) and the server listened on every interface; it is refused before anything starts."""
+    with pytest.raises(ValueError, match=rf"settings must not set {name}: .*127\.0\.0\.1 only"):
+        EmbeddedPostgres(settings={name: "*"}, base_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []

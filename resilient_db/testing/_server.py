@@ -926,7 +926,8 @@ class EmbeddedPostgres(PostgresServer):
     user ``postgres`` logs in with a
     password of its own (scram-sha-256, generated per server; the URLs it returns carry it).
     ``settings`` add to or override :data:`DEFAULT_SETTINGS` (fsync and full_page_writes off,
-    200 connections, 100 ms deadlock timeout, ...). The server log is ``data_dir / "server.log"``.
+    200 connections, 100 ms deadlock timeout, ...); ``listen_addresses`` among them raises
+    :class:`ValueError`. The server log is ``data_dir / "server.log"``.
 
     As root, the server runs as the unprivileged OS user ``os_user`` (created if missing); every
     directory above its files must let that user through (the harness changes no directory's
@@ -959,6 +960,12 @@ class EmbeddedPostgres(PostgresServer):
         self._port_given = bool(port)
         # absolute: initdb and pg_basebackup run with the cluster's directory as theirs
         self._base_parent = Path(base_dir).absolute() if base_dir is not None else None
+        for name in settings or {}:
+            if isinstance(name, str) and name.strip().lower() == "listen_addresses":
+                raise ValueError(
+                    f"settings must not set {name}: the embedded server listens on "
+                    "127.0.0.1 only (tests run on loopback; other hosts must not reach it)"
+                )
         self._settings = {**DEFAULT_SETTINGS, **(settings or {})}
         self._start_timeout = _check_seconds("start_timeout", start_timeout, zero=False)
         self._os_user = os_user
