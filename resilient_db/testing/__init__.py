@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from ._proxy import FaultProxy
     from ._redis import RedisServer, redis_server_binary
     from ._server import (
+        DelayedStart,
         DockerPostgres,
         EmbeddedPostgres,
         ExternalPostgres,
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from ._standby import StandbyPair, StandbyServer
 
 __all__ = [
+    "DelayedStart",
     "DockerPostgres",
     "EmbeddedPostgres",
     "ExternalPostgres",

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 __all__ = [
+    "DelayedStart",
     "DockerPostgres",
     "EmbeddedPostgres",
     "ExternalPostgres",
@@ -297,7 +298,7 @@ class PostgresServer(Service):
         self._admin_database = admin_database
         self._query: dict[str, str] = dict(query or {})
         self._control_lock = threading.RLock()
-        self._delayed: list[_DelayedStart] = []
+        self._delayed: list[DelayedStart] = []
 
     # ---- addressing ------------------------------------------------------------------------------
 
@@ -469,13 +470,14 @@ class PostgresServer(Service):
             self.stop()
         self.start()
 
-    def restart_after(self, seconds: float, *, crash: bool = True) -> threading.Thread:
+    def restart_after(self, seconds: float, *, crash: bool = True) -> DelayedStart:
         """Stop now (crash by default) and start again ``seconds`` later in a background thread.
 
-        The returned thread ends when the server is back (join it to wait); if that start failed
-        its exception is in the thread's ``error`` attribute. :meth:`ensure_running`,
-        :meth:`stop` and :meth:`close` cancel a pending start. A ``seconds`` that is not a
-        finite number >= 0 raises :class:`TypeError` / :class:`ValueError` before anything.
+        The returned :class:`DelayedStart` (a thread) ends when the server is back (join it to
+        wait); if that start failed, its exception is in its ``error`` attribute.
+        :meth:`ensure_running`, :meth:`stop` and :meth:`close` cancel a pending start. A
+        ``seconds`` that is not a finite number >= 0 raises :class:`TypeError` /
+        :class:`ValueError` before anything.
         """
         seconds = _check_seconds("seconds", seconds, zero=True)
         self._require_control("restart")
@@ -483,7 +485,7 @@ class PostgresServer(Service):
             self.crash()
         else:
             self.stop()
-        thread = _DelayedStart(self, seconds)
+        thread = DelayedStart(self, seconds)
         with self._control_lock:
             self._delayed = [t for t in self._delayed if t.is_alive()]
             self._delayed.append(thread)
@@ -530,14 +532,20 @@ class PostgresServer(Service):
                 thread.join(timeout=60)
 
 
-class _DelayedStart(threading.Thread):
-    """Background start used by :meth:`PostgresServer.restart_after`."""
+class DelayedStart(threading.Thread):
+    """The background start :meth:`PostgresServer.restart_after` returns: a thread that starts
+    the server once its delay has passed (unless cancelled by :meth:`~PostgresServer.stop`,
+    :meth:`~PostgresServer.ensure_running` or :meth:`~PostgresServer.close`) and then ends.
+    """
 
     def __init__(self, server: PostgresServer, delay: float) -> None:
         super().__init__(name=f"resilient_db-restart-after-{delay}s", daemon=True)
         self._server = server
         self._delay = delay
+        #: set when the start is cancelled before its delay has passed
         self.cancelled = threading.Event()
+        #: the exception of the start, if it failed (None: it succeeded, was cancelled, or
+        #: has not run yet; :meth:`join` first)
         self.error: BaseException | None = None
 
     def run(self) -> None:
