@@ -1920,3 +1920,131 @@ def test_an_embedded_server_refuses_settings_that_listen_beyond_loopback(
     with pytest.raises(ValueError, match=rf"settings must not set {name}: .*127\.0\.0\.1 only"):
         EmbeddedPostgres(settings={name: "*"}, base_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+_RUN_SCRIPT = """
+import sys, tempfile
+tempfile.tempdir = {redis_dir!r}
+from resilient_db.testing import EmbeddedPostgres, RedisServer
+pg = EmbeddedPostgres(base_dir={pg_dir!r})
+pg.start()
+redis = RedisServer()
+redis.start()
+print("ready", flush=True)
+for line in sys.stdin:
+    pg.execute("SELECT 1")
+    assert redis.client().ping()
+    print("answering", flush=True)
+pg.close()
+redis.close()
+"""
+
+
+def _process_tree(root: int) -> list[int]:
+    """``root`` and every process descending from it."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                parent = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+                children.setdefault(parent, []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree
+
+
+@contextlib.contextmanager
+def _test_run(pg_dir: Path, redis_dir: Path) -> Iterator[subprocess.Popen[str]]:
+    """A test process (a session of its own, as a CI job's) with an embedded PostgreSQL and a
+    Redis, their directories under ``pg_dir`` and ``redis_dir``; a line to its stdin: it checks
+    both answer and says so; its stdin closed: it closes them and ends."""
+    script = _RUN_SCRIPT.format(pg_dir=str(pg_dir), redis_dir=str(redis_dir))
+    with subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline() == "ready\n"
+            yield proc
+        finally:
+            for pid in _process_tree(proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def _entries(*parents: Path) -> list[Path]:
+    return [entry for parent in parents for entry in parent.iterdir()]
+
+
+@pytest.mark.parametrize("signal_name", ["TERM", "HUP", "INT"])
+def test_a_signal_to_the_whole_process_tree_leaves_no_directory(
+    signal_name: str, scratch_dir: Path
+) -> None:
+    """A CI job cancelled (systemd, a cgroup) signals every process of the test run: the
+    watchdogs died with the test process, and the clusters' and Redis servers' directories
+    (39-55 MB each, in /dev/shm) stayed. The watchdogs ignore SIGTERM, SIGINT and SIGHUP and
+    clean up after the test process they watch."""
+    pg_dir, redis_dir = scratch_dir / "pg", scratch_dir / "redis"
+    pg_dir.mkdir(mode=0o777)
+    redis_dir.mkdir()
+    with _test_run(pg_dir, redis_dir) as run:
+        assert len(_entries(pg_dir, redis_dir)) == 2
+        tree = _process_tree(run.pid)
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, getattr(signal, f"SIG{signal_name}"))
+        run.wait(timeout=30)
+        wait_for(
+            lambda: not _entries(pg_dir, redis_dir) and not _processes_naming(scratch_dir),
+            "the watchdogs to stop the servers and remove their directories",
+            _WATCHDOG_BOUND,
+        )
+
+
+def test_a_start_removes_what_a_run_killed_with_its_watchdogs_left_and_nothing_else(
+    scratch_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGKILL to the whole process tree kills the watchdogs too: the directories stayed, and
+    no later run removed them. A start removes the directories of its kind whose test process
+    and watchdog are both gone; never those of a test run that still runs (another pytest at
+    the same time, sharing /dev/shm), nor a directory that is not the harness's."""
+    pg_dir, redis_dir = scratch_dir / "pg", scratch_dir / "redis"
+    pg_dir.mkdir(mode=0o777)
+    redis_dir.mkdir()
+    foreign = [pg_dir / "resilient-db-pg-12345678", redis_dir / "rdb-redis-12345678"]
+    for directory in foreign:  # named like the harness's, with no owner record
+        directory.mkdir()
+        (directory / "keep").write_text("not the harness's")
+    with _test_run(pg_dir, redis_dir) as live:
+        assert live.stdin is not None
+        assert live.stdout is not None
+        mine = set(_entries(pg_dir, redis_dir)) - set(foreign)
+        with _test_run(pg_dir, redis_dir) as killed:
+            left = set(_entries(pg_dir, redis_dir)) - set(foreign) - mine
+            assert len(left) == 2
+            tree = _process_tree(killed.pid)
+            for pid in tree:
+                os.kill(pid, signal.SIGKILL)
+            killed.wait(timeout=30)
+            wait_for(lambda: not any(alive(pid) for pid in tree), "the killed run to end", 30)
+        assert left <= set(_entries(pg_dir, redis_dir))  # its watchdogs died: the files stay
+
+        monkeypatch.setattr(tempfile, "tempdir", str(redis_dir))
+        with EmbeddedPostgres(base_dir=pg_dir), RedisServer():  # (they start)
+            now = set(_entries(pg_dir, redis_dir))
+            assert not left & now  # removed
+            assert mine | set(foreign) <= now  # the live run's and the foreign ones stay
+            assert all((directory / "keep").exists() for directory in foreign)
+            live.stdin.write("check\n")
+            live.stdin.flush()
+            assert live.stdout.readline() == "answering\n"  # the live run's servers still run
+        live.stdin.close()
+        assert live.wait(timeout=60) == 0
+    assert set(_entries(pg_dir, redis_dir)) == set(foreign)

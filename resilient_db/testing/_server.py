@@ -710,11 +710,34 @@ def _check_reachable(base: Path, uid: int, gid: int) -> None:
 
 
 _WATCHDOG_SCRIPT: Final = r"""
+# a signal to every process of the test run (a CI job cancelled, systemd stopping a unit: SIGTERM,
+# SIGINT or SIGHUP to the whole tree) must not end the watchdog with the test process: the end
+# of its stdin is what says the test process died, and it cleans up then
+trap '' HUP INT TERM
+started() {  # the start time of process $1 (field 22 of /proc/$1/stat; its name may hold spaces)
+  line=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  set -f
+  set -- ${line##*) }
+  set +f
+  [ "$#" -ge 20 ] || return 1
+  shift 19
+  printf '%s' "$1"
+}
 dir="$1"
 if [ -z "$dir" ]; then
   # no directory given: make a fresh one from the template $4 and say its name (or why not);
   # from the moment it exists, it is removed if the test process dies
   dir=$(mktemp -d "$4" 2>&1) || { printf '%s\n' "$dir"; exit 1; }
+  # who owns it (Linux): this watchdog and the test process, each with its start time, on this
+  # boot and in this pid namespace; killed both at once (SIGKILL to the whole tree), they leave
+  # the directory, and a later start that finds both gone removes it (see _sweep_left_behind)
+  if boot=$(cat /proc/sys/kernel/random/boot_id 2>/dev/null) \
+    && ns=$(readlink "/proc/$$/ns/pid" 2>/dev/null) \
+    && me=$(started "$$") && owner=$(started "$PPID"); then
+    printf 'resilient-db-watchdog 1 %s %s %s %s %s %s\n' "$boot" "$ns" "$$" "$me" "$PPID" \
+      "$owner" >"$dir/.owner.new" 2>/dev/null \
+      && mv -f "$dir/.owner.new" "$dir/.resilient-db-owner" 2>/dev/null
+  fi
   trap '' PIPE  # the test process already dead, the name goes nowhere: this goes on
   printf '%s\n' "$dir"
   trap - PIPE
@@ -787,6 +810,110 @@ rm -rf -- "$dir"
 _GATE_SCRIPT: Final = 'read -r go && [ "$go" = go ] && exec "$@" </dev/null\nexit 1\n'
 
 
+#: the record a watchdog writes in a directory it makes: who owns the directory (see
+#: _WATCHDOG_SCRIPT); a later start reads it to find directories left behind
+_OWNER_FILE: Final = ".resilient-db-owner"
+#: the random characters of a name mktemp makes from the template ``prefix + "XXXXXXXX"``
+_TEMPLATE_LENGTH: Final = 8
+
+
+def _process_started(pid: int) -> str | None:
+    """The start time of process ``pid`` (field 22 of ``/proc/PID/stat``), None if there is no
+    such process or it is a zombie (it has ended). Raises OSError when it can't be told."""
+    try:
+        line = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    fields = line.rpartition(")")[2].split()
+    if len(fields) < 20:
+        raise OSError(f"/proc/{pid}/stat reads {line!r}")
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def _this_boot_and_pid_namespace() -> tuple[str, str] | None:
+    """What a watchdog's owner record names its processes' place by (None: not Linux)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return boot, os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _owners_gone(directory: Path, here: tuple[str, str]) -> bool:
+    """Whether ``directory`` holds a watchdog's owner record (a regular file of this user, not
+    a link) that names this boot and pid namespace, and both processes it names (the watchdog
+    and its test process, by pid and start time) are gone. Anything else - no record, a record
+    being written, another user's, one from another machine or container, a process that
+    can't be told - is False: the directory is left alone."""
+    try:
+        if not stat.S_ISDIR(os.lstat(directory).st_mode):
+            return False
+        fd = os.open(directory / _OWNER_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            info = os.fstat(fd)
+            if not (
+                stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid() and info.st_nlink == 1
+            ):
+                return False
+            text = os.read(fd, 1024).decode("ascii")
+        finally:
+            os.close(fd)
+        fields = text.split()
+        if len(fields) != 8 or fields[:2] != ["resilient-db-watchdog", "1"]:
+            return False
+        if (fields[2], fields[3]) != here or not all(f.isdigit() for f in fields[4:]):
+            return False
+        return all(_process_started(int(fields[i])) != fields[i + 1] for i in (4, 6))
+    except (OSError, ValueError):
+        return False
+
+
+def _paths_in_use(paths: Sequence[Path]) -> set[Path]:
+    """Those of ``paths`` a running process names on its command line (a server still running
+    in its directory, its test process and watchdog killed without it)."""
+    wanted = {path: os.fsencode(path) for path in paths}
+    used: set[Path] = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as handle:
+                args = handle.read()
+        except OSError:
+            continue
+        used.update(path for path, name in wanted.items() if name in args)
+    return used
+
+
+def _sweep_left_behind(parent: Path, prefix: str) -> None:
+    """Remove the directories ``prefix`` + 8 characters under ``parent`` that a watchdog made
+    and that were left behind: their watchdog was killed together with their test process
+    (SIGKILL to the whole process tree, as a cancelled CI job's cgroup gets), so neither
+    cleaned up. Only a directory whose owner record proves it the harness's and names two
+    processes that are gone, on this machine's current boot and in this pid namespace, with no
+    running process naming it: never a live test run's (another pytest at the same time), a
+    directory being made, or anything else. Linux only; nothing happens elsewhere."""
+    try:
+        names = [
+            name
+            for name in os.listdir(parent)
+            if name.startswith(prefix) and len(name) == len(prefix) + _TEMPLATE_LENGTH
+        ]
+    except OSError:
+        return
+    here = _this_boot_and_pid_namespace() if names else None
+    if here is None:
+        return
+    left = [parent / name for name in names if _owners_gone(parent / name, here)]
+    if not left:
+        return
+    in_use = _paths_in_use(left)
+    for directory in left:
+        if directory not in in_use:
+            log.info("removing %s: its test process and watchdog were killed", directory)
+            shutil.rmtree(directory, ignore_errors=True)
+
+
 def _dismiss(proc: subprocess.Popen[bytes], done: bytes) -> None:
     """Tell a watchdog process ``done`` (it leaves doing nothing) and wait for it to go."""
     with contextlib.suppress(OSError, ValueError):
@@ -811,7 +938,14 @@ class Watchdog:
     and random characters: :attr:`directory`; the marker, unless given, is that directory), so
     no moment passes between the directory's making and its watchdog's start: the test process
     killed at any point leaves nothing. A directory it can't make raises
-    :class:`ServerStartError` saying why.
+    :class:`ServerStartError` saying why. It writes who owns the directory in it (on Linux:
+    itself and the test process, with their start times), and removes first the directories of
+    ``parent`` with that ``prefix`` that a watchdog killed with its test process left (both
+    gone, nothing running there).
+
+    It ignores SIGTERM, SIGINT and SIGHUP: a signal to the whole process tree (a CI job
+    cancelled) ends the test process, and the watchdog cleans up after it. Only SIGKILL ends
+    it with its work undone; the next start's sweep removes what is left then.
     """
 
     def __init__(
@@ -828,7 +962,14 @@ class Watchdog:
         if make and parent is None:
             raise TypeError("Watchdog needs a directory, or the parent to make one in")
         ticks = max(1, round(_check_seconds("grace", grace, zero=False) * 10))
-        template = str(Path(parent).absolute() / f"{prefix}XXXXXXXX") if parent else ""
+        template = (
+            str(Path(parent).absolute() / f"{prefix}{'X' * _TEMPLATE_LENGTH}") if parent else ""
+        )
+        if make and parent is not None:
+            try:
+                _sweep_left_behind(Path(parent).absolute(), prefix)
+            except Exception:  # the start goes on: what is left stays, as before
+                log.warning("could not look for directories left under %s", parent, exc_info=True)
         self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
             [
                 "/bin/sh",
