@@ -1169,6 +1169,22 @@ def test_a_killed_test_run_leaves_no_database_on_an_external_server(
         wait_for(lambda: not any(alive(pid) for pid in run.watchdogs), "the watchdog to end", 20)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_signal_to_the_whole_test_run_leaves_no_database_on_an_external_server(
+    sig: signal.Signals, pg_server: PostgresServer, tmp_path: Path
+) -> None:
+    """A CI job cancelled signals every process of the test run, the database watchdog too: it
+    died with the test process and the databases stayed. It ignores the signal and drops them."""
+    with _waiting_test_run(tmp_path, pg_server) as run:
+        assert _existing(pg_server, run.databases) == run.databases
+        assert run.watchdogs
+        for pid in [run.proc.pid, *run.watchdogs]:
+            os.kill(pid, sig)
+        assert run.proc.wait(timeout=30) == -sig
+        wait_for(lambda: not _existing(pg_server, run.databases), "the databases to go", 20)
+        wait_for(lambda: not any(alive(pid) for pid in run.watchdogs), "the watchdog to end", 20)
+
+
 def test_a_finished_test_run_drops_its_databases_and_leaves_no_watchdog(
     pg_server: PostgresServer, tmp_path: Path
 ) -> None:

@@ -1587,6 +1587,10 @@ def _parse_server_url(url: str) -> dict[str, Any]:
 _DATABASE_WATCHDOG_SCRIPT: Final = r"""
 import json, signal, sys, time
 
+# a signal to every process of the test run (a CI job cancelled) must not end this one with the
+# test process: the end of its stdin says the test process died, and it drops the databases then
+for ignored in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(ignored, signal.SIG_IGN)
 config = json.loads(sys.stdin.buffer.readline() or b"null")
 names = {}
 for line in sys.stdin.buffer:
