@@ -270,9 +270,9 @@ class RedisServer(Service):
         """A ``redis.Redis`` client of this server; ``kwargs`` go to ``redis.Redis``.
 
         Unless given, it waits 2 s for a connection and 2 s for each answer, and does not
-        retry (``retry``: no retries): a call to a paused or hung server raises
-        ``redis.TimeoutError`` after about 2 s, where redis-py's default retries would take
-        half a minute.
+        retry (pass ``retry=`` for redis-py's retries): a call to a paused or hung server
+        raises ``redis.TimeoutError`` after about 2 s, where redis-py's default retries of a
+        timed-out call would take half a minute.
         """
         redis = _redis_client()
         kwargs.setdefault("socket_timeout", _CLIENT_TIMEOUT)
