@@ -78,8 +78,9 @@ _DEFAULT_CODES: Mapping[str, Outcome] = {
     # idle_in_transaction_session_timeout; PostgreSQL 17's transaction_timeout): the unit's own
     # doing, as a statement_timeout (57014) is, not the database failing; raised at once and
     # never counted by the breaker (one slow unit would open it for everyone). The connection
-    # is gone all the same (the driver says so). asyncpg reports no code for it (the server's
-    # message comes while no statement waits): there it is a lost connection.
+    # is gone all the same (the driver says so). asyncpg reports it as the cause of the lost
+    # connection it raises to the statement that was waiting (see sqlstate_of); when no
+    # statement waited, asyncpg reports no code, and there it is a lost connection.
     "25P03": Outcome.NOT_TRANSIENT,  # idle_in_transaction_session_timeout
     "25P04": Outcome.NOT_TRANSIENT,  # transaction_timeout
 }
@@ -88,18 +89,39 @@ _DISCONNECT_CLASS = "08"
 _MAX_CHAIN = 8
 
 
+#: asyncpg's code for its ConnectionDoesNotExistError (connection_does_not_exist), its own
+_ASYNCPG_CLOSED: Final = "08003"
+#: the server ended the session for a timeout of its transaction: while the transaction sat
+#: idle (idle_in_transaction_session_timeout) or ran (PostgreSQL 17's transaction_timeout)
+SESSION_TIMEOUT_CODES: Final = frozenset({"25P03", "25P04"})
+
+
 def sqlstate_of(exc: BaseException) -> str | None:
     """The SQLSTATE carried by ``exc`` or the driver error it wraps, if any: ``sqlstate``
-    (psycopg 3, asyncpg), ``pgcode`` (psycopg2) or the ``C`` field of pg8000's error fields."""
+    (psycopg 3, asyncpg), ``pgcode`` (psycopg2) or the ``C`` field of pg8000's error fields.
+
+    One code of asyncpg's own gives way to the server's: when the server ended the session
+    for a timeout of its transaction (:data:`SESSION_TIMEOUT_CODES`) while a statement waited
+    (a statement, or a COMMIT, running past ``transaction_timeout``; one sent just as
+    ``idle_in_transaction_session_timeout`` ended the session), asyncpg raises its
+    ``ConnectionDoesNotExistError`` (08003) from the server's error: that error's code is the
+    error's, as psycopg reports it."""
+    found = None
     for err in error_chain(exc):
         code = getattr(err, "sqlstate", None)
         if code is None:
             code = getattr(err, "pgcode", None)
             if code is None and err.args and isinstance(err.args[0], dict):
                 code = err.args[0].get("C")
-        if isinstance(code, str) and len(code) == 5:
-            return code
-    return None
+        if not (isinstance(code, str) and len(code) == 5):
+            continue
+        if found is None:
+            if code != _ASYNCPG_CLOSED:
+                return code
+            found = code
+        elif code in SESSION_TIMEOUT_CODES and _of_driver(err, "asyncpg"):
+            return code  # the server's error that asyncpg's lost connection was raised from
+    return found
 
 
 _REPLAY_SAFE = "resilient_db_replay_safe"

@@ -1,0 +1,284 @@
+"""The server ends a unit's session for a timeout of its transaction: PostgreSQL 17's
+``transaction_timeout`` (SQLSTATE 25P04) firing while a statement, or the COMMIT, runs; and
+``idle_in_transaction_session_timeout`` (25P03) ending a session just as the unit sends its
+next statement. Either is the unit's doing, as a statement timeout is: raised at once, not
+replayed, no failure for the circuit breaker; the connection is gone and is not reused.
+
+psycopg reports the server's error. asyncpg raises a lost connection (its
+``ConnectionDoesNotExistError``, 08003) from it: the server's code is the error's all the same.
+A COMMIT cut off this way did not commit (the server ends the session only inside a transaction,
+and never once the commit record is written: a COMMIT waiting for a synchronous standby after
+that runs past the timeout), so it is not verified either.
+
+Real server (PostgreSQL 17+), real timeouts of a few hundred milliseconds; no backoff slept.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from scenarios import quick, server_settings_args
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
+
+import resilient_db as rdb
+from resilient_db.testing import PostgresServer
+
+pytestmark = pytest.mark.usefixtures("no_backoff")
+
+#: the sync driver and the async ones, side by side
+DRIVERS = ["psycopg (sync)", "psycopg", "asyncpg"]
+MARKERS = "markers"
+FALLBACK = "fallback"
+TIMEOUT_MS = "300"
+
+#: a deferred constraint trigger that sleeps at COMMIT, past the transaction's timeout
+SLOW_COMMIT = """
+CREATE TABLE slow_commits (id serial PRIMARY KEY, note text NOT NULL);
+CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_sleep(5);
+    RETURN NULL;
+END $$;
+CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON slow_commits
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit();
+CREATE TABLE notes (id serial PRIMARY KEY, note text NOT NULL);
+"""
+#: what a unit that ran past its timeout does: a write, then a statement that runs on; or a
+#: write whose COMMIT runs on
+UNITS = {
+    "statement": [
+        "INSERT INTO notes (note) VALUES ('written')",
+        "SELECT pg_sleep(5)",
+    ],
+    "commit": ["INSERT INTO slow_commits (note) VALUES ('written')"],
+}
+#: events of a unit whose failure was taken for a lost connection, or whose COMMIT was checked
+NOT_EXPECTED = {
+    "retry",
+    "gave_up",
+    "breaker_opened",
+    "commit_verified",
+    "commit_not_applied",
+    "commit_unknown",
+    "commit_interrupted",
+}
+CONFIG = rdb.Config(max_retries=2, failure_threshold=2)
+
+
+def prepare(server: PostgresServer, database: str, mode: str) -> None:
+    with server.connect(database) as conn:
+        conn.execute(SLOW_COMMIT)
+    if mode == MARKERS:
+        engine = sa.create_engine(server.url(database))
+        try:
+            rdb.install_commit_markers(engine)
+        finally:
+            engine.dispose()
+
+
+def rows(server: PostgresServer, database: str) -> int:
+    found = server.execute(
+        "SELECT (SELECT count(*) FROM notes) + (SELECT count(*) FROM slow_commits)",
+        database=database,
+    )
+    return int(found[0][0])
+
+
+def settings(driver: str, **values: str) -> dict[str, Any]:
+    return server_settings_args("psycopg" if driver == "psycopg (sync)" else driver, **values)
+
+
+def assert_the_units_doing(
+    exc: BaseException, code: str, calls: int, service: str, events: list[rdb.SelfHealEvent]
+) -> None:
+    """Raised at once with the server's code: not replayed, not verified, nothing for the
+    breaker."""
+    assert isinstance(exc, sa.exc.DBAPIError)
+    assert rdb.sqlstate_of(exc) == code
+    assert rdb.classify(exc) is rdb.Outcome.NOT_TRANSIENT
+    assert not rdb.is_transient(exc)
+    assert calls == 1
+    state = rdb.health()["services"][service]
+    counters = state["counters"]
+    assert (counters["retries"], counters["gave_up"]) == (0, 0)
+    assert counters["verified_not_committed"] == counters["verified_commits"] == 0
+    assert (state["breaker"]["state"], state["breaker"]["failures"]) == ("closed", 0)
+    assert not [e.name for e in events if e.name in NOT_EXPECTED]
+
+
+def invalidations(engine: sa.Engine) -> list[BaseException | None]:
+    """The errors for which ``engine``'s pool drops a connection, as it drops them."""
+    found: list[BaseException | None] = []
+
+    @sa.event.listens_for(engine, "invalidate")
+    def invalidated(_dbapi: Any, _record: Any, exc: BaseException | None) -> None:
+        found.append(exc)
+
+    return found
+
+
+@pytest.mark.parametrize("mode", [MARKERS, FALLBACK])
+@pytest.mark.parametrize("which", sorted(UNITS))
+@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.asyncio
+async def test_a_unit_past_its_transaction_timeout_is_raised_not_replayed(
+    *,
+    pg_server: PostgresServer,
+    pg_database: str,
+    made_async_engines: list[AsyncEngine],
+    service: str,
+    events: list[rdb.SelfHealEvent],
+    driver: str,
+    which: str,
+    mode: str,
+) -> None:
+    """``transaction_timeout`` ends the session while a statement runs, or while the COMMIT
+    runs (a deferred trigger): SQLSTATE 25P04 on every driver, raised at once. asyncpg's lost
+    connection raised from it was taken for an outage: the unit was replayed (each attempt
+    waiting out the whole timeout), each attempt counted for the breaker (which opened for the
+    service's other units), and a COMMIT cut off was verified first."""
+    prepare(pg_server, pg_database, mode)
+    connect_args = settings(driver, transaction_timeout=TIMEOUT_MS)
+    calls = 0
+    caught: BaseException | None = None
+    if driver == "psycopg (sync)":
+        engine = sa.create_engine(pg_server.url(pg_database), connect_args=connect_args)
+        dropped = invalidations(engine)
+        try:
+
+            def unit(session: Session) -> str:
+                nonlocal calls
+                calls += 1
+                for statement in UNITS[which]:
+                    session.execute(sa.text(statement))
+                return "done"
+
+            Sessions = rdb.ResilientSession(engine, service=service, config=CONFIG)
+            try:
+                Sessions.run(unit)
+            except Exception as exc:
+                caught = exc
+            assert len(dropped) == 1  # the ended session's connection, not reused
+            other = rdb.ResilientSession(engine, service=service, config=CONFIG)
+            assert other.run(lambda s: s.execute(sa.text("SELECT 42")).scalar_one()) == 42
+        finally:
+            engine.dispose()
+    else:
+        async_engine = create_async_engine(
+            pg_server.url(pg_database, driver=driver), connect_args=connect_args
+        )
+        made_async_engines.append(async_engine)
+        dropped = invalidations(async_engine.sync_engine)
+
+        async def async_unit(session: AsyncSession) -> str:
+            nonlocal calls
+            calls += 1
+            for statement in UNITS[which]:
+                await session.execute(sa.text(statement))
+            return "done"
+
+        AsyncSessions = rdb.AsyncResilientSession(async_engine, service=service, config=CONFIG)
+        try:
+            await AsyncSessions.run(async_unit)
+        except Exception as exc:
+            caught = exc
+        assert len(dropped) == 1  # the ended session's connection, not reused
+        # another unit of the service: the breaker is closed, the pool serves
+        others = rdb.AsyncResilientSession(async_engine, service=service, config=CONFIG)
+        assert await others.run(quick) == 42
+    assert caught is not None
+    assert_the_units_doing(caught, "25P04", calls, service, events)
+    assert rows(pg_server, pg_database) == 0  # nothing committed
+
+
+def wait_until_ended(server: PostgresServer, database: str, pid: int) -> None:
+    """Until the server has ended backend ``pid``'s session, blocking: an async driver's event
+    loop does not run meanwhile, so asyncpg has not read the server's message nor the close when
+    the unit sends its next statement."""
+    gone = f"SELECT count(*) FROM pg_stat_activity WHERE pid = {int(pid)}"
+    deadline = time.monotonic() + 10
+    while int(server.execute(gone, database=database)[0][0]) != 0:
+        assert time.monotonic() < deadline, "the server did not end the idle session in 10 s"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("mode", [MARKERS, FALLBACK])
+@pytest.mark.parametrize("which", ["statement", "commit"])
+@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.asyncio
+async def test_a_statement_sent_as_the_idle_timeout_ended_the_session_is_the_units_doing(
+    *,
+    pg_server: PostgresServer,
+    pg_database: str,
+    made_async_engines: list[AsyncEngine],
+    service: str,
+    events: list[rdb.SelfHealEvent],
+    driver: str,
+    which: str,
+    mode: str,
+) -> None:
+    """``idle_in_transaction_session_timeout`` ended the session of a unit busy elsewhere (code
+    that blocks its event loop, here); its next statement, or its COMMIT, is sent before the
+    driver has read the server's message: psycopg reports 25P03, asyncpg a lost connection
+    raised from it, which was replayed (and its COMMIT verified). Nothing committed (the
+    session ended before the COMMIT came): raised at once, on every driver."""
+    prepare(pg_server, pg_database, mode)
+    connect_args = settings(driver, idle_in_transaction_session_timeout="200")
+    calls = 0
+    caught: BaseException | None = None
+    write = sa.text("INSERT INTO notes (note) VALUES ('written')")
+    backend = sa.text("SELECT pg_backend_pid()")
+    if driver == "psycopg (sync)":
+        engine = sa.create_engine(pg_server.url(pg_database), connect_args=connect_args)
+        dropped = invalidations(engine)
+        try:
+
+            def unit(session: Session) -> str:
+                nonlocal calls
+                calls += 1
+                session.execute(write)
+                if calls == 1:
+                    wait_until_ended(pg_server, pg_database, session.execute(backend).scalar_one())
+                if which == "statement":
+                    session.execute(sa.text("SELECT 2"))
+                return "done"
+
+            try:
+                rdb.ResilientSession(engine, service=service, config=CONFIG).run(unit)
+            except Exception as exc:
+                caught = exc
+            assert len(dropped) == 1  # the ended session's connection, not reused
+        finally:
+            engine.dispose()
+    else:
+        async_engine = create_async_engine(
+            pg_server.url(pg_database, driver=driver), connect_args=connect_args
+        )
+        made_async_engines.append(async_engine)
+        dropped = invalidations(async_engine.sync_engine)
+
+        async def async_unit(session: AsyncSession) -> str:
+            nonlocal calls
+            calls += 1
+            await session.execute(write)
+            if calls == 1:
+                pid = (await session.execute(backend)).scalar_one()
+                wait_until_ended(pg_server, pg_database, pid)
+            if which == "statement":
+                await session.execute(sa.text("SELECT 2"))
+            return "done"
+
+        Sessions = rdb.AsyncResilientSession(async_engine, service=service, config=CONFIG)
+        try:
+            await Sessions.run(async_unit)
+        except Exception as exc:
+            caught = exc
+        assert len(dropped) == 1  # the ended session's connection, not reused
+        assert await Sessions.run(quick) == 42
+    assert caught is not None, "replayed"
+    assert_the_units_doing(caught, "25P03", calls, service, events)
+    assert rows(pg_server, pg_database) == 0
