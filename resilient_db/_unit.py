@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 from ._classify import (
     HOT_STANDBY_FIX,
     READ_ONLY_SQLSTATE,
+    SESSION_TIMEOUT_CODES,
     Classifier,
     Outcome,
     answer_timed_out,
@@ -1930,6 +1931,12 @@ class EngineHooks:
             ctx.is_disconnect = True
             ctx.invalidate_pool_on_disconnect = True
             self._pool_invalidated(code)
+        elif code in SESSION_TIMEOUT_CODES:
+            # the server ended this one session for its own transaction's timeout: the
+            # connection is gone (the drivers say so), the pool's others are sound (SQLAlchemy
+            # would replace them all, as for a server that went away)
+            ctx.is_disconnect = True
+            ctx.invalidate_pool_on_disconnect = False
         elif not ctx.is_disconnect and (
             client_state_broken(original) or (code is None and socket_given_up(original))
         ):

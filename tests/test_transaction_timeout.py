@@ -282,3 +282,59 @@ async def test_a_statement_sent_as_the_idle_timeout_ended_the_session_is_the_uni
     assert caught is not None, "replayed"
     assert_the_units_doing(caught, "25P03", calls, service, events)
     assert rows(pg_server, pg_database) == 0
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.asyncio
+async def test_the_pools_other_connections_outlive_a_units_transaction_timeout(
+    *,
+    pg_server: PostgresServer,
+    pg_database: str,
+    made_async_engines: list[AsyncEngine],
+    service: str,
+    driver: str,
+) -> None:
+    """The server ended one session, for its own transaction's timeout: that connection is
+    dropped, the pool's others serve on. SQLAlchemy took it for a server gone away and
+    replaced every connection of the pool (each of the engine's next units connected anew)."""
+    # (set by the unit alone: the connections pooled first hold transactions open meanwhile)
+    timeout = sa.text(f"SET LOCAL transaction_timeout = {TIMEOUT_MS}")
+    pid = sa.text("SELECT pg_backend_pid()")
+    slow = sa.text("SELECT pg_sleep(5)")
+    if driver == "psycopg (sync)":
+        engine = sa.create_engine(pg_server.url(pg_database))
+        try:
+            Sessions = rdb.ResilientSession(engine, service=service, config=CONFIG)
+            first, second = engine.connect(), engine.connect()  # two connections pooled
+            pooled = {first.execute(pid).scalar_one(), second.execute(pid).scalar_one()}
+            first.close()
+            second.close()
+            with pytest.raises(sa.exc.DBAPIError) as info:
+                Sessions.run(lambda session: (session.execute(timeout), session.execute(slow)))
+            after = Sessions.run(lambda session: session.execute(pid).scalar_one())
+        finally:
+            engine.dispose()
+    else:
+        async_engine = create_async_engine(pg_server.url(pg_database, driver=driver))
+        made_async_engines.append(async_engine)
+        AsyncSessions = rdb.AsyncResilientSession(async_engine, service=service, config=CONFIG)
+        first_async, second_async = await async_engine.connect(), await async_engine.connect()
+        pooled = {
+            (await first_async.execute(pid)).scalar_one(),
+            (await second_async.execute(pid)).scalar_one(),
+        }
+        await first_async.close()
+        await second_async.close()
+
+        async def runs_on(session: AsyncSession) -> None:
+            await session.execute(timeout)
+            await session.execute(slow)
+
+        async def backend(session: AsyncSession) -> int:
+            return int((await session.execute(pid)).scalar_one())
+
+        with pytest.raises(sa.exc.DBAPIError) as info:
+            await AsyncSessions.run(runs_on)
+        after = await AsyncSessions.run(backend)
+    assert rdb.sqlstate_of(info.value) == "25P04"
+    assert after in pooled  # the other pooled connection, not a new one
