@@ -78,9 +78,9 @@ _DEFAULT_CODES: Mapping[str, Outcome] = {
     # idle_in_transaction_session_timeout; PostgreSQL 17's transaction_timeout): the unit's own
     # doing, as a statement_timeout (57014) is, not the database failing; raised at once and
     # never counted by the breaker (one slow unit would open it for everyone). The connection
-    # is gone all the same (the driver says so). asyncpg reports it as the cause of the lost
-    # connection it raises to the statement that was waiting (see sqlstate_of); when no
-    # statement waited, asyncpg reports no code, and there it is a lost connection.
+    # is gone all the same (the driver says so). asyncpg 0.32+ raises the lost connection of
+    # the statement that was waiting from it (see sqlstate_of); when no statement waited (and
+    # before 0.32), asyncpg reports no code, and there it is a lost connection.
     "25P03": Outcome.NOT_TRANSIENT,  # idle_in_transaction_session_timeout
     "25P04": Outcome.NOT_TRANSIENT,  # transaction_timeout
 }
@@ -103,7 +103,7 @@ def sqlstate_of(exc: BaseException) -> str | None:
     One code of asyncpg's own gives way to the server's: when the server ended the session
     for a timeout of its transaction (:data:`SESSION_TIMEOUT_CODES`) while a statement waited
     (a statement, or a COMMIT, running past ``transaction_timeout``; one sent just as
-    ``idle_in_transaction_session_timeout`` ended the session), asyncpg raises its
+    ``idle_in_transaction_session_timeout`` ended the session), asyncpg 0.32+ raises its
     ``ConnectionDoesNotExistError`` (08003) from the server's error: that error's code is the
     error's, as psycopg reports it."""
     found = None

@@ -4,7 +4,7 @@
 next statement. Either is the unit's doing, as a statement timeout is: raised at once, not
 replayed, no failure for the circuit breaker; the connection is gone and is not reused.
 
-psycopg reports the server's error. asyncpg raises a lost connection (its
+psycopg reports the server's error. asyncpg (0.32+) raises a lost connection (its
 ``ConnectionDoesNotExistError``, 08003) from it: the server's code is the error's all the same.
 A COMMIT cut off this way did not commit (the server ends the session only inside a transaction,
 and never once the commit record is written: a COMMIT waiting for a synchronous standby after
@@ -15,9 +15,11 @@ Real server (PostgreSQL 17+), real timeouts of a few hundred milliseconds; no ba
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
+import asyncpg
 import pytest
 import sqlalchemy as sa
 from scenarios import quick, server_settings_args
@@ -67,6 +69,13 @@ NOT_EXPECTED = {
     "commit_interrupted",
 }
 CONFIG = rdb.Config(max_retries=2, failure_threshold=2)
+
+
+def skip_unless_the_servers_code_is_kept(driver: str) -> None:
+    """asyncpg 0.32+ raises its lost connection from the server's error; 0.30 and 0.31 keep
+    nothing of it (no code): there it stays a lost connection, replayed."""
+    if driver == "asyncpg" and tuple(int(n) for n in asyncpg.__version__.split(".")[:2]) < (0, 32):
+        pytest.skip("asyncpg before 0.32 keeps no code of the server's error")
 
 
 def prepare(server: PostgresServer, database: str, mode: str) -> None:
@@ -141,6 +150,7 @@ async def test_a_unit_past_its_transaction_timeout_is_raised_not_replayed(
     connection raised from it was taken for an outage: the unit was replayed (each attempt
     waiting out the whole timeout), each attempt counted for the breaker (which opened for the
     service's other units), and a COMMIT cut off was verified first."""
+    skip_unless_the_servers_code_is_kept(driver)
     prepare(pg_server, pg_database, mode)
     connect_args = settings(driver, transaction_timeout=TIMEOUT_MS)
     calls = 0
@@ -226,6 +236,7 @@ async def test_a_statement_sent_as_the_idle_timeout_ended_the_session_is_the_uni
     driver has read the server's message: psycopg reports 25P03, asyncpg a lost connection
     raised from it, which was replayed (and its COMMIT verified). Nothing committed (the
     session ended before the COMMIT came): raised at once, on every driver."""
+    skip_unless_the_servers_code_is_kept(driver)
     prepare(pg_server, pg_database, mode)
     connect_args = settings(driver, idle_in_transaction_session_timeout="200")
     calls = 0
@@ -297,6 +308,7 @@ async def test_the_pools_other_connections_outlive_a_units_transaction_timeout(
     """The server ended one session, for its own transaction's timeout: that connection is
     dropped, the pool's others serve on. SQLAlchemy took it for a server gone away and
     replaced every connection of the pool (each of the engine's next units connected anew)."""
+    skip_unless_the_servers_code_is_kept(driver)
     # (set by the unit alone: the connections pooled first hold transactions open meanwhile)
     timeout = sa.text(f"SET LOCAL transaction_timeout = {TIMEOUT_MS}")
     pid = sa.text("SELECT pg_backend_pid()")
@@ -338,3 +350,51 @@ async def test_the_pools_other_connections_outlive_a_units_transaction_timeout(
         after = await AsyncSessions.run(backend)
     assert rdb.sqlstate_of(info.value) == "25P04"
     assert after in pooled  # the other pooled connection, not a new one
+
+
+def test_a_commit_past_its_commit_record_outlives_the_transaction_timeout(
+    pg_server: PostgresServer, pg_database: str
+) -> None:
+    """Why a COMMIT ended by ``transaction_timeout`` is not verified: the server ends the
+    session only inside a transaction, and holds the timeout off from the commit record on. A
+    COMMIT that waits after its commit record (for a synchronous standby that is not there)
+    runs on past the timeout, until its wait is cancelled: then it is committed."""
+    with pg_server.connect(pg_database) as conn:
+        conn.execute(SLOW_COMMIT)
+    pg_server.execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
+    pg_server.execute("SELECT pg_reload_conf()")
+    outcome: list[object] = []
+    try:
+        with pg_server.connect(pg_database) as conn:
+            conn.execute(f"SET transaction_timeout = {TIMEOUT_MS}")
+            conn.autocommit = False
+            pid = conn.info.backend_pid
+            conn.execute("INSERT INTO notes (note) VALUES ('written')")
+
+            def commit() -> None:
+                try:
+                    conn.commit()
+                    outcome.append("committed")
+                except Exception as exc:
+                    outcome.append(exc)
+
+            committing = threading.Thread(target=commit)
+            committing.start()
+            waiting = (
+                "SELECT count(*) FROM pg_stat_activity "
+                f"WHERE pid = {int(pid)} AND wait_event = 'SyncRep'"
+            )
+            deadline = time.monotonic() + 10
+            while int(pg_server.execute(waiting, database=pg_database)[0][0]) == 0:
+                assert time.monotonic() < deadline, "the COMMIT did not wait for the standby"
+                time.sleep(0.02)
+            time.sleep(3 * int(TIMEOUT_MS) / 1000)  # three times the timeout: still waiting
+            assert int(pg_server.execute(waiting, database=pg_database)[0][0]) == 1
+            assert not outcome
+            pg_server.execute(f"SELECT pg_cancel_backend({int(pid)})")
+            committing.join(10)
+    finally:
+        pg_server.execute("ALTER SYSTEM RESET synchronous_standby_names")
+        pg_server.execute("SELECT pg_reload_conf()")
+    assert outcome == ["committed"]
+    assert rows(pg_server, pg_database) == 1
