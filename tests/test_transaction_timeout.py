@@ -398,3 +398,47 @@ def test_a_commit_past_its_commit_record_outlives_the_transaction_timeout(
         pg_server.execute("SELECT pg_reload_conf()")
     assert outcome == ["committed"]
     assert rows(pg_server, pg_database) == 1
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.asyncio
+async def test_a_drop_in_commit_ended_by_the_transaction_timeout_did_not_commit(
+    *,
+    pg_server: PostgresServer,
+    pg_database: str,
+    made_async_engines: list[AsyncEngine],
+    service: str,
+    events: list[rdb.SelfHealEvent],
+    driver: str,
+) -> None:
+    """A factory's session used directly (no unit): its COMMIT, ended by
+    ``transaction_timeout``, did not commit. asyncpg's was taken for a lost answer: an unknown
+    outcome ("check before doing the work again", a web answer of
+    ``commit-outcome-unknown``)."""
+    skip_unless_the_servers_code_is_kept(driver)
+    prepare(pg_server, pg_database, FALLBACK)
+    connect_args = settings(driver, transaction_timeout=TIMEOUT_MS)
+    write = sa.text(UNITS["commit"][0])
+    if driver == "psycopg (sync)":
+        engine = sa.create_engine(pg_server.url(pg_database), connect_args=connect_args)
+        try:
+            with rdb.ResilientSession(engine, service=service)() as session:
+                session.execute(write)
+                with pytest.raises(sa.exc.DBAPIError) as info:
+                    session.commit()
+        finally:
+            engine.dispose()
+    else:
+        async_engine = create_async_engine(
+            pg_server.url(pg_database, driver=driver), connect_args=connect_args
+        )
+        made_async_engines.append(async_engine)
+        async with rdb.AsyncResilientSession(async_engine, service=service)() as async_session:
+            await async_session.execute(write)
+            with pytest.raises(sa.exc.DBAPIError) as info:
+                await async_session.commit()
+    assert rdb.sqlstate_of(info.value) == "25P04"
+    assert rdb.classify(info.value) is rdb.Outcome.NOT_TRANSIENT
+    assert not [e.name for e in events if e.name in NOT_EXPECTED]
+    assert rdb.health()["services"][service]["counters"]["unknown_commits"] == 0
+    assert rows(pg_server, pg_database) == 0
