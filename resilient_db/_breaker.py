@@ -542,8 +542,12 @@ class Breaker:
         began, and counting one per timeout would keep sending units to it for threshold x
         timeout; counted once per window, it opens after about threshold windows. Units that
         start afterwards and fail count too, so a database that stays down opens the circuit.
-        An attempt whose connect failed comes with no ``started`` (the retry engine's
-        ``failed``): it never had a connection to be cut off on, and its failure always counts.
+        An attempt whose connect timed out comes with no ``started`` (the retry engine's
+        ``failed``): its failure always counts, so that units started together against a hung
+        database, whose connects all time out together, open the circuit at their first
+        timeout. A connect refused or rejected at once (a crashed primary, a standby not yet
+        promoted) comes with its attempt's start, as a failure in flight: the units that began
+        while a failover was under way are not counted again for it.
         A half-open probe's failure always counts (a shared breaker's: while its probe slot
         holds, see :meth:`_fleet_failure`). A shared breaker applies the same rule fleet-wide: the
         attempt's age goes to Redis, which compares its start and its end with the last failure

@@ -12,6 +12,7 @@ writes. One more: an error that the commit protocol marked replay-safe
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import logging
@@ -434,10 +435,30 @@ def _connecting(err: BaseException) -> bool:
     )
 
 
-def connect_failed(exc: BaseException) -> bool:
-    """Whether ``exc`` (or an error of its chain) was raised while connecting: the attempt never
-    had a connection (the pool's connect, the driver's own, a drop-in connect retry's)."""
-    return any(_connecting(err) or _raised_connecting(err) for err in error_chain(exc))
+#: a connect that waited out its timeout: asyncpg's (``asyncio.TimeoutError``, the builtin
+#: ``TimeoutError`` since Python 3.11, raised in its connect or the pool's), or a socket's
+#: connect that the kernel gave up on (``ETIMEDOUT``, an ``OSError`` of that class)
+_TIMEOUTS: Final = (TimeoutError, asyncio.TimeoutError)
+
+
+def connect_timed_out(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an error of its chain) is a connect that timed out: asyncpg's
+    timeout (``timeout``, per host on a multi-host URL) raised while connecting, or psycopg's
+    ``ConnectionTimeout`` (``connect_timeout``). A host that accepts TCP and never answers
+    fails so, one timeout after the connect began; a connect refused, or rejected by the
+    server (a standby not promoted yet for ``target_session_attrs=read-write``, a server
+    shutting down or starting up), fails at once and is not one. Told by the error's class,
+    never by its text. (A multi-host connect raises its last host's error: a timeout on an
+    earlier host, then a quick refusal by the last, is not one.)"""
+    for err in error_chain(exc):
+        if isinstance(err, _TIMEOUTS):
+            if _connecting(err):
+                return True
+            continue
+        kind = type(err)
+        if kind.__name__ == "ConnectionTimeout" and kind.__module__.startswith("psycopg"):
+            return True
+    return False
 
 
 def answer_timed_out(exc: BaseException) -> bool:

@@ -28,7 +28,7 @@ from ._classify import (
     DEFAULT_CLASSIFIER,
     Classifier,
     Outcome,
-    connect_failed,
+    connect_timed_out,
     debug_failure,
     hot_standby_hint,
     hot_standby_of,
@@ -294,12 +294,14 @@ class Policy:
         if breaker is not None:
             try:
                 if outcome in _BREAKER_FAILURES:
-                    # an attempt that never got a connection was not cut off in flight by the
-                    # failure another attempt was counted for: its failure always counts (the
-                    # connects of units started together to a hung database fail together, one
-                    # connect timeout later: each is the database's answer, not one event seen
-                    # again; see Breaker.on_failure)
-                    if connect_failed(exc):
+                    # a connect that timed out always counts: the connects of units started
+                    # together to a hung database fail together, one connect timeout later,
+                    # each the database's answer, not one event seen again. A connect refused
+                    # or rejected at once is the failover window's, as a failure in flight:
+                    # units that began while a primary crashed and its standby was promoted
+                    # reconnect in those few milliseconds and are refused (see
+                    # Breaker.on_failure)
+                    if connect_timed_out(exc):
                         started = None
                     breaker.on_failure(probe, started, _failure_cause(exc))
                 else:
