@@ -118,6 +118,22 @@ def create_ledger(
     return database
 
 
+def set_up_database(server: PostgresServer, database: str, *statements: str, markers: bool) -> str:
+    """``database`` with ``statements`` run (each may hold several, as one text) and
+    (``markers``) the commit markers installed; returns ``database``."""
+    if statements:
+        with server.connect(database) as conn:
+            for statement in statements:
+                conn.execute(statement)
+    if markers:
+        engine = sa.create_engine(server.url(database))
+        try:
+            rdb.install_commit_markers(engine)
+        finally:
+            engine.dispose()
+    return database
+
+
 def metadata_engine(url: str, base: type[DeclarativeBase]) -> Iterator[sa.Engine]:
     """An engine on ``url`` with ``base``'s tables created, disposed of after (the body of a
     module's ``engine`` fixture whose models have a ``Base`` of their own)."""

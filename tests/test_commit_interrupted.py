@@ -33,7 +33,7 @@ import asyncpg
 import psycopg
 import pytest
 import sqlalchemy as sa
-from scenarios import ASYNC_DRIVERS, quick, server_settings_args
+from scenarios import ASYNC_DRIVERS, quick, server_settings_args, set_up_database
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
@@ -74,14 +74,7 @@ def slow_insert(first: float, after: float) -> sa.TextClause:
 
 
 def prepare(server: PostgresServer, database: str, mode: str) -> None:
-    with server.connect(database) as conn:
-        conn.execute(SLOW_COMMIT)
-    if mode == MARKERS:
-        engine = sa.create_engine(server.url(database))
-        try:
-            rdb.install_commit_markers(engine)
-        finally:
-            engine.dispose()
+    set_up_database(server, database, SLOW_COMMIT, markers=mode == MARKERS)
 
 
 def count(server: PostgresServer, database: str, sql: str) -> int:

@@ -22,7 +22,7 @@ from typing import Any
 import asyncpg
 import pytest
 import sqlalchemy as sa
-from scenarios import quick, server_settings_args
+from scenarios import quick, server_settings_args, set_up_database
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
@@ -79,14 +79,7 @@ def skip_unless_the_servers_code_is_kept(driver: str) -> None:
 
 
 def prepare(server: PostgresServer, database: str, mode: str) -> None:
-    with server.connect(database) as conn:
-        conn.execute(SLOW_COMMIT)
-    if mode == MARKERS:
-        engine = sa.create_engine(server.url(database))
-        try:
-            rdb.install_commit_markers(engine)
-        finally:
-            engine.dispose()
+    set_up_database(server, database, SLOW_COMMIT, markers=mode == MARKERS)
 
 
 def rows(server: PostgresServer, database: str) -> int:
