@@ -627,6 +627,35 @@ def pending_prepared(server: EmbeddedPostgres, database: str) -> int:
 INSERT_RAW = "INSERT INTO ledger (unit) VALUES (%s)"
 
 
+def run_two_phase_unit(
+    server: EmbeddedPostgres,
+    database: str,
+    service: str,
+    finish: Callable[[Any, Session, int], None],
+) -> tuple[list[int], str, sa.exc.OperationalError | None]:
+    """Run a unit that begins a two-phase transaction on its driver connection (psycopg's own
+    API), inserts a ledger row there and calls ``finish(raw, session, attempt)``; returns its
+    calls, its ledger key and the error it raised (None: it returned)."""
+    engine = sa.create_engine(server.url(database))
+    unit = f"unit-{uuid.uuid4()}"
+    calls: list[int] = []
+
+    def work(session: Session) -> None:
+        calls.append(1)
+        raw = driver_connection(session)
+        raw.tpc_begin(raw.xid(1, f"{unit}-{len(calls)}", "b"))
+        raw.execute(INSERT_RAW, (unit,))
+        finish(raw, session, len(calls))
+
+    try:
+        rdb.ResilientSession(engine, service=service).run(work)
+    except sa.exc.OperationalError as exc:
+        return calls, unit, exc
+    finally:
+        engine.dispose()
+    return calls, unit, None
+
+
 @pytest.mark.parametrize("prepare", [True, False], ids=["prepare-commit", "one-phase-commit"])
 def test_a_unit_that_committed_with_psycopgs_two_phase_api_is_not_replayed(
     two_phase_server: EmbeddedPostgres,
@@ -635,32 +664,20 @@ def test_a_unit_that_committed_with_psycopgs_two_phase_api_is_not_replayed(
     prepare: bool,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    engine = sa.create_engine(two_phase_server.url(two_phase_database))
-    try:
-        Sessions = rdb.ResilientSession(engine, service=service)
-        unit = f"unit-{uuid.uuid4()}"
-        calls = []
+    def commit_then_fail(raw: Any, session: Session, attempt: int) -> None:
+        if prepare:
+            raw.tpc_prepare()
+        raw.tpc_commit()
+        session.execute(sa.text("SELECT serialization_failure()"))
 
-        def work(session: Session) -> None:
-            calls.append(1)
-            raw = driver_connection(session)
-            raw.tpc_begin(raw.xid(1, f"{unit}-{len(calls)}", "b"))
-            raw.execute(INSERT_RAW, (unit,))
-            if prepare:
-                raw.tpc_prepare()
-            raw.tpc_commit()
-            session.execute(sa.text("SELECT serialization_failure()"))
-
-        with (
-            caplog.at_level(logging.WARNING, logger=LOGGER),
-            pytest.raises(sa.exc.OperationalError) as raised,
-        ):
-            Sessions.run(work)
-    finally:
-        engine.dispose()
-    assert rdb.sqlstate_of(raised.value) == "40001"
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        calls, unit, raised = run_two_phase_unit(
+            two_phase_server, two_phase_database, service, commit_then_fail
+        )
+    assert raised is not None
+    assert rdb.sqlstate_of(raised) == "40001"
     assert calls == [1], "replayed after it committed part of its work"
-    assert not rdb.is_transient(raised.value)
+    assert not rdb.is_transient(raised)
     assert not_replaying_lines(caplog)
     assert ledger_rows(two_phase_server, two_phase_database, unit) == 1
     assert pending_prepared(two_phase_server, two_phase_database) == 0
@@ -670,25 +687,16 @@ def test_a_unit_that_left_a_transaction_prepared_is_not_replayed(
     two_phase_server: EmbeddedPostgres, two_phase_database: str, service: str
 ) -> None:
     """Its prepared transaction is committed by whoever ends it: a replay would write it again."""
-    engine = sa.create_engine(two_phase_server.url(two_phase_database))
-    try:
-        Sessions = rdb.ResilientSession(engine, service=service)
-        unit = f"unit-{uuid.uuid4()}"
-        calls = []
 
-        def work(session: Session) -> None:
-            calls.append(1)
-            raw = driver_connection(session)
-            raw.tpc_begin(raw.xid(1, f"{unit}-{len(calls)}", "b"))
-            raw.execute(INSERT_RAW, (unit,))
-            raw.tpc_prepare()
-            session.execute(sa.text("SELECT serialization_failure()"))
+    def prepare_then_fail(raw: Any, session: Session, attempt: int) -> None:
+        raw.tpc_prepare()
+        session.execute(sa.text("SELECT serialization_failure()"))
 
-        with pytest.raises(sa.exc.OperationalError) as raised:
-            Sessions.run(work)
-    finally:
-        engine.dispose()
-    assert rdb.sqlstate_of(raised.value) == "40001"
+    calls, _, raised = run_two_phase_unit(
+        two_phase_server, two_phase_database, service, prepare_then_fail
+    )
+    assert raised is not None
+    assert rdb.sqlstate_of(raised) == "40001"
     assert calls == [1]
     assert pending_prepared(two_phase_server, two_phase_database) == 1
 
@@ -697,26 +705,18 @@ def test_a_unit_whose_prepared_transaction_was_rolled_back_is_replayed(
     two_phase_server: EmbeddedPostgres, two_phase_database: str, service: str
 ) -> None:
     """``tpc_rollback`` of what the attempt prepared: nothing of it was committed."""
-    engine = sa.create_engine(two_phase_server.url(two_phase_database))
-    try:
-        Sessions = rdb.ResilientSession(engine, service=service)
-        unit = f"unit-{uuid.uuid4()}"
-        calls = []
 
-        def work(session: Session) -> None:
-            calls.append(1)
-            raw = driver_connection(session)
-            raw.tpc_begin(raw.xid(1, f"{unit}-{len(calls)}", "b"))
-            raw.execute(INSERT_RAW, (unit,))
-            raw.tpc_prepare()
-            if len(calls) == 1:
-                raw.tpc_rollback()
-                session.execute(sa.text("SELECT serialization_failure()"))
-            raw.tpc_commit()
+    def roll_back_first(raw: Any, session: Session, attempt: int) -> None:
+        raw.tpc_prepare()
+        if attempt == 1:
+            raw.tpc_rollback()
+            session.execute(sa.text("SELECT serialization_failure()"))
+        raw.tpc_commit()
 
-        Sessions.run(work)
-    finally:
-        engine.dispose()
+    calls, unit, raised = run_two_phase_unit(
+        two_phase_server, two_phase_database, service, roll_back_first
+    )
+    assert raised is None
     assert calls == [1, 1]
     assert ledger_rows(two_phase_server, two_phase_database, unit) == 1
     assert pending_prepared(two_phase_server, two_phase_database) == 0
