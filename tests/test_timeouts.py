@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 import sqlalchemy as sa
-from scenarios import quick
+from scenarios import quick, set_up_database
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 import resilient_db as rdb
@@ -138,14 +138,7 @@ async def test_a_commit_that_times_out_is_verified_not_reported_failed(
     standby is). Like a lost answer, it is settled by the commit marker (or, without the
     markers, the transaction id): reported done when it committed, raised (not replayed: a
     timeout) when it provably did not."""
-    with pg_server.connect(pg_database) as conn:
-        conn.execute(SLOW_COMMIT)
-    if markers:
-        sync_engine = sa.create_engine(pg_server.url(pg_database))
-        try:
-            rdb.install_commit_markers(sync_engine)
-        finally:
-            sync_engine.dispose()
+    set_up_database(pg_server, pg_database, SLOW_COMMIT, markers=markers)
     url = pg_server.url(pg_database, driver="asyncpg")
     engine = create_async_engine(url, connect_args={"command_timeout": 0.3})
     made_async_engines.append(engine)
