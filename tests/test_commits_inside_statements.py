@@ -99,6 +99,44 @@ def not_replaying_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     ]
 
 
+def run_counted(
+    factory: Any, step: Callable[[Session, str, int], None]
+) -> tuple[list[int], str, Exception | None]:
+    """Run ``step(session, unit, attempt)`` as a unit of ``factory`` (``unit``: its ledger key,
+    ``attempt``: 1, 2, ...); returns its calls, its key and the error it raised (None: it
+    returned)."""
+    unit = f"unit-{uuid.uuid4()}"
+    calls: list[int] = []
+
+    def work(session: Session) -> None:
+        calls.append(1)
+        step(session, unit, len(calls))
+
+    try:
+        factory.run(work)
+    except Exception as exc:
+        return calls, unit, exc
+    return calls, unit, None
+
+
+async def arun_counted(
+    factory: Any, step: Callable[[AsyncSession, str, int], Awaitable[None]]
+) -> tuple[list[int], str, Exception | None]:
+    """:func:`run_counted` for an async factory."""
+    unit = f"unit-{uuid.uuid4()}"
+    calls: list[int] = []
+
+    async def work(session: AsyncSession) -> None:
+        calls.append(1)
+        await step(session, unit, len(calls))
+
+    try:
+        await factory.run(work)
+    except Exception as exc:
+        return calls, unit, exc
+    return calls, unit, None
+
+
 # -- psycopg ------------------------------------------------------------------------------------
 
 
@@ -142,39 +180,31 @@ def test_a_unit_whose_autocommit_call_committed_inside_then_failed_is_not_replay
     """The procedure (or DO block) committed its first chunk, then the server answered it
     with a deadlock (a serialization failure): not replayed, not transient, written once."""
     Sessions = rdb.ResilientSession(engine, service=service)
-    unit = f"unit-{uuid.uuid4()}"
-    calls = []
-
-    def work(session: Session) -> None:
-        calls.append(1)
-        SYNC_WAYS[way](session, unit, len(calls) == 1)
-
-    with (
-        caplog.at_level(logging.WARNING, logger=LOGGER),
-        pytest.raises((sa.exc.OperationalError, psycopg.errors.OperationalError)) as raised,
-    ):
-        Sessions.run(work)
-    assert rdb.sqlstate_of(raised.value) in ("40P01", "40001")
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        calls, unit, raised = run_counted(
+            Sessions, lambda session, unit, attempt: SYNC_WAYS[way](session, unit, attempt == 1)
+        )
+    assert isinstance(raised, (sa.exc.OperationalError, psycopg.errors.OperationalError))
+    assert rdb.sqlstate_of(raised) in ("40P01", "40001")
     assert calls == [1], "replayed after it committed part of its work"
     assert ledger_rows(pg_server, database, unit) == 1
-    assert not rdb.is_transient(raised.value)
+    assert not rdb.is_transient(raised)
     assert not_replaying_lines(caplog)
+
+
+def _call_batch(session: Session, unit: str, attempt: int) -> None:
+    """The batch procedure through the session (failing after its first chunk at the first
+    attempt only)."""
+    session.execute(sa.text("CALL batch(:u, :f)"), {"u": unit, "f": attempt == 1})
 
 
 def test_a_unit_on_an_autocommit_engine_whose_call_committed_inside_is_not_replayed(
     autocommit_engine: sa.Engine, pg_server: PostgresServer, database: str, service: str
 ) -> None:
     Sessions = rdb.ResilientSession(autocommit_engine, service=service)
-    unit = f"unit-{uuid.uuid4()}"
-    calls = []
-
-    def work(session: Session) -> None:
-        calls.append(1)
-        session.execute(sa.text("CALL batch(:u, :f)"), {"u": unit, "f": len(calls) == 1})
-
-    with pytest.raises(sa.exc.OperationalError) as raised:
-        Sessions.run(work)
-    assert rdb.sqlstate_of(raised.value) == "40P01"
+    calls, unit, raised = run_counted(Sessions, _call_batch)
+    assert isinstance(raised, sa.exc.OperationalError)
+    assert rdb.sqlstate_of(raised) == "40P01"
     assert calls == [1]
     assert ledger_rows(pg_server, database, unit) == 1
 
@@ -185,25 +215,22 @@ def test_a_real_lock_timeout_after_the_procedures_commit_is_not_replayed(
     """The batch's second chunk waits for a row another session holds: the server's own
     lock_timeout (55P03, a conflict that is replayed) ends it after its first chunk
     committed. The conflict is gone by the time a replay would run: there must be none."""
-    unit = f"unit-{uuid.uuid4()}"
     pg_server.execute("INSERT INTO ledger (unit, note) VALUES ('hot row', '')", database=database)
     blocker = psycopg.connect(pg_server.conninfo(database))
     try:
         blocker.execute("SELECT * FROM ledger WHERE unit = 'hot row' FOR UPDATE")
-        Sessions = rdb.ResilientSession(autocommit_engine, service=service)
-        calls = []
 
-        def work(session: Session) -> None:
-            calls.append(1)
-            if len(calls) > 1:
+        def step(session: Session, unit: str, attempt: int) -> None:
+            if attempt > 1:
                 blocker.rollback()  # (were it replayed, the replay would go through)
             session.execute(sa.text("CALL batch_locked(:u)"), {"u": unit})
 
-        with pytest.raises(sa.exc.OperationalError) as raised:
-            Sessions.run(work)
+        Sessions = rdb.ResilientSession(autocommit_engine, service=service)
+        calls, unit, raised = run_counted(Sessions, step)
     finally:
         blocker.close()
-    assert rdb.sqlstate_of(raised.value) == "55P03"
+    assert isinstance(raised, sa.exc.OperationalError)
+    assert rdb.sqlstate_of(raised) == "55P03"
     assert calls == [1]
     assert ledger_rows(pg_server, database, unit) == 1
 
@@ -213,15 +240,12 @@ def test_a_call_in_the_units_transaction_is_replayed_as_before(
 ) -> None:
     """In a transaction a procedure can't commit: its error rolled everything back, and the
     unit is replayed (once written)."""
-    Sessions = rdb.ResilientSession(engine, service=service)
-    unit = f"unit-{uuid.uuid4()}"
-    calls = []
 
-    def work(session: Session) -> None:
-        calls.append(1)
-        session.execute(sa.text("CALL batch_in_one(:u, :f)"), {"u": unit, "f": len(calls) == 1})
+    def step(session: Session, unit: str, attempt: int) -> None:
+        session.execute(sa.text("CALL batch_in_one(:u, :f)"), {"u": unit, "f": attempt == 1})
 
-    Sessions.run(work)
+    calls, unit, raised = run_counted(rdb.ResilientSession(engine, service=service), step)
+    assert raised is None
     assert calls == [1, 1]
     assert ledger_rows(pg_server, database, unit) == 1
 
@@ -339,19 +363,17 @@ async def test_an_async_unit_whose_autocommit_call_committed_inside_is_not_repla
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     Sessions = rdb.AsyncResilientSession(async_engine, service=service)
-    unit = f"unit-{uuid.uuid4()}"
-    calls = []
 
-    async def work(session: AsyncSession) -> None:
-        calls.append(1)
-        await ASYNC_WAYS[way](session, unit, len(calls) == 1)
+    async def step(session: AsyncSession, unit: str, attempt: int) -> None:
+        await ASYNC_WAYS[way](session, unit, attempt == 1)
 
-    with caplog.at_level(logging.WARNING, logger=LOGGER), pytest.raises(ASYNC_ERRORS) as raised:
-        await Sessions.run(work)
-    assert rdb.sqlstate_of(raised.value) in ("40P01", "40001")
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        calls, unit, raised = await arun_counted(Sessions, step)
+    assert isinstance(raised, ASYNC_ERRORS)
+    assert rdb.sqlstate_of(raised) in ("40P01", "40001")
     assert calls == [1], "replayed after it committed part of its work"
     assert ledger_rows(pg_server, database, unit) == 1
-    assert not rdb.is_transient(raised.value)
+    assert not rdb.is_transient(raised)
     assert not_replaying_lines(caplog)
 
 
@@ -359,16 +381,13 @@ async def test_an_async_unit_whose_autocommit_call_committed_inside_is_not_repla
 async def test_an_async_call_in_the_units_transaction_is_replayed_as_before(
     async_engine: AsyncEngine, pg_server: PostgresServer, database: str, service: str
 ) -> None:
-    Sessions = rdb.AsyncResilientSession(async_engine, service=service)
-    unit = f"unit-{uuid.uuid4()}"
-    calls = []
-
-    async def work(session: AsyncSession) -> None:
-        calls.append(1)
-        params = {"u": unit, "f": len(calls) == 1}
+    async def step(session: AsyncSession, unit: str, attempt: int) -> None:
+        params = {"u": unit, "f": attempt == 1}
         await session.execute(sa.text("CALL batch_in_one(:u, :f)"), params)
 
-    await Sessions.run(work)
+    Sessions = rdb.AsyncResilientSession(async_engine, service=service)
+    calls, unit, raised = await arun_counted(Sessions, step)
+    assert raised is None
     assert calls == [1, 1]
     assert ledger_rows(pg_server, database, unit) == 1
 
@@ -402,16 +421,9 @@ def test_other_drivers_a_call_that_committed_inside_is_not_replayed_nor_transien
     engine = sa.create_engine(pg_server.url(database, driver=driver), isolation_level="AUTOCOMMIT")
     try:
         Sessions = rdb.ResilientSession(engine, service=service)
-        unit = f"unit-{uuid.uuid4()}"
-        calls = []
-
-        def work(session: Session) -> None:
-            calls.append(1)
-            session.execute(sa.text("CALL batch(:u, :f)"), {"u": unit, "f": len(calls) == 1})
-
-        with pytest.raises(sa.exc.DBAPIError) as raised:
-            Sessions.run(work)
-        assert rdb.sqlstate_of(raised.value) == "40P01"
+        calls, unit, raised = run_counted(Sessions, _call_batch)
+        assert isinstance(raised, sa.exc.DBAPIError)
+        assert rdb.sqlstate_of(raised) == "40P01"
         assert calls == [1]
         with Sessions() as session, pytest.raises(sa.exc.DBAPIError) as dropped_in:
             session.execute(sa.text("CALL batch(:u, true)"), {"u": unit})
@@ -477,20 +489,15 @@ def test_a_unit_whose_autocommit_text_committed_midway_is_not_replayed(
     service: str,
     send: Callable[[Session, str], None],
 ) -> None:
-    Sessions = rdb.ResilientSession(engine, service=service)
-    unit = f"unit-{uuid.uuid4()}"
-    calls = []
-
-    def work(session: Session) -> None:
-        calls.append(1)
-        if len(calls) == 1:
+    def step(session: Session, unit: str, attempt: int) -> None:
+        if attempt == 1:
             send(session, unit)
         else:  # (what a replay would write again)
             session.execute(sa.text("INSERT INTO ledger (unit) VALUES (:u)"), {"u": unit})
 
-    with pytest.raises((sa.exc.OperationalError, psycopg.errors.SerializationFailure)) as raised:
-        Sessions.run(work)
-    assert rdb.sqlstate_of(raised.value) == "40001"
+    calls, unit, raised = run_counted(rdb.ResilientSession(engine, service=service), step)
+    assert isinstance(raised, (sa.exc.OperationalError, psycopg.errors.SerializationFailure))
+    assert rdb.sqlstate_of(raised) == "40001"
     assert calls == [1]
     assert ledger_rows(pg_server, database, unit) == 1
 
@@ -501,21 +508,18 @@ async def test_an_async_unit_whose_autocommit_text_committed_midway_is_not_repla
 ) -> None:
     """On the driver's own connection (asyncpg's ``execute`` without arguments, psycopg's:
     one simple query)."""
-    Sessions = rdb.AsyncResilientSession(async_engine, service=service)
-    unit = f"unit-{uuid.uuid4()}"
-    calls = []
 
-    async def work(session: AsyncSession) -> None:
-        calls.append(1)
+    async def step(session: AsyncSession, unit: str, attempt: int) -> None:
         raw = await _araw(session)
-        if len(calls) == 1:
+        if attempt == 1:
             await raw.execute(MIDWAY.format(unit))
         else:
             await raw.execute(f"INSERT INTO ledger (unit) VALUES ('{unit}')")
 
-    with pytest.raises(ASYNC_ERRORS) as raised:
-        await Sessions.run(work)
-    assert rdb.sqlstate_of(raised.value) == "40001"
+    Sessions = rdb.AsyncResilientSession(async_engine, service=service)
+    calls, unit, raised = await arun_counted(Sessions, step)
+    assert isinstance(raised, ASYNC_ERRORS)
+    assert rdb.sqlstate_of(raised) == "40001"
     assert calls == [1]
     assert ledger_rows(pg_server, database, unit) == 1
 
@@ -632,28 +636,24 @@ def run_two_phase_unit(
     database: str,
     service: str,
     finish: Callable[[Any, Session, int], None],
-) -> tuple[list[int], str, sa.exc.OperationalError | None]:
+) -> tuple[list[int], str, Exception | None]:
     """Run a unit that begins a two-phase transaction on its driver connection (psycopg's own
     API), inserts a ledger row there and calls ``finish(raw, session, attempt)``; returns its
     calls, its ledger key and the error it raised (None: it returned)."""
     engine = sa.create_engine(server.url(database))
-    unit = f"unit-{uuid.uuid4()}"
-    calls: list[int] = []
 
-    def work(session: Session) -> None:
-        calls.append(1)
+    def step(session: Session, unit: str, attempt: int) -> None:
         raw = driver_connection(session)
-        raw.tpc_begin(raw.xid(1, f"{unit}-{len(calls)}", "b"))
+        raw.tpc_begin(raw.xid(1, f"{unit}-{attempt}", "b"))
         raw.execute(INSERT_RAW, (unit,))
-        finish(raw, session, len(calls))
+        finish(raw, session, attempt)
 
     try:
-        rdb.ResilientSession(engine, service=service).run(work)
-    except sa.exc.OperationalError as exc:
-        return calls, unit, exc
+        calls, unit, raised = run_counted(rdb.ResilientSession(engine, service=service), step)
     finally:
         engine.dispose()
-    return calls, unit, None
+    assert raised is None or isinstance(raised, sa.exc.OperationalError), raised
+    return calls, unit, raised
 
 
 @pytest.mark.parametrize("prepare", [True, False], ids=["prepare-commit", "one-phase-commit"])
@@ -766,25 +766,21 @@ async def test_an_async_unit_that_committed_with_psycopgs_two_phase_api_is_not_r
     service: str,
     prepare: bool,
 ) -> None:
-    Sessions = rdb.AsyncResilientSession(two_phase_async_engine, service=service)
-    unit = f"unit-{uuid.uuid4()}"
-    calls = []
-
-    async def work(session: AsyncSession) -> None:
-        calls.append(1)
+    async def step(session: AsyncSession, unit: str, attempt: int) -> None:
         raw = (await (await session.connection()).get_raw_connection()).driver_connection
-        await raw.tpc_begin(raw.xid(1, f"{unit}-{len(calls)}", "b"))
+        await raw.tpc_begin(raw.xid(1, f"{unit}-{attempt}", "b"))
         await raw.execute(INSERT_RAW, (unit,))
         if prepare:
             await raw.tpc_prepare()
         await raw.tpc_commit()
         await session.execute(sa.text("SELECT serialization_failure()"))
 
-    with pytest.raises(sa.exc.OperationalError) as raised:
-        await Sessions.run(work)
-    assert rdb.sqlstate_of(raised.value) == "40001"
+    Sessions = rdb.AsyncResilientSession(two_phase_async_engine, service=service)
+    calls, unit, raised = await arun_counted(Sessions, step)
+    assert isinstance(raised, sa.exc.OperationalError)
+    assert rdb.sqlstate_of(raised) == "40001"
     assert calls == [1]
-    assert not rdb.is_transient(raised.value)
+    assert not rdb.is_transient(raised)
     assert ledger_rows(two_phase_server, two_phase_database, unit) == 1
 
 
@@ -794,25 +790,23 @@ async def test_asyncpgs_two_phase_statements_on_the_driver_connection_are_the_un
 ) -> None:
     """asyncpg has no two-phase API: its ``PREPARE TRANSACTION`` and ``COMMIT PREPARED`` go out
     as statements (``execute``), which count as the unit's own COMMIT."""
+
+    async def step(session: AsyncSession, unit: str, attempt: int) -> None:
+        await session.execute(sa.text("INSERT INTO ledger (unit) VALUES (:u)"), {"u": unit})
+        raw = (await (await session.connection()).get_raw_connection()).driver_connection
+        gid = f"{unit}-{attempt}"
+        await raw.execute(f"PREPARE TRANSACTION '{gid}'")
+        await raw.execute(f"COMMIT PREPARED '{gid}'")
+        await session.execute(sa.text("SELECT serialization_failure()"))
+
     engine = create_async_engine(two_phase_server.url(two_phase_database, driver="asyncpg"))
     try:
-        Sessions = rdb.AsyncResilientSession(engine, service=service)
-        unit = f"unit-{uuid.uuid4()}"
-        calls = []
-
-        async def work(session: AsyncSession) -> None:
-            calls.append(1)
-            await session.execute(sa.text("INSERT INTO ledger (unit) VALUES (:u)"), {"u": unit})
-            raw = (await (await session.connection()).get_raw_connection()).driver_connection
-            gid = f"{unit}-{len(calls)}"
-            await raw.execute(f"PREPARE TRANSACTION '{gid}'")
-            await raw.execute(f"COMMIT PREPARED '{gid}'")
-            await session.execute(sa.text("SELECT serialization_failure()"))
-
-        with pytest.raises(sa.exc.DBAPIError) as raised:
-            await Sessions.run(work)
+        calls, unit, raised = await arun_counted(
+            rdb.AsyncResilientSession(engine, service=service), step
+        )
     finally:
         await engine.dispose()
-    assert rdb.sqlstate_of(raised.value) == "40001"
+    assert isinstance(raised, sa.exc.DBAPIError)
+    assert rdb.sqlstate_of(raised) == "40001"
     assert calls == [1]
     assert ledger_rows(two_phase_server, two_phase_database, unit) == 1
