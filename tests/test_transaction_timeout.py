@@ -345,6 +345,10 @@ async def test_the_pools_other_connections_outlive_a_units_transaction_timeout(
     assert after in pooled  # the other pooled connection, not a new one
 
 
+# server-wide (ALTER SYSTEM): every COMMIT on the server waits for the missing standby
+# meanwhile, the harness's spare databases' included (paused for a server_control test); never
+# on an external server
+@pytest.mark.server_control
 def test_a_commit_past_its_commit_record_outlives_the_transaction_timeout(
     pg_server: PostgresServer, pg_database: str
 ) -> None:
