@@ -118,6 +118,18 @@ def create_ledger(
     return database
 
 
+#: a backoff of milliseconds with attempts enough to outlast a promotion, and the breaker on
+#: with its default threshold and reset timeout: the breaker through a failover
+BREAKER_THROUGH_FAILOVER = rdb.Config(
+    initial_delay=0.01,
+    max_delay=0.05,
+    max_retries=400,
+    deadline=30.0,
+    failure_threshold=5,
+    reset_timeout=30.0,
+)
+
+
 def set_up_database(server: PostgresServer, database: str, *statements: str, markers: bool) -> str:
     """``database`` with ``statements`` run (each may hold several, as one text) and
     (``markers``) the commit markers installed; returns ``database``."""

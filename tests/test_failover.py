@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from processes import alive, killed_at_exit, wait_for
+from scenarios import BREAKER_THROUGH_FAILOVER
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
@@ -824,16 +825,8 @@ def test_units_cut_off_by_a_failover_do_not_open_the_breaker(pg_standby: Standby
             backing_off.release()
             assert promoted_event.wait(30), "the standby was never promoted"
 
-    config = rdb.Config(
-        initial_delay=0.01,
-        max_delay=0.05,
-        max_retries=400,
-        deadline=30.0,
-        failure_threshold=5,
-        reset_timeout=30.0,
-    )
     url = pair.url(DATABASE, driver="psycopg")
-    workload = Workload(url, "psycopg", writers=8, config=config, on_call=in_unit)
+    workload = Workload(url, "psycopg", writers=8, config=BREAKER_THROUGH_FAILOVER, on_call=in_unit)
     workload.on_backoff = backoff
     workload.start()
     try:

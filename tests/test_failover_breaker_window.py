@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from processes import wait_for
+from scenarios import BREAKER_THROUGH_FAILOVER
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
@@ -33,15 +34,6 @@ DATABASE = "app"
 #: writers whose unit starts before the crash and connects after it was counted (one more
 #: than the threshold would need alone: with the crash's own failure, twice the threshold)
 LATE = 5
-#: the breaker's defaults, spelled out
-CONFIG = rdb.Config(
-    initial_delay=0.01,
-    max_delay=0.05,
-    max_retries=400,
-    deadline=30.0,
-    failure_threshold=5,
-    reset_timeout=30.0,
-)
 INSERT = sa.text("INSERT INTO ledger (key, port) VALUES (:key, inet_server_port()) RETURNING port")
 WAIT = 30.0
 
@@ -151,7 +143,7 @@ class Failover:
         )
         try:
             factory = rdb.AsyncResilientSession(
-                engine, service=self.service, config=CONFIG, asleep=asleep
+                engine, service=self.service, config=BREAKER_THROUGH_FAILOVER, asleep=asleep
             )
             await asyncio.gather(*(self._async_writer(factory, w) for w in range(1 + LATE)))
         finally:
@@ -168,7 +160,9 @@ class Failover:
             self._backoff()
             threading.Event().wait(seconds)
 
-        factory = rdb.ResilientSession(engine, service=self.service, config=CONFIG, sleep=sleep)
+        factory = rdb.ResilientSession(
+            engine, service=self.service, config=BREAKER_THROUGH_FAILOVER, sleep=sleep
+        )
         threads = [
             threading.Thread(target=self._sync_writer, args=(factory, w)) for w in range(1 + LATE)
         ]
