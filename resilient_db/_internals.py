@@ -275,6 +275,8 @@ def session_binds(session: Any) -> Iterable[Any]:
     ``bind_mapper()`` / ``bind_table()``).
     """
     binds: Any = getattr(session, "binds", None)
+    if isinstance(binds, dict):  # (SQLAlchemy's immutabledict is one: no ABC check, every
+        return binds.values() if binds else ()  # unit passes here)
     if not isinstance(binds, Mapping):
         binds = getattr(session, "_Session__binds", _GONE)
         if binds is _GONE:

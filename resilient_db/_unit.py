@@ -16,10 +16,11 @@ import inspect
 import logging
 import select
 import socket
+import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, NamedTuple, TypeVar
+from typing import Any, Final, NamedTuple, NoReturn, TypeVar
 
 import psycopg
 from sqlalchemy import event
@@ -2112,6 +2113,35 @@ class EngineHooks:
         return factory._connect_policy_call(lambda: dialect.connect(*cargs, **cparams))
 
     def checkout(self, dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        # every unit passes here: a pooled connection seen and prepared before is answered by
+        # its probe (kept in the pool record with its prepared driver connection), the rest by
+        # _checkout_first below
+        probe = record.info.get(_PROBE_KEY)
+        if probe is not None and probe[0] is dbapi_connection and self.config.enabled:
+            driver = probe[2]
+            if driver is not None:
+                now = _monotonic()
+                # polled unless used moments ago by an attempt that is replayed (see
+                # ALIVE_BYPASS_WINDOW; _replaying_attempt, inline)
+                attempt = current_attempt.get()
+                if (
+                    now - probe[3] >= ALIVE_BYPASS_WINDOW
+                    or attempt is None
+                    or not attempt.running
+                    or not attempt.replayed
+                ) and probe[1]():
+                    self._dead_at_checkout()
+                probe[3] = now
+                # a transaction rolled back before it was returned
+                driver._rdb_may_write = driver._rdb_writes = False
+                # the connecting session has its connection (see _checkout_first)
+                if connecting_for.get() is not None:
+                    connecting_for.set(None)
+                return
+        self._checkout_first(dbapi_connection, record, probe)
+
+    def _checkout_first(self, dbapi_connection: Any, record: Any, probe: Any) -> None:
+        """A checkout of a connection not seen (or not prepared) before, or while off."""
         if not self.config.enabled:
             if connecting_for.get() is not None:
                 connecting_for.set(None)  # the connecting session has its connection
@@ -2120,7 +2150,6 @@ class EngineHooks:
             self.commit.checked_out_while_off(dbapi_connection)
             return
         info = record.info
-        probe = info.get(_PROBE_KEY)
         if probe is None or probe[0] is not dbapi_connection:
             # first seen here: made before this engine had a resilient factory (prepared
             # below), or while self-healing was off, and checked; or just made (our do_connect
@@ -2128,22 +2157,13 @@ class EngineHooks:
             # retries a checkout once, so a dead pooled connection followed by a new one the
             # server ended at once raised "This connection is closed", not a disconnect; such
             # a connection fails its first statement as one instead
-            probe = info[_PROBE_KEY] = (dbapi_connection, dead_probe(dbapi_connection, info))
+            probe = [dbapi_connection, dead_probe(dbapi_connection, info), None, 0.0]
+            info[_PROBE_KEY] = probe
             dead = not info.pop(_FRESH_KEY, False) and probe[1]()
         else:
             dead = probe[1]()
         if dead:
-            config, service = self._speaker()
-            emit(
-                config,
-                log_session,
-                logging.INFO,
-                "Discarded a dead pooled connection at checkout: service=%s",
-                service,
-                service=service,
-                event="dead_pooled_connection",
-            )
-            raise sa_exc.DisconnectionError("pooled connection was closed by the server")
+            self._dead_at_checkout()
         driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
         if getattr(driver, "_rdb_mode", None) is not None:
             # a transaction rolled back before it was returned
@@ -2154,12 +2174,27 @@ class EngineHooks:
             if self.commit.needs_replacing(dbapi_connection, record):
                 raise sa_exc.DisconnectionError("connection made before the commit protocol")
             self.commit.prepare(dbapi_connection, record)
+        if getattr(driver, "_rdb_mode", None) is not None:  # prepared (stays so): fast from now
+            info[_PROBE_KEY] = [dbapi_connection, probe[1], driver, _monotonic()]
         # the connecting session has its connection, a live one: not before, since a pooled
         # connection found dead above is replaced by a connect that is still the session's (it
         # retries as the session's first connect does: a restart leaves the pool full of dead
         # connections while the server still refuses)
         if connecting_for.get() is not None:
             connecting_for.set(None)
+
+    def _dead_at_checkout(self) -> NoReturn:
+        config, service = self._speaker()
+        emit(
+            config,
+            log_session,
+            logging.INFO,
+            "Discarded a dead pooled connection at checkout: service=%s",
+            service,
+            service=service,
+            event="dead_pooled_connection",
+        )
+        raise sa_exc.DisconnectionError("pooled connection was closed by the server")
 
 
 def engine_settings(config: Config, classifier: Classifier) -> tuple[Any, ...]:
@@ -2414,7 +2449,20 @@ def _asyncpg_notified(fd: int) -> bool:
     return at > 0
 
 
+# A pool record's probe: [driver's connection, its dead_probe, the prepared driver connection
+# (None: not prepared yet), when it was last checked out (time.monotonic())]
 _PROBE_KEY = "resilient_db.dead_probe"
+_monotonic = time.monotonic
+
+#: Seconds after its last checkout during which a pooled connection checked out for an attempt
+#: that is replayed (a unit's, a retrying operation's) is taken as alive without polling its
+#: socket. The poll is a system call, several microseconds of a unit's CPU time in a busy
+#: process (more than all of a unit's bookkeeping in Python together); a connection in use
+#: moments ago is rarely dead, and if it is, its attempt fails on a disconnect, nothing sent
+#: that ran, and is replayed on a new connection (SQLAlchemy replaces the pool's connections
+#: then). Drop-in sessions, which nothing replays, are always polled. HikariCP's
+#: ``aliveBypassWindowMs`` makes the same trade, with the same 500 ms.
+ALIVE_BYPASS_WINDOW: Final = 0.5
 _FRESH_KEY = "resilient_db.connecting"  # our do_connect ran for the record's connection
 _FD_KEY = "resilient_db.socket_fd"
 _POLL_KEY = "resilient_db.poller"

@@ -1020,15 +1020,27 @@ def test_drop_in_use_survives_a_dead_pooled_connection(
     assert "[SELF-HEAL] Discarded a dead pooled connection" in caplog.text
 
 
+@pytest.mark.parametrize("used_moments_ago", [False, True])
 def test_a_dead_pooled_connection_then_a_new_one_ended_at_once_is_replayed(
-    engine: sa.Engine, pg_server: Any, service: str
+    engine: sa.Engine,
+    pg_server: Any,
+    service: str,
+    used_moments_ago: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The pooled connection is dead, and so is the new one the pool makes for it (the server
     terminating every backend, a kill storm). The pool retries a checkout once: the checkout
     check, which refused the new one too, made SQLAlchemy raise "This connection is closed",
     which no classifier takes for a disconnect, so the unit failed at once. A connection the
     check sees for the first time is not checked (as SQLAlchemy's pre-ping): it fails its
-    first statement with a disconnect, and the unit is run again."""
+    first statement with a disconnect, and the unit is run again.
+
+    A pooled connection a unit used moments ago (``ALIVE_BYPASS_WINDOW``) is not checked
+    either: the unit's first statement on it fails with a disconnect, and it is replayed once
+    more (nothing discarded at checkout); one idle longer is checked and discarded there."""
+    if not used_moments_ago:
+        monkeypatch.setattr(_unit, "ALIVE_BYPASS_WINDOW", 0.0)
     pooled = sa.create_engine(engine.url, pool_size=1, max_overflow=0)
     Session = factory(pooled, service)
     ends_at_once = [1]
@@ -1048,9 +1060,13 @@ def test_a_dead_pooled_connection_then_a_new_one_ended_at_once_is_replayed(
         first = Session.run(backend)
         ends_at_once.append(1)
         assert pg_server.terminate_backends(database=engine.url.database) >= 1
-        assert Session.run(backend) != first
+        with caplog.at_level(logging.INFO, logger="resilient_db"):
+            assert Session.run(backend) != first
         assert not ends_at_once  # the new connection was ended, and the unit ran again
-        assert rdb.health()["services"][service]["counters"]["retries"] == 1
+        retries = rdb.health()["services"][service]["counters"]["retries"]
+        assert retries == (2 if used_moments_ago else 1)
+        discarded = "Discarded a dead pooled connection at checkout" in caplog.text
+        assert discarded is not used_moments_ago
     finally:
         pooled.dispose()
 
