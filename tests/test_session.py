@@ -1025,6 +1025,7 @@ def test_a_dead_pooled_connection_then_a_new_one_ended_at_once_is_replayed(
     engine: sa.Engine,
     pg_server: Any,
     service: str,
+    *,
     used_moments_ago: bool,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
