@@ -29,7 +29,8 @@ from ._config import Config
 from ._errors import TransactionStateError
 from ._internals import with_own_session_class
 from ._observability import log_session
-from ._registry import enter_unit, factory_of, leave_unit, register_class, register_session
+from ._registry import factory_of, register_class, register_session
+from ._state import STATE
 from ._statements import current_attempt, library_work
 from ._unit import (
     ActiveUnit,
@@ -235,7 +236,8 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         it). Skipped with ``SELF_HEALING_RESPONSE_VALIDATION=false``; a ``validate`` that can't
         check a result raises ``TypeError`` either way.
         """
-        _require_unit(fn, "run")
+        if type(fn) is not types.FunctionType or fn.__code__.co_flags & _NOT_A_UNIT:
+            _require_unit(fn, "run")  # (a plain function passes: answered inline)
         if validate is not None:
             check = response_check(validate)  # refused where it is written, on or off
             if validation_on(self.config):
@@ -412,7 +414,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
     ) -> R:
         own = session is None
         s: AsyncSession = self() if session is None else session
-        enter_unit(s.sync_session)
+        _unit_sessions.add(s.sync_session)  # (marked as running a unit: see _registry.in_unit)
         token = _units.set(ActiveUnit(self, s))  # the outer unit, if any, is another factory's
         failed = False
         try:
@@ -462,7 +464,8 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                         if self._referee.two_phase_decided(request):
                             await _keep_prepared(s)
                         raise
-                    record.unit_committed(request)
+                    if record.enclosing is not None:  # (only then looked at)
+                        record.unit_committed(request)
                     return value
                 except BaseException as exc:
                     failed = True
@@ -474,7 +477,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                     raise
         finally:
             _units.reset(token)
-            leave_unit(s.sync_session)
+            _unit_sessions.discard(s.sync_session)  # (no longer)
             if own:
                 if True:  # async only
                     if failed or s.sync_session.in_transaction() or _ends[type(s)] is _own_methods:
@@ -734,6 +737,9 @@ if True:  # async only
         "for sync code use ResilientSession with a sync Engine, or await session.run_sync(fn) "
         "inside an async unit"
     )
+
+    # code flags of functions that are no async unit: none (what one returns is checked)
+    _NOT_A_UNIT = 0
 
     def _require_unit(fn: Any, where: str) -> None:
         """A unit of ``run``/``run_in``: any callable (what it returns is checked)."""
@@ -1005,6 +1011,10 @@ else:  # sync only
 
     # (inline: see prune_quietly)
     _prune_after = prune_quietly
+
+
+# The sessions running a unit (see _registry.in_unit): every unit adds its session, inline.
+_unit_sessions = STATE.unit_sessions
 
 
 def _engine_of(bind: Any, kwargs: dict[str, Any]) -> AsyncEngine | None:

@@ -1362,7 +1362,7 @@ class AttemptRecord:
     # the root session transactions made in the attempt by sessions that are not a unit's
     # (a drop-in session's: what a replay of a ``with_self_healing`` operation rolls back)
     created: list[Any] | None = None
-    _enclosing: AttemptRecord | None
+    enclosing: AttemptRecord | None  # the attempt running when this one began
     _token: contextvars.Token[AttemptRecord | None]
 
     def __init__(self, policy: _ReplayPolicy) -> None:
@@ -1397,7 +1397,7 @@ class AttemptRecord:
         return self.committed or self.autocommitting is not None or self.prepared > 0
 
     def __enter__(self) -> AttemptRecord:
-        self._enclosing = current_attempt.get()
+        self.enclosing = current_attempt.get()
         self._token = current_attempt.set(self)
         self.running = True
         return self
@@ -1409,19 +1409,20 @@ class AttemptRecord:
         # such as asyncpg's statement cache's, would keep their session and engine alive)
         self.running = False
         self.began = None
-        if not self.unreplayable:
+        # (unreplayable, inline: every attempt passes here)
+        if not (self.committed or self.autocommitting is not None or self.prepared > 0):
             return
         if exc is not None:
             self._policy.partly_committed(exc)
-        elif self._enclosing is not None:
-            self._enclosing.committed = True  # a replay of the enclosing unit would repeat it
+        elif self.enclosing is not None:
+            self.enclosing.committed = True  # a replay of the enclosing unit would repeat it
 
     def unit_committed(self, request: CommitRequest) -> None:
         """The unit's own final COMMIT succeeded: committed work, when it wrote, for an
         enclosing attempt (looked at only when there is one). A connection whose COMMIT went
         out without a ticket (one the protocol can't mark, a two-phase COMMIT PREPARED) may
         have written."""
-        if self._enclosing is not None and (
+        if self.enclosing is not None and (
             any(t.wrote for t in request.tickets)
             or len(request.tickets) < len(request.connections())
         ):
@@ -2687,6 +2688,14 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
 
             def commit(self: Any) -> None:
                 wrote = self._rdb_may_write
+                if not wrote and self.pgconn.transaction_status == _INTRANS:
+                    request = current_request.get()
+                    if request is not None:
+                        # a unit's COMMIT of what is proven read-only: nothing to verify
+                        # (_commit_plan's first answer, inline: every reading unit passes here)
+                        request.tickets.append(_READ_ONLY)
+                        base.commit(self)
+                        return None
                 ticket, message, attempt = _psycopg_commit_plan(self)
                 if attempt is not None:  # a unit's own code commits (see AttemptRecord)
                     with _own_commit(attempt, wrote):

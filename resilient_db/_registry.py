@@ -69,14 +69,6 @@ def config_of(session: Session) -> Config | None:
     return config
 
 
-def enter_unit(session: Session) -> None:
-    STATE.unit_sessions.add(session)
-
-
-def leave_unit(session: Session) -> None:
-    STATE.unit_sessions.discard(session)
-
-
 def in_unit(session: Session) -> bool:
     """``session`` is running a unit of work (which retries by itself)."""
     return session in STATE.unit_sessions

@@ -30,7 +30,8 @@ from ._config import Config
 from ._errors import TransactionStateError
 from ._internals import with_own_session_class
 from ._observability import log_session
-from ._registry import enter_unit, factory_of, leave_unit, register_class
+from ._registry import factory_of, register_class
+from ._state import STATE
 from ._statements import current_attempt, library_work
 from ._unit import (
     ActiveUnit,
@@ -216,7 +217,8 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         it). Skipped with ``SELF_HEALING_RESPONSE_VALIDATION=false``; a ``validate`` that can't
         check a result raises ``TypeError`` either way.
         """
-        _require_unit(fn, "run")
+        if type(fn) is not types.FunctionType or fn.__code__.co_flags & _NOT_A_UNIT:
+            _require_unit(fn, "run")  # (a plain function passes: answered inline)
         if validate is not None:
             check = response_check(validate)  # refused where it is written, on or off
             if validation_on(self.config):
@@ -384,7 +386,7 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
     ) -> R:
         own = session is None
         s: Session = self() if session is None else session
-        enter_unit(s)
+        _unit_sessions.add(s)  # (marked as running a unit: see _registry.in_unit)
         token = _units.set(ActiveUnit(self, s))  # the outer unit, if any, is another factory's
         failed = False
         try:
@@ -426,7 +428,8 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                         if self._referee.two_phase_decided(request):
                             _keep_prepared(s)
                         raise
-                    record.unit_committed(request)
+                    if record.enclosing is not None:  # (only then looked at)
+                        record.unit_committed(request)
                     return value
                 except BaseException as exc:
                     failed = True
@@ -438,7 +441,7 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                     raise
         finally:
             _units.reset(token)
-            leave_unit(s)
+            _unit_sessions.discard(s)  # (no longer)
             if own:
                 _close(s, quiet=failed)
 
@@ -723,6 +726,10 @@ _units = current_unit
 
 # (inline: see prune_quietly)
 _prune_after = prune_quietly
+
+
+# The sessions running a unit (see _registry.in_unit): every unit adds its session, inline.
+_unit_sessions = STATE.unit_sessions
 
 
 def _engine_of(bind: Any, kwargs: dict[str, Any]) -> Engine | None:
