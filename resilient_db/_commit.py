@@ -2540,6 +2540,15 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                         self._rdb_read_only = "READ ONLY" in query
                     elif end == "COMMIT":
                         wrote = self._rdb_may_write
+                        if not wrote and self.is_in_transaction():
+                            request = current_request.get()
+                            if request is not None:
+                                # a unit's COMMIT of what is proven read-only: nothing to
+                                # verify (_commit_plan's first answer, inline, as psycopg's)
+                                request.tickets.append(_READ_ONLY)
+                                result = await base.execute(self, query, timeout=timeout)
+                                self._rdb_warned = None  # (a warning: nothing to prove)
+                                return result
                         ticket, message, attempt = (
                             _commit_plan(self)
                             if self.is_in_transaction()

@@ -1631,16 +1631,17 @@ class FactoryCore:
         session of your class) must route as its own class does, not as the session it was
         copied from."""
         kw: dict[str, Any] = getattr(self, "kw", {})  # (the async_sessionmaker's)
-        cls = (
-            local_kw.get("sync_session_class")
+        cls: Any = (
+            (local_kw and local_kw.get("sync_session_class"))
             or kw.get("sync_session_class")
             or getattr(getattr(self, "class_", None), "sync_session_class", None)
         )
-        if not isinstance(cls, type):
+        routed = self._routes.get(cls, _NOT_SEEN)  # (every async session passes here)
+        if routed is None:
             return local_kw
-        try:
-            routed = self._routes[cls]
-        except KeyError:
+        if routed is _NOT_SEEN:
+            if not isinstance(cls, type):
+                return local_kw
             route = self._routing_get_bind(cls)
             routed = None
             if route is not None:
@@ -1705,6 +1706,9 @@ class FactoryCore:
         # service first: ResilientSession(service='orders', class_='Session', bind=Engine(...))
         name, _, arguments = super().__repr__().partition("(")
         return f"{name}(service={self.service!r}, {arguments}"
+
+
+_NOT_SEEN: Final[Any] = object()  # (FactoryCore._routed: a class not looked at yet)
 
 
 def engine_of(bind: Any, factory: type, where: str) -> Any:
