@@ -52,6 +52,7 @@ import contextvars
 import logging
 import operator
 import os
+import random
 import re
 import threading
 import time
@@ -908,37 +909,31 @@ def _cut_off_after(driver: Any, seconds: float) -> Iterator[Callable[[], bool]]:
 PRUNE_SQL = f"SELECT {SCHEMA}.prune_commit_markers({PRUNE_BATCH})"
 
 
-class _RandomBytes:
-    """Random bytes from ``os.urandom``, fetched 4 KiB at a time.
+class _MarkerBits:
+    """The random bits of marker ids: a ``random.Random`` seeded with 256 bits from
+    ``os.urandom``, and seeded anew in a forked child (gunicorn's workers), so that two
+    processes never hand out the same sequence.
 
-    ``os.urandom`` releases the GIL around its system call, which is a thread switch when other
-    threads wait for the GIL: one per writing unit showed in the 8-thread benchmarks. A forked
-    child starts with an empty buffer, so two processes never hand out the same bytes.
+    Not ``os.urandom`` per id: it releases the GIL around its system call, a thread switch when
+    other threads wait for the GIL (one per writing unit showed in the 8-thread benchmarks),
+    and a buffer of its bytes needs a lock. ``getrandbits`` runs in C holding the GIL: safe
+    from any thread, one call per id. The ids need to be unique, not secret: nobody can write
+    a marker without the application's database role.
     """
 
-    _CHUNK = 4096
-
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._buffer = b""
-        self._at = 0
+        self._seed()
         if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=self._forget)
+            os.register_at_fork(after_in_child=self._seed)
 
-    def _forget(self) -> None:
-        self._lock = threading.Lock()
-        self._buffer, self._at = b"", 0
-
-    def take(self, n: int) -> bytes:
-        with self._lock:
-            at = self._at
-            if at + n > len(self._buffer):
-                self._buffer, at = os.urandom(self._CHUNK), 0
-            self._at = at + n
-            return self._buffer[at : at + n]
+    def _seed(self) -> None:
+        self.getrandbits = random.Random(os.urandom(32)).getrandbits
 
 
-_random_bytes = _RandomBytes()
+_marker_bits = _MarkerBits()
+# the random part of a version-7 UUID: all but its version and variant bits, which are set
+_RANDOM_PART: Final = ((1 << 80) - 1) & ~(0xF << 76) & ~(0x3 << 62)
+_VERSION_7: Final = 0x7 << 76 | 0x2 << 62  # version 7, RFC 4122 variant
 
 
 #: this host's time for the clock check (a test's to set)
@@ -951,14 +946,11 @@ def marker_id() -> str:
     one).
 
     Written here because the standard library has it only from Python 3.14. The random part
-    comes from ``os.urandom`` (through :class:`_RandomBytes`): two units sharing an id would make
-    one's verification read the other's marker.
+    comes from :class:`_MarkerBits` (seeded from ``os.urandom``): two units sharing an id would
+    make one's verification read the other's marker.
     """
     ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(_random_bytes.take(10), "big")
-    value = (ms & 0xFFFF_FFFF_FFFF) << 80 | rand & ((1 << 80) - 1)
-    value = value & ~(0xF << 76) | 0x7 << 76  # version 7
-    value = value & ~(0x3 << 62) | 0x2 << 62  # RFC 4122 variant
+    value = (ms & 0xFFFF_FFFF_FFFF) << 80 | _marker_bits.getrandbits(80) & _RANDOM_PART | _VERSION_7
     h = f"{value:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
@@ -1222,7 +1214,7 @@ def _asyncpg_warned(connection: Any, sent: str, ticket: CommitTicket) -> None:
 
 
 # -- the client side ----------------------------------------------------------------------------
-@dataclass
+@dataclass(init=False)
 class CommitTicket:
     """What one connection's COMMIT carried, for settling a lost answer."""
 
@@ -1261,6 +1253,31 @@ class CommitTicket:
     #: the driver's connection the COMMIT went out on (a unit spanning several connections
     #: finds the engine of its lost answer by it: see ``_unit.Split``)
     driver: Any = field(default=None, repr=False, compare=False)
+
+    def __init__(
+        self,
+        mode: str | None,
+        *,
+        marker: str | None = None,
+        driver: Any = None,
+        sent: bool = False,
+        done: bool = False,
+        reads_xid: bool = False,
+        assign_xid: bool = False,
+    ) -> None:
+        # what a COMMIT's plan gives; the rest is the class's defaults until a check sets it
+        # (every writing unit makes one: no assignment of the other dozen fields)
+        self.mode = mode
+        self.marker = marker
+        self.driver = driver
+        if sent:
+            self.sent = sent
+        if done:
+            self.done = done
+        if reads_xid:
+            self.reads_xid = reads_xid
+        if assign_xid:
+            self.assign_xid = assign_xid
 
     @property
     def xid_sql(self) -> str:

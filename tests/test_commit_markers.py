@@ -333,8 +333,8 @@ def test_uuid7_is_version_7_time_ordered_and_unique() -> None:
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_forked_process_never_hands_out_its_parents_marker_ids() -> None:
-    """The random part comes from a buffer of os.urandom bytes; a forked child (gunicorn's
-    workers) starts with its own, so parent and child never make the same ids."""
+    """The random part comes from a generator seeded from os.urandom; a forked child
+    (gunicorn's workers) seeds its own, so parent and child never make the same ids."""
     random_bits = (1 << 62) - 1  # the last 62 bits are random in every id (after the variant)
     uuid7()  # the parent has a buffer
     read, write = os.pipe()
