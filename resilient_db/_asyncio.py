@@ -18,10 +18,16 @@ import inspect
 import time
 import types
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Concatenate, ParamSpec, TypeVar, overload
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
 from sqlalchemy.engine import Engine
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    AsyncSession,
+    AsyncSessionTransaction,
+    async_sessionmaker,
+)
 
 from ._classify import Classifier, debug_failure
 from ._commit import AttemptRecord, CommitProtocol, CommitRequest, CommitTicket, prune
@@ -189,6 +195,25 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         if True:  # async only
             register_session(session.sync_session, self)
         return session
+
+    if True:  # async only
+
+        def begin(self) -> _Begun[S]:  # type: ignore[override]
+            """A new session in a transaction, committed on exit (rolled back on an error) and
+            closed, as ``async_sessionmaker.begin()`` gives: ``async with Session.begin() as
+            session:`` is ``async with Session() as session, session.begin():``.
+
+            The COMMIT runs in the caller's task, as ``await session.commit()`` and
+            ``session.begin()`` run it: a cancellation or a deadline (``asyncio.timeout``)
+            arriving while it is in flight cuts it off, and is marked an unknown outcome (a
+            web handler answers 500 ``commit-outcome-unknown``), said and counted.
+            SQLAlchemy's runs it in a task of its own, shielded from the caller's
+            cancellation: that was raised unmarked (a plain error, inviting a resubmit), after
+            the whole COMMIT, past the deadline. The session is closed to completion, as
+            SQLAlchemy closes it. With self-healing off, SQLAlchemy's own."""
+            if not self.config.enabled:
+                return async_sessionmaker.begin(self)  # type: ignore[return-value]
+            return _Begun(self())
 
     # -- units of work -----------------------------------------------------------------------
     @overload
@@ -716,6 +741,29 @@ if True:  # async only
                 break
         if cancelled is not None:
             raise cancelled
+
+    class _Begun(Generic[S]):
+        """What an async factory's ``Session.begin()`` gives: a session in a transaction whose
+        COMMIT (or ROLLBACK) runs in the caller's task, as ``session.begin()``'s, then the session
+        closed, as its own ``async with`` closes it (see ``AsyncResilientSession.begin``)."""
+
+        __slots__ = ("session", "transaction")
+
+        transaction: AsyncSessionTransaction
+
+        def __init__(self, session: S) -> None:
+            self.session = session
+
+        async def __aenter__(self) -> S:
+            self.transaction = self.session.begin()
+            await self.transaction.__aenter__()
+            return self.session
+
+        async def __aexit__(self, kind: Any, value: Any, traceback: Any) -> None:
+            try:
+                await self.transaction.__aexit__(kind, value, traceback)
+            finally:
+                await self.session.__aexit__(kind, value, traceback)
 
     def _settling_engine(engine: AsyncEngine, ticket: CommitTicket) -> AsyncEngine:
         """Where a lost COMMIT is settled: the factory's engine, or the one whose database the

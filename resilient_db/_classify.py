@@ -165,6 +165,13 @@ def mark_commit_unanswered(exc: BaseException) -> None:
         setattr(exc, _COMMIT_UNANSWERED, True)
 
 
+def interrupted_commit(exc: BaseException) -> bool:
+    """Whether ``exc`` is an interruption (a cancellation, ``KeyboardInterrupt``,
+    ``SystemExit``: no ``Exception``) that :func:`mark_commit_unanswered` marked: it cut off a
+    COMMIT that is not a unit's final one, which may have written, before its answer came."""
+    return not isinstance(exc, Exception) and bool(getattr(exc, _COMMIT_UNANSWERED, False))
+
+
 _BREAKER_OPEN_FOR = "resilient_db_breaker_open_for"
 
 

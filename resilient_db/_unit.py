@@ -39,6 +39,7 @@ from ._classify import (
     client_state_broken,
     debug_failure,
     hot_standby_server,
+    interrupted_commit,
     mark_hot_standby,
     mark_outcome,
     mark_partly_committed,
@@ -479,9 +480,10 @@ _COMMIT_INTERRUPTED = "resilient_db_commit_interrupted"
 
 
 def mark_commit_interrupted(interruption: BaseException, service: str) -> None:
-    """Mark ``interruption`` (a unit's cancellation, ``KeyboardInterrupt``) as having cut off
-    a COMMIT that may have written, whose outcome is unknown (see
-    :meth:`CommitReferee.interrupted`), with the unit's ``service``. It is raised as it is;
+    """Mark ``interruption`` (a unit's cancellation, ``KeyboardInterrupt``; or drop-in code's,
+    see ``EngineHooks._commit_cut_off``) as having cut off a COMMIT that may have written,
+    whose outcome is unknown (see :meth:`CommitReferee.interrupted`), with the unit's
+    ``service``. It is raised as it is;
     the mark only tells a web handler meeting it, or the ``TimeoutError`` that
     ``asyncio.timeout`` or ``asyncio.wait_for`` raises from it, that the change may be saved
     (500 ``commit-outcome-unknown``, not a plain 500 that a client may resubmit after)."""
@@ -490,9 +492,10 @@ def mark_commit_interrupted(interruption: BaseException, service: str) -> None:
 
 
 def commit_interrupted(exc: BaseException) -> str | None:
-    """The service of the unit whose COMMIT ``exc``, or an error it was raised from (the
-    cancellation ``asyncio.timeout`` turned into ``TimeoutError``), cut off with its outcome
-    unknown (see :func:`mark_commit_interrupted`); None when it is no such interruption."""
+    """The service of the unit (or drop-in code) whose COMMIT ``exc``, or an error it was
+    raised from (the cancellation ``asyncio.timeout`` turned into ``TimeoutError``), cut off
+    with its outcome unknown (see :func:`mark_commit_interrupted`); None when it is no such
+    interruption."""
     return text_mark(exc, _COMMIT_INTERRUPTED)
 
 
@@ -1886,6 +1889,25 @@ def _sent_in_autocommit(connection: Any) -> bool:
         return False
 
 
+def _whose_plain_commit() -> str:
+    """Whose unmarked COMMIT it is, for a line about its unknown outcome: drop-in code's, or
+    that of a unit begun with self-healing off (see ``commit_plainly``)."""
+    unit = current_unit.get()
+    if unit is None and async_units:  # an async unit's, by its task
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # no event loop running in this thread
+            task = None
+        unit = async_units.get(task)
+    return (
+        "a COMMIT sent outside a unit (drop-in use)"
+        if unit is None
+        else "a COMMIT of a unit begun with self-healing off (SELF_HEALING_ENABLED=false, "
+        "switched on by a reload before its COMMIT: the COMMIT was not marked, so its "
+        "outcome can't be verified, and the unit is not replayed)"
+    )
+
+
 class EngineHooks:
     """Installed once per engine: disconnect classification in ``handle_error``, mapping of the
     transition trigger's SQLSTATE, a cheap dead-connection check at pool checkout, and the
@@ -1982,6 +2004,8 @@ class EngineHooks:
             and not own_work.get()
         ):
             self._commit_unanswered(attempt)
+        elif interrupted_commit(original) and current_request.get() is None and not own_work.get():
+            self._commit_cut_off(attempt, original)
         if self.config.guard_on:
             database_error = ctx.sqlalchemy_exception or original
             mapped = exception_from_db(database_error, log=True, config=self._speaker()[0])
@@ -2000,20 +2024,6 @@ class EngineHooks:
         stats_for(service).add("unknown_commits")
         if attempt is not None:
             return
-        unit = current_unit.get()
-        if unit is None and async_units:  # an async unit's, by its task
-            try:
-                task = asyncio.current_task()
-            except RuntimeError:  # no event loop running in this thread
-                task = None
-            unit = async_units.get(task)
-        where = (
-            "a COMMIT sent outside a unit (drop-in use)"
-            if unit is None
-            else "a COMMIT of a unit begun with self-healing off (SELF_HEALING_ENABLED=false, "
-            "switched on by a reload before its COMMIT: the COMMIT was not marked, so its "
-            "outcome can't be verified, and the unit is not replayed)"
-        )
         emit(
             config,
             log_session,
@@ -2022,9 +2032,35 @@ class EngineHooks:
             "tell (08007): it may have committed; the error is raised as it is: check before "
             "doing the work again",
             service,
-            where,
+            _whose_plain_commit(),
             service=service,
             event="commit_unknown",
+        )
+
+    def _commit_cut_off(self, attempt: Any, interruption: BaseException) -> None:
+        """An interruption (a cancelled task, a deadline, ``KeyboardInterrupt``) cut off a
+        COMMIT that is not a unit's final one (drop-in use, or an operation's own code), which
+        may have written, before its answer came: its outcome is unknown, as that of a unit's
+        COMMIT so interrupted (see :meth:`CommitReferee.interrupted`). Counted as such, and the
+        interruption marked (for a web answer); said here for drop-in use (an operation's line
+        says it is not replayed, and why). The interruption goes on as it is."""
+        config, service = self._speaker()
+        stats_for(service).add("unknown_commits")
+        mark_commit_interrupted(interruption, service)
+        if attempt is not None:
+            return
+        emit(
+            config,
+            log_session,
+            logging.ERROR,
+            "Commit interrupted: service=%s %s: the code was interrupted (%s) with its COMMIT "
+            "in flight; outcome unknown, not verified: check before doing the work again",
+            service,
+            _whose_plain_commit(),
+            type(interruption).__name__,
+            service=service,
+            event="commit_interrupted",
+            outcome="unknown",
         )
 
     def _speaker(self) -> tuple[Config, str]:

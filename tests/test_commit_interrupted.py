@@ -14,7 +14,10 @@ committed, else ``CommitOutcomeUnknownError``; and an outcome that can be known 
   connection is left checked out, the breaker counts nothing, and a line names the transaction
   whose COMMIT was in flight;
 * a COMMIT the server refused (a deferred constraint, a cancel) is that error: not verified, not
-  replayed.
+  replayed;
+* drop-in code's COMMIT cut off by an interruption (a cancellation, a deadline, Ctrl-C), however
+  it commits (``await session.commit()``, ``async with Session.begin()``, ``session.begin()``):
+  the interruption goes on, marked, said and counted as an unknown outcome.
 
 The slow COMMIT is a deferred constraint trigger that sleeps at COMMIT; a cancel of the COMMIT
 either ends it with an error (nothing committed) or is taken and the COMMIT goes on and commits
@@ -24,9 +27,11 @@ either ends it with an error (nothing committed) or is taken and the COMMIT goes
 from __future__ import annotations
 
 import asyncio
+import signal
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import asyncpg
@@ -39,7 +44,9 @@ from sqlalchemy.orm import Session
 
 import resilient_db as rdb
 from resilient_db._commit import _CHECK_SQL
+from resilient_db._unit import commit_interrupted
 from resilient_db.testing import FaultProxy, PostgresServer
+from resilient_db.web import problem_details
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
 
@@ -618,5 +625,217 @@ def test_an_interrupt_during_the_markers_check_of_a_new_connection_goes_on(
             assert Sessions.run(read) == 1  # on a new connection, set up in full
         assert not [r for r in caplog.records if "not installed" in r.getMessage()]
         assert not armed[0]
+    finally:
+        engine.dispose()
+
+
+# -- a drop-in COMMIT cut off ----------------------------------------------------------------------
+#: the ways async drop-in code commits: each must answer a cut-off COMMIT alike
+DROP_IN_COMMITS = ["session.commit()", "Session.begin()", "session.begin()"]
+
+
+async def drop_in_write(Session: rdb.AsyncResilientSession[AsyncSession], spelling: str) -> None:
+    """A slow COMMIT (3 s; a cancel ends it) of drop-in code, spelt as ``spelling``."""
+    if spelling == "session.commit()":
+        async with Session() as session:
+            await session.execute(slow_insert(3, -1))
+            await session.commit()
+    elif spelling == "Session.begin()":
+        async with Session.begin() as session:
+            await session.execute(slow_insert(3, -1))
+    else:
+        async with Session() as session, session.begin():
+            await session.execute(slow_insert(3, -1))
+
+
+async def cut_off_at_commit(
+    server: PostgresServer, database: str, how: str, work: Callable[[], Any]
+) -> BaseException:
+    """Run ``work()`` and interrupt it once the server shows its COMMIT running (an order, not a
+    duration): its task cancelled, or the deadline of an ``asyncio.timeout`` around it
+    brought forward. What it raised (it must raise)."""
+    if how == "cancel":
+        task = asyncio.ensure_future(work())
+        await wait_until(lambda: committing(server, database) or task.done())
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError) as cancelled:
+            await task
+        return cancelled.value
+    loop = asyncio.get_running_loop()
+
+    async def expire(deadline: Any) -> None:
+        await wait_until(lambda: committing(server, database))
+        deadline.reschedule(loop.time())
+
+    watchers: list[asyncio.Future[None]] = []
+
+    async def within_deadline() -> None:
+        async with asyncio.timeout(None) as deadline:
+            watchers.append(asyncio.ensure_future(expire(deadline)))
+            await work()
+
+    try:
+        with pytest.raises(TimeoutError) as timed_out:
+            await within_deadline()
+    finally:
+        for watcher in watchers:
+            watcher.cancel()
+    assert isinstance(timed_out.value.__cause__, asyncio.CancelledError)
+    return timed_out.value
+
+
+INTERRUPTIONS = [
+    "cancel",
+    pytest.param(
+        "asyncio.timeout",
+        marks=pytest.mark.skipif(sys.version_info < (3, 11), reason="Python 3.11's"),
+    ),
+]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
+@pytest.mark.parametrize("spelling", DROP_IN_COMMITS)
+@pytest.mark.parametrize("how", INTERRUPTIONS)
+async def test_a_drop_in_commit_cut_off_is_an_unknown_outcome_however_spelt(
+    *,
+    pg_server: PostgresServer,
+    pg_database: str,
+    made_async_engines: list[AsyncEngine],
+    service: str,
+    driver: str,
+    spelling: str,
+    how: str,
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """Async drop-in code whose COMMIT a cancellation or a deadline cuts off, the COMMIT in
+    flight on the server: whichever way the code commits, the interruption goes on at once
+    (the deadline is kept), it is marked as having cut off a COMMIT of unknown outcome (a web
+    handler answers 500 ``commit-outcome-unknown``, not a plain 500 inviting a resubmit), a
+    line says so and ``unknown_commits`` counts it, and no connection is left out of the pool.
+    (``async with Session.begin()`` committed in a task SQLAlchemy shields from the
+    cancellation: the caller's was raised unmarked, so it was the application's plain error,
+    and the deadline waited for the whole COMMIT.)"""
+    prepare(pg_server, pg_database, MARKERS)
+    engine = create_async_engine(pg_server.url(pg_database, driver=driver))
+    made_async_engines.append(engine)
+    Session = rdb.AsyncResilientSession(engine, service=service)
+    started = time.monotonic()
+    raised = await cut_off_at_commit(
+        pg_server, pg_database, how, lambda: drop_in_write(Session, spelling)
+    )
+    assert time.monotonic() - started < 2.5  # (the COMMIT takes 3 s)
+    assert commit_interrupted(raised) == service
+    if isinstance(raised, Exception):  # (what reaches a web handler: not a cancellation)
+        problem = problem_details(raised)
+        assert problem is not None
+        assert (problem.status, problem.body["type"]) == (
+            500,
+            "urn:resilient-db:problem:commit-outcome-unknown",
+        )
+        assert problem.body["service"] == service
+        assert "Retry-After" not in problem.headers
+    assert counters(service)["unknown_commits"] == 1
+    [line] = named(events, "commit_interrupted")
+    assert line.fields["outcome"] == "unknown"
+    assert "drop-in" in line.message
+    assert "outcome unknown" in line.message
+    assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    await wait_until(lambda: not committing(pg_server, pg_database))
+    if driver_cancels_the_statement(driver):
+        assert slow_rows(pg_server, pg_database) == 0  # the cancel ended it
+    async with Session.begin() as session:
+        assert await session.scalar(sa.text("SELECT 42")) == 42
+
+
+class Exiting(SystemExit):
+    """The ``SystemExit`` of a signal handler (a service stopping)."""
+
+
+def _exit_now(signum: int, frame: Any) -> None:
+    raise Exiting(0)
+
+
+@pytest.fixture
+def exit_signal() -> Iterator[int]:
+    """SIGUSR1 raises ``SystemExit`` while the test runs (as a service's SIGTERM handler)."""
+    before = signal.signal(signal.SIGUSR1, _exit_now)
+    yield signal.SIGUSR1
+    signal.signal(signal.SIGUSR1, before)
+
+
+def signal_at_commit(server: PostgresServer, database: str, signum: int) -> threading.Thread:
+    """Send ``signum`` to the main thread (where the test runs) once the server shows a COMMIT
+    running: a real signal, which interrupts the driver's wait for the COMMIT's answer."""
+    main = threading.main_thread().ident
+    assert threading.current_thread().ident == main
+
+    def send() -> None:
+        wait_until_sync(lambda: committing(server, database))
+        signal.pthread_kill(main, signum)  # type: ignore[arg-type]
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    return sender
+
+
+def interruption_of(how: str, exit_signal: int) -> tuple[type[BaseException], int]:
+    """What ``how`` raises, and the signal that raises it."""
+    if how == "KeyboardInterrupt":
+        return KeyboardInterrupt, signal.SIGINT
+    return SystemExit, exit_signal
+
+
+SYNC_INTERRUPTIONS = ["KeyboardInterrupt", "SystemExit"]
+
+
+def sync_drop_in_write(Session: rdb.ResilientSession[Session], spelling: str) -> None:
+    """The sync twin of :func:`drop_in_write`."""
+    if spelling == "session.commit()":
+        with Session() as session:
+            session.execute(slow_insert(3, -1))
+            session.commit()
+    else:
+        with Session.begin() as session:
+            session.execute(slow_insert(3, -1))
+
+
+@pytest.mark.parametrize("spelling", ["session.commit()", "Session.begin()"])
+@pytest.mark.parametrize("how", SYNC_INTERRUPTIONS)
+def test_a_sync_drop_in_commit_interrupted_is_an_unknown_outcome(
+    *,
+    pg_server: PostgresServer,
+    pg_database: str,
+    service: str,
+    spelling: str,
+    how: str,
+    exit_signal: int,
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """Sync drop-in code whose COMMIT a Ctrl-C (or a ``SystemExit`` of a signal handler)
+    interrupts, the COMMIT in flight on the server: the interruption goes on, marked as having
+    cut off a COMMIT of unknown outcome, said and counted, as async drop-in code's cancellation
+    (it was neither said nor counted)."""
+    prepare(pg_server, pg_database, MARKERS)
+    engine = sa.create_engine(pg_server.url(pg_database))
+    try:
+        Session = rdb.ResilientSession(engine, service=service)
+        kind, signum = interruption_of(how, exit_signal)
+        sender = signal_at_commit(pg_server, pg_database, signum)
+        with pytest.raises(kind) as raised:
+            sync_drop_in_write(Session, spelling)
+        sender.join(10)
+        assert commit_interrupted(raised.value) == service
+        assert counters(service)["unknown_commits"] == 1
+        [line] = named(events, "commit_interrupted")
+        assert line.fields["outcome"] == "unknown"
+        assert "drop-in" in line.message
+        assert "outcome unknown" in line.message
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        wait_until_sync(lambda: not committing(pg_server, pg_database))
+        if kind is KeyboardInterrupt:
+            assert slow_rows(pg_server, pg_database) == 0  # psycopg cancelled it
+        with Session.begin() as session:
+            assert session.scalar(sa.text("SELECT 42")) == 42
     finally:
         engine.dispose()

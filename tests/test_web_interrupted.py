@@ -52,9 +52,13 @@ def committing(server: PostgresServer, database: str) -> bool:
 
 
 @pytest.mark.parametrize("driver", ASYNC_DRIVERS)
+@pytest.mark.parametrize("spelling", ["Sessions.run(write)", "Sessions.begin()"])
 def test_a_deadline_cutting_off_a_units_commit_is_commit_outcome_unknown(
-    pg_server: PostgresServer, pg_database: str, service: str, driver: str
+    pg_server: PostgresServer, pg_database: str, service: str, driver: str, spelling: str
 ) -> None:
+    """The unit's COMMIT, or drop-in code's (``async with Sessions.begin()``, whose COMMIT
+    SQLAlchemy ran in a task of its own: the route's ``TimeoutError`` came unmarked, a plain
+    500)."""
     with pg_server.connect(pg_database) as conn:
         conn.execute(SLOW_COMMIT)
     direct = sa.create_engine(pg_server.url(pg_database))
@@ -89,7 +93,10 @@ def test_a_deadline_cutting_off_a_units_commit_is_commit_outcome_unknown(
         try:
             async with asyncio.timeout(None) as deadline:  # the request's deadline
                 watcher = asyncio.ensure_future(expire(deadline))
-                return await Sessions.run(write)
+                if spelling == "Sessions.run(write)":
+                    return await Sessions.run(write)
+                async with Sessions.begin() as session:
+                    return await write(session)
         except BaseException as exc:
             raised.append(exc)
             raise

@@ -177,8 +177,9 @@ def problem_details(
 
     * an unknown commit outcome (:class:`~resilient_db.CommitOutcomeUnknownError`, a COMMIT
       whose answer was lost outside a unit or in an operation's own code, 08007, a unit's
-      COMMIT cut off by its interruption: the ``TimeoutError`` of ``asyncio.timeout`` or
-      ``asyncio.wait_for`` around ``run``, raised from the unit's cancellation): 500 of its
+      COMMIT, or drop-in code's, cut off by its interruption: the ``TimeoutError`` of
+      ``asyncio.timeout`` or ``asyncio.wait_for`` around ``run`` or the code, raised from its
+      cancellation): 500 of its
       own type, ``commit-outcome-unknown``: the change may have been saved, so the client must
       check before resubmitting;
     * the error of a unit or operation that committed part of its work before it failed,
@@ -329,7 +330,7 @@ def _problem_of(exc: BaseException, config: Config | None, type_base: str) -> Pr
             500, body(_UNKNOWN, unknown_title, 500, _UNKNOWN_DETAIL, service=exc.service)
         )
     interrupted = commit_interrupted(exc)
-    if interrupted is not None:  # a unit's COMMIT cut off (asyncio.timeout around run)
+    if interrupted is not None:  # a COMMIT cut off (asyncio.timeout around run, drop-in code)
         return Problem(
             500, body(_UNKNOWN, unknown_title, 500, _INTERRUPTED_DETAIL, service=interrupted)
         )
