@@ -32,6 +32,7 @@ from ._classify import (
     debug_failure,
     hot_standby_hint,
     hot_standby_of,
+    interrupted_commit,
     mark_breaker_open,
     mark_outcome,
     mark_partly_committed,
@@ -315,6 +316,24 @@ class Policy:
         since a replay would write the committed part again; ``exc`` is raised as it is.
         ``how``: how it committed, when not by its own code."""
         mark_partly_committed(exc)
+        if not how and interrupted_commit(exc):
+            # its own COMMIT is what the interruption cut off, in flight: not "committed",
+            # unknown (counted, and the interruption marked, by the engine's hooks), as a
+            # unit's final COMMIT so interrupted is (see CommitReferee.interrupted)
+            emit(
+                self.config,
+                log_retry,
+                logging.ERROR,
+                "Commit interrupted: service=%s a COMMIT sent by the unit's own code: the unit "
+                "was interrupted (%s) with its COMMIT in flight; outcome unknown, not "
+                "verified, not replayed; raising the interruption",
+                self.service,
+                type(exc).__name__,
+                service=self.service,
+                event="commit_interrupted",
+                outcome="unknown",
+            )
+            return
         if not how and self.classifier.classify(exc) is Outcome.COMMIT_UNKNOWN:
             # its own COMMIT is what failed, its answer lost: not "committed", unknown
             emit(

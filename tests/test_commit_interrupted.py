@@ -839,3 +839,98 @@ def test_a_sync_drop_in_commit_interrupted_is_an_unknown_outcome(
             assert session.scalar(sa.text("SELECT 42")) == 42
     finally:
         engine.dispose()
+
+
+# -- an operation's own COMMIT cut off -------------------------------------------------------------
+def assert_operation_commit_unknown(
+    service: str, raised: BaseException, events: list[rdb.SelfHealEvent]
+) -> None:
+    """What a ``with_self_healing`` operation whose drop-in COMMIT was cut off says: its
+    outcome is unknown (not "committed part of its work"), counted once, the interruption
+    marked for a web answer."""
+    assert commit_interrupted(raised) == service
+    assert counters(service)["unknown_commits"] == 1
+    [line] = named(events, "commit_interrupted")
+    assert line.fields["outcome"] == "unknown"
+    assert "outcome unknown" in line.message
+    assert "not replayed" in line.message
+    assert not [e for e in events if "committed part of its work" in e.message]
+    assert not named(events, "partly_committed")
+    assert counters(service)["retries"] == 0
+
+
+@pytest.mark.parametrize("spelling", ["session.commit()", "Session.begin()"])
+@pytest.mark.parametrize("how", SYNC_INTERRUPTIONS)
+def test_an_operations_commit_interrupted_is_an_unknown_outcome(
+    *,
+    pg_server: PostgresServer,
+    pg_database: str,
+    service: str,
+    spelling: str,
+    how: str,
+    exit_signal: int,
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """``with_self_healing`` around drop-in code whose own COMMIT a Ctrl-C (or a
+    ``SystemExit``) interrupts, the COMMIT in flight on the server: not replayed, and said to
+    be of unknown outcome, counted in ``unknown_commits`` (it was said to have "committed part
+    of its work", and not counted)."""
+    prepare(pg_server, pg_database, MARKERS)
+    engine = sa.create_engine(pg_server.url(pg_database))
+    try:
+        Session = rdb.ResilientSession(engine, service=service)
+        calls = 0
+
+        @rdb.with_self_healing(service=service)
+        def operation() -> None:
+            nonlocal calls
+            calls += 1
+            sync_drop_in_write(Session, spelling)
+
+        kind, signum = interruption_of(how, exit_signal)
+        sender = signal_at_commit(pg_server, pg_database, signum)
+        with pytest.raises(kind) as raised:
+            operation()
+        sender.join(10)
+        assert calls == 1
+        assert_operation_commit_unknown(service, raised.value, events)
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        wait_until_sync(lambda: not committing(pg_server, pg_database))
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
+@pytest.mark.parametrize("spelling", DROP_IN_COMMITS)
+@pytest.mark.parametrize("how", INTERRUPTIONS)
+async def test_an_async_operations_commit_cut_off_is_an_unknown_outcome(
+    *,
+    pg_server: PostgresServer,
+    pg_database: str,
+    made_async_engines: list[AsyncEngine],
+    service: str,
+    driver: str,
+    spelling: str,
+    how: str,
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """The async twin: a cancellation or a deadline cutting off the COMMIT of drop-in code in
+    an async ``with_self_healing`` operation."""
+    prepare(pg_server, pg_database, MARKERS)
+    engine = create_async_engine(pg_server.url(pg_database, driver=driver))
+    made_async_engines.append(engine)
+    Session = rdb.AsyncResilientSession(engine, service=service)
+    calls = 0
+
+    @rdb.with_self_healing(service=service)
+    async def operation() -> None:
+        nonlocal calls
+        calls += 1
+        await drop_in_write(Session, spelling)
+
+    raised = await cut_off_at_commit(pg_server, pg_database, how, operation)
+    assert calls == 1
+    assert_operation_commit_unknown(service, raised, events)
+    assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    await wait_until(lambda: not committing(pg_server, pg_database))
