@@ -167,3 +167,9 @@ async def auses_own(session: OwnAsyncSession) -> int:
 
 async def use_own() -> int:
     return await OwnAsyncSessions.run(auses_own)
+
+
+async def begin_own() -> int:
+    # drop-in: Session.begin() gives a session of the factory's class
+    async with OwnAsyncSessions.begin() as session:
+        return session.own()
