@@ -125,3 +125,81 @@ def test_the_port_of_a_paused_redis_is_refused_quickly_and_its_calls_fail_in_sec
         finally:
             paused.resume()
         paused.flushall()  # resumed, it answers again
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_a_redis_server_stops_and_starts_again_on_its_port_and_in_its_directory() -> None:
+    """Tests of "Redis gone, then back" had only kill() and start(); stop() shuts it down
+    (SIGTERM: it closes its port and exits, saying so in its log), and start() brings it back
+    where it was, as restart() does in one call."""
+    with RedisServer() as server:
+        port, log_path = server.port, server.log_path
+        assert log_path is not None
+        server.client().set("k", "v")
+        assert server._proc is not None
+        first = server._proc.pid
+        server.stop()
+        assert not server.is_running()
+        assert _refused(port)
+        assert "ready to exit" in log_path.read_text()  # a shutdown, not a kill
+        server.stop()  # idempotent
+        server.kill()
+        server.start()
+        assert (server.port, server.log_path) == (port, log_path)
+        assert log_path.exists()
+        with server.client() as client:
+            assert client.ping()
+            assert client.get("k") is None  # no persistence: a fresh Redis
+        pids = {first, server._proc.pid}
+        for kill in (False, True):
+            server.restart(kill=kill)
+            assert server.port == port
+            pids.add(server._proc.pid)
+            with server.client() as client:
+                assert client.ping()
+        assert len(pids) == 4  # a new process each time
+        # restart() stopped it (a shutdown), restart(kill=True) killed it (none)
+        assert log_path.read_text().count("ready to exit") == 2
+
+
+def test_stopping_a_paused_redis_server_returns_at_once() -> None:
+    """A paused server (SIGSTOP) acts on SIGTERM only once resumed: stop() resumes it."""
+    with RedisServer() as server:
+        server.pause()
+        began = time.monotonic()
+        server.stop()
+        assert time.monotonic() - began < 5
+        assert not server.is_running()
+        assert _refused(server.port)
+        server.start()
+        assert server.client().ping()
+
+
+def test_a_closed_redis_server_cant_be_started_again_and_says_so() -> None:
+    """close() removes the server's directory: start() after it made a new one, silently, and
+    restart() likewise; both now say the server is closed. stop() and kill() stay no-ops, as
+    on a server never started."""
+    never = RedisServer()
+    never.stop()
+    never.kill()
+    assert not never.is_running()
+    server = RedisServer()
+    server.start()
+    server.close()
+    assert "closed" in repr(server)
+    for call in (server.start, server.restart, lambda: server.restart(kill=True)):
+        with pytest.raises(ServerStartError, match=r"closed .*make a new RedisServer"):
+            call()
+        assert not server.is_running()
+        assert server.log_path is None  # no directory made
+    server.stop()
+    server.kill()
+    server.close()
+    assert _refused(server.port)

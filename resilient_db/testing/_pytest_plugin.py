@@ -38,8 +38,8 @@ Fixtures
 ``redis_server`` (function)
     A started :class:`~resilient_db.testing.RedisServer` on 127.0.0.1 and a free port
     (``redis_server.url``), for shared breakers and retry budgets
-    (``SELF_HEALING_REDIS_URL``); the test may kill, pause or flush it. Stopped after the
-    test, failed or not.
+    (``SELF_HEALING_REDIS_URL``); the test may stop, kill, restart, pause or flush it.
+    Stopped after the test, failed or not.
 
 Marker
 ------

