@@ -386,6 +386,47 @@ def test_pair_close_stops_both_servers_and_deletes_their_files(
         pair.start()
 
 
+def test_a_pair_never_started_or_closed_says_so(
+    pg_standby_factory: Callable[..., StandbyPair],
+) -> None:
+    """crash_primary() on a pair never started, closed, or whose primary was crashed already
+    did nothing and recorded a crash time; promote() on a closed pair said "start() the pair
+    first", which then failed; the pair's admin SQL said "the server has no port yet". Each
+    names the problem now."""
+    never = StandbyPair()
+    calls: dict[str, Callable[[], object]] = {
+        "crash the primary": never.crash_primary,
+        "promote the standby": never.promote,
+        "execute": lambda: never.execute("SELECT 1"),
+        "create a database": lambda: never.create_database("made"),
+        "wait for the standby": never.wait_replayed,
+    }
+    for action, call in calls.items():
+        with pytest.raises(RuntimeError, match=rf"can't {action}: .*not running: call start"):
+            call()
+    assert never.crashed_at is None
+    never.close()
+    pair = pg_standby_factory(synchronous=False)
+    pair.crash_primary()
+    crashed_at = pair.crashed_at
+    with pytest.raises(RuntimeError, match=r"primary of .* is not running"):
+        pair.crash_primary()
+    assert pair.crashed_at == crashed_at
+    pair.close()
+    calls = {
+        "crash the primary": pair.crash_primary,
+        "promote the standby": pair.promote,
+        "execute": lambda: pair.execute("SELECT 1"),
+        "create a database": lambda: pair.create_database("made"),
+        "wait for the standby": pair.wait_replayed,
+    }
+    for action, call in calls.items():
+        with pytest.raises(RuntimeError, match=rf"can't {action}: .* is closed"):
+            call()
+    assert pair.crashed_at == crashed_at
+    assert not pair.promoted
+
+
 def _postmaster_pid(data_dir: Path) -> int:
     return int((data_dir / "postmaster.pid").read_text().splitlines()[0])
 

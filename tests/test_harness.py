@@ -1805,6 +1805,54 @@ def test_embedded_postgres_port_zero_picks_a_free_one() -> None:
             assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
+def test_an_embedded_server_never_started_or_closed_says_so(scratch_dir: Path) -> None:
+    """Admin SQL on a server never started, its port given, went to that port (refused, or
+    whatever listened there); after close(), restart_after() returned a thread whose start
+    failed in the background, and data_dir said "call start() first", which then failed. Each
+    names the problem now; stop() and crash() stay no-ops on a server that does not run, and
+    a stopped server refuses connections as a server that is down does."""
+    server = EmbeddedPostgres(port=server_module.free_port(), base_dir=scratch_dir)
+    needs_a_server: list[Callable[[], object]] = [
+        lambda: server.execute("SELECT 1"),
+        lambda: server.connect().close(),
+        lambda: server.create_database("made"),
+        lambda: server.drop_database("made"),
+        server.terminate_backends,
+    ]
+    for call in needs_a_server:
+        with pytest.raises(RuntimeError, match=r"^EmbeddedPostgres is not running: call start"):
+            call()
+    server.stop()
+    server.crash()
+    try:
+        server.start()
+        server.stop()
+        with pytest.raises(psycopg.OperationalError):
+            server.execute("SELECT 1")
+    finally:
+        server.close()
+    starts: list[Callable[[], object]] = [
+        server.start,
+        server.restart,
+        lambda: server.restart(crash=True),
+        lambda: server.restart_after(0),
+        server.ensure_running,
+    ]
+    for call in starts:
+        with pytest.raises(ServerStartError, match=r"closed .*make a new EmbeddedPostgres"):
+            call()
+    for call in needs_a_server:
+        with pytest.raises(RuntimeError, match=r"is closed: make a new EmbeddedPostgres"):
+            call()
+    with pytest.raises(RuntimeError, match="is closed: its data directory is deleted"):
+        _ = server.data_dir
+    server.stop()
+    server.crash()
+    server.close()
+    assert not server.is_running()
+    assert list(scratch_dir.iterdir()) == []
+
+
 def _spares_on(server: PostgresServer) -> set[str]:
     rows = server.execute("SELECT datname FROM pg_database WHERE datname LIKE 't\\_ahead\\_%'")
     return {row[0] for row in rows}

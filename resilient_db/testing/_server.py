@@ -463,7 +463,9 @@ class PostgresServer(Service):
         self._shutdown(immediate=True)
 
     def restart(self, *, crash: bool = False) -> None:
-        """Stop (fast, or immediate with ``crash=True``) and start again."""
+        """Stop (fast, or immediate with ``crash=True``) and start again. A closed server
+        raises :class:`ServerStartError` before anything."""
+        self._require_open("restart")
         if crash:
             self.crash()
         else:
@@ -477,10 +479,12 @@ class PostgresServer(Service):
         wait); if that start failed, its exception is in its ``error`` attribute.
         :meth:`ensure_running`, :meth:`stop` and :meth:`close` cancel a pending start. A
         ``seconds`` that is not a finite number >= 0 raises :class:`TypeError` /
-        :class:`ValueError` before anything.
+        :class:`ValueError` before anything, and a closed server :class:`ServerStartError`
+        (the start could only fail, in the background).
         """
         seconds = _check_seconds("seconds", seconds, zero=True)
         self._require_control("restart")
+        self._require_open("restart")
         if crash:
             self.crash()
         else:
@@ -514,6 +518,9 @@ class PostgresServer(Service):
 
     def _shutdown(self, *, immediate: bool) -> None:
         raise NotImplementedError
+
+    def _require_open(self, action: str) -> None:
+        """Raise :class:`ServerStartError` if the server is closed (it can't start again)."""
 
     def _require_control(self, action: str) -> None:
         if not self.can_control:
@@ -1149,6 +1156,8 @@ class EmbeddedPostgres(PostgresServer):
     def data_dir(self) -> Path:
         """The cluster's data directory (exists after the first :meth:`start`)."""
         if self._base is None:
+            if self._closed:
+                raise RuntimeError(f"{self!r} is closed: its data directory is deleted")
             raise RuntimeError("the server has no data directory yet: call start() first")
         return self._base / "data"
 
@@ -1161,8 +1170,7 @@ class EmbeddedPostgres(PostgresServer):
 
     def start(self) -> None:
         with self._lock:
-            if self._closed:
-                raise ServerStartError(f"{self!r} is closed")
+            self._require_open("start")
             if self.is_running():
                 return
             began = time.monotonic()
@@ -1179,6 +1187,28 @@ class EmbeddedPostgres(PostgresServer):
     def is_running(self) -> bool:
         proc = self._proc
         return proc is not None and proc.poll() is None
+
+    def connect(
+        self, database: str | None = None, *, connect_timeout: int = 5
+    ) -> psycopg.Connection[tuple[Any, ...]]:
+        """Open an autocommit psycopg admin connection (the caller closes it). A server never
+        started, or closed, raises :class:`RuntimeError` saying so (a stopped one refuses the
+        connection: :class:`psycopg.OperationalError`), as do :meth:`execute`,
+        :meth:`create_database`, :meth:`drop_database` and :meth:`terminate_backends`."""
+        if self._closed:
+            raise RuntimeError(f"{self!r} is closed: make a new {type(self).__name__}")
+        if not self._started_once and not self.is_running():
+            raise RuntimeError(
+                f"{type(self).__name__} is not running: call start() or use it as a context manager"
+            )
+        return super().connect(database, connect_timeout=connect_timeout)
+
+    def _require_open(self, action: str) -> None:
+        if self._closed:
+            raise ServerStartError(
+                f"can't {action} {self!r}: it is closed and its files are deleted; make a new "
+                f"{type(self).__name__}"
+            )
 
     def close(self) -> None:
         """Stop the server (immediate shutdown: its data is discarded) and delete its files."""

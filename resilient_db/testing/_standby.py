@@ -240,6 +240,7 @@ class StandbyPair(Service):
             os_user=os_user,
         )
         self._promoted = False
+        self._started = False
         self._closed = False
         #: monotonic time of the last :meth:`crash_primary`, and seconds taken by :meth:`promote`
         self.crashed_at: float | None = None
@@ -288,12 +289,14 @@ class StandbyPair(Service):
                 return
             self.primary.start()
             if self.standby.is_running():
+                self._started = True
                 return
             self.standby.start()
             self._wait_streaming()
         except BaseException:
             self.close()
             raise
+        self._started = True
 
     def close(self) -> None:
         """Stop both servers (immediately) and delete their files."""
@@ -302,6 +305,20 @@ class StandbyPair(Service):
             self.standby.close()
         finally:
             self.primary.close()
+
+    def _require_started(self, action: str) -> None:
+        """Raise :class:`RuntimeError` naming why ``action`` can't be done: the pair is closed,
+        or was never started."""
+        if self._closed:
+            raise RuntimeError(
+                f"can't {action}: {self!r} is closed (its servers are stopped and deleted); "
+                "make a new StandbyPair"
+            )
+        if not self._started:
+            raise RuntimeError(
+                f"can't {action}: the StandbyPair is not running: call start() or use it as a "
+                "context manager"
+            )
 
     def _wait_streaming(self) -> None:
         wanted = "sync" if self._synchronous else "async"
@@ -371,6 +388,7 @@ class StandbyPair(Service):
     def create_database(self, name: str) -> None:
         """Create database ``name`` on the current primary; once the standby (if still one)
         has replayed it."""
+        self._require_started("create a database")
         self.current_primary.create_database(name)
         if not self._promoted:
             self.wait_replayed()
@@ -383,10 +401,12 @@ class StandbyPair(Service):
         database: str | None = None,
     ) -> list[tuple[Any, ...]]:
         """:meth:`PostgresServer.execute` on the current primary."""
+        self._require_started("execute")
         return self.current_primary.execute(sql, params=params, database=database)
 
     def wait_replayed(self, timeout: float = 30.0) -> None:
         """Wait until the standby has replayed everything the primary has written so far."""
+        self._require_started("wait for the standby")
         row = self.primary.execute("SELECT pg_catalog.pg_current_wal_lsn()::text")
         target = str(row[0][0])
         deadline = time.monotonic() + timeout
@@ -410,7 +430,16 @@ class StandbyPair(Service):
 
         Like a power cut as far as PostgreSQL is concerned: what it had not sent to the standby
         is lost to the standby. (The OS stays up, so its own files keep what it wrote.)
+
+        A pair never started, or closed, or whose primary is not running (crashed already)
+        raises :class:`RuntimeError` saying so: nothing is crashed, :attr:`crashed_at` stays.
         """
+        self._require_started("crash the primary")
+        if not self.primary.is_running():
+            raise RuntimeError(
+                f"can't crash the primary of {self!r}: it is not running (crashed or stopped "
+                "already)"
+            )
         self.primary.crash()
         self.crashed_at = time.monotonic()
 
@@ -420,6 +449,7 @@ class StandbyPair(Service):
         Returns the seconds it took (also in :attr:`promote_seconds`). Promoting while the
         primary still runs makes two primaries: crash or stop it first, as a failover would.
         """
+        self._require_started("promote the standby")
         if self._promoted:
             raise RuntimeError(f"{self!r}: the standby is promoted already")
         if not self.standby.is_running():
