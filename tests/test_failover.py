@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -384,6 +386,20 @@ def test_pair_close_stops_both_servers_and_deletes_their_files(
     assert not any(d.exists() for d in dirs)
     with pytest.raises(ServerStartError, match="closed"):
         pair.start()
+
+
+def test_a_pair_removes_the_directories_it_made_for_its_base_dir() -> None:
+    """The directories made for a base_dir that did not exist were left behind by close()."""
+    # not pytest's tmp_path: as root, the servers' OS user can't reach it
+    scratch = Path(tempfile.mkdtemp(prefix="rdb-failover-test-"))
+    try:
+        scratch.chmod(0o755)
+        base = scratch / "made" / "here"
+        with StandbyPair(base_dir=base) as pair:
+            assert all(server.data_dir.parent.parent == base for server in pair.servers)
+        assert list(scratch.iterdir()) == []
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def test_a_pair_never_started_or_closed_says_so(

@@ -510,13 +510,13 @@ def test_clusters_go_where_resilient_db_test_dir_says(
     scratch_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The variable names the parent of a server's files (made when missing); nothing is left
-    there after close()."""
+    after close(), the directory made for it included."""
     parent = scratch_dir / "clusters"
     monkeypatch.setenv("RESILIENT_DB_TEST_DIR", str(parent))
     with EmbeddedPostgres() as server:
         assert server.data_dir.parent.parent == parent
         assert server.execute("SELECT 1") == [(1,)]
-    assert list(parent.iterdir()) == []
+    assert list(scratch_dir.iterdir()) == []
 
 
 def test_a_resilient_db_test_dir_that_is_a_file_is_refused_by_name(
@@ -551,7 +551,7 @@ def test_a_base_dir_the_servers_user_cant_reach_is_refused_and_its_modes_left_al
         server.start()
     server.close()
     assert _mode(private) == 0o700
-    assert list((private / "clusters").iterdir()) == []
+    assert list(private.iterdir()) == []  # the directory made for it removed
     # traversable (x for others) but not readable: it works, and keeps its mode
     private.chmod(0o711)
     with EmbeddedPostgres(base_dir=private / "clusters") as server:
@@ -571,10 +571,68 @@ def test_directories_the_harness_makes_for_a_base_dir_are_open_to_the_server_wha
     try:
         with EmbeddedPostgres(base_dir=scratch_dir / "made" / "here") as server:
             assert server.execute("SELECT 1") == [(1,)]
+            assert _mode(scratch_dir / "made") == 0o755
+            assert _mode(scratch_dir / "made" / "here") == 0o755
     finally:
         os.umask(previous)
-    assert _mode(scratch_dir / "made") == 0o755
-    assert _mode(scratch_dir / "made" / "here") == 0o755
+    assert list(scratch_dir.iterdir()) == []
+
+
+def test_the_directories_made_for_a_base_dir_go_with_the_last_server_under_them(
+    scratch_dir: Path,
+) -> None:
+    """close() removed the server's own directory but left those it had made above it for a
+    base_dir that did not exist. They go now, once the last server of the process under them
+    is closed (one whose start failed included); a directory that existed, or that holds
+    something else, stays."""
+    existing = scratch_dir / "existing"
+    existing.mkdir()
+    base = existing / "made" / "here"
+    first = EmbeddedPostgres(base_dir=base)
+    second = EmbeddedPostgres(base_dir=base / "deeper")
+    try:
+        first.start()
+        second.start()
+        first.close()
+        assert (base / "deeper").is_dir()  # the second server is under it
+    finally:
+        second.close()
+        first.close()
+    assert list(scratch_dir.iterdir()) == [existing]
+    assert list(existing.iterdir()) == []
+    failing = EmbeddedPostgres(base_dir=base, settings={"max_connections": "abc"})
+    with pytest.raises(ServerStartError, match="max_connections"):
+        failing.start()
+    failing.close()
+    assert not (existing / "made").exists()
+    with EmbeddedPostgres(base_dir=base):
+        (base / "theirs").write_text("kept")
+    assert (base / "theirs").read_text() == "kept"
+    assert [p.name for p in base.iterdir()] == ["theirs"]
+
+
+def test_a_base_dir_another_process_removes_as_a_server_starts_is_made_again(
+    scratch_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process that made the base_dir removes it, empty, when its last server closes:
+    if that happens between this server's check that the directory is there and the making
+    of its own directory in it, the directory is made again (and is then this one's)."""
+    base = scratch_dir / "shared"
+    base.mkdir()  # another process's
+    made = server_module.Watchdog
+    removed: list[Path] = []
+
+    def removed_first(*args: Any, **kwargs: Any) -> server_module.Watchdog:
+        if not removed:
+            base.rmdir()  # that process's server closed just then
+            removed.append(base)
+        return made(*args, **kwargs)
+
+    monkeypatch.setattr(server_module, "Watchdog", removed_first)
+    with EmbeddedPostgres(base_dir=base) as server:
+        assert server.execute("SELECT 1") == [(1,)]
+    assert removed
+    assert list(scratch_dir.iterdir()) == []
 
 
 def test_a_relative_base_dir_works(scratch_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -572,6 +572,13 @@ class DelayedStart(threading.Thread):
 #: servers the harness owns (embedded, Docker) that are not closed yet; closed at exit
 _live_servers: set[PostgresServer] = set()
 _live_lock = threading.Lock()
+#: directories above clusters (a ``base_dir``, ``RESILIENT_DB_TEST_DIR``) that this process
+#: made, with the number of servers of this process not closed yet whose files are under each;
+#: the last one closed removes the directory if it is empty (see _hold_parents)
+_made_parents: dict[Path, int] = {}
+_parents_lock = threading.Lock()
+#: attempts at making a cluster's directory whose parent another process removed meanwhile
+_PARENT_ATTEMPTS: Final = 3
 _binaries_checked = False
 
 
@@ -648,6 +655,54 @@ def _prepare_root(os_user: str, bin_dir: Path) -> tuple[int, int]:
         ensure_folder_permissions(bin_dir.parent / "share", read)
         _binaries_checked = True
     return entry.pw_uid, entry.pw_gid
+
+
+def _hold_parents(parent: Path, *, open_to: tuple[int, int] | None) -> list[Path]:
+    """Make ``parent`` and the directories above it that are missing, and hold those made by
+    this process (now, or for another server not closed yet): :func:`_release_parents`
+    removes each once the last server holding it has let go. Returns what the caller holds,
+    the deepest first. Each directory is made alone, top down: one that another process makes
+    meanwhile is not this one's, and is never removed. With ``open_to`` (the server's OS user,
+    as root) the directories made are 0755, whatever the umask (0700 under umask 077 refused
+    the server its own directories). Raises :class:`OSError` (nothing held) when one can't be
+    made."""
+    missing = [d for d in (parent, *parent.parents) if not d.exists()]
+    held: list[Path] = []
+    error: OSError | None = None
+    with _parents_lock:
+        try:
+            for directory in reversed(missing):  # from the top down
+                try:
+                    directory.mkdir()
+                except FileExistsError:
+                    continue  # made meanwhile: not this process's
+                _made_parents[directory] = 0
+                if open_to is not None:
+                    directory.chmod(0o755)
+        except OSError as exc:
+            error = exc
+        for directory in (parent, *parent.parents):
+            if directory in _made_parents:
+                _made_parents[directory] += 1
+                held.append(directory)
+    if error is not None:
+        _release_parents(held)  # what was made of it goes again
+        raise error
+    return held
+
+
+def _release_parents(held: Sequence[Path]) -> None:
+    """Let go of the directories :func:`_hold_parents` returned, the deepest first; one no
+    server holds any more is removed if it is empty (someone else's files in it: kept)."""
+    with _parents_lock:
+        for directory in held:
+            left = _made_parents.get(directory, 0) - 1
+            if left > 0:
+                _made_parents[directory] = left
+                continue
+            _made_parents.pop(directory, None)
+            with contextlib.suppress(OSError):  # not empty, or gone
+                directory.rmdir()
 
 
 def _search_bit(info: os.stat_result, uid: int, gid: int) -> int:
@@ -1089,7 +1144,10 @@ class EmbeddedPostgres(PostgresServer):
     directory above its files must let that user through (the harness changes no directory's
     mode): one that doesn't makes :meth:`start` raise :class:`ServerStartError` naming it.
     :meth:`close` (also run at interpreter exit, and by a watchdog if the process is killed)
-    stops the server and deletes every file.
+    stops the server and deletes every file. The directories made for a ``base_dir`` (or
+    ``RESILIENT_DB_TEST_DIR``) that did not exist go too, with the last server of the process
+    under them, if nothing else is in them (the watchdog of a killed process removes only the
+    server's own directory); directories that existed are never removed.
     """
 
     can_control: ClassVar[bool] = True
@@ -1127,6 +1185,8 @@ class EmbeddedPostgres(PostgresServer):
         self._os_user = os_user
         self._lock = threading.RLock()
         self._base: Path | None = None
+        #: the directories above :attr:`_base` this process made and this server holds
+        self._parents: list[Path] = []
         self._ids: tuple[int, int] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._watchdog: Watchdog | None = None
@@ -1228,6 +1288,8 @@ class EmbeddedPostgres(PostgresServer):
             shutil.rmtree(self._base, ignore_errors=True)
             self._base = None
         self._dismiss_watchdog()
+        parents, self._parents = self._parents, []
+        _release_parents(parents)  # the directories made for it, if no other server is there
         with _live_lock:
             _live_servers.discard(self)
 
@@ -1258,20 +1320,27 @@ class EmbeddedPostgres(PostgresServer):
                 given = str(parent)
             if parent.exists() and not parent.is_dir():
                 raise ServerStartError(f"{given} is not a directory")
-            missing = [d for d in (parent, *parent.parents) if not d.exists()]
+        for attempt in range(_PARENT_ATTEMPTS):
+            if parent is not None:
+                # the directories made here are removed by close(), once no other server of
+                # this process is under them
+                try:
+                    self._parents = _hold_parents(parent, open_to=self._ids)
+                except OSError as exc:
+                    raise ServerStartError(f"can't make the directory {given}: {exc}") from exc
             try:
-                parent.mkdir(parents=True, exist_ok=True)
-                if self._ids is not None:
-                    # the directories made here are the harness's: open to the server's user
-                    # whatever the umask (0700 under umask 077 refused the server its own)
-                    for made in missing:
-                        made.chmod(0o755)
-            except OSError as exc:
-                raise ServerStartError(f"can't make the directory {given}: {exc}") from exc
-        # the watchdog makes the directory: there is none it would not remove
-        self._watchdog = Watchdog(
-            None, parent=parent or Path(tempfile.gettempdir()), prefix="resilient-db-pg-"
-        )
+                # the watchdog makes the directory: there is none it would not remove
+                self._watchdog = Watchdog(
+                    None, parent=parent or Path(tempfile.gettempdir()), prefix="resilient-db-pg-"
+                )
+                break
+            except ServerStartError:
+                if parent is None or parent.exists() or attempt == _PARENT_ATTEMPTS - 1:
+                    raise
+                # another process removed the (empty) directory it had made: made again
+                _release_parents(self._parents)
+                self._parents = []
+        assert self._watchdog is not None
         self._base = self._watchdog.directory
         with _live_lock:
             _live_servers.add(self)
