@@ -16,7 +16,6 @@ import inspect
 import logging
 import select
 import socket
-import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -2160,18 +2159,8 @@ class EngineHooks:
         if probe is not None and probe[0] is dbapi_connection and self.config.enabled:
             driver = probe[2]
             if driver is not None:
-                now = _monotonic()
-                # polled unless used moments ago by an attempt that is replayed (see
-                # ALIVE_BYPASS_WINDOW; _replaying_attempt, inline)
-                attempt = current_attempt.get()
-                if (
-                    now - probe[3] >= ALIVE_BYPASS_WINDOW
-                    or attempt is None
-                    or not attempt.running
-                    or not attempt.replayed
-                ) and probe[1]():
+                if probe[1]():
                     self._dead_at_checkout()
-                probe[3] = now
                 # a transaction rolled back before it was returned
                 driver._rdb_may_write = driver._rdb_writes = False
                 # the connecting session has its connection (see _checkout_first)
@@ -2197,7 +2186,7 @@ class EngineHooks:
             # retries a checkout once, so a dead pooled connection followed by a new one the
             # server ended at once raised "This connection is closed", not a disconnect; such
             # a connection fails its first statement as one instead
-            probe = [dbapi_connection, dead_probe(dbapi_connection, info), None, 0.0]
+            probe = (dbapi_connection, dead_probe(dbapi_connection, info), None)
             info[_PROBE_KEY] = probe
             dead = not info.pop(_FRESH_KEY, False) and probe[1]()
         else:
@@ -2215,7 +2204,7 @@ class EngineHooks:
                 raise sa_exc.DisconnectionError("connection made before the commit protocol")
             self.commit.prepare(dbapi_connection, record)
         if getattr(driver, "_rdb_mode", None) is not None:  # prepared (stays so): fast from now
-            info[_PROBE_KEY] = [dbapi_connection, probe[1], driver, _monotonic()]
+            info[_PROBE_KEY] = (dbapi_connection, probe[1], driver)
         # the connecting session has its connection, a live one: not before, since a pooled
         # connection found dead above is replaced by a connect that is still the session's (it
         # retries as the session's first connect does: a restart leaves the pool full of dead
@@ -2489,20 +2478,9 @@ def _asyncpg_notified(fd: int) -> bool:
     return at > 0
 
 
-# A pool record's probe: [driver's connection, its dead_probe, the prepared driver connection
-# (None: not prepared yet), when it was last checked out (time.monotonic())]
+# A pool record's probe: (driver's connection, its dead_probe, the prepared driver connection
+# or None: not prepared yet)
 _PROBE_KEY = "resilient_db.dead_probe"
-_monotonic = time.monotonic
-
-#: Seconds after its last checkout during which a pooled connection checked out for an attempt
-#: that is replayed (a unit's, a retrying operation's) is taken as alive without polling its
-#: socket. The poll is a system call, several microseconds of a unit's CPU time in a busy
-#: process (more than all of a unit's bookkeeping in Python together); a connection in use
-#: moments ago is rarely dead, and if it is, its attempt fails on a disconnect, nothing sent
-#: that ran, and is replayed on a new connection (SQLAlchemy replaces the pool's connections
-#: then). Drop-in sessions, which nothing replays, are always polled. HikariCP's
-#: ``aliveBypassWindowMs`` makes the same trade, with the same 500 ms.
-ALIVE_BYPASS_WINDOW: Final = 0.5
 _FRESH_KEY = "resilient_db.connecting"  # our do_connect ran for the record's connection
 _FD_KEY = "resilient_db.socket_fd"
 _POLL_KEY = "resilient_db.poller"

@@ -1321,42 +1321,6 @@ async def test_the_dead_connection_check_of_asyncpg_is_bound_to_its_socket(
         await conn.invalidate()
 
 
-@pytest.mark.parametrize("used_moments_ago", [False, True])
-async def test_a_units_connection_killed_after_its_last_use_is_replayed_or_discarded(
-    engine: AsyncEngine,
-    pg_server: Any,
-    service: str,
-    caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
-    *,
-    used_moments_ago: bool,
-) -> None:
-    """A pooled connection a unit used moments ago (``ALIVE_BYPASS_WINDOW``) is taken as alive
-    at its next unit's checkout, as in sync code (the checkout runs in SQLAlchemy's greenlet,
-    where the unit's attempt is seen): killed meanwhile, the unit's first statement fails
-    with a disconnect and the unit is replayed on a new connection. Idle longer, it is polled
-    and discarded at checkout, nothing replayed."""
-    if not used_moments_ago:
-        monkeypatch.setattr(_unit, "ALIVE_BYPASS_WINDOW", 0.0)
-    pooled = create_engine(engine.url, pool_size=1, max_overflow=0)
-    Session = factory(pooled, service)
-
-    async def backend(session: AsyncSession) -> int:
-        return int((await session.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one())
-
-    try:
-        first = await Session.run(backend)
-        pg_server.execute(f"SELECT pg_terminate_backend({first}, 5000)")
-        with caplog.at_level(logging.INFO, logger="resilient_db"):
-            assert await Session.run(backend) != first
-        retries = rdb.health()["services"][service]["counters"]["retries"]
-        assert retries == (1 if used_moments_ago else 0)
-        discarded = "Discarded a dead pooled connection at checkout" in caplog.text
-        assert discarded is not used_moments_ago
-    finally:
-        await pooled.dispose()
-
-
 async def test_drop_in_connect_after_a_dead_pooled_connection_is_retried(
     proxied: AsyncEngine, fault_proxy: Any, service: str, caplog: pytest.LogCaptureFixture
 ) -> None:
