@@ -24,6 +24,7 @@ from types import MappingProxyType
 from typing import Any, Final
 
 import sqlalchemy.exc as sa_exc
+from psycopg.errors import ConnectionTimeout
 
 from ._errors import ResilientDBError
 from ._internals import (
@@ -454,16 +455,16 @@ def connect_timed_out(exc: BaseException) -> bool:
     ``ConnectionTimeout`` (``connect_timeout``). A host that accepts TCP and never answers
     fails so, one timeout after the connect began; a connect refused, or rejected by the
     server (a standby not promoted yet for ``target_session_attrs=read-write``, a server
-    shutting down or starting up), fails at once and is not one. Told by the error's class,
-    never by its text. (A multi-host connect raises its last host's error: a timeout on an
-    earlier host, then a quick refusal by the last, is not one.)"""
+    shutting down or starting up), fails at once and is not one. Told by the error's class
+    (psycopg's public ``psycopg.errors.ConnectionTimeout``), never by its text. (A multi-host
+    connect raises its last host's error: a timeout on an earlier host, then a quick refusal by
+    the last, is not one.)"""
     for err in error_chain(exc):
         if isinstance(err, _TIMEOUTS):
             if _connecting(err):
                 return True
             continue
-        kind = type(err)
-        if kind.__name__ == "ConnectionTimeout" and kind.__module__.startswith("psycopg"):
+        if isinstance(err, ConnectionTimeout):
             return True
     return False
 
