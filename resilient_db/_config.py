@@ -746,17 +746,27 @@ def _reload(environ: Mapping[str, str] | None) -> Config:
     from ._registry import live_policies  # noqa: PLC0415
 
     config = load_config(environ)
+    moved: list[tuple[tuple[Any, ...], Any]] = []
     with STATE.lock:
         old, STATE.env_config = STATE.env_config, config
         users = list(STATE.default_config_users)
         if old is not None and old != config:
             # with_self_healing's policies made for the environment's previous configuration
-            # are not used again (it asks for the new one): they would keep its Redis in use
-            stale = STATE.wrapper_policies
-            for key in [key for key, policy in stale.items() if policy.config == old]:
-                del stale[key]
+            # are not used again (it asks for the new one): they would keep its Redis in use.
+            # Where the reload switches the breaker off or on again, each takes the new one
+            # instead, as a factory does, and stays: its breaker says "off" in health() while
+            # off (an opening it held rejects nothing), and starts over when on again
+            cached = STATE.wrapper_policies
+            for key in [k for k, p in cached.items() if p.config == old and not k[4]]:
+                policy = cached.pop(key)
+                if old.breaker_on != config.breaker_on:
+                    moved.append(((*key[:3], config, False), policy))
     for user in users:
         user._apply_config(config)
+    for key, policy in moved:
+        policy.apply_config(config)
+        with STATE.lock:
+            STATE.wrapper_policies.setdefault(key, policy)
     # connections made while self-healing was off, in use ones too, commit marked from here
     # on where this reload switched it on
     switched_on_everywhere()

@@ -173,14 +173,16 @@ async def _aquietly(rollback: Callable[[], Awaitable[None]]) -> None:
         debug_failure(log_retry, "rollback before a replay failed")
 
 
-def _policy_for(
+def _cached_policy(
     service: str, use_retry: bool, use_circuit_breaker: bool, config: Config, explicit: bool
 ) -> Policy:
-    # Inside a unit of work or an operation that replays its attempts (see runs_once_here) the
-    # operation runs once: the enclosing one retries. Its service's breaker still admits it and
-    # counts its failures (another service's breaker protects that service; the enclosing
-    # attempt of the same service, already running when it failed, is not counted again).
-    use_retry = use_retry and not runs_once_here()
+    """The policy of an operation with these settings, made at its first call (and made
+    again after ``reset_state()``). An operation called with self-healing off runs plainly,
+    but takes its policy all the same: one made off asks no breaker and has no budget, and
+    lists its service in ``health()``, as a factory made off does. One made for the
+    environment's configuration takes a reload that switches its breaker off or on again, as
+    a factory does (see ``_config._reload``): off, its breaker says ``off``; on again, it
+    starts over."""
     key = (service, use_retry, use_circuit_breaker, config, explicit)
     policies = STATE.wrapper_policies
     policy: Policy | None = policies.get(key)
@@ -195,6 +197,19 @@ def _policy_for(
         if len(policies) > 256:  # configurations come and go with reload_config
             policies.clear()
         policies[key] = policy
+    return policy
+
+
+def _policy_for(
+    service: str, use_retry: bool, use_circuit_breaker: bool, config: Config, explicit: bool
+) -> Policy:
+    # Inside a unit of work or an operation that replays its attempts (see runs_once_here) the
+    # operation runs once: the enclosing one retries. Its service's breaker still admits it and
+    # counts its failures (another service's breaker protects that service; the enclosing
+    # attempt of the same service, already running when it failed, is not counted again).
+    policy = _cached_policy(
+        service, use_retry and not runs_once_here(), use_circuit_breaker, config, explicit
+    )
     if admitted_by(policy.breaker):
         # inside an operation or a unit of the same service, its breaker already let the
         # attempt through and counts its outcome: not asked again (see admitted_by)
@@ -282,6 +297,7 @@ def with_self_healing(
     _refuse_needing_arguments(fn)
     cfg = config if config is not None else env_config()
     if not cfg.enabled:
+        _cached_policy(service, use_retry, use_circuit_breaker, cfg, config is not None)
         return fn()
     policy = _policy_for(service, use_retry, use_circuit_breaker, cfg, config is not None)
     if check is not None and not validation_on(cfg):
@@ -488,6 +504,7 @@ def _decorator(
             async def awrapper(*args: Any, **kwargs: Any) -> Any:
                 cfg = config if config is not None else env_config()
                 if not cfg.enabled:
+                    _cached_policy(service, use_retry, use_circuit_breaker, cfg, explicit)
                     return await fn(*args, **kwargs)
                 policy = _policy_for(service, use_retry, use_circuit_breaker, cfg, explicit)
                 attempts = _Attempts(policy, lambda: fn(*args, **kwargs))
@@ -502,6 +519,7 @@ def _decorator(
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             cfg = config if config is not None else env_config()
             if not cfg.enabled:
+                _cached_policy(service, use_retry, use_circuit_breaker, cfg, explicit)
                 return fn(*args, **kwargs)
             policy = _policy_for(service, use_retry, use_circuit_breaker, cfg, explicit)
             active = check if check is not None and validation_on(cfg) else None
