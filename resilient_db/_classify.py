@@ -19,7 +19,7 @@ import logging
 import sys
 import time
 import traceback
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Final
 
@@ -255,14 +255,14 @@ def hot_standby_server(driver: Any) -> str | None:
     try:
         if getattr(driver, "pgconn", None) is not None:  # psycopg 3
             info = driver.info
-            return _address(info.host, info.port)
+            return host_address(info.host, info.port)
         # asyncpg: the address it connected to (a multi-host URL: the one that answered); it
         # has no public accessor for it
         addr = asyncpg_address(driver)
     except Exception:  # a connection that broke meanwhile: nothing to say
         return None
     if isinstance(addr, tuple) and len(addr) >= 2:
-        return _address(str(addr[0]), addr[1])
+        return host_address(str(addr[0]), addr[1])
     return str(addr) if isinstance(addr, str) else "an unknown address"
 
 
@@ -322,7 +322,8 @@ def _read_only_by_the_application(exc: BaseException) -> bool:
     return False
 
 
-def _address(host: str, port: Any) -> str:
+def host_address(host: str, port: Any) -> str:
+    """``host:port`` (an IPv6 address in brackets), as messages name a server."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -363,6 +364,47 @@ def hot_standby_hint(server: str) -> str:
         f"the server at {server} is a read-only hot standby (in recovery, SQLSTATE 25006): "
         f"{HOT_STANDBY_FIX}"
     )
+
+
+_HOSTS_FAILED = "resilient_db_hosts_failed"
+
+#: the most characters of one host's error that :func:`mark_hosts_failed` keeps
+_HOST_ERROR_CHARS = 160
+
+
+def mark_hosts_failed(exc: BaseException, failures: Sequence[tuple[str, BaseException]]) -> None:
+    """Record on ``exc`` (the last host's error, raised as it is: its type and message stay
+    the driver's, and decide its classification) that the connect to a multi-host URL tried
+    every host in ``failures`` (``(address, error)``, in the order tried) and none could be
+    used, each error said in a few words; added to its traceback too (Python 3.11+). The
+    driver's message names the last host only, as if no other had been tried."""
+    tried = "; ".join(f"{address}: {_in_short(err)}" for address, err in failures)
+    text = f"no host of the multi-host URL could be used, {len(failures)} tried: {tried}"
+    with contextlib.suppress(AttributeError, TypeError):  # a type that takes no attributes
+        setattr(exc, _HOSTS_FAILED, text)
+    add_note = getattr(exc, "add_note", None)
+    if callable(add_note):
+        with contextlib.suppress(Exception):
+            add_note(f"resilient_db: {text}")
+
+
+def hosts_failed_of(exc: BaseException | None) -> str | None:
+    """What :func:`mark_hosts_failed` recorded on ``exc`` or an error it wraps, or None."""
+    return None if exc is None else text_mark(exc, _HOSTS_FAILED)
+
+
+def _in_short(err: BaseException) -> str:
+    """``ClassName: first line of its message`` (cut), or the class name alone."""
+    try:
+        lines = str(err).strip().splitlines()
+    except Exception:  # a message that can't be made: its class says enough
+        lines = []
+    if not lines:
+        return type(err).__name__
+    first = lines[0]
+    if len(first) > _HOST_ERROR_CHARS:
+        first = first[:_HOST_ERROR_CHARS] + "…"
+    return f"{type(err).__name__}: {first}"
 
 
 def marked_replay_safe(exc: BaseException) -> bool:

@@ -73,6 +73,8 @@ from ._classify import (
     Outcome,
     answered,
     debug_failure,
+    host_address,
+    mark_hosts_failed,
     mark_replay_safe,
     unanswered_commit,
 )
@@ -1041,7 +1043,7 @@ async def _connect_host_by_host(
     wanted = target_session_attrs or os.environ.get("PGTARGETSESSIONATTRS")
     if wanted == "prefer-standby":
         return await _prefer_standby(args, kwargs, host, port, per_host)
-    last: BaseException | None = None
+    failures: list[tuple[str, BaseException]] = []
     for one_host, one_port in zip(host, port, strict=True):
         try:
             return await asyncpg.connect(
@@ -1053,10 +1055,19 @@ async def _connect_host_by_host(
                 **kwargs,
             )
         except _NEXT_HOST as exc:
-            last = exc
+            failures.append((host_address(one_host, one_port), exc))
             debug_failure(log_session, "connecting to %s:%s failed", one_host, one_port)
-    assert last is not None  # (at least two hosts were tried)
-    raise last
+    raise _every_host_failed(failures)
+
+
+def _every_host_failed(failures: list[tuple[str, BaseException]]) -> BaseException:
+    """The error to raise when no host could be used: the last one's (as asyncpg raises it),
+    marked with every host tried and how each failed (:func:`mark_hosts_failed`), which the
+    unit's ``Gave up`` line and the breaker's say: its own message names the last host only."""
+    assert failures  # (at least two hosts were tried)
+    last = failures[-1][1]
+    mark_hosts_failed(last, failures)
+    return last
 
 
 async def _prefer_standby(
@@ -1070,7 +1081,7 @@ async def _prefer_standby(
     server reached (kept open meanwhile, not connected to again: a second pass would spend
     each unreachable host's timeout twice)."""
     fallback: Any = None
-    last: BaseException | None = None
+    failures: list[tuple[str, BaseException]] = []
     try:
         for one_host, one_port in zip(hosts, ports, strict=True):
             try:
@@ -1083,14 +1094,14 @@ async def _prefer_standby(
                     **kwargs,
                 )
             except _NEXT_HOST as exc:
-                last = exc
+                failures.append((host_address(one_host, one_port), exc))
                 debug_failure(log_session, "connecting to %s:%s failed", one_host, one_port)
                 continue
             try:
                 standby = await _in_hot_standby(conn)
             except Exception as exc:  # (the query of a server before 14): the next host
                 conn.terminate()
-                last = exc
+                failures.append((host_address(one_host, one_port), exc))
                 continue
             if standby:
                 if fallback is not None:
@@ -1106,8 +1117,7 @@ async def _prefer_standby(
         raise
     if fallback is not None:
         return fallback
-    assert last is not None  # (at least two hosts were tried)
-    raise last
+    raise _every_host_failed(failures)
 
 
 async def _in_hot_standby(conn: Any) -> bool:

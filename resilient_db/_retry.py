@@ -30,6 +30,7 @@ from ._classify import (
     Outcome,
     connect_timed_out,
     debug_failure,
+    hosts_failed_of,
     hot_standby_hint,
     hot_standby_of,
     interrupted_commit,
@@ -87,9 +88,10 @@ _monotonic = time.monotonic
 
 def _failure_cause(exc: BaseException) -> str | None:
     """What a transient failure was, where it says more than its class (for the give-up's and
-    the breaker's messages): a write refused by a hot standby. Failure path only."""
+    the breaker's messages): a write refused by a hot standby; a connect to a multi-host URL
+    that could use none of its hosts (each named, with how it failed). Failure path only."""
     server = hot_standby_of(exc)
-    return None if server is None else hot_standby_hint(server)
+    return hosts_failed_of(exc) if server is None else hot_standby_hint(server)
 
 
 def _add_note(exc: BaseException, note: str) -> None:

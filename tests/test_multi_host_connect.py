@@ -1,0 +1,100 @@
+"""A multi-host URL (``host=a&host=b&target_session_attrs=read-write``) none of whose hosts can
+be used: what the unit raises, and its ``[SELF-HEAL]`` lines, name every host tried.
+
+asyncpg's connect to such a URL is resilient_db's own (one host at a time, each with its own
+connect timeout): it raised the last host's error as it was, ``Connect call failed
+('127.0.0.1', <last port>)``, and the ``Gave up`` line said ``disconnect``, as if that one host
+had been tried. psycopg's own error lists every host already (its text, not resilient_db's).
+Real servers: one stopped, and a loopback port nothing listens on."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+import resilient_db as rdb
+from resilient_db.testing import EmbeddedPostgres, free_port
+
+pytestmark = pytest.mark.usefixtures("no_backoff")
+
+CONFIG = rdb.Config(max_retries=1, failure_threshold=2)
+
+
+@pytest.fixture(scope="module")
+def down_hosts() -> Iterator[tuple[str, str]]:
+    """``host:port`` of a server that was running and is stopped, and of a loopback port
+    nothing listens on."""
+    server = EmbeddedPostgres()
+    try:
+        server.start()
+        stopped = f"{server.host}:{server.port}"
+        server.stop()
+        yield stopped, f"127.0.0.1:{free_port()}"
+    finally:
+        server.close()
+
+
+def multi_host_url(driver: str, hosts: tuple[str, str]) -> sa.URL:
+    return sa.make_url(f"postgresql+{driver}://app@/app").update_query_dict(
+        {"host": list(hosts), "target_session_attrs": "read-write"}
+    )
+
+
+async def select_one(session: AsyncSession) -> None:
+    await session.execute(sa.text("SELECT 1"))
+
+
+def test_asyncpg_names_every_host_tried_when_none_can_be_used(
+    down_hosts: tuple[str, str],
+    service: str,
+    events: list[rdb.SelfHealEvent],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def run() -> ConnectionRefusedError:
+        engine = create_async_engine(multi_host_url("asyncpg", down_hosts))
+        factory = rdb.AsyncResilientSession(engine, service=service, config=CONFIG)
+        try:
+            # the driver's error, as asyncpg raises it (its type decides how it is handled)
+            with pytest.raises(ConnectionRefusedError) as raised:
+                await factory.run(select_one)
+            return raised.value
+        finally:
+            await engine.dispose()
+
+    with caplog.at_level(logging.ERROR, logger="resilient_db"):
+        error = asyncio.run(run())
+    assert down_hosts[1].rpartition(":")[2] in str(error)
+
+    (gave_up,) = [e for e in events if e.name == "gave_up"]
+    (line,) = [r.getMessage() for r in caplog.records if "Gave up" in r.getMessage()]
+    (opened,) = [e for e in events if e.name == "breaker_opened"]
+    for said in (line, gave_up.fields["cause"], opened.message):
+        assert "no host of the multi-host URL could be used, 2 tried" in said
+        first, second = (said.index(f"{host}: ConnectionRefusedError") for host in down_hosts)
+        assert first < second  # in the order tried, each with how it failed
+    if sys.version_info >= (3, 11):
+        (note,) = error.__notes__
+        assert note == f"resilient_db: {gave_up.fields['cause']}"
+
+
+def test_psycopgs_own_error_names_every_host_tried(
+    down_hosts: tuple[str, str], service: str
+) -> None:
+    """psycopg tries the hosts itself, and its error lists each one's failure: nothing to add."""
+    engine = sa.create_engine(multi_host_url("psycopg", down_hosts))
+    factory = rdb.ResilientSession(engine, service=service, config=CONFIG)
+    try:
+        with pytest.raises(sa.exc.OperationalError) as raised:
+            factory.run(lambda session: session.execute(sa.text("SELECT 1")))
+    finally:
+        engine.dispose()
+    assert "Multiple connection attempts failed" in str(raised.value)
+    for host in down_hosts:
+        name, _, port = host.rpartition(":")
+        assert f"host: '{name}', port: '{port}'" in str(raised.value)
