@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 import resilient_db as rdb
-from resilient_db.testing import EmbeddedPostgres, free_port
+from resilient_db.testing import EmbeddedPostgres, StandbyPair, free_port
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
 
@@ -98,3 +98,34 @@ def test_psycopgs_own_error_names_every_host_tried(
     for host in down_hosts:
         name, _, port = host.rpartition(":")
         assert f"host: '{name}', port: '{port}'" in str(raised.value)
+
+
+def test_asyncpg_says_how_each_host_failed_a_standby_and_a_closed_port(
+    pg_standby: StandbyPair, service: str, events: list[rdb.SelfHealEvent]
+) -> None:
+    """A closed port, then a hot standby (running, but not read-write): each failed its own
+    way, and both are said, in the order tried. (The unit raises the standby's refusal, the
+    last host's, wrapped by SQLAlchemy: the cause is found on its chain.)"""
+    pair = pg_standby
+    pair.create_database("app")
+    closed, standby = f"127.0.0.1:{free_port()}", f"{pair.standby.host}:{pair.standby.port}"
+    url = sa.make_url(pair.url("app", driver="asyncpg")).update_query_dict(
+        {"host": [closed, standby], "target_session_attrs": "read-write"}
+    )
+
+    async def run() -> None:
+        engine = create_async_engine(url)
+        factory = rdb.AsyncResilientSession(engine, service=service, config=CONFIG)
+        try:
+            with pytest.raises(sa.exc.DBAPIError, match="target attribute requirement"):
+                await factory.run(select_one)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())
+    (gave_up,) = [e for e in events if e.name == "gave_up"]
+    cause = gave_up.fields["cause"]
+    assert cause.startswith("no host of the multi-host URL could be used, 2 tried: ")
+    assert f"{closed}: ConnectionRefusedError: " in cause
+    assert f"{standby}: TargetServerAttributeNotMatched: " in cause
+    assert cause.index(closed) < cause.index(standby)
