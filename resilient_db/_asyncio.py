@@ -754,6 +754,15 @@ if True:  # async only
         def __init__(self, session: S) -> None:
             self.session = session
 
+        # SQLAlchemy's names for the two (its context manager's attributes)
+        @property
+        def async_session(self) -> S:
+            return self.session
+
+        @property
+        def trans(self) -> AsyncSessionTransaction:
+            return self.transaction
+
         async def __aenter__(self) -> S:
             self.transaction = self.session.begin()
             await self.transaction.__aenter__()

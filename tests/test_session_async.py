@@ -1704,3 +1704,20 @@ async def test_a_schema_change_under_prepared_statements_fails_once_or_is_replay
         assert rdb.sqlstate_of(info.value) == "0A000"
         assert calls == [1]
         assert await Session.run(read) == 1  # the next unit on that connection succeeds
+
+
+async def test_session_begin_gives_what_sqlalchemys_begin_gives(engine: AsyncEngine) -> None:
+    """``Session.begin()`` commits in the caller's task (a context manager of the factory's
+    own), and keeps the names of SQLAlchemy's: ``async_session`` before the block,
+    ``trans`` (the session's transaction) in it."""
+    plain = async_sessionmaker(engine).begin()
+    Session = AsyncResilientSession(engine)
+    begun = Session.begin()
+    assert {"async_session", "trans"} <= {n for n in dir(plain) if not n.startswith("_")}
+    assert isinstance(begun.async_session, Session.class_)
+    async with begun as session:
+        assert session is begun.async_session
+        assert begun.trans.is_active
+        assert session.get_transaction() is begun.trans
+        assert (await session.execute(sa.text("SELECT 1"))).scalar_one() == 1
+    assert not begun.trans.is_active
