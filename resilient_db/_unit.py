@@ -480,7 +480,7 @@ _COMMIT_INTERRUPTED = "resilient_db_commit_interrupted"
 
 def mark_commit_interrupted(interruption: BaseException, service: str) -> None:
     """Mark ``interruption`` (a unit's cancellation, ``KeyboardInterrupt``; or drop-in code's,
-    see ``EngineHooks._commit_cut_off``) as having cut off a COMMIT that may have written,
+    see ``EngineHooks._commit_unanswered``) as having cut off a COMMIT that may have written,
     whose outcome is unknown (see :meth:`CommitReferee.interrupted`), with the unit's
     ``service``. It is raised as it is;
     the mark only tells a web handler meeting it, or the ``TimeoutError`` that
@@ -2004,7 +2004,7 @@ class EngineHooks:
         ):
             self._commit_unanswered(attempt)
         elif interrupted_commit(original) and current_request.get() is None and not own_work.get():
-            self._commit_cut_off(attempt, original)
+            self._commit_unanswered(attempt, original)
         if self.config.guard_on:
             database_error = ctx.sqlalchemy_exception or original
             mapped = exception_from_db(database_error, log=True, config=self._speaker()[0])
@@ -2012,41 +2012,36 @@ class EngineHooks:
                 return mapped  # SQLAlchemy raises it from the driver's error
         return None
 
-    def _commit_unanswered(self, attempt: Any) -> None:
+    def _commit_unanswered(self, attempt: Any, interruption: BaseException | None = None) -> None:
         """A COMMIT that is not a unit's final one (drop-in use, or an operation's own code)
-        may have written and lost its answer (or the server said 08007): counted as a unit's
-        unknown outcome is; said here for drop-in use (an operation's says it is not
-        replayed, and why), and for a unit's that carried no marker: a unit runs without an
-        attempt only when it began with self-healing off (it commits plainly, nothing marked,
-        see ``commit_plainly``), a reload having switched it on before its COMMIT."""
+        may have written and lost its answer (or the server said 08007), or an
+        ``interruption`` (a cancelled task, a deadline, ``KeyboardInterrupt``) cut it off
+        before its answer came: its outcome is unknown, counted as a unit's unknown outcome
+        is (an interruption marked for a web answer, as a unit's COMMIT so interrupted: see
+        :meth:`CommitReferee.interrupted`, and it goes on as it is); said here for drop-in use
+        (an operation's line says it is not replayed, and why), and for a unit's that carried
+        no marker: a unit runs without an attempt only when it began with self-healing off (it
+        commits plainly, nothing marked, see ``commit_plainly``), a reload having switched it
+        on before its COMMIT."""
         config, service = self._speaker()
         stats_for(service).add("unknown_commits")
+        if interruption is not None:
+            mark_commit_interrupted(interruption, service)
         if attempt is not None:
             return
-        emit(
-            config,
-            log_session,
-            logging.ERROR,
-            "Commit outcome unknown: service=%s %s lost its answer, or the server could not "
-            "tell (08007): it may have committed; the error is raised as it is: check before "
-            "doing the work again",
-            service,
-            _whose_plain_commit(),
-            service=service,
-            event="commit_unknown",
-        )
-
-    def _commit_cut_off(self, attempt: Any, interruption: BaseException) -> None:
-        """An interruption (a cancelled task, a deadline, ``KeyboardInterrupt``) cut off a
-        COMMIT that is not a unit's final one (drop-in use, or an operation's own code), which
-        may have written, before its answer came: its outcome is unknown, as that of a unit's
-        COMMIT so interrupted (see :meth:`CommitReferee.interrupted`). Counted as such, and the
-        interruption marked (for a web answer); said here for drop-in use (an operation's line
-        says it is not replayed, and why). The interruption goes on as it is."""
-        config, service = self._speaker()
-        stats_for(service).add("unknown_commits")
-        mark_commit_interrupted(interruption, service)
-        if attempt is not None:
+        if interruption is None:
+            emit(
+                config,
+                log_session,
+                logging.ERROR,
+                "Commit outcome unknown: service=%s %s lost its answer, or the server could "
+                "not tell (08007): it may have committed; the error is raised as it is: check "
+                "before doing the work again",
+                service,
+                _whose_plain_commit(),
+                service=service,
+                event="commit_unknown",
+            )
             return
         emit(
             config,
