@@ -8,6 +8,7 @@ again."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import uuid
 from collections.abc import Callable, Iterator
@@ -455,3 +456,79 @@ def test_a_group_is_judged_as_one_error_is_unknown_outcome_then_partly_committed
         "9",
     )
     assert answer(group("g", [opened, ValueError("app")])) is None
+
+
+# -- the error of the application's own, answered: logged, as the server would have -------------
+def test_a_database_error_of_the_apps_own_after_a_committed_part_is_logged_with_its_traceback(
+    direct: sa.Engine, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug (a column that does not exist, 42703) after the unit's own COMMIT is answered
+    ``partly-committed``: the answer hides it from the application's handlers and from the
+    server, which would have logged its traceback. The handler logs it (an ERROR line of
+    ``resilient_db.web``: its frames and SQLSTATE, no text of the database's, which may quote
+    values); the unit's own line names only its class."""
+    Sessions = rdb.ResilientSession(direct, service=service, config=rdb.Config())
+    key = str(uuid.uuid4())
+    value = f"private-{uuid.uuid4()}"  # a value the query is given: never logged
+    query = sa.text("SELECT " + "no_such_" + "column FROM tasks WHERE title = :title")
+
+    def unit(session: Session) -> None:
+        create_task(session, title="first", idem_key=key)
+        session.commit()
+        session.execute(query, {"title": value})
+
+    def where_it_failed(request: Request) -> JSONResponse:
+        return JSONResponse(Sessions.run(unit))
+
+    with caplog.at_level(logging.ERROR, logger="resilient_db.web"):
+        partly(app_of(where_it_failed).post("/change"), None)
+    assert saved(direct, key) == 1
+    (line,) = [r for r in caplog.records if r.name == "resilient_db.web"]
+    assert line.levelno == logging.ERROR
+    text = line.getMessage()
+    assert "Answered 500 partly-committed" in text
+    assert "in where_it_failed" in text  # the frames of the bug
+    assert "in unit" in text
+    assert "ProgrammingError: (SQLSTATE 42703" in text
+    assert value not in text
+    assert "no_such_column" not in text
+
+
+@pytest.mark.skipif(EXCEPTION_GROUP is None, reason="no ExceptionGroup here")
+def test_a_groups_error_of_the_apps_own_after_a_committed_part_is_logged_not_lost(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A group marked partly committed whose member is the application's own (a ``KeyError``
+    in one task) is answered ``partly-committed``, with nothing in the logs but the class
+    ``ExceptionGroup`` before: the member's traceback is logged now. An error of ours (an open
+    circuit after a committed part) is said by the library's own lines, and not again."""
+    group: Any = EXCEPTION_GROUP
+
+    def bug() -> None:
+        {}["missing"]
+
+    def raise_group(request: Request) -> JSONResponse:
+        try:
+            bug()
+        except KeyError as exc:
+            failed = group("unhandled errors in a TaskGroup", [exc])
+        mark_partly_committed(failed)
+        raise failed
+
+    def raise_ours(request: Request) -> JSONResponse:
+        opened = rdb.CircuitOpenError("db", 3.0)
+        mark_partly_committed(opened)
+        raise opened
+
+    with caplog.at_level(logging.DEBUG, logger="resilient_db.web"):
+        partly(app_of(raise_group).post("/change"), None)
+        (line,) = [r for r in caplog.records if r.name == "resilient_db.web"]
+        caplog.clear()
+        partly(app_of(raise_ours).post("/change"), "circuit-open")
+        assert [r for r in caplog.records if r.name == "resilient_db.web"] == []
+    text = line.getMessage()
+    assert line.levelno == logging.ERROR
+    assert "failed with ExceptionGroup" in text
+    assert "Error 1 of the group:" in text
+    assert "in bug" in text
+    assert "KeyError: 'missing'" in text

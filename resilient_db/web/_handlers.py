@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from resilient_db._classify import failure_detail
 from resilient_db._config import Config
 from resilient_db._errors import (
     CircuitOpenError,
@@ -30,7 +31,10 @@ from resilient_db._wrapper import is_async_callable
 from resilient_db.transitions._report import env_config
 
 from ._problems import (
+    BASE_GROUP,
     EXCEPTION_GROUP,
+    MAX_GROUP_ERRORS,
+    PARTLY,
     PROBLEM_JSON,
     PROBLEM_TYPE_BASE,
     TRANSIENT_RETRY_AFTER,
@@ -108,6 +112,33 @@ def report_pool_exhausted(config: Config | None, exc: BaseException) -> None:
     )
 
 
+def report_unseen_failure(problem: Problem, exc: BaseException, type_base: str) -> None:
+    """The ERROR line (``resilient_db.web``) of an error of the application's own answered as
+    ``partly-committed`` (no ``failure``: a bug, a database error that is not transient, an
+    error of another task of a group), with its traceback and those of a group's errors. The
+    answer hides it from the application's handlers and the server, which would have logged
+    it; the unit's ``Not replaying`` line names only its class. Its traceback as the DEBUG
+    lines show them: no text of a database error, which may quote values."""
+    if problem.status != 500 or problem.body.get("type") != type_base + PARTLY:
+        return
+    if "failure" in problem.body:  # one of ours, already said by the library's own lines
+        return
+    details = [failure_detail(exc)]
+    errors = group_errors(exc)
+    if errors is not None:
+        for n, error in enumerate(errors, 1):
+            details.append(f"Error {n} of the group:\n{failure_detail(error)}")
+    elif BASE_GROUP is not None and isinstance(exc, BASE_GROUP):
+        details.append(f"(the group's errors not shown: more than {MAX_GROUP_ERRORS})")
+    log_web.error(
+        "Answered 500 partly-committed: the request failed with %s after part of its change "
+        "was committed; it is not one of resilient_db's errors, and no handler of the "
+        "application's will see it:\n%s",
+        type(exc).__name__,
+        "\n".join(details),
+    )
+
+
 def problem_response(problem: Problem) -> Response:
     """``problem`` as a Starlette response (``application/problem+json``)."""
     return JSONResponse(
@@ -160,6 +191,7 @@ class _ProblemHandler:
             exhausted = [e for e in group_errors(exc) or [exc] if pool_exhausted(e)]
             if exhausted and problem.status == 503:
                 report_pool_exhausted(self._config, exhausted[0])
+            report_unseen_failure(problem, exc, self._type_base)
             if isinstance(request, WebSocket):
                 # an HTTP response is no answer on a WebSocket (after accept() it is a protocol
                 # error that hides this one): close it, saying why in a few words

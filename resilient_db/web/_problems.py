@@ -220,7 +220,7 @@ def problem_details(
     # as for one error: an unknown commit outcome first, then a partly-committed change (a
     # member's, or the group's own: an operation that committed part of its work before one of
     # its tasks failed, whose tasks' errors are not marked themselves), then the rest
-    for kind in (_UNKNOWN, _PARTLY):
+    for kind in (_UNKNOWN, PARTLY):
         for found in problems:
             if found is not None and found.body["type"] == type_base + kind:
                 return found
@@ -254,7 +254,7 @@ def _group_partly_committed(exc: BaseException) -> bool:
 
 
 _UNKNOWN = "commit-outcome-unknown"
-_PARTLY = "partly-committed"
+PARTLY = "partly-committed"
 
 
 def _body(
@@ -314,7 +314,7 @@ def _partly_problem(failed: BaseException | None, type_base: str) -> Problem:
     it is one (see :func:`_failure_of`)."""
     said, ext = ("", {}) if failed is None else _failure_of(failed, _outcome(failed))
     title = "Change partly saved"
-    return Problem(500, _body(type_base, _PARTLY, title, 500, _PARTLY_DETAIL + said, **ext))
+    return Problem(500, _body(type_base, PARTLY, title, 500, _PARTLY_DETAIL + said, **ext))
 
 
 def _problem_of(exc: BaseException, config: Config | None, type_base: str) -> Problem | None:
