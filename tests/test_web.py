@@ -827,3 +827,39 @@ def test_install_exception_handlers_refuses_arguments_that_would_answer_500(
     with pytest.raises(TypeError, match=named):
         install_exception_handlers(app, **arguments)
     assert not any(cls in app.exception_handlers for cls in HANDLED)
+
+
+def test_a_state_json_calls_nan_or_infinity_is_answered_409_not_500(
+    direct: sa.Engine, service: str
+) -> None:
+    """A JSON body may say ``NaN`` or ``Infinity`` (Python's ``json``, which Starlette and
+    FastAPI parse bodies with, reads them as floats): a move to such a status is refused by the
+    guard, and answered 409 with the state as text. Kept as a float, it made the answer
+    unrenderable (``JSONResponse`` refuses NaN): a plain 500 raised from the handler."""
+    Sessions = rdb.ResilientSession(direct, service=service, config=rdb.Config())
+    task_id = new_task(direct)
+
+    async def move_route(request: Request) -> JSONResponse:
+        wanted = (await request.json())["status"]
+
+        def move(session: Session) -> None:
+            task = session.get_one(Task, task_id)
+            move_task(session, task, wanted, idem_key=str(uuid.uuid4()))
+            session.flush()
+
+        Sessions.run(move)
+        return JSONResponse({})
+
+    app = Starlette(routes=[Route("/move", move_route, methods=["POST"])])
+    install_exception_handlers(app)
+    client = TestClient(app, raise_server_exceptions=False)
+    for sent, said in ((b"NaN", "nan"), (b"Infinity", "inf"), (b"-Infinity", "-inf")):
+        answer = client.post(
+            "/move",
+            content=b'{"status": ' + sent + b"}",
+            headers={"content-type": "application/json"},
+        )
+        body = problem(answer, 409, "illegal-transition")
+        assert body["to_state"] == said
+        assert body["from_state"] == "pending"
+    assert status_of(direct, task_id) == "pending"

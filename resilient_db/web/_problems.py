@@ -70,9 +70,13 @@ class Problem:
 def _plain(value: Any) -> Any:
     """A state as JSON can carry it (an Enum member by its value), text cut at
     :data:`~resilient_db._observability.MAX_VALUE_CHARS` (marked): a client-chosen status of a
-    megabyte is not sent back whole, twice."""
+    megabyte is not sent back whole, twice. A float that is not finite is its text ("nan",
+    "inf"): JSON has no such number, and a body parsed by Python's ``json`` (Starlette's,
+    FastAPI's) can carry one; kept, the answer could not be rendered."""
     value = getattr(value, "value", value)
-    if value is None or isinstance(value, (int, float, bool)):
+    if value is None or isinstance(value, (int, bool)):
+        return value
+    if isinstance(value, float) and math.isfinite(value):
         return value
     return truncated(str(value), MAX_VALUE_CHARS)
 
