@@ -683,3 +683,44 @@ def test_poll_seconds_and_events_in_range_work() -> None:
     for events in (float("inf"), -1, 2.5, True):
         with pytest.raises(ValueError, match="events"):
             dashboard(auth=lambda request: True, events=events)  # type: ignore[arg-type]
+
+
+def test_a_client_chosen_nan_state_leaves_data_json_servable(
+    tasks: sa.Engine, service: str
+) -> None:
+    """A move to a status of ``NaN`` or ``Infinity`` (a float Python's ``json`` reads from a
+    request body) is refused by the guard; what the dashboard keeps of it is the state's text.
+    Kept as a float, every ``data.json`` answered 500 (JSON has no such number) until 200 more
+    events had pushed it out: one request took the dashboard down."""
+    board = dashboard(auth=lambda request: True)
+    Sessions = rdb.ResilientSession(tasks, service=service, config=rdb.Config())
+    with Session(tasks) as session, session.begin():
+        task = create_task(session, title="t", idem_key=str(uuid.uuid4()))
+        session.flush()
+        task_id = task.id
+    for wanted in (float("nan"), float("inf")):
+
+        def move(session: Session, wanted: float = wanted) -> None:
+            found = session.get_one(Task, task_id)
+            move_task(session, found, wanted, idem_key=str(uuid.uuid4()))  # type: ignore[arg-type]
+            session.flush()
+
+        with pytest.raises(rdb.IllegalTransitionError):
+            Sessions.run(move)
+    answer = mounted(board).get("/admin/self-healing/data.json")
+    assert answer.status_code == 200, answer.text
+    events = [e for e in answer.json()["events"] if e["name"] == "transition_blocked"]
+    assert [e["fields"]["to_state"] for e in events] == ["nan", "inf"]
+    # a hook may be fed directly: its fields are kept as JSON can carry them
+    rec = Recorder()
+    rec(
+        rdb.SelfHealEvent(
+            name="transition_blocked",
+            service=None,
+            level=40,
+            message="m",
+            fields={"from_state": float("-inf"), "to_state": 1.5, "blocked_rows": 2},
+        )
+    )
+    (event,) = rec.snapshot()["events"]
+    assert event["fields"] == {"from_state": "-inf", "to_state": 1.5, "blocked_rows": 2}

@@ -10,6 +10,7 @@ Blocked transitions are counted as :func:`resilient_db.health` counts ``blocked_
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import weakref
@@ -121,6 +122,16 @@ def _count(counter: Counter[str], label: str, amount: int = 1) -> None:
         counter[label] += amount
 
 
+def _field(value: Any) -> Any:
+    """A field of an event as ``data.json`` serves it: a number as it is, anything else as its
+    text, cut. A float that is not finite too ("nan", "inf"): a status a client sent as ``NaN``
+    in a JSON body (Python's ``json`` reads it) would otherwise make every ``data.json``
+    unrenderable while the event is kept, as JSON has no such number."""
+    if isinstance(value, (int, bool)) or (isinstance(value, float) and math.isfinite(value)):
+        return value
+    return truncated(str(value), MAX_FIELD_CHARS)
+
+
 def _rows(fields: Mapping[str, Any]) -> int:
     """The rows a ``transition_blocked`` event stands for: its ``blocked_rows`` (a bulk UPDATE's
     event names several), 1 without; read as the OpenTelemetry hook reads it."""
@@ -166,10 +177,7 @@ class Recorder:
             "service": service,
             "level": logging.getLevelName(event.level).lower(),
             "message": truncated(str(event.message), MAX_MESSAGE_CHARS),
-            "fields": {
-                k: v if isinstance(v, (int, float, bool)) else truncated(str(v), MAX_FIELD_CHARS)
-                for k, v in shown.items()
-            },
+            "fields": {k: _field(v) for k, v in shown.items()},
         }
         with self._lock:
             # the time is read under the lock: events from several threads are recorded in
