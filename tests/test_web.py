@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from pydantic import BaseModel
-from scenarios import MoveFirst, on_event_loop, tasks_engine
+from scenarios import MoveFirst, driver_connection, on_event_loop, tasks_engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
@@ -863,3 +863,35 @@ def test_a_state_json_calls_nan_or_infinity_is_answered_409_not_500(
         assert body["to_state"] == said
         assert body["from_state"] == "pending"
     assert status_of(direct, task_id) == "pending"
+
+
+def test_a_transient_error_of_a_statement_sent_on_psycopgs_own_connection_gives_503(
+    direct: sa.Engine, service: str
+) -> None:
+    """A statement a unit sends on psycopg's own connection (COPY, a ``psycopg.sql``
+    composition) fails with psycopg's error, which SQLAlchemy never wraps: a serialization
+    failure (40001) that ran out of retries is answered 503 like the same error sent through
+    SQLAlchemy, not left to the application's 500 (asyncpg's own classes were answered; psycopg's
+    had no handler). psycopg's errors the handlers don't answer stay the application's."""
+    config = rdb.Config(max_retries=1, circuit_breaker=False)
+    Sessions = rdb.ResilientSession(direct, service=service, config=config)
+
+    def raw(code: str) -> Callable[[Request], JSONResponse]:
+        def unit(session: Session) -> None:
+            with driver_connection(session).cursor() as cursor:
+                cursor.execute("SELECT raise_code(%s)", (code,))
+
+        def route(request: Request) -> JSONResponse:
+            Sessions.run(unit)
+            return JSONResponse({})
+
+        return route
+
+    app = Starlette(routes=[Route("/conflict", raw("40001")), Route("/division", raw("22012"))])
+    install_exception_handlers(app)
+    client = TestClient(app, raise_server_exceptions=False)
+    body = problem(client.get("/conflict"), 503, "database-unavailable")
+    assert body["retry_after"] == 1
+    refused = client.get("/division")  # not transient: the application's, as before
+    assert refused.status_code == 500
+    assert refused.headers["content-type"] != PROBLEM_JSON

@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import asyncpg
+import psycopg
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.applications import Starlette
@@ -55,7 +56,8 @@ WS_INTERNAL_ERROR = 1011
 #: transient database error that ran out of retries can have. SQLAlchemy wraps the driver's
 #: errors in ``DBAPIError``, but not all of asyncpg's: a refused or broken connect reaches the
 #: application as a plain ``OSError`` (``ConnectionRefusedError``, ``TimeoutError``), and
-#: asyncpg's own classes do where SQLAlchemy does not translate them (the raw driver connection).
+#: asyncpg's and psycopg's own classes do where SQLAlchemy does not translate them (statements
+#: sent on the driver's own connection: COPY, a ``psycopg.sql`` composition).
 #: Only transient ones (``is_transient``) are answered; any other error of these classes goes to
 #: the application's own handling (see ``install_exception_handlers``). SQLAlchemy's pool
 #: ``TimeoutError`` (no ``DBAPIError``: no connection was had) is this process overloaded. An
@@ -76,6 +78,7 @@ HANDLED: tuple[type[Exception], ...] = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
     asyncpg.InternalClientError,
+    psycopg.Error,
     *(() if EXCEPTION_GROUP is None else (EXCEPTION_GROUP,)),
 )
 
