@@ -500,8 +500,9 @@ def test_a_groups_error_of_the_apps_own_after_a_committed_part_is_logged_not_los
 ) -> None:
     """A group marked partly committed whose member is the application's own (a ``KeyError``
     in one task) is answered ``partly-committed``, with nothing in the logs but the class
-    ``ExceptionGroup`` before: the member's traceback is logged now. An error of ours (an open
-    circuit after a committed part) is said by the library's own lines, and not again."""
+    ``ExceptionGroup`` before: the member's traceback is logged now, as it is when the group is
+    answered for another member's unknown commit outcome. An error of ours (an open circuit
+    after a committed part) is said by the library's own lines, and not again."""
     group: Any = EXCEPTION_GROUP
 
     def bug() -> None:
@@ -520,12 +521,32 @@ def test_a_groups_error_of_the_apps_own_after_a_committed_part_is_logged_not_los
         mark_partly_committed(opened)
         raise opened
 
+    def raise_beside_unknown(request: Request) -> JSONResponse:
+        try:
+            bug()
+        except KeyError as exc:
+            raise group("g", [rdb.CommitOutcomeUnknownError("db"), exc]) from None
+
+    def web_lines() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == "resilient_db.web"]
+
     with caplog.at_level(logging.DEBUG, logger="resilient_db.web"):
         partly(app_of(raise_group).post("/change"), None)
-        (line,) = [r for r in caplog.records if r.name == "resilient_db.web"]
+        (line,) = web_lines()
         caplog.clear()
         partly(app_of(raise_ours).post("/change"), "circuit-open")
-        assert [r for r in caplog.records if r.name == "resilient_db.web"] == []
+        assert web_lines() == []
+        # answered for the unknown outcome of one task, the bug of another is logged too
+        answer = app_of(raise_beside_unknown).post("/change")
+        assert answer.status_code == 500
+        assert answer.json()["type"] == "urn:resilient-db:problem:commit-outcome-unknown"
+        (beside,) = web_lines()
+    assert beside.levelno == logging.ERROR
+    said = beside.getMessage()
+    assert "Answered 500 commit-outcome-unknown" in said
+    assert "Error 2 of the group:" in said
+    assert "KeyError: 'missing'" in said
+    assert "Error 1 of the group" not in said  # ours, said by the library's own lines
     text = line.getMessage()
     assert line.levelno == logging.ERROR
     assert "failed with ExceptionGroup" in text

@@ -115,30 +115,46 @@ def report_pool_exhausted(config: Config | None, exc: BaseException) -> None:
     )
 
 
-def report_unseen_failure(problem: Problem, exc: BaseException, type_base: str) -> None:
-    """The ERROR line (``resilient_db.web``) of an error of the application's own answered as
-    ``partly-committed`` (no ``failure``: a bug, a database error that is not transient, an
-    error of another task of a group), with its traceback and those of a group's errors. The
-    answer hides it from the application's handlers and the server, which would have logged
-    it; the unit's ``Not replaying`` line names only its class. Its traceback as the DEBUG
-    lines show them: no text of a database error, which may quote values."""
-    if problem.status != 500 or problem.body.get("type") != type_base + PARTLY:
+def report_unseen_failure(
+    problem: Problem, exc: BaseException, config: Config | None, type_base: str
+) -> None:
+    """The ERROR line (``resilient_db.web``) of errors of the application's own that the
+    answer ``problem`` hides from the application's handlers and from the server, which would
+    have logged them: ``exc`` answered ``partly-committed`` with no ``failure`` (a bug, a
+    database error that is not transient), and the errors of a group answered for another of
+    its errors (a ``KeyError`` of one task beside an unknown commit outcome or a partly
+    committed change of another). With their tracebacks as the DEBUG lines show them: no text
+    of a database error, which may quote values. The library's own errors were said by its own
+    lines; the unit's ``Not replaying`` line names only the class of one of these."""
+    if problem.status != 500:  # (a 503 of a group: every error of it is one of ours)
         return
-    if "failure" in problem.body:  # one of ours, already said by the library's own lines
-        return
-    details = [failure_detail(exc)]
+
+    def unseen(error: BaseException) -> bool:
+        own = problem_details(error, config=config, type_base=type_base)
+        return own is None or (own.body["type"] == type_base + PARTLY and "failure" not in own.body)
+
     errors = group_errors(exc)
-    if errors is not None:
-        for n, error in enumerate(errors, 1):
-            details.append(f"Error {n} of the group:\n{failure_detail(error)}")
-    elif BASE_GROUP is not None and isinstance(exc, BASE_GROUP):
-        details.append(f"(the group's errors not shown: more than {MAX_GROUP_ERRORS})")
+    if errors is None:
+        if BASE_GROUP is not None and isinstance(exc, BASE_GROUP):
+            hidden = [f"(the group's errors not looked into: more than {MAX_GROUP_ERRORS})"]
+        elif unseen(exc):
+            hidden = []
+        else:
+            return
+    else:
+        hidden = [
+            f"Error {n} of the group:\n{failure_detail(error)}"
+            for n, error in enumerate(errors, 1)
+            if unseen(error)
+        ]
+        if not hidden and not unseen(exc):
+            return
     log_web.error(
-        "Answered 500 partly-committed: the request failed with %s after part of its change "
-        "was committed; it is not one of resilient_db's errors, and no handler of the "
-        "application's will see it:\n%s",
+        "Answered 500 %s: the request failed with %s, which is or holds an error that is not "
+        "one of resilient_db's, and no handler of the application's will see it:\n%s",
+        str(problem.body.get("type", "")).removeprefix(type_base),
         type(exc).__name__,
-        "\n".join(details),
+        "\n".join([failure_detail(exc), *hidden]),
     )
 
 
@@ -194,7 +210,7 @@ class _ProblemHandler:
             exhausted = [e for e in group_errors(exc) or [exc] if pool_exhausted(e)]
             if exhausted and problem.status == 503:
                 report_pool_exhausted(self._config, exhausted[0])
-            report_unseen_failure(problem, exc, self._type_base)
+            report_unseen_failure(problem, exc, self._config, self._type_base)
             if isinstance(request, WebSocket):
                 # an HTTP response is no answer on a WebSocket (after accept() it is a protocol
                 # error that hides this one): close it, saying why in a few words
