@@ -270,7 +270,10 @@ def install_exception_handlers(
     An ``ExceptionGroup`` (a ``TaskGroup``'s) is answered when its errors are (one, or several
     503s), and as an unknown commit outcome or ``partly-committed`` when one of its errors is
     one, or when it is marked partly committed itself (an operation that committed part of its
-    work before one of its tasks failed). Not answered: errors of a mounted sub-application
+    work before one of its tasks failed). An error of the application's own that such an
+    answer hides from its handlers and the server (answered ``partly-committed``, or beside
+    another error of its group) is logged as an ERROR of ``resilient_db.web``, with its
+    traceback (no text of a database error). Not answered: errors of a mounted sub-application
     (install on it too), errors raised in a middleware (outside Starlette's handlers), and
     errors raised after the response started (a ``BackgroundTask``, a streaming body):
     Starlette raises its "response already started" ``RuntimeError`` from them instead. Call it
