@@ -504,19 +504,35 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             _units.reset(token)
             _unit_sessions.discard(s.sync_session)  # (no longer)
             if own:
-                if True:  # async only
-                    if failed or s.sync_session.in_transaction() or _ends[type(s)] is _own_methods:
-                        # run to completion, as SQLAlchemy's async session is on exit: a
-                        # cancellation arriving now must not leave it half closed and its
-                        # connection out of the pool, nor return before the close is done.
-                        # (A session class's own close is awaited so, as after a failure.)
-                        await _to_completion(_close(s, quiet=failed))
-                    else:
-                        # committed: the session holds no connection, so closing it does no
-                        # I/O and needs neither a greenlet nor a task of its own
-                        s.sync_session.close()
-                else:  # sync only
-                    _close(s, quiet=failed)
+                try:
+                    if True:  # async only
+                        if (
+                            failed
+                            or s.sync_session.in_transaction()
+                            or _ends[type(s)] is _own_methods
+                        ):
+                            # run to completion, as SQLAlchemy's async session is on exit: a
+                            # cancellation arriving now must not leave it half closed and its
+                            # connection out of the pool, nor return before the close is done.
+                            # (A session class's own close is awaited so, as after a failure.)
+                            await _to_completion(_close(s, quiet=failed))
+                        else:
+                            # committed: the session holds no connection, so closing it does
+                            # no I/O and needs neither a greenlet nor a task of its own
+                            s.sync_session.close()
+                    else:  # sync only
+                        _close(s, quiet=failed)
+                except Exception:
+                    raise
+                except BaseException as interruption:
+                    # interrupted while the session closed (your class's own close, a
+                    # deadline): after the COMMIT, if the unit succeeded, which is then said
+                    # and marked, as an interruption in the prune is (the request is unset
+                    # where the unit ran with self-healing off: nothing is said then)
+                    committed = None if failed else locals().get("request")
+                    if committed is not None:
+                        self._referee.interrupted(committed, interruption)
+                    raise
 
     async def _commit_failed(
         self, exc: Exception, request: CommitRequest, session: AsyncSession

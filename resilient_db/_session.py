@@ -443,7 +443,19 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
             _units.reset(token)
             _unit_sessions.discard(s)  # (no longer)
             if own:
-                _close(s, quiet=failed)
+                try:
+                    _close(s, quiet=failed)
+                except Exception:
+                    raise
+                except BaseException as interruption:
+                    # interrupted while the session closed (your class's own close, a
+                    # deadline): after the COMMIT, if the unit succeeded, which is then said
+                    # and marked, as an interruption in the prune is (the request is unset
+                    # where the unit ran with self-healing off: nothing is said then)
+                    committed = None if failed else locals().get("request")
+                    if committed is not None:
+                        self._referee.interrupted(committed, interruption)
+                    raise
 
     def _commit_failed(self, exc: Exception, request: CommitRequest, session: Session) -> None:
         """COMMIT failed: return if it was verified committed, else raise."""

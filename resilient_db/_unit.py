@@ -382,7 +382,8 @@ def prune_quietly(given: CommitProtocol | _UnboundProtocol, request: CommitReque
     """The sync factory's prune after a unit's COMMIT: inline, in a short transaction of its
     own on another connection of the engine. (An interruption arriving meanwhile, a
     ``KeyboardInterrupt``, could as well arrive anywhere else after the COMMIT: the unit's
-    line says it is committed, see ``CommitReferee.interrupted``.)"""
+    line says it is committed, and the interruption is marked so, for a web answer that tells
+    the client not to resubmit it: see ``CommitReferee.interrupted``.)"""
     protocol = claim_prune(given, request)
     if protocol is None:
         return
@@ -496,6 +497,52 @@ def commit_interrupted(exc: BaseException) -> str | None:
     with its outcome unknown (see :func:`mark_commit_interrupted`); None when it is no such
     interruption."""
     return text_mark(exc, _COMMIT_INTERRUPTED)
+
+
+_SAVED_THEN_INTERRUPTED = "resilient_db_saved_then_interrupted"
+
+
+def mark_saved_then_interrupted(interruption: BaseException, service: str) -> None:
+    """Mark ``interruption`` (a cancellation, ``KeyboardInterrupt``, ``SystemExit``, a
+    ``BaseException`` timeout of gevent's) as having arrived after a COMMIT of ``service``
+    succeeded: in the prune of expired markers that follows a unit's COMMIT, in the close of
+    its session, or of a drop-in ``Session.begin()`` block's (see
+    :meth:`CommitReferee.interrupted`). It is raised as it is; the mark only tells a web handler
+    meeting it, or the ``TimeoutError`` that ``asyncio.timeout`` or ``asyncio.wait_for`` raises
+    from it, that the change is saved (500 ``saved-then-interrupted``, not a plain error that a
+    client would resubmit after, writing it twice)."""
+    with contextlib.suppress(AttributeError, TypeError):  # a type that takes no attributes
+        setattr(interruption, _SAVED_THEN_INTERRUPTED, service)
+
+
+def saved_then_interrupted(exc: BaseException) -> str | None:
+    """The service of the COMMIT that succeeded before ``exc``, or an error it was raised from
+    (the cancellation ``asyncio.timeout`` turned into ``TimeoutError``), interrupted the call
+    (see :func:`mark_saved_then_interrupted`); None when it is no such interruption."""
+    return text_mark(exc, _SAVED_THEN_INTERRUPTED)
+
+
+def interrupted_after_commit(
+    config: Config, service: str, interruption: BaseException, whose: str, **fields: Any
+) -> None:
+    """``interruption`` arrived after ``whose`` COMMIT succeeded: marked (for a web answer) and
+    said. (A unit's: see :meth:`CommitReferee.interrupted`; a drop-in ``Session.begin()``
+    block's, interrupted while its session closed.)"""
+    mark_saved_then_interrupted(interruption, service)
+    emit(
+        config,
+        log_session,
+        logging.WARNING,
+        "Commit interrupted: service=%s %s: interrupted (%s) after its COMMIT succeeded; it is "
+        "committed: the interruption is raised as it is, and the change must not be done again",
+        service,
+        whose,
+        type(interruption).__name__,
+        service=service,
+        event="commit_interrupted",
+        outcome="committed",
+        **fields,
+    )
 
 
 class CommitReferee:
@@ -842,28 +889,38 @@ class CommitReferee:
         the COMMIT is neither verified nor replayed. Its caller hears only the interruption,
         so a line names the transaction (its marker stays :data:`~._commit.RETENTION`, for
         ``resilient_db.claim_commit``), as every self-healing action is logged. Nothing when
-        no COMMIT that wrote went out."""
+        no COMMIT that wrote went out.
+
+        Interrupted after its COMMIT succeeded (in the prune of expired markers that follows it,
+        in an ``after_commit`` listener, in the close of its session), the unit is committed:
+        said so, and the interruption marked for a web answer (see
+        :func:`mark_saved_then_interrupted`): a client told only "error" would resubmit it."""
         ticket = request.last if request.committing else None
         if ticket is None or not ticket.wrote or _sent_nothing(request, request.connections()):
             return
         policy = self.policy
-        if ticket.done:  # answered: committed (the interruption came after it, in the prune)
-            level, outcome = logging.WARNING, "committed"
-            how = "after its COMMIT succeeded; it is committed"
-        else:
-            level, outcome = logging.ERROR, "unknown"
-            how = (
-                "while its lost COMMIT answer was being verified"
-                if verifying
-                else "with its COMMIT in flight"
-            ) + "; outcome unknown, not verified, not replayed"
-            policy.stats.add("unknown_commits")  # as a unit's unknown outcome is
-            how += _left_prepared(request)
-            mark_commit_interrupted(interruption, policy.service)  # (for a web answer)
+        if ticket.done:  # answered: committed (the interruption came after it: see above)
+            interrupted_after_commit(
+                policy.config,
+                policy.service,
+                interruption,
+                f"the unit ({_whose(ticket)})",
+                marker=ticket.marker,
+                xid=ticket.xid,
+            )
+            return
+        how = (
+            "while its lost COMMIT answer was being verified"
+            if verifying
+            else "with its COMMIT in flight"
+        ) + "; outcome unknown, not verified, not replayed"
+        policy.stats.add("unknown_commits")  # as a unit's unknown outcome is
+        how += _left_prepared(request)
+        mark_commit_interrupted(interruption, policy.service)  # (for a web answer)
         emit(
             policy.config,
             log_session,
-            level,
+            logging.ERROR,
             "Commit interrupted: service=%s %s: the unit was interrupted (%s) %s",
             policy.service,
             _whose(ticket),
@@ -871,7 +928,7 @@ class CommitReferee:
             how,
             service=policy.service,
             event="commit_interrupted",
-            outcome=outcome,
+            outcome="unknown",
             marker=ticket.marker,
             xid=ticket.xid,
         )

@@ -33,7 +33,7 @@ from resilient_db._errors import (
     StaleTransitionError,
 )
 from resilient_db._observability import MAX_VALUE_CHARS, truncated
-from resilient_db._unit import commit_interrupted
+from resilient_db._unit import commit_interrupted, saved_then_interrupted
 from resilient_db.transitions._report import env_config
 
 __all__ = ["PROBLEM_JSON", "PROBLEM_TYPE_BASE", "Problem", "problem_details"]
@@ -110,6 +110,11 @@ _INTERRUPTED_DETAIL = (
     "The request was interrupted (its time ran out) while the change was being committed, "
     "and whether it was saved could not be verified. Do not resubmit blindly: check whether "
     "the change is there first (or resubmit with the same idempotency key)."
+)
+
+_SAVED_DETAIL = (
+    "The change was saved, then the request was interrupted (its time ran out) before it could "
+    "answer. Do not resubmit it: that would save the change again."
 )
 
 
@@ -190,6 +195,12 @@ def problem_details(
       whatever its class (an open circuit, an exhausted pool, an illegal transition
       included): 500 ``partly-committed``, never a status inviting a resubmit; ``failure``
       names the problem type the error has by itself, when it has one;
+    * an interruption that arrived after a unit's COMMIT succeeded (in the prune of expired
+      markers that follows it, or the close of its session), or after a drop-in
+      ``Session.begin()`` block's, while its session closed (the ``TimeoutError`` of
+      ``asyncio.timeout`` or ``asyncio.wait_for`` raised from such a cancellation included):
+      500 ``saved-then-interrupted`` with ``service``: the change is saved, so the client
+      must not resubmit it;
     * :class:`~resilient_db.CircuitOpenError`: 503, ``Retry-After`` in whole seconds (1 to
       :data:`MAX_RETRY_AFTER`);
     * :class:`~resilient_db.StaleTransitionError`: 409, reload the resource and decide again;
@@ -207,7 +218,8 @@ def problem_details(
     An exception group (``asyncio.TaskGroup``'s, anyio's) is judged in the same order: one
     with an unknown commit outcome among its errors is answered as that, then one marked
     partly committed itself (an operation that committed part of its work before one of its
-    tasks failed) or with such an error among its own, as ``partly-committed``; otherwise a
+    tasks failed) or with such an error among its own, as ``partly-committed``, then one with
+    an interruption after a COMMIT among its errors, as ``saved-then-interrupted``; otherwise a
     group of one such error is answered as that error, and one of several such errors, every
     one a 503, as the one with the longest ``Retry-After``; any other group is not answered
     (None).
@@ -223,7 +235,8 @@ def problem_details(
     problems = [] if errors is None else [_problem_of(e, config, type_base) for e in errors]
     # as for one error: an unknown commit outcome first, then a partly-committed change (a
     # member's, or the group's own: an operation that committed part of its work before one of
-    # its tasks failed, whose tasks' errors are not marked themselves), then the rest
+    # its tasks failed, whose tasks' errors are not marked themselves), then a change saved
+    # before an interruption, then the rest
     for kind in (_UNKNOWN, PARTLY):
         for found in problems:
             if found is not None and found.body["type"] == type_base + kind:
@@ -231,6 +244,9 @@ def problem_details(
     if _group_partly_committed(exc):
         failed = errors[0] if errors is not None and len(errors) == 1 else None
         return _partly_problem(failed, type_base)
+    for found in problems:
+        if found is not None and found.body["type"] == type_base + _SAVED:
+            return found
     if errors is None:
         return None
     if len(problems) == 1:
@@ -259,6 +275,7 @@ def _group_partly_committed(exc: BaseException) -> bool:
 
 _UNKNOWN = "commit-outcome-unknown"
 PARTLY = "partly-committed"
+_SAVED = "saved-then-interrupted"
 
 
 def _body(
@@ -343,6 +360,12 @@ def _problem_of(exc: BaseException, config: Config | None, type_base: str) -> Pr
         return Problem(500, body(_UNKNOWN, unknown_title, 500, _UNKNOWN_DETAIL))
     if partly_committed(exc):  # whatever its class: a client resubmitting repeats that part
         return _partly_problem(exc, type_base)
+    saved = saved_then_interrupted(exc)
+    if saved is not None:  # a unit's (or drop-in code's) COMMIT succeeded, then the interruption
+        return Problem(
+            500,
+            body(_SAVED, "Change saved, then interrupted", 500, _SAVED_DETAIL, service=saved),
+        )
     return _problem_by_class(exc, outcome, config, type_base)
 
 

@@ -1,0 +1,392 @@
+"""An interruption that arrives after a unit's COMMIT succeeded, before the call returns: the
+change is saved, so the interruption goes on unchanged in type, marked ``saved_then_interrupted``
+(and so is the ``TimeoutError`` that ``asyncio.timeout`` raises from a marked cancellation), a
+``[SELF-HEAL] Commit interrupted: ... after its COMMIT succeeded; it is committed`` line says it
+(event ``commit_interrupted``, outcome ``committed``), and a web handler answers 500
+``saved-then-interrupted``: "do not resubmit", not a plain error that a client resubmits after,
+writing the change twice (before, the interruption was raised unmarked: a plain 500).
+
+Where: a sync unit's inline prune of expired commit markers (its DELETE held on the server by a
+table lock, a real signal sent once the server shows it waiting), the close of a unit's session
+(your session class's own close, doing I/O of its own, sync and async), and an async factory's
+drop-in ``Session.begin()`` block, cancelled while its session closes. Against the suite's real
+server; the interruptions are real (signals, ``task.cancel()``, ``asyncio.timeout``), timed on
+real events (the server shows the statement waiting, the COMMIT returned), not on durations."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from fastapi import FastAPI
+from scenarios import ASYNC_DRIVERS
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
+from starlette.testclient import TestClient
+from test_commit_interrupted import wait_until, wait_until_sync
+from test_prune_after_commit import _add_expired_markers, _notes, _prune_waits
+
+import resilient_db as rdb
+from resilient_db._unit import commit_interrupted, saved_then_interrupted
+from resilient_db.testing import PostgresServer
+from resilient_db.web import PROBLEM_JSON, install_exception_handlers, problem_details
+
+pytestmark = [
+    pytest.mark.usefixtures("no_backoff"),
+    pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout is Python 3.11's"),
+]
+
+SAVED = "urn:resilient-db:problem:saved-then-interrupted"
+
+
+@pytest.fixture
+def database(pg_server: PostgresServer, pg_database: str) -> str:
+    with pg_server.connect(pg_database) as conn:
+        conn.execute("CREATE TABLE prune_notes (note text NOT NULL)")
+    rdb.install_commit_markers(sa.create_engine(pg_server.url(pg_database), poolclass=sa.NullPool))
+    return pg_database
+
+
+def _note(session: Session, note: str) -> str:
+    session.execute(sa.text("INSERT INTO prune_notes (note) VALUES (:n)"), {"n": note})
+    return note
+
+
+async def _anote(session: AsyncSession, note: str) -> str:
+    await session.execute(sa.text("INSERT INTO prune_notes (note) VALUES (:n)"), {"n": note})
+    return note
+
+
+async def _aread(session: AsyncSession, note: str) -> str:
+    await session.execute(sa.text("SELECT count(*) FROM prune_notes"))
+    return note
+
+
+def _sleeping(server: PostgresServer, database: str) -> bool:
+    """A backend of ``database`` is in a session class's close's ``pg_sleep``."""
+    rows = server.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND wait_event = 'PgSleep' AND query ILIKE '%closing%'",
+        database=database,
+    )
+    return bool(rows[0][0])
+
+
+def assert_saved_then_interrupted(
+    raised: BaseException, service: str, events: list[rdb.SelfHealEvent], whose: str
+) -> None:
+    """What is said of an interruption after a COMMIT that succeeded, and answered."""
+    assert saved_then_interrupted(raised) == service
+    assert commit_interrupted(raised) is None  # not an unknown outcome: it is committed
+    [line] = [e for e in events if e.name == "commit_interrupted"]
+    assert line.fields["outcome"] == "committed"
+    assert whose in line.message
+    assert "after its COMMIT succeeded; it is committed" in line.message
+    assert line.fields["service"] == service
+    assert rdb.health()["services"][service]["counters"]["unknown_commits"] == 0
+    answer = problem_details(raised)
+    assert answer is not None
+    assert answer.status == 500
+    assert answer.body["type"] == SAVED
+    assert answer.body["service"] == service
+    assert "Do not resubmit" in answer.body["detail"]
+    assert not answer.headers  # no Retry-After: nothing to retry
+
+
+# -- sync: real signals -------------------------------------------------------------------------
+class GeventStyleTimeout(BaseException):
+    """A timeout raised into the code as a ``BaseException`` (as gevent's ``Timeout``)."""
+
+
+def _exit(signum: int, frame: Any) -> None:
+    raise SystemExit(1)
+
+
+def _time_out(signum: int, frame: Any) -> None:
+    raise GeventStyleTimeout
+
+
+#: each interruption: (what it raises, its signal, the handler that raises it, or None)
+INTERRUPTIONS: dict[str, tuple[type[BaseException], int, Callable[[int, Any], None] | None]] = {
+    "KeyboardInterrupt": (KeyboardInterrupt, signal.SIGINT, None),
+    "SystemExit": (SystemExit, signal.SIGUSR1, _exit),
+    "GeventStyleTimeout": (GeventStyleTimeout, signal.SIGUSR2, _time_out),
+}
+
+
+@pytest.fixture(params=list(INTERRUPTIONS))
+def interruption(request: pytest.FixtureRequest) -> Iterator[tuple[type[BaseException], int]]:
+    """An interruption of the main thread, raised by a real signal: its type and signal."""
+    kind, signum, handler = INTERRUPTIONS[request.param]
+    before = signal.signal(signum, handler) if handler is not None else None
+    yield kind, signum
+    if handler is not None:
+        signal.signal(signum, before)
+
+
+def signal_once(condition: Callable[[], bool], signum: int) -> threading.Thread:
+    """Send ``signum`` to the main thread (where the test runs) once ``condition()`` holds."""
+    main = threading.main_thread().ident
+    assert threading.current_thread().ident == main
+
+    def send() -> None:
+        wait_until_sync(condition, timeout=30)
+        signal.pthread_kill(main, signum)  # type: ignore[arg-type]
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    return sender
+
+
+def test_a_sync_unit_interrupted_in_its_prune_is_saved_then_interrupted(
+    pg_server: PostgresServer,
+    database: str,
+    service: str,
+    interruption: tuple[type[BaseException], int],
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """The prune due after the unit's COMMIT waits on the server (a table lock taken as the
+    COMMIT returns) when the signal arrives: the interruption goes on, marked as after a
+    COMMIT that succeeded (it was raised unmarked: no answer of ``problem_details``)."""
+    kind, signum = interruption
+    engine = sa.create_engine(pg_server.url(database))
+    holder = psycopg.connect(pg_server.conninfo(database), autocommit=False)
+    try:
+        Sessions = rdb.ResilientSession(engine, service=service)
+        assert Sessions.run(_note, "first") == "first"
+        _add_expired_markers(pg_server, database)
+        Sessions._hooks.commit._next_prune = 0.0  # as if PRUNE_INTERVAL had passed
+        events.clear()
+
+        def lock(session: Session) -> None:
+            holder.execute("LOCK TABLE resilient_db.commit_markers IN EXCLUSIVE MODE")
+
+        event.listen(Session, "after_commit", lock, once=True)
+        sender = signal_once(lambda: _prune_waits(pg_server, database), signum)
+        with pytest.raises(kind) as raised:
+            Sessions.run(_note, "x")
+        sender.join(10)
+        holder.rollback()
+        assert type(raised.value) is kind  # unchanged
+        assert _notes(pg_server, database, "x") == 1  # saved
+        assert_saved_then_interrupted(raised.value, service, events, "the unit (marker ")
+        assert Sessions.run(_note, "y") == "y"  # and the factory goes on
+    finally:
+        holder.close()
+        engine.dispose()
+
+
+def test_a_sync_units_session_class_interrupted_in_its_close_is_saved_then_interrupted(
+    pg_server: PostgresServer,
+    database: str,
+    service: str,
+    interruption: tuple[type[BaseException], int],
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """The unit's session class closes with work of its own (a statement on the server), which
+    the signal interrupts, the unit committed: marked (it was raised unmarked). A unit that
+    wrote nothing is not said to have saved a change."""
+    kind, signum = interruption
+    engine = sa.create_engine(pg_server.url(database))
+
+    class ClosingSession(Session):
+        def close(self) -> None:
+            super().close()
+            with engine.connect() as conn:
+                conn.execute(sa.text("SELECT pg_sleep(3) AS closing"))
+
+    try:
+        Sessions = rdb.ResilientSession(engine, service=service, class_=ClosingSession)
+        sender = signal_once(lambda: _sleeping(pg_server, database), signum)
+        with pytest.raises(kind) as raised:
+            Sessions.run(_note, "x")
+        sender.join(10)
+        assert type(raised.value) is kind
+        assert _notes(pg_server, database, "x") == 1
+        assert_saved_then_interrupted(raised.value, service, events, "the unit (marker ")
+        wait_until_sync(lambda: not _sleeping(pg_server, database), timeout=30)
+    finally:
+        engine.dispose()
+
+
+# -- async: real cancellations ------------------------------------------------------------------
+def _closing_class(engine: Any) -> type[AsyncSession]:
+    class ClosingSession(AsyncSession):
+        async def close(self) -> None:
+            await super().close()
+            async with engine.connect() as conn:
+                await conn.execute(sa.text("SELECT pg_sleep(0.5) AS closing"))
+
+    return ClosingSession
+
+
+async def _interrupted_once(
+    how: str, condition: Callable[[], bool], work: Callable[[], Any]
+) -> BaseException:
+    """Run ``work()``, interrupted once ``condition()`` holds: its task cancelled, or the
+    deadline of an ``asyncio.timeout`` around it brought forward. What it raised."""
+    if how == "cancel":
+        task = asyncio.ensure_future(work())
+        await wait_until(lambda: condition() or task.done(), timeout=30)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError) as cancelled:
+            await task
+        return cancelled.value
+    loop = asyncio.get_running_loop()
+    watchers: list[asyncio.Future[None]] = []
+
+    async def expire(deadline: Any) -> None:
+        await wait_until(condition, timeout=30)
+        deadline.reschedule(loop.time())
+
+    async def within_deadline() -> None:
+        async with asyncio.timeout(None) as deadline:
+            watchers.append(asyncio.ensure_future(expire(deadline)))
+            await work()
+
+    try:
+        with pytest.raises(TimeoutError) as timed_out:
+            await within_deadline()
+    finally:
+        for watcher in watchers:
+            watcher.cancel()
+    assert isinstance(timed_out.value.__cause__, asyncio.CancelledError)
+    return timed_out.value
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
+@pytest.mark.parametrize("how", ["cancel", "asyncio.timeout"])
+async def test_an_async_units_session_class_cancelled_in_its_close_is_saved_then_interrupted(
+    pg_server: PostgresServer,
+    database: str,
+    service: str,
+    driver: str,
+    *,
+    how: str,
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """The unit committed, and its session class's own close (awaited to its end) is running
+    a statement on the server when the unit's task is cancelled, or its deadline reached: the
+    ``CancelledError`` (or the ``TimeoutError`` made from it) is marked (it was raised unmarked:
+    a plain 500)."""
+    engine = create_async_engine(pg_server.url(database, driver=driver))
+    try:
+        Sessions = rdb.AsyncResilientSession(engine, service=service, class_=_closing_class(engine))
+        raised = await _interrupted_once(
+            how, lambda: _sleeping(pg_server, database), lambda: Sessions.run(_anote, "x")
+        )
+        assert _notes(pg_server, database, "x") == 1
+        assert_saved_then_interrupted(raised, service, events, "the unit (marker ")
+        assert engine.pool.checkedout() == 0  # the close ran to its end
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
+async def test_an_async_unit_that_wrote_nothing_is_not_said_to_have_saved(
+    pg_server: PostgresServer,
+    database: str,
+    service: str,
+    driver: str,
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """A read-only unit cancelled in its session class's close: the cancellation goes on as
+    it is, unmarked and unsaid (there is no change to resubmit)."""
+    engine = create_async_engine(pg_server.url(database, driver=driver))
+    try:
+        Sessions = rdb.AsyncResilientSession(engine, service=service, class_=_closing_class(engine))
+        raised = await _interrupted_once(
+            "cancel", lambda: _sleeping(pg_server, database), lambda: Sessions.run(_aread, "x")
+        )
+        assert saved_then_interrupted(raised) is None
+        assert problem_details(raised) is None
+        assert not [e for e in events if e.name == "commit_interrupted"]
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
+def test_a_web_request_whose_deadline_came_after_the_commit_is_told_not_to_resubmit(
+    pg_server: PostgresServer, database: str, service: str, driver: str
+) -> None:
+    """End to end: the route's deadline is reached while its unit's session closes, after the
+    COMMIT: 500 ``saved-then-interrupted``, where the handlers passed the ``TimeoutError`` on
+    as the application's own (a plain 500)."""
+    raised: list[BaseException] = []
+
+    async def add_raising() -> None:
+        engine = create_async_engine(
+            pg_server.url(database, driver=driver), poolclass=sa.pool.NullPool
+        )
+        Sessions = rdb.AsyncResilientSession(engine, service=service, class_=_closing_class(engine))
+        loop = asyncio.get_running_loop()
+
+        async def expire(deadline: Any) -> None:
+            await wait_until(lambda: _sleeping(pg_server, database), timeout=30)
+            deadline.reschedule(loop.time())
+
+        watcher = None
+        try:
+            async with asyncio.timeout(None) as deadline:  # the request's deadline
+                watcher = asyncio.ensure_future(expire(deadline))
+                await Sessions.run(_anote, "x")
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            await engine.dispose()
+
+    async def route() -> str:
+        try:
+            await add_raising()
+        except BaseException as exc:
+            raised.append(exc)
+            raise
+        return ""
+
+    app = FastAPI()
+    install_exception_handlers(app)
+    app.add_api_route("/notes", route, methods=["POST"])
+    with TestClient(app, raise_server_exceptions=False) as client:
+        answer = client.post("/notes")
+    [error] = raised
+    assert isinstance(error, TimeoutError)  # what the route saw is unchanged
+    assert _notes(pg_server, database, "x") == 1
+    assert answer.status_code == 500, answer.text
+    assert answer.headers["content-type"] == PROBLEM_JSON
+    assert "retry-after" not in answer.headers
+    body = answer.json()
+    assert body["type"] == SAVED
+    assert body["service"] == service
+    assert "Do not resubmit" in body["detail"]
+
+
+def test_a_group_is_answered_saved_then_interrupted_after_the_answers_that_come_first() -> None:
+    """In an exception group, an interruption after a COMMIT is answered after an unknown
+    outcome and a partly-committed change (a change of which part may be missing), before the
+    rest."""
+    from resilient_db._classify import mark_partly_committed  # noqa: PLC0415
+    from resilient_db._unit import mark_saved_then_interrupted  # noqa: PLC0415
+    from resilient_db.web._problems import BASE_GROUP  # noqa: PLC0415
+
+    assert BASE_GROUP is not None  # (Python 3.11's, as this module's deadlines)
+    saved = GeventStyleTimeout()
+    mark_saved_then_interrupted(saved, "orders")
+    answer = problem_details(BASE_GROUP("tasks", [saved, ValueError("own")]))
+    assert answer is not None
+    assert answer.body["type"] == SAVED
+    assert answer.body["service"] == "orders"
+    partly = ValueError("rest")
+    mark_partly_committed(partly)
+    answer = problem_details(BASE_GROUP("tasks", [saved, partly]))
+    assert answer is not None
+    assert answer.body["type"] == "urn:resilient-db:problem:partly-committed"
