@@ -53,6 +53,7 @@ from ._unit import (
     end_committed_transactions,
     engine_of,
     flush_and_commit,
+    interrupted_after_commit,
     joined_callers_transaction,
     joins_callers_transaction,
     prune_failed,
@@ -210,7 +211,9 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             SQLAlchemy's runs it in a task of its own, shielded from the caller's
             cancellation: that was raised unmarked (a plain error, inviting a resubmit), after
             the whole COMMIT, past the deadline. The session is closed to completion, as
-            SQLAlchemy closes it. With self-healing off, SQLAlchemy's own."""
+            SQLAlchemy closes it; a cancellation arriving then, after the COMMIT succeeded, is
+            marked saved (a web handler answers 500 ``saved-then-interrupted``: do not
+            resubmit) and said. With self-healing off, SQLAlchemy's own."""
             if not self.config.enabled:
                 return async_sessionmaker.begin(self)  # type: ignore[return-value]
             return _Begun(self())
@@ -787,8 +790,32 @@ if True:  # async only
         async def __aexit__(self, kind: Any, value: Any, traceback: Any) -> None:
             try:
                 await self.transaction.__aexit__(kind, value, traceback)
-            finally:
+            except BaseException:
                 await self.session.__aexit__(kind, value, traceback)
+                raise
+            try:
+                await self.session.__aexit__(kind, value, traceback)
+            except Exception:
+                raise
+            except BaseException as interruption:
+                if kind is None:  # the block's COMMIT succeeded: the change is saved
+                    _begun_interrupted(self.session, interruption)
+                raise
+
+    def _begun_interrupted(session: AsyncSession, interruption: BaseException) -> None:
+        """A ``Session.begin()`` block committed, and a cancellation (a deadline) arrived while
+        its session closed (SQLAlchemy's close runs in a task of its own, awaited to its end,
+        then the cancellation is raised): said and marked as a unit's interruption after its
+        COMMIT is (see ``CommitReferee.interrupted``), since its caller hears only the
+        interruption, which a web handler would answer as a plain error."""
+        factory = factory_of(session.sync_session)
+        if isinstance(factory, AsyncResilientSession):
+            interrupted_after_commit(
+                factory.config,
+                factory.service,
+                interruption,
+                "a transaction of drop-in code (Session.begin())",
+            )
 
     def _settling_engine(engine: AsyncEngine, ticket: CommitTicket) -> AsyncEngine:
         """Where a lost COMMIT is settled: the factory's engine, or the one whose database the

@@ -370,6 +370,83 @@ def test_a_web_request_whose_deadline_came_after_the_commit_is_told_not_to_resub
     assert "Do not resubmit" in body["detail"]
 
 
+# -- async drop-in: Session.begin() ------------------------------------------------------------
+@pytest.fixture
+def after_commit() -> Iterator[list[Callable[[], None]]]:
+    """Functions called once each, as the next COMMIT returns (the session's ``after_commit``:
+    the COMMIT succeeded)."""
+    calls: list[Callable[[], None]] = []
+
+    def listener(session: Session) -> None:
+        while calls:
+            calls.pop(0)()
+
+    event.listen(Session, "after_commit", listener)
+    yield calls
+    event.remove(Session, "after_commit", listener)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
+@pytest.mark.parametrize("how", ["cancel", "asyncio.timeout"])
+@pytest.mark.parametrize("where", ["drop-in code", "an operation"])
+async def test_a_begin_block_cancelled_as_its_session_closes_is_saved_then_interrupted(
+    pg_server: PostgresServer,
+    database: str,
+    service: str,
+    driver: str,
+    *,
+    how: str,
+    where: str,
+    after_commit: list[Callable[[], None]],
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """``async with Sessions.begin()``: its COMMIT succeeded, and the task is cancelled (or its
+    deadline reached) as the COMMIT returns, so that the cancellation lands in the session's
+    close (SQLAlchemy's, run to its end in a task of its own): marked and said (it was raised
+    unmarked, unsaid: a plain 500). Inside a ``with_self_healing`` operation, the operation
+    committed part of its work before its interruption, and that answer (500
+    ``partly-committed``: check before resubmitting) comes first: the operation may have had
+    more to do."""
+    engine = create_async_engine(pg_server.url(database, driver=driver))
+    Sessions = rdb.AsyncResilientSession(engine, service=service)
+
+    async def block() -> None:
+        async with Sessions.begin() as session:
+            await session.execute(sa.text("INSERT INTO prune_notes (note) VALUES ('x')"))
+
+    work = block if where == "drop-in code" else rdb.with_self_healing(service=service)(block)
+    try:
+        if how == "cancel":
+            task = asyncio.ensure_future(work())
+            after_commit.append(task.cancel)
+            with pytest.raises(asyncio.CancelledError) as cancelled:
+                await task
+            raised: BaseException = cancelled.value
+        else:
+            loop = asyncio.get_running_loop()
+            deadline = asyncio.timeout(None)
+            after_commit.append(lambda: deadline.reschedule(loop.time()))
+            with pytest.raises(TimeoutError) as timed_out:
+                async with deadline:
+                    await work()
+            raised = timed_out.value
+            assert isinstance(raised.__cause__, asyncio.CancelledError)
+        assert not after_commit  # the COMMIT returned
+        assert _notes(pg_server, database, "x") == 1
+        assert engine.pool.checkedout() == 0
+        whose = "a transaction of drop-in code (Session.begin())"
+        if where == "drop-in code":
+            assert_saved_then_interrupted(raised, service, events, whose)
+        else:
+            assert saved_then_interrupted(raised) == service
+            answer = problem_details(raised)
+            assert answer is not None
+            assert answer.body["type"] == "urn:resilient-db:problem:partly-committed"
+    finally:
+        await engine.dispose()
+
+
 def test_a_group_is_answered_saved_then_interrupted_after_the_answers_that_come_first() -> None:
     """In an exception group, an interruption after a COMMIT is answered after an unknown
     outcome and a partly-committed change (a change of which part may be missing), before the
