@@ -454,6 +454,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                 # COMMIT; ROLLBACK on an error), nothing marked, verified or retried. It is the
                 # running unit all the same: what a unit may do (begin and commit in fn, nest
                 # units) does not depend on the kill switch
+                request: CommitRequest | None = None  # (nothing is said of it: see the close)
                 try:
                     returned = await _call_unit(fn, s, args, kwargs)
                     await _ends[type(s)](s, commit_plainly)
@@ -530,11 +531,10 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                 except BaseException as interruption:
                     # interrupted while the session closed (your class's own close, a
                     # deadline): after the COMMIT, if the unit succeeded, which is then said
-                    # and marked, as an interruption in the prune is (the request is unset
-                    # where the unit ran with self-healing off: nothing is said then)
-                    committed = None if failed else locals().get("request")
-                    if committed is not None:
-                        self._referee.interrupted(committed, interruption)
+                    # and marked, as an interruption in the prune is (not where the unit ran
+                    # with self-healing off: its request is None)
+                    if not failed and request is not None:
+                        self._referee.interrupted(request, interruption)
                     raise
 
     async def _commit_failed(

@@ -398,6 +398,7 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                 # COMMIT; ROLLBACK on an error), nothing marked, verified or retried. It is the
                 # running unit all the same: what a unit may do (begin and commit in fn, nest
                 # units) does not depend on the kill switch
+                request: CommitRequest | None = None  # (nothing is said of it: see the close)
                 try:
                     returned = _call_unit(fn, s, args, kwargs)
                     commit_plainly(s)
@@ -450,11 +451,10 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                 except BaseException as interruption:
                     # interrupted while the session closed (your class's own close, a
                     # deadline): after the COMMIT, if the unit succeeded, which is then said
-                    # and marked, as an interruption in the prune is (the request is unset
-                    # where the unit ran with self-healing off: nothing is said then)
-                    committed = None if failed else locals().get("request")
-                    if committed is not None:
-                        self._referee.interrupted(committed, interruption)
+                    # and marked, as an interruption in the prune is (not where the unit ran
+                    # with self-healing off: its request is None)
+                    if not failed and request is not None:
+                        self._referee.interrupted(request, interruption)
                     raise
 
     def _commit_failed(self, exc: Exception, request: CommitRequest, session: Session) -> None:

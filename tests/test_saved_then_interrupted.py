@@ -293,20 +293,30 @@ async def test_an_async_units_session_class_cancelled_in_its_close_is_saved_then
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("driver", ASYNC_DRIVERS)
-async def test_an_async_unit_that_wrote_nothing_is_not_said_to_have_saved(
+@pytest.mark.parametrize("unit", ["read-only", "self-healing off"])
+async def test_an_async_unit_that_wrote_nothing_or_ran_plainly_is_not_said_to_have_saved(
     pg_server: PostgresServer,
     database: str,
     service: str,
     driver: str,
+    *,
+    unit: str,
     events: list[rdb.SelfHealEvent],
 ) -> None:
     """A read-only unit cancelled in its session class's close: the cancellation goes on as
-    it is, unmarked and unsaid (there is no change to resubmit)."""
+    it is, unmarked and unsaid (there is no change to resubmit); so does a writing unit's with
+    self-healing off (plain SQLAlchemy)."""
     engine = create_async_engine(pg_server.url(database, driver=driver))
     try:
-        Sessions = rdb.AsyncResilientSession(engine, service=service, class_=_closing_class(engine))
+        Sessions = rdb.AsyncResilientSession(
+            engine,
+            service=service,
+            class_=_closing_class(engine),
+            config=rdb.Config(enabled=unit == "read-only"),
+        )
+        fn = _aread if unit == "read-only" else _anote
         raised = await _interrupted_once(
-            "cancel", lambda: _sleeping(pg_server, database), lambda: Sessions.run(_aread, "x")
+            "cancel", lambda: _sleeping(pg_server, database), lambda: Sessions.run(fn, "x")
         )
         assert saved_then_interrupted(raised) is None
         assert problem_details(raised) is None
