@@ -281,6 +281,62 @@ def test_a_column_key_other_than_its_name_and_attribute(engine: sa.Engine) -> No
     assert _rows(engine, "edge_keyed") == {1: "completed", 2: "in_progress"}
 
 
+@pytest.mark.parametrize("mode", ["filter", "raise"])
+def test_a_values_key_naming_the_column_by_its_key_alone(engine: sa.Engine, mode: str) -> None:
+    """SQLAlchemy matches a ``values()`` key to the UPDATE's columns by its key, whatever
+    table the key comes from: ``column("st")``, ``literal_column("st")``, a lightweight
+    ``table()``'s column or another model's attribute keyed ``st`` all set ``Keyed.state``,
+    and are judged."""
+    sessions = _factory(engine, bulk_update=mode)
+    keys: list[Any] = [
+        sa.column("st"),
+        sa.literal_column("st"),
+        sa.table("edge_keyed", sa.column("st")).c.st,
+        sa.Table("other", sa.MetaData(), sa.Column("st", sa.String)).c.st,
+    ]
+    for key in keys:
+        _set_rows(engine, "edge_keyed", "(1, 'completed'), (2, 'pending')")
+        stmt = sa.update(Keyed).where(Keyed.tid == 1).values({key: "pending"})
+        with sessions() as s:
+            if mode == "raise":
+                with pytest.raises(IllegalTransitionError) as info:
+                    s.execute(stmt, execution_options=NO_SYNC)
+                assert (info.value.pk, info.value.from_state) == (1, "completed")
+            else:
+                s.execute(stmt, execution_options=NO_SYNC)
+            s.commit()
+        assert _rows(engine, "edge_keyed") == {1: "completed", 2: "pending"}, key
+    with sessions() as s:  # legal through a column of its key
+        stmt = sa.update(Keyed).where(Keyed.tid == 2).values({sa.column("st"): "in_progress"})
+        s.execute(stmt, execution_options=NO_SYNC)
+        s.commit()
+    assert _rows(engine, "edge_keyed") == {1: "completed", 2: "in_progress"}
+    # another mapped column of a key of its own is not the guarded one
+    stmt = sa.update(Task).where(Task.id == 1).values({sa.column("note"): "x"})
+    _set_rows(engine, "edge_tasks", "(1, '', 'completed')")
+    with sessions() as s:
+        s.execute(stmt, execution_options=NO_SYNC)
+        s.commit()
+    assert _rows(engine, "edge_tasks") == {1: "completed"}
+
+
+def test_another_models_attribute_as_a_values_key_is_judged(engine: sa.Engine) -> None:
+    """``update(Task).values({Job.status: ...})``: SQLAlchemy sets ``Task.status`` (its key),
+    so the move is judged as Task's."""
+    _set_rows(engine, "edge_tasks", "(1, '', 'completed'), (2, '', 'pending')")
+    with _factory(engine)() as s:
+        s.execute(
+            sa.update(Task).where(Task.id == 1).values({Job.status: "pending"}),
+            execution_options=NO_SYNC,
+        )
+        s.execute(
+            sa.update(Task).where(Task.id == 2).values({Job.status: "in_progress"}),
+            execution_options=NO_SYNC,
+        )
+        s.commit()
+    assert _rows(engine, "edge_tasks") == {1: "completed", 2: "in_progress"}
+
+
 # ------------------------------------------------------------------------------------------------
 # primary keys given in another Python type
 # ------------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ class _Target(NamedTuple):
 def _is_guard_key(key: Any, guard: Guard) -> bool:
     """Whether ``key`` of an UPDATE's ``values()`` names the guarded column: its attribute,
     its ``Column.key`` or its name, the column itself (also annotated, or as a column of an
-    alias of its table), or a same-named column of a same-named table."""
+    alias of its table), or any column whose key is the guarded column's."""
     if isinstance(key, str):
         return key in (guard.attr_key, guard.column.key, guard.column.name)
     element = key.__clause_element__() if hasattr(key, "__clause_element__") else key
@@ -47,14 +47,10 @@ def _is_guard_key(key: Any, guard: Guard) -> bool:
         return True
     if not isinstance(element, sa.ColumnClause):
         return False
-    if guard.column in element.proxy_set:
-        return True
-    table = getattr(element, "table", None)
-    return (
-        isinstance(table, sa.Table)
-        and table.name == guard.table.name
-        and element.name == guard.column.name
-    )
+    # SQLAlchemy matches a values() key to the target table's columns by its key alone,
+    # whatever table it belongs to: column("status"), literal_column("status") or another
+    # model's Other.status all set the UPDATE's own status column
+    return guard.column in element.proxy_set or element.key == guard.column.key
 
 
 def _param_name(params: Any, guard: Guard, by_pk: bool) -> str | None:
