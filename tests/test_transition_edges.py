@@ -116,6 +116,23 @@ class Log(Base):
     task_id: Mapped[int]
 
 
+class Finished(Base):
+    """A model whose own ``before_insert`` listener (declared with it, as applications do)
+    sets the status of a row inserted with all its work done."""
+
+    __tablename__ = "edge_finished"
+    __transitions__ = TransitionRules(**RULES)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    progress: Mapped[int] = mapped_column(default=0)
+    status: Mapped[str] = mapped_column(sa.String(40), default="pending")
+
+
+@event.listens_for(Finished, "before_insert")
+def _finish_on_insert(mapper: Any, connection: Any, target: Finished) -> None:
+    if (target.progress or 0) >= 100:
+        target.status = "completed"
+
+
 class _S(Session):
     pass
 
@@ -576,6 +593,35 @@ def test_a_status_set_by_a_later_before_flush_listener_is_judged(engine: sa.Engi
     finally:
         event.remove(_S, "before_flush", reopen)
     assert _rows(engine, "edge_tasks") == {1: "completed", 2: "pending"}
+
+
+def test_a_new_rows_status_set_by_a_before_insert_listener_is_judged(engine: sa.Engine) -> None:
+    """The model's ``before_insert`` listener sets a state no new row starts in: refused
+    before the INSERT is sent, as a status set at ``session.add`` is; a row it leaves in an
+    initial state is inserted. Sessions the guard does not follow insert as they did."""
+    with _factory(engine)() as s:
+        s.add(Finished(id=1, progress=100))
+        statements = Sent(engine)
+        with pytest.raises(IllegalTransitionError) as info:
+            s.commit()
+        statements.stop()
+        err = info.value
+        assert (err.model, err.pk, err.inserted, err.from_state, err.to_state, err.via) == (
+            "Finished",
+            1,
+            True,
+            None,
+            "completed",
+            "flush",
+        )
+        assert not statements.matching("INSERT")
+    with _factory(engine)() as s:
+        s.add(Finished(id=2, progress=10))
+        s.commit()
+    with sessionmaker(engine)() as s:  # a plain session: the guard does not act
+        s.add(Finished(id=3, progress=100))
+        s.commit()
+    assert _rows(engine, "edge_finished") == {2: "pending", 3: "completed"}
 
 
 def test_a_status_foreign_key_moved_through_a_collection_is_judged(engine: sa.Engine) -> None:

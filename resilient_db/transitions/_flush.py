@@ -48,6 +48,7 @@ from ._rules import Guard, compiled_guards, plain, sort_key
 
 __all__ = [
     "before_flush",
+    "before_insert",
     "before_update",
     "flush_ended",
     "guard_execute",
@@ -142,6 +143,31 @@ def before_update(mapper: Mapper[Any], connection: Connection, target: Any) -> N
     for guard in guards:
         checks.note_guard(guard, mapper)
         checks.rows.setdefault(guard.table, {})
+
+
+def before_insert(mapper: Mapper[Any], connection: Connection, target: Any) -> None:
+    """Mapper ``before_insert`` of a model with rules: a new row of it is being inserted by a
+    flush. A status set after :func:`before_flush` looked (by a ``before_insert`` listener of
+    the application's, say) must still be an initial state. The row is judged first (a
+    membership test when it starts as it should); the session is looked at only when it
+    does not."""
+    state = instance_state(target)
+    errors = [e for guard in compiled_guards(mapper) for e in _check_insert(guard, state)]
+    if not errors:
+        return
+    session = object_session(target)
+    if session is None or not any(
+        cls in STATE.guarded_session_classes for cls in type(session).__mro__
+    ):
+        return  # a session whose flushes the guard does not follow
+    key = mapper.identity_key_from_instance(target)
+    if None not in key[1] and key in session.identity_map:
+        # a row deleted in this flush that this object replaces (SQLAlchemy's row switch, for
+        # which it calls before_insert too): sent as an UPDATE of that row, judged as a move
+        return
+    config = active_config(session)
+    if config is not None:
+        raise_errors(errors, config)
 
 
 class _GuardsByMapper(dict[Mapper[Any], tuple[Guard, ...]]):

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Mapper, Session
 from resilient_db._state import STATE
 
 from ._bulk import do_orm_execute
-from ._flush import before_flush, before_update, flush_ended
+from ._flush import before_flush, before_insert, before_update, flush_ended
 from ._rules import compiled_guards
 
 __all__ = ["install_guard"]
@@ -91,13 +91,15 @@ def _on_class_mapped(mapper: Mapper[Any], class_: type[Any]) -> None:
 @event.listens_for(Mapper, "mapper_configured")
 def _on_mapper_configured(mapper: Mapper[Any], class_: type[Any]) -> None:
     """Validate ``__transitions__`` as soon as the mapper is configured (fail early), and
-    watch the flush's updates of its rows (a status set after ``before_flush`` looked: see
-    :func:`before_update`). Configured before any session can flush it: the listener is added
-    while no flush can be reading the mapper's listeners."""
+    watch the flush's inserts and updates of its rows (a status set after ``before_flush``
+    looked: see :func:`before_insert` and :func:`before_update`). Configured before any session
+    can flush it: the listeners are added while no flush can be reading the mapper's
+    listeners."""
     if getattr(class_, "__transitions__", None) is not None:
         compiled_guards(mapper)
-        if not event.contains(mapper, "before_update", before_update):
-            event.listen(mapper, "before_update", before_update)
+        for name, fn in (("before_insert", before_insert), ("before_update", before_update)):
+            if not event.contains(mapper, name, fn):
+                event.listen(mapper, name, fn)
 
 
 def guarded_models_exist() -> bool:
