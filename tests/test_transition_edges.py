@@ -655,6 +655,28 @@ def test_a_status_foreign_key_moved_through_a_collection_is_judged(engine: sa.En
     assert _rows(engine, "edge_linked") == {1: "completed", 2: "in_progress"}
 
 
+def test_a_new_rows_status_foreign_key_set_through_a_collection_is_judged(
+    engine: sa.Engine,
+) -> None:
+    """A new task appended to a status's one-to-many collection: the ORM writes its status
+    during the flush, so it must be an initial state then."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO edge_statuses VALUES ('pending'), ('completed')")
+    with _factory(engine)() as s:
+        done = s.get(StatusRow, "completed")
+        assert done is not None
+        done.tasks.append(Linked(id=1))
+        with pytest.raises(IllegalTransitionError) as info:
+            s.commit()
+        assert (info.value.pk, info.value.inserted, info.value.to_state) == (1, True, "completed")
+    with _factory(engine)() as s:
+        pending = s.get(StatusRow, "pending")
+        assert pending is not None
+        pending.tasks.append(Linked(id=2))
+        s.commit()
+    assert _rows(engine, "edge_linked") == {2: "pending"}
+
+
 # ------------------------------------------------------------------------------------------------
 # partitioned tables: the trigger's limit is said at install
 # ------------------------------------------------------------------------------------------------
