@@ -30,6 +30,7 @@ from sqlalchemy.orm import (
     sessionmaker,
 )
 
+import resilient_db as rdb
 from resilient_db._config import Config
 from resilient_db._errors import IllegalTransitionError
 from resilient_db.transitions import (
@@ -273,6 +274,48 @@ def test_an_execution_parameter_replacing_a_literal_in_each_parameter_set(
         )
         s.commit()
     assert _rows(engine, "edge_tasks") == {1: "in_progress", 2: "cancelled"}
+
+
+@pytest.mark.parametrize("strategy", ["orm", "core_only"])
+def test_parameter_sets_moving_one_row_in_turn_are_judged_in_turn(
+    engine: sa.Engine, strategy: str, events: list[rdb.SelfHealEvent]
+) -> None:
+    """An UPDATE with criteria run over several parameter sets, two of which move the same
+    row: the second is judged from the state the first leaves the row in, as the UPDATE's
+    condition judges it. pending -> in_progress -> completed is legal (raise mode refused it,
+    filter mode logged a row as left out); pending -> cancelled -> in_progress is not (raise
+    mode let it through unsaid)."""
+    stmt = (
+        sa.update(Task)
+        .where(Task.id == sa.bindparam("i"))
+        .values(status=sa.bindparam("s"))
+        .execution_options(dml_strategy=strategy, synchronize_session=False)
+    )
+    legal = [{"i": 2, "s": "in_progress"}, {"i": 2, "s": "completed"}]
+    illegal = [{"i": 2, "s": "cancelled"}, {"i": 2, "s": "in_progress"}]
+    for mode in ("filter", "raise"):
+        _set_rows(engine, "edge_tasks", "(1, '', 'completed'), (2, '', 'pending')")
+        with _factory(engine, bulk_update=mode)() as s:
+            s.execute(stmt, legal)
+            s.commit()
+        assert _rows(engine, "edge_tasks") == {1: "completed", 2: "completed"}, mode
+    assert not [e for e in events if e.name == "transition_blocked"]
+    _set_rows(engine, "edge_tasks", "(1, '', 'completed'), (2, '', 'pending')")
+    with _factory(engine, bulk_update="raise")() as s:
+        with pytest.raises(IllegalTransitionError) as info:
+            s.execute(stmt, illegal)
+        assert (info.value.pk, info.value.from_state, info.value.to_state) == (
+            2,
+            "cancelled",
+            "in_progress",
+        )
+    assert _rows(engine, "edge_tasks") == {1: "completed", 2: "pending"}
+    events.clear()
+    with _factory(engine)() as s:  # filter: the first set moves the row, the second is left out
+        s.execute(stmt, illegal)
+        s.commit()
+    assert _rows(engine, "edge_tasks") == {1: "completed", 2: "cancelled"}
+    assert [e.fields.get("blocked_rows") for e in events if e.name == "transition_blocked"] == [1]
 
 
 def test_a_column_key_other_than_its_name_and_attribute(engine: sa.Engine) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Result
@@ -339,8 +339,9 @@ def _check_rows(
     """Before a bulk UPDATE restricted to the rows that may legally move (``where``: the
     statement's own criteria and the legal condition): raise for the first row it would
     leave behind ("raise" mode), or count and log them ("filter" mode), one query per
-    parameter set. ``new``: the target as a SQL expression (or None) and as a value (when
-    static).
+    parameter set; over several sets, a row one set moves is judged for the next from the
+    state it leaves it in. ``new``: the target as a SQL expression (or None) and as a value
+    (when static).
 
     The query locks every row the statement's criteria match (in key order, as concurrent
     flushes lock), not only those it would leave behind, so that the answer holds for the
@@ -371,7 +372,18 @@ def _check_rows(
     # materialized: the server runs the locking read in full, whatever the outer query keeps
     rows_q = matched.cte("rdb_matched").prefix_with("MATERIALIZED", dialect="postgresql")
     left = rows_q.c
-    if config.bulk_update == "raise":
+    if len(param_sets) > 1 and new_expr is not None:
+        # sets run in turn, and one may move a row that an earlier set moved: each row is
+        # judged from the state the sets before leave it in, as the UPDATE's condition judges
+        # it set after set (not from the state all sets found)
+        in_turn = _blocked_in_turn(conn, guard, rows_q, n_pk, param_sets)
+        if config.bulk_update == "raise":
+            for blocked_rows in in_turn:
+                if blocked_rows:
+                    _raise_blocked(guard, blocked_rows, n_pk, config)
+            return
+        n_blocked = sum(map(len, in_turn))
+    elif config.bulk_update == "raise":
         shown_cols = [*(left[f"rdb_k{n}"] for n in range(n_pk)), left.rdb_old]
         if new_expr is not None:
             shown_cols.append(left.rdb_new)
@@ -383,23 +395,13 @@ def _check_rows(
         for exec_params in param_sets:
             rows = conn.execute(query, exec_params).all()
             if rows:
-                first = rows[0]
-                err = IllegalTransitionError(
-                    model=guard.model,
-                    pk=guard.pk_of(first[:n_pk]),
-                    column=guard.attr_key,
-                    from_state=as_declared(guard, first[n_pk]),
-                    to_state=as_declared(guard, first[n_pk + 1] if new_expr is not None else value),
-                    via="orm-update",
-                    reason=(
-                        f"{len(rows)} matching row(s) may not make this move; nothing was updated"
-                    ),
+                _raise_blocked(
+                    guard, rows, n_pk, config, *(() if new_expr is not None else (value,))
                 )
-                report(err, config, blocked_rows=len(rows))
-                raise err
         return
-    count_q = sa.select(sa.func.count()).select_from(rows_q).where(left.rdb_blocked)
-    n_blocked = sum(int(conn.execute(count_q, p).scalar_one()) for p in param_sets)
+    else:
+        count_q = sa.select(sa.func.count()).select_from(rows_q).where(left.rdb_blocked)
+        n_blocked = sum(int(conn.execute(count_q, p).scalar_one()) for p in param_sets)
     if n_blocked:
         count("bulk_rows_filtered", n_blocked)
         service = unit_service()
@@ -423,6 +425,51 @@ def _check_rows(
             stale=False,
             blocked_rows=n_blocked,
         )
+
+
+def _blocked_in_turn(
+    conn: Any, guard: Guard, rows_q: Any, n_pk: int, param_sets: list[dict[str, Any]]
+) -> list[list[tuple[Any, ...]]]:
+    """The rows each parameter set would leave behind (key..., state, new state), the sets
+    taken in turn: a row an earlier set moved is judged from the state that set leaves it in
+    (the new state of an expression is the one the check computes). One locking read per set,
+    returning every row it matches."""
+    left = rows_q.c
+    keys = [left[f"rdb_k{n}"] for n in range(n_pk)]
+    query = sa.select(*keys, left.rdb_old, left.rdb_new, left.rdb_blocked).order_by(*keys)
+    moved: dict[tuple[Any, ...], Any] = {}  # a row's state after the sets before
+    found: list[list[tuple[Any, ...]]] = []
+    for exec_params in param_sets:
+        blocked: list[tuple[Any, ...]] = []
+        for row in conn.execute(query, exec_params):
+            key = tuple(row[:n_pk])
+            old, new, is_blocked = row[n_pk:]
+            if key in moved:
+                old = moved[key]
+                is_blocked = not guard.legal(guard.key(old), guard.key(new))
+            if is_blocked:
+                blocked.append((*key, old, new))
+            else:
+                moved[key] = new
+        found.append(blocked)
+    return found
+
+
+def _raise_blocked(guard: Guard, rows: Any, n_pk: int, config: Config, *value: Any) -> NoReturn:
+    """Raise mode: the first of the rows a bulk UPDATE would leave behind, (key..., state,
+    new state), or (key..., state) when the new state is the one ``value`` given."""
+    first = rows[0]
+    err = IllegalTransitionError(
+        model=guard.model,
+        pk=guard.pk_of(first[:n_pk]),
+        column=guard.attr_key,
+        from_state=as_declared(guard, first[n_pk]),
+        to_state=as_declared(guard, value[0] if value else first[n_pk + 1]),
+        via="orm-update",
+        reason=f"{len(rows)} matching row(s) may not make this move; nothing was updated",
+    )
+    report(err, config, blocked_rows=len(rows))
+    raise err
 
 
 def _bulk_by_pk(
