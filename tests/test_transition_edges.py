@@ -7,6 +7,7 @@ No trigger is installed here: what is tested is that the session guards see the 
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import uuid
@@ -24,6 +25,7 @@ from sqlalchemy.orm import (
     Session,
     aliased,
     column_property,
+    composite,
     mapped_column,
     registry,
     relationship,
@@ -115,6 +117,24 @@ class Log(Base):
     __tablename__ = "edge_log"
     id: Mapped[int] = mapped_column(primary_key=True)
     task_id: Mapped[int]
+
+
+@dataclasses.dataclass
+class Phase:
+    status: str
+    note: str
+
+
+class Phased(Base):
+    """The status inside a composite attribute."""
+
+    __tablename__ = "edge_phased"
+    __transitions__ = TransitionRules(**RULES)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    phase: Mapped[Phase] = composite(
+        mapped_column("status", sa.String(40), default="pending"),
+        mapped_column("note", sa.String(40), default=""),
+    )
 
 
 class Finished(Base):
@@ -395,6 +415,40 @@ def test_another_models_attribute_as_a_values_key_is_judged(engine: sa.Engine) -
         )
         s.commit()
     assert _rows(engine, "edge_tasks") == {1: "completed", 2: "in_progress"}
+
+
+@pytest.mark.parametrize("mode", ["filter", "raise"])
+def test_bulk_update_by_primary_key_of_a_status_inside_a_composite(
+    engine: sa.Engine, mode: str
+) -> None:
+    """``[{"id": 1, "phase": Phase("pending", ...)}]``: SQLAlchemy writes the composite's
+    status column, so the move is judged."""
+    sessions = _factory(engine, bulk_update=mode)
+    _set_rows(engine, "edge_phased", "(1, 'completed', ''), (2, 'pending', '')")
+    with sessions() as s:
+        sets = [{"id": 1, "phase": Phase("pending", "reopened")}]
+        if mode == "raise":
+            with pytest.raises(IllegalTransitionError) as info:
+                s.execute(sa.update(Phased), sets)
+            assert (info.value.pk, info.value.from_state, info.value.to_state) == (
+                1,
+                "completed",
+                "pending",
+            )
+        else:
+            s.execute(sa.update(Phased), sets)
+        s.commit()
+    assert _rows(engine, "edge_phased") == {1: "", 2: ""}
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT status FROM edge_phased WHERE id = 1").scalar() == (
+            "completed"
+        )
+    with sessions() as s:  # legal: written
+        s.execute(sa.update(Phased), [{"id": 2, "phase": Phase("in_progress", "started")}])
+        s.commit()
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql("SELECT id, status, note FROM edge_phased ORDER BY id").all()
+    assert [tuple(r) for r in rows] == [(1, "completed", ""), (2, "in_progress", "started")]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -20,7 +20,12 @@ from sqlalchemy.sql.elements import (
 
 from resilient_db._config import Config
 from resilient_db._errors import IllegalTransitionError
-from resilient_db._internals import dml_values, empty_result, is_anonymous_bind
+from resilient_db._internals import (
+    dml_values,
+    empty_result,
+    expand_composites,
+    is_anonymous_bind,
+)
 from resilient_db._observability import emit
 
 from ._bypass import active_config
@@ -487,9 +492,11 @@ def _bulk_by_pk(
     stmt: Any = orm_state.statement
     for guard in guards:
         wanted: dict[tuple[Any, ...], list[tuple[int, Any]]] = {}
-        for index, row in enumerate(params):
-            if not isinstance(row, Mapping):
+        for index, given in enumerate(params):
+            if not isinstance(given, Mapping):
                 continue
+            # a status given inside a composite attribute is sent as its column's
+            row = expand_composites(mapper, given)
             target = _target(stmt, row, guard, by_pk=True)
             if target is None or any(k not in row for k in guard.pk_attr_keys):
                 continue
