@@ -134,11 +134,15 @@ class LocalBudget:
 
     def totals(self, now: float) -> tuple[float, int]:
         """First attempts and ratio-paid retries within the window (old buckets dropped)."""
+        self.prune(now)
+        return sum(self._deposits.values()), sum(self._spent.values())
+
+    def prune(self, now: float) -> None:
+        """Drop the buckets of seconds that have left the window."""
         oldest = math.floor(now) - WINDOW
         for buckets in (self._deposits, self._spent, self._floor_spent):
             for s in [s for s in buckets if s <= oldest]:
                 del buckets[s]
-        return sum(self._deposits.values()), sum(self._spent.values())
 
     def retries(self, now: float) -> int:
         """Retries spent within the window, whatever paid for them (the ratio or the floor)."""
@@ -284,6 +288,9 @@ class RetryBudget:
         oldest = math.floor(now) - WINDOW
         for s in [s for s in pending if s <= oldest]:
             del pending[s]
+        # the local buckets too: while the fleet pays for retries nothing else reads (and so
+        # prunes) them, and the background thread's flush adds one a second of traffic
+        self._local.prune(now)
         return new
 
     def observe(self) -> None:

@@ -111,6 +111,25 @@ def test_first_attempts_go_to_the_fleet_as_whole_numbers() -> None:
     assert budget.take_pending() == [(0, 3)]  # 3.64: the 0.64 still waits
 
 
+@pytest.mark.usefixtures("short_window")
+def test_the_local_figures_keep_only_the_window_while_the_fleet_takes_the_first_attempts() -> None:
+    """While Redis pays for every retry, the only look at the first attempts is the background
+    thread's flush, once a second: the budget's own figures (its fallback) keep the seconds of
+    the window, not one more bucket per second of traffic for the life of the process."""
+    now = [1000.0]
+    stats = stats_for("flushed")
+    budget = RetryBudget("flushed", rdb.Config(retry_budget=0.2), clock=lambda: now[0])
+    for _ in range(600):  # ten minutes of traffic, flushed once a second
+        for _ in range(5):
+            stats.add_attempt()
+        now[0] += 1.0
+        budget.take_pending()
+        budget._local.record("ratio", now[0])  # a retry the fleet paid for
+    local = budget._local
+    for buckets in (local._deposits, local._spent):
+        assert 0 < len(buckets) <= WINDOW + 1
+
+
 @pytest.mark.slow
 def test_first_attempts_whose_deposit_redis_ran_late_are_not_sent_again(
     redis_server: RedisServer, engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
