@@ -17,9 +17,13 @@ and ``opened_at`` has one-second resolution. So the state lives here, in scripts
 The success path talks to nobody: a process keeps a local view of each shared breaker, updated by
 the answers of its own failure-path scripts and by a pub/sub message that every state change
 publishes (one process opening makes the others fail fast as soon as the message arrives, a
-millisecond or so on one host). The first attempts the retry budget counts are read from the
-process's counters and added to Redis about once a second by a background thread, only when
-there are new ones; retries are spent against Redis on the failure path only.
+millisecond or so on one host). A subscription silent for :data:`SUBSCRIPTION_CHECK_INTERVAL`
+is checked with a PING on its connection: one dropped without a reset (a NAT or a load
+balancer forgetting an idle flow) raises nothing, so without an answer the link goes down and
+subscribes again, reading the shared state. The first attempts the retry budget counts are
+read from the process's counters and added to Redis about once a second by a background
+thread, only when there are new ones; retries are spent against Redis on the failure path
+only.
 
 Redis down, slow or flushed never raises into a unit and never holds it past ``redis_timeout``
 (100 ms by default; every command has it as its socket timeout, and the client's own retries are
@@ -126,6 +130,12 @@ RECONNECT_INTERVAL = 1.0
 FLUSH_INTERVAL = 1.0
 #: how long the background thread waits for a pub/sub message before looking at its other work
 _TICK = 0.2
+#: seconds of silence on the subscription after which the background thread checks it with a
+#: PING, whose answer must come within the Redis timeout. A connection that a NAT, a firewall
+#: or a load balancer dropped without a reset (an idle flow forgotten, a partition) reads
+#: nothing and raises nothing: without the check the link would stay up while no other
+#: process's change reached this one, for good
+SUBSCRIPTION_CHECK_INTERVAL = 5.0
 #: a half-open probe reservation not reported back within max(reset timeout, this) is forgotten
 #: (its process died): the slot is given to another probe
 PROBE_LEASE_MIN = 10.0
@@ -1066,6 +1076,7 @@ class FleetLink:
     def _run(self) -> None:
         pubsub: Any = None
         next_flush = 0.0
+        heard = 0.0  # when the subscription last delivered something (a message, a pong)
         stop = self._stop
         while not stop.is_set():
             try:
@@ -1075,13 +1086,21 @@ class FleetLink:
                     pubsub.subscribe(self.channel)
                     self._subscribed(pubsub)
                     self._rejoin()
+                    heard = self._clock()
                     self._first_attempt.set()  # (up: the failure path waiting asks Redis)
                 elif not self.up and self._clock() >= self._down_at + RECONNECT_INTERVAL:
                     # a failure-path command failed while the subscription lived (Redis slow,
-                    # or refusing writes): at most one attempt per RECONNECT_INTERVAL
+                    # or refusing writes): at most one attempt per RECONNECT_INTERVAL. The
+                    # subscription's connection may have been cut off with it, silently
+                    self._check_subscription(pubsub)
                     self._rejoin()
+                    heard = self._clock()
+                elif self._clock() - heard >= SUBSCRIPTION_CHECK_INTERVAL:
+                    self._check_subscription(pubsub)
+                    heard = self._clock()
                 message = pubsub.get_message(timeout=_TICK)
                 while message is not None and not stop.is_set():
+                    heard = self._clock()
                     self._on_message(message)
                     message = pubsub.get_message(timeout=0.0)
                 now = self._clock()
@@ -1121,6 +1140,25 @@ class FleetLink:
             if time.monotonic() >= deadline:
                 raise errors.TimeoutError(
                     f"no answer to SUBSCRIBE within {self.config.redis_timeout:g} s"
+                )
+
+    def _check_subscription(self, pubsub: Any) -> None:
+        """PING on the subscription's connection; its answer must come within the timeout
+        (messages arriving meanwhile are taken as usual). Raises a timeout otherwise: the
+        connection is dropped, and the background thread subscribes again and reads the shared
+        state (the changes published meanwhile never arrived). Not counted in ``commands``
+        (the failure path's and the background work's): it is the subscription's own."""
+        pubsub.ping()
+        deadline = time.monotonic() + self.config.redis_timeout
+        while True:
+            message = pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
+            if message is not None:
+                if message.get("type") == "pong":
+                    return
+                self._on_message(message)
+            elif time.monotonic() >= deadline:
+                raise self._redis.exceptions.TimeoutError(
+                    f"no answer to PING on the subscription within {self.config.redis_timeout:g} s"
                 )
 
     def _rejoin(self) -> None:

@@ -10,6 +10,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -302,3 +303,75 @@ def forked(child: Callable[[], bool]) -> Iterator[Forked]:
         yield proc
     finally:
         proc.close()
+
+
+class ForgetfulForwarder:
+    """A TCP forwarder to ``port`` on 127.0.0.1 that can forget the connections open now
+    (:meth:`forget`) as a NAT, a firewall or a load balancer forgets a flow: what either side
+    sends on them is dropped, and neither side is told (no reset, no close). Connections made
+    afterwards pass. ``url(redis_url)``: that URL through this forwarder. Closed on leaving."""
+
+    def __init__(self, port: int) -> None:
+        self._target = port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._pairs: list[tuple[socket.socket, socket.socket, threading.Event]] = []
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, redis_url: str) -> str:
+        return redis_url.replace(f":{self._target}/", f":{self.port}/")
+
+    def forget(self) -> None:
+        with self._lock:
+            for _, _, forgotten in self._pairs:
+                forgotten.set()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+                server = socket.create_connection(("127.0.0.1", self._target), timeout=5)
+            except OSError:
+                return
+            forgotten = threading.Event()
+            with self._lock:
+                if self._closed:
+                    client.close()
+                    server.close()
+                    return
+                self._pairs.append((client, server, forgotten))
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b, forgotten), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket, forgotten: threading.Event) -> None:
+        source.settimeout(None)
+        while True:
+            try:
+                data = source.recv(65536)
+                if not data:
+                    break
+                if not forgotten.is_set():
+                    sink.sendall(data)
+            except OSError:
+                break
+        if not forgotten.is_set():
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            pairs, self._pairs = self._pairs, []
+        self._listener.close()
+        for client, server, _ in pairs:
+            client.close()
+            server.close()
+
+    def __enter__(self) -> ForgetfulForwarder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -10,10 +10,11 @@ import time
 
 import pytest
 import sqlalchemy as sa
-from fleet import Gate, shared
+from fleet import ForgetfulForwarder, Gate, shared
 from processes import wait_for
 
 import resilient_db as rdb
+from resilient_db import _fleet
 from resilient_db._config import mask_url
 from resilient_db.testing import RedisServer
 
@@ -68,5 +69,40 @@ def test_a_redis_refusing_writes_stays_down_without_flapping_then_rejoins(
     assert "READONLY" in problem
     assert line.endswith("run on this process's own state until it takes writes again")
     wait_for(lambda: shared("replica")["connected"], "the link, taking writes again")
+    assert _lines(caplog, "Shared state restored") == 1
+    engine.dispose()
+
+
+def test_a_subscription_dropped_without_a_reset_is_made_again(
+    redis_server: RedisServer,
+    pg_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A NAT, a firewall or a load balancer forgetting the subscription's connection tells
+    neither side: nothing arrives on it, nothing fails. After a few seconds of silence the
+    link checks it with a PING, gets no answer, subscribes again and reads the shared state:
+    another process's opening published meanwhile is followed within seconds (it never was,
+    the link up all along), and the lines say the link went down and came back."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    monkeypatch.setattr(_fleet, "SUBSCRIPTION_CHECK_INTERVAL", 0.5)
+    engine = sa.create_engine(pg_url)
+    with ForgetfulForwarder(redis_server.port) as forwarder:
+        config = rdb.Config(redis_url=forwarder.url(redis_server.url), reset_timeout=30.0)
+        rdb.ResilientSession(engine, service="forgotten", config=config)
+        wait_for(lambda: shared("forgotten")["connected"], "the link")
+        forwarder.forget()  # the subscription's connection too
+        # another process opens the shared breaker (its script, straight to Redis)
+        redis_server.client().register_script(_fleet._FORCE)(
+            keys=_fleet._breaker_keys("forgotten"),
+            args=[_fleet.CHANNEL.format(db=0), "forgotten", "another-process", "open", 30.0],
+        )
+        wait_for(
+            lambda: rdb.health()["services"]["forgotten"]["breaker"]["state"] == "open",
+            "the other process's opening, followed",
+            8.0,
+        )
+        wait_for(lambda: shared("forgotten")["connected"], "the link, subscribed again")
+    assert _lines(caplog, "Shared state unavailable") == 1
     assert _lines(caplog, "Shared state restored") == 1
     engine.dispose()
