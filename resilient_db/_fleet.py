@@ -18,9 +18,9 @@ The success path talks to nobody: a process keeps a local view of each shared br
 the answers of its own failure-path scripts and by a pub/sub message that every state change
 publishes (one process opening makes the others fail fast as soon as the message arrives, a
 millisecond or so on one host). A subscription silent for :data:`SUBSCRIPTION_CHECK_INTERVAL`
-is checked with a PING on its connection: one dropped without a reset (a NAT or a load
-balancer forgetting an idle flow) raises nothing, so without an answer the link goes down and
-subscribes again, reading the shared state. The first attempts the retry budget counts are
+is checked by subscribing again on its connection: one dropped without a reset (a NAT or a
+load balancer forgetting an idle flow) raises nothing, so without an answer the link goes
+down and subscribes anew, reading the shared state. The first attempts the retry budget counts are
 read from the process's counters and added to Redis about once a second by a background
 thread, only when there are new ones; retries are spent against Redis on the failure path
 only.
@@ -130,8 +130,8 @@ RECONNECT_INTERVAL = 1.0
 FLUSH_INTERVAL = 1.0
 #: how long the background thread waits for a pub/sub message before looking at its other work
 _TICK = 0.2
-#: seconds of silence on the subscription after which the background thread checks it with a
-#: PING, whose answer must come within the Redis timeout. A connection that a NAT, a firewall
+#: seconds of silence on the subscription after which the background thread checks it (it
+#: subscribes again), the answer due within the Redis timeout. A connection that a NAT, a firewall
 #: or a load balancer dropped without a reset (an idle flow forgotten, a partition) reads
 #: nothing and raises nothing: without the check the link would stay up while no other
 #: process's change reached this one, for good
@@ -1143,22 +1143,27 @@ class FleetLink:
                 )
 
     def _check_subscription(self, pubsub: Any) -> None:
-        """PING on the subscription's connection; its answer must come within the timeout
-        (messages arriving meanwhile are taken as usual). Raises a timeout otherwise: the
-        connection is dropped, and the background thread subscribes again and reads the shared
-        state (the changes published meanwhile never arrived). Not counted in ``commands``
-        (the failure path's and the background work's): it is the subscription's own."""
-        pubsub.ping()
+        """Subscribe again to the channel on the subscription's connection (a command every
+        link's ACL allows, and one of the few a subscribed connection may send): its answer
+        must come within the timeout (messages arriving meanwhile are taken as usual). Raises
+        a timeout otherwise: the connection is dropped, and the background thread subscribes
+        anew and reads the shared state (the changes published meanwhile never arrived). Not
+        counted in ``commands`` (the failure path's and the background work's)."""
+        errors = self._redis.exceptions
+        pubsub.subscribe(self.channel)
         deadline = time.monotonic() + self.config.redis_timeout
         while True:
-            message = pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
+            try:
+                message = pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
+            except errors.ResponseError as exc:
+                raise type(exc)(f"SUBSCRIBE on channel {self.channel} refused: {exc}") from exc
             if message is not None:
-                if message.get("type") == "pong":
+                if message.get("type") == "subscribe":
                     return
                 self._on_message(message)
             elif time.monotonic() >= deadline:
-                raise self._redis.exceptions.TimeoutError(
-                    f"no answer to PING on the subscription within {self.config.redis_timeout:g} s"
+                raise errors.TimeoutError(
+                    f"no answer on the subscription within {self.config.redis_timeout:g} s"
                 )
 
     def _rejoin(self) -> None:

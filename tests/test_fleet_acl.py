@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from fleet import Gate, shared
 from processes import wait_for
 
 import resilient_db as rdb
+from resilient_db import _fleet
 from resilient_db._fleet import links
 from resilient_db.testing import RedisServer
 
@@ -218,3 +220,57 @@ def test_a_refused_login_names_the_user_and_never_the_password(
         assert "***sername" not in said
         assert PASSWORD not in said
     assert f"redis://u:***@{redis_server.host}:{redis_server.port}/0" in line
+
+
+#: the rights the README lists for resilient_db's ACL user, and nothing more
+DOCUMENTED_RIGHTS = (
+    "resetchannels",
+    "~resilient_db:*",
+    "&resilient_db:breakers:*",
+    *(
+        f"+{command}"
+        for command in [
+            "evalsha",
+            "eval",
+            "script",
+            "subscribe",
+            "publish",
+            "time",
+            "get",
+            "set",
+            "incr",
+            "del",
+            "pexpire",
+            "hset",
+            "hget",
+            "hmget",
+            "hgetall",
+            "hexists",
+            "hincrby",
+            "hdel",
+        ]
+    ),
+)
+
+
+def test_the_documented_acl_keeps_the_link_up_past_its_subscription_checks(
+    redis_server: RedisServer,
+    engine: sa.Engine,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The link checks a silent subscription with a command the README's ACL allows (a
+    SUBSCRIBE again, not a PING it does not list): a user with exactly those rights stays
+    connected through several checks, with no warning."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    monkeypatch.setattr(_fleet, "SUBSCRIPTION_CHECK_INTERVAL", 0.3)
+    _factory(engine, _user(redis_server, *DOCUMENTED_RIGHTS), "documented-acl")
+    wait_for(lambda: shared("documented-acl")["connected"], "the link", 5)
+    (link,) = links().values()
+    commands = link.commands
+    deadline = time.monotonic() + 1.5  # about five checks of the subscription
+    while time.monotonic() < deadline:
+        assert shared("documented-acl")["connected"], shared("documented-acl")["problem"]
+        time.sleep(0.05)
+    assert link.commands == commands  # (the checks are not counted as commands)
+    assert _lines(caplog, "Shared state unavailable") == []
