@@ -1181,9 +1181,14 @@ class FleetLink:
         state (on connecting: messages may be lost)."""
         with self._lock:
             breakers = list(self.breakers.items())
-        for _service, breaker in breakers:
+        for service, breaker in breakers:
             breaker.report_probes(self)
-            breaker.fleet_rejoin(self)
+            try:
+                breaker.fleet_rejoin(self)
+            except self._redis.exceptions.RedisError:
+                raise
+            except Exception as exc:  # (a listener's: see _listener_failed)
+                self._listener_failed(service, exc)
 
     def _on_message(self, message: Any) -> None:
         if message.get("type") != "message":
@@ -1200,7 +1205,30 @@ class FleetLink:
             return
         breaker = self.breakers.get(service)
         if breaker is not None:
-            breaker.fleet_update(*update, mine=mine)
+            try:
+                breaker.fleet_update(*update, mine=mine)
+            except Exception as exc:
+                self._listener_failed(service, exc)
+
+    def _listener_failed(self, service: str, exc: Exception) -> None:
+        """A breaker listener of the application raised while a state shared through Redis was
+        taken (the view and the local breaker took it before the listeners were told). It is
+        not Redis failing: the link stays up and the next messages are taken. The line names
+        the error's class, never its text (as for any part of the machinery that fails)."""
+        emit(
+            self.config,
+            log_breaker,
+            logging.WARNING,
+            "Circuit breaker listener failed: service=%s a listener raised %s on a state change "
+            "shared through Redis; the change is taken, Redis stays in use",
+            service,
+            type(exc).__qualname__,
+            service=service,
+            event="machinery_failed",
+            part="circuit breaker listener",
+            error=type(exc).__qualname__,
+        )
+        _log.debug("breaker listener failure detail", exc_info=exc)
 
     def _observe_budgets(self) -> None:
         """Redis is down: look at the budgets' first attempts once a second all the same, so

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from pathlib import Path
+from typing import Any
 
+import pybreaker
 import pytest
 import sqlalchemy as sa
 from fleet import Gate, fleet, open_the_fleets_breaker, opener_settings, shared
@@ -123,4 +126,39 @@ def test_a_followed_opening_says_the_time_it_has_left(
     left = line.self_heal["open_for"]  # type: ignore[attr-defined]
     assert 0 < left <= 300.0
     assert shared("fleet")["opens_followed"] == 1
+    engine.dispose()
+
+
+class _FailingListener(pybreaker.CircuitBreakerListener):  # type: ignore[misc]
+    def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
+        raise RuntimeError("a listener of the application that fails")
+
+
+def test_a_failing_listener_is_not_taken_for_redis_failing(
+    redis_server: RedisServer, pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another process's opening arrives by pub/sub and a breaker listener of the application
+    raises on it: the opening is followed, the link stays up and the line names the listener,
+    not "Redis did not answer (RuntimeError)" with the link down and its fallback meanwhile."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    engine = sa.create_engine(pg_url)
+    config = rdb.Config(redis_url=redis_server.url, reset_timeout=30.0)
+    rdb.ResilientSession(
+        engine, service="listened", config=config, breaker_listeners=(_FailingListener(),)
+    )
+    wait_for(lambda: shared("listened")["connected"], "the link")
+    # another process opens the shared breaker (its script, straight to Redis)
+    redis_server.client().register_script(_fleet._FORCE)(
+        keys=_fleet._breaker_keys("listened"),
+        args=[_fleet.CHANNEL.format(db=0), "listened", "another-process", "open", 30.0],
+    )
+    wait_for(
+        lambda: rdb.health()["services"]["listened"]["breaker"]["state"] == "open", "the opening"
+    )
+    time.sleep(0.3)  # (a link taken down would be down by now: a condition, not a backoff)
+    assert shared("listened")["connected"], shared("listened")["problem"]
+    assert _records(caplog, "Shared state unavailable") == []
+    (line,) = _records(caplog, "Circuit breaker listener failed")
+    assert "service=listened a listener raised RuntimeError" in line.getMessage()
+    assert "a listener of the application that fails" not in line.getMessage()  # (no text)
     engine.dispose()
