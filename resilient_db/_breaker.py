@@ -365,17 +365,19 @@ class Breaker:
         its own: that one is the breaker's state, as asked), leaving the link of another Redis
         this breaker followed (closed when nothing else is attached to it)."""
         shared = bool(config.redis_url) and self.storage_given is None
-        if shared and self._fleet is None:
-            # shared from now on (a reload setting SELF_HEALING_REDIS_URL): an opening this
-            # process made on its own is kept and shared, as one made while Redis was down is
-            # (read back as closed, it would be thrown away and the next unit sent to the
-            # database that just failed). Marked before attaching: a new link's thread may
-            # connect and read the shared state back before attach() returns
+        old = self._fleet
+        if shared and (old is None or old.url != config.redis_url):
+            # shared from now on (a reload setting SELF_HEALING_REDIS_URL), or through another
+            # Redis (whose processes know nothing of this one's opening): an opening this
+            # process holds is kept and shared, as one made while Redis was down is (read back
+            # as closed, it would be thrown away and the next unit sent to the database that
+            # just failed). Marked before attaching: a new link's thread may connect and read
+            # the shared state back before attach() returns
             with self._lock:
                 if self._storage.state == OPEN and self._remaining_open() > 0:
                     self._opened_locally = True
         link = attach(config, breaker=self) if shared else None
-        old, self._fleet = self._fleet, link
+        self._fleet = link
         if old is link:
             return
         self._fleet_gen = -1

@@ -23,6 +23,7 @@ from sqlalchemy.pool import NullPool
 import resilient_db as rdb
 from resilient_db import _fleet
 from resilient_db._breaker import Breaker
+from resilient_db._config import mask_url
 from resilient_db._fleet import links
 from resilient_db.testing import FaultProxy, RedisServer
 
@@ -315,6 +316,36 @@ def test_switching_redis_on_by_a_reload_keeps_and_shares_an_opening_made_here(
     with pytest.raises(rdb.CircuitOpenError) as rejected:
         Factory.run(lambda s: s.execute(sa.text(DOWN)).all())
     assert 0 < rejected.value.retry_after <= 60
+
+
+def test_moving_to_another_redis_by_a_reload_keeps_and_shares_an_opening_made_here(
+    redis_server: RedisServer, engine: sa.Engine, service: str, clean_env: pytest.MonkeyPatch
+) -> None:
+    """The database failed and opened the breaker shared through one Redis; a reload moves
+    SELF_HEALING_REDIS_URL to another Redis, where no process ever opened it. Read back as
+    closed there, the opening was thrown away and the next unit sent to the dead database:
+    it is kept and shared through the new Redis, as when a reload switches Redis on."""
+    clean_env.setenv("SELF_HEALING_FAILURE_THRESHOLD", "1")
+    clean_env.setenv("SELF_HEALING_RESET_TIMEOUT", "60000")
+    clean_env.setenv("SELF_HEALING_RETRY", "false")
+    clean_env.setenv("SELF_HEALING_REDIS_URL", redis_server.url)
+    rdb.reload_config()
+    Factory = rdb.ResilientSession(engine, service=service)
+    wait_for(lambda: shared(service)["connected"], "the link")
+    with pytest.raises(sa.exc.OperationalError):
+        Factory.run(lambda s: s.execute(sa.text(DOWN)).all())
+    breaker = _breaker(Factory)
+    assert breaker.state == "open"
+    with RedisServer() as other:
+        clean_env.setenv("SELF_HEALING_REDIS_URL", other.url)
+        rdb.reload_config()
+        wait_for(lambda: shared(service)["redis"] == mask_url(other.url), "the move")
+        wait_for(lambda: shared(service)["connected"], "the new link")
+        wait_for(lambda: _fleet_state(other, service) == "open", "the opening shared", 5)
+        assert breaker.state == "open"
+        with pytest.raises(rdb.CircuitOpenError) as rejected:
+            Factory.run(lambda s: s.execute(sa.text(DOWN)).all())
+        assert 0 < rejected.value.retry_after <= 60
 
 
 # -- F4: a success resets only the run of failures it saw ------------------------------------
