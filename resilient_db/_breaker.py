@@ -47,6 +47,13 @@ _UTC = timezone.utc
 _probe_here: contextvars.ContextVar[tuple[Any, str | None] | None] = contextvars.ContextVar(
     "resilient_db_probe_here", default=None
 )
+#: the most probe ends and lost admits a breaker keeps for Redis while it does not answer
+#: (see Breaker.report_probes). Every one may hold a probe slot of the fleet (Redis runs the
+#: admits it got, in order, when it resumes: the oldest are the likeliest to have taken the
+#: slots), so none is dropped in practice: admits are lost only while the link is up, one per
+#: unit in flight when Redis stopped answering, and all are reported at the next rejoin. The
+#: bound only keeps the list finite
+_UNREPORTED_MAX = 10_000
 
 
 class _LogListener(_pb.CircuitBreakerListener):
@@ -658,7 +665,7 @@ class Breaker:
     def _remember_probe(self, reservation: str, success: bool) -> None:
         with self._lock:
             self._unreported.append((reservation, success))
-            del self._unreported[: -max(4, 2 * self.config.half_open_probes)]  # bounded
+            del self._unreported[:-_UNREPORTED_MAX]  # bounded
 
     def report_probes(self, fleet: Any) -> None:
         """Redis answers again: report the probes whose end it may have missed (a probe that

@@ -215,3 +215,62 @@ def test_a_probe_ending_while_an_older_one_runs_reports_its_own_reservation(
         release.set()
         probe_a.join(10)
     assert not probe_a.is_alive()
+
+
+def test_a_probe_ending_while_redis_hangs_is_reported_whatever_follows(
+    redis_server: RedisServer, engine: sa.Engine
+) -> None:
+    """Redis hangs while the fleet's half-open probe runs here: the link goes down (a unit's
+    admit timed out), the probe succeeds, and other threads' admits, sent while the link was
+    still up, time out after it. Every end and lost admit is reported on rejoining; keeping
+    only the last four of them dropped the probe's success, whose slot was then held by
+    nobody until the lease ran out (every call of the fleet refused meanwhile, the database
+    healthy)."""
+    timeout = 1.0
+    Factory, _breaker = opened(
+        redis_server,
+        engine,
+        "crowd",
+        scripts=True,
+        half_open_probes=1,
+        failure_threshold=50,
+        redis_timeout=timeout,
+    )
+    release = threading.Event()
+    outcomes: list[str] = []
+
+    def probe(s: Session) -> int:
+        release.wait(10)
+        return int(s.execute(sa.text("SELECT 1")).scalar_one())
+
+    def unit() -> None:
+        try:
+            Factory.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one())
+            outcomes.append("ran")
+        except rdb.CircuitOpenError:
+            outcomes.append("refused")
+
+    prober = threading.Thread(target=lambda: outcomes.append(str(Factory.run(probe))))
+    prober.start()
+    held = lambda: redis_server.client().hget("resilient_db:{crowd}:breaker", "probes")  # noqa: E731
+    wait_for(lambda: held() == b"1", "the fleet's probe, here")
+    redis_server.pause()
+    try:
+        # (the waits below order the events around the Redis timeout: not backoffs)
+        first = threading.Thread(target=unit)  # its admit times out first: the link goes down
+        first.start()
+        time.sleep(timeout / 2)
+        crowd = [threading.Thread(target=unit) for _ in range(6)]  # admits sent, link up
+        for thread in crowd:
+            thread.start()
+        wait_for(lambda: shared("crowd")["connected"] is False, "the link down", 5)
+        release.set()  # the probe succeeds while the link is down: its end is not sent
+        prober.join(10)
+        for thread in (first, *crowd):
+            thread.join(10)  # their admits time out after the probe's end
+        assert len(outcomes) == 8
+    finally:
+        redis_server.resume()
+    wait_for(lambda: shared("crowd")["connected"], "the link, again", timeout=5)
+    assert _fleet_state(redis_server, "crowd") == "closed"  # the probe's success heard
+    assert int(held() or 0) == 0
