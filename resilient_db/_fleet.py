@@ -136,6 +136,9 @@ _TICK = 0.2
 #: nothing and raises nothing: without the check the link would stay up while no other
 #: process's change reached this one, for good
 SUBSCRIPTION_CHECK_INTERVAL = 5.0
+#: the least time the check's answer is given: no unit waits for it, and a Redis that stalls
+#: for a moment (a fork for a snapshot) while nothing fails is no outage to warn about
+SUBSCRIPTION_ANSWER_MIN = 1.0
 #: a half-open probe reservation not reported back within max(reset timeout, this) is forgotten
 #: (its process died): the slot is given to another probe
 PROBE_LEASE_MIN = 10.0
@@ -1145,13 +1148,15 @@ class FleetLink:
     def _check_subscription(self, pubsub: Any) -> None:
         """Subscribe again to the channel on the subscription's connection (a command every
         link's ACL allows, and one of the few a subscribed connection may send): its answer
-        must come within the timeout (messages arriving meanwhile are taken as usual). Raises
-        a timeout otherwise: the connection is dropped, and the background thread subscribes
-        anew and reads the shared state (the changes published meanwhile never arrived). Not
-        counted in ``commands`` (the failure path's and the background work's)."""
+        must come within the Redis timeout, or :data:`SUBSCRIPTION_ANSWER_MIN` if longer
+        (messages arriving meanwhile are taken as usual). Raises a timeout otherwise: the
+        connection is dropped, and the background thread subscribes anew and reads the shared
+        state (the changes published meanwhile never arrived). Not counted in ``commands``
+        (the failure path's and the background work's)."""
         errors = self._redis.exceptions
         pubsub.subscribe(self.channel)
-        deadline = time.monotonic() + self.config.redis_timeout
+        within = max(self.config.redis_timeout, SUBSCRIPTION_ANSWER_MIN)
+        deadline = time.monotonic() + within
         while True:
             try:
                 message = pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
@@ -1162,9 +1167,7 @@ class FleetLink:
                     return
                 self._on_message(message)
             elif time.monotonic() >= deadline:
-                raise errors.TimeoutError(
-                    f"no answer on the subscription within {self.config.redis_timeout:g} s"
-                )
+                raise errors.TimeoutError(f"no answer on the subscription within {within:g} s")
 
     def _rejoin(self) -> None:
         """Redis answers (a new subscription, or a command): check that it takes writes, report
