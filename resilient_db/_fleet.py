@@ -20,10 +20,10 @@ publishes (one process opening makes the others fail fast as soon as the message
 millisecond or so on one host). A subscription silent for :data:`SUBSCRIPTION_CHECK_INTERVAL`
 is checked by subscribing again on its connection: one dropped without a reset (a NAT or a
 load balancer forgetting an idle flow) raises nothing, so without an answer the link goes
-down and subscribes anew, reading the shared state. The first attempts the retry budget counts are
-read from the process's counters and added to Redis about once a second by a background
-thread, only when there are new ones; retries are spent against Redis on the failure path
-only.
+down and subscribes anew, reading the shared state. The first attempts the retry budget
+counts are read from the process's counters and added to Redis about once a second by a
+background thread, only when there are new ones; retries are spent against Redis on the
+failure path only.
 
 Redis down, slow or flushed never raises into a unit and never holds it past ``redis_timeout``
 (100 ms by default; every command has it as its socket timeout, and the client's own retries are
@@ -33,7 +33,8 @@ from what the fleet knew), one ``[SELF-HEAL]`` warning naming the Redis (its pas
 and the services of this process using it (``(services: billing, orders)``) is logged when
 the link goes down and once per :data:`DOWN_LOG_PERIOD` while it stays down (a new down
 period after a logged "restored" warns at once), and the background thread tries again once a
-second (one connection attempt, or one small writing script while the subscription survived).
+second (one connection attempt, or a check of the subscription and one small writing script
+while the subscription survived).
 Once Redis
 answers and takes that write, the process reports what Redis missed (half-open probes that
 ended meanwhile, admits whose answer was lost), shares an opening it made on its own meanwhile
@@ -131,8 +132,8 @@ FLUSH_INTERVAL = 1.0
 #: how long the background thread waits for a pub/sub message before looking at its other work
 _TICK = 0.2
 #: seconds of silence on the subscription after which the background thread checks it (it
-#: subscribes again), the answer due within the Redis timeout. A connection that a NAT, a firewall
-#: or a load balancer dropped without a reset (an idle flow forgotten, a partition) reads
+#: subscribes again; see SUBSCRIPTION_ANSWER_MIN). A connection that a NAT, a firewall or a
+#: load balancer dropped without a reset (an idle flow forgotten, a partition) reads
 #: nothing and raises nothing: without the check the link would stay up while no other
 #: process's change reached this one, for good
 SUBSCRIPTION_CHECK_INTERVAL = 5.0
@@ -1079,7 +1080,7 @@ class FleetLink:
     def _run(self) -> None:
         pubsub: Any = None
         next_flush = 0.0
-        heard = 0.0  # when the subscription last delivered something (a message, a pong)
+        heard = 0.0  # when the subscription last delivered something (a message, an answer)
         stop = self._stop
         while not stop.is_set():
             try:
