@@ -162,3 +162,38 @@ def test_a_failing_listener_is_not_taken_for_redis_failing(
     assert "service=listened a listener raised RuntimeError" in line.getMessage()
     assert "a listener of the application that fails" not in line.getMessage()  # (no text)
     engine.dispose()
+
+
+def test_a_failing_listener_does_not_keep_the_link_down_on_rejoining(
+    redis_server: RedisServer, pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis comes back (restarted) with the shared breaker opened meanwhile: the link reads
+    it on rejoining, and a breaker listener of the application raises on the opening. The
+    link comes back all the same (it stayed down, its problem the listener's error, until a
+    later attempt), and the opening is followed."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    engine = sa.create_engine(pg_url)
+    config = rdb.Config(redis_url=redis_server.url, reset_timeout=30.0)
+    rdb.ResilientSession(
+        engine, service="relistened", config=config, breaker_listeners=(_FailingListener(),)
+    )
+    wait_for(lambda: shared("relistened")["connected"], "the link")
+    redis_server.kill()
+    wait_for(lambda: not shared("relistened")["connected"], "the link down")
+    redis_server.start()
+    redis_server.client().register_script(_fleet._FORCE)(
+        keys=_fleet._breaker_keys("relistened"),
+        args=[_fleet.CHANNEL.format(db=0), "relistened", "another-process", "open", 30.0],
+    )
+    problems: list[str] = []
+
+    def back() -> bool:
+        entry = shared("relistened")
+        problems.append(str(entry["problem"]))
+        return bool(entry["connected"])
+
+    wait_for(back, "the link back", 5)
+    assert not [p for p in problems if "RuntimeError" in p]
+    assert rdb.health()["services"]["relistened"]["breaker"]["state"] == "open"
+    assert _records(caplog, "Circuit breaker listener failed")
+    engine.dispose()
