@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import LoaderCriteriaOption, Session
 
 from ._errors import ResilientDBError
 
@@ -56,6 +56,7 @@ __all__ = [
     "renew_pybreaker_lock",
     "sa_await",
     "session_binds",
+    "update_loader_criteria",
     "with_own_session_class",
 ]
 
@@ -132,6 +133,72 @@ def dml_values(stmt: Any) -> list[tuple[Any, Any]]:
             "a bulk UPDATE, so it refuses it rather than let an illegal status move through",
         )
     return list(values.items())
+
+
+def _adjust_for_extra_criteria() -> Callable[[dict[Any, Any], Any], Iterable[Any]]:
+    try:
+        from sqlalchemy.orm import bulk_persistence  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - exercised by tests/test_internals.py's canary
+        bulk_persistence = None  # type: ignore[assignment]
+    state = getattr(bulk_persistence, "_BulkUDCompileState", None) or getattr(
+        bulk_persistence, "BulkUDCompileState", None
+    )
+    adjust = getattr(state, "_adjust_for_extra_criteria", None)
+    if adjust is None:
+        raise InternalsChanged(
+            "SQLAlchemy",
+            "sqlalchemy.orm.bulk_persistence._BulkUDCompileState._adjust_for_extra_criteria",
+            "the bulk-UPDATE transition guard cannot apply an UPDATE's with_loader_criteria() "
+            "to its check, so it refuses the UPDATE rather than judge and lock other rows",
+        )
+    result: Callable[[dict[Any, Any], Any], Iterable[Any]] = adjust
+    return result
+
+
+def update_loader_criteria(stmt: Any, mapper: Any) -> tuple[sa.ColumnElement[bool], ...]:
+    """The WHERE criteria SQLAlchemy adds to ORM-enabled UPDATE ``stmt`` of ``mapper`` for the
+    ``with_loader_criteria()`` options it carries (with, among them, a single-table
+    subclass's discriminator), as it compiles them into the UPDATE; empty when it carries
+    none (then nothing private is called beyond reading the empty options). The
+    bulk-UPDATE transition guard's check applies them, so it judges and locks the rows the
+    UPDATE changes, not every row its own WHERE matches.
+
+    Private: SQLAlchemy ``Executable._with_options``, ``ORMOption._is_criteria_option``,
+    ``LoaderCriteriaOption.get_global_criteria`` and the classmethod
+    ``_adjust_for_extra_criteria(global_attributes, mapper)`` of
+    ``orm/bulk_persistence.py``'s ``_BulkUDCompileState`` (2.1; ``BulkUDCompileState`` in
+    2.0): what the UPDATE's compilation (``_setup_for_orm_update``) and its "evaluate"
+    synchronization (``_eval_condition_from_statement``) call (verified 2.0.24, 2.1.9).
+    Gone: :class:`InternalsChanged`. Public alternative: none (a statement's options can't
+    be read; an ORM ``select()`` given them applies them by a SELECT's rules, which differ
+    for an aliased entity, and only at the top level of the statement compiled).
+    """
+    try:
+        options = stmt._with_options
+    except AttributeError:
+        raise InternalsChanged(
+            "SQLAlchemy",
+            "Executable._with_options",
+            "the bulk-UPDATE transition guard cannot read an UPDATE's with_loader_criteria() "
+            "options, so it refuses the UPDATE rather than judge and lock other rows",
+        ) from None
+    if not options:
+        return ()
+    found: dict[Any, Any] = {}
+    for option in options:
+        criteria = getattr(option, "_is_criteria_option", None)
+        if criteria is None and isinstance(option, LoaderCriteriaOption):
+            raise InternalsChanged(
+                "SQLAlchemy",
+                "ORMOption._is_criteria_option",
+                "the bulk-UPDATE transition guard cannot tell an UPDATE's with_loader_criteria() "
+                "options, so it refuses the UPDATE rather than judge and lock other rows",
+            )
+        if criteria:
+            option.get_global_criteria(found)
+    if not found:
+        return ()
+    return tuple(_adjust_for_extra_criteria()(found, mapper))
 
 
 def _anonymous_label_class() -> type[str]:

@@ -25,6 +25,7 @@ import psycopg
 import pybreaker
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 from sqlalchemy.orm import (
     NO_VALUE,
@@ -34,6 +35,7 @@ from sqlalchemy.orm import (
     composite,
     mapped_column,
     sessionmaker,
+    with_loader_criteria,
 )
 
 import resilient_db as rdb
@@ -97,6 +99,44 @@ def test_dml_values_refuses_a_statement_it_cannot_read() -> None:
 
     with pytest.raises(InternalsChanged, match="as a mapping"):
         _internals.dml_values(NotAMapping())
+
+
+def _sql(clause: Any) -> str:
+    return str(clause.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
+
+
+def test_update_loader_criteria_are_those_the_orm_update_compiles() -> None:
+    """The criteria read for an ORM UPDATE's ``with_loader_criteria()`` options (an
+    expression, or a lambda resolved for the class) are the WHERE SQLAlchemy compiles into
+    the UPDATE; none without such options."""
+    message = _says(
+        "SQLAlchemy",
+        "Executable._with_options / ORMOption._is_criteria_option / "
+        "LoaderCriteriaOption.get_global_criteria / "
+        "bulk_persistence._BulkUDCompileState._adjust_for_extra_criteria",
+        "update_loader_criteria",
+        "the bulk-UPDATE transition guard judges and locks rows an UPDATE's "
+        "with_loader_criteria() leave out (or refuses the UPDATE)",
+    )
+    mapper = sa.inspect(Task)
+    plain = sa.update(Task).where(Task.id == 1).values(status="completed")
+    try:
+        assert _internals.update_loader_criteria(plain, mapper) == (), message
+        for criteria in (Task.title == "t", lambda cls: cls.title == "t"):
+            stmt = plain.options(with_loader_criteria(Task, criteria))
+            found = _internals.update_loader_criteria(stmt, mapper)
+            assert [_sql(c) for c in found] == ["tasks.title = 't'"], message
+            assert _sql(stmt).endswith(f"WHERE tasks.id = 1 AND {_sql(found[0])}"), message
+    except InternalsChanged as err:
+        pytest.fail(f"{message}: {err}")
+
+
+def test_update_loader_criteria_refuses_a_statement_it_cannot_read() -> None:
+    class Moved:  # a release keeping a statement's options elsewhere
+        pass
+
+    with pytest.raises(InternalsChanged, match=r"Executable\._with_options"):
+        _internals.update_loader_criteria(Moved(), sa.inspect(Task))
 
 
 def test_is_anonymous_bind_tells_a_values_literal_from_a_named_bindparam() -> None:

@@ -25,6 +25,7 @@ from resilient_db._internals import (
     empty_result,
     expand_composites,
     is_anonymous_bind,
+    update_loader_criteria,
 )
 from resilient_db._observability import emit
 
@@ -141,6 +142,31 @@ def _named(stmt: Any, mapper: Mapper[Any], guard: Guard) -> _Named:
     return _Named(getattr(entity, guard.attr_key), pks, selectable)
 
 
+def _loader_criteria(
+    orm_state: ORMExecuteState, mapper: Mapper[Any], guard: Guard, named: _Named
+) -> Any:
+    """The criteria the ORM adds to the UPDATE for its ``with_loader_criteria()`` options (its
+    own, or given by a ``do_orm_execute`` listener that ran before this one), as a condition
+    of the check (None: no such criteria). SQLAlchemy adds them to an UPDATE with WHERE
+    criteria ("orm" strategy), not to one run as Core ("core_only") or by primary key
+    ("bulk"). It adds them on the table, also to an UPDATE of an alias of it (``UPDATE tasks AS
+    t ... FROM tasks WHERE tasks...``): the alias's rows change if any row of the table meets
+    them, which the check asks as such (a join would count each row once per such row)."""
+    extra = update_loader_criteria(orm_state.statement, mapper)
+    if not extra or orm_state.execution_options.get("dml_strategy") in ("core_only", "bulk"):
+        return None
+    if named.of is not guard.table:
+        return sa.exists().where(*extra)
+    return sa.and_(*extra)
+
+
+def _with(criteria: Any, extra: Any) -> Any:
+    """The statement's own criteria and the ORM's ``extra`` ones, either may be None."""
+    if extra is None:
+        return criteria
+    return extra if criteria is None else sa.and_(criteria, extra)
+
+
 def _membership(expr: Any, guard: Guard, keys: Collection[Key]) -> ColumnElement[bool]:
     present = [k for k in keys if k is not None and k in guard.binds]
     parts: list[ColumnElement[bool]] = []
@@ -196,6 +222,7 @@ def do_orm_execute(orm_state: ORMExecuteState) -> Result[Any] | None:
         target = _target(stmt, params, guard)
         if target is not None:
             named = _named(stmt, mapper, guard)
+            extra = _loader_criteria(orm_state, mapper, guard, named)
             col = named.status
             if target.static:
                 legal = _membership(col, guard, guard.sources_of(guard.key(target.value)))
@@ -212,7 +239,7 @@ def do_orm_execute(orm_state: ORMExecuteState) -> Result[Any] | None:
                 mapper=mapper,
                 guard=guard,
                 named=named,
-                where=(stmt.whereclause, legal),
+                where=(_with(stmt.whereclause, extra), legal),
                 param_sets=[exec_params],
                 new=(new_expr, target.value),
                 shown=shown,
@@ -310,7 +337,10 @@ def _restrict_many(
             mapper=mapper,
             guard=guard,
             named=named,
-            where=(stmt.whereclause, legal),
+            where=(
+                _with(stmt.whereclause, _loader_criteria(orm_state, mapper, guard, named)),
+                legal,
+            ),
             param_sets=sets,
             new=(new_expr, None),
             shown=shown,
