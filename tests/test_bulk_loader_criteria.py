@@ -326,3 +326,35 @@ def test_criteria_a_listener_adds_to_selects_only_do_not_narrow_the_check(
             assert session.execute(stmt, execution_options=options).rowcount == 1  # type: ignore[attr-defined]
         session.commit()
     assert _rows(engine) == {1: "completed", 2: "pending" if mode == "raise" else "cancelled"}
+
+
+@pytest.mark.parametrize("mode", ["raise", "filter"])
+def test_criteria_of_a_listener_after_the_guards_fail_safe(
+    engine: sa.Engine, service: str, mode: str
+) -> None:
+    """A listener of the factory runs after the guard's (class-level listeners run first):
+    the criteria it adds are not seen by the check, which judges every row of the statement's
+    own WHERE (as without criteria): raise mode refuses for another tenant's row and nothing
+    changes; filter mode counts it, and the UPDATE changes only the legal rows the criteria
+    keep. No illegal move either way."""
+    _set_rows(engine, "(1, 'other', 'completed'), (2, 'mine', 'pending'), (3, 'other', 'pending')")
+    Sessions = _sessions(engine, service, mode)
+
+    def late(state: ORMExecuteState) -> None:
+        if state.is_update:
+            state.statement = state.statement.options(MINE)
+
+    event.listen(Sessions, "do_orm_execute", late)
+    before = transition_stats()["bulk_rows_filtered"]
+    stmt = sa.update(Task).values(status="cancelled")
+    with Sessions() as session:
+        if mode == "raise":
+            with pytest.raises(rdb.IllegalTransitionError) as info:
+                session.execute(stmt)
+            assert info.value.pk == 1
+        else:
+            assert session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+            assert transition_stats()["bulk_rows_filtered"] == before + 1
+        session.commit()
+    changed = {} if mode == "raise" else {2: "cancelled"}
+    assert _rows(engine) == {1: "completed", 2: "pending", 3: "pending", **changed}

@@ -151,7 +151,13 @@ def _loader_criteria(
     criteria ("orm" strategy), not to one run as Core ("core_only") or by primary key
     ("bulk"). It adds them on the table, also to an UPDATE of an alias of it (``UPDATE tasks AS
     t ... FROM tasks WHERE tasks...``): the alias's rows change if any row of the table meets
-    them, which the check asks as such (a join would count each row once per such row)."""
+    them, which the check asks as such (a join would count each row once per such row).
+
+    Criteria a listener running after this one adds (one registered later on a Session
+    class, or on a factory or a session: SQLAlchemy runs a class's listeners first) are not
+    seen: the check is then wider than the UPDATE, as without criteria, never narrower, and
+    the UPDATE's own condition still leaves every illegal move out. The check is no SELECT
+    run through the session: a listener adding criteria to SELECTs only would narrow it."""
     extra = update_loader_criteria(orm_state.statement, mapper)
     if not extra or orm_state.execution_options.get("dml_strategy") in ("core_only", "bulk"):
         return None
