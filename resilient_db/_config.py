@@ -695,6 +695,18 @@ def env_config() -> Config:
     return config
 
 
+def factory_config() -> Config:
+    """The configuration of a factory made without ``config=``: the environment, read now; but
+    after a :func:`reload_config` given a mapping of its own, what that reload applied to the
+    other factories (a factory made next to them, on their engine say, must not read
+    ``os.environ`` instead: a kill switch set by the reload would not switch it off, and one
+    on a shared engine would be refused for disagreeing with the others)."""
+    config: Config | None = STATE.env_config
+    if config is not None and STATE.env_given:
+        return config
+    return load_config()
+
+
 def reload_config(environ: Mapping[str, str] | None = None) -> Config:
     """Re-read the environment and apply it to every factory created without ``config=``.
 
@@ -749,6 +761,7 @@ def _reload(environ: Mapping[str, str] | None) -> Config:
     moved: list[tuple[tuple[Any, ...], Any]] = []
     with STATE.lock:
         old, STATE.env_config = STATE.env_config, config
+        STATE.env_given = environ is not None  # (see factory_config)
         users = list(STATE.default_config_users)
         if old is not None and old != config:
             # with_self_healing's policies made for the environment's previous configuration

@@ -74,6 +74,8 @@ class State:
         self.bypasses: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         #: the environment's configuration, read once and replaced by ``reload_config``
         self.env_config: Any = None
+        #: whether the last ``reload_config`` read a mapping it was given, not ``os.environ``
+        self.env_given = False
         #: ``with_self_healing``'s policies, by (service, use_retry, use_circuit_breaker, config)
         self.wrapper_policies: dict[tuple[Any, ...], Any] = {}
         #: the retry budget of each service name (``SELF_HEALING_RETRY_BUDGET``)

@@ -64,7 +64,7 @@ from ._commit import (
     replication_wait_within,
     wrote_past_commit,
 )
-from ._config import Config, load_config, register_default_user
+from ._config import Config, factory_config, register_default_user
 from ._errors import CircuitOpenError, CommitOutcomeUnknownError
 from ._internals import (
     asyncpg_socket_fd,
@@ -1522,7 +1522,7 @@ class FactoryCore:
             {"service": service, "config": config, "classifier": classifier, **policy_kwargs},
         )
         explicit = config is not None
-        config = config if config is not None else load_config()
+        config = config if config is not None else factory_config()
         classifier = classifier or Classifier()
         # every engine the factory would hook, checked before it registers on any (or makes
         # its breaker): a refused factory leaves no trace a later one would meet

@@ -557,3 +557,25 @@ def test_a_reload_refused_for_a_missing_redis_package_changes_nothing(
             monkeypatch.delenv(name)
         rdb.reload_config()
         engine.dispose()
+
+
+def test_a_factory_made_after_a_reload_given_a_mapping_takes_what_it_applied() -> None:
+    """reload_config(mapping) configures the factories made without config=: one made next,
+    on the same engine too, takes the same settings, not os.environ's (a kill switch set by
+    the reload switches it off as well, and it is not refused for disagreeing)."""
+    engine = sa.create_engine("postgresql+psycopg://u@127.0.0.1:9/none")
+    first = rdb.ResilientSession(engine, service="reload-mapping-1")
+    try:
+        rdb.reload_config({"SELF_HEALING_ENABLED": "false", "SELF_HEALING_MAX_RETRIES": "7"})
+        second = rdb.ResilientSession(engine, service="reload-mapping-2")
+        elsewhere = rdb.ResilientSession(
+            sa.create_engine("postgresql+psycopg://u@127.0.0.1:9/none"), service="reload-mapping-3"
+        )
+        assert [f.config.enabled for f in (first, second, elsewhere)] == [False] * 3
+        assert elsewhere.config.max_retries == 7
+        # a reload reading os.environ again: factories made after it read it too
+        rdb.reload_config()
+        assert rdb.ResilientSession(engine, service="reload-mapping-4").config == rdb.load_config()
+    finally:
+        rdb.reload_config()
+        engine.dispose()
