@@ -31,7 +31,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 from ._config import Config
@@ -466,6 +466,22 @@ def budget_for(service: str, config: Config) -> RetryBudget | None:
     if budget.config != config:
         budget.apply_config(config)
     return budget
+
+
+def forget_unused(policies: Iterable[Any], config: Config) -> None:
+    """After a reload to ``config``, which sets no budget: each budget that none of the live
+    users' ``policies`` has any more is forgotten, so that ``health()`` and the metrics show
+    none, as for a service made without one (not its last figures, frozen: ``available`` 0
+    would read as a spent budget). A budget set again starts over, as a breaker switched on
+    again does. With a budget in ``config``, the budgets of services whose factories are gone
+    are kept (a factory of the service made later takes its own again)."""
+    if config.retry_budget is not None and config.retry_on:
+        return
+    used = {id(policy.budget) for policy in policies if policy.budget is not None}
+    with STATE.lock:
+        for service, budget in list(STATE.budgets.items()):
+            if id(budget) not in used:
+                del STATE.budgets[service]
 
 
 def budgets() -> dict[str, RetryBudget]:

@@ -753,6 +753,7 @@ if hasattr(os, "register_at_fork"):
 
 
 def _reload(environ: Mapping[str, str] | None) -> Config:
+    from ._budget import forget_unused  # noqa: PLC0415
     from ._commit import switched_on_everywhere  # noqa: PLC0415
     from ._fleet import follow_users  # noqa: PLC0415
     from ._registry import live_policies  # noqa: PLC0415
@@ -783,5 +784,7 @@ def _reload(environ: Mapping[str, str] | None) -> Config:
     # connections made while self-healing was off, in use ones too, commit marked from here
     # on where this reload switched it on
     switched_on_everywhere()
-    follow_users(live_policies())
+    policies = live_policies()
+    follow_users(policies)  # (first: a budget forgotten below leaves its Redis here)
+    forget_unused(policies, config)
     return config

@@ -468,3 +468,35 @@ def test_flushed_redis_is_a_closed_breaker_and_an_empty_budget(
     assert entry["counters"]["retries"] == 1
     assert entry["budget"]["scope"] == "fleet"
     assert entry["budget"]["exhausted"] == 1
+
+
+def test_a_reload_that_removes_the_budget_takes_it_out_of_health_and_the_metrics(
+    engine: sa.Engine, clean_env: pytest.MonkeyPatch
+) -> None:
+    """A reload unsetting SELF_HEALING_RETRY_BUDGET left the budget in health() and Prometheus,
+    its figures frozen (available 0: a spent budget, for an alert, where none is in use any
+    more). Set again, the service has a budget again, from zero."""
+    pytest.importorskip("prometheus_client")
+    clean_env.setenv("SELF_HEALING_RETRY_BUDGET", "0")
+    clean_env.setenv("SELF_HEALING_RETRY_BUDGET_FLOOR", "0")
+    clean_env.setenv("SELF_HEALING_CIRCUIT_BREAKER", "false")
+    rdb.reload_config()
+    Session = rdb.ResilientSession(engine, service="unbudgeted")
+    with pytest.raises(sa.exc.OperationalError):
+        Session.run(unavailable)
+    assert rdb.health()["services"]["unbudgeted"]["budget"]["exhausted"] == 1
+
+    clean_env.delenv("SELF_HEALING_RETRY_BUDGET")
+    rdb.reload_config()
+    assert rdb.health()["services"]["unbudgeted"]["budget"] is None
+    names = {
+        (s.name, s.labels.get("service"))
+        for family in HealthCollector().collect()
+        for s in family.samples
+    }
+    assert ("resilient_db_retry_budget_available", "unbudgeted") not in names
+
+    clean_env.setenv("SELF_HEALING_RETRY_BUDGET", "0.5")
+    rdb.reload_config()
+    assert rdb.health()["services"]["unbudgeted"]["budget"]["exhausted"] == 0
+    assert Session.policy.budget is not None
