@@ -767,13 +767,15 @@ def _reload(environ: Mapping[str, str] | None) -> Config:
         if old is not None and old != config:
             # with_self_healing's policies made for the environment's previous configuration
             # are not used again (it asks for the new one): they would keep its Redis in use.
-            # Where the reload switches the breaker off or on again, each takes the new one
-            # instead, as a factory does, and stays: its breaker says "off" in health() while
-            # off (an opening it held rejects nothing), and starts over when on again
+            # Where the reload switches the breaker off or on again, or keeps the Redis, each
+            # takes the new one instead, as a factory does, and stays: its breaker says "off"
+            # in health() while off (an opening it held rejects nothing), starts over when on
+            # again, and has the reload's numbers at once (in health() too, not from the
+            # operation's next call on)
             cached = STATE.wrapper_policies
             for key in [k for k, p in cached.items() if p.config == old and not k[4]]:
                 policy = cached.pop(key)
-                if old.breaker_on != config.breaker_on:
+                if old.breaker_on != config.breaker_on or old.redis_url == config.redis_url:
                     moved.append(((*key[:3], config, False), policy))
     for user in users:
         user._apply_config(config)

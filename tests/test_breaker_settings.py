@@ -82,3 +82,19 @@ def test_two_factories_asking_for_different_breaker_settings_are_warned_about(
     assert "failure_threshold=50" in line
     assert "failure_threshold=20" in line
     assert threshold(service) == 20
+
+
+def test_a_reload_gives_with_self_healings_breaker_its_numbers_at_once(
+    service: str, clean_env: pytest.MonkeyPatch
+) -> None:
+    """A reload changing the breaker's numbers left an operation's breaker with the old ones,
+    in health() and for anything that read it, until the operation's next call."""
+    assert rdb.with_self_healing(lambda: 1, service=service) == 1
+    assert threshold(service) == 5
+    clean_env.setenv("SELF_HEALING_FAILURE_THRESHOLD", "2")
+    clean_env.setenv("SELF_HEALING_RESET_TIMEOUT", "200")
+    rdb.reload_config()
+    breaker = rdb.health()["services"][service]["breaker"]
+    assert (breaker["failure_threshold"], breaker["reset_timeout"]) == (2, 0.2)
+    assert rdb.with_self_healing(lambda: 2, service=service) == 2
+    assert threshold(service) == 2
