@@ -180,9 +180,9 @@ def _cached_policy(
     again after ``reset_state()``). An operation called with self-healing off runs plainly,
     but takes its policy all the same: one made off asks no breaker and has no budget, and
     lists its service in ``health()``, as a factory made off does. One made for the
-    environment's configuration takes a reload that switches its breaker off or on again, as
-    a factory does (see ``_config._reload``): off, its breaker says ``off``; on again, it
-    starts over."""
+    environment's configuration takes a reload that switches its breaker off or on again, or
+    keeps its Redis, as a factory does (see ``_config._reload``): off, its breaker says
+    ``off``; on again, it starts over; its breaker and budget have the reload's numbers."""
     key = (service, use_retry, use_circuit_breaker, config, explicit)
     policies = STATE.wrapper_policies
     policy: Policy | None = policies.get(key)
