@@ -1136,14 +1136,10 @@ def breaker_for(
     than the one it was made with is refused (ValueError), never silently ignored.
     """
     with STATE.lock:
+        refused = storage_refused(service, storage)
+        if refused is not None:
+            raise ValueError(refused)
         breaker: Breaker | None = STATE.breakers.get(service)
-        if breaker is not None and storage is not None and storage is not breaker.storage_given:
-            raise ValueError(
-                f"service {service!r} already has a circuit breaker with "
-                f"{_describe(breaker.storage_given)}; this factory asks for "
-                f"{_describe(storage)}. A service has one breaker: pass the same storage "
-                "object, or give this factory another service name"
-            )
         if breaker is None:
             check_service_room(service, STATE.breakers)
             breaker = Breaker(service, config, storage=storage, listeners=listeners, clock=clock)
@@ -1155,6 +1151,21 @@ def breaker_for(
                 breaker.set_clocks(clock)
         breaker.follow(config, user=user, explicit=explicit)
         return breaker
+
+
+def storage_refused(service: str, storage: Any) -> str | None:
+    """Why the breaker of ``service`` can't be had with ``storage`` (None: it can): a service
+    has one breaker, made with the storage its first user gave."""
+    with STATE.lock:
+        breaker: Breaker | None = STATE.breakers.get(service)
+    if breaker is None or storage is None or storage is breaker.storage_given:
+        return None
+    return (
+        f"service {service!r} already has a circuit breaker with "
+        f"{_describe(breaker.storage_given)}; this factory asks for "
+        f"{_describe(storage)}. A service has one breaker: pass the same storage "
+        "object, or give this factory another service name"
+    )
 
 
 def _describe(storage: Any) -> str:

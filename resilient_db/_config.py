@@ -674,6 +674,8 @@ def _uses_redis(values: Mapping[str, Any]) -> bool:
 
 
 class _Configurable(Protocol):
+    policy: Any
+
     def _apply_config(self, config: Config) -> None: ...
 
 
@@ -721,7 +723,10 @@ def reload_config(environ: Mapping[str, str] | None = None) -> Config:
     process's own state until a factory of its service asks again, and a link to a Redis
     nothing is attached to any more is closed.
 
-    Nothing changes if the environment is invalid: the :class:`ConfigError` is raised first.
+    Nothing changes if the environment is invalid: the :class:`ConfigError` is raised first;
+    nor when a factory can't take the breaker it switches on (one made with the breaker off,
+    with a ``breaker_storage=`` other than the one its service's breaker has by now): a
+    ``ValueError`` says so first.
     """
     # (local imports in _reload: those modules import this one)
     global _reloading_in
@@ -759,6 +764,14 @@ def _reload(environ: Mapping[str, str] | None) -> Config:
     from ._registry import live_policies  # noqa: PLC0415
 
     config = load_config(environ)
+    with STATE.lock:
+        users = list(STATE.default_config_users)
+    for user in users:
+        # a factory made with its breaker off whose service has since got a breaker of
+        # another storage can't take one: refused before anything is applied, not half-way
+        refused = user.policy.breaker_refused(config)
+        if refused is not None:
+            raise ValueError(f"reload_config() refused, nothing changed: {refused}")
     moved: list[tuple[tuple[Any, ...], Any]] = []
     with STATE.lock:
         old, STATE.env_config = STATE.env_config, config

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple, TypeVar
 import tenacity as _t
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from ._breaker import Breaker, breaker_for
+from ._breaker import Breaker, breaker_for, storage_refused
 from ._budget import RetryBudget, Withdrawal, budget_for
 from ._classify import (
     DEFAULT_CLASSIFIER,
@@ -199,6 +199,14 @@ class Policy:
         # after follow(): a shared breaker is attached to the Redis it now asks for
         own.switch_on(self)
         self.breaker = own
+
+    def breaker_refused(self, config: Config) -> str | None:
+        """Why :meth:`apply_config` of ``config`` would be refused the service's breaker (made,
+        while this policy had its breaker off, with another storage than this one's), or None:
+        asked by a reload before it applies anything."""
+        if self._own_breaker is not None or not (self.use_circuit_breaker and config.breaker_on):
+            return None
+        return storage_refused(self.service, self._breaker_storage)
 
     # -- decisions (no I/O) ------------------------------------------------------------------
     def retryable(self, outcome: Outcome) -> bool:

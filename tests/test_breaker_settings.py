@@ -98,3 +98,36 @@ def test_a_reload_gives_with_self_healings_breaker_its_numbers_at_once(
     assert (breaker["failure_threshold"], breaker["reset_timeout"]) == (2, 0.2)
     assert rdb.with_self_healing(lambda: 2, service=service) == 2
     assert threshold(service) == 2
+
+
+def test_a_reload_a_factory_cant_take_changes_nothing(
+    engine: sa.Engine, service: str, clean_env: pytest.MonkeyPatch
+) -> None:
+    """A factory made with the breaker off, whose service then got a breaker with another
+    storage, can't take the breaker a reload switches on: the reload raised half-way, the
+    factories before it changed and those after it not."""
+    pybreaker = pytest.importorskip("pybreaker")
+    clean_env.setenv("SELF_HEALING_CIRCUIT_BREAKER", "false")
+    rdb.reload_config()
+    off = rdb.ResilientSession(
+        engine, service=service, breaker_storage=pybreaker.CircuitMemoryStorage("closed")
+    )
+    rdb.ResilientSession(
+        sa.create_engine(engine.url),
+        service=service,
+        config=rdb.Config(),
+        breaker_storage=pybreaker.CircuitMemoryStorage("closed"),
+    )
+    other = rdb.ResilientSession(sa.create_engine(engine.url), service=f"{service}-other")
+    before = rdb.load_config()
+    clean_env.delenv("SELF_HEALING_CIRCUIT_BREAKER")
+    clean_env.setenv("SELF_HEALING_MAX_RETRIES", "7")
+    with pytest.raises(ValueError, match=r"nothing changed: service .* already has a circuit"):
+        rdb.reload_config()
+    assert off.config == other.config == before
+    assert off.policy.breaker is None
+    clean_env.setenv("SELF_HEALING_CIRCUIT_BREAKER", "false")
+    assert rdb.reload_config().max_retries == 7  # one it can take: applied to every factory
+    assert off.config.max_retries == other.config.max_retries == 7
+    del off, other
+    gc.collect()  # (the environment restored after the test switches the breaker on again)
