@@ -210,7 +210,7 @@ def vars_of(config: Any) -> dict[str, Any]:
 class Config:
     """Effective self-healing configuration. Durations are seconds (``float`` or ``timedelta``);
     the environment gives them in milliseconds, as the plan does. Each duration is at most an
-    hour (``conflict_delay`` a minute, ``redis_timeout`` 10 s): a number of milliseconds given
+    hour (``conflict_delay`` 5 s, ``redis_timeout`` 10 s): a number of milliseconds given
     here (``reset_timeout=30000``) is a :class:`ConfigError` asking whether seconds were meant."""
 
     enabled: bool = True
@@ -411,7 +411,9 @@ _LIMITS: dict[str, int] = {
     "half_open_probes": 10_000,
     "initial_delay": _HOUR_MS,
     "max_delay": _HOUR_MS,
-    "conflict_delay": 60_000,
+    # (a conflict backoff is tens of milliseconds: a bound of seconds refuses the usual numbers
+    # of milliseconds given to Config, conflict_delay=20 for 20 ms, which a minute let through)
+    "conflict_delay": 5_000,
     "deadline": _HOUR_MS,
     "reset_timeout": _HOUR_MS,
     "redis_timeout": 10_000,

@@ -227,7 +227,9 @@ def test_huge_delays_are_refused_before_they_overflow_the_clock() -> None:
         ),
         ({"deadline": 60000}, "deadline: 60000 s is over the 3600 s limit; Config takes seconds"),
         ({"max_delay": 30000.0}, "max_delay: 30000 s is over the 3600 s limit; Config"),
-        ({"conflict_delay": 100}, "conflict_delay: 100 s is over the 60 s limit; Config"),
+        ({"conflict_delay": 100}, "conflict_delay: 100 s is over the 5 s limit; Config"),
+        # the environment's default, 20 ms, given as a number of seconds
+        ({"conflict_delay": 20}, "conflict_delay: 20 s is over the 5 s limit; Config"),
         ({"redis_timeout": 100}, "redis_timeout: 100 s is over the 10 s limit; Config"),
         # under its own bound, but over the default cap of 30 s
         ({"initial_delay": 1000}, "more than max_delay (30 s): the first backoff would already"),
@@ -252,7 +254,7 @@ def test_duration_bounds_are_the_environments_and_small_values_pass() -> None:
     bounds = {
         "initial_delay": 3600,
         "max_delay": 3600,
-        "conflict_delay": 60,
+        "conflict_delay": 5,
         "deadline": 3600,
         "reset_timeout": 3600,
         "redis_timeout": 10,
