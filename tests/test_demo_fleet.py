@@ -6,11 +6,18 @@ database; and the usage errors of the new options."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+import resilient_db
 from resilient_db._cli import main
 from resilient_db.demo import DemoOptions, run_demo
 from resilient_db.testing import RedisServer
@@ -229,3 +236,52 @@ def test_the_options_repr_shows_no_password() -> None:
     text = repr(options)
     assert "db-secret" not in text
     assert "r-secret" not in text
+
+
+@pytest.mark.slow
+@pytest.mark.server_control
+def test_a_killed_demo_leaves_no_files_of_its_worker_processes(tmp_path: Path) -> None:
+    # SIGKILL (or SIGTERM, or a second Ctrl-C during the cleanup): no cleanup of the demo's own
+    # runs; the servers' watchdogs remove theirs, and the worker processes' stderr must not be
+    # a named file that nobody removes
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    root = str(Path(resilient_db.__file__).resolve().parent.parent)  # this package, not another
+    env = {**os.environ, "TMPDIR": str(scratch), "PYTHONPATH": root}
+    command = [sys.executable, "-m", "resilient_db", "demo", "--processes", "2", "--seconds", "8"]
+    with subprocess.Popen(
+        [*command, "--plain"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=tmp_path,  # (python -m looks in the current directory first)
+        text=True,
+        start_new_session=True,
+    ) as demo:
+        assert demo.stdout is not None
+        said: list[str] = []
+        for line in demo.stdout:
+            said.append(line)
+            if "share the breaker" in line:
+                break
+        else:
+            pytest.fail("the worker processes did not start:\n" + "".join(said))
+        pids = [int(pid) for pid in re.findall(r"p\d pid (\d+)", said[-1])]
+        assert len(pids) == 2
+        demo.kill()
+        demo.wait()
+    # the worker processes end once their parent is gone (the end of their stdin)
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in pids)
+    assert not [p.name for p in scratch.iterdir() if p.name.startswith("rdb-demo-")]
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie nobody has reaped yet has ended)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"

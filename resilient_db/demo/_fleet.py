@@ -24,7 +24,6 @@ import dataclasses
 import json
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlsplit
 
 import sqlalchemy as sa
@@ -231,13 +230,14 @@ class _MemberProcess:
         workers: list[int],
         spec: Mapping[str, Any],
         env: Mapping[str, str],
-        log_path: Path,
         demo: Demo,
     ) -> None:
         self.label = label
         self.workers = workers
         self.demo = demo
-        self.log_path = log_path
+        # its stderr, kept for the report: a file without a name (gone with its last descriptor),
+        # so an interrupted or killed demo leaves nothing behind in the temporary directory
+        self.log: IO[bytes] = tempfile.TemporaryFile(prefix="rdb-demo-")  # noqa: SIM115 (close())
         self.pid: int | None = None
         self.connected = False
         self.ready = threading.Event()
@@ -246,16 +246,15 @@ class _MemberProcess:
         self.result: dict[str, Any] | None = None
         self.error: str | None = None
         root = str(Path(rdb.__file__).resolve().parent.parent)  # found last, if not installed
-        with log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", _LAUNCH, root],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                env=dict(env),
-                text=True,
-                bufsize=1,
-            )
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _LAUNCH, root],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            env=dict(env),
+            text=True,
+            bufsize=1,
+        )
         self._lock = threading.Lock()
         self.send(**spec)  # the database URL goes through the pipe, never the command line
         self._reader = threading.Thread(target=self._read, name=f"demo-{label}-reader", daemon=True)
@@ -296,9 +295,10 @@ class _MemberProcess:
             self.finished.set()
 
     def stderr_tail(self) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
+        try:  # read where it is, not moving the offset the process writes at (shared with it)
+            fd = self.log.fileno()
+            text = os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")
+        except (OSError, ValueError):  # (closed)
             return ""
         return text[-_STDERR_TAIL:].strip()
 
@@ -335,6 +335,7 @@ class _MemberProcess:
                 with contextlib.suppress(OSError, ValueError):
                     pipe.close()
         self._reader.join(timeout=2.0)
+        self.log.close()
 
 
 def _sum_counters(total: dict[str, Any], more: Mapping[str, Any]) -> None:
@@ -383,7 +384,6 @@ class FleetDemo(Demo):
         self.proxy_roles: dict[int, str] = {}
         self.fleet_opens_before = 0
         self.merged = False
-        self._tmp: Path | None = None  # the worker processes' stderr files
 
     @property
     def shared_env(self) -> dict[str, str]:
@@ -513,7 +513,6 @@ class FleetDemo(Demo):
         env.update(self.shared_env)
         n = options.processes
         self.phase = "starting processes"
-        self._tmp = tmp = Path(tempfile.mkdtemp(prefix="rdb-demo-"))
         for i in range(n):
             workers = list(range(i, options.workers, n))
             spec = {
@@ -531,7 +530,6 @@ class FleetDemo(Demo):
                     workers=workers,
                     spec=spec,
                     env=env,
-                    log_path=tmp / f"{label}.log",
                     demo=self,
                 )
             )
@@ -786,8 +784,6 @@ class FleetDemo(Demo):
             super()._cleanup(server, database, created)
         finally:
             self._stop_redis()
-            if self._tmp is not None:
-                shutil.rmtree(self._tmp, ignore_errors=True)
 
     def _stop_redis(self) -> None:
         if self.redis is None:
