@@ -363,6 +363,7 @@ def _merge_ledger(ledger: Ledger, data: Mapping[str, Any]) -> None:
     ledger.failure_reasons.update(data["failure_reasons"])
     ledger.blocked_by_via.update(data["blocked_by_via"])
     ledger.illegal_got_through.extend(data["illegal_got_through"])
+    ledger.refused_as_duplicates.update(data["refused_as_duplicates"])
     ledger.events.update(data["events"])
 
 

@@ -311,6 +311,7 @@ def ledger_to_json(ledger: Ledger) -> dict[str, Any]:
         "failure_reasons": dict(ledger.failure_reasons),
         "blocked_by_via": dict(ledger.blocked_by_via),
         "illegal_got_through": list(ledger.illegal_got_through),
+        "refused_as_duplicates": sorted(ledger.refused_as_duplicates),
         "events": dict(ledger.events),
     }
 

@@ -99,6 +99,9 @@ class Ledger:
     failure_reasons: Counter[str] = field(default_factory=Counter)
     blocked_by_via: Counter[str] = field(default_factory=Counter)
     illegal_got_through: list[str] = field(default_factory=list)
+    #: failed units the database refused as a second copy (a unique violation: an idempotency
+    #: key of theirs was there already, written by an earlier attempt that had committed)
+    refused_as_duplicates: set[str] = field(default_factory=set)
     events: Counter[str] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -114,9 +117,11 @@ class Ledger:
             if unit.illegal_via is not None:
                 self.illegal_got_through.append(unit.key)
 
-    def record_failed(self, unit: Unit, reason: str) -> None:
+    def record_failed(self, unit: Unit, reason: str, *, duplicate: bool = False) -> None:
         with self._lock:
             self.failed[unit.key] = unit.potential
+            if duplicate:
+                self.refused_as_duplicates.add(unit.key)
             self.failed_by_kind[unit.kind] += 1
             self.failure_reasons[reason] += 1
             self.unresolved.pop(unit.key, None)
@@ -192,7 +197,10 @@ class Runner:
                         continue
                 elif not isinstance(exc, (sa_exc.SQLAlchemyError, rdb.ResilientDBError)):
                     raise  # a bug in the demo itself, not a database outcome: reported as such
-                self.ledger.record_failed(unit, _reason(exc))
+                # the only unique keys a unit writes are its idempotency keys (tasks and
+                # task_history): a unique violation is the unit writing a second time
+                duplicate = rdb.sqlstate_of(exc) == "23505"
+                self.ledger.record_failed(unit, _reason(exc), duplicate=duplicate)
                 return None
             self.ledger.record_done(unit, changes)
             return changes

@@ -1,0 +1,103 @@
+"""The demo's invariants (``resilient_db.demo._verify``) against a real database: a unit run again
+after its write had committed is a doubled write. The unique indexes on the idempotency keys keep
+the second copy out of the tables, so the check must see it otherwise: the run the unit was
+counted by did not write its key (it found the change made and did nothing), or the database
+refused the second copy (a unique violation)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+import resilient_db as rdb
+from resilient_db.demo import apply_migrations, demo_config
+from resilient_db.demo._verify import Check, DatabaseFindings, examine_database, invariants
+from resilient_db.demo._workload import Change, Ledger, Runner, Unit, create_unit
+from resilient_db.examples.tasks import TERMINAL_STATUSES, Task, move_task
+
+
+@pytest.fixture
+def factory(pg_url: str) -> Iterator[rdb.ResilientSession[Session]]:
+    apply_migrations(pg_url)
+    engine = sa.create_engine(pg_url)
+    yield rdb.ResilientSession(engine, service="demo-verify", config=demo_config())
+    engine.dispose()
+
+
+def checked(
+    factory: rdb.ResilientSession[Any], ledger: Ledger
+) -> tuple[DatabaseFindings, dict[str, Check]]:
+    with factory.kw["bind"].connect() as conn:
+        found = examine_database(conn, ledger)
+    checks = invariants(
+        found, ledger, faults={}, breaker_events=(), windows=(), breaker_final="closed"
+    )
+    return found, {c.name: c for c in checks}
+
+
+def cancel_unit(key: str, task_id: int) -> Unit:
+    """Cancel a task unless it is finished already (as the workload's units do: a unit finding
+    its change made does nothing)."""
+
+    def fn(session: Session) -> list[Change]:
+        task = session.get(Task, task_id, with_for_update=True)
+        if task is None or task.status in TERMINAL_STATUSES:
+            return []
+        move_task(session, task, "cancelled", idem_key=key)
+        session.flush()
+        return [Change(key, task_id, "cancelled")]
+
+    return Unit(key, "advance", fn, (key,))
+
+
+def test_a_unit_that_ran_again_and_found_its_change_made_is_a_duplicate(
+    factory: rdb.ResilientSession[Any],
+) -> None:
+    ledger = Ledger()
+    runner = Runner(factory, ledger, threading.Event())
+    created = runner.run(create_unit("w0-1", "w0"))
+    assert created
+    unit = cancel_unit("w0-2", created[0].task_id)
+    # its first run committed, and nobody saw it (the answer lost, taken for not committed)
+    assert Runner(factory, Ledger(), threading.Event()).run(unit)
+    assert runner.run(unit) == []  # the run that counts: the task is cancelled already
+    found, checks = checked(factory, ledger)
+    assert found.duplicate_writes == 1
+    assert not checks["no_duplicate_writes"].passed
+    assert "w0-2" in checks["no_duplicate_writes"].detail
+    assert checks["no_lost_writes"].passed
+    assert found.unaccounted_writes == 0  # the row is the unit's: a duplicate, said once
+
+
+def test_a_unit_whose_second_copy_the_database_refused_is_a_duplicate(
+    factory: rdb.ResilientSession[Any],
+) -> None:
+    ledger = Ledger()
+    runner = Runner(factory, ledger, threading.Event())
+    unit = create_unit("w0-1", "w0")
+    assert Runner(factory, Ledger(), threading.Event()).run(unit)  # committed, unseen
+    assert runner.run(unit) is None  # the second copy: a unique violation on its key
+    assert ledger.failure_reasons == {"IntegrityError (SQLSTATE 23505)": 1}
+    found, checks = checked(factory, ledger)
+    assert found.duplicate_writes == 1
+    assert not checks["no_duplicate_writes"].passed
+    assert "w0-1" in checks["no_duplicate_writes"].detail
+    assert found.failed_unit_writes == 0  # said once, as what it is
+
+
+def test_units_that_ran_once_pass(factory: rdb.ResilientSession[Any]) -> None:
+    ledger = Ledger()
+    runner = Runner(factory, ledger, threading.Event())
+    created = runner.run(create_unit("w0-1", "w0"))
+    assert created
+    assert runner.run(cancel_unit("w0-2", created[0].task_id))
+    assert runner.run(cancel_unit("w0-3", created[0].task_id)) == []  # finished: nothing to do
+    found, checks = checked(factory, ledger)
+    assert (found.duplicate_writes, found.failed_unit_writes, found.unaccounted_writes) == (0, 0, 0)
+    for name in ("no_lost_writes", "no_duplicate_writes", "failed_units_left_no_writes"):
+        assert checks[name].passed, checks[name].detail
