@@ -4,11 +4,13 @@ every kind of fault, the JSON report, its invariants checked against the databas
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
 import pytest
+import sqlalchemy as sa
 
 from resilient_db._cli import main
+from resilient_db.demo._run import _captured_logs, _LogTap
 from resilient_db.testing import PostgresServer
 
 REQUIRED_KEYS = {
@@ -97,3 +99,47 @@ def test_demo_on_an_existing_server_never_crashes_it(
     assert report["server"].startswith("existing PostgreSQL")
     assert databases() == before  # the scratch database is gone again
     assert pg_server.is_running()
+
+
+class _Events:
+    """What a :class:`~resilient_db.demo._run._LogTap` shows (the demo's ``event``)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def event(self, message: str) -> None:
+        self.lines.append(message)
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_pooled_connection_whose_backend_was_killed_prints_no_traceback(
+    pg_server: PostgresServer,
+    pg_url: str,
+    verbose: bool,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # the demo kills backends while units hold their connections: the pool's rollback of such a
+    # connection fails, and SQLAlchemy logs it as an error with a traceback (stderr, over the
+    # display, as if the demo had crashed); the demo expects it, --verbose says it in a line
+    shown = _Events()
+    tap = _LogTap(cast(Any, shown), verbose=verbose)
+    engine = sa.create_engine(pg_url, pool_size=1)
+    try:
+        with _captured_logs(tap):
+            raw = engine.raw_connection()
+            raw.cursor().execute("SELECT 1")  # in a transaction
+            pid = raw.driver_connection.info.backend_pid  # type: ignore[union-attr]
+            pg_server.execute("SELECT pg_terminate_backend(%s)", params=(pid,))
+            raw.close()  # the pool's reset: a ROLLBACK on a connection that is gone
+    finally:
+        engine.dispose()
+    # nothing past the demo's own handler: in the command, the root logger has no handler, and
+    # logging's last resort prints the record and its traceback to stderr
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("sqlalchemy")]
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "Exception during reset" not in err
+    resets = [line for line in shown.lines if line.startswith("Exception during reset")]
+    assert len(resets) == (1 if verbose else 0)
+    assert all("Traceback" not in line and "\n" not in line for line in shown.lines)

@@ -242,7 +242,10 @@ class _LogTap(logging.Handler):
                 src = "(new row)" if old is None else repr(old)
                 self.demo.event(f"Status transition blocked ({via}): {src} -> {new!r}")
             if self.verbose:
-                self.demo.event(record.getMessage())
+                message = record.getMessage()
+                if record.exc_info and record.exc_info[1] is not None:
+                    message += f": {_one_line(record.exc_info[1])}"
+                self.demo.event(message)
         except Exception:
             self.handleError(record)
 
@@ -259,17 +262,26 @@ class _LogTap(logging.Handler):
 
 @contextlib.contextmanager
 def _captured_logs(tap: _LogTap) -> Iterator[None]:
-    """Route resilient_db's log records to ``tap`` only (no stray lines over the display)."""
+    """Route resilient_db's log records to ``tap`` only (no stray lines over the display), and
+    SQLAlchemy's pool's: it logs a connection it could not reset (the rollback on a backend the
+    demo killed) as an error with its traceback, which would otherwise reach stderr (logging's
+    last resort) over the display; the demo expects it, and ``--verbose`` shows it in a line."""
     logger = logging.getLogger("resilient_db")
+    pool = logging.getLogger("sqlalchemy.pool")
     old_level, old_propagate = logger.level, logger.propagate
+    old_pool_propagate = pool.propagate
     logger.addHandler(tap)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    pool.addHandler(tap)
+    pool.propagate = False
     rdb.add_hook(tap.hook)
     try:
         yield
     finally:
         rdb.remove_hook(tap.hook)
+        pool.removeHandler(tap)
+        pool.propagate = old_pool_propagate
         logger.removeHandler(tap)
         logger.setLevel(old_level)
         logger.propagate = old_propagate
