@@ -4,11 +4,18 @@ every kind of fault, the JSON report, its invariants checked against the databas
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
 import sqlalchemy as sa
 
+import resilient_db
 from resilient_db._cli import main
 from resilient_db.demo._run import _captured_logs, _LogTap
 from resilient_db.testing import PostgresServer
@@ -143,3 +150,40 @@ def test_a_pooled_connection_whose_backend_was_killed_prints_no_traceback(
     resets = [line for line in shown.lines if line.startswith("Exception during reset")]
     assert len(resets) == (1 if verbose else 0)
     assert all("Traceback" not in line and "\n" not in line for line in shown.lines)
+
+
+@pytest.mark.slow
+def test_a_terminated_demo_cleans_up_as_after_ctrl_c(
+    pg_server: PostgresServer, tmp_path: Path
+) -> None:
+    # SIGTERM (timeout, docker stop, a cancelled CI job): the demo stops as after Ctrl-C, in
+    # order, says so and exits 143; killed on the spot instead, it left its cleanup to the
+    # watchdogs, which drop even the database --keep-database was to keep
+    root = str(Path(resilient_db.__file__).resolve().parent.parent)  # this package, not another
+    command = [sys.executable, "-m", "resilient_db", "demo", "--seconds", "8", "--plain"]
+    with subprocess.Popen(
+        [*command, "--keep-database", "--url-from-env"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": root, "DATABASE_URL": pg_server.url()},
+        cwd=tmp_path,  # (python -m looks in the current directory first)
+        text=True,
+    ) as demo:
+        assert demo.stdout is not None
+        assert demo.stderr is not None
+        said: list[str] = []
+        for line in demo.stdout:
+            said.append(line)
+            if "circuit breaker" in line:  # the workload runs, its faults too
+                break
+        else:
+            pytest.fail("the workload did not start:\n" + "".join(said) + demo.stderr.read())
+        database = re.findall(r"database (rdb_demo_\w+)", "".join(said))[0]
+        demo.terminate()
+        errors = demo.stderr.read()
+        assert demo.wait(timeout=60) == 143
+    assert errors.strip().splitlines()[-1] == "resilient-db demo: terminated"
+    time.sleep(3)  # (a watchdog left to clean up would have dropped it by now)
+    found = pg_server.execute("SELECT 1 FROM pg_database WHERE datname = %s", params=(database,))
+    assert found == [(1,)]  # kept, as asked
+    pg_server.drop_database(database)

@@ -17,6 +17,7 @@ import logging
 import math
 import random
 import secrets
+import signal
 import sys
 import threading
 import time
@@ -795,11 +796,43 @@ def _demo_for(options: DemoOptions, view: View) -> Demo:
     return Demo(options, view)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, ``docker stop``, a cancelled CI job), raised where Ctrl-C's
+    KeyboardInterrupt would be: the demo stops its workers, servers and processes, drops its
+    scratch database (or keeps it, with ``--keep-database``) and exits 143."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """Turn SIGTERM into :class:`_Terminated` while the demo runs. Left to the default
+    (killed on the spot: only the servers' watchdogs clean up, seconds later, and a database
+    kept with ``--keep-database`` is dropped) outside the main thread, where no handler can be
+    set."""
+
+    def terminated(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one: the cleanup goes on
+        raise _Terminated
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_demo(
     options: DemoOptions, *, out: IO[str] | None = None, err: IO[str] | None = None
 ) -> int:
     """Run the demo, print the report; 0 when every invariant held, 1 if one failed,
-    2 if the demo could not run."""
+    2 if the demo could not run, 130 if interrupted (Ctrl-C), 143 if terminated (SIGTERM)."""
+    with _sigterm_interrupts():
+        return _run_demo(options, out=out, err=err)
+
+
+def _run_demo(options: DemoOptions, *, out: IO[str] | None, err: IO[str] | None) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
     view = make_view(out=out, err=err, as_json=options.as_json, plain=options.plain)
@@ -825,6 +858,10 @@ def run_demo(
             f"resilient-db demo: error: could not set up the demo: {type(exc).__name__}: {said}\n"
         )
         return 2
+    except _Terminated:
+        view.stop()
+        err.write("resilient-db demo: terminated\n")
+        return 143
     except KeyboardInterrupt:
         view.stop()
         err.write("resilient-db demo: interrupted\n")
