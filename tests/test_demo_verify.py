@@ -6,6 +6,7 @@ refused the second copy (a unique violation)."""
 
 from __future__ import annotations
 
+import random
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -17,7 +18,7 @@ from sqlalchemy.orm import Session
 import resilient_db as rdb
 from resilient_db.demo import apply_migrations, demo_config
 from resilient_db.demo._verify import Check, DatabaseFindings, examine_database, invariants
-from resilient_db.demo._workload import Change, Ledger, Runner, Unit, create_unit
+from resilient_db.demo._workload import Change, Ledger, Runner, Unit, advance_unit, create_unit
 from resilient_db.examples.tasks import TERMINAL_STATUSES, Task, move_task
 
 
@@ -101,3 +102,37 @@ def test_units_that_ran_once_pass(factory: rdb.ResilientSession[Any]) -> None:
     assert (found.duplicate_writes, found.failed_unit_writes, found.unaccounted_writes) == (0, 0, 0)
     for name in ("no_lost_writes", "no_duplicate_writes", "failed_units_left_no_writes"):
         assert checks[name].passed, checks[name].detail
+
+
+def test_an_advance_unit_run_again_makes_the_same_choice(
+    factory: rdb.ResilientSession[Any],
+) -> None:
+    # a fault has a unit run again; with --seed, the run must still make the choices it made
+    # (drawn per attempt from the worker's generator, a retry changed every later choice too)
+    runner = Runner(factory, Ledger(), threading.Event())
+    created = runner.run(create_unit("w0-1", "w0"))
+    assert created
+    task_id = created[0].task_id
+    assert runner.run(
+        Unit("w0-2", "claim", lambda s: _start(s, task_id, "w0-2"), ("w0-2",))
+    )  # in_progress: three ways on
+    engine = factory.kw["bind"]
+    for seed in range(20):
+        rng = random.Random(seed)
+        unit = advance_unit(f"w0-x{seed}", task_id, rng)
+        choices = []
+        for _attempt in range(3):
+            with Session(engine) as session:
+                choices.append(unit.fn(session))
+                session.rollback()
+        assert choices[0] == choices[1] == choices[2]
+        after = random.Random(seed)
+        after.random()
+        assert rng.random() == after.random()  # the worker's generator moved on by one draw
+
+
+def _start(session: Session, task_id: int, key: str) -> list[Change]:
+    task = session.get(Task, task_id)
+    assert task is not None
+    move_task(session, task, "in_progress", idem_key=key)
+    return [Change(key, task_id, "in_progress")]

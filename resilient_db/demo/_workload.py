@@ -254,12 +254,17 @@ _WEIGHTS = {"in_progress": 5, "completed": 4, "failed": 1, "pending": 2, "cancel
 
 
 def advance_unit(key: str, task_id: int, rng: random.Random) -> Unit:
+    # drawn once for the unit, not at each attempt: the worker's generator moves on by as much
+    # however often a fault has the unit run again, so a --seed gives the same choices
+    seed = rng.random()
+
     def fn(session: Session) -> list[Change]:
         task = session.get(Task, task_id, with_for_update=True)
         if task is None or task.status in TERMINAL_STATUSES:
             return []
         options = sorted(rdb.allowed_transitions(task))
-        target = rng.choices(options, weights=[_WEIGHTS.get(s, 1) for s in options])[0]
+        weights = [_WEIGHTS.get(s, 1) for s in options]
+        target = random.Random(seed).choices(options, weights=weights)[0]
         move_task(session, task, target, idem_key=key)
         session.flush()
         return [Change(key, task_id, target)]
