@@ -2,7 +2,8 @@
 after its write had committed is a doubled write. The unique indexes on the idempotency keys keep
 the second copy out of the tables, so the check must see it otherwise: the run the unit was
 counted by did not write its key (it found the change made and did nothing), or the database
-refused the second copy (a unique violation)."""
+refused the second copy (a unique violation). Also: the workload's choices under --seed, and the
+report's naming of the seed."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from sqlalchemy.orm import Session
 import resilient_db as rdb
 from resilient_db.demo import apply_migrations, demo_config
 from resilient_db.demo._verify import Check, DatabaseFindings, examine_database, invariants
+from resilient_db.demo._view import plain_report
 from resilient_db.demo._workload import Change, Ledger, Runner, Unit, advance_unit, create_unit
 from resilient_db.examples.tasks import TERMINAL_STATUSES, Task, move_task
 
@@ -136,3 +138,29 @@ def _start(session: Session, task_id: int, key: str) -> list[Change]:
     assert task is not None
     move_task(session, task, "in_progress", idem_key=key)
     return [Change(key, task_id, "in_progress")]
+
+
+def test_the_text_report_shows_the_seed_to_run_the_same_workload_again() -> None:
+    # without it, a run seen going wrong on a terminal could not be run again (only --json said it)
+    report: dict[str, Any] = {
+        "ok": True,
+        "server": "embedded PostgreSQL at 127.0.0.1:5432",
+        "workers": 8,
+        "seconds": 45.0,
+        "seed": 734120995,
+        "units_ok": 1,
+        "units_failed": 0,
+        "retries": 0,
+        "retries_by_class": {},
+        "faults_injected": {},
+        "breaker_opens": 0,
+        "breaker_closes": 0,
+        "illegal_transitions_blocked": 0,
+        "commit_outcome_unknown": 0,
+        "lost_writes": 0,
+        "duplicate_writes": 0,
+        "illegal_states_in_db": 0,
+        "invariants": {},
+    }
+    text = plain_report(report)
+    assert "8 workers, 45 s, seed 734120995 (--seed 734120995)" in text

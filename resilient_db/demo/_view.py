@@ -119,7 +119,7 @@ def _figures(report: Mapping[str, Any]) -> list[tuple[str, str]]:
     by_via = report.get("illegal_transitions_blocked_by_via", {})
     return [
         ("server", str(report["server"])),
-        ("workload", f"{report['workers']} workers, {report['seconds']:.0f} s"),
+        ("workload", f"{report['workers']} workers, {report['seconds']:.0f} s{_seed(report)}"),
         ("units done / failed", f"{report['units_ok']} / {report['units_failed']}"),
         ("units by kind", _pairs(report.get("units_by_kind", {}))),
         ("retries (by class)", f"{report['retries']} ({_pairs(report['retries_by_class'])})"),
@@ -144,6 +144,11 @@ def _figures(report: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("illegal states in db", str(report["illegal_states_in_db"])),
         ("timing", _timing(report.get("timing", {}))),
     ]
+
+
+def _seed(report: Mapping[str, Any]) -> str:
+    """The run's seed, as ``--seed`` takes it: the same workers' choices again."""
+    return f", seed {report['seed']} (--seed {report['seed']})" if "seed" in report else ""
 
 
 def _fleet_figures(report: Mapping[str, Any]) -> list[tuple[str, str]]:
