@@ -71,8 +71,12 @@ def assert_fleet_report(report: dict[str, Any], progress: str, processes: int) -
 @pytest.mark.slow
 @pytest.mark.server_control
 def test_two_processes_with_a_failover(capsys: pytest.CaptureFixture[str]) -> None:
-    status, report, progress = run_fleet_demo(capsys, "--processes", "2", "--ha")
+    status, report, progress = run_fleet_demo(
+        capsys, "--processes", "2", "--ha", "--metrics-port", "0"
+    )
     assert_fleet_report(report, progress, processes=2)
+    # served by p0, they count its units only: said, not passed off as the fleet's
+    assert "Prometheus metrics of p0 only (the fault schedule's units" in progress
     assert status == 0
     assert report["faults_injected"]["failover"] == 1
     assert "server_crash" not in report["faults_injected"]

@@ -386,6 +386,10 @@ class FleetDemo(Demo):
         self.fleet_opens_before = 0
         self.merged = False
 
+    # they are served by this process, and count its own units only (each worker process keeps
+    # its counters; the report adds them up at the end)
+    _served_scope = " of p0 only (the fault schedule's units, not the worker processes')"
+
     @property
     def shared_env(self) -> dict[str, str]:
         """What makes a process a member of this fleet."""

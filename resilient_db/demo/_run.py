@@ -501,6 +501,9 @@ class Demo:
             self._join_threads(timeout=1.0)  # after an interrupt: let them end quietly
 
     # hooks for the multi-process run (``_fleet.FleetDemo``)
+    #: whose figures the metrics and the dashboard show, as their lines say ("": the demo's)
+    _served_scope = ""
+
     def _proxy(self, server: PostgresServer) -> FaultProxy:
         return FaultProxy(server)
 
@@ -527,7 +530,7 @@ class Demo:
             raise DemoError(str(exc)) from exc
         except OSError as exc:
             raise DemoError(f"cannot serve metrics on 127.0.0.1:{port}: {exc}") from exc
-        self.event(f"Prometheus metrics at {metrics.url}")
+        self.event(f"Prometheus metrics{self._served_scope} at {metrics.url}")
         return metrics
 
     def _serve_dashboard(self, port: int) -> Any:
@@ -549,7 +552,7 @@ class Demo:
             raise DemoError(str(exc)) from exc
         except OSError as exc:
             raise DemoError(f"cannot serve the dashboard on 127.0.0.1:{port}: {exc}") from exc
-        self.event(f"self-healing dashboard at {board.url}/?token={token}")
+        self.event(f"self-healing dashboard{self._served_scope} at {board.url}/?token={token}")
         return board
 
     def _server(self) -> tuple[PostgresServer, str]:
