@@ -204,8 +204,11 @@ class _Failover:
     promoted_wall: float | None = None
 
     def crash_primary(self) -> None:
+        # the time the crash began (the signal sent), not the time its stop was seen: writes
+        # fail from then on, and the failover's gap is counted from then
+        began = time.time()
         self.pair.crash_primary()
-        self.crashed_wall = time.time()
+        self.crashed_wall = began
 
     def promote(self) -> float:
         seconds = self.pair.promote()
