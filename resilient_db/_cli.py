@@ -30,6 +30,7 @@ __all__ = ["main"]
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
 # argparse types: a bad number is a usage error (exit 2) before anything starts, not a traceback
@@ -257,6 +258,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _quiet_stdout()
         print(f"resilient-db: error: could not write the output: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except KeyboardInterrupt:
+        # Ctrl-C before a handler of its own took over (the demo's heavy imports take a second
+        # or more): said in a line, as the demo says it, not with the traceback of an import
+        print(f"resilient-db {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return status
 
 

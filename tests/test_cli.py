@@ -571,3 +571,14 @@ def test_demo_takes_its_url_from_database_url(monkeypatch: pytest.MonkeyPatch) -
     args = argparse.Namespace(url=None, url_from_env=True)
     assert _demo_url(args) == ("postgresql+psycopg://app:pw@127.0.0.1:5432/app", None)
     assert _demo_url(argparse.Namespace(url=None, url_from_env=False)) == (None, None)
+
+
+def test_ctrl_c_before_a_command_starts_is_a_line_and_exit_130(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Ctrl-C lands where it lands: here in an import (the demo's take a second or more)
+    (tmp_path / "slow_to_import.py").write_text("raise KeyboardInterrupt\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["rules", "slow_to_import:Task"]) == 130
+    assert capsys.readouterr().err == "resilient-db rules: interrupted\n"
