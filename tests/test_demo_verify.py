@@ -10,14 +10,15 @@ from __future__ import annotations
 import random
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
-from resilient_db.demo import apply_migrations, demo_config
+from resilient_db.demo import DemoOptions, apply_migrations, demo_config
+from resilient_db.demo._run import Demo
 from resilient_db.demo._verify import Check, DatabaseFindings, examine_database, invariants
 from resilient_db.demo._view import plain_report
 from resilient_db.demo._workload import Change, Ledger, Runner, Unit, advance_unit, create_unit
@@ -164,3 +165,26 @@ def test_the_text_report_shows_the_seed_to_run_the_same_workload_again() -> None
     }
     text = plain_report(report)
     assert "8 workers, 45 s, seed 734120995 (--seed 734120995)" in text
+
+
+def test_outcomes_settled_at_the_end_are_counted_as_resolved(
+    factory: rdb.ResilientSession[Any],
+) -> None:
+    # units whose lookup the drain deadline cut short are looked up at the end: the report's
+    # "commit_outcome_unknown_resolved" must count them, or it does not add up to the unknowns
+    committed = create_unit("w0-1", "w0")
+    assert Runner(factory, Ledger(), threading.Event()).run(committed)
+    never = create_unit("w0-2", "w0")
+    demo = Demo(DemoOptions(seconds=8), cast(Any, None))
+    for unit in (committed, never):
+        demo.ledger.count("commit_outcome_unknown")
+        demo.ledger.record_unresolved(unit)
+    with factory.kw["bind"].connect() as conn:
+        demo._settle_unknown(conn)
+    events = demo.ledger.events
+    assert (events["unknown_outcome_was_committed"], events["unknown_outcome_was_rolled_back"]) == (
+        1,
+        1,
+    )
+    assert set(demo.ledger.done) == {"w0-1"}
+    assert set(demo.ledger.failed) == {"w0-2"}

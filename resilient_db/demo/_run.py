@@ -739,9 +739,13 @@ class Demo:
                 ),
                 {"keys": list(unit.potential)},
             ).all()
+            # counted with those a worker looked up itself: the report's resolved outcomes add
+            # up to its unknown ones
             if rows:
+                self.ledger.count("unknown_outcome_was_committed")
                 self.ledger.record_done(unit, [Change(r[0], r[1], r[2]) for r in rows])
             else:
+                self.ledger.count("unknown_outcome_was_rolled_back")
                 self.ledger.record_failed(unit, "outcome unknown; not in the database")
         conn.rollback()
 
