@@ -165,6 +165,33 @@ def test_the_text_report_shows_the_seed_to_run_the_same_workload_again() -> None
     }
     text = plain_report(report)
     assert "8 workers, 45 s, seed 734120995 (--seed 734120995)" in text
+    assert "rdb_demo_" not in text  # nothing kept: not named
+
+
+def test_the_text_report_names_the_database_it_kept() -> None:
+    report: dict[str, Any] = {
+        "ok": True,
+        "server": "existing PostgreSQL at 127.0.0.1:5432",
+        "database": "rdb_demo_0123456789",
+        "database_kept": True,
+        "workers": 8,
+        "seconds": 45.0,
+        "units_ok": 1,
+        "units_failed": 0,
+        "retries": 0,
+        "retries_by_class": {},
+        "faults_injected": {},
+        "breaker_opens": 0,
+        "breaker_closes": 0,
+        "illegal_transitions_blocked": 0,
+        "commit_outcome_unknown": 0,
+        "lost_writes": 0,
+        "duplicate_writes": 0,
+        "illegal_states_in_db": 0,
+        "invariants": {},
+    }
+    lines = [" ".join(line.split()) for line in plain_report(report).splitlines()]
+    assert "database rdb_demo_0123456789 (kept: --keep-database)" in lines
 
 
 def test_outcomes_settled_at_the_end_are_counted_as_resolved(

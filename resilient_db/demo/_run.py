@@ -714,6 +714,8 @@ class Demo:
             "invariants": {c.name: {"passed": c.passed, "detail": c.detail} for c in checks},
             "server": f"{kind} PostgreSQL at {server.host}:{server.port}",
             "database": database,
+            # --keep-database (with --url): left on the server after the run, for a look at it
+            "database_kept": bool(self.options.keep_database and self.options.url),
             "workers": self.options.workers,
             "seconds": self.options.seconds,
             "seed": self.seed,

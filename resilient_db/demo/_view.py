@@ -119,6 +119,7 @@ def _figures(report: Mapping[str, Any]) -> list[tuple[str, str]]:
     by_via = report.get("illegal_transitions_blocked_by_via", {})
     return [
         ("server", str(report["server"])),
+        *_kept(report),
         ("workload", f"{report['workers']} workers, {report['seconds']:.0f} s{_seed(report)}"),
         ("units done / failed", f"{report['units_ok']} / {report['units_failed']}"),
         ("units by kind", _pairs(report.get("units_by_kind", {}))),
@@ -144,6 +145,14 @@ def _figures(report: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("illegal states in db", str(report["illegal_states_in_db"])),
         ("timing", _timing(report.get("timing", {}))),
     ]
+
+
+def _kept(report: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The database ``--keep-database`` keeps: its name (else only in a line of the setup,
+    long scrolled away, or out of the live panel's recent events)."""
+    if not report.get("database_kept"):
+        return []
+    return [("database", f"{report['database']} (kept: --keep-database)")]
 
 
 def _seed(report: Mapping[str, Any]) -> str:
