@@ -347,7 +347,8 @@ else:
 #: (a session's ``flush()``, a sleep), short of the ``awaitlet`` package.
 sa_await: Callable[[Any], Any]
 try:
-    from sqlalchemy.util import await_ as sa_await
+    # (a type check against SQLAlchemy 2.0 finds no ``await_``: not an error there)
+    from sqlalchemy.util import await_ as sa_await  # type: ignore[attr-defined,no-redef,unused-ignore]
 except ImportError:  # SQLAlchemy 2.0
     try:
         from sqlalchemy.util import await_only as sa_await

@@ -77,7 +77,9 @@ def examine_database(conn: sa.Connection, ledger: Ledger) -> DatabaseFindings:
     markers: dict[bool, int] = dict(
         conn.execute(
             sa.text("SELECT fence, count(*) FROM resilient_db.commit_markers GROUP BY fence")
-        ).all()
+        )
+        .tuples()
+        .all()
     )
     history_counts = Counter(row.idem_key for row in history)
     task_counts = Counter(key for key, _ in tasks.values())

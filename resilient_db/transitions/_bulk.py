@@ -394,7 +394,7 @@ def _check_rows(
     criteria, legal = where
     new_expr, value = new
     col = named.status
-    blocked = sa.not_(sa.func.coalesce(legal, sa.false()))
+    blocked: ColumnElement[bool] = sa.not_(sa.func.coalesce(legal, sa.false()))
     conn = session.connection(bind_arguments={"mapper": mapper})
     n_pk = len(named.pks)
     # the mapped attribute brings the ORM's criteria of a single-table subclass (the
