@@ -4,7 +4,7 @@
 next statement. Either is the unit's doing, as a statement timeout is: raised at once, not
 replayed, no failure for the circuit breaker; the connection is gone and is not reused.
 
-psycopg reports the server's error. asyncpg (0.32+) raises a lost connection (its
+psycopg (3.2.4+) reports the server's error. asyncpg (0.32+) raises a lost connection (its
 ``ConnectionDoesNotExistError``, 08003) from it: the server's code is the error's all the same.
 A COMMIT cut off this way did not commit (the server ends the session only inside a transaction,
 and never once the commit record is written: a COMMIT waiting for a synchronous standby after
@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 import asyncpg
+import psycopg
 import pytest
 import sqlalchemy as sa
 from scenarios import quick, server_settings_args, set_up_database
@@ -71,11 +72,18 @@ NOT_EXPECTED = {
 CONFIG = rdb.Config(max_retries=2, failure_threshold=2)
 
 
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(n) for n in text.split(".")[:3] if n.isdigit())
+
+
 def skip_unless_the_servers_code_is_kept(driver: str) -> None:
     """asyncpg 0.32+ raises its lost connection from the server's error; 0.30 and 0.31 keep
-    nothing of it (no code): there it stays a lost connection, replayed."""
-    if driver == "asyncpg" and tuple(int(n) for n in asyncpg.__version__.split(".")[:2]) < (0, 32):
+    nothing of it (no code). psycopg 3.2.4+ raises the server's error; before, its "consuming
+    input failed" has no code. There it stays a lost connection, replayed."""
+    if driver == "asyncpg" and _version(asyncpg.__version__) < (0, 32):
         pytest.skip("asyncpg before 0.32 keeps no code of the server's error")
+    if driver != "asyncpg" and _version(psycopg.__version__) < (3, 2, 4):
+        pytest.skip("psycopg before 3.2.4 keeps no code of the server's error")
 
 
 def prepare(server: PostgresServer, database: str, mode: str) -> None:
