@@ -67,7 +67,11 @@ def engine(pg_url: str) -> Iterator[sa.Engine]:
         author = Author(id=1, name="ada", bio="a long text")
         session.add(author)
         session.flush()
-        session.add_all([Book(id=i, author_id=1, title=f"b{i}") for i in range(1, 6)])
+        # (``author=``: before 2.1, SQLAlchemy's dataclass ``__init__`` sets the relationship's
+        # default None, and the flush writes NULL over ``author_id``)
+        session.add_all(
+            [Book(id=i, author_id=1, title=f"b{i}", author=author) for i in range(1, 6)]
+        )
         session.add(Shelf(id=1, author_id=1))
     rdb.install_commit_markers(eng)
     yield eng
