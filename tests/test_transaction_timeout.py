@@ -206,6 +206,38 @@ async def test_a_unit_past_its_transaction_timeout_is_raised_not_replayed(
     assert rows(pg_server, pg_database) == 0  # nothing committed
 
 
+def test_before_psycopg_3_2_4_a_unit_past_its_transaction_timeout_is_a_lost_connection(
+    pg_server: PostgresServer, pg_database: str, service: str
+) -> None:
+    """What the README says of psycopg before 3.2.4, which keeps no code of the server's error:
+    a lost connection, replayed (each attempt waiting out the timeout); nothing committed."""
+    if _version(psycopg.__version__) >= (3, 2, 4):
+        pytest.skip("psycopg 3.2.4+ keeps the server's code (the tests above)")
+    prepare(pg_server, pg_database, MARKERS)
+    connect_args = settings("psycopg (sync)", transaction_timeout=TIMEOUT_MS)
+    engine = sa.create_engine(pg_server.url(pg_database), connect_args=connect_args)
+    calls = 0
+
+    def unit(session: Session) -> str:
+        nonlocal calls
+        calls += 1
+        for statement in UNITS["statement"]:
+            session.execute(sa.text(statement))
+        return "done"
+
+    config = rdb.Config(max_retries=1, failure_threshold=10)
+    try:
+        with pytest.raises(sa.exc.OperationalError) as raised:
+            rdb.ResilientSession(engine, service=service, config=config).run(unit)
+    finally:
+        engine.dispose()
+    assert rdb.sqlstate_of(raised.value) is None
+    assert rdb.classify(raised.value) is rdb.Outcome.DISCONNECT
+    assert calls == 2  # replayed
+    assert rdb.health()["services"][service]["counters"]["retries"] == 1
+    assert rows(pg_server, pg_database) == 0
+
+
 def wait_until_ended(server: PostgresServer, database: str, pid: int) -> None:
     """Until the server has ended backend ``pid``'s session, blocking: an async driver's event
     loop does not run meanwhile, so asyncpg has not read the server's message nor the close when
