@@ -74,13 +74,12 @@ def examine_database(conn: sa.Connection, ledger: Ledger) -> DatabaseFindings:
             "SELECT id, task_id, idem_key, from_status, to_status FROM task_history ORDER BY id"
         )
     ).all()
-    markers: dict[bool, int] = dict(
-        conn.execute(
-            sa.text("SELECT fence, count(*) FROM resilient_db.commit_markers GROUP BY fence")
+    markers: dict[bool, int] = {
+        row.fence: row.n
+        for row in conn.execute(
+            sa.text("SELECT fence, count(*) AS n FROM resilient_db.commit_markers GROUP BY fence")
         )
-        .tuples()
-        .all()
-    )
+    }
     history_counts = Counter(row.idem_key for row in history)
     task_counts = Counter(key for key, _ in tasks.values())
     history_keys = {row.idem_key for row in history}
