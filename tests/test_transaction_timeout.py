@@ -206,32 +206,64 @@ async def test_a_unit_past_its_transaction_timeout_is_raised_not_replayed(
     assert rows(pg_server, pg_database) == 0  # nothing committed
 
 
-def test_before_psycopg_3_2_4_a_unit_past_its_transaction_timeout_is_a_lost_connection(
-    pg_server: PostgresServer, pg_database: str, service: str
+def _keeps_no_code(driver: str) -> bool:
+    if driver == "asyncpg":
+        return _version(asyncpg.__version__) < (0, 32)
+    return _version(psycopg.__version__) < (3, 2, 4)
+
+
+@pytest.mark.parametrize("driver", ["psycopg (sync)", "asyncpg"])
+@pytest.mark.asyncio
+async def test_where_the_driver_keeps_no_code_a_unit_past_its_timeout_is_a_lost_connection(
+    *,
+    pg_server: PostgresServer,
+    pg_database: str,
+    made_async_engines: list[AsyncEngine],
+    service: str,
+    driver: str,
 ) -> None:
-    """What the README says of psycopg before 3.2.4, which keeps no code of the server's error:
-    a lost connection, replayed (each attempt waiting out the timeout); nothing committed."""
-    if _version(psycopg.__version__) >= (3, 2, 4):
-        pytest.skip("psycopg 3.2.4+ keeps the server's code (the tests above)")
+    """What the README says of psycopg before 3.2.4 and asyncpg before 0.32, which keep no code
+    of the server's error: a lost connection, replayed (each attempt waiting out the timeout);
+    nothing committed."""
+    if not _keeps_no_code(driver):
+        pytest.skip(f"{driver} keeps the server's code here (the tests above)")
     prepare(pg_server, pg_database, MARKERS)
-    connect_args = settings("psycopg (sync)", transaction_timeout=TIMEOUT_MS)
-    engine = sa.create_engine(pg_server.url(pg_database), connect_args=connect_args)
-    calls = 0
-
-    def unit(session: Session) -> str:
-        nonlocal calls
-        calls += 1
-        for statement in UNITS["statement"]:
-            session.execute(sa.text(statement))
-        return "done"
-
+    connect_args = settings(driver, transaction_timeout=TIMEOUT_MS)
     config = rdb.Config(max_retries=1, failure_threshold=10)
-    try:
-        with pytest.raises(sa.exc.OperationalError) as raised:
-            rdb.ResilientSession(engine, service=service, config=config).run(unit)
-    finally:
-        engine.dispose()
-    assert rdb.sqlstate_of(raised.value) is None
+    calls = 0
+    if driver == "psycopg (sync)":
+        engine = sa.create_engine(pg_server.url(pg_database), connect_args=connect_args)
+
+        def unit(session: Session) -> str:
+            nonlocal calls
+            calls += 1
+            for statement in UNITS["statement"]:
+                session.execute(sa.text(statement))
+            return "done"
+
+        try:
+            with pytest.raises(sa.exc.DBAPIError) as raised:
+                rdb.ResilientSession(engine, service=service, config=config).run(unit)
+        finally:
+            engine.dispose()
+    else:
+        async_engine = create_async_engine(
+            pg_server.url(pg_database, driver=driver), connect_args=connect_args
+        )
+        made_async_engines.append(async_engine)
+
+        async def async_unit(session: AsyncSession) -> str:
+            nonlocal calls
+            calls += 1
+            for statement in UNITS["statement"]:
+                await session.execute(sa.text(statement))
+            return "done"
+
+        with pytest.raises(sa.exc.DBAPIError) as raised:
+            await rdb.AsyncResilientSession(async_engine, service=service, config=config).run(
+                async_unit
+            )
+    assert rdb.sqlstate_of(raised.value) != "25P04"
     assert rdb.classify(raised.value) is rdb.Outcome.DISCONNECT
     assert calls == 2  # replayed
     assert rdb.health()["services"][service]["counters"]["retries"] == 1
