@@ -4,6 +4,7 @@ environment (so ``resilient-db demo`` works from a wheel) and ``py.typed``."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -13,9 +14,29 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# What setuptools reads to build the wheel (pyproject.toml names the rest: the readme, the
+# license file, the package and the migrations directory it ships)
+BUILD_SOURCES = ("pyproject.toml", "README.md", "LICENSE", "resilient_db", "migrations")
+
+
+def _build_artifacts(root: Path) -> set[str]:
+    return {p.name for p in root.iterdir() if p.name == "build" or p.name.endswith(".egg-info")}
+
 
 @pytest.mark.slow
 def test_the_wheel_ships_the_migrations_and_the_demo_finds_them(tmp_path: Path) -> None:
+    # Built from a copy of the sources: pip builds a directory in place, and setuptools packs
+    # everything under its build/lib, files left there by an earlier build included; from the
+    # checkout, a module no longer listed in pyproject.toml (or deleted) would still be in the
+    # wheel and the checks below would pass. The checkout is left without build/ or egg-info.
+    artifacts = _build_artifacts(ROOT)
+    tree = tmp_path / "tree"
+    for name in BUILD_SOURCES:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, tree / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            tree.mkdir(exist_ok=True)
+            shutil.copy2(ROOT / name, tree / name)
     subprocess.run(
         [
             sys.executable,
@@ -24,7 +45,7 @@ def test_the_wheel_ships_the_migrations_and_the_demo_finds_them(tmp_path: Path) 
             "wheel",
             "--no-deps",
             "--quiet",
-            str(ROOT),
+            str(tree),
             "-w",
             str(tmp_path),
         ],
@@ -32,6 +53,7 @@ def test_the_wheel_ships_the_migrations_and_the_demo_finds_them(tmp_path: Path) 
         timeout=300,
         capture_output=True,
     )
+    assert _build_artifacts(ROOT) == artifacts, "the build wrote into the checkout"
     (wheel,) = tmp_path.glob("resilient_db-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
@@ -47,6 +69,9 @@ def test_the_wheel_ships_the_migrations_and_the_demo_finds_them(tmp_path: Path) 
     ):
         assert name in names
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), "no license text"
+    # the package and its metadata only: no tests, no build/ or egg-info, no top-level files
+    stray = sorted(n for n in names if not n.startswith(("resilient_db/", "resilient_db-")))
+    assert not stray, f"files outside the package in the wheel: {stray}"
     # every module of the package (the wheel's package list is explicit: a new subpackage
     # missing from it would be left out of the wheel)
     source = Path(__file__).resolve().parent.parent / "resilient_db"
