@@ -122,3 +122,19 @@ def test_the_oldest_constraints_pin_the_lowest_versions_pyproject_allows() -> No
             *[0] * (3 - len(lowest.split("."))),
         ), (name, pinned[name], lowest)
     assert pinned["psycopg-binary"] == pinned["psycopg"]
+
+
+def test_the_classifiers_name_the_python_versions_requires_python_allows() -> None:
+    """From the lowest Python ``requires-python`` allows, every minor version the suite passes
+    on (README: 3.10 to 3.13) is named, and ``Typing :: Typed`` since the wheel ships
+    ``py.typed``; no license classifier beside the license expression (PEP 639)."""
+    tomllib = pytest.importorskip("tomllib")  # (Python 3.11 and later)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    classifiers = project.get("classifiers", [])
+    prefix = "Programming Language :: Python :: 3."
+    minors = sorted(int(c.removeprefix(prefix)) for c in classifiers if c.startswith(prefix))
+    lowest = int(project["requires-python"].removeprefix(">=3."))
+    assert minors == list(range(lowest, 14)), (minors, project["requires-python"])
+    assert "Typing :: Typed" in classifiers
+    assert "Framework :: Pytest" in classifiers  # the pytest11 entry point: a pytest plugin
+    assert not [c for c in classifiers if c.startswith("License ::")]
