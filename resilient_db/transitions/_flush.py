@@ -11,7 +11,6 @@ before their UPDATE instead. No implicit lazy loads: works unchanged under ``Asy
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import operator
 import re
@@ -89,21 +88,30 @@ def before_flush(
     for obj in list(dirty) if only is None else [o for o in dirty if id(o) in only]:
         state = instance_state(obj)
         guards = guards_of[state.mapper]
-        if not guards or state.key is None:
+        key = state.key
+        if not guards or key is None:
             continue
-        seen = len(changes) + len(errors)
+        changed = False
+        committed = state.committed_state
         for guard in guards:
-            change = _pending_change(guard, state, state.key[1])
+            if guard.attr_key not in committed:
+                continue  # not set since the row was loaded (most rows a flush updates)
+            change = _pending_change(guard, state, key[1])
             if change is None:
                 continue
-            if change.old_known and not guard.legal(guard.key(change.old), guard.key(change.new)):
+            changed = True
+            if change.old_known and not guard.legal_move(change.old, change.new):
                 errors.append(illegal(change, change.old, "flush"))
             else:
                 changes.append(change)
-        if len(changes) + len(errors) == seen:
+        if not changed:
             touched.add(state.mapper)
-    if not errors and (changes or touched):
-        errors.extend(_prepare_compare_and_set(session, config, changes, touched))
+    if errors:
+        pass
+    elif len(changes) == 1 and not touched and changes[0].old_known:
+        errors = _prepare_one_row(session, config, changes[0], guards_of)  # the common case
+    elif changes or touched:
+        errors = _prepare_compare_and_set(session, config, changes, touched, guards_of)
     if errors:
         raise_errors(errors, config)
 
@@ -116,16 +124,18 @@ def before_update(mapper: Mapper[Any], connection: Connection, target: Any) -> N
     ``connection`` for this flush, so that the flush's UPDATE setting a guarded column of a row
     with no expectation has the row checked under lock first (:func:`_check_written`). Costs
     a lookup when the flush watches them already."""
+    checks: _FlushChecks | None = STATE.flush_checks.get(connection)
+    if checks is not None and mapper in checks.covered:
+        return  # the common case: before_flush watches these tables already
     guards = compiled_guards(mapper)
-    flush_checks = STATE.flush_checks
-    checks: _FlushChecks | None = flush_checks.get(connection) if flush_checks else None
     if checks is not None:
         rows = checks.rows
         for guard in guards:
             if guard.table not in rows:
                 break
         else:
-            return  # the common case: before_flush watches these tables already
+            checks.covered.add(mapper)  # (the flush's next row of it returns above)
+            return
     if not guards:
         return
     session = object_session(target)
@@ -143,6 +153,7 @@ def before_update(mapper: Mapper[Any], connection: Connection, target: Any) -> N
     for guard in guards:
         checks.note_guard(guard, mapper)
         checks.rows.setdefault(guard.table, {})
+    checks.covered.add(mapper)
 
 
 def before_insert(mapper: Mapper[Any], connection: Connection, target: Any) -> None:
@@ -272,7 +283,8 @@ def _pending_change(
     guard: Guard, state: InstanceState[Any], identity: tuple[Any, ...]
 ) -> Change | None:
     """The change of the guarded column that the flush will write, if any (``identity``: the
-    row's, from ``state.key``).
+    row's, from ``state.key``). Called for a column set since the row was loaded (in
+    ``state.committed_state``).
 
     The history's ``added`` is empty exactly when the ORM leaves the column out of its UPDATE (both
     compare with the attribute's ``is_equal``). A change to a value with the same database
@@ -280,8 +292,6 @@ def _pending_change(
     the column, so it carries the compare-and-set like any other.
     """
     key = guard.attr_key
-    if key not in state.committed_state:
-        return None  # the attribute was not set since the row was loaded
     # the attribute's own history (``state.attrs[...]`` builds a view of every attribute), a
     # named tuple (added, unchanged, deleted)
     added, _, deleted = attribute_history(state, key)
@@ -410,16 +420,22 @@ class _Expect(NamedTuple):
 _Row: TypeAlias = dict[sa.Column[Any], _Expect]
 
 
-@dataclasses.dataclass(eq=False)
 class _FlushChecks:
-    """What one flush expects of the rows it updates through one connection."""
+    """What one flush expects of the rows it updates through one connection (one per guarded
+    flush: a plain class with slots, cheaper to make than a dataclass)."""
 
-    config: Config
-    rows: dict[sa.Table, dict[tuple[Any, ...], _Row]] = dataclasses.field(default_factory=dict)
-    guards: dict[sa.Table, tuple[Guard, ...]] = dataclasses.field(default_factory=dict)
-    #: a mapper of each table (what a row set during the flush, with no expectation, is
-    #: judged as: see :func:`_check_written`)
-    mappers: dict[sa.Table, Mapper[Any]] = dataclasses.field(default_factory=dict)
+    __slots__ = ("config", "covered", "guards", "mappers", "rows")
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.rows: dict[sa.Table, dict[tuple[Any, ...], _Row]] = {}
+        self.guards: dict[sa.Table, tuple[Guard, ...]] = {}
+        #: a mapper of each table (what a row set during the flush, with no expectation, is
+        #: judged as: see :func:`_check_written`)
+        self.mappers: dict[sa.Table, Mapper[Any]] = {}
+        #: mappers every guarded table of which is in ``rows`` (watched): :func:`before_update`
+        #: has nothing to add for their rows
+        self.covered: set[Mapper[Any]] = set()
 
     def expect(self, change: Change, value: Any) -> None:
         guard = change.guard
@@ -432,20 +448,30 @@ class _FlushChecks:
         # one guard per column: the models of an inheritance hierarchy share the column, and the
         # compare-and-set depends on nothing else (rules differ; errors name each row's model)
         table = guard.table
-        self.mappers.setdefault(table, mapper)
         guards = self.guards.get(table)
-        if guards is None:
+        if guards is None:  # the table's first guard (``mappers`` has none for it either)
             self.guards[table] = (guard,)
+            self.mappers[table] = mapper
         elif all(g.column is not guard.column for g in guards):
             self.guards[table] = (*guards, guard)
 
 
-class _Plan(NamedTuple):
+class _Plan:
     """What the compare-and-set needs of one compiled UPDATE, for the guards of its table that
-    a flush expects something of."""
+    a flush expects something of (memoized per compiled UPDATE: see :func:`_plan`)."""
 
-    guards: tuple[Guard, ...]  # those whose column the UPDATE sets
-    labels: tuple[str, ...]  # its primary-key parameters
+    __slots__ = ("column", "forms", "guards", "label", "labels")
+
+    def __init__(self, guards: tuple[Guard, ...], labels: tuple[str, ...]) -> None:
+        self.guards = guards  # those whose column the UPDATE sets
+        self.labels = labels  # its primary-key parameters
+        # one guard and a one-column key (the common case): its column and key's label
+        one = len(guards) == 1 and len(labels) == 1
+        self.column: sa.Column[Any] | None = guards[0].column if one else None
+        self.label: str | None = labels[0] if one else None
+        #: the compare-and-set forms of the UPDATE for these guards, by ``raising`` (made on
+        #: first use by :func:`_cas_form`; None: not usable)
+        self.forms: dict[bool, _CasForm | None] = {}
 
 
 class _CasForm(NamedTuple):
@@ -465,14 +491,12 @@ class _CasForm(NamedTuple):
 # user's. ``STATE.guard_engines``: the engines with the listeners below.
 #
 # Caches, weak by their key: the compare-and-set form of a flush's UPDATE statement, per guards
-# (:func:`_cas_statement`), and of its compiled form (:func:`_cas_form`; None: not usable); the
-# plan of a compiled UPDATE, per guards of its table (:func:`_plan`; None: it sets none).
+# (:func:`_cas_statement`); the plan of a compiled UPDATE, per guards of its table (:func:`_plan`;
+# None: it sets none), which holds the compare-and-set forms of that compiled UPDATE too (one
+# lookup per UPDATE sent).
 _cas_statements: weakref.WeakKeyDictionary[Any, dict[tuple[tuple[Guard, ...], bool], Any]] = (
     weakref.WeakKeyDictionary()
 )
-_cas_forms: weakref.WeakKeyDictionary[
-    Any, dict[tuple[tuple[Guard, ...], bool], _CasForm | None]
-] = weakref.WeakKeyDictionary()
 _plans: weakref.WeakKeyDictionary[Any, dict[tuple[Guard, ...], _Plan | None]] = (
     weakref.WeakKeyDictionary()
 )
@@ -480,60 +504,79 @@ _NO_PLAN: Any = object()
 
 
 def flush_ended(session: Session, *_: Any) -> None:
-    """after_flush / after_soft_rollback: the flush's expectations are done with."""
-    flushing = STATE.flushing
-    if flushing:  # else no guarded flush is in progress anywhere
+    """after_flush / after_soft_rollback: the flush's expectations are done with. (A pop, no
+    test of the weak dictionary's length first: that costs as much as the pop.)"""
+    conns = STATE.flushing.pop(session, None)
+    if conns is not None:
         flush_checks = STATE.flush_checks
-        for conn in flushing.pop(session, ()):
+        for conn in conns:
             flush_checks.pop(conn, None)
 
 
 def _prepare_compare_and_set(
-    session: Session, config: Config, changes: list[Change], touched: set[Mapper[Any]]
+    session: Session,
+    config: Config,
+    changes: list[Change],
+    touched: set[Mapper[Any]],
+    guards_of: dict[Mapper[Any], tuple[Guard, ...]],
 ) -> list[IllegalTransitionError]:
     """Record what each change expects of its row, on the connection the flush will use for
     its UPDATE; rows whose state was not loaded are read first (and checked) so that their
     UPDATE can carry the state they hold. ``touched``: mappers of guarded rows updated with no
-    change seen (their UPDATEs are watched too). Returns the errors found."""
-    began = _began_connections(session)
+    change seen (their UPDATEs are watched too); ``guards_of``: the guards of each mapper the
+    flush met. Returns the errors found."""
+    attempt = current_attempt.get()
+    began = None if attempt is None else attempt.began
     # the flush gets its connection with get_bind(mapper=base_mapper): the same one
-    bases = {change.mapper.base_mapper for change in changes}
     by_conn: dict[Connection, list[Change]] = {}
+    hooked: dict[Connection, bool] = {}  # whether a resilient unit's transaction began on it
     conn_of: dict[Mapper[Any], Connection] = {}
-    if len(bases) == 1 and not touched:  # the common case, without a lookup per row
-        by_conn[_flush_connection(session, bases.pop(), began)] = changes
+    first = changes[0].mapper.base_mapper if changes else None
+    if (
+        first is not None
+        and not touched
+        and (len(changes) == 1 or all(c.mapper.base_mapper is first for c in changes))
+    ):  # the common case, without a lookup per row
+        conn, hooked_here = _flush_connection(session, first, began)
+        by_conn[conn] = changes
+        hooked[conn] = hooked_here
     else:
         for change in changes:
             base = change.mapper.base_mapper
-            conn = conn_of.get(base)
-            if conn is None:
-                conn = conn_of[base] = _flush_connection(session, base, began)
-            by_conn.setdefault(conn, []).append(change)
+            seen = conn_of.get(base)
+            if seen is None:
+                seen, hooked_here = _flush_connection(session, base, began)
+                conn_of[base] = seen
+                hooked[seen] = hooked_here
+            by_conn.setdefault(seen, []).append(change)
     watched: dict[Connection, set[Mapper[Any]]] = {}
     for mapper in touched:
         base = mapper.base_mapper
-        conn = conn_of.get(base)
-        if conn is None:
-            conn = conn_of[base] = _flush_connection(session, base, began)
-        watched.setdefault(conn, set()).add(mapper)
-        by_conn.setdefault(conn, [])
+        seen = conn_of.get(base)
+        if seen is None:
+            seen, hooked_here = _flush_connection(session, base, began)
+            conn_of[base] = seen
+            hooked[seen] = hooked_here
+        watched.setdefault(seen, set()).add(mapper)
+        by_conn.setdefault(seen, [])
     errors: list[IllegalTransitionError] = []
     prepared: list[tuple[Connection, _FlushChecks]] = []
     per_row_connections = session.connection_callable is not None
-    for conn, conn_changes in by_conn.items():
-        group = conn_changes
-        dialect = conn.dialect
-        if per_row_connections or not dialect.supports_sane_rowcount:
+    for conn, group in by_conn.items():
+        if per_row_connections or not conn.dialect.supports_sane_rowcount:
             # the UPDATE's row count can't be trusted (or its connection known): lock and check
             # (a status set during the flush by a listener is left to the trigger here)
             errors.extend(_check_against_db(conn, group, lock=True)[0])
             continue
         checks = _FlushChecks(config)
-        for mapper in watched.get(conn, ()):
-            for guard in compiled_guards(mapper):
-                checks.note_guard(guard, mapper)
-                checks.rows.setdefault(guard.table, {})
-        unknown = [c for c in group if not c.old_known]
+        if watched:
+            for mapper in watched.get(conn, ()):
+                for guard in compiled_guards(mapper):
+                    checks.note_guard(guard, mapper)
+                    checks.rows.setdefault(guard.table, {})
+        # (one row whose state was loaded, the common case, builds no list)
+        single = len(group) == 1 and group[0].old_known
+        unknown = None if single else [c for c in group if not c.old_known]
         if unknown:
             found, values = _check_against_db(conn, unknown, lock=False)
             errors.extend(found)
@@ -544,8 +587,11 @@ def _prepare_compare_and_set(
         for change in [c for c in group if c.old_known] if unknown else group:
             guard = change.guard
             if guard is not last:  # rows come grouped by model: look the table up on a switch
-                checks.note_guard(guard, change.mapper)
+                mapper = change.mapper
+                checks.note_guard(guard, mapper)
                 rows = checks.rows.setdefault(guard.table, {})
+                if len(guards_of.get(mapper, ())) == 1:
+                    checks.covered.add(mapper)  # its one guarded table is watched now
                 last = guard
             row = rows.get(change.identity)
             if row is None:
@@ -555,42 +601,80 @@ def _prepare_compare_and_set(
         prepared.append((conn, checks))
     if errors:
         return errors
+    flush_checks = STATE.flush_checks
+    conns: list[Connection] = []
     for conn, checks in prepared:
-        if began is None or conn not in began.values():
+        if not hooked[conn]:
             # a connection a resilient unit began on has the guard's listener (its engine has
             # the commit protocol's); any other engine may need one
             install_engine_hooks(conn.engine)
-        STATE.flush_checks[conn] = checks
-    if prepared:
-        STATE.flushing[session] = [conn for conn, _ in prepared]
+        flush_checks[conn] = checks
+        conns.append(conn)
+    if conns:
+        STATE.flushing[session] = conns
     return errors
 
 
-def _began_connections(session: Session) -> dict[Any, Connection] | None:
-    """The connections the session's transaction began on, by engine, as the running attempt
-    saw them (``after_begin``), or None when not known (no attempt of a resilient factory, or a
-    session class without that listener)."""
+def _prepare_one_row(
+    session: Session,
+    config: Config,
+    change: Change,
+    guards_of: dict[Mapper[Any], tuple[Guard, ...]],
+) -> list[IllegalTransitionError]:
+    """:func:`_prepare_compare_and_set` for a flush whose one change is of a row whose state
+    was loaded, and that updates no other guarded row (the common case), without its
+    grouping: the same checks are recorded."""
     attempt = current_attempt.get()
-    began = None if attempt is None else attempt.began
-    if not began:
-        return None
-    transaction = session.get_transaction()
-    found = {conn.engine: conn for trans, conn, _, _ in began if trans is transaction}
-    return found or None
+    mapper = change.mapper
+    conn, hooked = _flush_connection(
+        session, mapper.base_mapper, None if attempt is None else attempt.began
+    )
+    if session.connection_callable is not None or not conn.dialect.supports_sane_rowcount:
+        return _check_against_db(conn, [change], lock=True)[0]  # see _prepare_compare_and_set
+    guard = change.guard
+    table = guard.table
+    checks = _FlushChecks(config)
+    checks.guards[table] = (guard,)
+    checks.mappers[table] = mapper
+    checks.rows[table] = {change.identity: {guard.column: _Expect(change, change.old)}}
+    if len(guards_of.get(mapper, ())) == 1:
+        checks.covered.add(mapper)  # its one guarded table is watched
+    if not hooked:
+        install_engine_hooks(conn.engine)  # see _prepare_compare_and_set
+    STATE.flush_checks[conn] = checks
+    STATE.flushing[session] = [conn]
+    return []
 
 
 def _flush_connection(
-    session: Session, base: Mapper[Any], began: dict[Any, Connection] | None
-) -> Connection:
-    """The connection the flush will write ``base``'s rows through. The session's transaction
-    has it once it began there; asking ``session.connection()`` again costs about 40 lines of
-    SQLAlchemy's bookkeeping per flush, so a connection already seen is looked up by its
-    engine (a ``get_bind`` returning a Connection, or an engine not yet begun on, asks)."""
-    if began is not None:
-        found = began.get(session.get_bind(mapper=base))
-        if found is not None and not found.closed:
-            return found
-    return session.connection(bind_arguments={"mapper": base})
+    session: Session, base: Mapper[Any], began: list[tuple[Any, Any, bool, Any]] | None
+) -> tuple[Connection, bool]:
+    """The connection the flush will write ``base``'s rows through, and whether the session's
+    transaction began on it in the running attempt (``began``: the attempt's record, see
+    ``AttemptRecord.began_on``; the latest entry of an engine counts). The session's
+    transaction has it once it began there; asking ``session.connection()`` again costs about
+    40 lines of SQLAlchemy's bookkeeping per flush, so a connection already seen is looked up
+    by its engine (a ``get_bind`` returning a Connection, or an engine not yet begun on,
+    asks)."""
+    transaction = session.get_transaction() if began else None
+    if began:
+        bind: Any = None
+        for trans, conn, _, _ in reversed(began):
+            if trans is not transaction:
+                continue
+            if bind is None:
+                bind = session.get_bind(mapper=base)
+            if conn.engine is bind:
+                if not conn.closed:
+                    return conn, True
+                break
+    found: Connection = session.connection(bind_arguments={"mapper": base})
+    if began:
+        engine = found.engine
+        for trans, conn, _, _ in reversed(began):
+            if trans is transaction and conn.engine is engine:
+                return found, conn is found
+    return found, False
 
 
 def install_engine_hooks(engine: Engine) -> None:
@@ -645,10 +729,8 @@ def _guard(cursor: Any, statement: str, parameters: Any, context: Any, noted: bo
     """:func:`guard_execute` past its UPDATE check. ``noted``: the transaction is already noted
     as one that writes (the commit protocol's listener calls this for UPDATEs only, through
     :data:`_guard_update`)."""
-    flush_checks = STATE.flush_checks
-    if not flush_checks:
-        return False
-    checks: _FlushChecks | None = flush_checks.get(context.root_connection)
+    # (a get, no test of the weak dictionary's length first: that costs more than the get)
+    checks: _FlushChecks | None = STATE.flush_checks.get(context.root_connection)
     if checks is None:
         return False
     return _compare_and_set(cursor, statement, parameters, context, checks, noted=noted)
@@ -679,48 +761,63 @@ def _compare_and_set(
     rows: list[dict[str, Any]] = context.compiled_parameters  # the values as the ORM gave them
     if not rows:
         return False  # sent without parameters: not the flush's UPDATE by primary key
-    plan = _plan(compiled, checks.guards[table], rows[0])  # type: ignore[index]
+    table_guards = checks.guards[table]  # type: ignore[index]
+    by_guards = _plans.get(compiled)
+    plan = _NO_PLAN if by_guards is None else by_guards.get(table_guards, _NO_PLAN)
+    if plan is _NO_PLAN:
+        plan = _plan(compiled, table_guards, rows[0])
     if plan is None:
         return False  # the UPDATE leaves the guarded columns alone
-    guards, labels = plan
-    try:
-        if len(labels) == 1:
-            label = labels[0]
-            identities = [(row[label],) for row in rows]
-        else:
-            identities = [tuple(row[label] for label in labels) for row in rows]
-    except KeyError:
-        # Not an UPDATE by primary key, so not the flush's own (one a flush event sends, say),
-        # yet it sets a guarded column of this table: the rows this flush expects something of
-        # are checked under lock before it runs, whichever of them it touches.
-        pending = [r for r in table_rows.values() if all(g.column in r for g in guards)]
-        if pending:
-            _lock_and_check(conn, checks, guards, pending)
-        return False
+    guards, labels, column = plan.guards, plan.labels, plan.column
     # the rows this flush expects something of for every guard the UPDATE sets (a row
-    # without: its status was changed after before_flush)
-    if len(guards) == 1:
-        column = guards[0].column
-        expected = [r for r in map(table_rows.get, identities) if r is not None and column in r]
-        complete = len(expected) == len(identities)
-        # what is written must be what before_flush judged (a mapper's before_update listener
-        # may have set another state since): a list comparison, identity first, then ==; per
-        # row in C but for one line
-        as_judged = complete and [r[column].change.new for r in expected] == list(
-            map(operator.itemgetter(column.key), rows)
-        )
+    # without: its status was changed after before_flush); what is written must be what
+    # before_flush judged (a mapper's before_update listener may have set another state since)
+    if column is not None and len(rows) == 1:
+        # one row, one guard, a one-column key: the common case, without a list per step
+        sent_row = rows[0]
+        try:
+            identity = (sent_row[plan.label],)
+        except KeyError:
+            return _not_by_key(conn, checks, guards, table_rows)
+        identities = [identity]
+        found = table_rows.get(identity)
+        expect = None if found is None else found.get(column)
+        if expect is None:
+            expected: list[_Row] = []
+            complete = as_judged = False
+        else:
+            expected = [found]
+            complete = True
+            judged, written = expect.change.new, sent_row[column.key]
+            as_judged = judged is written or bool(judged == written)  # as a list compares
     else:
-        expected = [
-            r
-            for r in map(table_rows.get, identities)
-            if r is not None and all(g.column in r for g in guards)
-        ]
-        complete = len(expected) == len(identities)
-        as_judged = complete and all(
-            r[g.column].change.new == row[g.column.key]
-            for r, row in zip(expected, rows, strict=True)
-            for g in guards
-        )
+        try:
+            if len(labels) == 1:
+                label = labels[0]
+                identities = [(row[label],) for row in rows]
+            else:
+                identities = [tuple(row[label] for label in labels) for row in rows]
+        except KeyError:
+            return _not_by_key(conn, checks, guards, table_rows)
+        if column is not None:
+            expected = [r for r in map(table_rows.get, identities) if r is not None and column in r]
+            complete = len(expected) == len(identities)
+            # a list comparison, identity first, then ==; per row in C but for one line
+            as_judged = complete and [r[column].change.new for r in expected] == list(
+                map(operator.itemgetter(column.key), rows)
+            )
+        else:
+            expected = [
+                r
+                for r in map(table_rows.get, identities)
+                if r is not None and all(g.column in r for g in guards)
+            ]
+            complete = len(expected) == len(identities)
+            as_judged = complete and all(
+                r[g.column].change.new == row[g.column.key]
+                for r, row in zip(expected, rows, strict=True)
+                for g in guards
+            )
     if not as_judged and _check_written(
         conn, checks, table_rows, guards=guards, sent=(identities, rows)
     ):
@@ -731,17 +828,34 @@ def _compare_and_set(
     form = None
     if complete:
         if not many or dialect.supports_sane_multi_rowcount:
-            form = _cas_form(compiled, guards, dialect, raising=False)
+            form = plan.forms.get(False, _NO_PLAN)
+            if form is _NO_PLAN:
+                form = plan.forms[False] = _cas_form(compiled, guards, dialect, raising=False)
         elif dialect.name == "postgresql":  # asyncpg: an executemany reports no row count
             # (psycopg's could name a moved row too, but measured 5-7 % slower on a flush of
             # 1,000 rows: its row count is kept, which can say how many, not which)
-            form = _cas_form(compiled, guards, dialect, raising=True)
+            form = plan.forms.get(True, _NO_PLAN)
+            if form is _NO_PLAN:
+                form = plan.forms[True] = _cas_form(compiled, guards, dialect, raising=True)
     if form is None or statement != compiled.string:
         # the row count can't tell, or the SQL sent is not the compiled one (schema names
         # translated): check under lock, let the UPDATE go as it is
         _lock_and_check(conn, checks, guards, expected)
         return False
-    sent = _with_expected(form, parameters if many else [parameters], guards, expected, dialect)
+    if many:
+        sent = _with_expected(form, parameters, guards, expected, dialect)
+    elif column is not None and len(expected) == 1 and not form.raising:
+        # one row, one guard (the common case): its parameters with the state it must hold
+        value = expected[0][column].value
+        process = form.processors[0]
+        if process is not None:
+            value = process(value)
+        if form.positional:
+            sent = [dialect.execute_sequence_format((*parameters, value))]
+        else:
+            sent = [{**parameters, form.names[0]: value}]
+    else:
+        sent = _with_expected(form, [parameters], guards, expected, dialect)
     if not noted:
         note_write(context)  # a later listener of the chain (the commit protocol's) won't see it
     try:
@@ -766,16 +880,32 @@ def _compare_and_set(
     return True
 
 
+def _not_by_key(
+    conn: Connection,
+    checks: _FlushChecks,
+    guards: tuple[Guard, ...],
+    table_rows: dict[tuple[Any, ...], _Row],
+) -> bool:
+    """An UPDATE setting a guarded column of a table this flush expects something of, but not
+    by primary key, so not the flush's own (one a flush event sends, say): the rows this flush
+    expects something of are checked under lock before it runs, whichever of them it touches.
+    Returns False: the UPDATE goes as it is."""
+    pending = [r for r in table_rows.values() if all(g.column in r for g in guards)]
+    if pending:
+        _lock_and_check(conn, checks, guards, pending)
+    return False
+
+
 def _plan(compiled: Any, table_guards: tuple[Guard, ...], first: dict[str, Any]) -> _Plan | None:
-    """The plan of ``compiled`` for ``table_guards``, memoized per compiled UPDATE: its
-    parameters (``first``, a row's) are named the same for every execution of it."""
+    """The plan of ``compiled`` for ``table_guards``, memoized per compiled UPDATE (looked up
+    by :func:`_compare_and_set` itself): its parameters (``first``, a row's) are named the same
+    for every execution of it."""
     by_guards = _plans.get(compiled)
-    if by_guards is not None:
-        found: _Plan | None = by_guards.get(table_guards, _NO_PLAN)
-        if found is not _NO_PLAN:
-            return found
-    else:
+    if by_guards is None:
         by_guards = _plans.setdefault(compiled, {})
+    found: _Plan | None = by_guards.get(table_guards, _NO_PLAN)
+    if found is not _NO_PLAN:
+        return found
     guards = tuple(g for g in table_guards if g.column.key in first)
     plan = _Plan(guards, guards[0].pk_labels) if guards else None
     by_guards[table_guards] = plan
@@ -930,15 +1060,9 @@ def _cas_form(
     compiled: Any, guards: tuple[Guard, ...], dialect: Any, *, raising: bool
 ) -> _CasForm | None:
     """The compare-and-set form of ``compiled`` (a flush's UPDATE), compiled by SQLAlchemy for
-    the same dialect with the same columns, memoized per compiled UPDATE. None when its
-    parameters are not those of ``compiled`` plus the added ones: then the rows are checked
+    the same dialect with the same columns (memoized by the compiled UPDATE's plan). None when
+    its parameters are not those of ``compiled`` plus the added ones: then the rows are checked
     under lock instead."""
-    by_guards = _cas_forms.get(compiled)
-    if by_guards is None:
-        by_guards = _cas_forms.setdefault(compiled, {})
-    key = (guards, raising)
-    if key in by_guards:
-        return by_guards[key]
     names = tuple(g.cas_param for g in guards) + ((_ROW_PARAM,) if raising else ())
     form: _CasForm | None = None
     try:
@@ -948,7 +1072,6 @@ def _cas_form(
             for_executemany=compiled.for_executemany,
         )
     except sa.exc.CompileError:  # e.g. a column keyed like one of our parameters
-        by_guards[key] = None
         return None
     if cas.positional:
         # the added parameters after the UPDATE's own, each once (a dialect that repeats a
@@ -966,7 +1089,6 @@ def _cas_form(
             g.column.type.dialect_impl(dialect).bind_processor(dialect) for g in guards
         )
         form = _CasForm(cas.string, names, processors, cas.positional, raising)
-    by_guards[key] = form
     return form
 
 

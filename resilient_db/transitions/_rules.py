@@ -255,6 +255,9 @@ def _normalize_rules(value: object, owner: str) -> tuple[TransitionRules, ...]:
 # --------------------------------------------------------------------------------------------
 
 
+_NO_KEYS: frozenset[Any] = frozenset()
+
+
 class Undeclared(str):
     """Key of a value that is no state of the column type; it starts with NUL, which no real
     key contains, so it never equals one. ``why``: what the column type made of the value."""
@@ -305,7 +308,15 @@ class Guard:
             return key
 
     def legal(self, old: Key, new: Key) -> bool:
-        return old == new or new in self.next.get(old, frozenset())
+        return old == new or new in self.next.get(old, _NO_KEYS)
+
+    def legal_move(self, old: object, new: object) -> bool:
+        """:meth:`legal` of the keys of ``old`` and ``new`` (values as assigned or read); for
+        two ``str`` states of a column whose ``str`` values are their own keys, in one call
+        (every changed row of a flush passes here)."""
+        if self.text_keys and old.__class__ is str and new.__class__ is str:
+            return old == new or new in self.next.get(old, _NO_KEYS)
+        return self.legal(self.key(old), self.key(new))
 
     def sources_of(self, target: Key) -> frozenset[Key]:
         """Keys that may move to ``target``, ``target`` itself included (a no-op is fine)."""
