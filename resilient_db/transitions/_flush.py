@@ -59,7 +59,9 @@ __all__ = [
 def before_flush(
     session: Session, flush_context: UOWTransaction, instances: Sequence[Any] | None
 ) -> None:
-    flush_ended(session)  # an earlier flush that another before_flush listener stopped
+    stopped = STATE.flushing.pop(session, None)
+    if stopped is not None:  # an earlier flush that another before_flush listener stopped
+        _forget(stopped)
     config = active_config(session)
     if config is None:
         return
@@ -460,18 +462,18 @@ class _Plan:
     """What the compare-and-set needs of one compiled UPDATE, for the guards of its table that
     a flush expects something of (memoized per compiled UPDATE: see :func:`_plan`)."""
 
-    __slots__ = ("column", "forms", "guards", "label", "labels")
+    __slots__ = ("column", "form", "guards", "label", "labels", "raising_form")
 
     def __init__(self, guards: tuple[Guard, ...], labels: tuple[str, ...]) -> None:
         self.guards = guards  # those whose column the UPDATE sets
         self.labels = labels  # its primary-key parameters
-        # one guard and a one-column key (the common case): its column and key's label
-        one = len(guards) == 1 and len(labels) == 1
-        self.column: sa.Column[Any] | None = guards[0].column if one else None
-        self.label: str | None = labels[0] if one else None
-        #: the compare-and-set forms of the UPDATE for these guards, by ``raising`` (made on
-        #: first use by :func:`_cas_form`; None: not usable)
-        self.forms: dict[bool, _CasForm | None] = {}
+        # the column of its one guard (the common case), the label of a one-column key
+        self.column: sa.Column[Any] | None = guards[0].column if len(guards) == 1 else None
+        self.label: str | None = labels[0] if len(labels) == 1 else None
+        #: the compare-and-set forms of the UPDATE for these guards, plain and raising (see
+        #: :func:`_cas_form`; None: not usable), made on first use (_NO_PLAN until then)
+        self.form: _CasForm | None = _NO_PLAN
+        self.raising_form: _CasForm | None = _NO_PLAN
 
 
 class _CasForm(NamedTuple):
@@ -508,9 +510,14 @@ def flush_ended(session: Session, *_: Any) -> None:
     test of the weak dictionary's length first: that costs as much as the pop.)"""
     conns = STATE.flushing.pop(session, None)
     if conns is not None:
-        flush_checks = STATE.flush_checks
-        for conn in conns:
-            flush_checks.pop(conn, None)
+        _forget(conns)
+
+
+def _forget(conns: list[Connection]) -> None:
+    """A flush's expectations of the rows it updates through ``conns`` are done with."""
+    flush_checks = STATE.flush_checks
+    for conn in conns:
+        flush_checks.pop(conn, None)
 
 
 def _prepare_compare_and_set(
@@ -722,32 +729,21 @@ def guard_execute(cursor: Any, statement: str, parameters: Any, context: Any) ->
     to the dialect (False)."""
     if not context.isupdate:
         return False
-    return _guard(cursor, statement, parameters, context)
-
-
-def _guard(cursor: Any, statement: str, parameters: Any, context: Any, noted: bool = False) -> bool:
-    """:func:`guard_execute` past its UPDATE check. ``noted``: the transaction is already noted
-    as one that writes (the commit protocol's listener calls this for UPDATEs only, through
-    :data:`_guard_update`)."""
-    # (a get, no test of the weak dictionary's length first: that costs more than the get)
-    checks: _FlushChecks | None = STATE.flush_checks.get(context.root_connection)
-    if checks is None:
-        return False
-    return _compare_and_set(cursor, statement, parameters, context, checks, noted=noted)
-
-
-_guard_update: StatementGuard = functools.partial(_guard, noted=True)
+    return _compare_and_set(cursor, statement, parameters, context)
 
 
 def _compare_and_set(
-    cursor: Any,
-    statement: str,
-    parameters: Any,
-    context: Any,
-    checks: _FlushChecks,
-    *,
-    noted: bool,
+    cursor: Any, statement: str, parameters: Any, context: Any, noted: bool = False
 ) -> bool:
+    """:func:`guard_execute` past its UPDATE check: sends the UPDATE with the compare-and-set
+    when it is a flush's UPDATE of rows with expectations (True), else leaves it (False).
+    ``noted``: the transaction is already noted as one that writes (the commit protocol's
+    listener calls this for UPDATEs only, through :data:`_guard_update`)."""
+    conn = context.root_connection
+    # (a get, no test of the weak dictionary's length first: that costs more than the get)
+    checks: _FlushChecks | None = STATE.flush_checks.get(conn)
+    if checks is None:
+        return False
     many = bool(context.executemany)  # do_executemany: parameters is a list of parameter sets
     compiled = context.compiled
     update = None if compiled is None else compiled.statement
@@ -757,7 +753,6 @@ def _compare_and_set(
     table_rows = checks.rows.get(table)  # type: ignore[call-overload]
     if table_rows is None:
         return False
-    conn = context.root_connection
     rows: list[dict[str, Any]] = context.compiled_parameters  # the values as the ORM gave them
     if not rows:
         return False  # sent without parameters: not the flush's UPDATE by primary key
@@ -768,15 +763,16 @@ def _compare_and_set(
         plan = _plan(compiled, table_guards, rows[0])
     if plan is None:
         return False  # the UPDATE leaves the guarded columns alone
-    guards, labels, column = plan.guards, plan.labels, plan.column
+    guards, column, label = plan.guards, plan.column, plan.label
     # the rows this flush expects something of for every guard the UPDATE sets (a row
     # without: its status was changed after before_flush); what is written must be what
     # before_flush judged (a mapper's before_update listener may have set another state since)
-    if column is not None and len(rows) == 1:
+    one = column is not None and label is not None and len(rows) == 1
+    if one:
         # one row, one guard, a one-column key: the common case, without a list per step
         sent_row = rows[0]
         try:
-            identity = (sent_row[plan.label],)
+            identity = (sent_row[label],)
         except KeyError:
             return _not_by_key(conn, checks, guards, table_rows)
         identities = [identity]
@@ -792,11 +788,11 @@ def _compare_and_set(
             as_judged = judged is written or bool(judged == written)  # as a list compares
     else:
         try:
-            if len(labels) == 1:
-                label = labels[0]
+            if label is not None:
                 identities = [(row[label],) for row in rows]
             else:
-                identities = [tuple(row[label] for label in labels) for row in rows]
+                labels = plan.labels
+                identities = [tuple(row[k] for k in labels) for row in rows]
         except KeyError:
             return _not_by_key(conn, checks, guards, table_rows)
         if column is not None:
@@ -828,15 +824,15 @@ def _compare_and_set(
     form = None
     if complete:
         if not many or dialect.supports_sane_multi_rowcount:
-            form = plan.forms.get(False, _NO_PLAN)
+            form = plan.form
             if form is _NO_PLAN:
-                form = plan.forms[False] = _cas_form(compiled, guards, dialect, raising=False)
+                form = plan.form = _cas_form(compiled, guards, dialect, raising=False)
         elif dialect.name == "postgresql":  # asyncpg: an executemany reports no row count
             # (psycopg's could name a moved row too, but measured 5-7 % slower on a flush of
             # 1,000 rows: its row count is kept, which can say how many, not which)
-            form = plan.forms.get(True, _NO_PLAN)
+            form = plan.raising_form
             if form is _NO_PLAN:
-                form = plan.forms[True] = _cas_form(compiled, guards, dialect, raising=True)
+                form = plan.raising_form = _cas_form(compiled, guards, dialect, raising=True)
     if form is None or statement != compiled.string:
         # the row count can't tell, or the SQL sent is not the compiled one (schema names
         # translated): check under lock, let the UPDATE go as it is
@@ -844,7 +840,7 @@ def _compare_and_set(
         return False
     if many:
         sent = _with_expected(form, parameters, guards, expected, dialect)
-    elif column is not None and len(expected) == 1 and not form.raising:
+    elif one and not form.raising:
         # one row, one guard (the common case): its parameters with the state it must hold
         value = expected[0][column].value
         process = form.processors[0]
@@ -878,6 +874,9 @@ def _compare_and_set(
         # else the rows of a versioned model hold the states expected (their version moved
         # on), or more rows matched than were sent: SQLAlchemy's row count check raises
     return True
+
+
+_guard_update: StatementGuard = functools.partial(_compare_and_set, noted=True)
 
 
 def _not_by_key(
