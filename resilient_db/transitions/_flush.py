@@ -59,9 +59,8 @@ __all__ = [
 def before_flush(
     session: Session, flush_context: UOWTransaction, instances: Sequence[Any] | None
 ) -> None:
-    stopped = STATE.flushing.pop(session, None)
-    if stopped is not None:  # an earlier flush that another before_flush listener stopped
-        _forget(stopped)
+    if STATE.flushing.get(session) is not None:
+        flush_ended(session)  # an earlier flush that another before_flush listener stopped
     config = active_config(session)
     if config is None:
         return
@@ -510,14 +509,9 @@ def flush_ended(session: Session, *_: Any) -> None:
     test of the weak dictionary's length first: that costs as much as the pop.)"""
     conns = STATE.flushing.pop(session, None)
     if conns is not None:
-        _forget(conns)
-
-
-def _forget(conns: list[Connection]) -> None:
-    """A flush's expectations of the rows it updates through ``conns`` are done with."""
-    flush_checks = STATE.flush_checks
-    for conn in conns:
-        flush_checks.pop(conn, None)
+        flush_checks = STATE.flush_checks
+        for conn in conns:
+            flush_checks.pop(conn, None)
 
 
 def _prepare_compare_and_set(
@@ -763,57 +757,83 @@ def _compare_and_set(
         plan = _plan(compiled, table_guards, rows[0])
     if plan is None:
         return False  # the UPDATE leaves the guarded columns alone
-    guards, column, label = plan.guards, plan.column, plan.label
-    # the rows this flush expects something of for every guard the UPDATE sets (a row
-    # without: its status was changed after before_flush); what is written must be what
-    # before_flush judged (a mapper's before_update listener may have set another state since)
-    one = column is not None and label is not None and len(rows) == 1
-    if one:
-        # one row, one guard, a one-column key: the common case, without a list per step
+    column, label, form = plan.column, plan.label, plan.form
+    if (
+        not many
+        and len(rows) == 1
+        and column is not None
+        and label is not None
+        and form is not None
+        and form is not _NO_PLAN
+        and statement == compiled.string
+        and label in rows[0]
+    ):
+        # The common case, one row of one guarded column by a one-column key, sent here when
+        # it is as before_flush judged it; anything else is left to the general steps below,
+        # which find the same for such a row.
         sent_row = rows[0]
-        try:
-            identity = (sent_row[label],)
-        except KeyError:
-            return _not_by_key(conn, checks, guards, table_rows)
-        identities = [identity]
-        found = table_rows.get(identity)
+        found = table_rows.get((sent_row[label],))
         expect = None if found is None else found.get(column)
-        if expect is None:
-            expected: list[_Row] = []
-            complete = as_judged = False
-        else:
-            expected = [found]
-            complete = True
+        if expect is not None:
             judged, written = expect.change.new, sent_row[column.key]
-            as_judged = judged is written or bool(judged == written)  # as a list compares
-    else:
-        try:
-            if label is not None:
-                identities = [(row[label],) for row in rows]
-            else:
-                labels = plan.labels
-                identities = [tuple(row[k] for k in labels) for row in rows]
-        except KeyError:
-            return _not_by_key(conn, checks, guards, table_rows)
-        if column is not None:
-            expected = [r for r in map(table_rows.get, identities) if r is not None and column in r]
-            complete = len(expected) == len(identities)
-            # a list comparison, identity first, then ==; per row in C but for one line
-            as_judged = complete and [r[column].change.new for r in expected] == list(
-                map(operator.itemgetter(column.key), rows)
-            )
+            if judged is written or judged == written:  # (as the general steps compare)
+                value = expect.value
+                process = form.processors[0]
+                if process is not None:
+                    value = process(value)
+                dialect = context.dialect
+                if form.positional:
+                    sent = dialect.execute_sequence_format((*parameters, value))
+                else:
+                    sent = {**parameters, form.names[0]: value}
+                if not noted:
+                    note_write(context)  # a later listener of the chain won't see it
+                dialect.do_execute(cursor, form.sql, sent, context)
+                matched = cursor.rowcount
+                if matched != 1:
+                    errors = _stale_rows(conn, plan.guards, [found], matched)
+                    if errors:
+                        raise_errors(errors, checks.config)
+                return True
+    guards, labels = plan.guards, plan.labels
+    try:
+        if len(labels) == 1:
+            label = labels[0]
+            identities = [(row[label],) for row in rows]
         else:
-            expected = [
-                r
-                for r in map(table_rows.get, identities)
-                if r is not None and all(g.column in r for g in guards)
-            ]
-            complete = len(expected) == len(identities)
-            as_judged = complete and all(
-                r[g.column].change.new == row[g.column.key]
-                for r, row in zip(expected, rows, strict=True)
-                for g in guards
-            )
+            identities = [tuple(row[label] for label in labels) for row in rows]
+    except KeyError:
+        # Not an UPDATE by primary key, so not the flush's own (one a flush event sends, say),
+        # yet it sets a guarded column of this table: the rows this flush expects something of
+        # are checked under lock before it runs, whichever of them it touches.
+        pending = [r for r in table_rows.values() if all(g.column in r for g in guards)]
+        if pending:
+            _lock_and_check(conn, checks, guards, pending)
+        return False
+    # the rows this flush expects something of for every guard the UPDATE sets (a row
+    # without: its status was changed after before_flush)
+    if len(guards) == 1:
+        column = guards[0].column
+        expected = [r for r in map(table_rows.get, identities) if r is not None and column in r]
+        complete = len(expected) == len(identities)
+        # what is written must be what before_flush judged (a mapper's before_update listener
+        # may have set another state since): a list comparison, identity first, then ==; per
+        # row in C but for one line
+        as_judged = complete and [r[column].change.new for r in expected] == list(
+            map(operator.itemgetter(column.key), rows)
+        )
+    else:
+        expected = [
+            r
+            for r in map(table_rows.get, identities)
+            if r is not None and all(g.column in r for g in guards)
+        ]
+        complete = len(expected) == len(identities)
+        as_judged = complete and all(
+            r[g.column].change.new == row[g.column.key]
+            for r, row in zip(expected, rows, strict=True)
+            for g in guards
+        )
     if not as_judged and _check_written(
         conn, checks, table_rows, guards=guards, sent=(identities, rows)
     ):
@@ -838,20 +858,7 @@ def _compare_and_set(
         # translated): check under lock, let the UPDATE go as it is
         _lock_and_check(conn, checks, guards, expected)
         return False
-    if many:
-        sent = _with_expected(form, parameters, guards, expected, dialect)
-    elif one and not form.raising:
-        # one row, one guard (the common case): its parameters with the state it must hold
-        value = expected[0][column].value
-        process = form.processors[0]
-        if process is not None:
-            value = process(value)
-        if form.positional:
-            sent = [dialect.execute_sequence_format((*parameters, value))]
-        else:
-            sent = [{**parameters, form.names[0]: value}]
-    else:
-        sent = _with_expected(form, [parameters], guards, expected, dialect)
+    sent = _with_expected(form, parameters if many else [parameters], guards, expected, dialect)
     if not noted:
         note_write(context)  # a later listener of the chain (the commit protocol's) won't see it
     try:
@@ -877,22 +884,6 @@ def _compare_and_set(
 
 
 _guard_update: StatementGuard = functools.partial(_compare_and_set, noted=True)
-
-
-def _not_by_key(
-    conn: Connection,
-    checks: _FlushChecks,
-    guards: tuple[Guard, ...],
-    table_rows: dict[tuple[Any, ...], _Row],
-) -> bool:
-    """An UPDATE setting a guarded column of a table this flush expects something of, but not
-    by primary key, so not the flush's own (one a flush event sends, say): the rows this flush
-    expects something of are checked under lock before it runs, whichever of them it touches.
-    Returns False: the UPDATE goes as it is."""
-    pending = [r for r in table_rows.values() if all(g.column in r for g in guards)]
-    if pending:
-        _lock_and_check(conn, checks, guards, pending)
-    return False
 
 
 def _plan(compiled: Any, table_guards: tuple[Guard, ...], first: dict[str, Any]) -> _Plan | None:
