@@ -107,12 +107,11 @@ def before_flush(
                 changes.append(change)
         if not changed:
             touched.add(state.mapper)
-    if errors:
-        pass
-    elif len(changes) == 1 and not touched and changes[0].old_known:
-        errors = _prepare_one_row(session, config, changes[0], guards_of)  # the common case
-    elif changes or touched:
-        errors = _prepare_compare_and_set(session, config, changes, touched, guards_of)
+    if not errors:
+        if len(changes) == 1 and not touched and changes[0].old_known:
+            errors = _prepare_one_row(session, config, changes[0], guards_of)  # the common case
+        elif changes or touched:
+            errors = _prepare_compare_and_set(session, config, changes, touched, guards_of)
     if errors:
         raise_errors(errors, config)
 
