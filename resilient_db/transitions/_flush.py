@@ -574,9 +574,7 @@ def _prepare_compare_and_set(
                 for guard in compiled_guards(mapper):
                     checks.note_guard(guard, mapper)
                     checks.rows.setdefault(guard.table, {})
-        # (one row whose state was loaded, the common case, builds no list)
-        single = len(group) == 1 and group[0].old_known
-        unknown = None if single else [c for c in group if not c.old_known]
+        unknown = [c for c in group if not c.old_known]
         if unknown:
             found, values = _check_against_db(conn, unknown, lock=False)
             errors.extend(found)
