@@ -11,6 +11,8 @@
                                         # retry budget of 0.2; counts Redis commands
     python bench/overhead.py --control  # also plain SQLAlchemy on a second engine (an A/A
                                         # control: the noise floor of each ratio)
+    python bench/overhead.py --pre-ping # also plain SQLAlchemy with pool_pre_ping=True (what
+                                        # an application adds to survive dropped connections)
 
 Units of work, each in a new session and committed (``sessionmaker.begin()`` /
 ``async_sessionmaker.begin()`` for plain SQLAlchemy, ``run`` for resilient_db; the same
@@ -64,6 +66,13 @@ Ratios, not absolute numbers, are the result (the machine these run on is shared
 connections and server backends) of its own, interleaved like the others. Its ratio to plain
 should be 1; how far it strays is what the machine's noise and the two engines' differences do
 to a ratio in that case.
+
+``--pre-ping`` adds plain SQLAlchemy with ``pool_pre_ping=True`` the same way: SQLAlchemy's own
+answer to a connection the server ended while it was pooled, a ping (one round trip) at every
+checkout. resilient_db's dead-connection check is one system call instead (a zero-timeout
+``poll`` of the socket), and a connection that dies after it is healed by the unit's replay;
+this variant shows what the plain alternative costs in the same run. Its round trips and Python
+lines are counted beside the others'.
 """
 
 from __future__ import annotations
@@ -80,7 +89,7 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -260,7 +269,8 @@ class SyncFactories:
     resilient: Any  # rdb.ResilientSession
     naive_breaker: pybreaker.CircuitBreaker
     engines: tuple[sa.Engine, ...]
-    control: sessionmaker[Session] | None = None  # plain again, on a third engine
+    #: plain SQLAlchemy again, each on an engine of its own: by name (see REFERENCES)
+    references: dict[str, sessionmaker[Session]] = field(default_factory=dict)
 
     def dispose(self) -> None:
         for engine in self.engines:
@@ -270,24 +280,27 @@ class SyncFactories:
 #: the resilient factories' configuration; ``--redis`` adds a Redis URL and a retry budget
 RESILIENT_CONFIG = rdb.Config()
 
+#: variants of plain SQLAlchemy measured beside it when asked for: their engines' options
+#: (``control``: the same again, an A/A control; ``pre_ping``: ``pool_pre_ping=True``)
+REFERENCES: dict[str, dict[str, Any]] = {"control": {}, "pre_ping": {"pool_pre_ping": True}}
+REFERENCE_NAMES = {"control": "A/A control", "pre_ping": "plain with pool_pre_ping"}
+
 
 def sync_factories(
-    url: str, pool_size: int, service: str = "bench", *, control: bool = False
+    url: str, pool_size: int, service: str = "bench", *, references: tuple[str, ...] = ()
 ) -> SyncFactories:
     plain_engine = sa.create_engine(url, pool_size=pool_size, max_overflow=0)
     resilient_engine = sa.create_engine(url, pool_size=pool_size, max_overflow=0)
-    engines: tuple[sa.Engine, ...] = (plain_engine, resilient_engine)
-    control_factory = None
-    if control:
-        control_engine = sa.create_engine(url, pool_size=pool_size, max_overflow=0)
-        engines += (control_engine,)
-        control_factory = sessionmaker(control_engine)
+    others = {
+        name: sa.create_engine(url, pool_size=pool_size, max_overflow=0, **REFERENCES[name])
+        for name in references
+    }
     return SyncFactories(
         plain=sessionmaker(plain_engine),
         resilient=rdb.ResilientSession(resilient_engine, service=service, config=RESILIENT_CONFIG),
         naive_breaker=pybreaker.CircuitBreaker(fail_max=5, reset_timeout=30),
-        engines=engines,
-        control=control_factory,
+        engines=(plain_engine, resilient_engine, *others.values()),
+        references={name: sessionmaker(engine) for name, engine in others.items()},
     )
 
 
@@ -295,9 +308,14 @@ def sync_variants(factories: SyncFactories, unit: SyncUnit) -> dict[str, Callabl
     plain, resilient, breaker = factories.plain, factories.resilient, factories.naive_breaker
     plain_fn = PLAIN_SYNC.get(unit, unit)
 
-    def plain_unit(key: int) -> object:
-        with plain.begin() as session:
-            return plain_fn(session, key)
+    def plain_on(factory: sessionmaker[Session]) -> Callable[[int], object]:
+        def plain_unit(key: int) -> object:
+            with factory.begin() as session:
+                return plain_fn(session, key)
+
+        return plain_unit
+
+    plain_unit = plain_on(plain)
 
     def resilient_unit(key: int) -> object:
         return resilient.run(unit, key)
@@ -310,14 +328,8 @@ def sync_variants(factories: SyncFactories, unit: SyncUnit) -> dict[str, Callabl
         "resilient": resilient_unit,
         "naive": naive_unit,
     }
-    control = factories.control
-    if control is not None:
-
-        def control_unit(key: int) -> object:
-            with control.begin() as session:
-                return plain_fn(session, key)
-
-        variants["control"] = control_unit
+    for name, factory in factories.references.items():
+        variants[name] = plain_on(factory)
     return variants
 
 
@@ -397,7 +409,7 @@ class AsyncFactories:
     plain: async_sessionmaker[AsyncSession]
     resilient: Any  # rdb.AsyncResilientSession
     engines: tuple[AsyncEngine, ...]
-    control: async_sessionmaker[AsyncSession] | None = None
+    references: dict[str, async_sessionmaker[AsyncSession]] = field(default_factory=dict)
 
     async def dispose(self) -> None:
         for engine in self.engines:
@@ -405,23 +417,25 @@ class AsyncFactories:
 
 
 def async_factories(
-    url: str, pool_size: int, service: str = "bench-async", *, control: bool = False
+    url: str,
+    pool_size: int,
+    service: str = "bench-async",
+    *,
+    references: tuple[str, ...] = (),
 ) -> AsyncFactories:
     plain_engine = create_async_engine(url, pool_size=pool_size, max_overflow=0)
     resilient_engine = create_async_engine(url, pool_size=pool_size, max_overflow=0)
-    engines: tuple[AsyncEngine, ...] = (plain_engine, resilient_engine)
-    control_factory = None
-    if control:
-        control_engine = create_async_engine(url, pool_size=pool_size, max_overflow=0)
-        engines += (control_engine,)
-        control_factory = async_sessionmaker(control_engine)
+    others = {
+        name: create_async_engine(url, pool_size=pool_size, max_overflow=0, **REFERENCES[name])
+        for name in references
+    }
     return AsyncFactories(
         plain=async_sessionmaker(plain_engine),
         resilient=rdb.AsyncResilientSession(
             resilient_engine, service=service, config=RESILIENT_CONFIG
         ),
-        engines=engines,
-        control=control_factory,
+        engines=(plain_engine, resilient_engine, *others.values()),
+        references={name: async_sessionmaker(engine) for name, engine in others.items()},
     )
 
 
@@ -431,25 +445,24 @@ def async_variants(
     plain, resilient = factories.plain, factories.resilient
     plain_fn = PLAIN_ASYNC.get(unit, unit)
 
-    async def plain_unit(key: int) -> object:
-        async with plain.begin() as session:
-            return await plain_fn(session, key)
+    def plain_on(
+        factory: async_sessionmaker[AsyncSession],
+    ) -> Callable[[int], Awaitable[object]]:
+        async def plain_unit(key: int) -> object:
+            async with factory.begin() as session:
+                return await plain_fn(session, key)
+
+        return plain_unit
 
     async def resilient_unit(key: int) -> object:
         return await resilient.run(unit, key)
 
     variants: dict[str, Callable[[int], Awaitable[object]]] = {
-        "plain": plain_unit,
+        "plain": plain_on(plain),
         "resilient": resilient_unit,
     }
-    control = factories.control
-    if control is not None:
-
-        async def control_unit(key: int) -> object:
-            async with control.begin() as session:
-                return await plain_fn(session, key)
-
-        variants["control"] = control_unit
+    for name, factory in factories.references.items():
+        variants[name] = plain_on(factory)
     return variants
 
 
@@ -572,17 +585,23 @@ def _record(
     into[f"{name}_flights"] = (after[1] - before[1]) / RT_UNITS
 
 
-def count_round_trips(url: str, async_url: str) -> tuple[RoundTrips, str]:
-    """Round trips per unit of each variant, sync (psycopg) and async (asyncpg), on the wire."""
+def count_round_trips(
+    url: str, async_url: str, references: tuple[str, ...] = ()
+) -> tuple[RoundTrips, str]:
+    """Round trips per unit of each variant, sync (psycopg) and async (asyncpg), on the wire
+    (with those of the ``references`` that differ from plain SQLAlchemy's engine)."""
+    counted_variants = ("plain", "resilient", *(r for r in references if REFERENCES[r]))
     host, port = sa.make_url(url).host, sa.make_url(url).port
     counter = RoundTripCounter((host or "127.0.0.1", port or 5432))
     out: RoundTrips = {"sync": {}, "async": {}}
     try:
-        factories = sync_factories(counter.url(url), 1, service="bench-round-trips")
+        factories = sync_factories(
+            counter.url(url), 1, service="bench-round-trips", references=references
+        )
         for unit, fn_unit in [*SYNC_UNITS.items(), (SLOW, slow_select_unit)]:
             variants = sync_variants(factories, fn_unit)
             out["sync"][unit] = {}
-            for name in ("plain", "resilient"):
+            for name in counted_variants:
                 fn = variants[name]
                 keys = _keys(RT_WARMUP + RT_UNITS)
                 for key in keys[:RT_WARMUP]:
@@ -601,12 +620,12 @@ def count_round_trips(url: str, async_url: str) -> tuple[RoundTrips, str]:
 
         async def async_part() -> None:
             afactories = async_factories(
-                counter.url(async_url), 1, service="bench-round-trips-async"
+                counter.url(async_url), 1, service="bench-round-trips-async", references=references
             )
             for unit in UNITS:
                 avariants = async_variants(afactories, ASYNC_UNITS[unit])
                 out["async"][unit] = {}
-                for name in ("plain", "resilient"):
+                for name in counted_variants:
                     fn = avariants[name]
                     keys = _keys(RT_WARMUP + RT_UNITS)
                     for key in keys[:RT_WARMUP]:
@@ -650,6 +669,8 @@ def round_trip_lines(trips: RoundTrips) -> list[str]:
                 f"round trips per unit, {label}, {name}: "
                 f"plain {_n(t['plain'])}, resilient {_n(t['resilient'])}"
             )
+            if "pre_ping" in t:
+                line += f", plain with pool_pre_ping {_n(t['pre_ping'])}"
             if (t["plain_flights"], t["resilient_flights"]) != (t["plain"], t["resilient"]):
                 line += (
                     f" (pipelined: the client waited {_n(t['plain_flights'])} / "
@@ -664,12 +685,19 @@ def round_trip_lines(trips: RoundTrips) -> list[str]:
             name = UNIT_NAMES.get(unit, "read with pg_sleep (2 ms)")
             plain, resilient = t["plain_lines"], t["resilient_lines"]
             plain_ins, resilient_ins = t["plain_instructions"], t["resilient_instructions"]
-            lines.append(
+            line = (
                 f"Python lines per unit, {label}, {name}: plain {plain:,.0f}, resilient "
                 f"{resilient:,.0f} ({resilient / plain:.3f}); bytecode instructions: plain "
                 f"{plain_ins:,.0f}, resilient {resilient_ins:,.0f} "
                 f"({resilient_ins / plain_ins:.3f})"
             )
+            if "pre_ping_lines" in t:
+                ping, ping_ins = t["pre_ping_lines"], t["pre_ping_instructions"]
+                line += (
+                    f"; plain with pool_pre_ping: {ping:,.0f} lines ({ping / plain:.3f}), "
+                    f"{ping_ins:,.0f} instructions ({ping_ins / plain_ins:.3f})"
+                )
+            lines.append(line)
     return lines
 
 
@@ -735,9 +763,10 @@ def _row(
         "ratio": stats[f"{variant}_ratio"],
         "ratio_95": [stats[f"{variant}_ratio_low"], stats[f"{variant}_ratio_high"]],
     }
-    if "control_ratio" in stats:
-        row["control_ratio"] = stats["control_ratio"]
-        row["control_ratio_95"] = [stats["control_ratio_low"], stats["control_ratio_high"]]
+    for name in REFERENCES:
+        if f"{name}_ratio" in stats:
+            row[f"{name}_ratio"] = stats[f"{name}_ratio"]
+            row[f"{name}_ratio_95"] = [stats[f"{name}_ratio_low"], stats[f"{name}_ratio_high"]]
     return row
 
 
@@ -782,13 +811,15 @@ def run(
     quick: bool,
     markers: bool,
     units: tuple[str, ...] = UNITS,
-    control: bool = False,
+    references: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     heard = Heard()
     logger = logging.getLogger("resilient_db")
     logger.addHandler(heard)
     try:
-        result = _run(url, async_url, quick=quick, markers=markers, units=units, control=control)
+        result = _run(
+            url, async_url, quick=quick, markers=markers, units=units, references=references
+        )
     finally:
         logger.removeHandler(heard)
     result["warnings"] = heard.messages
@@ -802,19 +833,19 @@ def _run(
     quick: bool,
     markers: bool,
     units: tuple[str, ...],
-    control: bool,
+    references: tuple[str, ...],
 ) -> dict[str, Any]:
     p = QUICK if quick else DEFAULT
-    extra = ["control"] if control else []
+    extra = list(references)
     revision = _revision()
     started = time.perf_counter()
     prepare(url, markers=markers)
-    trips, method = count_round_trips(url, async_url)
+    trips, method = count_round_trips(url, async_url, references)
     for line in round_trip_lines(trips):
         _progress(line)
     rows: list[dict[str, Any]] = []
 
-    factories = sync_factories(url, THREADS, control=control)
+    factories = sync_factories(url, THREADS, references=references)
     for unit in units:
         _progress(f"sync: {UNIT_NAMES[unit]} ...")
         variants = sync_variants(factories, SYNC_UNITS[unit])
@@ -845,7 +876,7 @@ def _run(
     factories.dispose()
 
     async def async_part() -> None:
-        afactories = async_factories(async_url, TASKS, control=control)
+        afactories = async_factories(async_url, TASKS, references=references)
         for unit in units:
             _progress(f"async: {UNIT_NAMES[unit]} ...")
             avariants = async_variants(afactories, ASYNC_UNITS[unit])
@@ -864,7 +895,8 @@ def _run(
         "revision": revision,
         "commit_markers": markers,
         "quick": quick,
-        "control": control,
+        "control": "control" in references,
+        "references": list(references),
         "seconds": round(time.perf_counter() - started, 1),
         "round_trips": {"method": method, **trips},
         "results": rows,
@@ -896,12 +928,12 @@ CASES = {
 
 def render(result: dict[str, Any]) -> str:
     trips = result["round_trips"]
-    control = bool(result.get("control"))
+    references = [r for r in REFERENCES if r in result.get("references", ())]
     lines = [
         "| unit | case | plain SQLAlchemy | resilient_db | ratio (95 % interval) | target "
         "| round trips (plain / resilient) |"
-        + (" A/A control (95 % interval) |" if control else ""),
-        "|---|---|---|---|---|---|---|" + ("---|" if control else ""),
+        + "".join(f" {REFERENCE_NAMES[r]} (95 % interval) |" for r in references),
+        "|---|---|---|---|---|---|---|" + "---|" * len(references),
     ]
     for row in result["results"]:
         label, driver, target = CASES[row["case"]]
@@ -924,9 +956,12 @@ def render(result: dict[str, Any]) -> str:
         line = (
             f"| {UNIT_NAMES[row['unit']]} | {label} | {values} | {ratio} | {target} | {trip_cell} |"
         )
-        if control:
-            c_low, c_high = row["control_ratio_95"]
-            line += f" {row['control_ratio']:.3f} ({c_low:.2f}–{c_high:.2f}) |"
+        for name in references:
+            if naive:  # (the naive breaker's rows compare it with plain only)
+                line += " |"
+                continue
+            c_low, c_high = row[f"{name}_ratio_95"]
+            line += f" {row[f'{name}_ratio']:.3f} ({c_low:.2f}–{c_high:.2f}) |"
         lines.append(line)
     markers = "installed" if result["commit_markers"] else "NOT installed (--no-markers)"
     heard = result.get("warnings", [])
@@ -944,7 +979,16 @@ def render(result: dict[str, Any]) -> str:
                 "A/A control: plain SQLAlchemy again on an engine of its own, interleaved with "
                 "the others; its ratio to plain is the noise floor of the case's ratio"
             ]
-            if control
+            if "control" in references
+            else []
+        ),
+        *(
+            [
+                "plain with pool_pre_ping: plain SQLAlchemy on an engine with "
+                "pool_pre_ping=True (a ping at every checkout), interleaved with the others; "
+                "its ratio is to plain SQLAlchemy without it"
+            ]
+            if "pre_ping" in references
             else []
         ),
         *round_trip_lines(trips),
@@ -1020,6 +1064,12 @@ def main(argv: list[str] | None = None) -> int:
         "ratio to plain shows the noise floor); about half as long again",
     )
     parser.add_argument(
+        "--pre-ping",
+        action="store_true",
+        help="also run plain SQLAlchemy with pool_pre_ping=True in every case (SQLAlchemy's own "
+        "check of pooled connections: a round trip per checkout); about half as long again",
+    )
+    parser.add_argument(
         "--redis",
         action="store_true",
         help="share breakers and a retry budget of 0.2 through a Redis started here (the "
@@ -1036,7 +1086,9 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "markers": not args.no_markers,
         "units": units,
-        "control": args.control,
+        "references": tuple(
+            name for name, on in (("control", args.control), ("pre_ping", args.pre_ping)) if on
+        ),
     }
     if args.url:
         url = args.url

@@ -62,7 +62,9 @@ def counts(overhead: ModuleType, pg_server: PostgresServer) -> Iterator[dict[str
     try:
         url = pg_server.url(database)
         overhead.prepare(url, markers=True)
-        trips, method = overhead.count_round_trips(url, pg_server.url(database, driver="asyncpg"))
+        trips, method = overhead.count_round_trips(
+            url, pg_server.url(database, driver="asyncpg"), references=("pre_ping",)
+        )
         assert "INCOMPLETE" not in method
         yield trips
     finally:
@@ -76,6 +78,18 @@ def test_units_pay_no_round_trip_more_than_plain_sqlalchemy(counts: dict[str, An
         for unit, per_unit in counts[driver].items():
             assert per_unit["plain"] == expected[unit], (driver, unit, per_unit)
             assert per_unit["resilient"] == per_unit["plain"], (driver, unit, per_unit)
+
+
+def test_the_pre_ping_reference_pays_its_ping(counts: dict[str, Any]) -> None:
+    """``--pre-ping``'s variant is what it says: plain SQLAlchemy whose pool pings every
+    connection it checks out, at least one round trip more per unit than plain (resilient_db's
+    check of a pooled connection sends nothing)."""
+    for driver in ("sync", "async"):
+        for unit, per_unit in counts[driver].items():
+            # sync: one ping; async: SQLAlchemy's asyncpg ping runs in a transaction of its own
+            # (BEGIN, the ping, ROLLBACK: three)
+            assert per_unit["pre_ping"] >= per_unit["plain"] + 1, (driver, unit, per_unit)
+            assert per_unit["pre_ping_lines"] > per_unit["plain_lines"], (driver, unit, per_unit)
 
 
 def test_the_python_lines_resilient_db_adds_stay_within_budget(counts: dict[str, Any]) -> None:
