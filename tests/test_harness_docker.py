@@ -9,6 +9,7 @@ those tests skip, saying which, otherwise. ``RESILIENT_DB_TEST_DOCKER_IMAGE`` pi
 from __future__ import annotations
 
 import gc
+import inspect
 import os
 import warnings
 from collections.abc import Iterator
@@ -19,7 +20,11 @@ import pytest
 import sqlalchemy as sa
 
 from resilient_db.testing import DockerPostgres
-from resilient_db.testing._server import _DEFAULT_DOCKER_IMAGE, docker_container_settings
+from resilient_db.testing._server import (
+    _DEFAULT_DOCKER_IMAGE,
+    docker_container_settings,
+    postgres_container_class,
+)
 
 
 def test_the_container_is_asked_for_a_password_and_loopback_only() -> None:
@@ -41,6 +46,24 @@ def test_the_container_is_asked_for_a_password_and_loopback_only() -> None:
         "-c",
         "jit=off",
     ]
+
+
+def test_testcontainers_postgres_class_is_found_where_the_installed_release_keeps_it() -> None:
+    """testcontainers 4.15 moved ``PostgresContainer`` to ``testcontainers.community.postgres``
+    (the old module warns); 4.4 to 4.14 have it in ``testcontainers.postgres`` only, where the
+    harness once said "needs testcontainers" although it was installed."""
+    pytest.importorskip("testcontainers")
+    with warnings.catch_warnings(record=True) as heard:
+        warnings.simplefilter("always")
+        found = postgres_container_class()
+    # not through 4.15's deprecated alias (which says "... is deprecated, use
+    # testcontainers.community.postgres instead")
+    assert not [w for w in heard if "testcontainers.community" in str(w.message)]
+    assert found.__name__ == "PostgresContainer"
+    assert found.__module__ in ("testcontainers.community.postgres", "testcontainers.postgres")
+    # it takes what DockerPostgres gives it (made only with an engine: it connects to Docker)
+    parameters = inspect.signature(found).parameters
+    assert {"username", "password", "dbname", "driver"} <= set(parameters)
 
 
 def test_each_server_has_a_password_of_its_own_in_its_urls() -> None:

@@ -1978,6 +1978,22 @@ def docker_container_settings(
     }
 
 
+def postgres_container_class() -> Any:
+    """testcontainers' ``PostgresContainer``: in ``testcontainers.community.postgres`` from
+    4.15, in ``testcontainers.postgres`` before (a deprecated alias from 4.15 on, which warns).
+    Raises :class:`ServerStartError` naming what to install when neither is there."""
+    try:
+        from testcontainers.community.postgres import PostgresContainer  # noqa: PLC0415
+    except ImportError:
+        try:
+            from testcontainers.postgres import PostgresContainer  # noqa: PLC0415
+        except ImportError as exc:
+            raise ServerStartError(
+                "RESILIENT_DB_TEST_DOCKER needs testcontainers: pip install 'testcontainers>=4.4'"
+            ) from exc
+    return PostgresContainer
+
+
 class DockerPostgres(PostgresServer):
     """PostgreSQL in a Docker container via testcontainers (needs a running Docker engine on
     this machine).
@@ -2036,12 +2052,7 @@ class DockerPostgres(PostgresServer):
             self._wait_ready()
 
     def _create(self) -> None:
-        try:
-            from testcontainers.community.postgres import PostgresContainer  # noqa: PLC0415
-        except ImportError as exc:
-            raise ServerStartError(
-                "RESILIENT_DB_TEST_DOCKER needs testcontainers: pip install 'testcontainers>=4'"
-            ) from exc
+        PostgresContainer = postgres_container_class()
         if self._port is None:
             self._port = free_port()
         assert self._password is not None
