@@ -31,6 +31,7 @@ from typing import Any
 
 import pybreaker as _pb
 
+from ._classify import debug_failure
 from ._config import Config
 from ._errors import CircuitOpenError
 from ._fleet import FAILOVER_WINDOW, FleetDown, attach, detach
@@ -389,10 +390,36 @@ class Breaker:
             return
         self._fleet_gen = -1
         if old is not None:
+            self._leave(old)
             detach(old, breaker=self)
         if link is None:
             return
         link.sync_breaker(self)
+
+    def _leave(self, fleet: Any) -> None:
+        """This breaker no longer follows ``fleet``'s Redis (a reload took the URL away or
+        moved it): the probe slots its running probes hold there are given back now, and the
+        probe ends Redis missed are reported, instead of holding slots by nobody until their
+        lease runs out (every other process's call refused meanwhile, whatever the database
+        does). The running probes go on as this process's own. Best effort: a Redis that
+        does not answer leaves them to the lease, as for a process that died."""
+        with self._lock:
+            running = [reservation for reservation in self._held if reservation is not None]
+            self._held = []  # (their ends are this process's own from now on: see _take_probe)
+        if not fleet.up:
+            return
+        try:
+            self.report_probes(fleet)
+            for reservation in running:
+                fleet.breaker_probe_done(
+                    self.service,
+                    self.config.half_open_probes,
+                    success=False,  # neither way: the slot is released, nothing counted
+                    reservation=reservation,
+                    reset_timeout=self.config.reset_timeout,
+                )
+        except Exception:  # FleetDown, or a store error: the lease gives the slots back
+            debug_failure(log_breaker, "giving back probe slots on leaving Redis failed")
 
     def after_fork_in_child(self) -> None:
         """In a forked child: new locks, this breaker's and pybreaker's. A thread of the parent

@@ -5,6 +5,7 @@ until the lease runs out."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -274,3 +275,55 @@ def test_a_probe_ending_while_redis_hangs_is_reported_whatever_follows(
     wait_for(lambda: shared("crowd")["connected"], "the link, again", timeout=5)
     assert _fleet_state(redis_server, "crowd") == "closed"  # the probe's success heard
     assert int(held() or 0) == 0
+
+
+def test_a_probe_running_when_a_reload_stops_sharing_gives_its_slot_back(
+    redis_server: RedisServer, engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reload takes SELF_HEALING_REDIS_URL away while this process's unit is the fleet's
+    half-open probe: the breaker goes on alone, and the probe's slot in Redis is given back
+    then, not held by nobody until its lease runs out (the other processes, refused
+    meanwhile, could not probe the database)."""
+    for name in list(os.environ):
+        if name.startswith("SELF_HEALING_"):
+            monkeypatch.delenv(name)
+    settings = {
+        "SELF_HEALING_REDIS_URL": redis_server.url,
+        "SELF_HEALING_RETRY": "false",
+        "SELF_HEALING_RESET_TIMEOUT": str(int(RESET * 1000)),
+        "SELF_HEALING_HALF_OPEN_PROBES": "1",
+    }
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
+    rdb.reload_config()
+    inside, release = threading.Event(), threading.Event()
+    try:
+        Factory = rdb.ResilientSession(engine, service="leaving")
+        wait_for(lambda: shared("leaving")["connected"], "the link")
+        breaker = Factory.policy.breaker
+        assert breaker is not None
+        breaker.open()
+        time.sleep(RESET)  # the breaker's open period (not a backoff)
+
+        def probe(s: Session) -> int:
+            inside.set()
+            release.wait(10)
+            return int(s.execute(sa.text("SELECT 1")).scalar_one())
+
+        prober = threading.Thread(target=lambda: Factory.run(probe))
+        prober.start()
+        held = lambda: redis_server.client().hget("resilient_db:{leaving}:breaker", "probes")  # noqa: E731
+        assert inside.wait(10)
+        assert held() == b"1"
+        monkeypatch.delenv("SELF_HEALING_REDIS_URL")
+        rdb.reload_config()  # this process leaves the shared breaker, its probe still running
+        assert int(held() or 0) == 0  # given back at once: another process may probe
+        release.set()
+        prober.join(10)
+        assert not prober.is_alive()
+        assert breaker.state == "closed"  # the probe's success closes this process's breaker
+        assert Factory.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one()) == 1
+    finally:
+        release.set()
+        monkeypatch.undo()
+        rdb.reload_config()
