@@ -7,6 +7,7 @@ Real server, real drivers, real faults."""
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -323,3 +324,64 @@ def test_the_unverifiable_commit_warning_names_the_factorys_service(
     [event] = [e for e in events if e.name == "commit_verification_unavailable"]
     assert event.service == service
     assert line.startswith("[SELF-HEAL] Engine ")
+
+
+def test_a_transient_error_on_the_drivers_own_connection_is_answered_503(
+    engine: sa.Engine, driver: str, service: str
+) -> None:
+    """A statement a unit sends on the driver's own connection fails with the driver's error,
+    which SQLAlchemy never wraps: a serialization failure (40001, read from psycopg2's
+    ``pgcode`` or pg8000's fields) is replayed, and once out of retries answered 503 by the web
+    handlers, as psycopg's and asyncpg's are (it was the application's plain 500). One that is
+    not transient stays the application's."""
+    from starlette.applications import Starlette  # noqa: PLC0415 - the web extra
+    from starlette.requests import Request  # noqa: PLC0415
+    from starlette.responses import JSONResponse  # noqa: PLC0415
+    from starlette.routing import Route  # noqa: PLC0415
+    from starlette.testclient import TestClient  # noqa: PLC0415
+
+    from resilient_db.web import PROBLEM_JSON, install_exception_handlers  # noqa: PLC0415
+
+    config = rdb.Config(max_retries=1, circuit_breaker=False)
+    Sessions = rdb.ResilientSession(engine, service=service, config=config)
+    calls: list[str] = []
+
+    def raw(code: str) -> Any:
+        def unit(session: Session) -> None:
+            calls.append(code)
+            cursor = session.connection().connection.driver_connection.cursor()
+            cursor.execute(f"SELECT raise_code('{code}')")
+
+        def route(request: Request) -> JSONResponse:
+            Sessions.run(unit)
+            return JSONResponse({})
+
+        return route
+
+    app = Starlette(routes=[Route("/conflict", raw("40001")), Route("/division", raw("22012"))])
+    install_exception_handlers(app)
+    client = TestClient(app, raise_server_exceptions=False)
+    answer = client.get("/conflict")
+    assert answer.status_code == 503
+    assert answer.headers["content-type"] == PROBLEM_JSON
+    assert answer.headers["retry-after"] == "1"
+    assert answer.json()["type"].endswith("database-unavailable")
+    assert calls == ["40001", "40001"]
+    refused = client.get("/division")  # not transient: the application's, as before
+    assert refused.status_code == 500
+    assert refused.headers["content-type"] != PROBLEM_JSON
+
+
+def test_the_handlers_skip_a_driver_that_is_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """psycopg2 and pg8000 are not resilient_db's dependencies: without them the handlers are
+    installed all the same, for the other classes."""
+    from starlette.applications import Starlette  # noqa: PLC0415 - the web extra
+
+    from resilient_db.web import install_exception_handlers  # noqa: PLC0415
+    from resilient_db.web._handlers import HANDLED  # noqa: PLC0415
+
+    monkeypatch.setitem(sys.modules, "psycopg2", None)  # what importing a missing module meets
+    monkeypatch.setitem(sys.modules, "pg8000.exceptions", None)
+    app = Starlette()
+    install_exception_handlers(app)
+    assert set(app.exception_handlers) == set(HANDLED)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -45,7 +46,7 @@ from ._problems import (
     problem_details,
 )
 
-__all__ = ["HANDLED", "install_exception_handlers", "problem_response"]
+__all__ = ["HANDLED", "handled_classes", "install_exception_handlers", "problem_response"]
 
 #: WebSocket close codes (RFC 6455, IANA registry) for a problem met on a WebSocket route:
 #: "Try Again Later" for a 503 (open circuit, database unavailable), "Internal Error" otherwise.
@@ -57,7 +58,8 @@ WS_INTERNAL_ERROR = 1011
 #: errors in ``DBAPIError``, but not all of asyncpg's: a refused or broken connect reaches the
 #: application as a plain ``OSError`` (``ConnectionRefusedError``, ``TimeoutError``), and
 #: asyncpg's and psycopg's own classes do where SQLAlchemy does not translate them (statements
-#: sent on the driver's own connection: COPY, a ``psycopg.sql`` composition).
+#: sent on the driver's own connection: COPY, a ``psycopg.sql`` composition); so do psycopg2's
+#: and pg8000's, where installed (:data:`OPTIONAL_DRIVER_ERRORS`).
 #: Only transient ones (``is_transient``) are answered; any other error of these classes goes to
 #: the application's own handling (see ``install_exception_handlers``). SQLAlchemy's pool
 #: ``TimeoutError`` (no ``DBAPIError``: no connection was had) is this process overloaded. An
@@ -81,6 +83,27 @@ HANDLED: tuple[type[Exception], ...] = (
     psycopg.Error,
     *(() if EXCEPTION_GROUP is None else (EXCEPTION_GROUP,)),
 )
+
+#: The base error classes of the other drivers a unit runs on (README, "Drivers"): psycopg2's
+#: and pg8000's, whose SQLSTATEs the classifier reads. resilient_db does not install them, so
+#: each is registered beside :data:`HANDLED` only where it is installed (imported then, when
+#: the handlers are installed: not when resilient_db.web is); a statement sent on their own
+#: connection fails with it, unwrapped, as with psycopg's and asyncpg's.
+OPTIONAL_DRIVER_ERRORS = (("psycopg2", "Error"), ("pg8000.exceptions", "Error"))
+
+
+def handled_classes() -> tuple[type[Exception], ...]:
+    """:data:`HANDLED`, and the classes of :data:`OPTIONAL_DRIVER_ERRORS` that are installed."""
+    found: list[type[Exception]] = []
+    for module, name in OPTIONAL_DRIVER_ERRORS:
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:  # not installed (or unusable: then nothing raises its errors)
+            continue
+        if isinstance(cls, type) and issubclass(cls, Exception):
+            found.append(cls)
+    return (*HANDLED, *found)
+
 
 _Handler = Callable[[Any, Exception], Any]
 
@@ -293,13 +316,14 @@ def install_exception_handlers(
             "install_exception_handlers(type_base=...) must be a string (a URI prefix of the "
             f"problem types), got {type(type_base).__name__}"
         )
+    handled = handled_classes()
     displaced: dict[type[Exception], _Handler] = {}
-    for cls in HANDLED:
+    for cls in handled:
         previous: _Handler | None = app.exception_handlers.get(cls)
         if isinstance(previous, _ProblemHandler):  # installed again: keep what the first took
             previous = previous.displaced.get(cls)
         if previous is not None:
             displaced[cls] = previous
     handle = _ProblemHandler(app, config, type_base, displaced)
-    for cls in HANDLED:
+    for cls in handled:
         app.add_exception_handler(cls, handle)
