@@ -31,6 +31,7 @@ from starlette.websockets import WebSocketDisconnect
 import resilient_db as rdb
 from resilient_db._state import STATE
 from resilient_db.examples.tasks import Base, Task, create_task, move_task
+from resilient_db.testing import free_port
 from resilient_db.web import Dashboard, Recorder, dashboard, token_auth
 from resilient_db.web._recorder import (
     MAX_FIELD_CHARS,
@@ -724,3 +725,63 @@ def test_a_client_chosen_nan_state_leaves_data_json_servable(
     )
     (event,) = rec.snapshot()["events"]
     assert event["fields"] == {"from_state": "-inf", "to_state": 1.5, "blocked_rows": 2}
+
+
+def test_a_health_check_with_a_value_json_cant_carry_leaves_data_json_servable(
+    engine: sa.Engine,
+) -> None:
+    """A ``health=`` check that reads a figure from the database may get ``NaN`` or an infinity
+    (PostgreSQL's ``float8`` has them); a key that is not text, or a value of another type, is
+    as easily returned. Kept, every ``data.json`` answered a plain-text 500 (Starlette renders no
+    NaN): the whole dashboard went blank. Now such a float is its text, as a state's is."""
+
+    def health() -> dict[Any, Any]:
+        with engine.connect() as conn:
+            lag, top = conn.execute(sa.text("SELECT 'NaN'::float8, '-Infinity'::float8")).one()
+        return {**rdb.health(), "lag": lag, "floor": [top], ("replica", 1): {2: True}}
+
+    answer = mounted(dashboard(auth=lambda request: True, health=health)).get(
+        "/admin/self-healing/data.json"
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"] == "application/json"
+    got = answer.json()["health"]
+    assert got["lag"] == "nan"
+    assert got["floor"] == ["-inf"]
+    assert got["('replica', 1)"] == {"2": True}
+    assert got["healthy"] is True
+
+
+def test_a_health_check_that_fails_is_said_in_data_json(caplog: pytest.LogCaptureFixture) -> None:
+    """A ``health=`` check that can't reach its database (it raises), or returns a structure
+    that holds itself, made every ``data.json`` a plain-text 500: the events and series were lost
+    in the very outage they show. Now ``health`` says the check failed (by its error's class:
+    its text may quote a URL), the rest is served, and the traceback is an ERROR line."""
+    down = sa.create_engine(
+        f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/nothing",
+        connect_args={"connect_timeout": 2},
+    )
+
+    def unreachable() -> dict[str, Any]:
+        with down.connect() as conn:
+            return {"healthy": bool(conn.scalar(sa.text("SELECT true")))}
+
+    looped: dict[str, Any] = {"healthy": True}
+    looped["self"] = looped
+    with caplog.at_level(logging.ERROR, logger="resilient_db.web"):
+        for check, said in (
+            (unreachable, "failed: OperationalError"),
+            (lambda: looped, "returned what can't be sent as JSON"),
+        ):
+            answer = mounted(dashboard(auth=lambda request: True, health=check)).get(
+                "/admin/self-healing/data.json"
+            )
+            assert answer.status_code == 200, answer.text
+            data = answer.json()
+            assert data["health"]["healthy"] is False
+            assert said in data["health"]["problem"]
+            assert "events" in data
+    down.dispose()
+    [line] = [r.getMessage() for r in caplog.records if "health() check failed" in r.getMessage()]
+    assert "OperationalError" in line
+    assert "127.0.0.1" not in line  # the driver's text (its URL) is not logged

@@ -294,6 +294,21 @@ def test_page_polls_as_often_as_asked_and_says_which_services_have_no_plots(
         engine.dispose()
 
 
+def test_page_says_why_a_failed_health_check_is_not_healthy(browser: Any) -> None:
+    """A ``health=`` check that raises is said in ``health.problem``, and the page shows it
+    ("degraded: breaker open for " with no breaker named said nothing)."""
+
+    def failing() -> dict[str, Any]:
+        raise ConnectionRefusedError("no database")
+
+    app = dashboard(auth=token_auth(TOKEN), health=failing, poll_seconds=0.1)
+    with serve_in_background(app) as server:
+        browser.get(f"{server.url}/?token={TOKEN}")
+        wait_for("a refresh", lambda: updates(browser) >= 1)
+        overall = browser.find_element("id", "overall").text
+    assert overall == "degraded: the dashboard's health() check failed: ConnectionRefusedError"
+
+
 @pytest.mark.slow
 def test_dashboard_during_the_demo(browser: Any, pg_server: PostgresServer) -> None:
     """``resilient-db demo --dashboard-port 0``: the page shows the demo's service, its counters

@@ -8,9 +8,10 @@ from __future__ import annotations
 import hmac
 import inspect
 import json
+import logging
 import math
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -19,6 +20,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
+from resilient_db._classify import failure_detail
+from resilient_db._observability import LineLimit
 from resilient_db._observability import health as _health
 from resilient_db._wrapper import is_async_callable
 
@@ -45,6 +48,10 @@ MIN_POLL_SECONDS = 0.1
 MAX_POLL_SECONDS = 86_400.0
 #: WebSocket close code "Policy Violation": the dashboard serves no WebSocket.
 _WS_POLICY_VIOLATION = 1008
+
+log_web = logging.getLogger("resilient_db.web")
+#: the failed health() check's line: at most one per ``WARNING_LINE_PERIOD``
+HEALTH_LINES = LineLimit()
 
 
 class Dashboard:
@@ -174,12 +181,18 @@ class Dashboard:
             verdict = await verdict
         return verdict
 
+    def _health(self) -> Any:
+        try:
+            return _jsonable(self.health())
+        except Exception as exc:  # the application's check: said, not a 500 of the whole page
+            return _health_problem(exc)
+
     def data(self) -> dict[str, Any]:
         """What ``data.json`` serves: ``health()``, recent events and the time series."""
         snapshot = self.recorder.snapshot(events=self.events)
         return {
             "title": self.title,
-            "health": _jsonable(self.health()),
+            "health": self._health(),
             "no_service": NO_SERVICE,
             **snapshot,
         }
@@ -211,6 +224,13 @@ def dashboard(
     endpoints fill it waiting on a slow database, the dashboard waits with them. An async check
     (:func:`token_auth`'s is one) runs on the event loop, and the dashboard's own work needs no
     thread. A WebSocket request is refused (closed with 1008).
+
+    ``health`` (default :func:`resilient_db.health`) is called for each ``data.json``: a float
+    JSON has no number for (NaN, an infinity) is sent as its text (``"nan"``, ``"inf"``), a key
+    that is not text as its text; a check that raises, or returns a structure that holds
+    itself, is served as ``{"healthy": false, "problem": ...}`` (its error's class, not its
+    text), the events and series with it, and logged as an ERROR of ``resilient_db.web`` (at
+    most one line per 10 s).
     """
     if auth is None:
         raise TypeError(_NO_AUTH)
@@ -342,6 +362,61 @@ def _route_path(scope: Scope) -> str:
     return path
 
 
-def _jsonable(value: Any) -> Any:
-    """``health()`` as plain JSON (an unexpected type becomes its text)."""
-    return json.loads(json.dumps(value, default=str))
+#: how deep ``health()``'s value is looked into (``rdb.health()``'s is four levels deep)
+_MAX_HEALTH_DEPTH = 32
+
+
+class _Unsendable(ValueError):
+    """``health()`` returned what can't be made plain JSON (the text is ours: no values)."""
+
+
+def _jsonable(value: Any, depth: int = 0) -> Any:
+    """``health()``'s value as plain JSON: a float JSON has no number for (NaN, an infinity) as
+    its text, ``"nan"``, ``"inf"``, as the states of events are (kept, the whole ``data.json``
+    was a 500: Starlette renders no NaN); a key that is not text as JSON would write it, or as
+    its text; any other unexpected type as its text. A ``ValueError`` for what can't be made
+    plain (a structure that holds itself, or nested deeper than :data:`_MAX_HEALTH_DEPTH`):
+    ``_Unsendable``."""
+    if depth > _MAX_HEALTH_DEPTH:
+        raise _Unsendable(
+            f"its value is nested deeper than {_MAX_HEALTH_DEPTH} levels, or holds itself"
+        )
+    if value is None or isinstance(value, (str, int)):  # bool included
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, Mapping):
+        return {_key(key): _jsonable(item, depth + 1) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item, depth + 1) for item in value]
+    return str(value)
+
+
+def _key(key: Any) -> str:
+    if isinstance(key, str):
+        return key
+    if key is None or isinstance(key, (int, float)):
+        return json.dumps(_jsonable(key))  # as json writes it: "1", "true", "null", "nan"
+    return str(key)
+
+
+def _health_problem(exc: Exception) -> dict[str, Any]:
+    """What ``data.json`` shows for a ``health()`` that raised or returned what can't be sent:
+    not healthy, and why (the class of its error; its traceback, without database errors'
+    texts, as an ERROR of ``resilient_db.web``). The events and series are still served: they
+    matter most in the outage that may have made the check fail."""
+    log, unlogged = HEALTH_LINES.take()  # each poll of each open page meets it
+    if log:
+        log_web.error(
+            "The dashboard's health() check failed with %s (%d time(s) since the last line); "
+            "data.json says so in health.problem:\n%s",
+            type(exc).__name__,
+            unlogged + 1,
+            failure_detail(exc),
+        )
+    said = (
+        f"returned what can't be sent as JSON: {exc}"
+        if isinstance(exc, _Unsendable)
+        else f"failed: {type(exc).__name__}"
+    )
+    return {"healthy": False, "problem": f"the dashboard's health() check {said}"}

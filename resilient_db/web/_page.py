@@ -372,7 +372,11 @@ col.c-ev { width: 170px; }
     main.replaceChildren(frag);
     const overall = document.getElementById("overall");
     overall.className = "pill " + (health.healthy ? "healthy" : "degraded");
-    overall.textContent = health.healthy ? "healthy" : "degraded: breaker open for " + open.join(", ");
+    // not healthy for another reason than an open breaker (a health() check that failed says
+    // why in health.problem): that reason, not an empty list of breakers
+    overall.textContent = health.healthy ? "healthy" : open.length
+      ? "degraded: breaker open for " + open.join(", ")
+      : "degraded" + (health.problem ? ": " + String(health.problem) : "");
     document.body.dataset.healthy = String(!!health.healthy);
     document.body.dataset.updates = String(Number(document.body.dataset.updates || 0) + 1);
   }
