@@ -7,6 +7,7 @@ counted in rows on every path, stale moves apart). The page in a real browser:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import logging
@@ -17,6 +18,7 @@ import weakref
 from collections.abc import Awaitable, Generator, Iterator
 from typing import Any
 
+import httpx2 as httpx
 import pytest
 import sqlalchemy as sa
 from scenarios import RAISE_CODE_FUNCTION, on_event_loop, refuse_moves_every_way
@@ -785,3 +787,61 @@ def test_a_health_check_that_fails_is_said_in_data_json(caplog: pytest.LogCaptur
     [line] = [r.getMessage() for r in caplog.records if "health() check failed" in r.getMessage()]
     assert "OperationalError" in line
     assert "127.0.0.1" not in line  # the driver's text (its URL) is not logged
+
+
+def test_a_health_check_of_ones_own_runs_off_the_event_loop_or_is_awaited(
+    pg_async_url: str, engine: sa.Engine
+) -> None:
+    """A ``health=`` check pings a database: a coroutine function's coroutine is awaited (it was
+    sent as its text, ``"<coroutine object ...>"``, never run), and a sync check runs in the
+    threadpool, as a sync ``auth`` check does (on the event loop, a check waiting on its
+    database stopped the whole application)."""
+    from sqlalchemy.ext.asyncio import create_async_engine  # noqa: PLC0415
+
+    async def awaited() -> None:
+        aengine = create_async_engine(pg_async_url)
+
+        async def pinged_async() -> dict[str, Any]:
+            async with aengine.connect() as conn:
+                return {"healthy": True, "database": await conn.scalar(sa.text("SELECT 'up'"))}
+
+        board = dashboard(auth=lambda request: True, health=pinged_async)
+        try:
+            async with httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=board), base_url="http://dashboard"
+            ) as client:
+                answer = await client.get("/data.json")
+        finally:
+            await aengine.dispose()
+        assert answer.json()["health"] == {"healthy": True, "database": "up"}
+
+    asyncio.run(awaited())
+
+    pinged = threading.Event()
+    checking = threading.Event()
+    loops: list[bool] = []
+
+    def blocking() -> dict[str, Any]:
+        loops.append(on_event_loop())
+        checking.set()
+        assert pinged.wait(10)  # answers once the application answered another request
+        with engine.connect() as conn:
+            return {"healthy": True, "database": conn.scalar(sa.text("SELECT 'up'"))}
+
+    def ping(request: Request) -> JSONResponse:
+        pinged.set()
+        return JSONResponse({"pong": True})
+
+    board = dashboard(auth=lambda request: True, health=blocking)
+    app = Starlette(routes=[Route("/ping", ping), Mount("/admin/self-healing", app=board)])
+    answers: list[Any] = []
+    with TestClient(app) as client:
+        waiting = threading.Thread(
+            target=lambda: answers.append(client.get("/admin/self-healing/data.json").json())
+        )
+        waiting.start()
+        assert checking.wait(10)
+        assert client.get("/ping").json() == {"pong": True}
+        waiting.join(20)
+    assert [a["health"] for a in answers] == [{"healthy": True, "database": "up"}]
+    assert loops == [False]

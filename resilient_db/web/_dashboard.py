@@ -36,6 +36,10 @@ __all__ = ["AuthCheck", "Dashboard", "dashboard", "token_auth"]
 #: ``WWW-Authenticate`` challenge, for example).
 AuthCheck = Callable[[Request], bool | Awaitable[bool]]
 
+#: ``health() -> dict`` (or a coroutine function giving one): what ``data.json`` serves as
+#: ``health``; :func:`resilient_db.health` by default.
+HealthCheck = Callable[[], dict[str, Any] | Awaitable[dict[str, Any]]]
+
 _NO_AUTH = (
     "dashboard() needs auth=, a callable check(request) -> bool deciding who may see the "
     "dashboard (it shows the database's health and self-healing events). For example "
@@ -65,7 +69,7 @@ class Dashboard:
         poll_seconds: float,
         events: int,
         source: Recorder | None,
-        health: Callable[[], dict[str, Any]],
+        health: HealthCheck,
     ) -> None:
         # checked here, not only in dashboard(): the class is public, and one built without a
         # check must fail at once, not answer every request with an error
@@ -139,7 +143,9 @@ class Dashboard:
             return _secured(refused)
         if path == "/data.json":
             return _secured(
-                JSONResponse(self.data(), headers={"Cache-Control": "no-store"}),
+                JSONResponse(
+                    self.data(await self._health()), headers={"Cache-Control": "no-store"}
+                ),
             )
         nonce = secrets.token_urlsafe(16)
         page = render_page(
@@ -181,18 +187,35 @@ class Dashboard:
             verdict = await verdict
         return verdict
 
-    def _health(self) -> Any:
+    async def _health(self) -> Any:
+        """``health()``'s value as plain JSON (see :func:`_jsonable`), or what failed. The
+        process's own :func:`resilient_db.health` is read on the event loop (it only reads
+        counters: no thread to wait for while the application's sync endpoints fill the
+        threadpool); a check of the application's own is awaited when it is a coroutine
+        function, and a sync one (which may ping a database) runs in Starlette's threadpool, as
+        a sync endpoint does: on the event loop it stopped the whole application while it
+        waited. Called on the loop, a coroutine function's coroutine was sent as its text."""
+        check = self.health
         try:
-            return _jsonable(self.health())
+            if check is _health:
+                value: object = check()
+            elif is_async_callable(check):
+                value = await check()  # type: ignore[misc]
+            else:
+                value = await run_in_threadpool(check)
+            if inspect.isawaitable(value):
+                value = await value
+            return _jsonable(value)
         except Exception as exc:  # the application's check: said, not a 500 of the whole page
             return _health_problem(exc)
 
-    def data(self) -> dict[str, Any]:
-        """What ``data.json`` serves: ``health()``, recent events and the time series."""
+    def data(self, health: Any) -> dict[str, Any]:
+        """What ``data.json`` serves: ``health`` (the check's value, made plain JSON), recent
+        events and the time series."""
         snapshot = self.recorder.snapshot(events=self.events)
         return {
             "title": self.title,
-            "health": self._health(),
+            "health": health,
             "no_service": NO_SERVICE,
             **snapshot,
         }
@@ -205,7 +228,7 @@ def dashboard(
     poll_seconds: float = 2.0,
     events: int = 100,
     recorder: Recorder | None = None,
-    health: Callable[[], dict[str, Any]] = _health,
+    health: HealthCheck = _health,
 ) -> Dashboard:
     """The self-healing dashboard, an ASGI app to mount, e.g.
     ``app.mount("/admin/self-healing", dashboard(auth=check))``.
@@ -225,7 +248,9 @@ def dashboard(
     (:func:`token_auth`'s is one) runs on the event loop, and the dashboard's own work needs no
     thread. A WebSocket request is refused (closed with 1008).
 
-    ``health`` (default :func:`resilient_db.health`) is called for each ``data.json``: a float
+    ``health`` (default :func:`resilient_db.health`) is called for each ``data.json`` (a
+    coroutine function awaited, a sync check of your own run in Starlette's threadpool, as a
+    sync ``auth`` check is, so that one pinging a database doesn't stop the application): a float
     JSON has no number for (NaN, an infinity) is sent as its text (``"nan"``, ``"inf"``), a key
     that is not text as its text; a check that raises, or returns a structure that holds
     itself, is served as ``{"healthy": false, "problem": ...}`` (its error's class, not its
