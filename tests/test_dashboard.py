@@ -740,7 +740,12 @@ def test_a_health_check_with_a_value_json_cant_carry_leaves_data_json_servable(
     def health() -> dict[Any, Any]:
         with engine.connect() as conn:
             lag, top = conn.execute(sa.text("SELECT 'NaN'::float8, '-Infinity'::float8")).one()
-        return {**rdb.health(), "lag": lag, "floor": [top], ("replica", 1): {2: True}}
+        return {
+            **rdb.health(),
+            "lag": lag,
+            "floor": [top],
+            ("replica", 1): {2: True, lag: None, 0.5: False},
+        }
 
     answer = mounted(dashboard(auth=lambda request: True, health=health)).get(
         "/admin/self-healing/data.json"
@@ -750,7 +755,7 @@ def test_a_health_check_with_a_value_json_cant_carry_leaves_data_json_servable(
     got = answer.json()["health"]
     assert got["lag"] == "nan"
     assert got["floor"] == ["-inf"]
-    assert got["('replica', 1)"] == {"2": True}
+    assert got["('replica', 1)"] == {"2": True, "nan": None, "0.5": False}
     assert got["healthy"] is True
 
 

@@ -420,9 +420,9 @@ def _jsonable(value: Any, depth: int = 0) -> Any:
 def _key(key: Any) -> str:
     if isinstance(key, str):
         return key
-    if key is None or isinstance(key, (int, float)):
-        return json.dumps(_jsonable(key))  # as json writes it: "1", "true", "null", "nan"
-    return str(key)
+    if key is None or isinstance(key, int) or (isinstance(key, float) and math.isfinite(key)):
+        return json.dumps(key)  # as json writes it: "1", "true", "null", "1.5"
+    return str(key)  # "nan", "inf", "('replica', 1)"
 
 
 def _health_problem(exc: Exception) -> dict[str, Any]:
