@@ -37,7 +37,7 @@ from ._internals import with_own_session_class
 from ._observability import log_session
 from ._registry import factory_of, register_class, register_session
 from ._state import STATE
-from ._statements import current_attempt, library_work
+from ._statements import SavedNote, current_attempt, dropin_block, library_work
 from ._unit import (
     ActiveUnit,
     CommitVerdict,
@@ -213,7 +213,8 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             the whole COMMIT, past the deadline. The session is closed to completion, as
             SQLAlchemy closes it; a cancellation arriving then, after the COMMIT succeeded, is
             marked saved (a web handler answers 500 ``saved-then-interrupted``: do not
-            resubmit) and said. With self-healing off, SQLAlchemy's own."""
+            resubmit) and said, when the block may have written (one that only read saved
+            nothing). With self-healing off, SQLAlchemy's own."""
             if not self.config.enabled:
                 return async_sessionmaker.begin(self)  # type: ignore[return-value]
             return _Begun(self())
@@ -766,9 +767,11 @@ if True:  # async only
         COMMIT (or ROLLBACK) runs in the caller's task, as ``session.begin()``'s, then the session
         closed, as its own ``async with`` closes it (see ``AsyncResilientSession.begin``)."""
 
-        __slots__ = ("session", "transaction")
+        __slots__ = ("_token", "saved", "session", "transaction")
 
         transaction: AsyncSessionTransaction
+        saved: SavedNote  # whether a COMMIT that may have written succeeded in the block
+        _token: contextvars.Token[SavedNote | None]
 
         def __init__(self, session: S) -> None:
             self.session = session
@@ -785,6 +788,8 @@ if True:  # async only
         async def __aenter__(self) -> S:
             self.transaction = self.session.begin()
             await self.transaction.__aenter__()
+            self.saved = SavedNote(dropin_block.get())
+            self._token = dropin_block.set(self.saved)
             return self.session
 
         async def __aexit__(self, kind: Any, value: Any, traceback: Any) -> None:
@@ -793,12 +798,16 @@ if True:  # async only
             except BaseException:
                 await self.session.__aexit__(kind, value, traceback)
                 raise
+            finally:
+                dropin_block.reset(self._token)
             try:
                 await self.session.__aexit__(kind, value, traceback)
             except Exception:
                 raise
             except BaseException as interruption:
-                if kind is None:  # the block's COMMIT succeeded: the change is saved
+                # the block's COMMIT succeeded: a change is saved if it may have written (a
+                # block that only read saved nothing: resubmitting it is safe)
+                if kind is None and self.saved.saved:
                     _begun_interrupted(self.session, interruption)
                 raise
 

@@ -99,6 +99,7 @@ from ._statements import (
     current_request,
     marked_cursor_factory,
     note_dialect_calls,
+    note_saved,
     statement_listeners,
 )
 from .transitions._sql import literal
@@ -1528,6 +1529,8 @@ def _own_commit(attempt: AttemptRecord, wrote: bool = True) -> Iterator[None]:
             attempt.committed = True
         raise
     attempt.committed = True
+    if wrote:
+        note_saved()  # (for an interruption after it, in a drop-in block: see SavedNote)
 
 
 class _Settings(Protocol):
@@ -2586,10 +2589,12 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                                 return await base.execute(self, query, timeout=timeout)
                         if ticket is None and wrote:  # no unit (drop-in use): see psycopg's
                             try:
-                                return await base.execute(self, query, timeout=timeout)
+                                result = await base.execute(self, query, timeout=timeout)
                             except BaseException as exc:
                                 unanswered_commit(exc, DEFAULT_CLASSIFIER, wrote=True)
                                 raise
+                            note_saved()  # (see psycopg's)
+                            return result
                         if ticket is not None:
                             if ticket.reads_xid:
                                 # (its statement cache's timer keeps the context it was made
@@ -2688,6 +2693,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                     except BaseException as exc:
                         unanswered_commit(exc, DEFAULT_CLASSIFIER, wrote=True)
                         raise
+                    note_saved()  # (see the sync connection's)
                     return None
                 if message is None:
                     await base.commit(self)
@@ -2746,6 +2752,9 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                     except BaseException as exc:
                         unanswered_commit(exc, DEFAULT_CLASSIFIER, wrote=True)
                         raise
+                    # committed: an interruption in the close of a drop-in block around it
+                    # comes after a saved change (see SavedNote)
+                    note_saved()
                     return None
                 if message is None:
                     base.commit(self)

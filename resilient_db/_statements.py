@@ -56,6 +56,38 @@ current_request: contextvars.ContextVar[CommitRequest | None] = contextvars.Cont
     "resilient_db_commit", default=None
 )
 
+
+class SavedNote:
+    """Whether a COMMIT of a transaction that may have written succeeded (outside a unit's own
+    final COMMIT, which its ticket tells) while a drop-in block ran: an async factory's
+    ``Session.begin()`` block, a sync factory's session's ``with`` (see :data:`dropin_block`).
+    An interruption arriving as the block's session closes is then said to come after a saved
+    change; after a block that wrote nothing it is not (there is nothing a client must not
+    resubmit)."""
+
+    __slots__ = ("enclosing", "saved")
+
+    def __init__(self, enclosing: SavedNote | None) -> None:
+        self.enclosing = enclosing  # the block around it: what this one saved, that one did
+        self.saved = False
+
+
+# The innermost drop-in block running in this thread/task (see SavedNote).
+dropin_block: contextvars.ContextVar[SavedNote | None] = contextvars.ContextVar(
+    "resilient_db_dropin_block", default=None
+)
+
+
+def note_saved() -> None:
+    """A COMMIT that may have written succeeded, not a unit's final one (drop-in code's, or a
+    unit's or an operation's own code's): noted for the drop-in blocks running, the innermost
+    and those around it (see :class:`SavedNote`)."""
+    note = dropin_block.get()
+    while note is not None and not note.saved:
+        note.saved = True
+        note = note.enclosing
+
+
 #: the library's context variables whose values hold a unit's objects (its session, its
 #: transactions and so its engine), each defaulting to None: cleared while asyncpg connects for
 #: a unit (see ``_commit.connect_outside_units``), since its transport's reader keeps the

@@ -457,6 +457,46 @@ async def test_a_begin_block_cancelled_as_its_session_closes_is_saved_then_inter
         await engine.dispose()
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
+@pytest.mark.parametrize("where", ["drop-in code", "an operation"])
+async def test_a_begin_block_that_only_read_is_not_said_to_have_saved(
+    pg_server: PostgresServer,
+    database: str,
+    service: str,
+    driver: str,
+    *,
+    where: str,
+    after_commit: list[Callable[[], None]],
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """``async with Sessions.begin()`` around a read only, cancelled as its COMMIT returns (in
+    its session's close): the cancellation goes on unmarked and unsaid, as a unit's that wrote
+    nothing does: nothing was saved, so resubmitting is safe (it was marked saved, "do not
+    resubmit")."""
+    engine = create_async_engine(pg_server.url(database, driver=driver))
+    Sessions = rdb.AsyncResilientSession(engine, service=service)
+
+    async def block() -> None:
+        async with Sessions.begin() as session:
+            await session.execute(sa.text("SELECT count(*) FROM prune_notes"))
+
+    work = block if where == "drop-in code" else rdb.with_self_healing(service=service)(block)
+    try:
+        task = asyncio.ensure_future(work())
+        after_commit.append(task.cancel)
+        with pytest.raises(asyncio.CancelledError) as cancelled:
+            await task
+        assert not after_commit  # the COMMIT returned
+        assert engine.pool.checkedout() == 0
+        assert saved_then_interrupted(cancelled.value) is None
+        assert not [e for e in events if e.name == "commit_interrupted"]
+        if where == "drop-in code":
+            assert problem_details(cancelled.value) is None
+    finally:
+        await engine.dispose()
+
+
 def test_a_group_is_answered_saved_then_interrupted_after_the_answers_that_come_first() -> None:
     """In an exception group, an interruption after a COMMIT is answered after an unknown
     outcome and a partly-committed change (a change of which part may be missing), before the
