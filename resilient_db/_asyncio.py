@@ -12,6 +12,7 @@ really differ are marked). Edit ``_asyncio``, then run the script.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -172,6 +173,8 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         else:  # sync only
             # the class is this factory's own (made above): its sessions name us
             register_class(self.class_, self)
+            # and its drop-in ``with`` blocks note what they commit (see there)
+            _note_with_blocks(self.class_)
             # and, where your class picks the engines, hook each one it picks (see there)
             routing = self._routing_get_bind(self.class_)
             if routing is not None:
@@ -812,10 +815,10 @@ if True:  # async only
                 raise
 
     def _begun_interrupted(session: AsyncSession, interruption: BaseException) -> None:
-        """A ``Session.begin()`` block committed, and a cancellation (a deadline) arrived while
-        its session closed (SQLAlchemy's close runs in a task of its own, awaited to its end,
-        then the cancellation is raised): said and marked as a unit's interruption after its
-        COMMIT is (see ``CommitReferee.interrupted``), since its caller hears only the
+        """A ``Session.begin()`` block committed a change, and a cancellation (a deadline)
+        arrived while its session closed (SQLAlchemy's close runs in a task of its own, awaited
+        to its end, then the cancellation is raised): said and marked as a unit's interruption
+        after its COMMIT is (see ``CommitReferee.interrupted``), since its caller hears only the
         interruption, which a web handler would answer as a plain error."""
         factory = factory_of(session.sync_session)
         if isinstance(factory, AsyncResilientSession):
@@ -1055,6 +1058,51 @@ else:  # sync only
 
     # code flags of functions that are no sync unit: coroutine and generator functions
     _NOT_A_UNIT = inspect.CO_COROUTINE | inspect.CO_GENERATOR | inspect.CO_ASYNC_GENERATOR
+
+    def _note_with_blocks(cls: Any) -> None:
+        """Give a factory's session class ``cls`` a ``with`` that notes what its block commits:
+        drop-in code's ``with Session() as session:``, and ``with Session.begin() as session:``,
+        which enters one. An interruption (``KeyboardInterrupt``, ``SystemExit``, a
+        ``BaseException`` timeout of gevent's) arriving as the session closes, at the end of a
+        block that ended normally after a COMMIT in it that may have written succeeded, is said
+        and marked as a unit's interruption after its COMMIT is (see
+        ``CommitReferee.interrupted``): its caller hears only the interruption, which a web
+        handler would answer as a plain error, inviting a resubmit that saves the change again.
+        After a block that committed no write, nothing is said: nothing was saved. (An async
+        factory's ``Session.begin()`` does the same in its own block, ``_Begun``.)"""
+        enter = cls.__enter__
+        leave = cls.__exit__
+
+        def __enter__(session: Any) -> Any:
+            entered = enter(session)
+            saved = SavedNote(dropin_block.get())
+            session._rdb_block = (saved, dropin_block.set(saved))
+            return entered
+
+        def __exit__(session: Any, kind: Any, value: Any, traceback: Any) -> None:
+            saved, token = session.__dict__.pop("_rdb_block", (None, None))
+            if token is not None:
+                with contextlib.suppress(ValueError):  # (left in another thread or context)
+                    dropin_block.reset(token)
+            try:
+                leave(session, kind, value, traceback)
+            except Exception:
+                raise
+            except BaseException as interruption:
+                if kind is None and saved is not None and saved.saved:
+                    factory: Any = factory_of(session)  # (the class's: see register_class)
+                    if factory is not None and factory.config.enabled:
+                        interrupted_after_commit(
+                            factory.config,
+                            factory.service,
+                            interruption,
+                            "a transaction of drop-in code (a with Session() or "
+                            "Session.begin() block)",
+                        )
+                raise
+
+        setattr(cls, "__enter__", __enter__)  # noqa: B010 (methods, set on the factory's class)
+        setattr(cls, "__exit__", __exit__)  # noqa: B010
 
     def _require_unit(fn: Any, where: str) -> None:
         """A unit of ``run``/``run_in``/``transactional``: not a coroutine or generator

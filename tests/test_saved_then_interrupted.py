@@ -217,6 +217,96 @@ def test_a_sync_units_session_class_interrupted_in_its_close_is_saved_then_inter
         engine.dispose()
 
 
+def _closing_sync_class(engine: sa.Engine) -> type[Session]:
+    class ClosingSession(Session):
+        def close(self) -> None:
+            super().close()
+            with engine.connect() as conn:
+                conn.execute(sa.text("SELECT pg_sleep(3) AS closing"))
+
+    return ClosingSession
+
+
+def _dropin_block(Sessions: rdb.ResilientSession[Session], form: str, statement: str) -> None:
+    """Drop-in code: ``statement`` in a ``Session.begin()`` block, or in a ``with Session()``
+    block that commits it."""
+    if form == "Session.begin()":
+        with Sessions.begin() as session:
+            session.execute(sa.text(statement))
+    else:
+        with Sessions() as session:
+            session.execute(sa.text(statement))
+            session.commit()
+
+
+DROPIN_FORMS = ["Session.begin()", "with Session(): commit()"]
+
+
+@pytest.mark.parametrize("form", DROPIN_FORMS)
+def test_a_sync_dropin_block_interrupted_in_its_close_is_saved_then_interrupted(
+    pg_server: PostgresServer,
+    database: str,
+    service: str,
+    interruption: tuple[type[BaseException], int],
+    events: list[rdb.SelfHealEvent],
+    *,
+    form: str,
+) -> None:
+    """Drop-in code on a sync factory: its block committed a write, and the signal arrives as
+    the session closes at the block's end (your class's own close, a statement on the server):
+    marked and said as a unit's is (it was raised unmarked, unsaid: a plain error, inviting a
+    resubmit that writes the change again)."""
+    kind, signum = interruption
+    engine = sa.create_engine(pg_server.url(database))
+    try:
+        Sessions = rdb.ResilientSession(engine, service=service, class_=_closing_sync_class(engine))
+        sender = signal_once(lambda: _sleeping(pg_server, database), signum)
+        with pytest.raises(kind) as raised:
+            _dropin_block(Sessions, form, "INSERT INTO prune_notes (note) VALUES ('x')")
+        sender.join(10)
+        assert type(raised.value) is kind
+        assert _notes(pg_server, database, "x") == 1
+        whose = "a transaction of drop-in code (a with Session() or Session.begin() block)"
+        assert_saved_then_interrupted(raised.value, service, events, whose)
+        wait_until_sync(lambda: not _sleeping(pg_server, database), timeout=30)
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("form", DROPIN_FORMS)
+@pytest.mark.parametrize("block", ["read-only", "interrupted before its COMMIT"])
+def test_a_sync_dropin_block_that_saved_nothing_is_not_said_to_have_saved(
+    pg_server: PostgresServer,
+    database: str,
+    service: str,
+    events: list[rdb.SelfHealEvent],
+    *,
+    form: str,
+    block: str,
+) -> None:
+    """A block that only read, interrupted as its session closes, or one that writes,
+    interrupted in its statement (before its COMMIT): the interruption goes on unmarked and
+    unsaid (nothing was saved: resubmitting is safe)."""
+    engine = sa.create_engine(pg_server.url(database))
+    try:
+        Sessions = rdb.ResilientSession(engine, service=service, class_=_closing_sync_class(engine))
+        if block == "read-only":
+            statement = "SELECT count(*) FROM prune_notes"
+        else:
+            statement = "INSERT INTO prune_notes (note) SELECT 'x' FROM pg_sleep(3) AS closing"
+        sender = signal_once(lambda: _sleeping(pg_server, database), signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt) as raised:
+            _dropin_block(Sessions, form, statement)
+        sender.join(10)
+        assert _notes(pg_server, database, "x") == 0
+        assert saved_then_interrupted(raised.value) is None
+        assert problem_details(raised.value) is None
+        assert not [e for e in events if e.name == "commit_interrupted"]
+        wait_until_sync(lambda: not _sleeping(pg_server, database), timeout=30)
+    finally:
+        engine.dispose()
+
+
 # -- async: real cancellations ------------------------------------------------------------------
 def _closing_class(engine: Any) -> type[AsyncSession]:
     class ClosingSession(AsyncSession):
