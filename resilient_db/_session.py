@@ -684,8 +684,10 @@ def _note_with_blocks(cls: Any) -> None:
     handler would answer as a plain error, inviting a resubmit that saves the change again.
     After a block that committed no write, nothing is said: nothing was saved. (An async
     factory's ``Session.begin()`` does the same in its own block, ``_Begun``.)"""
-    enter = cls.__enter__
     leave = cls.__exit__
+    if getattr(leave, "_rdb_noting", False):
+        return  # a subclass of another factory's class: its ``with`` notes already
+    enter = cls.__enter__
 
     def __enter__(session: Any) -> Any:
         entered = enter(session)
@@ -693,13 +695,13 @@ def _note_with_blocks(cls: Any) -> None:
         session._rdb_block = (saved, dropin_block.set(saved))
         return entered
 
-    def __exit__(session: Any, kind: Any, value: Any, traceback: Any) -> None:
+    def __exit__(session: Any, kind: Any, value: Any, traceback: Any) -> Any:
         saved, token = session.__dict__.pop("_rdb_block", (None, None))
         if token is not None:
             with contextlib.suppress(ValueError):  # (left in another thread or context)
                 dropin_block.reset(token)
         try:
-            leave(session, kind, value, traceback)
+            return leave(session, kind, value, traceback)  # (your class's answer, if any)
         except Exception:
             raise
         except BaseException as interruption:
@@ -714,6 +716,7 @@ def _note_with_blocks(cls: Any) -> None:
                     )
             raise
 
+    setattr(__exit__, "_rdb_noting", True)  # noqa: B010 (see above)
     setattr(cls, "__enter__", __enter__)  # noqa: B010 (methods, set on the factory's class)
     setattr(cls, "__exit__", __exit__)  # noqa: B010
 

@@ -307,6 +307,38 @@ def test_a_sync_dropin_block_that_saved_nothing_is_not_said_to_have_saved(
         engine.dispose()
 
 
+def test_sync_dropin_blocks_leave_nothing_behind(
+    pg_server: PostgresServer, database: str, service: str
+) -> None:
+    """What a ``with`` block notes is its own, gone at its end: also for a factory whose class
+    is another factory's (the note of each block was left behind there, each new one held by
+    the next: a chain as long as the blocks run), and a class whose ``__exit__`` answers that
+    the error is handled keeps its answer."""
+    from resilient_db._statements import dropin_block  # noqa: PLC0415
+
+    engine = sa.create_engine(pg_server.url(database))
+
+    class Swallowing(Session):
+        def __exit__(self, kind: Any, value: Any, traceback: Any) -> bool:  # type: ignore[override]
+            super().__exit__(kind, value, traceback)
+            return kind is LookupError
+
+    try:
+        first = rdb.ResilientSession(engine, service=service)
+        second = rdb.ResilientSession(engine, service=f"{service}-b", class_=first.class_)
+        for factory in (first, second, first, second):
+            with factory.begin() as session:
+                session.execute(sa.text("INSERT INTO prune_notes (note) VALUES ('x')"))
+                assert dropin_block.get() is not None
+            assert dropin_block.get() is None
+        with rdb.ResilientSession(engine, service=service, class_=Swallowing)() as session:
+            raise LookupError
+        assert dropin_block.get() is None
+        assert _notes(pg_server, database, "x") == 4
+    finally:
+        engine.dispose()
+
+
 # -- async: real cancellations ------------------------------------------------------------------
 def _closing_class(engine: Any) -> type[AsyncSession]:
     class ClosingSession(AsyncSession):
