@@ -38,7 +38,7 @@ from ._internals import with_own_session_class
 from ._observability import log_session
 from ._registry import factory_of, register_class, register_session
 from ._state import STATE
-from ._statements import SavedNote, current_attempt, dropin_block, library_work
+from ._statements import SavedNote, current_attempt, dropin_block, library_work, note_saved
 from ._unit import (
     ActiveUnit,
     CommitVerdict,
@@ -499,6 +499,8 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                         raise
                     if record.enclosing is not None:  # (only then looked at)
                         record.unit_committed(request)
+                    if dropin_block.get() is not None and request.may_have_written():
+                        note_saved()  # (for a drop-in block around the unit: see SavedNote)
                     return value
                 except BaseException as exc:
                     failed = True

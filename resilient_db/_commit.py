@@ -1331,6 +1331,12 @@ class CommitRequest:
             return CommitTicket(UNMARKED, sent=True)
         return None
 
+    def may_have_written(self) -> bool:
+        """Whether the unit's COMMIT, which succeeded, may have saved a change: one of its
+        tickets wrote, or a connection's COMMIT went out without a ticket (one the protocol
+        can't mark, a two-phase COMMIT PREPARED)."""
+        return any(t.wrote for t in self.tickets) or len(self.tickets) < len(self.connections())
+
     def connections(self) -> list[tuple[Any, bool]]:
         """The connections (SQLAlchemy's) of the transaction this COMMIT ends, each with whether
         its COMMIT is marked, in the order the transaction began on them; empty when not known
@@ -1450,10 +1456,7 @@ class AttemptRecord:
         enclosing attempt (looked at only when there is one). A connection whose COMMIT went
         out without a ticket (one the protocol can't mark, a two-phase COMMIT PREPARED) may
         have written."""
-        if self.enclosing is not None and (
-            any(t.wrote for t in request.tickets)
-            or len(request.tickets) < len(request.connections())
-        ):
+        if self.enclosing is not None and request.may_have_written():
             self.committed = True
 
     def began_on(self, transaction: Any, connection: Any) -> None:

@@ -227,19 +227,26 @@ def _closing_sync_class(engine: sa.Engine) -> type[Session]:
     return ClosingSession
 
 
+def _execute(session: Session, statement: str) -> None:
+    session.execute(sa.text(statement))
+
+
 def _dropin_block(Sessions: rdb.ResilientSession[Session], form: str, statement: str) -> None:
-    """Drop-in code: ``statement`` in a ``Session.begin()`` block, or in a ``with Session()``
-    block that commits it."""
+    """Drop-in code: ``statement`` in a ``Session.begin()`` block, in a ``with Session()``
+    block that commits it, or in a unit run in the block's session."""
     if form == "Session.begin()":
         with Sessions.begin() as session:
             session.execute(sa.text(statement))
-    else:
+    elif form == "with Session(): commit()":
         with Sessions() as session:
             session.execute(sa.text(statement))
             session.commit()
+    else:
+        with Sessions() as session:
+            Sessions.run_in(session, _execute, statement)
 
 
-DROPIN_FORMS = ["Session.begin()", "with Session(): commit()"]
+DROPIN_FORMS = ["Session.begin()", "with Session(): commit()", "with Session(): run_in()"]
 
 
 @pytest.mark.parametrize("form", DROPIN_FORMS)
@@ -575,6 +582,49 @@ async def test_a_begin_block_cancelled_as_its_session_closes_is_saved_then_inter
             answer = problem_details(raised)
             assert answer is not None
             assert answer.body["type"] == "urn:resilient-db:problem:partly-committed"
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
+@pytest.mark.parametrize("unit", ["writes", "reads"])
+async def test_a_begin_block_around_a_unit_is_saved_then_interrupted_when_the_unit_wrote(
+    pg_server: PostgresServer,
+    database: str,
+    service: str,
+    driver: str,
+    *,
+    unit: str,
+    after_commit: list[Callable[[], None]],
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """``async with Sessions.begin()`` around a unit (``run``) whose COMMIT succeeded, the task
+    cancelled as it returned: the cancellation lands in the block's session's close, and the
+    change the unit saved is said, as the block's own would be. A unit that only read saved
+    nothing."""
+    engine = create_async_engine(pg_server.url(database, driver=driver))
+    Sessions = rdb.AsyncResilientSession(engine, service=service)
+
+    async def block() -> None:
+        async with Sessions.begin():
+            await Sessions.run(_anote if unit == "writes" else _aread, "x")
+
+    try:
+        task = asyncio.ensure_future(block())
+        after_commit.append(task.cancel)
+        with pytest.raises(asyncio.CancelledError) as cancelled:
+            await task
+        assert not after_commit  # the COMMIT returned
+        assert engine.pool.checkedout() == 0
+        if unit == "writes":
+            assert _notes(pg_server, database, "x") == 1
+            whose = "a transaction of drop-in code (Session.begin())"
+            assert_saved_then_interrupted(cancelled.value, service, events, whose)
+        else:
+            assert saved_then_interrupted(cancelled.value) is None
+            assert problem_details(cancelled.value) is None
+            assert not [e for e in events if e.name == "commit_interrupted"]
     finally:
         await engine.dispose()
 
