@@ -506,11 +506,12 @@ def mark_saved_then_interrupted(interruption: BaseException, service: str) -> No
     """Mark ``interruption`` (a cancellation, ``KeyboardInterrupt``, ``SystemExit``, a
     ``BaseException`` timeout of gevent's) as having arrived after a COMMIT of ``service``
     succeeded: in the prune of expired markers that follows a unit's COMMIT, in the close of
-    its session, or of a drop-in ``Session.begin()`` block's (see
-    :meth:`CommitReferee.interrupted`). It is raised as it is; the mark only tells a web handler
-    meeting it, or the ``TimeoutError`` that ``asyncio.timeout`` or ``asyncio.wait_for`` raises
-    from it, that the change is saved (500 ``saved-then-interrupted``, not a plain error that a
-    client would resubmit after, writing it twice)."""
+    its session, or of a drop-in block's that saved a change (an async ``Session.begin()``, a
+    sync session's ``with``; see :meth:`CommitReferee.interrupted`). It is raised as it is;
+    the mark only tells a web handler meeting it, or the ``TimeoutError`` that
+    ``asyncio.timeout`` or ``asyncio.wait_for`` raises from it, that the change is saved (500
+    ``saved-then-interrupted``, not a plain error that a client would resubmit after, writing
+    it twice)."""
     with contextlib.suppress(AttributeError, TypeError):  # a type that takes no attributes
         setattr(interruption, _SAVED_THEN_INTERRUPTED, service)
 
@@ -526,8 +527,9 @@ def interrupted_after_commit(
     config: Config, service: str, interruption: BaseException, whose: str, **fields: Any
 ) -> None:
     """``interruption`` arrived after ``whose`` COMMIT succeeded: marked (for a web answer) and
-    said. (A unit's: see :meth:`CommitReferee.interrupted`; a drop-in ``Session.begin()``
-    block's, interrupted while its session closed.)"""
+    said. (A unit's: see :meth:`CommitReferee.interrupted`; a drop-in block's that saved a
+    change, an async ``Session.begin()`` or a sync session's ``with``, interrupted while its
+    session closed: see ``_statements.SavedNote``.)"""
     mark_saved_then_interrupted(interruption, service)
     emit(
         config,
