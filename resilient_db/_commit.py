@@ -1524,15 +1524,17 @@ def _prepared_late(connection: Any, pooled: Any) -> bool:
 @contextlib.contextmanager
 def _own_commit(attempt: AttemptRecord, wrote: bool = True) -> Iterator[None]:
     """Around a COMMIT sent by the code of ``attempt``: unless the server answered it with an
-    error, the attempt can't be replayed. (Only a unit's own COMMITs pass here.)"""
+    error, the attempt can't be replayed. (Only a unit's own COMMITs pass here.) Nor when the
+    transaction sent nothing that may write (``wrote`` False, as for a unit's own read-only
+    COMMIT, which is not verified either): that COMMIT saved nothing a replay would repeat."""
     try:
         yield
     except BaseException as exc:
         if unanswered_commit(exc, attempt.classifier, wrote):
             attempt.committed = True
         raise
-    attempt.committed = True
     if wrote:
+        attempt.committed = True
         note_saved()  # (for an interruption after it, in a drop-in block: see SavedNote)
 
 

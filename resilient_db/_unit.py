@@ -1290,12 +1290,35 @@ def _on_after_commit(session: Session) -> None:
 
     SQLAlchemy fires this event for a ``begin_nested()`` savepoint released too (the session's
     transaction is still the nested one then): that commits nothing, and the unit stays
-    replayable."""
+    replayable. So does a COMMIT the driver sent on connections the commit protocol marks,
+    which told the attempt itself whether it saved anything (a transaction that only read
+    leaves the attempt replayable: see :func:`_driver_told`)."""
     if current_request.get() is not None or session.in_nested_transaction():
         return
     attempt = current_attempt.get()
-    if attempt is not None and attempt.running:
+    if attempt is not None and attempt.running and not _driver_told(session, attempt):
         attempt.committed = True
+
+
+def _driver_told(session: Session, attempt: Any) -> bool:
+    """Whether the root transaction ``session`` just committed sent its COMMIT through the
+    marked connections of the commit protocol on every connection it had (``_own_commit`` then
+    marked the attempt committed if that COMMIT may have saved anything). Not for a session
+    bound to a ``Connection`` (it may have joined its caller's transaction: its commit sends
+    no COMMIT, or releases a savepoint into that transaction), a two-phase session, or a
+    transaction that began before the attempt (its connections were not recorded)."""
+    if session.twophase or isinstance(session.bind, Connection):
+        return False
+    if any(isinstance(bind, Connection) for bind in session_binds(session)):
+        return False
+    transaction = session.get_transaction()
+    seen = False
+    for began, _connection, marked, _driver in attempt.began or ():
+        if began is transaction:
+            if not marked:
+                return False
+            seen = True
+    return seen
 
 
 _CONNECT_EVENTS = (

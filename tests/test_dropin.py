@@ -597,6 +597,122 @@ def test_with_self_healing_around_a_scoped_session_replays_in_a_new_transaction(
         assert conn.scalar(sa.select(sa.func.count()).where(Item.name == name)) == 1
 
 
+@pytest.mark.parametrize("fault", ["serialization failure", "terminated backend"])
+def test_with_self_healing_replays_after_a_drop_in_block_that_only_read(
+    engine: sa.Engine, pg_server: Any, service: str, fault: str
+) -> None:
+    """An operation whose drop-in code commits a block that only read, then fails in the
+    next block: that COMMIT committed nothing, so the operation is replayed (it was refused
+    as "committed part of its work itself", answered partly-committed). A block that wrote
+    before the failure still stops the replay (below)."""
+    _install_serialization_failure(engine)
+    Sessions = rdb.ResilientSession(engine, service=service)
+    name = f"after-read-{uuid.uuid4()}"
+    calls: list[int] = []
+
+    @rdb.with_self_healing(service=service, config=_FAST)
+    def handler() -> int:
+        calls.append(1)
+        with Sessions.begin() as s:  # reads only, and commits
+            s.scalar(sa.select(sa.func.count()).select_from(Item))
+        with Sessions() as s:  # the same with an explicit commit
+            s.scalar(sa.select(Item.id).limit(1))
+            s.commit()
+        with Sessions.begin() as s:
+            s.add(Item(name=name))
+            s.flush()
+            if len(calls) == 1:
+                _fail(s, pg_server, fault)
+        return len(calls)
+
+    assert handler() == 2
+    with engine.connect() as conn:
+        assert conn.scalar(sa.select(sa.func.count()).where(Item.name == name)) == 1
+
+
+def test_with_self_healing_still_refuses_a_replay_after_a_drop_in_block_that_wrote(
+    engine: sa.Engine, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    _install_serialization_failure(engine)
+    Sessions = rdb.ResilientSession(engine, service=service)
+    name = f"wrote-{uuid.uuid4()}"
+    calls: list[int] = []
+
+    @rdb.with_self_healing(service=service, config=_FAST)
+    def handler() -> None:
+        calls.append(1)
+        with Sessions.begin() as s:
+            s.add(Item(name=name))
+        with Sessions.begin() as s:
+            s.execute(sa.text(_SERIALIZATION_FAILURE))
+
+    with (
+        caplog.at_level(logging.WARNING, logger="resilient_db"),
+        pytest.raises(sa.exc.OperationalError),
+    ):
+        handler()
+    assert calls == [1]
+    assert "committed part of its work itself" in caplog.text
+    with engine.connect() as conn:
+        assert conn.scalar(sa.select(sa.func.count()).where(Item.name == name)) == 1
+
+
+def test_a_unit_that_committed_only_reads_inside_is_replayed(
+    engine: sa.Engine, service: str
+) -> None:
+    """``session.commit()`` inside a unit after reads only, then a transient error: the unit is
+    replayed (that COMMIT saved nothing a replay would repeat)."""
+    _install_serialization_failure(engine)
+    Sessions = rdb.ResilientSession(engine, service=service, config=_FAST)
+    name = f"unit-{uuid.uuid4()}"
+    calls: list[int] = []
+
+    def unit(session: Session) -> int:
+        calls.append(1)
+        session.scalar(sa.select(sa.func.count()).select_from(Item))
+        session.commit()
+        session.add(Item(name=name))
+        session.flush()
+        if len(calls) == 1:
+            session.execute(sa.text(_SERIALIZATION_FAILURE))
+        return len(calls)
+
+    assert Sessions.run(unit) == 2
+    with engine.connect() as conn:
+        assert conn.scalar(sa.select(sa.func.count()).where(Item.name == name)) == 1
+
+
+@pytest.mark.asyncio
+async def test_async_with_self_healing_replays_after_a_drop_in_block_that_only_read(
+    engine: sa.Engine, async_engine: AsyncEngine, pg_server: Any, service: str
+) -> None:
+    _install_serialization_failure(engine)
+    Sessions = rdb.AsyncResilientSession(async_engine, service=service)
+    name = f"async-after-read-{uuid.uuid4()}"
+    calls: list[int] = []
+
+    @rdb.with_self_healing(service=service, config=_FAST)
+    async def handler() -> int:
+        calls.append(1)
+        async with Sessions.begin() as s:
+            await s.scalar(sa.select(sa.func.count()).select_from(Item))
+        async with Sessions() as s:
+            await s.scalar(sa.select(Item.id).limit(1))
+            await s.commit()
+        async with Sessions.begin() as s:
+            s.add(Item(name=name))
+            await s.flush()
+            if len(calls) == 1:
+                pid = (await s.execute(sa.text("SELECT pg_backend_pid()"))).one()[0]
+                _end_own_backend(pg_server, pid)
+                await s.execute(sa.text("SELECT 1"))
+        return len(calls)
+
+    assert await handler() == 2
+    with engine.connect() as conn:
+        assert conn.scalar(sa.select(sa.func.count()).where(Item.name == name)) == 1
+
+
 def test_with_self_healing_does_not_replay_into_a_transaction_begun_before_it(
     engine: sa.Engine, service: str, caplog: pytest.LogCaptureFixture
 ) -> None:
