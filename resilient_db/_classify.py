@@ -277,6 +277,17 @@ def server_takes_writes(driver: Any) -> bool:
     )
 
 
+def read_only_by_default(driver: Any) -> bool:
+    """Whether the server behind ``driver`` said its transactions are read-only by default
+    (``default_transaction_read_only`` reported on) and it is no hot standby (which refuses
+    ``SET TRANSACTION READ WRITE``): one the library's own writes (a prune) must begin READ
+    WRITE on. Asks the server nothing."""
+    return (
+        _reported(driver, "default_transaction_read_only") == "on"
+        and _reported(driver, "in_hot_standby") != "on"
+    )
+
+
 _WRITABLE = "resilient_db_refused_by_writable_server"
 
 

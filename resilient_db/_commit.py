@@ -76,6 +76,7 @@ from ._classify import (
     host_address,
     mark_hosts_failed,
     mark_replay_safe,
+    read_only_by_default,
     unanswered_commit,
 )
 from ._config import Config
@@ -2519,8 +2520,14 @@ def _idle_commit_plan(driver: Any) -> tuple[CommitTicket | None, None, None]:
 
 def prune(connection: Connection) -> int:
     """Delete expired markers, at most :data:`PRUNE_BATCH`; concurrent pruners skip each
-    other's rows. Returns how many."""
+    other's rows. Returns how many. Its DELETE is a write: where the server reports
+    transactions read-only by default it begins READ WRITE, as a claim does (otherwise every
+    prune fails there, 25006: expired markers are never deleted, and the error, taken for a
+    server that takes no writes, replaces the engine's pooled connections). Not on a hot
+    standby, which refuses READ WRITE and where the function prunes nothing."""
     with connection.begin():
+        if read_only_by_default(connection.connection.driver_connection):
+            connection.execute(READ_WRITE_SQL)
         return int(connection.exec_driver_sql(PRUNE_SQL).scalar() or 0)
 
 

@@ -908,6 +908,76 @@ async def test_async_units_prune_a_backlog_of_markers_too(
     assert left == [batch // 2, 0]
 
 
+@pytest.fixture
+def read_only_by_default(engine: sa.Engine, pg_database: str) -> Iterator[None]:
+    """The test's database with ``default_transaction_read_only`` on (a database written only
+    by units that ask for it: ``SET TRANSACTION READ WRITE``, ``postgresql_readonly=False``)."""
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(f'ALTER DATABASE "{pg_database}" SET default_transaction_read_only = on')
+        )
+    engine.dispose()
+    yield
+    with engine.begin() as conn:
+        conn.execute(sa.text("SET TRANSACTION READ WRITE"))
+        conn.execute(sa.text(f'ALTER DATABASE "{pg_database}" RESET default_transaction_read_only'))
+    engine.dispose()
+
+
+def _bump_read_write(session: Session) -> int:
+    session.execute(sa.text("SET TRANSACTION READ WRITE"))
+    return _bump(session)
+
+
+async def _abump_read_write(session: AsyncSession) -> int:
+    await session.execute(sa.text("SET TRANSACTION READ WRITE"))
+    return await _abump(session)
+
+
+def _pool_replaced(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "Replacing the pooled" in r.getMessage()]
+
+
+def test_units_prune_where_transactions_are_read_only_by_default(
+    engine: sa.Engine, read_only_by_default: None, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The prune's DELETE is a write: it begins READ WRITE where the server reports
+    transactions read-only by default, as a claim does. Before, every prune failed there
+    (25006): the expired markers stayed for good, and its error, taken for a server that
+    takes no writes (a failover), replaced the engine's pooled connections every 10 s."""
+    _add_expired_markers(engine.execution_options(postgresql_readonly=False), 30)
+    engine.dispose()  # (psycopg keeps the connection's read_only=False)
+    Sessions = rdb.ResilientSession(engine, service=service)
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    assert Sessions.run(_bump_read_write) == 1
+    Sessions._hooks.commit._next_prune = 0.0
+    assert Sessions.run(_bump_read_write) == 2
+    assert _expired_markers(engine) == 0
+    assert _pool_replaced(caplog) == []
+
+
+@pytest.mark.asyncio
+async def test_async_units_prune_where_transactions_are_read_only_by_default(
+    engine: sa.Engine,
+    read_only_by_default: None,
+    async_engine: AsyncEngine,
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """:func:`test_units_prune_where_transactions_are_read_only_by_default` on asyncpg."""
+    _add_expired_markers(engine.execution_options(postgresql_readonly=False), 30)
+    Sessions = rdb.AsyncResilientSession(async_engine, service=service)
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    assert await Sessions.run(_abump_read_write) == 1
+    Sessions._hooks.commit._next_prune = 0.0
+    assert await Sessions.run(_abump_read_write) == 2
+    pruning = Sessions._hooks.commit.pruning
+    assert pruning is not None
+    await pruning
+    assert _expired_markers(engine) == 0
+    assert _pool_replaced(caplog) == []
+
+
 # -- the marked message on both drivers -----------------------------------------------------------
 def _bump(session: Session) -> int:
     row = session.get(Counter, 1)
