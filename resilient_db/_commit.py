@@ -238,6 +238,24 @@ BEGIN
     END IF;
 END
 $rdb$"""
+#: Runs first in every install too: a role without CREATE on the database (an application's
+#: role calling the install at startup before the owner ran it; PostgreSQL 15 gives PUBLIC none)
+#: is refused with the server's own error (42501, "permission denied for database ..."), which
+#: ``CREATE SCHEMA IF NOT EXISTS`` raises even where the schema exists, but naming the right it
+#: lacks and who installs, rather than leaving a CREATE SCHEMA the caller never wrote to explain.
+_REFUSE_NO_CREATE_SQL: Final = f"""DO $rdb$
+BEGIN
+    IF NOT pg_catalog.has_database_privilege(pg_catalog.current_database(), 'CREATE') THEN
+        RAISE EXCEPTION 'permission denied for database %: role % lacks CREATE on it, which '
+            'installing the commit markers needs (CREATE SCHEMA IF NOT EXISTS {SCHEMA}, even '
+            'where the schema exists). Install them as the database''s owner or a superuser '
+            '(resilient_db.install_commit_markers() or the Alembic step, run as that role); '
+            'until then units verify a lost COMMIT answer by transaction id',
+            pg_catalog.current_database(), current_user
+            USING ERRCODE = '42501';
+    END IF;
+END
+$rdb$"""
 #: what the markers rely on, each named for a message: (what, catalog, owner column, lookup)
 _RELIED_ON: Final = (
     (f"schema {SCHEMA}", "pg_namespace", "nspowner", f"to_regnamespace('{SCHEMA}')"),
@@ -293,6 +311,7 @@ def _install_statements() -> list[str]:
     prune_horizon = _NEWEST_HORIZON_SQL.format(s=s, ms=int(RETENTION * 1000))
     claim_horizon = _NEWEST_HORIZON_SQL.format(s=s, ms=int(CLAIM_HORIZON * 1000))
     return [
+        _REFUSE_NO_CREATE_SQL,
         _REFUSE_PLANTED_SQL,
         f"CREATE SCHEMA IF NOT EXISTS {s}",
         # id: a UUIDv7 made by the client (its first 48 bits are milliseconds, so the primary

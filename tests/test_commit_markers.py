@@ -833,6 +833,34 @@ def test_the_application_role_may_call_the_install_once_it_is_current(
         ).scalar()
 
 
+def test_an_install_by_a_role_that_may_not_create_in_the_database_says_what_it_lacks(
+    engine: sa.Engine, app_login: tuple[str, str], pg_database: str
+) -> None:
+    """An application role (no CREATE on the database, PostgreSQL 15's default) calling the
+    install at startup, as the quickstart does, before the owner installed: refused as before
+    (42501, a ``ProgrammingError``), and the message names the right it lacks, on what, and
+    who installs. Before, the server's "permission denied for database app" said neither
+    which right nor why, from a CREATE SCHEMA the caller never wrote."""
+    role, url = app_login
+    rdb.uninstall_commit_markers(engine)
+    app_engine = sa.create_engine(url)
+    try:
+        with pytest.raises(sa.exc.ProgrammingError) as raised:
+            rdb.install_commit_markers(app_engine)
+        with app_engine.connect() as conn, pytest.raises(sa.exc.ProgrammingError) as through:
+            rdb.install_commit_markers(conn)
+    finally:
+        app_engine.dispose()
+    for error in (raised.value, through.value):
+        assert getattr(error.orig, "sqlstate", None) == "42501"
+        message = str(error.orig)
+        assert f"permission denied for database {pg_database}" in message
+        assert f"role {role} lacks CREATE on it" in message
+        assert "as the database's owner or a superuser" in message
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT to_regnamespace('resilient_db')").scalar() is None
+
+
 def _expired_markers(engine: sa.Engine) -> int:
     with engine.connect() as conn:
         horizon = _commit._NEWEST_HORIZON_SQL.format(s=_commit.SCHEMA, ms=int(RETENTION * 1000))
