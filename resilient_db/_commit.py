@@ -1600,6 +1600,7 @@ class CommitProtocol:
         self._clock_warned = False
         self._outdated_warned = False
         self._prune_refused = False
+        self._unusable_said = False  # (see markers_unusable)
         self._next_prune = time.monotonic() + PRUNE_INTERVAL
         self._prune_lock = threading.Lock()
         self.prepared_marker = PreparedMarker(self._warn_prepared_lost, self._note_refused)
@@ -2069,7 +2070,8 @@ class CommitProtocol:
         if self.one_unit_per_connection:
             self._statement_refused = True
         what = (
-            "the role in effect may not write markers (a role the unit switched to)"
+            "the role in effect may not write markers (a role the unit switched to, or a "
+            "grant revoked)"
             if sqlstate == "42501"
             else "the transaction was read-only"
         )
@@ -2149,6 +2151,29 @@ class CommitProtocol:
                 dbapi_connection.autocommit = autocommit
 
     # -- pruning ----------------------------------------------------------------------------------
+    def markers_unusable(self) -> None:
+        """The marker function refused a connection's COMMIT (42501): say so once per engine
+        (see ``_marker_statement_failed``)."""
+        if self._unusable_said:
+            return
+        self._unusable_said = True
+        emit(
+            self._settings.config,
+            log_session,
+            logging.WARNING,
+            "The commit markers of database %s are no longer usable by the role this "
+            "application logs in as (SQLSTATE 42501: a grant revoked, or the markers installed "
+            "again without the application's grants): that COMMIT did not run and the unit is "
+            "replayed; the connections that meet this verify lost COMMIT answers by "
+            "transaction id from now on, at one extra round trip per writing unit and with "
+            "more unknown outcomes. The application's role needs USAGE on schema "
+            "resilient_db, EXECUTE on its functions and SELECT, INSERT on "
+            "resilient_db.commit_markers",
+            self._where,
+            service=self._settings.service,
+            event="commit_markers_unusable",
+        )
+
     def prune_due(self) -> bool:
         return time.monotonic() >= self._next_prune
 
@@ -2408,6 +2433,19 @@ def _marker_statement_failed(driver: Any, message: str, exc: BaseException) -> N
             prepared.refused(str(code))
         mark_replay_safe(exc)
         return
+    if code == "42501" and _FUNCTION_MARK in message:
+        # the function refused: the login role may not write markers (our own RAISE), or may
+        # not call the function or reach its schema; its statements come before the COMMIT
+        # and raise nothing else. A grant revoked, or the markers installed again without
+        # the application's grants, under the running application: this connection verifies
+        # by transaction id from now on, as a new one does (its check finds them unusable)
+        driver._rdb_prepared = None
+        driver._rdb_mode = XID
+        protocol = _protocol_of(driver)
+        if protocol is not None:
+            protocol.markers_unusable()
+        mark_replay_safe(exc)
+        return
     if prepared is None or _FUNCTION_MARK in message:
         return
     if code == "26000":
@@ -2418,6 +2456,19 @@ def _marker_statement_failed(driver: Any, message: str, exc: BaseException) -> N
     else:
         return
     mark_replay_safe(exc)
+
+
+def _protocol_of(driver: Any) -> CommitProtocol | None:
+    """The commit protocol of the engine of ``driver``, the connection the committing unit's
+    COMMIT failed on (None outside a unit, or where the unit's connections are not known)."""
+    request = current_request.get()
+    if request is None:
+        return None
+    for connection, seen in request.drivers():
+        if seen is driver:
+            hooks = STATE.engine_hooks.get(connection.engine)
+            return None if hooks is None else hooks.commit
+    return None
 
 
 # What a connection knows of its transaction's read mode at COMMIT (``_rdb_read_mode()`` of the

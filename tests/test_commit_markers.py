@@ -1226,6 +1226,80 @@ async def test_async_markers_uninstalled_under_a_running_application_cost_one_re
         assert conn.scalar(sa.select(Counter.value).where(Counter.id == 1)) == first + 3
 
 
+@pytest.mark.parametrize("how", ["revoked", "installed again"])
+def test_markers_the_application_role_may_no_longer_write_cost_replays_not_every_unit(
+    how: str,
+    engine: sa.Engine,
+    app_login: tuple[str, str],
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The application role's INSERT on the markers revoked while it runs, or the markers
+    installed again by their owner (``DROP SCHEMA resilient_db CASCADE`` and install, as the
+    README advises for a planted schema; a downgrade and upgrade) without granting it again:
+    the marker statement is refused (42501), and so is the function it falls back to (the
+    login role may not write markers). Every writing unit on a pooled connection then failed
+    with 42501, "role ... may not write commit markers", until the process restarted. The
+    function's refusal proves the COMMIT did not run too: the unit is replayed, and the
+    connection verifies by transaction id from then on, as a new connection does."""
+    role, url = app_login
+    app_engine = sa.create_engine(url, pool_size=1, max_overflow=0)
+    Sessions = rdb.ResilientSession(app_engine, service=service)
+    calls: list[int] = []
+
+    def bump(session: Session) -> int:
+        calls.append(1)
+        return _bump(session)
+
+    try:
+        assert Sessions.run(bump) == 1  # the pooled connection is prepared with the markers
+        if how == "revoked":
+            with engine.begin() as conn:
+                conn.execute(sa.text(f"REVOKE INSERT ON resilient_db.commit_markers FROM {role}"))
+        else:
+            rdb.uninstall_commit_markers(engine)
+            rdb.install_commit_markers(engine)
+        with caplog.at_level(logging.WARNING, logger="resilient_db"):
+            assert [Sessions.run(bump) for _ in range(3)] == [2, 3, 4]
+    finally:
+        app_engine.dispose()
+    assert len(calls) == 4 + 2  # the first unit after: the prepared form, then the function
+    unusable = [r.getMessage() for r in caplog.records if "no longer usable" in r.getMessage()]
+    assert len(unusable) == 1, caplog.text
+    assert "INSERT on resilient_db.commit_markers" in unusable[0]
+    with engine.connect() as conn:
+        assert conn.scalar(sa.select(Counter.value).where(Counter.id == 1)) == 4
+
+
+@pytest.mark.asyncio
+async def test_async_markers_the_application_role_may_no_longer_write_cost_replays(
+    engine: sa.Engine,
+    app_login: tuple[str, str],
+    service: str,
+    async_driver: str,
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """:func:`test_markers_the_application_role_may_no_longer_write_cost_replays_not_every_unit`
+    on asyncpg."""
+    role, url = app_login
+    app_engine = create_async_engine(
+        sa.make_url(url).set(drivername=f"postgresql+{async_driver}"), pool_size=1, max_overflow=0
+    )
+    Sessions = rdb.AsyncResilientSession(app_engine, service=service)
+    try:
+        assert await Sessions.run(_abump) == 1
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"REVOKE INSERT ON resilient_db.commit_markers FROM {role}"))
+        assert [await Sessions.run(_abump) for _ in range(3)] == [2, 3, 4]
+    finally:
+        await app_engine.dispose()
+    assert [e.name for e in events if e.name == "commit_markers_unusable"] == [
+        "commit_markers_unusable"
+    ]
+    with engine.connect() as conn:
+        assert conn.scalar(sa.select(Counter.value).where(Counter.id == 1)) == 4
+
+
 # -- the kill switch: connections stay the driver's own --------------------------------------------
 @pytest.fixture
 def switch(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[bool], None]]:
