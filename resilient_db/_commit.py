@@ -2161,14 +2161,16 @@ class CommitProtocol:
             self._settings.config,
             log_session,
             logging.WARNING,
-            "The commit markers of database %s are no longer usable by the role this "
-            "application logs in as (SQLSTATE 42501: a grant revoked, or the markers installed "
-            "again without the application's grants): that COMMIT did not run and the unit is "
-            "replayed; the connections that meet this verify lost COMMIT answers by "
-            "transaction id from now on, at one extra round trip per writing unit and with "
-            "more unknown outcomes. The application's role needs USAGE on schema "
-            "resilient_db, EXECUTE on its functions and SELECT, INSERT on "
-            "resilient_db.commit_markers",
+            "The commit markers of database %s are no longer usable here: a COMMIT's "
+            "resilient_db.mark_commit() was refused (SQLSTATE 42501: the role the application "
+            "logs in as may not write markers, a grant revoked or the markers installed again "
+            "without its grants; or a role a unit switched to may not call the function). "
+            "That COMMIT did not run and the unit is replayed; the connections that meet this "
+            "verify lost COMMIT answers by transaction id from now on, at one extra round trip "
+            "per writing unit and with more unknown outcomes. The application's role needs "
+            "USAGE on schema resilient_db, EXECUTE on its functions and SELECT, INSERT on "
+            "resilient_db.commit_markers; a role a unit switches to, USAGE on the schema and "
+            "EXECUTE on resilient_db.mark_commit (the install grants both to PUBLIC)",
             self._where,
             service=self._settings.service,
             event="commit_markers_unusable",
@@ -2434,11 +2436,12 @@ def _marker_statement_failed(driver: Any, message: str, exc: BaseException) -> N
         mark_replay_safe(exc)
         return
     if code == "42501" and _FUNCTION_MARK in message:
-        # the function refused: the login role may not write markers (our own RAISE), or may
-        # not call the function or reach its schema; its statements come before the COMMIT
-        # and raise nothing else. A grant revoked, or the markers installed again without
-        # the application's grants, under the running application: this connection verifies
-        # by transaction id from now on, as a new one does (its check finds them unusable)
+        # the function refused: the login role may not write markers (its own RAISE: a grant
+        # revoked, or the markers installed again without the application's grants, under the
+        # running application), or the role in effect may not call it or reach its schema
+        # (USAGE or EXECUTE revoked from PUBLIC, and a unit switched roles). The message's
+        # statements before the COMMIT raise nothing else, so the COMMIT never ran; this
+        # connection verifies by transaction id from now on (a new one's check decides anew)
         driver._rdb_prepared = None
         driver._rdb_mode = XID
         protocol = _protocol_of(driver)

@@ -1709,6 +1709,37 @@ def test_a_unit_that_switches_roles_commits_through_the_function(
     assert len(markers(engine)) == 1
 
 
+def test_a_unit_switching_to_a_role_the_function_refuses_is_replayed_and_verified_by_xid(
+    one_connection: sa.Engine,
+    engine: sa.Engine,
+    tenant: str,
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A hardening the README does not ask for: USAGE on schema resilient_db revoked from
+    PUBLIC (granted to the login role only). A unit that switches to a role of its own then
+    has its COMMIT's function call refused (42501, permission denied for schema
+    resilient_db): every such unit failed, replayed or not. It is replayed once, and the
+    connection verifies by transaction id from then on, saying why once."""
+    with engine.begin() as conn:
+        conn.execute(sa.text("REVOKE USAGE ON SCHEMA resilient_db FROM PUBLIC"))
+    Sessions = rdb.ResilientSession(one_connection, service=service)
+    calls: list[int] = []
+
+    def switching(session: Session) -> int:
+        calls.append(1)
+        session.execute(sa.text(f"SET LOCAL ROLE {tenant}"))
+        return _bump(session)
+
+    with caplog.at_level(logging.WARNING, logger="resilient_db"):
+        assert [Sessions.run(switching) for _ in range(2)] == [1, 2]
+    assert len(calls) == 3  # the first once more
+    said = [r.getMessage() for r in caplog.records if "no longer usable" in r.getMessage()]
+    assert len(said) == 1, caplog.text
+    assert "EXECUTE on resilient_db.mark_commit" in said[0]
+    assert markers(engine) == []
+
+
 @pytest.fixture
 def become(engine: sa.Engine) -> str:
     """A function that switches the role in effect out of the client's sight (the call of a
