@@ -411,14 +411,29 @@ $rdb$""",
     ]
 
 
+#: whether the calling role may replace every object the markers rely on that is there: it
+#: owns it, or is a member of (or, a superuser, may act as) the role that does. An install
+#: by a role that may create in the database but not replace what the owner made (``GRANT ALL
+#: ON DATABASE``) fails on the schema the owner's objects are in
+_MAY_REPLACE_SQL: Final = (
+    "NOT EXISTS (SELECT FROM (VALUES "
+    + ", ".join(
+        f"((SELECT x.{column} FROM pg_catalog.{catalog} x WHERE x.oid "
+        f"OPERATOR(pg_catalog.=) pg_catalog.{lookup}::pg_catalog.oid))"
+        for _, catalog, column, lookup in _RELIED_ON
+    )
+    + ") AS o(owner) WHERE o.owner IS NOT NULL "
+    "AND NOT pg_catalog.pg_has_role(o.owner, 'USAGE'))"
+)
 _MARKERS_COMMENT: Final = (
     f"resilient_db commit markers, version {MARKERS_VERSION}: proof that a unit of work "
     f"committed, kept {int(RETENTION)} s"
 )
 # What an install would find: the table's comment (its version), this version's functions (and
 # not the first version's claim, which the install drops), whether they belong to roles the
-# caller trusts (else the install runs and refuses them, naming their owner), and whether the
-# caller may create in the database at all (an application's role at startup may not)
+# caller trusts (else the install runs and refuses them, naming their owner), whether the
+# caller may create in the database at all (an application's role at startup may not), and
+# whether it may replace what is there (see _MAY_REPLACE_SQL)
 _MARKERS_STATE = (
     f"SELECT pg_catalog.obj_description("
     f"pg_catalog.to_regclass('{SCHEMA}.commit_markers'), 'pg_class'),"
@@ -428,6 +443,7 @@ _MARKERS_STATE = (
     f" AND pg_catalog.to_regprocedure('{SCHEMA}.claim_commit(uuid)') IS NULL,"
     " {untrusted} IS NULL,"
     " pg_catalog.has_database_privilege(pg_catalog.current_database(), 'CREATE'),"
+    f" {_MAY_REPLACE_SQL},"
     " current_user"
 )
 
@@ -498,7 +514,8 @@ def _markers_current(conn: Connection) -> bool:
     owned by roles the connections would trust (the environment's
     ``SELF_HEALING_MARKERS_OWNER`` too: markers a migration role installed, used by the
     application's units, are current for its install at startup); or the caller may not create
-    in the database (an application's role at startup), which could not install anyway: its
+    in the database (an application's role at startup), or may not replace trusted markers
+    there (it holds CREATE on the database, not the objects), which could not install anyway: its
     connections judge what is there (markers of another owner are not used; an earlier
     release's are, with a warning this says first, naming the fix)."""
     from .transitions._report import env_config  # noqa: PLC0415 (see _run_statements)
@@ -507,11 +524,14 @@ def _markers_current(conn: Connection) -> bool:
     # (a colon in the owner's name would read as a bind parameter: escaped, as text() wants)
     untrusted = _untrusted_sql(config.markers_owner).replace(":", "\\:")
     statement = text(_MARKERS_STATE.replace("{untrusted}", untrusted))
-    comment, functions, trusted, may_create, role = conn.execute(statement).one()
+    comment, functions, trusted, may_create, may_replace, role = conn.execute(statement).one()
     if comment == _MARKERS_COMMENT and functions and (trusted or not may_create):
         return True
     found = _VERSION_IN_COMMENT.search(comment) if isinstance(comment, str) else None
-    if may_create or found is None or int(found.group(1)) >= MARKERS_VERSION:
+    # trusted markers this role may not replace (the database owner's, and this role holds
+    # only CREATE on the database): an install could not upgrade them either
+    may_install = may_create and (may_replace or not trusted)
+    if may_install or found is None or int(found.group(1)) >= MARKERS_VERSION:
         return False  # the install runs (and where it can't, the server says why)
     if not trusted:
         return True  # not used by the connections, whose warning names their owner
@@ -520,7 +540,8 @@ def _markers_current(conn: Connection) -> bool:
         log_session,
         logging.WARNING,
         "install_commit_markers: database %s has commit markers version %s, installed by an "
-        "earlier release (this one installs version %d), and role %s may not create in it, so "
+        "earlier release (this one installs version %d), and role %s may not create in it or "
+        "replace them, so "
         "they are left as they are: units use them. Run resilient_db.install_commit_markers() "
         "as the markers' owner, or the latest Alembic step, to upgrade them",
         conn.engine.url.database,

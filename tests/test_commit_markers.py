@@ -2732,7 +2732,8 @@ def test_an_application_role_installing_at_startup_leaves_an_earlier_releases_ma
     assert said.startswith(
         f"[SELF-HEAL] install_commit_markers: database {engine.url.database} has commit markers "
         f"version 4, installed by an earlier release (this one installs version "
-        f"{_commit.MARKERS_VERSION}), and role {role} may not create in it, so they are left"
+        f"{_commit.MARKERS_VERSION}), and role {role} may not create in it or replace them, so "
+        "they are left"
     )
     rdb.install_commit_markers(engine)  # the owner's (here a superuser's) install upgrades them
     with engine.connect() as conn:

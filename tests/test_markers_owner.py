@@ -546,3 +546,48 @@ def test_a_role_set_at_connect_whose_login_role_may_not_write_markers_uses_the_f
     finally:
         engine.dispose()
     assert _counter(admin) == 2
+
+
+def test_an_application_role_that_may_create_but_not_replace_leaves_earlier_markers(
+    admin: sa.Engine, make_role: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rolling deploy: an earlier release's markers (version 4), installed by the database's
+    owner, and the application's role holding CREATE on the database (``GRANT ALL ON
+    DATABASE``, common) but owning none of them. Its startup ``install_commit_markers(engine)``
+    sent the install, which failed ("permission denied for schema resilient_db"): every new
+    instance failed to start, where a role without CREATE is told and goes on. It is told too
+    now: it could not replace them, so it leaves them, and units use them."""
+    owner = make_role('ALTER DATABASE "{database}" OWNER TO {role}')
+    app = make_role(
+        'GRANT CREATE ON DATABASE "{database}" TO {role}',
+        "GRANT SELECT, UPDATE ON counters TO {role}",
+    )
+    owner_engine = owner.engine()
+    try:
+        rdb.install_commit_markers(owner_engine)
+        with owner_engine.begin() as conn:
+            conn.exec_driver_sql(
+                f"GRANT SELECT, INSERT ON resilient_db.commit_markers TO {app.name}"
+            )
+            conn.exec_driver_sql(
+                "COMMENT ON TABLE resilient_db.commit_markers IS 'resilient_db commit markers, "
+                "version 4: proof that a unit of work committed, kept 900 s'"
+            )
+    finally:
+        owner_engine.dispose()
+    app_engine = app.engine()
+    sent: list[str] = []
+    sa.event.listen(app_engine, "before_cursor_execute", lambda *a: sent.append(a[2]))
+    try:
+        with caplog.at_level(logging.WARNING, logger="resilient_db"):
+            rdb.install_commit_markers(app_engine)
+        assert [s for s in sent if s.lstrip().upper().startswith(("DO", "CREATE"))] == []
+        assert "has commit markers version 4, installed by an earlier release" in caplog.text
+        Sessions = rdb.ResilientSession(app_engine, service="rolling")
+        assert Sessions.run(_bump) == 1
+    finally:
+        app_engine.dispose()
+    with admin.connect() as conn:
+        assert (
+            conn.exec_driver_sql("SELECT count(*) FROM resilient_db.commit_markers").scalar() == 1
+        )
