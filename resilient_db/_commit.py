@@ -286,6 +286,49 @@ _RELIED_ON: Final = (
 )
 
 
+#: The objects the markers rely on that the calling role may not replace, with their owners
+#: (``o.owner``): a relation or function that belongs to a role it is not a member of (nor, a
+#: superuser, may act as), or the schema when it may not create in it (a schema a DBA made and
+#: let the installing role create in is its to install into).
+_NOT_REPLACEABLE_FROM: Final = (
+    "(VALUES "
+    + ", ".join(
+        f"((SELECT x.{column} FROM pg_catalog.{catalog} x WHERE x.oid "
+        f"OPERATOR(pg_catalog.=) pg_catalog.{lookup}::pg_catalog.oid), "
+        + (
+            f"pg_catalog.has_schema_privilege(pg_catalog.{lookup}::pg_catalog.oid, 'CREATE'))"
+            if catalog == "pg_namespace"
+            else "NULL::boolean)"
+        )
+        for _, catalog, column, lookup in _RELIED_ON
+    )
+    + ") AS o(owner, may_create) WHERE o.owner IS NOT NULL "
+    "AND NOT COALESCE(o.may_create, pg_catalog.pg_has_role(o.owner, 'USAGE'))"
+)
+#: Runs after the check of planted objects: a role that may create in the database but not
+#: replace the markers there (they belong to a role it is not a member of: the database's
+#: owner installed them, and a migration role apart from it runs the Alembic step) is refused
+#: before anything is changed, naming the owner to install as, where the server would say only
+#: "permission denied for schema resilient_db" at the first CREATE in it.
+_REFUSE_NOT_REPLACEABLE_SQL: Final = f"""DO $rdb$
+DECLARE
+    owners text;
+BEGIN
+    SELECT pg_catalog.string_agg(DISTINCT pg_catalog.quote_ident(r.rolname), ', ')
+      INTO owners
+      FROM pg_catalog.pg_roles r, {_NOT_REPLACEABLE_FROM}
+       AND r.oid OPERATOR(pg_catalog.=) o.owner;
+    IF owners IS NOT NULL THEN
+        RAISE EXCEPTION 'permission denied for schema {SCHEMA}: role % may not replace the '
+            'commit markers there, which belong to role %. Install them as that role '
+            '(resilient_db.install_commit_markers() or the Alembic step, run as it)',
+            current_user, owners
+            USING ERRCODE = '42501';
+    END IF;
+END
+$rdb$"""
+
+
 def _untrusted_sql(owner: str | None = None) -> str:
     """An array naming each object the markers rely on that belongs to a role the connecting
     one has no reason to trust (NULL: none): neither a superuser, the database's owner, the role
@@ -313,6 +356,7 @@ def _install_statements() -> list[str]:
     return [
         _REFUSE_NO_CREATE_SQL,
         _REFUSE_PLANTED_SQL,
+        _REFUSE_NOT_REPLACEABLE_SQL,
         f"CREATE SCHEMA IF NOT EXISTS {s}",
         # id: a UUIDv7 made by the client (its first 48 bits are milliseconds, so the primary
         # key is ordered by time and pruning is a range scan); fence: written by a claim.
@@ -411,20 +455,10 @@ $rdb$""",
     ]
 
 
-#: whether the calling role may replace every object the markers rely on that is there: it
-#: owns it, or is a member of (or, a superuser, may act as) the role that does. An install
-#: by a role that may create in the database but not replace what the owner made (``GRANT ALL
-#: ON DATABASE``) fails on the schema the owner's objects are in
-_MAY_REPLACE_SQL: Final = (
-    "NOT EXISTS (SELECT FROM (VALUES "
-    + ", ".join(
-        f"((SELECT x.{column} FROM pg_catalog.{catalog} x WHERE x.oid "
-        f"OPERATOR(pg_catalog.=) pg_catalog.{lookup}::pg_catalog.oid))"
-        for _, catalog, column, lookup in _RELIED_ON
-    )
-    + ") AS o(owner) WHERE o.owner IS NOT NULL "
-    "AND NOT pg_catalog.pg_has_role(o.owner, 'USAGE'))"
-)
+#: whether the calling role may replace every object the markers rely on that is there (see
+#: _NOT_REPLACEABLE_FROM): an install by a role that may create in the database but not
+#: replace what the owner made (``GRANT ALL ON DATABASE``) would be refused
+_MAY_REPLACE_SQL: Final = f"NOT EXISTS (SELECT FROM {_NOT_REPLACEABLE_FROM})"
 _MARKERS_COMMENT: Final = (
     f"resilient_db commit markers, version {MARKERS_VERSION}: proof that a unit of work "
     f"committed, kept {int(RETENTION)} s"

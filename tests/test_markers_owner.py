@@ -591,3 +591,36 @@ def test_an_application_role_that_may_create_but_not_replace_leaves_earlier_mark
         assert (
             conn.exec_driver_sql("SELECT count(*) FROM resilient_db.commit_markers").scalar() == 1
         )
+
+
+def test_an_install_by_a_role_that_may_not_replace_the_markers_names_their_owner(
+    admin: sa.Engine, make_role: Any
+) -> None:
+    """A role with CREATE on the database but none of the markers (a migration role apart from
+    the database's owner, running the Alembic step; an application role at startup where a
+    function is missing) sends the install: refused as before (42501, before anything is
+    changed), but naming the markers' owner to install as, where the server said only
+    "permission denied for schema resilient_db"."""
+    owner = make_role('ALTER DATABASE "{database}" OWNER TO {role}')
+    migrator = make_role('GRANT CREATE ON DATABASE "{database}" TO {role}')
+    owner_engine = owner.engine()
+    try:
+        rdb.install_commit_markers(owner_engine)
+        with owner_engine.begin() as conn:
+            conn.exec_driver_sql("DROP FUNCTION resilient_db.prune_commit_markers(integer)")
+    finally:
+        owner_engine.dispose()
+    engine = migrator.engine()
+    try:
+        with pytest.raises(sa.exc.ProgrammingError) as raised:
+            rdb.install_commit_markers(engine)
+        with engine.connect() as conn, pytest.raises(sa.exc.ProgrammingError) as through:
+            rdb.install_commit_markers(conn)
+    finally:
+        engine.dispose()
+    for error in (raised.value, through.value):
+        assert getattr(error.orig, "sqlstate", None) == "42501"
+        message = str(error.orig)
+        assert "permission denied for schema resilient_db" in message
+        assert f"role {migrator.name} may not replace the commit markers" in message
+        assert f"which belong to role {owner.name}" in message
