@@ -708,7 +708,10 @@ CLOCK_BEHIND_WARNING: Final = 60.0
 
 # The fallback's evidence: the xid, and what changes when the server restarts or recovers from
 # a crash (a new postmaster, or the end-of-recovery checkpoint of a reinitialised one).
-# NULL where the role may not read the control file: "committed" is then never trusted.
+# NULL where the role may not read the control file: "committed" is then never trusted. (The
+# CASE does not spare such a role the server's check of its right to call the function, made
+# when the statement starts: it is refused, 42501, and its connection reads the xid alone from
+# then on, see ``_control_unreadable``.)
 _INCARNATION = (
     "CASE WHEN pg_catalog.has_function_privilege('pg_catalog.pg_control_checkpoint()', "
     "'EXECUTE') THEN pg_catalog.pg_postmaster_start_time()::text || ' ' || "
@@ -723,9 +726,15 @@ _XID_SQL = f"SELECT pg_catalog.pg_current_xact_id_if_assigned()::text, {_INCARNA
 # in a COMMIT message that calls the marker function, so that the function's condition holds.
 _XID_ASSIGN_SQL = f"SELECT pg_catalog.pg_current_xact_id()::text, {_INCARNATION}"
 _ASSIGN_XID = "SELECT pg_catalog.pg_current_xact_id(); "
+#: the two without the incarnation, for a connection whose role may not read it
+_XID_SQL_ALONE = _XID_SQL.replace(_INCARNATION, "NULL::text")
+_XID_ASSIGN_SQL_ALONE = _XID_ASSIGN_SQL.replace(_INCARNATION, "NULL::text")
+#: the driver connections whose role was refused the incarnation (``pg_control_checkpoint()``
+#: not executable by it: a hardening): their xid reads leave it out (see ``CommitTicket.xid_sql``)
+_control_unreadable: weakref.WeakSet[Any] = weakref.WeakSet()
 # Parameters travel as text: asyncpg has no text encoder for xid8 or uuid parameters given as str.
-XID_STATUS_SQL = text(
-    f"SELECT {_INCARNATION}, "
+_XID_STATUS = (
+    "SELECT {incarnation}, "
     # at or above the checking transaction's own xid (the newest one handed out): never assigned
     # since the restart that lost it. (A snapshot's xmax would not do: an open transaction's xid
     # can be above it.)
@@ -733,6 +742,10 @@ XID_STATUS_SQL = text(
     "THEN 'future' "
     "ELSE pg_catalog.pg_xact_status(CAST(CAST(:xid AS text) AS xid8)) END"
 )
+XID_STATUS_SQL = text(_XID_STATUS.format(incarnation=_INCARNATION))
+#: the check of a ticket read without the incarnation: "committed" can't be trusted there, and
+#: asking for it would be refused (42501) where the xid read was, turning "aborted" unknown too
+XID_STATUS_ALONE_SQL = text(_XID_STATUS.format(incarnation="NULL::text"))
 #: sent before a claim: its fence is a write, also where transactions are read-only by default
 #: (``default_transaction_read_only``), which the unit it settles had overridden to write
 READ_WRITE_SQL = text("SET TRANSACTION READ WRITE")
@@ -1367,7 +1380,10 @@ class CommitTicket:
 
     @property
     def xid_sql(self) -> str:
-        """The query before COMMIT (see ``reads_xid``)."""
+        """The query before COMMIT (see ``reads_xid``); without the incarnation where the
+        connection's role was refused it (see ``_control_unreadable``)."""
+        if self.driver is not None and self.driver in _control_unreadable:
+            return _XID_ASSIGN_SQL_ALONE if self.assign_xid else _XID_SQL_ALONE
         return _XID_ASSIGN_SQL if self.assign_xid else _XID_SQL
 
     @property
@@ -2516,6 +2532,17 @@ def _marker_statement_failed(driver: Any, message: str, exc: BaseException) -> N
     mark_replay_safe(exc)
 
 
+def _xid_read_failed(driver: Any, exc: BaseException) -> None:
+    """The xid read before a COMMIT (the fallback's, or a notification's) raised ``exc`` on
+    ``driver``: the COMMIT never went out. Refused (42501), it is the incarnation's
+    ``pg_control_checkpoint()``, which the role may not call (the rest is PUBLIC's): the
+    connection reads the xid alone from now on ("committed" is then never trusted, as for a
+    role the CASE was meant to spare), and the unit is replayed."""
+    if getattr(exc, "sqlstate", None) == "42501":
+        _control_unreadable.add(driver)
+        mark_replay_safe(exc)
+
+
 def _protocol_of(driver: Any) -> CommitProtocol | None:
     """The commit protocol of the engine of ``driver``, the connection the committing unit's
     COMMIT failed on (None outside a unit, or where the unit's connections are not known)."""
@@ -2742,7 +2769,8 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                                 outside = current_request.set(None)
                                 try:
                                     row = await base.fetchrow(self, ticket.xid_sql)
-                                except asyncpg.PostgresError:  # a failed transaction: 25P02
+                                except asyncpg.PostgresError as exc:  # a failed transaction
+                                    _xid_read_failed(self, exc)
                                     await _end_failed_transaction(self, base)
                                     raise
                                 finally:
@@ -2824,7 +2852,11 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                         return await base.commit(self)
                 if ticket is not None:
                     if ticket.reads_xid:
-                        cursor = await self.execute(ticket.xid_sql)
+                        try:
+                            cursor = await self.execute(ticket.xid_sql)
+                        except psycopg.Error as exc:
+                            _xid_read_failed(self, exc)
+                            raise
                         ticket.xid, ticket.incarnation = await cursor.fetchone()
                     ticket.sent = True
                 elif wrote:  # no unit (drop-in use): a lost answer is unknown, not transient
@@ -2884,7 +2916,12 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                         return base.commit(self)  # type: ignore[no-any-return]
                 if ticket is not None:
                     if ticket.reads_xid:
-                        ticket.xid, ticket.incarnation = self.execute(ticket.xid_sql).fetchone()
+                        try:
+                            cursor = self.execute(ticket.xid_sql)
+                        except psycopg.Error as exc:
+                            _xid_read_failed(self, exc)
+                            raise
+                        ticket.xid, ticket.incarnation = cursor.fetchone()
                     ticket.sent = True
                 elif wrote:  # no unit (drop-in use): a lost answer is unknown, not transient
                     try:

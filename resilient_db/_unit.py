@@ -53,6 +53,7 @@ from ._classify import (
 from ._commit import (
     MARKERS,
     UNMARKED,
+    XID_STATUS_ALONE_SQL,
     XID_STATUS_SQL,
     CommitProtocol,
     CommitRequest,
@@ -429,10 +430,10 @@ def check_commit(
                 # no marker, but the xid was read too: a notification in a transaction that
                 # may have been read-only, where none is written (see _commit._commit_plan).
                 # The fence is in: a transaction that could write its marker never commits now
-                row = connection.execute(XID_STATUS_SQL, {"xid": ticket.xid}).one()
+                row = connection.execute(_xid_status(ticket), {"xid": ticket.xid}).one()
                 verdict = interpret_xid(ticket, row[0], row[1])
         else:
-            row = connection.execute(XID_STATUS_SQL, {"xid": ticket.xid}).one()
+            row = connection.execute(_xid_status(ticket), {"xid": ticket.xid}).one()
             verdict = interpret_xid(ticket, row[0], row[1])
         past = None
         if verdict is CommitVerdict.COMMITTED:
@@ -447,6 +448,12 @@ def check_commit(
         ticket.unserved_standby_names = past.standby_names if past.senders == 0 else None
     # the check's COMMIT proves nothing (a fence not known committed: check again)
     return CommitVerdict.UNREPLICATED if proving else CommitVerdict.IN_PROGRESS
+
+
+def _xid_status(ticket: CommitTicket) -> Any:
+    """The check of ``ticket``'s xid: without the incarnation when none was read (its role
+    may not read it: "committed" can't be trusted anyway, and asking would be refused)."""
+    return XID_STATUS_SQL if ticket.incarnation is not None else XID_STATUS_ALONE_SQL
 
 
 def interpret_claim(status: str | None) -> CommitVerdict:

@@ -1195,6 +1195,82 @@ def test_without_markers_a_writing_unit_pays_one_round_trip_for_its_xid(
     assert warnings[0].getMessage().startswith("[SELF-HEAL] ")
 
 
+@pytest.fixture
+def control_data_revoked(engine: sa.Engine) -> Iterator[None]:
+    """``pg_control_checkpoint()`` not executable by PUBLIC in the test's database (a
+    hardening; the function is in every database's own catalog): the fallback's evidence that
+    the server has not restarted can't be read by an application's role."""
+    revoke = "REVOKE EXECUTE ON FUNCTION pg_catalog.pg_control_checkpoint() FROM PUBLIC"
+    with engine.begin() as conn:
+        conn.execute(sa.text(revoke))
+    yield
+    with engine.begin() as conn:
+        conn.execute(sa.text(revoke.replace("REVOKE", "GRANT").replace("FROM", "TO")))
+
+
+def test_without_markers_a_role_that_may_not_read_the_control_data_still_writes(
+    *,
+    engine: sa.Engine,
+    app_login: tuple[str, str],
+    control_data_revoked: None,
+    fault_proxy: FaultProxy,
+    pg_database: str,
+    service: str,
+) -> None:
+    """The fallback reads the xid before COMMIT with the server's incarnation, which comes from
+    ``pg_control_checkpoint()``; its CASE on the role's right to call it did not keep the
+    server from checking that right (functions are checked when the statement starts, whatever
+    a CASE would evaluate): every writing unit of such a role failed (42501) before its
+    COMMIT. The first is replayed once; the connection reads the xid alone from then on, so a
+    "committed" can't be trusted (its outcome is unknown, as documented), while "aborted" is
+    still proven."""
+    _, url = app_login
+    rdb.uninstall_commit_markers(engine)
+    calls: list[int] = []
+
+    def bump(session: Session) -> int:
+        calls.append(1)
+        return _bump(session)
+
+    proxied = sa.create_engine(
+        sa.make_url(url).set(host=fault_proxy.host, port=fault_proxy.port), pool_size=1
+    )
+    Sessions = rdb.ResilientSession(proxied, service=service)
+    try:
+        assert [Sessions.run(bump) for _ in range(2)] == [1, 2]
+        assert len(calls) == 3  # the first once more
+        fault_proxy.lose_commit_answer()
+        with pytest.raises(rdb.CommitOutcomeUnknownError):
+            Sessions.run(bump)
+        assert len(calls) == 4  # not replayed: it may have committed
+    finally:
+        proxied.dispose()
+    with engine.connect() as conn:
+        assert conn.scalar(sa.select(Counter.value).where(Counter.id == 1)) == 3
+
+
+@pytest.mark.asyncio
+async def test_async_without_markers_a_role_that_may_not_read_the_control_data_still_writes(
+    engine: sa.Engine,
+    app_login: tuple[str, str],
+    control_data_revoked: None,
+    service: str,
+    async_driver: str,
+) -> None:
+    """:func:`test_without_markers_a_role_that_may_not_read_the_control_data_still_writes` on
+    asyncpg (its xid read goes through asyncpg's ``fetchrow``)."""
+    _, url = app_login
+    rdb.uninstall_commit_markers(engine)
+    app_engine = create_async_engine(
+        sa.make_url(url).set(drivername=f"postgresql+{async_driver}"), pool_size=1
+    )
+    Sessions = rdb.AsyncResilientSession(app_engine, service=service)
+    try:
+        assert [await Sessions.run(_abump) for _ in range(2)] == [1, 2]
+    finally:
+        await app_engine.dispose()
+
+
 def test_markers_uninstalled_under_a_running_application_cost_one_replay_per_connection(
     engine: sa.Engine, service: str, caplog: pytest.LogCaptureFixture
 ) -> None:
