@@ -562,6 +562,24 @@ def _markers_current(conn: Connection) -> bool:
     if comment == _MARKERS_COMMENT and functions and (trusted or not may_create):
         return True
     found = _VERSION_IN_COMMENT.search(comment) if isinstance(comment, str) else None
+    if found is not None and int(found.group(1)) > MARKERS_VERSION and functions and trusted:
+        # a later release's (its migration ran: this instance is a rollback, or restarts
+        # during the rollout): replaced, they would lose its fixes; refused, the instance
+        # would not start. Units use them (this release's functions are there)
+        emit(
+            config,
+            log_session,
+            logging.WARNING,
+            "install_commit_markers: database %s has commit markers version %s, installed by "
+            "a later release (this one installs version %d): they are left as they are, and "
+            "units use them",
+            conn.engine.url.database,
+            found.group(1),
+            MARKERS_VERSION,
+            event="commit_markers_newer",
+            version=int(found.group(1)),
+        )
+        return True
     # trusted markers this role may not replace (the database owner's, and this role holds
     # only CREATE on the database): an install could not upgrade them either
     may_install = may_create and (may_replace or not trusted)

@@ -2781,6 +2781,46 @@ def _as_version_4(engine: sa.Engine) -> None:
         )
 
 
+@pytest.mark.parametrize("who", ["the owner", "the application role"])
+def test_an_install_at_startup_leaves_a_later_releases_markers(
+    who: str,
+    engine: sa.Engine,
+    app_login: tuple[str, str],
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The migration of a later release ran (its markers, version 6 here), and an instance of
+    this release starts: a rollback, or one restarting during the rollout. Its startup
+    ``install_commit_markers(engine)`` sent the install: as the application role it failed
+    ("permission denied for database": the instance could not start), as the owner it put
+    this release's functions back over the later ones. Their functions are there: it leaves
+    them, saying so, and units use them."""
+    later = _commit._MARKERS_COMMENT.replace(
+        f"version {_commit.MARKERS_VERSION}:", f"version {_commit.MARKERS_VERSION + 1}:"
+    )
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"COMMENT ON TABLE resilient_db.commit_markers IS '{later}'"))
+    _, url = app_login
+    starting = engine if who == "the owner" else sa.create_engine(url)
+    try:
+        with caplog.at_level(logging.WARNING, logger="resilient_db"):
+            rdb.install_commit_markers(starting)
+        Sessions = rdb.ResilientSession(starting, service=service)
+        before = len(markers(engine))
+        assert Sessions.run(_bump) == 1
+        assert len(markers(engine)) == before + 1  # its COMMIT carried a marker
+    finally:
+        if starting is not engine:
+            starting.dispose()
+    with engine.connect() as conn:
+        assert conn.execute(sa.text(_commit._VERSION_SQL)).scalar() == later  # not replaced
+    [said] = [r.getMessage() for r in caplog.records if "install_commit_markers:" in r.getMessage()]
+    assert (
+        f"has commit markers version {_commit.MARKERS_VERSION + 1}, installed by a later release"
+        in said
+    )
+
+
 def test_an_application_role_installing_at_startup_leaves_an_earlier_releases_markers(
     engine: sa.Engine,
     app_login: tuple[str, str],
