@@ -593,9 +593,9 @@ def _markers_current(conn: Connection) -> bool:
         logging.WARNING,
         "install_commit_markers: database %s has commit markers version %s, installed by an "
         "earlier release (this one installs version %d), and role %s may not create in it or "
-        "replace them, so "
-        "they are left as they are: units use them. Run resilient_db.install_commit_markers() "
-        "as the markers' owner, or the latest Alembic step, to upgrade them",
+        "replace them, so they are left as they are: units use them. Run "
+        "resilient_db.install_commit_markers() as the markers' owner, or the latest Alembic "
+        "step, to upgrade them",
         conn.engine.url.database,
         found.group(1),
         MARKERS_VERSION,
@@ -2239,7 +2239,6 @@ class CommitProtocol:
             if not interrupted and not dbapi_connection.closed:
                 dbapi_connection.autocommit = autocommit
 
-    # -- pruning ----------------------------------------------------------------------------------
     def markers_unusable(self) -> None:
         """The marker function refused a connection's COMMIT (42501): say so once per engine
         (see ``_marker_statement_failed``)."""
@@ -2265,6 +2264,7 @@ class CommitProtocol:
             event="commit_markers_unusable",
         )
 
+    # -- pruning ----------------------------------------------------------------------------------
     def prune_due(self) -> bool:
         return time.monotonic() >= self._next_prune
 
