@@ -187,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
             base = f"http://{args.host}:{args.port}"
             print(f"tasks API at {base}/tasks (docs: {base}/docs)", flush=True)
             print(f"dashboard at {base}/admin/self-healing/?token={quote(token)}", flush=True)
-            uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+            # (uvicorn before 0.30.3 raises the Ctrl+C it stopped on: the exit status is still 0)
+            with contextlib.suppress(KeyboardInterrupt):
+                uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
         finally:
             engine.dispose()
     return 0
