@@ -14,7 +14,6 @@ really differ are marked). Edit ``_asyncio``, then run the script.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import time
@@ -698,16 +697,19 @@ def _note_with_blocks(cls: Any) -> None:
         return entered
 
     def __exit__(session: Any, kind: Any, value: Any, traceback: Any) -> Any:
-        saved, token = session.__dict__.pop("_rdb_block", (None, None))
-        if token is not None:
-            with contextlib.suppress(ValueError):  # (left in another thread or context)
-                dropin_block.reset(token)
+        # (every drop-in block passes here: no context manager for the reset, no tuple made)
+        block = session.__dict__.pop("_rdb_block", None)
+        if block is not None:
+            try:
+                dropin_block.reset(block[1])
+            except ValueError:  # (left in another thread or context)
+                pass
         try:
             return leave(session, kind, value, traceback)  # (your class's answer, if any)
         except Exception:
             raise
         except BaseException as interruption:
-            if kind is None and saved is not None and saved.saved:
+            if kind is None and block is not None and block[0].saved:
                 factory: Any = factory_of(session)  # (the class's: see register_class)
                 if factory is not None and factory.config.enabled:
                     interrupted_after_commit(
