@@ -12,7 +12,6 @@ really differ are marked). Edit ``_asyncio``, then run the script.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import functools
 import inspect
@@ -1087,7 +1086,7 @@ else:  # sync only
             # (every drop-in block passes here: no context manager for the reset, no tuple made)
             block = session.__dict__.pop("_rdb_block", None)
             if block is not None:
-                try:
+                try:  # noqa: SIM105 (contextlib.suppress costs a context manager per block)
                     dropin_block.reset(block[1])
                 except ValueError:  # (left in another thread or context)
                     pass

@@ -700,7 +700,7 @@ def _note_with_blocks(cls: Any) -> None:
         # (every drop-in block passes here: no context manager for the reset, no tuple made)
         block = session.__dict__.pop("_rdb_block", None)
         if block is not None:
-            try:
+            try:  # noqa: SIM105 (contextlib.suppress costs a context manager per block)
                 dropin_block.reset(block[1])
             except ValueError:  # (left in another thread or context)
                 pass
