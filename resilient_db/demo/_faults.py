@@ -29,9 +29,13 @@ from typing import Any, Protocol
 import resilient_db as rdb
 from resilient_db.testing import FaultProxy, PostgresServer
 
-from ._workload import IllegalAttempts, Runner, contention_pair, wait_until
+from ._workload import ContentionPair, IllegalAttempts, Runner, wait_until
 
 __all__ = ["Failover", "FaultLog", "Schedule", "Stage", "Window"]
+
+
+#: how long a contention pair's units get to meet (their barrier gives up after 3 s)
+_MEET_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,8 @@ class Schedule(threading.Thread):
         self.outage = min(3.0, max(1.5, seconds * 0.06))
         self.error: BaseException | None = None
         self._pairs = 0
+        #: the contention pairs started, their units left to end on their own (joined at the end)
+        self._contention: list[ContentionPair] = []
         self._illegal_thread = threading.Thread(
             target=self._illegal_loop, name="demo-illegal", daemon=True
         )
@@ -188,6 +194,11 @@ class Schedule(threading.Thread):
             self.error = exc
         finally:
             self._illegal_thread.join()
+            for pair in self._contention:
+                try:
+                    pair.join()
+                except BaseException as exc:  # reported by the demo
+                    self.error = self.error or exc
 
     def _illegal_loop(self) -> None:
         interval = min(2.0, max(0.4, self.seconds / 24))
@@ -294,26 +305,26 @@ class Schedule(threading.Thread):
             self._await_breaker_closed()
 
     def deadlock(self) -> None:
-        self._pairs += 1
-        met, _, _ = contention_pair(
-            self.stage.runner, "deadlock", self.stage.deadlock_rows, f"d{self._pairs}"
-        )
-        if met:
+        if self._contend("deadlock", self.stage.deadlock_rows, "d"):
             self.log.add("deadlock", "two units locked the same rows in opposite order")
         else:
             self.log.skip("deadlock", "deadlock pair did not meet (another fault interfered)")
 
     def serialization_conflict(self) -> None:
-        self._pairs += 1
-        met, _, _ = contention_pair(
-            self.stage.runner, "serialization", self.stage.serial_rows, f"s{self._pairs}"
-        )
-        if met:
+        if self._contend("serialization", self.stage.serial_rows, "s"):
             self.log.add(
                 "serialization_conflict", "two SERIALIZABLE units wrote what the other read"
             )
         else:
             self.log.skip("serialization_conflict", "serializable pair did not meet")
+
+    def _contend(self, kind: str, rows: tuple[int, int], prefix: str) -> bool:
+        """Start a contention pair; whether its units met. The schedule goes on once they have:
+        their conflict is under way, and how long its loser takes to heal is the workload's."""
+        self._pairs += 1
+        pair = ContentionPair(self.stage.runner, kind, rows, f"{prefix}{self._pairs}").start()
+        self._contention.append(pair)
+        return pair.wait_met(_MEET_SECONDS)
 
     def _await_breaker_closed(self, timeout: float = 8.0) -> None:
         """Wait until the breaker has closed again (or never opened), for a clean next fault."""

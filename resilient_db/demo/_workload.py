@@ -41,12 +41,12 @@ from resilient_db.examples.tasks import (
 
 __all__ = [
     "Change",
+    "ContentionPair",
     "IllegalAttempts",
     "Ledger",
     "Runner",
     "Unit",
     "Worker",
-    "contention_pair",
     "setup_hot_rows",
     "wait_until",
 ]
@@ -353,39 +353,62 @@ def _meet(barrier: threading.Barrier) -> None:
         barrier.wait()
 
 
-def contention_pair(
-    runner: Runner, kind: str, rows: tuple[int, int], key: str
-) -> tuple[bool, list[Change] | None, list[Change] | None]:
-    """Run two contending units in two threads and wait for both. ``kind`` is ``"deadlock"``
-    (same two rows, opposite lock order) or ``"serialization"`` (SERIALIZABLE write skew).
-    Returns whether both met at the barrier, and each unit's changes."""
-    barrier = threading.Barrier(2, timeout=_BARRIER_TIMEOUT)
-    if kind == "deadlock":
-        units = [
-            deadlock_unit(f"{key}a", (rows[0], rows[1]), barrier),
-            deadlock_unit(f"{key}b", (rows[1], rows[0]), barrier),
+class ContentionPair:
+    """Two contending units in two threads. ``kind`` is ``"deadlock"`` (same two rows, opposite
+    lock order) or ``"serialization"`` (SERIALIZABLE write skew)."""
+
+    def __init__(self, runner: Runner, kind: str, rows: tuple[int, int], key: str) -> None:
+        self.met = threading.Event()
+        self.barrier = threading.Barrier(2, action=self.met.set, timeout=_BARRIER_TIMEOUT)
+        if kind == "deadlock":
+            units = [
+                deadlock_unit(f"{key}a", (rows[0], rows[1]), self.barrier),
+                deadlock_unit(f"{key}b", (rows[1], rows[0]), self.barrier),
+            ]
+        else:
+            units = [
+                serial_unit(f"{key}a", rows[0], self.barrier),
+                serial_unit(f"{key}b", rows[1], self.barrier),
+            ]
+        self.errors: list[BaseException] = []
+
+        def go(n: int) -> None:
+            try:
+                runner.run(units[n])
+            except BaseException as exc:  # re-raised by join()
+                self.errors.append(exc)
+
+        self.threads = [
+            threading.Thread(target=go, args=(n,), name=f"demo-{kind}-{n}", daemon=True)
+            for n in (0, 1)
         ]
-    else:
-        units = [serial_unit(f"{key}a", rows[0], barrier), serial_unit(f"{key}b", rows[1], barrier)]
-    results: list[list[Change] | None] = [None, None]
-    errors: list[BaseException] = []
 
-    def go(n: int) -> None:
-        try:
-            results[n] = runner.run(units[n])
-        except BaseException as exc:  # re-raised in the caller's thread below
-            errors.append(exc)
+    def start(self) -> ContentionPair:
+        for t in self.threads:
+            t.start()
+        return self
 
-    threads = [
-        threading.Thread(target=go, args=(n,), name=f"demo-{kind}-{n}", daemon=True) for n in (0, 1)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return not barrier.broken, results[0], results[1]
+    def wait_met(self, timeout: float) -> bool:
+        """Whether both units met at the barrier (their conflict is under way), waiting no longer
+        than that: not until the units end. The loser's retries can take the rest of a run
+        where many workers contend (a SERIALIZABLE retry conflicts with their SERIALIZABLE
+        claims again and again), and a fault schedule waiting for them injected nothing else."""
+        wait_until(
+            lambda: (
+                self.met.is_set()
+                or self.barrier.broken
+                or not any(t.is_alive() for t in self.threads)
+            ),
+            timeout,
+        )
+        return self.met.is_set()
+
+    def join(self) -> None:
+        """Wait for both units to end; re-raise what one raised (a bug in the demo)."""
+        for t in self.threads:
+            t.join()
+        if self.errors:
+            raise self.errors[0]
 
 
 # -- workers ------------------------------------------------------------------------------------
