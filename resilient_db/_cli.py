@@ -10,7 +10,8 @@ Subcommands::
 
 Exit status: 0 success; 1 a demo invariant failed, or the output could not be written (a full
 disk); 2 usage errors, an invalid configuration, a bad ``rules`` target, or a demo that could
-not run; 130 a demo interrupted (Ctrl-C); 143 a demo terminated (SIGTERM).
+not run; 130 a demo interrupted (Ctrl-C); 143 a demo terminated (SIGTERM); 129 a demo hung up
+(SIGHUP: its terminal closed).
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
             "status transitions. At the end every unit of work is checked against the "
             "database. Exit status 0 when every invariant held, 1 when one failed, 2 for a "
             "usage error or a demo that could not run, 130 when interrupted, 143 when "
-            "terminated (SIGTERM; it cleans up as after Ctrl-C)."
+            "terminated (SIGTERM), 129 when hung up (SIGHUP: its terminal closed); it cleans "
+            "up as after Ctrl-C."
         ),
     )
     demo.add_argument(

@@ -557,8 +557,8 @@ def test_demo_help_tells_every_exit_status(capsys: pytest.CaptureFixture[str]) -
     text = " ".join(capsys.readouterr().out.split())
     assert (
         "Exit status 0 when every invariant held, 1 when one failed, 2 for a usage error or a "
-        "demo that could not run, 130 when interrupted, 143 when terminated (SIGTERM; it cleans "
-        "up as after Ctrl-C)."
+        "demo that could not run, 130 when interrupted, 143 when terminated (SIGTERM), 129 when "
+        "hung up (SIGHUP: its terminal closed); it cleans up as after Ctrl-C."
     ) in text
 
 

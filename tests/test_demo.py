@@ -187,3 +187,49 @@ def test_a_terminated_demo_cleans_up_as_after_ctrl_c(
     found = pg_server.execute("SELECT 1 FROM pg_database WHERE datname = %s", params=(database,))
     assert found == [(1,)]  # kept, as asked
     pg_server.drop_database(database)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="a pseudo-terminal is POSIX")
+def test_a_demo_whose_terminal_closed_cleans_up_as_after_sigterm(
+    pg_server: PostgresServer, tmp_path: Path
+) -> None:
+    # The terminal closed (SIGHUP to the session): the demo was killed on the spot, its cleanup
+    # left to the watchdogs, which drop even the database --keep-database was to keep. It stops
+    # as after SIGTERM now, and exits 129; its last writes to the hung-up terminal, which fail,
+    # neither cut the cleanup short nor turn the exit status into 1.
+    import pty  # noqa: PLC0415 - POSIX only
+
+    root = str(Path(resilient_db.__file__).resolve().parent.parent)  # this package, not another
+    command = [sys.executable, "-m", "resilient_db", "demo", "--seconds", "8"]
+    env = {**os.environ, "PYTHONPATH": root, "DATABASE_URL": pg_server.url(), "TERM": "xterm"}
+    pid, terminal = pty.fork()
+    if pid == 0:  # the demo, on the terminal
+        try:
+            os.chdir(tmp_path)  # (python -m looks in the current directory first)
+            os.execve(sys.executable, [*command, "--keep-database", "--url-from-env"], env)
+        finally:
+            os._exit(127)
+    shown = b""
+    deadline = time.monotonic() + 60
+    try:
+        while b"worker backends" not in shown and time.monotonic() < deadline:
+            try:
+                chunk = os.read(terminal, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(terminal)  # the terminal closes
+        _, status = os.waitpid(pid, 0)
+    text = shown.decode(errors="replace")
+    assert b"worker backends" in shown, "the workload did not start:\n" + text
+    assert os.WIFEXITED(status), f"killed by signal {os.WTERMSIG(status)}"
+    assert os.WEXITSTATUS(status) == 129
+    database = re.findall(r"database (rdb_demo_\w+)", text)[0]
+    time.sleep(3)  # (a watchdog left to clean up would have dropped it by now)
+    found = pg_server.execute("SELECT 1 FROM pg_database WHERE datname = %s", params=(database,))
+    assert found == [(1,)]  # kept, as asked
+    pg_server.drop_database(database)

@@ -15,6 +15,7 @@ import contextlib
 import importlib.util
 import logging
 import math
+import os
 import random
 import secrets
 import signal
@@ -810,33 +811,69 @@ class _Terminated(KeyboardInterrupt):
     KeyboardInterrupt would be: the demo stops its workers, servers and processes, drops its
     scratch database (or keeps it, with ``--keep-database``) and exits 143."""
 
+    status = 143
+    said = "terminated"
+
+
+class _HungUp(_Terminated):
+    """SIGHUP (the terminal closed, the SSH session ended): the same cleanup, exit 129."""
+
+    status = 129
+    said = "hung up"
+
+
+#: the signals that end the demo as Ctrl-C does, each with what it raises (no SIGHUP on Windows)
+_ENDING_SIGNALS: dict[int, type[_Terminated]] = {signal.SIGTERM: _Terminated}
+if hasattr(signal, "SIGHUP"):
+    _ENDING_SIGNALS[signal.SIGHUP] = _HungUp
+
+
+def _silence_hung_up_terminal() -> None:
+    """Point standard output and error at the null device where they are a terminal that hung
+    up (it refuses even an empty write): what the demo still writes on its way out (the live
+    display's last refresh, the line saying why it ended) failed there and cut its cleanup
+    short, its servers left to their watchdogs and its exit status 1."""
+    for fd in (1, 2):
+        try:
+            os.write(fd, b"")
+        except OSError:
+            with contextlib.suppress(OSError):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, fd)
+                os.close(devnull)
+
 
 @contextlib.contextmanager
 def _sigterm_interrupts() -> Iterator[None]:
-    """Turn SIGTERM into :class:`_Terminated` while the demo runs. Left to the default
-    (killed on the spot: only the servers' watchdogs clean up, seconds later, and a database
-    kept with ``--keep-database`` is dropped) outside the main thread, where no handler can be
-    set."""
+    """Turn SIGTERM into :class:`_Terminated` and SIGHUP into :class:`_HungUp` while the demo
+    runs. Left to the default (killed on the spot: only the servers' watchdogs clean up, seconds
+    later, and a database kept with ``--keep-database`` is dropped) outside the main thread,
+    where no handler can be set."""
 
     def terminated(signum: int, frame: Any) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one: the cleanup goes on
-        raise _Terminated
+        for ending in _ENDING_SIGNALS:  # a second one, of either kind: the cleanup goes on
+            signal.signal(ending, signal.SIG_IGN)
+        if signum != signal.SIGTERM:
+            _silence_hung_up_terminal()
+        raise _ENDING_SIGNALS[signum]
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, terminated)
+    previous = {ending: signal.signal(ending, terminated) for ending in _ENDING_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for ending, handler in previous.items():
+            signal.signal(ending, handler)
 
 
 def run_demo(
     options: DemoOptions, *, out: IO[str] | None = None, err: IO[str] | None = None
 ) -> int:
     """Run the demo, print the report; 0 when every invariant held, 1 if one failed,
-    2 if the demo could not run, 130 if interrupted (Ctrl-C), 143 if terminated (SIGTERM)."""
+    2 if the demo could not run, 130 if interrupted (Ctrl-C), 143 if terminated (SIGTERM),
+    129 if hung up (SIGHUP)."""
     with _sigterm_interrupts():
         return _run_demo(options, out=out, err=err)
 
@@ -867,10 +904,10 @@ def _run_demo(options: DemoOptions, *, out: IO[str] | None, err: IO[str] | None)
             f"resilient-db demo: error: could not set up the demo: {type(exc).__name__}: {said}\n"
         )
         return 2
-    except _Terminated:
+    except _Terminated as exc:
         view.stop()
-        err.write("resilient-db demo: terminated\n")
-        return 143
+        err.write(f"resilient-db demo: {exc.said}\n")
+        return exc.status
     except KeyboardInterrupt:
         view.stop()
         err.write("resilient-db demo: interrupted\n")
