@@ -107,10 +107,13 @@ def test_three_processes_on_a_given_redis_never_show_its_password(
 ) -> None:
     password = "fleet-demo-secret-41"
     with RedisServer(password=password) as redis:
+        theirs = _their_keys(redis)
         status, report, progress = run_fleet_demo(
             capsys, "--processes", "3", "--workers", "5", "--redis-url", redis.url
         )
         calls = redis.command_counts()
+        left = _keys_left(redis)
+    assert left == theirs  # the demo's own keys removed, nobody else's
     assert_fleet_report(report, progress, processes=3)
     assert status == 0
     assert [m["workers"] for m in report["fleet"]["members"]] == [2, 2, 1]
@@ -120,6 +123,63 @@ def test_three_processes_on_a_given_redis_never_show_its_password(
     assert calls.get("evalsha", 0) > 0  # the processes shared their state through it
     assert password not in json.dumps(report)
     assert password not in progress
+
+
+def _their_keys(redis: RedisServer) -> dict[str, str]:
+    """Keys the user's Redis holds before the demo runs: one of the user's, the shared breaker
+    of another service; returns every key and its type."""
+    client = redis.client()
+    try:
+        client.set("user:key", "mine")
+        client.hset("resilient_db:{orders}:breaker", "state", "open")
+    finally:
+        client.close()
+    return _keys_left(redis)
+
+
+def _keys_left(redis: RedisServer) -> dict[str, str]:
+    """Every key in ``redis`` but the links' liveness key (every process's, expiring by
+    itself), with its type."""
+    client = redis.client()
+    try:
+        found = {k.decode(): client.type(k).decode() for k in client.keys("*")}
+    finally:
+        client.close()
+    found.pop("resilient_db:alive", None)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.server_control
+def test_a_terminated_demo_removes_its_keys_from_a_given_redis(tmp_path: Path) -> None:
+    # With --redis-url the shared breaker and budget of the demo's service stayed in the user's
+    # Redis (the breaker's hash for good), also after an interrupted run
+    root = str(Path(resilient_db.__file__).resolve().parent.parent)  # this package, not another
+    command = [sys.executable, "-m", "resilient_db", "demo", "--seconds", "8", "--plain"]
+    with RedisServer() as redis:
+        theirs = _their_keys(redis)
+        with subprocess.Popen(
+            [*command, "--processes", "2", "--workers", "2", "--redis-url-from-env"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": root, "SELF_HEALING_REDIS_URL": redis.url},
+            cwd=tmp_path,  # (python -m looks in the current directory first)
+            text=True,
+        ) as demo:
+            assert demo.stdout is not None
+            assert demo.stderr is not None
+            said: list[str] = []
+            for line in demo.stdout:
+                said.append(line)
+                if "circuit breaker" in line:  # the workload runs, through the shared breaker
+                    break
+            else:
+                pytest.fail("the workload did not start:\n" + "".join(said) + demo.stderr.read())
+            assert "resilient_db:{tasks-demo}:breaker" in _keys_left(redis)
+            demo.terminate()
+            demo.stderr.read()
+            assert demo.wait(timeout=60) == 143
+        assert _keys_left(redis) == theirs
 
 
 def _free_port() -> int:

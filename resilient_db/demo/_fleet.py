@@ -791,7 +791,37 @@ class FleetDemo(Demo):
         try:
             super()._cleanup(server, database, created)
         finally:
-            self._stop_redis()
+            try:
+                if self.options.redis_url is not None:
+                    self._remove_service_keys(self.options.redis_url)
+            finally:
+                self._stop_redis()
+
+    def _remove_service_keys(self, url: str) -> None:
+        """Remove the demo's service's keys (its shared breaker, failure count, probes and retry
+        budget) from the Redis given with ``--redis-url``: the user's, where they stayed (the
+        breaker's for good) and a later run started from them. Only those: other services'
+        keys are not the demo's, and the links' liveness key (every process's) expires by
+        itself. Once the worker processes have ended, and this process's link to it is closed:
+        nothing writes them again."""
+        from resilient_db._fleet import _keys, links  # noqa: PLC0415
+
+        for link in links().values():
+            if link.url == url:
+                link.close()
+        try:
+            import redis  # noqa: PLC0415 - optional dependency, there with --processes
+
+            client = redis.Redis.from_url(url, socket_timeout=3.0, socket_connect_timeout=3.0)
+            try:
+                client.delete(*_keys(SERVICE))
+            finally:
+                client.close()
+        except Exception as exc:  # (never its text: it may carry the password)
+            self.event(
+                f"could not remove the demo's keys ({_keys(SERVICE).breaker}, ...) from "
+                f"{mask_url(url)}: {type(exc).__name__}"
+            )
 
     def _stop_redis(self) -> None:
         if self.redis is None:
