@@ -17,7 +17,9 @@ import sqlalchemy as sa
 
 import resilient_db
 from resilient_db._cli import main
-from resilient_db.demo._run import _captured_logs, _LogTap
+from resilient_db.demo import DemoOptions
+from resilient_db.demo._run import Demo, _captured_logs, _LogTap
+from resilient_db.demo._workload import Worker
 from resilient_db.testing import PostgresServer
 
 REQUIRED_KEYS = {
@@ -233,3 +235,12 @@ def test_a_demo_whose_terminal_closed_cleans_up_as_after_sigterm(
     found = pg_server.execute("SELECT 1 FROM pg_database WHERE datname = %s", params=(database,))
     assert found == [(1,)]  # kept, as asked
     pg_server.drop_database(database)
+
+
+def test_an_interrupt_as_the_workers_start_ends_without_a_traceback() -> None:
+    # Ctrl-C or SIGTERM while the 100 workers were starting: a worker not started yet (or not
+    # yet said to be) made the end of the cleanup raise "cannot join thread before it is
+    # started", with a traceback and exit status 1 instead of 130 or 143
+    demo = Demo(DemoOptions(seconds=8), cast(Any, None))
+    demo.workers = [Worker(0, cast(Any, None), demo.stop, seed=0, think=0.0)]
+    demo._join_threads(timeout=0.1)

@@ -520,7 +520,10 @@ class Demo:
         if self.schedule is not None:
             threads.append(self.schedule)
         for thread in threads:
-            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+            # a worker whose start() Ctrl-C or a signal cut off (as the workers start) may not
+            # have said it runs yet: it has its stop set like the others, and is not waited for
+            with contextlib.suppress(RuntimeError):  # "cannot join thread before it is started"
+                thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _serve_metrics(self, port: int) -> Any:
         from resilient_db._metrics import serve  # noqa: PLC0415 - prometheus_client is optional
