@@ -244,3 +244,25 @@ def test_an_interrupt_as_the_workers_start_ends_without_a_traceback() -> None:
     demo = Demo(DemoOptions(seconds=8), cast(Any, None))
     demo.workers = [Worker(0, cast(Any, None), demo.stop, seed=0, think=0.0)]
     demo._join_threads(timeout=0.1)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_demo_whose_output_a_full_disk_refuses_says_so_and_exits_1(tmp_path: Path) -> None:
+    # its first lines refused during the set-up were taken for the set-up failing: "could not
+    # set up the demo: _OutputFailed: ..." and exit status 2
+    root = str(Path(resilient_db.__file__).resolve().parent.parent)  # this package, not another
+    with open("/dev/full", "w") as full:  # every write fails with ENOSPC
+        done = subprocess.run(
+            [sys.executable, "-m", "resilient_db", "demo", "--seconds", "8", "--plain"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": root},
+            cwd=tmp_path,  # (python -m looks in the current directory first)
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert done.returncode == 1
+    assert done.stderr.splitlines()[-1] == (
+        "resilient-db: error: could not write the output: [Errno 28] No space left on device"
+    )

@@ -896,6 +896,10 @@ def _run_demo(options: DemoOptions, *, out: IO[str] | None, err: IO[str] | None)
     except Exception as exc:
         if demo is not None and demo.phase != "setup":
             raise  # the demo's own failure, once it runs: with its traceback
+        from resilient_db._cli import _OutputFailed  # noqa: PLC0415 - the command's
+
+        if isinstance(exc, _OutputFailed):
+            raise  # standard output refused the first lines (a full disk): the command says so
         # the database or the migrations refused what the demo's own checks let through (a
         # URL option the driver rejects, an env.py that fails): said in a line, as those are
         view.stop()
