@@ -1327,6 +1327,41 @@ def test_other_update_of_the_status_during_the_flush_checks_the_rows_first(
     assert (_db_status(engine, a), _db_status(engine, b)) == ("in_progress", "cancelled")
 
 
+@pytest.mark.parametrize("moved", [1, 2])
+def test_other_update_of_the_status_after_the_flush_wrote_its_rows(
+    engine: sa.Engine, sessions: sessionmaker[_S], moved: int
+) -> None:
+    """The same UPDATE sent by an after_update listener, once the flush's own UPDATE moved its
+    rows: they hold the states the flush wrote, which is no conflict (it was refused as a
+    StaleTransitionError naming the flush's own row, and nothing was written). One changed row
+    and two, in a flush whose UPDATE was sent before (the same compiled statement)."""
+    rows = [_add_task(engine) for _ in range(moved)]
+    other = _add_task(engine, title="other")
+    table = _table(Task)
+    sent = [_add_task(engine) for _ in range(moved)]
+
+    def cancel_others(mapper: Any, connection: Any, target: Task) -> None:
+        connection.execute(
+            table.update().where(table.c.title == sa.bindparam("other")),
+            {"other": "other", "status": "cancelled"},
+        )
+
+    with sessions() as s:  # the UPDATE's plan made before (no listener yet)
+        for key in sent:
+            s.get_one(Task, key).status = "in_progress"
+        s.commit()
+    event.listen(Task, "after_update", cancel_others)
+    try:
+        with sessions() as s:
+            for key in rows:
+                s.get_one(Task, key).status = "in_progress"
+            s.commit()
+    finally:
+        event.remove(Task, "after_update", cancel_others)
+    assert [_db_status(engine, key) for key in rows] == ["in_progress"] * moved
+    assert _db_status(engine, other) == "cancelled"
+
+
 def test_unchanged_and_same_value_are_not_transitions(
     engine: sa.Engine, sessions: sessionmaker[_S]
 ) -> None:

@@ -340,12 +340,13 @@ def _read_states(
 
 
 def _check_against_db(
-    conn: Connection, changes: Sequence[Change], *, lock: bool
+    conn: Connection, changes: Sequence[Change], *, lock: bool, or_written: bool = False
 ) -> tuple[list[IllegalTransitionError], list[Any]]:
     """Read the current state of every changed row (one SELECT per table) and check it: a row
     whose loaded state is known must still hold it (else stale); a row whose state was not
-    loaded must be allowed to move from the state it holds (else illegal). Returns the errors
-    and, per change, the state read."""
+    loaded must be allowed to move from the state it holds (else illegal). ``or_written``: a
+    row may hold the state the flush writes instead (see :func:`_lock_and_check`). Returns the
+    errors and, per change, the state read."""
     by_table: dict[sa.Table, list[int]] = {}
     for index, change in enumerate(changes):
         by_table.setdefault(change.guard.table, []).append(index)
@@ -372,7 +373,9 @@ def _check_against_db(
             if not change.old_known:
                 if not guard.legal(guard.key(db_value), guard.key(change.new)):
                     errors.append(illegal(change, db_value, "flush"))
-            elif guard.key(db_value) != guard.key(change.old):
+            elif guard.key(db_value) != guard.key(change.old) and not (
+                or_written and guard.key(db_value) == guard.key(change.new)
+            ):
                 errors.append(_stale(change, _moved(guard, db_value)))
     return errors, values
 
@@ -802,10 +805,14 @@ def _compare_and_set(
     except KeyError:
         # Not an UPDATE by primary key, so not the flush's own (one a flush event sends, say),
         # yet it sets a guarded column of this table: the rows this flush expects something of
-        # are checked under lock before it runs, whichever of them it touches.
+        # are checked under lock before it runs, whichever of them it touches. A row whose
+        # own UPDATE this flush sent already (before an after_update listener's statement,
+        # say) holds the state written: that one passes too. One that another transaction
+        # moved there before that UPDATE was sent failed its compare-and-set then, and one
+        # whose UPDATE is still to come is compared by it.
         pending = [r for r in table_rows.values() if all(g.column in r for g in guards)]
         if pending:
-            _lock_and_check(conn, checks, guards, pending)
+            _lock_and_check(conn, checks, guards, pending, or_written=True)
         return False
     # the rows this flush expects something of for every guard the UPDATE sets (a row
     # without: its status was changed after before_flush)
@@ -1128,14 +1135,17 @@ def _lock_and_check(
     checks: _FlushChecks,
     guards: tuple[Guard, ...],
     expected: list[_Row],
+    *,
+    or_written: bool = False,
 ) -> None:
-    """The fallback: lock the rows, check they hold the expected states, let the UPDATE go."""
+    """The fallback: lock the rows, check they hold the expected states, let the UPDATE go
+    (``or_written``: or the states the flush writes, see :func:`_check_against_db`)."""
     changes = [
         found[g.column].change._replace(old=found[g.column].value, old_known=True)
         for found in expected
         for g in guards
     ]
-    errors = _check_against_db(conn, changes, lock=True)[0]
+    errors = _check_against_db(conn, changes, lock=True, or_written=or_written)[0]
     if errors:
         raise_errors(errors, checks.config)
 
