@@ -22,6 +22,7 @@ import resilient_db as rdb
 from resilient_db.demo import alembic_config, apply_migrations, downgrade_migrations
 from resilient_db.examples.tasks import Base, Task
 from resilient_db.testing import PostgresServer
+from resilient_db.transitions._install import INSTALL_LOCK
 
 HEAD = "0010_markers_newest_horizon"
 
@@ -352,6 +353,58 @@ def test_an_offline_install_run_one_statement_at_a_time_keeps_the_table_guarded(
                 assert getattr(info.value.orig, "sqlstate", None) == rdb.TRANSITION_SQLSTATE
     with engine.connect() as conn:
         assert rdb.trigger_drift(conn, Task) is None
+
+
+@pytest.mark.parametrize("dialect_opts", [{}, {"paramstyle": "pyformat"}, {"paramstyle": "format"}])
+def test_an_offline_install_is_the_same_whatever_the_paramstyle(
+    pg_url: str, engine: sa.Engine, dialect_opts: dict[str, str]
+) -> None:
+    """An env.py that does not pass ``dialect_opts={"paramstyle": "named"}`` (Flask-Migrate's
+    does not) compiles offline SQL for a paramstyle that writes every ``%`` of a text() as
+    ``%%``: the function was installed with ``format('%%s ...')`` (its messages lost the
+    table and the states, and drift detection found a function changed), and the block
+    replacing the trigger of the table's other spelling failed (``DROP TRIGGER %I``)."""
+    apply_migrations(pg_url)
+    with engine.begin() as conn:  # as a migration naming the schema installed it
+        rdb.install_transition_trigger(
+            conn,
+            rdb.TransitionTrigger(
+                model="Task",
+                table="tasks",
+                primary_key="id",
+                type_=Task.__table__.c.status.type,
+                rules=Task.__transitions__,
+                schema="public",
+            ),
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO tasks (idem_key, title, status) VALUES ('a', 'a', 'pending')"
+        )
+    buffer = io.StringIO()
+    offline = MigrationContext.configure(
+        dialect_name="postgresql",
+        opts={"as_sql": True, "output_buffer": buffer},
+        dialect_opts=dialect_opts,
+    )
+    rdb.install_transition_trigger(Operations(offline), Task)
+    script = buffer.getvalue()
+    assert "%%" not in script
+    assert script == _with_lock(rdb.transition_trigger_sql(Task))
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as runner:
+        for statement in _statements(script):
+            runner.exec_driver_sql(statement, execution_options={"no_parameters": True})
+    with engine.connect() as conn:
+        assert rdb.trigger_drift(conn, Task) is None
+        with pytest.raises(sa_exc.DBAPIError) as info:
+            conn.exec_driver_sql("UPDATE tasks SET status = 'completed'")
+        assert "Status transition blocked: tasks.status 'pending' -> 'completed'" in str(info.value)
+
+
+def _with_lock(script: str) -> str:
+    """``script`` as an offline install writes it: after the install lock, each statement
+    ended by Alembic's ``;`` and a blank line."""
+    statements = _statements(script.rstrip().removesuffix(";"))
+    return "".join(f"{s};\n\n" for s in [INSTALL_LOCK, *statements])
 
 
 def alembic_upgrade_head(url: str) -> subprocess.CompletedProcess[str]:

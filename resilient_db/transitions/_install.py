@@ -19,7 +19,10 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Mapper, Session, registry
+from sqlalchemy.sql.base import Executable
+from sqlalchemy.sql.elements import ClauseElement
 
 from resilient_db._classify import sqlstate_of
 from resilient_db._errors import ResilientDBError
@@ -299,12 +302,22 @@ def _model_name(model: type[Any] | TransitionTrigger) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _offline_escape(statement: str) -> str:
-    """``statement`` for ``sa.text()`` in Alembic's offline mode, where the text is written out
-    as it compiles: every ``:`` escaped as ``\\:``, which text() neither takes for a bind
-    parameter nor leaves in the output. (Escaping only what looks like ``:name`` left the
-    backslash of ``\\:ab`` in ``:ab:cd``, so the script's SQL differed from the rules.)"""
-    return statement.replace(":", "\\:")
+class _Verbatim(Executable, ClauseElement):
+    """A statement that compiles to its text, unchanged: what Alembic's offline mode writes
+    out. Not ``sa.text()``: it takes every ``:name`` for a bind parameter, and for a dialect
+    of the ``format`` or ``pyformat`` paramstyle (an env.py without ``dialect_opts=
+    {"paramstyle": "named"}``, Flask-Migrate's) writes every ``%`` as ``%%``, which changed
+    the trigger's ``format()`` strings (its messages, the DROPs of its cleanup blocks)."""
+
+    inherit_cache = False
+
+    def __init__(self, statement: str) -> None:
+        self.statement = statement
+
+
+@compiles(_Verbatim)
+def _compile_verbatim(element: _Verbatim, compiler: Any, **kw: Any) -> str:
+    return element.statement
 
 
 # Installers running at once (two instances of an application starting together) collide in
@@ -327,8 +340,8 @@ def run_statements(target: Any, statements: list[str]) -> None:
     if migration_context is not None:  # an Alembic Operations object (``op``)
         _require_postgresql(migration_context.dialect)
         if getattr(migration_context, "as_sql", False):
-            for stmt in statements:  # offline: text() must see no bind, and give back every ":"
-                target.execute(sa.text(_offline_escape(stmt)))
+            for stmt in statements:  # offline: written out as they are (see _Verbatim)
+                target.execute(_Verbatim(stmt))
             return
         _send(target.get_bind(), statements)
         return
