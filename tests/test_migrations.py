@@ -400,6 +400,25 @@ def test_an_offline_install_is_the_same_whatever_the_paramstyle(
         assert "Status transition blocked: tasks.status 'pending' -> 'completed'" in str(info.value)
 
 
+def test_offline_commit_markers_are_the_same_whatever_the_paramstyle() -> None:
+    """The commit markers' offline script is written through the same path: under a
+    ``format`` or ``pyformat`` paramstyle it had ``RAISE ... '%%'`` and ``format('%%s')``."""
+
+    def offline(dialect_opts: dict[str, str]) -> str:
+        buffer = io.StringIO()
+        context = MigrationContext.configure(
+            dialect_name="postgresql",
+            opts={"as_sql": True, "output_buffer": buffer},
+            dialect_opts=dialect_opts,
+        )
+        rdb.install_commit_markers(Operations(context))
+        return buffer.getvalue()
+
+    named = offline({"paramstyle": "named"})
+    assert offline({}) == named
+    assert offline({"paramstyle": "format"}) == named
+
+
 def _with_lock(script: str) -> str:
     """``script`` as an offline install writes it: after the install lock, each statement
     ended by Alembic's ``;`` and a blank line."""
