@@ -43,6 +43,7 @@ from resilient_db.transitions import (
 from resilient_db.transitions._bypass import GUARD_INFO_KEY
 from resilient_db.transitions._guards import install_guard
 from resilient_db.transitions._rules import guards_of
+from resilient_db.transitions._sql import trigger_names
 
 RULES: dict[str, Any] = {
     "column": "status",
@@ -777,6 +778,74 @@ def test_a_new_rows_status_foreign_key_set_through_a_collection_is_judged(
 # ------------------------------------------------------------------------------------------------
 # partitioned tables: the trigger's limit is said at install
 # ------------------------------------------------------------------------------------------------
+
+
+def test_drift_names_a_trigger_disabled_on_one_partition(engine: sa.Engine) -> None:
+    """PostgreSQL clones the triggers of a partitioned table onto each partition (a
+    sub-partition too), and each clone can be disabled on its own: an illegal move of a row in
+    that partition is then committed. Drift looked at the partitioned table only, and said
+    nothing; it names the partition, and installing again enables the clone."""
+    reg = registry()
+    try:
+        model = reg.mapped(
+            type(
+                "PartClone",
+                (),
+                {
+                    "__tablename__": "edge_part_clone",
+                    "__table_args__": {"postgresql_partition_by": "LIST (region)"},
+                    "__transitions__": TransitionRules(**RULES),
+                    "id": mapped_column(sa.Integer, primary_key=True),
+                    "region": mapped_column(sa.String(10), primary_key=True),
+                    "status": mapped_column(sa.String(20)),
+                },
+            )
+        )
+        model.__table__.create(engine)
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                "CREATE TABLE edge_part_clone_eu PARTITION OF edge_part_clone "
+                "FOR VALUES IN ('eu') PARTITION BY LIST (id)"
+            )
+            conn.exec_driver_sql(
+                "CREATE TABLE edge_part_clone_eu1 PARTITION OF edge_part_clone_eu FOR VALUES IN (1)"
+            )
+            conn.exec_driver_sql(
+                "CREATE TABLE edge_part_clone_us PARTITION OF edge_part_clone FOR VALUES IN ('us')"
+            )
+        install_transition_trigger(engine, model)
+        names = trigger_names(guards_of(model)[0])
+        with engine.begin() as conn:
+            assert rdb.trigger_drift(conn, model) is None
+            conn.exec_driver_sql(
+                f"ALTER TABLE edge_part_clone_eu1 DISABLE TRIGGER {names.update_trigger}"
+            )
+            conn.exec_driver_sql(
+                f"ALTER TABLE edge_part_clone_us ENABLE REPLICA TRIGGER {names.insert_trigger}"
+            )
+            drift = rdb.trigger_drift(conn, model)
+        assert drift is not None
+        assert (
+            f"on partition edge_part_clone_eu1, trigger {names.update_trigger} is disabled" in drift
+        )
+        assert (
+            f"on partition edge_part_clone_us, trigger {names.insert_trigger} fires only in "
+            "sessions replaying replication" in drift
+        )
+        assert "edge_part_clone_eu," not in drift
+        with engine.begin() as conn:  # the table's own trigger too: said once, for the table
+            conn.exec_driver_sql(
+                f"ALTER TABLE edge_part_clone DISABLE TRIGGER {names.update_trigger}"
+            )
+            drift = rdb.trigger_drift(conn, model)
+        assert drift is not None
+        assert f"trigger {names.update_trigger} is disabled" in drift
+        assert "edge_part_clone_eu1" not in drift
+        install_transition_trigger(engine, model)
+        with engine.begin() as conn:
+            assert rdb.trigger_drift(conn, model) is None
+    finally:
+        reg.dispose()
 
 
 def test_installing_on_a_partitioned_table_warns_of_moves_across_partitions(

@@ -771,6 +771,20 @@ _DRIFT_QUERY = sa.text(
     WHERE t.tgrelid = pg_catalog.to_regclass(:rel)::oid AND t.tgname IN (:ins, :upd)
     """
 )
+# The clones of our triggers that PostgreSQL made on the partitions of a partitioned table (a
+# sub-partition's too: every level below the table) and that do not fire as installed: each
+# can be disabled on its own (ALTER TABLE <partition> DISABLE TRIGGER), and then a write to a
+# row of that partition goes unchecked while the table's own triggers look as installed.
+_PARTITION_QUERY = sa.text(
+    """
+    SELECT p.relid::regclass::text AS partition, t.tgname::text AS name,
+           t.tgenabled::text AS enabled
+    FROM pg_catalog.pg_partition_tree(pg_catalog.to_regclass(:rel)) p
+    JOIN pg_catalog.pg_trigger t ON t.tgrelid = p.relid::oid
+    WHERE p.level > 0 AND t.tgname IN (:ins, :upd) AND t.tgenabled <> 'O'
+    ORDER BY p.level, 1, 2
+    """
+)
 # pg_trigger.tgtype bits: FOR EACH ROW 1, BEFORE 2, INSERT 4, DELETE 8, UPDATE 16, TRUNCATE 32,
 # INSTEAD 64. What install creates: AFTER INSERT / AFTER UPDATE row triggers, each with a WHEN.
 _TRIGGER_TYPE_INSERT = 1 | 4
@@ -915,6 +929,19 @@ def trigger_drift(
                 )
             else:
                 stamps.setdefault(row.stamp, accepted[row.function])
+        partitions = conn.execute(
+            _PARTITION_QUERY,
+            {"rel": n.table, "ins": n.insert_trigger, "upd": n.update_trigger},
+        )
+        for part in partitions:
+            table_trigger = rows.get(part.name)
+            if table_trigger is not None and table_trigger.enabled == part.enabled:
+                continue  # disabled on the table and its partitions alike: said above
+            state = _ENABLED.get(part.enabled, f"has tgenabled = {part.enabled!r}")
+            problems.append(
+                f"{where}: on partition {part.partition}, trigger {part.name} {state}; run "
+                "install_transition_trigger again"
+            )
         for function in altered:
             problems.append(
                 f"{where}: function {function}() is not the one generated for the declared "
