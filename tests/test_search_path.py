@@ -77,6 +77,32 @@ def test_the_drift_check_runs_nothing_planted(engine: sa.Engine) -> None:
     rdb.install_transition_trigger(engine, Task)  # current: checked, nothing sent
 
 
+def test_the_partitioned_table_check_runs_nothing_planted(engine: sa.Engine) -> None:
+    """The install asks whether the table is partitioned (to warn) before anything else, also
+    at every startup on which the trigger is current: that query compared ``pg_class.oid``
+    with a ``regclass``, so ``oid = regclass`` planted in public ran with the installer's
+    rights; one that raised was not seen (the question's failure is ignored), one that did
+    its work and answered went unnoticed."""
+    Base.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE public.rdb_planted_ran (who text)"))
+        # the comparison is reached for a partitioned table's row of pg_class (any table)
+        conn.execute(sa.text("CREATE TABLE public.rdb_events (at date) PARTITION BY RANGE (at)"))
+    plant(
+        engine,
+        "oid",
+        "regclass",
+        "INSERT INTO public.rdb_planted_ran VALUES (current_user); RETURN $1 = $2::oid;",
+    )
+    rdb.install_transition_trigger(engine, Task)  # an install, then a startup's (current)
+    rdb.install_transition_trigger(engine, Task)
+    with engine.begin() as conn:
+        rdb.install_transition_trigger(conn, Task)
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM public.rdb_planted_ran")).scalar() == 0
+        assert rdb.trigger_drift(conn, Task) is None
+
+
 def test_the_install_runs_nothing_planted_while_it_drops_a_legacy_function(
     engine: sa.Engine,
 ) -> None:

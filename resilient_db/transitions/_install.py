@@ -529,9 +529,11 @@ def _warn_no_role(model: str, *, installed_now: bool) -> None:
     )
 
 
+# oid = oid, as the drift queries compare (see _DRIFT_QUERY): asked at every install and
+# startup, before anything else, with the installer's rights
 _PARTITIONED_QUERY = sa.text(
     "SELECT EXISTS (SELECT FROM pg_catalog.pg_class c "
-    "WHERE c.oid = pg_catalog.to_regclass(:table) AND c.relkind = 'p')"
+    "WHERE c.oid = pg_catalog.to_regclass(:table)::oid AND c.relkind = 'p')"
 )
 
 
