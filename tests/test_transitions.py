@@ -2093,11 +2093,15 @@ def test_bypass_only_inside_its_transaction_and_logged(
     assert len(bypasses) == 2
     xid = bypasses[0].self_heal["xid"]
     assert xid.isdigit()
+    with engine.connect() as conn:
+        role = conn.exec_driver_sql("SELECT current_user::text").scalar()
     assert bypasses[0].getMessage() == (
-        f"[SELF-HEAL] transition guard bypassed for the current transaction (xid {xid}): "
-        "reason=ticket OPS-42: reopen after data fix"
+        f"[SELF-HEAL] transition guard bypassed for the current transaction (xid {xid}) by "
+        f"role {role}: reason=ticket OPS-42: reopen after data fix"
     )
     assert bypasses[0].self_heal["reason"] == "ticket OPS-42: reopen after data fix"
+    # who asked, as a refusal says it (the audit's who and why)
+    assert bypasses[0].self_heal["role"] == bypasses[0].self_heal["login_role"] == role
 
 
 @pytest.mark.parametrize("switch", ["enabled", "status_validation"])

@@ -108,17 +108,27 @@ def bypass_transitions(target: Session | Connection, *, reason: str) -> None:
         STATE.bypasses[target] = target.get_transaction()
     count("bypasses")
     # The audit line of a move past the guard: said whether or not self-healing is on (the
-    # bypass works either way: the trigger honours it), unless logging is switched off
+    # bypass works either way: the trigger honours it), unless logging is switched off. Who
+    # asked (the roles the trigger checked, as its server log lines and a refusal say them),
+    # and why.
     audit = config if config.enabled else dataclasses.replace(config, enabled=True)
+    who = (
+        row.acting_role
+        if row.acting_role == row.login_role
+        else f"{row.acting_role} (logged in as {row.login_role})"
+    )
     emit(
         audit,
         logger,
         logging.WARNING,
-        "transition guard bypassed for the current transaction (xid %s): reason=%s",
+        "transition guard bypassed for the current transaction (xid %s) by role %s: reason=%s",
         row.xid,
+        who,
         reason,
         event="transition_guard_bypassed",
         xid=row.xid,
+        role=row.acting_role,
+        login_role=row.login_role,
         reason=reason,
     )
 
