@@ -780,6 +780,51 @@ def test_a_new_rows_status_foreign_key_set_through_a_collection_is_judged(
 # ------------------------------------------------------------------------------------------------
 
 
+def test_installing_on_a_table_others_inherit_from_warns_of_their_rows(
+    engine: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A table's row triggers fire for its own rows only: an UPDATE of the guarded table that
+    reaches the rows of a table inheriting from it (INHERITS) moved them past the rules with
+    nothing said. Installing says so, naming those tables (not the partitions of a
+    partitioned table, which get the trigger)."""
+    reg = registry()
+    try:
+        model = reg.mapped(
+            type(
+                "Inherited",
+                (),
+                {
+                    "__tablename__": "edge_inherited",
+                    "__transitions__": TransitionRules(**RULES),
+                    "id": mapped_column(sa.Integer, primary_key=True),
+                    "status": mapped_column(sa.String(20)),
+                },
+            )
+        )
+        model.__table__.create(engine)
+        caplog.set_level(logging.WARNING, logger="resilient_db.transitions")
+        install_transition_trigger(engine, model)
+        assert not [r for r in caplog.records if "INHERITS" in r.getMessage()]
+        with engine.begin() as conn:
+            for child in ("edge_inherited_2024", "edge_inherited_2023"):
+                conn.exec_driver_sql(f"CREATE TABLE {child} () INHERITS (edge_inherited)")
+        for target in (engine, None):
+            caplog.clear()
+            if target is None:
+                with engine.begin() as conn:
+                    install_transition_trigger(conn, model)
+            else:
+                install_transition_trigger(target, model)
+            [record] = [r for r in caplog.records if "INHERITS" in r.getMessage()]
+            message = record.getMessage()
+            assert "table 'edge_inherited': edge_inherited_2023, edge_inherited_2024 inherit" in (
+                message
+            )
+            assert "does not judge the rows of those tables" in message
+    finally:
+        reg.dispose()
+
+
 def test_drift_names_a_trigger_disabled_on_one_partition(engine: sa.Engine) -> None:
     """PostgreSQL clones the triggers of a partitioned table onto each partition (a
     sub-partition too), and each clone can be disabled on its own: an illegal move of a row in

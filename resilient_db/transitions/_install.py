@@ -530,25 +530,37 @@ def _warn_no_role(model: str, *, installed_now: bool) -> None:
 
 
 # oid = oid, as the drift queries compare (see _DRIFT_QUERY): asked at every install and
-# startup, before anything else, with the installer's rights
-_PARTITIONED_QUERY = sa.text(
-    "SELECT EXISTS (SELECT FROM pg_catalog.pg_class c "
-    "WHERE c.oid = pg_catalog.to_regclass(:table)::oid AND c.relkind = 'p')"
+# startup, before anything else, with the installer's rights. Whether the table is
+# partitioned, and the tables that inherit from it (INHERITS, not partitions), if any.
+_TABLE_SHAPE_QUERY = sa.text(
+    "SELECT c.relkind = 'p' AS partitioned,"
+    " (SELECT pg_catalog.string_agg(i.inhrelid::regclass::text, ', '"
+    "  ORDER BY i.inhrelid::regclass::text)"
+    "  FROM pg_catalog.pg_inherits i JOIN pg_catalog.pg_class k ON k.oid = i.inhrelid"
+    "  WHERE i.inhparent = c.oid AND NOT k.relispartition) AS inheriting"
+    " FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass(:table)::oid"
 )
 
 
 def _warn_partitioned(target: Any, guards: Iterable[Guard]) -> None:
     """Warn when a guarded table is partitioned (declared so by the model, or found so in the
     database): an UPDATE moving a row to another partition runs as a DELETE and an INSERT,
-    for which PostgreSQL fires no UPDATE trigger, so the trigger can't judge that move."""
+    for which PostgreSQL fires no UPDATE trigger, so the trigger can't judge that move. And
+    when other tables inherit from it (INHERITS): a table's row triggers fire for its own
+    rows only, so the trigger does not judge the rows of those tables, which an UPDATE of
+    this one reaches."""
     tables = list(dict.fromkeys(g.table for g in guards))
     partitioned = [
         t for t in tables if t.dialect_options["postgresql"].get("partition_by") is not None
     ]
-    rest = [t for t in tables if t not in partitioned]
-    if rest:
-        with contextlib.suppress(sa.exc.DBAPIError):
-            partitioned.extend(t for t in rest if _partitioned_in_db(target, t))
+    inheriting: dict[sa.Table, str] = {}
+    with contextlib.suppress(sa.exc.DBAPIError):
+        for table in tables:
+            in_db, children = _shape_in_db(target, table)
+            if in_db and table not in partitioned:
+                partitioned.append(table)
+            if children:
+                inheriting[table] = children
     for table in partitioned:
         logger.warning(
             "transition trigger of %s on partitioned table %r: an UPDATE that moves a row to "
@@ -561,25 +573,43 @@ def _warn_partitioned(target: Any, guards: Iterable[Guard]) -> None:
             _model_of(guards, table),
             table.fullname,
         )
+    for table, children in inheriting.items():
+        logger.warning(
+            "transition trigger of %s on table %r: %s inherit from it (INHERITS); PostgreSQL "
+            "fires a table's row triggers for its own rows only, so the trigger does not "
+            "judge the rows of those tables, which an UPDATE of %r reaches too (an illegal "
+            "move of such a row is not refused by the database). Guard each of them with a "
+            "trigger of its own (install_transition_trigger with a model of that table), "
+            "or make them partitions, which PostgreSQL gives the table's triggers",
+            _model_of(guards, table),
+            table.fullname,
+            children,
+            table.fullname,
+        )
 
 
 def _model_of(guards: Iterable[Guard], table: sa.Table) -> str:
     return next(g.model for g in guards if g.table is table)
 
 
-def _partitioned_in_db(target: Any, table: sa.Table) -> bool:
-    """Whether ``table`` is partitioned in the database ``target`` reaches (False when it
-    can't be asked: offline Alembic)."""
+def _shape_in_db(target: Any, table: sa.Table) -> tuple[bool, str | None]:
+    """Whether ``table`` is partitioned in the database ``target`` reaches, and the tables
+    inheriting from it (see :data:`_TABLE_SHAPE_QUERY`); ``(False, None)`` when it can't be
+    asked (offline Alembic) or there is no such table."""
     name = quoted_table(table)
     if isinstance(target, Engine):
         if target.dialect.name != "postgresql":
-            return False
+            return False, None
         with target.connect() as conn:
-            return bool(conn.execute(_PARTITIONED_QUERY, {"table": name}).scalar())
-    live = _live_connection(target)
-    if live is None or live.dialect.name != "postgresql":
-        return False
-    return bool(live.execute(_PARTITIONED_QUERY, {"table": name}).scalar())
+            row = conn.execute(_TABLE_SHAPE_QUERY, {"table": name}).first()
+    else:
+        live = _live_connection(target)
+        if live is None or live.dialect.name != "postgresql":
+            return False, None
+        row = live.execute(_TABLE_SHAPE_QUERY, {"table": name}).first()
+    if row is None:
+        return False, None
+    return bool(row.partitioned), row.inheriting
 
 
 def _trigger_current(
