@@ -159,8 +159,11 @@ def _client_refusal(url: str) -> str | None:
         import redis  # noqa: PLC0415 - optional dependency, needed only with a Redis URL
     except ImportError:
         return None
+    # (typed as Any: redis before 5.2 leaves from_url untyped, which mypy --strict refuses in
+    # an application checking this package, and a type: ignore would be unused on later ones)
+    pools: Any = redis.ConnectionPool
     try:
-        pool = redis.ConnectionPool.from_url(url)
+        pool = pools.from_url(url)
         pool.connection_class(**pool.connection_kwargs)
     except Exception as exc:  # whatever the client raises while only parsing, it won't use it
         return client_problem(exc, url)
