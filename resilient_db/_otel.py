@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from ._classify import Outcome
 from ._observability import SelfHealEvent, add_hook, health, remove_hook
 from ._state import renew_after_fork
 
@@ -24,6 +25,8 @@ _BREAKER_STATES = {
     "breaker_half_open": "half_open",
     "breaker_closed": "closed",
 }
+#: the ``outcome`` of a ``partly_committed`` event whose own COMMIT lost its answer
+_OWN_COMMIT_UNKNOWN = Outcome.COMMIT_UNKNOWN.value
 _COMMIT_OUTCOMES = {
     "commit_verified": "committed",
     "commit_not_applied": "not_committed",
@@ -150,6 +153,12 @@ class OpenTelemetryHook:
         elif name == "commit_interrupted" and fields.get("outcome") == "unknown":
             # (health()'s unknown_commits counts it too; one interrupted after its COMMIT
             # succeeded is not a verification)
+            self._commits.add(1, {"service": service, "outcome": "unknown"})
+        elif name == "partly_committed" and fields.get("outcome") == _OWN_COMMIT_UNKNOWN:
+            # a COMMIT of the unit's or operation's own code (a drop-in block inside
+            # with_self_healing, a unit's own session.commit()) lost its answer: not replayed,
+            # and counted in health()'s unknown_commits by the engine's hooks, which say no
+            # line of their own for it (this event is its one)
             self._commits.add(1, {"service": service, "outcome": "unknown"})
         elif name == "transition_blocked":
             counter = self._stale if fields.get("stale") else self._blocked

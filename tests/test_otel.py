@@ -362,3 +362,52 @@ def test_a_lost_commit_verified_not_committed_is_counted_once_everywhere(
     assert otel_points(reader, "resilient_db.commit.verifications") == {
         (("outcome", "not_committed"), ("service", service)): 1
     }
+
+
+@pytest.mark.parametrize("where", ["operation", "unit"])
+def test_an_own_commit_whose_answer_was_lost_counts_as_unknown_everywhere(
+    where: str,
+    *,
+    engine: sa.Engine,
+    fault_proxy: FaultProxy,
+    pg_database: str,
+    otel: tuple[Any, InMemorySpanExporter, InMemoryMetricReader],
+    service: str,
+) -> None:
+    """A COMMIT of the code's own (a drop-in block inside a ``with_self_healing`` operation, a
+    unit's own ``session.commit()``) loses its answer: not replayed, an unknown outcome.
+    health() and Prometheus counted it in ``unknown_commits``; OpenTelemetry's
+    ``resilient_db.commit.verifications{outcome="unknown"}`` did not (its one event is
+    ``partly_committed``, not ``commit_unknown``)."""
+    _, _, reader = otel
+    registry = CollectorRegistry()
+    registry.register(HealthCollector())
+    proxied = sa.create_engine(fault_proxy.url(pg_database))
+    Sessions = rdb.ResilientSession(proxied, service=service, config=rdb.Config())
+
+    def write(session: Session) -> None:
+        create_task(session, title="t", idem_key=str(uuid.uuid4()))
+        session.flush()
+        fault_proxy.lose_commit_answer()
+
+    @rdb.with_self_healing(service=service)
+    def operation() -> None:
+        with Sessions.begin() as session:
+            write(session)
+
+    def unit(session: Session) -> None:
+        write(session)
+        session.commit()
+
+    try:
+        with pytest.raises(sa.exc.OperationalError):
+            operation() if where == "operation" else Sessions.run(unit)
+    finally:
+        proxied.dispose()
+    assert fault_proxy.commits_lost == 1
+    assert rdb.health()["services"][service]["counters"]["unknown_commits"] == 1
+    exposition = generate_latest(registry).decode()
+    assert f'resilient_db_commit_outcome_unknown_total{{service="{service}"}} 1.0' in exposition
+    assert otel_points(reader, "resilient_db.commit.verifications") == {
+        (("outcome", "unknown"), ("service", service)): 1
+    }
