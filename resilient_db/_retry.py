@@ -345,11 +345,12 @@ class Policy:
             )
             return
         if not how and self.classifier.classify(exc) is Outcome.COMMIT_UNKNOWN:
-            # its own COMMIT is what failed, its answer lost: not "committed", unknown
+            # its own COMMIT is what failed, its answer lost: not "committed", unknown, an
+            # ERROR as every unknown outcome's line is (alerts on errors must see it)
             emit(
                 self.config,
                 log_retry,
-                logging.WARNING,
+                logging.ERROR,
                 "Not replaying: service=%s a COMMIT sent by the unit's own code lost its answer "
                 "(%s): it may have committed, the outcome is unknown; raising the error",
                 self.service,

@@ -364,24 +364,10 @@ def test_a_lost_commit_verified_not_committed_is_counted_once_everywhere(
     }
 
 
-@pytest.mark.parametrize("where", ["operation", "unit"])
-def test_an_own_commit_whose_answer_was_lost_counts_as_unknown_everywhere(
-    where: str,
-    *,
-    engine: sa.Engine,
-    fault_proxy: FaultProxy,
-    pg_database: str,
-    otel: tuple[Any, InMemorySpanExporter, InMemoryMetricReader],
-    service: str,
-) -> None:
-    """A COMMIT of the code's own (a drop-in block inside a ``with_self_healing`` operation, a
-    unit's own ``session.commit()``) loses its answer: not replayed, an unknown outcome.
-    health() and Prometheus counted it in ``unknown_commits``; OpenTelemetry's
-    ``resilient_db.commit.verifications{outcome="unknown"}`` did not (its one event is
-    ``partly_committed``, not ``commit_unknown``)."""
-    _, _, reader = otel
-    registry = CollectorRegistry()
-    registry.register(HealthCollector())
+def lose_own_commit(fault_proxy: FaultProxy, pg_database: str, service: str, where: str) -> None:
+    """A COMMIT of the code's own loses its answer: a drop-in block's inside a
+    ``with_self_healing`` operation (``where="operation"``), or a unit's own
+    ``session.commit()`` (``"unit"``); the driver's error is raised."""
     proxied = sa.create_engine(fault_proxy.url(pg_database))
     Sessions = rdb.ResilientSession(proxied, service=service, config=rdb.Config())
 
@@ -405,9 +391,49 @@ def test_an_own_commit_whose_answer_was_lost_counts_as_unknown_everywhere(
     finally:
         proxied.dispose()
     assert fault_proxy.commits_lost == 1
+
+
+@pytest.mark.parametrize("where", ["operation", "unit"])
+def test_an_own_commit_whose_answer_was_lost_counts_as_unknown_everywhere(
+    where: str,
+    *,
+    engine: sa.Engine,
+    fault_proxy: FaultProxy,
+    pg_database: str,
+    otel: tuple[Any, InMemorySpanExporter, InMemoryMetricReader],
+    service: str,
+) -> None:
+    """A COMMIT of the code's own (a drop-in block inside a ``with_self_healing`` operation, a
+    unit's own ``session.commit()``) loses its answer: not replayed, an unknown outcome.
+    health() and Prometheus counted it in ``unknown_commits``; OpenTelemetry's
+    ``resilient_db.commit.verifications{outcome="unknown"}`` did not (its one event is
+    ``partly_committed``, not ``commit_unknown``)."""
+    _, _, reader = otel
+    registry = CollectorRegistry()
+    registry.register(HealthCollector())
+    lose_own_commit(fault_proxy, pg_database, service, where)
     assert rdb.health()["services"][service]["counters"]["unknown_commits"] == 1
     exposition = generate_latest(registry).decode()
     assert f'resilient_db_commit_outcome_unknown_total{{service="{service}"}} 1.0' in exposition
     assert otel_points(reader, "resilient_db.commit.verifications") == {
         (("outcome", "unknown"), ("service", service)): 1
     }
+
+
+@pytest.mark.parametrize("where", ["operation", "unit"])
+def test_an_own_commit_whose_answer_was_lost_is_said_at_error_level(
+    where: str,
+    *,
+    engine: sa.Engine,
+    fault_proxy: FaultProxy,
+    pg_database: str,
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Its one line is at ERROR, as every other unknown commit outcome's is (a drop-in
+    COMMIT's, a unit's, an interrupted one's): it was a WARNING, missed by alerts on errors."""
+    with caplog.at_level(logging.INFO, logger="resilient_db"):
+        lose_own_commit(fault_proxy, pg_database, service, where)
+    (line,) = [r for r in caplog.records if "the outcome is unknown" in r.getMessage()]
+    assert line.getMessage().startswith("[SELF-HEAL] Not replaying: service=")
+    assert line.levelno == logging.ERROR
