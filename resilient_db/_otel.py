@@ -50,7 +50,8 @@ class OpenTelemetryHook:
 
     ``resilient_db.events`` (every action; ``event``, ``service``),
     ``resilient_db.retries`` (``service``, ``outcome``, ``sqlstate``),
-    ``resilient_db.breaker.transitions`` (``service``, ``state``),
+    ``resilient_db.breaker.transitions`` (``service``, ``state``; ``opened_here`` for
+    ``open``: false for a shared breaker's opening another process made, followed here),
     ``resilient_db.breaker.rejections`` (``service``: calls the open breaker rejected, read
     from ``breaker_rejections`` of :func:`resilient_db.health` as the meter collects),
     ``resilient_db.commit.verifications`` (``service``, ``outcome``: committed, not_committed,
@@ -143,7 +144,15 @@ class OpenTelemetryHook:
                 },
             )
         elif name in _BREAKER_STATES:
-            self._breaker.add(1, {"service": service, "state": _BREAKER_STATES[name]})
+            attributes: dict[str, Any] = {"service": service, "state": _BREAKER_STATES[name]}
+            if name == "breaker_opened":
+                # a breaker shared through Redis is entered open by every process of the
+                # fleet: opened_here tells the one whose failure (or open()) made the opening
+                # from those that followed it, as breaker_opens and breaker_opens_followed do
+                # in health() and Prometheus (summed over the fleet, the openings with
+                # opened_here true count each opening once)
+                attributes["opened_here"] = bool(fields.get("opened_here", True))
+            self._breaker.add(1, attributes)
         elif name in _COMMIT_OUTCOMES:
             self._commits.add(1, {"service": service, "outcome": _COMMIT_OUTCOMES[name]})
         elif name == "two_phase_finished" and fields.get("done"):

@@ -8,15 +8,18 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from fleet import Gate, fleet, open_the_fleets_breaker, opener_settings, shared
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from processes import wait_for
 from prometheus_client import CollectorRegistry, generate_latest
 from scenarios import (
     RAISE_CODE_FUNCTION,
@@ -30,7 +33,7 @@ import resilient_db as rdb
 from resilient_db.examples.tasks import Base, Task, create_task, move_task
 from resilient_db.metrics import HealthCollector, register
 from resilient_db.otel import install_opentelemetry, uninstall_opentelemetry
-from resilient_db.testing import FaultProxy
+from resilient_db.testing import FaultProxy, RedisServer
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
 
@@ -98,7 +101,7 @@ def test_retries_and_breaker_transitions_as_span_events_and_counters(
         (("outcome", "unavailable"), ("service", service), ("sqlstate", "57P03")): 2,
     }
     assert otel_points(reader, "resilient_db.breaker.transitions") == {
-        (("service", service), ("state", "open")): 1
+        (("opened_here", True), ("service", service), ("state", "open")): 1
     }
     events = otel_points(reader, "resilient_db.events")
     assert events[(("event", "gave_up"), ("service", service))] == 1
@@ -437,3 +440,40 @@ def test_an_own_commit_whose_answer_was_lost_is_said_at_error_level(
     (line,) = [r for r in caplog.records if "the outcome is unknown" in r.getMessage()]
     assert line.getMessage().startswith("[SELF-HEAL] Not replaying: service=")
     assert line.levelno == logging.ERROR
+
+
+def test_an_opening_followed_from_the_fleet_is_told_apart_as_prometheus_does(
+    redis_server: RedisServer,
+    *,
+    pg_url: str,
+    engine: sa.Engine,
+    gate: Gate,
+    tmp_path: Path,
+    otel: tuple[Any, InMemorySpanExporter, InMemoryMetricReader],
+) -> None:
+    """Another process opens the breaker shared through Redis; this one follows. Prometheus
+    counts it in ``breaker_opens_followed``, not ``breaker_opens`` (a sum over the fleet counts
+    each opening once); OpenTelemetry counted it as an opening like the opener's, so summed
+    over the fleet it counted every opening once per process."""
+    _, _, reader = otel
+    registry = CollectorRegistry()
+    registry.register(HealthCollector())
+    config = rdb.Config(
+        redis_url=redis_server.url, max_retries=0, failure_threshold=5, reset_timeout=600.0
+    )
+    Sessions = rdb.ResilientSession(engine, service="fleet", config=config)
+    Sessions.run(lambda s: s.execute(sa.text("SELECT 1")))
+    wait_for(lambda: shared("fleet")["connected"], "the link to Redis to be up")
+    gate.set(down=True)
+    with fleet(1, pg_url, opener_settings(redis_server.url), tmp_path) as (opener,):
+        open_the_fleets_breaker(opener)
+        wait_for(
+            lambda: rdb.health()["services"]["fleet"]["breaker"]["state"] == "open",
+            "this process to follow the opening",
+        )
+    exposition = generate_latest(registry).decode()
+    assert 'resilient_db_breaker_opens_total{service="fleet"} 0.0' in exposition
+    assert 'resilient_db_breaker_opens_followed_total{service="fleet"} 1.0' in exposition
+    assert otel_points(reader, "resilient_db.breaker.transitions") == {
+        (("opened_here", False), ("service", "fleet"), ("state", "open")): 1
+    }
