@@ -98,6 +98,7 @@ from ._statements import (
     asyncpg_statement_methods,
     current_attempt,
     current_request,
+    library_work,
     marked_cursor_factory,
     note_dialect_calls,
     note_saved,
@@ -1647,6 +1648,46 @@ def _own_commit(attempt: AttemptRecord, wrote: bool = True) -> Iterator[None]:
         note_saved()  # (for an interruption after it, in a drop-in block: see SavedNote)
 
 
+# Whether the transaction of a COMMIT that sent nothing judged to write has written all the
+# same: a statement judged read-only may write through what it reads (a view whose definition
+# calls a function that writes, a function of a built-in's name on the search path). Asked
+# only before an attempt's own COMMIT of such a transaction (``_own_commit`` then leaves the
+# attempt replayable only when nothing was written): a replay after that COMMIT would write
+# again. Never for a unit's final COMMIT or a writing one: those pay nothing for it.
+_XID_ASSIGNED_SQL: Final = "SELECT pg_catalog.pg_current_xact_id_if_assigned() IS NOT NULL"
+
+
+def _psycopg_xid_assigned(connection: Any) -> bool:
+    """Whether the psycopg ``connection``'s transaction (not a failed one) holds an xid (see
+    above); sent outside its cursors, so that the question is not noted as a statement."""
+    if connection.pgconn.transaction_status != _INTRANS:
+        return False  # (a failed transaction: its COMMIT rolls back)
+    results = psycopg_simple_query(connection, _XID_ASSIGNED_SQL.encode())
+    _raise_error(connection, results)
+    return bool(results[-1].get_value(0, 0) == b"t")
+
+
+async def _apsycopg_xid_assigned(connection: Any) -> bool:
+    if connection.pgconn.transaction_status != _INTRANS:
+        return False
+    results = await psycopg_simple_query_async(connection, _XID_ASSIGNED_SQL.encode())
+    _raise_error(connection, results)
+    return bool(results[-1].get_value(0, 0) == b"t")
+
+
+async def _asyncpg_xid_assigned(connection: Any, base: Any) -> bool:
+    """The same for an asyncpg ``connection`` of the unmarked class ``base``, whose own method
+    sends it unnoted (a failed transaction's error means it wrote nothing that COMMIT keeps)."""
+    if not connection.is_in_transaction():
+        return False
+    # (its statement cache's timer keeps the context it was made in: not the unit's objects)
+    with library_work():
+        try:
+            return bool(await base.fetchval(connection, _XID_ASSIGNED_SQL))
+        except asyncpg.InFailedSQLTransactionError:
+            return False
+
+
 class _Settings(Protocol):
     config: Config
     service: str
@@ -2770,6 +2811,8 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                             else _idle_commit_plan(self)
                         )
                         if attempt is not None:  # a unit's own code commits (AttemptRecord)
+                            if not wrote:
+                                wrote = await _asyncpg_xid_assigned(self, base)
                             with _own_commit(attempt, wrote):
                                 return await base.execute(self, query, timeout=timeout)
                         if ticket is None and wrote:  # no unit (drop-in use): see psycopg's
@@ -2866,6 +2909,8 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                 wrote = self._rdb_may_write
                 ticket, message, attempt = _psycopg_commit_plan(self)
                 if attempt is not None:  # a unit's own code commits (see AttemptRecord)
+                    if not wrote:
+                        wrote = await _apsycopg_xid_assigned(self)
                     with _own_commit(attempt, wrote):
                         return await base.commit(self)
                 if ticket is not None:
@@ -2930,6 +2975,8 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                         return None
                 ticket, message, attempt = _psycopg_commit_plan(self)
                 if attempt is not None:  # a unit's own code commits (see AttemptRecord)
+                    if not wrote:
+                        wrote = _psycopg_xid_assigned(self)
                     with _own_commit(attempt, wrote):
                         return base.commit(self)  # type: ignore[no-any-return]
                 if ticket is not None:

@@ -713,6 +713,85 @@ async def test_async_with_self_healing_replays_after_a_drop_in_block_that_only_r
         assert conn.scalar(sa.select(sa.func.count()).where(Item.name == name)) == 1
 
 
+def _install_writing_view(engine: sa.Engine) -> None:
+    """``SELECT x FROM writes_when_read``: a plain SELECT (judged read-only by its text) that
+    inserts a row into ``items`` through the function its view calls."""
+    _install_serialization_failure(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE OR REPLACE FUNCTION write_when_read() RETURNS int LANGUAGE sql VOLATILE "
+            "AS $$ INSERT INTO items (name) VALUES ('written-by-a-read') RETURNING 1 $$"
+        )
+        conn.exec_driver_sql(
+            "CREATE OR REPLACE VIEW writes_when_read AS SELECT write_when_read() AS x"
+        )
+
+
+def _written_by_a_read(engine: sa.Engine) -> int:
+    with engine.connect() as conn:
+        return int(
+            conn.scalar(sa.select(sa.func.count()).where(Item.name == "written-by-a-read")) or 0
+        )
+
+
+def test_with_self_healing_does_not_replay_a_drop_in_block_that_wrote_through_a_read(
+    engine: sa.Engine, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A block whose statement only reads by its text, but writes through the view it reads
+    (a function in its definition), committed: the server says the transaction wrote (it holds
+    a transaction id), so the operation is not replayed after the next block's transient error
+    (replayed, it wrote that row twice)."""
+    _install_writing_view(engine)
+    Sessions = rdb.ResilientSession(engine, service=service)
+    calls: list[int] = []
+
+    @rdb.with_self_healing(service=service, config=_FAST)
+    def handler() -> None:
+        calls.append(1)
+        with Sessions.begin() as s:
+            s.execute(sa.text("SELECT x FROM writes_when_read")).all()
+        with Sessions.begin() as s:
+            s.execute(sa.text(_SERIALIZATION_FAILURE))
+
+    with (
+        caplog.at_level(logging.WARNING, logger="resilient_db"),
+        pytest.raises(sa.exc.OperationalError),
+    ):
+        handler()
+    assert calls == [1]
+    assert "committed part of its work itself" in caplog.text
+    assert _written_by_a_read(engine) == 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
+async def test_async_with_self_healing_does_not_replay_a_block_that_wrote_through_a_read(
+    engine: sa.Engine, pg_server: Any, pg_database: str, service: str, driver: str
+) -> None:
+    """The async twin, on both drivers."""
+    _install_writing_view(engine)
+    async_engine = create_async_engine(pg_server.url(pg_database, driver=driver))
+    try:
+        Sessions = rdb.AsyncResilientSession(async_engine, service=service)
+        calls: list[int] = []
+
+        @rdb.with_self_healing(service=service, config=_FAST)
+        async def handler() -> None:
+            calls.append(1)
+            async with Sessions.begin() as s:
+                (await s.execute(sa.text("SELECT x FROM writes_when_read"))).all()
+            async with Sessions.begin() as s:
+                await s.execute(sa.text(_SERIALIZATION_FAILURE))
+
+        with pytest.raises(sa.exc.DBAPIError) as info:
+            await handler()
+        assert rdb.sqlstate_of(info.value) == "40001"
+        assert calls == [1]
+    finally:
+        await async_engine.dispose()
+    assert _written_by_a_read(engine) == 1
+
+
 def test_with_self_healing_does_not_replay_into_a_transaction_begun_before_it(
     engine: sa.Engine, service: str, caplog: pytest.LogCaptureFixture
 ) -> None:
