@@ -763,6 +763,27 @@ def test_with_self_healing_does_not_replay_a_drop_in_block_that_wrote_through_a_
     assert _written_by_a_read(engine) == 1
 
 
+def test_a_unit_that_committed_a_write_through_a_read_is_not_replayed(
+    engine: sa.Engine, service: str
+) -> None:
+    """The same inside a unit: its own ``session.commit()`` after a read that wrote through
+    its view stops the replay."""
+    _install_writing_view(engine)
+    Sessions = rdb.ResilientSession(engine, service=service, config=_FAST)
+    calls: list[int] = []
+
+    def unit(session: Session) -> None:
+        calls.append(1)
+        session.execute(sa.text("SELECT x FROM writes_when_read")).all()
+        session.commit()
+        session.execute(sa.text(_SERIALIZATION_FAILURE))
+
+    with pytest.raises(sa.exc.OperationalError):
+        Sessions.run(unit)
+    assert calls == [1]
+    assert _written_by_a_read(engine) == 1
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize("driver", ASYNC_DRIVERS)
 async def test_async_with_self_healing_does_not_replay_a_block_that_wrote_through_a_read(
