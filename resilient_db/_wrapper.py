@@ -495,6 +495,12 @@ def _decorator(
     explicit = config is not None
 
     def decorate(fn: Any, /) -> Any:
+        if isinstance(fn, (staticmethod, classmethod)):
+            # written above @staticmethod or @classmethod: the function it holds is decorated,
+            # and the class gets the same kind of method again (a plain wrapper there is bound
+            # as an instance method: a static method got the instance as its first argument,
+            # an async one was no longer a coroutine function, a generator was not refused)
+            return type(fn)(decorate(fn.__func__))
         if not callable(fn):
             raise TypeError(f"@with_self_healing(...) decorates a callable, got {fn!r}")
         _refuse_generator(fn)

@@ -259,6 +259,49 @@ def test_generator_functions_are_refused(engine: sa.Engine, service: str) -> Non
     assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
+def test_decorating_above_staticmethod_or_classmethod_keeps_the_kind_of_method(
+    engine: sa.Engine, service: str
+) -> None:
+    """``@with_self_healing()`` written above ``@staticmethod`` or ``@classmethod`` decorates
+    the function it holds: a static method is not given the instance as its first argument, a
+    class method is not refused as no callable, an async one stays a coroutine function (as
+    FastAPI looks for), and a generator is refused."""
+    left = [1]
+
+    class Repo:
+        @rdb.with_self_healing(service=service, config=CONFIG)
+        @staticmethod
+        def static(x: int = 1) -> int:
+            if left:
+                left.pop()
+                with engine.connect() as conn:
+                    conn.execute(sa.text("SELECT raise_code('40001')"))
+            return x
+
+        @rdb.with_self_healing(service=service, config=CONFIG)
+        @classmethod
+        def named(cls, suffix: str = "") -> str:
+            return cls.__name__ + suffix
+
+        @rdb.with_self_healing(service=service, config=CONFIG)
+        @staticmethod
+        async def astatic(x: int) -> int:
+            return x
+
+    assert Repo().static() == 1  # replayed once
+    assert Repo.static(2) == 2
+    assert Repo().named("!") == Repo.named("!") == "Repo!"
+    assert inspect.iscoroutinefunction(Repo.astatic)
+    assert asyncio.run(Repo().astatic(3)) == 3
+    assert list(inspect.signature(Repo().static).parameters) == ["x"]
+
+    def rows() -> Iterator[int]:
+        yield 1
+
+    with pytest.raises(TypeError, match="generator function"):
+        rdb.with_self_healing(service=service)(staticmethod(rows))
+
+
 def test_with_self_healing_checks_its_arguments_in_both_forms(service: str) -> None:
     """A bad service name was accepted by the call form, and then broke ``health()`` and the
     Prometheus scrape for good (names sorted with None among them)."""
