@@ -1636,11 +1636,12 @@ def _own_commit(attempt: AttemptRecord, wrote: bool = True) -> Iterator[None]:
     """Around a COMMIT sent by the code of ``attempt``: unless the server answered it with an
     error, the attempt can't be replayed. (Only a unit's own COMMITs pass here.) Nor when the
     transaction sent nothing that may write (``wrote`` False, as for a unit's own read-only
-    COMMIT, which is not verified either): that COMMIT saved nothing a replay would repeat."""
+    COMMIT, which is not verified either): that COMMIT saved nothing a replay would repeat,
+    whether it was answered or not (its answer lost, it is a lost connection like any other)."""
     try:
         yield
     except BaseException as exc:
-        if unanswered_commit(exc, attempt.classifier, wrote):
+        if unanswered_commit(exc, attempt.classifier, wrote) and wrote:
             attempt.committed = True
         raise
     if wrote:

@@ -784,6 +784,55 @@ def test_a_unit_that_committed_a_write_through_a_read_is_not_replayed(
     assert _written_by_a_read(engine) == 1
 
 
+def test_an_operation_and_a_unit_are_replayed_after_a_lost_answer_to_a_commit_of_reads(
+    engine: sa.Engine, pg_database: str, fault_proxy: FaultProxy, service: str
+) -> None:
+    """The answer to the COMMIT of a drop-in block (or of a unit's own ``session.commit()``)
+    that only read is lost: that COMMIT saved nothing, so the operation (the unit) is replayed
+    as after any lost connection (it was refused as "committed part of its work itself", a 500
+    partly-committed, though nothing was saved). One that wrote through its read stays an
+    unknown outcome, not replayed."""
+    _install_writing_view(engine)
+    proxied = sa.create_engine(fault_proxy.url(pg_database))
+    try:
+        Sessions = rdb.ResilientSession(proxied, service=service, config=_FAST)
+        Sessions.run(lambda session: session.execute(sa.text("SELECT 1")))  # connected
+        calls: list[int] = []
+
+        @rdb.with_self_healing(service=service, config=_FAST)
+        def handler(query: str) -> int:
+            calls.append(1)
+            if len(calls) == 1:
+                fault_proxy.lose_commit_answer()
+            with Sessions.begin() as s:
+                s.execute(sa.text(query)).all()
+            return len(calls)
+
+        assert handler("SELECT count(*) FROM items") == 2
+        assert fault_proxy.commits_lost == 1
+
+        def unit(session: Session) -> int:
+            calls.append(1)
+            session.execute(sa.text("SELECT count(*) FROM items")).all()
+            if len(calls) == 1:
+                fault_proxy.lose_commit_answer()
+            session.commit()
+            return len(calls)
+
+        calls.clear()
+        assert Sessions.run(unit) == 2
+        assert fault_proxy.commits_lost == 2
+
+        calls.clear()
+        with pytest.raises(sa.exc.OperationalError) as info:
+            handler("SELECT x FROM writes_when_read")
+        assert calls == [1]
+        assert rdb.classify(info.value) is rdb.Outcome.COMMIT_UNKNOWN
+        assert _written_by_a_read(engine) == 1
+    finally:
+        proxied.dispose()
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize("driver", ASYNC_DRIVERS)
 async def test_async_with_self_healing_does_not_replay_a_block_that_wrote_through_a_read(
