@@ -357,8 +357,10 @@ def _check_arguments(service: object, config: object, **flags: object) -> None:
 
 def _refuse_generator(fn: object) -> None:
     """A generator function's body runs only when its result is iterated: after the operation
-    has returned, outside its retries and its circuit breaker."""
-    if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+    has returned, outside its retries and its circuit breaker. An object whose ``__call__`` is
+    one is refused too (as :func:`is_async_callable` looks there; a class never is one)."""
+    call = type(fn).__call__ if not isinstance(fn, type) else None
+    if any(inspect.isgeneratorfunction(f) or inspect.isasyncgenfunction(f) for f in (fn, call)):
         raise TypeError(
             f"with_self_healing can't retry {getattr(fn, '__qualname__', fn)!r}: it is a "
             "generator function, whose body runs only when its result is iterated, after the "

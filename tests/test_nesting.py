@@ -256,6 +256,15 @@ def test_generator_functions_are_refused(engine: sa.Engine, service: str) -> Non
             rdb.with_self_healing(service=service)(gen)
         with pytest.raises(TypeError, match="generator function"):
             rdb.with_self_healing(functools.partial(gen, None) if gen is rows else gen)
+
+    class Rows:  # an object whose __call__ is a generator function
+        def __call__(self) -> Iterator[int]:
+            yield 1
+
+    with pytest.raises(TypeError, match="generator function"):
+        rdb.with_self_healing(Rows())
+    with pytest.raises(TypeError, match="generator function"):
+        rdb.with_self_healing(service=service)(Rows())
     assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
