@@ -486,6 +486,22 @@ async def _afinish(
     return result if check is None else _checked(policy, check, result, cfg, record)
 
 
+def _signed(wrapper: F, fn: Any) -> F:
+    """``wrapper`` (made with ``functools.wraps(fn)``) with ``fn``'s signature, its annotations
+    read where ``fn`` was written. A module with ``from __future__ import annotations`` has
+    strings there, which FastAPI (0.115, the lowest supported) evaluates in the
+    ``__globals__`` of the function it is given: the wrapper's are this module's, and a route's
+    parameter types (its Pydantic body, ``Annotated[..., Depends(...)]``) were not found there
+    (``PydanticUndefinedAnnotation`` as the route was declared). An annotation that can't be
+    read yet (a name defined after the function) leaves the signature to be read as it was."""
+    try:
+        signature = inspect.signature(fn, eval_str=True)
+    except Exception:  # (NameError: a forward reference; ValueError: no signature to read)
+        return wrapper
+    wrapper.__signature__ = signature  # type: ignore[attr-defined]
+    return wrapper
+
+
 def _decorator(
     service: str,
     use_retry: bool,
@@ -521,7 +537,7 @@ def _decorator(
                     return result
                 return _checked(policy, check, result, cfg, attempts.record)
 
-            return awrapper
+            return _signed(awrapper, fn)
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -533,6 +549,6 @@ def _decorator(
             active = check if check is not None and validation_on(cfg) else None
             return _call(policy, lambda: fn(*args, **kwargs), active, cfg)
 
-        return wrapper
+        return _signed(wrapper, fn)
 
     return decorate

@@ -7,6 +7,7 @@ RFC 9457 problem details (``application/problem+json``)."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import socket
 import threading
@@ -554,6 +555,50 @@ def test_fastapi_app_and_decorated_async_handler(
             "status": "in_progress",
         }
     assert status_of(direct, task_id) == "in_progress"
+
+
+class _Body(BaseModel):
+    name: str
+
+
+def _dependency() -> str:
+    return "given"
+
+
+def test_a_decorated_route_with_string_annotations_keeps_its_parameter_types(
+    service: str,
+) -> None:
+    """This module has ``from __future__ import annotations``: a decorated route's annotations
+    are strings, which FastAPI (0.115.2, the lowest supported; later ones unwrap) evaluates in the
+    ``__globals__`` of the function it is given, the wrapper's (``resilient_db._wrapper``),
+    where ``_Body`` is not: the route could not be declared. The wrapper's signature carries
+    them evaluated where the route was written."""
+    from fastapi import Depends, FastAPI  # noqa: PLC0415
+
+    @rdb.with_self_healing(service=service)
+    async def handler(
+        item_id: int, body: _Body, given: str = Depends(_dependency)
+    ) -> dict[str, Any]:
+        return {"id": item_id, "name": body.name, "given": given}
+
+    @rdb.with_self_healing(service=service)
+    def sync_handler(item_id: int, body: _Body) -> dict[str, Any]:
+        return {"id": item_id, "name": body.name}
+
+    for decorated in (handler, sync_handler):
+        parameters = inspect.signature(decorated).parameters
+        assert parameters["body"].annotation is _Body
+        assert parameters["item_id"].annotation is int
+    app = FastAPI()
+    app.post("/a/{item_id}")(handler)
+    app.post("/s/{item_id}")(sync_handler)
+    with TestClient(app) as client:
+        assert client.post("/a/3", json={"name": "n"}).json() == {
+            "id": 3,
+            "name": "n",
+            "given": "given",
+        }
+        assert client.post("/s/4", json={"name": "m"}).json() == {"id": 4, "name": "m"}
 
 
 # -- the factory's own classifier ------------------------------------------------------------------
