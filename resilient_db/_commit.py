@@ -1663,15 +1663,18 @@ def _psycopg_xid_assigned(connection: Any) -> bool:
     above); sent outside its cursors, so that the question is not noted as a statement."""
     if connection.pgconn.transaction_status != _INTRANS:
         return False  # (a failed transaction: its COMMIT rolls back)
-    results = psycopg_simple_query(connection, _XID_ASSIGNED_SQL.encode())
-    _raise_error(connection, results)
-    return bool(results[-1].get_value(0, 0) == b"t")
+    return _assigned(connection, psycopg_simple_query(connection, _XID_ASSIGNED_SQL.encode()))
 
 
 async def _apsycopg_xid_assigned(connection: Any) -> bool:
     if connection.pgconn.transaction_status != _INTRANS:
         return False
     results = await psycopg_simple_query_async(connection, _XID_ASSIGNED_SQL.encode())
+    return _assigned(connection, results)
+
+
+def _assigned(connection: Any, results: Any) -> bool:
+    """The answer of :data:`_XID_ASSIGNED_SQL` on a psycopg ``connection`` (its error raised)."""
     _raise_error(connection, results)
     return bool(results[-1].get_value(0, 0) == b"t")
 

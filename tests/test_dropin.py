@@ -634,15 +634,29 @@ def test_with_self_healing_still_refuses_a_replay_after_a_drop_in_block_that_wro
     engine: sa.Engine, service: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     _install_serialization_failure(engine)
-    Sessions = rdb.ResilientSession(engine, service=service)
     name = f"wrote-{uuid.uuid4()}"
+    _not_replayed_after(engine, service, caplog, lambda s: s.add(Item(name=name)))
+    with engine.connect() as conn:
+        assert conn.scalar(sa.select(sa.func.count()).where(Item.name == name)) == 1
+
+
+def _not_replayed_after(
+    engine: sa.Engine,
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+    first: Callable[[Session], object],
+) -> None:
+    """A ``with_self_healing`` operation whose first drop-in block does ``first`` and commits,
+    and whose second block meets a serialization failure: run once, its error raised, and the
+    "committed part of its work itself" line said."""
+    Sessions = rdb.ResilientSession(engine, service=service)
     calls: list[int] = []
 
     @rdb.with_self_healing(service=service, config=_FAST)
     def handler() -> None:
         calls.append(1)
         with Sessions.begin() as s:
-            s.add(Item(name=name))
+            first(s)
         with Sessions.begin() as s:
             s.execute(sa.text(_SERIALIZATION_FAILURE))
 
@@ -653,8 +667,6 @@ def test_with_self_healing_still_refuses_a_replay_after_a_drop_in_block_that_wro
         handler()
     assert calls == [1]
     assert "committed part of its work itself" in caplog.text
-    with engine.connect() as conn:
-        assert conn.scalar(sa.select(sa.func.count()).where(Item.name == name)) == 1
 
 
 def test_a_unit_that_committed_only_reads_inside_is_replayed(
@@ -742,24 +754,12 @@ def test_with_self_healing_does_not_replay_a_drop_in_block_that_wrote_through_a_
     a transaction id), so the operation is not replayed after the next block's transient error
     (replayed, it wrote that row twice)."""
     _install_writing_view(engine)
-    Sessions = rdb.ResilientSession(engine, service=service)
-    calls: list[int] = []
-
-    @rdb.with_self_healing(service=service, config=_FAST)
-    def handler() -> None:
-        calls.append(1)
-        with Sessions.begin() as s:
-            s.execute(sa.text("SELECT x FROM writes_when_read")).all()
-        with Sessions.begin() as s:
-            s.execute(sa.text(_SERIALIZATION_FAILURE))
-
-    with (
-        caplog.at_level(logging.WARNING, logger="resilient_db"),
-        pytest.raises(sa.exc.OperationalError),
-    ):
-        handler()
-    assert calls == [1]
-    assert "committed part of its work itself" in caplog.text
+    _not_replayed_after(
+        engine,
+        service,
+        caplog,
+        lambda s: s.execute(sa.text("SELECT x FROM writes_when_read")).all(),
+    )
     assert _written_by_a_read(engine) == 1
 
 
