@@ -22,6 +22,33 @@ def alive(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] != "Z"
 
 
+def children_named(parent: int, marker: str) -> list[int]:
+    """The processes whose parent is ``parent`` and whose command line holds ``marker``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # (ended meanwhile)
+            continue
+        if int(stat.rpartition(")")[2].split()[1]) == parent and marker in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def read_until(stream: IO[str], marker: str, what: str, more: Callable[[], str] = str) -> list[str]:
+    """The lines of ``stream`` up to the first that holds ``marker``; fail naming ``what`` (and
+    showing the lines, and ``more()``: say, the process's stderr) if it ends first."""
+    said: list[str] = []
+    for line in stream:
+        said.append(line)
+        if marker in line:
+            return said
+    raise AssertionError(f"{what} did not happen:\n" + "".join(said) + more())
+
+
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
     """Poll ``condition`` (a condition, not a backoff) until it holds, or fail naming ``what``."""
     deadline = time.monotonic() + timeout

@@ -14,6 +14,7 @@ from typing import Any, cast
 
 import pytest
 import sqlalchemy as sa
+from processes import alive, children_named, read_until, wait_for
 
 import resilient_db
 from resilient_db._cli import main
@@ -21,6 +22,9 @@ from resilient_db.demo import DemoOptions
 from resilient_db.demo._run import Demo, _captured_logs, _LogTap
 from resilient_db.demo._workload import Worker
 from resilient_db.testing import PostgresServer
+
+#: the last command-line argument of the harness's database watchdog (resilient_db.testing)
+DATABASE_WATCHDOG = "resilient-db-db-watchdog"
 
 REQUIRED_KEYS = {
     "ok",
@@ -173,19 +177,17 @@ def test_a_terminated_demo_cleans_up_as_after_ctrl_c(
     ) as demo:
         assert demo.stdout is not None
         assert demo.stderr is not None
-        said: list[str] = []
-        for line in demo.stdout:
-            said.append(line)
-            if "circuit breaker" in line:  # the workload runs, its faults too
-                break
-        else:
-            pytest.fail("the workload did not start:\n" + "".join(said) + demo.stderr.read())
+        # the workload runs, its faults too
+        said = read_until(demo.stdout, "circuit breaker", "the workload's start", demo.stderr.read)
         database = re.findall(r"database (rdb_demo_\w+)", "".join(said))[0]
+        watchdogs = children_named(demo.pid, DATABASE_WATCHDOG)
+        assert len(watchdogs) == 1
         demo.terminate()
         errors = demo.stderr.read()
         assert demo.wait(timeout=60) == 143
     assert errors.strip().splitlines()[-1] == "resilient-db demo: terminated"
-    time.sleep(3)  # (a watchdog left to clean up would have dropped it by now)
+    # gone: dismissed, or done dropping what it was left to clean up
+    wait_for(lambda: not alive(watchdogs[0]), "the demo's database watchdog to leave")
     found = pg_server.execute("SELECT 1 FROM pg_database WHERE datname = %s", params=(database,))
     assert found == [(1,)]  # kept, as asked
     pg_server.drop_database(database)
@@ -213,6 +215,7 @@ def test_a_demo_whose_terminal_closed_cleans_up_as_after_sigterm(
         finally:
             os._exit(127)
     shown = b""
+    watchdogs: list[int] = []
     deadline = time.monotonic() + 60
     try:
         while b"worker backends" not in shown and time.monotonic() < deadline:
@@ -223,6 +226,7 @@ def test_a_demo_whose_terminal_closed_cleans_up_as_after_sigterm(
             if not chunk:
                 break
             shown += chunk
+        watchdogs = children_named(pid, DATABASE_WATCHDOG)
     finally:
         os.close(terminal)  # the terminal closes
         _, status = os.waitpid(pid, 0)
@@ -231,7 +235,9 @@ def test_a_demo_whose_terminal_closed_cleans_up_as_after_sigterm(
     assert os.WIFEXITED(status), f"killed by signal {os.WTERMSIG(status)}"
     assert os.WEXITSTATUS(status) == 129
     database = re.findall(r"database (rdb_demo_\w+)", text)[0]
-    time.sleep(3)  # (a watchdog left to clean up would have dropped it by now)
+    assert len(watchdogs) == 1
+    # gone: dismissed, or done dropping what it was left to clean up
+    wait_for(lambda: not alive(watchdogs[0]), "the demo's database watchdog to leave")
     found = pg_server.execute("SELECT 1 FROM pg_database WHERE datname = %s", params=(database,))
     assert found == [(1,)]  # kept, as asked
     pg_server.drop_database(database)

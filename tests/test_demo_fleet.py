@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from processes import alive, read_until, wait_for
 
 import resilient_db
 from resilient_db._cli import main
@@ -168,13 +169,8 @@ def test_a_terminated_demo_removes_its_keys_from_a_given_redis(tmp_path: Path) -
         ) as demo:
             assert demo.stdout is not None
             assert demo.stderr is not None
-            said: list[str] = []
-            for line in demo.stdout:
-                said.append(line)
-                if "circuit breaker" in line:  # the workload runs, through the shared breaker
-                    break
-            else:
-                pytest.fail("the workload did not start:\n" + "".join(said) + demo.stderr.read())
+            # the workload runs, through the shared breaker
+            read_until(demo.stdout, "circuit breaker", "the workload's start", demo.stderr.read)
             assert "resilient_db:{tasks-demo}:breaker" in _keys_left(redis)
             demo.terminate()
             demo.stderr.read()
@@ -324,32 +320,14 @@ def test_a_killed_demo_leaves_no_files_of_its_worker_processes(tmp_path: Path) -
         start_new_session=True,
     ) as demo:
         assert demo.stdout is not None
-        said: list[str] = []
-        for line in demo.stdout:
-            said.append(line)
-            if "share the breaker" in line:
-                break
-        else:
-            pytest.fail("the worker processes did not start:\n" + "".join(said))
+        said = read_until(demo.stdout, "share the breaker", "the worker processes' start")
         pids = [int(pid) for pid in re.findall(r"p\d pid (\d+)", said[-1])]
         assert len(pids) == 2
         demo.kill()
         demo.wait()
     # the worker processes end once their parent is gone (the end of their stdin)
-    deadline = time.monotonic() + 30
-    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(_alive(pid) for pid in pids)
+    wait_for(lambda: not any(alive(pid) for pid in pids), "the worker processes to end")
     assert not [p.name for p in scratch.iterdir() if p.name.startswith("rdb-demo-")]
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie nobody has reaped yet has ended)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 class _SlowToStop:
