@@ -33,7 +33,7 @@ from ._classify import Classifier, debug_failure
 from ._commit import AttemptRecord, CommitProtocol, CommitRequest, CommitTicket, prune
 from ._config import Config
 from ._errors import TransactionStateError
-from ._internals import with_own_session_class
+from ._internals import committed_unclosed, with_own_session_class
 from ._observability import log_session
 from ._registry import factory_of, register_class, register_session
 from ._state import STATE
@@ -60,6 +60,7 @@ from ._unit import (
     prune_quietly,
     pruned,
     runs_once_here,
+    saved_then_interrupted,
     unit_signature,
 )
 from ._validation import (
@@ -213,10 +214,12 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             SQLAlchemy's runs it in a task of its own, shielded from the caller's
             cancellation: that was raised unmarked (a plain error, inviting a resubmit), after
             the whole COMMIT, past the deadline. The session is closed to completion, as
-            SQLAlchemy closes it; a cancellation arriving then, after the COMMIT succeeded, is
-            marked saved (a web handler answers 500 ``saved-then-interrupted``: do not
-            resubmit) and said, when the block may have written (one that only read saved
-            nothing). With self-healing off, SQLAlchemy's own."""
+            SQLAlchemy closes it; a cancellation arriving then, after the COMMIT succeeded (or
+            in the COMMIT's step once the server answered it: an ``after_commit`` listener
+            awaiting I/O), is marked saved (a web handler answers 500
+            ``saved-then-interrupted``: do not resubmit) and said, when the block may have
+            written (one that only read saved nothing). With self-healing off, SQLAlchemy's
+            own."""
             if not self.config.enabled:
                 return async_sessionmaker.begin(self)  # type: ignore[return-value]
             return _Begun(self())
@@ -799,7 +802,16 @@ if True:  # async only
         async def __aexit__(self, kind: Any, value: Any, traceback: Any) -> None:
             try:
                 await self.transaction.__aexit__(kind, value, traceback)
-            except BaseException:
+            except BaseException as failed:
+                if (
+                    kind is None
+                    and self.saved.saved
+                    and not isinstance(failed, Exception)
+                    and committed_unclosed(self.session.sync_session)
+                ):
+                    # cancelled in the COMMIT step after the server answered the COMMIT (an
+                    # after_commit listener of yours awaiting I/O): the change is saved
+                    _begun_interrupted(self.session, failed)
                 await self.session.__aexit__(kind, value, traceback)
                 raise
             finally:
@@ -1065,8 +1077,9 @@ else:  # sync only
         drop-in code's ``with Session() as session:``, and ``with Session.begin() as session:``,
         which enters one. An interruption (``KeyboardInterrupt``, ``SystemExit``, a
         ``BaseException`` timeout of gevent's) arriving as the session closes, at the end of a
-        block that ended normally after a COMMIT in it that may have written succeeded, is said
-        and marked as a unit's interruption after its COMMIT is (see
+        block that ended normally after a COMMIT in it that may have written succeeded, or
+        inside such a COMMIT's step once the server answered it (an ``after_commit`` listener
+        doing I/O), is said and marked as a unit's interruption after its COMMIT is (see
         ``CommitReferee.interrupted``): its caller hears only the interruption, which a web
         handler would answer as a plain error, inviting a resubmit that saves the change again.
         After a block that committed no write, nothing is said: nothing was saved. (An async
@@ -1090,26 +1103,42 @@ else:  # sync only
                     dropin_block.reset(block[1])
                 except ValueError:  # (left in another thread or context)
                     pass
+                if (
+                    kind is not None
+                    and block[0].saved
+                    and not issubclass(kind, Exception)
+                    and committed_unclosed(session)
+                    # (not said again when a unit run in the block, or a block inside it, said it)
+                    and saved_then_interrupted(value) is None
+                ):
+                    # interrupted in the block's COMMIT step after the server answered the
+                    # COMMIT (an after_commit listener of yours doing I/O): the change is
+                    # saved. (Looked at before the close below, which ends the transaction.)
+                    _block_interrupted(session, value)
             try:
                 return leave(session, kind, value, traceback)  # (your class's answer, if any)
             except Exception:
                 raise
             except BaseException as interruption:
                 if kind is None and block is not None and block[0].saved:
-                    factory: Any = factory_of(session)  # (the class's: see register_class)
-                    if factory is not None and factory.config.enabled:
-                        interrupted_after_commit(
-                            factory.config,
-                            factory.service,
-                            interruption,
-                            "a transaction of drop-in code (a with Session() or "
-                            "Session.begin() block)",
-                        )
+                    _block_interrupted(session, interruption)
                 raise
 
         setattr(__exit__, "_rdb_noting", True)  # noqa: B010 (see above)
         setattr(cls, "__enter__", __enter__)  # noqa: B010 (methods, set on the factory's class)
         setattr(cls, "__exit__", __exit__)  # noqa: B010
+
+    def _block_interrupted(session: Any, interruption: BaseException) -> None:
+        """A sync drop-in block saved a change and was interrupted after its COMMIT succeeded
+        (see ``_note_with_blocks``): said and marked, with self-healing on."""
+        factory: Any = factory_of(session)  # (the class's: see register_class)
+        if factory is not None and factory.config.enabled:
+            interrupted_after_commit(
+                factory.config,
+                factory.service,
+                interruption,
+                "a transaction of drop-in code (a with Session() or Session.begin() block)",
+            )
 
     def _require_unit(fn: Any, where: str) -> None:
         """A unit of ``run``/``run_in``/``transactional``: not a coroutine or generator

@@ -28,7 +28,7 @@ from ._classify import Classifier, debug_failure
 from ._commit import AttemptRecord, CommitRequest, CommitTicket
 from ._config import Config
 from ._errors import TransactionStateError
-from ._internals import with_own_session_class
+from ._internals import committed_unclosed, with_own_session_class
 from ._observability import log_session
 from ._registry import factory_of, register_class
 from ._state import STATE
@@ -50,6 +50,7 @@ from ._unit import (
     joins_callers_transaction,
     prune_quietly,
     runs_once_here,
+    saved_then_interrupted,
     unit_signature,
 )
 from ._validation import (
@@ -679,8 +680,9 @@ def _note_with_blocks(cls: Any) -> None:
     drop-in code's ``with Session() as session:``, and ``with Session.begin() as session:``,
     which enters one. An interruption (``KeyboardInterrupt``, ``SystemExit``, a
     ``BaseException`` timeout of gevent's) arriving as the session closes, at the end of a
-    block that ended normally after a COMMIT in it that may have written succeeded, is said
-    and marked as a unit's interruption after its COMMIT is (see
+    block that ended normally after a COMMIT in it that may have written succeeded, or
+    inside such a COMMIT's step once the server answered it (an ``after_commit`` listener
+    doing I/O), is said and marked as a unit's interruption after its COMMIT is (see
     ``CommitReferee.interrupted``): its caller hears only the interruption, which a web
     handler would answer as a plain error, inviting a resubmit that saves the change again.
     After a block that committed no write, nothing is said: nothing was saved. (An async
@@ -704,25 +706,43 @@ def _note_with_blocks(cls: Any) -> None:
                 dropin_block.reset(block[1])
             except ValueError:  # (left in another thread or context)
                 pass
+            if (
+                kind is not None
+                and block[0].saved
+                and not issubclass(kind, Exception)
+                and committed_unclosed(session)
+                # (not said again when a unit run in the block, or a block inside it, said it)
+                and saved_then_interrupted(value) is None
+            ):
+                # interrupted in the block's COMMIT step after the server answered the
+                # COMMIT (an after_commit listener of yours doing I/O): the change is
+                # saved. (Looked at before the close below, which ends the transaction.)
+                _block_interrupted(session, value)
         try:
             return leave(session, kind, value, traceback)  # (your class's answer, if any)
         except Exception:
             raise
         except BaseException as interruption:
             if kind is None and block is not None and block[0].saved:
-                factory: Any = factory_of(session)  # (the class's: see register_class)
-                if factory is not None and factory.config.enabled:
-                    interrupted_after_commit(
-                        factory.config,
-                        factory.service,
-                        interruption,
-                        "a transaction of drop-in code (a with Session() or Session.begin() block)",
-                    )
+                _block_interrupted(session, interruption)
             raise
 
     setattr(__exit__, "_rdb_noting", True)  # noqa: B010 (see above)
     setattr(cls, "__enter__", __enter__)  # noqa: B010 (methods, set on the factory's class)
     setattr(cls, "__exit__", __exit__)  # noqa: B010
+
+
+def _block_interrupted(session: Any, interruption: BaseException) -> None:
+    """A sync drop-in block saved a change and was interrupted after its COMMIT succeeded
+    (see ``_note_with_blocks``): said and marked, with self-healing on."""
+    factory: Any = factory_of(session)  # (the class's: see register_class)
+    if factory is not None and factory.config.enabled:
+        interrupted_after_commit(
+            factory.config,
+            factory.service,
+            interruption,
+            "a transaction of drop-in code (a with Session() or Session.begin() block)",
+        )
 
 
 def _require_unit(fn: Any, where: str) -> None:

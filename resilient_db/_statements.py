@@ -61,9 +61,9 @@ class SavedNote:
     """Whether a COMMIT of a transaction that may have written succeeded (outside a unit's own
     final COMMIT, which its ticket tells) while a drop-in block ran: an async factory's
     ``Session.begin()`` block, a sync factory's session's ``with`` (see :data:`dropin_block`).
-    An interruption arriving as the block's session closes is then said to come after a saved
-    change; after a block that wrote nothing it is not (there is nothing a client must not
-    resubmit)."""
+    An interruption arriving as the block's session closes, or in its COMMIT's step once the
+    server answered it, is then said to come after a saved change; after a block that wrote
+    nothing it is not (there is nothing a client must not resubmit)."""
 
     __slots__ = ("enclosing", "saved")
 

@@ -514,7 +514,8 @@ def mark_saved_then_interrupted(interruption: BaseException, service: str) -> No
     ``BaseException`` timeout of gevent's) as having arrived after a COMMIT of ``service``
     succeeded: in the prune of expired markers that follows a unit's COMMIT, in the close of
     its session, or of a drop-in block's that saved a change (an async ``Session.begin()``, a
-    sync session's ``with``; see :meth:`CommitReferee.interrupted`). It is raised as it is;
+    sync session's ``with``), or in such a block's COMMIT step once the server answered it
+    (see :meth:`CommitReferee.interrupted`). It is raised as it is;
     the mark only tells a web handler meeting it, or the ``TimeoutError`` that
     ``asyncio.timeout`` or ``asyncio.wait_for`` raises from it, that the change is saved (500
     ``saved-then-interrupted``, not a plain error that a client would resubmit after, writing
@@ -536,7 +537,8 @@ def interrupted_after_commit(
     """``interruption`` arrived after ``whose`` COMMIT succeeded: marked (for a web answer) and
     said. (A unit's: see :meth:`CommitReferee.interrupted`; a drop-in block's that saved a
     change, an async ``Session.begin()`` or a sync session's ``with``, interrupted while its
-    session closed: see ``_statements.SavedNote``.)"""
+    session closed or in its COMMIT's step once the server answered it: see
+    ``_statements.SavedNote``.)"""
     mark_saved_then_interrupted(interruption, service)
     emit(
         config,

@@ -621,6 +621,27 @@ def test_fire_after_commit_tells_class_and_instance_listeners() -> None:
     )
 
 
+def test_committed_unclosed_tells_a_transaction_between_its_commit_and_its_close() -> None:
+    session = Session()  # (no bind: a transaction without connections commits with no I/O)
+    seen: list[bool] = []
+    sa.event.listen(
+        session, "after_commit", lambda s: seen.append(_internals.committed_unclosed(s))
+    )
+    message = _says(
+        "SQLAlchemy",
+        "SessionTransaction._state (COMMITTED)",
+        "committed_unclosed",
+        "an interruption in a drop-in block's COMMIT step after the server answered it is not "
+        "marked saved-then-interrupted",
+    )
+    assert not _internals.committed_unclosed(session), message  # no transaction
+    session.begin()
+    assert not _internals.committed_unclosed(session), message  # begun, not committed
+    session.commit()
+    assert seen == [True], message  # committed, not closed yet: as after_commit listeners run
+    assert not _internals.committed_unclosed(session), message  # closed
+
+
 def test_last_do_connect_tells_the_order_of_listeners() -> None:
     engine = sa.create_engine("postgresql+psycopg://u:p@127.0.0.1:1/db")  # never connected
 

@@ -8,8 +8,10 @@ writing the change twice (before, the interruption was raised unmarked: a plain 
 
 Where: a sync unit's inline prune of expired commit markers (its DELETE held on the server by a
 table lock, a real signal sent once the server shows it waiting), the close of a unit's session
-(your session class's own close, doing I/O of its own, sync and async), and an async factory's
-drop-in ``Session.begin()`` block, cancelled while its session closes. Against the suite's real
+(your session class's own close, doing I/O of its own, sync and async), an async factory's
+drop-in ``Session.begin()`` block, cancelled while its session closes, and drop-in blocks (sync
+``with``, async ``Session.begin()``) interrupted in their COMMIT's step once the server answered
+it (an ``after_commit`` listener doing I/O). Against the suite's real
 server; the interruptions are real (signals, ``task.cancel()``, ``asyncio.timeout``), timed on
 real events (the server shows the statement waiting, the COMMIT returned), not on durations."""
 
@@ -35,6 +37,7 @@ from test_commit_interrupted import wait_until, wait_until_sync
 from test_prune_after_commit import _add_expired_markers, _notes, _prune_waits
 
 import resilient_db as rdb
+from resilient_db._internals import sa_await
 from resilient_db._unit import commit_interrupted, saved_then_interrupted
 from resilient_db.testing import PostgresServer
 from resilient_db.web import PROBLEM_JSON, install_exception_handlers, problem_details
@@ -306,6 +309,120 @@ def test_a_sync_dropin_block_that_saved_nothing_is_not_said_to_have_saved(
             _dropin_block(Sessions, form, statement)
         sender.join(10)
         assert _notes(pg_server, database, "x") == 0
+        assert saved_then_interrupted(raised.value) is None
+        assert problem_details(raised.value) is None
+        assert not [e for e in events if e.name == "commit_interrupted"]
+        wait_until_sync(lambda: not _sleeping(pg_server, database), timeout=30)
+    finally:
+        engine.dispose()
+
+
+def _sleep_on_server(engine: sa.Engine) -> None:
+    """I/O of the application's ``after_commit`` listener: a statement on the server."""
+    with engine.connect() as conn:
+        conn.execute(sa.text("SELECT pg_sleep(3) AS closing"))
+
+
+@pytest.mark.parametrize("form", DROPIN_FORMS[:2])
+def test_a_sync_dropin_block_interrupted_after_its_commit_answered_is_saved_then_interrupted(
+    pg_server: PostgresServer,
+    database: str,
+    service: str,
+    interruption: tuple[type[BaseException], int],
+    events: list[rdb.SelfHealEvent],
+    *,
+    after_commit: list[Callable[[], None]],
+    form: str,
+) -> None:
+    """Drop-in code on a sync factory: the server answered the block's COMMIT of a write, and
+    the signal arrives inside the COMMIT step, in an ``after_commit`` listener of the
+    application's doing I/O (a statement on the server): marked and said, as in the close (it
+    was raised unmarked, unsaid: a plain error, inviting a resubmit that writes again)."""
+    kind, signum = interruption
+    engine = sa.create_engine(pg_server.url(database))
+    try:
+        Sessions = rdb.ResilientSession(engine, service=service)
+        after_commit.append(lambda: _sleep_on_server(engine))
+        sender = signal_once(lambda: _sleeping(pg_server, database), signum)
+        with pytest.raises(kind) as raised:
+            _dropin_block(Sessions, form, "INSERT INTO prune_notes (note) VALUES ('x')")
+        sender.join(10)
+        assert not after_commit  # the COMMIT returned
+        assert type(raised.value) is kind
+        assert _notes(pg_server, database, "x") == 1
+        whose = "a transaction of drop-in code (a with Session() or Session.begin() block)"
+        assert_saved_then_interrupted(raised.value, service, events, whose)
+        assert engine.pool.checkedout() == 0
+        wait_until_sync(lambda: not _sleeping(pg_server, database), timeout=30)
+    finally:
+        engine.dispose()
+
+
+def test_a_sync_dropin_block_around_a_unit_interrupted_after_its_commit_says_it_once(
+    pg_server: PostgresServer,
+    database: str,
+    service: str,
+    events: list[rdb.SelfHealEvent],
+    after_commit: list[Callable[[], None]],
+) -> None:
+    """A ``with Session()`` block that saved a change, then ran a unit in its session
+    (``run_in``) interrupted in an ``after_commit`` listener as the unit's COMMIT returned: the
+    unit says it, and the block, whose session's transaction is the unit's, committed, does not
+    say it a second time (two lines for one interruption)."""
+    engine = sa.create_engine(pg_server.url(database))
+    try:
+        Sessions = rdb.ResilientSession(engine, service=service)
+
+        def work() -> None:
+            with Sessions() as session:
+                session.execute(sa.text("INSERT INTO prune_notes (note) VALUES ('y')"))
+                session.commit()
+                after_commit.append(lambda: _sleep_on_server(engine))
+                Sessions.run_in(session, _note, "x")
+
+        sender = signal_once(lambda: _sleeping(pg_server, database), signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt) as raised:
+            work()
+        sender.join(10)
+        assert _notes(pg_server, database, "x") == 1
+        assert_saved_then_interrupted(raised.value, service, events, "the unit (marker ")
+        wait_until_sync(lambda: not _sleeping(pg_server, database), timeout=30)
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("block", ["read-only", "interrupted in a statement after its COMMIT"])
+def test_a_sync_dropin_block_interrupted_not_after_a_saving_commit_is_not_said_to_have_saved(
+    pg_server: PostgresServer,
+    database: str,
+    service: str,
+    events: list[rdb.SelfHealEvent],
+    after_commit: list[Callable[[], None]],
+    *,
+    block: str,
+) -> None:
+    """A block that only read, interrupted in an ``after_commit`` listener as its COMMIT
+    returned, saved nothing; one that committed a write and then was interrupted in a statement
+    of its next transaction was not interrupted after a COMMIT: neither is marked or said."""
+    engine = sa.create_engine(pg_server.url(database))
+    try:
+        Sessions = rdb.ResilientSession(engine, service=service)
+
+        def work() -> None:
+            with Sessions() as session:
+                if block == "read-only":
+                    after_commit.append(lambda: _sleep_on_server(engine))
+                    session.execute(sa.text("SELECT count(*) FROM prune_notes"))
+                    session.commit()
+                else:
+                    session.execute(sa.text("INSERT INTO prune_notes (note) VALUES ('x')"))
+                    session.commit()
+                    session.execute(sa.text("SELECT pg_sleep(3) AS closing"))
+
+        sender = signal_once(lambda: _sleeping(pg_server, database), signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt) as raised:
+            work()
+        sender.join(10)
         assert saved_then_interrupted(raised.value) is None
         assert problem_details(raised.value) is None
         assert not [e for e in events if e.name == "commit_interrupted"]
@@ -667,6 +784,59 @@ async def test_a_begin_block_that_only_read_is_not_said_to_have_saved(
             assert problem_details(cancelled.value) is None
     finally:
         await engine.dispose()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
+@pytest.mark.parametrize("how", ["cancel", "asyncio.timeout"])
+@pytest.mark.parametrize("block", ["writes", "reads"])
+async def test_a_begin_block_cancelled_after_its_commit_answered_is_saved_then_interrupted(
+    pg_server: PostgresServer,
+    database: str,
+    service: str,
+    driver: str,
+    *,
+    how: str,
+    block: str,
+    after_commit: list[Callable[[], None]],
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """``async with Sessions.begin()``: the server answered its COMMIT, and the task is
+    cancelled (or its deadline reached) inside the COMMIT step, in an ``after_commit``
+    listener of the application's awaiting I/O (a statement on the server, through
+    SQLAlchemy's greenlet bridge): marked and said as in the close (it was raised unmarked,
+    unsaid). A block that only read saved nothing: not said."""
+    url = pg_server.url(database, driver=driver)
+    engine, other = create_async_engine(url), create_async_engine(url)
+    Sessions = rdb.AsyncResilientSession(engine, service=service)
+
+    async def sleep_on_server() -> None:
+        async with other.connect() as conn:
+            await conn.execute(sa.text("SELECT pg_sleep(3) AS closing"))
+
+    async def work() -> None:
+        async with Sessions.begin() as session:
+            if block == "writes":
+                await session.execute(sa.text("INSERT INTO prune_notes (note) VALUES ('x')"))
+            else:
+                await session.execute(sa.text("SELECT count(*) FROM prune_notes"))
+
+    after_commit.append(lambda: sa_await(sleep_on_server()))
+    try:
+        raised = await _interrupted_once(how, lambda: _sleeping(pg_server, database), work)
+        assert not after_commit  # the COMMIT returned
+        assert engine.pool.checkedout() == 0
+        if block == "writes":
+            assert _notes(pg_server, database, "x") == 1
+            whose = "a transaction of drop-in code (Session.begin())"
+            assert_saved_then_interrupted(raised, service, events, whose)
+        else:
+            assert saved_then_interrupted(raised) is None
+            assert not [e for e in events if e.name == "commit_interrupted"]
+        await wait_until(lambda: not _sleeping(pg_server, database), timeout=30)
+    finally:
+        await engine.dispose()
+        await other.dispose()
 
 
 def test_a_group_is_answered_saved_then_interrupted_after_the_answers_that_come_first() -> None:
