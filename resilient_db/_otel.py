@@ -57,7 +57,9 @@ class OpenTelemetryHook:
     ``resilient_db.commit.verifications`` (``service``, ``outcome``: committed, not_committed,
     unknown), ``resilient_db.transitions.blocked`` (``model``, ``via``),
     ``resilient_db.transitions.stale`` (``model``, ``via``),
-    ``resilient_db.response_validation.failures`` (``service``, ``validator``).
+    ``resilient_db.response_validation.failures`` (``service``, ``validator``),
+    ``resilient_db.pool.timeouts`` (``service``: attempts that waited the whole
+    ``pool_timeout`` for a connection of the engine's pool).
 
     They count what :func:`resilient_db.health` and the Prometheus metrics count:
     ``resilient_db.transitions.blocked`` adds one per row whose illegal move was refused (a
@@ -66,7 +68,8 @@ class OpenTelemetryHook:
     ``resilient_db_transitions_blocked_total`` do; moves refused because the row had moved
     meanwhile count on ``resilient_db.transitions.stale`` only (``stale_transitions``,
     ``resilient_db_transitions_stale_total``); ``resilient_db.response_validation.failures``
-    is each service's ``response_validation_failures``.
+    is each service's ``response_validation_failures``; ``resilient_db.pool.timeouts`` its
+    ``pool_timeouts`` (``resilient_db_pool_timeouts_total``).
     """
 
     def __init__(self, meter_provider: Any = None) -> None:
@@ -125,6 +128,11 @@ class OpenTelemetryHook:
             unit="{result}",
             description="Results that failed their validate= check",
         )
+        self._pool_timeouts = meter.create_counter(
+            "resilient_db.pool.timeouts",
+            unit="{attempt}",
+            description="Attempts that waited the whole pool_timeout for a pooled connection",
+        )
 
     def __call__(self, event: SelfHealEvent) -> None:
         fields = event.fields
@@ -175,6 +183,8 @@ class OpenTelemetryHook:
                 int(fields.get("blocked_rows", 1) or 1),
                 {"model": str(fields.get("model", "")), "via": str(fields.get("via", ""))},
             )
+        elif name == "pool_timeout":
+            self._pool_timeouts.add(1, {"service": service})
         elif name == "response_invalid":
             self._invalid.add(
                 1, {"service": service, "validator": str(fields.get("validator", ""))}

@@ -107,6 +107,10 @@ def _add_note(exc: BaseException, note: str) -> None:
 #: every 10 s
 _MACHINERY_LINES = LineLimit()
 renew_after_fork(globals(), "_MACHINERY_LINES", LineLimit)
+#: the lines of a pool timeout (``Policy._pool_timed_out``), per service: one at most every
+#: 10 s (an overloaded process times out on its pool for every unit waiting, many a second)
+_POOL_LINES = LineLimit()
+renew_after_fork(globals(), "_POOL_LINES", LineLimit)
 _RETRY_LINE = "Retry attempt %d/%d: service=%s %s (SQLSTATE %s); next attempt in %.3f s"
 
 
@@ -300,7 +304,7 @@ class Policy:
         self.stats.add_attempt()
         outcome = self.classifier.classify(exc)
         if isinstance(exc, PoolTimeoutError):
-            self.stats.add("pool_timeouts")  # this process overloaded (see ServiceStats)
+            self._pool_timed_out(exc)
         breaker = self.breaker
         if breaker is not None:
             try:
@@ -390,6 +394,32 @@ class Policy:
             type(exc).__name__,
             service=self.service,
             event="not_replayable",
+        )
+
+    def _pool_timed_out(self, exc: BaseException) -> None:
+        """An attempt waited the whole ``pool_timeout`` for a connection of the engine's pool
+        (SQLAlchemy's pool ``TimeoutError``): this process overloaded, not the database failing,
+        so never retried nor a breaker failure. Counted (``pool_timeouts``) and said: a WARNING
+        line rate-limited per service (under load every waiting unit times out, many a second),
+        and a ``pool_timeout`` event for every occurrence."""
+        self.stats.add("pool_timeouts")
+        log, since = _POOL_LINES.take((self.service, STATE.generation))
+        emit(
+            self.config,
+            log_retry,
+            logging.WARNING,
+            "Connection pool timed out: service=%s every connection of the engine's pool was "
+            "in use for the whole pool_timeout (%s: more concurrent units than pool_size + "
+            "max_overflow, or a slow database); not retried, raising it (%d more since the "
+            "last line)",
+            self.service,
+            type(exc).__name__,
+            since,
+            log=log,
+            service=self.service,
+            event="pool_timeout",
+            error=type(exc).__name__,
+            suppressed=since,
         )
 
     def _machinery_failed(self, what: str) -> None:
