@@ -112,7 +112,7 @@ from typing import Any, Final, NamedTuple, Protocol
 
 from ._config import Config, client_problem, client_says, mask_url
 from ._errors import ConfigError
-from ._observability import emit, log_breaker
+from ._observability import emit, emit_line, log_breaker
 from ._state import STATE
 
 __all__ = ["FleetDown", "FleetLink", "attach", "detach", "follow_users", "links"]
@@ -694,18 +694,18 @@ class FleetLink:
             self._client = None
             self._scripts: dict[str, Any] = {}
             problem = self.problem = client_problem(exc, self.url)
-            emit(
+            services = self.services()
+            _emit_for_services(
                 self.config,
-                log_breaker,
+                services,
                 logging.WARNING,
                 "Shared state unavailable: Redis at %s%s cannot be used (%s); circuit breakers "
                 "and retry budgets run on this process's own state",
                 self.masked_url,
-                _naming(self.services()),
+                _naming(services),
                 problem,
                 event="shared_state_down",
                 redis=self.masked_url,
-                services=", ".join(self.services()),
                 error=type(exc).__name__,
                 problem=problem,
             )
@@ -1030,9 +1030,9 @@ class FleetLink:
             )
         else:
             what, until = f"did not answer ({type(exc).__name__})", "it answers again"
-        emit(
+        _emit_for_services(
             self.config,
-            log_breaker,
+            services,
             logging.WARNING,
             "Shared state unavailable: Redis at %s%s %s; circuit breakers and retry budgets "
             "run on this process's own state until %s",
@@ -1042,7 +1042,6 @@ class FleetLink:
             until,
             event="shared_state_down",
             redis=self.masked_url,
-            services=", ".join(services),
             error=type(exc).__name__,
             problem=problem,
         )
@@ -1059,9 +1058,9 @@ class FleetLink:
             services = self._services_locked()
         # the line first, then the link is up: whoever sees it up (health(), a test) finds the
         # line written
-        emit(
+        _emit_for_services(
             self.config,
-            log_breaker,
+            services,
             logging.INFO,
             "Shared state restored: Redis at %s%s answers again; circuit breakers and retry "
             "budgets are shared with the other processes again",
@@ -1069,7 +1068,6 @@ class FleetLink:
             _naming(services),
             event="shared_state_restored",
             redis=self.masked_url,
-            services=", ".join(services),
         )
         with self._lock:
             if self._down_since is None:  # (not marked down again meanwhile)
@@ -1278,6 +1276,33 @@ class FleetLink:
         self.token = f"{os.getpid()}-{secrets.token_hex(4)}"
         self._new_locks()
         self._start()
+
+
+def _emit_for_services(
+    config: Config, services: list[str], level: int, msg: str, *args: Any, **fields: Any
+) -> None:
+    """A link's action (Redis lost, Redis back), about every service of this process using the
+    link (``services``, sorted): one line naming them all (``services``; ``service`` too when
+    it is one), and one hook event per service, its ``service`` set as every other action's
+    (operators filter events, OpenTelemetry's included, by service: an event without one was
+    found under none) and ``services`` naming them all. A link no service uses yet: one event
+    without a service."""
+    named = ", ".join(services)
+    one = {"service": services[0]} if len(services) == 1 else {}
+    emit_line(config, log_breaker, level, msg, *args, services=named, **one, **fields)
+    each: list[str | None] = [*services] or [None]
+    for service in each:
+        emit(
+            config,
+            log_breaker,
+            level,
+            msg,
+            *args,
+            log=False,
+            service=service,
+            services=named,
+            **fields,
+        )
 
 
 def _naming(services: list[str]) -> str:

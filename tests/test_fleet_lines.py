@@ -84,9 +84,18 @@ def test_a_link_refused_by_the_client_names_its_first_service(
     # a URL the client refuses, behind the validation's back (as in test_redis_url.py)
     object.__setattr__(config, "redis_url", url + "?db=x")
     engine = sa.create_engine("postgresql+psycopg://u@127.0.0.1:9/db")  # never connected
-    factory = rdb.ResilientSession(engine, service="ledger", config=config)
+    events: list[rdb.SelfHealEvent] = []
+    rdb.add_hook(events.append)
+    try:
+        factory = rdb.ResilientSession(engine, service="ledger", config=config)
+    finally:
+        rdb.remove_hook(events.append)
     (line,) = _records(caplog, "Shared state unavailable")
     assert line.self_heal["services"] == "ledger"  # type: ignore[attr-defined]
+    # one service: the line's fields name it as service too, as its event does
+    assert line.self_heal["service"] == "ledger"  # type: ignore[attr-defined]
+    (event,) = [e for e in events if e.name == "shared_state_down"]
+    assert (event.service, event.fields["services"]) == ("ledger", "ledger")
     assert "s3cret" not in caplog.text
     del factory
     engine.dispose()

@@ -30,10 +30,12 @@ from scenarios import (
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
+from resilient_db._observability import PREFIX
 from resilient_db.examples.tasks import Base, Task, create_task, move_task
 from resilient_db.metrics import HealthCollector, register
 from resilient_db.otel import install_opentelemetry, uninstall_opentelemetry
 from resilient_db.testing import FaultProxy, RedisServer
+from resilient_db.web._recorder import NO_SERVICE, Recorder
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
 
@@ -477,3 +479,68 @@ def test_an_opening_followed_from_the_fleet_is_told_apart_as_prometheus_does(
     assert otel_points(reader, "resilient_db.breaker.transitions") == {
         (("opened_here", False), ("service", "fleet"), ("state", "open")): 1
     }
+
+
+def test_redis_lost_and_back_are_events_of_each_service_using_it(
+    redis_server: RedisServer,
+    pg_url: str,
+    caplog: pytest.LogCaptureFixture,
+    otel: tuple[Any, InMemorySpanExporter, InMemoryMetricReader],
+) -> None:
+    """Two services share their breakers through one Redis, killed then restarted. Every other
+    action's event names its service, and operators filter by it: Redis lost (and back) is an
+    event of each service whose breaker and budget run on local state meanwhile, in the hooks,
+    OpenTelemetry and the dashboard alike, not one event of no service (counted under
+    ``service=""``, listed by the dashboard as the transition guard's). The log says it once,
+    naming both."""
+    _, _, reader = otel
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    events: list[rdb.SelfHealEvent] = []
+    rdb.add_hook(events.append)
+    recorder = Recorder()
+    rdb.add_hook(recorder)
+    engine = sa.create_engine(pg_url)
+    config = rdb.Config(redis_url=redis_server.url)
+    factories = [
+        rdb.ResilientSession(engine, service=s, config=config) for s in ("orders", "billing")
+    ]
+    try:
+        for name in ("orders", "billing"):
+            wait_for(lambda name=name: shared(name)["connected"], "the link", 10)
+        redis_server.kill()
+        wait_for(lambda: len([e for e in events if e.name == "shared_state_down"]) == 2, "down")
+        redis_server.start()  # the same port
+        wait_for(lambda: len([e for e in events if e.name == "shared_state_restored"]) == 2, "back")
+    finally:
+        rdb.remove_hook(events.append)
+        rdb.remove_hook(recorder)
+    for name in ("shared_state_down", "shared_state_restored"):
+        said = [e for e in events if e.name == name]
+        assert sorted(e.service or "" for e in said) == ["billing", "orders"]
+        assert {e.fields["services"] for e in said} == {"billing, orders"}
+        assert len({e.message for e in said}) == 1  # the one line's words
+        assert (
+            otel_points(reader, "resilient_db.events").get((("event", name), ("service", "")), 0)
+            == 0
+        )
+        for service in ("billing", "orders"):
+            assert (
+                otel_points(reader, "resilient_db.events")[(("event", name), ("service", service))]
+                == 1
+            )
+        (line,) = [r for r in caplog.records if getattr(r, "self_heal", {}).get("event") == name]
+        assert line.getMessage() == PREFIX + said[0].message
+        fields = line.self_heal  # type: ignore[attr-defined]
+        assert fields["services"] == "billing, orders"
+        assert "service" not in fields  # (it names two)
+    snapshot = recorder.snapshot()
+    listed = sorted((e["name"], e["service"]) for e in snapshot["events"])
+    assert listed == [
+        ("shared_state_down", "billing"),
+        ("shared_state_down", "orders"),
+        ("shared_state_restored", "billing"),
+        ("shared_state_restored", "orders"),
+    ]
+    assert NO_SERVICE not in snapshot["series"]
+    del factories
+    engine.dispose()
