@@ -54,6 +54,10 @@ class OpenTelemetryHook:
     ``open``: false for a shared breaker's opening another process made, followed here),
     ``resilient_db.breaker.rejections`` (``service``: calls the open breaker rejected, read
     from ``breaker_rejections`` of :func:`resilient_db.health` as the meter collects),
+    ``resilient_db.breaker.state`` (a gauge, ``service``, ``state``: 1 for the breaker's
+    current state, 0 for the others, read from :func:`resilient_db.health` as the meter
+    collects, as Prometheus's ``resilient_db_breaker_state``; ``state`` is ``closed``,
+    ``open``, ``half_open`` or ``off``),
     ``resilient_db.commit.verifications`` (``service``, ``outcome``: committed, not_committed,
     unknown), ``resilient_db.transitions.blocked`` (``model``, ``via``),
     ``resilient_db.transitions.stale`` (``model``, ``via``),
@@ -122,6 +126,14 @@ class OpenTelemetryHook:
             callbacks=[self._observe_rejections],
             unit="{call}",
             description="Calls rejected by an open circuit breaker",
+        )
+        # the state now, not its changes: what an alert on an open breaker needs (from the
+        # transitions counter it can't be told once its points are aggregated)
+        meter.create_observable_gauge(
+            "resilient_db.breaker.state",
+            callbacks=[self._observe_breaker_states],
+            unit="1",
+            description="1 for the circuit breaker's current state, 0 for the others",
         )
         self._invalid = meter.create_counter(
             "resilient_db.response_validation.failures",
@@ -197,6 +209,25 @@ class OpenTelemetryHook:
             return
         for name, service in health()["services"].items():
             yield self._observation(service["counters"]["breaker_rejections"], {"service": name})
+
+    def _observe_breaker_states(self, _options: Any) -> Iterator[Any]:
+        """Each breaker's state: 1 for the current one, 0 for the others (nothing once
+        uninstalled)."""
+        if not self.active:
+            return
+        for name, service in health()["services"].items():
+            breaker = service["breaker"]
+            if breaker is None:
+                continue
+            current = str(breaker.get("state", "")).replace("-", "_")
+            for state in _STATES:
+                yield self._observation(
+                    1 if current == state else 0, {"service": name, "state": state}
+                )
+
+
+#: the states of ``resilient_db.breaker.state`` (health()'s, snake_case as OTel's values go)
+_STATES = ("closed", "open", "half_open", "off")
 
 
 def _check_meter_provider(meter_provider: object) -> None:

@@ -130,6 +130,30 @@ def test_rejected_calls_count_alike_in_health_and_otel(
     assert counted[(("service", service),)] == 5
 
 
+def test_the_breakers_current_state_is_a_gauge_as_in_prometheus(
+    engine: sa.Engine, otel: tuple[Any, InMemorySpanExporter, InMemoryMetricReader], service: str
+) -> None:
+    """An alert on an open breaker needs its state now: Prometheus has it
+    (``resilient_db_breaker_state``), and OpenTelemetry the same, read from health() as the
+    meter collects, not only the transitions counter (whose aggregated points can't say which
+    state a breaker is in)."""
+    _tracer, _spans, reader = otel
+    Sessions = rdb.ResilientSession(
+        engine, service=service, config=rdb.Config(max_retries=0, failure_threshold=1)
+    )
+    Sessions.run(lambda s: s.execute(sa.text("SELECT 1")))
+
+    def states() -> dict[str, int]:
+        points = otel_points(reader, "resilient_db.breaker.state")
+        return {dict(k)["state"]: v for k, v in points.items() if dict(k)["service"] == service}
+
+    assert states() == {"closed": 1, "open": 0, "half_open": 0, "off": 0}
+    with contextlib.suppress(sa.exc.DBAPIError):
+        Sessions.run(lambda s: s.execute(sa.text("SELECT raise_code('57P03')")))
+    assert rdb.health()["services"][service]["breaker"]["state"] == "open"
+    assert states() == {"closed": 0, "open": 1, "half_open": 0, "off": 0}
+
+
 def test_commit_verification_and_blocked_transitions(
     engine: sa.Engine,
     fault_proxy: FaultProxy,
