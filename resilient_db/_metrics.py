@@ -25,6 +25,8 @@ Metrics (label ``service`` is the ResilientSession's service name):
 ``resilient_db_commits_verified_total``              counter  lost COMMIT answers verified committed
 ``resilient_db_response_validation_failures_total``  counter  results that failed ``validate=``
 ``resilient_db_pool_timeouts_total``                 counter  attempts that found the pool full
+``resilient_db_pool_invalidations_total``            counter  errors that replaced the pool's
+                                                              connections (57P01, 25006, ...)
 ``resilient_db_transitions_blocked_total``           counter  rows whose illegal move was blocked
 ``resilient_db_transitions_stale_total``             counter  transitions refused: the row had moved
 ``resilient_db_transition_rows_filtered_total``      counter  of the blocked: rows a bulk UPDATE's
@@ -124,6 +126,12 @@ _SERVICE_COUNTERS = (
         "resilient_db_pool_timeouts",
         "Attempts that waited the whole pool_timeout for a connection of the engine's pool "
         "(every one in use): not retried, no failure of the database for the breaker.",
+    ),
+    (
+        "pool_invalidations",
+        "resilient_db_pool_invalidations",
+        "Errors whose SQLSTATE ended the use of the engine's connections (57P01, 25006, ...): "
+        "the pool replaces every connection made before.",
     ),
 )
 _TRANSITION_COUNTERS = (

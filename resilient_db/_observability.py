@@ -318,6 +318,7 @@ class ServiceStats:
     verified_not_committed: int = 0
     response_validation_failures: int = 0
     pool_timeouts: int = 0
+    pool_invalidations: int = 0
     retries_by_class: Counter[str] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -359,6 +360,7 @@ class ServiceStats:
                 "verified_not_committed": self.verified_not_committed,
                 "response_validation_failures": self.response_validation_failures,
                 "pool_timeouts": self.pool_timeouts,
+                "pool_invalidations": self.pool_invalidations,
                 "retries_by_class": dict(self.retries_by_class),
             }
 
@@ -376,6 +378,7 @@ class ServiceStats:
                 "verified_not_committed",
                 "response_validation_failures",
                 "pool_timeouts",
+                "pool_invalidations",
             ):
                 setattr(self, name, 0)
             self.retries_by_class.clear()
@@ -419,7 +422,10 @@ def health() -> dict[str, Any]:
     ``validate=`` check: each raised ``ResponseValidationError`` counts once), and
     ``pool_timeouts`` (attempts that found every connection of the engine's pool in use for its
     whole ``pool_timeout``: SQLAlchemy's pool ``TimeoutError``, never retried, no failure of the
-    database for the breaker).
+    database for the breaker), ``pool_invalidations`` (errors whose SQLSTATE ended the use of the
+    engine's connections, which SQLAlchemy does not take for a lost connection: 57P01 after a
+    shutdown or ``pg_terminate_backend``, 25006 from a demoted primary; the pool replaces every
+    connection made before: the ``Replacing the pooled connections`` line).
 
     ``transitions`` (process-wide): ``blocked_transitions`` counts rows whose illegal status move
     was refused, one per row whatever the path (flush, database trigger, a bulk UPDATE that

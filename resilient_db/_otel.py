@@ -63,7 +63,9 @@ class OpenTelemetryHook:
     ``resilient_db.transitions.stale`` (``model``, ``via``),
     ``resilient_db.response_validation.failures`` (``service``, ``validator``),
     ``resilient_db.pool.timeouts`` (``service``: attempts that waited the whole
-    ``pool_timeout`` for a connection of the engine's pool).
+    ``pool_timeout`` for a connection of the engine's pool),
+    ``resilient_db.pool.invalidations`` (``service``, ``sqlstate``: errors that ended the use
+    of the pool's connections, each replaced at its next checkout).
 
     They count what :func:`resilient_db.health` and the Prometheus metrics count:
     ``resilient_db.transitions.blocked`` adds one per row whose illegal move was refused (a
@@ -73,7 +75,8 @@ class OpenTelemetryHook:
     meanwhile count on ``resilient_db.transitions.stale`` only (``stale_transitions``,
     ``resilient_db_transitions_stale_total``); ``resilient_db.response_validation.failures``
     is each service's ``response_validation_failures``; ``resilient_db.pool.timeouts`` its
-    ``pool_timeouts`` (``resilient_db_pool_timeouts_total``).
+    ``pool_timeouts`` (``resilient_db_pool_timeouts_total``), ``resilient_db.pool.invalidations``
+    its ``pool_invalidations`` (``resilient_db_pool_invalidations_total``).
     """
 
     def __init__(self, meter_provider: Any = None) -> None:
@@ -145,6 +148,11 @@ class OpenTelemetryHook:
             unit="{attempt}",
             description="Attempts that waited the whole pool_timeout for a pooled connection",
         )
+        self._pool_invalidations = meter.create_counter(
+            "resilient_db.pool.invalidations",
+            unit="{error}",
+            description="Errors that ended the use of the pool's connections, by SQLSTATE",
+        )
 
     def __call__(self, event: SelfHealEvent) -> None:
         fields = event.fields
@@ -197,6 +205,10 @@ class OpenTelemetryHook:
             )
         elif name == "pool_timeout":
             self._pool_timeouts.add(1, {"service": service})
+        elif name == "pool_invalidated":
+            self._pool_invalidations.add(
+                1, {"service": service, "sqlstate": str(fields.get("sqlstate", "none"))}
+            )
         elif name == "response_invalid":
             self._invalid.add(
                 1, {"service": service, "validator": str(fields.get("validator", ""))}

@@ -2159,6 +2159,7 @@ class EngineHooks:
         connection (its own disconnects invalidate the pool by themselves): said, one line per
         engine every few seconds (a failover fails many units at once; the hooks see each)."""
         config, service = self._speaker()
+        stats_for(service).add("pool_invalidations")
         log, unlogged = self._pool_lines.take(code)
         emit(
             config,

@@ -253,6 +253,40 @@ def prometheus(name: str, service: str | None = None) -> float:
     return value
 
 
+def test_a_replaced_pool_counts_alike_in_health_prometheus_and_otel(
+    engine: sa.Engine,
+    otel: tuple[Any, InMemorySpanExporter, InMemoryMetricReader],
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The server ends a unit's connection with 57P01 (a shutdown, ``pg_terminate_backend``),
+    which SQLAlchemy does not take for a lost connection: the pool's connections are replaced,
+    said in a line and an event, and counted, as every other self-healing action is, in
+    ``health()``, Prometheus and OpenTelemetry (a failover's replaced pools were in the logs
+    only)."""
+    _tracer, _spans, reader = otel
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    Sessions = rdb.ResilientSession(engine, service=service)
+    calls: list[int] = []
+
+    def ended_once(session: Session) -> int:
+        calls.append(1)
+        if len(calls) == 1:
+            session.execute(sa.text("SELECT raise_code('57P01')"))
+        return 1
+
+    assert Sessions.run(ended_once) == 1
+    (line,) = [r for r in caplog.records if "Replacing the pooled connections" in r.getMessage()]
+    assert f"service={service} " in line.getMessage()
+    counters = rdb.health()["services"][service]["counters"]
+    assert counters["pool_invalidations"] == 1
+    assert counters["retries"] == counters["recovered"] == 1
+    assert prometheus("resilient_db_pool_invalidations_total", service) == 1.0
+    assert otel_points(reader, "resilient_db.pool.invalidations") == {
+        (("service", service), ("sqlstate", "57P01")): 1
+    }
+
+
 def test_blocked_transitions_count_rows_alike_in_health_prometheus_and_otel(
     engine: sa.Engine, otel: tuple[Any, InMemorySpanExporter, InMemoryMetricReader], service: str
 ) -> None:

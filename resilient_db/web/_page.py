@@ -110,11 +110,12 @@ col.c-ev { width: 170px; }
     breaker_opens: "breaker opened here", breaker_rejections: "rejected calls",
     verified_commits: "verified commits", verified_not_committed: "verified not committed",
     unknown_commits: "unknown commits",
-    response_validation_failures: "invalid responses", pool_timeouts: "pool full"
+    response_validation_failures: "invalid responses", pool_timeouts: "pool full",
+    pool_invalidations: "pools replaced"
   };
   const TONE = { gave_up: "bad", unknown_commits: "bad", breaker_opens: "warn",
     breaker_rejections: "warn", recovered: "good", verified_commits: "good",
-    response_validation_failures: "bad", pool_timeouts: "warn" };
+    response_validation_failures: "bad", pool_timeouts: "warn", pool_invalidations: "warn" };
 
   function el(tag, cls, text) {
     const node = document.createElement(tag);
