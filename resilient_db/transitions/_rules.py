@@ -18,7 +18,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, TypeAlias, TypeGuard
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql.base import PGDialect
@@ -363,6 +363,10 @@ def _db_key(type_: sa.types.TypeEngine[Any], value: object) -> Key:
         raise TypeError(f"{value!r} is no value of a Boolean column")
     if isinstance(value, (float, decimal.Decimal)) and isinstance(impl, sa.Integer):
         return _integral_key(value)
+    if _is_numeric(impl) and isinstance(value, (int, float, decimal.Decimal)):
+        if isinstance(value, bool):
+            raise TypeError(f"{value!r} is no state value")
+        return _numeric_text(impl, _as_decimal(value), rounds=False)
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise TypeError(f"{value!r} is no state value")
     if isinstance(impl, (sa.CHAR, sa.NCHAR)):
@@ -381,6 +385,72 @@ def _integral_key(value: float | decimal.Decimal) -> str:
             f"{value!r} is no integer: the column holds integers (PostgreSQL would round it)"
         )
     return str(int(value))
+
+
+def _is_numeric(impl: sa.types.TypeEngine[Any]) -> TypeGuard[sa.Numeric[Any]]:
+    """Whether ``impl`` is PostgreSQL's ``numeric`` (not a float, a subclass in SQLAlchemy 2.0)."""
+    return isinstance(impl, sa.Numeric) and not isinstance(impl, sa.Float)
+
+
+def _numeric_scale(impl: sa.Numeric[Any]) -> int | None:
+    """The scale of a ``numeric`` column as SQLAlchemy creates it: ``NUMERIC(p, s)``; 0 for
+    ``NUMERIC(p)``; None for ``NUMERIC`` (a scale without a precision is not written), which
+    keeps every value with the decimals it was written with."""
+    if impl.precision is None:
+        return None
+    return impl.scale or 0
+
+
+# room for every digit of any numeric PostgreSQL stores (131072 before the point, 16383 after),
+# and rounding as numeric's own (half away from zero)
+_NUMERIC_CONTEXT: Final = decimal.Context(prec=150_000, rounding=decimal.ROUND_HALF_UP)
+
+
+def _as_decimal(value: int | float | decimal.Decimal) -> decimal.Decimal:
+    """``value`` as the number PostgreSQL makes of it in a ``numeric`` column: a float as its
+    cast from ``float8`` reads it (15 significant digits)."""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{value!r} is no finite number")
+        return decimal.Decimal(f"{value:.15g}")
+    return decimal.Decimal(value)
+
+
+def _numeric_text(impl: sa.Numeric[Any], value: decimal.Decimal, *, rounds: bool) -> str:
+    """``value`` as PostgreSQL writes it (``col::text``) once stored in a ``numeric`` column
+    of ``impl``'s scale: ``1`` as ``'1.00'`` in ``NUMERIC(4, 2)``; without a scale, with the
+    decimals it was written with (``1.0`` as ``'1.0'``). A value with more decimals than the
+    scale PostgreSQL rounds, which no guard can tell as the database would: a ValueError
+    (``rounds``: the rounded value's text, as for a literal PostgreSQL reads)."""
+    if not value.is_finite():
+        return "NaN" if value.is_nan() else ("-Infinity" if value < 0 else "Infinity")
+    scale = _numeric_scale(impl)
+    try:
+        if scale is not None:
+            stored = value.quantize(decimal.Decimal(1).scaleb(-scale), context=_NUMERIC_CONTEXT)
+            if stored != value and not rounds:
+                raise ValueError(
+                    f"{value} has more digits than the column's scale ({scale}) keeps "
+                    f"(PostgreSQL would round it to {_plain_text(stored, scale)})"
+                )
+            value = stored
+        return _plain_text(value, scale)
+    except decimal.InvalidOperation:  # more digits than any numeric holds
+        raise ValueError(f"{value} is too large for a numeric column") from None
+
+
+def _plain_text(value: decimal.Decimal, scale: int | None) -> str:
+    """A finite ``value`` written as ``numeric`` output writes it: no exponent, as many
+    decimals as its scale (none for a negative one, its own without one), no negative zero."""
+    if scale is not None:
+        value = value.quantize(decimal.Decimal(1).scaleb(-max(scale, 0)), context=_NUMERIC_CONTEXT)
+    else:
+        exponent = value.as_tuple().exponent
+        if isinstance(exponent, int) and exponent > 0:  # 1E+2: no exponent in the output
+            value = value.quantize(decimal.Decimal(1), context=_NUMERIC_CONTEXT)
+    if value.is_zero():
+        value = value.copy_abs()
+    return format(value, "f")
 
 
 #: The dialect a TypeDecorator's ``process_bind_param`` is given where the guards compute what
@@ -499,6 +569,8 @@ def _unstorable(impl: sa.types.TypeEngine[Any], key: Key) -> str | None:
         return None
     if isinstance(impl, sa.Integer) and not _INTEGER_TEXT.fullmatch(key):
         return "the column holds integers"
+    if _is_numeric(impl):
+        return _numeric_unstorable(impl, key)
     length = getattr(impl, "length", None) if isinstance(impl, sa.String) else None
     if isinstance(length, int) and len(key) > length:
         return f"it is {len(key)} characters long, the column at most {length}"
@@ -510,6 +582,8 @@ def _not_as_read(impl: sa.types.TypeEngine[Any], key: Key) -> str | None:
     writes that value (``col::text``, what the trigger compares), or None: ``"01"``, ``"+1"``
     or ``"-0"`` in an integer column is stored as 1 or 0 but read back as ``"1"`` or ``"0"``,
     so a rule about it could never apply in the database."""
+    if key is not None and _is_numeric(impl):
+        return _numeric_not_as_read(impl, key)
     if key is None or not isinstance(impl, sa.Integer):
         return None
     as_read = str(int(key))
@@ -519,6 +593,83 @@ def _not_as_read(impl: sa.types.TypeEngine[Any], key: Key) -> str | None:
         f"the column holds integers, and PostgreSQL writes this one as {as_read!r} (col::text, "
         f"what the database trigger compares), never {key!r}; declare it as {int(key)} "
         f"(or {as_read!r})"
+    )
+
+
+# PostgreSQL's numeric input of a finite number: surrounding whitespace, a sign, digits with a
+# point, an exponent (no underscores: PostgreSQL 16+ only)
+_NUMERIC_INPUT = re.compile(
+    r"[ \t\n\r\f\v]*([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)[ \t\n\r\f\v]*",
+    re.ASCII,
+)
+_NUMERIC_SPECIAL = re.compile(r"[+-]?(?:nan|inf|infinity)", re.ASCII | re.IGNORECASE)
+
+
+def _numeric_input(text: str) -> decimal.Decimal | None:
+    """The number PostgreSQL's numeric input reads from ``text`` (NaN and the infinities
+    too), or None."""
+    match = _NUMERIC_INPUT.fullmatch(text)
+    if match:
+        return decimal.Decimal(match.group(1))
+    special = text.strip(" \t\n\r\f\v")
+    return decimal.Decimal(special) if _NUMERIC_SPECIAL.fullmatch(special) else None
+
+
+def _numeric_unstorable(impl: sa.Numeric[Any], key: str) -> str | None:
+    """:func:`_unstorable` for a ``numeric`` column: text that is no number, a number with
+    more decimals than the scale (PostgreSQL would round it), one too large for the precision
+    (PostgreSQL refuses it: numeric field overflow)."""
+    value = _numeric_input(key)
+    if value is None:
+        return "the column holds numbers"
+    scale = _numeric_scale(impl)
+    if value.is_nan() or (scale is None and value.is_infinite()):
+        return None
+    if value.is_infinite():
+        return "a numeric column with a precision holds no infinity"
+    if scale is not None:
+        precision = impl.precision
+        assert precision is not None  # (a scale only with a precision)
+        limit = decimal.Decimal(1).scaleb(precision - scale)
+        # (the magnitude first: a number too large to round in memory is too large anyway)
+        if value.copy_abs() >= limit or abs(_rounded(impl, value)) >= limit:
+            return (
+                f"it is too large for the column's precision: numeric({precision}, {scale}) "
+                f"holds numbers below {limit:f} in absolute value (PostgreSQL would refuse "
+                "it: numeric field overflow)"
+            )
+        if _rounded(impl, value) != value:
+            return (
+                f"it has more digits than the column's scale ({scale}) keeps: PostgreSQL "
+                f"would round it to {_numeric_text(impl, value, rounds=True)}"
+            )
+    try:
+        _numeric_text(impl, value, rounds=True)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _rounded(impl: sa.Numeric[Any], value: decimal.Decimal) -> decimal.Decimal:
+    return decimal.Decimal(_numeric_text(impl, value, rounds=True))
+
+
+def _numeric_not_as_read(impl: sa.Numeric[Any], key: str) -> str | None:
+    """:func:`_not_as_read` for a ``numeric`` column (whose value ``key`` can hold): a number
+    PostgreSQL writes otherwise, ``"1"`` or ``"1.0"`` in ``NUMERIC(4, 2)`` (``'1.00'``), ``"01"``
+    or ``"+1"`` anywhere."""
+    value = _numeric_input(key)
+    if value is None:
+        return None
+    as_read = _numeric_text(impl, value, rounds=True)  # (storable: see _numeric_unstorable)
+    if as_read == key:
+        return None
+    whole, _, decimals = as_read.partition(".")
+    integral = _numeric_input(as_read) is not None and decimals.strip("0") == ""
+    hint = f"{whole} (or {as_read!r})" if integral else repr(as_read)
+    return (
+        f"the column holds numbers, and PostgreSQL writes this one as {as_read!r} (col::text, "
+        f"what the database trigger compares), never {key!r}; declare it as {hint}"
     )
 
 
@@ -637,6 +788,10 @@ def _compile(mapper: Mapper[Any], rules: TransitionRules) -> Guard:
                 raise TransitionRulesError(
                     f"{where}: state {state!r} is a bool, but the column ({type_!r}) is not "
                     "Boolean; bool states are for a Boolean column"
+                ) from None
+            if _is_numeric(impl):
+                raise TransitionRulesError(
+                    f"{where}: state {state!r} can't be stored in the column ({type_!r}): {exc}"
                 ) from None
             allowed = ", ".join(repr(v) for v in getattr(impl, "enums", ()))
             raise TransitionRulesError(
@@ -762,6 +917,12 @@ def _stored_key(type_: sa.types.TypeEngine[Any], literal: str) -> Key | object:
     if isinstance(impl, sa.Integer):
         match = _INTEGER_INPUT.fullmatch(literal)
         return str(int(match.group(1))) if match else _UNKNOWN
+    if _is_numeric(impl):
+        value = _numeric_input(literal)  # ('1' in NUMERIC(4, 2) is 1.00, '1.005' is 1.01)
+        try:
+            return _UNKNOWN if value is None else _numeric_text(impl, value, rounds=True)
+        except ValueError:
+            return _UNKNOWN
     try:
         return _db_key(impl, literal)
     except (LookupError, TypeError, ValueError):
