@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from psycopg import sql as pgsql
 from scenarios import refused_by_trigger
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
-from sqlalchemy.orm import mapped_column, registry
+from sqlalchemy.orm import Session, mapped_column, registry
 
 import resilient_db as rdb
 from resilient_db.testing import PostgresServer
@@ -1157,3 +1157,53 @@ async def test_trigger_drift_refuses_an_async_bind_pointing_to_run_sync(
         await async_engine.dispose()
     with pytest.raises(TypeError, match=r"engine\.connect\(\)"):
         rdb.trigger_drift(engine, ticket)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------------
+# the look at the table's shape on the caller's connection
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("through", ["connection", "session"])
+def test_a_failed_look_at_the_table_leaves_the_installs_own_error(
+    engine: sa.Engine, reg: registry, app_role: Any, through: str
+) -> None:
+    """Installing through the caller's Connection (or Session) in its transaction, a role
+    without USAGE on the table's schema: the look whether the table is partitioned or
+    inherited from failed, was passed over, and left the transaction aborted, so the install
+    raised "current transaction is aborted" (25P02) instead of the server's reason, which an
+    install through an Engine raises."""
+    model = reg.mapped(
+        type(
+            "Hidden",
+            (),
+            {
+                "__tablename__": "hidden",
+                "__table_args__": {"schema": "hidden_schema"},
+                "__transitions__": RULES,
+                "id": mapped_column(sa.Integer, primary_key=True),
+                "status": mapped_column(sa.String(20)),
+            },
+        )
+    )
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE SCHEMA hidden_schema")
+    reg.metadata.create_all(engine)
+    app = app_role()
+    with pytest.raises(sa.exc.ProgrammingError) as by_engine:
+        rdb.install_transition_trigger(app, model)
+    assert rdb.sqlstate_of(by_engine.value) == "42501"
+
+    def install() -> None:
+        if through == "connection":
+            with app.connect() as conn, conn.begin():
+                conn.exec_driver_sql("SELECT 1")
+                rdb.install_transition_trigger(conn, model)
+        else:
+            with Session(app) as session, session.begin():
+                rdb.install_transition_trigger(session, model)
+
+    with pytest.raises(sa.exc.DBAPIError) as info:
+        install()
+    assert rdb.sqlstate_of(info.value) == "42501"
+    assert "permission denied for schema hidden_schema" in str(info.value)

@@ -613,7 +613,14 @@ def _shape_in_db(target: Any, table: sa.Table) -> tuple[bool, str | None]:
         live = _live_connection(target)
         if live is None or live.dialect.name != "postgresql":
             return False, None
-        row = live.execute(_TABLE_SHAPE_QUERY, {"table": name}).first()
+        if _autocommit(live):
+            row = live.execute(_TABLE_SHAPE_QUERY, {"table": name}).first()
+        else:
+            # the caller's transaction: a look that fails (no USAGE on the table's schema, a
+            # cancel) is rolled back to a savepoint, so the install goes on to send its
+            # statements and raise their error, not "current transaction is aborted" (25P02)
+            with live.begin_nested():
+                row = live.execute(_TABLE_SHAPE_QUERY, {"table": name}).first()
     if row is None:
         return False, None
     return bool(row.partitioned), row.inheriting
