@@ -6,6 +6,8 @@ literals and drift detection key the states so.
   state and every legal move, while the rules' checks and ``trigger_drift`` reported nothing.
 - The session guards keyed a row read back (a ``Decimal``) as no state at all, and refused
   every move of it at flush, on any ``numeric`` column (``NUMERIC``, ``NUMERIC(5)`` too).
+- ``NUMERIC`` without a scale keeps the decimals each value was written with (``3.000``): the
+  trigger compares its text without the trailing zeros (``trim_scale``), as the guards do.
 - A state the column can't hold as declared (1000 in ``NUMERIC(4, 2)``: overflow; ``'1.005'``:
   rounded; ``'1.5'``: written ``'1.50'``) is refused at mapping; a literal ``server_default`` is
   compared as stored (``'1.0'`` is the initial 1.00).
@@ -32,7 +34,7 @@ from resilient_db.transitions._rules import guards_of
 
 RULES = rdb.TransitionRules(column="level", transitions={1: {2}, 2: {3}}, initial={1})
 
-#: (column type, what PostgreSQL writes for the states 1, 2, 3)
+#: (column type, the column's text of the states 1, 2, 3)
 TYPES = [
     (sa.Numeric(4, 2), ["1.00", "2.00", "3.00"]),
     (sa.Numeric(5), ["1", "2", "3"]),
@@ -88,9 +90,8 @@ def test_every_legal_write_passes_on_every_path(
     with engine.begin() as conn:
         conn.exec_driver_sql("INSERT INTO jobs VALUES (1, 1)")
         conn.exec_driver_sql("UPDATE jobs SET level = 2 WHERE id = 1")
-        # 3.000 is 3 in a column with a scale (NUMERIC without one keeps the decimals written)
-        three = "3" if type_.precision is None else "3.000"
-        conn.exec_driver_sql(f"UPDATE jobs SET level = {three} WHERE id = 1")
+        conn.exec_driver_sql("UPDATE jobs SET level = 2.0 WHERE id = 1")  # (the same state)
+        conn.exec_driver_sql("UPDATE jobs SET level = 3.000 WHERE id = 1")
     Sessions = rdb.ResilientSession(engine, service=service)
     Sessions.run(lambda s: s.add_all([Job(id=2, level=1), Job(id=3, level=decimal.Decimal(1))]))
 
@@ -106,7 +107,8 @@ def test_every_legal_write_passes_on_every_path(
     move(decimal.Decimal(3))
     bulk = Sessions.run(lambda s: s.execute(sa.update(Job).where(Job.id == 3).values(level=2)))
     assert bulk.rowcount == 1
-    assert sorted(stored(engine)) == [(1, texts[2]), (2, texts[2]), (3, texts[1])]
+    three = "3.000" if type_.precision is None else texts[2]  # (NUMERIC keeps the decimals)
+    assert sorted(stored(engine)) == [(1, three), (2, texts[2]), (3, texts[1])]
     with engine.connect() as conn:
         assert rdb.trigger_drift(conn, Job) is None
 
@@ -120,7 +122,7 @@ def test_illegal_writes_are_refused_by_the_trigger_and_the_guards(
         conn.exec_driver_sql("INSERT INTO jobs VALUES (1, 1)")
         conn.exec_driver_sql("UPDATE jobs SET level = 2 WHERE id = 1")
     with engine.connect() as conn:
-        back = refused_by_trigger(conn, "UPDATE jobs SET level = 1 WHERE id = 1")
+        back = refused_by_trigger(conn, "UPDATE jobs SET level = 1.000 WHERE id = 1")
         inserted = refused_by_trigger(conn, "INSERT INTO jobs VALUES (2, 2)")
     assert (back.from_state, back.to_state, back.via) == (2, 1, "db")
     assert "allowed from here: 3" in back.reason
@@ -157,11 +159,14 @@ def test_a_value_with_more_digits_than_the_scale_is_refused_saying_so(
     assert stored(engine) == [(1, "1.00")]
 
 
-def test_a_trigger_of_the_unscaled_literals_is_drift(engine: sa.Engine, reg: registry) -> None:
+@pytest.mark.parametrize("type_", [sa.Numeric(4, 2), sa.Numeric()])
+def test_a_trigger_of_the_earlier_text_is_drift(
+    engine: sa.Engine, reg: registry, type_: Any
+) -> None:
     """What an earlier release installed for a ``NUMERIC(4, 2)`` column (literals ``'1'``,
-    which the column's text never is) is told apart from the trigger of its rules, and an
-    install replaces it."""
-    Job = mapped(reg, sa.Numeric(4, 2))
+    which the column's text never is) or a ``NUMERIC`` one (its text compared with its trailing
+    zeros) is told apart from the trigger of its rules, and an install replaces it."""
+    Job = mapped(reg, type_)
     Job.__table__.create(engine)
     earlier = TransitionTrigger(
         model="Job", table="jobs", primary_key="id", rules=RULES, type_=sa.Integer
@@ -171,7 +176,7 @@ def test_a_trigger_of_the_unscaled_literals_is_drift(engine: sa.Engine, reg: reg
         assert rdb.trigger_drift(conn, Job) is not None
         rdb.install_transition_trigger(conn, Job)
         assert rdb.trigger_drift(conn, Job) is None
-        conn.exec_driver_sql("INSERT INTO jobs VALUES (1, 1)")
+        conn.exec_driver_sql("INSERT INTO jobs VALUES (1, 1.0)")
 
 
 def offline_script(target: Any) -> str:

@@ -858,7 +858,7 @@ def _shape_differs(row: Any, guard: Guard, update: bool) -> bool:
     if not update:
         return match is None or match["cond"] not in insert_when_printed(guard, col)
     # as PostgreSQL prints it back (a WHEN without the bytewise COLLATE is not ours any more)
-    return match is None or match["cond"] not in update_when_printed(col)
+    return match is None or match["cond"] not in update_when_printed(guard, col)
 
 
 # the schema the table resolves to (no row: no such table); oid = oid, as the others compare

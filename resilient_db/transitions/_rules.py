@@ -50,6 +50,7 @@ __all__ = [
     "sort_key",
     "state_of",
     "transition_rules",
+    "trims_scale",
     "written_by_name",
 ]
 
@@ -392,6 +393,14 @@ def _is_numeric(impl: sa.types.TypeEngine[Any]) -> TypeGuard[sa.Numeric[Any]]:
     return isinstance(impl, sa.Numeric) and not isinstance(impl, sa.Float)
 
 
+def trims_scale(column: sa.Column[Any]) -> bool:
+    """Whether ``column`` stores a ``numeric`` without a scale (``NUMERIC``), whose text the
+    trigger compares without its trailing zeros (``trim_scale(col)::text``): PostgreSQL keeps
+    each value with the decimals it was written with, ``3`` and ``3.000`` alike."""
+    impl = storage_type(column.type)
+    return _is_numeric(impl) and _numeric_scale(impl) is None
+
+
 def _numeric_scale(impl: sa.Numeric[Any]) -> int | None:
     """The scale of a ``numeric`` column as SQLAlchemy creates it: ``NUMERIC(p, s)``; 0 for
     ``NUMERIC(p)``; None for ``NUMERIC`` (a scale without a precision is not written), which
@@ -418,10 +427,13 @@ def _as_decimal(value: int | float | decimal.Decimal) -> decimal.Decimal:
 
 def _numeric_text(impl: sa.Numeric[Any], value: decimal.Decimal, *, rounds: bool) -> str:
     """``value`` as PostgreSQL writes it (``col::text``) once stored in a ``numeric`` column
-    of ``impl``'s scale: ``1`` as ``'1.00'`` in ``NUMERIC(4, 2)``; without a scale, with the
-    decimals it was written with (``1.0`` as ``'1.0'``). A value with more decimals than the
-    scale PostgreSQL rounds, which no guard can tell as the database would: a ValueError
-    (``rounds``: the rounded value's text, as for a literal PostgreSQL reads)."""
+    of ``impl``'s scale: ``1`` as ``'1.00'`` in ``NUMERIC(4, 2)``. Without a scale the column
+    keeps the decimals each value was written with (``3.000`` is ``'3.000'``, and equals 3), so
+    the trigger compares its text without the trailing zeros (``trim_scale``: see
+    :func:`trims_scale`), and so is the value written here: ``'3'``, ``'1.5'``. A value with
+    more decimals than the scale PostgreSQL rounds, which no guard can tell as the database
+    would: a ValueError (``rounds``: the rounded value's text, as for a literal PostgreSQL
+    reads)."""
     if not value.is_finite():
         return "NaN" if value.is_nan() else ("-Infinity" if value < 0 else "Infinity")
     scale = _numeric_scale(impl)
@@ -441,10 +453,12 @@ def _numeric_text(impl: sa.Numeric[Any], value: decimal.Decimal, *, rounds: bool
 
 def _plain_text(value: decimal.Decimal, scale: int | None) -> str:
     """A finite ``value`` written as ``numeric`` output writes it: no exponent, as many
-    decimals as its scale (none for a negative one, its own without one), no negative zero."""
+    decimals as its scale (none for a negative one; without a scale, none of its trailing
+    zeros, as ``trim_scale`` gives it), no negative zero."""
     if scale is not None:
         value = value.quantize(decimal.Decimal(1).scaleb(-max(scale, 0)), context=_NUMERIC_CONTEXT)
     else:
+        value = value.normalize(_NUMERIC_CONTEXT)
         exponent = value.as_tuple().exponent
         if isinstance(exponent, int) and exponent > 0:  # 1E+2: no exponent in the output
             value = value.quantize(decimal.Decimal(1), context=_NUMERIC_CONTEXT)

@@ -23,6 +23,7 @@ from ._rules import (
     same_table,
     sort_key,
     trigger_guards,
+    trims_scale,
 )
 
 __all__ = [
@@ -313,7 +314,6 @@ def _member_sql(expr: str, keys: Collection[Key]) -> str:
 
 
 def _function_body(guard: Guard) -> str:
-    col = ident(guard.column.name)
     col_lit = literal(guard.column.name)
     pk_new = ", ".join(f"{literal(c.name)}, NEW.{ident(c.name)}" for c in guard.pk_columns)
     pk_old = ", ".join(f"{literal(c.name)}, OLD.{ident(c.name)}" for c in guard.pk_columns)
@@ -338,7 +338,7 @@ def _function_body(guard: Guard) -> str:
     return f"""
 DECLARE
     v_from text;
-    v_to text := NEW.{col}::text;
+    v_to text := {_column_value("NEW", guard.column)}::text;
     v_pk json;
     v_bypass text;
     v_reason text;
@@ -352,7 +352,7 @@ BEGIN
         END IF;
         v_pk := json_build_object({pk_new});
     ELSE
-        v_from := OLD.{col}::text;
+        v_from := {_column_value("OLD", guard.column)}::text;
         IF v_from IS NOT DISTINCT FROM v_to THEN
             RETURN NULL;
         END IF;
@@ -561,11 +561,19 @@ _BYTEWISE = 'COLLATE pg_catalog."C"'
 _BYTEWISE_PRINTED = ('COLLATE "C"', 'COLLATE pg_catalog."C"')
 
 
+def _column_value(row: str, column: sa.Column[Any]) -> str:
+    """``column`` of ``row`` (``NEW`` or ``OLD``) as the trigger compares its text: as it is, or
+    a ``numeric`` without a scale without its trailing zeros (PostgreSQL keeps the decimals each
+    value was written with, and ``3.000`` is the state 3: see :func:`trims_scale`)."""
+    value = f"{row}.{ident(column.name)}"
+    return f"pg_catalog.trim_scale({value})" if trims_scale(column) else value
+
+
 def column_text(row: str, column: sa.Column[Any]) -> str:
     """The text of ``column`` of ``row`` (``NEW`` or ``OLD``) as the trigger's WHEN compares it:
     cast to text (compared with the built-in text operators whatever the installer's search_path
     holds) and bytewise (:data:`_BYTEWISE`), whatever the column's collation."""
-    return f"{row}.{ident(column.name)}::text {_BYTEWISE}"
+    return f"{_column_value(row, column)}::text {_BYTEWISE}"
 
 
 def insert_when(guard: Guard) -> str:
@@ -579,23 +587,29 @@ def update_when(guard: Guard) -> str:
     return f"{old} IS DISTINCT FROM {new}"
 
 
-def _printed_values(row: str, quoted_column: str) -> list[str]:
+def _printed_values(guard: Guard, row: str, quoted_column: str) -> list[str]:
     """:func:`column_text` as ``pg_get_triggerdef()`` prints it: the column read as is (a
-    ``text`` column, whose cast is dropped) or cast (any other type)."""
-    return [
-        f"({value} {collation})"
-        for value in (f"{row}.{quoted_column}", f"({row}.{quoted_column})::text")
-        for collation in _BYTEWISE_PRINTED
-    ]
+    ``text`` column, whose cast is dropped) or cast (any other type); a ``numeric`` without a
+    scale through ``trim_scale``, qualified when another is visible first on the session's
+    search_path."""
+    value = f"{row}.{quoted_column}"
+    if trims_scale(guard.column):
+        read = [f"({function}({value}))::text" for function in _TRIM_SCALE_PRINTED]
+    else:
+        read = [value, f"({value})::text"]
+    return [f"({text} {collation})" for text in read for collation in _BYTEWISE_PRINTED]
 
 
-def update_when_printed(quoted_column: str) -> set[str]:
+_TRIM_SCALE_PRINTED = ("trim_scale", "pg_catalog.trim_scale")
+
+
+def update_when_printed(guard: Guard, quoted_column: str) -> set[str]:
     """:func:`update_when` as ``pg_get_triggerdef()`` prints it back."""
     return {
         f"({old} IS DISTINCT FROM {new})"
         for old, new in zip(
-            _printed_values("old", quoted_column),
-            _printed_values("new", quoted_column),
+            _printed_values(guard, "old", quoted_column),
+            _printed_values(guard, "new", quoted_column),
             strict=True,
         )
     }
@@ -616,7 +630,7 @@ def insert_when_printed(guard: Guard, quoted_column: str) -> set[str]:
     (any other type), bytewise, with the session's standard_conforming_strings on or off."""
     found: set[str] = set()
     present = sorted((k for k in guard.initial if k is not None), key=sort_key)
-    for value in _printed_values("new", quoted_column):
+    for value in _printed_values(guard, "new", quoted_column):
         for doubled in (False, True):
             literals = [_printed_literal(k, doubled_backslashes=doubled) for k in present]
             parts = []
