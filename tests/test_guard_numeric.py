@@ -246,3 +246,13 @@ def test_a_server_default_is_compared_as_stored(reg: registry, default: str) -> 
             guards_of(mapped(other, sa.Numeric(4, 2), server_default="2.0"))
     finally:
         other.dispose()
+
+
+def test_a_value_out_of_numerics_range_is_no_state(reg: registry) -> None:
+    """No key is computed for it (the flush raised ``decimal.Overflow`` making one), and none
+    is taken for another state (``1E-999999999`` is no 0)."""
+    rules = rdb.TransitionRules(column="level", transitions={1: {0}}, initial={1})
+    (guard,) = guards_of(mapped(reg, sa.Numeric(), rules))
+    for value in (decimal.Decimal("1E+999999999"), decimal.Decimal("1E-999999999")):
+        assert not guard.legal_move(1, value)
+        assert "out of the range of PostgreSQL's numeric" in getattr(guard.key(value), "why", "")

@@ -410,9 +410,13 @@ def _numeric_scale(impl: sa.Numeric[Any]) -> int | None:
     return impl.scale or 0
 
 
-# room for every digit of any numeric PostgreSQL stores (131072 before the point, 16383 after),
-# and rounding as numeric's own (half away from zero)
-_NUMERIC_CONTEXT: Final = decimal.Context(prec=150_000, rounding=decimal.ROUND_HALF_UP)
+# room for every digit of any numeric PostgreSQL stores (131072 before the point, 16383 after)
+# and any exponent (none is clamped), and rounding as numeric's own (half away from zero)
+_NUMERIC_CONTEXT: Final = decimal.Context(
+    prec=150_000, rounding=decimal.ROUND_HALF_UP, Emax=decimal.MAX_EMAX, Emin=decimal.MIN_EMIN
+)
+_NUMERIC_DIGITS: Final = 131072  # before the decimal point, at most
+_NUMERIC_DECIMALS: Final = 16383  # after it, at most
 
 
 def _as_decimal(value: int | float | decimal.Decimal) -> decimal.Decimal:
@@ -446,9 +450,17 @@ def _numeric_text(impl: sa.Numeric[Any], value: decimal.Decimal, *, rounds: bool
                     f"(PostgreSQL would round it to {_plain_text(stored, scale)})"
                 )
             value = stored
+        elif value.adjusted() >= _NUMERIC_DIGITS or _decimals(value) > _NUMERIC_DECIMALS:
+            raise ValueError(f"{value} is out of the range of PostgreSQL's numeric")
         return _plain_text(value, scale)
-    except decimal.InvalidOperation:  # more digits than any numeric holds
-        raise ValueError(f"{value} is too large for a numeric column") from None
+    except decimal.DecimalException:  # more digits than any numeric holds
+        raise ValueError(f"{value} is out of the range of PostgreSQL's numeric") from None
+
+
+def _decimals(value: decimal.Decimal) -> int:
+    """The decimals of a finite ``value`` without its trailing zeros."""
+    exponent = value.normalize(_NUMERIC_CONTEXT).as_tuple().exponent
+    return -exponent if isinstance(exponent, int) and exponent < 0 else 0
 
 
 def _plain_text(value: decimal.Decimal, scale: int | None) -> str:
