@@ -117,11 +117,13 @@ class TransitionTrigger:
     in the database). ``type_``: the column's SQLAlchemy type (``sa.String(20)``,
     ``sa.Enum(Status)``): required for states that are ``enum.Enum`` members, whose stored text
     depends on it (an ``Enum`` column stores a member's name, a string column its value);
-    and for integer states of a ``Numeric`` column with a scale, whose text has its decimals (1
-    in ``sa.Numeric(4, 2)`` is ``'1.00'``); otherwise optional (bools mean a ``Boolean``
-    column, anything else a string or integer column, which both store a state as its text),
-    and when given its checks apply as for a model (a state longer than a ``String``'s length,
-    a string state in an ``Integer`` column, 1000 in ``sa.Numeric(4, 2)``).
+    and for a ``Numeric`` column, whose states the trigger compares as the column writes them
+    (1 in ``sa.Numeric(4, 2)`` as ``'1.00'``; a value of ``sa.Numeric()``, which keeps the
+    decimals written, without its trailing zeros: 3.000 as ``'3'``); otherwise optional (bools
+    mean a ``Boolean`` column, anything else a string or integer column, which both store a
+    state as its text), and when given its checks apply as for a model (a state longer than a
+    ``String``'s length, a string state in an ``Integer`` column, 1000 in
+    ``sa.Numeric(4, 2)``).
     Invalid input raises :class:`TransitionRulesError` (or ``TypeError`` for a wrong kind of
     argument) when the value is built.
     """
