@@ -39,6 +39,7 @@ from resilient_db.web._recorder import (
     MAX_FIELD_CHARS,
     MAX_MESSAGE_CHARS,
     MAX_SERVICES,
+    MAX_STATE_CHANGES,
     NO_SERVICE,
 )
 
@@ -850,3 +851,25 @@ def test_a_health_check_of_ones_own_runs_off_the_event_loop_or_is_awaited(
         waiting.join(20)
     assert [a["health"] for a in answers] == [{"healthy": True, "database": "up"}]
     assert loops == [False]
+
+
+def _event(name: str, service: str | None, **fields: Any) -> rdb.SelfHealEvent:
+    return rdb.SelfHealEvent(name=name, service=service, level=30, message=name, fields=fields)
+
+
+def test_breaker_state_changes_served_are_the_windows_and_the_one_before() -> None:
+    """A breaker flapping for longer than the window: ``data.json`` sends the state changes of
+    the window and the last one before it (the state its plot starts with), not all 256 kept
+    (the page draws none older)."""
+    now = [1_000_000.0]
+    rec = Recorder(window=60, clock=lambda: now[0])
+    for n in range(MAX_STATE_CHANGES):
+        now[0] += 5
+        rec(_event("breaker_opened" if n % 2 else "breaker_closed", "flappy"))
+    client = mounted(dashboard(auth=lambda request: True, recorder=rec))
+    changes = client.get("/admin/self-healing/data.json").json()["series"]["flappy"][
+        "breaker_states"
+    ]
+    assert len(changes) == 13  # 12 in the last 60 s (one every 5 s), and the one before
+    assert changes[0][0] <= now[0] - 60 < changes[1][0]
+    assert changes[-1] == [now[0], "open"]

@@ -132,6 +132,18 @@ def _field(value: Any) -> Any:
     return truncated(str(value), MAX_FIELD_CHARS)
 
 
+def _states_from(states: deque[tuple[float, str]], start: float) -> list[list[Any]]:
+    """The breaker state changes from ``start`` on, and the last one before it (the state the
+    plot starts with): a breaker flapping for longer than the window sent all 256 kept."""
+    kept = list(states)
+    first = 0
+    for i in range(len(kept) - 1, -1, -1):
+        if kept[i][0] <= start:
+            first = i
+            break
+    return [[t, state] for t, state in kept[first:]]
+
+
 def _rows(fields: Mapping[str, Any]) -> int:
     """The rows a ``transition_blocked`` event stands for: its ``blocked_rows`` (a bulk UPDATE's
     event names several), 1 without; read as the OpenTelemetry hook reads it."""
@@ -243,15 +255,17 @@ class Recorder:
     def snapshot(self, *, events: int | None = None) -> dict[str, Any]:
         """Recent events (oldest first) and the time series, as JSON-able data; ``left_out``:
         the services without a series (beyond :data:`MAX_SERVICES`), ``max_services`` that
-        bound."""
+        bound. A series' breaker state changes are those of the window and the last one before
+        it (the state its plot starts with; the page draws no older ones)."""
         now = self.clock()
         since = int(now) - self.window
+        states_from = now - self.window
         with self._lock:
             recent = list(self._events)
             series = {
                 name: {
                     "buckets": [row[:] for row in s.buckets if row[0] > since],
-                    "breaker_states": [[t, state] for t, state in s.states],
+                    "breaker_states": _states_from(s.states, states_from),
                     "retries_by_sqlstate": dict(s.retries_by_sqlstate),
                     "blocked_by_via": dict(s.blocked_by_via),
                     "stale_by_via": dict(s.stale_by_via),
