@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import re
 import threading
 import uuid
@@ -853,8 +854,142 @@ def test_a_health_check_of_ones_own_runs_off_the_event_loop_or_is_awaited(
     assert loops == [False]
 
 
+def merged(shown: dict[str, Any], data: dict[str, Any], events: int) -> dict[str, Any]:
+    """What the page draws after answer ``data`` to a request with ``shown``'s cursor (the
+    page's ``merged()``): a delta added to what was shown, rows by their second, state
+    changes and events appended, what left the window dropped."""
+    if not data["delta"]:
+        return data
+    now, window = data["now"], data["window"]
+    series = dict(shown["series"])
+    for name, added in data["series"].items():
+        had = series.get(name)
+        first = added["buckets"][0][0] if added["buckets"] else math.inf
+        series[name] = (
+            added
+            if had is None
+            else {
+                **added,
+                "buckets": [r for r in had["buckets"] if r[0] < first] + added["buckets"],
+                "breaker_states": had["breaker_states"] + added["breaker_states"],
+            }
+        )
+    for name, s in series.items():
+        states = s["breaker_states"][-MAX_STATE_CHANGES:]
+        before = [i for i, (t, _) in enumerate(states) if t <= now - window]
+        series[name] = {
+            **s,
+            "buckets": [r for r in s["buckets"] if r[0] > int(now) - window],
+            "breaker_states": states[before[-1] if before else 0 :],
+        }
+    recent = (shown["events"] + data["events"])[-events:] if events else []
+    return {**data, "series": series, "events": recent}
+
+
 def _event(name: str, service: str | None, **fields: Any) -> rdb.SelfHealEvent:
     return rdb.SelfHealEvent(name=name, service=service, level=30, message=name, fields=fields)
+
+
+def test_data_json_after_a_cursor_sends_what_changed_since_and_adds_up_to_the_full_answer() -> None:
+    """``data.json?after=<cursor>`` (the page sends the ``cursor`` of the data it shows): the
+    events since, and only the series that changed, each with its rows changed since and its
+    new breaker state changes; added to what the page shows (as its script does), it is what a
+    full answer holds, whatever left the window meanwhile. 64 busy services sent everything
+    (a megabyte, some 40 ms of the event loop) at every poll of every open page."""
+    now = [1_000_000.0]
+    rec = Recorder(max_events=50, window=20, clock=lambda: now[0])
+    client = mounted(dashboard(auth=lambda request: True, recorder=rec, events=30))
+    path = "/admin/self-healing/data.json"
+    busy = [f"svc-{n}" for n in range(5)]
+    for _ in range(30):
+        now[0] += 1
+        for name in busy:
+            rec(_event("retry", name, sqlstate="40001"))
+    first = client.get(path).json()
+    assert (first["delta"], first["cursor"]) == (False, rec.snapshot()["cursor"])
+    shown = first
+    states = ["breaker_opened", "breaker_half_open", "breaker_closed"]
+    for step in range(24):  # idle polls, two services busy, state changes, the window moving on
+        now[0] += 0.4 if step % 3 else 3.0
+        if step % 4 != 3:
+            rec(_event("retry", busy[0], sqlstate="40P01"))
+            rec(_event(states[step % 3], busy[1]))
+            rec(_event("transition_blocked", None, via="flush", blocked_rows=2))
+        answer = client.get(path, params={"after": shown["cursor"]})
+        data = answer.json()
+        assert data["delta"] is True
+        assert set(data["series"]) <= {busy[0], busy[1], NO_SERVICE}
+        if step % 4 == 3:  # nothing new: no event, no series
+            assert (data["events"], data["series"]) == ([], {})
+        else:
+            assert [e["name"] for e in data["events"]] == [
+                "retry",
+                states[step % 3],
+                "transition_blocked",
+            ]
+            assert len(data["series"][busy[0]]["buckets"]) <= 2  # its second's row, maybe again
+        shown = merged(shown, data, 30)
+        full = client.get(path).json()
+        assert shown["events"] == full["events"]
+        assert shown["series"] == full["series"]
+        assert {k: v for k, v in shown.items() if k != "delta"} == {
+            k: v for k, v in full.items() if k != "delta"
+        }
+
+
+def test_a_cursor_that_cant_be_followed_gets_the_full_answer() -> None:
+    """A cursor of another recorder (another process behind the same URL), one from before
+    ``reset_state()``, before a service's series was dropped for another, or before an event
+    was counted in an earlier second than the last (the clock stepped back), or nonsense: the
+    full answer, never a delta the page would add to what is gone."""
+    now = [1_000_000.0]
+    rec = Recorder(window=10, clock=lambda: now[0])
+    client = mounted(dashboard(auth=lambda request: True, recorder=rec))
+    path = "/admin/self-healing/data.json"
+    rec(_retry("a"))
+
+    def answer(after: str) -> dict[str, Any]:
+        data: dict[str, Any] = client.get(path, params={"after": after}).json()
+        return data
+
+    cursor = client.get(path).json()["cursor"]
+    assert answer(cursor)["delta"] is True
+    other = Recorder(window=10, clock=lambda: now[0])
+    other(_retry("a"))
+    epoch, _, number = cursor.partition(".")
+    for bad in (
+        other.snapshot()["cursor"],
+        "",
+        "x",
+        f"{epoch}.",
+        f"{epoch}.-1",
+        f"{epoch}.²",
+        f"{epoch}.{'9' * 5000}",
+    ):
+        assert answer(bad)["delta"] is False, bad
+    assert answer(f"{epoch}.{int(number) + 1}")["delta"] is False  # from the future
+    now[0] += 0.5
+    rec(_retry("a"))
+    now[0] -= 2  # an earlier second: a row before the last changed
+    rec(_retry("a"))
+    data = answer(cursor)
+    assert data["delta"] is False
+    assert [row[1] for row in data["series"]["a"]["buckets"]] == [1, 2]
+    cursor = data["cursor"]
+    assert answer(cursor)["delta"] is True
+    rec.clear()
+    rec(_retry("a"))
+    assert answer(cursor)["delta"] is False
+    cursor = client.get(path).json()["cursor"]
+    for n in range(MAX_SERVICES - 1):
+        rec(_retry(f"s{n}"))
+    now[0] += 11  # "a" and the others idle for a whole window: a new service takes a place
+    assert answer(cursor)["delta"] is True
+    rec(_retry("new"))
+    data = answer(cursor)
+    assert data["delta"] is False
+    assert "new" in data["series"]
+    assert len(data["series"]) == MAX_SERVICES
 
 
 def test_breaker_state_changes_served_are_the_windows_and_the_one_before() -> None:

@@ -309,6 +309,66 @@ def test_page_says_why_a_failed_health_check_is_not_healthy(browser: Any) -> Non
     assert overall == "degraded: the dashboard's health() check failed: ConnectionRefusedError"
 
 
+def test_page_adds_what_changed_to_what_it_shows_as_a_full_answer_would_show_it(
+    browser: Any,
+) -> None:
+    """After its first answer the page asks ``data.json`` only for what changed since its
+    ``cursor``, and adds it to what it shows: after events in some services, breaker state
+    changes, and the window moving on past old rows and states, it draws exactly what a page
+    loaded afresh draws from a full answer (the recorder's clock held still to compare)."""
+    from resilient_db.web import Recorder  # noqa: PLC0415
+
+    now = [1_800_000_000.0]
+    rec = Recorder(max_events=50, window=10, clock=lambda: now[0])
+    quiet = {"breaker": None, "budget": None, "counters": {}}
+
+    async def health() -> dict[str, Any]:
+        return {"healthy": True, "services": {"a": quiet, "b": quiet, "c": quiet}}
+
+    def event(name: str, service: str) -> None:
+        rec(rdb.SelfHealEvent(name=name, service=service, level=30, message=name, fields={}))
+
+    for second in range(12):
+        now[0] += 1
+        for _ in range(9 if second == 2 else second % 4):  # (a rate no later second has)
+            event("retry", "a")
+        event("retry", "c")
+    event("breaker_opened", "b")
+    app, once = (
+        dashboard(auth=token_auth(TOKEN), recorder=rec, health=health, poll_seconds=p, events=5)
+        for p in (0.1, 3600)
+    )
+    page = f"{{}}/?token={TOKEN}"
+    main = "return document.getElementById('main').innerHTML"
+    with serve_in_background(app) as server, serve_in_background(once) as afresh:
+        browser.get(page.format(server.url))
+        wait_for("a refresh", lambda: updates(browser) >= 1)
+        for step, state in enumerate(["breaker_half_open", "breaker_closed"] * 4):
+            now[0] += 1.5
+            for _ in range(step % 3 + 1):
+                event("retry", "a")
+            event(state, "b")
+            next_refresh(browser)
+            next_refresh(browser)  # one asked for after the events
+            event("retry", "a")  # the same second again: its row sent again
+            next_refresh(browser)
+            next_refresh(browser)
+        polled = browser.execute_script(main)
+        assert browser.execute_script("return document.body.dataset.delta") == "true"
+        asked = browser.execute_script(
+            "return performance.getEntriesByType('resource').map(e => e.name)"
+            ".filter(n => n.includes('data.json'))"
+        )
+        assert "after=" not in asked[0]
+        assert all("after=" in name and "token=" in name for name in asked[1:])
+        browser.get(page.format(afresh.url))  # the same data: one full answer
+        wait_for("a refresh", lambda: updates(browser) >= 1)
+        assert browser.execute_script("return document.body.dataset.delta") == "false"
+        fresh = browser.execute_script(main)
+    assert polled == fresh
+    assert fresh.count("<tr data-event") == 5
+
+
 @pytest.mark.slow
 def test_dashboard_during_the_demo(browser: Any, pg_server: PostgresServer) -> None:
     """``resilient-db demo --dashboard-port 0``: the page shows the demo's service, its counters

@@ -142,9 +142,12 @@ class Dashboard:
         if refused is not None:
             return _secured(refused)
         if path == "/data.json":
+            # the page sends the cursor of the data it shows: only what changed since comes back
+            after = request.query_params.get("after")
             return _secured(
                 JSONResponse(
-                    self.data(await self._health()), headers={"Cache-Control": "no-store"}
+                    self.data(await self._health(), after=after),
+                    headers={"Cache-Control": "no-store"},
                 ),
             )
         nonce = secrets.token_urlsafe(16)
@@ -153,6 +156,7 @@ class Dashboard:
             nonce=nonce,
             poll_ms=round(self.poll_seconds * 1000),
             min_poll_ms=round(MIN_POLL_SECONDS * 1000),
+            events=min(self.events, self.recorder.max_events),
         )
         return _secured(HTMLResponse(page), nonce=nonce)
 
@@ -209,10 +213,11 @@ class Dashboard:
         except Exception as exc:  # the application's check: said, not a 500 of the whole page
             return _health_problem(exc)
 
-    def data(self, health: Any) -> dict[str, Any]:
+    def data(self, health: Any, *, after: str | None = None) -> dict[str, Any]:
         """What ``data.json`` serves: ``health`` (the check's value, made plain JSON), recent
-        events and the time series."""
-        snapshot = self.recorder.snapshot(events=self.events)
+        events and the time series; ``after``, the ``cursor`` of an earlier answer: the
+        events and series only as far as they changed since (see :meth:`Recorder.snapshot`)."""
+        snapshot = self.recorder.snapshot(events=self.events, after=after)
         return {
             "title": self.title,
             "health": health,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import html
 
+from ._recorder import MAX_STATE_CHANGES
+
 __all__ = ["render_page"]
 
 _TEMPLATE = """<!doctype html>
@@ -97,13 +99,16 @@ col.c-ev { width: 170px; }
   <span id="live">connecting…</span>
 </header>
 <div id="error" role="alert"></div>
-<main id="main" data-poll="@POLL@"><div class="card wide empty">Loading…</div></main>
+<main id="main" data-poll="@POLL@" data-events="@EVENTS@" data-states="@MAX_STATES@"><div class="card wide empty">Loading…</div></main>
 <script nonce="@NONCE@">
 "use strict";
 (function () {
   const SVG = "http://www.w3.org/2000/svg";
   const main = document.getElementById("main");
   const poll = Math.max(@MIN_POLL@, Number(main.dataset.poll) || 2000);
+  const maxEvents = Number(main.dataset.events) || 0;
+  const maxStates = Number(main.dataset.states) || 0;
+  let shown = null;  // the data drawn last: a delta answer (data.delta) adds to it
   const COLORS = { "closed": "#12b76a", "half-open": "#f79009", "open": "#e5484d" };
   const LABELS = {
     attempts: "attempts", retries: "retries", recovered: "recovered", gave_up: "gave up",
@@ -381,14 +386,49 @@ col.c-ev { width: 170px; }
     document.body.dataset.healthy = String(!!health.healthy);
     document.body.dataset.updates = String(Number(document.body.dataset.updates || 0) + 1);
   }
+  // a delta answer (only what changed after the cursor sent) added to the data shown: rows by
+  // their second, state changes and events appended, what left the window dropped, as the
+  // server's full answer holds them
+  function merged(old, data) {
+    if (!data.delta || !old) return data;
+    const start = data.now - data.window;
+    const series = Object.assign({}, old.series);
+    for (const name of Object.keys(data.series)) {
+      const add = data.series[name];
+      const had = series[name];
+      if (had) {
+        const first = add.buckets.length ? add.buckets[0][0] : Infinity;
+        add.buckets = had.buckets.filter((row) => row[0] < first).concat(add.buckets);
+        add.breaker_states = had.breaker_states.concat(add.breaker_states);
+      }
+      series[name] = add;
+    }
+    for (const name of Object.keys(series)) {
+      const s = series[name];
+      const rows = s.buckets.filter((row) => row[0] > Math.floor(data.now) - data.window);
+      let states = maxStates ? s.breaker_states.slice(-maxStates) : s.breaker_states;
+      let first = 0;
+      for (let i = states.length - 1; i >= 0; i--) if (states[i][0] <= start) { first = i; break; }
+      states = states.slice(first);
+      series[name] = Object.assign({}, s, { buckets: rows, breaker_states: states });
+    }
+    const events = (old.events || []).concat(data.events || []);
+    return Object.assign({}, data, { series: series, events: maxEvents ? events.slice(-maxEvents) : [] });
+  }
   async function refresh() {
     const live = document.getElementById("live");
     const error = document.getElementById("error");
     try {
-      const answer = await fetch("data.json" + window.location.search,
+      const query = new URLSearchParams(window.location.search);
+      if (shown && shown.cursor) query.set("after", shown.cursor);
+      const search = query.toString();
+      const answer = await fetch("data.json" + (search ? "?" + search : ""),
         { cache: "no-store", credentials: "same-origin", headers: { "Accept": "application/json" } });
       if (!answer.ok) throw new Error("the dashboard answered " + answer.status);
-      render(await answer.json());
+      const data = merged(shown, await answer.json());
+      render(data);
+      shown = data;
+      document.body.dataset.delta = String(!!data.delta);
       live.textContent = "live · updated " + new Date().toLocaleTimeString([], { hour12: false });
       live.className = "";
       error.style.display = "none";
@@ -409,12 +449,17 @@ col.c-ev { width: 170px; }
 """
 
 
-def render_page(*, title: str, nonce: str, poll_ms: int, min_poll_ms: int = 100) -> str:
+def render_page(
+    *, title: str, nonce: str, poll_ms: int, min_poll_ms: int = 100, events: int = 100
+) -> str:
     """The page, with ``title`` escaped and the script's nonce; it polls every ``poll_ms``,
-    never more often than every ``min_poll_ms`` (the dashboard's ``MIN_POLL_SECONDS``)."""
+    never more often than every ``min_poll_ms`` (the dashboard's ``MIN_POLL_SECONDS``), and
+    keeps the last ``events`` events (as many as ``data.json`` serves in full)."""
     return (
         _TEMPLATE.replace("@TITLE@", html.escape(title, quote=True))
         .replace("@NONCE@", nonce)
         .replace("@MIN_POLL@", str(int(min_poll_ms)))
         .replace("@POLL@", str(int(poll_ms)))
+        .replace("@EVENTS@", str(int(events)))
+        .replace("@MAX_STATES@", str(MAX_STATE_CHANGES))
     )

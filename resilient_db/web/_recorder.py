@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import threading
 import time
 import weakref
@@ -67,15 +68,21 @@ _WEB_EVENTS = frozenset({"pool_exhausted"})
 #: The columns of a per-second bucket (``snapshot()["bucket_columns"]``).
 BUCKET_COLUMNS = ("second", "retries", "gave_up", "recovered", "blocked", "stale")
 _RETRIES, _GAVE_UP, _RECOVERED, _BLOCKED, _STALE = range(1, len(BUCKET_COLUMNS))
+#: A row keeps, after its columns, the number of the last event that changed it (not served):
+#: what changed since a cursor is found without looking at the rest.
+_CHANGED = len(BUCKET_COLUMNS)
 
 
 class _Series:
     """One service's recent history: per-second buckets and breaker state changes."""
 
     def __init__(self, window: int) -> None:
-        self.buckets: deque[list[int]] = deque(maxlen=window)  # [second, retries, gave_up, ...]
+        # [second, retries, gave_up, ..., number of the event that last changed it]
+        self.buckets: deque[list[int]] = deque(maxlen=window)
         self.last = 0.0  # when its last event came (the clock's time)
-        self.states: deque[tuple[float, str]] = deque(maxlen=MAX_STATE_CHANGES)
+        self.changed = 0  # the number of its last event
+        # (time, state, number of the event)
+        self.states: deque[tuple[float, str, int]] = deque(maxlen=MAX_STATE_CHANGES)
         self.retries_by_sqlstate: Counter[str] = Counter()
         self.blocked_by_via: Counter[str] = Counter()
         self.stale_by_via: Counter[str] = Counter()
@@ -92,7 +99,7 @@ class _Series:
                 return last
             if last[0] > second:
                 return self._earlier(second)
-        row = [second] + [0] * (len(BUCKET_COLUMNS) - 1)
+        row = [second] + [0] * len(BUCKET_COLUMNS)
         buckets.append(row)
         return row
 
@@ -106,7 +113,7 @@ class _Series:
             if found < second:
                 index = i + 1
                 break
-        row = [second] + [0] * (len(BUCKET_COLUMNS) - 1)
+        row = [second] + [0] * len(BUCKET_COLUMNS)
         if len(buckets) == buckets.maxlen:
             if index == 0:
                 return row
@@ -114,6 +121,44 @@ class _Series:
             index -= 1
         buckets.insert(index, row)
         return row
+
+    def served(self, since: int, states_from: float, after: int | None) -> dict[str, Any]:
+        """What ``data.json`` serves of it: the rows of the seconds after ``since``, the breaker
+        state changes from ``states_from`` on (and the last one before it: the state the plot
+        starts with; the page draws no older ones), its counted labels. ``after`` (an event's
+        number): only the rows changed and the state changes made since that event, looked for
+        from the newest back (a row other than the last is never changed without
+        :meth:`Recorder.snapshot` answering in full)."""
+        if after is None:
+            rows = [row[:_CHANGED] for row in self.buckets if row[0] > since]
+            states = list(self.states)
+            first = 0
+            for i in range(len(states) - 1, -1, -1):
+                if states[i][0] <= states_from:
+                    first = i
+                    break
+            changes = [[t, state] for t, state, _ in states[first:]]
+        else:
+            rows = []
+            for row in reversed(self.buckets):
+                if row[_CHANGED] <= after or row[0] <= since:
+                    break
+                rows.append(row[:_CHANGED])
+            rows.reverse()
+            changes = []
+            for t, state, number in reversed(self.states):
+                if number <= after:
+                    break
+                changes.append([t, state])
+            changes.reverse()
+        return {
+            "buckets": rows,
+            "breaker_states": changes,
+            "retries_by_sqlstate": dict(self.retries_by_sqlstate),
+            "blocked_by_via": dict(self.blocked_by_via),
+            "stale_by_via": dict(self.stale_by_via),
+            "events_by_name": dict(self.events_by_name),
+        }
 
 
 def _count(counter: Counter[str], label: str, amount: int = 1) -> None:
@@ -130,18 +175,6 @@ def _field(value: Any) -> Any:
     if isinstance(value, (int, bool)) or (isinstance(value, float) and math.isfinite(value)):
         return value
     return truncated(str(value), MAX_FIELD_CHARS)
-
-
-def _states_from(states: deque[tuple[float, str]], start: float) -> list[list[Any]]:
-    """The breaker state changes from ``start`` on, and the last one before it (the state the
-    plot starts with): a breaker flapping for longer than the window sent all 256 kept."""
-    kept = list(states)
-    first = 0
-    for i in range(len(kept) - 1, -1, -1):
-        if kept[i][0] <= start:
-            first = i
-            break
-    return [[t, state] for t, state in kept[first:]]
 
 
 def _rows(fields: Mapping[str, Any]) -> int:
@@ -173,10 +206,18 @@ class Recorder:
         self.window = window
         self.clock = clock
         self.started = clock()
-        self._events: deque[dict[str, Any]] = deque(maxlen=max_events)
+        self._events: deque[tuple[int, dict[str, Any]]] = deque(maxlen=max_events)
         self._series: dict[str, _Series] = {}
         self._left_out: dict[str, None] = {}  # (ordered: the first left out first)
         self._lock = threading.Lock()
+        # every event recorded has a number, one more than the last; a cursor ("epoch.number")
+        # asks for what changed after that event. The epoch is new at each clear() (and in each
+        # recorder, each process): a cursor of another one is answered in full.
+        self._number = 0
+        self._epoch = secrets.token_hex(4)
+        # the number of the last event after which changes can't be sent as additions only (a
+        # series dropped, a row other than the last one changed): an older cursor gets it all
+        self._reshaped = 0
 
     def __call__(self, event: SelfHealEvent) -> None:
         listed_only = event.service is None and event.name in _WEB_EVENTS
@@ -196,17 +237,22 @@ class Recorder:
             # the order of their times (read before it, a later second's bucket could be
             # appended first, and this second's count split over a second row)
             now = entry["time"] = self.clock()
-            self._events.append(entry)
+            number = self._number = self._number + 1
+            self._events.append((number, entry))
             if listed_only:
                 return
             series = self._series.get(service)
             if series is None:
-                series = self._new_series(service, now)
+                series = self._new_series(service, now, number)
                 if series is None:
                     return
             series.last = now
+            series.changed = number
             _count(series.events_by_name, event.name)
             row = series.bucket(int(now))
+            row[_CHANGED] = number
+            if row is not series.buckets[-1]:  # an earlier second (the clock stepped back)
+                self._reshaped = number
             if event.name == "retry":
                 row[_RETRIES] += 1
                 _count(series.retries_by_sqlstate, str(fields.get("sqlstate", "none")))
@@ -225,9 +271,9 @@ class Recorder:
                     _count(series.blocked_by_via, via, rows)
             state = _BREAKER_STATES.get(event.name)
             if state is not None:
-                series.states.append((now, state))
+                series.states.append((now, state, number))
 
-    def _new_series(self, service: str, now: float) -> _Series | None:
+    def _new_series(self, service: str, now: float, number: int) -> _Series | None:
         """A series for ``service``, once :data:`MAX_SERVICES` are tracked only in the place
         of the least recently active one that had no event for a whole window (None: it is
         left out). The guard's series is always kept: its counts are health()'s transitions."""
@@ -243,6 +289,7 @@ class Recorder:
                 return None
             del tracked[idle[0]]
             self._leave_out(idle[0])
+            self._reshaped = number
         self._left_out.pop(service, None)
         series = tracked[service] = _Series(self.window)
         return series
@@ -252,28 +299,42 @@ class Recorder:
         if service not in left_out and len(left_out) < MAX_LEFT_OUT:
             left_out[service] = None
 
-    def snapshot(self, *, events: int | None = None) -> dict[str, Any]:
+    def snapshot(self, *, events: int | None = None, after: str | None = None) -> dict[str, Any]:
         """Recent events (oldest first) and the time series, as JSON-able data; ``left_out``:
         the services without a series (beyond :data:`MAX_SERVICES`), ``max_services`` that
         bound. A series' breaker state changes are those of the window and the last one before
-        it (the state its plot starts with; the page draws no older ones)."""
+        it (the state its plot starts with).
+
+        ``cursor`` names this snapshot; ``after=`` a cursor: what changed since it only
+        (``delta`` True): the events recorded since, the series that changed, each with its
+        rows changed since (the last one before it again, when an event came in its second) and
+        its new breaker state changes (its counted labels whole), ``left_out`` whole. Added to
+        what the cursor's snapshot held (rows by their second), and rows and state changes
+        older than the window dropped, it is what a full snapshot holds. A cursor of another
+        recorder (or one cleared since), or one from before a series was dropped or an
+        event was counted in an earlier second than the last (the clock stepped back), gets
+        the full snapshot (``delta`` False)."""
         now = self.clock()
         since = int(now) - self.window
         states_from = now - self.window
         with self._lock:
-            recent = list(self._events)
+            base = self._base(after)
+            if base is None:
+                recent = [entry for _, entry in self._events]
+            else:
+                recent = []
+                for number, entry in reversed(self._events):
+                    if number <= base:
+                        break
+                    recent.append(entry)
+                recent.reverse()
             series = {
-                name: {
-                    "buckets": [row[:] for row in s.buckets if row[0] > since],
-                    "breaker_states": _states_from(s.states, states_from),
-                    "retries_by_sqlstate": dict(s.retries_by_sqlstate),
-                    "blocked_by_via": dict(s.blocked_by_via),
-                    "stale_by_via": dict(s.stale_by_via),
-                    "events_by_name": dict(s.events_by_name),
-                }
+                name: s.served(since, states_from, base)
                 for name, s in self._series.items()
+                if base is None or s.changed > base
             }
             left_out = sorted(self._left_out)
+            cursor = f"{self._epoch}.{self._number}"
         if events is not None:
             recent = recent[-events:] if events > 0 else []
         return {
@@ -285,13 +346,28 @@ class Recorder:
             "series": series,
             "max_services": MAX_SERVICES,
             "left_out": left_out,
+            "cursor": cursor,
+            "delta": base is not None,
         }
+
+    def _base(self, after: str | None) -> int | None:
+        """The event number of cursor ``after`` when changes since it can be sent as additions
+        (the lock held), else None (a full snapshot)."""
+        if not after:
+            return None
+        epoch, _, number = after.partition(".")
+        # (a number no recorder reaches: int() of thousands of digits is refused, a 500)
+        if epoch != self._epoch or not (number.isascii() and number.isdigit()) or len(number) > 20:
+            return None
+        base = int(number)
+        return base if self._reshaped <= base <= self._number else None
 
     def clear(self) -> None:
         with self._lock:
             self._events.clear()
             self._series.clear()
             self._left_out.clear()
+            self._epoch = secrets.token_hex(4)
 
 
 _shared: Recorder | None = None
