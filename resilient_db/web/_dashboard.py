@@ -244,6 +244,11 @@ def dashboard(
     :func:`token_auth` does). The page refreshes itself every ``poll_seconds`` from
     ``data.json`` (the same data as :func:`resilient_db.health`, the last ``events``
     ``[SELF-HEAL]`` events and per-second series); ``poll_seconds`` is from 0.1 to 86400.
+    Each ``data.json`` answer has a ``cursor``: ``data.json?after=<cursor>`` answers only what
+    changed since (``delta`` true: the new events, and the series that changed with their
+    changed rows and new breaker state changes), as the page asks after its first answer; a
+    cursor that can't be followed (another process's, one from before ``reset_state()``) gets
+    the full answer (``delta`` false).
     Events are recorded from the first ``dashboard()`` call on, by a hook
     (:func:`resilient_db.add_hook`) with bounded memory: the process's shared
     :class:`~resilient_db.web.Recorder`, or ``recorder`` (installed as a hook once, however many
