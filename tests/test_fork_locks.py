@@ -21,6 +21,7 @@ import resilient_db as rdb
 from resilient_db import _commit, _retry, _statements
 from resilient_db._state import STATE
 from resilient_db.transitions import _rules
+from resilient_db.web import Recorder
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
@@ -87,3 +88,22 @@ def test_a_child_forked_while_a_thread_held_a_lock_gets_it_free(
 
     with held_by_another_thread(LOCKS[where](engine)):
         assert in_child(child) == b"\x00", f"the child hung or failed on the {where} lock"
+
+
+def test_a_forked_childs_dashboard_cursor_is_its_own() -> None:
+    """A worker forked with the parent's recorder (gunicorn's preload, a dashboard made at
+    import) records its own events from the same count on: a cursor of the parent (or of
+    another worker behind the same URL) must get the child's full answer, never a delta the
+    page would add to another process's data."""
+    rec = Recorder(clock=lambda: 1_000_000.0)
+    event = rdb.SelfHealEvent(name="retry", service="svc", level=30, message="", fields={})
+    rec(event)
+    parents = rec.snapshot()["cursor"]
+    rec(event)  # the parent goes on
+
+    def child() -> bool:
+        rec(event)  # and so does the child, from the same count
+        return rec.snapshot(after=parents)["delta"] is False
+
+    assert rec.snapshot(after=parents)["delta"] is True
+    assert in_child(child) == b"\x00", "the child took the parent's cursor as its own"

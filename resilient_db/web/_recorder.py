@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import secrets
 import threading
 import time
@@ -218,6 +219,7 @@ class Recorder:
         # the number of the last event after which changes can't be sent as additions only (a
         # series dropped, a row other than the last one changed): an older cursor gets it all
         self._reshaped = 0
+        _RECORDERS.add(self)
 
     def __call__(self, event: SelfHealEvent) -> None:
         listed_only = event.service is None and event.name in _WEB_EVENTS
@@ -368,6 +370,26 @@ class Recorder:
             self._series.clear()
             self._left_out.clear()
             self._epoch = secrets.token_hex(4)
+
+    def after_fork_in_child(self) -> None:
+        """In a forked child (gunicorn's preload: a dashboard made at import): its events are
+        its own from here on, counted from the parent's count, so a cursor of the parent's (or
+        of a sibling worker's behind the same URL) must not be taken for one of its own: a new
+        epoch."""
+        self._epoch = secrets.token_hex(4)
+
+
+#: every recorder, renewed in a forked child (see :meth:`Recorder.after_fork_in_child`)
+_RECORDERS: weakref.WeakSet[Recorder] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for rec in list(_RECORDERS):
+        rec.after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 _shared: Recorder | None = None
