@@ -375,7 +375,13 @@ class Recorder:
         """In a forked child (gunicorn's preload: a dashboard made at import): its events are
         its own from here on, counted from the parent's count, so a cursor of the parent's (or
         of a sibling worker's behind the same URL) must not be taken for one of its own: a new
-        epoch."""
+        epoch. Its lock, held by another thread of the parent when it forked (recording an
+        event, taking a snapshot), would stay held for good here, and the child's first
+        self-healing event wait forever in this hook: renewed then."""
+        if self._lock.acquire(blocking=False):
+            self._lock.release()
+        else:
+            self._lock = threading.Lock()
         self._epoch = secrets.token_hex(4)
 
 
