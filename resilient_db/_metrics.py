@@ -27,6 +27,9 @@ Metrics (label ``service`` is the ResilientSession's service name):
 ``resilient_db_pool_timeouts_total``                 counter  attempts that found the pool full
 ``resilient_db_pool_invalidations_total``            counter  errors that replaced the pool's
                                                               connections (57P01, 25006, ...)
+``resilient_db_dead_pooled_connections_total``       counter  pooled connections found dead at
+                                                              checkout, replaced
+``resilient_db_hot_standby_refused_writes_total``    counter  writes a hot standby refused (25006)
 ``resilient_db_transitions_blocked_total``           counter  rows whose illegal move was blocked
 ``resilient_db_transitions_stale_total``             counter  transitions refused: the row had moved
 ``resilient_db_transition_rows_filtered_total``      counter  of the blocked: rows a bulk UPDATE's
@@ -132,6 +135,18 @@ _SERVICE_COUNTERS = (
         "resilient_db_pool_invalidations",
         "Errors whose SQLSTATE ended the use of the engine's connections (57P01, 25006, ...): "
         "the pool replaces every connection made before.",
+    ),
+    (
+        "dead_pooled_connections",
+        "resilient_db_dead_pooled_connections",
+        "Pooled connections found dead at checkout (their backend ended: a restart, a "
+        "failover, pg_terminate_backend) and replaced.",
+    ),
+    (
+        "hot_standby_refused_writes",
+        "resilient_db_hot_standby_refused_writes",
+        "Writes refused by a hot standby (SQLSTATE 25006 from a server in recovery): a URL "
+        "that reaches a standby, or an old primary restarted as one during a failover.",
     ),
 )
 _TRANSITION_COUNTERS = (

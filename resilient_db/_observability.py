@@ -319,6 +319,8 @@ class ServiceStats:
     response_validation_failures: int = 0
     pool_timeouts: int = 0
     pool_invalidations: int = 0
+    dead_pooled_connections: int = 0
+    hot_standby_refused_writes: int = 0
     retries_by_class: Counter[str] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -361,6 +363,8 @@ class ServiceStats:
                 "response_validation_failures": self.response_validation_failures,
                 "pool_timeouts": self.pool_timeouts,
                 "pool_invalidations": self.pool_invalidations,
+                "dead_pooled_connections": self.dead_pooled_connections,
+                "hot_standby_refused_writes": self.hot_standby_refused_writes,
                 "retries_by_class": dict(self.retries_by_class),
             }
 
@@ -379,6 +383,8 @@ class ServiceStats:
                 "response_validation_failures",
                 "pool_timeouts",
                 "pool_invalidations",
+                "dead_pooled_connections",
+                "hot_standby_refused_writes",
             ):
                 setattr(self, name, 0)
             self.retries_by_class.clear()
@@ -425,7 +431,12 @@ def health() -> dict[str, Any]:
     database for the breaker), ``pool_invalidations`` (errors whose SQLSTATE ended the use of the
     engine's connections, which SQLAlchemy does not take for a lost connection: 57P01 after a
     shutdown or ``pg_terminate_backend``, 25006 from a demoted primary; the pool replaces every
-    connection made before: the ``Replacing the pooled connections`` line).
+    connection made before: the ``Replacing the pooled connections`` line),
+    ``dead_pooled_connections`` (pooled connections found dead at checkout, their backend ended
+    by a restart, a failover or ``pg_terminate_backend``, and replaced: the ``Discarded a dead
+    pooled connection`` line), ``hot_standby_refused_writes`` (writes a hot standby refused with
+    25006: the ``Write refused by a hot standby`` warning, counted for each refusal, its line
+    rate-limited).
 
     ``transitions`` (process-wide): ``blocked_transitions`` counts rows whose illegal status move
     was refused, one per row whatever the path (flush, database trigger, a bulk UPDATE that

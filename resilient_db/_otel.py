@@ -65,7 +65,11 @@ class OpenTelemetryHook:
     ``resilient_db.pool.timeouts`` (``service``: attempts that waited the whole
     ``pool_timeout`` for a connection of the engine's pool),
     ``resilient_db.pool.invalidations`` (``service``, ``sqlstate``: errors that ended the use
-    of the pool's connections, each replaced at its next checkout).
+    of the pool's connections, each replaced at its next checkout),
+    ``resilient_db.pool.dead_connections`` (``service``: pooled connections found dead at
+    checkout, their backend ended, and replaced),
+    ``resilient_db.hot_standby.refused_writes`` (``service``: writes a hot standby refused
+    with 25006).
 
     They count what :func:`resilient_db.health` and the Prometheus metrics count:
     ``resilient_db.transitions.blocked`` adds one per row whose illegal move was refused (a
@@ -76,7 +80,10 @@ class OpenTelemetryHook:
     ``resilient_db_transitions_stale_total``); ``resilient_db.response_validation.failures``
     is each service's ``response_validation_failures``; ``resilient_db.pool.timeouts`` its
     ``pool_timeouts`` (``resilient_db_pool_timeouts_total``), ``resilient_db.pool.invalidations``
-    its ``pool_invalidations`` (``resilient_db_pool_invalidations_total``).
+    its ``pool_invalidations`` (``resilient_db_pool_invalidations_total``),
+    ``resilient_db.pool.dead_connections`` its ``dead_pooled_connections``
+    (``resilient_db_dead_pooled_connections_total``), ``resilient_db.hot_standby.refused_writes``
+    its ``hot_standby_refused_writes`` (``resilient_db_hot_standby_refused_writes_total``).
     """
 
     def __init__(self, meter_provider: Any = None) -> None:
@@ -153,6 +160,16 @@ class OpenTelemetryHook:
             unit="{error}",
             description="Errors that ended the use of the pool's connections, by SQLSTATE",
         )
+        self._dead_connections = meter.create_counter(
+            "resilient_db.pool.dead_connections",
+            unit="{connection}",
+            description="Pooled connections found dead at checkout and replaced",
+        )
+        self._standby_refusals = meter.create_counter(
+            "resilient_db.hot_standby.refused_writes",
+            unit="{write}",
+            description="Writes refused by a hot standby (SQLSTATE 25006)",
+        )
 
     def __call__(self, event: SelfHealEvent) -> None:
         fields = event.fields
@@ -209,6 +226,10 @@ class OpenTelemetryHook:
             self._pool_invalidations.add(
                 1, {"service": service, "sqlstate": str(fields.get("sqlstate", "none"))}
             )
+        elif name == "dead_pooled_connection":
+            self._dead_connections.add(1, {"service": service})
+        elif name == "hot_standby_refused_write":
+            self._standby_refusals.add(1, {"service": service})
         elif name == "response_invalid":
             self._invalid.add(
                 1, {"service": service, "validator": str(fields.get("validator", ""))}

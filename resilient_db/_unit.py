@@ -2200,6 +2200,7 @@ class EngineHooks:
         mark_hot_standby(original, server)  # found through SQLAlchemy's error too (its .orig)
         log, unlogged = self._standby_lines.take(server)
         config, service = self._speaker()
+        stats_for(service).add("hot_standby_refused_writes")  # each one (the line is limited)
         emit(
             config,
             log_session,
@@ -2300,7 +2301,11 @@ class EngineHooks:
             connecting_for.set(None)
 
     def _dead_at_checkout(self) -> NoReturn:
+        """A pooled connection found dead (its backend ended: a restart, a failover,
+        ``pg_terminate_backend``): counted and said here, where one is found, so that a live
+        checkout pays nothing for it; the pool replaces it."""
         config, service = self._speaker()
+        stats_for(service).add("dead_pooled_connections")
         emit(
             config,
             log_session,

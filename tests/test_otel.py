@@ -287,6 +287,33 @@ def test_a_replaced_pool_counts_alike_in_health_prometheus_and_otel(
     }
 
 
+def test_a_dead_pooled_connection_counts_alike_in_health_prometheus_and_otel(
+    engine: sa.Engine,
+    otel: tuple[Any, InMemorySpanExporter, InMemoryMetricReader],
+    service: str,
+    pg_server: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A pooled connection whose backend was ended (``pg_terminate_backend``, as a restart or a
+    failover ends them) is found dead at checkout and replaced: its line and event had no
+    figure, so pool churn from killed backends showed in no metric. Counted where one is found
+    only: the units on live connections count nothing."""
+    _tracer, _spans, reader = otel
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    Sessions = rdb.ResilientSession(engine, service=service)
+    assert Sessions.run(lambda s: s.execute(sa.text("SELECT 1")).scalar()) == 1
+    assert pg_server.terminate_backends(database=engine.url.database) >= 1
+    for _ in range(3):
+        assert Sessions.run(lambda s: s.execute(sa.text("SELECT 1")).scalar()) == 1
+    lines = [r for r in caplog.records if "Discarded a dead pooled connection" in r.getMessage()]
+    assert len(lines) == 1
+    counters = rdb.health()["services"][service]["counters"]
+    assert counters["dead_pooled_connections"] == 1
+    assert counters["retries"] == counters["gave_up"] == 0  # (replaced before the unit ran)
+    assert prometheus("resilient_db_dead_pooled_connections_total", service) == 1.0
+    assert otel_points(reader, "resilient_db.pool.dead_connections") == {(("service", service),): 1}
+
+
 def test_blocked_transitions_count_rows_alike_in_health_prometheus_and_otel(
     engine: sa.Engine, otel: tuple[Any, InMemorySpanExporter, InMemoryMetricReader], service: str
 ) -> None:

@@ -19,10 +19,16 @@ from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from prometheus_client import CollectorRegistry
+from scenarios import otel_points
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
+from resilient_db.metrics import HealthCollector
+from resilient_db.otel import install_opentelemetry, uninstall_opentelemetry
 from resilient_db.testing import StandbyPair
 
 pytestmark = pytest.mark.slow
@@ -150,6 +156,37 @@ def test_a_standby_reached_by_mistake_is_named_in_the_warning_the_breaker_and_it
     opened = _lines(caplog, "breaker_opened")
     assert len(opened) == 1
     assert f"the server at {address} is a read-only hot standby" in opened[0].getMessage()
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+def test_writes_refused_by_a_standby_count_alike_in_health_prometheus_and_otel(
+    pair: StandbyPair, driver: str, service: str
+) -> None:
+    """Each write the standby refuses is counted, as the pool's replacements are: in
+    ``health()``, Prometheus and OpenTelemetry (before: its rate-limited warning and the hook
+    event only; a dashboard of metrics showed retries of lost connections, nothing of a
+    standby). The unit's three attempts (two retries) were three refusals, one line."""
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    install_opentelemetry(meter_provider=provider)
+    try:
+        _run(driver, pair, NO_BREAKER_CONFIG, service, units=1)
+        counters = rdb.health()["services"][service]["counters"]
+        assert counters["hot_standby_refused_writes"] == counters["attempts"] == 3
+        registry = CollectorRegistry()
+        registry.register(HealthCollector())
+        assert (
+            registry.get_sample_value(
+                "resilient_db_hot_standby_refused_writes_total", {"service": service}
+            )
+            == 3
+        )
+        assert otel_points(reader, "resilient_db.hot_standby.refused_writes") == {
+            (("service", service),): 3
+        }
+    finally:
+        uninstall_opentelemetry()
+        provider.shutdown()
 
 
 @pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])

@@ -116,11 +116,13 @@ col.c-ev { width: 170px; }
     verified_commits: "verified commits", verified_not_committed: "verified not committed",
     unknown_commits: "unknown commits",
     response_validation_failures: "invalid responses", pool_timeouts: "pool full",
-    pool_invalidations: "pools replaced"
+    pool_invalidations: "pools replaced", dead_pooled_connections: "dead connections",
+    hot_standby_refused_writes: "writes refused by a standby"
   };
   const TONE = { gave_up: "bad", unknown_commits: "bad", breaker_opens: "warn",
     breaker_rejections: "warn", recovered: "good", verified_commits: "good",
-    response_validation_failures: "bad", pool_timeouts: "warn", pool_invalidations: "warn" };
+    response_validation_failures: "bad", pool_timeouts: "warn", pool_invalidations: "warn",
+    dead_pooled_connections: "warn", hot_standby_refused_writes: "bad" };
 
   function el(tag, cls, text) {
     const node = document.createElement(tag);
