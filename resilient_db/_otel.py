@@ -46,8 +46,13 @@ def _opentelemetry() -> tuple[Any, Any]:
 
 class OpenTelemetryHook:
     """The hook :func:`install_opentelemetry` installs. Instruments (all counters; the
-    rejections' is observed, read from :func:`resilient_db.health` as the meter collects):
+    attempts' and the rejections' are observed, read from :func:`resilient_db.health` as the
+    meter collects):
 
+    ``resilient_db.attempts`` (``service``: each try of a unit, an operation or a drop-in
+    connect, read from ``attempts`` of :func:`resilient_db.health` as the meter collects, as
+    Prometheus's ``resilient_db_attempts_total``: with ``resilient_db.retries``, a retry ratio;
+    counted on every unit's path, so read, not sent as events),
     ``resilient_db.events`` (every action; ``event``, ``service``),
     ``resilient_db.retries`` (``service``, ``outcome``, ``sqlstate``),
     ``resilient_db.breaker.transitions`` (``service``, ``state``; ``opened_here`` for
@@ -131,6 +136,14 @@ class OpenTelemetryHook:
         # events would lag behind the calls by up to a line's period
         self._observation = metrics.Observation
         self.active = True
+        # every unit's path counts its attempts: read as the meter collects, not sent as
+        # events (there are none: a unit that succeeds at once says nothing)
+        meter.create_observable_counter(
+            "resilient_db.attempts",
+            callbacks=[self._observe_attempts],
+            unit="{attempt}",
+            description="Attempts of units, operations and drop-in connects (each try counts)",
+        )
         meter.create_observable_counter(
             "resilient_db.breaker.rejections",
             callbacks=[self._observe_rejections],
@@ -238,10 +251,17 @@ class OpenTelemetryHook:
     def _observe_rejections(self, _options: Any) -> Iterator[Any]:
         """Each service's ``breaker_rejections`` (nothing once uninstalled: a meter keeps its
         instruments)."""
+        return self._observe_counter("breaker_rejections")
+
+    def _observe_attempts(self, _options: Any) -> Iterator[Any]:
+        """Each service's ``attempts`` (nothing once uninstalled)."""
+        return self._observe_counter("attempts")
+
+    def _observe_counter(self, counter: str) -> Iterator[Any]:
         if not self.active:
             return
         for name, service in health()["services"].items():
-            yield self._observation(service["counters"]["breaker_rejections"], {"service": name})
+            yield self._observation(service["counters"][counter], {"service": name})
 
     def _observe_breaker_states(self, _options: Any) -> Iterator[Any]:
         """Each breaker's state: 1 for the current one, 0 for the others (nothing once

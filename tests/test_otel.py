@@ -130,6 +130,35 @@ def test_rejected_calls_count_alike_in_health_and_otel(
     assert counted[(("service", service),)] == 5
 
 
+def test_attempts_are_read_from_health_so_a_retry_ratio_needs_otel_only(
+    engine: sa.Engine, otel: tuple[Any, InMemorySpanExporter, InMemoryMetricReader], service: str
+) -> None:
+    """``resilient_db.retries`` over ``resilient_db.attempts`` is the retry ratio, as
+    Prometheus's ``resilient_db_retries_total`` over ``resilient_db_attempts_total`` is (before:
+    no attempts in OTel). Read from health() as the meter collects: a unit that succeeds at
+    once sends no event, and counts."""
+    _tracer, _spans, reader = otel
+    Sessions = rdb.ResilientSession(engine, service=service)
+    calls: list[int] = []
+
+    def flaky(session: Session) -> int:
+        calls.append(1)
+        if len(calls) == 1:
+            session.execute(sa.text("SELECT raise_code('40001')"))
+        return 1
+
+    assert Sessions.run(flaky) == 1
+    assert Sessions.run(lambda s: s.execute(sa.text("SELECT 1")).scalar()) == 1
+    counters = rdb.health()["services"][service]["counters"]
+    assert (counters["attempts"], counters["retries"]) == (3, 1)
+    assert prometheus("resilient_db_attempts_total", service) == 3.0
+    assert otel_points(reader, "resilient_db.attempts")[(("service", service),)] == 3
+    retries = otel_points(reader, "resilient_db.retries")
+    assert sum(n for key, n in retries.items() if ("service", service) in key) == 1
+    uninstall_opentelemetry()  # a meter keeps its instruments: nothing read once uninstalled
+    assert (("service", service),) not in otel_points(reader, "resilient_db.attempts")
+
+
 def test_the_breakers_current_state_is_a_gauge_as_in_prometheus(
     engine: sa.Engine, otel: tuple[Any, InMemorySpanExporter, InMemoryMetricReader], service: str
 ) -> None:
