@@ -32,6 +32,7 @@ from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 import resilient_db as rdb
+from resilient_db import _commit
 from resilient_db._state import STATE
 from resilient_db.examples.tasks import Base, Task, create_task, move_task
 from resilient_db.testing import free_port
@@ -270,6 +271,46 @@ def test_recorder_counts_rows_and_keeps_the_guards_series_when_full() -> None:
 
 def _retry(service: str = "svc") -> rdb.SelfHealEvent:
     return rdb.SelfHealEvent(name="retry", service=service, level=30, message="", fields={})
+
+
+def test_the_librarys_events_without_a_service_are_listed_apart_from_the_guards_series(
+    engine: sa.Engine,
+) -> None:
+    """``install_commit_markers`` finding a later release's markers (a rollback), a shared
+    state lost before any service used it: events of the library with no service, and not the
+    transition guard's. They were listed under ``(transitions)`` and counted in the guard's
+    series (the transitions card's); they are listed under ``(library)``, counted in no
+    series, and a ``data.json?after=<cursor>`` delta lists them as the full answer does."""
+    rec = Recorder()
+    rdb.add_hook(rec)
+    try:
+        cursor = rec.snapshot()["cursor"]
+        rdb.install_commit_markers(engine)
+        later = _commit._MARKERS_COMMENT.replace(
+            f"version {_commit.MARKERS_VERSION}:", f"version {_commit.MARKERS_VERSION + 1}:"
+        )
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"COMMENT ON TABLE resilient_db.commit_markers IS '{later}'"))
+        rdb.install_commit_markers(engine)  # left as they are, said
+    finally:
+        rdb.remove_hook(rec)
+    rec(_event("shared_state_down", None))
+    rec(_event("transition_blocked", None, via="flush"))  # the guard's: its series
+    full = rec.snapshot()
+    assert [(e["name"], e["service"]) for e in full["events"]] == [
+        ("commit_markers_newer", "(library)"),
+        ("shared_state_down", "(library)"),
+        ("transition_blocked", NO_SERVICE),
+    ]
+    assert list(full["series"]) == [NO_SERVICE]
+    assert full["series"][NO_SERVICE]["events_by_name"] == {"transition_blocked": 1}
+    delta = rec.snapshot(after=cursor)
+    assert delta["delta"] is True
+    assert (delta["events"], delta["series"]) == (full["events"], full["series"])
+    board = dashboard(auth=lambda request: True, recorder=rec)
+    data = mounted(board).get("/admin/self-healing/data.json").json()
+    assert [e["service"] for e in data["events"]] == ["(library)"] * 2 + [NO_SERVICE]
+    assert list(data["series"]) == [data["no_service"]]
 
 
 def test_recorder_keeps_one_bucket_per_second_in_order_when_times_come_out_of_order() -> None:

@@ -60,12 +60,19 @@ _BREAKER_STATES = {
     "breaker_half_open": "half-open",
     "breaker_closed": "closed",
 }
-#: Events without a service (the transition guard's) are kept under this name.
+#: The transition guard's events (``transition_blocked``, ``transition_guard_bypassed``, ...),
+#: which have no service, are kept under this name: the series of the page's transitions card.
 NO_SERVICE = "(transitions)"
+_GUARD_EVENTS_PREFIX = "transition_"
 #: The web layer's own events, without a service (a pool exhausted: which factory's pool is
 #: not known where the error is answered): listed under this name, counted in no series.
 WEB_SERVICE = "(web)"
 _WEB_EVENTS = frozenset({"pool_exhausted"})
+#: The library's other events without a service (``install_commit_markers``'s, a shared state
+#: lost before any service used it): listed under this name, counted in no series. Kept under
+#: the guard's name, they read as the guard's and changed its series, which only the guard's
+#: events belong in (its card is health()'s ``transitions``).
+LIBRARY_SERVICE = "(library)"
 #: The columns of a per-second bucket (``snapshot()["bucket_columns"]``).
 BUCKET_COLUMNS = ("second", "retries", "gave_up", "recovered", "blocked", "stale")
 _RETRIES, _GAVE_UP, _RECOVERED, _BLOCKED, _STALE = range(1, len(BUCKET_COLUMNS))
@@ -222,8 +229,14 @@ class Recorder:
         _RECORDERS.add(self)
 
     def __call__(self, event: SelfHealEvent) -> None:
-        listed_only = event.service is None and event.name in _WEB_EVENTS
-        service = event.service or (WEB_SERVICE if listed_only else NO_SERVICE)
+        service = event.service
+        listed_only = False
+        if not service:
+            if event.name.startswith(_GUARD_EVENTS_PREFIX):
+                service = NO_SERVICE
+            else:
+                listed_only = True
+                service = WEB_SERVICE if event.name in _WEB_EVENTS else LIBRARY_SERVICE
         fields = event.fields
         shown = {k: fields[k] for k in _SHOWN_FIELDS if fields.get(k) is not None}
         entry = {
