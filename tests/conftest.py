@@ -12,15 +12,22 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
 from fleet import Gate
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from scenarios import RAISE_CODE_FUNCTION
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import resilient_db as rdb
+from resilient_db.otel import install_opentelemetry, uninstall_opentelemetry
 from resilient_db.testing import PostgresServer
 
 
@@ -116,3 +123,19 @@ def gate(pg_url: str) -> Iterator[Gate]:
     g = Gate(pg_url)
     yield g
     g.close()
+
+
+@pytest.fixture
+def otel() -> Iterator[tuple[Any, InMemorySpanExporter, InMemoryMetricReader]]:
+    """OpenTelemetry installed on in-memory providers: a tracer, the finished spans, the metric
+    reader; uninstalled after the test."""
+    spans = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+    reader = InMemoryMetricReader()
+    meter_provider = MeterProvider(metric_readers=[reader])
+    install_opentelemetry(meter_provider=meter_provider)
+    yield tracer_provider.get_tracer("test"), spans, reader
+    uninstall_opentelemetry()
+    meter_provider.shutdown()
+    tracer_provider.shutdown()

@@ -14,10 +14,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from fleet import Gate, fleet, open_the_fleets_breaker, opener_settings, shared
-from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from processes import wait_for
 from prometheus_client import CollectorRegistry, generate_latest
@@ -38,20 +35,6 @@ from resilient_db.testing import FaultProxy, RedisServer
 from resilient_db.web._recorder import NO_SERVICE, Recorder
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
-
-
-@pytest.fixture
-def otel() -> Iterator[tuple[Any, InMemorySpanExporter, InMemoryMetricReader]]:
-    spans = InMemorySpanExporter()
-    tracer_provider = TracerProvider()
-    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
-    reader = InMemoryMetricReader()
-    meter_provider = MeterProvider(metric_readers=[reader])
-    install_opentelemetry(meter_provider=meter_provider)
-    yield tracer_provider.get_tracer("test"), spans, reader
-    uninstall_opentelemetry()
-    meter_provider.shutdown()
-    tracer_provider.shutdown()
 
 
 @pytest.fixture

@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry, generate_latest
 from scenarios import otel_points, waiting_on_lock
@@ -27,26 +23,11 @@ import resilient_db as rdb
 from resilient_db import _retry
 from resilient_db._state import STATE
 from resilient_db.metrics import HealthCollector
-from resilient_db.otel import install_opentelemetry, uninstall_opentelemetry
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
 
 #: the advisory lock the unit holding the pool's only connection waits for
 LOCK_KEY = 4_242_017
-
-
-@pytest.fixture
-def otel() -> Iterator[tuple[Any, InMemorySpanExporter, InMemoryMetricReader]]:
-    spans = InMemorySpanExporter()
-    tracer_provider = TracerProvider()
-    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
-    reader = InMemoryMetricReader()
-    meter_provider = MeterProvider(metric_readers=[reader])
-    install_opentelemetry(meter_provider=meter_provider)
-    yield tracer_provider.get_tracer("test"), spans, reader
-    uninstall_opentelemetry()
-    meter_provider.shutdown()
-    tracer_provider.shutdown()
 
 
 def test_a_pool_timeout_is_logged_rate_limited_and_counted_in_otel(
