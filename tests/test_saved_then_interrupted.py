@@ -463,6 +463,51 @@ def test_sync_dropin_blocks_leave_nothing_behind(
         engine.dispose()
 
 
+def test_a_sync_dropin_block_whose_session_is_entered_again_is_still_saved_then_interrupted(
+    pg_server: PostgresServer,
+    database: str,
+    service: str,
+    events: list[rdb.SelfHealEvent],
+    after_commit: list[Callable[[], None]],
+) -> None:
+    """A ``with Session()`` block whose session a helper enters again (``with session:``, a
+    block inside the block): the inner block's end gives the outer block its note back, so
+    the outer block's COMMIT of a write, interrupted once the server answered it (a signal
+    in an ``after_commit`` listener doing I/O), is marked and said, and nothing is left
+    behind. (The inner block took the outer one's note with it: the interruption was raised
+    unmarked, a plain error inviting a resubmit, and the outer note stayed the thread's
+    drop-in block after the block.)"""
+    from resilient_db._statements import dropin_block  # noqa: PLC0415
+
+    engine = sa.create_engine(pg_server.url(database))
+    try:
+        Sessions = rdb.ResilientSession(engine, service=service)
+
+        def helper(session: Session) -> int:
+            with session:  # entered again: its end closes the session, as SQLAlchemy's does
+                return len(session.execute(sa.text("SELECT 1")).all())
+
+        def work() -> None:
+            with Sessions() as session:
+                assert helper(session) == 1
+                session.execute(sa.text("INSERT INTO prune_notes (note) VALUES ('x')"))
+                after_commit.append(lambda: _sleep_on_server(engine))
+                session.commit()
+
+        sender = signal_once(lambda: _sleeping(pg_server, database), signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt) as raised:
+            work()
+        sender.join(10)
+        assert not after_commit  # the COMMIT returned
+        assert _notes(pg_server, database, "x") == 1
+        whose = "a transaction of drop-in code (a with Session() or Session.begin() block)"
+        assert_saved_then_interrupted(raised.value, service, events, whose)
+        assert dropin_block.get() is None
+        wait_until_sync(lambda: not _sleeping(pg_server, database), timeout=30)
+    finally:
+        engine.dispose()
+
+
 # -- async: real cancellations ------------------------------------------------------------------
 def _closing_class(engine: Any) -> type[AsyncSession]:
     class ClosingSession(AsyncSession):
