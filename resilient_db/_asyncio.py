@@ -17,6 +17,7 @@ import functools
 import inspect
 import time
 import types
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
@@ -83,7 +84,8 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
 
     It *is* SQLAlchemy's ``async_sessionmaker``, subclassed: ``Session()``,
     ``Session.begin()``, ``Session.class_``, ``configure`` and ``kw`` work as with it, and your
-    session class is used as it is. ``await Session.run(fn, ...)`` (and the
+    session class is used, through a subclass of it made for the factory (``Session.class_``,
+    as SQLAlchemy's ``sessionmaker`` makes one). ``await Session.run(fn, ...)`` (and the
     ``@Session.transactional`` decorator) run ``await fn(session, ...)`` as one unit of work:
     replayed whole with a fresh session on a transient error, committed at the end. Nested
     units join the outer unit and run once.
@@ -158,8 +160,10 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         )
         kwargs = async_sessionmaker_kwargs
         if True:  # async only
-            # (the sync session of each AsyncSession names its factory in the registry)
-            pass
+            # a class of this factory's own, as a sync factory's (async_sessionmaker uses the
+            # class given as it is): its drop-in ``async with`` blocks note what they commit,
+            # below. (The sync session of each AsyncSession names its factory in the registry.)
+            kwargs = with_own_session_class({"class_": AsyncSession, **kwargs})
         else:  # sync only
             # a class of this factory's own, whatever sessionmaker does with it (see there)
             kwargs = with_own_session_class(kwargs)
@@ -170,6 +174,10 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             # method of the factory: a unit's attempt, kept by a driver's timer made in it,
             # holds the policy, which would keep the factory and its engine alive.)
             self.policy.sleep = _greenlet_sleep(asleep)
+            _note_async_blocks(self.class_)
+            # (how a unit of each session class ends is kept, see _Ends: that of this
+            # factory's class goes with the factory, not kept for good)
+            weakref.finalize(self, _ends.pop, self.class_, None)
         else:  # sync only
             # the class is this factory's own (made above): its sessions name us
             register_class(self.class_, self)
@@ -827,20 +835,83 @@ if True:  # async only
                     _begun_interrupted(self.session, interruption)
                 raise
 
-    def _begun_interrupted(session: AsyncSession, interruption: BaseException) -> None:
-        """A ``Session.begin()`` block committed a change, and a cancellation (a deadline)
-        arrived while its session closed (SQLAlchemy's close runs in a task of its own, awaited
-        to its end, then the cancellation is raised): said and marked as a unit's interruption
-        after its COMMIT is (see ``CommitReferee.interrupted``), since its caller hears only the
-        interruption, which a web handler would answer as a plain error."""
+    def _begun_interrupted(
+        session: AsyncSession, interruption: BaseException, block: str = "Session.begin()"
+    ) -> None:
+        """A ``Session.begin()`` block (or an ``async with Session()`` block: see
+        ``_note_async_blocks``) committed a change, and a cancellation (a deadline) arrived
+        while its session closed (SQLAlchemy's close runs in a task of its own, awaited to its
+        end, then the cancellation is raised): said and marked as a unit's interruption after
+        its COMMIT is (see ``CommitReferee.interrupted``), since its caller hears only the
+        interruption, which a web handler would answer as a plain error. With self-healing
+        off, nothing (plain SQLAlchemy)."""
         factory = factory_of(session.sync_session)
-        if isinstance(factory, AsyncResilientSession):
+        if isinstance(factory, AsyncResilientSession) and factory.config.enabled:
             interrupted_after_commit(
                 factory.config,
                 factory.service,
                 interruption,
-                "a transaction of drop-in code (Session.begin())",
+                f"a transaction of drop-in code ({block})",
             )
+
+    def _note_async_blocks(cls: Any) -> None:
+        """Give an async factory's session class ``cls`` an ``async with`` that notes what its
+        block commits, as a sync factory's ``with`` (see ``_note_with_blocks`` in the sync
+        twin): drop-in code's ``async with Session() as session: ... await
+        session.commit()``. A cancellation (or a deadline: ``asyncio.timeout``) arriving in
+        SQLAlchemy's close at the block's end (run to its end in a task of its own, then the
+        cancellation raised), at the end of a block that ended normally after a COMMIT in it
+        that may have written succeeded, or inside such a COMMIT's step once the server
+        answered it (an ``after_commit`` listener awaiting I/O), is said and marked as a unit's
+        interruption after its COMMIT is (see ``CommitReferee.interrupted``): its caller hears
+        only the cancellation, which a web handler would answer as a plain error, inviting a
+        resubmit that saves the change again. After a block that committed no write, nothing
+        is said: nothing was saved. (``Session.begin()`` does the same in its own block,
+        ``_Begun``, which calls the session's ``__aexit__`` without its ``__aenter__``: not
+        noted twice.) Nothing of it runs in a unit, which enters no ``async with``."""
+        leave = cls.__aexit__
+        if getattr(leave, "_rdb_noting", False):
+            return  # a subclass of another factory's class: its ``async with`` notes already
+        enter = cls.__aenter__
+
+        async def __aenter__(session: Any) -> Any:
+            entered = await enter(session)
+            saved = SavedNote(dropin_block.get())
+            session._rdb_block = (saved, dropin_block.set(saved))
+            return entered
+
+        async def __aexit__(session: Any, kind: Any, value: Any, traceback: Any) -> Any:
+            # (every drop-in block passes here: no context manager for the reset, no tuple made)
+            block = session.__dict__.pop("_rdb_block", None)
+            if block is not None:
+                try:  # noqa: SIM105 (contextlib.suppress costs a context manager per block)
+                    dropin_block.reset(block[1])
+                except ValueError:  # (left in another task or context)
+                    pass
+                if (
+                    kind is not None
+                    and block[0].saved
+                    and not issubclass(kind, Exception)
+                    and committed_unclosed(session.sync_session)
+                    # (not said again when a unit run in the block, or a block inside it, said it)
+                    and saved_then_interrupted(value) is None
+                ):
+                    # cancelled in the block's COMMIT step after the server answered the
+                    # COMMIT (an after_commit listener of yours awaiting I/O): the change is
+                    # saved. (Looked at before the close below, which ends the transaction.)
+                    _begun_interrupted(session, value, "an async with Session() block")
+            try:
+                return await leave(session, kind, value, traceback)  # (your class's answer)
+            except Exception:
+                raise
+            except BaseException as interruption:
+                if kind is None and block is not None and block[0].saved:
+                    _begun_interrupted(session, interruption, "an async with Session() block")
+                raise
+
+        setattr(__aexit__, "_rdb_noting", True)  # noqa: B010 (see above)
+        setattr(cls, "__aenter__", __aenter__)  # noqa: B010 (methods, set on the factory's class)
+        setattr(cls, "__aexit__", __aexit__)  # noqa: B010
 
     def _settling_engine(engine: AsyncEngine, ticket: CommitTicket) -> AsyncEngine:
         """Where a lost COMMIT is settled: the factory's engine, or the one whose database the
@@ -1083,7 +1154,8 @@ else:  # sync only
         ``CommitReferee.interrupted``): its caller hears only the interruption, which a web
         handler would answer as a plain error, inviting a resubmit that saves the change again.
         After a block that committed no write, nothing is said: nothing was saved. (An async
-        factory's ``Session.begin()`` does the same in its own block, ``_Begun``.)"""
+        factory's ``Session.begin()`` does the same in its own block, ``_Begun``, and its
+        session class's ``async with``: ``_note_async_blocks``.)"""
         leave = cls.__exit__
         if getattr(leave, "_rdb_noting", False):
             return  # a subclass of another factory's class: its ``with`` notes already

@@ -73,7 +73,8 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
 
     It *is* SQLAlchemy's ``sessionmaker``, subclassed: ``Session()``,
     ``Session.begin()``, ``Session.class_``, ``configure`` and ``kw`` work as with it, and your
-    session class is used as it is. ``Session.run(fn, ...)`` (and the
+    session class is used, through a subclass of it made for the factory (``Session.class_``,
+    as SQLAlchemy's ``sessionmaker`` makes one). ``Session.run(fn, ...)`` (and the
     ``@Session.transactional`` decorator) run ``fn(session, ...)`` as one unit of work:
     replayed whole with a fresh session on a transient error, committed at the end. Nested
     units join the outer unit and run once.
@@ -686,7 +687,8 @@ def _note_with_blocks(cls: Any) -> None:
     ``CommitReferee.interrupted``): its caller hears only the interruption, which a web
     handler would answer as a plain error, inviting a resubmit that saves the change again.
     After a block that committed no write, nothing is said: nothing was saved. (An async
-    factory's ``Session.begin()`` does the same in its own block, ``_Begun``.)"""
+    factory's ``Session.begin()`` does the same in its own block, ``_Begun``, and its
+    session class's ``async with``: ``_note_async_blocks``.)"""
     leave = cls.__exit__
     if getattr(leave, "_rdb_noting", False):
         return  # a subclass of another factory's class: its ``with`` notes already

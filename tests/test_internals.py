@@ -26,7 +26,12 @@ import pybreaker
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncSession,
+    async_scoped_session,
+    create_async_engine,
+)
 from sqlalchemy.orm import (
     NO_VALUE,
     DeclarativeBase,
@@ -415,6 +420,41 @@ def test_factories_own_their_class_when_sessionmaker_keeps_it_as_given(
         assert factory_of(s) is a
     with b() as s:
         assert factory_of(s) is b
+
+
+def test_async_sessionmaker_class_is_the_factorys_own() -> None:
+    """An async factory's ``Session.class_`` is a subclass of the class given, made for it, as
+    a sync factory's (SQLAlchemy's ``async_sessionmaker`` uses the class as it is): its drop-in
+    ``async with`` blocks note what they commit, and your class, and ``AsyncSession``, are left
+    as they are. ``isinstance``, ``configure()`` and ``async_scoped_session`` work as with
+    ``async_sessionmaker``."""
+
+    class MyAsyncSession(AsyncSession):
+        pass
+
+    engine = create_async_engine("postgresql+asyncpg://u:p@127.0.0.1:1/db")  # never connected
+    a = rdb.AsyncResilientSession(engine, service="a", class_=MyAsyncSession)
+    b = rdb.AsyncResilientSession(engine, service="b", class_=MyAsyncSession)
+    plain = rdb.AsyncResilientSession(engine, service="plain")
+    for factory in (a, b, plain):
+        assert factory.class_ not in (MyAsyncSession, AsyncSession), factory.class_
+    assert a.class_ is not b.class_
+    assert issubclass(a.class_, MyAsyncSession)
+    assert issubclass(plain.class_, AsyncSession)
+    for attribute in ("__name__", "__qualname__", "__module__"):
+        assert getattr(a.class_, attribute) == getattr(MyAsyncSession, attribute)
+    assert "__aexit__" in vars(a.class_)  # (the noting one)
+    assert "__aenter__" not in vars(MyAsyncSession)
+    assert "__aexit__" not in vars(MyAsyncSession)
+    assert not hasattr(AsyncSession.__aexit__, "_rdb_noting")
+    a.configure(expire_on_commit=False)
+    session = a()
+    assert type(session) is a.class_
+    assert isinstance(session, MyAsyncSession)
+    assert session.sync_session.expire_on_commit is False
+    scoped = async_scoped_session(a, scopefunc=lambda: "one")
+    assert isinstance(scoped(), MyAsyncSession)
+    assert repr(a).startswith("AsyncResilientSession(service='a', class_='MyAsyncSession', ")
 
 
 # -- asyncpg ---------------------------------------------------------------------------------

@@ -9,18 +9,21 @@ writing the change twice (before, the interruption was raised unmarked: a plain 
 Where: a sync unit's inline prune of expired commit markers (its DELETE held on the server by a
 table lock, a real signal sent once the server shows it waiting), the close of a unit's session
 (your session class's own close, doing I/O of its own, sync and async), an async factory's
-drop-in ``Session.begin()`` block, cancelled while its session closes, and drop-in blocks (sync
-``with``, async ``Session.begin()``) interrupted in their COMMIT's step once the server answered
-it (an ``after_commit`` listener doing I/O). Against the suite's real
+drop-in ``Session.begin()`` and ``async with Session()`` blocks, cancelled while their session
+closes, and drop-in blocks (sync ``with``, async ``Session.begin()`` and ``async with
+Session()``) interrupted in their COMMIT's step once the server answered it (an
+``after_commit`` listener doing I/O). Against the suite's real
 server; the interruptions are real (signals, ``task.cancel()``, ``asyncio.timeout``), timed on
 real events (the server shows the statement waiting, the COMMIT returned), not on durations."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -882,6 +885,331 @@ async def test_a_begin_block_cancelled_after_its_commit_answered_is_saved_then_i
     finally:
         await engine.dispose()
         await other.dispose()
+
+
+# -- async drop-in: async with Session() as s: ... await s.commit() ----------------------------
+ASYNC_WHOSE = "a transaction of drop-in code (an async with Session() block)"
+
+#: drop-in forms of an async factory's ``async with Session() as session:`` block
+ASYNC_FORMS = ["commit()", "session.begin()", "run()", "run_in()"]
+
+
+async def _aexecute(session: AsyncSession, statement: str) -> None:
+    await session.execute(sa.text(statement))
+
+
+async def _async_block(
+    Sessions: rdb.AsyncResilientSession[AsyncSession], form: str, statement: str
+) -> None:
+    """Drop-in code: ``statement`` in an ``async with Session()`` block that commits it
+    (``await session.commit()``, or the block of ``session.begin()`` inside it), or in a unit
+    run inside the block (``run()``, in a session of its own; ``run_in()``, in the block's)."""
+    async with Sessions() as session:
+        if form == "run()":
+            await Sessions.run(_aexecute, statement)
+        elif form == "run_in()":
+            await Sessions.run_in(session, _aexecute, statement)
+        else:
+            await _commit_in(session, form, statement)
+
+
+async def _commit_in(session: AsyncSession, form: str, statement: str) -> None:
+    """``statement`` committed in ``session``: ``await session.commit()``, or at the end of
+    the block of ``session.begin()``."""
+    if form == "commit()":
+        await session.execute(sa.text(statement))
+        await session.commit()
+    else:
+        async with session.begin():
+            await session.execute(sa.text(statement))
+
+
+async def _cancelled_as_a_commit_returns(
+    how: str, after_commit: list[Callable[[], None]], work: Callable[[], Any]
+) -> BaseException:
+    """Run ``work()``, its task cancelled (or the deadline of an ``asyncio.timeout`` around it
+    reached) as the next COMMIT returns: the cancellation lands at its next wait, the close of
+    the block's session (SQLAlchemy's, run to its end in a task of its own). What it raised."""
+    if how == "cancel":
+        task = asyncio.ensure_future(work())
+        after_commit.append(task.cancel)
+        with pytest.raises(asyncio.CancelledError) as cancelled:
+            await task
+        return cancelled.value
+    loop = asyncio.get_running_loop()
+    deadline = asyncio.timeout(None)
+    after_commit.append(lambda: deadline.reschedule(loop.time()))
+    with pytest.raises(TimeoutError) as timed_out:
+        async with deadline:
+            await work()
+    assert isinstance(timed_out.value.__cause__, asyncio.CancelledError)
+    return timed_out.value
+
+
+def assert_not_said(raised: BaseException, events: list[rdb.SelfHealEvent]) -> None:
+    """An interruption that came after no saved change: unmarked, unsaid."""
+    assert saved_then_interrupted(raised) is None
+    assert problem_details(raised) is None
+    assert not [e for e in events if e.name == "commit_interrupted"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
+@pytest.mark.parametrize("how", ["cancel", "asyncio.timeout"])
+@pytest.mark.parametrize("form", ASYNC_FORMS)
+@pytest.mark.parametrize("block", ["writes", "reads", "self-healing off"])
+async def test_an_async_with_block_cancelled_as_its_session_closes_is_saved_then_interrupted(
+    pg_server: PostgresServer,
+    database: str,
+    service: str,
+    driver: str,
+    *,
+    how: str,
+    form: str,
+    block: str,
+    after_commit: list[Callable[[], None]],
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """An async factory's ``async with Sessions() as session:`` block committed a write (its
+    own COMMIT, or a unit's run inside it), and the task is cancelled (or its deadline reached)
+    as the COMMIT returns, so that the cancellation lands in SQLAlchemy's close at the block's
+    end: marked and said, once (it was raised unmarked, unsaid: a plain 500, inviting a
+    resubmit that writes again). A block that only read saved nothing, and with self-healing
+    off the block is plain SQLAlchemy's: neither is marked or said."""
+    engine = create_async_engine(pg_server.url(database, driver=driver))
+    Sessions = rdb.AsyncResilientSession(
+        engine, service=service, config=rdb.Config(enabled=block != "self-healing off")
+    )
+    if block == "reads":
+        statement = "SELECT count(*) FROM prune_notes"
+    else:
+        statement = "INSERT INTO prune_notes (note) VALUES ('x')"
+    try:
+        raised = await _cancelled_as_a_commit_returns(
+            how, after_commit, lambda: _async_block(Sessions, form, statement)
+        )
+        assert not after_commit  # the COMMIT returned
+        assert engine.pool.checkedout() == 0  # the close ran to its end
+        assert _notes(pg_server, database, "x") == (0 if block == "reads" else 1)
+        if block == "writes":
+            assert_saved_then_interrupted(raised, service, events, ASYNC_WHOSE)
+        else:
+            assert_not_said(raised, events)
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
+@pytest.mark.parametrize("form", ASYNC_FORMS[:2])
+@pytest.mark.parametrize(
+    ("block", "how"),
+    [
+        ("writes", "cancel"),
+        ("writes", "asyncio.timeout"),
+        ("reads", "cancel"),
+        ("self-healing off", "cancel"),
+        ("interrupted before its COMMIT", "cancel"),
+        ("interrupted in a statement after its COMMIT", "asyncio.timeout"),
+    ],
+)
+async def test_an_async_with_block_cancelled_after_its_commit_answered_is_saved_then_interrupted(
+    pg_server: PostgresServer,
+    database: str,
+    service: str,
+    driver: str,
+    *,
+    form: str,
+    block: str,
+    how: str,
+    after_commit: list[Callable[[], None]],
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """An async factory's ``async with Sessions() as session:`` block: the server answered its
+    COMMIT of a write (``await session.commit()``, or ``session.begin()``'s block's end), and
+    the task is cancelled (or its deadline reached) inside the COMMIT step, in an
+    ``after_commit`` listener of the application's awaiting I/O (a statement on the server):
+    marked and said, as in the close (it was raised unmarked, unsaid). Not a block that only
+    read, nor one with self-healing off, nor one interrupted in its statement before its
+    COMMIT, or in a statement after it (the COMMIT was not where it was interrupted)."""
+    url = pg_server.url(database, driver=driver)
+    engine, other = create_async_engine(url), create_async_engine(url)
+    Sessions = rdb.AsyncResilientSession(
+        engine, service=service, config=rdb.Config(enabled=block != "self-healing off")
+    )
+    insert = "INSERT INTO prune_notes (note) VALUES ('x')"
+    statement = {
+        "reads": "SELECT count(*) FROM prune_notes",
+        "interrupted before its COMMIT": (
+            "INSERT INTO prune_notes (note) SELECT 'x' FROM pg_sleep(3) AS closing"
+        ),
+    }.get(block, insert)
+
+    async def sleep_on_server() -> None:
+        async with other.connect() as conn:
+            await conn.execute(sa.text("SELECT pg_sleep(3) AS closing"))
+
+    async def work() -> None:
+        if block != "interrupted in a statement after its COMMIT":
+            await _async_block(Sessions, form, statement)
+            return
+        async with Sessions() as session:
+            await _commit_in(session, form, insert)
+            await session.execute(sa.text("SELECT pg_sleep(3) AS closing"))
+
+    if not block.startswith("interrupted"):
+        after_commit.append(lambda: sa_await(sleep_on_server()))
+    try:
+        raised = await _interrupted_once(how, lambda: _sleeping(pg_server, database), work)
+        assert not after_commit  # the COMMIT returned
+        assert engine.pool.checkedout() == 0
+        saved = block not in ("reads", "interrupted before its COMMIT")
+        assert _notes(pg_server, database, "x") == (1 if saved else 0)
+        if block == "writes":
+            assert_saved_then_interrupted(raised, service, events, ASYNC_WHOSE)
+        else:
+            assert_not_said(raised, events)
+        await wait_until(lambda: not _sleeping(pg_server, database), timeout=30)
+    finally:
+        await engine.dispose()
+        await other.dispose()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
+async def test_an_async_with_session_block_around_a_unit_interrupted_after_its_commit_says_it_once(
+    pg_server: PostgresServer,
+    database: str,
+    service: str,
+    driver: str,
+    *,
+    after_commit: list[Callable[[], None]],
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """An ``async with Sessions()`` block that saved a change, then ran a unit in its session
+    (``run_in``) cancelled in an ``after_commit`` listener as the unit's COMMIT returned: the
+    unit says it, and the block, whose session's transaction is the unit's, committed, does not
+    say it a second time (two lines for one interruption)."""
+    url = pg_server.url(database, driver=driver)
+    engine, other = create_async_engine(url), create_async_engine(url)
+    Sessions = rdb.AsyncResilientSession(engine, service=service)
+
+    async def sleep_on_server() -> None:
+        async with other.connect() as conn:
+            await conn.execute(sa.text("SELECT pg_sleep(3) AS closing"))
+
+    async def work() -> None:
+        async with Sessions() as session:
+            await session.execute(sa.text("INSERT INTO prune_notes (note) VALUES ('y')"))
+            await session.commit()
+            after_commit.append(lambda: sa_await(sleep_on_server()))
+            await Sessions.run_in(session, _anote, "x")
+
+    try:
+        raised = await _interrupted_once("cancel", lambda: _sleeping(pg_server, database), work)
+        assert not after_commit
+        assert _notes(pg_server, database, "x") == 1
+        assert_saved_then_interrupted(raised, service, events, "the unit (marker ")
+        await wait_until(lambda: not _sleeping(pg_server, database), timeout=30)
+    finally:
+        await engine.dispose()
+        await other.dispose()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
+async def test_an_async_session_class_of_yours_keeps_its_own_async_with(
+    pg_server: PostgresServer,
+    database: str,
+    service: str,
+    driver: str,
+    *,
+    after_commit: list[Callable[[], None]],
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """Your ``AsyncSession`` subclass overriding ``__aenter__`` and ``__aexit__`` (calling
+    SQLAlchemy's through ``super()``): the factory's class is a subclass of it, its sessions
+    are instances of yours, your methods run once each per block, and the block that saved a
+    change, cancelled as its session closes, is marked and said."""
+    calls: list[str] = []
+
+    class Tracked(AsyncSession):
+        async def __aenter__(self) -> Tracked:
+            calls.append("enter")
+            return await super().__aenter__()
+
+        async def __aexit__(self, kind: Any, value: Any, traceback: Any) -> None:
+            calls.append(f"exit {kind and kind.__name__}")
+            await super().__aexit__(kind, value, traceback)
+
+    engine = create_async_engine(pg_server.url(database, driver=driver))
+    Sessions = rdb.AsyncResilientSession(engine, service=service, class_=Tracked)
+    try:
+        assert Sessions.class_ is not Tracked
+        assert issubclass(Sessions.class_, Tracked)
+
+        async def work() -> None:
+            async with Sessions() as session:
+                assert isinstance(session, Tracked)
+                await session.execute(sa.text("INSERT INTO prune_notes (note) VALUES ('x')"))
+                await session.commit()
+
+        raised = await _cancelled_as_a_commit_returns("cancel", after_commit, work)
+        assert calls == ["enter", "exit None"]
+        assert _notes(pg_server, database, "x") == 1
+        assert_saved_then_interrupted(raised, service, events, ASYNC_WHOSE)
+        assert engine.pool.checkedout() == 0
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.asyncio
+async def test_async_dropin_blocks_leave_nothing_behind(
+    pg_server: PostgresServer, database: str, service: str
+) -> None:
+    """What an ``async with`` block notes is its own, gone at its end: also for a factory whose
+    class is another factory's, and with a ``Session.begin()`` block (which closes the session
+    through its ``__aexit__`` without entering it); a class whose ``__aexit__`` answers that the
+    error is handled keeps its answer; and the class a factory makes goes with it, once units
+    and blocks ran (a unit's end is kept per session class)."""
+    from resilient_db._statements import dropin_block  # noqa: PLC0415
+
+    engine = create_async_engine(pg_server.url(database))
+
+    class Swallowing(AsyncSession):
+        async def __aexit__(self, kind: Any, value: Any, traceback: Any) -> bool:  # type: ignore[override]
+            await super().__aexit__(kind, value, traceback)
+            return kind is LookupError
+
+    try:
+        first = rdb.AsyncResilientSession(engine, service=service)
+        second = rdb.AsyncResilientSession(engine, service=f"{service}-b", class_=first.class_)
+        for factory in (first, second, first, second):
+            async with factory() as session:
+                await session.execute(sa.text("INSERT INTO prune_notes (note) VALUES ('x')"))
+                assert dropin_block.get() is not None
+                await session.commit()
+            assert dropin_block.get() is None
+            async with factory.begin() as session:
+                await session.execute(sa.text("INSERT INTO prune_notes (note) VALUES ('x')"))
+            assert dropin_block.get() is None
+        async with rdb.AsyncResilientSession(engine, service=service, class_=Swallowing)():
+            raise LookupError
+        assert dropin_block.get() is None
+        assert _notes(pg_server, database, "x") == 8
+
+        Sessions = rdb.AsyncResilientSession(engine, service=service)
+        await Sessions.run(_anote, "y")
+        async with Sessions() as session:
+            await session.execute(sa.text("SELECT 1"))
+        made, factory_ref = weakref.ref(Sessions.class_), weakref.ref(Sessions)
+        del Sessions, session, first, second, factory
+        await asyncio.sleep(0)  # (the unit's prune runs in a task of its own)
+        gc.collect()
+        assert factory_ref() is None
+        assert made() is None
+    finally:
+        await engine.dispose()
 
 
 def test_a_group_is_answered_saved_then_interrupted_after_the_answers_that_come_first() -> None:
