@@ -877,13 +877,18 @@ if True:  # async only
         async def __aenter__(session: Any) -> Any:
             entered = await enter(session)
             saved = SavedNote(dropin_block.get())
-            session._rdb_block = (saved, dropin_block.set(saved))
+            # (a session entered again inside its own block, ``async with session:`` in a
+            # helper, keeps the outer block's note to be put back when the inner block ends)
+            outer = session.__dict__.get("_rdb_block")
+            session._rdb_block = (saved, dropin_block.set(saved), outer)
             return entered
 
         async def __aexit__(session: Any, kind: Any, value: Any, traceback: Any) -> Any:
             # (every drop-in block passes here: no context manager for the reset, no tuple made)
             block = session.__dict__.pop("_rdb_block", None)
             if block is not None:
+                if block[2] is not None:  # the inner block of a session entered again
+                    session._rdb_block = block[2]
                 try:  # noqa: SIM105 (contextlib.suppress costs a context manager per block)
                     dropin_block.reset(block[1])
                 except ValueError:  # (left in another task or context)

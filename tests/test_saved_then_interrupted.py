@@ -1077,6 +1077,56 @@ async def test_an_async_with_block_cancelled_after_its_commit_answered_is_saved_
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("driver", ASYNC_DRIVERS)
+async def test_an_async_with_block_whose_session_is_entered_again_is_still_saved_then_interrupted(
+    pg_server: PostgresServer,
+    database: str,
+    service: str,
+    driver: str,
+    *,
+    after_commit: list[Callable[[], None]],
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """The async twin of the sync test above: an ``async with Sessions()`` block whose session
+    a helper enters again (``async with session:``): the inner block's end gives the outer
+    block its note back, so the outer block's COMMIT of a write, cancelled once the server
+    answered it (in an ``after_commit`` listener awaiting I/O), is marked and said, and no
+    drop-in block is left set."""
+    from resilient_db._statements import dropin_block  # noqa: PLC0415
+
+    url = pg_server.url(database, driver=driver)
+    engine, other = create_async_engine(url), create_async_engine(url)
+    Sessions = rdb.AsyncResilientSession(engine, service=service)
+
+    async def helper(session: AsyncSession) -> int:
+        async with session:  # entered again: its end closes the session, as SQLAlchemy's does
+            return len((await session.execute(sa.text("SELECT 1"))).all())
+
+    async def sleep_on_server() -> None:
+        async with other.connect() as conn:
+            await conn.execute(sa.text("SELECT pg_sleep(3) AS closing"))
+
+    async def work() -> None:
+        async with Sessions() as session:
+            assert await helper(session) == 1
+            await session.execute(sa.text("INSERT INTO prune_notes (note) VALUES ('x')"))
+            after_commit.append(lambda: sa_await(sleep_on_server()))
+            await session.commit()
+        assert dropin_block.get() is None
+
+    try:
+        raised = await _interrupted_once("cancel", lambda: _sleeping(pg_server, database), work)
+        assert not after_commit  # the COMMIT returned
+        assert _notes(pg_server, database, "x") == 1
+        assert_saved_then_interrupted(raised, service, events, ASYNC_WHOSE)
+        assert dropin_block.get() is None
+        await wait_until(lambda: not _sleeping(pg_server, database), timeout=30)
+    finally:
+        await engine.dispose()
+        await other.dispose()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
 async def test_an_async_with_session_block_around_a_unit_interrupted_after_its_commit_says_it_once(
     pg_server: PostgresServer,
     database: str,
