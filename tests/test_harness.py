@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import os
 import shutil
 import signal
@@ -41,6 +42,7 @@ from resilient_db.testing import (
     RedisServer,
     ServerControlError,
     ServerStartError,
+    free_port,
     server_from_env,
     server_kind,
 )
@@ -1306,6 +1308,49 @@ def test_proxy_refuses_an_upstream_it_cant_use(pg_server: PostgresServer) -> Non
     with FaultProxy((pg_server.host, pg_server.port)) as proxy:
         conn = psycopg.connect(pg_server.conninfo(host=proxy.host, port=proxy.port))
         conn.close()
+
+
+@pytest.mark.server_control
+def test_proxy_says_why_it_closes_a_connection_it_cant_forward(
+    pg_server: PostgresServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A proxy whose upstream refuses connections (a wrong port, a server stopped behind it)
+    closes the client's connection, which libpq reports as "server closed the connection
+    unexpectedly ... terminated abnormally" (or a reset by peer): nothing said the proxy could
+    not reach its upstream (a DEBUG line only). The first failure of an outage logs a WARNING
+    naming the upstream and the error, once; a connection that gets through ends the outage."""
+    closed_port = free_port()
+    with (
+        caplog.at_level(logging.DEBUG, logger="resilient_db.testing"),
+        FaultProxy(("127.0.0.1", closed_port)) as proxy,
+    ):
+        for _ in range(3):
+            with pytest.raises(psycopg.OperationalError):  # closed, or reset, by the proxy
+                psycopg.connect(pg_server.conninfo(host=proxy.host, port=proxy.port))
+        warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == 1, [r.getMessage() for r in warnings]
+        said = warnings[0].getMessage()
+        assert f"upstream 127.0.0.1:{closed_port}" in said
+        assert "ECONNREFUSED" in said
+    caplog.clear()
+    with (
+        caplog.at_level(logging.WARNING, logger="resilient_db.testing"),
+        FaultProxy(pg_server) as proxy,
+    ):
+        through = pg_server.conninfo(host=proxy.host, port=proxy.port)
+        for attempts in (2, 1):
+            psycopg.connect(through).close()
+            pg_server.stop()
+            try:
+                for _ in range(attempts):
+                    with pytest.raises(psycopg.OperationalError):
+                        psycopg.connect(through)
+            finally:
+                pg_server.start()
+    # one line per outage: two outages, each said once
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 2, lines
+    assert all(f"upstream 127.0.0.1:{pg_server.port}" in line for line in lines)
 
 
 def test_proxy_passthrough_psycopg(

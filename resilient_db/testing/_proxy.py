@@ -352,6 +352,11 @@ def _seconds(name: str, value: object) -> float:
     return float(value)
 
 
+def _errno_text(code: int) -> str:
+    """``ECONNREFUSED: Connection refused`` for an errno."""
+    return f"{errno.errorcode.get(code, code)}: {os.strerror(code)}"
+
+
 def _check_upstream(upstream: object) -> PostgresServer | tuple[str, int]:
     """``upstream`` as :class:`FaultProxy` keeps it, or :class:`TypeError` / :class:`ValueError`
     saying what it takes: a mistake fails at once, not as the loop's error at the first
@@ -417,6 +422,8 @@ class FaultProxy:
         self._active = 0
         self._stopping = False
         self._closed = False
+        #: the last connect to the upstream failed (loop thread only): said once per outage
+        self._upstream_down = False
         try:
             self._listen()
             self._sel.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
@@ -838,12 +845,36 @@ class FaultProxy:
         except OSError as exc:  # name resolution
             code = exc.errno or errno.ECONNREFUSED
         if code == 0:
-            conn.connected = True
+            self._upstream_reached(conn)
         elif code not in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
-            log.debug("%r: upstream %s:%s: %s", self, host, port, errno.errorcode.get(code, code))
-            self._abort(conn)
+            self._upstream_failed(conn, _errno_text(code))
             return
         self._update_events(conn)
+
+    def _upstream_reached(self, conn: _Conn) -> None:
+        conn.connected = True
+        self._upstream_down = False
+
+    def _upstream_failed(self, conn: _Conn, why: str) -> None:
+        """Close ``conn``, whose upstream connect failed. Its client sees only its connection
+        closed, which libpq reports as a server that "terminated abnormally": the first failure
+        of an outage says what happened (a wrong port, a server stopped behind the proxy), at
+        WARNING, which a failing test's report shows; the others of the outage at DEBUG."""
+        try:
+            upstream = "{}:{}".format(*self._upstream_address())
+        except Exception:  # the server was closed meanwhile: no port any more
+            upstream = type(self._upstream).__name__
+        level = logging.DEBUG if self._upstream_down else logging.WARNING
+        self._upstream_down = True
+        log.log(
+            level,
+            "%r: can't reach its upstream %s (%s): it closes the connections it accepts "
+            "until the upstream answers",
+            self,
+            upstream,
+            why,
+        )
+        self._abort(conn)
 
     def _set_events(self, conn: _Conn, sock: socket.socket, events: int) -> None:
         is_client = sock is conn.client
@@ -890,10 +921,9 @@ class FaultProxy:
         if not conn.connected and mask & selectors.EVENT_WRITE:
             code = server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if code:
-                log.debug("%r: upstream connect failed: %s", self, errno.errorcode.get(code, code))
-                self._abort(conn)
+                self._upstream_failed(conn, _errno_text(code))
                 return
-            conn.connected = True
+            self._upstream_reached(conn)
         elif mask & selectors.EVENT_WRITE:
             self._send(conn, conn.to_server, server)
             if conn.closed:
@@ -1032,8 +1062,7 @@ class FaultProxy:
                     continue
             if not conn.connected:
                 if now > conn.connect_deadline:
-                    log.debug("%r: upstream connect timed out", self)
-                    self._abort(conn)
+                    self._upstream_failed(conn, f"no answer within {self._connect_timeout:g} s")
                 continue
             if not self._blackholed:
                 for pipe, target, gone in (
