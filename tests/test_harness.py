@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import shutil
@@ -1308,6 +1309,27 @@ def test_proxy_refuses_an_upstream_it_cant_use(pg_server: PostgresServer) -> Non
     with FaultProxy((pg_server.host, pg_server.port)) as proxy:
         conn = psycopg.connect(pg_server.conninfo(host=proxy.host, port=proxy.port))
         conn.close()
+
+
+def test_proxy_names_the_address_it_cant_listen_on(pg_server: PostgresServer) -> None:
+    """A port another process holds, at creation or at :meth:`restore` after :meth:`refuse`,
+    raised a bare "[Errno 98] Address already in use" that named no address."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(OSError, match=f"can't listen on 127.0.0.1:{port}") as raised:
+            FaultProxy(pg_server, port=port)
+        assert raised.value.errno == errno.EADDRINUSE
+    with FaultProxy(pg_server) as proxy:
+        proxy.refuse()
+        with socket.socket() as taker:
+            taker.bind(("127.0.0.1", proxy.port))  # another process took it meanwhile
+            taker.listen()
+            with pytest.raises(OSError, match=f"can't listen on 127.0.0.1:{proxy.port}"):
+                proxy.restore()
+        proxy.restore()  # free again: it listens
+        psycopg.connect(pg_server.conninfo(host=proxy.host, port=proxy.port)).close()
 
 
 @pytest.mark.server_control

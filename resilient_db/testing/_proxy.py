@@ -745,7 +745,13 @@ class FaultProxy:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind((self._host, self._port))
+            try:
+                listener.bind((self._host, self._port))
+            except OSError as exc:  # "[Errno 98] Address already in use" did not say which
+                raise OSError(
+                    exc.errno,
+                    f"{exc.strerror}: the fault proxy can't listen on {self._host}:{self._port}",
+                ) from exc
             listener.listen(128)
             listener.setblocking(False)
             self._sel.register(listener, selectors.EVENT_READ, self._on_accept)
