@@ -1100,6 +1100,75 @@ def test_server_control_marker_skips_for_an_external_server(
     result.stdout.fnmatch_lines([f"*{SERVER_CONTROL_SKIP_REASON}*"])
 
 
+#: two tests on two pytest-xdist workers, each with its server under RESILIENT_DB_TEST_DIR:
+#: ``test_a`` starts first (its worker made the directory, before the fix) and its worker closes
+#: its server first; ``test_b``'s worker closes last
+_XDIST_TESTS = """
+import os
+import time
+from pathlib import Path
+
+SIGNALS = Path(os.environ["SIGNALS"])
+
+
+def wait(condition):
+    deadline = time.monotonic() + 60
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a(pg_server):
+    (SIGNALS / "a").write_text(str(pg_server.data_dir))
+    wait((SIGNALS / "b").exists)
+
+
+def test_b(request):
+    wait((SIGNALS / "a").exists)
+    server = request.getfixturevalue("pg_server")
+    (SIGNALS / "b").write_text(str(server.data_dir))
+    first = Path((SIGNALS / "a").read_text())
+    wait(lambda: not first.exists())  # test_a's worker closed its server
+"""
+
+
+def test_xdist_workers_leave_no_test_dir_the_run_made(
+    pytester: pytest.Pytester, scratch_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under pytest-xdist a RESILIENT_DB_TEST_DIR that did not exist was made by the first
+    worker that started a server, which could not remove it at its end (the other workers'
+    servers were in it); they had found it there, and never remove a directory they did not
+    make: it stayed. The run's controller now makes it before the workers start, and removes it
+    once they are gone."""
+    pytest.importorskip("xdist")
+    pytester.makeconftest(_WAITING_CONFTEST)
+    pytester.makepyfile(test_two=_XDIST_TESTS)
+    signals = scratch_dir / "signals"
+    signals.mkdir()
+    test_dir = scratch_dir / "made" / "by the run"
+    source = str(Path(resilient_db.__file__).parents[1])
+    monkeypatch.setenv("RESILIENT_DB_TEST_DIR", str(test_dir))
+    monkeypatch.setenv("SIGNALS", str(signals))
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))
+    )
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-p", "no:asyncio", "-n", "2", timeout=120
+    )
+    result.assert_outcomes(passed=2)
+    assert not (scratch_dir / "made").exists(), list((scratch_dir / "made").rglob("*"))
+    # an existing one stays
+    test_dir.mkdir(parents=True)
+    for name in ("a", "b"):
+        (signals / name).unlink()
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-p", "no:asyncio", "-n", "2", timeout=120
+    )
+    result.assert_outcomes(passed=2)
+    assert test_dir.is_dir()
+    assert not list(test_dir.iterdir())
+
+
 # --------------------------------------------------------------------------------------------------
 # an external server's databases when the test process dies
 

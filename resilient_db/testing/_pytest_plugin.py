@@ -55,7 +55,9 @@ start: every test starts with a running server.
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -92,12 +94,54 @@ _PAUSED_KEY = pytest.StashKey["DatabaseSpares"]()
 #: a ``server_control`` test being set up before the session's server (and its spares) exists:
 #: the spares are paused for it as soon as they are made (see ``pg_server``)
 _CONTROLLING_KEY = pytest.StashKey[pytest.Item]()
+#: the directories an xdist controller made for ``RESILIENT_DB_TEST_DIR`` (see ``_hold_test_dir``)
+_HELD_DIRS_KEY = pytest.StashKey[list[Path]]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
     declared = {str(line).split(":", 1)[0].strip() for line in config.getini("markers")}
     if "server_control" not in declared:
         config.addinivalue_line("markers", _MARKER_LINE)
+    if _is_xdist_controller(config) and os.environ.get("RESILIENT_DB_TEST_DIR", "").strip():
+        _hold_test_dir(config)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    held = config.stash.get(_HELD_DIRS_KEY, None)
+    if held is not None:
+        del config.stash[_HELD_DIRS_KEY]
+        from ._server import _release_parents  # noqa: PLC0415
+
+        _release_parents(held)  # the workers are gone: removed if empty
+
+
+def _is_xdist_controller(config: pytest.Config) -> bool:
+    """Whether this process hands the tests to pytest-xdist workers (it runs none itself)."""
+    if hasattr(config, "workerinput") or config.getoption("collectonly", False):
+        return False
+    return config.getoption("dist", "no") != "no" and bool(config.getoption("tx", None))
+
+
+def _hold_test_dir(config: pytest.Config) -> None:
+    """Make a missing ``RESILIENT_DB_TEST_DIR`` here, before the workers start, and remove it at
+    the end of the run if it is empty. Each worker makes its servers under it; made by the first
+    worker that needed it, it stayed when that worker was not the last to close its servers
+    (the others found it there, and never remove a directory they did not make)."""
+    from ._server import ServerStartError, _hold_parents, _scratch_parent  # noqa: PLC0415
+
+    try:
+        parent = _scratch_parent()
+    except ServerStartError:  # not a directory: the workers' servers say so
+        return
+    if parent is None:
+        return
+    # as root, the servers' OS user must get through the directories made (only whether
+    # ``open_to`` is given matters: they are made 0755 whatever the umask)
+    root = os.geteuid() == 0
+    try:
+        config.stash[_HELD_DIRS_KEY] = _hold_parents(parent, open_to=(0, 0) if root else None)
+    except OSError:  # the workers' servers say why
+        return
 
 
 def _can_control(config: pytest.Config) -> bool:
