@@ -50,6 +50,12 @@ Marker
 After every test (once ``pg_server`` exists), a controllable server that the test stopped or
 crashed is started again, and a pending ``restart_after`` is cancelled in favour of an immediate
 start: every test starts with a running server.
+
+pytest-xdist
+------------
+Each worker is a test session of its own: its own ``pg_server`` (a free port and a directory of
+its own), databases and proxies. The controller runs no tests; it makes a missing
+``RESILIENT_DB_TEST_DIR`` before the workers start and removes it, if empty, once they are gone.
 """
 
 from __future__ import annotations
