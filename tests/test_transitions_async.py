@@ -331,7 +331,10 @@ async def test_many_row_flush_never_tests_rows_it_does_not_update(
     is needed), and plans made with the parameters' values compute constant parts ahead (a cast
     of text built from parameters alone would fail every UPDATE here)."""
     others = [await _add_job(engine, state) for state in ("running", "crashed", "done") * 3]
-    rounds = [[await _add_job(engine) for _ in range(3)] for _ in range(4)]
+    # a loop, not a comprehension around one that awaits (Python 3.11+; a SyntaxError on 3.10)
+    rounds: list[list[int]] = []
+    for _ in range(4):
+        rounds.append([await _add_job(engine) for _ in range(3)])
     async with sessions() as s:
         await s.execute(sa.text("SET LOCAL enable_indexscan = off"))
         await s.execute(sa.text("SET LOCAL enable_bitmapscan = off"))
