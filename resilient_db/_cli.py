@@ -243,6 +243,12 @@ class _Output(io.TextIOBase):
         except OSError as exc:
             raise _OutputFailed(exc) from exc
 
+    def __del__(self) -> None:
+        # not io.IOBase's finalizer, which closes the wrapper, so flushes the stream: the stream
+        # is not the wrapper's, and may be closed by then (a caller's replaced sys.stdout);
+        # Python 3.13 reports what that flush raises ("Exception ignored in: <_Output ...>")
+        pass
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``resilient-db`` console script; returns the exit status."""

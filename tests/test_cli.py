@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import io
 import json
 import os
 import subprocess
@@ -252,6 +254,21 @@ def test_the_demo_on_a_terminal_still_gets_the_rich_view() -> None:
     finally:
         os.close(master)
         os.close(slave)
+
+
+def test_the_output_wrapper_collected_after_its_stream_closed_says_nothing() -> None:
+    """main() wraps the sys.stdout of its call: collected once that stream was closed (a test's
+    capture, a caller's replacement), the wrapper flushed it, and Python 3.13 reported the
+    ValueError ("Exception ignored in: <_Output ...>", an error here)."""
+    from resilient_db._cli import _Output  # noqa: PLC0415
+
+    stream = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
+    out = _Output(stream)
+    out.write("written")
+    out.flush()
+    stream.close()
+    del out
+    gc.collect()
 
 
 def test_output_to_a_reader_that_stopped_reading_ends_quietly() -> None:
