@@ -557,11 +557,19 @@ class LineCounter:
         # the counter's own way out is not the unit's
         if frame.f_code is LineCounter.__exit__.__code__:
             return None
+        # the frame's tracer first: Python 3.13 turns opcode events on for a frame that has one
+        # (set after this call returns, the flag alone was ignored)
+        frame.f_trace = self._event
         frame.f_trace_opcodes = True
         return self._event
 
     def __enter__(self) -> LineCounter:
         self.lines = self.instructions = 0
+        # Python 3.12 sends opcode events only if some frame asked for them before settrace:
+        # this one asks (it has no tracer, so it sees none)
+        here = sys._getframe()
+        here.f_trace_opcodes = True
+        here.f_trace_opcodes = False
         sys.settrace(self._call)
         return self
 
