@@ -528,7 +528,7 @@ def answer_timed_out(exc: BaseException) -> bool:
     statement is the application's), but raised by a COMMIT it leaves the outcome open: the
     COMMIT may be applied after the client stopped waiting (one waiting for a synchronous
     standby stays committed locally when cancelled), as a lost answer's may."""
-    return any(isinstance(err, TimeoutError) and not _connecting(err) for err in error_chain(exc))
+    return any(isinstance(err, _TIMEOUTS) and not _connecting(err) for err in error_chain(exc))
 
 
 def client_state_broken(exc: BaseException) -> bool:
@@ -558,7 +558,7 @@ def _driver_disconnect(exc: BaseException) -> bool:
                 return True
             wrapped = True
             continue
-        if isinstance(err, OSError):
+        if isinstance(err, (OSError, *_TIMEOUTS)):  # asyncio's timeout is no OSError on 3.10
             # a socket error of the driver (asyncpg lets a refused or broken connect through
             # as OSError); the application's own OSErrors (a missing file, its own sockets),
             # raised in its own code even where SQLAlchemy called it (a validator, a column
@@ -568,7 +568,7 @@ def _driver_disconnect(exc: BaseException) -> bool:
             # connection stays usable), which is psycopg's ``statement_timeout`` (57014, not
             # transient) on the client side.
             connecting = _connecting(err)
-            if isinstance(err, TimeoutError) and not connecting:
+            if isinstance(err, _TIMEOUTS) and not connecting:
                 continue
             # raised while the pool connects, by whatever opens the socket (the driver, or a
             # ``creator=`` of a cloud connector that opens it itself), or by a driver later

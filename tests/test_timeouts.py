@@ -1,7 +1,8 @@
 """Timeouts through the real drivers: a statement that runs too long is the application's
 problem (not replayed, not an outage for the breaker), a connect that times out is an outage.
 
-asyncpg's ``command_timeout`` raises ``TimeoutError`` (an ``OSError``) from the driver's own
+asyncpg's ``command_timeout`` raises ``asyncio.TimeoutError`` (since Python 3.11 the builtin
+``TimeoutError``, an ``OSError``) from the driver's own
 code, the client-side twin of psycopg's server-side ``statement_timeout`` (SQLSTATE 57014).
 """
 
@@ -158,7 +159,7 @@ async def test_a_commit_that_times_out_is_verified_not_reported_failed(
     with caplog.at_level("WARNING", logger="resilient_db"):
         try:
             outcome = await Session.run(write)
-        except (TimeoutError, rdb.CommitOutcomeUnknownError) as exc:
+        except (asyncio.TimeoutError, rdb.CommitOutcomeUnknownError) as exc:
             outcome = exc
     assert calls == 1  # never replayed
     # what the server did, once the COMMIT the client stopped waiting for has ended there
@@ -191,7 +192,7 @@ async def test_a_commit_that_times_out_is_verified_not_reported_failed(
         ]
         assert len(verdicts) == 1
         assert _counters(service)["verified_commits"] == 1
-    elif isinstance(outcome, TimeoutError):
+    elif isinstance(outcome, asyncio.TimeoutError):
         assert rows[0] == 0
         assert len(verdicts) == 1
         assert "did not commit" in verdicts[0]
