@@ -431,7 +431,20 @@ def error_chain(exc: BaseException) -> Iterator[BaseException]:
         yield current
         seen += 1
         orig = current.orig if isinstance(current, sa_exc.StatementError) else None
-        current = orig if isinstance(orig, BaseException) else current.__cause__
+        if isinstance(orig, BaseException):
+            current = orig
+        elif current.__cause__ is None and _reraised_cancellation(current):
+            # Python 3.10: awaiting a cancelled task (asyncio.wait_for's too) raises a new
+            # CancelledError, the task's own (the one marked) as its context; 3.11+ raise it
+            current = current.__context__
+        else:
+            current = current.__cause__
+
+
+def _reraised_cancellation(exc: BaseException) -> bool:
+    return isinstance(exc, asyncio.CancelledError) and isinstance(
+        exc.__context__, asyncio.CancelledError
+    )
 
 
 #: the drivers (psycopg covers psycopg2) and SQLAlchemy's parts that talk to them: an OSError

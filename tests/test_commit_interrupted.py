@@ -44,7 +44,7 @@ from sqlalchemy.orm import Session
 
 import resilient_db as rdb
 from resilient_db._commit import _CHECK_SQL
-from resilient_db._unit import commit_interrupted
+from resilient_db._unit import commit_interrupted, mark_commit_interrupted
 from resilient_db.testing import FaultProxy, PostgresServer
 from resilient_db.web import problem_details
 
@@ -190,7 +190,9 @@ async def test_a_claim_outlasts_asyncpgs_command_timeout(
     async def slow(session: AsyncSession) -> None:
         await session.execute(sa.text("SELECT pg_sleep(2)"))
 
-    with pytest.raises(TimeoutError):  # the unit's statements keep the application's timeout
+    # the unit's statements keep the application's timeout (asyncpg's asyncio.TimeoutError,
+    # the builtin TimeoutError since Python 3.11)
+    with pytest.raises(asyncio.TimeoutError):
         await Session.run(slow)
 
 
@@ -363,12 +365,60 @@ async def test_a_connection_closed_before_commit_is_replayed_not_unknown(
     assert counters(service)["unknown_commits"] == 0
 
 
+@pytest.mark.asyncio
+async def test_the_mark_of_a_cancelled_task_reaches_who_awaits_it() -> None:
+    """Python 3.10 raises to whoever awaits a cancelled task (``asyncio.wait_for`` among them) a
+    new ``CancelledError``, the task's own (the one marked) as its context: the mark was not
+    found there, and a web handler answered a plain error, not ``commit-outcome-unknown``, for
+    a COMMIT the cancellation cut off. (3.11+ raise the task's own; the chain built by hand
+    below is 3.10's, on any version.)"""
+    started = asyncio.Event()
+
+    async def unit() -> None:
+        try:
+            started.set()
+            await asyncio.sleep(10)
+        except asyncio.CancelledError as exc:
+            mark_commit_interrupted(exc, "orders")
+            raise
+
+    task = asyncio.ensure_future(unit())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError) as cancelled:
+        await task
+    assert commit_interrupted(cancelled.value) == "orders"
+    started.clear()
+    with pytest.raises(asyncio.TimeoutError) as timed_out:  # (the builtin one since 3.11)
+        await asyncio.wait_for(unit(), 0.05)
+    assert commit_interrupted(timed_out.value) == "orders"
+    problem = problem_details(timed_out.value)
+    assert problem is not None
+    assert problem.body["type"] == "urn:resilient-db:problem:commit-outcome-unknown"
+
+    marked = asyncio.CancelledError()
+    mark_commit_interrupted(marked, "orders")
+    reraised = asyncio.CancelledError()
+    reraised.__context__ = marked
+    assert commit_interrupted(reraised) == "orders"
+
+
 # -- a cancelled unit ------------------------------------------------------------------------------
+#: how a unit is interrupted (asyncio.timeout is Python 3.11's)
+INTERRUPTIONS = [
+    "cancel",
+    pytest.param(
+        "asyncio.timeout",
+        marks=pytest.mark.skipif(sys.version_info < (3, 11), reason="Python 3.11's"),
+    ),
+]
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize("mode", [MARKERS, FALLBACK])
 @pytest.mark.parametrize("driver", ASYNC_DRIVERS)
 @pytest.mark.parametrize("commit", ["cancel ends it", "commits anyway"], ids=["ended", "committed"])
-@pytest.mark.parametrize("how", ["cancel", "asyncio.timeout"])
+@pytest.mark.parametrize("how", INTERRUPTIONS)
 async def test_a_unit_cancelled_with_its_commit_in_flight(
     *,
     pg_server: PostgresServer,
@@ -682,15 +732,6 @@ async def cut_off_at_commit(
             watcher.cancel()
     assert isinstance(timed_out.value.__cause__, asyncio.CancelledError)
     return timed_out.value
-
-
-INTERRUPTIONS = [
-    "cancel",
-    pytest.param(
-        "asyncio.timeout",
-        marks=pytest.mark.skipif(sys.version_info < (3, 11), reason="Python 3.11's"),
-    ),
-]
 
 
 @pytest.mark.asyncio
