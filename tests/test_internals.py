@@ -530,7 +530,8 @@ async def test_asyncpg_command_timeout_is_what_asyncpg_enforces(
             "asyncpg_command_timeout",
             "the check's COMMIT is not cut off after its wait for synchronous standbys",
         )
-        with _internals.asyncpg_command_timeout(driver, 0.2), pytest.raises(TimeoutError):
+        # asyncio.TimeoutError: asyncpg's, the builtin TimeoutError only since Python 3.11
+        with _internals.asyncpg_command_timeout(driver, 0.2), pytest.raises(asyncio.TimeoutError):
             await driver.fetchval("SELECT pg_sleep(2)")
         assert await driver.fetchval("SELECT 1 FROM pg_sleep(0.4)"), message
 
@@ -553,7 +554,7 @@ async def test_asyncpgs_per_call_timeout_overrides_command_timeout(
                 )
 
             assert await conn.run_sync(lambda _: slow(raw.dbapi_connection))
-            with pytest.raises(TimeoutError):
+            with pytest.raises(asyncio.TimeoutError):  # (the builtin one since Python 3.11)
                 await raw.driver_connection.fetchval("SELECT pg_sleep(0.5)")
     finally:
         await engine.dispose()

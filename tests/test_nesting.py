@@ -806,7 +806,7 @@ async def test_a_running_task_never_awaited_through_its_operation_gives_its_slot
     operation = rdb.with_self_healing(
         lambda: asyncio.ensure_future(work()), service=service, config=HALF_OPEN
     )
-    with pytest.raises(TimeoutError):
+    with pytest.raises(asyncio.TimeoutError):  # (the builtin one since Python 3.11)
         await asyncio.wait_for(operation, 0)  # cancelled before its first step
     for _ in range(3):
         await asyncio.sleep(0)  # the task runs to its end

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import urllib.parse
 from collections.abc import Iterator
 
 import pytest
@@ -110,6 +111,16 @@ def test_mask_url_reads_the_raw_text(url: str, masked: str) -> None:
 ENCODE = "percent-encode / ? # @ [ ] in a password (/ is %2F, ? %3F, # %23, @ %40"
 
 
+def _brackets_refused() -> bool:
+    """Whether this Python's urllib (and so the redis client) refuses brackets around what is
+    no IPv6 address in a password: 3.11.4+ and 3.12+ do; 3.10 takes them, and the URL works."""
+    try:
+        urllib.parse.urlsplit(f"redis://:{LEFT}[{RIGHT}]@10.0.0.1:6379/0")
+    except ValueError:
+        return True
+    return False
+
+
 @pytest.mark.parametrize(
     ("url", "reason"),
     [
@@ -118,9 +129,12 @@ ENCODE = "percent-encode / ? # @ [ ] in a password (/ is %2F, ? %3F, # %23, @ %4
             "an @ follows a / ? or # (one of those in a password ends the host part early, and "
             f"the host would be read from the password); {ENCODE}",
         ),
-        (
+        pytest.param(
             f"redis://:{LEFT}[{RIGHT}]@10.0.0.1:6379/0",
             f"the host is not valid (an IPv6 address is written [::1]); {ENCODE}",
+            marks=pytest.mark.skipif(
+                not _brackets_refused(), reason="this Python's urllib takes [ ] in a password"
+            ),
         ),
         (f"redis://:{LEFT}]{RIGHT}@10.0.0.1:6379/0", "the host is not valid"),
         (f"redis://:{LEFT}/{RIGHT}", f"the port is not a number from 1 to 65535; {ENCODE}"),

@@ -912,7 +912,7 @@ async def test_an_operation_cancelled_before_it_started_gives_its_probe_slot_bac
         # a callable not declared async: admitted when called, its work runs when awaited
         return rdb.with_self_healing(lambda: select_one(), service=service, config=config)  # noqa: PLW0108
 
-    with pytest.raises(TimeoutError):
+    with pytest.raises(asyncio.TimeoutError):  # (the builtin one since Python 3.11)
         await asyncio.wait_for(operation(), 0)
     assert await operation() == 1
     assert (breaker(service) or {})["state"] == "closed"
