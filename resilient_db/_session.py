@@ -28,16 +28,18 @@ from ._classify import Classifier, debug_failure
 from ._commit import AttemptRecord, CommitRequest, CommitTicket
 from ._config import Config
 from ._errors import TransactionStateError
-from ._internals import committed_unclosed, with_own_session_class
+from ._internals import with_own_session_class
 from ._observability import log_session
 from ._registry import factory_of, register_class
 from ._state import STATE
-from ._statements import SavedNote, current_attempt, dropin_block, library_work, note_saved
+from ._statements import current_attempt, dropin_block, library_work, note_saved
 from ._unit import (
     ActiveUnit,
     CommitVerdict,
     FactoryCore,
     admitted_by,
+    block_entered,
+    block_left,
     check_commit,
     commit_if_prepared,
     commit_plainly,
@@ -46,11 +48,11 @@ from ._unit import (
     engine_of,
     flush_and_commit,
     interrupted_after_commit,
+    interrupted_in_its_commit,
     joined_callers_transaction,
     joins_callers_transaction,
     prune_quietly,
     runs_once_here,
-    saved_then_interrupted,
     unit_signature,
 )
 from ._validation import (
@@ -696,35 +698,17 @@ def _note_with_blocks(cls: Any) -> None:
 
     def __enter__(session: Any) -> Any:
         entered = enter(session)
-        saved = SavedNote(dropin_block.get())
-        # (a session entered again inside its own block, ``with session:`` in a helper,
-        # keeps the outer block's note to be put back when the inner block ends)
-        outer = session.__dict__.get("_rdb_block")
-        session._rdb_block = (saved, dropin_block.set(saved), outer)
+        block_entered(session)
         return entered
 
     def __exit__(session: Any, kind: Any, value: Any, traceback: Any) -> Any:
         # (every drop-in block passes here: no context manager for the reset, no tuple made)
-        block = session.__dict__.pop("_rdb_block", None)
-        if block is not None:
-            if block[2] is not None:  # the inner block of a session entered again
-                session._rdb_block = block[2]
-            try:  # noqa: SIM105 (contextlib.suppress costs a context manager per block)
-                dropin_block.reset(block[1])
-            except ValueError:  # (left in another thread or context)
-                pass
-            if (
-                kind is not None
-                and block[0].saved
-                and not issubclass(kind, Exception)
-                and committed_unclosed(session)
-                # (not said again when a unit run in the block, or a block inside it, said it)
-                and saved_then_interrupted(value) is None
-            ):
-                # interrupted in the block's COMMIT step after the server answered the
-                # COMMIT (an after_commit listener of yours doing I/O): the change is
-                # saved. (Looked at before the close below, which ends the transaction.)
-                _block_interrupted(session, value)
+        block = block_left(session)
+        if block is not None and interrupted_in_its_commit(block, session, kind, value):
+            # interrupted in the block's COMMIT step after the server answered the COMMIT
+            # (an after_commit listener of yours doing I/O): the change is saved. (Looked
+            # at before the close below, which ends the transaction.)
+            _block_interrupted(session, value)
         try:
             return leave(session, kind, value, traceback)  # (your class's answer, if any)
         except Exception:

@@ -69,6 +69,7 @@ from ._config import Config, factory_config, register_default_user
 from ._errors import CircuitOpenError, CommitOutcomeUnknownError
 from ._internals import (
     asyncpg_socket_fd,
+    committed_unclosed,
     fire_after_commit,
     psycopg_notify_handler,
     session_binds,
@@ -83,8 +84,10 @@ from ._statements import (
     COMMITS_INSIDE,
     COMMITS_MIDWAY,
     UNIT_CONTEXT,
+    SavedNote,
     current_attempt,
     current_request,
+    dropin_block,
     library_work,
     lost_commit_while_off,
     note_dialect_calls,
@@ -529,6 +532,45 @@ def saved_then_interrupted(exc: BaseException) -> str | None:
     (the cancellation ``asyncio.timeout`` turned into ``TimeoutError``), interrupted the call
     (see :func:`mark_saved_then_interrupted`); None when it is no such interruption."""
     return text_mark(exc, _SAVED_THEN_INTERRUPTED)
+
+
+def block_entered(session: Any) -> None:
+    """A drop-in ``with`` (``async with``) block of ``session`` begins: a note of what it
+    commits (``_statements.SavedNote``) becomes the block in progress. A session entered again
+    inside its own block (``with session:`` in a helper) keeps the outer block's note, put back
+    by :func:`block_left` when the inner block ends."""
+    saved = SavedNote(dropin_block.get())
+    session._rdb_block = (saved, dropin_block.set(saved), session.__dict__.get("_rdb_block"))
+
+
+def block_left(session: Any) -> Any:
+    """The note of ``session``'s drop-in block ending now (see :func:`block_entered`), the
+    block around it in progress again; None for a block not noted (``Session.begin()``'s,
+    which notes in a block of its own). Every drop-in block passes here: no context manager
+    for the reset."""
+    block = session.__dict__.pop("_rdb_block", None)
+    if block is not None:
+        if block[2] is not None:  # the inner block of a session entered again
+            session._rdb_block = block[2]
+        try:  # noqa: SIM105 (contextlib.suppress costs a context manager per block)
+            dropin_block.reset(block[1])
+        except ValueError:  # (left in another thread, task or context)
+            pass
+    return block
+
+
+def interrupted_in_its_commit(block: Any, session: Session, kind: Any, value: Any) -> bool:
+    """Whether the drop-in block ``block`` (see :func:`block_left`) of ``session`` (a sync
+    session: an async session's ``sync_session``) ends with an interruption raised in a COMMIT
+    step after the server answered a COMMIT that saved a change (an ``after_commit`` listener
+    doing I/O), not said yet (a unit run in the block, or a block inside it, may have)."""
+    return (
+        kind is not None
+        and block[0].saved
+        and not issubclass(kind, Exception)
+        and committed_unclosed(session)
+        and saved_then_interrupted(value) is None
+    )
 
 
 def interrupted_after_commit(
