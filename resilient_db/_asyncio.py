@@ -40,6 +40,8 @@ from ._registry import factory_of, register_class, register_session
 from ._state import STATE
 from ._statements import SavedNote, current_attempt, dropin_block, library_work, note_saved
 from ._unit import (
+    ASYNC_WITH,
+    SYNC_WITH,
     ActiveUnit,
     CommitVerdict,
     FactoryCore,
@@ -47,6 +49,7 @@ from ._unit import (
     async_units,
     attempt_of,
     block_entered,
+    block_interrupted,
     block_left,
     check_commit,
     claim_prune,
@@ -56,7 +59,6 @@ from ._unit import (
     end_committed_transactions,
     engine_of,
     flush_and_commit,
-    interrupted_after_commit,
     interrupted_in_its_commit,
     joined_callers_transaction,
     joins_callers_transaction,
@@ -821,7 +823,7 @@ if True:  # async only
                 ):
                     # cancelled in the COMMIT step after the server answered the COMMIT (an
                     # after_commit listener of yours awaiting I/O): the change is saved
-                    _begun_interrupted(self.session, failed)
+                    block_interrupted(self.session.sync_session, failed, "Session.begin()")
                 await self.session.__aexit__(kind, value, traceback)
                 raise
             finally:
@@ -834,27 +836,8 @@ if True:  # async only
                 # the block's COMMIT succeeded: a change is saved if it may have written (a
                 # block that only read saved nothing: resubmitting it is safe)
                 if kind is None and self.saved.saved:
-                    _begun_interrupted(self.session, interruption)
+                    block_interrupted(self.session.sync_session, interruption, "Session.begin()")
                 raise
-
-    def _begun_interrupted(
-        session: AsyncSession, interruption: BaseException, block: str = "Session.begin()"
-    ) -> None:
-        """A ``Session.begin()`` block (or an ``async with Session()`` block: see
-        ``_note_async_blocks``) committed a change, and a cancellation (a deadline) arrived
-        while its session closed (SQLAlchemy's close runs in a task of its own, awaited to its
-        end, then the cancellation is raised): said and marked as a unit's interruption after
-        its COMMIT is (see ``CommitReferee.interrupted``), since its caller hears only the
-        interruption, which a web handler would answer as a plain error. With self-healing
-        off, nothing (plain SQLAlchemy)."""
-        factory = factory_of(session.sync_session)
-        if isinstance(factory, AsyncResilientSession) and factory.config.enabled:
-            interrupted_after_commit(
-                factory.config,
-                factory.service,
-                interruption,
-                f"a transaction of drop-in code ({block})",
-            )
 
     def _note_async_blocks(cls: Any) -> None:
         """Give an async factory's session class ``cls`` an ``async with`` that notes what its
@@ -890,14 +873,14 @@ if True:  # async only
                 # cancelled in the block's COMMIT step after the server answered the COMMIT
                 # (an after_commit listener of yours awaiting I/O): the change is saved.
                 # (Looked at before the close below, which ends the transaction.)
-                _begun_interrupted(session, value, "an async with Session() block")
+                block_interrupted(session.sync_session, value, ASYNC_WITH)
             try:
                 return await leave(session, kind, value, traceback)  # (your class's answer)
             except Exception:
                 raise
             except BaseException as interruption:
                 if kind is None and block is not None and block[0].saved:
-                    _begun_interrupted(session, interruption, "an async with Session() block")
+                    block_interrupted(session.sync_session, interruption, ASYNC_WITH)
                 raise
 
         setattr(__aexit__, "_rdb_noting", True)  # noqa: B010 (see above)
@@ -1164,31 +1147,19 @@ else:  # sync only
                 # interrupted in the block's COMMIT step after the server answered the COMMIT
                 # (an after_commit listener of yours doing I/O): the change is saved. (Looked
                 # at before the close below, which ends the transaction.)
-                _block_interrupted(session, value)
+                block_interrupted(session, value, SYNC_WITH)
             try:
                 return leave(session, kind, value, traceback)  # (your class's answer, if any)
             except Exception:
                 raise
             except BaseException as interruption:
                 if kind is None and block is not None and block[0].saved:
-                    _block_interrupted(session, interruption)
+                    block_interrupted(session, interruption, SYNC_WITH)
                 raise
 
         setattr(__exit__, "_rdb_noting", True)  # noqa: B010 (see above)
         setattr(cls, "__enter__", __enter__)  # noqa: B010 (methods, set on the factory's class)
         setattr(cls, "__exit__", __exit__)  # noqa: B010
-
-    def _block_interrupted(session: Any, interruption: BaseException) -> None:
-        """A sync drop-in block saved a change and was interrupted after its COMMIT succeeded
-        (see ``_note_with_blocks``): said and marked, with self-healing on."""
-        factory: Any = factory_of(session)  # (the class's: see register_class)
-        if factory is not None and factory.config.enabled:
-            interrupted_after_commit(
-                factory.config,
-                factory.service,
-                interruption,
-                "a transaction of drop-in code (a with Session() or Session.begin() block)",
-            )
 
     def _require_unit(fn: Any, where: str) -> None:
         """A unit of ``run``/``run_in``/``transactional``: not a coroutine or generator

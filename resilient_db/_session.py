@@ -34,11 +34,13 @@ from ._registry import factory_of, register_class
 from ._state import STATE
 from ._statements import current_attempt, dropin_block, library_work, note_saved
 from ._unit import (
+    SYNC_WITH,
     ActiveUnit,
     CommitVerdict,
     FactoryCore,
     admitted_by,
     block_entered,
+    block_interrupted,
     block_left,
     check_commit,
     commit_if_prepared,
@@ -47,7 +49,6 @@ from ._unit import (
     end_committed_transactions,
     engine_of,
     flush_and_commit,
-    interrupted_after_commit,
     interrupted_in_its_commit,
     joined_callers_transaction,
     joins_callers_transaction,
@@ -708,32 +709,19 @@ def _note_with_blocks(cls: Any) -> None:
             # interrupted in the block's COMMIT step after the server answered the COMMIT
             # (an after_commit listener of yours doing I/O): the change is saved. (Looked
             # at before the close below, which ends the transaction.)
-            _block_interrupted(session, value)
+            block_interrupted(session, value, SYNC_WITH)
         try:
             return leave(session, kind, value, traceback)  # (your class's answer, if any)
         except Exception:
             raise
         except BaseException as interruption:
             if kind is None and block is not None and block[0].saved:
-                _block_interrupted(session, interruption)
+                block_interrupted(session, interruption, SYNC_WITH)
             raise
 
     setattr(__exit__, "_rdb_noting", True)  # noqa: B010 (see above)
     setattr(cls, "__enter__", __enter__)  # noqa: B010 (methods, set on the factory's class)
     setattr(cls, "__exit__", __exit__)  # noqa: B010
-
-
-def _block_interrupted(session: Any, interruption: BaseException) -> None:
-    """A sync drop-in block saved a change and was interrupted after its COMMIT succeeded
-    (see ``_note_with_blocks``): said and marked, with self-healing on."""
-    factory: Any = factory_of(session)  # (the class's: see register_class)
-    if factory is not None and factory.config.enabled:
-        interrupted_after_commit(
-            factory.config,
-            factory.service,
-            interruption,
-            "a transaction of drop-in code (a with Session() or Session.begin() block)",
-        )
 
 
 def _require_unit(fn: Any, where: str) -> None:

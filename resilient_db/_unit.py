@@ -573,6 +573,28 @@ def interrupted_in_its_commit(block: Any, session: Session, kind: Any, value: An
     )
 
 
+#: the drop-in blocks :func:`block_interrupted` names
+SYNC_WITH: Final = "a with Session() or Session.begin() block"
+ASYNC_WITH: Final = "an async with Session() block"
+
+
+def block_interrupted(session: Session, interruption: BaseException, block: str) -> None:
+    """A drop-in ``block`` of ``session`` (a sync session: an async session's
+    ``sync_session``) committed a change, and ``interruption`` arrived after that COMMIT
+    succeeded (as its session closed, or in the COMMIT's step once the server answered): said
+    and marked as a unit's interruption after its COMMIT is (see
+    ``CommitReferee.interrupted``), since its caller hears only the interruption, which a web
+    handler would answer as a plain error. With self-healing off, nothing (plain SQLAlchemy)."""
+    factory: Any = factory_of(session)  # (its class's, or the async factory that made it)
+    if factory is not None and factory.config.enabled:
+        interrupted_after_commit(
+            factory.config,
+            factory.service,
+            interruption,
+            f"a transaction of drop-in code ({block})",
+        )
+
+
 def interrupted_after_commit(
     config: Config, service: str, interruption: BaseException, whose: str, **fields: Any
 ) -> None:
