@@ -92,6 +92,23 @@ RAISE_CODE_FUNCTION = sa.text(
 )
 
 
+def first_attempt_raises(
+    code: str, result: object = 1
+) -> tuple[Callable[[Session], Any], list[int]]:
+    """A unit whose first attempt raises SQLSTATE ``code`` on the server (``raise_code``, see
+    RAISE_CODE_FUNCTION) and whose later ones return ``result``, and the list counting its
+    attempts (cleared, the next attempt raises again)."""
+    calls: list[int] = []
+
+    def unit(session: Session) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            session.execute(sa.text(f"SELECT raise_code('{code}')"))
+        return result
+
+    return unit, calls
+
+
 #: a ledger of what units wrote, by unit (``note`` for tests that say more)
 LEDGER_TABLE = "CREATE TABLE ledger (id bigserial PRIMARY KEY, unit text NOT NULL, note text)"
 #: fails with a serialization failure (40001, retried) without writing anything

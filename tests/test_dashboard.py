@@ -22,7 +22,12 @@ from typing import Any
 import httpx2 as httpx
 import pytest
 import sqlalchemy as sa
-from scenarios import RAISE_CODE_FUNCTION, on_event_loop, refuse_moves_every_way
+from scenarios import (
+    RAISE_CODE_FUNCTION,
+    first_attempt_raises,
+    on_event_loop,
+    refuse_moves_every_way,
+)
 from sqlalchemy.orm import Session
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -691,14 +696,7 @@ def test_a_dropped_apps_recorder_leaves_the_hooks(engine: sa.Engine, service: st
 def recorded_once(own: Recorder, boards: list[Any], engine: sa.Engine, service: str) -> None:
     assert sum(hook == own for hook in STATE.hooks) == 1
     Sessions = rdb.ResilientSession(engine, service=service, config=rdb.Config(max_retries=2))
-    calls: list[int] = []
-
-    def flaky(session: Session) -> int:
-        calls.append(1)
-        if len(calls) == 1:
-            session.execute(sa.text("SELECT raise_code('40001')"))
-        return 1
-
+    flaky, _calls = first_attempt_raises("40001")
     assert Sessions.run(flaky) == 1
     names = [e["name"] for e in own.snapshot()["events"] if e["service"] == service]
     assert names[-2:] == ["retry", "recovered"]

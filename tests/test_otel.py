@@ -20,6 +20,7 @@ from processes import wait_for
 from prometheus_client import CollectorRegistry, generate_latest
 from scenarios import (
     RAISE_CODE_FUNCTION,
+    first_attempt_raises,
     held_and_released,
     otel_points,
     refuse_moves_every_way,
@@ -55,13 +56,7 @@ def test_retries_and_breaker_transitions_as_span_events_and_counters(
     Sessions = rdb.ResilientSession(
         engine, service=service, config=rdb.Config(max_retries=2, failure_threshold=3)
     )
-    calls: list[int] = []
-
-    def flaky(session: Session) -> int:
-        calls.append(1)
-        if len(calls) == 1:
-            session.execute(sa.text("SELECT raise_code('40P01')"))
-        return 7
+    flaky, _calls = first_attempt_raises("40P01", 7)
 
     with tracer.start_as_current_span("GET /tasks"):
         assert Sessions.run(flaky) == 7
@@ -122,13 +117,7 @@ def test_attempts_are_read_from_health_so_a_retry_ratio_needs_otel_only(
     once sends no event, and counts."""
     _tracer, _spans, reader = otel
     Sessions = rdb.ResilientSession(engine, service=service)
-    calls: list[int] = []
-
-    def flaky(session: Session) -> int:
-        calls.append(1)
-        if len(calls) == 1:
-            session.execute(sa.text("SELECT raise_code('40001')"))
-        return 1
+    flaky, _calls = first_attempt_raises("40001")
 
     assert Sessions.run(flaky) == 1
     assert Sessions.run(lambda s: s.execute(sa.text("SELECT 1")).scalar()) == 1
@@ -221,12 +210,7 @@ def test_install_is_idempotent_and_uninstall_stops_it(
     first = install_opentelemetry()  # again, no provider given: the installed hook
     assert install_opentelemetry() is first
     Sessions = rdb.ResilientSession(engine, service=service, config=rdb.Config())
-    calls: list[int] = []
-
-    def flaky(session: Session) -> None:
-        calls.append(1)
-        if len(calls) == 1:
-            session.execute(sa.text("SELECT raise_code('40001')"))
+    flaky, calls = first_attempt_raises("40001", None)
 
     with tracer.start_as_current_span("once"):
         Sessions.run(flaky)
@@ -279,13 +263,7 @@ def test_a_replaced_pool_counts_alike_in_health_prometheus_and_otel(
     _tracer, _spans, reader = otel
     caplog.set_level(logging.INFO, logger="resilient_db")
     Sessions = rdb.ResilientSession(engine, service=service)
-    calls: list[int] = []
-
-    def ended_once(session: Session) -> int:
-        calls.append(1)
-        if len(calls) == 1:
-            session.execute(sa.text("SELECT raise_code('57P01')"))
-        return 1
+    ended_once, _calls = first_attempt_raises("57P01")
 
     assert Sessions.run(ended_once) == 1
     (line,) = [r for r in caplog.records if "Replacing the pooled connections" in r.getMessage()]
