@@ -256,3 +256,96 @@ def test_a_value_out_of_numerics_range_is_no_state(reg: registry) -> None:
     for value in (decimal.Decimal("1E+999999999"), decimal.Decimal("1E-999999999")):
         assert not guard.legal_move(1, value)
         assert "out of the range of PostgreSQL's numeric" in getattr(guard.key(value), "why", "")
+
+
+DECIMAL_RULES = rdb.TransitionRules(
+    column="level",
+    transitions={decimal.Decimal("1.5"): {decimal.Decimal("2.25")}, decimal.Decimal("2.25"): {3}},
+    initial={decimal.Decimal("1.5")},
+)
+
+
+def test_decimal_states_on_a_numeric_column(engine: sa.Engine, reg: registry, service: str) -> None:
+    """States declared as ``Decimal`` (they were refused: non-integer states had to be written
+    as PostgreSQL's text, ``'1.50'``) are keyed as the column stores them, on every path: the
+    session guards, the trigger's literals, drift, errors naming the declared states."""
+    Job = installed(engine, mapped(reg, sa.Numeric(4, 2), DECIMAL_RULES))
+    (guard,) = guards_of(Job)
+    assert dict(guard.states) == {
+        "1.50": decimal.Decimal("1.5"),
+        "2.25": decimal.Decimal("2.25"),
+        "3.00": 3,
+    }
+    Sessions = rdb.ResilientSession(engine, service=service)
+    Sessions.run(lambda s: s.add(Job(id=1, level=decimal.Decimal("1.50"))))
+
+    def move(to: Any) -> None:
+        def moved(session: Session) -> None:
+            session.get_one(Job, 1).level = to
+
+        Sessions.run(moved)
+
+    move(decimal.Decimal("2.25"))
+    with pytest.raises(rdb.IllegalTransitionError) as at_flush:
+        move(decimal.Decimal("1.5"))
+    assert (at_flush.value.from_state, at_flush.value.to_state) == (
+        decimal.Decimal("2.25"),
+        decimal.Decimal("1.5"),
+    )
+    assert "allowed from here: 3" in at_flush.value.reason
+    with engine.connect() as conn:
+        # (the resilient factory's engine raises the trigger's refusal mapped back)
+        with pytest.raises(rdb.IllegalTransitionError) as by_trigger:
+            conn.exec_driver_sql("UPDATE jobs SET level = 1.5 WHERE id = 1")
+        conn.rollback()
+        back = by_trigger.value
+        assert (back.from_state, back.to_state, back.via) == (
+            decimal.Decimal("2.25"),
+            decimal.Decimal("1.5"),
+            "db",
+        )
+        assert rdb.trigger_drift(conn, Job) is None
+    move(3)
+    assert stored(engine) == [(1, "3.00")]
+    assert 'state "1.5" as s0' in rdb.rules_to_mermaid(Job)
+    migration = TransitionTrigger(
+        model="Job", table="jobs", primary_key="id", rules=DECIMAL_RULES, type_=sa.Numeric(4, 2)
+    )
+    assert offline_script(migration) == offline_script(Job)
+
+
+@pytest.mark.parametrize(
+    ("type_", "state", "message"),
+    [
+        (sa.Integer, decimal.Decimal("1.5"), r"Decimal\('1.5'\) is no integer"),
+        (sa.String(10), decimal.Decimal("1.5"), r"is a number, but the column .* holds no numb"),
+        (sa.Numeric(4, 2), decimal.Decimal("1.505"), r"would round it to 1.51"),
+        (sa.Numeric(4, 2), decimal.Decimal("100"), r"numeric field overflow"),
+    ],
+)
+def test_a_decimal_state_the_column_cant_hold_is_refused_at_mapping(
+    reg: registry, type_: Any, state: decimal.Decimal, message: str
+) -> None:
+    rules = rdb.TransitionRules(column="level", transitions={0: {state}}, initial={0})
+    with pytest.raises(rdb.TransitionRulesError, match=r"Job\.__transitions__ .*" + message):
+        guards_of(mapped(reg, type_, rules))
+
+
+def test_a_decimal_state_is_the_integer_state_of_an_integer_column(reg: registry) -> None:
+    rules = rdb.TransitionRules(
+        column="level", transitions={decimal.Decimal("1.0"): {2}}, initial={1}
+    )
+    (guard,) = guards_of(mapped(reg, sa.Integer, rules))
+    assert guard.initial == {"1"}
+    assert guard.next["1"] == {"2"}
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "sNaN"])
+def test_a_decimal_that_is_no_finite_number_is_refused(value: str) -> None:
+    with pytest.raises(rdb.TransitionRulesError, match="no finite number; declare it as text"):
+        rdb.TransitionRules(column="level", transitions={0: [decimal.Decimal(value)]}, initial={0})
+
+
+def test_a_migrations_trigger_without_the_numeric_type_says_so() -> None:
+    with pytest.raises(rdb.TransitionRulesError, match="give it the column's type_"):
+        TransitionTrigger(model="Job", table="jobs", primary_key="id", rules=DECIMAL_RULES)

@@ -57,9 +57,9 @@ __all__ = [
 #: Wildcard source state: "from any declared state".
 ANY_STATE = "*"
 
-#: A status value: a string, an integer, a bool (of a Boolean column) or an ``enum.Enum`` member
-#: (``None`` means SQL NULL).
-State: TypeAlias = str | int | enum.Enum | None
+#: A status value: a string, an integer, a bool (of a Boolean column), a ``decimal.Decimal``
+#: (of a ``Numeric`` column) or an ``enum.Enum`` member (``None`` means SQL NULL).
+State: TypeAlias = str | int | decimal.Decimal | enum.Enum | None
 Key: TypeAlias = str | None  # a state as the database spells it (``col::text``)
 
 
@@ -79,11 +79,20 @@ class TransitionRulesError(ResilientDBError, ValueError):
 def _check_state(value: object, *, where: str, column: str) -> State:
     if value is None or isinstance(value, enum.Enum):
         return value
+    if isinstance(value, decimal.Decimal):
+        if not value.is_finite():
+            # (a NaN equals nothing, itself included: no set or rule could hold it)
+            raise TransitionRulesError(
+                f"TransitionRules(column={column!r}): {where} contains {value!r}, which is no "
+                "finite number; declare it as text, as PostgreSQL writes it ('NaN', "
+                "'Infinity', '-Infinity')"
+            )
+        return value
     if not isinstance(value, (str, int)):
         raise TransitionRulesError(
             f"TransitionRules(column={column!r}): {where} contains {value!r} of type "
             f"{type(value).__name__}; states must be str, int or enum.Enum members (or bools, "
-            "for a Boolean column)"
+            "for a Boolean column; Decimals, for a Numeric one)"
         )
     if isinstance(value, str) and "\x00" in value:
         raise TransitionRulesError(
@@ -136,8 +145,10 @@ class TransitionRules:
     means "from any declared state". ``initial``: the states a new row may start in.
     ``states``: optionally, every state of the machine; when given, a state used in the rules
     but missing here is an error. States are strings, integers, ``True``/``False`` (for a
-    ``Boolean`` column, whose states can only be bools) or ``enum.Enum`` members (for a
-    SQLAlchemy ``Enum`` column); ``None`` stands for SQL NULL and is a state only if declared.
+    ``Boolean`` column, whose states can only be bools), finite ``decimal.Decimal`` numbers
+    (for a ``Numeric`` column: ``Decimal("1.5")`` is the state PostgreSQL writes ``1.50`` in
+    ``Numeric(4, 2)``) or ``enum.Enum`` members (for a SQLAlchemy ``Enum`` column); ``None``
+    stands for SQL NULL and is a state only if declared.
 
     Instances are immutable and hashable. A model may guard several columns by setting
     ``__transitions__`` to a sequence of rules. Setting a column to the value it already holds
@@ -815,9 +826,17 @@ def _compile(mapper: Mapper[Any], rules: TransitionRules) -> Guard:
                     f"{where}: state {state!r} is a bool, but the column ({type_!r}) is not "
                     "Boolean; bool states are for a Boolean column"
                 ) from None
-            if _is_numeric(impl):
+            if _is_numeric(impl) or (
+                isinstance(state, decimal.Decimal) and isinstance(impl, sa.Integer)
+            ):
                 raise TransitionRulesError(
                     f"{where}: state {state!r} can't be stored in the column ({type_!r}): {exc}"
+                ) from None
+            if isinstance(state, decimal.Decimal):
+                raise TransitionRulesError(
+                    f"{where}: state {state!r} is a number, but the column ({type_!r}) holds "
+                    "no numbers; Decimal states are for a Numeric (or integer) column (a "
+                    "migration's TransitionTrigger: give it the column's type_)"
                 ) from None
             allowed = ", ".join(repr(v) for v in getattr(impl, "enums", ()))
             raise TransitionRulesError(
