@@ -105,8 +105,7 @@ def test_moved_here_to_a_state_the_move_is_illegal_from(engine: sa.Engine, servi
             session.commit()
         assert not isinstance(illegal.value, rdb.StaleTransitionError)
         err = illegal.value
-        assert (err.pk, err.from_state, err.to_state) == (1, "running", "cancelled")
-        assert err.via == "flush"
+        assert (err.pk, err.from_state, err.to_state, err.via) == (1, "running", "cancelled", "flush")
     assert stored(engine)[0] == (1, "pending", "")
 
 
