@@ -352,17 +352,13 @@ def _check_against_db(
         by_table.setdefault(change.guard.table, []).append(index)
     errors: list[IllegalTransitionError] = []
     values: list[Any] = [None] * len(changes)
-    mine = conn.dialect.name == "postgresql"  # whether a row this transaction wrote is told
     # tables, then rows, in a fixed order: concurrent flushes lock in the same order
-    for table, indexes in sorted(by_table.items(), key=lambda kv: (kv[0].schema or "", kv[0].name)):
+    for _, indexes in sorted(by_table.items(), key=lambda kv: (kv[0].schema or "", kv[0].name)):
         group = [changes[i] for i in indexes]
-        columns: list[Any] = []
+        columns: list[sa.Column[Any]] = []
         for change in group:
             if all(c is not change.guard.column for c in columns):
                 columns.append(change.guard.column)
-        n_columns = len(columns)
-        if mine:
-            columns.append(_written_here(table))
         keys = in_key_order({c.identity for c in group})
         current = _read_states(conn, group[0].guard.pk_columns, columns, keys, lock=lock)
         for index in indexes:
@@ -380,42 +376,8 @@ def _check_against_db(
             elif guard.key(db_value) != guard.key(change.old) and not (
                 or_written and guard.key(db_value) == guard.key(change.new)
             ):
-                if found[n_columns:] and found[n_columns]:
-                    # this transaction moved the row itself since it was loaded: judged from
-                    # the state it holds (see _moved_here)
-                    if not _held_to_new_legal(guard, db_value, change.new):
-                        errors.append(illegal(change, db_value, "flush"))
-                    continue
                 errors.append(_stale(change, _moved(guard, db_value)))
     return errors, values
-
-
-def _held_to_new_legal(guard: Guard, held: Any, new: Any) -> bool:
-    """Whether a row holding ``held`` may be set to ``new`` (staying in its state is)."""
-    held_key, new_key = guard.key(held), guard.key(new)
-    return held_key == new_key or guard.legal(held_key, new_key)
-
-
-def _moved_here(checks: _FlushChecks, guards: tuple[Guard, ...], found: _Row, held: Any) -> _Row:
-    """The expectations of a row whose compare-and-set matched nothing because this
-    transaction itself had moved it since it was loaded (a statement of its own outside the
-    unit of work: ``bulk_save_objects`` of the loaded object, a Core or text UPDATE; told by
-    the row's ``xmin``, see :func:`_stale_rows`). No other transaction can have touched it since
-    (this one holds its lock), so nothing is stale: the move is judged from the state the row
-    holds to the state the flush writes (IllegalTransitionError if that is illegal, nothing
-    sent), and the row must hold that state when the UPDATE is sent again (plain SQLAlchemy
-    sends it as it is: the flush's other columns are written too)."""
-    errors: list[IllegalTransitionError] = []
-    row: _Row = {}
-    for g, value in zip(guards, held, strict=True):
-        expect = found[g.column]
-        change = expect.change._replace(old=value, old_known=True)
-        if not _held_to_new_legal(g, value, change.new):
-            errors.append(illegal(change, value, "flush"))
-        row[g.column] = _Expect(change, value)
-    if errors:
-        raise_errors(errors, checks.config)
-    return row
 
 
 # The compare-and-set, carried by the flush's own UPDATE ------------------------------------
@@ -829,7 +791,9 @@ def _compare_and_set(
                 dialect.do_execute(cursor, form.sql, sent, context)
                 matched = cursor.rowcount
                 if matched != 1:
-                    _missed_rows(cursor, parameters, context, checks, plan.guards, form, [found])
+                    errors = _stale_rows(conn, plan.guards, [found], matched)
+                    if errors:
+                        raise_errors(errors, checks.config)
                 return True
     guards, labels = plan.guards, plan.labels
     try:
@@ -915,43 +879,12 @@ def _compare_and_set(
         return True  # no row count: a row deleted meanwhile goes unnoticed, as it does there
     matched = cursor.rowcount
     if matched != len(expected):
-        _missed_rows(cursor, None if many else parameters, context, checks, guards, form, expected)
-    return True
-
-
-def _missed_rows(  # noqa: PLR0917 (the listener's arguments, passed on)
-    cursor: Any,
-    parameters: Any,
-    context: Any,
-    checks: _FlushChecks,
-    guards: tuple[Guard, ...],
-    form: _CasForm,
-    expected: list[_Row],
-) -> None:
-    """A compare-and-set UPDATE (sent through ``cursor``) matched fewer of the ``expected``
-    rows than it was sent for: raise what :func:`_stale_rows` finds. The row of an UPDATE of
-    one row (``parameters``: its driver's parameters; None for an executemany) that this
-    transaction had moved itself is sent again, expected to hold the state it holds (see
-    :func:`_moved_here`); its row count is then the one SQLAlchemy checks. Else (no error: the
-    rows of a versioned model hold the states expected, their version moved on, or more rows
-    matched than were sent) SQLAlchemy's row count check raises."""
-    conn = context.root_connection
-    one = parameters is not None and len(expected) == 1
-    here: list[tuple[_Row, tuple[Any, ...]]] | None = [] if one else None
-    errors = _stale_rows(conn, guards, expected, cursor.rowcount, here)
-    if errors:
-        raise_errors(errors, checks.config)
-    if not here:
-        return
-    found, held = here[0]
-    row = _moved_here(checks, guards, found, held)
-    dialect = context.dialect
-    sent = _with_expected(form, [parameters], guards, [row], dialect)
-    dialect.do_execute(cursor, form.sql, sent[0], context)
-    if cursor.rowcount != 1:
-        errors = _stale_rows(conn, guards, [row], cursor.rowcount)
+        errors = _stale_rows(conn, guards, expected, matched)
         if errors:
             raise_errors(errors, checks.config)
+        # else the rows of a versioned model hold the states expected (their version moved
+        # on), or more rows matched than were sent: SQLAlchemy's row count check raises
+    return True
 
 
 _guard_update: StatementGuard = functools.partial(_compare_and_set, noted=True)
@@ -1218,11 +1151,7 @@ def _lock_and_check(
 
 
 def _stale_rows(
-    conn: Connection,
-    guards: tuple[Guard, ...],
-    expected: list[_Row],
-    matched: int,
-    here: list[tuple[_Row, tuple[Any, ...]]] | None = None,
+    conn: Connection, guards: tuple[Guard, ...], expected: list[_Row], matched: int
 ) -> list[IllegalTransitionError]:
     """The error path of a compare-and-set UPDATE that matched fewer rows than it was sent for:
     read what the rows hold now and say which moved.
@@ -1240,11 +1169,7 @@ def _stale_rows(
     error, but for a row of a model with a ``version_id_col`` that holds the state expected:
     the UPDATE checked its version too, which another transaction may have moved on by any
     change (SQLAlchemy's row count check raises its ``StaleDataError`` for it, as without the
-    guard).
-
-    ``here`` (given for an UPDATE of one row, which matched nothing): the row, if this
-    transaction itself wrote its current version (it moved the row since it was loaded, see
-    :func:`_moved_here`), is put there with the states it holds instead of being reported."""
+    guard)."""
     first = guards[0]
     keys = in_key_order({found[first.column].change.identity for found in expected})
     position = {identity: i for i, identity in enumerate(keys)}
@@ -1263,8 +1188,7 @@ def _stale_rows(
         if now is None:
             stale.append(_stale(change, "the row no longer exists", found[first.column].value))
             continue
-        mine = bool(now[n_guards:] and now[n_guards])
-        if mine:
+        if now[n_guards:] and now[n_guards]:
             written_here += 1
         moved = [
             (g, value)
@@ -1287,9 +1211,6 @@ def _stale_rows(
                     f"holds {shown!r} as then; reload it and decide again"
                 )
                 stale.append(_stale(expect.change, reason, expect.value))
-            continue
-        if mine and here is not None and len(rows) == 1 and matched == 0:
-            here.append((found, now[:n_guards]))  # moved by this transaction itself
             continue
         if len(rows) == 1 or any(g.key(v) != g.key(found[g.column].change.new) for g, v in moved):
             g, value = next(
@@ -1328,7 +1249,7 @@ def _stale_rows(
         )
     if (
         not stale
-        and matched + (len(here) if here else 0) < len(rows)
+        and matched < len(rows)
         and all(f[first.column].change.mapper.version_id_col is None for f in rows)
     ):
         # rows that hold what this flush expected and wrote (the same spelling): which of them
