@@ -139,3 +139,32 @@ async def test_async_psycopg_names_the_row_another_transaction_moved(
         assert stored(engine) == ["pending", "pending", "in_progress"]
     finally:
         await aengine.dispose()
+
+
+@pytest.mark.parametrize(
+    "rewrite",
+    [
+        "UPDATE tasks SET id = id WHERE id = 1",
+        "UPDATE tasks SET status = status WHERE id = 1",
+    ],
+)
+def test_a_row_this_transaction_rewrote_after_another_moved_it_is_still_stale(
+    engine: sa.Engine, service: str, rewrite: str
+) -> None:
+    """Under READ COMMITTED this transaction's own UPDATE of the row (leaving its status as it
+    is) writes a new version of the row another transaction had moved: its ``xmin`` is then
+    this transaction's, yet the status is the other's. So a row's ``xmin`` never makes a
+    missed compare-and-set "moved by this transaction itself" (a change tried and taken back:
+    it let a cancel decided on 'pending' overwrite another worker's claim)."""
+    Sessions = rdb.ResilientSession(engine, service=service, config=ROW_KEYS)
+    with Sessions() as session:
+        task = session.get_one(Task, 1)
+        move_row_3(engine)
+        with engine.begin() as conn:
+            conn.exec_driver_sql("UPDATE tasks SET status = 'in_progress' WHERE id = 1")
+        session.execute(sa.text(rewrite))
+        task.status = "cancelled"
+        with pytest.raises(rdb.StaleTransitionError) as stale:
+            session.commit()
+    assert "now holds 'in_progress'" in stale.value.reason
+    assert stored(engine) == ["in_progress", "pending", "in_progress"]

@@ -251,12 +251,14 @@ def do_orm_execute(orm_state: ORMExecuteState) -> Result[Any] | None:
                 shown=shown,
             )
             stmt = stmt.where(legal)
-            if (
-                new_expr is not None
-                and orm_state.execution_options.get("synchronize_session") == "evaluate"
+            if orm_state.execution_options.get("synchronize_session", "auto") in (
+                "auto",
+                "evaluate",
             ):
-                # "fetch" leaves the session's objects as "evaluate" would ("auto" falls back
-                # to it by itself)
+                # "fetch" (on PostgreSQL the rows' keys come back with the UPDATE: no round
+                # trip more): "evaluate" would judge the legal condition against the states of
+                # the session's objects, which may be older than their rows', and set an
+                # object whose row the condition left alone (or leave one it moved)
                 stmt = _synchronized_by(orm_state, stmt, "fetch")
     orm_state.statement = stmt
     return None
@@ -264,8 +266,9 @@ def do_orm_execute(orm_state: ORMExecuteState) -> Result[Any] | None:
 
 def _synchronized_by(orm_state: ORMExecuteState, stmt: Any, how: Any) -> Any:
     """``stmt``, to be synchronized with the session by ``how`` instead of ``"evaluate"``: the
-    legal condition added for a new state given as a SQL expression can't be evaluated in
-    Python (SQLAlchemy's evaluator refuses it, where the statement without it ran)."""
+    legal condition added is about the rows' states in the database, which the session's
+    objects may not hold (and one for a new state given as a SQL expression SQLAlchemy's
+    evaluator refuses, where the statement without it ran)."""
     orm_state.update_execution_options(synchronize_session=how)
     return stmt.execution_options(synchronize_session=how)
 

@@ -79,7 +79,7 @@ def before_flush(
             switched = _switched_from(state, replaced) if replaced else None
             for guard in guards:
                 if switched is None:
-                    errors.extend(_check_insert(guard, state))
+                    errors.extend(_check_insert(guard, state, in_flush=False))
                 else:
                     _check_row_switch(guard, state, switched, changes, errors)
     # mappers of guarded rows this flush updates with no change of status seen here: a mapper's
@@ -95,9 +95,12 @@ def before_flush(
         changed = False
         committed = state.committed_state
         for guard in guards:
-            if guard.attr_key not in committed:
+            if guard.attr_key in committed:
+                change = _pending_change(guard, state, key[1])
+            elif guard.related:
+                change = _related_change(guard, state, key[1], committed)
+            else:
                 continue  # not set since the row was loaded (most rows a flush updates)
-            change = _pending_change(guard, state, key[1])
             if change is None:
                 continue
             changed = True
@@ -190,7 +193,12 @@ class _GuardsByMapper(dict[Mapper[Any], tuple[Guard, ...]]):
         return guards
 
 
-def _check_insert(guard: Guard, state: InstanceState[Any]) -> list[IllegalTransitionError]:
+def _check_insert(
+    guard: Guard, state: InstanceState[Any], *, in_flush: bool = True
+) -> list[IllegalTransitionError]:
+    """The error of a new row not in an initial state, if it isn't. ``in_flush`` False (from
+    :func:`before_flush`): a status not set yet that the ORM may set during the flush, from a
+    related object, is left to :func:`before_insert`, which sees it set."""
     value = state.dict.get(guard.attr_key)
     if value is None:
         default = guard.column.default
@@ -198,6 +206,8 @@ def _check_insert(guard: Guard, state: InstanceState[Any]) -> list[IllegalTransi
             value = getattr(default, "arg", None)
         elif default is not None or guard.column.server_default is not None:
             return []  # the database computes it; the trigger checks it
+        elif not in_flush and _set_from_related(guard, state.mapper):
+            return []
     if isinstance(value, ClauseElement) or hasattr(value, "__clause_element__"):
         return []  # a SQL expression: only the trigger can see its value
     if guard.key(value) in guard.initial:
@@ -216,6 +226,16 @@ def _check_insert(guard: Guard, state: InstanceState[Any]) -> list[IllegalTransi
             inserted=True,
         )
     ]
+
+
+def _set_from_related(guard: Guard, mapper: Mapper[Any]) -> bool:
+    """Whether the flush may set the status column from a related object: it is a foreign key
+    (a many-to-one relationship of the model, or another model's one-to-many collection, copies
+    the related row's key into it), or a column a relationship of the model writes."""
+    column = guard.column
+    return bool(column.foreign_keys) or any(
+        column in prop.local_columns for prop in mapper.relationships
+    )
 
 
 def _switched_from(
@@ -305,6 +325,34 @@ def _pending_change(
     pk = identity[0] if len(identity) == 1 else identity
     old = deleted[0] if deleted else None
     return Change(guard, pk, identity, old, bool(deleted), new, state.mapper)
+
+
+def _related_change(
+    guard: Guard, state: InstanceState[Any], identity: tuple[Any, ...], committed: Any
+) -> Change | None:
+    """The change of the status column that a many-to-one relationship assigned since the row
+    was loaded will write (the flush copies the related row's key into the column), as
+    :func:`_pending_change` gives one of the column set itself: judged from the state the row
+    was loaded in, its UPDATE compare-and-set on it. None when no such relationship was
+    assigned, or the related row's key is not known yet (a new row whose key the database
+    gives: the UPDATE is then checked under lock when the flush sends it, see
+    :func:`before_update`)."""
+    for relation, related_key in guard.related:
+        if relation not in committed:
+            continue
+        added, _, _ = attribute_history(state, relation)
+        if not added:
+            continue
+        target = added[0]
+        new = None if target is None else instance_state(target).dict.get(related_key)
+        if target is not None and new is None:
+            return None
+        pk = identity[0] if len(identity) == 1 else identity
+        loaded = state.dict.get(guard.attr_key, _UNSET)
+        if loaded is _UNSET:  # expired: read first, as a status set but not loaded is
+            return Change(guard, pk, identity, None, False, new, state.mapper)
+        return Change(guard, pk, identity, loaded, True, new, state.mapper)
+    return None
 
 
 def _stale(change: Change, reason: str, from_state: Any = None) -> StaleTransitionError:

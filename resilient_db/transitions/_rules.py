@@ -22,7 +22,7 @@ from typing import Any, Final, TypeAlias, TypeGuard
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql.base import PGDialect
-from sqlalchemy.orm import Mapper
+from sqlalchemy.orm import MANYTOONE, Mapper
 from sqlalchemy.orm.state import InstanceState
 
 from resilient_db._errors import ResilientDBError
@@ -301,6 +301,10 @@ class Guard:
     #: single-table subclass's trigger is its base's), so every class of a table installs the
     #: same trigger.
     owner: str
+    #: the many-to-one relationships of the model that write the status column from the related
+    #: object, each as (its attribute, the related model's attribute the column copies): a
+    #: status assigned through one is judged and compare-and-set as a set column is
+    related: tuple[tuple[str, str], ...] = ()
 
     @functools.cached_property
     def table(self) -> sa.Table:  # read by every guarded flush: computed once
@@ -744,7 +748,10 @@ def compiled_guards(mapper: Mapper[Any]) -> tuple[Guard, ...]:
                 raise TransitionRulesError(
                     f"{owner}.__transitions__ declares rules for column {g.attr_key!r} twice"
                 )
-        guards = tuple(dataclasses.replace(g, owner=_owner(mapper, g)) for g in guards)
+        guards = tuple(
+            dataclasses.replace(g, owner=_owner(mapper, g), related=_writing_relations(mapper, g))
+            for g in guards
+        )
     with _cache_lock:
         _compiled[mapper] = guards
         for g in guards:
@@ -752,6 +759,23 @@ def compiled_guards(mapper: Mapper[Any]) -> tuple[Guard, ...]:
             refs[:] = [r for r in refs if r() is not None]
             refs.append(weakref.ref(g))
     return guards
+
+
+def _writing_relations(mapper: Mapper[Any], guard: Guard) -> tuple[tuple[str, str], ...]:
+    """:attr:`Guard.related` of ``guard`` on ``mapper``: its many-to-one relationships (not
+    view-only) whose foreign key is the status column, with the related attribute each copies."""
+    found: list[tuple[str, str]] = []
+    for prop in mapper.relationships:
+        if prop.viewonly or prop.direction is not MANYTOONE:
+            continue
+        for local, remote in prop.local_remote_pairs or ():
+            if local is not guard.column:
+                continue
+            try:
+                found.append((prop.key, prop.mapper.get_property_by_column(remote).key))
+            except Exception:  # (the related column is not mapped: nothing copies it by name)
+                continue
+    return tuple(found)
 
 
 def _owner(mapper: Mapper[Any], guard: Guard) -> str:
