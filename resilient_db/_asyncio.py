@@ -65,6 +65,7 @@ from ._unit import (
     prune_failed,
     prune_quietly,
     pruned,
+    reset_block,
     runs_once_here,
     unit_signature,
 )
@@ -827,7 +828,7 @@ if True:  # async only
                 await self.session.__aexit__(kind, value, traceback)
                 raise
             finally:
-                dropin_block.reset(self._token)
+                reset_block(self._token)
             try:
                 await self.session.__aexit__(kind, value, traceback)
             except Exception:

@@ -2113,3 +2113,50 @@ def test_an_own_commit_whose_answer_is_lost_is_an_unknown_outcome(
     assert answer.status == 500
     with engine.connect() as conn:
         assert conn.scalar(sa.select(sa.func.count()).where(Item.name == name)) == 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("fail", [False, True])
+async def test_async_begin_left_in_another_task_commits_and_closes_as_plain(
+    async_engine: AsyncEngine, engine: sa.Engine, service: str, fail: bool
+) -> None:
+    """An async factory's ``Session.begin()`` block entered in one task and left in another (an
+    async generator whose setup and teardown two tasks drive: an AnyIO portal, a fixture run
+    by ``create_task``): it raised ``ValueError`` (its context variable's token was made in
+    another context) after its COMMIT, left the session open, and hid the block's own error.
+    Now as plain ``async_sessionmaker.begin()``: committed and closed, or the block's error."""
+    outcomes = []
+    for n, factory in enumerate(
+        (async_sessionmaker(async_engine), rdb.AsyncResilientSession(async_engine, service=service))
+    ):
+
+        async def block(factory: Any = factory) -> AsyncIterator[AsyncSession]:
+            async with factory.begin() as session:
+                yield session
+
+        gen = block()
+        session = await asyncio.create_task(gen.__anext__())  # entered in one task
+        item = Item(id=900 + n, name=f"cross-task-{n}")
+        session.add(item)
+
+        async def leave(gen: Any = gen) -> None:
+            if fail:
+                await gen.athrow(KeyError("the block's own error"))
+            else:
+                with pytest.raises(StopAsyncIteration):
+                    await gen.__anext__()
+
+        try:
+            await asyncio.create_task(leave())  # left in another
+            outcomes.append("done")
+        except KeyError as err:
+            outcomes.append(str(err))
+        outcomes.append(sa.inspect(item).detached)
+    with engine.connect() as conn:
+        ids = list(conn.scalars(sa.text("SELECT id FROM items WHERE id >= 900 ORDER BY id")))
+    if fail:
+        assert outcomes == ['"the block\'s own error"', False] * 2
+        assert ids == []
+    else:
+        assert outcomes == ["done", True] * 2
+        assert ids == [900, 901]
