@@ -50,7 +50,7 @@ import inspect
 import logging
 import types
 import typing
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol, TypeAlias, get_args, get_origin
 
 from sqlalchemy import event
@@ -334,7 +334,7 @@ def check_response(
     With the unit's ``session``, an error raised by one of its statements while the check runs
     (an ORM attribute loaded by the check: see :class:`_StatementErrors`) is raised as itself,
     whether the check passed or not."""
-    if isinstance(value, Iterator):
+    if isinstance(value, (Iterator, AsyncIterator)):
         raise TypeError(
             f"the result to check with validate={check.name} is an iterator "
             f"({type(value).__name__}), which can't be checked without consuming it: the "
@@ -427,7 +427,7 @@ def _kind(cls: type) -> int:
     if kind is None:
         if issubclass(cls, _ATOMS):
             kind = _LEAF
-        elif issubclass(cls, Iterator):
+        elif issubclass(cls, (Iterator, AsyncIterator)):
             kind = _ITERATOR
         elif issubclass(cls, Mapping):
             kind = _MAPPING

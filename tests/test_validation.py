@@ -1080,3 +1080,35 @@ def test_decorator_needs_a_service_name() -> None:
         rdb.with_self_healing(service="")
     with pytest.raises(TypeError, match="with_self_healing needs a service name"):
         rdb.with_self_healing(service=None)  # type: ignore[arg-type]
+
+
+@pytest.mark.asyncio
+async def test_async_iterators_are_refused_as_iterators(
+    aengine: AsyncEngine, engine: sa.Engine, service: str
+) -> None:
+    """An async unit's ``AsyncResult`` (``session.stream``), ``AsyncScalarResult`` or async
+    generator passed the iterator refusal (it looked for sync iterators only): a ``list[...]``
+    check failed it as an invalid response (counted, logged), a callable one returned it, dead
+    once the unit's session closed. Refused with ``TypeError`` now, as a sync ``Result`` is."""
+    Session = rdb.AsyncResilientSession(aengine, service=service, config=rdb.Config())
+
+    async def streamed(session: AsyncSession) -> Any:
+        return await session.stream_scalars(sa.select(sa.literal(1)))
+
+    async def generated(session: AsyncSession) -> Any:
+        async def rows() -> AsyncIterator[int]:
+            yield 1
+
+        return rows()
+
+    async def in_a_dict(session: AsyncSession) -> Any:
+        return {"rows": await session.stream(sa.select(sa.literal(1)))}
+
+    for unit, kind in ((streamed, "AsyncScalarResult"), (generated, "async_generator")):
+        for validator in (list[int], lambda value: True):
+            with pytest.raises(TypeError, match=rf"is an iterator \({kind}\).*Return a list"):
+                await Session.run(unit, validate=validator)
+    with pytest.raises(TypeError, match=r"holds an iterator \(AsyncResult\) at "):
+        await Session.run(in_a_dict, validate=dict[str, Any])
+    counters = rdb.health()["services"][service]["counters"]
+    assert counters["response_validation_failures"] == 0  # a usage error, not a bad result
