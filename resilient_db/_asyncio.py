@@ -66,6 +66,7 @@ from ._unit import (
     prune_quietly,
     pruned,
     reset_block,
+    restore_attached,
     runs_once_here,
     unit_signature,
 )
@@ -524,6 +525,8 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                         if why is not None:
                             self.policy.not_replayable(exc, why)
                     await _rollback_quietly(s)
+                    if record.attached is not None:  # (changes a replay must make again)
+                        restore_attached(self.policy, record, exc)
                     raise
         finally:
             _units.reset(token)

@@ -1506,6 +1506,9 @@ class AttemptRecord:
     # the root session transactions made in the attempt by sessions that are not a unit's
     # (a drop-in session's: what a replay of a ``with_self_healing`` operation rolls back)
     created: list[Any] | None = None
+    # objects attached to a session in the attempt with changes made before (see
+    # attached_with_changes), each with those changes' values (None: can't be put back)
+    attached: list[tuple[Any, dict[str, Any] | None]] | None = None
     enclosing: AttemptRecord | None  # the attempt running when this one began
     _token: contextvars.Token[AttemptRecord | None]
 
@@ -1596,6 +1599,53 @@ class AttemptRecord:
             self.created = [transaction]
         else:
             self.created.append(transaction)
+
+    def attached_with_changes(self, state: Any) -> None:
+        """A detached object carrying changes made before (while detached: by the caller of the
+        unit or operation, from a request's body, say) was attached to a session in the attempt
+        (``session.add``, a cascade). A failed attempt's rollback expires them, so a replay
+        attaching the same object again would find nothing to write and report success without
+        the change: their values are kept, to be put back before a replay
+        (:meth:`restore_attached`). Changes of a relationship (an object, a collection) are
+        not put back: the attempt is then not replayed."""
+        columns = state.mapper.column_attrs
+        changes: dict[str, Any] | None = {}
+        for key in state.committed_state:
+            if changes is None or key not in columns or key not in state.dict:
+                changes = None
+                break
+            changes[key] = state.dict[key]
+        entry = (state.obj(), changes)
+        if self.attached is None:
+            self.attached = [entry]
+        else:
+            self.attached.append(entry)
+
+    def restore_attached(self) -> str | None:
+        """Once the failed attempt's transaction is rolled back (which expired them), set again
+        on each object attached with changes in the attempt (see :meth:`attached_with_changes`)
+        the values those changes had: a replay attaching it again writes them, as the first
+        attempt would have. Returns why that can't be done (then the attempt is not replayed),
+        or None."""
+        attached, self.attached = self.attached, None
+        for obj, changes in attached or ():
+            name = type(obj).__name__
+            if changes is None:
+                return (
+                    f"an object ({name}) changed outside it (a relationship among the changes) "
+                    "was attached to its session, and the failed attempt's rollback expired the "
+                    "changes, which a replay can't make again"
+                )
+            try:
+                for key, value in changes.items():
+                    setattr(obj, key, value)
+            except Exception as exc:
+                return (
+                    f"an object ({name}) changed outside it was attached to its session, and the "
+                    f"failed attempt's rollback expired the changes, which could not be set again "
+                    f"({type(exc).__name__})"
+                )
+        return None
 
     def autocommit(self, context: Any) -> None:
         """A statement that may write goes out in autocommit: it commits on its own."""

@@ -53,6 +53,7 @@ from ._unit import (
     joined_callers_transaction,
     joins_callers_transaction,
     prune_quietly,
+    restore_attached,
     runs_once_here,
     unit_signature,
 )
@@ -449,6 +450,8 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                         if why is not None:
                             self.policy.not_replayable(exc, why)
                     _rollback_quietly(s)
+                    if record.attached is not None:  # (changes a replay must make again)
+                        restore_attached(self.policy, record, exc)
                     raise
         finally:
             _units.reset(token)

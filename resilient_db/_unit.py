@@ -27,6 +27,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import instance_state
 
 from ._classify import (
     HOT_STANDBY_FIX,
@@ -1438,6 +1439,31 @@ def install_connect_retry(session_class: type[Session]) -> None:
 # The transition guard: registered once, on SQLAlchemy's Session class (it also serves plain
 # sessions guarded by hand); it acts for a resilient factory's sessions through the registry.
 install_guard(Session)
+
+
+def _on_attached(session: Session, instance: Any) -> None:
+    """``detached_to_persistent``: a detached object attached to ``session``. Inside an attempt
+    of a unit or operation, changes it carries from before are kept for a replay (see
+    ``AttemptRecord.attached_with_changes``). Registered once on SQLAlchemy's Session, as the
+    guard is (an operation's sessions may be any): attaching a detached object is rare on a
+    unit's path, and costs this call only then."""
+    attempt = current_attempt.get()
+    if attempt is not None and attempt.running:
+        state = instance_state(instance)
+        if state.committed_state:
+            attempt.attached_with_changes(state)
+
+
+event.listen(Session, "detached_to_persistent", _on_attached)
+
+
+def restore_attached(policy: Any, record: Any, exc: BaseException) -> None:
+    """After a failed attempt's rollback: put back the changes of objects attached in it (see
+    ``AttemptRecord.restore_attached``), or, where that can't be done, keep ``exc`` from
+    being replayed (its replay would report success without them)."""
+    why = record.restore_attached()
+    if why is not None:
+        policy.not_replayable(exc, why)
 
 
 def refuse_keywords_kept(

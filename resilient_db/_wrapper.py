@@ -128,10 +128,23 @@ class _Attempts:
         self.failure = exc
         return None
 
+    def _restore(self) -> None:
+        """Before a replay, once the sessions are rolled back: put back the changes of objects
+        the failed attempt attached (see ``AttemptRecord.restore_attached``); where that can't
+        be done, raise the failure instead (its replay would report success without them)."""
+        record, failure = self.record, self.failure
+        if record is None or record.attached is None or failure is None:
+            return
+        why = record.restore_attached()
+        if why is not None:
+            self.policy.not_replayable(failure, why)
+            raise failure
+
     def __call__(self) -> Any:
         if self.record is not None:
             for session in _begun_sessions(self.record):
                 _quietly(session.rollback)
+            self._restore()
         record = self._next()
         try:
             with record:
@@ -148,6 +161,7 @@ class _Attempts:
                 proxy = async_session(session)
                 if proxy is not None:
                     await _aquietly(proxy.rollback)
+            self._restore()
         record = self._next()
         try:
             with record:

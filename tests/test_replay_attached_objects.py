@@ -1,0 +1,213 @@
+"""A unit (or a ``with_self_healing`` operation) that attaches an object changed outside it: a
+row loaded in an earlier session and changed from a request (``item.v = 42; Session.run(lambda
+s: s.add(item))``). When its first attempt failed after the flush with a transient error, the
+attempt's rollback expired the object's attributes, the caller's change with them; the replay
+added the same object again, found nothing to write, committed an empty transaction and
+``run()`` returned: a lost write reported as done. The changes are now set again on the object
+before the replay, which writes them; where they can't be (a relationship among them) the
+attempt is not replayed: the original error, with a ``Not replaying`` line.
+
+Real server, real faults: a lock conflict (55P03 from ``FOR UPDATE NOWAIT`` on a row another
+connection holds) and a backend terminated by ``pg_terminate_backend``; psycopg and asyncpg."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    sessionmaker,
+)
+
+import resilient_db as rdb
+from resilient_db.testing import PostgresServer
+
+FAST = rdb.Config(initial_delay=0.001, max_delay=0.002, circuit_breaker=False)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Group(Base):
+    __tablename__ = "groups"
+    id: Mapped[int] = mapped_column(primary_key=True)
+
+
+class Item(Base):
+    __tablename__ = "items"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    v: Mapped[int]
+    note: Mapped[str] = mapped_column(default="")
+    group_id: Mapped[int | None] = mapped_column(sa.ForeignKey("groups.id"))
+    group: Mapped[Group | None] = relationship()
+
+
+@pytest.fixture
+def engine(pg_url: str) -> Iterator[sa.Engine]:
+    eng = sa.create_engine(pg_url)
+    Base.metadata.create_all(eng)
+    with eng.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO groups VALUES (1)")
+        conn.exec_driver_sql(
+            "INSERT INTO items (id, v, note) SELECT g, 0, '' FROM generate_series(1, 9) g"
+        )
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def held_row(engine: sa.Engine) -> Iterator[None]:
+    """Row 9 locked by another client: ``FOR UPDATE NOWAIT`` on it fails with 55P03."""
+    with engine.connect() as holder, holder.begin():
+        holder.exec_driver_sql("SELECT * FROM items WHERE id = 9 FOR UPDATE")
+        yield
+
+
+def stored(engine: sa.Engine, key: int) -> tuple[int, str]:
+    with engine.connect() as conn:
+        row = conn.exec_driver_sql(f"SELECT v, note FROM items WHERE id = {key}").one()
+    return row[0], row[1]
+
+
+def changed_outside(engine: sa.Engine, key: int) -> Item:
+    """Item ``key`` loaded in a session of its own, then changed (as from a request)."""
+    with sessionmaker(engine, expire_on_commit=False)() as session:
+        item = session.get_one(Item, key)
+    item.v, item.note = 42, "from the request"
+    return item
+
+
+NOWAIT = "SELECT v FROM items WHERE id = 9 FOR UPDATE NOWAIT"  # 55P03 while row 9 is held
+
+
+def failing_first(
+    attach: Callable[[Session], None], fault: Callable[[Session], None]
+) -> tuple[Callable[[Session], None], list[int]]:
+    calls: list[int] = []
+
+    def unit(session: Session) -> None:
+        calls.append(1)
+        attach(session)
+        session.flush()
+        if len(calls) == 1:
+            fault(session)
+
+    return unit, calls
+
+
+def lock_conflict(session: Session) -> None:
+    session.execute(sa.text(NOWAIT))
+
+
+def terminated(server: PostgresServer) -> Callable[[Session], None]:
+    def fault(session: Session) -> None:
+        pid = session.scalar(sa.text("SELECT pg_backend_pid()"))
+        server.execute(f"SELECT pg_terminate_backend({int(pid)})")
+        session.execute(sa.text("SELECT 1"))
+
+    return fault
+
+
+@pytest.mark.usefixtures("held_row")
+def test_a_replayed_unit_writes_the_changes_made_outside_it(
+    engine: sa.Engine, pg_server: PostgresServer, service: str
+) -> None:
+    Sessions = rdb.ResilientSession(engine, service=service, config=FAST)
+    for key, fault in ((1, lock_conflict), (2, terminated(pg_server))):
+        item = changed_outside(engine, key)
+        unit, calls = failing_first(lambda s, item=item: s.add(item), fault)
+        Sessions.run(unit)
+        assert len(calls) == 2
+        assert stored(engine, key) == (42, "from the request")
+
+
+@pytest.mark.usefixtures("held_row")
+def test_changes_made_inside_the_unit_are_made_again_as_before(
+    engine: sa.Engine, service: str
+) -> None:
+    """(The unit changes the object itself after it is attached, and again on its replay.)"""
+    Sessions = rdb.ResilientSession(engine, service=service, config=FAST)
+    item = changed_outside(engine, 3)
+
+    def attach(session: Session) -> None:
+        session.add(item)
+        item.v += 1  # 43 on every attempt: the change from outside is 42 again on the replay
+
+    unit, calls = failing_first(attach, lock_conflict)
+    Sessions.run(unit)
+    assert (len(calls), stored(engine, 3)) == (2, (43, "from the request"))
+
+
+@pytest.mark.usefixtures("held_row")
+def test_a_relationship_changed_outside_is_not_replayed(
+    engine: sa.Engine, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    Sessions = rdb.ResilientSession(engine, service=service, config=FAST)
+    with sessionmaker(engine, expire_on_commit=False)() as session:
+        group = session.get_one(Group, 1)
+        item = session.get_one(Item, 4)
+    item.group, item.v = group, 42
+    unit, calls = failing_first(lambda s: s.add(item), lock_conflict)
+    with pytest.raises(sa.exc.OperationalError) as raised:
+        Sessions.run(unit)
+    assert raised.value.orig.sqlstate == "55P03"  # type: ignore[union-attr]
+    assert len(calls) == 1
+    assert "Not replaying" in caplog.text
+    assert "an object (Item) changed outside it (a relationship among the changes)" in caplog.text
+    assert stored(engine, 4) == (0, "")
+
+
+@pytest.mark.usefixtures("held_row")
+def test_a_replayed_operation_writes_the_changes_made_outside_it(
+    engine: sa.Engine, service: str
+) -> None:
+    """``with_self_healing`` around drop-in work: the block's own rollback expired the
+    changes; the replay's block attaches the object again."""
+    Sessions = rdb.ResilientSession(engine, service=service, config=FAST)
+    item = changed_outside(engine, 5)
+    calls: list[int] = []
+
+    @rdb.with_self_healing(service=service, config=FAST)
+    def save() -> None:
+        calls.append(1)
+        with Sessions.begin() as session:
+            session.add(item)
+            session.flush()
+            if len(calls) == 1:
+                lock_conflict(session)
+
+    save()
+    assert (len(calls), stored(engine, 5)) == (2, (42, "from the request"))
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("held_row")
+async def test_an_async_replayed_unit_writes_the_changes_made_outside_it(
+    engine: sa.Engine, pg_server: PostgresServer, pg_database: str, service: str
+) -> None:
+    aengine = create_async_engine(pg_server.url(pg_database, driver="asyncpg"))
+    try:
+        Sessions = rdb.AsyncResilientSession(aengine, service=service, config=FAST)
+        item = changed_outside(engine, 6)
+        calls: list[int] = []
+
+        async def unit(session: AsyncSession) -> Any:
+            calls.append(1)
+            session.add(item)
+            await session.flush()
+            if len(calls) == 1:
+                await session.execute(sa.text(NOWAIT))
+
+        await Sessions.run(unit)
+        assert (len(calls), stored(engine, 6)) == (2, (42, "from the request"))
+    finally:
+        await aengine.dispose()
