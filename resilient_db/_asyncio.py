@@ -55,6 +55,7 @@ from ._unit import (
     claim_prune,
     commit_if_prepared,
     commit_plainly,
+    commits_in_callers_transaction,
     current_unit,
     end_committed_transactions,
     engine_of,
@@ -505,6 +506,8 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                             s, flush_and_commit, request, self._hooks.commit, _prune_after
                         )
                     except Exception as exc:
+                        if joined and commits_in_callers_transaction(joined, request):
+                            raise  # no COMMIT was its to send: not a lost COMMIT answer
                         await self._commit_failed(exc, request, s)
                         if own:  # (a run_in caller's session is the caller's to roll back)
                             await s.run_sync(end_committed_transactions, request)

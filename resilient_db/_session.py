@@ -45,6 +45,7 @@ from ._unit import (
     check_commit,
     commit_if_prepared,
     commit_plainly,
+    commits_in_callers_transaction,
     current_unit,
     end_committed_transactions,
     engine_of,
@@ -430,6 +431,8 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                         # class's own flush and commit where it overrides them)
                         flush_and_commit(s, request, self._hooks.commit, _prune_after)
                     except Exception as exc:
+                        if joined and commits_in_callers_transaction(joined, request):
+                            raise  # no COMMIT was its to send: not a lost COMMIT answer
                         self._commit_failed(exc, request, s)
                         if own:  # (a run_in caller's session is the caller's to roll back)
                             end_committed_transactions(s, request)

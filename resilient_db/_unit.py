@@ -196,6 +196,21 @@ def joins_callers_transaction(session: Any) -> tuple[tuple[Any, bool], ...]:
     )
 
 
+def commits_in_callers_transaction(joined: tuple[tuple[Any, bool], ...], request: Any) -> bool:
+    """Whether a unit's COMMIT (``request``'s) ends nothing on the server: every connection its
+    transaction began on is one it joined in its caller's transaction (``joined``, see
+    :func:`joins_callers_transaction`), where its commit releases a savepoint or leaves the
+    transaction to the caller. Its failure is then the connection's, never a lost COMMIT answer
+    (nothing can have committed: the caller's transaction holds it all), whether the
+    connection is marked or not (one checked out before the engine had a resilient factory,
+    as SQLAlchemy's test recipe does, is not)."""
+    connections = request.connections()
+    if not connections:
+        return False  # (not known: a session class that does not listen)
+    ours = {connection for connection, _ in joined}
+    return all(connection in ours for connection, _ in connections)
+
+
 def joined_callers_transaction(joined: tuple[tuple[Any, bool], ...], record: Any) -> str | None:
     """Why a failed attempt must not be replayed: it began on one of the ``joined`` connections
     (:func:`joins_callers_transaction`; ``record``: its ``AttemptRecord``, which saw where it

@@ -417,3 +417,39 @@ def test_a_savepoint_unit_whose_connection_was_lost_raises_the_disconnect(
             Sessions.run(write)
         assert rdb.classify(raised.value) is rdb.Outcome.DISCONNECT
         assert calls == [1]
+
+
+@pytest.mark.parametrize("factory_first", [False, True])
+def test_a_savepoint_unit_whose_backend_ended_before_its_commit_is_no_lost_commit(
+    pg_server: PostgresServer, database: str, service: str, factory_first: bool
+) -> None:
+    """SQLAlchemy's test recipe (a Connection in a transaction, ``create_savepoint``), the
+    unit's backend terminated after its last statement: its "COMMIT" is a RELEASE SAVEPOINT,
+    which commits nothing (the caller's transaction is gone with the backend). On a
+    Connection checked out before the engine had a resilient factory (not marked) this was
+    taken for a lost COMMIT answer: ``CommitOutcomeUnknownError``, an ERROR line, counted
+    ``unknown_commits``. Now, as on a marked one: the disconnect, not replayed."""
+    engine = sa.create_engine(pg_server.url(database))
+    try:
+        if factory_first:
+            rdb.ResilientSession(engine, service=f"{service}-other")
+        unit_name = f"{service}-{factory_first}"
+
+        def write(session: Session) -> None:
+            session.execute(sa.text("INSERT INTO ledger (unit) VALUES (:u)"), {"u": unit_name})
+            pid = session.scalar(sa.text("SELECT pg_backend_pid()"))
+            pg_server.execute(f"SELECT pg_terminate_backend({int(pid)})")
+
+        with engine.connect() as conn:
+            conn.begin()
+            Sessions = rdb.ResilientSession(
+                conn, service=service, join_transaction_mode="create_savepoint"
+            )
+            with pytest.raises(sa.exc.OperationalError) as raised:
+                Sessions.run(write)
+        assert not isinstance(raised.value, rdb.CommitOutcomeUnknownError)
+        assert rdb.classify(raised.value) is rdb.Outcome.DISCONNECT
+        assert rdb.health()["services"][service]["counters"]["unknown_commits"] == 0
+        assert ledger_rows(pg_server, database, unit_name) == 0
+    finally:
+        engine.dispose()
