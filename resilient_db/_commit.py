@@ -1506,6 +1506,8 @@ class AttemptRecord:
     # the root session transactions made in the attempt by sessions that are not a unit's
     # (a drop-in session's: what a replay of a ``with_self_healing`` operation rolls back)
     created: list[Any] | None = None
+    # the first disconnect the attempt's statements met (see _unit.lost_with_its_connection)
+    disconnected: BaseException | None = None
     # objects attached to a session in the attempt with changes made before (see
     # attached_with_changes), each with those changes' values (None: can't be put back)
     attached: list[tuple[Any, dict[str, Any] | None]] | None = None

@@ -53,6 +53,7 @@ from ._unit import (
     interrupted_in_its_commit,
     joined_callers_transaction,
     joins_callers_transaction,
+    lost_with_its_connection,
     prune_quietly,
     restore_attached,
     runs_once_here,
@@ -433,6 +434,10 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                     except Exception as exc:
                         if joined and commits_in_callers_transaction(joined, request):
                             raise  # no COMMIT was its to send: not a lost COMMIT answer
+                        if record.disconnected is not None and lost_with_its_connection(
+                            record, exc
+                        ):
+                            raise  # none was sent: the transaction went with the connection
                         self._commit_failed(exc, request, s)
                         if own:  # (a run_in caller's session is the caller's to roll back)
                             end_committed_transactions(s, request)
@@ -448,13 +453,20 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                     return value
                 except BaseException as exc:
                     failed = True
+                    # (a disconnect the unit's code caught: the attempt failed with it)
+                    lost = None
+                    if record.disconnected is not None:
+                        lost = lost_with_its_connection(record, exc)
+                    error = exc if lost is None else lost
                     if joined:
                         why = joined_callers_transaction(joined, record)
                         if why is not None:
-                            self.policy.not_replayable(exc, why)
+                            self.policy.not_replayable(error, why)
                     _rollback_quietly(s)
                     if record.attached is not None:  # (changes a replay must make again)
-                        restore_attached(self.policy, record, exc)
+                        restore_attached(self.policy, record, error)
+                    if lost is not None:
+                        raise lost  # noqa: B904 (its own cause kept; exc is its context)
                     raise
         finally:
             _units.reset(token)

@@ -1472,6 +1472,22 @@ def _on_attached(session: Session, instance: Any) -> None:
 event.listen(Session, "detached_to_persistent", _on_attached)
 
 
+def lost_with_its_connection(record: Any, exc: BaseException) -> BaseException | None:
+    """The disconnect that ended an attempt's transaction, when the attempt failed with ``exc``
+    only because its code caught that disconnect and went on (a statement that may fail, in
+    a ``begin_nested()`` block, as the README advises, meeting a connection the server ended):
+    SQLAlchemy then raises ``PendingRollbackError`` at the unit's next statement or its
+    COMMIT, an error no replay would heal, for a failure a replay heals (nothing was
+    committed: the transaction went with the connection). The attempt fails with the
+    disconnect instead, and is replayed as for it. None otherwise."""
+    disconnected = record.disconnected
+    if disconnected is None or exc is disconnected:
+        return None
+    if not isinstance(exc, sa_exc.PendingRollbackError):
+        return None
+    return disconnected  # type: ignore[no-any-return]
+
+
 def restore_attached(policy: Any, record: Any, exc: BaseException) -> None:
     """After a failed attempt's rollback: put back the changes of objects attached in it (see
     ``AttemptRecord.restore_attached``), or, where that can't be done, keep ``exc`` from
@@ -2179,6 +2195,9 @@ class EngineHooks:
             ctx.invalidate_pool_on_disconnect = False
         if code == READ_ONLY_SQLSTATE:
             self._refused_read_only(ctx, original)
+        if ctx.is_disconnect and attempt is not None and attempt.disconnected is None:
+            # (what a unit that catches it and goes on fails with next: see _lost_with)
+            attempt.disconnected = ctx.sqlalchemy_exception or original
         statement = ctx.statement
         verdict = verdict_of(statement) if isinstance(statement, str) else 0
         # (a unit's own COMMIT is settled by the protocol)

@@ -1,0 +1,112 @@
+"""A unit whose code catches a disconnect and goes on: a statement that may fail, in a
+``begin_nested()`` block (as the README advises for statements that may fail), meets a
+connection the server ended (``pg_terminate_backend``). The transaction went with the
+connection, so SQLAlchemy raises ``PendingRollbackError`` at the unit's next statement or at
+its COMMIT: that error was raised after one attempt, not transient, with no line, though nothing
+had been committed and a replay heals it. The attempt now fails with the disconnect, and is
+replayed as for it. Real server, real terminated backends; psycopg and asyncpg."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
+
+import resilient_db as rdb
+from resilient_db.testing import PostgresServer
+
+FAST = rdb.Config(initial_delay=0.001, max_delay=0.002, circuit_breaker=False)
+
+
+@pytest.fixture
+def engine(pg_url: str) -> Iterator[sa.Engine]:
+    eng = sa.create_engine(pg_url)
+    with eng.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE log (id bigserial PRIMARY KEY, unit text NOT NULL)")
+    yield eng
+    eng.dispose()
+
+
+def logged(engine: sa.Engine) -> list[str]:
+    with engine.connect() as conn:
+        return list(conn.scalars(sa.text("SELECT unit FROM log ORDER BY id")))
+
+
+@pytest.mark.parametrize("then", ["a statement", "the commit"])
+def test_a_caught_disconnect_is_replayed(
+    engine: sa.Engine, pg_server: PostgresServer, service: str, then: str
+) -> None:
+    Sessions = rdb.ResilientSession(engine, service=service, config=FAST)
+    calls: list[int] = []
+    caught: list[str | None] = []
+
+    def unit(session: Session) -> int:
+        calls.append(1)
+        pid = session.scalar(sa.text("SELECT pg_backend_pid()"))
+        if len(calls) == 1:
+            pg_server.execute(f"SELECT pg_terminate_backend({int(pid)})")
+        try:
+            with session.begin_nested():
+                session.execute(sa.text("INSERT INTO log (unit) VALUES ('maybe')"))
+        except sa.exc.DBAPIError as err:
+            caught.append(rdb.classify(err).name)
+        if then == "a statement":
+            session.execute(sa.text("INSERT INTO log (unit) VALUES ('after')"))
+        return len(calls)
+
+    assert Sessions.run(unit) == 2
+    assert caught == ["DISCONNECT"]
+    expected = ["maybe", "after"] if then == "a statement" else ["maybe"]
+    assert logged(engine) == expected
+    assert rdb.health()["services"][service]["counters"]["retries"] == 1
+
+
+def test_a_caught_disconnect_with_retries_spent_raises_the_disconnect(
+    engine: sa.Engine, pg_server: PostgresServer, service: str
+) -> None:
+    """(The caller hears what ended the transaction, not SQLAlchemy's PendingRollbackError.)"""
+    Sessions = rdb.ResilientSession(engine, service=service, config=FAST.replace(max_retries=1))
+
+    def unit(session: Session) -> None:
+        pid = session.scalar(sa.text("SELECT pg_backend_pid()"))
+        pg_server.execute(f"SELECT pg_terminate_backend({int(pid)})")
+        with contextlib.suppress(sa.exc.DBAPIError):
+            session.execute(sa.text("INSERT INTO log (unit) VALUES ('lost')"))
+        session.execute(sa.text("SELECT 1"))
+
+    with pytest.raises(sa.exc.OperationalError) as raised:
+        Sessions.run(unit)
+    assert rdb.classify(raised.value) is rdb.Outcome.DISCONNECT
+    assert logged(engine) == []
+
+
+@pytest.mark.asyncio
+async def test_an_async_caught_disconnect_is_replayed(
+    engine: sa.Engine, pg_server: PostgresServer, pg_database: str, service: str
+) -> None:
+    aengine = create_async_engine(pg_server.url(pg_database, driver="asyncpg"))
+    try:
+        Sessions = rdb.AsyncResilientSession(aengine, service=service, config=FAST)
+        calls: list[int] = []
+
+        async def unit(session: AsyncSession) -> int:
+            calls.append(1)
+            pid = await session.scalar(sa.text("SELECT pg_backend_pid()"))
+            if len(calls) == 1:
+                pg_server.execute(f"SELECT pg_terminate_backend({int(pid)})")
+            try:
+                async with session.begin_nested():
+                    await session.execute(sa.text("INSERT INTO log (unit) VALUES ('maybe')"))
+            except sa.exc.DBAPIError:
+                pass
+            await session.execute(sa.text("INSERT INTO log (unit) VALUES ('after')"))
+            return len(calls)
+
+        assert await Sessions.run(unit) == 2
+    finally:
+        await aengine.dispose()
+    assert logged(engine) == ["maybe", "after"]
