@@ -168,3 +168,28 @@ def test_a_row_this_transaction_rewrote_after_another_moved_it_is_still_stale(
             session.commit()
     assert "now holds 'in_progress'" in stale.value.reason
     assert stored(engine) == ["in_progress", "pending", "in_progress"]
+
+
+def test_a_flush_renumbering_its_rows_names_the_row_that_moved(
+    engine: sa.Engine, service: str
+) -> None:
+    """Rows 1 and 3 get new keys and a new status in one UPDATE; another transaction had moved
+    row 3. Row 1, renumbered by the UPDATE itself, is not found by its loaded key: it was
+    named ("the row no longer exists", pk 1). Row 3 moved elsewhere than the UPDATE's state
+    is named; moved to that very state, which row the UPDATE missed can't be told (no row is
+    named, rather than a wrong one)."""
+    Sessions = rdb.ResilientSession(engine, service=service, config=ROW_KEYS)
+    for moved_to, named in (("cancelled", 3), ("in_progress", None)):
+        with Sessions() as session:
+            one, three = session.get_one(Task, 1), session.get_one(Task, 3)
+            with engine.begin() as conn:
+                conn.exec_driver_sql(f"UPDATE tasks SET status = '{moved_to}' WHERE id = 3")
+            one.id, three.id = 51, 53
+            one.status = three.status = "in_progress"
+            with pytest.raises(rdb.StaleTransitionError) as stale:
+                session.flush()
+        assert stale.value.pk == named
+        assert "no longer exists" not in stale.value.reason
+        assert stored(engine) == ["pending", "pending", moved_to]
+        with engine.begin() as conn:
+            conn.exec_driver_sql("UPDATE tasks SET status = 'pending'")

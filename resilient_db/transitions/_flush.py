@@ -1230,11 +1230,12 @@ def _stale_rows(
     stale: list[IllegalTransitionError] = []
     unsure: list[_Row] = []
     written_here = 0  # rows whose current version this transaction wrote
+    gone: list[_Row] = []  # rows not found by the key they were loaded with
     for found in rows:
         change = found[first.column].change
         now = current.get(change.identity)
         if now is None:
-            stale.append(_stale(change, "the row no longer exists", found[first.column].value))
+            gone.append(found)
             continue
         if now[n_guards:] and now[n_guards]:
             written_here += 1
@@ -1269,6 +1270,29 @@ def _stale_rows(
         else:
             unsure.append(found)  # holds what this flush wrote: updated now, or moved there first
     missing = len(rows) - matched - len(stale)
+    # A row not found by its loaded key was deleted by another transaction, or given a new key
+    # by this very UPDATE (a flush changing primary keys): when the rows found account for
+    # every row the UPDATE missed, it is the latter; when every row it matched was found (the
+    # rows this transaction wrote are as many), or only such rows are left to account for
+    # them, the former; else which is which can't be told
+    if gone and missing > 0:
+        found_all = written_here == matched and len(columns) > n_guards
+        if not found_all and (unsure or len(gone) != missing):
+            stale.append(
+                _unnamed_stale(
+                    first,
+                    gone + unsure,
+                    f"{missing} of the {len(gone) + len(unsure)} rows of this UPDATE not found "
+                    "as expected were deleted, or moved to the state it writes, by another "
+                    "transaction meanwhile, which of them can't be told (the UPDATE changes "
+                    "their keys); reload them and decide again",
+                )
+            )
+            return stale
+        for found in gone:
+            expect = found[first.column]
+            stale.append(_stale(expect.change, "the row no longer exists", expect.value))
+        missing -= len(gone)
     if missing > 0 and unsure:
         # Rows that another transaction had already moved to the state this flush was writing
         # look the same as rows this flush updated, but for who wrote them.
