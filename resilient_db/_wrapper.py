@@ -40,7 +40,7 @@ from ._config import Config, env_config
 from ._observability import log_retry
 from ._retry import Policy
 from ._state import STATE
-from ._unit import admitted_by, check_service_name, runs_once_here
+from ._unit import admitted_by, check_service_name, lost_with_its_connection, runs_once_here
 from ._validation import ResponseCheck, ResponseValidator, check_response, validation_on
 
 __all__ = ["SelfHealingDecorator", "is_async_callable", "with_self_healing"]
@@ -90,6 +90,15 @@ def _begun_sessions(record: AttemptRecord) -> list[Session]:
         if session.get_transaction() is transaction and session not in found:
             found.append(session)
     return found
+
+
+def _lost_with(record: AttemptRecord, exc: BaseException) -> BaseException | None:
+    """The disconnect an attempt's code caught and went on from, when the attempt failed only
+    because of it (see ``_unit.lost_with_its_connection``): the attempt's failure, replayed
+    as it is. None otherwise (an attempt that met no disconnect: one attribute read)."""
+    if record.disconnected is None:
+        return None
+    return lost_with_its_connection(record, exc)
 
 
 def _aborted_before(exc: BaseException) -> bool:
@@ -150,8 +159,11 @@ class _Attempts:
             with record:
                 return self.fn()
         except BaseException as exc:
-            instead = self._failed(exc)
+            lost = _lost_with(record, exc)
+            instead = self._failed(exc if lost is None else lost)
             if instead is None:
+                if lost is not None:
+                    raise lost  # noqa: B904 (its own cause kept; exc is its context)
                 raise
         raise instead
 
@@ -167,8 +179,11 @@ class _Attempts:
             with record:
                 return await self.fn()
         except BaseException as exc:
-            instead = self._failed(exc)
+            lost = _lost_with(record, exc)
+            instead = self._failed(exc if lost is None else lost)
             if instead is None:
+                if lost is not None:
+                    raise lost  # noqa: B904 (its own cause kept; exc is its context)
                 raise
         raise instead
 
@@ -416,7 +431,8 @@ def _call(policy: Policy, fn: Callable[[], Any], check: ResponseCheck | None, cf
     try:
         with record:
             result = fn()
-    except BaseException as exc:
+    except BaseException as failure:
+        exc = _lost_with(record, failure) or failure
         attempts = _Attempts(policy, fn, record, exc)
         result = policy.call_failed(attempts, exc, probe, started)
         record = attempts.record or record
@@ -491,7 +507,8 @@ async def _afinish(
     try:
         with record:
             result = await first
-    except BaseException as exc:
+    except BaseException as failure:
+        exc = _lost_with(record, failure) or failure
         attempts = _Attempts(policy, fn, record, exc)
         result = await policy.acall_failed(attempts.acall, exc, probe, started)
         record = attempts.record or record

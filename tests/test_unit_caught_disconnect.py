@@ -110,3 +110,29 @@ async def test_an_async_caught_disconnect_is_replayed(
     finally:
         await aengine.dispose()
     assert logged(engine) == ["maybe", "after"]
+
+
+def test_an_operation_with_a_caught_disconnect_is_replayed(
+    engine: sa.Engine, pg_server: PostgresServer, service: str
+) -> None:
+    """The same in a ``with_self_healing`` operation's drop-in block."""
+    Sessions = rdb.ResilientSession(engine, service=service, config=FAST)
+    calls: list[int] = []
+
+    @rdb.with_self_healing(service=service, config=FAST)
+    def operation() -> int:
+        calls.append(1)
+        with Sessions.begin() as session:
+            pid = session.scalar(sa.text("SELECT pg_backend_pid()"))
+            if len(calls) == 1:
+                pg_server.execute(f"SELECT pg_terminate_backend({int(pid)})")
+            try:
+                with session.begin_nested():
+                    session.execute(sa.text("INSERT INTO log (unit) VALUES ('maybe')"))
+            except sa.exc.DBAPIError:
+                pass
+            session.execute(sa.text("INSERT INTO log (unit) VALUES ('after')"))
+        return len(calls)
+
+    assert operation() == 2
+    assert logged(engine) == ["maybe", "after"]
