@@ -486,6 +486,7 @@ def _contradictions(
     if (
         number("deadline") == 0
         and values["retry"] is True
+        and values.get("enabled", True) is not False  # (switched off: nothing retries)
         and isinstance(retries, int)
         and retries > 0
     ):

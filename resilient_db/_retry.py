@@ -465,17 +465,20 @@ class Policy:
         when it is due (the failure just counted opened it: ``refused`` gets how long it stays
         open, and nothing is slept), or when the retry budget can't pay for the retry (then
         ``spent`` names the budget: the unit gives up at once). What the budget paid goes to
-        ``paid`` until the retry's attempt starts (see :meth:`_unspent`)."""
-        max_retries = self.config.max_retries
-        deadline = self.config.deadline
-        budget = self.budget
-        breaker = self.breaker
+        ``paid`` until the retry's attempt starts (see :meth:`_unspent`).
+
+        Each is read when a retry is decided, as the retry's line and delay are: a
+        :func:`~resilient_db.reload_config` while the unit backs off applies to its next
+        decision (a breaker switched off no longer stops it; a new retry limit is the one its
+        lines count to), never half of one."""
 
         def stop(rs: _t.RetryCallState) -> bool:
-            if rs.attempt_number > max_retries:
+            config = self.config
+            if rs.attempt_number > config.max_retries:
                 return True
-            if self.clock() - started + rs.upcoming_sleep > deadline:
+            if self.clock() - started + rs.upcoming_sleep > config.deadline:
                 return True
+            breaker, budget = self.breaker, self.budget
             if breaker is not None:
                 remaining = breaker.open_for()
                 if remaining > rs.upcoming_sleep:

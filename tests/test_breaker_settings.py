@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import threading
 
 import pytest
 import sqlalchemy as sa
@@ -131,3 +132,67 @@ def test_a_reload_a_factory_cant_take_changes_nothing(
     assert off.config.max_retries == other.config.max_retries == 7
     del off, other
     gc.collect()  # (the environment restored after the test switches the breaker on again)
+
+
+def test_a_reload_switching_the_breaker_off_applies_to_a_unit_backing_off(
+    engine: sa.Engine, service: str, clean_env: pytest.MonkeyPatch
+) -> None:
+    """A unit retrying when the breaker opened (another unit's failure) and a reload switched
+    it off: its retry loop asked the breaker it started with, still open, and gave up with
+    CircuitOpenError while ``health()`` said ``off`` and new units were admitted. It retries
+    on, as a unit begun after the reload does."""
+    env = {"SELF_HEALING_FAILURE_THRESHOLD": "2", "SELF_HEALING_MAX_RETRIES": "5"}
+    rdb.reload_config(env)
+    Session = rdb.ResilientSession(engine, service=service)
+    calls: list[int] = []
+    other: list[BaseException] = []
+
+    def another_request() -> None:  # (a thread: not nested in the unit)
+        try:
+            Session.run(unavailable)
+        except BaseException as exc:
+            other.append(exc)
+
+    def unit(session: Session) -> str:
+        calls.append(1)
+        if len(calls) == 2:
+            thread = threading.Thread(target=another_request)
+            thread.start()
+            thread.join()
+            assert rdb.health()["services"][service]["breaker"]["state"] == "open"
+            rdb.reload_config({**env, "SELF_HEALING_CIRCUIT_BREAKER": "false"})
+            assert rdb.health()["services"][service]["breaker"]["state"] == "off"
+        if len(calls) <= 2:
+            unavailable(session)
+        return "done"
+
+    assert Session.run(unit) == "done"
+    assert len(calls) == 3
+    assert [type(e) for e in other] == [rdb.CircuitOpenError]
+
+
+def test_a_reload_changing_the_retry_limit_applies_to_a_unit_backing_off(
+    engine: sa.Engine,
+    service: str,
+    clean_env: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The unit kept the limit it started with while its lines counted to the new one
+    ("Retry attempt 2/1", "3/1"); it stops at the new one, its line saying so."""
+    breaker_off = {"SELF_HEALING_CIRCUIT_BREAKER": "false"}
+    rdb.reload_config({"SELF_HEALING_MAX_RETRIES": "3", **breaker_off})
+    Session = rdb.ResilientSession(engine, service=service)
+    calls: list[int] = []
+
+    def unit(session: Session) -> None:
+        calls.append(1)
+        if len(calls) == 2:  # (backing off: the retry loop runs)
+            rdb.reload_config({"SELF_HEALING_MAX_RETRIES": "1", **breaker_off})
+        unavailable(session)
+
+    logs = caplog.at_level(logging.WARNING, logger="resilient_db")
+    with logs, pytest.raises(sa.exc.OperationalError):
+        Session.run(unit)
+    assert len(calls) == 2
+    assert "/1:" not in caplog.text
+    assert "after 1 retries; raising OperationalError" in caplog.text

@@ -290,10 +290,14 @@ def test_contradictory_settings_are_refused_together() -> None:
     with pytest.raises(rdb.ConfigError) as info:
         rdb.load_config({"SELF_HEALING_DEADLINE": "0"})
     assert "no time to retry" in info.value.problems["SELF_HEALING_DEADLINE"]
-    # without retries a zero deadline is consistent
+    # without retries a zero deadline is consistent, with self-healing switched off too (the
+    # master switch was refused beside it, though nothing retries then)
     assert (
         rdb.load_config({"SELF_HEALING_DEADLINE": "0", "SELF_HEALING_RETRY": "false"}).deadline == 0
     )
+    off = {"SELF_HEALING_DEADLINE": "0", "SELF_HEALING_ENABLED": "false"}
+    assert rdb.load_config(off).deadline == 0
+    assert rdb.Config(deadline=0, enabled=False).deadline == 0
     with pytest.raises(rdb.ConfigError, match="initial_delay"):
         rdb.Config(initial_delay=10, max_delay=1)
 
