@@ -69,6 +69,12 @@ def config_of(session: Session) -> Config | None:
     return config
 
 
+def service_of(session: Session) -> str | None:
+    """The service of ``session``'s factory (None: not one of ours)."""
+    service: str | None = getattr(factory_of(session), "service", None)
+    return service
+
+
 def in_unit(session: Session) -> bool:
     """``session`` is running a unit of work (which retries by itself)."""
     return session in STATE.unit_sessions

@@ -2230,7 +2230,8 @@ class EngineHooks:
             self._commit_unanswered(attempt, original)
         if self.config.guard_on:
             database_error = ctx.sqlalchemy_exception or original
-            mapped = exception_from_db(database_error, log=True, config=self._speaker()[0])
+            config, service = self._speaker()
+            mapped = exception_from_db(database_error, log=True, config=config, service=service)
             if mapped is not None:
                 return mapped  # SQLAlchemy raises it from the driver's error
         return None

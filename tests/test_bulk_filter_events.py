@@ -90,7 +90,7 @@ def test_filter_mode_blocks_name_the_units_service_as_the_flushs_do(
         ]
 
 
-def test_filter_mode_block_outside_a_unit_names_no_service(
+def test_filter_mode_block_outside_a_unit_names_the_sessions_service(
     engine: sa.Engine,
     service: str,
     events: list[rdb.SelfHealEvent],
@@ -106,7 +106,11 @@ def test_filter_mode_block_outside_a_unit_names_no_service(
         session.execute(sa.update(Task), [{"id": 2, "status": "pending"}])
         session.commit()
     blocked = _blocked(events)
-    assert [(e.fields["unit_service"], e.fields["stale"]) for e in blocked] == [(None, False)] * 2
+    # (it named none: a process with several services could not tell which one it was)
+    assert [(e.fields["unit_service"], e.fields["stale"]) for e in blocked] == [
+        (service, False)
+    ] * 2
+    assert [e.service for e in blocked] == [None, None]  # (the guard's series: process-wide)
     lines = _lines(caplog)
     assert len(lines) == 2
-    assert not [line for line in lines if "service=" in line]
+    assert all(f"service={service} " in line for line in lines)

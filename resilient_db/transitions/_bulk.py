@@ -28,6 +28,7 @@ from resilient_db._internals import (
     update_loader_criteria,
 )
 from resilient_db._observability import emit
+from resilient_db._registry import service_of
 
 from ._bypass import active_config
 from ._changes import Change, as_declared, illegal, in_key_order, read_by_keys
@@ -424,7 +425,7 @@ def _check_rows(
         if config.bulk_update == "raise":
             for blocked_rows in in_turn:
                 if blocked_rows:
-                    _raise_blocked(guard, blocked_rows, n_pk, config)
+                    _raise_blocked(guard, blocked_rows, n_pk, config, service_of(session))
             return
         n_blocked = sum(map(len, in_turn))
     elif config.bulk_update == "raise":
@@ -440,7 +441,12 @@ def _check_rows(
             rows = conn.execute(query, exec_params).all()
             if rows:
                 _raise_blocked(
-                    guard, rows, n_pk, config, *(() if new_expr is not None else (value,))
+                    guard,
+                    rows,
+                    n_pk,
+                    config,
+                    service_of(session),
+                    *(() if new_expr is not None else (value,)),
                 )
         return
     else:
@@ -448,7 +454,7 @@ def _check_rows(
         n_blocked = sum(int(conn.execute(count_q, p).scalar_one()) for p in param_sets)
     if n_blocked:
         count("bulk_rows_filtered", n_blocked)
-        service = unit_service()
+        service = unit_service(service_of(session))
         emit(
             config,
             logger,
@@ -499,9 +505,12 @@ def _blocked_in_turn(
     return found
 
 
-def _raise_blocked(guard: Guard, rows: Any, n_pk: int, config: Config, *value: Any) -> NoReturn:
+def _raise_blocked(
+    guard: Guard, rows: Any, n_pk: int, config: Config, service: str | None, *value: Any
+) -> NoReturn:
     """Raise mode: the first of the rows a bulk UPDATE would leave behind, (key..., state,
-    new state), or (key..., state) when the new state is the one ``value`` given."""
+    new state), or (key..., state) when the new state is the one ``value`` given
+    (``service``: the session's, see ``report``)."""
     first = rows[0]
     err = IllegalTransitionError(
         model=guard.model,
@@ -512,7 +521,7 @@ def _raise_blocked(guard: Guard, rows: Any, n_pk: int, config: Config, *value: A
         via="orm-update",
         reason=f"{len(rows)} matching row(s) may not make this move; nothing was updated",
     )
-    report(err, config, blocked_rows=len(rows))
+    report(err, config, blocked_rows=len(rows), service=service)
     raise err
 
 
@@ -574,13 +583,13 @@ def _bulk_by_pk(
                 change = Change(guard, guard.pk_of(identity), identity, old, True, new, mapper)
                 err = illegal(change, old, "orm-update")
                 if config.bulk_update == "raise":
-                    report(err, config)
+                    report(err, config, service=service_of(orm_state.session))
                     raise err
                 rejected.add(index)
                 # one per refused move, as the event says (a set moving two guarded columns
                 # illegally is two), like the filter of an UPDATE with criteria counts them
                 count("bulk_rows_filtered")
-                service = unit_service()
+                service = unit_service(service_of(orm_state.session))
                 emit(
                     config,
                     logger,

@@ -19,10 +19,10 @@ from sqlalchemy.orm import Session
 from resilient_db._config import Config
 from resilient_db._errors import BypassRefusedError
 from resilient_db._observability import emit
-from resilient_db._registry import config_of
+from resilient_db._registry import config_of, service_of
 from resilient_db._state import STATE
 
-from ._report import count, env_config, logger
+from ._report import count, env_config, logger, service_words, unit_service
 from ._sql import BYPASS_ROLE, BYPASS_STATEMENT
 
 __all__ = ["GUARD_INFO_KEY", "active_config", "bypass_transitions", "bypass_transitions_async"]
@@ -117,14 +117,18 @@ def bypass_transitions(target: Session | Connection, *, reason: str) -> None:
         if row.acting_role == row.login_role
         else f"{row.acting_role} (logged in as {row.login_role})"
     )
+    # (the unit's or operation's service, else the session's factory's, as a block names it)
+    service = unit_service(service_of(target) if isinstance(target, Session) else None)
     emit(
         audit,
         logger,
         logging.WARNING,
-        "transition guard bypassed for the current transaction (xid %s) by role %s: reason=%s",
+        "transition guard bypassed for the current transaction (xid %s) by role %s: %sreason=%s",
         row.xid,
         who,
+        service_words(service),
         reason,
+        unit_service=service,
         event="transition_guard_bypassed",
         xid=row.xid,
         role=row.acting_role,

@@ -42,10 +42,13 @@ class Change(NamedTuple):
     mapper: Mapper[Any]  # the row's mapper (its base mapper picks the flush's connection)
 
 
-def raise_errors(errors: Sequence[IllegalTransitionError], config: Config) -> NoReturn:
-    """Log and count every error; raise the first, saying how many more there were."""
+def raise_errors(
+    errors: Sequence[IllegalTransitionError], config: Config, service: str | None = None
+) -> NoReturn:
+    """Log and count every error (``service``: the session's, see :func:`report`); raise the
+    first, saying how many more there were."""
     for err in errors:
-        report(err, config)
+        report(err, config, service=service)
     first = errors[0]
     if len(errors) > 1:
         more = f"{len(errors) - 1} more illegal change(s) in the same flush"

@@ -163,7 +163,11 @@ def _shown(guard: Guard, keys: list[Key]) -> str:
 
 
 def exception_from_db(
-    exc: BaseException, *, log: bool = False, config: Config | None = None
+    exc: BaseException,
+    *,
+    log: bool = False,
+    config: Config | None = None,
+    service: str | None = None,
 ) -> IllegalTransitionError | None:
     """Map the trigger's error (SQLSTATE :data:`TRANSITION_SQLSTATE`) to an
     :class:`IllegalTransitionError` with ``via="db"``; ``None`` for any other error, including
@@ -227,5 +231,5 @@ def exception_from_db(
         inserted=op == "INSERT",
     )
     if log:
-        report(err, config)
+        report(err, config, service=service)
     return err

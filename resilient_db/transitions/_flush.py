@@ -30,6 +30,7 @@ from resilient_db._classify import error_chain, sqlstate_of
 from resilient_db._config import Config
 from resilient_db._errors import IllegalTransitionError, StaleTransitionError
 from resilient_db._internals import NEVER_SET, attribute_history
+from resilient_db._registry import service_of
 from resilient_db._state import STATE
 from resilient_db._statements import StatementGuard, current_attempt, note_write
 
@@ -116,7 +117,7 @@ def before_flush(
         elif changes or touched:
             errors = _prepare_compare_and_set(session, config, changes, touched, guards_of)
     if errors:
-        raise_errors(errors, config)
+        raise_errors(errors, config, service_of(session))
 
 
 def before_update(mapper: Mapper[Any], connection: Connection, target: Any) -> None:
@@ -151,7 +152,7 @@ def before_update(mapper: Mapper[Any], connection: Connection, target: Any) -> N
         return
     if checks is None:
         install_engine_hooks(connection.engine)
-        checks = STATE.flush_checks[connection] = _FlushChecks(config)
+        checks = STATE.flush_checks[connection] = _FlushChecks(config, service_of(session))
         STATE.flushing.setdefault(session, []).append(connection)
     for guard in guards:
         checks.note_guard(guard, mapper)
@@ -181,7 +182,7 @@ def before_insert(mapper: Mapper[Any], connection: Connection, target: Any) -> N
         return
     config = active_config(session)
     if config is not None:
-        raise_errors(errors, config)
+        raise_errors(errors, config, service_of(session))
 
 
 class _GuardsByMapper(dict[Mapper[Any], tuple[Guard, ...]]):
@@ -475,10 +476,11 @@ class _FlushChecks:
     """What one flush expects of the rows it updates through one connection (one per guarded
     flush: a plain class with slots, cheaper to make than a dataclass)."""
 
-    __slots__ = ("config", "covered", "guards", "mappers", "rows")
+    __slots__ = ("config", "covered", "guards", "mappers", "rows", "service")
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, service: str | None) -> None:
         self.config = config
+        self.service = service  # the session's factory's (see report)
         self.rows: dict[sa.Table, dict[tuple[Any, ...], _Row]] = {}
         self.guards: dict[sa.Table, tuple[Guard, ...]] = {}
         #: a mapper of each table (what a row set during the flush, with no expectation, is
@@ -619,7 +621,7 @@ def _prepare_compare_and_set(
             # (a status set during the flush by a listener is left to the trigger here)
             errors.extend(_check_against_db(conn, group, lock=True)[0])
             continue
-        checks = _FlushChecks(config)
+        checks = _FlushChecks(config, service_of(session))
         if watched:
             for mapper in watched.get(conn, ()):
                 for guard in compiled_guards(mapper):
@@ -682,7 +684,7 @@ def _prepare_one_row(
         return _check_against_db(conn, [change], lock=True)[0]  # see _prepare_compare_and_set
     guard = change.guard
     table = guard.table
-    checks = _FlushChecks(config)
+    checks = _FlushChecks(config, service_of(session))
     checks.guards[table] = (guard,)
     checks.mappers[table] = mapper
     checks.rows[table] = {change.identity: {guard.column: _Expect(change, change.old)}}
@@ -841,7 +843,7 @@ def _compare_and_set(
                 if matched != 1:
                     errors = _stale_rows(conn, plan.guards, [found], matched)
                     if errors:
-                        raise_errors(errors, checks.config)
+                        raise_errors(errors, checks.config, checks.service)
                 return True
     guards, labels = plan.guards, plan.labels
     try:
@@ -922,14 +924,14 @@ def _compare_and_set(
         stale = _raised_stale(exc, guards, expected, dialect) if form.raising else None
         if stale is None:
             raise
-        raise_errors([stale], checks.config)
+        raise_errors([stale], checks.config, checks.service)
     if form.raising:
         return True  # no row count: a row deleted meanwhile goes unnoticed, as it does there
     matched = cursor.rowcount
     if matched != len(expected):
         errors = _stale_rows(conn, guards, expected, matched)
         if errors:
-            raise_errors(errors, checks.config)
+            raise_errors(errors, checks.config, checks.service)
         # else the rows of a versioned model hold the states expected (their version moved
         # on), or more rows matched than were sent: SQLAlchemy's row count check raises
     return True
@@ -1174,7 +1176,7 @@ def _check_written(
     if unknown and not errors:
         errors = _check_against_db(conn, [*known, *unknown], lock=True)[0]
     if errors:
-        raise_errors(errors, checks.config)
+        raise_errors(errors, checks.config, checks.service)
     return bool(unknown)
 
 
@@ -1195,7 +1197,7 @@ def _lock_and_check(
     ]
     errors = _check_against_db(conn, changes, lock=True, or_written=or_written)[0]
     if errors:
-        raise_errors(errors, checks.config)
+        raise_errors(errors, checks.config, checks.service)
 
 
 def _stale_rows(

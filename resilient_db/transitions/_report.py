@@ -48,15 +48,23 @@ def transition_stats() -> dict[str, int]:
     return stats
 
 
-def report(err: IllegalTransitionError, config: Config | None, *, blocked_rows: int = 1) -> None:
+def report(
+    err: IllegalTransitionError,
+    config: Config | None,
+    *,
+    blocked_rows: int = 1,
+    service: str | None = None,
+) -> None:
     """Count ``err`` and report it through the one emitter (hooks and the ``[SELF-HEAL]`` line,
     under ``config``'s switches; ``None``: the environment's configuration). ``blocked_rows``:
     the rows whose move ``err`` refused (a bulk UPDATE in raise mode names the first of them);
-    each counts as one blocked (or stale) transition."""
+    each counts as one blocked (or stale) transition. ``service``: the service of the session
+    (or engine) it happened on, named where no unit or operation runs (see
+    :func:`unit_service`)."""
     stale = isinstance(err, StaleTransitionError)
     count("stale_transitions" if stale else "blocked_transitions", blocked_rows)
     cfg = config if config is not None else env_config()
-    service = unit_service()
+    service = unit_service(service)
     emit(
         cfg,
         logger,
@@ -83,12 +91,13 @@ def report(err: IllegalTransitionError, config: Config | None, *, blocked_rows: 
     )
 
 
-def unit_service() -> str | None:
-    """The service of the unit (or operation) a block happened in, None outside any: a field
-    of its own in every ``transition_blocked`` event, the guard's events being process-wide
-    (as health()'s transitions are: the dashboard keeps them in one series, service None)."""
+def unit_service(otherwise: str | None = None) -> str | None:
+    """The service of the unit (or operation) a block happened in; outside any, ``otherwise``
+    (the service of the drop-in session or engine it happened on, where known): a field of
+    its own in every ``transition_blocked`` event, the guard's events being process-wide (as
+    health()'s transitions are: the dashboard keeps them in one series, service None)."""
     attempt = current_attempt.get()
-    return None if attempt is None else attempt.speaker[1]
+    return otherwise if attempt is None else attempt.speaker[1]
 
 
 def service_words(service: str | None) -> str:
