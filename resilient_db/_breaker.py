@@ -456,6 +456,11 @@ class Breaker:
         except Exception:
             return False
 
+    def shared(self) -> bool:
+        """Whether its failure path talks to Redis now (shared through a link that is up)."""
+        link = self._fleet
+        return link is not None and bool(link.up)
+
     def open_for(self) -> float:
         """Seconds an attempt would still be refused for as the breaker stands now (0: it
         would be admitted, or the fleet asked): read from the local view, nothing sent."""

@@ -58,8 +58,9 @@ while up looks like a closed breaker and an empty budget: the views follow at th
 failure-path answer.
 
 Async units call the same synchronous scripts: they run only on the failure path (after a
-database error, before a backoff of tens of milliseconds at least), a local Redis answers in well
-under a millisecond, and a slow one blocks the event loop for at most ``redis_timeout`` once,
+database error, before a backoff of tens of milliseconds at least), in a worker thread while the
+state is shared (``Policy.afailed`` and its siblings in ``_retry``): a Redis that answers slowly
+holds the failing unit, not the event loop, and a hung one at most ``redis_timeout`` per command,
 after which the link is down and no unit calls it until the background thread has seen it
 healthy again. ``redis.asyncio`` would need a second client, connection pool and script set per
 event loop for the same few failure-path commands.
