@@ -41,8 +41,8 @@ async def aengine(pg_server: PostgresServer, pg_database: str) -> AsyncIterator[
 
 
 @pytest.mark.asyncio
+@pytest.mark.usefixtures("engine")  # (installs raise_code in the test's database)
 async def test_a_slow_redis_does_not_hold_the_event_loop_on_the_failure_path(
-    engine: sa.Engine,  # (installs raise_code in the test's database)
     aengine: AsyncEngine,
     redis_server: RedisServer,
     slow_redis: FaultProxy,
