@@ -63,6 +63,7 @@ from ._unit import (
     interrupted_in_its_commit,
     joined_callers_transaction,
     joins_callers_transaction,
+    listening_base,
     lost_with_its_connection,
     prune_failed,
     prune_quietly,
@@ -173,8 +174,9 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             # below. (The sync session of each AsyncSession names its factory in the registry.)
             kwargs = with_own_session_class({"class_": AsyncSession, **kwargs})
         else:  # sync only
-            # a class of this factory's own, whatever sessionmaker does with it (see there)
-            kwargs = with_own_session_class(kwargs)
+            # a class of this factory's own, whatever sessionmaker does with it (see there),
+            # listening through a base shared by the factories given the same class (see there)
+            kwargs = with_own_session_class(kwargs, listening_base)
         async_sessionmaker.__init__(self, bind, **kwargs)
         if True:  # async only
             # One policy, two drivers: ``acall`` awaits ``asleep`` between units' attempts;

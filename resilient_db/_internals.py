@@ -471,9 +471,12 @@ def raised_by_commit_impl(exc: BaseException) -> bool:
 ASYNC_CREATOR_KWARG = "async_creator_fn"
 
 
-def with_own_session_class(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+def with_own_session_class(
+    kwargs: Mapping[str, Any], base_of: Callable[[type[Any]], type[Any]] | None = None
+) -> dict[str, Any]:
     """``sessionmaker`` keywords ``kwargs`` with ``class_`` replaced by a class of the
-    factory's own, subclassing the class given (``Session`` by default).
+    factory's own, subclassing the class given (``Session`` by default), or ``base_of`` it (a
+    class shared by the factories given that class, see ``_unit.listening_base``).
 
     SQLAlchemy's ``sessionmaker.__init__`` makes a new subclass per factory today
     (``type(class_.__name__, (class_,), {})``, undocumented; verified 2.0.24, 2.1.9);
@@ -485,9 +488,10 @@ def with_own_session_class(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     SQLAlchemy's internals.
     """
     given = kwargs.get("class_", Session)
+    parent = given if base_of is None else base_of(given)
     own = type(
         given.__name__,
-        (given,),
+        (parent,),
         {"__module__": given.__module__, "__qualname__": given.__qualname__},
     )
     return {**kwargs, "class_": own}

@@ -53,6 +53,7 @@ from ._unit import (
     interrupted_in_its_commit,
     joined_callers_transaction,
     joins_callers_transaction,
+    listening_base,
     lost_with_its_connection,
     prune_quietly,
     restore_attached,
@@ -154,8 +155,9 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
             session_kwargs=sessionmaker_kwargs,
         )
         kwargs = sessionmaker_kwargs
-        # a class of this factory's own, whatever sessionmaker does with it (see there)
-        kwargs = with_own_session_class(kwargs)
+        # a class of this factory's own, whatever sessionmaker does with it (see there),
+        # listening through a base shared by the factories given the same class (see there)
+        kwargs = with_own_session_class(kwargs, listening_base)
         sessionmaker.__init__(self, bind, **kwargs)
         # the class is this factory's own (made above): its sessions name us
         register_class(self.class_, self)

@@ -1425,6 +1425,35 @@ _CONNECT_EVENTS = (
 )
 
 
+#: the class each sync factory's own class subclasses, by the ``class_`` given (see
+#: :func:`listening_base`): one per class an application gives, kept with it
+_listening_bases: dict[type[Any], type[Any]] = {}
+
+
+def listening_base(given: type[Any]) -> type[Any]:
+    """A subclass of ``given`` (the ``class_`` a sync factory was given, ``Session`` by
+    default) shared by every sync factory given it, listening for the drop-in connect retry
+    (:func:`install_connect_retry`); each factory's own class subclasses it, and hears the
+    events through it.
+
+    The listeners were registered on each factory's own class, and SQLAlchemy's event registry
+    keeps an entry per class that listened for good (keyed by its ``id()``, not freed with the
+    class): a process making a factory per request, tenant or test grew without bound, which
+    ``sessionmaker`` does not. Registered here once per class given, plain sessions of
+    ``Session`` (or of your class) don't hear them."""
+    with STATE.lock:
+        base = _listening_bases.get(given)
+        if base is None:
+            base = type(
+                given.__name__,
+                (given,),
+                {"__module__": given.__module__, "__qualname__": given.__qualname__},
+            )
+            _listening_bases[given] = base
+    install_connect_retry(base)
+    return base
+
+
 def install_connect_retry(session_class: type[Session]) -> None:
     """Listen for the drop-in connect retry on the session class a factory makes sessions of
     (sync: the class ``sessionmaker`` made for it; async: ``sync_session_class``), so plain
