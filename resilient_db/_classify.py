@@ -223,9 +223,10 @@ _HOT_STANDBY = "resilient_db_hot_standby"
 
 def _reported(driver: Any, name: str) -> str | None:
     """The value of server parameter ``name`` as the server last reported it to ``driver`` (a
-    psycopg 3 connection, sync or async, or an asyncpg one: PostgreSQL reports some settings at
-    connect and again when they change, and the driver keeps them), or None: not reported
-    (``in_hot_standby`` before PostgreSQL 14), another driver, a connection that broke."""
+    psycopg 3 connection, sync or async, an asyncpg one, a psycopg2 or a pg8000 one: PostgreSQL
+    reports some settings at connect and again when they change, and the driver keeps them),
+    or None: not reported (``in_hot_standby`` before PostgreSQL 14), another driver, a
+    connection that broke."""
     try:
         pgconn = getattr(driver, "pgconn", None)
         if pgconn is not None:  # psycopg 3
@@ -235,6 +236,14 @@ def _reported(driver: Any, name: str) -> str | None:
         if callable(get_settings):  # asyncpg
             reported = getattr(get_settings(), name, None)
             return reported if isinstance(reported, str) else None
+        get_status = getattr(driver, "get_parameter_status", None)
+        if callable(get_status):  # psycopg2
+            reported = get_status(name)
+            return reported if isinstance(reported, str) else None
+        statuses = getattr(driver, "parameter_statuses", None)
+        if isinstance(statuses, Mapping):  # pg8000
+            reported = statuses.get(name)
+            return reported if isinstance(reported, str) else None
     except Exception:  # a connection that broke meanwhile: nothing to say
         return None
     return None
@@ -242,7 +251,8 @@ def _reported(driver: Any, name: str) -> str | None:
 
 def hot_standby_server(driver: Any) -> str | None:
     """The address (``host:port``) of the server behind ``driver`` (a psycopg 3 connection,
-    sync or async, or an asyncpg one) when that server says it is a hot standby; None when it
+    sync or async, an asyncpg, psycopg2 or pg8000 one) when that server says it is a hot
+    standby; None when it
     says it is not, or says nothing (before PostgreSQL 14), or the driver is another.
 
     PostgreSQL 14+ reports ``in_hot_standby`` to the client at connect and again when it
@@ -256,6 +266,11 @@ def hot_standby_server(driver: Any) -> str | None:
         if getattr(driver, "pgconn", None) is not None:  # psycopg 3
             info = driver.info
             return host_address(info.host, info.port)
+        if callable(getattr(driver, "get_parameter_status", None)):  # psycopg2
+            info = driver.info
+            return host_address(info.host, info.port)
+        if isinstance(getattr(driver, "parameter_statuses", None), Mapping):
+            return "an unknown address"  # pg8000: no public accessor for it
         # asyncpg: the address it connected to (a multi-host URL: the one that answered); it
         # has no public accessor for it
         addr = asyncpg_address(driver)

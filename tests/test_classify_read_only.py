@@ -82,6 +82,31 @@ def _pooled_pids(engine: sa.Engine) -> set[int]:
 def test_writes_in_read_only_transactions_on_a_primary_raise_at_once(
     engine: sa.Engine, service: str, way: str
 ) -> None:
+    _raise_at_once(engine, service, way)
+
+
+@pytest.mark.parametrize(
+    ("driver", "way"),
+    [
+        ("psycopg2", "set-transaction-read-only"),
+        ("psycopg2", "postgresql_readonly"),
+        # (pg8000's postgresql_readonly sets the session's default_transaction_read_only,
+        # which the server then reports on: a read-only server as far as can be told)
+        ("pg8000", "set-transaction-read-only"),
+    ],
+)
+def test_writes_in_read_only_transactions_raise_at_once_on_the_other_drivers(
+    pg_server: PostgresServer, pg_database: str, service: str, driver: str, way: str
+) -> None:
+    """The server's reported parameters were read from psycopg 3 and asyncpg only: on psycopg2
+    and pg8000 such a write was a lost server (pool replaced, the unit replayed, each attempt
+    a failure for the breaker, which a few buggy requests opened)."""
+    other = pg_server.url(pg_database).replace("+psycopg:", f"+{driver}:")
+    for engine in metadata_engine(other, Base):
+        _raise_at_once(engine, service, way)
+
+
+def _raise_at_once(engine: sa.Engine, service: str, way: str) -> None:
     Sessions = rdb.ResilientSession(engine, service=service, config=CONFIG)
     before = _pooled_pids(engine)
     calls: list[int] = []
