@@ -879,7 +879,7 @@ class Breaker:
             raise self._reject(self._fleet_wait - now, HALF_OPEN)
         reservation = secrets.token_hex(8)  # drawn before sending: names this attempt's probe
         try:
-            decision, remaining, gen, opens = fleet.breaker_admit(
+            decision, remaining, gen, opens, ours = fleet.breaker_admit(
                 self.service, self.config.half_open_probes, self.config.reset_timeout, reservation
             )
         except FleetDown as down:
@@ -895,7 +895,7 @@ class Breaker:
             self.fleet_update(CLOSED, 0.0, gen, opens, answer=True)
             return False
         if decision == OPEN:
-            self.fleet_update(OPEN, remaining, gen, opens, answer=True)
+            self.fleet_update(OPEN, remaining, gen, opens, answer=True, mine=ours)
             raise self._reject(remaining, OPEN)
         # half-open with every probe slot taken: the answer comes within one attempt; the
         # pub/sub message of the closing or re-opening ends the wait sooner
@@ -911,7 +911,8 @@ class Breaker:
         ``reservation``: it opens the shared breaker only while the reservation holds a probe
         slot (a probe still running past its lease counts nowhere when it ends, as a success
         would not count)."""
-        state, remaining, gen, failures, opens, by_me, run = fleet.breaker_failure(
+        sent = self._fleet_gen  # (the view's, when the script was sent)
+        state, remaining, gen, failures, opens, by_me, run, ours = fleet.breaker_failure(
             self.service,
             self.config.failure_threshold,
             self.config.reset_timeout,
@@ -922,7 +923,11 @@ class Breaker:
         self._fleet_run = run
         if by_me:
             self._opened_here += 1
-        self.fleet_update(state, remaining, gen, opens, answer=True, mine=by_me)
+        # an opening this process made (this call, or another thread's just before) is its
+        # own, not one it followed, whichever answer the view takes first
+        self.fleet_update(
+            state, remaining, gen, opens, answer=True, mine=by_me or ours, sent_gen=sent
+        )
         if state == CLOSED:
             self._mirror_failures(failures)
 
@@ -1007,16 +1012,22 @@ class Breaker:
         force: bool = False,
         mine: bool = False,
         reason: str | None = None,
+        sent_gen: int | None = None,
     ) -> None:
         """Take a state of the shared breaker into the view (and the local storage, whose
         listeners log the change). Messages older than the view are ignored; a script's
         ``answer`` with ``gen`` 0 (no shared state: Redis was flushed or restarted) is taken.
         ``mine``: this process made the change, by a failure or by ``open()``/``close()``
         (its answer and its message race); an opening it did not make is counted as followed,
-        not in ``breaker_opens`` (see :class:`_LogListener`)."""
+        not in ``breaker_opens`` (see :class:`_LogListener`). ``sent_gen``: the view's ``gen``
+        when the script answering was sent; a ``gen`` 0 answer to a script sent before the view
+        moved on (another thread's answer or a message came in between) was read before that
+        change, and says nothing of Redis losing its state: ignored."""
         if state not in (CLOSED, OPEN, HALF_OPEN):
             return
         with self._lock:
+            if answer and gen == 0 and not force and sent_gen not in (None, self._fleet_gen):
+                return
             if not (force or gen > self._fleet_gen or (answer and gen == 0)):
                 if gen == self._fleet_gen and state == OPEN and remaining > 0:
                     # a fresher figure of the same opening, whose end in Redis is fixed: each

@@ -168,6 +168,9 @@ _REFUSALS = (
     ("OOM", "OutOfMemoryError", "out of memory (maxmemory), writes refused"),
     ("NOPERM", "NoPermissionError", _ACL_REFUSED),
 )
+#: an error reply that only the URL can fix: the database number it names does not exist
+_DB_OUT_OF_RANGE = re.compile(r"DB index is out of range", re.IGNORECASE)
+_BAD_DB = "no such database number (SELECT refused)"
 #: the ACL refusals that carry no NOPERM code: a command refused inside a script, in Redis
 #: 6.2's words ("The user executing the script can't run this command or subcommand", "...
 #: can't publish to the channel ...", "... can't access at least one of the keys ...")
@@ -230,7 +233,7 @@ local function open_breaker(now, gen, opens, reset)
   gen = next_gen(now, gen)
   opens = opens + 1
   redis.call('HSET', KEYS[1], 'st', 'open', 'until', tostring(now + reset), 'gen', gstr(gen),
-             'opens', opens, 'probes', 0, 'ok', 0)
+             'opens', opens, 'probes', 0, 'ok', 0, 'by', ARGV[3])
   redis.call('DEL', KEYS[2], KEYS[3])
   publish('open', reset, gen, opens)
   return gen, opens
@@ -249,7 +252,9 @@ end
 # KEYS: breaker hash, failure counter, probe reservations. ARGV: channel, service, token,
 # threshold, reset timeout (s), failure memory (ms), age of the failed attempt (s; -1: a probe,
 # or not known), the failover window (s), the probe's reservation ('': none), the lease (s).
-# -> {state, remaining, gen, failures, opens, opened by this call, the run of failures}
+# -> {state, remaining, gen, failures, opens, opened by this call, the run of failures, and
+# for an open breaker, opened by this process (its token: another call of it, in another
+# thread, may have opened it just before)}
 # An attempt that began before the last failure counted (by any process: its Redis time is
 # ``lastfail`` in the breaker hash) and fails within the failover window after it was in flight
 # when the database failed: the same event seen again, not counted (one failover cutting off a
@@ -265,16 +270,18 @@ end
 _FAILURE = (
     _COMMON
     + """
-local now, h, st, gen, opens = read_breaker('lastfail', 'run')
+local now, h, st, gen, opens = read_breaker('lastfail', 'run', 'by')
 local reset = tonumber(ARGV[5])
 local age = tonumber(ARGV[7])
 local rid = ARGV[9]
 local run = h[6] or ''
 local function open()
   gen, opens = open_breaker(now, gen, opens, reset)
-  return {'open', tostring(reset), gstr(gen), 0, opens, 1, ''}
+  return {'open', tostring(reset), gstr(gen), 0, opens, 1, '', 1}
 end
-if st == 'open' then return {'open', remaining(h, now), gstr(gen), 0, opens, 0, ''} end
+if st == 'open' then
+  return {'open', remaining(h, now), gstr(gen), 0, opens, 0, '', h[7] == ARGV[3] and 1 or 0}
+end
 if rid ~= '' then
   local held = redis.call('HGET', KEYS[3], rid)
   if held ~= '0' then
@@ -316,12 +323,13 @@ end
 return 0
 """
 
-# KEYS: breaker hash, failure counter, probe reservations. ARGV: channel, service, probes,
-# lease (s), reservation id. -> {decision (probe|closed|open|full), remaining, gen, opens}
+# KEYS: breaker hash, failure counter, probe reservations. ARGV: channel, service, token,
+# probes, lease (s), reservation id. -> {decision (probe|closed|open|full), remaining, gen,
+# opens, and for an open breaker whether this process (its token) opened it}
 _ADMIT = (
     _COMMON
     + """
-local now, h, st, gen, opens = read_breaker('probes', 'hos')
+local now, h, st, gen, opens = read_breaker('probes', 'hos', 'by')
 if st == 'closed' then return {'closed', '0', gstr(gen), opens} end
 local rid = ARGV[6]
 local function reserve()
@@ -333,7 +341,8 @@ local released = redis.call('HEXISTS', KEYS[3], rid) == 1
 if st == 'open' then
   local untl = tonumber(h[2]) or now
   if now < untl or released then
-    return {'open', tostring(math.max(0, untl - now)), gstr(gen), opens}
+    return {'open', tostring(math.max(0, untl - now)), gstr(gen), opens,
+            h[7] == ARGV[3] and 1 or 0}
   end
   gen = next_gen(now, gen)
   redis.call('HSET', KEYS[1], 'st', 'half-open', 'hos', tostring(now), 'probes', 1, 'ok', 0,
@@ -817,7 +826,7 @@ class FleetLink:
         age: float = -1.0,
         *,
         reservation: str | None = None,
-    ) -> tuple[str, float, int, int, int, bool, str]:
+    ) -> tuple[str, float, int, int, int, bool, str, bool]:
         """Count one failure fleet-wide; ``age``: seconds since the failed attempt began (an
         attempt that began before the last failure counted and failing within
         :data:`FAILOVER_WINDOW` after it is not counted again), -1 for a probe or an attempt of
@@ -826,7 +835,7 @@ class FleetLink:
         :meth:`breaker_reset_failures`; ``""``: none)."""
         memory_ms = round(max(reset_timeout, FAILURE_MEMORY_MIN) * 1000)
         lease = max(reset_timeout, PROBE_LEASE_MIN)
-        st, rem, gen, failures, opens, by_me, run = self._call(
+        answer = self._call(
             "failure",
             _breaker_keys(service),
             [
@@ -842,20 +851,33 @@ class FleetLink:
                 lease,
             ],
         )
-        return _s(st), float(rem), int(gen), int(failures), int(opens), bool(by_me), _s(run)
+        st, rem, gen, failures, opens, by_me, run = answer[:7]
+        ours = bool(answer[7]) if len(answer) > 7 else bool(by_me)  # (see _FAILURE)
+        return (
+            _s(st),
+            float(rem),
+            int(gen),
+            int(failures),
+            int(opens),
+            bool(by_me),
+            _s(run),
+            ours,
+        )
 
     def breaker_admit(
         self, service: str, probes: int, reset_timeout: float, reservation: str
-    ) -> tuple[str, float, int, int]:
+    ) -> tuple[str, float, int, int, bool]:
         """Ask for a half-open probe under ``reservation`` (an id drawn for this attempt: its
         end, or its release when the answer is lost, names it)."""
         lease = max(reset_timeout, PROBE_LEASE_MIN)
-        decision, rem, gen, opens = self._call(
+        answer = self._call(
             "admit",
             _breaker_keys(service),
             [self.channel, service, self.token, probes, lease, reservation],
         )
-        return _s(decision), float(rem), int(gen), int(opens)
+        decision, rem, gen, opens = answer[:4]
+        ours = len(answer) > 4 and bool(answer[4])  # an opening this process made (see _ADMIT)
+        return _s(decision), float(rem), int(gen), int(opens), ours
 
     def breaker_probe_done(
         self,
@@ -1000,6 +1022,8 @@ class FleetLink:
                 return _acl_refusal(text) if meaning == _ACL_REFUSED else meaning
         if _ACL_WORDS.search(text):
             return _acl_refusal(text)
+        if _DB_OUT_OF_RANGE.search(text):
+            return _BAD_DB
         return "an error reply"
 
     def mark_down(self, exc: BaseException) -> None:
@@ -1027,6 +1051,8 @@ class FleetLink:
                 if refusal == _LOGIN_REFUSED
                 else "its ACL allows them"
                 if refusal.startswith(_ACL_REFUSED)
+                else "SELF_HEALING_REDIS_URL names a database it has"
+                if refusal == _BAD_DB
                 else "it takes writes again"
             )
         else:

@@ -274,3 +274,17 @@ def test_the_documented_acl_keeps_the_link_up_past_its_subscription_checks(
         time.sleep(0.05)
     assert link.commands == commands  # (the checks are not counted as commands)
     assert _lines(caplog, "Shared state unavailable") == []
+
+
+def test_a_database_number_redis_does_not_have_says_the_url_must_change(
+    redis_server: RedisServer, engine: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``redis://.../99`` on a Redis of 16 databases: the warning said the process runs alone
+    "until it takes writes again", which never comes; only the URL can fix it."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    url = f"redis://:{redis_server.password}@{redis_server.host}:{redis_server.port}/99"
+    _factory(engine, url, "db99")
+    wait_for(lambda: shared("db99")["problem"] is not None, "the link's first attempt", 5)
+    assert "no such database number" in shared("db99")["problem"]
+    (line,) = _lines(caplog, "Shared state unavailable")
+    assert line.endswith("until SELF_HEALING_REDIS_URL names a database it has")

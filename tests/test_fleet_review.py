@@ -6,9 +6,11 @@ Redis outage after a logged "restored" warns at once."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from resilient_db import _fleet
 from resilient_db._breaker import Breaker
 from resilient_db._config import mask_url
 from resilient_db._fleet import links
-from resilient_db.testing import FaultProxy, RedisServer
+from resilient_db.testing import FaultProxy, RedisServer, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -426,3 +428,47 @@ def test_a_new_redis_outage_after_a_logged_restore_warns_at_once(
     wait_for(lambda: link._down_at > failed_at, "another failed reconnect", 10)
     assert lines() == [down, back, down]
     del Factory
+
+
+def test_threads_of_one_process_opening_a_new_shared_breaker_say_it_once_as_their_own(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Six threads of one process fail at once against a dead database, on a service with no
+    state in Redis yet. An answer computed before the opening (closed, gen 0) but taken after
+    it was read as "Redis restarted or flushed": a bogus close, then a second opening "after
+    another process's failures" (16 of 25 first openings); and an opening one thread made
+    was taken as another process's when another thread's answer came first (counted in
+    opens_followed, not breaker_opens). Once per opening now, as this process's own."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    dead = f"postgresql+psycopg://postgres:x@127.0.0.1:{free_port('127.0.0.1')}/postgres"
+    engine = sa.create_engine(dead)
+    config = rdb.Config(
+        redis_url=redis_server.url, failure_threshold=3, reset_timeout=30, max_retries=0
+    )
+    services = [f"first-{uuid.uuid4().hex[:8]}" for _ in range(8)]
+    try:
+        for service in services:
+            Sessions = rdb.ResilientSession(engine, service=service, config=config)
+            wait_for(lambda s=service: shared(s)["connected"], "the link", 5)
+            start = threading.Barrier(6)
+
+            def worker(factory: Any = Sessions, start: threading.Barrier = start) -> None:
+                start.wait()
+                for _ in range(4):
+                    with contextlib.suppress(Exception):
+                        factory.run(lambda s: s.execute(sa.text("SELECT 1")))
+
+            threads = [threading.Thread(target=worker) for _ in range(6)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+    finally:
+        engine.dispose()
+    text = caplog.text
+    assert "no state shared through Redis any more" not in text
+    assert "after another process's failures" not in text
+    for service in services:
+        health = rdb.health()["services"][service]
+        assert health["breaker"]["shared"]["opens_followed"] == 0
+        assert health["counters"]["breaker_opens"] == health["breaker"]["shared"]["fleet_opens"]
