@@ -845,7 +845,13 @@ if True:  # async only
                     # cancelled in the COMMIT step after the server answered the COMMIT (an
                     # after_commit listener of yours awaiting I/O): the change is saved
                     block_interrupted(self.session.sync_session, failed, "Session.begin()")
-                await self.session.__aexit__(kind, value, traceback)
+                if not isinstance(failed, Exception):
+                    # interrupted (a cancellation, a deadline): closed, as SQLAlchemy's own
+                    # block runs its end to completion, close included
+                    await self.session.__aexit__(kind, value, traceback)
+                # an error of the transaction's end (its COMMIT refused, a listener's error)
+                # leaves the session open, its objects in it, as async_sessionmaker.begin()
+                # leaves it
                 raise
             finally:
                 reset_block(self._token)

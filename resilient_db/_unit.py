@@ -1994,9 +1994,11 @@ def refuse_async_driver(engine: Engine | None, where: str) -> None:
     if engine is not None and engine.dialect.is_async:
         raise TypeError(
             f"{where} takes a sync Engine, got one whose driver ({engine.dialect.driver}) is "
-            "async: the sync_engine of an AsyncEngine, whose statements can't run in sync "
-            "code. Use AsyncResilientSession with the AsyncEngine itself, or make a sync "
-            "engine (create_engine with a sync driver, such as postgresql+psycopg)"
+            "async: the sync_engine of an AsyncEngine (or a Connection of it, as run_sync "
+            "gives), whose statements run only inside SQLAlchemy's greenlet there. Use "
+            "AsyncResilientSession with the AsyncEngine itself (its units' sessions run "
+            "sync code through run_sync), or make a sync engine (create_engine with a sync "
+            "driver, such as postgresql+psycopg)"
         )
 
 

@@ -2187,3 +2187,28 @@ def test_factories_made_and_dropped_leave_no_event_registrations(
     before = len(entries)
     make_and_drop(300)
     assert len(entries) - before < 10
+
+
+@pytest.mark.asyncio
+async def test_async_begin_whose_commit_fails_leaves_the_session_as_plain(
+    async_engine: AsyncEngine, engine: sa.Engine, service: str
+) -> None:
+    """An async factory's ``Session.begin()`` whose COMMIT fails (here its flush: a duplicate
+    name) closed the session, detaching what it had loaded; ``async_sessionmaker.begin()``
+    leaves it open, its objects in it."""
+    with engine.begin() as conn:
+        conn.execute(sa.insert(Item), [{"id": 950, "name": "taken"}])
+    outcomes = []
+    for factory in (
+        async_sessionmaker(async_engine),
+        rdb.AsyncResilientSession(async_engine, service=service),
+    ):
+        block = factory.begin()
+        session = await block.__aenter__()
+        loaded = await session.get(Item, 950)
+        session.add(Item(id=951, name="taken"))
+        with pytest.raises(sa.exc.IntegrityError):
+            await block.__aexit__(None, None, None)  # (the block's end: its COMMIT)
+        outcomes.append((sa.inspect(loaded).persistent, loaded in session))
+        await session.close()
+    assert outcomes == [(True, True), (True, True)]

@@ -243,8 +243,9 @@ async def test_the_sync_engine_of_an_async_engine_is_refused_by_the_sync_factory
     sync_engine = async_engine.sync_engine
     expected = (
         "takes a sync Engine, got one whose driver (asyncpg) is async: the sync_engine of an "
-        "AsyncEngine, whose statements can't run in sync code. Use AsyncResilientSession with "
-        "the AsyncEngine itself"
+        "AsyncEngine (or a Connection of it, as run_sync gives), whose statements run only "
+        "inside SQLAlchemy's greenlet there. Use AsyncResilientSession with the AsyncEngine "
+        "itself"
     )
     with pytest.raises(TypeError, match=re.escape(f"ResilientSession {expected}")):
         rdb.ResilientSession(sync_engine, service=service)
