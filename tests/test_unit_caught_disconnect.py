@@ -36,24 +36,32 @@ def logged(engine: sa.Engine) -> list[str]:
         return list(conn.scalars(sa.text("SELECT unit FROM log ORDER BY id")))
 
 
+def catching_a_disconnect(session: Session, server: PostgresServer, *, first: bool) -> list[str]:
+    """The code of a unit (or operation): on its first attempt the server ends the session's
+    backend; a statement that may fail, in a savepoint, meets that, and the code catches the
+    error and goes on. Returns how the errors it caught were classified."""
+    pid = session.scalar(sa.text("SELECT pg_backend_pid()"))
+    if first:
+        server.execute(f"SELECT pg_terminate_backend({int(pid)})")
+    try:
+        with session.begin_nested():
+            session.execute(sa.text("INSERT INTO log (unit) VALUES ('maybe')"))
+    except sa.exc.DBAPIError as err:
+        return [rdb.classify(err).name]
+    return []
+
+
 @pytest.mark.parametrize("then", ["a statement", "the commit"])
 def test_a_caught_disconnect_is_replayed(
     engine: sa.Engine, pg_server: PostgresServer, service: str, then: str
 ) -> None:
     Sessions = rdb.ResilientSession(engine, service=service, config=FAST)
     calls: list[int] = []
-    caught: list[str | None] = []
+    caught: list[str] = []
 
     def unit(session: Session) -> int:
         calls.append(1)
-        pid = session.scalar(sa.text("SELECT pg_backend_pid()"))
-        if len(calls) == 1:
-            pg_server.execute(f"SELECT pg_terminate_backend({int(pid)})")
-        try:
-            with session.begin_nested():
-                session.execute(sa.text("INSERT INTO log (unit) VALUES ('maybe')"))
-        except sa.exc.DBAPIError as err:
-            caught.append(rdb.classify(err).name)
+        caught.extend(catching_a_disconnect(session, pg_server, first=len(calls) == 1))
         if then == "a statement":
             session.execute(sa.text("INSERT INTO log (unit) VALUES ('after')"))
         return len(calls)
@@ -123,14 +131,7 @@ def test_an_operation_with_a_caught_disconnect_is_replayed(
     def operation() -> int:
         calls.append(1)
         with Sessions.begin() as session:
-            pid = session.scalar(sa.text("SELECT pg_backend_pid()"))
-            if len(calls) == 1:
-                pg_server.execute(f"SELECT pg_terminate_backend({int(pid)})")
-            try:
-                with session.begin_nested():
-                    session.execute(sa.text("INSERT INTO log (unit) VALUES ('maybe')"))
-            except sa.exc.DBAPIError:
-                pass
+            catching_a_disconnect(session, pg_server, first=len(calls) == 1)
             session.execute(sa.text("INSERT INTO log (unit) VALUES ('after')"))
         return len(calls)
 
