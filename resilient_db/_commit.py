@@ -131,8 +131,12 @@ PRUNE_CATCH_UP: Final = 0.05
 #: runs as its owner too; 4: claim_commit runs with a fixed search_path, and the prune asks the
 #: login role's right to write markers, not to delete them (which no application should hold);
 #: 5: the claim and the prune judge a marker's age against the newest marker, not a server's
-#: clock, and the prune waits for no synchronous standby and does nothing on a hot standby
-MARKERS_VERSION: Final = 5
+#: clock, and the prune waits for no synchronous standby and does nothing on a hot standby;
+#: 6: a claim of a marker written before the table was made (``commit_markers_born``, see
+#: _BORN_SQL) answers unknown: the markers were uninstalled and installed again while a lost
+#: answer awaited its check (its marker went with the old table: its absence proves nothing),
+#: where it answered fenced, and the committed unit ran again
+MARKERS_VERSION: Final = 6
 #: the marker insert as prepared on each connection (``PREPARE``): the function call it stands
 #: in for costs the server parsing, planning and a PL/pgSQL call at every writing COMMIT
 PREPARED_MARK: Final = "resilient_db_mark_commit"
@@ -170,6 +174,17 @@ UNMARKED: Final = "unmarked"  # the connection's COMMIT could not be marked: nev
 #: are data: the newest one only ever grows, on every server that has the prunes it made (a
 #: prune's DELETE replicates after the marker it judged by), so a marker a prune deleted is
 #: older than this for every later claim, whatever the servers' clocks say.
+#: when the markers' table was made (a UUIDv7 of the server's time, in a table of its own, made
+#: and dropped with it): a claim of a marker written before it finds its absence proves nothing
+#: (see ``claim_commit``, version 6)
+_BORN_SQL = """
+INSERT INTO {s}.commit_markers_born (born)
+SELECT (substr(h, 1, 8) || '-' || substr(h, 9, 4) || '-7000-8000-000000000000')::uuid
+FROM (SELECT lpad(to_hex((extract(epoch FROM pg_catalog.clock_timestamp()) * 1000)::bigint),
+                  12, '0') AS h) s
+WHERE NOT EXISTS (SELECT 1 FROM {s}.commit_markers_born)
+"""
+
 _NEWEST_HORIZON_SQL = """
     (SELECT (substr(h, 1, 8) || '-' || substr(h, 9, 4) || '-0000-0000-000000000000')::uuid
      FROM (SELECT lpad(to_hex(greatest(0, ('x' || substr(replace(n.id::text, '-', ''), 1, 12))
@@ -363,6 +378,9 @@ def _install_statements() -> list[str]:
         # key is ordered by time and pruning is a range scan); fence: written by a claim.
         f"CREATE TABLE IF NOT EXISTS {s}.commit_markers ("
         " id uuid PRIMARY KEY, fence boolean NOT NULL DEFAULT false)",
+        f"CREATE TABLE IF NOT EXISTS {s}.commit_markers_born (born uuid NOT NULL)",
+        _BORN_SQL.format(s=s),
+        f"GRANT SELECT ON {s}.commit_markers_born TO PUBLIC",
         # SECURITY DEFINER: a unit may have switched to a role of its own (SET LOCAL ROLE, as
         # row-level-security setups do) that has no rights on the markers; the role that
         # logged in (session_user, which SET ROLE leaves alone) must have them, as for the
@@ -411,6 +429,11 @@ BEGIN
         -- newest marker committed after the first look (this statement sees it)
         IF marker < {claim_horizon} THEN
             RETURN 'expired';
+        END IF;
+        -- written before the table was made: the markers installed again while its answer
+        -- awaited this check (it went with the old table), and its absence proves nothing
+        IF EXISTS (SELECT 1 FROM {s}.commit_markers_born WHERE marker < born) THEN
+            RETURN 'unknown';
         END IF;
         RETURN 'fenced';
     END IF;
@@ -493,6 +516,7 @@ def _uninstall_statements() -> list[str]:
         f"DROP FUNCTION IF EXISTS {s}.claim_commit(uuid)",
         f"DROP FUNCTION IF EXISTS {s}.prune_commit_markers(integer)",
         f"DROP TABLE IF EXISTS {s}.commit_markers",
+        f"DROP TABLE IF EXISTS {s}.commit_markers_born",
         # the schema the install made, when nothing else is in it: a table or function of the
         # application's put there keeps it, and a WARNING names what is left (PostgreSQL's
         # detail), instead of failing the uninstall (an Alembic downgrade)

@@ -29,7 +29,7 @@ import resilient_db as rdb
 from resilient_db import _commit, _statements
 from resilient_db._commit import CLAIM_HORIZON, RETENTION, marker_id
 from resilient_db._statements import may_write
-from resilient_db.testing import FaultProxy
+from resilient_db.testing import FaultProxy, PostgresServer
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
 
@@ -550,9 +550,22 @@ def _marker_at(ms: int, n: int = 12345) -> uuid.UUID:
     return uuid.UUID(int=(ms << 80) | (0x7 << 76) | (0x2 << 62) | n)
 
 
+def installed_long_ago(engine: sa.Engine) -> None:
+    """The markers' table as if made long ago (its ``born``): claims of markers older than the
+    install are judged (tests of the ages a claim judges, with markers of made-up times)."""
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "UPDATE resilient_db.commit_markers_born "
+                "SET born = '00000000-0000-7000-8000-000000000000'"
+            )
+        )
+
+
 def test_claim_refuses_markers_older_than_the_horizon_of_the_newest(engine: sa.Engine) -> None:
     """A claim does not judge a marker CLAIM_HORIZON older than the newest marker (another
     client's, written since): it may have been pruned, so its absence proves nothing."""
+    installed_long_ago(engine)
     newest = uuid7()
     with engine.begin() as conn:
         conn.execute(
@@ -576,7 +589,9 @@ def test_claims_and_prunes_judge_ages_by_the_markers_not_the_servers_clock(
     committed unit. Markers a day older or younger than the server's clock, the newest of them
     ten seconds ago: a claim of one of the last few minutes is judged (fenced when missing),
     the prune deletes only what is RETENTION older than the newest, and a claim of a pruned one
-    is "expired"."""
+    is "expired". (The table made long ago: one made since the markers were written answers
+    "unknown" for a missing one, see test_a_marker_written_before_the_table_was_made_...)"""
+    installed_long_ago(engine)
     with engine.connect() as conn:
         server_ms = conn.execute(
             sa.text("SELECT floor(extract(epoch FROM now()) * 1000)::bigint")
@@ -2929,3 +2944,67 @@ def test_markers_installed_by_an_earlier_release_are_used_and_said_once(
     assert f"(service={service}-old) are version 4" in said[0]  # the service, as lines name it
     assert "install_commit_markers" in said[0]
     assert len(markers(engine)) == 3  # used: every unit's COMMIT carried its marker
+
+
+def test_a_marker_written_before_the_table_was_made_again_is_unknown_never_fenced(
+    pg_server: PostgresServer, pg_database: str, service: str
+) -> None:
+    """A unit commits, its answer is lost, and before its check runs the markers are
+    uninstalled and installed again (``alembic downgrade base`` + ``upgrade head``, or ``DROP
+    SCHEMA resilient_db CASCADE`` and an install, as the README's fix for a broken install
+    says): its marker went with the old table. The claim found it missing from the new one,
+    fenced it and answered "not committed": the committed unit ran again, written twice. It is
+    unknown now (``CommitOutcomeUnknownError``), written once. (The claim is the server's
+    function, the same for every driver; psycopg's check is the one a listener can reach.)"""
+    url = pg_server.url(pg_database)
+    admin = sa.create_engine(url)
+    with admin.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE ledger (id serial PRIMARY KEY, unit text)")
+    rdb.install_commit_markers(admin)
+    calls: list[int] = []
+
+    def reinstall_before_the_check() -> None:
+        rdb.uninstall_commit_markers(admin)
+        rdb.install_commit_markers(admin)
+
+    # (on every engine: the check runs on an engine of its own)
+    listener = _before_claim(reinstall_before_the_check)
+    event.listen(sa.engine.Engine, "before_cursor_execute", listener)
+    try:
+        with FaultProxy(pg_server) as proxy:
+            engine = sa.create_engine(proxy.url(pg_database))
+            Sessions = rdb.ResilientSession(engine, service=service, config=FAST)
+
+            def write(session: Session) -> None:
+                calls.append(1)
+                session.execute(sa.text("INSERT INTO ledger (unit) VALUES (:u)"), {"u": service})
+                proxy.lose_commit_answer()
+
+            try:
+                with pytest.raises(rdb.CommitOutcomeUnknownError):
+                    Sessions.run(write)
+            finally:
+                engine.dispose()
+    finally:
+        event.remove(sa.engine.Engine, "before_cursor_execute", listener)
+    with admin.connect() as conn:
+        written = conn.execute(
+            sa.text("SELECT count(*) FROM ledger WHERE unit = :u"), {"u": service}
+        ).scalar_one()
+    admin.dispose()
+    assert (len(calls), written) == (1, 1)
+
+
+def _before_claim(act: Any) -> Any:
+    """A ``before_cursor_execute`` listener doing ``act`` once, just before a claim is sent."""
+    done: list[bool] = []
+
+    def listener(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "claim_commit" in statement and not done:
+            done.append(True)
+            act()
+
+    return listener
+
+
+FAST = rdb.Config(initial_delay=0.001, max_delay=0.002, circuit_breaker=False)

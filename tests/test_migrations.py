@@ -24,7 +24,7 @@ from resilient_db.examples.tasks import Base, Task
 from resilient_db.testing import PostgresServer
 from resilient_db.transitions._install import INSTALL_LOCK
 
-HEAD = "0010_markers_newest_horizon"
+HEAD = "0011_markers_born"
 
 
 @pytest.fixture
@@ -472,6 +472,7 @@ def test_alembic_command_line_with_the_url_option(pg_url: str, engine: sa.Engine
     assert (
         "Running upgrade 0009_transition_trigger_v5 -> 0010_markers_newest_horizon" in done.stderr
     )
+    assert "Running upgrade 0010_markers_newest_horizon -> 0011_markers_born" in done.stderr
     assert version(engine) == HEAD
 
 
