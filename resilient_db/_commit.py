@@ -492,6 +492,14 @@ _MARKERS_COMMENT: Final = (
 # caller trusts (else the install runs and refuses them, naming their owner), whether the
 # caller may create in the database at all (an application's role at startup may not), and
 # whether it may replace what is there (see _MAY_REPLACE_SQL)
+#: whether schema resilient_db exists and the role may not look in it (a look by oid: one by
+#: name is refused without USAGE)
+_NO_USAGE_SQL = (
+    f"SELECT CASE WHEN pg_catalog.to_regnamespace('{SCHEMA}') IS NULL THEN false"
+    f" ELSE NOT pg_catalog.has_schema_privilege("
+    f"pg_catalog.to_regnamespace('{SCHEMA}')::pg_catalog.oid, 'USAGE') END"
+)
+
 _MARKERS_STATE = (
     f"SELECT pg_catalog.obj_description("
     f"pg_catalog.to_regclass('{SCHEMA}.commit_markers'), 'pg_class'),"
@@ -580,6 +588,12 @@ def _markers_current(conn: Connection) -> bool:
     from .transitions._report import env_config  # noqa: PLC0415 (see _run_statements)
 
     config = env_config()
+    if conn.execute(text(_NO_USAGE_SQL)).scalar():
+        # the schema is there and this role may not look in (USAGE revoked from PUBLIC and not
+        # granted to it): nor could it install there. Its connections' warning names the USAGE
+        # it lacks (a look by name would fail with "permission denied for schema", which read
+        # as nothing installed: an install, refused for a CREATE the role need not have)
+        return True
     # (a colon in the owner's name would read as a bind parameter: escaped, as text() wants)
     untrusted = _untrusted_sql(config.markers_owner).replace(":", "\\:")
     statement = text(_MARKERS_STATE.replace("{untrusted}", untrusted))

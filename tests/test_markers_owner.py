@@ -624,3 +624,39 @@ def test_an_install_by_a_role_that_may_not_replace_the_markers_names_their_owner
         assert "permission denied for schema resilient_db" in message
         assert f"role {migrator.name} may not replace the commit markers" in message
         assert f"which belong to role {owner.name}" in message
+
+
+@pytest.mark.parametrize("may_create", [False, True])
+def test_an_application_role_without_usage_on_the_schema_starts_and_is_told_so(
+    make_role: Any, caplog: pytest.LogCaptureFixture, may_create: bool
+) -> None:
+    """USAGE on schema resilient_db revoked from PUBLIC (a hardening) and not granted to the
+    application's role: its startup install looked by name, was refused ("permission denied
+    for schema"), took that for nothing installed and tried to install: refused again, naming
+    a CREATE the role need not have (or the raw permission error). It sends nothing now; the
+    engine's warning names the USAGE it lacks."""
+    owner = make_role('ALTER DATABASE "{database}" OWNER TO {role}')
+    grants = ['GRANT CREATE ON DATABASE "{database}" TO {role}'] if may_create else []
+    app = make_role(*grants)
+    owner_engine = owner.engine()
+    try:
+        rdb.install_commit_markers(owner_engine)
+        with owner_engine.begin() as conn:
+            conn.exec_driver_sql("REVOKE USAGE ON SCHEMA resilient_db FROM PUBLIC")
+            conn.exec_driver_sql(
+                f"GRANT SELECT, INSERT ON resilient_db.commit_markers TO {app.name}"
+            )
+    finally:
+        owner_engine.dispose()
+    caplog.set_level(logging.WARNING, logger="resilient_db")
+    engine = app.engine()
+    try:
+        rdb.install_commit_markers(engine)  # at startup: nothing to do, nothing raised
+        Sessions = rdb.ResilientSession(engine, service=f"no-usage-{may_create}")
+        assert Sessions.run(_bump) >= 1
+    finally:
+        engine.dispose()
+    assert any(
+        f"role {app.name} lacks USAGE on schema resilient_db" in r.getMessage()
+        for r in caplog.records
+    )
