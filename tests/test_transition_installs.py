@@ -22,6 +22,7 @@ import pytest
 import sqlalchemy as sa
 from psycopg import sql as pgsql
 from scenarios import refused_by_trigger
+from sqlalchemy import event as sa_event
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session, mapped_column, registry
 
@@ -1207,3 +1208,38 @@ def test_a_failed_look_at_the_table_leaves_the_installs_own_error(
         install()
     assert rdb.sqlstate_of(info.value) == "42501"
     assert "permission denied for schema hidden_schema" in str(info.value)
+
+
+def test_a_column_name_longer_than_63_bytes_is_no_drift(engine: sa.Engine, reg: registry) -> None:
+    """36 Cyrillic letters: 63 characters or fewer for SQLAlchemy, 66 bytes, cut to 63 by
+    PostgreSQL. Right after an install, drift said "the table has no column ..." (the uncut
+    name was asked for), every install sent its DDL again, and an application role's startup
+    install was refused."""
+    name = "состояние_заказа_в_системе_учёта_цех"
+    assert len(name.encode()) > 63
+    Order = reg.mapped(
+        type(
+            "Order",
+            (),
+            {
+                "__tablename__": "orders",
+                "__transitions__": rdb.TransitionRules(
+                    column="st", transitions={"new": {"paid"}}, initial={"new"}
+                ),
+                "id": mapped_column(sa.Integer, primary_key=True),
+                "st": mapped_column(name, sa.String(20)),
+            },
+        )
+    )
+    Order.__table__.create(engine)
+    rdb.install_transition_trigger(engine, Order)
+    with engine.connect() as conn:
+        assert rdb.trigger_drift(conn, Order) is None
+    sent: list[str] = []
+    listener = lambda *args: sent.append(args[2])  # noqa: E731
+    sa_event.listen(engine, "before_cursor_execute", listener)
+    try:
+        rdb.install_transition_trigger(engine, Order)  # current: looks only
+    finally:
+        sa_event.remove(engine, "before_cursor_execute", listener)
+    assert all(statement.lstrip().upper().startswith("SELECT") for statement in sent), sent

@@ -58,6 +58,7 @@ from ._sql import (
     spellings,
     stamp_generator,
     stamp_prefix_pattern,
+    stored_name,
     trigger_names,
     update_when_printed,
 )
@@ -919,7 +920,9 @@ def trigger_drift(
         # the function name and stamp as an install of this table spelled with or without its
         # schema writes them: both are this table's trigger (the triggers are read off it)
         accepted = spellings(guard, resolved[0])
-        if not conn.execute(_COLUMN_QUERY, {"rel": n.table, "col": guard.column.name}).scalar():
+        # (a name longer than 63 bytes as the server keeps it: cut)
+        column = stored_name(guard.column.name)
+        if not conn.execute(_COLUMN_QUERY, {"rel": n.table, "col": column}).scalar():
             problems.append(
                 f"{where}: the table has no column {guard.column.name!r} (renamed or dropped by a "
                 "migration?); the trigger function reads it, so every write it checks fails: "
@@ -935,7 +938,7 @@ def trigger_drift(
                     "rel": n.table,
                     "ins": n.insert_trigger,
                     "upd": n.update_trigger,
-                    "col": guard.column.name,
+                    "col": column,
                 },
             )
         }

@@ -184,6 +184,12 @@ _FUNCTION_PREFIX = "rdb_transition_"
 _FUNCTION_HASH_LEN = 12
 
 
+def stored_name(name: str) -> str:
+    """An identifier as PostgreSQL keeps it: cut to 63 bytes, on a character boundary (what
+    ``pg_attribute.attname`` holds for a longer column name)."""
+    return _truncate_utf8(name, _PG_NAME_MAX)
+
+
 def _truncate_utf8(text: str, budget: int) -> str:
     return text.encode()[:budget].decode(errors="ignore")
 
