@@ -743,9 +743,13 @@ _MISSING_SQL = """SELECT CASE
 #: the markers' version, as their table's comment names it (see ``_MARKERS_COMMENT``): asked
 #: with the owners, once per set of objects
 _VERSION_SQL = (
-    f"SELECT pg_catalog.obj_description(pg_catalog.to_regclass('{SCHEMA}.commit_markers'), "
-    "'pg_class')"
+    f"SELECT CASE WHEN pg_catalog.to_regclass('{SCHEMA}.commit_markers') IS NULL THEN "
+    "'(not installed)' ELSE COALESCE(pg_catalog.obj_description("
+    f"pg_catalog.to_regclass('{SCHEMA}.commit_markers'), 'pg_class'), '') END"
 )
+#: what _VERSION_SQL answers when the table is gone (uninstalled since the connection looked:
+#: an uninstall and install again running): nothing to say of its version
+_NOT_INSTALLED = "(not installed)"
 _VERSION_IN_COMMENT = re.compile(r"commit markers, version ([0-9]+)")
 
 
@@ -2160,6 +2164,8 @@ class CommitProtocol:
         """Say once per engine that the markers were installed by an earlier release (their
         table's comment names the version): they are used, but what the versions since fixed
         (:data:`MARKERS_VERSION`) is not fixed in that database until they are installed again."""
+        if comment == _NOT_INSTALLED:
+            return  # gone since the connection looked (an uninstall and install running)
         found = _VERSION_IN_COMMENT.search(comment) if isinstance(comment, str) else None
         version = int(found.group(1)) if found else 0
         if version >= MARKERS_VERSION or self._outdated_warned:
@@ -2171,8 +2177,9 @@ class CommitProtocol:
             logging.WARNING,
             "Commit markers of database %s are %s, installed by an earlier release (this one "
             "installs version %d): they are used, but the fixes since are not in that database "
-            "(before version 5, a check after a failover between servers whose clocks disagree "
-            "could replay a committed unit). Run resilient_db.install_commit_markers(engine) "
+            "(before version 6, a check after the markers were installed again, and before "
+            "version 5 one after a failover between servers whose clocks disagree, could replay "
+            "a committed unit). Run resilient_db.install_commit_markers(engine) "
             "again as the markers' owner, or the latest Alembic step",
             self._where,
             f"version {version}" if version else "of an unknown version",
