@@ -520,6 +520,10 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                             await s.run_sync(end_committed_transactions, request)
                     except BaseException as interruption:  # cancelled or interrupted: not verified
                         self._referee.interrupted(request, interruption)
+                        if record.enclosing is not None and request.committing:
+                            # its COMMIT went out (and may have been applied, or was): work
+                            # committed for an enclosing attempt, which must not replay it
+                            record.unit_committed(request)
                         if self._referee.two_phase_decided(request):
                             await _keep_prepared(s)
                         raise
@@ -833,6 +837,7 @@ if True:  # async only
             return self.session
 
         async def __aexit__(self, kind: Any, value: Any, traceback: Any) -> None:
+            saved_before = self.saved.saved
             try:
                 await self.transaction.__aexit__(kind, value, traceback)
             except BaseException as failed:
@@ -840,7 +845,13 @@ if True:  # async only
                     kind is None
                     and self.saved.saved
                     and not isinstance(failed, Exception)
-                    and committed_unclosed(self.session.sync_session)
+                    and (
+                        committed_unclosed(self.session.sync_session)
+                        # the block's COMMIT, its first that saved, answered: interrupted as
+                        # the transaction closed (asyncpg's close of a connection the pool
+                        # does not keep, awaited), when the state says closed already
+                        or not saved_before
+                    )
                 ):
                     # cancelled in the COMMIT step after the server answered the COMMIT (an
                     # after_commit listener of yours awaiting I/O): the change is saved
@@ -1092,7 +1103,10 @@ if True:  # async only
         if protocol is None:
             return
         loop = asyncio.get_running_loop()
-        task = contextvars.Context().run(loop.create_task, _prune(protocol))
+        # the pool as the unit left it: an engine disposed of before the task's first step
+        # (the application's shutdown right after a unit) has another one by then
+        pool = protocol.engine.pool
+        task = contextvars.Context().run(loop.create_task, _prune(protocol, pool))
         protocol.pruning = task
         _prunes.add(task)  # (the loop keeps its tasks only weakly)
         task.add_done_callback(functools.partial(_pruned_by, protocol))
@@ -1105,13 +1119,15 @@ if True:  # async only
     #: the prunes' tasks still running
     _prunes: set[asyncio.Task[None]] = set()
 
-    async def _prune(protocol: CommitProtocol) -> None:
+    async def _prune(protocol: CommitProtocol, pool: Any) -> None:
         """The prune's task: a short transaction on a connection of the engine, its errors
-        handled as the sync factory's (see ``prune_quietly``). Its connection is closed, not
-        checked in, when the engine was disposed of meanwhile (``AsyncEngine.dispose()`` does
-        not wait for it): nothing would ever close it in the pool disposed of."""
+        handled as the sync factory's (see ``prune_quietly``). Nothing is done, or its
+        connection is closed rather than checked in, when the engine was disposed of since the
+        unit (``pool``: its pool then; ``AsyncEngine.dispose()`` does not wait for the task):
+        nothing would ever close a connection of the pool that replaced it."""
         engine = protocol.engine
-        pool = engine.pool
+        if engine.pool is not pool:
+            return  # disposed of before this task's first step: the application is done
         try:
             with library_work():
                 async with _bound_engine(engine).connect() as conn:

@@ -1605,8 +1605,10 @@ class AttemptRecord:
             return
         if exc is not None:
             self._policy.partly_committed(exc)
-        elif self.enclosing is not None:
-            self.enclosing.committed = True  # a replay of the enclosing unit would repeat it
+        if self.enclosing is not None:
+            # a replay of the enclosing unit would repeat it, whether this attempt then failed
+            # or not (its error caught by the enclosing code, which goes on)
+            self.enclosing.committed = True
 
     def unit_committed(self, request: CommitRequest) -> None:
         """The unit's own final COMMIT succeeded: committed work, when it wrote, for an

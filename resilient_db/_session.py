@@ -445,6 +445,10 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                             end_committed_transactions(s, request)
                     except BaseException as interruption:  # cancelled or interrupted: not verified
                         self._referee.interrupted(request, interruption)
+                        if record.enclosing is not None and request.committing:
+                            # its COMMIT went out (and may have been applied, or was): work
+                            # committed for an enclosing attempt, which must not replay it
+                            record.unit_committed(request)
                         if self._referee.two_phase_decided(request):
                             _keep_prepared(s)
                         raise

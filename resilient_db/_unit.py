@@ -1510,11 +1510,11 @@ def lost_with_its_connection(record: Any, exc: BaseException) -> BaseException |
     committed: the transaction went with the connection). The attempt fails with the
     disconnect instead, and is replayed as for it. None otherwise."""
     disconnected = record.disconnected
-    if disconnected is None or exc is disconnected:
-        return None
+    if not isinstance(disconnected, Exception) or exc is disconnected:
+        return None  # (none; an interruption is never put in the place of an error)
     if not isinstance(exc, sa_exc.PendingRollbackError):
         return None
-    return disconnected  # type: ignore[no-any-return]
+    return disconnected
 
 
 def restore_attached(policy: Any, record: Any, exc: BaseException) -> None:
@@ -2226,7 +2226,12 @@ class EngineHooks:
             ctx.invalidate_pool_on_disconnect = False
         if code == READ_ONLY_SQLSTATE:
             self._refused_read_only(ctx, original)
-        if ctx.is_disconnect and attempt is not None and attempt.disconnected is None:
+        if (
+            ctx.is_disconnect
+            and attempt is not None
+            and attempt.disconnected is None
+            and isinstance(original, Exception)  # (a cancellation SQLAlchemy takes for one: no)
+        ):
             # (what a unit that catches it and goes on fails with next: see _lost_with)
             attempt.disconnected = ctx.sqlalchemy_exception or original
         statement = ctx.statement

@@ -5,8 +5,10 @@ aborted transaction), and what can't be a unit is refused where it is written.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -933,3 +935,48 @@ async def test_an_async_unit_that_released_a_savepoint_is_still_replayed(
     assert await Session.run(unit) == "done"
     assert calls == [1, 1]
     assert saved_rows() == ["async"]
+
+
+class _SlowAfterCommit(Session):
+    """A session class whose ``after_commit`` listener awaits I/O (a message sent, say)."""
+
+
+@sa.event.listens_for(_SlowAfterCommit, "after_commit")
+def _slow_after_commit(session: Session) -> None:
+    if session.info.get("slow"):
+        from sqlalchemy.util import await_only  # noqa: PLC0415 - in SQLAlchemy's greenlet
+
+        await_only(asyncio.sleep(0.5))
+
+
+@pytest.mark.asyncio
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout: 3.11+")
+async def test_an_operation_whose_nested_unit_committed_then_was_interrupted_is_not_replayed(
+    aengine: AsyncEngine, engine: sa.Engine, saved_rows: Callable[[], list[str]], service: str
+) -> None:
+    """An operation's nested unit commits, then a deadline interrupts it in its COMMIT step
+    (its ``after_commit`` listener awaiting); the operation catches the ``TimeoutError``
+    (answered saved-then-interrupted) and goes on, and a later conflict fails it. It was
+    replayed, the nested unit with it: its row written twice. The enclosing attempt is told
+    that part of its work committed: not replayed, partly committed."""
+    Sessions = rdb.AsyncResilientSession(
+        aengine, service=service, config=CONFIG, sync_session_class=_SlowAfterCommit
+    )
+    calls: list[int] = []
+
+    async def save(session: AsyncSession) -> None:
+        session.sync_session.info["slow"] = True
+        await session.execute(sa.insert(SAVED).values(name=f"saved-{len(calls)}"))
+
+    async def operation() -> None:
+        calls.append(1)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await Sessions.run(save)
+        await Sessions.run(aconflict)
+
+    with pytest.raises(sa.exc.DBAPIError) as raised:
+        await rdb.with_self_healing(operation, service=f"{service}-op", config=CONFIG)
+    assert partly_committed(raised.value)
+    assert calls == [1]
+    assert saved_rows() == ["saved-1"]

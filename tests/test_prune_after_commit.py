@@ -339,3 +339,26 @@ print("done", flush=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["pending", "True", "done"]
     assert done.stderr == ""
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
+async def test_an_engine_disposed_of_right_after_the_unit_leaves_no_connection_open(
+    pg_server: PostgresServer, database: str, driver: str, service: str
+) -> None:
+    """The application shuts down right after a unit whose COMMIT made the prune due: the
+    prune's task, started after ``dispose()`` (psycopg's close does not yield), took the pool
+    that replaced the disposed one and left its connection open in it. It takes the unit's."""
+    engine, Sessions = await _factory_due_to_prune(pg_server, database, driver, service)
+    try:
+        assert await Sessions.run(_note, "last") == "last"
+        pruning = Sessions._hooks.commit.pruning
+        await engine.dispose()
+        if pruning is not None:
+            await asyncio.wait_for(pruning, 30)
+        async with asyncio.timeout(30):
+            while _backends(pg_server, database, 0):
+                await asyncio.sleep(0.005)
+        assert engine.pool.checkedin() == 0
+    finally:
+        await engine.dispose()

@@ -8,7 +8,9 @@ replayed as for it. Real server, real terminated backends; psycopg and asyncpg."
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -137,3 +139,42 @@ def test_an_operation_with_a_caught_disconnect_is_replayed(
 
     assert operation() == 2
     assert logged(engine) == ["maybe", "after"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout and TaskGroup: 3.11+")
+async def test_a_caught_timeout_is_no_disconnect_to_replay(
+    engine: sa.Engine, pg_server: PostgresServer, pg_database: str, service: str
+) -> None:
+    """A unit bounds part of its work with ``asyncio.timeout``, catches the ``TimeoutError``
+    and goes on. SQLAlchemy takes the cancelled statement's connection for lost, and the unit's
+    next statement raises ``PendingRollbackError``, as plain SQLAlchemy's does: it was put in
+    the place of the disconnect "caught" (the cancellation itself), a bare ``CancelledError``
+    nobody sent, which a ``TaskGroup`` took for the unit's task being cancelled: a lost write
+    gone silently."""
+    aengine = create_async_engine(pg_server.url(pg_database, driver="asyncpg"))
+    try:
+        Sessions = rdb.AsyncResilientSession(aengine, service=service, config=FAST)
+
+        async def unit(session: AsyncSession) -> None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.05):
+                    await session.execute(sa.text("SELECT pg_sleep(5)"))
+            await session.execute(sa.text("INSERT INTO log (unit) VALUES ('after')"))
+
+        outcome: list[BaseException] = []
+
+        async def seen() -> None:
+            try:
+                await Sessions.run(unit)
+            except BaseException as exc:
+                outcome.append(exc)
+                raise
+
+        with pytest.raises(Exception, match="unhandled errors in a TaskGroup"):
+            async with asyncio.TaskGroup() as tasks:  # (its failure reaches the group)
+                tasks.create_task(seen())
+        assert [type(e) for e in outcome] == [sa.exc.PendingRollbackError]
+    finally:
+        await aengine.dispose()
+    assert logged(engine) == []
