@@ -2967,7 +2967,10 @@ def test_a_marker_written_before_the_table_was_made_again_is_unknown_never_fence
         rdb.uninstall_commit_markers(admin)
         rdb.install_commit_markers(admin)
 
-    # (on every engine: the check runs on an engine of its own)
+    # (on every engine: the check runs on an engine of its own; SQLAlchemy marks the Engine
+    # class as having events for good once one listens there, which makes every engine made
+    # afterwards run the event hooks: put back as it was, for the tests after this one)
+    had_events = sa.engine.Engine._has_events
     listener = _before_claim(reinstall_before_the_check)
     event.listen(sa.engine.Engine, "before_cursor_execute", listener)
     try:
@@ -2987,6 +2990,7 @@ def test_a_marker_written_before_the_table_was_made_again_is_unknown_never_fence
                 engine.dispose()
     finally:
         event.remove(sa.engine.Engine, "before_cursor_execute", listener)
+        sa.engine.Engine._has_events = had_events
     with admin.connect() as conn:
         written = conn.execute(
             sa.text("SELECT count(*) FROM ledger WHERE unit = :u"), {"u": service}
