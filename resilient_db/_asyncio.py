@@ -511,9 +511,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                     except Exception as exc:
                         if joined and commits_in_callers_transaction(joined, request):
                             raise  # no COMMIT was its to send: not a lost COMMIT answer
-                        if record.disconnected is not None and lost_with_its_connection(
-                            record, exc
-                        ):
+                        if lost_with_its_connection(record, exc) is not None:
                             raise  # none was sent: the transaction went with the connection
                         await self._commit_failed(exc, request, s)
                         if own:  # (a run_in caller's session is the caller's to roll back)
@@ -535,9 +533,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                 except BaseException as exc:
                     failed = True
                     # (a disconnect the unit's code caught: the attempt failed with it)
-                    lost = None
-                    if record.disconnected is not None:
-                        lost = lost_with_its_connection(record, exc)
+                    lost = lost_with_its_connection(record, exc)
                     error = exc if lost is None else lost
                     if joined:
                         why = joined_callers_transaction(joined, record)

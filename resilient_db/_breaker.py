@@ -456,6 +456,7 @@ class Breaker:
         except Exception:
             return False
 
+    @property
     def shared(self) -> bool:
         """Whether its failure path talks to Redis now (shared through a link that is up)."""
         link = self._fleet

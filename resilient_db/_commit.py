@@ -174,6 +174,13 @@ UNMARKED: Final = "unmarked"  # the connection's COMMIT could not be marked: nev
 #: are data: the newest one only ever grows, on every server that has the prunes it made (a
 #: prune's DELETE replicates after the marker it judged by), so a marker a prune deleted is
 #: older than this for every later claim, whatever the servers' clocks say.
+_NEWEST_HORIZON_SQL = """
+    (SELECT (substr(h, 1, 8) || '-' || substr(h, 9, 4) || '-0000-0000-000000000000')::uuid
+     FROM (SELECT lpad(to_hex(greatest(0, ('x' || substr(replace(n.id::text, '-', ''), 1, 12))
+                   ::bit(48)::bigint - {ms})), 12, '0') AS h
+           FROM (SELECT id FROM {s}.commit_markers ORDER BY id DESC LIMIT 1) n) s)
+"""
+
 #: when the markers' table was made (a UUIDv7 of the server's time, in a table of its own, made
 #: and dropped with it): a claim of a marker written before it finds its absence proves nothing
 #: (see ``claim_commit``, version 6)
@@ -183,13 +190,6 @@ SELECT (substr(h, 1, 8) || '-' || substr(h, 9, 4) || '-7000-8000-000000000000'):
 FROM (SELECT lpad(to_hex((extract(epoch FROM pg_catalog.clock_timestamp()) * 1000)::bigint),
                   12, '0') AS h) s
 WHERE NOT EXISTS (SELECT 1 FROM {s}.commit_markers_born)
-"""
-
-_NEWEST_HORIZON_SQL = """
-    (SELECT (substr(h, 1, 8) || '-' || substr(h, 9, 4) || '-0000-0000-000000000000')::uuid
-     FROM (SELECT lpad(to_hex(greatest(0, ('x' || substr(replace(n.id::text, '-', ''), 1, 12))
-                   ::bit(48)::bigint - {ms})), 12, '0') AS h
-           FROM (SELECT id FROM {s}.commit_markers ORDER BY id DESC LIMIT 1) n) s)
 """
 
 
@@ -487,11 +487,6 @@ _MARKERS_COMMENT: Final = (
     f"resilient_db commit markers, version {MARKERS_VERSION}: proof that a unit of work "
     f"committed, kept {int(RETENTION)} s"
 )
-# What an install would find: the table's comment (its version), this version's functions (and
-# not the first version's claim, which the install drops), whether they belong to roles the
-# caller trusts (else the install runs and refuses them, naming their owner), whether the
-# caller may create in the database at all (an application's role at startup may not), and
-# whether it may replace what is there (see _MAY_REPLACE_SQL)
 #: whether schema resilient_db exists and the role may not look in it (a look by oid: one by
 #: name is refused without USAGE)
 _NO_USAGE_SQL = (
@@ -500,6 +495,11 @@ _NO_USAGE_SQL = (
     f"pg_catalog.to_regnamespace('{SCHEMA}')::pg_catalog.oid, 'USAGE') END"
 )
 
+# What an install would find: the table's comment (its version), this version's functions (and
+# not the first version's claim, which the install drops), whether they belong to roles the
+# caller trusts (else the install runs and refuses them, naming their owner), whether the
+# caller may create in the database at all (an application's role at startup may not), and
+# whether it may replace what is there (see _MAY_REPLACE_SQL)
 _MARKERS_STATE = (
     f"SELECT pg_catalog.obj_description("
     f"pg_catalog.to_regclass('{SCHEMA}.commit_markers'), 'pg_class'),"

@@ -605,9 +605,7 @@ class Policy:
         """Whether the failure path may talk to Redis now: the breaker or the budget is
         shared through a link that is up."""
         breaker, budget = self.breaker, self.budget
-        return (breaker is not None and breaker.shared()) or (
-            budget is not None and budget.shared  # (a property: linked, and up)
-        )
+        return (breaker is not None and breaker.shared) or (budget is not None and budget.shared)
 
     def _off_the_loop(
         self, stop: Callable[[_t.RetryCallState], bool]

@@ -436,9 +436,7 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                     except Exception as exc:
                         if joined and commits_in_callers_transaction(joined, request):
                             raise  # no COMMIT was its to send: not a lost COMMIT answer
-                        if record.disconnected is not None and lost_with_its_connection(
-                            record, exc
-                        ):
+                        if lost_with_its_connection(record, exc) is not None:
                             raise  # none was sent: the transaction went with the connection
                         self._commit_failed(exc, request, s)
                         if own:  # (a run_in caller's session is the caller's to roll back)
@@ -460,9 +458,7 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                 except BaseException as exc:
                     failed = True
                     # (a disconnect the unit's code caught: the attempt failed with it)
-                    lost = None
-                    if record.disconnected is not None:
-                        lost = lost_with_its_connection(record, exc)
+                    lost = lost_with_its_connection(record, exc)
                     error = exc if lost is None else lost
                     if joined:
                         why = joined_callers_transaction(joined, record)

@@ -1517,13 +1517,15 @@ def lost_with_its_connection(record: Any, exc: BaseException) -> BaseException |
     return disconnected
 
 
-def restore_attached(policy: Any, record: Any, exc: BaseException) -> None:
+def restore_attached(policy: Any, record: Any, exc: BaseException) -> bool:
     """After a failed attempt's rollback: put back the changes of objects attached in it (see
     ``AttemptRecord.restore_attached``), or, where that can't be done, keep ``exc`` from
-    being replayed (its replay would report success without them)."""
+    being replayed (its replay would report success without them): False then."""
     why = record.restore_attached()
-    if why is not None:
-        policy.not_replayable(exc, why)
+    if why is None:
+        return True
+    policy.not_replayable(exc, why)
+    return False
 
 
 def refuse_keywords_kept(
@@ -2232,7 +2234,8 @@ class EngineHooks:
             and attempt.disconnected is None
             and isinstance(original, Exception)  # (a cancellation SQLAlchemy takes for one: no)
         ):
-            # (what a unit that catches it and goes on fails with next: see _lost_with)
+            # (what a unit that catches it and goes on fails with next: see
+            # lost_with_its_connection)
             attempt.disconnected = ctx.sqlalchemy_exception or original
         statement = ctx.statement
         verdict = verdict_of(statement) if isinstance(statement, str) else 0

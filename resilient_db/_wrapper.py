@@ -40,7 +40,13 @@ from ._config import Config, env_config
 from ._observability import log_retry
 from ._retry import Policy
 from ._state import STATE
-from ._unit import admitted_by, check_service_name, lost_with_its_connection, runs_once_here
+from ._unit import (
+    admitted_by,
+    check_service_name,
+    lost_with_its_connection,
+    restore_attached,
+    runs_once_here,
+)
 from ._validation import ResponseCheck, ResponseValidator, check_response, validation_on
 
 __all__ = ["SelfHealingDecorator", "is_async_callable", "with_self_healing"]
@@ -92,15 +98,6 @@ def _begun_sessions(record: AttemptRecord) -> list[Session]:
     return found
 
 
-def _lost_with(record: AttemptRecord, exc: BaseException) -> BaseException | None:
-    """The disconnect an attempt's code caught and went on from, when the attempt failed only
-    because of it (see ``_unit.lost_with_its_connection``): the attempt's failure, replayed
-    as it is. None otherwise (an attempt that met no disconnect: one attribute read)."""
-    if record.disconnected is None:
-        return None
-    return lost_with_its_connection(record, exc)
-
-
 def _aborted_before(exc: BaseException) -> bool:
     """Whether ``exc`` is a session's transaction found aborted by an earlier failure."""
     return isinstance(exc, sa_exc.PendingRollbackError) or sqlstate_of(exc) == "25P02"
@@ -144,9 +141,7 @@ class _Attempts:
         record, failure = self.record, self.failure
         if record is None or record.attached is None or failure is None:
             return
-        why = record.restore_attached()
-        if why is not None:
-            self.policy.not_replayable(failure, why)
+        if not restore_attached(self.policy, record, failure):
             raise failure
 
     def __call__(self) -> Any:
@@ -159,7 +154,7 @@ class _Attempts:
             with record:
                 return self.fn()
         except BaseException as exc:
-            lost = _lost_with(record, exc)
+            lost = lost_with_its_connection(record, exc)
             instead = self._failed(exc if lost is None else lost)
             if instead is None:
                 if lost is not None:
@@ -179,7 +174,7 @@ class _Attempts:
             with record:
                 return await self.fn()
         except BaseException as exc:
-            lost = _lost_with(record, exc)
+            lost = lost_with_its_connection(record, exc)
             instead = self._failed(exc if lost is None else lost)
             if instead is None:
                 if lost is not None:
@@ -432,7 +427,7 @@ def _call(policy: Policy, fn: Callable[[], Any], check: ResponseCheck | None, cf
         with record:
             result = fn()
     except BaseException as failure:
-        exc = _lost_with(record, failure) or failure
+        exc = lost_with_its_connection(record, failure) or failure
         attempts = _Attempts(policy, fn, record, exc)
         result = policy.call_failed(attempts, exc, probe, started)
         record = attempts.record or record
@@ -508,7 +503,7 @@ async def _afinish(
         with record:
             result = await first
     except BaseException as failure:
-        exc = _lost_with(record, failure) or failure
+        exc = lost_with_its_connection(record, failure) or failure
         attempts = _Attempts(policy, fn, record, exc)
         result = await policy.acall_failed(attempts.acall, exc, probe, started)
         record = attempts.record or record

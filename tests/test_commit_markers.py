@@ -2967,30 +2967,21 @@ def test_a_marker_written_before_the_table_was_made_again_is_unknown_never_fence
         rdb.uninstall_commit_markers(admin)
         rdb.install_commit_markers(admin)
 
-    # (on every engine: the check runs on an engine of its own; SQLAlchemy marks the Engine
-    # class as having events for good once one listens there, which makes every engine made
-    # afterwards run the event hooks: put back as it was, for the tests after this one)
-    had_events = sa.engine.Engine._has_events
-    listener = _before_claim(reinstall_before_the_check)
-    event.listen(sa.engine.Engine, "before_cursor_execute", listener)
-    try:
-        with FaultProxy(pg_server) as proxy:
-            engine = sa.create_engine(proxy.url(pg_database))
-            Sessions = rdb.ResilientSession(engine, service=service, config=FAST)
+    with FaultProxy(pg_server) as proxy:
+        engine = sa.create_engine(proxy.url(pg_database))
+        event.listen(engine, "before_cursor_execute", _before_claim(reinstall_before_the_check))
+        Sessions = rdb.ResilientSession(engine, service=service, config=FAST)
 
-            def write(session: Session) -> None:
-                calls.append(1)
-                session.execute(sa.text("INSERT INTO ledger (unit) VALUES (:u)"), {"u": service})
-                proxy.lose_commit_answer()
+        def write(session: Session) -> None:
+            calls.append(1)
+            session.execute(sa.text("INSERT INTO ledger (unit) VALUES (:u)"), {"u": service})
+            proxy.lose_commit_answer()
 
-            try:
-                with pytest.raises(rdb.CommitOutcomeUnknownError):
-                    Sessions.run(write)
-            finally:
-                engine.dispose()
-    finally:
-        event.remove(sa.engine.Engine, "before_cursor_execute", listener)
-        sa.engine.Engine._has_events = had_events
+        try:
+            with pytest.raises(rdb.CommitOutcomeUnknownError):
+                Sessions.run(write)
+        finally:
+            engine.dispose()
     with admin.connect() as conn:
         written = conn.execute(
             sa.text("SELECT count(*) FROM ledger WHERE unit = :u"), {"u": service}

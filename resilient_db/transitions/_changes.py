@@ -10,10 +10,11 @@ from typing import Any, NamedTuple, NoReturn
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
-from sqlalchemy.orm import Mapper
+from sqlalchemy.orm import Mapper, Session
 
 from resilient_db._config import Config
 from resilient_db._errors import IllegalTransitionError
+from resilient_db._registry import service_of
 
 from ._report import report
 from ._rules import Guard, Undeclared, allowed_from, written_by_name
@@ -43,10 +44,11 @@ class Change(NamedTuple):
 
 
 def raise_errors(
-    errors: Sequence[IllegalTransitionError], config: Config, service: str | None = None
+    errors: Sequence[IllegalTransitionError], config: Config, session: Session | None = None
 ) -> NoReturn:
-    """Log and count every error (``service``: the session's, see :func:`report`); raise the
-    first, saying how many more there were."""
+    """Log and count every error (under the service of ``session``'s factory, where no unit
+    runs: see :func:`report`); raise the first, saying how many more there were."""
+    service = None if session is None else service_of(session)
     for err in errors:
         report(err, config, service=service)
     first = errors[0]

@@ -35,7 +35,7 @@ from resilient_db._errors import IllegalTransitionError
 
 from ._report import report
 from ._rules import Guard, Key, allowed_from, guard_for_table, plain, sort_key
-from ._sql import _PG_NAME_MAX, TRANSITION_SQLSTATE, _truncate_utf8, function_name, pg_name
+from ._sql import TRANSITION_SQLSTATE, function_name, pg_name, stored_name
 
 __all__ = ["exception_from_db"]
 
@@ -100,17 +100,12 @@ def _raised_by_our_trigger(context: str | None, info: dict[str, Any]) -> bool:
     return fn_name in (function_name(None, table, column), pg_name("rdb_transition", table, column))
 
 
-def _stored(name: str) -> str:
-    """``name`` as PostgreSQL keeps it: cut to 63 bytes, on a character boundary."""
-    return _truncate_utf8(name, _PG_NAME_MAX)
-
-
 def _guard_of(info: dict[str, Any]) -> Guard | None:
     """The guard of the detail's table and column, known in this process (or None)."""
     table, column = info.get("table"), info.get("column")
     if not (isinstance(table, str) and isinstance(column, str)):
         return None
-    return guard_for_table(info.get("model"), info.get("schema"), table, column, stored=_stored)
+    return guard_for_table(info.get("model"), info.get("schema"), table, column, stored=stored_name)
 
 
 def _named_as_declared(info: dict[str, Any], guard: Guard | None) -> dict[str, Any]:
@@ -154,8 +149,8 @@ def _typed_key(guard: Guard | None, pk: dict[str, Any]) -> tuple[Any, ...]:
     """The detail's row key, each value typed by its key column of ``guard``."""
     if guard is None:
         return tuple(pk.values())
-    columns = {_stored(c.name): c for c in guard.pk_columns}
-    return tuple(_typed(columns.get(_stored(name)), value) for name, value in pk.items())
+    columns = {stored_name(c.name): c for c in guard.pk_columns}
+    return tuple(_typed(columns.get(stored_name(name)), value) for name, value in pk.items())
 
 
 def _shown(guard: Guard, keys: list[Key]) -> str:

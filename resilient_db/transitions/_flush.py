@@ -30,7 +30,6 @@ from resilient_db._classify import error_chain, sqlstate_of
 from resilient_db._config import Config
 from resilient_db._errors import IllegalTransitionError, StaleTransitionError
 from resilient_db._internals import NEVER_SET, attribute_history
-from resilient_db._registry import service_of
 from resilient_db._state import STATE
 from resilient_db._statements import StatementGuard, current_attempt, note_write
 
@@ -117,7 +116,7 @@ def before_flush(
         elif changes or touched:
             errors = _prepare_compare_and_set(session, config, changes, touched, guards_of)
     if errors:
-        raise_errors(errors, config, service_of(session))
+        raise_errors(errors, config, session)
 
 
 def before_update(mapper: Mapper[Any], connection: Connection, target: Any) -> None:
@@ -152,7 +151,7 @@ def before_update(mapper: Mapper[Any], connection: Connection, target: Any) -> N
         return
     if checks is None:
         install_engine_hooks(connection.engine)
-        checks = STATE.flush_checks[connection] = _FlushChecks(config, service_of(session))
+        checks = STATE.flush_checks[connection] = _FlushChecks(config, session)
         STATE.flushing.setdefault(session, []).append(connection)
     for guard in guards:
         checks.note_guard(guard, mapper)
@@ -182,7 +181,7 @@ def before_insert(mapper: Mapper[Any], connection: Connection, target: Any) -> N
         return
     config = active_config(session)
     if config is not None:
-        raise_errors(errors, config, service_of(session))
+        raise_errors(errors, config, session)
 
 
 class _GuardsByMapper(dict[Mapper[Any], tuple[Guard, ...]]):
@@ -476,11 +475,11 @@ class _FlushChecks:
     """What one flush expects of the rows it updates through one connection (one per guarded
     flush: a plain class with slots, cheaper to make than a dataclass)."""
 
-    __slots__ = ("config", "covered", "guards", "mappers", "rows", "service")
+    __slots__ = ("config", "covered", "guards", "mappers", "rows", "session")
 
-    def __init__(self, config: Config, service: str | None) -> None:
+    def __init__(self, config: Config, session: Session) -> None:
         self.config = config
-        self.service = service  # the session's factory's (see report)
+        self.session = session  # (whose service its errors name: see raise_errors)
         self.rows: dict[sa.Table, dict[tuple[Any, ...], _Row]] = {}
         self.guards: dict[sa.Table, tuple[Guard, ...]] = {}
         #: a mapper of each table (what a row set during the flush, with no expectation, is
@@ -621,7 +620,7 @@ def _prepare_compare_and_set(
             # (a status set during the flush by a listener is left to the trigger here)
             errors.extend(_check_against_db(conn, group, lock=True)[0])
             continue
-        checks = _FlushChecks(config, service_of(session))
+        checks = _FlushChecks(config, session)
         if watched:
             for mapper in watched.get(conn, ()):
                 for guard in compiled_guards(mapper):
@@ -684,7 +683,7 @@ def _prepare_one_row(
         return _check_against_db(conn, [change], lock=True)[0]  # see _prepare_compare_and_set
     guard = change.guard
     table = guard.table
-    checks = _FlushChecks(config, service_of(session))
+    checks = _FlushChecks(config, session)
     checks.guards[table] = (guard,)
     checks.mappers[table] = mapper
     checks.rows[table] = {change.identity: {guard.column: _Expect(change, change.old)}}
@@ -843,7 +842,7 @@ def _compare_and_set(
                 if matched != 1:
                     errors = _stale_rows(conn, plan.guards, [found], matched)
                     if errors:
-                        raise_errors(errors, checks.config, checks.service)
+                        raise_errors(errors, checks.config, checks.session)
                 return True
     guards, labels = plan.guards, plan.labels
     try:
@@ -924,14 +923,14 @@ def _compare_and_set(
         stale = _raised_stale(exc, guards, expected, dialect) if form.raising else None
         if stale is None:
             raise
-        raise_errors([stale], checks.config, checks.service)
+        raise_errors([stale], checks.config, checks.session)
     if form.raising:
         return True  # no row count: a row deleted meanwhile goes unnoticed, as it does there
     matched = cursor.rowcount
     if matched != len(expected):
         errors = _stale_rows(conn, guards, expected, matched)
         if errors:
-            raise_errors(errors, checks.config, checks.service)
+            raise_errors(errors, checks.config, checks.session)
         # else the rows of a versioned model hold the states expected (their version moved
         # on), or more rows matched than were sent: SQLAlchemy's row count check raises
     return True
@@ -1176,7 +1175,7 @@ def _check_written(
     if unknown and not errors:
         errors = _check_against_db(conn, [*known, *unknown], lock=True)[0]
     if errors:
-        raise_errors(errors, checks.config, checks.service)
+        raise_errors(errors, checks.config, checks.session)
     return bool(unknown)
 
 
@@ -1197,7 +1196,7 @@ def _lock_and_check(
     ]
     errors = _check_against_db(conn, changes, lock=True, or_written=or_written)[0]
     if errors:
-        raise_errors(errors, checks.config, checks.service)
+        raise_errors(errors, checks.config, checks.session)
 
 
 def _stale_rows(
