@@ -311,6 +311,7 @@ def _demo(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
             else "--redis-url"
         ),
         url=url,
+        url_from="DATABASE_URL (--url-from-env)" if args.url_from_env else "--url",
         as_json=args.json,
         plain=args.plain,
         verbose=args.verbose,

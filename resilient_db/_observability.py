@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Final
 
 from ._classify import debug_failure, sqlstate_of
 from ._config import Config
@@ -277,6 +277,8 @@ _CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)} | {
 #: The longest text value an action's log line and fields carry, in characters: longer ones
 #: (a client-chosen status of a megabyte, a database error's text) are cut, and marked.
 MAX_VALUE_CHARS = 1000
+#: the code points log lines escape (a service name may not have one: see _unit)
+CONTROL_CODES: Final = frozenset(_CONTROL)
 
 
 def truncated(text: str, limit: int) -> str:

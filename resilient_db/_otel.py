@@ -10,6 +10,7 @@ extra); the application's SDK decides where spans and metrics go.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -103,86 +104,21 @@ class OpenTelemetryHook:
             else metrics.get_meter("resilient_db", __version__)
         )
         self.meter_provider = meter_provider
-        self._events = meter.create_counter(
-            "resilient_db.events", unit="{event}", description="Self-healing actions, by event"
-        )
-        self._retries = meter.create_counter(
-            "resilient_db.retries",
-            unit="{retry}",
-            description="Retries of units of work, by error class and SQLSTATE",
-        )
-        self._breaker = meter.create_counter(
-            "resilient_db.breaker.transitions",
-            unit="{transition}",
-            description="Circuit breaker state changes, by the state entered",
-        )
-        self._commits = meter.create_counter(
-            "resilient_db.commit.verifications",
-            unit="{commit}",
-            description="COMMITs whose answer was lost, by the verified outcome",
-        )
-        self._blocked = meter.create_counter(
-            "resilient_db.transitions.blocked",
-            unit="{transition}",
-            description="Rows whose illegal status move was blocked, by the path that blocked it",
-        )
-        self._stale = meter.create_counter(
-            "resilient_db.transitions.stale",
-            unit="{transition}",
-            description="Status moves refused because another transaction had moved the row",
-        )
-        # read from health() when the meter collects, as the Prometheus collector does: the
-        # rejections' event goes with their rate-limited line, not with each call, so counting
-        # events would lag behind the calls by up to a line's period
-        self._observation = metrics.Observation
         self.active = True
-        # every unit's path counts its attempts: read as the meter collects, not sent as
-        # events (there are none: a unit that succeeds at once says nothing)
-        meter.create_observable_counter(
-            "resilient_db.attempts",
-            callbacks=[self._observe_attempts],
-            unit="{attempt}",
-            description="Attempts of units, operations and drop-in connects (each try counts)",
-        )
-        meter.create_observable_counter(
-            "resilient_db.breaker.rejections",
-            callbacks=[self._observe_rejections],
-            unit="{call}",
-            description="Calls rejected by an open circuit breaker",
-        )
-        # the state now, not its changes: what an alert on an open breaker needs (from the
-        # transitions counter it can't be told once its points are aggregated)
-        meter.create_observable_gauge(
-            "resilient_db.breaker.state",
-            callbacks=[self._observe_breaker_states],
-            unit="1",
-            description="1 for the circuit breaker's current state, 0 for the others",
-        )
-        self._invalid = meter.create_counter(
-            "resilient_db.response_validation.failures",
-            unit="{result}",
-            description="Results that failed their validate= check",
-        )
-        self._pool_timeouts = meter.create_counter(
-            "resilient_db.pool.timeouts",
-            unit="{attempt}",
-            description="Attempts that waited the whole pool_timeout for a pooled connection",
-        )
-        self._pool_invalidations = meter.create_counter(
-            "resilient_db.pool.invalidations",
-            unit="{error}",
-            description="Errors that ended the use of the pool's connections, by SQLSTATE",
-        )
-        self._dead_connections = meter.create_counter(
-            "resilient_db.pool.dead_connections",
-            unit="{connection}",
-            description="Pooled connections found dead at checkout and replaced",
-        )
-        self._standby_refusals = meter.create_counter(
-            "resilient_db.hot_standby.refused_writes",
-            unit="{write}",
-            description="Writes refused by a hot standby (SQLSTATE 25006)",
-        )
+        instruments = _instruments_of(meter, metrics)
+        # the meter's observable instruments now read for this hook (see _Instruments)
+        instruments.hook = self
+        self._events = instruments.events
+        self._retries = instruments.retries
+        self._breaker = instruments.breaker
+        self._commits = instruments.commits
+        self._blocked = instruments.blocked
+        self._stale = instruments.stale
+        self._invalid = instruments.invalid
+        self._pool_timeouts = instruments.pool_timeouts
+        self._pool_invalidations = instruments.pool_invalidations
+        self._dead_connections = instruments.dead_connections
+        self._standby_refusals = instruments.standby_refusals
 
     def __call__(self, event: SelfHealEvent) -> None:
         fields = event.fields
@@ -248,25 +184,127 @@ class OpenTelemetryHook:
                 1, {"service": service, "validator": str(fields.get("validator", ""))}
             )
 
+
+#: the states of ``resilient_db.breaker.state`` (health()'s, snake_case as OTel's values go)
+_STATES = ("closed", "open", "half_open", "off")
+
+
+class _Instruments:
+    """A meter's instruments, made once per meter and shared by every hook made on it.
+
+    A meter keeps the instruments made on it, and OpenTelemetry's SDK answers a second
+    ``create_*`` of a name with the instrument made first (and a warning): the observable
+    ones keep the callbacks they were made with. Made per hook, a hook installed again on the
+    same provider (``uninstall_opentelemetry()`` then ``install_opentelemetry()``, or a switch
+    from provider A to B and back) got instruments whose callbacks were the first hook's, which
+    observe nothing once that hook is uninstalled: ``resilient_db.attempts`` and the breaker's
+    state and rejections went silent. Here the callbacks read for the meter's latest hook
+    (:attr:`hook`), nothing while it is uninstalled."""
+
+    def __init__(self, meter: Any, metrics: Any) -> None:
+        self.hook: OpenTelemetryHook | None = None
+        self._observation = metrics.Observation
+        self.events = meter.create_counter(
+            "resilient_db.events", unit="{event}", description="Self-healing actions, by event"
+        )
+        self.retries = meter.create_counter(
+            "resilient_db.retries",
+            unit="{retry}",
+            description="Retries of units of work, by error class and SQLSTATE",
+        )
+        self.breaker = meter.create_counter(
+            "resilient_db.breaker.transitions",
+            unit="{transition}",
+            description="Circuit breaker state changes, by the state entered",
+        )
+        self.commits = meter.create_counter(
+            "resilient_db.commit.verifications",
+            unit="{commit}",
+            description="COMMITs whose answer was lost, by the verified outcome",
+        )
+        self.blocked = meter.create_counter(
+            "resilient_db.transitions.blocked",
+            unit="{transition}",
+            description="Rows whose illegal status move was blocked, by the path that blocked it",
+        )
+        self.stale = meter.create_counter(
+            "resilient_db.transitions.stale",
+            unit="{transition}",
+            description="Status moves refused because another transaction had moved the row",
+        )
+        # read from health() when the meter collects, as the Prometheus collector does: the
+        # rejections' event goes with their rate-limited line, not with each call, so counting
+        # events would lag behind the calls by up to a line's period
+        # every unit's path counts its attempts: read as the meter collects, not sent as
+        # events (there are none: a unit that succeeds at once says nothing)
+        meter.create_observable_counter(
+            "resilient_db.attempts",
+            callbacks=[self._observe_attempts],
+            unit="{attempt}",
+            description="Attempts of units, operations and drop-in connects (each try counts)",
+        )
+        meter.create_observable_counter(
+            "resilient_db.breaker.rejections",
+            callbacks=[self._observe_rejections],
+            unit="{call}",
+            description="Calls rejected by an open circuit breaker",
+        )
+        # the state now, not its changes: what an alert on an open breaker needs (from the
+        # transitions counter it can't be told once its points are aggregated)
+        meter.create_observable_gauge(
+            "resilient_db.breaker.state",
+            callbacks=[self._observe_breaker_states],
+            unit="1",
+            description="1 for the circuit breaker's current state, 0 for the others",
+        )
+        self.invalid = meter.create_counter(
+            "resilient_db.response_validation.failures",
+            unit="{result}",
+            description="Results that failed their validate= check",
+        )
+        self.pool_timeouts = meter.create_counter(
+            "resilient_db.pool.timeouts",
+            unit="{attempt}",
+            description="Attempts that waited the whole pool_timeout for a pooled connection",
+        )
+        self.pool_invalidations = meter.create_counter(
+            "resilient_db.pool.invalidations",
+            unit="{error}",
+            description="Errors that ended the use of the pool's connections, by SQLSTATE",
+        )
+        self.dead_connections = meter.create_counter(
+            "resilient_db.pool.dead_connections",
+            unit="{connection}",
+            description="Pooled connections found dead at checkout and replaced",
+        )
+        self.standby_refusals = meter.create_counter(
+            "resilient_db.hot_standby.refused_writes",
+            unit="{write}",
+            description="Writes refused by a hot standby (SQLSTATE 25006)",
+        )
+
+    def _reading(self) -> bool:
+        """Whether the meter's hook is installed (nothing is observed otherwise)."""
+        hook = self.hook
+        return hook is not None and hook.active
+
     def _observe_rejections(self, _options: Any) -> Iterator[Any]:
-        """Each service's ``breaker_rejections`` (nothing once uninstalled: a meter keeps its
-        instruments)."""
+        """Each service's ``breaker_rejections``."""
         return self._observe_counter("breaker_rejections")
 
     def _observe_attempts(self, _options: Any) -> Iterator[Any]:
-        """Each service's ``attempts`` (nothing once uninstalled)."""
+        """Each service's ``attempts``."""
         return self._observe_counter("attempts")
 
     def _observe_counter(self, counter: str) -> Iterator[Any]:
-        if not self.active:
+        if not self._reading():
             return
         for name, service in health()["services"].items():
             yield self._observation(service["counters"][counter], {"service": name})
 
     def _observe_breaker_states(self, _options: Any) -> Iterator[Any]:
-        """Each breaker's state: 1 for the current one, 0 for the others (nothing once
-        uninstalled)."""
-        if not self.active:
+        """Each breaker's state: 1 for the current one, 0 for the others."""
+        if not self._reading():
             return
         for name, service in health()["services"].items():
             breaker = service["breaker"]
@@ -279,8 +317,23 @@ class OpenTelemetryHook:
                 )
 
 
-#: the states of ``resilient_db.breaker.state`` (health()'s, snake_case as OTel's values go)
-_STATES = ("closed", "open", "half_open", "off")
+#: each meter's instruments (a meter provider keeps its meters: weakly held here all the same)
+_meters: weakref.WeakKeyDictionary[Any, _Instruments] = weakref.WeakKeyDictionary()
+_meters_lock = threading.Lock()
+renew_after_fork(globals(), "_meters_lock")
+
+
+def _instruments_of(meter: Any, metrics: Any) -> _Instruments:
+    """``meter``'s instruments, made at its first hook."""
+    with _meters_lock:
+        try:
+            instruments = _meters.get(meter)
+        except TypeError:  # a meter that can't be weakly referenced: made for each hook
+            return _Instruments(meter, metrics)
+        if instruments is None:
+            instruments = _Instruments(meter, metrics)
+            _meters[meter] = instruments
+        return instruments
 
 
 def _check_meter_provider(meter_provider: object) -> None:

@@ -76,7 +76,7 @@ from ._internals import (
     session_binds,
 )
 from ._internals import last_do_connect as _last_do_connect
-from ._observability import LineLimit, emit, log_session, stats_for
+from ._observability import CONTROL_CODES, LineLimit, emit, log_session, stats_for
 from ._registry import factory_of, in_unit
 from ._retry import Policy
 from ._state import STATE
@@ -253,6 +253,24 @@ def check_service_name(service: object, where: str) -> None:
             f"service name {service!r} is not valid UTF-8 text ({exc.reason} at "
             f"{exc.start}): it is sent to Redis and to metrics by name"
         ) from None
+    # Log lines and hook events carry names escaped and cut (see _observability._escaped),
+    # health() and metrics as given: a name either would change had two labels, one that
+    # can't be joined to the other (a retry ratio by service, a hook's health() lookup).
+    control = next((c for c in service if ord(c) in CONTROL_CODES), None)
+    if control is not None:
+        raise ValueError(
+            f"service name {service!r} has a control character ({control!r}): names go into "
+            "log lines and metrics labels as they are; use printable text"
+        )
+    if len(service) > MAX_SERVICE_NAME:
+        raise ValueError(
+            f"service name {service[:40]!r}... is {len(service)} characters long; at most "
+            f"{MAX_SERVICE_NAME} are allowed (it is a metrics label and a Redis key)"
+        )
+
+
+#: the longest service name (a metrics label, a Redis key, a field of every log line)
+MAX_SERVICE_NAME: Final = 200
 
 
 def admitted_by(breaker: Any) -> bool:

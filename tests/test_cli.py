@@ -6,6 +6,7 @@ import gc
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -525,6 +526,26 @@ def test_demo_that_can_not_be_set_up_exits_2_with_one_line(
     assert "resilient-db demo: error: could not set up the demo: " in err
     assert "connect_timeout" in err
     assert (url.password or "?") not in err
+
+
+@pytest.mark.parametrize("from_env", [False, True])
+def test_an_unreachable_server_is_named_by_the_option_or_variable_given(
+    from_env: bool, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The URL came from ``DATABASE_URL`` (``--url-from-env``): its connect error said
+    "the server given with --url", an option the user never gave."""
+    with socket.socket() as sock:  # a port with nothing listening on it
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"postgresql://app:hunter2@127.0.0.1:{port}/db"
+    if from_env:
+        monkeypatch.setenv("DATABASE_URL", url)
+    argv = ["--url-from-env"] if from_env else ["--url", url]
+    assert main(["demo", "--seconds", "8", *argv]) == 2
+    err = capsys.readouterr().err
+    given = "DATABASE_URL (--url-from-env)" if from_env else "--url"
+    assert f"resilient-db demo: error: cannot use the server given with {given}: " in err
+    assert "hunter2" not in err
 
 
 @pytest.mark.parametrize(

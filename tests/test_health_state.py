@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pybreaker
 import pytest
 import sqlalchemy as sa
 from processes import wait_for
@@ -116,3 +117,38 @@ def test_a_shared_opening_past_its_reset_timeout_is_reported_half_open(
     assert gauges(service)["half-open"] == 1
     assert Factory.run(healthy) == 1  # Redis lets the probe through
     wait_for(lambda: breaker(service)["state"] == "closed", "the fleet's closing")
+
+
+class FailingStorage(pybreaker.CircuitMemoryStorage):
+    """A ``breaker_storage`` whose state can't be read once ``down`` (an unreachable store)."""
+
+    def __init__(self) -> None:
+        super().__init__(pybreaker.STATE_CLOSED)
+        self.down = False
+
+    @property
+    def state(self) -> str:
+        if self.down:
+            raise ConnectionError("store unreachable: password=hunter2")
+        return str(super().state)
+
+    @state.setter
+    def state(self, value: str) -> None:
+        pybreaker.CircuitMemoryStorage.state.fset(self, value)  # type: ignore[attr-defined]
+
+
+def test_a_breaker_storage_that_fails_is_reported_unknown_as_the_readme_says(
+    service: str,
+) -> None:
+    """health() answers while a ``breaker_storage=`` given fails: the breaker's state is
+    ``unknown`` with the error's class (not its text, which may hold a secret), ``healthy``
+    does not take it for open, and the state gauge has 0 for each state."""
+    storage = FailingStorage()
+    rdb.ResilientSession(None, service=service, breaker_storage=storage)
+    assert breaker(service)["state"] == "closed"
+    storage.down = True
+
+    assert breaker(service) == {"state": "unknown", "error": "ConnectionError"}
+    assert rdb.health()["healthy"] is True
+    assert gauges(service) == {"closed": 0, "open": 0, "half-open": 0, "healthy": 1}
+    assert "hunter2" not in repr(rdb.health())

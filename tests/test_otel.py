@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from fleet import Gate, fleet, open_the_fleets_breaker, opener_settings, shared
+from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from processes import wait_for
@@ -129,6 +130,40 @@ def test_attempts_are_read_from_health_so_a_retry_ratio_needs_otel_only(
     assert sum(n for key, n in retries.items() if ("service", service) in key) == 1
     uninstall_opentelemetry()  # a meter keeps its instruments: nothing read once uninstalled
     assert (("service", service),) not in otel_points(reader, "resilient_db.attempts")
+
+
+def test_installed_again_on_the_same_provider_every_instrument_reports(
+    engine: sa.Engine,
+    otel: tuple[Any, InMemorySpanExporter, InMemoryMetricReader],
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Uninstalled and installed again on the same meter provider (or back from another one):
+    the instruments read from health() report for the new hook. Before: the provider's meter
+    kept the first hook's observable instruments, whose callbacks observe nothing once it is
+    uninstalled, so attempts and the breaker's state and rejections went silent, unsaid."""
+    _tracer, _spans, reader = otel
+    provider = install_opentelemetry().meter_provider  # (the fixture's hook, installed)
+    Sessions = rdb.ResilientSession(engine, service=service)
+    Sessions.run(lambda s: s.execute(sa.text("SELECT 1")).scalar())
+    uninstall_opentelemetry()
+    install_opentelemetry(meter_provider=provider)
+    other = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    install_opentelemetry(meter_provider=other)  # to another provider and back
+    with caplog.at_level(logging.WARNING, logger="opentelemetry"):
+        install_opentelemetry(meter_provider=provider)
+    other.shutdown()
+    flaky, _calls = first_attempt_raises("40001")
+
+    assert Sessions.run(flaky) == 1
+    assert otel_points(reader, "resilient_db.attempts")[(("service", service),)] == 3
+    assert otel_points(reader, "resilient_db.breaker.rejections")[(("service", service),)] == 0
+    states = otel_points(reader, "resilient_db.breaker.state")
+    assert states[(("service", service), ("state", "closed"))] == 1
+    retries = otel_points(reader, "resilient_db.retries")
+    assert sum(n for key, n in retries.items() if ("service", service) in key) == 1
+    # the meter's instruments are made once: no "created already" warnings of the SDK
+    assert not [r for r in caplog.records if "created already" in r.getMessage()]
 
 
 def test_the_breakers_current_state_is_a_gauge_as_in_prometheus(

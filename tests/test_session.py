@@ -1467,13 +1467,18 @@ def test_transactional_refuses_a_method_which_would_get_the_session_as_self(
     assert get(3) == 3
 
 
-@pytest.mark.parametrize("name", ["", os.fsdecode(b"caf\xe9"), "a\udcff"])
+@pytest.mark.parametrize(
+    "name", ["", os.fsdecode(b"caf\xe9"), "a\udcff", "tab\there", "line\u2028", "x" * 201]
+)
 def test_a_service_name_that_is_not_utf8_text_is_refused_at_once(
     engine: sa.Engine, name: str
 ) -> None:
     """A name with a lone surrogate (what ``os.environ`` gives for a byte that is not UTF-8)
     was accepted, then failed in the shared breaker's link to Redis, taking it down for every
-    service; it can't be a metrics label or a Redis key either."""
+    service; it can't be a metrics label or a Redis key either. One with a control character
+    or of more than 200 characters was accepted and had two labels: escaped or cut in log
+    lines, hook events and OTel's event counters, as given in health(), Prometheus and OTel's
+    attempts (a retry ratio by service could not be joined)."""
     with pytest.raises(ValueError, match="service"):
         rdb.ResilientSession(engine, service=name)
     with pytest.raises(ValueError, match="service"):
@@ -1483,3 +1488,4 @@ def test_a_service_name_that_is_not_utf8_text_is_refused_at_once(
     with pytest.raises((TypeError, ValueError), match="service"):
         rdb.with_self_healing(service=name)
     assert rdb.ResilientSession(engine, service="café: orders 1").service == "café: orders 1"
+    assert rdb.ResilientSession(engine, service="y" * 200).service == "y" * 200

@@ -183,6 +183,8 @@ class DemoOptions:
     redis_url: str | None = field(default=None, repr=False)
     #: where ``redis_url`` came from, as its errors name it
     redis_url_from: str = "--redis-url"
+    #: where ``url`` came from, as its errors name it
+    url_from: str = "--url"
 
 
 # -- instrumentation ----------------------------------------------------------------------------
@@ -565,7 +567,9 @@ class Demo:
                 external = ExternalPostgres(self.options.url)  # e.g. several hosts: refused
                 external.start()
             except ServerStartError as exc:  # says why, without the URL or its password
-                raise DemoError(f"cannot use the server given with --url: {exc}") from exc
+                raise DemoError(
+                    f"cannot use the server given with {self.options.url_from}: {exc}"
+                ) from exc
             return external, "existing"
         embedded = EmbeddedPostgres()
         try:
