@@ -31,6 +31,8 @@ from ._internals import (
     ASYNCPG_CLOSED_CHECKS,
     ASYNCPG_CONNECT_FUNCTION,
     ASYNCPG_CONNECT_MODULES,
+    ASYNCPG_RESOURCE_CHECK,
+    SQLALCHEMY_ASYNCPG_MODULE,
     asyncpg_address,
     asyncpg_statement_connection,
 )
@@ -649,6 +651,8 @@ def _asyncpg_closed(err: BaseException, module: str, name: str) -> bool:
     if name != "InterfaceError" or not module.startswith("asyncpg"):
         return False
     frames = _frames(err)
+    if _stream_fetch_closed(frames):
+        return True
     if not any(frame_module.startswith(_CONNECTING_MODULES) for frame_module, _ in frames):
         # only while the pool connects or checks a connection out (SQLAlchemy's on_connect,
         # the commit protocol's set-up): elsewhere a closed connection is SQLAlchemy's to tell
@@ -659,6 +663,20 @@ def _asyncpg_closed(err: BaseException, module: str, name: str) -> bool:
         if frame_module.startswith("asyncpg"):
             return frame_module == "asyncpg.connection" and function in ASYNCPG_CLOSED_CHECKS
     return False
+
+
+def _stream_fetch_closed(frames: list[tuple[str, str]]) -> bool:
+    """An asyncpg ``InterfaceError`` of a server-side cursor's fetch made by SQLAlchemy's
+    adapter (``stream()``, ``yield_per``) on a closed connection: the backend ended (a restart,
+    a failover, ``pg_terminate_backend``) between two fetches. The adapter lets it out
+    unwrapped, unlike a statement's. Raised by asyncpg's check of a cursor's connection
+    (:data:`~._internals.ASYNCPG_RESOURCE_CHECK`), which raises it for a connection closed or
+    released to asyncpg's own pool; SQLAlchemy's connections are never in asyncpg's pool, so
+    under its adapter it means closed."""
+    innermost = next((frame for frame in reversed(frames) if frame[0].startswith("asyncpg")), None)
+    return innermost == ASYNCPG_RESOURCE_CHECK and any(
+        frame_module == SQLALCHEMY_ASYNCPG_MODULE for frame_module, _ in frames
+    )
 
 
 _CONNECTION_OK = 0  # libpq's CONNECTION_OK (psycopg.pq.ConnStatus.OK)

@@ -30,8 +30,10 @@ __all__ = [
     "ASYNCPG_CLOSED_CHECKS",
     "ASYNCPG_CONNECT_FUNCTION",
     "ASYNCPG_CONNECT_MODULES",
+    "ASYNCPG_RESOURCE_CHECK",
     "ASYNC_CREATOR_KWARG",
     "NEVER_SET",
+    "SQLALCHEMY_ASYNCPG_MODULE",
     "SQLALCHEMY_COMMIT_CODE",
     "InternalsChanged",
     "asyncpg_address",
@@ -597,6 +599,17 @@ ASYNCPG_CONNECT_FUNCTION: tuple[str, str] = ("asyncpg.connection", "connect")
 #: Moved: such an error while connecting is not taken for a lost connection (not retried);
 #: the canary fails first. Public alternative: none.
 ASYNCPG_CLOSED_CHECKS: tuple[str, ...] = ("_check_open", "add_log_listener")
+#: Where asyncpg's cursors and prepared statements check their connection before each call
+#: (``ConnectionResource._check_conn_validity`` of ``asyncpg.connresource``, private): it raises
+#: ``InterfaceError`` for a connection released to asyncpg's own pool, which SQLAlchemy does not
+#: use, or closed. SQLAlchemy's asyncpg adapter lets it out unwrapped from a server-side cursor's
+#: fetch (``stream()``, ``yield_per``) (verified 0.30.0, 0.32.0). Moved: a stream whose backend
+#: ended before its next fetch is not taken for a lost connection (not replayed); the canary
+#: fails first. Public alternative: none.
+ASYNCPG_RESOURCE_CHECK: tuple[str, str] = ("asyncpg.connresource", "_check_conn_validity")
+#: SQLAlchemy's asyncpg adapter, in whose frames a raw asyncpg error is one of a statement the
+#: adapter sent (its server-side cursor's fetches are not wrapped)
+SQLALCHEMY_ASYNCPG_MODULE = "sqlalchemy.dialects.postgresql.asyncpg"
 
 
 # --------------------------------------------------------------------------------------------

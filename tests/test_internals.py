@@ -912,3 +912,20 @@ def test_asyncpgs_connect_and_closed_checks_are_where_the_classifier_looks() -> 
         source = inspect.getsource(getattr(asyncpg.connection.Connection, name))
         assert "if self.is_closed():" in source, message
         assert "InterfaceError" in source, message
+
+
+def test_asyncpgs_cursor_check_of_its_connection_is_where_the_classifier_looks() -> None:
+    """A server-side cursor's fetch on a closed connection is told by the function of asyncpg
+    that raised it, under SQLAlchemy's asyncpg adapter."""
+    module_name, function = _internals.ASYNCPG_RESOURCE_CHECK
+    message = _says(
+        "asyncpg",
+        f"{module_name}.ConnectionResource.{function}",
+        "ASYNCPG_RESOURCE_CHECK",
+        "a stream whose backend ended between two fetches is not replayed on asyncpg",
+    )
+    module = importlib.import_module(module_name)
+    source = inspect.getsource(getattr(module.ConnectionResource, function))
+    assert "is_closed()" in source, message
+    assert "InterfaceError" in source, message
+    assert importlib.util.find_spec(_internals.SQLALCHEMY_ASYNCPG_MODULE) is not None, message
