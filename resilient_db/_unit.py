@@ -2552,6 +2552,8 @@ def hooks_for(
             # each unit's PREPAREs and COMMIT PREPAREDs, where the dialect sends them
             note_dialect_calls(engine.dialect, "do_prepare_twophase", _prepare_twophase)
             note_dialect_calls(engine.dialect, "do_commit_twophase", _commit_twophase)
+            if getattr(engine.dialect, "is_async", False):
+                cancellation_after_terminate(engine.dialect)
             event.listen(engine, "do_connect", hooks.do_connect)
             STATE.engine_hooks[engine] = hooks
             if not register:
@@ -2569,6 +2571,43 @@ def hooks_for(
         if switched_on:  # the engine's factories were off and are gone: see switched_on
             hooks.commit.switched_on()
         return hooks
+
+
+def cancellation_after_terminate(dialect: Any) -> None:
+    """Have a cancellation that lands while ``dialect`` terminates a connection delivered at
+    the task's next ``await`` instead (the engine's own dialect, wrapped once).
+
+    SQLAlchemy's async adapters close a connection being invalidated gracefully, awaiting the
+    server (asyncpg: up to 2 s), and on a cancellation there close it at once and raise the
+    ``CancelledError``. The pool's checkout invalidates a connection (one the factory's hooks
+    found dead, or made before the factory: see ``EngineHooks.checkout``) outside the part
+    of it that gives the slot back on failure, so a unit cancelled there (a client gone, a
+    deadline) kept the pool's slot for good: once every slot was gone, each unit waited out
+    ``pool_timeout`` (SQLAlchemy's ``pool_pre_ping`` meets the same). Here the connection is
+    closed all the same, and the task cancelled again at once: the cancellation comes at the
+    next ``await`` (the replacement's connect, where the pool does give the slot back), or when
+    the task's coroutine returns, never lost; the task's count of cancellations is left as it
+    was (``asyncio.timeout`` still turns it into ``TimeoutError``). Written by hand: no
+    SQLAlchemy option or event covers this; ``do_terminate`` is the dialect's public method.
+    """
+    if dialect.__dict__.get("_rdb_terminate_wrapped"):
+        return
+    terminate = dialect.do_terminate
+
+    def do_terminate(dbapi_connection: Any) -> None:
+        try:
+            terminate(dbapi_connection)
+        except asyncio.CancelledError as cancelled:
+            task = asyncio.current_task()
+            if task is None:  # (not in a task: nothing to deliver it to later)
+                raise
+            uncancel = getattr(task, "uncancel", None)  # Python 3.11+
+            if uncancel is not None:
+                uncancel()  # (counted again by the cancel below)
+            task.cancel(*cancelled.args[:1])
+
+    dialect.do_terminate = do_terminate
+    dialect._rdb_terminate_wrapped = True
 
 
 def _refuse_other_settings(hooks: EngineHooks, mine: tuple[Any, ...]) -> None:

@@ -1764,3 +1764,42 @@ async def test_a_stream_whose_backend_ended_between_fetches_is_replayed(
     assert counters(service)["retries_by_class"] == {"disconnect": 1}
     assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
     gc.collect()
+
+
+@pytest.mark.parametrize("dead", [False, True], ids=["made-before-the-factory", "dead"])
+async def test_a_unit_cancelled_while_the_pool_replaces_its_connection_returns_the_slot(
+    pg_server: PostgresServer,
+    pg_async_url: str,
+    make_engine: Callable[..., AsyncEngine],
+    service: str,
+    dead: bool,
+) -> None:
+    """The pool replaces a pooled connection at checkout when the factory's hooks find it dead
+    (its backend ended) or made before the factory existed (asyncpg: start-up work such as
+    ``create_all``). SQLAlchemy closes the old one (asyncpg: gracefully, awaiting the server)
+    outside the part of its checkout that gives the slot back on failure: a unit cancelled
+    there (a client gone, a deadline) kept the pool's slot for good, and once every slot was
+    gone each unit waited out ``pool_timeout``. The cancellation now lands after the close;
+    swept over the first event-loop turns of the unit."""
+    for turns in range(6):
+        engine = make_engine(pg_async_url, pool_size=1, max_overflow=0, pool_timeout=2)
+        async with engine.connect() as conn:  # start-up work, before the factory
+            pid = (await conn.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
+        Session = factory(engine, f"{service}-{turns}")
+        if dead:
+            async with Session() as session:  # made through the factory's hooks now
+                pid = (await session.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
+            pg_server.execute(f"SELECT pg_terminate_backend({int(pid)})")
+            await wait_for_async(lambda: _ended(pg_server, pid), "the backend to end")
+        task = asyncio.create_task(Session.run(select_n, 7))
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert engine.pool.checkedout() == 0, f"cancelled after {turns} turns"  # type: ignore[attr-defined]
+        assert await Session.run(select_n, 8) == 8
+
+
+def _ended(pg_server: PostgresServer, pid: int) -> bool:
+    return not pg_server.execute(f"SELECT 1 FROM pg_stat_activity WHERE pid = {int(pid)}")
