@@ -509,13 +509,22 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                             s, flush_and_commit, request, self._hooks.commit, _prune_after
                         )
                     except Exception as exc:
+                        if request.answered:  # raised after its COMMIT succeeded: committed
+                            self.policy.failed_after_commit(exc, request.may_have_written())
+                            raise
                         if joined and commits_in_callers_transaction(joined, request):
                             raise  # no COMMIT was its to send: not a lost COMMIT answer
                         if lost_with_its_connection(record, exc) is not None:
                             raise  # none was sent: the transaction went with the connection
                         await self._commit_failed(exc, request, s)
                         if own:  # (a run_in caller's session is the caller's to roll back)
-                            await s.run_sync(end_committed_transactions, request)
+                            try:  # (its after_commit listeners fire now: committed)
+                                await s.run_sync(end_committed_transactions, request)
+                            except Exception as after:
+                                self.policy.failed_after_commit(
+                                    after, request.may_have_written()
+                                )
+                                raise
                     except BaseException as interruption:  # cancelled or interrupted: not verified
                         self._referee.interrupted(request, interruption)
                         if record.enclosing is not None and request.committing:
@@ -567,7 +576,11 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                             s.sync_session.close()
                     else:  # sync only
                         _close(s, quiet=failed)
-                except Exception:
+                except Exception as after:
+                    # raised by your session class's own close after the unit's COMMIT
+                    # succeeded: the unit is committed (not where it ran with self-healing off)
+                    if not failed and request is not None:
+                        self.policy.failed_after_commit(after, request.may_have_written())
                     raise
                 except BaseException as interruption:
                     # interrupted while the session closed (your class's own close, a

@@ -1467,6 +1467,9 @@ class CommitRequest:
     transaction: Any = None  # the session's root transaction that COMMIT ends
     attempt: AttemptRecord | None = None  # the unit's attempt (it saw the connections)
     warned: bool = False  # a COMMIT that wrote was answered with a WARNING (UnprovenCommit)
+    #: every COMMIT of the transaction returned, and its ``commit()`` raised after them (an
+    #: ``after_commit`` or ``after_transaction_end`` listener): the unit is committed
+    answered: bool = False
     #: a lost answer in a transaction spanning several connections, as settled (``_unit.Split``)
     split: Any = None
 

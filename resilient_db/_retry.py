@@ -377,6 +377,32 @@ class Policy:
             event="partly_committed",
         )
 
+    def failed_after_commit(self, exc: BaseException, wrote: bool) -> None:
+        """A unit's COMMIT succeeded, and ``exc`` came after it: from an ``after_commit`` or
+        ``after_transaction_end`` listener, or the session class's own ``close()``. The unit is
+        done: never replayed (it would write again, and its listeners run again), ``exc`` raised
+        as it is. When the unit may have written, marked and said as a partly committed one
+        (a web answer: the change is saved, don't resubmit blindly)."""
+        if not wrote:
+            self.not_replayable(
+                exc, "its COMMIT succeeded (nothing written), and the error came after it"
+            )
+            return
+        mark_partly_committed(exc)
+        emit(
+            self.config,
+            log_retry,
+            logging.WARNING,
+            "Not replaying: service=%s the unit's COMMIT succeeded, then %s was raised after it "
+            "(by an after_commit or after_transaction_end listener, or the session's close): "
+            "the unit is committed; raising the error",
+            self.service,
+            type(exc).__name__,
+            service=self.service,
+            event="partly_committed",
+            outcome="committed",
+        )
+
     def not_replayable(self, exc: BaseException, why: str) -> None:
         """An attempt failed whose replay can't be what a first attempt would have been
         (``why``): ``exc`` is raised as it is. Said only for an error that would have been

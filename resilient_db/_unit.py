@@ -70,6 +70,7 @@ from ._config import Config, factory_config, register_default_user
 from ._errors import CircuitOpenError, CommitOutcomeUnknownError
 from ._internals import (
     asyncpg_socket_fd,
+    commit_returned,
     committed_unclosed,
     fire_after_commit,
     psycopg_notify_handler,
@@ -342,6 +343,10 @@ def flush_and_commit(
     token = current_request.set(request)
     try:
         session.commit()
+    except Exception:
+        # raised after every COMMIT returned (a listener of yours): committed, see _attempt
+        request.answered = commit_returned(transaction)
+        raise
     finally:
         current_request.reset(token)
     if request.warned:

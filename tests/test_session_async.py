@@ -1790,7 +1790,7 @@ async def test_a_unit_cancelled_while_the_pool_replaces_its_connection_returns_t
             async with Session() as session:  # made through the factory's hooks now
                 pid = (await session.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
             pg_server.execute(f"SELECT pg_terminate_backend({int(pid)})")
-            await wait_for_async(lambda: _ended(pg_server, pid), "the backend to end")
+            await wait_for_async(functools.partial(_ended, pg_server, pid), "the backend to end")
         task = asyncio.create_task(Session.run(select_n, 7))
         for _ in range(turns):
             await asyncio.sleep(0)
