@@ -683,6 +683,31 @@ def test_committed_unclosed_tells_a_transaction_between_its_commit_and_its_close
     assert not _internals.committed_unclosed(session), message  # closed
 
 
+def test_commit_returned_tells_an_error_after_the_commits_from_one_before() -> None:
+    message = _says(
+        "SQLAlchemy",
+        "SessionTransaction._state (COMMITTED, CLOSED)",
+        "commit_returned",
+        "an error raised by an after_commit listener after a unit's COMMIT succeeded is settled "
+        "as a failed COMMIT, and may be replayed",
+    )
+    for event_name, failing in (
+        ("before_commit", False),
+        ("after_commit", True),
+        ("after_transaction_end", True),
+    ):
+        session = Session()  # (no bind: a transaction without connections commits with no I/O)
+        transaction = session.begin()
+
+        def fail(*_: Any) -> None:
+            raise RuntimeError("a listener failed")
+
+        sa.event.listen(session, event_name, fail)
+        with pytest.raises(RuntimeError):
+            session.commit()
+        assert _internals.commit_returned(transaction) is failing, (event_name, message)
+
+
 def test_last_do_connect_tells_the_order_of_listeners() -> None:
     engine = sa.create_engine("postgresql+psycopg://u:p@127.0.0.1:1/db")  # never connected
 
