@@ -1448,8 +1448,10 @@ _CONNECT_EVENTS = (
 )
 
 
-#: the class each sync factory's own class subclasses, by the ``class_`` given (see
-#: :func:`listening_base`): one per class an application gives, kept with it
+#: the class attribute of a ``class_`` given that holds its listening base (see
+#: :func:`listening_base`)
+_BASE_ATTR: Final = "_rdb_listening_base"
+#: the listening bases of classes that take no attribute (kept for good)
 _listening_bases: dict[type[Any], type[Any]] = {}
 
 
@@ -1463,16 +1465,25 @@ def listening_base(given: type[Any]) -> type[Any]:
     keeps an entry per class that listened for good (keyed by its ``id()``, not freed with the
     class): a process making a factory per request, tenant or test grew without bound, which
     ``sessionmaker`` does not. Registered here once per class given, plain sessions of
-    ``Session`` (or of your class) don't hear them."""
+    ``Session`` (or of your class) don't hear them.
+
+    The base is kept on the class given (an attribute of its own, not inherited), so it lives
+    as long as that class does: a class made per tenant (one whose ``get_bind`` holds the
+    tenant's engine) is freed with its factories, its engine and pooled connections with it,
+    as under ``sessionmaker`` (kept in a module-level table, every such class and engine was
+    kept for good)."""
     with STATE.lock:
-        base = _listening_bases.get(given)
+        base = given.__dict__.get(_BASE_ATTR) or _listening_bases.get(given)
         if base is None:
             base = type(
                 given.__name__,
                 (given,),
                 {"__module__": given.__module__, "__qualname__": given.__qualname__},
             )
-            _listening_bases[given] = base
+            try:
+                setattr(given, _BASE_ATTR, base)
+            except (AttributeError, TypeError):  # a class that takes no attribute
+                _listening_bases[given] = base
     install_connect_retry(base)
     return base
 

@@ -2189,6 +2189,35 @@ def test_factories_made_and_dropped_leave_no_event_registrations(
     assert len(entries) - before < 10
 
 
+# (the pooled connection of an engine dropped without dispose() is closed by the collector,
+# which psycopg warns of, as under sessionmaker)
+@pytest.mark.filterwarnings("ignore:.*was deleted while still open:ResourceWarning")
+def test_a_session_class_made_per_tenant_is_freed_with_its_factory_and_engine(
+    pg_url: str, service: str
+) -> None:
+    """A ``class_`` made per tenant whose ``get_bind`` holds the tenant's engine: once the
+    factory and the class are dropped, the engine and its pooled connection are freed, as under
+    ``sessionmaker``. Before: the factories' shared listening base was kept in a module-level
+    table by the class given, which kept every such class, engine and connection for good."""
+    engines: list[weakref.ref[sa.Engine]] = []
+    for _ in range(3):
+        engine = sa.create_engine(pg_url)
+
+        class TenantSession(Session):
+            tenant_engine = engine
+
+            def get_bind(self, *args: Any, **kwargs: Any) -> Any:
+                return self.tenant_engine
+
+        factory = rdb.ResilientSession(service=service, class_=TenantSession)
+        with factory() as session:
+            assert session.execute(sa.text("SELECT 1")).scalar_one() == 1
+        engines.append(weakref.ref(engine))
+        del factory, session, TenantSession, engine
+    gc.collect()
+    assert [ref() for ref in engines] == [None, None, None]
+
+
 @pytest.mark.asyncio
 async def test_async_begin_whose_commit_fails_leaves_the_session_as_plain(
     async_engine: AsyncEngine, engine: sa.Engine, service: str
