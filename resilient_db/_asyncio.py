@@ -521,9 +521,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                             try:  # (its after_commit listeners fire now: committed)
                                 await s.run_sync(end_committed_transactions, request)
                             except Exception as after:
-                                self.policy.failed_after_commit(
-                                    after, request.may_have_written()
-                                )
+                                self.policy.failed_after_commit(after, request.may_have_written())
                                 raise
                     except BaseException as interruption:  # cancelled or interrupted: not verified
                         self._referee.interrupted(request, interruption)

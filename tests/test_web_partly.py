@@ -553,3 +553,49 @@ def test_a_groups_error_of_the_apps_own_after_a_committed_part_is_logged_not_los
     assert "Error 1 of the group:" in text
     assert "in bug" in text
     assert "KeyError: 'missing'" in text
+
+
+def test_an_error_of_any_class_after_an_operation_committed_is_partly_committed(
+    direct: sa.Engine, service: str
+) -> None:
+    """A ``with_self_healing`` route whose unit committed, then failing with an error of the
+    application's own class (a ``KeyError``): answered 500 ``partly-committed`` without
+    ``failure``, as the README says "whatever its class". Before: only the classes the
+    handlers are registered for were, and a ``KeyError`` got Starlette's plain 500, which says
+    nothing of the saved part. The same error with nothing committed stays a plain 500; the
+    application's own ``Exception`` handler, registered before, still answers that one."""
+    Sessions = rdb.ResilientSession(direct, service=service, config=rdb.Config())
+    keys: list[str] = []
+
+    @rdb.with_self_healing(service=f"{service}-api")
+    def committed_then_failed(request: Request) -> JSONResponse:
+        keys.append(str(uuid.uuid4()))
+        Sessions.run(lambda s: create_task(s, title="first", idem_key=keys[-1]))
+        raise KeyError("a bug of the route's own")
+
+    def failed(request: Request) -> JSONResponse:
+        raise KeyError("a bug of the route's own")
+
+    app = Starlette()
+    app.add_route("/change", committed_then_failed, methods=["POST"])
+    app.add_route("/plain", failed, methods=["POST"])
+    install_exception_handlers(app)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        partly(client.post("/change"), None)
+        plain = client.post("/plain")
+    assert saved(direct, keys[-1]) == 1
+    assert (plain.status_code, plain.text) == (500, "Internal Server Error")
+
+    def own(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"own": type(exc).__name__}, status_code=500)
+
+    mine = Starlette()
+    mine.add_route("/change", committed_then_failed, methods=["POST"])
+    mine.add_route("/plain", failed, methods=["POST"])
+    mine.add_exception_handler(Exception, own)
+    install_exception_handlers(mine)
+    install_exception_handlers(mine)  # again: the application's handler is kept
+    with TestClient(mine, raise_server_exceptions=False) as client:
+        partly(client.post("/change"), None)
+        assert client.post("/plain").json() == {"own": "KeyError"}
+    assert [saved(direct, key) for key in keys] == [1, 1]

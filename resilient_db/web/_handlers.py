@@ -16,7 +16,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from resilient_db._classify import failure_detail
@@ -212,33 +212,59 @@ class _ProblemHandler:
     that registering for broad classes (``DBAPIError``, ``OSError``) takes nothing from the
     application: to the application's handler of the nearest class in the error's MRO (looked
     up at each error, so handlers registered later count), where a handler of ours stands for
-    the one it ``displaced`` (the application's own for that class, registered before us)."""
+    the one it ``displaced`` (the application's own for that class, registered before us).
+
+    ``last_resort``: the one registered for ``Exception``, which Starlette calls (in its
+    ``ServerErrorMiddleware``) for an error no other handler answered, and then raises the
+    error on to the server, which logs it. It answers only an error of any class marked partly
+    committed (a ``KeyError`` of the application's own after a unit committed part of the
+    change): a plain 500 would say nothing of the saved part. Anything else goes to the
+    application's own ``Exception`` (or ``500``) handler it displaced, or gets Starlette's
+    plain 500."""
 
     def __init__(
         self,
         app: Starlette,
         config: Config | None,
         type_base: str,
-        displaced: Mapping[type[Exception], _Handler],
+        displaced: Mapping[Any, _Handler],
+        *,
+        last_resort: bool = False,
     ) -> None:
         self._app = app
         self._config = config
         self._type_base = type_base
         self.displaced = displaced
+        self.last_resort = last_resort
 
     async def __call__(self, request: Request | WebSocket, exc: Exception) -> Any:
         problem = problem_details(exc, config=self._config, type_base=self._type_base)
+        if (
+            self.last_resort
+            and problem is not None
+            and problem.body["type"] != (self._type_base + PARTLY)
+        ):
+            # (an error raised in a middleware, outside the handlers: not answered, as before)
+            problem = None
         if problem is not None:
             # (not when a partly-committed change is answered: the line says "answered 503")
             exhausted = [e for e in group_errors(exc) or [exc] if pool_exhausted(e)]
             if exhausted and problem.status == 503:
                 report_pool_exhausted(self._config, exhausted[0])
-            report_unseen_failure(problem, exc, self._config, self._type_base)
+            if not self.last_resort:  # (Starlette raises that one on to the server: logged)
+                report_unseen_failure(problem, exc, self._config, self._type_base)
             if isinstance(request, WebSocket):
                 # an HTTP response is no answer on a WebSocket (after accept() it is a protocol
                 # error that hides this one): close it, saying why in a few words
                 return await close_websocket(request, problem, exc)
             return problem_response(problem)
+        if self.last_resort:
+            own = self.displaced.get(Exception)
+            if own is None:  # Starlette's own answer, when there is no handler of Exception
+                return PlainTextResponse("Internal Server Error", status_code=500)
+            if is_async_callable(own):
+                return await own(request, exc)
+            return await run_in_threadpool(own, request, exc)
         handler = self._applications(exc)
         if handler is None:
             # Starlette's ServerErrorMiddleware: the app's handler of Exception (or 500), else
@@ -296,7 +322,10 @@ def install_exception_handlers(
     work before one of its tasks failed). An error of the application's own that such an
     answer hides from its handlers and the server (answered ``partly-committed``, or beside
     another error of its group) is logged as an ERROR of ``resilient_db.web``, with its
-    traceback (no text of a database error). Not answered: errors of a mounted sub-application
+    traceback (no text of a database error). An error of another class marked partly
+    committed (a ``KeyError`` of the route's own after its unit committed) is answered by the
+    handler registered for ``Exception`` too (Starlette's last resort, which answers nothing
+    else and keeps the application's own). Not answered: errors of a mounted sub-application
     (install on it too), errors raised in a middleware (outside Starlette's handlers), and
     errors raised after the response started (a ``BackgroundTask``, a streaming body):
     Starlette raises its "response already started" ``RuntimeError`` from them instead. Call it
@@ -327,3 +356,13 @@ def install_exception_handlers(
     handle = _ProblemHandler(app, config, type_base, displaced)
     for cls in handled:
         app.add_exception_handler(cls, handle)
+    # an error of any other class the application raises after part of its change committed
+    # (see _ProblemHandler): Starlette's handler of Exception, the application's kept for the
+    # rest (its 500 handler is the same one to Starlette)
+    own: _Handler | None = app.exception_handlers.get(Exception) or app.exception_handlers.get(500)
+    if isinstance(own, _ProblemHandler):  # installed again
+        own = own.displaced.get(Exception)
+    last = _ProblemHandler(
+        app, config, type_base, {} if own is None else {Exception: own}, last_resort=True
+    )
+    app.add_exception_handler(Exception, last)
