@@ -433,20 +433,24 @@ def committed_unclosed(session: Any) -> bool:
     return getattr(state, "name", None) == "COMMITTED"
 
 
-def commit_returned(transaction: Any) -> bool:
+def commit_returned(transaction: Any, *, prepared_committed: bool) -> bool:
     """Whether ``transaction`` (the root transaction a ``Session.commit()`` that raised was
     called on) got past its COMMITs: every one returned, and the error came after them, from
-    an ``after_commit`` listener or SQLAlchemy's removal of the transaction's snapshot
-    (``COMMITTED``) or an ``after_transaction_end`` listener as it closed (``CLOSED``). A
+    an ``after_commit`` listener or SQLAlchemy's removal of the transaction's snapshot (state
+    ``COMMITTED``) or an ``after_transaction_end`` listener as it closed (``CLOSED``). A
     COMMIT that failed, or an error before it (a ``before_commit`` listener, the flush), leaves
-    it ``PREPARED`` or ``ACTIVE``.
+    it ``PREPARED`` or ``ACTIVE``; a two-phase session's failed PREPARE closes it too
+    (SQLAlchemy rolls it back), so ``CLOSED`` counts for one only when every PREPARE's
+    COMMIT PREPARED went out (``prepared_committed``).
 
     Private: ``SessionTransaction._state``, as :func:`committed_unclosed` (verified 2.0.24,
     2.1.9). Gone: False (degrading to before: such an error is settled as a failed COMMIT,
     and may be replayed; the canary fails). Public alternative: none.
     """
-    state = getattr(transaction, "_state", None)
-    return getattr(state, "name", None) in ("COMMITTED", "CLOSED")
+    state = getattr(getattr(transaction, "_state", None), "name", None)
+    if state == "CLOSED":
+        return prepared_committed or not transaction.session.twophase
+    return state == "COMMITTED"
 
 
 def last_do_connect(dialect: Any, listener: Any) -> bool:

@@ -345,7 +345,12 @@ def flush_and_commit(
         session.commit()
     except Exception:
         # raised after every COMMIT returned (a listener of yours): committed, see _attempt
-        request.answered = commit_returned(transaction)
+        prepared = request.two_phase
+        request.answered = commit_returned(
+            transaction,
+            prepared_committed=prepared is not None
+            and len(request.two_phase_commits or ()) == len(prepared),
+        )
         raise
     finally:
         current_request.reset(token)

@@ -181,3 +181,21 @@ def test_a_listener_failing_as_a_verified_commit_ends_is_not_replayed(
         assert partly_committed(info.value)
     finally:
         proxied.dispose()
+
+
+def test_a_two_phase_unit_whose_prepare_failed_is_not_taken_for_committed(
+    engine: sa.Engine, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLAlchemy closes a two-phase transaction whose PREPARE failed (here: the server allows
+    no prepared transactions), as it closes one that committed: that is no COMMIT that
+    succeeded, and the error is not marked saved."""
+    Orders = rdb.ResilientSession(engine, service=service, twophase=True)
+    tag = str(uuid.uuid4())
+    with (
+        caplog.at_level("WARNING", logger="resilient_db"),
+        pytest.raises(sa.exc.DBAPIError) as info,
+    ):
+        Orders.run(place_order, tag)
+    assert not partly_committed(info.value)
+    assert orders(engine, tag) == 0
+    assert not [r for r in caplog.records if "COMMIT succeeded" in r.getMessage()]

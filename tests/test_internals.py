@@ -705,7 +705,8 @@ def test_commit_returned_tells_an_error_after_the_commits_from_one_before() -> N
         sa.event.listen(session, event_name, fail)
         with pytest.raises(RuntimeError):
             session.commit()
-        assert _internals.commit_returned(transaction) is failing, (event_name, message)
+        returned = _internals.commit_returned(transaction, prepared_committed=False)
+        assert returned is failing, (event_name, message)
 
 
 def test_last_do_connect_tells_the_order_of_listeners() -> None:
