@@ -34,7 +34,7 @@ from ._classify import Classifier, debug_failure
 from ._commit import AttemptRecord, CommitProtocol, CommitRequest, CommitTicket, prune
 from ._config import Config
 from ._errors import TransactionStateError
-from ._internals import committed_unclosed, with_own_session_class
+from ._internals import PLAIN_COMMITS, committed_unclosed, with_own_session_class
 from ._observability import log_session
 from ._registry import factory_of, register_class, register_session
 from ._state import STATE
@@ -1049,8 +1049,21 @@ if True:  # async only
         its session class's. The commit protocol, the checks and the counters are the same."""
         await session.run_sync(_end_with, session, end, *args)
 
+    class _OwnFlush(_OwnMethods):
+        """:class:`_OwnMethods` of a class that overrides ``flush`` (or ``close``) and not
+        ``commit``: its commit is SQLAlchemy's, so the unit flushes first, through the class's
+        own ``flush`` (see ``_internals.commit_flushes``)."""
+
+        __slots__ = ()
+
+        def commit(self) -> None:
+            self._sync.commit()
+
+    PLAIN_COMMITS.add(_OwnFlush.commit)
+
     def _end_with(sync: Any, session: AsyncSession, end: Callable[..., None], *args: Any) -> None:
-        end(_OwnMethods(sync, session), *args)
+        own = type(session).commit is not AsyncSession.commit
+        end((_OwnMethods if own else _OwnFlush)(sync, session), *args)
 
     class _Ends(dict[type[AsyncSession], Callable[..., Awaitable[None]]]):
         """How a unit of each ``AsyncSession`` class ends, decided once per class:

@@ -70,6 +70,8 @@ from ._config import Config, factory_config, register_default_user
 from ._errors import CircuitOpenError, CommitOutcomeUnknownError
 from ._internals import (
     asyncpg_socket_fd,
+    commit_flushes,
+    commit_phase_reached,
     commit_returned,
     committed_unclosed,
     fire_after_commit,
@@ -334,23 +336,37 @@ def flush_and_commit(
     began for it (``session.commit()`` in ``fn``) has nothing left to commit: ``commit()`` would
     raise there, and the unit would be reported failed though its work is committed.
     """
-    session.flush()  # a failure here sent no COMMIT: the unit may simply be replayed
+    # its commit() flushes, as plain SQLAlchemy's does, where a before_commit listener (or your
+    # class's own commit) is to see the changes before the flush; otherwise flushed first
+    flushes = commit_flushes(session)
+    if not flushes:
+        session.flush()  # a failure here sent no COMMIT: the unit may simply be replayed
     request.transaction = transaction = session.get_transaction()
-    if transaction is None and not session.autobegin:
-        return  # nothing left to commit (see above)
+    if transaction is None:
+        if not session.autobegin:
+            if flushes:
+                session.flush()  # (changes with no transaction: refused, as above)
+            return  # nothing left to commit (see above)
+        if flushes:  # the transaction commit() would begin, begun here (no I/O) to be known
+            session.begin()
+            request.transaction = transaction = session.get_transaction()
     request.attempt = current_attempt.get()
     request.committing = True
     token = current_request.set(request)
     try:
         session.commit()
-    except Exception:
-        # raised after every COMMIT returned (a listener of yours): committed, see _attempt
-        prepared = request.two_phase
-        request.answered = commit_returned(
-            transaction,
-            prepared_committed=prepared is not None
-            and len(request.two_phase_commits or ()) == len(prepared),
-        )
+    except BaseException as exc:
+        if flushes and not commit_phase_reached(transaction):
+            # its flush or a before_commit listener failed: no COMMIT went out
+            request.committing = False
+        elif isinstance(exc, Exception):
+            # raised after every COMMIT returned (a listener of yours): committed, see _attempt
+            prepared = request.two_phase
+            request.answered = commit_returned(
+                transaction,
+                prepared_committed=prepared is not None
+                and len(request.two_phase_commits or ()) == len(prepared),
+            )
         raise
     finally:
         current_request.reset(token)
@@ -389,16 +405,16 @@ def _answered_with_a_warning(request: CommitRequest) -> None:
 
 
 def commit_plainly(session: Session) -> None:
-    """End a unit of work with self-healing off: flush and COMMIT as plain SQLAlchemy does,
+    """End a unit of work with self-healing off: COMMIT (and its flush) as plain SQLAlchemy does,
     nothing marked and nothing to verify (with it on, :func:`flush_and_commit` ends the unit).
 
     An enclosing unit of another factory, with self-healing on, is told that this one may have
     written: replaying it would run this committed unit again (without markers, a read-only
     COMMIT can't be told apart)."""
-    session.flush()
     if session.get_transaction() is None and not session.autobegin:
+        session.flush()  # (changes with no transaction: refused)
         return  # as in flush_and_commit
-    session.commit()
+    session.commit()  # (its flush: after the before_commit listeners, as plain SQLAlchemy's)
     enclosing = current_attempt.get()
     if enclosing is not None:
         enclosing.committed = True

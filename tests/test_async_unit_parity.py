@@ -122,7 +122,11 @@ async def test_a_unit_calls_its_session_classs_own_methods_as_the_sync_twin_does
     engine: sa.Engine, async_engine: AsyncEngine, service: str, outcome: str, enabled: bool
 ) -> None:
     """With self-healing on (the commit protocol) and off (plain SQLAlchemy code): the
-    overrides of ``class_=`` run, in the sync twin's order, and the unit commits once."""
+    overrides of ``class_=`` run, and the unit commits once. A class that overrides
+    ``commit`` does the unit's flush in it, as plain SQLAlchemy's ``commit()`` does (its
+    ``before_commit`` listeners see the changes): a sync session's ``commit()`` calls its own
+    ``flush``, an async session's ``commit()`` its sync session's, as under ``sessionmaker``
+    and ``async_sessionmaker``."""
     sync_calls, Sync, Async, async_calls = run_both(
         engine, async_engine, service, config=rdb.Config(enabled=enabled)
     )
@@ -142,7 +146,8 @@ async def test_a_unit_calls_its_session_classs_own_methods_as_the_sync_twin_does
     if outcome == "commits":
         assert Sync.run(sync_unit) == "done"
         assert await Async.run(async_unit) == "done"
-        assert sync_calls == async_calls == ["flush", "commit", "close"]
+        assert sync_calls == ["commit", "flush", "close"]
+        assert async_calls == ["commit", "close"]
     else:
         with pytest.raises(ValueError, match="own error"):
             Sync.run(sync_unit)
@@ -192,8 +197,10 @@ async def test_a_conflict_at_commit_is_replayed_through_the_session_classs_own_m
     await Async.run(async_unit)
 
     assert attempts == ["sync", "sync", "async", "async"]
-    once = ["flush", "commit"]
-    assert sync_calls == async_calls == [*once, "rollback", "close", *once, "close"]
+    # (the flush in each class's commit, as plain SQLAlchemy's: see the first test)
+    sync_once, async_once = ["commit", "flush"], ["commit"]
+    assert sync_calls == [*sync_once, "rollback", "close", *sync_once, "close"]
+    assert async_calls == [*async_once, "rollback", "close", *async_once, "close"]
     assert await count_items(async_engine, "sync") == 1
     assert await count_items(async_engine, "async") == 1
     assert counters(service)["retries"] == 1
@@ -228,7 +235,7 @@ async def test_a_lost_commit_answer_is_verified_through_the_session_classs_own_c
         await proxied.dispose()
     assert fault_proxy.commits_lost == 1
     assert attempts == [1]
-    assert calls == ["flush", "commit", "close"]
+    assert calls == ["commit", "close"]  # (its flush in its commit: see the first test)
     assert await count_items(async_engine, "once") == 1
     assert counters(service)["verified_commits"] == 1
 
@@ -436,3 +443,25 @@ async def test_a_unit_of_another_factory_in_a_task_is_not_said(
     assert await count_items(async_engine, "outer") == 1
     assert await count_items(async_engine, "inner-0") == 1
     assert await count_items(async_engine, "inner-1") == 1
+
+
+async def test_a_class_overriding_only_flush_has_it_called_by_the_unit(
+    async_engine: AsyncEngine, service: str
+) -> None:
+    """An async session class that overrides ``flush`` (to publish what it writes, say) and
+    not ``commit``: the unit flushes through it before its COMMIT, as before."""
+    calls: list[str] = []
+
+    class Flushing(AsyncSession):
+        async def flush(self, objects: Any = None) -> None:
+            calls.append("flush")
+            await super().flush(objects)
+
+    Async = AsyncResilientSession(async_engine, service=service, class_=Flushing)
+
+    async def unit(session: AsyncSession) -> None:
+        session.add(Item(name="flushed"))
+
+    await Async.run(unit)
+    assert calls == ["flush"]
+    assert await count_items(async_engine, "flushed") == 1

@@ -1,0 +1,169 @@
+"""A unit's ``before_commit`` listeners see its changes, as under plain SQLAlchemy, whose
+``commit()`` calls them before it flushes: the outbox idiom (collect ``session.new`` in
+``before_commit``, publish in ``after_commit``) and stamping pending rows work in units. Before,
+a unit flushed first, so they saw a clean session. A failure of the flush that ``commit()``
+then does is still a failure before any COMMIT: a deadlock there is replayed."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+import resilient_db as rdb
+
+pytestmark = pytest.mark.usefixtures("no_backoff")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Order(Base):
+    __tablename__ = "bc_orders"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    note: Mapped[str] = mapped_column(default="")
+
+
+@pytest.fixture
+def engine(pg_url: str) -> Iterator[sa.Engine]:
+    eng = sa.create_engine(pg_url)
+    Base.metadata.create_all(eng)
+    rdb.install_commit_markers(eng)
+    yield eng
+    eng.dispose()
+
+
+def outbox(target: Any, published: list[int]) -> None:
+    """Collect the new orders in ``before_commit`` (and stamp them), publish in
+    ``after_commit``."""
+
+    def collect(session: Session) -> None:
+        for order in session.new:
+            if isinstance(order, Order):
+                order.note = "stamped"
+                session.info.setdefault("outbox", []).append(order.id)
+
+    def publish(session: Session) -> None:
+        published.extend(session.info.pop("outbox", []))
+
+    event.listen(target, "before_commit", collect)
+    event.listen(target, "after_commit", publish)
+
+
+def notes(engine: sa.Engine) -> dict[int, str]:
+    with engine.connect() as conn:
+        return {row.id: row.note for row in conn.execute(sa.select(Order.id, Order.note))}
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_before_commit_listeners_of_a_unit_see_its_changes(
+    engine: sa.Engine, service: str, enabled: bool
+) -> None:
+    Orders = rdb.ResilientSession(engine, service=service, config=rdb.Config(enabled=enabled))
+    published: list[int] = []
+    outbox(Orders, published)
+
+    Orders.run(lambda s: s.add(Order(id=1)))
+
+    @Orders.transactional
+    def place(session: Session, order_id: int) -> None:
+        session.add(Order(id=order_id))
+
+    place(2)
+    with Orders.begin() as session:  # drop-in, as before
+        session.add(Order(id=3))
+    assert published == [1, 2, 3]
+    assert notes(engine) == {1: "stamped", 2: "stamped", 3: "stamped"}
+
+
+def test_a_session_classs_own_commit_sees_the_units_changes(
+    engine: sa.Engine, service: str
+) -> None:
+    seen: list[int] = []
+
+    class Auditing(Session):
+        def commit(self) -> None:
+            seen.extend(o.id for o in self.new if isinstance(o, Order))
+            super().commit()
+
+    Orders = rdb.ResilientSession(engine, service=service, class_=Auditing)
+    Orders.run(lambda s: s.add(Order(id=7)))
+    assert seen == [7]
+    assert notes(engine) == {7: ""}
+
+
+def test_a_deadlock_in_the_flush_after_the_before_commit_listeners_is_replayed(
+    engine: sa.Engine, service: str
+) -> None:
+    """The flush ``commit()`` does after the listeners meets a real deadlock (the unit waits
+    first, with the shorter ``deadlock_timeout``: it is the victim): no COMMIT went out, so the
+    unit is replayed, not settled as a COMMIT that failed."""
+    with engine.begin() as conn:
+        conn.execute(sa.insert(Order), [{"id": 10}, {"id": 11}])
+    Orders = rdb.ResilientSession(engine, service=service)
+    published: list[int] = []
+    outbox(Orders, published)
+    attempts: list[int] = []
+    other_locked = threading.Event()
+    mine_locked = threading.Event()
+
+    def other() -> None:
+        with engine.begin() as conn:
+            conn.execute(sa.text("SET LOCAL deadlock_timeout = '10s'"))  # the unit is the victim
+            conn.execute(sa.update(Order).where(Order.id == 11).values(note="other"))
+            other_locked.set()
+            mine_locked.wait(10)
+            conn.execute(sa.update(Order).where(Order.id == 10).values(note="other"))
+
+    thread = threading.Thread(target=other)
+
+    def unit(session: Session) -> None:
+        attempts.append(1)
+        session.execute(sa.text("SET LOCAL deadlock_timeout = '20ms'"))
+        session.execute(sa.update(Order).where(Order.id == 10).values(note="mine"))
+        order = session.get(Order, 11)
+        assert order is not None
+        order.note = "mine"  # flushed by commit(), after the listeners: waits for the other
+        session.add(Order(id=12))
+        if len(attempts) == 1:
+            thread.start()
+            other_locked.wait(10)
+            mine_locked.set()
+
+    Orders.run(unit)
+    thread.join(10)
+    assert len(attempts) == 2  # the unit was the deadlock's victim, in its flush: replayed
+    assert published == [12]
+    assert notes(engine) == {10: "mine", 11: "mine", 12: "stamped"}
+
+
+@pytest.mark.asyncio
+async def test_async_before_commit_listeners_of_a_unit_see_its_changes(
+    engine: sa.Engine, pg_async_url: str, service: str
+) -> None:
+    class Listening(Session):
+        pass
+
+    published: list[int] = []
+    outbox(Listening, published)
+    async_engine = create_async_engine(pg_async_url)
+    try:
+        Orders = rdb.AsyncResilientSession(
+            async_engine, service=service, sync_session_class=Listening
+        )
+
+        async def place(session: AsyncSession) -> None:
+            session.add(Order(id=21))
+
+        await Orders.run(place)
+    finally:
+        await async_engine.dispose()
+    assert published == [21]
+    assert notes(engine) == {21: "stamped"}
