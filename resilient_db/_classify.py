@@ -188,12 +188,17 @@ def mark_breaker_open(exc: BaseException, seconds: float) -> None:
 
 def breaker_open_for(exc: BaseException) -> float:
     """Seconds the breaker recorded by :func:`mark_breaker_open` still refuses attempts for,
-    as of now (0: none recorded, or it has run out)."""
-    try:
-        seconds, when = getattr(exc, _BREAKER_OPEN_FOR)
-        return max(0.0, float(seconds) - (time.monotonic() - float(when)))
-    except Exception:  # not recorded, or a type whose attribute lookup misbehaves
-        return 0.0
+    as of now (0: none recorded, or it has run out), on ``exc`` or an error of its chain (the
+    driver's error a drop-in connect's policy marked, which SQLAlchemy then wrapped)."""
+    longest = 0.0
+    for error in error_chain(exc):
+        try:
+            seconds, when = getattr(error, _BREAKER_OPEN_FOR)
+            left = float(seconds) - (time.monotonic() - float(when))
+        except Exception:  # not recorded, or a type whose attribute lookup misbehaves
+            continue
+        longest = max(longest, left)
+    return longest
 
 
 _OUTCOME = "resilient_db_outcome"

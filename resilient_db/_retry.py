@@ -852,7 +852,10 @@ class Policy:
         try:
             result = attempt()
         except BaseException as exc:
-            mark_outcome(exc, self.failed(exc, probe, started))
+            outcome = self.failed(exc, probe, started)
+            mark_outcome(exc, outcome)
+            # (the operation around it answers with it: a Retry-After of this breaker's)
+            self._mark_if_opened(exc, outcome)
             raise
         self.succeeded(probe)
         return result
@@ -941,7 +944,9 @@ class Policy:
         try:
             result = await attempt()
         except BaseException as exc:
-            mark_outcome(exc, self.failed(exc, probe, started))
+            outcome = self.failed(exc, probe, started)
+            mark_outcome(exc, outcome)
+            self._mark_if_opened(exc, outcome)  # (as in call_once)
             raise
         self.succeeded(probe)
         return result

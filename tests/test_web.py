@@ -167,6 +167,54 @@ def test_refused_connections_give_503_then_the_open_breaker_503_with_retry_after
     fault_proxy.restore()
 
 
+@pytest.mark.parametrize(
+    "where", ["drop-in connect", "unit inside an operation", "drop-in inside an operation"]
+)
+def test_the_requests_own_failures_opening_the_breaker_give_its_retry_after_from_anywhere(
+    proxied: sa.Engine, fault_proxy: FaultProxy, service: str, where: str
+) -> None:
+    """The failures that opened the breaker were a drop-in session's connect (the driver's
+    error, marked, wrapped by SQLAlchemy), or a unit's or a drop-in session's inside an
+    operation of another service (which runs them once, its own breaker and retries around
+    them): the answer said Retry-After 1, and the client met the open circuit."""
+    # inside an operation a unit or drop-in session runs once per attempt of the operation,
+    # whose third attempt's failure opens the breaker; a drop-in connect retries on its own
+    nested = where != "drop-in connect"
+    Sessions = rdb.ResilientSession(
+        proxied,
+        service=service,
+        config=rdb.Config(max_retries=1, failure_threshold=3 if nested else 2),
+    )
+
+    def dropin() -> int:
+        with Sessions() as session:
+            return int(session.execute(sa.text("SELECT 1")).scalar_one())
+
+    def unit() -> int:
+        return Sessions.run(lambda s: int(s.execute(sa.text("SELECT 1")).scalar_one()))
+
+    api = rdb.Config(max_retries=2, failure_threshold=50)
+    calls = {
+        "drop-in connect": dropin,
+        "unit inside an operation": lambda: rdb.with_self_healing(
+            unit, service=f"{service}-api", config=api
+        ),
+        "drop-in inside an operation": lambda: rdb.with_self_healing(
+            dropin, service=f"{service}-api", config=api
+        ),
+    }
+    fault_proxy.refuse(cut=True)
+    with pytest.raises(sa.exc.OperationalError) as info:
+        calls[where]()
+    fault_proxy.restore()
+    assert rdb.health()["services"][service]["breaker"]["state"] == "open"
+    answer = problem_details(info.value)
+    assert answer is not None
+    assert answer.body["type"].endswith("database-unavailable")
+    assert 29 <= int(answer.headers["Retry-After"]) <= 30
+    assert "circuit breaker opened" in answer.body["detail"]
+
+
 # -- illegal transitions, by each path -------------------------------------------------------------
 @pytest.mark.parametrize(
     ("how", "via"), [("flush", "flush"), ("orm-update", "orm-update"), ("raw-sql", "db")]
