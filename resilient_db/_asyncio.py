@@ -487,6 +487,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                     failed = True
                     await _rollback_quietly(s)
                     raise
+            request = CommitRequest()
             # what the attempt commits for good is seen (see AttemptRecord)
             with AttemptRecord(self.policy) as record:
                 try:
@@ -501,7 +502,6 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                         if type(result) in _REFUSED_RESULTS:
                             _refuse_result(fn, result)
                         value = result
-                    request = CommitRequest()
                     try:
                         # flush and COMMIT (async: in one greenlet hop; with your session
                         # class's own flush and commit where it overrides them)
@@ -510,7 +510,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                         )
                     except Exception as exc:
                         if request.answered:  # raised after its COMMIT succeeded: committed
-                            self.policy.failed_after_commit(exc, request.may_have_written())
+                            self._failed_after_commit(exc, request, record)
                             raise
                         if joined and commits_in_callers_transaction(joined, request):
                             raise  # no COMMIT was its to send: not a lost COMMIT answer
@@ -521,7 +521,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                             try:  # (its after_commit listeners fire now: committed)
                                 await s.run_sync(end_committed_transactions, request)
                             except Exception as after:
-                                self.policy.failed_after_commit(after, request.may_have_written())
+                                self._failed_after_commit(after, request, record)
                                 raise
                     except BaseException as interruption:  # cancelled or interrupted: not verified
                         self._referee.interrupted(request, interruption)
@@ -546,7 +546,8 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                         why = joined_callers_transaction(joined, record)
                         if why is not None:
                             self.policy.not_replayable(error, why)
-                    await _rollback_quietly(s)
+                    if not request.answered:  # (committed: nothing to roll back)
+                        await _rollback_quietly(s)
                     if record.attached is not None:  # (changes a replay must make again)
                         restore_attached(self.policy, record, error)
                     if lost is not None:
@@ -588,6 +589,17 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                     if not failed and request is not None:
                         self._referee.interrupted(request, interruption)
                     raise
+
+    def _failed_after_commit(
+        self, exc: BaseException, request: CommitRequest, record: AttemptRecord
+    ) -> None:
+        """``exc`` came after the unit's COMMIT succeeded (see ``Policy.failed_after_commit``);
+        an enclosing attempt is told the unit committed, as after a unit that succeeded: code
+        that catches ``exc`` and fails later must not replay it."""
+        request.answered = True
+        if record.enclosing is not None:
+            record.unit_committed(request)
+        self.policy.failed_after_commit(exc, request.may_have_written())
 
     async def _commit_failed(
         self, exc: Exception, request: CommitRequest, session: AsyncSession
@@ -1037,6 +1049,11 @@ if True:  # async only
 
         def commit(self) -> None:
             _await(self._session.commit())
+
+        @property
+        def sync_target(self) -> Any:
+            """The sync session, for event listeners (see ``_unit.flush_and_commit``)."""
+            return self._sync
 
         def __getattr__(self, name: str) -> Any:
             return getattr(self._sync, name)

@@ -154,6 +154,26 @@ def partly_committed(exc: BaseException) -> bool:
     return any(getattr(err, _PARTLY_COMMITTED, False) for err in error_chain(exc))
 
 
+_NOT_REPLAYED = "resilient_db_not_replayed"
+
+
+def mark_not_replayed(exc: BaseException) -> None:
+    """Mark the error of an attempt that must not run again though it saved nothing (a
+    read-only unit whose ``after_commit`` listener failed: a replay would run the listener
+    again): never retried, and not said to be partly committed."""
+    with contextlib.suppress(AttributeError, TypeError):  # a type that takes no attributes
+        setattr(exc, _NOT_REPLAYED, True)
+
+
+def never_replayed(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an error it was raised from) is marked partly committed or not to
+    be replayed: the retry loop raises it as it is."""
+    return any(
+        getattr(err, _PARTLY_COMMITTED, False) or getattr(err, _NOT_REPLAYED, False)
+        for err in error_chain(exc)
+    )
+
+
 _COMMIT_UNANSWERED = "resilient_db_commit_unanswered"
 
 
@@ -934,7 +954,7 @@ class Classifier:
 
     def is_transient(self, exc: BaseException) -> bool:
         """See :func:`is_transient`."""
-        return self.classify(exc).replayable and not partly_committed(exc)
+        return self.classify(exc).replayable and not never_replayed(exc)
 
     def is_disconnect_code(self, code: str | None) -> bool:
         """True for SQLSTATEs after which the connection must not be reused."""

@@ -43,7 +43,6 @@ __all__ = [
     "asyncpg_statement_connection",
     "attribute_history",
     "commit_flushes",
-    "commit_phase_reached",
     "commit_returned",
     "committed_unclosed",
     "dml_values",
@@ -454,19 +453,6 @@ def commit_returned(transaction: Any, *, prepared_committed: bool) -> bool:
     if state == "CLOSED":
         return prepared_committed or not transaction.session.twophase
     return state == "COMMITTED"
-
-
-def commit_phase_reached(transaction: Any) -> bool:
-    """Whether ``transaction`` (a root transaction whose ``Session.commit()`` raised) got to
-    its COMMITs (or a two-phase session's PREPAREs): past the ``before_commit`` listeners and
-    the flush, which leave it ``ACTIVE`` (a listener's error) or ``DEACTIVE`` (a flush's).
-
-    Private: ``SessionTransaction._state``, as :func:`committed_unclosed` (verified 2.0.24,
-    2.1.9). Gone: True (degrading safely: such an error is settled as one of a COMMIT that may
-    have gone out, never replayed blindly; the canary fails). Public alternative: none.
-    """
-    state = getattr(getattr(transaction, "_state", None), "name", None)
-    return state not in ("ACTIVE", "DEACTIVE")
 
 
 def commit_flushes(session: Any) -> bool:

@@ -265,7 +265,7 @@ class LineLimit:
 _MAX_LIMITED_KEYS = 256
 
 
-_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)} | {
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))} | {
     0x2028: "\\u2028",
     0x2029: "\\u2029",
     0x0A: "\\n",

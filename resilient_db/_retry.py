@@ -35,9 +35,10 @@ from ._classify import (
     hot_standby_of,
     interrupted_commit,
     mark_breaker_open,
+    mark_not_replayed,
     mark_outcome,
     mark_partly_committed,
-    partly_committed,
+    never_replayed,
 )
 from ._config import Config
 from ._errors import CircuitOpenError
@@ -384,8 +385,21 @@ class Policy:
         as it is. When the unit may have written, marked and said as a partly committed one
         (a web answer: the change is saved, don't resubmit blindly)."""
         if not wrote:
-            self.not_replayable(
-                exc, "its COMMIT succeeded (nothing written), and the error came after it"
+            if not self.retry_on or not self._retry_predicate(exc):
+                return  # (not replayed anyway)
+            mark_not_replayed(exc)  # (nothing saved: not said to be partly committed)
+            emit(
+                self.config,
+                log_retry,
+                logging.WARNING,
+                "Not replaying: service=%s the unit's COMMIT succeeded (it wrote nothing), "
+                "then %s was raised after it (by an after_commit or after_transaction_end "
+                "listener, or the session's close): a replay would run them again; raising "
+                "the error",
+                self.service,
+                type(exc).__name__,
+                service=self.service,
+                event="not_replayable",
             )
             return
         mark_partly_committed(exc)
@@ -407,7 +421,7 @@ class Policy:
         """An attempt failed whose replay can't be what a first attempt would have been
         (``why``): ``exc`` is raised as it is. Said only for an error that would have been
         replayed."""
-        if partly_committed(exc) or not self.retry_on or not self._retry_predicate(exc):
+        if never_replayed(exc) or not self.retry_on or not self._retry_predicate(exc):
             return
         mark_partly_committed(exc)  # (the mark that keeps the policy from replaying it)
         emit(
@@ -477,7 +491,7 @@ class Policy:
 
     # -- tenacity plumbing -------------------------------------------------------------------
     def _retry_predicate(self, exc: BaseException) -> bool:
-        return not partly_committed(exc) and self.retryable(self.classifier.classify(exc))
+        return not never_replayed(exc) and self.retryable(self.classifier.classify(exc))
 
     def _wait(self, rs: _t.RetryCallState) -> float:
         exc = rs.outcome.exception() if rs.outcome is not None else None
@@ -680,7 +694,7 @@ class Policy:
         # counted or said, as the hooks are told nothing)
         if outcome is Outcome.NOT_TRANSIENT:
             self._gave_up_on_error(exc, retries)
-        elif outcome in _RETRYABLE and not partly_committed(exc) and self.config.enabled:
+        elif outcome in _RETRYABLE and not never_replayed(exc) and self.config.enabled:
             self.stats.add("gave_up")
             limit, why = self._limit(retries, spent, refused)
             if spent:
@@ -729,7 +743,7 @@ class Policy:
         if (
             retries == 0
             or not isinstance(exc, Exception)
-            or partly_committed(exc)
+            or never_replayed(exc)
             or not self.config.enabled
         ):
             return
@@ -870,7 +884,7 @@ class Policy:
         """The first attempt of :meth:`call` failed with ``exc``: record it, then retry or
         re-raise it. Drivers that run the first attempt inline call this directly."""
         outcome = self.failed(exc, probe, started)
-        if not self.retryable(outcome) or partly_committed(exc):
+        if not self.retryable(outcome) or never_replayed(exc):
             mark_outcome(exc, outcome)  # raised as it is: say how this factory classified it
             self._mark_if_opened(exc, outcome)
             raise exc
@@ -961,7 +975,7 @@ class Policy:
         """The first attempt of :meth:`acall` failed with ``exc``: record it, then retry or
         re-raise it. Async drivers that run the first attempt inline call this directly."""
         outcome = await self.afailed(exc, probe, started)
-        if not self.retryable(outcome) or partly_committed(exc):
+        if not self.retryable(outcome) or never_replayed(exc):
             mark_outcome(exc, outcome)  # raised as it is: say how this factory classified it
             self._mark_if_opened(exc, outcome)
             raise exc

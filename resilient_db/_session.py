@@ -420,6 +420,7 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                     failed = True
                     _rollback_quietly(s)
                     raise
+            request = CommitRequest()
             # what the attempt commits for good is seen (see AttemptRecord)
             with AttemptRecord(self.policy) as record:
                 try:
@@ -428,14 +429,13 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                     if type(result) in _REFUSED_RESULTS:
                         _refuse_result(fn, result)
                     value = result
-                    request = CommitRequest()
                     try:
                         # flush and COMMIT (async: in one greenlet hop; with your session
                         # class's own flush and commit where it overrides them)
                         flush_and_commit(s, request, self._hooks.commit, _prune_after)
                     except Exception as exc:
                         if request.answered:  # raised after its COMMIT succeeded: committed
-                            self.policy.failed_after_commit(exc, request.may_have_written())
+                            self._failed_after_commit(exc, request, record)
                             raise
                         if joined and commits_in_callers_transaction(joined, request):
                             raise  # no COMMIT was its to send: not a lost COMMIT answer
@@ -446,7 +446,7 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                             try:  # (its after_commit listeners fire now: committed)
                                 end_committed_transactions(s, request)
                             except Exception as after:
-                                self.policy.failed_after_commit(after, request.may_have_written())
+                                self._failed_after_commit(after, request, record)
                                 raise
                     except BaseException as interruption:  # cancelled or interrupted: not verified
                         self._referee.interrupted(request, interruption)
@@ -471,7 +471,8 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                         why = joined_callers_transaction(joined, record)
                         if why is not None:
                             self.policy.not_replayable(error, why)
-                    _rollback_quietly(s)
+                    if not request.answered:  # (committed: nothing to roll back)
+                        _rollback_quietly(s)
                     if record.attached is not None:  # (changes a replay must make again)
                         restore_attached(self.policy, record, error)
                     if lost is not None:
@@ -497,6 +498,17 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                     if not failed and request is not None:
                         self._referee.interrupted(request, interruption)
                     raise
+
+    def _failed_after_commit(
+        self, exc: BaseException, request: CommitRequest, record: AttemptRecord
+    ) -> None:
+        """``exc`` came after the unit's COMMIT succeeded (see ``Policy.failed_after_commit``);
+        an enclosing attempt is told the unit committed, as after a unit that succeeded: code
+        that catches ``exc`` and fails later must not replay it."""
+        request.answered = True
+        if record.enclosing is not None:
+            record.unit_committed(request)
+        self.policy.failed_after_commit(exc, request.may_have_written())
 
     def _commit_failed(self, exc: Exception, request: CommitRequest, session: Session) -> None:
         """COMMIT failed: return if it was verified committed, else raise."""

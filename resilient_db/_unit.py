@@ -71,7 +71,6 @@ from ._errors import CircuitOpenError, CommitOutcomeUnknownError
 from ._internals import (
     asyncpg_socket_fd,
     commit_flushes,
-    commit_phase_reached,
     commit_returned,
     committed_unclosed,
     fire_after_commit,
@@ -336,44 +335,77 @@ def flush_and_commit(
     began for it (``session.commit()`` in ``fn``) has nothing left to commit: ``commit()`` would
     raise there, and the unit would be reported failed though its work is committed.
     """
-    # its commit() flushes, as plain SQLAlchemy's does, where a before_commit listener (or your
-    # class's own commit) is to see the changes before the flush; otherwise flushed first
-    flushes = commit_flushes(session)
-    if not flushes:
+    if commit_flushes(session):
+        # a before_commit listener (or your class's own commit) sees the changes before they
+        # are flushed, as under plain SQLAlchemy: the flush and the COMMIT step come in
+        # commit(), after them (see _flushed_after_your_listeners)
+        _commit_after_your_listeners(session, request)
+    else:
         session.flush()  # a failure here sent no COMMIT: the unit may simply be replayed
-    request.transaction = transaction = session.get_transaction()
-    if transaction is None:
-        if not session.autobegin:
-            if flushes:
-                session.flush()  # (changes with no transaction: refused, as above)
+        request.transaction = session.get_transaction()
+        if request.transaction is None and not session.autobegin:
             return  # nothing left to commit (see above)
-        if flushes:  # the transaction commit() would begin, begun here (no I/O) to be known
-            session.begin()
-            request.transaction = transaction = session.get_transaction()
-    request.attempt = current_attempt.get()
-    request.committing = True
-    token = current_request.set(request)
-    try:
-        session.commit()
-    except BaseException as exc:
-        if flushes and not commit_phase_reached(transaction):
-            # its flush or a before_commit listener failed: no COMMIT went out
-            request.committing = False
-        elif isinstance(exc, Exception):
-            # raised after every COMMIT returned (a listener of yours): committed, see _attempt
-            prepared = request.two_phase
-            request.answered = commit_returned(
-                transaction,
-                prepared_committed=prepared is not None
-                and len(request.two_phase_commits or ()) == len(prepared),
-            )
-        raise
-    finally:
-        current_request.reset(token)
+        request.attempt = current_attempt.get()
+        request.committing = True
+        token = current_request.set(request)
+        try:
+            session.commit()
+        except Exception:
+            _raised_by_commit(request)
+            raise
+        finally:
+            current_request.reset(token)
     if request.warned:
         _answered_with_a_warning(request)
     if request.tickets and request.tickets[-1].mode == MARKERS and protocol.prune_due():
         prune_after(protocol, request)
+
+
+def _raised_by_commit(request: CommitRequest) -> None:
+    """The unit's ``session.commit()`` raised: after every COMMIT returned (a listener of
+    yours), the unit is committed (``request.answered``, see ``_attempt``)."""
+    prepared = request.two_phase
+    request.answered = commit_returned(
+        request.transaction,
+        prepared_committed=prepared is not None
+        and len(request.two_phase_commits or ()) == len(prepared),
+    )
+
+
+def _commit_after_your_listeners(session: Session, request: CommitRequest) -> None:
+    """:func:`flush_and_commit` of a session with a ``before_commit`` listener, or whose class
+    has its own ``commit``: ``commit()`` calls the listeners, then a listener of the session's
+    own registered here, which runs after them (SQLAlchemy calls a session's own listeners
+    after its class's, in the order they were added: this one is added last), flushes, and
+    starts the COMMIT step there. Until then the unit's request is not the context's: a
+    drop-in session that commits in the listeners (an audit row) is the unit's code
+    committing part of its work, not the unit's own COMMIT; a failure there sent no COMMIT."""
+    if session.get_transaction() is None:
+        if not session.autobegin:
+            session.flush()  # (changes with no transaction: refused, as flush_and_commit's)
+            return  # nothing left to commit (see flush_and_commit)
+        session.begin()  # the transaction commit() would begin (no I/O), to be known now
+    request.transaction = session.get_transaction()
+    request.attempt = current_attempt.get()
+    target = getattr(session, "sync_target", session)  # (an async class's stand-in: its own)
+    tokens: list[contextvars.Token[CommitRequest | None]] = []
+
+    def committing(listened: Session) -> None:
+        listened.flush()  # a failure here sent no COMMIT: the unit may simply be replayed
+        request.committing = True
+        tokens.append(current_request.set(request))
+
+    event.listen(target, "before_commit", committing)
+    try:
+        session.commit()
+    except Exception:
+        if tokens:
+            _raised_by_commit(request)
+        raise
+    finally:
+        event.remove(target, "before_commit", committing)
+        if tokens:
+            current_request.reset(tokens[0])
 
 
 class _UnboundProtocol:
@@ -2475,7 +2507,7 @@ class EngineHooks:
             driver = probe[2]
             if driver is not None:
                 if probe[1]():
-                    self._dead_at_checkout()
+                    self._dead_at_checkout(dbapi_connection)
                 # a transaction rolled back before it was returned
                 driver._rdb_may_write = driver._rdb_writes = False
                 # the connecting session has its connection (see _checkout_first)
@@ -2507,7 +2539,7 @@ class EngineHooks:
         else:
             dead = probe[1]()
         if dead:
-            self._dead_at_checkout()
+            self._dead_at_checkout(dbapi_connection)
         driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
         if getattr(driver, "_rdb_mode", None) is not None:
             # a transaction rolled back before it was returned
@@ -2516,6 +2548,7 @@ class EngineHooks:
             # made before this engine had a resilient factory: prepare it now (psycopg), or
             # have the pool replace it with one made through our do_connect (asyncpg, once)
             if self.commit.needs_replacing(dbapi_connection, record):
+                replaced_at_checkout.set(dbapi_connection)  # (see cancellation_after_terminate)
                 raise sa_exc.DisconnectionError("connection made before the commit protocol")
             self.commit.prepare(dbapi_connection, record)
         if getattr(driver, "_rdb_mode", None) is not None:  # prepared (stays so): fast from now
@@ -2527,7 +2560,7 @@ class EngineHooks:
         if connecting_for.get() is not None:
             connecting_for.set(None)
 
-    def _dead_at_checkout(self) -> NoReturn:
+    def _dead_at_checkout(self, dbapi_connection: Any) -> NoReturn:
         """A pooled connection found dead (its backend ended: a restart, a failover,
         ``pg_terminate_backend``): counted and said here, where one is found, so that a live
         checkout pays nothing for it; the pool replaces it."""
@@ -2542,6 +2575,7 @@ class EngineHooks:
             service=service,
             event="dead_pooled_connection",
         )
+        replaced_at_checkout.set(dbapi_connection)  # (see cancellation_after_terminate)
         raise sa_exc.DisconnectionError("pooled connection was closed by the server")
 
 
@@ -2610,28 +2644,41 @@ def hooks_for(
         return hooks
 
 
+#: the pooled connection the pool is replacing at checkout in this context (see
+#: :func:`cancellation_after_terminate`), set as the checkout listener raises
+replaced_at_checkout: contextvars.ContextVar[Any] = contextvars.ContextVar(
+    "resilient_db_replaced_at_checkout", default=None
+)
+
+
 def cancellation_after_terminate(dialect: Any) -> None:
-    """Have a cancellation that lands while ``dialect`` terminates a connection delivered at
-    the task's next ``await`` instead (the engine's own dialect, wrapped once).
+    """Have a cancellation that lands while ``dialect`` terminates a pooled connection the
+    factory's checkout listener found dead, or made before the factory (see
+    ``EngineHooks.checkout``), delivered at the task's next ``await`` instead (the engine's
+    own dialect, wrapped once).
 
     SQLAlchemy's async adapters close a connection being invalidated gracefully, awaiting the
     server (asyncpg: up to 2 s), and on a cancellation there close it at once and raise the
-    ``CancelledError``. The pool's checkout invalidates a connection (one the factory's hooks
-    found dead, or made before the factory: see ``EngineHooks.checkout``) outside the part
-    of it that gives the slot back on failure, so a unit cancelled there (a client gone, a
+    ``CancelledError``. The pool's checkout invalidates such a connection outside the part of
+    it that gives the slot back on failure, so a unit cancelled there (a client gone, a
     deadline) kept the pool's slot for good: once every slot was gone, each unit waited out
-    ``pool_timeout`` (SQLAlchemy's ``pool_pre_ping`` meets the same). Here the connection is
-    closed all the same, and the task cancelled again at once: the cancellation comes at the
-    next ``await`` (the replacement's connect, where the pool does give the slot back), or when
-    the task's coroutine returns, never lost; the task's count of cancellations is left as it
-    was (``asyncio.timeout`` still turns it into ``TimeoutError``). Written by hand: no
-    SQLAlchemy option or event covers this; ``do_terminate`` is the dialect's public method.
+    ``pool_timeout``. Here the connection is closed all the same, and the task cancelled again
+    at once: the cancellation comes at the checkout's next ``await``, the replacement's
+    connect, where the pool gives the slot back; the task's count of cancellations is left as
+    it was (``asyncio.timeout`` still turns it into ``TimeoutError``). Only there: a connection
+    invalidated under a statement's error is terminated as SQLAlchemy does (its cancellation
+    replaces the error, as the application expects). Written by hand: no SQLAlchemy option or
+    event covers this; ``do_terminate`` is the dialect's public method.
     """
     if dialect.__dict__.get("_rdb_terminate_wrapped"):
         return
     terminate = dialect.do_terminate
 
     def do_terminate(dbapi_connection: Any) -> None:
+        if replaced_at_checkout.get() is not dbapi_connection:
+            terminate(dbapi_connection)
+            return
+        replaced_at_checkout.set(None)
         try:
             terminate(dbapi_connection)
         except asyncio.CancelledError as cancelled:

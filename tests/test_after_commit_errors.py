@@ -8,6 +8,7 @@ failures of a healthy database."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -120,9 +121,11 @@ def test_a_read_only_unit_whose_listener_fails_after_the_commit_is_not_replayed(
     calls: list[int] = []
     event.listen(Orders, "after_commit", failing_audit(audit, "40001", calls))
 
-    with pytest.raises(sa.exc.DBAPIError):
+    with pytest.raises(sa.exc.DBAPIError) as info:
         Orders.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one())
     assert calls == [1]
+    assert not partly_committed(info.value)  # (a web answer says nothing of a saved part)
+    assert not rdb.is_transient(info.value)
 
 
 @pytest.mark.asyncio
@@ -199,3 +202,29 @@ def test_a_two_phase_unit_whose_prepare_failed_is_not_taken_for_committed(
     assert not partly_committed(info.value)
     assert orders(engine, tag) == 0
     assert not [r for r in caplog.records if "COMMIT succeeded" in r.getMessage()]
+
+
+def test_an_enclosing_attempt_is_told_of_a_nested_unit_committed_before_its_error(
+    engine: sa.Engine, audit: sa.Engine, service: str
+) -> None:
+    """A unit of another factory, run inside an operation, commits; its ``after_commit``
+    listener fails. The operation's code catches that error (the audit is not essential) and
+    then fails with a transient error: the operation is not replayed, since the nested unit's
+    write is committed. Before, it was: the order was written twice."""
+    Orders = rdb.ResilientSession(engine, service=service)
+    calls: list[int] = []
+    event.listen(Orders, "after_commit", failing_audit(audit, "40001", calls))
+    tag = str(uuid.uuid4())
+    attempts: list[int] = []
+
+    def operation() -> None:
+        attempts.append(1)
+        with contextlib.suppress(sa.exc.DBAPIError):
+            Orders.run(place_order, tag)
+        with audit.connect() as conn:  # then a transient failure of the operation's own
+            conn.execute(sa.text("SELECT raise_code('40001')"))
+
+    with pytest.raises(sa.exc.OperationalError):
+        rdb.with_self_healing(operation, service=f"{service}-op")
+    assert attempts == [1]
+    assert orders(engine, tag) == 1

@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 import resilient_db as rdb
 
@@ -167,3 +167,59 @@ async def test_async_before_commit_listeners_of_a_unit_see_its_changes(
         await async_engine.dispose()
     assert published == [21]
     assert notes(engine) == {21: "stamped"}
+
+
+class Line(Base):
+    __tablename__ = "bc_lines"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    order_id: Mapped[int] = mapped_column(sa.ForeignKey("bc_orders.id"))
+    order: Mapped[Order] = relationship()  # (its order is inserted first)
+
+
+FAIL_FIRST_LINE = (
+    "CREATE SEQUENCE bc_seen",
+    "CREATE FUNCTION bc_fail_first() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+    "IF nextval('bc_seen') = 1 THEN RAISE EXCEPTION 'deadlock' USING ERRCODE = '40P01'; "
+    "END IF; RETURN NEW; END $$",
+    "CREATE TRIGGER bc_fail_first BEFORE INSERT ON bc_lines FOR EACH ROW "
+    "EXECUTE FUNCTION bc_fail_first()",
+    "CREATE TABLE bc_audit (id serial PRIMARY KEY, order_id int NOT NULL)",
+)
+
+
+@pytest.mark.parametrize("listening", [False, True])
+def test_a_flush_that_committed_a_side_write_before_it_failed_is_not_replayed(
+    engine: sa.Engine, service: str, listening: bool
+) -> None:
+    """A flush-time listener (a mapper's ``after_insert``) commits an audit row through a
+    drop-in session of the factory, then the same flush fails (40P01). The unit committed part
+    of its work: raised, not replayed, one audit row; with a ``before_commit`` listener (whose
+    flush comes inside ``commit()``) as without. Before, with one: the drop-in COMMIT was taken
+    for the unit's own (the unit's commit request was already the context's), the unit was
+    replayed and the audit row written twice."""
+    with engine.begin() as conn:
+        for statement in FAIL_FIRST_LINE:
+            conn.execute(sa.text(statement))
+    Orders = rdb.ResilientSession(engine, service=service)
+    if listening:
+        event.listen(Orders, "before_commit", lambda session: None)
+
+    def audit(mapper: Any, connection: Any, order: Order) -> None:
+        with Orders.begin() as session:  # committed on its own
+            session.execute(sa.text("INSERT INTO bc_audit (order_id) VALUES (:o)"), {"o": order.id})
+
+    event.listen(Order, "after_insert", audit)
+    attempts: list[int] = []
+
+    def unit(session: Session) -> None:
+        attempts.append(1)
+        session.add(Line(id=30, order=Order(id=30)))
+
+    try:
+        with pytest.raises(sa.exc.OperationalError):
+            Orders.run(unit)
+    finally:
+        event.remove(Order, "after_insert", audit)
+    assert attempts == [1]
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM bc_audit")).scalar_one() == 1

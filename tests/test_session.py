@@ -1468,7 +1468,8 @@ def test_transactional_refuses_a_method_which_would_get_the_session_as_self(
 
 
 @pytest.mark.parametrize(
-    "name", ["", os.fsdecode(b"caf\xe9"), "a\udcff", "tab\there", "line\u2028", "x" * 201]
+    "name",
+    ["", os.fsdecode(b"caf\xe9"), "a\udcff", "tab\there", "line\u2028", "nel\x85", "x" * 201],
 )
 def test_a_service_name_that_is_not_utf8_text_is_refused_at_once(
     engine: sa.Engine, name: str
