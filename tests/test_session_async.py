@@ -1807,39 +1807,38 @@ def _ended(pg_server: PostgresServer, pid: int) -> bool:
 
 
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout is Python 3.11's")
-async def test_a_deadline_during_the_close_of_a_connection_lost_under_a_statement_is_a_timeout(
-    pg_server: PostgresServer,
+async def test_a_deadline_during_the_close_of_an_invalidated_connection_is_a_timeout(
     pg_database: str,
     fault_proxy: FaultProxy,
     make_engine: Callable[..., AsyncEngine],
     service: str,
 ) -> None:
-    """asyncpg: a statement meets a lost connection (its backend terminated), SQLAlchemy closes
-    the connection gracefully (its end held back by the proxy, so the close waits) and the
-    ``asyncio.timeout`` around it expires there. Code that catches the statement's error must
-    not swallow the deadline: the block raises ``TimeoutError``, as under plain SQLAlchemy. (The
-    deferral that keeps a checkout's pool slot applies to connections replaced at checkout
-    only.)"""
+    """asyncpg: a connection in use is invalidated (as SQLAlchemy does under a statement that
+    lost it; here by ``invalidate()``), SQLAlchemy closes it gracefully (the proxy answers
+    nothing, so the close waits) and the ``asyncio.timeout`` around it expires there. The
+    deadline is not swallowed: the block raises ``TimeoutError``, as under plain SQLAlchemy.
+    (The deferral that keeps a checkout's pool slot applies to connections replaced at
+    checkout only; applied here, the block ended normally and the task was cancelled at its
+    next ``await``, outside the block.)"""
     engine = make_engine(fault_proxy.url(pg_database, driver="asyncpg"))
     Session = factory(engine, service)
     session = Session()
     try:
-        pid = (await session.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
-        fault_proxy.delay_closes(5)
-        pg_server.execute(f"SELECT pg_terminate_backend({int(pid)})")
-        await wait_for_async(lambda: fault_proxy.closes_delayed == 1, "the end held back")
-        caught: list[BaseException] = []
+        conn = await session.connection()
+        assert (await conn.execute(sa.text("SELECT 1"))).scalar_one() == 1
+        fault_proxy.blackhole()
+        handled: list[BaseException] = []
 
-        async def handled() -> None:
+        async def invalidated() -> None:
             async with asyncio.timeout(0.3):
                 try:
-                    await session.execute(sa.text("SELECT 1"))
+                    await conn.invalidate()
                 except sa_exc.DBAPIError as exc:  # (the application's own handling)
-                    caught.append(exc)
+                    handled.append(exc)
 
         with pytest.raises(TimeoutError):
-            await handled()
-        assert caught == []  # the deadline replaced the statement's error, as in plain
+            await invalidated()
+        assert handled == []
     finally:
         fault_proxy.restore()
         await session.close()
