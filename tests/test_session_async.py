@@ -1841,5 +1841,7 @@ async def test_a_deadline_during_the_close_of_an_invalidated_connection_is_a_tim
         assert handled == []
     finally:
         fault_proxy.restore()
-        await session.close()
+        # (SQLAlchemy before 2.0.3x rolls the ended connection back at close, and says so)
+        with contextlib.suppress(sa_exc.InterfaceError):
+            await session.close()
     assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
