@@ -338,7 +338,7 @@ def flush_and_commit(
     if commit_flushes(session):
         # a before_commit listener (or your class's own commit) sees the changes before they
         # are flushed, as under plain SQLAlchemy: the flush and the COMMIT step come in
-        # commit(), after them (see _flushed_after_your_listeners)
+        # commit(), after them (see _commit_after_your_listeners)
         _commit_after_your_listeners(session, request)
     else:
         session.flush()  # a failure here sent no COMMIT: the unit may simply be replayed
@@ -391,6 +391,8 @@ def _commit_after_your_listeners(session: Session, request: CommitRequest) -> No
     tokens: list[contextvars.Token[CommitRequest | None]] = []
 
     def committing(listened: Session) -> None:
+        if tokens or listened.in_nested_transaction():
+            return  # (a savepoint released in your listeners: not the unit's COMMIT step)
         listened.flush()  # a failure here sent no COMMIT: the unit may simply be replayed
         request.committing = True
         tokens.append(current_request.set(request))

@@ -14,7 +14,14 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    sessionmaker,
+)
 
 import resilient_db as rdb
 
@@ -223,3 +230,43 @@ def test_a_flush_that_committed_a_side_write_before_it_failed_is_not_replayed(
     assert attempts == [1]
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM bc_audit")).scalar_one() == 1
+
+
+def test_a_savepoint_in_a_before_commit_listener_ends_as_under_plain_sqlalchemy(
+    engine: sa.Engine, service: str
+) -> None:
+    """A ``before_commit`` listener that writes in a savepoint of the unit's session (whose
+    release fires ``before_commit`` too): the unit's flush and COMMIT step come after the
+    listeners, once, and the result is plain SQLAlchemy's (``sessionmaker.begin()``)."""
+
+    def audit(session: Session) -> None:
+        if session.in_nested_transaction() or session.info.get("audited"):
+            return
+        session.info["audited"] = True
+        with session.begin_nested():
+            session.add(Order(id=session.info["audit_id"], note="audit"))
+
+    results = []
+    for make, first in ((sessionmaker, 40), (rdb.ResilientSession, 50)):
+        factory = make(engine) if make is sessionmaker else make(engine, service=service)
+        published: list[int] = []
+        outbox(factory, published)
+        event.listen(factory, "before_commit", audit)
+
+        def unit(session: Session, first: int = first) -> None:
+            session.info["audit_id"] = first + 1
+            session.add(Order(id=first))
+
+        if make is sessionmaker:
+            with factory.begin() as session:
+                unit(session)
+        else:
+            factory.run(unit)
+        rows = notes(engine)
+        results.append(
+            (
+                [o - first for o in published],
+                {o - first: rows[o] for o in rows if first <= o <= first + 1},
+            )
+        )
+    assert results[1] == results[0]
