@@ -212,15 +212,7 @@ class _ProblemHandler:
     that registering for broad classes (``DBAPIError``, ``OSError``) takes nothing from the
     application: to the application's handler of the nearest class in the error's MRO (looked
     up at each error, so handlers registered later count), where a handler of ours stands for
-    the one it ``displaced`` (the application's own for that class, registered before us).
-
-    ``last_resort``: the one registered for ``Exception``, which Starlette calls (in its
-    ``ServerErrorMiddleware``) for an error no other handler answered, and then raises the
-    error on to the server, which logs it. It answers only an error of any class marked partly
-    committed (a ``KeyError`` of the application's own after a unit committed part of the
-    change): a plain 500 would say nothing of the saved part. Anything else goes to the
-    application's own ``Exception`` (or ``500``) handler it displaced, or gets Starlette's
-    plain 500."""
+    the one it ``displaced`` (the application's own for that class, registered before us)."""
 
     def __init__(
         self,
@@ -228,51 +220,31 @@ class _ProblemHandler:
         config: Config | None,
         type_base: str,
         displaced: Mapping[Any, _Handler],
-        *,
-        last_resort: bool = False,
     ) -> None:
         self._app = app
         self._config = config
         self._type_base = type_base
         self.displaced = displaced
-        self.last_resort = last_resort
 
     async def __call__(self, request: Request | WebSocket, exc: Exception) -> Any:
         problem = problem_details(exc, config=self._config, type_base=self._type_base)
-        if (
-            self.last_resort
-            and problem is not None
-            and problem.body["type"] != (self._type_base + PARTLY)
-        ):
-            # (an error raised in a middleware, outside the handlers: not answered, as before)
-            problem = None
         if problem is not None:
             # (not when a partly-committed change is answered: the line says "answered 503")
             exhausted = [e for e in group_errors(exc) or [exc] if pool_exhausted(e)]
             if exhausted and problem.status == 503:
                 report_pool_exhausted(self._config, exhausted[0])
-            if not self.last_resort:  # (Starlette raises that one on to the server: logged)
-                report_unseen_failure(problem, exc, self._config, self._type_base)
+            report_unseen_failure(problem, exc, self._config, self._type_base)
             if isinstance(request, WebSocket):
                 # an HTTP response is no answer on a WebSocket (after accept() it is a protocol
                 # error that hides this one): close it, saying why in a few words
                 return await close_websocket(request, problem, exc)
             return problem_response(problem)
-        if self.last_resort:
-            own = self.displaced.get(Exception)
-            if own is None:  # Starlette's own answer, when there is no handler of Exception
-                return PlainTextResponse("Internal Server Error", status_code=500)
-            if is_async_callable(own):
-                return await own(request, exc)
-            return await run_in_threadpool(own, request, exc)
         handler = self._applications(exc)
         if handler is None:
             # Starlette's ServerErrorMiddleware: the app's handler of Exception (or 500), else
             # a plain 500, as without us
             raise exc
-        if is_async_callable(handler):
-            return await handler(request, exc)
-        return await run_in_threadpool(handler, request, exc)  # as Starlette runs a sync one
+        return await _answer_with(handler, request, exc)
 
     def _applications(self, exc: Exception) -> _Handler | None:
         """The application's own handler for ``exc``, as Starlette's ``ExceptionMiddleware``
@@ -287,6 +259,33 @@ class _ProblemHandler:
             if handler is not None:
                 return handler
         return None
+
+
+class _LastResort(_ProblemHandler):
+    """The handler registered for ``Exception``, which Starlette calls (in its
+    ``ServerErrorMiddleware``, HTTP only) for an error no other handler answered, and then
+    raises the error on to the server, which logs it. It answers only an error of any class
+    marked partly committed (a ``KeyError`` of the application's own after a unit committed
+    part of the change): a plain 500 would say nothing of the saved part. Anything else (an
+    error raised in a middleware, outside the handlers, included) goes to the application's
+    own ``Exception`` (or ``500``) handler it displaced, or gets Starlette's plain 500."""
+
+    async def __call__(self, request: Request | WebSocket, exc: Exception) -> Any:
+        problem = problem_details(exc, config=self._config, type_base=self._type_base)
+        if problem is not None and problem.body["type"] == self._type_base + PARTLY:
+            return problem_response(problem)
+        own = self.displaced.get(Exception)
+        if own is None:  # Starlette's own answer, when there is no handler of Exception
+            return PlainTextResponse("Internal Server Error", status_code=500)
+        return await _answer_with(own, request, exc)
+
+
+async def _answer_with(handler: _Handler, request: Request | WebSocket, exc: Exception) -> Any:
+    """The application's ``handler``'s answer to ``exc``, a sync one run in the threadpool, as
+    Starlette runs it."""
+    if is_async_callable(handler):
+        return await handler(request, exc)
+    return await run_in_threadpool(handler, request, exc)
 
 
 def install_exception_handlers(
@@ -357,12 +356,10 @@ def install_exception_handlers(
     for cls in handled:
         app.add_exception_handler(cls, handle)
     # an error of any other class the application raises after part of its change committed
-    # (see _ProblemHandler): Starlette's handler of Exception, the application's kept for the
-    # rest (its 500 handler is the same one to Starlette)
+    # (see _LastResort): Starlette's handler of Exception, the application's kept for the rest
+    # (its 500 handler is the same one to Starlette)
     own: _Handler | None = app.exception_handlers.get(Exception) or app.exception_handlers.get(500)
     if isinstance(own, _ProblemHandler):  # installed again
         own = own.displaced.get(Exception)
-    last = _ProblemHandler(
-        app, config, type_base, {} if own is None else {Exception: own}, last_resort=True
-    )
+    last = _LastResort(app, config, type_base, {} if own is None else {Exception: own})
     app.add_exception_handler(Exception, last)
