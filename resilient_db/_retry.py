@@ -385,21 +385,12 @@ class Policy:
         as it is. When the unit may have written, marked and said as a partly committed one
         (a web answer: the change is saved, don't resubmit blindly)."""
         if not wrote:
-            if not self.retry_on or not self._retry_predicate(exc):
-                return  # (not replayed anyway)
-            mark_not_replayed(exc)  # (nothing saved: not said to be partly committed)
-            emit(
-                self.config,
-                log_retry,
-                logging.WARNING,
-                "Not replaying: service=%s the unit's COMMIT succeeded (it wrote nothing), "
-                "then %s was raised after it (by an after_commit or after_transaction_end "
-                "listener, or the session's close): a replay would run them again; raising "
-                "the error",
-                self.service,
-                type(exc).__name__,
-                service=self.service,
-                event="not_replayable",
+            self.not_replayable(
+                exc,
+                "the unit's COMMIT succeeded (it wrote nothing), and the error came after it "
+                "(from an after_commit or after_transaction_end listener, or the session's "
+                "close): a replay would run them again",
+                saved=False,
             )
             return
         mark_partly_committed(exc)
@@ -417,13 +408,15 @@ class Policy:
             outcome="committed",
         )
 
-    def not_replayable(self, exc: BaseException, why: str) -> None:
+    def not_replayable(self, exc: BaseException, why: str, *, saved: bool = True) -> None:
         """An attempt failed whose replay can't be what a first attempt would have been
         (``why``): ``exc`` is raised as it is. Said only for an error that would have been
-        replayed."""
+        replayed. ``saved``: it may have saved something (marked partly committed, as a web
+        answer says); else only marked not to be replayed."""
         if never_replayed(exc) or not self.retry_on or not self._retry_predicate(exc):
             return
-        mark_partly_committed(exc)  # (the mark that keeps the policy from replaying it)
+        # (the mark that keeps the policy from replaying it)
+        (mark_partly_committed if saved else mark_not_replayed)(exc)
         emit(
             self.config,
             log_retry,
