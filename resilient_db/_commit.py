@@ -742,14 +742,14 @@ _MISSING_SQL = """SELECT CASE
 
 #: the markers' version, as their table's comment names it (see ``_MARKERS_COMMENT``): asked
 #: with the owners, once per set of objects
-_VERSION_SQL = (
-    f"SELECT CASE WHEN pg_catalog.to_regclass('{SCHEMA}.commit_markers') IS NULL THEN "
-    "'(not installed)' ELSE COALESCE(pg_catalog.obj_description("
-    f"pg_catalog.to_regclass('{SCHEMA}.commit_markers'), 'pg_class'), '') END"
-)
 #: what _VERSION_SQL answers when the table is gone (uninstalled since the connection looked:
 #: an uninstall and install again running): nothing to say of its version
 _NOT_INSTALLED = "(not installed)"
+_VERSION_SQL = (
+    f"SELECT CASE WHEN pg_catalog.to_regclass('{SCHEMA}.commit_markers') IS NULL THEN "
+    f"'{_NOT_INSTALLED}' ELSE COALESCE(pg_catalog.obj_description("
+    f"pg_catalog.to_regclass('{SCHEMA}.commit_markers'), 'pg_class'), '') END"
+)
 _VERSION_IN_COMMENT = re.compile(r"commit markers, version ([0-9]+)")
 
 

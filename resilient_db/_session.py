@@ -488,7 +488,7 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                     # raised by your session class's own close after the unit's COMMIT
                     # succeeded: the unit is committed (not where it ran with self-healing off)
                     if not failed and request is not None:
-                        self.policy.failed_after_commit(after, request.may_have_written())
+                        self._failed_after_commit(after, request, record)
                     raise
                 except BaseException as interruption:
                     # interrupted while the session closed (your class's own close, a

@@ -2550,8 +2550,7 @@ class EngineHooks:
             # made before this engine had a resilient factory: prepare it now (psycopg), or
             # have the pool replace it with one made through our do_connect (asyncpg, once)
             if self.commit.needs_replacing(dbapi_connection, record):
-                replaced_at_checkout.set(dbapi_connection)  # (see cancellation_after_terminate)
-                raise sa_exc.DisconnectionError("connection made before the commit protocol")
+                replace_at_checkout(dbapi_connection, "connection made before the commit protocol")
             self.commit.prepare(dbapi_connection, record)
         if getattr(driver, "_rdb_mode", None) is not None:  # prepared (stays so): fast from now
             info[_PROBE_KEY] = (dbapi_connection, probe[1], driver)
@@ -2577,8 +2576,7 @@ class EngineHooks:
             service=service,
             event="dead_pooled_connection",
         )
-        replaced_at_checkout.set(dbapi_connection)  # (see cancellation_after_terminate)
-        raise sa_exc.DisconnectionError("pooled connection was closed by the server")
+        replace_at_checkout(dbapi_connection, "pooled connection was closed by the server")
 
 
 def engine_settings(config: Config, classifier: Classifier) -> tuple[Any, ...]:
@@ -2651,6 +2649,13 @@ def hooks_for(
 replaced_at_checkout: contextvars.ContextVar[Any] = contextvars.ContextVar(
     "resilient_db_replaced_at_checkout", default=None
 )
+
+
+def replace_at_checkout(dbapi_connection: Any, why: str) -> NoReturn:
+    """Have the pool replace ``dbapi_connection``, being checked out (``DisconnectionError``
+    from the checkout listener), noted for :func:`cancellation_after_terminate`."""
+    replaced_at_checkout.set(dbapi_connection)
+    raise sa_exc.DisconnectionError(why)
 
 
 def cancellation_after_terminate(dialect: Any) -> None:
