@@ -108,28 +108,19 @@ class OpenTelemetryHook:
         instruments = _instruments_of(meter, metrics)
         # the meter's observable instruments now read for this hook (see _Instruments)
         instruments.hook = self
-        self._events = instruments.events
-        self._retries = instruments.retries
-        self._breaker = instruments.breaker
-        self._commits = instruments.commits
-        self._blocked = instruments.blocked
-        self._stale = instruments.stale
-        self._invalid = instruments.invalid
-        self._pool_timeouts = instruments.pool_timeouts
-        self._pool_invalidations = instruments.pool_invalidations
-        self._dead_connections = instruments.dead_connections
-        self._standby_refusals = instruments.standby_refusals
+        self._instruments = instruments
 
     def __call__(self, event: SelfHealEvent) -> None:
         fields = event.fields
+        counters = self._instruments
         service = event.service or ""
         span = self._trace.get_current_span()
         if span.is_recording():
             span.add_event(f"resilient_db.{event.name}", _attributes(event, fields))
-        self._events.add(1, {"event": event.name, "service": service})
+        counters.events.add(1, {"event": event.name, "service": service})
         name = event.name
         if name == "retry":
-            self._retries.add(
+            counters.retries.add(
                 1,
                 {
                     "service": service,
@@ -146,41 +137,41 @@ class OpenTelemetryHook:
                 # in health() and Prometheus (summed over the fleet, the openings with
                 # opened_here true count each opening once)
                 attributes["opened_here"] = bool(fields.get("opened_here", True))
-            self._breaker.add(1, attributes)
+            counters.breaker.add(1, attributes)
         elif name in _COMMIT_OUTCOMES:
-            self._commits.add(1, {"service": service, "outcome": _COMMIT_OUTCOMES[name]})
+            counters.commits.add(1, {"service": service, "outcome": _COMMIT_OUTCOMES[name]})
         elif name == "two_phase_finished" and fields.get("done"):
             # the factory finished the unit's prepared transactions: the unit is done, counted
             # as a verified commit, as health()'s verified_commits counts it
-            self._commits.add(1, {"service": service, "outcome": "committed"})
+            counters.commits.add(1, {"service": service, "outcome": "committed"})
         elif name == "commit_interrupted" and fields.get("outcome") == "unknown":
             # (health()'s unknown_commits counts it too; one interrupted after its COMMIT
             # succeeded is not a verification)
-            self._commits.add(1, {"service": service, "outcome": "unknown"})
+            counters.commits.add(1, {"service": service, "outcome": "unknown"})
         elif name == "partly_committed" and fields.get("outcome") == _OWN_COMMIT_UNKNOWN:
             # a COMMIT of the unit's or operation's own code (a drop-in block inside
             # with_self_healing, a unit's own session.commit()) lost its answer: not replayed,
             # and counted in health()'s unknown_commits by the engine's hooks, which say no
             # line of their own for it (this event is its one)
-            self._commits.add(1, {"service": service, "outcome": "unknown"})
+            counters.commits.add(1, {"service": service, "outcome": "unknown"})
         elif name == "transition_blocked":
-            counter = self._stale if fields.get("stale") else self._blocked
+            counter = counters.stale if fields.get("stale") else counters.blocked
             counter.add(
                 int(fields.get("blocked_rows", 1) or 1),
                 {"model": str(fields.get("model", "")), "via": str(fields.get("via", ""))},
             )
         elif name == "pool_timeout":
-            self._pool_timeouts.add(1, {"service": service})
+            counters.pool_timeouts.add(1, {"service": service})
         elif name == "pool_invalidated":
-            self._pool_invalidations.add(
+            counters.pool_invalidations.add(
                 1, {"service": service, "sqlstate": str(fields.get("sqlstate", "none"))}
             )
         elif name == "dead_pooled_connection":
-            self._dead_connections.add(1, {"service": service})
+            counters.dead_connections.add(1, {"service": service})
         elif name == "hot_standby_refused_write":
-            self._standby_refusals.add(1, {"service": service})
+            counters.standby_refusals.add(1, {"service": service})
         elif name == "response_invalid":
-            self._invalid.add(
+            counters.invalid.add(
                 1, {"service": service, "validator": str(fields.get("validator", ""))}
             )
 
