@@ -475,11 +475,13 @@ class _FlushChecks:
     """What one flush expects of the rows it updates through one connection (one per guarded
     flush: a plain class with slots, cheaper to make than a dataclass)."""
 
-    __slots__ = ("config", "covered", "guards", "mappers", "rows", "session")
+    __slots__ = ("_session", "config", "covered", "guards", "mappers", "rows")
 
     def __init__(self, config: Config, session: Session) -> None:
         self.config = config
-        self.session = session  # (whose service its errors name: see raise_errors)
+        # whose service its errors name (see raise_errors); weak: these checks are kept by the
+        # flush's Connection (a weak key), which the session would otherwise keep alive
+        self._session = weakref.ref(session)
         self.rows: dict[sa.Table, dict[tuple[Any, ...], _Row]] = {}
         self.guards: dict[sa.Table, tuple[Guard, ...]] = {}
         #: a mapper of each table (what a row set during the flush, with no expectation, is
@@ -488,6 +490,11 @@ class _FlushChecks:
         #: mappers every guarded table of which is in ``rows`` (watched): :func:`before_update`
         #: has nothing to add for their rows
         self.covered: set[Mapper[Any]] = set()
+
+    @property
+    def session(self) -> Session | None:
+        """The flush's session (None once it is gone)."""
+        return self._session()
 
     def expect(self, change: Change, value: Any) -> None:
         guard = change.guard
