@@ -701,7 +701,10 @@ _CHECK_SQL = f"""SELECT COALESCE(
   AND pg_catalog.has_table_privilege(session_user,
     pg_catalog.to_regclass('{SCHEMA}.commit_markers'), 'INSERT'), false),
   extract(epoch FROM pg_catalog.clock_timestamp())::float8,
-  {_IDENTITY_SQL}"""
+  {_IDENTITY_SQL},
+  -- whether the role may read the incarnation (see _INCARNATION), asked here so that a role
+  -- that may not is never refused at a unit's COMMIT (psycopg and asyncpg both give a bool)
+  pg_catalog.has_function_privilege('pg_catalog.pg_control_checkpoint()', 'EXECUTE')"""
 
 
 # What keeps an installed set of markers from being usable by the connection's role, asked
@@ -771,8 +774,8 @@ CLOCK_BEHIND_WARNING: Final = 60.0
 # a crash (a new postmaster, or the end-of-recovery checkpoint of a reinitialised one).
 # NULL where the role may not read the control file: "committed" is then never trusted. (The
 # CASE does not spare such a role the server's check of its right to call the function, made
-# when the statement starts: it is refused, 42501, and its connection reads the xid alone from
-# then on, see ``_control_unreadable``.)
+# when the statement starts: a connection whose role may not call it reads the xid alone, see
+# ``_control_unreadable``.)
 _INCARNATION = (
     "CASE WHEN pg_catalog.has_function_privilege('pg_catalog.pg_control_checkpoint()', "
     "'EXECUTE') THEN pg_catalog.pg_postmaster_start_time()::text || ' ' || "
@@ -790,8 +793,10 @@ _ASSIGN_XID = "SELECT pg_catalog.pg_current_xact_id(); "
 #: the two without the incarnation, for a connection whose role may not read it
 _XID_SQL_ALONE = _XID_SQL.replace(_INCARNATION, "NULL::text")
 _XID_ASSIGN_SQL_ALONE = _XID_ASSIGN_SQL.replace(_INCARNATION, "NULL::text")
-#: the driver connections whose role was refused the incarnation (``pg_control_checkpoint()``
-#: not executable by it: a hardening): their xid reads leave it out (see ``CommitTicket.xid_sql``)
+#: the driver connections whose role may not read the incarnation (``pg_control_checkpoint()``
+#: not executable by it: a hardening), found by the check at connect (``_CHECK_SQL``) or by a
+#: refusal (a unit that switched roles, see ``_xid_read_failed``): their xid reads leave it out
+#: (see ``CommitTicket.xid_sql``)
 _control_unreadable: weakref.WeakSet[Any] = weakref.WeakSet()
 # Parameters travel as text: asyncpg has no text encoder for xid8 or uuid parameters given as str.
 _XID_STATUS = (
@@ -1834,6 +1839,7 @@ class CommitProtocol:
         self._outdated_warned = False
         self._prune_refused = False
         self._unusable_said = False  # (see markers_unusable)
+        self._control_refused = False  # (see control_refused)
         self._next_prune = time.monotonic() + PRUNE_INTERVAL
         self._prune_lock = threading.Lock()
         self.prepared_marker = PreparedMarker(self._warn_prepared_lost, self._note_refused)
@@ -2071,7 +2077,7 @@ class CommitProtocol:
             driver._rdb_prepared = form
             if form is self.prepared_marker and not self.is_asyncpg:
                 _watch_psycopg_deallocations(driver, form)
-        self._warn_if_missing(mode)
+        self._warn_if_missing(mode, driver)
 
     def _connection_lost(self, driver: Any, exc: BaseException) -> bool:
         """Whether the set-up's ``exc`` means the connection was lost (a disconnect to the
@@ -2092,11 +2098,19 @@ class CommitProtocol:
         (the engine's latest factory's), as other lines name theirs."""
         return f"{self.engine.url.database} (service={self._settings.service})"
 
-    def _warn_if_missing(self, mode: str | None) -> None:
+    def _warn_if_missing(self, mode: str | None, driver: Any = None) -> None:
         if mode == MARKERS or self._warned:
             return
         self._warned = True
         missing = self._missing
+        # (a role that may not read the server's incarnation: "committed" never trusted)
+        blind = (
+            ". The role may not call pg_control_checkpoint(), so whether the server restarted "
+            "can't be read: a lost answer is never verified committed here, only not committed "
+            "(else the outcome is unknown)"
+            if driver is not None and driver in _control_unreadable
+            else ""
+        )
         if mode is None:
             what = (
                 "connections of database %s are made by your own creator, so their COMMIT "
@@ -2111,6 +2125,7 @@ class CommitProtocol:
                 "resilient_db, EXECUTE on its functions and SELECT, INSERT on "
                 "resilient_db.commit_markers (a missing function: run "
                 "resilient_db.install_commit_markers(engine) again as the markers' owner)"
+                + blind
             )
         else:
             what = (
@@ -2121,7 +2136,7 @@ class CommitProtocol:
                 "the database's owner (or a superuser, or this application's role: only "
                 "markers of those are used), and grant the application's role USAGE on "
                 "schema resilient_db, EXECUTE on its functions and SELECT, INSERT on "
-                "resilient_db.commit_markers"
+                "resilient_db.commit_markers" + blind
             )
         emit(
             self._settings.config,
@@ -2346,6 +2361,7 @@ class CommitProtocol:
                 self._look_for_missing(lambda sql: run(lambda d: d.fetchval(sql)))
                 raise
             self._check_clock(sent, row[1])
+            self._note_control(driver, row[3])
             if not self._trusted_install(row, lambda sql: run(lambda d: d.fetchval(sql))):
                 return False, False, reports
             prepare = prepare and reports
@@ -2371,6 +2387,7 @@ class CommitProtocol:
                 raise
             row = cursor.fetchone()
             self._check_clock(sent, row[1])
+            self._note_control(driver, row[3])
             if not self._trusted_install(row, lambda sql: _fetch_value(cursor, sql)):
                 return False, False, reports
             return True, prepare and _quietly(lambda: cursor.execute(_PREPARE_SQL)), reports
@@ -2385,6 +2402,23 @@ class CommitProtocol:
             # (a lost one refuses it: the set-up's error stands)
             if not interrupted and not dbapi_connection.closed:
                 dbapi_connection.autocommit = autocommit
+
+    def _note_control(self, driver: Any, readable: bool) -> None:
+        """Whether the role of ``driver`` may read the incarnation (``_CHECK_SQL``'s last
+        column); also not once a unit of this engine was refused it (see
+        :meth:`control_refused`)."""
+        if not readable or self._control_refused:
+            _control_unreadable.add(driver)
+
+    def control_refused(self, driver: Any) -> None:
+        """A unit's xid read on ``driver`` was refused the incarnation (42501: the role in
+        effect may not call ``pg_control_checkpoint()``, where the login role may: a unit that
+        switched roles). The engine's connections read the xid alone from now on, new ones
+        too: with ``NullPool`` every attempt is on a new connection, which would be refused
+        anew (a verdict of "committed" is then never trusted, as for a role that may not read
+        it: safe for every role)."""
+        self._control_refused = True
+        _control_unreadable.add(driver)
 
     def markers_unusable(self) -> None:
         """The marker function refused a connection's COMMIT (42501): say so once per engine
@@ -2700,11 +2734,16 @@ def _marker_statement_failed(driver: Any, message: str, exc: BaseException) -> N
 def _xid_read_failed(driver: Any, exc: BaseException) -> None:
     """The xid read before a COMMIT (the fallback's, or a notification's) raised ``exc`` on
     ``driver``: the COMMIT never went out. Refused (42501), it is the incarnation's
-    ``pg_control_checkpoint()``, which the role may not call (the rest is PUBLIC's): the
-    connection reads the xid alone from now on ("committed" is then never trusted, as for a
+    ``pg_control_checkpoint()``, which the role in effect may not call (the rest is PUBLIC's;
+    the check at connect found that the login role may: a unit switched roles): the engine's
+    connections read the xid alone from now on ("committed" is then never trusted, as for a
     role the CASE was meant to spare), and the unit is replayed."""
     if getattr(exc, "sqlstate", None) == "42501":
-        _control_unreadable.add(driver)
+        protocol = _protocol_of(driver)
+        if protocol is not None:
+            protocol.control_refused(driver)
+        else:
+            _control_unreadable.add(driver)
         mark_replay_safe(exc)
 
 

@@ -1229,16 +1229,17 @@ def test_without_markers_a_role_that_may_not_read_the_control_data_still_writes(
     app_login: tuple[str, str],
     control_data_revoked: None,
     fault_proxy: FaultProxy,
-    pg_database: str,
     service: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The fallback reads the xid before COMMIT with the server's incarnation, which comes from
     ``pg_control_checkpoint()``; its CASE on the role's right to call it did not keep the
     server from checking that right (functions are checked when the statement starts, whatever
     a CASE would evaluate): every writing unit of such a role failed (42501) before its
-    COMMIT. The first is replayed once; the connection reads the xid alone from then on, so a
-    "committed" can't be trusted (its outcome is unknown, as documented), while "aborted" is
-    still proven."""
+    COMMIT, and was replayed on a new connection of a ``NullPool`` until its retries ran out
+    (with retry off, raised). The check at connect asks for the right: such a connection reads
+    the xid alone from the start, so a "committed" can't be trusted (its outcome is unknown,
+    as documented), while "aborted" is still proven; the warning says so."""
     _, url = app_login
     rdb.uninstall_commit_markers(engine)
     calls: list[int] = []
@@ -1247,21 +1248,62 @@ def test_without_markers_a_role_that_may_not_read_the_control_data_still_writes(
         calls.append(1)
         return _bump(session)
 
-    proxied = sa.create_engine(
-        sa.make_url(url).set(host=fault_proxy.host, port=fault_proxy.port), pool_size=1
-    )
+    proxied_url = sa.make_url(url).set(host=fault_proxy.host, port=fault_proxy.port)
+    proxied = sa.create_engine(proxied_url, pool_size=1)
+    unpooled = sa.create_engine(proxied_url, poolclass=sa.pool.NullPool)
     Sessions = rdb.ResilientSession(proxied, service=service)
+    Unpooled = rdb.ResilientSession(
+        unpooled, service=f"{service}-nullpool", config=rdb.Config(retry=False)
+    )
     try:
-        assert [Sessions.run(bump) for _ in range(2)] == [1, 2]
-        assert len(calls) == 3  # the first once more
+        with caplog.at_level("WARNING", logger="resilient_db"):
+            assert [Sessions.run(bump) for _ in range(2)] == [1, 2]
+            assert [Unpooled.run(bump) for _ in range(2)] == [3, 4]
+        assert len(calls) == 4  # none replayed, none refused
         fault_proxy.lose_commit_answer()
         with pytest.raises(rdb.CommitOutcomeUnknownError):
             Sessions.run(bump)
-        assert len(calls) == 4  # not replayed: it may have committed
+        assert len(calls) == 5  # not replayed: it may have committed
     finally:
         proxied.dispose()
+        unpooled.dispose()
     with engine.connect() as conn:
-        assert conn.scalar(sa.select(Counter.value).where(Counter.id == 1)) == 3
+        assert conn.scalar(sa.select(Counter.value).where(Counter.id == 1)) == 5
+    warnings = [r.getMessage() for r in caplog.records if "not installed" in r.getMessage()]
+    assert len(warnings) == 2  # once per engine
+    assert all("may not call pg_control_checkpoint()" in w for w in warnings)
+
+
+def test_without_markers_a_unit_that_switches_to_such_a_role_is_replayed_once_per_engine(
+    engine: sa.Engine,
+    app_login: tuple[str, str],
+    control_data_revoked: None,
+    pg_url: str,
+    service: str,
+) -> None:
+    """The login role may read the control data (the check at connect says so), a unit
+    switches to one that may not (``SET LOCAL ROLE``): its xid read is refused (42501) before
+    COMMIT, and it is replayed. With ``NullPool`` every attempt is on a new connection, which
+    the connect check found able: the refusal is remembered for the engine, else every unit
+    (and each of its replays) would be refused anew."""
+    role, _ = app_login
+    rdb.uninstall_commit_markers(engine)
+    calls: list[int] = []
+
+    def bump_as_app(session: Session) -> int:
+        calls.append(1)
+        session.execute(sa.text(f"SET LOCAL ROLE {role}"))
+        return _bump(session)
+
+    unpooled = sa.create_engine(pg_url, poolclass=sa.pool.NullPool)
+    Sessions = rdb.ResilientSession(unpooled, service=service)
+    try:
+        assert [Sessions.run(bump_as_app) for _ in range(3)] == [1, 2, 3]
+    finally:
+        unpooled.dispose()
+    assert len(calls) == 4  # the first once more, then none
+    counters = rdb.health()["services"][service]["counters"]
+    assert counters["retries_by_class"] == {"conflict": 1}
 
 
 @pytest.mark.asyncio
@@ -1276,14 +1318,26 @@ async def test_async_without_markers_a_role_that_may_not_read_the_control_data_s
     asyncpg (its xid read goes through asyncpg's ``fetchrow``)."""
     _, url = app_login
     rdb.uninstall_commit_markers(engine)
-    app_engine = create_async_engine(
-        sa.make_url(url).set(drivername=f"postgresql+{async_driver}"), pool_size=1
-    )
+    calls: list[int] = []
+
+    async def bump(session: AsyncSession) -> int:
+        calls.append(1)
+        return await _abump(session)
+
+    app_url = sa.make_url(url).set(drivername=f"postgresql+{async_driver}")
+    app_engine = create_async_engine(app_url, pool_size=1)
+    unpooled = create_async_engine(app_url, poolclass=sa.pool.NullPool)
     Sessions = rdb.AsyncResilientSession(app_engine, service=service)
+    Unpooled = rdb.AsyncResilientSession(
+        unpooled, service=f"{service}-nullpool", config=rdb.Config(retry=False)
+    )
     try:
-        assert [await Sessions.run(_abump) for _ in range(2)] == [1, 2]
+        assert [await Sessions.run(bump) for _ in range(2)] == [1, 2]
+        assert [await Unpooled.run(bump) for _ in range(2)] == [3, 4]
     finally:
         await app_engine.dispose()
+        await unpooled.dispose()
+    assert len(calls) == 4  # none refused
 
 
 def test_markers_uninstalled_under_a_running_application_cost_one_replay_per_connection(
