@@ -2124,8 +2124,7 @@ class CommitProtocol:
                 "more unknown outcomes. The application's role needs USAGE on schema "
                 "resilient_db, EXECUTE on its functions and SELECT, INSERT on "
                 "resilient_db.commit_markers (a missing function: run "
-                "resilient_db.install_commit_markers(engine) again as the markers' owner)"
-                + blind
+                "resilient_db.install_commit_markers(engine) again as the markers' owner)" + blind
             )
         else:
             what = (
