@@ -798,6 +798,10 @@ _XID_ASSIGN_SQL_ALONE = _XID_ASSIGN_SQL.replace(_INCARNATION, "NULL::text")
 #: refusal (a unit that switched roles, see ``_xid_read_failed``): their xid reads leave it out
 #: (see ``CommitTicket.xid_sql``)
 _control_unreadable: weakref.WeakSet[Any] = weakref.WeakSet()
+#: the identity (``_IDENTITY_SQL``) of the markers' objects each driver connection found when
+#: it was set up for them: a claim that fenced a missing marker asks whether they were made
+#: again since (see ``_maybe_before_table``)
+_identities: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 # Parameters travel as text: asyncpg has no text encoder for xid8 or uuid parameters given as str.
 _XID_STATUS = (
     "SELECT {incarnation}, "
@@ -860,7 +864,59 @@ def claim(connection: Connection, ticket: CommitTicket) -> str | None:
         )
     else:
         status = connection.execute(CLAIM_SQL, {"marker": ticket.marker}).scalar()
+    if status == "fenced" and ticket.marker and _maybe_before_table(connection, ticket):
+        return "unknown"
     return None if status is None else str(status)
+
+
+#: seconds this host's clock may have moved against the server's between a unit's COMMIT and
+#: its check (a slew by NTP: at most half a millisecond per second), besides the round trip
+#: that bounds the measured difference (see :func:`_maybe_before_table`)
+CLOCK_MARGIN: Final = 1.0
+_SINCE_SET_UP_SQL = text(
+    f"SELECT {_IDENTITY_SQL}, pg_catalog.to_regclass(:born) IS NOT NULL"
+).bindparams(born=f"{SCHEMA}.commit_markers_born")
+_BORN_AND_CLOCK_SQL = text(
+    "SELECT extract(epoch FROM pg_catalog.clock_timestamp())::float8, "
+    f"(SELECT born::text FROM {SCHEMA}.commit_markers_born LIMIT 1)"
+)
+
+
+def _maybe_before_table(connection: Connection, ticket: CommitTicket) -> bool:
+    """Whether the COMMIT of ``ticket``'s marker, which a claim found missing and fenced, may
+    have been sent before the markers' table was made (the markers uninstalled and installed
+    again while its answer awaited this check: it went with the old table, and its absence
+    proves nothing). Only on the rare path of a lost answer found not committed.
+
+    The markers' objects the same as when the COMMIT's connection was set up (their oids, see
+    ``_IDENTITY_SQL``; the set-up comes before any COMMIT of it): not made again since, the
+    claim stands. Otherwise the claim judged by the ids alone (``marker < born``,
+    ``commit_markers_born``), but a marker's id carries this host's clock and ``born`` the
+    server's: with this host's clock ahead, a marker written to the old table looks younger
+    than the new one, and the committed unit would be replayed. So its time is compared here
+    in this host's terms: the server's clock read before this host's, which bounds how far
+    ahead this host is, with :data:`CLOCK_MARGIN` for a slew since the COMMIT. No
+    ``commit_markers_born`` (an install of version 5, which a warning says is outdated):
+    nothing to compare, the claim stands."""
+    identity, has_born = connection.execute(_SINCE_SET_UP_SQL).one()
+    seen = _identities.get(ticket.driver) if ticket.driver is not None else None
+    if (seen is not None and seen == identity) or not has_born:
+        return False
+    # (this host's clock as marker ids read it)
+    server_now, born = connection.execute(_BORN_AND_CLOCK_SQL).one()
+    received = time.time()
+    if born is None:  # (an empty table: made by hand; the install writes its row)
+        return True
+    # this host's clock minus the server's, at most: the server read its clock before this
+    # host's ``received``
+    ahead = received - float(server_now)
+    born_here = _uuid7_seconds(str(born)) + ahead
+    return _uuid7_seconds(str(ticket.marker)) <= born_here + CLOCK_MARGIN
+
+
+def _uuid7_seconds(value: str) -> float:
+    """The Unix time (seconds) of a version 7 UUID's text: its first 48 bits, milliseconds."""
+    return int(value.replace("-", "")[:12], 16) / 1000.0
 
 
 # -- a check's "committed" made durable as the server promises ------------------------------------
@@ -2363,6 +2419,7 @@ class CommitProtocol:
             self._note_control(driver, row[3])
             if not self._trusted_install(row, lambda sql: run(lambda d: d.fetchval(sql))):
                 return False, False, reports
+            _identities[driver] = row[2]
             prepare = prepare and reports
             done = prepare and _quietly(lambda: run(lambda d: d.execute(_PREPARE_SQL)))
             return True, done, reports
@@ -2389,6 +2446,7 @@ class CommitProtocol:
             self._note_control(driver, row[3])
             if not self._trusted_install(row, lambda sql: _fetch_value(cursor, sql)):
                 return False, False, reports
+            _identities[driver] = row[2]
             return True, prepare and _quietly(lambda: cursor.execute(_PREPARE_SQL)), reports
         except BaseException as exc:
             # interrupted (Ctrl-C, SystemExit) maybe with a statement in flight: the connection

@@ -3000,16 +3000,25 @@ def test_markers_installed_by_an_earlier_release_are_used_and_said_once(
     assert len(markers(engine)) == 3  # used: every unit's COMMIT carried its marker
 
 
+@pytest.mark.parametrize("ahead", [0.0, 0.5, 120.0])
 def test_a_marker_written_before_the_table_was_made_again_is_unknown_never_fenced(
-    pg_server: PostgresServer, pg_database: str, service: str
+    pg_server: PostgresServer,
+    pg_database: str,
+    service: str,
+    ahead: float,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A unit commits, its answer is lost, and before its check runs the markers are
     uninstalled and installed again (``alembic downgrade base`` + ``upgrade head``, or ``DROP
     SCHEMA resilient_db CASCADE`` and an install, as the README's fix for a broken install
     says): its marker went with the old table. The claim found it missing from the new one,
     fenced it and answered "not committed": the committed unit ran again, written twice. It is
-    unknown now (``CommitOutcomeUnknownError``), written once. (The claim is the server's
-    function, the same for every driver; psycopg's check is the one a listener can reach.)"""
+    unknown now (``CommitOutcomeUnknownError``), written once. Also where this host's clock is
+    ``ahead`` of the server's (marker ids carry this host's time, the table's birth the
+    server's): by more than the time from the COMMIT to the new install, the marker looked
+    younger than the table, and the unit was replayed. (The claim is the server's function,
+    the same for every driver; psycopg's check is the one a listener can reach.)"""
+    monkeypatch.setattr(_commit, "time", _ClockAhead(ahead))
     url = pg_server.url(pg_database)
     admin = sa.create_engine(url)
     with admin.begin() as conn:
@@ -3042,6 +3051,23 @@ def test_a_marker_written_before_the_table_was_made_again_is_unknown_never_fence
         ).scalar_one()
     admin.dispose()
     assert (len(calls), written) == (1, 1)
+
+
+class _ClockAhead:
+    """The ``time`` module as ``_commit`` sees it, on a host whose clock is ``seconds`` ahead of
+    the server's (its wall clock only: marker ids; monotonic time is unchanged)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    def time(self) -> float:
+        return time.time() + self.seconds
+
+    def time_ns(self) -> int:
+        return time.time_ns() + int(self.seconds * 1e9)
 
 
 def _before_claim(act: Any) -> Any:
