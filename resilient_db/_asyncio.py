@@ -70,6 +70,7 @@ from ._unit import (
     pruned,
     reset_block,
     restore_attached,
+    rollback_if_prepared,
     runs_once_here,
     unit_signature,
 )
@@ -607,6 +608,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         """COMMIT failed: return if it was verified committed, else raise."""
         if await self._finish_two_phase(request, exc, session):
             return  # a two-phase unit whose prepared transactions were all committed here
+        await self._end_two_phase(request, exc)
         ticket = self._referee.must_verify(exc, request)
         if ticket is None:
             raise exc
@@ -646,6 +648,41 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         # finished or not: those still pending stay prepared (the unit had decided to commit)
         await _keep_prepared(session)
         return self._referee.two_phase_finished(request, pending, finished, exc)
+
+    async def _end_two_phase(self, request: CommitRequest, exc: Exception) -> None:
+        """Roll back what a two-phase unit's failed PREPARE step may have left prepared (see
+        ``CommitReferee.two_phase_undecided``), each on a new connection to its database, with
+        the referee's backoff; the unit is not replayed while any may be left."""
+        pending = self._referee.two_phase_undecided(request, exc)
+        if not pending:
+            return
+        ended: list[Any] = []
+        left: list[Any] = []
+        # (the recovery's statements are neither the unit's nor its commit's)
+        with library_work():
+            for engine, xid in pending:
+                found = await self._rollback_pending(engine, xid)
+                if found is None:
+                    left.append(xid)
+                elif found:
+                    ended.append(xid)
+        self._referee.two_phase_abandoned(pending, ended, left, exc)
+
+    async def _rollback_pending(self, engine: Engine, xid: Any) -> bool | None:
+        """ROLLBACK PREPARED ``xid`` in ``engine``'s database if it is prepared there, on a
+        new connection, with the referee's backoff: whether it was; None when that could not
+        be known (the server unreachable, or its PREPARE still running, until the deadline)."""
+        for delay in self._referee.checks():
+            if delay:
+                await self._asleep(delay)
+            try:
+                async with _bound_engine(engine).connect() as conn:
+                    ended = await conn.run_sync(rollback_if_prepared, xid)
+                if ended is not None:
+                    return ended
+            except Exception:  # the server restarts, or the old backend still holds it
+                debug_failure(log_session, "ending %s failed", xid)
+        return None
 
     async def _commit_pending(self, engine: Engine, xid: Any) -> bool:
         """COMMIT PREPARED ``xid`` in ``engine``'s database if it is still prepared there

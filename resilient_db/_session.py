@@ -57,6 +57,7 @@ from ._unit import (
     lost_with_its_connection,
     prune_quietly,
     restore_attached,
+    rollback_if_prepared,
     runs_once_here,
     unit_signature,
 )
@@ -514,6 +515,7 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         """COMMIT failed: return if it was verified committed, else raise."""
         if self._finish_two_phase(request, exc, session):
             return  # a two-phase unit whose prepared transactions were all committed here
+        self._end_two_phase(request, exc)
         ticket = self._referee.must_verify(exc, request)
         if ticket is None:
             raise exc
@@ -549,6 +551,41 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         # finished or not: those still pending stay prepared (the unit had decided to commit)
         _keep_prepared(session)
         return self._referee.two_phase_finished(request, pending, finished, exc)
+
+    def _end_two_phase(self, request: CommitRequest, exc: Exception) -> None:
+        """Roll back what a two-phase unit's failed PREPARE step may have left prepared (see
+        ``CommitReferee.two_phase_undecided``), each on a new connection to its database, with
+        the referee's backoff; the unit is not replayed while any may be left."""
+        pending = self._referee.two_phase_undecided(request, exc)
+        if not pending:
+            return
+        ended: list[Any] = []
+        left: list[Any] = []
+        # (the recovery's statements are neither the unit's nor its commit's)
+        with library_work():
+            for engine, xid in pending:
+                found = self._rollback_pending(engine, xid)
+                if found is None:
+                    left.append(xid)
+                elif found:
+                    ended.append(xid)
+        self._referee.two_phase_abandoned(pending, ended, left, exc)
+
+    def _rollback_pending(self, engine: Engine, xid: Any) -> bool | None:
+        """ROLLBACK PREPARED ``xid`` in ``engine``'s database if it is prepared there, on a
+        new connection, with the referee's backoff: whether it was; None when that could not
+        be known (the server unreachable, or its PREPARE still running, until the deadline)."""
+        for delay in self._referee.checks():
+            if delay:
+                self._sleep(delay)
+            try:
+                with _bound_engine(engine).connect() as conn:
+                    ended = rollback_if_prepared(conn, xid)
+                if ended is not None:
+                    return ended
+            except Exception:  # the server restarts, or the old backend still holds it
+                debug_failure(log_session, "ending %s failed", xid)
+        return None
 
     def _commit_pending(self, engine: Engine, xid: Any) -> bool:
         """COMMIT PREPARED ``xid`` in ``engine``'s database if it is still prepared there

@@ -244,8 +244,11 @@ def _command_starts_before(text: str, at: int) -> bool:
 
 
 # Statements of transaction control that write nothing themselves (asyncpg's savepoints, for
-# one, go through ``execute``): judged read-only, as an empty statement (asyncpg's ping, ";").
+# one, go through ``execute``; SQLAlchemy's PostgreSQL dialect sends ``ROLLBACK PREPARED`` and
+# ``BEGIN`` as statements when it rolls a prepared transaction back): judged read-only, as an
+# empty statement (asyncpg's ping, ";").
 _CONTROL_HEADS: Final = frozenset({"SAVEPO", "RELEAS", "ROLLBA", ""})
+_BEGINS: Final = re.compile(r"\s*(?:BEGIN|START\s+TRANSACTION)(?![\w$])", re.IGNORECASE)
 #: A flag over any verdict (which it makes truthy): the statement ends the transaction it runs
 #: in by committing it (``COMMIT``, ``END``, ``COMMIT AND CHAIN``, ``PREPARE TRANSACTION``,
 #: ``COMMIT PREPARED``), sent as statement text by the unit's own code: the work before it is
@@ -624,7 +627,11 @@ def _after_gap(text: str, at: int) -> int:
 
 def _judge_kind(statement: str) -> int:
     head = statement.lstrip().lstrip("(").lstrip()[:6].upper()
-    if head.rstrip(";") in _CONTROL_HEADS and ";" not in statement.strip().rstrip(";"):
+    if (
+        head.rstrip(";") in _CONTROL_HEADS
+        # (one that sets the read mode is judged below: see _SESSION_STATE)
+        or (_BEGINS.match(statement) and not _SESSION_STATE.search(statement))
+    ) and ";" not in statement.strip().rstrip(";"):
         return READ_ONLY
     if head in ("DISCAR", "DEALLO"):
         return DEALLOCATES | _writes(head, statement)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Final, NamedTuple, NoReturn, TypeVar
 
 import psycopg
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
@@ -747,6 +747,11 @@ class CommitReferee:
             or isinstance(exc, UnprovenCommit)
         )
         elsewhere = None  # the engine of the unit's one connection, when not the factory's
+        if request.two_phase and not request.two_phase_commits:
+            # a two-phase unit whose PREPARE step failed: no COMMIT PREPARED went out, so
+            # nothing of it committed anywhere (the driver ended whatever a lost answer may
+            # have left prepared, see two_phase_undecided): settled as any other error
+            return None
         if request.committing:
             connections = request.connections()
             main = self.engine
@@ -1139,6 +1144,78 @@ class CommitReferee:
         answered = request.two_phase_commits[:-1]  # SQLAlchemy goes on only after an answer
         return [(engine, xid) for engine, xid in request.two_phase if xid not in answered]
 
+    def two_phase_undecided(
+        self, request: CommitRequest, exc: BaseException
+    ) -> list[tuple[Engine, Any]]:
+        """The prepared transactions a two-phase unit's failed PREPARE step may have left
+        behind before it decided to commit (no COMMIT PREPARED went out): every one it began to
+        prepare, when ``exc`` may have cut off an answer (a disconnect, 08007, the client
+        giving up: a PREPARE the server carried out, or SQLAlchemy's ROLLBACK PREPARED of
+        another, whose answer never came). Empty otherwise: every PREPARE was answered, and
+        SQLAlchemy's rollback inside the commit ended those that had succeeded.
+
+        Nothing of the unit is committed anywhere, and nothing will be: its decision is to
+        abort. But a prepared transaction outlives its connection, holding its locks (a replay
+        would wait on them) and its writes (an operator's COMMIT PREPARED would save them next
+        to the replay's), so the driver rolls back each one still prepared
+        (:func:`rollback_if_prepared`), as a two-phase coordinator that decided to abort."""
+        if not request.two_phase or request.two_phase_commits:
+            return []
+        outcome = self.policy.classifier.classify(exc)
+        if outcome not in (Outcome.DISCONNECT, Outcome.COMMIT_UNKNOWN) and not answer_timed_out(
+            exc
+        ):
+            return []
+        return list(request.two_phase)
+
+    def two_phase_abandoned(
+        self,
+        pending: list[tuple[Engine, Any]],
+        ended: list[Any],
+        left: list[Any],
+        exc: BaseException,
+    ) -> None:
+        """After the driver looked for the ``pending`` prepared transactions of a two-phase
+        unit that never decided to commit: ``ended`` were rolled back there, ``left`` could not
+        be looked for (their servers unreachable within the deadline) or were still being
+        prepared. Said when either is not empty; with any ``left`` the unit is not replayed (a
+        replay could wait on their locks, and one committed by hand would save its writes
+        twice): the operator's line names them."""
+        policy = self.policy
+        if ended:
+            emit(
+                policy.config,
+                log_session,
+                logging.WARNING,
+                "Ended a two-phase unit's prepared transactions: service=%s its PREPARE step "
+                "failed (%s) before any COMMIT PREPARED, so nothing of it committed; rolled "
+                "back what the failure left prepared: %s",
+                policy.service,
+                type(exc).__name__,
+                ", ".join(str(x) for x in ended),
+                service=policy.service,
+                event="two_phase_abandoned",
+            )
+        if left:
+            names = ", ".join(str(x) for x in left)
+            emit(
+                policy.config,
+                log_session,
+                logging.ERROR,
+                "Two-phase unit not ended: service=%s its PREPARE step failed (%s) before any "
+                "COMMIT PREPARED, so nothing of it committed, but these may be left prepared "
+                "(their servers could not be asked in time): %s. ROLLBACK PREPARED those still "
+                "in pg_prepared_xacts; never COMMIT PREPARED them",
+                policy.service,
+                type(exc).__name__,
+                names,
+                service=policy.service,
+                event="two_phase_left_prepared",
+            )
+            policy.not_replayable(
+                exc, f"its prepared transactions {names} may be left prepared", saved=False
+            )
+
     def two_phase_finished(
         self,
         request: CommitRequest,
@@ -1367,6 +1444,28 @@ def _commit_twophase(
         if request.two_phase_commits is None:
             request.two_phase_commits = []
         request.two_phase_commits.append(xid)
+
+
+def rollback_if_prepared(connection: Connection, xid: Any) -> bool | None:
+    """End ``xid`` on ``connection`` (a new one, outside any transaction): True when it was
+    prepared there and is now rolled back (ROLLBACK PREPARED), False when it is not prepared,
+    None while a backend of the database is still running its PREPARE (an answer the client
+    gave up on: it may yet prepare it; to be looked for again). SQLAlchemy's own recovery
+    API."""
+    if xid in connection.recover_twophase():
+        connection.rollback_prepared(xid, recover=True)
+        return True
+    preparing = connection.execute(_PREPARING_SQL, {"statement": f"PREPARE TRANSACTION '{xid}'"})
+    return None if preparing.scalar() else False
+
+
+#: whether another backend of the database is running a PREPARE TRANSACTION of the given text
+#: (SQLAlchemy's, see PGDialect.do_prepare_twophase): visible for the sessions of one's own role
+_PREPARING_SQL = text(
+    "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity WHERE state = 'active' "
+    "AND pid <> pg_catalog.pg_backend_pid() AND datname = pg_catalog.current_database() "
+    "AND pg_catalog.btrim(query) = :statement)"
+)
 
 
 def commit_if_prepared(connection: Connection, xid: Any) -> bool:

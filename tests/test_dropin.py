@@ -1626,6 +1626,123 @@ def test_a_refused_first_commit_prepared_is_replayed_and_finishes_nothing(
     assert pending_prepared(two_phase_server, two_databases) == []
 
 
+def _backend_pid(conn: Any) -> int:
+    """The server process of a SQLAlchemy ``Connection`` (psycopg or asyncpg)."""
+    driver = conn.connection.driver_connection
+    pid = driver.get_server_pid() if hasattr(driver, "get_server_pid") else None
+    return int(pid or driver.info.backend_pid)
+
+
+def kill_at_a_prepare(server: Any, engine: Any, *, after: bool) -> list[str]:
+    """The first PREPARE TRANSACTION on ``engine`` fails with its connection: its backend is
+    terminated right before it is sent, or (``after``) right after the server prepared it,
+    whose answer then never reaches the unit: the driver raises the termination on the next
+    use of the connection (its prepared transaction outlives it, holding its locks). Returns
+    the xids prepared on ``engine``."""
+    dialect = getattr(engine, "sync_engine", engine).dialect
+    prepare = dialect.do_prepare_twophase
+    seen: list[str] = []
+
+    def do_prepare_twophase(conn: Any, xid: Any) -> None:
+        seen.append(str(xid))
+        if len(seen) > 1:
+            return prepare(conn, xid)
+        if after:
+            prepare(conn, xid)
+        server.execute(f"SELECT pg_terminate_backend({_backend_pid(conn)}, 5000)")
+        conn.exec_driver_sql("SELECT 1")  # the driver meets the termination
+        raise AssertionError("the connection survived its backend")
+
+    dialect.do_prepare_twophase = do_prepare_twophase
+    return seen
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["before it", "its answer lost"])
+@pytest.mark.parametrize("which", [0, 1], ids=["first database", "second database"])
+def test_a_two_phase_unit_whose_prepare_lost_its_connection_is_replayed(
+    *,
+    two_phase_server: Any,
+    two_databases: tuple[str, str],
+    two_engines: list[Any],
+    service: str,
+    which: int,
+    after: bool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A connection of a two-phase unit across two databases is lost at its PREPARE, before
+    any COMMIT PREPARED went out: nothing of the unit can have committed. It ended in
+    CommitOutcomeUnknownError ("part of which may be committed"). It is replayed now, once
+    (plain ``sessionmaker`` raises the transient error); and a PREPARE the server carried out
+    whose answer was lost is rolled back first (else it would hold its locks, and its writes
+    could be committed by hand next to the replay's)."""
+    Sessions = two_phase_factory(rdb.ResilientSession, two_engines, service)
+    seen = kill_at_a_prepare(two_phase_server, two_engines[which], after=after)
+    calls: list[int] = []
+    with caplog.at_level("WARNING", logger="resilient_db"):
+        Sessions.run(add_to_both, calls)
+    assert calls == [1, 1]
+    assert counts(two_phase_server, two_databases) == [1, 1]
+    assert pending_prepared(two_phase_server, two_databases) == []
+    ended = [r.getMessage() for r in caplog.records if "Ended a two-phase" in r.getMessage()]
+    if after:  # the one it left prepared, rolled back: said
+        assert len(ended) == 1
+        assert ended[0].startswith("[SELF-HEAL] ")
+        assert seen[0] in ended[0]
+    else:
+        assert ended == []
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
+@pytest.mark.parametrize("after", [False, True], ids=["before it", "its answer lost"])
+async def test_async_a_two_phase_unit_whose_prepare_lost_its_connection_is_replayed(
+    two_phase_server: Any,
+    two_databases: tuple[str, str],
+    two_async_engines: list[Any],
+    service: str,
+    after: bool,
+) -> None:
+    """The async twin, on both drivers, the second database's PREPARE lost."""
+    Sessions = two_phase_factory(rdb.AsyncResilientSession, two_async_engines, service)
+    kill_at_a_prepare(two_phase_server, two_async_engines[1], after=after)
+    calls: list[int] = []
+    await Sessions.run(add_to_both_async, calls)
+    assert calls == [1, 1]
+    assert counts(two_phase_server, two_databases) == [1, 1]
+    assert pending_prepared(two_phase_server, two_databases) == []
+
+
+def test_a_lost_prepare_that_cant_be_looked_for_is_not_replayed(
+    two_phase_server: Any,
+    two_databases: tuple[str, str],
+    two_proxied: tuple[FaultProxy, list[Any]],
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The PREPARE's answer is lost and no new connection gets through while the factory
+    looks for what it left prepared: the unit is not replayed (a replay could wait on the
+    prepared transaction's locks for good), and the line names it for the operator."""
+    proxy, engines = two_proxied
+    Sessions = two_phase_factory(rdb.ResilientSession, engines, service)
+    seen = kill_at_a_prepare(two_phase_server, engines[1], after=True)
+
+    def refuse_new_connections(_context: Any) -> None:  # the PREPARE lost: before looking
+        proxy.refuse()
+
+    sa.event.listen(engines[1], "handle_error", refuse_new_connections)
+    calls: list[int] = []
+    with caplog.at_level("ERROR", logger="resilient_db"), pytest.raises(sa.exc.DBAPIError):
+        Sessions.run(add_to_both, calls)
+    assert calls == [1]
+    assert counts(two_phase_server, two_databases) == [0, 0]
+    left = pending_prepared(two_phase_server, two_databases)
+    assert left == [seen[0]]  # (the fixture rolls it back)
+    assert any(
+        "Two-phase unit not ended" in r.getMessage() and seen[0] in r.getMessage()
+        for r in caplog.records
+    )
+
+
 def test_a_swallowed_commit_prepared_is_finished_not_left_pending(
     two_phase_server: Any,
     two_databases: tuple[str, str],
