@@ -1002,6 +1002,13 @@ if True:  # async only
         "inside an async unit"
     )
 
+    #: why an async generator function is no unit (said after its name)
+    _ASYNC_GENERATOR = (
+        "is an async generator function (async def with yield), whose body would run only when "
+        "it is iterated, after the unit committed and closed its session: units of an "
+        "AsyncResilientSession are async functions that return their result (a list, say)"
+    )
+
     # code flags of functions that are no async unit: none (what one returns is checked)
     _NOT_A_UNIT = 0
 
@@ -1024,6 +1031,10 @@ if True:  # async only
     def _require_unit_function(fn: Any, where: str) -> None:
         """What ``transactional`` decorates: an async function."""
         _require_unit(fn, where)
+        if inspect.isasyncgenfunction(fn) or inspect.isasyncgenfunction(
+            getattr(type(fn), "__call__", None)  # noqa: B004
+        ):
+            raise TypeError(f"{_name(fn)} {_ASYNC_GENERATOR}")
         if not _is_async_callable(fn):
             raise TypeError(
                 f"AsyncResilientSession.{where} needs an async function (async def), and "
@@ -1049,6 +1060,8 @@ if True:  # async only
         return await result
 
     def _require_awaitable(fn: Any, result: object) -> None:
+        if type(result) is types.AsyncGeneratorType:
+            raise TypeError(f"{_name(fn)} returned an async generator: it {_ASYNC_GENERATOR}")
         if not inspect.isawaitable(result):
             raise TypeError(
                 f"{_name(fn)} returned {type(result).__name__}, not an awaitable: units of an "
@@ -1311,7 +1324,9 @@ else:  # sync only
         return result
 
     #: what a sync unit may not return (see _refuse_result)
-    _REFUSED_RESULTS = frozenset({types.CoroutineType, types.GeneratorType})
+    _REFUSED_RESULTS = frozenset(
+        {types.CoroutineType, types.GeneratorType, types.AsyncGeneratorType}
+    )
 
     def _refuse_result(fn: Any, result: Any) -> None:
         """A sync unit returned a coroutine (a lambda or a class around an ``async def``) or a
@@ -1321,7 +1336,14 @@ else:  # sync only
         committed and closed its session (a statement there begins a transaction nobody
         commits, holding its connection and locks), while the unit reported success. Closed,
         so it leaves no "never awaited" warning behind; the ``TypeError`` rolls the unit back
-        (not retried)."""
+        (not retried). An async generator: nothing could ever iterate it in the unit."""
+        if type(result) is types.AsyncGeneratorType:  # (not started: nothing to close)
+            raise TypeError(
+                f"{_name(fn)} returned an async generator ({result.__qualname__}), whose code "
+                "would never run in the unit: units of a ResilientSession are sync functions. "
+                "For async code use AsyncResilientSession with an AsyncEngine; in sync code, "
+                "return a list"
+            )
         result.close()
         if type(result) is types.GeneratorType:
             raise TypeError(

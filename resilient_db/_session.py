@@ -840,7 +840,7 @@ def _call_unit(
 
 
 #: what a sync unit may not return (see _refuse_result)
-_REFUSED_RESULTS = frozenset({types.CoroutineType, types.GeneratorType})
+_REFUSED_RESULTS = frozenset({types.CoroutineType, types.GeneratorType, types.AsyncGeneratorType})
 
 
 def _refuse_result(fn: Any, result: Any) -> None:
@@ -851,7 +851,14 @@ def _refuse_result(fn: Any, result: Any) -> None:
     committed and closed its session (a statement there begins a transaction nobody
     commits, holding its connection and locks), while the unit reported success. Closed,
     so it leaves no "never awaited" warning behind; the ``TypeError`` rolls the unit back
-    (not retried)."""
+    (not retried). An async generator: nothing could ever iterate it in the unit."""
+    if type(result) is types.AsyncGeneratorType:  # (not started: nothing to close)
+        raise TypeError(
+            f"{_name(fn)} returned an async generator ({result.__qualname__}), whose code "
+            "would never run in the unit: units of a ResilientSession are sync functions. "
+            "For async code use AsyncResilientSession with an AsyncEngine; in sync code, "
+            "return a list"
+        )
     result.close()
     if type(result) is types.GeneratorType:
         raise TypeError(

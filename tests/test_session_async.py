@@ -1628,6 +1628,24 @@ async def test_misuse_is_caught_with_a_message_that_says_what_to_use(
 
     with pytest.raises(TypeError, match="not an awaitable"):
         await Session.run(sync_unit)  # type: ignore[arg-type]
+
+    async def async_generator(session: Any) -> Any:
+        yield 1
+
+    class AsyncGenerator:
+        async def __call__(self, session: Any) -> Any:
+            yield 1
+
+    # its body would run after the unit committed: said as such, not "not an async def"
+    generator_function = r"async generator function \(async def with yield\), whose body"
+    for unit in (async_generator, AsyncGenerator()):
+        with pytest.raises(TypeError, match=generator_function):
+            await Session.run(unit)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=generator_function):
+            Session.transactional(unit)  # type: ignore[arg-type]
+        async with Session() as session:
+            with pytest.raises(TypeError, match=generator_function):
+                await Session.run_in(session, unit)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"needs an async function \(async def\)"):
         Session.transactional(sync_unit)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"not Session.run\(fn\(...\)\)"):
@@ -1636,7 +1654,8 @@ async def test_misuse_is_caught_with_a_message_that_says_what_to_use(
     async with plain() as session:
         with pytest.raises(TypeError, match="made by this AsyncResilientSession"):
             await Session.run_in(session, select_n, 1)
-    assert counters(service)["attempts"] == 1  # the sync function ran once, was not retried
+    # the sync function ran once, was not retried; the async generators' attempts were refused
+    assert counters(service)["attempts"] == 5
 
 
 # -- what run() refuses ---------------------------------------------------------------------------

@@ -180,3 +180,35 @@ def test_a_unit_returning_a_generator_is_refused_and_rolled_back(
     assert idle_in_transaction(orders) == 0
     assert Sessions.run(lambda s: s.execute(INSERT, {"id": 7}).rowcount) == 1  # the factory works
     assert written(orders) == [7]
+
+
+# -- an async generator returned: its code would never run -------------------------------------
+async def save_all(session: Session, order_id: int) -> Any:  # an async generator function
+    session.execute(INSERT, {"id": order_id})
+    yield order_id
+
+
+class SaveAll:  # a callable object whose __call__ is an async generator function
+    async def __call__(self, session: Session, order_id: int) -> Any:
+        session.execute(INSERT, {"id": order_id})
+        yield order_id
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(lambda S: S.run(lambda s: save_all(s, 1)), id="lambda"),
+        pytest.param(lambda S: S.run(SaveAll(), 1), id="async-generator-__call__"),
+        pytest.param(lambda S: S.run_in(S(), lambda s: save_all(s, 1)), id="run_in"),
+    ],
+)
+def test_a_unit_returning_an_async_generator_is_refused_and_rolled_back(
+    orders: sa.Engine, service: str, call: Callable[[Any], Any]
+) -> None:
+    """A sync unit returning an async generator (a lambda or an object around an ``async def``
+    with ``yield``) reported success and wrote nothing: nothing could iterate it."""
+    Sessions = rdb.ResilientSession(orders, service=service)
+    with pytest.raises(TypeError, match=r"returned an async generator \(.*never run"):
+        call(Sessions)
+    assert written(orders) == []
+    assert idle_in_transaction(orders) == 0
