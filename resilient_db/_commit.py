@@ -379,6 +379,7 @@ def _install_statements() -> list[str]:
         f"CREATE TABLE IF NOT EXISTS {s}.commit_markers ("
         " id uuid PRIMARY KEY, fence boolean NOT NULL DEFAULT false)",
         f"CREATE TABLE IF NOT EXISTS {s}.commit_markers_born (born uuid NOT NULL)",
+        _REFUSE_SHAPE_SQL,
         _BORN_SQL.format(s=s),
         f"GRANT SELECT ON {s}.commit_markers_born TO PUBLIC",
         # SECURITY DEFINER: a unit may have switched to a role of its own (SET LOCAL ROLE, as
@@ -500,13 +501,48 @@ _NO_USAGE_SQL = (
 # caller trusts (else the install runs and refuses them, naming their owner), whether the
 # caller may create in the database at all (an application's role at startup may not), and
 # whether it may replace what is there (see _MAY_REPLACE_SQL)
+# Whether the markers' tables are the ones the protocol needs: ``commit_markers`` keyed by its
+# uuid ``id`` alone (the claim's fence is an INSERT that conflicts with the original's) and with
+# its boolean ``fence``, and ``commit_markers_born`` with its uuid ``born``. A table of the same
+# name made or changed by hand (``CREATE TABLE IF NOT EXISTS`` leaves it as it is) would make
+# every check fail, and every lost answer end unknown, silently.
+_SHAPE_SQL = (
+    "EXISTS (SELECT FROM pg_catalog.pg_index i JOIN pg_catalog.pg_attribute a"
+    " ON a.attrelid OPERATOR(pg_catalog.=) i.indrelid"
+    " AND a.attnum OPERATOR(pg_catalog.=) i.indkey[0]"
+    f" WHERE i.indrelid OPERATOR(pg_catalog.=) pg_catalog.to_regclass('{SCHEMA}.commit_markers')"
+    " AND i.indisprimary AND i.indnkeyatts OPERATOR(pg_catalog.=) 1"
+    " AND a.attname OPERATOR(pg_catalog.=) 'id'"
+    " AND a.atttypid OPERATOR(pg_catalog.=) 'pg_catalog.uuid'::pg_catalog.regtype)"
+    " AND EXISTS (SELECT FROM pg_catalog.pg_attribute"
+    f" WHERE attrelid OPERATOR(pg_catalog.=) pg_catalog.to_regclass('{SCHEMA}.commit_markers')"
+    " AND attname OPERATOR(pg_catalog.=) 'fence' AND NOT attisdropped"
+    " AND atttypid OPERATOR(pg_catalog.=) 'pg_catalog.bool'::pg_catalog.regtype)"
+    " AND EXISTS (SELECT FROM pg_catalog.pg_attribute WHERE attrelid OPERATOR(pg_catalog.=)"
+    f" pg_catalog.to_regclass('{SCHEMA}.commit_markers_born')"
+    " AND attname OPERATOR(pg_catalog.=) 'born' AND NOT attisdropped"
+    " AND atttypid OPERATOR(pg_catalog.=) 'pg_catalog.uuid'::pg_catalog.regtype)"
+)
+#: an install refuses tables of another shape (see _SHAPE_SQL), naming them and the fix
+_REFUSE_SHAPE_SQL = f"""DO $rdb$ BEGIN
+    IF NOT ({_SHAPE_SQL}) THEN
+        RAISE EXCEPTION USING ERRCODE = '42P16',
+            MESSAGE = 'tables {SCHEMA}.commit_markers and {SCHEMA}.commit_markers_born exist '
+                || 'but are not the ones commit markers need (commit_markers: id uuid PRIMARY '
+                || 'KEY, fence boolean; commit_markers_born: born uuid): made or changed by hand',
+            HINT = 'drop them (DROP SCHEMA {SCHEMA} CASCADE, while no lost COMMIT answer awaits '
+                || 'its check) and install the commit markers again';
+    END IF;
+END $rdb$"""
+
 _MARKERS_STATE = (
     f"SELECT pg_catalog.obj_description("
     f"pg_catalog.to_regclass('{SCHEMA}.commit_markers'), 'pg_class'),"
     f" pg_catalog.to_regprocedure('{SCHEMA}.mark_commit(uuid)') IS NOT NULL"
     f" AND pg_catalog.to_regprocedure('{SCHEMA}.claim_commit(uuid, integer)') IS NOT NULL"
     f" AND pg_catalog.to_regprocedure('{SCHEMA}.prune_commit_markers(integer)') IS NOT NULL"
-    f" AND pg_catalog.to_regprocedure('{SCHEMA}.claim_commit(uuid)') IS NULL,"
+    f" AND pg_catalog.to_regprocedure('{SCHEMA}.claim_commit(uuid)') IS NULL"
+    f" AND {_SHAPE_SQL},"
     " {untrusted} IS NULL,"
     " pg_catalog.has_database_privilege(pg_catalog.current_database(), 'CREATE'),"
     f" {_MAY_REPLACE_SQL},"

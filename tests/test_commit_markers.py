@@ -392,6 +392,96 @@ def test_install_is_idempotent_and_uninstall_removes_everything(engine: sa.Engin
     assert markers(engine) == []
 
 
+@pytest.mark.parametrize(
+    "tables",
+    [
+        pytest.param(
+            "CREATE TABLE resilient_db.commit_markers (id uuid NOT NULL, fence boolean)",
+            id="no primary key",
+        ),
+        pytest.param(
+            "CREATE TABLE resilient_db.commit_markers (id uuid PRIMARY KEY)", id="no fence"
+        ),
+        pytest.param(
+            "CREATE TABLE resilient_db.commit_markers (id text PRIMARY KEY, fence boolean)",
+            id="text ids",
+        ),
+        pytest.param(
+            "CREATE TABLE resilient_db.commit_markers (id uuid, fence boolean, "
+            "n int, PRIMARY KEY (id, n))",
+            id="a wider key",
+        ),
+        pytest.param(
+            "CREATE TABLE resilient_db.commit_markers (id uuid PRIMARY KEY, fence boolean); "
+            "CREATE TABLE resilient_db.commit_markers_born (born timestamptz)",
+            id="born of another type",
+        ),
+    ],
+)
+def test_an_install_refuses_tables_of_another_shape_and_changes_nothing(
+    engine: sa.Engine, tables: str
+) -> None:
+    """Tables of the markers' names made by hand (or changed since) were kept by ``CREATE
+    TABLE IF NOT EXISTS`` and labelled current: every check of a lost answer then failed, and
+    each ended unknown, a never-committed one too, silently. The install refuses them, saying
+    what they need and how to make it so, and leaves the database as it was."""
+    rdb.uninstall_commit_markers(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA resilient_db; {tables}")
+    try:
+        for install in (rdb.install_commit_markers, _install_on_a_connection):
+            with pytest.raises(sa.exc.DBAPIError) as info:
+                install(engine)
+            assert rdb.sqlstate_of(info.value) == "42P16"
+            assert "are not the ones commit markers need" in str(info.value)
+            with engine.connect() as conn:  # nothing of the install is left
+                assert conn.scalar(sa.text(NO_FUNCTIONS)) is True
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP SCHEMA resilient_db CASCADE")
+        rdb.install_commit_markers(engine)
+
+
+def test_an_install_refuses_a_markers_table_changed_after_it_and_repairs_a_lost_born(
+    engine: sa.Engine,
+) -> None:
+    """The markers installed, then their table's primary key dropped: an install again (at an
+    application's start-up, by ``Engine``) took them for current and did nothing; it refuses
+    them now. A ``commit_markers_born`` dropped since is made again by it."""
+    rdb.install_commit_markers(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE resilient_db.commit_markers_born")
+    rdb.install_commit_markers(engine)
+    with engine.connect() as conn:
+        assert conn.scalar(sa.text("SELECT count(*) FROM resilient_db.commit_markers_born")) == 1
+        name = conn.scalar(
+            sa.text(
+                "SELECT conname FROM pg_constraint WHERE conrelid = "
+                "'resilient_db.commit_markers'::regclass AND contype = 'p'"
+            )
+        )
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"ALTER TABLE resilient_db.commit_markers DROP CONSTRAINT {name}")
+    try:
+        with pytest.raises(sa.exc.DBAPIError) as info:
+            rdb.install_commit_markers(engine)
+        assert rdb.sqlstate_of(info.value) == "42P16"
+    finally:
+        rdb.uninstall_commit_markers(engine)
+        rdb.install_commit_markers(engine)
+
+
+NO_FUNCTIONS = (
+    "SELECT to_regprocedure('resilient_db.mark_commit(uuid)') IS NULL "
+    "AND to_regprocedure('resilient_db.claim_commit(uuid, integer)') IS NULL"
+)
+
+
+def _install_on_a_connection(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        rdb.install_commit_markers(conn)
+
+
 def _uninstalled(by: sa.Engine, engine: sa.Engine) -> list[str]:
     """``uninstall_commit_markers`` run through ``by``: the markers are gone (as ``engine``
     sees); the server's notices and warnings to it, as ``"SEVERITY: message detail"``."""
