@@ -262,17 +262,21 @@ class Breaker:
         the code when ``explicit`` (else the environment's). A service has one breaker: while
         a user that gave a ``config=`` lives, the environment's settings don't replace its
         settings, and another ``config=`` that differs is warned about (the later one is
-        followed)."""
+        followed).
+
+        The breaker's lines are said under the configuration it follows: one that changes
+        only the logging switches (``SELF_HEALING_LOGGING``, ``SELF_HEALING_LOG_LEVEL``) is
+        taken too, its state (an opening, a run of failures) kept."""
         held = [u for u in self._explicit_users if u is not user]  # others' config=, alive
         if explicit:
             self._explicit_users.add(user)
         else:
             self._explicit_users.discard(user)
-        if breaker_settings(config) == breaker_settings(self.config):
+        if config == self.config:
             return
         if held and not explicit:
             return  # a config= of the code decides this service's breaker, not the environment
-        if held:
+        if held and breaker_settings(config) != breaker_settings(self.config):
             emit(
                 config,
                 log_breaker,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 import pytest
 import sqlalchemy as sa
@@ -125,6 +126,135 @@ def test_rejection_events_reach_the_hooks_whatever_the_logging_switch(
         with pytest.raises(rdb.CircuitOpenError):
             Factory.run(healthy)
     assert [e.fields["rejected"] for e in events if e.name == "breaker_rejected"] == [1]
+
+
+# -- the logging switches applied by a reload --------------------------------------------------
+def calls_through(user: str, engine: sa.Engine, service: str) -> Callable[[bool], int]:
+    """A call of the service, failing (the server cannot take connections now) or healthy,
+    through a factory of the environment's configuration or a ``with_self_healing`` operation
+    without ``config=``; made (and called once) now."""
+    if user == "factory":
+        Factory = rdb.ResilientSession(engine, service=service)
+        return lambda fail: Factory.run(unavailable if fail else healthy)
+
+    def operation(fail: bool) -> int:
+        with engine.connect() as conn:
+            sql = "SELECT raise_code('57P03')" if fail else "SELECT 1"
+            return int(conn.execute(sa.text(sql)).scalar_one())
+
+    def call(fail: bool) -> int:
+        return rdb.with_self_healing(lambda: operation(fail), service=service)
+
+    assert call(False) == 1  # (the operation's policy and breaker are made at its first call)
+    return call
+
+
+def breaker_state(service: str) -> str:
+    return str(rdb.health()["services"][service]["breaker"]["state"])
+
+
+def outage(call: Callable[[bool], int], service: str, *, opened: bool = False) -> None:
+    """Two failures open the breaker (unless ``opened`` already), a call is rejected, the short
+    reset timeout ends and a healthy probe closes it."""
+    if not opened:
+        for _ in range(2):
+            with pytest.raises(sa.exc.OperationalError):
+                call(True)
+    with pytest.raises(rdb.CircuitOpenError):
+        call(False)
+    wait_for(lambda: breaker_state(service) == "half-open", "the end of the reset timeout")
+    assert call(False) == 1
+    assert breaker_state(service) == "closed"
+
+
+def breaker_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage().partition(": service=")[0]
+        for r in caplog.records
+        if r.getMessage().startswith("[SELF-HEAL] Circuit breaker")
+    ]
+
+
+@pytest.mark.parametrize("user", ["factory", "with_self_healing"])
+def test_a_reload_of_the_logging_switches_reaches_the_breakers_lines(
+    engine: sa.Engine,
+    service: str,
+    clean_env: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    user: str,
+) -> None:
+    """A reload changing only ``SELF_HEALING_LOGGING`` or ``SELF_HEALING_LOG_LEVEL`` did not
+    reach the breaker (its settings were unchanged, so it kept the configuration it was made
+    with): switched on, its opening and closing went unsaid; switched off, they were said."""
+    for name, value in {
+        "SELF_HEALING_FAILURE_THRESHOLD": "2",
+        "SELF_HEALING_RETRY": "false",
+        "SELF_HEALING_RESET_TIMEOUT": "100",
+        "SELF_HEALING_LOGGING": "false",
+    }.items():
+        clean_env.setenv(name, value)
+    rdb.reload_config()
+    call = calls_through(user, engine, service)
+    caplog.set_level(logging.DEBUG, logger="resilient_db")
+
+    clean_env.delenv("SELF_HEALING_LOGGING")  # an operator turning the logs on
+    rdb.reload_config()
+    outage(call, service)
+    assert breaker_lines(caplog) == [
+        "[SELF-HEAL] Circuit breaker opened",
+        "[SELF-HEAL] Circuit breaker rejected 1 call(s) since the last line",
+        "[SELF-HEAL] Circuit breaker half-open",
+        "[SELF-HEAL] Circuit breaker closed",
+    ]
+
+    for name, value in (("SELF_HEALING_LOG_LEVEL", "error"), ("SELF_HEALING_LOGGING", "false")):
+        clean_env.setenv(name, value)
+        rdb.reload_config()
+        caplog.clear()
+        outage(call, service)
+        assert breaker_lines(caplog) == [], name
+        clean_env.delenv(name)
+
+
+def test_a_reload_of_the_logging_switches_keeps_the_breakers_state(
+    engine: sa.Engine,
+    service: str,
+    clean_env: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Logging switched on during an outage: the breaker stays open (no start over, its
+    opening counted once), and from then on says what it does."""
+    for name, value in {
+        "SELF_HEALING_FAILURE_THRESHOLD": "3",
+        "SELF_HEALING_RETRY": "false",
+        "SELF_HEALING_RESET_TIMEOUT": "100",
+        "SELF_HEALING_LOGGING": "false",
+    }.items():
+        clean_env.setenv(name, value)
+    call = calls_through("factory", engine, service)
+    caplog.set_level(logging.DEBUG, logger="resilient_db")
+    with pytest.raises(sa.exc.OperationalError):
+        call(True)
+    clean_env.setenv("SELF_HEALING_LOG_LEVEL", "warn")
+    rdb.reload_config()
+    assert rdb.health()["services"][service]["breaker"]["failures"] == 1  # counted on
+    for _ in range(2):
+        with pytest.raises(sa.exc.OperationalError):
+            call(True)
+    assert breaker_state(service) == "open"
+    assert breaker_lines(caplog) == []
+
+    clean_env.delenv("SELF_HEALING_LOGGING")
+    clean_env.delenv("SELF_HEALING_LOG_LEVEL")
+    rdb.reload_config()
+    assert breaker_state(service) == "open"
+    assert counters(service)["breaker_opens"] == 1
+    outage(call, service, opened=True)
+    assert breaker_lines(caplog) == [
+        "[SELF-HEAL] Circuit breaker rejected 1 call(s) since the last line",
+        "[SELF-HEAL] Circuit breaker half-open",
+        "[SELF-HEAL] Circuit breaker closed",
+    ]
 
 
 # -- a retry the breaker refuses ---------------------------------------------------------------

@@ -73,6 +73,33 @@ def test_redis_down_and_back_lines_name_the_services_using_the_link(
     engine.dispose()
 
 
+def test_a_link_says_it_is_down_under_the_logging_switches_a_reload_applied(
+    redis_server: RedisServer,
+    pg_url: str,
+    service: str,
+    clean_env: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A breaker shared through Redis (no retry budget on the link) made with logging off:
+    a reload switching logging on reached neither the breaker nor, through it, its link, whose
+    "Shared state unavailable" line stayed unsaid when Redis went away."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    clean_env.setenv("SELF_HEALING_REDIS_URL", redis_server.url)
+    clean_env.setenv("SELF_HEALING_LOGGING", "false")
+    engine = sa.create_engine(pg_url)
+    try:
+        factory = rdb.ResilientSession(engine, service=service)
+        wait_for(lambda: shared(service)["connected"], "the link", 10)
+        clean_env.delenv("SELF_HEALING_LOGGING")
+        rdb.reload_config()
+        redis_server.kill()
+        wait_for(lambda: bool(_records(caplog, "Shared state unavailable")), "the down line", 10)
+        assert factory.service == service
+    finally:
+        clean_env.delenv("SELF_HEALING_REDIS_URL")
+        engine.dispose()
+
+
 def test_a_link_refused_by_the_client_names_its_first_service(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
