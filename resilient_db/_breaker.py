@@ -301,9 +301,29 @@ class Breaker:
 
     def switch_off(self, user: object) -> None:
         """``user`` switched this breaker off (``SELF_HEALING_CIRCUIT_BREAKER=false`` applied
-        by a reload): its calls run without it, and are not recorded."""
+        by a reload): its calls run without it, and are not recorded.
+
+        Switched off by its last user that had it on, it leaves the state it was in (``off``
+        in ``health()``; switched on again, it starts over): the calls that state rejected
+        since its last rejection line are said now, as when it leaves the state by itself."""
         self._users_on.discard(user)
         self._users_off.add(user)
+        if len(self._users_on) == 0:
+            self._say_rejections_left()
+
+    def _say_rejections_left(self) -> None:
+        """The line and event of the calls rejected since the last rejection line, if any.
+        Said under this breaker's configuration, the one they were rejected under (a reload
+        switching self-healing off too must not make their event vanish: the events'
+        ``rejected`` add up to the ``breaker_rejections`` counter)."""
+        left = self.rejection_lines.drain()
+        if not left:
+            return
+        try:
+            state = self.state
+        except Exception:  # a storage of the application's that fails: it was open
+            state = OPEN
+        self.report_rejections_left(left, HALF_OPEN if state == HALF_OPEN else OPEN)
 
     def switch_on(self, user: object) -> None:
         """``user`` has this breaker switched on (made, or reloaded).

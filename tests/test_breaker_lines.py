@@ -355,6 +355,47 @@ def test_a_breaker_open_when_switched_off_starts_closed_when_switched_on_again(
     ]
 
 
+def test_rejections_not_yet_said_are_said_when_a_reload_switches_the_breaker_off(
+    engine: sa.Engine,
+    service: str,
+    clean_env: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """Switched off, an open breaker leaves its state (``off`` in health(); on again, it
+    starts over): the calls it rejected after its rate-limited line went unsaid (no line, no
+    event) until it was switched on again, and for good if it never was."""
+    clean_env.setenv("SELF_HEALING_FAILURE_THRESHOLD", "1")
+    clean_env.setenv("SELF_HEALING_RETRY", "false")
+    clean_env.setenv("SELF_HEALING_RESET_TIMEOUT", "60000")
+    Factory = rdb.ResilientSession(engine, service=service)
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    with pytest.raises(sa.exc.OperationalError):
+        Factory.run(unavailable)
+    for _ in range(4):
+        with pytest.raises(rdb.CircuitOpenError):
+            Factory.run(healthy)
+    assert len(lines(caplog, "Circuit breaker rejected")) == 1  # the first; 3 wait for the period
+
+    switched(clean_env, on=False)
+    assert breaker_state(service) == "off"
+    (left,) = lines(caplog, "more call(s)")
+    assert left == (
+        "[SELF-HEAL] Circuit breaker rejected 3 more call(s) before leaving the open state: "
+        f"service={service}"
+    )
+    rejected = [e.fields for e in events if e.name == "breaker_rejected"]
+    assert [(fields["rejected"], fields["state"]) for fields in rejected] == [
+        (1, "open"),
+        (3, "open"),
+    ]
+    assert counters(service)["breaker_rejections"] == 4
+
+    switched(clean_env, on=True)  # said once: not again when it starts over
+    assert len(lines(caplog, "more call(s)")) == 1
+    assert len([e for e in events if e.name == "breaker_rejected"]) == 2
+
+
 def test_reset_state_closing_an_open_breaker_says_it_was_reset_not_recovered(
     engine: sa.Engine,
     service: str,
