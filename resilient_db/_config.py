@@ -1,7 +1,8 @@
 """Feature flags and numbers: the plan's ``SELF_HEALING_*`` variables, parsed strictly.
 
 The configuration is read from an environ mapping (``os.environ`` unless one is passed) when a
-factory is created, and again for every default-config factory on :func:`reload_config`.
+factory is created, at the first ``with_self_healing`` call without ``config=``, and again for
+every default-config factory and operation on :func:`reload_config`.
 Every bad variable is collected and reported at once in one :class:`ConfigError`.
 """
 
@@ -692,15 +693,31 @@ def register_default_user(obj: _Configurable) -> None:
 
 
 def env_config() -> Config:
-    """The environment's configuration: read at first use, replaced by :func:`reload_config`
-    (for what has no factory of its own: ``with_self_healing``, the guard's reports outside a
-    factory's session). Raises :class:`ConfigError` for an invalid environment."""
+    """The environment's configuration of ``with_self_healing`` without ``config=``: read at
+    its first call in the process and kept, replaced by :func:`reload_config`. Only those
+    two fill it: the other users of the environment's configuration (:func:`current_env_config`)
+    read it without keeping it, so that an operation's first call reads the environment as it
+    is then, not as it was when something else looked at it (a kill switch set in between
+    would be missed by the operations while a factory made then takes it). Raises
+    :class:`ConfigError` for an invalid environment."""
     config: Config | None = STATE.env_config
     if config is None:
         config = load_config()
         with STATE.lock:
-            STATE.env_config = config
+            if STATE.env_config is None:  # (a reload meanwhile: its configuration stays)
+                STATE.env_config = config
+            config = STATE.env_config
     return config
+
+
+def current_env_config() -> Config:
+    """The environment's configuration for what has no factory of its own and is no operation
+    (the web handlers, the guard's reports and ``bypass_transitions`` outside a factory's
+    session, the commit markers' install): the one ``with_self_healing`` or
+    :func:`reload_config` keeps, else the environment read now, not kept (see
+    :func:`env_config`). Raises :class:`ConfigError` for an invalid environment."""
+    config: Config | None = STATE.env_config
+    return config if config is not None else load_config()
 
 
 def factory_config() -> Config:

@@ -304,7 +304,8 @@ def with_self_healing(
     callable) checks the result once the operation succeeded; an invalid one raises
     :class:`~resilient_db.ResponseValidationError` and is not retried (an iterator result is
     refused with ``TypeError``: checking would consume it). ``config`` (default: the
-    environment's, read at the first call and again by :func:`reload_config`) governs it too; a
+    environment's, read at the process's first ``with_self_healing`` call without ``config=``
+    and again by :func:`reload_config`) governs it too; a
     ``validate`` that can't check a result raises ``TypeError`` either way.
 
     Inside a unit of work, or inside an operation that replays its attempts, the operation

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
@@ -585,3 +586,55 @@ def test_a_factory_made_after_a_reload_given_a_mapping_takes_what_it_applied() -
     finally:
         rdb.reload_config()
         engine.dispose()
+
+
+def _markers_installed(engine: sa.Engine) -> None:
+    rdb.install_commit_markers(engine)
+
+
+def _problem_answered(engine: sa.Engine) -> None:
+    from resilient_db.web import problem_details  # noqa: PLC0415 - the web extra's module
+
+    blocked = rdb.IllegalTransitionError(
+        model="Task", pk=1, column="status", from_state="done", to_state="new", via="flush"
+    )
+    assert problem_details(blocked) is not None
+
+
+@pytest.mark.usefixtures("no_backoff")
+@pytest.mark.parametrize("first", [_markers_installed, _problem_answered])
+def test_with_self_healing_reads_the_environment_at_its_first_call(
+    engine: sa.Engine,
+    service: str,
+    clean_env: pytest.MonkeyPatch,
+    first: Callable[[sa.Engine], None],
+) -> None:
+    """The environment's configuration that ``with_self_healing`` keeps was filled by whatever
+    looked at it first (the markers' install at start-up, a web handler's answer): a kill
+    switch set after that was missed by the operations' first call, which retried, while a
+    factory made at the same moment took it."""
+    clean_env.setenv("SELF_HEALING_CIRCUIT_BREAKER", "false")  # (the failures open none)
+    clean_env.setattr(_config.STATE, "env_config", None)  # nothing read it yet in the process
+    first(engine)  # at start-up, before the environment is complete
+    clean_env.setenv("SELF_HEALING_RETRY", "false")
+    calls = 0
+
+    def operation() -> None:
+        nonlocal calls
+        calls += 1
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT raise_code('57P03')"))  # the server takes no connections
+
+    with pytest.raises(sa.exc.OperationalError):
+        rdb.with_self_healing(operation, service=service)
+    assert calls == 1  # not retried: SELF_HEALING_RETRY=false read at this first call
+    assert rdb.ResilientSession(engine, service=service).config.retry is False
+    # read once: set later, a variable reaches the operations through reload_config()
+    clean_env.delenv("SELF_HEALING_RETRY")
+    with pytest.raises(sa.exc.OperationalError):
+        rdb.with_self_healing(operation, service=service)
+    assert calls == 2
+    rdb.reload_config()
+    with pytest.raises(sa.exc.OperationalError):
+        rdb.with_self_healing(operation, service=service)
+    assert calls == 2 + 1 + rdb.load_config().max_retries

@@ -10,8 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from resilient_db._config import Config
-from resilient_db._config import env_config as environment_config
+from resilient_db._config import Config, current_env_config
 from resilient_db._errors import ConfigError, IllegalTransitionError, StaleTransitionError
 from resilient_db._observability import emit
 from resilient_db._state import STATE
@@ -119,8 +118,9 @@ def row_keys(pk: object, config: Config) -> dict[str, Any]:
 
 
 def env_config() -> Config:
-    """The environment's configuration, for reports outside any factory's session."""
+    """The environment's configuration, for reports outside any factory's session (see
+    :func:`resilient_db._config.current_env_config`)."""
     try:
-        return environment_config()
+        return current_env_config()
     except ConfigError:  # a bad environment must not hide the report
         return Config()
