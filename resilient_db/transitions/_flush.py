@@ -11,6 +11,8 @@ before their UPDATE instead. No implicit lazy loads: works unchanged under ``Asy
 
 from __future__ import annotations
 
+import decimal
+import enum
 import functools
 import operator
 import re
@@ -43,7 +45,15 @@ from ._changes import (
     read_by_keys,
     with_reason,
 )
-from ._rules import Guard, compiled_guards, plain, sort_key
+from ._rules import (
+    Guard,
+    compiled_guards,
+    enum_db_values,
+    plain,
+    sort_key,
+    storage_type,
+    trims_scale,
+)
 
 __all__ = [
     "before_flush",
@@ -927,7 +937,7 @@ def _compare_and_set(
         else:
             dialect.do_execute(cursor, form.sql, sent[0], context)
     except Exception as exc:
-        stale = _raised_stale(exc, guards, expected, dialect) if form.raising else None
+        stale = _raised_stale(exc, guards, expected) if form.raising else None
         if stale is None:
             raise
         raise_errors([stale], checks.config, checks.session)
@@ -1059,9 +1069,11 @@ def _raising_condition(guard: Guard, holds: Any, position: int) -> Any:
             for c, label in zip(guard.pk_columns, guard.pk_labels, strict=True)
         )
     )
+    # the column's key, as the guards and the trigger spell its states (see _state_of_text)
+    value: Any = sa.func.pg_catalog.trim_scale(column) if trims_scale(column) else column
     held = sa.case(
         (column.is_(None), sa.literal_column("'n'")),
-        else_=sa.literal_column("'v'").concat(sa.cast(column, sa.Text)),
+        else_=sa.literal_column("'v'").concat(sa.cast(value, sa.Text)),
     )
     token = sa.func.concat(
         sa.literal_column("'rdb-stale:'"),
@@ -1078,7 +1090,7 @@ def _raising_condition(guard: Guard, holds: Any, position: int) -> Any:
 
 
 def _raised_stale(
-    exc: BaseException, guards: tuple[Guard, ...], expected: list[_Row], dialect: Any
+    exc: BaseException, guards: tuple[Guard, ...], expected: list[_Row]
 ) -> IllegalTransitionError | None:
     """The StaleTransitionError of a raising form's executemany that failed with ``exc``, or
     None when ``exc`` is not the raising condition's error (then it is raised as it is)."""
@@ -1093,17 +1105,41 @@ def _raised_stale(
         return None
     guard = guards[int(position)]
     found = expected[int(number)][guard.column]
-    held: Any = None
-    if kind == "v":  # the column's text, as a value of its type where the type converts text
-        impl = guard.column.type.dialect_impl(dialect)
-        process = impl.result_processor(dialect, None)
-        if process is not None:
-            held = process(text)
-        elif isinstance(impl, sa.Boolean) and text in ("true", "false"):
-            held = text == "true"  # asyncpg converts no text for a Boolean: the cast's words
-        else:
-            held = text
+    held = _state_of_text(guard, text) if kind == "v" else None
     return _stale(found.change, _moved(guard, held), found.value)
+
+
+def _state_of_text(guard: Guard, text: str) -> Any:
+    """What a row holds, from its column's text as the raising form's error carries it: the
+    column's key (``col::text``, a ``numeric`` without a scale through ``trim_scale``), which is
+    how the guard spells its states. The declared state of that key; else, for a value no rule
+    declares, the text as a value of the type the column stores (an integer, a number, a bool,
+    an ``Enum`` member), else the text. The column type's own result processing is not used:
+    it reads what the driver decodes (a driver's processor may need the column's type code; a
+    ``TypeDecorator``'s takes values of the stored type, not their text)."""
+    state = guard.states.get(text, _UNSET)
+    if state is not _UNSET:
+        return state
+    impl = storage_type(guard.column.type)
+    try:
+        if isinstance(impl, sa.Boolean):
+            return {"true": True, "false": False}.get(text, text)
+        if isinstance(impl, sa.Integer):
+            return int(text)
+        if isinstance(impl, sa.Numeric) and not isinstance(impl, sa.Float):
+            return decimal.Decimal(text)
+    except (ArithmeticError, ValueError):
+        return text
+    if isinstance(impl, sa.Enum) and impl.enum_class is not None:
+        return next(
+            (
+                v
+                for v, db in enum_db_values(impl).items()
+                if db == text and isinstance(v, enum.Enum)
+            ),
+            text,
+        )
+    return text
 
 
 def _cas_form(
