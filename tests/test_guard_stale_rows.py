@@ -38,6 +38,21 @@ class Task(Base):
     status: Mapped[str] = mapped_column(sa.String(40), default="pending")
 
 
+class Run(Base):
+    """Two guarded columns."""
+
+    __tablename__ = "runs"
+    __transitions__ = (
+        rdb.TransitionRules(
+            column="status", transitions={"new": {"run"}, "run": {"done"}}, initial={"new"}
+        ),
+        rdb.TransitionRules(column="phase", transitions={"a": {"b"}, "b": {"c"}}, initial={"a"}),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    status: Mapped[str] = mapped_column(sa.String(8), default="new")
+    phase: Mapped[str] = mapped_column(sa.String(5), default="a")
+
+
 ROW_KEYS = rdb.load_config(environ={}).replace(log_row_keys=True)
 
 
@@ -193,3 +208,49 @@ def test_a_flush_renumbering_its_rows_names_the_row_that_moved(
         assert stored(engine) == ["pending", "pending", moved_to]
         with engine.begin() as conn:
             conn.exec_driver_sql("UPDATE tasks SET status = 'pending'")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ["psycopg-sync", "psycopg", "asyncpg"])
+@pytest.mark.parametrize("rows", [[1, 2, 3], [3]])
+async def test_of_two_guarded_columns_the_one_that_moved_is_named(
+    engine: sa.Engine, pg_url: str, driver: str, rows: list[int], service: str
+) -> None:
+    """Another transaction moved only the phase of row 3, to the phase this flush writes; its
+    status still holds 'new', where the flush writes 'run': the flush did not update the row.
+    A many-row flush on psycopg named the status, and said another transaction had moved the
+    row to 'run'; it names the phase now, as a one-row flush did."""
+    with engine.begin() as conn:
+        conn.execute(sa.insert(Run), [{"id": n, "status": "new", "phase": "a"} for n in (1, 2, 3)])
+
+    def move_phase_of_row_3() -> None:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("UPDATE runs SET phase = 'b' WHERE id = 3")
+
+    if driver == "psycopg-sync":
+        with rdb.ResilientSession(engine, service=service, config=ROW_KEYS)() as session:
+            runs = [session.get_one(Run, n) for n in rows]
+            move_phase_of_row_3()
+            for run in runs:
+                run.status, run.phase = "run", "b"
+            with pytest.raises(rdb.StaleTransitionError) as stale:
+                session.flush()
+    else:
+        aengine = create_async_engine(sa.make_url(pg_url).set(drivername=f"postgresql+{driver}"))
+        try:
+            Sessions = rdb.AsyncResilientSession(aengine, service=service, config=ROW_KEYS)
+            async with Sessions() as asession:
+                runs = [await asession.get_one(Run, n) for n in rows]
+                move_phase_of_row_3()
+                for run in runs:
+                    run.status, run.phase = "run", "b"
+                with pytest.raises(rdb.StaleTransitionError) as stale:
+                    await asession.flush()
+        finally:
+            await aengine.dispose()
+    err = stale.value
+    assert (err.pk, err.column, err.from_state, err.to_state) == (3, "phase", "a", "b")
+    assert "the row now holds 'b'" in err.reason
+    with engine.connect() as conn:
+        held = conn.exec_driver_sql("SELECT id, status, phase FROM runs ORDER BY id").all()
+    assert [tuple(r) for r in held] == [(1, "new", "a"), (2, "new", "a"), (3, "new", "b")]

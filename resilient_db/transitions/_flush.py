@@ -1273,6 +1273,7 @@ def _stale_rows(
     n_guards = len(guards)
     stale: list[IllegalTransitionError] = []
     unsure: list[_Row] = []
+    unsure_by: list[Guard] = []  # the guard of each row of ``unsure`` whose column moved
     written_here = 0  # rows whose current version this transaction wrote
     gone: list[_Row] = []  # rows not found by the key they were loaded with
     for found in rows:
@@ -1305,14 +1306,22 @@ def _stale_rows(
                 )
                 stale.append(_stale(expect.change, reason, expect.value))
             continue
-        if len(rows) == 1 or any(g.key(v) != g.key(found[g.column].change.new) for g, v in moved):
-            g, value = next(
-                ((g, v) for g, v in moved if g.key(v) != g.key(found[g.column].change.new)),
-                moved[0],
-            )
+        # the row holds every state this flush writes, or it was not updated by the flush
+        # (another transaction moved it: one guard's column, say, while another still holds
+        # the state expected where the flush writes another)
+        as_written = all(
+            g.key(v) == g.key(found[g.column].change.new)
+            for g, v in zip(guards, now[:n_guards], strict=True)
+        )
+        if len(rows) == 1 or not as_written:
+            elsewhere = [(g, v) for g, v in moved if g.key(v) != g.key(found[g.column].change.new)]
+            g, value = (elsewhere or moved)[0]  # a column that moved, where it moved elsewhere
             stale.append(_stale(found[g.column].change, _moved(g, value), found[g.column].value))
         else:
-            unsure.append(found)  # holds what this flush wrote: updated now, or moved there first
+            # updated now, or moved there first by another transaction (the first column that
+            # moved says by which guard)
+            unsure.append(found)
+            unsure_by.append(moved[0][0])
     missing = len(rows) - matched - len(stale)
     # A row not found by its loaded key was deleted by another transaction, or given a new key
     # by this very UPDATE (a flush changing primary keys): when the rows found account for
@@ -1341,22 +1350,28 @@ def _stale_rows(
         # Rows that another transaction had already moved to the state this flush was writing
         # look the same as rows this flush updated, but for who wrote them.
         if written_here == matched and len(columns) > n_guards:
-            there_first = [f for f in unsure if not current[f[first.column].change.identity][-1]]
+            there_first = [
+                (f, g)
+                for f, g in zip(unsure, unsure_by, strict=True)
+                if not current[f[first.column].change.identity][-1]
+            ]
             if len(there_first) == missing:
-                for found in there_first:
-                    expect = found[first.column]
+                for found, g in there_first:
+                    expect = found[g.column]
                     reason = (
                         f"another transaction had already moved the row to "
-                        f"{plain(as_declared(first, expect.change.new))!r}; reload it and decide "
+                        f"{plain(as_declared(g, expect.change.new))!r}; reload it and decide "
                         "again"
                     )
                     stale.append(_stale(expect.change, reason, expect.value))
                 return stale
-        # Else no row is named, and no state it was in unless they all were in one.
-        shown = plain(as_declared(first, unsure[0][first.column].change.new))
+        # Else no row is named, and no state it was in unless they all were in one; the column
+        # named is the one that moved, when it is one column for all of them.
+        g = unsure_by[0] if all(u is unsure_by[0] for u in unsure_by) else first
+        shown = plain(as_declared(g, unsure[0][g.column].change.new))
         stale.append(
             _unnamed_stale(
-                first,
+                g,
                 unsure,
                 f"{missing} of the {len(unsure)} rows of this UPDATE that now hold {shown!r} had "
                 "already been moved there by another transaction, which of them can't be told; "
