@@ -41,6 +41,7 @@ __all__ = ["do_orm_execute"]
 class _Target(NamedTuple):
     static: bool
     value: Any  # the Python value (static) or a SQL expression (dynamic)
+    onupdate: bool = False  # the column's onupdate, which the statement does not override
 
 
 def _is_guard_key(key: Any, guard: Guard) -> bool:
@@ -82,7 +83,30 @@ def _target(stmt: Any, params: Any, guard: Guard, *, by_pk: bool = False) -> _Ta
             return _resolve_value(value, params)
     if given is not None:
         return _Target(True, params[given])
-    return None
+    return _onupdate(guard)
+
+
+def _onupdate(guard: Guard) -> _Target | None:
+    """The state an UPDATE that does not set the guarded column writes into it all the same:
+    the column's ``onupdate``, which SQLAlchemy applies to every such statement (and to every
+    parameter set without the column). A value is judged as one given in ``values()``, a SQL
+    expression as such an expression is; a Python function's value is computed by SQLAlchemy
+    only as it runs the UPDATE (with the statement's execution context), after the check:
+    refused."""
+    default = guard.column.onupdate
+    if not isinstance(default, sa.ColumnDefault):
+        return None  # none (a Sequence is no onupdate SQLAlchemy applies)
+    if default.is_scalar:
+        return _Target(True, default.arg, onupdate=True)
+    if default.is_clause_element:
+        return _Target(False, default.arg, onupdate=True)
+    raise TransitionRulesError(
+        f"an UPDATE of {guard.model} that does not set {guard.attr_key} sets it all the same "
+        f"through the column's onupdate, a Python function SQLAlchemy calls only as it runs the "
+        f"UPDATE: the guard can't judge the state it writes before; set {guard.attr_key} in "
+        f"the statement (values(), or each parameter set), or give the column a value or a SQL "
+        f"expression as its onupdate"
+    )
 
 
 def _replaceable(value: Any) -> bool:
@@ -549,9 +573,10 @@ def _bulk_by_pk(
             if target is None or any(k not in row for k in guard.pk_attr_keys):
                 continue
             if not target.static:
+                how = " (the column's onupdate)" if target.onupdate else ""
                 raise TransitionRulesError(
                     f"a bulk UPDATE by primary key of {guard.model} sets {guard.attr_key} to a "
-                    f"SQL expression, whose value per row the guard can't read before the "
+                    f"SQL expression{how}, whose value per row the guard can't read before the "
                     f"UPDATE; set the state as a value, or run an UPDATE with WHERE criteria "
                     f"(update({guard.model}).where(...).values(...))"
                 )
