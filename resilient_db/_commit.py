@@ -93,11 +93,13 @@ from ._internals import (
 from ._observability import emit, log_session
 from ._state import STATE, renew_after_fork
 from ._statements import (
+    SAFE_CALL_NAMES,
     UNIT_CONTEXT,
     StatementGuard,
     asyncpg_statement_methods,
     current_attempt,
     current_request,
+    distrust_calls,
     library_work,
     marked_cursor_factory,
     note_dialect_calls,
@@ -722,6 +724,7 @@ _IDENTITY_SQL = (
 # by name (``to_reg*``: NULL when missing), not by joining the catalogs: on a new backend, whose
 # caches are cold, the joins cost about 2 ms more, paid by every connection a pool makes (every
 # unit, with ``NullPool``). Then the server's time, and the objects' identity.
+_SAFE_NAMES = "{" + ",".join(SAFE_CALL_NAMES) + "}"
 _CHECK_SQL = f"""SELECT COALESCE(
   pg_catalog.has_schema_privilege(pg_catalog.to_regnamespace('{SCHEMA}'), 'USAGE')
   AND pg_catalog.has_function_privilege(
@@ -740,7 +743,16 @@ _CHECK_SQL = f"""SELECT COALESCE(
   {_IDENTITY_SQL},
   -- whether the role may read the incarnation (see _INCARNATION), asked here so that a role
   -- that may not is never refused at a unit's COMMIT (psycopg and asyncpg both give a bool)
-  pg_catalog.has_function_privilege('pg_catalog.pg_control_checkpoint()', 'EXECUTE')"""
+  pg_catalog.has_function_privilege('pg_catalog.pg_control_checkpoint()', 'EXECUTE'),
+  -- the database's own functions (VOLATILE: they may write; not an extension's) named as a
+  -- built-in a plain SELECT may call and still be read-only (see _statements.distrust_calls)
+  pg_catalog.array_to_string(ARRAY(SELECT DISTINCT p.proname::text FROM pg_catalog.pg_proc p
+    WHERE p.proname OPERATOR(pg_catalog.=) ANY ('{_SAFE_NAMES}'::pg_catalog.name[])
+    AND p.pronamespace OPERATOR(pg_catalog.<>) 'pg_catalog'::pg_catalog.regnamespace
+    AND p.provolatile OPERATOR(pg_catalog.=) 'v'
+    AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d
+      WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass
+      AND d.objid OPERATOR(pg_catalog.=) p.oid AND d.deptype OPERATOR(pg_catalog.=) 'e')), ' ')"""
 
 
 # What keeps an installed set of markers from being usable by the connection's role, asked
@@ -2453,6 +2465,7 @@ class CommitProtocol:
                 raise
             self._check_clock(sent, row[1])
             self._note_control(driver, row[3])
+            self._note_shadowed(row[4])
             if not self._trusted_install(row, lambda sql: run(lambda d: d.fetchval(sql))):
                 return False, False, reports
             _identities[driver] = row[2]
@@ -2480,6 +2493,7 @@ class CommitProtocol:
             row = cursor.fetchone()
             self._check_clock(sent, row[1])
             self._note_control(driver, row[3])
+            self._note_shadowed(row[4])
             if not self._trusted_install(row, lambda sql: _fetch_value(cursor, sql)):
                 return False, False, reports
             _identities[driver] = row[2]
@@ -2495,6 +2509,14 @@ class CommitProtocol:
             # (a lost one refuses it: the set-up's error stands)
             if not interrupted and not dbapi_connection.closed:
                 dbapi_connection.autocommit = autocommit
+
+    @staticmethod
+    def _note_shadowed(names: str | None) -> None:
+        """The database's own functions under built-ins' names (``_CHECK_SQL``'s last column,
+        space-separated): calls of those names may write (see
+        :func:`~._statements.distrust_calls`)."""
+        if names:
+            distrust_calls(names.split())
 
     def _note_control(self, driver: Any, readable: bool) -> None:
         """Whether the role of ``driver`` may read the incarnation (``_CHECK_SQL``'s last
@@ -3665,6 +3687,6 @@ def _transaction_command(query: str) -> str | None:
         return "COMMIT"
     if word in ("ROLLBACK", "ABORT"):
         return "ROLLBACK"
-    if word.startswith("BEGIN"):
-        return "BEGIN"
+    if word.startswith("BEGIN") and ";" not in word and not word[5:6].strip():
+        return "BEGIN"  # (not "BEGIN; INSERT ...": a text of statements, noted as any)
     return None

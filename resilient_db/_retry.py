@@ -390,7 +390,6 @@ class Policy:
                 "the unit's COMMIT succeeded (it wrote nothing), and the error came after it "
                 "(from an after_commit or after_transaction_end listener, or the session's "
                 "close): a replay would run them again",
-                saved=False,
             )
             return
         mark_partly_committed(exc)
@@ -408,15 +407,15 @@ class Policy:
             outcome="committed",
         )
 
-    def not_replayable(self, exc: BaseException, why: str, *, saved: bool = True) -> None:
-        """An attempt failed whose replay can't be what a first attempt would have been
-        (``why``): ``exc`` is raised as it is. Said only for an error that would have been
-        replayed. ``saved``: it may have saved something (marked partly committed, as a web
-        answer says); else only marked not to be replayed."""
+    def not_replayable(self, exc: BaseException, why: str) -> None:
+        """An attempt that saved nothing failed, and its replay can't be what a first attempt
+        would have been (``why``): ``exc`` is raised as it is, marked not to be replayed, not
+        partly committed (a web answer must not say part of the change was saved: an attempt
+        that saved part of it is marked so by :meth:`partly_committed`). Said only for an
+        error that would have been replayed."""
         if never_replayed(exc) or not self.retry_on or not self._retry_predicate(exc):
             return
-        # (the mark that keeps the policy from replaying it)
-        (mark_partly_committed if saved else mark_not_replayed)(exc)
+        mark_not_replayed(exc)  # (the mark that keeps the policy from replaying it)
         emit(
             self.config,
             log_retry,

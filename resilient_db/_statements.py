@@ -25,7 +25,7 @@ import contextlib
 import contextvars
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Final, TypeAlias, cast
 
 import psycopg
@@ -124,27 +124,63 @@ _SAFE_CALLS: Final = frozenset(
     any all in exists cast coalesce nullif greatest least count sum min max avg bool_and bool_or
     every array_agg string_agg json_agg jsonb_agg json_object_agg jsonb_object_agg
     json_build_object jsonb_build_object json_build_array jsonb_build_array row_number rank
-    dense_rank percent_rank cume_dist ntile lag lead first_value last_value nth_value over
-    filter within lower upper length char_length octet_length substring substr trim btrim ltrim
+    dense_rank percent_rank cume_dist ntile lag lead first_value last_value nth_value
+    lower upper length char_length octet_length substring substr trim btrim ltrim
     rtrim concat concat_ws replace position strpos left right lpad rpad abs round floor ceil
     ceiling trunc mod power sqrt date_trunc date_part extract now current_timestamp
     current_date localtimestamp clock_timestamp age to_char to_timestamp to_date make_interval
     array array_length cardinality unnest jsonb_array_elements json_array_elements
     jsonb_each json_each jsonb_extract_path json_extract_path to_json to_jsonb row values
-    on using and or not is as from where join select distinct case when then else end between
-    like ilike similar interval varchar char numeric decimal timestamp time date by limit offset
-    having lateral union intersect except nulls asc desc
+    on using and or not as from where select distinct case when then else end between
+    like interval varchar char numeric decimal timestamp time date limit offset group
+    having lateral union intersect except asc desc
     version current_schema current_schemas current_database current_user session_user
     current_setting pg_backend_pid format_type pg_get_expr pg_get_constraintdef pg_get_indexdef
     pg_table_is_visible to_regclass
     """.split()  # noqa: SIM905 - a word list reads better as words
 )
+# The names of _SAFE_CALLS still trusted: a database may have a function of its own under one
+# of them that may write (VOLATILE, not an extension's), which a call of that name may reach
+# (a schema before pg_catalog on the search_path, or argument types it matches better: a
+# ``lower(varchar)`` in public): the check a connection makes when it is set up asks (see
+# ``_commit._CHECK_SQL``), and such names are no longer trusted in this process
+# (:func:`distrust_calls`).
+_trusted_calls: frozenset[str] = _SAFE_CALLS
+#: the names of _SAFE_CALLS the check of a new connection asks about (see above)
+SAFE_CALL_NAMES: Final = tuple(sorted(_SAFE_CALLS))
+
+
+def distrust_calls(names: Iterable[str]) -> None:
+    """A database has functions of its own, which may write, under these built-ins' names:
+    calls of them may write from now on (the verdicts made so far are made again)."""
+    global _trusted_calls
+    untrusted = _trusted_calls & {str(name).lower() for name in names}
+    if untrusted:
+        _trusted_calls = _trusted_calls - untrusted
+        _verdicts.clear()
+
+
 # Names as PostgreSQL's lexer reads them: an unquoted name holds ASCII letters, digits, ``_``,
 # ``$`` and any non-ASCII character (``записать``, ``ésum``, even a no-break space), and only
 # ASCII spaces, tabs and line breaks are whitespace. A call's name is taken whole (a run of name
 # characters, so ``ésum(`` is not ``sum(``); one that starts with a digit is no built-in either.
 _NAME_CHAR = "A-Za-z0-9_$\u0080-\U0010ffff"
 _SPACE = "[ \t\n\r\f\v]"
+# Words of the grammar that come before a ``(`` without calling anything. Only PostgreSQL's
+# reserved words and those that can't name a function are in the list above (``group``,
+# ``where``, ``coalesce``, ...); a word that can (``over``, ``filter``, ``join``, ``by``,
+# ``ilike``, ``is``, ``nulls``, ``similar``, ``within``: a function ``filter(int)`` of yours
+# may write) is taken for the grammar's only where it stands as the grammar puts it: a
+# window's ``OVER (`` and an aggregate's ``FILTER (`` right after the call's ``)``; ``ORDER
+# BY (``, ``GROUP BY (``, ``PARTITION BY (``; ``JOIN (`` opening a subquery. These are blanked
+# before calls are looked for.
+_GRAMMAR_PARENS = re.compile(
+    rf"\){_SPACE}*(?:OVER|FILTER)(?={_SPACE}*\()"
+    rf"|(?<![{_NAME_CHAR}])(?:ORDER|GROUP|PARTITION){_SPACE}+BY(?={_SPACE}*\()"
+    rf"|(?<![{_NAME_CHAR}])JOIN(?={_SPACE}*\({_SPACE}*(?:SELECT|VALUES|WITH|TABLE)"
+    f"(?![{_NAME_CHAR}]))",
+    re.IGNORECASE,
+)
 # (a name is tried from its start only: from each of its characters, a long name, or text
 # in quotes, would be read again to its end)
 _CALL = re.compile(f"(?<![{_NAME_CHAR}])([{_NAME_CHAR}]+){_SPACE}*\\(")
@@ -211,7 +247,10 @@ _SPACES: Final = " \t\n\r\f\v"
 
 def _notifies(statement: str) -> bool:
     """Whether ``statement`` may send a notification (see above)."""
-    if "notify" not in statement.lower():
+    lowered = statement.lower()
+    if 'u&"' in lowered or ("u&'" in lowered and _EXECUTE.search(statement)):
+        return True  # (a name spelled with Unicode escapes may be pg_notify; a string, NOTIFY)
+    if "notify" not in lowered:
         return False
     if _PG_NOTIFY.search(statement):
         return True
@@ -654,7 +693,16 @@ _WRITE_WORD = re.compile(
     f"(?<![{_NAME_CHAR}])(?:INSERT|UPDATE|DELETE|MERGE|TRUNCATE)(?![{_NAME_CHAR}])",
     re.IGNORECASE,
 )
-_WITH_HOLD = re.compile(f"(?<![{_NAME_CHAR}])WITH{_SPACE}+HOLD(?![{_NAME_CHAR}])", re.IGNORECASE)
+# (spaces and comments between two words, as the server reads them: the comments of a text
+# that keeps them, one with a ``$`` or a backslash, see _judge)
+_GAP = f"(?:{_SPACE}|/\\*.*?\\*/|--[^\n\r]*)"
+_WITH_HOLD = re.compile(
+    f"(?<![{_NAME_CHAR}])WITH{_GAP}+HOLD(?![{_NAME_CHAR}])", re.IGNORECASE | re.DOTALL
+)
+# a COPY anywhere in the text (a comment may come before it), and whether a query follows it
+_COPY = re.compile(
+    f"(?<![{_NAME_CHAR}])COPY(?![{_NAME_CHAR}]){_GAP}*(\\(?)", re.IGNORECASE | re.DOTALL
+)
 _FROM = re.compile(f"(?<![{_NAME_CHAR}])FROM(?![{_NAME_CHAR}])", re.IGNORECASE)
 
 
@@ -665,10 +713,10 @@ def _writes(head: str, statement: str) -> int:
         return WRITES
     if head == "SELECT" and _INTO.search(statement):
         return WRITES  # (SELECT ... INTO makes a table)
-    if head[:5] != "COPY " or _FROM.search(statement) is None:
+    if _FROM.search(statement) is None:
         return 0
-    table = statement.lstrip().lstrip("(").lstrip()[4:].lstrip()
-    return 0 if table.startswith("(") else WRITES  # (COPY (query) TO reads)
+    # (a COPY followed by a newline, a tab or a comment is one too; COPY (query) TO reads)
+    return WRITES if any(not m.group(1) for m in _COPY.finditer(statement)) else 0
 
 
 def _judge_write(head: str, statement: str) -> int:
@@ -678,7 +726,14 @@ def _judge_write(head: str, statement: str) -> int:
         statement = _CATALOG_CALL.sub("", statement)
     if _QUALIFIED_CALL.search(statement):
         return MAY_WRITE  # schema.function(...) or "quoted"(...)
-    if any(m.group(1).lower() not in _SAFE_CALLS for m in _CALL.finditer(statement)):
+    if _GRAMMAR_PARENS.search(statement):
+        statement = _GRAMMAR_PARENS.sub(") ", statement)
+    # (a name with a letter outside ASCII is never a built-in's: PostgreSQL folds only ASCII
+    # letters, where Python's lower() makes the Kelvin sign a "k")
+    if any(
+        not (name := m.group(1)).isascii() or name.lower() not in _trusted_calls
+        for m in _CALL.finditer(statement)
+    ):
         return MAY_WRITE
     if not _builtin_operators_only(statement):
         return MAY_WRITE
@@ -702,7 +757,14 @@ _OPERATOR_RUN = re.compile(r"[+\-*/<>=~!@#%^&|`?]+")
 # names, and the drivers' parameters (psycopg's ``%(name)s``, ``%s`` and ``%%``)
 # (a psycopg parameter's name holds no ``%``: from each ``%(`` the scan stops at the next one,
 # so that a text of many ``%(`` is read in linear time)
-_NOT_OPERATORS = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|%\([^)%]*\)s|%s|%%")
+# names, dollar-quoted bodies (a quote inside one opens nothing), and psycopg's parameters
+# (``%(name)s``, ``%s``; not ``%%``, its modulo: asyncpg, and psycopg given no parameters, send
+# it as it is written, where it names an operator ``%%`` of yours)
+_NOT_OPERATORS = re.compile(
+    f"({_DOLLAR_QUOTE}).*?(?:\\1|\\Z)"
+    r"|'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|%\([^)%]*\)s|%s",
+    re.DOTALL,
+)
 # PostgreSQL's lexer: a name of several characters can't end in + or - unless it holds one of
 # these (``x=-1`` is ``=`` and ``-``)
 _ENDS_IN_SIGN_OK: Final = frozenset("~!@#%^&|`?")

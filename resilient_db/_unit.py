@@ -1212,9 +1212,7 @@ class CommitReferee:
                 service=policy.service,
                 event="two_phase_left_prepared",
             )
-            policy.not_replayable(
-                exc, f"its prepared transactions {names} may be left prepared", saved=False
-            )
+            policy.not_replayable(exc, f"its prepared transactions {names} may be left prepared")
 
     def two_phase_finished(
         self,

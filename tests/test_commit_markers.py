@@ -114,6 +114,14 @@ def claim(engine: sa.Engine, marker: uuid.UUID | str, *, wait_ms: int | None = N
         "SELECT t.a FROM t WHERE t.j ->> %(j_1)s::TEXT = %(p)s AND t.arr @> %(a)s::INTEGER[]",
         "SELECT t.a FROM t WHERE t.a != 1 AND t.b <> 2 AND t.c ~* 'x' AND t.d=-1 AND t.e*-1 > 0",
         "SELECT '##!' AS a, \"x##y\" FROM t WHERE t.a = $1::INTEGER + $2",
+        # the grammar's words before a "(" where the grammar puts them: no call
+        "SELECT count(*) FILTER (WHERE t.a > 1) FROM t",
+        "SELECT row_number() OVER (PARTITION BY t.a ORDER BY t.b) FROM t",
+        "SELECT t.a FROM t GROUP BY (t.a) ORDER BY (t.a)",
+        "SELECT t.a FROM t JOIN (SELECT u.a FROM u) AS s ON s.a = t.a",
+        "SELECT t.a FROM t LEFT OUTER JOIN(values (1)) AS v ON true",
+        "BEGIN",
+        "START TRANSACTION ISOLATION LEVEL SERIALIZABLE",
     ],
 )
 def test_plain_selects_are_proven_read_only(statement: str) -> None:
@@ -158,6 +166,20 @@ def test_plain_selects_are_proven_read_only(statement: str) -> None:
         "SELECT app.записать(1)",
         "SELECT sum\xa0(1)",  # a no-break space is part of the name (only ASCII space is space)
         "SELECT 1INTO t",  # SELECT 1 INTO t, to a server before PostgreSQL 15
+        # words of the grammar that can name a function of yours, called as one
+        "SELECT filter(1)",
+        "SELECT over (1)",
+        "SELECT t.a, join(t.a) FROM t",
+        "SELECT by(1), is(2), ilike(3), nulls(4), similar(5), within(6)",
+        "SELECT t.a FROM t WHERE t.a = filter(1)",
+        "SELECT (filter(1))",
+        # PostgreSQL folds only ASCII letters: the Kelvin sign makes a name of its own
+        "SELECT ran\u212a(1)",
+        # asyncpg (and psycopg given no parameters) send %% as it is written: an operator
+        "SELECT 1 %% 2",
+        # a quote inside a dollar-quoted body opens no string: the operator after it is seen
+        "SELECT $$'$$ AS q, 1 ##! 2 AS w, '$$' AS r",
+        "BEGIN; INSERT INTO t (a) VALUES (1)",
     ],
 )
 def test_anything_else_may_write(statement: str) -> None:
@@ -198,10 +220,58 @@ HIDDEN_WRITES: dict[str, tuple[list[str], sa.Executable]] = {
         ],
         sa.text("SELECT ésum(1, 2)"),
     ),
+    # words of the grammar (OVER, FILTER, JOIN, ...) that can name a function of yours, once
+    # taken for the grammar's wherever they stood before a "("
+    "grammar-word": (
+        [
+            "CREATE FUNCTION filter(a int, b int) RETURNS int LANGUAGE sql "
+            "AS 'SELECT hidden_write(a, b)'"
+        ],
+        sa.select(sa.func.filter(1, 2)),
+    ),
+    "type-func-keyword": (
+        [
+            "CREATE FUNCTION join(a int, b int) RETURNS int LANGUAGE sql "
+            "AS 'SELECT hidden_write(a, b)'"
+        ],
+        sa.text("SELECT join(1, 2)"),
+    ),
+    # PostgreSQL folds only ASCII letters; Python's lower() made the Kelvin sign a "k"
+    "kelvin-sign": (
+        [
+            "CREATE FUNCTION ran\u212a(a int, b int) RETURNS int LANGUAGE sql "
+            "AS 'SELECT hidden_write(a, b)'"
+        ],
+        sa.text("SELECT ran\u212a(1, 2)"),
+    ),
+    # a function of the database's own under a built-in's name, which the call reaches (its
+    # argument types match it, not the built-in): the check at connect distrusts the name
+    "built-in-name": (
+        [
+            "CREATE FUNCTION public.lower(a int, b int) RETURNS int LANGUAGE sql "
+            "AS 'SELECT hidden_write(a, b)'"
+        ],
+        sa.text("SELECT lower(1, 2)"),
+    ),
+    # a quote inside a dollar-quoted body once opened a "string" that hid the operator
+    "operator-after-a-dollar-quote": (
+        ["CREATE OPERATOR ##! (LEFTARG = int, RIGHTARG = int, FUNCTION = hidden_write)"],
+        sa.text("SELECT w FROM (SELECT $$'$$ AS q, 1 ##! 2 AS w, '$$' AS r) s"),
+    ),
 }
 
 
+@pytest.fixture
+def trusted_calls() -> Iterator[None]:
+    """The built-ins' names trusted again after the test (a database's function under one of
+    them distrusts it for the process: see _statements.distrust_calls)."""
+    yield
+    _statements._trusted_calls = _statements._SAFE_CALLS
+    _statements._verdicts.clear()
+
+
 @pytest.mark.parametrize("hidden", sorted(HIDDEN_WRITES))
+@pytest.mark.usefixtures("trusted_calls")
 def test_a_hidden_write_is_not_replayed_after_a_lost_answer(
     engine: sa.Engine, fault_proxy: FaultProxy, pg_database: str, service: str, hidden: str
 ) -> None:
@@ -229,6 +299,57 @@ def test_a_hidden_write_is_not_replayed_after_a_lost_answer(
         assert fault_proxy.commits_lost == 1
     finally:
         proxied.dispose()
+    assert calls == [1]  # verified, not replayed
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM hidden_writes").scalar() == 1
+
+
+#: writes hidden from asyncpg's statement noting, each once taken for a read: ``BEGIN;
+#: INSERT ...`` sent through the raw connection's ``execute`` was taken for asyncpg's own
+#: BEGIN and not looked at; ``%%`` names an operator of the database's own there (asyncpg
+#: sends the text as it is written), once read as psycopg's escaped ``%``.
+ASYNCPG_HIDDEN_WRITES: dict[str, tuple[list[str], str]] = {
+    "begin-and-a-write": ([], "BEGIN; INSERT INTO hidden_writes VALUES (3)"),
+    "percent-percent-operator": (
+        # (%%%% through psycopg's exec_driver_sql: %%)
+        ["CREATE OPERATOR %%%% (LEFTARG = int, RIGHTARG = int, FUNCTION = hidden_write)"],
+        "SELECT 1 %% 2",
+    ),
+}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("hidden", sorted(ASYNCPG_HIDDEN_WRITES))
+async def test_asyncpg_a_hidden_write_is_not_replayed_after_a_lost_answer(
+    engine: sa.Engine, fault_proxy: FaultProxy, pg_database: str, service: str, hidden: str
+) -> None:
+    setup, statement = ASYNCPG_HIDDEN_WRITES[hidden]
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE hidden_writes (v int)")
+        conn.exec_driver_sql(
+            "CREATE FUNCTION hidden_write(a int, b int) RETURNS int LANGUAGE sql "
+            "AS 'INSERT INTO hidden_writes VALUES (a + b) RETURNING a + b'"
+        )
+        for sql in setup:
+            conn.exec_driver_sql(sql)
+    proxied = create_async_engine(fault_proxy.url(pg_database, driver="asyncpg"))
+    calls = []
+    try:
+        Sessions = rdb.AsyncResilientSession(proxied, service=service)
+
+        async def write(session: AsyncSession) -> None:
+            calls.append(1)
+            conn = await session.connection()
+            await conn.execute(sa.text("SELECT 1"))  # (SQLAlchemy's BEGIN goes out)
+            raw = await conn.get_raw_connection()
+            await raw.driver_connection.execute(statement)  # type: ignore[union-attr]
+
+        await Sessions.run(lambda session: session.execute(sa.text("SELECT 1")))  # connected
+        fault_proxy.lose_commit_answer()
+        await Sessions.run(write)
+        assert fault_proxy.commits_lost == 1
+    finally:
+        await proxied.dispose()
     assert calls == [1]  # verified, not replayed
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM hidden_writes").scalar() == 1

@@ -376,6 +376,12 @@ def test_async_a_read_only_transaction_that_notifies_sends_its_notification_once
         "SELECT 1; INSERT INTO ledger (tag) VALUES ('a')",
         "INSERT INTO ledger (tag) VALUES ('a'); NOTIFY jobs",
         "SET LOCAL ROLE tenant; UPDATE ledger SET tag = 'b'",
+        # spelled with a newline, a tab or a comment after COPY, or between WITH and HOLD
+        "COPY\n    remote_ledger (tag)\nFROM STDIN",
+        "COPY\tremote_ledger (tag) FROM STDIN",
+        "-- the day's rows ($ amounts)\nCOPY remote_ledger (tag) FROM STDIN",
+        "DECLARE c CURSOR WITH /* keep */ HOLD FOR SELECT take_ticket('a' || '$')",
+        "DECLARE c CURSOR WITH -- keep\n HOLD FOR SELECT 1",
     ],
 )
 def test_statements_that_write_by_their_kind_carry_the_flag(statement: str) -> None:
