@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 import resilient_db as rdb
 from resilient_db import _unit
 from resilient_db.testing import FaultProxy, PostgresServer
+from resilient_db.web import problem_details
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
 
@@ -221,6 +222,11 @@ def test_a_unit_joining_its_callers_transaction_is_replayed_only_inside_a_savepo
             assert "Not replaying" in caplog.text
             assert "join_transaction_mode='create_savepoint'" in caplog.text
             assert "Commit markers are not installed" not in caplog.text
+            # nothing of it was saved (the caller's transaction is rolled back): a web answer
+            # must not say part of the change was
+            problem = problem_details(raised.value)
+            assert problem is not None
+            assert not problem.body["type"].endswith("partly-committed")
         if trans.is_active:  # (the unit's rollback ended it, as SQLAlchemy's session does)
             trans.rollback()
     assert ledger_rows(pg_server, database, caller) == 0

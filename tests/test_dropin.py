@@ -49,6 +49,7 @@ from resilient_db.examples.tasks import Base as TaskBase
 from resilient_db.examples.tasks import Task
 from resilient_db.otel import install_opentelemetry, uninstall_opentelemetry
 from resilient_db.testing import EmbeddedPostgres, FaultProxy
+from resilient_db.web import problem_details
 
 
 class MySession(Session):
@@ -891,6 +892,11 @@ def test_with_self_healing_does_not_replay_into_a_transaction_begun_before_it(
     assert rdb.sqlstate_of(raised.value) == "40001"
     assert "Not replaying" in caplog.text
     assert "begun before the operation" in caplog.text
+    # nothing was saved (the caller's transaction is not committed): answered as the error
+    # is by itself, not 500 partly-committed
+    problem = problem_details(raised.value)
+    assert problem is not None
+    assert problem.status == 503
 
 
 @pytest.mark.parametrize("how", ["add", "begin"])

@@ -29,6 +29,7 @@ from sqlalchemy.orm import (
 
 import resilient_db as rdb
 from resilient_db.testing import PostgresServer
+from resilient_db.web import problem_details
 
 FAST = rdb.Config(initial_delay=0.001, max_delay=0.002, circuit_breaker=False)
 
@@ -164,6 +165,15 @@ def test_a_relationship_changed_outside_is_not_replayed(
     assert "Not replaying" in caplog.text
     assert "an object (Item) changed outside it (a relationship among the changes)" in caplog.text
     assert stored(engine, 4) == (0, "")
+    # nothing was saved: a web answer must not say part of the change was
+    assert not_said_saved(raised.value)
+
+
+def not_said_saved(exc: BaseException) -> bool:
+    """Whether ``exc``'s problem details answer is its own (503 for a lock conflict), not 500
+    ``partly-committed``: it saved nothing, so a client may resubmit."""
+    problem = problem_details(exc)
+    return problem is not None and not problem.body["type"].endswith("partly-committed")
 
 
 @pytest.mark.usefixtures("held_row")
