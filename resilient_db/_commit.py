@@ -2846,7 +2846,7 @@ def _marker_statement_failed(driver: Any, message: str, exc: BaseException) -> N
     mark_replay_safe(exc)
 
 
-def _xid_read_failed(driver: Any, exc: BaseException) -> None:
+def _xid_read_failed(driver: Any, exc: BaseException, request: CommitRequest | None = None) -> None:
     """The xid read before a COMMIT (the fallback's, or a notification's) raised ``exc`` on
     ``driver``: the COMMIT never went out. Refused (42501), it is the incarnation's
     ``pg_control_checkpoint()``, which the role in effect may not call (the rest is PUBLIC's;
@@ -2854,7 +2854,7 @@ def _xid_read_failed(driver: Any, exc: BaseException) -> None:
     connections read the xid alone from now on ("committed" is then never trusted, as for a
     role the CASE was meant to spare), and the unit is replayed."""
     if getattr(exc, "sqlstate", None) == "42501":
-        protocol = _protocol_of(driver)
+        protocol = _protocol_of(driver, request)
         if protocol is not None:
             protocol.control_refused(driver)
         else:
@@ -2862,10 +2862,12 @@ def _xid_read_failed(driver: Any, exc: BaseException) -> None:
         mark_replay_safe(exc)
 
 
-def _protocol_of(driver: Any) -> CommitProtocol | None:
+def _protocol_of(driver: Any, request: CommitRequest | None = None) -> CommitProtocol | None:
     """The commit protocol of the engine of ``driver``, the connection the committing unit's
-    COMMIT failed on (None outside a unit, or where the unit's connections are not known)."""
-    request = current_request.get()
+    COMMIT (``request``, or the one in context) failed on (None outside a unit, or where the
+    unit's connections are not known)."""
+    if request is None:
+        request = current_request.get()
     if request is None:
         return None
     for connection, seen in request.drivers():
@@ -3091,7 +3093,14 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                                 try:
                                     row = await base.fetchrow(self, ticket.xid_sql)
                                 except asyncpg.PostgresError as exc:  # a failed transaction
-                                    _xid_read_failed(self, exc)
+                                    committing = outside.old_value  # (the unit's request)
+                                    _xid_read_failed(
+                                        self,
+                                        exc,
+                                        committing
+                                        if isinstance(committing, CommitRequest)
+                                        else None,
+                                    )
                                     await _end_failed_transaction(self, base)
                                     raise
                                 finally:

@@ -1551,6 +1551,40 @@ async def test_async_without_markers_a_role_that_may_not_read_the_control_data_s
     assert len(calls) == 4  # none refused
 
 
+@pytest.mark.asyncio
+async def test_async_without_markers_a_unit_that_switches_to_such_a_role_is_replayed_once(
+    *,
+    engine: sa.Engine,
+    app_login: tuple[str, str],
+    control_data_revoked: None,
+    pg_url: str,
+    service: str,
+    async_driver: str,
+) -> None:
+    """:func:`test_without_markers_a_unit_that_switches_to_such_a_role_is_replayed_once_per_engine`
+    on both async drivers (asyncpg reads the xid outside the unit's request: its refusal was
+    not remembered for the engine, and every unit on a ``NullPool`` failed)."""
+    role, _ = app_login
+    rdb.uninstall_commit_markers(engine)
+    calls: list[int] = []
+
+    async def bump_as_app(session: AsyncSession) -> int:
+        calls.append(1)
+        await session.execute(sa.text(f"SET LOCAL ROLE {role}"))
+        return await _abump(session)
+
+    unpooled = create_async_engine(
+        sa.make_url(pg_url).set(drivername=f"postgresql+{async_driver}"),
+        poolclass=sa.pool.NullPool,
+    )
+    Sessions = rdb.AsyncResilientSession(unpooled, service=service)
+    try:
+        assert [await Sessions.run(bump_as_app) for _ in range(3)] == [1, 2, 3]
+    finally:
+        await unpooled.dispose()
+    assert len(calls) == 4  # the first once more, then none
+
+
 def test_markers_uninstalled_under_a_running_application_cost_one_replay_per_connection(
     engine: sa.Engine, service: str, caplog: pytest.LogCaptureFixture
 ) -> None:
