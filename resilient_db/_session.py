@@ -555,26 +555,38 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
     def _end_two_phase(self, request: CommitRequest, exc: Exception) -> None:
         """Roll back what a two-phase unit's failed PREPARE step may have left prepared (see
         ``CommitReferee.two_phase_undecided``), each on a new connection to its database, with
-        the referee's backoff; the unit is not replayed while any may be left."""
+        the referee's backoff; the unit is not replayed while any may be left, and what may be
+        left is named (an interruption meanwhile too)."""
         pending = self._referee.two_phase_undecided(request, exc)
         if not pending:
             return
         ended: list[Any] = []
-        left: list[Any] = []
-        # (the recovery's statements are neither the unit's nor its commit's)
-        with library_work():
-            for engine, xid in pending:
-                found = self._rollback_pending(engine, xid)
-                if found is None:
-                    left.append(xid)
-                elif found:
-                    ended.append(xid)
+        left: list[tuple[Any, BaseException | None]] = []
+        looked = 0
+        try:
+            # (the recovery's statements are neither the unit's nor its commit's)
+            with library_work():
+                for engine, xid in pending:
+                    found, last = self._rollback_pending(engine, xid)
+                    looked += 1
+                    if found is None:
+                        left.append((xid, last))
+                    elif found:
+                        ended.append(xid)
+        except BaseException as interruption:  # cancelled or interrupted while looking
+            left += [(xid, interruption) for _, xid in pending[looked:]]
+            self._referee.two_phase_abandoned(pending, ended, left, exc)
+            raise
         self._referee.two_phase_abandoned(pending, ended, left, exc)
 
-    def _rollback_pending(self, engine: Engine, xid: Any) -> bool | None:
+    def _rollback_pending(
+        self, engine: Engine, xid: Any
+    ) -> tuple[bool | None, BaseException | None]:
         """ROLLBACK PREPARED ``xid`` in ``engine``'s database if it is prepared there, on a
-        new connection, with the referee's backoff: whether it was; None when that could not
-        be known (the server unreachable, or its PREPARE still running, until the deadline)."""
+        new connection, with the referee's backoff: whether it was, and the last error met;
+        None when that could not be known (the server unreachable or refusing, or its PREPARE
+        still running, through every check)."""
+        last: BaseException | None = None
         for delay in self._referee.checks():
             if delay:
                 self._sleep(delay)
@@ -582,10 +594,12 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                 with _bound_engine(engine).connect() as conn:
                     ended = rollback_if_prepared(conn, xid)
                 if ended is not None:
-                    return ended
-            except Exception:  # the server restarts, or the old backend still holds it
+                    return ended, None
+                last = None  # (still being prepared)
+            except Exception as failed:  # the server restarts, or the old backend holds it
+                last = failed
                 debug_failure(log_session, "ending %s failed", xid)
-        return None
+        return None, last
 
     def _commit_pending(self, engine: Engine, xid: Any) -> bool:
         """COMMIT PREPARED ``xid`` in ``engine``'s database if it is still prepared there

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import instance_state
 
 from ._classify import (
+    DEFAULT_CLASSIFIER,
     HOT_STANDBY_FIX,
     READ_ONLY_SQLSTATE,
     SESSION_TIMEOUT_CODES,
@@ -1172,15 +1173,15 @@ class CommitReferee:
         self,
         pending: list[tuple[Engine, Any]],
         ended: list[Any],
-        left: list[Any],
+        left: list[tuple[Any, BaseException | None]],
         exc: BaseException,
     ) -> None:
         """After the driver looked for the ``pending`` prepared transactions of a two-phase
-        unit that never decided to commit: ``ended`` were rolled back there, ``left`` could not
-        be looked for (their servers unreachable within the deadline) or were still being
-        prepared. Said when either is not empty; with any ``left`` the unit is not replayed (a
-        replay could wait on their locks, and one committed by hand would save its writes
-        twice): the operator's line names them."""
+        unit that never decided to commit: ``ended`` were rolled back there; ``left`` (each
+        with the last error met looking for it: None while its PREPARE was still running)
+        could not be ended. Said when either is not empty; with any ``left`` the unit is not
+        replayed (a replay could wait on their locks, and one committed by hand would save
+        its writes twice): the operator's line names them and why."""
         policy = self.policy
         if ended:
             emit(
@@ -1197,18 +1198,19 @@ class CommitReferee:
                 event="two_phase_abandoned",
             )
         if left:
-            names = ", ".join(str(x) for x in left)
+            names = ", ".join(str(x) for x, _ in left)
             emit(
                 policy.config,
                 log_session,
                 logging.ERROR,
                 "Two-phase unit not ended: service=%s its PREPARE step failed (%s) before any "
-                "COMMIT PREPARED, so nothing of it committed, but these may be left prepared "
-                "(their servers could not be asked in time): %s. ROLLBACK PREPARED those still "
-                "in pg_prepared_xacts; never COMMIT PREPARED them",
+                "COMMIT PREPARED, so nothing of it committed, but these may be left prepared: "
+                "%s (%s). ROLLBACK PREPARED those still in pg_prepared_xacts; never COMMIT "
+                "PREPARED them",
                 policy.service,
                 type(exc).__name__,
                 names,
+                "; ".join(f"{x}: {_why_left(error)}" for x, error in left),
                 service=policy.service,
                 event="two_phase_left_prepared",
             )
@@ -1448,22 +1450,40 @@ def rollback_if_prepared(connection: Connection, xid: Any) -> bool | None:
     """End ``xid`` on ``connection`` (a new one, outside any transaction): True when it was
     prepared there and is now rolled back (ROLLBACK PREPARED), False when it is not prepared,
     None while a backend of the database is still running its PREPARE (an answer the client
-    gave up on: it may yet prepare it; to be looked for again). SQLAlchemy's own recovery
-    API."""
+    gave up on: it may yet prepare it; to be looked for again). Running PREPAREs are looked
+    for first, so that one ending between the two looks is found prepared. SQLAlchemy's own
+    recovery API."""
+    preparing = connection.execute(_PREPARING_SQL, {"xid": str(xid)}).scalar()
     if xid in connection.recover_twophase():
         connection.rollback_prepared(xid, recover=True)
         return True
-    preparing = connection.execute(_PREPARING_SQL, {"statement": f"PREPARE TRANSACTION '{xid}'"})
-    return None if preparing.scalar() else False
+    return None if preparing else False
 
 
-#: whether another backend of the database is running a PREPARE TRANSACTION of the given text
-#: (SQLAlchemy's, see PGDialect.do_prepare_twophase): visible for the sessions of one's own role
+#: whether another backend of the database is running a statement naming the prepared
+#: transaction (its PREPARE TRANSACTION: SQLAlchemy's, whatever a listener of yours added to
+#: its text, a comment say): visible for the sessions of one's own role
 _PREPARING_SQL = text(
-    "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity WHERE state = 'active' "
+    "SELECT EXISTS (SELECT FROM pg_catalog.pg_stat_activity WHERE state = 'active' "
     "AND pid <> pg_catalog.pg_backend_pid() AND datname = pg_catalog.current_database() "
-    "AND pg_catalog.btrim(query) = :statement)"
+    "AND pg_catalog.strpos(query, CAST(:xid AS text)) > 0)"
 )
+
+
+def _why_left(error: BaseException | None) -> str:
+    """Why a prepared transaction of a two-phase unit could not be ended, for the line."""
+    if error is None:
+        return "its PREPARE was still running at the last look"
+    code = sqlstate_of(error)
+    if code is not None and not _lost_connection(error):
+        return f"the server refused to end it: {type(error).__name__} (SQLSTATE {code})"
+    if not isinstance(error, Exception):
+        return f"interrupted ({type(error).__name__})"
+    return f"its database could not be reached in time ({type(error).__name__})"
+
+
+def _lost_connection(error: BaseException) -> bool:
+    return DEFAULT_CLASSIFIER.classify(error) is Outcome.DISCONNECT
 
 
 def commit_if_prepared(connection: Connection, xid: Any) -> bool:

@@ -1718,6 +1718,144 @@ async def test_async_a_two_phase_unit_whose_prepare_lost_its_connection_is_repla
     assert pending_prepared(two_phase_server, two_databases) == []
 
 
+SLOW_PREPARE = """
+CREATE FUNCTION slow_prepare() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$;
+CREATE CONSTRAINT TRIGGER slow_prepare AFTER INSERT ON tasks DEFERRABLE INITIALLY DEFERRED
+  FOR EACH ROW EXECUTE FUNCTION slow_prepare();
+"""
+
+
+def cut_while_preparing(server: Any, database: str, proxy: FaultProxy) -> threading.Thread:
+    """Cut every connection through ``proxy`` once a backend of ``database`` runs a PREPARE
+    TRANSACTION (its deferred trigger keeps it running a second): the unit's connection is
+    lost while the server carries its PREPARE out, which then completes, prepared."""
+
+    def cut() -> None:
+        query = (
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+            "AND query ILIKE 'PREPARE TRANSACTION%'"
+        )
+        wait_for(lambda: server.execute(query, database=database)[0][0] > 0, "a PREPARE")
+        proxy.cut_all()
+
+    thread = threading.Thread(target=cut, daemon=True)
+    thread.start()
+    return thread
+
+
+def comment_every_statement(engine: Any) -> None:
+    """A listener appending a comment to every statement, as SQLCommenter (OpenTelemetry's
+    ``enable_commenter``) does: the PREPARE TRANSACTION's text is not SQLAlchemy's alone."""
+
+    def comment(conn: Any, cursor: Any, statement: str, *rest: Any) -> tuple[str, Any]:
+        return statement + " /*app='tests'*/", rest[0]
+
+    event.listen(
+        getattr(engine, "sync_engine", engine), "before_cursor_execute", comment, retval=True
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("commented", [False, True], ids=["plain", "commented"])
+def test_a_prepare_cut_off_while_it_runs_is_waited_for_and_rolled_back(
+    *,
+    two_phase_server: Any,
+    two_databases: tuple[str, str],
+    two_proxied: tuple[FaultProxy, list[Any]],
+    service: str,
+    commented: bool,
+) -> None:
+    """The second database's PREPARE is still running on the server when the unit's connection
+    is cut: the look for what it left must wait for it (it completes, prepared, holding its
+    locks) and roll it back before the unit is replayed; taken for "not prepared", the replay
+    waited on the prepared transaction's locks for good. The PREPARE's text may carry a
+    listener's comment."""
+    proxy, engines = two_proxied
+    two_phase_server.execute(SLOW_PREPARE, database=two_databases[1])
+    if commented:
+        for eng in engines:
+            comment_every_statement(eng)
+    Sessions = two_phase_factory(rdb.ResilientSession, engines, service)
+    cutter = cut_while_preparing(two_phase_server, two_databases[1], proxy)
+    calls: list[int] = []
+    Sessions.run(add_to_both, calls)
+    cutter.join(10)
+    assert calls == [1, 1]
+    assert counts(two_phase_server, two_databases) == [1, 1]
+    assert pending_prepared(two_phase_server, two_databases) == []
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_asyncpg_a_commented_prepare_cut_off_while_it_runs_is_waited_for(
+    two_phase_server: Any,
+    two_databases: tuple[str, str],
+    service: str,
+) -> None:
+    """The asyncpg twin, where SQLAlchemy sends the PREPARE through the listeners too."""
+    two_phase_server.execute(SLOW_PREPARE, database=two_databases[1])
+    with FaultProxy(two_phase_server) as proxy:
+        engines = [create_async_engine(proxy.url(name, driver="asyncpg")) for name in two_databases]
+        try:
+            for eng in engines:
+                comment_every_statement(eng)
+            Sessions = two_phase_factory(rdb.AsyncResilientSession, engines, service)
+            cutter = cut_while_preparing(two_phase_server, two_databases[1], proxy)
+            calls: list[int] = []
+            await asyncio.wait_for(Sessions.run(add_to_both_async, calls), 30)
+            cutter.join(10)
+        finally:
+            for eng in engines:
+                await eng.dispose()
+    assert calls == [1, 1]
+    assert counts(two_phase_server, two_databases) == [1, 1]
+    assert pending_prepared(two_phase_server, two_databases) == []
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_a_unit_cancelled_while_it_looks_for_a_lost_prepare_names_it(
+    two_phase_server: Any,
+    two_databases: tuple[str, str],
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Cancelled while it waits for a PREPARE the server is still carrying out (its connection
+    lost): the prepared transaction that PREPARE leaves holds its locks until someone ends it,
+    and nothing named it. The line names it for the operator."""
+    two_phase_server.execute(SLOW_PREPARE, database=two_databases[1])
+    with FaultProxy(two_phase_server) as proxy:
+        engines = [create_async_engine(proxy.url(name, driver="asyncpg")) for name in two_databases]
+        try:
+            Sessions = two_phase_factory(rdb.AsyncResilientSession, engines, service)
+            cutter = cut_while_preparing(two_phase_server, two_databases[1], proxy)
+            calls: list[int] = []
+            unit = asyncio.ensure_future(Sessions.run(add_to_both_async, calls))
+            await wait_for_async(lambda: not cutter.is_alive(), "the cut", timeout=10)
+            await asyncio.sleep(0.2)  # (looking: the PREPARE runs on for most of a second)
+            unit.cancel()
+            with (
+                caplog.at_level("ERROR", logger="resilient_db"),
+                pytest.raises(asyncio.CancelledError),
+            ):
+                await unit
+            cutter.join(10)
+        finally:
+            for eng in engines:
+                await eng.dispose()
+    assert calls == [1]
+    # the PREPARE completes on the server after the cut (the fixture rolls it back)
+    wait_for(lambda: len(pending_prepared(two_phase_server, two_databases)) == 1, "prepared")
+    left = pending_prepared(two_phase_server, two_databases)
+    assert any(
+        "Two-phase unit not ended" in r.getMessage()
+        and left[0] in r.getMessage()
+        and "interrupted (CancelledError)" in r.getMessage()
+        for r in caplog.records
+    )
+
+
 def test_a_lost_prepare_that_cant_be_looked_for_is_not_replayed(
     two_phase_server: Any,
     two_databases: tuple[str, str],
