@@ -115,6 +115,15 @@ class ResponseCheck:
     __slots__ = ("_kind", "_validator", "name")
 
     def __init__(self, validator: Any) -> None:
+        mapped = _mapped_class_in(validator)
+        if mapped is not None:
+            raise TypeError(
+                f"validate={_describe(validator)}: {mapped.__qualname__} is a mapped (table) "
+                "model with relationships: checking a result would build instances of it, "
+                "which SQLAlchemy's backrefs attach to the unit's own objects (a SQLModel "
+                "model with table=True); give a model without a table (a response model) or "
+                "a callable"
+            )
         if _is_type_form(validator):
             # a type: ``list[Model]`` and ``int`` are callable (``list(value)`` accepts any
             # iterable, ``int("12")`` converts), ``Annotated[Model, ...]`` passes
@@ -192,6 +201,29 @@ class ResponseCheck:
 #: Modules whose objects are type forms even without a typing origin (``NewType``,
 #: ``TypeAliasType``, special forms such as ``NoReturn``).
 _TYPING_MODULES = frozenset({"typing", "typing_extensions"})
+
+
+def _mapped_class_in(validator: Any, depth: int = 0) -> type | None:
+    """A Pydantic model mapped by SQLAlchemy with relationships (SQLModel's ``table=True``
+    with a ``Relationship``) that ``validator`` is or holds (``list[Team]``, ``Team | None``),
+    or None. Checking a result builds instances of it from the unit's objects, and setting
+    their relationships makes SQLAlchemy's backrefs move the unit's related objects onto them
+    (a team's heroes taken from it, a phantom hero added). Without relationships an instance
+    built is only a transient copy. (A plain ORM class has no Pydantic schema: Pydantic
+    refuses it, see :func:`response_check`.)"""
+    if isinstance(validator, type) and get_origin(validator) is None:
+        if not callable(getattr(validator, "model_validate", None)):
+            return None
+        found: Any = sa_inspect(validator, raiseerr=False)
+        related = getattr(found, "relationships", None)
+        return validator if related is not None and len(related) > 0 else None
+    if depth > 8:  # (a form nested deeper is no response type)
+        return None
+    for arg in get_args(validator):
+        mapped = _mapped_class_in(arg, depth + 1)
+        if mapped is not None:
+            return mapped
+    return None
 
 
 def _is_type_form(validator: Any) -> bool:
