@@ -203,3 +203,17 @@ def test_a_closed_redis_server_cant_be_started_again_and_says_so() -> None:
     server.kill()
     server.close()
     assert _refused(server.port)
+
+
+@pytest.mark.parametrize("password", ["p@ss:w/rd#1", "a%20b", "ab#cd", "q?x=1&y [z]"])
+def test_the_url_of_a_redis_server_carries_any_password_percent_encoded(password: str) -> None:
+    """The password went into :attr:`RedisServer.url` as it was: one holding ``@ : / # %``
+    made a URL ``Redis.from_url()`` misread (a wrong password, host or port)."""
+    import redis  # noqa: PLC0415 - the extra this test needs; the others above don't
+
+    with RedisServer(password=password) as server:
+        client = redis.Redis.from_url(server.url, socket_timeout=5)
+        try:
+            assert client.ping()
+        finally:
+            client.close()

@@ -28,6 +28,7 @@ import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import quote
 
 from ._server import ServerStartError, Service, Watchdog, _check_port, free_port
 
@@ -119,8 +120,9 @@ class RedisServer(Service):
 
     @property
     def url(self) -> str:
-        """``redis://127.0.0.1:PORT/0`` (``redis://:PASSWORD@...`` with a password)."""
-        auth = f":{self.password}@" if self.password else ""
+        """``redis://127.0.0.1:PORT/0`` (``redis://:PASSWORD@...`` with a password, percent-encoded:
+        ``Redis.from_url()`` decodes it, whatever characters it holds)."""
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
         return f"redis://{auth}{self.host}:{self.port}/0"
 
     @property
