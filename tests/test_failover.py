@@ -36,7 +36,14 @@ from sqlalchemy.orm import Session
 import resilient_db as rdb
 from resilient_db import _statements
 from resilient_db._commit import MULTI_HOST_CONNECT_TIMEOUT
-from resilient_db.testing import FaultProxy, PostgresServer, ServerStartError, StandbyPair
+from resilient_db.testing import (
+    EmbeddedPostgres,
+    FaultProxy,
+    PostgresServer,
+    ServerStartError,
+    StandbyPair,
+    StandbyServer,
+)
 
 pytest_plugins = ["pytester"]
 
@@ -516,8 +523,21 @@ def test_a_process_killed_while_its_server_is_stopped_leaves_no_files() -> None:
 
 
 def test_bad_arguments_are_refused_with_the_reason() -> None:
-    with pytest.raises(ValueError, match="synchronous_standby_names"):
-        StandbyPair(settings={"synchronous_standby_names": "*"})
+    # in any case (PostgreSQL's setting names are case-insensitive): a capitalised one got
+    # through, and the promoted standby waited for a standby of its own at every COMMIT
+    for name in ("synchronous_standby_names", "Synchronous_Standby_Names"):
+        with pytest.raises(ValueError, match="sets synchronous_standby_names itself"):
+            StandbyPair(settings={name: "*"})
+    primary = EmbeddedPostgres()
+    for name, why in (
+        ("SYNCHRONOUS_STANDBY_NAMES", "once promoted"),
+        ("Primary_Conninfo", "streams from the primary"),
+        ("primary_slot_name", "the slot it was made with"),
+        ("Port", "pass port= instead"),
+    ):
+        with pytest.raises(ValueError, match=rf"settings must not set {name}: .*{why}"):
+            StandbyServer(primary, settings={name: "x"})
+    primary.close()
     pair = StandbyPair()
     try:
         with pytest.raises(ValueError, match="target_session_attrs must be one of"):

@@ -1137,8 +1137,9 @@ class EmbeddedPostgres(PostgresServer):
     user ``postgres`` logs in with a
     password of its own (scram-sha-256, generated per server; the URLs it returns carry it).
     ``settings`` add to or override :data:`DEFAULT_SETTINGS` (fsync and full_page_writes off,
-    200 connections, 100 ms deadlock timeout, ...); ``listen_addresses`` among them raises
-    :class:`ValueError`. The server log is ``data_dir / "server.log"``.
+    200 connections, 100 ms deadlock timeout, ...); one the harness sets itself
+    (``listen_addresses``, ``port``, ``unix_socket_directories``, ``logging_collector``, in any
+    case) raises :class:`ValueError` naming it. The server log is ``data_dir / "server.log"``.
 
     As root, the server runs as the unprivileged OS user ``os_user`` (created if missing); every
     directory above its files must let that user through (the harness changes no directory's
@@ -1151,6 +1152,27 @@ class EmbeddedPostgres(PostgresServer):
     """
 
     can_control: ClassVar[bool] = True
+
+    #: settings the harness sets itself (lower case, as PostgreSQL matches names), with why
+    #: ``settings`` must not: given there, a later ``-c`` would win over the harness's
+    _OWNED_SETTINGS: ClassVar[Mapping[str, str]] = {
+        "listen_addresses": (
+            "the embedded server listens on 127.0.0.1 only (tests run on loopback; other "
+            "hosts must not reach it)"
+        ),
+        "port": (
+            "the server listens on the port EmbeddedPostgres(port=...) gives or picks, the "
+            "one its port and url() name; pass port= instead"
+        ),
+        "unix_socket_directories": (
+            "unix sockets are off (a socket file other local users could reach, outside the "
+            "server's directory); connect over TCP to 127.0.0.1"
+        ),
+        "logging_collector": (
+            "the server logs to its log_path, which the harness reads to say why a start "
+            "failed; the collector would write elsewhere"
+        ),
+    }
 
     def __init__(
         self,
@@ -1174,12 +1196,7 @@ class EmbeddedPostgres(PostgresServer):
         self._port_given = bool(port)
         # absolute: initdb and pg_basebackup run with the cluster's directory as theirs
         self._base_parent = Path(base_dir).absolute() if base_dir is not None else None
-        for name in settings or {}:
-            if isinstance(name, str) and name.strip().lower() == "listen_addresses":
-                raise ValueError(
-                    f"settings must not set {name}: the embedded server listens on "
-                    "127.0.0.1 only (tests run on loopback; other hosts must not reach it)"
-                )
+        self._check_settings(settings or {})
         self._settings = {**DEFAULT_SETTINGS, **(settings or {})}
         self._start_timeout = _check_seconds("start_timeout", start_timeout, zero=False)
         self._os_user = os_user
@@ -1195,6 +1212,17 @@ class EmbeddedPostgres(PostgresServer):
         self._bin: Path | None = None
         #: seconds taken by the last :meth:`start` (initdb included the first time)
         self.last_start_seconds: float | None = None
+
+    @classmethod
+    def _check_settings(cls, settings: Mapping[str, str]) -> None:
+        """Raise :class:`ValueError` naming a setting of ``settings`` the harness sets itself
+        (in any case: PostgreSQL's setting names are case-insensitive)."""
+        for name in settings:
+            if not isinstance(name, str):
+                raise TypeError(f"settings' names must be str, got {name!r}")
+            why = cls._OWNED_SETTINGS.get(name.strip().lower())
+            if why is not None:
+                raise ValueError(f"settings must not set {name}: {why}")
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("running" if self.is_running() else "stopped")

@@ -19,7 +19,7 @@ import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 from urllib.parse import quote
 
 import psycopg
@@ -69,6 +69,16 @@ class StandbyServer(EmbeddedPostgres):
     them: promoted, it would wait for a standby of its own that does not exist).
     """
 
+    _OWNED_SETTINGS: ClassVar[Mapping[str, str]] = {
+        **EmbeddedPostgres._OWNED_SETTINGS,
+        "synchronous_standby_names": (
+            "once promoted the standby would wait for a standby that does not exist; set it "
+            "on the primary"
+        ),
+        "primary_conninfo": "the standby streams from the primary it was made from",
+        "primary_slot_name": "the standby streams through the slot it was made with",
+    }
+
     def __init__(
         self,
         primary: EmbeddedPostgres,
@@ -81,11 +91,6 @@ class StandbyServer(EmbeddedPostgres):
         start_timeout: float = 30.0,
         os_user: str = _DEFAULT_OS_USER,
     ) -> None:
-        if settings and "synchronous_standby_names" in settings:
-            raise ValueError(
-                "a standby's settings must not set synchronous_standby_names: once promoted it "
-                "would wait for a standby that does not exist; set it on the primary"
-            )
         super().__init__(
             port=port,
             base_dir=base_dir,
@@ -191,7 +196,8 @@ class StandbyPair(Service):
     is answered only once the standby has flushed its WAL, so no acknowledged commit is lost when
     the primary dies. ``synchronous=False``: the primary answers at once and the standby follows
     a little behind; commits acknowledged in that window are lost by a failover.
-    ``settings`` go to both servers (``synchronous_standby_names`` is the pair's to set).
+    ``settings`` go to both servers (``synchronous_standby_names``, in any case, is the pair's to
+    set).
 
     :attr:`primary` and :attr:`standby` stay the same objects for the pair's life, whatever their
     role: after :meth:`promote`, :attr:`current_primary` is the standby. Nothing starts until
@@ -217,7 +223,10 @@ class StandbyPair(Service):
         os_user: str = _DEFAULT_OS_USER,
     ) -> None:
         own = dict(settings or {})
-        if "synchronous_standby_names" in own:
+        if any(
+            isinstance(name, str) and name.strip().lower() == "synchronous_standby_names"
+            for name in own
+        ):
             raise ValueError(
                 "StandbyPair sets synchronous_standby_names itself: pass synchronous=True or False"
             )
