@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import math
 import shutil
 import tempfile
 import threading
@@ -448,6 +449,37 @@ def test_a_pair_never_started_or_closed_says_so(
             call()
     assert pair.crashed_at == crashed_at
     assert not pair.promoted
+
+
+def test_a_promote_that_times_out_still_counts_as_a_promotion(
+    pg_standby_factory: Callable[..., StandbyPair],
+) -> None:
+    """promote() whose timeout passed while the standby was still promoting raised, but the
+    pair said promoted=False while the standby went on promoting: a second promote() failed
+    with "recovery is not in progress", and start() restarted the old primary (two primaries,
+    url() listing the old one first). wait_replayed() after a crash or a promotion failed with
+    psycopg's connection refused by the dead primary. A bad timeout was taken as it came."""
+    pair = pg_standby_factory(synchronous=False)
+    for bad, error in ((-1, ValueError), (0, ValueError), (math.nan, ValueError), ("5", TypeError)):
+        with pytest.raises(error, match="timeout must be"):
+            pair.promote(timeout=bad)
+        with pytest.raises(error, match="timeout must be"):
+            pair.wait_replayed(timeout=bad)
+    assert pair.standby.is_in_recovery()
+    pair.crash_primary()
+    with pytest.raises(RuntimeError, match=r"can't wait for the standby: the primary .* not run"):
+        pair.wait_replayed()
+    with pytest.raises(ServerStartError, match="the pair counts as promoted"):
+        pair.promote(timeout=1e-9)  # the standby needs longer than that to leave recovery
+    assert pair.promoted
+    assert pair.current_primary is pair.standby
+    wait_for(lambda: not pair.standby.is_in_recovery(), "the standby to finish promoting", 30)
+    with pytest.raises(RuntimeError, match="promoted already"):
+        pair.promote()
+    pair.start()
+    assert not pair.primary.is_running()
+    with pytest.raises(RuntimeError, match=r"can't wait for the standby: .* was promoted"):
+        pair.wait_replayed()
 
 
 def _postmaster_pid(data_dir: Path) -> int:

@@ -31,6 +31,7 @@ from ._server import (
     EmbeddedPostgres,
     ServerStartError,
     Service,
+    _check_seconds,
     _log_tail,
 )
 
@@ -414,8 +415,26 @@ class StandbyPair(Service):
         return self.current_primary.execute(sql, params=params, database=database)
 
     def wait_replayed(self, timeout: float = 30.0) -> None:
-        """Wait until the standby has replayed everything the primary has written so far."""
+        """Wait until the standby has replayed everything the primary has written so far.
+
+        After :meth:`promote` there is no standby to wait for, and with the primary down
+        (:meth:`crash_primary`) nothing to wait for: both raise :class:`RuntimeError` saying
+        so, as does a pair never started or closed. A ``timeout`` (seconds) that is not a finite
+        number > 0 raises :class:`TypeError` / :class:`ValueError`; the standby not there by then,
+        :class:`TimeoutError`.
+        """
+        timeout = _check_seconds("timeout", timeout, zero=False)
         self._require_started("wait for the standby")
+        if self._promoted:
+            raise RuntimeError(
+                f"can't wait for the standby: {self!r} was promoted, the standby is the primary "
+                "now and there is no standby to replay anything"
+            )
+        if not self.primary.is_running():
+            raise RuntimeError(
+                f"can't wait for the standby: the primary of {self!r} is not running (crashed "
+                "or stopped): there is no position of its own to wait for"
+            )
         row = self.primary.execute("SELECT pg_catalog.pg_current_wal_lsn()::text")
         target = str(row[0][0])
         deadline = time.monotonic() + timeout
@@ -457,7 +476,15 @@ class StandbyPair(Service):
 
         Returns the seconds it took (also in :attr:`promote_seconds`). Promoting while the
         primary still runs makes two primaries: crash or stop it first, as a failover would.
+
+        ``timeout`` (seconds, a finite number > 0; else :class:`TypeError` /
+        :class:`ValueError` before anything) bounds the wait for the standby to leave recovery.
+        Once ``pg_promote`` has been asked, the pair counts as promoted, even if the wait then
+        times out (:class:`ServerStartError`; the standby goes on promoting):
+        :attr:`current_primary` is the standby, and :meth:`start` never brings the old primary
+        back.
         """
+        timeout = _check_seconds("timeout", timeout, zero=False)
         self._require_started("promote the standby")
         if self._promoted:
             raise RuntimeError(f"{self!r}: the standby is promoted already")
@@ -467,8 +494,12 @@ class StandbyPair(Service):
         deadline = began + timeout
         # pg_promote(wait => true) looks every 100 ms; polling here sees the end sooner
         with self.standby.connect() as conn:
+            # from the moment it is asked, the standby may promote whatever happens here: the
+            # old primary must stay down (start() leaves it so), or there would be two
+            self._promoted = True
             row = conn.execute("SELECT pg_catalog.pg_promote(false)").fetchone()
             if not row or not row[0]:
+                self._promoted = False  # the request was not sent: it stays a standby
                 raise ServerStartError(f"pg_promote refused to promote {self.standby!r}")
             while True:
                 row = conn.execute("SELECT pg_catalog.pg_is_in_recovery()").fetchone()
@@ -476,11 +507,11 @@ class StandbyPair(Service):
                     break
                 if time.monotonic() > deadline:
                     raise ServerStartError(
-                        f"the standby was still in recovery {timeout}s after pg_promote; "
-                        f"standby log {self.standby.log_path}:\n"
-                        f"{_log_tail(self.standby.log_path)}"
+                        f"the standby was still in recovery {timeout}s after pg_promote (it "
+                        "goes on promoting: the pair counts as promoted, its current_primary "
+                        "is the standby, and start() leaves the old primary down); standby log "
+                        f"{self.standby.log_path}:\n{_log_tail(self.standby.log_path)}"
                     )
                 time.sleep(_POLL_INTERVAL)
-        self._promoted = True
         self.promote_seconds = time.monotonic() - began
         return self.promote_seconds
