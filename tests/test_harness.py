@@ -1380,6 +1380,38 @@ def test_proxy_refuses_an_upstream_it_cant_use(pg_server: PostgresServer) -> Non
         conn.close()
 
 
+def test_proxy_checks_its_own_host_and_port(pg_server: PostgresServer) -> None:
+    """The proxy's own port= and host= were taken as they came: port=0 listened on a random
+    port but reported 0 (url() pointed at :0), port=True bound port 1, -1 or 70000 raised
+    OverflowError, "6000" a TypeError of the socket; host="::1" a gaierror of the IPv4
+    listener. Each is refused naming it, and port=0 is a free port, reported."""
+    bad: list[tuple[dict[str, Any], type[Exception], str]] = [
+        ({"port": -1}, ValueError, r"port must be from 0 to 65535 \(0: a free port\), got -1"),
+        ({"port": 70000}, ValueError, "port must be from 0 to 65535"),
+        ({"port": "6000"}, TypeError, "port must be an int, got '6000'"),
+        ({"port": True}, TypeError, "port must be an int, got True"),
+        ({"host": "::1"}, ValueError, r"host must be an IPv4 address .*got '::1'"),
+        ({"host": ""}, TypeError, "host must be a non-empty str"),
+        ({"host": None}, TypeError, "host must be a non-empty str"),
+    ]
+    for kwargs, error, message in bad:
+        with pytest.raises(error, match=message):
+            FaultProxy(pg_server, **kwargs)
+    with FaultProxy(pg_server, port=0) as proxy:
+        assert proxy.port != 0
+        assert f"@127.0.0.1:{proxy.port}/" in proxy.url()
+        with psycopg.connect(pg_server.conninfo(host=proxy.host, port=proxy.port)) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        proxy.refuse()
+        proxy.restore()  # the same port again
+        engine = sa.create_engine(proxy.url())
+        try:
+            with engine.connect() as conn:
+                assert conn.execute(sa.text("SELECT 1")).scalar() == 1
+        finally:
+            engine.dispose()
+
+
 def test_proxy_names_the_address_it_cant_listen_on(pg_server: PostgresServer) -> None:
     """A port another process holds, at creation or at :meth:`restore` after :meth:`refuse`,
     raised a bare "[Errno 98] Address already in use" that named no address."""

@@ -375,6 +375,22 @@ def _check_upstream(upstream: object) -> PostgresServer | tuple[str, int]:
         raise type(exc)(f"upstream's {exc} ({forms})") from None
 
 
+def _check_listen_host(host: object) -> str:
+    """``host`` if the proxy can listen there (an IPv4 address, or a name that resolves to
+    one: its listening socket is IPv4), else :class:`TypeError` / :class:`ValueError` saying
+    so."""
+    if not isinstance(host, str) or not host:
+        raise TypeError(f"host must be a non-empty str (an IPv4 address), got {host!r}")
+    try:
+        socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        raise ValueError(
+            f"host must be an IPv4 address (or a name that resolves to one: the fault proxy "
+            f"listens on IPv4 only), got {host!r}"
+        ) from None
+    return host
+
+
 class FaultProxy:
     """Loopback TCP proxy in front of a PostgreSQL server, with switchable faults.
 
@@ -382,8 +398,11 @@ class FaultProxy:
     connection; :meth:`url` reuses its credentials) or a ``(host, port)`` pair; a host that is
     a unix socket's directory is reached through that socket; anything else (a ``"host:port"``
     string, a port given as text) raises :class:`TypeError` or :class:`ValueError` at once.
-    The proxy listens on ``host`` (127.0.0.1) and ``port`` (a free one by default) as soon as
-    it is created; :meth:`close` (or leaving the ``with`` block) stops it and joins its thread.
+    The proxy listens on ``host`` (127.0.0.1; an IPv4 address, or a name resolving to one)
+    and ``port`` (None or 0: a free one, which :attr:`port` and :meth:`url` name) as soon as it
+    is created; a ``host`` or ``port`` it can't take raises :class:`TypeError` or
+    :class:`ValueError` naming it, one it can't listen on :class:`OSError` naming the address;
+    :meth:`close` (or leaving the ``with`` block) stops it and joins its thread.
 
     All fault methods are thread-safe and take effect before they return.
     """
@@ -397,8 +416,9 @@ class FaultProxy:
         connect_timeout: float = 5.0,
     ) -> None:
         self._upstream = _check_upstream(upstream)
-        self._host = host
-        self._port = port if port is not None else free_port(host)
+        self._host = _check_listen_host(host)
+        # 0, as for a socket (and EmbeddedPostgres): a free port, the one port and url() name
+        self._port = (0 if port is None else _check_port(port, free=True)) or free_port(host)
         self._connect_timeout = _check_seconds("connect_timeout", connect_timeout, zero=False)
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
