@@ -1841,6 +1841,38 @@ def test_proxy_swallow_commit_holds_the_client_until_released(
     assert _rows(pg_server, pg_database) == [(2, "after")]
 
 
+def test_proxy_sees_the_commit_that_ends_a_simple_query_over_64_kib(
+    fault_proxy: FaultProxy, pg_server: PostgresServer, pg_url: str, pg_database: str
+) -> None:
+    """A simple query longer than 64 KiB streamed through the proxy without its text being
+    read: ``INSERT ...; COMMIT`` was not seen as a COMMIT, and the armed fault stayed armed.
+    Its last statement is what counts, a COMMIT inside a literal of its tail included."""
+    _make_table(pg_url)
+    big = "x" * 100_000
+    conninfo = fault_proxy.url(pg_database, driver="")
+    fault_proxy.lose_commit_answer()
+    with psycopg.connect(conninfo, connect_timeout=CONNECT_TIMEOUT, autocommit=True) as conn:
+        # not a COMMIT: its "; COMMIT" is inside the literal that ends it
+        conn.execute(f"SELECT 1; SELECT '{big}; COMMIT'".encode())
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute(f"BEGIN; INSERT INTO items VALUES (1, '{big}'); COMMIT".encode())
+    assert fault_proxy.commits_lost == 1
+    assert [row[0] for row in _rows(pg_server, pg_database)] == [1]  # committed, answer lost
+    fault_proxy.swallow_commit()
+    with psycopg.connect(conninfo, connect_timeout=CONNECT_TIMEOUT, autocommit=True) as conn:
+        query = f"BEGIN; INSERT INTO items VALUES (2, '{big}'); COMMIT".encode()
+        committer = _Blocked(lambda: conn.execute(query))
+        committer.start()
+        _wait_for(lambda: fault_proxy.commits_swallowed == 1)
+        committer.join(timeout=0.3)
+        assert committer.is_alive()  # no answer: nothing of it ran
+        assert [row[0] for row in _rows(pg_server, pg_database)] == [1]
+        assert fault_proxy.release_swallowed() == 1
+        committer.join(timeout=5)
+        assert isinstance(committer.error, psycopg.OperationalError)
+    assert [row[0] for row in _rows(pg_server, pg_database)] == [1]
+
+
 @pytest.mark.parametrize("how", ["cut_all", "refuse_cut"])
 def test_proxy_swallowed_commit_is_reset_by_a_cut(
     fault_proxy: FaultProxy, pg_server: PostgresServer, pg_url: str, pg_database: str, how: str

@@ -66,6 +66,10 @@ _CANCEL_REQUEST: Final = 80877102
 _UNTYPED_KINDS: Final = {_SSL_REQUEST: b"ssl", _GSSENC_REQUEST: b"gss", _CANCEL_REQUEST: b"cancel"}
 #: messages longer than this are streamed through instead of being buffered whole
 _STREAM_THRESHOLD: Final = 64 * 1024
+#: except the client's simple queries up to this length (PostgreSQL's own limit for one): a
+#: query is a COMMIT by its last statement, which only the whole text tells (its tail alone may
+#: sit inside a string literal or a comment), and a swallowed COMMIT must not reach the server
+_QUERY_LIMIT: Final = (1 << 30) - 1
 #: stop reading a side while this many bytes wait to be forwarded from it
 _BACKLOG_LIMIT: Final = 4 * 1024 * 1024
 _RECV_SIZE: Final = 256 * 1024
@@ -93,7 +97,8 @@ class _Splitter:
     """Cuts one direction of a PostgreSQL connection at message boundaries.
 
     :meth:`feed` returns ``(chunk, message)`` pairs; ``message`` is set when ``chunk`` ends a
-    complete message. Small messages are returned whole, large ones stream through in pieces.
+    complete message. Small messages are returned whole, large ones stream through in pieces,
+    but for the client's simple queries, which are always returned whole (their text is read).
     """
 
     def __init__(self, *, client_side: bool) -> None:
@@ -165,7 +170,9 @@ class _Splitter:
                 body = bytes(buf[pos + 5 : pos + total]) if kind in self._bodies else b""
                 out.append((bytes(buf[pos : pos + total]), _Msg(kind, body)))
                 pos += total
-            elif total > _STREAM_THRESHOLD:
+            elif total > _STREAM_THRESHOLD and not (
+                kind == b"Q" and self._bodies and total <= _QUERY_LIMIT
+            ):
                 out.append((bytes(buf[pos:end]), None))
                 self._stream_left = total - (end - pos)
                 self._stream_kind = kind
