@@ -335,6 +335,65 @@ def test_server_is_running_after_the_previous_test(pg_server: PostgresServer) ->
     assert pg_server.execute("SELECT 1") == [(1,)]
 
 
+async def _asyncpg_answers(url: str) -> tuple[str, str]:
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            row = (await conn.execute(sa.text("SELECT current_database(), current_user"))).one()
+            return str(row[0]), str(row[1])
+    finally:
+        await engine.dispose()
+
+
+def test_an_external_servers_libpq_parameters_make_asyncpg_urls_asyncpg_takes(
+    pg_server: PostgresServer, pg_database: str
+) -> None:
+    """RESILIENT_DB_TEST_URL's libpq parameters (sslmode=disable, application_name=ci,
+    connect_timeout=10) were copied into every URL the harness made, asyncpg ones included
+    (pg_async_url, url(driver="asyncpg"), a fault proxy's): asyncpg's connect() refused them
+    (TypeError: unexpected keyword argument 'sslmode'). sslmode is asyncpg's ssl, what only
+    tunes libpq is left out, and a parameter asyncpg has no equivalent for is named."""
+    libpq_uri = pg_server.url(pg_database, driver="")
+    params = (
+        "sslmode=disable&application_name=ci&connect_timeout=10&keepalives=1"
+        "&gssencmode=disable&channel_binding=prefer&target_session_attrs=read-write"
+    )
+    dsn = pg_server.conninfo(pg_database, sslmode="disable", application_name="ci")
+    expected = (pg_database, pg_server.user)
+    for given in (f"{libpq_uri}?{params}", dsn):
+        with ExternalPostgres(given, source="RESILIENT_DB_TEST_URL") as external:
+            async_url = sa.make_url(external.url(pg_database, driver="asyncpg"))
+            assert async_url.query["ssl"] == "disable"
+            assert not {"sslmode", "application_name", "connect_timeout"} & set(async_url.query)
+            assert asyncio.run(_asyncpg_answers(external.url(driver="asyncpg"))) == expected
+            with FaultProxy(external) as proxy:
+                assert asyncio.run(_asyncpg_answers(proxy.url(driver="asyncpg"))) == expected
+            # the libpq URLs keep them all
+            engine = sa.create_engine(external.url())
+            try:
+                with engine.connect() as conn:
+                    name = conn.execute(sa.text("SHOW application_name")).scalar()
+                    assert name == "ci"
+            finally:
+                engine.dispose()
+    # asyncpg's own name for it, in a postgresql+asyncpg:// URL: libpq's sslmode for psycopg
+    asyncpg_given = pg_server.url(pg_database, driver="asyncpg") + "?ssl=disable"
+    with ExternalPostgres(asyncpg_given) as external:
+        assert sa.make_url(external.url()).query["sslmode"] == "disable"
+        assert sa.make_url(external.url(driver="asyncpg")).query["ssl"] == "disable"
+        assert asyncio.run(_asyncpg_answers(external.url(driver="asyncpg"))) == expected
+    refused = {
+        "options=-c%20work_mem%3D64MB": r"'options'.* asyncpg has no equivalent",
+        "sslrootcert=/etc/ca.pem": r"'sslrootcert'.*environment variable PGSSLROOTCERT",
+        "channel_binding=require": r"'channel_binding'.* asyncpg has no equivalent",
+    }
+    for param, message in refused.items():
+        external = ExternalPostgres(f"{libpq_uri}?{param}", source="RESILIENT_DB_TEST_URL")
+        with pytest.raises(ValueError, match=rf"RESILIENT_DB_TEST_URL gives .*{message}"):
+            external.url(driver="asyncpg")
+        external.close()
+
+
 def test_external_server_surface(pg_server: PostgresServer, pg_database: str) -> None:
     libpq_uri = pg_server.url(pg_database, driver="")
     for given in (

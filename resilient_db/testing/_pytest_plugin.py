@@ -21,7 +21,8 @@ Fixtures
     terminated first).
 ``pg_url`` / ``pg_async_url`` (function)
     SQLAlchemy URLs of ``pg_database``: ``postgresql+psycopg://...`` and
-    ``postgresql+asyncpg://...``.
+    ``postgresql+asyncpg://...`` (an external server's libpq parameters as asyncpg takes them:
+    see :meth:`~resilient_db.testing.PostgresServer.url`).
 ``fault_proxy`` (function)
     A :class:`~resilient_db.testing.FaultProxy` in front of ``pg_server``; use
     ``fault_proxy.url(pg_database)`` (or ``driver="asyncpg"``). Closed after the test.

@@ -218,6 +218,82 @@ def _is_socket_dir(host: str) -> bool:
     return host.startswith("/")
 
 
+#: libpq parameters an asyncpg URL carries as they are: SQLAlchemy's asyncpg dialect passes a
+#: URL's query to ``asyncpg.connect()`` as keyword arguments (strings), and asyncpg takes these
+#: under libpq's names and with its values
+_ASYNCPG_SAME: Final = frozenset(
+    {"target_session_attrs", "krbsrvname", "gsslib", "passfile", "service", "servicefile"}
+)
+#: libpq's ``sslmode`` values, which asyncpg takes as its ``ssl`` argument
+_SSL_MODES: Final = frozenset({"disable", "allow", "prefer", "require", "verify-ca", "verify-full"})
+#: libpq parameters an asyncpg URL leaves out, with why that is sound: they only tune what
+#: libpq does, and asyncpg does without them
+_ASYNCPG_LEFT_OUT: Final = frozenset(
+    {
+        # a bound on connecting: asyncpg has its own (60 s, or connect_args={"timeout": ...})
+        "connect_timeout",
+        # the session's name in pg_stat_activity, nothing else
+        "application_name",
+        "fallback_application_name",
+        # TCP tuning of libpq's socket
+        "keepalives",
+        "keepalives_idle",
+        "keepalives_interval",
+        "keepalives_count",
+        "tcp_user_timeout",
+        # asyncpg always speaks UTF-8, whatever libpq is told
+        "client_encoding",
+    }
+)
+#: libpq parameters left out of an asyncpg URL for the values that ask for nothing asyncpg
+#: lacks (it has neither GSS encryption nor channel binding; "prefer" falls back without them)
+_ASYNCPG_LEFT_OUT_WHEN: Final[Mapping[str, frozenset[str]]] = {
+    "gssencmode": frozenset({"disable", "prefer"}),
+    "channel_binding": frozenset({"disable", "prefer"}),
+    "sslnegotiation": frozenset({"postgres"}),  # asyncpg's default
+}
+#: libpq's SSL files, which asyncpg takes from the same environment variables as libpq only
+_SSL_FILE_VARIABLES: Final[Mapping[str, str]] = {
+    "sslrootcert": "PGSSLROOTCERT",
+    "sslcert": "PGSSLCERT",
+    "sslkey": "PGSSLKEY",
+    "sslcrl": "PGSSLCRL",
+}
+
+
+def _asyncpg_query(query: Mapping[str, str], source: str) -> dict[str, str]:
+    """An external server URL's query (libpq's parameters) as an asyncpg URL carries it:
+    ``sslmode`` becomes asyncpg's ``ssl``, ``sslnegotiation=direct`` its ``direct_tls``, the
+    parameters that only tune libpq are left out (see :data:`_ASYNCPG_LEFT_OUT`); one asyncpg
+    has no equivalent for raises :class:`ValueError` naming it (never its value) and
+    ``source``."""
+    out: dict[str, str] = {}
+    for key, value in query.items():
+        name = key.lower()
+        if name in _ASYNCPG_SAME or name in ("host", "port", "ssl"):
+            out[key] = value
+        elif name == "sslmode" and value.strip().lower() in _SSL_MODES:
+            out["ssl"] = value.strip().lower()
+        elif name == "sslnegotiation" and value.strip().lower() == "direct":
+            out["direct_tls"] = "true"
+        elif not (
+            name in _ASYNCPG_LEFT_OUT
+            or value.strip().lower() in _ASYNCPG_LEFT_OUT_WHEN.get(name, ())
+        ):
+            variable = _SSL_FILE_VARIABLES.get(name)
+            why = (
+                f"set the environment variable {variable} instead, which libpq and asyncpg "
+                "both read"
+                if variable
+                else "asyncpg has no equivalent for it (or for this value of it)"
+            )
+            raise ValueError(
+                f"{source} gives the parameter {key!r}, which an asyncpg URL can't carry: "
+                f"{why}; leave it out of {source} to get asyncpg URLs"
+            )
+    return out
+
+
 def _render_url(
     *,
     driver: str,
@@ -227,8 +303,11 @@ def _render_url(
     port: int,
     database: str,
     query: Mapping[str, str],
+    source: str = "the server URL",
 ) -> str:
     drivername = f"postgresql+{driver}" if driver else "postgresql"
+    if driver == "asyncpg" and query:
+        query = _asyncpg_query(query, source)
     address: dict[str, Any] = {"host": host, "port": port}
     if _is_socket_dir(host):
         # a directory can't be the URL's host (its slashes would end the authority part);
@@ -297,6 +376,8 @@ class PostgresServer(Service):
         self._password = password
         self._admin_database = admin_database
         self._query: dict[str, str] = dict(query or {})
+        #: where :attr:`_query` comes from, as errors about it name it
+        self._query_source = "the server URL"
         self._control_lock = threading.RLock()
         self._delayed: list[DelayedStart] = []
 
@@ -329,6 +410,12 @@ class PostgresServer(Service):
         ``"asyncpg"``, or ``""`` for a plain ``postgresql://`` URL (also a valid libpq URI).
         A server reached through a unix socket (:attr:`host` a directory) is addressed in the
         query: ``postgresql+psycopg://user:pw@/db?host=/run/postgresql&port=5432``.
+
+        The parameters of an external server's URL (libpq's) go into every URL; an asyncpg one
+        carries them as asyncpg takes them: ``sslmode`` as ``ssl``, those that only tune libpq
+        (``connect_timeout``, ``application_name``, ``keepalives*``, ``client_encoding``, ...)
+        left out, and one asyncpg has no equivalent for (``options``, ``sslrootcert``, ...)
+        raising :class:`ValueError` naming it.
         """
         return self.url_at(self.host, self.port, database, driver=driver)
 
@@ -345,6 +432,7 @@ class PostgresServer(Service):
             port=port,
             database=database or self._admin_database,
             query=self._query,
+            source=self._query_source,
         )
 
     def conninfo(self, database: str | None = None, **options: Any) -> str:
@@ -1695,6 +1783,9 @@ def _parse_server_url(url: str) -> dict[str, Any]:
             raise ValueError(_SEVERAL_HOSTS)
         else:
             raise ValueError(f"its query gives {key!r} more than once")
+    if "sslmode" not in query and query.get("ssl", "").strip().lower() in _SSL_MODES:
+        # asyncpg's name for it (a postgresql+asyncpg:// URL): libpq's, as the query is kept
+        query["sslmode"] = query.pop("ssl").strip().lower()
     host = _one_host(parsed.host or query.pop("host", "") or "localhost")
     port = _port_number(parsed.port or query.pop("port", "") or 5432)
     return {
@@ -1896,6 +1987,7 @@ class ExternalPostgres(PostgresServer):
             admin_database=parts["database"],
             query=parts["query"],
         )
+        self._query_source = source or "the external server URL"
         self._host = str(parts["host"])
         self._port = int(parts["port"])
         self._watchdog_lock = threading.Lock()
