@@ -225,8 +225,8 @@ def pg_server(request: pytest.FixtureRequest) -> Iterator[PostgresServer]:
 
 @pytest.fixture
 def pg_database(pg_server: PostgresServer, request: pytest.FixtureRequest) -> Iterator[str]:
-    """Name of a fresh database for this test, dropped afterwards (on a server of the
-    harness's own, made ahead and dropped behind in a background thread: see
+    """Name of a fresh database for this test, dropped in its teardown (on a server of the
+    harness's own, made ahead in a background thread: see
     :class:`~resilient_db.testing._databases.DatabaseSpares`)."""
     spares = request.config.stash.get(_SPARES_KEY, None)
     if spares is not None:
