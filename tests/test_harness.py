@@ -2308,8 +2308,7 @@ def test_an_embedded_server_refuses_settings_that_listen_beyond_loopback(
     [
         ("port", "pass port= instead"),
         ("Port", "pass port= instead"),
-        ("unix_socket_directories", "unix sockets are off"),
-        ("Unix_Socket_Directories", "unix sockets are off"),
+        ("Listen_Addresses", "127.0.0.1 only"),
         ("LOGGING_COLLECTOR", "logs to its log_path"),
     ],
 )
@@ -2317,9 +2316,9 @@ def test_an_embedded_server_refuses_settings_the_harness_sets_itself(
     name: str, why: str, tmp_path: Path
 ) -> None:
     """settings={"port": ...} won over the harness's ``-p``: the server listened on another
-    port than the one port and url() named; unix_socket_directories opened the unix socket
-    the harness turns off. Each is refused, in any case, before anything starts."""
-    values = {"port": str(free_port()), "unix_socket_directories": str(tmp_path)}
+    port than the one port and url() named; logging_collector=on sent the log elsewhere than
+    the log_path the harness reads. Each is refused, in any case, before anything starts."""
+    values = {"port": str(free_port()), "listen_addresses": "*"}
     value = values.get(name.lower(), "on")
     with pytest.raises(ValueError, match=rf"settings must not set {name}: .*{why}"):
         EmbeddedPostgres(settings={name: value}, base_dir=tmp_path)

@@ -45,6 +45,7 @@ OWN: dict[tuple[str, str], str] = {
     ("_validation.py", "_core_schema"): "the validator's check",
     ("testing/_standby.py", "_password"): "PostgresServer",
     ("testing/_standby.py", "_port"): "PostgresServer / StandbyServer",
+    ("testing/_standby.py", "_OWNED_SETTINGS"): "EmbeddedPostgres",
     ("transitions/_install.py", "_where"): "TransitionTrigger",
     ("transitions/_install.py", "_guard"): "TransitionTrigger",
 }

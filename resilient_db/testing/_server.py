@@ -1221,13 +1221,15 @@ class EmbeddedPostgres(PostgresServer):
     ``initdb`` runs at the first :meth:`start` in a fresh temporary directory under ``base_dir``
     if given, else under ``RESILIENT_DB_TEST_DIR``, else ``/dev/shm`` when it has 2 GiB free,
     else the system's temporary directory. The server listens on 127.0.0.1 only, on ``port`` or
-    (None or 0) a free port that stays the same across restarts; unix sockets are disabled;
-    user ``postgres`` logs in with a
-    password of its own (scram-sha-256, generated per server; the URLs it returns carry it).
+    (None or 0) a free port that stays the same across restarts; unix sockets are off unless
+    ``settings`` names ``unix_socket_directories`` (the server then listens on a socket in each
+    directory named, as well as on TCP: :attr:`host` and :meth:`url` stay 127.0.0.1's); user
+    ``postgres`` logs in with a password of its own (scram-sha-256, generated per server; the
+    URLs it returns carry it).
     ``settings`` add to or override :data:`DEFAULT_SETTINGS` (fsync and full_page_writes off,
     200 connections, 100 ms deadlock timeout, ...); one the harness sets itself
-    (``listen_addresses``, ``port``, ``unix_socket_directories``, ``logging_collector``, in any
-    case) raises :class:`ValueError` naming it. The server log is ``data_dir / "server.log"``.
+    (``listen_addresses``, ``port``, ``logging_collector``, in any case) raises
+    :class:`ValueError` naming it. The server log is ``data_dir / "server.log"``.
 
     As root, the server runs as the unprivileged OS user ``os_user`` (created if missing); every
     directory above its files must let that user through (the harness changes no directory's
@@ -1251,10 +1253,6 @@ class EmbeddedPostgres(PostgresServer):
         "port": (
             "the server listens on the port EmbeddedPostgres(port=...) gives or picks, the "
             "one its port and url() name; pass port= instead"
-        ),
-        "unix_socket_directories": (
-            "unix sockets are off (a socket file other local users could reach, outside the "
-            "server's directory); connect over TCP to 127.0.0.1"
         ),
         "logging_collector": (
             "the server logs to its log_path, which the harness reads to say why a start "
