@@ -34,6 +34,7 @@ from ._registry import factory_of, register_class
 from ._state import STATE
 from ._statements import current_attempt, dropin_block, library_work, note_saved
 from ._unit import (
+    PREPARE_POLL,
     SYNC_WITH,
     ActiveUnit,
     CommitVerdict,
@@ -584,21 +585,29 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
     ) -> tuple[bool | None, BaseException | None]:
         """ROLLBACK PREPARED ``xid`` in ``engine``'s database if it is prepared there, on a
         new connection, with the referee's backoff: whether it was, and the last error met;
-        None when that could not be known (the server unreachable or refusing, or its PREPARE
-        still running, through every check)."""
+        None when that could not be known (the server unreachable or refusing through every
+        check, or its PREPARE still running at the deadline: a PREPARE still being carried out
+        is looked for again every PREPARE_POLL seconds, however many checks that takes)."""
         last: BaseException | None = None
-        for delay in self._referee.checks():
+        referee = self._referee
+        for delay, ends in referee.timed_checks():
             if delay:
                 self._sleep(delay)
-            try:
-                with _bound_engine(engine).connect() as conn:
-                    ended = rollback_if_prepared(conn, xid)
+            while True:
+                try:
+                    with _bound_engine(engine).connect() as conn:
+                        ended = rollback_if_prepared(conn, xid)
+                except Exception as failed:  # the server restarts, or refuses
+                    last = failed
+                    debug_failure(log_session, "ending %s failed", xid)
+                    break  # (the next check, after its backoff)
                 if ended is not None:
                     return ended, None
-                last = None  # (still being prepared)
-            except Exception as failed:  # the server restarts, or the old backend holds it
-                last = failed
-                debug_failure(log_session, "ending %s failed", xid)
+                last = None  # still being prepared: looked for again soon
+                left = referee.left(ends)
+                if left <= 0:
+                    return None, None
+                self._sleep(min(PREPARE_POLL, left))
         return None, last
 
     def _commit_pending(self, engine: Engine, xid: Any) -> bool:

@@ -1446,6 +1446,12 @@ def _commit_twophase(
         request.two_phase_commits.append(xid)
 
 
+#: seconds between two looks for a two-phase unit's prepared transaction whose PREPARE the
+#: server is still carrying out (see rollback_if_prepared): a PREPARE's length (deferred
+#: triggers, constraint checks) is no retry's, so it is waited for until the deadline
+PREPARE_POLL: Final = 0.05
+
+
 def rollback_if_prepared(connection: Connection, xid: Any) -> bool | None:
     """End ``xid`` on ``connection`` (a new one, outside any transaction): True when it was
     prepared there and is now rolled back (ROLLBACK PREPARED), False when it is not prepared,
