@@ -744,12 +744,13 @@ _CHECK_SQL = f"""SELECT COALESCE(
   -- whether the role may read the incarnation (see _INCARNATION), asked here so that a role
   -- that may not is never refused at a unit's COMMIT (psycopg and asyncpg both give a bool)
   pg_catalog.has_function_privilege('pg_catalog.pg_control_checkpoint()', 'EXECUTE'),
-  -- the database's own functions (VOLATILE: they may write; not an extension's) named as a
-  -- built-in a plain SELECT may call and still be read-only (see _statements.distrust_calls)
+  -- the database's own functions and aggregates (not an extension's) named as a built-in a
+  -- plain SELECT may call and still be read-only (see _statements.distrust_calls); whatever
+  -- their volatility: a STABLE one may call one that writes, and an aggregate is IMMUTABLE
+  -- to the catalog whatever its state function does
   pg_catalog.array_to_string(ARRAY(SELECT DISTINCT p.proname::text FROM pg_catalog.pg_proc p
     WHERE p.proname OPERATOR(pg_catalog.=) ANY ('{_SAFE_NAMES}'::pg_catalog.name[])
     AND p.pronamespace OPERATOR(pg_catalog.<>) 'pg_catalog'::pg_catalog.regnamespace
-    AND p.provolatile OPERATOR(pg_catalog.=) 'v'
     AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d
       WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass
       AND d.objid OPERATOR(pg_catalog.=) p.oid AND d.deptype OPERATOR(pg_catalog.=) 'e')), ' ')"""

@@ -139,8 +139,8 @@ _SAFE_CALLS: Final = frozenset(
     pg_table_is_visible to_regclass
     """.split()  # noqa: SIM905 - a word list reads better as words
 )
-# The names of _SAFE_CALLS still trusted: a database may have a function of its own under one
-# of them that may write (VOLATILE, not an extension's), which a call of that name may reach
+# The names of _SAFE_CALLS still trusted: a database may have a function or an aggregate of its
+# own under one of them (not an extension's), which may write, and a call of that name reach
 # (a schema before pg_catalog on the search_path, or argument types it matches better: a
 # ``lower(varchar)`` in public): the check a connection makes when it is set up asks (see
 # ``_commit._CHECK_SQL``), and such names are no longer trusted in this process
@@ -176,11 +176,45 @@ _SPACE = "[ \t\n\r\f\v]"
 # before calls are looked for.
 _GRAMMAR_PARENS = re.compile(
     rf"\){_SPACE}*(?:OVER|FILTER)(?={_SPACE}*\()"
-    rf"|(?<![{_NAME_CHAR}])(?:ORDER|GROUP|PARTITION){_SPACE}+BY(?={_SPACE}*\()"
-    rf"|(?<![{_NAME_CHAR}])JOIN(?={_SPACE}*\({_SPACE}*(?:SELECT|VALUES|WITH|TABLE)"
-    f"(?![{_NAME_CHAR}]))",
+    rf"|(?<![{_NAME_CHAR}])(?:ORDER|GROUP|PARTITION){_SPACE}+BY(?={_SPACE}*\()",
     re.IGNORECASE,
 )
+# ``JOIN (`` is the grammar's (a join to a parenthesised join or subquery) after a join's kind
+# (``LEFT``, ``OUTER``, ...), a ``)`` or a quoted name, or a table's name or alias; a call of a
+# ``join`` of yours after an operator, a ``,``, a ``(`` or a word that comes before an
+# expression or a table function (``SELECT``, ``WHERE``, ``FROM``, ``JOIN``, ``LATERAL``, ...).
+_JOIN_PAREN = re.compile(f"(?<![{_NAME_CHAR}])JOIN(?={_SPACE}*\\()", re.IGNORECASE)
+_WORD_BEFORE = re.compile(f"([{_NAME_CHAR}]+){_SPACE}*\\Z")
+_JOIN_KINDS: Final = frozenset({"INNER", "OUTER", "LEFT", "RIGHT", "FULL", "CROSS", "NATURAL"})
+#: words after which a name followed by "(" is a call (of an expression, or a table function)
+_BEFORE_CALLS: Final = frozenset(
+    """
+    SELECT WHERE AND OR NOT ON THEN ELSE WHEN CASE HAVING BY RETURNING DISTINCT ALL ANY SOME
+    IN BETWEEN LIKE ILIKE SIMILAR TO IS LIMIT OFFSET FETCH USING SET VALUES FROM JOIN LATERAL
+    AS ESCAPE ARRAY EXISTS ROW OPERATOR DO RETURN WITH INTO TABLE ONLY FOR OF UNION INTERSECT
+    EXCEPT ORDER GROUP PARTITION FILTER OVER WITHIN NULLS FIRST LAST ASC DESC COLLATE AT ZONE
+    ROWS RANGE GROUPS PRECEDING FOLLOWING UNBOUNDED CURRENT AND SYMMETRIC ASYMMETRIC DEFAULT
+    """.split()  # noqa: SIM905
+)
+
+
+def _grammar_join(match: re.Match[str]) -> str:
+    """``JOIN`` blanked where it stands as the grammar's before its ``(`` (see above), as a
+    ``)``: the ``(`` after it then follows no name (``OUTER (`` is no call either)."""
+    before = match.string[: match.start()].rstrip(" \t\n\r\f\v")
+    if before.endswith((")", '"')):
+        return ") "
+    word = _WORD_BEFORE.search(before)
+    if word is None:  # an operator, a "," or a "(" (or nothing): a call
+        return match.group(0)
+    name = word.group(1)
+    if name.upper() in _JOIN_KINDS:
+        return ") "
+    if not name.isascii() or name.upper() in _BEFORE_CALLS or name[0].isdigit():
+        return match.group(0)
+    return ") "  # a table's name or alias
+
+
 # (a name is tried from its start only: from each of its characters, a long name, or text
 # in quotes, would be read again to its end)
 _CALL = re.compile(f"(?<![{_NAME_CHAR}])([{_NAME_CHAR}]+){_SPACE}*\\(")
@@ -199,7 +233,8 @@ _INTO = re.compile(f"(?<![A-Za-z_$\u0080-\U0010ffff])INTO(?![{_NAME_CHAR}])", re
 # role in effect (SET [LOCAL] ROLE, SET SESSION AUTHORIZATION, RESET ROLE, set_config('role')),
 # which may have no right to write markers.
 _SESSION_STATE = re.compile(
-    r"^\s*(?:SET|RESET|BEGIN|START)\b.*?"
+    # (where a statement starts, the text's or one after a ";": its words up to the next ";")
+    r"(?:\A|;)\s*(?:SET|RESET|BEGIN|START)\b[^;]*?"
     r"(?:\bREAD\s+(?:ONLY|WRITE)\b|transaction_read_only|\bROLE\b|\bAUTHORIZATION\b)"
     r"|set_config\s*\(\s*'(?:role|(?:default_)?transaction_read_only)'",
     re.IGNORECASE | re.DOTALL,
@@ -227,9 +262,9 @@ DEALLOCATES: Final = 4
 # ``ELSE``, ``LOOP`` or a rule's ``DO [ALSO | INSTEAD]`` (spaces and comments between: after a
 # comment, or first on a line after one that holds ``--``, it is taken as one), and followed by
 # a channel, so a column or a value named ``notify`` (``SELECT notify FROM t``, ``kind =
-# 'notify'``) is no notification. In a text that ``EXECUTE``s a string, the command may be
-# put together from pieces (``EXECUTE 'NOTIFY' || ' jobs'``, ``format('%s jobs', 'NOTIFY')``):
-# there the word ``NOTIFY`` counts wherever it stands. A word taken for one by mistake (``'a;
+# 'notify'``) is no notification. A text that ``EXECUTE``s a command may notify whatever it
+# spells: the command may be put together from pieces (``EXECUTE 'NOT' || 'IFY jobs'``,
+# ``format('%s jobs', 'NOTIFY')``) or read from a table. A word taken for one by mistake (``'a;
 # notify me'``) costs its transaction the xid's request at COMMIT (on a hot standby, nothing),
 # nothing more. Each ``NOTIFY`` is looked at from where it stands back over the spaces before
 # it (and one line): the time is linear in the text's length, whatever it holds.
@@ -237,9 +272,6 @@ DEALLOCATES: Final = 4
 # its ``(``; one taken by mistake costs the xid's request)
 _PG_NOTIFY = re.compile(f"(?<![{_NAME_CHAR}])pg_notify(?![{_NAME_CHAR}])", re.IGNORECASE)
 _NOTIFY_COMMAND = re.compile(f'(?<![{_NAME_CHAR}])NOTIFY(?=[\\s"$]|--|/\\*)', re.IGNORECASE)
-_NOTIFY_WORD = re.compile(
-    "(?<![A-Za-z0-9_\u0080-\U0010ffff])NOTIFY(?![A-Za-z0-9_\u0080-\U0010ffff])", re.IGNORECASE
-)
 _EXECUTE = re.compile(f"(?<![{_NAME_CHAR}])EXECUTE(?![{_NAME_CHAR}])", re.IGNORECASE)
 _COMMAND_BEFORE: Final = frozenset({"BEGIN", "THEN", "ELSE", "LOOP", "DO", "ALSO", "INSTEAD"})
 _SPACES: Final = " \t\n\r\f\v"
@@ -250,12 +282,14 @@ def _notifies(statement: str) -> bool:
     lowered = statement.lower()
     if 'u&"' in lowered or ("u&'" in lowered and _EXECUTE.search(statement)):
         return True  # (a name spelled with Unicode escapes may be pg_notify; a string, NOTIFY)
-    if "notify" not in lowered:
+    if "notify" not in lowered and _EXECUTE.search(statement) is None:
         return False
     if _PG_NOTIFY.search(statement):
         return True
     if _EXECUTE.search(statement):
-        return _NOTIFY_WORD.search(statement) is not None
+        # a command EXECUTEd may be put together from pieces or read from a table
+        # (``EXECUTE 'NOT' || 'IFY ch'``, ``EXECUTE (SELECT cmd FROM outbox)``)
+        return True
     # (a ``--`` comment ends at a line feed or a carriage return: one kind of line end)
     text = statement.replace("\r", "\n")
     return any(_command_starts_before(text, m.start()) for m in _NOTIFY_COMMAND.finditer(text))
@@ -672,10 +706,15 @@ def _judge_kind(statement: str) -> int:
         or (_BEGINS.match(statement) and not _SESSION_STATE.search(statement))
     ) and ";" not in statement.strip().rstrip(";"):
         return READ_ONLY
-    if head in ("DISCAR", "DEALLO"):
-        return DEALLOCATES | _writes(head, statement)
+    # (a notification first: a text that also drops the prepared marker statement makes its
+    # COMMIT's EXECUTE of it fail, before anything commits, and is replayed; the function form
+    # a role switch asks for needs nothing prepared)
     if _notifies(statement):
         return NOTIFIES | _writes(head, statement)
+    if head in ("DISCAR", "DEALLO"):
+        if _SESSION_STATE.search(statement):
+            return STOPS_PREPARED | _writes(head, statement)
+        return DEALLOCATES | _writes(head, statement)
     if head[:5] == "SHOW " and ";" not in statement.strip().rstrip(";"):
         return READ_ONLY
     verdict = _judge_write(head, statement)
@@ -711,6 +750,8 @@ def _writes(head: str, statement: str) -> int:
     upper case) writes by its kind, else 0."""
     if _WRITE_WORD.search(statement) or _WITH_HOLD.search(statement):
         return WRITES
+    if _EXECUTE.search(statement):
+        return WRITES  # (a command EXECUTEd may be any: see _notifies)
     if head == "SELECT" and _INTO.search(statement):
         return WRITES  # (SELECT ... INTO makes a table)
     if _FROM.search(statement) is None:
@@ -728,6 +769,8 @@ def _judge_write(head: str, statement: str) -> int:
         return MAY_WRITE  # schema.function(...) or "quoted"(...)
     if _GRAMMAR_PARENS.search(statement):
         statement = _GRAMMAR_PARENS.sub(") ", statement)
+    if _JOIN_PAREN.search(statement):
+        statement = _JOIN_PAREN.sub(_grammar_join, statement)
     # (a name with a letter outside ASCII is never a built-in's: PostgreSQL folds only ASCII
     # letters, where Python's lower() makes the Kelvin sign a "k")
     if any(
@@ -754,15 +797,12 @@ _BUILTIN_OPERATORS: Final = frozenset(
 )
 _OPERATOR_RUN = re.compile(r"[+\-*/<>=~!@#%^&|`?]+")
 # what is not an operator although it is spelled with operator characters: quoted text and
-# names, and the drivers' parameters (psycopg's ``%(name)s``, ``%s`` and ``%%``)
-# (a psycopg parameter's name holds no ``%``: from each ``%(`` the scan stops at the next one,
-# so that a text of many ``%(`` is read in linear time)
-# names, dollar-quoted bodies (a quote inside one opens nothing), and psycopg's parameters
-# (``%(name)s``, ``%s``; not ``%%``, its modulo: asyncpg, and psycopg given no parameters, send
-# it as it is written, where it names an operator ``%%`` of yours)
+# names and dollar-quoted bodies (a quote inside one opens nothing). psycopg's parameters
+# (``%(name)s``, ``%s``) and its modulo (``%%``) are left as they stand: asyncpg, and psycopg
+# given no parameters, send them as they are written, where ``<%s`` names an operator ``<%``
+# of yours (a ``%`` before a parameter, spaced as SQLAlchemy writes them, is the built-in one)
 _NOT_OPERATORS = re.compile(
-    f"({_DOLLAR_QUOTE}).*?(?:\\1|\\Z)"
-    r"|'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|%\([^)%]*\)s|%s",
+    f"({_DOLLAR_QUOTE}).*?(?:\\1|\\Z)" r"|'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"",
     re.DOTALL,
 )
 # PostgreSQL's lexer: a name of several characters can't end in + or - unless it holds one of

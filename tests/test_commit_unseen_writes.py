@@ -382,12 +382,37 @@ def test_async_a_read_only_transaction_that_notifies_sends_its_notification_once
         "-- the day's rows ($ amounts)\nCOPY remote_ledger (tag) FROM STDIN",
         "DECLARE c CURSOR WITH /* keep */ HOLD FOR SELECT take_ticket('a' || '$')",
         "DECLARE c CURSOR WITH -- keep\n HOLD FOR SELECT 1",
+        # a command EXECUTEd may be put together from pieces or read from a table
+        "DO $$ BEGIN EXECUTE (SELECT cmd FROM jobs WHERE id = 1); END $$",
     ],
 )
 def test_statements_that_write_by_their_kind_carry_the_flag(statement: str) -> None:
     verdict = _statements.verdict_of(statement)
     assert verdict & _statements.WRITES
     assert _statements.may_write(statement)
+
+
+@pytest.mark.parametrize(
+    ("statement", "kind"),
+    [
+        ("DO $$ BEGIN EXECUTE 'NOT' || 'IFY ch, ''pieces'''; END $$", _statements.NOTIFIES),
+        (
+            "DO $$ DECLARE c text; BEGIN FOR c IN SELECT cmd FROM outbox LOOP EXECUTE c; "
+            "END LOOP; END $$",
+            _statements.NOTIFIES,
+        ),
+        ("DISCARD SEQUENCES; NOTIFY ch", _statements.NOTIFIES),
+        ("DEALLOCATE ALL; SELECT pg_notify('ch', 'a')", _statements.NOTIFIES),
+        ("DEALLOCATE ALL; SET ROLE tenant", _statements.STOPS_PREPARED),
+        ("DEALLOCATE ALL", _statements.DEALLOCATES),
+    ],
+)
+def test_what_a_text_may_do_besides_is_not_hidden_by_what_it_does_first(
+    statement: str, kind: int
+) -> None:
+    """A notification (delivered at COMMIT, with an xid only then) or a role switch in a text
+    that also drops prepared statements, or whose command an EXECUTE puts together."""
+    assert _statements.verdict_of(statement) & _statements._KIND == kind
 
 
 @pytest.mark.parametrize(
