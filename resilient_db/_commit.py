@@ -725,6 +725,17 @@ _IDENTITY_SQL = (
 # caches are cold, the joins cost about 2 ms more, paid by every connection a pool makes (every
 # unit, with ``NullPool``). Then the server's time, and the objects' identity.
 _SAFE_NAMES = "{" + ",".join(SAFE_CALL_NAMES) + "}"
+# The database's own functions and aggregates (not an extension's) named as a built-in a plain
+# SELECT may call and still be read-only (see _statements.distrust_calls), space-separated;
+# whatever their volatility: a STABLE one may call one that writes, and an aggregate is
+# IMMUTABLE to the catalog whatever its state function does.
+_SHADOWED_SQL = f"""pg_catalog.array_to_string(ARRAY(SELECT DISTINCT p.proname::text
+    FROM pg_catalog.pg_proc p
+    WHERE p.proname OPERATOR(pg_catalog.=) ANY ('{_SAFE_NAMES}'::pg_catalog.name[])
+    AND p.pronamespace OPERATOR(pg_catalog.<>) 'pg_catalog'::pg_catalog.regnamespace
+    AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d
+      WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass
+      AND d.objid OPERATOR(pg_catalog.=) p.oid AND d.deptype OPERATOR(pg_catalog.=) 'e')), ' ')"""
 _CHECK_SQL = f"""SELECT COALESCE(
   pg_catalog.has_schema_privilege(pg_catalog.to_regnamespace('{SCHEMA}'), 'USAGE')
   AND pg_catalog.has_function_privilege(
@@ -744,16 +755,7 @@ _CHECK_SQL = f"""SELECT COALESCE(
   -- whether the role may read the incarnation (see _INCARNATION), asked here so that a role
   -- that may not is never refused at a unit's COMMIT (psycopg and asyncpg both give a bool)
   pg_catalog.has_function_privilege('pg_catalog.pg_control_checkpoint()', 'EXECUTE'),
-  -- the database's own functions and aggregates (not an extension's) named as a built-in a
-  -- plain SELECT may call and still be read-only (see _statements.distrust_calls); whatever
-  -- their volatility: a STABLE one may call one that writes, and an aggregate is IMMUTABLE
-  -- to the catalog whatever its state function does
-  pg_catalog.array_to_string(ARRAY(SELECT DISTINCT p.proname::text FROM pg_catalog.pg_proc p
-    WHERE p.proname OPERATOR(pg_catalog.=) ANY ('{_SAFE_NAMES}'::pg_catalog.name[])
-    AND p.pronamespace OPERATOR(pg_catalog.<>) 'pg_catalog'::pg_catalog.regnamespace
-    AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d
-      WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass
-      AND d.objid OPERATOR(pg_catalog.=) p.oid AND d.deptype OPERATOR(pg_catalog.=) 'e')), ' ')"""
+  {_SHADOWED_SQL}"""
 
 
 # What keeps an installed set of markers from being usable by the connection's role, asked
@@ -1945,6 +1947,9 @@ class CommitProtocol:
         self._prune_refused = False
         self._unusable_said = False  # (see markers_unusable)
         self._control_refused = False  # (see control_refused)
+        self._engine_name = engine.dialect.name
+        # (weakly: a pool's connections come and go)
+        self._shadow_looked: weakref.WeakSet[Any] = weakref.WeakSet()
         self._next_prune = time.monotonic() + PRUNE_INTERVAL
         self._prune_lock = threading.Lock()
         self.prepared_marker = PreparedMarker(self._warn_prepared_lost, self._note_refused)
@@ -2126,6 +2131,7 @@ class CommitProtocol:
         record on it whether the markers are installed, and prepare the marker statement on it
         where that may be done (see :class:`PreparedMarker`). Idempotent."""
         if not self.supported:
+            self._look_for_shadowed(dbapi_connection)
             return
         driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
         if getattr(driver, "_rdb_mode", None) is not None:
@@ -2510,6 +2516,30 @@ class CommitProtocol:
             # (a lost one refuses it: the set-up's error stands)
             if not interrupted and not dbapi_connection.closed:
                 dbapi_connection.autocommit = autocommit
+
+    def _look_for_shadowed(self, dbapi_connection: Any) -> None:
+        """On an engine the protocol can't mark (psycopg2, pg8000: ``verifiable``), ask a new
+        PostgreSQL connection once for the database's functions under built-ins' names, as the
+        marked connections' check does (``_CHECK_SQL``): its statements in autocommit are
+        noted by what they may write too (see ``_statements.statement_listeners``). A failure
+        leaves the names as they are (it is said at DEBUG)."""
+        if self._engine_name != "postgresql" or dbapi_connection in self._shadow_looked:
+            return
+        self._shadow_looked.add(dbapi_connection)
+        try:
+            cursor = dbapi_connection.cursor()
+            try:
+                cursor.execute(f"SELECT {_SHADOWED_SQL}")
+                row = cursor.fetchone()
+            finally:
+                cursor.close()
+            dbapi_connection.rollback()  # (the driver's transaction the query began)
+        except Exception:
+            debug_failure(log_session, "could not look for functions under built-ins' names")
+            with contextlib.suppress(Exception):
+                dbapi_connection.rollback()
+            return
+        self._note_shadowed(row[0] if row else None)
 
     @staticmethod
     def _note_shadowed(names: str | None) -> None:

@@ -18,6 +18,7 @@ from scenarios import RAISE_CODE_FUNCTION, Base, Item, conflict_after_another_fa
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 import resilient_db as rdb
+from resilient_db import _statements
 from resilient_db.testing import FaultProxy, PostgresServer
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
@@ -131,6 +132,43 @@ def test_a_unit_that_committed_its_own_work_is_not_replayed(
     assert calls == [1]
     assert names(engine) == ["own-1"]
     assert engine._has_events is False  # SQLAlchemy's flag: no connection event on the engine
+
+
+def test_a_write_through_a_function_under_a_built_ins_name_stops_replays_in_autocommit(
+    pg_server: PostgresServer, pg_database: str, driver: str, service: str
+) -> None:
+    """On these drivers a statement that may write in autocommit stops the unit's replays.
+    ``lower(varchar)`` of the database's own, which writes, reaches a call of ``lower``: the
+    check a new connection makes (as psycopg 3's and asyncpg's marked connections make it)
+    distrusts the name, and the unit is not replayed after its write committed."""
+    url = driver_url(driver, pg_server, pg_database)
+    eng = prepared_engine(url, isolation_level="AUTOCOMMIT")
+    with eng.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE ledger (v int)")
+        conn.exec_driver_sql(
+            "CREATE FUNCTION public.lower(a varchar) RETURNS text LANGUAGE sql "
+            "AS 'INSERT INTO ledger VALUES (1) RETURNING a'"
+        )
+    calls: list[int] = []
+    try:
+        Sessions = rdb.ResilientSession(eng, service=service)
+
+        def unit(session: Session) -> None:
+            calls.append(1)
+            session.execute(sa.text("SELECT lower(CAST('A' AS varchar))"))
+            session.execute(sa.text("SELECT raise_code('40001')"))
+
+        with pytest.raises(sa.exc.DBAPIError) as raised:
+            Sessions.run(unit)
+        assert rdb.sqlstate_of(raised.value) == "40001"
+        with eng.connect() as conn:
+            written = conn.exec_driver_sql("SELECT count(*) FROM ledger").scalar()
+    finally:
+        eng.dispose()
+        _statements._trusted_calls = _statements._SAFE_CALLS  # (trusted again: see the check)
+        _statements._verdicts.clear()
+    assert calls == [1]
+    assert written == 1
 
 
 class _GuardBase(sa.orm.DeclarativeBase):
