@@ -2183,6 +2183,7 @@ class CommitProtocol:
             current_attempt.reset(outside)
         driver._rdb_may_write = False  # (the set-up's PREPARE was noted)
         driver._rdb_writes = False
+        driver._rdb_notifies = False
         driver._rdb_mode = mode
         if form is not None:
             driver._rdb_prepared = form

@@ -272,7 +272,8 @@ DEALLOCATES: Final = 4
 # its ``(``; one taken by mistake costs the xid's request)
 _PG_NOTIFY = re.compile(f"(?<![{_NAME_CHAR}])pg_notify(?![{_NAME_CHAR}])", re.IGNORECASE)
 _NOTIFY_COMMAND = re.compile(f'(?<![{_NAME_CHAR}])NOTIFY(?=[\\s"$]|--|/\\*)', re.IGNORECASE)
-_EXECUTE = re.compile(f"(?<![{_NAME_CHAR}])EXECUTE(?![{_NAME_CHAR}])", re.IGNORECASE)
+# (not the word alone in quotes: a privilege's name, has_function_privilege(f, 'EXECUTE'))
+_EXECUTE = re.compile(f"(?<![{_NAME_CHAR}'])EXECUTE(?![{_NAME_CHAR}'])", re.IGNORECASE)
 _COMMAND_BEFORE: Final = frozenset({"BEGIN", "THEN", "ELSE", "LOOP", "DO", "ALSO", "INSTEAD"})
 _SPACES: Final = " \t\n\r\f\v"
 
