@@ -514,6 +514,7 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
 
     def _commit_failed(self, exc: Exception, request: CommitRequest, session: Session) -> None:
         """COMMIT failed: return if it was verified committed, else raise."""
+        exc = self._referee.prepare_failure(exc, request)
         if self._finish_two_phase(request, exc, session):
             return  # a two-phase unit whose prepared transactions were all committed here
         self._end_two_phase(request, exc)

@@ -1145,6 +1145,23 @@ class CommitReferee:
         answered = request.two_phase_commits[:-1]  # SQLAlchemy goes on only after an answer
         return [(engine, xid) for engine, xid in request.two_phase if xid not in answered]
 
+    @staticmethod
+    def prepare_failure(exc: Exception, request: CommitRequest) -> Exception:
+        """The error of a two-phase unit's failed PREPARE step: ``exc``, or, from SQLAlchemy
+        before its fix of issue 13356 (2.0.24 among the versions this library supports), the
+        PREPARE's own error, which its rollback of the failed PREPARE replaced with an
+        ``IllegalStateChangeError`` ("'_prepare_impl()' is already in progress") and left as
+        the context: that error is the unit's (a lost connection, replayed)."""
+        context = exc.__context__
+        if (
+            not request.two_phase_commits
+            and isinstance(exc, sa_exc.IllegalStateChangeError)
+            and "_prepare_impl" in str(exc)
+            and isinstance(context, Exception)
+        ):
+            return context
+        return exc
+
     def two_phase_undecided(
         self, request: CommitRequest, exc: BaseException
     ) -> list[tuple[Engine, Any]]:

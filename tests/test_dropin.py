@@ -1653,8 +1653,11 @@ def kill_at_a_prepare(server: Any, engine: Any, *, after: bool) -> list[str]:
         seen.append(str(xid))
         if len(seen) > 1:
             return prepare(conn, xid)
-        if after:
-            prepare(conn, xid)
+        if not after:
+            server.execute(f"SELECT pg_terminate_backend({_backend_pid(conn)}, 5000)")
+            prepare(conn, xid)  # the driver meets the termination
+            raise AssertionError("the connection survived its backend")
+        prepare(conn, xid)
         server.execute(f"SELECT pg_terminate_backend({_backend_pid(conn)}, 5000)")
         conn.exec_driver_sql("SELECT 1")  # the driver meets the termination
         raise AssertionError("the connection survived its backend")
