@@ -728,7 +728,9 @@ _SAFE_NAMES = "{" + ",".join(SAFE_CALL_NAMES) + "}"
 # The database's own functions and aggregates (not an extension's) named as a built-in a plain
 # SELECT may call and still be read-only (see _statements.distrust_calls), space-separated;
 # whatever their volatility: a STABLE one may call one that writes, and an aggregate is
-# IMMUTABLE to the catalog whatever its state function does.
+# IMMUTABLE to the catalog whatever its state function does. Asked once per engine, by its first
+# connection (on a new backend, whose catalog caches are cold, it costs about 3 ms: every
+# connection of a NullPool engine would pay it).
 _SHADOWED_SQL = f"""pg_catalog.array_to_string(ARRAY(SELECT DISTINCT p.proname::text
     FROM pg_catalog.pg_proc p
     WHERE p.proname OPERATOR(pg_catalog.=) ANY ('{_SAFE_NAMES}'::pg_catalog.name[])
@@ -754,8 +756,7 @@ _CHECK_SQL = f"""SELECT COALESCE(
   {_IDENTITY_SQL},
   -- whether the role may read the incarnation (see _INCARNATION), asked here so that a role
   -- that may not is never refused at a unit's COMMIT (psycopg and asyncpg both give a bool)
-  pg_catalog.has_function_privilege('pg_catalog.pg_control_checkpoint()', 'EXECUTE'),
-  {_SHADOWED_SQL}"""
+  pg_catalog.has_function_privilege('pg_catalog.pg_control_checkpoint()', 'EXECUTE')"""
 
 
 # What keeps an installed set of markers from being usable by the connection's role, asked
@@ -1948,8 +1949,7 @@ class CommitProtocol:
         self._unusable_said = False  # (see markers_unusable)
         self._control_refused = False  # (see control_refused)
         self._engine_name = engine.dialect.name
-        # (weakly: a pool's connections come and go)
-        self._shadow_looked: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._shadow_asked = False  # (see _note_shadowed)
         self._next_prune = time.monotonic() + PRUNE_INTERVAL
         self._prune_lock = threading.Lock()
         self.prepared_marker = PreparedMarker(self._warn_prepared_lost, self._note_refused)
@@ -2473,7 +2473,8 @@ class CommitProtocol:
                 raise
             self._check_clock(sent, row[1])
             self._note_control(driver, row[3])
-            self._note_shadowed(row[4])
+            if not self._shadow_asked:
+                self._ask_shadowed(lambda: run(lambda d: d.fetchval(f"SELECT {_SHADOWED_SQL}")))
             if not self._trusted_install(row, lambda sql: run(lambda d: d.fetchval(sql))):
                 return False, False, reports
             _identities[driver] = row[2]
@@ -2501,7 +2502,8 @@ class CommitProtocol:
             row = cursor.fetchone()
             self._check_clock(sent, row[1])
             self._note_control(driver, row[3])
-            self._note_shadowed(row[4])
+            if not self._shadow_asked:
+                self._ask_shadowed(lambda: _fetch_value(cursor, f"SELECT {_SHADOWED_SQL}"))
             if not self._trusted_install(row, lambda sql: _fetch_value(cursor, sql)):
                 return False, False, reports
             _identities[driver] = row[2]
@@ -2519,14 +2521,13 @@ class CommitProtocol:
                 dbapi_connection.autocommit = autocommit
 
     def _look_for_shadowed(self, dbapi_connection: Any) -> None:
-        """On an engine the protocol can't mark (psycopg2, pg8000: ``verifiable``), ask a new
-        PostgreSQL connection once for the database's functions under built-ins' names, as the
-        marked connections' check does (``_CHECK_SQL``): its statements in autocommit are
+        """On an engine the protocol can't mark (psycopg2, pg8000: ``verifiable``), ask its
+        first PostgreSQL connection for the database's functions under built-ins' names, as the
+        marked connections' set-up does (``_SHADOWED_SQL``): its statements in autocommit are
         noted by what they may write too (see ``_statements.statement_listeners``). A failure
-        leaves the names as they are (it is said at DEBUG)."""
-        if self._engine_name != "postgresql" or dbapi_connection in self._shadow_looked:
+        leaves the names as they are (said at DEBUG); the next new connection asks again."""
+        if self._engine_name != "postgresql" or self._shadow_asked:
             return
-        self._shadow_looked.add(dbapi_connection)
         try:
             cursor = dbapi_connection.cursor()
             try:
@@ -2542,13 +2543,26 @@ class CommitProtocol:
             return
         self._note_shadowed(row[0] if row else None)
 
-    @staticmethod
-    def _note_shadowed(names: str | None) -> None:
-        """The database's own functions under built-ins' names (``_CHECK_SQL``'s last column,
+    def _ask_shadowed(self, ask: Callable[[], Any]) -> None:
+        """``ask()`` for the database's functions under built-ins' names, noted (see
+        :meth:`_note_shadowed`); a failure of its own leaves the set-up going on (said at
+        DEBUG; the next new connection asks again), a lost connection is the set-up's."""
+        try:
+            names = ask()
+        except Exception as exc:
+            if DEFAULT_CLASSIFIER.classify(exc) is Outcome.DISCONNECT:
+                raise
+            debug_failure(log_session, "could not look for functions under built-ins' names")
+            return
+        self._note_shadowed(names)
+
+    def _note_shadowed(self, names: str | None) -> None:
+        """The database's own functions under built-ins' names (``_SHADOWED_SQL``'s answer,
         space-separated): calls of those names may write (see
-        :func:`~._statements.distrust_calls`)."""
+        :func:`~._statements.distrust_calls`). Asked once per engine."""
+        self._shadow_asked = True
         if names:
-            distrust_calls(names.split())
+            distrust_calls(str(names).split())
 
     def _note_control(self, driver: Any, readable: bool) -> None:
         """Whether the role of ``driver`` may read the incarnation (``_CHECK_SQL``'s last
