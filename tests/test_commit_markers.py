@@ -270,12 +270,8 @@ def trusted_calls() -> Iterator[None]:
     _statements._verdicts.clear()
 
 
-@pytest.mark.parametrize("hidden", sorted(HIDDEN_WRITES))
-@pytest.mark.usefixtures("trusted_calls")
-def test_a_hidden_write_is_not_replayed_after_a_lost_answer(
-    engine: sa.Engine, fault_proxy: FaultProxy, pg_database: str, service: str, hidden: str
-) -> None:
-    setup, statement = HIDDEN_WRITES[hidden]
+def _hidden_writer(engine: sa.Engine, setup: list[str]) -> None:
+    """``hidden_write(a, b)``, which writes a + b to ``hidden_writes``, and ``setup``."""
     with engine.begin() as conn:
         conn.exec_driver_sql("CREATE TABLE hidden_writes (v int)")
         conn.exec_driver_sql(
@@ -284,6 +280,15 @@ def test_a_hidden_write_is_not_replayed_after_a_lost_answer(
         )
         for sql in setup:
             conn.exec_driver_sql(sql)
+
+
+@pytest.mark.parametrize("hidden", sorted(HIDDEN_WRITES))
+@pytest.mark.usefixtures("trusted_calls")
+def test_a_hidden_write_is_not_replayed_after_a_lost_answer(
+    engine: sa.Engine, fault_proxy: FaultProxy, pg_database: str, service: str, hidden: str
+) -> None:
+    setup, statement = HIDDEN_WRITES[hidden]
+    _hidden_writer(engine, setup)
     proxied = sa.create_engine(fault_proxy.url(pg_database))
     try:
         Sessions = rdb.ResilientSession(proxied, service=service)
@@ -324,14 +329,7 @@ async def test_asyncpg_a_hidden_write_is_not_replayed_after_a_lost_answer(
     engine: sa.Engine, fault_proxy: FaultProxy, pg_database: str, service: str, hidden: str
 ) -> None:
     setup, statement = ASYNCPG_HIDDEN_WRITES[hidden]
-    with engine.begin() as conn:
-        conn.exec_driver_sql("CREATE TABLE hidden_writes (v int)")
-        conn.exec_driver_sql(
-            "CREATE FUNCTION hidden_write(a int, b int) RETURNS int LANGUAGE sql "
-            "AS 'INSERT INTO hidden_writes VALUES (a + b) RETURNING a + b'"
-        )
-        for sql in setup:
-            conn.exec_driver_sql(sql)
+    _hidden_writer(engine, setup)
     proxied = create_async_engine(fault_proxy.url(pg_database, driver="asyncpg"))
     calls = []
     try:
