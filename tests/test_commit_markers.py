@@ -120,6 +120,11 @@ def claim(engine: sa.Engine, marker: uuid.UUID | str, *, wait_ms: int | None = N
         "SELECT t.a FROM t GROUP BY (t.a) ORDER BY (t.a)",
         "SELECT t.a FROM t JOIN (SELECT u.a FROM u) AS s ON s.a = t.a",
         "SELECT t.a FROM t LEFT OUTER JOIN(values (1)) AS v ON true",
+        # joins SQLAlchemy nests (a many-to-many joinedload)
+        "SELECT p.id FROM posts AS p LEFT OUTER JOIN (post_tags AS pt JOIN tags AS t "
+        "ON t.id = pt.tag_id) ON p.id = pt.post_id",
+        "SELECT u.id FROM users AS u JOIN (posts JOIN tags ON true) ON true",
+        "SELECT u.id FROM (users AS u JOIN posts AS p ON true) JOIN (tags) ON true",
         "BEGIN",
         "START TRANSACTION ISOLATION LEVEL SERIALIZABLE",
     ],
@@ -180,6 +185,14 @@ def test_plain_selects_are_proven_read_only(statement: str) -> None:
         # a quote inside a dollar-quoted body opens no string: the operator after it is seen
         "SELECT $$'$$ AS q, 1 ##! 2 AS w, '$$' AS r",
         "BEGIN; INSERT INTO t (a) VALUES (1)",
+        # a call of a join of yours, whatever follows its "(": values may name a column
+        "SELECT join(values) FROM v",
+        "SELECT t.a FROM t WHERE join (values) > 0",
+        "SELECT t.a FROM t JOIN join(1) AS j ON true",
+        "SELECT t.a FROM t, LATERAL join(t.a) AS j",
+        # psycopg's placeholders, sent as they are written (asyncpg; psycopg given no
+        # parameters), can spell an operator of yours: <% on a column s
+        "SELECT 1 <%s FROM (SELECT 2 AS s) q",
     ],
 )
 def test_anything_else_may_write(statement: str) -> None:
@@ -252,6 +265,23 @@ HIDDEN_WRITES: dict[str, tuple[list[str], sa.Executable]] = {
             "AS 'SELECT hidden_write(a, b)'"
         ],
         sa.text("SELECT lower(1, 2)"),
+    ),
+    # an aggregate of the database's own under a built-in's name (IMMUTABLE to the catalog,
+    # whatever its state function does), and a STABLE function calling one that writes
+    "aggregate-under-a-built-in-name": (
+        [
+            "CREATE FUNCTION count_step(s int, v int) RETURNS int LANGUAGE sql "
+            "AS 'SELECT hidden_write(s, v)'",
+            "CREATE AGGREGATE public.count(int) (SFUNC = count_step, STYPE = int, INITCOND = '0')",
+        ],
+        sa.select(sa.func.count(sa.literal(3))),
+    ),
+    "stable-function-under-a-built-in-name": (
+        [
+            "CREATE FUNCTION public.upper(a int, b int) RETURNS int STABLE LANGUAGE sql "
+            "AS 'SELECT hidden_write(a, b)'"
+        ],
+        sa.text("SELECT upper(1, 2)"),
     ),
     # a quote inside a dollar-quoted body once opened a "string" that hid the operator
     "operator-after-a-dollar-quote": (
