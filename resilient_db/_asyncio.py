@@ -533,6 +533,8 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                             record.unit_committed(request)
                         if self._referee.two_phase_decided(request):
                             await _keep_prepared(s)
+                        else:  # (in its PREPARE step: what it may leave prepared is named)
+                            self._referee.two_phase_interrupted(request, interruption)
                         raise
                     if record.enclosing is not None:  # (only then looked at)
                         record.unit_committed(request)
@@ -674,9 +676,9 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                         ended.append(xid)
         except BaseException as interruption:  # cancelled or interrupted while looking
             left += [(xid, interruption) for _, xid in pending[looked:]]
-            self._referee.two_phase_abandoned(pending, ended, left, exc)
+            self._referee.two_phase_abandoned(pending, ended, left, exc, request)
             raise
-        self._referee.two_phase_abandoned(pending, ended, left, exc)
+        self._referee.two_phase_abandoned(pending, ended, left, exc, request)
 
     async def _rollback_pending(
         self, engine: Engine, xid: Any

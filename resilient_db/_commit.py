@@ -1585,6 +1585,9 @@ class CommitRequest:
     answered: bool = False
     #: a lost answer in a transaction spanning several connections, as settled (``_unit.Split``)
     split: Any = None
+    #: a two-phase unit's PREPAREs that may be left prepared were named (``_unit``'s
+    #: ``CommitReferee.two_phase_abandoned``): said once
+    left_said: bool = False
 
     def __init__(self) -> None:
         self.tickets: list[CommitTicket] = []

@@ -1186,12 +1186,26 @@ class CommitReferee:
             return []
         return list(request.two_phase)
 
+    def two_phase_interrupted(self, request: CommitRequest, interruption: BaseException) -> None:
+        """A two-phase unit interrupted (cancelled, a deadline, ``KeyboardInterrupt``) in its
+        PREPARE step, before it decided to commit: a PREPARE the server carries out after the
+        client stopped waiting leaves a prepared transaction holding its locks, which nothing
+        is left to end (no new connection is made while an interruption is delivered). Each
+        PREPARE it began is named for the operator (see :meth:`two_phase_abandoned`), once."""
+        if not request.two_phase or request.two_phase_commits or request.left_said:
+            return
+        left: list[tuple[Any, BaseException | None]] = [
+            (xid, interruption) for _, xid in request.two_phase
+        ]
+        self.two_phase_abandoned(request.two_phase, [], left, interruption, request)
+
     def two_phase_abandoned(
         self,
         pending: list[tuple[Engine, Any]],
         ended: list[Any],
         left: list[tuple[Any, BaseException | None]],
         exc: BaseException,
+        request: CommitRequest | None = None,
     ) -> None:
         """After the driver looked for the ``pending`` prepared transactions of a two-phase
         unit that never decided to commit: ``ended`` were rolled back there; ``left`` (each
@@ -1215,6 +1229,8 @@ class CommitReferee:
                 event="two_phase_abandoned",
             )
         if left:
+            if request is not None:
+                request.left_said = True
             names = ", ".join(str(x) for x, _ in left)
             emit(
                 policy.config,

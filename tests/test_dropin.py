@@ -1859,6 +1859,41 @@ async def test_a_unit_cancelled_while_it_looks_for_a_lost_prepare_names_it(
     )
 
 
+@pytest.mark.slow
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
+async def test_a_unit_timed_out_in_its_prepare_names_what_it_may_leave_prepared(
+    two_phase_server: Any,
+    two_databases: tuple[str, str],
+    two_async_engines: list[Any],
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``asyncio.timeout`` ends a unit while the server still carries out its PREPARE (a slow
+    deferred trigger): the PREPARE completes after the client stopped waiting, and its
+    prepared transaction holds its locks until someone ends it. Nothing said so; the line
+    names it for the operator."""
+    two_phase_server.execute(SLOW_PREPARE, database=two_databases[1])
+    Sessions = two_phase_factory(rdb.AsyncResilientSession, two_async_engines, service)
+    calls: list[int] = []
+    with caplog.at_level("ERROR", logger="resilient_db"), pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.5):
+            await Sessions.run(add_to_both_async, calls)
+    assert calls == [1]
+    running = (
+        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+        "AND query ILIKE 'PREPARE TRANSACTION%'"
+    )
+    wait_for(
+        lambda: two_phase_server.execute(running, database=two_databases[1])[0][0] == 0,
+        "the PREPARE carried out (or cancelled on the server: asyncpg may cancel it)",
+    )
+    left = pending_prepared(two_phase_server, two_databases)  # (the fixture rolls it back)
+    lines = [r.getMessage() for r in caplog.records if "Two-phase unit not ended" in r.getMessage()]
+    assert len(lines) == 1
+    assert all(gid in lines[0] for gid in left)
+
+
 def test_a_lost_prepare_that_cant_be_looked_for_is_not_replayed(
     two_phase_server: Any,
     two_databases: tuple[str, str],
