@@ -609,7 +609,11 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         self, exc: Exception, request: CommitRequest, session: AsyncSession
     ) -> None:
         """COMMIT failed: return if it was verified committed, else raise."""
-        exc = self._referee.prepare_failure(exc, request)
+        failure = self._referee.prepare_failure(exc, request)
+        if not isinstance(failure, Exception):  # an interruption SQLAlchemy's error replaced
+            self._referee.two_phase_interrupted(request, failure)
+            raise failure
+        exc = failure
         if await self._finish_two_phase(request, exc, session):
             return  # a two-phase unit whose prepared transactions were all committed here
         await self._end_two_phase(request, exc)

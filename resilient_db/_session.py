@@ -516,7 +516,11 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
 
     def _commit_failed(self, exc: Exception, request: CommitRequest, session: Session) -> None:
         """COMMIT failed: return if it was verified committed, else raise."""
-        exc = self._referee.prepare_failure(exc, request)
+        failure = self._referee.prepare_failure(exc, request)
+        if not isinstance(failure, Exception):  # an interruption SQLAlchemy's error replaced
+            self._referee.two_phase_interrupted(request, failure)
+            raise failure
+        exc = failure
         if self._finish_two_phase(request, exc, session):
             return  # a two-phase unit whose prepared transactions were all committed here
         self._end_two_phase(request, exc)

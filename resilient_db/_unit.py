@@ -1146,18 +1146,19 @@ class CommitReferee:
         return [(engine, xid) for engine, xid in request.two_phase if xid not in answered]
 
     @staticmethod
-    def prepare_failure(exc: Exception, request: CommitRequest) -> Exception:
+    def prepare_failure(exc: Exception, request: CommitRequest) -> BaseException:
         """The error of a two-phase unit's failed PREPARE step: ``exc``, or, from SQLAlchemy
         before its fix of issue 13356 (2.0.24 among the versions this library supports), the
         PREPARE's own error, which its rollback of the failed PREPARE replaced with an
         ``IllegalStateChangeError`` ("'_prepare_impl()' is already in progress") and left as
-        the context: that error is the unit's (a lost connection, replayed)."""
+        the context: that error is the unit's (a lost connection, replayed), or the
+        interruption (a cancellation, a deadline) that cut the PREPARE off, which must go on."""
         context = exc.__context__
         if (
             not request.two_phase_commits
             and isinstance(exc, sa_exc.IllegalStateChangeError)
             and "_prepare_impl" in str(exc)
-            and isinstance(context, Exception)
+            and context is not None
         ):
             return context
         return exc
