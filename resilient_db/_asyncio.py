@@ -21,7 +21,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -647,7 +647,9 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             # (the recovery's statements are neither the unit's nor its commit's)
             with library_work():
                 finished = [
-                    xid for engine, xid in pending if await self._commit_pending(engine, xid)
+                    xid
+                    for engine, xid in pending
+                    if (await self._on_new_connections(engine, commit_if_prepared, xid))[0]
                 ]
         except BaseException as interruption:  # cancelled or interrupted while finishing
             self._referee.interrupted(request, interruption, verifying=True)
@@ -672,7 +674,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             # (the recovery's statements are neither the unit's nor its commit's)
             with library_work():
                 for engine, xid in pending:
-                    found, last = await self._rollback_pending(engine, xid)
+                    found, last = await self._on_new_connections(engine, rollback_if_prepared, xid)
                     looked += 1
                     if found is None:
                         left.append((xid, last))
@@ -684,14 +686,16 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             raise
         self._referee.two_phase_abandoned(pending, ended, left, exc, request)
 
-    async def _rollback_pending(
-        self, engine: Engine, xid: Any
+    async def _on_new_connections(
+        self, engine: Engine, step: Callable[[Connection, Any], bool | None], xid: Any
     ) -> tuple[bool | None, BaseException | None]:
-        """ROLLBACK PREPARED ``xid`` in ``engine``'s database if it is prepared there, on a
-        new connection, with the referee's backoff: whether it was, and the last error met;
-        None when that could not be known (the server unreachable or refusing through every
-        check, or its PREPARE still running at the deadline: a PREPARE still being carried out
-        is looked for again every PREPARE_POLL seconds, however many checks that takes)."""
+        """``step(connection, xid)`` (:func:`commit_if_prepared` or
+        :func:`rollback_if_prepared`) on a new connection to ``engine``'s database, with the
+        referee's backoff: its answer, and the last error met; None when that could not be
+        known (the server unreachable or refusing through every check, or the PREPARE still
+        running at the deadline: a step that answers None, a PREPARE the server is still
+        carrying out, is taken again every PREPARE_POLL seconds, however many checks that
+        takes)."""
         last: BaseException | None = None
         referee = self._referee
         for delay, ends in referee.timed_checks():
@@ -700,32 +704,19 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             while True:
                 try:
                     async with _bound_engine(engine).connect() as conn:
-                        ended = await conn.run_sync(rollback_if_prepared, xid)
-                except Exception as failed:  # the server restarts, or refuses
+                        done = await conn.run_sync(step, xid)
+                except Exception as failed:  # the server restarts, or the old backend holds it
                     last = failed
                     debug_failure(log_session, "ending %s failed", xid)
                     break  # (the next check, after its backoff)
-                if ended is not None:
-                    return ended, None
-                last = None  # still being prepared: looked for again soon
+                if done is not None:
+                    return done, None
+                last = None  # still being prepared: taken again soon
                 left = referee.left(ends)
                 if left <= 0:
                     return None, None
                 await self._asleep(min(PREPARE_POLL, left))
         return None, last
-
-    async def _commit_pending(self, engine: Engine, xid: Any) -> bool:
-        """COMMIT PREPARED ``xid`` in ``engine``'s database if it is still prepared there
-        (whether it was), on a new connection, with the referee's backoff."""
-        for delay in self._referee.checks():
-            if delay:
-                await self._asleep(delay)
-            try:
-                async with _bound_engine(engine).connect() as conn:
-                    return await conn.run_sync(commit_if_prepared, xid)
-            except Exception:  # the old backend may still hold it, or the server restarts
-                debug_failure(log_session, "finishing %s failed", xid)
-        return False
 
     async def _verify_commit(self, ticket: CommitTicket) -> CommitVerdict:
         """Settle a lost COMMIT answer on a new connection, reconnecting with backoff."""

@@ -551,7 +551,11 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         try:
             # (the recovery's statements are neither the unit's nor its commit's)
             with library_work():
-                finished = [xid for engine, xid in pending if self._commit_pending(engine, xid)]
+                finished = [
+                    xid
+                    for engine, xid in pending
+                    if self._on_new_connections(engine, commit_if_prepared, xid)[0]
+                ]
         except BaseException as interruption:  # cancelled or interrupted while finishing
             self._referee.interrupted(request, interruption, verifying=True)
             _keep_prepared(session)
@@ -575,7 +579,7 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
             # (the recovery's statements are neither the unit's nor its commit's)
             with library_work():
                 for engine, xid in pending:
-                    found, last = self._rollback_pending(engine, xid)
+                    found, last = self._on_new_connections(engine, rollback_if_prepared, xid)
                     looked += 1
                     if found is None:
                         left.append((xid, last))
@@ -587,14 +591,16 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
             raise
         self._referee.two_phase_abandoned(pending, ended, left, exc, request)
 
-    def _rollback_pending(
-        self, engine: Engine, xid: Any
+    def _on_new_connections(
+        self, engine: Engine, step: Callable[[Connection, Any], bool | None], xid: Any
     ) -> tuple[bool | None, BaseException | None]:
-        """ROLLBACK PREPARED ``xid`` in ``engine``'s database if it is prepared there, on a
-        new connection, with the referee's backoff: whether it was, and the last error met;
-        None when that could not be known (the server unreachable or refusing through every
-        check, or its PREPARE still running at the deadline: a PREPARE still being carried out
-        is looked for again every PREPARE_POLL seconds, however many checks that takes)."""
+        """``step(connection, xid)`` (:func:`commit_if_prepared` or
+        :func:`rollback_if_prepared`) on a new connection to ``engine``'s database, with the
+        referee's backoff: its answer, and the last error met; None when that could not be
+        known (the server unreachable or refusing through every check, or the PREPARE still
+        running at the deadline: a step that answers None, a PREPARE the server is still
+        carrying out, is taken again every PREPARE_POLL seconds, however many checks that
+        takes)."""
         last: BaseException | None = None
         referee = self._referee
         for delay, ends in referee.timed_checks():
@@ -603,32 +609,19 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
             while True:
                 try:
                     with _bound_engine(engine).connect() as conn:
-                        ended = rollback_if_prepared(conn, xid)
-                except Exception as failed:  # the server restarts, or refuses
+                        done = step(conn, xid)
+                except Exception as failed:  # the server restarts, or the old backend holds it
                     last = failed
                     debug_failure(log_session, "ending %s failed", xid)
                     break  # (the next check, after its backoff)
-                if ended is not None:
-                    return ended, None
-                last = None  # still being prepared: looked for again soon
+                if done is not None:
+                    return done, None
+                last = None  # still being prepared: taken again soon
                 left = referee.left(ends)
                 if left <= 0:
                     return None, None
                 self._sleep(min(PREPARE_POLL, left))
         return None, last
-
-    def _commit_pending(self, engine: Engine, xid: Any) -> bool:
-        """COMMIT PREPARED ``xid`` in ``engine``'s database if it is still prepared there
-        (whether it was), on a new connection, with the referee's backoff."""
-        for delay in self._referee.checks():
-            if delay:
-                self._sleep(delay)
-            try:
-                with _bound_engine(engine).connect() as conn:
-                    return commit_if_prepared(conn, xid)
-            except Exception:  # the old backend may still hold it, or the server restarts
-                debug_failure(log_session, "finishing %s failed", xid)
-        return False
 
     def _verify_commit(self, ticket: CommitTicket) -> CommitVerdict:
         """Settle a lost COMMIT answer on a new connection, reconnecting with backoff."""

@@ -738,11 +738,16 @@ class CommitReferee:
         self.engine = engine  # the factory's: where a marker is looked up (None: not bound yet)
         self._standby_warned = False  # (see no_standby_connected)
 
+    def _cut_off(self, exc: BaseException) -> bool:
+        """Whether ``exc`` may have cut off a statement's answer: a disconnect, 08007, or the
+        client that stopped waiting for it."""
+        outcome = self.policy.classifier.classify(exc)
+        return outcome in (Outcome.DISCONNECT, Outcome.COMMIT_UNKNOWN) or answer_timed_out(exc)
+
     def must_verify(self, exc: BaseException, request: CommitRequest) -> CommitTicket | None:
         """The ticket to settle: the COMMIT may have been applied and the unit may have written."""
         lost = (
-            self.policy.classifier.classify(exc) in (Outcome.DISCONNECT, Outcome.COMMIT_UNKNOWN)
-            or answer_timed_out(exc)  # the client stopped waiting for the COMMIT's answer
+            self._cut_off(exc)
             # answered with success and a warning (a cancelled wait for the synchronous
             # standbys): committed on the primary, not proven; settled as a lost answer
             or isinstance(exc, UnprovenCommit)
@@ -1178,12 +1183,7 @@ class CommitReferee:
         would wait on them) and its writes (an operator's COMMIT PREPARED would save them next
         to the replay's), so the driver rolls back each one still prepared
         (:func:`rollback_if_prepared`), as a two-phase coordinator that decided to abort."""
-        if not request.two_phase or request.two_phase_commits:
-            return []
-        outcome = self.policy.classifier.classify(exc)
-        if outcome not in (Outcome.DISCONNECT, Outcome.COMMIT_UNKNOWN) and not answer_timed_out(
-            exc
-        ):
+        if not request.two_phase or request.two_phase_commits or not self._cut_off(exc):
             return []
         return list(request.two_phase)
 

@@ -27,6 +27,7 @@ from scenarios import RAISE_CODE_FUNCTION
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import resilient_db as rdb
+from resilient_db import _statements
 from resilient_db.otel import install_opentelemetry, uninstall_opentelemetry
 from resilient_db.testing import PostgresServer
 
@@ -45,6 +46,15 @@ def _fresh_self_healing_state() -> Iterator[None]:
 
 
 _services = itertools.count()
+
+
+@pytest.fixture
+def trusted_calls() -> Iterator[None]:
+    """The built-ins' names trusted again after the test (a database's function under one of
+    them distrusts it for the process: see resilient_db._statements.distrust_calls)."""
+    yield
+    _statements._trusted_calls = _statements._SAFE_CALLS
+    _statements._verdicts.clear()
 
 
 @pytest.fixture

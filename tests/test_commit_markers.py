@@ -291,15 +291,6 @@ HIDDEN_WRITES: dict[str, tuple[list[str], sa.Executable]] = {
 }
 
 
-@pytest.fixture
-def trusted_calls() -> Iterator[None]:
-    """The built-ins' names trusted again after the test (a database's function under one of
-    them distrusts it for the process: see _statements.distrust_calls)."""
-    yield
-    _statements._trusted_calls = _statements._SAFE_CALLS
-    _statements._verdicts.clear()
-
-
 def _hidden_writer(engine: sa.Engine, setup: list[str]) -> None:
     """``hidden_write(a, b)``, which writes a + b to ``hidden_writes``, and ``setup``."""
     with engine.begin() as conn:

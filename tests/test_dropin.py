@@ -1791,26 +1791,23 @@ def test_a_prepare_cut_off_while_it_runs_is_waited_for_and_rolled_back(
 
 @pytest.mark.slow
 @pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ["asyncpg"])
 async def test_asyncpg_a_commented_prepare_cut_off_while_it_runs_is_waited_for(
     two_phase_server: Any,
     two_databases: tuple[str, str],
+    two_async_proxied: tuple[FaultProxy, list[Any]],
     service: str,
 ) -> None:
     """The asyncpg twin, where SQLAlchemy sends the PREPARE through the listeners too."""
+    proxy, engines = two_async_proxied
     two_phase_server.execute(SLOW_PREPARE, database=two_databases[1])
-    with FaultProxy(two_phase_server) as proxy:
-        engines = [create_async_engine(proxy.url(name, driver="asyncpg")) for name in two_databases]
-        try:
-            for eng in engines:
-                comment_every_statement(eng)
-            Sessions = two_phase_factory(rdb.AsyncResilientSession, engines, service)
-            cutter = cut_while_preparing(two_phase_server, two_databases[1], proxy)
-            calls: list[int] = []
-            await asyncio.wait_for(Sessions.run(add_to_both_async, calls), 30)
-            cutter.join(10)
-        finally:
-            for eng in engines:
-                await eng.dispose()
+    for eng in engines:
+        comment_every_statement(eng)
+    Sessions = two_phase_factory(rdb.AsyncResilientSession, engines, service)
+    cutter = cut_while_preparing(two_phase_server, two_databases[1], proxy)
+    calls: list[int] = []
+    await asyncio.wait_for(Sessions.run(add_to_both_async, calls), 30)
+    cutter.join(10)
     assert calls == [1, 1]
     assert counts(two_phase_server, two_databases) == [1, 1]
     assert pending_prepared(two_phase_server, two_databases) == []
@@ -1818,35 +1815,31 @@ async def test_asyncpg_a_commented_prepare_cut_off_while_it_runs_is_waited_for(
 
 @pytest.mark.slow
 @pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ["asyncpg"])
 async def test_a_unit_cancelled_while_it_looks_for_a_lost_prepare_names_it(
     two_phase_server: Any,
     two_databases: tuple[str, str],
+    two_async_proxied: tuple[FaultProxy, list[Any]],
     service: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Cancelled while it waits for a PREPARE the server is still carrying out (its connection
     lost): the prepared transaction that PREPARE leaves holds its locks until someone ends it,
     and nothing named it. The line names it for the operator."""
+    proxy, engines = two_async_proxied
     two_phase_server.execute(SLOW_PREPARE, database=two_databases[1])
-    with FaultProxy(two_phase_server) as proxy:
-        engines = [create_async_engine(proxy.url(name, driver="asyncpg")) for name in two_databases]
-        try:
-            Sessions = two_phase_factory(rdb.AsyncResilientSession, engines, service)
-            cutter = cut_while_preparing(two_phase_server, two_databases[1], proxy)
-            calls: list[int] = []
-            unit = asyncio.ensure_future(Sessions.run(add_to_both_async, calls))
-            await wait_for_async(lambda: not cutter.is_alive(), "the cut", timeout=10)
-            await asyncio.sleep(0.2)  # (looking: the PREPARE runs on for most of a second)
-            unit.cancel()
-            with (
-                caplog.at_level("ERROR", logger="resilient_db"),
-                pytest.raises(asyncio.CancelledError),
-            ):
-                await unit
-            cutter.join(10)
-        finally:
-            for eng in engines:
-                await eng.dispose()
+    Sessions = two_phase_factory(rdb.AsyncResilientSession, engines, service)
+    cutter = cut_while_preparing(two_phase_server, two_databases[1], proxy)
+    calls: list[int] = []
+    unit = asyncio.ensure_future(Sessions.run(add_to_both_async, calls))
+    await wait_for_async(lambda: not cutter.is_alive(), "the cut", timeout=10)
+    # (inside the second the PREPARE runs on after the cut, while the factory looks for it:
+    # a place in time on the server, no backoff waited out)
+    await asyncio.sleep(0.2)
+    unit.cancel()
+    with caplog.at_level("ERROR", logger="resilient_db"), pytest.raises(asyncio.CancelledError):
+        await unit
+    cutter.join(10)
     assert calls == [1]
     # the PREPARE completes on the server after the cut (the fixture rolls it back)
     wait_for(lambda: len(pending_prepared(two_phase_server, two_databases)) == 1, "prepared")

@@ -18,7 +18,6 @@ from scenarios import RAISE_CODE_FUNCTION, Base, Item, conflict_after_another_fa
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 import resilient_db as rdb
-from resilient_db import _statements
 from resilient_db.testing import FaultProxy, PostgresServer
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
@@ -134,6 +133,7 @@ def test_a_unit_that_committed_its_own_work_is_not_replayed(
     assert engine._has_events is False  # SQLAlchemy's flag: no connection event on the engine
 
 
+@pytest.mark.usefixtures("trusted_calls")
 def test_a_write_through_a_function_under_a_built_ins_name_stops_replays_in_autocommit(
     pg_server: PostgresServer, pg_database: str, driver: str, service: str
 ) -> None:
@@ -165,8 +165,6 @@ def test_a_write_through_a_function_under_a_built_ins_name_stops_replays_in_auto
             written = conn.exec_driver_sql("SELECT count(*) FROM ledger").scalar()
     finally:
         eng.dispose()
-        _statements._trusted_calls = _statements._SAFE_CALLS  # (trusted again: see the check)
-        _statements._verdicts.clear()
     assert calls == [1]
     assert written == 1
 
