@@ -18,7 +18,9 @@ import asyncio
 import collections
 import itertools
 import math
+import os
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -469,8 +471,21 @@ def test_a_promote_that_times_out_still_counts_as_a_promotion(
     pair.crash_primary()
     with pytest.raises(RuntimeError, match=r"can't wait for the standby: the primary .* not run"):
         pair.wait_replayed()
-    with pytest.raises(ServerStartError, match="the pair counts as promoted"):
-        pair.promote(timeout=1e-9)  # the standby needs longer than that to leave recovery
+    # the standby's startup process, stopped, can't leave recovery: the wait times out for sure
+    # (a fast promotion could otherwise finish before the first look, whatever the timeout)
+    with pair.standby.connect() as conn:
+        row = conn.execute(
+            "SELECT pid FROM pg_catalog.pg_stat_activity WHERE backend_type = 'startup'"
+        ).fetchone()
+    assert row is not None
+    startup = int(row[0])
+    os.kill(startup, signal.SIGSTOP)
+    try:
+        with pytest.raises(ServerStartError, match="the pair counts as promoted"):
+            pair.promote(timeout=0.3)
+        assert pair.standby.is_in_recovery()
+    finally:
+        os.kill(startup, signal.SIGCONT)
     assert pair.promoted
     assert pair.current_primary is pair.standby
     wait_for(lambda: not pair.standby.is_in_recovery(), "the standby to finish promoting", 30)
