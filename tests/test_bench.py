@@ -129,3 +129,58 @@ def test_the_benchmark_reports_resilient_dbs_warnings(overhead: ModuleType) -> N
     finally:
         logger.removeHandler(heard)
     assert heard.messages == ["[SELF-HEAL] something happened"]
+
+
+@pytest.fixture(scope="module")
+def instructions(overhead: ModuleType) -> ModuleType:
+    import instructions as module  # noqa: PLC0415 - bench/ is not a package (on sys.path now)
+
+    return module
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+def test_the_instruction_count_runs_the_units_it_says_on_its_slots_rows(
+    instructions: ModuleType, overhead: ModuleType, pg_server: PostgresServer, driver: str
+) -> None:
+    """``bench/instructions.py``'s counted process (run here in this process, without
+    valgrind): the warm-up of both variants, then the counted units of one, each on the rows of
+    its slot only, so the two processes counted side by side never wait on each other's locks."""
+    import sqlalchemy as sa  # noqa: PLC0415
+
+    database = f"t_bench_instr_{uuid.uuid4().hex[:10]}"
+    pg_server.create_database(database)
+    engine = sa.create_engine(pg_server.url(database))
+    try:
+        overhead.prepare(pg_server.url(database), markers=True)
+        url = pg_server.url(database, driver="asyncpg" if driver == "asyncpg" else "psycopg")
+        args = ["--child", f"--url={url}", f"--driver={driver}", "--unit=write"]
+        instructions.main([*args, "--variant=resilient", "--layout=2", "--slot=1", "--count=7"])
+        with engine.connect() as conn:
+            hits = dict(
+                conn.execute(sa.text("SELECT id % 2, sum(hits) FROM bench_items GROUP BY 1")).all()
+            )
+            events = conn.execute(
+                sa.text("SELECT count(*) FROM bench_events WHERE row_id % 2 = 0")
+            ).scalar()
+        assert hits == {0: 0, 1: 2 * instructions.WARMUP + 7}
+        assert events == 0
+    finally:
+        engine.dispose()
+        pg_server.ensure_running()
+        pg_server.drop_database(database)
+
+
+def test_the_instruction_count_refuses_what_it_cannot_count(
+    instructions: ModuleType,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for bad in (["--units=nope"], ["--units="], ["--layouts=0"], ["--few=5", "--many=5"]):
+        with pytest.raises(SystemExit) as exited:
+            instructions.main(bad)
+        assert exited.value.code == 2, bad
+    assert "--layouts must be at least 1" in capsys.readouterr().err
+    monkeypatch.setenv("PATH", str(tmp_path))  # (a PATH without valgrind)
+    with pytest.raises(SystemExit, match="valgrind is not on the PATH"):
+        instructions.main(["--units=read"])
