@@ -67,6 +67,11 @@ connections and server backends) of its own, interleaved like the others. Its ra
 should be 1; how far it strays is what the machine's noise and the two engines' differences do
 to a ratio in that case.
 
+One process is one layout of the interpreter's type attribute cache, whose collisions move a
+unit's instructions by several per cent (plain SQLAlchemy's too) with no code change: the
+ratios here are stable for a revision but are one draw of that layout; ``bench/instructions.py``
+counts instructions over several layouts and reports their mean.
+
 ``--pre-ping`` adds plain SQLAlchemy with ``pool_pre_ping=True`` the same way: SQLAlchemy's own
 answer to a connection the server ended while it was pooled, a ping (one round trip) at every
 checkout. resilient_db's dead-connection check is one system call instead (a zero-timeout
