@@ -4,6 +4,7 @@ valgrind (callgrind) over several interpreter layouts.
     python bench/instructions.py                 # sync read, write, guarded write; 4 layouts
     python bench/instructions.py --units read --layouts 6
     python bench/instructions.py --driver asyncpg    # the async units
+    python bench/instructions.py --driver asyncpg --concurrency 32   # 32 tasks at once
     python bench/instructions.py --json
 
 Needs ``valgrind`` on the PATH (a system package, not a pip one: without it the script says so
@@ -47,6 +48,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,40 +76,67 @@ def perturb_layout(layout: int) -> list[object]:
 
 
 def child(args: argparse.Namespace) -> None:
-    """Run one variant's unit ``WARMUP`` times per variant, then ``args.count`` times, on the
-    rows of ``args.slot`` of 2 (see the overhead bench's ``_own_keys``)."""
+    """Run ``WARMUP`` units of each variant, then ``args.count`` of one, on the rows of
+    ``args.slot`` of 2 (see the overhead bench's ``_own_keys``), by ``args.concurrency``
+    threads (sync) or tasks (async) at once, each on rows of its own."""
     kept = perturb_layout(args.layout)
     sys.path.insert(0, str(HERE))
     import overhead as bench  # noqa: PLC0415 - after the layout is set
 
     keys = bench._own_keys(args.slot, 2)
+    n = args.concurrency
+    shares = [keys[w::n] for w in range(n)]  # each worker's rows
     if args.driver == "asyncpg":
-        asyncio.run(_async_child(bench, args, keys))
-    else:
-        factories = bench.sync_factories(args.url, 1)
-        try:
-            variants = bench.sync_variants(factories, bench.SYNC_UNITS[args.unit])
-            for i in range(WARMUP):
-                for name in VARIANTS:
-                    variants[name](keys[i % len(keys)])
-            fn = variants[args.variant]
-            for i in range(args.count):
-                fn(keys[i % len(keys)])
-        finally:
-            factories.dispose()
+        asyncio.run(_async_child(bench, args, shares))
+        del kept
+        return
+    factories = bench.sync_factories(args.url, n)
+    try:
+        variants = bench.sync_variants(factories, bench.SYNC_UNITS[args.unit])
+
+        def run(fn: Callable[[int], object], count: int) -> None:
+            def work(rows: list[int], units: int) -> None:
+                for i in range(units):
+                    fn(rows[i % len(rows)])
+
+            threads = [
+                threading.Thread(target=work, args=(rows, units))
+                for rows, units in zip(shares, _spread(count, n), strict=True)
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+
+        for name in VARIANTS:
+            run(variants[name], WARMUP)
+        run(variants[args.variant], args.count)
+    finally:
+        factories.dispose()
     del kept
 
 
-async def _async_child(bench: Any, args: argparse.Namespace, keys: list[int]) -> None:
-    factories = bench.async_factories(args.url, 1)
+def _spread(count: int, workers: int) -> list[int]:
+    """``count`` units shared out between ``workers`` as evenly as they go."""
+    return [count // workers + (w < count % workers) for w in range(workers)]
+
+
+async def _async_child(bench: Any, args: argparse.Namespace, shares: list[list[int]]) -> None:
+    factories = bench.async_factories(args.url, len(shares))
     try:
         variants = bench.async_variants(factories, bench.ASYNC_UNITS[args.unit])
-        for i in range(WARMUP):
-            for name in VARIANTS:
-                await variants[name](keys[i % len(keys)])
-        fn = variants[args.variant]
-        for i in range(args.count):
-            await fn(keys[i % len(keys)])
+
+        async def run(fn: Callable[[int], Awaitable[object]], count: int) -> None:
+            async def work(rows: list[int], units: int) -> None:
+                for i in range(units):
+                    await fn(rows[i % len(rows)])
+
+            spread = _spread(count, len(shares))
+            await asyncio.gather(*(work(r, u) for r, u in zip(shares, spread, strict=True)))
+
+        for name in VARIANTS:
+            await run(variants[name], WARMUP)
+        await run(variants[args.variant], args.count)
     finally:
         await factories.dispose()
 
@@ -120,6 +150,7 @@ class Target:
     driver: str
     unit: str
     tmp: Path
+    concurrency: int = 1
 
 
 def count_instructions(target: Target, variant: str, layout: int, slot: int, count: int) -> int:
@@ -139,6 +170,7 @@ def count_instructions(target: Target, variant: str, layout: int, slot: int, cou
         f"--layout={layout}",
         f"--slot={slot}",
         f"--count={count}",
+        f"--concurrency={target.concurrency}",
     ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -164,12 +196,25 @@ def per_unit(target: Target, variant: str, layout: int, few: int, many: int) -> 
 
 
 def measure(
-    url: str, driver: str, units: list[str], *, layouts: int, few: int, many: int
+    url: str,
+    driver: str,
+    units: list[str],
+    *,
+    layouts: int,
+    few: int,
+    many: int,
+    concurrency: int = 1,
 ) -> dict[str, Any]:
-    result: dict[str, Any] = {"driver": driver, "few": few, "many": many, "units": {}}
+    result: dict[str, Any] = {
+        "driver": driver,
+        "few": few,
+        "many": many,
+        "concurrency": concurrency,
+        "units": {},
+    }
     with tempfile.TemporaryDirectory(prefix="rdb-instructions-") as tmp:
         for unit in units:
-            target = Target(url, driver, unit, Path(tmp))
+            target = Target(url, driver, unit, Path(tmp), concurrency)
             rows: list[dict[str, float]] = []
             for layout in range(layouts):
                 row: dict[str, float] = {"layout": layout}
@@ -197,7 +242,8 @@ def measure(
 
 def render(result: dict[str, Any]) -> str:
     lines = [
-        f"Instructions per unit ({result['driver']}; callgrind, each count the difference of "
+        f"Instructions per unit ({result['driver']}, {result['concurrency']} at once; callgrind, "
+        "each count the difference of "
         f"{result['many']} and {result['few']} units), resilient_db against plain SQLAlchemy:"
     ]
     for unit, r in result["units"].items():
@@ -226,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layout", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--slot", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="threads (sync) or tasks (async) running units at once (>= 1; default 1)",
+    )
     args = parser.parse_args(argv)
     if args.child:
         child(args)
@@ -236,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--units: one or more of {', '.join(known)}")
     if args.layouts < 1:
         parser.error("--layouts must be at least 1")
+    if not 1 <= args.concurrency <= 100:
+        parser.error("--concurrency must be between 1 and 100 (each worker has rows of its own)")
     if not 0 < args.few < args.many:
         parser.error("--few and --many: 0 < few < many")
     if shutil.which("valgrind") is None:
@@ -255,7 +309,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.driver == "asyncpg":
             async_url = sa.make_url(url).set(drivername="postgresql+asyncpg")
             url = async_url.render_as_string(hide_password=False)
-        return measure(url, args.driver, units, layouts=args.layouts, few=args.few, many=args.many)
+        return measure(
+            url,
+            args.driver,
+            units,
+            layouts=args.layouts,
+            few=args.few,
+            many=args.many,
+            concurrency=args.concurrency,
+        )
 
     if args.url:
         result = run_on(args.url)

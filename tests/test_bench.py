@@ -154,7 +154,10 @@ def test_the_instruction_count_runs_the_units_it_says_on_its_slots_rows(
         overhead.prepare(pg_server.url(database), markers=True)
         url = pg_server.url(database, driver="asyncpg" if driver == "asyncpg" else "psycopg")
         args = ["--child", f"--url={url}", f"--driver={driver}", "--unit=write"]
-        instructions.main([*args, "--variant=resilient", "--layout=2", "--slot=1", "--count=7"])
+        # (three workers at once: each on rows of its own, seven units shared out 3 / 2 / 2)
+        instructions.main(
+            [*args, "--variant=resilient", "--layout=2", "--slot=1", "--count=7", "--concurrency=3"]
+        )
         with engine.connect() as conn:
             hits = dict(
                 conn.execute(sa.text("SELECT id % 2, sum(hits) FROM bench_items GROUP BY 1")).all()
@@ -176,11 +179,21 @@ def test_the_instruction_count_refuses_what_it_cannot_count(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    for bad in (["--units=nope"], ["--units="], ["--layouts=0"], ["--few=5", "--many=5"]):
+    for bad in (
+        ["--units=nope"],
+        ["--units="],
+        ["--layouts=0"],
+        ["--few=5", "--many=5"],
+        ["--concurrency=0"],
+        ["--concurrency=101"],
+    ):
         with pytest.raises(SystemExit) as exited:
             instructions.main(bad)
         assert exited.value.code == 2, bad
-    assert "--layouts must be at least 1" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert "--layouts must be at least 1" in said
+    assert "--concurrency must be between 1 and 100" in said
+    assert instructions._spread(7, 3) == [3, 2, 2]
     monkeypatch.setenv("PATH", str(tmp_path))  # (a PATH without valgrind)
     with pytest.raises(SystemExit, match="valgrind is not on the PATH"):
         instructions.main(["--units=read"])
