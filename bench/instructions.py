@@ -25,9 +25,10 @@ lookups miss or not according to that layout. Measured on 2026-12-05 (sync read 
 layouts made by creating 0 to 8 throwaway classes before anything else): plain SQLAlchemy ran
 1.076 to 1.216 million instructions per unit, resilient_db 1.201 to 1.296 million, the ratio
 of the two from 1.010 to 1.132 by layout alone. One process, as the overhead bench runs, is one
-draw of that lottery, the same draw on every run of the same code (the layout is deterministic),
-and a change anywhere in the program draws again. The mean over layouts is the expected cost;
-this script reports it, with each layout's ratio beside it.
+draw of that lottery: the same program with the same inputs draws the same, and a change
+anywhere in the program, or in its inputs (a server URL of another length), draws again. The
+mean over layouts is the expected cost; this script reports it, with each layout's ratio
+beside it.
 
 Each count runs in a process of its own under valgrind: the unit is warmed up (plain and
 resilient alike, so that both share one program state), then run ``--few`` and ``--many``

@@ -69,7 +69,7 @@ to a ratio in that case.
 
 One process is one layout of the interpreter's type attribute cache, whose collisions move a
 unit's instructions by several per cent (plain SQLAlchemy's too) with no code change: the
-ratios here are stable for a revision but are one draw of that layout; ``bench/instructions.py``
+ratios here are one draw of that layout; ``bench/instructions.py``
 counts instructions over several layouts and reports their mean.
 
 ``--pre-ping`` adds plain SQLAlchemy with ``pool_pre_ping=True`` the same way: SQLAlchemy's own
