@@ -96,9 +96,14 @@ def child(args: argparse.Namespace) -> None:
         variants = bench.sync_variants(factories, bench.SYNC_UNITS[args.unit])
 
         def run(fn: Callable[[int], object], count: int) -> None:
+            failed: list[BaseException] = []
+
             def work(rows: list[int], units: int) -> None:
-                for i in range(units):
-                    fn(rows[i % len(rows)])
+                try:
+                    for i in range(units):
+                        fn(rows[i % len(rows)])
+                except BaseException as exc:  # (raised below: a count of failed units is void)
+                    failed.append(exc)
 
             threads = [
                 threading.Thread(target=work, args=(rows, units))
@@ -108,6 +113,8 @@ def child(args: argparse.Namespace) -> None:
                 thread.start()
             for thread in threads:
                 thread.join()
+            if failed:
+                raise failed[0]
 
         for name in VARIANTS:
             run(variants[name], WARMUP)

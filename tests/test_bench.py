@@ -197,3 +197,16 @@ def test_the_instruction_count_refuses_what_it_cannot_count(
     monkeypatch.setenv("PATH", str(tmp_path))  # (a PATH without valgrind)
     with pytest.raises(SystemExit, match="valgrind is not on the PATH"):
         instructions.main(["--units=read"])
+
+
+def test_the_instruction_count_fails_when_a_worker_thread_fails(
+    instructions: ModuleType, pg_server: PostgresServer
+) -> None:
+    """A unit failing in one of the counted process's threads fails the process (its count
+    would be of fewer units than it says), instead of dying with that thread."""
+    import sqlalchemy as sa  # noqa: PLC0415
+
+    url = pg_server.url(f"t_bench_missing_{uuid.uuid4().hex[:10]}")  # no such database
+    args = ["--child", f"--url={url}", "--unit=read", "--variant=plain", "--count=3"]
+    with pytest.raises(sa.exc.OperationalError, match="does not exist"):
+        instructions.main([*args, "--concurrency=2"])
