@@ -1827,15 +1827,19 @@ async def test_a_unit_cancelled_while_it_looks_for_a_lost_prepare_names_it(
     lost): the prepared transaction that PREPARE leaves holds its locks until someone ends it,
     and nothing named it. The line names it for the operator."""
     proxy, engines = two_async_proxied
-    two_phase_server.execute(SLOW_PREPARE, database=two_databases[1])
+    # a PREPARE of three seconds: the cut (found by polling the server, slower on a busy
+    # machine) and the 0.2 s below both land well inside it
+    slow = SLOW_PREPARE.replace("pg_sleep(1)", "pg_sleep(3)")
+    two_phase_server.execute(slow, database=two_databases[1])
     Sessions = two_phase_factory(rdb.AsyncResilientSession, engines, service)
     cutter = cut_while_preparing(two_phase_server, two_databases[1], proxy)
     calls: list[int] = []
     unit = asyncio.ensure_future(Sessions.run(add_to_both_async, calls))
     await wait_for_async(lambda: not cutter.is_alive(), "the cut", timeout=10)
-    # (inside the second the PREPARE runs on after the cut, while the factory looks for it:
+    # (inside the seconds the PREPARE runs on after the cut, while the factory looks for it:
     # a place in time on the server, no backoff waited out)
     await asyncio.sleep(0.2)
+    assert not pending_prepared(two_phase_server, two_databases)  # (still preparing)
     unit.cancel()
     with caplog.at_level("ERROR", logger="resilient_db"), pytest.raises(asyncio.CancelledError):
         await unit
