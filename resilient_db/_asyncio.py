@@ -682,9 +682,9 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                         ended.append(xid)
         except BaseException as interruption:  # cancelled or interrupted while looking
             left += [(xid, interruption) for _, xid in pending[looked:]]
-            self._referee.two_phase_abandoned(pending, ended, left, exc, request)
             raise
-        self._referee.two_phase_abandoned(pending, ended, left, exc, request)
+        finally:
+            self._referee.two_phase_abandoned(pending, ended, left, exc, request)
 
     async def _on_new_connections(
         self, engine: Engine, step: Callable[[Connection, Any], bool | None], xid: Any

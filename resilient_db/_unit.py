@@ -1206,7 +1206,7 @@ class CommitReferee:
         ended: list[Any],
         left: list[tuple[Any, BaseException | None]],
         exc: BaseException,
-        request: CommitRequest | None = None,
+        request: CommitRequest,
     ) -> None:
         """After the driver looked for the ``pending`` prepared transactions of a two-phase
         unit that never decided to commit: ``ended`` were rolled back there; ``left`` (each
@@ -1230,8 +1230,7 @@ class CommitReferee:
                 event="two_phase_abandoned",
             )
         if left:
-            if request is not None:
-                request.left_said = True
+            request.left_said = True
             names = ", ".join(str(x) for x, _ in left)
             emit(
                 policy.config,

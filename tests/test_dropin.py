@@ -1873,16 +1873,33 @@ async def test_a_unit_timed_out_in_its_prepare_names_what_it_may_leave_prepared(
     two_phase_server.execute(SLOW_PREPARE, database=two_databases[1])
     Sessions = two_phase_factory(rdb.AsyncResilientSession, two_async_engines, service)
     calls: list[int] = []
-    with caplog.at_level("ERROR", logger="resilient_db"), pytest.raises(TimeoutError):
-        async with asyncio.timeout(0.5):
-            await Sessions.run(add_to_both_async, calls)
-    assert calls == [1]
     running = (
         "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
         "AND query ILIKE 'PREPARE TRANSACTION%'"
     )
+
+    def preparing() -> bool:
+        return bool(two_phase_server.execute(running, database=two_databases[1])[0][0])
+
+    async def time_out_inside_the_prepare(deadline: asyncio.Timeout) -> None:
+        # the deadline set once the server runs the PREPARE (a second long), however long the
+        # unit took to get there: it fires inside it on a busy machine too
+        await asyncio.to_thread(wait_for, preparing, "the PREPARE")
+        deadline.reschedule(asyncio.get_running_loop().time() + 0.2)
+
+    watchers: list[asyncio.Future[None]] = []
+
+    async def unit_with_that_deadline() -> None:
+        async with asyncio.timeout(None) as deadline:
+            watchers.append(asyncio.ensure_future(time_out_inside_the_prepare(deadline)))
+            await Sessions.run(add_to_both_async, calls)
+
+    with caplog.at_level("ERROR", logger="resilient_db"), pytest.raises(TimeoutError):
+        await unit_with_that_deadline()
+    await watchers[0]
+    assert calls == [1]
     wait_for(
-        lambda: two_phase_server.execute(running, database=two_databases[1])[0][0] == 0,
+        lambda: not preparing(),
         "the PREPARE carried out (or cancelled on the server: asyncpg may cancel it)",
     )
     left = pending_prepared(two_phase_server, two_databases)  # (the fixture rolls it back)
