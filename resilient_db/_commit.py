@@ -1585,9 +1585,11 @@ class CommitRequest:
     answered: bool = False
     #: a lost answer in a transaction spanning several connections, as settled (``_unit.Split``)
     split: Any = None
-    #: a two-phase unit's PREPAREs that may be left prepared were named (``_unit``'s
-    #: ``CommitReferee.two_phase_abandoned``): said once
-    left_said: bool = False
+    #: a two-phase unit's prepared transactions its own look rolled back (``_unit``'s
+    #: ``CommitReferee.two_phase_abandoned``), and whether, interrupted in its PREPARE step,
+    #: the rest were handed to the background (``CommitReferee.two_phase_interrupted``: once)
+    two_phase_ended: list[Any] | None = None
+    two_phase_handed: bool = False
 
     def __init__(self) -> None:
         self.tickets: list[CommitTicket] = []

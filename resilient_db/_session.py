@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ._classify import Classifier, debug_failure
 from ._commit import AttemptRecord, CommitRequest, CommitTicket
 from ._config import Config
+from ._errands import Errand, Sweep, start_thread
 from ._errors import TransactionStateError
 from ._internals import with_own_session_class
 from ._observability import log_session
@@ -458,8 +459,8 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                             record.unit_committed(request)
                         if self._referee.two_phase_decided(request):
                             _keep_prepared(s)
-                        else:  # (in its PREPARE step: what it may leave prepared is named)
-                            self._referee.two_phase_interrupted(request, interruption)
+                        else:  # (in its PREPARE step: what it may leave prepared is ended)
+                            self._end_later(request, interruption)
                         raise
                     if record.enclosing is not None:  # (only then looked at)
                         record.unit_committed(request)
@@ -518,7 +519,7 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         """COMMIT failed: return if it was verified committed, else raise."""
         failure = self._referee.prepare_failure(exc, request)
         if not isinstance(failure, Exception):  # an interruption SQLAlchemy's error replaced
-            self._referee.two_phase_interrupted(request, failure)
+            self._end_later(request, failure)
             raise failure
         exc = failure
         if self._finish_two_phase(request, exc, session):
@@ -568,28 +569,57 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         """Roll back what a two-phase unit's failed PREPARE step may have left prepared (see
         ``CommitReferee.two_phase_undecided``), each on a new connection to its database, with
         the referee's backoff; the unit is not replayed while any may be left, and what may be
-        left is named (an interruption meanwhile too)."""
+        left is named. Interrupted meanwhile, the rest is looked for in the background (see
+        :meth:`_end_later`)."""
         pending = self._referee.two_phase_undecided(request, exc)
         if not pending:
             return
-        ended: list[Any] = []
-        left: list[tuple[Any, BaseException | None]] = []
-        looked = 0
+        sweep = Sweep(pending)
         try:
-            # (the recovery's statements are neither the unit's nor its commit's)
-            with library_work():
-                for engine, xid in pending:
-                    found, last = self._on_new_connections(engine, rollback_if_prepared, xid)
-                    looked += 1
-                    if found is None:
-                        left.append((xid, last))
-                    elif found:
-                        ended.append(xid)
-        except BaseException as interruption:  # cancelled or interrupted while looking
-            left += [(xid, interruption) for _, xid in pending[looked:]]
+            self._roll_back_prepared(sweep)
+        except BaseException as interruption:  # (cancelled or interrupted while it looked)
+            request.two_phase_ended = sweep.ended
+            self._end_later(request, interruption)
             raise
         finally:
-            self._referee.two_phase_abandoned(pending, ended, left, exc, request)
+            request.two_phase_ended = sweep.ended
+            self._referee.two_phase_abandoned(pending, sweep.ended, sweep.left, exc, request)
+
+    def _roll_back_prepared(self, sweep: Sweep) -> None:
+        """Roll back each of ``sweep``'s prepared transactions still prepared, on a new
+        connection to its database (:func:`rollback_if_prepared`, see
+        :meth:`_on_new_connections`), noting on ``sweep`` how far it got."""
+        # (the recovery's statements are neither the unit's nor its commit's)
+        with library_work():
+            for engine, xid in sweep.pending:
+                found, last = self._on_new_connections(engine, rollback_if_prepared, xid)
+                sweep.looked += 1
+                if found is None:
+                    sweep.left.append((xid, last))
+                elif found:
+                    sweep.ended.append(xid)
+
+    def _end_later(self, request: CommitRequest, interruption: BaseException) -> None:
+        """A two-phase unit interrupted in its PREPARE step: what it may leave prepared (see
+        ``CommitReferee.two_phase_interrupted``) is looked for and rolled back once the
+        interruption has gone on, in a task (async: on the running loop; ``asyncio.run``
+        cancels it at its end, which is said) or a daemon thread (sync) of its own, in a
+        context of its own (none of the unit's attempt)."""
+        pending = self._referee.two_phase_interrupted(request, interruption)
+        if not pending:
+            return
+        swept = self._referee.two_phase_swept
+        errand = Errand(pending, lambda sweep: swept(sweep, interruption, request))
+        start_thread(errand, self._run_errand)
+
+    def _run_errand(self, errand: Errand) -> None:
+        try:
+            self._roll_back_prepared(errand)
+        except BaseException as stopped:  # (its task cancelled: said as what stopped it)
+            errand.stopped = stopped
+            raise
+        finally:
+            errand.done()
 
     def _on_new_connections(
         self, engine: Engine, step: Callable[[Connection, Any], bool | None], xid: Any

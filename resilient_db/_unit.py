@@ -68,6 +68,7 @@ from ._commit import (
     wrote_past_commit,
 )
 from ._config import Config, factory_config, register_default_user
+from ._errands import ProcessExiting, Sweep
 from ._errors import CircuitOpenError, CommitOutcomeUnknownError
 from ._internals import (
     asyncpg_socket_fd,
@@ -1187,18 +1188,63 @@ class CommitReferee:
             return []
         return list(request.two_phase)
 
-    def two_phase_interrupted(self, request: CommitRequest, interruption: BaseException) -> None:
+    def two_phase_interrupted(
+        self, request: CommitRequest, interruption: BaseException
+    ) -> list[tuple[Engine, Any]]:
         """A two-phase unit interrupted (cancelled, a deadline, ``KeyboardInterrupt``) in its
         PREPARE step, before it decided to commit: a PREPARE the server carries out after the
-        client stopped waiting leaves a prepared transaction holding its locks, which nothing
-        is left to end (no new connection is made while an interruption is delivered). Each
-        PREPARE it began is named for the operator (see :meth:`two_phase_abandoned`), once."""
-        if not request.two_phase or request.two_phase_commits or request.left_said:
+        client stopped waiting leaves a prepared transaction holding its locks, and no new
+        connection is made while the interruption is delivered. So each PREPARE it began and
+        did not see ended is looked for afterwards, in the background, and rolled back (see
+        ``_errands``; :meth:`two_phase_swept` says the result): returned, and said now, once
+        (a WARNING naming them, for an operator should the process stop first). Empty when
+        there is nothing to look for, or it was handed over already."""
+        if not request.two_phase or request.two_phase_commits or request.two_phase_handed:
+            return []
+        request.two_phase_handed = True
+        ended = request.two_phase_ended or ()
+        pending = [(engine, xid) for engine, xid in request.two_phase if xid not in ended]
+        if pending:
+            policy = self.policy
+            emit(
+                policy.config,
+                log_session,
+                logging.WARNING,
+                "Ending a two-phase unit's prepared transactions: service=%s its PREPARE step "
+                "was interrupted (%s) before any COMMIT PREPARED, so nothing of it committed; "
+                "looking for what it may leave prepared, to roll it back, in the background: "
+                "%s (should the process stop first: ROLLBACK PREPARED those still in "
+                "pg_prepared_xacts; never COMMIT PREPARED them)",
+                policy.service,
+                type(interruption).__name__,
+                ", ".join(str(xid) for _, xid in pending),
+                service=policy.service,
+                event="two_phase_ending",
+            )
+        return pending
+
+    def two_phase_swept(
+        self, sweep: Sweep, interruption: BaseException, request: CommitRequest
+    ) -> None:
+        """The background look (see :meth:`two_phase_interrupted`) is over: said as the
+        unit's own look is (:meth:`two_phase_abandoned`), and when it found nothing left
+        prepared, said so too (the WARNING before announced it)."""
+        if sweep.ended or sweep.left:
+            self.two_phase_abandoned(sweep.pending, sweep.ended, sweep.left, interruption, request)
             return
-        left: list[tuple[Any, BaseException | None]] = [
-            (xid, interruption) for _, xid in request.two_phase
-        ]
-        self.two_phase_abandoned(request.two_phase, [], left, interruption, request)
+        policy = self.policy
+        emit(
+            policy.config,
+            log_session,
+            logging.INFO,
+            "Two-phase unit ended: service=%s its PREPARE step, interrupted (%s), left nothing "
+            "prepared: %s",
+            policy.service,
+            type(interruption).__name__,
+            ", ".join(str(xid) for _, xid in sweep.pending),
+            service=policy.service,
+            event="two_phase_abandoned",
+        )
 
     def two_phase_abandoned(
         self,
@@ -1209,38 +1255,42 @@ class CommitReferee:
         request: CommitRequest,
     ) -> None:
         """After the driver looked for the ``pending`` prepared transactions of a two-phase
-        unit that never decided to commit: ``ended`` were rolled back there; ``left`` (each
-        with the last error met looking for it: None while its PREPARE was still running)
-        could not be ended. Said when either is not empty; with any ``left`` the unit is not
-        replayed (a replay could wait on their locks, and one committed by hand would save
-        its writes twice): the operator's line names them and why."""
+        unit that never decided to commit (``exc``: why, its failure or an interruption):
+        ``ended`` were rolled back there; ``left`` (each with the last error met looking for
+        it: None while its PREPARE was still running) could not be ended. Said when either is
+        not empty; with any ``left`` the unit is not replayed (a replay could wait on their
+        locks, and one committed by hand would save its writes twice): the operator's line
+        names them and why."""
         policy = self.policy
+        how = "failed" if isinstance(exc, Exception) else "was interrupted"
         if ended:
             emit(
                 policy.config,
                 log_session,
                 logging.WARNING,
                 "Ended a two-phase unit's prepared transactions: service=%s its PREPARE step "
-                "failed (%s) before any COMMIT PREPARED, so nothing of it committed; rolled "
-                "back what the failure left prepared: %s",
+                "%s (%s) before any COMMIT PREPARED, so nothing of it committed; rolled back "
+                "what the %s left prepared: %s",
                 policy.service,
+                how,
                 type(exc).__name__,
+                "failure" if isinstance(exc, Exception) else "interruption",
                 ", ".join(str(x) for x in ended),
                 service=policy.service,
                 event="two_phase_abandoned",
             )
         if left:
-            request.left_said = True
             names = ", ".join(str(x) for x, _ in left)
             emit(
                 policy.config,
                 log_session,
                 logging.ERROR,
-                "Two-phase unit not ended: service=%s its PREPARE step failed (%s) before any "
+                "Two-phase unit not ended: service=%s its PREPARE step %s (%s) before any "
                 "COMMIT PREPARED, so nothing of it committed, but these may be left prepared: "
                 "%s (%s). ROLLBACK PREPARED those still in pg_prepared_xacts; never COMMIT "
                 "PREPARED them",
                 policy.service,
+                how,
                 type(exc).__name__,
                 names,
                 "; ".join(f"{x}: {_why_left(error)}" for x, error in left),
@@ -1516,6 +1566,8 @@ def _why_left(error: BaseException | None) -> str:
     code = sqlstate_of(error)
     if code is not None and not _lost_connection(error):
         return f"the server refused to end it: {type(error).__name__} (SQLSTATE {code})"
+    if isinstance(error, ProcessExiting):
+        return "the process exited first"
     if not isinstance(error, Exception):
         return f"interrupted ({type(error).__name__})"
     return f"its database could not be reached in time ({type(error).__name__})"

@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -43,6 +45,8 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 import resilient_db as rdb
+import resilient_db._asyncio as rdb_async
+import resilient_db._errands as rdb_errands
 from resilient_db import _unit
 from resilient_db._state import STATE
 from resilient_db.examples.tasks import Base as TaskBase
@@ -1813,19 +1817,40 @@ async def test_asyncpg_a_commented_prepare_cut_off_while_it_runs_is_waited_for(
     assert pending_prepared(two_phase_server, two_databases) == []
 
 
+def errand_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The lines of the background look a two-phase unit interrupted in its PREPARE step hands
+    its PREPAREs to (its end: something rolled back, something left, or nothing found)."""
+    ends = ("Ended a two-phase unit's", "Two-phase unit not ended", "Two-phase unit ended")
+    lines = [r.getMessage().removeprefix("[SELF-HEAL] ") for r in caplog.records]
+    # (not the unit's own look, before the interruption: "its PREPARE step failed")
+    return [line for line in lines if line.startswith(ends) and "step failed" not in line]
+
+
+def handed_over(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The WARNING lines saying a two-phase unit's PREPAREs were handed to the background."""
+    start = "[SELF-HEAL] Ending a two-phase unit's prepared transactions"
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith(start)]
+
+
 @pytest.mark.slow
 @pytest.mark.asyncio
 @pytest.mark.parametrize("driver", ["asyncpg"])
-async def test_a_unit_cancelled_while_it_looks_for_a_lost_prepare_names_it(
+@pytest.mark.parametrize("loop_ends", [False, True], ids=["runs", "loop-ends"])
+async def test_a_unit_cancelled_while_it_looks_for_a_lost_prepare_ends_it_afterwards(
+    *,
     two_phase_server: Any,
     two_databases: tuple[str, str],
     two_async_proxied: tuple[FaultProxy, list[Any]],
     service: str,
     caplog: pytest.LogCaptureFixture,
+    loop_ends: bool,
 ) -> None:
     """Cancelled while it waits for a PREPARE the server is still carrying out (its connection
-    lost): the prepared transaction that PREPARE leaves holds its locks until someone ends it,
-    and nothing named it. The line names it for the operator."""
+    lost): the prepared transaction that PREPARE leaves would hold its locks until someone ends
+    it. The cancellation goes on at once; the look goes on in the background, waits for the
+    PREPARE and rolls it back, and says so. Should its task be cancelled too (as
+    ``asyncio.run`` does at its end), an ERROR line names what may be left."""
+    caplog.set_level("INFO", logger="resilient_db")
     proxy, engines = two_async_proxied
     # a PREPARE of three seconds: the cut (found by polling the server, slower on a busy
     # machine) and the 0.2 s below both land well inside it
@@ -1841,25 +1866,40 @@ async def test_a_unit_cancelled_while_it_looks_for_a_lost_prepare_names_it(
     await asyncio.sleep(0.2)
     assert not pending_prepared(two_phase_server, two_databases)  # (still preparing)
     unit.cancel()
-    with caplog.at_level("ERROR", logger="resilient_db"), pytest.raises(asyncio.CancelledError):
+    with pytest.raises(asyncio.CancelledError):
         await unit
     cutter.join(10)
     assert calls == [1]
-    # the PREPARE completes on the server after the cut (the fixture rolls it back)
-    wait_for(lambda: len(pending_prepared(two_phase_server, two_databases)) == 1, "prepared")
-    left = pending_prepared(two_phase_server, two_databases)
-    assert any(
-        "Two-phase unit not ended" in r.getMessage()
-        and left[0] in r.getMessage()
-        and "interrupted (CancelledError)" in r.getMessage()
-        for r in caplog.records
-    )
+    (handed,) = handed_over(caplog)
+    assert "interrupted (CancelledError)" in handed
+    if loop_ends:
+        (errand,) = rdb_async._ERRAND_TASKS
+        errand.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await errand
+        (line,) = errand_lines(caplog)
+        assert line.startswith("Two-phase unit not ended"), line
+        gid = line.split("may be left prepared: ")[1].split(" ")[0]
+        assert gid in handed
+        assert f"{gid}: interrupted (CancelledError)" in line
+        # the PREPARE completes on the server, prepared (the fixture rolls it back)
+        wait_for(lambda: pending_prepared(two_phase_server, two_databases) == [gid], gid)
+        return
+    await wait_for_async(lambda: bool(errand_lines(caplog)), "the background look's end")
+    assert pending_prepared(two_phase_server, two_databases) == []
+    assert counts(two_phase_server, two_databases) == [0, 0]
+    (line,) = errand_lines(caplog)
+    assert line.startswith("Ended a two-phase unit's prepared transactions")
+    assert "was interrupted (CancelledError)" in line
+    # the one it rolled back is the one it had handed over
+    gid = line.rsplit(": ", 1)[1]
+    assert gid in handed
 
 
 @pytest.mark.slow
 @pytest.mark.asyncio
 @pytest.mark.parametrize("driver", ASYNC_DRIVERS)
-async def test_a_unit_timed_out_in_its_prepare_names_what_it_may_leave_prepared(
+async def test_a_unit_timed_out_in_its_prepare_ends_what_it_leaves_prepared_afterwards(
     two_phase_server: Any,
     two_databases: tuple[str, str],
     two_async_engines: list[Any],
@@ -1867,9 +1907,11 @@ async def test_a_unit_timed_out_in_its_prepare_names_what_it_may_leave_prepared(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """``asyncio.timeout`` ends a unit while the server still carries out its PREPARE (a slow
-    deferred trigger): the PREPARE completes after the client stopped waiting, and its
-    prepared transaction holds its locks until someone ends it. Nothing said so; the line
-    names it for the operator."""
+    deferred trigger): the PREPARE may complete after the client stopped waiting (the driver
+    may also cancel it on the server), leaving a prepared transaction that holds its locks
+    until someone ends it. The deadline goes on at once; the background look waits for the
+    PREPARE and rolls back whatever it left, and says what it did."""
+    caplog.set_level("INFO", logger="resilient_db")
     two_phase_server.execute(SLOW_PREPARE, database=two_databases[1])
     Sessions = two_phase_factory(rdb.AsyncResilientSession, two_async_engines, service)
     calls: list[int] = []
@@ -1894,18 +1936,94 @@ async def test_a_unit_timed_out_in_its_prepare_names_what_it_may_leave_prepared(
             watchers.append(asyncio.ensure_future(time_out_inside_the_prepare(deadline)))
             await Sessions.run(add_to_both_async, calls)
 
-    with caplog.at_level("ERROR", logger="resilient_db"), pytest.raises(TimeoutError):
+    with pytest.raises(TimeoutError):
         await unit_with_that_deadline()
     await watchers[0]
     assert calls == [1]
-    wait_for(
-        lambda: not preparing(),
-        "the PREPARE carried out (or cancelled on the server: asyncpg may cancel it)",
-    )
-    left = pending_prepared(two_phase_server, two_databases)  # (the fixture rolls it back)
-    lines = [r.getMessage() for r in caplog.records if "Two-phase unit not ended" in r.getMessage()]
-    assert len(lines) == 1
-    assert all(gid in lines[0] for gid in left)
+    await wait_for_async(lambda: bool(errand_lines(caplog)), "the background look's end")
+    assert not preparing()
+    assert pending_prepared(two_phase_server, two_databases) == []
+    assert counts(two_phase_server, two_databases) == [0, 0]
+    (handed,) = handed_over(caplog)
+    assert "interrupted (CancelledError)" in handed  # (asyncio.timeout cancels, then raises)
+    (line,) = errand_lines(caplog)
+    # rolled back what the PREPARE left, or found it cancelled on the server: never "left"
+    assert line.startswith(("Ended a two-phase unit's", "Two-phase unit ended")), line
+
+
+class Interrupted(BaseException):
+    """Raised by a signal handler in the main thread, as ``KeyboardInterrupt`` is on Ctrl-C (the
+    factory treats every interruption alike; a stray ``KeyboardInterrupt`` would end the test
+    run rather than fail the test)."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("process_exits", [False, True], ids=["runs", "exits"])
+def test_a_sync_unit_interrupted_while_it_looks_for_a_lost_prepare_ends_it_in_a_thread(
+    *,
+    two_phase_server: Any,
+    two_databases: tuple[str, str],
+    two_proxied: tuple[FaultProxy, list[Any]],
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    process_exits: bool,
+) -> None:
+    """The sync twin: interrupted by a signal while it waits for a PREPARE the server is still
+    carrying out (its connection lost); the interruption goes on at once, and a thread of the
+    factory's waits for the PREPARE and rolls back what it left. Should the process exit
+    first (its exit handler run while the PREPARE still runs, past the grace it waits), an
+    ERROR line names what may be left, once."""
+    caplog.set_level("INFO", logger="resilient_db")
+    proxy, engines = two_proxied
+    slow = SLOW_PREPARE.replace("pg_sleep(1)", "pg_sleep(3)")
+    two_phase_server.execute(slow, database=two_databases[1])
+    Sessions = two_phase_factory(rdb.ResilientSession, engines, service)
+    main = threading.get_ident()
+
+    def interrupt_once_cut() -> None:
+        cutter = cut_while_preparing(two_phase_server, two_databases[1], proxy)
+        cutter.join(10)
+        time.sleep(0.2)  # (as above: inside the PREPARE's seconds, while the factory looks)
+        signal.pthread_kill(main, signal.SIGUSR1)
+
+    def raise_interrupted(signum: int, frame: Any) -> None:
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGUSR1, raise_interrupted)
+    calls: list[int] = []
+    try:
+        interrupter = threading.Thread(target=interrupt_once_cut, daemon=True)
+        interrupter.start()
+        with pytest.raises(Interrupted):
+            Sessions.run(add_to_both, calls)
+        interrupter.join(10)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert calls == [1]
+    (handed,) = handed_over(caplog)
+    assert "interrupted (Interrupted)" in handed
+    if process_exits:
+        (errand,) = rdb_errands._RUNNING
+        monkeypatch.setattr(rdb_errands, "EXIT_GRACE", 0.1)
+        rdb_errands._at_exit()  # (what the interpreter runs at exit: see atexit)
+        assert not rdb_errands._RUNNING
+        (line,) = errand_lines(caplog)
+        assert line.startswith("Two-phase unit not ended"), line
+        assert "the process exited first" in line
+        assert line.split("may be left prepared: ")[1].split(" ")[0] in handed
+        # the thread, finishing afterwards, has nothing more to say
+        assert errand.thread is not None
+        errand.thread.join(30)
+        assert not errand.thread.is_alive()
+        assert len(errand_lines(caplog)) == 1
+        return
+    wait_for(lambda: bool(errand_lines(caplog)), "the background look's end")
+    assert pending_prepared(two_phase_server, two_databases) == []
+    assert counts(two_phase_server, two_databases) == [0, 0]
+    (line,) = errand_lines(caplog)
+    assert line.startswith("Ended a two-phase unit's prepared transactions"), line
+    assert line.rsplit(": ", 1)[1] in handed
 
 
 def test_a_lost_prepare_that_cant_be_looked_for_is_not_replayed(

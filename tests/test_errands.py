@@ -1,0 +1,58 @@
+"""What an interrupted two-phase unit leaves to the background, at the process's real exit:
+the interpreter runs the errands' exit handler, which waits a moment for those running in
+threads and names the rest in a line that still reaches the log. (The errands themselves, with
+a real server and real interruptions: ``test_dropin.py``.)"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+SCRIPT = """
+import logging, sys, threading, time
+logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(message)s")
+from resilient_db._errands import Errand, Sweep, start_thread
+
+def say(sweep: Sweep) -> None:
+    left = "; ".join(f"{xid}: {type(why).__name__}" for xid, why in sweep.left)
+    logging.getLogger("resilient_db").error("said ended=%s left=%s", sweep.ended, left)
+
+def look(errand: Errand, seconds: float) -> None:
+    try:
+        time.sleep(seconds)  # (a PREPARE still running on the server)
+        errand.looked = 2  # (the first rolled back, the second found not prepared)
+        errand.ended.append(errand.pending[0][1])
+    finally:
+        errand.done()
+
+errand = Errand([(None, "xid-1"), (None, "xid-2")], say)
+start_thread(errand, lambda e: look(e, float(sys.argv[1])))
+print("exiting", flush=True)
+"""
+
+
+def run(seconds: float) -> tuple[list[str], float]:
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(seconds)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return done.stdout.splitlines(), time.monotonic() - started
+
+
+def test_an_errand_still_running_at_exit_is_named_after_a_short_grace() -> None:
+    lines, took = run(30.0)
+    assert lines == [
+        "exiting",
+        "said ended=[] left=xid-1: ProcessExiting; xid-2: ProcessExiting",
+    ]
+    assert took < 20  # (the grace, not the errand's thirty seconds)
+
+
+def test_an_errand_that_ends_within_the_grace_says_its_own_result_once() -> None:
+    lines, _ = run(0.2)
+    assert lines == ["exiting", "said ended=['xid-1'] left="]
