@@ -18,6 +18,8 @@ at its end, which an errand says itself.
 from __future__ import annotations
 
 import atexit
+import logging  # noqa: F401 (its exit handler first: see below)
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -110,3 +112,7 @@ def _at_exit() -> None:
 
 # (registered after logging's own exit handler, so it runs before logging shuts down)
 atexit.register(_at_exit)
+# a forked child has none of its parent's threads, and its parent's errands are the parent's
+# to say (a worker forked by gunicorn would name them again at its own exit)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_RUNNING.clear)

@@ -577,9 +577,10 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         sweep = Sweep(pending)
         try:
             self._roll_back_prepared(sweep)
-        except BaseException as interruption:  # (cancelled or interrupted while it looked)
-            request.two_phase_ended = sweep.ended
-            self._end_later(request, interruption)
+        except BaseException as interruption:
+            if not isinstance(interruption, Exception):  # (cancelled or interrupted)
+                request.two_phase_ended = sweep.ended
+                self._end_later(request, interruption)
             raise
         finally:
             request.two_phase_ended = sweep.ended

@@ -28,14 +28,21 @@ def look(errand: Errand, seconds: float) -> None:
 
 errand = Errand([(None, "xid-1"), (None, "xid-2")], say)
 start_thread(errand, lambda e: look(e, float(sys.argv[1])))
+if sys.argv[2:] == ["fork"]:  # (a worker forked now: the errand is its parent's)
+    import os
+    child = os.fork()
+    if child == 0:
+        print("child exiting", flush=True)
+        sys.exit(0)
+    os.waitpid(child, 0)
 print("exiting", flush=True)
 """
 
 
-def run(seconds: float) -> tuple[list[str], float]:
+def run(seconds: float, *how: str) -> tuple[list[str], float]:
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(seconds)],
+        [sys.executable, "-c", SCRIPT, str(seconds), *how],
         capture_output=True,
         text=True,
         timeout=60,
@@ -56,3 +63,12 @@ def test_an_errand_still_running_at_exit_is_named_after_a_short_grace() -> None:
 def test_an_errand_that_ends_within_the_grace_says_its_own_result_once() -> None:
     lines, _ = run(0.2)
     assert lines == ["exiting", "said ended=['xid-1'] left="]
+
+
+def test_a_forked_child_leaves_its_parents_errands_to_the_parent() -> None:
+    lines, _ = run(30.0, "fork")
+    assert lines == [
+        "child exiting",
+        "exiting",
+        "said ended=[] left=xid-1: ProcessExiting; xid-2: ProcessExiting",
+    ]
