@@ -1590,6 +1590,9 @@ class CommitRequest:
     #: the rest were handed to the background (``CommitReferee.two_phase_interrupted``: once)
     two_phase_ended: list[Any] | None = None
     two_phase_handed: bool = False
+    #: the server refused a PREPARE of it, an error psycopg's rollback hid (``_unit``'s
+    #: ``_refused_prepare``)
+    prepare_refused: bool = False
 
     def __init__(self) -> None:
         self.tickets: list[CommitTicket] = []

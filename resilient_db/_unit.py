@@ -1158,16 +1158,19 @@ class CommitReferee:
         PREPARE's own error, which its rollback of the failed PREPARE replaced with an
         ``IllegalStateChangeError`` ("'_prepare_impl()' is already in progress") and left as
         the context: that error is the unit's (a lost connection, replayed), or the
-        interruption (a cancellation, a deadline) that cut the PREPARE off, which must go on."""
+        interruption (a cancellation, a deadline) that cut the PREPARE off, which must go on.
+        And psycopg's refused PREPARE, which its rollback hid (see :func:`_refused_prepare`).
+        """
         context = exc.__context__
+        failure: BaseException = exc
         if (
             not request.two_phase_commits
             and isinstance(exc, sa_exc.IllegalStateChangeError)
             and "_prepare_impl" in str(exc)
             and context is not None
         ):
-            return context
-        return exc
+            failure = context
+        return _refused_prepare(failure, request) or failure
 
     def two_phase_undecided(
         self, request: CommitRequest, exc: BaseException
@@ -1184,7 +1187,9 @@ class CommitReferee:
         would wait on them) and its writes (an operator's COMMIT PREPARED would save them next
         to the replay's), so the driver rolls back each one still prepared
         (:func:`rollback_if_prepared`), as a two-phase coordinator that decided to abort."""
-        if not request.two_phase or request.two_phase_commits or not self._cut_off(exc):
+        if not request.two_phase or request.two_phase_commits:
+            return []
+        if not (self._cut_off(exc) or request.prepare_refused):
             return []
         return list(request.two_phase)
 
@@ -1506,6 +1511,32 @@ def _whose(ticket: CommitTicket) -> str:
         return f"transaction {ticket.xid}"
     # UNMARKED: a two-phase COMMIT PREPARED, or a connection the protocol can't mark
     return "a COMMIT that carried no marker"
+
+
+def _refused_prepare(exc: BaseException, request: CommitRequest) -> BaseException | None:
+    """The error a server refused a two-phase unit's PREPARE with (a 40001 a deferred
+    constraint or SERIALIZABLE raises there, say), when psycopg's rollback replaced it with
+    42704 "prepared transaction ... does not exist": psycopg takes its transaction for prepared
+    once ``tpc_prepare()`` has begun, so SQLAlchemy's rollback of the failed PREPARE step sends
+    ROLLBACK PREPARED for a transaction the server had rolled back, and the unit heard that
+    error, with the PREPARE's as its context (plain SQLAlchemy alike). The PREPARE's is the
+    unit's: a conflict is replayed as at COMMIT. As SQLAlchemy's rollback stopped at that
+    error, the unit's other prepared transactions may be left: the factory looks for them (see
+    ``CommitReferee.two_phase_undecided``). None for any other error."""
+    context = exc.__context__
+    if context is not None and context is getattr(exc, "orig", None):
+        context = context.__context__  # (the driver's error, wrapped: its own context)
+    if (
+        request.two_phase
+        and not request.two_phase_commits
+        and isinstance(exc, sa_exc.DBAPIError)
+        and sqlstate_of(exc) == "42704"
+        and isinstance(context, sa_exc.DBAPIError)
+        and sqlstate_of(context) is not None
+    ):
+        request.prepare_refused = True
+        return context
+    return None
 
 
 def _prepare_twophase(connection: Connection, xid: Any) -> None:
