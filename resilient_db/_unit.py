@@ -1524,8 +1524,9 @@ def _refused_prepare(exc: BaseException, request: CommitRequest) -> BaseExceptio
     error, the unit's other prepared transactions may be left: the factory looks for them (see
     ``CommitReferee.two_phase_undecided``). None for any other error."""
     context = exc.__context__
-    if context is not None and context is getattr(exc, "orig", None):
-        context = context.__context__  # (the driver's error, wrapped: its own context)
+    orig: BaseException | None = getattr(exc, "orig", None)
+    if orig is not None and context is orig:
+        context = orig.__context__  # (the driver's error, wrapped: its own context)
     if (
         request.two_phase
         and not request.two_phase_commits
