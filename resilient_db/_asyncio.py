@@ -33,7 +33,7 @@ from sqlalchemy.ext.asyncio import (
 from ._classify import Classifier, debug_failure
 from ._commit import AttemptRecord, CommitProtocol, CommitRequest, CommitTicket, prune
 from ._config import Config
-from ._errands import Errand, Sweep, start_thread
+from ._errands import Errand, NotStarted, Sweep, start_thread
 from ._errors import TransactionStateError
 from ._internals import PLAIN_COMMITS, committed_unclosed, with_own_session_class
 from ._observability import log_session
@@ -706,14 +706,20 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             return
         swept = self._referee.two_phase_swept
         errand = Errand(pending, lambda sweep: swept(sweep, interruption, request))
-        if True:  # async only
-            task = contextvars.Context().run(
-                asyncio.get_running_loop().create_task, self._run_errand(errand)
-            )
-            _ERRAND_TASKS.add(task)  # (a task is kept only weakly by its loop)
-            task.add_done_callback(functools.partial(_errand_ended, errand))
-        else:  # sync only
-            start_thread(errand, self._run_errand)
+        try:
+            if True:  # async only
+                run = self._run_errand(errand)
+                try:
+                    task = contextvars.Context().run(asyncio.get_running_loop().create_task, run)
+                except BaseException:
+                    run.close()  # (never started: not left to warn it was never awaited)
+                    raise
+                _ERRAND_TASKS.add(task)  # (a task is kept only weakly by its loop)
+                task.add_done_callback(functools.partial(_errand_ended, errand))
+            else:  # sync only
+                start_thread(errand, self._run_errand)
+        except Exception as failed:  # (no thread to be had, a loop closing): said, not raised
+            errand.done(NotStarted(f"{type(failed).__name__}: {failed}"))
 
     async def _run_errand(self, errand: Errand) -> None:
         try:

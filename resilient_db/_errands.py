@@ -37,6 +37,11 @@ class ProcessExiting(BaseException):
     exited (or the errand's event loop closed) first."""
 
 
+class NotStarted(Exception):
+    """The reason a prepared transaction an errand was to end is named as left: no errand could
+    be started (no thread to be had, the event loop closing)."""
+
+
 @dataclass(eq=False)  # (an errand is kept in a set)
 class Sweep:
     """How far a look for a two-phase unit's prepared transactions has got: of ``pending``

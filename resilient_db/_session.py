@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ._classify import Classifier, debug_failure
 from ._commit import AttemptRecord, CommitRequest, CommitTicket
 from ._config import Config
-from ._errands import Errand, Sweep, start_thread
+from ._errands import Errand, NotStarted, Sweep, start_thread
 from ._errors import TransactionStateError
 from ._internals import with_own_session_class
 from ._observability import log_session
@@ -611,7 +611,10 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
             return
         swept = self._referee.two_phase_swept
         errand = Errand(pending, lambda sweep: swept(sweep, interruption, request))
-        start_thread(errand, self._run_errand)
+        try:
+            start_thread(errand, self._run_errand)
+        except Exception as failed:  # (no thread to be had, a loop closing): said, not raised
+            errand.done(NotStarted(f"{type(failed).__name__}: {failed}"))
 
     def _run_errand(self, errand: Errand) -> None:
         try:

@@ -47,6 +47,7 @@ from sqlalchemy.orm import Session, scoped_session, sessionmaker
 import resilient_db as rdb
 import resilient_db._asyncio as rdb_async
 import resilient_db._errands as rdb_errands
+import resilient_db._session as rdb_session
 from resilient_db import _unit
 from resilient_db._state import STATE
 from resilient_db.examples.tasks import Base as TaskBase
@@ -1958,7 +1959,7 @@ class Interrupted(BaseException):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("process_exits", [False, True], ids=["runs", "exits"])
+@pytest.mark.parametrize("ending", ["runs", "exits", "no-thread"])
 def test_a_sync_unit_interrupted_while_it_looks_for_a_lost_prepare_ends_it_in_a_thread(
     *,
     two_phase_server: Any,
@@ -1967,13 +1968,14 @@ def test_a_sync_unit_interrupted_while_it_looks_for_a_lost_prepare_ends_it_in_a_
     service: str,
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
-    process_exits: bool,
+    ending: str,
 ) -> None:
     """The sync twin: interrupted by a signal while it waits for a PREPARE the server is still
     carrying out (its connection lost); the interruption goes on at once, and a thread of the
     factory's waits for the PREPARE and rolls back what it left. Should the process exit
     first (its exit handler run while the PREPARE still runs, past the grace it waits), an
-    ERROR line names what may be left, once."""
+    ERROR line names what may be left, once; so it does when no thread can be started (the
+    process at its limit of threads), and the interruption still goes on as it is."""
     caplog.set_level("INFO", logger="resilient_db")
     proxy, engines = two_proxied
     slow = SLOW_PREPARE.replace("pg_sleep(1)", "pg_sleep(3)")
@@ -1990,11 +1992,16 @@ def test_a_sync_unit_interrupted_while_it_looks_for_a_lost_prepare_ends_it_in_a_
     def raise_interrupted(signum: int, frame: Any) -> None:
         raise Interrupted
 
+    def no_thread(*args: Any) -> None:
+        raise RuntimeError("can't start new thread")  # (as threading says at the limit)
+
     previous = signal.signal(signal.SIGUSR1, raise_interrupted)
     calls: list[int] = []
     try:
         interrupter = threading.Thread(target=interrupt_once_cut, daemon=True)
         interrupter.start()
+        if ending == "no-thread":  # (after the interrupter's own thread started)
+            monkeypatch.setattr(rdb_session, "start_thread", no_thread)
         with pytest.raises(Interrupted):
             Sessions.run(add_to_both, calls)
         interrupter.join(10)
@@ -2003,7 +2010,13 @@ def test_a_sync_unit_interrupted_while_it_looks_for_a_lost_prepare_ends_it_in_a_
     assert calls == [1]
     (handed,) = handed_over(caplog)
     assert "interrupted (Interrupted)" in handed
-    if process_exits:
+    if ending == "no-thread":
+        (line,) = errand_lines(caplog)
+        assert line.startswith("Two-phase unit not ended"), line
+        assert "no background look could be started (RuntimeError: can't start" in line
+        assert not rdb_errands._RUNNING
+        return
+    if ending == "exits":
         (errand,) = rdb_errands._RUNNING
         monkeypatch.setattr(rdb_errands, "EXIT_GRACE", 0.1)
         rdb_errands._at_exit()  # (what the interpreter runs at exit: see atexit)
