@@ -321,7 +321,11 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                 policy = policy.without_breaker()
         # Policy.acall with its first attempt inline: one frame (async: one coroutine) fewer
         # on every unit's path
-        probe = policy.admit()
+        if True:  # async only
+            # a shared breaker that is not closed asks Redis: off the event loop
+            probe = policy.admit() if policy.admits_inline() else await policy.aadmit()
+        else:  # sync only
+            probe = policy.admit()
         started = time.monotonic()
         try:
             result = await self._attempt(fn, args, kwargs)
@@ -329,7 +333,15 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             return await policy.acall_failed(
                 lambda: self._attempt(fn, args, kwargs), exc, probe, started
             )
-        policy.succeeded(probe)
+        if True:  # async only
+            # a probe's end, or the first success after failures counted fleet-wide, tells
+            # Redis: off the event loop
+            if policy.succeeds_inline(probe):
+                policy.succeeded(probe)
+            else:
+                await policy.asucceeded(probe)
+        else:  # sync only
+            policy.succeeded(probe)
         return result
 
     @overload

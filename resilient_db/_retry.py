@@ -659,13 +659,29 @@ class Policy:
             return await asyncio.to_thread(self.failed, exc, probe, started)
         return self.failed(exc, probe, started)
 
-    async def _aadmit(self) -> bool:
+    def admits_inline(self) -> bool:
+        """Whether :meth:`admit` sends nothing to Redis now: an async unit's first attempt asks
+        it on the event loop then (every unit while the breaker is closed, or not shared),
+        else :meth:`aadmit` (a shared breaker open or half-open asks Redis for a probe)."""
+        breaker = self.breaker
+        return self._generation == STATE.generation and (
+            breaker is None or not breaker.shared or breaker.fast_closed()
+        )
+
+    def succeeds_inline(self, probe: bool) -> bool:
+        """Whether :meth:`succeeded` sends nothing to Redis now: an async unit's first attempt
+        records its success on the event loop then, else :meth:`asucceeded` (a probe's end,
+        or the first success after failures this process saw counted fleet-wide)."""
+        breaker = self.breaker
+        return breaker is None or not breaker.shared or (not probe and breaker.fast_success())
+
+    async def aadmit(self) -> bool:
         """:meth:`admit` of an async retry's attempt (see above)."""
         if self._shares():
             return await asyncio.to_thread(self.admit)
         return self.admit()
 
-    async def _asucceeded(self, probe: bool) -> None:
+    async def asucceeded(self, probe: bool) -> None:
         """:meth:`succeeded` of an async retry's attempt: the first success after failures
         resets the shared run of failures (see above)."""
         if self._shares():
@@ -934,27 +950,33 @@ class Policy:
     # -- async driver ------------------------------------------------------------------------
     async def acall(self, attempt: Callable[[], Awaitable[T]]) -> T:
         """The async twin of :meth:`call`: same decisions, awaited attempts and sleeps."""
-        probe = self.admit()
+        probe = self.admit() if self.admits_inline() else await self.aadmit()
         started = _monotonic()
         try:
             result = await attempt()
         except BaseException as exc:
             return await self.acall_failed(attempt, exc, probe, started)
-        self.succeeded(probe)
+        if self.succeeds_inline(probe):
+            self.succeeded(probe)
+        else:
+            await self.asucceeded(probe)
         return result
 
     async def acall_once(self, attempt: Callable[[], Awaitable[T]]) -> T:
         """The async twin of :meth:`call_once`."""
-        probe = self.admit()
+        probe = self.admit() if self.admits_inline() else await self.aadmit()
         started = _monotonic()
         try:
             result = await attempt()
         except BaseException as exc:
-            outcome = self.failed(exc, probe, started)
+            outcome = await self.afailed(exc, probe, started)
             mark_outcome(exc, outcome)
             self._mark_if_opened(exc, outcome)  # (as in call_once)
             raise
-        self.succeeded(probe)
+        if self.succeeds_inline(probe):
+            self.succeeded(probe)
+        else:
+            await self.asucceeded(probe)
         return result
 
     async def acall_failed(
@@ -988,7 +1010,7 @@ class Policy:
                 stopped.append(True)
                 raise last[0]
             try:
-                probe = await self._aadmit()
+                probe = await self.aadmit()
             except CircuitOpenError:
                 rejected.append(True)
                 raise
@@ -1000,7 +1022,7 @@ class Policy:
                 last[0] = exc
                 await self.afailed(exc, probe, started)
                 raise
-            await self._asucceeded(probe)
+            await self.asucceeded(probe)
             return result
 
         spent: list[RetryBudget] = []

@@ -494,7 +494,7 @@ async def _afinish(
         probe = admission.take()
     else:
         try:
-            probe = policy.admit()
+            probe = policy.admit() if policy.admits_inline() else await policy.aadmit()
         except BaseException:
             if inspect.iscoroutine(first):
                 first.close()  # never to run: not "never awaited"
@@ -509,7 +509,10 @@ async def _afinish(
         result = await policy.acall_failed(attempts.acall, exc, probe, started)
         record = attempts.record or record
     else:
-        policy.succeeded(probe)
+        if policy.succeeds_inline(probe):
+            policy.succeeded(probe)
+        else:
+            await policy.asucceeded(probe)  # (it tells Redis: off the event loop)
     return result if check is None else _checked(policy, check, result, cfg, record)
 
 
