@@ -233,3 +233,28 @@ def test_a_failing_listener_does_not_keep_the_link_down_on_rejoining(
     assert rdb.health()["services"]["relistened"]["breaker"]["state"] == "open"
     assert _records(caplog, "Circuit breaker listener failed")
     engine.dispose()
+
+
+def test_an_explicit_open_of_a_shared_breaker_says_so_whichever_answer_comes_first(
+    redis_server: RedisServer, pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``open()`` of a shared breaker: its script answers the caller and publishes the change,
+    and the background thread may take the message (this process's own) before the caller
+    takes the answer. The opening's line then said "after 5 consecutive failures across the
+    fleet", which no failure made: it says "an explicit open()" whichever comes first."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    engine = sa.create_engine(pg_url)
+    rdb.ResilientSession(engine, service="orders", config=rdb.Config(redis_url=redis_server.url))
+    wait_for(lambda: shared("orders")["connected"], "the link", 10)
+    from resilient_db._breaker import breakers
+
+    breaker = breakers()["orders"]
+    for _ in range(8):  # (bounded: the message wins the race more often than not)
+        breaker.open()
+        breaker.close()
+    opened = _records(caplog, "Circuit breaker opened")
+    assert len(opened) == 8
+    assert all("after an explicit open()" in r.getMessage() for r in opened), [
+        r.getMessage() for r in opened
+    ]
+    engine.dispose()
