@@ -18,6 +18,7 @@ from processes import wait_for
 
 import resilient_db as rdb
 from resilient_db import _fleet
+from resilient_db._breaker import breakers
 from resilient_db._config import mask_url
 from resilient_db._fleet import links
 from resilient_db.testing import RedisServer
@@ -246,8 +247,6 @@ def test_an_explicit_open_of_a_shared_breaker_says_so_whichever_answer_comes_fir
     engine = sa.create_engine(pg_url)
     rdb.ResilientSession(engine, service="orders", config=rdb.Config(redis_url=redis_server.url))
     wait_for(lambda: shared("orders")["connected"], "the link", 10)
-    from resilient_db._breaker import breakers
-
     breaker = breakers()["orders"]
     for _ in range(8):  # (bounded: the message wins the race more often than not)
         breaker.open()
