@@ -253,3 +253,42 @@ def test_redis_failing_during_the_refund_gives_it_back_here_and_raises_nothing_n
         Factory.run(unavailable)
     wait_for(lambda: budget_entry(service)["scope"] == "process", "the link to be down")
     assert_given_back(service)  # this process's own figures, which it now decides on
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("engine")
+async def test_an_async_refund_to_a_hanging_redis_does_not_hold_the_event_loop(
+    pg_async_url: str, service: str, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The fleet paid for an async unit's retry; the breaker opened while it backed off, and
+    Redis hangs as the retry is refused: the refund (a script) was sent from the event loop,
+    which held every task until the Redis timeout (the README: a slow Redis holds the failing
+    unit, never the event loop's other tasks), and the link went down. Only a callback of the
+    loop lets Redis go on here."""
+    loop = asyncio.get_running_loop()
+
+    async def opened_meanwhile(seconds: float) -> None:
+        await asyncio.to_thread(breakers()[service].open)  # (other processes' failures, say)
+        redis_server.pause()
+        loop.call_later(0.2, redis_server.resume)  # (runs only if the loop does)
+
+    async_engine: AsyncEngine = create_async_engine(pg_async_url)
+    config = rdb.Config(**SETTINGS, redis_url=redis_server.url, redis_timeout=3.0)
+    try:
+        Factory = rdb.AsyncResilientSession(
+            async_engine, service=service, config=config, asleep=opened_meanwhile
+        )
+        wait_for(lambda: budget_entry(service)["scope"] == "fleet", "the budget to be shared")
+
+        async def unit(session: AsyncSession) -> None:
+            await session.execute(sa.text(UNAVAILABLE))
+
+        caplog.set_level("WARNING", logger="resilient_db")
+        with pytest.raises(rdb.CircuitOpenError):
+            await Factory.run(unit)
+    finally:
+        redis_server.resume()
+        await async_engine.dispose()
+    assert budget_entry(service)["scope"] == "fleet"
+    assert "Shared state unavailable" not in caplog.text
+    assert fleet_spent(redis_server, service) == 0  # given back
