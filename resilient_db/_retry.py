@@ -551,6 +551,15 @@ class Policy:
             except Exception:  # graceful fallback: the unit's own error is what it raises
                 self._machinery_failed("retry budget refund")
 
+    async def _aunspent(self, paid: _Paid) -> None:
+        """:meth:`_unspent` of an async unit: the refund is a script while the budget is
+        shared, sent from a worker thread (see :meth:`_shares`). Shielded: a unit cancelled
+        again meanwhile still has its refund made (in the thread) and raises the cancel."""
+        if self._shares():
+            await asyncio.shield(asyncio.to_thread(self._unspent, paid))
+        else:
+            self._unspent(paid)
+
     def _before_sleep(self, rs: _t.RetryCallState, announced: list[_Retry]) -> None:
         """A retry is decided, its backoff about to be slept: its ``Retry attempt`` line now
         (an operator sees the failure when it happens, not a backoff later). The retry is
@@ -1034,7 +1043,8 @@ class Policy:
         try:
             result: T = await retrying(one)
         except BaseException as exc:
-            self._unspent(paid)  # a retry paid for whose attempt never ran
+            if paid:  # a retry paid for whose attempt never ran
+                await self._aunspent(paid)
             retries = retrying.statistics.get("attempt_number", 1) - 1 - len(stopped)
             if rejected:
                 self._refused_retry(exc, last[0], retries)
