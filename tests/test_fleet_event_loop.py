@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 
 import resilient_db as rdb
 from resilient_db._breaker import breakers
-from resilient_db.testing import PostgresServer, RedisServer
+from resilient_db.testing import PostgresServer, RedisServer, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -169,3 +169,51 @@ async def test_a_half_open_probes_admission_and_end_do_not_hold_the_event_loop(
     assert breaker["shared"]["connected"]
     assert "Shared state unavailable" not in caplog.text
     assert breaker["state"] == "closed"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="not fixed yet: the drop-in connect retry is sync code in SQLAlchemy's greenlet, "
+    "its failure path's Redis scripts run on the loop's thread",
+)
+@pytest.mark.asyncio
+async def test_a_drop_in_sessions_failed_connect_does_not_hold_the_event_loop(
+    redis_server: RedisServer,
+    clean_env: pytest.MonkeyPatch,
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Drop-in use (``async with Sessions() as s``): a connect that fails is put to the breaker
+    and retried inside SQLAlchemy's greenlet, which runs on the event loop's thread. Its
+    failure script (and its retry's budget) went to Redis from there: a Redis that hangs held
+    every task of the loop until the Redis timeout, and the link went down."""
+    rdb.reload_config(
+        {
+            "SELF_HEALING_REDIS_URL": redis_server.url,
+            "SELF_HEALING_REDIS_TIMEOUT": "3000",
+            "SELF_HEALING_MAX_RETRIES": "1",
+            "SELF_HEALING_INITIAL_DELAY": "1",
+            "SELF_HEALING_MAX_DELAY": "1",
+            "SELF_HEALING_FAILURE_THRESHOLD": "100",
+        }
+    )
+    refused = create_async_engine(f"postgresql+asyncpg://u:p@127.0.0.1:{free_port()}/x")
+    Sessions = rdb.AsyncResilientSession(refused, service=service)
+    wait_for(
+        lambda: bool(rdb.health()["services"][service]["breaker"]["shared"]["connected"]),
+        timeout=10,
+        what="the shared breaker's link",
+    )
+    caplog.set_level(logging.WARNING, logger="resilient_db")
+    loop = asyncio.get_running_loop()
+    redis_server.pause()
+    try:
+        loop.call_later(0.2, redis_server.resume)  # (runs only if the loop does)
+        with pytest.raises(OSError):
+            async with Sessions() as session:
+                await session.execute(sa.text("SELECT 1"))
+    finally:
+        redis_server.resume()
+        await refused.dispose()
+    assert rdb.health()["services"][service]["breaker"]["shared"]["connected"]
+    assert "Shared state unavailable" not in caplog.text
