@@ -674,7 +674,7 @@ class Policy:
         else :meth:`aadmit` (a shared breaker open or half-open asks Redis for a probe)."""
         breaker = self.breaker
         return self._generation == STATE.generation and (
-            breaker is None or not breaker.shared or breaker.fast_closed()
+            breaker is None or breaker.fast_closed() or not breaker.shared
         )
 
     def succeeds_inline(self, probe: bool) -> bool:
@@ -682,7 +682,7 @@ class Policy:
         records its success on the event loop then, else :meth:`asucceeded` (a probe's end,
         or the first success after failures this process saw counted fleet-wide)."""
         breaker = self.breaker
-        return breaker is None or not breaker.shared or (not probe and breaker.fast_success())
+        return breaker is None or (not probe and breaker.fast_success()) or not breaker.shared
 
     async def aadmit(self) -> bool:
         """:meth:`admit` of an async retry's attempt (see above)."""
