@@ -323,7 +323,8 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         # on every unit's path
         if True:  # async only
             # a shared breaker that is not closed asks Redis: off the event loop
-            probe = policy.admit() if policy.admits_inline() else await policy.aadmit()
+            admitted = policy.admit_on_loop()
+            probe = await policy.aadmit() if admitted is None else admitted
         else:  # sync only
             probe = policy.admit()
         started = time.monotonic()
@@ -336,9 +337,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         if True:  # async only
             # a probe's end, or the first success after failures counted fleet-wide, tells
             # Redis: off the event loop
-            if policy.succeeds_inline(probe):
-                policy.succeeded(probe)
-            else:
+            if not policy.succeeded_on_loop(probe):
                 await policy.asucceeded(probe)
         else:  # sync only
             policy.succeeded(probe)

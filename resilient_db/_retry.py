@@ -668,21 +668,32 @@ class Policy:
             return await asyncio.to_thread(self.failed, exc, probe, started)
         return self.failed(exc, probe, started)
 
-    def admits_inline(self) -> bool:
-        """Whether :meth:`admit` sends nothing to Redis now: an async unit's first attempt asks
-        it on the event loop then (every unit while the breaker is closed, or not shared),
-        else :meth:`aadmit` (a shared breaker open or half-open asks Redis for a probe)."""
-        breaker = self.breaker
-        return self._generation == STATE.generation and (
-            breaker is None or breaker.fast_closed() or not breaker.shared
-        )
+    def admit_on_loop(self) -> bool | None:
+        """:meth:`admit` for an async unit's first attempt, asked on the event loop: its answer
+        when that sends nothing to Redis (every unit while the breaker is closed, or not
+        shared), else None, having done nothing, for :meth:`aadmit` to ask off the loop (a
+        shared breaker open or half-open asks Redis for a probe)."""
+        if self._generation == STATE.generation:  # (else refresh() first: off the loop too)
+            breaker = self.breaker
+            if breaker is None or breaker.fast_closed():
+                return False
+            if not breaker.shared:
+                return self.admit()
+        return None
 
-    def succeeds_inline(self, probe: bool) -> bool:
-        """Whether :meth:`succeeded` sends nothing to Redis now: an async unit's first attempt
-        records its success on the event loop then, else :meth:`asucceeded` (a probe's end,
-        or the first success after failures this process saw counted fleet-wide)."""
+    def succeeded_on_loop(self, probe: bool) -> bool:
+        """:meth:`succeeded` for an async unit's first attempt, on the event loop: True when
+        done there (it sent nothing to Redis), else False, having done nothing, for
+        :meth:`asucceeded` off the loop (a probe's end, or the first success after failures
+        this process saw, counted fleet-wide)."""
         breaker = self.breaker
-        return breaker is None or (not probe and breaker.fast_success()) or not breaker.shared
+        if breaker is None or (not probe and breaker.fast_success()):
+            self.stats.add_attempt()  # (succeeded()'s fast path, inline: every unit's)
+            return True
+        if breaker.shared:
+            return False
+        self.succeeded(probe)
+        return True
 
     async def aadmit(self) -> bool:
         """:meth:`admit` of an async retry's attempt (see above)."""
@@ -959,21 +970,23 @@ class Policy:
     # -- async driver ------------------------------------------------------------------------
     async def acall(self, attempt: Callable[[], Awaitable[T]]) -> T:
         """The async twin of :meth:`call`: same decisions, awaited attempts and sleeps."""
-        probe = self.admit() if self.admits_inline() else await self.aadmit()
+        probe = self.admit_on_loop()
+        if probe is None:
+            probe = await self.aadmit()
         started = _monotonic()
         try:
             result = await attempt()
         except BaseException as exc:
             return await self.acall_failed(attempt, exc, probe, started)
-        if self.succeeds_inline(probe):
-            self.succeeded(probe)
-        else:
+        if not self.succeeded_on_loop(probe):
             await self.asucceeded(probe)
         return result
 
     async def acall_once(self, attempt: Callable[[], Awaitable[T]]) -> T:
         """The async twin of :meth:`call_once`."""
-        probe = self.admit() if self.admits_inline() else await self.aadmit()
+        probe = self.admit_on_loop()
+        if probe is None:
+            probe = await self.aadmit()
         started = _monotonic()
         try:
             result = await attempt()
@@ -982,9 +995,7 @@ class Policy:
             mark_outcome(exc, outcome)
             self._mark_if_opened(exc, outcome)  # (as in call_once)
             raise
-        if self.succeeds_inline(probe):
-            self.succeeded(probe)
-        else:
+        if not self.succeeded_on_loop(probe):
             await self.asucceeded(probe)
         return result
 

@@ -494,7 +494,9 @@ async def _afinish(
         probe = admission.take()
     else:
         try:
-            probe = policy.admit() if policy.admits_inline() else await policy.aadmit()
+            admitted = policy.admit_on_loop()
+            # (None: it asks Redis, off the event loop)
+            probe = await policy.aadmit() if admitted is None else admitted
         except BaseException:
             if inspect.iscoroutine(first):
                 first.close()  # never to run: not "never awaited"
@@ -509,9 +511,7 @@ async def _afinish(
         result = await policy.acall_failed(attempts.acall, exc, probe, started)
         record = attempts.record or record
     else:
-        if policy.succeeds_inline(probe):
-            policy.succeeded(probe)
-        else:
+        if not policy.succeeded_on_loop(probe):
             await policy.asucceeded(probe)  # (it tells Redis: off the event loop)
     return result if check is None else _checked(policy, check, result, cfg, record)
 
