@@ -187,6 +187,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             # method of the factory: a unit's attempt, kept by a driver's timer made in it,
             # holds the policy, which would keep the factory and its engine alive.)
             self.policy.sleep = _greenlet_sleep(asleep)
+            self.policy.offload = _greenlet_offload
             _note_async_blocks(self.class_)
             # (how a unit of each session class ends is kept, see _Ends: that of this
             # factory's class goes with the factory, not kept for good)
@@ -1155,6 +1156,12 @@ if True:  # async only
                 f"{_name(fn)} returned {type(result).__name__}, not an awaitable: units of an "
                 f"AsyncResilientSession are async functions (async def); {_SYNC_HINT}"
             )
+
+    def _greenlet_offload(fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` in a worker thread, awaited through SQLAlchemy's ``await_`` bridge: the
+        drop-in connect retry's breaker and budget scripts, while shared (``Policy.offload``),
+        do not hold the event loop while Redis is slow."""
+        return _await(asyncio.to_thread(fn, *args))
 
     def _greenlet_sleep(asleep: Callable[[float], Awaitable[None]]) -> Callable[[float], None]:
         """Back off without blocking the event loop, with ``asleep``.

@@ -245,6 +245,13 @@ class Policy:
             self._machinery_failed("circuit breaker admission")
             return False
 
+    #: How the sync driver (:meth:`call`, :meth:`call_once`) runs what may talk to Redis while
+    #: the breaker or the budget is shared: ``offload(fn, *args)`` returns ``fn(*args)``. None:
+    #: inline. An async factory's policy runs its drop-in connect retry in SQLAlchemy's
+    #: greenlet, on the event loop's thread: it sets one that runs ``fn`` in a worker thread
+    #: and awaits it through the greenlet, as the async driver does (see :meth:`_shares`).
+    offload: Callable[..., Any] | None = None
+
     #: the breaker that let through the attempt this policy's attempts are part of (a
     #: policy of :meth:`without_breaker`): what an attempt nested in them is admitted by
     admitted_through: Breaker | None = None
@@ -626,6 +633,12 @@ class Policy:
         stop: Any = self._stopper(self.clock(), spent, refused, paid)
         if for_async:
             stop = self._off_the_loop(stop)
+        elif self.offload is not None:
+            decide = stop
+
+            def stop(rs: _t.RetryCallState) -> bool:  # (its budget's script: see offload)
+                return self._offloaded(decide, rs)  # type: ignore[no-any-return]
+
         return {
             "retry": _t.retry_if_exception(self._retry_predicate),
             "wait": self._wait,
@@ -877,30 +890,61 @@ class Policy:
     def call(self, attempt: Callable[[], T]) -> T:
         """Run ``attempt`` (one whole unit of work) under the breaker, retrying transient
         failures. The original exception is re-raised when retries run out."""
-        probe = self.admit()
+        probe = self.admit() if self.offload is None else self._admit_offloaded()
         started = _monotonic()
         try:
             result = attempt()
         except BaseException as exc:
             return self.call_failed(attempt, exc, probe, started)
-        self.succeeded(probe)
+        if self.offload is None:
+            self.succeeded(probe)
+        else:
+            self._succeeded_offloaded(probe)
         return result
 
     def call_once(self, attempt: Callable[[], T]) -> T:
         """Run ``attempt`` once under the breaker (admitted, its outcome counted), no retry:
         a call inside an operation that retries."""
-        probe = self.admit()
+        probe = self.admit() if self.offload is None else self._admit_offloaded()
         started = _monotonic()
         try:
             result = attempt()
         except BaseException as exc:
-            outcome = self.failed(exc, probe, started)
+            outcome = self._failed_offloaded(exc, probe, started)
             mark_outcome(exc, outcome)
             # (the operation around it answers with it: a Retry-After of this breaker's)
             self._mark_if_opened(exc, outcome)
             raise
-        self.succeeded(probe)
+        if self.offload is None:
+            self.succeeded(probe)
+        else:
+            self._succeeded_offloaded(probe)
         return result
+
+    # What the sync driver asks that may talk to Redis, through :attr:`offload` when there is
+    # one (the inline answers of admit_on_loop / succeeded_on_loop first: no thread hop while
+    # the breaker is closed, as for an async unit)
+    def _admit_offloaded(self) -> bool:
+        probe = self.admit_on_loop()
+        if probe is None:
+            return self._offloaded(self.admit)  # type: ignore[no-any-return]
+        return probe
+
+    def _succeeded_offloaded(self, probe: bool) -> None:
+        if not self.succeeded_on_loop(probe):
+            self._offloaded(self.succeeded, probe)
+
+    def _failed_offloaded(
+        self, exc: BaseException, probe: bool, started: float | None = None
+    ) -> Outcome:
+        return self._offloaded(self.failed, exc, probe, started)  # type: ignore[no-any-return]
+
+    def _offloaded(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``, through :attr:`offload` while shared (see :meth:`_shares`)."""
+        offload = self.offload
+        if offload is not None and self._shares():
+            return offload(fn, *args)
+        return fn(*args)
 
     def call_failed(
         self,
@@ -911,7 +955,7 @@ class Policy:
     ) -> T:
         """The first attempt of :meth:`call` failed with ``exc``: record it, then retry or
         re-raise it. Drivers that run the first attempt inline call this directly."""
-        outcome = self.failed(exc, probe, started)
+        outcome = self._failed_offloaded(exc, probe, started)
         if not self.retryable(outcome) or never_replayed(exc):
             mark_outcome(exc, outcome)  # raised as it is: say how this factory classified it
             self._mark_if_opened(exc, outcome)
@@ -935,7 +979,7 @@ class Policy:
                 stopped.append(True)
                 raise last[0]
             try:
-                probe = self.admit()
+                probe = self._offloaded(self.admit)
             except CircuitOpenError:
                 rejected.append(True)
                 raise
@@ -945,9 +989,9 @@ class Policy:
                 result = attempt()
             except BaseException as exc:
                 last[0] = exc
-                self.failed(exc, probe, started)
+                self._failed_offloaded(exc, probe, started)
                 raise
-            self.succeeded(probe)
+            self._offloaded(self.succeeded, probe)
             return result
 
         spent: list[RetryBudget] = []
@@ -958,7 +1002,8 @@ class Policy:
         try:
             result = retrying(one)
         except BaseException as exc:
-            self._unspent(paid)  # a retry paid for whose attempt never ran
+            if paid:  # a retry paid for whose attempt never ran
+                self._offloaded(self._unspent, paid)
             retries = retrying.statistics.get("attempt_number", 1) - 1 - len(stopped)
             if rejected:
                 self._refused_retry(exc, last[0], retries)

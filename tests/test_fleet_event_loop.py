@@ -171,11 +171,6 @@ async def test_a_half_open_probes_admission_and_end_do_not_hold_the_event_loop(
     assert breaker["state"] == "closed"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not fixed yet: the drop-in connect retry is sync code in SQLAlchemy's greenlet, "
-    "its failure path's Redis scripts run on the loop's thread",
-)
 @pytest.mark.asyncio
 async def test_a_drop_in_sessions_failed_connect_does_not_hold_the_event_loop(
     redis_server: RedisServer,
