@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import logging
+import random
 import signal
 import subprocess
 import sys
@@ -2037,6 +2039,192 @@ def test_a_sync_unit_interrupted_while_it_looks_for_a_lost_prepare_ends_it_in_a_
     (line,) = errand_lines(caplog)
     assert line.startswith("Ended a two-phase unit's prepared transactions"), line
     assert line.rsplit(": ", 1)[1] in handed
+
+
+# the PREPARE of the unit adding "first" runs a second, then fails (as one the server
+# cancels): nothing of it is prepared
+SLOW_THEN_FAILED = """
+CREATE FUNCTION slow_prepare() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF NEW.name = 'first' THEN
+    PERFORM pg_sleep(1);
+    RAISE EXCEPTION 'cancelled' USING ERRCODE = '57014';
+  END IF;
+  RETURN NULL;
+END $$;
+CREATE CONSTRAINT TRIGGER slow_prepare AFTER INSERT ON items DEFERRABLE INITIALLY DEFERRED
+  FOR EACH ROW EXECUTE FUNCTION slow_prepare();
+"""
+
+RUNNING_PREPARE = (
+    "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+    "AND query ILIKE 'PREPARE TRANSACTION%'"
+)
+
+
+@pytest.mark.asyncio
+async def test_an_errand_never_rolls_back_another_units_prepared_transaction(
+    two_phase_server: Any,
+    two_databases: tuple[str, str],
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """SQLAlchemy's ``create_xid`` draws a two-phase unit's xids from the process-wide
+    ``random``: two units drawing from the same state of it (an application or a test runner
+    that seeds it; prefork workers sharing it, as uWSGI's do unless told to call
+    ``PyOS_AfterFork``) get the same xids. The first is cancelled in its PREPARE, which then
+    fails on the server, leaving nothing prepared; its errand, its database unreachable a
+    moment, keeps looking for its xid, finds the second unit's prepared transaction of that
+    name between that unit's PREPARE and its COMMIT PREPARED, and rolls it back: the second
+    unit fails (42704), though it did nothing wrong; spread over two databases it would be
+    partly committed. An errand ends only what its own unit prepared."""
+    caplog.set_level("INFO", logger="resilient_db")
+    name = two_databases[0]
+    two_phase_server.execute(SLOW_THEN_FAILED, database=name)
+    with FaultProxy(two_phase_server) as proxy:
+        async_engine = create_async_engine(proxy.url(name, driver="psycopg"))
+        sync_engine = sa.create_engine(two_phase_server.url(name))
+        config = rdb.Config(initial_delay=0.5, max_delay=1.0, max_retries=60, deadline=30)
+        first = rdb.AsyncResilientSession(
+            async_engine, service=service, twophase=True, config=config
+        )
+        second = rdb.ResilientSession(sync_engine, service=f"{service}-b", twophase=True)
+        xids: list[str] = []
+        event.listen(sync_engine, "prepare_twophase", lambda conn, xid: xids.append(str(xid)))
+
+        def between_prepare_and_commit(*args: Any) -> None:
+            # (the second unit's other database preparing, say: a moment between its PREPARE
+            # here and its COMMIT PREPARED; the first unit's database reachable again)
+            proxy.restore()
+            wait_for(lambda: bool(errand_lines(caplog)), "the errand's end", timeout=10)
+
+        event.listen(sync_engine, "commit_twophase", between_prepare_and_commit)
+
+        async def add(session: Any, what: str) -> None:
+            session.add(Item(name=what))
+
+        def add_sync(session: Any, what: str) -> None:
+            session.add(Item(name=what))
+
+        outcome: list[BaseException | None] = []
+
+        def second_unit() -> None:
+            random.seed(31)  # (the state the first unit drew its xid from)
+            try:
+                second.run(add_sync, "second")
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        try:
+            random.seed(31)
+            unit = asyncio.ensure_future(first.run(add, "first"))
+            await asyncio.to_thread(
+                wait_for,
+                lambda: two_phase_server.execute(RUNNING_PREPARE, database=name)[0][0] > 0,
+                "the first PREPARE",
+            )
+            proxy.refuse()  # (new connections only: the unit's own goes on)
+            unit.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await unit
+            (handed,) = handed_over(caplog)
+            await asyncio.to_thread(second_unit)
+            await wait_for_async(lambda: bool(errand_lines(caplog)), "the errand's end")
+            print("handed:", handed, "second unit's xids:", xids, *errand_lines(caplog))
+            with sync_engine.connect() as conn:
+                names = sorted(conn.scalars(sa.select(Item.name)))
+            assert outcome == [None], outcome
+            assert names == ["second"]
+            (line,) = errand_lines(caplog)
+            assert line.startswith("Two-phase unit ended"), line  # (nothing of its own left)
+        finally:
+            await async_engine.dispose()
+            sync_engine.dispose()
+
+
+def _line_of(function: Any, text: str) -> int:
+    lines, first = inspect.getsourcelines(function)
+    return first + next(i for i, line in enumerate(lines) if text in line)
+
+
+def test_an_errand_said_at_exit_names_the_transaction_it_just_failed_to_end(
+    *,
+    two_phase_server: Any,
+    two_databases: tuple[str, str],
+    two_proxied: tuple[FaultProxy, list[Any]],
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The errand's thread counted a transaction as looked for (``sweep.looked += 1``) before
+    it noted how the look ended (``left`` or ``ended``), and the exit handler's ``done`` read
+    ``ended``, ``left`` and ``looked`` with no lock the thread took. Should the process exit
+    between the two (the thread is held there here, by a trace function: the interleaving
+    made certain, nothing else changed), that transaction was in none of them: a PREPARE still
+    running at the errand's deadline, which will be left prepared, went unnamed, and the line
+    said the unit "left nothing prepared" (INFO)."""
+    caplog.set_level("INFO", logger="resilient_db")
+    proxy, engines = two_proxied
+    slow = SLOW_PREPARE.replace("pg_sleep(1)", "pg_sleep(4)")
+    two_phase_server.execute(slow, database=two_databases[1])
+    Sessions = rdb.ResilientSession(
+        engines[0],
+        service=service,
+        twophase=True,
+        binds={Item: engines[0], Task: engines[1]},
+        config=rdb.Config(deadline=1.0),  # (the errand's look ends with the PREPARE running)
+    )
+    main = threading.get_ident()
+    target = _line_of(rdb_session.ResilientSession._roll_back_prepared, "sweep.looked")
+    held, release = threading.Event(), threading.Event()
+
+    def hold_after_a_look(frame: Any, what: str, arg: Any) -> Any:
+        # (right after the look that found the PREPARE still running, before the next line)
+        if what == "line" and frame.f_lineno > target and frame.f_locals.get("found", 0) is None:
+            held.set()
+            release.wait(30)
+            return None
+        return hold_after_a_look
+
+    def tracer(frame: Any, what: str, arg: Any) -> Any:
+        if frame.f_code.co_name == "_roll_back_prepared":
+            return hold_after_a_look
+        return None
+
+    def interrupt_once_cut() -> None:
+        cutter = cut_while_preparing(two_phase_server, two_databases[1], proxy)
+        cutter.join(10)
+        time.sleep(0.2)  # (inside the PREPARE's seconds, while the factory looks)
+        signal.pthread_kill(main, signal.SIGUSR1)
+
+    def raise_interrupted(signum: int, frame: Any) -> None:
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGUSR1, raise_interrupted)
+    calls: list[int] = []
+    try:
+        interrupter = threading.Thread(target=interrupt_once_cut, daemon=True)
+        interrupter.start()
+        threading.settrace(tracer)  # (the threads started from now on: the errand's)
+        with pytest.raises(Interrupted):
+            Sessions.run(add_to_both, calls)
+        interrupter.join(10)
+        assert held.wait(20), "the errand's look did not end with its PREPARE running"
+        (errand,) = rdb_errands._RUNNING
+        gid = errand.pending[-1][1]  # (the one whose PREPARE the cut left running)
+        monkeypatch.setattr(rdb_errands, "EXIT_GRACE", 0.1)
+        rdb_errands._at_exit()  # (what the interpreter runs at exit)
+        release.set()
+        assert errand.thread is not None
+        errand.thread.join(30)
+        (line,) = errand_lines(caplog)
+        assert line.startswith("Two-phase unit not ended"), line
+        assert f"{gid}: its PREPARE was still running at the last look" in line, line
+    finally:
+        threading.settrace(None)  # type: ignore[arg-type]
+        release.set()
+        signal.signal(signal.SIGUSR1, previous)
 
 
 REFUSE_FIRST_PREPARE = """
