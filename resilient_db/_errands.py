@@ -54,6 +54,17 @@ class Sweep:
     left: list[tuple[Any, BaseException | None]] = field(default_factory=list)
     looked: int = 0
 
+    def note(self, xid: Any, found: bool | None, last: BaseException | None) -> None:
+        """The look for ``xid``, the next of ``pending``, is over: ``found`` True, rolled back;
+        False, not prepared; None, not ended (``last``: the last error met). Noted before it
+        is counted as looked for, so that no transaction is ever in none of ``ended``,
+        ``left`` and the ones not looked for yet."""
+        if found is None:
+            self.left.append((xid, last))
+        elif found:
+            self.ended.append(xid)
+        self.looked += 1
+
     def unlooked(self, reason: BaseException) -> list[tuple[Any, BaseException | None]]:
         """The ``left`` entries of the transactions not looked for, for ``reason``."""
         return [(xid, reason) for _, xid in self.pending[self.looked :]]
@@ -75,6 +86,12 @@ class Errand(Sweep):
         self.stopped: BaseException | None = None
         _RUNNING.add(self)
 
+    def note(self, xid: Any, found: bool | None, last: BaseException | None) -> None:
+        """As :meth:`Sweep.note`, under the lock :meth:`done` reads the result with: the
+        exit handler may say it while the errand's thread looks."""
+        with self._lock:
+            super().note(xid, found, last)
+
     def done(self, reason: BaseException | None = None) -> None:
         """Say the result; the transactions not looked for yet are named as left for
         ``reason`` (or what stopped the errand, or the process's exit)."""
@@ -82,9 +99,9 @@ class Errand(Sweep):
             if self._said:
                 return
             self._said = True
+            result = Sweep(self.pending, list(self.ended), list(self.left), self.looked)
         _RUNNING.discard(self)
-        result = Sweep(self.pending, list(self.ended), list(self.left), self.looked)
-        result.left += self.unlooked(reason or self.stopped or ProcessExiting())
+        result.left += result.unlooked(reason or self.stopped or ProcessExiting())
         self._say(result)
 
 

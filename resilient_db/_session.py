@@ -594,11 +594,7 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         with library_work():
             for engine, xid in sweep.pending:
                 found, last = self._on_new_connections(engine, rollback_if_prepared, xid)
-                sweep.looked += 1
-                if found is None:
-                    sweep.left.append((xid, last))
-                elif found:
-                    sweep.ended.append(xid)
+                sweep.note(xid, found, last)
 
     def _end_later(self, request: CommitRequest, interruption: BaseException) -> None:
         """A two-phase unit interrupted in its PREPARE step: what it may leave prepared (see

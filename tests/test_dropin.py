@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import inspect
 import logging
 import random
 import signal
@@ -2072,12 +2071,13 @@ async def test_an_errand_never_rolls_back_another_units_prepared_transaction(
     """SQLAlchemy's ``create_xid`` draws a two-phase unit's xids from the process-wide
     ``random``: two units drawing from the same state of it (an application or a test runner
     that seeds it; prefork workers sharing it, as uWSGI's do unless told to call
-    ``PyOS_AfterFork``) get the same xids. The first is cancelled in its PREPARE, which then
+    ``PyOS_AfterFork``) got the same xids. The first is cancelled in its PREPARE, which then
     fails on the server, leaving nothing prepared; its errand, its database unreachable a
-    moment, keeps looking for its xid, finds the second unit's prepared transaction of that
-    name between that unit's PREPARE and its COMMIT PREPARED, and rolls it back: the second
-    unit fails (42704), though it did nothing wrong; spread over two databases it would be
-    partly committed. An errand ends only what its own unit prepared."""
+    moment, keeps looking for its xid. It found the second unit's prepared transaction of
+    that name between that unit's PREPARE and its COMMIT PREPARED, and rolled it back: the
+    second unit failed (42704), though it did nothing wrong (spread over two databases it
+    would have been partly committed). The factory's engines name two-phase transactions
+    with the operating system's randomness: an errand finds only its own unit's."""
     caplog.set_level("INFO", logger="resilient_db")
     name = two_databases[0]
     two_phase_server.execute(SLOW_THEN_FAILED, database=name)
@@ -2143,11 +2143,6 @@ async def test_an_errand_never_rolls_back_another_units_prepared_transaction(
             sync_engine.dispose()
 
 
-def _line_of(function: Any, text: str) -> int:
-    lines, first = inspect.getsourcelines(function)
-    return first + next(i for i, line in enumerate(lines) if text in line)
-
-
 def test_an_errand_said_at_exit_names_the_transaction_it_just_failed_to_end(
     *,
     two_phase_server: Any,
@@ -2160,10 +2155,11 @@ def test_an_errand_said_at_exit_names_the_transaction_it_just_failed_to_end(
     """The errand's thread counted a transaction as looked for (``sweep.looked += 1``) before
     it noted how the look ended (``left`` or ``ended``), and the exit handler's ``done`` read
     ``ended``, ``left`` and ``looked`` with no lock the thread took. Should the process exit
-    between the two (the thread is held there here, by a trace function: the interleaving
-    made certain, nothing else changed), that transaction was in none of them: a PREPARE still
-    running at the errand's deadline, which will be left prepared, went unnamed, and the line
-    said the unit "left nothing prepared" (INFO)."""
+    between the two (the thread is held at its first line once ``looked`` counts the look,
+    by a trace function: the interleaving made certain, nothing else changed), that
+    transaction was in none of them: a PREPARE still running at the errand's deadline, which
+    will be left prepared, went unnamed, and the line said the unit "left nothing prepared"
+    (INFO)."""
     caplog.set_level("INFO", logger="resilient_db")
     proxy, engines = two_proxied
     slow = SLOW_PREPARE.replace("pg_sleep(1)", "pg_sleep(4)")
@@ -2176,19 +2172,23 @@ def test_an_errand_said_at_exit_names_the_transaction_it_just_failed_to_end(
         config=rdb.Config(deadline=1.0),  # (the errand's look ends with the PREPARE running)
     )
     main = threading.get_ident()
-    target = _line_of(rdb_session.ResilientSession._roll_back_prepared, "sweep.looked")
     held, release = threading.Event(), threading.Event()
 
     def hold_after_a_look(frame: Any, what: str, arg: Any) -> Any:
-        # (right after the look that found the PREPARE still running, before the next line)
-        if what == "line" and frame.f_lineno > target and frame.f_locals.get("found", 0) is None:
+        # (at the errand's first line once the look that found the PREPARE still running
+        # is counted as looked for)
+        if (
+            what == "line"
+            and not held.is_set()
+            and frame.f_locals["sweep"].looked
+            and frame.f_locals.get("found", 0) is None
+        ):
             held.set()
             release.wait(30)
-            return None
         return hold_after_a_look
 
     def tracer(frame: Any, what: str, arg: Any) -> Any:
-        if frame.f_code.co_name == "_roll_back_prepared":
+        if frame.f_code is rdb_session.ResilientSession._roll_back_prepared.__code__:
             return hold_after_a_look
         return None
 
