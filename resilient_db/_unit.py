@@ -14,6 +14,7 @@ import enum
 import functools
 import inspect
 import logging
+import secrets
 import select
 import socket
 import weakref
@@ -25,6 +26,7 @@ import psycopg
 from sqlalchemy import event, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine.default import DefaultDialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import instance_state
@@ -1549,6 +1551,24 @@ def _prepare_twophase(connection: Connection, xid: Any) -> None:
         request.two_phase.append((connection.engine, xid))
 
 
+def own_xids(dialect: Any) -> None:
+    """Have ``dialect`` name a two-phase transaction with 128 bits from the operating system
+    (:func:`_create_xid`), not from the process-wide ``random`` SQLAlchemy's own
+    ``create_xid`` draws them from: an application or a test runner may seed that, and
+    prefork workers may share its state (uWSGI's, unless told to call ``PyOS_AfterFork``), so
+    that two units get the same xids; and the factory rolls back by name what a unit's PREPARE
+    step may have left prepared (``two_phase_undecided``, and in the background after an
+    interruption: ``_errands``), which must never be another unit's. A dialect with a
+    ``create_xid`` of its own keeps it."""
+    if type(dialect).create_xid is DefaultDialect.create_xid and "create_xid" not in vars(dialect):
+        dialect.create_xid = _create_xid
+
+
+def _create_xid() -> str:
+    """A two-phase transaction's name, as SQLAlchemy's (``_sa_`` and 32 hex digits)."""
+    return f"_sa_{secrets.token_hex(16)}"
+
+
 def _commit_twophase(
     connection: Connection, xid: Any, is_prepared: bool = True, recover: bool = False
 ) -> None:
@@ -2865,6 +2885,7 @@ def hooks_for(
             # each unit's PREPAREs and COMMIT PREPAREDs, where the dialect sends them
             note_dialect_calls(engine.dialect, "do_prepare_twophase", _prepare_twophase)
             note_dialect_calls(engine.dialect, "do_commit_twophase", _commit_twophase)
+            own_xids(engine.dialect)
             if getattr(engine.dialect, "is_async", False):
                 cancellation_after_terminate(engine.dialect)
             event.listen(engine, "do_connect", hooks.do_connect)
