@@ -1741,9 +1741,13 @@ def cut_while_preparing(server: Any, database: str, proxy: FaultProxy) -> thread
     lost while the server carries its PREPARE out, which then completes, prepared."""
 
     def cut() -> None:
+        # (its deferred trigger sleeping: the PREPARE executing, not the Parse of asyncpg's
+        # extended protocol, which shows it active a moment before it is carried out; and in
+        # this database, not the other's)
         query = (
             "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
-            "AND query ILIKE 'PREPARE TRANSACTION%'"
+            "AND datname = current_database() AND query ILIKE 'PREPARE TRANSACTION%' "
+            "AND wait_event = 'PgSleep'"
         )
         wait_for(lambda: server.execute(query, database=database)[0][0] > 0, "a PREPARE")
         proxy.cut_all()
@@ -1917,9 +1921,10 @@ async def test_a_unit_timed_out_in_its_prepare_ends_what_it_leaves_prepared_afte
     two_phase_server.execute(SLOW_PREPARE, database=two_databases[1])
     Sessions = two_phase_factory(rdb.AsyncResilientSession, two_async_engines, service)
     calls: list[int] = []
-    running = (
+    running = (  # (see cut_while_preparing)
         "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
-        "AND query ILIKE 'PREPARE TRANSACTION%'"
+        "AND datname = current_database() AND query ILIKE 'PREPARE TRANSACTION%' "
+        "AND wait_event = 'PgSleep'"
     )
 
     def preparing() -> bool:
@@ -2055,9 +2060,10 @@ CREATE CONSTRAINT TRIGGER slow_prepare AFTER INSERT ON items DEFERRABLE INITIALL
   FOR EACH ROW EXECUTE FUNCTION slow_prepare();
 """
 
-RUNNING_PREPARE = (
+RUNNING_PREPARE = (  # (see cut_while_preparing)
     "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
-    "AND query ILIKE 'PREPARE TRANSACTION%'"
+    "AND datname = current_database() AND query ILIKE 'PREPARE TRANSACTION%' "
+    "AND wait_event = 'PgSleep'"
 )
 
 
