@@ -18,6 +18,7 @@ at its end, which an errand says itself.
 from __future__ import annotations
 
 import atexit
+import contextvars
 import logging  # noqa: F401 (its exit handler first: see below)
 import os
 import threading
@@ -112,9 +113,11 @@ _RUNNING: set[Errand] = set()
 def start_thread(errand: Errand, target: Callable[[Errand], None]) -> None:
     """Run ``target(errand)`` in a daemon thread of its own: the process does not wait for
     it past :data:`EXIT_GRACE`."""
+    # (a context of its own: none of the interrupted unit's, on any Python, free-threaded
+    # builds included, whose threads may start with their creator's)
     errand.thread = threading.Thread(
-        target=target,
-        args=(errand,),
+        target=contextvars.Context().run,
+        args=(target, errand),
         name="resilient_db: ending prepared transactions",
         daemon=True,
     )

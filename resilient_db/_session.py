@@ -575,16 +575,20 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         if not pending:
             return
         sweep = Sweep(pending)
+        interrupted: BaseException | None = None
         try:
             self._roll_back_prepared(sweep)
-        except BaseException as interruption:
-            if not isinstance(interruption, Exception):  # (cancelled or interrupted)
-                request.two_phase_ended = sweep.ended
-                self._end_later(request, interruption)
+        except BaseException as stopped:
+            if not isinstance(stopped, Exception):  # (cancelled or interrupted)
+                interrupted = stopped
             raise
         finally:
             request.two_phase_ended = sweep.ended
-            self._referee.two_phase_abandoned(pending, sweep.ended, sweep.left, exc, request)
+            # interrupted, what it could not end yet is the background's to end and to name
+            left = sweep.left if interrupted is None else []
+            self._referee.two_phase_abandoned(pending, sweep.ended, left, exc, request)
+            if interrupted is not None:
+                self._end_later(request, interrupted)
 
     def _roll_back_prepared(self, sweep: Sweep) -> None:
         """Roll back each of ``sweep``'s prepared transactions still prepared, on a new

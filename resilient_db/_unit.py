@@ -1250,7 +1250,7 @@ class CommitReferee:
             type(interruption).__name__,
             ", ".join(str(xid) for _, xid in sweep.pending),
             service=policy.service,
-            event="two_phase_abandoned",
+            event="two_phase_nothing_prepared",
         )
 
     def two_phase_abandoned(
