@@ -43,6 +43,11 @@ class NotStarted(Exception):
     be started (no thread to be had, the event loop closing)."""
 
 
+class LookFailed(Exception):
+    """The reason a prepared transaction an errand was to end is named as left: the errand
+    itself failed (an error of its own, not of a connection)."""
+
+
 @dataclass(eq=False)  # (an errand is kept in a set)
 class Sweep:
     """How far a look for a two-phase unit's prepared transactions has got: of ``pending``

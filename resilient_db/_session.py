@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ._classify import Classifier, debug_failure
 from ._commit import AttemptRecord, CommitRequest, CommitTicket
 from ._config import Config
-from ._errands import Errand, NotStarted, Sweep, start_thread
+from ._errands import Errand, LookFailed, NotStarted, Sweep, start_thread
 from ._errors import TransactionStateError
 from ._internals import with_own_session_class
 from ._observability import log_session
@@ -619,6 +619,10 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
     def _run_errand(self, errand: Errand) -> None:
         try:
             self._roll_back_prepared(errand)
+        except Exception as failed:  # (its own, not a connection's): said in its line, not raised
+            # (raised: a thread's traceback, or a task's error nobody reads)
+            errand.stopped = LookFailed(f"{type(failed).__name__}: {failed}")
+            debug_failure(log_session, "a background look for prepared transactions failed")
         except BaseException as stopped:  # (its task cancelled: said as what stopped it)
             errand.stopped = stopped
             raise

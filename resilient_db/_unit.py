@@ -70,7 +70,7 @@ from ._commit import (
     wrote_past_commit,
 )
 from ._config import Config, factory_config, register_default_user
-from ._errands import NotStarted, ProcessExiting, Sweep
+from ._errands import LookFailed, NotStarted, ProcessExiting, Sweep
 from ._errors import CircuitOpenError, CommitOutcomeUnknownError
 from ._internals import (
     asyncpg_socket_fd,
@@ -1622,6 +1622,8 @@ def _why_left(error: BaseException | None) -> str:
         return "the process exited first"
     if isinstance(error, NotStarted):
         return f"no background look could be started ({error})"
+    if isinstance(error, LookFailed):
+        return f"the background look failed ({error})"
     if not isinstance(error, Exception):
         return f"interrupted ({type(error).__name__})"
     return f"its database could not be reached in time ({type(error).__name__})"

@@ -1560,7 +1560,7 @@ def counts(server: Any, databases: tuple[str, str]) -> list[int]:
     ]
 
 
-def two_phase_factory(factory: Any, engines: list[Any], service: str) -> Any:
+def two_phase_factory(factory: Any, engines: list[Any], service: str, **kwargs: Any) -> Any:
     """A two-phase factory whose items go to the first engine and tasks to the second, that
     retries 42704 (the prepared transaction is gone) as a transient error would be."""
     return factory(
@@ -1569,6 +1569,7 @@ def two_phase_factory(factory: Any, engines: list[Any], service: str) -> Any:
         twophase=True,
         binds={Item: engines[0], Task: engines[1]},
         classifier=rdb.Classifier().with_codes({"42704": "conflict"}),
+        **kwargs,
     )
 
 
@@ -1965,7 +1966,7 @@ class Interrupted(BaseException):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ending", ["runs", "exits", "no-thread"])
+@pytest.mark.parametrize("ending", ["runs", "exits", "no-thread", "look-fails"])
 def test_a_sync_unit_interrupted_while_it_looks_for_a_lost_prepare_ends_it_in_a_thread(
     *,
     two_phase_server: Any,
@@ -1981,13 +1982,20 @@ def test_a_sync_unit_interrupted_while_it_looks_for_a_lost_prepare_ends_it_in_a_
     factory's waits for the PREPARE and rolls back what it left. Should the process exit
     first (its exit handler run while the PREPARE still runs, past the grace it waits), an
     ERROR line names what may be left, once; so it does when no thread can be started (the
-    process at its limit of threads), and the interruption still goes on as it is."""
+    process at its limit of threads), and the interruption still goes on as it is, and when
+    the look itself fails (here the factory's ``sleep``, in the errand's thread only)."""
     caplog.set_level("INFO", logger="resilient_db")
     proxy, engines = two_proxied
     slow = SLOW_PREPARE.replace("pg_sleep(1)", "pg_sleep(3)")
     two_phase_server.execute(slow, database=two_databases[1])
-    Sessions = two_phase_factory(rdb.ResilientSession, engines, service)
     main = threading.get_ident()
+
+    def sleep(seconds: float) -> None:
+        if ending == "look-fails" and threading.get_ident() != main:
+            raise RuntimeError("a sleep that fails")
+        time.sleep(seconds)
+
+    Sessions = two_phase_factory(rdb.ResilientSession, engines, service, sleep=sleep)
 
     def interrupt_once_cut() -> None:
         cutter = cut_while_preparing(two_phase_server, two_databases[1], proxy)
@@ -2016,6 +2024,13 @@ def test_a_sync_unit_interrupted_while_it_looks_for_a_lost_prepare_ends_it_in_a_
     assert calls == [1]
     (handed,) = handed_over(caplog)
     assert "interrupted (Interrupted)" in handed
+    if ending == "look-fails":
+        wait_for(lambda: bool(errand_lines(caplog)), "the background look's end")
+        (line,) = errand_lines(caplog)
+        assert line.startswith("Two-phase unit not ended"), line
+        assert "the background look failed (RuntimeError: a sleep that fails)" in line
+        assert not rdb_errands._RUNNING
+        return
     if ending == "no-thread":
         (line,) = errand_lines(caplog)
         assert line.startswith("Two-phase unit not ended"), line
