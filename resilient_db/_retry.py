@@ -682,16 +682,14 @@ class Policy:
         return self.failed(exc, probe, started)
 
     def admit_on_loop(self) -> bool | None:
-        """:meth:`admit` for an async unit's first attempt, asked on the event loop: its answer
-        when that sends nothing to Redis (every unit while the breaker is closed, or not
-        shared), else None, having done nothing, for :meth:`aadmit` to ask off the loop (a
-        shared breaker open or half-open asks Redis for a probe)."""
+        """:meth:`admit` for an async unit's first attempt, asked on the event loop: False
+        while the breaker is closed (every unit's answer, sending nothing to Redis), else
+        None, having done nothing, for :meth:`aadmit` (a shared breaker open or half-open asks
+        Redis for a probe, off the loop; a refusal lets the loop's other tasks run first)."""
         if self._generation == STATE.generation:  # (else refresh() first: off the loop too)
             breaker = self.breaker
             if breaker is None or breaker.fast_closed():
                 return False
-            if not breaker.shared:
-                return self.admit()
         return None
 
     def succeeded_on_loop(self, probe: bool) -> bool:
@@ -709,10 +707,18 @@ class Policy:
         return True
 
     async def aadmit(self) -> bool:
-        """:meth:`admit` of an async retry's attempt (see above)."""
-        if self._shares():
-            return await asyncio.to_thread(self.admit)
-        return self.admit()
+        """:meth:`admit` of an async attempt the breaker may refuse (see above). A refusal
+        yields to the event loop before it is raised: it sends nothing to the database, so a
+        task that runs units in a loop, going on after each refusal, would otherwise never
+        let another task run (the one holding the half-open probe, say: the breaker would
+        never close)."""
+        try:
+            if self._shares():
+                return await asyncio.to_thread(self.admit)
+            return self.admit()
+        except CircuitOpenError:
+            await asyncio.sleep(0)
+            raise
 
     async def asucceeded(self, probe: bool) -> None:
         """:meth:`succeeded` of an async retry's attempt: the first success after failures

@@ -6,6 +6,7 @@ raised by the server)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -117,5 +118,51 @@ async def test_async_an_open_breaker_refuses_drop_in_work_on_a_pooled_connection
                     await session.execute(sa.text("INSERT INTO ledger (note) VALUES ('kept')"))
         assert rejections(service) == 3
         assert rows(pg_server, pg_database) == ["before"]
+    finally:
+        await aengine.dispose()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("how", ["run", "with_self_healing"])
+async def test_async_units_refused_in_a_loop_let_the_event_loops_other_tasks_run(
+    engine: sa.Engine, pg_server: PostgresServer, pg_database: str, service: str, how: str
+) -> None:
+    """A refusal sends nothing to the database: a task that runs units in a loop and goes on
+    after each ``CircuitOpenError`` never gave the event loop back, and the loop's other tasks
+    (the one holding the half-open probe, say) never ran. A refusal yields first."""
+    aengine = create_async_engine(pg_server.url(pg_database, driver="asyncpg"))
+    try:
+        Factory = rdb.AsyncResilientSession(aengine, service=service, config=config())
+
+        async def aunavailable(session: AsyncSession) -> None:
+            await session.execute(sa.text("SELECT raise_code('57P03')"))
+
+        with pytest.raises(sa.exc.DBAPIError):
+            await Factory.run(aunavailable)  # opens the breaker (30 s)
+
+        async def unit(session: AsyncSession) -> int:
+            return 1
+
+        @rdb.with_self_healing(service=service, config=config())
+        async def operation() -> int:
+            return 1
+
+        other_ran: list[bool] = []
+
+        async def other() -> None:
+            other_ran.append(True)
+
+        task = asyncio.ensure_future(other())
+        refused = 0
+        for _ in range(1000):  # (bounded: stops by itself)
+            if other_ran:
+                break
+            try:
+                await (Factory.run(unit) if how == "run" else operation())
+            except rdb.CircuitOpenError:
+                refused += 1
+        await task
+        assert other_ran
+        assert refused == 1  # (the other task ran at the first refusal)
     finally:
         await aengine.dispose()
