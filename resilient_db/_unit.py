@@ -2828,19 +2828,30 @@ class EngineHooks:
     def _dead_at_checkout(self, dbapi_connection: Any) -> NoReturn:
         """A pooled connection found dead (its backend ended: a restart, a failover,
         ``pg_terminate_backend``): counted and said here, where one is found, so that a live
-        checkout pays nothing for it; the pool replaces it."""
+        checkout pays nothing for it; the pool replaces it. One line per engine every few
+        seconds (a failover or a restart leaves every pooled connection dead: one line each
+        would be a storm; the counter and the hooks see each)."""
         config, service = self._speaker()
         stats_for(service).add("dead_pooled_connections")
+        log, unlogged = self._pool_lines.take(_DEAD_LINES)
         emit(
             config,
             log_session,
             logging.INFO,
-            "Discarded a dead pooled connection at checkout: service=%s",
+            "Discarded a dead pooled connection at checkout: service=%s (%d more since the "
+            "last line)",
             service,
+            unlogged,
+            log=log,
             service=service,
             event="dead_pooled_connection",
         )
         replace_at_checkout(dbapi_connection, "pooled connection was closed by the server")
+
+
+#: the key of the dead pooled connections' lines in an engine's ``_pool_lines`` (the others
+#: are SQLSTATEs)
+_DEAD_LINES: Final = "dead pooled connection"
 
 
 def engine_settings(config: Config, classifier: Classifier) -> tuple[Any, ...]:

@@ -1020,6 +1020,42 @@ def test_drop_in_use_survives_a_dead_pooled_connection(
     assert "[SELF-HEAL] Discarded a dead pooled connection" in caplog.text
 
 
+def test_dead_pooled_connections_are_said_once_every_few_seconds_and_each_counted(
+    engine: sa.Engine, pg_server: Any, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A restart or a failover leaves every pooled connection dead: one line each was a log
+    storm on a large pool. One line per engine every few seconds, saying how many more; the
+    counter and the hooks see each."""
+    events: list[str] = []
+
+    def hook(event: rdb.SelfHealEvent) -> None:
+        if event.service == service:
+            events.append(event.name)
+
+    rdb.add_hook(hook)
+    try:
+        Session = rdb.ResilientSession(engine, service=service)
+        held = [engine.connect() for _ in range(3)]  # three pooled connections
+        for conn in held:
+            conn.exec_driver_sql("SELECT 1")
+        for conn in held:
+            conn.close()
+        assert pg_server.terminate_backends(database=engine.url.database) >= 3
+        with caplog.at_level(logging.INFO, logger="resilient_db"):
+            sessions = [Session() for _ in range(3)]
+            for session in sessions:  # each checks a connection out: all three found dead
+                session.execute(sa.text("SELECT 1"))
+            for session in sessions:
+                session.close()
+    finally:
+        rdb.remove_hook(hook)
+    lines = [r.getMessage() for r in caplog.records if "dead pooled connection" in r.getMessage()]
+    assert len(lines) == 1
+    assert lines[0].endswith("(0 more since the last line)")
+    assert events.count("dead_pooled_connection") == 3
+    assert rdb.health()["services"][service]["counters"]["dead_pooled_connections"] == 3
+
+
 def test_a_unit_that_committed_part_of_its_work_survives_a_dead_pooled_connection(
     engine: sa.Engine, pg_server: Any, service: str, caplog: pytest.LogCaptureFixture
 ) -> None:
