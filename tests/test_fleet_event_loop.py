@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
-from processes import wait_for
+from processes import wait_for, wait_for_async
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 import resilient_db as rdb
@@ -212,3 +212,96 @@ async def test_a_drop_in_sessions_failed_connect_does_not_hold_the_event_loop(
         await refused.dispose()
     assert rdb.health()["services"][service]["breaker"]["shared"]["connected"]
     assert "Shared state unavailable" not in caplog.text
+
+
+def _fleet(redis_server: RedisServer, service: str, field: str) -> bytes | None:
+    value: bytes | None = redis_server.client().hget(f"resilient_db:{{{service}}}:breaker", field)
+    return value
+
+
+async def _half_open_factory(
+    aengine: AsyncEngine, redis_server: RedisServer, service: str
+) -> rdb.AsyncResilientSession[AsyncSession]:
+    """A factory sharing its breaker (one probe at a time), opened fleet-wide and the opening
+    run out: its next unit asks Redis for the half-open probe."""
+    Sessions = await _shared_factory(
+        aengine,
+        redis_server,
+        service,
+        SELF_HEALING_RESET_TIMEOUT="300",
+        SELF_HEALING_HALF_OPEN_PROBES="1",
+    )
+    breakers()[service].open()
+    await _opening_run_out(service)
+    return Sessions
+
+
+async def _opening_run_out(service: str) -> None:
+    await wait_for_async(
+        lambda: rdb.health()["services"][service]["breaker"]["state"] == "half-open",
+        "the opening to run out",
+        timeout=5,
+    )
+
+
+@pytest.mark.asyncio
+async def test_an_async_probe_ending_while_an_older_one_runs_reports_its_own_reservation(
+    aengine: AsyncEngine, redis_server: RedisServer, clean_env: pytest.MonkeyPatch, service: str
+) -> None:
+    """The async twin of test_fleet_probe's: probe A (a task) keeps running; the breaker opens
+    again and half-opens, and probe B is let through and succeeds. B's admission ran in a
+    worker thread, whose copy of the task's context noted B's reservation: B's end, in another
+    thread, found no note of its own and took the oldest held (A's, gone with the new opening):
+    its success counted nowhere and its slot stayed taken, every unit of the fleet refused
+    until the probe lease ran out."""
+    Sessions = await _half_open_factory(aengine, redis_server, service)
+    admitted, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(session: AsyncSession) -> int:
+        admitted.set()
+        await asyncio.wait_for(release.wait(), 10)
+        return int((await session.execute(sa.text("SELECT 1"))).scalar_one())
+
+    probe_a = asyncio.create_task(Sessions.run(slow))
+    try:
+        await asyncio.wait_for(admitted.wait(), 10)
+        assert _fleet(redis_server, service, "st") == b"half-open"
+        breakers()[service].open()  # another opening meanwhile: the last one's reservations go
+        await _opening_run_out(service)
+        assert await Sessions.run(lambda s: s.execute(sa.text("SELECT 2"))) is not None  # B
+        assert _fleet(redis_server, service, "st") == b"closed"
+    finally:
+        release.set()
+        assert await asyncio.wait_for(probe_a, 10) == 1
+
+
+@pytest.mark.asyncio
+async def test_a_unit_cancelled_while_its_probe_is_admitted_in_a_thread_gives_the_slot_back(
+    aengine: AsyncEngine, redis_server: RedisServer, clean_env: pytest.MonkeyPatch, service: str
+) -> None:
+    """A unit asks Redis for the half-open probe from a worker thread; Redis is slow, and the
+    unit is cancelled while it waits. The thread goes on, and Redis lets the probe through:
+    nobody ended it, so its slot was held, and every unit of the fleet refused, until the
+    probe lease (10 s) ran out, the database healthy."""
+    Sessions = await _half_open_factory(aengine, redis_server, service)
+    redis_server.pause()
+    try:
+        unit = asyncio.create_task(Sessions.run(lambda s: s.execute(sa.text("SELECT 1"))))
+        # its admission is sent from a worker thread, and waits for Redis (not a backoff)
+        await asyncio.sleep(0.3)
+        assert not unit.done()
+        unit.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await unit
+    finally:
+        redis_server.resume()
+    await wait_for_async(
+        lambda: _fleet(redis_server, service, "st") == b"half-open", "the probe's admit", 5
+    )
+    await wait_for_async(
+        lambda: _fleet(redis_server, service, "probes") == b"0",
+        "the cancelled unit's probe slot to be given back",
+        timeout=3,
+    )
+    await Sessions.run(lambda s: s.execute(sa.text("SELECT 2")))
+    assert _fleet(redis_server, service, "st") == b"closed"
