@@ -12,7 +12,9 @@ the loop, that callback could not run before the command timed out, and the link
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
+import threading
 from collections.abc import AsyncIterator
 
 import pytest
@@ -305,3 +307,37 @@ async def test_a_unit_cancelled_while_its_probe_is_admitted_in_a_thread_gives_th
     )
     await Sessions.run(lambda s: s.execute(sa.text("SELECT 2")))
     assert _fleet(redis_server, service, "st") == b"closed"
+
+
+@pytest.mark.asyncio
+async def test_a_shared_breakers_refusal_from_its_own_view_waits_for_no_worker_thread(
+    aengine: AsyncEngine, redis_server: RedisServer, clean_env: pytest.MonkeyPatch, service: str
+) -> None:
+    """The fleet's breaker is open, this process's view of it too: a unit is refused from that
+    view, nothing sent to Redis. It was refused in a worker thread all the same (every breaker
+    not closed went to one): with the event loop's threads busy (the failure scripts of units
+    waiting for a slow Redis, say), each refusal, the open breaker's fail-fast, waited for one
+    of them."""
+    Sessions = await _shared_factory(
+        aengine, redis_server, service, SELF_HEALING_RESET_TIMEOUT="60000"
+    )
+    breakers()[service].open()
+    loop = asyncio.get_running_loop()
+    busy, release = threading.Event(), threading.Event()
+
+    def held() -> None:
+        busy.set()
+        release.wait(10)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as executor:
+        loop.set_default_executor(executor)
+        holder = loop.run_in_executor(None, held)
+        try:
+            assert busy.wait(10)
+            with pytest.raises(rdb.CircuitOpenError):
+                await asyncio.wait_for(
+                    Sessions.run(lambda s: s.execute(sa.text("SELECT 1"))), timeout=2
+                )
+        finally:
+            release.set()
+            await holder
