@@ -934,6 +934,7 @@ def _called_without_session(wrapper: Any, fn: Any) -> Any:
 
 if True:  # async only
     from ._internals import sa_await as _await
+    from ._retry import in_worker
 
     async def _to_completion(coro: Coroutine[Any, Any, None]) -> None:
         """Run ``coro`` (a clean-up) in a task of its own and wait for it to finish even when
@@ -1164,8 +1165,9 @@ if True:  # async only
     def _greenlet_offload(fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` in a worker thread, awaited through SQLAlchemy's ``await_`` bridge: the
         drop-in connect retry's breaker and budget scripts, while shared (``Policy.offload``),
-        do not hold the event loop while Redis is slow."""
-        return _await(asyncio.to_thread(fn, *args))
+        do not hold the event loop while Redis is slow (:func:`in_worker`: a probe noted in the
+        unit's context, which the greenlet shares)."""
+        return _await(in_worker(fn, *args))
 
     def _greenlet_sleep(asleep: Callable[[float], Awaitable[None]]) -> Callable[[float], None]:
         """Back off without blocking the event loop, with ``asleep``.

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import copy
+import functools
 import logging
 import random
 import sys
@@ -22,7 +24,7 @@ from typing import Any, NamedTuple, TypeVar
 import tenacity as _t
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from ._breaker import Breaker, breaker_for, storage_refused
+from ._breaker import Breaker, _probe_here, breaker_for, storage_refused
 from ._budget import RetryBudget, Withdrawal, budget_for
 from ._classify import (
     DEFAULT_CLASSIFIER,
@@ -126,6 +128,58 @@ class _Retry(NamedTuple):
 
 #: what a retry budget paid for the retry decided last, until its attempt starts
 _Paid = list[tuple[RetryBudget, Withdrawal]]
+
+
+async def in_worker(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in a worker thread, in a copy of this context (as :func:`asyncio.to_thread`),
+    for what an async unit asks a shared breaker or budget (Redis, off the event loop).
+
+    The half-open probe ``fn`` let through, or ended, is noted in this context as it would be
+    inline: a probe's end finds its own reservation in the context it was let through in (see
+    ``Breaker._take_probe``); noted only in the thread's copy, the end took the oldest held, and
+    a probe ending while an older one ran reported under the older's reservation (its own slot
+    stayed taken). Shielded: the caller cancelled meanwhile, ``fn`` still runs (a queued call
+    cancelled would never run: a probe's end, a failure, lost), and a probe it lets through
+    for the caller, who will never run it, is given back."""
+    context = contextvars.copy_context()
+    before = context.get(_probe_here)
+    loop = asyncio.get_running_loop()
+    work = loop.run_in_executor(None, functools.partial(context.run, fn, *args))
+    try:
+        result = await asyncio.shield(work)
+    except asyncio.CancelledError:
+        work.add_done_callback(functools.partial(_abandoned, context, before))
+        raise
+    note = context.get(_probe_here)
+    if note is not before:
+        _probe_here.set(note)
+    return result
+
+
+def _abandoned(context: contextvars.Context, before: Any, work: asyncio.Future[Any]) -> None:
+    """:func:`in_worker`'s caller was cancelled before ``work`` ended: a probe it let through
+    (noted in ``context``, the thread's) is given back, in a worker thread too."""
+    if work.cancelled() or work.exception() is not None:
+        return
+    note = context.get(_probe_here)
+    if note is None or note is before:
+        return
+    breaker = note[0]
+
+    def give_back() -> None:
+        context.run(_give_back, breaker)
+
+    try:
+        asyncio.get_running_loop().run_in_executor(None, give_back)
+    except RuntimeError:  # (the loop closing: no thread to be had)
+        give_back()
+
+
+def _give_back(breaker: Breaker) -> None:
+    try:
+        breaker.on_neutral(True)
+    except Exception:  # graceful fallback, as Policy.unused
+        debug_failure(log_retry, "giving back an abandoned probe's slot failed")
 
 
 class Policy:
@@ -678,7 +732,7 @@ class Policy:
     ) -> Outcome:
         """:meth:`failed` for an async attempt (see above)."""
         if self._shares():
-            return await asyncio.to_thread(self.failed, exc, probe, started)
+            return await in_worker(self.failed, exc, probe, started)
         return self.failed(exc, probe, started)
 
     def admit_on_loop(self) -> bool | None:
@@ -714,7 +768,7 @@ class Policy:
         never close)."""
         try:
             if self._shares():
-                return await asyncio.to_thread(self.admit)
+                return await in_worker(self.admit)
             return self.admit()
         except CircuitOpenError:
             await asyncio.sleep(0)
@@ -724,7 +778,7 @@ class Policy:
         """:meth:`succeeded` of an async retry's attempt: the first success after failures
         resets the shared run of failures (see above)."""
         if self._shares():
-            await asyncio.to_thread(self.succeeded, probe)
+            await in_worker(self.succeeded, probe)
         else:
             self.succeeded(probe)
 
