@@ -900,11 +900,8 @@ class Breaker:
     def _fleet_admit(self, fleet: Any) -> bool:
         """Not closed: reject from the local view while it says so, else ask Redis for a
         probe (the open time has passed, or every probe slot was taken a while ago)."""
+        self._view_refuses()
         now = time.monotonic()
-        if self._fleet_state == OPEN and now < self._fleet_until:
-            raise self._reject(self._fleet_until - now, OPEN)
-        if self._fleet_state == HALF_OPEN and now < self._fleet_wait:
-            raise self._reject(self._fleet_wait - now, HALF_OPEN)
         reservation = secrets.token_hex(8)  # drawn before sending: names this attempt's probe
         try:
             decision, remaining, gen, opens, ours = fleet.breaker_admit(
@@ -931,6 +928,25 @@ class Breaker:
         wait = self._retry_after_probe()
         self._fleet_wait = now + wait
         raise self._reject(wait, HALF_OPEN)
+
+    def _view_refuses(self) -> None:
+        """Raise :class:`CircuitOpenError` (counted and reported) while the fleet's state as
+        this process sees it refuses an attempt (open, or half-open with every probe slot taken
+        a moment ago), as :meth:`_fleet_admit` does before it asks Redis anything."""
+        now = time.monotonic()
+        if self._fleet_state == OPEN and now < self._fleet_until:
+            raise self._reject(self._fleet_until - now, OPEN)
+        if self._fleet_state == HALF_OPEN and now < self._fleet_wait:
+            raise self._reject(self._fleet_wait - now, HALF_OPEN)
+
+    def refuse_from_view(self) -> None:
+        """:meth:`before_call`'s refusal that sends nothing, alone: raise
+        :class:`CircuitOpenError` while a shared breaker's view refuses an attempt, else return
+        (closed, or Redis to be asked, or not shared). For an async unit, refused on the event
+        loop, without waiting for a worker thread to refuse it there."""
+        fleet = self._fleet
+        if fleet is not None and fleet.up and self._fleet_state != CLOSED:
+            self._view_refuses()
 
     def _fleet_failure(self, fleet: Any, age: float, reservation: str | None = None) -> None:
         """Count the failure fleet-wide (Redis skips an attempt that began before the fleet's

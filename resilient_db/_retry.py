@@ -768,6 +768,7 @@ class Policy:
         never close)."""
         try:
             if self._shares():
+                self._refuse_from_view()  # (sends nothing: no thread to wait for)
                 return await in_worker(self.admit)
             return self.admit()
         except CircuitOpenError:
@@ -987,8 +988,18 @@ class Policy:
     def _admit_offloaded(self) -> bool:
         probe = self.admit_on_loop()
         if probe is None:
+            if self.offload is not None and self._shares():
+                self._refuse_from_view()  # (sends nothing: no thread to wait for)
             return self._offloaded(self.admit)  # type: ignore[no-any-return]
         return probe
+
+    def _refuse_from_view(self) -> None:
+        """Raise :class:`CircuitOpenError` while the shared breaker's view here refuses an
+        attempt (see :meth:`Breaker.refuse_from_view`): asked before a worker thread would be,
+        for what needs none. Not after ``reset_state()``: :meth:`admit` takes the new breaker."""
+        breaker = self.breaker
+        if breaker is not None and self._generation == STATE.generation:
+            breaker.refuse_from_view()
 
     def _succeeded_offloaded(self, probe: bool) -> None:
         if not self.succeeded_on_loop(probe):
