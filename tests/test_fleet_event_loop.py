@@ -341,3 +341,44 @@ async def test_a_shared_breakers_refusal_from_its_own_view_waits_for_no_worker_t
         finally:
             release.set()
             await holder
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="not fixed: a callable not declared async is admitted before it is called, on the "
+    "loop (called first, a sync one would run unadmitted); the README says so",
+)
+@pytest.mark.asyncio
+async def test_with_self_healing_of_a_lambda_returning_a_coroutine_asks_for_a_probe_off_the_loop(
+    aengine: AsyncEngine,
+    redis_server: RedisServer,
+    clean_env: pytest.MonkeyPatch,
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``with_self_healing(lambda: repo.get(1))``, an async callable as its docstring says: the
+    shared breaker's opening ran out, and the operation's admission asks Redis for the
+    half-open probe. It was asked on the event loop (the callable is called to find out that
+    it is async, after its admission): a Redis that hangs held every task of the loop, against
+    the README (a half-open probe's admission of an async unit runs in a worker thread)."""
+    Sessions = await _shared_factory(
+        aengine, redis_server, service, SELF_HEALING_RESET_TIMEOUT="100"
+    )
+    breakers()[service].open()
+    await _opening_run_out(service)
+
+    async def get() -> int:
+        async with Sessions() as session:
+            return int((await session.execute(sa.text("SELECT 1"))).scalar_one())
+
+    caplog.set_level(logging.WARNING, logger="resilient_db")
+    loop = asyncio.get_running_loop()
+    redis_server.pause()
+    try:
+        loop.call_later(0.2, redis_server.resume)  # (runs only if the loop does)
+        # (a lambda on purpose: not declared async)
+        assert await rdb.with_self_healing(lambda: get(), service=service) == 1  # noqa: PLW0108
+    finally:
+        redis_server.resume()
+    assert rdb.health()["services"][service]["breaker"]["shared"]["connected"]
+    assert "Shared state unavailable" not in caplog.text
