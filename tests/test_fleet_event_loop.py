@@ -16,6 +16,7 @@ import concurrent.futures
 import logging
 import threading
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -382,3 +383,49 @@ async def test_with_self_healing_of_a_lambda_returning_a_coroutine_asks_for_a_pr
         redis_server.resume()
     assert rdb.health()["services"][service]["breaker"]["shared"]["connected"]
     assert "Shared state unavailable" not in caplog.text
+
+
+@pytest.mark.asyncio
+async def test_a_probe_cancelled_while_its_end_waits_for_a_worker_thread_still_ends(
+    aengine: AsyncEngine, redis_server: RedisServer, clean_env: pytest.MonkeyPatch, service: str
+) -> None:
+    """The fleet's half-open probe succeeds here, and its end, for Redis, waits for one of the
+    event loop's threads (all busy); the unit is cancelled meanwhile. The end, queued, was
+    cancelled with it and never ran: the probe's slot was held by nobody, every unit of the
+    fleet refused until the probe lease ran out. It runs all the same."""
+    Sessions = await _half_open_factory(aengine, redis_server, service)
+    loop = asyncio.get_running_loop()
+    release = threading.Event()
+    holders: list[asyncio.Future[bool]] = []
+
+    async def probe(session: AsyncSession) -> int:
+        value = int((await session.execute(sa.text("SELECT 1"))).scalar_one())
+        holders.append(loop.run_in_executor(None, release.wait, 10))  # the one thread, busy
+        executor.submitted = 1  # (what follows is the unit's)
+        return value
+
+    class Executor(concurrent.futures.ThreadPoolExecutor):
+        submitted = 0
+
+        def submit(self, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+            self.submitted += 1
+            return super().submit(*args, **kwargs)
+
+    with Executor(max_workers=1) as executor:
+        loop.set_default_executor(executor)
+        unit = asyncio.create_task(Sessions.run(probe))
+        try:
+            await wait_for_async(lambda: bool(holders), "the probe's attempt", 10)
+            await wait_for_async(
+                lambda: executor.submitted > 1, "the probe's end, queued for a thread", 10
+            )
+            assert not unit.done()
+            unit.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await unit
+        finally:
+            release.set()
+            await asyncio.gather(*holders)
+        await wait_for_async(
+            lambda: _fleet(redis_server, service, "st") == b"closed", "the probe's end", 3
+        )
