@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import re
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -257,3 +258,45 @@ def test_an_explicit_open_of_a_shared_breaker_says_so_whichever_answer_comes_fir
         r.getMessage() for r in opened
     ]
     engine.dispose()
+
+
+class _Interrupted(BaseException):
+    """What Ctrl-C (``KeyboardInterrupt``) would be, raised by a timer here."""
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_an_explicit_open_interrupted_leaves_no_reason_for_the_next_openings(
+    redis_server: RedisServer, engine: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``open()`` of a shared breaker is interrupted (Ctrl-C) while its script waits for Redis:
+    the reason it noted for its own pub/sub message stayed, and the next opening this process
+    made, a half-open probe's failure, said "after an explicit open()"."""
+    config = rdb.Config(redis_url=redis_server.url, retry=False, reset_timeout=0.3, redis_timeout=5)
+    Factory = rdb.ResilientSession(engine, service="interrupted", config=config)
+    wait_for(lambda: shared("interrupted")["connected"], "the link", 10)
+    breaker = breakers()["interrupted"]
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise _Interrupted
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    redis_server.pause()
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with pytest.raises(_Interrupted):
+            breaker.open()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        redis_server.resume()
+    state = lambda: redis_server.client().hget("resilient_db:{interrupted}:breaker", "st")  # noqa: E731
+    wait_for(lambda: state() == b"open", "the open() sent, run", 10)
+    wait_for(lambda: shared("interrupted")["connected"], "the link", 10)
+    time.sleep(0.3)  # the breaker's open period (not a backoff)
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    with pytest.raises(sa.exc.DBAPIError):  # the half-open probe fails: reopened
+        Factory.run(lambda s: s.execute(sa.text("SELECT raise_code('57P03')")))
+    wait_for(lambda: bool(_records(caplog, "Circuit breaker opened")), "the opening's line", 5)
+    (opened,) = _records(caplog, "Circuit breaker opened")
+    assert "explicit open()" not in opened.getMessage(), opened.getMessage()
