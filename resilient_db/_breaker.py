@@ -1005,16 +1005,17 @@ class Breaker:
         # answer does: it says why too, not "failures across the fleet"
         self._forcing = reason
         try:
-            answer = fleet.breaker_force(self.service, state, self.config.reset_timeout)
-        except FleetDown:
-            self._forcing = None
-            return False
-        if state == OPEN:
-            self._opened_here += 1
-        # this process's change, as its own pub/sub message says (``mine``)
-        try:
+            try:
+                answer = fleet.breaker_force(self.service, state, self.config.reset_timeout)
+            except FleetDown:
+                return False
+            if state == OPEN:
+                self._opened_here += 1
+            # this process's change, as its own pub/sub message says (``mine``)
             self.fleet_update(*answer, answer=True, mine=True, reason=reason)
         finally:
+            # (interrupted too, Ctrl-C while Redis is slow: else every opening this process
+            # made afterwards said it was this one's)
             self._forcing = None
         return True
 
