@@ -18,6 +18,7 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pybreaker
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
@@ -429,3 +430,48 @@ async def test_a_probe_cancelled_while_its_end_waits_for_a_worker_thread_still_e
         await wait_for_async(
             lambda: _fleet(redis_server, service, "st") == b"closed", "the probe's end", 3
         )
+
+
+@pytest.mark.asyncio
+async def test_a_breaker_of_its_own_storage_refuses_on_the_loop_while_the_budget_is_shared(
+    aengine: AsyncEngine, redis_server: RedisServer, clean_env: pytest.MonkeyPatch, service: str
+) -> None:
+    """A breaker on a storage of the application's (``breaker_storage=``: not shared) and the
+    retry budget shared through Redis: the breaker, open, refuses without Redis, yet its
+    admission went to a worker thread (the budget being shared), each refusal waiting for one
+    of the event loop's threads."""
+    rdb.reload_config(
+        {"SELF_HEALING_REDIS_URL": redis_server.url, "SELF_HEALING_RETRY_BUDGET": "0.2"}
+    )
+    Sessions = rdb.AsyncResilientSession(
+        aengine, service=service, breaker_storage=pybreaker.CircuitMemoryStorage("closed")
+    )
+    await Sessions.run(lambda s: s.execute(sa.text("SELECT 1")))
+    wait_for(
+        lambda: rdb.health()["services"][service]["budget"]["scope"] == "fleet",
+        timeout=10,
+        what="the shared budget's link",
+    )
+    breaker = Sessions.policy.breaker
+    assert breaker is not None
+    assert not breaker.shared
+    breaker.open()
+    loop = asyncio.get_running_loop()
+    busy, release = threading.Event(), threading.Event()
+
+    def held() -> None:
+        busy.set()
+        release.wait(10)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as executor:
+        loop.set_default_executor(executor)
+        holder = loop.run_in_executor(None, held)
+        try:
+            assert busy.wait(10)
+            with pytest.raises(rdb.CircuitOpenError):
+                await asyncio.wait_for(
+                    Sessions.run(lambda s: s.execute(sa.text("SELECT 1"))), timeout=2
+                )
+        finally:
+            release.set()
+            await holder
