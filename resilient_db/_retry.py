@@ -767,8 +767,7 @@ class Policy:
         let another task run (the one holding the half-open probe, say: the breaker would
         never close)."""
         try:
-            if self._shares():
-                self._refuse_from_view()  # (sends nothing: no thread to wait for)
+            if self._admits_off_the_loop():
                 return await in_worker(self.admit)
             return self.admit()
         except CircuitOpenError:
@@ -988,18 +987,26 @@ class Policy:
     def _admit_offloaded(self) -> bool:
         probe = self.admit_on_loop()
         if probe is None:
-            if self.offload is not None and self._shares():
-                self._refuse_from_view()  # (sends nothing: no thread to wait for)
-            return self._offloaded(self.admit)  # type: ignore[no-any-return]
+            offload = self.offload
+            if offload is not None and self._admits_off_the_loop():
+                return offload(self.admit)  # type: ignore[no-any-return]
+            return self.admit()
         return probe
 
-    def _refuse_from_view(self) -> None:
-        """Raise :class:`CircuitOpenError` while the shared breaker's view here refuses an
-        attempt (see :meth:`Breaker.refuse_from_view`): asked before a worker thread would be,
-        for what needs none. Not after ``reset_state()``: :meth:`admit` takes the new breaker."""
+    def _admits_off_the_loop(self) -> bool:
+        """Whether :meth:`admit`, for a breaker not closed, may ask Redis, so is to be asked
+        from a worker thread: the breaker is shared (after ``reset_state()``, anything shared:
+        :meth:`admit` may take a shared breaker). The shared breaker's view here refusing
+        (see :meth:`Breaker.refuse_from_view`) raises :class:`CircuitOpenError` at once, and
+        a breaker not shared (of the application's storage, the retry budget alone shared)
+        decides inline: neither sends anything, nor waits for one of the loop's threads."""
+        if self._generation != STATE.generation:
+            return self._shares()
         breaker = self.breaker
-        if breaker is not None and self._generation == STATE.generation:
-            breaker.refuse_from_view()
+        if breaker is None or not breaker.shared:
+            return False
+        breaker.refuse_from_view()
+        return True
 
     def _succeeded_offloaded(self, probe: bool) -> None:
         if not self.succeeded_on_loop(probe):
