@@ -292,3 +292,43 @@ async def test_an_async_refund_to_a_hanging_redis_does_not_hold_the_event_loop(
     assert budget_entry(service)["scope"] == "fleet"
     assert "Shared state unavailable" not in caplog.text
     assert fleet_spent(redis_server, service) == 0  # given back
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("engine")
+async def test_an_async_unit_cancelled_while_the_fleet_pays_for_its_retry_gets_it_back(
+    pg_async_url: str, service: str, redis_server: RedisServer
+) -> None:
+    """An async unit's retry is decided in a worker thread (the fleet's budget pays: a script),
+    and the unit is cancelled while Redis is slow to answer. The cancel was raised at once, with
+    nothing paid yet to give back; the thread went on, and the fleet's budget paid for a retry
+    that never ran, kept spent."""
+    async_engine: AsyncEngine = create_async_engine(pg_async_url)
+    config = rdb.Config(
+        **{**SETTINGS, "circuit_breaker": False}, redis_url=redis_server.url, redis_timeout=5.0
+    )
+    loop = asyncio.get_running_loop()
+    try:
+        Factory = rdb.AsyncResilientSession(async_engine, service=service, config=config)
+        wait_for(lambda: budget_entry(service)["scope"] == "fleet", "the budget to be shared")
+
+        async def unit(session: AsyncSession) -> None:
+            redis_server.pause()  # the retry's withdrawal waits for Redis
+            await session.execute(sa.text(UNAVAILABLE))
+
+        task = asyncio.create_task(Factory.run(unit))
+        try:
+            # (the withdrawal sent from its worker thread: ordering, not a backoff)
+            await asyncio.sleep(0.5)
+            assert not task.done()
+            task.cancel()
+            loop.call_later(0.2, redis_server.resume)  # slow, not hung
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            redis_server.resume()
+        await loop.shutdown_default_executor()  # (every worker thread's call ended)
+    finally:
+        await async_engine.dispose()
+    assert fleet_spent(redis_server, service) == 0  # given back
+    assert budget_entry(service)["retries"] == 0
