@@ -1162,12 +1162,12 @@ if True:  # async only
                 f"AsyncResilientSession are async functions (async def); {_SYNC_HINT}"
             )
 
-    def _greenlet_offload(fn: Callable[..., Any], *args: Any) -> Any:
+    def _greenlet_offload(fn: Callable[..., Any], *args: Any, finish: bool = False) -> Any:
         """``fn(*args)`` in a worker thread, awaited through SQLAlchemy's ``await_`` bridge: the
         drop-in connect retry's breaker and budget scripts, while shared (``Policy.offload``),
         do not hold the event loop while Redis is slow (:func:`in_worker`: a probe noted in the
         unit's context, which the greenlet shares)."""
-        return _await(in_worker(fn, *args))
+        return _await(in_worker(fn, *args, finish=finish))
 
     def _greenlet_sleep(asleep: Callable[[float], Awaitable[None]]) -> Callable[[float], None]:
         """Back off without blocking the event loop, with ``asleep``.

@@ -130,7 +130,7 @@ class _Retry(NamedTuple):
 _Paid = list[tuple[RetryBudget, Withdrawal]]
 
 
-async def in_worker(fn: Callable[..., T], *args: Any) -> T:
+async def in_worker(fn: Callable[..., T], *args: Any, finish: bool = False) -> T:
     """``fn(*args)`` in a worker thread, in a copy of this context (as :func:`asyncio.to_thread`),
     for what an async unit asks a shared breaker or budget (Redis, off the event loop).
 
@@ -140,7 +140,9 @@ async def in_worker(fn: Callable[..., T], *args: Any) -> T:
     a probe ending while an older one ran reported under the older's reservation (its own slot
     stayed taken). Shielded: the caller cancelled meanwhile, ``fn`` still runs (a queued call
     cancelled would never run: a probe's end, a failure, lost), and a probe it lets through
-    for the caller, who will never run it, is given back."""
+    for the caller, who will never run it, is given back. ``finish``: the cancel is raised
+    once ``fn`` has ended (at most the Redis timeout), for what the caller then undoes (a
+    retry the budget paid for in the thread, given back by the caller)."""
     context = contextvars.copy_context()
     before = context.get(_probe_here)
     loop = asyncio.get_running_loop()
@@ -148,7 +150,10 @@ async def in_worker(fn: Callable[..., T], *args: Any) -> T:
     try:
         result = await asyncio.shield(work)
     except asyncio.CancelledError:
-        work.add_done_callback(functools.partial(_abandoned, context, before))
+        if finish:
+            await asyncio.wait([work])
+        else:
+            work.add_done_callback(functools.partial(_abandoned, context, before))
         raise
     note = context.get(_probe_here)
     if note is not before:
@@ -691,7 +696,7 @@ class Policy:
             decide = stop
 
             def stop(rs: _t.RetryCallState) -> bool:  # (its budget's script: see offload)
-                return self._offloaded(decide, rs)  # type: ignore[no-any-return]
+                return self._offloaded(decide, rs, finish=True)  # type: ignore[no-any-return]
 
         return {
             "retry": _t.retry_if_exception(self._retry_predicate),
@@ -722,7 +727,9 @@ class Policy:
 
         async def astop(rs: _t.RetryCallState) -> bool:
             if self._shares():
-                return await asyncio.to_thread(stop, rs)
+                # (cancelled meanwhile: what the budget paid goes to ``paid`` first, for the
+                # caller to give back)
+                return await in_worker(stop, rs, finish=True)
             return stop(rs)
 
         return astop
@@ -1017,11 +1024,12 @@ class Policy:
     ) -> Outcome:
         return self._offloaded(self.failed, exc, probe, started)  # type: ignore[no-any-return]
 
-    def _offloaded(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(*args)``, through :attr:`offload` while shared (see :meth:`_shares`)."""
+    def _offloaded(self, fn: Callable[..., Any], *args: Any, finish: bool = False) -> Any:
+        """``fn(*args)``, through :attr:`offload` while shared (see :meth:`_shares`;
+        ``finish``: see :func:`in_worker`)."""
         offload = self.offload
         if offload is not None and self._shares():
-            return offload(fn, *args)
+            return offload(fn, *args, finish=finish) if finish else offload(fn, *args)
         return fn(*args)
 
     def call_failed(
