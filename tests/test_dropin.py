@@ -1833,6 +1833,12 @@ def errand_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [line for line in lines if line.startswith(ends) and "step failed" not in line]
 
 
+def only(lines: list[str], caplog: pytest.LogCaptureFixture) -> list[str]:
+    """``lines``, asserted to be one line; else every line the test logged, to tell why."""
+    assert len(lines) == 1, "\n".join(r.getMessage() for r in caplog.records)
+    return lines
+
+
 def handed_over(caplog: pytest.LogCaptureFixture) -> list[str]:
     """The WARNING lines saying a two-phase unit's PREPAREs were handed to the background."""
     start = "[SELF-HEAL] Ending a two-phase unit's prepared transactions"
@@ -1877,14 +1883,14 @@ async def test_a_unit_cancelled_while_it_looks_for_a_lost_prepare_ends_it_afterw
         await unit
     cutter.join(10)
     assert calls == [1]
-    (handed,) = handed_over(caplog)
+    (handed,) = only(handed_over(caplog), caplog)
     assert "interrupted (CancelledError)" in handed
     if loop_ends:
         (errand,) = rdb_async._ERRAND_TASKS
         errand.cancel()
         with pytest.raises(asyncio.CancelledError):
             await errand
-        (line,) = errand_lines(caplog)
+        (line,) = only(errand_lines(caplog), caplog)
         assert line.startswith("Two-phase unit not ended"), line
         gid = line.split("may be left prepared: ")[1].split(" ")[0]
         assert gid in handed
@@ -1895,7 +1901,7 @@ async def test_a_unit_cancelled_while_it_looks_for_a_lost_prepare_ends_it_afterw
     await wait_for_async(lambda: bool(errand_lines(caplog)), "the background look's end")
     assert pending_prepared(two_phase_server, two_databases) == []
     assert counts(two_phase_server, two_databases) == [0, 0]
-    (line,) = errand_lines(caplog)
+    (line,) = only(errand_lines(caplog), caplog)
     assert line.startswith("Ended a two-phase unit's prepared transactions")
     assert "was interrupted (CancelledError)" in line
     # the one it rolled back is the one it had handed over
@@ -1952,9 +1958,9 @@ async def test_a_unit_timed_out_in_its_prepare_ends_what_it_leaves_prepared_afte
     assert not preparing()
     assert pending_prepared(two_phase_server, two_databases) == []
     assert counts(two_phase_server, two_databases) == [0, 0]
-    (handed,) = handed_over(caplog)
+    (handed,) = only(handed_over(caplog), caplog)
     assert "interrupted (CancelledError)" in handed  # (asyncio.timeout cancels, then raises)
-    (line,) = errand_lines(caplog)
+    (line,) = only(errand_lines(caplog), caplog)
     # rolled back what the PREPARE left, or found it cancelled on the server: never "left"
     assert line.startswith(("Ended a two-phase unit's", "Two-phase unit ended")), line
 
@@ -2022,17 +2028,17 @@ def test_a_sync_unit_interrupted_while_it_looks_for_a_lost_prepare_ends_it_in_a_
     finally:
         signal.signal(signal.SIGUSR1, previous)
     assert calls == [1]
-    (handed,) = handed_over(caplog)
+    (handed,) = only(handed_over(caplog), caplog)
     assert "interrupted (Interrupted)" in handed
     if ending == "look-fails":
         wait_for(lambda: bool(errand_lines(caplog)), "the background look's end")
-        (line,) = errand_lines(caplog)
+        (line,) = only(errand_lines(caplog), caplog)
         assert line.startswith("Two-phase unit not ended"), line
         assert "the background look failed (RuntimeError: a sleep that fails)" in line
         assert not rdb_errands._RUNNING
         return
     if ending == "no-thread":
-        (line,) = errand_lines(caplog)
+        (line,) = only(errand_lines(caplog), caplog)
         assert line.startswith("Two-phase unit not ended"), line
         assert "no background look could be started (RuntimeError: can't start" in line
         assert not rdb_errands._RUNNING
@@ -2042,7 +2048,7 @@ def test_a_sync_unit_interrupted_while_it_looks_for_a_lost_prepare_ends_it_in_a_
         monkeypatch.setattr(rdb_errands, "EXIT_GRACE", 0.1)
         rdb_errands._at_exit()  # (what the interpreter runs at exit: see atexit)
         assert not rdb_errands._RUNNING
-        (line,) = errand_lines(caplog)
+        (line,) = only(errand_lines(caplog), caplog)
         assert line.startswith("Two-phase unit not ended"), line
         assert "the process exited first" in line
         assert line.split("may be left prepared: ")[1].split(" ")[0] in handed
@@ -2055,7 +2061,7 @@ def test_a_sync_unit_interrupted_while_it_looks_for_a_lost_prepare_ends_it_in_a_
     wait_for(lambda: bool(errand_lines(caplog)), "the background look's end")
     assert pending_prepared(two_phase_server, two_databases) == []
     assert counts(two_phase_server, two_databases) == [0, 0]
-    (line,) = errand_lines(caplog)
+    (line,) = only(errand_lines(caplog), caplog)
     assert line.startswith("Ended a two-phase unit's prepared transactions"), line
     assert line.rsplit(": ", 1)[1] in handed
 
@@ -2149,7 +2155,7 @@ async def test_an_errand_never_rolls_back_another_units_prepared_transaction(
             unit.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await unit
-            (handed,) = handed_over(caplog)
+            (handed,) = only(handed_over(caplog), caplog)
             await asyncio.to_thread(second_unit)
             await wait_for_async(lambda: bool(errand_lines(caplog)), "the errand's end")
             print("handed:", handed, "second unit's xids:", xids, *errand_lines(caplog))
@@ -2157,7 +2163,7 @@ async def test_an_errand_never_rolls_back_another_units_prepared_transaction(
                 names = sorted(conn.scalars(sa.select(Item.name)))
             assert outcome == [None], outcome
             assert names == ["second"]
-            (line,) = errand_lines(caplog)
+            (line,) = only(errand_lines(caplog), caplog)
             assert line.startswith("Two-phase unit ended"), line  # (nothing of its own left)
         finally:
             await async_engine.dispose()
@@ -2239,7 +2245,7 @@ def test_an_errand_said_at_exit_names_the_transaction_it_just_failed_to_end(
         release.set()
         assert errand.thread is not None
         errand.thread.join(30)
-        (line,) = errand_lines(caplog)
+        (line,) = only(errand_lines(caplog), caplog)
         assert line.startswith("Two-phase unit not ended"), line
         assert f"{gid}: its PREPARE was still running at the last look" in line, line
     finally:
