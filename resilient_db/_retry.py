@@ -305,10 +305,11 @@ class Policy:
             return False
 
     #: How the sync driver (:meth:`call`, :meth:`call_once`) runs what may talk to Redis while
-    #: the breaker or the budget is shared: ``offload(fn, *args)`` returns ``fn(*args)``. None:
-    #: inline. An async factory's policy runs its drop-in connect retry in SQLAlchemy's
-    #: greenlet, on the event loop's thread: it sets one that runs ``fn`` in a worker thread
-    #: and awaits it through the greenlet, as the async driver does (see :meth:`_shares`).
+    #: the breaker or the budget is shared: ``offload(fn, *args, finish=...)`` returns
+    #: ``fn(*args)`` (``finish``: see :func:`in_worker`). None: inline. An async factory's
+    #: policy runs its drop-in connect retry in SQLAlchemy's greenlet, on the event loop's
+    #: thread: it sets one that runs ``fn`` in a worker thread and awaits it through the
+    #: greenlet, as the async driver does (see :meth:`_shares`).
     offload: Callable[..., Any] | None = None
 
     #: the breaker that let through the attempt this policy's attempts are part of (a
@@ -617,14 +618,13 @@ class Policy:
             except Exception:  # graceful fallback: the unit's own error is what it raises
                 self._machinery_failed("retry budget refund")
 
-    async def _aunspent(self, paid: _Paid) -> None:
-        """:meth:`_unspent` of an async unit: the refund is a script while the budget is
-        shared, sent from a worker thread (see :meth:`_shares`). Shielded: a unit cancelled
-        again meanwhile still has its refund made (in the thread) and raises the cancel."""
+    async def _ashared(self, fn: Callable[..., T], *args: Any, finish: bool = False) -> T:
+        """``fn(*args)`` for an async unit, where it may talk to Redis: in a worker thread
+        while the breaker or the budget is shared (:func:`in_worker`, see :meth:`_shares`),
+        else inline. The async twin of :meth:`_offloaded`."""
         if self._shares():
-            await asyncio.shield(asyncio.to_thread(self._unspent, paid))
-        else:
-            self._unspent(paid)
+            return await in_worker(fn, *args, finish=finish)
+        return fn(*args)
 
     def _before_sleep(self, rs: _t.RetryCallState, announced: list[_Retry]) -> None:
         """A retry is decided, its backoff about to be slept: its ``Retry attempt`` line now
@@ -726,11 +726,9 @@ class Policy:
         """``stop`` for the async retry loop: in a worker thread while shared (see above)."""
 
         async def astop(rs: _t.RetryCallState) -> bool:
-            if self._shares():
-                # (cancelled meanwhile: what the budget paid goes to ``paid`` first, for the
-                # caller to give back)
-                return await in_worker(stop, rs, finish=True)
-            return stop(rs)
+            # (cancelled meanwhile: what the budget paid goes to ``paid`` first, for the caller
+            # to give back)
+            return await self._ashared(stop, rs, finish=True)
 
         return astop
 
@@ -738,9 +736,7 @@ class Policy:
         self, exc: BaseException, probe: bool, started: float | None = None
     ) -> Outcome:
         """:meth:`failed` for an async attempt (see above)."""
-        if self._shares():
-            return await in_worker(self.failed, exc, probe, started)
-        return self.failed(exc, probe, started)
+        return await self._ashared(self.failed, exc, probe, started)
 
     def admit_on_loop(self) -> bool | None:
         """:meth:`admit` for an async unit's first attempt, asked on the event loop: False
@@ -784,10 +780,7 @@ class Policy:
     async def asucceeded(self, probe: bool) -> None:
         """:meth:`succeeded` of an async retry's attempt: the first success after failures
         resets the shared run of failures (see above)."""
-        if self._shares():
-            await in_worker(self.succeeded, probe)
-        else:
-            self.succeeded(probe)
+        await self._ashared(self.succeeded, probe)
 
     def _gave_up(
         self, exc: BaseException, retries: int, spent: list[RetryBudget], refused: list[float]
@@ -992,13 +985,12 @@ class Policy:
     # one (the inline answers of admit_on_loop / succeeded_on_loop first: no thread hop while
     # the breaker is closed, as for an async unit)
     def _admit_offloaded(self) -> bool:
-        probe = self.admit_on_loop()
-        if probe is None:
-            offload = self.offload
-            if offload is not None and self._admits_off_the_loop():
-                return offload(self.admit)  # type: ignore[no-any-return]
-            return self.admit()
-        return probe
+        """:meth:`admit`, through :attr:`offload` when it may ask Redis (see
+        :meth:`_admits_off_the_loop`)."""
+        offload = self.offload
+        if offload is not None and self.admit_on_loop() is None and self._admits_off_the_loop():
+            return offload(self.admit)  # type: ignore[no-any-return]
+        return self.admit()
 
     def _admits_off_the_loop(self) -> bool:
         """Whether :meth:`admit`, for a breaker not closed, may ask Redis, so is to be asked
@@ -1029,7 +1021,7 @@ class Policy:
         ``finish``: see :func:`in_worker`)."""
         offload = self.offload
         if offload is not None and self._shares():
-            return offload(fn, *args, finish=finish) if finish else offload(fn, *args)
+            return offload(fn, *args, finish=finish)
         return fn(*args)
 
     def call_failed(
@@ -1065,7 +1057,7 @@ class Policy:
                 stopped.append(True)
                 raise last[0]
             try:
-                probe = self._offloaded(self.admit)
+                probe = self._admit_offloaded()
             except CircuitOpenError:
                 rejected.append(True)
                 raise
@@ -1077,7 +1069,7 @@ class Policy:
                 last[0] = exc
                 self._failed_offloaded(exc, probe, started)
                 raise
-            self._offloaded(self.succeeded, probe)
+            self._succeeded_offloaded(probe)
             return result
 
         spent: list[RetryBudget] = []
@@ -1173,7 +1165,8 @@ class Policy:
                 last[0] = exc
                 await self.afailed(exc, probe, started)
                 raise
-            await self.asucceeded(probe)
+            if not self.succeeded_on_loop(probe):
+                await self.asucceeded(probe)
             return result
 
         spent: list[RetryBudget] = []
@@ -1186,7 +1179,7 @@ class Policy:
             result: T = await retrying(one)
         except BaseException as exc:
             if paid:  # a retry paid for whose attempt never ran
-                await self._aunspent(paid)
+                await self._ashared(self._unspent, paid)
             retries = retrying.statistics.get("attempt_number", 1) - 1 - len(stopped)
             if rejected:
                 self._refused_retry(exc, last[0], retries)
