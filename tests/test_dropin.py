@@ -1562,13 +1562,14 @@ def counts(server: Any, databases: tuple[str, str]) -> list[int]:
 
 def two_phase_factory(factory: Any, engines: list[Any], service: str, **kwargs: Any) -> Any:
     """A two-phase factory whose items go to the first engine and tasks to the second, that
-    retries 42704 (the prepared transaction is gone) as a transient error would be."""
+    retries 42704 (the prepared transaction is gone) as a transient error would be, unless
+    given a ``classifier=`` of its own."""
+    kwargs.setdefault("classifier", rdb.Classifier().with_codes({"42704": "conflict"}))
     return factory(
         engines[0],
         service=service,
         twophase=True,
         binds={Item: engines[0], Task: engines[1]},
-        classifier=rdb.Classifier().with_codes({"42704": "conflict"}),
         **kwargs,
     )
 
@@ -2288,12 +2289,7 @@ def test_a_prepare_the_server_refuses_with_a_conflict_is_replayed(
     The default classifier here."""
     caplog.set_level("INFO", logger="resilient_db")
     two_phase_server.execute(REFUSE_FIRST_PREPARE, database=two_databases[1])
-    Sessions = rdb.ResilientSession(
-        two_engines[0],
-        service=service,
-        twophase=True,
-        binds={Item: two_engines[0], Task: two_engines[1]},
-    )
+    Sessions = two_phase_factory(rdb.ResilientSession, two_engines, service, classifier=None)
     calls: list[int] = []
     Sessions.run(add_to_both, calls)
     assert calls == [1, 1]
@@ -2315,9 +2311,8 @@ async def test_async_a_prepare_the_server_refuses_with_a_conflict_is_replayed(
     not affected)."""
     caplog.set_level("INFO", logger="resilient_db")
     two_phase_server.execute(REFUSE_FIRST_PREPARE, database=two_databases[1])
-    engines = two_async_engines
-    Sessions = rdb.AsyncResilientSession(
-        engines[0], service=service, twophase=True, binds={Item: engines[0], Task: engines[1]}
+    Sessions = two_phase_factory(
+        rdb.AsyncResilientSession, two_async_engines, service, classifier=None
     )
     calls: list[int] = []
     await Sessions.run(add_to_both_async, calls)

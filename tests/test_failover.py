@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import pytest
 import sqlalchemy as sa
@@ -106,10 +106,16 @@ class Ack:
     at: float  # monotonic time the unit returned
 
 
+#: the drivers a :class:`Workload` runs on an event loop (its URL says which: psycopg-async's
+#: is a ``postgresql+psycopg`` URL, which an async engine runs on psycopg's async driver)
+ASYNC_WORKLOADS: Final = ("asyncpg", "psycopg-async")
+
+
 class Workload:
     """``writers`` writers, each running one unit per key until :meth:`finish` (or ``limit``
-    units each). psycopg: one thread per writer; asyncpg: one task per writer, on an event loop
-    in a thread of its own, so the test thread can crash and promote meanwhile.
+    units each). psycopg: one thread per writer; asyncpg and psycopg-async (psycopg's async
+    driver): one task per writer, on an event loop in a thread of its own, so the test thread
+    can crash and promote meanwhile.
 
     ``on_call(key, call)`` runs inside the unit after its INSERT; ``on_backoff(seconds)`` before
     every backoff sleep of the factory (the sleep itself is real and short).
@@ -208,7 +214,8 @@ class Workload:
                 self.on_backoff(seconds)  # blocking is fine: the loop is this workload's own
             await asyncio.sleep(seconds)
 
-        engine = create_async_engine(self.url, connect_args={"timeout": 2})
+        timeout = {"timeout": 2} if self.driver == "asyncpg" else {"connect_timeout": 2}
+        engine = create_async_engine(self.url, connect_args=timeout)
         try:
             factory = rdb.AsyncResilientSession(
                 engine, service=self.service, config=self.config, asleep=asleep
@@ -219,7 +226,7 @@ class Workload:
 
     # -- control ----------------------------------------------------------------------------------
     def start(self) -> Workload:
-        if self.driver == "asyncpg":
+        if self.driver in ASYNC_WORKLOADS:
             self._threads = [threading.Thread(target=asyncio.run, args=(self._async_main(),))]
         else:
             engine = sa.create_engine(self.url, connect_args={"connect_timeout": 2})
@@ -244,7 +251,7 @@ class Workload:
         for thread in self._threads:
             thread.join(timeout)
             assert not thread.is_alive(), "a writer did not finish"
-        if self.driver != "asyncpg":
+        if self.driver not in ASYNC_WORKLOADS:
             self._engine.dispose()
 
     def acked(self, port: int | None = None) -> int:

@@ -3,11 +3,8 @@ the scenarios test_failover.py runs with psycopg (sync) and asyncpg."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 from processes import wait_for
-from sqlalchemy.ext.asyncio import create_async_engine
 from test_failover import (
     DATABASE,
     Workload,
@@ -17,32 +14,7 @@ from test_failover import (
     prepare,
 )
 
-import resilient_db as rdb
 from resilient_db.testing import FaultProxy, StandbyPair
-
-
-class AsyncPsycopgWorkload(Workload):
-    """:class:`Workload`'s async writers, on psycopg's async driver."""
-
-    async def _async_main(self) -> None:
-        async def asleep(seconds: float) -> None:
-            if self.on_backoff is not None:
-                self.on_backoff(seconds)
-            await asyncio.sleep(seconds)
-
-        engine = create_async_engine(self.url, connect_args={"connect_timeout": 2})
-        try:
-            factory = rdb.AsyncResilientSession(
-                engine, service=self.service, config=self.config, asleep=asleep
-            )
-            await asyncio.gather(*(self._async_writer(factory, w) for w in range(self.writers)))
-        finally:
-            await engine.dispose()
-
-    def start(self) -> AsyncPsycopgWorkload:
-        self.driver = "asyncpg"  # the async path of Workload.start
-        super().start()
-        return self
 
 
 def test_async_psycopg_writes_resume_after_failover_and_nothing_acknowledged_is_lost(
@@ -50,7 +22,7 @@ def test_async_psycopg_writes_resume_after_failover_and_nothing_acknowledged_is_
 ) -> None:
     pair = pg_standby
     prepare(pair)
-    workload = AsyncPsycopgWorkload(pair.url(DATABASE), "psycopg").start()
+    workload = Workload(pair.url(DATABASE), "psycopg-async").start()
     try:
         wait_for(lambda: workload.acked(pair.primary.port) >= 40, "writes on the primary")
         fail_over(pair)
@@ -70,7 +42,7 @@ def test_async_psycopg_commit_lost_on_the_way_then_failover_is_replayed_once(
     with FaultProxy(pair.primary) as proxy:
         url = pair.url(DATABASE, primary_at=(proxy.host, proxy.port))
         proxy.swallow_commit()
-        workload = AsyncPsycopgWorkload(url, "psycopg", writers=1, limit=1).start()
+        workload = Workload(url, "psycopg-async", writers=1, limit=1).start()
         try:
             wait_for(lambda: proxy.commits_swallowed == 1 or bool(workload.failures), "COMMIT")
             assert proxy.commits_swallowed == 1, workload.failures
@@ -105,8 +77,8 @@ def test_async_psycopg_commit_answer_lost_then_failover_is_verified_not_replayed
                 fail_over(pair)
                 failovers.append(seconds)
 
-        workload = AsyncPsycopgWorkload(
-            url, "psycopg", writers=1, limit=1, on_call=arm, on_backoff=during_backoff
+        workload = Workload(
+            url, "psycopg-async", writers=1, limit=1, on_call=arm, on_backoff=during_backoff
         ).start()
         workload.finish(stop=False)
     assert proxy.commits_lost == 1

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pybreaker
@@ -63,7 +64,7 @@ async def test_a_hanging_redis_does_not_hold_the_event_loop_on_the_failure_path(
     def shared() -> bool:
         return bool(rdb.health()["services"][service]["breaker"]["shared"]["connected"])
 
-    wait_for(shared, timeout=10, what="the shared breaker's link")
+    link_up(service)
     caplog.set_level(logging.WARNING, logger="resilient_db")
     loop = asyncio.get_running_loop()
     calls: list[int] = []
@@ -99,26 +100,39 @@ async def _shared_factory(
     )
     Sessions = rdb.AsyncResilientSession(aengine, service=service)
     await Sessions.run(lambda s: s.execute(sa.text("SELECT 1")))
+    link_up(service)
+    return Sessions
+
+
+def link_up(service: str) -> None:
+    """Wait until ``service``'s breaker is shared through a link that is up."""
     wait_for(
         lambda: bool(rdb.health()["services"][service]["breaker"]["shared"]["connected"]),
         timeout=10,
         what="the shared breaker's link",
     )
-    return Sessions
+
+
+@contextlib.contextmanager
+def hanging(redis_server: RedisServer) -> Iterator[None]:
+    """Redis paused for the block; only a callback of the event loop, 0.2 s on, lets it go on:
+    a block that holds the loop holds Redis past its timeout, and the link goes down (see the
+    module's doc)."""
+    loop = asyncio.get_running_loop()
+    redis_server.pause()
+    try:
+        loop.call_later(0.2, redis_server.resume)  # (runs only if the loop does)
+        yield
+    finally:
+        redis_server.resume()
 
 
 async def _run_while_redis_hangs(
     Sessions: rdb.AsyncResilientSession[AsyncSession], redis_server: RedisServer
 ) -> None:
-    """Run one unit that succeeds at once while Redis hangs, and only a callback of the event
-    loop lets Redis go on (see the module's doc)."""
-    loop = asyncio.get_running_loop()
-    redis_server.pause()
-    try:
-        loop.call_later(0.2, redis_server.resume)  # (runs only if the loop does)
+    """Run one unit that succeeds at once while Redis hangs (see :func:`hanging`)."""
+    with hanging(redis_server):
         await Sessions.run(lambda s: s.execute(sa.text("SELECT 1")))
-    finally:
-        redis_server.resume()
 
 
 @pytest.mark.asyncio
@@ -198,21 +212,13 @@ async def test_a_drop_in_sessions_failed_connect_does_not_hold_the_event_loop(
     )
     refused = create_async_engine(f"postgresql+asyncpg://u:p@127.0.0.1:{free_port()}/x")
     Sessions = rdb.AsyncResilientSession(refused, service=service)
-    wait_for(
-        lambda: bool(rdb.health()["services"][service]["breaker"]["shared"]["connected"]),
-        timeout=10,
-        what="the shared breaker's link",
-    )
+    link_up(service)
     caplog.set_level(logging.WARNING, logger="resilient_db")
-    loop = asyncio.get_running_loop()
-    redis_server.pause()
     try:
-        loop.call_later(0.2, redis_server.resume)  # (runs only if the loop does)
-        with pytest.raises((ConnectionRefusedError, sa.exc.DBAPIError)):
+        with hanging(redis_server), pytest.raises((ConnectionRefusedError, sa.exc.DBAPIError)):
             async with Sessions() as session:
                 await session.execute(sa.text("SELECT 1"))
     finally:
-        redis_server.resume()
         await refused.dispose()
     assert rdb.health()["services"][service]["breaker"]["shared"]["connected"]
     assert "Shared state unavailable" not in caplog.text
@@ -356,14 +362,9 @@ async def test_with_self_healing_of_a_lambda_returning_a_coroutine_asks_for_a_pr
             return int((await session.execute(sa.text("SELECT 1"))).scalar_one())
 
     caplog.set_level(logging.WARNING, logger="resilient_db")
-    loop = asyncio.get_running_loop()
-    redis_server.pause()
-    try:
-        loop.call_later(0.2, redis_server.resume)  # (runs only if the loop does)
+    with hanging(redis_server):
         # (a lambda on purpose: not declared async)
         assert await rdb.with_self_healing(lambda: get(), service=service) == 1  # noqa: PLW0108
-    finally:
-        redis_server.resume()
     assert rdb.health()["services"][service]["breaker"]["shared"]["connected"]
     assert "Shared state unavailable" not in caplog.text
 
