@@ -86,8 +86,10 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -364,14 +366,69 @@ def latency(
     return samples
 
 
+class CpuSplit:
+    """Where a throughput case's time goes, per unit of each variant, summed over the case's
+    measured windows: this process's CPU (the client's, every thread: user and system time by
+    ``getrusage``) and, when the benchmark started the server itself, the server's (its
+    postmaster and every process under it: ``/proc/<pid>/schedstat``, Linux only).
+
+    With many units in flight a ratio of throughputs says how much slower, not where: the
+    client's share and the server's tell apart what the client runs more (Python, system
+    calls) from what the server does more (a marker's INSERT). Read before and after each
+    window, outside its timing."""
+
+    def __init__(self, postmaster: int | None) -> None:
+        self.postmaster = postmaster
+        #: variant -> [units, client user s, client system s, server s]
+        self.totals: dict[str, list[float]] = {}
+
+    def now(self) -> tuple[float, float, float]:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime, usage.ru_stime, self._server_seconds()
+
+    def _server_seconds(self) -> float:
+        if self.postmaster is None:
+            return math.nan
+        total = 0
+        for pid in (self.postmaster, *_children(self.postmaster)):
+            try:  # (the first field: nanoseconds on a CPU)
+                total += int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
+            except (OSError, ValueError, IndexError):  # a process that has just ended
+                continue
+        return total / 1e9
+
+    def add(self, name: str, before: tuple[float, float, float], units: int) -> None:
+        after = self.now()
+        totals = self.totals.setdefault(name, [0.0, 0.0, 0.0, 0.0])
+        totals[0] += units
+        for i in range(3):
+            totals[i + 1] += after[i] - before[i]
+
+    def per_unit(self) -> dict[str, dict[str, float | None]]:
+        """Microseconds per unit: client (user + system), of it system, server (None when
+        the server is not this benchmark's)."""
+        out: dict[str, dict[str, float | None]] = {}
+        for name, (units, user, system, server) in self.totals.items():
+            if units:
+                out[name] = {
+                    "client": (user + system) / units * 1e6,
+                    "client_system": system / units * 1e6,
+                    "server": None if math.isnan(server) else server / units * 1e6,
+                }
+        return out
+
+
 def throughput(
     variants: dict[str, Callable[[int], object]],
     names: list[str],
     threads: int,
     rounds: int,
     seconds: float,
+    *,
+    split: CpuSplit | None = None,
 ) -> dict[str, list[float]]:
-    """Per-round units per second with ``threads`` threads, rounds interleaved."""
+    """Per-round units per second with ``threads`` threads, rounds interleaved (and where
+    their CPU time went, into ``split``)."""
     samples: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(rounds):
         order = names[:]
@@ -395,6 +452,7 @@ def throughput(
                 counts[slot] = i
 
             pool = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
+            before = split.now() if split is not None else None
             start = time.perf_counter()
             for t in pool:
                 t.start()
@@ -403,6 +461,8 @@ def throughput(
             for t in pool:
                 t.join()
             samples[name].append(sum(counts) / (time.perf_counter() - start))
+            if split is not None and before is not None:
+                split.add(name, before, sum(counts))
     return samples
 
 
@@ -499,7 +559,10 @@ async def athroughput(
     tasks: int,
     rounds: int,
     seconds: float,
+    *,
+    split: CpuSplit | None = None,
 ) -> dict[str, list[float]]:
+    """As :func:`throughput`, with ``tasks`` tasks on this event loop."""
     samples: dict[str, list[float]] = {n: [] for n in variants}
     for _ in range(rounds):
         order = list(variants)
@@ -522,9 +585,12 @@ async def athroughput(
                     i += 1
                 counts[slot] = i
 
+            before = split.now() if split is not None else None
             start = time.perf_counter()
             await asyncio.gather(*(worker(t) for t in range(tasks)))
             samples[name].append(sum(counts) / (time.perf_counter() - start))
+            if split is not None and before is not None:
+                split.add(name, before, sum(counts))
     return samples
 
 
@@ -764,10 +830,16 @@ WARM_SECONDS = 1.0
 
 
 def _row(
-    unit: str, case: str, metric: str, stats: dict[str, float], variant: str = "resilient"
+    unit: str,
+    case: str,
+    metric: str,
+    stats: dict[str, float],
+    variant: str = "resilient",
+    *,
+    split: CpuSplit | None = None,
 ) -> dict[str, Any]:
     scale = 1e6 if metric == "latency" else 1.0
-    row = {
+    row: dict[str, Any] = {
         "unit": unit,
         "case": case,
         "metric": "latency_us" if metric == "latency" else "ops_per_s",
@@ -780,6 +852,8 @@ def _row(
         if f"{name}_ratio" in stats:
             row[f"{name}_ratio"] = stats[f"{name}_ratio"]
             row[f"{name}_ratio_95"] = [stats[f"{name}_ratio_low"], stats[f"{name}_ratio_high"]]
+    if split is not None:
+        row["cpu_us_per_unit"] = split.per_unit()
     return row
 
 
@@ -825,13 +899,23 @@ def run(
     markers: bool,
     units: tuple[str, ...] = UNITS,
     references: tuple[str, ...] = (),
+    postmaster: int | None = None,
 ) -> dict[str, Any]:
+    """The benchmark against the server at ``url`` (``async_url``: the same, for asyncpg);
+    ``postmaster``: the server's process, when it runs on this machine (its CPU time is then
+    measured too, see :class:`CpuSplit`)."""
     heard = Heard()
     logger = logging.getLogger("resilient_db")
     logger.addHandler(heard)
     try:
         result = _run(
-            url, async_url, quick=quick, markers=markers, units=units, references=references
+            url,
+            async_url,
+            quick=quick,
+            markers=markers,
+            units=units,
+            references=references,
+            postmaster=postmaster,
         )
     finally:
         logger.removeHandler(heard)
@@ -847,6 +931,7 @@ def _run(
     markers: bool,
     units: tuple[str, ...],
     references: tuple[str, ...],
+    postmaster: int | None,
 ) -> dict[str, Any]:
     p = QUICK if quick else DEFAULT
     extra = list(references)
@@ -871,18 +956,26 @@ def _run(
         rows.append(_row(unit, "sync_1_thread", "latency", lat))
         names = ["plain", "resilient", *(["naive"] if unit == "read" else []), *extra]
         throughput(variants, names, THREADS, 1, WARM_SECONDS)  # every pooled connection, warm
-        thr = summary(throughput(variants, names, THREADS, p.throughput_rounds, p.seconds))
-        rows.append(_row(unit, "sync_8_threads", "throughput", thr))
+        split = CpuSplit(postmaster)
+        thr = summary(
+            throughput(variants, names, THREADS, p.throughput_rounds, p.seconds, split=split)
+        )
+        rows.append(_row(unit, "sync_8_threads", "throughput", thr, split=split))
         if unit == "read":
             rows.append(_row(unit, "sync_8_threads_naive_pybreaker", "throughput", thr, "naive"))
             _progress("sync: read, 2 ms server wait ...")
             slow_variants = sync_variants(factories, slow_select_unit)
             slow_names = ["plain", "resilient", "naive", *extra]
             throughput(slow_variants, slow_names, THREADS, 1, WARM_SECONDS)
+            split = CpuSplit(postmaster)
             slow = summary(
-                throughput(slow_variants, slow_names, THREADS, p.throughput_rounds, p.seconds)
+                throughput(
+                    slow_variants, slow_names, THREADS, p.throughput_rounds, p.seconds, split=split
+                )
             )
-            rows.append(_row(unit, "sync_8_threads_2ms_server_wait", "throughput", slow))
+            rows.append(
+                _row(unit, "sync_8_threads_2ms_server_wait", "throughput", slow, split=split)
+            )
             rows.append(
                 _row(unit, "sync_8_threads_2ms_server_wait_naive", "throughput", slow, "naive")
             )
@@ -899,8 +992,11 @@ def _run(
             alat = summary(await alatency(avariants, p.latency_rounds, p.per_round))
             rows.append(_row(unit, "async_1_task", "latency", alat))
             await athroughput(avariants, TASKS, 1, WARM_SECONDS)  # every pooled connection, warm
-            athr = summary(await athroughput(avariants, TASKS, p.throughput_rounds, p.seconds))
-            rows.append(_row(unit, "async_32_tasks", "throughput", athr))
+            split = CpuSplit(postmaster)
+            athr = summary(
+                await athroughput(avariants, TASKS, p.throughput_rounds, p.seconds, split=split)
+            )
+            rows.append(_row(unit, "async_32_tasks", "throughput", athr, split=split))
         await afactories.dispose()
 
     asyncio.run(async_part())
@@ -937,6 +1033,37 @@ CASES = {
     "async_1_task": ("async, 1 task, latency", "async", "≤ 1.05"),
     "async_32_tasks": ("async, 32 tasks, throughput", "async", "≥ 0.95"),
 }
+
+
+def cpu_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The throughput cases' CPU per unit (see :class:`CpuSplit`), as a table."""
+    split = [r for r in rows if "cpu_us_per_unit" in r and "naive" not in r["case"]]
+    if not split:
+        return []
+
+    def cell(row: dict[str, Any], key: str) -> str:
+        cpu = row["cpu_us_per_unit"]
+        plain, resilient = cpu["plain"][key], cpu["resilient"][key]
+        if plain is None or resilient is None:
+            return "(not measured)"
+        return f"{plain:.0f} → {resilient:.0f} ({resilient / plain:.2f})"
+
+    lines = [
+        "",
+        "CPU per unit in the throughput cases, µs, plain → resilient_db (ratio): the client is "
+        "this process (user + system time, every thread), the server every process of the "
+        "benchmark's own PostgreSQL",
+        "",
+        "| unit | case | client | of it, system | server |",
+        "|---|---|---|---|---|",
+    ]
+    for row in split:
+        label = CASES[row["case"]][0]
+        lines.append(
+            f"| {UNIT_NAMES[row['unit']]} | {label} | {cell(row, 'client')} "
+            f"| {cell(row, 'client_system')} | {cell(row, 'server')} |"
+        )
+    return lines
 
 
 def render(result: dict[str, Any]) -> str:
@@ -976,6 +1103,7 @@ def render(result: dict[str, Any]) -> str:
             c_low, c_high = row[f"{name}_ratio_95"]
             line += f" {row[f'{name}_ratio']:.3f} ({c_low:.2f}–{c_high:.2f}) |"
         lines.append(line)
+    lines += cpu_lines(result["results"])
     markers = "installed" if result["commit_markers"] else "NOT installed (--no-markers)"
     heard = result.get("warnings", [])
     said = (
@@ -1114,9 +1242,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         with EmbeddedPostgres() as server:
             server.create_database("bench")
+            pid_file = server.data_dir / "postmaster.pid"
             if args.pin:
-                pin_apart(server.data_dir / "postmaster.pid")
-            result = run(server.url("bench"), server.url("bench", driver="asyncpg"), **options)
+                pin_apart(pid_file)
+            result = run(
+                server.url("bench"),
+                server.url("bench", driver="asyncpg"),
+                postmaster=int(pid_file.read_text().split()[0]),
+                **options,
+            )
     print(json.dumps(result, indent=2) if args.json else render(result))
     return 0
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -129,6 +130,44 @@ def test_the_benchmark_reports_resilient_dbs_warnings(overhead: ModuleType) -> N
     finally:
         logger.removeHandler(heard)
     assert heard.messages == ["[SELF-HEAL] something happened"]
+
+
+def test_the_cpu_split_sees_the_clients_time_and_the_servers(
+    overhead: ModuleType, pg_server: PostgresServer
+) -> None:
+    """The throughput cases' CPU per unit: this process's time (user and system) and the time
+    of every process of the server (found from a backend's parent), each where it was spent."""
+    with pg_server.connect() as conn:
+        row = conn.execute("SELECT pg_backend_pid()").fetchone()
+        assert row is not None
+        stat = Path(f"/proc/{row[0]}/stat")
+        if not stat.exists():
+            pytest.skip("the suite's server does not run on this machine")
+        postmaster = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        split = overhead.CpuSplit(postmaster)
+        here = overhead.CpuSplit(None)  # a server elsewhere (--url): the client only
+        before, before_here = split.now(), here.now()
+        conn.execute("SELECT count(*) FROM generate_series(1, 2000000)")  # the server's CPU
+        busy_until = time.process_time() + 0.2
+        while time.process_time() < busy_until:  # this process's CPU
+            pass
+        split.add("plain", before, 10)
+        here.add("plain", before_here, 10)
+    cpu = split.per_unit()["plain"]
+    # per unit: 0.2 s over 10 units is 20,000 µs of this process's time at least
+    assert 20_000 <= cpu["client"] < 200_000
+    assert 0 <= cpu["client_system"] <= cpu["client"]
+    # the server counted two million rows in its own time, not this process's
+    assert cpu["server"] is not None
+    assert cpu["server"] > 1_000
+    assert here.per_unit()["plain"]["server"] is None
+    # and the report shows both, for plain and resilient_db side by side
+    split.totals["resilient"] = [10.0, 0.3, 0.1, 0.2]
+    rows = [{"unit": "read", "case": "async_32_tasks", "cpu_us_per_unit": split.per_unit()}]
+    table = overhead.cpu_lines(rows)
+    assert table[-1].startswith("| read | async, 32 tasks, throughput | ")
+    assert "→ 40000 (" in table[-1]  # client
+    assert "→ 20000 (" in table[-1]  # server
 
 
 @pytest.fixture(scope="module")
