@@ -905,7 +905,12 @@ def claim(connection: Connection, ticket: CommitTicket) -> str | None:
     a claim they cut short could only answer "unknown" for a COMMIT still running, whose
     outcome the wait would have known. asyncpg: sent by asyncpg itself with a timeout of its
     own (``timeout=`` overrides ``command_timeout`` for the one call; SQLAlchemy's adapter
-    passes none), through SQLAlchemy's ``run_async``, in the transaction begun above."""
+    passes none), through SQLAlchemy's ``run_async``, in the transaction begun above.
+
+    Besides the function's answers, ``"installed again"``: the marker may have been written to
+    a markers table that was dropped since (the markers uninstalled and installed again while
+    the answer awaited this check), where the function found it missing ("fenced") or judged
+    it written before the new table ("unknown")."""
     connection.execute(READ_WRITE_SQL)
     connection.execute(CLAIM_TIMEOUTS_SQL)
     adapted = connection.connection.dbapi_connection
@@ -916,9 +921,18 @@ def claim(connection: Connection, ticket: CommitTicket) -> str | None:
         )
     else:
         status = connection.execute(CLAIM_SQL, {"marker": ticket.marker}).scalar()
-    if status == "fenced" and ticket.marker and _maybe_before_table(connection, ticket):
-        return "unknown"
+    if (
+        status in ("fenced", "unknown")
+        and ticket.marker
+        and _maybe_before_table(connection, ticket)
+    ):
+        return INSTALLED_AGAIN
     return None if status is None else str(status)
+
+
+#: a claim's answer for a marker that may have gone with a markers table dropped since (see
+#: :func:`claim`)
+INSTALLED_AGAIN: Final = "installed again"
 
 
 #: seconds this host's clock may have moved against the server's between a unit's COMMIT and
@@ -1520,6 +1534,9 @@ class CommitTicket:
     proofs: int = 0  # checks that wrote WAL past the unit's commit (each waits longer)
     #: the WARNING the server answered the COMMIT with (see :class:`UnprovenCommit`)
     warned: str | None = None
+    #: why the last check that reached the server could not tell (its claim's or its xid's
+    #: answer), for the unknown outcome
+    unknown_why: str | None = None
     #: a check found no WAL sender while synchronous replication is in effect: the server's
     #: ``synchronous_standby_names`` (no standby can confirm anything)
     unserved_standby_names: str | None = None

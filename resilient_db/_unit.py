@@ -55,6 +55,8 @@ from ._classify import (
     unanswered_commit,
 )
 from ._commit import (
+    CLAIM_HORIZON,
+    INSTALLED_AGAIN,
     MARKERS,
     UNMARKED,
     XID_STATUS_ALONE_SQL,
@@ -526,16 +528,19 @@ def check_commit(
     to a standby that never had it would lose it)."""
     with connection.begin():
         if ticket.mode == MARKERS:
-            verdict = interpret_claim(claim(connection, ticket))
-            if verdict is CommitVerdict.ABORTED and ticket.xid is not None:
+            status = claim(connection, ticket)
+            verdict = interpret_claim(status)
+            if verdict is CommitVerdict.UNKNOWN:
+                ticket.unknown_why = _CLAIM_UNKNOWN.get(status or "", _CLAIM_UNKNOWN[""])
+            elif verdict is CommitVerdict.ABORTED and ticket.xid is not None:
                 # no marker, but the xid was read too: a notification in a transaction that
                 # may have been read-only, where none is written (see _commit._commit_plan).
                 # The fence is in: a transaction that could write its marker never commits now
                 row = connection.execute(_xid_status(ticket), {"xid": ticket.xid}).one()
-                verdict = interpret_xid(ticket, row[0], row[1])
+                verdict = _xid_verdict(ticket, row[0], row[1])
         else:
             row = connection.execute(_xid_status(ticket), {"xid": ticket.xid}).one()
-            verdict = interpret_xid(ticket, row[0], row[1])
+            verdict = _xid_verdict(ticket, row[0], row[1])
         past = None
         if verdict is CommitVerdict.COMMITTED:
             past = wrote_past_commit(connection, _whose(ticket))
@@ -555,6 +560,53 @@ def _xid_status(ticket: CommitTicket) -> Any:
     """The check of ``ticket``'s xid: without the incarnation when none was read (its role
     may not read it: "committed" can't be trusted anyway, and asking would be refused)."""
     return XID_STATUS_SQL if ticket.incarnation is not None else XID_STATUS_ALONE_SQL
+
+
+#: why a claim's answer leaves the outcome unknown (by the answer; "": any other)
+_CLAIM_UNKNOWN: Final = {
+    "expired": (
+        f"its commit marker is more than {CLAIM_HORIZON:g} s older than the newest one, past "
+        "what a check may judge: it may have been pruned, so its absence proves nothing (the "
+        "check came late, or a client's clock was ahead when it wrote a marker)"
+    ),
+    INSTALLED_AGAIN: (
+        "the commit markers were uninstalled and installed again (or their table made again) "
+        "after this COMMIT was sent: its marker may have gone with the old table, so its "
+        "absence from the new one proves nothing"
+    ),
+    "unknown": (
+        "its commit marker was there, then gone while the check looked (deleted by hand, or "
+        "the markers uninstalled meanwhile)"
+    ),
+    "": "the check's claim gave no answer",
+}
+
+
+def _xid_verdict(
+    ticket: CommitTicket, incarnation: str | None, status: str | None
+) -> CommitVerdict:
+    """:func:`interpret_xid`, noting on ``ticket`` why an unknown one is unknown."""
+    verdict = interpret_xid(ticket, incarnation, status)
+    if verdict is CommitVerdict.UNKNOWN:
+        if status != "committed":
+            ticket.unknown_why = (
+                f"the server could not say what became of its transaction id {ticket.xid} "
+                f"(pg_xact_status: {status or 'no answer'}; an id this old is no longer kept)"
+            )
+        elif ticket.incarnation is None or incarnation is None:
+            ticket.unknown_why = (
+                f"its transaction id {ticket.xid} shows committed, but whether the server "
+                "restarted since could not be read (pg_control_checkpoint() is not granted to "
+                "the role), and after a crash an id can be given to another transaction"
+            )
+        else:
+            ticket.unknown_why = (
+                f"its transaction id {ticket.xid} shows committed, but the server restarted, "
+                "recovered from a crash or was replaced by a standby since it was read, and "
+                "may have given the id to another transaction (install the commit markers: "
+                "their proof survives that)"
+            )
+    return verdict
 
 
 def interpret_claim(status: str | None) -> CommitVerdict:
@@ -1025,6 +1077,8 @@ class CommitReferee:
                 policy.partly_committed(exc, split.partly())
             return False
         reason = verdict.value
+        if verdict is CommitVerdict.UNKNOWN and ticket.unknown_why is not None:
+            reason = ticket.unknown_why
         if ticket.mode == UNMARKED:
             reason = "no check could tell whether it committed" + _left_prepared(request)
         elif ticket.check_failed is not None:

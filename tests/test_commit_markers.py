@@ -3306,7 +3306,7 @@ def test_a_marker_written_before_the_table_was_made_again_is_unknown_never_fence
             proxy.lose_commit_answer()
 
         try:
-            with pytest.raises(rdb.CommitOutcomeUnknownError):
+            with pytest.raises(rdb.CommitOutcomeUnknownError) as raised:
                 Sessions.run(write)
         finally:
             engine.dispose()
@@ -3316,6 +3316,61 @@ def test_a_marker_written_before_the_table_was_made_again_is_unknown_never_fence
         ).scalar_one()
     admin.dispose()
     assert (len(calls), written) == (1, 1)
+    # why, for whoever settles it by hand (the claim's bare "unknown" said nothing)
+    assert "commit markers were uninstalled and installed again" in str(raised.value)
+
+
+def test_a_marker_past_the_claims_horizon_is_unknown_and_says_why(
+    pg_server: PostgresServer, pg_database: str, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lost answer checked once newer markers are more than CLAIM_HORIZON younger than the
+    unit's (the check came late, or a client with its clock far ahead wrote since): the claim
+    answers "expired" and the outcome is unknown, not replayed, and the error and its line say
+    why (they said only "unknown")."""
+    url = pg_server.url(pg_database)
+    admin = sa.create_engine(url)
+    with admin.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE ledger (id serial PRIMARY KEY, unit text)")
+    rdb.install_commit_markers(admin)
+    calls: list[int] = []
+
+    def a_newer_marker_far_ahead() -> None:
+        ahead = _marker_at((uuid7().int >> 80) + int((CLAIM_HORIZON + 60) * 1000))
+        with admin.begin() as conn:
+            conn.execute(
+                sa.text("INSERT INTO resilient_db.commit_markers (id) VALUES (:m)"), {"m": ahead}
+            )
+
+    with FaultProxy(pg_server) as proxy:
+        engine = sa.create_engine(proxy.url(pg_database))
+        event.listen(engine, "before_cursor_execute", _before_claim(a_newer_marker_far_ahead))
+        Sessions = rdb.ResilientSession(engine, service=service, config=FAST)
+
+        def write(session: Session) -> None:
+            calls.append(1)
+            session.execute(sa.text("INSERT INTO ledger (unit) VALUES (:u)"), {"u": service})
+            proxy.lose_commit_answer()
+
+        try:
+            with (
+                caplog.at_level(logging.ERROR, logger="resilient_db"),
+                pytest.raises(rdb.CommitOutcomeUnknownError) as raised,
+            ):
+                Sessions.run(write)
+        finally:
+            engine.dispose()
+    with admin.connect() as conn:
+        written = conn.execute(
+            sa.text("SELECT count(*) FROM ledger WHERE unit = :u"), {"u": service}
+        ).scalar_one()
+    admin.dispose()
+    assert (len(calls), written) == (1, 1)
+    why = f"its commit marker is more than {CLAIM_HORIZON:g} s older than the newest one"
+    assert why in str(raised.value)
+    assert raised.value.marker is not None
+    said = [r.getMessage() for r in caplog.records if "Commit outcome unknown" in r.getMessage()]
+    assert len(said) == 1
+    assert why in said[0]
 
 
 class _ClockAhead:
