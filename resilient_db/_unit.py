@@ -603,8 +603,8 @@ def _xid_verdict(
             ticket.unknown_why = (
                 f"its transaction id {ticket.xid} shows committed, but the server restarted, "
                 "recovered from a crash or was replaced by a standby since it was read, and "
-                "may have given the id to another transaction (install the commit markers: "
-                "their proof survives that)"
+                "may have given the id to another transaction"
+                + ("" if ticket.mode == MARKERS else " (the commit markers' proof survives that)")
             )
     return verdict
 
