@@ -3284,20 +3284,57 @@ def test_a_marker_written_before_the_table_was_made_again_is_unknown_never_fence
     younger than the table, and the unit was replayed. (The claim is the server's function,
     the same for every driver; psycopg's check is the one a listener can reach.)"""
     monkeypatch.setattr(_commit, "time", _ClockAhead(ahead))
-    url = pg_server.url(pg_database)
-    admin = sa.create_engine(url)
+
+    def reinstall(admin: sa.Engine) -> None:
+        rdb.uninstall_commit_markers(admin)
+        rdb.install_commit_markers(admin)
+
+    error = _unknown_once_checked_after(reinstall, pg_server, pg_database, service)
+    # why, for whoever settles it by hand (the claim's bare "unknown" said nothing)
+    assert "commit markers were uninstalled and installed again" in str(error)
+
+
+def test_a_marker_past_the_claims_horizon_is_unknown_and_says_why(
+    pg_server: PostgresServer, pg_database: str, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lost answer checked once newer markers are more than CLAIM_HORIZON younger than the
+    unit's (the check came late, or a client with its clock far ahead wrote since): the claim
+    answers "expired" and the outcome is unknown, not replayed, and the error and its line say
+    why (they said only "unknown")."""
+
+    def a_newer_marker_far_ahead(admin: sa.Engine) -> None:
+        ahead = _marker_at((uuid7().int >> 80) + int((CLAIM_HORIZON + 60) * 1000))
+        with admin.begin() as conn:
+            conn.execute(
+                sa.text("INSERT INTO resilient_db.commit_markers (id) VALUES (:m)"), {"m": ahead}
+            )
+
+    with caplog.at_level(logging.ERROR, logger="resilient_db"):
+        error = _unknown_once_checked_after(
+            a_newer_marker_far_ahead, pg_server, pg_database, service
+        )
+    why = f"its commit marker is more than {CLAIM_HORIZON:g} s older than the newest one"
+    assert why in str(error)
+    assert error.marker is not None
+    said = [r.getMessage() for r in caplog.records if "Commit outcome unknown" in r.getMessage()]
+    assert len(said) == 1
+    assert why in said[0]
+
+
+def _unknown_once_checked_after(
+    act: Callable[[sa.Engine], None], pg_server: PostgresServer, database: str, service: str
+) -> rdb.CommitOutcomeUnknownError:
+    """A unit writes a ledger row, its COMMIT's answer is lost, and ``act`` (given an engine
+    of its own to the database, markers installed) runs just before the check's claim: the
+    unit must end unknown, run once, its row written once. Its error."""
+    admin = sa.create_engine(pg_server.url(database))
     with admin.begin() as conn:
         conn.exec_driver_sql("CREATE TABLE ledger (id serial PRIMARY KEY, unit text)")
     rdb.install_commit_markers(admin)
     calls: list[int] = []
-
-    def reinstall_before_the_check() -> None:
-        rdb.uninstall_commit_markers(admin)
-        rdb.install_commit_markers(admin)
-
     with FaultProxy(pg_server) as proxy:
-        engine = sa.create_engine(proxy.url(pg_database))
-        event.listen(engine, "before_cursor_execute", _before_claim(reinstall_before_the_check))
+        engine = sa.create_engine(proxy.url(database))
+        event.listen(engine, "before_cursor_execute", _before_claim(lambda: act(admin)))
         Sessions = rdb.ResilientSession(engine, service=service, config=FAST)
 
         def write(session: Session) -> None:
@@ -3316,61 +3353,7 @@ def test_a_marker_written_before_the_table_was_made_again_is_unknown_never_fence
         ).scalar_one()
     admin.dispose()
     assert (len(calls), written) == (1, 1)
-    # why, for whoever settles it by hand (the claim's bare "unknown" said nothing)
-    assert "commit markers were uninstalled and installed again" in str(raised.value)
-
-
-def test_a_marker_past_the_claims_horizon_is_unknown_and_says_why(
-    pg_server: PostgresServer, pg_database: str, service: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A lost answer checked once newer markers are more than CLAIM_HORIZON younger than the
-    unit's (the check came late, or a client with its clock far ahead wrote since): the claim
-    answers "expired" and the outcome is unknown, not replayed, and the error and its line say
-    why (they said only "unknown")."""
-    url = pg_server.url(pg_database)
-    admin = sa.create_engine(url)
-    with admin.begin() as conn:
-        conn.exec_driver_sql("CREATE TABLE ledger (id serial PRIMARY KEY, unit text)")
-    rdb.install_commit_markers(admin)
-    calls: list[int] = []
-
-    def a_newer_marker_far_ahead() -> None:
-        ahead = _marker_at((uuid7().int >> 80) + int((CLAIM_HORIZON + 60) * 1000))
-        with admin.begin() as conn:
-            conn.execute(
-                sa.text("INSERT INTO resilient_db.commit_markers (id) VALUES (:m)"), {"m": ahead}
-            )
-
-    with FaultProxy(pg_server) as proxy:
-        engine = sa.create_engine(proxy.url(pg_database))
-        event.listen(engine, "before_cursor_execute", _before_claim(a_newer_marker_far_ahead))
-        Sessions = rdb.ResilientSession(engine, service=service, config=FAST)
-
-        def write(session: Session) -> None:
-            calls.append(1)
-            session.execute(sa.text("INSERT INTO ledger (unit) VALUES (:u)"), {"u": service})
-            proxy.lose_commit_answer()
-
-        try:
-            with (
-                caplog.at_level(logging.ERROR, logger="resilient_db"),
-                pytest.raises(rdb.CommitOutcomeUnknownError) as raised,
-            ):
-                Sessions.run(write)
-        finally:
-            engine.dispose()
-    with admin.connect() as conn:
-        written = conn.execute(
-            sa.text("SELECT count(*) FROM ledger WHERE unit = :u"), {"u": service}
-        ).scalar_one()
-    admin.dispose()
-    assert (len(calls), written) == (1, 1)
-    why = f"its commit marker is more than {CLAIM_HORIZON:g} s older than the newest one"
-    assert why in str(raised.value)
-    assert raised.value.marker is not None
-    said = [r.getMessage() for r in caplog.records if "Commit outcome unknown" in r.getMessage()]
-    assert len(said) == 1
-    assert why in said[0]
+    return raised.value
 
 
 class _ClockAhead:
