@@ -459,3 +459,88 @@ def test_using_bind_reads_through_the_engine_named(
     finally:
         for engine in made.values():
             engine.dispose()
+
+
+def application_name(session: Session) -> str:
+    return str(session.scalar(sa.text("SELECT current_setting('application_name')")))
+
+
+def test_a_get_bind_replaced_after_the_factory_was_made_is_the_one_that_routes(
+    pg_server: PostgresServer, database: str, service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As under ``sessionmaker``, whose class looks ``get_bind`` up on your class at each call:
+    a test that patches it (``mock.patch.object``, ``monkeypatch.setattr``) after the
+    application made its factory routes the factory's sessions, units included, to the engine
+    the patch picks, which gets the factory's hooks there. (The factory called the method it
+    found when it was made: the sessions went on to the application's engine.)"""
+    url = pg_server.url(database)
+    made = {
+        name: sa.create_engine(url, connect_args={"application_name": name})
+        for name in ("app", "test")
+    }
+    try:
+
+        class AppSession(Session):
+            def get_bind(self, mapper: Any = None, clause: Any = None, **kw: Any) -> Any:
+                return made["app"]
+
+        plain = sa.orm.sessionmaker(class_=AppSession)
+        ours = rdb.ResilientSession(service=service, class_=AppSession)
+        for factory in (plain, ours):
+            with factory() as session:
+                assert application_name(session) == "app"
+
+        def to_test(self: Session, mapper: Any = None, clause: Any = None, **kw: Any) -> Any:
+            return made["test"]
+
+        monkeypatch.setattr(AppSession, "get_bind", to_test)
+        for factory in (plain, ours):
+            with factory() as session:
+                assert application_name(session) == "test"
+        assert ours.run(application_name) == "test"
+        assert STATE.engine_hooks.get(made["test"]) is not None  # the factory's hooks there
+        monkeypatch.undo()
+        assert ours.run(application_name) == "app"
+    finally:
+        for engine in made.values():
+            engine.dispose()
+
+
+@pytest.mark.asyncio
+async def test_async_a_get_bind_replaced_after_the_factory_was_made_is_the_one_that_routes(
+    pg_server: PostgresServer, database: str, service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The async twin: ``sync_session_class=`` with a ``get_bind`` patched later."""
+    url = pg_server.url(database, driver="asyncpg")
+    made = {
+        name: create_async_engine(url, connect_args={"server_settings": {"application_name": name}})
+        for name in ("app", "test")
+    }
+    try:
+
+        class AppSession(Session):
+            def get_bind(self, mapper: Any = None, clause: Any = None, **kw: Any) -> Any:
+                return made["app"].sync_engine
+
+        plain = sa.ext.asyncio.async_sessionmaker(sync_session_class=AppSession)
+        ours = rdb.AsyncResilientSession(service=service, sync_session_class=AppSession)
+        for factory in (plain, ours):
+            async with factory() as session:
+                assert await session.run_sync(application_name) == "app"
+
+        def to_test(self: Session, mapper: Any = None, clause: Any = None, **kw: Any) -> Any:
+            return made["test"].sync_engine
+
+        monkeypatch.setattr(AppSession, "get_bind", to_test)
+        for factory in (plain, ours):
+            async with factory() as session:
+                assert await session.run_sync(application_name) == "test"
+
+        async def unit(session: AsyncSession) -> str:
+            return await session.run_sync(application_name)
+
+        assert await ours.run(unit) == "test"
+        assert STATE.engine_hooks.get(made["test"].sync_engine) is not None
+    finally:
+        for engine in made.values():
+            await engine.dispose()
