@@ -167,9 +167,7 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         # and its drop-in ``with`` blocks note what they commit (see there)
         _note_with_blocks(self.class_)
         # and, where your class picks the engines, hook each one it picks (see there)
-        routing = self._routing_get_bind(self.class_)
-        if routing is not None:
-            setattr(self.class_, "get_bind", routing)  # noqa: B010 (a method, set on our class)
+        self._route_engines(self.class_)
         self._register()
 
     def __call__(self, **local_kw: Any) -> S:

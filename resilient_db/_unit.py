@@ -330,7 +330,7 @@ def flush_and_commit(
     ``request`` (the caller's, so that a failed COMMIT can be settled) gathers what the COMMIT
     carried. Expired markers are pruned now and then, after a successful commit: through
     ``protocol`` (the factory's engine's), or for a factory without an engine of its own (its
-    session class picks the engines, see :meth:`FactoryCore._routing_get_bind`; its protocol
+    session class picks the engines, see :meth:`FactoryCore._route_engines`; its protocol
     is :data:`_UNBOUND_PROTOCOL`) through the protocol of the engine the unit's COMMIT went to.
     ``prune_after`` does it: the sync factory's :func:`prune_quietly`, inline; the async
     factory's starts a task of its own (``_asyncio._prune_in_task``), so that nothing of the
@@ -2250,28 +2250,30 @@ class FactoryCore:
             if engine is not None:
                 hooks_for(engine, self, register=register)
 
-    def _routing_get_bind(self, session_class: type[Session]) -> Callable[..., Any] | None:
-        """A ``get_bind`` for the sessions of ``session_class`` when that class picks engines
-        itself (it overrides ``Session.get_bind``: SQLAlchemy's read/write split and vertical
-        partitioning recipes, ``ShardedSession(shards=...)``), or None when it doesn't (its
-        engines are the factory's ``bind`` and ``binds``, hooked already).
+    def _route_engines(self, holder: type[Session]) -> bool:
+        """Give ``holder`` (a class of this factory's own, made of the session class you gave)
+        a ``get_bind`` for its sessions when your class picks engines itself (it overrides
+        ``Session.get_bind``: SQLAlchemy's read/write split and vertical partitioning recipes,
+        ``ShardedSession(shards=...)``); False, and nothing set, when it doesn't (its engines
+        are the factory's ``bind`` and ``binds``, hooked already).
 
-        It returns what the class's own ``get_bind`` picks, and gives each engine picked the
-        factory's engine hooks the first time (as the engines of ``binds=`` get them when the
-        factory is made): before the session connects there, so the engine's connections are
-        made under its hooks, its COMMITs marked and a lost answer settled in its database. An
-        engine whose hooks another factory holds with other engine-wide settings is refused
-        with the ``ValueError`` of :func:`hooks_for`, at the statement that picked it.
-        Wrapping the class's method is the only point where a routed engine is known before
-        its connection is made: SQLAlchemy has no event there."""
-        routed = session_class.get_bind
-        if routed is Session.get_bind:
-            return None
+        It returns what your class's ``get_bind`` picks, looked up on your class at each call
+        as ``sessionmaker``'s class does (a ``get_bind`` replaced after the factory was made,
+        patched in a test, routes), and gives each engine picked the factory's engine hooks
+        the first time (as the engines of ``binds=`` get them when the factory is made):
+        before the session connects there, so the engine's connections are made under its
+        hooks, its COMMITs marked and a lost answer settled in its database. An engine whose
+        hooks another factory holds with other engine-wide settings is refused with the
+        ``ValueError`` of :func:`hooks_for`, at the statement that picked it. Wrapping the
+        class's method is the only point where a routed engine is known before its connection
+        is made: SQLAlchemy has no event there."""
+        if holder.get_bind is Session.get_bind:
+            return False
         factory = weakref.ref(self)
         hooked: weakref.WeakSet[Any] = weakref.WeakSet()
 
         def get_bind(session: Session, *args: Any, **kw: Any) -> Any:
-            bind = routed(session, *args, **kw)
+            bind = super(holder, session).get_bind(*args, **kw)  # type: ignore[misc]
             engine = engine_behind(bind)
             if engine is not None and engine not in hooked:
                 made_by = factory()
@@ -2280,11 +2282,12 @@ class FactoryCore:
                 hooked.add(engine)
             return bind
 
-        return get_bind
+        setattr(holder, "get_bind", get_bind)  # noqa: B010 (a method, set on our class)
+        return True
 
     def _routed(self, local_kw: dict[str, Any]) -> dict[str, Any]:
         """(async) The keywords of a new session: where its sync session class picks engines
-        (see :meth:`_routing_get_bind`), a subclass of it made for this factory, whose
+        (see :meth:`_route_engines`), a subclass of it made for this factory, whose
         ``get_bind`` is the routing one, takes its place (that class is yours, and maybe other
         factories' too: it is left as it is). On the class, not on the session: a session
         copied from it (SQLAlchemy's ``using_bind`` recipe copies ``vars(session)`` into a new
@@ -2302,16 +2305,15 @@ class FactoryCore:
         if routed is _NOT_SEEN:
             if not isinstance(cls, type):
                 return local_kw
-            route = self._routing_get_bind(cls)
             routed = None
-            if route is not None:
+            if issubclass(cls, Session) and cls.get_bind is not Session.get_bind:
                 namespace = {
-                    "get_bind": route,
                     "__module__": cls.__module__,
                     "__qualname__": cls.__qualname__,
                     "__doc__": cls.__doc__,
                 }
                 routed = type(cls.__name__, (cls,), namespace)
+                self._route_engines(routed)
             self._routes[cls] = routed
         if routed is None:
             return local_kw
@@ -2519,7 +2521,7 @@ class _UnboundHooks:
     start-up with ``configure(bind=engine)``, or whose session class picks its engines), until
     it has one: no commit protocol of its own (:data:`_UNBOUND_PROTOCOL`). Its units' COMMITs
     are marked by the hooks of the
-    engines their sessions reach (:meth:`FactoryCore._routing_get_bind`); with no engine at all
+    engines their sessions reach (:meth:`FactoryCore._route_engines`); with no engine at all
     a statement is refused by SQLAlchemy itself, as for sessionmaker."""
 
     commit = _UNBOUND_PROTOCOL
