@@ -101,6 +101,74 @@ def test_the_factory_is_a_sessionmaker(engine: sa.Engine, service: str) -> None:
         assert Sessions.identity_key(Item, item.id) == (Item, (item.id,), None)
 
 
+def test_a_with_block_calls_your_class_s_enter_and_exit_as_they_are_now(
+    engine: sa.Engine, service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drop-in ``with Session()`` / ``with Session.begin()`` block calls your class's
+    ``__enter__`` and ``__exit__`` looked up when it runs, as under ``sessionmaker``: ones
+    replaced after the factory was made (``mock.patch.object``, ``monkeypatch.setattr``) are
+    called. (The factory called those it found when it was made.)"""
+
+    class Patched(Session):
+        pass
+
+    plain = sessionmaker(engine, class_=Patched)
+    ours = rdb.ResilientSession(engine, service=service, class_=Patched)
+    seen: list[str] = []
+    enter, leave = Patched.__enter__, Patched.__exit__
+
+    def entered(session: Session) -> Session:
+        seen.append("enter")
+        return enter(session)
+
+    def left(session: Session, *exc: Any) -> None:
+        seen.append("exit")
+        leave(session, *exc)
+
+    monkeypatch.setattr(Patched, "__enter__", entered)
+    monkeypatch.setattr(Patched, "__exit__", left)
+    for factory in (plain, ours):
+        seen.clear()
+        with factory() as session:
+            session.add(Item(name=f"patched-{factory is ours}"))
+            session.commit()
+        with factory.begin() as session:
+            session.scalar(sa.text("SELECT 1"))
+        assert seen == ["enter", "exit", "enter", "exit"]
+
+
+@pytest.mark.asyncio
+async def test_an_async_with_block_calls_your_class_s_aenter_and_aexit_as_they_are_now(
+    async_engine: AsyncEngine, service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The async twin: ``async with Session()``, and ``Session.begin()``'s close."""
+
+    class Patched(AsyncSession):
+        pass
+
+    plain = async_sessionmaker(async_engine, class_=Patched)
+    ours = rdb.AsyncResilientSession(async_engine, service=service, class_=Patched)
+    seen: list[str] = []
+    enter, leave = Patched.__aenter__, Patched.__aexit__
+
+    async def entered(session: AsyncSession) -> AsyncSession:
+        seen.append("enter")
+        return await enter(session)
+
+    async def left(session: AsyncSession, *exc: Any) -> None:
+        seen.append("exit")
+        await leave(session, *exc)
+
+    monkeypatch.setattr(Patched, "__aenter__", entered)
+    monkeypatch.setattr(Patched, "__aexit__", left)
+    for factory in (plain, ours):
+        seen.clear()
+        async with factory() as session:
+            session.add(Item(name=f"patched-{factory is ours}"))
+            await session.commit()
+        assert seen == ["enter", "exit"]
+
+
 def test_events_on_the_factory_and_on_scoped_session(engine: sa.Engine, service: str) -> None:
     Sessions = rdb.ResilientSession(engine, service=service)
     seen: list[str] = []
