@@ -1039,14 +1039,14 @@ if True:  # async only
         resubmit that saves the change again. After a block that committed no write, nothing
         is said: nothing was saved. (``Session.begin()`` does the same in its own block,
         ``_Begun``, which calls the session's ``__aexit__`` without its ``__aenter__``: not
-        noted twice.) Nothing of it runs in a unit, which enters no ``async with``."""
-        leave = cls.__aexit__
-        if getattr(leave, "_rdb_noting", False):
+        noted twice.) Nothing of it runs in a unit, which enters no ``async with``. Your
+        class's ``__aenter__`` and ``__aexit__`` are looked up as the block runs, as for a
+        session of your class itself (ones patched in after the factory was made are called)."""
+        if getattr(cls.__aexit__, "_rdb_noting", False):
             return  # a subclass of another factory's class: its ``async with`` notes already
-        enter = cls.__aenter__
 
         async def __aenter__(session: Any) -> Any:
-            entered = await enter(session)
+            entered = await super(cls, session).__aenter__()
             block_entered(session)
             return entered
 
@@ -1061,7 +1061,8 @@ if True:  # async only
                 # (Looked at before the close below, which ends the transaction.)
                 block_interrupted(session.sync_session, value, ASYNC_WITH)
             try:
-                return await leave(session, kind, value, traceback)  # (your class's answer)
+                # (your class's answer)
+                return await super(cls, session).__aexit__(kind, value, traceback)
             except Exception:
                 raise
             except BaseException as interruption:
@@ -1358,14 +1359,14 @@ else:  # sync only
         handler would answer as a plain error, inviting a resubmit that saves the change again.
         After a block that committed no write, nothing is said: nothing was saved. (An async
         factory's ``Session.begin()`` does the same in its own block, ``_Begun``, and its
-        session class's ``async with``: ``_note_async_blocks``.)"""
-        leave = cls.__exit__
-        if getattr(leave, "_rdb_noting", False):
+        session class's ``async with``: ``_note_async_blocks``.) Your class's ``__enter__`` and
+        ``__exit__`` are looked up as the block runs, as for a session of the class
+        ``sessionmaker`` makes (ones patched in after the factory was made are called)."""
+        if getattr(cls.__exit__, "_rdb_noting", False):
             return  # a subclass of another factory's class: its ``with`` notes already
-        enter = cls.__enter__
 
         def __enter__(session: Any) -> Any:
-            entered = enter(session)
+            entered = super(cls, session).__enter__()
             block_entered(session)
             return entered
 
@@ -1378,7 +1379,8 @@ else:  # sync only
                 # at before the close below, which ends the transaction.)
                 block_interrupted(session, value, SYNC_WITH)
             try:
-                return leave(session, kind, value, traceback)  # (your class's answer, if any)
+                # (your class's answer, if any)
+                return super(cls, session).__exit__(kind, value, traceback)
             except Exception:
                 raise
             except BaseException as interruption:

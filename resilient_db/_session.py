@@ -830,14 +830,14 @@ def _note_with_blocks(cls: Any) -> None:
     handler would answer as a plain error, inviting a resubmit that saves the change again.
     After a block that committed no write, nothing is said: nothing was saved. (An async
     factory's ``Session.begin()`` does the same in its own block, ``_Begun``, and its
-    session class's ``async with``: ``_note_async_blocks``.)"""
-    leave = cls.__exit__
-    if getattr(leave, "_rdb_noting", False):
+    session class's ``async with``: ``_note_async_blocks``.) Your class's ``__enter__`` and
+    ``__exit__`` are looked up as the block runs, as for a session of the class
+    ``sessionmaker`` makes (ones patched in after the factory was made are called)."""
+    if getattr(cls.__exit__, "_rdb_noting", False):
         return  # a subclass of another factory's class: its ``with`` notes already
-    enter = cls.__enter__
 
     def __enter__(session: Any) -> Any:
-        entered = enter(session)
+        entered = super(cls, session).__enter__()
         block_entered(session)
         return entered
 
@@ -850,7 +850,8 @@ def _note_with_blocks(cls: Any) -> None:
             # at before the close below, which ends the transaction.)
             block_interrupted(session, value, SYNC_WITH)
         try:
-            return leave(session, kind, value, traceback)  # (your class's answer, if any)
+            # (your class's answer, if any)
+            return super(cls, session).__exit__(kind, value, traceback)
         except Exception:
             raise
         except BaseException as interruption:
