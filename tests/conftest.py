@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -36,6 +37,12 @@ def pytest_configure(config: pytest.Config) -> None:
     # running from a source tree that is not pip-installed: no entry point, load the plugin here
     if not config.pluginmanager.has_plugin("resilient_db"):
         config.pluginmanager.import_plugin("resilient_db.testing._pytest_plugin")
+    # A run started in the background by a shell without job control (``make test &`` in a
+    # script) inherits SIGINT ignored, and Python then makes no KeyboardInterrupt of it: the
+    # tests that interrupt with a real SIGINT (and the processes they start, which inherit an
+    # ignored signal but not a handler) need Python's own.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
