@@ -1,0 +1,180 @@
+"""An ORM bulk UPDATE setting a guarded status to a volatile SQL expression (``nextval()``,
+``random()``, ``clock_timestamp()``, a VOLATILE function of the application's). The guard's
+legal condition is a WHERE the server evaluates apart from the SET, so it judged one value of
+the expression and the SET wrote another: ``update(Task).values(status=case((nextval('tick') %
+2 == 0, 'pending'), else_=Task.status))`` moved done tasks back to 'pending', which the rules
+forbid (the condition saw the row keep its state, the SET's own call of ``nextval`` took the
+other branch). Without the trigger nothing stopped it. The SET now evaluates the expression
+once per row and writes it only where that value may follow the row's state (the row keeps
+its state otherwise): given in ``values()``, as the column's ``onupdate``, run over a list of
+parameter sets, through an ``AsyncSession``.
+
+Real server, no trigger installed: the session guards alone. ``nextval`` makes the second
+evaluation differ from the first on every row, deterministically."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+import resilient_db as rdb
+
+RULES = rdb.TransitionRules(
+    column="status",
+    transitions={"pending": {"running"}, "running": {"done", "pending"}},
+    initial={"pending"},
+)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Task(Base):
+    __tablename__ = "tasks"
+    __transitions__ = RULES
+    id: Mapped[int] = mapped_column(primary_key=True)
+    body: Mapped[str] = mapped_column(default="")
+    status: Mapped[str] = mapped_column(sa.String(20), default="pending")
+
+
+#: every call of nextval('tick') is the next number: a second evaluation takes the other branch
+TICK = sa.Sequence("tick")
+
+
+def flip() -> Any:
+    """'pending' on even ticks, the row's own state on odd ones."""
+    return sa.case((sa.func.nextval("tick") % 2 == 0, "pending"), else_=Task.status)
+
+
+class EditedDoc(Base):
+    """An edit sends the row back to 'pending' or leaves it, as the clock ticks."""
+
+    __tablename__ = "edited"
+    __transitions__ = RULES
+    id: Mapped[int] = mapped_column(primary_key=True)
+    body: Mapped[str] = mapped_column(default="")
+    status: Mapped[str] = mapped_column(
+        sa.String(20),
+        default="pending",
+        onupdate=sa.case(
+            (sa.func.nextval("tick") % 2 == 0, "pending"), else_=sa.literal_column("status")
+        ),
+    )
+
+
+#: rows 1 and 2 may go back to pending (running), rows 3 and 4 may not (done)
+ROWS = "(1, 'x', 'running'), (2, 'x', 'running'), (3, 'x', 'done'), (4, 'x', 'done')"
+
+
+@pytest.fixture
+def engine(pg_url: str) -> Iterator[sa.Engine]:
+    eng = sa.create_engine(pg_url)
+    Base.metadata.create_all(eng)
+    with eng.begin() as conn:
+        conn.execute(sa.schema.CreateSequence(TICK))
+        conn.exec_driver_sql(f"INSERT INTO tasks VALUES {ROWS}")
+        conn.exec_driver_sql(f"INSERT INTO edited VALUES {ROWS}")
+    yield eng
+    eng.dispose()
+
+
+def stored(engine: sa.Engine, table: str = "tasks") -> dict[int, str]:
+    with engine.connect() as conn:
+        return dict(conn.execute(sa.text(f"SELECT id, status FROM {table} ORDER BY id")).all())
+
+
+def legal_only(before: dict[int, str], after: dict[int, str]) -> None:
+    for key, state in after.items():
+        assert state == before[key] or state in RULES.next_states(before[key]), (key, before, after)
+
+
+UNITS: dict[str, Callable[[Session], Any]] = {
+    "values": lambda s: s.execute(sa.update(Task).values(status=flip())),
+    "values, no sync": lambda s: s.execute(
+        sa.update(Task).values(status=flip()), execution_options={"synchronize_session": False}
+    ),
+    "values, fetch": lambda s: s.execute(
+        sa.update(Task).values(status=flip()), execution_options={"synchronize_session": "fetch"}
+    ),
+    "ordered_values": lambda s: s.execute(
+        sa.update(Task).ordered_values((Task.body, "y"), (Task.status, flip()))
+    ),
+    "Query.update": lambda s: s.query(Task).update({"status": flip()}, synchronize_session=False),
+    "parameter sets": lambda s: s.execute(
+        sa.update(Task).where(Task.id == sa.bindparam("i")).values(status=flip()),
+        [{"i": 1}, {"i": 2}, {"i": 3}, {"i": 4}],
+        execution_options={"dml_strategy": "orm"},
+    ),
+}
+
+
+@pytest.mark.parametrize("mode", ["filter", "raise"])
+@pytest.mark.parametrize("how", sorted(UNITS))
+def test_a_volatile_new_state_is_judged_as_written(
+    engine: sa.Engine, service: str, how: str, mode: str
+) -> None:
+    Sessions = rdb.ResilientSession(engine, service=service, config=rdb.Config(bulk_update=mode))
+    before = stored(engine)
+    try:
+        Sessions.run(UNITS[how])
+    except rdb.IllegalTransitionError:
+        assert mode == "raise"
+    after = stored(engine)
+    legal_only(before, after)
+    assert after[3] == after[4] == "done"
+
+
+def test_a_volatile_onupdate_is_judged_as_written(engine: sa.Engine, service: str) -> None:
+    Sessions = rdb.ResilientSession(engine, service=service)
+    before = stored(engine, "edited")
+    Sessions.run(lambda s: s.execute(sa.update(EditedDoc).values(body="y")))
+    after = stored(engine, "edited")
+    legal_only(before, after)
+    assert after[3] == after[4] == "done"
+    with engine.connect() as conn:  # the edit itself went through
+        assert set(conn.scalars(sa.text("SELECT body FROM edited"))) == {"y"}
+
+
+@pytest.mark.asyncio
+async def test_a_volatile_new_state_is_judged_as_written_async(
+    engine: sa.Engine, pg_async_url: str, service: str
+) -> None:
+    aengine = create_async_engine(pg_async_url)
+    Sessions = rdb.AsyncResilientSession(aengine, service=service)
+    before = stored(engine)
+
+    async def unit(session: AsyncSession) -> None:
+        await session.execute(sa.update(Task).values(status=flip()))
+
+    try:
+        await Sessions.run(unit)
+    finally:
+        await aengine.dispose()
+    after = stored(engine)
+    legal_only(before, after)
+    assert after[3] == after[4] == "done"
+
+
+def test_a_legal_volatile_move_still_moves(engine: sa.Engine, service: str) -> None:
+    """What the rules allow goes through: the running rows are each moved to 'pending' or
+    left, as their one evaluation says; the session's objects follow their rows (the new
+    state, an expression, is read back)."""
+    Sessions = rdb.ResilientSession(engine, service=service)
+    stored_before = stored(engine)
+
+    def unit(session: Session) -> dict[int, str]:
+        tasks = session.scalars(sa.select(Task).order_by(Task.id)).all()
+        session.execute(sa.update(Task).where(Task.id <= 2).values(status=flip()))
+        return {t.id: t.status for t in tasks}
+
+    seen = Sessions.run(unit)
+    after = stored(engine)
+    assert seen == after
+    assert "pending" in (after[1], after[2])
+    legal_only(stored_before, after)
