@@ -63,6 +63,7 @@ __all__ = [
     "sa_await",
     "session_binds",
     "update_loader_criteria",
+    "with_dml_value",
     "with_own_session_class",
 ]
 
@@ -139,6 +140,40 @@ def dml_values(stmt: Any) -> list[tuple[Any, Any]]:
             "a bulk UPDATE, so it refuses it rather than let an illegal status move through",
         )
     return list(values.items())
+
+
+def with_dml_value(stmt: Any, key: Any, value: Any) -> Any:
+    """A copy of the UPDATE ``stmt`` whose SET writes ``value`` for ``key``: a key as
+    :func:`dml_values` gives it (the value replaced where it stands, in ``ordered_values()``
+    order too), or one the statement does not set (added last, as ``values()`` adds it).
+
+    Private: the storage :func:`dml_values` reads (``_values`` / ``_ordered_values``, verified
+    2.0.24, 2.1.9) and ``Generative._generate`` (the copy every generative method makes).
+    Either layout gone: :class:`InternalsChanged` (from :func:`dml_values`). Public
+    alternative: ``values()`` for a key the statement lacks, none to replace one (a second
+    ``values()`` adds a second entry for a key spelled otherwise; after ``ordered_values()``
+    it raises).
+    """
+    pairs = dml_values(stmt)
+    if not any(k is key for k, _ in pairs):
+        if not _has_ordered_values(stmt):
+            return stmt.values({key: value})
+        # coerced as values() coerces it, on a statement of the same target
+        pairs += dml_values(sa.update(stmt.table).values({key: value}))
+        key = pairs[-1][0]
+    replaced = [(k, value if k is key else v) for k, v in pairs]
+    new = stmt._generate()
+    if hasattr(type(stmt), "_ordered_values") and stmt._ordered_values:  # 2.0, ordered
+        new._ordered_values = replaced
+    else:  # 2.0 values(), 2.1 either (an ordered mapping)
+        new._values = sa.util.immutabledict(replaced)
+    return new
+
+
+def _has_ordered_values(stmt: Any) -> bool:
+    if hasattr(type(stmt), "_ordered_values"):  # 2.0
+        return bool(stmt._ordered_values)
+    return bool(stmt._maintain_values_ordering)  # 2.1
 
 
 def _adjust_for_extra_criteria() -> Callable[[dict[Any, Any], Any], Iterable[Any]]:

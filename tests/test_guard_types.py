@@ -353,6 +353,34 @@ def test_a_number_that_is_no_integer_is_refused_saying_so(engine: sa.Engine, ser
     assert stored(engine, "phased", "phase") == [(1, 0)]
 
 
+#: a model, its column, the state row 1 may move to, one row 2 may not move to (None: none
+#: given) and what each row then stores
+EXPRESSION_CASES = [
+    (Coded, "status", "running", "done", ["R", "P"]),
+    (Numbered, "status", "running", "done", [1, 0]),
+    (Phased, "phase", 1, 2, [1, 0]),
+    (Padded, "status", "run", "done", ["run   ", "new   "]),
+    (Page, "stage", Stage.live, None, ["live", "draft"]),
+]
+
+
+@pytest.mark.parametrize("case", EXPRESSION_CASES, ids=lambda c: c[0].__name__)
+def test_a_sql_expression_state_is_written_as_the_column_stores_it(
+    engine: sa.Engine, service: str, case: tuple[Any, ...]
+) -> None:
+    """A bulk UPDATE's new state given as a SQL expression is written as the declared state it
+    equals (compared and bound as the column stores it), once per row: row 1 makes a legal
+    move, row 2's is left out (the trigger, installed, would refuse either otherwise)."""
+    model, column, then, illegal, written = case
+    Sessions = rdb.ResilientSession(engine, service=service)
+    Sessions.run(lambda s: s.add_all([model(id=1), model(id=2)]))
+    attr = getattr(model, column)
+    other = attr if illegal is None else sa.literal(illegal, attr.type)
+    new = sa.case((model.id == 1, sa.literal(then, attr.type)), else_=other)
+    Sessions.run(lambda s: s.execute(sa.update(model).values({column: new})))
+    assert stored(engine, model.__tablename__, column) == [(1, written[0]), (2, written[1])]
+
+
 # --- messages ------------------------------------------------------------------------------
 
 

@@ -106,6 +106,36 @@ def test_dml_values_refuses_a_statement_it_cannot_read() -> None:
         _internals.dml_values(NotAMapping())
 
 
+def test_with_dml_value_replaces_a_value_where_it_stands() -> None:
+    """The value of a key is replaced in its place (values() and ordered_values() alike), a
+    key the statement lacks is added last; the statement given is left as it was."""
+    message = _says(
+        "SQLAlchemy",
+        "Update._values / _ordered_values / _maintain_values_ordering / Generative._generate",
+        "with_dml_value",
+        "the bulk-UPDATE transition guard can't write a SQL expression's state once per row",
+    )
+    for stmt in (
+        sa.update(Task).values(title="t", status="completed"),
+        sa.update(Task).ordered_values((Task.title, "t"), (Task.status, "completed")),
+    ):
+        [_, (status, old)] = _dml(stmt)
+        try:
+            changed = _internals.with_dml_value(stmt, status, sa.literal("pending"))
+            added = _internals.with_dml_value(
+                sa.update(Task).ordered_values((Task.title, "t")), Task.status, sa.null()
+            )
+        except InternalsChanged as err:
+            pytest.fail(f"{err}")
+        got = [(getattr(k, "key", k), getattr(v, "value", v)) for k, v in _dml(changed)]
+        assert got == [("title", "t"), ("status", "pending")], message
+        assert _dml(stmt)[1][1] is old, message  # a copy
+        assert "SET title='t', status='pending'" in _sql(changed), message
+        got = [(getattr(k, "key", k), type(v).__name__) for k, v in _dml(added)]
+        assert got == [("title", "BindParameter"), ("status", "Null")], message
+        assert _sql(added).startswith("UPDATE tasks SET title='t', status=NULL"), message
+
+
 def _sql(clause: Any) -> str:
     return str(clause.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
 

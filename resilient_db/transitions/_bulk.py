@@ -9,6 +9,7 @@ from collections.abc import Collection, Mapping
 from typing import Any, NamedTuple, NoReturn
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Result
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session
 from sqlalchemy.sql.elements import (
@@ -26,6 +27,7 @@ from resilient_db._internals import (
     expand_composites,
     is_anonymous_bind,
     update_loader_criteria,
+    with_dml_value,
 )
 from resilient_db._observability import emit
 from resilient_db._registry import service_of
@@ -42,6 +44,7 @@ class _Target(NamedTuple):
     static: bool
     value: Any  # the Python value (static) or a SQL expression (dynamic)
     onupdate: bool = False  # the column's onupdate, which the statement does not override
+    key: Any = None  # the values() key a SQL expression stands under (None: the onupdate's)
 
 
 def _is_guard_key(key: Any, guard: Guard) -> bool:
@@ -80,7 +83,7 @@ def _target(stmt: Any, params: Any, guard: Guard, *, by_pk: bool = False) -> _Ta
         if _is_guard_key(key, guard):
             if given is not None and _replaceable(value):
                 return _Target(True, params[given])
-            return _resolve_value(value, params)
+            return _resolve_value(value, params)._replace(key=key)
     if given is not None:
         return _Target(True, params[given])
     return _onupdate(guard)
@@ -263,6 +266,7 @@ def do_orm_execute(orm_state: ORMExecuteState) -> Result[Any] | None:
                 new_expr = sa.type_coerce(target.value, guard.column.type)
                 legal = _legal_predicate(guard, col, new_expr)
                 shown = "(SQL expression)"
+                stmt = _set_once(stmt, guard, named, target, new_expr)
             exec_params = dict(params) if isinstance(params, Mapping) else {}
             _check_rows(
                 session,
@@ -287,6 +291,49 @@ def do_orm_execute(orm_state: ORMExecuteState) -> Result[Any] | None:
                 stmt = _synchronized_by(orm_state, stmt, "fetch")
     orm_state.statement = stmt
     return None
+
+
+def _set_once(stmt: Any, guard: Guard, named: _Named, target: _Target, new_expr: Any) -> Any:
+    """``stmt`` writing the new state ``new_expr`` (a SQL expression) through
+    :func:`_written_once`: where the statement gives it (or, for the column's ``onupdate``,
+    as a value of its own, which SQLAlchemy then no longer adds)."""
+    key = target.key if target.key is not None else named.status
+    return with_dml_value(stmt, key, _written_once(guard, named.status, new_expr))
+
+
+def _written_once(guard: Guard, col: Any, new: Any) -> Any:
+    """What the SET writes for a new state given as the SQL expression ``new``: its value where
+    the row's state ``col`` may move to it (or holds it), else ``col`` (the row keeps its state).
+
+    The legal condition added to the UPDATE's WHERE evaluates ``new`` apart from the SET, and
+    the server evaluates an expression each time it appears: a volatile one (``nextval()``,
+    ``random()``, ``clock_timestamp()``, a VOLATILE function) could be legal in the WHERE and
+    illegal in the SET. Here it appears once, as the operand of a simple ``CASE``, which the
+    server evaluates once and compares with each declared state; the state written is the
+    declared one it equals. (A ``CASE`` of conditions would evaluate it in each; a subquery
+    would keep it once too, but SQLAlchemy compiles a scalar subquery of the application's
+    inside one without correlating it to the UPDATE's table.) Where ``None`` is a state a row
+    may move to, the operand is ``ARRAY[new]``, whose equality holds for NULL too."""
+    by_target: dict[Key, set[Key]] = {}
+    for source, targets in guard.next.items():
+        for target in targets:
+            by_target.setdefault(target, set()).add(source)
+    to_null = None in by_target
+    whens: list[tuple[Any, Any]] = []
+    for target in sorted(by_target, key=sort_key):
+        sources = sorted(guard.sources_of(target), key=sort_key)
+        if target is None:
+            state: Any = sa.cast(sa.null(), guard.column.type)
+        else:
+            state = sa.literal(guard.binds[target], guard.column.type)
+        # equalities, not IN: an executemany can't take an expanding IN
+        held = [col.is_(None) if k is None else col == guard.binds[k] for k in sources]
+        written = sa.case((sa.or_(*held), state), else_=col)
+        whens.append((postgresql.array([state]) if to_null else state, written))
+    if not whens:
+        return col
+    operand = postgresql.array([new]) if to_null else new
+    return sa.case(*whens, value=operand, else_=col)
 
 
 def _synchronized_by(orm_state: ORMExecuteState, stmt: Any, how: Any) -> Any:
@@ -364,6 +411,8 @@ def _restrict_many(
             shown = "(SQL expression)"
             expression = True
         named = _named(stmt, mapper, guard)
+        if not first.static:
+            stmt = _set_once(stmt, guard, named, first, new_expr)
         legal = _legal_predicate(guard, named.status, new_expr)
         _check_rows(
             orm_state.session,
