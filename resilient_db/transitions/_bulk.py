@@ -64,17 +64,25 @@ def _is_guard_key(key: Any, guard: Guard) -> bool:
     return guard.column in element.proxy_set or element.key == guard.column.key
 
 
-def _param_name(params: Any, guard: Guard, by_pk: bool) -> str | None:
-    """The execution parameter that sets the guarded column, if ``params`` has one: the
-    attribute's name in a bulk UPDATE by primary key, else the ``Column.key`` (as SQLAlchemy
-    reads them)."""
+def _param_name(params: Any, guard: Guard, by_pk: str | None) -> str | None:
+    """The execution parameter that sets the guarded column, if ``params`` has one: in a bulk
+    UPDATE by primary key, the attribute ``by_pk`` (see :func:`_written_attr`), else the
+    ``Column.key`` (as SQLAlchemy reads them)."""
     if not isinstance(params, Mapping):
         return None
-    name = guard.attr_key if by_pk else guard.column.key
+    name = by_pk if by_pk is not None else guard.column.key
     return name if name in params else None
 
 
-def _target(stmt: Any, params: Any, guard: Guard, *, by_pk: bool = False) -> _Target | None:
+def _written_attr(mapper: Mapper[Any], guard: Guard) -> str:
+    """The attribute a bulk UPDATE by primary key through ``mapper`` reads the guarded column
+    from: the one the mapper maps the column to. A column mapped under two attributes
+    (``legacy = column_property(tasks.c.status)`` beside ``status``) is written from the one
+    mapped last, which need not be the one the rules name; the other is ignored there."""
+    return mapper.get_property_by_column(guard.column).key
+
+
+def _target(stmt: Any, params: Any, guard: Guard, *, by_pk: str | None = None) -> _Target | None:
     """The state the UPDATE writes into the guarded column, as SQLAlchemy will send it: a
     literal of ``values()`` is a parameter named after the column, which an execution
     parameter of that name replaces; a ``bindparam()`` of its own takes its own parameter."""
@@ -359,7 +367,7 @@ def _refuse_other_rules(
             own = next((g for g in guards if g.column is guard.column), None)
             if same_rules(guard, own) or (
                 _target(stmt, first, guard) is None
-                and _target(stmt, first, guard, by_pk=True) is None
+                and _target(stmt, first, guard, by_pk=_written_attr(sub, guard)) is None
             ):
                 continue
             name = mapper.class_.__name__
@@ -612,13 +620,14 @@ def _bulk_by_pk(
     rejected: set[int] = set()
     stmt: Any = orm_state.statement
     for guard in guards:
+        written = _written_attr(mapper, guard)
         wanted: dict[tuple[Any, ...], list[tuple[int, Any]]] = {}
         for index, given in enumerate(params):
             if not isinstance(given, Mapping):
                 continue
             # a status given inside a composite attribute is sent as its column's
             row = expand_composites(mapper, given)
-            target = _target(stmt, row, guard, by_pk=True)
+            target = _target(stmt, row, guard, by_pk=written)
             if target is None or any(k not in row for k in guard.pk_attr_keys):
                 continue
             if not target.static:
