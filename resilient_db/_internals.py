@@ -64,6 +64,7 @@ __all__ = [
     "session_binds",
     "update_loader_criteria",
     "with_dml_value",
+    "with_from_statement_element",
     "with_own_session_class",
 ]
 
@@ -167,6 +168,28 @@ def with_dml_value(stmt: Any, key: Any, value: Any) -> Any:
         new._ordered_values = replaced
     else:  # 2.0 values(), 2.1 either (an ordered mapping)
         new._values = sa.util.immutabledict(replaced)
+    return new
+
+
+def with_from_statement_element(stmt: Any, element: Any) -> Any:
+    """A copy of ``stmt``, a ``select(...).from_statement(...)`` construct, running
+    ``element`` instead of the statement it wraps (``stmt.element``).
+
+    Private: ``Generative._generate`` (the copy every generative method makes; verified 2.0.24,
+    2.1.9). Gone: :class:`InternalsChanged`. Public alternative: ``select(*entities)
+    .from_statement(element)``, which needs the wrapper's entities (``_raw_columns``, private
+    too).
+    """
+    generate = getattr(stmt, "_generate", None)
+    if generate is None or not hasattr(stmt, "element"):
+        raise InternalsChanged(
+            "SQLAlchemy",
+            f"{type(stmt).__name__}._generate / .element",
+            "the transition guard cannot restrict an UPDATE run through from_statement(), so "
+            "it refuses it rather than let an illegal status move through",
+        )
+    new = generate()
+    new.element = element
     return new
 
 

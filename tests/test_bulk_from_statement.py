@@ -87,6 +87,13 @@ def test_a_sql_expression_inside_is_judged(engine: sa.Engine, service: str) -> N
     assert stored(engine) == {1: "done", 2: "done"}
 
 
+def test_other_statements_from_statement_run_as_given(engine: sa.Engine, service: str) -> None:
+    Sessions = rdb.ResilientSession(engine, service=service)
+    query = sa.select(Task).from_statement(sa.text("SELECT * FROM tasks ORDER BY id"))
+    found = Sessions.run(lambda s: [(t.id, t.status) for t in s.scalars(query)])
+    assert found == [(1, "running"), (2, "done")]
+
+
 @pytest.mark.asyncio
 async def test_the_update_inside_is_judged_async(
     engine: sa.Engine, pg_async_url: str, service: str

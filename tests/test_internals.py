@@ -136,6 +136,26 @@ def test_with_dml_value_replaces_a_value_where_it_stands() -> None:
         assert _sql(added).startswith("UPDATE tasks SET title='t', status=NULL"), message
 
 
+def test_with_from_statement_element_runs_another_statement_in_the_wrapper() -> None:
+    message = _says(
+        "SQLAlchemy",
+        "Generative._generate / FromStatement.element",
+        "with_from_statement_element",
+        "the bulk-UPDATE transition guard refuses every select().from_statement(update())",
+    )
+    first = sa.update(Task).values(status="completed").returning(Task)
+    wrapped = sa.select(Task).from_statement(first)
+    second = first.where(Task.title == "t")
+    try:
+        changed = _internals.with_from_statement_element(wrapped, second)
+    except InternalsChanged as err:
+        pytest.fail(f"{err}")
+    assert type(changed) is type(wrapped), message
+    assert changed.element is second, message  # type: ignore[attr-defined]
+    assert wrapped.element is first, message  # type: ignore[attr-defined]  # a copy
+    assert "WHERE tasks.title" in str(changed.compile(dialect=postgresql.dialect())), message
+
+
 def _sql(clause: Any) -> str:
     return str(clause.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
 

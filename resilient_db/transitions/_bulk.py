@@ -28,6 +28,7 @@ from resilient_db._internals import (
     is_anonymous_bind,
     update_loader_criteria,
     with_dml_value,
+    with_from_statement_element,
 )
 from resilient_db._observability import emit
 from resilient_db._registry import service_of
@@ -38,6 +39,11 @@ from ._report import count, logger, report, row_keys, row_label, service_words, 
 from ._rules import Guard, Key, TransitionRulesError, compiled_guards, plain, same_rules, sort_key
 
 __all__ = ["do_orm_execute"]
+
+#: the class of ``select(Model).from_statement(update(Model)...)``, which runs the UPDATE
+#: inside and returns the objects it names (``sqlalchemy.orm.FromStatement``; a class no
+#: statement is, should a release no longer export it)
+_FROM_STATEMENT: Any = getattr(sa.orm, "FromStatement", NotImplemented.__class__)
 
 
 class _Target(NamedTuple):
@@ -179,7 +185,7 @@ def _named(stmt: Any, mapper: Mapper[Any], guard: Guard) -> _Named:
 
 
 def _loader_criteria(
-    orm_state: ORMExecuteState, mapper: Mapper[Any], guard: Guard, named: _Named
+    orm_state: ORMExecuteState, stmt: Any, mapper: Mapper[Any], guard: Guard, named: _Named
 ) -> Any:
     """The criteria the ORM adds to the UPDATE for its ``with_loader_criteria()`` options (its
     own, or given by a ``do_orm_execute`` listener that ran before this one), as a condition
@@ -194,7 +200,7 @@ def _loader_criteria(
     seen: the check is then wider than the UPDATE, as without criteria, never narrower, and
     the UPDATE's own condition still leaves every illegal move out. The check is no SELECT
     run through the session: a listener adding criteria to SELECTs only would narrow it."""
-    extra = update_loader_criteria(orm_state.statement, mapper)
+    extra = update_loader_criteria(stmt, mapper)
     if not extra or orm_state.execution_options.get("dml_strategy") in ("core_only", "bulk"):
         return None
     if named.of is not guard.table:
@@ -238,33 +244,43 @@ def _legal_predicate(guard: Guard, col: Any, new: Any) -> ColumnElement[bool]:
 
 
 def do_orm_execute(orm_state: ORMExecuteState) -> Result[Any] | None:
-    if not orm_state.is_update:
+    if not orm_state.is_update and type(orm_state.statement) is not _FROM_STATEMENT:
         return None
     session = orm_state.session
     config = active_config(session)
     if config is None:
         return None
+    stmt: Any = orm_state.statement
+    outer = None
+    if type(stmt) is _FROM_STATEMENT:
+        # select(Model).from_statement(update(Model)...returning(Model)): the UPDATE inside
+        # is judged and restricted as one run by itself, then run as given (SQLAlchemy
+        # reports the wrapper as an UPDATE from 2.0.30 on, not before)
+        outer, stmt = stmt, stmt.element
+        if not (stmt.is_dml and stmt.is_update):
+            return None
     mapper = orm_state.bind_mapper
     if mapper is None:
         return None
     guards = compiled_guards(mapper)
     params = orm_state.parameters
     if len(mapper.self_and_descendants) > 1:
-        _refuse_other_rules(orm_state.statement, params, mapper, guards)
+        _refuse_other_rules(stmt, params, mapper, guards)
     if not guards:
         return None
     if isinstance(params, (list, tuple)):
         # A list of parameter sets: SQLAlchemy's "bulk UPDATE by primary key" unless the
         # statement asks for an executemany of itself ("orm" / "core_only", WHERE allowed)
         if orm_state.execution_options.get("dml_strategy", "auto") in ("auto", "bulk"):
-            return _bulk_by_pk(orm_state, config, mapper, guards, list(params))
-        return _restrict_many(orm_state, config, mapper, guards, list(params))
-    stmt: Any = orm_state.statement
+            return _bulk_by_pk(orm_state, config, mapper, guards, list(params), stmt=stmt)
+        return _restrict_many(
+            orm_state, config, mapper, guards, list(params), given=stmt, outer=outer
+        )
     for guard in guards:
         target = _target(stmt, params, guard)
         if target is not None:
             named = _named(stmt, mapper, guard)
-            extra = _loader_criteria(orm_state, mapper, guard, named)
+            extra = _loader_criteria(orm_state, stmt, mapper, guard, named)
             col = named.status
             if target.static:
                 legal = _membership(col, guard, guard.sources_of(guard.key(target.value)))
@@ -297,8 +313,14 @@ def do_orm_execute(orm_state: ORMExecuteState) -> Result[Any] | None:
                 # the session's objects, which may be older than their rows', and set an
                 # object whose row the condition left alone (or leave one it moved)
                 stmt = _synchronized_by(orm_state, stmt, "fetch")
-    orm_state.statement = stmt
+    orm_state.statement = _as_given(outer, stmt)
     return None
+
+
+def _as_given(outer: Any, stmt: Any) -> Any:
+    """The UPDATE ``stmt`` as the application gave it: by itself, or inside the
+    ``from_statement()`` wrapper ``outer``."""
+    return stmt if outer is None else with_from_statement_element(outer, stmt)
 
 
 def _set_once(stmt: Any, guard: Guard, named: _Named, target: _Target, new_expr: Any) -> Any:
@@ -387,13 +409,17 @@ def _restrict_many(
     mapper: Mapper[Any],
     guards: tuple[Guard, ...],
     params: list[Any],
+    *,
+    given: Any,
+    outer: Any,
 ) -> Result[Any] | None:
     """An UPDATE executed once per parameter set (its WHERE criteria pick the rows): each
     set's target state travels as a parameter of ours, so the one statement holds the legal
     condition of every set; each set's rows are checked (or counted) before it runs. The
     restricted statement runs through ``invoke_statement``, which adds our parameters to each
-    set (SQLAlchemy before 2.0.2x ignores parameters a listener assigns)."""
-    stmt: Any = orm_state.statement
+    set (SQLAlchemy before 2.0.2x ignores parameters a listener assigns). ``given``: the
+    UPDATE, run inside ``outer`` when that is a ``from_statement()`` wrapper."""
+    stmt: Any = given
     if not params or not all(isinstance(p, Mapping) for p in params):
         return None  # nothing to run, or not parameter sets SQLAlchemy would take
     sets = [dict(p) for p in params]  # copies: the caller's dicts are left as they were
@@ -429,7 +455,7 @@ def _restrict_many(
             guard=guard,
             named=named,
             where=(
-                _with(stmt.whereclause, _loader_criteria(orm_state, mapper, guard, named)),
+                _with(stmt.whereclause, _loader_criteria(orm_state, stmt, mapper, guard, named)),
                 legal,
             ),
             param_sets=sets,
@@ -437,7 +463,7 @@ def _restrict_many(
             shown=shown,
         )
         stmt = stmt.where(legal)
-    if stmt is orm_state.statement:
+    if stmt is given:
         return None  # no guarded column set: the statement runs as it is
     added = [{name: p[name] for name in ours} for p in sets]
     if expression and orm_state.execution_options.get("synchronize_session", "auto") in (
@@ -447,7 +473,9 @@ def _restrict_many(
         # "fetch" (what "auto" falls back to) takes no parameter sets: not synchronized, as
         # SQLAlchemy's "evaluate" leaves the session's objects here anyway
         stmt = _synchronized_by(orm_state, stmt, False)
-    return orm_state.invoke_statement(statement=stmt, params=added if ours else None)
+    return orm_state.invoke_statement(
+        statement=_as_given(outer, stmt), params=added if ours else None
+    )
 
 
 def _check_rows(
@@ -612,13 +640,14 @@ def _bulk_by_pk(
     mapper: Mapper[Any],
     guards: tuple[Guard, ...],
     params: list[Any],
+    *,
+    stmt: Any,
 ) -> Result[Any] | None:
     """ORM bulk UPDATE by primary key (a list of parameter dicts): lock and check each row.
     The state a set writes is its own (by the attribute's name) or the statement's
     ``values()``, as SQLAlchemy sends it; its row is found by the database (a key given as a
     string for a UUID or an integer matches as it does in the UPDATE)."""
     rejected: set[int] = set()
-    stmt: Any = orm_state.statement
     for guard in guards:
         written = _written_attr(mapper, guard)
         wanted: dict[tuple[Any, ...], list[tuple[int, Any]]] = {}
