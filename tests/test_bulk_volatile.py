@@ -68,6 +68,14 @@ class EditedDoc(Base):
     )
 
 
+class Planned(Base):
+    """The state planned next for a task (read by a correlated subquery)."""
+
+    __tablename__ = "planned"
+    task_id: Mapped[int] = mapped_column(primary_key=True)
+    status: Mapped[str] = mapped_column(sa.String(20))
+
+
 #: rows 1 and 2 may go back to pending (running), rows 3 and 4 may not (done)
 ROWS = "(1, 'x', 'running'), (2, 'x', 'running'), (3, 'x', 'done'), (4, 'x', 'done')"
 
@@ -159,6 +167,18 @@ async def test_a_volatile_new_state_is_judged_as_written_async(
     after = stored(engine)
     legal_only(before, after)
     assert after[3] == after[4] == "done"
+
+
+def test_a_correlated_subquery_is_still_correlated(engine: sa.Engine, service: str) -> None:
+    """The new state read per row by a scalar subquery of the application's, correlated to the
+    UPDATE's table, is still read for each row (the expression stays where it was given)."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO planned VALUES (1, 'pending'), (3, 'pending')")
+    Sessions = rdb.ResilientSession(engine, service=service)
+    planned = sa.select(Planned.status).where(Planned.task_id == Task.id).scalar_subquery()
+    new = sa.func.coalesce(planned, Task.status)
+    Sessions.run(lambda s: s.execute(sa.update(Task).values(status=new)))
+    assert stored(engine) == {1: "pending", 2: "running", 3: "done", 4: "done"}
 
 
 def test_a_legal_volatile_move_still_moves(engine: sa.Engine, service: str) -> None:
