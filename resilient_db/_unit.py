@@ -574,9 +574,12 @@ _CLAIM_UNKNOWN: Final = {
         "after this COMMIT was sent: its marker may have gone with the old table, so its "
         "absence from the new one proves nothing"
     ),
+    # (the function's own "unknown": the marker missing and dated before the table was made
+    # by the server's reckoning, which this host's clock may not share; or found, then gone)
     "unknown": (
-        "its commit marker was there, then gone while the check looked (deleted by hand, or "
-        "the markers uninstalled meanwhile)"
+        "its commit marker was not found and could not be judged: dated before the markers' "
+        "table was made (this host's clock against the server's), or deleted while the check "
+        "looked"
     ),
     "": "the check's claim gave no answer",
 }
