@@ -226,6 +226,17 @@ def test_the_page_is_escaped_and_locked_down() -> None:
     assert again != csp
 
 
+def test_the_title_is_shown_as_given_even_with_the_pages_placeholders() -> None:
+    title = "Ops @NONCE@ @POLL@ @EVENTS@"
+    client = mounted(dashboard(auth=lambda request: True, title=title))
+    page = client.get("/admin/self-healing/")
+    nonce = re.search(r"script-src 'nonce-([^']+)'", page.headers["content-security-policy"])
+    assert nonce is not None
+    assert f"<title>{title}</title>" in page.text
+    assert f"<h1>{title}</h1>" in page.text
+    assert page.text.count(nonce.group(1)) == 2  # the style's and the script's, nowhere else
+
+
 def test_recorder_is_bounded() -> None:
     now = [1_000_000.0]
     rec = Recorder(max_events=5, window=30, clock=lambda: now[0])

@@ -457,11 +457,12 @@ def render_page(
     """The page, with ``title`` escaped and the script's nonce; it polls every ``poll_ms``,
     never more often than every ``min_poll_ms`` (the dashboard's ``MIN_POLL_SECONDS``), and
     keeps the last ``events`` events (as many as ``data.json`` serves in full)."""
+    # the title last: a title holding a placeholder (``@NONCE@``) is shown as written
     return (
-        _TEMPLATE.replace("@TITLE@", html.escape(title, quote=True))
-        .replace("@NONCE@", nonce)
+        _TEMPLATE.replace("@NONCE@", nonce)
         .replace("@MIN_POLL@", str(int(min_poll_ms)))
         .replace("@POLL@", str(int(poll_ms)))
         .replace("@EVENTS@", str(int(events)))
         .replace("@MAX_STATES@", str(MAX_STATE_CHANGES))
+        .replace("@TITLE@", html.escape(title, quote=True))
     )
