@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import resilient_db as rdb
 from resilient_db import _unit
+from resilient_db._state import STATE
 from resilient_db.testing import free_port
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
@@ -1526,3 +1527,23 @@ def test_a_service_name_that_is_not_utf8_text_is_refused_at_once(
         rdb.with_self_healing(service=name)
     assert rdb.ResilientSession(engine, service="café: orders 1").service == "café: orders 1"
     assert rdb.ResilientSession(engine, service="y" * 200).service == "y" * 200
+
+
+@pytest.mark.parametrize("name", [" ", "   ", "\u00a0", "orders ", " orders", "\u3000orders"])
+def test_a_blank_service_name_or_one_with_spaces_at_its_ends_is_refused_at_once(
+    engine: sa.Engine, name: str
+) -> None:
+    """A name of spaces only was taken: its log lines said ``service=  disconnect``, naming
+    nothing. One with a space at an end (``"orders "``, read from a variable set with a
+    stray space) was taken as a service of its own: a second breaker, counters and Redis key
+    for the same database, its log lines looking like the other's."""
+    with pytest.raises(ValueError, match=r"service name .* (is blank|begins or ends with)"):
+        rdb.ResilientSession(engine, service=name)
+    with pytest.raises(ValueError, match=r"service name .* (is blank|begins or ends with)"):
+        rdb.AsyncResilientSession(
+            create_async_engine("postgresql+asyncpg://u@127.0.0.1/d"), service=name
+        )
+    with pytest.raises(ValueError, match=r"service name .* (is blank|begins or ends with)"):
+        rdb.with_self_healing(service=name)
+    assert name not in STATE.breakers
+    assert rdb.ResilientSession(engine, service="orders db").service == "orders db"
