@@ -245,11 +245,11 @@ def joined_callers_transaction(joined: tuple[tuple[Any, bool], ...], record: Any
 
 
 def check_service_name(service: object, where: str) -> None:
-    """Refuse a service name that can't be one: not a str (``TypeError``), empty or not valid
-    UTF-8 text (``ValueError``). A service name is shared by name (Redis keys, metrics labels,
-    log lines): one that is not valid UTF-8 text (a lone surrogate, as ``os.environ`` gives for
-    a byte that is not UTF-8) can't be sent anywhere, and failed only later, in the shared
-    breaker's link."""
+    """Refuse a service name that can't be one: not a str (``TypeError``), empty, blank, with a
+    space at an end or not valid UTF-8 text (``ValueError``). A service name is shared by name
+    (Redis keys, metrics labels, log lines): one that is not valid UTF-8 text (a lone
+    surrogate, as ``os.environ`` gives for a byte that is not UTF-8) can't be sent anywhere,
+    and failed only later, in the shared breaker's link."""
     if not isinstance(service, str):
         raise TypeError(f"{where} needs a service name (a non-empty str), got {service!r}")
     if not service:
@@ -264,6 +264,20 @@ def check_service_name(service: object, where: str) -> None:
     # Log lines and hook events carry names escaped and cut (see _observability._escaped),
     # health() and metrics as given: a name either would change had two labels, one that
     # can't be joined to the other (a retry ratio by service, a hook's health() lookup).
+    # A blank name says nothing in a log line (``service=  disconnect``); one with a space at
+    # an end (a variable set with a stray space) is a service of its own, a second breaker and
+    # Redis key for the same database, whose lines look like the other's.
+    if not service.strip():
+        raise ValueError(
+            f"service name {service!r} is blank: it names the service in log lines and "
+            "metrics labels; give a name such as 'orders-db'"
+        )
+    if service != service.strip():
+        raise ValueError(
+            f"service name {service!r} begins or ends with a space: it would be a service of "
+            f"its own, apart from {service.strip()!r}, with log lines looking like that one's; "
+            f"give {service.strip()!r}"
+        )
     control = next((c for c in service if ord(c) in CONTROL_CODES), None)
     if control is not None:
         raise ValueError(
