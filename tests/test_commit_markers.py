@@ -3100,6 +3100,15 @@ def test_installing_on_a_database_that_is_not_postgresql_is_refused_before_sendi
             with pytest.raises(ValueError, match=refused):
                 rdb.install_commit_markers(conn)
             assert conn.exec_driver_sql("SELECT count(*) FROM sqlite_master").scalar() == 0
+        # a Session is refused before it begins anything (it was left in a transaction of its
+        # own on a connection checked out for nothing)
+        with Session(eng) as session:
+            with pytest.raises(ValueError, match=refused):
+                rdb.install_commit_markers(session)
+            with pytest.raises(ValueError, match=refused):
+                rdb.uninstall_commit_markers(session)
+            assert not session.in_transaction()
+        assert eng.pool.checkedout() == 0
     finally:
         eng.dispose()
 
