@@ -361,6 +361,8 @@ def run_statements(target: Any, statements: list[str]) -> None:
             _send(conn, statements)
         return
     if isinstance(target, Session):
+        # (refused before its connection(), which begins the session's transaction)
+        _require_postgresql(target.get_bind().dialect)
         target = target.connection()
     if not isinstance(target, Connection):
         raise TypeError(
