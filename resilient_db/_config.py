@@ -18,7 +18,7 @@ import threading
 import urllib.parse
 from collections.abc import Callable, Container, Mapping
 from datetime import timedelta
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from ._errors import ConfigError
 from ._state import STATE
@@ -267,8 +267,9 @@ class Config:
                 else:
                     object.__setattr__(self, field.name, float(value))
             elif field.type == "int":
-                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                    problems[field.name] = f"must be a whole number >= 0, got {_given(value)}"
+                least = 1 if field.name in _COUNTED_FROM_ONE else 0
+                if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                    problems[field.name] = f"must be a whole number >= {least}, got {_given(value)}"
             elif field.type == "bool" and not isinstance(value, bool):
                 problems[field.name] = f"must be True or False, got {_given(value)}"
         for name, limit in _LIMITS.items():
@@ -294,8 +295,6 @@ class Config:
                 # the environment's default, 1000, passed as seconds: over the default cap
                 hint = _milliseconds_hint(self.initial_delay)
             problems.setdefault(name, why + hint)
-        if self.failure_threshold == 0:
-            problems["failure_threshold"] = "must be at least 1"
         if "redis_timeout" not in problems and self.redis_timeout < 0.001:
             # (after the conversion above: a timedelta(0) is no 0); the environment's least
             problems["redis_timeout"] = f"must be at least 0.001 s, got {self.redis_timeout!r}"
@@ -306,8 +305,6 @@ class Config:
                 "stays open: to let every call through, switch the breaker off, "
                 "circuit_breaker=False)"
             )
-        if self.half_open_probes == 0:
-            problems["half_open_probes"] = "must be at least 1"
         for name in ("log_level", "bulk_update"):  # any case, as from the environment
             value = getattr(self, name)
             if isinstance(value, str) and value != value.lower():
@@ -438,6 +435,11 @@ def _milliseconds_hint(seconds: float) -> str:
 
 _RATIO = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)", re.ASCII)
 _SHOWN = 40
+
+
+#: whole-number settings whose least value is 1 (a breaker that opens after no failure, a
+#: half-open state that lets no probe through)
+_COUNTED_FROM_ONE: Final = frozenset({"failure_threshold", "half_open_probes"})
 
 
 def _given(value: object) -> str:
@@ -585,7 +587,9 @@ def _parse(spec: _Spec, raw: str) -> Any:
     if spec.kind in ("count", "ms"):
         unit = " of milliseconds" if spec.kind == "ms" else ""
         if text.startswith("-") and _DIGITS.fullmatch(text[1:]):
-            raise ValueError("must not be negative")
+            raise ValueError(
+                "must be at least 1" if spec.env in _AT_LEAST_ONE else "must not be negative"
+            )
         # ASCII digits only: no sign, no "_", no other scripts' digits, no exponent
         if not _DIGITS.fullmatch(text):
             raise ValueError(f"not a whole number{unit} (digits 0-9 only)")

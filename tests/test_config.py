@@ -638,3 +638,30 @@ def test_with_self_healing_reads_the_environment_at_its_first_call(
     with pytest.raises(sa.exc.OperationalError):
         rdb.with_self_healing(operation, service=service)
     assert calls == 2 + 1 + rdb.load_config().max_retries
+
+
+@pytest.mark.parametrize("name", ["failure_threshold", "half_open_probes"])
+@pytest.mark.parametrize("given", [0, -2, 0.5, "3"])
+def test_a_count_that_must_be_at_least_one_says_so_whatever_was_given(
+    name: str, given: object
+) -> None:
+    """``failure_threshold`` and ``half_open_probes`` count from 1: a fraction, a negative or
+    a string is told the bound that holds (it said "a whole number >= 0" for those, which 0
+    is not), and 0 the same."""
+    with pytest.raises(rdb.ConfigError) as info:
+        rdb.Config(**{name: given})  # type: ignore[arg-type]
+    assert info.value.problems[name] == f"must be a whole number >= 1, got {given!r}"
+
+
+@pytest.mark.parametrize(
+    "variable", ["SELF_HEALING_FAILURE_THRESHOLD", "SELF_HEALING_HALF_OPEN_PROBES"]
+)
+@pytest.mark.parametrize("given", ["0", "-1"])
+def test_a_variable_counted_from_one_gives_its_bound_for_zero_and_negatives(
+    variable: str, given: str
+) -> None:
+    """From the environment alike: 0 and a negative count are told the bound (a negative one
+    was told only "must not be negative", which 0 satisfies)."""
+    with pytest.raises(rdb.ConfigError) as info:
+        rdb.load_config({variable: given})
+    assert info.value.problems[variable] == f"{given!r} is invalid: must be at least 1"
