@@ -172,6 +172,22 @@ def metadata_engine(url: str, base: type[DeclarativeBase]) -> Iterator[sa.Engine
     engine.dispose()
 
 
+def seeded_engine(url: str, base: type[DeclarativeBase], *seed: str) -> Iterator[sa.Engine]:
+    """:func:`metadata_engine` with the ``seed`` statements run once its tables are made (the
+    body of a module's ``engine`` fixture whose rows start in given states)."""
+    for engine in metadata_engine(url, base):
+        with engine.begin() as conn:
+            for statement in seed:
+                conn.exec_driver_sql(statement)
+        yield engine
+
+
+def statuses_by_id(engine: sa.Engine, table: str = "tasks") -> dict[int, str]:
+    """``table``'s status by id, as stored."""
+    with engine.connect() as conn:
+        return dict(conn.execute(sa.text(f"SELECT id, status FROM {table} ORDER BY id")).all())
+
+
 def tasks_engine(url: str) -> Iterator[sa.Engine]:
     """An engine on ``url`` with the example's tasks schema, its transition trigger and
     :data:`RAISE_CODE_FUNCTION` (the body of a web module's ``direct`` fixture)."""

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
+from scenarios import seeded_engine, statuses_by_id
 from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_column
 
 import resilient_db as rdb
@@ -42,17 +43,9 @@ Task.legacy_status = column_property(Task.__table__.c.status)  # type: ignore[at
 
 @pytest.fixture
 def engine(pg_url: str) -> Iterator[sa.Engine]:
-    eng = sa.create_engine(pg_url)
-    Base.metadata.create_all(eng)
-    with eng.begin() as conn:
-        conn.exec_driver_sql("INSERT INTO tasks VALUES (1, '', 'done'), (2, '', 'running')")
-    yield eng
-    eng.dispose()
-
-
-def stored(engine: sa.Engine) -> dict[int, str]:
-    with engine.connect() as conn:
-        return dict(conn.execute(sa.text("SELECT id, status FROM tasks ORDER BY id")).all())
+    yield from seeded_engine(
+        pg_url, Base, "INSERT INTO tasks VALUES (1, '', 'done'), (2, '', 'running')"
+    )
 
 
 def test_a_state_given_by_the_attribute_sqlalchemy_writes_is_judged(
@@ -61,7 +54,10 @@ def test_a_state_given_by_the_attribute_sqlalchemy_writes_is_judged(
     Sessions = rdb.ResilientSession(engine, service=service)
     rows = [{"id": 1, "legacy_status": "pending"}, {"id": 2, "legacy_status": "done"}]
     Sessions.run(lambda s: s.execute(sa.update(Task), rows))
-    assert stored(engine) == {1: "done", 2: "done"}  # the illegal set skipped, the legal made
+    assert statuses_by_id(engine) == {
+        1: "done",
+        2: "done",
+    }  # the illegal set skipped, the legal made
 
 
 def test_raise_mode_names_the_move_sqlalchemy_writes(engine: sa.Engine, service: str) -> None:
@@ -73,7 +69,7 @@ def test_raise_mode_names_the_move_sqlalchemy_writes(engine: sa.Engine, service:
         "pending",
         "orm-update",
     )
-    assert stored(engine) == {1: "done", 2: "running"}
+    assert statuses_by_id(engine) == {1: "done", 2: "running"}
 
 
 def test_a_set_giving_both_attributes_is_judged_by_the_one_written(
@@ -84,7 +80,7 @@ def test_a_set_giving_both_attributes_is_judged_by_the_one_written(
     Sessions = rdb.ResilientSession(engine, service=service)
     illegal = [{"id": 2, "status": "done", "legacy_status": "pending"}]
     Sessions.run(lambda s: s.execute(sa.update(Task), illegal))
-    assert stored(engine) == {1: "done", 2: "running"}
+    assert statuses_by_id(engine) == {1: "done", 2: "running"}
     legal = [{"id": 2, "status": "pending", "legacy_status": "done"}]
     Sessions.run(lambda s: s.execute(sa.update(Task), legal))
-    assert stored(engine) == {1: "done", 2: "done"}
+    assert statuses_by_id(engine) == {1: "done", 2: "done"}

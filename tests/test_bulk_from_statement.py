@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
+from scenarios import seeded_engine, statuses_by_id
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -37,17 +38,7 @@ class Task(Base):
 
 @pytest.fixture
 def engine(pg_url: str) -> Iterator[sa.Engine]:
-    eng = sa.create_engine(pg_url)
-    Base.metadata.create_all(eng)
-    with eng.begin() as conn:
-        conn.exec_driver_sql("INSERT INTO tasks VALUES (1, 'running'), (2, 'done')")
-    yield eng
-    eng.dispose()
-
-
-def stored(engine: sa.Engine) -> dict[int, str]:
-    with engine.connect() as conn:
-        return dict(conn.execute(sa.text("SELECT id, status FROM tasks ORDER BY id")).all())
+    yield from seeded_engine(pg_url, Base, "INSERT INTO tasks VALUES (1, 'running'), (2, 'done')")
 
 
 def back_to_pending() -> sa.Select[tuple[Task]]:
@@ -63,7 +54,7 @@ def test_the_update_inside_is_judged(engine: sa.Engine, service: str) -> None:
         return [(t.id, t.status) for t in session.scalars(back_to_pending())]
 
     assert Sessions.run(unit) == [(1, "pending")]  # the done task left out, not returned
-    assert stored(engine) == {1: "pending", 2: "done"}
+    assert statuses_by_id(engine) == {1: "pending", 2: "done"}
 
 
 def test_raise_mode_raises_for_the_update_inside(engine: sa.Engine, service: str) -> None:
@@ -71,7 +62,7 @@ def test_raise_mode_raises_for_the_update_inside(engine: sa.Engine, service: str
     with pytest.raises(rdb.IllegalTransitionError) as info:
         Sessions.run(lambda s: s.scalars(back_to_pending()).all())
     assert (info.value.pk, info.value.from_state, info.value.to_state) == (2, "done", "pending")
-    assert stored(engine) == {1: "running", 2: "done"}
+    assert statuses_by_id(engine) == {1: "running", 2: "done"}
 
 
 def test_a_sql_expression_inside_is_judged(engine: sa.Engine, service: str) -> None:
@@ -84,7 +75,7 @@ def test_a_sql_expression_inside_is_judged(engine: sa.Engine, service: str) -> N
         return [(t.id, t.status) for t in found]
 
     assert Sessions.run(unit) == [(1, "done")]
-    assert stored(engine) == {1: "done", 2: "done"}
+    assert statuses_by_id(engine) == {1: "done", 2: "done"}
 
 
 def test_other_statements_from_statement_run_as_given(engine: sa.Engine, service: str) -> None:
@@ -108,4 +99,4 @@ async def test_the_update_inside_is_judged_async(
         assert await Sessions.run(unit) == [(1, "pending")]
     finally:
         await aengine.dispose()
-    assert stored(engine) == {1: "pending", 2: "done"}
+    assert statuses_by_id(engine) == {1: "pending", 2: "done"}

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from scenarios import seeded_engine, statuses_by_id
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -82,19 +83,13 @@ ROWS = "(1, 'x', 'running'), (2, 'x', 'running'), (3, 'x', 'done'), (4, 'x', 'do
 
 @pytest.fixture
 def engine(pg_url: str) -> Iterator[sa.Engine]:
-    eng = sa.create_engine(pg_url)
-    Base.metadata.create_all(eng)
-    with eng.begin() as conn:
-        conn.execute(sa.schema.CreateSequence(TICK))
-        conn.exec_driver_sql(f"INSERT INTO tasks VALUES {ROWS}")
-        conn.exec_driver_sql(f"INSERT INTO edited VALUES {ROWS}")
-    yield eng
-    eng.dispose()
-
-
-def stored(engine: sa.Engine, table: str = "tasks") -> dict[int, str]:
-    with engine.connect() as conn:
-        return dict(conn.execute(sa.text(f"SELECT id, status FROM {table} ORDER BY id")).all())
+    yield from seeded_engine(
+        pg_url,
+        Base,
+        f"CREATE SEQUENCE {TICK.name}",
+        f"INSERT INTO tasks VALUES {ROWS}",
+        f"INSERT INTO edited VALUES {ROWS}",
+    )
 
 
 def legal_only(before: dict[int, str], after: dict[int, str]) -> None:
@@ -128,21 +123,21 @@ def test_a_volatile_new_state_is_judged_as_written(
     engine: sa.Engine, service: str, how: str, mode: str
 ) -> None:
     Sessions = rdb.ResilientSession(engine, service=service, config=rdb.Config(bulk_update=mode))
-    before = stored(engine)
+    before = statuses_by_id(engine)
     try:
         Sessions.run(UNITS[how])
     except rdb.IllegalTransitionError:
         assert mode == "raise"
-    after = stored(engine)
+    after = statuses_by_id(engine)
     legal_only(before, after)
     assert after[3] == after[4] == "done"
 
 
 def test_a_volatile_onupdate_is_judged_as_written(engine: sa.Engine, service: str) -> None:
     Sessions = rdb.ResilientSession(engine, service=service)
-    before = stored(engine, "edited")
+    before = statuses_by_id(engine, "edited")
     Sessions.run(lambda s: s.execute(sa.update(EditedDoc).values(body="y")))
-    after = stored(engine, "edited")
+    after = statuses_by_id(engine, "edited")
     legal_only(before, after)
     assert after[3] == after[4] == "done"
     with engine.connect() as conn:  # the edit itself went through
@@ -155,7 +150,7 @@ async def test_a_volatile_new_state_is_judged_as_written_async(
 ) -> None:
     aengine = create_async_engine(pg_async_url)
     Sessions = rdb.AsyncResilientSession(aengine, service=service)
-    before = stored(engine)
+    before = statuses_by_id(engine)
 
     async def unit(session: AsyncSession) -> None:
         await session.execute(sa.update(Task).values(status=flip()))
@@ -164,7 +159,7 @@ async def test_a_volatile_new_state_is_judged_as_written_async(
         await Sessions.run(unit)
     finally:
         await aengine.dispose()
-    after = stored(engine)
+    after = statuses_by_id(engine)
     legal_only(before, after)
     assert after[3] == after[4] == "done"
 
@@ -178,7 +173,7 @@ def test_a_correlated_subquery_is_still_correlated(engine: sa.Engine, service: s
     planned = sa.select(Planned.status).where(Planned.task_id == Task.id).scalar_subquery()
     new = sa.func.coalesce(planned, Task.status)
     Sessions.run(lambda s: s.execute(sa.update(Task).values(status=new)))
-    assert stored(engine) == {1: "pending", 2: "running", 3: "done", 4: "done"}
+    assert statuses_by_id(engine) == {1: "pending", 2: "running", 3: "done", 4: "done"}
 
 
 def test_a_legal_volatile_move_still_moves(engine: sa.Engine, service: str) -> None:
@@ -186,7 +181,7 @@ def test_a_legal_volatile_move_still_moves(engine: sa.Engine, service: str) -> N
     left, as their one evaluation says; the session's objects follow their rows (the new
     state, an expression, is read back)."""
     Sessions = rdb.ResilientSession(engine, service=service)
-    stored_before = stored(engine)
+    stored_before = statuses_by_id(engine)
 
     def unit(session: Session) -> dict[int, str]:
         tasks = session.scalars(sa.select(Task).order_by(Task.id)).all()
@@ -194,7 +189,7 @@ def test_a_legal_volatile_move_still_moves(engine: sa.Engine, service: str) -> N
         return {t.id: t.status for t in tasks}
 
     seen = Sessions.run(unit)
-    after = stored(engine)
+    after = statuses_by_id(engine)
     assert seen == after
     assert "pending" in (after[1], after[2])
     legal_only(stored_before, after)
@@ -236,7 +231,7 @@ def test_a_new_state_of_null_is_judged_as_written(
         conn.exec_driver_sql(f"INSERT INTO tickets VALUES {rows}")
     Sessions = rdb.ResilientSession(engine, service=service)
     Sessions.run(lambda s: s.execute(sa.update(Ticket).values(status=new())))
-    after = stored(engine, "tickets")
+    after = statuses_by_id(engine, "tickets")
     assert after[2] == after[4] == after[5] == "closed"
     assert after[1] in (None, "open")
     assert after[3] is None
@@ -262,4 +257,4 @@ async def test_a_new_state_of_null_is_judged_as_written_async(
         await Sessions.run(unit)
     finally:
         await aengine.dispose()
-    assert stored(engine, "tickets") == {1: None, 2: "closed", 3: None}
+    assert statuses_by_id(engine, "tickets") == {1: None, 2: "closed", 3: None}
