@@ -54,9 +54,15 @@ DRIVERS = ["psycopg", "asyncpg"]
 DATABASE = "app"
 MARKERS = "markers"  # rdb.install_commit_markers ran
 FALLBACK = "fallback"  # it did not: a lost COMMIT answer is checked by transaction id
-#: (driver, commit verification): the markers with both drivers; the fallback's decisions are
-#: the same code for both, so one driver is enough for it
-CASES = [("psycopg", MARKERS), ("asyncpg", MARKERS), ("psycopg", FALLBACK)]
+#: (driver, commit verification): the markers with each driver (psycopg's async one too: an
+#: ``AsyncResilientSession`` on ``postgresql+psycopg``); the fallback's decisions are the same
+#: code for all, so one driver is enough for it
+CASES = [
+    ("psycopg", MARKERS),
+    ("asyncpg", MARKERS),
+    ("psycopg-async", MARKERS),
+    ("psycopg", FALLBACK),
+]
 
 #: Backoff in milliseconds, enough attempts to outlast a promotion; the breaker stays out of it
 #: (retries every 10-50 ms while no host takes writes are failures it counts; the breaker through
@@ -302,10 +308,16 @@ def fail_over(pair: StandbyPair) -> tuple[float, float]:
     return crashed, time.monotonic()
 
 
+def workload_url(pair: StandbyPair, driver: str, **options: Any) -> str:
+    """``pair``'s multi-host URL for a :class:`Workload` of ``driver`` (psycopg's async driver
+    takes psycopg's URL)."""
+    return pair.url(DATABASE, driver="psycopg" if driver == "psycopg-async" else driver, **options)
+
+
 def writes_through_a_failover(pair: StandbyPair, driver: str) -> tuple[Workload, float, float]:
     """Two writers write on the primary, which crashes mid-stream; the standby is promoted and
     they write on it. Returns the finished workload and the times of the crash and promotion."""
-    workload = Workload(pair.url(DATABASE, driver=driver), driver).start()
+    workload = Workload(workload_url(pair, driver), driver).start()
     try:
         wait_for(lambda: workload.acked(pair.primary.port) >= 40, "writes on the primary")
         crashed, promoted = fail_over(pair)
@@ -863,7 +875,7 @@ def test_commit_lost_on_the_way_then_failover_is_replayed_once_on_the_new_primar
     pair = pg_standby
     prepare(pair, markers=mode == MARKERS)
     with FaultProxy(pair.primary) as proxy:
-        url = pair.url(DATABASE, driver=driver, primary_at=(proxy.host, proxy.port))
+        url = workload_url(pair, driver, primary_at=(proxy.host, proxy.port))
         proxy.swallow_commit()
         workload = Workload(url, driver, writers=1, limit=1).start()
         try:
@@ -899,7 +911,7 @@ def test_commit_answer_lost_then_failover_is_verified_on_the_new_primary_not_rep
     pair = pg_standby
     prepare(pair, markers=mode == MARKERS)
     with FaultProxy(pair.primary) as proxy:
-        url = pair.url(DATABASE, driver=driver, primary_at=(proxy.host, proxy.port))
+        url = workload_url(pair, driver, primary_at=(proxy.host, proxy.port))
         failovers: list[float] = []
 
         def arm(key: str, call: int) -> None:
