@@ -2267,12 +2267,11 @@ class FactoryCore:
             if engine is not None:
                 hooks_for(engine, self, register=register)
 
-    def _route_engines(self, holder: type[Session]) -> bool:
+    def _route_engines(self, holder: type[Session]) -> None:
         """Give ``holder`` (a class of this factory's own, made of the session class you gave)
-        a ``get_bind`` for its sessions when your class picks engines itself (it overrides
-        ``Session.get_bind``: SQLAlchemy's read/write split and vertical partitioning recipes,
-        ``ShardedSession(shards=...)``); False, and nothing set, when it doesn't (its engines
-        are the factory's ``bind`` and ``binds``, hooked already).
+        a ``get_bind`` for its sessions when your class picks engines itself (see
+        :func:`_picks_engines`); nothing when it doesn't (its engines are the factory's
+        ``bind`` and ``binds``, hooked already).
 
         It returns what your class's ``get_bind`` picks, looked up on your class at each call
         as ``sessionmaker``'s class does (a ``get_bind`` replaced after the factory was made,
@@ -2284,8 +2283,8 @@ class FactoryCore:
         ``ValueError`` of :func:`hooks_for`, at the statement that picked it. Wrapping the
         class's method is the only point where a routed engine is known before its connection
         is made: SQLAlchemy has no event there."""
-        if holder.get_bind is Session.get_bind:
-            return False
+        if not _picks_engines(holder):
+            return
         factory = weakref.ref(self)
         hooked: weakref.WeakSet[Any] = weakref.WeakSet()
 
@@ -2300,7 +2299,6 @@ class FactoryCore:
             return bind
 
         setattr(holder, "get_bind", get_bind)  # noqa: B010 (a method, set on our class)
-        return True
 
     def _routed(self, local_kw: dict[str, Any]) -> dict[str, Any]:
         """(async) The keywords of a new session: where its sync session class picks engines
@@ -2323,7 +2321,7 @@ class FactoryCore:
             if not isinstance(cls, type):
                 return local_kw
             routed = None
-            if issubclass(cls, Session) and cls.get_bind is not Session.get_bind:
+            if issubclass(cls, Session) and _picks_engines(cls):
                 namespace = {
                     "__module__": cls.__module__,
                     "__qualname__": cls.__qualname__,
@@ -2925,6 +2923,13 @@ class EngineHooks:
 #: the key of the dead pooled connections' lines in an engine's ``_pool_lines`` (the others
 #: are SQLSTATEs)
 _DEAD_LINES: Final = "dead pooled connection"
+
+
+def _picks_engines(session_class: type[Session]) -> bool:
+    """Whether sessions of ``session_class`` pick their engines themselves: it overrides
+    ``Session.get_bind`` (SQLAlchemy's read/write split and vertical partitioning recipes,
+    ``ShardedSession(shards=...)``)."""
+    return session_class.get_bind is not Session.get_bind
 
 
 def engine_settings(config: Config, classifier: Classifier) -> tuple[Any, ...]:
