@@ -11,7 +11,7 @@ from typing import Any, NamedTuple, NoReturn
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Result
-from sqlalchemy.orm import Mapper, ORMExecuteState, Session
+from sqlalchemy.orm import FromStatement, Mapper, ORMExecuteState, Session
 from sqlalchemy.sql.elements import (
     BindParameter,
     ClauseElement,
@@ -39,11 +39,6 @@ from ._report import count, logger, report, row_keys, row_label, service_words, 
 from ._rules import Guard, Key, TransitionRulesError, compiled_guards, plain, same_rules, sort_key
 
 __all__ = ["do_orm_execute"]
-
-#: the class of ``select(Model).from_statement(update(Model)...)``, which runs the UPDATE
-#: inside and returns the objects it names (``sqlalchemy.orm.FromStatement``; a class no
-#: statement is, should a release no longer export it)
-_FROM_STATEMENT: Any = getattr(sa.orm, "FromStatement", NotImplemented.__class__)
 
 
 class _Target(NamedTuple):
@@ -244,7 +239,7 @@ def _legal_predicate(guard: Guard, col: Any, new: Any) -> ColumnElement[bool]:
 
 
 def do_orm_execute(orm_state: ORMExecuteState) -> Result[Any] | None:
-    if not orm_state.is_update and type(orm_state.statement) is not _FROM_STATEMENT:
+    if not orm_state.is_update and type(orm_state.statement) is not FromStatement:
         return None
     session = orm_state.session
     config = active_config(session)
@@ -252,7 +247,7 @@ def do_orm_execute(orm_state: ORMExecuteState) -> Result[Any] | None:
         return None
     stmt: Any = orm_state.statement
     outer = None
-    if type(stmt) is _FROM_STATEMENT:
+    if type(stmt) is FromStatement:  # (select(Model).from_statement(update(Model)...))
         # select(Model).from_statement(update(Model)...returning(Model)): the UPDATE inside
         # is judged and restricted as one run by itself, then run as given (SQLAlchemy
         # reports the wrapper as an UPDATE from 2.0.30 on, not before)
