@@ -429,6 +429,7 @@ def throughput(
 ) -> dict[str, list[float]]:
     """Per-round units per second with ``threads`` threads, rounds interleaved (and where
     their CPU time went, into ``split``)."""
+    split = split or CpuSplit(None)
     samples: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(rounds):
         order = names[:]
@@ -452,7 +453,7 @@ def throughput(
                 counts[slot] = i
 
             pool = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
-            before = split.now() if split is not None else None
+            before = split.now()
             start = time.perf_counter()
             for t in pool:
                 t.start()
@@ -461,8 +462,7 @@ def throughput(
             for t in pool:
                 t.join()
             samples[name].append(sum(counts) / (time.perf_counter() - start))
-            if split is not None and before is not None:
-                split.add(name, before, sum(counts))
+            split.add(name, before, sum(counts))
     return samples
 
 
@@ -563,6 +563,7 @@ async def athroughput(
     split: CpuSplit | None = None,
 ) -> dict[str, list[float]]:
     """As :func:`throughput`, with ``tasks`` tasks on this event loop."""
+    split = split or CpuSplit(None)
     samples: dict[str, list[float]] = {n: [] for n in variants}
     for _ in range(rounds):
         order = list(variants)
@@ -585,12 +586,11 @@ async def athroughput(
                     i += 1
                 counts[slot] = i
 
-            before = split.now() if split is not None else None
+            before = split.now()
             start = time.perf_counter()
             await asyncio.gather(*(worker(t) for t in range(tasks)))
             samples[name].append(sum(counts) / (time.perf_counter() - start))
-            if split is not None and before is not None:
-                split.add(name, before, sum(counts))
+            split.add(name, before, sum(counts))
     return samples
 
 
