@@ -173,7 +173,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--migrations", metavar="DIR", help="the Alembic migrations directory to apply"
     )
-    demo.set_defaults(handler=_demo)
+    demo.set_defaults(command_parser=demo, handler=_demo)
 
     check = commands.add_parser(
         "check-config",
@@ -185,7 +185,7 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     check.add_argument("--json", action="store_true", help="print the configuration as JSON")
-    check.set_defaults(handler=_check_config)
+    check.set_defaults(command_parser=check, handler=_check_config)
 
     rules = commands.add_parser(
         "rules",
@@ -200,7 +200,7 @@ def _parser() -> argparse.ArgumentParser:
         "--format", choices=("mermaid", "dot"), default="mermaid", help="default mermaid"
     )
     rules.add_argument("--column", help="the guarded column, when the model guards several")
-    rules.set_defaults(handler=_rules)
+    rules.set_defaults(command_parser=rules, handler=_rules)
     return parser
 
 
@@ -253,7 +253,15 @@ class _Output(io.TextIOBase):
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``resilient-db`` console script; returns the exit status."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    # an argument the command does not take is said with that command's usage, not the
+    # program's (argparse hands a subcommand's unknown arguments back to the main parser)
+    words = list(sys.argv[1:] if argv is None else argv)
+    args, unknown = parser.parse_known_args(words)
+    if unknown:
+        at = words.index(args.command) if args.command in words else 0
+        ahead = words[:at]  # the program's own arguments
+        said_by = parser if any(word in ahead for word in unknown) else args.command_parser
+        said_by.error(f"unrecognized arguments: {' '.join(unknown)}")
     out = _Output(sys.stdout)
     status = EXIT_OK
     try:

@@ -554,6 +554,10 @@ def role_problem(name: object) -> str | None:
         return f"must be a role name (a string) or None, got {type(name).__name__}"
     if not name:
         return "must be a role name, got an empty one"
+    if name != name.strip():
+        # the environment's value is stripped: " admin " there names the role admin; here it
+        # would name no role anyone made, and markers owned by admin would go untrusted
+        return f"has spaces at its ends ({name!r}); give the role's name without them"
     if "\x00" in name:
         return "a role name can't hold a NUL character"
     if len(name.encode()) > _MAX_NAME_BYTES:

@@ -197,6 +197,30 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert "invalid choice: 'svg'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "usage"),
+    [
+        (["demo", "--nope"], "resilient-db demo"),
+        (["check-config", "--json", "--nope"], "resilient-db check-config"),
+        (["rules", "resilient_db.examples.tasks:Task", "--nope"], "resilient-db rules"),
+        (["--nope", "check-config"], "resilient-db"),
+    ],
+)
+def test_an_unknown_argument_is_said_with_the_usage_of_the_command_it_was_given_to(
+    capsys: pytest.CaptureFixture[str], argv: list[str], usage: str
+) -> None:
+    """``resilient-db demo --nope`` printed the program's usage (argparse hands a command's
+    unknown arguments back to the main parser), which lists the commands, not the options the
+    user was looking for. The command's usage and name are said; one given before the command
+    is the program's."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: {usage} ")
+    assert f"{usage}: error: unrecognized arguments: --nope" in err
+
+
 def test_python_dash_m_runs_the_command() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "resilient_db", "rules", "resilient_db.examples.tasks:Task"],

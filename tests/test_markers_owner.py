@@ -477,6 +477,18 @@ def test_a_markers_owner_that_cannot_be_a_role_name_is_refused(bad: str) -> None
             rdb.Config(markers_owner=bad)
 
 
+@pytest.mark.parametrize("spaced", [" admin", "admin ", "\tadmin\n"])
+def test_a_markers_owner_with_spaces_at_its_ends_is_refused_in_code_and_stripped_from_the_env(
+    spaced: str,
+) -> None:
+    """The environment's ``SELF_HEALING_MARKERS_OWNER=" admin "`` names the role admin (its
+    value is stripped, as every variable's); ``Config(markers_owner=" admin ")`` kept the spaces
+    and trusted no role of that name, silently. Refused, naming the problem."""
+    assert rdb.load_config({"SELF_HEALING_MARKERS_OWNER": spaced}).markers_owner == "admin"
+    with pytest.raises(rdb.ConfigError, match=r"markers_owner.*spaces at its ends"):
+        rdb.Config(markers_owner=spaced)
+
+
 def test_the_application_installing_at_startup_trusts_the_named_markers_owner(
     admin: sa.Engine, make_role: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
