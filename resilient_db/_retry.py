@@ -113,6 +113,8 @@ renew_after_fork(globals(), "_MACHINERY_LINES", LineLimit)
 #: the lines of a pool timeout (``Policy._pool_timed_out``), per service: one at most every
 #: 10 s (an overloaded process times out on its pool for every unit waiting, many a second)
 _POOL_LINES = LineLimit()
+#: set on a pool timeout once a policy counted it (see Policy._pool_timed_out)
+_POOL_TIMEOUT_COUNTED = "resilient_db_pool_timeout_counted"
 renew_after_fork(globals(), "_POOL_LINES", LineLimit)
 _RETRY_LINE = "Retry attempt %d/%d: service=%s %s (SQLSTATE %s); next attempt in %.3f s"
 
@@ -326,6 +328,16 @@ class Policy:
         clone.breaker = None
         return clone
 
+    def part_of_attempt(self, admitted_through: Breaker | None = None) -> Policy:
+        """:meth:`without_breaker` for an operation that runs once inside an attempt of its
+        own service that the breaker let through (a decorated helper called in a unit): that
+        attempt is the one counted (``attempts``, its outcome), as a unit or a drop-in connect
+        run there is; this one is not counted again. A pool timeout it meets is counted here,
+        once (see :meth:`_pool_timed_out`), whether the enclosing attempt sees it or not."""
+        clone = object.__new__(_PartOfAttempt)
+        clone.__dict__.update(self.without_breaker(admitted_through).__dict__)
+        return clone
+
     def refresh(self) -> None:
         """Take the service's breaker, counters and budget again if ``reset_state()`` ran
         since this policy last did (see :meth:`_after_reset`)."""
@@ -500,7 +512,13 @@ class Policy:
         (SQLAlchemy's pool ``TimeoutError``): this process overloaded, not the database failing,
         so never retried nor a breaker failure. Counted (``pool_timeouts``) and said: a WARNING
         line rate-limited per service (under load every waiting unit times out, many a second),
-        and a ``pool_timeout`` event for every occurrence."""
+        and a ``pool_timeout`` event for every occurrence. Once per error: an attempt that
+        failed with the error of one nested in it (a unit or an operation run inside a unit)
+        waited for no pool of its own."""
+        if getattr(exc, _POOL_TIMEOUT_COUNTED, False):
+            return
+        with contextlib.suppress(AttributeError, TypeError):  # a type that takes no attributes
+            setattr(exc, _POOL_TIMEOUT_COUNTED, True)
         self.stats.add("pool_timeouts")
         log, since = _POOL_LINES.take((self.service, STATE.generation))
         emit(
@@ -1187,3 +1205,26 @@ class Policy:
             raise
         self._recovered()
         return result
+
+
+class _PartOfAttempt(Policy):
+    """A policy of :meth:`Policy.part_of_attempt`: its attempts are part of one that the
+    enclosing unit or operation of the same service counts (its ``attempts``, its outcome for
+    the breaker), so they count nothing of their own but a pool timeout (counted once), and
+    an error that is not to be replayed is said by that attempt, whose error it is too."""
+
+    def succeeded(self, probe: bool) -> None:
+        pass
+
+    def succeeded_on_loop(self, probe: bool) -> bool:
+        return True
+
+    def failed(self, exc: BaseException, probe: bool, started: float | None = None) -> Outcome:
+        if isinstance(exc, PoolTimeoutError):
+            self._pool_timed_out(exc)
+        return self.classifier.classify(exc)
+
+    def partly_committed(self, exc: BaseException, how: str = "") -> None:
+        # marked (never replayed); its line is the enclosing attempt's, which fails with it or
+        # with what its code raised instead (one that caught it and went on did not fail)
+        mark_partly_committed(exc)

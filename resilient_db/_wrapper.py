@@ -231,19 +231,21 @@ def _policy_for(
     # operation runs once: the enclosing one retries. Its service's breaker still admits it and
     # counts its failures (another service's breaker protects that service; the enclosing
     # attempt of the same service, already running when it failed, is not counted again).
-    policy = _cached_policy(
-        service, use_retry and not runs_once_here(), use_circuit_breaker, config, explicit
-    )
+    once = runs_once_here()
+    policy = _cached_policy(service, use_retry and not once, use_circuit_breaker, config, explicit)
     if admitted_by(policy.breaker):
         # inside an operation or a unit of the same service, its breaker already let the
-        # attempt through and counts its outcome: not asked again (see admitted_by)
-        return policy.without_breaker()
+        # attempt through and counts its outcome: not asked again (see admitted_by); run
+        # once there, its attempt is that one's, counted once (as a unit run there is)
+        return policy.part_of_attempt() if once else policy.without_breaker()
     if policy.breaker is None:
         # no breaker of its own (use_circuit_breaker=False): one of its service's running
         # here still let through what runs inside it (a unit of the service, asked again,
         # would be refused while this attempt holds the half-open probe's slot)
         service_breaker = STATE.breakers.get(service)
         if admitted_by(service_breaker):
+            if once:
+                return policy.part_of_attempt(admitted_through=service_breaker)
             return policy.without_breaker(admitted_through=service_breaker)
     return policy
 

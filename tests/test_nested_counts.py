@@ -1,0 +1,193 @@
+"""A ``with_self_healing`` operation called inside a unit (or an operation) of its own service
+runs once, its attempt part of the enclosing one, which the breaker let through: that one is
+counted, once, as a unit or a drop-in connect run there is. Before, the nested operation counted
+an attempt of its own (``attempts`` doubled, and with it the retry budget's first attempts), a
+pool timeout it met was counted (and its event sent) by both, and a partly committed failure had
+two ``Not replaying`` lines, a lost COMMIT answer two ``partly_committed`` events (OpenTelemetry's
+unknown commits counted twice against health()'s once). Real faults on a real server."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import CollectorRegistry, generate_latest
+from scenarios import otel_points
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
+
+import resilient_db as rdb
+from resilient_db.metrics import HealthCollector
+from resilient_db.testing import FaultProxy
+
+pytestmark = pytest.mark.usefixtures("no_backoff")
+
+Otel = tuple[Any, InMemorySpanExporter, InMemoryMetricReader]
+
+
+def counters(service: str) -> dict[str, Any]:
+    return dict(rdb.health()["services"][service]["counters"])
+
+
+def prometheus(name: str, service: str) -> str:
+    registry = CollectorRegistry()
+    registry.register(HealthCollector())
+    prefix = f'{name}{{service="{service}"}} '
+    (line,) = [x for x in generate_latest(registry).decode().splitlines() if x.startswith(prefix)]
+    return line.removeprefix(prefix)
+
+
+@pytest.fixture
+def ledger(engine: sa.Engine) -> sa.Engine:
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE ledger (id serial PRIMARY KEY, note text)"))
+    rdb.install_commit_markers(engine)
+    return engine
+
+
+def test_a_helper_of_the_units_service_is_counted_in_the_units_attempts(
+    engine: sa.Engine, service: str, otel: Otel
+) -> None:
+    _, _, reader = otel
+    Sessions = rdb.ResilientSession(engine, service=service)
+    left = [1]
+
+    @rdb.with_self_healing(service=service)
+    def helper(session: Session) -> int:
+        if left:
+            left.pop()
+            session.execute(sa.text("SELECT raise_code('40001')"))
+        return int(session.execute(sa.text("SELECT 7")).scalar_one())
+
+    assert Sessions.run(helper) == 7
+    found = counters(service)
+    assert (found["attempts"], found["retries"], found["recovered"]) == (2, 1, 1)
+    assert prometheus("resilient_db_attempts_total", service) == "2.0"
+    assert otel_points(reader, "resilient_db.attempts")[(("service", service),)] == 2
+    # the call form, inside an operation that replays: its attempts alone are counted
+    assert rdb.with_self_healing(lambda: rdb.with_self_healing(lambda: 1, service=service)) == 1
+    assert counters(service)["attempts"] == 3
+
+
+@pytest.mark.asyncio
+async def test_an_async_helper_of_the_units_service_is_counted_in_the_units_attempts(
+    engine: sa.Engine, pg_async_url: str, service: str
+) -> None:
+    aengine = create_async_engine(pg_async_url)
+    Sessions = rdb.AsyncResilientSession(aengine, service=service)
+    left = [1]
+
+    @rdb.with_self_healing(service=service)
+    async def helper(session: AsyncSession) -> int:
+        if left:
+            left.pop()
+            await session.execute(sa.text("SELECT raise_code('40P01')"))
+        return int((await session.execute(sa.text("SELECT 7"))).scalar_one())
+
+    try:
+        assert await Sessions.run(helper) == 7
+    finally:
+        await aengine.dispose()
+    found = counters(service)
+    assert (found["attempts"], found["retries"], found["recovered"]) == (2, 1, 1)
+
+
+def test_a_pool_timeout_in_a_nested_operation_is_counted_once(
+    pg_url: str, service: str, events: list[rdb.SelfHealEvent], otel: Otel
+) -> None:
+    """The unit holds the engine's one connection; the helper's drop-in session waits the
+    whole pool_timeout for another: one wait, one count, one event."""
+    _, _, reader = otel
+    small = sa.create_engine(pg_url, pool_size=1, max_overflow=0, pool_timeout=0.05)
+    Sessions = rdb.ResilientSession(small, service=service)
+
+    @rdb.with_self_healing(service=service)
+    def helper() -> None:
+        with Sessions() as session:
+            session.execute(sa.text("SELECT 1"))
+
+    def unit(session: Session) -> None:
+        session.execute(sa.text("SELECT 1"))
+        helper()
+
+    try:
+        with pytest.raises(sa.exc.TimeoutError):
+            Sessions.run(unit)
+    finally:
+        small.dispose()
+    found = counters(service)
+    assert (found["attempts"], found["pool_timeouts"]) == (1, 1)
+    assert [e.name for e in events if e.name == "pool_timeout"] == ["pool_timeout"]
+    assert prometheus("resilient_db_pool_timeouts_total", service) == "1.0"
+    assert otel_points(reader, "resilient_db.pool.timeouts") == {(("service", service),): 1}
+
+
+def test_a_nested_operations_lost_commit_answer_is_said_and_counted_once(
+    ledger: sa.Engine,
+    *,
+    fault_proxy: FaultProxy,
+    pg_database: str,
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+    otel: Otel,
+) -> None:
+    """The helper's drop-in block loses its COMMIT's answer: not replayed, an unknown outcome,
+    said in one ERROR line and counted once everywhere."""
+    _, _, reader = otel
+    proxied = sa.create_engine(fault_proxy.url(pg_database))
+    Sessions = rdb.ResilientSession(proxied, service=service)
+    calls: list[int] = []
+
+    @rdb.with_self_healing(service=service)
+    def helper() -> None:
+        with Sessions.begin() as session:
+            session.execute(sa.text("INSERT INTO ledger (note) VALUES ('helper')"))
+            fault_proxy.lose_commit_answer()
+
+    def unit(session: Session) -> None:
+        calls.append(1)
+        helper()
+
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    try:
+        with pytest.raises(sa.exc.OperationalError):
+            Sessions.run(unit)
+    finally:
+        proxied.dispose()
+    assert (calls, fault_proxy.commits_lost) == ([1], 1)
+    lines = [r for r in caplog.records if r.getMessage().startswith("[SELF-HEAL] Not replaying")]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    assert lines[0].levelno == logging.ERROR
+    assert f"service={service} " in lines[0].getMessage()
+    found = counters(service)
+    assert (found["attempts"], found["unknown_commits"], found["retries"]) == (1, 1, 0)
+    assert otel_points(reader, "resilient_db.commit.verifications") == {
+        (("outcome", "unknown"), ("service", service)): 1
+    }
+
+
+def test_a_nested_operation_that_committed_part_of_its_work_is_said_once(
+    ledger: sa.Engine, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    Sessions = rdb.ResilientSession(ledger, service=service)
+
+    @rdb.with_self_healing(service=service)
+    def helper() -> None:
+        with Sessions.begin() as session:
+            session.execute(sa.text("INSERT INTO ledger (note) VALUES ('helper')"))
+        with ledger.connect() as conn:
+            conn.execute(sa.text("SELECT raise_code('40001')"))
+
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    with pytest.raises(sa.exc.OperationalError) as raised:
+        Sessions.run(lambda session: helper())
+    assert rdb.sqlstate_of(raised.value) == "40001"
+    said = [r.getMessage() for r in caplog.records if "Not replaying" in r.getMessage()]
+    assert len(said) == 1, said
+    assert said[0].startswith(f"[SELF-HEAL] Not replaying: service={service} the unit committed")
+    with ledger.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM ledger")).scalar_one() == 1
