@@ -950,18 +950,30 @@ class Policy:
         )
         raise exc from last
 
-    def _recovered(self) -> None:
+    def _recovered(self, retries: int, last: BaseException) -> None:
+        """The unit succeeded after ``retries`` retries, ``last`` the failure before its last
+        attempt: its line says how many it took and what the last failure was (its class and
+        SQLSTATE, never its text), as its ``Retry attempt`` lines did."""
         if not self.config.enabled:  # switched off meanwhile: the hooks are told nothing
             return
         self.stats.add("recovered")
+        outcome = self.classifier.classify(last)
         emit(
             self.config,
             log_retry,
             logging.INFO,
-            "Recovered: service=%s succeeded after retrying",
+            "Recovered: service=%s succeeded at attempt %d, after %d retries (the last failure: "
+            "%s, SQLSTATE %s)",
             self.service,
+            retries + 1,
+            retries,
+            outcome.value,
+            sqlstate_label(last),
             service=self.service,
             event="recovered",
+            retries=retries,
+            outcome=outcome.value,
+            sqlstate=sqlstate_label(last),
         )
 
     # -- sync driver -------------------------------------------------------------------------
@@ -1105,7 +1117,8 @@ class Policy:
                 self._refused_retry(exc, last[0], retries)
             self._gave_up(exc, retries, spent, refused)
             raise
-        self._recovered()
+        retries = retrying.statistics.get("attempt_number", 1) - 1 - len(stopped)
+        self._recovered(retries, last[0])
         return result
 
     # -- async driver ------------------------------------------------------------------------
@@ -1203,7 +1216,8 @@ class Policy:
                 self._refused_retry(exc, last[0], retries)
             self._gave_up(exc, retries, spent, refused)
             raise
-        self._recovered()
+        retries = retrying.statistics.get("attempt_number", 1) - 1 - len(stopped)
+        self._recovered(retries, last[0])
         return result
 
 

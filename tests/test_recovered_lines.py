@@ -1,0 +1,103 @@
+"""A unit that succeeded after retrying says so in one ``Recovered`` line naming its service, the
+attempt that succeeded, how many retries it took and the class and SQLSTATE of the failure
+before it (never the error's text): an operator reading it alone knows what healed. Before, it
+said only ``succeeded after retrying``. Real faults on a real server: a backend terminated with
+``pg_terminate_backend``, SQLSTATEs raised by the server."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
+
+import resilient_db as rdb
+
+pytestmark = pytest.mark.usefixtures("no_backoff")
+
+SECRET = "s3cret-row-value"
+
+
+def recovered_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage().startswith("[SELF-HEAL] Recovered")]
+
+
+def test_the_recovered_line_names_the_attempt_and_the_failure_it_healed(
+    engine: sa.Engine,
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+    events: list[rdb.SelfHealEvent],
+    otel: tuple[Any, InMemorySpanExporter, InMemoryMetricReader],
+) -> None:
+    """A conflict, then the unit's backend terminated: the third attempt succeeds."""
+    tracer, spans, _ = otel
+    Sessions = rdb.ResilientSession(engine, service=service)
+    calls: list[int] = []
+
+    def unit(session: Session) -> int:
+        calls.append(1)
+        session.execute(sa.text("SELECT :v"), {"v": SECRET})
+        if len(calls) == 1:
+            session.execute(sa.text("SELECT raise_code('40001')"))
+        if len(calls) == 2:
+            pid = session.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+            with engine.connect() as conn:
+                conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            session.execute(sa.text("SELECT 1"))
+        return len(calls)
+
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    with tracer.start_as_current_span("request"):
+        assert Sessions.run(unit) == 3
+    (line,) = recovered_lines(caplog)
+    assert line.levelno == logging.INFO
+    assert line.getMessage() == (
+        f"[SELF-HEAL] Recovered: service={service} succeeded at attempt 3, after 2 retries (the "
+        "last failure: disconnect, SQLSTATE 57P01)"
+    )
+    assert SECRET not in line.getMessage()
+    (event,) = [e for e in events if e.name == "recovered"]
+    assert (event.fields["retries"], event.fields["outcome"], event.fields["sqlstate"]) == (
+        2,
+        "disconnect",
+        "57P01",
+    )
+    assert dict(line.self_heal) == dict(event.fields)  # type: ignore[attr-defined]
+    (span,) = spans.get_finished_spans()
+    (recovered,) = [e for e in span.events if e.name == "resilient_db.recovered"]
+    assert recovered.attributes is not None
+    assert recovered.attributes["resilient_db.retries"] == 2
+    assert recovered.attributes["resilient_db.sqlstate"] == "57P01"
+    counters = rdb.health()["services"][service]["counters"]
+    assert (counters["attempts"], counters["retries"], counters["recovered"]) == (3, 2, 1)
+
+
+@pytest.mark.asyncio
+async def test_an_async_units_recovered_line_says_the_same(
+    engine: sa.Engine, pg_async_url: str, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    aengine = create_async_engine(pg_async_url)
+    Sessions = rdb.AsyncResilientSession(aengine, service=service)
+    calls: list[int] = []
+
+    async def unit(session: AsyncSession) -> int:
+        calls.append(1)
+        if len(calls) == 1:
+            await session.execute(sa.text("SELECT raise_code('40P01')"))
+        return len(calls)
+
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    try:
+        assert await Sessions.run(unit) == 2
+    finally:
+        await aengine.dispose()
+    (line,) = recovered_lines(caplog)
+    assert line.getMessage() == (
+        f"[SELF-HEAL] Recovered: service={service} succeeded at attempt 2, after 1 retries (the "
+        "last failure: conflict, SQLSTATE 40P01)"
+    )
