@@ -489,6 +489,14 @@ class Breaker:
         link = self._fleet
         return link is not None and bool(link.up)
 
+    @property
+    def asks_redis(self) -> bool:
+        """Whether its failure path may talk to Redis, or wait for it, now: shared through a
+        link that is up, or whose first attempt to reach Redis has not ended (see
+        ``FleetLink.wait_first_attempt``). An async unit runs that path off the event loop."""
+        link = self._fleet
+        return link is not None and bool(link.up or link.connecting)
+
     def open_for(self) -> float:
         """Seconds an attempt would still be refused for as the breaker stands now (0: it
         would be admitted, or the fleet asked): read from the local view, nothing sent."""

@@ -418,6 +418,13 @@ class RetryBudget:
         link = self._fleet
         return link is not None and link.up
 
+    @property
+    def asks_redis(self) -> bool:
+        """Whether a withdrawal may talk to Redis, or wait for it, now (see
+        ``Breaker.asks_redis``)."""
+        link = self._fleet
+        return link is not None and bool(link.up or link.connecting)
+
     def describe(self) -> dict[str, Any]:
         """The ``budget`` entry of ``health()``."""
         with self._lock:

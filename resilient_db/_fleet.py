@@ -74,7 +74,8 @@ A link connects in the background: in a process just started (or forked) it is n
 first ~10 ms. The success path does not wait for it (a unit admitted then meets this process's
 fresh closed breaker), but the failure path does: a failure to count or a retry to pay for,
 while the thread's first attempt to reach Redis has not ended, waits for it (at most
-``redis_timeout``, once for all callers; see :meth:`FleetLink.wait_first_attempt`) and is then
+``redis_timeout``, once for all callers; see :meth:`FleetLink.wait_first_attempt`; an async
+unit in a worker thread, as for its scripts: ``FleetLink.connecting``) and is then
 decided by the fleet, or alone when Redis did not answer. Deciding alone at once, every worker
 of a restart storm during an outage would count its failures from zero past the fleet's open
 breaker and spend a floor of retries of its own.
@@ -756,6 +757,13 @@ class FleetLink:
 
     def __repr__(self) -> str:
         return f"<FleetLink {self.masked_url} {'up' if self.up else 'down'}>"
+
+    @property
+    def connecting(self) -> bool:
+        """Whether the first attempt of the link's thread to reach Redis has not ended yet: a
+        failure-path call finding the link not up waits for it (see
+        :meth:`wait_first_attempt`), so an async unit makes it off the event loop."""
+        return not self._first_attempt.is_set()
 
     def wait_first_attempt(self) -> None:
         """The failure path of a breaker or budget finding the link not up: while the first

@@ -734,9 +734,13 @@ class Policy:
     # unit awaiting them in order. The success path sends nothing to Redis, and stays inline.
     def _shares(self) -> bool:
         """Whether the failure path may talk to Redis now: the breaker or the budget is
-        shared through a link that is up."""
+        shared through a link that is up, or one whose first attempt to reach Redis has not
+        ended (a process just started: the failure path waits for that attempt, at most the
+        Redis timeout; on the event loop, every task would wait with it)."""
         breaker, budget = self.breaker, self.budget
-        return (breaker is not None and breaker.shared) or (budget is not None and budget.shared)
+        return (breaker is not None and breaker.asks_redis) or (
+            budget is not None and budget.asks_redis
+        )
 
     def _off_the_loop(
         self, stop: Callable[[_t.RetryCallState], bool]

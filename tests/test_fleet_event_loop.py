@@ -464,3 +464,44 @@ async def refused_while_the_loops_threads_are_busy(Sessions: Any) -> None:
         finally:
             release.set()
             await holder
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("engine")  # (installs raise_code in the test's database)
+async def test_a_failure_waiting_for_the_links_first_attempt_does_not_hold_the_event_loop(
+    aengine: AsyncEngine,
+    redis_server: RedisServer,
+    clean_env: pytest.MonkeyPatch,
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A process just started (its link's first attempt to reach Redis not ended, Redis
+    hanging through it): an async unit's failure waits for that attempt, to be counted by the
+    fleet. It waited on the event loop (the link not up yet, the failure path was run inline):
+    every task of the loop held until the Redis timeout, and the link's first attempt, which
+    only a callback of the loop lets go on (see :func:`hanging`), ended down; the unit then
+    decided alone, past the fleet's open breaker."""
+    rdb.reload_config(
+        {
+            "SELF_HEALING_REDIS_URL": redis_server.url,
+            "SELF_HEALING_REDIS_TIMEOUT": "3000",  # the longest the failure path may wait
+            "SELF_HEALING_RESET_TIMEOUT": "600000",
+            "SELF_HEALING_INITIAL_DELAY": "1",
+            "SELF_HEALING_MAX_DELAY": "1",
+        }
+    )
+    rdb.AsyncResilientSession(aengine, service=service)
+    link_up(service)
+    breakers()[service].open()  # the fleet's opening, in Redis
+    rdb.reset_state()  # this process starts over: no link, a closed breaker of its own
+    caplog.set_level(logging.WARNING, logger="resilient_db")
+    with hanging(redis_server):
+        Sessions = rdb.AsyncResilientSession(aengine, service=service)  # its link starts
+        link = breakers()[service]._fleet
+        assert not link.up
+        with pytest.raises(rdb.CircuitOpenError) as raised:
+            await Sessions.run(lambda s: s.execute(sa.text("SELECT raise_code('57P03')")))
+    assert isinstance(raised.value.__cause__, sa.exc.DBAPIError)
+    assert link.up
+    assert "Shared state unavailable" not in caplog.text
+    assert rdb.health()["services"][service]["breaker"]["shared"]["opens_followed"] == 1
