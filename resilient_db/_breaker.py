@@ -210,9 +210,6 @@ class Breaker:
         #: switched it off (see switch_on)
         self._users_on: weakref.WeakSet[Any] = weakref.WeakSet()
         self._users_off: weakref.WeakSet[Any] = weakref.WeakSet()
-        #: why this process is forcing the shared state now (``open()``), while its script
-        #: runs: its own message, arriving before the answer, says so too (see _fleet_force)
-        self._forcing: str | None = None
         #: the local view of a shared breaker started over (switch_on) while Redis did not
         #: answer: the state first read back is the fleet's, not a change
         self._view_restarted = False
@@ -1010,21 +1007,17 @@ class Breaker:
         if fleet is None or not fleet.up:
             return False
         # the change's pub/sub message (this process's own) may reach the view before the
-        # answer does: it says why too, not "failures across the fleet"
-        self._forcing = reason
+        # answer does: it says it was forced too (see _fleet._FORCE), not "failures across
+        # the fleet". Nothing is noted here for it: a note of the breaker's would be read by
+        # any change taken meanwhile (another thread's failure opening it)
         try:
-            try:
-                answer = fleet.breaker_force(self.service, state, self.config.reset_timeout)
-            except FleetDown:
-                return False
-            if state == OPEN:
-                self._opened_here += 1
-            # this process's change, as its own pub/sub message says (``mine``)
-            self.fleet_update(*answer, answer=True, mine=True, reason=reason)
-        finally:
-            # (interrupted too, Ctrl-C while Redis is slow: else every opening this process
-            # made afterwards said it was this one's)
-            self._forcing = None
+            answer = fleet.breaker_force(self.service, state, self.config.reset_timeout)
+        except FleetDown:
+            return False
+        if state == OPEN:
+            self._opened_here += 1
+        # this process's change, as its own pub/sub message says (``mine``)
+        self.fleet_update(*answer, answer=True, mine=True, reason=reason)
         return True
 
     def fleet_sync(self, answer: tuple[str, float, int, int]) -> None:
@@ -1132,8 +1125,6 @@ class Breaker:
                 self._stamp_opening(self.config.reset_timeout - max(0.0, remaining))
                 if self._storage.state == OPEN:
                     return  # the same opening, a fresher remaining time
-                if reason is None and mine:
-                    reason = self._forcing  # (its open()'s message, ahead of its answer)
                 # what this process's failures were (not for its open(): a reason of its own)
                 self.open_cause = self._last_cause if mine and reason is None else None
                 if reason is None and restarted and not mine:

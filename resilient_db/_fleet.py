@@ -215,9 +215,12 @@ local function next_gen(now, old)
   return g
 end
 local function gstr(g) return string.format('%.0f', g) end
+-- 1 in a script that forces the state (open() or close(), see _FORCE): its message says so
+local forced = nil
 local function publish(st, remaining, gen, opens)
   redis.call('PUBLISH', ARGV[1], cjson.encode(
-    {s = ARGV[2], b = ARGV[3], st = st, r = tostring(remaining), g = gstr(gen), o = opens}))
+    {s = ARGV[2], b = ARGV[3], st = st, r = tostring(remaining), g = gstr(gen), o = opens,
+     f = forced}))
 end
 -- the time now, then the breaker hash (KEYS[1]): its fields st, until, gen, opens and any
 -- further ones asked for (h[5], ...), its state, generation and openings
@@ -409,9 +412,12 @@ return {'half-open', '0', gstr(gen), opens}
 
 # KEYS: breaker hash, failure counter, probe reservations. ARGV: channel, service, state to
 # force ('' = read only), reset timeout (s). -> {state, remaining, gen, opens}
+# Its message carries ``f`` (forced): the processes taking it, the caller's own background
+# thread included, say an opening came from an ``open()``, not from failures.
 _FORCE = (
     _COMMON
     + """
+forced = 1
 local now, h, st, gen, opens = read_breaker()
 local want = ARGV[4]
 if want == '' then
@@ -1237,13 +1243,14 @@ class FleetLink:
             service = str(data["s"])
             update = (str(data["st"]), float(data["r"]), int(data["g"]), int(data["o"]))
             mine = data.get("b") == self.token
+            forced = bool(data.get("f"))  # an open() or close() (see _FORCE)
         except (KeyError, TypeError, ValueError):
             _log.debug("ignoring a message on %s that is not ours", self.channel)
             return
         breaker = self.breakers.get(service)
         if breaker is not None:
             try:
-                breaker.fleet_update(*update, mine=mine)
+                breaker.fleet_update(*update, mine=mine, reason=_forced_reason(forced, mine))
             except Exception as exc:
                 self._listener_failed(service, exc)
 
@@ -1338,6 +1345,16 @@ def _emit_for_services(
             services=named,
             **fields,
         )
+
+
+def _forced_reason(forced: bool, mine: bool) -> str | None:
+    """Why a change received from pub/sub happened, when its message says it was forced (an
+    ``open()``: the reason an opening's line gives; None: the breaker says why)."""
+    if not forced:
+        return None
+    if mine:
+        return "an explicit open()"
+    return "another process's explicit open() (shared through Redis)"
 
 
 def _naming(services: list[str]) -> str:

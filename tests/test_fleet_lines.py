@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import re
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,14 @@ from typing import Any
 import pybreaker
 import pytest
 import sqlalchemy as sa
-from fleet import Gate, fleet, open_the_fleets_breaker, opener_settings, shared
+from fleet import (
+    Gate,
+    fleet,
+    held_by_another_thread,
+    open_the_fleets_breaker,
+    opener_settings,
+    shared,
+)
 from processes import wait_for
 
 import resilient_db as rdb
@@ -300,3 +308,79 @@ def test_an_explicit_open_interrupted_leaves_no_reason_for_the_next_openings(
     wait_for(lambda: bool(_records(caplog, "Circuit breaker opened")), "the opening's line", 5)
     (opened,) = _records(caplog, "Circuit breaker opened")
     assert "explicit open()" not in opened.getMessage(), opened.getMessage()
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_a_failures_opening_taken_while_another_thread_runs_open_says_what_opened_it(
+    redis_server: RedisServer, engine: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A unit's failure opens the shared breaker; as the answer is taken, another thread of the
+    process runs ``open()`` (an operator reacting to the same outage), its script waiting for
+    Redis. The reason ``open()`` noted for its own pub/sub message was process-wide: the
+    failure's opening, taken meanwhile, said "after an explicit open()", which had not reached
+    Redis yet. It says the failures that made it."""
+    config = rdb.Config(
+        redis_url=redis_server.url,
+        retry=False,
+        failure_threshold=1,
+        reset_timeout=600,
+        redis_timeout=10,  # (longer than Redis is paused here)
+    )
+    Factory = rdb.ResilientSession(engine, service="raced", config=config)
+    Factory.run(lambda s: s.execute(sa.text("SELECT 1")))
+    wait_for(lambda: shared("raced")["connected"], "the link", 10)
+    breaker = breakers()["raced"]
+    link = breaker._fleet
+    state = lambda: redis_server.client().hget("resilient_db:{raced}:breaker", "st")  # noqa: E731
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    failed: list[BaseException] = []
+
+    def fail() -> None:
+        try:
+            Factory.run(lambda s: s.execute(sa.text("SELECT raise_code('57P03')")))
+        except Exception as exc:
+            failed.append(exc)
+
+    unit = threading.Thread(target=fail)
+    opener = threading.Thread(target=breaker.open)
+    try:
+        # the answer to the unit's failure waits for the breaker's lock, held here
+        with held_by_another_thread(breaker._lock):
+            unit.start()
+            wait_for(lambda: state() == b"open", "the failure's opening, in Redis", 10)
+            redis_server.pause()
+            sent = link.commands
+            opener.start()
+            wait_for(lambda: link.commands > sent, "open()'s script sent", 10)
+        unit.join(10)
+        assert failed, "the unit did not end"
+    finally:
+        redis_server.resume()
+    opener.join(15)
+    assert not opener.is_alive()
+    opened = _records(caplog, "Circuit breaker opened")
+    assert len(opened) == 1, [r.getMessage() for r in opened]
+    message = opened[0].getMessage()
+    assert "1 consecutive failures across the fleet" in message, message
+    assert "explicit open()" not in message, message
+
+
+def test_another_processs_explicit_open_is_followed_as_an_open_not_as_failures(
+    redis_server: RedisServer, pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another process runs ``open()`` of the shared breaker (its script, as that process
+    sends it, under its own token): this process follows the opening, and its line said
+    "after another process's failures", which no failure made. It says an explicit open()."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    engine = sa.create_engine(pg_url)
+    rdb.ResilientSession(engine, service="orders", config=rdb.Config(redis_url=redis_server.url))
+    wait_for(lambda: shared("orders")["connected"], "the link", 10)
+    channel = breakers()["orders"]._fleet.channel
+    force = redis_server.client().register_script(_fleet._FORCE)
+    force(keys=_fleet._breaker_keys("orders"), args=[channel, "orders", "other-1", "open", 60])
+    wait_for(lambda: bool(_records(caplog, "Circuit breaker opened")), "the opening's line", 5)
+    (opened,) = _records(caplog, "Circuit breaker opened")
+    message = opened.getMessage()
+    assert "after another process's explicit open() (shared through Redis)" in message, message
+    assert shared("orders")["opens_followed"] == 1
+    engine.dispose()
