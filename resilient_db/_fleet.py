@@ -229,15 +229,27 @@ local function read_breaker(...)
   local h = redis.call('HMGET', KEYS[1], 'st', 'until', 'gen', 'opens', ...)
   return now, h, h[1] or 'closed', tonumber(h[3]) or 0, tonumber(h[4]) or 0
 end
+-- when an open breaker read by read_breaker half-opens (Redis time). Its opening began at
+-- 'at': a clock now before that stepped back since (NTP correcting the Redis host), and
+-- would lengthen the opening by the step; it ends its whole reset timeout from now then
+local function opening_end(h, now)
+  local untl = tonumber(h[2]) or now
+  local at = tonumber(redis.call('HGET', KEYS[1], 'at'))
+  if at ~= nil and now < at then
+    untl = now + (untl - at)
+    redis.call('HSET', KEYS[1], 'until', tostring(untl), 'at', tostring(now))
+  end
+  return untl
+end
 -- seconds until an open breaker read by read_breaker half-opens
-local function remaining(h, now) return tostring((tonumber(h[2]) or now) - now) end
+local function remaining(h, now) return tostring(opening_end(h, now) - now) end
 -- open the breaker for reset seconds, forget its failures (KEYS[2]) and its probe reservations
 -- (KEYS[3]), tell every process
 local function open_breaker(now, gen, opens, reset)
   gen = next_gen(now, gen)
   opens = opens + 1
-  redis.call('HSET', KEYS[1], 'st', 'open', 'until', tostring(now + reset), 'gen', gstr(gen),
-             'opens', opens, 'probes', 0, 'ok', 0, 'by', ARGV[3])
+  redis.call('HSET', KEYS[1], 'st', 'open', 'until', tostring(now + reset), 'at', tostring(now),
+             'gen', gstr(gen), 'opens', opens, 'probes', 0, 'ok', 0, 'by', ARGV[3])
   redis.call('DEL', KEYS[2], KEYS[3])
   publish('open', reset, gen, opens)
   return gen, opens
@@ -297,7 +309,8 @@ if rid ~= '' then
 end
 if age >= 0 then
   local last = tonumber(h[5])
-  if last ~= nil and now - age < last and now - last < tonumber(ARGV[8]) then
+  -- (a last failure ahead of the clock: it stepped back since, and the window is not known)
+  if last ~= nil and last <= now and now - age < last and now - last < tonumber(ARGV[8]) then
     return {st, '0', gstr(gen), tonumber(redis.call('GET', KEYS[2])) or 0, opens, 0, run}
   end
   redis.call('HSET', KEYS[1], 'lastfail', string.format('%.6f', now))
@@ -343,7 +356,7 @@ end
 -- released (or ended) before it ran: its process went on without it, it takes no slot
 local released = redis.call('HEXISTS', KEYS[3], rid) == 1
 if st == 'open' then
-  local untl = tonumber(h[2]) or now
+  local untl = opening_end(h, now)
   if now < untl or released then
     return {'open', tostring(math.max(0, untl - now)), gstr(gen), opens,
             h[7] == ARGV[3] and 1 or 0}
@@ -358,7 +371,13 @@ if st == 'open' then
 end
 if released then return {'full', '0', gstr(gen), opens} end
 local probes = tonumber(h[5]) or 0
-if now - (tonumber(h[6]) or now) > tonumber(ARGV[5]) then
+local hos = tonumber(h[6]) or now
+if now < hos then
+  -- the clock stepped back since the breaker half-opened: the lease runs from now
+  redis.call('HSET', KEYS[1], 'hos', tostring(now))
+  hos = now
+end
+if now - hos > tonumber(ARGV[5]) then
   -- the lease ran out: the slots are given again, the reservations made so far hold none
   probes = 0
   redis.call('HSET', KEYS[1], 'hos', tostring(now))
