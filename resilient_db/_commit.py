@@ -3147,7 +3147,9 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                             if not wrote:
                                 wrote = await _asyncpg_xid_assigned(self, base)
                             with _own_commit(attempt, wrote):
-                                return await base.execute(self, query, timeout=timeout)
+                                status = await base.execute(self, query, timeout=timeout)
+                                _rolled_back_instead(status)
+                                return status
                         if ticket is None and wrote:  # no unit (drop-in use): see psycopg's
                             try:
                                 result = await base.execute(self, query, timeout=timeout)
@@ -3249,6 +3251,10 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                 wrote = self._rdb_may_write
                 ticket, message, attempt = _psycopg_commit_plan(self)
                 if attempt is not None:  # a unit's own code commits (see AttemptRecord)
+                    if self.pgconn.transaction_status == _INERROR:
+                        with _own_commit(attempt, wrote=False):
+                            await base.commit(self)  # (answered ROLLBACK: see the sync one's)
+                            raise _failed_transaction_commit()
                     if not wrote:
                         wrote = await _apsycopg_xid_assigned(self)
                     with _own_commit(attempt, wrote):
@@ -3315,6 +3321,10 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                         return None
                 ticket, message, attempt = _psycopg_commit_plan(self)
                 if attempt is not None:  # a unit's own code commits (see AttemptRecord)
+                    if self.pgconn.transaction_status == _INERROR:
+                        with _own_commit(attempt, wrote=False):
+                            base.commit(self)  # (answered ROLLBACK)
+                            raise _failed_transaction_commit()
                     if not wrote:
                         wrote = _psycopg_xid_assigned(self)
                     with _own_commit(attempt, wrote):
@@ -3499,20 +3509,43 @@ def _psycopg_commit_plan(
     if status != _INTRANS:
         connection._rdb_may_write = False  # idle or failed: COMMIT as plain psycopg does
         connection._rdb_writes = False
-        if status == _INERROR and current_request.get() is not None:
-            raise _failed_transaction_commit()
+        if status == _INERROR:
+            if current_request.get() is not None:
+                raise _failed_transaction_commit()
+            # the code of a unit or an operation commits a failed transaction: the COMMIT goes
+            # out (it ends the transaction, as a COMMIT does) and is raised as refused (see
+            # _own_failed_commit); outside any, as plain psycopg does
+            return None, None, current_attempt.get()
         return None, None, None
     return _commit_plan(connection)
 
 
 def _failed_transaction_commit() -> psycopg.errors.InFailedSqlTransaction:
-    """A unit's COMMIT of a transaction that failed: its own code caught a database error and
-    went on. The server would answer ROLLBACK (psycopg takes that for done), and the unit be
-    reported done with nothing written; raised instead, as asyncpg raises it (25P02)."""
+    """A COMMIT, inside a unit or a ``with_self_healing`` operation (the unit's final one, or
+    one of its code's own: ``session.commit()`` midway, a drop-in block's), of a transaction
+    that failed: the code caught a database error and went on. The server answers ROLLBACK
+    (psycopg takes that for done), and the unit would be reported done with that
+    transaction's writes lost; raised instead (25P02). A unit's final COMMIT raises it before
+    anything is sent (the unit rolls back); its code's own after the COMMIT ended the
+    transaction (drop-in code's session hands its connection back without a ROLLBACK after a
+    COMMIT that raised)."""
     return psycopg.errors.InFailedSqlTransaction(
-        "the unit's transaction had failed (its code caught a database error and went on), "
-        "so its COMMIT would have rolled everything back: current transaction is aborted"
+        "the transaction had failed (the code caught a database error and went on), so its "
+        "COMMIT rolls everything back: current transaction is aborted"
     )
+
+
+def _rolled_back_instead(status: Any) -> None:
+    """An asyncpg COMMIT of a unit's or an operation's own code answered with ``status``: a
+    transaction that had failed (the code caught a database error and went on) is answered
+    ROLLBACK, without an error, and its writes are gone; raised as psycopg's is (25P02,
+    :func:`_failed_transaction_commit`), rather than let the unit go on to report done. The
+    transaction is ended (rolled back) by then."""
+    if status == "ROLLBACK":
+        raise asyncpg.InFailedSQLTransactionError(
+            "the transaction had failed (the code caught a database error and went on), so "
+            "its COMMIT rolled everything back: current transaction is aborted"
+        )
 
 
 def _block_attempt(connection: Any) -> AttemptRecord | None:
