@@ -191,7 +191,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             _note_async_blocks(self.class_)
             # (how a unit of each session class ends is kept, see _Ends: that of this
             # factory's class goes with the factory, not kept for good)
-            weakref.finalize(self, _ends.pop, self.class_, None)
+            weakref.finalize(self, _ends.forget, self.class_)
         else:  # sync only
             # the class is this factory's own (made above): its sessions name us
             register_class(self.class_, self)
@@ -494,6 +494,8 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                 request: CommitRequest | None = None  # (nothing is said of it: see the close)
                 try:
                     returned = await _call_unit(fn, s, args, kwargs)
+                    if True:  # async only
+                        _ends.follow(type(s))  # (methods patched in since: see _Ends)
                     await _ends[type(s)](s, commit_plainly)
                     return returned
                 except BaseException:
@@ -510,6 +512,10 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                         if type(result) is not types.CoroutineType:
                             _require_awaitable(fn, result)
                         value: R = await result
+                        # a flush, commit, close or run_sync patched onto the class since its
+                        # end was decided is the one called (see _Ends): checked in one line
+                        if _seen.get(c := type(s)) != (c.flush, c.commit, c.close, c.run_sync):
+                            _ends.follow(c)
                     else:  # sync only
                         # checked inline, not through _call_unit: this is every unit's path
                         if type(result) in _REFUSED_RESULTS:
@@ -1229,28 +1235,55 @@ if True:  # async only
     PLAIN_COMMITS.add(_OwnFlush.commit)
 
     def _end_with(sync: Any, session: AsyncSession, end: Callable[..., None], *args: Any) -> None:
-        own = type(session).commit is not AsyncSession.commit
+        own = type(session).commit is not _PLAIN_COMMIT
         end((_OwnMethods if own else _OwnFlush)(sync, session), *args)
 
+    #: ``AsyncSession``'s own methods, as imported: a class whose ``flush``, ``commit`` or
+    #: ``close`` is another (its own, or one patched in, on it or on ``AsyncSession`` itself)
+    #: ends its units through them (see ``_Ends``)
+    _PLAIN_METHODS = (AsyncSession.flush, AsyncSession.commit, AsyncSession.close)
+    _PLAIN_COMMIT = AsyncSession.commit
+
     class _Ends(dict[type[AsyncSession], Callable[..., Awaitable[None]]]):
-        """How a unit of each ``AsyncSession`` class ends, decided once per class:
-        ``_ends[type(s)](s, end, *args)`` runs ``end(sync_session, *args)`` with
-        ``s.run_sync``, in one greenlet hop (the class's ``run_sync``, as ``s.run_sync``
-        calls it), or, for a class that overrides ``flush``, ``commit`` or ``close``, with
-        :func:`_own_methods`. (A dict: a class seen before is answered without a line of
-        Python on every unit's path; ``scripts/async_to_sync.py`` makes the call ``end(s,
-        *args)`` in the sync twin, whose session class's methods are the ones called.)"""
+        """How a unit of each ``AsyncSession`` class ends: ``_ends[type(s)](s, end, *args)``
+        runs ``end(sync_session, *args)`` with ``s.run_sync``, in one greenlet hop (the class's
+        ``run_sync``, as ``s.run_sync`` calls it), or, for a class whose ``flush``, ``commit``
+        or ``close`` is not ``AsyncSession``'s, with :func:`_own_methods`.
+        (``scripts/async_to_sync.py`` makes the call ``end(s, *args)`` in the sync twin, whose
+        session class's methods are looked up as they are called.)
+
+        Decided per class, with the four methods it was decided on (``seen``): a unit
+        compares them with the class's at its end, by identity (a tuple of four attributes,
+        one line), and :meth:`follow` decides again when one differs, so that a method
+        patched onto the class later (``mock.patch.object``, ``monkeypatch.setattr``, an
+        assignment to the class) is called by the units after it, as the sync twin and
+        ``async_sessionmaker``'s own sessions call it."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            #: class -> its (flush, commit, close, run_sync) when its end was decided
+            self.seen: dict[type[AsyncSession], tuple[Any, ...]] = {}
+
+        def follow(self, cls: type[AsyncSession]) -> None:
+            """Decide ``cls``'s end (again) if its methods are not those it was decided on."""
+            methods = (cls.flush, cls.commit, cls.close, cls.run_sync)
+            if self.seen.get(cls) == methods:
+                return
+            overrides = methods[:3] != _PLAIN_METHODS
+            self[cls] = _own_methods if overrides else methods[3]
+            self.seen[cls] = methods
+
+        def forget(self, cls: type[AsyncSession]) -> None:
+            """``cls`` is a factory's own class and the factory is gone (see ``__init__``)."""
+            self.pop(cls, None)
+            self.seen.pop(cls, None)
 
         def __missing__(self, cls: type[AsyncSession]) -> Callable[..., Awaitable[None]]:
-            overrides = any(
-                getattr(cls, name) is not getattr(AsyncSession, name)
-                for name in ("flush", "commit", "close")
-            )
-            end = _own_methods if overrides else cls.run_sync
-            self[cls] = end
-            return end
+            self.follow(cls)
+            return self[cls]
 
     _ends = _Ends()
+    _seen = _ends.seen  # (read on every unit's path: one attribute fewer)
 
     class _TaskUnit:
         """The unit of work running in the current asyncio task, with ``ContextVar``'s

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -465,3 +466,103 @@ async def test_a_class_overriding_only_flush_has_it_called_by_the_unit(
     await Async.run(unit)
     assert calls == ["flush"]
     assert await count_items(async_engine, "flushed") == 1
+
+
+# -- a method patched onto the session class after its first unit ----------------------------------
+def patched_in(name: str, calls: list[str], cls: type[Any]) -> Any:
+    """A ``name`` method for ``cls`` that records its call and calls the one it replaces."""
+    replaced = getattr(cls, name)
+    if name == "run_sync":
+
+        async def run_sync(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+            calls.append(name)
+            return await replaced(self, fn, *args, **kwargs)
+
+        return run_sync
+    if inspect.iscoroutinefunction(replaced):
+
+        async def amethod(self: Any, *args: Any) -> Any:
+            calls.append(name)
+            return await replaced(self, *args)
+
+        return amethod
+
+    def method(self: Any, *args: Any) -> Any:
+        calls.append(name)
+        return replaced(self, *args)
+
+    return method
+
+
+@pytest.mark.parametrize("name", ["commit", "flush", "close", "run_sync"])
+@pytest.mark.parametrize("enabled", [True, False], ids=["on", "off"])
+@pytest.mark.parametrize("onto", ["class", "base"])
+async def test_a_method_patched_onto_the_class_after_its_first_unit_is_called(
+    engine: sa.Engine,
+    async_engine: AsyncEngine,
+    service: str,
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    enabled: bool,
+    onto: str,
+) -> None:
+    """A test patches ``commit`` (``flush``, ``close``, ``run_sync``) onto the application's
+    session class (``mock.patch.object``, ``monkeypatch.setattr``) after the factory's first
+    unit ran: later units call it as a unit of a class that had it from the start does, as the
+    sync twin's units do, and stop calling it once the patch is undone. (The async units kept
+    ending as the class's first unit had decided: the patched method was never called.)
+    Patched onto ``Session`` and ``AsyncSession`` themselves too (``onto="base"``): it is not
+    taken for SQLAlchemy's own."""
+
+    class AppSession(Session):
+        pass
+
+    class AppAsyncSession(AsyncSession):
+        pass
+
+    config = rdb.Config(enabled=enabled)
+    Sync = rdb.ResilientSession(engine, service=f"{service}-sync", class_=AppSession, config=config)
+    Async = AsyncResilientSession(
+        async_engine, service=service, class_=AppAsyncSession, config=config
+    )
+
+    def sync_unit(session: Session, row: str) -> None:
+        session.add(Item(name=f"sync-{row}"))
+
+    async def async_unit(session: AsyncSession, row: str) -> None:
+        session.add(Item(name=f"async-{row}"))
+
+    # what a class that has the method when its factory is made calls
+    from_start: list[str] = []
+    FromStart = type(
+        "FromStart", (AsyncSession,), {name: patched_in(name, from_start, AsyncSession)}
+    )
+    await AsyncResilientSession(async_engine, service=service, class_=FromStart, config=config).run(
+        async_unit, "from-start"
+    )
+    if name != "flush" or enabled:  # (off: plain SQLAlchemy's commit, its sync session's flush)
+        assert from_start == [name]
+
+    Sync.run(sync_unit, "before")
+    await Async.run(async_unit, "before")
+    sync_calls: list[str] = []
+    async_calls: list[str] = []
+    if onto == "class":
+        if name != "run_sync":  # (a sync session has none)
+            monkeypatch.setattr(AppSession, name, patched_in(name, sync_calls, AppSession))
+        monkeypatch.setattr(AppAsyncSession, name, patched_in(name, async_calls, AppAsyncSession))
+    else:  # (the async unit's sync session is a Session: only AsyncSession's is patched)
+        monkeypatch.setattr(AsyncSession, name, patched_in(name, async_calls, AsyncSession))
+    Sync.run(sync_unit, "patched")
+    await Async.run(async_unit, "patched")
+    assert sync_calls == ([name] if onto == "class" and name != "run_sync" else [])
+    assert async_calls == from_start
+    monkeypatch.undo()
+    sync_calls.clear()
+    async_calls.clear()
+    Sync.run(sync_unit, "after")
+    await Async.run(async_unit, "after")
+    assert sync_calls == async_calls == []
+    for row in ("before", "patched", "after"):
+        assert await count_items(async_engine, f"sync-{row}") == 1
+        assert await count_items(async_engine, f"async-{row}") == 1
