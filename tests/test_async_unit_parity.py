@@ -498,6 +498,7 @@ def patched_in(name: str, calls: list[str], cls: type[Any]) -> Any:
 @pytest.mark.parametrize("enabled", [True, False], ids=["on", "off"])
 @pytest.mark.parametrize("onto", ["class", "base"])
 async def test_a_method_patched_onto_the_class_after_its_first_unit_is_called(
+    *,
     engine: sa.Engine,
     async_engine: AsyncEngine,
     service: str,
