@@ -197,8 +197,9 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             register_class(self.class_, self)
             # and its drop-in ``with`` blocks note what they commit (see there)
             _note_with_blocks(self.class_)
-            # and, where your class picks the engines, hook each one it picks (see there)
-            self._route_engines(self.class_)
+            # and, where your class picks the engines, hook each one it picks (see there;
+            # and _route_later, where it is given a get_bind later)
+            self._route_later()
         self._register()
 
     def __call__(self, **local_kw: Any) -> S:
@@ -210,14 +211,22 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         (async: its ``sync_session`` is an instance of your class, shared with other factories,
         so the factory records each one it makes; a sync factory names its own class.)
         """
-        if local_kw:
-            binds = (local_kw.get("bind"), *(local_kw.get("binds") or {}).values())
-            self._hook_engines(binds, register=False)
+        session: S
         if True:  # async only
+            if local_kw:
+                binds = (local_kw.get("bind"), *(local_kw.get("binds") or {}).values())
+                self._hook_engines(binds, register=False)
             local_kw = self._routed(local_kw)  # if your class picks the engines (see there)
-        session: S = async_sessionmaker.__call__(self, **local_kw)
-        if True:  # async only
+            session = async_sessionmaker.__call__(self, **local_kw)
             register_session(session.sync_session, self)
+        else:  # sync only
+            # (or where your class was given a get_bind since the factory looked: see
+            # _route_later; one line with the other check)
+            if local_kw or self.class_.get_bind is not self._get_bind:
+                binds = (local_kw.get("bind"), *(local_kw.get("binds") or {}).values())
+                self._hook_engines(binds, register=False)
+                self._route_later()
+            session = super().__call__(**local_kw)  # (sessionmaker's)
         return session
 
     if True:  # async only

@@ -166,8 +166,9 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         register_class(self.class_, self)
         # and its drop-in ``with`` blocks note what they commit (see there)
         _note_with_blocks(self.class_)
-        # and, where your class picks the engines, hook each one it picks (see there)
-        self._route_engines(self.class_)
+        # and, where your class picks the engines, hook each one it picks (see there;
+        # and _route_later, where it is given a get_bind later)
+        self._route_later()
         self._register()
 
     def __call__(self, **local_kw: Any) -> S:
@@ -179,10 +180,14 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         (async: its ``sync_session`` is an instance of your class, shared with other factories,
         so the factory records each one it makes; a sync factory names its own class.)
         """
-        if local_kw:
+        session: S
+        # (or where your class was given a get_bind since the factory looked: see
+        # _route_later; one line with the other check)
+        if local_kw or self.class_.get_bind is not self._get_bind:
             binds = (local_kw.get("bind"), *(local_kw.get("binds") or {}).values())
             self._hook_engines(binds, register=False)
-        session: S = sessionmaker.__call__(self, **local_kw)
+            self._route_later()
+        session = super().__call__(**local_kw)  # (sessionmaker's)
         return session
 
     # -- units of work -----------------------------------------------------------------------

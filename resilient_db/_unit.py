@@ -2162,9 +2162,12 @@ class FactoryCore:
             **policy_kwargs,
         )
         self._referee = CommitReferee(self.policy, sync_engine)
-        #: (async) the routing subclass of each sync session class that picks engines, or None
-        #: (see _routed)
-        self._routes: dict[type[Any], type[Any] | None] = {}
+        #: (async) the routing subclass of each sync session class that picks engines (see
+        #: _routed)
+        self._routes: dict[type[Any], type[Any]] = {}
+        #: (sync) the ``get_bind`` of the factory's class as its engines were last set up
+        #: (see _route_later)
+        self._get_bind: Any = None
         self._hooks = (
             _unbound_hooks()
             if sync_engine is None
@@ -2300,6 +2303,21 @@ class FactoryCore:
 
         setattr(holder, "get_bind", get_bind)  # noqa: B010 (a method, set on our class)
 
+    def _route_later(self) -> None:
+        """(sync) The factory's class picks its engines now, though it did not when the factory
+        was made (or when this was last looked at): a ``get_bind`` added to your class since,
+        by the application or a test (``mock.patch.object``, ``monkeypatch.setattr``). Its
+        engines get the factory's hooks as those of a ``get_bind`` present when the factory
+        was made do (see :meth:`_route_engines`), before the session connects there. Called
+        by the factory for a new session when the class's ``get_bind`` is not the one it saw
+        last (an identity check, on the same line as the one for the session's own
+        keywords). A ``get_bind`` set on the factory's class itself (``Session.class_``), not
+        on yours, is left as it is: it routes, its engines without the factory's hooks."""
+        holder = self.class_  # type: ignore[attr-defined]
+        if "get_bind" not in vars(holder):
+            self._route_engines(holder)
+        self._get_bind = holder.get_bind
+
     def _routed(self, local_kw: dict[str, Any]) -> dict[str, Any]:
         """(async) The keywords of a new session: where its sync session class picks engines
         (see :meth:`_route_engines`), a subclass of it made for this factory, whose
@@ -2307,31 +2325,32 @@ class FactoryCore:
         factories' too: it is left as it is). On the class, not on the session: a session
         copied from it (SQLAlchemy's ``using_bind`` recipe copies ``vars(session)`` into a new
         session of your class) must route as its own class does, not as the session it was
-        copied from."""
+        copied from. Looked at for every new session (an identity check), so that a class
+        given a ``get_bind`` after the factory was made (by the application or a test:
+        ``mock.patch.object``, ``monkeypatch.setattr``) has its engines hooked as one that
+        had it from the start."""
         kw: dict[str, Any] = getattr(self, "kw", {})  # (the async_sessionmaker's)
         cls: Any = (
             (local_kw and local_kw.get("sync_session_class"))
             or kw.get("sync_session_class")
             or getattr(getattr(self, "class_", None), "sync_session_class", None)
         )
-        routed = self._routes.get(cls, _NOT_SEEN)  # (every async session passes here)
-        if routed is None:
+        # (every async session passes here: a class that does not pick its engines, the
+        # common case, leaves at once)
+        routed = self._routes.get(cls)
+        if routed is None and getattr(cls, "get_bind", _PLAIN_GET_BIND) is _PLAIN_GET_BIND:
             return local_kw
-        if routed is _NOT_SEEN:
-            if not isinstance(cls, type):
+        if routed is None:
+            if not (isinstance(cls, type) and issubclass(cls, Session)):
                 return local_kw
-            routed = None
-            if issubclass(cls, Session) and _picks_engines(cls):
-                namespace = {
-                    "__module__": cls.__module__,
-                    "__qualname__": cls.__qualname__,
-                    "__doc__": cls.__doc__,
-                }
-                routed = type(cls.__name__, (cls,), namespace)
-                self._route_engines(routed)
+            namespace = {
+                "__module__": cls.__module__,
+                "__qualname__": cls.__qualname__,
+                "__doc__": cls.__doc__,
+            }
+            routed = type(cls.__name__, (cls,), namespace)
+            self._route_engines(routed)
             self._routes[cls] = routed
-        if routed is None:
-            return local_kw
         return {**local_kw, "sync_session_class": routed}
 
     def _engine_to_bind(self, bind: Any) -> Any:
@@ -2385,7 +2404,8 @@ class FactoryCore:
         return f"{name}(service={self.service!r}, {arguments}"
 
 
-_NOT_SEEN: Final[Any] = object()  # (FactoryCore._routed: a class not looked at yet)
+#: ``Session.get_bind`` as imported (see ``_picks_engines``)
+_PLAIN_GET_BIND: Final[Any] = Session.get_bind
 
 
 def engine_of(bind: Any, factory: type, where: str) -> Any:
@@ -2929,7 +2949,7 @@ def _picks_engines(session_class: type[Session]) -> bool:
     """Whether sessions of ``session_class`` pick their engines themselves: it overrides
     ``Session.get_bind`` (SQLAlchemy's read/write split and vertical partitioning recipes,
     ``ShardedSession(shards=...)``)."""
-    return session_class.get_bind is not Session.get_bind
+    return session_class.get_bind is not _PLAIN_GET_BIND
 
 
 def engine_settings(config: Config, classifier: Classifier) -> tuple[Any, ...]:

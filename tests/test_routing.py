@@ -544,3 +544,96 @@ async def test_async_a_get_bind_replaced_after_the_factory_was_made_is_the_one_t
     finally:
         for engine in made.values():
             await engine.dispose()
+
+
+def add_named(session: Session, name: str) -> str:
+    session.add(Item(name=name))
+    session.flush()
+    return application_name(session)
+
+
+def test_a_get_bind_added_after_the_factory_was_made_has_its_engines_hooked(
+    pg_server: PostgresServer, database: str, service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Your class had no ``get_bind`` when the factory was made (the factory's ``bind`` is
+    the application's engine); a test adds one (``monkeypatch.setattr``, ``mock.patch.object``)
+    that routes to another engine. Sessions and units route there as ``sessionmaker``'s do,
+    and that engine gets the factory's hooks as one picked by a ``get_bind`` present from the
+    start: a unit's COMMIT there carries its marker. (It routed, but its engine had no hooks:
+    no marker, no dead-connection check, a lost COMMIT answer not verified there.)"""
+    url = pg_server.url(database)
+    made = {
+        name: sa.create_engine(url, connect_args={"application_name": name})
+        for name in ("app", "test")
+    }
+    try:
+
+        class AppSession(Session):
+            pass
+
+        plain = sa.orm.sessionmaker(made["app"], class_=AppSession)
+        ours = rdb.ResilientSession(made["app"], service=service, class_=AppSession)
+        assert ours.run(add_named, "before") == "app"
+        assert markers(pg_server, database) == 1
+
+        def to_test(self: Session, mapper: Any = None, clause: Any = None, **kw: Any) -> Any:
+            return made["test"]
+
+        monkeypatch.setattr(AppSession, "get_bind", to_test)
+        for factory in (plain, ours):
+            with factory() as session:
+                assert application_name(session) == "test"
+        assert STATE.engine_hooks.get(made["test"]) is not None  # the factory's hooks there
+        assert ours.run(add_named, "routed") == "test"
+        assert markers(pg_server, database) == 2  # its COMMIT marked there
+        monkeypatch.undo()
+        assert ours.run(add_named, "after") == "app"
+        assert names(pg_server, database) == ["after", "before", "routed"]
+    finally:
+        for engine in made.values():
+            engine.dispose()
+
+
+@pytest.mark.asyncio
+async def test_async_a_get_bind_added_after_the_factory_was_made_has_its_engines_hooked(
+    pg_server: PostgresServer, database: str, service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The async twin: ``sync_session_class=`` given a ``get_bind`` after the factory's first
+    sessions and units."""
+    url = pg_server.url(database, driver="asyncpg")
+    made = {
+        name: create_async_engine(url, connect_args={"server_settings": {"application_name": name}})
+        for name in ("app", "test")
+    }
+    try:
+
+        class AppSession(Session):
+            pass
+
+        plain = sa.ext.asyncio.async_sessionmaker(made["app"], sync_session_class=AppSession)
+        ours = rdb.AsyncResilientSession(
+            made["app"], service=service, sync_session_class=AppSession
+        )
+
+        async def unit(session: AsyncSession, name: str) -> str:
+            return await session.run_sync(add_named, name)
+
+        assert await ours.run(unit, "before") == "app"
+        assert markers(pg_server, database) == 1
+
+        def to_test(self: Session, mapper: Any = None, clause: Any = None, **kw: Any) -> Any:
+            return made["test"].sync_engine
+
+        monkeypatch.setattr(AppSession, "get_bind", to_test)
+        for factory in (plain, ours):
+            async with factory() as session:
+                assert await session.run_sync(application_name) == "test"
+        assert STATE.engine_hooks.get(made["test"].sync_engine) is not None
+        assert await ours.run(unit, "routed") == "test"
+        assert markers(pg_server, database) == 2  # its COMMIT marked there
+        monkeypatch.undo()
+        assert await ours.run(unit, "after") == "app"
+        assert names(pg_server, database) == ["after", "before", "routed"]
+    finally:
+        for engine in made.values():
+            await engine.dispose()
