@@ -1,12 +1,14 @@
 """The factories are SQLAlchemy's factories: everything that works with ``sessionmaker`` /
 ``async_sessionmaker`` works with ``ResilientSession`` / ``AsyncResilientSession`` (events on the
 factory, ``scoped_session``, ``class_``, ``object_session``, ``identity_key``, ``configure``,
-``kw``, your own session class, an ``info`` of your own), and resilient_db's behaviour does not
-depend on anything a user can clear. Against the real server."""
+``kw``, your own session class, an ``info`` of your own, the async ORM's helpers in a unit),
+and resilient_db's behaviour does not depend on anything a user can clear. Against the real
+server."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import random
@@ -37,13 +39,23 @@ from scenarios import (
 )
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import (
+    AsyncAttrs,
     AsyncEngine,
     AsyncSession,
+    async_object_session,
     async_scoped_session,
     async_sessionmaker,
     create_async_engine,
 )
-from sqlalchemy.orm import Session, scoped_session, sessionmaker
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    scoped_session,
+    sessionmaker,
+)
 
 import resilient_db as rdb
 import resilient_db._asyncio as rdb_async
@@ -3036,3 +3048,74 @@ async def test_async_begin_whose_commit_fails_leaves_the_session_as_plain(
         outcomes.append((sa.inspect(loaded).persistent, loaded in session))
         await session.close()
     assert outcomes == [(True, True), (True, True)]
+
+
+class _AttrsBase(AsyncAttrs, DeclarativeBase):
+    pass
+
+
+class Shelf(_AttrsBase):
+    __tablename__ = "shelves"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str]
+    books: Mapped[list[Book]] = relationship(back_populates="shelf", order_by="Book.id")
+
+
+class Book(_AttrsBase):
+    __tablename__ = "books"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    shelf_id: Mapped[int] = mapped_column(sa.ForeignKey("shelves.id"))
+    title: Mapped[str]
+    shelf: Mapped[Shelf] = relationship(back_populates="books")
+
+
+@pytest.mark.asyncio
+async def test_async_orm_idioms_in_a_unit_as_in_an_async_sessionmaker_block(
+    async_engine: AsyncEngine, service: str
+) -> None:
+    """What async ORM code does in ``async with async_sessionmaker.begin()`` it does in a unit,
+    with the same results: ``async_object_session``, ``AsyncAttrs.awaitable_attrs``,
+    ``refresh(with_for_update=True)``, ``stream_scalars``, ``begin_nested()`` as an async
+    context manager rolled back by an error and released, ``async_scoped_session`` (its
+    session given to ``run_in``)."""
+    async with async_engine.begin() as conn:
+        await conn.run_sync(_AttrsBase.metadata.create_all)
+
+    async def work(session: AsyncSession, tag: str) -> list[Any]:
+        shelf = Shelf(name=tag, books=[Book(title=f"{tag}-a"), Book(title=f"{tag}-b")])
+        session.add(shelf)
+        await session.flush()
+        session.expire(shelf)
+        books = await shelf.awaitable_attrs.books
+        await session.refresh(books[0], with_for_update=True)
+        titles = [
+            b.title
+            async for b in await session.stream_scalars(
+                sa.select(Book).where(Book.shelf_id == shelf.id).order_by(Book.id)
+            )
+        ]
+        with contextlib.suppress(LookupError):
+            async with session.begin_nested():
+                session.add(Book(shelf=shelf, title=f"{tag}-gone"))
+                await session.flush()
+                raise LookupError("rolled back to the savepoint")
+        async with session.begin_nested():
+            session.add(Book(shelf=shelf, title=f"{tag}-kept"))
+        return [async_object_session(shelf) is session, titles]
+
+    plain = async_sessionmaker(async_engine)
+    ours = rdb.AsyncResilientSession(async_engine, service=service)
+    async with plain.begin() as session:
+        done_plain = await work(session, "plain")
+    done_ours = await ours.run(work, "ours")
+    scoped = async_scoped_session(ours, scopefunc=asyncio.current_task)
+    done_scoped = await ours.run_in(scoped(), work, "scoped")
+    await scoped.remove()
+    assert done_plain == [True, ["plain-a", "plain-b"]]
+    assert done_ours == [True, ["ours-a", "ours-b"]]
+    assert done_scoped == [True, ["scoped-a", "scoped-b"]]
+    async with plain() as session:
+        titles = (await session.scalars(sa.select(Book.title).order_by(Book.id))).all()
+    assert titles == [
+        *(f"{tag}-{end}" for tag in ("plain", "ours", "scoped") for end in ("a", "b", "kept"))
+    ]
