@@ -437,7 +437,8 @@ class FleetDemo(Demo):
             raise DemoError(
                 f"{what} needs the redis client: pip install 'resilient-db[redis]'"
             ) from exc
-        client = redis.Redis.from_url(url, socket_timeout=3.0, socket_connect_timeout=3.0)
+        # (Any: redis 5.1, the lowest supported, declares no types on close())
+        client: Any = redis.Redis.from_url(url, socket_timeout=3.0, socket_connect_timeout=3.0)
         try:
             client.ping()
         except Exception as exc:
@@ -812,7 +813,9 @@ class FleetDemo(Demo):
         try:
             import redis  # noqa: PLC0415 - optional dependency, there with --processes
 
-            client = redis.Redis.from_url(url, socket_timeout=3.0, socket_connect_timeout=3.0)
+            client: Any = redis.Redis.from_url(  # (see _check_redis)
+                url, socket_timeout=3.0, socket_connect_timeout=3.0
+            )
             try:
                 client.delete(*_keys(SERVICE))
             finally:
