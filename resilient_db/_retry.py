@@ -848,7 +848,8 @@ class Policy:
                 outcome=outcome.value,
                 sqlstate=sqlstate_label(exc),
                 limit=limit,
-                error=type(exc).__name__,
+                # the class raised, as the line names it
+                error=CircuitOpenError.__name__ if refused else type(exc).__name__,
                 **({} if cause is None else {"cause": cause}),
             )
         if refused:
@@ -924,9 +925,13 @@ class Policy:
         reported as a give-up like any other, raising ``exc`` caused by the unit's last
         failure (``last``), as :meth:`_gave_up` does when the unit's own failure opened it.
         The refused retry was announced (its line) but never counted: no attempt of it ran
-        (see :meth:`_before_sleep`), and the retry budget got back what it paid for it."""
+        (see :meth:`_before_sleep`), and the retry budget got back what it paid for it. With
+        self-healing switched off meanwhile (a reload while the breaker refused it), nothing
+        is counted or said, as in :meth:`_gave_up`."""
         outcome = self.classifier.classify(last)
         mark_outcome(last, outcome)
+        if not self.config.enabled:
+            raise exc from last
         cause = _failure_cause(last)
         ran = retries - 1  # the last retry was refused, not run
         self.stats.add("gave_up")
@@ -948,6 +953,7 @@ class Policy:
             outcome=outcome.value,
             sqlstate=sqlstate_label(last),
             limit="breaker",
+            error=type(exc).__name__,
             circuit_opened=True,
             log=True,
             **({} if cause is None else {"cause": cause}),

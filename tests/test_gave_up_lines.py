@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
+from resilient_db._breaker import breakers
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
 
@@ -104,3 +105,92 @@ def test_a_gave_up_line_names_the_error_raised(
     (event,) = [e for e in events if e.name == "gave_up" and e.service == service]
     assert event.fields["error"] == "PaymentFailed"
     assert event.fields["limit"] == "max_retries"
+
+
+def conflict(session: Session) -> None:
+    session.execute(sa.text("SELECT raise_code('40001')"))  # a serialization failure
+
+
+def unavailable(session: Session) -> None:
+    session.execute(sa.text("SELECT raise_code('57P03')"))  # cannot connect now: a failure
+
+
+def test_a_unit_the_breaker_stops_gives_up_naming_circuit_open_error(
+    engine: sa.Engine,
+    service: str,
+    caplog: pytest.LogCaptureFixture,
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """A unit whose next retry the breaker refused (other units' failures opened it while it
+    backed off) had a ``gave_up`` event without ``error``; one whose own failure opened it
+    named the database's error, while both raise ``CircuitOpenError``, as their lines say."""
+
+    def opened_meanwhile(seconds: float) -> None:  # as other units' failures would open it
+        breakers()[service].open()
+
+    config = rdb.Config(max_retries=3, failure_threshold=50)
+    Factory = rdb.ResilientSession(engine, service=service, config=config, sleep=opened_meanwhile)
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    with pytest.raises(rdb.CircuitOpenError) as raised:
+        Factory.run(conflict)
+    assert isinstance(raised.value.__cause__, sa.exc.OperationalError)
+    (line,) = lines(caplog, "Gave up")
+    assert line.endswith("raising CircuitOpenError")
+    (event,) = [e for e in events if e.name == "gave_up" and e.service == service]
+    assert dict(event.fields) == {
+        "service": service,
+        "event": "gave_up",
+        "retries": 0,
+        "outcome": "conflict",
+        "sqlstate": "40001",
+        "limit": "breaker",
+        "error": "CircuitOpenError",
+        "circuit_opened": True,
+    }
+
+    # the unit's own failure opens it, with retries left
+    own = f"{service}-own"
+    Own = rdb.ResilientSession(
+        engine, service=own, config=rdb.Config(max_retries=3, failure_threshold=1)
+    )
+    with pytest.raises(rdb.CircuitOpenError):
+        Own.run(unavailable)
+    (line,) = [x for x in lines(caplog, "Gave up") if f"service={own} " in x]
+    assert line.endswith("raising CircuitOpenError")
+    (event,) = [e for e in events if e.name == "gave_up" and e.service == own]
+    assert (event.fields["limit"], event.fields["error"]) == ("breaker", "CircuitOpenError")
+    assert event.fields["sqlstate"] == "57P03"
+
+
+def test_a_retry_refused_after_self_healing_was_switched_off_is_not_a_give_up(
+    engine: sa.Engine,
+    service: str,
+    clean_env: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A reload switching self-healing off as the breaker refused a unit's retry: the unit was
+    counted in ``gave_up`` all the same (the other ways to give up count nothing then, as the
+    hooks are told nothing)."""
+    env = {"SELF_HEALING_MAX_RETRIES": "3", "SELF_HEALING_FAILURE_THRESHOLD": "50"}
+    rdb.reload_config(env)
+
+    def opened_meanwhile(seconds: float) -> None:  # as other units' failures would open it
+        breakers()[service].open()
+
+    def switch_off(event: rdb.SelfHealEvent) -> None:  # (told as the breaker refuses)
+        if event.name == "breaker_rejected" and event.service == service:
+            rdb.reload_config({**env, "SELF_HEALING_ENABLED": "false"})
+
+    Factory = rdb.ResilientSession(engine, service=service, sleep=opened_meanwhile)
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    rdb.add_hook(switch_off)
+    try:
+        with pytest.raises(rdb.CircuitOpenError) as raised:
+            Factory.run(conflict)
+    finally:
+        rdb.remove_hook(switch_off)
+    assert isinstance(raised.value.__cause__, sa.exc.OperationalError)
+    assert not Factory.config.enabled
+    assert lines(caplog, "Retry attempt 1/3") != []
+    assert lines(caplog, "Gave up") == []
+    assert gave_up(service) == 0
