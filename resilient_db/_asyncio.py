@@ -47,7 +47,6 @@ from ._unit import (
     ActiveUnit,
     CommitVerdict,
     FactoryCore,
-    admitted_by,
     async_units,
     attempt_of,
     block_entered,
@@ -67,6 +66,7 @@ from ._unit import (
     joins_callers_transaction,
     listening_base,
     lost_with_its_connection,
+    part_of_running,
     prune_failed,
     prune_quietly,
     pruned,
@@ -323,10 +323,11 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             if enclosing.replayed:  # with_self_healing retries it all: see _once
                 return await self._once(fn, args, kwargs)
             policy.refresh()  # (a breaker replaced by reset_state() is not the one to ask)
-            if admitted_by(policy.breaker):
+            if part_of_running(policy) is not None:
                 # an operation of this service that does not retry: the unit retries, its
-                # attempts part of the one the breaker let through (not asked again)
-                policy = policy.without_breaker()
+                # attempts part of the one the breaker let through (not asked again; with no
+                # breaker, of the same service: see part_of_running)
+                policy = policy.without_breaker(enclosing.breaker)
         # Policy.acall with its first attempt inline: one frame (async: one coroutine) fewer
         # on every unit's path
         if True:  # async only
@@ -408,8 +409,9 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             return await self._once(fn, args, kwargs, session=session)
         policy = self.policy
         policy.refresh()
-        if admitted_by(policy.breaker):  # (see run)
-            policy = policy.without_breaker()
+        enclosing = part_of_running(policy)
+        if enclosing is not None:  # (see run)
+            policy = policy.without_breaker(enclosing.breaker)
         return await policy.acall(lambda: self._attempt(fn, args, kwargs, session=session))
 
     @overload
@@ -469,12 +471,13 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         breaker still admits it and counts its outcome, as for an operation inside a unit (a
         unit of a database whose circuit is open fails fast inside an operation of another
         service). Inside an attempt that this breaker let through (the same service) it is not
-        asked again (see ``admitted_by``)."""
+        asked again (see ``admitted_by``), nor, with no breaker, inside an attempt of the
+        same service (see ``part_of_running``)."""
         if not self.config.enabled:
             return await self._attempt(fn, args, kwargs, session=session)
         policy = self.policy
         policy.refresh()  # (a breaker replaced by reset_state() is not the one to ask)
-        if admitted_by(policy.breaker):
+        if part_of_running(policy) is not None:
             return await self._attempt(fn, args, kwargs, session=session)
         return await policy.acall_once(lambda: self._attempt(fn, args, kwargs, session=session))
 

@@ -1711,6 +1711,11 @@ class AttemptRecord:
         return self._policy.config, self._policy.service
 
     @property
+    def service(self) -> str:
+        """The service of the operation running the attempt."""
+        return self._policy.service
+
+    @property
     def breaker(self) -> Any:
         """The circuit breaker that let the attempt through (None: none did): its policy's, or
         for an attempt that is part of another (a policy without a breaker of its own, see

@@ -40,7 +40,6 @@ from ._unit import (
     ActiveUnit,
     CommitVerdict,
     FactoryCore,
-    admitted_by,
     block_entered,
     block_interrupted,
     block_left,
@@ -57,6 +56,7 @@ from ._unit import (
     joins_callers_transaction,
     listening_base,
     lost_with_its_connection,
+    part_of_running,
     prune_quietly,
     restore_attached,
     rollback_if_prepared,
@@ -255,10 +255,11 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
             if enclosing.replayed:  # with_self_healing retries it all: see _once
                 return self._once(fn, args, kwargs)
             policy.refresh()  # (a breaker replaced by reset_state() is not the one to ask)
-            if admitted_by(policy.breaker):
+            if part_of_running(policy) is not None:
                 # an operation of this service that does not retry: the unit retries, its
-                # attempts part of the one the breaker let through (not asked again)
-                policy = policy.without_breaker()
+                # attempts part of the one the breaker let through (not asked again; with no
+                # breaker, of the same service: see part_of_running)
+                policy = policy.without_breaker(enclosing.breaker)
         # Policy.call with its first attempt inline: one frame (async: one coroutine) fewer
         # on every unit's path
         probe = policy.admit()
@@ -327,8 +328,9 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
             return self._once(fn, args, kwargs, session=session)
         policy = self.policy
         policy.refresh()
-        if admitted_by(policy.breaker):  # (see run)
-            policy = policy.without_breaker()
+        enclosing = part_of_running(policy)
+        if enclosing is not None:  # (see run)
+            policy = policy.without_breaker(enclosing.breaker)
         return policy.call(lambda: self._attempt(fn, args, kwargs, session=session))
 
     @overload
@@ -386,12 +388,13 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         breaker still admits it and counts its outcome, as for an operation inside a unit (a
         unit of a database whose circuit is open fails fast inside an operation of another
         service). Inside an attempt that this breaker let through (the same service) it is not
-        asked again (see ``admitted_by``)."""
+        asked again (see ``admitted_by``), nor, with no breaker, inside an attempt of the
+        same service (see ``part_of_running``)."""
         if not self.config.enabled:
             return self._attempt(fn, args, kwargs, session=session)
         policy = self.policy
         policy.refresh()  # (a breaker replaced by reset_state() is not the one to ask)
-        if admitted_by(policy.breaker):
+        if part_of_running(policy) is not None:
             return self._attempt(fn, args, kwargs, session=session)
         return policy.call_once(lambda: self._attempt(fn, args, kwargs, session=session))
 

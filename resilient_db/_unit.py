@@ -308,6 +308,21 @@ def admitted_by(breaker: Any) -> bool:
     return attempt is not None and attempt.running and attempt.breaker is breaker
 
 
+def part_of_running(policy: Policy) -> Any:
+    """The attempt running here that a call of ``policy`` is part of, or None: one that
+    ``policy``'s breaker let through (see :func:`admitted_by`); with no breaker to ask
+    (switched off, ``use_circuit_breaker=False``), one of ``policy``'s service, by its name.
+    Either way its outcome and its attempt are that one's, counted once (``attempts``, and
+    with them the retry budget's first attempts)."""
+    attempt = current_attempt.get()
+    if attempt is None or not attempt.running:
+        return None
+    breaker = policy.breaker
+    if breaker is not None:
+        return attempt if attempt.breaker is breaker else None
+    return attempt if attempt.service == policy.service else None
+
+
 def attempt_of(policy: Policy, attempt: Any) -> bool:
     """Whether ``attempt`` (an :class:`~._commit.AttemptRecord`) is an attempt made by
     ``policy``: for a factory's policy, an attempt of one of its units (a task made inside the
@@ -2181,11 +2196,12 @@ class FactoryCore:
         breaker is not asked again inside an attempt it let through (see :func:`admitted_by`)."""
         policy = self.policy
         policy.refresh()
-        admitted = admitted_by(policy.breaker)
+        enclosing = part_of_running(policy)
         if runs_once_here():
-            return connect() if admitted else policy.call_once(connect)
-        if admitted:  # an operation of this service that does not retry: the connect does
-            policy = policy.without_breaker()
+            return connect() if enclosing is not None else policy.call_once(connect)
+        if enclosing is not None:  # an operation of this service that does not retry: the
+            # connect does
+            policy = policy.without_breaker(enclosing.breaker)
         return policy.call(connect)
 
     def _register(self) -> None:

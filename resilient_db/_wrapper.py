@@ -44,6 +44,7 @@ from ._unit import (
     admitted_by,
     check_service_name,
     lost_with_its_connection,
+    part_of_running,
     restore_attached,
     runs_once_here,
 )
@@ -247,6 +248,13 @@ def _policy_for(
             if once:
                 return policy.part_of_attempt(admitted_through=service_breaker)
             return policy.without_breaker(admitted_through=service_breaker)
+        # nor one of its service (switched off): an attempt of its service running here, by
+        # its name, is still the one counted (see part_of_running)
+        enclosing = part_of_running(policy)
+        if enclosing is not None:
+            if once:
+                return policy.part_of_attempt(admitted_through=enclosing.breaker)
+            return policy.without_breaker(admitted_through=enclosing.breaker)
     return policy
 
 

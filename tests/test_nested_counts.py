@@ -191,3 +191,115 @@ def test_a_nested_operation_that_committed_part_of_its_work_is_said_once(
     assert said[0].startswith(f"[SELF-HEAL] Not replaying: service={service} the unit committed")
     with ledger.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM ledger")).scalar_one() == 1
+
+
+#: no circuit breaker (every factory and operation of the environment's configuration), and a
+#: retry budget whose first attempts are the units started
+NO_BREAKER = {"SELF_HEALING_CIRCUIT_BREAKER": "false", "SELF_HEALING_RETRY_BUDGET": "0.5"}
+
+
+def first_attempts(service: str) -> int:
+    return int(rdb.health()["services"][service]["budget"]["first_attempts"])
+
+
+def test_calls_nested_in_their_services_attempt_are_counted_once_without_a_breaker(
+    pg_url: str, engine: sa.Engine, service: str, clean_env: pytest.MonkeyPatch
+) -> None:
+    """With the breaker switched off, whether a nested call was of the enclosing attempt's
+    service was judged by which breaker let that attempt through: none did, so each nested
+    call counted an attempt of its own (a unit that made 2 attempts showed 4, and the retry
+    budget 3 units started where 1 was). Judged by the service's name, they are counted once."""
+    rdb.reload_config(NO_BREAKER)
+    fresh = sa.create_engine(pg_url, poolclass=sa.pool.NullPool)  # (each session connects)
+    Sessions = rdb.ResilientSession(engine, service=service)
+    Connecting = rdb.ResilientSession(fresh, service=service)
+    left = [1]
+
+    @rdb.with_self_healing(service=service)
+    def helper(session: Session) -> int:
+        if left:
+            left.pop()
+            session.execute(sa.text("SELECT raise_code('40001')"))
+        return int(session.execute(sa.text("SELECT 7")).scalar_one())
+
+    try:
+        assert Sessions.run(helper) == 7  # a helper in a unit: 2 attempts, 1 retry
+        assert Sessions.policy.breaker is None
+        found = counters(service)
+        assert (found["attempts"], found["retries"], found["recovered"]) == (2, 1, 1)
+        assert first_attempts(service) == 1
+
+        # an operation in an operation, a unit in an operation, a drop-in session's connect in
+        # an operation: each one attempt
+        nested = lambda: rdb.with_self_healing(lambda: 1, service=service)  # noqa: E731
+        assert rdb.with_self_healing(nested, service=service) == 1
+        assert rdb.with_self_healing(lambda: Sessions.run(lambda s: 1), service=service) == 1
+
+        def drop_in() -> int:
+            with Connecting() as session:
+                return int(session.execute(sa.text("SELECT 1")).scalar_one())
+
+        assert rdb.with_self_healing(drop_in, service=service) == 1
+    finally:
+        fresh.dispose()
+    assert counters(service)["attempts"] == 5
+    assert first_attempts(service) == 4
+
+
+def test_operations_asking_no_breaker_nested_in_their_services_are_counted_once(
+    engine: sa.Engine, service: str
+) -> None:
+    """``use_circuit_breaker=False``: an operation in an operation of its service counted its
+    own attempt too, when the outer one asked no breaker either."""
+    left = [1]
+
+    def inner() -> int:
+        if left:
+            left.pop()
+            with engine.connect() as conn:
+                conn.execute(sa.text("SELECT raise_code('40001')"))
+        return 1
+
+    def outer() -> int:
+        return int(rdb.with_self_healing(inner, service=service, use_circuit_breaker=False))
+
+    assert rdb.with_self_healing(outer, service=service, use_circuit_breaker=False) == 1
+    found = counters(service)
+    assert (found["attempts"], found["retries"], found["recovered"]) == (2, 1, 1)
+    # another service's operation is not part of it: counted apart
+    other = f"{service}-other"
+    nested = lambda: rdb.with_self_healing(lambda: 2, service=other, use_circuit_breaker=False)  # noqa: E731
+    assert rdb.with_self_healing(nested, service=service, use_circuit_breaker=False) == 2
+    assert (counters(service)["attempts"], counters(other)["attempts"]) == (3, 1)
+
+
+@pytest.mark.asyncio
+async def test_async_calls_nested_in_their_services_attempt_are_counted_once_without_a_breaker(
+    engine: sa.Engine, pg_async_url: str, service: str, clean_env: pytest.MonkeyPatch
+) -> None:
+    rdb.reload_config(NO_BREAKER)
+    aengine = create_async_engine(pg_async_url)
+    Sessions = rdb.AsyncResilientSession(aengine, service=service)
+    left = [1]
+
+    @rdb.with_self_healing(service=service)
+    async def helper(session: AsyncSession) -> int:
+        if left:
+            left.pop()
+            await session.execute(sa.text("SELECT raise_code('40P01')"))
+        return int((await session.execute(sa.text("SELECT 7"))).scalar_one())
+
+    async def one(session: AsyncSession) -> int:
+        return int((await session.execute(sa.text("SELECT 1"))).scalar_one())
+
+    try:
+        assert await Sessions.run(helper) == 7
+        found = counters(service)
+        assert (found["attempts"], found["retries"], found["recovered"]) == (2, 1, 1)
+        assert first_attempts(service) == 1
+        # a unit in an operation: one attempt
+        assert await rdb.with_self_healing(lambda: Sessions.run(one), service=service) == 1
+    finally:
+        await aengine.dispose()
+    assert counters(service)["attempts"] == 3
+    assert first_attempts(service) == 2
