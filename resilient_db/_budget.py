@@ -31,6 +31,7 @@ import logging
 import math
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -242,9 +243,45 @@ class RetryBudget:
         self._fleet: Any = None  # the FleetLink while shared through Redis
         #: the fleet's figures as Redis last reported them, and when (this budget's clock)
         self._fleet_view: tuple[float, dict[str, Any]] = (-math.inf, {})
+        # the live users whose config= of the code decides the settings (see follow)
+        self._explicit_users: weakref.WeakSet[Any] = weakref.WeakSet()
         self._attach(config)
 
     # -- configuration -----------------------------------------------------------------------
+    def follow(self, config: Config, *, user: object, explicit: bool) -> None:
+        """``user`` of this budget (a factory's or ``with_self_healing``'s policy; at its
+        creation, at a reload) asks for the budget settings of ``config``, a ``config=`` of
+        the code when ``explicit`` (else the environment's). A service has one retry budget,
+        as it has one breaker (see ``Breaker.follow``, the same rule): while a user that gave
+        a ``config=`` lives, the environment's settings don't replace its settings (nor take
+        the budget off the Redis it shares, the breaker staying there), and another
+        ``config=`` that differs is warned about (the later one is followed)."""
+        with STATE.lock:
+            held = [u for u in self._explicit_users if u is not user]  # others' config=, alive
+            if explicit:
+                self._explicit_users.add(user)
+            else:
+                self._explicit_users.discard(user)
+        if config == self.config:
+            return
+        if held and not explicit:
+            return  # a config= of the code decides this service's budget, not the environment
+        if held and budget_settings(config) != budget_settings(self.config):
+            emit(
+                config,
+                log_retry,
+                logging.WARNING,
+                "Retry budget settings differ for service=%s: %s asked for before, %s now; "
+                "a service has one retry budget, which follows the later. Give both the same "
+                "settings, or each its own service name",
+                self.service,
+                _settings_text(self.config),
+                _settings_text(config),
+                service=self.service,
+                event="budget_settings_conflict",
+            )
+        self.apply_config(config)
+
     def apply_config(self, config: Config) -> None:
         with self._lock:
             self.config = config
@@ -459,9 +496,22 @@ class RetryBudget:
         return f"<RetryBudget service={self.service!r} ratio={self.config.retry_budget}>"
 
 
-def budget_for(service: str, config: Config) -> RetryBudget | None:
+def budget_settings(config: Config) -> tuple[Any, ...]:
+    """What a retry budget takes from a configuration."""
+    return (config.retry_budget, config.retry_budget_floor, config.redis_url, config.redis_timeout)
+
+
+def _settings_text(config: Config) -> str:
+    shared = "shared" if config.redis_url else "local"
+    return f"(ratio={config.retry_budget:g}, floor={config.retry_budget_floor}/s, {shared})"
+
+
+def budget_for(
+    service: str, config: Config, *, user: object, explicit: bool = True
+) -> RetryBudget | None:
     """The retry budget of ``service`` (None when ``config`` sets none), made on first use;
-    later calls update its numbers."""
+    later calls may update its numbers (see :meth:`RetryBudget.follow`: ``user`` asks,
+    ``explicit`` when ``config`` is a ``config=`` of the code, not the environment's)."""
     if config.retry_budget is None or not config.retry_on:
         return None
     with STATE.lock:
@@ -469,9 +519,7 @@ def budget_for(service: str, config: Config) -> RetryBudget | None:
         if budget is None:
             check_service_room(service, STATE.budgets)
             budget = STATE.budgets[service] = RetryBudget(service, config)
-            return budget
-    if budget.config != config:
-        budget.apply_config(config)
+    budget.follow(config, user=user, explicit=explicit)
     return budget
 
 

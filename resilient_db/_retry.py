@@ -239,7 +239,11 @@ class Policy:
     def apply_config(self, config: Config) -> None:
         self.config = config
         self.retry_on = self.use_retry and config.retry_on
-        self.budget = budget_for(self.service, config) if self.retry_on else None
+        self.budget = (
+            budget_for(self.service, config, user=self, explicit=self.explicit_config)
+            if self.retry_on
+            else None
+        )
         own = self._own_breaker
         if not (self.use_circuit_breaker and config.breaker_on):
             # switched off; its breaker is kept for when it is back on (where it starts over

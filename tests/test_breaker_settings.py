@@ -7,12 +7,14 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
+from resilient_db.testing import RedisServer
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
 
@@ -196,3 +198,75 @@ def test_a_reload_changing_the_retry_limit_applies_to_a_unit_backing_off(
     assert len(calls) == 2
     assert "/1:" not in caplog.text
     assert "after 1 retries; raising OperationalError" in caplog.text
+
+
+def budget(service: str) -> dict[str, Any]:
+    found: dict[str, Any] = rdb.health()["services"][service]["budget"]
+    return found
+
+
+def test_the_environment_does_not_take_a_factorys_retry_budget_off_redis(
+    engine: sa.Engine,
+    service: str,
+    clean_env: pytest.MonkeyPatch,
+    redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The retry budget followed the last configuration applied, whoever gave it: an
+    operation of the environment's configuration (a budget, no Redis) took the factory's
+    budget off Redis, and changed its ratio, while the breaker stayed shared with the other
+    processes. It follows the breaker's rule: the factory's ``config=`` decides."""
+    own = rdb.Config(redis_url=redis_server.url, retry_budget=0.2, retry_budget_floor=3)
+    Session = rdb.ResilientSession(engine, service=service, config=own)
+    clean_env.setenv("SELF_HEALING_RETRY_BUDGET", "0.5")
+    with caplog.at_level(logging.WARNING, logger="resilient_db"):
+        assert rdb.with_self_healing(lambda: 1, service=service) == 1
+        rdb.ResilientSession(engine, service=service)  # (a default factory of the service)
+        rdb.reload_config()
+    found = budget(service)
+    assert found["redis"] == rdb.health()["services"][service]["breaker"]["shared"]["redis"]
+    assert (found["ratio"], found["floor_per_second"]) == (0.2, 3)
+    assert not [r for r in caplog.records if "settings differ" in r.getMessage()]
+    assert Session.service == service  # (held to here)
+
+
+def test_two_factories_asking_for_different_retry_budgets_are_warned_about(
+    engine: sa.Engine,
+    service: str,
+    redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    # kept: a factory that is gone (garbage-collected) no longer holds the budget's settings
+    kept = [
+        rdb.ResilientSession(engine, service=service, config=rdb.Config(retry_budget=0.2)),
+        rdb.ResilientSession(
+            engine, service=service, config=rdb.Config(retry_budget=0.2, max_retries=9)
+        ),
+    ]
+    gc.collect()  # (as a long run's collector may, at any moment)
+    with caplog.at_level(logging.WARNING, logger="resilient_db"):
+        rdb.with_self_healing(lambda: 1, service=service, config=rdb.Config(retry_budget=0.5))
+    (line,) = [r.getMessage() for r in caplog.records if "settings differ" in r.getMessage()]
+    assert line == (
+        f"[SELF-HEAL] Retry budget settings differ for service={service}: (ratio=0.2, "
+        "floor=10/s, local) asked for before, (ratio=0.5, floor=10/s, local) now; a service "
+        "has one retry budget, which follows the later. Give both the same settings, or each "
+        "its own service name"
+    )
+    assert budget(service)["ratio"] == 0.5
+    (event,) = [e for e in events if e.name == "budget_settings_conflict"]
+    assert event.service == service
+
+    # a config= sharing it through Redis, the breaker's settings unchanged: the budget's line
+    # alone, and both are shared now
+    caplog.clear()
+    shared = rdb.Config(retry_budget=0.5, redis_url=redis_server.url, circuit_breaker=False)
+    with caplog.at_level(logging.WARNING, logger="resilient_db"):
+        rdb.ResilientSession(engine, service=service, config=shared)
+    (line,) = [r.getMessage() for r in caplog.records if "settings differ" in r.getMessage()]
+    assert "(ratio=0.5, floor=10/s, local) asked for before, (ratio=0.5, floor=10/s, shared)" in (
+        line
+    )
+    assert "redis" in budget(service)
+    assert len(kept) == 2

@@ -155,7 +155,7 @@ def test_a_link_whose_first_attempt_gets_no_answer_leaves_the_process_to_decide_
     config = rdb.Config(redis_url=redis_server.url, redis_timeout=0.05, retry_budget=0.1)
     redis_server.pause()
     try:
-        budget = _budget.budget_for("hung", config)
+        budget = _budget.budget_for("hung", config, user=redis_server)
         assert budget is not None
         link = budget._fleet
         first = budget.withdraw()
