@@ -17,10 +17,12 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import asyncpg
+import psycopg
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
-from scenarios import ASYNC_DRIVERS, create_ledger, ledger_rows
+from scenarios import ASYNC_DRIVERS, create_ledger, driver_connection, ledger_rows
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
@@ -32,6 +34,9 @@ pytestmark = pytest.mark.usefixtures("no_backoff")
 INSERT = sa.text("INSERT INTO ledger (unit, note) VALUES (:u, :n)")
 #: fails on the server (22012): the transaction is aborted from then on
 FAILING = "SELECT 1/0"
+#: what a refused COMMIT raises: SQLAlchemy's error, or the driver's own for a statement sent on
+#: the driver's connection
+REFUSED = (sa.exc.DBAPIError, psycopg.Error, asyncpg.PostgresError)
 
 
 @pytest.fixture
@@ -69,9 +74,11 @@ def notes(server: PostgresServer, database: str, unit: str) -> list[str]:
     return [str(row[0]) for row in found]
 
 
-def assert_refused(raised: BaseException | None) -> None:
-    """Raised 25P02, not transient (a replay would meet the same code)."""
-    assert isinstance(raised, sa.exc.DBAPIError), f"reported done: {raised!r}"
+def assert_refused(raised: BaseException | None, *, raw: bool = False) -> None:
+    """Raised 25P02, not transient (a replay would meet the same code); ``raw``: by a
+    statement sent on the driver's own connection, which raises the driver's error."""
+    expected = (psycopg.Error, asyncpg.PostgresError) if raw else sa.exc.DBAPIError
+    assert isinstance(raised, expected), f"reported done: {raised!r}"
     assert rdb.sqlstate_of(raised) == "25P02"
     assert not rdb.is_transient(raised)
 
@@ -218,3 +225,221 @@ async def test_an_async_operations_drop_in_commit_of_a_failed_transaction_is_not
     assert ledger_rows(pg_server, database, unit) == 0
     async with Sessions() as session:
         assert (await session.execute(sa.text("SELECT 7"))).scalar_one() == 7
+
+
+# -- a COMMIT sent as a statement ------------------------------------------------------------------
+#: the unit's own code commits its failed transaction with a statement (each noted as a COMMIT,
+#: see ``_statements.COMMITS``): through SQLAlchemy, or psycopg's own connection
+SYNC_COMMIT_STATEMENTS: dict[str, Any] = {
+    "text-commit": lambda s: s.execute(sa.text("COMMIT")),
+    "text-end": lambda s: s.execute(sa.text("END")),
+    "text-commit-work": lambda s: s.execute(sa.text("commit work")),
+    "text-commit-and-chain": lambda s: s.execute(sa.text("COMMIT AND CHAIN")),
+    "driver-sql-commit": lambda s: s.connection().exec_driver_sql("COMMIT"),
+    "raw-commit": lambda s: driver_connection(s).execute("COMMIT"),
+    "raw-cursor-end": lambda s: driver_connection(s).cursor().execute("END WORK"),
+}
+
+
+@pytest.mark.parametrize("way", sorted(SYNC_COMMIT_STATEMENTS))
+def test_a_units_commit_statement_of_a_failed_transaction_is_not_reported_done(
+    engine: sa.Engine, pg_server: PostgresServer, database: str, service: str, way: str
+) -> None:
+    """The unit writes, catches a database error, sends COMMIT as a statement and writes more:
+    the server answered ROLLBACK, the first write lost, and the unit reported done."""
+    Sessions = rdb.ResilientSession(engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+    calls: list[int] = []
+
+    def work(session: Session) -> str:
+        calls.append(1)
+        session.execute(INSERT, {"u": unit, "n": "first"})
+        swallow_a_failure(session)
+        SYNC_COMMIT_STATEMENTS[way](session)
+        session.execute(INSERT, {"u": unit, "n": "second"})
+        return "done"
+
+    with pytest.raises(REFUSED) as raised:
+        Sessions.run(work)
+    assert_refused(raised.value, raw=way.startswith("raw"))
+    assert calls == [1]
+    assert notes(pg_server, database, unit) == []
+    assert Sessions.run(lambda s: s.execute(sa.text("SELECT 7")).scalar_one()) == 7
+
+
+@pytest.mark.parametrize("way", ["text-commit", "raw-commit"])
+def test_an_operations_commit_statement_of_a_failed_transaction_is_not_reported_done(
+    engine: sa.Engine, pg_server: PostgresServer, database: str, service: str, way: str
+) -> None:
+    Sessions = rdb.ResilientSession(engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+
+    def operation() -> str:
+        with Sessions() as session:
+            session.execute(INSERT, {"u": unit, "n": "first"})
+            swallow_a_failure(session)
+            SYNC_COMMIT_STATEMENTS[way](session)
+            session.commit()
+        return "done"
+
+    with pytest.raises(REFUSED) as raised:
+        rdb.with_self_healing(operation, service=service)
+    assert_refused(raised.value, raw=way.startswith("raw"))
+    assert notes(pg_server, database, unit) == []
+    with Sessions() as session:
+        assert session.execute(sa.text("SELECT 7")).scalar_one() == 7
+
+
+@pytest.mark.parametrize("way", ["text-commit", "raw-commit"])
+def test_a_commit_statement_of_a_failed_transaction_outside_units_is_plain(
+    engine: sa.Engine, pg_server: PostgresServer, database: str, service: str, way: str
+) -> None:
+    """Drop-in code outside any unit or operation: answered ROLLBACK, raised nothing, as
+    plain SQLAlchemy and psycopg do."""
+    Sessions = rdb.ResilientSession(engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+    with Sessions() as session:
+        session.execute(INSERT, {"u": unit, "n": "first"})
+        swallow_a_failure(session)
+        SYNC_COMMIT_STATEMENTS[way](session)
+        session.rollback()
+        session.execute(INSERT, {"u": unit, "n": "second"})
+        session.commit()
+    assert notes(pg_server, database, unit) == ["second"]
+
+
+def test_a_units_commit_statement_of_a_sound_transaction_is_unchanged(
+    engine: sa.Engine, pg_server: PostgresServer, database: str, service: str
+) -> None:
+    Sessions = rdb.ResilientSession(engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+
+    def work(session: Session) -> str:
+        session.execute(INSERT, {"u": unit, "n": "first"})
+        with contextlib.suppress(sa.exc.DBAPIError), session.begin_nested():
+            session.connection().exec_driver_sql(FAILING)
+        session.execute(sa.text("COMMIT"))
+        session.execute(INSERT, {"u": unit, "n": "second"})
+        return "done"
+
+    assert Sessions.run(work) == "done"
+    assert notes(pg_server, database, unit) == ["first", "second"]
+
+
+@pytest.mark.parametrize("way", ["driver-sql", "raw"])
+def test_a_units_commit_statement_after_a_rollback_to_a_savepoint_commits(
+    engine: sa.Engine, pg_server: PostgresServer, database: str, service: str, way: str
+) -> None:
+    """A text that rolls the failed transaction back to a savepoint before its COMMIT, sent in
+    the failed transaction: the transaction is sound again when the COMMIT comes, which
+    commits."""
+    Sessions = rdb.ResilientSession(engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+    recover = "ROLLBACK TO SAVEPOINT before_failure; /* then */ COMMIT"
+
+    def work(session: Session) -> str:
+        session.execute(INSERT, {"u": unit, "n": "first"})
+        session.connection().exec_driver_sql("SAVEPOINT before_failure")
+        swallow_a_failure(session)
+        if way == "raw":
+            driver_connection(session).execute(recover)
+        else:
+            session.connection().exec_driver_sql(recover)
+        session.execute(INSERT, {"u": unit, "n": "second"})
+        return "done"
+
+    assert Sessions.run(work) == "done"
+    assert notes(pg_server, database, unit) == ["first", "second"]
+
+
+async def _araw(session: AsyncSession) -> Any:
+    return (await (await session.connection()).get_raw_connection()).driver_connection
+
+
+async def _driver_sql(session: AsyncSession, statement: str) -> object:
+    return await (await session.connection()).exec_driver_sql(statement)
+
+
+async def _raw_execute(session: AsyncSession, statement: str) -> object:
+    return await (await _araw(session)).execute(statement)
+
+
+ASYNC_COMMIT_STATEMENTS: dict[str, Any] = {
+    "text-commit": lambda s: s.execute(sa.text("COMMIT")),
+    "text-end": lambda s: s.execute(sa.text("END")),
+    "text-commit-work": lambda s: s.execute(sa.text("commit work")),
+    "text-commit-and-chain": lambda s: s.execute(sa.text("COMMIT AND CHAIN")),
+    "driver-sql-commit": lambda s: _driver_sql(s, "COMMIT"),
+    "raw-commit": lambda s: _raw_execute(s, "COMMIT"),
+    "raw-end-work": lambda s: _raw_execute(s, "END WORK"),
+}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("way", sorted(ASYNC_COMMIT_STATEMENTS))
+async def test_an_async_units_commit_statement_of_a_failed_transaction_is_not_reported_done(
+    async_engine: AsyncEngine, pg_server: PostgresServer, database: str, service: str, way: str
+) -> None:
+    Sessions = rdb.AsyncResilientSession(async_engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+    calls: list[int] = []
+
+    async def work(session: AsyncSession) -> str:
+        calls.append(1)
+        await session.execute(INSERT, {"u": unit, "n": "first"})
+        await aswallow_a_failure(session)
+        await ASYNC_COMMIT_STATEMENTS[way](session)
+        await session.execute(INSERT, {"u": unit, "n": "second"})
+        return "done"
+
+    with pytest.raises(REFUSED) as raised:
+        await Sessions.run(work)
+    assert_refused(raised.value, raw=way.startswith("raw"))
+    assert calls == [1]
+    assert notes(pg_server, database, unit) == []
+
+    async def read(session: AsyncSession) -> Any:
+        return (await session.execute(sa.text("SELECT 7"))).scalar_one()
+
+    assert await Sessions.run(read) == 7
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("way", ["text-commit", "raw-commit"])
+async def test_an_async_operations_commit_statement_of_a_failed_transaction_is_not_reported_done(
+    async_engine: AsyncEngine, pg_server: PostgresServer, database: str, service: str, way: str
+) -> None:
+    Sessions = rdb.AsyncResilientSession(async_engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+
+    async def operation() -> str:
+        async with Sessions() as session:
+            await session.execute(INSERT, {"u": unit, "n": "first"})
+            await aswallow_a_failure(session)
+            await ASYNC_COMMIT_STATEMENTS[way](session)
+            await session.commit()
+        return "done"
+
+    with pytest.raises(REFUSED) as raised:
+        await rdb.with_self_healing(operation, service=service)
+    assert_refused(raised.value, raw=way.startswith("raw"))
+    assert notes(pg_server, database, unit) == []
+    async with Sessions() as session:
+        assert (await session.execute(sa.text("SELECT 7"))).scalar_one() == 7
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("way", ["text-commit", "raw-commit"])
+async def test_an_async_commit_statement_of_a_failed_transaction_outside_units_is_plain(
+    async_engine: AsyncEngine, pg_server: PostgresServer, database: str, service: str, way: str
+) -> None:
+    Sessions = rdb.AsyncResilientSession(async_engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+    async with Sessions() as session:
+        await session.execute(INSERT, {"u": unit, "n": "first"})
+        await aswallow_a_failure(session)
+        await ASYNC_COMMIT_STATEMENTS[way](session)
+        await session.rollback()
+        await session.execute(INSERT, {"u": unit, "n": "second"})
+        await session.commit()
+    assert notes(pg_server, database, unit) == ["second"]
