@@ -100,10 +100,12 @@ from ._statements import (
     current_attempt,
     current_request,
     distrust_calls,
+    failed_transaction_commit,
     library_work,
     marked_cursor_factory,
     note_dialect_calls,
     note_saved,
+    rolled_back_instead,
     statement_listeners,
 )
 from .transitions._sql import literal
@@ -3153,7 +3155,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                                 wrote = await _asyncpg_xid_assigned(self, base)
                             with _own_commit(attempt, wrote):
                                 status = await base.execute(self, query, timeout=timeout)
-                                _rolled_back_instead(status)
+                                rolled_back_instead(status)
                                 return status
                         if ticket is None and wrote:  # no unit (drop-in use): see psycopg's
                             try:
@@ -3259,7 +3261,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                     if self.pgconn.transaction_status == _INERROR:
                         with _own_commit(attempt, wrote=False):
                             await base.commit(self)  # (answered ROLLBACK: see the sync one's)
-                            raise _failed_transaction_commit()
+                            raise failed_transaction_commit()
                     if not wrote:
                         wrote = await _apsycopg_xid_assigned(self)
                     with _own_commit(attempt, wrote):
@@ -3329,7 +3331,7 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                     if self.pgconn.transaction_status == _INERROR:
                         with _own_commit(attempt, wrote=False):
                             base.commit(self)  # (answered ROLLBACK)
-                            raise _failed_transaction_commit()
+                            raise failed_transaction_commit()
                     if not wrote:
                         wrote = _psycopg_xid_assigned(self)
                     with _own_commit(attempt, wrote):
@@ -3516,41 +3518,13 @@ def _psycopg_commit_plan(
         connection._rdb_writes = False
         if status == _INERROR:
             if current_request.get() is not None:
-                raise _failed_transaction_commit()
+                raise failed_transaction_commit()
             # the code of a unit or an operation commits a failed transaction: the COMMIT goes
             # out (it ends the transaction, as a COMMIT does) and is raised as refused (see
-            # _own_failed_commit); outside any, as plain psycopg does
+            # failed_transaction_commit); outside any, as plain psycopg does
             return None, None, current_attempt.get()
         return None, None, None
     return _commit_plan(connection)
-
-
-def _failed_transaction_commit() -> psycopg.errors.InFailedSqlTransaction:
-    """A COMMIT, inside a unit or a ``with_self_healing`` operation (the unit's final one, or
-    one of its code's own: ``session.commit()`` midway, a drop-in block's), of a transaction
-    that failed: the code caught a database error and went on. The server answers ROLLBACK
-    (psycopg takes that for done), and the unit would be reported done with that
-    transaction's writes lost; raised instead (25P02). A unit's final COMMIT raises it before
-    anything is sent (the unit rolls back); its code's own after the COMMIT ended the
-    transaction (drop-in code's session hands its connection back without a ROLLBACK after a
-    COMMIT that raised)."""
-    return psycopg.errors.InFailedSqlTransaction(
-        "the transaction had failed (the code caught a database error and went on), so its "
-        "COMMIT rolls everything back: current transaction is aborted"
-    )
-
-
-def _rolled_back_instead(status: Any) -> None:
-    """An asyncpg COMMIT of a unit's or an operation's own code answered with ``status``: a
-    transaction that had failed (the code caught a database error and went on) is answered
-    ROLLBACK, without an error, and its writes are gone; raised as psycopg's is (25P02,
-    :func:`_failed_transaction_commit`), rather than let the unit go on to report done. The
-    transaction is ended (rolled back) by then."""
-    if status == "ROLLBACK":
-        raise asyncpg.InFailedSQLTransactionError(
-            "the transaction had failed (the code caught a database error and went on), so "
-            "its COMMIT rolled everything back: current transaction is aborted"
-        )
 
 
 def _block_attempt(connection: Any) -> AttemptRecord | None:

@@ -28,6 +28,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Final, TypeAlias, cast
 
+import asyncpg
 import psycopg
 from psycopg import sql
 
@@ -1029,6 +1030,8 @@ def _noting(method: Callable[..., Any]) -> Callable[..., Any]:
             attempt = _psycopg_noted(self.connection, verdict)
             if attempt is not None:
                 send = lambda: method(self, query, *args, **kwargs)  # noqa: E731
+                if verdict & COMMITS and _failed_commit(self, attempt, query):
+                    send = _refused_after(send)
                 return _autocommitted(attempt, self, send, verdict)
         return method(self, query, *args, **kwargs)
 
@@ -1046,10 +1049,95 @@ def _noting_async(method: Callable[..., Any]) -> Callable[..., Any]:
             attempt = _psycopg_noted(self.connection, verdict)
             if attempt is not None:
                 send = lambda: method(self, query, *args, **kwargs)  # noqa: E731
+                if verdict & COMMITS and _failed_commit(self, attempt, query):
+                    send = _refused_after_async(send)
                 return await _autocommitted_async(attempt, self, send, verdict)
         return await method(self, query, *args, **kwargs)
 
     return noted
+
+
+# -- a COMMIT statement of a failed transaction -------------------------------------------------
+def failed_transaction_commit() -> psycopg.errors.InFailedSqlTransaction:
+    """A COMMIT, inside a unit or a ``with_self_healing`` operation (the unit's final one, or
+    one of its code's own: ``session.commit()`` midway, a drop-in block's, a ``COMMIT`` sent as
+    a statement), of a transaction that failed: the code caught a database error and went on.
+    The server answers ROLLBACK (psycopg takes that for done), and the unit would be reported
+    done with that transaction's writes lost; raised instead (25P02). A unit's final COMMIT
+    raises it before anything is sent (the unit rolls back); its code's own after the COMMIT
+    ended the transaction (drop-in code's session hands its connection back without a ROLLBACK
+    after a COMMIT that raised)."""
+    return psycopg.errors.InFailedSqlTransaction(
+        "the transaction had failed (the code caught a database error and went on), so its "
+        "COMMIT rolls everything back: current transaction is aborted"
+    )
+
+
+def rolled_back_instead(status: Any) -> None:
+    """An asyncpg COMMIT of a unit's or an operation's own code answered with ``status`` (its
+    command tag): a transaction that had failed (the code caught a database error and went
+    on) is answered ROLLBACK, without an error, and its writes are gone; raised as psycopg's
+    is (25P02, :func:`failed_transaction_commit`), rather than let the unit go on to report
+    done. The transaction is ended (rolled back) by then (``COMMIT AND CHAIN``: a new one
+    begun)."""
+    if status == "ROLLBACK":
+        raise asyncpg.InFailedSQLTransactionError(
+            "the transaction had failed (the code caught a database error and went on), so "
+            "its COMMIT rolled everything back: current transaction is aborted"
+        )
+
+
+_INERROR: Final = int(psycopg.pq.TransactionStatus.INERROR)
+
+
+def _failed_commit(cursor: Any, attempt: AttemptRecord, query: Any) -> bool:
+    """Whether a text that commits (``COMMITS``), sent on a psycopg ``cursor`` by the code of
+    ``attempt`` (not drop-in code outside any unit or operation, which keeps psycopg's
+    behaviour), ends a failed transaction: the server will answer its COMMIT with ROLLBACK (see
+    :func:`failed_transaction_commit`). Only a COMMIT statement pays for the question. A text
+    whose first statement is not the COMMIT is refused by the server in a failed transaction
+    (25P02), unless it is a ROLLBACK (``ROLLBACK TO SAVEPOINT``: the transaction goes on
+    sound): that COMMIT is the server's to answer."""
+    if not _own(attempt):
+        return False
+    if cursor.connection.pgconn.transaction_status != _INERROR:
+        return False
+    if isinstance(query, bytes):
+        query = query.decode("utf-8", "replace")
+    elif isinstance(query, sql.Composable):
+        try:
+            query = query.as_string(cursor)
+        except Exception:
+            return False
+    if not isinstance(query, str):
+        return False
+    bare = _uncommented(query) if "/*" in query or "--" in query else query
+    return _COMMITTING.match((query if bare is None else bare).lstrip(_SPACES + ";")) is not None
+
+
+def _refused_after(send: Callable[[], Any]) -> Callable[[], Any]:
+    """``send`` (a COMMIT of a failed transaction, see :func:`_failed_commit`), then 25P02: the
+    COMMIT still goes out, so that it ends the transaction as a COMMIT does."""
+
+    def refused() -> Any:
+        send()
+        raise failed_transaction_commit()
+
+    return refused
+
+
+def _refused_after_async(send: Callable[[], Any]) -> Callable[[], Any]:
+    async def refused() -> Any:
+        await send()
+        raise failed_transaction_commit()
+
+    return refused
+
+
+def _own(attempt: AttemptRecord) -> bool:
+    """Whether ``attempt``, what a statement that commits is sent for, is a unit's or an
+    operation's (not drop-in code's outside them: see :func:`_committing`)."""
+    return attempt is not _NO_ATTEMPT and attempt is not _PARTLY_COMMITTING
 
 
 def _query_verdict(query: Any, context: Any) -> int:
@@ -1236,7 +1324,7 @@ def asyncpg_statement_methods(base: type[Any]) -> dict[str, Callable[..., Any]]:
     """
     methods: dict[str, Callable[..., Any]] = {}
     for name in _ASYNCPG_SENDING:
-        methods[name] = _asyncpg_noting(getattr(base, name))
+        methods[name] = _asyncpg_noting(getattr(base, name), answers=name == "execute")
     for name in _ASYNCPG_WRITING:
         methods[name] = _asyncpg_noting(getattr(base, name), writes=True)
     prepare = base.prepare
@@ -1258,16 +1346,29 @@ def asyncpg_statement_methods(base: type[Any]) -> dict[str, Callable[..., Any]]:
     return methods
 
 
-def _asyncpg_noting(method: Callable[..., Any], *, writes: bool = False) -> Callable[..., Any]:
+def _asyncpg_noting(
+    method: Callable[..., Any], *, writes: bool = False, answers: bool = False
+) -> Callable[..., Any]:
+    """``method`` of the raw asyncpg connection, noting what it sends; ``answers``: it returns
+    the statement's command tag (``execute``), which tells a COMMIT of a failed transaction
+    (see :func:`rolled_back_instead`)."""
+
     async def noted(self: Any, query: str, *args: Any, **kwargs: Any) -> Any:
         verdict = MAY_WRITE | WRITES if writes else _query_verdict(query, None)
         attempt = _asyncpg_noted(self, verdict) if verdict else None
         if attempt is None:
             return await method(self, query, *args, **kwargs)
         token = object()
-        return await _autocommitted_async(
-            attempt, token, lambda: method(self, query, *args, **kwargs), verdict
-        )
+        send = lambda: method(self, query, *args, **kwargs)  # noqa: E731
+        if answers and verdict & COMMITS and _own(attempt):
+
+            async def send_checked() -> Any:
+                status = await method(self, query, *args, **kwargs)
+                rolled_back_instead(status)  # (the last statement's tag: the COMMIT's)
+                return status
+
+            send = send_checked
+        return await _autocommitted_async(attempt, token, send, verdict)
 
     return noted
 
@@ -1307,6 +1408,14 @@ def _statement_noting(method: Callable[..., Any], verdict: int) -> Callable[...,
             return await method(self, *args, **kwargs)
         token = object()
         send = lambda: method(self, *args, **kwargs)  # noqa: E731
+        if verdict & COMMITS and _own(attempt):
+
+            async def send_checked() -> Any:
+                result = await method(self, *args, **kwargs)
+                rolled_back_instead(self.get_statusmsg())  # (SQLAlchemy's COMMIT statement)
+                return result
+
+            send = send_checked
         return await _autocommitted_async(attempt, token, send, verdict)
 
     return noted
