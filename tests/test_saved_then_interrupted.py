@@ -19,6 +19,7 @@ real events (the server shows the statement waiting, the COMMIT returned), not o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import signal
 import sys
@@ -310,6 +311,52 @@ def test_a_sync_dropin_block_that_saved_nothing_is_not_said_to_have_saved(
         sender = signal_once(lambda: _sleeping(pg_server, database), signal.SIGINT)
         with pytest.raises(KeyboardInterrupt) as raised:
             _dropin_block(Sessions, form, statement)
+        sender.join(10)
+        assert _notes(pg_server, database, "x") == 0
+        assert saved_then_interrupted(raised.value) is None
+        assert problem_details(raised.value) is None
+        assert not [e for e in events if e.name == "commit_interrupted"]
+        wait_until_sync(lambda: not _sleeping(pg_server, database), timeout=30)
+    finally:
+        engine.dispose()
+
+
+def _failed_dropin_block(Sessions: rdb.ResilientSession[Session], form: str) -> None:
+    """Drop-in code outside any unit whose block writes, catches a database error and goes
+    on, then commits: the server answers the failed transaction's COMMIT with ROLLBACK."""
+
+    def write_and_fail(session: Session) -> None:
+        session.execute(sa.text("INSERT INTO prune_notes (note) VALUES ('x')"))
+        with contextlib.suppress(sa.exc.DBAPIError):
+            session.execute(sa.text("SELECT 1/0"))
+
+    if form == "Session.begin()":
+        with Sessions.begin() as session:
+            write_and_fail(session)
+    else:
+        with Sessions() as session:
+            write_and_fail(session)
+            session.commit()
+
+
+@pytest.mark.parametrize("form", DROPIN_FORMS[:2])
+def test_a_sync_dropin_block_whose_commit_rolled_back_is_not_said_to_have_saved(
+    pg_server: PostgresServer,
+    database: str,
+    service: str,
+    events: list[rdb.SelfHealEvent],
+    form: str,
+) -> None:
+    """A drop-in block (outside any unit) whose COMMIT ended a failed transaction, answered
+    ROLLBACK (psycopg raises nothing, as plain psycopg), interrupted as its session closes:
+    nothing was saved, so the interruption goes on unmarked and unsaid (it was answered
+    ``saved-then-interrupted``: "do not resubmit" a change that was lost)."""
+    engine = sa.create_engine(pg_server.url(database))
+    try:
+        Sessions = rdb.ResilientSession(engine, service=service, class_=_closing_sync_class(engine))
+        sender = signal_once(lambda: _sleeping(pg_server, database), signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt) as raised:
+            _failed_dropin_block(Sessions, form)
         sender.join(10)
         assert _notes(pg_server, database, "x") == 0
         assert saved_then_interrupted(raised.value) is None
@@ -951,6 +998,51 @@ def assert_not_said(raised: BaseException, events: list[rdb.SelfHealEvent]) -> N
     assert saved_then_interrupted(raised) is None
     assert problem_details(raised) is None
     assert not [e for e in events if e.name == "commit_interrupted"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
+@pytest.mark.parametrize("form", ASYNC_FORMS[:2])
+async def test_an_async_with_block_whose_commit_rolled_back_is_not_said_to_have_saved(
+    pg_server: PostgresServer,
+    database: str,
+    service: str,
+    driver: str,
+    *,
+    form: str,
+    after_commit: list[Callable[[], None]],
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """An ``async with Sessions() as session:`` block (outside any unit) writes, catches a
+    database error and goes on, then commits: the server answers the failed transaction's
+    COMMIT with ROLLBACK (no error, as plain SQLAlchemy), and the task is cancelled as it
+    returns. Nothing was saved: unmarked and unsaid (it was answered
+    ``saved-then-interrupted``: "do not resubmit" a change that was lost)."""
+    engine = create_async_engine(pg_server.url(database, driver=driver))
+    Sessions = rdb.AsyncResilientSession(engine, service=service)
+
+    async def write_and_fail(session: AsyncSession) -> None:
+        await session.execute(sa.text("INSERT INTO prune_notes (note) VALUES ('x')"))
+        with contextlib.suppress(sa.exc.DBAPIError):
+            await session.execute(sa.text("SELECT 1/0"))
+
+    async def work() -> None:
+        async with Sessions() as session:
+            if form == "commit()":
+                await write_and_fail(session)
+                await session.commit()
+            else:
+                async with session.begin():
+                    await write_and_fail(session)
+
+    try:
+        raised = await _cancelled_as_a_commit_returns("cancel", after_commit, work)
+        assert not after_commit  # the COMMIT returned
+        assert engine.pool.checkedout() == 0
+        assert _notes(pg_server, database, "x") == 0
+        assert_not_said(raised, events)
+    finally:
+        await engine.dispose()
 
 
 @pytest.mark.asyncio
