@@ -3163,7 +3163,8 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                             except BaseException as exc:
                                 unanswered_commit(exc, DEFAULT_CLASSIFIER, wrote=True)
                                 raise
-                            note_saved()  # (see psycopg's)
+                            if result != "ROLLBACK":  # (a failed transaction's: nothing saved)
+                                note_saved()  # (see psycopg's)
                             return result
                         if ticket is not None:
                             if ticket.reads_xid:
@@ -3275,7 +3276,9 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                             raise
                         ticket.xid, ticket.incarnation = await cursor.fetchone()
                     ticket.sent = True
-                elif wrote:  # no unit (drop-in use): a lost answer is unknown, not transient
+                elif wrote and self.pgconn.transaction_status != _INERROR:
+                    # no unit (drop-in use): a lost answer is unknown, not transient (a failed
+                    # transaction's COMMIT, answered ROLLBACK, saves nothing: a plain one)
                     try:
                         await base.commit(self)
                     except BaseException as exc:
@@ -3345,7 +3348,9 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                             raise
                         ticket.xid, ticket.incarnation = cursor.fetchone()
                     ticket.sent = True
-                elif wrote:  # no unit (drop-in use): a lost answer is unknown, not transient
+                elif wrote and self.pgconn.transaction_status != _INERROR:
+                    # no unit (drop-in use): a lost answer is unknown, not transient (a failed
+                    # transaction's COMMIT, answered ROLLBACK, saves nothing: a plain one)
                     try:
                         base.commit(self)
                     except BaseException as exc:
