@@ -32,7 +32,7 @@ from typing import Any
 import pybreaker as _pb
 
 from ._classify import debug_failure
-from ._config import Config
+from ._config import Config, ConfigUsers
 from ._errors import CircuitOpenError
 from ._fleet import FAILOVER_WINDOW, FleetDown, attach, detach
 from ._internals import renew_pybreaker_lock
@@ -244,7 +244,7 @@ class Breaker:
         #: (Redis applies each once: one it ran late is not counted again)
         self._unreported: list[tuple[str, bool]] = []
         # the live users whose config= of the code decides the settings (see follow)
-        self._explicit_users: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._users = ConfigUsers()
         self._attach(config)
 
     # -- configuration ---------------------------------------------------------------------
@@ -267,16 +267,12 @@ class Breaker:
         The breaker's lines are said under the configuration it follows: one that changes
         only the logging switches (``SELF_HEALING_LOGGING``, ``SELF_HEALING_LOG_LEVEL``) is
         taken too, its state (an opening, a run of failures) kept."""
-        held = [u for u in self._explicit_users if u is not user]  # others' config=, alive
-        if explicit:
-            self._explicit_users.add(user)
-        else:
-            self._explicit_users.discard(user)
-        if config == self.config:
+        follow, conflicting = self._users.asks(
+            config, self.config, user=user, explicit=explicit, same=_same_breaker_settings
+        )
+        if not follow:
             return
-        if held and not explicit:
-            return  # a config= of the code decides this service's breaker, not the environment
-        if held and breaker_settings(config) != breaker_settings(self.config):
+        if conflicting:
             emit(
                 config,
                 log_breaker,
@@ -1204,6 +1200,10 @@ def breaker_settings(config: Config) -> tuple[Any, ...]:
         config.redis_url,
         config.redis_timeout,
     )
+
+
+def _same_breaker_settings(a: Config, b: Config) -> bool:
+    return breaker_settings(a) == breaker_settings(b)
 
 
 def _settings_text(config: Config) -> str:

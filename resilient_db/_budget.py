@@ -31,11 +31,10 @@ import logging
 import math
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
-from ._config import Config
+from ._config import Config, ConfigUsers
 from ._observability import LineLimit, emit, log_retry, stats_for
 from ._state import STATE, check_service_room
 
@@ -244,7 +243,7 @@ class RetryBudget:
         #: the fleet's figures as Redis last reported them, and when (this budget's clock)
         self._fleet_view: tuple[float, dict[str, Any]] = (-math.inf, {})
         # the live users whose config= of the code decides the settings (see follow)
-        self._explicit_users: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._users = ConfigUsers()
         self._attach(config)
 
     # -- configuration -----------------------------------------------------------------------
@@ -256,17 +255,12 @@ class RetryBudget:
         a ``config=`` lives, the environment's settings don't replace its settings (nor take
         the budget off the Redis it shares, the breaker staying there), and another
         ``config=`` that differs is warned about (the later one is followed)."""
-        with STATE.lock:
-            held = [u for u in self._explicit_users if u is not user]  # others' config=, alive
-            if explicit:
-                self._explicit_users.add(user)
-            else:
-                self._explicit_users.discard(user)
-        if config == self.config:
+        follow, conflicting = self._users.asks(
+            config, self.config, user=user, explicit=explicit, same=_same_budget_settings
+        )
+        if not follow:
             return
-        if held and not explicit:
-            return  # a config= of the code decides this service's budget, not the environment
-        if held and budget_settings(config) != budget_settings(self.config):
+        if conflicting:
             emit(
                 config,
                 log_retry,
@@ -499,6 +493,10 @@ class RetryBudget:
 def budget_settings(config: Config) -> tuple[Any, ...]:
     """What a retry budget takes from a configuration."""
     return (config.retry_budget, config.retry_budget_floor, config.redis_url, config.redis_timeout)
+
+
+def _same_budget_settings(a: Config, b: Config) -> bool:
+    return budget_settings(a) == budget_settings(b)
 
 
 def _settings_text(config: Config) -> str:

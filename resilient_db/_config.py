@@ -16,6 +16,7 @@ import os
 import re
 import threading
 import urllib.parse
+import weakref
 from collections.abc import Callable, Container, Mapping
 from datetime import timedelta
 from typing import Any, Final, Protocol
@@ -546,6 +547,42 @@ def _too_large_for_a_float(value: int | float) -> bool:
 
 #: PostgreSQL's longest name, in bytes (NAMEDATALEN - 1)
 _MAX_NAME_BYTES = 63
+
+
+class ConfigUsers:
+    """The rule a service's one breaker and one retry budget follow when their users (the
+    policies of factories and ``with_self_healing`` calls of the service) ask for different
+    settings: while a user that gave a ``config=`` of the code lives, the environment's
+    settings (a default factory, ``reload_config()``) don't replace its settings, and another
+    ``config=`` that differs is followed (the later one) and warned about by the caller."""
+
+    __slots__ = ("_explicit",)
+
+    def __init__(self) -> None:
+        self._explicit: weakref.WeakSet[Any] = weakref.WeakSet()  # live users with config=
+
+    def asks(
+        self,
+        config: Config,
+        current: Config,
+        *,
+        user: object,
+        explicit: bool,
+        same: Callable[[Config, Config], bool],
+    ) -> tuple[bool, bool]:
+        """``user`` asks for ``config`` (a ``config=`` of the code when ``explicit``) where
+        ``current`` is followed: whether to follow it, and whether that overrides another
+        live user's ``config=`` whose settings differ (``same`` compares the settings that
+        matter: the breaker's, the budget's)."""
+        with STATE.lock:
+            held = any(u is not user for u in self._explicit)  # others' config=, alive
+            if explicit:
+                self._explicit.add(user)
+            else:
+                self._explicit.discard(user)
+        if config == current or (held and not explicit):
+            return False, False  # (the latter: a config= of the code decides, not the env)
+        return True, held and not same(config, current)
 
 
 def role_problem(name: object) -> str | None:
