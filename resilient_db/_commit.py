@@ -1265,6 +1265,13 @@ def _multi_host(url: Any) -> bool:
     return sum(len(str(host).split(",")) for host in listed) > 1
 
 
+def _several_hosts(cparams: dict[str, Any]) -> bool:
+    """Whether an asyncpg connect's arguments list several hosts (``connect_args={"host":
+    [...], "port": [...]}``, or SQLAlchemy's own from a multi-host URL)."""
+    hosts = cparams.get("host")
+    return isinstance(hosts, (list, tuple)) and len(hosts) > 1
+
+
 def connect_outside_units(connect: Callable[..., Awaitable[Any]] | None) -> Any:
     """``connect`` (an asyncpg connect: ``asyncpg.connect`` when None) run with the library's
     context variables that hold a unit's objects cleared (:data:`UNIT_CONTEXT`).
@@ -1967,7 +1974,8 @@ class CommitProtocol:
         self._engine = weakref.ref(engine)
         self._settings = settings  # the engine's hooks: its current config and service name
         self.is_asyncpg = engine.dialect.driver == "asyncpg"
-        #: the URL lists several hosts: each gets a bounded connect (MULTI_HOST_CONNECT_TIMEOUT)
+        #: the URL lists several hosts: each gets a bounded connect (MULTI_HOST_CONNECT_TIMEOUT;
+        #: so does a connect whose ``connect_args`` list them, see _several_hosts)
         self.multi_host = _multi_host(engine.url)
         self._warned = False
         self._missing: str | None = None  # what installed markers lack here (_MISSING_SQL)
@@ -2013,7 +2021,7 @@ class CommitProtocol:
             event.listen(engine, name, listener)
         if self.is_asyncpg:
             event.listen(engine, "do_connect", self._asyncpg_do_connect)
-        elif self.multi_host:  # (a single host's connects pay no listener)
+        else:  # (hosts may come from connect_args too: each connect is looked at)
             event.listen(engine, "do_connect", self._psycopg_do_connect)
 
     def after_fork_in_child(self) -> None:
@@ -2080,7 +2088,9 @@ class CommitProtocol:
             return
         # connected outside the unit's context (see connect_outside_units)
         cparams[ASYNC_CREATOR_KWARG] = connect_outside_units(
-            _connect_host_by_host if self.multi_host and creator is None else creator
+            _connect_host_by_host
+            if creator is None and (self.multi_host or _several_hosts(cparams))
+            else creator
         )
         if creator not in (None, _connect_host_by_host):
             if given is not None and given is not base:
@@ -2093,8 +2103,9 @@ class CommitProtocol:
     def _psycopg_do_connect(
         self, dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]
     ) -> None:
-        """A multi-host URL (``host=a&host=b``: ``"a,b"`` here) whose URL, connect arguments
-        and environment set no ``connect_timeout`` gets :data:`MULTI_HOST_CONNECT_TIMEOUT`:
+        """A multi-host URL (``host=a&host=b``: ``"a,b"`` here; or ``connect_args={"host":
+        "a,b"}``) whose URL, connect arguments and environment set no ``connect_timeout`` gets
+        :data:`MULTI_HOST_CONNECT_TIMEOUT`:
         psycopg tries the hosts one by one, each for that long (its own default is 130 s: a
         first host that accepts TCP and never answers held every connect that long). Not where
         a connection service is named (``service=``, ``PGSERVICE``): libpq reads its
