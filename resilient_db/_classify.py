@@ -737,7 +737,9 @@ def _psycopg_disconnect(err: BaseException, name: str, *, wrapped: bool) -> bool
         return True
     pgconn = getattr(err, "pgconn", None)  # set by psycopg on the errors of a connect
     if pgconn is not None or _raised_connecting(err):
-        return pgconn is None or not _refused_after_authentication(pgconn)
+        return pgconn is None or not (
+            _refused_after_authentication(pgconn) or _option_refused(pgconn)
+        )
     if wrapped and not _passed_through(err, _CONNECTING_MODULES):
         # (while the pool connects or checks out, a listener's statement - the commit
         # markers' set-up - may meet a lost connection that SQLAlchemy 2.0.18 did not take
@@ -817,6 +819,36 @@ def _raised_connecting(err: BaseException) -> bool:
     return any(
         function == "connect" and module.startswith("psycopg") for module, function in _frames(err)
     )
+
+
+#: the values libpq takes for its connect options that pick among the hosts (exact spellings:
+#: it compares them as given), by option
+_LIBPQ_CHOICES: Final = {
+    b"target_session_attrs": (
+        b"any",
+        b"read-write",
+        b"read-only",
+        b"primary",
+        b"standby",
+        b"prefer-standby",
+    ),
+    b"load_balance_hosts": (b"disable", b"random"),
+}
+
+
+def _option_refused(pgconn: Any) -> bool:
+    """Whether the connect whose libpq connection is ``pgconn`` was refused by libpq itself
+    for a value it does not take (``target_session_attrs=read_write``): before any host is
+    tried, on every connect, so retrying can't help (and a breaker opened on it would say the
+    database failed)."""
+    try:
+        for option in pgconn.info:
+            choices = _LIBPQ_CHOICES.get(option.keyword)
+            if choices is not None and option.val and option.val not in choices:
+                return True
+    except Exception:  # a libpq connection that tells nothing: as before, a disconnect
+        return False
+    return False
 
 
 def _refused_after_authentication(pgconn: Any) -> bool:

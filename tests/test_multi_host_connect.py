@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 import resilient_db as rdb
-from resilient_db.testing import EmbeddedPostgres, StandbyPair, free_port
+from resilient_db.testing import EmbeddedPostgres, PostgresServer, StandbyPair, free_port
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
 
@@ -143,3 +143,60 @@ def test_asyncpg_says_how_each_host_failed_a_standby_and_a_closed_port(
     assert f"{closed}: ConnectionRefusedError: " in cause
     assert f"{standby}: TargetServerAttributeNotMatched: " in cause
     assert cause.index(closed) < cause.index(standby)
+
+
+@pytest.mark.parametrize(
+    ("driver", "name", "value"),
+    [
+        ("psycopg", "target_session_attrs", "read_write"),
+        ("psycopg", "load_balance_hosts", "rand"),
+        ("asyncpg", "target_session_attrs", "read_write"),
+    ],
+)
+def test_a_misspelled_host_choice_is_raised_at_once_not_retried_as_an_outage(
+    *,
+    pg_server: PostgresServer,
+    pg_database: str,
+    service: str,
+    driver: str,
+    name: str,
+    value: str,
+) -> None:
+    """A value the driver does not take (``read_write`` for ``read-write``) fails every connect
+    before any host is tried: raised at the first attempt, the breaker left alone. psycopg's
+    error for it (libpq's "invalid target_session_attrs value", no SQLSTATE) was taken for a
+    refused connection: the unit was retried to its deadline, and the breaker opened as for a
+    database that is down. (asyncpg raises its own configuration error, never retried; it takes
+    no ``load_balance_hosts``.)"""
+    here = f"{pg_server.host}:{pg_server.port}"
+    url = sa.make_url(pg_server.url(pg_database, driver=driver)).update_query_dict(
+        {"host": [here, here], name: value}
+    )
+    config = rdb.Config(max_retries=3, failure_threshold=2)
+    if driver == "asyncpg":
+
+        async def run() -> BaseException:
+            engine = create_async_engine(url)
+            factory = rdb.AsyncResilientSession(engine, service=service, config=config)
+            try:
+                with pytest.raises(sa.exc.DBAPIError) as raised:
+                    await factory.run(select_one)
+                return raised.value
+            finally:
+                await engine.dispose()
+
+        error = asyncio.run(run())
+    else:
+        engine = sa.create_engine(url)
+        factory = rdb.ResilientSession(engine, service=service, config=config)
+        try:
+            with pytest.raises(sa.exc.OperationalError) as raised_sync:
+                factory.run(lambda session: session.execute(sa.text("SELECT 1")))
+        finally:
+            engine.dispose()
+        error = raised_sync.value
+    assert value in str(error)
+    assert rdb.classify(error) is rdb.Outcome.NOT_TRANSIENT
+    state = rdb.health()["services"][service]
+    assert state["counters"]["attempts"] == 1, state
+    assert state["breaker"]["state"] == "closed", state
