@@ -842,10 +842,14 @@ def _option_refused(pgconn: Any) -> bool:
     tried, on every connect, so retrying can't help (and a breaker opened on it would say the
     database failed)."""
     try:
+        said = bytes(pgconn.error_message or b"")
         for option in pgconn.info:
             choices = _LIBPQ_CHOICES.get(option.keyword)
+            # libpq's own words name the option too ('invalid target_session_attrs value:
+            # "read_write"'): a value a newer libpq takes, outside the list above, is not
+            # refused for a connect that failed otherwise
             if choices is not None and option.val and option.val not in choices:
-                return True
+                return b"invalid " + option.keyword in said
     except Exception:  # a libpq connection that tells nothing: as before, a disconnect
         return False
     return False
