@@ -293,3 +293,31 @@ def test_the_standbys_refusal_is_retried_a_read_only_transaction_on_the_primary_
     assert calls == [1]
     assert rdb.health()["services"][service]["counters"]["retries_by_class"] == {}
     assert all("hot standby" not in r.getMessage() for r in caplog.records)
+
+
+def test_installing_the_commit_markers_on_a_standby_says_so_and_names_the_primary(
+    pair: StandbyPair,
+) -> None:
+    """A read replica's URL given to the install (or the uninstall): refused with the server's
+    SQLSTATE for it (25006) as before, but naming the standby and the fix, where the server
+    said only "cannot execute CREATE SCHEMA in a read-only transaction". Once the primary's
+    markers have replicated, the install through the standby's Engine has nothing to do."""
+    pair.create_database("markers")
+    standby = sa.create_engine(pair.standby.url("markers"))
+    primary = sa.create_engine(pair.primary.url("markers"))
+    try:
+        for step in (rdb.install_commit_markers, rdb.uninstall_commit_markers):
+            with pytest.raises(sa.exc.DBAPIError) as raised:
+                step(standby)
+            assert getattr(raised.value.orig, "sqlstate", None) == "25006"
+            what = step.__name__.partition("_")[0]
+            assert f"cannot {what} the commit markers in database markers on a hot standby" in str(
+                raised.value.orig
+            )
+            assert "Run it on the primary" in str(raised.value.orig)
+        rdb.install_commit_markers(primary)
+        pair.wait_replayed()
+        rdb.install_commit_markers(standby)  # current there: nothing sent
+    finally:
+        standby.dispose()
+        primary.dispose()
