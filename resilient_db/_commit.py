@@ -65,6 +65,7 @@ import asyncpg
 import psycopg
 from sqlalchemy import event, text
 from sqlalchemy.engine import AdaptedConnection, Connection, Engine
+from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
 from ._classify import (
@@ -163,6 +164,12 @@ _INLINE_MARK: Final = (
 _ALWAYS: Final = ("false", "true")
 #: the function form, which decides on the server (read-only transactions, switched roles)
 _FUNCTION_MARK: Final = f"SELECT {SCHEMA}.mark_commit"
+
+#: set while install_commit_markers runs: the connections it makes are set up at their next
+#: checkout, once the markers are installed (see CommitProtocol.prepare)
+installing: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "resilient_db.installing_markers", default=False
+)
 
 # Keys in the pool's per-connection info.
 _SEEN_KEY: Final = "resilient_db.commit_protocol"  # the connection was made under our hooks
@@ -276,6 +283,21 @@ BEGIN
     END IF;
 END
 $rdb$"""
+#: Runs first in an install and an uninstall: a hot standby (a read replica's URL given by
+#: mistake) refuses them with the server's own SQLSTATE (25006), naming the standby and the
+#: fix, where the server would say only "cannot execute CREATE SCHEMA in a read-only
+#: transaction" (or DROP FUNCTION), which reads as a setting of the caller's transaction.
+_REFUSE_STANDBY_SQL: Final = """DO $rdb$
+BEGIN
+    IF pg_catalog.pg_is_in_recovery() THEN
+        RAISE EXCEPTION USING ERRCODE = '25006',
+            MESSAGE = pg_catalog.format('cannot %s the commit markers in database %s on a hot '
+                'standby (a read replica): nothing can be written there', '{what}',
+                pg_catalog.current_database()),
+            HINT = 'Run it on the primary: the markers replicate to its standbys.';
+    END IF;
+END
+$rdb$"""
 #: what the markers rely on, each named for a message: (what, catalog, owner column, lookup)
 _RELIED_ON: Final = (
     (f"schema {SCHEMA}", "pg_namespace", "nspowner", f"to_regnamespace('{SCHEMA}')"),
@@ -374,6 +396,7 @@ def _install_statements() -> list[str]:
     prune_horizon = _NEWEST_HORIZON_SQL.format(s=s, ms=int(RETENTION * 1000))
     claim_horizon = _NEWEST_HORIZON_SQL.format(s=s, ms=int(CLAIM_HORIZON * 1000))
     return [
+        _REFUSE_STANDBY_SQL.replace("{what}", "install"),
         _REFUSE_NO_CREATE_SQL,
         _REFUSE_PLANTED_SQL,
         _REFUSE_NOT_REPLACEABLE_SQL,
@@ -557,6 +580,7 @@ _MARKERS_STATE = (
 def _uninstall_statements() -> list[str]:
     s = SCHEMA
     return [
+        _REFUSE_STANDBY_SQL.replace("{what}", "uninstall"),
         f"DO $rdb$ BEGIN IF pg_catalog.to_regnamespace('{s}') IS NOT NULL THEN "
         f"REVOKE USAGE ON SCHEMA {s} FROM PUBLIC; END IF; END $rdb$",
         f"DROP FUNCTION IF EXISTS {s}.mark_commit(uuid)",
@@ -595,8 +619,10 @@ def install_commit_markers(bind_or_op: Any) -> None:
     ``bind_or_op``: an ``Engine``, ``Connection`` or ``Session``, or Alembic's ``op`` in a
     migration (for asyncio: ``await conn.run_sync(install_commit_markers)``). Creates schema
     ``resilient_db`` with table ``commit_markers`` and three functions. Connections made after
-    this use the markers; without them units still verify lost COMMIT answers, by transaction id,
-    at one extra round trip per writing unit and with more "unknown" outcomes.
+    this use the markers (the install's own too, and one given to it from its next checkout;
+    a hot standby is refused, SQLSTATE 25006); without them units still verify lost COMMIT
+    answers, by transaction id, at one extra round trip per writing unit and with more
+    "unknown" outcomes.
 
     Given an Engine on which this version is installed already, it sends no DDL (an
     application role may call it at startup without rights to create anything); to repair an
@@ -611,9 +637,41 @@ def install_commit_markers(bind_or_op: Any) -> None:
     """
     from .transitions._install import installed_already  # noqa: PLC0415 (see below)
 
-    if installed_already(bind_or_op, _markers_current):
+    # The install's own connections (an Engine's, whose resilient factory may be made already:
+    # at import, the install run at startup) are set up at their next checkout, not now: what
+    # they would find is what the install is about to change (a "not installed" warning, and a
+    # pooled connection verifying by transaction id for good)
+    token = installing.set(True)
+    try:
+        if installed_already(bind_or_op, _markers_current):
+            return
+        _run_statements(bind_or_op, _install_statements())
+    finally:
+        installing.reset(token)
+    _set_up_again(bind_or_op)
+
+
+def _set_up_again(bind_or_op: Any) -> None:
+    """After an install through a Connection, a Session or Alembic's ``op``: the connection,
+    set up before it (and found without markers, if a resilient factory's engine made it), is
+    set up again at its next checkout, when the install is committed (see
+    ``_unit.set_up_again``). An Engine's connections were not set up during the install."""
+    from ._unit import set_up_again  # noqa: PLC0415 (_unit imports this module)
+
+    if isinstance(bind_or_op, Engine):
         return
-    _run_statements(bind_or_op, _install_statements())
+    target = bind_or_op
+    if not isinstance(target, (Connection, Session)):
+        get_bind = getattr(target, "get_bind", None)
+        if not callable(get_bind) or getattr(
+            getattr(target, "migration_context", None), "as_sql", False
+        ):
+            return  # (offline: no connection)
+        target = get_bind()
+    if isinstance(target, Session):
+        target = target.connection()
+    if isinstance(target, Connection):
+        set_up_again(target)
 
 
 def _markers_current(conn: Connection) -> bool:
@@ -1472,6 +1530,10 @@ def _psycopg_commit_warning(diagnostic: Any) -> None:
         request.warned = request.warned or ticket.wrote
 
 
+#: the driver connections :func:`_listen_for_commit_warnings` added its listener to
+_listening: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
 def _listen_for_commit_warnings(driver: Any) -> None:
     """Add the listener that notes the server's warnings on ``driver``, once per connection
     (its COMMITs read what it noted: one attribute per unit, nothing added or removed per
@@ -1480,6 +1542,9 @@ def _listen_for_commit_warnings(driver: Any) -> None:
     the committing task's context, but hands it the statement the warning came with: the
     connection keeps (statement, warning) in ``_rdb_warned``, and the COMMIT compares the
     statement with the message it sent (a marked message names the unit's own marker)."""
+    if driver in _listening:  # (set up again after an install: see install_commit_markers)
+        return
+    _listening.add(driver)
     if not isinstance(driver, asyncpg.Connection):
         driver.add_notice_handler(_psycopg_commit_warning)
         return
@@ -2178,6 +2243,10 @@ class CommitProtocol:
             return
         driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
         if getattr(driver, "_rdb_mode", None) is not None:
+            return
+        if installing.get():
+            # a connection of install_commit_markers: set up at its next checkout, once the
+            # markers are installed (see install_commit_markers)
             return
         if not self.is_asyncpg and driver.info.transaction_status:  # (IDLE is 0)
             # inside a transaction (a Connection in its caller's transaction, bound to an async

@@ -59,6 +59,7 @@ from ._commit import (
     INSTALLED_AGAIN,
     MARKERS,
     UNMARKED,
+    XID,
     XID_STATUS_ALONE_SQL,
     XID_STATUS_SQL,
     CommitProtocol,
@@ -3283,6 +3284,26 @@ def _asyncpg_notified(fd: int) -> bool:
 # A pool record's probe: (driver's connection, its dead_probe, the prepared driver connection
 # or None: not prepared yet)
 _PROBE_KEY = "resilient_db.dead_probe"
+
+
+def set_up_again(connection: Connection) -> None:
+    """``connection`` (checked out now) was set up for the commit protocol while the markers
+    were missing, and the markers were just installed through it: its next checkout sets it up
+    again (looks for them, prepares the marker statement), instead of verifying by transaction
+    id for as long as it lives. Until then it commits as before. Nothing for a connection of an
+    engine without a resilient factory, or one set up with the markers."""
+    if STATE.engine_hooks.get(connection.engine) is None:
+        return
+    pooled = connection.connection
+    driver: Any = pooled.driver_connection
+    if getattr(driver, "_rdb_mode", None) != XID:
+        return
+    driver._rdb_mode = None
+    probe = pooled.info.get(_PROBE_KEY)
+    if probe is not None:
+        pooled.info[_PROBE_KEY] = (probe[0], probe[1], None)  # (no fast path: see checkout)
+
+
 _FRESH_KEY = "resilient_db.connecting"  # our do_connect ran for the record's connection
 _FD_KEY = "resilient_db.socket_fd"
 _POLL_KEY = "resilient_db.poller"
