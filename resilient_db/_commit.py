@@ -2353,9 +2353,10 @@ class CommitProtocol:
         else:
             what = (
                 "Commit markers are not installed in database %s, or the role this "
-                "application logs in as may not use them: a lost COMMIT answer is verified "
-                "by transaction id, at one extra round trip per writing unit and with more "
-                "unknown outcomes. Run resilient_db.install_commit_markers(engine) once, as "
+                "application logs in as may not use them: units still work and stay correct "
+                "(a lost COMMIT answer is verified by transaction id, never taken for done "
+                "unproven), at one extra round trip per writing unit and with more unknown "
+                "outcomes. Run resilient_db.install_commit_markers(engine) once, as "
                 "the database's owner (or a superuser, or this application's role: only "
                 "markers of those are used), and grant the application's role USAGE on "
                 "schema resilient_db, EXECUTE on its functions and SELECT, INSERT on "
