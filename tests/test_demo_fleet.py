@@ -5,6 +5,7 @@ database; and the usage errors of the new options."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -16,14 +17,21 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+import sqlalchemy as sa
 from processes import alive, read_until, wait_for
 
 import resilient_db
+import resilient_db as rdb
+from resilient_db._breaker import breakers
 from resilient_db._cli import main
-from resilient_db.demo import DemoOptions, run_demo
-from resilient_db.demo._fleet import _Failover
+from resilient_db.demo import SERVICE, DemoOptions, run_demo
+from resilient_db.demo._fleet import FleetDemo, _Failover
+from resilient_db.demo._member import fleet_config
+from resilient_db.demo._view import make_view
 from resilient_db.testing import RedisServer
 
+#: a view that shows nothing (the tests that build a demo without running it)
+VIEW = make_view(out=io.StringIO(), err=io.StringIO(), as_json=True, plain=True)
 FLEET_INVARIANTS = {"every_process_reported", "breaker_shared_by_the_fleet"}
 
 
@@ -345,3 +353,34 @@ def test_the_failover_gap_counts_from_the_moment_the_primary_is_crashed() -> Non
     failover.crash_primary()
     assert failover.crashed_wall is not None
     assert failover.crashed_wall - before < 0.1
+
+
+def test_an_earlier_run_in_the_process_is_not_counted_as_this_runs_openings(
+    redis_server: RedisServer, pg_url: str
+) -> None:
+    # run_demo twice in one process (a script, a notebook): the service's breaker and budget
+    # live as long as the process, and the second report credited p0 (this process) with the
+    # openings of the shared breaker it had caused in the first run: "caused by" did not add up
+    # to the fleet's openings, and breaker_shared_by_the_fleet counted them as this run's
+    environ = {"SELF_HEALING_REDIS_URL": redis_server.url, "SELF_HEALING_RETRY_BUDGET": "0.2"}
+    engine = sa.create_engine(pg_url)
+    try:
+        rdb.ResilientSession(engine, service=SERVICE, config=fleet_config(environ))
+
+        def shared() -> dict[str, Any]:
+            entry = rdb.health()["services"][SERVICE]["breaker"]
+            return cast("dict[str, Any]", entry.get("shared") or {})
+
+        wait_for(lambda: bool(shared().get("connected")), "the link to Redis")
+        breakers()[SERVICE].open()  # the earlier run's opening, caused here
+        wait_for(lambda: shared().get("opened_here") == 1, "the opening to be counted")
+
+        demo = FleetDemo(DemoOptions(seconds=8, processes=2, redis_url=redis_server.url), VIEW)
+        demo.counters_before = demo._counters()  # as its workload starts
+        demo.fleet_opens_before = int(demo._shared_breaker().get("fleet_opens", 0))
+        fleet = demo._fleet_report(demo._counters(), demo._shared_breaker())
+    finally:
+        engine.dispose()
+    assert fleet["breaker_openings"] == 0
+    assert fleet["breaker_opened_by"] == {}  # was {"p0": 1}
+    assert fleet["budget"]["granted"] == fleet["budget"]["exhausted"] == 0
