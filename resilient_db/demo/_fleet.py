@@ -387,6 +387,9 @@ class FleetDemo(Demo):
         self.failover: _Failover | None = None
         self.proxy_roles: dict[int, str] = {}
         self.fleet_opens_before = 0
+        #: p0's own figures an earlier run in this process left (a service's breaker and budget
+        #: live as long as the process): this run's are counted from them
+        self.p0_before = self._p0_figures()
         self.merged = False
 
     # they are served by this process, and count its own units only (each worker process keeps
@@ -510,6 +513,18 @@ class FleetDemo(Demo):
             units_failed=p.units_failed + totals["units_failed"],
             unknown_commits=p.unknown_commits + totals["unknown"],
         )
+
+    def _p0_figures(self) -> dict[str, int]:
+        """This process's openings of the shared breaker and its retry budget's figures, as
+        the service's health shows them (since the process started)."""
+        entry = rdb.health()["services"].get(SERVICE) or {}
+        shared = (entry.get("breaker") or {}).get("shared") or {}
+        budget = entry.get("budget") or {}
+        return {
+            "opened_here": int(shared.get("opened_here", 0)),
+            "granted": int(budget.get("granted", 0)),
+            "exhausted": int(budget.get("exhausted", 0)),
+        }
 
     def _shared_breaker(self) -> dict[str, Any]:
         entry = rdb.health()["services"].get(SERVICE) or {}
@@ -635,7 +650,7 @@ class FleetDemo(Demo):
     def _fleet_report(
         self, counters: Mapping[str, Any], shared: Mapping[str, Any]
     ) -> dict[str, Any]:
-        parent_entry = rdb.health()["services"].get(SERVICE) or {}
+        p0 = {k: max(0, v - self.p0_before.get(k, 0)) for k, v in self._p0_figures().items()}
         members: list[dict[str, Any]] = []
         for member in self.members:
             result = member.result or {}
@@ -664,15 +679,13 @@ class FleetDemo(Demo):
                     "budget_exhausted": int(budget.get("exhausted", 0)),
                 }
             )
-        parent_breaker = parent_entry.get("breaker") or {}
-        parent_budget = parent_entry.get("budget") or {}
         classes = Counter(counters.get("retries_by_class") or {})
         classes.subtract(self.counters_before.get("retries_by_class") or {})
         conflict = classes.get("conflict", 0)
         retries = self._counters_delta(counters, "retries")
         attempts = self._counters_delta(counters, "attempts")
         opened_by = {m["process"]: m["breaker_opened_here"] for m in members}
-        opened_by["p0"] = int((parent_breaker.get("shared") or {}).get("opened_here", 0))
+        opened_by["p0"] = p0["opened_here"]
         return {
             "processes": len(members),
             "redis": mask_url(self.redis_url),
@@ -687,10 +700,8 @@ class FleetDemo(Demo):
                 "first_attempts": attempts - retries,
                 "outage_retries": retries - conflict,
                 "conflict_retries": conflict,
-                "granted": sum(m["budget_granted"] for m in members)
-                + int(parent_budget.get("granted", 0)),
-                "exhausted": sum(m["budget_exhausted"] for m in members)
-                + int(parent_budget.get("exhausted", 0)),
+                "granted": sum(m["budget_granted"] for m in members) + p0["granted"],
+                "exhausted": sum(m["budget_exhausted"] for m in members) + p0["exhausted"],
             },
         }
 
