@@ -166,6 +166,7 @@ def test_the_text_report_shows_the_seed_to_run_the_same_workload_again() -> None
     text = plain_report(report)
     assert "8 workers, 45 s, seed 734120995 (--seed 734120995)" in text
     assert "rdb_demo_" not in text  # nothing kept: not named
+    assert "1 worker, 45 s," in plain_report({**report, "workers": 1})  # (not "1 workers")
 
 
 def test_the_text_report_names_the_database_it_kept() -> None:

@@ -52,7 +52,9 @@ APPLICATION_NAME = "resilient-db-demo"
 #: Service name of the demo's breaker and counters.
 SERVICE = "tasks-demo"
 _DRAIN_SECONDS = 20.0
-#: the shortest workload in which every kind of fault fits
+#: the shortest workload the demo runs: time for the fault schedule to inject the kinds the
+#: ``fault_kinds`` invariant wants (not every kind: at 8-10 s a deadlock or a lost COMMIT
+#: answer may not come round; the default 45 s has them all)
 MIN_SECONDS = 8.0
 #: the longest workload the demo runs (a day): a longer one is a typo, not a demo
 MAX_SECONDS = 86_400.0

@@ -120,7 +120,7 @@ def _figures(report: Mapping[str, Any]) -> list[tuple[str, str]]:
     return [
         ("server", str(report["server"])),
         *_kept(report),
-        ("workload", f"{report['workers']} workers, {report['seconds']:.0f} s{_seed(report)}"),
+        ("workload", f"{_workers(report['workers'])}, {report['seconds']:.0f} s{_seed(report)}"),
         ("units done / failed", f"{report['units_ok']} / {report['units_failed']}"),
         ("units by kind", _pairs(report.get("units_by_kind", {}))),
         ("retries (by class)", f"{report['retries']} ({_pairs(report['retries_by_class'])})"),
@@ -155,6 +155,10 @@ def _kept(report: Mapping[str, Any]) -> list[tuple[str, str]]:
     return [("database", f"{report['database']} (kept: --keep-database)")]
 
 
+def _workers(n: int) -> str:
+    return f"{n} worker" if n == 1 else f"{n} workers"
+
+
 def _seed(report: Mapping[str, Any]) -> str:
     """The run's seed, as ``--seed`` takes it: the same workers' choices again."""
     return f", seed {report['seed']} (--seed {report['seed']})" if "seed" in report else ""
@@ -183,7 +187,7 @@ def _fleet_figures(report: Mapping[str, Any]) -> list[tuple[str, str]]:
         for m in fleet["members"]:
             out.append(
                 (
-                    f"  {m['process']} (pid {m['pid']}, {m['workers']} workers)",
+                    f"  {m['process']} (pid {m['pid']}, {_workers(m['workers'])})",
                     f"{m['units_ok']} units, {m['retries']} retries, breaker opened "
                     f"{m['breaker_opened_here']} / followed {m['breaker_openings_seen']} "
                     f"openings, {m['breaker_rejections']} calls failed fast, budget "
