@@ -74,6 +74,9 @@ _DEFAULT_CODES: Mapping[str, Outcome] = {
     "53300": Outcome.UNAVAILABLE,  # too_many_connections
     "57P01": Outcome.DISCONNECT,  # admin_shutdown (pg_terminate_backend, smart shutdown)
     "57P02": Outcome.DISCONNECT,  # crash_shutdown
+    # idle_session_timeout (PostgreSQL 14+): the server ended a session that sat idle outside
+    # a transaction (a pooled connection unused too long); the next unit on it sent nothing
+    "57P05": Outcome.DISCONNECT,
     # read_only_sql_transaction from a server that takes no writes (a standby, a demoted
     # primary, transactions read-only by default): see refused_by_a_writable_server
     "25006": Outcome.DISCONNECT,
@@ -88,8 +91,13 @@ _DEFAULT_CODES: Mapping[str, Outcome] = {
     "25P03": Outcome.NOT_TRANSIENT,  # idle_in_transaction_session_timeout
     "25P04": Outcome.NOT_TRANSIENT,  # transaction_timeout
 }
-# Any other code of class 08 (connection exception) is a disconnect.
+# Any other code of class 08 (connection exception) is a disconnect, but for 08P01 on an
+# established connection that is not lost (see Classifier.answered_violation).
 _DISCONNECT_CLASS = "08"
+#: protocol_violation: PostgreSQL's ERROR for a message of the client's it could not read (a
+#: NUL byte in a statement's text), the connection sound; also every refusal of PgBouncer's
+#: (FATAL, the connection closed), at connect or later
+PROTOCOL_VIOLATION: Final = "08P01"
 _MAX_CHAIN = 8
 
 
@@ -908,6 +916,23 @@ def _driver_connection_of(err: BaseException) -> Any:
     return None
 
 
+def _connection_lost(err: BaseException) -> bool:
+    """Whether ``err`` is SQLAlchemy's error for a connection it invalidated, or a driver's
+    error whose connection (psycopg's, or asyncpg's, found in its traceback) is lost."""
+    if isinstance(err, sa_exc.DBAPIError):
+        return bool(err.connection_invalidated)
+    conn = _driver_connection_of(err)
+    if conn is None:
+        return False
+    status = getattr(getattr(conn, "pgconn", None), "status", None)
+    if isinstance(status, int):  # psycopg: libpq's state
+        return status != _CONNECTION_OK
+    try:
+        return bool(conn.is_closed())  # asyncpg
+    except Exception:  # a connection that tells nothing: as if sound
+        return False
+
+
 def _psycopg_connection_lost(err: BaseException) -> bool | None:
     """The state of the psycopg connection whose method (or whose cursor's) raised ``err``:
     True when libpq lost it (or it was closed), False when it is sound, None when not found."""
@@ -929,7 +954,8 @@ class Classifier:
 
     @property
     def codes(self) -> Mapping[str, Outcome]:
-        """The explicit SQLSTATE table (class 08 codes not listed are disconnects too)."""
+        """The explicit SQLSTATE table (class 08 codes not listed are disconnects too, but 08P01
+        answered on a sound connection: see :meth:`answered_violation`)."""
         return self._codes
 
     def with_codes(self, codes: Mapping[str, Outcome | str]) -> Classifier:
@@ -982,7 +1008,7 @@ class Classifier:
             outcome = self._codes.get(code)
             if outcome is not None:
                 return outcome
-            if code.startswith(_DISCONNECT_CLASS):
+            if code.startswith(_DISCONNECT_CLASS) and not self.answered_violation(code, exc):
                 return Outcome.DISCONNECT
         if _driver_disconnect(exc) or client_state_broken(exc):
             return Outcome.DISCONNECT
@@ -993,13 +1019,28 @@ class Classifier:
         return self.classify(exc).replayable and not never_replayed(exc)
 
     def is_disconnect_code(self, code: str | None) -> bool:
-        """True for SQLSTATEs after which the connection must not be reused."""
+        """True for SQLSTATEs after which the connection must not be reused. 08P01 included
+        (an error that may not be the server's answer to what was sent: a COMMIT so failed
+        may have committed), although :meth:`classify` takes one answered on a sound
+        connection for no disconnect (:meth:`answered_violation`)."""
         if code is None:
             return False
         outcome = self._codes.get(code)
         if outcome is not None:
             return outcome in (Outcome.DISCONNECT, Outcome.COMMIT_UNKNOWN)
         return code.startswith(_DISCONNECT_CLASS)
+
+    def answered_violation(self, code: str | None, exc: BaseException) -> bool:
+        """Whether ``exc``, of SQLSTATE ``code``, is 08P01 (protocol_violation) that the
+        server answered on an established connection that is still sound, the table saying
+        nothing of it: the server could not read a message of the client's (a NUL byte in a
+        statement's text), and the same statement meets the same error again. Not transient,
+        and no reason to replace the pool. 08P01 raised while connecting, or whose connection
+        is lost (a FATAL one: PgBouncer's refusals, a message out of step) stays a
+        disconnect."""
+        if code != PROTOCOL_VIOLATION or code in self._codes:
+            return False
+        return not any(_connecting(err) or _connection_lost(err) for err in error_chain(exc))
 
     def __repr__(self) -> str:
         return f"Classifier({dict(self._codes)!r})"

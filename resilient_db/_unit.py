@@ -2665,7 +2665,12 @@ class EngineHooks:
         code = sqlstate_of(original)  # psycopg 3, asyncpg, psycopg2 and pg8000 alike
         if code == READ_ONLY_SQLSTATE and refused_by_a_writable_server(ctx.connection, original):
             code = None  # a read-only transaction of the application's on a primary: its bug
-        if code is not None and self.classifier.is_disconnect_code(code) and not ctx.is_disconnect:
+        if (
+            code is not None
+            and self.classifier.is_disconnect_code(code)
+            and not ctx.is_disconnect
+            and not self.classifier.answered_violation(code, original)
+        ):
             # e.g. 57P01 after pg_terminate_backend, 25006 on a demoted primary: the connection
             # (and the pool's other connections, made before this moment) must not be reused.
             ctx.is_disconnect = True

@@ -57,9 +57,12 @@ TRANSIENT = {
     "57P03": rdb.Outcome.UNAVAILABLE,
     "53300": rdb.Outcome.UNAVAILABLE,
     "57P01": rdb.Outcome.DISCONNECT,
+    "57P05": rdb.Outcome.DISCONNECT,  # idle_session_timeout
     "08006": rdb.Outcome.DISCONNECT,
 }
-NOT_TRANSIENT = ["23505", "22012", "42P01", "P0001", "57014", "25006"]
+#: 08P01 (protocol_violation) answered on a sound connection: the server could not read the
+#: client's message (test_classify_server_codes.py meets it for real)
+NOT_TRANSIENT = ["23505", "22012", "42P01", "P0001", "57014", "25006", "08P01"]
 
 
 class FakeClock:
