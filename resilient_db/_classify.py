@@ -916,6 +916,16 @@ def _driver_connection_of(err: BaseException) -> Any:
     return None
 
 
+def _ends_session(err: BaseException) -> bool:
+    """Whether ``err`` is a server error of severity FATAL or PANIC (the server ends the
+    session with it), whatever the driver has noticed of the connection yet."""
+    diag = getattr(err, "diag", None)  # psycopg
+    severity = getattr(diag, "severity_nonlocalized", None) if diag is not None else None
+    if severity is None:
+        severity = getattr(err, "severity_en", None) or getattr(err, "severity", None)  # asyncpg
+    return isinstance(severity, str) and severity.upper() in ("FATAL", "PANIC")
+
+
 def _connection_lost(err: BaseException) -> bool:
     """Whether ``err`` is SQLAlchemy's error for a connection it invalidated, or a driver's
     error whose connection (psycopg's, or asyncpg's, found in its traceback) is lost."""
@@ -1040,7 +1050,10 @@ class Classifier:
         disconnect."""
         if code != PROTOCOL_VIOLATION or code in self._codes:
             return False
-        return not any(_connecting(err) or _connection_lost(err) for err in error_chain(exc))
+        return not any(
+            _connecting(err) or _ends_session(err) or _connection_lost(err)
+            for err in error_chain(exc)
+        )
 
     def __repr__(self) -> str:
         return f"Classifier({dict(self._codes)!r})"
