@@ -125,13 +125,16 @@ def run_unit(
     during: Callable[[StandbyPair], None] | None = None,
     config: rdb.Config = CONFIG,
     level: str | None = None,
+    midway: bool = False,
 ) -> Outcome:
     """One unit writing ``key``, on the pair's multi-host URL. ``cut_short``: its COMMIT's wait
     for the standby is cut short: asyncpg's ``command_timeout=1`` cancels it; psycopg's
     backend, seen waiting in ``SyncRep``, is terminated. ``sleep``: the factory's backoff.
     ``during``: run in a thread of its own while the unit runs (any driver). ``level``: the
     unit's own ``SET LOCAL synchronous_commit``. ``driver``
-    "psycopg_async": psycopg's ``AsyncConnection`` under an ``AsyncResilientSession``."""
+    "psycopg_async": psycopg's ``AsyncConnection`` under an ``AsyncResilientSession``.
+    ``midway``: the unit commits its write itself (``session.commit()``), then only reads: its
+    own COMMIT is the one that waits for the standby (its final one writes nothing)."""
     outcome = Outcome()
     service = f"syncrep-{next(_services)}"
     if during is not None:
@@ -144,6 +147,9 @@ def run_unit(
             if level is not None:
                 await session.execute(sa.text(f"SET LOCAL synchronous_commit = {level}"))
             await session.execute(INSERT, {"key": key})
+            if midway:
+                await session.commit()
+                await session.execute(sa.text("SELECT 1"))
 
         async def asleep(seconds: float) -> None:
             await asyncio.to_thread(sleep, seconds)
@@ -172,6 +178,9 @@ def run_unit(
         if level is not None:
             session.execute(sa.text(f"SET LOCAL synchronous_commit = {level}"))
         session.execute(INSERT, {"key": key})
+        if midway:
+            session.commit()
+            session.execute(sa.text("SELECT 1"))
 
     engine = sa.create_engine(pair.url(DATABASE))
     factory = rdb.ResilientSession(engine, service=service, config=config, sleep=sleep)
@@ -828,3 +837,213 @@ def test_a_read_write_split_onto_a_hot_standby_prunes_on_the_primary_only(
     rows = ledger(pair)
     assert rows.pop("first") == 1
     assert set(rows.values()) == {1}  # each unit once
+
+
+#: every driver's own COMMIT (psycopg's sync and async connection, asyncpg), with the markers
+MIDWAY_CASES = ["psycopg", "asyncpg", "psycopg_async"]
+
+
+@pytest.mark.parametrize("driver", MIDWAY_CASES)
+def test_a_cancelled_wait_of_a_units_own_commit_midway_is_not_done_on_its_answer(
+    pg_standby_factory: Callable[..., StandbyPair], driver: str
+) -> None:
+    """The unit commits its write itself (``session.commit()`` midway), then only reads. The
+    standby is down; that COMMIT's wait for it is cancelled (``pg_cancel_backend``): answered
+    with success and the WARNING "committed locally, but might not have been replicated".
+    That answer was taken for done: the unit went on and reported done, and a failover lost
+    its write. Now it is checked on a new connection as the unit's final COMMIT is: unknown
+    while the standby is down (not replayed); once the standby confirms the check, the unit
+    goes on and is done, and the failover keeps the write."""
+    pair = pg_standby_factory(synchronous=True)
+    prepare(pair, MARKERS)
+    cancelled = run_unit(
+        pair,
+        driver,
+        "cancelled",
+        cut_short=False,
+        sleep=no_sleep,
+        during=cancel_the_waiting_commit,
+        midway=True,
+    )
+    assert isinstance(cancelled.error, rdb.CommitOutcomeUnknownError), (
+        f"a unit whose own COMMIT midway was answered with a cancelled wait's warning was "
+        f"reported as {cancelled.error!r} (None: done), not unknown"
+    )
+    assert "not proven replicated" in str(cancelled.error)
+    assert cancelled.calls == 1, "replayed after a COMMIT that was applied on the primary"
+
+    start_the_standby = AtTheFirstBackoff(pair.start)
+    proven = run_unit(
+        pair,
+        driver,
+        "proven",
+        cut_short=False,
+        sleep=start_the_standby,
+        during=cancel_the_waiting_commit,
+        midway=True,
+    )
+    fail_over(pair)  # at once: nothing else reaches the standby first
+    assert proven.done, proven.error
+    assert proven.calls == 1, "replayed after a COMMIT that was applied"
+    assert start_the_standby.backoffs, "went on on the COMMIT's own answer, before the proof"
+    rows = ledger(pair)
+    assert rows.get("proven") == 1, rows  # reported done: on the new primary
+    assert rows.get("cancelled", 0) <= 1, rows  # unknown: either, never twice
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+def test_a_cancelled_wait_of_a_units_own_commit_midway_then_a_failover_runs_it_again(
+    pg_standby_factory: Callable[..., StandbyPair], driver: str
+) -> None:
+    """The unit's own COMMIT midway, the first thing it commits, was answered with the
+    cancelled wait's warning; its first check could not prove it (the standby is down), and
+    before the next the primary dies and the standby is promoted. The next check reaches the
+    new primary, which never had the write (the claim's fence goes in): nothing of the unit
+    is committed there, so the whole unit is run again there, once."""
+    pair = pg_standby_factory(synchronous=True)
+    prepare(pair, MARKERS)
+    fail_over_at_the_first_backoff = AtTheFirstBackoff(lambda: fail_over(pair))
+    out = run_unit(
+        pair,
+        driver,
+        "lost",
+        cut_short=False,
+        sleep=fail_over_at_the_first_backoff,
+        during=cancel_the_waiting_commit,
+        midway=True,
+    )
+    assert fail_over_at_the_first_backoff.backoffs, "went on on the COMMIT's own answer"
+    assert out.done, out.error
+    assert out.calls == 2, "not run again on the new primary"
+    assert ledger(pair) == {"lost": 1}
+
+
+@pytest.mark.parametrize(("driver", "mode"), WARNED_CASES)
+def test_another_warning_at_a_units_own_commit_midway_costs_a_check_never_a_wrong_outcome(
+    pg_url: str, pg_async_url: str, caplog: pytest.LogCaptureFixture, driver: str, mode: str
+) -> None:
+    """No replication; a deferred trigger's WARNING comes with the unit's own COMMIT midway
+    (``session.commit()``, then a second write committed at the unit's end). With the markers
+    that COMMIT carries one: the check finds it committed, the unit goes on and is done, once.
+    Without them nothing a check could find was sent: the warning can't be told from a
+    cancelled wait's, so the unit ends unknown (never done on it), not replayed."""
+    engine = sa.create_engine(pg_url)
+    with engine.begin() as conn:
+        create_a_warning_ledger(conn)
+        conn.execute(sa.text("CREATE TABLE after (key text NOT NULL)"))
+    if mode == MARKERS:
+        rdb.install_commit_markers(engine)
+    engine.dispose()
+    calls: list[int] = []
+    after = sa.text("INSERT INTO after (key) VALUES ('second')")
+    error: BaseException | None = None
+    with caplog.at_level(logging.WARNING, logger="resilient_db"):
+        if driver == "psycopg":
+            factory = rdb.ResilientSession(
+                sa.create_engine(pg_url), service="warned-midway", config=CONFIG, sleep=no_sleep
+            )
+
+            def write(session: Any) -> None:
+                calls.append(1)
+                session.execute(INSERT, {"key": "k"})
+                session.commit()
+                session.execute(after)
+
+            try:
+                factory.run(write)
+            except Exception as exc:
+                error = exc
+            factory.engine.dispose()
+        else:
+            url = pg_async_url if driver == "asyncpg" else pg_url
+
+            async def main() -> BaseException | None:
+                engine = create_async_engine(url)
+                factory = rdb.AsyncResilientSession(engine, service="warned-midway", config=CONFIG)
+
+                async def write(session: Any) -> None:
+                    calls.append(1)
+                    await session.execute(INSERT, {"key": "k"})
+                    await session.commit()
+                    await session.execute(after)
+
+                try:
+                    await factory.run(write)
+                except Exception as exc:
+                    return exc
+                finally:
+                    await engine.dispose()
+                return None
+
+            error = asyncio.run(main())
+    assert calls == [1]
+    messages = [r.getMessage() for r in caplog.records]
+    engine = sa.create_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            first = conn.execute(sa.text("SELECT count(*) FROM ledger")).scalar()
+            second = conn.execute(sa.text("SELECT count(*) FROM after")).scalar()
+    finally:
+        engine.dispose()
+    assert first == 1
+    if mode == MARKERS:
+        assert error is None, error
+        verified = [m for m in messages if "Commit outcome verified" in m]
+        assert len(verified) == 1, verified
+        assert "deferred check" in verified[0], verified
+        assert second == 1
+    else:
+        assert isinstance(error, rdb.CommitOutcomeUnknownError), (
+            f"a unit whose own COMMIT midway was answered with a warning no check could settle "
+            f"was reported as {error!r} (None: done), not unknown"
+        )
+        assert "deferred check" in str(error)
+        assert second == 0  # it did not go on
+
+
+def test_a_warning_at_a_units_own_commit_midway_on_another_database_is_checked_there(
+    pg_server: PostgresServer, pg_database: str
+) -> None:
+    """The unit's own COMMIT midway goes to a database that is not its factory's (binds=),
+    and a deferred trigger's WARNING comes with it. Its check must claim the marker where
+    the COMMIT went: claimed in the factory's database, the marker would be missing there
+    (fenced), and the unit, committed, run again, writing its row twice."""
+    other = f"{pg_database}_b"
+    pg_server.create_database(other)
+    main = sa.create_engine(pg_server.url(pg_database))
+    second = sa.create_engine(pg_server.url(other))
+    try:
+        with second.begin() as conn:
+            create_a_warning_ledger(conn)
+        for engine in (main, second):
+            rdb.install_commit_markers(engine)
+
+        class Second(DeclarativeBase):
+            pass
+
+        class SecondRow(Second):
+            __tablename__ = "ledger"
+            key: Mapped[str] = mapped_column(primary_key=True)
+
+        factory = rdb.ResilientSession(
+            main,
+            service="midway-elsewhere",
+            config=CONFIG,
+            sleep=no_sleep,
+            binds={SecondRow: second},
+        )
+        calls: list[int] = []
+
+        def write(session: Any) -> None:
+            calls.append(1)
+            session.add(SecondRow(key="b"))
+            session.commit()
+
+        factory.run(write)
+        assert calls == [1], "run again after a COMMIT that was applied"
+        with second.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM ledger")).scalar() == 1
+    finally:
+        main.dispose()
+        second.dispose()
+        pg_server.drop_database(other)
