@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
-from scenarios import assert_unknown_outcome
+from scenarios import assert_unknown_outcome, held_and_released
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
@@ -227,3 +227,126 @@ def test_a_commit_sent_on_the_drivers_own_connection_outside_a_unit_is_an_unknow
     assert written(proxied, "raw") == 1
     assert rdb.classify(raised.value) is rdb.Outcome.COMMIT_UNKNOWN
     assert not rdb.is_transient(raised.value)
+
+
+def verified(service: str, what: str) -> int:
+    return int(rdb.health()["services"][service]["counters"][what])
+
+
+def assert_partly_committed_not_unknown(exc: BaseException) -> None:
+    """``exc`` is a lost connection of an attempt known to have committed part of its work:
+    not an unknown outcome, not transient, answered 500 ``partly-committed``."""
+    assert rdb.classify(exc) is rdb.Outcome.DISCONNECT
+    assert not rdb.is_transient(exc)
+    problem = problem_details(exc)
+    assert problem is not None
+    assert (problem.status, problem.body["type"]) == (
+        500,
+        "urn:resilient-db:problem:partly-committed",
+    )
+
+
+def test_a_units_own_commit_midway_whose_answer_is_lost_and_committed_is_partly_committed(
+    proxied: sa.Engine, fault_proxy: FaultProxy, service: str
+) -> None:
+    """The unit's own ``session.commit()`` midway loses its answer; it committed. It was an
+    unknown outcome (``COMMIT_UNKNOWN``, counted) although its marker's claim can tell: now
+    the check finds it committed, and the error is the partly committed attempt's (outcome
+    known), never replayed."""
+    Sessions = rdb.ResilientSession(proxied, service=service)
+    calls: list[int] = []
+
+    def unit(session: Session) -> None:
+        calls.append(1)
+        session.execute(sa.insert(NOTES).values(who="first part"))
+        fault_proxy.lose_commit_answer()
+        session.commit()
+        session.execute(sa.insert(NOTES).values(who="second part"))
+
+    with pytest.raises(sa.exc.DBAPIError) as raised:
+        Sessions.run(unit)
+    assert fault_proxy.commits_lost == 1
+    assert calls == [1]
+    assert written(proxied, "first part") == 1
+    assert written(proxied, "second part") == 0
+    assert_partly_committed_not_unknown(raised.value)
+    assert unknown_commits(service) == 0
+    assert verified(service, "verified_commits") == 1
+
+
+def test_a_units_own_commit_midway_whose_answer_is_lost_and_not_committed_is_replayed(
+    proxied: sa.Engine, fault_proxy: FaultProxy, service: str
+) -> None:
+    """The unit's own ``session.commit()`` midway, the first thing it commits, never reaches
+    the server (the proxy swallows it; the server rolls it back when the connection is cut).
+    It was an unknown outcome; now the marker's claim proves it not committed (its fence goes
+    in), and the whole unit is replayed, once: done, every row written once."""
+    Sessions = rdb.ResilientSession(proxied, service=service)
+    calls: list[int] = []
+
+    def unit(session: Session) -> None:
+        calls.append(1)
+        session.execute(sa.insert(NOTES).values(who="first part"))
+        if len(calls) == 1:
+            fault_proxy.swallow_commit()
+            releaser = held_and_released(fault_proxy)
+            try:
+                session.commit()
+            finally:
+                releaser.join(15)
+        else:
+            session.commit()
+        session.execute(sa.insert(NOTES).values(who="second part"))
+
+    Sessions.run(unit)
+    assert fault_proxy.commits_swallowed == 1
+    assert calls == [1, 1]
+    assert written(proxied, "first part") == 1
+    assert written(proxied, "second part") == 1
+    assert unknown_commits(service) == 0
+    assert verified(service, "verified_not_committed") == 1
+
+
+@pytest.mark.asyncio
+async def test_an_async_units_own_commit_midway_whose_answer_is_lost_is_settled(
+    async_proxied: AsyncEngine, proxied: sa.Engine, fault_proxy: FaultProxy, service: str
+) -> None:
+    """Both cases of the two tests above on the async drivers: a lost answer of a committed
+    own COMMIT midway is partly committed (known), one that never reached the server is
+    replayed."""
+    Sessions = rdb.AsyncResilientSession(async_proxied, service=service)
+    calls: list[str] = []
+
+    async def committed(session: AsyncSession) -> None:
+        calls.append("committed")
+        await session.execute(sa.insert(NOTES).values(who="committed"))
+        fault_proxy.lose_commit_answer()
+        await session.commit()
+        await session.execute(sa.insert(NOTES).values(who="after committed"))
+
+    with pytest.raises(sa.exc.DBAPIError) as raised:
+        await Sessions.run(committed)
+    assert calls == ["committed"]
+    assert written(proxied, "committed") == 1
+    assert written(proxied, "after committed") == 0
+    assert_partly_committed_not_unknown(raised.value)
+
+    async def swallowed(session: AsyncSession) -> None:
+        calls.append("swallowed")
+        await session.execute(sa.insert(NOTES).values(who="swallowed"))
+        if calls.count("swallowed") == 1:
+            fault_proxy.swallow_commit()
+            releaser = held_and_released(fault_proxy)
+            await session.commit()
+            releaser.join(15)
+        else:
+            await session.commit()
+        await session.execute(sa.insert(NOTES).values(who="after swallowed"))
+
+    await Sessions.run(swallowed)
+    assert calls.count("swallowed") == 2
+    assert written(proxied, "swallowed") == 1
+    assert written(proxied, "after swallowed") == 1
+    assert unknown_commits(service) == 0
+    assert verified(service, "verified_commits") == 1
+    assert verified(service, "verified_not_committed") == 1
