@@ -920,7 +920,13 @@ def test_a_cancelled_wait_of_a_units_own_commit_midway_then_a_failover_runs_it_a
 
 @pytest.mark.parametrize(("driver", "mode"), WARNED_CASES)
 def test_another_warning_at_a_units_own_commit_midway_costs_a_check_never_a_wrong_outcome(
-    pg_url: str, pg_async_url: str, caplog: pytest.LogCaptureFixture, driver: str, mode: str
+    pg_url: str,
+    pg_async_url: str,
+    caplog: pytest.LogCaptureFixture,
+    *,
+    service: str,
+    driver: str,
+    mode: str,
 ) -> None:
     """No replication; a deferred trigger's WARNING comes with the unit's own COMMIT midway
     (``session.commit()``, then a second write committed at the unit's end). With the markers
@@ -940,7 +946,7 @@ def test_another_warning_at_a_units_own_commit_midway_costs_a_check_never_a_wron
     with caplog.at_level(logging.WARNING, logger="resilient_db"):
         if driver == "psycopg":
             factory = rdb.ResilientSession(
-                sa.create_engine(pg_url), service="warned-midway", config=CONFIG, sleep=no_sleep
+                sa.create_engine(pg_url), service=service, config=CONFIG, sleep=no_sleep
             )
 
             def write(session: Any) -> None:
@@ -959,7 +965,7 @@ def test_another_warning_at_a_units_own_commit_midway_costs_a_check_never_a_wron
 
             async def main() -> BaseException | None:
                 engine = create_async_engine(url)
-                factory = rdb.AsyncResilientSession(engine, service="warned-midway", config=CONFIG)
+                factory = rdb.AsyncResilientSession(engine, service=service, config=CONFIG)
 
                 async def write(session: Any) -> None:
                     calls.append(1)
@@ -999,6 +1005,8 @@ def test_another_warning_at_a_units_own_commit_midway_costs_a_check_never_a_wron
         )
         assert "deferred check" in str(error)
         assert second == 0  # it did not go on
+    counters = rdb.health()["services"][service]["counters"]
+    assert counters["unknown_commits"] == (0 if mode == MARKERS else 1), counters
 
 
 def test_a_warning_at_a_units_own_commit_midway_on_another_database_is_checked_there(
