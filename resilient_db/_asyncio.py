@@ -30,8 +30,15 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
 )
 
-from ._classify import Classifier, debug_failure
-from ._commit import AttemptRecord, CommitProtocol, CommitRequest, CommitTicket, prune
+from ._classify import Classifier, commit_answer_settled, debug_failure
+from ._commit import (
+    AttemptRecord,
+    CommitProtocol,
+    CommitRequest,
+    CommitTicket,
+    UnprovenCommit,
+    prune,
+)
 from ._config import Config
 from ._errands import Errand, LookFailed, NotStarted, Sweep, start_thread
 from ._errors import TransactionStateError
@@ -188,6 +195,8 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             # holds the policy, which would keep the factory and its engine alive.)
             self.policy.sleep = _greenlet_sleep(asleep)
             self.policy.offload = _greenlet_offload
+            # how its units' own COMMITs midway are settled (weakly: see above)
+            self.policy.own_commits = (True, weakref.WeakMethod(self._settle_own_commit))
             _note_async_blocks(self.class_)
             # (how a unit of each session class ends is kept, see _Ends: that of this
             # factory's class goes with the factory, not kept for good)
@@ -195,6 +204,8 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         else:  # sync only
             # the class is this factory's own (made above): its sessions name us
             register_class(self.class_, self)
+            # how its units' own COMMITs midway are settled (weakly, as the async one's)
+            self.policy.own_commits = (False, weakref.WeakMethod(self._settle_own_commit))
             # and its drop-in ``with`` blocks note what they commit (see there)
             _note_with_blocks(self.class_)
             # and, where your class picks the engines, hook each one it picks (see there;
@@ -793,6 +804,58 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                     return None, None
                 await self._asleep(min(PREPARE_POLL, left))
         return None, last
+
+    async def _settle_own_commit(
+        self,
+        attempt: AttemptRecord,
+        ticket: CommitTicket,
+        committed_before: bool,
+        lost: Exception | None = None,
+    ) -> None:
+        """A COMMIT the unit's own code sent midway (``session.commit()`` in the unit) was
+        answered with success *and a WARNING* (``ticket.warned``: a cancelled wait for the
+        synchronous standby, committed on the primary only). Called by the marked connection
+        before that COMMIT returns to the unit's code: settled as the unit's final COMMIT so
+        answered is (see ``UnprovenCommit``), by the marker's claim on a new connection. Proven
+        (committed, and confirmed by the synchronous standby where replication is in effect),
+        it returns and the unit goes on. Found not committed where the check looks (a failover
+        to a server that never had it): ``UnprovenCommit`` is raised, and the attempt is
+        replayed when nothing else of it committed before (``committed_before``), partly
+        committed otherwise. Else ``CommitOutcomeUnknownError`` (never replayed). A ticket
+        without a marker (``UNMARKED``: no markers installed) can't be proven: unknown.
+
+        ``lost``: that COMMIT's answer was lost instead (the driver's error, marked an unknown
+        outcome), and the caller raises it on. Found committed, it is a lost connection of an
+        attempt that committed part of its work (partly committed, never replayed); found not
+        committed, a lost connection (the attempt replayed when nothing else of it
+        committed); otherwise it stays an unknown outcome, as the engine's hooks say it."""
+        exc: Exception = UnprovenCommit(str(ticket.warned)) if lost is None else lost
+        request = CommitRequest()
+        request.tickets.append(ticket)
+        request.committing = True
+        referee = self._referee
+        verdict = referee.known(request, ticket)
+        if verdict is None:
+            try:
+                verdict = await self._verify_commit(ticket)
+            except BaseException as interruption:  # (its errors are verdicts)
+                referee.interrupted(request, interruption, verifying=True)
+                raise
+        if lost is not None:
+            if verdict not in (CommitVerdict.COMMITTED, CommitVerdict.ABORTED):
+                return  # unknown: said and counted as such (see EngineHooks.handle_error)
+            referee.settle(ticket, verdict, exc, request)  # (said: committed or not)
+            commit_answer_settled(lost)
+            if verdict is CommitVerdict.COMMITTED:
+                attempt.committed = True
+            elif not committed_before:
+                attempt.committed = False
+            return
+        if referee.settle(ticket, verdict, exc, request):
+            return
+        if not committed_before:  # nothing of the attempt is committed where it runs now
+            attempt.committed = False
+        raise exc
 
     async def _verify_commit(self, ticket: CommitTicket) -> CommitVerdict:
         """Settle a lost COMMIT answer on a new connection, reconnecting with backoff."""

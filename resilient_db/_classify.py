@@ -196,6 +196,19 @@ def mark_commit_unanswered(exc: BaseException) -> None:
         setattr(exc, _COMMIT_UNANSWERED, True)
 
 
+def commit_left_unanswered(exc: BaseException) -> bool:
+    """Whether :func:`mark_commit_unanswered` marked ``exc``."""
+    return bool(getattr(exc, _COMMIT_UNANSWERED, False))
+
+
+def commit_answer_settled(exc: BaseException) -> None:
+    """The lost answer of the COMMIT ``exc`` (marked by :func:`mark_commit_unanswered`) was
+    settled: a check found what became of it, so its outcome is known, and ``exc`` is
+    classified as what it is (a lost connection)."""
+    with contextlib.suppress(AttributeError, TypeError):
+        delattr(exc, _COMMIT_UNANSWERED)
+
+
 def interrupted_commit(exc: BaseException) -> bool:
     """Whether ``exc`` is an interruption (a cancellation, ``KeyboardInterrupt``,
     ``SystemExit``: no ``Exception``) that :func:`mark_commit_unanswered` marked: it cut off a

@@ -49,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import logging
 import operator
 import os
@@ -73,6 +74,7 @@ from ._classify import (
     Classifier,
     Outcome,
     answered,
+    commit_left_unanswered,
     debug_failure,
     host_address,
     mark_hosts_failed,
@@ -1523,6 +1525,9 @@ def _psycopg_commit_warning(diagnostic: Any) -> None:
         return
     request = current_request.get()
     if request is None or not request.tickets:
+        own = _own_ticket.get()  # a unit's own COMMIT midway (see _settled_own_commit)
+        if own is not None and own.sent and not own.done:
+            own.warned = f"{diagnostic.sqlstate}: {diagnostic.message_primary}"
         return
     ticket = request.tickets[-1]
     if ticket.sent and not ticket.done:
@@ -1731,6 +1736,7 @@ class _ReplayPolicy(Protocol):
     service: str
     breaker: Any  # the circuit breaker that admits its attempts (None: none)
     admitted_through: Any  # the one that admitted the attempt they are part of, if any
+    own_commits: Any  # how its code's own COMMITs midway are settled (None: not)
 
     def partly_committed(self, exc: BaseException) -> None: ...
 
@@ -1806,6 +1812,20 @@ class AttemptRecord:
     @property
     def unreplayable(self) -> bool:
         return self.committed or self.autocommitting is not None or self.prepared > 0
+
+    @property
+    def settles_own_commits(self) -> bool:
+        """Whether the COMMITs its code sends midway are settled as the final one's (a unit's
+        attempt: see ``Policy.own_commits``)."""
+        return self._policy.own_commits is not None
+
+    def own_commit_settler(self, *, is_async: bool) -> Any:
+        """The factory's ``_settle_own_commit`` (a coroutine function when ``is_async``), or
+        None (the factory is gone, or it is of the other kind)."""
+        own = self._policy.own_commits
+        if own is None or own[0] is not is_async:
+            return None
+        return own[1]()
 
     def __enter__(self) -> AttemptRecord:
         self.enclosing = current_attempt.get()
@@ -3088,8 +3108,11 @@ def _commit_plan(driver: Any) -> tuple[CommitTicket | None, str | None, AttemptR
     driver._rdb_may_write = False
     request = current_request.get()
     if request is None:
+        attempt = current_attempt.get()
+        if may_write and attempt is not None and attempt.settles_own_commits:
+            return _own_plan(driver, attempt)  # a unit's own COMMIT midway
         driver._rdb_writes = False  # (no unit: a plain COMMIT)
-        return None, None, current_attempt.get()
+        return None, None, attempt
     if not may_write:  # proven read-only: nothing to verify
         request.tickets.append(_READ_ONLY)
         return _READ_ONLY, None, None
@@ -3132,6 +3155,166 @@ def _commit_plan(driver: Any) -> tuple[CommitTicket | None, str | None, AttemptR
     ticket = CommitTicket(XID, reads_xid=True, assign_xid=notifies or writes, driver=driver)
     request.tickets.append(ticket)
     return ticket, None, None
+
+
+def _own_plan(
+    driver: Any, attempt: AttemptRecord
+) -> tuple[CommitTicket, str | None, AttemptRecord]:
+    """The plan of a COMMIT that a unit's own code sends midway (``session.commit()`` inside
+    the unit) of a transaction that may have written: a ticket of its own, not the unit's
+    request's, and with the markers the marker in its message, as the final COMMIT carries
+    one (no round trip more). Its answer is taken as it comes unless it is answered with a
+    WARNING: then it is settled as the final COMMIT's would be (see
+    :func:`_settled_own_commit`). Elsewhere (no markers, a transaction that may be read-only,
+    a standby, a connection whose engine the attempt did not see begin: a session of another
+    class than the factory's) its ticket carries nothing a check could find (``UNMARKED``):
+    such an answer ends unknown, never done. The check goes to the engine the transaction
+    began on (``CommitTicket.engine``: a ``binds=`` database's, not the factory's)."""
+    notifies = driver._rdb_notifies
+    driver._rdb_notifies = False
+    writes = driver._rdb_writes
+    driver._rdb_writes = False
+    engine = None
+    for _transaction, connection, _marked, seen in attempt.began or ():
+        if seen is driver:
+            engine = connection.engine
+    form = driver._rdb_prepared
+    if (
+        engine is not None
+        and driver._rdb_mode == MARKERS
+        and form is not None
+        and driver._rdb_read_mode() == READ_WRITE
+    ):
+        marker = marker_id()
+        ticket = CommitTicket(MARKERS, marker=marker, driver=driver)
+        ticket.engine = engine
+        return ticket, form.message(marker, writes or notifies), attempt
+    return CommitTicket(UNMARKED, driver=driver), None, attempt
+
+
+#: the ticket of the unit's own COMMIT midway being answered in this thread or task (see
+#: :func:`_settled_own_commit`; psycopg's notice handler notes a WARNING on it)
+_own_ticket: contextvars.ContextVar[CommitTicket | None] = contextvars.ContextVar(
+    "resilient_db_own_commit", default=None
+)
+
+
+def _settled_own_commit(
+    attempt: AttemptRecord, ticket: CommitTicket, send: Callable[[], Any]
+) -> Any:
+    """Send a unit's own COMMIT midway (``send``, its plan's message: see :func:`_own_plan`)
+    on a psycopg connection (sync). Answered plainly, it is done (the attempt committed, as
+    :func:`_own_commit` says). Answered with success *and a WARNING* (a cancelled wait for
+    the synchronous standby: committed on the primary only), it is not taken for done: the
+    unit's factory settles it on a new connection as the unit's final COMMIT's
+    (``_settle_own_commit``): proven, the unit goes on; found not committed where the check
+    looks, it is raised (replayed when nothing else of the attempt committed); otherwise
+    ``CommitOutcomeUnknownError``. Its answer lost (the connection lost while it was out),
+    it is settled the same way before the error goes on: committed, the error is the
+    attempt's, which committed part of its work (partly committed, not replayed); not
+    committed (the claim's fence went in) it is a lost connection, and the attempt is
+    replayed when nothing else of it committed; otherwise an unknown outcome, as before."""
+    committed_before = attempt.unreplayable
+    token = _own_ticket.set(ticket)
+    try:
+        with _own_commit(attempt):
+            ticket.sent = True
+            result = send()
+    except BaseException as exc:
+        _own_ticket.reset(token)
+        if ticket.mode == MARKERS and isinstance(exc, Exception) and commit_left_unanswered(exc):
+            settle = attempt.own_commit_settler(is_async=False)
+            if settle is not None:  # its answer lost: what became of it, if a check can tell
+                settle(attempt, ticket, committed_before, exc)
+        raise
+    _own_ticket.reset(token)
+    if ticket.warned is None:
+        ticket.done = True
+        return result
+    settle = attempt.own_commit_settler(is_async=False)
+    if settle is None:  # (a sync connection's COMMIT in an async factory's unit)
+        raise UnprovenCommit(ticket.warned)
+    settle(attempt, ticket, committed_before)
+    return result
+
+
+async def _settled_own_commit_async(
+    attempt: AttemptRecord, ticket: CommitTicket, send: Callable[[], Awaitable[Any]]
+) -> Any:
+    """:func:`_settled_own_commit` on an async connection (asyncpg's, psycopg's)."""
+    committed_before = attempt.unreplayable
+    token = _own_ticket.set(ticket)
+    try:
+        with _own_commit(attempt):
+            ticket.sent = True
+            result = await send()
+    except BaseException as exc:
+        _own_ticket.reset(token)
+        if ticket.mode == MARKERS and isinstance(exc, Exception) and commit_left_unanswered(exc):
+            settle = attempt.own_commit_settler(is_async=True)
+            if settle is not None:  # its answer lost: what became of it, if a check can tell
+                await settle(attempt, ticket, committed_before, exc)
+        raise
+    _own_ticket.reset(token)
+    if ticket.warned is None:
+        ticket.done = True
+        return result
+    settle = attempt.own_commit_settler(is_async=True)
+    if settle is None:
+        raise UnprovenCommit(ticket.warned)
+    await settle(attempt, ticket, committed_before)
+    return result
+
+
+def _psycopg_own_send(connection: Any, base: Any, message: str | None) -> None:
+    """A psycopg connection's own COMMIT midway (see :func:`_own_plan`): its marked message,
+    or a plain COMMIT."""
+    if message is None:
+        base.commit(connection)
+        return
+    with _marker_statement_errors(connection, message):
+        _raise_error(connection, psycopg_simple_query(connection, message.encode()))
+
+
+async def _apsycopg_own_send(connection: Any, base: Any, message: str | None) -> None:
+    """:func:`_psycopg_own_send` on a ``psycopg.AsyncConnection``."""
+    if message is None:
+        await base.commit(connection)
+        return
+    with _marker_statement_errors(connection, message):
+        _raise_error(connection, await psycopg_simple_query_async(connection, message.encode()))
+
+
+async def _asyncpg_own_send(
+    connection: Any,
+    base: Any,
+    query: str,
+    message: str | None,
+    *,
+    ticket: CommitTicket,
+    timeout: Any,
+) -> Any:
+    """An asyncpg connection's own COMMIT midway (see :func:`_own_plan`): its marked message
+    (its errors as the final COMMIT's), or the COMMIT asked for; a WARNING that came with it
+    noted on ``ticket``; a failed transaction's answer (ROLLBACK) raised as 25P02."""
+    if message is None:
+        sent = query
+        status = await base.execute(connection, query, timeout=timeout)
+    else:
+        sent = message + ";"
+        try:
+            status = await base.execute(connection, sent, timeout=timeout)
+        except BaseException as exc:
+            if not _prepared_after_commit(connection, message, exc):
+                _may_have_missed_prepare(connection, message)
+                if isinstance(exc, asyncpg.PostgresError):
+                    await _failed_before_commit(connection, base, message, exc)
+                raise
+            status = "COMMIT"
+    if connection._rdb_warned is not None:
+        _asyncpg_warned(connection, sent, ticket)
+    rolled_back_instead(status)
+    return status
 
 
 def _idle_commit_plan(driver: Any) -> tuple[CommitTicket | None, None, None]:
@@ -3232,6 +3415,20 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                             else _idle_commit_plan(self)
                         )
                         if attempt is not None:  # a unit's own code commits (AttemptRecord)
+                            if ticket is not None:  # midway, settled (see _own_plan)
+                                return await _settled_own_commit_async(
+                                    attempt,
+                                    ticket,
+                                    functools.partial(
+                                        _asyncpg_own_send,
+                                        self,
+                                        base,
+                                        query,
+                                        message,
+                                        ticket=ticket,
+                                        timeout=timeout,
+                                    ),
+                                )
                             if not wrote:
                                 wrote = await _asyncpg_xid_assigned(self, base)
                             with _own_commit(attempt, wrote):
@@ -3344,6 +3541,12 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                         with _own_commit(attempt, wrote=False):
                             await base.commit(self)  # (answered ROLLBACK: see the sync one's)
                             raise failed_transaction_commit()
+                    if ticket is not None:  # midway, settled (see _own_plan)
+                        return await _settled_own_commit_async(  # type: ignore[no-any-return]
+                            attempt,
+                            ticket,
+                            functools.partial(_apsycopg_own_send, self, base, message),
+                        )
                     if not wrote:
                         wrote = await _apsycopg_xid_assigned(self)
                     with _own_commit(attempt, wrote):
@@ -3416,6 +3619,12 @@ def marked_connection_class(base: type[Any], *, adopted: bool = False) -> type[A
                         with _own_commit(attempt, wrote=False):
                             base.commit(self)  # (answered ROLLBACK)
                             raise failed_transaction_commit()
+                    if ticket is not None:  # midway, settled (see _own_plan)
+                        return _settled_own_commit(  # type: ignore[no-any-return]
+                            attempt,
+                            ticket,
+                            functools.partial(_psycopg_own_send, self, base, message),
+                        )
                     if not wrote:
                         wrote = _psycopg_xid_assigned(self)
                     with _own_commit(attempt, wrote):

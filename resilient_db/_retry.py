@@ -198,6 +198,12 @@ class Policy:
     [0, 1) for the jitter.
     """
 
+    #: how a factory settles its units' own COMMITs midway (``session.commit()`` inside the
+    #: unit): ``(is_async, weakref.WeakMethod)`` of its ``_settle_own_commit``, set once by the
+    #: factory; None for an operation's policy (``with_self_healing``), whose code's COMMITs
+    #: go out plain (see ``_commit._own_plan``)
+    own_commits: Any = None
+
     def __init__(
         self,
         service: str,
