@@ -1487,7 +1487,9 @@ class UnprovenCommit(ResilientDBError):
     that answer alone. (Only for a COMMIT that may have written: see ``CommitTicket.wrote``.)
     The marked COMMIT notes the warning on its ticket; the unit raises this once every
     connection's COMMIT has returned (:func:`~._unit.flush_and_commit`): raised in the middle
-    of SQLAlchemy's COMMITs, it would leave the unit's other connections rolled back.
+    of SQLAlchemy's COMMITs, it would leave the unit's other connections rolled back. (A
+    unit's own COMMIT midway is settled before it returns to the unit's code, see
+    :func:`_settled_own_commit`: this is raised there when the check finds it not committed.)
 
     The client learns of the cancelled wait only from that warning: a session whose
     ``client_min_messages`` is ``error`` or above (set for the role or the database, or by the
@@ -3166,8 +3168,8 @@ def _own_plan(
     one (no round trip more). Its answer is taken as it comes unless it is answered with a
     WARNING: then it is settled as the final COMMIT's would be (see
     :func:`_settled_own_commit`). Elsewhere (no markers, a transaction that may be read-only,
-    a standby, a connection whose engine the attempt did not see begin: a session of another
-    class than the factory's) its ticket carries nothing a check could find (``UNMARKED``):
+    a standby, a transaction the attempt did not see begin: a session no resilient factory
+    made) its ticket carries nothing a check could find (``UNMARKED``):
     such an answer ends unknown, never done. The check goes to the engine the transaction
     began on (``CommitTicket.engine``: a ``binds=`` database's, not the factory's)."""
     notifies = driver._rdb_notifies
