@@ -482,7 +482,14 @@ def test_a_lost_commit_verified_not_committed_is_counted_once_everywhere(
 def lose_own_commit(fault_proxy: FaultProxy, pg_database: str, service: str, where: str) -> None:
     """A COMMIT of the code's own loses its answer: a drop-in block's inside a
     ``with_self_healing`` operation (``where="operation"``), or a unit's own
-    ``session.commit()`` (``"unit"``); the driver's error is raised."""
+    ``session.commit()`` (``"unit"``: without the commit markers, whose claim would settle it;
+    ``"unit_marked"``: with them); the driver's error is raised."""
+    if where == "unit":
+        direct = sa.create_engine(fault_proxy.url(pg_database))
+        try:
+            rdb.uninstall_commit_markers(direct)
+        finally:
+            direct.dispose()
     proxied = sa.create_engine(fault_proxy.url(pg_database))
     Sessions = rdb.ResilientSession(proxied, service=service, config=rdb.Config())
 
@@ -519,7 +526,8 @@ def test_an_own_commit_whose_answer_was_lost_counts_as_unknown_everywhere(
     service: str,
 ) -> None:
     """A COMMIT of the code's own (a drop-in block inside a ``with_self_healing`` operation, a
-    unit's own ``session.commit()``) loses its answer: not replayed, an unknown outcome.
+    unit's own ``session.commit()`` without the commit markers) loses its answer: not
+    replayed, an unknown outcome.
     health() and Prometheus counted it in ``unknown_commits``; OpenTelemetry's
     ``resilient_db.commit.verifications{outcome="unknown"}`` did not (its one event is
     ``partly_committed``, not ``commit_unknown``)."""
@@ -532,6 +540,25 @@ def test_an_own_commit_whose_answer_was_lost_counts_as_unknown_everywhere(
     assert f'resilient_db_commit_outcome_unknown_total{{service="{service}"}} 1.0' in exposition
     assert otel_points(reader, "resilient_db.commit.verifications") == {
         (("outcome", "unknown"), ("service", service)): 1
+    }
+
+
+def test_a_units_own_commit_whose_lost_answer_its_marker_settles_counts_as_verified(
+    engine: sa.Engine,
+    fault_proxy: FaultProxy,
+    pg_database: str,
+    otel: tuple[Any, InMemorySpanExporter, InMemoryMetricReader],
+    service: str,
+) -> None:
+    """With the commit markers a unit's own ``session.commit()`` carries a marker, and the
+    claim settles its lost answer: committed, counted as a verified commit everywhere, not as
+    an unknown outcome."""
+    _, _, reader = otel
+    lose_own_commit(fault_proxy, pg_database, service, "unit_marked")
+    counters = rdb.health()["services"][service]["counters"]
+    assert (counters["unknown_commits"], counters["verified_commits"]) == (0, 1), counters
+    assert otel_points(reader, "resilient_db.commit.verifications") == {
+        (("outcome", "committed"), ("service", service)): 1
     }
 
 
