@@ -75,6 +75,8 @@ def test_a_probe_lease_lasts_at_most_its_length_after_redis_s_clock_stepped_back
 ) -> None:
     link = _link(redis_server, engine, service)
     link.breaker_force(service, "open", 0.001)
+    # (the opening's millisecond run out by Redis's clock: an admit within it is refused)
+    wait_for(lambda: link.breaker_read(service)[1] <= 0, "the opening to run out")
     assert link.breaker_admit(service, 1, 0.001, "r1")[0] == "probe"  # (its process dies)
     _step_back(redis_server, service, "hos")
     assert link.breaker_admit(service, 1, 0.001, "r2")[0] == "full"
