@@ -87,6 +87,18 @@ def _sleeping(server: PostgresServer, database: str) -> bool:
     return bool(rows[0][0])
 
 
+def _sleep_ended(server: PostgresServer, database: str) -> None:
+    """Before the test ends: a session class's close's ``pg_sleep`` still running on the server
+    (an interruption other than Ctrl-C does not cancel the statement it cuts short) is
+    cancelled there and waited out, instead of waited out whole."""
+    server.execute(
+        "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND wait_event = 'PgSleep' AND query ILIKE '%closing%' AND pid <> pg_backend_pid()",
+        database=database,
+    )
+    wait_until_sync(lambda: not _sleeping(server, database), timeout=30)
+
+
 def assert_saved_then_interrupted(
     raised: BaseException, service: str, events: list[rdb.SelfHealEvent], whose: str
 ) -> None:
@@ -219,7 +231,7 @@ def test_a_sync_units_session_class_interrupted_in_its_close_is_saved_then_inter
         assert type(raised.value) is kind
         assert _notes(pg_server, database, "x") == 1
         assert_saved_then_interrupted(raised.value, service, events, "the unit (marker ")
-        wait_until_sync(lambda: not _sleeping(pg_server, database), timeout=30)
+        _sleep_ended(pg_server, database)
     finally:
         engine.dispose()
 
@@ -282,7 +294,7 @@ def test_a_sync_dropin_block_interrupted_in_its_close_is_saved_then_interrupted(
         assert _notes(pg_server, database, "x") == 1
         whose = "a transaction of drop-in code (a with Session() or Session.begin() block)"
         assert_saved_then_interrupted(raised.value, service, events, whose)
-        wait_until_sync(lambda: not _sleeping(pg_server, database), timeout=30)
+        _sleep_ended(pg_server, database)
     finally:
         engine.dispose()
 
@@ -303,10 +315,13 @@ def test_a_sync_dropin_block_that_saved_nothing_is_not_said_to_have_saved(
     unsaid (nothing was saved: resubmitting is safe)."""
     engine = sa.create_engine(pg_server.url(database))
     try:
-        Sessions = rdb.ResilientSession(engine, service=service, class_=_closing_sync_class(engine))
-        if block == "read-only":
+        if block == "read-only":  # interrupted in its session class's close
+            Sessions = rdb.ResilientSession(
+                engine, service=service, class_=_closing_sync_class(engine)
+            )
             statement = "SELECT count(*) FROM prune_notes"
-        else:
+        else:  # interrupted in its statement (a close that sleeps would only wait after it)
+            Sessions = rdb.ResilientSession(engine, service=service)
             statement = "INSERT INTO prune_notes (note) SELECT 'x' FROM pg_sleep(3) AS closing"
         sender = signal_once(lambda: _sleeping(pg_server, database), signal.SIGINT)
         with pytest.raises(KeyboardInterrupt) as raised:
@@ -316,7 +331,7 @@ def test_a_sync_dropin_block_that_saved_nothing_is_not_said_to_have_saved(
         assert saved_then_interrupted(raised.value) is None
         assert problem_details(raised.value) is None
         assert not [e for e in events if e.name == "commit_interrupted"]
-        wait_until_sync(lambda: not _sleeping(pg_server, database), timeout=30)
+        _sleep_ended(pg_server, database)
     finally:
         engine.dispose()
 
@@ -362,7 +377,7 @@ def test_a_sync_dropin_block_whose_commit_rolled_back_is_not_said_to_have_saved(
         assert saved_then_interrupted(raised.value) is None
         assert problem_details(raised.value) is None
         assert not [e for e in events if e.name == "commit_interrupted"]
-        wait_until_sync(lambda: not _sleeping(pg_server, database), timeout=30)
+        _sleep_ended(pg_server, database)
     finally:
         engine.dispose()
 
@@ -403,7 +418,7 @@ def test_a_sync_dropin_block_interrupted_after_its_commit_answered_is_saved_then
         whose = "a transaction of drop-in code (a with Session() or Session.begin() block)"
         assert_saved_then_interrupted(raised.value, service, events, whose)
         assert engine.pool.checkedout() == 0
-        wait_until_sync(lambda: not _sleeping(pg_server, database), timeout=30)
+        _sleep_ended(pg_server, database)
     finally:
         engine.dispose()
 
@@ -436,7 +451,7 @@ def test_a_sync_dropin_block_around_a_unit_interrupted_after_its_commit_says_it_
         sender.join(10)
         assert _notes(pg_server, database, "x") == 1
         assert_saved_then_interrupted(raised.value, service, events, "the unit (marker ")
-        wait_until_sync(lambda: not _sleeping(pg_server, database), timeout=30)
+        _sleep_ended(pg_server, database)
     finally:
         engine.dispose()
 
@@ -476,7 +491,7 @@ def test_a_sync_dropin_block_interrupted_not_after_a_saving_commit_is_not_said_t
         assert saved_then_interrupted(raised.value) is None
         assert problem_details(raised.value) is None
         assert not [e for e in events if e.name == "commit_interrupted"]
-        wait_until_sync(lambda: not _sleeping(pg_server, database), timeout=30)
+        _sleep_ended(pg_server, database)
     finally:
         engine.dispose()
 
@@ -553,7 +568,7 @@ def test_a_sync_dropin_block_whose_session_is_entered_again_is_still_saved_then_
         whose = "a transaction of drop-in code (a with Session() or Session.begin() block)"
         assert_saved_then_interrupted(raised.value, service, events, whose)
         assert dropin_block.get() is None
-        wait_until_sync(lambda: not _sleeping(pg_server, database), timeout=30)
+        _sleep_ended(pg_server, database)
     finally:
         engine.dispose()
 
