@@ -3178,7 +3178,9 @@ def _own_plan(
     driver._rdb_writes = False
     engine = None
     for _transaction, connection, _marked, seen in attempt.began or ():
-        if seen is driver:
+        # (SQLAlchemy 2.0's psycopg async adapter passes attributes through to the driver's
+        # connection, so began_on may have kept the adapter: the driver is inside it)
+        if seen is driver or getattr(seen, "driver_connection", None) is driver:
             engine = connection.engine
     form = driver._rdb_prepared
     if (
