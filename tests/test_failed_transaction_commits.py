@@ -94,32 +94,6 @@ async def aswallow_a_failure(session: AsyncSession) -> None:
 
 
 # -- sync ------------------------------------------------------------------------------------------
-def test_a_units_own_commit_of_a_failed_transaction_is_not_reported_done(
-    engine: sa.Engine, pg_server: PostgresServer, database: str, service: str
-) -> None:
-    """The unit writes, catches a database error, calls ``session.commit()`` and writes more:
-    the COMMIT was answered ROLLBACK, the first write lost, and the unit reported done."""
-    Sessions = rdb.ResilientSession(engine, service=service)
-    unit = f"unit-{uuid.uuid4()}"
-    calls: list[int] = []
-
-    def work(session: Session) -> str:
-        calls.append(1)
-        session.execute(INSERT, {"u": unit, "n": "first"})
-        swallow_a_failure(session)
-        session.commit()
-        session.execute(INSERT, {"u": unit, "n": "second"})
-        return "done"
-
-    with pytest.raises(sa.exc.DBAPIError) as raised:
-        Sessions.run(work)
-    assert_refused(raised.value)
-    assert calls == [1]
-    assert notes(pg_server, database, unit) == []
-    # the one pooled connection is out of the failed transaction
-    assert Sessions.run(lambda s: s.execute(sa.text("SELECT 7")).scalar_one()) == 7
-
-
 @pytest.mark.parametrize("block", ["session", "begin"])
 def test_an_operations_drop_in_commit_of_a_failed_transaction_is_not_reported_done(
     engine: sa.Engine, pg_server: PostgresServer, database: str, service: str, block: str
@@ -171,34 +145,6 @@ def test_a_units_own_commit_of_a_sound_transaction_is_unchanged(
 
 # -- async, both drivers ---------------------------------------------------------------------------
 @pytest.mark.asyncio
-async def test_an_async_units_own_commit_of_a_failed_transaction_is_not_reported_done(
-    async_engine: AsyncEngine, pg_server: PostgresServer, database: str, service: str
-) -> None:
-    Sessions = rdb.AsyncResilientSession(async_engine, service=service)
-    unit = f"unit-{uuid.uuid4()}"
-    calls: list[int] = []
-
-    async def work(session: AsyncSession) -> str:
-        calls.append(1)
-        await session.execute(INSERT, {"u": unit, "n": "first"})
-        await aswallow_a_failure(session)
-        await session.commit()
-        await session.execute(INSERT, {"u": unit, "n": "second"})
-        return "done"
-
-    with pytest.raises(sa.exc.DBAPIError) as raised:
-        await Sessions.run(work)
-    assert_refused(raised.value)
-    assert calls == [1]
-    assert notes(pg_server, database, unit) == []
-
-    async def read(session: AsyncSession) -> Any:
-        return (await session.execute(sa.text("SELECT 7"))).scalar_one()
-
-    assert await Sessions.run(read) == 7
-
-
-@pytest.mark.asyncio
 @pytest.mark.parametrize("block", ["session", "begin"])
 async def test_an_async_operations_drop_in_commit_of_a_failed_transaction_is_not_reported_done(
     async_engine: AsyncEngine, pg_server: PostgresServer, database: str, service: str, block: str
@@ -228,9 +174,11 @@ async def test_an_async_operations_drop_in_commit_of_a_failed_transaction_is_not
 
 
 # -- a COMMIT sent as a statement ------------------------------------------------------------------
-#: the unit's own code commits its failed transaction with a statement (each noted as a COMMIT,
-#: see ``_statements.COMMITS``): through SQLAlchemy, or psycopg's own connection
+#: the unit's own code commits its failed transaction: ``session.commit()``, or a statement
+#: (each noted as a COMMIT, see ``_statements.COMMITS``) through SQLAlchemy or psycopg's own
+#: connection
 SYNC_COMMIT_STATEMENTS: dict[str, Any] = {
+    "session-commit": lambda s: s.commit(),
     "text-commit": lambda s: s.execute(sa.text("COMMIT")),
     "text-end": lambda s: s.execute(sa.text("END")),
     "text-commit-work": lambda s: s.execute(sa.text("commit work")),
@@ -245,8 +193,9 @@ SYNC_COMMIT_STATEMENTS: dict[str, Any] = {
 def test_a_units_commit_statement_of_a_failed_transaction_is_not_reported_done(
     engine: sa.Engine, pg_server: PostgresServer, database: str, service: str, way: str
 ) -> None:
-    """The unit writes, catches a database error, sends COMMIT as a statement and writes more:
-    the server answered ROLLBACK, the first write lost, and the unit reported done."""
+    """The unit writes, catches a database error, commits (``session.commit()`` or a COMMIT
+    statement) and writes more: the server answered ROLLBACK, the first write lost, and the
+    unit reported done. The one pooled connection is out of the failed transaction after."""
     Sessions = rdb.ResilientSession(engine, service=service)
     unit = f"unit-{uuid.uuid4()}"
     calls: list[int] = []
@@ -365,6 +314,7 @@ async def _raw_execute(session: AsyncSession, statement: str) -> object:
 
 
 ASYNC_COMMIT_STATEMENTS: dict[str, Any] = {
+    "session-commit": lambda s: s.commit(),
     "text-commit": lambda s: s.execute(sa.text("COMMIT")),
     "text-end": lambda s: s.execute(sa.text("END")),
     "text-commit-work": lambda s: s.execute(sa.text("commit work")),
