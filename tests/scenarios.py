@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 from processes import wait_for
@@ -19,6 +20,20 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 import resilient_db as rdb
 from resilient_db.testing import FaultProxy, PostgresServer
 from resilient_db.transitions._dbmap import exception_from_db
+
+#: psycopg 3.2.4+ raises the server's FATAL error for a connection the server ended (its
+#: SQLSTATE: 57P01, 57P05, 08P01); before, its "consuming input failed" carries no code (a lost
+#: connection all the same)
+PSYCOPG_KEEPS_FATAL_CODES = tuple(
+    int(n) for n in psycopg.__version__.split(".")[:3] if n.isdigit()
+) >= (3, 2, 4)
+
+
+def fatal_code(code: str) -> str | None:
+    """The SQLSTATE psycopg's error carries for a FATAL ``code`` the server ended a
+    connection with (None before psycopg 3.2.4: see PSYCOPG_KEEPS_FATAL_CODES)."""
+    return code if PSYCOPG_KEEPS_FATAL_CODES else None
+
 
 #: SQLAlchemy's async PostgreSQL drivers: asyncpg, and psycopg's ``AsyncConnection`` (what
 #: ``create_async_engine("postgresql+psycopg://...")`` uses). A module runs its tests on both by

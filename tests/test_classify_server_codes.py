@@ -27,7 +27,7 @@ import pytest
 import pytest_asyncio
 import sqlalchemy as sa
 from processes import wait_for
-from scenarios import ASYNC_DRIVERS, assert_breaker_untouched, server_settings_args
+from scenarios import ASYNC_DRIVERS, assert_breaker_untouched, fatal_code, server_settings_args
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
@@ -157,7 +157,7 @@ def test_a_fatal_protocol_violation_is_a_lost_connection(
 
     assert Sessions.run(unit) == 1
     assert len(seen) == 1
-    assert rdb.sqlstate_of(seen[0]) == "08P01"
+    assert rdb.sqlstate_of(seen[0]) == fatal_code("08P01")
     assert rdb.classify(seen[0]) is rdb.Outcome.DISCONNECT
     assert _counters(service)["retries_by_class"] == {"disconnect": 1}
 
@@ -193,7 +193,7 @@ def test_a_connection_ended_for_idling_is_replaced_and_the_unit_runs_again(
     finally:
         engine.dispose()
     assert len(seen) == 1
-    assert rdb.sqlstate_of(seen[0]) == "57P05"
+    assert rdb.sqlstate_of(seen[0]) == fatal_code("57P05")
     assert rdb.classify(seen[0]) is rdb.Outcome.DISCONNECT
     assert _counters(service)["retries_by_class"] == {"disconnect": 1}
 
@@ -228,6 +228,6 @@ async def test_async_a_connection_ended_for_idling_is_replaced_and_the_unit_runs
     finally:
         await engine.dispose()
     assert len(seen) == 1
-    assert rdb.sqlstate_of(seen[0]) == "57P05"
+    assert rdb.sqlstate_of(seen[0]) == fatal_code("57P05")
     assert rdb.classify(seen[0]) is rdb.Outcome.DISCONNECT
     assert _counters(service)["retries_by_class"] == {"disconnect": 1}

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import asyncpg
+import psycopg
 import pytest
 import sqlalchemy as sa
 from processes import wait_for
@@ -38,6 +39,10 @@ PORT = sa.text("SELECT inet_server_port()")
 CONFIG = rdb.Config(
     initial_delay=0.01, max_delay=0.05, max_retries=200, deadline=15.0, circuit_breaker=False
 )
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(n) for n in text.split(".")[:3] if n.isdigit())
 
 
 def prepare(pair: StandbyPair, *, markers: bool = True) -> None:
@@ -184,6 +189,12 @@ def test_reading_spellings_land_where_libpq_says(
 ) -> None:
     """The primary listed first: read-only/standby/prefer-standby land on the standby, any on
     the primary."""
+    if (
+        attrs == "prefer-standby"
+        and driver == "psycopg"
+        and _version(psycopg.__version__) < (3, 2, 6)
+    ):
+        pytest.skip("psycopg before 3.2.6 tries each host as 'any' under prefer-standby")
     pair = pg_standby
     prepare(pair, markers=False)
     hosts = [(pair.primary.host, pair.primary.port), (pair.standby.host, pair.standby.port)]

@@ -13,6 +13,7 @@ import pytest
 import sqlalchemy as sa
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from scenarios import fatal_code
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
@@ -21,6 +22,10 @@ import resilient_db as rdb
 pytestmark = pytest.mark.usefixtures("no_backoff")
 
 SECRET = "s3cret-row-value"
+
+#: the SQLSTATE a line names for a backend terminated under the unit (psycopg before 3.2.4
+#: keeps no code of it: "none")
+TERMINATED = fatal_code("57P01") or "none"
 
 
 def recovered_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -58,21 +63,21 @@ def test_the_recovered_line_names_the_attempt_and_the_failure_it_healed(
     assert line.levelno == logging.INFO
     assert line.getMessage() == (
         f"[SELF-HEAL] Recovered: service={service} succeeded at attempt 3, after 2 retries (the "
-        "last failure: disconnect, SQLSTATE 57P01)"
+        f"last failure: disconnect, SQLSTATE {TERMINATED})"
     )
     assert SECRET not in line.getMessage()
     (event,) = [e for e in events if e.name == "recovered"]
     assert (event.fields["retries"], event.fields["outcome"], event.fields["sqlstate"]) == (
         2,
         "disconnect",
-        "57P01",
+        TERMINATED,
     )
     assert dict(line.self_heal) == dict(event.fields)  # type: ignore[attr-defined]
     (span,) = spans.get_finished_spans()
     (recovered,) = [e for e in span.events if e.name == "resilient_db.recovered"]
     assert recovered.attributes is not None
     assert recovered.attributes["resilient_db.retries"] == 2
-    assert recovered.attributes["resilient_db.sqlstate"] == "57P01"
+    assert recovered.attributes["resilient_db.sqlstate"] == TERMINATED
     counters = rdb.health()["services"][service]["counters"]
     assert (counters["attempts"], counters["retries"], counters["recovered"]) == (3, 2, 1)
 
