@@ -944,15 +944,12 @@ def _connection_lost(err: BaseException) -> bool:
     error whose connection (psycopg's, or asyncpg's, found in its traceback) is lost."""
     if isinstance(err, sa_exc.DBAPIError):
         return bool(err.connection_invalidated)
-    conn = _driver_connection_of(err)
-    if conn is None:
-        return False
-    status = getattr(getattr(conn, "pgconn", None), "status", None)
-    if isinstance(status, int):  # psycopg: libpq's state
-        return status != _CONNECTION_OK
+    lost = _psycopg_connection_lost(err)
+    if lost is not None:
+        return lost
     try:
-        return bool(conn.is_closed())  # asyncpg
-    except Exception:  # a connection that tells nothing: as if sound
+        return bool(_driver_connection_of(err).is_closed())  # asyncpg
+    except Exception:  # none found, or one that tells nothing: as if sound
         return False
 
 

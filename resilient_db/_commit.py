@@ -3226,19 +3226,14 @@ def _settled_own_commit(
             result = send()
     except BaseException as exc:
         _own_ticket.reset(token)
-        if ticket.mode == MARKERS and isinstance(exc, Exception) and commit_left_unanswered(exc):
-            settle = attempt.own_commit_settler(is_async=False)
-            if settle is not None:  # its answer lost: what became of it, if a check can tell
-                settle(attempt, ticket, committed_before, exc)
+        settle = _lost_own_answer(attempt, ticket, exc, is_async=False)
+        if settle is not None:
+            settle(attempt, ticket, committed_before, exc)
         raise
     _own_ticket.reset(token)
-    if ticket.warned is None:
-        ticket.done = True
-        return result
-    settle = attempt.own_commit_settler(is_async=False)
-    if settle is None:  # (a sync connection's COMMIT in an async factory's unit)
-        raise UnprovenCommit(ticket.warned)
-    settle(attempt, ticket, committed_before)
+    settle = _warned_own_answer(attempt, ticket, is_async=False)
+    if settle is not None:
+        settle(attempt, ticket, committed_before)
     return result
 
 
@@ -3254,20 +3249,38 @@ async def _settled_own_commit_async(
             result = await send()
     except BaseException as exc:
         _own_ticket.reset(token)
-        if ticket.mode == MARKERS and isinstance(exc, Exception) and commit_left_unanswered(exc):
-            settle = attempt.own_commit_settler(is_async=True)
-            if settle is not None:  # its answer lost: what became of it, if a check can tell
-                await settle(attempt, ticket, committed_before, exc)
+        settle = _lost_own_answer(attempt, ticket, exc, is_async=True)
+        if settle is not None:
+            await settle(attempt, ticket, committed_before, exc)
         raise
     _own_ticket.reset(token)
+    settle = _warned_own_answer(attempt, ticket, is_async=True)
+    if settle is not None:
+        await settle(attempt, ticket, committed_before)
+    return result
+
+
+def _lost_own_answer(
+    attempt: AttemptRecord, ticket: CommitTicket, exc: BaseException, *, is_async: bool
+) -> Any:
+    """The factory's ``_settle_own_commit`` for an own COMMIT midway that raised ``exc``, when
+    ``exc`` lost its answer and the marker can tell what became of it; else None."""
+    if ticket.mode == MARKERS and isinstance(exc, Exception) and commit_left_unanswered(exc):
+        return attempt.own_commit_settler(is_async=is_async)
+    return None
+
+
+def _warned_own_answer(attempt: AttemptRecord, ticket: CommitTicket, *, is_async: bool) -> Any:
+    """An own COMMIT midway answered: None when plainly (done), else the factory's
+    ``_settle_own_commit`` for its answer with a WARNING; ``UnprovenCommit`` raised when none
+    can settle it (a sync connection's COMMIT in an async factory's unit)."""
     if ticket.warned is None:
         ticket.done = True
-        return result
-    settle = attempt.own_commit_settler(is_async=True)
+        return None
+    settle = attempt.own_commit_settler(is_async=is_async)
     if settle is None:
         raise UnprovenCommit(ticket.warned)
-    await settle(attempt, ticket, committed_before)
-    return result
+    return settle
 
 
 def _psycopg_own_send(connection: Any, base: Any, message: str | None) -> None:
