@@ -240,16 +240,10 @@ def _policy_for(
         # once there, its attempt is that one's, counted once (as a unit run there is)
         return policy.part_of_attempt() if once else policy.without_breaker()
     if policy.breaker is None:
-        # no breaker of its own (use_circuit_breaker=False): one of its service's running
-        # here still let through what runs inside it (a unit of the service, asked again,
-        # would be refused while this attempt holds the half-open probe's slot)
-        service_breaker = STATE.breakers.get(service)
-        if admitted_by(service_breaker):
-            if once:
-                return policy.part_of_attempt(admitted_through=service_breaker)
-            return policy.without_breaker(admitted_through=service_breaker)
-        # nor one of its service (switched off): an attempt of its service running here, by
-        # its name, is still the one counted (see part_of_running)
+        # no breaker of its own (use_circuit_breaker=False): an attempt of its service running
+        # here (by its name, see part_of_running) is the one counted, and the breaker that let
+        # it through, if any, still lets through what runs inside it (a unit of the service,
+        # asked again, would be refused while that attempt holds the half-open probe's slot)
         enclosing = part_of_running(policy)
         if enclosing is not None:
             if once:
