@@ -157,8 +157,11 @@ async def test_a_caught_timeout_is_no_disconnect_to_replay(
         Sessions = rdb.AsyncResilientSession(aengine, service=service, config=FAST)
 
         async def unit(session: AsyncSession) -> None:
+            # connected first, and a deadline that a busy machine's scheduling doesn't reach
+            # before the statement runs: it must cut the statement, not the connect
+            await session.execute(sa.text("SELECT 1"))
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(0.05):
+                async with asyncio.timeout(0.5):
                     await session.execute(sa.text("SELECT pg_sleep(5)"))
             await session.execute(sa.text("INSERT INTO log (unit) VALUES ('after')"))
 
