@@ -9,6 +9,7 @@ Every bad variable is collected and reported at once in one :class:`ConfigError`
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import difflib
 import functools
 import math
@@ -266,7 +267,7 @@ class Config:
                 elif not math.isfinite(value) or value < 0:
                     problems[field.name] = f"must be a finite number >= 0, got {value!r}"
                 else:
-                    object.__setattr__(self, field.name, float(value))
+                    object.__setattr__(self, field.name, float(value) + 0.0)  # (-0.0 is 0)
             elif field.type == "int":
                 least = 1 if field.name in _COUNTED_FROM_ONE else 0
                 if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -359,6 +360,9 @@ class Config:
                 out[spec.env] = str(max(1, round(value * 1000)) if value > 0 else 0)
             elif spec.kind == "bool":
                 out[spec.env] = "true" if value else "false"
+            elif spec.kind == "ratio":
+                # digits and a dot, as the variable takes them (str() gives 1e-05)
+                out[spec.env] = format(decimal.Decimal(repr(value)), "f")
             else:
                 out[spec.env] = str(value)
         return out
@@ -536,7 +540,7 @@ def _optional_problems(config: Config) -> dict[str, str]:
         elif not (math.isfinite(ratio) and 0 <= ratio <= MAX_RETRY_BUDGET):
             problems["retry_budget"] = f"must be between 0 and {MAX_RETRY_BUDGET:g}, got {ratio!r}"
         else:
-            object.__setattr__(config, "retry_budget", float(ratio))
+            object.__setattr__(config, "retry_budget", float(ratio) + 0.0)  # (-0.0 is 0)
     return problems
 
 

@@ -117,6 +117,18 @@ def test_as_env_round_trips() -> None:
     assert rdb.load_config(tiny).deadline == 0.001
 
 
+@pytest.mark.parametrize("ratio", [1e-05, 2.5e-07, -0.0, 0.30000000000000004, 10.0])
+def test_as_env_gives_a_retry_budget_the_environment_takes(ratio: float) -> None:
+    """A ratio that Config takes was written as Python prints it (``1e-05``, ``-0.0``), which
+    SELF_HEALING_RETRY_BUDGET refuses: check-config showed, and a process given the variables
+    failed to start on, a value the configuration held."""
+    cfg = rdb.Config(retry_budget=ratio)
+    shown = cfg.as_env()["SELF_HEALING_RETRY_BUDGET"]
+    assert shown.replace(".", "").isdigit()
+    assert rdb.load_config(cfg.as_env()) == cfg
+    assert str(cfg.retry_budget) != "-0.0"
+
+
 def test_config_in_code_refuses_what_the_environment_would() -> None:
     """A timedelta(0) Redis timeout (the Redis link never connected with it) and anything
     under the environment's least, 1 ms; integers too large for a float are a ConfigError
