@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
 )
 
-from ._classify import Classifier, commit_answer_settled, debug_failure
+from ._classify import Classifier, commit_answer_settled, debug_failure, success_interrupted
 from ._commit import (
     AttemptRecord,
     CommitProtocol,
@@ -45,6 +45,7 @@ from ._errors import TransactionStateError
 from ._internals import PLAIN_COMMITS, committed_unclosed, with_own_session_class
 from ._observability import log_session
 from ._registry import factory_of, register_class, register_session
+from ._retry import Policy
 from ._state import STATE
 from ._statements import SavedNote, current_attempt, dropin_block, library_work, note_saved
 from ._unit import (
@@ -68,6 +69,7 @@ from ._unit import (
     end_committed_transactions,
     engine_of,
     flush_and_commit,
+    interrupted_after_commit,
     interrupted_in_its_commit,
     joined_callers_transaction,
     joins_callers_transaction,
@@ -81,6 +83,7 @@ from ._unit import (
     restore_attached,
     rollback_if_prepared,
     runs_once_here,
+    saved_then_interrupted,
     unit_signature,
 )
 from ._validation import (
@@ -347,6 +350,8 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             probe = await policy.aadmit() if admitted is None else admitted
         else:  # sync only
             probe = policy.admit()
+        if policy.accounts_with_io:  # (a breaker shared through Redis, say: see there)
+            return await self._run_accounted(fn, args, kwargs, policy, probe)
         started = time.monotonic()
         try:
             result = await self._attempt(fn, args, kwargs)
@@ -468,6 +473,53 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             return await self.run(fn, *args, validate=validate, **kwargs)
 
         return _called_without_session(validated, fn)
+
+    async def _run_accounted(
+        self,
+        fn: Callable[..., Awaitable[R]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        policy: Policy,
+        probe: bool,
+    ) -> R:
+        """``run``'s attempts where the breaker's accounting of a success may do I/O (shared
+        through Redis, or kept in a storage of yours): an interruption (the unit's task
+        cancelled, a deadline, ``KeyboardInterrupt``) arriving there came after the unit's
+        COMMIT succeeded. Where that COMMIT, or one before it in the unit, may have written, it
+        is said and marked as any interruption after a unit's COMMIT is (see
+        :func:`interrupted_after_commit`): its caller hears only the interruption, which a web
+        handler would answer as a plain error, and a client resubmit, writing it twice."""
+        saved = SavedNote(dropin_block.get())  # (what the unit saves notes here: see there)
+        token = dropin_block.set(saved)
+        try:
+            started = time.monotonic()
+            try:
+                result = await self._attempt(fn, args, kwargs)
+            except BaseException as exc:
+                return await policy.acall_failed(
+                    lambda: self._attempt(fn, args, kwargs), exc, probe, started
+                )
+            if True:  # async only
+                if not policy.succeeded_on_loop(probe):
+                    await policy.asucceeded(probe)
+            else:  # sync only
+                policy.succeeded(probe)
+            return result
+        except BaseException as interruption:
+            if (
+                saved.saved
+                and success_interrupted(interruption)
+                and saved_then_interrupted(interruption) is None
+            ):
+                interrupted_after_commit(
+                    policy.config,
+                    policy.service,
+                    interruption,
+                    f"the unit ({_name(fn)}), as its circuit breaker was told of its success",
+                )
+            raise
+        finally:
+            reset_block(token)
 
     async def _once(
         self,

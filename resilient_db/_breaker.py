@@ -483,6 +483,12 @@ class Breaker:
         return link is not None and bool(link.up)
 
     @property
+    def accounts_with_io(self) -> bool:
+        """Whether its accounting of an attempt's outcome may do I/O: shared through Redis (a
+        link, up or not yet), or kept in a storage of yours (pybreaker's Redis storage, say)."""
+        return self._fleet is not None or self.storage_given is not None
+
+    @property
     def asks_redis(self) -> bool:
         """Whether its failure path may talk to Redis, or wait for it, now: shared through a
         link that is up, or whose first attempt to reach Redis has not ended (see

@@ -216,6 +216,22 @@ def interrupted_commit(exc: BaseException) -> bool:
     return not isinstance(exc, Exception) and bool(getattr(exc, _COMMIT_UNANSWERED, False))
 
 
+_SUCCESS_INTERRUPTED = "resilient_db_success_interrupted"
+
+
+def mark_success_interrupted(exc: BaseException) -> None:
+    """Mark an interruption (a cancellation, ``KeyboardInterrupt``, ``SystemExit``) that
+    arrived while the circuit breaker was told of an attempt's success (Redis, or a storage of
+    yours): the attempt's work, its COMMIT included, was done."""
+    with contextlib.suppress(AttributeError, TypeError):  # a type that takes no attributes
+        setattr(exc, _SUCCESS_INTERRUPTED, True)
+
+
+def success_interrupted(exc: BaseException) -> bool:
+    """Whether :func:`mark_success_interrupted` marked ``exc``."""
+    return not isinstance(exc, Exception) and bool(getattr(exc, _SUCCESS_INTERRUPTED, False))
+
+
 _BREAKER_OPEN_FOR = "resilient_db_breaker_open_for"
 
 

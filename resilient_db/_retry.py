@@ -40,6 +40,7 @@ from ._classify import (
     mark_not_replayed,
     mark_outcome,
     mark_partly_committed,
+    mark_success_interrupted,
     never_replayed,
 )
 from ._config import Config
@@ -251,6 +252,7 @@ class Policy:
             else None
         )
         own = self._own_breaker
+        self.accounts_with_io = False
         if not (self.use_circuit_breaker and config.breaker_on):
             # switched off; its breaker is kept for when it is back on (where it starts over
             # unless another user kept it on: see Breaker.switch_on)
@@ -275,6 +277,7 @@ class Policy:
         # after follow(): a shared breaker is attached to the Redis it now asks for
         own.switch_on(self)
         self.breaker = own
+        self.accounts_with_io = own.accounts_with_io
 
     def breaker_refused(self, config: Config) -> str | None:
         """Why :meth:`apply_config` of ``config`` would be refused the service's breaker (made,
@@ -324,6 +327,10 @@ class Policy:
     #: greenlet, as the async driver does (see :meth:`_shares`).
     offload: Callable[..., Any] | None = None
 
+    #: whether the breaker's accounting of an attempt's success may do I/O, which an
+    #: interruption may cut off after the unit's COMMIT succeeded (see Breaker.accounts_with_io)
+    accounts_with_io: bool = False
+
     #: the breaker that let through the attempt this policy's attempts are part of (a
     #: policy of :meth:`without_breaker`): what an attempt nested in them is admitted by
     admitted_through: Breaker | None = None
@@ -336,6 +343,7 @@ class Policy:
         clone = copy.copy(self)
         clone.admitted_through = admitted_through or self.breaker or self.admitted_through
         clone.breaker = None
+        clone.accounts_with_io = False
         return clone
 
     def part_of_attempt(self, admitted_through: Breaker | None = None) -> Policy:
@@ -387,6 +395,9 @@ class Policy:
                 breaker.on_success(probe)
             except Exception:
                 self._machinery_failed("circuit breaker success accounting")
+            except BaseException as interruption:  # (in its I/O: Redis, a storage of yours)
+                mark_success_interrupted(interruption)
+                raise
 
     def failed(self, exc: BaseException, probe: bool, started: float | None = None) -> Outcome:
         """Classify ``exc`` and record it with the breaker; returns its outcome. ``started`` is
@@ -811,8 +822,14 @@ class Policy:
 
     async def asucceeded(self, probe: bool) -> None:
         """:meth:`succeeded` of an async retry's attempt: the first success after failures
-        resets the shared run of failures (see above)."""
-        await self._ashared(self.succeeded, probe)
+        resets the shared run of failures (see above). An interruption meanwhile (the unit's
+        task cancelled) is marked: it came after the attempt's work was done."""
+        try:
+            await self._ashared(self.succeeded, probe)
+        except BaseException as interruption:
+            if not isinstance(interruption, Exception):
+                mark_success_interrupted(interruption)
+            raise
 
     def _gave_up(
         self, exc: BaseException, retries: int, spent: list[RetryBudget], refused: list[float]

@@ -25,7 +25,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from ._classify import Classifier, commit_answer_settled, debug_failure
+from ._classify import Classifier, commit_answer_settled, debug_failure, success_interrupted
 from ._commit import (
     AttemptRecord,
     CommitRequest,
@@ -38,8 +38,9 @@ from ._errors import TransactionStateError
 from ._internals import with_own_session_class
 from ._observability import log_session
 from ._registry import factory_of, register_class
+from ._retry import Policy
 from ._state import STATE
-from ._statements import current_attempt, dropin_block, library_work, note_saved
+from ._statements import SavedNote, current_attempt, dropin_block, library_work, note_saved
 from ._unit import (
     PREPARE_POLL,
     SYNC_WITH,
@@ -57,6 +58,7 @@ from ._unit import (
     end_committed_transactions,
     engine_of,
     flush_and_commit,
+    interrupted_after_commit,
     interrupted_in_its_commit,
     joined_callers_transaction,
     joins_callers_transaction,
@@ -64,9 +66,11 @@ from ._unit import (
     lost_with_its_connection,
     part_of_running,
     prune_quietly,
+    reset_block,
     restore_attached,
     rollback_if_prepared,
     runs_once_here,
+    saved_then_interrupted,
     unit_signature,
 )
 from ._validation import (
@@ -271,6 +275,8 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         # Policy.call with its first attempt inline: one frame (async: one coroutine) fewer
         # on every unit's path
         probe = policy.admit()
+        if policy.accounts_with_io:  # (a breaker shared through Redis, say: see there)
+            return self._run_accounted(fn, args, kwargs, policy, probe)
         started = time.monotonic()
         try:
             result = self._attempt(fn, args, kwargs)
@@ -382,6 +388,49 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
             return self.run(fn, *args, validate=validate, **kwargs)
 
         return _called_without_session(validated, fn)
+
+    def _run_accounted(
+        self,
+        fn: Callable[..., R],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        policy: Policy,
+        probe: bool,
+    ) -> R:
+        """``run``'s attempts where the breaker's accounting of a success may do I/O (shared
+        through Redis, or kept in a storage of yours): an interruption (the unit's task
+        cancelled, a deadline, ``KeyboardInterrupt``) arriving there came after the unit's
+        COMMIT succeeded. Where that COMMIT, or one before it in the unit, may have written, it
+        is said and marked as any interruption after a unit's COMMIT is (see
+        :func:`interrupted_after_commit`): its caller hears only the interruption, which a web
+        handler would answer as a plain error, and a client resubmit, writing it twice."""
+        saved = SavedNote(dropin_block.get())  # (what the unit saves notes here: see there)
+        token = dropin_block.set(saved)
+        try:
+            started = time.monotonic()
+            try:
+                result = self._attempt(fn, args, kwargs)
+            except BaseException as exc:
+                return policy.call_failed(
+                    lambda: self._attempt(fn, args, kwargs), exc, probe, started
+                )
+            policy.succeeded(probe)
+            return result
+        except BaseException as interruption:
+            if (
+                saved.saved
+                and success_interrupted(interruption)
+                and saved_then_interrupted(interruption) is None
+            ):
+                interrupted_after_commit(
+                    policy.config,
+                    policy.service,
+                    interruption,
+                    f"the unit ({_name(fn)}), as its circuit breaker was told of its success",
+                )
+            raise
+        finally:
+            reset_block(token)
 
     def _once(
         self,

@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 
 import resilient_db as rdb
 from resilient_db._breaker import breakers
+from resilient_db._unit import saved_then_interrupted
 from resilient_db.testing import PostgresServer, RedisServer, free_port
 
 pytestmark = pytest.mark.slow
@@ -370,19 +371,35 @@ async def test_with_self_healing_of_a_lambda_returning_a_coroutine_asks_for_a_pr
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("unit", ["reads", "writes"])
 async def test_a_probe_cancelled_while_its_end_waits_for_a_worker_thread_still_ends(
-    aengine: AsyncEngine, redis_server: RedisServer, clean_env: pytest.MonkeyPatch, service: str
+    aengine: AsyncEngine,
+    redis_server: RedisServer,
+    clean_env: pytest.MonkeyPatch,
+    service: str,
+    *,
+    unit: str,
+    events: list[rdb.SelfHealEvent],
 ) -> None:
     """The fleet's half-open probe succeeds here, and its end, for Redis, waits for one of the
     event loop's threads (all busy); the unit is cancelled meanwhile. The end, queued, was
     cancelled with it and never ran: the probe's slot was held by nobody, every unit of the
-    fleet refused until the probe lease ran out. It runs all the same."""
+    fleet refused until the probe lease ran out. It runs all the same.
+
+    A probe that wrote is committed when the cancellation arrives: the ``CancelledError`` is
+    marked saved-then-interrupted and a line says so (it was raised unmarked, unsaid: a web
+    handler answered a plain error, and a client resubmitting wrote the change twice)."""
+    if unit == "writes":
+        async with aengine.begin() as conn:
+            await conn.execute(sa.text("CREATE TABLE IF NOT EXISTS probe_notes (note text)"))
     Sessions = await _half_open_factory(aengine, redis_server, service)
     loop = asyncio.get_running_loop()
     release = threading.Event()
     holders: list[asyncio.Future[bool]] = []
 
     async def probe(session: AsyncSession) -> int:
+        if unit == "writes":
+            await session.execute(sa.text("INSERT INTO probe_notes VALUES ('probe')"))
         value = int((await session.execute(sa.text("SELECT 1"))).scalar_one())
         holders.append(loop.run_in_executor(None, release.wait, 10))  # the one thread, busy
         executor.submitted = 1  # (what follows is the unit's)
@@ -397,22 +414,33 @@ async def test_a_probe_cancelled_while_its_end_waits_for_a_worker_thread_still_e
 
     with Executor(max_workers=1) as executor:
         loop.set_default_executor(executor)
-        unit = asyncio.create_task(Sessions.run(probe))
+        task = asyncio.create_task(Sessions.run(probe))
         try:
             await wait_for_async(lambda: bool(holders), "the probe's attempt", 10)
             await wait_for_async(
                 lambda: executor.submitted > 1, "the probe's end, queued for a thread", 10
             )
-            assert not unit.done()
-            unit.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await unit
+            assert not task.done()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError) as cancelled:
+                await task
         finally:
             release.set()
             await asyncio.gather(*holders)
         await wait_for_async(
             lambda: _fleet(redis_server, service, "st") == b"closed", "the probe's end", 3
         )
+    said = [e for e in events if e.name == "commit_interrupted"]
+    if unit == "writes":
+        async with aengine.connect() as conn:
+            assert (await conn.execute(sa.text("SELECT count(*) FROM probe_notes"))).scalar() == 1
+        assert saved_then_interrupted(cancelled.value) == service
+        [line] = said
+        assert line.fields["outcome"] == "committed"
+        assert "after its COMMIT succeeded; it is committed" in line.message
+    else:
+        assert saved_then_interrupted(cancelled.value) is None
+        assert not said
 
 
 @pytest.mark.asyncio

@@ -6,6 +6,8 @@ until the lease runs out."""
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +22,7 @@ from sqlalchemy.orm import Session
 import resilient_db as rdb
 from resilient_db import _fleet
 from resilient_db._breaker import Breaker
+from resilient_db._unit import saved_then_interrupted
 from resilient_db.testing import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -327,3 +330,60 @@ def test_a_probe_running_when_a_reload_stops_sharing_gives_its_slot_back(
         release.set()
         monkeypatch.undo()
         rdb.reload_config()
+
+
+def _main_thread_waits_for_redis() -> bool:
+    """Whether the main thread is inside redis-py (waiting for Redis's answer)."""
+    frame = sys._current_frames().get(threading.main_thread().ident or 0)
+    while frame is not None:
+        if f"{os.sep}redis{os.sep}" in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def test_a_probe_interrupted_as_its_end_is_reported_is_saved_then_interrupted_and_ends(
+    redis_server: RedisServer, engine: sa.Engine, events: list[rdb.SelfHealEvent]
+) -> None:
+    """The half-open probe wrote and committed; Redis hangs as its end is reported, and a real
+    SIGINT arrives meanwhile. The ``KeyboardInterrupt`` was raised unmarked and unsaid (a web
+    handler answered a plain error for a saved change: a client resubmitting wrote it twice),
+    and the probe's end was lost with it: its slot in Redis was held by nobody, every unit of
+    the fleet refused until the probe lease ran out (10 s). The interruption is marked
+    saved-then-interrupted and said; the end is reported once Redis answers."""
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE IF NOT EXISTS probe_notes (note text)"))
+    Factory, _breaker = opened(
+        redis_server, engine, "cut", scripts=True, half_open_probes=1, redis_timeout=8
+    )
+
+    def probe(s: Session) -> int:
+        s.execute(sa.text("INSERT INTO probe_notes VALUES ('cut')"))
+        redis_server.pause()  # Redis hangs just as the probe ends
+        return 1
+
+    main = threading.main_thread().ident
+
+    def interrupt() -> None:
+        wait_for(_main_thread_waits_for_redis, "the probe's end waiting for Redis", timeout=8)
+        signal.pthread_kill(main or 0, signal.SIGINT)
+
+    sender = threading.Thread(target=interrupt, daemon=True)
+    try:
+        sender.start()
+        with pytest.raises(KeyboardInterrupt) as interrupted:
+            Factory.run(probe)
+    finally:
+        redis_server.resume()
+        sender.join(5)
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM probe_notes")).scalar() == 1
+    assert saved_then_interrupted(interrupted.value) == "cut"
+    [line] = [e for e in events if e.name == "commit_interrupted"]
+    assert line.fields["outcome"] == "committed"
+    assert "after its COMMIT succeeded; it is committed" in line.message
+    # the probe's end reaches Redis (not its lease running out: 10 s)
+    wait_for(lambda: _fleet_state(redis_server, "cut") == "closed", "the probe's end", timeout=5)
+    held = redis_server.client().hget("resilient_db:{cut}:breaker", "probes")
+    assert int(held or 0) == 0
+    assert Factory.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one()) == 1
