@@ -444,6 +444,72 @@ async def test_a_probe_cancelled_while_its_end_waits_for_a_worker_thread_still_e
 
 
 @pytest.mark.asyncio
+@pytest.mark.usefixtures("engine")  # (installs raise_code in the test's database)
+async def test_a_retry_cancelled_while_its_success_is_reported_is_saved_then_interrupted(
+    aengine: AsyncEngine,
+    redis_server: RedisServer,
+    clean_env: pytest.MonkeyPatch,
+    service: str,
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """A unit's first attempt fails (57P03, counted fleet-wide); its retry writes and commits,
+    and the first success after that failure, for Redis, waits for one of the event loop's
+    threads (all busy): the unit is cancelled meanwhile. The ``CancelledError`` is marked
+    saved-then-interrupted and said (it was raised unmarked: a plain error)."""
+    async with aengine.begin() as conn:
+        await conn.execute(sa.text("CREATE TABLE IF NOT EXISTS retry_notes (note text)"))
+    Sessions = await _shared_factory(
+        aengine,
+        redis_server,
+        service,
+        SELF_HEALING_RETRY="true",
+        SELF_HEALING_INITIAL_DELAY="1",
+        SELF_HEALING_MAX_DELAY="1",
+    )
+    loop = asyncio.get_running_loop()
+    release = threading.Event()
+    holders: list[asyncio.Future[bool]] = []
+
+    async def unit(session: AsyncSession) -> None:
+        if not holders:
+            holders.append(loop.create_future())  # (the first attempt: fails)
+            holders[0].set_result(True)
+            await session.execute(sa.text("SELECT raise_code('57P03')"))
+        await session.execute(sa.text("INSERT INTO retry_notes VALUES ('retried')"))
+        holders.append(loop.run_in_executor(None, release.wait, 10))  # the one thread, busy
+        executor.submitted = 1  # (what follows is the unit's)
+
+    class Executor(concurrent.futures.ThreadPoolExecutor):
+        submitted = 0
+
+        def submit(self, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+            self.submitted += 1
+            return super().submit(*args, **kwargs)
+
+    with Executor(max_workers=1) as executor:
+        loop.set_default_executor(executor)
+        task = asyncio.create_task(Sessions.run(unit))
+        try:
+            await wait_for_async(lambda: len(holders) > 1, "the retry's attempt", 10)
+            await wait_for_async(
+                lambda: executor.submitted > 1, "the retry's success, queued for a thread", 10
+            )
+            assert not task.done()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError) as cancelled:
+                await task
+        finally:
+            release.set()
+            await asyncio.gather(*holders)
+    async with aengine.connect() as conn:
+        assert (await conn.execute(sa.text("SELECT count(*) FROM retry_notes"))).scalar() == 1
+    assert saved_then_interrupted(cancelled.value) == service
+    [line] = [e for e in events if e.name == "commit_interrupted"]
+    assert line.fields["outcome"] == "committed"
+    assert "as its circuit breaker was told of its success" in line.message
+
+
+@pytest.mark.asyncio
 async def test_a_breaker_of_its_own_storage_refuses_on_the_loop_while_the_budget_is_shared(
     aengine: AsyncEngine, redis_server: RedisServer, clean_env: pytest.MonkeyPatch, service: str
 ) -> None:
