@@ -22,8 +22,19 @@ from resilient_db.testing import FaultProxy
 from resilient_db.web import PROBLEM_JSON, problem_details
 
 flask = pytest.importorskip("flask")
+HTTPException = pytest.importorskip("werkzeug.exceptions").HTTPException
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
+
+
+def readme_recipe(exc: Exception) -> Any:
+    """The README's recipe: ``app.register_error_handler(Exception, ...)``."""
+    if isinstance(exc, HTTPException):
+        return exc  # Flask's own answers (404, 405, abort()), as without this handler
+    answer = problem_details(exc)
+    if answer is None:
+        raise exc  # Flask logs it and answers its 500, as without this handler
+    return answer.body, answer.status, answer.response_headers
 
 
 @pytest.fixture
@@ -42,13 +53,7 @@ def test_the_readmes_flask_recipe_answers_problem_json(
         session.flush()
         task_id = task.id
     app = flask.Flask(__name__)
-
-    @app.errorhandler(Exception)
-    def problem(exc: Exception) -> Any:  # the README's recipe
-        answer = problem_details(exc)
-        if answer is None:
-            raise exc
-        return answer.body, answer.status, answer.response_headers
+    app.register_error_handler(Exception, readme_recipe)
 
     @app.post("/tasks/<int:tid>/<to>")
     def move(tid: int, to: str) -> Any:
@@ -90,3 +95,34 @@ def test_response_headers_are_the_headers_and_the_content_type() -> None:
     invalid = problem_details(rdb.ResponseValidationError("db", "Out", "bad"))
     assert invalid is not None
     assert invalid.response_headers == {"Content-Type": PROBLEM_JSON}
+
+
+def test_the_recipe_leaves_flasks_own_answers_and_the_applications_errors_as_they_were(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A handler of ``Exception`` is also Flask's handler of its ``HTTPException``s (a 404, a
+    405, ``abort(403)``) and of the ``InternalServerError`` it makes of an error no handler
+    answered: re-raised from there, each became a 500, and the application's own error left
+    Flask altogether (to the WSGI server's 500)."""
+    app = flask.Flask(__name__)  # not TESTING: errors are answered as in production
+    app.register_error_handler(Exception, readme_recipe)
+
+    @app.get("/forbidden")
+    def forbidden() -> Any:
+        flask.abort(403)
+
+    @app.get("/bug")
+    def bug() -> Any:
+        raise KeyError("the application's own")
+
+    client = app.test_client()
+    assert client.get("/missing").status_code == 404
+    refused = client.post("/forbidden")
+    assert refused.status_code == 405
+    assert sorted(refused.headers["Allow"].split(", ")) == ["GET", "HEAD", "OPTIONS"]
+    assert client.get("/forbidden").status_code == 403
+    with caplog.at_level("ERROR", logger=app.logger.name):
+        failed = client.get("/bug")  # answered by Flask, not raised out of it
+    assert failed.status_code == 500
+    assert failed.headers["Content-Type"].startswith("text/html")  # Flask's own 500
+    assert [r.exc_info[0] for r in caplog.records if r.exc_info] == [KeyError]  # logged once
