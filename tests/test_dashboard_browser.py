@@ -309,6 +309,46 @@ def test_page_says_why_a_failed_health_check_is_not_healthy(browser: Any) -> Non
     assert overall == "degraded: the dashboard's health() check failed: ConnectionRefusedError"
 
 
+def test_page_says_it_is_not_updating_while_data_json_gives_no_answer(
+    browser: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``data.json`` that does not answer (a sync check waiting for a threadpool that the
+    application's endpoints fill in an outage, a connection gone quiet) is given up after the
+    page's request timeout: the page says it is not updating and polls on. Before, the page
+    waited for it for good, still saying "live" and showing the last answer (healthy) as it
+    was: no sign that what it showed was stale."""
+    from resilient_db.web import _dashboard  # noqa: PLC0415
+
+    monkeypatch.setattr(_dashboard, "REQUEST_TIMEOUT_SECONDS", 1.0)
+    answering = threading.Event()
+    answering.set()
+    gone_quiet = threading.Event()
+
+    def check() -> dict[str, Any]:  # a sync check: run in the threadpool, as the README says
+        if not answering.is_set():
+            gone_quiet.set()
+            answering.wait(30)
+        return {"healthy": True, "services": {}}
+
+    app = dashboard(auth=token_auth(TOKEN), health=check, poll_seconds=0.1)
+    try:
+        with serve_in_background(app) as server:
+            browser.get(f"{server.url}/?token={TOKEN}")
+            wait_for("a refresh", lambda: updates(browser) >= 1)
+            live = browser.find_element("id", "live")
+            assert live.get_attribute("class") == ""
+            answering.clear()
+            assert gone_quiet.wait(20)
+            wait_for("the page saying so", lambda: live.get_attribute("class") == "stale")
+            said = browser.find_element("id", "error").text
+            assert "no answer within 1 s" in said, said
+            answering.set()  # answers again: the page follows
+            wait_for("live again", lambda: live.get_attribute("class") == "")
+            assert not browser.find_element("id", "error").is_displayed()
+    finally:
+        answering.set()
+
+
 def test_page_adds_what_changed_to_what_it_shows_as_a_full_answer_would_show_it(
     browser: Any,
 ) -> None:

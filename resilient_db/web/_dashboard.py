@@ -50,6 +50,11 @@ _NO_AUTH = (
 #: only loads the server, and a browser runs a timer of more than ~24.8 days at once.
 MIN_POLL_SECONDS = 0.1
 MAX_POLL_SECONDS = 86_400.0
+#: The page gives up a ``data.json`` request not answered within this many seconds (or the
+#: poll interval, if longer), says it is not updating, and polls on: without it, a request the
+#: server never answers (a sync check waiting for a threadpool full of the application's
+#: endpoints, a connection gone quiet) stopped the polling for good, the page still "live".
+REQUEST_TIMEOUT_SECONDS = 30.0
 #: WebSocket close code "Policy Violation": the dashboard serves no WebSocket.
 _WS_POLICY_VIOLATION = 1008
 
@@ -156,6 +161,7 @@ class Dashboard:
             nonce=nonce,
             poll_ms=round(self.poll_seconds * 1000),
             min_poll_ms=round(MIN_POLL_SECONDS * 1000),
+            timeout_ms=round(REQUEST_TIMEOUT_SECONDS * 1000),
             events=min(self.events, self.recorder.max_events),
         )
         return _secured(HTMLResponse(page), nonce=nonce)

@@ -99,13 +99,15 @@ col.c-ev { width: 170px; }
   <span id="live">connecting…</span>
 </header>
 <div id="error" role="alert"></div>
-<main id="main" data-poll="@POLL@" data-events="@EVENTS@" data-states="@MAX_STATES@"><div class="card wide empty">Loading…</div></main>
+<main id="main" data-poll="@POLL@" data-timeout="@TIMEOUT@" data-events="@EVENTS@" data-states="@MAX_STATES@"><div class="card wide empty">Loading…</div></main>
 <script nonce="@NONCE@">
 "use strict";
 (function () {
   const SVG = "http://www.w3.org/2000/svg";
   const main = document.getElementById("main");
   const poll = Math.max(@MIN_POLL@, Number(main.dataset.poll) || 2000);
+  // a request not answered by then is given up (and said): the page polls on
+  const timeout = Math.max(poll, Number(main.dataset.timeout) || 30000);
   const maxEvents = Number(main.dataset.events) || 0;
   const maxStates = Number(main.dataset.states) || 0;
   let shown = null;  // the data drawn last: a delta answer (data.delta) adds to it
@@ -420,12 +422,15 @@ col.c-ev { width: 170px; }
   async function refresh() {
     const live = document.getElementById("live");
     const error = document.getElementById("error");
+    const control = new AbortController();
+    const timer = window.setTimeout(() => control.abort(), timeout);
     try {
       const query = new URLSearchParams(window.location.search);
       if (shown && shown.cursor) query.set("after", shown.cursor);
       const search = query.toString();
       const answer = await fetch("data.json" + (search ? "?" + search : ""),
-        { cache: "no-store", credentials: "same-origin", headers: { "Accept": "application/json" } });
+        { cache: "no-store", credentials: "same-origin", headers: { "Accept": "application/json" },
+          signal: control.signal });
       if (!answer.ok) throw new Error("the dashboard answered " + answer.status);
       const data = merged(shown, await answer.json());
       render(data);
@@ -437,9 +442,12 @@ col.c-ev { width: 170px; }
     } catch (err) {
       live.textContent = "not updating";
       live.className = "stale";
-      error.textContent = "Could not refresh: " + (err && err.message ? err.message : String(err)) + " (retrying)";
+      const why = control.signal.aborted ? "no answer within " + (timeout / 1000) + " s"
+        : err && err.message ? err.message : String(err);
+      error.textContent = "Could not refresh: " + why + " (retrying)";
       error.style.display = "block";
     } finally {
+      window.clearTimeout(timer);
       window.setTimeout(refresh, poll);
     }
   }
@@ -452,16 +460,24 @@ col.c-ev { width: 170px; }
 
 
 def render_page(
-    *, title: str, nonce: str, poll_ms: int, min_poll_ms: int = 100, events: int = 100
+    *,
+    title: str,
+    nonce: str,
+    poll_ms: int,
+    min_poll_ms: int = 100,
+    events: int = 100,
+    timeout_ms: int = 30_000,
 ) -> str:
     """The page, with ``title`` escaped and the script's nonce; it polls every ``poll_ms``,
-    never more often than every ``min_poll_ms`` (the dashboard's ``MIN_POLL_SECONDS``), and
-    keeps the last ``events`` events (as many as ``data.json`` serves in full)."""
+    never more often than every ``min_poll_ms`` (the dashboard's ``MIN_POLL_SECONDS``), gives
+    up a request not answered within ``timeout_ms`` (or ``poll_ms``, if longer), saying so,
+    and keeps the last ``events`` events (as many as ``data.json`` serves in full)."""
     # the title last: a title holding a placeholder (``@NONCE@``) is shown as written
     return (
         _TEMPLATE.replace("@NONCE@", nonce)
         .replace("@MIN_POLL@", str(int(min_poll_ms)))
         .replace("@POLL@", str(int(poll_ms)))
+        .replace("@TIMEOUT@", str(int(timeout_ms)))
         .replace("@EVENTS@", str(int(events)))
         .replace("@MAX_STATES@", str(MAX_STATE_CHANGES))
         .replace("@TITLE@", html.escape(title, quote=True))
