@@ -599,3 +599,22 @@ def test_an_error_of_any_class_after_an_operation_committed_is_partly_committed(
         partly(client.post("/change"), None)
         assert client.post("/plain").json() == {"own": "KeyError"}
     assert [saved(direct, key) for key in keys] == [1, 1]
+
+    # handlers of both Exception and 500, registered before: Starlette's last resort is the
+    # one registered last, and it was left in place of ours (the partly-committed change got
+    # the application's plain 500); the one Starlette would use still answers the rest
+    def own_500(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"own_500": type(exc).__name__}, status_code=500)
+
+    for first, then, answers in ((Exception, 500, "own_500"), (500, Exception, "own")):
+        both = Starlette()
+        both.add_route("/change", committed_then_failed, methods=["POST"])
+        both.add_route("/plain", failed, methods=["POST"])
+        both.add_exception_handler(first, own if first is Exception else own_500)
+        both.add_exception_handler(then, own if then is Exception else own_500)
+        install_exception_handlers(both)
+        install_exception_handlers(both)  # again
+        with TestClient(both, raise_server_exceptions=False) as client:
+            partly(client.post("/change"), None)
+            assert client.post("/plain").json() == {answers: "KeyError"}
+    assert [saved(direct, key) for key in keys] == [1, 1, 1, 1]

@@ -356,10 +356,17 @@ def install_exception_handlers(
     for cls in handled:
         app.add_exception_handler(cls, handle)
     # an error of any other class the application raises after part of its change committed
-    # (see _LastResort): Starlette's handler of Exception, the application's kept for the rest
-    # (its 500 handler is the same one to Starlette)
-    own: _Handler | None = app.exception_handlers.get(Exception) or app.exception_handlers.get(500)
+    # (see _LastResort): Starlette's handler of Exception, the application's kept for the rest.
+    # Starlette takes a handler of 500 for one of Exception, the one registered last when both
+    # are: that one is the application's to keep, and ours takes both keys (left under 500, the
+    # application's would be used instead of ours)
+    own: _Handler | None = None
+    for key, handler in app.exception_handlers.items():
+        if key == 500 or key is Exception:
+            own = handler
     if isinstance(own, _ProblemHandler):  # installed again
         own = own.displaced.get(Exception)
     last = _LastResort(app, config, type_base, {} if own is None else {Exception: own})
     app.add_exception_handler(Exception, last)
+    if 500 in app.exception_handlers:
+        app.add_exception_handler(500, last)
