@@ -10,7 +10,13 @@ its state otherwise): given in ``values()``, as the column's ``onupdate``, run o
 parameter sets, through an ``AsyncSession``.
 
 Real server, no trigger installed: the session guards alone. ``nextval`` makes the second
-evaluation differ from the first on every row, deterministically."""
+evaluation differ from the first on every row, deterministically.
+
+The check before such an UPDATE is a query of its own holding the statement's criteria: one
+reading a data-modifying WITH (``delete(Queue)...returning(...).cte()``, the queue-pop
+pattern) had the check run that DELETE (or INSERT) first, so the UPDATE found its queue rows
+gone and moved nothing (while the DELETE committed), or failed on the INSERT's duplicate key.
+The check of such a statement now runs inside a savepoint rolled back after it."""
 
 from __future__ import annotations
 
@@ -77,6 +83,14 @@ class Planned(Base):
     status: Mapped[str] = mapped_column(sa.String(20))
 
 
+class Queue(Base):
+    """Tasks waiting for a worker: popped by a DELETE ... RETURNING the UPDATE reads."""
+
+    __tablename__ = "queue"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    task_id: Mapped[int]
+
+
 #: rows 1 and 2 may go back to pending (running), rows 3 and 4 may not (done)
 ROWS = "(1, 'x', 'running'), (2, 'x', 'running'), (3, 'x', 'done'), (4, 'x', 'done')"
 
@@ -89,6 +103,7 @@ def engine(pg_url: str) -> Iterator[sa.Engine]:
         f"CREATE SEQUENCE {TICK.name}",
         f"INSERT INTO tasks VALUES {ROWS}",
         f"INSERT INTO edited VALUES {ROWS}",
+        "INSERT INTO queue VALUES (1, 1), (2, 2), (3, 3)",
     )
 
 
@@ -258,3 +273,147 @@ async def test_a_new_state_of_null_is_judged_as_written_async(
     finally:
         await aengine.dispose()
     assert statuses_by_id(engine, "tickets") == {1: None, 2: "closed", 3: None}
+
+
+def popped(*task_ids: int) -> Any:
+    """The queue's rows of ``task_ids``, deleted: the ids they held (a data-modifying WITH)."""
+    taken = sa.delete(Queue).where(Queue.task_id.in_(task_ids)).returning(Queue.task_id)
+    return taken.cte("popped")
+
+
+def queued(engine: sa.Engine) -> list[int]:
+    with engine.connect() as conn:
+        return list(conn.scalars(sa.text("SELECT task_id FROM queue ORDER BY id")))
+
+
+def back_to_pending(taken: Any) -> Any:
+    return (
+        sa.update(Task)
+        .where(Task.id.in_(sa.select(taken.c.task_id)))
+        .values(status="pending")
+        .add_cte(taken)
+    )
+
+
+CTE_UNITS: dict[str, tuple[Callable[[Session], Any], dict[int, str], list[int]]] = {
+    # the unit, then the states and the queue it leaves
+    "DELETE": (
+        lambda s: s.execute(back_to_pending(popped(1, 2))),
+        {1: "pending", 2: "pending", 3: "done", 4: "done"},
+        [3],
+    ),
+    "INSERT": (
+        lambda s: s.execute(
+            back_to_pending(
+                sa.insert(Queue).values(id=9, task_id=1).returning(Queue.task_id).cte("pushed")
+            )
+        ),
+        {1: "pending", 2: "running", 3: "done", 4: "done"},
+        [1, 2, 3, 1],
+    ),
+    "DELETE, parameter sets": (
+        lambda s: s.execute(
+            back_to_pending(
+                sa.delete(Queue)
+                .where(Queue.task_id == sa.bindparam("i"))
+                .returning(Queue.task_id)
+                .cte("popped")
+            ),
+            [{"i": 1}, {"i": 2}],
+            execution_options={"dml_strategy": "orm", "synchronize_session": False},
+        ),
+        {1: "pending", 2: "pending", 3: "done", 4: "done"},
+        [3],
+    ),
+    "DELETE, read by the new state": (
+        lambda s: s.execute(
+            sa.update(Task)
+            .where(Task.id <= 2)
+            .values(
+                status=sa.case(
+                    (Task.id.in_(sa.select(popped(1).c.task_id)), "pending"), else_=Task.status
+                )
+            )
+        ),
+        {1: "pending", 2: "running", 3: "done", 4: "done"},
+        [2, 3],
+    ),
+}
+
+
+@pytest.mark.parametrize("mode", ["filter", "raise"])
+@pytest.mark.parametrize("how", sorted(CTE_UNITS))
+def test_a_data_modifying_with_runs_once(
+    engine: sa.Engine, service: str, how: str, mode: str
+) -> None:
+    """Legal moves of the rows a data-modifying WITH picks are made, and its change made once:
+    the check before the UPDATE doesn't leave the UPDATE without its rows, nor take the key
+    the INSERT then finds taken."""
+    unit, states, queue = CTE_UNITS[how]
+    Sessions = rdb.ResilientSession(engine, service=service, config=rdb.Config(bulk_update=mode))
+    Sessions.run(unit)
+    assert statuses_by_id(engine) == states
+    assert queued(engine) == queue
+
+
+@pytest.mark.parametrize("mode", ["filter", "raise"])
+def test_a_data_modifying_with_picking_an_illegal_move(
+    engine: sa.Engine, service: str, mode: str
+) -> None:
+    """The rows the WITH picks are judged as ever: the done task 3 stays done; in filter mode
+    the legal move of task 1 is made (the queue's rows are taken once), in raise mode nothing
+    is, the queue left whole."""
+    Sessions = rdb.ResilientSession(engine, service=service, config=rdb.Config(bulk_update=mode))
+    if mode == "raise":
+        with pytest.raises(rdb.IllegalTransitionError) as info:
+            Sessions.run(lambda s: s.execute(back_to_pending(popped(1, 3))))
+        assert (info.value.pk, info.value.from_state) == (3, "done")
+        assert statuses_by_id(engine) == {1: "running", 2: "running", 3: "done", 4: "done"}
+        assert queued(engine) == [1, 2, 3]
+        return
+    Sessions.run(lambda s: s.execute(back_to_pending(popped(1, 3))))
+    assert statuses_by_id(engine) == {1: "pending", 2: "running", 3: "done", 4: "done"}
+    assert queued(engine) == [2]
+
+
+@pytest.mark.asyncio
+async def test_a_data_modifying_with_runs_once_async(
+    engine: sa.Engine, pg_async_url: str, service: str
+) -> None:
+    aengine = create_async_engine(pg_async_url)
+    Sessions = rdb.AsyncResilientSession(aengine, service=service)
+
+    async def unit(session: AsyncSession) -> None:
+        await session.execute(back_to_pending(popped(1, 3)))
+
+    try:
+        await Sessions.run(unit)
+    finally:
+        await aengine.dispose()
+    assert statuses_by_id(engine) == {1: "pending", 2: "running", 3: "done", 4: "done"}
+    assert queued(engine) == [2]
+
+
+@pytest.mark.parametrize("mode", ["filter", "raise"])
+def test_a_data_modifying_with_in_autocommit(engine: sa.Engine, service: str, mode: str) -> None:
+    """Without a transaction the check's change can't be undone: the check is left out in
+    filter mode (the UPDATE's condition alone keeps task 3 done), the statement refused in
+    raise mode, before anything is sent."""
+    Sessions = rdb.ResilientSession(
+        engine.execution_options(isolation_level="AUTOCOMMIT"),
+        service=service,
+        config=rdb.Config(bulk_update=mode),
+    )
+
+    def unit(session: Session) -> None:
+        session.execute(back_to_pending(popped(1, 3)))
+
+    if mode == "raise":
+        with pytest.raises(rdb.TransitionRulesError, match=r"AUTOCOMMIT mode.*in a transaction"):
+            Sessions.run(unit)
+        assert statuses_by_id(engine) == {1: "running", 2: "running", 3: "done", 4: "done"}
+        assert queued(engine) == [1, 2, 3]
+        return
+    Sessions.run(unit)
+    assert statuses_by_id(engine) == {1: "pending", 2: "running", 3: "done", 4: "done"}
+    assert queued(engine) == [2]

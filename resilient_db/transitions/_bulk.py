@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Result
 from sqlalchemy.orm import FromStatement, Mapper, ORMExecuteState, Session
+from sqlalchemy.sql import visitors
 from sqlalchemy.sql.elements import (
     BindParameter,
     ClauseElement,
@@ -35,6 +36,7 @@ from resilient_db._registry import service_of
 
 from ._bypass import active_config
 from ._changes import Change, as_declared, illegal, in_key_order, read_by_keys
+from ._install import in_autocommit
 from ._report import count, logger, report, row_keys, row_label, service_words, unit_service
 from ._rules import Guard, Key, TransitionRulesError, compiled_guards, plain, same_rules, sort_key
 
@@ -504,11 +506,76 @@ def _check_rows(
     anyway, a moment later). It returns only the rows left behind (or their count). Rows that
     come to match the criteria only after the check (a change committed in between, under
     READ COMMITTED) are judged by the UPDATE's condition alone."""
+    conn = session.connection(bind_arguments={"mapper": mapper})
+    # Criteria (or a new state) reading a data-modifying WITH (an INSERT, UPDATE or DELETE
+    # ... RETURNING made a CTE: the queue-pop pattern) put that statement in the check's query
+    # too: run as it is, the check would make that change before the UPDATE makes it once more
+    # (a DELETE's rows gone when the UPDATE looks for them, an INSERT's key taken). Such a
+    # check runs inside a savepoint rolled back after it, so the UPDATE finds the rows as the
+    # check did; the locks the check took go with it (the UPDATE's condition still judges
+    # every row it changes). Without a transaction (AUTOCOMMIT) nothing can undo the check's
+    # change: it is left out in filter mode (the UPDATE's condition alone leaves the illegal
+    # moves out, not logged), refused in raise mode.
+    savepoint = None
+    if _modifies_data(where[0], new[0]):
+        if not in_autocommit(conn):
+            savepoint = conn.begin_nested()
+        elif config.bulk_update == "raise":
+            raise TransitionRulesError(
+                f"an UPDATE of {guard.model} whose criteria or new {guard.attr_key} read a "
+                f"data-modifying WITH (an INSERT, UPDATE or DELETE made a CTE) can't be "
+                f"checked before it runs on a connection in AUTOCOMMIT mode: the check would "
+                f"make and commit that change before the UPDATE makes it again; run it in a "
+                f"transaction, or with SELF_HEALING_BULK_UPDATE=filter"
+            )
+        else:
+            return
+    try:
+        _judge_rows(
+            session,
+            conn,
+            config=config,
+            guard=guard,
+            named=named,
+            where=where,
+            param_sets=param_sets,
+            new=new,
+            shown=shown,
+        )
+    finally:
+        if savepoint is not None:
+            savepoint.rollback()
+
+
+def _modifies_data(*elements: Any) -> bool:
+    """Whether any of ``elements`` (SQL expressions, or None) reads a data-modifying common
+    table expression (``insert()``/``update()``/``delete()`` made a CTE), which a query
+    holding the element runs each time it is run."""
+    return any(
+        isinstance(node, sa.CTE) and node.element.is_dml
+        for element in elements
+        if element is not None
+        for node in visitors.iterate(element)
+    )
+
+
+def _judge_rows(
+    session: Session,
+    conn: Any,
+    *,
+    config: Config,
+    guard: Guard,
+    named: _Named,
+    where: tuple[Any, ColumnElement[bool]],
+    param_sets: list[dict[str, Any]],
+    new: tuple[Any, Any],
+    shown: str,
+) -> None:
+    """:func:`_check_rows` through ``conn``, the session's connection for the UPDATE."""
     criteria, legal = where
     new_expr, value = new
     col = named.status
     blocked: ColumnElement[bool] = sa.not_(sa.func.coalesce(legal, sa.false()))
-    conn = session.connection(bind_arguments={"mapper": mapper})
     n_pk = len(named.pks)
     # the mapped attribute brings the ORM's criteria of a single-table subclass (the
     # discriminator), as the UPDATE has them

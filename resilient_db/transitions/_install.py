@@ -68,6 +68,7 @@ from ._sql import transition_trigger_sql as _model_sql
 __all__ = [
     "TransitionTrigger",
     "TriggerInstallRefusedError",
+    "in_autocommit",
     "install_transition_trigger",
     "run_statements",
     "transition_trigger_drop_sql",
@@ -393,7 +394,7 @@ def _send(connection: Connection, statements: list[str]) -> None:
     in one transaction of their own (BEGIN ... COMMIT): each statement committing on its own
     would leave the table without its trigger between a DROP TRIGGER and its CREATE TRIGGER, and
     the install lock would be released at once."""
-    if not _autocommit(connection):
+    if not in_autocommit(connection):
         for stmt in statements:
             connection.exec_driver_sql(stmt, execution_options={"no_parameters": True})
         return
@@ -408,7 +409,7 @@ def _send(connection: Connection, statements: list[str]) -> None:
     connection.exec_driver_sql("COMMIT", execution_options={"no_parameters": True})
 
 
-def _autocommit(connection: Connection) -> bool:
+def in_autocommit(connection: Connection) -> bool:
     """Whether statements on ``connection`` commit one at a time: AUTOCOMMIT set on it (an
     execution option) or for the whole engine (``create_engine(isolation_level="AUTOCOMMIT")``),
     which the driver connection says."""
@@ -618,7 +619,7 @@ def _shape_in_db(target: Any, table: sa.Table) -> tuple[bool, str | None]:
         live = _live_connection(target)
         if live is None or live.dialect.name != "postgresql":
             return False, None
-        if _autocommit(live):
+        if in_autocommit(live):
             row = live.execute(_TABLE_SHAPE_QUERY, {"table": name}).first()
         else:
             # the caller's transaction: a look that fails (no USAGE on the table's schema, a
