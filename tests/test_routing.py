@@ -16,11 +16,12 @@ import sqlalchemy as sa
 from scenarios import ASYNC_DRIVERS, Base, Item, held_and_released
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.ext.horizontal_shard import ShardedSession
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import resilient_db as rdb
 from resilient_db._state import STATE
 from resilient_db.testing import FaultProxy, PostgresServer
+from resilient_db.transitions._report import transition_stats
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
 
@@ -637,3 +638,73 @@ async def test_async_a_get_bind_added_after_the_factory_was_made_has_its_engines
     finally:
         for engine in made.values():
             await engine.dispose()
+
+
+class JobsBase(DeclarativeBase):
+    pass
+
+
+class Job(JobsBase):
+    __tablename__ = "routed_jobs"
+    __transitions__ = rdb.TransitionRules(
+        column="status",
+        transitions={"pending": {"running"}, "running": {"done"}},
+        initial={"pending"},
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    status: Mapped[str] = mapped_column(sa.String(20), default="pending")
+
+
+@pytest.fixture
+def jobs_engines(pg_url: str) -> Iterator[tuple[sa.Engine, sa.Engine]]:
+    """The primary, where job 1 is pending, and an engine reaching another ``routed_jobs``
+    table (its search_path), where job 1 is done: another database, or a replica that lags."""
+    primary = sa.create_engine(pg_url)
+    with primary.begin() as conn:
+        JobsBase.metadata.create_all(conn)
+        conn.exec_driver_sql("CREATE SCHEMA lagging")
+        conn.exec_driver_sql("CREATE TABLE lagging.routed_jobs (LIKE public.routed_jobs)")
+        conn.exec_driver_sql("INSERT INTO routed_jobs VALUES (1, 'pending')")
+        conn.exec_driver_sql("INSERT INTO lagging.routed_jobs VALUES (1, 'done')")
+    elsewhere = sa.create_engine(pg_url, connect_args={"options": "-c search_path=lagging"})
+    yield primary, elsewhere
+    primary.dispose()
+    elsewhere.dispose()
+
+
+def job_states(engine: sa.Engine) -> list[str]:
+    with engine.connect() as conn:
+        return list(conn.scalars(sa.text("SELECT status FROM routed_jobs ORDER BY id")))
+
+
+@pytest.mark.parametrize("mode", ["filter", "raise"])
+@pytest.mark.parametrize("how", ["routed", "bind given"])
+def test_a_bulk_update_is_checked_where_it_runs(
+    jobs_engines: tuple[sa.Engine, sa.Engine], service: str, how: str, mode: str
+) -> None:
+    """The bulk-UPDATE guard reads and locks the rows on the connection the UPDATE runs on:
+    the one a read/write split's get_bind() gives the statement (not the replica it gives
+    the mapper alone: SELECT ... FOR UPDATE fails on a read-only one), or the bind given to
+    execute(). It read the other one, and refused a legal move for a state the row doesn't
+    hold there."""
+    primary, elsewhere = jobs_engines
+    config = rdb.Config(bulk_update=mode)
+    if how == "routed":
+        replica = elsewhere.execution_options(postgresql_readonly=True)
+        Sessions = rdb.ResilientSession(
+            class_=routing_class(primary, replica), service=service, config=config
+        )
+        bind_arguments: dict[str, Any] = {}
+    else:
+        Sessions = rdb.ResilientSession(elsewhere, service=service, config=config)
+        bind_arguments = {"bind": primary}
+    before = transition_stats()["bulk_rows_filtered"]
+
+    def unit(session: Session) -> None:
+        moved = sa.update(Job).where(Job.id == 1).values(status="running")
+        session.execute(moved, bind_arguments=bind_arguments)
+
+    Sessions.run(unit)
+    assert job_states(primary) == ["running"]
+    assert job_states(elsewhere) == ["done"]
+    assert transition_stats()["bulk_rows_filtered"] == before  # no row was left out

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple, NoReturn
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.engine import Result
+from sqlalchemy.engine import Connection, Result
 from sqlalchemy.orm import FromStatement, Mapper, ORMExecuteState, Session
 from sqlalchemy.sql import visitors
 from sqlalchemy.sql.elements import (
@@ -295,7 +295,7 @@ def do_orm_execute(orm_state: ORMExecuteState) -> Result[Any] | None:
                 stmt = _set_once(stmt, guard, named, target, new_expr)
             exec_params = dict(params) if isinstance(params, Mapping) else {}
             _check_rows(
-                session,
+                orm_state,
                 config=config,
                 mapper=mapper,
                 guard=guard,
@@ -451,7 +451,7 @@ def _restrict_many(
             stmt = _set_once(stmt, guard, named, first, new_expr)
         legal = _legal_predicate(guard, named.status, new_expr)
         _check_rows(
-            orm_state.session,
+            orm_state,
             config=config,
             mapper=mapper,
             guard=guard,
@@ -481,7 +481,7 @@ def _restrict_many(
 
 
 def _check_rows(
-    session: Session,
+    orm_state: ORMExecuteState,
     *,
     config: Config,
     mapper: Mapper[Any],
@@ -506,7 +506,8 @@ def _check_rows(
     anyway, a moment later). It returns only the rows left behind (or their count). Rows that
     come to match the criteria only after the check (a change committed in between, under
     READ COMMITTED) are judged by the UPDATE's condition alone."""
-    conn = session.connection(bind_arguments={"mapper": mapper})
+    session = orm_state.session
+    conn = _connection_of(orm_state)
     # Criteria (or a new state) reading a data-modifying WITH (an INSERT, UPDATE or DELETE
     # ... RETURNING made a CTE: the queue-pop pattern) put that statement in the check's query
     # too: run as it is, the check would make that change before the UPDATE makes it once more
@@ -545,6 +546,14 @@ def _check_rows(
     finally:
         if savepoint is not None:
             savepoint.rollback()
+
+
+def _connection_of(orm_state: ORMExecuteState) -> Connection:
+    """The connection the session runs the UPDATE on, which the check must read and lock the
+    rows through: the one its bind arguments pick, as SQLAlchemy picks it (the statement's
+    mapper and the statement itself, which a ``get_bind()`` routing writes to the primary and
+    reads to a replica looks at; a ``bind`` given to ``execute()``), not the mapper's alone."""
+    return orm_state.session.connection(bind_arguments=dict(orm_state.bind_arguments))
 
 
 def _modifies_data(*elements: Any) -> bool:
@@ -738,6 +747,8 @@ def _bulk_by_pk(
             wanted.setdefault(identity, []).append((index, target.value))
         if not wanted:
             continue
+        # SQLAlchemy sends a bulk UPDATE by primary key through the connection of the mapper
+        # alone (no statement to route by, no bind given to execute() used)
         conn = orm_state.session.connection(bind_arguments={"mapper": mapper})
         n_pk = len(guard.pk_columns)
         found = read_by_keys(
