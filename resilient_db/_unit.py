@@ -1894,6 +1894,16 @@ def listening_base(given: type[Any]) -> type[Any]:
     return base
 
 
+def listen_on_sync_class(kw: Mapping[str, Any]) -> None:
+    """(async) A ``sync_session_class`` in ``kw`` (one session's keywords, or a ``configure``'s)
+    listens for the drop-in connect retry (see :func:`install_connect_retry`), as the class the
+    factory was made with does: its sessions were neither refused by an open breaker nor
+    retried on a failed connect. Anything but a ``Session`` subclass is left to SQLAlchemy."""
+    cls = kw.get("sync_session_class")
+    if isinstance(cls, type) and issubclass(cls, Session):
+        install_connect_retry(cls)
+
+
 def install_connect_retry(session_class: type[Session]) -> None:
     """Listen for the drop-in connect retry on the session class a factory makes sessions of
     (sync: the class ``sessionmaker`` made for it; async: ``sync_session_class``), so plain
@@ -2265,6 +2275,7 @@ class FactoryCore:
             hooks = None if sync is None else hooks_for(sync, self)
             self._hook_engines(binds)
         super().configure(**new_kw)  # type: ignore[misc]
+        listen_on_sync_class(new_kw)  # (async: a new sync_session_class)
         if hooks is not None and hooks is not self._hooks:
             old = self._hooks
             old.factories.discard(self)

@@ -122,6 +122,50 @@ async def test_async_an_open_breaker_refuses_drop_in_work_on_a_pooled_connection
         await aengine.dispose()
 
 
+class _MadeWith(Session):
+    """The sync session class an async factory is made with (``sync_session_class=``)."""
+
+
+class _GivenLater(Session):
+    """One given later: to ``configure()``, or to one session (``Factory(sync_session_class=)``,
+    as ``async_sessionmaker`` takes it)."""
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("how", ["configure", "one session"])
+async def test_async_a_sync_session_class_given_later_is_refused_by_an_open_breaker_too(
+    engine: sa.Engine, pg_server: PostgresServer, pg_database: str, service: str, how: str
+) -> None:
+    """An async factory's drop-in session of a ``sync_session_class=`` given after the factory
+    was made is refused by an open breaker as its transaction begins (it went through, and
+    missed the connect retry too: only the class the factory was made with listened).
+    (Isolated: once a factory made without ``sync_session_class=`` runs in the process, every
+    class listens through ``Session``.)"""
+    aengine = create_async_engine(pg_server.url(pg_database, driver="asyncpg"))
+    try:
+        Factory = rdb.AsyncResilientSession(
+            aengine, service=service, config=config(), sync_session_class=_MadeWith
+        )
+
+        async def aunavailable(session: AsyncSession) -> None:
+            await session.execute(sa.text("SELECT raise_code('57P03')"))
+
+        with pytest.raises(sa.exc.DBAPIError):
+            await Factory.run(aunavailable)  # opens the breaker (30 s)
+        if how == "configure":
+            Factory.configure(sync_session_class=_GivenLater)
+            kw: dict[str, Any] = {}
+        else:
+            kw = {"sync_session_class": _GivenLater}
+        async with Factory(**kw) as session:
+            assert isinstance(session.sync_session, _GivenLater)
+            with pytest.raises(rdb.CircuitOpenError):
+                await session.execute(sa.text("SELECT 1"))
+        assert rejections(service) == 1
+    finally:
+        await aengine.dispose()
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
     "how",
