@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import copy
 import ctypes
 import enum
 import functools
@@ -28,7 +29,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.engine.default import DefaultDialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.attributes import instance_state
 
 from ._classify import (
@@ -1899,9 +1900,17 @@ def listen_on_sync_class(kw: Mapping[str, Any]) -> None:
     listens for the drop-in connect retry (see :func:`install_connect_retry`), as the class the
     factory was made with does: its sessions were neither refused by an open breaker nor
     retried on a failed connect. Anything but a ``Session`` subclass is left to SQLAlchemy."""
-    cls = kw.get("sync_session_class")
+    cls = sync_class_of(kw.get("sync_session_class"))
     if isinstance(cls, type) and issubclass(cls, Session):
         install_connect_retry(cls)
+
+
+def sync_class_of(given: Any) -> Any:
+    """(async) The session class behind a ``sync_session_class`` given: a sync
+    ``sessionmaker``'s ``class_`` (SQLAlchemy's recipe for events on an async factory's
+    sessions: ``async_sessionmaker(sync_session_class=sync_maker)``, listeners on
+    ``sync_maker``; AsyncSession calls it as it calls a class), else ``given`` itself."""
+    return given.class_ if isinstance(given, sessionmaker) else given
 
 
 def install_connect_retry(session_class: type[Session]) -> None:
@@ -2023,8 +2032,8 @@ def refuse_keywords_kept(
 def session_classes(kw: Mapping[str, Any]) -> list[type]:
     """The session classes of a factory's keywords ``kw``: ``class_`` and (async) the sync
     session class given, else ``class_``'s own."""
-    sync_class = kw.get("sync_session_class") or getattr(
-        kw.get("class_"), "sync_session_class", None
+    sync_class = sync_class_of(
+        kw.get("sync_session_class") or getattr(kw.get("class_"), "sync_session_class", None)
     )
     return [c for c in dict.fromkeys((kw.get("class_"), sync_class)) if isinstance(c, type)]
 
@@ -2190,7 +2199,7 @@ class FactoryCore:
         self._referee = CommitReferee(self.policy, sync_engine)
         #: (async) the routing subclass of each sync session class that picks engines (see
         #: _routed)
-        self._routes: dict[type[Any], type[Any]] = {}
+        self._routes: dict[Any, Any] = {}
         #: (sync) the ``get_bind`` of the factory's class as its engines were last set up
         #: (see _route_later)
         self._get_bind: Any = None
@@ -2219,7 +2228,7 @@ class FactoryCore:
         cls: Any = getattr(self, "class_", None)
         kw: dict[str, Any] = getattr(self, "kw", {})
         if not (isinstance(cls, type) and issubclass(cls, Session)):  # an async factory
-            cls = kw.get("sync_session_class") or Session
+            cls = sync_class_of(kw.get("sync_session_class")) or Session
         install_connect_retry(cls)
         # the engines of ``binds=`` are the factory's too: their connections get the same
         # hooks (their COMMITs marked, dead ones discarded at checkout, disconnects handled)
@@ -2358,14 +2367,15 @@ class FactoryCore:
         ``mock.patch.object``, ``monkeypatch.setattr``) has its engines hooked as one that
         had it from the start."""
         kw: dict[str, Any] = getattr(self, "kw", {})  # (the async_sessionmaker's)
-        cls: Any = (
+        given: Any = (
             (local_kw and local_kw.get("sync_session_class"))
             or kw.get("sync_session_class")
             or getattr(getattr(self, "class_", None), "sync_session_class", None)
         )
         # (every async session passes here: a class that does not pick its engines, the
         # common case, leaves at once)
-        routed = self._routes.get(cls)
+        routed = self._routes.get(given)
+        cls = sync_class_of(given)
         if routed is None and getattr(cls, "get_bind", _PLAIN_GET_BIND) is _PLAIN_GET_BIND:
             return local_kw
         if routed is None:
@@ -2378,7 +2388,12 @@ class FactoryCore:
             }
             routed = type(cls.__name__, (cls,), namespace)
             self._route_engines(routed)
-            self._routes[cls] = routed
+            if given is not cls:
+                # a sync sessionmaker: a copy of it that makes sessions of the routing class,
+                # its keywords shared (its configure() reaches them), its listeners heard
+                maker, routed = routed, copy.copy(given)
+                routed.class_ = maker
+            self._routes[given] = routed
         return {**local_kw, "sync_session_class": routed}
 
     def _engine_to_bind(self, bind: Any) -> Any:
@@ -2498,7 +2513,7 @@ def refuse_session_classes(factory_class: type, kw: Mapping[str, Any]) -> None:
     at the first unit)."""
     is_async = issubclass(factory_class, async_sessionmaker)
     cls = kw.get("class_", AsyncSession if is_async else Session)
-    sync_class = kw.get("sync_session_class", Session)
+    sync_class = sync_class_of(kw.get("sync_session_class", Session))
     if not is_async:
         if not (isinstance(cls, type) and issubclass(cls, Session)):
             instead = (
@@ -2523,6 +2538,12 @@ def refuse_session_classes(factory_class: type, kw: Mapping[str, Any]) -> None:
             "AsyncResilientSession(class_=...) takes an AsyncSession subclass, got "
             f"{_class_name(cls)}{instead}"
         )
+    if isinstance(kw.get("sync_session_class"), FactoryCore):
+        raise TypeError(
+            "AsyncResilientSession(sync_session_class=...) takes a sync Session subclass or a "
+            "plain sessionmaker, got a ResilientSession: its sessions would be that factory's, "
+            "not this one's (give its class_, or a sessionmaker of it, for its listeners)"
+        )
     if not (isinstance(sync_class, type) and issubclass(sync_class, Session)):
         instead = (
             ", the async session class: give it as class_="
@@ -2531,7 +2552,8 @@ def refuse_session_classes(factory_class: type, kw: Mapping[str, Any]) -> None:
         )
         raise TypeError(
             "AsyncResilientSession(sync_session_class=...) takes a sync Session subclass "
-            f"(the class of each AsyncSession's sync_session), got {_class_name(sync_class)}"
+            "or a sessionmaker of one (the class of each AsyncSession's sync_session), got "
+            f"{_class_name(sync_class)}"
             f"{instead}"
         )
 

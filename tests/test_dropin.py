@@ -1044,6 +1044,58 @@ async def test_the_async_factory_is_an_async_sessionmaker_with_the_users_class(
     assert await Sessions.run(unit) == "mine"
 
 
+class _Routing(Session):
+    """A sync session class that picks its engine itself (SQLAlchemy's routing recipe)."""
+
+    engine: sa.Engine
+    picked = 0
+
+    def get_bind(self, *args: Any, **kw: Any) -> Any:
+        _Routing.picked += 1
+        return self.engine
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("how", ["made", "configured", "one session", "routing"])
+async def test_async_events_on_a_sessionmaker_given_as_sync_session_class(
+    async_engine: AsyncEngine, service: str, how: str
+) -> None:
+    """SQLAlchemy's recipe for ORM events on an async factory's sessions: a sync
+    ``sessionmaker`` given as ``sync_session_class`` (``async_sessionmaker`` calls it as a
+    class), the listeners on it. Drop-in blocks and units hear them, with its keywords; given
+    to the factory, to ``configure()`` or to one session, or of a class that routes (was: a
+    ``TypeError`` saying it takes a Session subclass)."""
+    _Routing.engine = async_engine.sync_engine
+    sync_maker = sessionmaker(class_=_Routing if how == "routing" else Session, info={"k": 1})
+    heard: list[str] = []
+    event.listen(sync_maker, "before_commit", lambda session: heard.append("before_commit"))
+    made = {"sync_session_class": sync_maker} if how in {"made", "routing"} else {}
+    Sessions = rdb.AsyncResilientSession(
+        None if how == "routing" else async_engine, service=service, **made
+    )
+    if how == "configured":
+        Sessions.configure(sync_session_class=sync_maker)
+    one = {"sync_session_class": sync_maker} if how == "one session" else {}
+    async with Sessions(**one) as session:
+        assert isinstance(session.sync_session, sync_maker.class_)
+        assert session.info == {"k": 1}
+        session.add(Item(name=f"drop-in {how}"))
+        await session.commit()
+    assert heard == ["before_commit"]
+    if how != "one session":
+        async with Sessions.begin() as session:
+            session.add(Item(name=f"begin {how}"))
+
+        async def unit(session: AsyncSession) -> int:
+            session.add(Item(name=f"unit {how}"))
+            return len(session.info)
+
+        assert await Sessions.run(unit) == 1
+        assert heard == ["before_commit"] * 3
+    if how == "routing":
+        assert _Routing.picked >= 3
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize("fault", ["serialization failure", "terminated backend"])
 async def test_async_with_self_healing_around_a_scoped_session_replays_in_a_new_transaction(

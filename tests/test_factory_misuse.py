@@ -215,21 +215,29 @@ def test_a_session_class_of_another_kind_is_refused_leaving_no_trace(
         ),
         (
             {"sync_session_class": AsyncSession},
-            "AsyncResilientSession(sync_session_class=...) takes a sync Session subclass (the "
-            "class of each AsyncSession's sync_session), got AsyncSession, the async session "
-            "class: give it as class_=",
+            "AsyncResilientSession(sync_session_class=...) takes a sync Session subclass or a "
+            "sessionmaker of one (the class of each AsyncSession's sync_session), got "
+            "AsyncSession, the async session class: give it as class_=",
+        ),
+        (
+            {"sync_session_class": "a ResilientSession"},  # (made in the test)
+            "AsyncResilientSession(sync_session_class=...) takes a sync Session subclass or a "
+            "plain sessionmaker, got a ResilientSession: its sessions would be that factory's, "
+            "not this one's (give its class_, or a sessionmaker of it, for its listeners)",
         ),
         (
             {"class_": NotASession},
             "AsyncResilientSession(class_=...) takes an AsyncSession subclass, got NotASession",
         ),
     ],
-    ids=["sync-class", "async-sync-class", "not-a-session"],
+    ids=["sync-class", "async-sync-class", "resilient-sync-factory", "not-a-session"],
 )
 @pytest.mark.asyncio
 async def test_async_a_session_class_of_another_kind_is_refused_leaving_no_trace(
     async_engine: AsyncEngine, service: str, kw: dict[str, Any], message: str
 ) -> None:
+    if kw.get("sync_session_class") == "a ResilientSession":
+        kw = {"sync_session_class": rdb.ResilientSession(service=f"{service}-sync")}
     with pytest.raises(TypeError) as info:
         rdb.AsyncResilientSession(async_engine, service=service, **kw)
     assert str(info.value) == message
