@@ -5,10 +5,17 @@ A decorated unit keeps its signature without the session; results keep their typ
 
 from __future__ import annotations
 
+import asyncio
+
 import sqlalchemy as sa
 from pydantic import BaseModel, TypeAdapter
-from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
-from sqlalchemy.orm import Session
+from sqlalchemy.ext.asyncio import (
+    AsyncSession,
+    async_scoped_session,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.orm import Session, scoped_session, sessionmaker
 from starlette.applications import Starlette
 from starlette.requests import Request
 
@@ -173,3 +180,31 @@ async def begin_own() -> int:
     # drop-in: Session.begin() gives a session of the factory's class
     async with OwnAsyncSessions.begin() as session:
         return session.own()
+
+
+# -- where sessionmaker / async_sessionmaker are expected, the factories are accepted ---------
+def typed_maker() -> sessionmaker[OwnSession]:
+    return rdb.ResilientSession(engine, class_=OwnSession)
+
+
+def typed_async_maker() -> async_sessionmaker[OwnAsyncSession]:
+    return rdb.AsyncResilientSession(aengine, class_=OwnAsyncSession)
+
+
+scoped: scoped_session[OwnSession] = scoped_session(OwnSessions)
+scoped_own: int = scoped().own()
+explicit: rdb.ResilientSession[OwnSession] = rdb.ResilientSession[OwnSession](
+    engine, class_=OwnSession
+)
+
+
+async def scoped_async() -> int:
+    factory = async_scoped_session(typed_async_maker(), scopefunc=asyncio.current_task)
+    async with typed_async_maker().begin() as session:
+        own: int = session.own()
+    return factory().own() + own
+
+
+# SQLAlchemy's recipe for ORM events on async sessions: a sessionmaker as sync_session_class
+sync_maker = sessionmaker()
+EventedAsyncSessions = rdb.AsyncResilientSession(aengine, sync_session_class=sync_maker)
