@@ -2375,11 +2375,13 @@ class FactoryCore:
         # (every async session passes here: a class that does not pick its engines, the
         # common case, leaves at once)
         routed = self._routes.get(given)
-        cls = sync_class_of(given)
-        if routed is None and getattr(cls, "get_bind", _PLAIN_GET_BIND) is _PLAIN_GET_BIND:
+        if routed is None and getattr(given, "get_bind", None) is _PLAIN_GET_BIND:
             return local_kw
         if routed is None:
+            cls = sync_class_of(given)  # (a sessionmaker has no get_bind: its class's)
             if not (isinstance(cls, type) and issubclass(cls, Session)):
+                return local_kw
+            if cls.get_bind is _PLAIN_GET_BIND:
                 return local_kw
             namespace = {
                 "__module__": cls.__module__,
