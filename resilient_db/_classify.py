@@ -1217,14 +1217,29 @@ def failure_detail(exc: BaseException, *, texts: bool = True) -> str:
         return f"{type(exc).__qualname__} (its traceback could not be formatted)"
 
 
+def log_quietly(
+    logger: logging.Logger, level: int, message: str, *args: object, **kwargs: Any
+) -> None:
+    """``logger.log(level, message, *args, **kwargs)`` that never raises. The application's
+    logging runs inside it: a handler whose ``emit`` raises (logging catches errors only in its
+    own handlers' ``emit``), a filter that raises, a record factory that fails. Such a failure
+    loses the line, never the unit of work the line is about (raised there, it would have
+    turned a retry into a give-up, and a COMMIT verified as done into an error its caller
+    would take for a failure and run again)."""
+    with contextlib.suppress(Exception):  # (nowhere left to say so)
+        logger.log(level, message, *args, **kwargs)
+
+
 def debug_failure(logger: logging.Logger, message: str, *args: object, texts: bool = True) -> None:
     """``logger.debug(message, *args)`` followed by :func:`failure_detail` of the error being
     handled: what ``exc_info=True`` would add, without the values a database error quotes
-    (``texts`` False: without any error's text)."""
+    (``texts`` False: without any error's text). Never raises (:func:`log_quietly`)."""
     if not logger.isEnabledFor(logging.DEBUG):
         return
     exc = sys.exc_info()[1]
     if exc is None:
-        logger.debug(message, *args)
+        log_quietly(logger, logging.DEBUG, message, *args)
     else:
-        logger.debug(f"{message}\n%s", *args, failure_detail(exc, texts=texts))
+        log_quietly(
+            logger, logging.DEBUG, f"{message}\n%s", *args, failure_detail(exc, texts=texts)
+        )

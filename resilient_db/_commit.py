@@ -77,6 +77,7 @@ from ._classify import (
     commit_left_unanswered,
     debug_failure,
     host_address,
+    log_quietly,
     mark_hosts_failed,
     mark_replay_safe,
     read_only_by_default,
@@ -1181,7 +1182,9 @@ def end_check(connection: Connection, *, proving: bool, wait: float = REPLICATIO
     if cut_off:
         connection.invalidate()
     if proving and (cut_off or warnings):
-        log_session.debug(
+        log_quietly(
+            log_session,
+            logging.DEBUG,
             "the check's COMMIT was %s: not proven replicated",
             f"answered with {'; '.join(warnings)}" if warnings else "cut off",
         )
@@ -2943,7 +2946,12 @@ def _prepare_failed_after_commit(connection: Any, sqlstate: str | None) -> None:
     form); anything else: the connection calls the function from now on."""
     if sqlstate != "42P05":
         connection._rdb_prepared = None
-    log_session.debug("PREPARE after a COMMIT failed (%s); the COMMIT stands", sqlstate)
+    log_quietly(
+        log_session,
+        logging.DEBUG,
+        "PREPARE after a COMMIT failed (%s); the COMMIT stands",
+        sqlstate,
+    )
 
 
 def _watch_psycopg_deallocations(connection: Any, prepared: PreparedMarker) -> None:

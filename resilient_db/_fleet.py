@@ -112,6 +112,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Final, NamedTuple, Protocol
 
+from ._classify import log_quietly
 from ._config import Config, client_problem, client_says, mask_url
 from ._errors import ConfigError
 from ._observability import emit, emit_line, log_breaker
@@ -1264,7 +1265,9 @@ class FleetLink:
             mine = data.get("b") == self.token
             forced = bool(data.get("f"))  # an open() or close() (see _FORCE)
         except (KeyError, TypeError, ValueError):
-            _log.debug("ignoring a message on %s that is not ours", self.channel)
+            log_quietly(
+                _log, logging.DEBUG, "ignoring a message on %s that is not ours", self.channel
+            )
             return
         breaker = self.breakers.get(service)
         if breaker is not None:
@@ -1291,7 +1294,7 @@ class FleetLink:
             part="circuit breaker listener",
             error=type(exc).__qualname__,
         )
-        _log.debug("breaker listener failure detail", exc_info=exc)
+        log_quietly(_log, logging.DEBUG, "breaker listener failure detail", exc_info=exc)
 
     def _observe_budgets(self) -> None:
         """Redis is down: look at the budgets' first attempts once a second all the same, so

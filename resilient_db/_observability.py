@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final
 
-from ._classify import debug_failure, sqlstate_of
+from ._classify import debug_failure, log_quietly, sqlstate_of
 from ._config import Config
 from ._state import STATE, check_service_room
 
@@ -206,7 +206,9 @@ def _emit(
                     logging.getLogger("resilient_db"), "self-healing hook %r failed", hook
                 )
     if to_log:
-        logger.log(level, PREFIX + msg, *args, extra={"self_heal": extra})
+        # the application's handlers and filters run in there: one that raises loses the
+        # line, never the unit
+        log_quietly(logger, level, PREFIX + msg, *args, extra={"self_heal": extra})
 
 
 #: seconds between two log lines of one repeated warning (:class:`LineLimit`); the hooks see

@@ -44,6 +44,7 @@ from ._classify import (
     debug_failure,
     hot_standby_server,
     interrupted_commit,
+    log_quietly,
     mark_hot_standby,
     mark_outcome,
     mark_partly_committed,
@@ -534,7 +535,7 @@ def prune_quietly(given: CommitProtocol | _UnboundProtocol, request: CommitReque
 def pruned(protocol: CommitProtocol, count: int) -> None:
     """A prune deleted ``count`` expired markers."""
     protocol.prune_left(count)
-    log_session.debug("pruned %d expired commit markers", count)
+    log_quietly(log_session, logging.DEBUG, "pruned %d expired commit markers", count)
 
 
 def prune_failed(protocol: CommitProtocol, exc: Exception) -> None:

@@ -6,7 +6,9 @@ said only ``succeeded after retrying``. Real faults on a real server: a backend 
 
 from __future__ import annotations
 
+import io
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
+from resilient_db.testing import FaultProxy
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
 
@@ -106,3 +109,115 @@ async def test_an_async_units_recovered_line_says_the_same(
         f"[SELF-HEAL] Recovered: service={service} succeeded at attempt 2, after 1 retries (the "
         "last failure: conflict, SQLSTATE 40P01)"
     )
+
+
+class _RaisingHandler(logging.Handler):
+    """An application's handler whose ``emit`` raises (one that does not call handleError)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        raise RuntimeError("the application's log handler failed")
+
+
+def _raising_filter(record: logging.LogRecord) -> bool:
+    raise RuntimeError("the application's log filter failed")
+
+
+@pytest.fixture(params=["handler", "filter"])
+def broken_logging(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The application's logging raises at every line of resilient_db: a handler whose
+    ``emit`` raises, or a handler's filter that raises (logging calls either outside its own
+    error handling)."""
+    logger = logging.getLogger("resilient_db")
+    handler: logging.Handler
+    if request.param == "handler":
+        handler = _RaisingHandler()
+    else:
+        handler = logging.StreamHandler(io.StringIO())
+        handler.addFilter(_raising_filter)
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+
+
+@pytest.mark.usefixtures("broken_logging")
+def test_logging_that_raises_never_breaks_a_unit(
+    engine: sa.Engine, service: str, events: list[rdb.SelfHealEvent]
+) -> None:
+    """A conflict, then the unit's backend terminated: the unit recovers as it would with
+    logging that works, its lines lost, its events and counters as ever."""
+    Sessions = rdb.ResilientSession(engine, service=service)
+    calls: list[int] = []
+
+    def unit(session: Session) -> int:
+        calls.append(1)
+        if len(calls) == 1:
+            session.execute(sa.text("SELECT raise_code('40001')"))
+        if len(calls) == 2:
+            pid = session.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+            with engine.connect() as conn:
+                conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            session.execute(sa.text("SELECT 1"))
+        return len(calls)
+
+    assert Sessions.run(unit) == 3
+    assert [e.name for e in events if e.name != "commit_markers_missing"] == [
+        "retry",
+        "retry",
+        "recovered",
+    ]
+    counters = rdb.health()["services"][service]["counters"]
+    assert (counters["retries"], counters["recovered"], counters["gave_up"]) == (2, 1, 0)
+
+
+@pytest.mark.usefixtures("broken_logging")
+def test_logging_that_raises_never_turns_a_verified_commit_into_an_error(
+    engine: sa.Engine, fault_proxy: FaultProxy, pg_database: str, service: str
+) -> None:
+    """The COMMIT's answer is lost and the check finds it committed: the unit returns (an
+    error raised by its ``Commit outcome verified`` line would have the caller run a committed
+    write again)."""
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE IF NOT EXISTS logged_notes (tag text NOT NULL)"))
+    proxied = sa.create_engine(fault_proxy.url(pg_database))
+    try:
+        Sessions = rdb.ResilientSession(proxied, service=service)
+        fault_proxy.lose_commit_answer()
+        Sessions.run(
+            lambda s: s.execute(sa.text("INSERT INTO logged_notes VALUES (:t)"), {"t": service})
+        )
+    finally:
+        proxied.dispose()
+    assert fault_proxy.commits_lost == 1
+    with engine.connect() as conn:
+        written = conn.execute(
+            sa.text("SELECT count(*) FROM logged_notes WHERE tag = :t"), {"t": service}
+        ).scalar_one()
+    assert written == 1
+    assert rdb.health()["services"][service]["counters"]["verified_commits"] == 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("broken_logging")
+async def test_logging_that_raises_never_breaks_an_async_unit(
+    engine: sa.Engine, pg_async_url: str, service: str
+) -> None:
+    aengine = create_async_engine(pg_async_url)
+    Sessions = rdb.AsyncResilientSession(aengine, service=service)
+    calls: list[int] = []
+
+    async def unit(session: AsyncSession) -> int:
+        calls.append(1)
+        if len(calls) == 1:
+            await session.execute(sa.text("SELECT raise_code('40P01')"))
+        return len(calls)
+
+    try:
+        assert await Sessions.run(unit) == 2
+    finally:
+        await aengine.dispose()
+    assert rdb.health()["services"][service]["counters"]["recovered"] == 1
