@@ -42,6 +42,9 @@ Metrics (label ``service`` is the ResilientSession's service name):
 ``resilient_db_breaker_shared``                      gauge    1 while the breaker follows Redis
 ===================================================  =======  ======================================
 
+Also ``resilient_db_commits_verified_not_committed_total`` (counter: lost COMMIT answers verified
+as not committed; the unit may be run again).
+
 The retry budget series exist for services with ``SELF_HEALING_RETRY_BUDGET`` set; the
 ``breaker_shared`` and ``breaker_opens_followed`` series for breakers with
 ``SELF_HEALING_REDIS_URL`` set.
