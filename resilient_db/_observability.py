@@ -207,8 +207,15 @@ def _emit(
                 )
     if to_log:
         # the application's handlers and filters run in there: one that raises loses the
-        # line, never the unit
-        log_quietly(logger, level, PREFIX + msg, *args, extra={"self_heal": extra})
+        # line, never the unit. The record gets a copy of the fields: a filter that changes
+        # its record's changes neither the event's (read-only to the hooks, which may keep it)
+        log_quietly(
+            logger,
+            level,
+            PREFIX + msg,
+            *args,
+            extra={"self_heal": dict(extra) if to_hooks else extra},
+        )
 
 
 #: seconds between two log lines of one repeated warning (:class:`LineLimit`); the hooks see

@@ -221,3 +221,39 @@ async def test_logging_that_raises_never_breaks_an_async_unit(
     finally:
         await aengine.dispose()
     assert rdb.health()["services"][service]["counters"]["recovered"] == 1
+
+
+def test_a_logging_filter_that_changes_its_record_leaves_the_events_kept_by_hooks(
+    engine: sa.Engine, service: str, events: list[rdb.SelfHealEvent]
+) -> None:
+    """An application's filter that edits ``record.self_heal`` (dropping a field it does not
+    want in its logs) edited the event a hook had kept too: the record's fields were the
+    event's own dict, which hooks are given read-only."""
+
+    def dropping(record: logging.LogRecord) -> bool:
+        fields = getattr(record, "self_heal", None)
+        if isinstance(fields, dict):
+            fields.pop("sqlstate", None)
+        return True
+
+    logger = logging.getLogger("resilient_db")
+    handler = logging.StreamHandler(io.StringIO())
+    handler.addFilter(dropping)
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        Sessions = rdb.ResilientSession(engine, service=service)
+        calls: list[int] = []
+
+        def unit(session: Session) -> None:
+            calls.append(1)
+            if len(calls) == 1:
+                session.execute(sa.text("SELECT raise_code('40001')"))
+
+        Sessions.run(unit)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    recovered = [e for e in events if e.name == "recovered"]
+    assert [e.fields.get("sqlstate") for e in recovered] == ["40001"]
