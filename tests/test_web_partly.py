@@ -618,3 +618,29 @@ def test_an_error_of_any_class_after_an_operation_committed_is_partly_committed(
             partly(client.post("/change"), None)
             assert client.post("/plain").json() == {answers: "KeyError"}
     assert [saved(direct, key) for key in keys] == [1, 1, 1, 1]
+
+
+@pytest.mark.skipif(EXCEPTION_GROUP is None, reason="no ExceptionGroup here")
+def test_logging_that_raises_never_changes_the_answer() -> None:
+    """The application's handler on ``resilient_db.web`` raises (its ``emit`` does not call
+    ``handleError``): the request is still answered ``partly-committed``, its line lost (the
+    handler's error came out of ours: Starlette's plain 500, which says nothing of the part
+    that was saved)."""
+    group: Any = EXCEPTION_GROUP
+
+    class Raising(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            raise RuntimeError("the application's log handler failed")
+
+    def raise_group(request: Request) -> JSONResponse:
+        failed = group("unhandled errors in a TaskGroup", [KeyError("missing")])
+        mark_partly_committed(failed)
+        raise failed
+
+    logger = logging.getLogger("resilient_db.web")
+    handler = Raising()
+    logger.addHandler(handler)
+    try:
+        partly(app_of(raise_group).post("/change"), None)
+    finally:
+        logger.removeHandler(handler)

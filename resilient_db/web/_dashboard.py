@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from resilient_db._classify import failure_detail
+from resilient_db._classify import failure_detail, log_quietly
 from resilient_db._observability import LineLimit
 from resilient_db._observability import health as _health
 from resilient_db._wrapper import is_async_callable
@@ -448,7 +448,9 @@ def _health_problem(exc: Exception) -> dict[str, Any]:
     matter most in the outage that may have made the check fail."""
     log, unlogged = HEALTH_LINES.take()  # each poll of each open page meets it
     if log:
-        log_web.error(
+        log_quietly(  # (the application's logging raising loses the line, not the answer)
+            log_web,
+            logging.ERROR,
             "The dashboard's health() check failed with %s (%d time(s) since the last line); "
             "data.json says so in health.problem:\n%s",
             type(exc).__name__,

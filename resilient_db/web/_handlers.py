@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from resilient_db._classify import failure_detail
+from resilient_db._classify import failure_detail, log_quietly
 from resilient_db._config import Config
 from resilient_db._errors import (
     CircuitOpenError,
@@ -172,7 +172,9 @@ def report_unseen_failure(
         ]
         if not hidden and not unseen(exc):
             return
-    log_web.error(
+    log_quietly(  # (the application's logging raising loses the line, not the answer)
+        log_web,
+        logging.ERROR,
         "Answered 500 %s: the request failed with %s, which is or holds an error that is not "
         "one of resilient_db's, and no handler of the application's will see it:\n%s",
         str(problem.body.get("type", "")).removeprefix(type_base),
