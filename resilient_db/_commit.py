@@ -1779,6 +1779,9 @@ class AttemptRecord:
     # objects attached to a session in the attempt with changes made before (see
     # attached_with_changes), each with those changes' values (None: can't be put back)
     attached: list[tuple[Any, dict[str, Any] | None]] | None = None
+    # driver connections whose sessions hold what a ROLLBACK keeps (``_statements.KEEPS_SESSION``:
+    # a session-level advisory lock, a statement PREPAREd in SQL): dropped if the attempt fails
+    kept: list[Any] | None = None
     enclosing: AttemptRecord | None  # the attempt running when this one began
     _token: contextvars.Token[AttemptRecord | None]
 
@@ -1881,6 +1884,14 @@ class AttemptRecord:
             began.append(entry)
         # else: heard twice (a session class listening and a base of it, see
         # install_connect_retry): one connection, recorded once
+
+    def keeps(self, driver: Any) -> None:
+        """A statement sent on ``driver`` in the attempt leaves its session holding what a
+        ROLLBACK keeps (see ``_statements.KEEPS_SESSION``)."""
+        if self.kept is None:
+            self.kept = [driver]
+        elif all(kept is not driver for kept in self.kept):
+            self.kept.append(driver)
 
     def created_transaction(self, transaction: Any) -> None:
         """A session made its root ``transaction`` in the attempt (``after_transaction_create``;

@@ -55,6 +55,7 @@ from ._unit import (
     commit_plainly,
     commits_in_callers_transaction,
     current_unit,
+    drop_kept_connections,
     end_committed_transactions,
     engine_of,
     flush_and_commit,
@@ -540,6 +541,9 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                         if why is not None:
                             self.policy.not_replayable(error, why)
                     if not request.answered:  # (committed: nothing to roll back)
+                        if record.kept is not None and not joined:
+                            # (what the rollback keeps must not reach a replay: see there)
+                            drop_kept_connections(s, record)
                         _rollback_quietly(s)
                     if record.attached is not None:  # (changes a replay must make again)
                         restore_attached(self.policy, record, error)

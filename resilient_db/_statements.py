@@ -357,6 +357,20 @@ PARTLY_IN_AUTOCOMMIT: Final = COMMITS_INSIDE | COMMITS_MIDWAY
 #: by mistake (``WHERE kind = 'update'`` in a statement that calls a function) costs the
 #: transaction a marker row, nothing more; a plain read never gets the flag.
 WRITES: Final = 64
+#: A flag over a verdict that may write: the statement leaves the connection's session holding
+#: something a ROLLBACK keeps (a session-level advisory lock, ``pg_advisory_lock`` and its
+#: ``_shared`` / ``try_`` forms; a statement ``PREPARE``d in SQL). An attempt that sent one and
+#: failed does not give its connection back to the pool with it: a replay on another pooled
+#: connection would wait for ever on the lock the failed attempt's idle connection holds, and
+#: one on the same connection would take it twice (and release it once), or meet its own
+#: ``PREPARE`` (42P05). The connection is dropped instead (see ``AttemptRecord.keeps``). A word
+#: taken for one by mistake costs a failed attempt its connection, nothing more.
+KEEPS_SESSION: Final = 128
+_KEEPS_SESSION = re.compile(
+    f"(?<![{_NAME_CHAR}])pg_(?:try_)?advisory_lock(?:_shared)?(?![{_NAME_CHAR}])"
+    f"|(?:\\A|;){_SPACE}*PREPARE{_SPACE}+(?!TRANSACTION(?![{_NAME_CHAR}]))",
+    re.IGNORECASE,
+)
 #: the verdict of the most common writes (an ``INSERT``, ``UPDATE``, ``DELETE`` alone): the
 #: noting paths set its flag themselves, without a call
 _PLAIN_WRITE: Final = MAY_WRITE | WRITES
@@ -432,6 +446,8 @@ def _judge_bare(statement: str) -> int:
     flags = _commits(statement) if _COMMIT_HINT.search(statement) is not None else 0
     if _INSIDE_WORD.search(statement) is not None and _commits_inside(statement):
         flags |= COMMITS_INSIDE
+    if _KEEPS_SESSION.search(statement) is not None:
+        flags |= KEEPS_SESSION
     return (verdict or MAY_WRITE) | flags if flags else verdict
 
 
@@ -911,6 +927,10 @@ def _special_statement(verdict: int, driver: Any) -> None:
     changes on a marked connection (the COMMITS flags are the noting paths' to act on)."""
     if verdict & WRITES:
         driver._rdb_writes = True  # read (and cleared) by the unit's COMMIT
+    if verdict & KEEPS_SESSION:
+        attempt = current_attempt.get()
+        if attempt is not None:  # (dropped if the attempt fails: see KEEPS_SESSION)
+            attempt.keeps(driver)
     kind = verdict & _KIND
     if kind == STOPS_PREPARED:
         driver._rdb_prepared = None  # its COMMITs call the function from now on

@@ -1977,6 +1977,23 @@ def lost_with_its_connection(record: Any, exc: BaseException) -> BaseException |
     return disconnected
 
 
+def drop_kept_connections(session: Session, record: Any) -> None:
+    """Before a failed attempt's rollback: invalidate each of its connections whose session
+    holds what that rollback keeps (a session-level advisory lock, a statement ``PREPARE``d in
+    SQL: see ``_statements.KEEPS_SESSION``), so that they close rather than go back to the pool
+    with it, where a replay would meet it (waiting for ever on the lock an idle pooled
+    connection holds, or taking it twice on the same one and releasing it once; ``PREPARE``
+    refused with 42P05). The replay gets a new connection, as after a lost one. (``session``:
+    the unit's, as ``run_sync`` passes it.)"""
+    kept = record.kept
+    for _transaction, connection, _marked, driver in record.began or ():
+        if any(d is driver for d in kept) and not connection.closed:
+            try:
+                connection.invalidate()
+            except Exception:
+                debug_failure(log_session, "dropping a failed attempt's connection failed")
+
+
 def restore_attached(policy: Any, record: Any, exc: BaseException) -> bool:
     """After a failed attempt's rollback: put back the changes of objects attached in it (see
     ``AttemptRecord.restore_attached``), or, where that can't be done, keep ``exc`` from

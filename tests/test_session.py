@@ -524,6 +524,47 @@ def test_an_autocommit_statement_lost_by_the_factorys_own_disconnect_code_is_not
     assert len(calls) == 1  # not replayed
 
 
+#: statements whose session state a failed attempt's ROLLBACK keeps, and their undoing
+KEPT_BY_ROLLBACK = {
+    # (lock_timeout: without the fix, a replay on the other pooled connection waits on the
+    # lock the failed attempt's idle connection still holds)
+    "advisory lock": (
+        "SET LOCAL lock_timeout = '2s'; SELECT pg_advisory_lock(4242)",
+        "SELECT pg_advisory_unlock(4242)",
+    ),
+    # (without the fix, a replay on the same connection meets its PREPARE: 42P05)
+    "prepared statement": ("PREPARE kept_by_rollback AS SELECT 1", "DEALLOCATE kept_by_rollback"),
+}
+
+
+@pytest.mark.parametrize("kept", KEPT_BY_ROLLBACK)
+def test_what_a_failed_attempts_rollback_keeps_does_not_reach_the_replay(
+    engine: sa.Engine, service: str, kept: str
+) -> None:
+    take, release = KEPT_BY_ROLLBACK[kept]
+    if kept == "advisory lock":
+        with engine.connect(), engine.connect():
+            pass  # two pooled connections: the replay gets the other one (the pool is FIFO)
+    Session = factory(engine, service)
+    calls: list[int] = []
+
+    def unit(session: Session) -> int:
+        calls.append(1)
+        session.connection().exec_driver_sql(take)
+        session.add(Item(name=f"kept-{len(calls)}"))
+        session.flush()
+        if len(calls) == 1:
+            raise_code(session, "40001")
+        session.execute(sa.text(release))
+        return len(calls)
+
+    assert Session.run(unit) == 2
+    assert count_items(engine) == 1
+    with engine.connect() as conn:  # nothing of the failed attempt is left on a pooled one
+        held = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+        assert conn.execute(sa.text(held)).scalar_one() == 0
+
+
 def test_a_unit_whose_own_commit_was_refused_is_replayed(engine: sa.Engine, service: str) -> None:
     """The server answered the unit's own COMMIT with an error (here a deferred trigger raising
     40001 at COMMIT): nothing was committed, so the unit is replayed as any other."""

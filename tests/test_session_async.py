@@ -203,6 +203,44 @@ async def select_one_noting(session: AsyncSession, seen: list[BaseException]) ->
 
 
 # -- replay of whole units -----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("take", "release"),
+    [
+        ("SELECT pg_advisory_lock(4242)", "SELECT pg_advisory_unlock(4242)"),
+        ("PREPARE kept_by_rollback AS SELECT 1", "DEALLOCATE kept_by_rollback"),
+    ],
+    ids=["advisory lock", "prepared statement"],
+)
+async def test_what_a_failed_attempts_rollback_keeps_does_not_reach_the_replay(
+    engine: AsyncEngine, service: str, take: str, release: str
+) -> None:
+    if "lock" in take:
+        async with engine.connect(), engine.connect():
+            pass  # two pooled connections: the replay gets the other one (the pool is FIFO)
+    # (a prepared statement: the replay gets the same connection, where it would meet it)
+    Session = AsyncResilientSession(engine, service=service)
+    calls: list[int] = []
+
+    async def unit(session: AsyncSession) -> int:
+        calls.append(1)
+        # (without the fix, a replay on the other pooled connection waits on the lock)
+        await session.execute(sa.text("SET LOCAL lock_timeout = '2s'"))
+        await session.execute(sa.text(take))
+        session.add(Item(name=f"kept-{len(calls)}"))
+        await session.flush()
+        if len(calls) == 1:
+            await session.execute(sa.text("SELECT raise_code('40001')"))
+        await session.execute(sa.text(release))
+        return len(calls)
+
+    assert await Session.run(unit) == 2
+    async with engine.connect() as conn:  # nothing of the failed attempt is left on a pooled one
+        held = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+        assert (await conn.execute(sa.text(held))).scalar_one() == 0
+        items = await conn.execute(sa.select(sa.func.count()).select_from(Item))
+        assert items.scalar_one() == 1
+
+
 async def test_killed_backend_mid_unit_is_replayed_once_with_exactly_one_row(
     engine: AsyncEngine, pg_server: Any, service: str
 ) -> None:
