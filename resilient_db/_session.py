@@ -346,6 +346,12 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         enclosing = part_of_running(policy)
         if enclosing is not None:  # (see run)
             policy = policy.without_breaker(enclosing.breaker)
+        if policy.accounts_with_io:  # (a breaker shared through Redis, say: see _accounted)
+            return self._accounted(
+                fn,
+                policy,
+                lambda: policy.call(lambda: self._attempt(fn, args, kwargs, session=session)),
+            )
         return policy.call(lambda: self._attempt(fn, args, kwargs, session=session))
 
     @overload
@@ -418,17 +424,21 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
             policy.succeeded(probe)
             return result
         except BaseException as interruption:
-            if (
-                saved.saved
-                and success_interrupted(interruption)
-                and saved_then_interrupted(interruption) is None
-            ):
-                interrupted_after_commit(
-                    policy.config,
-                    policy.service,
-                    interruption,
-                    f"the unit ({_name(fn)}), as its circuit breaker was told of its success",
-                )
+            _told_of_success(policy, saved, interruption, fn)
+            raise
+        finally:
+            reset_block(token)
+
+    def _accounted(self, fn: Callable[..., R], policy: Policy, call: Callable[[], R]) -> R:
+        """``call()``, the attempts of a unit run once inside another's (see :meth:`_once`) or
+        of :meth:`run_in`, where the breaker's accounting of a success may do I/O: an
+        interruption there is said and marked as in :meth:`_run_accounted`."""
+        saved = SavedNote(dropin_block.get())  # (what the unit saves notes here: see there)
+        token = dropin_block.set(saved)
+        try:
+            return call()
+        except BaseException as interruption:
+            _told_of_success(policy, saved, interruption, fn)
             raise
         finally:
             reset_block(token)
@@ -454,6 +464,12 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         policy.refresh()  # (a breaker replaced by reset_state() is not the one to ask)
         if part_of_running(policy) is not None:
             return self._attempt(fn, args, kwargs, session=session)
+        if policy.accounts_with_io:  # (a breaker shared through Redis, say: see _accounted)
+            return self._accounted(
+                fn,
+                policy,
+                lambda: policy.call_once(lambda: self._attempt(fn, args, kwargs, session=session)),
+            )
         return policy.call_once(lambda: self._attempt(fn, args, kwargs, session=session))
 
     def _attempt(
@@ -856,6 +872,26 @@ def _close(session: Session, *, quiet: bool) -> None:
 
 def _name(fn: Any) -> str:
     return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+def _told_of_success(
+    policy: Policy, saved: SavedNote, interruption: BaseException, fn: Any
+) -> None:
+    """``interruption`` ended a unit's attempts (see :meth:`ResilientSession._accounted`):
+    when it arrived as the circuit breaker was told of the unit's success (marked so by
+    ``Policy.succeeded``) after a COMMIT of the unit saved a change (``saved``), it is said
+    and marked as any interruption after a unit's COMMIT (unless a unit inside it did)."""
+    if (
+        saved.saved
+        and success_interrupted(interruption)
+        and saved_then_interrupted(interruption) is None
+    ):
+        interrupted_after_commit(
+            policy.config,
+            policy.service,
+            interruption,
+            f"the unit ({_name(fn)}), as its circuit breaker was told of its success",
+        )
 
 
 def _validated(

@@ -34,7 +34,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import async_session
 from sqlalchemy.orm import Session
 
-from ._classify import debug_failure, sqlstate_of
+from ._classify import debug_failure, partly_committed, sqlstate_of, success_interrupted
 from ._commit import AttemptRecord
 from ._config import Config, env_config
 from ._observability import log_retry
@@ -43,10 +43,12 @@ from ._state import STATE
 from ._unit import (
     admitted_by,
     check_service_name,
+    interrupted_after_commit,
     lost_with_its_connection,
     part_of_running,
     restore_attached,
     runs_once_here,
+    saved_then_interrupted,
 )
 from ._validation import ResponseCheck, ResponseValidator, check_response, validation_on
 
@@ -182,6 +184,33 @@ class _Attempts:
                     raise lost  # noqa: B904 (its own cause kept; exc is its context)
                 raise
         raise instead
+
+
+def _told_of_success(
+    policy: Policy, record: AttemptRecord | None, interruption: BaseException, fn: Any
+) -> None:
+    """``interruption`` ended an operation: when it arrived as the circuit breaker was told of
+    the operation's success (Redis, or a storage of yours: marked so by ``Policy.succeeded``)
+    after its attempt (``record``) saved a change (a COMMIT of its code, a unit run inside it,
+    a statement in autocommit), it is said and marked as an interruption after a unit's COMMIT
+    is: its caller, a web handler say, would otherwise answer a plain error, and a client
+    resubmit, writing the change twice. Not one from a unit inside the operation (said by that
+    unit) or one that went through the operation's code after a COMMIT of its own (partly
+    committed: it may have had more to do)."""
+    if (
+        record is not None
+        and (record.committed or record.autocommitting is not None)
+        and success_interrupted(interruption)
+        and not partly_committed(interruption)
+        and saved_then_interrupted(interruption) is None
+    ):
+        name = getattr(fn, "__qualname__", None) or repr(fn)
+        interrupted_after_commit(
+            policy.config,
+            policy.service,
+            interruption,
+            f"the operation ({name}), as its circuit breaker was told of its success",
+        )
 
 
 def _quietly(rollback: Callable[[], None]) -> None:
@@ -332,17 +361,25 @@ def with_self_healing(
     if check is not None and not validation_on(cfg):
         check = None
     if is_async_callable(fn):
-        if check is None:
+        if check is None and not policy.accounts_with_io:
             return policy.acall(_Attempts(policy, fn).acall)
         return _acall_checked(policy, fn, check, cfg)
     return _call(policy, fn, check, cfg)
 
 
 async def _acall_checked(
-    policy: Policy, fn: Callable[[], Awaitable[R]], check: ResponseCheck, cfg: Config
+    policy: Policy, fn: Callable[[], Awaitable[R]], check: ResponseCheck | None, cfg: Config
 ) -> R:
+    """An async operation whose result is checked (``check``), or whose breaker's accounting
+    of its success may do I/O (see :func:`_told_of_success`)."""
     attempts = _Attempts(policy, fn)
-    result = await policy.acall(attempts.acall)
+    try:
+        result: R = await policy.acall(attempts.acall)
+    except BaseException as exc:
+        _told_of_success(policy, attempts.record, exc, fn)
+        raise
+    if check is None:
+        return result
     checked: R = _checked(policy, check, result, cfg, attempts.record)
     return checked
 
@@ -434,7 +471,11 @@ def _call(policy: Policy, fn: Callable[[], Any], check: ResponseCheck | None, cf
     except BaseException as failure:
         exc = lost_with_its_connection(record, failure) or failure
         attempts = _Attempts(policy, fn, record, exc)
-        result = policy.call_failed(attempts, exc, probe, started)
+        try:
+            result = policy.call_failed(attempts, exc, probe, started)
+        except BaseException as error:
+            _told_of_success(policy, attempts.record, error, fn)
+            raise
         record = attempts.record or record
     else:
         if inspect.isawaitable(result):
@@ -453,7 +494,11 @@ def _call(policy: Policy, fn: Callable[[], Any], check: ResponseCheck | None, cf
             return _afinish(
                 policy, fn, result, admission=admission, record=record, check=check, cfg=cfg
             )
-        policy.succeeded(probe)
+        try:
+            policy.succeeded(probe)
+        except BaseException as interruption:  # (in its I/O: see _told_of_success)
+            _told_of_success(policy, record, interruption, fn)
+            raise
     return result if check is None else _checked(policy, check, result, cfg, record)
 
 
@@ -512,11 +557,19 @@ async def _afinish(
     except BaseException as failure:
         exc = lost_with_its_connection(record, failure) or failure
         attempts = _Attempts(policy, fn, record, exc)
-        result = await policy.acall_failed(attempts.acall, exc, probe, started)
+        try:
+            result = await policy.acall_failed(attempts.acall, exc, probe, started)
+        except BaseException as error:
+            _told_of_success(policy, attempts.record, error, fn)
+            raise
         record = attempts.record or record
     else:
-        if not policy.succeeded_on_loop(probe):
-            await policy.asucceeded(probe)  # (it tells Redis: off the event loop)
+        try:
+            if not policy.succeeded_on_loop(probe):
+                await policy.asucceeded(probe)  # (it tells Redis: off the event loop)
+        except BaseException as interruption:  # (in its I/O: see _told_of_success)
+            _told_of_success(policy, record, interruption, fn)
+            raise
     return result if check is None else _checked(policy, check, result, cfg, record)
 
 
@@ -566,7 +619,11 @@ def _decorator(
                     return await fn(*args, **kwargs)
                 policy = _policy_for(service, use_retry, use_circuit_breaker, cfg, explicit)
                 attempts = _Attempts(policy, lambda: fn(*args, **kwargs))
-                result = await policy.acall(attempts.acall)
+                try:
+                    result = await policy.acall(attempts.acall)
+                except BaseException as exc:  # (see _told_of_success)
+                    _told_of_success(policy, attempts.record, exc, fn)
+                    raise
                 if check is None or not validation_on(cfg):
                     return result
                 return _checked(policy, check, result, cfg, attempts.record)

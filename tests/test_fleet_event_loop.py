@@ -371,7 +371,7 @@ async def test_with_self_healing_of_a_lambda_returning_a_coroutine_asks_for_a_pr
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("unit", ["reads", "writes"])
+@pytest.mark.parametrize("unit", ["reads", "writes", "operation", "nested"])
 async def test_a_probe_cancelled_while_its_end_waits_for_a_worker_thread_still_ends(
     aengine: AsyncEngine,
     redis_server: RedisServer,
@@ -388,8 +388,12 @@ async def test_a_probe_cancelled_while_its_end_waits_for_a_worker_thread_still_e
 
     A probe that wrote is committed when the cancellation arrives: the ``CancelledError`` is
     marked saved-then-interrupted and a line says so (it was raised unmarked, unsaid: a web
-    handler answered a plain error, and a client resubmitting wrote the change twice)."""
-    if unit == "writes":
+    handler answered a plain error, and a client resubmitting wrote the change twice). So is
+    a probe that is a ``with_self_healing`` operation writing through a drop-in block
+    (``operation``), or a unit run inside a unit of another factory (``nested``), whose
+    interruption was raised marked only internally, unsaid."""
+    writes = unit != "reads"
+    if writes:
         async with aengine.begin() as conn:
             await conn.execute(sa.text("CREATE TABLE IF NOT EXISTS probe_notes (note text)"))
     Sessions = await _half_open_factory(aengine, redis_server, service)
@@ -398,7 +402,7 @@ async def test_a_probe_cancelled_while_its_end_waits_for_a_worker_thread_still_e
     holders: list[asyncio.Future[bool]] = []
 
     async def probe(session: AsyncSession) -> int:
-        if unit == "writes":
+        if writes:
             await session.execute(sa.text("INSERT INTO probe_notes VALUES ('probe')"))
         value = int((await session.execute(sa.text("SELECT 1"))).scalar_one())
         holders.append(loop.run_in_executor(None, release.wait, 10))  # the one thread, busy
@@ -412,9 +416,21 @@ async def test_a_probe_cancelled_while_its_end_waits_for_a_worker_thread_still_e
             self.submitted += 1
             return super().submit(*args, **kwargs)
 
+    @rdb.with_self_healing(service=service)
+    async def operation() -> int:
+        async with Sessions.begin() as session:
+            return await probe(session)
+
+    # (a breaker of its own, local: the cancellation's failure waits for no thread)
+    Outer = rdb.AsyncResilientSession(aengine, service=f"{service}-outer", config=rdb.Config())
+    called = {
+        "operation": operation,
+        "nested": lambda: Outer.run(lambda _s: Sessions.run(probe)),
+    }.get(unit, lambda: Sessions.run(probe))
+
     with Executor(max_workers=1) as executor:
         loop.set_default_executor(executor)
-        task = asyncio.create_task(Sessions.run(probe))
+        task = asyncio.create_task(called())
         try:
             await wait_for_async(lambda: bool(holders), "the probe's attempt", 10)
             await wait_for_async(
@@ -431,13 +447,14 @@ async def test_a_probe_cancelled_while_its_end_waits_for_a_worker_thread_still_e
             lambda: _fleet(redis_server, service, "st") == b"closed", "the probe's end", 3
         )
     said = [e for e in events if e.name == "commit_interrupted"]
-    if unit == "writes":
+    if writes:
         async with aengine.connect() as conn:
             assert (await conn.execute(sa.text("SELECT count(*) FROM probe_notes"))).scalar() == 1
         assert saved_then_interrupted(cancelled.value) == service
         [line] = said
         assert line.fields["outcome"] == "committed"
         assert "after its COMMIT succeeded; it is committed" in line.message
+        assert ("the operation (" if unit == "operation" else "the unit (") in line.message
     else:
         assert saved_then_interrupted(cancelled.value) is None
         assert not said

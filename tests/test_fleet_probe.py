@@ -342,29 +342,56 @@ def _main_thread_waits_for_redis() -> bool:
     return False
 
 
+@pytest.mark.parametrize("how", ["unit", "operation", "nested", "run_in"])
 def test_a_probe_interrupted_as_its_end_is_reported_is_saved_then_interrupted_and_ends(
-    redis_server: RedisServer, engine: sa.Engine, events: list[rdb.SelfHealEvent]
+    redis_server: RedisServer, engine: sa.Engine, events: list[rdb.SelfHealEvent], how: str
 ) -> None:
     """The half-open probe wrote and committed; Redis hangs as its end is reported, and a real
     SIGINT arrives meanwhile. The ``KeyboardInterrupt`` was raised unmarked and unsaid (a web
     handler answered a plain error for a saved change: a client resubmitting wrote it twice),
     and the probe's end was lost with it: its slot in Redis was held by nobody, every unit of
     the fleet refused until the probe lease ran out (10 s). The interruption is marked
-    saved-then-interrupted and said; the end is reported once Redis answers."""
+    saved-then-interrupted and said; the end is reported once Redis answers.
+
+    So too for a probe that is a ``with_self_healing`` operation writing through a drop-in
+    block (``operation``), a unit run inside a unit of another factory (``nested``), or by
+    ``run_in`` in a session of the caller's: their
+    interruption was raised marked only internally, unsaid (the nested unit's enclosing unit
+    said it failed after committing part of its work, not that the change was saved)."""
     with engine.begin() as conn:
         conn.execute(sa.text("CREATE TABLE IF NOT EXISTS probe_notes (note text)"))
     Factory, _breaker = opened(
         redis_server, engine, "cut", scripts=True, half_open_probes=1, redis_timeout=8
     )
 
+    ended = threading.Event()
+
     def probe(s: Session) -> int:
         s.execute(sa.text("INSERT INTO probe_notes VALUES ('cut')"))
         redis_server.pause()  # Redis hangs just as the probe ends
+        ended.set()
         return 1
 
+    def operation() -> int:
+        with Factory.begin() as s:
+            return probe(s)
+
+    def in_session() -> int:
+        with Factory() as session:
+            return Factory.run_in(session, probe)
+
+    # (a breaker of its own, local: the interruption's failure waits for no Redis)
+    Outer = rdb.ResilientSession(engine, service="cut-outer", config=rdb.Config(retry=False))
+    called = {
+        "operation": lambda: rdb.with_self_healing(operation, service="cut", config=Factory.config),
+        "nested": lambda: Outer.run(lambda _s: Factory.run(probe)),
+        "run_in": in_session,
+        "unit": lambda: Factory.run(probe),
+    }[how]
     main = threading.main_thread().ident
 
     def interrupt() -> None:
+        ended.wait(8)  # (not the probe's admission, which asks Redis too)
         wait_for(_main_thread_waits_for_redis, "the probe's end waiting for Redis", timeout=8)
         signal.pthread_kill(main or 0, signal.SIGINT)
 
@@ -372,7 +399,7 @@ def test_a_probe_interrupted_as_its_end_is_reported_is_saved_then_interrupted_an
     try:
         sender.start()
         with pytest.raises(KeyboardInterrupt) as interrupted:
-            Factory.run(probe)
+            called()
     finally:
         redis_server.resume()
         sender.join(5)
@@ -382,6 +409,7 @@ def test_a_probe_interrupted_as_its_end_is_reported_is_saved_then_interrupted_an
     [line] = [e for e in events if e.name == "commit_interrupted"]
     assert line.fields["outcome"] == "committed"
     assert "after its COMMIT succeeded; it is committed" in line.message
+    assert ("the operation (" if how == "operation" else "the unit (") in line.message
     # the probe's end reaches Redis (not its lease running out: 10 s)
     wait_for(lambda: _fleet_state(redis_server, "cut") == "closed", "the probe's end", timeout=5)
     held = redis_server.client().hget("resilient_db:{cut}:breaker", "probes")
