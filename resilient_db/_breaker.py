@@ -723,11 +723,25 @@ class Breaker:
                 )
             except FleetDown:
                 pass
+            except BaseException:
+                # interrupted (KeyboardInterrupt, a gevent timeout), perhaps before the
+                # command reached Redis (a new connection waiting for its handshake): reported
+                # by the link's thread, as for a Redis failure, not left holding the probe's
+                # slot until its lease runs out (a report Redis already ran does nothing)
+                self._report_later(fleet, reservation, success)
+                raise
             else:
                 self.fleet_update(*answer, answer=True)
                 return True
         self._remember_probe(reservation, success)
         return False
+
+    def _report_later(self, fleet: Any, reservation: str, success: bool) -> None:
+        """The end (``success``, or neither way) of the probe of ``reservation``, or the
+        release of an admit under it, which an interruption cut off while ``fleet`` is up:
+        reported by the link's background thread at once (see :meth:`report_probes`)."""
+        self._remember_probe(reservation, success)
+        fleet.report_soon()
 
     def _remember_probe(self, reservation: str, success: bool) -> None:
         with self._lock:
@@ -917,6 +931,12 @@ class Breaker:
         except FleetDown as down:
             if down.sent:  # Redis may run it when it resumes: released on rejoining
                 down.reservation = reservation
+            raise
+        except BaseException:
+            # interrupted (KeyboardInterrupt, a gevent timeout) once the admit may have gone
+            # out: Redis may run it, a slot taken for an attempt that never runs; released by
+            # the link's thread (an admit arriving after its release takes no slot)
+            self._report_later(fleet, reservation, False)
             raise
         if decision == "probe":
             self.fleet_update(HALF_OPEN, 0.0, gen, opens, answer=True)

@@ -1161,6 +1161,8 @@ class FleetLink:
                 elif self._clock() - heard >= SUBSCRIPTION_CHECK_INTERVAL:
                     self._check_subscription(pubsub)
                     heard = self._clock()
+                if self._reports_pending and self.up:
+                    self._report_pending()
                 message = pubsub.get_message(timeout=_TICK)
                 while message is not None and not stop.is_set():
                     heard = self._clock()
@@ -1238,6 +1240,24 @@ class FleetLink:
         self._scripts["alive"](keys=[f"{PREFIX}:alive"], args=[self.token, self.channel])
         self._resync()
         self._mark_up()
+
+    #: set when a breaker has probe ends to report while the link is up (see report_soon)
+    _reports_pending = False
+
+    def report_soon(self) -> None:
+        """A breaker remembered a probe's end, or an admit's release, that an interruption cut
+        off while the link was up (see ``Breaker.report_probes``): the background thread
+        reports it at its next tick, not only when it rejoins."""
+        self._reports_pending = True
+
+    def _report_pending(self) -> None:
+        """The background thread, the link up: report what :meth:`report_soon` asked for
+        (raises what the store raises: the link goes down, and its rejoin reports it)."""
+        self._reports_pending = False
+        with self._lock:
+            breakers = list(self.breakers.values())
+        for breaker in breakers:
+            breaker.report_probes(self)
 
     def _resync(self) -> None:
         """Report the probe outcomes Redis missed, then read every attached breaker's shared

@@ -415,3 +415,73 @@ def test_a_probe_interrupted_as_its_end_is_reported_is_saved_then_interrupted_an
     held = redis_server.client().hget("resilient_db:{cut}:breaker", "probes")
     assert int(held or 0) == 0
     assert Factory.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one()) == 1
+
+
+def _main_thread_in_redis(*functions: str) -> bool:
+    """Whether the main thread is inside redis-py, in one of ``functions`` (any, if none)."""
+    frame = sys._current_frames().get(threading.main_thread().ident or 0)
+    while frame is not None:
+        code = frame.f_code
+        if f"{os.sep}redis{os.sep}" in code.co_filename and (
+            not functions or code.co_name in functions
+        ):
+            return True
+        frame = frame.f_back
+    return False
+
+
+@pytest.mark.parametrize("where", ["end", "admit"])
+def test_a_probe_interrupted_before_redis_heard_of_it_holds_no_slot(
+    redis_server: RedisServer, engine: sa.Engine, where: str
+) -> None:
+    """A real SIGINT reaches the half-open probe while its end waits for a new connection to
+    Redis (its link's connections were cut, and Redis hangs: the command was never sent), or
+    while its admission waits for Redis's answer (Redis runs the admit when it resumes: a slot
+    taken for an attempt that never ran). The slot was held by nobody until the probe lease
+    ran out (10 s), every unit of the fleet refused meanwhile, the database healthy. The
+    interruption is raised; the end, or the admit's release, is reported when Redis answers,
+    as for a Redis failure."""
+    service = f"unsent-{where}"
+    Factory, _breaker = opened(
+        redis_server, engine, service, scripts=True, half_open_probes=1, redis_timeout=8
+    )
+    ready = threading.Event()
+
+    def probe(s: Session) -> int:
+        value = int(s.execute(sa.text("SELECT 1")).scalar_one())
+        # the link's command connections cut (not its subscription): its next command
+        # connects anew, and waits for Redis's answer to the handshake
+        redis_server.client().client_kill_filter(_type="normal", skipme=True)
+        redis_server.pause()
+        ready.set()
+        return value
+
+    main = threading.main_thread().ident
+    waiting = ("connect", "on_connect") if where == "end" else ()
+
+    def interrupt() -> None:
+        ready.wait(8)
+        wait_for(lambda: _main_thread_in_redis(*waiting), "the main thread in Redis", timeout=8)
+        signal.pthread_kill(main or 0, signal.SIGINT)
+
+    if where == "admit":
+        redis_server.pause()
+        ready.set()
+    sender = threading.Thread(target=interrupt, daemon=True)
+    try:
+        sender.start()
+        with pytest.raises(KeyboardInterrupt):
+            Factory.run(probe)
+    finally:
+        redis_server.resume()
+        sender.join(5)
+    held = lambda: int(  # noqa: E731
+        redis_server.client().hget(f"resilient_db:{{{service}}}:breaker", "probes") or 0
+    )
+    # (the lease is 10 s: a slot given back sooner was released, not forgotten)
+    wait_for(lambda: held() == 0, "the probe's slot given back", timeout=5)
+    expected = "closed" if where == "end" else "half-open"  # (a success; an attempt not run)
+    assert _fleet_state(redis_server, service) == expected
+    assert shared(service)["connected"]
+    assert Factory.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one()) == 1
+    assert _fleet_state(redis_server, service) == "closed"
