@@ -16,7 +16,14 @@ from typing import Any
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
-from scenarios import ASYNC_DRIVERS, Base, Item, async_connect_args, held_and_released
+from scenarios import (
+    ASYNC_DRIVERS,
+    BYPASS_BY_HAND,
+    Base,
+    Item,
+    async_connect_args,
+    held_and_released,
+)
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -510,3 +517,90 @@ async def test_async_a_lost_answer_on_another_engine_is_settled_in_that_engines_
     assert len(calls) == 2  # done, not replayed
     assert names(pg_server, second, "entries") == ["a-1", "a-2"]
     assert names(pg_server, first, "items") == []
+
+
+# -- the transition guard with models bound to two databases ----------------------------------
+
+
+class ZooBase(DeclarativeBase):
+    pass
+
+
+class Animal(ZooBase):
+    """Guarded, with a joined-table subclass (``Dog``)."""
+
+    __tablename__ = "zoo_animals"
+    __transitions__ = rdb.TransitionRules(
+        column="status",
+        transitions={"pending": {"running"}, "running": {"done"}},
+        initial={"pending"},
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str]
+    status: Mapped[str]
+    __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "animal"}
+
+
+class Dog(Animal):
+    __tablename__ = "zoo_dogs"
+    id: Mapped[int] = mapped_column(sa.ForeignKey("zoo_animals.id"), primary_key=True)
+    __mapper_args__ = {"polymorphic_identity": "dog"}
+
+
+class Keeper(ZooBase):
+    """Guarded, with no subclass."""
+
+    __tablename__ = "zoo_keepers"
+    __transitions__ = rdb.TransitionRules(
+        column="status", transitions={"pending": {"running"}}, initial={"pending"}
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    status: Mapped[str]
+
+
+@pytest.fixture
+def zoos(
+    pg_server: PostgresServer, pg_database: str, second_database: str
+) -> Iterator[tuple[sa.Engine, sa.Engine]]:
+    """An engine per database, each with the zoo's tables and triggers: dog 1 and keeper 1 are
+    pending in the first, done in the second."""
+    made: list[sa.Engine] = []
+    for name, state in ((pg_database, "pending"), (second_database, "done")):
+        engine = sa.create_engine(pg_server.url(name))
+        made.append(engine)
+        ZooBase.metadata.create_all(engine)
+        with engine.begin() as conn:
+            for model in (Animal, Keeper):
+                rdb.install_transition_trigger(conn, model)
+            conn.exec_driver_sql(BYPASS_BY_HAND)
+            conn.exec_driver_sql(f"INSERT INTO zoo_animals VALUES (1, 'dog', '{state}')")
+            conn.exec_driver_sql("INSERT INTO zoo_dogs VALUES (1)")
+            conn.exec_driver_sql(f"INSERT INTO zoo_keepers VALUES (1, '{state}')")
+    yield made[0], made[1]
+    for engine in made:
+        engine.dispose()
+
+
+def zoo_state(engine: sa.Engine, table: str) -> str:
+    with engine.connect() as conn:
+        return str(conn.exec_driver_sql(f"SELECT status FROM {table} WHERE id = 1").scalar())
+
+
+@pytest.mark.parametrize("mode", ["raise", "filter"])
+def test_a_bulk_update_by_key_of_a_subclass_is_checked_where_its_base_is_written(
+    zoos: tuple[sa.Engine, sa.Engine], service: str, mode: str
+) -> None:
+    """SQLAlchemy writes a bulk UPDATE by primary key through the base mapper's connection:
+    with the subclass bound to another database, the guard read the row there (done), and
+    refused (raise) or left out (filter) a legal move of the row the UPDATE writes
+    (pending)."""
+    first, second = zoos
+    Sessions = rdb.ResilientSession(
+        first,
+        service=service,
+        binds={Animal: first, Dog: second},
+        config=rdb.Config(bulk_update=mode),
+    )
+    Sessions.run(lambda s: s.execute(sa.update(Dog), [{"id": 1, "status": "running"}]))
+    assert zoo_state(first, "zoo_animals") == "running"
+    assert zoo_state(second, "zoo_animals") == "done"  # where SQLAlchemy did not write

@@ -747,9 +747,10 @@ def _bulk_by_pk(
             wanted.setdefault(identity, []).append((index, target.value))
         if not wanted:
             continue
-        # SQLAlchemy sends a bulk UPDATE by primary key through the connection of the mapper
-        # alone (no statement to route by, no bind given to execute() used)
-        conn = orm_state.session.connection(bind_arguments={"mapper": mapper})
+        # SQLAlchemy sends a bulk UPDATE by primary key through the connection of the base
+        # mapper alone (no statement to route by, no bind given to execute() used): a
+        # subclass bound elsewhere (binds=, get_bind()) is written where its base is
+        conn = orm_state.session.connection(bind_arguments={"mapper": mapper.base_mapper})
         n_pk = len(guard.pk_columns)
         found = read_by_keys(
             conn, guard.pk_columns, [guard.column], in_key_order(wanted), lock=True
