@@ -62,6 +62,7 @@ __all__ = [
     "renew_pybreaker_lock",
     "sa_await",
     "session_binds",
+    "transaction_connections",
     "update_loader_criteria",
     "with_dml_value",
     "with_from_statement_element",
@@ -453,6 +454,27 @@ def session_binds(session: Any) -> Iterable[Any]:
 
 
 _GONE: Any = object()
+
+
+def transaction_connections(transaction: Any) -> frozenset[Any]:
+    """The ``Connection`` objects a session's root ``transaction`` (a ``SessionTransaction``)
+    has begun on so far, acquiring none.
+
+    Public since SQLAlchemy 2.1.7 (``SessionTransaction.connections``; verified 2.1.9); before,
+    private: ``SessionTransaction._connections`` (keyed by connection and by engine, each to a
+    tuple whose first item is the connection; verified 2.0.24). Gone: :class:`InternalsChanged`
+    (a bypass could not reach the connections the transaction began before it).
+    """
+    if isinstance(getattr(type(transaction), "connections", None), property):
+        return frozenset(transaction.connections)
+    found = getattr(transaction, "_connections", _GONE)
+    if not isinstance(found, Mapping):
+        raise InternalsChanged(
+            "SQLAlchemy",
+            "SessionTransaction.connections (2.1.7+) / SessionTransaction._connections",
+            "bypass_transitions() cannot reach the connections a session's transaction began on",
+        )
+    return frozenset(entry[0] for entry in found.values())
 
 
 def fire_after_commit(session: Any) -> None:

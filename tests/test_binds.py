@@ -11,7 +11,7 @@ import asyncio
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import pytest_asyncio
@@ -538,13 +538,16 @@ class Animal(ZooBase):
     id: Mapped[int] = mapped_column(primary_key=True)
     kind: Mapped[str]
     status: Mapped[str]
-    __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "animal"}
+    __mapper_args__: ClassVar[dict[str, Any]] = {
+        "polymorphic_on": "kind",
+        "polymorphic_identity": "animal",
+    }
 
 
 class Dog(Animal):
     __tablename__ = "zoo_dogs"
     id: Mapped[int] = mapped_column(sa.ForeignKey("zoo_animals.id"), primary_key=True)
-    __mapper_args__ = {"polymorphic_identity": "dog"}
+    __mapper_args__: ClassVar[dict[str, Any]] = {"polymorphic_identity": "dog"}
 
 
 class Keeper(ZooBase):
@@ -604,3 +607,99 @@ def test_a_bulk_update_by_key_of_a_subclass_is_checked_where_its_base_is_written
     Sessions.run(lambda s: s.execute(sa.update(Dog), [{"id": 1, "status": "running"}]))
     assert zoo_state(first, "zoo_animals") == "running"
     assert zoo_state(second, "zoo_animals") == "done"  # where SQLAlchemy did not write
+
+
+def repair(session: Session) -> None:
+    """Bypass, then make an illegal move in each database: animal 1 pending -> done (the
+    first), keeper 1 done -> pending (the second)."""
+    rdb.bypass_transitions(session, reason="ticket 7: repair")
+    animal, keeper = session.get(Animal, 1), session.get(Keeper, 1)
+    assert animal is not None
+    assert keeper is not None
+    animal.status, keeper.status = "done", "pending"
+
+
+@pytest.mark.parametrize("default", [False, True], ids=["no default bind", "default bind"])
+def test_a_bypass_of_a_session_is_bound_on_each_database_it_uses(
+    zoos: tuple[sa.Engine, sa.Engine], service: str, default: bool
+) -> None:
+    """bypass_transitions(session) took session.connection(): with no default bind it failed
+    (UnboundExecutionError), and with one, the other database's connection, begun after the
+    bypass, had none: its trigger refused the move the session guards let through. Each
+    connection of the transaction gets it (those it has, those it begins later); the next
+    transaction is guarded again on both."""
+    first, second = zoos
+    Sessions = rdb.ResilientSession(
+        *([first] if default else []), service=service, binds={Animal: first, Keeper: second}
+    )
+    Sessions.run(repair)
+    assert zoo_state(first, "zoo_animals") == "done"
+    assert zoo_state(second, "zoo_keepers") == "pending"
+
+    def again(session: Session) -> None:
+        keeper = session.get(Keeper, 1)
+        assert keeper is not None
+        keeper.status = "done"
+        session.flush()
+
+    with pytest.raises(rdb.IllegalTransitionError, match="'pending' -> 'done'"):
+        Sessions.run(again)
+
+
+@pytest.mark.parametrize("began", [False, True], ids=["bypass first", "after a write"])
+def test_a_bypass_of_a_routed_session_is_bound_on_the_primary(
+    zoos: tuple[sa.Engine, sa.Engine], service: str, began: bool
+) -> None:
+    """SQLAlchemy's read/write split (a get_bind() sending flushes and DML to the primary, the
+    rest to a replica): the bypass was bound on the replica's transaction alone, and the
+    primary's trigger refused the flush's move."""
+    primary = zoos[0]
+    replica = primary.execution_options(postgresql_readonly=True)
+
+    class Routed(Session):
+        def get_bind(self, mapper: Any = None, clause: Any = None, **kw: Any) -> Any:
+            if self._flushing or isinstance(clause, (sa.Update, sa.Delete, sa.Insert)):
+                return primary
+            return replica
+
+    def unit(session: Session) -> None:
+        if began:  # pending -> running, legal: the primary's connection begins before
+            session.execute(sa.update(Keeper).where(Keeper.id == 1).values(status="running"))
+        rdb.bypass_transitions(session, reason="ticket 8: repair")
+        animal = session.get(Animal, 1)  # read on the replica
+        assert animal is not None
+        animal.status = "done"  # flushed to the primary
+
+    rdb.ResilientSession(class_=Routed, service=service).run(unit)
+    assert zoo_state(primary, "zoo_animals") == "done"
+
+
+@pytest.mark.asyncio
+async def test_async_a_bypass_is_bound_on_a_connection_begun_after_it(
+    pg_server: PostgresServer,
+    pg_database: str,
+    second_database: str,
+    zoos: tuple[sa.Engine, sa.Engine],
+    service: str,
+) -> None:
+    """The async twin: the second database's connection begins after the bypass."""
+    first, second = (
+        create_async_engine(pg_server.url(name, driver="asyncpg"))
+        for name in (pg_database, second_database)
+    )
+    Sessions = rdb.AsyncResilientSession(first, service=service, binds={Keeper: second})
+
+    async def unit(session: AsyncSession) -> None:
+        await rdb.bypass_transitions_async(session, reason="ticket 9: repair")
+        animal, keeper = await session.get(Animal, 1), await session.get(Keeper, 1)
+        assert animal is not None
+        assert keeper is not None
+        animal.status, keeper.status = "done", "pending"
+
+    try:
+        await Sessions.run(unit)
+    finally:
+        await first.dispose()
+        await second.dispose()
+    assert zoo_state(zoos[0], "zoo_animals") == "done"
+    assert zoo_state(zoos[1], "zoo_keepers") == "pending"

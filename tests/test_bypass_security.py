@@ -35,6 +35,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import resilient_db as rdb
 from resilient_db.testing import PostgresServer
+from resilient_db.transitions._bypass import active_config
 from resilient_db.transitions._dbmap import exception_from_db
 from resilient_db.transitions._report import transition_stats
 from resilient_db.transitions._rules import guards_of
@@ -319,6 +320,40 @@ def test_bypass_transitions_is_refused_for_a_role_not_granted_it(
         f"login_role={role.name} reason=ticket 9: reopen"
     ) in messages
     assert _status(admin, 1) == "closed"
+
+
+@pytest.mark.parametrize("when", ["begun before", "begun after"])
+def test_a_refusal_on_one_connection_of_a_session_undoes_the_bypass_on_all(
+    admin: sa.Engine, make_role: Callable[..., Role], when: str
+) -> None:
+    """A session whose tickets go through a role not granted the bypass, the rest through the
+    superuser's engine: the bypass is refused on the ticket's connection, whether it was begun
+    before the bypass or after it (the statement that began it raises), and nothing of it is
+    left: the superuser's connection guarded again in the same transaction, the session
+    guards on."""
+    role = make_role()
+    engine = sa.create_engine(role.url)
+    factory = rdb.ResilientSession(admin, service="bypass-undone", binds={Ticket: engine})
+    try:
+        with factory() as session:
+            session.execute(sa.text("SELECT 1"))  # the superuser's connection begins
+            if when == "begun before":
+                session.get(Ticket, 1)
+                with pytest.raises(rdb.BypassRefusedError):
+                    rdb.bypass_transitions(session, reason="ticket 10")
+            else:
+                rdb.bypass_transitions(session, reason="ticket 10")  # bound on the first
+                with pytest.raises(rdb.BypassRefusedError):
+                    session.get(Ticket, 1)
+            assert active_config(session) is not None  # the session guards act
+            setting = "SELECT current_setting('resilient_db.bypass_transitions', true)"
+            assert session.execute(sa.text(setting)).scalar() == ""
+            with pytest.raises(rdb.IllegalTransitionError) as db_error:
+                session.execute(sa.text(reopen(2)))  # through the superuser's connection
+            assert db_error.value.via == "db"
+    finally:
+        engine.dispose()
+    assert (_status(admin, 1), _status(admin, 2)) == ("closed", "closed")
 
 
 def test_a_granted_role_bypasses_for_its_transaction_only(

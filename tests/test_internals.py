@@ -695,6 +695,32 @@ def test_session_binds_are_what_the_session_was_given() -> None:
     assert list(_internals.session_binds(Session(engine))) == [], message
 
 
+def test_transaction_connections_are_those_the_transaction_began_on(pg_url: str) -> None:
+    engine = sa.create_engine(pg_url)
+    other = sa.create_engine(pg_url)
+    message = _says(
+        "SQLAlchemy",
+        "SessionTransaction.connections (2.1.7+) / SessionTransaction._connections",
+        "transaction_connections",
+        "bypass_transitions() cannot reach the connections a session's transaction began on",
+    )
+    try:
+        with Session(engine, binds={Task: other}) as session:
+            session.execute(sa.text("SELECT 1"))
+            transaction = session.get_transaction()
+            assert transaction is not None
+            first = session.connection()
+            assert _internals.transaction_connections(transaction) == {first}, message
+            second = session.connection(bind_arguments={"mapper": sa.inspect(Task)})
+            assert second is not first
+            session.begin_nested()  # the root's, not the savepoint's
+            found = _internals.transaction_connections(transaction)
+            assert found == {first, second}, message
+    finally:
+        engine.dispose()
+        other.dispose()
+
+
 def test_fire_after_commit_tells_class_and_instance_listeners() -> None:
     class Listened(Session):
         pass

@@ -7,6 +7,7 @@ resilient_db pytest plugin); races are real concurrent transactions, never sleep
 from __future__ import annotations
 
 import enum
+import gc
 import io
 import logging
 import re
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import threading
 import uuid
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -2178,6 +2180,18 @@ def test_a_bypass_leaves_session_info_alone(engine: sa.Engine) -> None:
         task.status = "pending"
         with pytest.raises(IllegalTransitionError):
             s.flush()  # the bypass ended with its transaction
+
+
+def test_a_bypassed_session_is_not_kept_after_it_is_dropped(engine: sa.Engine) -> None:
+    """The bypass's record held the session's transaction, which holds the session: the
+    session, keyed weakly, was kept for good."""
+    with _factory(engine)() as s:
+        bypass_transitions(s, reason="repair")
+        s.commit()
+    dropped = weakref.ref(s)
+    del s
+    gc.collect()
+    assert dropped() is None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -9,25 +9,33 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import weakref
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
 
 from resilient_db._config import Config
 from resilient_db._errors import BypassRefusedError
+from resilient_db._internals import session_binds, transaction_connections
 from resilient_db._observability import emit
 from resilient_db._registry import config_of, service_of
 from resilient_db._state import STATE
 
 from ._report import count, env_config, logger, service_words, unit_service
-from ._sql import BYPASS_ROLE, BYPASS_STATEMENT
+from ._sql import BYPASS_REASON_SETTING, BYPASS_ROLE, BYPASS_SETTING, BYPASS_STATEMENT
 
 __all__ = ["GUARD_INFO_KEY", "active_config", "bypass_transitions", "bypass_transitions_async"]
 
 _BYPASS = sa.text(BYPASS_STATEMENT)
+#: ends a bypass bound on a connection, for the rest of its transaction
+_UNDO = sa.text(
+    f"SELECT pg_catalog.set_config('{BYPASS_SETTING}', '', true), "
+    f"pg_catalog.set_config('{BYPASS_REASON_SETTING}', '', true)"
+)
 
 #: ``session.info`` key holding the :class:`Config` that switches the session guards on.
 GUARD_INFO_KEY = "resilient_db.config"
@@ -48,6 +56,19 @@ def active_config(session: Session) -> Config | None:
     return config
 
 
+class _Bypass:
+    """A session's bypass: its root transaction (weakly: the transaction holds the session,
+    the key of ``STATE.bypasses``), why, and the connections it was bound on so far."""
+
+    __slots__ = ("config", "connections", "reason", "transaction")
+
+    def __init__(self, transaction: Any, reason: str, config: Config) -> None:
+        self.transaction = weakref.ref(transaction)
+        self.reason = reason
+        self.config = config
+        self.connections: list[Connection] = []
+
+
 def _bypassed(session: Session) -> bool:
     bypasses = STATE.bypasses  # by session, weakly: nothing in session.info
     if not bypasses:
@@ -55,7 +76,7 @@ def _bypassed(session: Session) -> bool:
     marker = bypasses.get(session)
     if marker is None:
         return False
-    if marker is session.get_transaction():
+    if marker.transaction() is session.get_transaction():
         return True
     bypasses.pop(session, None)
     return False
@@ -75,6 +96,15 @@ def bypass_transitions(target: Session | Connection, *, reason: str) -> None:
     that is rolled back ends with the savepoint on the database side; the session guards stay
     off until the transaction ends.)
 
+    For a session, the bypass is bound on every connection its transaction has (with
+    ``binds=`` or a ``get_bind()`` routing, one per engine), and on each one it begins later
+    until the transaction ends (as it begins: a refusal there raises from the statement that
+    began it). A session that has begun none begins its default one, or, without a default
+    bind, one on each of its ``binds``. A refusal or error on any of them undoes the bypass on
+    all (the setting emptied, the session guards back on). One audit line per connection.
+    For a ``Connection``, the bypass is bound on it alone, and the session guards of a session
+    bound to it stay on.
+
     Raises :class:`~resilient_db.BypassRefusedError` when the role may not bypass (nothing is
     bypassed or counted; the refusal is logged), ``ValueError`` without a reason or in
     AUTOCOMMIT mode.
@@ -82,14 +112,68 @@ def bypass_transitions(target: Session | Connection, *, reason: str) -> None:
     if not isinstance(reason, str) or not reason.strip():
         raise ValueError("bypass_transitions() needs a reason=, which is logged for the audit")
     if isinstance(target, Session):
-        conn = target.connection()
-    elif isinstance(target, Connection):
-        conn = target
-    else:
+        _bypass_session(target, reason)
+        return
+    if not isinstance(target, Connection):
         raise TypeError(
             "bypass_transitions() takes a Session or a Connection (for asyncio use "
             f"bypass_transitions_async), got {type(target).__name__}"
         )
+    _refuse_autocommit(target)
+    row = target.execute(_BYPASS, {"reason": reason}).one()
+    config = env_config()
+    if row.bound is None:
+        _refuse(config, row.role_exists, row.acting_role, row.login_role, reason)
+    count("bypasses")
+    _audit(config, row, reason, None)
+
+
+def _bypass_session(session: Session, reason: str) -> None:
+    config = config_of(session)
+    config = config if config is not None else env_config()
+    conns = _connections_to_bind(session)
+    for conn in conns:  # none is touched when one is in AUTOCOMMIT
+        _refuse_autocommit(conn)
+    transaction = session.get_transaction()
+    assert transaction is not None  # (it began on conns)
+    bypass = _Bypass(transaction, reason, config)
+    previous = STATE.bypasses.get(session)
+    if previous is not None and previous.transaction() is transaction:
+        # bypassed again: a refusal now ends the earlier bypass too (no half of it is left)
+        bypass.connections = [c for c in previous.connections if c not in conns]
+    try:
+        rows = [_bind(bypass, conn) for conn in conns]
+    except BaseException:
+        STATE.bypasses.pop(session, None)  # (an earlier bypass of it was undone too)
+        raise
+    if not event.contains(session, "after_begin", _bind_began):
+        event.listen(session, "after_begin", _bind_began)
+    STATE.bypasses[session] = bypass
+    count("bypasses")
+    service = service_of(session)
+    for row in rows:
+        _audit(config, row, reason, service)
+
+
+def _connections_to_bind(session: Session) -> list[Connection]:
+    """The connections a bypass of ``session`` binds now: those its transaction has, else the
+    one it begins by default, else one on each of its binds (none resolves without a default
+    bind)."""
+    transaction = session.get_transaction()
+    if transaction is not None:
+        began = transaction_connections(transaction)
+        if began:
+            return list(began)
+    try:
+        return [session.connection()]
+    except sa.exc.UnboundExecutionError:
+        binds = list(dict.fromkeys(session_binds(session)))
+        if not binds:
+            raise
+    return list(dict.fromkeys(session.connection(bind_arguments={"bind": bind}) for bind in binds))
+
+
+def _refuse_autocommit(conn: Connection) -> None:
     # per connection (an execution option) or for the whole engine
     # (create_engine(isolation_level="AUTOCOMMIT")): the driver connection says so
     if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT" or getattr(
@@ -99,14 +183,55 @@ def bypass_transitions(target: Session | Connection, *, reason: str) -> None:
             "bypass_transitions() needs a transaction; this connection is in AUTOCOMMIT mode, "
             "where SET LOCAL would have no effect (nothing was bypassed or logged)"
         )
-    row = conn.execute(_BYPASS, {"reason": reason}).one()
-    config = config_of(target) if isinstance(target, Session) else None
-    config = config if config is not None else env_config()
+
+
+def _bind(bypass: _Bypass, conn: Connection) -> Any:
+    """Bind ``bypass`` on ``conn``: its row (who asked, the xid). A refusal, or any error,
+    undoes it on every connection it was bound on before, and raises."""
+    try:
+        row = conn.execute(_BYPASS, {"reason": bypass.reason}).one()
+    except BaseException:
+        _undo(bypass)
+        raise
+    bypass.connections.append(conn)
     if row.bound is None:
-        _refuse(config, row.role_exists, row.acting_role, row.login_role, reason)
-    if isinstance(target, Session):
-        STATE.bypasses[target] = target.get_transaction()
-    count("bypasses")
+        _undo(bypass)
+        _refuse(bypass.config, row.role_exists, row.acting_role, row.login_role, bypass.reason)
+    return row
+
+
+def _undo(bypass: _Bypass) -> None:
+    """Empty the bypass setting on each connection ``bypass`` was bound on (the trigger then
+    guards them again in this transaction)."""
+    bound, bypass.connections = bypass.connections, []
+    for conn in bound:
+        if conn.closed or not conn.in_transaction():
+            continue
+        try:
+            conn.execute(_UNDO)
+        except Exception:  # (its transaction failed: nothing of it commits)
+            logger.debug("bypass not undone on a failed connection", exc_info=True)
+
+
+def _bind_began(session: Session, transaction: Any, connection: Connection) -> None:
+    """``after_begin`` of a session that was bypassed: a connection its bypassed transaction
+    begins gets the bypass too (a refusal ends the bypass on all, and raises)."""
+    if transaction.nested:
+        return  # a savepoint begins on its root's connection, bound already
+    bypass = STATE.bypasses.get(session)
+    if bypass is None or bypass.transaction() is not transaction:
+        return
+    try:
+        _refuse_autocommit(connection)
+        row = _bind(bypass, connection)
+    except BaseException:
+        STATE.bypasses.pop(session, None)
+        _undo(bypass)
+        raise
+    _audit(bypass.config, row, bypass.reason, service_of(session))
+
+
+def _audit(config: Config, row: Any, reason: str, service_name: str | None) -> None:
     # The audit line of a move past the guard: said whether or not self-healing is on (the
     # bypass works either way: the trigger honours it), unless logging is switched off. Who
     # asked (the roles the trigger checked, as its server log lines and a refusal say them),
@@ -118,7 +243,7 @@ def bypass_transitions(target: Session | Connection, *, reason: str) -> None:
         else f"{row.acting_role} (logged in as {row.login_role})"
     )
     # (the unit's or operation's service, else the session's factory's, as a block names it)
-    service = unit_service(service_of(target) if isinstance(target, Session) else None)
+    service = unit_service(service_name)
     emit(
         audit,
         logger,
