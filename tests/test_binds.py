@@ -29,7 +29,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import resilient_db as rdb
 from resilient_db._classify import partly_committed
-from resilient_db.testing import FaultProxy, PostgresServer
+from resilient_db.testing import FaultProxy, PostgresServer, StandbyPair
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
 
@@ -672,6 +672,62 @@ def test_a_bypass_of_a_routed_session_is_bound_on_the_primary(
 
     rdb.ResilientSession(class_=Routed, service=service).run(unit)
     assert zoo_state(primary, "zoo_animals") == "done"
+
+
+def test_a_bypass_of_a_session_reading_on_a_hot_standby_is_bound_on_the_primary(
+    pg_standby: StandbyPair, service: str
+) -> None:
+    """The read/write split with a real replica: the bypass statement on the standby's
+    connection failed (no transaction id can be assigned in recovery), whether the bypass went
+    there (bypass first) or the standby's connection began after it. A standby, where nothing
+    is written, is left alone; the primary gets the bypass."""
+    pair = pg_standby
+    pair.create_database("zoo")
+    primary = sa.create_engine(pair.primary.url("zoo"))
+    replica = sa.create_engine(pair.standby.url("zoo"))
+    try:
+        ZooBase.metadata.create_all(primary)
+        with primary.begin() as conn:
+            for model in (Animal, Keeper):
+                rdb.install_transition_trigger(conn, model)
+            conn.exec_driver_sql(BYPASS_BY_HAND)
+            conn.exec_driver_sql("INSERT INTO zoo_animals VALUES (1, 'dog', 'pending')")
+            conn.exec_driver_sql("INSERT INTO zoo_dogs VALUES (1)")
+            conn.exec_driver_sql("INSERT INTO zoo_keepers VALUES (1, 'pending')")
+        pair.wait_replayed()
+
+        class Routed(Session):
+            def get_bind(self, mapper: Any = None, clause: Any = None, **kw: Any) -> Any:
+                if self._flushing or isinstance(clause, (sa.Update, sa.Delete, sa.Insert)):
+                    return primary
+                return replica
+
+        Sessions = rdb.ResilientSession(class_=Routed, service=service)
+
+        def move(session: Session, to: str) -> None:
+            animal = session.get(Animal, 1)  # read on the standby
+            assert animal is not None
+            animal.status = to  # flushed to the primary
+
+        def bypass_first(session: Session) -> None:
+            rdb.bypass_transitions(session, reason="ticket 11")  # the standby's begins
+            move(session, "done")  # pending -> done: illegal
+
+        def after_a_write(session: Session) -> None:
+            session.execute(sa.update(Keeper).where(Keeper.id == 1).values(status="running"))
+            rdb.bypass_transitions(session, reason="ticket 12")  # the primary's has begun
+            move(session, "pending")  # done -> pending: illegal
+
+        Sessions.run(bypass_first)
+        pair.wait_replayed()
+        Sessions.run(after_a_write)
+        assert zoo_state(primary, "zoo_animals") == "pending"
+        assert zoo_state(primary, "zoo_keepers") == "running"
+        with replica.connect() as conn, pytest.raises(ValueError, match="hot standby"):
+            rdb.bypass_transitions(conn, reason="ticket 13")
+    finally:
+        primary.dispose()
+        replica.dispose()
 
 
 @pytest.mark.asyncio

@@ -101,13 +101,14 @@ def bypass_transitions(target: Session | Connection, *, reason: str) -> None:
     until the transaction ends (as it begins: a refusal there raises from the statement that
     began it). A session that has begun none begins its default one, or, without a default
     bind, one on each of its ``binds``. A refusal or error on any of them undoes the bypass on
-    all (the setting emptied, the session guards back on). One audit line per connection.
+    all (the setting emptied, the session guards back on). One audit line per connection. A
+    connection to a hot standby (a read replica), where nothing is written, is left alone.
     For a ``Connection``, the bypass is bound on it alone, and the session guards of a session
     bound to it stay on.
 
     Raises :class:`~resilient_db.BypassRefusedError` when the role may not bypass (nothing is
-    bypassed or counted; the refusal is logged), ``ValueError`` without a reason or in
-    AUTOCOMMIT mode.
+    bypassed or counted; the refusal is logged), ``ValueError`` without a reason, in
+    AUTOCOMMIT mode, or for a ``Connection`` to a hot standby.
     """
     if not isinstance(reason, str) or not reason.strip():
         raise ValueError("bypass_transitions() needs a reason=, which is logged for the audit")
@@ -121,6 +122,11 @@ def bypass_transitions(target: Session | Connection, *, reason: str) -> None:
         )
     _refuse_autocommit(target)
     row = target.execute(_BYPASS, {"reason": reason}).one()
+    if row.standby:
+        raise ValueError(
+            "bypass_transitions() was given a connection to a hot standby, where nothing is "
+            "written (nothing was bypassed or logged)"
+        )
     config = env_config()
     if row.bound is None:
         _refuse(config, row.role_exists, row.acting_role, row.login_role, reason)
@@ -142,7 +148,7 @@ def _bypass_session(session: Session, reason: str) -> None:
         # bypassed again: a refusal now ends the earlier bypass too (no half of it is left)
         bypass.connections = [c for c in previous.connections if c not in conns]
     try:
-        rows = [_bind(bypass, conn) for conn in conns]
+        rows = [row for conn in conns if (row := _bind(bypass, conn)) is not None]
     except BaseException:
         STATE.bypasses.pop(session, None)  # (an earlier bypass of it was undone too)
         raise
@@ -186,13 +192,16 @@ def _refuse_autocommit(conn: Connection) -> None:
 
 
 def _bind(bypass: _Bypass, conn: Connection) -> Any:
-    """Bind ``bypass`` on ``conn``: its row (who asked, the xid). A refusal, or any error,
-    undoes it on every connection it was bound on before, and raises."""
+    """Bind ``bypass`` on ``conn``: its row (who asked, the xid), or None for a hot standby
+    (nothing is written there: nothing to bind). A refusal, or any error, undoes it on every
+    connection it was bound on before, and raises."""
     try:
         row = conn.execute(_BYPASS, {"reason": bypass.reason}).one()
     except BaseException:
         _undo(bypass)
         raise
+    if row.standby:
+        return None
     bypass.connections.append(conn)
     if row.bound is None:
         _undo(bypass)
@@ -228,7 +237,8 @@ def _bind_began(session: Session, transaction: Any, connection: Connection) -> N
         STATE.bypasses.pop(session, None)
         _undo(bypass)
         raise
-    _audit(bypass.config, row, bypass.reason, service_of(session))
+    if row is not None:
+        _audit(bypass.config, row, bypass.reason, service_of(session))
 
 
 def _audit(config: Config, row: Any, reason: str, service_name: str | None) -> None:

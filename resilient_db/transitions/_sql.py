@@ -144,18 +144,21 @@ _MAY_BYPASS = (
 
 #: What :func:`~resilient_db.bypass_transitions` sends: one round trip that binds the bypass to
 #: the current transaction (its id) when the roles may bypass, with its reason (the bind
-#: parameter ``reason``, for the trigger's log lines), and says who asked.
+#: parameter ``reason``, for the trigger's log lines), and says who asked. On a hot standby
+#: (in recovery: nothing is written there, and no transaction id can be assigned) it binds
+#: nothing and says ``standby``.
 BYPASS_STATEMENT = f"""\
-SELECT r.oid IS NOT NULL AS role_exists,
+SELECT r.oid IS NOT NULL AS role_exists, r.standby,
        current_user::text AS acting_role, session_user::text AS login_role,
-       pg_catalog.pg_current_xact_id()::text AS xid,
-       CASE WHEN {_MAY_BYPASS.format(role="r.oid")}
+       CASE WHEN NOT r.standby THEN pg_catalog.pg_current_xact_id()::text END AS xid,
+       CASE WHEN NOT r.standby AND {_MAY_BYPASS.format(role="r.oid")}
             THEN pg_catalog.set_config({literal(BYPASS_REASON_SETTING)}, :reason, true) END
            AS reason,
-       CASE WHEN {_MAY_BYPASS.format(role="r.oid")}
+       CASE WHEN NOT r.standby AND {_MAY_BYPASS.format(role="r.oid")}
             THEN pg_catalog.set_config({literal(BYPASS_SETTING)},
                 pg_catalog.pg_current_xact_id()::text, true) END AS bound
-FROM (SELECT pg_catalog.to_regrole({literal(BYPASS_ROLE)})::oid AS oid) AS r"""
+FROM (SELECT pg_catalog.to_regrole({literal(BYPASS_ROLE)})::oid AS oid,
+             pg_catalog.pg_is_in_recovery() AS standby) AS r"""
 
 
 def pg_name(*parts: str) -> str:
