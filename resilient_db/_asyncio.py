@@ -610,6 +610,8 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                         if type(result) is not types.CoroutineType:
                             _require_awaitable(fn, result)
                         value: R = await result
+                        if type(value) in _REFUSED_VALUES:  # (work that would run later)
+                            _refuse_value(fn, value)
                         # a flush, commit, close or run_sync patched onto the class since its
                         # end was decided is the one called (see _Ends): checked in one line
                         if _seen.get(c := type(s)) != (c.flush, c.commit, c.close, c.run_sync):
@@ -1329,7 +1331,41 @@ if True:  # async only
         result = fn(session, *args, **kwargs)
         if type(result) is not types.CoroutineType:  # the common case skips inspect's ABC checks
             _require_awaitable(fn, result)
-        return await result
+        value = await result
+        if type(value) in _REFUSED_VALUES:
+            _refuse_value(fn, value)
+        return value
+
+    #: what an async unit may not give as its result (see _refuse_value)
+    _REFUSED_VALUES = frozenset(
+        {types.CoroutineType, types.GeneratorType, types.AsyncGeneratorType}
+    )
+
+    def _refuse_value(fn: Any, value: Any) -> None:
+        """An async unit's result is a coroutine (``return session.execute(...)``: one
+        ``await`` forgotten), a generator or an async generator: nothing of it has run yet. Its
+        work would run only when the caller awaits or iterates it, after the unit committed
+        and closed its session (a statement there begins a transaction nobody commits, holding
+        its connection and locks), or never, while the unit reported success: refused, as a
+        sync unit's is (see the sync ``_refuse_result``). Closed, so it leaves no "never
+        awaited" warning behind; the ``TypeError`` rolls the unit back (not retried)."""
+        name = _name(fn)
+        if type(value) is types.CoroutineType:
+            value.close()
+            raise TypeError(
+                f"{name} returned a coroutine ({value.__qualname__}(...), never awaited), "
+                "whose work would run only if the caller awaited it, after the unit committed "
+                "and closed its session: await it in the unit (return await "
+                "session.execute(...), not return session.execute(...))"
+            )
+        kind = "a generator" if type(value) is types.GeneratorType else "an async generator"
+        if type(value) is types.GeneratorType:
+            value.close()  # (an async generator not started has nothing to close)
+        raise TypeError(
+            f"{name} returned {kind} ({value.__qualname__}), whose code would run only when "
+            "it is iterated, after the unit committed and closed its session: return a list "
+            "(list(...), .all()) instead"
+        )
 
     def _require_awaitable(fn: Any, result: object) -> None:
         if type(result) is types.AsyncGeneratorType:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import gc
 import warnings
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
@@ -212,3 +213,91 @@ def test_a_unit_returning_an_async_generator_is_refused_and_rolled_back(
         call(Sessions)
     assert written(orders) == []
     assert idle_in_transaction(orders) == 0
+
+
+# -- an async unit's result that would run after the commit -------------------------------------
+async def a_save(session: AsyncSession, order_id: int) -> Any:
+    """An async unit that forgot one ``await``: its INSERT is a coroutine, returned."""
+    return session.execute(INSERT, {"id": order_id})
+
+
+async def a_save_each(session: AsyncSession, order_id: int) -> Any:
+    """An async unit returning an async generator whose code writes (``return rows(...)``)."""
+
+    async def each() -> AsyncIterator[int]:
+        await session.execute(INSERT, {"id": order_id})
+        yield order_id
+
+    return each()
+
+
+async def a_save_lazily(session: AsyncSession, order_id: int) -> Any:
+    """An async unit returning a generator expression (the INSERT's coroutines, lazily)."""
+    return (session.execute(INSERT, {"id": i}) for i in (order_id,))
+
+
+A_MISTAKES: dict[str, tuple[Callable[..., Awaitable[Any]], str]] = {
+    "forgotten-await": (a_save, r"returned a coroutine \(AsyncSession.execute\(...\), never "),
+    "async-generator": (a_save_each, r"returned an async generator \(.*each\), whose code"),
+    "generator": (a_save_lazily, r"returned a generator \(.*<genexpr>\), whose code"),
+}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("how", ["run", "transactional", "nested", "run_in"])
+@pytest.mark.parametrize("mistake", sorted(A_MISTAKES))
+@pytest.mark.parametrize("enabled", [True, False], ids=["on", "off"])
+async def test_an_async_unit_returning_what_would_run_after_its_commit_is_refused(
+    *,
+    orders: sa.Engine,
+    pg_async_url: str,
+    made_async_engines: list[AsyncEngine],
+    service: str,
+    how: str,
+    mistake: str,
+    enabled: bool,
+) -> None:
+    """An async unit's result that is a coroutine (``return session.execute(...)``, one
+    ``await`` forgotten), an async generator or a generator: the unit reported success with
+    that work never done (the caller's later ``await`` or iteration ran it on the unit's
+    closed session, in a transaction nobody committed), where a sync unit's is refused.
+    Refused now with a TypeError naming it, rolled back, not replayed, no "never awaited"
+    warning left."""
+    engine = create_async_engine(pg_async_url)
+    made_async_engines.append(engine)
+    Sessions = rdb.AsyncResilientSession(
+        engine, service=service, config=rdb.Config(enabled=enabled)
+    )
+    unit, message = A_MISTAKES[mistake]
+    calls: list[int] = []
+
+    async def mistaken(session: AsyncSession) -> Any:
+        calls.append(1)
+        await session.execute(INSERT, {"id": 9})  # done before the mistake: rolled back with it
+        return await unit(session, 3)
+
+    async def nested(session: AsyncSession) -> Any:
+        return await Sessions.run(mistaken)
+
+    ways_in: dict[str, Callable[[], Awaitable[Any]]] = {
+        "run": lambda: Sessions.run(mistaken),
+        "transactional": Sessions.transactional(mistaken),
+        "nested": lambda: Sessions.run(nested),
+        "run_in": lambda: Sessions.run_in(Sessions(), mistaken),
+    }
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(TypeError, match=message) as raised:
+            await ways_in[how]()
+        assert "after the unit committed" in str(raised.value)
+        del raised
+        gc.collect()
+    assert not [w for w in seen if issubclass(w.category, RuntimeWarning)], seen
+    assert calls == [1]  # a usage error: never replayed
+    assert written(orders) == []
+    assert idle_in_transaction(orders) == 0
+    assert await Sessions.run(a_count) == 0  # the factory works
+
+
+async def a_count(session: AsyncSession) -> int:
+    return int((await session.execute(sa.text("SELECT count(*) FROM orders"))).scalar_one())
