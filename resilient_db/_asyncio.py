@@ -77,6 +77,7 @@ from ._unit import (
     listen_on_sync_class,
     listening_base,
     lost_with_its_connection,
+    no_second_connection,
     part_of_running,
     prune_failed,
     prune_quietly,
@@ -915,7 +916,13 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         request.committing = True
         referee = self._referee
         verdict = referee.known(request, ticket)
+        unusable = None
         if verdict is None:
+            unusable = no_second_connection(ticket.engine or self.engine.sync_engine)
+        if unusable is not None:  # (the unit holds the pool's one connection)
+            ticket.check_failed = unusable
+            verdict = CommitVerdict.UNKNOWN
+        elif verdict is None:
             try:
                 verdict = await self._verify_commit(ticket)
             except BaseException as interruption:  # (its errors are verdicts)

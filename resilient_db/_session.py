@@ -65,6 +65,7 @@ from ._unit import (
     joins_callers_transaction,
     listening_base,
     lost_with_its_connection,
+    no_second_connection,
     part_of_running,
     prune_quietly,
     reset_block,
@@ -774,7 +775,13 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         request.committing = True
         referee = self._referee
         verdict = referee.known(request, ticket)
+        unusable = None
         if verdict is None:
+            unusable = no_second_connection(ticket.engine or self.engine)
+        if unusable is not None:  # (the unit holds the pool's one connection)
+            ticket.check_failed = unusable
+            verdict = CommitVerdict.UNKNOWN
+        elif verdict is None:
             try:
                 verdict = self._verify_commit(ticket)
             except BaseException as interruption:  # (its errors are verdicts)

@@ -31,6 +31,7 @@ from sqlalchemy.engine.default import DefaultDialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.pool import SingletonThreadPool, StaticPool
 
 from ._classify import (
     DEFAULT_CLASSIFIER,
@@ -642,6 +643,21 @@ def _xid_verdict(
                 + ("" if ticket.mode == MARKERS else " (the commit markers' proof survives that)")
             )
     return verdict
+
+
+def no_second_connection(engine: Engine) -> str | None:
+    """Why no check on a new connection to ``engine`` can be made while the unit holds one of
+    its connections (its own ``session.commit()`` midway lost its answer): the engine's pool
+    would hand the check that very connection, dead, and the check's invalidation of it would
+    pull it from under the unit (a ``StaticPool``, a ``SingletonThreadPool`` in the unit's
+    thread). None: the pool has others to give."""
+    pool = engine.pool
+    if isinstance(pool, (StaticPool, SingletonThreadPool)):
+        return (
+            f"none could be made: the engine's {type(pool).__name__} has one connection, "
+            "the unit's own"
+        )
+    return None
 
 
 def interpret_claim(status: str | None) -> CommitVerdict:

@@ -350,3 +350,89 @@ async def test_an_async_units_own_commit_midway_whose_answer_is_lost_is_settled(
     assert unknown_commits(service) == 0
     assert verified(service, "verified_commits") == 1
     assert verified(service, "verified_not_committed") == 1
+
+
+#: pools that hand a thread (StaticPool: everyone) the connection it already holds
+ONE_CONNECTION_POOLS = {
+    "StaticPool": sa.pool.StaticPool,
+    "SingletonThreadPool": sa.pool.SingletonThreadPool,
+}
+
+
+def checked_out(engine: sa.Engine) -> list[int]:
+    """Checkouts less checkins of ``engine``'s pool from now on, as its events count them."""
+    held = [0]
+    sa.event.listen(engine, "checkout", lambda *_: held.__setitem__(0, held[0] + 1))
+    sa.event.listen(engine, "checkin", lambda *_: held.__setitem__(0, held[0] - 1))
+    return held
+
+
+@pytest.mark.parametrize("pool", sorted(ONE_CONNECTION_POOLS))
+def test_a_lost_own_commit_midway_on_a_one_connection_pool_is_an_unknown_outcome(
+    proxied: sa.Engine, pg_database: str, fault_proxy: FaultProxy, service: str, pool: str
+) -> None:
+    """The check of a lost own COMMIT needs a second connection while the unit holds its own;
+    a pool of one connection (per thread) handed the check the unit's own, dead one. The check
+    invalidated it under the unit: SQLAlchemy then raised ``AttributeError: 'NoneType' object
+    has no attribute 'closed'`` (SingletonThreadPool), or left the pool counting a connection
+    checked out for good (StaticPool). Now no check is made: the outcome is unknown, said as
+    such, and the pool serves the next unit."""
+    engine = sa.create_engine(fault_proxy.url(pg_database), poolclass=ONE_CONNECTION_POOLS[pool])
+    held = checked_out(engine)
+    Sessions = rdb.ResilientSession(engine, service=service)
+
+    def unit(session: Session) -> None:
+        session.execute(sa.insert(NOTES).values(who="first part"))
+        fault_proxy.lose_commit_answer()
+        session.commit()
+        session.execute(sa.insert(NOTES).values(who="second part"))
+
+    try:
+        with pytest.raises(sa.exc.DBAPIError) as raised:
+            Sessions.run(unit)
+        assert fault_proxy.commits_lost == 1
+        assert_unknown_outcome(raised.value)
+        assert unknown_commits(service) == 1
+        assert held == [0]
+        assert Sessions.run(lambda s: s.scalar(sa.select(sa.func.count()).select_from(NOTES))) == 1
+        assert held == [0]
+    finally:
+        engine.dispose()
+    assert written(proxied, "first part") == 1
+    assert written(proxied, "second part") == 0
+
+
+@pytest.mark.asyncio
+async def test_a_lost_own_commit_midway_on_an_async_static_pool_is_an_unknown_outcome(
+    proxied: sa.Engine, pg_database: str, fault_proxy: FaultProxy, service: str, async_driver: str
+) -> None:
+    """The async factory's twin of the test above (StaticPool: the one pool of one connection
+    an async engine takes)."""
+    engine = create_async_engine(
+        fault_proxy.url(pg_database, driver=async_driver), poolclass=sa.pool.StaticPool
+    )
+    held = checked_out(engine.sync_engine)
+    Sessions = rdb.AsyncResilientSession(engine, service=service)
+
+    async def unit(session: AsyncSession) -> None:
+        await session.execute(sa.insert(NOTES).values(who="first part"))
+        fault_proxy.lose_commit_answer()
+        await session.commit()
+        await session.execute(sa.insert(NOTES).values(who="second part"))
+
+    async def count(session: AsyncSession) -> Any:
+        return await session.scalar(sa.select(sa.func.count()).select_from(NOTES))
+
+    try:
+        with pytest.raises(sa.exc.DBAPIError) as raised:
+            await Sessions.run(unit)
+        assert fault_proxy.commits_lost == 1
+        assert_unknown_outcome(raised.value)
+        assert unknown_commits(service) == 1
+        assert held == [0]
+        assert await Sessions.run(count) == 1
+        assert held == [0]
+    finally:
+        await engine.dispose()
+    assert written(proxied, "first part") == 1
+    assert written(proxied, "second part") == 0
