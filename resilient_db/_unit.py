@@ -1044,8 +1044,11 @@ class CommitReferee:
         kind = type(driver_error if isinstance(driver_error, BaseException) else exc).__name__
         said = kind + (f" (SQLSTATE {code})" if code else "")
         outcome = self.policy.classifier.classify(exc)
-        if outcome.transient:  # (an unknown outcome too)
-            if outcome in (Outcome.DISCONNECT, Outcome.UNAVAILABLE):
+        # the client stopped waiting for a check's statement (asyncpg's command_timeout; the
+        # claim's own, past the server's bound on it): the server did not answer it, a stalled
+        # server, as one whose connect timed out. Not a verdict: check again within the deadline
+        if outcome.transient or answer_timed_out(exc):  # (an unknown outcome too)
+            if not outcome.transient or outcome in (Outcome.DISCONNECT, Outcome.UNAVAILABLE):
                 ticket.check_unreached = said  # the server did not answer the check
                 ticket.checks_unreached += 1
             else:  # it did (a lock wait for a transaction still running ran out: 55P03)

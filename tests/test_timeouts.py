@@ -205,6 +205,57 @@ async def test_a_commit_that_times_out_is_verified_not_reported_failed(
     assert await Session.run(quick) == 42  # the engine's connections still serve
 
 
+async def test_a_lost_commits_check_cut_off_by_command_timeout_is_checked_again(
+    pg_database: str,
+    pg_server: PostgresServer,
+    fault_proxy: FaultProxy,
+    made_async_engines: list[AsyncEngine],
+    service: str,
+) -> None:
+    """The server stalls just as the check of a lost COMMIT answer has connected (a paused VM,
+    a stalled host: TCP accepted, nothing answered), and asyncpg's ``command_timeout`` (which
+    the README has bound every statement) cuts the check's statement off. The server did not
+    answer that check: it is made again within the deadline, as a check whose connect timed
+    out is, and the next one finds the unit committed. It used to end the verification at
+    once: ``CommitOutcomeUnknownError``, "the check on a new connection failed: TimeoutError",
+    with retries and deadline left."""
+    set_up_database(pg_server, pg_database, "CREATE TABLE ledger (id int)", markers=True)
+    url = fault_proxy.url(pg_database, driver="asyncpg")
+    engine = create_async_engine(url, connect_args={"command_timeout": 0.2, "timeout": 2})
+    made_async_engines.append(engine)
+    Session = rdb.AsyncResilientSession(engine, service=service)
+    stage: list[str] = []
+
+    @sa.event.listens_for(engine.sync_engine, "checkout")
+    def stall(*_: Any) -> None:
+        if stage == ["lost"]:  # the check's connection: the server stalls under it
+            stage.append("stalled")
+            fault_proxy.blackhole()
+
+    @sa.event.listens_for(engine.sync_engine, "do_connect")
+    def resume(*_: Any) -> None:
+        if stage == ["lost", "stalled"]:  # the next check connects: the server is back
+            stage.append("resumed")
+            fault_proxy.restore()
+
+    calls = 0
+
+    async def write(session: AsyncSession) -> str:
+        nonlocal calls
+        calls += 1
+        await session.execute(sa.text("INSERT INTO ledger VALUES (1)"))
+        fault_proxy.lose_commit_answer()
+        stage.append("lost")
+        return "done"
+
+    assert await Session.run(write) == "done"
+    assert stage == ["lost", "stalled", "resumed"]
+    assert calls == 1  # verified committed, never replayed
+    assert _counters(service)["verified_commits"] == 1
+    with pg_server.connect(pg_database) as conn:
+        assert conn.execute("SELECT count(*) FROM ledger").fetchone() == (1,)
+
+
 async def test_a_transaction_the_server_ended_for_idling_is_the_units_doing(
     pg_server: PostgresServer,
     pg_database: str,
