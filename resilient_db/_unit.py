@@ -11,6 +11,7 @@ import contextlib
 import contextvars
 import copy
 import ctypes
+import difflib
 import enum
 import functools
 import inspect
@@ -2092,6 +2093,75 @@ def _factory_class(factory_class: type) -> type:
     return next(k for k in factory_class.__mro__ if FactoryCore in k.__bases__)
 
 
+def refuse_unknown_session_keywords(
+    factory_class: type, new_kw: Mapping[str, Any], *, factory: Any = None
+) -> None:
+    """Every keyword a factory passes on to its sessions (all but ``class_``: sessionmaker
+    gives them to the session class; async, AsyncSession gives those it does not declare to
+    the sync session class) is one the session class takes: a misspelt one (``servce=``)
+    would be kept, and every ``Session()`` and unit would fail with a ``TypeError`` far from
+    the mistake. ``TypeError`` naming each, with the names meant where one is near, raised
+    before anything of the factory is set up (``factory``: the factory being configured)."""
+    names = [n for n in new_kw if n != "class_"]
+    if not names:
+        return
+    is_async = issubclass(factory_class, async_sessionmaker)
+    kw = new_kw if factory is None else {"class_": factory.class_, **factory.kw, **new_kw}
+    cls = kw.get("class_", AsyncSession if is_async else Session)
+    then = (
+        sync_class_of(
+            kw.get("sync_session_class") or getattr(cls, "sync_session_class", None) or Session
+        )
+        if is_async
+        else None
+    )
+    unknown = [n for n in names if not _takes_keyword(cls, n, then)]
+    if not unknown:
+        return
+    made = _factory_class(factory_class).__name__
+    # the names meant: the sessions' (and, when the factory is made, the factory's own)
+    known = (
+        []
+        if factory is not None
+        else [*inspect.signature(_factory_class(factory_class)).parameters]
+    )
+    for klass in (cls, then):
+        if klass is not None:
+            with contextlib.suppress(TypeError, ValueError):
+                known += inspect.signature(klass).parameters
+    known = [n for n in dict.fromkeys(known) if not n.startswith("_") and n != "kw"]
+    problems = []
+    for name in unknown:
+        near = difflib.get_close_matches(name, known, n=1)
+        problems.append(f"{name}=" + (f" (did you mean {near[0]}=?)" if near else ""))
+    one = len(unknown) == 1
+    classes = cls.__qualname__ + (f", nor {then.__qualname__} behind it" if then else "")
+    where = f"{made}.configure()" if factory is not None else made
+    whose = "" if factory is not None else "is no keyword of the factory's and "
+    if not one:
+        whose = whose.replace("is no keyword", "are no keywords")
+    raise TypeError(
+        f"{where} got {', '.join(problems)}, which {whose}{'is' if one else 'are'} taken by "
+        f"no session class of it ({classes}): kept, {'it' if one else 'they'} would make every "
+        "Session() and unit fail"
+    )
+
+
+def _takes_keyword(cls: Any, name: str, then: Any) -> bool:
+    """Whether ``cls(**{name: ...})`` is taken: a parameter of that name, or ``**kw`` (passed
+    on to ``then``, when given, which must take it). A signature that can't be read takes
+    anything."""
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return True
+    if name in params and params[name].kind in _BY_KEYWORD:
+        return True
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return False
+    return then is None or _takes_keyword(then, name, None)
+
+
 def refuse_own_keywords_in_configure(factory: Any, new_kw: Mapping[str, Any]) -> None:
     """``configure()`` passes its keywords to every session the factory makes, as
     sessionmaker's does: a keyword that is the factory's own (``config=``, ``service=``, the
@@ -2205,7 +2275,9 @@ class FactoryCore:
             )
         session_kwargs = session_kwargs or {}
         refuse_session_classes(type(self), session_kwargs)
+        refuse_unknown_session_keywords(type(self), session_kwargs)
         refuse_bad_timing(policy_kwargs)
+        refuse_bad_breaker_parts(policy_kwargs)
         refuse_keywords_kept(
             self,
             session_kwargs,
@@ -2308,6 +2380,7 @@ class FactoryCore:
         ``TypeError`` here (unless your session class takes them)."""
         refuse_own_keywords_in_configure(self, new_kw)
         refuse_session_classes(type(self), new_kw)
+        refuse_unknown_session_keywords(type(self), new_kw, factory=self)
         bind = new_kw.get("bind")
         binds = list((new_kw.get("binds") or {}).values())
         engine = None if bind is None else self._engine_to_bind(bind)
@@ -2638,6 +2711,66 @@ def refuse_bad_timing(kw: Mapping[str, Any]) -> None:
             f"{_class_name(kw['sleep'])} is an async function, whose coroutine would never be "
             "awaited (no backoff at all); for async code use AsyncResilientSession(asleep=...)"
         )
+
+
+#: what pybreaker calls on each listener, and on a state storage (read from its class: a
+#: storage's ``state`` may be a property asking Redis)
+_LISTENER_METHODS = ("before_call", "failure", "success", "state_change")
+_STORAGE_MEMBERS = (
+    "state",
+    "counter",
+    "success_counter",
+    "opened_at",
+    "increment_counter",
+    "reset_counter",
+    "increment_success_counter",
+    "reset_success_counter",
+)
+
+
+def refuse_bad_breaker_parts(kw: dict[str, Any]) -> None:
+    """``breaker_storage=`` and ``breaker_listeners=`` are checked where they are given, before
+    the service is known to health() or its breaker is made: pybreaker would fail on them
+    later (at the breaker's making, or at its first state change) with an error naming
+    neither. ``breaker_listeners`` is kept as a tuple (a generator given is read once)."""
+    storage = kw.get("breaker_storage")
+    if storage is not None:
+        missing = [n for n in _STORAGE_MEMBERS if not hasattr(type(storage), n)]
+        if missing or isinstance(storage, type):
+            raise TypeError(
+                "breaker_storage= takes a pybreaker state storage (pybreaker."
+                "CircuitRedisStorage(...), say, or None for one in memory), got "
+                f"{_class_name(storage)}"
+                + (
+                    ": a class; give an instance of it"
+                    if isinstance(storage, type)
+                    else ""
+                    if len(missing) == len(_STORAGE_MEMBERS)
+                    else f", which has no {', '.join(missing)}"
+                )
+            )
+    listeners = kw.get("breaker_listeners", ())
+    if isinstance(listeners, (str, bytes, Mapping)) or not isinstance(listeners, Iterable):
+        raise TypeError(
+            "breaker_listeners= takes a sequence of pybreaker listeners ((listener,), say), "
+            f"got {_class_name(listeners)}"
+        )
+    listeners = tuple(listeners)
+    for listener in listeners:
+        missing = [n for n in _LISTENER_METHODS if not callable(getattr(listener, n, None))]
+        if missing or isinstance(listener, type):
+            raise TypeError(
+                "breaker_listeners= takes pybreaker listeners (instances of a "
+                "pybreaker.CircuitBreakerListener subclass), got "
+                f"{_class_name(listener)}"
+                + (
+                    ": a class; give an instance of it"
+                    if isinstance(listener, type)
+                    else f", which has no {', '.join(missing)}()"
+                )
+            )
+    if "breaker_listeners" in kw:
+        kw["breaker_listeners"] = listeners
 
 
 class _UnboundHooks:

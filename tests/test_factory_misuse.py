@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pybreaker
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
@@ -354,3 +355,144 @@ async def test_async_the_forms_of_an_async_sleep_are_accepted(
 
     assert await Factory.run(conflict_once) == 1
     assert len(attempts) == 2
+
+
+# -- a keyword no session class takes (a typo) is refused where it is given ---------------------
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        (
+            {"servce": "orders"},
+            "ResilientSession got servce= (did you mean service=?), which is no keyword of the "
+            "factory's and is taken by no session class of it (Session): kept, it would make "
+            "every Session() and unit fail",
+        ),
+        (
+            {"expire_on_comit": False, "autoflush": False, "autoflsh": True},
+            "ResilientSession got expire_on_comit= (did you mean expire_on_commit=?), autoflsh= "
+            "(did you mean autoflush=?), which are no keywords of the factory's and are taken by "
+            "no session class of it (Session): kept, they would make every Session() and unit "
+            "fail",
+        ),
+    ],
+    ids=["service", "two"],
+)
+def test_a_keyword_no_session_takes_is_refused_leaving_no_trace(
+    engine: sa.Engine, service: str, kw: dict[str, Any], message: str
+) -> None:
+    """sessionmaker keeps any keyword and gives it to every session it makes: ``servce=``
+    would make a factory whose every ``Session()`` and unit fails with a TypeError."""
+    with pytest.raises(TypeError) as info:
+        rdb.ResilientSession(engine, service=service, **kw)
+    assert str(info.value) == message
+    nothing_left(engine, service)
+    Factory = rdb.ResilientSession(engine, service=service, expire_on_commit=False)
+    kept = dict(Factory.kw)
+    with pytest.raises(TypeError) as info:
+        Factory.configure(autoflush=False, expire_on_comit=True)
+    assert str(info.value) == (
+        "ResilientSession.configure() got expire_on_comit= (did you mean expire_on_commit=?), "
+        "which is taken by no session class of it (Session): kept, it would make every "
+        "Session() and unit fail"
+    )
+    assert Factory.kw == kept
+    assert Factory.run(one) == 1
+
+
+class TakesMore(Session):
+    """Takes a keyword of its own (and any other, by ``**kw``: not refused)."""
+
+    def __init__(self, *args: Any, tenant: str = "", **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.tenant = tenant
+
+
+def test_keywords_the_session_class_takes_are_taken(engine: sa.Engine, service: str) -> None:
+    Factory = rdb.ResilientSession(
+        engine, service=service, class_=TakesMore, tenant="a", join_transaction_mode="rollback_only"
+    )
+    Factory.configure(tenant="b", info={"x": 1})
+    with Factory() as session:
+        assert isinstance(session, TakesMore)
+        assert session.tenant == "b"
+
+
+@pytest.mark.asyncio
+async def test_async_a_keyword_no_session_takes_is_refused(
+    async_engine: AsyncEngine, service: str
+) -> None:
+    """AsyncSession passes the keywords it does not declare to its sync session class."""
+    with pytest.raises(TypeError) as info:
+        rdb.AsyncResilientSession(async_engine, service=service, servce="orders")
+    assert str(info.value) == (
+        "AsyncResilientSession got servce= (did you mean service=?), which is no keyword of "
+        "the factory's and is taken by no session class of it (AsyncSession, nor Session "
+        "behind it): kept, it would make every Session() and unit fail"
+    )
+    nothing_left(async_engine.sync_engine, service)
+    Factory = rdb.AsyncResilientSession(async_engine, service=service, autobegin=True)
+    with pytest.raises(TypeError, match=r"configure\(\) got autoflsh= \(did you mean autoflush"):
+        Factory.configure(autoflsh=False)
+    Factory.configure(sync_session_class=TakesMore, tenant="t")
+    async with Factory() as session:
+        assert session.sync_session.tenant == "t"  # type: ignore[attr-defined]
+    assert await Factory.run(aone) == 1
+
+
+# -- the breaker's storage and listeners are checked where they are given -----------------------
+class Listener(pybreaker.CircuitBreakerListener):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        (
+            {"breaker_listeners": Listener()},
+            "breaker_listeners= takes a sequence of pybreaker listeners ((listener,), say), got "
+            "a Listener",
+        ),
+        (
+            {"breaker_listeners": [print]},
+            "breaker_listeners= takes pybreaker listeners (instances of a pybreaker."
+            "CircuitBreakerListener subclass), got print, which has no before_call, failure, "
+            "success, state_change()",
+        ),
+        (
+            {"breaker_listeners": (Listener,)},
+            "breaker_listeners= takes pybreaker listeners (instances of a pybreaker."
+            "CircuitBreakerListener subclass), got Listener: a class; give an instance of it",
+        ),
+        (
+            {"breaker_storage": "redis://cache:6379/0"},
+            "breaker_storage= takes a pybreaker state storage (pybreaker.CircuitRedisStorage(...)"
+            ", say, or None for one in memory), got a str",
+        ),
+        (
+            {"breaker_storage": pybreaker.CircuitMemoryStorage},
+            "breaker_storage= takes a pybreaker state storage (pybreaker.CircuitRedisStorage(...)"
+            ", say, or None for one in memory), got CircuitMemoryStorage: a class; give an "
+            "instance of it",
+        ),
+    ],
+    ids=["one-listener", "function", "listener-class", "url", "storage-class"],
+)
+def test_a_breaker_storage_or_listener_pybreaker_cant_use_is_refused_leaving_no_trace(
+    engine: sa.Engine, service: str, kw: dict[str, Any], message: str
+) -> None:
+    """Taken, pybreaker failed on them later (an AttributeError at the breaker's making, or at
+    its first state change), and the refused factory's service stayed in health()."""
+    with pytest.raises(TypeError) as info:
+        rdb.ResilientSession(engine, service=service, **kw)
+    assert str(info.value) == message
+    nothing_left(engine, service)
+
+
+def test_breaker_listeners_may_be_any_iterable(engine: sa.Engine, service: str) -> None:
+    listener = Listener()
+    storage = pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED)
+    Factory = rdb.ResilientSession(
+        engine, service=service, breaker_storage=storage, breaker_listeners=iter([listener])
+    )
+    assert listener in breakers()[service]._cb.listeners
+    assert Factory.run(one) == 1
