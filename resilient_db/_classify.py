@@ -1115,7 +1115,24 @@ DEFAULT_CLASSIFIER = Classifier()
 
 def classify(exc: BaseException, *, classifier: Classifier | None = None) -> Outcome:
     """The :class:`Outcome` of ``exc`` under ``classifier`` (default: the built-in table)."""
-    return (classifier or DEFAULT_CLASSIFIER).classify(exc)
+    return _classifier_for("classify", exc, classifier).classify(exc)
+
+
+def _classifier_for(name: str, exc: object, classifier: object) -> Classifier:
+    """``classifier``, or the built-in one for None; ``TypeError`` naming the argument for an
+    ``exc`` that is no exception or a ``classifier`` that is no :class:`Classifier` (a mapping
+    of codes was taken for the built-in table when empty, else failed with an
+    ``AttributeError``)."""
+    if not isinstance(exc, BaseException):
+        raise TypeError(f"{name}() takes an exception, got {type(exc).__name__}")
+    if classifier is None:
+        return DEFAULT_CLASSIFIER
+    if not isinstance(classifier, Classifier):
+        raise TypeError(
+            f"{name}(classifier=...) takes a resilient_db.Classifier (Classifier(codes), "
+            f"say) or None, got {type(classifier).__name__}"
+        )
+    return classifier
 
 
 def answered(exc: BaseException, classifier: Classifier) -> bool:
@@ -1148,7 +1165,7 @@ def is_transient(exc: BaseException, *, classifier: Classifier | None = None) ->
     before it failed (its own ``session.commit()``, a statement in autocommit, one database
     of several): ``classify`` says what the error is, and a replay would write that part
     again."""
-    return (classifier or DEFAULT_CLASSIFIER).is_transient(exc)
+    return _classifier_for("is_transient", exc, classifier).is_transient(exc)
 
 
 #: packages whose exception texts may quote a statement, its bound parameters or a row's values

@@ -282,3 +282,21 @@ def test_set_testing_refuses_what_is_not_a_bool(value: Any) -> None:
     with pytest.raises(TypeError, match=r"^set_testing\(\) takes a bool \(True or False\), got "):
         rdb.set_testing(value)
     assert _testing.is_set() == before
+
+
+@pytest.mark.parametrize("read", [rdb.classify, rdb.is_transient])
+def test_classify_refuses_what_is_not_an_exception_or_a_classifier(read: Any) -> None:
+    """A mapping of codes was taken for the built-in table when empty, and failed with an
+    AttributeError otherwise; a non-exception was answered "not transient"."""
+    name = read.__name__
+    error = sa.exc.OperationalError("SELECT 1", {}, ValueError("x"))
+    for codes in ({}, {"40001": "not-transient"}):
+        with pytest.raises(
+            TypeError,
+            match=rf"^{name}\(classifier=...\) takes a resilient_db.Classifier .*got dict$",
+        ):
+            read(error, classifier=codes)
+    for value in (None, "40001"):
+        with pytest.raises(TypeError, match=rf"^{name}\(\) takes an exception, got "):
+            read(value)
+    assert read(error, classifier=rdb.Classifier()) in (False, rdb.Outcome.NOT_TRANSIENT)
