@@ -188,6 +188,11 @@ class HealthCollector:
     """
 
     def __init__(self, health: Callable[[], dict[str, Any]] = _health) -> None:
+        if not callable(health):
+            raise TypeError(
+                "HealthCollector(health=...) takes a function returning the health report "
+                f"(resilient_db.health, say), got {type(health).__name__}"
+            )
         self._core = _prometheus_core()
         self._health = health
 
@@ -295,6 +300,11 @@ def register(registry: Any = None) -> HealthCollector:
     the same metrics is refused by the registry."""
     if registry is None:
         registry = _prometheus_core().REGISTRY  # (the hint when prometheus_client is missing)
+    elif not callable(getattr(registry, "register", None)):
+        raise TypeError(
+            "register() takes a prometheus_client CollectorRegistry (or None for the default "
+            f"REGISTRY), got {type(registry).__name__}"
+        )
     with _REGISTER_LOCK:
         collector = _REGISTERED.get(registry)
         if collector is not None:
@@ -324,9 +334,23 @@ class MetricsServer:
         self._thread.join(timeout=5)
 
 
+_MAX_PORT = 65535
+
+
 def serve(port: int, *, addr: str = "127.0.0.1") -> MetricsServer:
     """Serve the metrics at ``http://addr:port/metrics`` from a background thread, with a
-    registry of their own (``port=0`` picks a free port)."""
+    registry of their own (``port=0`` picks a free port). A port that is no whole number
+    from 0 to 65535, or an ``addr`` that is no non-empty string (None would listen on every
+    interface), is refused with ``TypeError``/``ValueError`` before anything listens."""
+    if isinstance(port, bool) or not isinstance(port, int):
+        raise TypeError(f"serve() takes a port number (an int, 0 for a free one), got {port!r}")
+    if not 0 <= port <= _MAX_PORT:
+        raise ValueError(f"serve() takes a port from 0 to {_MAX_PORT} (0: a free one), got {port}")
+    if not isinstance(addr, str) or not addr.strip():
+        raise (ValueError if isinstance(addr, str) else TypeError)(
+            "serve(addr=...) takes the address to listen on ('127.0.0.1', the default; "
+            f"'0.0.0.0' for every interface), got {addr!r}"
+        )
     _prometheus_core()
     client = importlib.import_module("prometheus_client")
     registry = client.CollectorRegistry()

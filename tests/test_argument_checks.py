@@ -300,3 +300,39 @@ def test_classify_refuses_what_is_not_an_exception_or_a_classifier(read: Any) ->
         with pytest.raises(TypeError, match=rf"^{name}\(\) takes an exception, got "):
             read(value)
     assert read(error, classifier=rdb.Classifier()) in (False, rdb.Outcome.NOT_TRANSIENT)
+
+
+# -- resilient_db.metrics ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("port", "addr", "error", "message"),
+    [
+        (-1, "127.0.0.1", ValueError, r"^serve\(\) takes a port from 0 to 65535 .*got -1$"),
+        (70000, "127.0.0.1", ValueError, r"^serve\(\) takes a port from 0 to 65535"),
+        ("9100", "127.0.0.1", TypeError, r"^serve\(\) takes a port number .*got '9100'$"),
+        (True, "127.0.0.1", TypeError, r"^serve\(\) takes a port number .*got True$"),
+        (0, None, TypeError, r"^serve\(addr=...\) takes the address .*got None$"),
+        (0, " ", ValueError, r"^serve\(addr=...\) takes the address .*got ' '$"),
+    ],
+    ids=["negative", "too-large", "str", "bool", "addr-None", "addr-blank"],
+)
+def test_metrics_serve_refuses_a_bad_port_or_address_before_listening(
+    port: Any, addr: Any, error: type[Exception], message: str
+) -> None:
+    """They failed inside the socket layer (``gaierror: Servname not supported``,
+    ``OverflowError``, ``OSError: Int or String expected``); ``addr=None`` listened on every
+    interface (0.0.0.0), where the default is 127.0.0.1."""
+    pytest.importorskip("prometheus_client")
+    from resilient_db import metrics  # noqa: PLC0415 - optional extra
+
+    with pytest.raises(error, match=message):
+        metrics.serve(port, addr=addr)
+
+
+def test_metrics_register_and_collector_refuse_what_they_cant_use() -> None:
+    pytest.importorskip("prometheus_client")
+    from resilient_db import metrics  # noqa: PLC0415 - optional extra
+
+    with pytest.raises(TypeError, match=r"^register\(\) takes a prometheus_client .*got str$"):
+        metrics.register("default")
+    with pytest.raises(TypeError, match=r"^HealthCollector\(health=...\) takes a function .*dict"):
+        metrics.HealthCollector({"healthy": True})  # type: ignore[arg-type]
