@@ -336,3 +336,33 @@ def test_metrics_register_and_collector_refuse_what_they_cant_use() -> None:
         metrics.register("default")
     with pytest.raises(TypeError, match=r"^HealthCollector\(health=...\) takes a function .*dict"):
         metrics.HealthCollector({"healthy": True})  # type: ignore[arg-type]
+
+
+# -- resilient_db.web: problem_details, problem_response, Recorder ----------------------------
+def test_web_helpers_refuse_what_they_cant_use() -> None:
+    """``problem_details(exc, config=1)`` answered None for most errors and failed with an
+    AttributeError (inside an exception handler) for the others; ``problem_response(None)``
+    and ``Recorder(max_events="5")``/``Recorder(clock=5)`` failed with errors naming nothing."""
+    pytest.importorskip("starlette")
+    from resilient_db.web import (  # noqa: PLC0415 - optional extra
+        Recorder,
+        problem_details,
+        problem_response,
+    )
+
+    error = rdb.CircuitOpenError("orders", 3.0)
+    with pytest.raises(TypeError, match=r"^problem_details\(config=...\) needs a .*got int$"):
+        problem_details(ValueError("not ours"), config=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^problem_details\(type_base=...\) must be a string"):
+        problem_details(error, type_base=None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^problem_response\(\) takes a Problem .*NoneType$"):
+        problem_response(problem_details(ValueError("not ours")))  # type: ignore[arg-type]
+    problem = problem_details(error)
+    assert problem is not None
+    assert problem_response(problem).status_code == 503
+    with pytest.raises(TypeError, match=r"^Recorder\(max_events=...\) takes a whole number"):
+        Recorder(max_events="5")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^Recorder\(window=...\) takes a whole number"):
+        Recorder(window=60.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^Recorder\(clock=...\) takes a function"):
+        Recorder(clock=5)  # type: ignore[arg-type]

@@ -185,6 +185,11 @@ def report_unseen_failure(
 
 def problem_response(problem: Problem) -> Response:
     """``problem`` as a Starlette response (``application/problem+json``)."""
+    if not isinstance(problem, Problem):
+        raise TypeError(
+            "problem_response() takes a Problem (what problem_details(exc) returns when it "
+            f"answers exc), got {type(problem).__name__}"
+        )
     return JSONResponse(
         problem.body,
         status_code=problem.status,

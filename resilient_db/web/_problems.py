@@ -227,8 +227,20 @@ def problem_details(
     ``config`` decides about row keys (default: the environment's, as the process last read it:
     at its first use and at each ``rdb.reload_config()``; an environment with an invalid
     ``SELF_HEALING_*`` setting counts as none set, so that it turns no answer into a 500: the
-    factories refuse such an environment where it matters).
+    factories refuse such an environment where it matters). A ``config`` that is no
+    :class:`~resilient_db.Config` or a ``type_base`` that is no string is refused
+    (``TypeError``), whatever ``exc`` is.
     """
+    if config is not None and not isinstance(config, Config):
+        raise TypeError(
+            "problem_details(config=...) needs a resilient_db.Config or None, got "
+            f"{type(config).__name__}"
+        )
+    if not isinstance(type_base, str):
+        raise TypeError(
+            "problem_details(type_base=...) must be a string (a URI prefix of the problem "
+            f"types), got {type(type_base).__name__}"
+        )
     if BASE_GROUP is None or not isinstance(exc, BASE_GROUP):
         return _problem_of(exc, config, type_base)
     errors = group_errors(exc)

@@ -208,8 +208,16 @@ class Recorder:
         window: int = 600,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        for name, value in (("max_events", max_events), ("window", window)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"Recorder({name}=...) takes a whole number, got {value!r}")
         if max_events < 1 or window < 10:
             raise ValueError("Recorder needs max_events >= 1 and window >= 10 seconds")
+        if not callable(clock):
+            raise TypeError(
+                "Recorder(clock=...) takes a function returning seconds (time.time, say), got "
+                f"{type(clock).__name__}"
+            )
         self.max_events = max_events
         self.window = window
         self.clock = clock
