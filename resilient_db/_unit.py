@@ -2735,7 +2735,9 @@ def refuse_bad_breaker_parts(kw: dict[str, Any]) -> None:
     neither. ``breaker_listeners`` is kept as a tuple (a generator given is read once)."""
     storage = kw.get("breaker_storage")
     if storage is not None:
-        missing = [n for n in _STORAGE_MEMBERS if not hasattr(type(storage), n)]
+        # (read from its class, or its instance's own attributes, never through a property)
+        own = getattr(storage, "__dict__", {})
+        missing = [n for n in _STORAGE_MEMBERS if not (hasattr(type(storage), n) or n in own)]
         if missing or isinstance(storage, type):
             raise TypeError(
                 "breaker_storage= takes a pybreaker state storage (pybreaker."

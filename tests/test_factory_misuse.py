@@ -496,3 +496,34 @@ def test_breaker_listeners_may_be_any_iterable(engine: sa.Engine, service: str) 
     )
     assert listener in breakers()[service]._cb.listeners
     assert Factory.run(one) == 1
+
+
+class _OwnStorage:
+    """A storage of pybreaker's interface written without its base class, its values plain
+    attributes of the instance (not properties of the class)."""
+
+    def __init__(self) -> None:
+        self.name = "own"
+        self.state = pybreaker.STATE_CLOSED
+        self.counter = 0
+        self.success_counter = 0
+        self.opened_at: Any = None
+
+    def increment_counter(self) -> None:
+        self.counter += 1
+
+    def reset_counter(self) -> None:
+        self.counter = 0
+
+    def increment_success_counter(self) -> None:
+        self.success_counter += 1
+
+    def reset_success_counter(self) -> None:
+        self.success_counter = 0
+
+
+def test_a_storage_whose_values_are_attributes_of_the_instance_is_taken(
+    engine: sa.Engine, service: str
+) -> None:
+    Factory = rdb.ResilientSession(engine, service=service, breaker_storage=_OwnStorage())
+    assert Factory.run(one) == 1
