@@ -568,8 +568,14 @@ class Breaker:
                 raise self._reject(remaining, OPEN)
             with self._lock:
                 if self._storage.state == OPEN:
-                    self._probes = 0
-                    self._set_state(HALF_OPEN)
+                    # read again under the lock: a probe that failed since the read above
+                    # opened it anew, and that opening has its whole reset timeout to run
+                    remaining = self._remaining_open()
+                    if remaining <= 0:
+                        self._probes = 0
+                        self._set_state(HALF_OPEN)
+            if remaining > 0:
+                raise self._reject(remaining, OPEN)
         with self._lock:
             state = self._storage.state
             if state == CLOSED:

@@ -7,6 +7,7 @@ does."""
 from __future__ import annotations
 
 import itertools
+import threading
 import types
 from datetime import datetime, timezone
 
@@ -165,3 +166,55 @@ def test_a_factorys_breaker_is_timed_monotonically_whatever_the_wall_clock_does(
         Factory.run(healthy)
     assert info.value.retry_after == pytest.approx(30.0)
     assert state()["state"] == "open"
+
+
+class HeldClock(FakeClock):
+    """A monotonic clock that holds the thread ``hold`` once in its next read (after taking the
+    time), until :attr:`go` is set: that thread's decision then rests on what it read before."""
+
+    def __init__(self, start: float) -> None:
+        super().__init__(start)
+        self.hold: threading.Thread | None = None
+        self.reached = threading.Event()
+        self.go = threading.Event()
+
+    def __call__(self) -> float:
+        now = self.now
+        if threading.current_thread() is self.hold:
+            self.hold = None
+            self.reached.set()
+            self.go.wait(10)
+        return now
+
+
+def test_a_failed_probe_reopens_for_a_whole_reset_timeout_for_a_caller_already_asking() -> None:
+    """A thread that found the opening over, then lost the CPU before it switched the breaker
+    half-open, while another thread's probe was let through and failed (opening it anew), let
+    itself through as a second probe at once: the new opening lasted no time at all, and the
+    failing database got another call (a half-open line right after the opening's)."""
+    mono = HeldClock(5_000.0)
+    config = rdb.Config(failure_threshold=1, reset_timeout=30.0, half_open_probes=1)
+    b = Breaker(f"clock-{next(_names)}", config, clock=mono, wall_clock=FakeClock(1.7e9))
+    b.on_failure(b.before_call())
+    mono.advance(30.0)  # the opening is over
+    late: list[object] = []
+
+    def ask() -> None:
+        try:
+            late.append(b.before_call())
+        except rdb.CircuitOpenError as exc:
+            late.append(exc)
+
+    thread = threading.Thread(target=ask)
+    mono.hold = thread
+    thread.start()
+    assert mono.reached.wait(10)  # it read the old opening, and is held there
+    probe = b.before_call()
+    assert probe is True
+    b.on_failure(probe)  # the probe fails: open again, for 30 s from now
+    mono.go.set()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert len(late) == 1 and isinstance(late[0], rdb.CircuitOpenError), late
+    assert late[0].retry_after == pytest.approx(30.0)
+    assert b.state == "open"
