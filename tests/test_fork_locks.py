@@ -21,7 +21,7 @@ import resilient_db as rdb
 from resilient_db import _commit, _retry, _statements
 from resilient_db._state import STATE
 from resilient_db.transitions import _rules
-from resilient_db.web import Recorder
+from resilient_db.web import Recorder, _dashboard, _handlers
 from resilient_db.web._recorder import recorder
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
@@ -35,6 +35,9 @@ LOCKS: dict[str, Callable[[sa.Engine], Any]] = {
     "statement cursors": lambda e: _statements._cursor_lock,
     "compiled guards": lambda e: _rules._cache_lock,
     "machinery lines": lambda e: _retry._MACHINERY_LINES._lock,
+    # the web layer's rate-limited lines (a pool exhausted answered 503, a failed health check)
+    "web pool-exhausted lines": lambda e: _handlers.POOL_LINES._lock,
+    "dashboard's health-check lines": lambda e: _dashboard.HEALTH_LINES._lock,
     # the dashboard's (a hook on every self-healing event; a snapshot for each data.json)
     "dashboard's recorder": lambda e: recorder()._lock,
 }

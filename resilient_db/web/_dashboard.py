@@ -23,6 +23,7 @@ from starlette.types import Receive, Scope, Send
 from resilient_db._classify import failure_detail, log_quietly
 from resilient_db._observability import LineLimit
 from resilient_db._observability import health as _health
+from resilient_db._state import renew_after_fork
 from resilient_db._wrapper import is_async_callable
 
 from ._page import render_page
@@ -61,6 +62,8 @@ _WS_POLICY_VIOLATION = 1008
 log_web = logging.getLogger("resilient_db.web")
 #: the failed health() check's line: at most one per ``WARNING_LINE_PERIOD``
 HEALTH_LINES = LineLimit()
+# (a forked worker's own: a thread of the parent may have held its lock)
+renew_after_fork(globals(), "HEALTH_LINES", LineLimit)
 
 
 class Dashboard:

@@ -29,6 +29,7 @@ from resilient_db._errors import (
     StaleTransitionError,
 )
 from resilient_db._observability import LineLimit, emit
+from resilient_db._state import renew_after_fork
 from resilient_db._wrapper import is_async_callable
 from resilient_db.transitions._report import env_config
 
@@ -111,6 +112,8 @@ log_web = logging.getLogger("resilient_db.web")
 #: the pool-exhausted line: at most one per ``WARNING_LINE_PERIOD`` (an overloaded process
 #: answers every waiting request so), each saying how many came since the last
 POOL_LINES = LineLimit()
+# (a forked worker's own: a thread of the parent may have held its lock)
+renew_after_fork(globals(), "POOL_LINES", LineLimit)
 
 
 def report_pool_exhausted(config: Config | None, exc: BaseException) -> None:
