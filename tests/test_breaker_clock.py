@@ -215,6 +215,8 @@ def test_a_failed_probe_reopens_for_a_whole_reset_timeout_for_a_caller_already_a
     mono.go.set()
     thread.join(10)
     assert not thread.is_alive()
-    assert len(late) == 1 and isinstance(late[0], rdb.CircuitOpenError), late
-    assert late[0].retry_after == pytest.approx(30.0)
+    assert len(late) == 1
+    refused = late[0]
+    assert isinstance(refused, rdb.CircuitOpenError), refused
+    assert refused.retry_after == pytest.approx(30.0)
     assert b.state == "open"
