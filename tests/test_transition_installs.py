@@ -1072,6 +1072,55 @@ def test_the_script_through_op_execute_with_states_that_look_like_bind_parameter
         conn.commit()
 
 
+@pytest.mark.parametrize(
+    ("schema", "table", "column"),
+    [("on :hold", "by :week", "state:now"), ("back\\:slash", "a\\:b", "status")],
+)
+def test_the_script_through_op_execute_with_names_that_look_like_bind_parameters(
+    engine: sa.Engine, reg: registry, schema: str, table: str, column: str
+) -> None:
+    """text() reads ``:week`` in ``"by :week"`` as a bind parameter, quoted names too ("A value
+    is required for bind parameter 'week'"), and takes the backslash out of ``"a\\:b"`` (the
+    script then named another table): the schema, the table, the triggers and the function are
+    written so that none shows, and the script installs the trigger of exactly these names."""
+    from alembic.migration import MigrationContext  # noqa: PLC0415
+    from alembic.operations import Operations  # noqa: PLC0415
+
+    model = reg.mapped(
+        type(
+            "ColonNames",
+            (),
+            {
+                "__tablename__": table,
+                "__table_args__": {"schema": schema},
+                "__transitions__": rdb.TransitionRules(
+                    column="state", transitions={"new": {"done"}}, initial={"new"}
+                ),
+                "id": mapped_column(sa.Integer, primary_key=True),
+                "state": mapped_column(column, sa.String(20)),
+            },
+        )
+    )
+    with engine.begin() as conn:
+        conn.execute(sa.schema.CreateSchema(schema))
+    reg.metadata.create_all(engine)
+    with engine.begin() as conn:
+        Operations(MigrationContext.configure(conn)).execute(rdb.transition_trigger_sql(model))
+    t = model.__table__
+    with engine.connect() as conn:
+        assert rdb.trigger_drift(conn, model) is None
+        conn.execute(t.insert().values({"id": 1, column: "new"}))
+        with pytest.raises(sa.exc.DBAPIError) as info:
+            conn.execute(t.update().values({column: "bogus"}))
+        assert getattr(info.value.orig, "sqlstate", None) == rdb.TRANSITION_SQLSTATE
+        conn.rollback()
+    with engine.begin() as conn:
+        Operations(MigrationContext.configure(conn)).execute(rdb.transition_trigger_drop_sql(model))
+    with engine.connect() as conn:
+        assert _ours(conn, f"{sa.inspect(conn).dialect.identifier_preparer.format_table(t)}") == []
+        conn.execute(t.insert().values({"id": 2, column: "bogus"}))  # no trigger left
+
+
 @pytest.mark.skipif(shutil.which("psql") is None, reason="needs psql")
 def test_psql_running_the_script_lets_no_concurrent_illegal_move_through(
     engine: sa.Engine, reg: registry, pg_url: str

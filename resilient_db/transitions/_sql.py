@@ -9,7 +9,7 @@ import dataclasses
 import hashlib
 import json
 import re
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any, Final, NamedTuple
 
 import sqlalchemy as sa
@@ -57,6 +57,7 @@ __all__ = [
     "script_statements",
     "source_matches",
     "spellings",
+    "sql_ident",
     "stamp_generator",
     "stamp_prefix_pattern",
     "transition_trigger_drop_sql",
@@ -92,9 +93,35 @@ _PG_NAME_MAX = 63  # NAMEDATALEN - 1, in bytes
 
 
 def ident(name: str) -> str:
+    """``name`` as a quoted identifier, as the server reads it back from a string
+    (``to_regclass()``, ``to_regprocedure()``): see :func:`sql_ident` for the statements' own
+    text."""
     if "\x00" in name:
         raise TransitionRulesError(f"identifier {name!r} contains a NUL character")
     return '"' + name.replace('"', '""') + '"'
+
+
+def sql_ident(name: str) -> str:
+    """``name`` as a quoted identifier in the text of a statement: :func:`ident`, or, for a name
+    in which SQLAlchemy's ``text()`` (what Alembic's ``op.execute`` makes of a string) would
+    find a bind parameter (``"c :d"``) or take out a backslash before a colon (``"c\\:d"``), a
+    Unicode escape identifier ``U&"c \\003Ad"`` that means the same name (to the server, to
+    ``psql``) and holds no colon."""
+    quoted = ident(name)
+    if _BOUND_IN_TEXT.search(quoted) is None:
+        return quoted
+    return 'U&"' + name.replace("\\", "\\\\").replace(":", "\\003A").replace('"', '""') + '"'
+
+
+#: what ``text()`` reads in an identifier: ``:word`` after neither a word character nor a colon
+#: (a bind parameter), or a backslash before a colon (an escaped one: the backslash is dropped)
+_BOUND_IN_TEXT: Final = re.compile(r"(?<![:\w]):[\w$]|\\:")
+_QUOTED_PART: Final = re.compile(r'"((?:[^"]|"")*)"')
+
+
+def _sql_name(quoted: str) -> str:
+    """A (schema-qualified) name written by :func:`ident` as :func:`sql_ident` writes it."""
+    return _QUOTED_PART.sub(lambda m: sql_ident(m.group(1).replace('""', '"')), quoted)
 
 
 def literal(value: str) -> str:
@@ -228,6 +255,12 @@ def trigger_names(guard: Guard) -> TriggerNames:
     )
 
 
+def _sql_names(n: TriggerNames) -> TriggerNames:
+    """``n`` with its table and function as the text of a statement writes them
+    (:func:`sql_ident`); not for a name read back from a string (``to_regclass()``)."""
+    return n._replace(table=_sql_name(n.table), function=_sql_name(n.function))
+
+
 _OWNER_OF_OLD: Final = "(SELECT p.proowner FROM pg_catalog.pg_proc p WHERE p.oid = v_old::oid)"
 
 
@@ -238,6 +271,7 @@ def _drop_legacy_function(n: TriggerNames, guard: Guard) -> str:
     blocks: an install by a role that may not drop it does not fail on it)."""
     schema = f"{ident(guard.table.schema)}." if guard.table.schema else ""
     legacy = f"{schema}{ident(n.legacy_function_name)}"
+    legacy_sql = _sql_name(legacy)
     return _do(f"""\
 DECLARE
     v_old regprocedure := pg_catalog.to_regprocedure({literal(legacy + "()")});
@@ -246,7 +280,7 @@ BEGIN
         AND {_stamped("v_old")}
         AND {_uncalled("v_old::oid")}
         AND {_may_drop(_OWNER_OF_OLD)} THEN
-        DROP FUNCTION {legacy}();
+        DROP FUNCTION {legacy_sql}();
     END IF;
 END""")
 
@@ -570,11 +604,13 @@ _BYTEWISE = 'COLLATE pg_catalog."C"'
 _BYTEWISE_PRINTED = ('COLLATE "C"', 'COLLATE pg_catalog."C"')
 
 
-def _column_value(row: str, column: sa.Column[Any]) -> str:
+def _column_value(row: str, column: sa.Column[Any], quoted: Callable[[str], str] = ident) -> str:
     """``column`` of ``row`` (``NEW`` or ``OLD``) as the trigger compares its text: as it is, or
     a ``numeric`` without a scale without its trailing zeros (PostgreSQL keeps the decimals each
-    value was written with, and ``3.000`` is the state 3: see :func:`trims_scale`)."""
-    value = f"{row}.{ident(column.name)}"
+    value was written with, and ``3.000`` is the state 3: see :func:`trims_scale`). ``quoted``
+    writes the column's name: :func:`sql_ident` in a trigger's WHEN, :func:`ident` in the
+    function's body (PL/pgSQL reads no ``U&"..."`` name after ``NEW.``)."""
+    value = f"{row}.{quoted(column.name)}"
     return f"pg_catalog.trim_scale({value})" if trims_scale(column) else value
 
 
@@ -582,7 +618,7 @@ def column_text(row: str, column: sa.Column[Any]) -> str:
     """The text of ``column`` of ``row`` (``NEW`` or ``OLD``) as the trigger's WHEN compares it:
     cast to text (compared with the built-in text operators whatever the installer's search_path
     holds) and bytewise (:data:`_BYTEWISE`), whatever the column's collation."""
-    return f"{_column_value(row, column)}::text {_BYTEWISE}"
+    return f"{_column_value(row, column, sql_ident)}::text {_BYTEWISE}"
 
 
 def insert_when(guard: Guard) -> str:
@@ -656,13 +692,14 @@ def insert_when_printed(guard: Guard, quoted_column: str) -> set[str]:
 
 def install_statements(guard: Guard) -> list[str]:
     n = trigger_names(guard)
+    n = _sql_names(n)
     return [
         f"CREATE OR REPLACE FUNCTION {n.function}() RETURNS trigger LANGUAGE plpgsql\n"
         f"SET search_path = pg_catalog, pg_temp\n"
         f"AS {_dollar_quote(_function_body(guard))}",
         f"COMMENT ON FUNCTION {n.function}() IS {literal(rules_stamp(guard))}",
-        f"DROP TRIGGER IF EXISTS {ident(n.insert_trigger)} ON {n.table}",
-        f"CREATE TRIGGER {ident(n.insert_trigger)} AFTER INSERT ON {n.table}\n"
+        f"DROP TRIGGER IF EXISTS {sql_ident(n.insert_trigger)} ON {n.table}",
+        f"CREATE TRIGGER {sql_ident(n.insert_trigger)} AFTER INSERT ON {n.table}\n"
         # only for a row not in an initial state: PostgreSQL queues an event for every row an
         # AFTER trigger fires for (held in memory to the statement's end), so a bulk INSERT of
         # rows starting as they should queues none; the function checks the same (col::text,
@@ -670,8 +707,8 @@ def install_statements(guard: Guard) -> list[str]:
         # the column's collation) for the rows it gets
         f"FOR EACH ROW WHEN ({insert_when(guard)})\n"
         f"EXECUTE FUNCTION {n.function}()",
-        f"DROP TRIGGER IF EXISTS {ident(n.update_trigger)} ON {n.table}",
-        f"CREATE TRIGGER {ident(n.update_trigger)} AFTER UPDATE ON {n.table}\n"
+        f"DROP TRIGGER IF EXISTS {sql_ident(n.update_trigger)} ON {n.table}",
+        f"CREATE TRIGGER {sql_ident(n.update_trigger)} AFTER UPDATE ON {n.table}\n"
         # compared as text, as the function compares (col::text): and written so, the WHEN is
         # bound to the built-in text equality whatever the installer's search_path holds (an
         # equality of the column's own type planted in public, varchar = varchar, which has no
@@ -751,11 +788,11 @@ def drop_statements(guard: Guard) -> list[str]:
     of the column with whatever function of ours they call (installed under the other spelling
     of the table too: see :func:`spellings`), and that function; then the triggers and the
     function by their names, and the function of the old naming scheme."""
-    n = trigger_names(guard)
+    n = _sql_names(trigger_names(guard))
     return [
         replaced_functions_statement(guard, keep_own=False),
-        f"DROP TRIGGER IF EXISTS {ident(n.insert_trigger)} ON {n.table}",
-        f"DROP TRIGGER IF EXISTS {ident(n.update_trigger)} ON {n.table}",
+        f"DROP TRIGGER IF EXISTS {sql_ident(n.insert_trigger)} ON {n.table}",
+        f"DROP TRIGGER IF EXISTS {sql_ident(n.update_trigger)} ON {n.table}",
         f"DROP FUNCTION IF EXISTS {n.function}()",
         _drop_legacy_function(n, guard),
     ]
