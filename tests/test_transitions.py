@@ -2133,6 +2133,10 @@ def test_bypass_on_a_connection(engine: sa.Engine, sessions: sessionmaker[_S]) -
     with engine.connect() as conn:
         with pytest.raises(ValueError, match="reason"):
             bypass_transitions(conn, reason=" ")
+        # PostgreSQL text holds no NUL: said so, before anything is sent (psycopg raised a
+        # DataError quoting the whole statement; asyncpg's aborted the transaction)
+        with pytest.raises(ValueError, match="NUL character"):
+            bypass_transitions(conn, reason="migration\x000042")
         bypass_transitions(conn, reason="migration 0042")
         conn.exec_driver_sql(f"UPDATE tasks SET status = 'pending' WHERE id = {task_id}")
         conn.commit()

@@ -107,11 +107,18 @@ def bypass_transitions(target: Session | Connection, *, reason: str) -> None:
     bound to it stay on.
 
     Raises :class:`~resilient_db.BypassRefusedError` when the role may not bypass (nothing is
-    bypassed or counted; the refusal is logged), ``ValueError`` without a reason, in
-    AUTOCOMMIT mode, or for a ``Connection`` to a hot standby.
+    bypassed or counted; the refusal is logged), ``ValueError`` without a reason or for one with
+    a NUL character, in AUTOCOMMIT mode, or for a ``Connection`` to a hot standby.
     """
     if not isinstance(reason, str) or not reason.strip():
         raise ValueError("bypass_transitions() needs a reason=, which is logged for the audit")
+    if "\x00" in reason:
+        # PostgreSQL text can't hold it: psycopg refused the bypass's statement with a
+        # DataError, asyncpg's failed on the server (the caller's transaction aborted)
+        raise ValueError(
+            f"bypass_transitions(): reason={reason[:80]!r} holds a NUL character, which "
+            "PostgreSQL text can't hold (the reason goes into the server's log)"
+        )
     if isinstance(target, Session):
         _bypass_session(target, reason)
         return
