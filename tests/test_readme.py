@@ -67,3 +67,35 @@ def test_readme_examples_type_check_strictly(tmp_path: Path) -> None:
     source.write_text("".join(blocks), encoding="utf-8")
     out, err, status = api.run(["--strict", str(source)])
     assert status == 0, out + err
+
+
+def _section(title: str) -> str:
+    text = README.read_text(encoding="utf-8")
+    start = text.index(f"\n## {title}\n")
+    return text[start : text.index("\n## ", start + 1)]
+
+
+def _keys(value: object, path: str = "") -> set[str]:
+    """The keys of a health() report, nested ones included (not the services' names or the
+    retry classes, which are data)."""
+    if not isinstance(value, dict):
+        return set()
+    keys = set()
+    for key, item in value.items():
+        if path not in ("services", "retries_by_class"):
+            keys.add(key)
+        keys |= _keys(item, key)
+    return keys
+
+
+def test_readme_documents_every_health_key() -> None:
+    """Every key ``health()`` reports for a service with a breaker and a retry budget is named
+    in the README (``Observability``, or ``Running many processes`` for the budget's)."""
+    import resilient_db as rdb  # noqa: PLC0415
+
+    rdb.with_self_healing(lambda: 1, service="documented", config=rdb.Config(retry_budget=0.2))
+    report = rdb.health()
+    assert report["services"]["documented"]["budget"] is not None
+    text = _section("Observability") + _section("Running many processes")
+    missing = sorted(k for k in _keys(report) if f"`{k}`" not in text and f'"{k}"' not in text)
+    assert missing == []
