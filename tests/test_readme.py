@@ -99,3 +99,31 @@ def test_readme_documents_every_health_key() -> None:
     text = _section("Observability") + _section("Running many processes")
     missing = sorted(k for k in _keys(report) if f"`{k}`" not in text and f'"{k}"' not in text)
     assert missing == []
+
+
+def test_readme_prometheus_metrics_exist_with_their_labels() -> None:
+    """Every ``resilient_db_*`` metric the README names is exported, and the list of
+    Observability gives each its exact labels (none written: none exported)."""
+    pytest.importorskip("prometheus_client")
+    import resilient_db as rdb  # noqa: PLC0415
+    from resilient_db.metrics import HealthCollector  # noqa: PLC0415
+
+    rdb.with_self_healing(lambda: 1, service="documented", config=rdb.Config(retry_budget=0.2))
+    report = rdb.health()
+    entry = report["services"]["documented"]
+    entry["counters"]["retries_by_class"] = {"conflict": 1}
+    entry["breaker"]["shared"] = {"connected": True, "opens_followed": 0}  # as with Redis
+    labels = {
+        sample.name: set(sample.labels)
+        for family in HealthCollector(health=lambda: report).collect()
+        for sample in family.samples
+        if not sample.name.endswith("_created")
+    }
+    metric = re.compile(r"`(resilient_db_[a-z_]+)(?:\{([a-z_,]*)\})?`")
+    named = {m[1] for m in metric.finditer(README.read_text(encoding="utf-8"))}
+    named.discard("resilient_db_bypass")  # the database role, not a metric
+    assert sorted(named - set(labels)) == []
+    section = _section("Observability")
+    the_list = section[section.index("Metrics:\n") : section.index("- OpenTelemetry:")]
+    listed = {m[1]: set(filter(None, (m[2] or "").split(","))) for m in metric.finditer(the_list)}
+    assert {name: labels[name] for name in listed} == listed
