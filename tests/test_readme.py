@@ -127,3 +127,57 @@ def test_readme_prometheus_metrics_exist_with_their_labels() -> None:
     the_list = section[section.index("Metrics:\n") : section.index("- OpenTelemetry:")]
     listed = {m[1]: set(filter(None, (m[2] or "").split(","))) for m in metric.finditer(the_list)}
     assert {name: labels[name] for name in listed} == listed
+
+
+def _env_text(value: object, kind: str) -> str:
+    """A default as the Configuration table writes it (times in milliseconds)."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if kind == "ms":
+        return str(round(float(value) * 1000))  # type: ignore[arg-type]
+    return str(value)
+
+
+def test_readme_configuration_defaults_are_the_code_s() -> None:
+    """Each row of the Configuration table names variables the code reads, with the defaults
+    ``Config()`` has, and every variable has a row."""
+    from resilient_db import Config  # noqa: PLC0415
+    from resilient_db._config import _SPECS  # noqa: PLC0415
+
+    defaults = {s.env: _env_text(getattr(Config(), s.field), s.kind) for s in _SPECS}
+    documented: dict[str, str] = {}
+    for row in re.findall(r"^\| (`SELF_HEALING_.*?) \| (.*?) \|", _section("Configuration"), re.M):
+        names = re.findall(r"`(SELF_HEALING_[A-Z_]+)`", row[0])
+        values = row[1].split(" / ")
+        assert len(names) == len(values), row
+        for name, value in zip(names, values, strict=True):
+            documented[name] = value.split(" ")[0]
+    assert documented == defaults
+
+
+def test_readme_sqlstate_table_is_the_default_classifier_s() -> None:
+    """The classes of the README's SQLSTATE table are the default classifier's explicit codes
+    (class 08 is a disconnect by its class; 25006 and 08P01 are named in two rows, each for
+    the case it is)."""
+    from resilient_db import Classifier, Outcome  # noqa: PLC0415
+
+    rows = dict(
+        re.findall(
+            r"^\| ([a-z ]+) \| (.*?) \|", _section("Units of work: what gets replayed"), re.M
+        )
+    )
+    written = {name: set(re.findall(r"\b[0-9A-Z]{2}[0-9A-Z]{3}\b", rows[name])) for name in rows}
+    by_class: dict[str, set[str]] = {}
+    for code, outcome in Classifier().codes.items():
+        by_class.setdefault(outcome.value, set()).add(code)
+    assert written["conflict"] == by_class[Outcome.CONFLICT.value]
+    assert written["unavailable"] == by_class[Outcome.UNAVAILABLE.value]
+    assert {c for c in written["disconnect"] if not c.startswith("08")} == by_class[
+        Outcome.DISCONNECT.value
+    ]
+    assert written["commit unknown"] == by_class[Outcome.COMMIT_UNKNOWN.value]
+    assert by_class[Outcome.NOT_TRANSIENT.value] <= written["not transient"]
+    transient = set(Classifier().codes) - by_class[Outcome.NOT_TRANSIENT.value]
+    assert written["not transient"] & transient == {"25006"}  # from a server that takes writes
