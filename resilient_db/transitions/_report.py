@@ -101,7 +101,8 @@ def unit_service(otherwise: str | None = None) -> str | None:
 
 def service_words(service: str | None) -> str:
     """``service=NAME `` for a block's line when it happened in a unit (or operation) of that
-    service, as every other ``[SELF-HEAL]`` line names its service; nothing outside any."""
+    service, as every other ``[SELF-HEAL]`` line names its service (outside any, the drop-in
+    session's or engine's, where known; nothing when none is)."""
     return "" if service is None else f"service={service} "
 
 
