@@ -155,6 +155,33 @@ def _finish_on_insert(mapper: Any, connection: Any, target: Finished) -> None:
         target.status = "completed"
 
 
+class Work(Base):
+    """Single-table inheritance: ``Strict`` declares rules of its own for the shared column."""
+
+    __tablename__ = "edge_work"
+    __transitions__ = TransitionRules(**RULES)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(default="work")
+    note: Mapped[str] = mapped_column(default="")
+    status: Mapped[str] = mapped_column(sa.String(40), default="pending")
+    __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "work"}  # noqa: RUF012
+
+
+class Strict(Work):
+    __transitions__ = TransitionRules(
+        column="status",
+        transitions={"pending": {"in_progress"}, "in_progress": {"failed"}},
+        initial={"pending"},
+    )
+    __mapper_args__ = {"polymorphic_identity": "strict"}  # noqa: RUF012
+
+
+@event.listens_for(Work, "before_update", propagate=True)
+def _complete_when_done(mapper: Any, connection: Any, target: Work) -> None:
+    if target.note == "done":
+        target.status = "completed"  # legal from in_progress for a Work, not for a Strict
+
+
 class _S(Session):
     pass
 
@@ -773,6 +800,64 @@ def test_a_new_rows_status_foreign_key_set_through_a_collection_is_judged(
         pending.tasks.append(Linked(id=2))
         s.commit()
     assert _rows(engine, "edge_linked") == {2: "pending"}
+
+
+def test_a_status_set_during_the_flush_is_judged_by_the_rows_own_subclass_rules(
+    engine: sa.Engine,
+) -> None:
+    """A status a ``before_update`` listener sets during the flush is judged by the rules of
+    the row's own class, whichever class of the hierarchy the flush met first (a
+    single-table subclass declaring stricter rules can have no trigger: the flush guard is
+    all there is). Before, every row of the table was judged by the first class's rules: a
+    Strict row changed by the application (to a state its rules allow) and moved on by the
+    listener went through to a state they forbid when a Work row was updated in the same
+    flush."""
+    _set_rows(
+        engine, "edge_work", "(1, 'work', '', 'in_progress'), (2, 'strict', '', 'in_progress')"
+    )
+    with _factory(engine)() as s:
+        work, strict = s.get_one(Work, 1), s.get_one(Work, 2)
+        assert isinstance(strict, Strict)
+        work.note = "x"  # a Work row updated, its status left alone
+        strict.status = "failed"  # legal for a Strict; the listener then writes "completed"
+        strict.note = "done"
+        statements = Sent(engine)
+        with pytest.raises(IllegalTransitionError) as info:
+            s.commit()
+        err = info.value
+        assert (err.model, err.pk, err.from_state, err.to_state) == (
+            "Strict",
+            2,
+            "in_progress",
+            "completed",
+        )
+        assert "allowed from here: 'failed'" in err.reason
+        assert not [q for q in statements.matching("UPDATE") if "status" in q]
+    assert _rows(engine, "edge_work") == {1: "in_progress", 2: "in_progress"}
+
+
+def test_a_status_set_during_the_flush_of_rows_no_one_changed_is_judged_per_class(
+    engine: sa.Engine,
+) -> None:
+    """The same for rows whose status only the listener sets (read under lock first): the
+    Work row may complete, the Strict row may not, and the error names that row."""
+    _set_rows(
+        engine, "edge_work", "(1, 'work', '', 'in_progress'), (2, 'strict', '', 'in_progress')"
+    )
+    with _factory(engine)() as s:
+        rows = [s.get_one(Work, 1), s.get_one(Work, 2)]
+        for row in rows:
+            row.note = "done"
+        with pytest.raises(IllegalTransitionError) as info:
+            s.commit()
+        assert (info.value.model, info.value.pk, info.value.to_state) == ("Strict", 2, "completed")
+    assert _rows(engine, "edge_work") == {1: "in_progress", 2: "in_progress"}
+    with _factory(engine)() as s:
+        rows = [s.get_one(Work, 1), s.get_one(Work, 2)]
+        rows[0].note = "done"  # completes (legal for a Work)
+        rows[1].note = "x"
+        s.commit()
+    assert _rows(engine, "edge_work") == {1: "completed", 2: "in_progress"}
 
 
 # ------------------------------------------------------------------------------------------------

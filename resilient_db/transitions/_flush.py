@@ -1189,12 +1189,14 @@ def _check_written(
     """An UPDATE writing a state before_flush did not judge (a mapper's ``before_update``
     listener set it during the flush): the move from the state the row must hold (or, for a
     row with no expectation, the state it holds now, read under lock) to the state written
-    must be legal, else IllegalTransitionError before it is sent. A row with no expectation is
-    judged by the rules of ``checks.mappers`` for its table (one mapper's: the models of a
-    table's inheritance hierarchy that declare different rules for one column are told apart
-    by the trigger only). ``sent``: the rows' primary keys and parameters. Returns whether
-    the rows were read under lock (some had no expectation: every row of the UPDATE was then
-    checked in the same SELECT, those with one for the state they must still hold)."""
+    must be legal, else IllegalTransitionError before it is sent. Each row is judged by the
+    rules of its own model (``guards`` are one per column of the table, the first model's
+    noted: the classes of an inheritance hierarchy may declare different rules for one
+    column): a row with an expectation by those of its change, one without by those of the
+    session's object of the row (see :func:`_row_guard`). ``sent``: the rows' primary keys and
+    parameters. Returns whether the rows were read under lock (some had no expectation: every
+    row of the UPDATE was then checked in the same SELECT, those with one for the state they
+    must still hold)."""
     errors: list[IllegalTransitionError] = []
     unknown: list[Change] = []
     known: list[Change] = []
@@ -1205,13 +1207,15 @@ def _check_written(
             written = row[g.column.key]
             expect = None if found is None else found.get(g.column)
             if expect is None:
-                pk = g.pk_of(identity)
-                mapper = checks.mappers[g.table]
-                unknown.append(Change(g, pk, identity, None, False, written, mapper))
+                own, mapper = _row_guard(checks, g, identity)
+                unknown.append(
+                    Change(own, own.pk_of(identity), identity, None, False, written, mapper)
+                )
             else:
                 change = expect.change._replace(old=expect.value, old_known=True, new=written)
-                if g.key(expect.change.new) != g.key(written) and not g.legal(
-                    g.key(expect.value), g.key(written)
+                own = change.guard
+                if own.key(expect.change.new) != own.key(written) and not own.legal(
+                    own.key(expect.value), own.key(written)
                 ):
                     errors.append(illegal(change, expect.value, "flush"))
                 known.append(change)
@@ -1220,6 +1224,25 @@ def _check_written(
     if errors:
         raise_errors(errors, checks.config, checks.session)
     return bool(unknown)
+
+
+def _row_guard(
+    checks: _FlushChecks, guard: Guard, identity: tuple[Any, ...]
+) -> tuple[Guard, Mapper[Any]]:
+    """The guard of ``guard``'s column and the mapper a row of its table that the flush has no
+    expectation of is judged by: those of the session's object of the row (its class's rules:
+    a subclass may declare rules of its own for a column its base class shares), else those
+    noted for the table. Looked up only for an UPDATE writing a state no one judged yet."""
+    mapper = checks.mappers[guard.table]
+    session = checks.session
+    if session is not None:
+        obj = session.identity_map.get(mapper.identity_key_from_primary_key(identity))
+        if obj is not None:
+            own = instance_state(obj).mapper
+            for g in compiled_guards(own):
+                if g.column is guard.column:
+                    return g, own
+    return guard, mapper
 
 
 def _lock_and_check(
