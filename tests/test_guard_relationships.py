@@ -5,6 +5,10 @@ the bulk guard's condition under SQLAlchemy's ``"evaluate"`` synchronization.
 - A new row whose status the flush copies from a related object was refused before the copy
   (``(new row) -> None``), even in its initial state, although the README promises such a row
   is judged as set: it is judged when inserted now.
+- A new row whose relationship to its state has ``post_update=True`` was inserted in its
+  column's default state, then moved by SQLAlchemy's second UPDATE to the related state, which
+  no one judged: ``Late(state=done)`` was committed as a new row in 'done' (without the
+  trigger). The related state is judged as the state the row starts in.
 - A status moved through a many-to-one relationship had no compare-and-set: the flush judged
   it under lock from the state the row held then, so two workers claiming one task (pending ->
   running) both committed, the second overwriting the first's claim. It is judged from the
@@ -60,6 +64,21 @@ class Task(Base):
     state: Mapped[State] = relationship(back_populates="tasks")
 
 
+class Late(Base):
+    """The status written through a relationship with ``post_update=True``: SQLAlchemy inserts
+    the row with the column as it is (its default), then sets it by an UPDATE of its own."""
+
+    __tablename__ = "late_tasks"
+    __transitions__ = rdb.TransitionRules(
+        column="state_code",
+        transitions={"pending": {"running"}, "running": {"done"}},
+        initial={"pending"},
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    state_code: Mapped[str] = mapped_column(sa.ForeignKey("states.code"), default="pending")
+    state: Mapped[State] = relationship(post_update=True)
+
+
 @pytest.fixture
 def engine(pg_url: str) -> Iterator[sa.Engine]:
     eng = sa.create_engine(pg_url)
@@ -95,6 +114,25 @@ def test_a_new_rows_status_from_a_related_object_is_judged_as_inserted(
             session.commit()
     assert no_status.value.to_state is None
     assert stored(engine) == [(1, "", "pending"), (2, "", "pending")]
+
+
+def test_a_new_rows_status_from_a_post_update_relationship_is_judged_as_inserted(
+    engine: sa.Engine, service: str
+) -> None:
+    Sessions = rdb.ResilientSession(engine, service=service)
+    with Sessions() as session:
+        session.add(Late(id=1, state=session.get_one(State, "done")))
+        with pytest.raises(rdb.IllegalTransitionError) as started_done:
+            session.commit()
+    err = started_done.value
+    assert (err.pk, err.from_state, err.to_state, err.inserted) == (1, None, "done", True)
+    with Sessions.begin() as session:
+        session.add(Late(id=2, state=session.get_one(State, "pending")))
+    with Sessions.begin() as session:  # a row it holds already moves as any: judged, legal
+        session.get_one(Late, 2).state = session.get_one(State, "running")
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql("SELECT id, state_code FROM late_tasks").all()
+    assert [tuple(r) for r in rows] == [(2, "running")]
 
 
 def claim(session: Session, owner: str) -> None:

@@ -208,8 +208,14 @@ def _check_insert(
 ) -> list[IllegalTransitionError]:
     """The error of a new row not in an initial state, if it isn't. ``in_flush`` False (from
     :func:`before_flush`): a status not set yet that the ORM may set during the flush, from a
-    related object, is left to :func:`before_insert`, which sees it set."""
+    related object, is left to :func:`before_insert`, which sees it set; one that a
+    ``post_update`` relationship writes after the INSERT (a second statement, for which no
+    ``before_insert`` is called) is judged here, as the state the row starts in."""
     value = state.dict.get(guard.attr_key)
+    if guard.related and not in_flush:
+        late = _set_after_insert(guard, state)
+        if late is not _UNSET:
+            value = late
     if value is None:
         default = guard.column.default
         if default is not None and getattr(default, "is_scalar", False):
@@ -246,6 +252,22 @@ def _set_from_related(guard: Guard, mapper: Mapper[Any]) -> bool:
     return bool(column.foreign_keys) or any(
         column in prop.local_columns for prop in mapper.relationships
     )
+
+
+def _set_after_insert(guard: Guard, state: InstanceState[Any]) -> Any:
+    """The state a many-to-one relationship with ``post_update=True`` of a new row writes into
+    its status column (SQLAlchemy inserts the row with the column as it is, then sets it by an
+    UPDATE of its own), when the related row's key is known; else ``_UNSET``."""
+    relationships = state.mapper.relationships
+    for relation, related_key in guard.related:
+        if not relationships[relation].post_update:
+            continue
+        target = state.dict.get(relation)
+        if target is not None:
+            new = instance_state(target).dict.get(related_key)
+            if new is not None:
+                return new
+    return _UNSET
 
 
 def _switched_from(
