@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 import sys
 import types
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+PACKAGE = README.parent / "resilient_db"
 
 
 def python_blocks() -> list[str]:
@@ -181,3 +183,141 @@ def test_readme_sqlstate_table_is_the_default_classifier_s() -> None:
     assert by_class[Outcome.NOT_TRANSIENT.value] <= written["not transient"]
     transient = set(Classifier().codes) - by_class[Outcome.NOT_TRANSIENT.value]
     assert written["not transient"] & transient == {"25006"}  # from a server that takes writes
+
+
+#: the functions an action goes through (``_observability.emit``/``emit_line``, and the fleet's
+#: ``_emit_for_services``): ``config``, a logger (or the services), the level, the message
+EMITTERS = frozenset({"emit", "emit_line", "_emit_for_services"})
+#: keywords of an emit that are no field of its event (``event`` is its name, ``service``
+#: its ``.service``, ``log`` whether its line is written)
+NOT_FIELDS = frozenset({"event", "service", "log"})
+
+
+def _text_keys(node: ast.AST) -> set[str]:
+    """The text keys of the dict literals in ``node`` (``**({} if c else {"cause": c})``)."""
+    return {
+        key.value
+        for d in ast.walk(node)
+        if isinstance(d, ast.Dict)
+        for key in d.keys
+        if isinstance(key, ast.Constant) and isinstance(key.value, str)
+    }
+
+
+def _dict_made(scope: ast.AST, name: str) -> ast.Dict | None:
+    """The dict literal ``scope`` assigns to ``name`` (once), if it does."""
+    made = [
+        node.value
+        for node in ast.walk(scope)
+        if isinstance(node, (ast.Assign, ast.AnnAssign))
+        and isinstance(node.value, ast.Dict)
+        and any(
+            isinstance(target, ast.Name) and target.id == name
+            for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+        )
+    ]
+    return made[0] if len(made) == 1 else None
+
+
+def _event_of(node: ast.Call, scope: ast.AST, where: str) -> tuple[str, set[str]] | None:
+    """The event name an emit ``node`` in ``scope`` (its function) sends and the fields it
+    names: its ``event=`` keyword, or the ``"event"`` entry of a dict literal made in the
+    function and passed on as ``**fields``; None for a call passing on its own function's
+    ``**fields`` (its callers name the event)."""
+    kwarg = getattr(getattr(scope, "args", None), "kwarg", None)
+    fields: set[str] = set()
+    name: ast.expr | None = None
+    forwarded = False
+    for keyword in node.keywords:
+        if keyword.arg == "event":
+            name = keyword.value
+        elif keyword.arg is not None:
+            fields.add(keyword.arg)
+        elif isinstance(keyword.value, ast.Name) and kwarg and keyword.value.id == kwarg.arg:
+            forwarded = True
+        else:
+            literal: ast.expr = keyword.value
+            if isinstance(literal, ast.Name):
+                literal = _dict_made(scope, literal.id) or literal
+            if isinstance(literal, ast.Dict):
+                for key, value in zip(literal.keys, literal.values, strict=True):
+                    if isinstance(key, ast.Constant) and key.value == "event":
+                        name = value
+            fields |= _text_keys(literal)
+    if name is None and forwarded:
+        return None
+    readable = isinstance(name, ast.Constant) and isinstance(name.value, str)
+    assert readable, f"{where}: an event name the README's table can't be checked against"
+    assert isinstance(name, ast.Constant)
+    return str(name.value), fields - NOT_FIELDS
+
+
+def _emitted() -> dict[str, tuple[set[str], set[str]]]:
+    """Each event name the package emits: (the levels of its lines, the fields the code names
+    where it emits it), read from the source with ``ast``: the calls of :data:`EMITTERS` (see
+    :func:`_event_of`)."""
+    found: dict[str, tuple[set[str], set[str]]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        scopes: list[ast.AST] = [tree]
+        scopes += [
+            f for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+        ]
+        seen: set[int] = set()
+        for scope in reversed(scopes):  # the innermost function of a call first
+            for node in ast.walk(scope):
+                if (
+                    id(node) in seen
+                    or not isinstance(node, ast.Call)
+                    or not isinstance(node.func, ast.Name)
+                    or node.func.id not in EMITTERS
+                ):
+                    continue
+                seen.add(id(node))
+                event = _event_of(node, scope, f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
+                if event is None:
+                    continue
+                levels, fields = found.setdefault(event[0], (set(), set()))
+                fields |= event[1]
+                levels |= {
+                    level.attr
+                    for level in ast.walk(node.args[2])
+                    if isinstance(level, ast.Attribute)
+                    and isinstance(level.value, ast.Name)
+                    and level.value.id == "logging"
+                }
+    return found
+
+
+def _event_table() -> dict[str, tuple[str, set[str]]]:
+    """The rows of the README's table of events: name -> (its level cell, the fields named in
+    its fields cell)."""
+    section = _section("Observability")
+    header = "| event | line | level | what happened | fields |\n|---|---|---|---|---|\n"
+    assert header in section, "the README's table of events is gone"
+    start = section.index(header) + len(header)
+    rows: dict[str, tuple[str, set[str]]] = {}
+    for row in section[start:].split("\n"):
+        if not row.startswith("|"):
+            break
+        cells = [cell.strip() for cell in row.strip("|").split(" | ")]
+        assert len(cells) == 5, row
+        name = re.fullmatch(r"`([a-z_]+)`", cells[0])
+        assert name is not None, row
+        assert name[1] not in rows, f"{name[1]} has two rows"
+        rows[name[1]] = (cells[2], set(re.findall(r"`([a-z_]+)`", cells[4])))
+    return rows
+
+
+def test_readme_lists_every_event_the_code_emits() -> None:
+    """The README's table of ``SelfHealEvent.name`` values is the set of names the package
+    emits (a new event gets a row; a row outlives no event), each row naming the level of its
+    line and every field the code gives it where it emits it."""
+    emitted = _emitted()
+    table = _event_table()
+    assert sorted(set(emitted) - set(table)) == [], "emitted, not in the README's table"
+    assert sorted(set(table) - set(emitted)) == [], "in the README's table, not emitted"
+    for name, (levels, fields) in emitted.items():
+        level_cell, documented = table[name]
+        assert {level for level in levels if level not in level_cell} == set(), name
+        assert sorted(fields - documented) == [], name
