@@ -583,6 +583,7 @@ class Policy:
             event="machinery_failed",
             part=what,
             error=kind,
+            suppressed=since,
         )
         if log:
             debug_failure(log_retry, "machinery failure detail", texts=False)

@@ -3165,6 +3165,7 @@ class EngineHooks:
             log=log,
             service=service,
             event="dead_pooled_connection",
+            suppressed=unlogged,
         )
         replace_at_checkout(dbapi_connection, "pooled connection was closed by the server")
 

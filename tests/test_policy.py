@@ -18,7 +18,9 @@ import resilient_db as rdb
 from resilient_db._breaker import Breaker
 from resilient_db._classify import Outcome, mark_replay_safe
 from resilient_db._commit import UnprovenCommit
+from resilient_db import _retry
 from resilient_db._retry import Policy
+from resilient_db._state import STATE
 
 _names = itertools.count()
 
@@ -455,17 +457,23 @@ def test_broken_breaker_storage_falls_back_to_running_the_call(
     with caplog.at_level("DEBUG", logger="resilient_db"):
         for _ in range(5):
             assert p.call(lambda: 42) == 42
+        # a new period: the next line says how many the last one left unlogged
+        _retry._MACHINERY_LINES.restart((p.service, STATE.generation))
+        assert p.call(lambda: 42) == 42
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warnings == [
         f"[SELF-HEAL] circuit breaker admission failed for service={p.service} (ConnectionError);"
-        " running the call without it (0 more since the last line)"
+        f" running the call without it ({n} more since the last line)"
+        for n in (0, 4)
     ]
     assert "hunter2" not in caplog.text
     assert "ConnectionError: (no SQLSTATE; its text left out: not ours to show)" in caplog.text
     failed = [e for e in events if e.name == "machinery_failed"]
     assert [(e.fields["part"], e.fields["error"]) for e in failed] == [
         ("circuit breaker admission", "ConnectionError")
-    ] * 5
+    ] * 6
+    # what the lines say, as the other rate-limited events say it: 0 for one left unlogged
+    assert [e.fields["suppressed"] for e in failed] == [0, 0, 0, 0, 0, 4]
 
 
 @pytest.mark.parametrize(

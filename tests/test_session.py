@@ -1068,11 +1068,11 @@ def test_dead_pooled_connections_are_said_once_every_few_seconds_and_each_counte
     """A restart or a failover leaves every pooled connection dead: one line each was a log
     storm on a large pool. One line per engine every few seconds, saying how many more; the
     counter and the hooks see each."""
-    events: list[str] = []
+    events: list[tuple[str, int]] = []
 
     def hook(event: rdb.SelfHealEvent) -> None:
-        if event.service == service:
-            events.append(event.name)
+        if event.service == service and event.name == "dead_pooled_connection":
+            events.append((event.name, event.fields["suppressed"]))
 
     rdb.add_hook(hook)
     try:
@@ -1082,20 +1082,25 @@ def test_dead_pooled_connections_are_said_once_every_few_seconds_and_each_counte
             conn.exec_driver_sql("SELECT 1")
         for conn in held:
             conn.close()
-        assert pg_server.terminate_backends(database=engine.url.database) >= 3
         with caplog.at_level(logging.INFO, logger="resilient_db"):
-            sessions = [Session() for _ in range(3)]
-            for session in sessions:  # each checks a connection out: all three found dead
-                session.execute(sa.text("SELECT 1"))
-            for session in sessions:
-                session.close()
+            for _ in range(2):  # the second time in a new period: its line says how many more
+                assert pg_server.terminate_backends(database=engine.url.database) >= 3
+                sessions = [Session() for _ in range(3)]
+                for session in sessions:  # each checks a connection out: all three found dead
+                    session.execute(sa.text("SELECT 1"))
+                for session in sessions:
+                    session.close()
+                STATE.engine_hooks[engine]._pool_lines.restart(_unit._DEAD_LINES)
     finally:
         rdb.remove_hook(hook)
-    lines = [r.getMessage() for r in caplog.records if "dead pooled connection" in r.getMessage()]
-    assert len(lines) == 1
-    assert lines[0].endswith("(0 more since the last line)")
-    assert events.count("dead_pooled_connection") == 3
-    assert rdb.health()["services"][service]["counters"]["dead_pooled_connections"] == 3
+    lines = [r for r in caplog.records if "dead pooled connection" in r.getMessage()]
+    assert len(lines) == 2
+    assert lines[0].getMessage().endswith("(0 more since the last line)")
+    assert lines[1].getMessage().endswith("(2 more since the last line)")
+    # the events say it as the other rate-limited ones do (0 for those left unlogged)
+    assert events == [("dead_pooled_connection", n) for n in (0, 0, 0, 2, 0, 0)]
+    assert [line.self_heal["suppressed"] for line in lines] == [0, 2]  # type: ignore[attr-defined]
+    assert rdb.health()["services"][service]["counters"]["dead_pooled_connections"] == 6
 
 
 def test_a_unit_that_committed_part_of_its_work_survives_a_dead_pooled_connection(
