@@ -283,7 +283,10 @@ def test_a_leftover_setting_does_not_reach_the_next_checkout(
 
 
 def test_bypass_transitions_is_refused_for_a_role_not_granted_it(
-    admin: sa.Engine, make_role: Callable[..., Role], log: pytest.LogCaptureFixture
+    admin: sa.Engine,
+    make_role: Callable[..., Role],
+    log: pytest.LogCaptureFixture,
+    events: list[rdb.SelfHealEvent],
 ) -> None:
     role = make_role()
     engine = sa.create_engine(role.url)
@@ -315,10 +318,20 @@ def test_bypass_transitions_is_refused_for_a_role_not_granted_it(
     assert transition_stats()["bypasses"] == bypasses
     messages = [r.getMessage() for r in log.records]
     assert not [m for m in messages if "guard bypassed" in m]
-    assert (
-        f"[SELF-HEAL] transition guard bypass refused: role={role.name} "
+    # the session's refusal names its service, as a bypass's audit line does (the event's
+    # service None: the guard's events are process-wide); the connection's has none to name
+    assert [
+        m for m in messages if m.startswith("[SELF-HEAL] transition guard bypass refused")
+    ] == [
+        f"[SELF-HEAL] transition guard bypass refused: {service}role={role.name} "
         f"login_role={role.name} reason=ticket 9: reopen"
-    ) in messages
+        for service in ("service=bypass-refused ", "")
+    ]
+    refused = [e for e in events if e.name == "transition_guard_bypass_refused"]
+    assert [(e.service, e.fields["unit_service"]) for e in refused] == [
+        (None, "bypass-refused"),
+        (None, None),
+    ]
     assert _status(admin, 1) == "closed"
 
 

@@ -60,12 +60,15 @@ class _Bypass:
     """A session's bypass: its root transaction (weakly: the transaction holds the session,
     the key of ``STATE.bypasses``), why, and the connections it was bound on so far."""
 
-    __slots__ = ("config", "connections", "reason", "transaction")
+    __slots__ = ("config", "connections", "reason", "service", "transaction")
 
-    def __init__(self, transaction: Any, reason: str, config: Config) -> None:
+    def __init__(
+        self, transaction: Any, reason: str, config: Config, service: str | None
+    ) -> None:
         self.transaction = weakref.ref(transaction)
         self.reason = reason
         self.config = config
+        self.service = service  # of the session's factory, for the lines
         self.connections: list[Connection] = []
 
 
@@ -136,7 +139,7 @@ def bypass_transitions(target: Session | Connection, *, reason: str) -> None:
         )
     config = env_config()
     if row.bound is None:
-        _refuse(config, row.role_exists, row.acting_role, row.login_role, reason)
+        _refuse(config, row.role_exists, row.acting_role, row.login_role, reason, None)
     count("bypasses")
     _audit(config, row, reason, None)
 
@@ -149,7 +152,8 @@ def _bypass_session(session: Session, reason: str) -> None:
         _refuse_autocommit(conn)
     transaction = session.get_transaction()
     assert transaction is not None  # (it began on conns)
-    bypass = _Bypass(transaction, reason, config)
+    service = service_of(session)
+    bypass = _Bypass(transaction, reason, config, service)
     previous = STATE.bypasses.get(session)
     if previous is not None and previous.transaction() is transaction:
         # bypassed again: a refusal now ends the earlier bypass too (no half of it is left)
@@ -163,7 +167,6 @@ def _bypass_session(session: Session, reason: str) -> None:
         event.listen(session, "after_begin", _bind_began)
     STATE.bypasses[session] = bypass
     count("bypasses")
-    service = service_of(session)
     for row in rows:
         _audit(config, row, reason, service)
 
@@ -212,7 +215,14 @@ def _bind(bypass: _Bypass, conn: Connection) -> Any:
     bypass.connections.append(conn)
     if row.bound is None:
         _undo(bypass)
-        _refuse(bypass.config, row.role_exists, row.acting_role, row.login_role, bypass.reason)
+        _refuse(
+            bypass.config,
+            row.role_exists,
+            row.acting_role,
+            row.login_role,
+            bypass.reason,
+            bypass.service,
+        )
     return row
 
 
@@ -245,7 +255,7 @@ def _bind_began(session: Session, transaction: Any, connection: Connection) -> N
         _undo(bypass)
         raise
     if row is not None:
-        _audit(bypass.config, row, bypass.reason, service_of(session))
+        _audit(bypass.config, row, bypass.reason, bypass.service)
 
 
 def _audit(config: Config, row: Any, reason: str, service_name: str | None) -> None:
@@ -279,7 +289,14 @@ def _audit(config: Config, row: Any, reason: str, service_name: str | None) -> N
     )
 
 
-def _refuse(config: Config, role_exists: bool, role: str, login_role: str, reason: str) -> None:
+def _refuse(
+    config: Config,
+    role_exists: bool,
+    role: str,
+    login_role: str,
+    reason: str,
+    service_name: str | None,
+) -> None:
     if not role_exists:
         why = (
             f"role {BYPASS_ROLE} does not exist; a role with CREATEROLE creates it with "
@@ -293,14 +310,18 @@ def _refuse(config: Config, role_exists: bool, role: str, login_role: str, reaso
             f"GRANT {BYPASS_ROLE} TO <role> (the role in effect needs its privileges, and so "
             f"does the login role, or the right to SET ROLE to it)"
         )
+    # (named as the audit line of a bypass names it)
+    service = unit_service(service_name)
     emit(
         config,
         logger,
         logging.WARNING,
-        "transition guard bypass refused: role=%s login_role=%s reason=%s",
+        "transition guard bypass refused: %srole=%s login_role=%s reason=%s",
+        service_words(service),
         role,
         login_role,
         reason,
+        unit_service=service,
         event="transition_guard_bypass_refused",
         role=role,
         login_role=login_role,
