@@ -150,7 +150,8 @@ def emit(
     """The one path of every self-healing action: to the hooks, and to the ``[SELF-HEAL]`` log
     line if logging is on and ``level`` reaches the configured level.
 
-    ``extra["event"]`` names the action; the other ``extra`` values are its fields. ``log``
+    ``extra["event"]`` names the action; the other ``extra`` values are its fields, among them
+    ``service`` (None when not given: every event has it). ``log``
     False: to the hooks only (an action whose line is rate-limited still reaches them all).
     """
     _emit(config, logger, level, msg, args=args, extra=extra, log=log, hooks=True)
@@ -190,6 +191,10 @@ def _emit(
     # text is cut, so no value can make a line (or an event kept by a hook) megabytes long.
     args = tuple(_escaped(a) for a in args)
     extra = {k: _escaped(v) for k, v in extra.items()}
+    # every event has its ``service`` field, None for one said under no service (the guard's,
+    # ``install_commit_markers()``'s own, ...), as its ``.service`` is: a hook or a log filter
+    # reads ``fields["service"]`` of any event
+    extra.setdefault("service", None)
     if to_hooks:
         event = SelfHealEvent(
             name=str(extra.get("event", "self_heal")),

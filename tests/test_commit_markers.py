@@ -3135,6 +3135,7 @@ def test_an_install_at_startup_leaves_a_later_releases_markers(
     app_login: tuple[str, str],
     service: str,
     caplog: pytest.LogCaptureFixture,
+    events: list[rdb.SelfHealEvent],
 ) -> None:
     """The migration of a later release ran (its markers, version 6 here), and an instance of
     this release starts: a rollback, or one restarting during the rollout. Its startup
@@ -3166,6 +3167,10 @@ def test_an_install_at_startup_leaves_a_later_releases_markers(
         f"has commit markers version {_commit.MARKERS_VERSION + 1}, installed by a later release"
         in said
     )
+    # said under no service, its fields saying so as every event's do
+    [newer] = [e for e in events if e.name == "commit_markers_newer"]
+    assert (newer.service, newer.fields["service"]) == (None, None)
+    assert newer.fields["version"] == _commit.MARKERS_VERSION + 1
 
 
 def test_an_application_role_installing_at_startup_leaves_an_earlier_releases_markers(
@@ -3173,6 +3178,7 @@ def test_an_application_role_installing_at_startup_leaves_an_earlier_releases_ma
     app_login: tuple[str, str],
     service: str,
     caplog: pytest.LogCaptureFixture,
+    events: list[rdb.SelfHealEvent],
 ) -> None:
     """A rolling deploy: the new release starts before the migration ran. Its startup
     ``install_commit_markers(engine)``, as the application's role (no CREATE on the database),
@@ -3198,6 +3204,12 @@ def test_an_application_role_installing_at_startup_leaves_an_earlier_releases_ma
         f"{_commit.MARKERS_VERSION}), and role {role} may not create in it or replace them, so "
         "they are left"
     )
+    # said by install_commit_markers() under no service; its units' own warning under theirs
+    outdated = [e for e in events if e.name == "commit_markers_outdated"]
+    assert [(e.service, e.fields["service"]) for e in outdated] == [
+        (None, None),
+        (service, service),
+    ]
     rdb.install_commit_markers(engine)  # the owner's (here a superuser's) install upgrades them
     with engine.connect() as conn:
         assert conn.execute(sa.text(_commit._VERSION_SQL)).scalar() == _commit._MARKERS_COMMENT

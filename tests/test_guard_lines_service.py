@@ -57,5 +57,6 @@ def test_drop_in_blocks_and_the_bypass_name_the_service(
     bypassed = [e for e in events if e.name == "transition_guard_bypassed"]
     for event in (*blocked, *bypassed):
         assert event.service is None
+        assert event.fields["service"] is None  # (every event has the field)
         assert event.fields["unit_service"] == service
         assert f"service={service} " in event.message
