@@ -115,8 +115,8 @@ from typing import Any, Final, NamedTuple, Protocol
 from ._classify import log_quietly
 from ._config import Config, client_problem, client_says, mask_url
 from ._errors import ConfigError
-from ._observability import emit, emit_line, log_breaker
-from ._state import STATE
+from ._observability import LineLimit, emit, emit_line, log_breaker
+from ._state import STATE, renew_after_fork
 
 __all__ = ["FleetDown", "FleetLink", "attach", "detach", "follow_users", "links"]
 
@@ -132,6 +132,11 @@ DOWN_LOG_PERIOD = 60.0
 RECONNECT_INTERVAL = 1.0
 #: seconds between flushes of new first attempts to the fleet's budget (only when there are some)
 FLUSH_INTERVAL = 1.0
+#: the lines of a breaker listener that failed (``FleetLink._listener_failed``), per service:
+#: one at most every 10 s, as those of the machinery failing in units (an application's
+#: listener that raises does so at every state change the fleet shares)
+_LISTENER_LINES = LineLimit()
+renew_after_fork(globals(), "_LISTENER_LINES", LineLimit)
 #: how long the background thread waits for a pub/sub message before looking at its other work
 _TICK = 0.2
 #: seconds of silence on the subscription after which the background thread checks it (it
@@ -1300,21 +1305,28 @@ class FleetLink:
         """A breaker listener of the application raised while a state shared through Redis was
         taken (the view and the local breaker took it before the listeners were told). It is
         not Redis failing: the link stays up and the next messages are taken. The line names
-        the error's class, never its text (as for any part of the machinery that fails)."""
+        the error's class, never its text (as for any part of the machinery that fails), and
+        is rate-limited per service as theirs are; the hooks see each."""
+        log, since = _LISTENER_LINES.take((service, STATE.generation))
         emit(
             self.config,
             log_breaker,
             logging.WARNING,
             "Circuit breaker listener failed: service=%s a listener raised %s on a state change "
-            "shared through Redis; the change is taken, Redis stays in use",
+            "shared through Redis; the change is taken, Redis stays in use (%d more since the "
+            "last line)",
             service,
             type(exc).__qualname__,
+            since,
+            log=log,
             service=service,
             event="machinery_failed",
             part="circuit breaker listener",
             error=type(exc).__qualname__,
+            suppressed=since,
         )
-        log_quietly(_log, logging.DEBUG, "breaker listener failure detail", exc_info=exc)
+        if log:
+            log_quietly(_log, logging.DEBUG, "breaker listener failure detail", exc_info=exc)
 
     def _observe_budgets(self) -> None:
         """Redis is down: look at the budgets' first attempts once a second all the same, so

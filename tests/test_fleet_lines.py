@@ -30,6 +30,7 @@ from resilient_db import _fleet
 from resilient_db._breaker import breakers
 from resilient_db._config import mask_url
 from resilient_db._fleet import links
+from resilient_db._state import STATE
 from resilient_db.testing import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -181,11 +182,16 @@ class _FailingListener(pybreaker.CircuitBreakerListener):  # type: ignore[misc]
 
 
 def test_a_failing_listener_is_not_taken_for_redis_failing(
-    redis_server: RedisServer, pg_url: str, caplog: pytest.LogCaptureFixture
+    redis_server: RedisServer,
+    pg_url: str,
+    caplog: pytest.LogCaptureFixture,
+    events: list[rdb.SelfHealEvent],
 ) -> None:
     """Another process's opening arrives by pub/sub and a breaker listener of the application
     raises on it: the opening is followed, the link stays up and the line names the listener,
-    not "Redis did not answer (RuntimeError)" with the link down and its fallback meanwhile."""
+    not "Redis did not answer (RuntimeError)" with the link down and its fallback meanwhile.
+    Its line is rate-limited as those of the machinery failing in units are (it raises at
+    every change the fleet shares: a line each was a log storm); the hooks see each."""
     caplog.set_level(logging.INFO, logger="resilient_db")
     engine = sa.create_engine(pg_url)
     config = rdb.Config(redis_url=redis_server.url, reset_timeout=30.0)
@@ -193,20 +199,42 @@ def test_a_failing_listener_is_not_taken_for_redis_failing(
         engine, service="listened", config=config, breaker_listeners=(_FailingListener(),)
     )
     wait_for(lambda: shared("listened")["connected"], "the link")
-    # another process opens the shared breaker (its script, straight to Redis)
-    redis_server.client().register_script(_fleet._FORCE)(
-        keys=_fleet._breaker_keys("listened"),
-        args=[_fleet.CHANNEL.format(db=0), "listened", "another-process", "open", 30.0],
-    )
-    wait_for(
-        lambda: rdb.health()["services"]["listened"]["breaker"]["state"] == "open", "the opening"
-    )
+    force = redis_server.client().register_script(_fleet._FORCE)
+
+    def another_process(want: str) -> None:
+        """Another process opens or closes the shared breaker (its script, straight to Redis),
+        and this one follows."""
+        force(
+            keys=_fleet._breaker_keys("listened"),
+            args=[_fleet.CHANNEL.format(db=0), "listened", "another-process", want, 30.0],
+        )
+        wait_for(
+            lambda: rdb.health()["services"]["listened"]["breaker"]["state"] == want, want
+        )
+
+    another_process("open")
     time.sleep(0.3)  # (a link taken down would be down by now: a condition, not a backoff)
     assert shared("listened")["connected"], shared("listened")["problem"]
     assert _records(caplog, "Shared state unavailable") == []
     (line,) = _records(caplog, "Circuit breaker listener failed")
     assert "service=listened a listener raised RuntimeError" in line.getMessage()
     assert "a listener of the application that fails" not in line.getMessage()  # (no text)
+    another_process("closed")  # within the period: no line
+    assert len(_records(caplog, "Circuit breaker listener failed")) == 1
+    # a new period: the next line says how many the last one left unlogged
+    _fleet._LISTENER_LINES.restart(("listened", STATE.generation))
+    another_process("open")
+    lines = [r.getMessage() for r in _records(caplog, "Circuit breaker listener failed")]
+    assert [text[text.rindex("(") :] for text in lines] == [
+        "(0 more since the last line)",
+        "(1 more since the last line)",
+    ]
+    failed = [e for e in events if e.name == "machinery_failed" and e.service == "listened"]
+    assert [(e.fields["part"], e.fields["suppressed"]) for e in failed] == [
+        ("circuit breaker listener", 0),
+        ("circuit breaker listener", 0),
+        ("circuit breaker listener", 1),
+    ]
     engine.dispose()
 
 
