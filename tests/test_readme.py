@@ -321,3 +321,17 @@ def test_readme_lists_every_event_the_code_emits() -> None:
         level_cell, documented = table[name]
         assert {level for level in levels if level not in level_cell} == set(), name
         assert sorted(fields - documented) == [], name
+
+
+def test_the_event_class_points_to_the_readmes_table_not_to_a_list_of_its_own() -> None:
+    """``SelfHealEvent``'s docstring listed some names followed by "...": a hook author took
+    them for all there are. It names the README's table (in the section it says), and no
+    partial list of names."""
+    import resilient_db as rdb  # noqa: PLC0415
+
+    doc = " ".join((rdb.SelfHealEvent.__doc__ or "").split())
+    assert "README's table of self-healing events" in doc
+    assert '"Observability"' in doc
+    _event_table()  # (the table is in that section)
+    quoted = set(re.findall(r'``"([a-z_]+)"``', doc))
+    assert quoted in (set(), set(_event_table())), sorted(quoted)
