@@ -320,9 +320,7 @@ def test_bypass_transitions_is_refused_for_a_role_not_granted_it(
     assert not [m for m in messages if "guard bypassed" in m]
     # the session's refusal names its service, as a bypass's audit line does (the event's
     # service None: the guard's events are process-wide); the connection's has none to name
-    assert [
-        m for m in messages if m.startswith("[SELF-HEAL] transition guard bypass refused")
-    ] == [
+    assert [m for m in messages if m.startswith("[SELF-HEAL] transition guard bypass refused")] == [
         f"[SELF-HEAL] transition guard bypass refused: {service}role={role.name} "
         f"login_role={role.name} reason=ticket 9: reopen"
         for service in ("service=bypass-refused ", "")

@@ -3135,7 +3135,6 @@ def test_an_install_at_startup_leaves_a_later_releases_markers(
     app_login: tuple[str, str],
     service: str,
     caplog: pytest.LogCaptureFixture,
-    events: list[rdb.SelfHealEvent],
 ) -> None:
     """The migration of a later release ran (its markers, version 6 here), and an instance of
     this release starts: a rollback, or one restarting during the rollout. Its startup
@@ -3162,15 +3161,15 @@ def test_an_install_at_startup_leaves_a_later_releases_markers(
             starting.dispose()
     with engine.connect() as conn:
         assert conn.execute(sa.text(_commit._VERSION_SQL)).scalar() == later  # not replaced
-    [said] = [r.getMessage() for r in caplog.records if "install_commit_markers:" in r.getMessage()]
+    [line] = [r for r in caplog.records if "install_commit_markers:" in r.getMessage()]
     assert (
         f"has commit markers version {_commit.MARKERS_VERSION + 1}, installed by a later release"
-        in said
+        in line.getMessage()
     )
-    # said under no service, its fields saying so as every event's do
-    [newer] = [e for e in events if e.name == "commit_markers_newer"]
-    assert (newer.service, newer.fields["service"]) == (None, None)
-    assert newer.fields["version"] == _commit.MARKERS_VERSION + 1
+    # said under no service, its fields (the event's) saying so as every event's do
+    fields = line.self_heal  # type: ignore[attr-defined]
+    assert (fields["event"], fields["service"]) == ("commit_markers_newer", None)
+    assert fields["version"] == _commit.MARKERS_VERSION + 1
 
 
 def test_an_application_role_installing_at_startup_leaves_an_earlier_releases_markers(

@@ -208,9 +208,7 @@ def test_a_failing_listener_is_not_taken_for_redis_failing(
             keys=_fleet._breaker_keys("listened"),
             args=[_fleet.CHANNEL.format(db=0), "listened", "another-process", want, 30.0],
         )
-        wait_for(
-            lambda: rdb.health()["services"]["listened"]["breaker"]["state"] == want, want
-        )
+        wait_for(lambda: rdb.health()["services"]["listened"]["breaker"]["state"] == want, want)
 
     another_process("open")
     time.sleep(0.3)  # (a link taken down would be down by now: a condition, not a backoff)

@@ -15,10 +15,10 @@ import pytest
 from scenarios import FakeClock
 
 import resilient_db as rdb
+from resilient_db import _retry
 from resilient_db._breaker import Breaker
 from resilient_db._classify import Outcome, mark_replay_safe
 from resilient_db._commit import UnprovenCommit
-from resilient_db import _retry
 from resilient_db._retry import Policy
 from resilient_db._state import STATE
 

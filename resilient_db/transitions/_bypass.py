@@ -62,9 +62,7 @@ class _Bypass:
 
     __slots__ = ("config", "connections", "reason", "service", "transaction")
 
-    def __init__(
-        self, transaction: Any, reason: str, config: Config, service: str | None
-    ) -> None:
+    def __init__(self, transaction: Any, reason: str, config: Config, service: str | None) -> None:
         self.transaction = weakref.ref(transaction)
         self.reason = reason
         self.config = config
@@ -139,7 +137,14 @@ def bypass_transitions(target: Session | Connection, *, reason: str) -> None:
         )
     config = env_config()
     if row.bound is None:
-        _refuse(config, row.role_exists, row.acting_role, row.login_role, reason, None)
+        _refuse(
+            config,
+            row.role_exists,
+            row.acting_role,
+            row.login_role,
+            reason,
+            service_name=None,
+        )
     count("bypasses")
     _audit(config, row, reason, None)
 
@@ -221,7 +226,7 @@ def _bind(bypass: _Bypass, conn: Connection) -> Any:
             row.acting_role,
             row.login_role,
             bypass.reason,
-            bypass.service,
+            service_name=bypass.service,
         )
     return row
 
@@ -295,6 +300,7 @@ def _refuse(
     role: str,
     login_role: str,
     reason: str,
+    *,
     service_name: str | None,
 ) -> None:
     if not role_exists:
