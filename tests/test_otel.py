@@ -669,7 +669,7 @@ def test_redis_lost_and_back_are_events_of_each_service_using_it(
         assert line.getMessage() == PREFIX + said[0].message
         fields = line.self_heal  # type: ignore[attr-defined]
         assert fields["services"] == "billing, orders"
-        assert "service" not in fields  # (it names two)
+        assert fields["service"] is None  # (it names two, in services)
     snapshot = recorder.snapshot()
     listed = sorted((e["name"], e["service"]) for e in snapshot["events"])
     assert listed == [
