@@ -55,15 +55,26 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
+# Two processes migrating one database at once (a rolling deploy whose instances each run
+# ``alembic upgrade head`` at start) take turns: each takes this transaction-level advisory lock
+# before Alembic reads the version, so the second waits for the first to commit and then finds
+# the steps done. Without it both read the same version, and the second ran the steps again and
+# failed (a unique violation creating ``alembic_version``, or "Online migration expected to match
+# one row"). The key is this environment's own: the installs' lock is another.
+MIGRATION_LOCK = "SELECT pg_catalog.pg_advisory_xact_lock(8242821379925111669)"
+
+
 def _run_on(connection: sa.Connection) -> None:
     context.configure(connection=connection, target_metadata=target_metadata)
     with context.begin_transaction():
+        connection.exec_driver_sql(MIGRATION_LOCK)
         context.run_migrations()
 
 
 def run_migrations_online() -> None:
     """Run the migrations on a live connection (one transaction: PostgreSQL DDL is
-    transactional, so a failed migration leaves nothing behind)."""
+    transactional, so a failed migration leaves nothing behind; one migration at a time: see
+    MIGRATION_LOCK)."""
     given = config.attributes.get("connection")
     if given is not None:
         _run_on(given)

@@ -7,6 +7,7 @@ import io
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -645,3 +646,54 @@ def test_installs_started_at_once_both_succeed(engine: sa.Engine, what: str) -> 
     else:
         with engine.connect() as conn:
             assert rdb.trigger_drift(conn, Task) is None
+
+
+def _waiting_for_a_lock(engine: sa.Engine) -> int:
+    with engine.connect() as conn:
+        return int(
+            conn.exec_driver_sql(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock'"
+            ).scalar_one()
+        )
+
+
+def test_two_upgrades_started_at_once_both_succeed(pg_url: str, engine: sa.Engine) -> None:
+    """A rolling deploy whose instances each run ``alembic upgrade head`` at start: both read
+    the version before either committed, so the second ran the step again and failed ("Online
+    migration expected to match one row when updating ...", or on a fresh database a unique
+    violation creating ``alembic_version``). The environment takes a transaction-level advisory
+    lock before Alembic reads the version: the second waits, then finds nothing to do."""
+    apply_migrations(pg_url, revision="0010_markers_newest_horizon")
+    ini = alembic_config().config_file_name
+    assert ini is not None
+    here: list[BaseException | None] = []
+
+    def upgrade_here() -> None:
+        try:
+            apply_migrations(pg_url)
+            here.append(None)
+        except BaseException as exc:  # collected for the assertion below
+            here.append(exc)
+
+    with engine.connect() as holder:
+        # both upgrades held up until both have started: the step 0011 installs the markers
+        holder.exec_driver_sql("LOCK TABLE resilient_db.commit_markers IN ACCESS EXCLUSIVE MODE")
+        there = subprocess.Popen(  # another instance, by the alembic command line
+            [sys.executable, "-m", "alembic", "-c", ini, "-x", f"url={pg_url}", "upgrade", "head"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        thread = threading.Thread(target=upgrade_here)
+        thread.start()
+        deadline = time.monotonic() + 60
+        while _waiting_for_a_lock(engine) < 2 and there.poll() is None and thread.is_alive():
+            assert time.monotonic() < deadline, "the upgrades never waited"
+            time.sleep(0.01)
+        holder.rollback()
+    thread.join(timeout=120)
+    _, err = there.communicate(timeout=120)
+    assert (here, there.returncode) == ([None], 0), err
+    assert version(engine) == HEAD
+    assert marker_objects(engine) == MARKER_OBJECTS
