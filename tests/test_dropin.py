@@ -2044,6 +2044,7 @@ async def test_a_unit_cancelled_while_it_looks_for_a_lost_prepare_ends_it_afterw
 
 @pytest.mark.slow
 @pytest.mark.asyncio
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout: 3.11+")
 @pytest.mark.parametrize("driver", ASYNC_DRIVERS)
 async def test_a_unit_timed_out_in_its_prepare_ends_what_it_leaves_prepared_afterwards(
     two_phase_server: Any,
