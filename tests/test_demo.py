@@ -248,8 +248,22 @@ def test_an_interrupt_as_the_workers_start_ends_without_a_traceback() -> None:
     # yet said to be) made the end of the cleanup raise "cannot join thread before it is
     # started", with a traceback and exit status 1 instead of 130 or 143
     demo = Demo(DemoOptions(seconds=8), cast(Any, None))
-    demo.workers = [Worker(0, cast(Any, None), demo.stop, seed=0, think=0.0)]
-    demo._join_threads(timeout=0.1)
+    joined: list[str] = []
+
+    class Started(Worker):
+        def join(self, timeout: float | None = None) -> None:
+            super().join(timeout)
+            joined.append(self.name)
+
+    never_started = Worker(0, cast(Any, None), demo.stop, seed=0, think=0.0)
+    started = Started(1, cast(Any, None), demo.stop, seed=1, think=0.0)
+    started.start()  # (its runner is None: it ends at its first unit, error kept)
+    demo.workers = [never_started, started]
+    demo.stop.set()
+    demo._join_threads(timeout=10.0)  # raises nothing, and waits for the workers after it
+    assert joined == [started.name]
+    assert not started.is_alive()
+    assert never_started.ident is None  # (not started by the cleanup either)
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
