@@ -167,7 +167,7 @@ async def test_asyncpg_interface_errors_of_a_sound_connection_are_not_transient(
         with pytest.raises(asyncpg.InterfaceError) as wrong_count:
             await driver.fetchval("SELECT $1::int")  # no argument for $1
         busy = asyncio.ensure_future(driver.execute("SELECT pg_sleep(0.2)"))
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # (its task runs up to waiting for the server's answer)
         with pytest.raises(asyncpg.InterfaceError) as in_progress:
             await driver.execute("SELECT 1")  # another operation is in progress
         await busy
