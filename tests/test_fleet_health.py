@@ -3,7 +3,6 @@ fleet's failure count, and the fleet's budget figures only while they are recent
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -66,7 +65,12 @@ def test_health_drops_the_fleet_budget_figures_once_they_are_past_the_window(
     figures = _entry("stale", "budget")
     assert figures["fleet"]["first_attempts"] == 50
     assert figures["available"] == 9.0
-    time.sleep(WINDOW + 1)  # no traffic: every first attempt is past the window
+
+    # no traffic: every first attempt leaves the window (a condition, polled: not a backoff)
+    def past(figures: dict[str, Any]) -> bool:
+        return "fleet" not in figures and figures["first_attempts"] == 0
+
+    wait_for(lambda: past(_entry("stale", "budget")), "the window to pass", timeout=WINDOW + 10)
     figures = _entry("stale", "budget")
     assert "fleet" not in figures
     assert figures["first_attempts"] == 0
