@@ -308,18 +308,29 @@ def test_markers_installed_by_the_database_owner_are_used_by_the_application_rol
 
 
 def test_a_superuser_reinstalls_over_the_database_owners_markers(
-    admin: sa.Engine, make_role: Any
+    admin: sa.Engine, make_role: Any, pg_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Objects of the database's owner are trusted by the install too: a superuser may
-    install again over them (an upgrade run by the DBA)."""
+    install again over them (an upgrade run by the DBA: not refused with 42501), and its
+    connections use them, with no warning."""
     owner = make_role('ALTER DATABASE "{database}" OWNER TO {role}')
     owner_engine = owner.engine()
     try:
         rdb.install_commit_markers(owner_engine)
     finally:
         owner_engine.dispose()
+    caplog.set_level(logging.WARNING, logger="resilient_db")
     with admin.begin() as conn:
         rdb.install_commit_markers(conn)
+    engine = sa.create_engine(pg_url)  # (connections made after the install)
+    try:
+        Sessions = rdb.ResilientSession(engine, service="markers-owner-dba")
+        assert Sessions.run(_bump) == 1
+        with engine.connect() as conn:
+            assert conn.connection.driver_connection._rdb_mode == _commit.MARKERS
+    finally:
+        engine.dispose()
+    assert _untrusted_lines(caplog) == []
 
 
 def _counting_owner_checks(admin: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> Any:
