@@ -158,7 +158,7 @@ def distrust_calls(names: Iterable[str]) -> None:
     untrusted = _trusted_calls & {str(name).lower() for name in names}
     if untrusted:
         _trusted_calls = _trusted_calls - untrusted
-        _verdicts.clear()
+        forget_verdicts()
 
 
 # Names as PostgreSQL's lexer reads them: an unquoted name holds ASCII letters, digits, ``_``,
@@ -376,6 +376,13 @@ _KEEPS_SESSION = re.compile(
 _PLAIN_WRITE: Final = MAY_WRITE | WRITES
 _KIND: Final = 7  # the verdict without its flags
 _verdicts: dict[str, int] = {}
+#: the verdicts kept, bounded in number and in the characters of their statements: a
+#: generated text (an ``IN`` list of thousands of parameters, one per length, a multi-row
+#: ``INSERT``) is long, and 4,096 of them kept a worker's memory growing by hundreds of MB
+#: (a text longer than a sixteenth of the characters is judged each time, not kept)
+_MAX_VERDICTS: Final = 4096
+_MAX_VERDICT_CHARS: Final = 1 << 22
+_verdict_chars = 0
 
 
 def may_write(statement: str) -> bool:
@@ -386,13 +393,25 @@ def may_write(statement: str) -> bool:
 def verdict_of(statement: str) -> int:
     """``statement``'s verdict (``READ_ONLY``, ``MAY_WRITE``, ``STOPS_PREPARED``,
     ``NOTIFIES`` or ``DEALLOCATES``), cached."""
+    global _verdict_chars
     verdict = _verdicts.get(statement)
     if verdict is None:
         verdict = _judge(statement)
-        if len(_verdicts) > 4096:
-            _verdicts.clear()
+        size = len(statement)
+        if size > _MAX_VERDICT_CHARS >> 4:
+            return verdict
+        if len(_verdicts) >= _MAX_VERDICTS or _verdict_chars + size > _MAX_VERDICT_CHARS:
+            forget_verdicts()
+        _verdict_chars += size  # (threads racing here only make it clear sooner or later)
         _verdicts[statement] = verdict
     return verdict
+
+
+def forget_verdicts() -> None:
+    """Judge every statement again from now on."""
+    global _verdict_chars
+    _verdicts.clear()
+    _verdict_chars = 0
 
 
 # Comments are whitespace to PostgreSQL: ``w/**/(1)`` calls ``w``, and ``w -- x\n(1)`` too, where

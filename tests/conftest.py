@@ -61,7 +61,7 @@ def trusted_calls() -> Iterator[None]:
     them distrusts it for the process: see resilient_db._statements.distrust_calls)."""
     yield
     _statements._trusted_calls = _statements._SAFE_CALLS
-    _statements._verdicts.clear()
+    _statements.forget_verdicts()
 
 
 @pytest.fixture
