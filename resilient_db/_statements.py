@@ -378,10 +378,12 @@ _KIND: Final = 7  # the verdict without its flags
 _verdicts: dict[str, int] = {}
 #: the verdicts kept, bounded in number and in the characters of their statements: a
 #: generated text (an ``IN`` list of thousands of parameters, one per length, a multi-row
-#: ``INSERT``) is long, and 4,096 of them kept a worker's memory growing by hundreds of MB
-#: (a text longer than a sixteenth of the characters is judged each time, not kept)
+#: ``INSERT``) is long, and 4,096 of them kept a worker's memory growing by hundreds of MB.
+#: A text longer than a quarter of the characters is judged each time, not kept (a batch of
+#: 1,000 rows of 15 columns SQLAlchemy's bulk INSERT sends is some 430,000: kept, as judging
+#: it takes some 60 ms)
 _MAX_VERDICTS: Final = 4096
-_MAX_VERDICT_CHARS: Final = 1 << 22
+_MAX_VERDICT_CHARS: Final = 1 << 24
 _verdict_chars = 0
 
 
@@ -398,7 +400,7 @@ def verdict_of(statement: str) -> int:
     if verdict is None:
         verdict = _judge(statement)
         size = len(statement)
-        if size > _MAX_VERDICT_CHARS >> 4:
+        if size > _MAX_VERDICT_CHARS >> 2:
             return verdict
         if len(_verdicts) >= _MAX_VERDICTS or _verdict_chars + size > _MAX_VERDICT_CHARS:
             forget_verdicts()

@@ -573,3 +573,22 @@ def test_a_long_text_is_judged_in_linear_time(name: str) -> None:
     started = time.thread_time()
     _statements._judge(text)
     assert time.thread_time() - started < 0.5
+
+
+def test_the_verdicts_of_long_statements_are_kept_within_bounds(pg_url: str, service: str) -> None:
+    """Each statement's verdict (may it write?) is kept, by its text: generated statements (an
+    ``IN`` list of thousands of parameters, a text per length; a multi-row ``INSERT``) are long,
+    and kept by the 4,096, they grew a long-running worker's memory by hundreds of megabytes."""
+    engine = sa.create_engine(pg_url)
+    padding = "x" * 1_000_000  # (a comment: quick to judge; 30,000 parameters are as long)
+    statements = [f"SELECT {i} /* {padding} */" for i in range(20)]
+
+    def unit(session: Session) -> None:
+        for statement in statements:
+            session.connection().exec_driver_sql(statement)
+
+    rdb.ResilientSession(engine, service=service).run(unit)
+    engine.dispose()
+    kept = sum(map(len, _statements._verdicts))
+    assert kept <= _statements._MAX_VERDICT_CHARS < sum(map(len, statements))
+    assert statements[-1] in _statements._verdicts  # (still kept: judged once)

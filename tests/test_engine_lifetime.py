@@ -19,7 +19,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
-from resilient_db import _statements
 from resilient_db._state import STATE
 from resilient_db.testing import PostgresServer
 
@@ -100,22 +99,3 @@ async def test_a_dropped_async_engine_is_freed_with_its_connections(
     gc.collect()
     assert [(a(), s()) for a, s in engines] == [(None, None)] * ROUNDS
     await wait_for_async(lambda: backends(pg_server, pg_database) == before, "the backends to end")
-
-
-def test_the_verdicts_of_long_statements_are_kept_within_bounds(pg_url: str, service: str) -> None:
-    """Each statement's verdict (may it write?) is kept, by its text: generated statements (an
-    ``IN`` list of thousands of parameters, a text per length; a multi-row ``INSERT``) are long,
-    and kept by the 4,096, they grew a worker's memory by hundreds of megabytes."""
-    engine = sa.create_engine(pg_url)
-    padding = "x" * 50_000  # (a comment: quick to judge, as long as 3,000 parameters)
-    statements = [f"SELECT {i} /* {padding} */" for i in range(110)]
-
-    def unit(session: Session) -> None:
-        for statement in statements:
-            session.execute(sa.text(statement))
-
-    rdb.ResilientSession(engine, service=service).run(unit)
-    engine.dispose()
-    kept = sum(map(len, _statements._verdicts))
-    assert kept <= _statements._MAX_VERDICT_CHARS < sum(map(len, statements))
-    assert statements[-1] in _statements._verdicts  # (still kept: judged once)
