@@ -1073,16 +1073,23 @@ def test_the_script_through_op_execute_with_states_that_look_like_bind_parameter
 
 
 @pytest.mark.parametrize(
-    ("schema", "table", "column"),
-    [("on :hold", "by :week", "state:now"), ("back\\:slash", "a\\:b", "status")],
+    ("schema", "table", "column", "key"),
+    [
+        ("on :hold", "by :week", "state:now", "id"),
+        ("back\\:slash", "a\\:b", "status", "id"),
+        ("cols", "colon_columns", "state :now", "id :key"),
+        ("back_cols", "backslash_columns", "st\\:ate", "i\\:d"),
+    ],
 )
 def test_the_script_through_op_execute_with_names_that_look_like_bind_parameters(
-    engine: sa.Engine, reg: registry, schema: str, table: str, column: str
+    engine: sa.Engine, reg: registry, *, schema: str, table: str, column: str, key: str
 ) -> None:
     """text() reads ``:week`` in ``"by :week"`` as a bind parameter, quoted names too ("A value
     is required for bind parameter 'week'"), and takes the backslash out of ``"a\\:b"`` (the
     script then named another table): the schema, the table, the triggers and the function are
-    written so that none shows, and the script installs the trigger of exactly these names."""
+    written so that none shows, and the script installs the trigger of exactly these names.
+    The same for the status and key columns the function's body reads (``NEW."state :now"``
+    failed so, the schema and table names fixed)."""
     from alembic.migration import MigrationContext  # noqa: PLC0415
     from alembic.operations import Operations  # noqa: PLC0415
 
@@ -1096,7 +1103,7 @@ def test_the_script_through_op_execute_with_names_that_look_like_bind_parameters
                 "__transitions__": rdb.TransitionRules(
                     column="state", transitions={"new": {"done"}}, initial={"new"}
                 ),
-                "id": mapped_column(sa.Integer, primary_key=True),
+                "id": mapped_column(key, sa.Integer, primary_key=True),
                 "state": mapped_column(column, sa.String(20)),
             },
         )
@@ -1109,7 +1116,7 @@ def test_the_script_through_op_execute_with_names_that_look_like_bind_parameters
     t = model.__table__
     with engine.connect() as conn:
         assert rdb.trigger_drift(conn, model) is None
-        conn.execute(t.insert().values({"id": 1, column: "new"}))
+        conn.execute(t.insert().values({key: 1, column: "new"}))
         with pytest.raises(sa.exc.DBAPIError) as info:
             conn.execute(t.update().values({column: "bogus"}))
         assert getattr(info.value.orig, "sqlstate", None) == rdb.TRANSITION_SQLSTATE
@@ -1118,7 +1125,7 @@ def test_the_script_through_op_execute_with_names_that_look_like_bind_parameters
         Operations(MigrationContext.configure(conn)).execute(rdb.transition_trigger_drop_sql(model))
     with engine.connect() as conn:
         assert _ours(conn, f"{sa.inspect(conn).dialect.identifier_preparer.format_table(t)}") == []
-        conn.execute(t.insert().values({"id": 2, column: "bogus"}))  # no trigger left
+        conn.execute(t.insert().values({key: 2, column: "bogus"}))  # no trigger left
 
 
 @pytest.mark.skipif(shutil.which("psql") is None, reason="needs psql")

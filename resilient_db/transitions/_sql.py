@@ -358,8 +358,8 @@ def _member_sql(expr: str, keys: Collection[Key]) -> str:
 
 def _function_body(guard: Guard) -> str:
     col_lit = literal(guard.column.name)
-    pk_new = ", ".join(f"{literal(c.name)}, NEW.{ident(c.name)}" for c in guard.pk_columns)
-    pk_old = ", ".join(f"{literal(c.name)}, OLD.{ident(c.name)}" for c in guard.pk_columns)
+    pk_new = ", ".join(f"{literal(c.name)}, {_field('NEW', c.name)}" for c in guard.pk_columns)
+    pk_old = ", ".join(f"{literal(c.name)}, {_field('OLD', c.name)}" for c in guard.pk_columns)
     moves = [
         f"(v_from IS NOT DISTINCT FROM {'NULL' if src is None else literal(src)}"
         f" AND {_member_sql('v_to', targets)})"
@@ -381,7 +381,7 @@ def _function_body(guard: Guard) -> str:
     return f"""
 DECLARE
     v_from text;
-    v_to text := {_column_value("NEW", guard.column)}::text;
+    v_to text := {_column_value("NEW", guard.column, _field)}::text;
     v_pk json;
     v_bypass text;
     v_reason text;
@@ -395,7 +395,7 @@ BEGIN
         END IF;
         v_pk := json_build_object({pk_new});
     ELSE
-        v_from := {_column_value("OLD", guard.column)}::text;
+        v_from := {_column_value("OLD", guard.column, _field)}::text;
         IF v_from IS NOT DISTINCT FROM v_to THEN
             RETURN NULL;
         END IF;
@@ -604,21 +604,33 @@ _BYTEWISE = 'COLLATE pg_catalog."C"'
 _BYTEWISE_PRINTED = ('COLLATE "C"', 'COLLATE pg_catalog."C"')
 
 
-def _column_value(row: str, column: sa.Column[Any], quoted: Callable[[str], str] = ident) -> str:
+def _column_value(
+    row: str, column: sa.Column[Any], field: Callable[[str, str], str] | None = None
+) -> str:
     """``column`` of ``row`` (``NEW`` or ``OLD``) as the trigger compares its text: as it is, or
     a ``numeric`` without a scale without its trailing zeros (PostgreSQL keeps the decimals each
-    value was written with, and ``3.000`` is the state 3: see :func:`trims_scale`). ``quoted``
-    writes the column's name: :func:`sql_ident` in a trigger's WHEN, :func:`ident` in the
-    function's body (PL/pgSQL reads no ``U&"..."`` name after ``NEW.``)."""
-    value = f"{row}.{quoted(column.name)}"
+    value was written with, and ``3.000`` is the state 3: see :func:`trims_scale`). ``field``
+    writes the column of the row: :func:`_field` in the function's body, else as a trigger's
+    WHEN reads it (``NEW.`` and :func:`sql_ident`)."""
+    value = f"{row}.{sql_ident(column.name)}" if field is None else field(row, column.name)
     return f"pg_catalog.trim_scale({value})" if trims_scale(column) else value
+
+
+def _field(row: str, name: str) -> str:
+    """The field ``name`` of ``row`` (``NEW`` or ``OLD``) in the function's body: ``NEW."name"``,
+    or, for a name :func:`sql_ident` writes as a Unicode escape identifier (one that ``text()``,
+    Alembic's ``op.execute``, would read a bind parameter in), ``(NEW).U&"..."``: PL/pgSQL
+    looks a ``NEW.`` field up by the name as written, ``U&`` and escapes included ("record
+    \"new\" has no field"), the SQL parser reads the one after ``(NEW).``."""
+    quoted = sql_ident(name)
+    return f"{row}.{quoted}" if quoted.startswith('"') else f"({row}).{quoted}"
 
 
 def column_text(row: str, column: sa.Column[Any]) -> str:
     """The text of ``column`` of ``row`` (``NEW`` or ``OLD``) as the trigger's WHEN compares it:
     cast to text (compared with the built-in text operators whatever the installer's search_path
     holds) and bytewise (:data:`_BYTEWISE`), whatever the column's collation."""
-    return f"{_column_value(row, column, sql_ident)}::text {_BYTEWISE}"
+    return f"{_column_value(row, column)}::text {_BYTEWISE}"
 
 
 def insert_when(guard: Guard) -> str:
