@@ -658,6 +658,7 @@ def _waiting_for_a_lock(engine: sa.Engine) -> int:
         )
 
 
+@pytest.mark.slow  # (a second interpreter runs alembic: seconds)
 def test_two_upgrades_started_at_once_both_succeed(pg_url: str, engine: sa.Engine) -> None:
     """A rolling deploy whose instances each run ``alembic upgrade head`` at start: both read
     the version before either committed, so the second ran the step again and failed ("Online
