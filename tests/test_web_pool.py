@@ -118,6 +118,9 @@ def test_an_exhausted_pool_is_a_503_with_retry_after_logged_and_no_failure_for_t
     exhausted = [e for e in events if e.name == "pool_exhausted"]
     assert len(exhausted) == 2
     assert exhausted[0].fields["error"] == "TimeoutError"
+    # (the line's count of those unlogged since the last: none before the first, and the
+    # second's own line is left out)
+    assert [e.fields["suppressed"] for e in exhausted] == [0, 0]
     # not a failure of the database: the breaker (threshold 1) stays closed, nothing given up
     state = rdb.health()["services"][service]
     assert state["breaker"]["state"] == "closed"

@@ -138,6 +138,7 @@ def report_pool_exhausted(config: Config | None, exc: BaseException) -> None:
         event="pool_exhausted",
         error=type(exc).__name__,
         status=503,
+        suppressed=unlogged if log else 0,  # (as the other rate-limited events')
     )
 
 
