@@ -136,9 +136,48 @@ def test_a_token_auth_without_query_parameter_takes_the_header_only() -> None:
             token_auth(TOKEN, query_param=bad)  # type: ignore[arg-type]
 
 
+def test_a_page_opened_with_the_token_in_its_url_carries_it_on_in_a_cookie() -> None:
+    """``?token=`` ends up in access logs (each of the page's polls used to carry it, every
+    ``poll_seconds``), history and Referer headers: the page takes it out of the address bar
+    and its answer sets an HttpOnly SameSite=Strict cookie for the dashboard's path only, an
+    HMAC of the token, which the check takes; the header-only check sets and takes none."""
+    client = mounted(dashboard(auth=token_auth(TOKEN)))
+    page = client.get("/admin/self-healing/", params={"token": TOKEN})
+    assert page.status_code == 200
+    assert 'data-token-param="token"' in page.text  # the page's script takes it out
+    cookie = page.headers["set-cookie"]
+    name, _, value = cookie.partition(";")[0].partition("=")
+    assert name == "resilient_db_dashboard"
+    assert TOKEN not in cookie
+    attributes = {part.strip().lower() for part in cookie.split(";")[1:]}
+    assert {"httponly", "samesite=strict", "path=/admin/self-healing"} <= attributes
+    assert "secure" not in attributes  # (plain http: a browser would drop a Secure one)
+    data = "/admin/self-healing/data.json"
+    assert client.get(data).status_code == 200  # the cookie alone, as a reload sends it
+    assert client.get(data, params={"token": "wrong"}).status_code == 403  # the URL's first
+    client.cookies.clear()
+    assert client.get(data).status_code == 401
+    assert client.get(data, headers={"Cookie": f"{name}={value[:-1]}0"}).status_code == 403
+    assert client.get(data, headers={"Cookie": f"{name}={TOKEN}"}).status_code == 403
+    assert client.get("/admin/self-healing/").status_code == 401
+    assert "set-cookie" not in client.get(data, params={"token": TOKEN}).headers
+    with TestClient(
+        Starlette(routes=[Mount("/admin/self-healing", app=dashboard(auth=token_auth(TOKEN)))]),
+        base_url="https://testserver",
+    ) as secure:
+        answer = secure.get("/admin/self-healing/", params={"token": TOKEN})
+        assert "secure" in {p.strip().lower() for p in answer.headers["set-cookie"].split(";")}
+    header_only = mounted(dashboard(auth=token_auth(TOKEN, query_param=None)))
+    page = header_only.get("/admin/self-healing/", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert "set-cookie" not in page.headers
+    assert 'data-token-param=""' in page.text
+    assert header_only.get(data, headers={"Cookie": f"{name}={value}"}).status_code == 401
+
+
 def test_unauthorised_requests_get_401_or_403() -> None:
     client = mounted(dashboard(auth=token_auth(TOKEN)))
     for path in ("/admin/self-healing/", "/admin/self-healing/data.json"):
+        client.cookies.clear()  # (the page opened with ?token= set one)
         missing = client.get(path)
         assert missing.status_code == 401
         assert missing.headers["www-authenticate"].startswith("Bearer")

@@ -173,7 +173,7 @@ def test_page_shows_services_updates_after_a_real_fault_and_refuses_strangers(
         task_id = Orders.run(add)
         assert Reports.run(lambda s: s.scalar(sa.select(sa.func.count()).select_from(Task))) == 1
 
-        # the page, with the token in its URL (it passes the query on to data.json)
+        # the page, with the token in its URL (taken out of the address bar, on in a header)
         browser.get(f"{served.url}/?token={TOKEN}")
         wait_for("both services", lambda: breaker_state(browser, reports) == "closed")
         assert breaker_state(browser, orders) == "closed"
@@ -223,7 +223,9 @@ def test_page_shows_services_updates_after_a_real_fault_and_refuses_strangers(
         next_refresh(browser)  # the plot has the open segment
         browser.save_screenshot(str(artifacts() / "dashboard-fault.png"))
 
-        # no token, a wrong token: refused, nothing of the dashboard shown
+        # no token (nor the cookie the page's answer set), a wrong token: refused, nothing of
+        # the dashboard shown
+        browser.delete_all_cookies()
         browser.get(f"{served.url}/")
         assert "Authentication needed" in browser.page_source
         assert browser.find_elements("css selector", "section.service") == []
@@ -404,7 +406,13 @@ def test_page_adds_what_changed_to_what_it_shows_as_a_full_answer_would_show_it(
             ".filter(n => n.includes('data.json'))"
         )
         assert "after=" not in asked[0]
-        assert all("after=" in name and "token=" in name for name in asked[1:])
+        # the token is out of the address bar (history, Referer) and of every poll's URL
+        # (access logs): a header carries it, and the page's cookie a reload
+        assert all("after=" in name for name in asked[1:])
+        assert not [name for name in asked if "token" in name]
+        assert browser.current_url == server.url + "/"
+        browser.refresh()
+        wait_for("a refresh after a reload", lambda: updates(browser) >= 1)
         browser.get(page.format(afresh.url))  # the same data: one full answer
         wait_for("a refresh", lambda: updates(browser) >= 1)
         assert browser.execute_script("return document.body.dataset.delta") == "false"

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import secrets
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -159,6 +160,7 @@ class Dashboard:
                 ),
             )
         nonce = secrets.token_urlsafe(16)
+        token = _TOKEN_CHECKS.get(self.auth)
         page = render_page(
             title=self.title,
             nonce=nonce,
@@ -166,8 +168,21 @@ class Dashboard:
             min_poll_ms=round(MIN_POLL_SECONDS * 1000),
             timeout_ms=round(REQUEST_TIMEOUT_SECONDS * 1000),
             events=min(self.events, self.recorder.max_events),
+            token_param=token.query_param if token is not None else None,
         )
-        return _secured(HTMLResponse(page), nonce=nonce)
+        answer = HTMLResponse(page)
+        if token is not None and token.query_param in request.query_params:
+            # the page takes the token out of the address bar: a cookie carries it on to
+            # data.json and to a reload, out of the URL (access logs, history, Referer)
+            answer.set_cookie(
+                TOKEN_COOKIE,
+                token.cookie,
+                path=request.scope.get("root_path") or "/",
+                secure=request.url.scheme == "https",
+                httponly=True,
+                samesite="strict",
+            )
+        return _secured(answer, nonce=nonce)
 
     async def _refused(self, request: Request) -> Response | None:
         try:
@@ -290,15 +305,37 @@ def dashboard(
     return app
 
 
+#: the cookie the page is answered with when it was opened with ``?token=``: an HMAC of the
+#: token (not the token), HttpOnly, SameSite=Strict, for the dashboard's path only
+TOKEN_COOKIE = "resilient_db_dashboard"
+
+
+class _TokenCheck:
+    __slots__ = ("cookie", "query_param")
+
+    def __init__(self, query_param: str, cookie: str) -> None:
+        self.query_param = query_param
+        self.cookie = cookie
+
+
+#: token_auth's checks that take a token in the URL: what the dashboard needs to take it out
+_TOKEN_CHECKS: weakref.WeakKeyDictionary[Callable[..., Any], _TokenCheck] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def token_auth(
     token: str, *, query_param: str | None = "token"
 ) -> Callable[[Request], Awaitable[bool]]:
-    """An auth check accepting ``Authorization: Bearer <token>`` or ``?token=<token>`` (the
-    page passes its query on to ``data.json``). Missing: 401 with a ``WWW-Authenticate``
-    challenge; wrong: 403. Compared in constant time. A token in a URL can end up in access
-    logs, browser history and proxies: ``query_param=None`` accepts the header only (for a
-    reverse proxy or a client that sends it); outside a local demo prefer that, or a check on
-    your own session login.
+    """An auth check accepting ``Authorization: Bearer <token>`` or ``?token=<token>``.
+    Missing: 401 with a ``WWW-Authenticate`` challenge; wrong: 403. Compared in constant time.
+    The dashboard's page opened with ``?token=`` takes it out of the address bar (browser
+    history) and sends it on as a header; the page's answer sets an HttpOnly SameSite=Strict
+    cookie for the dashboard's path (an HMAC of the token), which this check also accepts, so
+    that a reload and the page's ``data.json`` requests carry no token in their URL. The one
+    URL that does can still end up in access logs and proxies: ``query_param=None`` accepts
+    the header only (for a reverse proxy or a client that sends it); outside a local demo
+    prefer that, or a check on your own session login.
 
     The check is a coroutine function: it only compares strings, so it runs on the event loop
     and never waits for a thread of Starlette's threadpool, which the application's sync
@@ -317,13 +354,16 @@ def token_auth(
             f"token_auth(query_param=...) must be a non-empty name or None, got {query_param!r}"
         )
     expected = token.encode()
+    cookie = hmac.new(expected, b"resilient_db dashboard cookie", "sha256").hexdigest()
 
     async def check(request: Request) -> bool:
         header = request.headers.get("authorization", "")
         scheme, _, value = header.partition(" ")
         given = value.strip() if scheme.lower() == "bearer" else None
-        if given is None and query_param is not None:
+        if not given and query_param is not None:
             given = request.query_params.get(query_param)
+            if not given and TOKEN_COOKIE in request.cookies:
+                return hmac.compare_digest(request.cookies[TOKEN_COOKIE].encode(), cookie.encode())
         if not given:
             raise HTTPException(
                 401,
@@ -332,6 +372,8 @@ def token_auth(
             )
         return hmac.compare_digest(given.encode(), expected)
 
+    if query_param is not None:
+        _TOKEN_CHECKS[check] = _TokenCheck(query_param, cookie)
     return check
 
 

@@ -99,7 +99,7 @@ col.c-ev { width: 170px; }
   <span id="live">connecting…</span>
 </header>
 <div id="error" role="alert"></div>
-<main id="main" data-poll="@POLL@" data-timeout="@TIMEOUT@" data-events="@EVENTS@" data-states="@MAX_STATES@"><div class="card wide empty">Loading…</div></main>
+<main id="main" data-poll="@POLL@" data-timeout="@TIMEOUT@" data-events="@EVENTS@" data-states="@MAX_STATES@" data-token-param="@TOKEN_PARAM@"><div class="card wide empty">Loading…</div></main>
 <script nonce="@NONCE@">
 "use strict";
 (function () {
@@ -111,6 +111,18 @@ col.c-ev { width: 170px; }
   const maxEvents = Number(main.dataset.events) || 0;
   const maxStates = Number(main.dataset.states) || 0;
   let shown = null;  // the data drawn last: a delta answer (data.delta) adds to it
+  // token_auth's ?token=: out of the address bar (history, bookmarks, a Referer), on as a
+  // header; the answer's HttpOnly cookie carries it on to a reload
+  const tokenParam = main.dataset.tokenParam || "";
+  let token = "";
+  if (tokenParam) {
+    const here = new URL(window.location.href);
+    if (here.searchParams.has(tokenParam)) {
+      token = here.searchParams.get(tokenParam) || "";
+      here.searchParams.delete(tokenParam);
+      window.history.replaceState(window.history.state, "", here.pathname + here.search + here.hash);
+    }
+  }
   const COLORS = { "closed": "#12b76a", "half-open": "#f79009", "open": "#e5484d" };
   const LABELS = {
     attempts: "attempts", retries: "retries", recovered: "recovered", gave_up: "gave up",
@@ -429,8 +441,9 @@ col.c-ev { width: 170px; }
       if (shown && shown.cursor) query.set("after", shown.cursor);
       const search = query.toString();
       const answer = await fetch("data.json" + (search ? "?" + search : ""),
-        { cache: "no-store", credentials: "same-origin", headers: { "Accept": "application/json" },
-          signal: control.signal });
+        { cache: "no-store", credentials: "same-origin", signal: control.signal,
+          headers: token ? { "Accept": "application/json", "Authorization": "Bearer " + token }
+            : { "Accept": "application/json" } });
       if (!answer.ok) throw new Error("the dashboard answered " + answer.status);
       const data = merged(shown, await answer.json());
       render(data);
@@ -467,11 +480,14 @@ def render_page(
     min_poll_ms: int = 100,
     events: int = 100,
     timeout_ms: int = 30_000,
+    token_param: str | None = None,
 ) -> str:
     """The page, with ``title`` escaped and the script's nonce; it polls every ``poll_ms``,
     never more often than every ``min_poll_ms`` (the dashboard's ``MIN_POLL_SECONDS``), gives
     up a request not answered within ``timeout_ms`` (or ``poll_ms``, if longer), saying so,
-    and keeps the last ``events`` events (as many as ``data.json`` serves in full)."""
+    and keeps the last ``events`` events (as many as ``data.json`` serves in full). A
+    ``token_param`` (``token_auth``'s query parameter) is taken out of the address bar and
+    sent on as an ``Authorization: Bearer`` header instead."""
     # the title last: a title holding a placeholder (``@NONCE@``) is shown as written
     return (
         _TEMPLATE.replace("@NONCE@", nonce)
@@ -480,5 +496,6 @@ def render_page(
         .replace("@TIMEOUT@", str(int(timeout_ms)))
         .replace("@EVENTS@", str(int(events)))
         .replace("@MAX_STATES@", str(MAX_STATE_CHANGES))
+        .replace("@TOKEN_PARAM@", html.escape(token_param or "", quote=True))
         .replace("@TITLE@", html.escape(title, quote=True))
     )
