@@ -458,10 +458,17 @@ def _refuse_needing_arguments(fn: object) -> None:
         )
 
 
-def _call(policy: Policy, fn: Callable[[], Any], check: ResponseCheck | None, cfg: Config) -> Any:
+def _call(
+    policy: Policy,
+    fn: Callable[[], Any],
+    check: ResponseCheck | None,
+    cfg: Config,
+    named: Any = None,
+) -> Any:
     """One operation of a callable not declared async: :meth:`Policy.call` with its first
     attempt inline, so that a result found to be awaitable is finished by :func:`_afinish`
-    as the first attempt of the async loop instead of being counted a success."""
+    as the first attempt of the async loop instead of being counted a success. ``named``: the
+    function the lines name, where ``fn`` calls it (the decorator's, with its arguments)."""
     probe = policy.admit()
     started = time.monotonic()
     record = AttemptRecord(policy)
@@ -474,7 +481,7 @@ def _call(policy: Policy, fn: Callable[[], Any], check: ResponseCheck | None, cf
         try:
             result = policy.call_failed(attempts, exc, probe, started)
         except BaseException as error:
-            _told_of_success(policy, attempts.record, error, fn)
+            _told_of_success(policy, attempts.record, error, named or fn)
             raise
         record = attempts.record or record
     else:
@@ -492,12 +499,19 @@ def _call(policy: Policy, fn: Callable[[], Any], check: ResponseCheck | None, cf
                 # slot is given back now and asked for again then
                 policy.unused(probe)
             return _afinish(
-                policy, fn, result, admission=admission, record=record, check=check, cfg=cfg
+                policy,
+                fn,
+                result,
+                admission=admission,
+                record=record,
+                check=check,
+                cfg=cfg,
+                named=named,
             )
         try:
             policy.succeeded(probe)
         except BaseException as interruption:  # (in its I/O: see _told_of_success)
-            _told_of_success(policy, record, interruption, fn)
+            _told_of_success(policy, record, interruption, named or fn)
             raise
     return result if check is None else _checked(policy, check, result, cfg, record)
 
@@ -533,6 +547,7 @@ async def _afinish(
     record: AttemptRecord,
     check: ResponseCheck | None,
     cfg: Config,
+    named: Any = None,
 ) -> Any:
     """The first attempt of :func:`_call` returned ``first``: awaiting it finishes that attempt
     (in the same ``record``, so a COMMIT sent before ``fn`` returned still forbids a replay),
@@ -560,7 +575,7 @@ async def _afinish(
         try:
             result = await policy.acall_failed(attempts.acall, exc, probe, started)
         except BaseException as error:
-            _told_of_success(policy, attempts.record, error, fn)
+            _told_of_success(policy, attempts.record, error, named or fn)
             raise
         record = attempts.record or record
     else:
@@ -568,7 +583,7 @@ async def _afinish(
             if not policy.succeeded_on_loop(probe):
                 await policy.asucceeded(probe)  # (it tells Redis: off the event loop)
         except BaseException as interruption:  # (in its I/O: see _told_of_success)
-            _told_of_success(policy, record, interruption, fn)
+            _told_of_success(policy, record, interruption, named or fn)
             raise
     return result if check is None else _checked(policy, check, result, cfg, record)
 
@@ -638,7 +653,7 @@ def _decorator(
                 return fn(*args, **kwargs)
             policy = _policy_for(service, use_retry, use_circuit_breaker, cfg, explicit)
             active = check if check is not None and validation_on(cfg) else None
-            return _call(policy, lambda: fn(*args, **kwargs), active, cfg)
+            return _call(policy, lambda: fn(*args, **kwargs), active, cfg, fn)
 
         return _signed(wrapper, fn)
 

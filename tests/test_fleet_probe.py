@@ -342,7 +342,7 @@ def _main_thread_waits_for_redis() -> bool:
     return False
 
 
-@pytest.mark.parametrize("how", ["unit", "operation", "nested", "run_in"])
+@pytest.mark.parametrize("how", ["unit", "operation", "decorated", "nested", "run_in"])
 def test_a_probe_interrupted_as_its_end_is_reported_is_saved_then_interrupted_and_ends(
     redis_server: RedisServer, engine: sa.Engine, events: list[rdb.SelfHealEvent], how: str
 ) -> None:
@@ -380,10 +380,15 @@ def test_a_probe_interrupted_as_its_end_is_reported_is_saved_then_interrupted_an
         with Factory() as session:
             return Factory.run_in(session, probe)
 
+    @rdb.with_self_healing(service="cut", config=Factory.config)
+    def decorated() -> int:
+        return operation()
+
     # (a breaker of its own, local: the interruption's failure waits for no Redis)
     Outer = rdb.ResilientSession(engine, service="cut-outer", config=rdb.Config(retry=False))
     called = {
         "operation": lambda: rdb.with_self_healing(operation, service="cut", config=Factory.config),
+        "decorated": decorated,
         "nested": lambda: Outer.run(lambda _s: Factory.run(probe)),
         "run_in": in_session,
         "unit": lambda: Factory.run(probe),
@@ -409,7 +414,11 @@ def test_a_probe_interrupted_as_its_end_is_reported_is_saved_then_interrupted_an
     [line] = [e for e in events if e.name == "commit_interrupted"]
     assert line.fields["outcome"] == "committed"
     assert "after its COMMIT succeeded; it is committed" in line.message
-    assert ("the operation (" if how == "operation" else "the unit (") in line.message
+    assert (
+        "the operation (" if how in ("operation", "decorated") else "the unit ("
+    ) in line.message
+    if how == "decorated":  # the decorated function named, not the call the decorator makes
+        assert ".decorated), as its circuit breaker" in line.message
     # the probe's end reaches Redis (not its lease running out: 10 s)
     wait_for(lambda: _fleet_state(redis_server, "cut") == "closed", "the probe's end", timeout=5)
     held = redis_server.client().hget("resilient_db:{cut}:breaker", "probes")
