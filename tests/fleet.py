@@ -295,6 +295,40 @@ def held_by_another_thread(lock: Any) -> Iterator[None]:
         holder.join(10)
 
 
+class ScriptsSent:
+    """The Lua scripts a fleet link sends from the failure path (any thread but the link's own
+    background thread: its flushes and rejoins are left out), each recorded as it is sent,
+    before Redis answers: with Redis paused (SIGSTOP), a script recorded is a call in flight.
+    Test code only: it wraps the link's registered scripts while inside (a context manager)."""
+
+    def __init__(self, link: Any) -> None:
+        self.link = link
+        #: (script name, its args), in the order sent
+        self.sent: list[tuple[str, list[Any]]] = []
+
+    def __enter__(self) -> ScriptsSent:
+        scripts = self.link._scripts
+        self._scripts, self._originals = scripts, dict(scripts)
+        for name, script in self._originals.items():
+            scripts[name] = self._recording(name, script)
+        return self
+
+    def _recording(self, name: str, script: Any) -> Any:
+        def send(*, keys: list[str], args: list[Any]) -> Any:
+            if threading.current_thread() is not self.link._thread:
+                self.sent.append((name, list(args)))
+            return script(keys=keys, args=args)
+
+        return send
+
+    def count(self, name: str) -> int:
+        """How many ``name`` scripts were sent so far."""
+        return sum(1 for sent, _ in self.sent if sent == name)
+
+    def __exit__(self, *exc: object) -> None:
+        self._scripts.update(self._originals)  # (a link restarted meanwhile has new ones)
+
+
 @contextmanager
 def forked(child: Callable[[], bool]) -> Iterator[Forked]:
     """Fork a child running ``child``; it is killed and reaped on leaving, failed or not."""

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from processes import wait_for
+from fleet import ScriptsSent
+from processes import wait_for, wait_for_async
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
@@ -316,15 +317,16 @@ async def test_an_async_unit_cancelled_while_the_fleet_pays_for_its_retry_gets_i
             redis_server.pause()  # the retry's withdrawal waits for Redis
             await session.execute(sa.text(UNAVAILABLE))
 
-        task = asyncio.create_task(Factory.run(unit))
         try:
-            # (the withdrawal sent from its worker thread: ordering, not a backoff)
-            await asyncio.sleep(0.5)
-            assert not task.done()
-            task.cancel()
-            loop.call_later(0.2, redis_server.resume)  # slow, not hung
-            with pytest.raises(asyncio.CancelledError):
-                await task
+            with ScriptsSent(budgets()[service]._fleet) as scripts:
+                task = asyncio.create_task(Factory.run(unit))
+                # its retry's withdrawal sent from its worker thread, waiting for Redis
+                await wait_for_async(lambda: scripts.count("budget") == 1, "the withdrawal", 10)
+                assert not task.done()
+                task.cancel()
+                loop.call_later(0.2, redis_server.resume)  # slow, not hung
+                with pytest.raises(asyncio.CancelledError):
+                    await task
         finally:
             redis_server.resume()
         await loop.shutdown_default_executor()  # (every worker thread's call ended)

@@ -23,6 +23,7 @@ import pybreaker
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
+from fleet import ScriptsSent
 from processes import wait_for, wait_for_async
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
@@ -297,13 +298,14 @@ async def test_a_unit_cancelled_while_its_probe_is_admitted_in_a_thread_gives_th
     Sessions = await _half_open_factory(aengine, redis_server, service)
     redis_server.pause()
     try:
-        unit = asyncio.create_task(Sessions.run(lambda s: s.execute(sa.text("SELECT 1"))))
-        # its admission is sent from a worker thread, and waits for Redis (not a backoff)
-        await asyncio.sleep(0.3)
-        assert not unit.done()
-        unit.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await unit
+        with ScriptsSent(breakers()[service]._fleet) as scripts:
+            unit = asyncio.create_task(Sessions.run(lambda s: s.execute(sa.text("SELECT 1"))))
+            # its admission sent from a worker thread, waiting for Redis
+            await wait_for_async(lambda: scripts.count("admit") == 1, "the admission", 10)
+            assert not unit.done()
+            unit.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await unit
     finally:
         redis_server.resume()
     await wait_for_async(
