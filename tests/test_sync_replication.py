@@ -34,10 +34,20 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from scenarios import FakeClock
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import resilient_db as rdb
+from resilient_db import _unit
+from resilient_db._commit import (
+    REPLICATION_WAIT,
+    REPLICATION_WAIT_CAP,
+    REPLICATION_WAIT_FLOOR,
+    replication_wait,
+    replication_wait_within,
+)
+from resilient_db._retry import Policy
 from resilient_db.testing import PostgresServer, StandbyPair
 
 pytestmark = pytest.mark.slow
@@ -544,12 +554,21 @@ def test_a_unit_that_raised_its_own_level_is_proven_at_it(
 
 
 def test_the_last_check_does_not_overrun_the_deadline(
-    pg_standby_factory: Callable[..., StandbyPair],
+    pg_standby_factory: Callable[..., StandbyPair], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The standby is down and the unit's COMMIT is cut short; each check waits for the
     standby twice as long as the one before (2 s, 4 s, ...). A check begun just before the
     deadline waited its whole 4 s past it: the unit ended more than 6 s after its COMMIT with a
-    deadline of 2.5 s. Each check's wait is cut to the time left."""
+    deadline of 2.5 s. Each check's wait is cut to the time left (the waits the checks were
+    given are recorded: the arithmetic is test_a_checks_wait_is_cut_to_the_time_left's)."""
+    given: list[tuple[int, float | None, float]] = []  # (proofs, left, wait) of each check
+
+    def recorded(proofs: int, left: float | None) -> float:
+        wait = replication_wait_within(proofs, left)
+        given.append((proofs, left, wait))
+        return wait
+
+    monkeypatch.setattr(_unit, "replication_wait_within", recorded)
     pair = pg_standby_factory(synchronous=True)
     prepare(pair, MARKERS)
     config = CONFIG.replace(deadline=2.5)
@@ -557,10 +576,63 @@ def test_the_last_check_does_not_overrun_the_deadline(
     cut = run_unit(pair, "psycopg", "cut", cut_short=True, sleep=no_sleep, config=config)
     took = time.monotonic() - began
     assert isinstance(cut.error, rdb.CommitOutcomeUnknownError), cut.error
-    # the unit's statements, its COMMIT until terminated, and the checks within the deadline
-    # (the last one's COMMIT given at least REPLICATION_WAIT_FLOOR), with a margin for a
-    # loaded machine: well short of the 2 s + 4 s of the growing waits
-    assert took < config.deadline + 2.5, f"the unit took {took:.1f} s"
+    assert given, "no check was made"
+    for _, left, wait in given:  # each check's wait ends by the deadline (or the floor past it)
+        assert left is not None, given
+        assert left <= config.deadline, given
+        assert wait <= max(left, REPLICATION_WAIT_FLOOR), given
+
+    # the unit's statements, its COMMIT until terminated, and those checks, with a generous
+    # margin for a loaded machine (the waits given, above, are what is checked)
+    assert took < config.deadline + 10, f"the unit took {took:.1f} s"
+
+
+@pytest.mark.parametrize(
+    ("proofs", "left", "wait"),
+    [
+        (0, None, REPLICATION_WAIT),  # no deadline: the growing wait
+        (1, None, 2 * REPLICATION_WAIT),
+        (20, None, REPLICATION_WAIT_CAP),
+        (0, 5.0, REPLICATION_WAIT),  # more time left than the wait
+        (1, 2.5, 2.5),  # cut to the time left
+        (3, 0.5, 0.5),
+        (1, 0.1, REPLICATION_WAIT_FLOOR),  # never under the floor
+        (1, 0.0, REPLICATION_WAIT_FLOOR),
+        (1, -3.0, REPLICATION_WAIT_FLOOR),  # (the deadline passed during the check's claim)
+    ],
+)
+def test_a_checks_wait_is_cut_to_the_time_left(
+    proofs: int, left: float | None, wait: float
+) -> None:
+    assert replication_wait_within(proofs, left) == wait
+
+
+def test_the_checks_given_waits_end_by_the_deadline() -> None:
+    """The referee's checks of a lost COMMIT (a fake clock), each COMMIT waiting in vain for a
+    standby that is down for the whole wait it is given: the last one ends by the deadline
+    (the floor past it at most), not a growing wait past it (2 s, then 4 s: 6 s for 2.5 s)."""
+    clock = FakeClock()
+    config = CONFIG.replace(deadline=2.5)
+    policy = Policy(
+        f"syncrep-{next(_services)}",
+        config,
+        clock=clock,
+        rng=lambda: 0.5,
+        use_circuit_breaker=False,
+    )
+    referee = _unit.CommitReferee(policy, None)
+    began = clock()
+    waits: list[float] = []
+    for delay, ends in referee.timed_checks():
+        clock.advance(delay)
+        left = referee.left(ends)
+        assert left == ends - clock()
+        waits.append(replication_wait_within(len(waits), left))
+        clock.advance(waits[-1])
+    assert waits[0] == REPLICATION_WAIT
+    assert len(waits) >= 2, waits
+    assert waits[1] < replication_wait(1), waits  # cut
+    assert clock() - began <= config.deadline + REPLICATION_WAIT_FLOOR, waits
 
 
 def test_a_promoted_standby_still_naming_its_old_primary_is_reported(
