@@ -330,6 +330,26 @@ class ScriptsSent:
 
 
 @contextmanager
+def subscription_checks(link: Any) -> Iterator[list[float]]:
+    """The checks of its silent subscription a fleet link's background thread makes while
+    inside: when each began (``time.monotonic()``), noted as it begins, before Redis answers
+    (with Redis paused, a check noted is one waiting for its answer). Test code only: it wraps
+    the link's method while inside."""
+    began: list[float] = []
+    check = link._check_subscription
+
+    def noted(pubsub: Any) -> None:
+        began.append(time.monotonic())
+        check(pubsub)
+
+    link._check_subscription = noted
+    try:
+        yield began
+    finally:
+        del link._check_subscription  # (the class's again)
+
+
+@contextmanager
 def forked(child: Callable[[], bool]) -> Iterator[Forked]:
     """Fork a child running ``child``; it is killed and reaped on leaving, failed or not."""
     proc = Forked(child)
