@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import math
@@ -172,6 +173,32 @@ def test_a_page_opened_with_the_token_in_its_url_carries_it_on_in_a_cookie() -> 
     assert "set-cookie" not in page.headers
     assert 'data-token-param=""' in page.text
     assert header_only.get(data, headers={"Cookie": f"{name}={value}"}).status_code == 401
+
+
+def test_a_check_object_neither_hashable_nor_weakly_referable_serves_the_page() -> None:
+    """The page looks its check up among ``token_auth``'s: a check that is a dataclass
+    instance (unhashable) or a ``__slots__`` class's (no weak reference) is simply not one of
+    them, and the page is served without a token parameter, not answered with a 500."""
+
+    @dataclasses.dataclass
+    class StaffOnly:
+        role: str
+
+        def __call__(self, request: Request) -> bool:
+            return request.headers.get("x-role") == self.role
+
+    class Always:
+        __slots__ = ()
+
+        def __call__(self, request: Request) -> bool:
+            return True
+
+    for check in (StaffOnly("staff"), Always()):
+        client = mounted(dashboard(auth=check))
+        page = client.get("/admin/self-healing/", headers={"x-role": "staff"})
+        assert page.status_code == 200, page.text
+        assert 'data-token-param=""' in page.text
+        assert "set-cookie" not in page.headers
 
 
 def test_unauthorised_requests_get_401_or_403() -> None:

@@ -160,7 +160,7 @@ class Dashboard:
                 ),
             )
         nonce = secrets.token_urlsafe(16)
-        token = _TOKEN_CHECKS.get(self.auth)
+        token = _token_check(self.auth)
         page = render_page(
             title=self.title,
             nonce=nonce,
@@ -322,6 +322,15 @@ class _TokenCheck:
 _TOKEN_CHECKS: weakref.WeakKeyDictionary[Callable[..., Any], _TokenCheck] = (
     weakref.WeakKeyDictionary()
 )
+
+
+def _token_check(auth: Callable[..., Any]) -> _TokenCheck | None:
+    """What the page needs of ``token_auth``'s check ``auth``; None for any other check, one
+    not hashable (a dataclass instance) or not weakly referable (``__slots__``) included."""
+    try:
+        return _TOKEN_CHECKS.get(auth)
+    except TypeError:  # not one of token_auth's checks, which are plain functions
+        return None
 
 
 def token_auth(
