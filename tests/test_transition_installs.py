@@ -1128,6 +1128,64 @@ def test_the_script_through_op_execute_with_names_that_look_like_bind_parameters
         conn.execute(t.insert().values({key: 2, column: "bogus"}))  # no trigger left
 
 
+@pytest.mark.parametrize(("column", "key"), [("state :now", "id :key"), ("st\\:ate", "i\\:d")])
+def test_a_function_written_with_plain_column_names_by_an_earlier_release_is_no_drift(
+    engine: sa.Engine, reg: registry, *, column: str, key: str
+) -> None:
+    """Before the ``(NEW).U&"..."`` spelling, install_transition_trigger (where the README sent
+    such tables) wrote a guarded or key column named ``"state :now"`` as ``NEW."state :now"``:
+    the same function, PL/pgSQL reading either. Installed so, it is no drift (which said its
+    body was changed, its stamp kept, and made the application role's startup install raise)."""
+    table = f"plain_{uuid.uuid4().hex[:8]}"
+    model = reg.mapped(
+        type(
+            "PlainColonNames",
+            (),
+            {
+                "__tablename__": table,
+                "__transitions__": rdb.TransitionRules(
+                    column="state", transitions={"new": {"done"}}, initial={"new"}
+                ),
+                "id": mapped_column(key, sa.Integer, primary_key=True),
+                "state": mapped_column(column, sa.String(20)),
+            },
+        )
+    )
+    reg.metadata.create_all(engine)
+    try:
+        rdb.install_transition_trigger(engine, model)
+        with engine.begin() as conn:
+            function, source = conn.execute(
+                sa.text(
+                    "SELECT p.oid::regprocedure::text, p.prosrc FROM pg_trigger t "
+                    "JOIN pg_proc p ON p.oid = t.tgfoid "
+                    "WHERE t.tgrelid = CAST(:rel AS regclass) LIMIT 1"
+                ),
+                {"rel": table},
+            ).one()
+            earlier = source
+            for name in (column, key):
+                for row in ("NEW", "OLD"):
+                    quoted = 'U&"' + name.replace("\\", "\\\\").replace(":", "\\003A") + '"'
+                    earlier = earlier.replace(f"({row}).{quoted}", f'{row}."{name}"')
+            assert earlier != source
+            assert "U&" not in earlier
+            conn.exec_driver_sql(  # (%% : the driver's paramstyle)
+                f"CREATE OR REPLACE FUNCTION {function} RETURNS trigger LANGUAGE plpgsql "
+                f"SET search_path = pg_catalog, pg_temp AS $rdb${earlier}$rdb$".replace("%", "%%")
+            )
+        with engine.connect() as conn:
+            assert rdb.trigger_drift(conn, model) is None
+            t = model.__table__
+            conn.execute(t.insert().values({key: 1, column: "new"}))
+            with pytest.raises(sa.exc.DBAPIError) as info:  # the earlier body enforces too
+                conn.execute(t.update().values({column: "bogus"}))
+            assert getattr(info.value.orig, "sqlstate", None) == rdb.TRANSITION_SQLSTATE
+            conn.rollback()
+    finally:
+        reg.metadata.drop_all(engine)
+
+
 @pytest.mark.skipif(shutil.which("psql") is None, reason="needs psql")
 def test_psql_running_the_script_lets_no_concurrent_illegal_move_through(
     engine: sa.Engine, reg: registry, pg_url: str

@@ -356,10 +356,13 @@ def _member_sql(expr: str, keys: Collection[Key]) -> str:
     return parts[0] if len(parts) == 1 else "(" + " OR ".join(parts) + ")"
 
 
-def _function_body(guard: Guard) -> str:
+def _function_body(guard: Guard, field: Callable[[str, str], str] | None = None) -> str:
+    """The trigger function's body; ``field`` writes a column of ``NEW`` or ``OLD``
+    (:func:`_field`; :func:`_plain_field` as releases before the ``U&`` spelling wrote it)."""
+    field = _field if field is None else field
     col_lit = literal(guard.column.name)
-    pk_new = ", ".join(f"{literal(c.name)}, {_field('NEW', c.name)}" for c in guard.pk_columns)
-    pk_old = ", ".join(f"{literal(c.name)}, {_field('OLD', c.name)}" for c in guard.pk_columns)
+    pk_new = ", ".join(f"{literal(c.name)}, {field('NEW', c.name)}" for c in guard.pk_columns)
+    pk_old = ", ".join(f"{literal(c.name)}, {field('OLD', c.name)}" for c in guard.pk_columns)
     moves = [
         f"(v_from IS NOT DISTINCT FROM {'NULL' if src is None else literal(src)}"
         f" AND {_member_sql('v_to', targets)})"
@@ -381,7 +384,7 @@ def _function_body(guard: Guard) -> str:
     return f"""
 DECLARE
     v_from text;
-    v_to text := {_column_value("NEW", guard.column, _field)}::text;
+    v_to text := {_column_value("NEW", guard.column, field)}::text;
     v_pk json;
     v_bypass text;
     v_reason text;
@@ -395,7 +398,7 @@ BEGIN
         END IF;
         v_pk := json_build_object({pk_new});
     ELSE
-        v_from := {_column_value("OLD", guard.column, _field)}::text;
+        v_from := {_column_value("OLD", guard.column, field)}::text;
         IF v_from IS NOT DISTINCT FROM v_to THEN
             RETURN NULL;
         END IF;
@@ -470,9 +473,19 @@ def source_matches(guard: Guard, source: str | None) -> bool:
     table with the same rules (another registry's, one not imported here) enforces the same."""
     if source is None:
         return False
-    if source == _function_body(guard):
+    # a column whose name _field writes as U&"..." was written NEW."..." by earlier releases
+    # (install_transition_trigger's, which PL/pgSQL reads as well): the same function
+    names = [guard.column.name, *(c.name for c in guard.pk_columns)]
+    fields = [_field]
+    if any(_field("NEW", name) != _plain_field("NEW", name) for name in names):
+        fields.append(_plain_field)
+    return any(_source_is(guard, source, field) for field in fields)
+
+
+def _source_is(guard: Guard, source: str, field: Callable[[str, str], str]) -> bool:
+    if source == _function_body(guard, field):
         return True
-    parts = _function_body(dataclasses.replace(guard, owner=_MODEL_PLACEHOLDER)).split(
+    parts = _function_body(dataclasses.replace(guard, owner=_MODEL_PLACEHOLDER), field).split(
         literal(_MODEL_PLACEHOLDER)
     )
     pattern = re.escape(parts[0]) + f"(?P<model>{_LITERAL})"
@@ -624,6 +637,12 @@ def _field(row: str, name: str) -> str:
     \"new\" has no field"), the SQL parser reads the one after ``(NEW).``."""
     quoted = sql_ident(name)
     return f"{row}.{quoted}" if quoted.startswith('"') else f"({row}).{quoted}"
+
+
+def _plain_field(row: str, name: str) -> str:
+    """The field ``name`` of ``row`` as releases before :func:`_field`'s ``U&`` spelling wrote
+    it in the function's body (``NEW."name"``), which :func:`source_matches` still takes."""
+    return f"{row}.{ident(name)}"
 
 
 def column_text(row: str, column: sa.Column[Any]) -> str:
