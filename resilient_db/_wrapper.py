@@ -481,7 +481,7 @@ def _call(
         try:
             result = policy.call_failed(attempts, exc, probe, started)
         except BaseException as error:
-            _told_of_success(policy, attempts.record, error, named or fn)
+            _told_of_success(policy, attempts.record, error, fn if named is None else named)
             raise
         record = attempts.record or record
     else:
@@ -511,7 +511,7 @@ def _call(
         try:
             policy.succeeded(probe)
         except BaseException as interruption:  # (in its I/O: see _told_of_success)
-            _told_of_success(policy, record, interruption, named or fn)
+            _told_of_success(policy, record, interruption, fn if named is None else named)
             raise
     return result if check is None else _checked(policy, check, result, cfg, record)
 
@@ -575,7 +575,7 @@ async def _afinish(
         try:
             result = await policy.acall_failed(attempts.acall, exc, probe, started)
         except BaseException as error:
-            _told_of_success(policy, attempts.record, error, named or fn)
+            _told_of_success(policy, attempts.record, error, fn if named is None else named)
             raise
         record = attempts.record or record
     else:
@@ -583,7 +583,7 @@ async def _afinish(
             if not policy.succeeded_on_loop(probe):
                 await policy.asucceeded(probe)  # (it tells Redis: off the event loop)
         except BaseException as interruption:  # (in its I/O: see _told_of_success)
-            _told_of_success(policy, record, interruption, named or fn)
+            _told_of_success(policy, record, interruption, fn if named is None else named)
             raise
     return result if check is None else _checked(policy, check, result, cfg, record)
 
