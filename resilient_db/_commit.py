@@ -1869,11 +1869,13 @@ class AttemptRecord:
     def began_on(self, transaction: Any, connection: Any) -> None:
         """A session's root ``transaction`` began on ``connection`` (``after_begin``)."""
         pooled = connection.connection
-        driver = pooled.dbapi_connection
-        marked = getattr(driver, "_rdb_marked", None)  # psycopg's connection
-        if marked is None:  # or SQLAlchemy's adapter (asyncpg): the driver's is inside
-            driver = pooled.driver_connection
-            marked = getattr(driver, "_rdb_marked", False)
+        driver = pooled.dbapi_connection  # psycopg's connection
+        if isinstance(driver, AdaptedConnection):
+            # or SQLAlchemy's async adapter: the driver's connection is inside, and is what
+            # the statements' noting and a COMMIT's ticket name (SQLAlchemy 2.0's psycopg one
+            # passes attribute reads on to it, so it must not be taken for it)
+            driver = driver.driver_connection
+        marked = getattr(driver, "_rdb_marked", False)
         if not marked:
             marked = _prepared_late(connection, pooled)
         entry = (transaction, connection, marked, driver)
@@ -3197,9 +3199,7 @@ def _own_plan(
     driver._rdb_writes = False
     engine = None
     for _transaction, connection, _marked, seen in attempt.began or ():
-        # (SQLAlchemy 2.0's psycopg async adapter passes attributes through to the driver's
-        # connection, so began_on may have kept the adapter: the driver is inside it)
-        if seen is driver or getattr(seen, "driver_connection", None) is driver:
+        if seen is driver:
             engine = connection.engine
     form = driver._rdb_prepared
     if (

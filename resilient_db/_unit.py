@@ -1516,12 +1516,7 @@ class Split:
             or (request.warned and not warned)
         ):
             return None
-        # (the driver's own connection: SQLAlchemy 2.0's async adapter, which passes attribute
-        # reads on to it, may be what the record of the attempt holds)
-        drivers = [
-            (conn, getattr(driver, "driver_connection", driver))
-            for conn, driver in request.drivers()
-        ]
+        drivers = request.drivers()
         engine_of = {id(driver): conn.engine for conn, driver in drivers}
         tickets = request.tickets
         if warned:
