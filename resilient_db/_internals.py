@@ -38,6 +38,7 @@ __all__ = [
     "SQLALCHEMY_COMMIT_CODE",
     "InternalsChanged",
     "asyncpg_address",
+    "asyncpg_cancel_pending",
     "asyncpg_command_timeout",
     "asyncpg_socket_fd",
     "asyncpg_statement_connection",
@@ -626,6 +627,23 @@ def with_own_session_class(
 # --------------------------------------------------------------------------------------------
 # asyncpg
 # --------------------------------------------------------------------------------------------
+
+
+def asyncpg_cancel_pending(connection: Any) -> bool:
+    """Whether an asyncpg connection has a cancel request on its way: the one asyncpg sends on
+    a connection of its own when a statement ran past its timeout (``command_timeout``).
+    asyncpg 0.30's ``close()`` waits for it to be answered before its own ``timeout`` starts,
+    without bound: a stalled server never answers it.
+
+    Private: asyncpg ``Connection._cancellations`` (a ``__slots__`` attribute, the set of the
+    cancel requests' tasks; verified 0.30.0, 0.32.0). Gone: False (degrades to closing the
+    connection gracefully, as SQLAlchemy does, which may then wait on asyncpg 0.30 for as long
+    as the server stalls). Public alternative: none (``terminate()`` is public, but whether a
+    cancel is pending is not).
+    """
+    if not hasattr(type(connection), "_cancellations"):
+        return False
+    return bool(connection._cancellations)
 
 
 def asyncpg_socket_fd(connection: Any) -> int | None:

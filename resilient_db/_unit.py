@@ -80,6 +80,7 @@ from ._config import Config, factory_config, register_default_user
 from ._errands import LookFailed, NotStarted, ProcessExiting, Sweep
 from ._errors import CircuitOpenError, CommitOutcomeUnknownError
 from ._internals import (
+    asyncpg_cancel_pending,
     asyncpg_socket_fd,
     commit_flushes,
     commit_returned,
@@ -3279,6 +3280,8 @@ def cancellation_after_terminate(dialect: Any) -> None:
     if dialect.__dict__.get("_rdb_terminate_wrapped"):
         return
     terminate = dialect.do_terminate
+    if getattr(dialect, "driver", None) == "asyncpg":
+        terminate = _closed_within_bound(terminate)
 
     def do_terminate(dbapi_connection: Any) -> None:
         if replaced_at_checkout.get() is not dbapi_connection:
@@ -3298,6 +3301,28 @@ def cancellation_after_terminate(dialect: Any) -> None:
 
     dialect.do_terminate = do_terminate
     dialect._rdb_terminate_wrapped = True
+
+
+def _closed_within_bound(terminate: Callable[[Any], None]) -> Callable[[Any], None]:
+    """``terminate`` (an asyncpg dialect's ``do_terminate``) made to end within its bound.
+
+    SQLAlchemy's asyncpg adapter terminates a connection being invalidated by closing it
+    gracefully with ``close(timeout=2)``, and at once should that time out. asyncpg 0.30 waits,
+    before that timeout starts, for a cancel request still on its way: the one it sends when a
+    statement ran past ``command_timeout``, which a stalled server (a paused VM: TCP accepted,
+    nothing answered) never answers. The invalidation, and the unit or the lost COMMIT's check
+    under it, then waited for as long as the server stalled, deadline or not (and cut off, by a
+    cancellation, asyncpg 0.30 left the connection's socket open). Such a connection is
+    terminated at once instead (asyncpg's public ``terminate()``: no graceful goodbye to a
+    server that does not answer); SQLAlchemy's terminate then finds it closed."""
+
+    def bounded(dbapi_connection: Any) -> None:
+        driver = getattr(dbapi_connection, "driver_connection", None)
+        if driver is not None and asyncpg_cancel_pending(driver):
+            driver.terminate()
+        terminate(dbapi_connection)
+
+    return bounded
 
 
 def _refuse_other_settings(hooks: EngineHooks, mine: tuple[Any, ...]) -> None:

@@ -548,6 +548,29 @@ async def test_asyncpg_socket_fd_is_the_connections_socket(
 
 
 @pytest.mark.asyncio
+async def test_asyncpg_cancel_pending_sees_a_timed_out_statements_cancel(
+    pg_server: PostgresServer, pg_database: str
+) -> None:
+    """A statement cut off by its timeout leaves asyncpg's cancel request on its way (a
+    connection being invalidated then is terminated at once, not closed gracefully); none once
+    the connection's next statement has waited for it, nor on a connection never cut off."""
+    async with _asyncpg_driver(pg_server.url(pg_database, driver="asyncpg")) as (_conn, driver):
+        message = _says(
+            "asyncpg",
+            "Connection._cancellations",
+            "asyncpg_cancel_pending",
+            "a connection invalidated after a statement timeout waits, on asyncpg 0.30, for "
+            "as long as a stalled server does not answer the statement's cancel",
+        )
+        assert not _internals.asyncpg_cancel_pending(driver), message
+        with pytest.raises(asyncio.TimeoutError):
+            await driver.execute("SELECT pg_sleep(5)", timeout=0.05)
+        assert _internals.asyncpg_cancel_pending(driver), message
+        assert await driver.fetchval("SELECT 1") == 1
+        assert not _internals.asyncpg_cancel_pending(driver), message
+
+
+@pytest.mark.asyncio
 async def test_the_checkout_probe_refuses_an_asyncpg_connection_it_cannot_read() -> None:
     """An asyncpg whose connection keeps its transport under another name: the probe raises,
     naming asyncpg and the attribute (it found "no socket" and called every connection,
