@@ -275,7 +275,15 @@ class Policy:
             # factory's breaker, made after reset_state() forgot this one)
             own.follow(config, user=self, explicit=self.explicit_config)
         # after follow(): a shared breaker is attached to the Redis it now asks for
-        own.switch_on(self)
+        try:
+            own.switch_on(self)
+        except Exception:
+            # a breaker_storage= of the user's that can't be read (a store down): switched on
+            # all the same (its calls meet the storage as any call does), and a reload goes on
+            # to the other factories rather than raise half-way
+            self._machinery_failed(
+                "circuit breaker switching on", "switched on without reading its state"
+            )
         self.breaker = own
         self.accounts_with_io = own.accounts_with_io
 
@@ -560,9 +568,9 @@ class Policy:
             suppressed=since,
         )
 
-    def _machinery_failed(self, what: str) -> None:
+    def _machinery_failed(self, what: str, then: str = "running the call without it") -> None:
         """A part of the machinery (``what``: the breaker's state storage, the retry budget)
-        raised: the call runs without it. Its line is rate-limited per service (a broken
+        raised: the call runs without it (or ``then`` says what is done instead). Its line is rate-limited per service (a broken
         storage fails at every unit, in two places of each) and names the error's class, never
         its text (a storage of the user's may quote its own secrets; DEBUG has the frames)."""
         exc = sys.exc_info()[1]
@@ -572,11 +580,11 @@ class Policy:
             self.config,
             log_retry,
             logging.WARNING,
-            "%s failed for service=%s (%s); running the call without it "
-            "(%d more since the last line)",
+            "%s failed for service=%s (%s); %s (%d more since the last line)",
             what,
             self.service,
             kind,
+            then,
             since,
             log=log,
             service=self.service,

@@ -4,6 +4,7 @@ an opening that lasts for good with a negative ``retry_after``."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pybreaker
@@ -157,3 +158,34 @@ def test_a_breaker_storage_that_fails_is_reported_unknown_as_the_readme_says(
         # cycle): its storage must not fail a later test's reload_config() meanwhile
         storage.down = False
 
+
+def test_a_reload_goes_on_past_a_breaker_storage_that_fails(
+    service: str, clean_env: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reload switching the breakers on again while one factory's ``breaker_storage=`` can't
+    be read (a store down) does not raise from ``reload_config()``: every other factory gets
+    its breaker back, and a line says which part failed for which service (the error's class,
+    not its text)."""
+    storage = FailingStorage()
+    failing = rdb.ResilientSession(None, service=service, breaker_storage=storage)
+    other = rdb.ResilientSession(None, service=f"{service}-other")
+    clean_env.setenv("SELF_HEALING_CIRCUIT_BREAKER", "false")
+    rdb.reload_config()
+    assert failing.policy.breaker is None and other.policy.breaker is None
+    clean_env.delenv("SELF_HEALING_CIRCUIT_BREAKER")
+    storage.down = True
+    try:
+        with caplog.at_level(logging.WARNING, logger="resilient_db"):
+            rdb.reload_config()
+        assert other.policy.breaker is not None
+        assert breaker(f"{service}-other")["state"] == "closed"
+        assert failing.policy.breaker is not None  # on, its storage failing as at any call
+        said = [r.getMessage() for r in caplog.records if "switching on failed" in r.getMessage()]
+        assert said == [
+            f"[SELF-HEAL] circuit breaker switching on failed for service={service} "
+            "(ConnectionError); switched on without reading its state (0 more since the last "
+            "line)"
+        ]
+        assert "hunter2" not in caplog.text
+    finally:
+        storage.down = False
