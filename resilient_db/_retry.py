@@ -570,9 +570,10 @@ class Policy:
 
     def _machinery_failed(self, what: str, then: str = "running the call without it") -> None:
         """A part of the machinery (``what``: the breaker's state storage, the retry budget)
-        raised: the call runs without it (or ``then`` says what is done instead). Its line is rate-limited per service (a broken
-        storage fails at every unit, in two places of each) and names the error's class, never
-        its text (a storage of the user's may quote its own secrets; DEBUG has the frames)."""
+        raised: the call runs without it (or ``then`` says what is done instead). Its line is
+        rate-limited per service (a broken storage fails at every unit, in two places of each)
+        and names the error's class, never its text (a storage of the user's may quote its own
+        secrets; DEBUG has the frames)."""
         exc = sys.exc_info()[1]
         kind = "an error" if exc is None else type(exc).__qualname__
         log, since = _MACHINERY_LINES.take((self.service, STATE.generation))

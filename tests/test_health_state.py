@@ -171,7 +171,8 @@ def test_a_reload_goes_on_past_a_breaker_storage_that_fails(
     other = rdb.ResilientSession(None, service=f"{service}-other")
     clean_env.setenv("SELF_HEALING_CIRCUIT_BREAKER", "false")
     rdb.reload_config()
-    assert failing.policy.breaker is None and other.policy.breaker is None
+    assert failing.policy.breaker is None
+    assert other.policy.breaker is None
     clean_env.delenv("SELF_HEALING_CIRCUIT_BREAKER")
     storage.down = True
     try:
