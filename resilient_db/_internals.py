@@ -38,8 +38,8 @@ __all__ = [
     "SQLALCHEMY_COMMIT_CODE",
     "InternalsChanged",
     "asyncpg_address",
-    "asyncpg_cancel_pending",
     "asyncpg_command_timeout",
+    "asyncpg_pending_cancels",
     "asyncpg_socket_fd",
     "asyncpg_statement_connection",
     "attribute_history",
@@ -629,21 +629,22 @@ def with_own_session_class(
 # --------------------------------------------------------------------------------------------
 
 
-def asyncpg_cancel_pending(connection: Any) -> bool:
-    """Whether an asyncpg connection has a cancel request on its way: the one asyncpg sends on
-    a connection of its own when a statement ran past its timeout (``command_timeout``).
-    asyncpg 0.30's ``close()`` waits for it to be answered before its own ``timeout`` starts,
-    without bound: a stalled server never answers it.
+def asyncpg_pending_cancels(connection: Any) -> list[Any]:
+    """The cancel requests an asyncpg connection has on their way (their tasks), as asyncpg
+    sends one, on a connection of its own, for a statement that ran past its timeout
+    (``command_timeout``) or whose task was cancelled. asyncpg 0.30's ``close()`` waits for
+    their answer before its own ``timeout`` starts, without bound: a stalled server never
+    answers.
 
-    Private: asyncpg ``Connection._cancellations`` (a ``__slots__`` attribute, the set of the
-    cancel requests' tasks; verified 0.30.0, 0.32.0). Gone: False (degrades to closing the
-    connection gracefully, as SQLAlchemy does, which may then wait on asyncpg 0.30 for as long
-    as the server stalls). Public alternative: none (``terminate()`` is public, but whether a
-    cancel is pending is not).
+    Private: asyncpg ``Connection._cancellations`` (a ``__slots__`` attribute, the set of those
+    tasks; verified 0.30.0, 0.32.0). Gone: none (degrades to closing the connection gracefully,
+    as SQLAlchemy does, which may then wait on asyncpg 0.30 for as long as the server stalls).
+    Public alternative: none (``terminate()`` is public, but whether a cancel is pending is
+    not).
     """
     if not hasattr(type(connection), "_cancellations"):
-        return False
-    return bool(connection._cancellations)
+        return []
+    return [task for task in connection._cancellations if not task.done()]
 
 
 def asyncpg_socket_fd(connection: Any) -> int | None:

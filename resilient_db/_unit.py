@@ -80,7 +80,7 @@ from ._config import Config, factory_config, register_default_user
 from ._errands import LookFailed, NotStarted, ProcessExiting, Sweep
 from ._errors import CircuitOpenError, CommitOutcomeUnknownError
 from ._internals import (
-    asyncpg_cancel_pending,
+    asyncpg_pending_cancels,
     asyncpg_socket_fd,
     commit_flushes,
     commit_returned,
@@ -3303,23 +3303,41 @@ def cancellation_after_terminate(dialect: Any) -> None:
     dialect._rdb_terminate_wrapped = True
 
 
+#: how long terminating an asyncpg connection waits for the server, as SQLAlchemy's adapter does
+_TERMINATE_SECONDS: Final = 2.0
+
+
 def _closed_within_bound(terminate: Callable[[Any], None]) -> Callable[[Any], None]:
     """``terminate`` (an asyncpg dialect's ``do_terminate``) made to end within its bound.
 
     SQLAlchemy's asyncpg adapter terminates a connection being invalidated by closing it
     gracefully with ``close(timeout=2)``, and at once should that time out. asyncpg 0.30 waits,
-    before that timeout starts, for a cancel request still on its way: the one it sends when a
-    statement ran past ``command_timeout``, which a stalled server (a paused VM: TCP accepted,
-    nothing answered) never answers. The invalidation, and the unit or the lost COMMIT's check
-    under it, then waited for as long as the server stalled, deadline or not (and cut off, by a
-    cancellation, asyncpg 0.30 left the connection's socket open). Such a connection is
-    terminated at once instead (asyncpg's public ``terminate()``: no graceful goodbye to a
-    server that does not answer); SQLAlchemy's terminate then finds it closed."""
+    before that timeout starts, for the answer to a cancel request still on its way (the one
+    it sends when a statement ran past ``command_timeout``, or its task was cancelled), which
+    a stalled server (a paused VM: TCP accepted, nothing answered) never gives. The
+    invalidation, and the unit or the lost COMMIT's check under it, then waited for as long as
+    the server stalled, deadline or not (and, cancelled there, asyncpg 0.30 left the
+    connection's socket open). Here that wait is bounded as SQLAlchemy bounds the close: a
+    cancel request still unanswered after it, the connection is terminated at once (asyncpg's
+    public ``terminate()``: no goodbye to a server that does not answer), and SQLAlchemy's
+    terminate then finds it closed. A cancel answered in time has done its work (the statement
+    cancelled on the server) before the connection closes, as without this."""
 
     def bounded(dbapi_connection: Any) -> None:
-        driver = getattr(dbapi_connection, "driver_connection", None)
-        if driver is not None and asyncpg_cancel_pending(driver):
-            driver.terminate()
+        driver: Any = getattr(dbapi_connection, "driver_connection", None)
+        pending = asyncpg_pending_cancels(driver) if driver is not None else []
+        if pending:
+            try:
+                dbapi_connection.run_async(
+                    lambda _driver: asyncio.wait(pending, timeout=_TERMINATE_SECONDS)
+                )
+            except sa_exc.MissingGreenlet:
+                pass  # (the garbage collector's cleanup: SQLAlchemy terminates it at once)
+            except BaseException:
+                driver.terminate()  # (cancelled: closed all the same, as SQLAlchemy's close does)
+                raise
+            if asyncpg_pending_cancels(driver):
+                driver.terminate()
         terminate(dbapi_connection)
 
     return bounded

@@ -548,7 +548,7 @@ async def test_asyncpg_socket_fd_is_the_connections_socket(
 
 
 @pytest.mark.asyncio
-async def test_asyncpg_cancel_pending_sees_a_timed_out_statements_cancel(
+async def test_asyncpg_pending_cancels_has_a_timed_out_statements_cancel(
     pg_server: PostgresServer, pg_database: str
 ) -> None:
     """A statement cut off by its timeout leaves asyncpg's cancel request on its way (a
@@ -558,16 +558,16 @@ async def test_asyncpg_cancel_pending_sees_a_timed_out_statements_cancel(
         message = _says(
             "asyncpg",
             "Connection._cancellations",
-            "asyncpg_cancel_pending",
+            "asyncpg_pending_cancels",
             "a connection invalidated after a statement timeout waits, on asyncpg 0.30, for "
             "as long as a stalled server does not answer the statement's cancel",
         )
-        assert not _internals.asyncpg_cancel_pending(driver), message
+        assert not _internals.asyncpg_pending_cancels(driver), message
         with pytest.raises(asyncio.TimeoutError):
             await driver.execute("SELECT pg_sleep(5)", timeout=0.05)
-        assert _internals.asyncpg_cancel_pending(driver), message
+        assert _internals.asyncpg_pending_cancels(driver), message
         assert await driver.fetchval("SELECT 1") == 1
-        assert not _internals.asyncpg_cancel_pending(driver), message
+        assert not _internals.asyncpg_pending_cancels(driver), message
 
 
 @pytest.mark.asyncio
