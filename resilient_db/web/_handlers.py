@@ -42,6 +42,7 @@ from ._problems import (
     PROBLEM_TYPE_BASE,
     TRANSIENT_RETRY_AFTER,
     Problem,
+    check_config_and_base,
     group_errors,
     pool_exhausted,
     problem_details,
@@ -345,16 +346,7 @@ def install_exception_handlers(
             "install_exception_handlers needs a Starlette or FastAPI application, got "
             f"{type(app).__name__}"
         )
-    if config is not None and not isinstance(config, Config):
-        raise TypeError(
-            "install_exception_handlers(config=...) needs a resilient_db.Config or None, got "
-            f"{type(config).__name__}"
-        )
-    if not isinstance(type_base, str):
-        raise TypeError(
-            "install_exception_handlers(type_base=...) must be a string (a URI prefix of the "
-            f"problem types), got {type(type_base).__name__}"
-        )
+    check_config_and_base("install_exception_handlers", config, type_base)
     handled = handled_classes()
     displaced: dict[type[Exception], _Handler] = {}
     for cls in handled:

@@ -175,6 +175,20 @@ def _outcome(exc: BaseException) -> Outcome:
     return classify(exc) if outcome is None else outcome
 
 
+def check_config_and_base(where: str, config: object, type_base: object) -> None:
+    """``TypeError`` for a ``config`` that is no :class:`~resilient_db.Config` (or None) or a
+    ``type_base`` that is no string, naming ``where`` they were given."""
+    if config is not None and not isinstance(config, Config):
+        raise TypeError(
+            f"{where}(config=...) needs a resilient_db.Config or None, got {type(config).__name__}"
+        )
+    if not isinstance(type_base, str):
+        raise TypeError(
+            f"{where}(type_base=...) must be a string (a URI prefix of the problem types), "
+            f"got {type(type_base).__name__}"
+        )
+
+
 def problem_details(
     exc: BaseException,
     *,
@@ -231,16 +245,7 @@ def problem_details(
     :class:`~resilient_db.Config` or a ``type_base`` that is no string is refused
     (``TypeError``), whatever ``exc`` is.
     """
-    if config is not None and not isinstance(config, Config):
-        raise TypeError(
-            "problem_details(config=...) needs a resilient_db.Config or None, got "
-            f"{type(config).__name__}"
-        )
-    if not isinstance(type_base, str):
-        raise TypeError(
-            "problem_details(type_base=...) must be a string (a URI prefix of the problem "
-            f"types), got {type(type_base).__name__}"
-        )
+    check_config_and_base("problem_details", config, type_base)
     if BASE_GROUP is None or not isinstance(exc, BASE_GROUP):
         return _problem_of(exc, config, type_base)
     errors = group_errors(exc)
