@@ -2129,9 +2129,12 @@ def test_a_sync_unit_interrupted_while_it_looks_for_a_lost_prepare_ends_it_in_a_
     slow = SLOW_PREPARE.replace("pg_sleep(1)", "pg_sleep(3)")
     two_phase_server.execute(slow, database=two_databases[1])
     main = threading.get_ident()
+    looking = threading.Event()  # the unit waits between two looks for the PREPARE
 
     def sleep(seconds: float) -> None:
-        if ending == "look-fails" and threading.get_ident() != main:
+        if threading.get_ident() == main:
+            looking.set()
+        elif ending == "look-fails":
             raise RuntimeError("a sleep that fails")
         time.sleep(seconds)
 
@@ -2140,8 +2143,10 @@ def test_a_sync_unit_interrupted_while_it_looks_for_a_lost_prepare_ends_it_in_a_
     def interrupt_once_cut() -> None:
         cutter = cut_while_preparing(two_phase_server, two_databases[1], proxy)
         cutter.join(10)
-        time.sleep(0.2)  # (as above: inside the PREPARE's seconds, while the factory looks)
-        signal.pthread_kill(main, signal.SIGUSR1)
+        # inside the PREPARE's seconds, while the factory looks (its unit waiting between two
+        # looks: seen, not a fixed time after the cut, which a busy machine may overrun)
+        if looking.wait(10):
+            signal.pthread_kill(main, signal.SIGUSR1)
 
     def raise_interrupted(signum: int, frame: Any) -> None:
         raise Interrupted

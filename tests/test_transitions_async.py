@@ -476,6 +476,10 @@ async def test_concurrent_workers_claim_every_job_exactly_once(
     ids = [await _add_job(engine) for _ in range(12)]
     claims: list[int] = []
     stale: list[int] = []
+    # the first round collides for sure: every worker has read the first job before any
+    # claims it (left to timing, a busy machine could let them take turns)
+    read_first: list[int] = []
+    all_read = asyncio.Event()
 
     async def worker() -> None:
         while True:
@@ -488,6 +492,11 @@ async def test_concurrent_workers_claim_every_job_exactly_once(
                 if job is None:
                     return
                 job_id = job.id
+                if not all_read.is_set():
+                    read_first.append(job_id)
+                    if len(read_first) == 4:
+                        all_read.set()
+                    await asyncio.wait_for(all_read.wait(), timeout=30)
                 job.status = "running"
                 try:
                     await s.commit()
@@ -498,6 +507,7 @@ async def test_concurrent_workers_claim_every_job_exactly_once(
 
     await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(4))), timeout=60)
     assert sorted(claims) == ids
+    assert set(read_first) == {ids[0]}
     assert stale  # the workers did collide
     assert [await _db_status(engine, i) for i in ids] == ["running"] * len(ids)
 
