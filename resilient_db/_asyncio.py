@@ -501,9 +501,8 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         is said and marked as any interruption after a unit's COMMIT is (see
         :func:`interrupted_after_commit`): its caller hears only the interruption, which a web
         handler would answer as a plain error, and a client resubmit, writing it twice."""
-        saved = SavedNote(dropin_block.get())  # (what the unit saves notes here: see there)
-        token = dropin_block.set(saved)
-        try:
+
+        async def attempts() -> R:
             started = time.monotonic()
             try:
                 result = await self._attempt(fn, args, kwargs)
@@ -517,11 +516,8 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             else:  # sync only
                 policy.succeeded(probe)
             return result
-        except BaseException as interruption:
-            _told_of_success(policy, saved, interruption, fn)
-            raise
-        finally:
-            reset_block(token)
+
+        return await self._accounted(fn, policy, attempts)
 
     async def _accounted(
         self, fn: Callable[..., Awaitable[R]], policy: Policy, call: Callable[[], Awaitable[R]]

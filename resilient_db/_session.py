@@ -412,9 +412,8 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         is said and marked as any interruption after a unit's COMMIT is (see
         :func:`interrupted_after_commit`): its caller hears only the interruption, which a web
         handler would answer as a plain error, and a client resubmit, writing it twice."""
-        saved = SavedNote(dropin_block.get())  # (what the unit saves notes here: see there)
-        token = dropin_block.set(saved)
-        try:
+
+        def attempts() -> R:
             started = time.monotonic()
             try:
                 result = self._attempt(fn, args, kwargs)
@@ -424,11 +423,8 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                 )
             policy.succeeded(probe)
             return result
-        except BaseException as interruption:
-            _told_of_success(policy, saved, interruption, fn)
-            raise
-        finally:
-            reset_block(token)
+
+        return self._accounted(fn, policy, attempts)
 
     def _accounted(self, fn: Callable[..., R], policy: Policy, call: Callable[[], R]) -> R:
         """``call()``, the attempts of a unit run once inside another's (see :meth:`_once`) or

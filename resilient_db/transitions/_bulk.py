@@ -4,14 +4,15 @@ UPDATE by primary key (a list of parameter sets) has each row locked and checked
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any, NamedTuple, NoReturn
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Result
-from sqlalchemy.orm import FromStatement, Mapper, ORMExecuteState, Session
+from sqlalchemy.orm import FromStatement, Mapper, ORMExecuteState
 from sqlalchemy.sql import visitors
 from sqlalchemy.sql.elements import (
     BindParameter,
@@ -297,7 +298,6 @@ def do_orm_execute(orm_state: ORMExecuteState) -> Result[Any] | None:
             _check_rows(
                 orm_state,
                 config=config,
-                mapper=mapper,
                 guard=guard,
                 named=named,
                 where=(_with(stmt.whereclause, extra), legal),
@@ -453,7 +453,6 @@ def _restrict_many(
         _check_rows(
             orm_state,
             config=config,
-            mapper=mapper,
             guard=guard,
             named=named,
             where=(
@@ -484,7 +483,6 @@ def _check_rows(
     orm_state: ORMExecuteState,
     *,
     config: Config,
-    mapper: Mapper[Any],
     guard: Guard,
     named: _Named,
     where: tuple[Any, ColumnElement[bool]],
@@ -517,10 +515,10 @@ def _check_rows(
     # every row it changes). Without a transaction (AUTOCOMMIT) nothing can undo the check's
     # change: it is left out in filter mode (the UPDATE's condition alone leaves the illegal
     # moves out, not logged), refused in raise mode.
-    savepoint = None
+    undo: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
     if _modifies_data(where[0], new[0]):
         if not in_autocommit(conn):
-            savepoint = conn.begin_nested()
+            undo = _rolled_back(conn)
         elif config.bulk_update == "raise":
             raise TransitionRulesError(
                 f"an UPDATE of {guard.model} whose criteria or new {guard.attr_key} read a "
@@ -531,21 +529,96 @@ def _check_rows(
             )
         else:
             return
+    with undo:
+        criteria, legal = where
+        new_expr, value = new
+        col = named.status
+        blocked: ColumnElement[bool] = sa.not_(sa.func.coalesce(legal, sa.false()))
+        n_pk = len(named.pks)
+        # the mapped attribute brings the ORM's criteria of a single-table subclass (the
+        # discriminator), as the UPDATE has them
+        selected = [
+            *(pk.label(f"rdb_k{n}") for n, pk in enumerate(named.pks)),
+            col.label("rdb_old"),
+            blocked.label("rdb_blocked"),
+        ]
+        if new_expr is not None:
+            selected.append(new_expr.label("rdb_new"))
+        matched = sa.select(*selected)
+        if criteria is not None:
+            matched = matched.where(criteria)
+        matched = matched.order_by(*named.pks).with_for_update(of=named.of)
+        # materialized: the server runs the locking read in full, whatever the outer query keeps
+        rows_q = matched.cte("rdb_matched").prefix_with("MATERIALIZED", dialect="postgresql")
+        left = rows_q.c
+        if len(param_sets) > 1 and new_expr is not None:
+            # sets run in turn, and one may move a row that an earlier set moved: each row is
+            # judged from the state the sets before leave it in, as the UPDATE's condition judges
+            # it set after set (not from the state all sets found)
+            in_turn = _blocked_in_turn(conn, guard, rows_q, n_pk, param_sets)
+            if config.bulk_update == "raise":
+                for blocked_rows in in_turn:
+                    if blocked_rows:
+                        _raise_blocked(guard, blocked_rows, n_pk, config, service_of(session))
+                return
+            n_blocked = sum(map(len, in_turn))
+        elif config.bulk_update == "raise":
+            shown_cols = [*(left[f"rdb_k{n}"] for n in range(n_pk)), left.rdb_old]
+            if new_expr is not None:
+                shown_cols.append(left.rdb_new)
+            query = (
+                sa.select(*shown_cols)
+                .where(left.rdb_blocked)
+                .order_by(*(left[f"rdb_k{n}"] for n in range(n_pk)))
+            )
+            for exec_params in param_sets:
+                rows = conn.execute(query, exec_params).all()
+                if rows:
+                    _raise_blocked(
+                        guard,
+                        rows,
+                        n_pk,
+                        config,
+                        service_of(session),
+                        *(() if new_expr is not None else (value,)),
+                    )
+            return
+        else:
+            count_q = sa.select(sa.func.count()).select_from(rows_q).where(left.rdb_blocked)
+            n_blocked = sum(int(conn.execute(count_q, p).scalar_one()) for p in param_sets)
+        if n_blocked:
+            count("bulk_rows_filtered", n_blocked)
+            service = unit_service(service_of(session))
+            emit(
+                config,
+                logger,
+                logging.WARNING,
+                "Status transition blocked for %d row(s): %sbulk UPDATE of %s.%s "
+                "to %s left them unchanged (filter mode)",
+                n_blocked,
+                service_words(service),
+                guard.model,
+                guard.attr_key,
+                shown,
+                event="transition_blocked",
+                unit_service=service,
+                model=guard.model,
+                column=guard.attr_key,
+                to_state=None if new_expr is not None else plain(value),
+                via="orm-update",
+                stale=False,
+                blocked_rows=n_blocked,
+            )
+
+
+@contextlib.contextmanager
+def _rolled_back(conn: Connection) -> Iterator[None]:
+    """A savepoint on ``conn`` around the block, rolled back after it whatever happens."""
+    savepoint = conn.begin_nested()
     try:
-        _judge_rows(
-            session,
-            conn,
-            config=config,
-            guard=guard,
-            named=named,
-            where=where,
-            param_sets=param_sets,
-            new=new,
-            shown=shown,
-        )
+        yield
     finally:
-        if savepoint is not None:
-            savepoint.rollback()
+        savepoint.rollback()
 
 
 def _connection_of(orm_state: ORMExecuteState) -> Connection:
@@ -566,100 +639,6 @@ def _modifies_data(*elements: Any) -> bool:
         if element is not None
         for node in visitors.iterate(element)
     )
-
-
-def _judge_rows(
-    session: Session,
-    conn: Any,
-    *,
-    config: Config,
-    guard: Guard,
-    named: _Named,
-    where: tuple[Any, ColumnElement[bool]],
-    param_sets: list[dict[str, Any]],
-    new: tuple[Any, Any],
-    shown: str,
-) -> None:
-    """:func:`_check_rows` through ``conn``, the session's connection for the UPDATE."""
-    criteria, legal = where
-    new_expr, value = new
-    col = named.status
-    blocked: ColumnElement[bool] = sa.not_(sa.func.coalesce(legal, sa.false()))
-    n_pk = len(named.pks)
-    # the mapped attribute brings the ORM's criteria of a single-table subclass (the
-    # discriminator), as the UPDATE has them
-    selected = [
-        *(pk.label(f"rdb_k{n}") for n, pk in enumerate(named.pks)),
-        col.label("rdb_old"),
-        blocked.label("rdb_blocked"),
-    ]
-    if new_expr is not None:
-        selected.append(new_expr.label("rdb_new"))
-    matched = sa.select(*selected)
-    if criteria is not None:
-        matched = matched.where(criteria)
-    matched = matched.order_by(*named.pks).with_for_update(of=named.of)
-    # materialized: the server runs the locking read in full, whatever the outer query keeps
-    rows_q = matched.cte("rdb_matched").prefix_with("MATERIALIZED", dialect="postgresql")
-    left = rows_q.c
-    if len(param_sets) > 1 and new_expr is not None:
-        # sets run in turn, and one may move a row that an earlier set moved: each row is
-        # judged from the state the sets before leave it in, as the UPDATE's condition judges
-        # it set after set (not from the state all sets found)
-        in_turn = _blocked_in_turn(conn, guard, rows_q, n_pk, param_sets)
-        if config.bulk_update == "raise":
-            for blocked_rows in in_turn:
-                if blocked_rows:
-                    _raise_blocked(guard, blocked_rows, n_pk, config, service_of(session))
-            return
-        n_blocked = sum(map(len, in_turn))
-    elif config.bulk_update == "raise":
-        shown_cols = [*(left[f"rdb_k{n}"] for n in range(n_pk)), left.rdb_old]
-        if new_expr is not None:
-            shown_cols.append(left.rdb_new)
-        query = (
-            sa.select(*shown_cols)
-            .where(left.rdb_blocked)
-            .order_by(*(left[f"rdb_k{n}"] for n in range(n_pk)))
-        )
-        for exec_params in param_sets:
-            rows = conn.execute(query, exec_params).all()
-            if rows:
-                _raise_blocked(
-                    guard,
-                    rows,
-                    n_pk,
-                    config,
-                    service_of(session),
-                    *(() if new_expr is not None else (value,)),
-                )
-        return
-    else:
-        count_q = sa.select(sa.func.count()).select_from(rows_q).where(left.rdb_blocked)
-        n_blocked = sum(int(conn.execute(count_q, p).scalar_one()) for p in param_sets)
-    if n_blocked:
-        count("bulk_rows_filtered", n_blocked)
-        service = unit_service(service_of(session))
-        emit(
-            config,
-            logger,
-            logging.WARNING,
-            "Status transition blocked for %d row(s): %sbulk UPDATE of %s.%s "
-            "to %s left them unchanged (filter mode)",
-            n_blocked,
-            service_words(service),
-            guard.model,
-            guard.attr_key,
-            shown,
-            event="transition_blocked",
-            unit_service=service,
-            model=guard.model,
-            column=guard.attr_key,
-            to_state=None if new_expr is not None else plain(value),
-            via="orm-update",
-            stale=False,
-            blocked_rows=n_blocked,
-        )
 
 
 def _blocked_in_turn(

@@ -25,6 +25,7 @@ from resilient_db._observability import emit
 from resilient_db._registry import config_of, service_of
 from resilient_db._state import STATE
 
+from ._install import in_autocommit
 from ._report import count, env_config, logger, service_words, unit_service
 from ._sql import BYPASS_REASON_SETTING, BYPASS_ROLE, BYPASS_SETTING, BYPASS_STATEMENT
 
@@ -195,11 +196,7 @@ def _connections_to_bind(session: Session) -> list[Connection]:
 
 
 def _refuse_autocommit(conn: Connection) -> None:
-    # per connection (an execution option) or for the whole engine
-    # (create_engine(isolation_level="AUTOCOMMIT")): the driver connection says so
-    if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT" or getattr(
-        conn.connection.dbapi_connection, "autocommit", False
-    ):
+    if in_autocommit(conn):
         raise ValueError(
             "bypass_transitions() needs a transaction; this connection is in AUTOCOMMIT mode, "
             "where SET LOCAL would have no effect (nothing was bypassed or logged)"
