@@ -158,8 +158,9 @@ def test_a_page_opened_with_the_token_in_its_url_carries_it_on_in_a_cookie() -> 
     assert client.get(data, params={"token": "wrong"}).status_code == 403  # the URL's first
     client.cookies.clear()
     assert client.get(data).status_code == 401
-    assert client.get(data, headers={"Cookie": f"{name}={value[:-1]}0"}).status_code == 403
-    assert client.get(data, headers={"Cookie": f"{name}={TOKEN}"}).status_code == 403
+    # a cookie no accepted token made: as no cookie (the page asks for a token again)
+    assert client.get(data, headers={"Cookie": f"{name}={value[:-1]}0"}).status_code == 401
+    assert client.get(data, headers={"Cookie": f"{name}={TOKEN}"}).status_code == 401
     assert client.get("/admin/self-healing/").status_code == 401
     assert "set-cookie" not in client.get(data, params={"token": TOKEN}).headers
     with TestClient(
@@ -173,6 +174,145 @@ def test_a_page_opened_with_the_token_in_its_url_carries_it_on_in_a_cookie() -> 
     assert "set-cookie" not in page.headers
     assert 'data-token-param=""' in page.text
     assert header_only.get(data, headers={"Cookie": f"{name}={value}"}).status_code == 401
+
+
+OLD_TOKEN = "the-old-dashboard-token-being-rotated-out"
+
+
+def cookie_of(answer: httpx.Response) -> str:
+    """The dashboard cookie's value set by ``answer``."""
+    name, _, value = answer.headers["set-cookie"].partition(";")[0].partition("=")
+    assert name == "resilient_db_dashboard"
+    return value
+
+
+@pytest.mark.parametrize(
+    "given", [(TOKEN, OLD_TOKEN), ([TOKEN, OLD_TOKEN],), ((TOKEN, OLD_TOKEN),)]
+)
+def test_several_tokens_are_accepted_so_one_can_be_rotated_out(given: tuple[Any, ...]) -> None:
+    """``token_auth(new, old)`` (or a sequence of them) accepts both, by header, in the URL and
+    by the cookie each sets; once the old one is removed (the application restarted with the
+    new one only), the old token is refused (403), and a cookie made from it is answered as no
+    credentials (401 with the challenge and the hint to open the page with ``?token=``), so
+    that the page asks for a token again. Before, one token only: rotating it locked out every
+    open page with a 403 it could do nothing about."""
+    data = "/admin/self-healing/data.json"
+    page = "/admin/self-healing/"
+    rotating = mounted(dashboard(auth=token_auth(*given)))
+    cookies = {}
+    for token in (TOKEN, OLD_TOKEN):
+        assert rotating.get(data, headers={"Authorization": f"Bearer {token}"}).status_code == 200
+        rotating.cookies.clear()
+        opened = rotating.get(page, params={"token": token})
+        assert opened.status_code == 200
+        cookies[token] = cookie_of(opened)
+        assert rotating.get(data).status_code == 200  # the cookie alone
+    assert cookies[TOKEN] != cookies[OLD_TOKEN]  # each token's own
+    assert (
+        rotating.get(data, headers={"Authorization": "Bearer not-any-of-the-tokens"}).status_code
+        == 403
+    )
+
+    rotated = mounted(dashboard(auth=token_auth(TOKEN)))
+    stale = rotated.get(data, headers={"Cookie": f"resilient_db_dashboard={cookies[OLD_TOKEN]}"})
+    rotated.cookies.clear()
+    missing = rotated.get(data)
+    assert stale.status_code == missing.status_code == 401
+    assert stale.headers["www-authenticate"] == missing.headers["www-authenticate"]
+    assert stale.json() == missing.json()
+    assert "open the dashboard with ?token=<token>" in stale.json()["detail"]
+    assert rotated.get(data, headers={"Authorization": f"Bearer {OLD_TOKEN}"}).status_code == 403
+    assert rotated.get(data, params={"token": OLD_TOKEN}).status_code == 403
+    fresh = rotated.get(data, headers={"Cookie": f"resilient_db_dashboard={cookies[TOKEN]}"})
+    assert fresh.status_code == 200
+
+
+def test_a_page_answer_sets_the_cookie_of_the_token_in_its_url_only_when_it_is_accepted() -> None:
+    """The page's cookie is made from the token of its URL; a request let in by its header
+    with another, wrong, token in its URL gets none."""
+    client = mounted(dashboard(auth=token_auth(OLD_TOKEN, TOKEN)))
+    page = "/admin/self-healing/"
+    own = mounted(dashboard(auth=token_auth(TOKEN)))
+    assert cookie_of(client.get(page, params={"token": TOKEN})) == cookie_of(
+        own.get(page, params={"token": TOKEN})
+    )
+    client.cookies.clear()
+    answer = client.get(
+        page, params={"token": "wrong-token-ignored"}, headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    assert answer.status_code == 200
+    assert "set-cookie" not in answer.headers
+
+
+def test_every_accepted_token_is_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each request is compared with every accepted token (``hmac.compare_digest``), whichever
+    matches: no early way out that would tell which token, or how many, by its timing."""
+    from resilient_db.web import _dashboard  # noqa: PLC0415
+
+    third = "a-third-dashboard-token-0123"
+    client = mounted(dashboard(auth=token_auth(TOKEN, OLD_TOKEN, third)))
+    compared: list[bytes] = []
+    compare = _dashboard.hmac.compare_digest
+
+    def counted(a: bytes, b: bytes) -> bool:
+        compared.append(b)
+        return compare(a, b)
+
+    monkeypatch.setattr(_dashboard.hmac, "compare_digest", counted)
+    data = "/admin/self-healing/data.json"
+    for token, status in ((TOKEN, 200), (third, 200), ("not-one-of-them-at-all", 403)):
+        compared.clear()
+        answer = client.get(data, headers={"Authorization": f"Bearer {token}"})
+        assert answer.status_code == status
+        assert compared == [t.encode() for t in (TOKEN, OLD_TOKEN, third)]
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "message"),
+    [
+        (("",), ValueError, "empty token \\(the token; an unset environment variable\\?\\)"),
+        ((TOKEN, ""), ValueError, "empty token \\(token 2;"),
+        (([],), ValueError, "at least one token"),
+        ((TOKEN, "short"), ValueError, "at least 16 characters \\(token 2 has 5\\)"),
+        ((TOKEN, OLD_TOKEN + "\n"), ValueError, "printable ASCII .*token 2"),
+        ((None,), TypeError, "got NoneType"),
+        ((TOKEN.encode(),), TypeError, "got bytes"),
+        (({"token": TOKEN},), TypeError, "got dict"),
+        (([TOKEN, 123],), TypeError, "token 2 is int"),
+        ((TOKEN, None), TypeError, "token 2 is NoneType"),
+    ],
+)
+def test_bad_tokens_are_refused_naming_the_problem(
+    args: tuple[Any, ...], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        token_auth(*args)
+
+
+def test_secure_cookie_forces_the_cookies_secure_attribute_either_way() -> None:
+    """Behind a proxy that ends TLS and forwards plain http (no ``X-Forwarded-Proto``), the
+    request looks like http and the cookie was never ``Secure``: ``secure_cookie=True`` makes
+    it so; ``False`` leaves it off even over https; None (the default) follows the request."""
+
+    def secure(auth: Any, base_url: str) -> bool:
+        app = Starlette(routes=[Mount("/admin/self-healing", app=dashboard(auth=auth))])
+        with TestClient(app, base_url=base_url) as client:
+            answer = client.get("/admin/self-healing/", params={"token": TOKEN})
+        assert answer.status_code == 200
+        attributes = {p.strip().lower() for p in answer.headers["set-cookie"].split(";")[1:]}
+        assert {"httponly", "samesite=strict", "path=/admin/self-healing"} <= attributes
+        return "secure" in attributes
+
+    http, https = "http://testserver", "https://testserver"
+    assert secure(token_auth(TOKEN, secure_cookie=True), http)
+    assert secure(token_auth(TOKEN, secure_cookie=True), https)
+    assert not secure(token_auth(TOKEN, secure_cookie=False), https)
+    assert not secure(token_auth(TOKEN, secure_cookie=False), http)
+    assert not secure(token_auth(TOKEN), http)
+    assert secure(token_auth(TOKEN, secure_cookie=None), https)
+    for bad in ("yes", 1, 0):
+        with pytest.raises(TypeError, match=r"secure_cookie=\.\.\.\) must be True, False or None"):
+            token_auth(TOKEN, secure_cookie=bad)  # type: ignore[arg-type]
 
 
 def test_a_check_object_neither_hashable_nor_weakly_referable_serves_the_page() -> None:

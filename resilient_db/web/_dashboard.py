@@ -12,7 +12,7 @@ import logging
 import math
 import secrets
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -171,14 +171,17 @@ class Dashboard:
             token_param=token.query_param if token is not None else None,
         )
         answer = HTMLResponse(page)
+        cookie = None
         if token is not None and token.query_param in request.query_params:
+            cookie = token.cookie_for(request.query_params[token.query_param])
+        if token is not None and cookie is not None:
             # the page takes the token out of the address bar: a cookie carries it on to
             # data.json and to a reload, out of the URL (access logs, history, Referer)
             answer.set_cookie(
                 TOKEN_COOKIE,
-                token.cookie,
+                cookie,
                 path=request.scope.get("root_path") or "/",
-                secure=request.url.scheme == "https",
+                secure=request.url.scheme == "https" if token.secure is None else token.secure,
                 httponly=True,
                 samesite="strict",
             )
@@ -311,11 +314,27 @@ TOKEN_COOKIE = "resilient_db_dashboard"
 
 
 class _TokenCheck:
-    __slots__ = ("cookie", "query_param")
+    """What the dashboard needs of a :func:`token_auth` check that takes a token in the URL:
+    the parameter's name, each accepted token with its cookie, and whether the cookie is
+    ``Secure`` (None: when the request came over https)."""
 
-    def __init__(self, query_param: str, cookie: str) -> None:
+    __slots__ = ("accepted", "query_param", "secure")
+
+    def __init__(
+        self, query_param: str, accepted: tuple[tuple[bytes, str], ...], secure: bool | None
+    ) -> None:
         self.query_param = query_param
-        self.cookie = cookie
+        self.accepted = accepted
+        self.secure = secure
+
+    def cookie_for(self, given: str) -> str | None:
+        """The cookie of the accepted token ``given`` (the one in the page's URL), or None
+        when it is not one of them; every token compared, in constant time."""
+        found = None
+        for token, cookie in self.accepted:
+            if hmac.compare_digest(given.encode(), token):
+                found = cookie
+        return found
 
 
 #: token_auth's checks that take a token in the URL: what the dashboard needs to take it out
@@ -334,7 +353,10 @@ def _token_check(auth: Callable[..., Any]) -> _TokenCheck | None:
 
 
 def token_auth(
-    token: str, *, query_param: str | None = "token"
+    token: str | Iterable[str],
+    *more: str,
+    query_param: str | None = "token",
+    secure_cookie: bool | None = None,
 ) -> Callable[[Request], Awaitable[bool]]:
     """An auth check accepting ``Authorization: Bearer <token>`` or ``?token=<token>``.
     Missing: 401 with a ``WWW-Authenticate`` challenge; wrong: 403. Compared in constant time.
@@ -346,24 +368,36 @@ def token_auth(
     the header only (for a reverse proxy or a client that sends it); outside a local demo
     prefer that, or a check on your own session login.
 
+    Several tokens are accepted alike, ``token_auth(new, old)`` or ``token_auth([new, old])``,
+    to rotate one without locking anyone out: give the new one to those who need it, then
+    remove the old. A cookie made from a token no longer accepted is answered as no
+    credentials (401, not 403), so that the page asks for a token again.
+
+    The cookie is ``Secure`` when the page's request came over https (``secure_cookie=None``,
+    the default); ``secure_cookie=True`` makes it always ``Secure`` (behind a proxy that ends
+    TLS and forwards plain http without ``X-Forwarded-Proto``, which the application then
+    can't tell), ``False`` never (a browser on plain http drops a ``Secure`` cookie).
+
     The check is a coroutine function: it only compares strings, so it runs on the event loop
     and never waits for a thread of Starlette's threadpool, which the application's sync
     endpoints fill while they wait on a slow database (the dashboard answers meanwhile)."""
-    if not isinstance(token, str) or len(token) < 16:
-        raise ValueError("token_auth needs a secret token of at least 16 characters")
-    if token != token.strip() or not all("!" <= c <= "~" for c in token):
-        # (a header value is stripped, and carries ASCII only: such a token could never match;
-        # a secret read from a file with its line end, most often)
-        raise ValueError(
-            "token_auth needs a token of printable ASCII characters without spaces (a token "
-            "read from a file still has its line end?)"
-        )
+    tokens = _accepted_tokens(token, more)
     if query_param is not None and (not isinstance(query_param, str) or not query_param):
         raise ValueError(
             f"token_auth(query_param=...) must be a non-empty name or None, got {query_param!r}"
         )
-    expected = token.encode()
-    cookie = hmac.new(expected, b"resilient_db dashboard cookie", "sha256").hexdigest()
+    if secure_cookie is not None and not isinstance(secure_cookie, bool):
+        raise TypeError(
+            f"token_auth(secure_cookie=...) must be True, False or None (from the request's "
+            f"scheme), got {type(secure_cookie).__name__} {secure_cookie!r}"
+        )
+    expected = tuple(t.encode() for t in tokens)
+    cookies = tuple(
+        hmac.new(t, b"resilient_db dashboard cookie", "sha256").hexdigest().encode()
+        for t in expected
+    )
+    hint = f", or open the dashboard with ?{query_param}=<token>" if query_param else ""
+    missing = f"Authentication needed: a bearer token (an Authorization: Bearer header{hint})."
 
     async def check(request: Request) -> bool:
         header = request.headers.get("authorization", "")
@@ -371,19 +405,74 @@ def token_auth(
         given = value.strip() if scheme.lower() == "bearer" else None
         if not given and query_param is not None:
             given = request.query_params.get(query_param)
-            if not given and TOKEN_COOKIE in request.cookies:
-                return hmac.compare_digest(request.cookies[TOKEN_COOKIE].encode(), cookie.encode())
+            cookie = None if given else request.cookies.get(TOKEN_COOKIE)
+            if cookie and _one_of(cookie.encode(), cookies):
+                return True
+            # else: no cookie, or one of a token no longer accepted (rotated out): as no
+            # credentials, a 401 the page can ask for a token again on, not a 403
         if not given:
             raise HTTPException(
                 401,
-                "Authentication needed: a bearer token.",
+                missing,
                 headers={"WWW-Authenticate": 'Bearer realm="resilient_db dashboard"'},
             )
-        return hmac.compare_digest(given.encode(), expected)
+        return _one_of(given.encode(), expected)
 
     if query_param is not None:
-        _TOKEN_CHECKS[check] = _TokenCheck(query_param, cookie)
+        _TOKEN_CHECKS[check] = _TokenCheck(
+            query_param,
+            tuple((t, c.decode()) for t, c in zip(expected, cookies, strict=True)),
+            secure_cookie,
+        )
     return check
+
+
+def _accepted_tokens(token: object, more: tuple[object, ...]) -> list[str]:
+    """``token_auth``'s tokens, checked: one or more non-empty strings a header can carry."""
+    if isinstance(token, str):
+        given: list[object] = [token]
+    elif isinstance(token, (bytes, bytearray, Mapping)) or not isinstance(token, Iterable):
+        raise TypeError(
+            f"token_auth needs a token (a str), several, or a sequence of them, got "
+            f"{type(token).__name__}"
+        )
+    else:
+        given = list(token)
+    given.extend(more)
+    if not given:
+        raise ValueError("token_auth needs at least one token, got an empty sequence")
+    tokens: list[str] = []
+    for number, each in enumerate(given, 1):
+        which = f"token {number}" if len(given) > 1 else "the token"
+        if not isinstance(each, str):
+            raise TypeError(f"token_auth's tokens are str, and {which} is {type(each).__name__}")
+        if not each:
+            raise ValueError(
+                f"token_auth got an empty token ({which}; an unset environment variable?)"
+            )
+        if len(each) < 16:
+            raise ValueError(
+                f"token_auth needs a secret token of at least 16 characters ({which} has "
+                f"{len(each)})"
+            )
+        if each != each.strip() or not all("!" <= c <= "~" for c in each):
+            # (a header value is stripped, and carries ASCII only: such a token could never
+            # match; a secret read from a file with its line end, most often)
+            raise ValueError(
+                f"token_auth needs a token of printable ASCII characters without spaces "
+                f"({which}; a token read from a file still has its line end?)"
+            )
+        if each not in tokens:
+            tokens.append(each)
+    return tokens
+
+
+def _one_of(given: bytes, accepted: tuple[bytes, ...]) -> bool:
+    """``given`` is one of ``accepted``: compared in constant time with each of them."""
+    found = False
+    for candidate in accepted:
+        found |= hmac.compare_digest(given, candidate)
+    return found
 
 
 # -- helpers -------------------------------------------------------------------------------------
