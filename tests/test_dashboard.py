@@ -664,7 +664,7 @@ def test_blocked_transitions_are_rows_as_health_counts_them_stale_apart(
 
 def page_labels(page: str) -> set[str]:
     """The counters the page's script shows on a service's card (its ``LABELS``)."""
-    found = re.search(r"const LABELS = \{(.*?)\};", page, re.DOTALL)
+    found = re.search(r"const LABELS = lookup\(\{(.*?)\}\);", page, re.DOTALL)
     assert found is not None
     return set(re.findall(r"(\w+):", found.group(1)))
 

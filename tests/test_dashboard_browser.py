@@ -467,3 +467,59 @@ def test_dashboard_during_the_demo(browser: Any, pg_server: PostgresServer) -> N
     with contextlib.suppress(Exception):  # the dashboard stopped with the demo
         browser.get(url)
     assert "tasks-demo" not in browser.page_source
+
+
+def test_services_named_as_object_properties_are_shown_as_any_other_after_delta_answers(
+    browser: Any,
+) -> None:
+    """A service named ``__proto__``, ``constructor`` or ``hasOwnProperty`` (``valueOf``, with
+    no series) is a service like any other: the page keeps its per-service data in a ``Map``.
+    Before, a plain object's key: ``series["valueOf"]`` found ``Object.prototype``'s function
+    (the page stopped drawing at once), and adding a delta answer set ``__proto__`` as the
+    prototype of the series rather than a series of its own."""
+    from resilient_db.web import Recorder  # noqa: PLC0415
+
+    names = ["__proto__", "constructor", "hasOwnProperty"]
+    now = [1_800_000_000.0]
+    rec = Recorder(max_events=50, window=10, clock=lambda: now[0])
+    quiet = {"breaker": None, "budget": None, "counters": {"retries": 0}}
+
+    async def health() -> dict[str, Any]:
+        return {"healthy": True, "services": dict.fromkeys([*names, "valueOf"], quiet)}
+
+    def event(name: str, service: str) -> None:
+        rec(rdb.SelfHealEvent(name=name, service=service, level=30, message=name, fields={}))
+
+    for name in names:
+        event("retry", name)
+    app, once = (
+        dashboard(auth=token_auth(TOKEN), recorder=rec, health=health, poll_seconds=p)
+        for p in (0.1, 3600)
+    )
+    page = f"{{}}/?token={TOKEN}"
+    main = "return document.getElementById('main').innerHTML"
+    shown = (
+        "return Array.from(document.querySelectorAll('section.service'))"
+        ".map(c => [c.dataset.service, c.querySelectorAll('rect').length])"
+    )
+    with serve_in_background(app) as server, serve_in_background(once) as afresh:
+        browser.get(page.format(server.url))
+        wait_for("a refresh", lambda: updates(browser) >= 1)
+        for step in range(3):
+            now[0] += 1
+            for name in names[step:]:
+                event("retry", name)
+            event("breaker_opened" if step == 1 else "breaker_closed", "constructor")
+            next_refresh(browser)
+            next_refresh(browser)  # one asked for after the events
+        assert browser.execute_script("return document.body.dataset.delta") == "true"
+        polled = browser.execute_script(main)
+        cards = browser.execute_script(shown)
+        browser.get(page.format(afresh.url))  # the same data: one full answer
+        wait_for("a refresh", lambda: updates(browser) >= 1)
+        assert browser.execute_script("return document.body.dataset.delta") == "false"
+        fresh = browser.execute_script(main)
+    assert [name for name, _ in cards] == sorted([*names, "valueOf"])
+    plotted = dict(cards)
+    assert all(plotted[name] > 1 for name in names), cards  # bars and breaker segments
+    assert polled == fresh

@@ -123,8 +123,11 @@ col.c-ev { width: 170px; }
       window.history.replaceState(window.history.state, "", here.pathname + here.search + here.hash);
     }
   }
-  const COLORS = { "closed": "#12b76a", "half-open": "#f79009", "open": "#e5484d" };
-  const LABELS = {
+  // names from the data (services, counters, states) are looked up in Maps and objects without a
+  // prototype: a service named "__proto__" or "constructor" is one like any other
+  const lookup = (entries) => Object.assign(Object.create(null), entries);
+  const COLORS = lookup({ "closed": "#12b76a", "half-open": "#f79009", "open": "#e5484d" });
+  const LABELS = lookup({
     attempts: "attempts", retries: "retries", recovered: "recovered", gave_up: "gave up",
     breaker_opens: "breaker opened here", breaker_rejections: "rejected calls",
     verified_commits: "verified commits", verified_not_committed: "verified not committed",
@@ -132,11 +135,16 @@ col.c-ev { width: 170px; }
     response_validation_failures: "invalid responses", pool_timeouts: "pool full",
     pool_invalidations: "pools replaced", dead_pooled_connections: "dead connections",
     hot_standby_refused_writes: "writes refused by a standby"
-  };
-  const TONE = { gave_up: "bad", unknown_commits: "bad", breaker_opens: "warn",
+  });
+  const TONE = lookup({ gave_up: "bad", unknown_commits: "bad", breaker_opens: "warn",
     breaker_rejections: "warn", recovered: "good", verified_commits: "good",
     response_validation_failures: "bad", pool_timeouts: "warn", pool_invalidations: "warn",
-    dead_pooled_connections: "warn", hot_standby_refused_writes: "bad" };
+    dead_pooled_connections: "warn", hot_standby_refused_writes: "bad" });
+  // a JSON object's own entries as a Map (JSON.parse makes "__proto__" an own key; reading a
+  // missing key of a plain object finds Object.prototype's, assigning "__proto__" sets it)
+  function entries(obj) {
+    return new Map(obj && typeof obj === "object" ? Object.entries(obj) : []);
+  }
 
   function el(tag, cls, text) {
     const node = document.createElement(tag);
@@ -368,7 +376,7 @@ col.c-ev { width: 170px; }
   function render(data) {
     const health = data.health || {};
     const services = health.services || {};
-    const series = data.series || {};
+    const series = data.series;  // a Map: see merged()
     const to = data.now;
     const from = to - Math.min(data.window, Math.max(60, to - data.since));
     const open = [];
@@ -383,13 +391,14 @@ col.c-ev { width: 170px; }
       frag.appendChild(card);
     }
     // the services health() knows (one forgotten by reset_state() keeps only its old events)
-    for (const name of Object.keys(services).sort()) {
-      const info = services[name];
+    const known = entries(services);
+    for (const name of Array.from(known.keys()).sort()) {
+      const info = known.get(name) || {};
       if (info.breaker && normState(info.breaker.state) === "open") open.push(name);
       const limit = leftOut.includes(name) ? data.max_services : 0;
-      frag.appendChild(serviceCard(name, info, series[name], from, to, data.since, limit));
+      frag.appendChild(serviceCard(name, info, series.get(name), from, to, data.since, limit));
     }
-    frag.appendChild(transitionsCard(health.transitions, series[data.no_service], from, to));
+    frag.appendChild(transitionsCard(health.transitions, series.get(data.no_service), from, to));
     frag.appendChild(eventsCard(data.events || []));
     main.replaceChildren(frag);
     const overall = document.getElementById("overall");
@@ -404,29 +413,27 @@ col.c-ev { width: 170px; }
   }
   // a delta answer (only what changed after the cursor sent) added to the data shown: rows by
   // their second, state changes and events appended, what left the window dropped, as the
-  // server's full answer holds them
+  // server's full answer holds them. The series are kept in a Map by service name.
   function merged(old, data) {
-    if (!data.delta || !old) return data;
+    if (!data.delta || !old) return Object.assign({}, data, { series: entries(data.series) });
     const start = data.now - data.window;
-    const series = Object.assign({}, old.series);
-    for (const name of Object.keys(data.series)) {
-      const add = data.series[name];
-      const had = series[name];
+    const series = new Map(old.series);
+    for (const [name, add] of entries(data.series)) {
+      const had = series.get(name);
       if (had) {
         const first = add.buckets.length ? add.buckets[0][0] : Infinity;
         add.buckets = had.buckets.filter((row) => row[0] < first).concat(add.buckets);
         add.breaker_states = had.breaker_states.concat(add.breaker_states);
       }
-      series[name] = add;
+      series.set(name, add);
     }
-    for (const name of Object.keys(series)) {
-      const s = series[name];
+    for (const [name, s] of series) {
       const rows = s.buckets.filter((row) => row[0] > Math.floor(data.now) - data.window);
       let states = maxStates ? s.breaker_states.slice(-maxStates) : s.breaker_states;
       let first = 0;
       for (let i = states.length - 1; i >= 0; i--) if (states[i][0] <= start) { first = i; break; }
       states = states.slice(first);
-      series[name] = Object.assign({}, s, { buckets: rows, breaker_states: states });
+      series.set(name, Object.assign({}, s, { buckets: rows, breaker_states: states }));
     }
     const events = (old.events || []).concat(data.events || []);
     return Object.assign({}, data, { series: series, events: maxEvents ? events.slice(-maxEvents) : [] });
