@@ -523,3 +523,94 @@ def test_services_named_as_object_properties_are_shown_as_any_other_after_delta_
     plotted = dict(cards)
     assert all(plotted[name] > 1 for name in names), cards  # bars and breaker segments
     assert polled == fresh
+
+
+def _record_polls(timeout_ms: int) -> str:
+    """A script run before the page's own: each poll the page sets (every timer but a
+    request's own timeout of ``timeout_ms``) is recorded with its delay and what the page says
+    at that moment, and run after at most 50 ms (the test's clock runs fast: no waiting)."""
+    return (
+        "window.__polls = [];"
+        "const setTimer = window.setTimeout;"
+        "window.setTimeout = function (fn, delay, ...rest) {"
+        f"  if (delay === {timeout_ms}) return setTimer(fn, delay, ...rest);"
+        "  const text = (id) => {"
+        "    const e = document.getElementById(id); return e ? e.textContent : null; };"
+        "  window.__polls.push({ delay: delay, live: text('live'), error: text('error') });"
+        "  return setTimer(fn, Math.min(delay, 50), ...rest); };"
+    )
+
+
+def test_page_waits_as_long_as_a_retry_after_asks_and_says_so(browser: Any) -> None:
+    """A 429 or 503 (or a 401 or 403) answer to ``data.json`` with ``Retry-After`` (a rate
+    limit, a proxy's maintenance, a check of the application's own) is waited for, in seconds
+    or until an HTTP date (from the answer's ``Date``), at most 600 s, and the page says it
+    waits, until when and why; a ``Retry-After`` that can't be read, of 0, or on another
+    status, leaves the poll interval. Before, the page polled every ``poll_seconds`` whatever
+    the answer asked."""
+    from email.utils import formatdate  # noqa: PLC0415
+
+    from starlette.exceptions import HTTPException  # noqa: PLC0415
+    from starlette.requests import Request  # noqa: PLC0415
+
+    from resilient_db.web._dashboard import (  # noqa: PLC0415
+        REQUEST_TIMEOUT_SECONDS,
+        RETRY_AFTER_CAP_SECONDS,
+    )
+
+    plan: list[tuple[int, str | None]] = [
+        (429, "7"),
+        (503, "date"),  # an HTTP date two minutes on
+        (401, "999999"),  # more than the cap
+        (403, "soon"),  # not a Retry-After
+        (503, None),
+        (500, "30"),  # not a status that asks to wait
+        (429, "0"),
+    ]
+    answers = list(plan)
+
+    async def check(request: Request) -> bool:
+        if not request.url.path.endswith("data.json") or not answers:
+            return True
+        status, after = answers.pop(0)
+        if after == "date":
+            after = formatdate(time.time() + 120, usegmt=True)
+        headers = {"Retry-After": after} if after is not None else {}
+        raise HTTPException(status, f"planned {status}", headers=headers)
+
+    app = dashboard(auth=check, poll_seconds=0.1)
+    with serve_in_background(app) as server:
+        browser.execute_cdp_cmd(
+            "Page.addScriptToEvaluateOnNewDocument",
+            {"source": _record_polls(round(REQUEST_TIMEOUT_SECONDS * 1000))},
+        )
+        browser.get(f"{server.url}/")
+        wait_for("a refresh after the planned answers", lambda: updates(browser) >= 1)
+        polls = browser.execute_script("return window.__polls")
+    assert not answers
+    assert len(polls) >= len(plan) + 1, polls
+    said = [(p["delay"], p["live"], p["error"]) for p in polls[: len(plan) + 1]]
+    cap = round(RETRY_AFTER_CAP_SECONDS * 1000)
+    delay, live, error = said[0]
+    assert delay == 7000
+    assert live.startswith("not updating · waiting until "), live
+    assert "the dashboard answered 429: planned 429. Asked to wait (Retry-After: 7)" in error
+    assert "next try in 7 s, at " in error
+    delay, live, error = said[1]
+    assert 118_000 <= delay <= 122_000, delay
+    assert "answered 503: planned 503. Asked to wait (Retry-After: " in error
+    assert "GMT): next try in 1" in error
+    delay, live, error = said[2]
+    assert delay == cap
+    assert f"next try in {cap // 1000} s, at " in error
+    assert f"(waits are cut to {cap // 1000} s)" in error
+    for (delay, live, error), (status, _) in zip(said[3:-1], plan[3:], strict=True):
+        assert delay == 100, said
+        assert live == "not updating"
+        assert (
+            error
+            == f"Could not refresh: the dashboard answered {status}: planned {status} (retrying)"
+        )
+    delay, live, error = said[-1]
+    assert delay == 100
+    assert live.startswith("live · updated ")

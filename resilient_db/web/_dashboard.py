@@ -57,6 +57,11 @@ MAX_POLL_SECONDS = 86_400.0
 #: server never answers (a sync check waiting for a threadpool full of the application's
 #: endpoints, a connection gone quiet) stopped the polling for good, the page still "live".
 REQUEST_TIMEOUT_SECONDS = 30.0
+#: The page waits as long as a ``Retry-After`` of a 401, 403, 429 or 503 answer to its
+#: ``data.json`` request asks (seconds or an HTTP date; a check of the application's own, a rate
+#: limit or a proxy may send one), saying so, but at most this many seconds (or the poll
+#: interval, if longer): a proxy's "come back tomorrow" would leave the page still for a day.
+RETRY_AFTER_CAP_SECONDS = 600.0
 #: WebSocket close code "Policy Violation": the dashboard serves no WebSocket.
 _WS_POLICY_VIOLATION = 1008
 
@@ -167,6 +172,7 @@ class Dashboard:
             poll_ms=round(self.poll_seconds * 1000),
             min_poll_ms=round(MIN_POLL_SECONDS * 1000),
             timeout_ms=round(REQUEST_TIMEOUT_SECONDS * 1000),
+            retry_cap_ms=round(RETRY_AFTER_CAP_SECONDS * 1000),
             events=min(self.events, self.recorder.max_events),
             token_param=token.query_param if token is not None else None,
         )

@@ -99,7 +99,7 @@ col.c-ev { width: 170px; }
   <span id="live">connecting…</span>
 </header>
 <div id="error" role="alert"></div>
-<main id="main" data-poll="@POLL@" data-timeout="@TIMEOUT@" data-events="@EVENTS@" data-states="@MAX_STATES@" data-token-param="@TOKEN_PARAM@"><div class="card wide empty">Loading…</div></main>
+<main id="main" data-poll="@POLL@" data-timeout="@TIMEOUT@" data-retry-cap="@RETRY_CAP@" data-events="@EVENTS@" data-states="@MAX_STATES@" data-token-param="@TOKEN_PARAM@"><div class="card wide empty">Loading…</div></main>
 <script nonce="@NONCE@">
 "use strict";
 (function () {
@@ -108,6 +108,9 @@ col.c-ev { width: 170px; }
   const poll = Math.max(@MIN_POLL@, Number(main.dataset.poll) || 2000);
   // a request not answered by then is given up (and said): the page polls on
   const timeout = Math.max(poll, Number(main.dataset.timeout) || 30000);
+  // the longest a Retry-After is waited for (a proxy's "come back tomorrow" would leave the
+  // page still for a day): an operator can always reload
+  const retryCap = Math.max(poll, Number(main.dataset.retryCap) || 600000);
   const maxEvents = Number(main.dataset.events) || 0;
   const maxStates = Number(main.dataset.states) || 0;
   let shown = null;  // the data drawn last: a delta answer (data.delta) adds to it
@@ -438,11 +441,39 @@ col.c-ev { width: 170px; }
     const events = (old.events || []).concat(data.events || []);
     return Object.assign({}, data, { series: series, events: maxEvents ? events.slice(-maxEvents) : [] });
   }
+  // how long an answer asks the page to wait (ms), by its Retry-After: seconds, or an HTTP date
+  // (measured from the answer's own Date when it has one: the browser's clock may be off); 0
+  // for none, one that can't be read, or one already past. Honoured on the answers that say
+  // "not now": 429 and 503 (a rate limit, a proxy's maintenance), 401 and 403 (a check of the
+  // application's own, a proxy's login, limiting attempts)
+  function retryAfter(answer) {
+    if (![401, 403, 429, 503].includes(answer.status)) return 0;
+    const value = (answer.headers.get("Retry-After") || "").trim();
+    let ms = NaN;
+    if (/^[0-9]+$/.test(value)) ms = Number(value) * 1000;
+    else if (/^[A-Za-z]{3,9},? /.test(value)) {  // IMF-fixdate, RFC 850 or asctime's
+      const sent = Date.parse(answer.headers.get("Date") || "");
+      ms = Date.parse(value) - (Number.isFinite(sent) ? sent : Date.now());
+    }
+    return Number.isFinite(ms) && ms > 0 ? ms : 0;
+  }
+  // a problem+json answer's detail (the dashboard's 401 says how to give a token), cut short
+  async function problemDetail(answer) {
+    try {
+      if (!/json/i.test(answer.headers.get("Content-Type") || "")) return "";
+      const problem = await answer.json();
+      const detail = problem && typeof problem.detail === "string" ? problem.detail : "";
+      return detail ? ": " + (detail.length > 300 ? detail.slice(0, 300) + "…" : detail) : "";
+    } catch (err) {
+      return "";
+    }
+  }
   async function refresh() {
     const live = document.getElementById("live");
     const error = document.getElementById("error");
     const control = new AbortController();
     const timer = window.setTimeout(() => control.abort(), timeout);
+    let wait = poll, asked = 0, said = "";
     try {
       const query = new URLSearchParams(window.location.search);
       if (shown && shown.cursor) query.set("after", shown.cursor);
@@ -451,7 +482,12 @@ col.c-ev { width: 170px; }
         { cache: "no-store", credentials: "same-origin", signal: control.signal,
           headers: token ? { "Accept": "application/json", "Authorization": "Bearer " + token }
             : { "Accept": "application/json" } });
-      if (!answer.ok) throw new Error("the dashboard answered " + answer.status);
+      if (!answer.ok) {
+        asked = retryAfter(answer);
+        said = (answer.headers.get("Retry-After") || "").trim().slice(0, 40);
+        wait = Math.max(poll, Math.min(asked, retryCap));
+        throw new Error("the dashboard answered " + answer.status + await problemDetail(answer));
+      }
       const data = merged(shown, await answer.json());
       render(data);
       shown = data;
@@ -464,11 +500,20 @@ col.c-ev { width: 170px; }
       live.className = "stale";
       const why = control.signal.aborted ? "no answer within " + (timeout / 1000) + " s"
         : err && err.message ? err.message : String(err);
-      error.textContent = "Could not refresh: " + why + " (retrying)";
+      if (wait > poll) {  // asked to wait longer than the page polls: it does, and says so
+        const at = clock((Date.now() + wait) / 1000);
+        live.textContent = "not updating · waiting until " + at + " (Retry-After)";
+        error.textContent = "Could not refresh: " + why + (/[.!?]$/.test(why) ? " " : ". ") +
+          "Asked to wait (Retry-After: " +
+          said + "): next try in " + Math.ceil(wait / 1000) + " s, at " + at +
+          (asked > wait ? " (waits are cut to " + Math.ceil(retryCap / 1000) + " s)" : "");
+      } else {
+        error.textContent = "Could not refresh: " + why + " (retrying)";
+      }
       error.style.display = "block";
     } finally {
       window.clearTimeout(timer);
-      window.setTimeout(refresh, poll);
+      window.setTimeout(refresh, wait);
     }
   }
   refresh();
@@ -487,12 +532,15 @@ def render_page(
     min_poll_ms: int = 100,
     events: int = 100,
     timeout_ms: int = 30_000,
+    retry_cap_ms: int = 600_000,
     token_param: str | None = None,
 ) -> str:
     """The page, with ``title`` escaped and the script's nonce; it polls every ``poll_ms``,
     never more often than every ``min_poll_ms`` (the dashboard's ``MIN_POLL_SECONDS``), gives
     up a request not answered within ``timeout_ms`` (or ``poll_ms``, if longer), saying so,
-    and keeps the last ``events`` events (as many as ``data.json`` serves in full). A
+    and keeps the last ``events`` events (as many as ``data.json`` serves in full). An error
+    answer's ``Retry-After`` (401, 403, 429, 503) is waited for, up to ``retry_cap_ms`` (or
+    ``poll_ms``, if longer), saying so. A
     ``token_param`` (``token_auth``'s query parameter) is taken out of the address bar and
     sent on as an ``Authorization: Bearer`` header instead."""
     # the title last: a title holding a placeholder (``@NONCE@``) is shown as written
@@ -501,6 +549,7 @@ def render_page(
         .replace("@MIN_POLL@", str(int(min_poll_ms)))
         .replace("@POLL@", str(int(poll_ms)))
         .replace("@TIMEOUT@", str(int(timeout_ms)))
+        .replace("@RETRY_CAP@", str(int(retry_cap_ms)))
         .replace("@EVENTS@", str(int(events)))
         .replace("@MAX_STATES@", str(MAX_STATE_CHANGES))
         .replace("@TOKEN_PARAM@", html.escape(token_param or "", quote=True))
