@@ -5,7 +5,7 @@ The connection comes from, in order: ``config.attributes["connection"]`` (a SQLA
 alembic command line, the ``RESILIENT_DB_URL`` environment variable, ``sqlalchemy.url`` in
 ``alembic.ini``; an async driver's URL (``postgresql+asyncpg://...``) runs them through an
 async engine. Offline mode (``alembic upgrade --sql``) writes the SQL, the transition
-trigger included.
+trigger included, as one transaction that takes the same advisory lock as an online run.
 """
 
 from __future__ import annotations
@@ -43,18 +43,6 @@ def _url() -> str:
     return url
 
 
-def run_migrations_offline() -> None:
-    """Write the migration SQL instead of running it."""
-    context.configure(
-        url=_url(),
-        target_metadata=target_metadata,
-        literal_binds=True,
-        dialect_opts={"paramstyle": "named"},
-    )
-    with context.begin_transaction():
-        context.run_migrations()
-
-
 # Two processes migrating one database at once (a rolling deploy whose instances each run
 # ``alembic upgrade head`` at start) take turns: each takes this transaction-level advisory lock
 # before Alembic reads the version, so the second waits for the first to commit and then finds
@@ -62,6 +50,22 @@ def run_migrations_offline() -> None:
 # failed (a unique violation creating ``alembic_version``, or "Online migration expected to match
 # one row"). The key is this environment's own: the installs' lock is another.
 MIGRATION_LOCK = "SELECT pg_catalog.pg_advisory_xact_lock(8242821379925111669)"
+
+
+def run_migrations_offline() -> None:
+    """Write the migration SQL instead of running it: one transaction (``BEGIN`` ... ``COMMIT``,
+    PostgreSQL DDL being transactional) whose first statement takes :data:`MIGRATION_LOCK`, as
+    the online path does, so two copies of the script run at once take turns (the second
+    waits for the first to commit) instead of interleaving their steps."""
+    context.configure(
+        url=_url(),
+        target_metadata=target_metadata,
+        literal_binds=True,
+        dialect_opts={"paramstyle": "named"},
+    )
+    with context.begin_transaction():
+        context.execute(MIGRATION_LOCK)
+        context.run_migrations()
 
 
 def _run_on(connection: sa.Connection) -> None:

