@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import enum
 import re
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -694,8 +695,10 @@ def transition_trigger_sql(model: type[Any] | TransitionTrigger) -> str:
     from, to, pk), unless a member of :data:`BYPASS_ROLE` asked for a bypass of the current
     transaction (see :func:`~resilient_db.bypass_transitions`); the script first creates that
     role if it is missing. All literals and identifiers are quoted. Run it as a script (``psql``,
-    ``op.execute``), or with :func:`install_transition_trigger`, which sends the statements one
-    at a time. Each statement may commit on its own (``psql`` without ``-1``): the function and
+    ``op.execute`` through psycopg), or with :func:`install_transition_trigger`, which sends the
+    statements one at a time (also through asyncpg, which prepares every statement and so can't
+    run the script in one call: there :class:`ScriptOnPreparedStatementError` says so). Each
+    statement may commit on its own (``psql`` without ``-1``): the function and
     both triggers of a column are replaced in one ``DO`` block, so no statement leaves the table
     unguarded; there is no ``BEGIN`` or ``COMMIT``, so it runs inside a caller's transaction too.
 
@@ -703,8 +706,13 @@ def transition_trigger_sql(model: type[Any] | TransitionTrigger) -> str:
     stands for would have it.
     """
     if isinstance(model, TransitionTrigger):
-        return guards_script([guard_of(model)])
-    return _model_sql(model)
+        script = guards_script([guard_of(model)])
+    else:
+        script = _model_sql(model)
+    name = _model_name(model)
+    return _handed_out(
+        script, f"transition_trigger_sql({name})", f"install_transition_trigger(op, {name})"
+    )
 
 
 def transition_trigger_drop_sql(
@@ -721,13 +729,103 @@ def transition_trigger_drop_sql(
     that still exists may be another code base's.
 
     ``model`` may be a :class:`TransitionTrigger` too: the removal of its column's trigger
-    (``columns=`` is for a model)."""
+    (``columns=`` is for a model).
+
+    The script holds several statements, except with ``columns=``: asyncpg, which prepares
+    every statement, can't run it in one call (``op.execute`` in a migration run through it
+    raises :class:`ScriptOnPreparedStatementError`, naming
+    :func:`uninstall_transition_trigger`, which sends them one at a time)."""
     if not isinstance(model, TransitionTrigger):
-        return _model_drop_sql(model, columns=columns)
-    if columns is not None:
+        script = _model_drop_sql(model, columns=columns)
+    elif columns is not None:
         raise TypeError(_columns_of_a_trigger("transition_trigger_drop_sql", model))
-    guard = guard_of(model)
-    return drop_script([*drop_statements(guard), *left_over_statements([guard.table])])
+    else:
+        guard = guard_of(model)
+        script = drop_script([*drop_statements(guard), *left_over_statements([guard.table])])
+    args = _model_name(model)
+    if columns is not None:
+        args += f", columns={tuple(columns)!r}"
+    return _handed_out(
+        script, f"transition_trigger_drop_sql({args})", f"uninstall_transition_trigger(op, {args})"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# A script given to asyncpg
+# --------------------------------------------------------------------------------------------
+
+
+class ScriptOnPreparedStatementError(ResilientDBError, sa.exc.ProgrammingError):
+    """A script of :func:`transition_trigger_sql` or :func:`transition_trigger_drop_sql` holding
+    several statements was sent in one call through asyncpg (``op.execute(script)`` in a
+    migration run by an async engine): asyncpg prepares every statement it sends, and a
+    prepared statement holds one command, so the server refused it (SQLSTATE 42601, "cannot
+    insert multiple commands into a prepared statement"). The message names the call that
+    sends the statements one at a time; the driver's error is ``orig``, as on the
+    ``ProgrammingError`` it stands for (its ``__cause__``, which handlers of
+    ``ProgrammingError`` keep catching)."""
+
+    def __init__(self, made_by: str, instead: str, error: sa.exc.DBAPIError | str) -> None:
+        self.made_by = made_by
+        self.instead = instead
+        if isinstance(error, sa.exc.DBAPIError):
+            statement, params = error.statement, error.params
+            orig = error.orig if error.orig is not None else Exception(str(error))
+            text = str(orig).strip()
+        else:
+            statement, params, orig, text = None, None, Exception(error), error
+        self.reason = text.splitlines()[0] if text else "cannot insert multiple commands"
+        super().__init__(statement, params, orig)
+        self.message = (
+            f"the script of {made_by} holds several statements, and asyncpg sends each "
+            f"statement as a prepared statement, which holds one command ({self.reason}): in a "
+            f"migration call rdb.{instead} instead of op.execute(script) (it sends the "
+            f"statements one at a time, online and offline alike); elsewhere run the script "
+            f"with psql or through psycopg"
+        )
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.made_by, self.instead, self.reason))
+
+
+# The scripts this process handed out (their text, at most the last _SCRIPTS_KEPT: a migration
+# runs a script as soon as it has it), with what made them and the call that sends their
+# statements one at a time: an asyncpg connection's refusal of one is told in those words (see
+# _script_refused) instead of the driver's. Looked up only when a statement failed.
+_SCRIPTS: dict[str, tuple[str, str]] = {}
+_SCRIPTS_KEPT = 32
+_SCRIPTS_LOCK = threading.Lock()
+_SYNTAX_ERROR = "42601"  # what the server answers a prepared statement of several commands
+
+
+def _handed_out(script: str, made_by: str, instead: str) -> str:
+    """``script``, noted as made by ``made_by`` (for :func:`_script_refused`)."""
+    with _SCRIPTS_LOCK:
+        _SCRIPTS.pop(script, None)
+        _SCRIPTS[script] = (made_by, instead)
+        while len(_SCRIPTS) > _SCRIPTS_KEPT:
+            del _SCRIPTS[next(iter(_SCRIPTS))]
+        if not sa.event.contains(Engine, "handle_error", _script_refused):
+            sa.event.listen(Engine, "handle_error", _script_refused)
+    return script
+
+
+def _script_refused(ctx: sa.engine.ExceptionContext) -> BaseException | None:
+    """``handle_error`` of every engine (listened to once a script was handed out): an asyncpg
+    connection's refusal (42601) of a script of ours, handed out by this process, is raised as
+    :class:`ScriptOnPreparedStatementError`, naming the call to make instead."""
+    if ctx.dialect.driver != "asyncpg" or ctx.statement is None:
+        return None
+    found = _SCRIPTS.get(ctx.statement)
+    error = ctx.sqlalchemy_exception
+    if found is None or not isinstance(error, sa.exc.DBAPIError):
+        return None
+    if sqlstate_of(error) != _SYNTAX_ERROR:
+        return None
+    return ScriptOnPreparedStatementError(*found, error)
 
 
 def _columns_of_a_trigger(what: str, model: TransitionTrigger) -> str:
