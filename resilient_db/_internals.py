@@ -68,6 +68,7 @@ __all__ = [
     "with_dml_value",
     "with_from_statement_element",
     "with_own_session_class",
+    "with_where",
 ]
 
 
@@ -192,6 +193,29 @@ def with_from_statement_element(stmt: Any, element: Any) -> Any:
         )
     new = generate()
     new.element = element
+    return new
+
+
+def with_where(stmt: Any, *criteria: Any) -> Any:
+    """A copy of the UPDATE ``stmt`` whose WHERE is ``criteria`` alone, its own dropped (the
+    bulk-UPDATE guard restricts an UPDATE whose criteria it evaluated once to the keys of the
+    rows they matched: evaluated again, they could match other rows, or repeat a side effect).
+
+    Private: ``DMLWhereBase._where_criteria`` (a tuple of the ``where()`` criteria) and
+    ``Generative._generate`` (verified 2.0.24, 2.1.9). Gone: :class:`InternalsChanged`. Public
+    alternative: none (``where()`` only adds criteria; a new ``update()`` would lose the
+    statement's options, RETURNING, CTEs and execution options).
+    """
+    generate = getattr(stmt, "_generate", None)
+    if generate is None or not isinstance(getattr(stmt, "_where_criteria", None), tuple):
+        raise InternalsChanged(
+            "SQLAlchemy",
+            f"{type(stmt).__name__}._where_criteria / ._generate",
+            "the transition guard cannot restrict a bulk UPDATE to the rows its check judged, "
+            "so it refuses it rather than judge other rows than those it changes",
+        )
+    new = generate()
+    new._where_criteria = tuple(criteria)
     return new
 
 

@@ -156,6 +156,23 @@ def test_with_from_statement_element_runs_another_statement_in_the_wrapper() -> 
     assert "WHERE tasks.title" in str(changed.compile(dialect=postgresql.dialect())), message
 
 
+def test_with_where_replaces_the_criteria() -> None:
+    message = _says(
+        "SQLAlchemy",
+        "DMLWhereBase._where_criteria / Generative._generate",
+        "with_where",
+        "the bulk-UPDATE transition guard refuses an UPDATE whose criteria are not steady",
+    )
+    stmt = sa.update(Task).where(sa.func.random() < 0.5).values(status="completed")
+    try:
+        changed = _internals.with_where(stmt, Task.id == 1, Task.title == "t")
+    except InternalsChanged as err:
+        pytest.fail(f"{err}")
+    assert "WHERE tasks.id = 1 AND tasks.title = 't'" in _sql(changed), message
+    assert "random" not in _sql(changed), message
+    assert "random" in _sql(stmt), message  # a copy
+
+
 def _sql(clause: Any) -> str:
     return str(clause.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
 

@@ -31,6 +31,7 @@ from resilient_db._internals import (
     update_loader_criteria,
     with_dml_value,
     with_from_statement_element,
+    with_where,
 )
 from resilient_db._observability import emit
 from resilient_db._registry import service_of
@@ -285,27 +286,40 @@ def do_orm_execute(orm_state: ORMExecuteState) -> Result[Any] | None:
             named = _named(stmt, mapper, guard)
             extra = _loader_criteria(orm_state, stmt, mapper, guard, named)
             col = named.status
-            if target.static:
-                legal = _membership(col, guard, guard.sources_of(guard.key(target.value)))
-                new_expr: Any = None
-                shown = repr(plain(target.value))
-            else:
-                new_expr = sa.type_coerce(target.value, guard.column.type)
-                legal = _legal_predicate(guard, col, new_expr)
-                shown = "(SQL expression)"
-                stmt = _set_once(stmt, guard, named, target, new_expr)
+            criteria = _with(stmt.whereclause, extra)
             exec_params = dict(params) if isinstance(params, Mapping) else {}
-            _check_rows(
-                orm_state,
-                config=config,
-                guard=guard,
-                named=named,
-                where=(_with(stmt.whereclause, extra), legal),
-                param_sets=[exec_params],
-                new=(new_expr, target.value),
-                shown=shown,
-            )
-            stmt = stmt.where(legal)
+            if _judged_once(stmt, named, criteria, target):
+                stmt = _restrict_to_judged(
+                    orm_state,
+                    config,
+                    guard,
+                    named=named,
+                    stmt=stmt,
+                    criteria=criteria,
+                    target=target,
+                    exec_params=exec_params,
+                )
+            else:
+                if target.static:
+                    legal = _membership(col, guard, guard.sources_of(guard.key(target.value)))
+                    new_expr: Any = None
+                    shown = repr(plain(target.value))
+                else:
+                    new_expr = sa.type_coerce(target.value, guard.column.type)
+                    legal = _legal_predicate(guard, col, new_expr)
+                    shown = "(SQL expression)"
+                    stmt = _set_once(stmt, guard, named, target, new_expr)
+                _check_rows(
+                    orm_state,
+                    config=config,
+                    guard=guard,
+                    named=named,
+                    where=(criteria, legal),
+                    param_sets=[exec_params],
+                    new=(new_expr, target.value),
+                    shown=shown,
+                )
+                stmt = stmt.where(legal)
             if orm_state.execution_options.get("synchronize_session", "auto") in (
                 "auto",
                 "evaluate",
@@ -317,6 +331,192 @@ def do_orm_execute(orm_state: ORMExecuteState) -> Result[Any] | None:
                 stmt = _synchronized_by(orm_state, stmt, "fetch")
     orm_state.statement = _as_given(outer, stmt)
     return None
+
+
+#: Functions PostgreSQL evaluates to the same value for the same arguments throughout a
+#: transaction, without side effects (IMMUTABLE, or STABLE and fixed per transaction, as
+#: ``now()``): criteria made of these, the row's columns and parameters match the same rows
+#: in the check and in the UPDATE. Any other function may not (``random()``, ``nextval()``,
+#: ``clock_timestamp()``, ``statement_timestamp()``, a function of the application's, which
+#: may also write).
+_STEADY_FUNCTIONS = frozenset(
+    {
+        "abs", "array_length", "btrim", "cardinality", "ceil", "ceiling", "char_length",
+        "character_length", "coalesce", "concat", "concat_ws", "current_date",
+        "current_time", "current_timestamp", "date_part", "date_trunc", "floor", "greatest",
+        "left", "least", "length", "localtime", "localtimestamp", "lower", "lpad", "ltrim",
+        "md5", "mod", "now", "nullif", "octet_length", "position", "replace", "right",
+        "round", "rpad", "rtrim", "sign", "split_part", "starts_with", "strpos", "substr",
+        "substring", "transaction_timestamp", "trim", "trunc", "upper",
+    }
+)  # fmt: skip
+
+
+def _unsteady(element: Any) -> bool:
+    """Whether the SQL expression ``element`` (or None) may evaluate otherwise, or have side
+    effects, when evaluated again by the next statement of the transaction: it calls a
+    function not in :data:`_STEADY_FUNCTIONS`, a sequence's ``next_value()``, reads a
+    subquery (rows other transactions may change meanwhile; ``FOR UPDATE SKIP LOCKED LIMIT
+    1`` picks another row each time it runs elsewhere) or holds SQL text the guard can't read."""
+    if element is None:
+        return False
+    for node in visitors.iterate(element):
+        if isinstance(node, sa.FunctionElement):
+            if str(getattr(node, "name", "")).lower() not in _STEADY_FUNCTIONS:
+                return True
+        elif isinstance(node, (sa.SelectBase, sa.TextClause)) or (
+            isinstance(node, sa.ColumnClause) and node.is_literal
+        ):
+            return True
+    return False
+
+
+def _judged_once(stmt: Any, named: _Named, criteria: Any, target: _Target) -> bool:
+    """Whether the UPDATE ``stmt`` is to be restricted to the keys of the rows its check
+    judged (:func:`_restrict_to_judged`) rather than carry its criteria to the server again:
+    its criteria, or the new state it sets (a SQL expression), are not steady
+    (:func:`_unsteady`). Not when they read a data-modifying WITH (its change is the UPDATE's
+    to make: the check runs in a savepoint rolled back, see :func:`_check_rows`), nor when
+    the UPDATE reads another table (``UPDATE ... FROM``, whose join the criteria hold: other
+    values of the SET read the joined row).
+
+    Measured against the two evaluations it replaces: the same two statements, but every
+    matched row's key comes back with the check and goes out again with the UPDATE (one
+    array parameter), and the UPDATE finds its rows by key, not by its criteria. Cheap for
+    the few rows such criteria pick (a queue's next row), a cost for a statement moving many
+    rows by plain criteria, whose second evaluation matches the rows the check locked: those
+    keep the criteria (the common case)."""
+    new = None if target.static else target.value
+    if not (_unsteady(criteria) or _unsteady(new)) or _modifies_data(criteria, new):
+        return False
+    values = [v for _, v in dml_values(stmt)]
+    probe = sa.select(
+        *named.pks,
+        *(
+            v.__clause_element__() if hasattr(v, "__clause_element__") else v
+            for v in values
+            if isinstance(v, ClauseElement) or hasattr(v, "__clause_element__")
+        ),
+    )
+    if criteria is not None:
+        probe = probe.where(criteria)
+    return len(probe.get_final_froms()) <= 1
+
+
+def _by_keys(pks: tuple[Any, ...], keys: list[tuple[Any, ...]]) -> ColumnElement[bool]:
+    """SQL: the row's key is one of ``keys``, sent as one array parameter per key column
+    (whatever their number: no parameter limit, one statement to cache)."""
+    arrays = [
+        sa.cast(sa.bindparam(None, [k[n] for k in keys]), postgresql.ARRAY(pk.type))
+        for n, pk in enumerate(pks)
+    ]
+    if len(pks) == 1:
+        found: ColumnElement[bool] = pks[0] == sa.any_(arrays[0])
+        return found
+    return sa.tuple_(*pks).in_(sa.select(*(sa.func.unnest(a) for a in arrays)))
+
+
+def _restrict_to_judged(
+    orm_state: ORMExecuteState,
+    config: Config,
+    guard: Guard,
+    *,
+    named: _Named,
+    stmt: Any,
+    criteria: Any,
+    target: _Target,
+    exec_params: dict[str, Any],
+) -> Any:
+    """The check of an UPDATE whose criteria or new state are not steady (see
+    :func:`_judged_once`), evaluating them once: one locking read of the rows the criteria
+    match (in key order), their keys, states and (for a SQL expression) new states, judged
+    here; raise mode refuses an illegal move, filter mode leaves it out and logs it. Returns
+    the UPDATE restricted to the keys of the legal rows, its criteria dropped (evaluated
+    again they would match other rows, and repeat a side effect: an audit row written, a
+    sequence advanced), with the legal condition of a value kept (the rows are locked, but in
+    AUTOCOMMIT mode the locks end with the check). A new state given as a SQL expression is
+    written as the check computed it for each row: a ``CASE`` by key over the states
+    written, each where the row's state may still move there; the SET's expression is not
+    evaluated again."""
+    col = named.status
+    n_pk = len(named.pks)
+    selected = [*named.pks, col]
+    if not target.static:
+        selected.append(sa.type_coerce(target.value, guard.column.type))
+    matched = sa.select(*selected)
+    if criteria is not None:
+        matched = matched.where(criteria)
+    matched = matched.order_by(*named.pks).with_for_update(of=named.of)
+    conn = _connection_of(orm_state)
+    legal: list[tuple[tuple[Any, ...], Any, Any]] = []  # key, state, new state
+    blocked: list[tuple[Any, ...]] = []  # key..., state, new state
+    for row in conn.execute(matched, exec_params):
+        key, old = tuple(row[:n_pk]), row[n_pk]
+        new = target.value if target.static else row[n_pk + 1]
+        if guard.legal(guard.key(old), guard.key(new)):
+            legal.append((key, old, new))
+        else:
+            blocked.append((*key, old, new))
+    if blocked:
+        if config.bulk_update == "raise":
+            _raise_blocked(guard, blocked, n_pk, config, service_of(orm_state.session))
+        shown = repr(plain(target.value)) if target.static else "(SQL expression)"
+        _log_filtered(orm_state, config, guard, n_blocked=len(blocked), shown=shown, target=target)
+    keys = [key for key, _, _ in legal]
+    if target.static:
+        sources = guard.sources_of(guard.key(target.value))
+        return with_where(stmt, _by_keys(named.pks, keys), _membership(col, guard, sources))
+    moved: dict[Key, list[tuple[Any, ...]]] = {}
+    for key, old, new in legal:
+        if guard.key(new) != guard.key(old):  # a row keeping its state is written no state
+            moved.setdefault(guard.key(new), []).append(key)
+    whens = [
+        (
+            sa.and_(_by_keys(named.pks, by_state), _membership(col, guard, guard.sources_of(k))),
+            sa.cast(sa.null(), guard.column.type)
+            if k is None
+            else sa.literal(guard.binds[k], guard.column.type),
+        )
+        for k, by_state in sorted(moved.items(), key=lambda kv: sort_key(kv[0]))
+    ]
+    written = sa.case(*whens, else_=col) if whens else col
+    where = target.key if target.key is not None else col
+    return with_where(with_dml_value(stmt, where, written), _by_keys(named.pks, keys))
+
+
+def _log_filtered(
+    orm_state: ORMExecuteState,
+    config: Config,
+    guard: Guard,
+    *,
+    n_blocked: int,
+    shown: str,
+    target: _Target | None,
+) -> None:
+    """Filter mode: count and log the ``n_blocked`` rows a bulk UPDATE leaves out (``target``
+    the state written, None or a SQL expression when not one value)."""
+    count("bulk_rows_filtered", n_blocked)
+    service = unit_service(service_of(orm_state.session))
+    emit(
+        config,
+        logger,
+        logging.WARNING,
+        "Status transition blocked for %d row(s): %sbulk UPDATE of %s.%s "
+        "to %s left them unchanged (filter mode)",
+        n_blocked,
+        service_words(service),
+        guard.model,
+        guard.attr_key,
+        shown,
+        event="transition_blocked",
+        unit_service=service,
+        model=guard.model,
+        column=guard.attr_key,
+        to_state=plain(target.value) if target is not None and target.static else None,
+        via="orm-update",
+        stale=False,
+        blocked_rows=n_blocked,
+    )
 
 
 def _as_given(outer: Any, stmt: Any) -> Any:
@@ -587,28 +787,8 @@ def _check_rows(
             count_q = sa.select(sa.func.count()).select_from(rows_q).where(left.rdb_blocked)
             n_blocked = sum(int(conn.execute(count_q, p).scalar_one()) for p in param_sets)
         if n_blocked:
-            count("bulk_rows_filtered", n_blocked)
-            service = unit_service(service_of(session))
-            emit(
-                config,
-                logger,
-                logging.WARNING,
-                "Status transition blocked for %d row(s): %sbulk UPDATE of %s.%s "
-                "to %s left them unchanged (filter mode)",
-                n_blocked,
-                service_words(service),
-                guard.model,
-                guard.attr_key,
-                shown,
-                event="transition_blocked",
-                unit_service=service,
-                model=guard.model,
-                column=guard.attr_key,
-                to_state=None if new_expr is not None else plain(value),
-                via="orm-update",
-                stale=False,
-                blocked_rows=n_blocked,
-            )
+            static = None if new_expr is not None else _Target(True, value)
+            _log_filtered(orm_state, config, guard, n_blocked=n_blocked, shown=shown, target=static)
 
 
 @contextlib.contextmanager
@@ -740,7 +920,11 @@ def _bulk_by_pk(
         for given, items in wanted.items():
             db_row = found.get(given)
             if db_row is None:
-                continue  # no such row: the UPDATE changes nothing
+                # no such row, judged as the check found it: the set is left out (the UPDATE,
+                # which carries no condition of ours, would move a row another transaction
+                # inserts and commits meanwhile, never judged)
+                rejected.update(index for index, _ in items)
+                continue
             identity = db_row[:n_pk]
             current[identity] = db_row[n_pk]
             per_row.setdefault(identity, []).extend(items)
