@@ -1258,8 +1258,16 @@ def _row_guard(
     mapper = checks.mappers[guard.table]
     session = checks.session
     if session is not None:
-        obj = session.identity_map.get(mapper.identity_key_from_primary_key(identity))
-        if obj is not None:
+        # the row's object may be of another class mapping the table, not of the noted one's
+        # hierarchy (an identity key names the base class): each hierarchy is looked in
+        bases = [mapper.base_mapper]
+        for other in mapper.registry.mappers:
+            if guard.table in other.tables and other.base_mapper not in bases:
+                bases.append(other.base_mapper)
+        for base in bases:
+            obj = session.identity_map.get(base.identity_key_from_primary_key(identity))
+            if obj is None:
+                continue
             own = instance_state(obj).mapper
             for g in compiled_guards(own):
                 if g.column is guard.column:
