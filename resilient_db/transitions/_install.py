@@ -276,7 +276,7 @@ class TriggerInstallRefusedError(ResilientDBError, sa.exc.ProgrammingError):
         if isinstance(error, sa.exc.DBAPIError):
             statement, params = error.statement, error.params
             orig = error.orig if error.orig is not None else Exception(str(error))
-            text = str(orig).strip()
+            text = _driver_message(orig)
         else:
             statement, params, orig, text = None, None, Exception(error), error
         self.reason = text.splitlines()[0] if text else "permission denied"
@@ -755,6 +755,12 @@ def transition_trigger_drop_sql(
 # --------------------------------------------------------------------------------------------
 
 
+def _driver_message(orig: BaseException) -> str:
+    """The driver's error message of ``orig``, stripped: SQLAlchemy 2.0's asyncpg adapter
+    (2.0.24, at least) puts the asyncpg exception's class in front of it ("<class ...>: ")."""
+    return re.sub(r"^<class '[^']*'>: ", "", str(orig).strip())
+
+
 class ScriptOnPreparedStatementError(ResilientDBError, sa.exc.ProgrammingError):
     """A script of :func:`transition_trigger_sql` or :func:`transition_trigger_drop_sql` holding
     several statements was sent in one call through asyncpg (``op.execute(script)`` in a
@@ -771,7 +777,7 @@ class ScriptOnPreparedStatementError(ResilientDBError, sa.exc.ProgrammingError):
         if isinstance(error, sa.exc.DBAPIError):
             statement, params = error.statement, error.params
             orig = error.orig if error.orig is not None else Exception(str(error))
-            text = str(orig).strip()
+            text = _driver_message(orig)
         else:
             statement, params, orig, text = None, None, Exception(error), error
         self.reason = text.splitlines()[0] if text else "cannot insert multiple commands"
