@@ -34,7 +34,7 @@ import pybreaker as _pb
 from ._classify import debug_failure
 from ._config import Config, ConfigUsers
 from ._errors import CircuitOpenError
-from ._fleet import FAILOVER_WINDOW, FleetDown, attach, detach
+from ._fleet import FAILOVER_WINDOW, FleetDown, View, attach, detach
 from ._internals import renew_pybreaker_lock
 from ._observability import LineLimit, emit, log_breaker, stats_for
 from ._state import STATE, check_service_room
@@ -726,6 +726,7 @@ class Breaker:
                     success=success,
                     reservation=reservation,
                     reset_timeout=self.config.reset_timeout,
+                    view=self.lost_view(),
                 )
             except FleetDown:
                 pass
@@ -773,6 +774,7 @@ class Breaker:
                     reservation=reservation,
                     reset_timeout=self.config.reset_timeout,
                     background=True,
+                    view=self.lost_view(),
                 )
             except BaseException:
                 with self._lock:
@@ -932,7 +934,11 @@ class Breaker:
         reservation = secrets.token_hex(8)  # drawn before sending: names this attempt's probe
         try:
             decision, remaining, gen, opens, ours = fleet.breaker_admit(
-                self.service, self.config.half_open_probes, self.config.reset_timeout, reservation
+                self.service,
+                self.config.half_open_probes,
+                self.config.reset_timeout,
+                reservation,
+                view=self.lost_view(),
             )
         except FleetDown as down:
             if down.sent:  # Redis may run it when it resumes: released on rejoining
@@ -995,6 +1001,7 @@ class Breaker:
             self.config.reset_timeout,
             age,
             reservation=reservation,
+            view=self.lost_view(),
         )
         self._fleet_failures = failures
         self._fleet_run = run
@@ -1048,6 +1055,53 @@ class Breaker:
         self.fleet_update(*answer, answer=True, mine=True, reason=reason)
         return True
 
+    def lost_view(self) -> View | None:
+        """The fleet's opening as this process's view holds it, for Redis to write back if it
+        lost the breaker's state (restarted empty, flushed; see ``restore_view`` in
+        ``_fleet``'s scripts), sent with every breaker script of the failure path and the read
+        on rejoining: open with the time it has left (its own end, not a new reset timeout),
+        or half-open once that time is up. Without it every process would follow the empty
+        Redis, closed, and send its units to a database that is down still until the fleet
+        counted the failure threshold again. None: the view is closed or holds no shared
+        state, or the local breaker moved past it (closed by this process's probes or its
+        ``close()`` while Redis did not answer), or holds an opening of its own (shared as
+        such, see :meth:`fleet_rejoin`).
+
+        Read without the breaker's lock: the script goes out as it would without it (a
+        failure's answer may be waiting for that lock), and a view changing meanwhile is
+        written back only into a Redis that has no state at all."""
+        gen, state = self._fleet_gen, self._fleet_state
+        if gen <= 0 or state == CLOSED or self._opened_locally:
+            return None
+        if self._storage.state == CLOSED:
+            return None
+        left = self._fleet_until - time.monotonic() if state == OPEN else 0.0
+        if left > 0:
+            return (OPEN, left, self._fleet_opens, gen)
+        return (HALF_OPEN, 0.0, self._fleet_opens, gen)
+
+    def say_restored(self, state: str, remaining: float) -> None:
+        """This process wrote the fleet's opening back into a Redis that had lost it (its own
+        message, see ``FleetLink._on_message``): one line, no opening counted or logged (the
+        opening was counted, and logged, when it was made)."""
+        if state == OPEN:
+            what = f"open, rejecting calls for {remaining:.1f} s more (its own end)"
+        else:
+            what = f"half-open, letting {self.config.half_open_probes} probe(s) through"
+        emit(
+            self.config,
+            log_breaker,
+            logging.WARNING,
+            "Circuit breaker state restored: service=%s Redis had lost the shared state "
+            "(restarted or flushed); this process wrote back the fleet's opening: %s",
+            self.service,
+            what,
+            service=self.service,
+            event="breaker_restored",
+            state=state,
+            open_for=round(max(0.0, remaining), 3),
+        )
+
     def fleet_sync(self, answer: tuple[str, float, int, int]) -> None:
         """The shared state as read on (re)connecting: it replaces the view whatever it was."""
         self.fleet_update(*answer, answer=True, force=True)
@@ -1062,7 +1116,8 @@ class Breaker:
         or Redis lost its state) it would be thrown away, and the next unit sent to the
         database that just failed. Redis takes it unless the shared breaker is open, or
         changed after it (the fleet's probes closed it since): then the fleet's state is
-        followed."""
+        followed. Without one, an opening of the fleet's that the view holds is written back
+        if Redis lost the state meanwhile (see :meth:`lost_view`)."""
         with self._lock:
             opening = None
             if self._opened_locally and self._storage.state == OPEN:
@@ -1070,7 +1125,9 @@ class Breaker:
                 if remaining > 0:
                     opening = (remaining, self.config.reset_timeout - remaining)
         if opening is None:
-            self.fleet_sync(fleet.breaker_read(self.service, background=background))
+            # (Redis lost the state while the view holds the fleet's opening: written back)
+            view = self.lost_view()
+            self.fleet_sync(fleet.breaker_read(self.service, background=background, view=view))
             return
         state, remaining, gen, opens, by_me = fleet.breaker_share_opening(
             self.service,

@@ -38,9 +38,10 @@ while the subscription survived).
 Once Redis
 answers and takes that write, the process reports what Redis missed (half-open probes that
 ended meanwhile, admits whose answer was lost), shares an opening it made on its own meanwhile
-(unless the shared breaker is open, or changed since), reads the shared state again and
-follows it (a flushed or restarted Redis starts closed), and logs "restored" if it logged this
-down period's warning. The link is up only once the subscription is confirmed and that write
+(unless the shared breaker is open, or changed since), reads the shared state again (writing
+back the fleet's opening its view holds if Redis lost it, see below) and follows it, and logs
+"restored" if it logged this down period's warning. The link is up only once the subscription
+is confirmed and that write
 (a check of every command the scripts run, and a PUBLISH on the channel) went through: an ACL
 refusing one of them keeps it down, its warning naming what was refused. A command that
 timed out may run all the same: a Redis that hung runs what it received when it resumes. So
@@ -53,9 +54,30 @@ refused before sending (the link down, the connection refused) are. A Redis that
 answers but refuses writes (a read-only replica after a failover, out of memory, an ACL
 without the rights) stays down: its scripts would fail at once; its warning, and
 ``problem``, say what it answered ("read-only replica, writes refused"), not that it did not
-answer. A Redis that was flushed
-while up looks like a closed breaker and an empty budget: the views follow at the next
-failure-path answer.
+answer.
+
+A Redis that lost the shared state (restarted without persistence, flushed, or another, empty
+Redis behind the same address) has no breaker hash: its ``gen`` is 0 again. Followed as it
+is, it would be a closed breaker: every process would close its open breaker and send units to
+a database that is still down until the fleet counted the failure threshold again, and the
+half-open probe reservations held would be gone. So every breaker script of the failure path
+(a failure, a probe's admit and end) and the read on rejoining carry the caller's view of the
+fleet's opening (``Breaker.lost_view``: open with the seconds it has left, or half-open once
+they ran out; nothing when the view is closed or this process moved past it alone), and a
+script finding ``gen`` 0 writes that view back before it does anything else (``restore_view``):
+atomically, so the first process to meet the empty Redis writes it and the others find it
+there and follow. It is the same opening, not a new one: its end is the one the view had (no
+fresh reset timeout), its ``opens`` the count the view had seen (not one more), and no process
+counts it in ``breaker_opens`` or logs an opening for it (a process whose view was closed, just
+started say, follows it as another process's); the writer logs "Circuit breaker state
+restored". Written back half-open, every probe slot is free: the probes running at the loss
+end as usual (Redis finds their reservations nowhere: they count nowhere, and free nothing),
+and at most the configured number are admitted fleet-wide from then on. While the links stay
+up a flush is met at the next failure-path script (each process rejects from its view until
+the opening's end, so usually the first admit asking for a probe); a restart takes the links
+down, and the first to rejoin writes it back. The retry budgets start over: the first attempts
+of the window are gone (the ratio grants nothing until new ones are counted) and the floor's
+tokens are full, at most one second's worth.
 
 Async units call the same synchronous scripts: they run only on the failure path (after a
 database error, before a backoff of tens of milliseconds at least), in a worker thread while the
@@ -223,16 +245,51 @@ end
 local function gstr(g) return string.format('%.0f', g) end
 -- 1 in a script that forces the state (open() or close(), see _FORCE): its message says so
 local forced = nil
+-- 1 in a script that wrote back the caller's view (see restore_view): its message says so
+local restored = nil
 local function publish(st, remaining, gen, opens)
   redis.call('PUBLISH', ARGV[1], cjson.encode(
     {s = ARGV[2], b = ARGV[3], st = st, r = tostring(remaining), g = gstr(gen), o = opens,
-     f = forced}))
+     f = forced, w = restored}))
+end
+-- where the caller's view of the breaker starts in ARGV (set by the scripts that carry it):
+-- its state ('' none to write back, 'open', 'half-open'), the seconds its opening has left,
+-- the openings and the generation it saw
+local VIEW = nil
+-- Redis lost the breaker's state (gen 0: restarted empty, flushed) while the caller's view
+-- holds the fleet's opening: write it back, as one opening already counted (its openings, not
+-- one more) ending when it ended (no new reset timeout), or half-open with every probe slot
+-- free when its time is up (the reservations were lost with the rest). The first caller
+-- writes it; the others find it there and follow. The failures and reservations counted
+-- since the loss go.
+local function restore_view(now)
+  local vst = VIEW and ARGV[VIEW]
+  if vst ~= 'open' and vst ~= 'half-open' then return false end
+  local left = tonumber(ARGV[VIEW + 1]) or 0
+  local opens = tonumber(ARGV[VIEW + 2]) or 0
+  local gen = next_gen(now, tonumber(ARGV[VIEW + 3]) or 0)
+  restored = 1
+  if vst == 'open' and left > 0 then
+    redis.call('HSET', KEYS[1], 'st', 'open', 'until', tostring(now + left), 'at',
+               tostring(now), 'gen', gstr(gen), 'opens', opens, 'probes', 0, 'ok', 0, 'by', '')
+    publish('open', left, gen, opens)
+  else
+    redis.call('HSET', KEYS[1], 'st', 'half-open', 'hos', tostring(now), 'gen', gstr(gen),
+               'opens', opens, 'probes', 0, 'ok', 0, 'by', '')
+    publish('half-open', 0, gen, opens)
+  end
+  redis.call('DEL', KEYS[2], KEYS[3])
+  return true
 end
 -- the time now, then the breaker hash (KEYS[1]): its fields st, until, gen, opens and any
--- further ones asked for (h[5], ...), its state, generation and openings
+-- further ones asked for (h[5], ...), its state, generation and openings. A state lost
+-- while the caller's view holds an opening is written back first (see restore_view)
 local function read_breaker(...)
   local now = now_s()
   local h = redis.call('HMGET', KEYS[1], 'st', 'until', 'gen', 'opens', ...)
+  if (tonumber(h[3]) or 0) == 0 and restore_view(now) then
+    h = redis.call('HMGET', KEYS[1], 'st', 'until', 'gen', 'opens', ...)
+  end
   return now, h, h[1] or 'closed', tonumber(h[3]) or 0, tonumber(h[4]) or 0
 end
 -- when an open breaker read by read_breaker half-opens (Redis time). Its opening began at
@@ -273,7 +330,8 @@ end
 
 # KEYS: breaker hash, failure counter, probe reservations. ARGV: channel, service, token,
 # threshold, reset timeout (s), failure memory (ms), age of the failed attempt (s; -1: a probe,
-# or not known), the failover window (s), the probe's reservation ('': none), the lease (s).
+# or not known), the failover window (s), the probe's reservation ('': none), the lease (s),
+# then the caller's view (see restore_view).
 # -> {state, remaining, gen, failures, opens, opened by this call, the run of failures, and
 # for an open breaker, opened by this process (its token: another call of it, in another
 # thread, may have opened it just before)}
@@ -292,6 +350,7 @@ end
 _FAILURE = (
     _COMMON
     + """
+VIEW = 11
 local now, h, st, gen, opens = read_breaker('lastfail', 'run', 'by')
 local reset = tonumber(ARGV[5])
 local age = tonumber(ARGV[7])
@@ -347,11 +406,13 @@ return 0
 """
 
 # KEYS: breaker hash, failure counter, probe reservations. ARGV: channel, service, token,
-# probes, lease (s), reservation id. -> {decision (probe|closed|open|full), remaining, gen,
-# opens, and for an open breaker whether this process (its token) opened it}
+# probes, lease (s), reservation id, then the caller's view (see restore_view).
+# -> {decision (probe|closed|open|full), remaining, gen, opens, and for an open breaker
+# whether this process (its token) opened it}
 _ADMIT = (
     _COMMON
     + """
+VIEW = 7
 local now, h, st, gen, opens = read_breaker('probes', 'hos', 'by')
 if st == 'closed' then return {'closed', '0', gstr(gen), opens} end
 local rid = ARGV[6]
@@ -404,10 +465,12 @@ return {'full', '0', gstr(gen), opens}
 # and only while it holds a slot: a report that ran already, or one of a probe let through in an
 # earlier half-open state (a probe reported late, after a Redis blip), does nothing; a
 # reservation not made yet is marked ended, so that its admit, arriving late, takes no slot.
-# -> {state, remaining, gen, opens}
+# Then the caller's view (see restore_view): a probe ending after Redis lost its reservation
+# finds it nowhere, and counts nowhere. -> {state, remaining, gen, opens}
 _PROBE_DONE = (
     _COMMON
     + """
+VIEW = 8
 local now, h, st, gen, opens = read_breaker('probes', 'ok')
 local rid = ARGV[6]
 local held = redis.call('HGET', KEYS[3], rid)
@@ -435,15 +498,18 @@ return {'half-open', '0', gstr(gen), opens}
 """
 )
 
-# KEYS: breaker hash, failure counter, probe reservations. ARGV: channel, service, state to
-# force ('' = read only), reset timeout (s). -> {state, remaining, gen, opens}
+# KEYS: breaker hash, failure counter, probe reservations. ARGV: channel, service, token,
+# state to force ('' = read only), reset timeout (s), then the caller's view (see
+# restore_view: a read on rejoining writes back an opening Redis lost).
+# -> {state, remaining, gen, opens}
 # Its message carries ``f`` (forced): the processes taking it, the caller's own background
 # thread included, say an opening came from an ``open()``, not from failures.
 _FORCE = (
     _COMMON
     + """
-forced = 1
+VIEW = 6
 local now, h, st, gen, opens = read_breaker()
+forced = 1
 local want = ARGV[4]
 if want == '' then
   if st == 'open' then return {'open', remaining(h, now), gstr(gen), opens} end
@@ -629,6 +695,21 @@ def _keys(service: str) -> _Keys:
 def _breaker_keys(service: str) -> list[str]:
     """The KEYS of ``service``'s breaker scripts."""
     return list(_keys(service)[:3])
+
+
+#: a process's view of a shared breaker's opening, for Redis to write back if it lost the
+#: breaker's state (restarted empty, flushed): ``("open", seconds left, openings, gen)`` or
+#: ``("half-open", 0.0, openings, gen)``; None: nothing to write back (see ``restore_view`` in
+#: the scripts, and ``Breaker.lost_view``)
+View = tuple[str, float, int, int]
+
+
+def _view_args(view: View | None) -> list[Any]:
+    """The last four ARGV of a script that carries the caller's view (see ``restore_view``)."""
+    if view is None:
+        return ["", 0, 0, 0]
+    state, left, opens, gen = view
+    return [state, round(left, 3), opens, gen]
 
 
 def _import_redis() -> Any:
@@ -865,13 +946,16 @@ class FleetLink:
         age: float = -1.0,
         *,
         reservation: str | None = None,
+        view: View | None = None,
     ) -> tuple[str, float, int, int, int, bool, str, bool]:
         """Count one failure fleet-wide; ``age``: seconds since the failed attempt began (an
         attempt that began before the last failure counted and failing within
         :data:`FAILOVER_WINDOW` after it is not counted again), -1 for a probe or an attempt of
         unknown start (always counted). ``reservation``: a half-open probe's, which counts only
         while it holds a probe slot. The answer ends with the run of failures it saw (see
-        :meth:`breaker_reset_failures`; ``""``: none)."""
+        :meth:`breaker_reset_failures`; ``""``: none). ``view``: the caller's view of an opening,
+        written back if Redis lost the breaker's state (as for every breaker script but
+        :meth:`breaker_share_opening`)."""
         memory_ms = round(max(reset_timeout, FAILURE_MEMORY_MIN) * 1000)
         lease = max(reset_timeout, PROBE_LEASE_MIN)
         answer = self._call(
@@ -888,6 +972,7 @@ class FleetLink:
                 FAILOVER_WINDOW,
                 reservation or "",
                 lease,
+                *_view_args(view),
             ],
         )
         st, rem, gen, failures, opens, by_me, run = answer[:7]
@@ -904,7 +989,13 @@ class FleetLink:
         )
 
     def breaker_admit(
-        self, service: str, probes: int, reset_timeout: float, reservation: str
+        self,
+        service: str,
+        probes: int,
+        reset_timeout: float,
+        reservation: str,
+        *,
+        view: View | None = None,
     ) -> tuple[str, float, int, int, bool]:
         """Ask for a half-open probe under ``reservation`` (an id drawn for this attempt: its
         end, or its release when the answer is lost, names it)."""
@@ -912,7 +1003,7 @@ class FleetLink:
         answer = self._call(
             "admit",
             _breaker_keys(service),
-            [self.channel, service, self.token, probes, lease, reservation],
+            [self.channel, service, self.token, probes, lease, reservation, *_view_args(view)],
         )
         decision, rem, gen, opens = answer[:4]
         ours = len(answer) > 4 and bool(answer[4])  # an opening this process made (see _ADMIT)
@@ -927,6 +1018,7 @@ class FleetLink:
         reservation: str,
         reset_timeout: float,
         background: bool = False,
+        view: View | None = None,
     ) -> tuple[str, float, int, int]:
         """The half-open probe of ``reservation`` ended (``success``, or neither way: its slot
         is released; an admit whose answer was lost is released so too). Applied once, and
@@ -942,19 +1034,27 @@ class FleetLink:
                 1 if success else 0,
                 reservation,
                 max(reset_timeout, PROBE_LEASE_MIN),
+                *_view_args(view),
             ],
             background=background,
         )
         return _s(st), float(rem), int(gen), int(opens)
 
     def breaker_force(
-        self, service: str, state: str, reset_timeout: float, *, background: bool = False
+        self,
+        service: str,
+        state: str,
+        reset_timeout: float,
+        *,
+        background: bool = False,
+        view: View | None = None,
     ) -> tuple[str, float, int, int]:
-        """Set the shared state to ``state`` (``""``: only read it)."""
+        """Set the shared state to ``state`` (``""``: only read it, writing ``view`` back
+        first if Redis lost the breaker's state)."""
         st, rem, gen, opens = self._call(
             "force",
             _breaker_keys(service),
-            [self.channel, service, self.token, state, reset_timeout],
+            [self.channel, service, self.token, state, reset_timeout, *_view_args(view)],
             background=background,
         )
         return _s(st), float(rem), int(gen), int(opens)
@@ -977,9 +1077,10 @@ class FleetLink:
         return _s(st), float(rem), int(gen), int(opens), bool(by_me)
 
     def breaker_read(
-        self, service: str, *, background: bool = False
+        self, service: str, *, background: bool = False, view: View | None = None
     ) -> tuple[str, float, int, int]:
-        return self.breaker_force(service, "", 0, background=background)
+        """The shared state (``view``: written back first if Redis lost it)."""
+        return self.breaker_force(service, "", 0, background=background, view=view)
 
     def breaker_reset_failures(self, service: str, run: str) -> None:
         """A success: forget the failures counted while closed, if they are still the ``run``
@@ -1289,6 +1390,7 @@ class FleetLink:
             update = (str(data["st"]), float(data["r"]), int(data["g"]), int(data["o"]))
             mine = data.get("b") == self.token
             forced = bool(data.get("f"))  # an open() or close() (see _FORCE)
+            restored = bool(data.get("w"))  # written back into a Redis that lost it
         except (KeyError, TypeError, ValueError):
             log_quietly(
                 _log, logging.DEBUG, "ignoring a message on %s that is not ours", self.channel
@@ -1296,8 +1398,13 @@ class FleetLink:
             return
         breaker = self.breakers.get(service)
         if breaker is not None:
+            reason = _forced_reason(forced, mine)
+            if restored and not mine:
+                reason = _RESTORED_REASON
             try:
-                breaker.fleet_update(*update, mine=mine, reason=_forced_reason(forced, mine))
+                breaker.fleet_update(*update, mine=mine, reason=reason)
+                if restored and mine:
+                    breaker.say_restored(update[0], update[1])
             except Exception as exc:
                 self._listener_failed(service, exc)
 
@@ -1399,6 +1506,13 @@ def _emit_for_services(
             services=named,
             **fields,
         )
+
+
+#: why a process follows an opening another process wrote back into a Redis that lost it
+_RESTORED_REASON = (
+    "Redis lost the shared state (restarted or flushed): the fleet's opening, written back "
+    "by another process"
+)
 
 
 def _forced_reason(forced: bool, mine: bool) -> str | None:

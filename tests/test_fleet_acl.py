@@ -178,11 +178,14 @@ def test_an_opening_made_while_the_link_blipped_is_shared_on_rejoining(
     assert len(_lines(caplog, "Shared state restored")) == 1
 
 
-def test_a_redis_restarted_empty_brings_the_breaker_back_to_closed_saying_so(
+def test_a_redis_restarted_empty_gets_the_fleets_opening_back_from_this_process(
     redis_server: RedisServer, engine: sa.Engine, gate: Gate, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The fleet's opening (gen > 0 seen), then Redis restarted with no state while this
-    process opened nothing on its own: it follows the empty Redis (closed), and says why."""
+    process opened nothing on its own. It closed, following the empty Redis, and sent the next
+    unit to the database that had just failed; now, rejoining, it writes the opening back with
+    its own end (not a new reset timeout), rejects without the database, and says so once (no
+    new opening counted or logged, no "restarted or flushed" closing)."""
     caplog.set_level(logging.INFO, logger="resilient_db")
     Factory = _factory(engine, redis_server.url, "restart")
     wait_for(lambda: shared("restart")["connected"], "the link", 5)
@@ -190,16 +193,37 @@ def test_a_redis_restarted_empty_brings_the_breaker_back_to_closed_saying_so(
     for _ in range(3):
         with pytest.raises(sa.exc.OperationalError):
             Factory.run(_unit)
-    assert redis_server.client().hget("resilient_db:{restart}:breaker", "st") == b"open"
+    client = redis_server.client()
+    key = "resilient_db:{restart}:breaker"
+    assert client.hget(key, "st") == b"open"
+    until = float(client.hget(key, "until"))
     redis_server.kill()
     wait_for(lambda: not shared("restart")["connected"], "the link down", 5)
     redis_server.start()  # same port, no state
     wait_for(lambda: shared("restart")["connected"], "the link back", 5)
-    wait_for(
-        lambda: rdb.health()["services"]["restart"]["breaker"]["state"] == "closed", "closed", 5
-    )
-    (closed,) = _lines(caplog, "Circuit breaker closed")
-    assert "Redis restarted or flushed" in closed, closed
+    client = redis_server.client()
+    assert client.hget(key, "st") == b"open"
+    assert abs(float(client.hget(key, "until")) - until) < 0.5
+    assert client.hget(key, "opens") == b"1"
+    with pytest.raises(rdb.CircuitOpenError):
+        Factory.run(_unit)
+    assert gate.calls() == 3
+    health = rdb.health()["services"]["restart"]
+    assert health["breaker"]["state"] == "open"
+    assert health["breaker"]["shared"]["fleet_opens"] == 1
+    assert health["breaker"]["shared"]["opened_here"] == 1
+    assert health["counters"]["breaker_opens"] == 1
+    assert _lines(caplog, "Circuit breaker closed") == []
+    assert len(_lines(caplog, "Circuit breaker opened")) == 1
+    (restored,) = wait_for_lines(caplog, "Circuit breaker state restored")
+    assert "open, rejecting calls for" in restored, restored
+
+
+def wait_for_lines(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    """The lines holding ``text`` once there is one (the background thread writes it on
+    taking its own message)."""
+    wait_for(lambda: _lines(caplog, text), text, 5)
+    return _lines(caplog, text)
 
 
 def test_a_refused_login_names_the_user_and_never_the_password(

@@ -235,8 +235,8 @@ def test_redis_killed_mid_workload_then_back(
         assert a.ask("run", n=1)["open"] == 1
         assert gate.calls() == calls
         assert a.self_heal_lines("Circuit breaker closed") == []
-        # (a Redis restarted empty while nobody opened anything on its own brings every
-        # process back to closed: tests/test_fleet_acl.py)
+        # (a Redis restarted empty while the fleet's opening, made before, still runs gets it
+        # back from the processes that followed it: tests/test_fleet_restore.py)
 
 
 def test_shared_breaker_health_never_shows_the_password(

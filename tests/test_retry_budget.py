@@ -435,9 +435,13 @@ def test_a_late_message_of_an_opening_does_not_keep_the_circuit_open_longer(
     assert breaker.state == "closed"
 
 
-def test_flushed_redis_is_a_closed_breaker_and_an_empty_budget(
+def test_flushed_redis_gets_the_opening_back_and_starts_an_empty_budget(
     engine: sa.Engine, redis_server: RedisServer
 ) -> None:
+    """Flushed while the breaker is open: the opening ends when it would have (the view
+    rejects until then) and the next unit is a half-open probe (this process writes the
+    half-open state back into the empty Redis), whose success closes it. The fleet's budget
+    starts over: no first attempts in its window, its floor full (one second's worth)."""
     reset = 0.3
     config = shared_config(
         redis_server,
@@ -457,10 +461,12 @@ def test_flushed_redis_is_a_closed_breaker_and_an_empty_budget(
         Session.run(unavailable)
     redis_server.flushall()
     # the view says open until its time is up (the breaker's open period, not a backoff);
-    # then Redis, which has no state any more, says closed
+    # then its unit asks Redis for a probe: the half-open state is written back, the probe
+    # given, and its success closes the breaker
     time.sleep(reset)
     assert Session.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one()) == 1
     assert breaker.state == "closed"
+    assert redis_server.client().hget("resilient_db:{flushed}:breaker", "st") == b"closed"
     # the budget starts again from nothing but its floor: one retry, then spent
     with pytest.raises(sa.exc.OperationalError):
         Session.run(unavailable)

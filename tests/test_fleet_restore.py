@@ -1,0 +1,275 @@
+"""A Redis that lost the shared state (FLUSHALL, or restarted without persistence) while the
+fleet's breaker is open or half-open: the processes that followed the opening write it back
+(the first one wins, the others follow), so the fleet keeps rejecting until the opening's own
+end, without reaching the database, then lets the configured number of probes through, as if
+Redis had never lost anything. A process whose view is closed writes nothing back."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from fleet import Gate, fleet, shared
+from processes import wait_for
+
+import resilient_db as rdb
+from resilient_db import _fleet
+from resilient_db.testing import RedisServer
+
+pytestmark = pytest.mark.slow
+
+#: the text of the line of the process that wrote the opening back
+RESTORED = "Circuit breaker state restored"
+
+
+def _breaker_hash(redis: RedisServer, service: str) -> dict[str, str]:
+    raw = redis.client().hgetall(f"resilient_db:{{{service}}}:breaker")
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+def _redis_now(redis: RedisServer) -> float:
+    seconds, micros = redis.client().time()
+    return float(seconds) + micros / 1_000_000
+
+
+def _wait_past(redis: RedisServer, until: float) -> None:
+    """Until Redis's clock is past ``until`` (the opening's end: the breaker's own open period,
+    a condition on Redis's clock, not a backoff)."""
+    wait_for(lambda: _redis_now(redis) > until + 0.01, "the end of the opening", 60)
+
+
+def _total(answers: list[dict[str, Any]], key: str) -> int:
+    return sum(int(a[key]) for a in answers)
+
+
+def _settings(redis: RedisServer, reset: float) -> dict[str, str]:
+    """Workers that open the fleet's breaker at their first failure (no retries: counts are
+    exact), for ``reset`` seconds, then let two probes through."""
+    return {
+        "SELF_HEALING_REDIS_URL": redis.url,
+        "SELF_HEALING_RETRY": "false",
+        "SELF_HEALING_FAILURE_THRESHOLD": "1",
+        "SELF_HEALING_RESET_TIMEOUT": str(round(reset * 1000)),
+        "SELF_HEALING_HALF_OPEN_PROBES": "2",
+    }
+
+
+@pytest.mark.parametrize("loss", ["flushall", "restart"])
+def test_the_fleet_keeps_its_opening_when_redis_loses_it(
+    redis_server: RedisServer, pg_url: str, gate: Gate, tmp_path: Path, loss: str
+) -> None:
+    """Three processes follow one opening; Redis then loses it. Flushed while the links stay
+    up, nothing changes until the opening's end (each process rejects from its view), and the
+    first process asking for a probe then writes it back half-open: two probes fleet-wide, not
+    a closed breaker letting everything through. Restarted empty, every link goes down and
+    rejoins, and the first to rejoin writes the opening back with its own end (not a new reset
+    timeout): every process rejects, without the database, until then. Written back, the
+    opening is no new one: counted once (by the process that made it), logged once per
+    process; one process says it wrote it back."""
+    reset = 8.0  # long enough for a restart and every rejoin on a loaded machine
+    service = "fleet"
+    with fleet(3, pg_url, _settings(redis_server, reset), tmp_path, service=service) as workers:
+        for w in workers:
+            assert w.ask("wait", what="connected", timeout=20)["ok"], w.log()
+        opener = workers[0]
+        gate.set(down=True)
+        assert opener.run(1)["errors"] == {"57P03": 1}
+        for w in workers:
+            assert w.ask("wait", what="open", timeout=10)["ok"], w.log()
+        before = _breaker_hash(redis_server, service)
+        assert before["st"] == "open"
+        until = float(before["until"])
+
+        if loss == "flushall":
+            redis_server.flushall()
+        else:
+            redis_server.restart()
+            for w in workers:
+                assert w.ask("wait", what="connected", timeout=20)["ok"], w.log()
+            wait_for(lambda: _breaker_hash(redis_server, service), "the opening written back")
+            after = _breaker_hash(redis_server, service)
+            assert after["st"] == "open"
+            # its own end, not a new reset timeout from the rejoin (Redis's clock runs on: the
+            # same host)
+            assert abs(float(after["until"]) - until) < 0.5, (after, until)
+            assert after["opens"] == "1"  # the same opening: not counted again
+
+        calls = gate.calls()
+        assert _redis_now(redis_server) < until, "the opening ended before the test looked"
+        for w in workers:
+            assert w.run(3) == {"ok": 0, "open": 3, "errors": {}}, w.log()
+        assert gate.calls() == calls  # no unit reached the database
+
+        # the opening's end: half-open, two probes for the whole fleet (they wait on the
+        # test's lock, so none ends before every unit was admitted or refused)
+        gate.set(down=False, hold=True)
+        with gate.holding():
+            _wait_past(redis_server, until)
+            for w in workers:
+                assert w.ask("start", n=4) == {"started": 4}
+            for _ in range(2000):
+                progress = [w.ask("progress") for w in workers]
+                if _total(progress, "done") == 10 and gate.waiting_on_hold() == 2:
+                    break
+                time.sleep(0.005)  # polling the workers, not a backoff
+            assert _total(progress, "open") == 10, progress
+            assert gate.waiting_on_hold() == 2
+        gate.set(hold=False)
+        for _ in range(2000):
+            progress = [w.ask("progress") for w in workers]
+            if _total(progress, "done") == 12:
+                break
+            time.sleep(0.005)
+        assert _total(progress, "ok") == 2, progress  # exactly the two probes ran
+        for w in workers:
+            assert w.ask("wait", what="closed", timeout=10)["ok"], w.log()
+
+        healths = [w.ask("health")["services"][service] for w in workers]
+        assert [h["counters"]["breaker_opens"] for h in healths] == [1, 0, 0]
+        assert [h["breaker"]["shared"]["opens_followed"] for h in healths] == [0, 1, 1]
+        assert all(h["breaker"]["shared"]["fleet_opens"] == 1 for h in healths)
+        for w in workers:
+            assert len(w.self_heal_lines("Circuit breaker opened")) == 1, w.log()
+            assert w.self_heal_lines("no state shared through Redis") == [], w.log()
+        restorers = [w for w in workers if w.self_heal_lines(RESTORED)]
+        assert len(restorers) == 1, [w.log() for w in workers]
+        (line,) = restorers[0].self_heal_lines(RESTORED)
+        assert ("half-open" if loss == "flushall" else "open, rejecting calls") in line, line
+
+
+def _unit(s: Any) -> None:
+    s.execute(sa.text("SELECT rdb_gate()"))
+
+
+def _factory(redis: RedisServer, engine: sa.Engine, service: str, **settings: Any) -> Any:
+    config = rdb.Config(redis_url=redis.url, retry=False, **settings)
+    Factory = rdb.ResilientSession(engine, service=service, config=config)
+    wait_for(lambda: shared(service)["connected"], "the link", 10)
+    return Factory
+
+
+def test_probes_held_when_redis_is_flushed_end_and_new_ones_stay_bounded(
+    redis_server: RedisServer, engine: sa.Engine, gate: Gate, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Half-open with both probe slots taken, Redis is flushed: the reservations are gone. The
+    next unit asking for a probe writes the half-open state back with every slot free: two
+    more probes at most (not a closed breaker letting every unit through), the others are
+    refused. The probes that were running end as usual (Redis finds their reservations
+    nowhere: they count nowhere), nobody waits for good, and the new probes close it."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    service = "heldprobes"
+    Factory = _factory(redis_server, engine, service, reset_timeout=0.3, half_open_probes=2)
+    breaker = Factory.policy.breaker
+    assert breaker is not None
+    breaker.open()
+    until = float(_breaker_hash(redis_server, service)["until"])
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def unit() -> None:
+        try:
+            Factory.run(_unit)
+            outcome = "ok"
+        except rdb.CircuitOpenError:
+            outcome = "open"
+        with lock:
+            outcomes.append(outcome)
+
+    threads: list[threading.Thread] = []
+
+    def start(n: int) -> None:
+        for _ in range(n):
+            thread = threading.Thread(target=unit, daemon=True)
+            thread.start()
+            threads.append(thread)
+
+    gate.set(hold=True)
+    with gate.holding():
+        _wait_past(redis_server, until)
+        start(2)  # the two probes, held
+        wait_for(lambda: gate.waiting_on_hold() == 2, "the two probes")
+        assert _breaker_hash(redis_server, service)["st"] == "half-open"
+        redis_server.flushall()
+        start(6)
+        # two new probes, beside the two held at the flush; the four others refused
+        wait_for(lambda: len(outcomes) == 4 and gate.waiting_on_hold() == 4, "the new probes", 10)
+        assert outcomes == ["open"] * 4
+        assert gate.waiting_on_hold() == 4
+        assert _breaker_hash(redis_server, service)["st"] == "half-open"
+    for thread in threads:
+        thread.join(10)
+        assert not thread.is_alive()
+    assert sorted(outcomes) == ["ok"] * 4 + ["open"] * 4
+    assert breaker.state == "closed"
+    assert _breaker_hash(redis_server, service)["st"] == "closed"
+    lines = [r.getMessage() for r in caplog.records]
+    assert len([m for m in lines if RESTORED in m]) == 1
+    assert not [m for m in lines if "no state shared through Redis" in m]
+
+
+def test_a_process_whose_view_is_closed_writes_nothing_back(
+    redis_server: RedisServer, engine: sa.Engine, gate: Gate, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The fleet's breaker opened and closed again (this process's view: closed, a shared state
+    seen), then Redis is flushed: a failure counted in the empty Redis and a rejoin (its
+    subscription cut) write no breaker state back, and nothing is said."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    service = "closedview"
+    Factory = _factory(redis_server, engine, service, reset_timeout=30.0, failure_threshold=5)
+    breaker = Factory.policy.breaker
+    assert breaker is not None
+    breaker.open()
+    breaker.close()
+    assert _breaker_hash(redis_server, service)["st"] == "closed"
+    redis_server.flushall()
+    gate.set(down=True)
+    with pytest.raises(sa.exc.OperationalError):
+        Factory.run(_unit)  # counted by the empty Redis: one failure, closed
+    redis_server.client().execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+    wait_for(lambda: not shared(service)["connected"], "the link down", 10)
+    wait_for(lambda: shared(service)["connected"], "the link back", 10)
+    state = _breaker_hash(redis_server, service)
+    assert "st" not in state, state
+    assert "gen" not in state, state
+    assert breaker.state == "closed"
+    assert not [r for r in caplog.records if RESTORED in r.getMessage()]
+
+
+def test_a_closed_breaker_follows_an_opening_another_process_wrote_back(
+    redis_server: RedisServer, engine: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another process (its read on rejoining, as that process sends it) writes the fleet's
+    opening back into an empty Redis: 20 s left, the third opening it had seen. This process,
+    its breaker closed (started after the loss, say), follows it as another process's, saying
+    why; the count of openings is the one written back, not one more."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    service = "follower"
+    Factory = _factory(redis_server, engine, service, reset_timeout=30.0)
+    breaker = Factory.policy.breaker
+    assert breaker is not None
+    force = redis_server.client().register_script(_fleet._FORCE)
+    view = ["open", 20, 3, 1_700_000_000_000_000]  # state, seconds left, openings, gen
+    args = [breaker._fleet.channel, service, "other-1", "", 0, *view]
+    assert force(keys=_fleet._breaker_keys(service), args=args)[0] == b"open"
+    wait_for(lambda: breaker.state == "open", "the opening followed", 5)
+    (opened,) = [
+        r.getMessage() for r in caplog.records if "Circuit breaker opened" in r.getMessage()
+    ]
+    assert "Redis lost the shared state (restarted or flushed)" in opened, opened
+    assert "written back by another process" in opened, opened
+    assert not [r for r in caplog.records if RESTORED in r.getMessage()]  # (not this one's)
+    health = rdb.health()["services"][service]
+    assert health["counters"]["breaker_opens"] == 0
+    assert health["breaker"]["shared"]["opens_followed"] == 1
+    assert health["breaker"]["shared"]["fleet_opens"] == 3
+    assert 0 < health["breaker"]["retry_after"] <= 20
+    state = _breaker_hash(redis_server, service)
+    assert state["opens"] == "3"
+    assert int(state["gen"]) > view[3]
+    with pytest.raises(rdb.CircuitOpenError):
+        Factory.run(_unit)
