@@ -1296,6 +1296,8 @@ class EmbeddedPostgres(PostgresServer):
         self._closed = False
         self._started_once = False
         self._bin: Path | None = None
+        #: the pids :meth:`pause` stopped (the postmaster first)
+        self._paused: list[int] = []
         #: seconds taken by the last :meth:`start` (initdb included the first time)
         self.last_start_seconds: float | None = None
 
@@ -1376,6 +1378,45 @@ class EmbeddedPostgres(PostgresServer):
                 f"{type(self).__name__} is not running: call start() or use it as a context manager"
             )
         return super().connect(database, connect_timeout=connect_timeout)
+
+    def pause(self) -> None:
+        """Freeze the server: ``SIGSTOP`` to the postmaster, then to every process it started
+        (each backend leads a process group of its own). TCP stays up: the kernel still
+        accepts connections and acknowledges what clients send, and nothing answers, as on a
+        frozen VM or a stopped container. :meth:`resume` thaws it; :meth:`stop`, :meth:`crash`
+        and :meth:`close` thaw it first. Linux only (the processes are found in ``/proc``); a
+        server not running raises :class:`ServerControlError`."""
+        with self._lock:
+            proc = self._proc
+            if proc is None or proc.poll() is not None:
+                raise ServerControlError(f"can't pause {self!r}: it is not running")
+            if self._paused:
+                return
+            os.kill(proc.pid, signal.SIGSTOP)
+            self._paused = [proc.pid]
+            # once the postmaster is stopped it starts nobody: its children are all there
+            deadline = time.monotonic() + 10
+            while _process_state(proc.pid) not in ("T", "t", None):
+                if time.monotonic() > deadline:
+                    raise ServerControlError(f"postgres pid {proc.pid} did not stop in 10 s")
+                time.sleep(0.005)
+            for child in _children_of(proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGSTOP)
+                    self._paused.append(child)
+
+    def resume(self) -> None:
+        """``SIGCONT`` to every process :meth:`pause` stopped (a no-op when not paused)."""
+        with self._lock:
+            stopped, self._paused = self._paused, []
+            for pid in reversed(stopped):  # the children first, then the postmaster
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+
+    @property
+    def paused(self) -> bool:
+        """Whether the server is frozen by :meth:`pause`."""
+        return bool(self._paused)
 
     def _require_open(self, action: str) -> None:
         if self._closed:
@@ -1615,6 +1656,7 @@ class EmbeddedPostgres(PostgresServer):
 
     def _shutdown(self, *, immediate: bool) -> None:
         with self._lock:
+            self.resume()  # stopped (SIGSTOP), it would act on the signals below only once resumed
             proc = self._proc
             if proc is None:
                 return
@@ -1687,6 +1729,31 @@ def _stop_group(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
     if proc.stdout is not None:
         proc.stdout.close()
+
+
+def _process_state(pid: int) -> str | None:
+    """The state letter of process ``pid`` (``/proc/<pid>/stat``: ``T`` stopped); None when
+    it is gone."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat_line.rpartition(")")[2].split()[0]
+
+
+def _children_of(pid: int) -> list[int]:
+    """The pids of the processes whose parent is ``pid`` (from ``/proc``)."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:  # (gone meanwhile)
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(entry.name))
+    return children
 
 
 def _pid_file_ready(pid_file: Path, pid: int) -> bool:
