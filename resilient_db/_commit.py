@@ -55,6 +55,8 @@ import operator
 import os
 import random
 import re
+import selectors
+import socket
 import threading
 import time
 import weakref
@@ -109,6 +111,7 @@ from ._statements import (
     marked_cursor_factory,
     note_dialect_calls,
     note_saved,
+    own_work,
     rolled_back_instead,
     statement_listeners,
 )
@@ -1221,33 +1224,179 @@ def _warnings_into(driver: Any, warnings: list[str]) -> Iterator[None]:
         driver.remove_notice_handler(handler)
 
 
+#: seconds a cancel request sent to cut a statement off is given to end it (psycopg): then the
+#: connection's socket is shut down (see :class:`_Cut`), as for a server that answers nothing
+CANCEL_GRACE: Final = 1.0
+#: seconds the library waits for the answers of its own statements on psycopg (a check of a
+#: lost COMMIT answer, before its COMMIT; a prune of expired markers; the set-up of a check's
+#: connection) before it shuts the connection's socket down (see :func:`stall_cut`): a frozen
+#: server (its processes stopped, a paused VM: TCP up, the kernel acknowledging, nothing
+#: answering) is no longer waited for without end. The claim's own bound on the server is
+#: :data:`CLAIM_TIMEOUT_MS`; the other statements take milliseconds.
+STALLED_AFTER: Final = CLAIM_CLIENT_TIMEOUT
+
+
+class _Cut:
+    """Cutting a statement of psycopg's ``driver`` off from another thread (a timer's), on a
+    server that may answer nothing at all. libpq has no client-side timeout for a statement,
+    and its cancel request is a new connection to the postmaster, which a frozen server never
+    answers. So the cut shuts the connection's socket down (``shutdown(SHUT_RDWR)`` on a
+    duplicate of its descriptor, made at the start: shutdown acts on the socket both
+    descriptors share): the driver's wait ends, the statement raises ``OperationalError`` and
+    the connection is dead (it must be invalidated, never pooled). With ``cancel``, a cancel
+    request goes first, for a server that is alive but slow (a COMMIT waiting for a synchronous
+    standby, answered once cancelled), and the socket is shut down only if the statement has
+    not ended :data:`CANCEL_GRACE` later. The cancel can't hold the timer: with libpq 17 or
+    later it is a non-blocking cancel connection given up after :data:`CANCEL_GRACE`; with an
+    older libpq, whose cancel blocks until the server answers, it is sent from a daemon thread
+    of its own (which a server frozen for good keeps waiting).
+
+    :meth:`end` (when the statement is over) makes any later firing do nothing; once it has
+    returned, :meth:`fired` says for good whether the cut began (a cancel may then still be on
+    its way to the connection)."""
+
+    def __init__(self, driver: Any, *, cancel: bool) -> None:
+        self._lock = threading.Lock()
+        self._ended = threading.Event()
+        self._fired = False
+        self._cancel: Any = None
+        if cancel:  # made here, in the driver's thread (no I/O)
+            pgconn = driver.pgconn
+            safe = psycopg.capabilities.has_cancel_safe()
+            self._cancel = pgconn.cancel_conn() if safe else pgconn.get_cancel()
+        fd = os.dup(driver.pgconn.socket)
+        try:
+            self._socket: socket.socket | None = socket.socket(fileno=fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def fired(self) -> bool:
+        return self._fired
+
+    def fire(self) -> None:
+        """(the timer's thread) Cut the statement off, unless it has ended."""
+        with self._lock:
+            if self._ended.is_set():
+                return
+            self._fired = True
+            cancel, self._cancel = self._cancel, None
+        if cancel is not None:
+            _send_cancel(cancel)
+            if self._ended.wait(CANCEL_GRACE):
+                return
+        with self._lock:
+            if self._socket is not None:
+                with contextlib.suppress(OSError):
+                    self._socket.shutdown(socket.SHUT_RDWR)
+
+    def end(self) -> None:
+        with self._lock:
+            self._ended.set()
+            sock, self._socket = self._socket, None
+            cancel, self._cancel = self._cancel, None
+        if sock is not None:
+            sock.close()  # (the duplicate only)
+        if cancel is not None and hasattr(cancel, "finish"):
+            cancel.finish()
+
+
+def _send_cancel(cancel: Any) -> None:
+    """Send a cancel request (libpq 17's ``PGcancelConn``, given up after
+    :data:`CANCEL_GRACE`; an older libpq's ``PGcancel`` from a daemon thread: see
+    :class:`_Cut`). Its failure is no error of anyone's: the cut goes on."""
+    if not hasattr(cancel, "poll"):
+        threading.Thread(
+            target=_quietly_cancel, args=(cancel.cancel,), name="resilient_db-cancel", daemon=True
+        ).start()
+        return
+    try:
+        cancel.start()
+        ends = time.monotonic() + CANCEL_GRACE
+        with selectors.DefaultSelector() as selector:
+            while True:
+                status = cancel.poll()
+                if status == psycopg.pq.PollingStatus.READING:
+                    events = selectors.EVENT_READ
+                elif status == psycopg.pq.PollingStatus.WRITING:
+                    events = selectors.EVENT_WRITE
+                else:  # sent and answered, or failed
+                    return
+                left = ends - time.monotonic()
+                if left <= 0:
+                    return
+                key = selector.register(cancel.socket, events)
+                selector.select(left)
+                selector.unregister(key.fileobj)
+    except Exception:
+        debug_failure(log_session, "a cancel request could not be sent")
+    finally:
+        cancel.finish()
+
+
+def _quietly_cancel(cancel: Callable[[], object]) -> None:
+    try:
+        cancel()
+    except Exception:
+        debug_failure(log_session, "a cancel request could not be sent")
+
+
 @contextlib.contextmanager
 def _cut_off_after(driver: Any, seconds: float) -> Iterator[Callable[[], bool]]:
     """A statement of ``driver``'s cut off after ``seconds``. asyncpg: its ``command_timeout``
     set to ``seconds`` (:func:`~._internals.asyncpg_command_timeout`): asyncpg cancels the statement
     and raises ``TimeoutError``. psycopg (sync or async): a timer thread sends the server a
-    cancel request (libpq's, which may be sent from any thread). Yields a function telling,
-    once outside, whether the timer fired at all (the cancel then may have reached the
-    statement, even as its answer came)."""
+    cancel request, then shuts the connection's socket down if the statement has not ended
+    :data:`CANCEL_GRACE` later (see :class:`_Cut`). Yields a function telling, once outside,
+    whether the timer fired at all (the cancel then may have reached the statement, even as
+    its answer came)."""
     if isinstance(driver, asyncpg.Connection):
         with asyncpg_command_timeout(driver, seconds):
             yield lambda: False  # a cut is asyncpg's TimeoutError
         return
-    cancel = driver.pgconn.get_cancel()
-    fired = threading.Event()
-
-    def cut_off() -> None:
-        fired.set()
-        cancel.cancel()
-
-    timer = threading.Timer(seconds, cut_off)
+    cut = _Cut(driver, cancel=True)
+    timer = threading.Timer(seconds, cut.fire)
     timer.daemon = True
     timer.start()
     try:
-        yield fired.is_set
+        yield cut.fired
     finally:
         timer.cancel()
-        timer.join()  # a cut_off already running has set ``fired`` once this returns
+        cut.end()  # a cut_off already running has set ``fired`` once this returns
+
+
+@contextlib.contextmanager
+def stall_cut(connection: Connection, seconds: float | None = None) -> Iterator[None]:
+    """The library's own statements on ``connection`` inside the block given at most
+    ``seconds`` (:data:`STALLED_AFTER` when None) in all on psycopg (sync or async): then the
+    connection's socket is shut down
+    (see :class:`_Cut`) and the statement waiting raises ``OperationalError``, a lost
+    connection (invalidated: never pooled). Nothing for asyncpg, whose ``command_timeout``
+    bounds each statement, nor for other drivers."""
+    with _stall_cut(connection.connection.driver_connection, seconds) as fired:
+        try:
+            yield
+        finally:
+            if fired():
+                connection.invalidate()
+
+
+@contextlib.contextmanager
+def _stall_cut(driver: Any, seconds: float | None = None) -> Iterator[Callable[[], bool]]:
+    """:func:`stall_cut` on a driver connection; yields whether the cut began (known once
+    outside). ``seconds``: :data:`STALLED_AFTER` when None."""
+    if not isinstance(driver, (psycopg.Connection, psycopg.AsyncConnection)):
+        yield lambda: False
+        return
+    cut = _Cut(driver, cancel=False)
+    timer = threading.Timer(STALLED_AFTER if seconds is None else seconds, cut.fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield cut.fired
+    finally:
+        timer.cancel()
+        cut.end()
 
 
 PRUNE_SQL = f"SELECT {SCHEMA}.prune_commit_markers({PRUNE_BATCH})"
@@ -1307,6 +1456,11 @@ def marker_id() -> str:
 #: default), which asyncpg applies to the whole multi-host connect, is applied to each host
 #: instead (see :func:`_connect_host_by_host`), and is this where not given.
 MULTI_HOST_CONNECT_TIMEOUT: Final = 5
+#: seconds a psycopg connect of the library's own (a check of a lost COMMIT answer, a prune of
+#: expired markers, the end of a two-phase unit's prepared transactions) may take where the URL,
+#: connect arguments and PGCONNECT_TIMEOUT set no ``connect_timeout`` (and no connection
+#: service is named): libpq's, for a server that accepts TCP and never answers (a frozen one)
+LIBRARY_CONNECT_TIMEOUT: Final = 5
 
 #: asyncpg's errors after which its own multi-host connect tries the next host, and so does
 #: :func:`_connect_host_by_host`; and the host's session not of the wanted kind
@@ -2110,6 +2264,9 @@ class CommitProtocol:
         # them: marked when it is switched on (see switched_on), in use or not
         self._made_off: weakref.WeakSet[Any] = weakref.WeakSet()
         self._made_off_lock = threading.Lock()
+        #: the connect arguments a library connect was given a timeout in (see
+        #: _psycopg_do_connect)
+        self._lent: dict[str, Any] | None = None
         if not self.supported:
             self.warn_unsupported()
             # nothing to mark: every unit's COMMIT is UNMARKED (see CommitRequest.last). What
@@ -2213,19 +2370,33 @@ class CommitProtocol:
         first host that accepts TCP and never answers held every connect that long). Not where
         a connection service is named (``service=``, ``PGSERVICE``): libpq reads its
         ``connect_timeout`` from the service file, which a value given here would override, and
-        only libpq knows which file that is."""
+        only libpq knows which file that is. Likewise, the library's own connections (see
+        :func:`~._statements.library_work`) get :data:`LIBRARY_CONNECT_TIMEOUT`."""
+        if self._lent is not None:  # (only SQLAlchemy before 2.0.2x: the same dict again)
+            lent, self._lent = self._lent, None
+            if lent is cparams and cparams.get("connect_timeout") == LIBRARY_CONNECT_TIMEOUT:
+                del cparams["connect_timeout"]
         hosts = cparams.get("host")
-        if (
+        if not (
             self._settings.config.enabled
             and not cargs
-            and isinstance(hosts, str)
-            and "," in hosts
             and "connect_timeout" not in cparams
             and "PGCONNECT_TIMEOUT" not in os.environ
             and "service" not in cparams
             and "PGSERVICE" not in os.environ
         ):
+            return
+        if isinstance(hosts, str) and "," in hosts:
             cparams["connect_timeout"] = MULTI_HOST_CONNECT_TIMEOUT
+        elif own_work.get():
+            # the library's own connection (a check of a lost COMMIT answer, a prune, the end
+            # of a two-phase unit): a server that accepts TCP and never answers (a frozen
+            # one) is given up after LIBRARY_CONNECT_TIMEOUT, not psycopg's 130 s, which would
+            # hold a unit's check past its deadline. Set in the dict SQLAlchemy hands this
+            # connect; SQLAlchemy before 2.0.2x hands every connect the same one: taken out
+            # again at the next connect (``_lent``)
+            cparams["connect_timeout"] = LIBRARY_CONNECT_TIMEOUT
+            self._lent = cparams
 
     def needs_replacing(self, dbapi_connection: Any, record: Any) -> bool:
         """An asyncpg connection made before this engine had a resilient factory, or while
@@ -2310,9 +2481,12 @@ class CommitProtocol:
         # the set-up's statements are the library's, not those of the unit connecting now
         outside = current_attempt.set(None)
         try:
-            installed, prepared, reports = self._set_up_markers(
-                dbapi_connection, driver, want_prepared
-            )
+            # a connection of the library's own (a check's) is not waited for without end on a
+            # server that froze once it had connected (psycopg; see stall_cut): a lost one
+            with _stall_cut(driver) if own_work.get() else contextlib.nullcontext():
+                installed, prepared, reports = self._set_up_markers(
+                    dbapi_connection, driver, want_prepared
+                )
             if installed:
                 mode = MARKERS
                 if prepared:
@@ -3379,7 +3553,9 @@ def prune(connection: Connection) -> int:
     prune fails there, 25006: expired markers are never deleted, and the error, taken for a
     server that takes no writes, replaces the engine's pooled connections). Not on a hot
     standby, which refuses READ WRITE and where the function prunes nothing."""
-    with connection.begin():
+    # (psycopg: a server that froze is not waited for without end, its COMMIT's answer
+    # included, see stall_cut: the sync factory's prune runs before the unit's run() returns)
+    with stall_cut(connection), connection.begin():
         if read_only_by_default(connection.connection.driver_connection):
             connection.execute(READ_WRITE_SQL)
         return int(connection.exec_driver_sql(PRUNE_SQL).scalar() or 0)

@@ -74,6 +74,7 @@ from ._commit import (
     end_check,
     prune,
     replication_wait_within,
+    stall_cut,
     wrote_past_commit,
 )
 from ._config import Config, factory_config, register_default_user
@@ -562,23 +563,26 @@ def check_commit(
     is committed on the primary only, as far as anyone can tell: ``UNREPLICATED`` (a failover
     to a standby that never had it would lose it)."""
     with connection.begin():
-        if ticket.mode == MARKERS:
-            status = claim(connection, ticket)
-            verdict = interpret_claim(status)
-            if verdict is CommitVerdict.UNKNOWN:
-                ticket.unknown_why = _CLAIM_UNKNOWN.get(status or "", _CLAIM_UNKNOWN[""])
-            elif verdict is CommitVerdict.ABORTED and ticket.xid is not None:
-                # no marker, but the xid was read too: a notification in a transaction that
-                # may have been read-only, where none is written (see _commit._commit_plan).
-                # The fence is in: a transaction that could write its marker never commits now
+        # (psycopg: a server that stops answering, a frozen one, cuts the check off as a lost
+        # connection; its COMMIT has a cut of its own, see end_check)
+        with stall_cut(connection):
+            if ticket.mode == MARKERS:
+                status = claim(connection, ticket)
+                verdict = interpret_claim(status)
+                if verdict is CommitVerdict.UNKNOWN:
+                    ticket.unknown_why = _CLAIM_UNKNOWN.get(status or "", _CLAIM_UNKNOWN[""])
+                elif verdict is CommitVerdict.ABORTED and ticket.xid is not None:
+                    # no marker, but the xid was read too: a notification in a transaction that
+                    # may have been read-only, where none is written (see _commit._commit_plan).
+                    # The fence is in: a transaction that could write its marker never commits now
+                    row = connection.execute(_xid_status(ticket), {"xid": ticket.xid}).one()
+                    verdict = _xid_verdict(ticket, row[0], row[1])
+            else:
                 row = connection.execute(_xid_status(ticket), {"xid": ticket.xid}).one()
                 verdict = _xid_verdict(ticket, row[0], row[1])
-        else:
-            row = connection.execute(_xid_status(ticket), {"xid": ticket.xid}).one()
-            verdict = _xid_verdict(ticket, row[0], row[1])
-        past = None
-        if verdict is CommitVerdict.COMMITTED:
-            past = wrote_past_commit(connection, _whose(ticket))
+            past = None
+            if verdict is CommitVerdict.COMMITTED:
+                past = wrote_past_commit(connection, _whose(ticket))
         proving = past is not None
         wait = replication_wait_within(ticket.proofs, left)
         if proving:

