@@ -1260,16 +1260,21 @@ class _Cut:
         self._ended = threading.Event()
         self._fired = False
         self._cancel: Any = None
-        if cancel:  # made here, in the driver's thread (no I/O)
-            pgconn = driver.pgconn
-            safe = psycopg.capabilities.has_cancel_safe()
-            self._cancel = pgconn.cancel_conn() if safe else pgconn.get_cancel()
-        fd = os.dup(driver.pgconn.socket)
+        self._socket: socket.socket | None = None
         try:
-            self._socket: socket.socket | None = socket.socket(fileno=fd)
+            fd = os.dup(driver.pgconn.socket)
+        except (OSError, psycopg.Error):  # a connection already lost: nothing will wait on it
+            return
+        try:
+            self._socket = socket.socket(fileno=fd)
         except BaseException:
             os.close(fd)
             raise
+        if cancel:  # made here, in the driver's thread (no I/O)
+            pgconn = driver.pgconn
+            safe = psycopg.capabilities.has_cancel_safe()
+            with contextlib.suppress(psycopg.Error):
+                self._cancel = pgconn.cancel_conn() if safe else pgconn.get_cancel()
 
     def fired(self) -> bool:
         return self._fired
