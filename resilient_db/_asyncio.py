@@ -725,7 +725,8 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
     async def _commit_failed(
         self, exc: Exception, request: CommitRequest, session: AsyncSession
     ) -> None:
-        """COMMIT failed: return if it was verified committed, else raise."""
+        """COMMIT failed: return if it was verified committed (or changed nothing: see
+        ``CommitReferee.done_before_last_commit``), else raise."""
         failure = self._referee.prepare_failure(exc, request)
         if not isinstance(failure, Exception):  # an interruption SQLAlchemy's error replaced
             self._end_later(request, failure)
@@ -734,6 +735,8 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         if await self._finish_two_phase(request, exc, session):
             return  # a two-phase unit whose prepared transactions were all committed here
         await self._end_two_phase(request, exc)
+        if self._referee.done_before_last_commit(exc, request):
+            return  # a transaction that wrote nothing, after the unit's own COMMIT midway
         ticket = self._referee.must_verify(exc, request)
         if ticket is None:
             raise exc

@@ -596,7 +596,8 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         self.policy.failed_after_commit(exc, request.may_have_written())
 
     def _commit_failed(self, exc: Exception, request: CommitRequest, session: Session) -> None:
-        """COMMIT failed: return if it was verified committed, else raise."""
+        """COMMIT failed: return if it was verified committed (or changed nothing: see
+        ``CommitReferee.done_before_last_commit``), else raise."""
         failure = self._referee.prepare_failure(exc, request)
         if not isinstance(failure, Exception):  # an interruption SQLAlchemy's error replaced
             self._end_later(request, failure)
@@ -605,6 +606,8 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         if self._finish_two_phase(request, exc, session):
             return  # a two-phase unit whose prepared transactions were all committed here
         self._end_two_phase(request, exc)
+        if self._referee.done_before_last_commit(exc, request):
+            return  # a transaction that wrote nothing, after the unit's own COMMIT midway
         ticket = self._referee.must_verify(exc, request)
         if ticket is None:
             raise exc

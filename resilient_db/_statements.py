@@ -25,6 +25,7 @@ import contextlib
 import contextvars
 import re
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Final, TypeAlias, cast
 
@@ -371,6 +372,25 @@ _KEEPS_SESSION = re.compile(
     f"|(?:\\A|;){_SPACE}*PREPARE{_SPACE}+(?!TRANSACTION(?![{_NAME_CHAR}]))",
     re.IGNORECASE,
 )
+#: A flag over a verdict that may write: the statement may set the isolation level of the
+#: transaction it runs in or of the connection's later ones (``SET TRANSACTION ISOLATION
+#: LEVEL``, ``SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL``, ``BEGIN`` or ``START
+#: TRANSACTION ISOLATION LEVEL``, ``SET default_transaction_isolation`` or
+#: ``transaction_isolation``, ``set_config()`` of a setting the text does not name, an
+#: ``UPDATE`` of ``pg_settings``): the level SQLAlchemy knows for the connection is no longer
+#: sure, for as long as the connection lives (see :data:`isolation_unsure`). A word taken for
+#: one by mistake (``'isolation'`` in a string) costs a lost COMMIT answer of a unit that
+#: committed part of its work its proof by the level (see ``_unit.isolation_of``), nothing
+#: more; ``SHOW`` only reads it.
+SETS_ISOLATION: Final = 256
+_SETS_ISOLATION = re.compile(
+    f"isolation|set_config\"?{_SPACE}*\\({_SPACE}*(?!')|pg_settings", re.IGNORECASE
+)
+_SHOW_ONLY = re.compile(f"{_SPACE}*SHOW{_SPACE}[^;]*;?{_SPACE}*\\Z", re.IGNORECASE)
+#: the drivers' connections on which a statement that ``SETS_ISOLATION`` was sent, each for as
+#: long as it lives (a session's characteristics outlive its transactions, and the connection
+#: goes back to the pool with them)
+isolation_unsure: weakref.WeakSet[Any] = weakref.WeakSet()
 #: the verdict of the most common writes (an ``INSERT``, ``UPDATE``, ``DELETE`` alone): the
 #: noting paths set its flag themselves, without a call
 _PLAIN_WRITE: Final = MAY_WRITE | WRITES
@@ -469,6 +489,8 @@ def _judge_bare(statement: str) -> int:
         flags |= COMMITS_INSIDE
     if _KEEPS_SESSION.search(statement) is not None:
         flags |= KEEPS_SESSION
+    if _SETS_ISOLATION.search(statement) is not None and _SHOW_ONLY.match(statement) is None:
+        flags |= SETS_ISOLATION
     return (verdict or MAY_WRITE) | flags if flags else verdict
 
 
@@ -945,13 +967,16 @@ def statement_listeners(
 
 def _special_statement(verdict: int, driver: Any) -> None:
     """What a STOPS_PREPARED, NOTIFIES or DEALLOCATES statement, or one that ``WRITES``,
-    changes on a marked connection (the COMMITS flags are the noting paths' to act on)."""
+    ``KEEPS_SESSION`` or ``SETS_ISOLATION``, changes on a marked connection (the COMMITS
+    flags are the noting paths' to act on)."""
     if verdict & WRITES:
         driver._rdb_writes = True  # read (and cleared) by the unit's COMMIT
     if verdict & KEEPS_SESSION:
         attempt = current_attempt.get()
         if attempt is not None:  # (dropped if the attempt fails: see KEEPS_SESSION)
             attempt.keeps(driver)
+    if verdict & SETS_ISOLATION:
+        isolation_unsure.add(driver)
     kind = verdict & _KIND
     if kind == STOPS_PREPARED:
         driver._rdb_prepared = None  # its COMMITs call the function from now on

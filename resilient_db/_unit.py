@@ -104,6 +104,7 @@ from ._statements import (
     current_attempt,
     current_request,
     dropin_block,
+    isolation_unsure,
     library_work,
     lost_commit_while_off,
     note_dialect_calls,
@@ -1163,6 +1164,58 @@ class CommitReferee:
         self.no_standby_connected(ticket)
         raise self._unknown(what, reason, marker=ticket.marker, xid=ticket.xid) from exc
 
+    def done_before_last_commit(self, exc: BaseException, request: CommitRequest) -> bool:
+        """Whether the unit is done although its final COMMIT failed with ``exc``: the unit's
+        own code committed its work before (``session.commit()`` midway, answered, or a
+        statement in autocommit: the attempt can't be replayed), the final COMMIT lost its
+        answer (or never went out: the connection was lost), and the transaction it ended
+        wrote nothing (every COMMIT of it read-only: held no xid) in an isolation level known
+        not to be SERIALIZABLE (see
+        :func:`isolation_of`). Committed or rolled back, that transaction changed nothing,
+        and its reads stand either way (a read-only transaction can fail at COMMIT only under
+        SERIALIZABLE, whose reads are then unproven): every write of the unit is committed.
+        Said (as a verified lost answer) and counted; False otherwise, and nothing said."""
+        attempt = request.attempt
+        if (
+            attempt is None
+            or not attempt.unreplayable
+            or attempt.prepared  # (left prepared by its code: not committed yet)
+            or not request.committing
+            or request.two_phase
+            or request.two_phase_commits
+            or not self._cut_off(exc)  # (an error answer: as any)
+        ):
+            return False
+        drivers = request.drivers()
+        tickets = request.tickets
+        # every connection's COMMIT went out (SQLAlchemy stops at a failing one: one after it
+        # that wrote would have lost its writes), none of a transaction that wrote
+        if not drivers or len(tickets) != len(drivers):
+            return False
+        if any(not t.sent or t.wrote for t in tickets):
+            return False
+        levels = {isolation_of(connection, driver) for connection, driver in drivers}
+        if None in levels or "SERIALIZABLE" in levels:
+            return False
+        policy = self.policy
+        policy.stats.add("verified_commits")
+        emit(
+            policy.config,
+            log_session,
+            logging.WARNING,
+            "Commit outcome verified: service=%s the unit is done: its COMMIT whose answer was "
+            "lost ended a transaction that wrote nothing (isolation level %s: its reads stand "
+            "either way), and what it wrote before was committed by its own code (a COMMIT "
+            "that was answered); not replaying",
+            policy.service,
+            ", ".join(sorted(str(level) for level in levels)),
+            service=policy.service,
+            event="commit_verified",
+            marker=None,
+            xid=None,
+        )
+        return True
+
     def _split_done(self, split: Split) -> None:
         """The lost answer of a unit spanning several connections was a COMMIT that wrote
         nothing, and every COMMIT that wrote was answered: the unit is done (nothing checked)."""
@@ -1477,6 +1530,29 @@ class CommitReferee:
         return CommitOutcomeUnknownError(
             policy.service, int(xid) if xid is not None else None, reason, marker=marker
         )
+
+
+def isolation_of(connection: Connection, driver: Any) -> str | None:
+    """The isolation level of the transaction ``connection`` (SQLAlchemy's) ran, as known
+    without asking the server, in capitals; None when not sure. psycopg's connection says what
+    its BEGIN asked for (``isolation_level``, SQLAlchemy's setting or your code's on the
+    driver's connection); otherwise it is SQLAlchemy's: the ``isolation_level`` execution
+    option of the connection (or of its engine), else the dialect's default, read when the
+    engine first connected (the engine's ``isolation_level``, or the server's default for the
+    role and database). A statement that may have set a level on the connection (see
+    ``_statements.SETS_ISOLATION``: ``SET TRANSACTION ISOLATION LEVEL``, ``SET SESSION
+    CHARACTERISTICS``, ``SET default_transaction_isolation``, ...) leaves it unsure for as
+    long as the connection lives."""
+    if driver is None or driver in isolation_unsure:
+        return None
+    if isinstance(driver, (psycopg.Connection, psycopg.AsyncConnection)):
+        own = driver.isolation_level
+        if own is not None:
+            return own.name.replace("_", " ")
+    level = connection.get_execution_options().get("isolation_level")
+    if level is None:
+        level = connection.default_isolation_level
+    return None if level is None else str(level).upper()
 
 
 @dataclass(frozen=True)

@@ -126,7 +126,9 @@ def claim(engine: sa.Engine, marker: uuid.UUID | str, *, wait_ms: int | None = N
         "SELECT u.id FROM users AS u JOIN (posts JOIN tags ON true) ON true",
         "SELECT u.id FROM (users AS u JOIN posts AS p ON true) JOIN (tags) ON true",
         "BEGIN",
-        "START TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+        "START TRANSACTION",
+        # (one that names an isolation level may set the level SQLAlchemy knows: taken as one
+        # that may write, see test_lost_answer_after_midway_commit.py)
     ],
 )
 def test_plain_selects_are_proven_read_only(statement: str) -> None:
@@ -460,7 +462,9 @@ def test_statements_that_may_make_transactions_read_only_stop_the_prepared_marke
 ) -> None:
     """In a read-only transaction the server refuses the prepared INSERT before looking at its
     condition: after such a statement the connection's COMMITs call the function."""
-    assert _statements.verdict_of(statement) == _statements.STOPS_PREPARED
+    # (with SETS_ISOLATION where it names a level: see test_lost_answer_after_midway_commit.py)
+    verdict = _statements.verdict_of(statement) & ~_statements.SETS_ISOLATION
+    assert verdict == _statements.STOPS_PREPARED
 
 
 def test_uuid7_is_version_7_time_ordered_and_unique() -> None:
