@@ -1999,18 +1999,26 @@ async def test_a_unit_cancelled_while_it_looks_for_a_lost_prepare_ends_it_afterw
     caplog.set_level("INFO", logger="resilient_db")
     proxy, engines = two_async_proxied
     # a PREPARE of three seconds: the cut (found by polling the server, slower on a busy
-    # machine) and the 0.2 s below both land well inside it
+    # machine) and the factory's first look after it land well inside it
     slow = SLOW_PREPARE.replace("pg_sleep(1)", "pg_sleep(3)")
     two_phase_server.execute(slow, database=two_databases[1])
-    Sessions = two_phase_factory(rdb.AsyncResilientSession, engines, service)
+    looking = asyncio.Event()  # the unit waits between two looks for the PREPARE
+    tasks: list[asyncio.Future[Any]] = []
+
+    async def asleep(seconds: float) -> None:
+        if asyncio.current_task() is tasks[0]:  # (the unit's, not the background look's)
+            looking.set()
+        await asyncio.sleep(seconds)
+
+    Sessions = two_phase_factory(rdb.AsyncResilientSession, engines, service, asleep=asleep)
     cutter = cut_while_preparing(two_phase_server, two_databases[1], proxy)
     calls: list[int] = []
     unit = asyncio.ensure_future(Sessions.run(add_to_both_async, calls))
-    await wait_for_async(lambda: not cutter.is_alive(), "the cut", timeout=10)
-    # (inside the seconds the PREPARE runs on after the cut, while the factory looks for it:
-    # a place in time on the server, no backoff waited out)
-    await asyncio.sleep(0.2)
-    assert not pending_prepared(two_phase_server, two_databases)  # (still preparing)
+    tasks.append(unit)
+    # inside the seconds the PREPARE runs on after the cut, while the factory looks for it:
+    # the unit seen waiting between two looks (its first look found the PREPARE running),
+    # not a fixed time after the cut, which a busy machine may overrun
+    await asyncio.wait_for(looking.wait(), 10)
     unit.cancel()
     with pytest.raises(asyncio.CancelledError):
         await unit
@@ -2059,7 +2067,10 @@ async def test_a_unit_timed_out_in_its_prepare_ends_what_it_leaves_prepared_afte
     until someone ends it. The deadline goes on at once; the background look waits for the
     PREPARE and rolls back whatever it left, and says what it did."""
     caplog.set_level("INFO", logger="resilient_db")
-    two_phase_server.execute(SLOW_PREPARE, database=two_databases[1])
+    # a PREPARE of three seconds: the deadline, set once the server is seen running it (by
+    # polling, slower on a busy machine), fires well inside it
+    slow = SLOW_PREPARE.replace("pg_sleep(1)", "pg_sleep(3)")
+    two_phase_server.execute(slow, database=two_databases[1])
     Sessions = two_phase_factory(rdb.AsyncResilientSession, two_async_engines, service)
     calls: list[int] = []
     running = (  # (see cut_while_preparing)
@@ -2072,10 +2083,11 @@ async def test_a_unit_timed_out_in_its_prepare_ends_what_it_leaves_prepared_afte
         return bool(two_phase_server.execute(running, database=two_databases[1])[0][0])
 
     async def time_out_inside_the_prepare(deadline: asyncio.Timeout) -> None:
-        # the deadline set once the server runs the PREPARE (a second long), however long the
-        # unit took to get there: it fires inside it on a busy machine too
+        # the deadline reached once the server runs the PREPARE (the unit awaits its answer),
+        # however long the unit took to get there: not a fixed time after, which a busy
+        # machine may overrun
         await asyncio.to_thread(wait_for, preparing, "the PREPARE")
-        deadline.reschedule(asyncio.get_running_loop().time() + 0.2)
+        deadline.reschedule(asyncio.get_running_loop().time())
 
     watchers: list[asyncio.Future[None]] = []
 
@@ -2330,14 +2342,22 @@ def test_an_errand_said_at_exit_names_the_transaction_it_just_failed_to_end(
     proxy, engines = two_proxied
     slow = SLOW_PREPARE.replace("pg_sleep(1)", "pg_sleep(4)")
     two_phase_server.execute(slow, database=two_databases[1])
+    main = threading.get_ident()
+    looking = threading.Event()  # the unit waits between two looks for the PREPARE
+
+    def sleep(seconds: float) -> None:
+        if threading.get_ident() == main:
+            looking.set()
+        time.sleep(seconds)
+
     Sessions = rdb.ResilientSession(
         engines[0],
         service=service,
         twophase=True,
         binds={Item: engines[0], Task: engines[1]},
         config=rdb.Config(deadline=1.0),  # (the errand's look ends with the PREPARE running)
+        sleep=sleep,
     )
-    main = threading.get_ident()
     held, release = threading.Event(), threading.Event()
 
     def hold_after_a_look(frame: Any, what: str, arg: Any) -> Any:
@@ -2361,8 +2381,10 @@ def test_an_errand_said_at_exit_names_the_transaction_it_just_failed_to_end(
     def interrupt_once_cut() -> None:
         cutter = cut_while_preparing(two_phase_server, two_databases[1], proxy)
         cutter.join(10)
-        time.sleep(0.2)  # (inside the PREPARE's seconds, while the factory looks)
-        signal.pthread_kill(main, signal.SIGUSR1)
+        # inside the PREPARE's seconds, while the factory looks (its unit waiting between two
+        # looks: seen, not a fixed time after the cut, which a busy machine may overrun)
+        if looking.wait(10):
+            signal.pthread_kill(main, signal.SIGUSR1)
 
     def raise_interrupted(signum: int, frame: Any) -> None:
         raise Interrupted

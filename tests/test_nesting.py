@@ -943,10 +943,12 @@ class _SlowAfterCommit(Session):
 
 @sa.event.listens_for(_SlowAfterCommit, "after_commit")
 def _slow_after_commit(session: Session) -> None:
-    if session.info.get("slow"):
+    entered = session.info.get("slow")  # an asyncio.Event: set once the listener awaits
+    if entered is not None and not entered.is_set():
         from sqlalchemy.util import await_only  # noqa: PLC0415 - in SQLAlchemy's greenlet
 
-        await_only(asyncio.sleep(0.5))
+        entered.set()
+        await_only(asyncio.sleep(30))  # (until a deadline interrupts it: bounded)
 
 
 @pytest.mark.asyncio
@@ -963,16 +965,27 @@ async def test_an_operation_whose_nested_unit_committed_then_was_interrupted_is_
         aengine, service=service, config=CONFIG, sync_session_class=_SlowAfterCommit
     )
     calls: list[int] = []
+    entered = asyncio.Event()  # the nested unit's after_commit listener awaits
 
     async def save(session: AsyncSession) -> None:
-        session.sync_session.info["slow"] = True
+        session.sync_session.info["slow"] = entered
         await session.execute(sa.insert(SAVED).values(name=f"saved-{len(calls)}"))
+
+    async def expire_once_committed(deadline: asyncio.Timeout) -> None:
+        # the deadline reached in the COMMIT step (its listener seen awaiting), however long
+        # the unit took to get there: not a fixed time, which a busy machine may overrun
+        await entered.wait()
+        deadline.reschedule(asyncio.get_running_loop().time())
 
     async def operation() -> None:
         calls.append(1)
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(0.2):
-                await Sessions.run(save)
+            async with asyncio.timeout(None) as deadline:
+                watcher = asyncio.ensure_future(expire_once_committed(deadline))
+                try:
+                    await Sessions.run(save)
+                finally:
+                    watcher.cancel()
         await Sessions.run(aconflict)
 
     with pytest.raises(sa.exc.DBAPIError) as raised:
