@@ -446,7 +446,7 @@ def _check_against_db(
             guard = change.guard
             found = current.get(change.identity)
             if found is None:
-                errors.append(_stale(change, "the row no longer exists"))
+                errors.append(_gone(conn, change, change.old))
                 continue
             db_value = found[next(i for i, c in enumerate(columns) if c is guard.column)]
             values[index] = db_value
@@ -1384,20 +1384,28 @@ def _stale_rows(
     if gone and missing > 0:
         found_all = written_here == matched and len(columns) > n_guards
         if not found_all and (unsure or len(gone) != missing):
+            keyed = next((g for g in guards if _in_key(g)), None)
+            how = (
+                f"had their {keyed.attr_key} (part of their key) changed"
+                if keyed is not None
+                else "moved to the state it writes"
+            )
             stale.append(
                 _unnamed_stale(
-                    first,
+                    first if keyed is None else keyed,
                     gone + unsure,
                     f"{missing} of the {len(gone) + len(unsure)} rows of this UPDATE not found "
-                    "as expected were deleted, or moved to the state it writes, by another "
-                    "transaction meanwhile, which of them can't be told (the UPDATE changes "
-                    "their keys); reload them and decide again",
+                    f"as expected were deleted, or {how}, by another transaction meanwhile, "
+                    "which of them can't be told (the UPDATE changes their keys); reload them "
+                    "and decide again",
                 )
             )
             return stale
+        # (a row whose key holds a guarded column: named by that guard, see _gone)
+        keyed = next((g for g in guards if _in_key(g)), first)
         for found in gone:
-            expect = found[first.column]
-            stale.append(_stale(expect.change, "the row no longer exists", expect.value))
+            expect = found[keyed.column]
+            stale.append(_gone(conn, expect.change, expect.value))
         missing -= len(gone)
     if missing > 0 and unsure:
         # Rows that another transaction had already moved to the state this flush was writing
@@ -1448,6 +1456,58 @@ def _stale_rows(
             )
         )
     return stale
+
+
+def _in_key(guard: Guard) -> bool:
+    """Whether ``guard``'s column is part of its table's primary key."""
+    return any(c is guard.column for c in guard.pk_columns)
+
+
+def _gone(conn: Connection, change: Change, expected: Any) -> StaleTransitionError:
+    """The error for a row not found by the key it was loaded with, which had to hold
+    ``expected`` (on an error path: may read). Deleted by another transaction, unless its key
+    holds the guarded column: then another transaction that changed the row's status changed
+    its key with it. The rows holding the key's other columns are read to tell: the state they
+    hold now is named (key values are not: the reason is logged, row keys only on request)."""
+    guard = change.guard
+    if not _in_key(guard):
+        return _stale(change, "the row no longer exists", expected)
+    column = guard.column
+    shown = plain(as_declared(guard, expected))
+    others = [
+        (c, v) for c, v in zip(guard.pk_columns, change.identity, strict=True) if c is not column
+    ]
+    if not others:
+        return _stale(
+            change,
+            f"no row holds {shown!r} any longer: the {guard.attr_key} is the row's whole primary "
+            "key, and another transaction changed it (or deleted the row) since the row was "
+            "loaded; reload it and decide again",
+            expected,
+        )
+    query = sa.select(column).where(*(c == sa.bindparam(None, v, type_=c.type) for c, v in others))
+    held = list(conn.execute(query.limit(_GONE_SHOWN + 1)).scalars())
+    if not held:
+        return _stale(change, "the row no longer exists", expected)
+    states = sorted({guard.key(v): v for v in held}.items(), key=lambda kv: sort_key(kv[0]))
+    now = ", ".join(repr(plain(as_declared(guard, v))) for _, v in states[:_GONE_SHOWN])
+    if len(held) > _GONE_SHOWN:
+        now += ", ..."
+    if len(held) == 1:
+        where = f"the row with the rest of its key now holds {now}"
+    else:
+        where = f"the rows with the rest of its key now hold {now}"
+    return _stale(
+        change,
+        f"the row's {guard.attr_key} changed since it was loaded ({shown!r} expected): it is "
+        f"part of the primary key, which another transaction changed with it; {where}; reload "
+        "it and decide again",
+        expected,
+    )
+
+
+#: how many states of the rows sharing the rest of a gone row's key its error names
+_GONE_SHOWN = 5
 
 
 def _unnamed_stale(guard: Guard, rows: list[_Row], reason: str) -> StaleTransitionError:
