@@ -109,9 +109,19 @@ def before_flush(
                 change = _pending_change(guard, state, key[1])
             elif guard.related:
                 change = _related_change(guard, state, key[1], committed)
-            else:
+            elif guard.onupdate is None:
                 continue  # not set since the row was loaded (most rows a flush updates)
+            else:
+                change = None
             if change is None:
+                if guard.onupdate is None:
+                    continue
+                # not written by the flush's UPDATE of the row: its onupdate is
+                change = _onupdate_change(guard, state, key[1])
+                if change is None:
+                    continue
+                changed = True
+                changes.append(change)  # judged when the UPDATE is sent, if it is
                 continue
             changed = True
             if change.old_known and not guard.legal_move(change.old, change.new):
@@ -385,6 +395,42 @@ def _related_change(
             return Change(guard, pk, identity, None, False, new, state.mapper)
         return Change(guard, pk, identity, loaded, True, new, state.mapper)
     return None
+
+
+class _OnUpdate:
+    """The state a Change writes when it is the column's onupdate not judged yet (a Python
+    function's value, or a move that is not legal): judged as the UPDATE is sent (see
+    :func:`_check_written`), which records the state written instead."""
+
+    def __repr__(self) -> str:
+        return "(the column's onupdate)"
+
+
+_ONUPDATE: Any = _OnUpdate()
+
+
+def _onupdate_change(
+    guard: Guard, state: InstanceState[Any], identity: tuple[Any, ...]
+) -> Change | None:
+    """The change of the status column that the flush's UPDATE of a row writes when the flush
+    does not set it: the column's Python-side ``onupdate`` (:attr:`Guard.onupdate`), which
+    SQLAlchemy applies to every UPDATE of the row that leaves the column out. Judged from the
+    state the row was loaded in and compare-and-set on it, as a status set is, at no extra
+    round trip. The flush may send no UPDATE of the row (no column of it has a net change),
+    and a Python function's value is computed only as it is sent: a move judged legal here
+    carries its state; any other carries :data:`_ONUPDATE`, and is judged (refused if illegal)
+    by :func:`_check_written` when the UPDATE is sent. None when the state was not loaded, or
+    is set to a SQL expression: the UPDATE is then checked under lock (see
+    :func:`before_update`)."""
+    old = state.dict.get(guard.attr_key, _UNSET)
+    if old is _UNSET or isinstance(old, ClauseElement) or hasattr(old, "__clause_element__"):
+        return None
+    onupdate = guard.onupdate
+    new = _ONUPDATE
+    if onupdate.is_scalar and guard.legal_move(old, onupdate.arg):
+        new = onupdate.arg
+    pk = identity[0] if len(identity) == 1 else identity
+    return Change(guard, pk, identity, old, True, new, state.mapper)
 
 
 def _stale(change: Change, reason: str, from_state: Any = None) -> StaleTransitionError:
@@ -1236,7 +1282,22 @@ def _check_written(
             else:
                 change = expect.change._replace(old=expect.value, old_known=True, new=written)
                 own = change.guard
-                if own.key(expect.change.new) != own.key(written) and not own.legal(
+                if expect.change.new is _ONUPDATE:
+                    # the column's onupdate, its value known now: judged, and what the row
+                    # moves to from here on (a stale row's error names it)
+                    moved = change._replace(old=expect.change.old)
+                    table_rows[identity][g.column] = expect._replace(change=moved)
+                    if not own.legal(own.key(expect.value), own.key(written)):
+                        err = illegal(change, expect.value, "flush")
+                        errors.append(
+                            with_reason(
+                                err,
+                                f"{err.reason}; {plain(as_declared(own, written))!r} is the "
+                                "column's onupdate, which SQLAlchemy writes by an UPDATE of the "
+                                "row that does not set the column",
+                            )
+                        )
+                elif own.key(expect.change.new) != own.key(written) and not own.legal(
                     own.key(expect.value), own.key(written)
                 ):
                     errors.append(illegal(change, expect.value, "flush"))

@@ -305,6 +305,11 @@ class Guard:
     #: object, each as (its attribute, the related model's attribute the column copies): a
     #: status assigned through one is judged and compare-and-set as a set column is
     related: tuple[tuple[str, str], ...] = ()
+    #: the column's ``onupdate`` when SQLAlchemy computes it in Python (a value, or a function
+    #: it calls as it runs the UPDATE): what a flush's UPDATE of a row that does not set the
+    #: status writes into it, judged and compare-and-set as a status set is (an ``onupdate``
+    #: SQL expression, computed by the server, is None here: only the trigger sees its value)
+    onupdate: Any = None
 
     @functools.cached_property
     def table(self) -> sa.Table:  # read by every guarded flush: computed once
@@ -942,7 +947,17 @@ def _compile(mapper: Mapper[Any], rules: TransitionRules) -> Guard:
         cas_param=f"rdb_expected_{position}",
         text_keys=not converting and not isinstance(impl, (sa.Enum, sa.Boolean, sa.CHAR, sa.NCHAR)),
         owner=model,
+        onupdate=_python_onupdate(column),
     )
+
+
+def _python_onupdate(column: sa.Column[Any]) -> Any:
+    """:attr:`Guard.onupdate` of ``column``: its ``onupdate`` when it is a value or a Python
+    function (a ``ColumnDefault`` SQLAlchemy computes before sending the UPDATE), else None."""
+    onupdate = column.onupdate
+    if isinstance(onupdate, sa.ColumnDefault) and (onupdate.is_scalar or onupdate.is_callable):
+        return onupdate
+    return None
 
 
 def _check_server_default(
