@@ -80,6 +80,11 @@ def before_flush(
     guards_of = _GuardsByMapper()
     new = session.new
     replaced: dict[Any, InstanceState[Any]] | None = None  # deleted rows, by identity key
+    # mappers of guarded rows this flush updates with no change of status seen here: a mapper's
+    # before_update listener may still set one during the flush (checked when it is sent); and
+    # of new rows whose status a post_update relationship writes from a row the flush makes
+    # (with those rows: judged when that UPDATE is sent)
+    touched: _Touched = {}
     for obj in list(new) if only is None else [o for o in new if id(o) in only]:
         state = instance_state(obj)  # the session's objects are mapped: no inspect() needed
         if guards := guards_of[state.mapper]:
@@ -89,12 +94,9 @@ def before_flush(
             switched = _switched_from(state, replaced) if replaced else None
             for guard in guards:
                 if switched is None:
-                    errors.extend(_check_insert(guard, state, in_flush=False))
+                    errors.extend(_check_insert(guard, state, in_flush=False, later=touched))
                 else:
                     _check_row_switch(guard, state, switched, changes, errors)
-    # mappers of guarded rows this flush updates with no change of status seen here: a mapper's
-    # before_update listener may still set one during the flush (checked when it is sent)
-    touched: set[Mapper[Any]] = set()
     dirty = session.dirty
     for obj in list(dirty) if only is None else [o for o in dirty if id(o) in only]:
         state = instance_state(obj)
@@ -128,8 +130,8 @@ def before_flush(
                 errors.append(illegal(change, change.old, "flush"))
             else:
                 changes.append(change)
-        if not changed:
-            touched.add(state.mapper)
+        if not changed and state.mapper not in touched:
+            touched[state.mapper] = []
     if not errors:
         if len(changes) == 1 and not touched and changes[0].old_known:
             errors = _prepare_one_row(session, config, changes[0], guards_of)  # the common case
@@ -204,6 +206,11 @@ def before_insert(mapper: Mapper[Any], connection: Connection, target: Any) -> N
         raise_errors(errors, config, session)
 
 
+#: mappers of rows a flush watches (see before_flush), each with the new rows of it whose status
+#: a post_update relationship writes from a row the flush makes, and their guards
+_Touched: TypeAlias = dict[Mapper[Any], list[tuple[Guard, InstanceState[Any]]]]
+
+
 class _GuardsByMapper(dict[Mapper[Any], tuple[Guard, ...]]):
     """The guards of each mapper a flush meets, looked up once per mapper (a flush of a
     thousand rows of one model asks a thousand times)."""
@@ -214,17 +221,26 @@ class _GuardsByMapper(dict[Mapper[Any], tuple[Guard, ...]]):
 
 
 def _check_insert(
-    guard: Guard, state: InstanceState[Any], *, in_flush: bool = True
+    guard: Guard,
+    state: InstanceState[Any],
+    *,
+    in_flush: bool = True,
+    later: _Touched | None = None,
 ) -> list[IllegalTransitionError]:
     """The error of a new row not in an initial state, if it isn't. ``in_flush`` False (from
     :func:`before_flush`): a status not set yet that the ORM may set during the flush, from a
     related object, is left to :func:`before_insert`, which sees it set; one that a
     ``post_update`` relationship writes after the INSERT (a second statement, for which no
-    ``before_insert`` is called) is judged here, as the state the row starts in."""
+    ``before_insert`` is called) is judged here, as the state the row starts in, or, when the
+    related row's key is not known yet (the database makes it in this flush), added to
+    ``later`` (by its mapper): judged when that UPDATE is sent (see :func:`_check_written`)."""
     value = state.dict.get(guard.attr_key)
     if guard.related and not in_flush:
         late = _set_after_insert(guard, state)
-        if late is not _UNSET:
+        if late is _LATER:
+            if later is not None:
+                later.setdefault(state.mapper, []).append((guard, state))
+        elif late is not _UNSET:
             value = late
     if value is None:
         default = guard.column.default
@@ -238,20 +254,23 @@ def _check_insert(
         return []  # a SQL expression: only the trigger can see its value
     if guard.key(value) in guard.initial:
         return []
-    allowed = ", ".join(repr(plain(guard.state(k))) for k in sorted(guard.initial, key=sort_key))
     pk = guard.pk_of(state.key[1] if state.key else _pending_pk(guard, state))
-    return [
-        IllegalTransitionError(
-            model=guard.model,
-            pk=pk,
-            column=guard.attr_key,
-            from_state=None,
-            to_state=as_declared(guard, value),
-            via="flush",
-            reason=f"new rows must start in one of: {allowed}",
-            inserted=True,
-        )
-    ]
+    return [_not_initial(guard, pk, value)]
+
+
+def _not_initial(guard: Guard, pk: Any, value: Any) -> IllegalTransitionError:
+    """The error of a new row whose status ``value`` is no initial state."""
+    allowed = ", ".join(repr(plain(guard.state(k))) for k in sorted(guard.initial, key=sort_key))
+    return IllegalTransitionError(
+        model=guard.model,
+        pk=pk,
+        column=guard.attr_key,
+        from_state=None,
+        to_state=as_declared(guard, value),
+        via="flush",
+        reason=f"new rows must start in one of: {allowed}",
+        inserted=True,
+    )
 
 
 def _set_from_related(guard: Guard, mapper: Mapper[Any]) -> bool:
@@ -267,7 +286,9 @@ def _set_from_related(guard: Guard, mapper: Mapper[Any]) -> bool:
 def _set_after_insert(guard: Guard, state: InstanceState[Any]) -> Any:
     """The state a many-to-one relationship with ``post_update=True`` of a new row writes into
     its status column (SQLAlchemy inserts the row with the column as it is, then sets it by an
-    UPDATE of its own), when the related row's key is known; else ``_UNSET``."""
+    UPDATE of its own), when the related row's key is known; ``_LATER`` when it is not (a
+    related row whose key the database makes in this flush, or one whose key is not loaded);
+    else ``_UNSET``."""
     relationships = state.mapper.relationships
     for relation, related_key in guard.related:
         if not relationships[relation].post_update:
@@ -275,8 +296,7 @@ def _set_after_insert(guard: Guard, state: InstanceState[Any]) -> Any:
         target = state.dict.get(relation)
         if target is not None:
             new = instance_state(target).dict.get(related_key)
-            if new is not None:
-                return new
+            return _LATER if new is None else new
     return _UNSET
 
 
@@ -334,6 +354,7 @@ def _check_row_switch(
 
 
 _UNSET: Any = object()
+_LATER: Any = object()  # see _set_after_insert
 
 
 def _pending_pk(guard: Guard, state: InstanceState[Any]) -> tuple[Any, ...] | None:
@@ -553,7 +574,12 @@ class _FlushChecks:
     """What one flush expects of the rows it updates through one connection (one per guarded
     flush: a plain class with slots, cheaper to make than a dataclass)."""
 
-    __slots__ = ("_session", "config", "covered", "guards", "mappers", "rows")
+    __slots__ = ("_session", "config", "covered", "guards", "inserted", "mappers", "rows")
+
+    #: new rows (with their guard) whose status a post_update UPDATE writes after their INSERT,
+    #: from a row whose key the flush makes, by table: each must start in an initial state
+    #: (see :func:`_check_written`; set by :meth:`note_inserted` only: most flushes have none)
+    inserted: dict[sa.Table, list[tuple[Guard, InstanceState[Any]]]]
 
     def __init__(self, config: Config, session: Session) -> None:
         self.config = config
@@ -580,6 +606,13 @@ class _FlushChecks:
         self.rows.setdefault(guard.table, {}).setdefault(change.identity, {})[guard.column] = (
             _Expect(change, value)
         )
+
+    def note_inserted(self, guard: Guard, state: InstanceState[Any]) -> None:
+        try:
+            inserted = self.inserted
+        except AttributeError:
+            inserted = self.inserted = {}
+        inserted.setdefault(guard.table, []).append((guard, state))
 
     def note_guard(self, guard: Guard, mapper: Mapper[Any]) -> None:
         # one guard per column: the models of an inheritance hierarchy share the column, and the
@@ -654,14 +687,15 @@ def _prepare_compare_and_set(
     session: Session,
     config: Config,
     changes: list[Change],
-    touched: set[Mapper[Any]],
+    touched: _Touched,
     guards_of: dict[Mapper[Any], tuple[Guard, ...]],
 ) -> list[IllegalTransitionError]:
     """Record what each change expects of its row, on the connection the flush will use for
     its UPDATE; rows whose state was not loaded are read first (and checked) so that their
     UPDATE can carry the state they hold. ``touched``: mappers of guarded rows updated with no
-    change seen (their UPDATEs are watched too); ``guards_of``: the guards of each mapper the
-    flush met. Returns the errors found."""
+    change seen (their UPDATEs are watched too), with the new rows of each whose status a
+    post_update UPDATE writes later (judged as they start, see :func:`_check_written`);
+    ``guards_of``: the guards of each mapper the flush met. Returns the errors found."""
     attempt = current_attempt.get()
     began = None if attempt is None else attempt.began
     # the flush gets its connection with get_bind(mapper=base_mapper): the same one
@@ -702,7 +736,8 @@ def _prepare_compare_and_set(
     for conn, group in by_conn.items():
         if per_row_connections or not conn.dialect.supports_sane_rowcount:
             # the UPDATE's row count can't be trusted (or its connection known): lock and check
-            # (a status set during the flush by a listener is left to the trigger here)
+            # (a status set during the flush by a listener, or by a post_update UPDATE from a
+            # row the flush makes, is left to the trigger here)
             errors.extend(_check_against_db(conn, group, lock=True)[0])
             continue
         checks = _FlushChecks(config, session)
@@ -711,6 +746,8 @@ def _prepare_compare_and_set(
                 for guard in compiled_guards(mapper):
                     checks.note_guard(guard, mapper)
                     checks.rows.setdefault(guard.table, {})
+                for guard, state in touched[mapper]:
+                    checks.note_inserted(guard, state)
         unknown = [c for c in group if not c.old_known]
         if unknown:
             found, values = _check_against_db(conn, unknown, lock=False)
@@ -1269,12 +1306,20 @@ def _check_written(
     unknown: list[Change] = []
     known: list[Change] = []
     identities, rows = sent
+    born = _inserted_here(checks, guards[0].table)
     for identity, row in zip(identities, rows, strict=True):
         found = table_rows.get(identity)
         for g in guards:
             written = row[g.column.key]
             expect = None if found is None else found.get(g.column)
             if expect is None:
+                new_row = born.get((identity, g.column)) if born else None
+                if new_row is not None:
+                    # inserted by this flush (no other transaction sees it): a post_update
+                    # UPDATE writes the state it starts in
+                    if new_row.key(written) not in new_row.initial:
+                        errors.append(_not_initial(new_row, new_row.pk_of(identity), written))
+                    continue
                 own, mapper = _row_guard(checks, g, identity)
                 unknown.append(
                     Change(own, own.pk_of(identity), identity, None, False, written, mapper)
@@ -1307,6 +1352,24 @@ def _check_written(
     if errors:
         raise_errors(errors, checks.config, checks.session)
     return bool(unknown)
+
+
+def _inserted_here(
+    checks: _FlushChecks, table: sa.Table
+) -> dict[tuple[tuple[Any, ...], sa.Column[Any]], Guard] | None:
+    """The new rows of ``table`` whose status a post_update UPDATE writes in this flush (see
+    :attr:`_FlushChecks.inserted`), by primary key (given by their INSERT, which is sent
+    before that UPDATE) and guarded column; None when there are none."""
+    inserted = getattr(checks, "inserted", None)
+    rows = None if inserted is None else inserted.get(table)
+    if not rows:
+        return None
+    born: dict[tuple[tuple[Any, ...], sa.Column[Any]], Guard] = {}
+    for guard, state in rows:
+        obj = state.obj()
+        if obj is not None:
+            born[(state.mapper.identity_key_from_instance(obj)[1], guard.column)] = guard
+    return born
 
 
 def _row_guard(
