@@ -251,7 +251,9 @@ def breaker_open_for(exc: BaseException) -> float:
     for error in error_chain(exc):
         try:
             seconds, when = getattr(error, _BREAKER_OPEN_FOR)
-            left = float(seconds) - (time.monotonic() - float(when))
+            # (an error unpickled from another host carries that host's clock: never more
+            # than was recorded)
+            left = float(seconds) - max(0.0, time.monotonic() - float(when))
         except Exception:  # not recorded, or a type whose attribute lookup misbehaves
             continue
         longest = max(longest, left)

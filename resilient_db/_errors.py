@@ -20,7 +20,24 @@ __all__ = [
 
 
 class ResilientDBError(Exception):
-    """Root of every error raised by resilient_db itself."""
+    """Root of every error raised by resilient_db itself.
+
+    Every one pickles (a task queue or a process pool sends it to another process) with its
+    message and attributes as they were: it is rebuilt from its ``args`` and ``__dict__``, its
+    ``__init__`` not run again, so a subclass whose constructor takes other arguments than its
+    message comes back whole. As with any Python exception, ``__cause__``, ``__context__`` and
+    the traceback stay behind.
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuilt, (type(self), self.args), self.__dict__)
+
+
+def _rebuilt(cls: type[ResilientDBError], args: tuple[Any, ...]) -> ResilientDBError:
+    """Unpickles a :class:`ResilientDBError` (its state, the attributes, set by pickle after)."""
+    error = cls.__new__(cls, *args)
+    error.args = args
+    return error
 
 
 class ConfigError(ResilientDBError, ValueError):
@@ -52,18 +69,6 @@ class CircuitOpenError(ResilientDBError):
             f"retry in {self.retry_after:.1f} s"
         )
         super().__init__(message if cause is None else f"{message}; the failures: {cause}")
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        if self.cause is None:
-            return (type(self), (self.service, self.retry_after))
-        return (_circuit_open_error, (type(self), self.service, self.retry_after, self.cause))
-
-
-def _circuit_open_error(
-    cls: type[CircuitOpenError], service: str, retry_after: float, cause: str
-) -> CircuitOpenError:
-    """Unpickles a :class:`CircuitOpenError` with a cause (``__reduce__`` takes no keywords)."""
-    return cls(service, retry_after, cause=cause)
 
 
 class CommitOutcomeUnknownError(ResilientDBError):
@@ -101,15 +106,6 @@ class CommitOutcomeUnknownError(ResilientDBError):
             "answers); it was not replayed. Check the data (or use an idempotency key) before "
             "running the unit again"
         )
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_commit_unknown, (self.service, self.xid, self.detail, self.marker))
-
-
-def _rebuild_commit_unknown(
-    service: str, xid: int | None, detail: str, marker: str | None
-) -> CommitOutcomeUnknownError:
-    return CommitOutcomeUnknownError(service, xid, detail, marker=marker)
 
 
 class TransactionStateError(ResilientDBError, RuntimeError):
@@ -156,9 +152,6 @@ class IllegalTransitionError(ResilientDBError):
             f"{src} -> {_plain(self.to_state)!r} (blocked at {self.via}){why}"
         )
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_transition_error, (type(self), self.__dict__.copy()))
-
 
 class StaleTransitionError(IllegalTransitionError, StaleDataError):
     """The row was no longer in the state this session loaded: another transaction moved it.
@@ -197,9 +190,6 @@ class ResponseValidationError(ResilientDBError):
             f"service {service!r}: the result failed validation by {validator}: {reason}"
         )
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.service, self.validator, self.reason))
-
 
 class BypassRefusedError(ResilientDBError, PermissionError):
     """:func:`~resilient_db.bypass_transitions` was refused: the database role may not bypass
@@ -212,19 +202,6 @@ class BypassRefusedError(ResilientDBError, PermissionError):
         self.login_role = login_role
         super().__init__(message)
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_bypass_refused, (str(self), self.role, self.login_role))
-
-
-def _rebuild_bypass_refused(message: str, role: str, login_role: str) -> BypassRefusedError:
-    return BypassRefusedError(message, role=role, login_role=login_role)
-
 
 def _plain(state: Any) -> Any:
     return getattr(state, "value", state)
-
-
-def _rebuild_transition_error(
-    cls: type[IllegalTransitionError], fields: dict[str, Any]
-) -> IllegalTransitionError:
-    return cls(**{k: v for k, v in fields.items() if not k.startswith("_")})

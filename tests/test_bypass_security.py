@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import secrets
 import threading
 import time
@@ -313,6 +314,9 @@ def test_bypass_transitions_is_refused_for_a_role_not_granted_it(
     err = info.value
     assert isinstance(err, PermissionError)
     assert (err.role, err.login_role) == (role.name, role.name)
+    copy = pickle.loads(pickle.dumps(err))  # (a task queue's worker raised it)
+    assert (type(copy), str(copy), repr(copy)) == (type(err), str(err), repr(err))
+    assert (copy.role, copy.login_role) == (role.name, role.name)
     assert f"role {role.name} may not bypass the transition guard" in str(err)
     assert "GRANT resilient_db_bypass TO <role>" in str(err)
     assert transition_stats()["bypasses"] == bypasses

@@ -185,6 +185,10 @@ def test_asyncpg_refuses_the_scripts_naming_the_calls_to_make(
         )
         again = pickle.loads(pickle.dumps(err))
         assert (type(again), str(again)) == (type(err), str(err))
+        # and what SQLAlchemy's handlers read of it: the statement and the driver's error
+        assert (again.statement, again.reason) == (err.statement, err.reason)
+        assert type(again.orig) is type(err.orig)
+        assert rdb.sqlstate_of(again) == "42601"
         # one transaction: nothing of the upgrade is left
         assert state(engine) == (None, False, None)
 

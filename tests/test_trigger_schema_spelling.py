@@ -10,6 +10,7 @@ with ``search_path=appdata``) and an application role with table grants only."""
 
 from __future__ import annotations
 
+import pickle
 import secrets
 import uuid
 from collections.abc import Callable, Iterator
@@ -265,6 +266,14 @@ def test_a_needed_install_refused_for_want_of_rights_names_the_drift(
     cause = err.__cause__
     assert isinstance(cause, sa.exc.DBAPIError)
     assert getattr(cause.orig, "sqlstate", None) == "42501"
+    # pickled (a task queue's worker raised it): what SQLAlchemy's handlers read comes along
+    # (the statement and the driver's error were dropped, the latter for an Exception)
+    copy = pickle.loads(pickle.dumps(err))
+    assert (type(copy), str(copy), repr(copy)) == (type(err), str(err), repr(err))
+    assert (copy.model, copy.drift, copy.reason) == (err.model, err.drift, err.reason)
+    assert (copy.statement, copy.params, copy.code) == (err.statement, err.params, err.code)
+    assert type(copy.orig) is type(err.orig)
+    assert getattr(copy.orig, "sqlstate", None) == "42501"
     with owner.connect() as conn:  # nothing changed
         assert rdb.trigger_drift(conn, _trigger("appdata", other)) is None
 

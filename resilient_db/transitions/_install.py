@@ -291,9 +291,6 @@ class TriggerInstallRefusedError(ResilientDBError, sa.exc.ProgrammingError):
     def __str__(self) -> str:
         return self.message
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.model, self.drift, self.reason))
-
 
 _INSUFFICIENT_PRIVILEGE = "42501"
 
@@ -792,9 +789,6 @@ class ScriptOnPreparedStatementError(ResilientDBError, sa.exc.ProgrammingError):
 
     def __str__(self) -> str:
         return self.message
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.made_by, self.instead, self.reason))
 
 
 # The scripts this process handed out (their text, at most the last _SCRIPTS_KEPT: a migration
