@@ -38,6 +38,7 @@ from ._commit import (
     CommitTicket,
     UnprovenCommit,
     prune,
+    within_deadline,
 )
 from ._config import Config
 from ._errands import Errand, LookFailed, NotStarted, Sweep, start_thread
@@ -869,13 +870,15 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             if delay:
                 await self._asleep(delay)
             while True:
-                try:
-                    async with _bound_engine(engine).connect() as conn:
-                        done = await conn.run_sync(step, xid)
-                except Exception as failed:  # the server restarts, or the old backend holds it
-                    last = failed
-                    debug_failure(log_session, "ending %s failed", xid)
-                    break  # (the next check, after its backoff)
+                # (cut to what is left of the deadline on a frozen server: within_deadline)
+                with within_deadline(functools.partial(referee.left, ends)):
+                    try:
+                        async with _bound_engine(engine).connect() as conn:
+                            done = await conn.run_sync(step, xid)
+                    except Exception as failed:  # the server restarts, or the old backend holds it
+                        last = failed
+                        debug_failure(log_session, "ending %s failed", xid)
+                        break  # (the next check, after its backoff)
                 if done is not None:
                     return done, None
                 last = None  # still being prepared: taken again soon
@@ -954,22 +957,26 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         for delay, ends in referee.timed_checks():
             if delay:
                 await self._asleep(delay)
-            try:
-                async with _settling_engine(self.engine, ticket).connect() as conn:
-                    try:
-                        # READ COMMITTED whatever the engine's level: the claim must see it
-                        await conn.execution_options(isolation_level="READ COMMITTED")
-                        verdict = await conn.run_sync(check_commit, ticket, referee.left(ends))
-                    except Exception:
-                        # not back to the pool: a driver error SQLAlchemy did not wrap (the
-                        # isolation level set on a connection lost under the check) leaves it
-                        # to the pool's reset, whose failure SQLAlchemy logs with a traceback
-                        await _invalidate_quietly(conn)
-                        raise
-            except Exception as exc:
-                if self._referee.keep_checking_after(ticket, exc):
-                    continue
-                return CommitVerdict.UNKNOWN
+            # its connect and its statements cut to what is left of the deadline (a frozen
+            # server: see within_deadline)
+            with within_deadline(functools.partial(referee.left, ends)):
+                try:
+                    async with _settling_engine(self.engine, ticket).connect() as conn:
+                        try:
+                            # READ COMMITTED whatever the engine's level: the claim must see it
+                            await conn.execution_options(isolation_level="READ COMMITTED")
+                            verdict = await conn.run_sync(check_commit, ticket, referee.left(ends))
+                        except Exception:
+                            # not back to the pool: a driver error SQLAlchemy did not wrap (the
+                            # isolation level set on a connection lost under the check) leaves
+                            # it to the pool's reset, whose failure SQLAlchemy logs with a
+                            # traceback
+                            await _invalidate_quietly(conn)
+                            raise
+                except Exception as exc:
+                    if self._referee.keep_checking_after(ticket, exc):
+                        continue
+                    return CommitVerdict.UNKNOWN
             ticket.check_reached, ticket.check_unreached = True, None
             if verdict.final:
                 return verdict

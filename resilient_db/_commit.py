@@ -982,8 +982,9 @@ def claim(connection: Connection, ticket: CommitTicket) -> str | None:
     adapted = connection.connection.dbapi_connection
     if isinstance(connection.connection.driver_connection, asyncpg.Connection):
         marker = ticket.marker
+        wait = library_wait(CLAIM_CLIENT_TIMEOUT, STALL_FLOOR)  # (as psycopg's stall cut)
         status = adapted.run_async(  # type: ignore[union-attr]
-            lambda driver: driver.fetchval(CLAIM_SQL_ASYNCPG, marker, timeout=CLAIM_CLIENT_TIMEOUT)
+            lambda driver: driver.fetchval(CLAIM_SQL_ASYNCPG, marker, timeout=wait)
         )
     else:
         status = connection.execute(CLAIM_SQL, {"marker": ticket.marker}).scalar()
@@ -1234,6 +1235,45 @@ CANCEL_GRACE: Final = 1.0
 #: answering) is no longer waited for without end. The claim's own bound on the server is
 #: :data:`CLAIM_TIMEOUT_MS`; the other statements take milliseconds.
 STALLED_AFTER: Final = CLAIM_CLIENT_TIMEOUT
+#: the shortest the library's own statements are given on a server that may be frozen, however
+#: little is left of the deadline (see :func:`library_wait`): a healthy server answers them in
+#: milliseconds, a loaded one in well under a second; a claim waiting for an original still
+#: committing (up to :data:`CLAIM_WAIT_MS`) cut sooner answers nothing, and the check counts as
+#: one that did not reach the server (the unit then ends unknown: the deadline was spent)
+STALL_FLOOR: Final = 1.0
+#: the shortest a connect of the library's own is given, however little is left of the deadline:
+#: libpq's own minimum ``connect_timeout`` (it takes 1 as 2); a new backend's start and
+#: authentication take milliseconds on a healthy server, more when it is loaded
+CONNECT_FLOOR: Final = 2
+
+#: the seconds left of the deadline of the library's own work running in this context (a check
+#: of a lost COMMIT answer, the end of a two-phase unit's prepared transactions), as a function
+#: (the factory's clock); None where it has none (a prune: its own fixed bounds)
+_time_left: contextvars.ContextVar[Callable[[], float] | None] = contextvars.ContextVar(
+    "resilient_db.library_time_left", default=None
+)
+
+
+@contextlib.contextmanager
+def within_deadline(left: Callable[[], float]) -> Iterator[None]:
+    """The library's own waits inside (its connects, its statements on a server that may be
+    frozen: see :func:`library_wait`) cut to ``left()``, the seconds left of the deadline."""
+    token = _time_left.set(left)
+    try:
+        yield
+    finally:
+        _time_left.reset(token)
+
+
+def library_wait(seconds: float, floor: float) -> float:
+    """How long the library waits on its own (a connect, its statements) where it would wait
+    ``seconds``: cut to what is left of the deadline of the work running (see
+    :func:`within_deadline`), so that a unit with a deadline ends close to it on a frozen
+    server, but never below ``floor`` (what a healthy server needs to answer)."""
+    left = _time_left.get()
+    if left is None:
+        return seconds
+    return max(floor, min(seconds, left()))
 
 
 class _Cut:
@@ -1373,11 +1413,12 @@ def _cut_off_after(driver: Any, seconds: float) -> Iterator[Callable[[], bool]]:
 @contextlib.contextmanager
 def stall_cut(connection: Connection, seconds: float | None = None) -> Iterator[None]:
     """The library's own statements on ``connection`` inside the block given at most
-    ``seconds`` (:data:`STALLED_AFTER` when None) in all on psycopg (sync or async): then the
-    connection's socket is shut down
-    (see :class:`_Cut`) and the statement waiting raises ``OperationalError``, a lost
-    connection (invalidated: never pooled). Nothing for asyncpg, whose ``command_timeout``
-    bounds each statement, nor for other drivers."""
+    ``seconds`` (:data:`STALLED_AFTER` when None, cut to what is left of the deadline: see
+    :func:`library_wait`) in all on psycopg (sync or async): then the connection's socket is
+    shut down (see :class:`_Cut`) and the statement waiting raises ``OperationalError``, a
+    lost connection (invalidated: never pooled). asyncpg: each statement at most ``seconds``
+    (its ``command_timeout``, unless that is shorter: asyncpg cancels the statement and raises
+    ``TimeoutError``). Nothing for other drivers."""
     with _stall_cut(connection.connection.driver_connection, seconds) as fired:
         try:
             yield
@@ -1389,12 +1430,21 @@ def stall_cut(connection: Connection, seconds: float | None = None) -> Iterator[
 @contextlib.contextmanager
 def _stall_cut(driver: Any, seconds: float | None = None) -> Iterator[Callable[[], bool]]:
     """:func:`stall_cut` on a driver connection; yields whether the cut began (known once
-    outside). ``seconds``: :data:`STALLED_AFTER` when None."""
+    outside). ``seconds``: :data:`STALLED_AFTER` when None, cut to what is left of the
+    deadline (:func:`library_wait`)."""
+    if seconds is None:
+        seconds = library_wait(STALLED_AFTER, STALL_FLOOR)
+    if isinstance(driver, asyncpg.Connection):
+        # asyncpg cancels a statement past its command_timeout and raises TimeoutError: given
+        # ``seconds`` where it has none or a longer one
+        with asyncpg_command_timeout(driver, seconds, keep_shorter=True):
+            yield lambda: False
+        return
     if not isinstance(driver, (psycopg.Connection, psycopg.AsyncConnection)):
         yield lambda: False
         return
     cut = _Cut(driver, cancel=False)
-    timer = threading.Timer(STALLED_AFTER if seconds is None else seconds, cut.fire)
+    timer = threading.Timer(seconds, cut.fire)
     timer.daemon = True
     timer.start()
     try:
@@ -1461,10 +1511,12 @@ def marker_id() -> str:
 #: default), which asyncpg applies to the whole multi-host connect, is applied to each host
 #: instead (see :func:`_connect_host_by_host`), and is this where not given.
 MULTI_HOST_CONNECT_TIMEOUT: Final = 5
-#: seconds a psycopg connect of the library's own (a check of a lost COMMIT answer, a prune of
-#: expired markers, the end of a two-phase unit's prepared transactions) may take where the URL,
-#: connect arguments and PGCONNECT_TIMEOUT set no ``connect_timeout`` (and no connection
-#: service is named): libpq's, for a server that accepts TCP and never answers (a frozen one)
+#: seconds a connect of the library's own (a check of a lost COMMIT answer, a prune of expired
+#: markers, the end of a two-phase unit's prepared transactions) may take, for a server that
+#: accepts TCP and never answers (a frozen one), cut to what is left of the deadline (not below
+#: :data:`CONNECT_FLOOR`). psycopg: libpq's ``connect_timeout`` where the URL, connect arguments
+#: and PGCONNECT_TIMEOUT set none (and no connection service is named); asyncpg: its
+#: ``timeout`` (60 s by default) where the connect arguments set none
 LIBRARY_CONNECT_TIMEOUT: Final = 5
 
 #: asyncpg's errors after which its own multi-host connect tries the next host, and so does
@@ -1509,6 +1561,11 @@ def connect_outside_units(connect: Callable[..., Awaitable[Any]] | None) -> Any:
     target = asyncpg.connect if inner is None else inner
 
     async def connect_for_unit(*args: Any, **kwargs: Any) -> Any:
+        if own_work.get() and inner in (None, _connect_host_by_host) and "timeout" not in kwargs:
+            # the library's own connection (see _psycopg_do_connect): a server that accepts
+            # TCP and never answers is given up after LIBRARY_CONNECT_TIMEOUT (cut to what is
+            # left of the deadline), not asyncpg's 60 s. (A creator of yours is left alone.)
+            kwargs["timeout"] = library_wait(LIBRARY_CONNECT_TIMEOUT, CONNECT_FLOOR)
         tokens = [(var, var.set(None)) for var in UNIT_CONTEXT]
         try:
             return await target(*args, **kwargs)
@@ -2271,7 +2328,7 @@ class CommitProtocol:
         self._made_off_lock = threading.Lock()
         #: the connect arguments a library connect was given a timeout in (see
         #: _psycopg_do_connect)
-        self._lent: dict[str, Any] | None = None
+        self._lent: tuple[dict[str, Any], int] | None = None
         if not self.supported:
             self.warn_unsupported()
             # nothing to mark: every unit's COMMIT is UNMARKED (see CommitRequest.last). What
@@ -2378,8 +2435,8 @@ class CommitProtocol:
         only libpq knows which file that is. Likewise, the library's own connections (see
         :func:`~._statements.library_work`) get :data:`LIBRARY_CONNECT_TIMEOUT`."""
         if self._lent is not None:  # (only SQLAlchemy before 2.0.2x: the same dict again)
-            lent, self._lent = self._lent, None
-            if lent is cparams and cparams.get("connect_timeout") == LIBRARY_CONNECT_TIMEOUT:
+            (lent, given), self._lent = self._lent, None
+            if lent is cparams and cparams.get("connect_timeout") == given:
                 del cparams["connect_timeout"]
         hosts = cparams.get("host")
         if not (
@@ -2396,12 +2453,14 @@ class CommitProtocol:
         elif own_work.get():
             # the library's own connection (a check of a lost COMMIT answer, a prune, the end
             # of a two-phase unit): a server that accepts TCP and never answers (a frozen
-            # one) is given up after LIBRARY_CONNECT_TIMEOUT, not psycopg's 130 s, which would
+            # one) is given up after LIBRARY_CONNECT_TIMEOUT (cut to what is left of the
+            # deadline, in whole seconds as libpq takes it), not psycopg's 130 s, which would
             # hold a unit's check past its deadline. Set in the dict SQLAlchemy hands this
             # connect; SQLAlchemy before 2.0.2x hands every connect the same one: taken out
             # again at the next connect (``_lent``)
-            cparams["connect_timeout"] = LIBRARY_CONNECT_TIMEOUT
-            self._lent = cparams
+            given = int(library_wait(LIBRARY_CONNECT_TIMEOUT, CONNECT_FLOOR))
+            cparams["connect_timeout"] = given
+            self._lent = (cparams, given)
 
     def needs_replacing(self, dbapi_connection: Any, record: Any) -> bool:
         """An asyncpg connection made before this engine had a resilient factory, or while

@@ -699,11 +699,15 @@ def asyncpg_socket_fd(connection: Any) -> int | None:
 
 
 @contextlib.contextmanager
-def asyncpg_command_timeout(driver: Any, seconds: float) -> Iterator[None]:
+def asyncpg_command_timeout(
+    driver: Any, seconds: float, *, keep_shorter: bool = False
+) -> Iterator[None]:
     """Every statement of asyncpg connection ``driver`` cut off by asyncpg after ``seconds``
     while inside (asyncpg cancels it and raises ``TimeoutError``), whatever its
-    ``command_timeout``: for statements SQLAlchemy sends, which take no per-call timeout (the
-    check's COMMIT, whose wait for synchronous standbys the server bounds with nothing).
+    ``command_timeout`` (``keep_shorter``: unless that is shorter): for statements SQLAlchemy
+    sends, which take no per-call timeout (the check's COMMIT, whose wait for synchronous
+    standbys the server bounds with nothing; the library's statements on a server that may
+    be frozen).
 
     Private: asyncpg ``Connection._config``, a ``_ClientConfiguration`` named tuple whose
     ``command_timeout`` asyncpg reads at each statement, replaced with ``_replace`` (verified
@@ -719,6 +723,9 @@ def asyncpg_command_timeout(driver: Any, seconds: float) -> Iterator[None]:
             "Connection._config.command_timeout",
             "the check's COMMIT cannot be cut off after its wait for synchronous standbys",
         )
+    current = config.command_timeout
+    if keep_shorter and current is not None and current <= seconds:
+        seconds = current
     driver._config = config._replace(command_timeout=seconds)
     try:
         yield

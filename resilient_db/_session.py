@@ -31,6 +31,7 @@ from ._commit import (
     CommitRequest,
     CommitTicket,
     UnprovenCommit,
+    within_deadline,
 )
 from ._config import Config
 from ._errands import Errand, LookFailed, NotStarted, Sweep, start_thread
@@ -728,13 +729,15 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
             if delay:
                 self._sleep(delay)
             while True:
-                try:
-                    with _bound_engine(engine).connect() as conn:
-                        done = step(conn, xid)
-                except Exception as failed:  # the server restarts, or the old backend holds it
-                    last = failed
-                    debug_failure(log_session, "ending %s failed", xid)
-                    break  # (the next check, after its backoff)
+                # (cut to what is left of the deadline on a frozen server: within_deadline)
+                with within_deadline(functools.partial(referee.left, ends)):
+                    try:
+                        with _bound_engine(engine).connect() as conn:
+                            done = step(conn, xid)
+                    except Exception as failed:  # the server restarts, or the old backend holds it
+                        last = failed
+                        debug_failure(log_session, "ending %s failed", xid)
+                        break  # (the next check, after its backoff)
                 if done is not None:
                     return done, None
                 last = None  # still being prepared: taken again soon
@@ -813,22 +816,26 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         for delay, ends in referee.timed_checks():
             if delay:
                 self._sleep(delay)
-            try:
-                with _settling_engine(self.engine, ticket).connect() as conn:
-                    try:
-                        # READ COMMITTED whatever the engine's level: the claim must see it
-                        conn.execution_options(isolation_level="READ COMMITTED")
-                        verdict = check_commit(conn, ticket, referee.left(ends))
-                    except Exception:
-                        # not back to the pool: a driver error SQLAlchemy did not wrap (the
-                        # isolation level set on a connection lost under the check) leaves it
-                        # to the pool's reset, whose failure SQLAlchemy logs with a traceback
-                        _invalidate_quietly(conn)
-                        raise
-            except Exception as exc:
-                if self._referee.keep_checking_after(ticket, exc):
-                    continue
-                return CommitVerdict.UNKNOWN
+            # its connect and its statements cut to what is left of the deadline (a frozen
+            # server: see within_deadline)
+            with within_deadline(functools.partial(referee.left, ends)):
+                try:
+                    with _settling_engine(self.engine, ticket).connect() as conn:
+                        try:
+                            # READ COMMITTED whatever the engine's level: the claim must see it
+                            conn.execution_options(isolation_level="READ COMMITTED")
+                            verdict = check_commit(conn, ticket, referee.left(ends))
+                        except Exception:
+                            # not back to the pool: a driver error SQLAlchemy did not wrap (the
+                            # isolation level set on a connection lost under the check) leaves
+                            # it to the pool's reset, whose failure SQLAlchemy logs with a
+                            # traceback
+                            _invalidate_quietly(conn)
+                            raise
+                except Exception as exc:
+                    if self._referee.keep_checking_after(ticket, exc):
+                        continue
+                    return CommitVerdict.UNKNOWN
             ticket.check_reached, ticket.check_unreached = True, None
             if verdict.final:
                 return verdict

@@ -21,6 +21,7 @@ import importlib.util
 import logging
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -30,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
+import resilient_db._commit as rdb_commit
 from resilient_db.testing import EmbeddedPostgres, FaultProxy
 
 pytestmark = [
@@ -235,3 +237,109 @@ def test_a_paused_embedded_server_answers_nothing_until_resumed(
             server.resume()
         assert not server.paused
         assert open_before.execute("SELECT 1").fetchone() == (1,)
+
+
+def _record_waits(monkeypatch: pytest.MonkeyPatch, stage: list[str]) -> list[tuple[float, float]]:
+    """The library's own waits (``library_wait``: what it would wait, and what it waits) decided
+    once the unit's COMMIT answer was lost (``stage`` holds ``"lost"``): its check's."""
+    waits: list[tuple[float, float]] = []
+    library_wait = rdb_commit.library_wait
+
+    def recording(seconds: float, floor: float) -> float:
+        given = library_wait(seconds, floor)
+        if "lost" in stage:
+            waits.append((seconds, given))
+        return given
+
+    monkeypatch.setattr(rdb_commit, "library_wait", recording)
+    return waits
+
+
+@pytest.mark.parametrize("where", ["connect", "checkout"])
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_lost_answers_check_on_a_frozen_server_ends_by_the_deadline(
+    server: EmbeddedPostgres,
+    database: str,
+    driver: str,
+    where: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A deadline shorter than the check's fixed bounds (STALLED_AFTER for its statements,
+    LIBRARY_CONNECT_TIMEOUT for its connect; asyncpg: no ``timeout`` nor ``command_timeout``
+    given, its own 60 s and none): the check's connect and statements on the frozen server are
+    cut to what is left of the deadline (never below the floors), and the unit ends
+    ``CommitOutcomeUnknownError``, not replayed. The check's bounds are read where they are
+    decided; the time is only a hang guard."""
+    deadline = 2.0
+    config = rdb.Config(deadline=deadline)
+    stage: list[str] = []
+    waits = _record_waits(monkeypatch, stage)
+    calls = 0
+    with FaultProxy(server) as proxy:
+        if driver == "psycopg":
+            engine = sa.create_engine(proxy.url(database))
+            Session = rdb.ResilientSession(engine, service=f"frozen-dl-{driver}", config=config)
+            _freeze_on(engine, where, stage, server)
+
+            def write(session: Session) -> str:
+                nonlocal calls
+                calls += 1
+                session.execute(sa.text("INSERT INTO ledger VALUES (1)"))
+                proxy.lose_commit_answer()
+                stage.append("lost")
+                return "done"
+
+            def unit() -> Any:
+                try:
+                    return Session.run(write)
+                finally:
+                    engine.dispose()
+
+        else:
+            url = proxy.url(database, driver="asyncpg" if driver == "asyncpg" else "psycopg")
+
+            async def awrite(session: AsyncSession) -> str:
+                nonlocal calls
+                calls += 1
+                await session.execute(sa.text("INSERT INTO ledger VALUES (1)"))
+                proxy.lose_commit_answer()
+                stage.append("lost")
+                return "done"
+
+            async def arun() -> Any:
+                aengine = create_async_engine(url)
+                _freeze_on(aengine.sync_engine, where, stage, server)
+                ASession = rdb.AsyncResilientSession(
+                    aengine, service=f"frozen-dl-{driver}", config=config
+                )
+                try:
+                    return await ASession.run(awrite)
+                finally:
+                    await aengine.dispose()
+
+            def unit() -> Any:
+                return asyncio.run(arun())
+
+        began = time.monotonic()
+        try:
+            outcome = _in_thread(unit, server)
+        finally:
+            server.resume()
+        took = time.monotonic() - began
+
+    assert stage == ["lost", "frozen"]
+    assert isinstance(outcome, rdb.CommitOutcomeUnknownError), outcome
+    assert calls == 1  # never replayed
+    # the waits on the frozen server: cut from their fixed bounds to the deadline's time left
+    # (the statements at least STALL_FLOOR, the connects CONNECT_FLOOR)
+    assert waits
+    for fixed, given in waits:
+        assert fixed > deadline
+        assert given <= max(deadline, rdb_commit.CONNECT_FLOOR)
+    met = {fixed for fixed, _ in waits}
+    if where == "connect":
+        assert rdb_commit.LIBRARY_CONNECT_TIMEOUT in met
+    else:
+        assert met & {rdb_commit.STALLED_AFTER, rdb_commit.CLAIM_CLIENT_TIMEOUT}
+    assert took < deadline + rdb_commit.CONNECT_FLOOR + 3.0  # (a hang guard)
+
