@@ -1778,11 +1778,13 @@ def rollback_if_prepared(connection: Connection, xid: Any) -> bool | None:
     None while a backend of the database is still running its PREPARE (an answer the client
     gave up on: it may yet prepare it; to be looked for again). Running PREPAREs are looked
     for first, so that one ending between the two looks is found prepared. SQLAlchemy's own
-    recovery API."""
-    preparing = connection.execute(_PREPARING_SQL, {"xid": str(xid)}).scalar()
-    if xid in connection.recover_twophase():
-        connection.rollback_prepared(xid, recover=True)
-        return True
+    recovery API. Cut off on a frozen server as :func:`commit_if_prepared` is (a ROLLBACK
+    PREPARED cut off is looked for again: it ended, or is still prepared)."""
+    with stall_cut(connection):
+        preparing = connection.execute(_PREPARING_SQL, {"xid": str(xid)}).scalar()
+        if xid in connection.recover_twophase():
+            connection.rollback_prepared(xid, recover=True)
+            return True
     return None if preparing else False
 
 
@@ -1820,10 +1822,22 @@ def _lost_connection(error: BaseException) -> bool:
 
 def commit_if_prepared(connection: Connection, xid: Any) -> bool:
     """COMMIT PREPARED ``xid`` on ``connection`` (a new one, outside any transaction) if it is
-    still prepared there; whether it was. SQLAlchemy's own recovery API."""
-    if xid not in connection.recover_twophase():
-        return False
-    connection.commit_prepared(xid, recover=True)
+    still prepared there; whether it was (True only when the server answered its COMMIT
+    PREPARED: the unit's transaction committed by this). SQLAlchemy's own recovery API.
+
+    Its statements are cut off on a server that answers nothing (a frozen one) after
+    :data:`~._commit.STALLED_AFTER`, cut to what is left of the deadline (see
+    :func:`~._commit.stall_cut`): the socket is shut down, with no cancel request first, since
+    a cancel reaching a COMMIT PREPARED that waits for a synchronous standby has it answered
+    with success (committed on the primary only, not replicated), which would be taken for
+    finished. asyncpg raises its ``TimeoutError`` instead, whose cancel comes too late to be
+    answered. A cut is an error, never an answer: the xid is looked for again within the
+    deadline (found committed meanwhile, it is not counted finished here), and a unit none of
+    whose looks is answered ends with its outcome unknown."""
+    with stall_cut(connection):
+        if xid not in connection.recover_twophase():
+            return False
+        connection.commit_prepared(xid, recover=True)
     return True
 
 

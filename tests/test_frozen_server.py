@@ -27,11 +27,13 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from processes import wait_for
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
 import resilient_db._commit as rdb_commit
+from resilient_db._statements import own_work
 from resilient_db.testing import EmbeddedPostgres, FaultProxy
 
 pytestmark = [
@@ -343,3 +345,135 @@ def test_a_lost_answers_check_on_a_frozen_server_ends_by_the_deadline(
         assert met & {rdb_commit.STALLED_AFTER, rdb_commit.CLAIM_CLIENT_TIMEOUT}
     assert took < deadline + rdb_commit.CONNECT_FLOOR + 3.0  # (a hang guard)
 
+
+@pytest.fixture(scope="module")
+def two_phase_server() -> Iterator[EmbeddedPostgres]:
+    with EmbeddedPostgres(settings={"max_prepared_transactions": "4"}) as made:
+        made.create_database("frozen_two_phase")
+        with made.connect("frozen_two_phase") as conn:
+            conn.execute("CREATE TABLE ledger (id int)")
+        yield made
+
+
+def _prepared(server: EmbeddedPostgres) -> list[str]:
+    return [
+        row[0]
+        for row in server.execute(
+            "SELECT gid FROM pg_prepared_xacts WHERE database = current_database()",
+            database="frozen_two_phase",
+        )
+    ]
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_two_phase_units_commit_prepared_on_a_frozen_server_ends_unknown(
+    two_phase_server: EmbeddedPostgres,
+    driver: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A two-phase unit's COMMIT PREPARED loses its connection (its backend terminated), so
+    the factory commits the prepared transaction itself on a new connection; the server
+    freezes as that COMMIT PREPARED goes out. It is cut off (no cancel request: one reaching a
+    COMMIT PREPARED waiting for a synchronous standby would have it answered with success,
+    taken for finished), looked for again within the deadline, and the unit ends
+    ``CommitOutcomeUnknownError``: not done, not replayed, its prepared transaction named for an
+    operator. Thawed, the row is there once or still prepared, never twice."""
+    server = two_phase_server
+    config = rdb.Config(deadline=3.0)
+    stage: list[str] = []
+    calls = 0
+
+    def arm(engine: sa.Engine) -> None:
+        @sa.event.listens_for(engine, "commit_twophase")
+        def kill(conn: Any, _xid: Any, _is_prepared: bool) -> None:
+            if not stage:  # the unit's COMMIT PREPARED: its connection lost
+                stage.append("killed")
+                driver_conn = conn.connection.driver_connection
+                pid = getattr(driver_conn, "get_server_pid", None)
+                pid = pid() if pid is not None else driver_conn.info.backend_pid
+                server.execute(f"SELECT pg_terminate_backend({int(pid)}, 5000)")
+
+        # the factory's own COMMIT PREPARED (``Connection.commit_prepared``, which dispatches
+        # no event) goes straight to the dialect: the server freezes as it goes out
+        commit_twophase = engine.dialect.do_commit_twophase
+
+        def freeze_then_commit(connection: Any, xid: Any, *args: Any, **kwargs: Any) -> None:
+            if stage == ["killed"] and own_work.get():
+                stage.append("frozen")
+                server.pause()
+            commit_twophase(connection, xid, *args, **kwargs)
+
+        monkeypatch.setattr(engine.dialect, "do_commit_twophase", freeze_then_commit)
+
+    url = server.url("frozen_two_phase", driver="asyncpg" if driver == "asyncpg" else "psycopg")
+    if driver == "psycopg":
+        engine = sa.create_engine(url)
+        arm(engine)
+        Session = rdb.ResilientSession(
+            engine, service=f"frozen-2pc-{driver}", config=config, twophase=True
+        )
+
+        def write(session: Session) -> str:
+            nonlocal calls
+            calls += 1
+            session.execute(sa.text("INSERT INTO ledger VALUES (1)"))
+            return "done"
+
+        def unit() -> Any:
+            try:
+                return Session.run(write)
+            finally:
+                engine.dispose()
+
+    else:
+
+        async def awrite(session: AsyncSession) -> str:
+            nonlocal calls
+            calls += 1
+            await session.execute(sa.text("INSERT INTO ledger VALUES (1)"))
+            return "done"
+
+        async def arun() -> Any:
+            aengine = create_async_engine(url)
+            arm(aengine.sync_engine)
+            ASession = rdb.AsyncResilientSession(
+                aengine, service=f"frozen-2pc-{driver}", config=config, twophase=True
+            )
+            try:
+                return await ASession.run(awrite)
+            finally:
+                await aengine.dispose()
+
+        def unit() -> Any:
+            return asyncio.run(arun())
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="resilient_db"):
+            try:
+                outcome = _in_thread(unit, server)
+            finally:
+                server.resume()
+        assert stage == ["killed", "frozen"]
+        assert isinstance(outcome, rdb.CommitOutcomeUnknownError), outcome
+        assert calls == 1  # never replayed
+        assert not any("Finished a two-phase commit" in r.getMessage() for r in caplog.records)
+
+        # thawed, the row is committed once (psycopg: the COMMIT PREPARED the server had
+        # received is carried out) or still prepared, named in the line for an operator
+        # (asyncpg: its cancel, sent as it gave up, reaches the COMMIT PREPARED first)
+        def rows() -> int:
+            return int(
+                server.execute("SELECT count(*) FROM ledger", database="frozen_two_phase")[0][0]
+            )
+
+        wait_for(lambda: rows() + len(_prepared(server)) == 1, "the unit's transaction, once")
+        (line,) = [
+            r.getMessage() for r in caplog.records if "Commit outcome unknown" in r.getMessage()
+        ]
+        assert "kept prepared, never rolled back" in line
+    finally:
+        server.resume()
+        for gid in _prepared(server):
+            server.execute(f"ROLLBACK PREPARED '{gid}'", database="frozen_two_phase")
+        server.execute("TRUNCATE ledger", database="frozen_two_phase")
