@@ -2200,6 +2200,33 @@ def test_spares_are_paused_for_a_server_control_test_that_runs_first(
     result.assert_outcomes(passed=2)
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="pause() finds the processes in /proc")
+def test_a_session_server_left_paused_by_a_failing_test_is_resumed_at_its_end(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A test that pauses the session's server and fails before resuming it: the plugin's
+    end of the test thaws it (``ensure_running``), so the next test gets a database and an
+    answer instead of waiting on a frozen server."""
+    monkeypatch.delenv("RESILIENT_DB_TEST_URL", raising=False)  # an embedded server of its own
+    monkeypatch.delenv("RESILIENT_DB_TEST_DOCKER", raising=False)
+    pytester.makepyfile(
+        """
+        def test_pauses_then_fails(pg_server, pg_database):
+            pg_server.pause()
+            assert False, "failed with the server paused"
+
+        def test_after(pg_server, pg_database):
+            assert not pg_server.paused
+            with pg_server.connect(pg_database, connect_timeout=2) as conn:
+                assert conn.execute("SELECT 1").fetchone() == (1,)
+        """
+    )
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-p", "no:asyncio", timeout=300
+    )
+    result.assert_outcomes(passed=1, failed=1)
+
+
 def test_databases_are_made_ahead_and_none_while_a_test_controls_the_server(
     pg_server: PostgresServer,
 ) -> None:

@@ -1418,6 +1418,13 @@ class EmbeddedPostgres(PostgresServer):
         """Whether the server is frozen by :meth:`pause`."""
         return bool(self._paused)
 
+    def ensure_running(self) -> None:
+        """:meth:`PostgresServer.ensure_running`, a server frozen by :meth:`pause` thawed first
+        (the pytest plugin calls it at the end of every test: a test that failed with the
+        session's server paused would leave every later test waiting on it)."""
+        self.resume()
+        super().ensure_running()
+
     def _require_open(self, action: str) -> None:
         if self._closed:
             raise ServerStartError(
