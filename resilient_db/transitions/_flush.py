@@ -438,19 +438,25 @@ def _onupdate_change(
     SQLAlchemy applies to every UPDATE of the row that leaves the column out. Judged from the
     state the row was loaded in and compare-and-set on it, as a status set is, at no extra
     round trip. The flush may send no UPDATE of the row (no column of it has a net change),
-    and a Python function's value is computed only as it is sent: a move judged legal here
-    carries its state; any other carries :data:`_ONUPDATE`, and is judged (refused if illegal)
-    by :func:`_check_written` when the UPDATE is sent. None when the state was not loaded, or
-    is set to a SQL expression: the UPDATE is then checked under lock (see
-    :func:`before_update`)."""
+    and a Python function's value is computed only as it is sent, a SQL expression's only by
+    the server: a move judged legal here carries its state; any other carries
+    :data:`_ONUPDATE`, and is judged (refused if illegal) when the UPDATE is sent, by
+    :func:`_check_written` (a Python onupdate) or from what the server wrote (a SQL
+    expression: see :func:`_server_written`). None when the state was not loaded (the UPDATE
+    is then checked under lock, see :func:`before_update`), but for a SQL expression, whose
+    row's state is read first, as a status set but not loaded is."""
     old = state.dict.get(guard.attr_key, _UNSET)
-    if old is _UNSET or isinstance(old, ClauseElement) or hasattr(old, "__clause_element__"):
+    pk = identity[0] if len(identity) == 1 else identity
+    if old is _UNSET:
+        if guard.sql_onupdate:
+            return Change(guard, pk, identity, None, False, _ONUPDATE, state.mapper)
+        return None
+    if isinstance(old, ClauseElement) or hasattr(old, "__clause_element__"):
         return None
     onupdate = guard.onupdate
     new = _ONUPDATE
     if onupdate.is_scalar and guard.legal_move(old, onupdate.arg):
         new = onupdate.arg
-    pk = identity[0] if len(identity) == 1 else identity
     return Change(guard, pk, identity, old, True, new, state.mapper)
 
 
@@ -518,7 +524,10 @@ def _check_against_db(
             db_value = found[next(i for i, c in enumerate(columns) if c is guard.column)]
             values[index] = db_value
             if not change.old_known:
-                if not guard.legal(guard.key(db_value), guard.key(change.new)):
+                # (a SQL onupdate's state is judged once the server wrote it)
+                if change.new is not _ONUPDATE and not guard.legal(
+                    guard.key(db_value), guard.key(change.new)
+                ):
                     errors.append(illegal(change, db_value, "flush"))
             elif guard.key(db_value) != guard.key(change.old) and not (
                 or_written and guard.key(db_value) == guard.key(change.new)
@@ -630,18 +639,36 @@ class _Plan:
     """What the compare-and-set needs of one compiled UPDATE, for the guards of its table that
     a flush expects something of (memoized per compiled UPDATE: see :func:`_plan`)."""
 
-    __slots__ = ("column", "form", "guards", "label", "labels", "raising_form")
+    __slots__ = (
+        "column",
+        "form",
+        "guards",
+        "label",
+        "labels",
+        "raising_form",
+        "returning_form",
+        "server",
+    )
 
-    def __init__(self, guards: tuple[Guard, ...], labels: tuple[str, ...]) -> None:
+    def __init__(
+        self, guards: tuple[Guard, ...], labels: tuple[str, ...], server: tuple[Guard, ...] = ()
+    ) -> None:
         self.guards = guards  # those whose column the UPDATE sets
         self.labels = labels  # its primary-key parameters
+        #: those of ``guards`` whose column the UPDATE sets to its onupdate SQL expression,
+        #: which the server computes (see :func:`_server_written`)
+        self.server = server
         # the column of its one guard (the common case), the label of a one-column key
-        self.column: sa.Column[Any] | None = guards[0].column if len(guards) == 1 else None
+        self.column: sa.Column[Any] | None = (
+            guards[0].column if len(guards) == 1 and not server else None
+        )
         self.label: str | None = labels[0] if len(labels) == 1 else None
         #: the compare-and-set forms of the UPDATE for these guards, plain and raising (see
         #: :func:`_cas_form`; None: not usable), made on first use (_NO_PLAN until then)
         self.form: _CasForm | None = _NO_PLAN
         self.raising_form: _CasForm | None = _NO_PLAN
+        #: the plain form returning what the server wrote into the ``server`` guards' columns
+        self.returning_form: _CasForm | None = _NO_PLAN
 
 
 class _CasForm(NamedTuple):
@@ -664,9 +691,9 @@ class _CasForm(NamedTuple):
 # (:func:`_cas_statement`); the plan of a compiled UPDATE, per guards of its table (:func:`_plan`;
 # None: it sets none), which holds the compare-and-set forms of that compiled UPDATE too (one
 # lookup per UPDATE sent).
-_cas_statements: weakref.WeakKeyDictionary[Any, dict[tuple[tuple[Guard, ...], bool], Any]] = (
-    weakref.WeakKeyDictionary()
-)
+_cas_statements: weakref.WeakKeyDictionary[
+    Any, dict[tuple[tuple[Guard, ...], bool, tuple[Guard, ...]], Any]
+] = weakref.WeakKeyDictionary()
 _plans: weakref.WeakKeyDictionary[Any, dict[tuple[Guard, ...], _Plan | None]] = (
     weakref.WeakKeyDictionary()
 )
@@ -925,7 +952,7 @@ def _compare_and_set(
     by_guards = _plans.get(compiled)
     plan = _NO_PLAN if by_guards is None else by_guards.get(table_guards, _NO_PLAN)
     if plan is _NO_PLAN:
-        plan = _plan(compiled, table_guards, rows[0])
+        plan = _plan(compiled, table_guards, rows[0], context)
     if plan is None:
         return False  # the UPDATE leaves the guarded columns alone
     column, label, form = plan.column, plan.label, plan.form
@@ -966,6 +993,17 @@ def _compare_and_set(
                     if errors:
                         raise_errors(errors, checks.config, checks.session)
                 return True
+    if plan.server:  # (its column is None: not the common case above)
+        return _server_written(
+            cursor,
+            statement,
+            parameters,
+            context,
+            checks=checks,
+            table_rows=table_rows,
+            plan=plan,
+            noted=noted,
+        )
     guards, labels = plan.guards, plan.labels
     try:
         if len(labels) == 1:
@@ -1061,10 +1099,208 @@ def _compare_and_set(
 _guard_update: StatementGuard = functools.partial(_compare_and_set, noted=True)
 
 
-def _plan(compiled: Any, table_guards: tuple[Guard, ...], first: dict[str, Any]) -> _Plan | None:
+def _server_written(
+    cursor: Any,
+    statement: str,
+    parameters: Any,
+    context: Any,
+    *,
+    checks: _FlushChecks,
+    table_rows: dict[tuple[Any, ...], _Row],
+    plan: _Plan,
+    noted: bool,
+) -> bool:
+    """:func:`_compare_and_set` for a flush's UPDATE that sets guarded columns to their
+    ``onupdate`` SQL expression (``plan.server``): the server computes the state written, so it
+    is judged once written, from the state the row had to hold (the compare-and-set makes sure
+    it did), and a move the rules forbid raises IllegalTransitionError from the flush: its
+    transaction is rolled back, as for any error of a flush, and nothing illegal commits.
+
+    The expression is evaluated once, by the UPDATE itself; what it wrote comes back with it:
+    one row sent alone returns it (``RETURNING``, at no extra round trip). Rows sent as an
+    executemany (a driver's executemany returns no rows), or by an UPDATE with a RETURNING of
+    SQLAlchemy's own (``eager_defaults=True``, which SQLAlchemy reads from the cursor itself),
+    are read back after it, by primary key, in one SELECT: they are still locked by the
+    UPDATE, so they hold what it wrote. Rows this flush has no expectation of (made dirty
+    during the flush) are read under lock first; an UPDATE that can't carry the
+    compare-and-set has its rows checked under lock, is sent as it is, and read back."""
+    conn = context.root_connection
+    many = bool(context.executemany)
+    compiled = context.compiled
+    rows: list[dict[str, Any]] = context.compiled_parameters
+    guards, server, labels = plan.guards, plan.server, plan.labels
+    try:
+        identities = [tuple(row[label] for label in labels) for row in rows]
+    except KeyError:
+        # not the flush's own UPDATE by primary key (see _compare_and_set)
+        pending = [r for r in table_rows.values() if all(g.column in r for g in guards)]
+        if pending:
+            _lock_and_check(conn, checks, guards, pending, or_written=True)
+        return False
+    set_guards = tuple(g for g in guards if g not in server)
+    if set_guards and not all(
+        found is not None and g.column in found and found[g.column].change.new == row[g.column.key]
+        for found, row in zip(map(table_rows.get, identities), rows, strict=True)
+        for g in set_guards
+    ):
+        _check_written(conn, checks, table_rows, guards=set_guards, sent=(identities, rows))
+    lacking = [
+        identity
+        for identity in identities
+        if (found := table_rows.get(identity)) is None or any(g.column not in found for g in guards)
+    ]
+    if lacking:
+        _expect_held(
+            conn,
+            checks,
+            table_rows=table_rows,
+            guards=guards,
+            server=server,
+            sent=dict(zip(identities, rows, strict=True)),
+            lacking=lacking,
+        )
+    expected = [table_rows[identity] for identity in identities]
+    dialect = context.dialect
+    returning = not many and not compiled.effective_returning
+    form: _CasForm | None = None
+    if returning:
+        form = plan.returning_form
+        if form is _NO_PLAN:
+            form = plan.returning_form = _cas_form(
+                compiled, guards, dialect, raising=False, returning=server
+            )
+    elif not many or dialect.supports_sane_multi_rowcount:
+        form = plan.form
+        if form is _NO_PLAN:
+            form = plan.form = _cas_form(compiled, guards, dialect, raising=False)
+    elif dialect.name == "postgresql":  # asyncpg: see _compare_and_set
+        form = plan.raising_form
+        if form is _NO_PLAN:
+            form = plan.raising_form = _cas_form(compiled, guards, dialect, raising=True)
+    if not noted:
+        note_write(context)  # a later listener of the chain (the commit protocol's) won't see it
+    if form is None or statement != compiled.string:
+        # no compare-and-set form (see _compare_and_set): rows checked under lock, the
+        # UPDATE sent as it is, what it wrote read back
+        _lock_and_check(conn, checks, guards, expected)
+        if many:
+            dialect.do_executemany(cursor, statement, parameters, context)
+        else:
+            dialect.do_execute(cursor, statement, parameters, context)
+        returning = False
+    else:
+        sent = _with_expected(form, parameters if many else [parameters], guards, expected, dialect)
+        try:
+            if many:
+                dialect.do_executemany(cursor, form.sql, sent, context)
+            else:
+                dialect.do_execute(cursor, form.sql, sent[0], context)
+        except Exception as exc:
+            stale = _raised_stale(exc, guards, expected) if form.raising else None
+            if stale is None:
+                raise
+            raise_errors([stale], checks.config, checks.session)
+        returned = cursor.fetchall() if returning else None
+        if returned is not None:
+            matched = len(returned)
+        elif form.raising:
+            matched = len(expected)  # (a row that moved made the server raise)
+        else:
+            matched = cursor.rowcount
+        if matched != len(expected):
+            moved = _stale_rows(conn, guards, expected, matched)
+            if moved:
+                raise_errors(moved, checks.config, checks.session)
+        if returned is not None:
+            if not returned:
+                return True  # it wrote nothing (SQLAlchemy's row count check raises)
+            written = {identities[0]: tuple(returned[0])}
+    if not returning:
+        pk_columns = server[0].pk_columns
+        found_rows = read_by_keys(
+            conn, pk_columns, [_key_text(g.column) for g in server], identities, lock=False
+        )
+        written = {key: row[len(pk_columns) :] for key, row in found_rows.items()}
+    errors: list[IllegalTransitionError] = []
+    for identity, found in zip(identities, expected, strict=True):
+        texts = written.get(identity)
+        for position, g in enumerate(server):
+            expect = found[g.column]
+            own = expect.change.guard
+            if texts is None:
+                # not found by the key it was updated by: the UPDATE changed it (the status is
+                # part of it), and the state written can't be read back: refused
+                err = illegal(expect.change, expect.value, "flush")
+                errors.append(
+                    with_reason(
+                        err,
+                        "the state the column's onupdate SQL expression wrote could not be "
+                        "read back (the UPDATE changed the row's primary key)",
+                    )
+                )
+                continue
+            text = texts[position]
+            state = None if text is None else _state_of_text(own, text)
+            change = expect.change._replace(old=expect.value, old_known=True, new=state)
+            # what the row moved to from here on (a later stale error names it)
+            found[g.column] = expect._replace(change=change._replace(old=expect.change.old))
+            if not own.legal(own.key(expect.value), None if text is None else text):
+                err = illegal(change, expect.value, "flush")
+                errors.append(
+                    with_reason(
+                        err,
+                        f"{err.reason}; {plain(as_declared(own, state))!r} is what the SQL "
+                        "expression the UPDATE sets the column to wrote (its onupdate, for an "
+                        "UPDATE of the row that does not set the column)",
+                    )
+                )
+    if errors:
+        raise_errors(errors, checks.config, checks.session)
+    return True
+
+
+def _expect_held(
+    conn: Connection,
+    checks: _FlushChecks,
+    *,
+    table_rows: dict[tuple[Any, ...], _Row],
+    guards: tuple[Guard, ...],
+    server: tuple[Guard, ...],
+    sent: dict[tuple[Any, ...], dict[str, Any]],
+    lacking: list[tuple[Any, ...]],
+) -> None:
+    """The expectations of rows an UPDATE writing an onupdate SQL expression moves that the
+    flush has none of (made dirty during it): the states they hold now, read under lock
+    (judged by the rules of the row's own model, see :func:`_row_guard`). A row not found is
+    gone: StaleTransitionError."""
+    first = guards[0]
+    keys = in_key_order(set(lacking))
+    held = _read_states(conn, first.pk_columns, [g.column for g in guards], keys, lock=True)
+    errors: list[IllegalTransitionError] = []
+    for identity in keys:
+        values = held.get(identity)
+        row = table_rows.setdefault(identity, {})
+        for g, value in zip(guards, values or [None] * len(guards), strict=True):
+            if g.column in row:
+                continue
+            own, mapper = _row_guard(checks, g, identity)
+            new = _ONUPDATE if g in server else sent[identity][g.column.key]
+            change = Change(own, own.pk_of(identity), identity, value, True, new, mapper)
+            row[g.column] = _Expect(change, value)
+            if values is None:
+                errors.append(_stale(change, "the row no longer exists", value))
+    if errors:
+        raise_errors(errors[:1], checks.config, checks.session)
+
+
+def _plan(
+    compiled: Any, table_guards: tuple[Guard, ...], first: dict[str, Any], context: Any
+) -> _Plan | None:
     """The plan of ``compiled`` for ``table_guards``, memoized per compiled UPDATE (looked up
     by :func:`_compare_and_set` itself): its parameters (``first``, a row's) are named the same
-    for every execution of it."""
+    for every execution of it. A guarded column the UPDATE sets to its onupdate SQL expression
+    is not among them: SQLAlchemy renders the expression in the SET, and lists the column in
+    ``postfetch_cols`` (or, with ``eager_defaults=True``, in the RETURNING it adds)."""
     by_guards = _plans.get(compiled)
     if by_guards is None:
         by_guards = _plans.setdefault(compiled, {})
@@ -1072,7 +1308,16 @@ def _plan(compiled: Any, table_guards: tuple[Guard, ...], first: dict[str, Any])
     if found is not _NO_PLAN:
         return found
     guards = tuple(g for g in table_guards if g.column.key in first)
-    plan = _Plan(guards, guards[0].pk_labels) if guards else None
+    server: tuple[Guard, ...] = ()
+    if any(g.sql_onupdate for g in table_guards):
+        computed = [*(context.postfetch_cols or ()), *(compiled.effective_returning or ())]
+        server = tuple(
+            g
+            for g in table_guards
+            if g.sql_onupdate and g.column.key not in first and any(c is g.column for c in computed)
+        )
+        guards += server
+    plan = _Plan(guards, guards[0].pk_labels, server) if guards else None
     by_guards[table_guards] = plan
     return plan
 
@@ -1120,13 +1365,20 @@ def _with_expected(
     ]
 
 
-def _cas_statement(statement: sa.Update, guards: tuple[Guard, ...], raising: bool) -> Any:
+def _cas_statement(
+    statement: sa.Update,
+    guards: tuple[Guard, ...],
+    raising: bool,
+    returning: tuple[Guard, ...] = (),
+) -> Any:
     """``statement`` with ``AND col = :expected`` per guard (``IS NOT DISTINCT FROM`` for a
-    nullable column), or with :func:`_raising_condition` per guard, memoized per statement."""
+    nullable column), or with :func:`_raising_condition` per guard, memoized per statement;
+    ``returning``: and returning the key of what it wrote into those guards' columns (see
+    :func:`_key_text`)."""
     by_guards = _cas_statements.get(statement)
     if by_guards is None:
         by_guards = _cas_statements.setdefault(statement, {})
-    key = (guards, raising)
+    key = (guards, raising, returning)
     found = by_guards.get(key)
     if found is None:
         conditions = []
@@ -1138,8 +1390,20 @@ def _cas_statement(statement: sa.Update, guards: tuple[Guard, ...], raising: boo
                 else g.column == expected
             )
             conditions.append(_raising_condition(g, holds, position) if raising else holds)
-        found = by_guards[key] = statement.where(*conditions)
+        found = statement.where(*conditions)
+        if returning:
+            found = found.returning(
+                *(_key_text(g.column).label(f"rdb_written_{i}") for i, g in enumerate(returning))
+            )
+        by_guards[key] = found
     return found
+
+
+def _key_text(column: sa.Column[Any]) -> Any:
+    """SQL: the key of the state ``column`` holds, as the guards and the trigger spell states
+    (``col::text``; ``trim_scale(col)::text`` for a ``numeric`` without a scale)."""
+    value: Any = sa.func.pg_catalog.trim_scale(column) if trims_scale(column) else column
+    return sa.cast(value, sa.Text)
 
 
 #: the parameter carrying a row's number in the raising form (see _raising_condition)
@@ -1248,16 +1512,21 @@ def _state_of_text(guard: Guard, text: str) -> Any:
 
 
 def _cas_form(
-    compiled: Any, guards: tuple[Guard, ...], dialect: Any, *, raising: bool
+    compiled: Any,
+    guards: tuple[Guard, ...],
+    dialect: Any,
+    *,
+    raising: bool,
+    returning: tuple[Guard, ...] = (),
 ) -> _CasForm | None:
     """The compare-and-set form of ``compiled`` (a flush's UPDATE), compiled by SQLAlchemy for
     the same dialect with the same columns (memoized by the compiled UPDATE's plan). None when
     its parameters are not those of ``compiled`` plus the added ones: then the rows are checked
-    under lock instead."""
+    under lock instead. ``returning``: see :func:`_cas_statement`."""
     names = tuple(g.cas_param for g in guards) + ((_ROW_PARAM,) if raising else ())
     form: _CasForm | None = None
     try:
-        cas = _cas_statement(compiled.statement, guards, raising).compile(
+        cas = _cas_statement(compiled.statement, guards, raising, returning).compile(
             dialect=dialect,
             column_keys=compiled.column_keys,
             for_executemany=compiled.for_executemany,
@@ -1486,8 +1755,9 @@ def _stale_rows(
         # the row holds every state this flush writes, or it was not updated by the flush
         # (another transaction moved it: one guard's column, say, while another still holds
         # the state expected where the flush writes another)
+        # (an onupdate SQL expression's state is not known before it is written: any may be)
         as_written = all(
-            g.key(v) == g.key(found[g.column].change.new)
+            found[g.column].change.new is _ONUPDATE or g.key(v) == g.key(found[g.column].change.new)
             for g, v in zip(guards, now[:n_guards], strict=True)
         )
         if len(rows) == 1 or not as_written:
@@ -1548,6 +1818,9 @@ def _stale_rows(
                         f"{plain(as_declared(g, expect.change.new))!r}; reload it and decide "
                         "again"
                     )
+                    if expect.change.new is _ONUPDATE:  # moved, by what it holds
+                        now = current[expect.change.identity]
+                        reason = _moved(g, now[next(i for i, c in enumerate(guards) if c is g)])
                     stale.append(_stale(expect.change, reason, expect.value))
                 return stale
         # Else no row is named, and no state it was in unless they all were in one; the column

@@ -305,11 +305,14 @@ class Guard:
     #: object, each as (its attribute, the related model's attribute the column copies): a
     #: status assigned through one is judged and compare-and-set as a set column is
     related: tuple[tuple[str, str], ...] = ()
-    #: the column's ``onupdate`` when SQLAlchemy computes it in Python (a value, or a function
-    #: it calls as it runs the UPDATE): what a flush's UPDATE of a row that does not set the
-    #: status writes into it, judged and compare-and-set as a status set is (an ``onupdate``
-    #: SQL expression, computed by the server, is None here: only the trigger sees its value)
+    #: the column's ``onupdate`` (a ``ColumnDefault``: a value, a Python function SQLAlchemy
+    #: calls as it runs the UPDATE, or a SQL expression the server computes in it): what a
+    #: flush's UPDATE of a row that does not set the status writes into it, judged and
+    #: compare-and-set as a status set is
     onupdate: Any = None
+    #: ``onupdate`` is a SQL expression: its value is known only once the server wrote it, so
+    #: the flush's UPDATE writing it reads it back (``RETURNING``) and judges it then
+    sql_onupdate: bool = False
 
     @functools.cached_property
     def table(self) -> sa.Table:  # read by every guarded flush: computed once
@@ -947,15 +950,19 @@ def _compile(mapper: Mapper[Any], rules: TransitionRules) -> Guard:
         cas_param=f"rdb_expected_{position}",
         text_keys=not converting and not isinstance(impl, (sa.Enum, sa.Boolean, sa.CHAR, sa.NCHAR)),
         owner=model,
-        onupdate=_python_onupdate(column),
+        onupdate=_onupdate(column),
+        sql_onupdate=_onupdate(column) is not None and _onupdate(column).is_clause_element,
     )
 
 
-def _python_onupdate(column: sa.Column[Any]) -> Any:
-    """:attr:`Guard.onupdate` of ``column``: its ``onupdate`` when it is a value or a Python
-    function (a ``ColumnDefault`` SQLAlchemy computes before sending the UPDATE), else None."""
+def _onupdate(column: sa.Column[Any]) -> Any:
+    """:attr:`Guard.onupdate` of ``column``: its ``onupdate`` when SQLAlchemy applies it to an
+    UPDATE that leaves the column out (a ``ColumnDefault``: a value, a Python function or a SQL
+    expression; a ``Sequence`` is none), else None."""
     onupdate = column.onupdate
-    if isinstance(onupdate, sa.ColumnDefault) and (onupdate.is_scalar or onupdate.is_callable):
+    if isinstance(onupdate, sa.ColumnDefault) and (
+        onupdate.is_scalar or onupdate.is_callable or onupdate.is_clause_element
+    ):
         return onupdate
     return None
 
