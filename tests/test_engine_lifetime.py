@@ -41,12 +41,13 @@ def markers(pg_url: str, request: pytest.FixtureRequest) -> None:
         engine.dispose()
 
 
-def backends(server: PostgresServer, database: str) -> int:
+def backends(server: PostgresServer, database: str) -> frozenset[int]:
+    """The pids of the database's backends (a backend of an earlier test's may still be ending
+    when a test starts: it ends meanwhile, and none of the test's may be left)."""
     rows = server.execute(
-        f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{database}' "
-        "AND pid <> pg_backend_pid()"
+        f"SELECT pid FROM pg_stat_activity WHERE datname = '{database}' AND pid <> pg_backend_pid()"
     )
-    return int(rows[0][0])
+    return frozenset(int(row[0]) for row in rows)
 
 
 def writes(session: Session) -> int:
@@ -74,7 +75,7 @@ def test_a_dropped_engine_is_freed_with_its_connections(
     gc.collect()
     assert [ref() for ref in engines] == [None] * ROUNDS
     assert len(STATE.engine_hooks) <= hooked  # their hooks went with them (others may too)
-    wait_for(lambda: backends(pg_server, pg_database) == before, "the backends to end")
+    wait_for(lambda: backends(pg_server, pg_database) <= before, "the backends to end")
 
 
 async def _use_and_drop(
@@ -98,4 +99,4 @@ async def test_a_dropped_async_engine_is_freed_with_its_connections(
     await asyncio.sleep(0)  # (the last unit's session closed in a task of its own)
     gc.collect()
     assert [(a(), s()) for a, s in engines] == [(None, None)] * ROUNDS
-    await wait_for_async(lambda: backends(pg_server, pg_database) == before, "the backends to end")
+    await wait_for_async(lambda: backends(pg_server, pg_database) <= before, "the backends to end")
