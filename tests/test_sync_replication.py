@@ -383,21 +383,31 @@ def test_a_cancelled_wait_is_no_proof_whatever_client_min_messages_says(
     a watchdog cancels every backend waiting for the standby, the checks' too: a cancelled
     COMMIT answers success with a WARNING, which ``client_min_messages = error`` (set for the
     database) kept from the client, so the check took the plain answer for proof: "done", and
-    lost by the failover. The check asks for warnings for its own transaction."""
+    lost by the failover. The check asks for warnings for its own transaction.
+
+    The watchdog leaves the unit's own backends alone: their COMMIT is asyncpg's to cut (its
+    wait cancelled by the watchdog first, it would be answered plainly, the warning kept from
+    the client: "done", whatever the checks do), however long connecting and writing took."""
     pair = pg_standby_factory(synchronous=True)
     quiet = f"ALTER DATABASE {DATABASE} SET client_min_messages = error"
     prepare(pair, MARKERS, before_the_standby_stops=[quiet])
     stop = threading.Event()
+    unit_pids: list[int] = []  # the backends the unit's attempts ran on
+    unit_known = threading.Event()
+    cancelled: list[int] = []  # the backends (the checks') whose wait the watchdog cancelled
 
     def watchdog() -> None:
-        if stop.wait(1.5):  # after asyncpg cut the unit's own COMMIT (1 s)
-            return
-        while not stop.wait(0.1):
-            pair.primary.execute(
-                "SELECT pg_catalog.pg_cancel_backend(pid) FROM pg_catalog.pg_stat_activity "
-                "WHERE datname = %s AND wait_event = 'SyncRep'",
-                params=(DATABASE,),
+        while not unit_known.wait(0.05):
+            if stop.is_set():
+                return
+        while not stop.wait(0.05):
+            rows = pair.primary.execute(
+                "SELECT pid, pg_catalog.pg_cancel_backend(pid) "
+                "FROM pg_catalog.pg_stat_activity "
+                "WHERE datname = %s AND wait_event = 'SyncRep' AND pid <> ALL(%s)",
+                params=(DATABASE, list(unit_pids)),
             )
+            cancelled.extend(int(pid) for pid, signalled in rows if signalled)
 
     config = rdb.Config(
         initial_delay=0.01, max_delay=0.02, max_retries=50, deadline=6.0, circuit_breaker=False
@@ -410,6 +420,9 @@ def test_a_cancelled_wait_is_no_proof_whatever_client_min_messages_says(
         factory = rdb.AsyncResilientSession(engine, service="quiet-warnings", config=config)
 
         async def write(session: Any) -> None:
+            pid = await session.execute(sa.text("SELECT pg_catalog.pg_backend_pid()"))
+            unit_pids.append(int(pid.scalar_one()))
+            unit_known.set()
             await session.execute(INSERT, {"key": "quiet"})
 
         try:
@@ -428,6 +441,7 @@ def test_a_cancelled_wait_is_no_proof_whatever_client_min_messages_says(
         stop.set()
         thread.join(10)
     assert isinstance(error, rdb.CommitOutcomeUnknownError), error
+    assert cancelled, "no check's COMMIT waited for the standby and was cancelled"
 
 
 #: (driver, commit verification) for a COMMIT answered with a warning: both drivers (and
