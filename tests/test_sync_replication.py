@@ -243,6 +243,22 @@ def _signal_the_waiting_commit(pair: StandbyPair, function: str) -> None:
         time.sleep(0.02)
 
 
+def _terminate_once_waiting(pair: StandbyPair, pid: int, terminated: list[int]) -> None:
+    """Terminate backend ``pid`` once it is seen waiting for the standby (its COMMIT's wait),
+    noted in ``terminated``."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        rows = pair.primary.execute(
+            "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity "
+            "WHERE pid = %s AND wait_event = 'SyncRep'",
+            params=(pid,),
+        )
+        if rows:
+            terminated.append(pid)
+            return
+        time.sleep(0.02)
+
+
 def create_a_warning_ledger(conn: sa.Connection) -> None:
     """A ledger table whose rows raise a WARNING when their transaction commits (a deferred
     constraint trigger): a COMMIT answered with a warning, with no replication at all."""
@@ -349,17 +365,19 @@ def test_a_standby_slower_than_the_first_check_still_proves_the_unit(
     pair.primary.execute(f"ALTER DATABASE {DATABASE} SET synchronous_commit = remote_apply")
     config = rdb.Config(initial_delay=0.01, max_delay=0.02, deadline=30.0, circuit_breaker=False)
     calls: list[int] = []
+    terminated: list[int] = []
+    killers: list[threading.Thread] = []
 
     def write(session: Any) -> None:
         calls.append(1)
         session.execute(INSERT, {"key": "slow"})
         session.flush()
-        # the COMMIT's answer is lost: the connection is cut while it waits for the standby
+        # the COMMIT's answer is lost: the connection is cut once it waits for the standby
         pid = session.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
-        kill = f"SELECT pg_catalog.pg_terminate_backend({int(pid)})"
-        killer = threading.Timer(1.0, pair.primary.execute, (kill,))
+        killer = threading.Thread(target=_terminate_once_waiting, args=(pair, int(pid), terminated))
         killer.daemon = True
         killer.start()
+        killers.append(killer)
 
     units_engine = sa.create_engine(pair.primary.url(DATABASE))
     Units = rdb.ResilientSession(
@@ -372,6 +390,9 @@ def test_a_standby_slower_than_the_first_check_still_proves_the_unit(
         units_engine.dispose()  # (left to the collector, its connection warned in a later test)
     assert time.monotonic() - began >= 3.0  # no proof before the standby applied the COMMIT
     assert calls == [1]
+    for killer in killers:
+        killer.join(30)
+    assert terminated, "the unit's COMMIT was never seen waiting for the standby"
     pair.wait_replayed()
     assert ledger(pair) == {"slow": 1}
 
