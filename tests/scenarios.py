@@ -540,3 +540,12 @@ def assert_unknown_outcome(exc: BaseException) -> None:
         "urn:resilient-db:problem:commit-outcome-unknown",
     )
     assert "Retry-After" not in problem.headers
+
+
+def notifications(listener: psycopg.Connection[Any], *, more: float = 0.5) -> list[str]:
+    """The payloads a listening connection received: the first one waited for (bounded: a
+    loaded machine may deliver it well after the notifying COMMIT), then any others arriving
+    within ``more`` seconds of it (a replay's duplicate is committed before the unit returns)."""
+    received = [n.payload for n in listener.notifies(timeout=30, stop_after=1)]
+    assert received, "no notification within 30 s"
+    return received + [n.payload for n in listener.notifies(timeout=more)]

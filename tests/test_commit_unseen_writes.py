@@ -30,6 +30,7 @@ from typing import Any
 import psycopg
 import pytest
 import sqlalchemy as sa
+from scenarios import notifications
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
@@ -306,7 +307,7 @@ def listener(env: Env) -> Iterator[Callable[[], list[str]]]:
     """``LISTEN`` on channel ``jobs`` in the application's database; the payloads received."""
     with psycopg.connect(env.server.conninfo(env.database), autocommit=True) as conn:
         conn.execute("LISTEN jobs")
-        yield lambda: [n.payload for n in conn.notifies(timeout=0.5)]
+        yield lambda: notifications(conn)
 
 
 @pytest.mark.parametrize(
