@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from processes import wait_for
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import (
@@ -64,6 +65,15 @@ def outbox(target: Any, published: list[int]) -> None:
     event.listen(target, "after_commit", publish)
 
 
+def waits_for_a_lock(engine: sa.Engine, pid: int) -> bool:
+    """Whether backend ``pid`` waits for a lock (a row another transaction holds)."""
+    with engine.connect() as conn:
+        waiting = conn.execute(
+            sa.text("SELECT wait_event_type FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}
+        ).scalar_one_or_none()
+    return waiting == "Lock"
+
+
 def notes(engine: sa.Engine) -> dict[int, str]:
     with engine.connect() as conn:
         return {row.id: row.note for row in conn.execute(sa.select(Order.id, Order.note))}
@@ -109,9 +119,12 @@ def test_a_session_classs_own_commit_sees_the_units_changes(
 def test_a_deadlock_in_the_flush_after_the_before_commit_listeners_is_replayed(
     engine: sa.Engine, service: str
 ) -> None:
-    """The flush ``commit()`` does after the listeners meets a real deadlock (the unit waits
-    first, with the shorter ``deadlock_timeout``: it is the victim): no COMMIT went out, so the
-    unit is replayed, not settled as a COMMIT that failed."""
+    """The flush ``commit()`` does after the listeners meets a real deadlock (the other
+    transaction waits first; the unit's flush closes the cycle, with the shorter
+    ``deadlock_timeout``: it is the victim): no COMMIT went out, so the unit is replayed, not
+    settled as a COMMIT that failed. (The server checks a wait for a deadlock once, after its
+    ``deadlock_timeout``: the unit waiting first, its check could pass before the other's
+    wait closed the cycle, and the other would be the victim.)"""
     with engine.begin() as conn:
         conn.execute(sa.insert(Order), [{"id": 10}, {"id": 11}])
     Orders = rdb.ResilientSession(engine, service=service)
@@ -120,11 +133,13 @@ def test_a_deadlock_in_the_flush_after_the_before_commit_listeners_is_replayed(
     attempts: list[int] = []
     other_locked = threading.Event()
     mine_locked = threading.Event()
+    other_pid: list[int] = []
 
     def other() -> None:
         with engine.begin() as conn:
             conn.execute(sa.text("SET LOCAL deadlock_timeout = '10s'"))  # the unit is the victim
             conn.execute(sa.update(Order).where(Order.id == 11).values(note="other"))
+            other_pid.append(conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one())
             other_locked.set()
             mine_locked.wait(10)
             conn.execute(sa.update(Order).where(Order.id == 10).values(note="other"))
@@ -143,6 +158,8 @@ def test_a_deadlock_in_the_flush_after_the_before_commit_listeners_is_replayed(
             thread.start()
             other_locked.wait(10)
             mine_locked.set()
+            # the flush (after this) closes the cycle: the other waits for row 10 first
+            wait_for(lambda: waits_for_a_lock(engine, other_pid[0]), "the other's wait")
 
     Orders.run(unit)
     thread.join(10)
