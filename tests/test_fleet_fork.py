@@ -116,14 +116,14 @@ def test_a_child_forked_while_a_listener_runs_in_the_background_thread_does_not_
                     done.set()
 
                 threading.Thread(target=unit, daemon=True).start()
-                if done.wait(5) and ended and isinstance(ended[0], sa.exc.DBAPIError):
+                if done.wait(20) and ended and isinstance(ended[0], sa.exc.DBAPIError):
                     code = 0
             finally:
                 os.write(write_end, bytes([code]))
                 os._exit(code)
         os.close(write_end)
         write_end = -1
-        ready, _, _ = select.select([read_end], [], [], 15)
+        ready, _, _ = select.select([read_end], [], [], 40)
         if not ready:
             os.kill(pid, signal.SIGKILL)
         answer = os.read(read_end, 1) if ready else b""

@@ -95,7 +95,7 @@ def test_a_child_forked_while_another_thread_holds_the_state_lock_makes_factorie
             return "forked-state" in rdb.health()["services"]
 
         with forked(child) as proc:
-            assert proc.result(timeout=5) is True, "the child hung on the state lock"
+            assert proc.result(timeout=30) is True, "the child hung on the state lock"
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
@@ -110,7 +110,7 @@ def test_a_child_forked_while_another_thread_adds_to_a_services_counters_counts(
             return rdb.health()["services"]["forked-counters"]["counters"]["retries"] == 1
 
         with forked(child) as proc:
-            assert proc.result(timeout=5) is True, "the child hung on the counters' lock"
+            assert proc.result(timeout=30) is True, "the child hung on the counters' lock"
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
@@ -124,4 +124,4 @@ def test_a_child_forked_by_the_thread_holding_the_state_lock_keeps_it() -> None:
         return True
 
     with STATE.lock, forked(child) as proc:
-        assert proc.result(timeout=5) is True
+        assert proc.result(timeout=30) is True
