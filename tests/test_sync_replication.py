@@ -421,14 +421,15 @@ def test_a_cancelled_wait_is_no_proof_whatever_client_min_messages_says(
         while not unit_known.wait(0.05):
             if stop.is_set():
                 return
-        while not stop.wait(0.05):
-            rows = pair.primary.execute(
-                "SELECT pid, pg_catalog.pg_cancel_backend(pid) "
-                "FROM pg_catalog.pg_stat_activity "
-                "WHERE datname = %s AND wait_event = 'SyncRep' AND pid <> ALL(%s)",
-                params=(DATABASE, list(unit_pids)),
-            )
-            cancelled.extend(int(pid) for pid, signalled in rows if signalled)
+        with pair.primary.connect() as conn:  # (one connection: each look is quick)
+            while not stop.wait(0.02):
+                rows = conn.execute(
+                    "SELECT pid, pg_catalog.pg_cancel_backend(pid) "
+                    "FROM pg_catalog.pg_stat_activity "
+                    "WHERE datname = %s AND wait_event = 'SyncRep' AND pid <> ALL(%s)",
+                    (DATABASE, list(unit_pids)),
+                ).fetchall()
+                cancelled.extend(int(pid) for pid, signalled in rows if signalled)
 
     config = rdb.Config(
         initial_delay=0.01, max_delay=0.02, max_retries=50, deadline=6.0, circuit_breaker=False
