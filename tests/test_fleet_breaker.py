@@ -595,7 +595,7 @@ def test_the_fallback_breaker_starts_from_the_failures_the_fleet_counted(
     breaker = rdb.health()["services"]["fallback"]["breaker"]
     assert (breaker["state"], breaker["failures"]) == ("closed", 2)
     redis_server.kill()
-    wait_for(lambda: not shared("fallback")["connected"], "the link down", timeout=5)
+    wait_for(lambda: not shared("fallback")["connected"], "the link down")
     assert rdb.health()["services"]["fallback"]["breaker"]["failures"] == 2
     with pytest.raises(sa.exc.OperationalError):
         Factory.run(unit)  # the third failure

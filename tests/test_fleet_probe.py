@@ -122,7 +122,7 @@ def test_an_admit_redis_ran_after_its_answer_was_lost_holds_no_probe_slot(
         assert shared("ghost")["connected"] is False
     finally:
         redis_server.resume()
-    wait_for(lambda: shared("ghost")["connected"], "the link, again", timeout=5)
+    wait_for(lambda: shared("ghost")["connected"], "the link, again")
     held = redis_server.client().hget("resilient_db:{ghost}:breaker", "probes")
     assert int(held or 0) == 0  # the late admit's slot is not held by nobody
     assert _fleet_state(redis_server, "ghost") == ("closed" if probe_ok else "half-open")
@@ -158,7 +158,7 @@ def test_a_probe_end_redis_ran_late_is_not_counted_again_on_rejoin(
         assert shared("twice")["connected"] is False
     finally:
         redis_server.resume()
-    wait_for(lambda: shared("twice")["connected"], "the link, again", timeout=5)
+    wait_for(lambda: shared("twice")["connected"], "the link, again")
     fields = redis_server.client().hmget("resilient_db:{twice}:breaker", "st", "ok", "probes")
     assert fields == [b"half-open", b"1", b"0"]  # one success, counted once; no slot held
     assert Factory.run(lambda s: s.execute(sa.text("SELECT 1")).scalar_one()) == 1
@@ -275,7 +275,7 @@ def test_a_probe_ending_while_redis_hangs_is_reported_whatever_follows(
         assert len(outcomes) == 8
     finally:
         redis_server.resume()
-    wait_for(lambda: shared("crowd")["connected"], "the link, again", timeout=5)
+    wait_for(lambda: shared("crowd")["connected"], "the link, again")
     assert _fleet_state(redis_server, "crowd") == "closed"  # the probe's success heard
     assert int(held() or 0) == 0
 

@@ -108,7 +108,7 @@ def _rows(server: PostgresServer, database: str) -> list[tuple[object, ...]]:
     return server.execute("SELECT id, note FROM items ORDER BY id", database=database)
 
 
-def _wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+def _wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "timed out waiting for the proxy"
