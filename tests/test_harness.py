@@ -1861,7 +1861,7 @@ def test_proxy_swallow_commit_of_an_extended_protocol_commit(
         # backend waits in the middle of the group rather than idle)
         assert _open_writers(pg_server, pg_database) == 1
         assert fault_proxy.release_swallowed(keep_server=True) == 1
-        committer.join(timeout=5)
+        committer.join(timeout=30)
         assert isinstance(committer.error, psycopg.OperationalError)
     assert _rows(pg_server, pg_database) == []
     assert fault_proxy.deliver_late_commits() == 1  # the held Bind / Execute / Sync, late
@@ -1887,7 +1887,7 @@ def test_proxy_swallow_commit_holds_the_client_until_released(
         assert _idle_in_transaction(pg_server, pg_database) == 1
         assert _rows(pg_server, pg_database) == []
         assert fault_proxy.release_swallowed() == 1
-        committer.join(timeout=5)
+        committer.join(timeout=30)
         assert not committer.is_alive()
         assert isinstance(committer.error, psycopg.OperationalError)
     assert fault_proxy.release_swallowed() == 0
@@ -1927,7 +1927,7 @@ def test_proxy_sees_the_commit_that_ends_a_simple_query_over_64_kib(
         assert committer.is_alive()  # no answer: nothing of it ran
         assert [row[0] for row in _rows(pg_server, pg_database)] == [1]
         assert fault_proxy.release_swallowed() == 1
-        committer.join(timeout=5)
+        committer.join(timeout=30)
         assert isinstance(committer.error, psycopg.OperationalError)
     assert [row[0] for row in _rows(pg_server, pg_database)] == [1]
 
@@ -1948,7 +1948,7 @@ def test_proxy_swallowed_commit_is_reset_by_a_cut(
             assert fault_proxy.cut_all() == 1
         else:
             fault_proxy.refuse(cut=True)
-        committer.join(timeout=5)
+        committer.join(timeout=30)
         assert isinstance(committer.error, psycopg.OperationalError)
     finally:
         conn.close()
@@ -1976,7 +1976,7 @@ def test_proxy_swallowed_commit_outlives_a_server_crash(
         pg_server.start()
         assert fault_proxy.active_connections == 1
         assert fault_proxy.release_swallowed() == 1
-        committer.join(timeout=5)
+        committer.join(timeout=30)
         assert isinstance(committer.error, psycopg.OperationalError)
     assert _rows(pg_server, pg_database) == []
 
@@ -1993,7 +1993,7 @@ def test_proxy_swallowed_commit_delivered_late(
         committer.start()
         _wait_for(lambda: fault_proxy.commits_swallowed == 1)
         assert fault_proxy.release_swallowed(keep_server=True) == 1
-        committer.join(timeout=5)
+        committer.join(timeout=30)
         assert isinstance(committer.error, psycopg.OperationalError)
     assert fault_proxy.active_connections == 0  # no client left
     assert _idle_in_transaction(pg_server, pg_database) == 1  # the transaction waits for it
