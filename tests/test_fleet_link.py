@@ -6,7 +6,9 @@ warning, then one "restored" when it takes writes again."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -118,7 +120,11 @@ def test_a_redis_stalling_for_a_moment_while_nothing_fails_keeps_the_link_up(
     checks its silent subscription meanwhile, answered 0.4 s after the check began: the check's
     answer is given a second, as no unit waits for it, so the link stays up and nothing is
     logged (the Redis timeout of the failure path, 0.1 s here, would have taken the link down
-    at every stall)."""
+    at every stall).
+
+    The stall begins as a check begins (the link's thread pauses Redis, then checks): paused
+    from the test's thread, Redis could hang a check already sent, which then ran out its
+    second, the link down with no check to come."""
     caplog.set_level(logging.INFO, logger="resilient_db")
     monkeypatch.setattr(_fleet, "SUBSCRIPTION_CHECK_INTERVAL", 0.1)
     engine = sa.create_engine(pg_url)
@@ -126,18 +132,32 @@ def test_a_redis_stalling_for_a_moment_while_nothing_fails_keeps_the_link_up(
     rdb.ResilientSession(engine, service="stalling", config=config)
     wait_for(lambda: shared("stalling")["connected"], "the link")
     (link,) = _fleet.links().values()
+    stall = threading.Event()  # set: the next check pauses Redis first
+    paused: list[float] = []  # when each stall began (its check begins right after)
     with subscription_checks(link) as checks:
+        noted = link._check_subscription
+
+        def stalled_first(pubsub: Any) -> None:
+            if stall.is_set():
+                stall.clear()
+                redis_server.pause()
+                paused.append(time.monotonic())
+            noted(pubsub)
+
+        link._check_subscription = stalled_first
         for _ in range(3):
-            begun = len(checks)
-            redis_server.pause()
+            stalls, begun = len(paused), len(checks)
+            stall.set()
             try:
                 # a check of the subscription begun while Redis hangs: it waits for its answer
-                wait_for(lambda: len(checks) > begun, "a check during the stall", 30)  # noqa: B023
-                # the stall goes on until 0.4 s after the check began (a condition of the test,
-                # not a backoff): counted from the check, not from when this thread saw it,
-                # which a busy machine may make late enough to overrun the check's second
-                time.sleep(max(0.0, checks[-1] + 0.4 - time.monotonic()))
+                wait_for(lambda: len(paused) > stalls, "the stall")  # noqa: B023
+                wait_for(lambda: len(checks) > begun, "a check during the stall")  # noqa: B023
+                # the stall goes on until 0.4 s after it began (a condition of the test, not a
+                # backoff): counted from then, not from when this thread saw it, which a busy
+                # machine may make late enough to overrun the check's second
+                time.sleep(max(0.0, paused[-1] + 0.4 - time.monotonic()))
             finally:
+                stall.clear()
                 redis_server.resume()
             time.sleep(0.2)
             assert shared("stalling")["connected"], shared("stalling")["problem"]
