@@ -260,7 +260,37 @@ def guard_of(trigger: TransitionTrigger) -> Guard:
     return trigger._guard
 
 
-class TriggerInstallRefusedError(ResilientDBError, sa.exc.ProgrammingError):
+def _driver_message(orig: BaseException) -> str:
+    """The driver's error message of ``orig``, stripped: SQLAlchemy 2.0's asyncpg adapter
+    (2.0.24, at least) puts the asyncpg exception's class in front of it ("<class ...>: ")."""
+    return re.sub(r"^<class '[^']*'>: ", "", str(orig).strip())
+
+
+class _DriverRefusal(ResilientDBError, sa.exc.ProgrammingError):
+    """An install error that stands for the driver's ``ProgrammingError`` it was raised for:
+    its ``statement``, ``params`` and ``orig`` are that error's, ``reason`` the first line of
+    the server's message, and its text ``message``, which a subclass sets."""
+
+    message: str
+    reason: str
+
+    def _stand_for(self, error: sa.exc.DBAPIError | str, default: str) -> None:
+        """Take ``error`` (a message alone: no statement, ``orig`` an ``Exception`` of it);
+        ``default`` the reason where the server's message is empty."""
+        if isinstance(error, sa.exc.DBAPIError):
+            statement, params = error.statement, error.params
+            orig = error.orig if error.orig is not None else Exception(str(error))
+            text = _driver_message(orig)
+        else:
+            statement, params, orig, text = None, None, Exception(error), error
+        self.reason = text.splitlines()[0] if text else default
+        super().__init__(statement, params, orig)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class TriggerInstallRefusedError(_DriverRefusal):
     """:func:`install_transition_trigger` through an Engine found the trigger in the database
     not as declared, and this role may not install it (SQLSTATE 42501: an application role at
     startup, say, which owns neither the table nor its schema). ``model`` names what was
@@ -273,23 +303,13 @@ class TriggerInstallRefusedError(ResilientDBError, sa.exc.ProgrammingError):
     def __init__(self, model: str, drift: str, error: sa.exc.DBAPIError | str) -> None:
         self.model = model
         self.drift = drift
-        if isinstance(error, sa.exc.DBAPIError):
-            statement, params = error.statement, error.params
-            orig = error.orig if error.orig is not None else Exception(str(error))
-            text = _driver_message(orig)
-        else:
-            statement, params, orig, text = None, None, Exception(error), error
-        self.reason = text.splitlines()[0] if text else "permission denied"
-        super().__init__(statement, params, orig)
+        self._stand_for(error, "permission denied")
         self.message = (
             f"install_transition_trigger({model}): the trigger in the database is not the one "
             f"declared (drift: {drift}), so an install was needed, and this role may not run it "
             f"({self.reason}); install it as the table's owner (the migration's "
             f"install_transition_trigger), after which this call sends nothing"
         )
-
-    def __str__(self) -> str:
-        return self.message
 
 
 _INSUFFICIENT_PRIVILEGE = "42501"
@@ -752,13 +772,7 @@ def transition_trigger_drop_sql(
 # --------------------------------------------------------------------------------------------
 
 
-def _driver_message(orig: BaseException) -> str:
-    """The driver's error message of ``orig``, stripped: SQLAlchemy 2.0's asyncpg adapter
-    (2.0.24, at least) puts the asyncpg exception's class in front of it ("<class ...>: ")."""
-    return re.sub(r"^<class '[^']*'>: ", "", str(orig).strip())
-
-
-class ScriptOnPreparedStatementError(ResilientDBError, sa.exc.ProgrammingError):
+class ScriptOnPreparedStatementError(_DriverRefusal):
     """A script of :func:`transition_trigger_sql` or :func:`transition_trigger_drop_sql` holding
     several statements was sent in one call through asyncpg (``op.execute(script)`` in a
     migration run by an async engine): asyncpg prepares every statement it sends, and a
@@ -771,14 +785,7 @@ class ScriptOnPreparedStatementError(ResilientDBError, sa.exc.ProgrammingError):
     def __init__(self, made_by: str, instead: str, error: sa.exc.DBAPIError | str) -> None:
         self.made_by = made_by
         self.instead = instead
-        if isinstance(error, sa.exc.DBAPIError):
-            statement, params = error.statement, error.params
-            orig = error.orig if error.orig is not None else Exception(str(error))
-            text = _driver_message(orig)
-        else:
-            statement, params, orig, text = None, None, Exception(error), error
-        self.reason = text.splitlines()[0] if text else "cannot insert multiple commands"
-        super().__init__(statement, params, orig)
+        self._stand_for(error, "cannot insert multiple commands")
         self.message = (
             f"the script of {made_by} holds several statements, and asyncpg sends each "
             f"statement as a prepared statement, which holds one command ({self.reason}): in a "
@@ -786,9 +793,6 @@ class ScriptOnPreparedStatementError(ResilientDBError, sa.exc.ProgrammingError):
             f"statements one at a time, online and offline alike); elsewhere run the script "
             f"with psql or through psycopg"
         )
-
-    def __str__(self) -> str:
-        return self.message
 
 
 # The scripts this process handed out (their text, at most the last _SCRIPTS_KEPT: a migration
