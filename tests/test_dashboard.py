@@ -227,6 +227,55 @@ def test_several_tokens_are_accepted_so_one_can_be_rotated_out(given: tuple[Any,
     assert fresh.status_code == 200
 
 
+def set_cookie_attributes(answer: httpx.Response) -> tuple[str, set[str]]:
+    """The dashboard cookie's value set by ``answer``, and its attributes (lower case)."""
+    name_value, *attributes = answer.headers["set-cookie"].split(";")
+    name, _, value = name_value.partition("=")
+    assert name == "resilient_db_dashboard"
+    return value, {a.strip().lower() for a in attributes}
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_stale_cookies_401_clears_the_cookie(scheme: str) -> None:
+    """A cookie the check no longer takes (its token rotated out, or none of its cookies) is
+    answered 401 as no credentials, and that answer deletes it: ``Max-Age=0`` with the path and
+    flags it was set with (``Secure`` as it was), on ``data.json`` as on the page (a reload).
+    Before, the 401 left it, and the browser sent it on with every poll and reload. A 401
+    without the cookie, a 403, and the answer of a check that takes no cookie clear nothing."""
+    data, page = "/admin/self-healing/data.json", "/admin/self-healing/"
+
+    def client(auth: Any) -> TestClient:
+        app = Starlette(routes=[Mount("/admin/self-healing", app=dashboard(auth=auth))])
+        return TestClient(app, base_url=f"{scheme}://testserver")
+
+    with client(token_auth(TOKEN, OLD_TOKEN)) as rotating:
+        opened = rotating.get(page, params={"token": OLD_TOKEN})
+        old_cookie, set_with = set_cookie_attributes(opened)
+    stale = {"Cookie": f"resilient_db_dashboard={old_cookie}"}
+    with client(token_auth(TOKEN)) as rotated:
+        for path in (data, page):
+            for cookies in (stale, {"Cookie": "resilient_db_dashboard=not-a-cookie-of-ours"}):
+                answer = rotated.get(path, headers=cookies)
+                assert answer.status_code == 401
+                assert "open the dashboard with ?token=<token>" in answer.json()["detail"]
+                value, attributes = set_cookie_attributes(answer)
+                assert value in ("", '""')
+                assert "max-age=0" in attributes
+                flags = {a for a in attributes if not a.startswith(("max-age", "expires"))}
+                assert flags == {a for a in set_with if not a.startswith("max-age")}
+                assert {"httponly", "samesite=strict", "path=/admin/self-healing"} <= flags
+                assert ("secure" in flags) is (scheme == "https")
+            rotated.cookies.clear()
+            assert "set-cookie" not in rotated.get(path).headers  # no cookie: none to clear
+            wrong = rotated.get(path, headers={**stale, "Authorization": f"Bearer {OLD_TOKEN}"})
+            assert wrong.status_code == 403
+            assert "set-cookie" not in wrong.headers
+    with client(token_auth(TOKEN, query_param=None)) as header_only:
+        answer = header_only.get(data, headers=stale)
+        assert answer.status_code == 401
+        assert "set-cookie" not in answer.headers
+
+
 def test_a_page_answer_sets_the_cookie_of_the_token_in_its_url_only_when_it_is_accepted() -> None:
     """The page's cookie is made from the token of its URL; a request let in by its header
     with another, wrong, token in its URL gets none."""

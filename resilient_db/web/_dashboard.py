@@ -154,6 +154,8 @@ class Dashboard:
             return _secured(answer)
         refused = await self._refused(request)
         if refused is not None:
+            if refused.status_code == 401 and TOKEN_COOKIE in request.cookies:
+                _clear_stale_cookie(refused, request, _token_check(self.auth))
             return _secured(refused)
         if path == "/data.json":
             # the page sends the cursor of the data it shows: only what changed since comes back
@@ -186,8 +188,8 @@ class Dashboard:
             answer.set_cookie(
                 TOKEN_COOKIE,
                 cookie,
-                path=request.scope.get("root_path") or "/",
-                secure=request.url.scheme == "https" if token.secure is None else token.secure,
+                path=_cookie_path(request),
+                secure=token.secure_for(request),
                 httponly=True,
                 samesite="strict",
             )
@@ -333,6 +335,10 @@ class _TokenCheck:
         self.accepted = accepted
         self.secure = secure
 
+    def secure_for(self, request: Request) -> bool:
+        """Whether the cookie is ``Secure`` on the answer to ``request``."""
+        return request.url.scheme == "https" if self.secure is None else self.secure
+
     def cookie_for(self, given: str) -> str | None:
         """The cookie of the accepted token ``given`` (the one in the page's URL), or None
         when it is not one of them; every token compared, in constant time."""
@@ -341,6 +347,28 @@ class _TokenCheck:
             if hmac.compare_digest(given.encode(), token):
                 found = cookie
         return found
+
+
+def _cookie_path(request: Request) -> str:
+    """The path of the dashboard's cookie: the dashboard's own (where it is mounted)."""
+    path: str = request.scope.get("root_path") or "/"
+    return path
+
+
+def _clear_stale_cookie(answer: Response, request: Request, token: _TokenCheck | None) -> None:
+    """On ``token_auth``'s 401 to a request that carried the dashboard's cookie (made from a
+    token no longer accepted, rotated out, or not one of its cookies at all): the answer deletes
+    it (``Max-Age=0``, the path and flags it was set with), so that the browser stops sending
+    it with every request and a reload; the 401 itself is the one of no credentials."""
+    if token is None:  # a check that takes no cookie (query_param=None, one's own): left alone
+        return
+    answer.delete_cookie(
+        TOKEN_COOKIE,
+        path=_cookie_path(request),
+        secure=token.secure_for(request),
+        httponly=True,
+        samesite="strict",
+    )
 
 
 #: token_auth's checks that take a token in the URL: what the dashboard needs to take it out
@@ -377,7 +405,9 @@ def token_auth(
     Several tokens are accepted alike, ``token_auth(new, old)`` or ``token_auth([new, old])``,
     to rotate one without locking anyone out: give the new one to those who need it, then
     remove the old. A cookie made from a token no longer accepted is answered as no
-    credentials (401, not 403), so that the page asks for a token again.
+    credentials (401, not 403), so that the page asks for a token again, and that answer
+    deletes it. A page left open with a token since removed stops sending it once refused,
+    says so, and polls on with the cookie alone.
 
     The cookie is ``Secure`` when the page's request came over https (``secure_cookie=None``,
     the default); ``secure_cookie=True`` makes it always ``Secure`` (behind a proxy that ends
