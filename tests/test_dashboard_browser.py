@@ -614,3 +614,85 @@ def test_page_waits_as_long_as_a_retry_after_asks_and_says_so(browser: Any) -> N
     delay, live, error = said[-1]
     assert delay == 100
     assert live.startswith("live · updated ")
+
+
+class _Restartable:
+    """An ASGI app handing each request to ``app`` (replaced, as an application restarted with
+    other tokens), recording each ``data.json`` request's ``Authorization`` and ``Cookie``, and
+    its answer's status and ``Set-Cookie``."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.polls: list[dict[str, Any]] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["path"].endswith("data.json"):
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        poll = {
+            "authorization": headers.get("authorization", ""),
+            "cookie": headers.get("cookie", ""),
+        }
+
+        async def answering(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                poll["status"] = message["status"]
+                poll["set_cookie"] = next(
+                    (v.decode() for k, v in message["headers"] if k.lower() == b"set-cookie"), ""
+                )
+            await send(message)
+
+        await self.app(scope, receive, answering)
+        self.polls.append(poll)
+
+
+def test_page_opened_with_a_token_rotated_out_says_so_and_goes_on_with_the_cookie(
+    browser: Any,
+) -> None:
+    """A page opened with ``?token=old`` sends that token as a header; once the operator
+    removes it (the application restarted with ``token_auth(new)``), the page's next request
+    is refused (403): the page drops the token, says so ("open the dashboard with
+    ?token=<new token>"), and sends the cookie alone, which, the old token's, is answered 401
+    and cleared; the page still says why. Once a cookie of an accepted token is set (the
+    dashboard opened with ``?token=new`` in the same browser), the page is live again without
+    a reload. Before, it sent the refused token on and was answered 403 until reloaded."""
+    new = "browser-test-new-token-" + uuid.uuid4().hex
+    front = _Restartable(dashboard(auth=token_auth(new, TOKEN), poll_seconds=0.1))
+    refused = "The token this page was opened with is no longer accepted: open the dashboard with "
+    with serve_in_background(front) as server:
+        browser.get(f"{server.url}/?token={TOKEN}")
+        wait_for("a refresh", lambda: updates(browser) >= 1)
+        assert front.polls[0]["authorization"] == f"Bearer {TOKEN}"
+        front.app = dashboard(auth=token_auth(new), poll_seconds=0.1)  # the old one removed
+        error, live = browser.find_element("id", "error"), browser.find_element("id", "live")
+        wait_for("the page saying so", lambda: refused in error.text)
+        first = next(i for i, p in enumerate(front.polls) if p["status"] != 200)
+        wait_for("three requests after", lambda: len(front.polls) >= first + 4)
+        polls = list(front.polls)
+        assert polls[first]["status"] == 403
+        assert polls[first]["authorization"] == f"Bearer {TOKEN}"
+        assert all(not p["authorization"] for p in polls[first + 1 :]), polls
+        stale = polls[first + 1]  # the cookie alone: the old token's, answered 401 and cleared
+        assert "resilient_db_dashboard=" in stale["cookie"]
+        assert stale["status"] == 401
+        assert "max-age=0" in stale["set_cookie"].lower()
+        for poll in polls[first + 2 :]:  # no token, no cookie: 401, and nothing to clear
+            assert (poll["status"], poll["cookie"], poll["set_cookie"]) == (401, "", ""), polls
+        said = error.text
+        assert said.startswith(refused + "?token=<new token>. Could not refresh: "), said
+        assert "the dashboard answered 401: Authentication needed" in said
+        assert live.get_attribute("class") == "stale"
+        browser.save_screenshot(str(artifacts() / "dashboard-token-rotated-out.png"))
+
+        # the dashboard opened with the new token (its answer sets that token's cookie): the
+        # page, not reloaded, goes on with the cookie
+        seen = updates(browser)
+        browser.execute_script(
+            "fetch(arguments[0], { credentials: 'same-origin' })", f"{server.url}/?token={new}"
+        )
+        wait_for("live again", lambda: live.get_attribute("class") == "")
+        assert updates(browser) > seen
+        assert not error.is_displayed()
+        assert front.polls[-1]["status"] == 200
+        assert not [p for p in front.polls if p["authorization"] == f"Bearer {new}"]

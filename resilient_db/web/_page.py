@@ -126,6 +126,8 @@ col.c-ev { width: 170px; }
       window.history.replaceState(window.history.state, "", here.pathname + here.search + here.hash);
     }
   }
+  // said while the page can't refresh, once that token was refused (rotated out)
+  let tokenRefused = "";
   // names from the data (services, counters, states) are looked up in Maps and objects without a
   // prototype: a service named "__proto__" or "constructor" is one like any other
   const lookup = (entries) => Object.assign(Object.create(null), entries);
@@ -474,14 +476,22 @@ col.c-ev { width: 170px; }
     const control = new AbortController();
     const timer = window.setTimeout(() => control.abort(), timeout);
     let wait = poll, asked = 0, said = "";
+    const sent = token;  // the header's token, if this request carries one
     try {
       const query = new URLSearchParams(window.location.search);
       if (shown && shown.cursor) query.set("after", shown.cursor);
       const search = query.toString();
       const answer = await fetch("data.json" + (search ? "?" + search : ""),
         { cache: "no-store", credentials: "same-origin", signal: control.signal,
-          headers: token ? { "Accept": "application/json", "Authorization": "Bearer " + token }
+          headers: sent ? { "Accept": "application/json", "Authorization": "Bearer " + sent }
             : { "Accept": "application/json" } });
+      if (sent && (answer.status === 401 || answer.status === 403)) {
+        // the token of the page's URL is refused (rotated out): sent no more, the requests
+        // carry the cookie alone (answered 401, and cleared, if it is the same token's)
+        token = "";
+        tokenRefused = "The token this page was opened with is no longer accepted: open the " +
+          "dashboard with ?" + tokenParam + "=<new token>. ";
+      }
       if (!answer.ok) {
         asked = retryAfter(answer);
         said = (answer.headers.get("Retry-After") || "").trim().slice(0, 40);
@@ -494,6 +504,7 @@ col.c-ev { width: 170px; }
       document.body.dataset.delta = String(!!data.delta);
       live.textContent = "live · updated " + new Date().toLocaleTimeString([], { hour12: false });
       live.className = "";
+      tokenRefused = "";
       error.style.display = "none";
     } catch (err) {
       live.textContent = "not updating";
@@ -503,12 +514,12 @@ col.c-ev { width: 170px; }
       if (wait > poll) {  // asked to wait longer than the page polls: it does, and says so
         const at = clock((Date.now() + wait) / 1000);
         live.textContent = "not updating · waiting until " + at + " (Retry-After)";
-        error.textContent = "Could not refresh: " + why + (/[.!?]$/.test(why) ? " " : ". ") +
+        error.textContent = tokenRefused + "Could not refresh: " + why + (/[.!?]$/.test(why) ? " " : ". ") +
           "Asked to wait (Retry-After: " +
           said + "): next try in " + Math.ceil(wait / 1000) + " s, at " + at +
           (asked > wait ? " (waits are cut to " + Math.ceil(retryCap / 1000) + " s)" : "");
       } else {
-        error.textContent = "Could not refresh: " + why + " (retrying)";
+        error.textContent = tokenRefused + "Could not refresh: " + why + " (retrying)";
       }
       error.style.display = "block";
     } finally {
@@ -542,7 +553,8 @@ def render_page(
     answer's ``Retry-After`` (401, 403, 429, 503) is waited for, up to ``retry_cap_ms`` (or
     ``poll_ms``, if longer), saying so. A
     ``token_param`` (``token_auth``'s query parameter) is taken out of the address bar and
-    sent on as an ``Authorization: Bearer`` header instead."""
+    sent on as an ``Authorization: Bearer`` header instead, until an answer refuses it (401 or
+    403: rotated out): the page then says so and sends the cookie alone."""
     # the title last: a title holding a placeholder (``@NONCE@``) is shown as written
     return (
         _TEMPLATE.replace("@NONCE@", nonce)
