@@ -3313,6 +3313,7 @@ def hooks_for(
             hooks = EngineHooks(engine, config, classifier, service)
             event.listen(engine, "handle_error", hooks.handle_error)
             event.listen(engine, "checkout", hooks.checkout)
+            event.listen(engine, "close", _drop_probe)
             # each unit's PREPAREs and COMMIT PREPAREDs, where the dialect sends them
             note_dialect_calls(engine.dialect, "do_prepare_twophase", _prepare_twophase)
             note_dialect_calls(engine.dialect, "do_commit_twophase", _commit_twophase)
@@ -3629,6 +3630,18 @@ def _asyncpg_notified(fd: int) -> bool:
 # A pool record's probe: (driver's connection, its dead_probe, the prepared driver connection
 # or None: not prepared yet)
 _PROBE_KEY = "resilient_db.dead_probe"
+
+
+def _drop_probe(dbapi_connection: Any, record: Any) -> None:
+    """The pool's ``close`` event (a record's connection closed: invalidated, recycled,
+    disposed, an overflow one returned): its probe, which holds the driver's connection, goes
+    with it. SQLAlchemy clears the record's ``info`` only as the record connects again, at its
+    next checkout: until then the closed connection (its statement cache, its transaction)
+    stayed alive. The socket's cached descriptor (:func:`connection_looks_dead`) holds it
+    too. Nothing on the checkout and checkin of a live connection."""
+    info = record.info
+    info.pop(_PROBE_KEY, None)
+    info.pop(_FD_KEY, None)
 
 
 def set_up_again(connection: Connection) -> None:
