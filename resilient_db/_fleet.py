@@ -72,12 +72,16 @@ counts it in ``breaker_opens`` or logs an opening for it (a process whose view w
 started say, follows it as another process's); the writer logs "Circuit breaker state
 restored". Written back half-open, every probe slot is free: the probes running at the loss
 end as usual (Redis finds their reservations nowhere: they count nowhere, and free nothing),
-and at most the configured number are admitted fleet-wide from then on. While the links stay
-up a flush is met at the next failure-path script (each process rejects from its view until
-the opening's end, so usually the first admit asking for a probe); a restart takes the links
-down, and the first to rejoin writes it back. The retry budgets start over: the first attempts
-of the window are gone (the ratio grants nothing until new ones are counted) and the floor's
-tokens are full, at most one second's worth.
+and at most the configured number are admitted fleet-wide from then on. A flush while the
+links stay up is told to no link: the background thread of every process whose view holds an
+opening reads it back once a second (:data:`VIEW_CHECK_INTERVAL`, the read on rejoining,
+carrying the view; nothing while every view is closed), so the first check after the flush
+writes it back, and a process started meanwhile (its view closed: it read the empty Redis)
+follows it within about a second instead of sending its units to the database until the
+opening's end; a failure-path script meeting the empty Redis first writes it back as well. A
+restart takes the links down, and the first to rejoin writes it back. The retry budgets start
+over: the first attempts of the window are gone (the ratio grants nothing until new ones are
+counted) and the floor's tokens are full, at most one second's worth.
 
 Async units call the same synchronous scripts: they run only on the failure path (after a
 database error, before a backoff of tens of milliseconds at least), in a worker thread while the
@@ -170,6 +174,14 @@ SUBSCRIPTION_CHECK_INTERVAL = 5.0
 #: the least time the check's answer is given: no unit waits for it, and a Redis that stalls
 #: for a moment (a fork for a snapshot) while nothing fails is no outage to warn about
 SUBSCRIPTION_ANSWER_MIN = 1.0
+#: seconds between the background thread's checks, while the link is up and this process's
+#: view holds the fleet's opening of a shared breaker (open, or half-open), that Redis still
+#: holds it: one breaker script (the read on rejoining, carrying the view) per check, for one
+#: such breaker in turn; none while every view is closed. A Redis flushed with the links up
+#: gets the opening back within about this long, so a process started after the flush,
+#: whose view never saw the opening, follows it instead of sending units to the database
+#: (see ``FleetLink._check_views``)
+VIEW_CHECK_INTERVAL = 1.0
 #: a half-open probe reservation not reported back within max(reset timeout, this) is forgotten
 #: (its process died): the slot is given to another probe
 PROBE_LEASE_MIN = 10.0
@@ -1245,6 +1257,7 @@ class FleetLink:
     def _run(self) -> None:
         pubsub: Any = None
         next_flush = 0.0
+        next_view_check = 0.0
         heard = 0.0  # when the subscription last delivered something (a message, an answer)
         stop = self._stop
         while not stop.is_set():
@@ -1267,6 +1280,9 @@ class FleetLink:
                 elif self._clock() - heard >= SUBSCRIPTION_CHECK_INTERVAL:
                     self._check_subscription(pubsub)
                     heard = self._clock()
+                elif self.up and self._clock() >= next_view_check:
+                    next_view_check = self._clock() + VIEW_CHECK_INTERVAL
+                    self._check_views()
                 if self._reports_pending and self.up:
                     self._report_pending()
                 message = pubsub.get_message(timeout=_TICK)
@@ -1346,6 +1362,36 @@ class FleetLink:
         self._scripts["alive"](keys=[f"{PREFIX}:alive"], args=[self.token, self.channel])
         self._resync()
         self._mark_up()
+
+    #: which of the breakers holding an opening :meth:`_check_views` checks next
+    _view_turn = 0
+
+    def _check_views(self) -> None:
+        """The background thread, the link up, every :data:`VIEW_CHECK_INTERVAL`: Redis
+        still holds the fleet's opening that a view of this process holds, or it gets it
+        back. Redis flushed while the links stay up (``FLUSHALL``, ``FLUSHDB``) is heard of by
+        no link: without the check the opening came back only at the next failure-path script
+        of a process following it, usually the first probe asked for at the opening's end,
+        and until then a process started after the flush (its view closed) sent its units to
+        the database. One script per check, the read on rejoining carrying the view (see
+        ``restore_view`` in the scripts: it writes only into a Redis that has no state for
+        the breaker), for one breaker holding an opening in turn; nothing is sent while
+        every view is closed, and the success path sends nothing. The answer is not taken:
+        a view written back comes back as every change does, by its message.
+
+        A check that gets no answer within the Redis timeout does not take the link down (a
+        Redis stalling for a moment while nothing fails is no outage, as for the
+        subscription's check, which decides that); any other failure of the store raises
+        (the link goes down, and its rejoin reads, and writes back, the state)."""
+        with self._lock:
+            breakers = list(self.breakers.items())
+        holding = [(s, v) for s, b in breakers if (v := b.lost_view()) is not None]
+        if not holding:
+            return
+        self._view_turn = (self._view_turn + 1) % len(holding)
+        service, view = holding[self._view_turn]
+        with contextlib.suppress(self._redis.exceptions.TimeoutError):
+            self.breaker_read(service, background=True, view=view)
 
     #: set when a breaker has probe ends to report while the link is up (see report_soon)
     _reports_pending = False

@@ -6,7 +6,10 @@ Redis had never lost anything. A process whose view is closed writes nothing bac
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -14,7 +17,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from fleet import Gate, fleet, shared
+from fleet import Gate, fleet, open_the_fleets_breaker, opener_settings, shared, subscription_checks
 from processes import wait_for
 
 import resilient_db as rdb
@@ -64,13 +67,13 @@ def test_the_fleet_keeps_its_opening_when_redis_loses_it(
     redis_server: RedisServer, pg_url: str, gate: Gate, tmp_path: Path, loss: str
 ) -> None:
     """Three processes follow one opening; Redis then loses it. Flushed while the links stay
-    up, nothing changes until the opening's end (each process rejects from its view), and the
-    first process asking for a probe then writes it back half-open: two probes fleet-wide, not
-    a closed breaker letting everything through. Restarted empty, every link goes down and
-    rejoins, and the first to rejoin writes the opening back with its own end (not a new reset
-    timeout): every process rejects, without the database, until then. Written back, the
-    opening is no new one: counted once (by the process that made it), logged once per
-    process; one process says it wrote it back."""
+    up, the first background thread to check the opening its view holds writes it back;
+    restarted empty, every link goes down and rejoins, and the first to rejoin writes it back.
+    Either way with its own end (not a new reset timeout): every process rejects, without the
+    database, until then, and half-open lets two probes through fleet-wide, not a closed
+    breaker letting everything through. Written back, the opening is no new one: counted once
+    (by the process that made it), logged once per process; one process says it wrote it
+    back."""
     reset = 8.0  # long enough for a restart and every rejoin on a loaded machine
     service = "fleet"
     with fleet(3, pg_url, _settings(redis_server, reset), tmp_path, service=service) as workers:
@@ -91,13 +94,13 @@ def test_the_fleet_keeps_its_opening_when_redis_loses_it(
             redis_server.restart()
             for w in workers:
                 assert w.ask("wait", what="connected", timeout=20)["ok"], w.log()
-            wait_for(lambda: _breaker_hash(redis_server, service), "the opening written back")
-            after = _breaker_hash(redis_server, service)
-            assert after["st"] == "open"
-            # its own end, not a new reset timeout from the rejoin (Redis's clock runs on: the
-            # same host)
-            assert abs(float(after["until"]) - until) < 0.5, (after, until)
-            assert after["opens"] == "1"  # the same opening: not counted again
+        wait_for(lambda: _breaker_hash(redis_server, service), "the opening written back")
+        after = _breaker_hash(redis_server, service)
+        assert after["st"] == "open"
+        # its own end, not a new reset timeout from the rejoin (Redis's clock runs on: the
+        # same host)
+        assert abs(float(after["until"]) - until) < 0.5, (after, until)
+        assert after["opens"] == "1"  # the same opening: not counted again
 
         calls = gate.calls()
         assert _redis_now(redis_server) < until, "the opening ended before the test looked"
@@ -139,7 +142,91 @@ def test_the_fleet_keeps_its_opening_when_redis_loses_it(
         restorers = [w for w in workers if w.self_heal_lines(RESTORED)]
         assert len(restorers) == 1, [w.log() for w in workers]
         (line,) = restorers[0].self_heal_lines(RESTORED)
-        assert ("half-open" if loss == "flushall" else "open, rejecting calls") in line, line
+        assert "open, rejecting calls" in line, line
+
+
+def test_a_process_started_after_a_flush_follows_the_opening_without_the_database(
+    redis_server: RedisServer, pg_url: str, gate: Gate, tmp_path: Path
+) -> None:
+    """Process A opened the fleet's breaker (for long); Redis is flushed with the links up,
+    and nobody runs a unit. Process B, started after the flush, reads the empty Redis: its
+    breaker is closed. A's background thread notices that Redis lost the opening its view
+    holds and writes it back (its own end, the same opening): B follows it, as another
+    process's written back, and rejects without the database. Nothing waited for the
+    opening's end, nor for a unit of A's failure path."""
+    service = "afterflush"
+    settings = opener_settings(redis_server.url)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with contextlib.ExitStack() as stack:
+        (opener,) = stack.enter_context(fleet(1, pg_url, settings, tmp_path / "a", service=service))
+        gate.set(down=True)
+        open_the_fleets_breaker(opener)
+        until = float(_breaker_hash(redis_server, service)["until"])
+        assert opener.self_heal_lines(RESTORED) == []  # (Redis holds it: nothing written back)
+
+        # A is stopped (SIGSTOP) from before the flush until B has read the empty Redis: B's
+        # view is closed, however quick A's background thread is
+        os.kill(opener.pid, signal.SIGSTOP)
+        try:
+            redis_server.flushall()
+            (late,) = stack.enter_context(
+                fleet(1, pg_url, settings, tmp_path / "b", service=service)
+            )
+            assert late.ask("wait", what="connected", timeout=20)["ok"], late.log()
+            assert late.ask("health")["services"][service]["breaker"]["state"] == "closed"
+            assert _breaker_hash(redis_server, service) == {}
+        finally:
+            os.kill(opener.pid, signal.SIGCONT)
+
+        calls = gate.calls()
+        assert late.ask("wait", what="open", timeout=20)["ok"], (late.log(), opener.log())
+        assert late.run(3) == {"ok": 0, "open": 3, "errors": {}}, late.log()
+        assert opener.run(2) == {"ok": 0, "open": 2, "errors": {}}, opener.log()
+        assert gate.calls() == calls  # no unit reached the database
+
+        state = _breaker_hash(redis_server, service)
+        assert state["st"] == "open", state
+        assert abs(float(state["until"]) - until) < 0.5, (state, until)  # its own end
+        assert state["opens"] == "1"  # the same opening: not counted again
+        (line,) = opener.said(RESTORED)
+        assert "open, rejecting calls" in line, line
+        (opened,) = late.self_heal_lines("Circuit breaker opened")
+        assert "written back by another process" in opened, opened
+        assert late.self_heal_lines(RESTORED) == []
+        health = late.ask("health")["services"][service]
+        assert health["counters"]["breaker_opens"] == 0
+        assert health["breaker"]["shared"]["opens_followed"] == 1
+        health = opener.ask("health")["services"][service]
+        assert health["counters"]["breaker_opens"] == 1
+        assert len(opener.self_heal_lines("Circuit breaker opened")) == 1, opener.log()
+
+
+def test_a_process_whose_views_are_closed_checks_nothing_in_the_background(
+    redis_server: RedisServer, engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The background check of an opening held (see the test above) costs a script a second
+    only while a view holds one: with the breaker closed, a link whose subscription is checked
+    several times (each check a second at least after the link's last work) sends nothing;
+    opened, it reads the breaker's state back (Redis holds it: nothing is written)."""
+    monkeypatch.setattr(_fleet, "SUBSCRIPTION_CHECK_INTERVAL", 0.3)
+    monkeypatch.setattr(_fleet, "VIEW_CHECK_INTERVAL", 0.3)
+    service = "quietcheck"
+    Factory = _factory(redis_server, engine, service, reset_timeout=600.0)
+    breaker = Factory.policy.breaker
+    assert breaker is not None
+    link = breaker._fleet
+    commands = link.commands
+    with subscription_checks(link) as checks:
+        wait_for(lambda: len(checks) >= 4, "four checks of the subscription", 10)
+    assert link.commands == commands
+    breaker.open()
+    commands = link.commands
+    wait_for(lambda: link.commands >= commands + 2, "two checks of the opening", 10)
+    assert _breaker_hash(redis_server, service)["st"] == "open"
+    assert "gen" in _breaker_hash(redis_server, service)
+    breaker.close()
+    assert _breaker_hash(redis_server, service)["st"] == "closed"
 
 
 def _unit(s: Any) -> None:
