@@ -1176,7 +1176,7 @@ def end_check(connection: Connection, *, proving: bool, wait: float = REPLICATIO
     driver = connection.connection.driver_connection
     warnings: list[str] = []
     try:
-        with _warnings_into(driver, warnings), _cut_off_after(driver, wait) as cut:
+        with warnings_into(driver, warnings), _cut_off_after(driver, wait) as cut:
             connection.commit()
         cut_off = cut()
     except Exception:
@@ -1197,7 +1197,7 @@ def end_check(connection: Connection, *, proving: bool, wait: float = REPLICATIO
 
 
 @contextlib.contextmanager
-def _warnings_into(driver: Any, warnings: list[str]) -> Iterator[None]:
+def warnings_into(driver: Any, warnings: list[str]) -> Iterator[None]:
     """The server's warnings to ``driver`` (psycopg's notices, asyncpg's log messages) while
     inside, appended to ``warnings``. asyncpg hands a log message to its listener with the
     loop's ``call_soon``, which runs it before the statement's answer wakes its waiter."""
@@ -1263,6 +1263,13 @@ def within_deadline(left: Callable[[], float]) -> Iterator[None]:
         yield
     finally:
         _time_left.reset(token)
+
+
+def time_left() -> float | None:
+    """The seconds left of the deadline of the library's work running in this context (see
+    :func:`within_deadline`); None where it has none."""
+    left = _time_left.get()
+    return None if left is None else left()
 
 
 def library_wait(seconds: float, floor: float) -> float:

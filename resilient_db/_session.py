@@ -625,7 +625,10 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
     def _finish_two_phase(self, request: CommitRequest, exc: Exception, session: Session) -> bool:
         """Commit the prepared transactions a failed two-phase COMMIT left pending (see
         ``CommitReferee.two_phase_pending``), each on a new connection to its database, with
-        the referee's backoff; True when the unit is now committed everywhere.
+        the referee's backoff; True when the unit is now committed everywhere. A COMMIT
+        PREPARED answered with a warning (a cancelled wait for the synchronous standby) counts
+        once proven replicated; never proven, the unit ends ``CommitOutcomeUnknownError`` (see
+        ``CommitReferee.two_phase_finished``).
 
         The session's connections are then invalidated, not rolled back: SQLAlchemy's
         rollback would send ROLLBACK PREPARED for transactions committed here (and a driver
@@ -637,9 +640,11 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
             # (the recovery's statements are neither the unit's nor its commit's)
             with library_work():
                 finished = [
-                    xid
-                    for engine, xid in pending
-                    if self._on_new_connections(engine, commit_if_prepared, xid)[0]
+                    finishing
+                    for finishing in pending
+                    if (self._on_new_connections(finishing.engine, commit_if_prepared, finishing))[
+                        0
+                    ]
                 ]
         except BaseException as interruption:  # cancelled or interrupted while finishing
             self._referee.interrupted(request, interruption, verifying=True)

@@ -75,6 +75,8 @@ from ._commit import (
     prune,
     replication_wait_within,
     stall_cut,
+    time_left,
+    warnings_into,
     wrote_past_commit,
 )
 from ._config import Config, factory_config, register_default_user
@@ -1298,9 +1300,7 @@ class CommitReferee:
         from here on)."""
         return bool(request.two_phase and request.two_phase_commits)
 
-    def two_phase_pending(
-        self, request: CommitRequest, exc: BaseException
-    ) -> list[tuple[Engine, Any]]:
+    def two_phase_pending(self, request: CommitRequest, exc: BaseException) -> list[Finishing]:
         """The prepared transactions a two-phase COMMIT cut off by ``exc`` may have left
         behind, when the unit had decided to commit (its first COMMIT PREPARED went out, so
         every database prepared): all but those whose COMMIT PREPARED the server answered.
@@ -1318,7 +1318,7 @@ class CommitReferee:
         if outcome not in (Outcome.DISCONNECT, Outcome.COMMIT_UNKNOWN):
             return []
         answered = request.two_phase_commits[:-1]  # SQLAlchemy goes on only after an answer
-        return [(engine, xid) for engine, xid in request.two_phase if xid not in answered]
+        return [Finishing(engine, xid) for engine, xid in request.two_phase if xid not in answered]
 
     @staticmethod
     def prepare_failure(exc: Exception, request: CommitRequest) -> BaseException:
@@ -1476,37 +1476,71 @@ class CommitReferee:
     def two_phase_finished(
         self,
         request: CommitRequest,
-        pending: list[tuple[Engine, Any]],
-        finished: list[Any],
+        pending: list[Finishing],
+        finished: list[Finishing],
         exc: BaseException,
     ) -> bool:
         """After the driver committed ``finished`` of the ``pending`` prepared transactions:
         True when all were (the unit is done). Logged when it committed any; none means the
-        failure is settled as any other."""
-        if not finished:
-            return False
+        failure is settled as any other. One whose COMMIT PREPARED was answered with a warning
+        and never proven (see :func:`commit_if_prepared`) is committed on the primary alone:
+        :class:`CommitOutcomeUnknownError` is raised, as for a one-phase unit's COMMIT so
+        answered (never replayed: it is committed there)."""
         policy = self.policy
+        unproven = [f for f in pending if f.warned is not None and f not in finished]
         done = len(finished) == len(pending)
-        emit(
-            policy.config,
-            log_session,
-            logging.WARNING,
-            "Finished a two-phase commit: service=%s the COMMIT PREPARED of %s failed (%s); "
-            "committed the unit's prepared transactions still pending: %s; %s",
-            policy.service,
-            request.two_phase_commits[-1] if request.two_phase_commits else None,
-            type(exc).__name__,
-            ", ".join(str(x) for x in finished),
-            "the unit is done"
-            if done
-            else "the failed one was no longer pending, so its failure is settled as before",
-            service=policy.service,
-            event="two_phase_finished",
-            done=done,
-        )
+        if finished:
+            emit(
+                policy.config,
+                log_session,
+                logging.WARNING,
+                "Finished a two-phase commit: service=%s the COMMIT PREPARED of %s failed (%s); "
+                "committed the unit's prepared transactions still pending: %s; %s",
+                policy.service,
+                request.two_phase_commits[-1] if request.two_phase_commits else None,
+                type(exc).__name__,
+                ", ".join(str(f) for f in finished),
+                _finished_how(done, unproven),
+                service=policy.service,
+                event="two_phase_finished",
+                done=done,
+            )
         if done:
             policy.stats.add("verified_commits")
-        return done
+            return True
+        if unproven:
+            raise self._two_phase_unproven(request, pending, finished, unproven) from exc
+        return False
+
+    def _two_phase_unproven(
+        self,
+        request: CommitRequest,
+        pending: list[Finishing],
+        finished: list[Finishing],
+        unproven: list[Finishing],
+    ) -> CommitOutcomeUnknownError:
+        """The error of a two-phase unit whose prepared transactions include ``unproven`` ones:
+        committed on the primary by a COMMIT PREPARED answered with a warning, never proven
+        replicated within the deadline."""
+        names = ", ".join(str(f) for f in unproven)
+        reason = (
+            f"{CommitVerdict.UNREPLICATED.value}; its COMMIT PREPARED was answered with "
+            f"{unproven[-1].warned}"
+        )
+        unserved = [f.unserved_standby_names for f in unproven if f.unserved_standby_names]
+        if unserved:
+            reason += (
+                " (no standby is connected to the server, whose synchronous_standby_names is "
+                f"{unserved[-1]!r})"
+            )
+        left = [str(f) for f in pending if f not in finished and f.warned is None]
+        if left:
+            reason += (
+                "; its prepared transactions not known committed are kept prepared, never "
+                "rolled back (it had decided to commit): COMMIT PREPARED those still in "
+                f"pg_prepared_xacts: {', '.join(left)}"
+            )
+        return self._unknown(f"a two-phase unit's prepared transaction(s) {names}", reason)
 
     def _unknown(
         self, what: str, reason: str, *, marker: str | None = None, xid: str | None = None
@@ -1662,6 +1696,16 @@ class Split:
             f"on database(s) {', '.join(committed)} (whose COMMIT was answered or verified "
             f"committed; {'; '.join(why)})"
         )
+
+
+def _finished_how(done: bool, unproven: list[Finishing]) -> str:
+    """The end of a ``Finished a two-phase commit`` line: how the unit stands."""
+    if done:
+        return "the unit is done"
+    if unproven:
+        names = ", ".join(str(f) for f in unproven)
+        return f"committed on the primary, not proven replicated: {names}"
+    return "the failed one was no longer pending, so its failure is settled as before"
 
 
 def _left_prepared(request: CommitRequest) -> str:
@@ -1820,25 +1864,80 @@ def _lost_connection(error: BaseException) -> bool:
     return DEFAULT_CLASSIFIER.classify(error) is Outcome.DISCONNECT
 
 
-def commit_if_prepared(connection: Connection, xid: Any) -> bool:
-    """COMMIT PREPARED ``xid`` on ``connection`` (a new one, outside any transaction) if it is
-    still prepared there; whether it was (True only when the server answered its COMMIT
-    PREPARED: the unit's transaction committed by this). SQLAlchemy's own recovery API.
+@dataclass
+class Finishing:
+    """A prepared transaction of a two-phase unit that had decided to commit, which the driver
+    commits on a new connection (:func:`commit_if_prepared`), and what its COMMIT PREPARED's
+    answer proved."""
+
+    engine: Engine  # (its database's)
+    xid: Any
+    #: its COMMIT PREPARED was answered with success *and* this WARNING (a wait for the
+    #: synchronous standby cancelled by someone else: committed on the primary alone, see
+    #: ``UnprovenCommit``): committed there, finished only once a check proves it replicated
+    warned: str | None = None
+    proofs: int = 0  # the checks that wrote WAL past it (their waits grow, see check_commit)
+    #: ``synchronous_standby_names`` of a server a check found with no standby connected
+    unserved_standby_names: str | None = None
+
+    def __str__(self) -> str:
+        return str(self.xid)
+
+
+def commit_if_prepared(connection: Connection, finishing: Finishing) -> bool | None:
+    """COMMIT PREPARED ``finishing``'s xid on ``connection`` (a new one, outside any
+    transaction) if it is still prepared there; whether it was (True only when the server
+    answered its COMMIT PREPARED: the unit's transaction committed by this). SQLAlchemy's own
+    recovery API.
+
+    Answered with success and a WARNING (a cancelled wait for the synchronous standby:
+    committed on the primary alone, see ``UnprovenCommit``), it is finished only once proven
+    as a one-phase unit's COMMIT so answered is (:func:`_prove_finished`): None until then
+    (``finishing.warned`` set: the next look proves it, on a new connection, within the
+    deadline; never proven, the unit's outcome is unknown, see
+    ``CommitReferee.two_phase_finished``).
 
     Its statements are cut off on a server that answers nothing (a frozen one) after
     :data:`~._commit.STALLED_AFTER`, cut to what is left of the deadline (see
     :func:`~._commit.stall_cut`): the socket is shut down, with no cancel request first, since
     a cancel reaching a COMMIT PREPARED that waits for a synchronous standby has it answered
-    with success (committed on the primary only, not replicated), which would be taken for
-    finished. asyncpg raises its ``TimeoutError`` instead, whose cancel comes too late to be
-    answered. A cut is an error, never an answer: the xid is looked for again within the
-    deadline (found committed meanwhile, it is not counted finished here), and a unit none of
-    whose looks is answered ends with its outcome unknown."""
-    with stall_cut(connection):
-        if xid not in connection.recover_twophase():
-            return False
-        connection.commit_prepared(xid, recover=True)
-    return True
+    with success (committed on the primary only, not replicated). asyncpg raises its
+    ``TimeoutError`` instead, whose cancel comes too late to be answered. A cut is an error,
+    never an answer: the xid is looked for again within the deadline (found committed
+    meanwhile, it is not counted finished here), and a unit none of whose looks is answered
+    ends with its outcome unknown."""
+    if finishing.warned is None:
+        warnings: list[str] = []
+        with stall_cut(connection):
+            if finishing.xid not in connection.recover_twophase():
+                return False
+            with warnings_into(connection.connection.driver_connection, warnings):
+                connection.commit_prepared(finishing.xid, recover=True)
+        if not warnings:
+            return True
+        finishing.warned = warnings[-1]
+        connection.rollback()  # (the recovery's transaction SQLAlchemy began: the proof's next)
+    return _prove_finished(connection, finishing)
+
+
+def _prove_finished(connection: Connection, finishing: Finishing) -> bool | None:
+    """Prove ``finishing``'s COMMIT PREPARED, answered with a warning, as :func:`check_commit`
+    proves a COMMIT found committed: where synchronous replication is in effect, a transaction
+    writes WAL past it and its own COMMIT must be answered plainly within the check's wait
+    (cut to what is left of the deadline). True when proven (or nothing to prove: no
+    synchronous replication in effect, the warning another's), None otherwise."""
+    with connection.begin():
+        with stall_cut(connection):
+            past = wrote_past_commit(connection, f"two-phase transaction {finishing.xid}")
+        proving = past is not None
+        wait = replication_wait_within(finishing.proofs, time_left())
+        if proving:
+            finishing.proofs += 1
+        if end_check(connection, proving=proving, wait=wait):
+            return True
+    if past is not None:  # not proven: was anybody there to confirm it?
+        finishing.unserved_standby_names = past.standby_names if past.senders == 0 else None
+    return None
 
 
 # -- drop-in use: a connect that fails before anything was sent is retried ----------------------

@@ -1163,3 +1163,150 @@ def test_a_warning_at_a_units_own_commit_midway_on_another_database_is_checked_t
         main.dispose()
         second.dispose()
         pg_server.drop_database(other)
+
+
+# -- a two-phase unit's COMMIT PREPARED answered with a warning -----------------------------------
+#: (driver) for a two-phase unit: psycopg (sync), asyncpg, psycopg's async connection
+TWO_PHASE_DRIVERS = ["psycopg", "asyncpg", "psycopg_async"]
+
+
+def run_two_phase_unit(
+    pair: StandbyPair,
+    driver: str,
+    key: str,
+    *,
+    sleep: Callable[[float], None],
+    own_answer_lost: bool,
+    config: rdb.Config = CONFIG,
+) -> Outcome:
+    """A two-phase unit (``twophase=True``) writing ``key``, prepared while the standby
+    streams. Right before its COMMIT PREPARED the standby stops (from then on a COMMIT PREPARED
+    waits for it), and whichever COMMIT PREPARED then waits for the standby has its wait
+    cancelled (``pg_cancel_backend``, once): the server answers it with success and a WARNING,
+    committed on the primary alone. ``own_answer_lost``: the unit's own connection is
+    terminated first, so the COMMIT PREPARED answered so is the factory's, finishing the unit
+    on a new connection; otherwise it is the unit's own. ``sleep``: the factory's backoff."""
+    outcome = Outcome()
+    service = f"syncrep-2pc-{next(_services)}"
+    cancelled: list[threading.Thread] = []
+
+    def before_commit_prepared(conn: Any, xid: Any, is_prepared: bool) -> None:
+        if cancelled:
+            return  # (the factory's own COMMIT PREPARED, finishing the unit)
+        pair.standby.stop()
+        thread = threading.Thread(target=cancel_the_waiting_commit, args=(pair,), daemon=True)
+        thread.start()
+        cancelled.append(thread)
+        if own_answer_lost:
+            driver_conn = conn.connection.driver_connection
+            pid = (
+                driver_conn.get_server_pid()
+                if hasattr(driver_conn, "get_server_pid")
+                else driver_conn.info.backend_pid
+            )
+            pair.primary.execute(f"SELECT pg_catalog.pg_terminate_backend({int(pid)}, 5000)")
+
+    if driver in ("asyncpg", "psycopg_async"):
+
+        async def write(session: Any) -> None:
+            outcome.calls += 1
+            await session.execute(INSERT, {"key": key})
+
+        async def asleep(seconds: float) -> None:
+            await asyncio.to_thread(sleep, seconds)
+
+        async def main() -> None:
+            url = pair.primary.url(DATABASE, driver="asyncpg" if driver == "asyncpg" else "psycopg")
+            engine = create_async_engine(url)
+            sa.event.listen(engine.sync_engine, "commit_twophase", before_commit_prepared)
+            factory = rdb.AsyncResilientSession(
+                engine, service=service, config=config, asleep=asleep, twophase=True
+            )
+            try:
+                await asyncio.wait_for(factory.run(write), 60)
+            except Exception as exc:
+                outcome.error = exc
+            finally:
+                await engine.dispose()
+
+        asyncio.run(main())
+    else:
+
+        def write_sync(session: Any) -> None:
+            outcome.calls += 1
+            session.execute(INSERT, {"key": key})
+
+        engine = sa.create_engine(pair.primary.url(DATABASE))
+        sa.event.listen(engine, "commit_twophase", before_commit_prepared)
+        factory = rdb.ResilientSession(
+            engine, service=service, config=config, sleep=sleep, twophase=True
+        )
+        try:
+            factory.run(write_sync)
+        except Exception as exc:
+            outcome.error = exc
+        finally:
+            engine.dispose()
+    assert cancelled, "the unit sent no COMMIT PREPARED"
+    cancelled[0].join(30)
+    assert not cancelled[0].is_alive()
+    return outcome
+
+
+def prepared_left(pair: StandbyPair) -> list[str]:
+    rows = pair.primary.execute("SELECT gid FROM pg_catalog.pg_prepared_xacts")
+    return [str(gid) for (gid,) in rows]
+
+
+@pytest.mark.parametrize("driver", TWO_PHASE_DRIVERS)
+def test_a_two_phase_unit_finished_with_a_cancelled_wait_is_unknown_never_done(
+    pg_standby_factory: Callable[..., StandbyPair],
+    driver: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A two-phase unit's COMMIT PREPARED loses its answer (its connection terminated); the
+    factory commits its prepared transaction on a new connection, and that COMMIT PREPARED's
+    wait for the (stopped) standby is cancelled: answered with success and a WARNING,
+    committed on the primary alone. That is no proof: the factory's check on the primary
+    can't get its own WAL confirmed by the standby, so the unit ends
+    CommitOutcomeUnknownError ("not proven replicated", the warning named), as a one-phase
+    unit's COMMIT answered so does; never done, never replayed."""
+    pair = pg_standby_factory(synchronous=True, settings={"max_prepared_transactions": "4"})
+    prepare(pair, FALLBACK)
+    pair.standby.start()  # (prepare stops it: the unit's PREPARE must be confirmed)
+    with caplog.at_level(logging.WARNING, logger="resilient_db"):
+        unit = run_two_phase_unit(pair, driver, "2pc", sleep=no_sleep, own_answer_lost=True)
+    assert isinstance(unit.error, rdb.CommitOutcomeUnknownError), unit.error
+    assert "not proven replicated" in str(unit.error)
+    assert "canceling wait for synchronous replication" in str(unit.error)
+    assert unit.calls == 1  # not replayed
+    assert prepared_left(pair) == []  # committed on the primary: nothing left for an operator
+    assert ledger(pair) == {"2pc": 1}
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("Commit outcome unknown" in m for m in messages), messages
+    assert not any("the unit is done" in m for m in messages), messages
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+def test_a_two_phase_unit_finished_with_a_cancelled_wait_is_done_once_proven(
+    pg_standby_factory: Callable[..., StandbyPair], driver: str
+) -> None:
+    """As above, but the standby comes back while the factory proves the finished COMMIT
+    PREPARED (the factory's first pause between its checks starts it): a later check's COMMIT
+    is confirmed by the standby, the unit is done, once, and its row survives a failover to
+    the standby."""
+    pair = pg_standby_factory(synchronous=True, settings={"max_prepared_transactions": "4"})
+    prepare(pair, FALLBACK)
+    pair.standby.start()
+    start_the_standby = AtTheFirstBackoff(pair.start)
+    config = rdb.Config(
+        initial_delay=0.01, max_delay=0.02, max_retries=50, deadline=15.0, circuit_breaker=False
+    )
+    unit = run_two_phase_unit(
+        pair, driver, "2pc", sleep=start_the_standby, own_answer_lost=True, config=config
+    )
+    assert unit.error is None, unit.error
+    assert unit.calls == 1
+    assert start_the_standby.backoffs, "done before the standby was back"
+    fail_over(pair)
+    assert ledger(pair) == {"2pc": 1}
