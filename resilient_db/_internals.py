@@ -37,9 +37,9 @@ __all__ = [
     "SQLALCHEMY_ASYNCPG_MODULE",
     "SQLALCHEMY_COMMIT_CODE",
     "InternalsChanged",
+    "asyncpg_abort_socket",
     "asyncpg_address",
     "asyncpg_command_timeout",
-    "asyncpg_pending_cancels",
     "asyncpg_socket_fd",
     "asyncpg_statement_connection",
     "attribute_history",
@@ -653,22 +653,23 @@ def with_own_session_class(
 # --------------------------------------------------------------------------------------------
 
 
-def asyncpg_pending_cancels(connection: Any) -> list[Any]:
-    """The cancel requests an asyncpg connection has on their way (their tasks), as asyncpg
-    sends one, on a connection of its own, for a statement that ran past its timeout
-    (``command_timeout``) or whose task was cancelled. asyncpg 0.30's ``close()`` waits for
-    their answer before its own ``timeout`` starts, without bound: a stalled server never
-    answers.
+def asyncpg_abort_socket(connection: Any) -> None:
+    """Close the socket of asyncpg connection ``connection`` at once, whatever its state.
 
-    Private: asyncpg ``Connection._cancellations`` (a ``__slots__`` attribute, the set of those
-    tasks; verified 0.30.0, 0.32.0). Gone: none (degrades to closing the connection gracefully,
-    as SQLAlchemy does, which may then wait on asyncpg 0.30 for as long as the server stalls).
-    Public alternative: none (``terminate()`` is public, but whether a cancel is pending is
-    not).
+    asyncpg's public ``terminate()`` does so only for a connection not yet closing: after a
+    graceful ``close()`` cut short (its task cancelled, or a timeout around it), asyncpg 0.30
+    has marked it closed without closing its socket (``Protocol.abort()`` returns at once once
+    ``close()`` began; fixed in 0.32), which then stays open until the garbage collector finds
+    the transport. Closing it twice is harmless.
+
+    Private: asyncpg ``Connection._transport`` (a ``__slots__`` attribute, the asyncio
+    transport, kept after the connection is closed; verified 0.30.0, 0.32.0). Gone: none (the
+    socket of such a close is left to the garbage collector, as asyncpg 0.30 leaves it; 0.32
+    closes it itself). Public alternative: ``terminate()``, which does nothing here.
     """
-    if not hasattr(type(connection), "_cancellations"):
-        return []
-    return [task for task in connection._cancellations if not task.done()]
+    transport = getattr(connection, "_transport", None)
+    if transport is not None:
+        transport.abort()
 
 
 def asyncpg_socket_fd(connection: Any) -> int | None:

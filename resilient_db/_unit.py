@@ -83,7 +83,7 @@ from ._config import Config, factory_config, register_default_user
 from ._errands import LookFailed, NotStarted, ProcessExiting, Sweep
 from ._errors import CircuitOpenError, CommitOutcomeUnknownError
 from ._internals import (
-    asyncpg_pending_cancels,
+    asyncpg_abort_socket,
     asyncpg_socket_fd,
     commit_flushes,
     commit_returned,
@@ -3505,36 +3505,45 @@ def _closed_within_bound(terminate: Callable[[Any], None]) -> Callable[[Any], No
     """``terminate`` (an asyncpg dialect's ``do_terminate``) made to end within its bound.
 
     SQLAlchemy's asyncpg adapter terminates a connection being invalidated by closing it
-    gracefully with ``close(timeout=2)``, and at once should that time out. asyncpg 0.30 waits,
-    before that timeout starts, for the answer to a cancel request still on its way (the one
-    it sends when a statement ran past ``command_timeout``, or its task was cancelled), which
-    a stalled server (a paused VM: TCP accepted, nothing answered) never gives. The
-    invalidation, and the unit or the lost COMMIT's check under it, then waited for as long as
-    the server stalled, deadline or not (and, cancelled there, asyncpg 0.30 left the
-    connection's socket open). Here that wait is bounded as SQLAlchemy bounds the close: a
-    cancel request still unanswered after it, the connection is terminated at once (asyncpg's
-    public ``terminate()``: no goodbye to a server that does not answer), and SQLAlchemy's
-    terminate then finds it closed. A cancel answered in time has done its work (the statement
-    cancelled on the server) before the connection closes, as without this."""
+    gracefully with ``close(timeout=2)``, and at once should that time out. asyncpg 0.30 and
+    0.31 wait, before that timeout starts, for the cancel request of a statement it cut off
+    (``command_timeout``) or whose task was cancelled to be delivered, and then for that
+    statement's own answer, without bound: a stalled server (a paused VM: TCP accepted,
+    nothing answered) delivers neither, a connection black-holed (new ones get through) or
+    lost (asyncpg 0.30 does not end that wait when the socket is) never brings the answer.
+    The invalidation, and the unit or the lost COMMIT's check under it, then waited for as
+    long as that lasted, deadline or not: for good, for a unit cancelled with its COMMIT in
+    flight on a connection that never answers. Here the graceful close, those waits
+    included, is given the bound as a whole (as asyncpg 0.32's own ``close(timeout=)`` does);
+    past it, or failing, the connection is closed at once, its socket with it (cut short,
+    asyncpg 0.30 left it open: :func:`asyncpg_abort_socket`), and a cancellation goes on.
+    SQLAlchemy's terminate then finds the connection closed. A cancel answered in time has
+    done its work (the statement cancelled on the server) before the connection closes, as
+    without this."""
 
     def bounded(dbapi_connection: Any) -> None:
         driver: Any = getattr(dbapi_connection, "driver_connection", None)
-        pending = asyncpg_pending_cancels(driver) if driver is not None else []
-        if pending:
-            try:
-                dbapi_connection.run_async(
-                    lambda _driver: asyncio.wait(pending, timeout=_TERMINATE_SECONDS)
-                )
-            except sa_exc.MissingGreenlet:
-                pass  # (the garbage collector's cleanup: SQLAlchemy terminates it at once)
-            except BaseException:
-                driver.terminate()  # (cancelled: closed all the same, as SQLAlchemy's close does)
-                raise
-            if asyncpg_pending_cancels(driver):
-                driver.terminate()
+        if driver is not None and not driver.is_closed():
+            # (MissingGreenlet: the garbage collector's cleanup, SQLAlchemy terminates at once)
+            with contextlib.suppress(sa_exc.MissingGreenlet):
+                dbapi_connection.run_async(_close_gracefully_within_bound)
         terminate(dbapi_connection)
 
     return bounded
+
+
+async def _close_gracefully_within_bound(driver: Any) -> None:
+    """asyncpg connection ``driver`` closed gracefully within ``_TERMINATE_SECONDS``, else (the
+    bound reached, the close failed or was interrupted) at once; an interruption is raised
+    again. A close that fails is a connection already gone: closed at once, as SQLAlchemy does
+    with the errors it expects there (2.1), not raised."""
+    try:
+        await asyncio.wait_for(driver.close(timeout=_TERMINATE_SECONDS), _TERMINATE_SECONDS)
+    except Exception:
+        asyncpg_abort_socket(driver)
+    except BaseException:
+        asyncpg_abort_socket(driver)
+        raise
 
 
 def _refuse_other_settings(hooks: EngineHooks, mine: tuple[Any, ...]) -> None:

@@ -38,7 +38,13 @@ import asyncpg
 import psycopg
 import pytest
 import sqlalchemy as sa
-from scenarios import ASYNC_DRIVERS, quick, server_settings_args, set_up_database
+from scenarios import (
+    ASYNC_DRIVERS,
+    async_connect_args,
+    quick,
+    server_settings_args,
+    set_up_database,
+)
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
@@ -484,6 +490,63 @@ async def test_a_unit_cancelled_with_its_commit_in_flight(
     await wait_until(lambda: not committing(pg_server, pg_database))
     if after >= 0 or driver_cancels_the_statement(driver):
         assert slow_rows(pg_server, pg_database) == (0 if after < 0 else 1)
+    assert await Session.run(quick) == 42
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
+async def test_a_unit_cancelled_with_its_commit_unanswered_ends_and_closes_its_connection(
+    *,
+    pg_server: PostgresServer,
+    pg_database: str,
+    fault_proxy: FaultProxy,
+    made_async_engines: list[AsyncEngine],
+    service: str,
+    driver: str,
+    events: list[rdb.SelfHealEvent],
+) -> None:
+    """The COMMIT never reaches the server and no answer ever comes (the proxy holds it: a
+    connection black-holed while new ones get through, so the driver's cancel request is
+    delivered and answered, and cancels nothing). The cancelled unit ends all the same, the
+    connection's graceful close cut off at its bound (2 s), its socket closed, and the pool's
+    slot given back. asyncpg 0.30 waited, before that bound, for the cancelled COMMIT's answer:
+    the cancelled unit never ended (and its socket, cut off there, stayed open)."""
+    if driver == "psycopg" and psycopg.pq.version() < 170000:
+        pytest.skip(
+            "psycopg's cancel with a libpq older than 17 blocks holding the GIL until the "
+            "server answers, and the answer comes through the fault proxy, which runs in this "
+            "process: a deadlock of the test's own making"
+        )
+    prepare(pg_server, pg_database, MARKERS)
+    engine = create_async_engine(
+        fault_proxy.url(pg_database, driver=driver), connect_args=async_connect_args(driver, 2)
+    )
+    made_async_engines.append(engine)
+    kept: list[Any] = []  # the driver's connections, referenced: no socket closed by the gc
+    sa.event.listen(engine.sync_engine, "connect", lambda conn, _record: kept.append(conn))
+    Session = rdb.AsyncResilientSession(engine, service=service)
+
+    async def write(session: AsyncSession) -> None:
+        await session.execute(slow_insert(0, 0))
+
+    assert await Session.run(quick) == 42  # (the pool's connection, then held by the unit)
+    assert fault_proxy.active_connections == 1
+    fault_proxy.swallow_commit()
+    task = asyncio.ensure_future(Session.run(write))
+    try:
+        await wait_until(lambda: fault_proxy.commits_swallowed == 1 or task.done())
+        task.cancel()
+        await asyncio.wait({task}, timeout=10)  # (the bound is 2 s: no hang passes as slow)
+        assert task.done(), "the cancelled unit still waits for its COMMIT's answer"
+        # its socket closed by the client (the proxy still holds the connection), not left
+        # open (nor to the garbage collector: ``kept``)
+        await wait_until(lambda: fault_proxy.active_connections == 0)
+    finally:
+        fault_proxy.release_swallowed()  # (a unit that hung ends now)
+    assert task.cancelled()
+    assert [line.fields["outcome"] for line in named(events, "commit_interrupted")] == ["unknown"]
+    assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert slow_rows(pg_server, pg_database) == 0  # (the COMMIT never reached the server)
     assert await Session.run(quick) == 42
 
 

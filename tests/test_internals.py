@@ -25,6 +25,7 @@ import psycopg
 import pybreaker
 import pytest
 import sqlalchemy as sa
+from processes import wait_for_async
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -48,7 +49,7 @@ from resilient_db import _internals
 from resilient_db._internals import InternalsChanged
 from resilient_db._unit import connection_looks_dead, dead_probe
 from resilient_db.examples.tasks import Base, Task
-from resilient_db.testing import PostgresServer
+from resilient_db.testing import FaultProxy, PostgresServer
 from resilient_db.transitions._rules import enum_db_values
 
 
@@ -565,26 +566,48 @@ async def test_asyncpg_socket_fd_is_the_connections_socket(
 
 
 @pytest.mark.asyncio
-async def test_asyncpg_pending_cancels_has_a_timed_out_statements_cancel(
-    pg_server: PostgresServer, pg_database: str
+async def test_asyncpg_abort_socket_closes_what_a_cut_close_left_open(
+    fault_proxy: FaultProxy, pg_database: str
 ) -> None:
-    """A statement cut off by its timeout leaves asyncpg's cancel request on its way (a
-    connection being invalidated then is terminated at once, not closed gracefully); none once
-    the connection's next statement has waited for it, nor on a connection never cut off."""
-    async with _asyncpg_driver(pg_server.url(pg_database, driver="asyncpg")) as (_conn, driver):
+    """A graceful close cut short while it waits for the cancel of a statement cut off (the
+    proxy forwards nothing: neither the cancel nor an answer comes) leaves the connection
+    closed for asyncpg, and on asyncpg 0.30 its socket open, which ``terminate()`` no longer
+    closes; the helper closes it, the connection still referenced (no garbage collector at
+    work)."""
+    url = fault_proxy.url(pg_database, driver="asyncpg")
+    async with _asyncpg_driver(url) as (_conn, driver):
         message = _says(
             "asyncpg",
-            "Connection._cancellations",
-            "asyncpg_pending_cancels",
-            "a connection invalidated after a statement timeout waits, on asyncpg 0.30, for "
-            "as long as a stalled server does not answer the statement's cancel",
+            "Connection._transport",
+            "asyncpg_abort_socket",
+            "a connection whose graceful close was cut short (a stalled server, a cancelled "
+            "unit) keeps its socket open on asyncpg 0.30",
         )
-        assert not _internals.asyncpg_pending_cancels(driver), message
-        with pytest.raises(asyncio.TimeoutError):
-            await driver.execute("SELECT pg_sleep(5)", timeout=0.05)
-        assert _internals.asyncpg_pending_cancels(driver), message
-        assert await driver.fetchval("SELECT 1") == 1
-        assert not _internals.asyncpg_pending_cancels(driver), message
+        fd = _internals.asyncpg_socket_fd(driver)
+        link = f"/proc/self/fd/{fd}"
+        its_socket = os.readlink(link)
+
+        def closed() -> bool:
+            try:
+                return os.readlink(link) != its_socket
+            except FileNotFoundError:
+                return True
+
+        fault_proxy.blackhole()
+        try:
+            with pytest.raises(asyncio.TimeoutError):
+                await driver.execute("SELECT 1", timeout=0.05)
+            closing = asyncio.ensure_future(driver.close(timeout=60))
+            await wait_for_async(driver.is_closed, "the close begun")
+            closing.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await closing
+            driver.terminate()  # (public: does nothing more for a connection closed already)
+            _internals.asyncpg_abort_socket(driver)
+            await wait_for_async(closed, message)
+            _internals.asyncpg_abort_socket(driver)  # (again: harmless)
+        finally:
+            fault_proxy.restore()
 
 
 @pytest.mark.asyncio
