@@ -1074,16 +1074,9 @@ def _compare_and_set(
     sent = _with_expected(form, parameters if many else [parameters], guards, expected, dialect)
     if not noted:
         note_write(context)  # a later listener of the chain (the commit protocol's) won't see it
-    try:
-        if many:
-            dialect.do_executemany(cursor, form.sql, sent, context)
-        else:
-            dialect.do_execute(cursor, form.sql, sent[0], context)
-    except Exception as exc:
-        stale = _raised_stale(exc, guards, expected) if form.raising else None
-        if stale is None:
-            raise
-        raise_errors([stale], checks.config, checks.session)
+    _send_compare_and_set(
+        cursor, context, form, sent, many, guards=guards, expected=expected, checks=checks
+    )
     if form.raising:
         return True  # no row count: a row deleted meanwhile goes unnoticed, as it does there
     matched = cursor.rowcount
@@ -1094,6 +1087,33 @@ def _compare_and_set(
         # else the rows of a versioned model hold the states expected (their version moved
         # on), or more rows matched than were sent: SQLAlchemy's row count check raises
     return True
+
+
+def _send_compare_and_set(
+    cursor: Any,
+    context: Any,
+    form: _CasForm,
+    sent: list[Any],
+    many: bool,
+    *,
+    guards: tuple[Guard, ...],
+    expected: list[Any],
+    checks: _FlushChecks,
+) -> None:
+    """Send the compare-and-set ``form`` of a flush's UPDATE with its parameters ``sent``; a
+    raising form's error for a row that moved (see :func:`_raised_stale`) is raised as the
+    stale error it stands for."""
+    dialect = context.dialect
+    try:
+        if many:
+            dialect.do_executemany(cursor, form.sql, sent, context)
+        else:
+            dialect.do_execute(cursor, form.sql, sent[0], context)
+    except Exception as exc:
+        stale = _raised_stale(exc, guards, expected) if form.raising else None
+        if stale is None:
+            raise
+        raise_errors([stale], checks.config, checks.session)
 
 
 _guard_update: StatementGuard = functools.partial(_compare_and_set, noted=True)
@@ -1190,16 +1210,9 @@ def _server_written(
         returning = False
     else:
         sent = _with_expected(form, parameters if many else [parameters], guards, expected, dialect)
-        try:
-            if many:
-                dialect.do_executemany(cursor, form.sql, sent, context)
-            else:
-                dialect.do_execute(cursor, form.sql, sent[0], context)
-        except Exception as exc:
-            stale = _raised_stale(exc, guards, expected) if form.raising else None
-            if stale is None:
-                raise
-            raise_errors([stale], checks.config, checks.session)
+        _send_compare_and_set(
+            cursor, context, form, sent, many, guards=guards, expected=expected, checks=checks
+        )
         returned = cursor.fetchall() if returning else None
         if returned is not None:
             matched = len(returned)
