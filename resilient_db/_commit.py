@@ -1394,6 +1394,22 @@ def _quietly_cancel(cancel: Callable[[], object]) -> None:
 
 
 @contextlib.contextmanager
+def _cut_by_timer(driver: Any, seconds: float, *, cancel: bool) -> Iterator[Callable[[], bool]]:
+    """psycopg's ``driver`` cut off (see :class:`_Cut`, ``cancel`` first or not) by a timer
+    thread after ``seconds``; yields whether the cut began, known for good once outside (a cut
+    already running has set it once :meth:`_Cut.end` returns)."""
+    cut = _Cut(driver, cancel=cancel)
+    timer = threading.Timer(seconds, cut.fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield cut.fired
+    finally:
+        timer.cancel()
+        cut.end()
+
+
+@contextlib.contextmanager
 def _cut_off_after(driver: Any, seconds: float) -> Iterator[Callable[[], bool]]:
     """A statement of ``driver``'s cut off after ``seconds``. asyncpg: its ``command_timeout``
     set to ``seconds`` (:func:`~._internals.asyncpg_command_timeout`): asyncpg cancels the statement
@@ -1406,15 +1422,8 @@ def _cut_off_after(driver: Any, seconds: float) -> Iterator[Callable[[], bool]]:
         with asyncpg_command_timeout(driver, seconds):
             yield lambda: False  # a cut is asyncpg's TimeoutError
         return
-    cut = _Cut(driver, cancel=True)
-    timer = threading.Timer(seconds, cut.fire)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield cut.fired
-    finally:
-        timer.cancel()
-        cut.end()  # a cut_off already running has set ``fired`` once this returns
+    with _cut_by_timer(driver, seconds, cancel=True) as fired:
+        yield fired
 
 
 @contextlib.contextmanager
@@ -1450,15 +1459,8 @@ def _stall_cut(driver: Any, seconds: float | None = None) -> Iterator[Callable[[
     if not isinstance(driver, (psycopg.Connection, psycopg.AsyncConnection)):
         yield lambda: False
         return
-    cut = _Cut(driver, cancel=False)
-    timer = threading.Timer(seconds, cut.fire)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield cut.fired
-    finally:
-        timer.cancel()
-        cut.end()
+    with _cut_by_timer(driver, seconds, cancel=False) as fired:
+        yield fired
 
 
 PRUNE_SQL = f"SELECT {SCHEMA}.prune_commit_markers({PRUNE_BATCH})"
