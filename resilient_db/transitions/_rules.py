@@ -935,6 +935,7 @@ def _compile(mapper: Mapper[Any], rules: TransitionRules) -> Guard:
     # _attach_compare_and_set).
     pk_labels = tuple(flush_pk_bind_name(c) for c in pk_columns)
     position = next(i for i, c in enumerate(column.table.columns) if c is column)
+    onupdate = _onupdate(column)
     return Guard(
         rules=rules,
         model=model,
@@ -950,8 +951,8 @@ def _compile(mapper: Mapper[Any], rules: TransitionRules) -> Guard:
         cas_param=f"rdb_expected_{position}",
         text_keys=not converting and not isinstance(impl, (sa.Enum, sa.Boolean, sa.CHAR, sa.NCHAR)),
         owner=model,
-        onupdate=_onupdate(column),
-        sql_onupdate=_onupdate(column) is not None and _onupdate(column).is_clause_element,
+        onupdate=onupdate,
+        sql_onupdate=onupdate is not None and onupdate.is_clause_element,
     )
 
 
