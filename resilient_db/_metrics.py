@@ -341,7 +341,9 @@ def serve(port: int, *, addr: str = "127.0.0.1") -> MetricsServer:
     """Serve the metrics at ``http://addr:port/metrics`` from a background thread, with a
     registry of their own (``port=0`` picks a free port). A port that is no whole number
     from 0 to 65535, or an ``addr`` that is no non-empty string (None would listen on every
-    interface), is refused with ``TypeError``/``ValueError`` before anything listens."""
+    interface), is refused with ``TypeError``/``ValueError`` before anything listens; one it
+    can't listen on (a port in use, an address not of this host) raises ``OSError`` naming
+    ``addr:port``. ``url`` writes an IPv6 address in brackets (``http://[::1]:9464/metrics``)."""
     if isinstance(port, bool) or not isinstance(port, int):
         raise TypeError(f"serve() takes a port number (an int, 0 for a free one), got {port!r}")
     if not 0 <= port <= _MAX_PORT:
@@ -355,6 +357,12 @@ def serve(port: int, *, addr: str = "127.0.0.1") -> MetricsServer:
     client = importlib.import_module("prometheus_client")
     registry = client.CollectorRegistry()
     registry.register(HealthCollector())
-    httpd, thread = client.start_http_server(port, addr=addr, registry=registry)
+    try:
+        httpd, thread = client.start_http_server(port, addr=addr, registry=registry)
+    except OSError as exc:  # (the socket's own says neither the address nor the port)
+        where = f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+        raise OSError(exc.errno, f"serve() can't listen on {where}: {exc.strerror or exc}") from exc
     host, bound = httpd.server_address[:2]
+    if ":" in host:  # an IPv6 address is written in brackets in a URL
+        host = f"[{host}]"
     return MetricsServer(f"http://{host}:{bound}/metrics", registry, httpd, thread)

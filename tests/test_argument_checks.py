@@ -5,8 +5,12 @@ for a check) nor answered later with an error from deep inside (an ``AttributeEr
 
 from __future__ import annotations
 
+import errno
 import functools
+import re
+import socket
 import sys
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -366,3 +370,40 @@ def test_web_helpers_refuse_what_they_cant_use() -> None:
         Recorder(window=60.5)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"^Recorder\(clock=...\) takes a function"):
         Recorder(clock=5)  # type: ignore[arg-type]
+
+
+def test_metrics_serve_names_the_address_it_cant_listen_on() -> None:
+    """A port another process holds raised ``OSError: [Errno 98] Address already in use``,
+    naming neither the port nor the address (the application's log showed no more)."""
+    pytest.importorskip("prometheus_client")
+    from resilient_db import metrics  # noqa: PLC0415 - optional extra
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(
+            OSError, match=rf"serve\(\) can't listen on 127\.0\.0\.1:{port}: "
+        ) as info:
+            metrics.serve(port)
+    assert info.value.errno == errno.EADDRINUSE  # (the error's number kept, for code testing it)
+
+
+def test_metrics_serve_url_of_an_ipv6_address_is_bracketed() -> None:
+    """``serve(addr="::1")`` listened, but its ``url`` was ``http://::1:PORT/metrics``, which no
+    HTTP client can use (an IPv6 host is written in brackets in a URL)."""
+    pytest.importorskip("prometheus_client")
+    from resilient_db import metrics  # noqa: PLC0415 - optional extra
+
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 in this Python")
+    try:
+        served = metrics.serve(0, addr="::1")
+    except OSError as exc:  # (a host without IPv6 loopback)
+        pytest.skip(f"can't listen on ::1: {exc}")
+    try:
+        assert re.fullmatch(r"http://\[::1\]:[0-9]+/metrics", served.url), served.url
+        with urllib.request.urlopen(served.url, timeout=10) as answer:
+            assert b"resilient_db_healthy" in answer.read()
+    finally:
+        served.close()
