@@ -52,11 +52,56 @@ def _url() -> str:
 MIGRATION_LOCK = "SELECT pg_catalog.pg_advisory_xact_lock(8242821379925111669)"
 
 
+def _sql_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def version_check(start: str | tuple[str, ...] | None) -> str:
+    """A ``DO`` block refusing to go on unless the database is at ``start``, the revision
+    (or revisions) an offline script migrates from: ``None`` (from base) wants no
+    ``alembic_version`` table, as the script creates it. Alembic's offline scripts check no
+    version (its ``UPDATE alembic_version ... WHERE version_num = ...`` matches no row
+    without an error), so a copy applied again, or at another revision, ran its steps again.
+    No ``%`` in it: no paramstyle rewrites it."""
+    starts = [start] if isinstance(start, str) else sorted(start or ())
+    wanted = (
+        "CAST(ARRAY[" + ", ".join(_sql_literal(s) for s in starts) + "] AS text[])"
+        if starts
+        else "NULL"
+    )
+    described = _sql_literal(", ".join(starts) if starts else "base (no alembic_version table)")
+    return f"""DO $rdb_version$
+DECLARE
+    found text[];
+BEGIN
+    IF pg_catalog.to_regclass('alembic_version') IS NOT NULL THEN
+        EXECUTE 'SELECT coalesce(pg_catalog.array_agg(CAST(version_num AS text)'
+            || ' ORDER BY version_num), CAST(ARRAY[] AS text[])) FROM alembic_version'
+            INTO found;
+    END IF;
+    IF found IS DISTINCT FROM {wanted} THEN
+        RAISE EXCEPTION USING
+            MESSAGE = 'this migration script starts at revision ' || {described}
+                || ', the database is at '
+                || coalesce(nullif(pg_catalog.array_to_string(found, ', '), ''),
+                    CASE WHEN found IS NULL THEN 'base (no alembic_version table)'
+                    ELSE 'base (an empty alembic_version table)' END)
+                || ': nothing of it was run',
+            HINT = 'write a script that starts at the database''s revision (alembic upgrade'
+                || ' --sql with a range, start:end), or run alembic upgrade online';
+    END IF;
+END
+$rdb_version$"""
+
+
 def run_migrations_offline() -> None:
     """Write the migration SQL instead of running it: one transaction (``BEGIN`` ... ``COMMIT``,
     PostgreSQL DDL being transactional) whose first statement takes :data:`MIGRATION_LOCK`, as
     the online path does, so two copies of the script run at once take turns (the second
-    waits for the first to commit) instead of interleaving their steps."""
+    waits for the first to commit) instead of interleaving their steps. The next checks the
+    database is at the revision the script starts from (:func:`version_check`): a copy
+    applied again (the second of two taking turns, or one run twice) or on a database at
+    another revision stops there, its transaction leaving nothing."""
     context.configure(
         url=_url(),
         target_metadata=target_metadata,
@@ -65,6 +110,7 @@ def run_migrations_offline() -> None:
     )
     with context.begin_transaction():
         context.execute(MIGRATION_LOCK)
+        context.execute(version_check(context.get_starting_revision_argument()))
         context.run_migrations()
 
 

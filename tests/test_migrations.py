@@ -825,11 +825,14 @@ def test_two_offline_scripts_run_at_once_take_turns(
             if second is not None:
                 _, second_err = second.communicate(timeout=120)
     assert first.returncode == 0, err
-    # the script has no version check: the second, run after the first, stops at its first
-    # step (the version table exists) and its transaction leaves nothing
+    # the second, run after the first, stops at the script's version check (it starts from
+    # base, the database is at head) and its transaction leaves nothing
     assert second is not None
     assert second.returncode != 0
-    assert 'relation "alembic_version" already exists' in second_err
+    assert (
+        "this migration script starts at revision base (no alembic_version table), "
+        f"the database is at {HEAD}: nothing of it was run"
+    ) in second_err
     assert version(engine) == HEAD
     assert marker_objects(engine) == MARKER_OBJECTS
     with engine.connect() as conn:
@@ -838,3 +841,95 @@ def test_two_offline_scripts_run_at_once_take_turns(
     # the lock is the online path's (env.py's MIGRATION_LOCK), taken first in the transaction
     assert _statements(script)[:2] == ["BEGIN", MIGRATION_LOCK_SQL]
     assert f'MIGRATION_LOCK = "{MIGRATION_LOCK_SQL}"' in (migrations_dir() / "env.py").read_text()
+
+
+def _offline_script(revisions: str) -> str:
+    """``alembic upgrade REVISIONS --sql`` (``start:end`` for a range) with the project's env."""
+    buffer = io.StringIO()
+    cfg = alembic_config()
+    cfg.output_buffer = buffer
+    cfg.set_main_option("sqlalchemy.url", "postgresql+psycopg://offline@localhost/offline")
+    command.upgrade(cfg, revisions, sql=True)
+    return buffer.getvalue()
+
+
+def _run_psql(pg_server: PostgresServer, database: str, path: Path) -> tuple[int, str]:
+    done = subprocess.run(
+        [
+            _psql(),
+            "-q",
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            pg_server.conninfo(database),
+            "-f",
+            str(path),
+        ],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    return done.returncode, done.stderr
+
+
+def test_an_offline_range_script_runs_only_at_its_start_revision(
+    pg_server: PostgresServer, pg_url: str, pg_database: str, engine: sa.Engine, tmp_path: Path
+) -> None:
+    """``alembic upgrade 0010:head --sql`` applied a second time (the second of two copies
+    taking turns on the lock, or one applied twice): Alembic's offline ``UPDATE
+    alembic_version ... WHERE version_num = '0010...'`` matched no row without an error, so
+    the copy ran its steps again on a database already at head, and succeeded. The script
+    checks the version first: at another revision than its start it stops, leaving nothing
+    (a row inserted after the first run is still there, the version unchanged)."""
+    apply_migrations(pg_url, revision="0010_markers_newest_horizon")
+    path = tmp_path / "upgrade.sql"
+    path.write_text(_offline_script("0010_markers_newest_horizon:head"))
+    code, err = _run_psql(pg_server, pg_database, path)
+    assert code == 0, err
+    assert version(engine) == HEAD
+    with engine.begin() as conn:  # something a rerun of 0011's steps would have to leave alone
+        conn.exec_driver_sql("COMMENT ON TABLE resilient_db.commit_markers IS 'after the first'")
+    code, err = _run_psql(pg_server, pg_database, path)
+    assert code != 0
+    assert (
+        "this migration script starts at revision 0010_markers_newest_horizon, the database "
+        f"is at {HEAD}: nothing of it was run"
+    ) in err
+    assert version(engine) == HEAD
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM alembic_version").scalar() == 1
+        assert (
+            conn.exec_driver_sql(
+                "SELECT obj_description('resilient_db.commit_markers'::regclass, 'pg_class')"
+            ).scalar()
+            == "after the first"
+        )
+    # and on a database behind the script's start (at 0009), nothing of 0010/0011 runs either
+    downgrade_migrations(pg_url, revision="0009_transition_trigger_v5")
+    code, err = _run_psql(pg_server, pg_database, path)
+    assert code != 0
+    assert "the database is at 0009_transition_trigger_v5: nothing of it was run" in err
+    assert version(engine) == "0009_transition_trigger_v5"
+
+
+def test_an_offline_script_from_base_refuses_an_empty_version_table(
+    pg_server: PostgresServer, pg_url: str, pg_database: str, engine: sa.Engine, tmp_path: Path
+) -> None:
+    """A script from base on a database downgraded to base online (Alembic leaves its
+    ``alembic_version`` table there, empty) is refused by the check, naming what it found,
+    rather than by its ``CREATE TABLE alembic_version``; on an empty database it runs."""
+    path = tmp_path / "upgrade.sql"
+    path.write_text(_offline_script("head"))
+    apply_migrations(pg_url, revision="0001_tasks")
+    downgrade_migrations(pg_url, revision="base")
+    code, err = _run_psql(pg_server, pg_database, path)
+    assert code != 0
+    assert "the database is at base (an empty alembic_version table)" in err
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE alembic_version")
+    code, err = _run_psql(pg_server, pg_database, path)
+    assert code == 0, err
+    assert version(engine) == HEAD
