@@ -33,7 +33,6 @@ import resilient_db as rdb
 from resilient_db.demo import migrations_dir
 from resilient_db.examples.tasks import Base, Task
 from resilient_db.testing import PostgresServer
-from resilient_db.transitions._install import ScriptOnPreparedStatementError
 
 TICKETS = """
 TICKETS = rdb.transitions.TransitionTrigger(
@@ -157,7 +156,11 @@ def test_asyncpg_refuses_the_scripts_naming_the_calls_to_make(
         with pytest.raises(sa.exc.ProgrammingError) as info:
             migrate(url, project, "upgrade", "head")
         err = info.value
-        assert isinstance(err, ScriptOnPreparedStatementError)
+        assert isinstance(err, rdb.ScriptOnPreparedStatementError)
+        # public, as the other errors: at the top level and in resilient_db.transitions
+        assert "ScriptOnPreparedStatementError" in rdb.__all__
+        assert "ScriptOnPreparedStatementError" in rdb.transitions.__all__
+        assert rdb.transitions.ScriptOnPreparedStatementError is type(err)
         assert isinstance(err, rdb.ResilientDBError)
         assert str(err) == (
             f"the script of transition_trigger_sql({MADE_BY}) holds several statements, and "
@@ -195,7 +198,7 @@ def test_asyncpg_refuses_the_scripts_naming_the_calls_to_make(
         # the install through op sends one statement at a time: it runs on asyncpg
         migrate(url, project, "upgrade", "0001_tickets")
         assert state(engine) == ("0001_tickets", True, None)
-        with pytest.raises(ScriptOnPreparedStatementError) as dropped:
+        with pytest.raises(rdb.ScriptOnPreparedStatementError) as dropped:
             migrate(url, project, "downgrade", "base")
         assert f"the script of transition_trigger_drop_sql({MADE_BY}) holds" in str(dropped.value)
         assert f"call rdb.uninstall_transition_trigger(op, {MADE_BY}) instead" in str(dropped.value)

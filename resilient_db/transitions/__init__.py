@@ -47,6 +47,7 @@ from . import _guards  # noqa: F401 - its mapper_configured listener checks rule
 from ._bypass import bypass_transitions, bypass_transitions_async
 from ._diagrams import rules_to_dot, rules_to_mermaid
 from ._install import (
+    ScriptOnPreparedStatementError,
     TransitionTrigger,
     TriggerInstallRefusedError,
     install_transition_trigger,
@@ -73,6 +74,7 @@ __all__ = [
     "BYPASS_ROLE",
     "BYPASS_SETTING",
     "TRANSITION_SQLSTATE",
+    "ScriptOnPreparedStatementError",
     "TransitionRules",
     "TransitionRulesError",
     "TransitionTrigger",

@@ -799,6 +799,11 @@ class ScriptOnPreparedStatementError(_DriverRefusal):
 # runs a script as soon as it has it), with what made them and the call that sends their
 # statements one at a time: an asyncpg connection's refusal of one is told in those words (see
 # _script_refused) instead of the driver's. Looked up only when a statement failed.
+# The listener is on every Engine, not on those that ran an install of ours: a script is text
+# handed out before any engine is known, and the migration that runs it with op.execute may
+# never have called an install (a downgrade runs on a fresh engine of env.py); what scopes it is
+# the statement, which must be a script this process handed out, refused by asyncpg with 42601.
+# Other engines pay a comparison of the driver's name, on a failed statement only.
 _SCRIPTS: dict[str, tuple[str, str]] = {}
 _SCRIPTS_KEPT = 32
 _SCRIPTS_LOCK = threading.Lock()
