@@ -181,7 +181,8 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Read the SELF_HEALING_* environment variables as resilient_db does and print the "
             "effective configuration. Exit status 0 when valid, 2 when not (every bad variable "
-            "is named)."
+            "is named) or for a usage error, 1 when the output could not be written (a full "
+            "disk), 130 when interrupted (Ctrl-C)."
         ),
     )
     check.add_argument("--json", action="store_true", help="print the configuration as JSON")
@@ -192,7 +193,11 @@ def _parser() -> argparse.ArgumentParser:
         help="print a model's status-transition rules as a Mermaid or Graphviz diagram",
         description=(
             "Import MODULE and print the transition rules of the model (or TransitionRules "
-            "object) named after the colon, e.g. resilient_db.examples.tasks:Task."
+            "object) named after the colon, e.g. resilient_db.examples.tasks:Task. Exit status "
+            "0 when printed, 2 for a usage error or a target that can't be drawn (a module that "
+            "does not import, a name it does not have, no rules there, a --column it does not "
+            "guard), 1 when the output could not be written (a full disk), 130 when "
+            "interrupted (Ctrl-C)."
         ),
     )
     rules.add_argument("target", metavar="MODULE:MODEL", help="e.g. myapp.models:Task")

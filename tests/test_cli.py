@@ -6,6 +6,7 @@ import gc
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -585,7 +586,50 @@ def test_an_unreachable_server_is_named_by_the_option_or_variable_given(
     err = capsys.readouterr().err
     given = "DATABASE_URL (--url-from-env)" if from_env else "--url"
     assert f"resilient-db demo: error: cannot use the server given with {given}: " in err
+    assert f"<ExternalPostgres app@127.0.0.1:{port}/db> is unreachable: " in err
     assert "hunter2" not in err
+
+
+@pytest.mark.parametrize(
+    ("change", "says", "driver_says"),
+    [
+        (
+            {"password": "not-the-password"},
+            "refused the login (check the user name and password)",
+            'password authentication failed for user "postgres"',
+        ),
+        (
+            {"username": "no_such_role"},
+            "refused the login (check the user name and password)",
+            'password authentication failed for user "no_such_role"',
+        ),
+        (
+            {"database": "no_such_database"},
+            "answered but refused the connection",
+            'database "no_such_database" does not exist',
+        ),
+    ],
+)
+def test_a_refused_login_is_not_called_unreachable(
+    pg_server: Any,
+    capsys: pytest.CaptureFixture[str],
+    change: dict[str, str],
+    says: str,
+    driver_says: str,
+) -> None:
+    """A server that answered and refused the login (a wrong password, a role it does not
+    know) or the connection (no such database) was said to be "unreachable", sending the
+    user to look at the network. psycopg gives no SQLSTATE for a failed connect: the
+    server's words (``FATAL:  password authentication failed``) tell them apart."""
+    url = sa.make_url(pg_server.url()).set(**change)
+    assert main(["demo", "--seconds", "8", "--url", url.render_as_string(hide_password=False)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "resilient-db demo: error: cannot use the server given with --url: " in err
+    assert f"/{url.database}> {says}: " in err
+    assert driver_says in err
+    assert "unreachable" not in err
+    assert (url.password or "?") not in err
 
 
 @pytest.mark.parametrize(
@@ -660,3 +704,58 @@ def test_ctrl_c_before_a_command_starts_is_a_line_and_exit_130(
     monkeypatch.syspath_prepend(str(tmp_path))
     assert main(["rules", "slow_to_import:Task"]) == 130
     assert capsys.readouterr().err == "resilient-db rules: interrupted\n"
+
+
+def _help(command: str, capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("command", ["check-config", "rules"])
+def test_help_tells_every_exit_status_the_command_returns(
+    command: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``check-config --help`` named 0 and 2, ``rules --help`` no status at all; both also
+    end 1 when the output could not be written and 130 when interrupted. Each status seen
+    here, by running the command, is in its help."""
+    for name in [n for n in os.environ if n.startswith("SELF_HEALING_")]:
+        monkeypatch.delenv(name)
+    (tmp_path / "interrupted.py").write_text("raise KeyboardInterrupt\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    good, bad, interrupted = {
+        "check-config": (["check-config"], ["check-config"], None),
+        "rules": (
+            ["rules", "resilient_db.examples.tasks:Task"],
+            ["rules", "resilient_db.examples.tasks:Nothing"],
+            ["rules", "interrupted:Task"],
+        ),
+    }[command]
+    seen = {main(good)}
+    with monkeypatch.context() as bad_env:
+        bad_env.setenv("SELF_HEALING_MAX_RETRIES", "many")
+        seen.add(main(bad))
+    if interrupted is None:  # Ctrl-C while the configuration is read
+        with monkeypatch.context() as ctrl_c:
+
+            def ctrl_c_pressed(environ: object = None) -> None:
+                raise KeyboardInterrupt
+
+            ctrl_c.setattr(rdb, "load_config", ctrl_c_pressed)
+            seen.add(main(good))
+    else:
+        seen.add(main(interrupted))
+    with open("/dev/full", "w") as full, monkeypatch.context() as no_space:
+        no_space.setattr(sys, "stdout", full)
+        seen.add(main(good))
+    capsys.readouterr()
+    assert seen == {0, 1, 2, 130}
+    text = _help(command, capsys)
+    told = {int(n) for n in re.findall(r"\b(\d{1,3}) (?:when|for)\b", text)}
+    assert told == seen, text

@@ -2023,6 +2023,34 @@ def _dismiss_database_watchdogs() -> None:
 atexit.register(_dismiss_database_watchdogs)
 
 
+# What a failed connect says, in libpq's words (psycopg gives no SQLSTATE for a connect that
+# failed: the server's error reaches it as text, "connection to server at ... failed: FATAL:
+# ..."). Only for telling the user which it was: nothing decides on it.
+_LOGIN_REFUSED = (
+    "password authentication failed",  # a wrong password (or a role that does not exist)
+    "authentication failed for user",  # other methods: ident, peer, ldap, cert, ...
+    "no password supplied",  # the server asked for a password and none was given
+    "no pg_hba.conf entry",  # no rule lets this role in from this host
+    "pg_hba.conf rejects connection",
+    "does not permit login",  # a role that is NOLOGIN
+    "scram",  # a SCRAM exchange that failed (channel binding, a server key that did not match)
+)
+_SERVER_SAID = re.compile(r"(?:^|\n|failed: )(?:FATAL|ERROR|PANIC):  ")
+
+
+def _connect_failure(exc: psycopg.Error) -> str:
+    """How a connect failed, for a message: the login refused, the server answered and refused
+    the connection (a database that does not exist, too many connections, starting up), or no
+    server answered (refused, timed out, a name that does not resolve)."""
+    text = str(exc)
+    lowered = text.lower()
+    if any(marker in lowered for marker in _LOGIN_REFUSED):
+        return "refused the login (check the user name and password)"
+    if _SERVER_SAID.search(text):
+        return "answered but refused the connection"
+    return "is unreachable"
+
+
 class ExternalPostgres(PostgresServer):
     """A server the harness doesn't own, given by a SQLAlchemy URL, libpq URI or key/value DSN.
 
@@ -2088,7 +2116,7 @@ class ExternalPostgres(PostgresServer):
             # from None: a traceback of the driver's frames would show the connection string,
             # password included
             raise ServerStartError(
-                f"the external server {self!r}{origin} is unreachable: {why}"
+                f"the external server {self!r}{origin} {_connect_failure(exc)}: {why}"
             ) from None
 
     def is_running(self) -> bool:
