@@ -542,12 +542,12 @@ def _record_polls(timeout_ms: int) -> str:
 
 
 def test_page_waits_as_long_as_a_retry_after_asks_and_says_so(browser: Any) -> None:
-    """A 429 or 503 (or a 401 or 403) answer to ``data.json`` with ``Retry-After`` (a rate
+    """A 429 or 5xx (or a 401 or 403) answer to ``data.json`` with ``Retry-After`` (a rate
     limit, a proxy's maintenance, a check of the application's own) is waited for, in seconds
     or until an HTTP date (from the answer's ``Date``), at most 600 s, and the page says it
     waits, until when and why; a ``Retry-After`` that can't be read, of 0, or on another
     status, leaves the poll interval. Before, the page polled every ``poll_seconds`` whatever
-    the answer asked."""
+    the answer asked, and then a 5xx other than 503 (a gateway's 502) was not waited for."""
     from email.utils import formatdate  # noqa: PLC0415
 
     from starlette.exceptions import HTTPException  # noqa: PLC0415
@@ -562,9 +562,11 @@ def test_page_waits_as_long_as_a_retry_after_asks_and_says_so(browser: Any) -> N
         (429, "7"),
         (503, "date"),  # an HTTP date two minutes on
         (401, "999999"),  # more than the cap
+        (502, "5"),  # a gateway's (its upstream restarting): any 5xx, not only 503
+        (500, "9"),
         (403, "soon"),  # not a Retry-After
         (503, None),
-        (500, "30"),  # not a status that asks to wait
+        (404, "30"),  # not a status that asks to wait
         (429, "0"),
     ]
     answers = list(plan)
@@ -604,7 +606,11 @@ def test_page_waits_as_long_as_a_retry_after_asks_and_says_so(browser: Any) -> N
     assert delay == cap
     assert f"next try in {cap // 1000} s, at " in error
     assert f"(waits are cut to {cap // 1000} s)" in error
-    for (delay, live, error), (status, _) in zip(said[3:-1], plan[3:], strict=True):
+    for (delay, live, error), seconds in zip(said[3:5], (5, 9), strict=True):
+        assert delay == seconds * 1000, said
+        assert live.startswith("not updating · waiting until "), live
+        assert f"Asked to wait (Retry-After: {seconds}): next try in {seconds} s" in error
+    for (delay, live, error), (status, _) in zip(said[5:-1], plan[5:], strict=True):
         assert delay == 100, said
         assert live == "not updating"
         assert (
@@ -696,3 +702,65 @@ def test_page_opened_with_a_token_rotated_out_says_so_and_goes_on_with_the_cooki
         assert not error.is_displayed()
         assert front.polls[-1]["status"] == 200
         assert not [p for p in front.polls if p["authorization"] == f"Bearer {new}"]
+
+
+class _LimitingProxy:
+    """An ASGI proxy in front of ``app`` answering the next ``data.json`` requests itself, one
+    status of ``refusals`` each, with ``Retry-After: 1`` (a proxy limiting requests or logins),
+    and recording each ``data.json`` request's ``Authorization``."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.refusals: list[int] = []
+        self.authorizations: list[str] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["path"].endswith("data.json"):
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        self.authorizations.append(headers.get("authorization", ""))
+        if not self.refusals:
+            await self.app(scope, receive, send)
+            return
+        status = self.refusals.pop(0)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"retry-after", b"1"), (b"content-type", b"text/plain")],
+            }
+        )
+        await send({"type": "http.response.body", "body": b"slow down"})
+
+
+def test_page_keeps_its_token_through_a_refusal_that_asks_to_wait(browser: Any) -> None:
+    """A 401 or 403 with ``Retry-After`` from a proxy in front of the dashboard (limiting
+    requests) made the page drop the token it was opened with and say that it is no longer
+    accepted. It says "not now": the page waits, and sends the token on after."""
+    from resilient_db.web._dashboard import REQUEST_TIMEOUT_SECONDS  # noqa: PLC0415
+
+    front = _LimitingProxy(dashboard(auth=token_auth(TOKEN), poll_seconds=0.1))
+    with serve_in_background(front) as server:
+        browser.execute_cdp_cmd(
+            "Page.addScriptToEvaluateOnNewDocument",
+            {"source": _record_polls(round(REQUEST_TIMEOUT_SECONDS * 1000))},
+        )
+        browser.get(f"{server.url}/?token={TOKEN}")
+        wait_for("a refresh", lambda: updates(browser) >= 1)
+        sent = len(front.authorizations)
+        front.refusals.extend([401, 403])
+        wait_for(
+            "two refusals and two requests after", lambda: len(front.authorizations) >= sent + 4
+        )
+        wait_for(
+            "live again", lambda: browser.find_element("id", "live").get_attribute("class") == ""
+        )
+        polls = browser.execute_script("return window.__polls")
+    assert not front.refusals
+    assert len(front.authorizations) >= sent + 4
+    assert set(front.authorizations) == {f"Bearer {TOKEN}"}, front.authorizations
+    errors = [p["error"] for p in polls]
+    assert any("the dashboard answered 401" in e and "Retry-After: 1" in e for e in errors), errors
+    assert any("the dashboard answered 403" in e and "Retry-After: 1" in e for e in errors), errors
+    assert not [e for e in errors if "no longer accepted" in e], errors

@@ -57,7 +57,7 @@ MAX_POLL_SECONDS = 86_400.0
 #: server never answers (a sync check waiting for a threadpool full of the application's
 #: endpoints, a connection gone quiet) stopped the polling for good, the page still "live".
 REQUEST_TIMEOUT_SECONDS = 30.0
-#: The page waits as long as a ``Retry-After`` of a 401, 403, 429 or 503 answer to its
+#: The page waits as long as a ``Retry-After`` of a 401, 403, 429 or 5xx answer to its
 #: ``data.json`` request asks (seconds or an HTTP date; a check of the application's own, a rate
 #: limit or a proxy may send one), saying so, but at most this many seconds (or the poll
 #: interval, if longer): a proxy's "come back tomorrow" would leave the page still for a day.

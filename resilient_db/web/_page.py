@@ -446,10 +446,11 @@ col.c-ev { width: 170px; }
   // how long an answer asks the page to wait (ms), by its Retry-After: seconds, or an HTTP date
   // (measured from the answer's own Date when it has one: the browser's clock may be off); 0
   // for none, one that can't be read, or one already past. Honoured on the answers that say
-  // "not now": 429 and 503 (a rate limit, a proxy's maintenance), 401 and 403 (a check of the
-  // application's own, a proxy's login, limiting attempts)
+  // "not now": 429 and every 5xx (a rate limit, a proxy's maintenance, a gateway whose upstream
+  // is restarting), 401 and 403 (a check of the application's own, a proxy's login, limiting
+  // attempts)
   function retryAfter(answer) {
-    if (![401, 403, 429, 503].includes(answer.status)) return 0;
+    if (![401, 403, 429].includes(answer.status) && !(answer.status >= 500 && answer.status < 600)) return 0;
     const value = (answer.headers.get("Retry-After") || "").trim();
     let ms = NaN;
     if (/^[0-9]+$/.test(value)) ms = Number(value) * 1000;
@@ -485,9 +486,11 @@ col.c-ev { width: 170px; }
         { cache: "no-store", credentials: "same-origin", signal: control.signal,
           headers: sent ? { "Accept": "application/json", "Authorization": "Bearer " + sent }
             : { "Accept": "application/json" } });
-      if (sent && (answer.status === 401 || answer.status === 403)) {
+      if (sent && (answer.status === 401 || answer.status === 403) && !answer.headers.has("Retry-After")) {
         // the token of the page's URL is refused (rotated out): sent no more, the requests
-        // carry the cookie alone (answered 401, and cleared, if it is the same token's)
+        // carry the cookie alone (answered 401, and cleared, if it is the same token's). A
+        // refusal with Retry-After says "not now" (a proxy limiting requests), not "never":
+        // the token is kept, and sent again after the wait
         token = "";
         tokenRefused = "The token this page was opened with is no longer accepted: open the " +
           "dashboard with ?" + tokenParam + "=<new token>. ";
@@ -550,11 +553,12 @@ def render_page(
     never more often than every ``min_poll_ms`` (the dashboard's ``MIN_POLL_SECONDS``), gives
     up a request not answered within ``timeout_ms`` (or ``poll_ms``, if longer), saying so,
     and keeps the last ``events`` events (as many as ``data.json`` serves in full). An error
-    answer's ``Retry-After`` (401, 403, 429, 503) is waited for, up to ``retry_cap_ms`` (or
+    answer's ``Retry-After`` (401, 403, 429, any 5xx) is waited for, up to ``retry_cap_ms`` (or
     ``poll_ms``, if longer), saying so. A
     ``token_param`` (``token_auth``'s query parameter) is taken out of the address bar and
     sent on as an ``Authorization: Bearer`` header instead, until an answer refuses it (401 or
-    403: rotated out): the page then says so and sends the cookie alone."""
+    403 without ``Retry-After``: rotated out): the page then says so and sends the cookie
+    alone."""
     # the title last: a title holding a placeholder (``@NONCE@``) is shown as written
     return (
         _TEMPLATE.replace("@NONCE@", nonce)
