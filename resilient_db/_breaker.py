@@ -34,7 +34,7 @@ import pybreaker as _pb
 from ._classify import debug_failure
 from ._config import Config, ConfigUsers
 from ._errors import CircuitOpenError
-from ._fleet import FAILOVER_WINDOW, FleetDown, View, attach, detach
+from ._fleet import FAILOVER_WINDOW, VIEW_FRESH, FleetDown, View, attach, detach
 from ._internals import renew_pybreaker_lock
 from ._observability import LineLimit, emit, log_breaker, stats_for
 from ._state import STATE, check_service_room
@@ -227,6 +227,9 @@ class Breaker:
         #: count only while it is still that run
         self._fleet_run = ""
         self._fleet_opens = 0  # openings of the shared breaker, fleet-wide
+        #: when (monotonic) Redis last confirmed the view: a script's answer or a message
+        #: naming its generation, or a newer one (see lost_view)
+        self._view_seen = -math.inf
         #: openings of the shared breaker (in Redis) this process made: its failure or probe
         #: that Redis answered by opening, its open() through Redis, its own opening shared on
         #: rejoining. Summed over the fleet: ``_fleet_opens``. An opening made alone while
@@ -1002,6 +1005,7 @@ class Breaker:
             age,
             reservation=reservation,
             view=self.lost_view(),
+            opens=self._fleet_opens,
         )
         self._fleet_failures = failures
         self._fleet_run = run
@@ -1046,7 +1050,9 @@ class Breaker:
         # the fleet". Nothing is noted here for it: a note of the breaker's would be read by
         # any change taken meanwhile (another thread's failure opening it)
         try:
-            answer = fleet.breaker_force(self.service, state, self.config.reset_timeout)
+            answer = fleet.breaker_force(
+                self.service, state, self.config.reset_timeout, opens=self._fleet_opens
+            )
         except FleetDown:
             return False
         if state == OPEN:
@@ -1055,7 +1061,7 @@ class Breaker:
         self.fleet_update(*answer, answer=True, mine=True, reason=reason)
         return True
 
-    def lost_view(self) -> View | None:
+    def lost_view(self, *, since: float | None = None, proven: bool = False) -> View | None:
         """The fleet's opening as this process's view holds it, for Redis to write back if it
         lost the breaker's state (restarted empty, flushed; see ``restore_view`` in
         ``_fleet``'s scripts), sent with every breaker script of the failure path and the read
@@ -1067,6 +1073,14 @@ class Breaker:
         ``close()`` while Redis did not answer), or holds an opening of its own (shared as
         such, see :meth:`fleet_rejoin`).
 
+        None too when Redis has not confirmed the view within :data:`~._fleet.VIEW_FRESH`
+        before ``since`` (the moment the link went down, on rejoining; None: now), unless
+        ``proven`` (the link's subscription answered since Redis was found empty, see
+        ``FleetLink._check_views``): the fleet may have moved past it meanwhile (closed it,
+        or opened it anew) with this process hearing nothing of it (a subscription dropped
+        without a reset), and a stale opening written back would reject every process's calls
+        until its end.
+
         Read without the breaker's lock: the script goes out as it would without it (a
         failure's answer may be waiting for that lock), and a view changing meanwhile is
         written back only into a Redis that has no state at all."""
@@ -1075,10 +1089,30 @@ class Breaker:
             return None
         if self._storage.state == CLOSED:
             return None
-        left = self._fleet_until - time.monotonic() if state == OPEN else 0.0
+        now = time.monotonic()
+        if not proven and self._view_seen < (now if since is None else since) - VIEW_FRESH:
+            return None
+        left = self._fleet_until - now if state == OPEN else 0.0
         if left > 0:
             return (OPEN, left, self._fleet_opens, gen)
         return (HALF_OPEN, 0.0, self._fleet_opens, gen)
+
+    def holds_opening(self) -> bool:
+        """Whether the view holds the fleet's opening with time left (the link's background
+        thread checks that Redis still holds it, see ``FleetLink._check_views``); not once
+        the opening is over, nor while it is this process's own."""
+        view = self.lost_view(proven=True)
+        return view is not None and view[0] == OPEN
+
+    def doubt_view(self) -> None:
+        """Redis was found without the breaker's state: the view is written back by no script
+        until it is confirmed again (see :meth:`lost_view`)."""
+        self._view_seen = -math.inf
+
+    def confirm_view(self) -> None:
+        """The link's subscription answered: every change published before was taken, so the
+        view is the fleet's state as of now (see ``FleetLink._check_views``)."""
+        self._view_seen = time.monotonic()
 
     def say_restored(self, state: str, remaining: float) -> None:
         """This process wrote the fleet's opening back into a Redis that had lost it (its own
@@ -1125,8 +1159,9 @@ class Breaker:
                 if remaining > 0:
                     opening = (remaining, self.config.reset_timeout - remaining)
         if opening is None:
-            # (Redis lost the state while the view holds the fleet's opening: written back)
-            view = self.lost_view()
+            # (Redis lost the state while the view holds the fleet's opening, confirmed
+            # shortly before the link went down: written back)
+            view = self.lost_view(since=fleet.down_since)
             self.fleet_sync(fleet.breaker_read(self.service, background=background, view=view))
             return
         state, remaining, gen, opens, by_me = fleet.breaker_share_opening(
@@ -1134,6 +1169,7 @@ class Breaker:
             round(opening[0], 3),
             round(max(0.0, opening[1]), 3),
             background=background,
+            opens=self._fleet_opens,
         )
         if by_me:
             self._opened_here += 1
@@ -1167,6 +1203,8 @@ class Breaker:
             if answer and gen == 0 and not force and sent_gen not in (None, self._fleet_gen):
                 return
             if not (force or gen > self._fleet_gen or (answer and gen == 0)):
+                if gen == self._fleet_gen and gen > 0:
+                    self._view_seen = time.monotonic()  # Redis confirms the view
                 if gen == self._fleet_gen and state == OPEN and remaining > 0:
                     # a fresher figure of the same opening, whose end in Redis is fixed: each
                     # figure arrives after it was taken (a pub/sub message can be late by
@@ -1177,6 +1215,7 @@ class Breaker:
             # the view had a shared state, and Redis has none now: restarted, or flushed
             lost = gen == 0 and self._fleet_gen > 0
             self._fleet_gen = gen
+            self._view_seen = time.monotonic()
             self._opened_locally = False  # the view and the local breaker follow the fleet
             restarted, self._view_restarted = self._view_restarted, False
             self._fleet_opens = max(self._fleet_opens, opens) if not force else opens

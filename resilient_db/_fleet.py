@@ -74,12 +74,26 @@ restored". Written back half-open, every probe slot is free: the probes running 
 end as usual (Redis finds their reservations nowhere: they count nowhere, and free nothing),
 and at most the configured number are admitted fleet-wide from then on. A flush while the
 links stay up is told to no link: the background thread of every process whose view holds an
-opening reads it back once a second (:data:`VIEW_CHECK_INTERVAL`, the read on rejoining,
-carrying the view; nothing while every view is closed), so the first check after the flush
-writes it back, and a process started meanwhile (its view closed: it read the empty Redis)
-follows it within about a second instead of sending its units to the database until the
-opening's end; a failure-path script meeting the empty Redis first writes it back as well. A
-restart takes the links down, and the first to rejoin writes it back. The retry budgets start
+opening with time left reads it back once a second (:data:`VIEW_CHECK_INTERVAL`; nothing
+while no view does), so the first check after the flush writes it back, and a process started
+meanwhile (its view closed: it read the empty Redis) follows it within about a second instead
+of sending its units to the database until the opening's end; a failure-path script meeting
+the empty Redis first writes it back as well. A restart takes the links down, and the first to
+rejoin writes it back.
+
+A view may be stale: a subscription dropped without a reset brings no message (another
+process's ``close()``, a new opening) for the seconds its check takes to notice. Written back
+into an empty Redis, a stale opening would reject every process's calls until its end. So the
+background check takes the state it reads (a stale view follows the fleet's within about a
+second, whatever the subscription does), and writes a view back only after the subscription
+answered a check sent once the read had found Redis empty: pub/sub delivers in order, so every
+change published before that answer was taken, and the view is the fleet's last state. A
+subscription that does not answer takes the link down, and the view, doubted, is not written
+back on rejoining. A failure-path script, and the read on rejoining, carry the view only while
+Redis confirmed it (an answer, a message) within :data:`VIEW_FRESH` (on rejoining, before the
+link went down). An opening written into a Redis that has no state for the breaker (written
+back, shared on rejoining, made by a failure or an ``open()``) counts on from the openings the
+caller had seen, not from 0. The retry budgets start
 over: the first attempts of the window are gone (the ratio grants nothing until new ones are
 counted) and the floor's tokens are full, at most one second's worth.
 
@@ -175,13 +189,22 @@ SUBSCRIPTION_CHECK_INTERVAL = 5.0
 #: for a moment (a fork for a snapshot) while nothing fails is no outage to warn about
 SUBSCRIPTION_ANSWER_MIN = 1.0
 #: seconds between the background thread's checks, while the link is up and this process's
-#: view holds the fleet's opening of a shared breaker (open, or half-open), that Redis still
-#: holds it: one breaker script (the read on rejoining, carrying the view) per check, for one
-#: such breaker in turn; none while every view is closed. A Redis flushed with the links up
-#: gets the opening back within about this long, so a process started after the flush,
-#: whose view never saw the opening, follows it instead of sending units to the database
-#: (see ``FleetLink._check_views``)
+#: view holds the fleet's opening of a shared breaker with time left, that Redis still holds
+#: it: one breaker script (a read) per check and such breaker; none while no view holds an
+#: opening with time left (closed, or the opening over: nothing is sent for
+#: good while a service is idle). A Redis flushed with the links up gets the opening back
+#: within about this long, so a process started after the flush, whose view never saw the
+#: opening, follows it instead of sending units to the database (see
+#: ``FleetLink._check_views``)
 VIEW_CHECK_INTERVAL = 1.0
+#: a view of the fleet's opening that Redis has not confirmed (a script's answer, a message of
+#: the breaker) within this many seconds is not written back by a failure-path script, nor on
+#: rejoining (counted to the moment the link went down): the fleet may have moved past it
+#: (closed it, opened it anew) while this process heard nothing, its subscription dropped
+#: without a reset. The background check confirms the view of an opening with time left
+#: about once a second; it writes back only after its subscription has answered (see
+#: ``FleetLink._check_views``)
+VIEW_FRESH = 3.0
 #: a half-open probe reservation not reported back within max(reset timeout, this) is forgotten
 #: (its process died): the slot is given to another probe
 PROBE_LEASE_MIN = 10.0
@@ -319,8 +342,11 @@ end
 -- seconds until an open breaker read by read_breaker half-opens
 local function remaining(h, now) return tostring(opening_end(h, now) - now) end
 -- open the breaker for reset seconds, forget its failures (KEYS[2]) and its probe reservations
--- (KEYS[3]), tell every process
+-- (KEYS[3]), tell every process. In a Redis that has no state for the breaker (gen 0: restarted
+-- empty, flushed) the openings count on from those the caller had seen (ARGV[VIEW + 2]), not
+-- from 0: the fleet's count does not go back to 1 with the history Redis lost
 local function open_breaker(now, gen, opens, reset)
+  if gen == 0 and VIEW then opens = math.max(opens, tonumber(ARGV[VIEW + 2]) or 0) end
   gen = next_gen(now, gen)
   opens = opens + 1
   redis.call('HSET', KEYS[1], 'st', 'open', 'until', tostring(now + reset), 'at', tostring(now),
@@ -543,13 +569,15 @@ return {want, tostring(reset), gstr(gen), opens}
 
 # KEYS: breaker hash, failure counter, probe reservations. ARGV: channel, service, token, the
 # seconds an opening this process made on its own (while Redis did not answer it) has left,
-# its age (s). Shared when the breaker is not open and changed last before that opening (gen 0:
+# its age (s), then a view with nothing to write back, for the openings it had seen (see
+# open_breaker). Shared when the breaker is not open and changed last before that opening (gen 0:
 # it never changed): this process's failures would have opened it, had Redis heard them. Else
 # only read: the fleet's opening, or a change made since, is followed.
 # -> {state, remaining, gen, opens, opened by this call}
 _SHARE_OPENING = (
     _COMMON
     + """
+VIEW = 6
 local now, h, st, gen, opens = read_breaker()
 if st ~= 'open' and gen / 1000000 < now - tonumber(ARGV[5]) then
   gen, opens = open_breaker(now, gen, opens, tonumber(ARGV[4]))
@@ -716,12 +744,14 @@ def _breaker_keys(service: str) -> list[str]:
 View = tuple[str, float, int, int]
 
 
-def _view_args(view: View | None) -> list[Any]:
-    """The last four ARGV of a script that carries the caller's view (see ``restore_view``)."""
+def _view_args(view: View | None, opens: int = 0) -> list[Any]:
+    """The last four ARGV of a script that carries the caller's view (see ``restore_view``);
+    with no view to write back, ``opens``: the openings the caller had seen (a script opening
+    the breaker in a Redis that lost its state counts on from them, see ``open_breaker``)."""
     if view is None:
-        return ["", 0, 0, 0]
-    state, left, opens, gen = view
-    return [state, round(left, 3), opens, gen]
+        return ["", 0, opens, 0]
+    state, left, seen, gen = view
+    return [state, round(left, 3), seen, gen]
 
 
 def _import_redis() -> Any:
@@ -883,6 +913,12 @@ class FleetLink:
         return f"<FleetLink {self.masked_url} {'up' if self.up else 'down'}>"
 
     @property
+    def down_since(self) -> float | None:
+        """When (``time.monotonic()``) the link went down, while it is down, or rejoining;
+        None while it is up (or before its first attempt ended)."""
+        return self._down_since
+
+    @property
     def connecting(self) -> bool:
         """Whether the first attempt of the link's thread to reach Redis has not ended yet: a
         failure-path call finding the link not up waits for it (see
@@ -959,6 +995,7 @@ class FleetLink:
         *,
         reservation: str | None = None,
         view: View | None = None,
+        opens: int = 0,
     ) -> tuple[str, float, int, int, int, bool, str, bool]:
         """Count one failure fleet-wide; ``age``: seconds since the failed attempt began (an
         attempt that began before the last failure counted and failing within
@@ -967,7 +1004,9 @@ class FleetLink:
         while it holds a probe slot. The answer ends with the run of failures it saw (see
         :meth:`breaker_reset_failures`; ``""``: none). ``view``: the caller's view of an opening,
         written back if Redis lost the breaker's state (as for every breaker script but
-        :meth:`breaker_share_opening`)."""
+        :meth:`breaker_share_opening`). ``opens``: the openings the caller had seen (an opening
+        in a Redis that lost the state counts on from them; the same for :meth:`breaker_force`
+        and :meth:`breaker_share_opening`)."""
         memory_ms = round(max(reset_timeout, FAILURE_MEMORY_MIN) * 1000)
         lease = max(reset_timeout, PROBE_LEASE_MIN)
         answer = self._call(
@@ -984,7 +1023,7 @@ class FleetLink:
                 FAILOVER_WINDOW,
                 reservation or "",
                 lease,
-                *_view_args(view),
+                *_view_args(view, opens),
             ],
         )
         st, rem, gen, failures, opens, by_me, run = answer[:7]
@@ -1060,19 +1099,26 @@ class FleetLink:
         *,
         background: bool = False,
         view: View | None = None,
+        opens: int = 0,
     ) -> tuple[str, float, int, int]:
         """Set the shared state to ``state`` (``""``: only read it, writing ``view`` back
         first if Redis lost the breaker's state)."""
         st, rem, gen, opens = self._call(
             "force",
             _breaker_keys(service),
-            [self.channel, service, self.token, state, reset_timeout, *_view_args(view)],
+            [self.channel, service, self.token, state, reset_timeout, *_view_args(view, opens)],
             background=background,
         )
         return _s(st), float(rem), int(gen), int(opens)
 
     def breaker_share_opening(
-        self, service: str, remaining: float, age: float, *, background: bool = True
+        self,
+        service: str,
+        remaining: float,
+        age: float,
+        *,
+        background: bool = True,
+        opens: int = 0,
     ) -> tuple[str, float, int, int, bool]:
         """On rejoining, or attaching: share the opening this process made on its own while
         Redis did not answer it (or before it shared the breaker: ``remaining`` seconds left,
@@ -1083,7 +1129,7 @@ class FleetLink:
         st, rem, gen, opens, by_me = self._call(
             "share_opening",
             _breaker_keys(service),
-            [self.channel, service, self.token, remaining, age],
+            [self.channel, service, self.token, remaining, age, *_view_args(None, opens)],
             background=background,
         )
         return _s(st), float(rem), int(gen), int(opens), bool(by_me)
@@ -1282,7 +1328,8 @@ class FleetLink:
                     heard = self._clock()
                 elif self.up and self._clock() >= next_view_check:
                     next_view_check = self._clock() + VIEW_CHECK_INTERVAL
-                    self._check_views()
+                    if self._check_views(pubsub):
+                        heard = self._clock()
                 if self._reports_pending and self.up:
                     self._report_pending()
                 message = pubsub.get_message(timeout=_TICK)
@@ -1363,35 +1410,68 @@ class FleetLink:
         self._resync()
         self._mark_up()
 
-    #: which of the breakers holding an opening :meth:`_check_views` checks next
-    _view_turn = 0
-
-    def _check_views(self) -> None:
+    def _check_views(self, pubsub: Any) -> bool:
         """The background thread, the link up, every :data:`VIEW_CHECK_INTERVAL`: Redis
         still holds the fleet's opening that a view of this process holds, or it gets it
         back. Redis flushed while the links stay up (``FLUSHALL``, ``FLUSHDB``) is heard of by
         no link: without the check the opening came back only at the next failure-path script
         of a process following it, usually the first probe asked for at the opening's end,
         and until then a process started after the flush (its view closed) sent its units to
-        the database. One script per check, the read on rejoining carrying the view (see
-        ``restore_view`` in the scripts: it writes only into a Redis that has no state for
-        the breaker), for one breaker holding an opening in turn; nothing is sent while
-        every view is closed, and the success path sends nothing. The answer is not taken:
-        a view written back comes back as every change does, by its message.
+        the database. For each breaker whose view holds an opening with time left; nothing
+        is sent while there is none (closed, or the opening over: an idle service costs
+        nothing), and the success path sends nothing.
 
-        A check that gets no answer within the Redis timeout does not take the link down (a
+        One read per check, its answer taken: the view is confirmed, or follows the fleet's
+        newer state (a change whose message never came: the subscription dropped without a
+        reset). A read finding no state (gen 0) writes nothing: the view is written back only
+        once the subscription has answered a check sent after that read (every message
+        published before it, a close or an opening that made the view stale included, has
+        been taken then), with a second read carrying the view (see ``restore_view`` in the
+        scripts: it writes only into a Redis that has no state for the breaker). A
+        subscription that does not answer raises (the link goes down and rejoins), and the
+        view, not confirmed, is not written back on rejoining (see :data:`VIEW_FRESH`). True
+        when the subscription was checked.
+
+        A read that gets no answer within the Redis timeout does not take the link down (a
         Redis stalling for a moment while nothing fails is no outage, as for the
         subscription's check, which decides that); any other failure of the store raises
-        (the link goes down, and its rejoin reads, and writes back, the state)."""
+        (the link goes down, and its rejoin reads the state)."""
         with self._lock:
             breakers = list(self.breakers.items())
-        holding = [(s, v) for s, b in breakers if (v := b.lost_view()) is not None]
-        if not holding:
-            return
-        self._view_turn = (self._view_turn + 1) % len(holding)
-        service, view = holding[self._view_turn]
-        with contextlib.suppress(self._redis.exceptions.TimeoutError):
-            self.breaker_read(service, background=True, view=view)
+        timeout = self._redis.exceptions.TimeoutError
+        lost = []
+        for service, breaker in breakers:
+            if not breaker.holds_opening():
+                continue
+            try:
+                answer = self.breaker_read(service, background=True)
+            except timeout:
+                continue
+            if answer[2] != 0:
+                self._take(service, breaker, answer)
+            else:  # no script of this process carries the view until it is confirmed again
+                breaker.doubt_view()
+                lost.append((service, breaker))
+        if not lost:
+            return False
+        # Redis has no state for them: written back only once the subscription has answered
+        self._check_subscription(pubsub)
+        for service, breaker in lost:
+            breaker.confirm_view()
+            view = breaker.lost_view(proven=True)
+            if view is not None:
+                with contextlib.suppress(timeout):
+                    # (its answer not taken: it comes back by its message, as every change)
+                    self.breaker_read(service, background=True, view=view)
+        return True
+
+    def _take(self, service: str, breaker: Any, answer: tuple[str, float, int, int]) -> None:
+        """The background thread's read of ``service``'s state, taken into its view (a
+        listener of the application's that raises is said as such, the link staying up)."""
+        try:
+            breaker.fleet_update(*answer, answer=True)
+        except Exception as exc:
+            self._listener_failed(service, exc)
 
     #: set when a breaker has probe ends to report while the link is up (see report_soon)
     _reports_pending = False

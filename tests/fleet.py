@@ -363,7 +363,9 @@ class ForgetfulForwarder:
     """A TCP forwarder to ``port`` on 127.0.0.1 that can forget the connections open now
     (:meth:`forget`) as a NAT, a firewall or a load balancer forgets a flow: what either side
     sends on them is dropped, and neither side is told (no reset, no close). Connections made
-    afterwards pass. ``url(redis_url)``: that URL through this forwarder. Closed on leaving."""
+    afterwards pass. ``url(redis_url)``: that URL through this forwarder. Closed on leaving.
+    ``forget(subscriptions_only=True)`` forgets only the connections that sent a SUBSCRIBE (a
+    link's subscription), its commands' connections left passing."""
 
     def __init__(self, port: int) -> None:
         self._target = port
@@ -371,16 +373,19 @@ class ForgetfulForwarder:
         self.port = self._listener.getsockname()[1]
         self._lock = threading.Lock()
         self._pairs: list[tuple[socket.socket, socket.socket, threading.Event]] = []
+        #: the forgotten-flags of the connections whose client sent a SUBSCRIBE
+        self._subscribed: list[threading.Event] = []
         self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
     def url(self, redis_url: str) -> str:
         return redis_url.replace(f":{self._target}/", f":{self.port}/")
 
-    def forget(self) -> None:
+    def forget(self, *, subscriptions_only: bool = False) -> None:
         with self._lock:
             for _, _, forgotten in self._pairs:
-                forgotten.set()
+                if not subscriptions_only or any(f is forgotten for f in self._subscribed):
+                    forgotten.set()
 
     def _accept(self) -> None:
         while True:
@@ -396,17 +401,22 @@ class ForgetfulForwarder:
                     server.close()
                     return
                 self._pairs.append((client, server, forgotten))
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b, forgotten), daemon=True).start()
+            for a, b, up in ((client, server, True), (server, client, False)):
+                args = (a, b, forgotten, up)
+                threading.Thread(target=self._pump, args=args, daemon=True).start()
 
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket, forgotten: threading.Event) -> None:
+    def _pump(
+        self, source: socket.socket, sink: socket.socket, forgotten: threading.Event, up: bool
+    ) -> None:
         source.settimeout(None)
         while True:
             try:
                 data = source.recv(65536)
                 if not data:
                     break
+                if up and b"SUBSCRIBE" in data.upper():
+                    with self._lock:
+                        self._subscribed.append(forgotten)
                 if not forgotten.is_set():
                     sink.sendall(data)
             except OSError:

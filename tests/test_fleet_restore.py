@@ -17,7 +17,15 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from fleet import Gate, fleet, open_the_fleets_breaker, opener_settings, shared, subscription_checks
+from fleet import (
+    ForgetfulForwarder,
+    Gate,
+    fleet,
+    open_the_fleets_breaker,
+    opener_settings,
+    shared,
+    subscription_checks,
+)
 from processes import wait_for
 
 import resilient_db as rdb
@@ -229,6 +237,106 @@ def test_a_process_whose_views_are_closed_checks_nothing_in_the_background(
     assert _breaker_hash(redis_server, service)["st"] == "closed"
 
 
+def test_a_stale_view_behind_a_dead_subscription_is_not_written_back(
+    redis_server: RedisServer, engine: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """This process follows the fleet's opening (600 s); its subscription is then dropped
+    without a reset (a NAT forgetting the flow: nothing arrives, nothing fails), its commands'
+    connection still passing. Another process closes the fleet's breaker (its message never
+    arrives here) and Redis is flushed at once. The view, open, is stale: written back, it
+    would re-open the fleet's breaker for everyone until that opening's end. The background
+    thread finds Redis empty, confirms its subscription before writing anything back, finds
+    it dead, and rejoins: nothing is written back, and this process ends closed, as the
+    fleet is."""
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    service = "staleview"
+    with ForgetfulForwarder(redis_server.port) as forwarder:
+        config = rdb.Config(
+            redis_url=forwarder.url(redis_server.url), retry=False, reset_timeout=600.0
+        )
+        Factory = rdb.ResilientSession(engine, service=service, config=config)
+        wait_for(lambda: shared(service)["connected"], "the link", 10)
+        breaker = Factory.policy.breaker
+        assert breaker is not None
+        breaker.open()
+        assert _breaker_hash(redis_server, service)["st"] == "open"
+        forwarder.forget(subscriptions_only=True)
+        # another process's close() (its script, straight to Redis), then the flush
+        redis_server.client().register_script(_fleet._FORCE)(
+            keys=_fleet._breaker_keys(service),
+            args=[_fleet.CHANNEL.format(db=0), service, "another-process", "closed", 600.0],
+        )
+        redis_server.flushall()
+        # the dead subscription is found (at the latest its own check, ~6 s) and made again
+        wait_for(
+            lambda: _lines(caplog, "Shared state restored") == 1, "the link, subscribed again", 20
+        )
+        assert _breaker_hash(redis_server, service).get("st") != "open"
+        assert _lines(caplog, RESTORED) == 0
+        assert breaker.state == "closed"
+        assert shared(service)["connected"]
+
+
+def test_an_opening_that_ended_is_not_checked_in_the_background(
+    redis_server: RedisServer, engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An idle service's opening ends, and no unit comes to ask for a probe: its view stays
+    half-open. The background check of the opening (a script per check while it runs) stops
+    at its end: a link whose subscription is checked several times afterwards sends nothing
+    (no Redis traffic for good while nothing is open)."""
+    monkeypatch.setattr(_fleet, "SUBSCRIPTION_CHECK_INTERVAL", 0.3)
+    monkeypatch.setattr(_fleet, "VIEW_CHECK_INTERVAL", 0.1)
+    service = "endedcheck"
+    Factory = _factory(redis_server, engine, service, reset_timeout=1.0)
+    breaker = Factory.policy.breaker
+    assert breaker is not None
+    link = breaker._fleet
+    breaker.open()
+    until = float(_breaker_hash(redis_server, service)["until"])
+    commands = link.commands
+    wait_for(lambda: link.commands >= commands + 2, "two checks of the opening", 10)
+    _wait_past(redis_server, until)
+    with subscription_checks(link) as checks:
+        wait_for(lambda: len(checks) >= 1, "a check of the subscription after the end", 10)
+        commands = link.commands
+        wait_for(lambda: len(checks) >= 4, "three more checks of the subscription", 10)
+    assert link.commands == commands
+    assert breaker.describe()["state"] == "half-open"
+    assert _breaker_hash(redis_server, service)["st"] == "open"  # (nobody asked for a probe)
+
+
+def test_an_opening_made_alone_and_shared_into_an_empty_redis_counts_on(
+    redis_server: RedisServer, engine: sa.Engine, gate: Gate
+) -> None:
+    """The fleet's breaker opened twice; Redis then stops, and this process's failure opens
+    its breaker on its own. Redis comes back empty (no persistence) and the process shares its
+    opening there: the fleet's count of openings goes on from the two it had seen (3), not
+    from 1 as though the fleet had never opened, and equals the openings this process made."""
+    service = "countson"
+    Factory = _factory(redis_server, engine, service, reset_timeout=600.0, failure_threshold=1)
+    breaker = Factory.policy.breaker
+    assert breaker is not None
+    for _ in range(2):
+        breaker.open()
+        breaker.close()
+    assert shared(service)["fleet_opens"] == 2
+    redis_server.stop()
+    try:
+        wait_for(lambda: not shared(service)["connected"], "the link down", 10)
+        gate.set(down=True)
+        with pytest.raises(sa.exc.OperationalError):
+            Factory.run(_unit)
+        assert breaker.state == "open"  # (its own opening: Redis did not answer)
+    finally:
+        redis_server.start()
+    wait_for(lambda: shared(service)["connected"], "the link back", 10)
+    state = _breaker_hash(redis_server, service)
+    assert state["st"] == "open"
+    assert state["opens"] == "3"
+    assert shared(service)["fleet_opens"] == 3
+    assert shared(service)["opened_here"] == 3
+
+
 def _unit(s: Any) -> None:
     s.execute(sa.text("SELECT rdb_gate()"))
 
@@ -360,3 +468,7 @@ def test_a_closed_breaker_follows_an_opening_another_process_wrote_back(
     assert int(state["gen"]) > view[3]
     with pytest.raises(rdb.CircuitOpenError):
         Factory.run(_unit)
+
+
+def _lines(caplog: pytest.LogCaptureFixture, text: str) -> int:
+    return sum(1 for r in caplog.records if text in r.getMessage())
