@@ -1902,10 +1902,16 @@ class CommitRequest:
     # SQLAlchemy went on to send, in order (noted where the dialect sends them, see hooks_for)
     two_phase: list[tuple[Engine, Any]] | None = None
     two_phase_commits: list[Any] | None = None
+    #: the xids whose COMMIT PREPARED (the unit's own, SQLAlchemy's) the server answered with
+    #: success and a WARNING, each with it (see ``_unit._commit_twophase``): committed on the
+    #: primary, not proven replicated (see :class:`UnprovenCommit`)
+    two_phase_warned: list[tuple[Any, str]] | None = None
     committing: bool = False  # flushed; COMMIT may go out from here on
     transaction: Any = None  # the session's root transaction that COMMIT ends
     attempt: AttemptRecord | None = None  # the unit's attempt (it saw the connections)
-    warned: bool = False  # a COMMIT that wrote was answered with a WARNING (UnprovenCommit)
+    #: a COMMIT that wrote (or a two-phase COMMIT PREPARED) was answered with a WARNING
+    #: (UnprovenCommit)
+    warned: bool = False
     #: every COMMIT of the transaction returned, and its ``commit()`` raised after them (an
     #: ``after_commit`` or ``after_transaction_end`` listener): the unit is committed
     answered: bool = False

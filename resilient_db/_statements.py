@@ -1029,6 +1029,23 @@ def note_dialect_calls(dialect: Any, name: str, note: Callable[..., None]) -> No
     wrapped.add(name)
 
 
+def wrap_dialect_calls(dialect: Any, name: str, around: Callable[..., Any]) -> None:
+    """Have every call of ``dialect.<name>`` made as ``around(method, *args, **kwargs)``, where
+    ``method`` is the dialect's own (wrapped on this dialect instance, once per name, as
+    :func:`note_dialect_calls` does): for what must see the call's outcome, not only its
+    arguments."""
+    wrapped: set[str] = dialect.__dict__.setdefault("_rdb_noted_calls", set())
+    if name in wrapped:
+        return
+    method = getattr(dialect, name)
+
+    def around_method(*args: Any, **kwargs: Any) -> Any:
+        return around(method, *args, **kwargs)
+
+    setattr(dialect, name, around_method)
+    wrapped.add(name)
+
+
 def marked_cursor_factory(factory: Any) -> Any:
     """``factory`` (a psycopg cursor class, or a function that makes cursors), making cursors
     that note their statements."""

@@ -112,6 +112,7 @@ from ._statements import (
     note_dialect_calls,
     own_work,
     verdict_of,
+    wrap_dialect_calls,
 )
 from .transitions._dbmap import exception_from_db
 from .transitions._flush import guard_for_commit_protocol
@@ -477,7 +478,12 @@ def _answered_with_a_warning(request: CommitRequest) -> None:
     looks, unknown otherwise); one whose transaction spans several connections is committed on
     each and can't be replayed: the one COMMIT answered with a warning is checked in its own
     database (done once proven; raised, not replayed, if not committed there), and several
-    answered so are unknown, since a check proves one (see ``CommitReferee._spread``)."""
+    answered so are unknown, since a check proves one (see ``CommitReferee._spread``). A
+    two-phase unit's COMMIT PREPAREDs answered so (``request.two_phase_warned``) are each
+    proven on a new connection to its database, as the factory's own COMMIT PREPARED
+    finishing a unit is (see ``CommitReferee.two_phase_pending``)."""
+    if request.two_phase_warned:
+        raise UnprovenCommit(request.two_phase_warned[-1][1])
     warned = [t for t in request.tickets if t.warned is not None and t.wrote and not t.done]
     if warned:
         raise UnprovenCommit(str(warned[-1].warned))
@@ -1311,14 +1317,34 @@ class CommitReferee:
         (:func:`commit_if_prepared`), as a two-phase coordinator recovers. Only when the
         failed COMMIT PREPARED's outcome is unknown (a disconnect, 08007): one the server
         refused committed nothing there, and SQLAlchemy's rollback ends the others, as
-        before."""
+        before.
+
+        A COMMIT PREPARED of the unit's own answered with success *and a WARNING*
+        (``request.two_phase_warned``: its wait for the synchronous standby cancelled) is
+        committed on the primary alone: it is pending too, its ``warned`` set, so that the
+        driver proves it as it proves one of its own answered so. When every COMMIT PREPARED
+        was answered (``exc`` the :class:`~._commit.UnprovenCommit` raised after them), those
+        are the pending ones."""
         if not request.two_phase or not request.two_phase_commits:
             return []
+        warned = request.two_phase_warned or []
+        if isinstance(exc, UnprovenCommit):
+            return [
+                Finishing(engine, xid, warned=warning)
+                for engine, xid in request.two_phase
+                for answered, warning in warned
+                if answered == xid
+            ]
         outcome = self.policy.classifier.classify(exc)
         if outcome not in (Outcome.DISCONNECT, Outcome.COMMIT_UNKNOWN):
             return []
         answered = request.two_phase_commits[:-1]  # SQLAlchemy goes on only after an answer
-        return [Finishing(engine, xid) for engine, xid in request.two_phase if xid not in answered]
+        pending = []
+        for engine, xid in request.two_phase:
+            warning = next((w for answered_xid, w in warned if answered_xid == xid), None)
+            if warning is not None or xid not in answered:
+                pending.append(Finishing(engine, xid, warned=warning))
+        return pending
 
     @staticmethod
     def prepare_failure(exc: Exception, request: CommitRequest) -> BaseException:
@@ -1489,7 +1515,25 @@ class CommitReferee:
         policy = self.policy
         unproven = [f for f in pending if f.warned is not None and f not in finished]
         done = len(finished) == len(pending)
-        if finished:
+        if isinstance(exc, UnprovenCommit):
+            # every COMMIT PREPARED of the unit was answered, those pending with a warning: the
+            # factory committed nothing, it proved them (as a one-phase unit's COMMIT so
+            # answered is proven: the same line)
+            if done:
+                emit(
+                    policy.config,
+                    log_session,
+                    logging.WARNING,
+                    "Commit outcome verified: service=%s the unit is done: its two-phase "
+                    "transaction(s) %s committed, proven replicated by a check on a new "
+                    "connection (its COMMIT PREPARED was answered with %s); not replaying",
+                    policy.service,
+                    ", ".join(str(f) for f in pending),
+                    exc.warning,
+                    service=policy.service,
+                    event="commit_verified",
+                )
+        elif finished:
             emit(
                 policy.config,
                 log_session,
@@ -1799,15 +1843,37 @@ def _create_xid() -> str:
 
 
 def _commit_twophase(
-    connection: Connection, xid: Any, is_prepared: bool = True, recover: bool = False
-) -> None:
-    """SQLAlchemy is about to send ``xid``'s COMMIT PREPARED: noted on the committing unit (not
-    a recovery's: :func:`commit_if_prepared` finishes a unit's, outside its commit)."""
+    method: Callable[..., Any],
+    connection: Connection,
+    xid: Any,
+    is_prepared: bool = True,
+    recover: bool = False,
+) -> Any:
+    """Around the dialect's ``do_commit_twophase`` (``method``): SQLAlchemy sends ``xid``'s
+    COMMIT PREPARED. For a committing unit's own (not a recovery's: :func:`commit_if_prepared`
+    finishes a unit's, outside its commit, and hears its warnings itself), noted on the unit
+    before it goes out, and the server's warnings heard while it runs (psycopg's notices,
+    asyncpg's log messages: a handler added for this COMMIT PREPARED alone, so that units of
+    one phase pay nothing): one answered with success *and a WARNING* (its wait for the
+    synchronous standby cancelled: committed on the primary alone) is noted on the unit, which
+    raises :class:`~._commit.UnprovenCommit` once its COMMIT returned
+    (:func:`_answered_with_a_warning`): it is done only once proven, as the factory's own
+    COMMIT PREPARED finishing a unit is (see ``CommitReferee.two_phase_pending``)."""
     request = current_request.get()
-    if request is not None and is_prepared and not recover:
-        if request.two_phase_commits is None:
-            request.two_phase_commits = []
-        request.two_phase_commits.append(xid)
+    if request is None or not is_prepared or recover:
+        return method(connection, xid, is_prepared=is_prepared, recover=recover)
+    if request.two_phase_commits is None:
+        request.two_phase_commits = []
+    request.two_phase_commits.append(xid)
+    warnings: list[str] = []
+    with warnings_into(connection.connection.driver_connection, warnings):
+        result = method(connection, xid, is_prepared=is_prepared, recover=recover)
+    if warnings:
+        if request.two_phase_warned is None:
+            request.two_phase_warned = []
+        request.two_phase_warned.append((xid, warnings[-1]))
+        request.warned = True
+    return result
 
 
 #: seconds between two looks for a two-phase unit's prepared transaction whose PREPARE the
@@ -3415,7 +3481,7 @@ def hooks_for(
             event.listen(engine, "close", _drop_probe)
             # each unit's PREPAREs and COMMIT PREPAREDs, where the dialect sends them
             note_dialect_calls(engine.dialect, "do_prepare_twophase", _prepare_twophase)
-            note_dialect_calls(engine.dialect, "do_commit_twophase", _commit_twophase)
+            wrap_dialect_calls(engine.dialect, "do_commit_twophase", _commit_twophase)
             own_xids(engine.dialect)
             if getattr(engine.dialect, "is_async", False):
                 cancellation_after_terminate(engine.dialect)

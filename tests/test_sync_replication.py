@@ -1310,3 +1310,66 @@ def test_a_two_phase_unit_finished_with_a_cancelled_wait_is_done_once_proven(
     assert start_the_standby.backoffs, "done before the standby was back"
     fail_over(pair)
     assert ledger(pair) == {"2pc": 1}
+
+
+@pytest.mark.parametrize("driver", TWO_PHASE_DRIVERS)
+def test_a_two_phase_units_own_commit_prepared_with_a_cancelled_wait_is_never_done(
+    pg_standby_factory: Callable[..., StandbyPair],
+    driver: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A two-phase unit's own COMMIT PREPARED (its answer not lost) waits for the stopped
+    standby and that wait is cancelled: answered with success and a WARNING, committed on the
+    primary alone. It was taken for done (and a failover lost it). It is settled as a
+    one-phase unit's COMMIT so answered, and as the factory's own COMMIT PREPARED finishing
+    a unit: the check on the primary can't get its own WAL confirmed by the standby, so the
+    unit ends CommitOutcomeUnknownError ("not proven replicated", the warning named); never
+    done, never replayed."""
+    pair = pg_standby_factory(synchronous=True, settings={"max_prepared_transactions": "4"})
+    prepare(pair, FALLBACK)
+    pair.standby.start()  # (prepare stops it: the unit's PREPARE must be confirmed)
+    with caplog.at_level(logging.WARNING, logger="resilient_db"):
+        unit = run_two_phase_unit(pair, driver, "2pc", sleep=no_sleep, own_answer_lost=False)
+    assert isinstance(unit.error, rdb.CommitOutcomeUnknownError), (
+        f"a COMMIT PREPARED answered with a cancelled wait's warning was reported as "
+        f"{unit.error!r} (None: done), not unknown"
+    )
+    assert "not proven replicated" in str(unit.error)
+    assert "canceling wait for synchronous replication" in str(unit.error)
+    assert unit.calls == 1  # not replayed
+    assert prepared_left(pair) == []  # committed on the primary: nothing left for an operator
+    assert ledger(pair) == {"2pc": 1}
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("Commit outcome unknown" in m for m in messages), messages
+    assert not any("the unit is done" in m for m in messages), messages
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+def test_a_two_phase_units_own_commit_prepared_with_a_cancelled_wait_is_done_once_proven(
+    pg_standby_factory: Callable[..., StandbyPair],
+    driver: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """As above, but the standby comes back while the factory proves the unit's COMMIT
+    PREPARED (the factory's first pause between its checks starts it): a later check's
+    COMMIT is confirmed by the standby, the unit is done, once (not before the standby was
+    back), and its row survives a failover to the standby."""
+    pair = pg_standby_factory(synchronous=True, settings={"max_prepared_transactions": "4"})
+    prepare(pair, FALLBACK)
+    pair.standby.start()
+    start_the_standby = AtTheFirstBackoff(pair.start)
+    config = rdb.Config(
+        initial_delay=0.01, max_delay=0.02, max_retries=50, deadline=15.0, circuit_breaker=False
+    )
+    with caplog.at_level(logging.WARNING, logger="resilient_db"):
+        unit = run_two_phase_unit(
+            pair, driver, "2pc", sleep=start_the_standby, own_answer_lost=False, config=config
+        )
+    assert unit.error is None, unit.error
+    assert unit.calls == 1
+    assert start_the_standby.backoffs, "done on the COMMIT PREPARED's own answer"
+    assert prepared_left(pair) == []
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("proven replicated" in m and "the unit is done" in m for m in messages), messages
+    fail_over(pair)
+    assert ledger(pair) == {"2pc": 1}
