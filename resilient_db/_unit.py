@@ -1526,10 +1526,11 @@ class CommitReferee:
                     logging.WARNING,
                     "Commit outcome verified: service=%s the unit is done: its two-phase "
                     "transaction(s) %s committed, proven replicated by a check on a new "
-                    "connection (its COMMIT PREPARED was answered with %s); not replaying",
+                    "connection (its COMMIT PREPARED was answered with %s)%s; not replaying",
                     policy.service,
                     ", ".join(str(f) for f in pending),
                     exc.warning,
+                    _committed_again(pending),
                     service=policy.service,
                     event="commit_verified",
                 )
@@ -1752,6 +1753,19 @@ def _finished_how(done: bool, unproven: list[Finishing]) -> str:
     return "the failed one was no longer pending, so its failure is settled as before"
 
 
+def _committed_again(pending: list[Finishing]) -> str:
+    """What a ``Commit outcome verified`` line of a two-phase unit adds for those of its
+    transactions a failover had left prepared, which the factory committed again; "" when
+    none."""
+    again = [str(f) for f in pending if f.committed_again]
+    if not again:
+        return ""
+    return (
+        f", or found still prepared where a failover had lost its COMMIT PREPARED and "
+        f"committed there: {', '.join(again)}"
+    )
+
+
 def _left_prepared(request: CommitRequest) -> str:
     """What a two-phase unit that had decided to commit leaves for an operator: its prepared
     transactions not known committed, kept prepared (see ``_keep_prepared``); "" otherwise."""
@@ -1945,6 +1959,9 @@ class Finishing:
     proofs: int = 0  # the checks that wrote WAL past it (their waits grow, see check_commit)
     #: ``synchronous_standby_names`` of a server a check found with no standby connected
     unserved_standby_names: str | None = None
+    #: answered with a warning, then found still prepared (a failover lost its COMMIT
+    #: PREPARED) and committed again by :func:`commit_if_prepared`
+    committed_again: bool = False
 
     def __str__(self) -> str:
         return str(self.xid)
@@ -1955,6 +1972,10 @@ def commit_if_prepared(connection: Connection, finishing: Finishing) -> bool | N
     transaction) if it is still prepared there; whether it was (True only when the server
     answered its COMMIT PREPARED: the unit's transaction committed by this). SQLAlchemy's own
     recovery API.
+
+    Looked for first every time, even once answered with a warning (``finishing.warned``):
+    still prepared there (a failover to a standby that had its PREPARE, not its COMMIT
+    PREPARED), it is committed there, as a pending one is.
 
     Answered with success and a WARNING (a cancelled wait for the synchronous standby:
     committed on the primary alone, see ``UnprovenCommit``), it is finished only once proven
@@ -1972,17 +1993,24 @@ def commit_if_prepared(connection: Connection, finishing: Finishing) -> bool | N
     never an answer: the xid is looked for again within the deadline (found committed
     meanwhile, it is not counted finished here), and a unit none of whose looks is answered
     ends with its outcome unknown."""
-    if finishing.warned is None:
-        warnings: list[str] = []
-        with stall_cut(connection):
-            if finishing.xid not in connection.recover_twophase():
-                return False
+    warnings: list[str] = []
+    with stall_cut(connection):
+        prepared = finishing.xid in connection.recover_twophase()
+        if prepared:
             with warnings_into(connection.connection.driver_connection, warnings):
                 connection.commit_prepared(finishing.xid, recover=True)
+    if prepared:
+        if finishing.warned is not None:
+            # answered with a warning before, yet still prepared where this look went: a
+            # failover to a standby that had its PREPARE, not its COMMIT PREPARED (the proof
+            # alone would have taken it for done there): committed here now
+            finishing.committed_again = True
         if not warnings:
             return True
         finishing.warned = warnings[-1]
-        connection.rollback()  # (the recovery's transaction SQLAlchemy began: the proof's next)
+    elif finishing.warned is None:
+        return False
+    connection.rollback()  # (the recovery's transaction SQLAlchemy began: the proof's next)
     return _prove_finished(connection, finishing)
 
 

@@ -1178,6 +1178,7 @@ def run_two_phase_unit(
     sleep: Callable[[float], None],
     own_answer_lost: bool,
     config: rdb.Config = CONFIG,
+    multi_host: bool = False,
 ) -> Outcome:
     """A two-phase unit (``twophase=True``) writing ``key``, prepared while the standby
     streams. Right before its COMMIT PREPARED the standby stops (from then on a COMMIT PREPARED
@@ -1185,7 +1186,9 @@ def run_two_phase_unit(
     cancelled (``pg_cancel_backend``, once): the server answers it with success and a WARNING,
     committed on the primary alone. ``own_answer_lost``: the unit's own connection is
     terminated first, so the COMMIT PREPARED answered so is the factory's, finishing the unit
-    on a new connection; otherwise it is the unit's own. ``sleep``: the factory's backoff."""
+    on a new connection; otherwise it is the unit's own. ``sleep``: the factory's backoff.
+    ``multi_host``: the unit's engine is on the pair's multi-host URL (a new connection reaches
+    the promoted standby after a failover), else on the primary's."""
     outcome = Outcome()
     service = f"syncrep-2pc-{next(_services)}"
     cancelled: list[threading.Thread] = []
@@ -1216,7 +1219,12 @@ def run_two_phase_unit(
             await asyncio.to_thread(sleep, seconds)
 
         async def main() -> None:
-            url = pair.primary.url(DATABASE, driver="asyncpg" if driver == "asyncpg" else "psycopg")
+            driver_name = "asyncpg" if driver == "asyncpg" else "psycopg"
+            url = (
+                pair.url(DATABASE, driver=driver_name)
+                if multi_host
+                else pair.primary.url(DATABASE, driver=driver_name)
+            )
             engine = create_async_engine(url)
             sa.event.listen(engine.sync_engine, "commit_twophase", before_commit_prepared)
             factory = rdb.AsyncResilientSession(
@@ -1236,7 +1244,7 @@ def run_two_phase_unit(
             outcome.calls += 1
             session.execute(INSERT, {"key": key})
 
-        engine = sa.create_engine(pair.primary.url(DATABASE))
+        engine = sa.create_engine(pair.url(DATABASE) if multi_host else pair.primary.url(DATABASE))
         sa.event.listen(engine, "commit_twophase", before_commit_prepared)
         factory = rdb.ResilientSession(
             engine, service=service, config=config, sleep=sleep, twophase=True
@@ -1254,7 +1262,8 @@ def run_two_phase_unit(
 
 
 def prepared_left(pair: StandbyPair) -> list[str]:
-    rows = pair.primary.execute("SELECT gid FROM pg_catalog.pg_prepared_xacts")
+    """The prepared transactions on the current primary."""
+    rows = pair.execute("SELECT gid FROM pg_catalog.pg_prepared_xacts")
     return [str(gid) for (gid,) in rows]
 
 
@@ -1372,4 +1381,40 @@ def test_a_two_phase_units_own_commit_prepared_with_a_cancelled_wait_is_done_onc
     messages = [r.getMessage() for r in caplog.records]
     assert any("proven replicated" in m and "the unit is done" in m for m in messages), messages
     fail_over(pair)
+    assert ledger(pair) == {"2pc": 1}
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+@pytest.mark.parametrize("own_answer_lost", [False, True])
+def test_a_two_phase_unit_whose_warned_commit_prepared_a_failover_lost_is_committed_there(
+    pg_standby_factory: Callable[..., StandbyPair], driver: str, own_answer_lost: bool
+) -> None:
+    """A two-phase unit's COMMIT PREPARED (its own, or the factory's finishing it) is answered
+    with a cancelled wait's warning: committed on the primary alone. Before the proof runs
+    the primary dies and the standby, which had the PREPARE but not the COMMIT PREPARED, is
+    promoted: there the unit's transaction is still prepared. The proof only wrote WAL past
+    it on the new primary, which nothing waits for: the unit was reported done, its row not
+    committed there (still prepared, holding its locks). The factory looks for it first and,
+    the unit having decided to commit, commits it there: done, once, the row on the new
+    primary and nothing left prepared."""
+    pair = pg_standby_factory(synchronous=True, settings={"max_prepared_transactions": "4"})
+    prepare(pair, FALLBACK)
+    pair.standby.start()
+    fail_over_at_the_first_backoff = AtTheFirstBackoff(lambda: fail_over(pair))
+    config = rdb.Config(
+        initial_delay=0.01, max_delay=0.02, max_retries=50, deadline=15.0, circuit_breaker=False
+    )
+    unit = run_two_phase_unit(
+        pair,
+        driver,
+        "2pc",
+        sleep=fail_over_at_the_first_backoff,
+        own_answer_lost=own_answer_lost,
+        config=config,
+        multi_host=True,
+    )
+    assert fail_over_at_the_first_backoff.backoffs, "done before the failover"
+    assert unit.error is None, unit.error
+    assert unit.calls == 1
+    assert prepared_left(pair) == [], "reported done, its transaction still prepared"
     assert ledger(pair) == {"2pc": 1}
