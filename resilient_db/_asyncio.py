@@ -634,7 +634,10 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                         if lost_with_its_connection(record, exc) is not None:
                             raise  # none was sent: the transaction went with the connection
                         await self._commit_failed(exc, request, s)
-                        if own:  # (a run_in caller's session is the caller's to roll back)
+                        # (a run_in caller's session is the caller's to roll back; one whose
+                        # COMMIT was answered with a warning, proven here, ended its commit()
+                        # and told its after_commit listeners then: not told twice)
+                        if own and not (request.warned and isinstance(exc, UnprovenCommit)):
                             try:  # (its after_commit listeners fire now: committed)
                                 await s.run_sync(end_committed_transactions, request)
                             except Exception as after:

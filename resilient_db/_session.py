@@ -523,7 +523,10 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                         if lost_with_its_connection(record, exc) is not None:
                             raise  # none was sent: the transaction went with the connection
                         self._commit_failed(exc, request, s)
-                        if own:  # (a run_in caller's session is the caller's to roll back)
+                        # (a run_in caller's session is the caller's to roll back; one whose
+                        # COMMIT was answered with a warning, proven here, ended its commit()
+                        # and told its after_commit listeners then: not told twice)
+                        if own and not (request.warned and isinstance(exc, UnprovenCommit)):
                             try:  # (its after_commit listeners fire now: committed)
                                 end_committed_transactions(s, request)
                             except Exception as after:

@@ -1418,3 +1418,50 @@ def test_a_two_phase_unit_whose_warned_commit_prepared_a_failover_lost_is_commit
     assert unit.calls == 1
     assert prepared_left(pair) == [], "reported done, its transaction still prepared"
     assert ledger(pair) == {"2pc": 1}
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+def test_a_commit_answered_with_a_warning_tells_after_commit_listeners_once(
+    pg_url: str, pg_async_url: str, driver: str
+) -> None:
+    """A unit's COMMIT answered with success and a WARNING (a deferred trigger's here: no
+    replication needed) is checked on a new connection and found committed: done, once. Its
+    ``session.commit()`` had returned (the ``after_commit`` listeners told), and the check's
+    end of a lost answer's transactions told them again: an outbox or a cache invalidation
+    listening there ran twice for one commit."""
+    engine = sa.create_engine(pg_url)
+    with engine.begin() as conn:
+        create_a_warning_ledger(conn)
+    rdb.install_commit_markers(engine)
+    engine.dispose()
+    told: list[int] = []
+    if driver == "psycopg":
+        factory = rdb.ResilientSession(
+            sa.create_engine(pg_url), service="warned-listeners", config=CONFIG, sleep=no_sleep
+        )
+
+        def write(session: Any) -> None:
+            sa.event.listen(session, "after_commit", lambda _session: told.append(1))
+            session.execute(INSERT, {"key": "k"})
+
+        try:
+            factory.run(write)
+        finally:
+            factory.engine.dispose()
+    else:
+
+        async def main() -> None:
+            engine = create_async_engine(pg_async_url)
+            factory = rdb.AsyncResilientSession(engine, service="warned-listeners", config=CONFIG)
+
+            async def write(session: Any) -> None:
+                sa.event.listen(session.sync_session, "after_commit", lambda _s: told.append(1))
+                await session.execute(INSERT, {"key": "k"})
+
+            try:
+                await factory.run(write)
+            finally:
+                await engine.dispose()
+
+        asyncio.run(main())
+    assert told == [1], f"after_commit told {len(told)} time(s) of one commit"
