@@ -1016,23 +1016,18 @@ def note_dialect_calls(dialect: Any, name: str, note: Callable[..., None]) -> No
     methods are its public interface; code that replaces one should do so before the factory
     is created.
     """
-    wrapped: set[str] = dialect.__dict__.setdefault("_rdb_noted_calls", set())
-    if name in wrapped:
-        return
-    method = getattr(dialect, name)
 
-    def noted(*args: Any, **kwargs: Any) -> Any:
+    def noted(method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         note(*args, **kwargs)
         return method(*args, **kwargs)
 
-    setattr(dialect, name, noted)
-    wrapped.add(name)
+    wrap_dialect_calls(dialect, name, noted)
 
 
 def wrap_dialect_calls(dialect: Any, name: str, around: Callable[..., Any]) -> None:
     """Have every call of ``dialect.<name>`` made as ``around(method, *args, **kwargs)``, where
-    ``method`` is the dialect's own (wrapped on this dialect instance, once per name, as
-    :func:`note_dialect_calls` does): for what must see the call's outcome, not only its
+    ``method`` is the dialect's own (wrapped on this dialect instance, once per name: a second
+    factory on the engine finds it done): for what must see the call's outcome, not only its
     arguments."""
     wrapped: set[str] = dialect.__dict__.setdefault("_rdb_noted_calls", set())
     if name in wrapped:
