@@ -145,10 +145,16 @@ class Job(Base):
     status: Mapped[str]
 
 
-class PlainJob(Base):
+class PlainBase(DeclarativeBase):
+    pass
+
+
+class PlainJob(PlainBase):
     """``bench_jobs`` mapped without ``__transitions__``, for the plain variant's guarded
     write: plain SQLAlchemy pays nothing of the guard (whose mapper listener is on ``Job``'s
-    mapper and runs for any session that flushes a ``Job``)."""
+    mapper and runs for any session that flushes a ``Job``). In a registry of its own: a class
+    without rules mapping a table that a class of its registry guards is judged by that
+    class's rules (and has the mapper listener)."""
 
     __table__ = Job.__table__
     id: Mapped[int]

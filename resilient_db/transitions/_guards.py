@@ -12,7 +12,7 @@ from resilient_db._state import STATE
 
 from ._bulk import do_orm_execute
 from ._flush import before_flush, before_insert, before_update, flush_ended
-from ._rules import compiled_guards
+from ._rules import compiled_guards, lent_rules_changed
 
 __all__ = ["install_guard"]
 
@@ -97,9 +97,20 @@ def _on_mapper_configured(mapper: Mapper[Any], class_: type[Any]) -> None:
     listeners."""
     if getattr(class_, "__transitions__", None) is not None:
         compiled_guards(mapper)
-        for name, fn in (("before_insert", before_insert), ("before_update", before_update)):
-            if not event.contains(mapper, name, fn):
-                event.listen(mapper, name, fn)
+        _watch(mapper)
+        # classes of its tables configured before it, without rules of their own: their rows
+        # there are judged by the table's rules, which may be this class's now
+        for other in lent_rules_changed(mapper):
+            if compiled_guards(other):
+                _watch(other)
+    elif guarded_models_exist() and compiled_guards(mapper):
+        _watch(mapper)  # it maps a table another class guards: judged by the table's rules
+
+
+def _watch(mapper: Mapper[Any]) -> None:
+    for name, fn in (("before_insert", before_insert), ("before_update", before_update)):
+        if not event.contains(mapper, name, fn):
+            event.listen(mapper, name, fn)
 
 
 def guarded_models_exist() -> bool:

@@ -313,6 +313,11 @@ class Guard:
     #: ``onupdate`` is a SQL expression: its value is known only once the server wrote it, so
     #: the flush's UPDATE writing it reads it back (``RETURNING``) and judges it then
     sql_onupdate: bool = False
+    #: set for a column of a table that another class guards and this one guards by no rules
+    #: of its own: that class (its name), whose rules judge the rows this one writes there.
+    #: The session guards use such a guard as any other; the trigger and introspection of the
+    #: class's declared rules (:func:`guards_of`) leave it out
+    lender: str | None = None
 
     @functools.cached_property
     def table(self) -> sa.Table:  # read by every guarded flush: computed once
@@ -760,13 +765,98 @@ def compiled_guards(mapper: Mapper[Any]) -> tuple[Guard, ...]:
             dataclasses.replace(g, owner=_owner(mapper, g), related=_writing_relations(mapper, g))
             for g in guards
         )
+    lent = _table_rules(mapper, guards)
     with _cache_lock:
-        _compiled[mapper] = guards
+        _compiled[mapper] = guards + lent
         for g in guards:
             refs = _by_table.setdefault((g.table.name, g.column.name), [])
             refs[:] = [r for r in refs if r() is not None]
             refs.append(weakref.ref(g))
-    return guards
+    return guards + lent
+
+
+def _table_rules(mapper: Mapper[Any], own: tuple[Guard, ...]) -> tuple[Guard, ...]:
+    """The guards ``mapper`` takes from its tables: for each column of them that other classes
+    of its registry guard (classes of another hierarchy mapping the same table, or the
+    ancestors of a subclass that sets ``__transitions__ = None``; not the subclasses or
+    siblings in its own hierarchy, whose rules are for their own rows) and ``mapper`` maps but
+    guards by no rules of its own, their rules, compiled for ``mapper``. A row of a guarded
+    table is judged by the table's rules whichever class writes it; when the classes guarding
+    the column disagree no one set of them is the table's, and :class:`TransitionRulesError`
+    says so."""
+    tables = [t for t in mapper.tables if isinstance(t, sa.Table)]
+    guarded = {(g.table.schema, g.table.name, g.column.name) for g in own}
+    name = mapper.class_.__name__
+    lenders: dict[sa.Column[Any], list[tuple[Mapper[Any], Guard]]] = {}
+    for other in mapper.registry.mappers:
+        declared = getattr(other.class_, "__transitions__", None)
+        if declared is None or other is mapper:
+            continue
+        if other.base_mapper is mapper.base_mapper and not mapper.isa(other):
+            continue  # a class's own hierarchy: only its ancestors' rules are its rows' rules
+        theirs = [t for t in other.tables if isinstance(t, sa.Table)]
+        if not any(same_table(t, o) for t in tables for o in theirs):
+            continue
+        other_name = other.class_.__name__
+        for rules in _normalize_rules(declared, other_name):
+            where = f"{other_name}.__transitions__ (column {rules.column!r})"
+            column = _resolve_column(other, rules.column, where)[1]
+            mine = next((t for t in tables if same_table(t, column.table)), None)
+            cols = () if mine is None else mine.columns
+            col = next((c for c in cols if c.name == column.name), None)
+            if col is None or (col.table.schema, col.table.name, col.name) in guarded:
+                continue
+            try:
+                attr_key = mapper.get_property_by_column(col).key
+            except sa.orm.exc.UnmappedColumnError:
+                continue  # (not mapped here: nothing of this class writes it)
+            try:
+                guard = _compile(mapper, dataclasses.replace(rules, column=attr_key))
+            except TransitionRulesError as exc:
+                raise TransitionRulesError(
+                    f"{name} declares no rules for column {col.name!r} of table "
+                    f"{_table_name(col.table)}, whose rows are judged by {other_name}'s: {exc}"
+                ) from None
+            lenders.setdefault(col, []).append((other, guard))
+    found: list[Guard] = []
+    for col, candidates in lenders.items():
+        candidates.sort(key=lambda c: (len(list(c[0].iterate_to_root())), c[0].class_.__name__))
+        first_mapper, first = candidates[0]
+        for other, guard in candidates[1:]:
+            if not same_rules(first, guard):
+                raise TransitionRulesError(
+                    f"{name} guards column {col.name!r} of table {_table_name(col.table)} by "
+                    f"no rules of its own, and {first_mapper.class_.__name__} and "
+                    f"{other.class_.__name__} guard it by different rules"
+                    f"{_what_differs(first, guard)}: a row {name} writes there can't be judged "
+                    f"by the table's rules; declare on {name} the rules its rows follow "
+                    "(an admin repair past the guard is rdb.bypass_transitions)"
+                )
+        lender = first_mapper.class_.__name__
+        found.append(
+            dataclasses.replace(
+                first, owner=lender, lender=lender, related=_writing_relations(mapper, first)
+            )
+        )
+    return tuple(found)
+
+
+def lent_rules_changed(mapper: Mapper[Any]) -> list[Mapper[Any]]:
+    """The configured mappers of ``mapper``'s registry, without rules of their own, that share
+    a table with ``mapper`` (a class with rules configured after them): their compiled guards
+    are dropped (the rules they take from the table may have changed), to be compiled again."""
+    tables = [t for t in mapper.tables if isinstance(t, sa.Table)]
+    found: list[Mapper[Any]] = []
+    for other in mapper.registry.mappers:
+        if other is mapper or not other.configured:
+            continue
+        if getattr(other.class_, "__transitions__", None) is not None:
+            continue
+        if any(same_table(t, o) for t in tables for o in other.tables if isinstance(o, sa.Table)):
+            with _cache_lock:
+                _compiled.pop(other, None)
+            found.append(other)
+    return found
 
 
 def _writing_relations(mapper: Mapper[Any], guard: Guard) -> tuple[tuple[str, str], ...]:
@@ -794,7 +884,10 @@ def _owner(mapper: Mapper[Any], guard: Guard) -> str:
             continue
         if getattr(ancestor.class_, "__transitions__", None) is None:
             continue
-        theirs = next((g for g in compiled_guards(ancestor) if g.column is guard.column), None)
+        theirs = next(
+            (g for g in compiled_guards(ancestor) if g.column is guard.column and not g.lender),
+            None,
+        )
         if theirs is not None and same_trigger(guard, theirs):
             return theirs.owner
     return guard.model
@@ -1100,10 +1193,13 @@ def state_of(obj: object) -> InstanceState[Any]:
     return state
 
 
-def guards_of(target: object) -> tuple[Guard, ...]:
-    """The guards of a mapped class, instance or mapper; raises if it declares no rules."""
+def guards_of(target: object, *, lent: bool = False) -> tuple[Guard, ...]:
+    """The guards of a mapped class, instance or mapper; raises if it declares no rules.
+    ``lent``: with those it takes from its tables (see :func:`_table_rules`)."""
     mapper = mapper_of(target)
     guards = compiled_guards(mapper)
+    if not lent:
+        guards = tuple(g for g in guards if g.lender is None)
     if not guards:
         raise TransitionRulesError(f"{mapper.class_.__name__} declares no __transitions__")
     return guards
@@ -1144,7 +1240,9 @@ def table_guards(model: object, table: sa.Table) -> tuple[Guard, ...]:
             continue
         if not any(isinstance(t, sa.Table) and same_table(t, table) for t in other.tables):
             continue
-        found.extend(g for g in compiled_guards(other) if same_table(g.table, table))
+        found.extend(
+            g for g in compiled_guards(other) if same_table(g.table, table) and g.lender is None
+        )
     return tuple(found)
 
 
@@ -1204,9 +1302,9 @@ def _what_differs(a: Guard, b: Guard) -> str:
     return " (other transitions)"
 
 
-def one_guard(target: object, column: str | None) -> Guard:
+def one_guard(target: object, column: str | None, *, lent: bool = False) -> Guard:
     """The guard of ``column`` (which may be omitted when the model guards one column)."""
-    guards = guards_of(target)
+    guards = guards_of(target, lent=lent)
     if column is None:
         if len(guards) > 1:
             names = ", ".join(repr(g.attr_key) for g in guards)
@@ -1230,7 +1328,7 @@ def allowed_transitions(obj: object, *, column: str | None = None) -> set[Any]:
     guarded column when the model guards several. The attribute is read as usual; under
     ``AsyncSession`` make sure it is loaded (an expired attribute would need I/O).
     """
-    guard = one_guard(obj, column)
+    guard = one_guard(obj, column, lent=True)
     state = state_of(obj)
     if state.key is None:
         return {guard.state(k) for k in guard.initial}

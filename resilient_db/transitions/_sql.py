@@ -978,7 +978,7 @@ def drop_plan(
     Returns the guards, the tables and the named columns per table."""
     mapper = mapper_of(model)
     if columns is None:
-        guards = compiled_guards(mapper)
+        guards = tuple(g for g in compiled_guards(mapper) if g.lender is None)
         if not guards:
             name = mapper.class_.__name__
             raise TransitionRulesError(
