@@ -41,6 +41,10 @@ class Change(NamedTuple):
     old_known: bool
     new: Any
     mapper: Mapper[Any]  # the row's mapper (its base mapper picks the flush's connection)
+    #: the flush's object of the row (its ``InstanceState``): in a session that picks each
+    #: row's connection by the row (``connection_callable``: horizontal sharding), it picks the
+    #: connection the row is checked on. None for a bulk UPDATE's row
+    state: Any = None
 
 
 def raise_errors(

@@ -338,7 +338,14 @@ def _check_row_switch(
     known = old is not _UNSET and old is not NO_VALUE and old is not NEVER_SET
     identity = gone.key[1]  # type: ignore[index]
     change = Change(
-        guard, guard.pk_of(identity), identity, old if known else None, known, new, state.mapper
+        guard,
+        guard.pk_of(identity),
+        identity,
+        old if known else None,
+        known,
+        new,
+        state.mapper,
+        state,
     )
     if not known or guard.legal(guard.key(old), guard.key(new)):
         changes.append(change)
@@ -387,7 +394,7 @@ def _pending_change(
         return None  # a SQL expression: only the trigger can see its value
     pk = identity[0] if len(identity) == 1 else identity
     old = deleted[0] if deleted else None
-    return Change(guard, pk, identity, old, bool(deleted), new, state.mapper)
+    return Change(guard, pk, identity, old, bool(deleted), new, state.mapper, state)
 
 
 def _related_change(
@@ -413,8 +420,8 @@ def _related_change(
         pk = identity[0] if len(identity) == 1 else identity
         loaded = state.dict.get(guard.attr_key, _UNSET)
         if loaded is _UNSET:  # expired: read first, as a status set but not loaded is
-            return Change(guard, pk, identity, None, False, new, state.mapper)
-        return Change(guard, pk, identity, loaded, True, new, state.mapper)
+            return Change(guard, pk, identity, None, False, new, state.mapper, state)
+        return Change(guard, pk, identity, loaded, True, new, state.mapper, state)
     return None
 
 
@@ -449,7 +456,7 @@ def _onupdate_change(
     pk = identity[0] if len(identity) == 1 else identity
     if old is _UNSET:
         if guard.sql_onupdate:
-            return Change(guard, pk, identity, None, False, _ONUPDATE, state.mapper)
+            return Change(guard, pk, identity, None, False, _ONUPDATE, state.mapper, state)
         return None
     if isinstance(old, ClauseElement) or hasattr(old, "__clause_element__"):
         return None
@@ -457,7 +464,7 @@ def _onupdate_change(
     new = _ONUPDATE
     if onupdate.is_scalar and guard.legal_move(old, onupdate.arg):
         new = onupdate.arg
-    return Change(guard, pk, identity, old, True, new, state.mapper)
+    return Change(guard, pk, identity, old, True, new, state.mapper, state)
 
 
 def _stale(change: Change, reason: str, from_state: Any = None) -> StaleTransitionError:
@@ -723,6 +730,8 @@ def _prepare_compare_and_set(
     change seen (their UPDATEs are watched too), with the new rows of each whose status a
     post_update UPDATE writes later (judged as they start, see :func:`_check_written`);
     ``guards_of``: the guards of each mapper the flush met. Returns the errors found."""
+    if session.connection_callable is not None:
+        return _lock_and_check_rows(session, None, changes)
     attempt = current_attempt.get()
     began = None if attempt is None else attempt.began
     # the flush gets its connection with get_bind(mapper=base_mapper): the same one
@@ -759,12 +768,11 @@ def _prepare_compare_and_set(
         by_conn.setdefault(seen, [])
     errors: list[IllegalTransitionError] = []
     prepared: list[tuple[Connection, _FlushChecks]] = []
-    per_row_connections = session.connection_callable is not None
     for conn, group in by_conn.items():
-        if per_row_connections or not conn.dialect.supports_sane_rowcount:
-            # the UPDATE's row count can't be trusted (or its connection known): lock and check
-            # (a status set during the flush by a listener, or by a post_update UPDATE from a
-            # row the flush makes, is left to the trigger here)
+        if not conn.dialect.supports_sane_rowcount:
+            # the UPDATE's row count can't be trusted: lock and check (a status set during the
+            # flush by a listener, or by a post_update UPDATE from a row the flush makes, is
+            # left to the trigger here)
             errors.extend(_check_against_db(conn, group, lock=True)[0])
             continue
         checks = _FlushChecks(config, session)
@@ -829,7 +837,7 @@ def _prepare_one_row(
         session, mapper.base_mapper, None if attempt is None else attempt.began
     )
     if session.connection_callable is not None or not conn.dialect.supports_sane_rowcount:
-        return _check_against_db(conn, [change], lock=True)[0]  # see _prepare_compare_and_set
+        return _lock_and_check_rows(session, conn, [change])  # see _prepare_compare_and_set
     guard = change.guard
     table = guard.table
     checks = _FlushChecks(config, session)
@@ -843,6 +851,32 @@ def _prepare_one_row(
     STATE.flush_checks[conn] = checks
     STATE.flushing[session] = [conn]
     return []
+
+
+def _lock_and_check_rows(
+    session: Session, conn: Connection | None, changes: list[Change]
+) -> list[IllegalTransitionError]:
+    """Where the flush's UPDATE can't carry the compare-and-set, the rows of ``changes`` are
+    locked and checked before it, through ``conn`` (a dialect without a reliable row count).
+    A session that picks each row's connection by the row (``connection_callable``:
+    horizontal sharding, one database per shard) writes a row through its own shard's
+    connection, not knowable ahead by mapper: each row is locked and checked on the
+    connection the flush will write it through (``connection_callable(base_mapper, obj)``, as
+    the flush asks it). A status set during the flush by a listener, or by a post_update
+    UPDATE from a row the flush makes, is checked as its UPDATE is sent (see
+    :func:`before_update`). Returns the errors found."""
+    pick = session.connection_callable
+    if pick is None:
+        assert conn is not None
+        return _check_against_db(conn, changes, lock=True)[0]
+    by_conn: dict[Connection, list[Change]] = {}
+    for change in changes:
+        obj = None if change.state is None else change.state.obj()
+        by_conn.setdefault(pick(change.mapper.base_mapper, obj), []).append(change)
+    errors: list[IllegalTransitionError] = []
+    for shard, group in by_conn.items():
+        errors.extend(_check_against_db(shard, group, lock=True)[0])
+    return errors
 
 
 def _flush_connection(
