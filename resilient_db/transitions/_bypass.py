@@ -77,10 +77,28 @@ def _bypassed(session: Session) -> bool:
         return False
     marker = bypasses.get(session)
     if marker is None:
-        return False
+        return _on_bypassed_connection(session, bypasses)
     if marker.transaction() is session.get_transaction():
         return True
     bypasses.pop(session, None)
+    return False
+
+
+def _on_bypassed_connection(session: Session, bypasses: Any) -> bool:
+    """Whether ``session`` is bound to one Connection alone (``Session(bind=connection)``, no
+    ``binds=``) whose current transaction was bypassed with ``bypass_transitions(connection)``:
+    the session works in that transaction, whose moves the trigger lets through and whose
+    bypass was audited, so its guards are off too until the transaction ends."""
+    conn = session.bind
+    if not isinstance(conn, Connection):
+        return False
+    marker = bypasses.get(conn)
+    if marker is None:
+        return False
+    current = conn.get_transaction()
+    if current is not None and marker.transaction() is current:
+        return not tuple(session_binds(session))  # (a session's other binds are not bypassed)
+    bypasses.pop(conn, None)  # (it ended with its transaction)
     return False
 
 
@@ -105,8 +123,9 @@ def bypass_transitions(target: Session | Connection, *, reason: str) -> None:
     bind, one on each of its ``binds``. A refusal or error on any of them undoes the bypass on
     all (the setting emptied, the session guards back on). One audit line per connection. A
     connection to a hot standby (a read replica), where nothing is written, is left alone.
-    For a ``Connection``, the bypass is bound on it alone, and the session guards of a session
-    bound to it stay on.
+    For a ``Connection``, the bypass is bound on it alone; a session bound to that connection
+    alone (``Session(bind=connection)``, no ``binds=``) works in its transaction, so its
+    session guards are off too until the transaction ends. Any other session's stay on.
 
     Raises :class:`~resilient_db.BypassRefusedError` when the role may not bypass (nothing is
     bypassed or counted; the refusal is logged), ``ValueError`` without a reason or for one with
@@ -147,6 +166,9 @@ def bypass_transitions(target: Session | Connection, *, reason: str) -> None:
             service_name=None,
         )
     count("bypasses")
+    transaction = target.get_transaction()
+    if transaction is not None:  # a session bound to it alone works in it: see _bypassed
+        STATE.bypasses[target] = _Bypass(transaction, reason, config, None)
     _audit(config, row, reason, None)
 
 
