@@ -25,10 +25,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import sys
 import time
 import types
-from collections.abc import Awaitable, Callable
-from typing import Any, ParamSpec, Protocol, TypeVar, overload
+import typing
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Annotated, Any, ParamSpec, Protocol, TypeVar, overload
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import async_session
@@ -110,9 +112,11 @@ class _Attempts:
     """The attempts of one operation, each calling ``fn`` in an :class:`AttemptRecord` (a
     COMMIT its code sends that commits, or may have, makes its failure final) after rolling
     back what the one before began (see above). ``record`` and ``failure``: a first attempt
-    made already (inline, by the caller), and how it failed."""
+    made already (inline, by the caller), and how it failed. ``effects``: what a decorated
+    route's request-scoped arguments held when the operation began, put back before a replay
+    (see :class:`_RequestEffects`)."""
 
-    __slots__ = ("failure", "fn", "policy", "record")
+    __slots__ = ("effects", "failure", "fn", "policy", "record")
 
     def __init__(
         self,
@@ -120,8 +124,10 @@ class _Attempts:
         fn: Callable[[], Any],
         record: AttemptRecord | None = None,
         failure: BaseException | None = None,
+        effects: _RequestEffects | None = None,
     ) -> None:
         self.policy, self.fn, self.record, self.failure = policy, fn, record, failure
+        self.effects = effects
 
     def _next(self) -> AttemptRecord:
         self.record = AttemptRecord(self.policy)
@@ -142,10 +148,15 @@ class _Attempts:
         the failed attempt attached (see ``AttemptRecord.restore_attached``); where that can't
         be done, raise the failure instead (its replay would report success without them)."""
         record, failure = self.record, self.failure
-        if record is None or record.attached is None or failure is None:
-            return
-        if not restore_attached(self.policy, record, failure):
+        if (
+            record is not None
+            and record.attached is not None
+            and failure is not None
+            and not restore_attached(self.policy, record, failure)
+        ):
             raise failure
+        if self.effects is not None:
+            self.effects.restore()
 
     def __call__(self) -> Any:
         if self.record is not None:
@@ -464,11 +475,14 @@ def _call(
     check: ResponseCheck | None,
     cfg: Config,
     named: Any = None,
+    *,
+    effects: _RequestEffects | None = None,
 ) -> Any:
     """One operation of a callable not declared async: :meth:`Policy.call` with its first
     attempt inline, so that a result found to be awaitable is finished by :func:`_afinish`
     as the first attempt of the async loop instead of being counted a success. ``named``: the
-    function the lines name, where ``fn`` calls it (the decorator's, with its arguments)."""
+    function the lines name, where ``fn`` calls it (the decorator's, with its arguments);
+    ``effects``: its request-scoped arguments' state, put back before a replay."""
     probe = policy.admit()
     started = time.monotonic()
     record = AttemptRecord(policy)
@@ -477,7 +491,7 @@ def _call(
             result = fn()
     except BaseException as failure:
         exc = lost_with_its_connection(record, failure) or failure
-        attempts = _Attempts(policy, fn, record, exc)
+        attempts = _Attempts(policy, fn, record, exc, effects)
         try:
             result = policy.call_failed(attempts, exc, probe, started)
         except BaseException as error:
@@ -507,6 +521,7 @@ def _call(
                 check=check,
                 cfg=cfg,
                 named=named,
+                effects=effects,
             )
         try:
             policy.succeeded(probe)
@@ -548,6 +563,7 @@ async def _afinish(
     check: ResponseCheck | None,
     cfg: Config,
     named: Any = None,
+    effects: _RequestEffects | None = None,
 ) -> Any:
     """The first attempt of :func:`_call` returned ``first``: awaiting it finishes that attempt
     (in the same ``record``, so a COMMIT sent before ``fn`` returned still forbids a replay),
@@ -571,7 +587,7 @@ async def _afinish(
             result = await first
     except BaseException as failure:
         exc = lost_with_its_connection(record, failure) or failure
-        attempts = _Attempts(policy, fn, record, exc)
+        attempts = _Attempts(policy, fn, record, exc, effects)
         try:
             result = await policy.acall_failed(attempts.acall, exc, probe, started)
         except BaseException as error:
@@ -588,20 +604,106 @@ async def _afinish(
     return result if check is None else _checked(policy, check, result, cfg, record)
 
 
-def _signed(wrapper: F, fn: Any) -> F:
-    """``wrapper`` (made with ``functools.wraps(fn)``) with ``fn``'s signature, its annotations
-    read where ``fn`` was written. A module with ``from __future__ import annotations`` has
-    strings there, which FastAPI (0.115, the lowest supported) evaluates in the
-    ``__globals__`` of the function it is given: the wrapper's are this module's, and a route's
-    parameter types (its Pydantic body, ``Annotated[..., Depends(...)]``) were not found there
-    (``PydanticUndefinedAnnotation`` as the route was declared). An annotation that can't be
-    read yet (a name defined after the function) leaves the signature to be read as it was."""
+def _read_signature(fn: Any) -> inspect.Signature | None:
+    """``fn``'s signature, its annotations read where ``fn`` was written (see
+    :func:`_signed`); None when an annotation can't be read yet (a name defined after the
+    function) or there is no signature to read."""
     try:
-        signature = inspect.signature(fn, eval_str=True)
+        return inspect.signature(fn, eval_str=True)
     except Exception:  # (NameError: a forward reference; ValueError: no signature to read)
-        return wrapper
-    wrapper.__signature__ = signature  # type: ignore[attr-defined]
+        return None
+
+
+def _signed(wrapper: F, signature: inspect.Signature | None) -> F:
+    """``wrapper`` (made with ``functools.wraps(fn)``) with ``fn``'s ``signature``, its
+    annotations read where ``fn`` was written (:func:`_read_signature`). A module with ``from
+    __future__ import annotations`` has strings there, which FastAPI (0.115, the lowest
+    supported) evaluates in the ``__globals__`` of the function it is given: the wrapper's are
+    this module's, and a route's parameter types (its Pydantic body, ``Annotated[...,
+    Depends(...)]``) were not found there (``PydanticUndefinedAnnotation`` as the route was
+    declared). An annotation that can't be read yet (``signature`` None) leaves the signature
+    to be read as it was."""
+    if signature is not None:
+        wrapper.__signature__ = signature  # type: ignore[attr-defined]
     return wrapper
+
+
+#: Starlette's classes of the request-scoped objects FastAPI gives a route by its parameters'
+#: annotations, which outlive an attempt of a decorated route: the ``BackgroundTasks`` run
+#: after the response, and the ``Response`` whose headers, cookies and status code are copied
+#: into the answer (a ``response: Response`` parameter). Looked up where the route's module
+#: imported them (``sys.modules``), never imported here.
+_REQUEST_SCOPED = (("starlette.background", "BackgroundTasks"), ("starlette.responses", "Response"))
+
+
+def _request_scoped_parameters(
+    signature: inspect.Signature | None,
+) -> tuple[tuple[int, str], ...]:
+    """The parameters of a decorated function annotated with one of :data:`_REQUEST_SCOPED`
+    (``Annotated[...]`` of one included), each as its position (-1: keyword-only) and name."""
+    if signature is None:
+        return ()
+    classes = tuple(
+        cls
+        for cls in (
+            getattr(sys.modules.get(module), name, None) for module, name in _REQUEST_SCOPED
+        )
+        if isinstance(cls, type)
+    )
+    if not classes:
+        return ()
+    found: list[tuple[int, str]] = []
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    for position, parameter in enumerate(signature.parameters.values()):
+        annotation = parameter.annotation
+        if typing.get_origin(annotation) is Annotated:
+            annotation = typing.get_args(annotation)[0]
+        if isinstance(annotation, type) and issubclass(annotation, classes):
+            found.append((position if parameter.kind in positional else -1, parameter.name))
+    return tuple(found)
+
+
+class _RequestEffects:
+    """What the request-scoped arguments of a call of a decorated route (see
+    :data:`_REQUEST_SCOPED`) held when its operation began: before a replay, a failed
+    attempt's background tasks (an e-mail to send after the response), headers, cookies and
+    status code are taken back, so that the answer carries the successful attempt's alone (and
+    what a dependency put there before the route ran)."""
+
+    __slots__ = ("responses", "tasks")
+
+    def __init__(self, values: list[Any]) -> None:
+        self.tasks: list[tuple[Any, list[Any]]] = []
+        self.responses: list[tuple[Any, list[Any], Any]] = []
+        for value in values:
+            tasks = getattr(value, "tasks", None)
+            if isinstance(tasks, list):  # BackgroundTasks
+                self.tasks.append((value, list(tasks)))
+            headers = getattr(value, "raw_headers", None)
+            if isinstance(headers, list):  # Response
+                self.responses.append((value, list(headers), getattr(value, "status_code", None)))
+
+    @classmethod
+    def of_call(
+        cls,
+        parameters: tuple[tuple[int, str], ...],
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+    ) -> _RequestEffects | None:
+        """The state of the arguments given for ``parameters`` (None: there are none)."""
+        values = [
+            kwargs[name] if name in kwargs else args[position]
+            for position, name in parameters
+            if name in kwargs or 0 <= position < len(args)
+        ]
+        return cls(values) if values else None
+
+    def restore(self) -> None:
+        for tasks, held in self.tasks:
+            tasks.tasks[:] = held
+        for response, headers, status in self.responses:
+            response.raw_headers[:] = headers  # (in place: its MutableHeaders share the list)
+            response.status_code = status
 
 
 def _decorator(
@@ -624,6 +726,8 @@ def _decorator(
         if not callable(fn):
             raise TypeError(f"@with_self_healing(...) decorates a callable, got {fn!r}")
         _refuse_generator(fn)
+        signature = _read_signature(fn)
+        scoped = _request_scoped_parameters(signature)
         if is_async_callable(fn):
 
             @functools.wraps(fn)
@@ -633,7 +737,8 @@ def _decorator(
                     _cached_policy(service, use_retry, use_circuit_breaker, cfg, explicit)
                     return await fn(*args, **kwargs)
                 policy = _policy_for(service, use_retry, use_circuit_breaker, cfg, explicit)
-                attempts = _Attempts(policy, lambda: fn(*args, **kwargs))
+                effects = _RequestEffects.of_call(scoped, args, kwargs) if scoped else None
+                attempts = _Attempts(policy, lambda: fn(*args, **kwargs), effects=effects)
                 try:
                     result = await policy.acall(attempts.acall)
                 except BaseException as exc:  # (see _told_of_success)
@@ -643,7 +748,7 @@ def _decorator(
                     return result
                 return _checked(policy, check, result, cfg, attempts.record)
 
-            return _signed(awrapper, fn)
+            return _signed(awrapper, signature)
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -653,8 +758,9 @@ def _decorator(
                 return fn(*args, **kwargs)
             policy = _policy_for(service, use_retry, use_circuit_breaker, cfg, explicit)
             active = check if check is not None and validation_on(cfg) else None
-            return _call(policy, lambda: fn(*args, **kwargs), active, cfg, fn)
+            effects = _RequestEffects.of_call(scoped, args, kwargs) if scoped else None
+            return _call(policy, lambda: fn(*args, **kwargs), active, cfg, fn, effects=effects)
 
-        return _signed(wrapper, fn)
+        return _signed(wrapper, signature)
 
     return decorate
