@@ -75,7 +75,6 @@ from ._unit import (
     interrupted_in_its_commit,
     joined_callers_transaction,
     joins_callers_transaction,
-    listen_on_sync_class,
     listening_base,
     lost_with_its_connection,
     no_second_connection,
@@ -234,9 +233,6 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             if local_kw:
                 binds = (local_kw.get("bind"), *(local_kw.get("binds") or {}).values())
                 self._hook_engines(binds, register=False)
-                # a sync session class given for this one session hears the drop-in connect
-                # retry (the breaker's refusal included) as the factory's own does
-                listen_on_sync_class(local_kw)
             local_kw = self._routed(local_kw)  # if your class picks the engines (see there)
             session = async_sessionmaker.__call__(self, **local_kw)
             register_session(session.sync_session, self)

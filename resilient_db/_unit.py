@@ -19,6 +19,7 @@ import logging
 import secrets
 import select
 import socket
+import types
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -88,7 +89,9 @@ from ._internals import (
     commit_flushes,
     commit_returned,
     committed_unclosed,
+    event_keys,
     fire_after_commit,
+    forget_event_keys,
     psycopg_notify_handler,
     session_binds,
 )
@@ -2176,7 +2179,9 @@ def listening_base(given: type[Any]) -> type[Any]:
     keeps an entry per class that listened for good (keyed by its ``id()``, not freed with the
     class): a process making a factory per request, tenant or test grew without bound, which
     ``sessionmaker`` does not. Registered here once per class given, plain sessions of
-    ``Session`` (or of your class) don't hear them.
+    ``Session`` (or of your class) don't hear them. A base's entries leave the registry with
+    it (:func:`_internals.forget_event_keys`, when the collector frees it): a class made per
+    tenant or per test and given to its factories leaves none behind either.
 
     The base is kept on the class given (an attribute of its own, not inherited), so it lives
     as long as that class does: a class made per tenant (one whose ``get_bind`` holds the
@@ -2185,28 +2190,40 @@ def listening_base(given: type[Any]) -> type[Any]:
     kept for good)."""
     with STATE.lock:
         base = given.__dict__.get(_BASE_ATTR) or _listening_bases.get(given)
-        if base is None:
-            base = type(
-                given.__name__,
-                (given,),
-                {"__module__": given.__module__, "__qualname__": given.__qualname__},
-            )
-            try:
-                setattr(given, _BASE_ATTR, base)
-            except (AttributeError, TypeError):  # a class that takes no attribute
-                _listening_bases[given] = base
-    install_connect_retry(base)
+        if base is not None:
+            return base
+        base = type(
+            given.__name__,
+            (given,),
+            {"__module__": given.__module__, "__qualname__": given.__qualname__},
+        )
+        try:
+            setattr(given, _BASE_ATTR, base)
+        except (AttributeError, TypeError):  # a class that takes no attribute
+            _listening_bases[given] = base
+        listeners = _own_listeners()
+        if install_connect_retry(base, listeners):
+            # (the finalizer holds the registry's keys, not the base)
+            weakref.finalize(base, forget_event_keys, event_keys(base, listeners))
     return base
 
 
-def listen_on_sync_class(kw: Mapping[str, Any]) -> None:
-    """(async) A ``sync_session_class`` in ``kw`` (one session's keywords, or a ``configure``'s)
-    listens for the drop-in connect retry (see :func:`install_connect_retry`), as the class the
-    factory was made with does: its sessions were neither refused by an open breaker nor
-    retried on a failed connect. Anything but a ``Session`` subclass is left to SQLAlchemy."""
-    cls = sync_class_of(kw.get("sync_session_class"))
-    if isinstance(cls, type) and issubclass(cls, Session):
-        install_connect_retry(cls)
+def _own_listeners() -> tuple[tuple[str, Callable[..., Any]], ...]:
+    """Copies of the connect retry's listeners for one listening base (the same code, called
+    as directly): the registry files a listener under its function too, and a function
+    registered on several classes is filed under the latest one only."""
+    return tuple(
+        (
+            name,
+            functools.update_wrapper(
+                types.FunctionType(
+                    fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
+                ),
+                fn,
+            ),
+        )
+        for name, fn in _CONNECT_EVENTS
+    )
 
 
 def sync_class_of(given: Any) -> Any:
@@ -2217,7 +2234,10 @@ def sync_class_of(given: Any) -> Any:
     return given.class_ if isinstance(given, sessionmaker) else given
 
 
-def install_connect_retry(session_class: type[Session]) -> None:
+def install_connect_retry(
+    session_class: type[Session],
+    listeners: tuple[tuple[str, Callable[..., Any]], ...] = _CONNECT_EVENTS,
+) -> bool:
     """Listen for the drop-in connect retry on the session class a factory makes sessions of
     (sync: the class ``sessionmaker`` made for it; async: ``sync_session_class``), so plain
     sessions elsewhere in the application don't pay for it. A class whose base listens already
@@ -2228,19 +2248,20 @@ def install_connect_retry(session_class: type[Session]) -> None:
     ``event.contains``: SQLAlchemy's event registry keys a class by its ``id()`` and keeps the
     entry after the class is gone (a factory's class goes with the factory), so a new class
     given the same address would be taken for one that listens, and its sessions would go
-    without the connect retry."""
+    without the connect retry. True when ``session_class`` listens now (it did not)."""
     with STATE.lock:
         listening = STATE.connect_retry_classes
         if any(base in listening for base in session_class.__mro__):
-            return
+            return False
         # subclasses that listen already (a sync factory's class, made before an async factory
         # made Session listen) keep their listeners and hear these too: each event comes twice
         # to their sessions, which the listeners take as once (``began_on`` records a
         # connection once). Not removed: ``event.remove`` of a subclass's listener once its
         # base listens raises KeyError in SQLAlchemy before 2.0.37 (its registry's bug)
-        for name, listener in _CONNECT_EVENTS:
+        for name, listener in listeners:
             event.listen(session_class, name, listener)
         listening.add(session_class)
+        return True
 
 
 # The transition guard: registered once, on SQLAlchemy's Session class (it also serves plain
@@ -2619,8 +2640,12 @@ class FactoryCore:
     def _register(self) -> None:
         cls: Any = getattr(self, "class_", None)
         kw: dict[str, Any] = getattr(self, "kw", {})
-        if not (isinstance(cls, type) and issubclass(cls, Session)):  # an async factory
-            cls = sync_class_of(kw.get("sync_session_class")) or Session
+        if not (isinstance(cls, type) and issubclass(cls, Session)):
+            # an async factory: on Session, whatever sync_session_class it (or one session, or
+            # configure()) is given, which it uses as it is and which may be made per factory
+            # or per tenant: SQLAlchemy's event registry keeps an entry for every class that
+            # listened, for good (a sync factory's listening base is released instead)
+            cls = Session
         install_connect_retry(cls)
         # the engines of ``binds=`` are the factory's too: their connections get the same
         # hooks (their COMMITs marked, dead ones discarded at checkout, disconnects handled)
@@ -2677,7 +2702,6 @@ class FactoryCore:
             hooks = None if sync is None else hooks_for(sync, self)
             self._hook_engines(binds)
         super().configure(**new_kw)  # type: ignore[misc]
-        listen_on_sync_class(new_kw)  # (async: a new sync_session_class)
         if hooks is not None and hooks is not self._hooks:
             old = self._hooks
             old.factories.discard(self)

@@ -3076,6 +3076,133 @@ def test_factories_made_and_dropped_leave_no_event_registrations(
     assert len(entries) - before < 10
 
 
+_CLASS_PER_FACTORY = """
+import asyncio, gc, sys
+import sqlalchemy as sa
+from sqlalchemy.event import registry
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.orm import Session, sessionmaker
+import resilient_db as rdb
+
+url, async_url = sys.argv[1], sys.argv[2]
+engine = sa.create_engine(url)
+entries = registry._key_to_collection  # SQLAlchemy's private registry, counted only
+
+
+def tenant_class(routes):
+    class Tenant(Session):
+        if routes:  # a class that picks its engine itself (a get_bind of its own)
+            def get_bind(self, *args, **kwargs):
+                return engine
+    return Tenant
+
+
+def sync(n, routes):
+    for _ in range(n):
+        Tenant = tenant_class(routes)
+        factory = rdb.ResilientSession(None if routes else engine, service="s", class_=Tenant)
+        with factory() as session:
+            session.execute(sa.text("SELECT 1"))
+        del factory, session, Tenant
+    gc.collect()
+    return len(entries)
+
+
+async def asynchronous(aengine, n, maker):
+    for _ in range(n):
+        given = sessionmaker() if maker else tenant_class(False)
+        factory = rdb.AsyncResilientSession(aengine, service="a", sync_session_class=given)
+        async with factory() as session:
+            await session.execute(sa.text("SELECT 1"))
+        del factory, session, given
+    gc.collect()
+    return len(entries)
+
+
+async def main():
+    grown = []
+    for routes in (False, True):  # first: no async factory yet (Session does not listen)
+        before = sync(5, routes)
+        grown.append(sync(200, routes) - before)
+    aengine = create_async_engine(async_url)
+    for maker in (False, True):
+        before = await asynchronous(aengine, 5, maker)
+        grown.append(await asynchronous(aengine, 200, maker) - before)
+    await aengine.dispose()
+    print(*grown)
+
+
+asyncio.run(main())
+engine.dispose()
+"""
+
+
+def test_factories_given_a_class_made_per_tenant_leave_no_event_registrations(
+    pg_url: str, pg_async_url: str, tmp_path: Any
+) -> None:
+    """A session class made per tenant (or per test) and given to its factory (``class_=``;
+    async: ``sync_session_class=``, a class or a ``sessionmaker``): the class listening for
+    the drop-in connect retry was made per class given, and SQLAlchemy's event registry kept
+    its entries after the class and its factories were gone: +369 entries per 200 factories
+    (sync), +249 (async). A sync factory's listening base now leaves the registry when it is
+    freed; an async factory listens on ``Session``. A fresh process: in
+    this one, ``Session`` listens since the first async factory, and nothing listens per class
+    (the sync leak only shows before that)."""
+    script = tmp_path / "class_per_factory.py"
+    script.write_text(_CLASS_PER_FACTORY)
+    done = subprocess.run(
+        [sys.executable, str(script), pg_url, pg_async_url],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    grown = [int(word) for word in done.stdout.split()]
+    assert len(grown) == 4, done.stdout
+    assert all(entries < 10 for entries in grown), grown  # sync, routing, async class, maker
+
+
+def test_a_class_given_where_a_gone_ones_base_was_still_retries_connects(
+    pg_database: str, fault_proxy: Any, service: str
+) -> None:
+    """The listening base of a class given to factories leaves SQLAlchemy's event registry
+    when the collector frees it (its entries are removed then, by their keys): a base made
+    where a gone one was (the same ``id()``, which keys the registry) still listens, and its
+    factory's sessions' connects are retried."""
+    engine = sa.create_engine(fault_proxy.url(pg_database))
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        fault_proxy.restore()  # the server "comes back" during the first backoff
+
+    def make() -> rdb.ResilientSession[Session]:
+        class Tenant(Session):
+            pass
+
+        return rdb.ResilientSession(
+            engine, service=service, config=rdb.Config(), sleep=sleep, class_=Tenant
+        )
+
+    try:
+        gone: set[int] = set()
+        Sessions = make()
+        while id(Sessions.class_.__mro__[1]) not in gone:
+            assert len(gone) < 50, "no listening base was made where a gone one had been"
+            gone.add(id(Sessions.class_.__mro__[1]))
+            del Sessions
+            gc.collect()
+            Sessions = make()
+        fault_proxy.refuse()
+        with Sessions() as session:
+            assert session.execute(sa.text("SELECT 7")).scalar_one() == 7
+        assert len(slept) == 1
+    finally:
+        fault_proxy.restore()
+        engine.dispose()
+
+
 # (the pooled connection of an engine dropped without dispose() is closed by the collector,
 # which psycopg warns of, as under sessionmaker)
 @pytest.mark.filterwarnings("ignore:.*was deleted while still open:ResourceWarning")

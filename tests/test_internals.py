@@ -801,6 +801,40 @@ def test_fire_after_commit_tells_class_and_instance_listeners() -> None:
     )
 
 
+def test_event_keys_are_those_sqlalchemys_registry_files_and_forgets() -> None:
+    """The keys of a class's listeners are the registry's (a class listening adds them) and
+    forgetting them removes what that class added, nothing else (another class's listener of
+    the same function stays)."""
+    from sqlalchemy.event import registry  # noqa: PLC0415 - the private registry, counted
+
+    def listener(session: Any, transaction: Any, connection: Any) -> None: ...
+
+    class Listened(Session):
+        pass
+
+    class Other(Session):
+        pass
+
+    sa.event.listen(Other, "after_begin", listener)
+    before = len(registry._key_to_collection)
+    sa.event.listen(Listened, "after_begin", listener)
+    keys = _internals.event_keys(Listened, [("after_begin", listener)])
+    message = _says(
+        "SQLAlchemy",
+        "event.registry._EventKey / _key_to_collection / _collection_to_key",
+        "event_keys / forget_event_keys",
+        "the event registry keeps an entry per class given to a factory for good (a class per "
+        "tenant or per test grows the process without bound)",
+    )
+    assert len(keys) == 1, message
+    assert keys[0] in registry._key_to_collection, message
+    assert len(registry._key_to_collection) == before + 1, message
+    _internals.forget_event_keys(keys)
+    assert keys[0] not in registry._key_to_collection, message
+    assert len(registry._key_to_collection) == before, message
+    assert sa.event.contains(Other, "after_begin", listener), message
+
+
 def test_committed_unclosed_tells_a_transaction_between_its_commit_and_its_close() -> None:
     session = Session()  # (no bind: a transaction without connections commits with no I/O)
     seen: list[bool] = []
