@@ -94,6 +94,7 @@ from ._internals import (
     forget_event_keys,
     psycopg_notify_handler,
     session_binds,
+    transaction_connections,
 )
 from ._internals import last_do_connect as _last_do_connect
 from ._observability import CONTROL_CODES, LineLimit, emit, log_session, stats_for
@@ -2051,7 +2052,14 @@ def _prove_finished(connection: Connection, finishing: Finishing) -> bool | None
 connecting_for: contextvars.ContextVar[tuple[Any, weakref.ref[Any]] | None] = (
     contextvars.ContextVar("resilient_db_connecting_for", default=None)
 )
-UNIT_CONTEXT.extend((current_unit, connecting_for))
+#: the factory and root transaction of the drop-in session whose transaction began last in this
+#: context (the same entry as ``connecting_for``'s, kept past the connect): a COMMIT of that
+#: transaction whose answer is lost is counted and said under that factory's service, not the
+#: engine's latest factory's (see :meth:`EngineHooks._commit_speaker`)
+dropin_transaction: contextvars.ContextVar[tuple[Any, weakref.ref[Any]] | None] = (
+    contextvars.ContextVar("resilient_db_dropin_transaction", default=None)
+)
+UNIT_CONTEXT.extend((current_unit, connecting_for, dropin_transaction))
 
 
 def _on_transaction_create(session: Session, transaction: Any) -> None:
@@ -2085,7 +2093,9 @@ def _on_transaction_create(session: Session, transaction: Any) -> None:
             # statement begins another, which is asked again
             transaction.close()
             raise
-    connecting_for.set((factory, weakref.ref(transaction)))
+    entry = (factory, weakref.ref(transaction))
+    connecting_for.set(entry)
+    dropin_transaction.set(entry)
 
 
 def connecting_factory() -> Any:
@@ -3244,9 +3254,9 @@ class EngineHooks:
             and current_request.get() is None
             and not own_work.get()
         ):
-            self._commit_unanswered(attempt)
+            self._commit_unanswered(attempt, ctx.connection)
         elif interrupted_commit(original) and current_request.get() is None and not own_work.get():
-            self._commit_unanswered(attempt, original)
+            self._commit_unanswered(attempt, ctx.connection, original)
         if self.config.guard_on:
             database_error = ctx.sqlalchemy_exception or original
             config, service = self._speaker()
@@ -3255,7 +3265,9 @@ class EngineHooks:
                 return mapped  # SQLAlchemy raises it from the driver's error
         return None
 
-    def _commit_unanswered(self, attempt: Any, interruption: BaseException | None = None) -> None:
+    def _commit_unanswered(
+        self, attempt: Any, connection: Any, interruption: BaseException | None = None
+    ) -> None:
         """A COMMIT that is not a unit's final one (drop-in use, or an operation's own code)
         may have written and lost its answer (or the server said 08007), or an
         ``interruption`` (a cancelled task, a deadline, ``KeyboardInterrupt``) cut it off
@@ -3265,8 +3277,9 @@ class EngineHooks:
         (an operation's line says it is not replayed, and why), and for a unit's that carried
         no marker: a unit runs without an attempt only when it began with self-healing off (it
         commits plainly, nothing marked, see ``commit_plainly``), a reload having switched it
-        on before its COMMIT."""
-        config, service = self._speaker()
+        on before its COMMIT. Counted and said under the service of the factory whose session
+        sent it, where that is known (see :meth:`_commit_speaker`)."""
+        config, service = self._commit_speaker(attempt, connection)
         stats_for(service).add("unknown_commits")
         if interruption is not None:
             mark_commit_interrupted(interruption, service)
@@ -3305,6 +3318,24 @@ class EngineHooks:
         factory's (its logging settings, its name), else the engine's latest factory's."""
         attempt = current_attempt.get()
         return (self.config, self.service) if attempt is None else attempt.speaker
+
+    def _commit_speaker(self, attempt: Any, connection: Any) -> tuple[Config, str]:
+        """:meth:`_speaker` for a COMMIT on ``connection`` (a ``Connection``) whose answer was
+        lost: outside a unit, the factory of the drop-in session whose transaction began last
+        in this context, when that transaction is the one on ``connection`` (its COMMIT is
+        this one), not the engine's latest factory (a factory per service on one engine: the
+        lost COMMIT of one was counted in the other's ``unknown_commits``)."""
+        if attempt is None:
+            entry = dropin_transaction.get()
+            transaction = None if entry is None else entry[1]()
+            if (
+                transaction is not None
+                and connection is not None
+                and connection in transaction_connections(transaction)
+            ):
+                factory = entry[0]  # type: ignore[index]
+                return factory.config, factory.service
+        return self._speaker()
 
     def _pool_invalidated(self, code: str) -> None:
         """The pool's connections are replaced for an error SQLAlchemy does not take for a lost

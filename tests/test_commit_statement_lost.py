@@ -173,6 +173,102 @@ async def test_an_async_drop_in_commit_statement_whose_answer_is_lost_is_an_unkn
     assert unknown_commits(service) == 1
 
 
+def counted(service: str) -> int:
+    """``unknown_commits`` of ``service`` (0 for a service ``health()`` does not list)."""
+    services = rdb.health()["services"]
+    return int(services.get(service, {}).get("counters", {}).get("unknown_commits", 0))
+
+
+def _begin_block(factory: Any, who: str) -> None:
+    with factory.begin() as session:
+        session.execute(sa.insert(NOTES).values(who=who))
+
+
+def _commit_call(factory: Any, who: str) -> None:
+    session = factory()
+    try:
+        session.execute(sa.insert(NOTES).values(who=who))
+        session.commit()
+    finally:
+        session.close()
+
+
+DROP_IN_COMMITS: dict[str, Callable[[Any, str], None]] = {
+    "begin": _begin_block,
+    "commit": _commit_call,
+}
+
+
+@pytest.mark.parametrize("how", list(DROP_IN_COMMITS))
+def test_a_drop_in_commit_lost_is_counted_under_the_factory_that_made_the_session(
+    proxied: sa.Engine,
+    fault_proxy: FaultProxy,
+    service: str,
+    how: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two factories on one engine, one per service: a drop-in session's COMMIT whose answer
+    is lost (``Session.begin()``'s, ``session.commit()``) was counted in ``unknown_commits``,
+    and said, under the engine's latest factory's service, not the one that made the session."""
+    first, latest = f"{service}-orders", f"{service}-billing"
+    Orders = rdb.ResilientSession(proxied, service=first)
+    rdb.ResilientSession(proxied, service=latest)  # made last: the engine's "latest" factory
+    DROP_IN_COMMITS[how](Orders, "warm")  # (connected, the markers looked for)
+    fault_proxy.lose_commit_answer()
+    with (
+        caplog.at_level(logging.WARNING, logger="resilient_db"),
+        pytest.raises(sa.exc.DBAPIError) as raised,
+    ):
+        DROP_IN_COMMITS[how](Orders, how)
+    assert fault_proxy.commits_lost == 1
+    assert written(proxied, how) == 1
+    assert_unknown_outcome(raised.value)
+    assert (counted(first), counted(latest)) == (1, 0)
+    said = [r.getMessage() for r in caplog.records if "Commit outcome unknown" in r.getMessage()]
+    assert len(said) == 1
+    assert f"service={first} " in said[0]
+
+
+async def _async_begin_block(factory: Any, who: str) -> None:
+    async with factory.begin() as session:
+        await session.execute(sa.insert(NOTES).values(who=who))
+
+
+async def _async_commit_call(factory: Any, who: str) -> None:
+    async with factory() as session:
+        await session.execute(sa.insert(NOTES).values(who=who))
+        await session.commit()
+
+
+ASYNC_DROP_IN_COMMITS: dict[str, Callable[[Any, str], Awaitable[None]]] = {
+    "begin": _async_begin_block,
+    "commit": _async_commit_call,
+}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("how", list(ASYNC_DROP_IN_COMMITS))
+async def test_an_async_drop_in_commit_lost_is_counted_under_the_factory_that_made_it(
+    async_proxied: AsyncEngine,
+    proxied: sa.Engine,
+    fault_proxy: FaultProxy,
+    service: str,
+    how: str,
+) -> None:
+    """As for a sync factory's drop-in session: counted under its own factory's service."""
+    first, latest = f"{service}-orders", f"{service}-billing"
+    Orders = rdb.AsyncResilientSession(async_proxied, service=first)
+    rdb.AsyncResilientSession(async_proxied, service=latest)
+    await ASYNC_DROP_IN_COMMITS[how](Orders, "warm")
+    fault_proxy.lose_commit_answer()
+    with pytest.raises(sa.exc.DBAPIError) as raised:
+        await ASYNC_DROP_IN_COMMITS[how](Orders, how)
+    assert fault_proxy.commits_lost == 1
+    assert written(proxied, how) == 1
+    assert_unknown_outcome(raised.value)
+    assert (counted(first), counted(latest)) == (1, 0)
+
+
 def test_a_unit_that_committed_part_of_its_work_is_never_answered_retry(
     engine: sa.Engine, service: str
 ) -> None:
