@@ -2052,12 +2052,13 @@ def _prove_finished(connection: Connection, finishing: Finishing) -> bool | None
 connecting_for: contextvars.ContextVar[tuple[Any, weakref.ref[Any]] | None] = (
     contextvars.ContextVar("resilient_db_connecting_for", default=None)
 )
-#: the factory and root transaction of the drop-in session whose transaction began last in this
-#: context (the same entry as ``connecting_for``'s, kept past the connect): a COMMIT of that
-#: transaction whose answer is lost is counted and said under that factory's service, not the
-#: engine's latest factory's (see :meth:`EngineHooks._commit_speaker`)
-dropin_transaction: contextvars.ContextVar[tuple[Any, weakref.ref[Any]] | None] = (
-    contextvars.ContextVar("resilient_db_dropin_transaction", default=None)
+#: the root transaction (weakly: the reference in ``connecting_for``'s entry, kept past the
+#: connect; nothing of the session or its factory is held) of the drop-in session whose
+#: transaction began last in this context: a COMMIT of that transaction whose answer is lost is
+#: counted and said under its factory's service, not the engine's latest factory's (see
+#: :meth:`EngineHooks._commit_speaker`)
+dropin_transaction: contextvars.ContextVar[weakref.ref[Any] | None] = contextvars.ContextVar(
+    "resilient_db_dropin_transaction", default=None
 )
 UNIT_CONTEXT.extend((current_unit, connecting_for, dropin_transaction))
 
@@ -2093,9 +2094,9 @@ def _on_transaction_create(session: Session, transaction: Any) -> None:
             # statement begins another, which is asked again
             transaction.close()
             raise
-    entry = (factory, weakref.ref(transaction))
-    connecting_for.set(entry)
-    dropin_transaction.set(entry)
+    ref = weakref.ref(transaction)
+    connecting_for.set((factory, ref))
+    dropin_transaction.set(ref)
 
 
 def connecting_factory() -> Any:
@@ -3326,15 +3327,16 @@ class EngineHooks:
         this one), not the engine's latest factory (a factory per service on one engine: the
         lost COMMIT of one was counted in the other's ``unknown_commits``)."""
         if attempt is None:
-            entry = dropin_transaction.get()
-            transaction = None if entry is None else entry[1]()
+            ref = dropin_transaction.get()
+            transaction = None if ref is None else ref()
             if (
                 transaction is not None
                 and connection is not None
                 and connection in transaction_connections(transaction)
             ):
-                factory = entry[0]  # type: ignore[index]
-                return factory.config, factory.service
+                factory = factory_of(transaction.session)
+                if isinstance(factory, FactoryCore):
+                    return factory.config, factory.service
         return self._speaker()
 
     def _pool_invalidated(self, code: str) -> None:
