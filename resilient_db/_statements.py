@@ -1401,11 +1401,12 @@ def asyncpg_statement_methods(base: type[Any]) -> dict[str, Callable[..., Any]]:
     transaction it is made in).
     """
     methods: dict[str, Callable[..., Any]] = {}
+    prepare = base.prepare
     for name in _ASYNCPG_SENDING:
-        methods[name] = _asyncpg_noting(getattr(base, name), answers=name == "execute")
+        tag = _tagged_by_statement(prepare, name) if name in _ASYNCPG_UNTAGGED else None
+        methods[name] = _asyncpg_noting(getattr(base, name), answers=name == "execute", tag=tag)
     for name in _ASYNCPG_WRITING:
         methods[name] = _asyncpg_noting(getattr(base, name), writes=True)
-    prepare = base.prepare
 
     async def prepared(self: Any, query: str, *args: Any, **kwargs: Any) -> Any:
         statement = await prepare(self, query, *args, **kwargs)
@@ -1424,12 +1425,48 @@ def asyncpg_statement_methods(base: type[Any]) -> dict[str, Callable[..., Any]]:
     return methods
 
 
+#: asyncpg's methods that return rows, not the command tag that tells a COMMIT of a failed
+#: transaction (answered ROLLBACK, see :func:`rolled_back_instead`)
+_ASYNCPG_UNTAGGED: Final = ("fetch", "fetchrow", "fetchval", "fetchmany")
+
+
+def _tagged_by_statement(prepare: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """How asyncpg's ``name`` (one of :data:`_ASYNCPG_UNTAGGED`) sends a COMMIT of a unit's or
+    an operation's own code so that its answer is read: through a statement prepared for it
+    (``prepare``, the driver class's own), whose ``get_statusmsg()`` is the command tag, then
+    its method of that name. One round trip more (the prepare), for such a COMMIT only: the
+    connection's own method returns no tag, and a COMMIT of a failed transaction, answered
+    ROLLBACK, was taken for done, the unit going on to report done with its writes lost."""
+
+    async def send(self: Any, query: str, *args: Any, **kwargs: Any) -> Any:
+        timeout = kwargs.pop("timeout", None)
+        record_class = kwargs.pop("record_class", None)
+        statement = await prepare(self, query, timeout=timeout, record_class=record_class)
+        if name != "fetchmany":
+            result = await getattr(statement, name)(*args, timeout=timeout, **kwargs)
+            rolled_back_instead(statement.get_statusmsg())
+            return result
+        # (a statement's fetchmany keeps no tag: each set of arguments executed by fetch)
+        rows: list[Any] = []
+        for arguments in args[0] if args else kwargs.get("args", ()):
+            rows.extend(await statement.fetch(*arguments, timeout=timeout))
+            rolled_back_instead(statement.get_statusmsg())
+        return rows
+
+    return send
+
+
 def _asyncpg_noting(
-    method: Callable[..., Any], *, writes: bool = False, answers: bool = False
+    method: Callable[..., Any],
+    *,
+    writes: bool = False,
+    answers: bool = False,
+    tag: Callable[..., Any] | None = None,
 ) -> Callable[..., Any]:
     """``method`` of the raw asyncpg connection, noting what it sends; ``answers``: it returns
     the statement's command tag (``execute``), which tells a COMMIT of a failed transaction
-    (see :func:`rolled_back_instead`)."""
+    (see :func:`rolled_back_instead`); ``tag``: how a COMMIT is sent to read that tag when
+    ``method`` returns rows (see :func:`_tagged_by_statement`)."""
 
     async def noted(self: Any, query: str, *args: Any, **kwargs: Any) -> Any:
         verdict = MAY_WRITE | WRITES if writes else _query_verdict(query, None)
@@ -1446,6 +1483,8 @@ def _asyncpg_noting(
                 return status
 
             send = send_checked
+        elif tag is not None and verdict & COMMITS and _own(attempt):
+            send = lambda: tag(self, query, *args, **kwargs)  # noqa: E731
         return await _autocommitted_async(attempt, token, send, verdict)
 
     return noted

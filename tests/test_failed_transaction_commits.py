@@ -354,6 +354,67 @@ async def test_an_async_units_commit_statement_of_a_failed_transaction_is_not_re
     assert await Sessions.run(read) == 7
 
 
+ASYNCPG_ROW_METHODS: dict[str, Any] = {
+    "fetch": lambda raw, statement: raw.fetch(statement),
+    "fetchrow": lambda raw, statement: raw.fetchrow(statement),
+    "fetchval": lambda raw, statement: raw.fetchval(statement, timeout=30),
+    "fetchmany": lambda raw, statement: raw.fetchmany(statement, [()]),
+}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("async_driver", ["asyncpg"])
+@pytest.mark.parametrize("method", sorted(ASYNCPG_ROW_METHODS))
+async def test_an_async_units_commit_through_asyncpgs_row_methods_of_a_failed_transaction(
+    async_engine: AsyncEngine, pg_server: PostgresServer, database: str, service: str, method: str
+) -> None:
+    """asyncpg's ``fetch``, ``fetchrow``, ``fetchval`` and ``fetchmany`` on the driver's own
+    connection return rows, not the command tag: a COMMIT of a failed transaction sent through
+    them, answered ROLLBACK, was taken for done, and the unit reported done with its writes
+    lost. Such a COMMIT of a unit's code is sent through a statement prepared for it, whose
+    tag is read: refused (25P02) as ``execute("COMMIT")``'s is, and not replayed."""
+    Sessions = rdb.AsyncResilientSession(async_engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+    calls: list[int] = []
+
+    async def work(session: AsyncSession) -> str:
+        calls.append(1)
+        await session.execute(INSERT, {"u": unit, "n": "first"})
+        await aswallow_a_failure(session)
+        await ASYNCPG_ROW_METHODS[method](await _araw(session), "COMMIT")
+        await session.execute(INSERT, {"u": unit, "n": "second"})
+        return "done"
+
+    with pytest.raises(REFUSED) as raised:
+        await Sessions.run(work)
+    assert_refused(raised.value, raw=True)
+    assert calls == [1]
+    assert notes(pg_server, database, unit) == []
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("async_driver", ["asyncpg"])
+@pytest.mark.parametrize("method", sorted(ASYNCPG_ROW_METHODS))
+async def test_an_async_units_commit_through_asyncpgs_row_methods_of_a_sound_transaction(
+    async_engine: AsyncEngine, pg_server: PostgresServer, database: str, service: str, method: str
+) -> None:
+    """The same COMMIT of a sound transaction commits, returns what the method returns for it
+    (no rows), and the unit goes on in a new transaction (its part committed: not replayable)."""
+    Sessions = rdb.AsyncResilientSession(async_engine, service=service)
+    unit = f"unit-{uuid.uuid4()}"
+    returned: list[Any] = []
+
+    async def work(session: AsyncSession) -> str:
+        await session.execute(INSERT, {"u": unit, "n": "first"})
+        returned.append(await ASYNCPG_ROW_METHODS[method](await _araw(session), "COMMIT"))
+        await session.execute(INSERT, {"u": unit, "n": "second"})
+        return "done"
+
+    assert await Sessions.run(work) == "done"
+    assert returned == [{"fetch": [], "fetchmany": []}.get(method)]
+    assert notes(pg_server, database, unit) == ["first", "second"]
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize("way", ["text-commit", "raw-commit"])
 async def test_an_async_operations_commit_statement_of_a_failed_transaction_is_not_reported_done(
