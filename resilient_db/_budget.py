@@ -235,6 +235,11 @@ class RetryBudget:
         #: only those still within the window are sent (those of a long Redis outage, or of a
         #: long time before the budget was shared, are not recent any more)
         self._pending: dict[int, float] = {}
+        #: retries the ratio paid for in this process alone while its budget is meant to be
+        #: shared (Redis did not answer), by second: their first attempts go to the fleet's
+        #: count when Redis answers again, and so do they, else the fleet would pay the ratio
+        #: of those first attempts a second time
+        self._alone: dict[int, int] = {}
         self.granted = 0
         self.exhausted = 0
         self._lines = LineLimit(EXHAUSTED_LOG_PERIOD, clock)  # the "exhausted" line's rate
@@ -303,6 +308,7 @@ class RetryBudget:
         self._lines = LineLimit(EXHAUSTED_LOG_PERIOD, self._clock)
         self._last_line = None
         self._pending = {}
+        self._alone = {}
         snap = self._counters
         self._local.observe(snap.attempts - snap.retries, self._clock(), reset=True)
 
@@ -319,6 +325,8 @@ class RetryBudget:
         oldest = math.floor(now) - WINDOW
         for s in [s for s in pending if s <= oldest]:
             del pending[s]
+        for s in [s for s in self._alone if s <= oldest]:
+            del self._alone[s]
         # the local buckets too: while the fleet pays for retries nothing else reads (and so
         # prunes) them, and the background thread's flush adds one a second of traffic
         self._local.prune(now)
@@ -348,6 +356,29 @@ class RetryBudget:
                     pending.append((age, whole))
             self._pending = {math.floor(now): carry} if carry > 1e-9 else {}
             return pending
+
+    def take_alone(self) -> list[tuple[int, int]]:
+        """Retries the ratio paid for in this process alone (Redis did not answer) since the
+        last call and still within the window, as (age in seconds, count), for the fleet's
+        count of retries spent."""
+        with self._lock:
+            now = self._clock()
+            second = math.floor(now)
+            alone = [(second - s, n) for s, n in sorted(self._alone.items()) if second - s < WINDOW]
+            self._alone = {}
+            return alone
+
+    def give_back_alone(self, alone: list[tuple[int, int]]) -> None:
+        """The fleet did not take ``alone`` (see :meth:`give_back`): keep them."""
+        with self._lock:
+            second = math.floor(self._clock())
+            for age, n in alone:
+                self._alone[second - age] = self._alone.get(second - age, 0) + n
+
+    @property
+    def alone_pending(self) -> bool:
+        """Whether retries paid for alone wait to be added to the fleet's count."""
+        return bool(self._alone)
 
     def give_back(self, pending: list[tuple[int, int]]) -> None:
         """The fleet did not take ``pending`` (its script surely did not run: the link was
@@ -390,6 +421,8 @@ class RetryBudget:
             paid_by = self._local.try_withdraw(now)
             if paid_by is not None:
                 self.granted += 1
+                if paid_by == "ratio" and link is not None:
+                    _count(self._alone, now)  # (for the fleet, when Redis answers again)
                 return Withdrawal(paid_by, now, None)
             return None
 
@@ -402,6 +435,8 @@ class RetryBudget:
             now = self._clock()
             self._local.refund(withdrawal.paid_by, withdrawal.at, now)
             self.granted = max(0, self.granted - 1)
+            if withdrawal.fleet is None and withdrawal.paid_by == "ratio":
+                _uncount(self._alone, withdrawal.at)  # (if not sent to the fleet yet)
         link = withdrawal.fleet
         if link is not None and link is self._fleet and link.up:
             link.budget_refund(self, withdrawal.paid_by, max(0.0, now - withdrawal.at))

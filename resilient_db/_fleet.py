@@ -589,8 +589,10 @@ return {st, '0', gstr(gen), opens, 0}
 )
 
 # KEYS: budget hash. ARGV: ratio, floor (retries/s), window (s), 1 = spend one retry / 0 = only
-# count, then new first attempts as pairs (age in whole seconds, count): each is added to its
-# own second of Redis time, those past the window not at all.
+# count, the number N of pairs that follow for retries spent, then N pairs (age in whole
+# seconds, count) of ratio-paid retries the process spent alone while Redis did not answer,
+# then new first attempts as pairs (age, count): each is added to its own second of Redis
+# time, those past the window not at all.
 # -> {paid by ('ratio' | 'floor' | ''), first attempts in window, retries in window, floor tokens}
 _BUDGET = (
     _COMMON
@@ -598,10 +600,13 @@ _BUDGET = (
 local now = now_s()
 local sec = math.floor(now)
 local window = tonumber(ARGV[3])
-for i = 5, #ARGV - 1, 2 do
+local alone_end = 5 + 2 * tonumber(ARGV[5])
+for i = 6, #ARGV - 1, 2 do
   local age, amount = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
   if age >= 0 and age < window and amount > 0 then
-    redis.call('HINCRBY', KEYS[1], 'd' .. (sec - age), ARGV[i + 1])
+    local kind = 'd'
+    if i < alone_end then kind = 'w' end
+    redis.call('HINCRBY', KEYS[1], kind .. (sec - age), ARGV[i + 1])
   end
 end
 local all = redis.call('HGETALL', KEYS[1])
@@ -1184,11 +1189,28 @@ class FleetLink:
         from ._budget import WINDOW  # noqa: PLC0415 - the budget module imports this one
 
         deposit_args = [x for age, amount in pending for x in (age, amount)]
-        answer = self._call(
-            "budget",
-            [key],
-            [cfg.retry_budget or 0.0, cfg.retry_budget_floor, WINDOW, int(spend), *deposit_args],
-        )
+        # the retries this process paid for alone while Redis did not answer (their first
+        # attempts are among the deposits): the fleet counts them spent
+        alone = budget.take_alone()
+        alone_args = [x for age, count in alone for x in (age, count)]
+        try:
+            answer = self._call(
+                "budget",
+                [key],
+                [
+                    cfg.retry_budget or 0.0,
+                    cfg.retry_budget_floor,
+                    WINDOW,
+                    int(spend),
+                    len(alone),
+                    *alone_args,
+                    *deposit_args,
+                ],
+            )
+        except FleetDown as down:
+            if not down.sent:  # (one that may have run is not sent again: see _unsent)
+                budget.give_back_alone(alone)
+            raise
         ratio = cfg.retry_budget or 0.0
         deposits, spent, tokens = float(answer[1]), int(answer[2]), float(answer[3])
         budget.fleet_figures(
@@ -1579,7 +1601,7 @@ class FleetLink:
             budgets = list(self.budgets.values())
         for budget in budgets:
             pending = budget.take_pending()
-            if not pending:
+            if not pending and not budget.alone_pending:
                 continue
             try:
                 self._budget_call(budget, pending, spend=False)
