@@ -300,7 +300,12 @@ async def test_a_transaction_the_server_ended_for_idling_is_the_units_doing(
     breaker = rdb.health()["services"][service]["breaker"]
     if rdb.sqlstate_of(info.value) == "25P03":  # psycopg (3.2.1 reports no code either)
         assert not rdb.is_transient(info.value)
-        assert (calls, counters["retries"], breaker["failures"]) == (1, 0, 0)
+        # asyncpg hears the code when the server's message comes while a statement waits (a
+        # loaded machine: the replay's): an attempt before it, without the code, was a lost
+        # connection and replayed; the one with it is raised at once, not a breaker failure
+        replays = calls - 1
+        assert replays == 0 or (async_driver == "asyncpg" and replays == 1)
+        assert (counters["retries"], breaker["failures"]) == (replays, replays)
     else:
         older = tuple(int(n) for n in psycopg.__version__.split(".")[:2]) < (3, 3)
         assert async_driver == "asyncpg" or older
