@@ -60,7 +60,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, TypeAlias
 
@@ -1977,6 +1977,10 @@ class _ReplayPolicy(Protocol):
     def partly_committed(self, exc: BaseException) -> None: ...
 
 
+#: in ``AttemptRecord.attached``: a new object's state that a bulk save in the attempt keyed
+_BULK_KEYED: Final = object()
+
+
 class AttemptRecord:
     """What an attempt of a unit (or of a ``with_self_healing`` operation) did that a replay
     can't undo, seen by the marked connection: a COMMIT its own code sent (``session.commit()``
@@ -2009,7 +2013,8 @@ class AttemptRecord:
     disconnected: BaseException | None = None
     # objects attached to a session in the attempt with changes made before (see
     # attached_with_changes), each with those changes' values (None: can't be put back)
-    attached: list[tuple[Any, dict[str, Any] | None]] | None = None
+    # (or, with ``_BULK_KEYED``, the state of a new object bulk-saved in it: see bulk_keyed)
+    attached: list[tuple[Any, Any]] | None = None
     # driver connections whose sessions hold what a ROLLBACK keeps (``_statements.KEEPS_SESSION``:
     # a session-level advisory lock, a statement PREPAREd in SQL): dropped if the attempt fails
     kept: list[Any] | None = None
@@ -2156,14 +2161,33 @@ class AttemptRecord:
         else:
             self.attached.append(entry)
 
+    def bulk_keyed(self, states: Iterable[Any]) -> None:
+        """New objects given to ``bulk_save_objects(..., return_defaults=True)`` in the
+        attempt, which SQLAlchemy gave an identity key there (``states``, their states). They
+        never join the session, so the failed attempt's rollback leaves them that key, and a
+        replay saving them again would take them for saved rows and send UPDATEs matching
+        nothing (``StaleDataError``): the key is taken back before a replay
+        (:meth:`restore_attached`), as the rollback takes it back from an object ``add()``
+        made pending."""
+        entries = [(state, _BULK_KEYED) for state in states]
+        if self.attached is None:
+            self.attached = entries
+        else:
+            self.attached.extend(entries)
+
     def restore_attached(self) -> str | None:
         """Once the failed attempt's transaction is rolled back (which expired them), set again
         on each object attached with changes in the attempt (see :meth:`attached_with_changes`)
         the values those changes had: a replay attaching it again writes them, as the first
-        attempt would have. Returns why that can't be done (then the attempt is not replayed),
-        or None."""
+        attempt would have; and make the new objects the attempt bulk-saved new again (see
+        :meth:`bulk_keyed`). Returns why that can't be done (then the attempt is not
+        replayed), or None."""
         attached, self.attached = self.attached, None
         for obj, changes in attached or ():
+            if changes is _BULK_KEYED:
+                if obj.session_id is None:  # (attached since: a session's rollback decides)
+                    obj.key = None
+                continue
             name = type(obj).__name__
             if changes is None:
                 return (

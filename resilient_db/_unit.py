@@ -2206,8 +2206,12 @@ def listening_base(given: type[Any]) -> type[Any]:
         base = type(
             given.__name__,
             (given,),
-            {"__module__": given.__module__, "__qualname__": given.__qualname__},
+            {
+                "__module__": given.__module__,
+                "__qualname__": given.__qualname__,
+            },
         )
+        setattr(base, "bulk_save_objects", _bulk_save_objects_of(base))  # noqa: B010 (a method)
         try:
             setattr(given, _BASE_ATTR, base)
         except (AttributeError, TypeError):  # a class that takes no attribute
@@ -2217,6 +2221,31 @@ def listening_base(given: type[Any]) -> type[Any]:
             # (the finalizer holds the registry's keys, not the base)
             weakref.finalize(base, forget_event_keys, event_keys(base, listeners))
     return base
+
+
+def _bulk_save_objects_of(base: type[Any]) -> Callable[..., Any]:
+    """The ``bulk_save_objects`` of a factory's sessions, set on their listening ``base`` (see
+    :func:`listening_base`): your class's, and, inside an attempt of a unit or operation
+    asking for ``return_defaults``, the new objects it keys noted for a replay (see
+    ``AttemptRecord.bulk_keyed``). SQLAlchemy has no event there."""
+
+    def bulk_save_objects(session: Any, objects: Iterable[Any], *args: Any, **kwargs: Any) -> Any:
+        bulk = super(base, session).bulk_save_objects
+        attempt = current_attempt.get()
+        if (
+            attempt is None
+            or not attempt.running
+            or not (args[0] if args else kwargs.get("return_defaults", False))
+        ):
+            return bulk(objects, *args, **kwargs)
+        objects = list(objects)  # (an iterator: read once, here and by SQLAlchemy)
+        new = [state for state in map(instance_state, objects) if state.key is None]
+        try:
+            return bulk(objects, *args, **kwargs)
+        finally:  # (keyed in part when a later group failed)
+            attempt.bulk_keyed([state for state in new if state.key is not None])
+
+    return bulk_save_objects
 
 
 def _own_listeners() -> tuple[tuple[str, Callable[..., Any]], ...]:

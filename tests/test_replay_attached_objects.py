@@ -221,3 +221,70 @@ async def test_an_async_replayed_unit_writes_the_changes_made_outside_it(
         assert (len(calls), stored(engine, 6)) == (2, (42, "from the request"))
     finally:
         await aengine.dispose()
+
+
+def made_outside(first: int) -> list[Item]:
+    """New items made by the caller of the unit (from a request's body, say)."""
+    return [Item(id=key, v=7, note="bulk") for key in (first, first + 1)]
+
+
+def bulk_rows(engine: sa.Engine) -> list[tuple[int, int, str]]:
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql("SELECT id, v, note FROM items WHERE note = 'bulk' ORDER BY id")
+        return [(row[0], row[1], row[2]) for row in rows]
+
+
+@pytest.mark.usefixtures("held_row")
+def test_a_replayed_unit_bulk_saves_again_the_new_objects_made_outside_it(
+    engine: sa.Engine, pg_server: PostgresServer, service: str
+) -> None:
+    """``bulk_save_objects(..., return_defaults=True)`` gives each new object its identity key
+    (the objects never join the session, so the failed attempt's rollback leaves it): the
+    replay took them for rows saved before and sent UPDATEs, which matched nothing
+    (``StaleDataError``, not replayed). The replay inserts them again."""
+    Sessions = rdb.ResilientSession(engine, service=service, config=FAST)
+    for first, fault in ((20, lock_conflict), (30, terminated(pg_server))):
+        items = made_outside(first)
+        unit, calls = failing_first(
+            lambda s, items=items: s.bulk_save_objects(items, return_defaults=True), fault
+        )
+        Sessions.run(unit)
+        assert len(calls) == 2
+        assert [sa.inspect(item).key[1] for item in items] == [(first,), (first + 1,)]
+    assert bulk_rows(engine) == [(key, 7, "bulk") for key in (20, 21, 30, 31)]
+
+
+@pytest.mark.usefixtures("held_row")
+def test_a_replayed_operation_bulk_saves_again_the_new_objects_made_outside_it(
+    engine: sa.Engine, service: str
+) -> None:
+    Sessions = rdb.ResilientSession(engine, service=service, config=FAST)
+    items = made_outside(40)
+    calls: list[int] = []
+
+    @rdb.with_self_healing(service=service, config=FAST)
+    def save() -> None:
+        calls.append(1)
+        with Sessions.begin() as session:
+            session.bulk_save_objects(items, return_defaults=True)
+            if len(calls) == 1:
+                lock_conflict(session)
+
+    save()
+    assert (len(calls), bulk_rows(engine)) == (2, [(40, 7, "bulk"), (41, 7, "bulk")])
+
+
+@pytest.mark.usefixtures("held_row")
+def test_objects_bulk_saved_before_the_unit_are_updated_by_its_replay(
+    engine: sa.Engine, service: str
+) -> None:
+    """(Only the keys the failed attempt gave are taken back: an object saved before the unit
+    is updated by each attempt, as by plain SQLAlchemy.)"""
+    Sessions = rdb.ResilientSession(engine, service=service, config=FAST)
+    items = made_outside(50)
+    Sessions.run(lambda s: s.bulk_save_objects(items, return_defaults=True))
+    for item in items:
+        item.v = 8
+    unit, calls = failing_first(lambda s: s.bulk_save_objects(items), lock_conflict)
+    Sessions.run(unit)
+    assert (len(calls), bulk_rows(engine)) == (2, [(50, 8, "bulk"), (51, 8, "bulk")])
