@@ -591,13 +591,20 @@ def test_a_process_killed_while_its_server_is_stopped_leaves_no_files() -> None:
 def test_bad_arguments_are_refused_with_the_reason() -> None:
     # in any case (PostgreSQL's setting names are case-insensitive): a capitalised one got
     # through, and the promoted standby waited for a standby of its own at every COMMIT
-    for name in ("synchronous_standby_names", "Synchronous_Standby_Names"):
+    # and with dashes, which PostgreSQL reads as underscores: "synchronous-standby-names"
+    # got through to both servers' command lines
+    for name in (
+        "synchronous_standby_names",
+        "Synchronous_Standby_Names",
+        "synchronous-standby-names",
+    ):
         with pytest.raises(ValueError, match="sets synchronous_standby_names itself"):
             StandbyPair(settings={name: "*"})
     primary = EmbeddedPostgres()
     for name, why in (
         ("SYNCHRONOUS_STANDBY_NAMES", "once promoted"),
         ("Primary_Conninfo", "streams from the primary"),
+        ("primary-conninfo", "streams from the primary"),
         ("primary_slot_name", "the slot it was made with"),
         ("Port", "pass port= instead"),
     ):

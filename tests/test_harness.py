@@ -13,6 +13,7 @@ import dataclasses
 import errno
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -2349,6 +2350,41 @@ def test_an_embedded_server_refuses_settings_the_harness_sets_itself(
     value = values.get(name.lower(), "on")
     with pytest.raises(ValueError, match=rf"settings must not set {name}: .*{why}"):
         EmbeddedPostgres(settings={name: value}, base_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("listen-addresses", "127.0.0.1 only"),
+        ("Listen-Addresses", "127.0.0.1 only"),
+        ("logging-collector", "logs to its log_path"),
+    ],
+)
+def test_an_embedded_server_refuses_owned_settings_spelt_with_dashes(
+    name: str, why: str, tmp_path: Path
+) -> None:
+    """PostgreSQL reads ``-c listen-addresses=*`` as listen_addresses (a ``-`` in a name is a
+    ``_``): settings={"listen-addresses": "*"} got past the check and the server listened on
+    every interface. Refused, before anything starts, as the name PostgreSQL reads."""
+    with pytest.raises(ValueError, match=rf"settings must not set {name}: .*{why}"):
+        EmbeddedPostgres(settings={name: "*"}, base_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["listen_addresses=*,", "port=5432 ", "=", " "])
+def test_an_embedded_server_refuses_a_setting_name_holding_an_equals_sign(
+    name: str, tmp_path: Path
+) -> None:
+    """``-c name=value`` ends the name at its first ``=``: settings={"listen_addresses=*,":
+    "x"} became listen_addresses = ``*,=x`` (the bad host skipped, ``*`` kept) and the server
+    listened on every interface. A name with ``=`` (or none at all) is refused, naming it."""
+    with pytest.raises(
+        ValueError, match="settings' names must be setting names.*" + re.escape(repr(name))
+    ):
+        EmbeddedPostgres(settings={name: "x"}, base_dir=tmp_path)
+    with pytest.raises(TypeError, match="settings' names must be str, got 1"):
+        EmbeddedPostgres(settings={1: "x"}, base_dir=tmp_path)  # type: ignore[dict-item]
     assert list(tmp_path.iterdir()) == []
 
 

@@ -213,6 +213,24 @@ def _check_seconds(name: str, value: object, *, zero: bool) -> float:
     return float(value)
 
 
+def _setting_name(name: object) -> str:
+    """``name``, a key of a server's ``settings``, as PostgreSQL reads it from the ``-c
+    name=value`` it becomes: lower case (setting names are case-insensitive), ``-`` read as
+    ``_`` (``-c listen-addresses=*`` sets ``listen_addresses``), surrounding spaces left out.
+    A name that is not a str raises :class:`TypeError`; one that is empty or holds ``=``
+    (PostgreSQL would take what follows it for the value: ``{"listen_addresses=*,": ""}``
+    sets listen_addresses) raises :class:`ValueError`."""
+    if not isinstance(name, str):
+        raise TypeError(f"settings' names must be str, got {name!r}")
+    read = name.strip().lower().replace("-", "_")
+    if not read or "=" in read:
+        raise ValueError(
+            f"settings' names must be setting names, without '=' (it would end the name, the "
+            f"rest becoming the value), got {name!r}"
+        )
+    return read
+
+
 def _is_socket_dir(host: str) -> bool:
     """Whether ``host`` names the directory of a unix socket (libpq's rule: a leading ``/``)."""
     return host.startswith("/")
@@ -1304,11 +1322,9 @@ class EmbeddedPostgres(PostgresServer):
     @classmethod
     def _check_settings(cls, settings: Mapping[str, str]) -> None:
         """Raise :class:`ValueError` naming a setting of ``settings`` the harness sets itself
-        (in any case: PostgreSQL's setting names are case-insensitive)."""
+        (however it is spelt: see :func:`_setting_name`)."""
         for name in settings:
-            if not isinstance(name, str):
-                raise TypeError(f"settings' names must be str, got {name!r}")
-            why = cls._OWNED_SETTINGS.get(name.strip().lower())
+            why = cls._OWNED_SETTINGS.get(_setting_name(name))
             if why is not None:
                 raise ValueError(f"settings must not set {name}: {why}")
 

@@ -33,6 +33,7 @@ from ._server import (
     Service,
     _check_seconds,
     _log_tail,
+    _setting_name,
 )
 
 if TYPE_CHECKING:
@@ -224,10 +225,7 @@ class StandbyPair(Service):
         os_user: str = _DEFAULT_OS_USER,
     ) -> None:
         own = dict(settings or {})
-        if any(
-            isinstance(name, str) and name.strip().lower() == "synchronous_standby_names"
-            for name in own
-        ):
+        if any(_setting_name(name) == "synchronous_standby_names" for name in own):
             raise ValueError(
                 "StandbyPair sets synchronous_standby_names itself: pass synchronous=True or False"
             )
