@@ -44,6 +44,7 @@ from resilient_db.testing import (
     RedisServer,
     ServerControlError,
     ServerStartError,
+    StandbyPair,
     free_port,
     server_from_env,
     server_kind,
@@ -2058,6 +2059,47 @@ def test_proxy_fault_arguments_are_checked() -> None:
         with pytest.raises(TypeError, match="number of seconds, got None"):
             proxy.delay_closes(None)  # type: ignore[arg-type]
         assert proxy.mode == "passthrough"
+
+
+def test_flags_filters_and_users_are_checked_before_anything_happens(tmp_path: Path) -> None:
+    """A flag given as text ("no") was read as true and did the opposite (a crash, a cut, a
+    synchronous pair); ``terminate_backends(wait="1")`` failed with Python's own ``float +
+    str`` and ``database=5`` matched nothing, silently; ``os_user=5`` reached ``getpwnam``
+    (as root) at start. Each raises, naming the argument, before anything is done."""
+    proxy = FaultProxy(("127.0.0.1", _dead_port()))
+    server = EmbeddedPostgres(base_dir=tmp_path)
+    redis_server = RedisServer()
+    try:
+        for call, name in (
+            (lambda: proxy.refuse(cut="no"), "cut"),  # type: ignore[arg-type]
+            (lambda: proxy.release_swallowed(keep_server=1), "keep_server"),  # type: ignore[arg-type]
+            (lambda: server.restart(crash="no"), "crash"),  # type: ignore[arg-type]
+            (lambda: server.restart_after(0, crash=None), "crash"),  # type: ignore[arg-type]
+            (lambda: redis_server.restart(kill="yes"), "kill"),  # type: ignore[arg-type]
+            (lambda: StandbyPair(synchronous="false", base_dir=tmp_path), "synchronous"),  # type: ignore[arg-type]
+        ):
+            with pytest.raises(TypeError, match=rf"^{name} must be True or False, got "):
+                call()
+        assert proxy.mode == "passthrough"  # not refusing
+        with pytest.raises(TypeError, match="wait must be a number, got '1'"):
+            server.terminate_backends(wait="1")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="wait must be a finite number of seconds"):
+            server.terminate_backends(wait=float("nan"))
+        with pytest.raises(TypeError, match="database must be a str or None, got 5"):
+            server.terminate_backends(database=5)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="application_name must be a str or None, got b'x'"):
+            server.terminate_backends(application_name=b"x")  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="os_user must be a str"):
+            EmbeddedPostgres(os_user=5, base_dir=tmp_path)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="os_user must be a user name, got an empty one"):
+            EmbeddedPostgres(os_user=" ", base_dir=tmp_path)
+        assert not server.is_running()
+        assert not redis_server.is_running()
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        proxy.close()
+        server.close()
+        redis_server.close()
 
 
 def test_proxy_in_front_of_a_server_not_started_yet() -> None:

@@ -49,7 +49,14 @@ from concurrent.futures import Future
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar, cast
 
-from ._server import PostgresServer, _check_port, _check_seconds, _is_socket_dir, free_port
+from ._server import (
+    PostgresServer,
+    _check_flag,
+    _check_port,
+    _check_seconds,
+    _is_socket_dir,
+    free_port,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -558,6 +565,7 @@ class FaultProxy:
         Open connections keep working (a connection pool may keep using them) unless ``cut``
         is true: then they are reset too, as by :meth:`cut_all` - a full outage.
         """
+        _check_flag("cut", cut)
 
         def apply() -> None:
             if self._listener is not None:
@@ -679,6 +687,7 @@ class FaultProxy:
         with its COMMIT held, until :meth:`deliver_late_commits` sends it (a COMMIT that arrives
         after the client gave up) or a cut resets it.
         """
+        _check_flag("keep_server", keep_server)
 
         def apply() -> int:
             held = [conn for conn in self._conns if conn.swallowed and not conn.client_gone]

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote
 
-from ._server import ServerStartError, Service, Watchdog, _check_port, free_port
+from ._server import ServerStartError, Service, Watchdog, _check_flag, _check_port, free_port
 
 if TYPE_CHECKING:
     pass
@@ -271,6 +271,7 @@ class RedisServer(Service):
         """:meth:`stop` (or with ``kill=True`` :meth:`kill`), then :meth:`start`: the same
         port and directory, no keys. A closed server raises :class:`ServerStartError` before
         anything."""
+        _check_flag("kill", kill)
         self._require_open("restart")
         if kill:
             self.kill()

@@ -213,6 +213,21 @@ def _check_seconds(name: str, value: object, *, zero: bool) -> float:
     return float(value)
 
 
+def _check_flag(name: str, value: object) -> bool:
+    """``value`` if it is a bool, else :class:`TypeError` naming ``name`` (a ``"no"`` read as
+    true would do the opposite of what was asked)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def _check_name(name: str, value: object) -> str | None:
+    """``value`` if it is None or a str, else :class:`TypeError` naming ``name``."""
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"{name} must be a str or None, got {value!r}")
+    return value
+
+
 def _setting_name(name: object) -> str:
     """``name``, a key of a server's ``settings``, as PostgreSQL reads it from the ``-c
     name=value`` it becomes: lower case (setting names are case-insensitive), ``-`` read as
@@ -529,8 +544,13 @@ class PostgresServer(Service):
         Filters by ``database`` and/or ``application_name``; the admin connection issuing the
         command is spared. Waits up to ``wait`` seconds for the backends to be gone, so the next
         use of a killed connection fails. Without filters *every* client backend is terminated,
-        which on a shared external server means other people's connections too.
+        which on a shared external server means other people's connections too. A filter that
+        is not a str (or None), or a ``wait`` that is not a finite number >= 0, raises
+        :class:`TypeError` / :class:`ValueError` naming it, before anything is terminated.
         """
+        _check_name("database", database)
+        _check_name("application_name", application_name)
+        wait = _check_seconds("wait", wait, zero=True)
         query = """
             SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity
             WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
@@ -571,6 +591,7 @@ class PostgresServer(Service):
     def restart(self, *, crash: bool = False) -> None:
         """Stop (fast, or immediate with ``crash=True``) and start again. A closed server
         raises :class:`ServerStartError` before anything."""
+        _check_flag("crash", crash)
         self._require_open("restart")
         if crash:
             self.crash()
@@ -589,6 +610,7 @@ class PostgresServer(Service):
         (the start could only fail, in the background).
         """
         seconds = _check_seconds("seconds", seconds, zero=True)
+        _check_flag("crash", crash)
         self._require_control("restart")
         self._require_open("restart")
         if crash:
@@ -1303,6 +1325,10 @@ class EmbeddedPostgres(PostgresServer):
         self._check_settings(settings or {})
         self._settings = {**DEFAULT_SETTINGS, **(settings or {})}
         self._start_timeout = _check_seconds("start_timeout", start_timeout, zero=False)
+        if not isinstance(os_user, str):
+            raise TypeError(f"os_user must be a str (a user name), got {os_user!r}")
+        if not os_user.strip():
+            raise ValueError("os_user must be a user name, got an empty one")
         self._os_user = os_user
         self._lock = threading.RLock()
         self._base: Path | None = None

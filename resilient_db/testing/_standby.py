@@ -31,6 +31,7 @@ from ._server import (
     EmbeddedPostgres,
     ServerStartError,
     Service,
+    _check_flag,
     _check_seconds,
     _log_tail,
     _setting_name,
@@ -229,7 +230,7 @@ class StandbyPair(Service):
             raise ValueError(
                 "StandbyPair sets synchronous_standby_names itself: pass synchronous=True or False"
             )
-        self._synchronous = synchronous
+        self._synchronous = _check_flag("synchronous", synchronous)
         self._start_timeout = start_timeout
         primary_settings = dict(own)
         if synchronous:
