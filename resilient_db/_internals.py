@@ -8,7 +8,8 @@ what breaks (``tests/test_no_private_api.py`` fails when a private use appears e
 Rules for every function here:
 - its docstring names the private API, the versions verified (the oldest supported pins and
   the newest installed: SQLAlchemy 2.0.24 / 2.1.9, psycopg 3.2.1 / 3.3.9, asyncpg 0.30.0 /
-  0.32.0, pybreaker 1.4.0 / 1.4.1) and the public alternative, if any;
+  0.32.0, pybreaker 1.4.0 / 1.4.1; Flask, for ``with_self_healing`` in a Flask view, 3.1.3)
+  and the public alternative, if any;
 - nothing private is imported at module level unguarded: ``import resilient_db`` never fails
   because a library moved a private name;
 - when the private is gone it raises :class:`InternalsChanged` (or degrades where degrading is
@@ -18,6 +19,7 @@ Rules for every function here:
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -51,6 +53,7 @@ __all__ = [
     "event_keys",
     "expand_composites",
     "fire_after_commit",
+    "flask_after_request_functions",
     "flush_pk_bind_name",
     "forget_event_keys",
     "is_anonymous_bind",
@@ -984,3 +987,47 @@ def renew_pybreaker_lock(cb: Any) -> None:
     may have held the old one, and it does not exist here). Private: as
     :func:`pybreaker_lock`."""
     cb._lock = type(pybreaker_lock(cb))()
+
+
+# --------------------------------------------------------------------------------------------
+# Flask (never imported here: only when the application has imported it)
+# --------------------------------------------------------------------------------------------
+
+
+def flask_after_request_functions() -> list[Any] | None:
+    """The callbacks ``flask.after_this_request`` registered for the current request, in the
+    list Flask runs them from once the view returned; None when Flask is not imported or no
+    request context is active (a CLI command, a bare ``app.app_context()``).
+
+    ``with_self_healing`` notes the list's length when an operation begins and cuts what a
+    failed attempt added before the replay, so that the answer is the successful attempt's
+    alone (as it takes back a FastAPI route's ``BackgroundTasks`` and ``Response``).
+
+    Private: Flask ``RequestContext._after_request_functions``, reached through
+    ``flask.globals.request_ctx`` (verified 3.1.3; the same since Flask 2.2, the oldest
+    Flask-SQLAlchemy 3.1 takes), or ``AppContext._after_request_functions`` through
+    ``flask.globals.app_ctx`` where Flask merged the two contexts (its 3.2 sources; looked at
+    first, so that the deprecated ``request_ctx`` is not read there). Gone:
+    :class:`InternalsChanged` (a replayed view would send the failed attempt's callbacks'
+    effects too: never silently). Public alternative: none (Flask only appends to that list).
+    """
+    flask = sys.modules.get("flask")
+    if flask is None or not flask.has_request_context():
+        return None
+    functions: object = None
+    for proxy in ("app_ctx", "request_ctx"):
+        try:
+            context = getattr(flask.globals, proxy)._get_current_object()
+        except (AttributeError, RuntimeError):  # (RuntimeError: a proxy with nothing pushed)
+            continue
+        functions = getattr(context, "_after_request_functions", None)
+        if functions is not None:
+            break
+    if not isinstance(functions, list):
+        raise InternalsChanged(
+            "flask",
+            "RequestContext._after_request_functions",
+            "a view replayed by with_self_healing would run the after_this_request callbacks "
+            "of its failed attempts too",
+        )
+    return functions

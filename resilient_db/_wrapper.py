@@ -39,6 +39,7 @@ from sqlalchemy.orm import Session
 from ._classify import debug_failure, partly_committed, sqlstate_of, success_interrupted
 from ._commit import AttemptRecord
 from ._config import Config, env_config
+from ._internals import flask_after_request_functions
 from ._observability import log_retry
 from ._retry import Policy
 from ._state import STATE
@@ -371,19 +372,24 @@ def with_self_healing(
     policy = _policy_for(service, use_retry, use_circuit_breaker, cfg, config is not None)
     if check is not None and not validation_on(cfg):
         check = None
+    effects = _RequestEffects.of_call((), (), {})  # (in a Flask request: see _RequestEffects)
     if is_async_callable(fn):
         if check is None and not policy.accounts_with_io:
-            return policy.acall(_Attempts(policy, fn).acall)
-        return _acall_checked(policy, fn, check, cfg)
-    return _call(policy, fn, check, cfg)
+            return policy.acall(_Attempts(policy, fn, effects=effects).acall)
+        return _acall_checked(policy, fn, check, cfg, effects)
+    return _call(policy, fn, check, cfg, effects=effects)
 
 
 async def _acall_checked(
-    policy: Policy, fn: Callable[[], Awaitable[R]], check: ResponseCheck | None, cfg: Config
+    policy: Policy,
+    fn: Callable[[], Awaitable[R]],
+    check: ResponseCheck | None,
+    cfg: Config,
+    effects: _RequestEffects | None,
 ) -> R:
     """An async operation whose result is checked (``check``), or whose breaker's accounting
     of its success may do I/O (see :func:`_told_of_success`)."""
-    attempts = _Attempts(policy, fn)
+    attempts = _Attempts(policy, fn, effects=effects)
     try:
         result: R = await policy.acall(attempts.acall)
     except BaseException as exc:
@@ -668,11 +674,14 @@ class _RequestEffects:
     :data:`_REQUEST_SCOPED`) held when its operation began: before a replay, a failed
     attempt's background tasks (an e-mail to send after the response), headers, cookies and
     status code are taken back, so that the answer carries the successful attempt's alone (and
-    what a dependency put there before the route ran)."""
+    what a dependency put there before the route ran). So are, in a Flask request, the
+    callbacks a failed attempt gave ``flask.after_this_request`` (``after_request``: Flask's
+    list of them and how many it held when the operation began)."""
 
-    __slots__ = ("responses", "tasks")
+    __slots__ = ("after_request", "responses", "tasks")
 
-    def __init__(self, values: list[Any]) -> None:
+    def __init__(self, values: list[Any], after_request: list[Any] | None = None) -> None:
+        self.after_request = None if after_request is None else (after_request, len(after_request))
         self.tasks: list[tuple[Any, list[Any]]] = []
         self.responses: list[tuple[Any, list[Any], Any]] = []
         for value in values:
@@ -690,15 +699,20 @@ class _RequestEffects:
         args: Sequence[Any],
         kwargs: Mapping[str, Any],
     ) -> _RequestEffects | None:
-        """The state of the arguments given for ``parameters`` (None: there are none)."""
+        """The state of the arguments given for ``parameters`` and of the current Flask
+        request's ``after_this_request`` callbacks (None: there are none of either)."""
+        after_request = flask_after_request_functions()
         values = [
             kwargs[name] if name in kwargs else args[position]
             for position, name in parameters
             if name in kwargs or 0 <= position < len(args)
         ]
-        return cls(values) if values else None
+        return cls(values, after_request) if values or after_request is not None else None
 
     def restore(self) -> None:
+        if self.after_request is not None:
+            functions, count = self.after_request
+            del functions[count:]
         for tasks, held in self.tasks:
             tasks.tasks[:] = held
         for response, headers, status in self.responses:
@@ -737,7 +751,7 @@ def _decorator(
                     _cached_policy(service, use_retry, use_circuit_breaker, cfg, explicit)
                     return await fn(*args, **kwargs)
                 policy = _policy_for(service, use_retry, use_circuit_breaker, cfg, explicit)
-                effects = _RequestEffects.of_call(scoped, args, kwargs) if scoped else None
+                effects = _RequestEffects.of_call(scoped, args, kwargs)
                 attempts = _Attempts(policy, lambda: fn(*args, **kwargs), effects=effects)
                 try:
                     result = await policy.acall(attempts.acall)
@@ -758,7 +772,7 @@ def _decorator(
                 return fn(*args, **kwargs)
             policy = _policy_for(service, use_retry, use_circuit_breaker, cfg, explicit)
             active = check if check is not None and validation_on(cfg) else None
-            effects = _RequestEffects.of_call(scoped, args, kwargs) if scoped else None
+            effects = _RequestEffects.of_call(scoped, args, kwargs)
             return _call(policy, lambda: fn(*args, **kwargs), active, cfg, fn, effects=effects)
 
         return _signed(wrapper, signature)

@@ -11,7 +11,9 @@
   subclass overriding ``init_app``, as the README shows): app contexts, views, units surviving a
   killed backend, the guard through ``db.session`` (409 problem details), dead pooled
   connections replaced, several apps alive at once, another bind key's database, the tracked
-  modifications' signals.
+  modifications' signals; a view decorated with ``with_self_healing`` (or running an operation
+  of its call form) replayed on ``db.session`` without its failed attempt's
+  ``after_this_request`` callbacks.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import pytest
 import pytest_asyncio
 import sqlalchemy as sa
 import sqlmodel
-from flask import Flask, current_app
+from flask import Flask, after_this_request, current_app, g
+from flask import Response as FlaskResponse
 from flask_sqlalchemy import SQLAlchemy, track_modifications
 from flask_sqlalchemy.session import Session as FlaskSession
 from scenarios import ASYNC_DRIVERS, BYPASS_BY_HAND
@@ -909,3 +912,134 @@ def test_flask_engines_of_other_bind_keys_are_healed_too(
             for engine in db.engines.values():
                 engine.dispose()
         pg_server.drop_database(archive_database)
+
+
+@pytest.mark.parametrize("form", ["decorator", "call"])
+def test_flask_view_replayed_by_with_self_healing_runs_only_its_last_attempts_after_request(
+    flask_app: Flask, pg_server: Any, service: str, form: str
+) -> None:
+    """A view whose operation is replayed (decorated with ``@rdb.with_self_healing``, or
+    calling ``rdb.with_self_healing(fn)``) after its backend is killed mid-request: the
+    callbacks its failed attempt gave ``flask.after_this_request`` are taken back before the
+    replay (they ran on the successful attempt's response: a header sent twice, an e-mail of a
+    failed attempt sent), those registered before the operation (a ``before_request`` hook's)
+    are kept; ``db.session``, its transaction begun by the failed attempt, is rolled back for
+    the replay (one row); what the failed attempt put on ``flask.g`` stays (documented)."""
+    calls: list[int] = []
+    ran: list[str] = []
+
+    @flask_app.before_request
+    def before() -> None:
+        @after_this_request
+        def hook(response: FlaskResponse) -> FlaskResponse:
+            ran.append("before")
+            return response
+
+    def attempt(name: str) -> dict[str, Any]:
+        calls.append(1)
+        number = len(calls)
+        g.attempts = [*g.get("attempts", []), number]
+
+        @after_this_request
+        def tell(response: FlaskResponse) -> FlaskResponse:
+            ran.append(f"attempt {number}")
+            response.headers.add("X-Attempt", str(number))
+            return response
+
+        db.session.add(Job(name=name))
+        db.session.flush()
+        if number == 1:
+            pid = db.session.scalar(sa.text("SELECT pg_backend_pid()"))
+            pg_server.execute(f"SELECT pg_terminate_backend({int(pid)})")
+        db.session.execute(sa.text("SELECT 1"))
+        db.session.commit()
+        return {"attempt": number, "g": g.attempts}
+
+    if form == "decorator":
+
+        @flask_app.post("/jobs/<name>")
+        @rdb.with_self_healing(service=service)
+        def create(name: str) -> dict[str, Any]:
+            return attempt(name)
+
+    else:
+
+        @flask_app.post("/jobs/<name>")
+        def create(name: str) -> dict[str, Any]:
+            return rdb.with_self_healing(lambda: attempt(name), service=service)
+
+    answer = flask_app.test_client().post("/jobs/a")
+    assert answer.status_code == 200, answer.text
+    assert answer.json == {"attempt": 2, "g": [1, 2]}  # replayed; flask.g kept as it was
+    assert answer.headers.getlist("X-Attempt") == ["2"]
+    assert ran == ["before", "attempt 2"]
+    assert job_rows(flask_app) == {"a": "queued"}
+    stats = counters(service)
+    assert (stats["retries"], stats["recovered"]) == (1, 1)
+
+
+def test_flask_view_that_succeeds_at_once_keeps_its_after_request_callbacks(
+    flask_app: Flask, service: str
+) -> None:
+    ran: list[str] = []
+
+    @flask_app.get("/ping")
+    @rdb.with_self_healing(service=service)
+    def ping() -> dict[str, int]:
+        @after_this_request
+        def tell(response: FlaskResponse) -> FlaskResponse:
+            ran.append("ping")
+            return response
+
+        return {"one": int(db.session.scalar(sa.text("SELECT 1")))}
+
+    answer = flask_app.test_client().get("/ping")
+    assert (answer.status_code, answer.json) == (200, {"one": 1})
+    assert ran == ["ping"]
+
+
+@pytest.mark.parametrize("hook_commits", [False, True], ids=["hook-reads", "hook-commits"])
+def test_flask_before_request_using_db_session_and_a_replayed_view(
+    flask_app: Flask, pg_server: Any, service: str, hook_commits: bool
+) -> None:
+    """As the README says: a ``before_request`` hook reading through ``db.session`` begins its
+    transaction before the decorated view's operation, which is then not replayed (503, the
+    original error); a hook that ends its transaction (``db.session.commit()``) leaves the
+    view replayable."""
+    calls: list[int] = []
+
+    @flask_app.before_request
+    def load() -> None:
+        g.jobs = db.session.scalar(sa.select(sa.func.count()).select_from(Job))
+        if hook_commits:
+            db.session.commit()
+
+    @flask_app.post("/jobs/<name>")
+    @rdb.with_self_healing(service=service)
+    def create(name: str) -> dict[str, int]:
+        calls.append(1)
+        db.session.add(Job(name=name))
+        db.session.flush()
+        if len(calls) == 1:
+            pid = db.session.scalar(sa.text("SELECT pg_backend_pid()"))
+            pg_server.execute(f"SELECT pg_terminate_backend({int(pid)})")
+        db.session.execute(sa.text("SELECT 1"))
+        db.session.commit()
+        return {"attempt": len(calls)}
+
+    def problem(exc: Exception) -> Any:
+        answer = problem_details(exc)
+        assert answer is not None, exc
+        return answer.body, answer.status, answer.response_headers
+
+    flask_app.register_error_handler(sa.exc.OperationalError, problem)
+    answer = flask_app.test_client().post("/jobs/a")
+    if hook_commits:
+        assert (answer.status_code, answer.json) == (200, {"attempt": 2})
+        assert job_rows(flask_app) == {"a": "queued"}
+    else:
+        assert answer.status_code == 503
+        assert answer.json is not None
+        assert answer.json["type"] == "urn:resilient-db:problem:database-unavailable"
+        assert len(calls) == 2  # the replay met the hook's aborted transaction
+        assert job_rows(flask_app) == {}

@@ -1042,6 +1042,55 @@ def test_pybreaker_lock_is_the_lock_its_state_setter_holds() -> None:
     assert isinstance(_internals.pybreaker_lock(cb), type(threading.RLock())), message
 
 
+# -- Flask -------------------------------------------------------------------------------------
+
+
+def test_flask_after_request_functions_is_the_list_after_this_request_fills_and_flask_runs() -> (
+    None
+):
+    """with_self_healing cuts from this list what a failed attempt of a view added: Flask must
+    take its callbacks from there when it answers, and nothing else."""
+    flask = pytest.importorskip("flask")
+    message = _says(
+        "flask",
+        "RequestContext._after_request_functions",
+        "flask_after_request_functions",
+        "a view replayed by with_self_healing runs its failed attempts' after_this_request "
+        "callbacks too",
+    )
+    app = flask.Flask(__name__)
+    ran: list[str] = []
+
+    def callback(name: str) -> Any:
+        def run(response: Any) -> Any:
+            ran.append(name)
+            return response
+
+        return run
+
+    @app.get("/")
+    def view() -> str:
+        functions = _internals.flask_after_request_functions()
+        assert isinstance(functions, list), message
+        count = len(functions)
+        flask.after_this_request(callback("taken back"))
+        assert len(functions) == count + 1, message
+        del functions[count:]
+        flask.after_this_request(callback("kept"))
+        return "ok"
+
+    assert _internals.flask_after_request_functions() is None  # no request
+    with app.app_context():
+        assert _internals.flask_after_request_functions() is None  # a CLI command's context
+    assert app.test_client().get("/").status_code == 200
+    assert ran == ["kept"], message
+    with app.test_request_context() as ctx:
+        del ctx._after_request_functions
+        with pytest.raises(InternalsChanged, match=r"flask .* no longer has RequestContext"):
+            _internals.flask_after_request_functions()
+        ctx._after_request_functions = []
+
+
 def test_a_missing_private_raises_naming_the_library() -> None:
     class Bare:
         pass
