@@ -19,6 +19,7 @@ Rules for every function here:
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -1007,9 +1008,11 @@ def flask_after_request_functions() -> list[Any] | None:
     ``flask.globals.request_ctx`` (verified 3.1.3; the same since Flask 2.2, the oldest
     Flask-SQLAlchemy 3.1 takes), or ``AppContext._after_request_functions`` through
     ``flask.globals.app_ctx`` where Flask merged the two contexts (its 3.2 sources; looked at
-    first, so that the deprecated ``request_ctx`` is not read there). Gone:
-    :class:`InternalsChanged` (a replayed view would send the failed attempt's callbacks'
-    effects too: never silently). Public alternative: none (Flask only appends to that list).
+    first, so that the deprecated ``request_ctx`` is not read there). Gone: None, and one
+    WARNING line saying so (a replayed view then sends its failed attempts' callbacks' effects
+    too, as before this was taken back; raising instead would fail every decorated view of an
+    application after a Flask upgrade). Public alternative: none (Flask only appends to that
+    list).
     """
     flask = sys.modules.get("flask")
     if flask is None or not flask.has_request_context():
@@ -1024,10 +1027,19 @@ def flask_after_request_functions() -> list[Any] | None:
         if functions is not None:
             break
     if not isinstance(functions, list):
-        raise InternalsChanged(
-            "flask",
-            "RequestContext._after_request_functions",
-            "a view replayed by with_self_healing would run the after_this_request callbacks "
-            "of its failed attempts too",
-        )
+        global _flask_changed_told
+        if not _flask_changed_told:
+            _flask_changed_told = True
+            changed = InternalsChanged(
+                "flask",
+                "RequestContext._after_request_functions",
+                "a Flask view replayed by with_self_healing now runs the after_this_request "
+                "callbacks of its failed attempts too",
+            )
+            logging.getLogger("resilient_db").warning("%s", changed)
+        return None
     return functions
+
+
+#: whether the WARNING of :func:`flask_after_request_functions` finding Flask changed was given
+_flask_changed_told = False
