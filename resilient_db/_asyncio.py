@@ -45,7 +45,7 @@ from ._errands import Errand, LookFailed, NotStarted, Sweep, start_thread
 from ._errors import TransactionStateError
 from ._internals import PLAIN_COMMITS, committed_unclosed, with_own_session_class
 from ._observability import log_session
-from ._registry import factory_of, register_class, register_session
+from ._registry import factory_of, register_class
 from ._retry import Policy
 from ._state import STATE
 from ._statements import SavedNote, current_attempt, dropin_block, library_work, note_saved
@@ -225,17 +225,17 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
         (disconnect handling, the dead-connection check, commit marking there too); one with
         another factory's keeps those, and the factory is not made one of its factories.
 
-        (async: its ``sync_session`` is an instance of your class, shared with other factories,
-        so the factory records each one it makes; a sync factory names its own class.)
+        (Its sync session is of a class the factory makes of yours, which names the factory:
+        async, of your ``sync_session_class``, see ``_routed``; sync, of your ``class_``, as
+        ``sessionmaker`` makes one.)
         """
         session: S
         if True:  # async only
             if local_kw:
                 binds = (local_kw.get("bind"), *(local_kw.get("binds") or {}).values())
                 self._hook_engines(binds, register=False)
-            local_kw = self._routed(local_kw)  # if your class picks the engines (see there)
+            local_kw = self._routed(local_kw)  # the factory's sync session class (see there)
             session = async_sessionmaker.__call__(self, **local_kw)
-            register_session(session.sync_session, self)
         else:  # sync only
             # (or where your class was given a get_bind since the factory looked: see
             # _route_later; one line with the other check)

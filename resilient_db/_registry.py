@@ -6,8 +6,8 @@ in ``session.info``: ``session.info`` stays the user's, and clearing it changes 
 
 * sync: ``ResilientSession`` is a ``sessionmaker``, which makes a subclass of the user's class
   per factory (``Session.class_``, as plain ``sessionmaker`` does); that class names the factory.
-* async: an ``AsyncSession``'s ``sync_session`` is an instance of the user's own class, shared
-  with other factories, so the factory records each sync session it makes.
+* async: an ``AsyncSession``'s ``sync_session`` is of a subclass the factory makes of the
+  user's ``sync_session_class`` (``FactoryCore._routed``); that class names the factory.
 
 Entries are weak: a factory or session that is gone leaves nothing behind. A sync factory's
 entry names it by a weak reference (a strong one, from a dictionary keyed by the class the factory
@@ -32,11 +32,10 @@ __all__ = [
     "in_unit",
     "live_policies",
     "register_class",
-    "register_session",
 ]
 
 
-#: the attribute by which the class a sync factory makes holds the factory (only held: the
+#: the attribute by which the class a factory makes holds the factory (only held: the
 #: factory is looked up in the registry)
 _FACTORY_ATTRIBUTE = "_resilient_db_factory"
 
@@ -48,18 +47,11 @@ def register_class(session_class: type[Session], factory: Any) -> None:
         STATE.factory_by_class[session_class] = weakref.ref(factory)
 
 
-def register_session(session: Session, factory: Any) -> None:
-    """``session`` (the sync session of an ``AsyncSession``) belongs to ``factory``."""
-    STATE.factory_by_session[session] = factory
-
-
 def factory_of(session: Session) -> object:
     """The resilient factory that made ``session``, or None."""
     ref = STATE.factory_by_class.get(type(session))
     if ref is not None:
         return ref()  # alive while a session of its class is
-    if STATE.factory_by_session:
-        return STATE.factory_by_session.get(session)
     return None
 
 

@@ -192,8 +192,9 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         (disconnect handling, the dead-connection check, commit marking there too); one with
         another factory's keeps those, and the factory is not made one of its factories.
 
-        (async: its ``sync_session`` is an instance of your class, shared with other factories,
-        so the factory records each one it makes; a sync factory names its own class.)
+        (Its sync session is of a class the factory makes of yours, which names the factory:
+        async, of your ``sync_session_class``, see ``_routed``; sync, of your ``class_``, as
+        ``sessionmaker`` makes one.)
         """
         session: S
         # (or where your class was given a get_bind since the factory looked: see

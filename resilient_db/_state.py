@@ -41,13 +41,11 @@ class State:
         self.default_config_users: weakref.WeakSet[Any] = weakref.WeakSet()
         #: the hooks installed on each engine (one set per engine, shared by its factories)
         self.engine_hooks: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
-        #: which factory made a session: by the class a sync factory makes (a weak reference
-        #: to the factory, which holds the class) ...
+        #: which factory made a session: by the class a factory makes (sync: its sessions';
+        #: async: their sync sessions'), a weak reference to the factory, which holds the class
         self.factory_by_class: weakref.WeakKeyDictionary[type[Any], weakref.ref[Any]] = (
             weakref.WeakKeyDictionary()
         )
-        #: ... and by the sync session of an AsyncSession
-        self.factory_by_session: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         #: session classes carrying the drop-in connect retry's listeners (``_unit``)
         self.connect_retry_classes: weakref.WeakSet[type[Any]] = weakref.WeakSet()
         #: sessions running a unit of work right now (a plain set: a unit always takes its

@@ -98,7 +98,7 @@ from ._internals import (
 )
 from ._internals import last_do_connect as _last_do_connect
 from ._observability import CONTROL_CODES, LineLimit, emit, log_session, stats_for
-from ._registry import factory_of, in_unit
+from ._registry import factory_of, in_unit, register_class
 from ._retry import Policy
 from ._state import STATE
 from ._statements import (
@@ -2650,9 +2650,10 @@ class FactoryCore:
             **policy_kwargs,
         )
         self._referee = CommitReferee(self.policy, sync_engine)
-        #: (async) the routing subclass of each sync session class that picks engines (see
-        #: _routed)
-        self._routes: dict[Any, Any] = {}
+        #: (async) for each sync session class given, what the factory's sessions get instead
+        #: (a subclass of it, or a sessionmaker of that), the subclass and its ``get_bind``
+        #: when it was set up (see _routed)
+        self._routes: dict[Any, tuple[Any, Any, Any]] = {}
         #: (sync) the ``get_bind`` of the factory's class as its engines were last set up
         #: (see _route_later)
         self._get_bind: Any = None
@@ -2813,47 +2814,69 @@ class FactoryCore:
         self._get_bind = holder.get_bind
 
     def _routed(self, local_kw: dict[str, Any]) -> dict[str, Any]:
-        """(async) The keywords of a new session: where its sync session class picks engines
-        (see :meth:`_route_engines`), a subclass of it made for this factory, whose
-        ``get_bind`` is the routing one, takes its place (that class is yours, and maybe other
-        factories' too: it is left as it is). On the class, not on the session: a session
-        copied from it (SQLAlchemy's ``using_bind`` recipe copies ``vars(session)`` into a new
-        session of your class) must route as its own class does, not as the session it was
-        copied from. Looked at for every new session (an identity check), so that a class
-        given a ``get_bind`` after the factory was made (by the application or a test:
-        ``mock.patch.object``, ``monkeypatch.setattr``) has its engines hooked as one that
-        had it from the start."""
+        """(async) The keywords of a new session: its sync session class (the one given to the
+        factory, to ``configure()`` or for this session, or your ``class_``'s) replaced by a
+        subclass of it made for this factory (see :meth:`_own_sync_class`), as a sync
+        factory's sessions are of a subclass of your ``class_``. Looked at for every new
+        session (an identity check), so that a class given a ``get_bind`` after the factory
+        was made (by the application or a test: ``mock.patch.object``,
+        ``monkeypatch.setattr``) has its engines hooked as one that had it from the start."""
         kw: dict[str, Any] = getattr(self, "kw", {})  # (the async_sessionmaker's)
         given: Any = (
             (local_kw and local_kw.get("sync_session_class"))
             or kw.get("sync_session_class")
             or getattr(getattr(self, "class_", None), "sync_session_class", None)
         )
-        # (every async session passes here: a class that does not pick its engines, the
-        # common case, leaves at once)
-        routed = self._routes.get(given)
-        if routed is None and getattr(given, "get_bind", None) is _PLAIN_GET_BIND:
-            return local_kw
-        if routed is None:
-            cls = sync_class_of(given)  # (a sessionmaker has no get_bind: its class's)
-            if not (isinstance(cls, type) and issubclass(cls, Session)):
-                return local_kw
-            if cls.get_bind is _PLAIN_GET_BIND:
-                return local_kw
+        # (every async session passes here: a class seen before, whose get_bind is the one it
+        # had then, leaves at once)
+        entry = self._routes.get(given)
+        if entry is not None and entry[1].get_bind is entry[2]:
+            return {**local_kw, "sync_session_class": entry[0]}
+        return self._own_sync_class(given, entry, local_kw)
+
+    def _own_sync_class(
+        self, given: Any, entry: tuple[Any, Any, Any] | None, local_kw: dict[str, Any]
+    ) -> dict[str, Any]:
+        """(async) :meth:`_routed` for a sync session class ``given`` not seen before
+        (``entry`` None), or whose ``get_bind`` changed since. Its sessions are of a subclass
+        of it made for this factory (same ``__name__``, ``__qualname__`` and ``__module__``;
+        your class, and maybe other factories' too, is left as it is):
+
+        - its ``bulk_save_objects`` notes the new objects it keys in an attempt of a unit or
+          operation (see ``_bulk_save_objects_of``), as a sync factory's sessions' does: they
+          never join the session, and a replay took them for saved rows (UPDATEs matching
+          nothing: asyncpg, which reports no row counts for a batch, let them pass as done);
+        - where your class picks engines (see :meth:`_route_engines`), its ``get_bind`` is the
+          routing one. On the class, not on the session: a session copied from it
+          (SQLAlchemy's ``using_bind`` recipe copies ``vars(session)`` into a new session of
+          your class) must route as its own class does, not as the session it was copied
+          from.
+
+        A sync ``sessionmaker`` given is replaced by a copy of it that makes sessions of the
+        subclass of its class, its keywords shared (its ``configure()`` reaches them), its
+        listeners heard."""
+        if entry is None:
+            # (a class given for one session is checked here, as the factory's are when given)
+            refuse_session_classes(type(self), {"sync_session_class": given})
+            cls = sync_class_of(given)
             namespace = {
                 "__module__": cls.__module__,
                 "__qualname__": cls.__qualname__,
                 "__doc__": cls.__doc__,
             }
-            routed = type(cls.__name__, (cls,), namespace)
-            self._route_engines(routed)
+            own: Any = type(cls.__name__, (cls,), namespace)
+            setattr(own, "bulk_save_objects", _bulk_save_objects_of(own))  # noqa: B010
+            register_class(own, self)  # (its sessions name this factory)
+            made = own
             if given is not cls:
-                # a sync sessionmaker: a copy of it that makes sessions of the routing class,
-                # its keywords shared (its configure() reaches them), its listeners heard
-                maker, routed = routed, copy.copy(given)
-                routed.class_ = maker
-            self._routes[given] = routed
-        return {**local_kw, "sync_session_class": routed}
+                made = copy.copy(given)
+                made.class_ = own
+        else:
+            made, own, _ = entry
+        if "get_bind" not in vars(own):
+            self._route_engines(own)
+        self._routes[given] = (made, own, own.get_bind)
+        return {**local_kw, "sync_session_class": made}
 
     def _engine_to_bind(self, bind: Any) -> Any:
         """The engine of ``bind`` given to :meth:`configure` (see :func:`engine_of`)."""

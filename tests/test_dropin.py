@@ -1032,12 +1032,19 @@ async def test_the_async_factory_is_an_async_sessionmaker_with_the_users_class(
     assert Sessions.kw["sync_session_class"] is MySession
     Sessions.configure(expire_on_commit=False)
     async with Sessions(info={"request": 1}) as session:
-        assert type(session.sync_session) is MySession
+        # (a subclass the factory makes of yours, as a sync factory's: see _routed)
+        assert isinstance(session.sync_session, MySession)
+        made = type(session.sync_session)
+        assert (made.__name__, made.__qualname__, made.__module__) == (
+            MySession.__name__,
+            MySession.__qualname__,
+            MySession.__module__,
+        )
         assert session.info == {"tenant": "a", "request": 1}
         assert session.sync_session.expire_on_commit is False
 
     async def unit(session: AsyncSession) -> str:
-        assert type(session.sync_session) is MySession
+        assert type(session.sync_session) is made
         session.add(Item(name="async"))
         return session.sync_session.label()  # type: ignore[attr-defined, no-any-return]
 

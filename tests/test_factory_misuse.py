@@ -246,6 +246,23 @@ async def test_async_a_session_class_of_another_kind_is_refused_leaving_no_trace
 
 
 @pytest.mark.asyncio
+async def test_async_a_sync_session_class_of_another_kind_for_one_session_is_refused(
+    async_engine: AsyncEngine, service: str
+) -> None:
+    """(Given for one session, ``Session(sync_session_class=...)``: refused when that session is
+    made, as one given to the factory is when the factory is; the factory keeps working.)"""
+    Sessions = rdb.AsyncResilientSession(async_engine, service=service)
+    with pytest.raises(TypeError) as info:
+        Sessions(sync_session_class=AsyncSession)
+    assert str(info.value) == (
+        "AsyncResilientSession(sync_session_class=...) takes a sync Session subclass or a "
+        "sessionmaker of one (the class of each AsyncSession's sync_session), got "
+        "AsyncSession, the async session class: give it as class_="
+    )
+    assert await Sessions.run(aone) == 1
+
+
+@pytest.mark.asyncio
 async def test_the_sync_engine_of_an_async_engine_is_refused_by_the_sync_factory(
     async_engine: AsyncEngine, engine: sa.Engine, service: str
 ) -> None:

@@ -12,12 +12,14 @@ connection holds) and a backend terminated by ``pg_terminate_backend``; psycopg 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
+import pytest_asyncio
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from scenarios import ASYNC_DRIVERS
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -26,6 +28,7 @@ from sqlalchemy.orm import (
     relationship,
     sessionmaker,
 )
+from sqlalchemy.orm.exc import StaleDataError
 
 import resilient_db as rdb
 from resilient_db.testing import PostgresServer
@@ -288,3 +291,143 @@ def test_objects_bulk_saved_before_the_unit_are_updated_by_its_replay(
     unit, calls = failing_first(lambda s: s.bulk_save_objects(items), lock_conflict)
     Sessions.run(unit)
     assert (len(calls), bulk_rows(engine)) == (2, [(50, 8, "bulk"), (51, 8, "bulk")])
+
+
+# -- async: the sync session of an AsyncSession (``run_sync``), on both async drivers ----------
+
+
+@pytest.fixture(params=ASYNC_DRIVERS)
+def async_driver(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest_asyncio.fixture
+async def aengine(pg_async_url: str, engine: sa.Engine) -> AsyncIterator[AsyncEngine]:
+    """(After ``engine``: its tables and rows.)"""
+    eng = create_async_engine(pg_async_url)
+    yield eng
+    await eng.dispose()
+
+
+def async_failing_first(
+    items: list[Item], fault: Callable[[Session], None]
+) -> tuple[Callable[[AsyncSession], Awaitable[None]], list[int]]:
+    """A unit bulk-saving ``items`` in its sync session, failing with ``fault`` the first time."""
+    calls: list[int] = []
+
+    def save(session: Session) -> None:
+        calls.append(1)
+        session.bulk_save_objects(items, return_defaults=True)
+        if len(calls) == 1:
+            fault(session)
+
+    async def unit(session: AsyncSession) -> None:
+        await session.run_sync(save)
+
+    return unit, calls
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("held_row")
+async def test_an_async_replayed_unit_bulk_saves_again_the_new_objects_made_outside_it(
+    engine: sa.Engine, aengine: AsyncEngine, pg_server: PostgresServer, service: str
+) -> None:
+    """In ``run_sync``, the sync session is of the ``sync_session_class`` given (``Session``
+    here): the replay sent UPDATEs matching nothing, which asyncpg, reporting no row counts for
+    a batch, let pass: ``run()`` returned, nothing written (psycopg: ``StaleDataError``)."""
+    Sessions = rdb.AsyncResilientSession(aengine, service=service, config=FAST)
+    for first, fault in ((60, lock_conflict), (70, terminated(pg_server))):
+        items = made_outside(first)
+        unit, calls = async_failing_first(items, fault)
+        await Sessions.run(unit)
+        assert len(calls) == 2
+        assert [sa.inspect(item).key[1] for item in items] == [(first,), (first + 1,)]
+    assert bulk_rows(engine) == [(key, 7, "bulk") for key in (60, 61, 70, 71)]
+
+
+class MySyncSession(Session):
+    pass
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("held_row")
+async def test_an_async_unit_of_a_sync_session_class_given_bulk_saves_again(
+    engine: sa.Engine, aengine: AsyncEngine, service: str
+) -> None:
+    """(A class of yours given to the factory, or a ``sessionmaker`` of one: SQLAlchemy's
+    recipe for events on an async factory's sessions, whose listeners are still heard.)"""
+    began: list[int] = []
+    sync_maker = sessionmaker(class_=MySyncSession)
+    sa.event.listen(sync_maker, "after_begin", lambda *a: began.append(1))
+    for first, kw in (
+        (80, {"sync_session_class": MySyncSession}),
+        (90, {"sync_session_class": sync_maker}),
+    ):
+        Sessions = rdb.AsyncResilientSession(aengine, service=service, config=FAST, **kw)
+        items = made_outside(first)
+        unit, calls = async_failing_first(items, lock_conflict)
+        await Sessions.run(unit)
+        assert len(calls) == 2
+        async with Sessions() as session:
+            assert isinstance(session.sync_session, MySyncSession)
+    assert len(began) == 2  # (the sessionmaker's: both attempts of its unit)
+    assert bulk_rows(engine) == [(key, 7, "bulk") for key in (80, 81, 90, 91)]
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("held_row")
+async def test_an_async_replayed_operation_bulk_saves_again_the_new_objects_made_outside_it(
+    engine: sa.Engine, aengine: AsyncEngine, service: str
+) -> None:
+    """``with_self_healing`` around an async factory's drop-in block."""
+    Sessions = rdb.AsyncResilientSession(aengine, service=service, config=FAST)
+    items = made_outside(100)
+    calls: list[int] = []
+
+    def save(session: Session) -> None:
+        session.bulk_save_objects(items, return_defaults=True)
+        if len(calls) == 1:
+            lock_conflict(session)
+
+    @rdb.with_self_healing(service=service, config=FAST)
+    async def operation() -> None:
+        calls.append(1)
+        async with Sessions.begin() as session:
+            await session.run_sync(save)
+
+    await operation()
+    assert (len(calls), bulk_rows(engine)) == (2, [(100, 7, "bulk"), (101, 7, "bulk")])
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("held_row")
+async def test_a_plain_async_session_in_an_operation_is_the_limit_the_readme_says(
+    engine: sa.Engine, aengine: AsyncEngine, service: str, async_driver: str
+) -> None:
+    """Not fixed (the README says so, loudly): a plain ``AsyncSession``, not made by a factory,
+    inside a ``with_self_healing`` operation. Its sync session is of a class resilient_db does
+    not make, and SQLAlchemy has no event where a bulk save keys an object: the keys the
+    failed attempt gave stay, and the replay sends UPDATEs matching nothing. psycopg raises
+    ``StaleDataError`` (not retried); asyncpg, reporting no row counts for a batch, returns:
+    the operation reports success with nothing written. This test pins that limit (if it
+    fails, the README's text is what to change)."""
+    items = made_outside(110)
+    calls: list[int] = []
+
+    def save(session: Session) -> None:
+        session.bulk_save_objects(items, return_defaults=True)
+        if len(calls) == 1:
+            lock_conflict(session)
+
+    @rdb.with_self_healing(service=service, config=FAST)
+    async def operation() -> None:
+        calls.append(1)
+        async with AsyncSession(aengine) as session, session.begin():
+            await session.run_sync(save)
+
+    if async_driver == "psycopg":
+        with pytest.raises(StaleDataError):
+            await operation()
+    else:
+        await operation()  # (reported done)
+    assert (len(calls), bulk_rows(engine)) == (2, [])  # nothing written either way
