@@ -3,9 +3,11 @@ every kind of fault, the JSON report, its invariants checked against the databas
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -19,6 +21,7 @@ from processes import alive, children_named, read_until, wait_for
 import resilient_db
 from resilient_db._cli import main
 from resilient_db.demo import DemoOptions
+from resilient_db.demo import _run as demo_run
 from resilient_db.demo._run import Demo, _captured_logs, _LogTap
 from resilient_db.demo._workload import Worker
 from resilient_db.testing import PostgresServer
@@ -264,6 +267,41 @@ def test_an_interrupt_as_the_workers_start_ends_without_a_traceback() -> None:
     assert joined == [started.name]
     assert not started.is_alive()
     assert never_started.ident is None  # (not started by the cleanup either)
+
+
+@pytest.mark.parametrize(
+    ("signum", "status", "said"),
+    [(signal.SIGTERM, 143, "terminated"), (signal.SIGHUP, 129, "hung up")],
+    ids=["SIGTERM", "SIGHUP"],
+)
+def test_a_signal_while_the_report_is_written_ends_as_it_says(
+    monkeypatch: pytest.MonkeyPatch, signum: int, status: int, said: str
+) -> None:
+    # SIGTERM (or SIGHUP) once the demo had cleaned up, while its report was being written (a
+    # pipe whose reader is slow to read: `resilient-db demo --json | ...`): it escaped the
+    # demo's own handling, and the command took it for Ctrl-C: "interrupted", exit status 130
+    # instead of 143 (129)
+    class Finished:
+        phase = "verifying"
+
+        def run(self) -> dict[str, Any]:
+            return {"ok": True, "units_ok": 1}
+
+    monkeypatch.setattr(demo_run, "_demo_for", lambda options, view: Finished())
+
+    class SignalledWhileWritten(io.StringIO):
+        def write(self, text: str) -> int:
+            if text.lstrip().startswith("{"):  # the report, not a line of progress
+                os.kill(os.getpid(), signum)  # a real signal, taken while this write runs
+            return super().write(text)
+
+    out, err = SignalledWhileWritten(), io.StringIO()
+    try:
+        got: object = demo_run.run_demo(DemoOptions(seconds=8, as_json=True), out=out, err=err)
+    except KeyboardInterrupt as exc:  # (what the command says as Ctrl-C: 130)
+        got = f"{type(exc).__name__} escaped"
+    assert got == status
+    assert err.getvalue().splitlines()[-1] == f"resilient-db demo: {said}"
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")

@@ -895,6 +895,9 @@ def _run_demo(options: DemoOptions, *, out: IO[str] | None, err: IO[str] | None)
     try:
         demo = _demo_for(options, view)
         report = demo.run()
+        # within reach of the handlers below: SIGTERM or SIGHUP while the report is written (a
+        # reader slow to read it) ends the command as it says, not as Ctrl-C
+        view.report(report)
     except DemoError as exc:
         view.stop()
         err.write(f"resilient-db demo: error: {exc}\n")
@@ -925,5 +928,4 @@ def _run_demo(options: DemoOptions, *, out: IO[str] | None, err: IO[str] | None)
         view.stop()
         err.write("resilient-db demo: interrupted\n")
         return 130
-    view.report(report)
     return 0 if report["ok"] else 1
