@@ -195,6 +195,57 @@ def test_the_text_report_names_the_database_it_kept() -> None:
     assert "database rdb_demo_0123456789 (kept: --keep-database)" in lines
 
 
+def test_the_text_report_of_one_worker_process_says_process() -> None:
+    # `--ha` alone runs one worker process: its report said "1 worker processes (p1...)"
+    fleet: dict[str, Any] = {
+        "processes": 1,
+        "redis": "redis://***@127.0.0.1:6379/0",
+        "breaker_opened_by": {"p1": 1},
+        "breaker_openings": 1,
+        "members": [],
+        "budget": {
+            "outage_retries": 0,
+            "first_attempts": 1,
+            "ratio": 0.2,
+            "floor_per_second": 10,
+            "granted": 0,
+            "exhausted": 0,
+            "conflict_retries": 0,
+        },
+    }
+    report: dict[str, Any] = {
+        "ok": True,
+        "server": "embedded PostgreSQL at 127.0.0.1:5432",
+        "workers": 8,
+        "seconds": 45.0,
+        "units_ok": 1,
+        "units_failed": 0,
+        "retries": 0,
+        "retries_by_class": {},
+        "faults_injected": {},
+        "breaker_opens": 0,
+        "breaker_closes": 0,
+        "illegal_transitions_blocked": 0,
+        "commit_outcome_unknown": 0,
+        "lost_writes": 0,
+        "duplicate_writes": 0,
+        "illegal_states_in_db": 0,
+        "invariants": {},
+        "fleet": fleet,
+    }
+    lines = [" ".join(line.split()) for line in plain_report(report).splitlines()]
+    assert (
+        "processes 1 worker process (p1) and p0, the fault schedule's, sharing "
+        "redis://***@127.0.0.1:6379/0"
+    ) in lines
+    report["fleet"] = {**fleet, "processes": 4}
+    lines = [" ".join(line.split()) for line in plain_report(report).splitlines()]
+    assert (
+        "processes 4 worker processes (p1...) and p0, the fault schedule's, sharing "
+        "redis://***@127.0.0.1:6379/0"
+    ) in lines
+
+
 def test_outcomes_settled_at_the_end_are_counted_as_resolved(
     factory: rdb.ResilientSession[Any],
 ) -> None:

@@ -171,11 +171,12 @@ def _fleet_figures(report: Mapping[str, Any]) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     if fleet:
         by = _pairs(fleet["breaker_opened_by"])
+        n = fleet["processes"]
+        members = "1 worker process (p1)" if n == 1 else f"{n} worker processes (p1...)"
         out.append(
             (
                 "processes",
-                f"{fleet['processes']} worker processes (p1...) and p0, the fault schedule's, "
-                f"sharing {fleet['redis']}",
+                f"{members} and p0, the fault schedule's, sharing {fleet['redis']}",
             )
         )
         out.append(
