@@ -246,6 +246,39 @@ def test_a_demo_whose_terminal_closed_cleans_up_as_after_sigterm(
     pg_server.drop_database(database)
 
 
+def test_news_that_comes_in_once_the_demo_was_interrupted_is_not_shown(
+    pg_server: PostgresServer,
+) -> None:
+    # Ctrl-C (or SIGTERM to the demo alone: `docker stop`, `kill PID`): the fault schedule and
+    # the worker processes, cut short, went on saying what they saw as the demo cleaned up,
+    # after it had said it was interrupted ("server restarted after 0.2 s", "p1: lost COMMIT
+    # answer could not be verified"), as if the run went on; what the cleanup itself says is
+    # still shown
+    class Interrupted:
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def start(self, title: str, snapshot: Any) -> None:
+            raise KeyboardInterrupt  # Ctrl-C as the run starts
+
+        def event(self, at: float | None, message: str) -> None:
+            self.lines.append(message)
+
+        def stop(self) -> None:
+            pass
+
+    view = Interrupted()
+    demo = Demo(DemoOptions(seconds=8, url=pg_server.url()), cast(Any, view))
+    with pytest.raises(KeyboardInterrupt):
+        demo.run()
+    demo.faults.on_event("server restarted after 0.2 s")  # the schedule's thread
+    demo.event("p1: lost COMMIT answer could not be verified: CommitOutcomeUnknownError")
+    demo.say("could not remove the demo's keys (...) from redis://***@127.0.0.1:6379/0")
+    assert view.lines == [
+        "could not remove the demo's keys (...) from redis://***@127.0.0.1:6379/0"
+    ]
+
+
 def test_an_interrupt_as_the_workers_start_ends_without_a_traceback() -> None:
     # Ctrl-C or SIGTERM while the 100 workers were starting: a worker not started yet (or not
     # yet said to be) made the end of the cleanup raise "cannot join thread before it is

@@ -389,3 +389,25 @@ def test_an_earlier_run_in_the_process_is_not_counted_as_this_runs_openings(
     assert fleet["breaker_openings"] == 0
     assert fleet["breaker_opened_by"] == {}  # was {"p0": 1}
     assert fleet["budget"]["granted"] == fleet["budget"]["exhausted"] == 0
+
+
+def test_keys_left_in_a_given_redis_are_said_on_a_terminal_too() -> None:
+    # the demo could not remove its keys from the Redis given with --redis-url (it went away
+    # meanwhile): the line saying so, written as the demo cleans up, after its live panel
+    # stopped, reached the panel's list of events, never drawn again, so a terminal (the
+    # default view) never showed it; --plain and --json did
+    from rich.console import Console  # noqa: PLC0415 - the cli extra
+
+    from resilient_db.demo._view import RichView  # noqa: PLC0415
+
+    screen = io.StringIO()
+    view = RichView(Console(file=screen, force_terminal=True, width=200))
+    url = f"redis://:hunter2@127.0.0.1:{_free_port()}/0"  # nobody listens there
+    demo = FleetDemo(DemoOptions(seconds=8, processes=2, redis_url=url), view)
+    view.start("resilient-db demo", demo.progress)
+    view.stop()  # as the demo's cleanup begins
+    demo._remove_service_keys(url)
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())  # (its colours)
+    assert "could not remove the demo's keys (resilient_db:{tasks-demo}:breaker, ...)" in shown
+    assert "redis://***@127.0.0.1:" in shown
+    assert "hunter2" not in shown

@@ -832,7 +832,7 @@ class FleetDemo(Demo):
             finally:
                 client.close()
         except Exception as exc:  # (never its text: it may carry the password)
-            self.event(
+            self.say(
                 f"could not remove the demo's keys ({_keys(SERVICE).breaker}, ...) from "
                 f"{mask_url(url)}: {type(exc).__name__}"
             )

@@ -373,6 +373,8 @@ class Demo:
         self.workers: list[Worker] = []
         self.schedule: Schedule | None = None
         self.seed = options.seed if options.seed is not None else random.randrange(1 << 30)
+        #: the run is ending: its cleanup is under way (see :meth:`event`)
+        self.ending = False
 
     # -- plumbing for the view -------------------------------------------------------------
     def elapsed(self) -> float:
@@ -380,6 +382,14 @@ class Demo:
         return time.monotonic() - base
 
     def event(self, message: str) -> None:
+        """Show what happened. Once the run is ending (its cleanup under way, after Ctrl-C say),
+        what its threads and worker processes, cut short, still see is not shown: the run is
+        over (:meth:`say` shows what the cleanup itself has to tell)."""
+        if not self.ending:
+            self.say(message)
+
+    def say(self, message: str) -> None:
+        """Show ``message``, also while the run ends."""
         self.view.event(self.elapsed() if self.workload_started is not None else None, message)
 
     def _counters(self) -> dict[str, Any]:
@@ -490,6 +500,7 @@ class Demo:
                 report["dashboard_url"] = board.url + "/"
             return report
         finally:
+            self.ending = True
             self.watch.active = False
             self.stop.set()
             self.hard_stop.set()

@@ -249,6 +249,7 @@ class RichView:
         self._snapshot: Callable[[], Progress] | None = None
         self._title = ""
         self._events: deque[str] = deque(maxlen=8)
+        self._ended = False
 
     def start(self, title: str, snapshot: Callable[[], Progress]) -> None:
         from rich.live import Live  # noqa: PLC0415 - rich is optional (the cli extra)
@@ -264,7 +265,13 @@ class RichView:
         self._live.start()
 
     def event(self, at: float | None, message: str) -> None:
-        self._events.append(f"[dim]{_stamp(at)}[/dim] {_escape(message)}")
+        line = f"[dim]{_stamp(at)}[/dim] {_escape(message)}"
+        if self._ended:
+            # the live panel is gone (what the cleanup says: a Redis it could not tidy): a line
+            # under it, as the plain view writes it, not a panel that is never drawn again
+            self.console.print(line)
+            return
+        self._events.append(line)
 
     def tick(self) -> None:
         """Nothing to do: the live display refreshes itself."""
@@ -274,6 +281,7 @@ class RichView:
             self._live.refresh()
             self._live.stop()
             self._live = None
+            self._ended = True
 
     def _render(self) -> Any:
         from rich.console import Group  # noqa: PLC0415
