@@ -16,6 +16,7 @@ from logging.config import fileConfig
 
 import sqlalchemy as sa
 from alembic import context
+from alembic.script import ScriptDirectory
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from resilient_db.examples.tasks import Base
@@ -58,7 +59,8 @@ def _sql_literal(value: str) -> str:
 
 def version_check(start: str | tuple[str, ...] | None) -> str:
     """A ``DO`` block refusing to go on unless the database is at ``start``, the revision
-    (or revisions) an offline script migrates from: ``None`` (from base) wants no
+    (or revisions, full ids: see :func:`starting_revisions`) an offline script migrates from:
+    ``None`` (from base) wants no
     ``alembic_version`` table, as the script creates it. Alembic's offline scripts check no
     version (its ``UPDATE alembic_version ... WHERE version_num = ...`` matches no row
     without an error), so a copy applied again, or at another revision, ran its steps again.
@@ -94,6 +96,19 @@ END
 $rdb_version$"""
 
 
+def starting_revisions() -> tuple[str, ...] | None:
+    """The revisions an offline script migrates from (``START`` of ``upgrade START:END --sql``)
+    as the database records them: full ids. Alembic resolves ``head`` and branch labels there,
+    not an abbreviated id (``upgrade 0005:head --sql``, which it accepts and whose steps'
+    ``UPDATE alembic_version ... WHERE version_num = ...`` name the full id): compared as typed,
+    the check refused a database at exactly that revision. ``None``: from base."""
+    start = context.get_starting_revision_argument()
+    if start is None:
+        return None
+    script = ScriptDirectory.from_config(config)
+    return tuple(rev.revision for rev in script.get_revisions(start) if rev is not None) or None
+
+
 def run_migrations_offline() -> None:
     """Write the migration SQL instead of running it: one transaction (``BEGIN`` ... ``COMMIT``,
     PostgreSQL DDL being transactional) whose first statement takes :data:`MIGRATION_LOCK`, as
@@ -110,7 +125,7 @@ def run_migrations_offline() -> None:
     )
     with context.begin_transaction():
         context.execute(MIGRATION_LOCK)
-        context.execute(version_check(context.get_starting_revision_argument()))
+        context.execute(version_check(starting_revisions()))
         context.run_migrations()
 
 

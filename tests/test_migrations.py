@@ -915,6 +915,30 @@ def test_an_offline_range_script_runs_only_at_its_start_revision(
     assert version(engine) == "0009_transition_trigger_v5"
 
 
+def test_an_offline_range_script_from_an_abbreviated_revision_runs_there(
+    pg_server: PostgresServer, pg_url: str, pg_database: str, engine: sa.Engine, tmp_path: Path
+) -> None:
+    """``alembic upgrade 0010:head --sql``: Alembic takes an abbreviated revision id (its
+    steps' ``UPDATE alembic_version ... WHERE version_num = ...`` name the full one), but the
+    version check compared the database's full id with the id as typed, and refused a
+    database at exactly that revision ("starts at revision 0010, the database is at
+    0010_markers_newest_horizon"). The check names the full id."""
+    script = _offline_script("0010:head")
+    apply_migrations(pg_url, revision="0010_markers_newest_horizon")
+    path = tmp_path / "upgrade.sql"
+    path.write_text(script)
+    code, err = _run_psql(pg_server, pg_database, path)
+    assert code == 0, err
+    assert "CAST(ARRAY['0010_markers_newest_horizon'] AS text[])" in script
+    assert version(engine) == HEAD
+    code, err = _run_psql(pg_server, pg_database, path)  # applied again: stopped, as ever
+    assert code != 0
+    assert (
+        "this migration script starts at revision 0010_markers_newest_horizon, the database "
+        f"is at {HEAD}: nothing of it was run"
+    ) in err
+
+
 def test_an_offline_script_from_base_refuses_an_empty_version_table(
     pg_server: PostgresServer, pg_url: str, pg_database: str, engine: sa.Engine, tmp_path: Path
 ) -> None:
