@@ -1083,6 +1083,26 @@ def test_the_application_role_may_call_the_install_once_it_is_current(
         ).scalar()
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+async def test_an_async_application_role_may_call_the_install_at_startup_through_its_engine(
+    engine: sa.Engine, app_login: tuple[str, str], driver: str
+) -> None:
+    """The README's startup install for asyncio as an application role: through the sync
+    Engine of the connection ``run_sync`` gives (``c.engine``), the install looks first on a
+    connection of its own and sends no DDL when current, as for a sync Engine (given the
+    Connection itself it always installs, which an application role may not)."""
+    _, url = app_login
+    aengine = create_async_engine(url.replace("postgresql+psycopg", f"postgresql+{driver}"))
+    try:
+        async with aengine.connect() as conn:
+            await conn.run_sync(lambda c: rdb.install_commit_markers(c.engine))
+            with pytest.raises(sa.exc.ProgrammingError, match="permission denied"):
+                await conn.run_sync(rdb.install_commit_markers)  # the Connection: installs
+    finally:
+        await aengine.dispose()
+
+
 def test_an_install_by_a_role_that_may_not_create_in_the_database_says_what_it_lacks(
     engine: sa.Engine, app_login: tuple[str, str], pg_database: str
 ) -> None:

@@ -386,7 +386,8 @@ def run_statements(target: Any, statements: list[str]) -> None:
     if not isinstance(target, Connection):
         raise TypeError(
             "expected an Alembic op, a Connection, an Engine or a Session, got "
-            f"{type(target).__name__} (for asyncio use conn.run_sync(...))"
+            f"{type(target).__name__} (for asyncio: await conn.run_sync(install), or "
+            "await conn.run_sync(lambda c: install(c.engine)) to send nothing when current)"
         )
     _require_postgresql(target.dialect)
     _send(target, statements)
