@@ -481,9 +481,11 @@ def test_trigger_sql_shape() -> None:
     assert 'CREATE TRIGGER "rdb_transition_status_ins" AFTER INSERT ON "tasks"' in sql
     assert 'CREATE TRIGGER "rdb_transition_status_upd" AFTER UPDATE ON "tasks"' in sql
     assert "BEFORE" not in sql
+    # IS DISTINCT FROM with the built-in equality named (bound whatever the installer's path)
     assert (
-        'WHEN (OLD."status"::text COLLATE pg_catalog."C" IS DISTINCT FROM '
-        'NEW."status"::text COLLATE pg_catalog."C")' in sql
+        'WHEN (NOT coalesce(OLD."status"::pg_catalog.text COLLATE pg_catalog."C"\n'
+        '    OPERATOR(pg_catalog.=) NEW."status"::pg_catalog.text COLLATE pg_catalog."C",\n'
+        '    OLD."status" IS NULL AND NEW."status" IS NULL))' in sql
     )
     assert f"ERRCODE = '{TRANSITION_SQLSTATE}'" in sql
     assert "current_setting('resilient_db.bypass_transitions', true)" in sql

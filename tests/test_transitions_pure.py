@@ -531,27 +531,30 @@ $rdb$;
 COMMENT ON FUNCTION "rdb_transition_jobs_state_b53b700df013"() IS 'resilient_db transition \
 guard v5 rules-sha256=184928a9ef0e5f045c6898167df67086cdc88f3f6cdc57de5b11eda78345e73f';
 DECLARE
-    v_rel oid := pg_catalog.to_regclass('"jobs"')::oid;
-    v_own oid := pg_catalog.to_regprocedure('"rdb_transition_jobs_state_b53b700df013"()')::oid;
+    v_rel pg_catalog.oid := pg_catalog.to_regclass('"jobs"')::pg_catalog.oid;
+    v_own pg_catalog.oid := \
+pg_catalog.to_regprocedure('"rdb_transition_jobs_state_b53b700df013"()')::pg_catalog.oid;
     r record;
 BEGIN
     FOR r IN
-        SELECT t.tgname::text AS trigger, t.tgfoid AS fn, p.proname::text AS function,
-               s.nspname::text AS schema, p.proowner AS owner
+        SELECT t.tgname::pg_catalog.text AS trigger, t.tgfoid AS fn,
+               p.proname::pg_catalog.text AS function, s.nspname::pg_catalog.text AS schema,
+               p.proowner AS owner
         FROM pg_catalog.pg_trigger t
-        JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
-        JOIN pg_catalog.pg_namespace s ON s.oid = p.pronamespace
-        WHERE t.tgrelid = v_rel AND NOT t.tgisinternal
-            AND pg_catalog.obj_description(t.tgfoid, 'pg_proc') LIKE 'resilient_db transition \
-guard %'
-            AND t.tgname::text = ANY (ARRAY['rdb_transition_state_ins', \
-'rdb_transition_state_upd']::text[])
-            AND (v_own IS NULL OR t.tgfoid <> v_own)
+        JOIN pg_catalog.pg_proc p ON p.oid OPERATOR(pg_catalog.=) t.tgfoid
+        JOIN pg_catalog.pg_namespace s ON s.oid OPERATOR(pg_catalog.=) p.pronamespace
+        WHERE t.tgrelid OPERATOR(pg_catalog.=) v_rel AND NOT t.tgisinternal
+            AND pg_catalog.starts_with(pg_catalog.obj_description(t.tgfoid, 'pg_proc'), \
+'resilient_db transition guard ')
+            AND t.tgname::pg_catalog.text OPERATOR(pg_catalog.=) ANY \
+(ARRAY['rdb_transition_state_ins', 'rdb_transition_state_upd']::pg_catalog.text[])
+            AND (v_own IS NULL OR t.tgfoid OPERATOR(pg_catalog.<>) v_own)
     LOOP
         EXECUTE pg_catalog.format('DROP TRIGGER %I ON %s', r.trigger, '"jobs"');
         -- a function this role may not drop (another role's, stamped like ours) stays: its
         -- trigger is gone, and the install must not fail on it
-        IF NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgfoid = r.fn)
+        IF NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgfoid OPERATOR(pg_catalog.=) \
+r.fn)
                 AND pg_catalog.pg_has_role(r.owner, 'USAGE') THEN
             EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS %I.%I()', r.schema, r.function);
         END IF;
@@ -559,26 +562,30 @@ guard %'
 END;
 DROP TRIGGER IF EXISTS "rdb_transition_state_ins" ON "jobs";
 CREATE TRIGGER "rdb_transition_state_ins" AFTER INSERT ON "jobs"
-FOR EACH ROW WHEN (NOT (coalesce(NEW."state"::text COLLATE pg_catalog."C" IN ('new'), false)))
+FOR EACH ROW WHEN (NOT (coalesce(NEW."state"::pg_catalog.text COLLATE pg_catalog."C"
+    OPERATOR(pg_catalog.=) ANY (ARRAY['new']::pg_catalog.text[]), false)))
 EXECUTE FUNCTION "rdb_transition_jobs_state_b53b700df013"();
 DROP TRIGGER IF EXISTS "rdb_transition_state_upd" ON "jobs";
 CREATE TRIGGER "rdb_transition_state_upd" AFTER UPDATE ON "jobs"
-FOR EACH ROW WHEN (OLD."state"::text COLLATE pg_catalog."C" IS DISTINCT FROM \
-NEW."state"::text COLLATE pg_catalog."C")
+FOR EACH ROW WHEN (NOT coalesce(OLD."state"::pg_catalog.text COLLATE pg_catalog."C"
+    OPERATOR(pg_catalog.=) NEW."state"::pg_catalog.text COLLATE pg_catalog."C",
+    OLD."state" IS NULL AND NEW."state" IS NULL))
 EXECUTE FUNCTION "rdb_transition_jobs_state_b53b700df013"();
 END
 $rdb1$;
 
 DO $rdb$
 DECLARE
-    v_old regprocedure := pg_catalog.to_regprocedure('"rdb_transition_jobs_state"()');
+    v_old pg_catalog.regprocedure := \
+pg_catalog.to_regprocedure('"rdb_transition_jobs_state"()');
 BEGIN
     IF v_old IS NOT NULL
-        AND pg_catalog.obj_description(v_old, 'pg_proc') LIKE 'resilient_db transition guard \
-%'
-        AND NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgfoid = v_old::oid)
-        AND pg_catalog.pg_has_role((SELECT p.proowner FROM pg_catalog.pg_proc p WHERE \
-p.oid = v_old::oid), 'USAGE') THEN
+        AND pg_catalog.starts_with(pg_catalog.obj_description(v_old, 'pg_proc'), \
+'resilient_db transition guard ')
+        AND NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgfoid OPERATOR(pg_catalog.=) \
+v_old::pg_catalog.oid)
+        AND pg_catalog.pg_has_role((SELECT p.proowner FROM pg_catalog.pg_proc p WHERE p.oid \
+OPERATOR(pg_catalog.=) v_old::pg_catalog.oid), 'USAGE') THEN
         DROP FUNCTION "rdb_transition_jobs_state"();
     END IF;
 END
@@ -586,33 +593,37 @@ $rdb$;
 
 DO $rdb$
 DECLARE
-    v_rel oid := pg_catalog.to_regclass('"jobs"')::oid;
+    v_rel pg_catalog.oid := pg_catalog.to_regclass('"jobs"')::pg_catalog.oid;
     r record;
 BEGIN
     IF v_rel IS NULL THEN
         RETURN;
     END IF;
     FOR r IN
-        SELECT t.tgname::text AS trigger, t.tgfoid AS fn, p.proname::text AS function,
-               s.nspname::text AS schema, p.proowner AS owner
+        SELECT t.tgname::pg_catalog.text AS trigger, t.tgfoid AS fn,
+               p.proname::pg_catalog.text AS function, s.nspname::pg_catalog.text AS schema,
+               p.proowner AS owner
         FROM pg_catalog.pg_trigger t
-        JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
-        JOIN pg_catalog.pg_namespace s ON s.oid = p.pronamespace
-        WHERE t.tgrelid = v_rel AND NOT t.tgisinternal
-            AND pg_catalog.obj_description(t.tgfoid, 'pg_proc') LIKE 'resilient_db transition \
-guard %'
-            AND (pg_catalog.length(t.tgname::text) > 19
-                AND pg_catalog.left(t.tgname::text, 15) = 'rdb_transition_'::text
-                AND pg_catalog.right(t.tgname::text, 4) = ANY (ARRAY['_ins', '_upd']::text[])
+        JOIN pg_catalog.pg_proc p ON p.oid OPERATOR(pg_catalog.=) t.tgfoid
+        JOIN pg_catalog.pg_namespace s ON s.oid OPERATOR(pg_catalog.=) p.pronamespace
+        WHERE t.tgrelid OPERATOR(pg_catalog.=) v_rel AND NOT t.tgisinternal
+            AND pg_catalog.starts_with(pg_catalog.obj_description(t.tgfoid, 'pg_proc'), \
+'resilient_db transition guard ')
+            AND (pg_catalog.length(t.tgname::pg_catalog.text) OPERATOR(pg_catalog.>) 19
+                AND pg_catalog.starts_with(t.tgname::pg_catalog.text, 'rdb_transition_')
+                AND pg_catalog.right(t.tgname::pg_catalog.text, 4) OPERATOR(pg_catalog.=) ANY \
+(ARRAY['_ins', '_upd']::pg_catalog.text[])
                 AND NOT EXISTS (SELECT FROM pg_catalog.pg_attribute a
-                    WHERE a.attrelid = v_rel AND a.attnum > 0 AND NOT a.attisdropped
-                    AND a.attname::text = pg_catalog.substr(t.tgname::text, 16,
-                        pg_catalog.length(t.tgname::text) - 19)))
+                    WHERE a.attrelid OPERATOR(pg_catalog.=) v_rel AND a.attnum \
+OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped
+                    AND a.attname::pg_catalog.text OPERATOR(pg_catalog.=)
+                        pg_catalog.left(pg_catalog.substr(t.tgname::pg_catalog.text, 16), -4)))
     LOOP
         EXECUTE pg_catalog.format('DROP TRIGGER %I ON %s', r.trigger, '"jobs"');
         -- a function this role may not drop (another role's, stamped like ours) stays: its
         -- trigger is gone, and the install must not fail on it
-        IF NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgfoid = r.fn)
+        IF NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgfoid OPERATOR(pg_catalog.=) \
+r.fn)
                 AND pg_catalog.pg_has_role(r.owner, 'USAGE') THEN
             EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS %I.%I()', r.schema, r.function);
         END IF;
@@ -627,28 +638,30 @@ $rdb$;
 JOBS_TRIGGERS_DROP = """\
 DO $rdb$
 DECLARE
-    v_rel oid := pg_catalog.to_regclass('"jobs"')::oid;
+    v_rel pg_catalog.oid := pg_catalog.to_regclass('"jobs"')::pg_catalog.oid;
     r record;
 BEGIN
     IF v_rel IS NULL THEN
         RETURN;
     END IF;
     FOR r IN
-        SELECT t.tgname::text AS trigger, t.tgfoid AS fn, p.proname::text AS function,
-               s.nspname::text AS schema, p.proowner AS owner
+        SELECT t.tgname::pg_catalog.text AS trigger, t.tgfoid AS fn,
+               p.proname::pg_catalog.text AS function, s.nspname::pg_catalog.text AS schema,
+               p.proowner AS owner
         FROM pg_catalog.pg_trigger t
-        JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
-        JOIN pg_catalog.pg_namespace s ON s.oid = p.pronamespace
-        WHERE t.tgrelid = v_rel AND NOT t.tgisinternal
-            AND pg_catalog.obj_description(t.tgfoid, 'pg_proc') LIKE 'resilient_db transition \
-guard %'
-            AND t.tgname::text = ANY (ARRAY['rdb_transition_state_ins', \
-'rdb_transition_state_upd']::text[])
+        JOIN pg_catalog.pg_proc p ON p.oid OPERATOR(pg_catalog.=) t.tgfoid
+        JOIN pg_catalog.pg_namespace s ON s.oid OPERATOR(pg_catalog.=) p.pronamespace
+        WHERE t.tgrelid OPERATOR(pg_catalog.=) v_rel AND NOT t.tgisinternal
+            AND pg_catalog.starts_with(pg_catalog.obj_description(t.tgfoid, 'pg_proc'), \
+'resilient_db transition guard ')
+            AND t.tgname::pg_catalog.text OPERATOR(pg_catalog.=) ANY \
+(ARRAY['rdb_transition_state_ins', 'rdb_transition_state_upd']::pg_catalog.text[])
     LOOP
         EXECUTE pg_catalog.format('DROP TRIGGER %I ON %s', r.trigger, '"jobs"');
         -- a function this role may not drop (another role's, stamped like ours) stays: its
         -- trigger is gone, and the install must not fail on it
-        IF NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgfoid = r.fn)
+        IF NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgfoid OPERATOR(pg_catalog.=) \
+r.fn)
                 AND pg_catalog.pg_has_role(r.owner, 'USAGE') THEN
             EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS %I.%I()', r.schema, r.function);
         END IF;

@@ -16,7 +16,7 @@ import enum
 import re
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -40,6 +40,9 @@ from ._rules import (
 )
 from ._sql import (
     BYPASS_ROLE,
+    EQ,
+    GT,
+    NE,
     bypass_role_statement,
     column_of_trigger,
     drop_plan,
@@ -58,9 +61,10 @@ from ._sql import (
     source_matches,
     spellings,
     stamp_generator,
-    stamp_prefix_pattern,
+    stamp_prefix,
     stored_name,
     trigger_names,
+    unqualified,
     update_when_printed,
 )
 from ._sql import transition_trigger_drop_sql as _model_drop_sql
@@ -561,16 +565,17 @@ def _warn_no_role(model: str, *, installed_now: bool) -> None:
     )
 
 
-# oid = oid, as the drift queries compare (see _DRIFT_QUERY): asked at every install and
-# startup, before anything else, with the installer's rights. Whether the table is
-# partitioned, and the tables that inherit from it (INHERITS, not partitions), if any.
+# Operators, types and functions named with their schema, as the drift queries (see
+# _DRIFT_QUERY): asked at every install and startup, before anything else, with the
+# installer's rights. Whether the table is partitioned, and the tables that inherit from it
+# (INHERITS, not partitions), if any.
 _TABLE_SHAPE_QUERY = sa.text(
-    "SELECT c.relkind = 'p' AS partitioned,"
-    " (SELECT pg_catalog.string_agg(i.inhrelid::regclass::text, ', '"
-    "  ORDER BY i.inhrelid::regclass::text)"
-    "  FROM pg_catalog.pg_inherits i JOIN pg_catalog.pg_class k ON k.oid = i.inhrelid"
-    "  WHERE i.inhparent = c.oid AND NOT k.relispartition) AS inheriting"
-    " FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass(:table)::oid"
+    f"SELECT c.relkind {EQ} 'p' AS partitioned,"
+    " (SELECT pg_catalog.string_agg(i.inhrelid::pg_catalog.regclass::pg_catalog.text, ', '"
+    "  ORDER BY i.inhrelid::pg_catalog.regclass::pg_catalog.text)"
+    f"  FROM pg_catalog.pg_inherits i JOIN pg_catalog.pg_class k ON k.oid {EQ} i.inhrelid"
+    f"  WHERE i.inhparent {EQ} c.oid AND NOT k.relispartition) AS inheriting"
+    f" FROM pg_catalog.pg_class c WHERE c.oid {EQ} pg_catalog.to_regclass(:table)::pg_catalog.oid"
 )
 
 
@@ -702,23 +707,25 @@ def transition_trigger_sql(model: type[Any] | TransitionTrigger) -> str:
     """Idempotent PostgreSQL DDL enforcing the rules of ``model`` in the database.
 
     Per guarded column: a PL/pgSQL function (``CREATE OR REPLACE``) stamped with a hash of the
-    rules (``COMMENT ON FUNCTION``), an ``AFTER INSERT`` row trigger that fires only for a row not
-    in an initial state (a bulk INSERT of rows starting as they should queues no trigger event)
-    and an ``AFTER UPDATE`` row trigger that fires only ``WHEN (OLD.col IS DISTINCT FROM
+    rules (``COMMENT ON FUNCTION``), an ``AFTER INSERT`` row trigger that fires only for a row
+    not in an initial state (a bulk INSERT of rows starting as they should queues no trigger
+    event) and an ``AFTER UPDATE`` row trigger that fires only ``WHEN (OLD.col IS DISTINCT FROM
     NEW.col)`` (both compare the column's text bytewise, ``COLLATE "C"``, whatever its
-    collation): AFTER, so they check the row as stored, whatever other BEFORE triggers of the
-    table did to it. Our triggers left on the model's tables for a column the table no longer has
-    (renamed or dropped) are dropped (see :func:`install_transition_trigger`). An illegal change
-    raises SQLSTATE :data:`TRANSITION_SQLSTATE` with a JSON DETAIL (model, schema, table, column,
-    from, to, pk), unless a member of :data:`BYPASS_ROLE` asked for a bypass of the current
-    transaction (see :func:`~resilient_db.bypass_transitions`); the script first creates that
-    role if it is missing. All literals and identifiers are quoted. Run it as a script (``psql``,
+    collation, with the built-in equality named, ``OPERATOR(pg_catalog.=)``, whatever the
+    installer's search_path holds): AFTER, so they check the row as stored, whatever other
+    BEFORE triggers of the table did to it. Our triggers left on the model's tables for a column
+    the table no longer has (renamed or dropped) are dropped (see
+    :func:`install_transition_trigger`). An illegal change raises SQLSTATE
+    :data:`TRANSITION_SQLSTATE` with a JSON DETAIL (model, schema, table, column, from, to, pk),
+    unless a member of :data:`BYPASS_ROLE` asked for a bypass of the current transaction (see
+    :func:`~resilient_db.bypass_transitions`); the script first creates that role if it is
+    missing. All literals and identifiers are quoted. Run it as a script (``psql``,
     ``op.execute`` through psycopg), or with :func:`install_transition_trigger`, which sends the
     statements one at a time (also through asyncpg, which prepares every statement and so can't
     run the script in one call: there :class:`ScriptOnPreparedStatementError` says so). Each
-    statement may commit on its own (``psql`` without ``-1``): the function and
-    both triggers of a column are replaced in one ``DO`` block, so no statement leaves the table
-    unguarded; there is no ``BEGIN`` or ``COMMIT``, so it runs inside a caller's transaction too.
+    statement may commit on its own (``psql`` without ``-1``): the function and both triggers of
+    a column are replaced in one ``DO`` block, so no statement leaves the table unguarded; there
+    is no ``BEGIN`` or ``COMMIT``, so it runs inside a caller's transaction too.
 
     ``model`` may be a :class:`TransitionTrigger` too: the script of its column, as the model it
     stands for would have it.
@@ -910,25 +917,42 @@ def _refuse_schema_translation(
             )
 
 
-# Every comparison below is between values of one built-in type (oid = oid, not oid =
-# regclass, nor oid <> integer): for such a pair the built-in operator is an exact match, found
-# in pg_catalog before any schema of the caller's search_path, so an operator of mixed types
-# planted in public (which would be an exact match where the built-in needs a coercion) never
-# runs here, with the rights of the application at startup or of an operator asking.
+# Every operator, type and function below is named with its schema (OPERATOR(pg_catalog.=)):
+# these queries run with the rights of the application at startup, of the installer, or of an
+# operator asking, and a search_path listing pg_catalog after another schema would make that
+# schema's operators (an exact match of built-in types too) win over the built-ins.
+_T: Final = "pg_catalog.text"
 _DRIFT_QUERY = sa.text(
-    """
-    SELECT t.tgname::text AS name, t.tgenabled::text AS enabled, p.proname::text AS function,
+    f"""
+    SELECT t.tgname::{_T} AS name, t.tgenabled::{_T} AS enabled, p.proname::{_T} AS function,
            pg_catalog.obj_description(p.oid, 'pg_proc') AS stamp,
-           t.tgtype::integer AS type, pg_catalog.cardinality(t.tgattr::int2[]) AS columns,
-           t.tgnargs::integer AS nargs, t.tgconstraint <> '0'::oid AS constraint_trigger,
+           t.tgtype::pg_catalog.int4 AS type, pg_catalog.cardinality(t.tgattr::pg_catalog.int2[])
+               AS columns,
+           t.tgnargs::pg_catalog.int4 AS nargs, t.tgconstraint {NE} 0::pg_catalog.oid
+               AS constraint_trigger,
            pg_catalog.pg_get_triggerdef(t.oid) AS definition,
            pg_catalog.quote_ident(:col) AS quoted_column,
-           p.prosrc AS source, p.proconfig::text[] AS config, p.prosecdef AS definer,
-           l.lanname::text AS language
+           p.prosrc AS source, p.proconfig::{_T}[] AS config, p.prosecdef AS definer,
+           l.lanname::{_T} AS language,
+           -- what its WHEN is bound to besides its table and function: nothing for ours, whose
+           -- operators, type, functions and collation are built in (the server records no
+           -- dependency on those); an operator or function of another schema shows here,
+           -- named with its schema whatever the session's search_path
+           (SELECT pg_catalog.string_agg(pg_catalog.format('%s %s', o.type, o.identity),
+                       ', ' ORDER BY d.refclassid, d.refobjid)
+            FROM pg_catalog.pg_depend d, LATERAL pg_catalog.pg_identify_object(
+                d.refclassid, d.refobjid, d.refobjsubid) o
+            WHERE d.classid {EQ} 'pg_catalog.pg_trigger'::pg_catalog.regclass
+                AND d.objid {EQ} t.oid
+                AND NOT (d.refclassid {EQ} 'pg_catalog.pg_class'::pg_catalog.regclass
+                         AND d.refobjid {EQ} t.tgrelid)
+                AND NOT (d.refclassid {EQ} 'pg_catalog.pg_proc'::pg_catalog.regclass
+                         AND d.refobjid {EQ} t.tgfoid)) AS bound
     FROM pg_catalog.pg_trigger t
-    JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
-    JOIN pg_catalog.pg_language l ON l.oid = p.prolang
-    WHERE t.tgrelid = pg_catalog.to_regclass(:rel)::oid AND t.tgname IN (:ins, :upd)
+    JOIN pg_catalog.pg_proc p ON p.oid {EQ} t.tgfoid
+    JOIN pg_catalog.pg_language l ON l.oid {EQ} p.prolang
+    WHERE t.tgrelid {EQ} pg_catalog.to_regclass(:rel)::pg_catalog.oid
+        AND t.tgname {EQ} ANY (ARRAY[:ins, :upd]::pg_catalog.name[])
     """
 )
 # The clones of our triggers that PostgreSQL made on the partitions of a partitioned table (a
@@ -936,12 +960,13 @@ _DRIFT_QUERY = sa.text(
 # can be disabled on its own (ALTER TABLE <partition> DISABLE TRIGGER), and then a write to a
 # row of that partition goes unchecked while the table's own triggers look as installed.
 _PARTITION_QUERY = sa.text(
-    """
-    SELECT p.relid::regclass::text AS partition, t.tgname::text AS name,
-           t.tgenabled::text AS enabled
+    f"""
+    SELECT p.relid::pg_catalog.regclass::{_T} AS partition, t.tgname::{_T} AS name,
+           t.tgenabled::{_T} AS enabled
     FROM pg_catalog.pg_partition_tree(pg_catalog.to_regclass(:rel)) p
-    JOIN pg_catalog.pg_trigger t ON t.tgrelid = p.relid::oid
-    WHERE p.level > 0 AND t.tgname IN (:ins, :upd) AND t.tgenabled <> 'O'
+    JOIN pg_catalog.pg_trigger t ON t.tgrelid {EQ} p.relid::pg_catalog.oid
+    WHERE p.level {GT} 0 AND t.tgname {EQ} ANY (ARRAY[:ins, :upd]::pg_catalog.name[])
+        AND t.tgenabled {NE} 'O'
     ORDER BY p.level, 1, 2
     """
 )
@@ -963,29 +988,35 @@ def _shape_differs(row: Any, guard: Guard, update: bool) -> bool:
     """Whether the trigger of ``row`` is not the one install creates: AFTER INSERT WHEN the row
     is not in an initial state, or AFTER UPDATE with no column list and WHEN (OLD.col IS
     DISTINCT FROM NEW.col), both comparing the column's text bytewise (COLLATE "C"), for each
-    row, no arguments, not a constraint trigger."""
+    row, no arguments, not a constraint trigger; a WHEN bound to nothing but built-ins (an
+    earlier release's ``IN`` and ``IS DISTINCT FROM`` too, when installed on a search_path
+    that found the built-in equality)."""
     expected = _TRIGGER_TYPE_UPDATE if update else _TRIGGER_TYPE_INSERT
     if row.type != expected or row.columns or row.nargs or row.constraint_trigger:
         return True
+    if row.bound is not None:  # bound to an operator or function not built in
+        return True
     match = _WHEN.search(row.definition)
+    if match is None:
+        return True
     col = row.quoted_column
-    if not update:
-        return match is None or match["cond"] not in insert_when_printed(guard, col)
-    # as PostgreSQL prints it back (a WHEN without the bytewise COLLATE is not ours any more)
-    return match is None or match["cond"] not in update_when_printed(guard, col)
+    printed = insert_when_printed(guard, col) if not update else update_when_printed(guard, col)
+    # as PostgreSQL prints it back (a WHEN without the bytewise COLLATE is not ours any more),
+    # however it qualifies the built-ins it names
+    return unqualified(match["cond"]) not in {unqualified(p) for p in printed}
 
 
-# the schema the table resolves to (no row: no such table); oid = oid, as the others compare
+# the schema the table resolves to (no row: no such table); named operators, as the others
 _TABLE_QUERY = sa.text(
-    "SELECT s.nspname::text FROM pg_catalog.pg_class c"
-    " JOIN pg_catalog.pg_namespace s ON s.oid = c.relnamespace"
-    " WHERE c.oid = pg_catalog.to_regclass(:rel)::oid"
+    f"SELECT s.nspname::{_T} FROM pg_catalog.pg_class c"
+    f" JOIN pg_catalog.pg_namespace s ON s.oid {EQ} c.relnamespace"
+    f" WHERE c.oid {EQ} pg_catalog.to_regclass(:rel)::pg_catalog.oid"
 )
 # text = text, as the other queries compare (attname is a name)
 _COLUMN_QUERY = sa.text(
     "SELECT EXISTS (SELECT FROM pg_catalog.pg_attribute"
-    " WHERE attrelid = pg_catalog.to_regclass(:rel)::oid AND attnum > 0 AND NOT attisdropped"
-    " AND attname::text = CAST(:col AS text))"
+    f" WHERE attrelid {EQ} pg_catalog.to_regclass(:rel)::pg_catalog.oid AND attnum {GT} 0"
+    f" AND NOT attisdropped AND attname::{_T} {EQ} CAST(:col AS {_T}))"
 )
 
 
@@ -1066,9 +1097,10 @@ def trigger_drift(
                 state = _ENABLED.get(row.enabled, f"has tgenabled = {row.enabled!r}")
                 problems.append(f"{where}: trigger {trigger} {state}")
             if _shape_differs(row, guard, update=trigger == n.update_trigger):
+                bound = "" if row.bound is None else f", its WHEN bound to {row.bound}"
                 problems.append(
                     f"{where}: trigger {trigger} is not the one install creates "
-                    f"({row.definition}); run install_transition_trigger again"
+                    f"({row.definition}{bound}); run install_transition_trigger again"
                 )
             current = row.function in accepted and row.stamp == accepted[row.function]
             if current and (
@@ -1141,16 +1173,16 @@ def trigger_drift(
     return "; ".join(problems) if problems else None
 
 
-_STAMPED = literal(stamp_prefix_pattern())
+_STAMPED = literal(stamp_prefix())
 _INDENT = "\n            "
 _LEFT_OVER_QUERY = sa.text(
     f"""
-    SELECT t.tgname::text AS name, p.proname::text AS function
+    SELECT t.tgname::{_T} AS name, p.proname::{_T} AS function
     FROM pg_catalog.pg_trigger t
-    JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
-    WHERE t.tgrelid = pg_catalog.to_regclass(:rel)::oid AND NOT t.tgisinternal
-        AND pg_catalog.obj_description(p.oid, 'pg_proc') LIKE {_STAMPED}
-        AND {gone_column_condition("t.tgname::text", "t.tgrelid", _INDENT)}
+    JOIN pg_catalog.pg_proc p ON p.oid {EQ} t.tgfoid
+    WHERE t.tgrelid {EQ} pg_catalog.to_regclass(:rel)::pg_catalog.oid AND NOT t.tgisinternal
+        AND pg_catalog.starts_with(pg_catalog.obj_description(p.oid, 'pg_proc'), {_STAMPED})
+        AND {gone_column_condition(f"t.tgname::{_T}", "t.tgrelid", _INDENT)}
     ORDER BY 1
     """
 )

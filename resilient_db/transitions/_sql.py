@@ -31,6 +31,9 @@ __all__ = [
     "BYPASS_ROLE",
     "BYPASS_SETTING",
     "BYPASS_STATEMENT",
+    "EQ",
+    "GT",
+    "NE",
     "TRANSITION_SQLSTATE",
     "TriggerNames",
     "bypass_role_statement",
@@ -59,10 +62,12 @@ __all__ = [
     "spellings",
     "sql_ident",
     "stamp_generator",
+    "stamp_prefix",
     "stamp_prefix_pattern",
     "transition_trigger_drop_sql",
     "transition_trigger_sql",
     "trigger_names",
+    "unqualified",
     "update_when",
     "update_when_printed",
 ]
@@ -161,30 +166,35 @@ def _escape(found: re.Match[str]) -> str:
 # PostgreSQL 16+): a membership granted WITH INHERIT FALSE, SET FALSE (to a role that is a member)
 # confers no rights, and must not lend the bypass to a login calling such a function. Before 16
 # every member may SET ROLE, so MEMBER is the same check there (and 'SET' is unknown).
+# ``{ge}``: ``>=`` in the trigger function (its search_path pinned, and its source what drift
+# detection compares), ``OPERATOR(pg_catalog.>=)`` in a statement run on the caller's path.
 _MAY_BYPASS = (
     "pg_catalog.pg_has_role(current_user, {role}, 'USAGE')"
     " AND (pg_catalog.pg_has_role(session_user, {role}, 'USAGE')"
-    " OR CASE WHEN pg_catalog.current_setting('server_version_num')::integer >= 160000"
+    " OR CASE WHEN pg_catalog.current_setting('server_version_num')::integer {ge} 160000"
     " THEN pg_catalog.pg_has_role(session_user, {role}, 'SET')"
     " ELSE pg_catalog.pg_has_role(session_user, {role}, 'MEMBER') END)"
 )
 
-#: What :func:`~resilient_db.bypass_transitions` sends: one round trip that binds the bypass to
+_QUALIFIED_GE = "OPERATOR(pg_catalog.>=)"
+
+#: What :func:`~resilient_db.bypass_transitions` sends (on the caller's search_path: operators
+#: and types named with their schema): one round trip that binds the bypass to
 #: the current transaction (its id) when the roles may bypass, with its reason (the bind
 #: parameter ``reason``, for the trigger's log lines), and says who asked. On a hot standby
 #: (in recovery: nothing is written there, and no transaction id can be assigned) it binds
 #: nothing and says ``standby``.
 BYPASS_STATEMENT = f"""\
 SELECT r.oid IS NOT NULL AS role_exists, r.standby,
-       current_user::text AS acting_role, session_user::text AS login_role,
-       CASE WHEN NOT r.standby THEN pg_catalog.pg_current_xact_id()::text END AS xid,
-       CASE WHEN NOT r.standby AND {_MAY_BYPASS.format(role="r.oid")}
+       current_user::pg_catalog.text AS acting_role, session_user::pg_catalog.text AS login_role,
+       CASE WHEN NOT r.standby THEN pg_catalog.pg_current_xact_id()::pg_catalog.text END AS xid,
+       CASE WHEN NOT r.standby AND {_MAY_BYPASS.format(role="r.oid", ge=_QUALIFIED_GE)}
             THEN pg_catalog.set_config({literal(BYPASS_REASON_SETTING)}, :reason, true) END
            AS reason,
-       CASE WHEN NOT r.standby AND {_MAY_BYPASS.format(role="r.oid")}
+       CASE WHEN NOT r.standby AND {_MAY_BYPASS.format(role="r.oid", ge=_QUALIFIED_GE)}
             THEN pg_catalog.set_config({literal(BYPASS_SETTING)},
-                pg_catalog.pg_current_xact_id()::text, true) END AS bound
-FROM (SELECT pg_catalog.to_regrole({literal(BYPASS_ROLE)})::oid AS oid,
+                pg_catalog.pg_current_xact_id()::pg_catalog.text, true) END AS bound
+FROM (SELECT pg_catalog.to_regrole({literal(BYPASS_ROLE)})::pg_catalog.oid AS oid,
              pg_catalog.pg_is_in_recovery() AS standby) AS r"""
 
 
@@ -261,7 +271,20 @@ def _sql_names(n: TriggerNames) -> TriggerNames:
     return n._replace(table=_sql_name(n.table), function=_sql_name(n.function))
 
 
-_OWNER_OF_OLD: Final = "(SELECT p.proowner FROM pg_catalog.pg_proc p WHERE p.oid = v_old::oid)"
+# The statements run with the installer's rights and search_path: every function they call is
+# named with its schema, and every operator on built-in types too (OPERATOR(pg_catalog.=)). A
+# search_path that lists pg_catalog after another schema (``SET search_path = app, pg_catalog``)
+# makes an operator or function of that schema win over the built-in of the same argument types,
+# and a role that may create objects there would run its code as the installer. (``DO`` can't
+# ``SET search_path``; the trigger function pins it and is written as plain PL/pgSQL.)
+#: ``=``, ``<>`` and ``>`` of the built-in types, whatever the caller's search_path holds
+EQ: Final = "OPERATOR(pg_catalog.=)"
+NE: Final = "OPERATOR(pg_catalog.<>)"
+GT: Final = "OPERATOR(pg_catalog.>)"
+
+_OWNER_OF_OLD: Final = (
+    f"(SELECT p.proowner FROM pg_catalog.pg_proc p WHERE p.oid {EQ} v_old::pg_catalog.oid)"
+)
 
 
 def _drop_legacy_function(n: TriggerNames, guard: Guard) -> str:
@@ -274,11 +297,11 @@ def _drop_legacy_function(n: TriggerNames, guard: Guard) -> str:
     legacy_sql = _sql_name(legacy)
     return _do(f"""\
 DECLARE
-    v_old regprocedure := pg_catalog.to_regprocedure({literal(legacy + "()")});
+    v_old pg_catalog.regprocedure := pg_catalog.to_regprocedure({literal(legacy + "()")});
 BEGIN
     IF v_old IS NOT NULL
         AND {_stamped("v_old")}
-        AND {_uncalled("v_old::oid")}
+        AND {_uncalled("v_old::pg_catalog.oid")}
         AND {_may_drop(_OWNER_OF_OLD)} THEN
         DROP FUNCTION {legacy_sql}();
     END IF;
@@ -413,7 +436,7 @@ BEGIN
     v_bypass := current_setting({literal(BYPASS_SETTING)}, true);
     IF v_bypass <> '' AND v_bypass = pg_current_xact_id()::text THEN
         v_role := to_regrole({literal(BYPASS_ROLE)});
-        IF {_MAY_BYPASS.format(role="v_role")} THEN
+        IF {_MAY_BYPASS.format(role="v_role", ge=">=")} THEN
             -- the audit, on the server: every move let through, whoever set the value
             v_reason := current_setting({literal(BYPASS_REASON_SETTING)}, true);
             RAISE LOG USING
@@ -513,13 +536,14 @@ def _stamped(function: str) -> str:
     """SQL true when ``function`` (its oid or ``regprocedure``) is ours: stamped with a
     ``COMMENT`` only install writes (never told by its name alone)."""
     return (
-        f"pg_catalog.obj_description({function}, 'pg_proc') LIKE {literal(stamp_prefix_pattern())}"
+        f"pg_catalog.starts_with(pg_catalog.obj_description({function}, 'pg_proc'), "
+        f"{literal(stamp_prefix())})"
     )
 
 
 def _uncalled(function: str) -> str:
     """SQL true when no trigger calls ``function`` (its oid)."""
-    return f"NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgfoid = {function})"
+    return f"NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgfoid {EQ} {function})"
 
 
 def _may_drop(owner: str) -> str:
@@ -544,16 +568,17 @@ def _our_triggers_dropped(
     missing = "" if inner else "    IF v_rel IS NULL THEN\n        RETURN;\n    END IF;\n"
     return f"""\
 DECLARE
-    v_rel oid := pg_catalog.to_regclass({quoted})::oid;{declare}
+    v_rel pg_catalog.oid := pg_catalog.to_regclass({quoted})::pg_catalog.oid;{declare}
     r record;
 BEGIN
 {missing}    FOR r IN
-        SELECT t.tgname::text AS trigger, t.tgfoid AS fn, p.proname::text AS function,
-               s.nspname::text AS schema, p.proowner AS owner
+        SELECT t.tgname::pg_catalog.text AS trigger, t.tgfoid AS fn,
+               p.proname::pg_catalog.text AS function, s.nspname::pg_catalog.text AS schema,
+               p.proowner AS owner
         FROM pg_catalog.pg_trigger t
-        JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
-        JOIN pg_catalog.pg_namespace s ON s.oid = p.pronamespace
-        WHERE t.tgrelid = v_rel AND NOT t.tgisinternal
+        JOIN pg_catalog.pg_proc p ON p.oid {EQ} t.tgfoid
+        JOIN pg_catalog.pg_namespace s ON s.oid {EQ} p.pronamespace
+        WHERE t.tgrelid {EQ} v_rel AND NOT t.tgisinternal
             AND {_stamped("t.tgfoid")}
             AND {condition}
     LOOP
@@ -612,9 +637,6 @@ _NO_ROLE_WARNING = (
 # refuses it) was never called, and a change of case only was not seen. Schema-qualified, so no
 # collation "C" of another schema on the installer's search_path is bound instead.
 _BYTEWISE = 'COLLATE pg_catalog."C"'
-#: How ``pg_get_triggerdef()`` prints :data:`_BYTEWISE` back (qualified when another "C" is
-#: visible first on the session's search_path).
-_BYTEWISE_PRINTED = ('COLLATE "C"', 'COLLATE pg_catalog."C"')
 
 
 def _column_value(
@@ -647,48 +669,81 @@ def _plain_field(row: str, name: str) -> str:
 
 def column_text(row: str, column: sa.Column[Any]) -> str:
     """The text of ``column`` of ``row`` (``NEW`` or ``OLD``) as the trigger's WHEN compares it:
-    cast to text (compared with the built-in text operators whatever the installer's search_path
-    holds) and bytewise (:data:`_BYTEWISE`), whatever the column's collation."""
-    return f"{_column_value(row, column)}::text {_BYTEWISE}"
+    cast to the built-in text (compared with the built-in text equality, named, whatever the
+    installer's search_path holds) and bytewise (:data:`_BYTEWISE`), whatever the column's
+    collation."""
+    return f"{_column_value(row, column)}::pg_catalog.text {_BYTEWISE}"
+
+
+# A WHEN is bound when the trigger is created, with the installer's search_path, and then runs
+# at every write of the table, as whichever role writes: its operators are named
+# (OPERATOR(pg_catalog.=): no IN, no IS DISTINCT FROM, which can't name theirs), and so are its
+# type and collation. Releases before wrote IN and IS DISTINCT FROM: a search_path listing
+# pg_catalog after another schema bound them to a ``text = text`` planted there.
+def _when_member(expr: str, keys: Collection[Key]) -> str:
+    """:func:`_member_sql` for a WHEN: ``= ANY`` of an array, the operator named."""
+    present = sorted((k for k in keys if k is not None), key=sort_key)
+    parts = []
+    if present:
+        states = ", ".join(literal(k) for k in present)
+        parts.append(f"coalesce({expr}\n    {EQ} ANY (ARRAY[{states}]::pg_catalog.text[]), false)")
+    if None in keys:
+        parts.append(f"{expr} IS NULL")
+    if not parts:
+        return "false"
+    return parts[0] if len(parts) == 1 else "(" + " OR ".join(parts) + ")"
 
 
 def insert_when(guard: Guard) -> str:
     """The INSERT trigger's WHEN: the new row is not in an initial state."""
-    return f"NOT ({_member_sql(column_text('NEW', guard.column), guard.initial)})"
+    return f"NOT ({_when_member(column_text('NEW', guard.column), guard.initial)})"
 
 
 def update_when(guard: Guard) -> str:
-    """The UPDATE trigger's WHEN: the column's text changed (bytewise)."""
+    """The UPDATE trigger's WHEN: the column's text changed (bytewise). ``IS DISTINCT FROM``
+    written with the equality named: not equal, or exactly one of the two NULL."""
     old, new = column_text("OLD", guard.column), column_text("NEW", guard.column)
-    return f"{old} IS DISTINCT FROM {new}"
+    name = sql_ident(guard.column.name)
+    return f"NOT coalesce({old}\n    {EQ} {new},\n    OLD.{name} IS NULL AND NEW.{name} IS NULL)"
 
 
 def _printed_values(guard: Guard, row: str, quoted_column: str) -> list[str]:
-    """:func:`column_text` as ``pg_get_triggerdef()`` prints it: the column read as is (a
-    ``text`` column, whose cast is dropped) or cast (any other type); a ``numeric`` without a
-    scale through ``trim_scale``, qualified when another is visible first on the session's
-    search_path."""
+    """:func:`column_text` as ``pg_get_triggerdef()`` prints it, :func:`unqualified`: the
+    column read as is (a ``text`` column, whose cast is dropped) or cast (any other type); a
+    ``numeric`` without a scale through ``trim_scale``."""
     value = f"{row}.{quoted_column}"
     if trims_scale(guard.column):
-        read = [f"({function}({value}))::text" for function in _TRIM_SCALE_PRINTED]
+        read = [f"(trim_scale({value}))::text"]
     else:
         read = [value, f"({value})::text"]
-    return [f"({text} {collation})" for text in read for collation in _BYTEWISE_PRINTED]
+    return [f'({text} COLLATE "C")' for text in read]
 
 
-_TRIM_SCALE_PRINTED = ("trim_scale", "pg_catalog.trim_scale")
+_QUALIFIED_OPERATOR: Final = re.compile(r"OPERATOR\(pg_catalog\.([^()\s]+)\)")
+
+
+def unqualified(printed: str) -> str:
+    """``printed`` (a WHEN as ``pg_get_triggerdef()`` prints it) without ``pg_catalog.``: the
+    server qualifies a built-in operator, function, type or collation when another of its name
+    is visible first on the session's search_path, and leaves it bare otherwise. Whether what
+    is bound is built in is asked of the catalog (the trigger depends on nothing else)."""
+    return _QUALIFIED_OPERATOR.sub(r"\1", printed).replace("pg_catalog.", "")
 
 
 def update_when_printed(guard: Guard, quoted_column: str) -> set[str]:
-    """:func:`update_when` as ``pg_get_triggerdef()`` prints it back."""
-    return {
-        f"({old} IS DISTINCT FROM {new})"
-        for old, new in zip(
-            _printed_values(guard, "old", quoted_column),
-            _printed_values(guard, "new", quoted_column),
-            strict=True,
-        )
-    }
+    """:func:`update_when` as ``pg_get_triggerdef()`` prints it back (:func:`unqualified`), and
+    the ``IS DISTINCT FROM`` of earlier releases (bound to the built-in equality when its
+    trigger depends on no operator of another schema, which drift detection asks)."""
+    found: set[str] = set()
+    both_null = f"((old.{quoted_column} IS NULL) AND (new.{quoted_column} IS NULL))"
+    for old, new in zip(
+        _printed_values(guard, "old", quoted_column),
+        _printed_values(guard, "new", quoted_column),
+        strict=True,
+    ):
+        found.add(f"({old} IS DISTINCT FROM {new})")
+        found.add(f"(NOT COALESCE(({old} = {new}), {both_null}))")
+    return found
 
 
 def _printed_literal(value: str, *, doubled_backslashes: bool) -> str:
@@ -702,22 +757,24 @@ def _printed_literal(value: str, *, doubled_backslashes: bool) -> str:
 
 def insert_when_printed(guard: Guard, quoted_column: str) -> set[str]:
     """:func:`insert_when` as ``pg_get_triggerdef()`` prints it back (``quoted_column``: the
-    column as the server quotes it): the column read as is (a ``text`` column) or cast
-    (any other type), bytewise, with the session's standard_conforming_strings on or off."""
+    column as the server quotes it; :func:`unqualified`): the column read as is (a ``text``
+    column) or cast (any other type), bytewise, with the session's standard_conforming_strings
+    on or off; and the ``IN`` of earlier releases (printed ``=`` for one state)."""
     found: set[str] = set()
     present = sorted((k for k in guard.initial if k is not None), key=sort_key)
     for value in _printed_values(guard, "new", quoted_column):
         for doubled in (False, True):
             literals = [_printed_literal(k, doubled_backslashes=doubled) for k in present]
-            parts = []
-            if len(literals) == 1:
-                parts.append(f"COALESCE(({value} = {literals[0]}), false)")
-            elif literals:
-                parts.append(f"COALESCE(({value} = ANY (ARRAY[{', '.join(literals)}])), false)")
-            if None in guard.initial:
-                parts.append(f"({value} IS NULL)")
-            member = parts[0] if len(parts) == 1 else "(" + " OR ".join(parts) + ")"
-            found.add(f"(NOT {member})")
+            alternatives: list[list[str]] = [[]]
+            if literals:
+                any_of = f"COALESCE(({value} = ANY (ARRAY[{', '.join(literals)}])), false)"
+                alternatives = [[any_of]]
+                if len(literals) == 1:  # IN of one state, as earlier releases wrote it
+                    alternatives.append([f"COALESCE(({value} = {literals[0]}), false)"])
+            for states in alternatives:
+                parts = [*states, f"({value} IS NULL)"] if None in guard.initial else states
+                member = parts[0] if len(parts) == 1 else "(" + " OR ".join(parts) + ")"
+                found.add(f"(NOT {member})")
     return found
 
 
@@ -734,16 +791,17 @@ def install_statements(guard: Guard) -> list[str]:
         # only for a row not in an initial state: PostgreSQL queues an event for every row an
         # AFTER trigger fires for (held in memory to the statement's end), so a bulk INSERT of
         # rows starting as they should queues none; the function checks the same (col::text,
-        # compared as text whatever the installer's search_path holds, and bytewise whatever
-        # the column's collation) for the rows it gets
+        # compared with the built-in text equality, named, whatever the installer's search_path
+        # holds, and bytewise whatever the column's collation) for the rows it gets
         f"FOR EACH ROW WHEN ({insert_when(guard)})\n"
         f"EXECUTE FUNCTION {n.function}()",
         f"DROP TRIGGER IF EXISTS {sql_ident(n.update_trigger)} ON {n.table}",
         f"CREATE TRIGGER {sql_ident(n.update_trigger)} AFTER UPDATE ON {n.table}\n"
-        # compared as text, as the function compares (col::text): and written so, the WHEN is
-        # bound to the built-in text equality whatever the installer's search_path holds (an
-        # equality of the column's own type planted in public, varchar = varchar, which has no
-        # built-in exact match, would win and could keep the trigger from ever firing); and
+        # compared as text, as the function compares (col::text): and written so, with the
+        # operator named, the WHEN is bound to the built-in text equality whatever the
+        # installer's search_path holds (an equality of the column's own type planted in public,
+        # varchar = varchar, which has no built-in exact match, would win and could keep the
+        # trigger from ever firing; a text = text of a schema listed before pg_catalog too); and
         # bytewise, so a change of case under a case-insensitive collation is seen
         f"FOR EACH ROW WHEN ({update_when(guard)})\n"
         f"EXECUTE FUNCTION {n.function}()",
@@ -788,14 +846,14 @@ def _replaced_functions(guard: Guard, *, keep_own: bool, inner: bool = False) ->
     :func:`_our_triggers_dropped`)."""
     n = trigger_names(guard)
     ours = ", ".join(literal(t) for t in (n.insert_trigger, n.update_trigger))
-    condition = f"t.tgname::text = ANY (ARRAY[{ours}]::text[])"
+    condition = f"t.tgname::pg_catalog.text {EQ} ANY (ARRAY[{ours}]::pg_catalog.text[])"
     if not keep_own:
         return _our_triggers_dropped(n.table, condition, inner=inner)
     own = literal(f"{n.function}()")
     return _our_triggers_dropped(
         n.table,
-        f"{condition}\n            AND (v_own IS NULL OR t.tgfoid <> v_own)",
-        f"\n    v_own oid := pg_catalog.to_regprocedure({own})::oid;",
+        f"{condition}\n            AND (v_own IS NULL OR t.tgfoid {NE} v_own)",
+        f"\n    v_own pg_catalog.oid := pg_catalog.to_regprocedure({own})::pg_catalog.oid;",
         inner=inner,
     )
 
@@ -831,7 +889,14 @@ def drop_statements(guard: Guard) -> list[str]:
 
 def stamp_prefix_pattern() -> str:
     """A LIKE pattern matching every stamp :func:`rules_stamp` writes (of any release)."""
-    return _STAMP_PREFIX + " %"
+    return stamp_prefix() + "%"
+
+
+def stamp_prefix() -> str:
+    """What every stamp :func:`rules_stamp` writes (of any release) starts with (for
+    ``pg_catalog.starts_with``, which no operator of the caller's search_path can stand in
+    for, as one can for ``LIKE``)."""
+    return _STAMP_PREFIX + " "
 
 
 _TRIGGER_PREFIX = "rdb_transition_"
@@ -842,17 +907,18 @@ def gone_column_condition(trigger: str, rel: str, indent: str = " ") -> str:
     is named ``rdb_transition_<column>_ins`` or ``_upd`` (as :func:`pg_name` names it when it
     does not cut the name) and ``<column>`` is not a column of the table any more (renamed or
     dropped). A name that was cut to fit (it ends in a hash) never says its column: false. Only
-    built-in functions and operators on ``text`` (and ``oid``), schema-qualified. ``indent``
-    joins its lines."""
+    built-in functions and operators on ``text`` (and ``oid``), schema-qualified (operators
+    too: ``OPERATOR(pg_catalog.=)``). ``indent`` joins its lines."""
     prefix = len(_TRIGGER_PREFIX)
     lines = [
-        f"(pg_catalog.length({trigger}) > {prefix + 4}",
-        f"AND pg_catalog.left({trigger}, {prefix}) = {literal(_TRIGGER_PREFIX)}::text",
-        f"AND pg_catalog.right({trigger}, 4) = ANY (ARRAY['_ins', '_upd']::text[])",
+        f"(pg_catalog.length({trigger}) {GT} {prefix + 4}",
+        f"AND pg_catalog.starts_with({trigger}, {literal(_TRIGGER_PREFIX)})",
+        f"AND pg_catalog.right({trigger}, 4) {EQ} ANY (ARRAY['_ins', '_upd']::pg_catalog.text[])",
         "AND NOT EXISTS (SELECT FROM pg_catalog.pg_attribute a",
-        f"    WHERE a.attrelid = {rel} AND a.attnum > 0 AND NOT a.attisdropped",
-        f"    AND a.attname::text = pg_catalog.substr({trigger}, {prefix + 1},",
-        f"        pg_catalog.length({trigger}) - {prefix + 4})))",
+        f"    WHERE a.attrelid {EQ} {rel} AND a.attnum {GT} 0 AND NOT a.attisdropped",
+        f"    AND a.attname::pg_catalog.text {EQ}",
+        # the name between the prefix and the suffix (a negative length: all but the last 4)
+        f"        pg_catalog.left(pg_catalog.substr({trigger}, {prefix + 1}), -4)))",
     ]
     return indent.join(lines)
 
@@ -869,11 +935,12 @@ def left_over_statement(table: sa.Table, columns: Collection[str] = ()) -> str:
     block, so that it runs where the statements run (also in a script written by Alembic's
     offline mode)."""
     named = sorted({pg_name("rdb_transition", c, op) for c in columns for op in ("ins", "upd")})
-    condition = gone_column_condition("t.tgname::text", "v_rel", "\n                ")
+    condition = gone_column_condition("t.tgname::pg_catalog.text", "v_rel", "\n                ")
     if named:
         names = ", ".join(literal(n) for n in named)
         condition = (
-            f"({condition}\n                OR t.tgname::text = ANY (ARRAY[{names}]::text[]))"
+            f"({condition}\n                OR t.tgname::pg_catalog.text {EQ} "
+            f"ANY (ARRAY[{names}]::pg_catalog.text[]))"
         )
     return _do(_our_triggers_dropped(quoted_table(table), condition))
 
