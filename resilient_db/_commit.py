@@ -157,14 +157,15 @@ PREPARED_MARK: Final = "resilient_db_mark_commit"
 #: hold none when the condition is evaluated (a foreign table's rows, a held cursor's query run
 #: during COMMIT, a notification's xid assigned during COMMIT: see ``_statements.WRITES``).
 _PREPARE_SQL: Final = (
-    f"PREPARE {PREPARED_MARK}(uuid, boolean) AS INSERT INTO {SCHEMA}.commit_markers (id) "
-    "SELECT $1 WHERE $2 OR pg_catalog.pg_current_xact_id_if_assigned() IS NOT NULL"
+    f"PREPARE {PREPARED_MARK}(pg_catalog.uuid, boolean) AS INSERT INTO "
+    f"{SCHEMA}.commit_markers (id) SELECT $1 "
+    "WHERE $2 OR pg_catalog.pg_current_xact_id_if_assigned() IS NOT NULL"
 )
 #: the same INSERT sent in the COMMIT message itself (``InlineMarker``); ``{marker}`` is a
 #: marker id made here (:func:`marker_id`: hex digits and dashes only), ``{always}`` ``true``
 #: or ``false`` (the prepared statement's second parameter)
 _INLINE_MARK: Final = (
-    f"INSERT INTO {SCHEMA}.commit_markers (id) SELECT '{{marker}}'::uuid "
+    f"INSERT INTO {SCHEMA}.commit_markers (id) SELECT '{{marker}}'::pg_catalog.uuid "
     "WHERE {always} OR pg_catalog.pg_current_xact_id_if_assigned() IS NOT NULL"
 )
 #: the SQL spelling of a marker statement's ``always`` (indexed by the flag)
@@ -201,13 +202,18 @@ _NEWEST_HORIZON_SQL = """
 
 #: when the markers' table was made (a UUIDv7 of the server's time, in a table of its own, made
 #: and dropped with it): a claim of a marker written before it finds its absence proves nothing
-#: (see ``claim_commit``, version 6)
+#: (see ``claim_commit``, version 6). Run by the installer on its search_path: its functions,
+#: operator and type named with their schema (``numeric * integer`` has no exact built-in match,
+#: so one planted on the path won even behind pg_catalog; a schema listed before pg_catalog
+#: won for ``text || text``, ``substr`` and the rest)
 _BORN_SQL = """
 INSERT INTO {s}.commit_markers_born (born)
-SELECT (substr(h, 1, 8) || '-' || substr(h, 9, 4) || '-7000-8000-000000000000')::uuid
-FROM (SELECT lpad(to_hex((extract(epoch FROM pg_catalog.clock_timestamp()) * 1000)::bigint),
-                  12, '0') AS h) s
-WHERE NOT EXISTS (SELECT 1 FROM {s}.commit_markers_born)
+SELECT pg_catalog.format('%s-%s-7000-8000-000000000000', pg_catalog.substr(h, 1, 8),
+                         pg_catalog.substr(h, 9, 4))::pg_catalog.uuid
+FROM (SELECT pg_catalog.lpad(pg_catalog.to_hex((extract(epoch FROM pg_catalog.clock_timestamp())
+                                                OPERATOR(pg_catalog.*) 1000)::bigint),
+                             12, '0') AS h) s
+WHERE NOT EXISTS (SELECT FROM {s}.commit_markers_born)
 """
 
 
@@ -239,7 +245,7 @@ _NOT_TRUSTED = (
 #: and compare values of one built-in type: nothing on the installer's search_path runs here.
 _REFUSE_PLANTED_SQL: Final = f"""DO $rdb$
 DECLARE
-    planted text;
+    planted pg_catalog.text;
 BEGIN
     SELECT pg_catalog.string_agg(pg_catalog.format('%s is owned by role %s', o.what,
                pg_catalog.quote_ident(r.rolname)), '; ' ORDER BY o.n, o.what)
@@ -361,7 +367,7 @@ _NOT_REPLACEABLE_FROM: Final = (
 #: "permission denied for schema resilient_db" at the first CREATE in it.
 _REFUSE_NOT_REPLACEABLE_SQL: Final = f"""DO $rdb$
 DECLARE
-    owners text;
+    owners pg_catalog.text;
 BEGIN
     SELECT pg_catalog.string_agg(DISTINCT pg_catalog.quote_ident(r.rolname), ', ')
       INTO owners
@@ -411,8 +417,8 @@ def _install_statements() -> list[str]:
         # id: a UUIDv7 made by the client (its first 48 bits are milliseconds, so the primary
         # key is ordered by time and pruning is a range scan); fence: written by a claim.
         f"CREATE TABLE IF NOT EXISTS {s}.commit_markers ("
-        " id uuid PRIMARY KEY, fence boolean NOT NULL DEFAULT false)",
-        f"CREATE TABLE IF NOT EXISTS {s}.commit_markers_born (born uuid NOT NULL)",
+        " id pg_catalog.uuid PRIMARY KEY, fence boolean NOT NULL DEFAULT false)",
+        f"CREATE TABLE IF NOT EXISTS {s}.commit_markers_born (born pg_catalog.uuid NOT NULL)",
         _REFUSE_SHAPE_SQL,
         _BORN_SQL.format(s=s),
         f"GRANT SELECT ON {s}.commit_markers_born TO PUBLIC",
@@ -561,11 +567,12 @@ _SHAPE_SQL = (
 _REFUSE_SHAPE_SQL = f"""DO $rdb$ BEGIN
     IF NOT ({_SHAPE_SQL}) THEN
         RAISE EXCEPTION USING ERRCODE = '42P16',
+            -- (string constants on lines of their own are one constant: no || to resolve)
             MESSAGE = 'tables {SCHEMA}.commit_markers and {SCHEMA}.commit_markers_born exist '
-                || 'but are not the ones commit markers need (commit_markers: id uuid PRIMARY '
-                || 'KEY, fence boolean; commit_markers_born: born uuid): made or changed by hand',
+                'but are not the ones commit markers need (commit_markers: id uuid PRIMARY '
+                'KEY, fence boolean; commit_markers_born: born uuid): made or changed by hand',
             HINT = 'drop them (DROP SCHEMA {SCHEMA} CASCADE, while no lost COMMIT answer awaits '
-                || 'its check) and install the commit markers again';
+                'its check) and install the commit markers again';
     END IF;
 END $rdb$"""
 
@@ -601,7 +608,7 @@ def _uninstall_statements() -> list[str]:
         # detail), instead of failing the uninstall (an Alembic downgrade)
         f"""DO $rdb$
 DECLARE
-    v_detail text;
+    v_detail pg_catalog.text;
 BEGIN
     DROP SCHEMA IF EXISTS {s};
 EXCEPTION
@@ -614,7 +621,8 @@ EXCEPTION
         RAISE WARNING USING
             MESSAGE = 'schema {s} is kept: this role may not drop it',
             DETAIL = pg_catalog.format('It belongs to %s.', (SELECT pg_catalog.pg_get_userbyid(
-                n.nspowner) FROM pg_catalog.pg_namespace n WHERE n.nspname = '{s}'));
+                n.nspowner) FROM pg_catalog.pg_namespace n
+                WHERE n.nspname OPERATOR(pg_catalog.=) '{s}'));
 END
 $rdb$""",
     ]

@@ -272,6 +272,18 @@ def test_the_trigger_runs_nothing_planted_on_the_writer_path(
     assert _ran(engine) == [], _ran(engine)
 
 
+def test_the_commit_markers_install_and_uninstall_run_nothing_planted(
+    engine: sa.Engine, evil_engine: sa.Engine
+) -> None:
+    """The markers' install writes the table's birth (``extract(...) * 1000``, ``substr``,
+    ``||``, ``lpad``, ``to_hex``); the uninstall's last block names the schema's owner."""
+    with evil_engine.begin() as conn:
+        rdb.install_commit_markers(conn)
+    with evil_engine.begin() as conn:
+        rdb.uninstall_commit_markers(conn)
+    assert _ran(engine) == [], _ran(engine)
+
+
 def test_the_bypass_statement_runs_nothing_planted(
     engine: sa.Engine, evil_engine: sa.Engine
 ) -> None:
