@@ -181,16 +181,22 @@ def end_committed_transactions(session: Session, request: CommitRequest) -> None
     rollback): a bound ``Connection``'s own, which the factory's next unit could not begin
     past ("already initialized a SQLAlchemy Transaction()"). For a unit's own session, which
     is closed next, end those, and nothing else: no session rollback, whose events
-    (``after_rollback``) and expiry would speak of work that is committed. Its
-    ``after_commit`` listeners are told, as for any commit (an outbox, a cache invalidation:
-    the work is committed), once. (A ``run_in`` session is left as a failed COMMIT leaves it,
+    (``after_rollback``) would speak of work that is committed. Its ``after_commit``
+    listeners are told, as for any commit (an outbox, a cache invalidation: the work is
+    committed), once, and then its objects are expired as a commit expires them
+    (``expire_on_commit``, the default): the objects the unit returns come back as from a
+    COMMIT that was answered, not holding what the attempt flushed (a server default or a
+    trigger's change missing). (A ``run_in`` session is left as a failed COMMIT leaves it,
     for its caller to roll back, which ends them, with the caller's objects kept.)"""
     for connection, _ in request.connections():
         transaction = connection.get_transaction()
         if transaction is not None and not transaction.is_active:
             transaction.close()  # (inactive: no I/O)
-    # as SessionTransaction.commit calls them (tests/test_session.py checks they are called)
+    # as SessionTransaction.commit calls them (tests/test_session.py checks they are called),
+    # then expires the session's objects (tests/test_unit_results.py)
     fire_after_commit(session)
+    if session.expire_on_commit:
+        session.expire_all()  # (no I/O)
 
 
 def joins_callers_transaction(session: Any) -> tuple[tuple[Any, bool], ...]:
