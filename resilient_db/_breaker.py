@@ -214,8 +214,11 @@ class Breaker:
         #: answer: the state first read back is the fleet's, not a change
         self._view_restarted = False
         self._cb.add_listener(_LogListener(self))
+        #: the listeners of the caller's (``breaker_listeners=``), told of each attempt's
+        #: outcome too (see :meth:`_tell`); empty: nothing to tell, the fast paths stay fast
+        self._told: tuple[Any, ...] = ()
         for listener in listeners:
-            self._cb.add_listener(listener)
+            self.add_listener(listener)
         # the shared breaker (SELF_HEALING_REDIS_URL): the link and this process's view of it
         self._fleet: Any = None
         self._fleet_state = CLOSED
@@ -459,6 +462,7 @@ class Breaker:
         """Register a pybreaker ``CircuitBreakerListener`` (once: again is a no-op)."""
         if listener not in self._cb.listeners:
             self._cb.add_listener(listener)
+            self._told = (*self._told, listener)
 
     # -- the protocol around one attempt ------------------------------------------------
     @property
@@ -526,7 +530,7 @@ class Breaker:
         """True when :meth:`on_success` of a non-probe attempt has nothing to do (no failure
         counted since the last success). False: call :meth:`on_success` (as above)."""
         try:
-            return not self._fleet_failures and not self._storage.counter
+            return not self._fleet_failures and not self._storage.counter and not self._told
         except Exception:
             return False
 
@@ -591,7 +595,19 @@ class Breaker:
         raise self._reject(self._retry_after_probe(), state)
 
     def on_success(self, probe: bool) -> None:
-        """The attempt succeeded."""
+        """The attempt succeeded (the listeners of the caller's are told: ``success(cb)``)."""
+        self._on_success(probe)
+        if self._told:
+            self._tell("success")
+
+    def _tell(self, what: str, *args: Any) -> None:
+        """Call ``what`` (``success`` or ``failure``) on each listener of the caller's, as
+        pybreaker's ``CircuitBreaker.call`` does after recording an outcome (the attempts do
+        not run through it: see the module's docstring)."""
+        for listener in self._told:
+            getattr(listener, what)(self._cb, *args)
+
+    def _on_success(self, probe: bool) -> None:
         if not probe:
             # Closed: consecutive failures start again from zero. Read before writing so the
             # common case (no failures) writes nothing.
@@ -611,10 +627,16 @@ class Breaker:
                 self._set_state(CLOSED)
 
     def on_failure(
-        self, probe: bool, started: float | None = None, cause: str | None = None
+        self,
+        probe: bool,
+        started: float | None = None,
+        cause: str | None = None,
+        *,
+        error: BaseException | None = None,
     ) -> None:
-        """The attempt failed with a transient (infrastructure) error (``cause``: what it was,
-        when the failure says more than its class, e.g. a hot standby refusing writes).
+        """The attempt failed with a transient (infrastructure) error ``error`` (the listeners
+        of the caller's are told: ``failure(cb, error)``; ``cause``: what it was, when the
+        failure says more than its class, e.g. a hot standby refusing writes).
 
         ``started`` is when the attempt began (``time.monotonic()``). An attempt that began
         before the last counted failure and fails within :data:`FAILOVER_WINDOW` (1 s) after it
@@ -638,6 +660,11 @@ class Breaker:
         attempt's age goes to Redis, which compares its start and its end with the last failure
         any process counted, by Redis's clock.
         """
+        self._on_failure(probe, started, cause)
+        if self._told and error is not None:
+            self._tell("failure", error)
+
+    def _on_failure(self, probe: bool, started: float | None, cause: str | None) -> None:
         reservation = self._take_probe() if probe else None
         age = -1.0  # a probe, or an attempt of unknown start: always counted
         if not probe and started is not None:

@@ -427,7 +427,7 @@ class Policy:
                     # Breaker.on_failure)
                     if connect_timed_out(exc):
                         started = None
-                    breaker.on_failure(probe, started, _failure_cause(exc))
+                    breaker.on_failure(probe, started, _failure_cause(exc), error=exc)
                 else:
                     breaker.on_neutral(probe)
             except Exception:
