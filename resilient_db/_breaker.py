@@ -898,7 +898,7 @@ class Breaker:
         retry_after = max(0.0, retry_after)
         stats_for(self.service).add("breaker_rejections")
         self._report_rejection(retry_after, state)
-        return self._open_error(retry_after)
+        return self._open_error(retry_after, state)
 
     def _report_rejection(self, retry_after: float, state: str) -> None:
         """The ``[SELF-HEAL]`` line of rejected calls: one for the first call rejected after
@@ -952,9 +952,10 @@ class Breaker:
             log=True,
         )
 
-    def _open_error(self, retry_after: float) -> CircuitOpenError:
-        """The error of a rejected call: it names what opened the breaker, when known."""
-        return CircuitOpenError(self.service, retry_after, cause=self.open_cause)
+    def _open_error(self, retry_after: float, state: str = OPEN) -> CircuitOpenError:
+        """The error of a rejected call: it names what opened the breaker, when known, and
+        says half-open when every probe slot was taken."""
+        return CircuitOpenError(self.service, retry_after, cause=self.open_cause, state=state)
 
     def _fleet_admit(self, fleet: Any) -> bool:
         """Not closed: reject from the local view while it says so, else ask Redis for a

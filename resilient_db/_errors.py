@@ -58,16 +58,23 @@ class CircuitOpenError(ResilientDBError):
     """The circuit breaker of ``service`` is open: the call was rejected without touching the
     network. ``retry_after`` is the number of seconds until the breaker lets a probe through;
     ``cause``, when known, what the failures that opened it were (a hot standby refusing
-    writes, say), also in the message."""
+    writes, say), also in the message. ``state`` is ``"open"``, or ``"half-open"`` when every
+    probe slot was taken (probes are testing the database: the answer comes within one
+    attempt)."""
 
-    def __init__(self, service: str, retry_after: float, *, cause: str | None = None) -> None:
+    def __init__(
+        self, service: str, retry_after: float, *, cause: str | None = None, state: str = "open"
+    ) -> None:
         self.service = service
         self.retry_after = max(0.0, retry_after)
         self.cause = cause
-        message = (
-            f"circuit {service!r} is open after repeated database failures; "
-            f"retry in {self.retry_after:.1f} s"
+        self.state = state
+        what = (
+            "is half-open, every probe slot taken (probes are testing the database)"
+            if state == "half-open"
+            else "is open after repeated database failures"
         )
+        message = f"circuit {service!r} {what}; retry in {self.retry_after:.1f} s"
         super().__init__(message if cause is None else f"{message}; the failures: {cause}")
 
 

@@ -5,12 +5,13 @@ violation, a missing table) count neither way: nothing is told."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pybreaker
 import pytest
 import sqlalchemy as sa
-from scenarios import RAISE_CODE_FUNCTION
+from scenarios import RAISE_CODE_FUNCTION, FakeClock
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
@@ -132,3 +133,47 @@ def test_a_listener_that_raises_is_logged_not_raised_into_the_unit(
         "circuit breaker success accounting",
         "circuit breaker failure accounting",
     ]
+
+
+def test_a_call_refused_while_the_probe_runs_is_told_half_open_not_open(
+    engine: sa.Engine, service: str
+) -> None:
+    """The probe slot taken by a unit still running: the next unit is refused with
+    ``state == "half-open"`` and a message saying so, not "open after repeated failures"."""
+    clock = FakeClock(1.7e9)
+    Session = rdb.ResilientSession(
+        engine,
+        service=service,
+        wall_clock=clock,
+        config=rdb.Config(failure_threshold=1, max_retries=0, reset_timeout=10),
+    )
+    with pytest.raises(sa.exc.OperationalError):
+        Session.run(raising("57P03"))
+    with pytest.raises(rdb.CircuitOpenError) as opened:
+        Session.run(lambda s: s.execute(sa.text("SELECT 1")))
+    assert opened.value.state == "open"
+    assert "is open after repeated database failures" in str(opened.value)
+    clock.advance(11)  # the reset timeout is over: the next unit is the probe
+    inside, release = threading.Event(), threading.Event()
+    results: list[object] = []
+
+    def probe(session: Session) -> int:
+        session.execute(sa.text("SELECT 1"))
+        inside.set()
+        release.wait(30)
+        return 1
+
+    worker = threading.Thread(target=lambda: results.append(Session.run(probe)))
+    worker.start()
+    try:
+        assert inside.wait(30)
+        with pytest.raises(rdb.CircuitOpenError) as refused:
+            Session.run(lambda s: s.execute(sa.text("SELECT 1")))
+    finally:
+        release.set()
+        worker.join(30)
+    assert refused.value.state == "half-open"
+    assert "half-open, every probe slot taken" in str(refused.value)
+    assert "after repeated database failures" not in str(refused.value)
+    assert results == [1]
+    assert rdb.health()["services"][service]["breaker"]["state"] == "closed"
