@@ -368,10 +368,16 @@ def stamp_generator(stamp: str | None) -> int | None:
 
 
 def _member_sql(expr: str, keys: Collection[Key]) -> str:
+    return _membership(expr, keys, lambda states: f"coalesce({expr} IN ({states}), false)")
+
+
+def _membership(expr: str, keys: Collection[Key], test: Callable[[str], str]) -> str:
+    """SQL true when ``expr`` is one of ``keys`` (None among them: NULL), the states not None
+    tested by ``test`` given their literals, comma-separated."""
     present = sorted((k for k in keys if k is not None), key=sort_key)
     parts = []
     if present:
-        parts.append(f"coalesce({expr} IN ({', '.join(literal(k) for k in present)}), false)")
+        parts.append(test(", ".join(literal(k) for k in present)))
     if None in keys:
         parts.append(f"{expr} IS NULL")
     if not parts:
@@ -682,16 +688,10 @@ def column_text(row: str, column: sa.Column[Any]) -> str:
 # pg_catalog after another schema bound them to a ``text = text`` planted there.
 def _when_member(expr: str, keys: Collection[Key]) -> str:
     """:func:`_member_sql` for a WHEN: ``= ANY`` of an array, the operator named."""
-    present = sorted((k for k in keys if k is not None), key=sort_key)
-    parts = []
-    if present:
-        states = ", ".join(literal(k) for k in present)
-        parts.append(f"coalesce({expr}\n    {EQ} ANY (ARRAY[{states}]::pg_catalog.text[]), false)")
-    if None in keys:
-        parts.append(f"{expr} IS NULL")
-    if not parts:
-        return "false"
-    return parts[0] if len(parts) == 1 else "(" + " OR ".join(parts) + ")"
+    array = "ARRAY[{}]::pg_catalog.text[]"
+    return _membership(
+        expr, keys, lambda states: f"coalesce({expr}\n    {EQ} ANY ({array.format(states)}), false)"
+    )
 
 
 def insert_when(guard: Guard) -> str:
