@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import column_property, mapped_column, registry
 
 from resilient_db import IllegalTransitionError
@@ -75,6 +76,7 @@ def mapped() -> Iterator[Mapper]:
         name: str = "Item",
         nullable: bool = False,
         composite_pk: bool = False,
+        default: Any = None,
     ) -> type[Any]:
         reg = registry()
         registries.append(reg)
@@ -83,7 +85,9 @@ def mapped() -> Iterator[Mapper]:
             "__table_args__": {"schema": schema},
             "__transitions__": rules,
             "id": mapped_column(sa.Integer, primary_key=True),
-            column: mapped_column(type_ if type_ is not None else sa.String(40), nullable=nullable),
+            column: mapped_column(
+                type_ if type_ is not None else sa.String(40), nullable=nullable, default=default
+            ),
         }
         if composite_pk:
             attrs["region"] = mapped_column(sa.String(2), primary_key=True)
@@ -184,6 +188,14 @@ def test_pure_modules_need_no_server_or_session(module: str) -> None:
         ({"states": {"a\x00"}}, r"NUL character"),
         ({"column": None}, r"column must be the name of the status attribute, got None"),
         ({"transitions": None}, r"transitions must be a mapping .* got NoneType"),
+        # a mapping where a set belongs: its values were dropped unseen (b -> c here)
+        ({"transitions": {"a": {"b": {"c"}}}}, r"transitions\['a'\] .* got a dict .* unseen"),
+        ({"initial": {"a": True}}, r"initial must be a set of states, got a dict"),
+        # None as "no moves" is no set: the hint said {None}, a move to NULL
+        (
+            {"transitions": {"a": {"b"}, "b": None}},
+            r"transitions\['b'\] .* got None; write set\(\)",
+        ),
     ],
 )
 def test_rules_name_the_column_and_the_bad_value(kwargs: dict[str, Any], message: str) -> None:
@@ -217,6 +229,41 @@ def test_compiled_rules_are_checked_against_the_mapping(mapped: Mapper) -> None:
         one_guard(model, "nope")
     with pytest.raises(TransitionRulesError, match=r"a sequence of them; found 'not rules'"):
         guards_of(mapped([_rules({"a": {"b"}}, {"a"}), "not rules"], table="other"))
+
+
+@pytest.mark.parametrize(
+    ("type_", "default"),
+    [(sa.String(40), "b"), (sa.String(40), "zzz"), (sa.Enum("a", "b", name="ab"), "c")],
+)
+def test_a_python_default_that_is_no_initial_state_is_refused_at_mapping(
+    mapped: Mapper, type_: Any, default: str
+) -> None:
+    """As a ``server_default`` is: every row added without a status would start in it, which
+    the flush guard refuses (it was found only then, at the first insert)."""
+    rules = _rules({"a": {"b"}}, {"a"})
+    with pytest.raises(
+        TransitionRulesError,
+        match=rf"Item\.__transitions__ \(column 'status'\): the column's default {default!r} "
+        r"is not an initial state \('a'\)",
+    ):
+        guards_of(mapped(rules, type_=type_, table=f"d_{default}", default=default))
+    assert guards_of(mapped(rules, type_=type_, table="d_ok", default="a"))[0].initial == {"a"}
+
+
+@pytest.mark.parametrize(
+    "type_", [sa.JSON(), postgresql.JSONB(), sa.ARRAY(sa.String()), sa.LargeBinary()]
+)
+def test_a_column_of_structured_or_binary_values_is_refused_at_mapping(
+    mapped: Mapper, type_: Any
+) -> None:
+    """Such a column's text is no state as declared (a JSON string 'a' is '"a"'): the session
+    guards let the moves through and the trigger refused every write, the first insert too."""
+    with pytest.raises(
+        TransitionRulesError,
+        match=r"Item\.__transitions__ \(column 'status'\): the column's type .* holds "
+        r"structured or binary values",
+    ):
+        guards_of(mapped(_rules({"a": {"b"}}, {"a"}), type_=type_))
 
 
 def test_a_column_mapped_to_an_expression_is_refused() -> None:

@@ -122,6 +122,20 @@ def _check_bools(groups: Iterable[tuple[str, Iterable[State]]], column: str) -> 
 
 
 def _state_set(values: object, *, where: str, column: str) -> frozenset[State]:
+    if values is None:
+        # (None standing for "no moves" would be a state, SQL NULL, if put in the set)
+        hint = "set() for none" if where.startswith("transitions[") else "{None} for NULL"
+        raise TransitionRulesError(
+            f"TransitionRules(column={column!r}): {where} must be a set of states, got None; "
+            f"write {hint}"
+        )
+    if isinstance(values, Mapping):
+        # (iterating a mapping gives its keys: what its values say would be dropped unseen)
+        raise TransitionRulesError(
+            f"TransitionRules(column={column!r}): {where} must be a set of states, got a "
+            f"{type(values).__name__} ({values!r}), whose values would be dropped unseen; "
+            "give the states as a set"
+        )
     if isinstance(values, (str, bytes, enum.Enum)) or not isinstance(values, Iterable):
         raise TransitionRulesError(
             f"TransitionRules(column={column!r}): {where} must be a set of states, got "
@@ -910,6 +924,13 @@ def _compile(mapper: Mapper[Any], rules: TransitionRules) -> Guard:
     # text of what the column stores for it, which the trigger compares
     converting = _converting(type_)
     impl = storage_type(type_)
+    if isinstance(impl, _NO_STATE_TYPES):
+        raise TransitionRulesError(
+            f"{where}: the column's type {type_!r} holds structured or binary values, whose "
+            "text (col::text, what the database trigger compares: a JSON string 'a' is "
+            "'\"a\"') is no state as declared; guard a text, integer, Boolean, Numeric or "
+            "Enum column"
+        )
 
     states: dict[Key, State] = {}
     binds: dict[Key, Any] = {}
@@ -1049,6 +1070,10 @@ def _compile(mapper: Mapper[Any], rules: TransitionRules) -> Guard:
     )
 
 
+#: Column types whose values no declared state can spell as ``col::text`` gives them.
+_NO_STATE_TYPES: Final = (sa.JSON, sa.ARRAY, sa.LargeBinary)
+
+
 def _onupdate(column: sa.Column[Any]) -> Any:
     """:attr:`Guard.onupdate` of ``column``: its ``onupdate`` when SQLAlchemy applies it to an
     UPDATE that leaves the column out (a ``ColumnDefault``: a value, a Python function or a SQL
@@ -1066,6 +1091,22 @@ def _check_server_default(
 ) -> None:
     """A literal ``server_default`` (with no Python-side default, which the ORM would send
     instead) is the state of every row inserted without one: it must be an initial state."""
+    python_default = column.default
+    if isinstance(python_default, sa.ColumnDefault) and python_default.is_scalar:
+        # (a function or SQL expression default: its value is known only at insert, judged then)
+        try:
+            default_key: Key = _db_key(column.type, python_default.arg)
+            why = ""
+        except (LookupError, TypeError, ValueError) as exc:
+            default_key, why = None, f" ({exc})"
+        if why or default_key not in initial:
+            allowed = ", ".join(repr(states.get(k, k)) for k in sorted(initial, key=sort_key))
+            raise TransitionRulesError(
+                f"{where}: the column's default {python_default.arg!r} is not an initial state "
+                f"({allowed}){why}: every row added without a status would start in it, and "
+                "be refused; make it an initial state, or change the default"
+            )
+        return
     default = column.server_default
     if column.default is not None or not isinstance(default, sa.DefaultClause):
         return
