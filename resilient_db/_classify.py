@@ -191,7 +191,11 @@ def mark_commit_unanswered(exc: BaseException) -> None:
     was lost): it is classified as
     :attr:`Outcome.COMMIT_UNKNOWN`, whatever its SQLSTATE: the transaction may have committed,
     so whoever retries it must check first (a web client told "503, retry shortly" would write
-    twice)."""
+    twice). Not once that answer was settled (:func:`commit_answer_settled`): a unit's own
+    ``text("COMMIT")`` midway, settled by its marker below SQLAlchemy, reaches the engine's
+    ``handle_error`` after that."""
+    if getattr(exc, _COMMIT_UNANSWERED, None) is False:
+        return  # (settled: its outcome is known)
     with contextlib.suppress(AttributeError, TypeError):
         setattr(exc, _COMMIT_UNANSWERED, True)
 
@@ -204,9 +208,10 @@ def commit_left_unanswered(exc: BaseException) -> bool:
 def commit_answer_settled(exc: BaseException) -> None:
     """The lost answer of the COMMIT ``exc`` (marked by :func:`mark_commit_unanswered`) was
     settled: a check found what became of it, so its outcome is known, and ``exc`` is
-    classified as what it is (a lost connection)."""
+    classified as what it is (a lost connection): for good (False, not True, is kept: see
+    :func:`mark_commit_unanswered`)."""
     with contextlib.suppress(AttributeError, TypeError):
-        delattr(exc, _COMMIT_UNANSWERED)
+        setattr(exc, _COMMIT_UNANSWERED, False)
 
 
 def interrupted_commit(exc: BaseException) -> bool:

@@ -334,6 +334,14 @@ _BEGINS: Final = re.compile(r"\s*(?:BEGIN|START\s+TRANSACTION)(?![\w$])", re.IGN
 #: proves nothing (the error may be theirs): the attempt can't be replayed at all.
 COMMITS: Final = 8
 COMMITS_MIDWAY: Final = 16
+#: A flag over a ``COMMITS`` verdict: the text is a plain ``COMMIT`` alone (any case, spaces,
+#: comments and a ``;`` around it; no ``AND CHAIN``, no ``WORK``, no other statement). Sent by
+#: the code of a unit or an operation with a psycopg cursor's ``execute`` (``raw.execute(
+#: "COMMIT")``, ``text("COMMIT")`` through SQLAlchemy) in a transaction, it goes out as the
+#: connection's own ``commit()``: with the marker a unit's own COMMIT midway carries, its lost
+#: answer settled by it (see ``_commit._own_plan``), as asyncpg's ``execute("COMMIT")`` is.
+PLAIN_COMMIT: Final = 512
+_PLAIN_COMMIT_TEXT = re.compile(f"{_SPACE}*COMMIT{_SPACE}*;?{_SPACE}*\\Z", re.IGNORECASE)
 #: A flag over any verdict: a statement of the text is a ``CALL`` or a ``DO`` block, which may
 #: commit inside itself: sent outside a transaction block (in autocommit), a procedure's or a
 #: ``DO`` block's own ``COMMIT`` is allowed, so the server may commit part of its work and then
@@ -485,6 +493,8 @@ def _judge(statement: str) -> int:
 def _judge_bare(statement: str) -> int:
     verdict = _judge_kind(statement)
     flags = _commits(statement) if _COMMIT_HINT.search(statement) is not None else 0
+    if flags == COMMITS and _PLAIN_COMMIT_TEXT.match(statement) is not None:
+        flags |= PLAIN_COMMIT
     if _INSIDE_WORD.search(statement) is not None and _commits_inside(statement):
         flags |= COMMITS_INSIDE
     if _KEEPS_SESSION.search(statement) is not None:
@@ -1069,9 +1079,12 @@ def marked_cursor_class(base: type[Any]) -> type[Any]:
             return cls
         sent_now = _noting_async if issubclass(base, psycopg.AsyncCursor) else _noting
         namespace: dict[str, Any] = {"__slots__": (), "__module__": __name__, "_rdb_notes": True}
+        server = issubclass(base, _SERVER_CURSORS)
         for name in ("execute", "executemany"):
-            namespace[name] = sent_now(getattr(base, name))
-        if issubclass(base, _SERVER_CURSORS):
+            # (a plain COMMIT as the connection's commit(): a client cursor's execute only)
+            plain = name == "execute" and not server
+            namespace[name] = sent_now(getattr(base, name), commits_plainly=plain)
+        if server:
             namespace["execute"] = _holding(namespace["execute"])
         for name in ("stream", "copy"):
             if hasattr(base, name):
@@ -1097,7 +1110,10 @@ def _holding(noted: Callable[..., Any]) -> Callable[..., Any]:
     return execute
 
 
-def _noting(method: Callable[..., Any]) -> Callable[..., Any]:
+def _noting(method: Callable[..., Any], *, commits_plainly: bool = False) -> Callable[..., Any]:
+    """``method`` of a marked psycopg cursor, noting what it sends; ``commits_plainly``: a
+    plain ``COMMIT`` of a unit's or an operation's code goes out as the connection's own
+    ``commit()`` (see :func:`_commits_as_connection`)."""
     verdicts = _verdicts
 
     def noted(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
@@ -1108,15 +1124,21 @@ def _noting(method: Callable[..., Any]) -> Callable[..., Any]:
             attempt = _psycopg_noted(self.connection, verdict)
             if attempt is not None:
                 send = lambda: method(self, query, *args, **kwargs)  # noqa: E731
-                if verdict & COMMITS and _failed_commit(self, attempt, query):
-                    send = _refused_after(send)
+                if verdict & COMMITS:
+                    if commits_plainly and _commits_as_connection(self, attempt, verdict, args):
+                        self.connection.commit()  # (the marked one: see PLAIN_COMMIT)
+                        return self
+                    if _failed_commit(self, attempt, query):
+                        send = _refused_after(send)
                 return _autocommitted(attempt, self, send, verdict)
         return method(self, query, *args, **kwargs)
 
     return noted
 
 
-def _noting_async(method: Callable[..., Any]) -> Callable[..., Any]:
+def _noting_async(
+    method: Callable[..., Any], *, commits_plainly: bool = False
+) -> Callable[..., Any]:
     verdicts = _verdicts
 
     async def noted(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
@@ -1127,12 +1149,38 @@ def _noting_async(method: Callable[..., Any]) -> Callable[..., Any]:
             attempt = _psycopg_noted(self.connection, verdict)
             if attempt is not None:
                 send = lambda: method(self, query, *args, **kwargs)  # noqa: E731
-                if verdict & COMMITS and _failed_commit(self, attempt, query):
-                    send = _refused_after_async(send)
+                if verdict & COMMITS:
+                    if commits_plainly and _commits_as_connection(self, attempt, verdict, args):
+                        await self.connection.commit()  # (the marked one: see PLAIN_COMMIT)
+                        return self
+                    if _failed_commit(self, attempt, query):
+                        send = _refused_after_async(send)
                 return await _autocommitted_async(attempt, self, send, verdict)
         return await method(self, query, *args, **kwargs)
 
     return noted
+
+
+def _commits_as_connection(
+    cursor: Any, attempt: AttemptRecord, verdict: int, args: tuple[Any, ...]
+) -> bool:
+    """Whether a statement that commits (``COMMITS``), sent with a psycopg cursor's
+    ``execute(query, *args)`` for ``attempt``, goes out as the connection's own ``commit()``
+    instead (see ``PLAIN_COMMIT``): a plain ``COMMIT`` of a unit's or an operation's code (not
+    drop-in code's outside them, which keeps psycopg's behaviour), without parameters (psycopg
+    refuses parameters a ``COMMIT`` has no place for), on a connection not in autocommit (one
+    in autocommit sends its statements as they come, ``BEGIN`` and ``COMMIT`` included). Its
+    ``commit()`` carries the marker of a unit's own COMMIT midway, as asyncpg's ``execute(
+    "COMMIT")`` does; in a failed transaction it is refused (25P02), as the statement is (see
+    :func:`_failed_commit`); on an idle connection it sends nothing (psycopg would begin a
+    transaction to commit it at once). The cursor is returned as it was: no result of its own
+    (``statusmessage`` is not ``COMMIT``)."""
+    return (
+        verdict & PLAIN_COMMIT != 0
+        and not (args and args[0])
+        and _own(attempt)
+        and not cursor.connection.autocommit
+    )
 
 
 # -- a COMMIT statement of a failed transaction -------------------------------------------------

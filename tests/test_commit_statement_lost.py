@@ -4,8 +4,12 @@ is lost, and the error of a unit that committed part of its work before it faile
 Either may have left part of the work committed: the error is never transient
 (``is_transient`` False) and the web layer never answers it with a 503 that invites a client to
 resubmit (and write the committed part twice). A lost COMMIT statement is an unknown outcome, as
-``session.commit()``'s is: counted and said for drop-in use. Real server, real faults (the fault
-proxy loses the COMMIT's answer; a backend terminated after the unit's own COMMIT).
+``session.commit()``'s is: counted and said for drop-in use. A unit's own plain ``COMMIT`` on
+psycopg (sync or async) goes out as the connection's ``commit()``, with the marker a unit's own
+COMMIT midway carries: its lost answer is settled by it (committed here: partly committed, not
+unknown); on asyncpg, where SQLAlchemy sends it as a prepared statement, it carries none and
+stays unknown. Real server, real faults (the fault proxy loses the COMMIT's answer; a backend
+terminated after the unit's own COMMIT).
 """
 
 from __future__ import annotations
@@ -80,8 +84,18 @@ def unknown_commits(service: str) -> int:
     return int(rdb.health()["services"][service]["counters"]["unknown_commits"])
 
 
+def assert_settled_committed(exc: BaseException) -> None:
+    """``exc`` is the lost connection of a unit whose own COMMIT midway was proven committed by
+    its marker: not transient, not unknown, the web layer's partly-committed answer."""
+    assert rdb.classify(exc) is rdb.Outcome.DISCONNECT
+    assert not rdb.is_transient(exc)
+    problem = problem_details(exc)
+    assert problem is not None
+    assert problem.body["type"] == "urn:resilient-db:problem:partly-committed"
+
+
 @pytest.mark.parametrize("how", list(COMMIT_STATEMENTS))
-def test_a_units_commit_statement_whose_answer_is_lost_is_an_unknown_outcome(
+def test_a_units_commit_statement_whose_answer_is_lost_is_settled_by_its_marker(
     proxied: sa.Engine, fault_proxy: FaultProxy, service: str, how: str
 ) -> None:
     Sessions = rdb.ResilientSession(proxied, service=service)
@@ -97,9 +111,9 @@ def test_a_units_commit_statement_whose_answer_is_lost_is_an_unknown_outcome(
         Sessions.run(unit)
     assert fault_proxy.commits_lost == 1
     assert calls == [1]  # not replayed
-    assert written(proxied, how) == 1  # it committed: unknown, never "retry"
-    assert_unknown_outcome(raised.value)
-    assert unknown_commits(service) == 1
+    assert written(proxied, how) == 1  # it committed: proven, never "retry"
+    assert_settled_committed(raised.value)
+    assert unknown_commits(service) == 0
 
 
 @pytest.mark.parametrize("how", list(COMMIT_STATEMENTS))
@@ -127,13 +141,16 @@ def test_a_drop_in_commit_statement_whose_answer_is_lost_is_an_unknown_outcome(
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("how", list(ASYNC_COMMIT_STATEMENTS))
-async def test_an_async_units_commit_statement_whose_answer_is_lost_is_an_unknown_outcome(
+async def test_an_async_units_commit_statement_whose_answer_is_lost_is_settled_or_unknown(
+    *,
     async_proxied: AsyncEngine,
     proxied: sa.Engine,
     fault_proxy: FaultProxy,
     service: str,
     how: str,
+    async_driver: str,
 ) -> None:
+    """Settled by its marker on psycopg; unknown on asyncpg (a prepared statement: no marker)."""
     Sessions = rdb.AsyncResilientSession(async_proxied, service=service)
     calls: list[int] = []
 
@@ -148,8 +165,12 @@ async def test_an_async_units_commit_statement_whose_answer_is_lost_is_an_unknow
     assert fault_proxy.commits_lost == 1
     assert calls == [1]  # not replayed
     assert written(proxied, how) == 1
-    assert_unknown_outcome(raised.value)
-    assert unknown_commits(service) == 1
+    if async_driver == "psycopg_async":
+        assert_settled_committed(raised.value)
+        assert unknown_commits(service) == 0
+    else:
+        assert_unknown_outcome(raised.value)
+        assert unknown_commits(service) == 1
 
 
 @pytest.mark.asyncio

@@ -549,6 +549,35 @@ def test_statements_that_commit_are_told_apart(statement: str, flags: int) -> No
     assert bool(verdict) or not flags  # a commit may write
 
 
+@pytest.mark.parametrize(
+    ("statement", "plain"),
+    [
+        ("COMMIT", True),
+        ("commit;", True),
+        (" \tCommit ;\n", True),
+        ("COMMIT /* done */", True),
+        ("-- done\nCOMMIT;", True),
+        # anything more than the word: a COMMIT as any (no marker)
+        ("COMMIT AND CHAIN", False),
+        ("COMMIT AND NO CHAIN", False),
+        ("COMMIT WORK", False),
+        ("END", False),
+        ("COMMIT PREPARED 'unit-1'", False),
+        ("INSERT INTO t VALUES (1); COMMIT", False),
+        ("COMMIT; SELECT 1", False),
+        ("COMMIT;;", False),
+        ("SELECT 'COMMIT'", False),
+        ("ROLLBACK", False),
+    ],
+)
+def test_a_plain_commit_is_told_apart_in_its_verdict(statement: str, plain: bool) -> None:
+    """A plain ``COMMIT`` (the word alone) goes out on psycopg as the connection's ``commit()``,
+    with the marker a unit's own COMMIT midway carries: told in its cached verdict."""
+    verdict = _statements.verdict_of(statement)
+    assert bool(verdict & _statements.PLAIN_COMMIT) is plain
+    assert not plain or verdict & _statements.COMMITS
+
+
 #: texts of about 100 KB full of what opens a comment, a string or a dollar quote
 LONG_TEXTS = {
     "psycopg-parameters": "SELECT " + "%(" * 50_000,

@@ -5,8 +5,12 @@ The driver's own commit of the unit's connection (psycopg's ``commit()``, sync o
 asyncpg's ``execute("COMMIT")`` without arguments, the way asyncpg's own transaction commits)
 carries a marker as ``session.commit()`` does: a lost answer is settled by its claim (committed
 here: the unit is partly committed, never replayed) and a WARNING answered with it is proven on
-a new connection. A COMMIT psycopg sends as a statement (``execute("COMMIT")``) carries none: a
-lost answer stays an unknown outcome. Each driver's way, as the README says.
+a new connection. So does a plain ``COMMIT`` psycopg sends as a statement (the connection's
+``execute("COMMIT")``, a cursor's, ``text("COMMIT")`` through SQLAlchemy): it goes out as the
+connection's ``commit()``. What carries none stays an unknown outcome when its answer is lost:
+a ``COMMIT AND CHAIN`` (or any COMMIT with more than the word), and on asyncpg a
+``text("COMMIT")`` through SQLAlchemy (a prepared statement, not the connection's ``execute``).
+As the README says.
 """
 
 from __future__ import annotations
@@ -27,6 +31,17 @@ from resilient_db.web import problem_details
 pytestmark = pytest.mark.usefixtures("no_backoff")
 
 DRIVERS = ["psycopg", "psycopg_async", "asyncpg"]
+#: the ways of the driver's own commit midway, which carry a marker: psycopg's ``commit()``
+#: (``commit``), a plain COMMIT psycopg sends as a statement (``statement``: the connection's
+#: ``execute``, ``cursor``: a cursor's, ``text``: SQLAlchemy's ``text("COMMIT")``), asyncpg's
+#: ``execute("COMMIT")`` (``statement``)
+MARKED_WAYS = [
+    *((driver, way) for driver in DRIVERS[:2] for way in ("commit", "statement", "cursor", "text")),
+    ("asyncpg", "statement"),
+]
+#: the ways that carry none: psycopg's ``execute("COMMIT AND CHAIN")`` (``chain``), asyncpg's
+#: ``text("COMMIT")`` through SQLAlchemy
+UNMARKED_WAYS = [("psycopg", "chain"), ("psycopg_async", "chain"), ("asyncpg", "text")]
 
 NOTES = sa.table("driver_notes", sa.column("who", sa.Text))
 
@@ -62,9 +77,10 @@ def run_unit(
     driver: str, url: str, service: str, *, commit: str, lose: FaultProxy | None, table: str
 ) -> tuple[list[int], BaseException | None]:
     """A unit that writes ``first`` into ``table``, commits it through the driver's connection
-    (``commit``: ``"commit"`` the driver's own commit, ``"statement"`` psycopg's
-    ``execute("COMMIT")``), the answer lost through ``lose`` when given, then writes ``second``.
-    Its calls and the error it raised."""
+    (``commit``: ``"commit"`` psycopg's ``commit()``, ``"statement"`` the connection's
+    ``execute("COMMIT")``, ``"cursor"`` a psycopg cursor's, ``"text"`` SQLAlchemy's
+    ``text("COMMIT")``, ``"chain"`` psycopg's ``execute("COMMIT AND CHAIN")``), the answer lost
+    through ``lose`` when given, then writes ``second``. Its calls and the error it raised."""
     calls: list[int] = []
     insert_first = sa.text(f"INSERT INTO {table} VALUES ('first')")
     insert_second = sa.insert(NOTES).values(who="second")
@@ -80,8 +96,15 @@ def run_unit(
                 lose.lose_commit_answer()
             if commit == "commit":
                 raw.commit()
+            elif commit == "statement":
+                assert raw.execute("COMMIT").connection is raw  # (a cursor, as psycopg's)
+            elif commit == "cursor":
+                cursor = raw.cursor()
+                assert cursor.execute("COMMIT") is cursor
+            elif commit == "chain":
+                raw.execute("COMMIT AND CHAIN")
             else:
-                raw.execute("COMMIT")
+                session.execute(sa.text("COMMIT"))
             session.execute(insert_second)
 
         try:
@@ -103,7 +126,14 @@ def run_unit(
             raw: Any = (await conn.get_raw_connection()).driver_connection
             if lose is not None:
                 lose.lose_commit_answer()
-            if commit == "statement" or driver == "asyncpg":
+            if commit == "text":
+                await session.execute(sa.text("COMMIT"))
+            elif commit == "cursor":
+                cursor = raw.cursor()
+                assert await cursor.execute("COMMIT") is cursor
+            elif commit == "chain":
+                await raw.execute("COMMIT AND CHAIN")
+            elif commit == "statement":
                 await raw.execute("COMMIT")
             else:
                 await raw.commit()
@@ -124,7 +154,7 @@ def url_of(source: Any, database: str, driver: str) -> str:
     return str(source.url(database, driver="asyncpg" if driver == "asyncpg" else "psycopg"))
 
 
-@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.parametrize(("driver", "way"), MARKED_WAYS)
 def test_the_drivers_own_commit_midway_whose_answer_is_lost_is_settled_by_its_marker(
     *,
     direct: sa.Engine,
@@ -132,11 +162,12 @@ def test_the_drivers_own_commit_midway_whose_answer_is_lost_is_settled_by_its_ma
     fault_proxy: FaultProxy,
     service: str,
     driver: str,
+    way: str,
     events: list[rdb.SelfHealEvent],
 ) -> None:
     url = url_of(fault_proxy, pg_database, driver)
     calls, error = run_unit(
-        driver, url, service, commit="commit", lose=fault_proxy, table="driver_notes"
+        driver, url, service, commit=way, lose=fault_proxy, table="driver_notes"
     )
     assert fault_proxy.commits_lost == 1
     assert calls == [1]  # never replayed
@@ -151,19 +182,20 @@ def test_the_drivers_own_commit_midway_whose_answer_is_lost_is_settled_by_its_ma
     assert written(direct, "driver_notes", "second") == 0
 
 
-@pytest.mark.parametrize("driver", ["psycopg", "psycopg_async"])
-def test_psycopgs_commit_statement_midway_whose_answer_is_lost_stays_unknown(
+@pytest.mark.parametrize(("driver", "way"), UNMARKED_WAYS)
+def test_a_commit_statement_midway_without_a_marker_whose_answer_is_lost_stays_unknown(
     *,
     direct: sa.Engine,
     pg_database: str,
     fault_proxy: FaultProxy,
     service: str,
     driver: str,
+    way: str,
     events: list[rdb.SelfHealEvent],
 ) -> None:
     url = url_of(fault_proxy, pg_database, driver)
     calls, error = run_unit(
-        driver, url, service, commit="statement", lose=fault_proxy, table="driver_notes"
+        driver, url, service, commit=way, lose=fault_proxy, table="driver_notes"
     )
     assert fault_proxy.commits_lost == 1
     assert calls == [1]
@@ -176,7 +208,7 @@ def test_psycopgs_commit_statement_midway_whose_answer_is_lost_stays_unknown(
     assert written(direct, "driver_notes", "first") == 1
 
 
-@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.parametrize(("driver", "way"), MARKED_WAYS)
 def test_a_warning_at_the_drivers_own_commit_midway_is_proven_and_the_unit_goes_on(
     *,
     direct: sa.Engine,
@@ -184,10 +216,11 @@ def test_a_warning_at_the_drivers_own_commit_midway_is_proven_and_the_unit_goes_
     pg_database: str,
     service: str,
     driver: str,
+    way: str,
     events: list[rdb.SelfHealEvent],
 ) -> None:
     url = url_of(pg_server, pg_database, driver)
-    calls, error = run_unit(driver, url, service, commit="commit", lose=None, table="warned_notes")
+    calls, error = run_unit(driver, url, service, commit=way, lose=None, table="warned_notes")
     assert error is None
     assert calls == [1]
     verified = [e for e in events if e.name == "commit_verified"]
