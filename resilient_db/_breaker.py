@@ -36,7 +36,7 @@ from ._config import Config, ConfigUsers
 from ._errors import CircuitOpenError
 from ._fleet import FAILOVER_WINDOW, VIEW_FRESH, FleetDown, View, attach, detach
 from ._internals import renew_pybreaker_lock
-from ._observability import LineLimit, emit, log_breaker, stats_for
+from ._observability import LineLimit, emit, log_breaker, stats_for, switched_off_view
 from ._state import STATE, check_service_room
 
 __all__ = ["Breaker", "breaker_for", "breakers"]
@@ -857,12 +857,7 @@ class Breaker:
         readiness probe built on ``healthy`` would keep the instance out of traffic, so no call
         would ever come. ``retry_after`` (seconds, > 0) is there only while open."""
         if not self._users_on and len(self._users_off) > 0:
-            return {
-                "state": "off",
-                "failures": 0,
-                "failure_threshold": self.config.failure_threshold,
-                "reset_timeout": self.config.reset_timeout,
-            }
+            return switched_off_view(self.config)
         state = self.state
         fleet = self._fleet
         info: dict[str, Any] = {

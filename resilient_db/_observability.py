@@ -421,7 +421,10 @@ def health() -> dict[str, Any]:
 
     ``{"healthy": bool, "services": {name: {"breaker": {...} | None, "budget": {...} | None,
     "counters": {...}}}, "transitions": {"blocked_transitions": n, ...}}``; ``healthy`` is False
-    while any breaker is open. A breaker shared through Redis has a ``shared`` entry:
+    while any breaker is open. ``breaker`` is ``{"state": "off", ...}`` while every live user of
+    the service has it switched off by its configuration (from the start, or by a reload), None
+    for a service whose users all opted out (``use_circuit_breaker=False``). A breaker shared
+    through Redis has a ``shared`` entry:
     ``redis`` (the URL with its password masked), ``connected`` (whether it answers),
     ``problem`` (why it does not, in a few words without the password: the redis client's
     objection to the URL, or the error of the last command or connection attempt; None while it
@@ -466,6 +469,7 @@ def health() -> dict[str, Any]:
     # Local imports: these modules import this one.
     from ._breaker import breakers  # noqa: PLC0415
     from ._budget import budgets  # noqa: PLC0415
+    from ._registry import live_policies  # noqa: PLC0415
     from .transitions._report import transition_stats  # noqa: PLC0415
 
     with STATE.lock:
@@ -473,12 +477,21 @@ def health() -> dict[str, Any]:
     all_breakers = breakers()
     all_budgets = budgets()
     names.update(all_breakers, all_budgets)
+    # services whose users all had the breaker switched off by their configuration from the
+    # start (no breaker was ever made): "off", as a reload switching it off shows
+    made_off: dict[str, Config] = {}
+    for policy in live_policies():
+        if policy.use_circuit_breaker and not policy.config.breaker_on:
+            made_off.setdefault(policy.service, policy.config)
     services: dict[str, Any] = {}
     for name in sorted(names):
         breaker = all_breakers.get(name)
         budget = all_budgets.get(name)
+        off = made_off.get(name)
         services[name] = {
-            "breaker": _describe(breaker) if breaker is not None else None,
+            "breaker": _describe(breaker)
+            if breaker is not None
+            else (None if off is None else switched_off_view(off)),
             "budget": _describe(budget) if budget is not None else None,
             "counters": stats_for(name).snapshot(),
         }
@@ -487,6 +500,17 @@ def health() -> dict[str, Any]:
         for entry in services.values()
     )
     return {"healthy": healthy, "services": services, "transitions": transition_stats()}
+
+
+def switched_off_view(config: Config) -> dict[str, Any]:
+    """health()'s view of a breaker switched off by the configuration (``off``: it rejects
+    nothing and counts nothing), with the settings it would run with."""
+    return {
+        "state": "off",
+        "failures": 0,
+        "failure_threshold": config.failure_threshold,
+        "reset_timeout": config.reset_timeout,
+    }
 
 
 def _describe(part: Any) -> dict[str, Any]:

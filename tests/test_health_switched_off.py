@@ -33,7 +33,12 @@ async def test_an_operation_made_off_by_its_config_is_listed_as_a_factory_is(
     off = rdb.Config(enabled=False)
     rdb.ResilientSession(engine, service=f"{service}-factory", config=off)
     made_off = entry(f"{service}-factory")
-    assert made_off["breaker"] is None
+    assert made_off["breaker"] == {
+        "state": "off",
+        "failures": 0,
+        "failure_threshold": off.failure_threshold,
+        "reset_timeout": off.reset_timeout,
+    }
     assert made_off["budget"] is None
 
     @rdb.with_self_healing(service=f"{service}-sync", config=off)
@@ -60,7 +65,7 @@ def test_an_operation_of_a_process_started_off_is_listed_as_a_factory_is(
     rdb.ResilientSession(engine, service=f"{service}-factory")
     assert rdb.with_self_healing(lambda: 1, service=f"{service}-op") == 1
     assert entry(f"{service}-op") == entry(f"{service}-factory")
-    assert entry(f"{service}-op")["breaker"] is None
+    assert entry(f"{service}-op")["breaker"]["state"] == "off"
 
 
 def test_an_operation_switched_off_by_a_reload_shows_its_breaker_off_as_a_factory_does(
@@ -100,3 +105,33 @@ def test_an_operation_switched_off_by_a_reload_shows_its_breaker_off_as_a_factor
     assert entry(op_service)["breaker"]["state"] == "closed"
     assert entry(f"{service}-factory")["breaker"]["state"] == "closed"
     assert rdb.with_self_healing(lambda: 1, service=op_service) == 1
+
+
+@pytest.mark.parametrize("switch", ["SELF_HEALING_CIRCUIT_BREAKER", "SELF_HEALING_ENABLED"])
+def test_a_breaker_switched_off_at_start_shows_off_as_one_switched_off_by_a_reload(
+    engine: sa.Engine, service: str, clean_env: pytest.MonkeyPatch, switch: str
+) -> None:
+    """The same switch said ``None`` when set at start and ``off`` when a reload set it: a
+    dashboard or an alert on the ``off`` state saw a breaker switched off only after a reload."""
+    clean_env.setenv("SELF_HEALING_FAILURE_THRESHOLD", "7")
+    clean_env.setenv(switch, "false")
+    rdb.reload_config()
+    factory = rdb.ResilientSession(engine, service=f"{service}-factory")
+    assert rdb.with_self_healing(lambda: 1, service=f"{service}-op") == 1
+    off = {"state": "off", "failures": 0, "failure_threshold": 7, "reset_timeout": 30.0}
+    assert entry(f"{service}-factory")["breaker"] == off
+    assert entry(f"{service}-op")["breaker"] == off
+    assert rdb.health()["healthy"] is True
+
+    clean_env.setenv(switch, "true")
+    rdb.reload_config()
+    factory.run(lambda session: session.execute(sa.text("SELECT 1")))
+    assert entry(f"{service}-factory")["breaker"]["state"] == "closed"
+    clean_env.setenv(switch, "false")
+    rdb.reload_config()
+    assert entry(f"{service}-factory")["breaker"] == off  # as at start
+
+
+def test_a_service_that_opted_out_of_the_breaker_has_none(engine: sa.Engine, service: str) -> None:
+    assert rdb.with_self_healing(lambda: 1, service=service, use_circuit_breaker=False) == 1
+    assert entry(service)["breaker"] is None
