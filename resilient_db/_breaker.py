@@ -855,15 +855,20 @@ class Breaker:
         asks Redis for a probe). Without calls, an opening stored as open would otherwise be
         reported open for good, with a ``retry_after`` going ever more negative, and a
         readiness probe built on ``healthy`` would keep the instance out of traffic, so no call
-        would ever come. ``retry_after`` (seconds, > 0) is there only while open."""
+        would ever come. ``retry_after`` (seconds, > 0) is there only while open. ``failures``
+        are those counted toward the next opening: 0 while open, half-open or off."""
         if not self._users_on and len(self._users_off) > 0:
             return switched_off_view(self.config)
         state = self.state
         fleet = self._fleet
         info: dict[str, Any] = {
             "state": state,
-            # shared: the fleet's count (as Redis last answered this process); else this one's
-            "failures": self._fleet_failures
+            # the failures counted toward the next opening: shared, the fleet's (as Redis last
+            # answered this process); else this one's. None while open or half-open (pybreaker
+            # keeps the count that opened it; Redis starts a new run)
+            "failures": 0
+            if state != CLOSED
+            else self._fleet_failures
             if fleet is not None and fleet.up
             else self._storage.counter,
             "failure_threshold": self.config.failure_threshold,

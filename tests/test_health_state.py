@@ -87,6 +87,32 @@ def test_an_opening_past_its_reset_timeout_is_reported_half_open_until_a_call_co
     assert rdb.health()["services"][service]["counters"]["breaker_rejections"] == 0
 
 
+def test_failures_count_toward_the_next_opening_and_are_zero_while_open_or_half_open(
+    engine: sa.Engine, service: str
+) -> None:
+    """A local breaker kept the count that opened it (and a failed probe's on top) while open
+    and half-open, where a shared one said 0: both say the failures counted toward the next
+    opening, none while it is open or half-open (no call is counted then: they are rejected,
+    or a probe decides alone)."""
+    clock = FakeClock()
+    config = rdb.Config(failure_threshold=2, max_retries=0, reset_timeout=30.0)
+    Factory = rdb.ResilientSession(engine, service=service, config=config, wall_clock=clock)
+    with pytest.raises(sa.exc.OperationalError):
+        Factory.run(unavailable)
+    assert (breaker(service)["state"], breaker(service)["failures"]) == ("closed", 1)
+    with pytest.raises(sa.exc.OperationalError):
+        Factory.run(unavailable)
+    assert (breaker(service)["state"], breaker(service)["failures"]) == ("open", 0)
+    clock.advance(30.0)
+    assert (breaker(service)["state"], breaker(service)["failures"]) == ("half-open", 0)
+    with pytest.raises(sa.exc.OperationalError):
+        Factory.run(unavailable)  # the probe fails: open again
+    assert (breaker(service)["state"], breaker(service)["failures"]) == ("open", 0)
+    clock.advance(30.0)
+    assert Factory.run(healthy) == 1
+    assert (breaker(service)["state"], breaker(service)["failures"]) == ("closed", 0)
+
+
 @pytest.mark.slow
 def test_a_shared_opening_past_its_reset_timeout_is_reported_half_open(
     redis_server: RedisServer, engine: sa.Engine, service: str
@@ -101,7 +127,7 @@ def test_a_shared_opening_past_its_reset_timeout_is_reported_half_open(
     with pytest.raises(sa.exc.OperationalError):
         Factory.run(unavailable)
     info = breaker(service)
-    assert info["state"] == "open"
+    assert (info["state"], info["failures"]) == ("open", 0)
     assert 0 < info["retry_after"] <= 0.5
     assert rdb.health()["healthy"] is False
     seen: list[dict[str, Any]] = []

@@ -818,7 +818,7 @@ async def test_breaker_opens_rejects_without_network_half_opens_and_closes(
     assert info.value.service == service
     assert breaker(service) == {
         "state": "open",
-        "failures": 3,
+        "failures": 0,  # none counted toward the next opening while open
         "failure_threshold": 3,
         "reset_timeout": 10.0,
         "retry_after": 10.0,
