@@ -414,9 +414,16 @@ def check_config(
         return EXIT_USAGE
     env = config.as_env(masked=True)  # the Redis URL may carry a password
     given = sorted(k for k in environ if k.startswith("SELF_HEALING_"))
+    notes = _no_op_settings(environ, config)
     if as_json:
         features = {label: bool(on(config)) for label, on in _FEATURES}
-        payload = {"valid": True, "features": features, "settings": env, "from_environment": given}
+        payload = {
+            "valid": True,
+            "features": features,
+            "settings": env,
+            "from_environment": given,
+            "notes": notes,
+        }
         out.write(json.dumps(payload, indent=2) + "\n")
         return EXIT_OK
     lines = ["SELF_HEALING configuration is valid.", "", "features:"]
@@ -426,10 +433,25 @@ def check_config(
     for name, value in env.items():
         source = "environment" if name in environ else "default"
         lines.append(f"  {name:<34} {value:<8} ({source})")
+    if notes:
+        lines += ["", "notes:", *(f"  {note}" for note in notes)]
     if not config.enabled:
         lines += ["", "SELF_HEALING_ENABLED is false: resilient_db behaves as plain SQLAlchemy."]
     out.write("\n".join(lines) + "\n")
     return EXIT_OK
+
+
+def _no_op_settings(environ: Mapping[str, str], config: Any) -> list[str]:
+    """Settings of the environment that are valid but do nothing as configured (said, not an
+    error: the exit status stays 0)."""
+    notes: list[str] = []
+    if "SELF_HEALING_RETRY_BUDGET_FLOOR" in environ and config.retry_budget is None:
+        notes.append(
+            "SELF_HEALING_RETRY_BUDGET_FLOOR is set but does nothing: the floor is part of a "
+            "retry budget, and SELF_HEALING_RETRY_BUDGET is not set (set it, e.g. to 0.2, or "
+            "unset the floor)"
+        )
+    return notes
 
 
 # -- rules --------------------------------------------------------------------------------------

@@ -94,6 +94,29 @@ def test_check_config_says_a_redis_url_needs_the_redis_package(
     rdb.ResilientSession(service="cli-no-redis-needed")
 
 
+def test_check_config_says_a_retry_budget_floor_without_a_budget_does_nothing(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The floor adds to a budget: set alone it did nothing, and check-config said nothing."""
+    clean_env.setenv("SELF_HEALING_RETRY_BUDGET_FLOOR", "5")
+    assert main(["check-config"]) == 0  # valid: a note, not an error
+    out = capsys.readouterr().out
+    assert (
+        "notes:\n  SELF_HEALING_RETRY_BUDGET_FLOOR is set but does nothing: the floor is part of "
+        "a retry budget, and SELF_HEALING_RETRY_BUDGET is not set"
+    ) in out
+    assert main(["check-config", "--json"]) == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert len(notes) == 1
+    assert notes[0].startswith("SELF_HEALING_RETRY_BUDGET_FLOOR is set but does nothing")
+
+    clean_env.setenv("SELF_HEALING_RETRY_BUDGET", "0.2")  # with a budget: no note
+    assert main(["check-config"]) == 0
+    assert "notes:" not in capsys.readouterr().out
+    assert main(["check-config", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["notes"] == []
+
+
 def test_check_config_json_for_a_bad_environment(
     clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
