@@ -33,7 +33,7 @@ import pybreaker as _pb
 
 from ._classify import debug_failure
 from ._config import Config, ConfigUsers
-from ._errors import CircuitOpenError
+from ._errors import CircuitOpenError, wait_text
 from ._fleet import FAILOVER_WINDOW, VIEW_FRESH, FleetDown, View, attach, detach
 from ._internals import renew_pybreaker_lock
 from ._observability import LineLimit, emit, log_breaker, stats_for, switched_off_view
@@ -104,10 +104,10 @@ class _LogListener(_pb.CircuitBreakerListener):
                 b.config,
                 log_breaker,
                 logging.WARNING,
-                "Circuit breaker opened: service=%s after %s; rejecting calls for %.1f s",
+                "Circuit breaker opened: service=%s after %s; rejecting calls for %s",
                 b.service,
                 why,
-                open_for,
+                wait_text(open_for),
                 service=b.service,
                 event="breaker_opened",
                 opened_here=not followed,
@@ -385,10 +385,10 @@ class Breaker:
             log_breaker,
             logging.WARNING,
             "Circuit breaker switched on again: service=%s resumes %s, as the processes "
-            "sharing it through Redis left it; retry in %.1f s",
+            "sharing it through Redis left it; retry in %s",
             self.service,
             state,
-            self.open_for(),
+            wait_text(self.open_for()),
             service=self.service,
             event="breaker_resumed",
             state=state,
@@ -919,12 +919,12 @@ class Breaker:
             log_breaker,
             logging.WARNING,
             "Circuit breaker rejected %d call(s) since the last line: service=%s %s%s; "
-            "failing calls fast, retry in %.1f s",
+            "failing calls fast, retry in %s",
             unlogged + 1,
             self.service,
             "open" if state == OPEN else "half-open with every probe slot taken",
             "" if cause is None else f" ({cause})",
-            retry_after,
+            wait_text(retry_after),
             service=self.service,
             event="breaker_rejected",
             rejected=unlogged + 1,

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 from ._config import Config, ConfigUsers
-from ._observability import LineLimit, emit, log_retry, stats_for
+from ._observability import LineLimit, emit, log_retry, more_since, stats_for
 from ._state import STATE, check_service_room
 
 __all__ = [
@@ -463,13 +463,12 @@ class RetryBudget:
             logging.WARNING,
             "Retry budget exhausted: service=%s retries may add %g of recent first attempts "
             "(%s) plus %d/s; failing units give up with their original error instead of "
-            "retrying (%d more since the last line%s)",
+            "retrying%s",
             self.service,
             cfg.retry_budget or 0.0,
             scope,
             cfg.retry_budget_floor,
-            since,
-            ago,
+            more_since(since, ago),
             log=log,
             service=self.service,
             event="budget_exhausted",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from sqlalchemy.orm.exc import StaleDataError
@@ -54,6 +55,15 @@ class ConfigError(ResilientDBError, ValueError):
         super().__init__(f"{count} invalid self-healing {noun}:\n{lines}")
 
 
+def wait_text(seconds: float) -> str:
+    """A wait for a message, in tenths of a second rounded up: a wait under 0.05 s is not
+    "0.0 s", which reads as "retry now" (0 is said only for no wait at all)."""
+    if not math.isfinite(seconds):  # (a CircuitOpenError of the caller's may carry one)
+        return f"{seconds:.1f} s"
+    tenths = max(0, math.ceil(seconds * 10 - 1e-6))  # (float noise over a tenth: not more)
+    return f"{tenths / 10:.1f} s"
+
+
 class CircuitOpenError(ResilientDBError):
     """The circuit breaker of ``service`` is open: the call was rejected without touching the
     network. ``retry_after`` is the number of seconds until the breaker lets a probe through;
@@ -74,7 +84,7 @@ class CircuitOpenError(ResilientDBError):
             if state == "half-open"
             else "is open after repeated database failures"
         )
-        message = f"circuit {service!r} {what}; retry in {self.retry_after:.1f} s"
+        message = f"circuit {service!r} {what}; retry in {wait_text(self.retry_after)}"
         super().__init__(message if cause is None else f"{message}; the failures: {cause}")
 
 

@@ -155,7 +155,7 @@ from typing import Any, Final, NamedTuple, Protocol
 from ._classify import log_quietly
 from ._config import Config, client_problem, client_says, mask_url
 from ._errors import ConfigError
-from ._observability import LineLimit, emit, emit_line, log_breaker
+from ._observability import LineLimit, emit, emit_line, log_breaker, more_since
 from ._state import STATE, renew_after_fork
 
 __all__ = ["FleetDown", "FleetLink", "attach", "detach", "follow_users", "links"]
@@ -1568,11 +1568,10 @@ class FleetLink:
             log_breaker,
             logging.WARNING,
             "Circuit breaker listener failed: service=%s a listener raised %s on a state change "
-            "shared through Redis; the change is taken, Redis stays in use (%d more since the "
-            "last line)",
+            "shared through Redis; the change is taken, Redis stays in use%s",
             service,
             type(exc).__qualname__,
-            since,
+            more_since(since),
             log=log,
             service=service,
             event="machinery_failed",

@@ -227,6 +227,20 @@ def _emit(
 WARNING_LINE_PERIOD = 10.0
 
 
+def retries_text(count: int) -> str:
+    """``"1 retry"``, ``"2 retries"``: how many retries a line says a unit took."""
+    return "1 retry" if count == 1 else f"{count} retries"
+
+
+def more_since(unlogged: int, extra: str = "") -> str:
+    """The end of a rate-limited line (see :class:`LineLimit`): `` (N more since the last
+    line)``, ``extra`` added inside the brackets; nothing when none was left unlogged (the
+    first line of a kind, or one that folds none)."""
+    if unlogged == 0:
+        return ""
+    return f" ({unlogged} more since the last line{extra})"
+
+
 class LineLimit:
     """Rate-limits the log lines of a warning that an outage repeats (one per failing unit
     would be a log storm): at most one line per ``period`` seconds per key, each saying how

@@ -45,7 +45,16 @@ from ._classify import (
 )
 from ._config import Config
 from ._errors import CircuitOpenError
-from ._observability import LineLimit, emit, emit_line, log_retry, sqlstate_label, stats_for
+from ._observability import (
+    LineLimit,
+    emit,
+    emit_line,
+    log_retry,
+    more_since,
+    retries_text,
+    sqlstate_label,
+    stats_for,
+)
 from ._state import STATE, renew_after_fork
 
 __all__ = ["Policy", "set_testing"]
@@ -556,11 +565,10 @@ class Policy:
             logging.WARNING,
             "Connection pool timed out: service=%s every connection of the engine's pool was "
             "in use for the whole pool_timeout (%s: more concurrent units than pool_size + "
-            "max_overflow, or a slow database); not retried, raising it (%d more since the "
-            "last line)",
+            "max_overflow, or a slow database); not retried, raising it%s",
             self.service,
             type(exc).__name__,
-            since,
+            more_since(since),
             log=log,
             service=self.service,
             event="pool_timeout",
@@ -581,12 +589,12 @@ class Policy:
             self.config,
             log_retry,
             logging.WARNING,
-            "%s failed for service=%s (%s); %s (%d more since the last line)",
+            "%s failed for service=%s (%s); %s%s",
             what,
             self.service,
             kind,
             then,
-            since,
+            more_since(since),
             log=log,
             service=self.service,
             event="machinery_failed",
@@ -866,11 +874,11 @@ class Policy:
                 self.config,
                 log_retry,
                 logging.ERROR,
-                "Gave up: service=%s %s (SQLSTATE %s) after %d retries%s%s; %s",
+                "Gave up: service=%s %s (SQLSTATE %s) after %s%s%s; %s",
                 self.service,
                 outcome.value,
                 sqlstate_label(exc),
-                retries,
+                retries_text(retries),
                 why,
                 "" if cause is None else f" ({cause})",
                 "the circuit breaker opened, raising CircuitOpenError"
@@ -913,10 +921,10 @@ class Policy:
             self.config,
             log_retry,
             logging.ERROR,
-            "Gave up: service=%s after %d retries: the last attempt failed with %s (SQLSTATE "
+            "Gave up: service=%s after %s: the last attempt failed with %s (SQLSTATE "
             "%s), which is not retried; raising it",
             self.service,
-            retries,
+            retries_text(retries),
             type(exc).__name__,
             sqlstate_label(exc),
             service=self.service,
@@ -976,12 +984,12 @@ class Policy:
             self.config,
             log_retry,
             logging.ERROR,
-            "Gave up: service=%s %s (SQLSTATE %s) after %d retries%s; the circuit breaker "
+            "Gave up: service=%s %s (SQLSTATE %s) after %s%s; the circuit breaker "
             "opened while it retried and refused retry %d, raising CircuitOpenError",
             self.service,
             outcome.value,
             sqlstate_label(last),
-            ran,
+            retries_text(ran),
             "" if cause is None else f" ({cause})",
             retries,
             service=self.service,
@@ -1009,11 +1017,11 @@ class Policy:
             self.config,
             log_retry,
             logging.INFO,
-            "Recovered: service=%s succeeded at attempt %d, after %d retries (the last failure: "
+            "Recovered: service=%s succeeded at attempt %d, after %s (the last failure: "
             "%s, SQLSTATE %s)",
             self.service,
             retries + 1,
-            retries,
+            retries_text(retries),
             outcome.value,
             sqlstate_label(last),
             service=self.service,

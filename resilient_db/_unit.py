@@ -97,7 +97,7 @@ from ._internals import (
     transaction_connections,
 )
 from ._internals import last_do_connect as _last_do_connect
-from ._observability import CONTROL_CODES, LineLimit, emit, log_session, stats_for
+from ._observability import CONTROL_CODES, LineLimit, emit, log_session, more_since, stats_for
 from ._registry import factory_of, in_unit, register_class
 from ._retry import Policy
 from ._state import STATE
@@ -3410,11 +3410,11 @@ class EngineHooks:
             logging.INFO,
             "Replacing the pooled connections: service=%s database %s answered SQLSTATE %s, "
             "which ends its connections' use (a failover, a shutdown): connections made before "
-            "now are closed at their next checkout (%d more since the last line)",
+            "now are closed at their next checkout%s",
             service,
             self.commit.engine.url.database,
             code,
-            unlogged,
+            more_since(unlogged),
             log=log,
             service=service,
             event="pool_invalidated",
@@ -3451,12 +3451,12 @@ class EngineHooks:
             "Write refused by a hot standby: service=%s database %s at %s is a read-only "
             "standby in recovery (SQLSTATE 25006); its units are retried as after a failover "
             "and the circuit breaker may open. A URL that reaches a standby by mistake never "
-            "heals: %s (%d more since the last line)",
+            "heals: %s%s",
             service,
             self.commit.engine.url.database,
             server,
             HOT_STANDBY_FIX,
-            unlogged,
+            more_since(unlogged),
             log=log,
             service=service,
             event="hot_standby_refused_write",
@@ -3556,10 +3556,9 @@ class EngineHooks:
             config,
             log_session,
             logging.INFO,
-            "Discarded a dead pooled connection at checkout: service=%s (%d more since the "
-            "last line)",
+            "Discarded a dead pooled connection at checkout: service=%s%s",
             service,
-            unlogged,
+            more_since(unlogged),
             log=log,
             service=service,
             event="dead_pooled_connection",

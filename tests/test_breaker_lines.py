@@ -41,6 +41,31 @@ def counters(service: str) -> dict[str, int]:
 
 
 # -- rejected calls ----------------------------------------------------------------------------
+def test_a_wait_under_a_twentieth_of_a_second_is_not_said_as_zero(
+    engine: sa.Engine, service: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A call rejected 0.03 s before the opening ends was told "retry in 0.0 s" (by its
+    ``CircuitOpenError`` and the rejection line): a wait is said rounded up to a tenth."""
+    clock = FakeClock()
+    Factory = rdb.ResilientSession(
+        engine,
+        service=service,
+        config=rdb.Config(failure_threshold=1, max_retries=0, reset_timeout=30.0),
+        wall_clock=clock,
+    )
+    caplog.set_level(logging.INFO, logger="resilient_db")
+    with pytest.raises(sa.exc.OperationalError):
+        Factory.run(unavailable)
+    clock.advance(29.97)
+    with pytest.raises(rdb.CircuitOpenError) as rejected:
+        Factory.run(healthy)
+    assert rejected.value.retry_after == pytest.approx(0.03)
+    assert str(rejected.value).endswith("retry in 0.1 s")
+    (line,) = lines(caplog, "Circuit breaker rejected")
+    assert line.endswith("failing calls fast, retry in 0.1 s")
+    assert "in 0.0 s" not in caplog.text
+
+
 def test_rejected_calls_have_a_line_and_an_event_the_first_after_each_opening_then_one_a_period(
     engine: sa.Engine,
     service: str,

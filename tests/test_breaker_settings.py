@@ -197,7 +197,7 @@ def test_a_reload_changing_the_retry_limit_applies_to_a_unit_backing_off(
         Session.run(unit)
     assert len(calls) == 2
     assert "/1:" not in caplog.text
-    assert "after 1 retries; raising OperationalError" in caplog.text
+    assert "after 1 retry; raising OperationalError" in caplog.text
 
 
 def budget(service: str) -> dict[str, Any]:

@@ -225,10 +225,8 @@ def test_a_failing_listener_is_not_taken_for_redis_failing(
     _fleet._LISTENER_LINES.restart(("listened", STATE.generation))
     another_process("open")
     lines = [r.getMessage() for r in _records(caplog, "Circuit breaker listener failed")]
-    assert [text[text.rindex("(") :] for text in lines] == [
-        "(0 more since the last line)",
-        "(1 more since the last line)",
-    ]
+    assert lines[0].endswith("the change is taken, Redis stays in use")  # folds none
+    assert lines[1].endswith("the change is taken, Redis stays in use (1 more since the last line)")
     failed = [e for e in events if e.name == "machinery_failed" and e.service == "listened"]
     assert [(e.fields["part"], e.fields["suppressed"]) for e in failed] == [
         ("circuit breaker listener", 0),
@@ -355,7 +353,7 @@ def test_an_explicit_open_interrupted_leaves_no_reason_for_the_next_openings(
     wait_for(lambda: shared("interrupted")["connected"], "the link", 10)
     # the breaker's open period (not a backoff), counted from when Redis ran the open(), which
     # may be a moment after the state was first seen: with a margin (exactly 0.3 s could still
-    # be refused, "retry in 0.0 s", on a busy machine)
+    # be refused, "retry in 0.1 s", on a busy machine)
     time.sleep(0.5)
     caplog.clear()
     caplog.set_level(logging.INFO, logger="resilient_db")

@@ -61,7 +61,7 @@ def test_a_unit_that_retried_then_met_an_error_not_retried_gives_up_visibly(
     assert getattr(raised.value.orig, "sqlstate", None) == "23505"
     assert len(calls) == 2
     assert lines(caplog, "Gave up") == [
-        f"[SELF-HEAL] Gave up: service={service} after 1 retries: the last attempt failed with "
+        f"[SELF-HEAL] Gave up: service={service} after 1 retry: the last attempt failed with "
         "IntegrityError (SQLSTATE 23505), which is not retried; raising it"
     ]
     assert gave_up(service) == 1
@@ -99,7 +99,7 @@ def test_a_gave_up_line_names_the_error_raised(
     with pytest.raises(PaymentFailed):
         Factory.run(unit)
     assert lines(caplog, "Gave up") == [
-        f"[SELF-HEAL] Gave up: service={service} conflict (SQLSTATE 40001) after 1 retries; "
+        f"[SELF-HEAL] Gave up: service={service} conflict (SQLSTATE 40001) after 1 retry; "
         "raising PaymentFailed"
     ]
     (event,) = [e for e in events if e.name == "gave_up" and e.service == service]

@@ -106,7 +106,7 @@ async def test_an_async_units_recovered_line_says_the_same(
         await aengine.dispose()
     (line,) = recovered_lines(caplog)
     assert line.getMessage() == (
-        f"[SELF-HEAL] Recovered: service={service} succeeded at attempt 2, after 1 retries (the "
+        f"[SELF-HEAL] Recovered: service={service} succeeded at attempt 2, after 1 retry (the "
         "last failure: conflict, SQLSTATE 40P01)"
     )
 

@@ -167,7 +167,7 @@ def test_a_unit_that_retried_before_the_budget_ran_out_says_it_gave_up(
     said = [r.getMessage() for r in caplog.records]
     assert sum("Retry attempt 1/5" in line for line in said) == 1
     (gave_up,) = [line for line in said if "Gave up" in line]
-    assert "after 1 retries" in gave_up
+    assert "after 1 retry (" in gave_up
     assert sum("Retry budget exhausted" in line for line in said) == 1
 
 
@@ -191,7 +191,7 @@ def test_the_budgets_line_says_when_the_last_one_was() -> None:
         logger.removeHandler(handler)
         logger.setLevel(level)
     assert len(lines) == 2
-    assert lines[0].endswith("(0 more since the last line)")
+    assert lines[0].endswith("instead of retrying")  # the first folds none: nothing said of it
     assert lines[1].endswith("(2 more since the last line, the last line 30 s ago)")
 
 

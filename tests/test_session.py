@@ -1095,7 +1095,7 @@ def test_dead_pooled_connections_are_said_once_every_few_seconds_and_each_counte
         rdb.remove_hook(hook)
     lines = [r for r in caplog.records if "dead pooled connection" in r.getMessage()]
     assert len(lines) == 2
-    assert lines[0].getMessage().endswith("(0 more since the last line)")
+    assert lines[0].getMessage().endswith(f"at checkout: service={service}")  # folds none
     assert lines[1].getMessage().endswith("(2 more since the last line)")
     # the events say it as the other rate-limited ones do (0 for those left unlogged)
     assert events == [("dead_pooled_connection", n) for n in (0, 0, 0, 2, 0, 0)]
