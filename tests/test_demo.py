@@ -24,7 +24,7 @@ from resilient_db.demo import DemoOptions
 from resilient_db.demo import _run as demo_run
 from resilient_db.demo._run import Demo, _captured_logs, _LogTap
 from resilient_db.demo._workload import Worker
-from resilient_db.testing import PostgresServer
+from resilient_db.testing import FaultProxy, PostgresServer
 
 #: the last command-line argument of the harness's database watchdog (resilient_db.testing)
 DATABASE_WATCHDOG = "resilient-db-db-watchdog"
@@ -277,6 +277,45 @@ def test_news_that_comes_in_once_the_demo_was_interrupted_is_not_shown(
     assert view.lines == [
         "could not remove the demo's keys (...) from redis://***@127.0.0.1:6379/0"
     ]
+
+
+def test_a_scratch_database_the_demo_could_not_drop_is_named(
+    pg_server: PostgresServer, fault_proxy: FaultProxy
+) -> None:
+    """With --url, a failed drop of the scratch database at the end (the server unreachable by
+    then) was silent: the database stayed on the server and nothing said which it was."""
+
+    class ServerGoneAfterSetup:
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def start(self, title: str, snapshot: Any) -> None:
+            pass
+
+        def event(self, at: float | None, message: str) -> None:
+            self.lines.append(message)
+            if "migrations applied" in message:  # the database exists: the server goes away
+                fault_proxy.refuse(cut=True)
+                raise KeyboardInterrupt
+
+        def stop(self) -> None:
+            pass
+
+    view = ServerGoneAfterSetup()
+    demo = Demo(DemoOptions(seconds=8, url=fault_proxy.url()), cast(Any, view))
+    with pytest.raises(KeyboardInterrupt):
+        demo.run()
+    (created,) = re.findall(r"database (rdb_demo_\w+): migrations applied", "\n".join(view.lines))
+    try:
+        left = "SELECT count(*) FROM pg_database WHERE datname = %s"
+        assert pg_server.execute(left, params=(created,)) == [(1,)]
+        said = view.lines[-1]
+        assert said.startswith(f"could not drop the scratch database {created} on ")
+        assert "(OperationalError" in said
+        assert said.endswith(f"drop it with DROP DATABASE {created} WITH (FORCE)")
+    finally:
+        fault_proxy.restore()
+        pg_server.drop_database(created)
 
 
 def test_an_interrupt_as_the_workers_start_ends_without_a_traceback() -> None:

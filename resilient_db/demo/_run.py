@@ -602,8 +602,15 @@ class Demo:
     def _cleanup(self, server: PostgresServer, database: str, created: bool) -> None:
         if isinstance(server, ExternalPostgres):
             if created and not self.options.keep_database:
-                with contextlib.suppress(Exception):
+                try:
                     server.drop_database(database)
+                except Exception as exc:  # (its class and SQLSTATE: the text may quote the DSN)
+                    code = getattr(exc, "sqlstate", None)
+                    why = type(exc).__name__ + (f", SQLSTATE {code}" if code else "")
+                    self.say(
+                        f"could not drop the scratch database {database} on {server!r} ({why}): "
+                        f"it is left there; drop it with DROP DATABASE {database} WITH (FORCE)"
+                    )
             return
         server.close()
 
