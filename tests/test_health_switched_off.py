@@ -62,10 +62,12 @@ def test_an_operation_of_a_process_started_off_is_listed_as_a_factory_is(
 ) -> None:
     clean_env.setenv("SELF_HEALING_ENABLED", "false")
     rdb.reload_config()
-    rdb.ResilientSession(engine, service=f"{service}-factory")
+    # (held: a factory no longer referenced is no live user of its service)
+    factory = rdb.ResilientSession(engine, service=f"{service}-factory")
     assert rdb.with_self_healing(lambda: 1, service=f"{service}-op") == 1
     assert entry(f"{service}-op") == entry(f"{service}-factory")
     assert entry(f"{service}-op")["breaker"]["state"] == "off"
+    assert factory.kw is not None
 
 
 def test_an_operation_switched_off_by_a_reload_shows_its_breaker_off_as_a_factory_does(
