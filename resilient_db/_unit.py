@@ -23,7 +23,7 @@ import types
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, NamedTuple, NoReturn, TypeVar
+from typing import Any, Final, NamedTuple, NoReturn, Protocol, TypeVar
 
 import psycopg
 from sqlalchemy import event, text
@@ -70,6 +70,7 @@ from ._commit import (
     CommitProtocol,
     CommitRequest,
     CommitTicket,
+    PastCommit,
     UnprovenCommit,
     claim,
     end_check,
@@ -602,16 +603,37 @@ def check_commit(
             past = None
             if verdict is CommitVerdict.COMMITTED:
                 past = wrote_past_commit(connection, _whose(ticket))
-        proving = past is not None
-        wait = replication_wait_within(ticket.proofs, left)
-        if proving:
-            ticket.proofs += 1
-        if end_check(connection, proving=proving, wait=wait):
+        if _end_proof(connection, ticket, past, left):
             return verdict
-    if past is not None:  # not proven: was anybody there to confirm it?
-        ticket.unserved_standby_names = past.standby_names if past.senders == 0 else None
     # the check's COMMIT proves nothing (a fence not known committed: check again)
-    return CommitVerdict.UNREPLICATED if proving else CommitVerdict.IN_PROGRESS
+    return CommitVerdict.UNREPLICATED if past is not None else CommitVerdict.IN_PROGRESS
+
+
+class _Proven(Protocol):
+    """What is proven by checks that write WAL past a commit: a lost COMMIT's ticket, a
+    two-phase unit's prepared transaction being finished (:class:`Finishing`)."""
+
+    proofs: int
+    unserved_standby_names: str | None
+
+
+def _end_proof(
+    connection: Connection, proven: _Proven, past: PastCommit | None, left: float | None
+) -> bool:
+    """End the check's transaction on ``connection`` (:func:`~._commit.end_check`); where it
+    wrote WAL past the commit it found (``past``: synchronous replication in effect), its
+    COMMIT must be confirmed within the wait of ``proven``'s next proof (growing with each,
+    cut to the ``left`` seconds before the deadline). True when ended so, or with nothing to
+    prove; else ``proven`` notes whether any standby was there to confirm it."""
+    proving = past is not None
+    wait = replication_wait_within(proven.proofs, left)
+    if proving:
+        proven.proofs += 1
+    if end_check(connection, proving=proving, wait=wait):
+        return True
+    if past is not None:
+        proven.unserved_standby_names = past.standby_names if past.senders == 0 else None
+    return False
 
 
 def _xid_status(ticket: CommitTicket) -> Any:
@@ -2033,14 +2055,8 @@ def _prove_finished(connection: Connection, finishing: Finishing) -> bool | None
     with connection.begin():
         with stall_cut(connection):
             past = wrote_past_commit(connection, f"two-phase transaction {finishing.xid}")
-        proving = past is not None
-        wait = replication_wait_within(finishing.proofs, time_left())
-        if proving:
-            finishing.proofs += 1
-        if end_check(connection, proving=proving, wait=wait):
+        if _end_proof(connection, finishing, past, time_left()):
             return True
-    if past is not None:  # not proven: was anybody there to confirm it?
-        finishing.unserved_standby_names = past.standby_names if past.senders == 0 else None
     return None
 
 
@@ -2209,15 +2225,7 @@ def listening_base(given: type[Any]) -> type[Any]:
         base = given.__dict__.get(_BASE_ATTR) or _listening_bases.get(given)
         if base is not None:
             return base
-        base = type(
-            given.__name__,
-            (given,),
-            {
-                "__module__": given.__module__,
-                "__qualname__": given.__qualname__,
-            },
-        )
-        setattr(base, "bulk_save_objects", _bulk_save_objects_of(base))  # noqa: B010 (a method)
+        base = _noting_subclass(given)
         try:
             setattr(given, _BASE_ATTR, base)
         except (AttributeError, TypeError):  # a class that takes no attribute
@@ -2227,6 +2235,21 @@ def listening_base(given: type[Any]) -> type[Any]:
             # (the finalizer holds the registry's keys, not the base)
             weakref.finalize(base, forget_event_keys, event_keys(base, listeners))
     return base
+
+
+def _noting_subclass(cls: type[Any]) -> type[Any]:
+    """A subclass of the session class ``cls`` by its name (``__name__``, ``__qualname__``,
+    ``__module__``, ``__doc__``), whose ``bulk_save_objects`` notes the new objects it keys in
+    an attempt (see :func:`_bulk_save_objects_of`): a sync factory's listening base, an async
+    factory's sync session class."""
+    namespace = {
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+        "__doc__": cls.__doc__,
+    }
+    sub = type(cls.__name__, (cls,), namespace)
+    setattr(sub, "bulk_save_objects", _bulk_save_objects_of(sub))  # noqa: B010 (a method)
+    return sub
 
 
 def _bulk_save_objects_of(base: type[Any]) -> Callable[..., Any]:
@@ -2865,13 +2888,7 @@ class FactoryCore:
             # (a class given for one session is checked here, as the factory's are when given)
             refuse_session_classes(type(self), {"sync_session_class": given})
             cls = sync_class_of(given)
-            namespace = {
-                "__module__": cls.__module__,
-                "__qualname__": cls.__qualname__,
-                "__doc__": cls.__doc__,
-            }
-            own: Any = type(cls.__name__, (cls,), namespace)
-            setattr(own, "bulk_save_objects", _bulk_save_objects_of(own))  # noqa: B010
+            own: Any = _noting_subclass(cls)
             register_class(own, self)  # (its sessions name this factory)
             made = own
             if given is not cls:
