@@ -34,7 +34,15 @@ import pybreaker as _pb
 from ._classify import debug_failure
 from ._config import Config, ConfigUsers
 from ._errors import CircuitOpenError, wait_text
-from ._fleet import FAILOVER_WINDOW, VIEW_FRESH, FleetDown, View, attach, detach
+from ._fleet import (
+    FAILOVER_WINDOW,
+    PROBE_LEASE_MIN,
+    VIEW_FRESH,
+    FleetDown,
+    View,
+    attach,
+    detach,
+)
 from ._internals import renew_pybreaker_lock
 from ._observability import LineLimit, emit, log_breaker, stats_for, switched_off_view
 from ._state import STATE, check_service_room
@@ -45,7 +53,7 @@ CLOSED, OPEN, HALF_OPEN = _pb.STATE_CLOSED, _pb.STATE_OPEN, _pb.STATE_HALF_OPEN
 _UTC = timezone.utc
 #: the probe the attempt running in this context (thread, asyncio task) was let through as:
 #: (its breaker, its reservation in Redis or None); see Breaker._take_probe
-_probe_here: contextvars.ContextVar[tuple[Any, str | None] | None] = contextvars.ContextVar(
+_probe_here: contextvars.ContextVar[tuple[Any, str | None, int] | None] = contextvars.ContextVar(
     "resilient_db_probe_here", default=None
 )
 #: the most probe ends and lost admits a breaker keeps for Redis while it does not answer
@@ -174,6 +182,12 @@ class Breaker:
         self._opened: tuple[datetime | None, float] | None = None
         self._lock = threading.Lock()
         self._probes = 0
+        #: the local half-open state's probe lease (the shared breaker's is Redis's): when
+        #: (timer) the probes now holding the slots began to hold them, and their era. Probes
+        #: still running when the lease ran out hold no slot any more and their ends count
+        #: nowhere (see _renew_lease)
+        self._lease_from = 0.0
+        self._probe_era = 0
         # monotonic time of the last failure counted: an attempt that was already running then
         # failed in the same outage (see on_failure)
         self._last_failure = -math.inf
@@ -583,16 +597,63 @@ class Breaker:
                         self._set_state(HALF_OPEN)
             if remaining > 0:
                 raise self._reject(remaining, OPEN)
+        overdue = 0.0
         with self._lock:
             state = self._storage.state
             if state == CLOSED:
                 return False
-            if state == HALF_OPEN and self._probes < self.config.half_open_probes:
-                self._probes += 1
-                self._hold(reservation)  # (under the lock, as every caller)
-                return True
+            if state == HALF_OPEN:
+                if self._probes >= self.config.half_open_probes:
+                    overdue = self._renew_lease()
+                if self._probes < self.config.half_open_probes:
+                    self._probes += 1
+                    self._hold(reservation)  # (under the lock, as every caller)
+                    admitted = True
+                else:
+                    admitted = False
+            else:
+                admitted = False
+        if overdue:
+            self._report_overdue(overdue)
+        if admitted:
+            return True
         # rejected (outside the lock: its line may reach the hooks)
         raise self._reject(self._retry_after_probe(), state)
+
+    def probe_lease(self) -> float:
+        """Seconds a half-open probe holds its slot at most: ``max(reset timeout, 10 s)``, as
+        the shared breaker's lease in Redis."""
+        return max(self.config.reset_timeout, PROBE_LEASE_MIN)
+
+    def _renew_lease(self) -> float:
+        """Half-open with every probe slot taken (callers hold ``self._lock``): when the
+        probes holding them began longer than :meth:`probe_lease` ago, they are given up for
+        lost (a connect hung on a blackholed address, a statement waiting for a lock): their
+        slots go to new probes and their ends count nowhere, as a shared breaker's probes past
+        their lease. Without it, one hung probe would refuse every call of the service until
+        the operating system ended its connection (minutes, for a silent network). Returns
+        how long they have run (0: within the lease, nothing changed)."""
+        held_for = self._timer() - self._lease_from
+        if held_for < self.probe_lease():
+            return 0.0
+        self._probe_era += 1
+        self._probes = 0
+        self._lease_from = self._timer()
+        return held_for
+
+    def _report_overdue(self, held_for: float) -> None:
+        emit(
+            self.config,
+            log_breaker,
+            logging.WARNING,
+            "Circuit breaker probe overdue: service=%s its half-open probe(s) still running "
+            "after %s; letting new probe(s) through (theirs will count nowhere)",
+            self.service,
+            wait_text(held_for),
+            service=self.service,
+            event="breaker_probe_overdue",
+            running_for=round(held_for, 3),
+        )
 
     def on_success(self, probe: bool) -> None:
         """The attempt succeeded (the listeners of the caller's are told: ``success(cb)``)."""
@@ -616,7 +677,8 @@ class Breaker:
             if self._storage.counter:
                 self._storage.reset_counter()
             return
-        if self._fleet_probe_done(self._take_probe(), success=True):
+        reservation, current = self._take_probe()
+        if self._fleet_probe_done(reservation, success=True) or not current:
             return
         with self._lock:
             self._probes = max(0, self._probes - 1)
@@ -665,7 +727,7 @@ class Breaker:
             self._tell("failure", error)
 
     def _on_failure(self, probe: bool, started: float | None, cause: str | None) -> None:
-        reservation = self._take_probe() if probe else None
+        reservation, current = self._take_probe() if probe else (None, True)
         age = -1.0  # a probe, or an attempt of unknown start: always counted
         if not probe and started is not None:
             now = time.monotonic()
@@ -689,6 +751,8 @@ class Breaker:
             # Redis may not have heard it: its probe slot is released when Redis answers again
             # (when Redis did hear it, its breaker opened, and the release does nothing)
             self._remember_probe(reservation, False)
+        if not current:
+            return  # a probe past the local lease: its end counts nowhere (see _renew_lease)
         with self._lock:
             if probe:
                 self._probes = max(0, self._probes - 1)
@@ -704,7 +768,10 @@ class Breaker:
 
     def on_neutral(self, probe: bool) -> None:
         """The attempt ended with a business error: neither success nor failure."""
-        if probe and not self._fleet_probe_done(self._take_probe(), success=False):
+        if not probe:
+            return
+        reservation, current = self._take_probe()
+        if not self._fleet_probe_done(reservation, success=False) and current:
             with self._lock:
                 self._probes = max(0, self._probes - 1)
 
@@ -714,24 +781,27 @@ class Breaker:
         :meth:`_take_probe`)."""
         self._held.append(reservation)
         del self._held[: -max(16, 4 * self.config.half_open_probes)]  # bounded
-        _probe_here.set((self, reservation))
+        _probe_here.set((self, reservation, self._probe_era))
 
-    def _take_probe(self) -> str | None:
-        """A probe ended: the reservation it held. The admission travels as a bool through the
-        retry engine, so the probe's own is found in its context, where it was let through
-        (an attempt ends in the thread or task it began in); an end elsewhere (a returned
-        task's admission given back by its callback) takes the oldest held. Pairing each end
-        with the oldest was wrong when an older probe was still running: a newer one's success
-        was reported under the older's reservation (gone with a state change or the lease), so
-        it counted nowhere and its own slot stayed taken (every call refused meanwhile)."""
+    def _take_probe(self) -> tuple[str | None, bool]:
+        """A probe ended: the reservation it held, and whether it still holds a slot of the
+        local state (False: let through before the local lease last ran out, or before the
+        breaker last went half-open; see :meth:`_renew_lease`). The admission travels as a
+        bool through the retry engine, so the probe's own is found in its context, where it
+        was let through (an attempt ends in the thread or task it began in); an end elsewhere
+        (a returned task's admission given back by its callback) takes the oldest held.
+        Pairing each end with the oldest was wrong when an older probe was still running: a
+        newer one's success was reported under the older's reservation (gone with a state
+        change or the lease), so it counted nowhere and its own slot stayed taken (every call
+        refused meanwhile)."""
         here = _probe_here.get()
         with self._lock:
             if here is not None and here[0] is self:
                 _probe_here.set(None)
                 with contextlib.suppress(ValueError):
                     self._held.remove(here[1])
-                return here[1]
-            return self._held.pop(0) if self._held else None
+                return here[1], here[2] == self._probe_era
+            return (self._held.pop(0) if self._held else None), True
 
     def _fleet_probe_done(self, reservation: str | None, *, success: bool) -> bool:
         """A half-open probe holding ``reservation`` ended (``success``, or neither way): tell
@@ -1309,6 +1379,11 @@ class Breaker:
 
     def _set_state(self, state: str) -> None:
         self._opened_locally = False
+        if state == HALF_OPEN:
+            # a new lease for new probes; those of an earlier half-open state still running
+            # hold no slot of this one
+            self._lease_from = self._timer()
+            self._probe_era += 1
         self._storage.state = state
         # pybreaker's setter builds its state object and notifies the listeners; it resets the
         # failure counter on closing and the success counter on opening / half-opening.
