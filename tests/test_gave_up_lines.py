@@ -6,6 +6,7 @@ nothing)."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -15,6 +16,8 @@ import resilient_db as rdb
 from resilient_db._breaker import breakers
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
+
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 class PaymentFailed(Exception):
@@ -64,6 +67,10 @@ def test_a_unit_that_retried_then_met_an_error_not_retried_gives_up_visibly(
         f"[SELF-HEAL] Gave up: service={service} after 1 retry: the last attempt failed with "
         "IntegrityError (SQLSTATE 23505), which is not retried; raising it"
     ]
+    # the README quotes this line as an example (it said "after 1 retries")
+    readme = " ".join(README.read_text(encoding="utf-8").split())
+    quoted = lines(caplog, "Gave up")[0].removeprefix("[SELF-HEAL] ")
+    assert f"`{quoted.replace(f'service={service}', 'service=...')}`" in readme
     assert gave_up(service) == 1
     (event,) = [e for e in events if e.name == "gave_up" and e.service == service]
     assert event.fields["limit"] == "not_retried"

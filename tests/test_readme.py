@@ -74,7 +74,8 @@ def test_readme_examples_type_check_strictly(tmp_path: Path) -> None:
 def _section(title: str) -> str:
     text = README.read_text(encoding="utf-8")
     start = text.index(f"\n## {title}\n")
-    return text[start : text.index("\n## ", start + 1)]
+    end = text.find("\n## ", start + 1)
+    return text[start : None if end < 0 else end]
 
 
 def _keys(value: object, path: str = "") -> set[str]:
@@ -335,3 +336,51 @@ def test_the_event_class_points_to_the_readmes_table_not_to_a_list_of_its_own() 
     _event_table()  # (the table is in that section)
     quoted = set(re.findall(r'``"([a-z_]+)"``', doc))
     assert quoted in (set(), set(_event_table())), sorted(quoted)
+
+
+def _subcommand_help(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    from resilient_db._cli import _parser  # noqa: PLC0415
+
+    with pytest.raises(SystemExit):
+        _parser().parse_args([*argv, "--help"])
+    return capsys.readouterr().out
+
+
+def test_readme_names_every_option_of_the_command(capsys: pytest.CaptureFixture[str]) -> None:
+    """Every option ``resilient-db --help`` and its subcommands' help list is in the README
+    (``--plain``, ``--verbose``, ``--migrations``, ``--column`` and ``--version`` were not)."""
+    text = README.read_text(encoding="utf-8")
+    options: set[str] = set()
+    for argv in ((), ("demo",), ("check-config",), ("rules",)):
+        options |= set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", _subcommand_help(capsys, *argv)))
+    options.discard("--help")
+    assert len(options) > 10
+    assert sorted(o for o in options if not re.search(rf"(?<![\w-]){o}(?![\w-])", text)) == []
+
+
+def test_readme_lists_every_library_whose_internals_are_read() -> None:
+    """The README's list of the non-public APIs the library reads has a bullet for each
+    library ``_internals.py`` has a section for (Flask's was missing)."""
+    source = (PACKAGE / "_internals.py").read_text(encoding="utf-8")
+    libraries = re.findall(r"^# -{20,}\n# (\w+)", source, re.M)
+    assert {"SQLAlchemy", "asyncpg", "psycopg", "pybreaker"} <= set(libraries)
+    section = _section("Development")
+    assert sorted(lib for lib in libraries if f"\n  - {lib}" not in section) == []
+
+
+def test_readme_architecture_names_every_module() -> None:
+    """Each module at the top of the package is in the README's Architecture listing."""
+    block = _section("Architecture")
+    modules = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert sorted(m for m in modules if not re.search(rf"(?<![\w.]){re.escape(m)}", block)) == []
+
+
+def test_changelog_unreleased_has_each_kind_of_change_once() -> None:
+    """[Unreleased] has one section per kind of change, as Keep a Changelog asks (an entry
+    under a second ``### Changed`` was easy to miss)."""
+    text = (README.parent / "CHANGELOG.md").read_text(encoding="utf-8")
+    start = text.index("\n## [Unreleased]\n")
+    end = text.find("\n## ", start + 1)
+    headings = re.findall(r"^### (.+)$", text[start : None if end < 0 else end], re.M)
+    assert headings
+    assert sorted(h for h in set(headings) if headings.count(h) > 1) == []
