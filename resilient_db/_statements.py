@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import re
+import string
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -166,7 +167,24 @@ def distrust_calls(names: Iterable[str]) -> None:
 # ``$`` and any non-ASCII character (``записать``, ``ésum``, even a no-break space), and only
 # ASCII spaces, tabs and line breaks are whitespace. A call's name is taken whole (a run of name
 # characters, so ``ésum(`` is not ``sum(``); one that starts with a digit is no built-in either.
-_NAME_CHAR = "A-Za-z0-9_$\u0080-\U0010ffff"
+# Each character class of names below is written as the negation of the ASCII characters it
+# does not hold (``[^...]``): ``re`` compiles that in microseconds, where a range up to U+10FFFF
+# took milliseconds each (tens of them under IGNORECASE): a third of a second, at least, of
+# every process's ``import resilient_db``.
+_NAME_ASCII = string.ascii_letters + string.digits + "_$"
+
+
+def _ascii_class(belongs: Callable[[str], bool]) -> str:
+    """The body of a character class holding the ASCII characters ``belongs`` takes."""
+    return "".join(f"\\x{code:02x}" for code in range(128) if belongs(chr(code)))
+
+
+def _names(ascii_chars: str = _NAME_ASCII) -> str:
+    """A character class matching ``ascii_chars`` and every non-ASCII character."""
+    return f"[^{_ascii_class(lambda char: char not in ascii_chars)}]"
+
+
+_NAME = _names()  # a character of an unquoted name
 _SPACE = "[ \t\n\r\f\v]"
 # Words of the grammar that come before a ``(`` without calling anything. Only PostgreSQL's
 # reserved words and those that can't name a function are in the list above (``group``,
@@ -178,15 +196,15 @@ _SPACE = "[ \t\n\r\f\v]"
 # before calls are looked for.
 _GRAMMAR_PARENS = re.compile(
     rf"\){_SPACE}*(?:OVER|FILTER)(?={_SPACE}*\()"
-    rf"|(?<![{_NAME_CHAR}])(?:ORDER|GROUP|PARTITION){_SPACE}+BY(?={_SPACE}*\()",
+    rf"|(?<!{_NAME})(?:ORDER|GROUP|PARTITION){_SPACE}+BY(?={_SPACE}*\()",
     re.IGNORECASE,
 )
 # ``JOIN (`` is the grammar's (a join to a parenthesised join or subquery) after a join's kind
 # (``LEFT``, ``OUTER``, ...), a ``)`` or a quoted name, or a table's name or alias; a call of a
 # ``join`` of yours after an operator, a ``,``, a ``(`` or a word that comes before an
 # expression or a table function (``SELECT``, ``WHERE``, ``FROM``, ``JOIN``, ``LATERAL``, ...).
-_JOIN_PAREN = re.compile(f"(?<![{_NAME_CHAR}])JOIN(?={_SPACE}*\\()", re.IGNORECASE)
-_WORD_BEFORE = re.compile(f"([{_NAME_CHAR}]+){_SPACE}*\\Z")
+_JOIN_PAREN = re.compile(f"(?<!{_NAME})JOIN(?={_SPACE}*\\()", re.IGNORECASE)
+_WORD_BEFORE = re.compile(f"({_NAME}+){_SPACE}*\\Z")
 _JOIN_KINDS: Final = frozenset({"INNER", "OUTER", "LEFT", "RIGHT", "FULL", "CROSS", "NATURAL"})
 #: words after which a name followed by "(" is a call (of an expression, or a table function)
 _BEFORE_CALLS: Final = frozenset(
@@ -219,17 +237,17 @@ def _grammar_join(match: re.Match[str]) -> str:
 
 # (a name is tried from its start only: from each of its characters, a long name, or text
 # in quotes, would be read again to its end)
-_CALL = re.compile(f"(?<![{_NAME_CHAR}])([{_NAME_CHAR}]+){_SPACE}*\\(")
+_CALL = re.compile(f"(?<!{_NAME})({_NAME}+){_SPACE}*\\(")
 # ``pg_catalog.f(`` is the built-in ``f`` (SQLAlchemy's first statements on a new engine are
 # ``select pg_catalog.version()`` and ``select current_schema()``): judged as ``f(``
 _CATALOG_CALL = re.compile(
-    f"(?<![{_NAME_CHAR}])pg_catalog{_SPACE}*\\.{_SPACE}*(?=[{_NAME_CHAR}]+{_SPACE}*\\()",
+    f"(?<!{_NAME})pg_catalog{_SPACE}*\\.{_SPACE}*(?={_NAME}+{_SPACE}*\\()",
     re.IGNORECASE,
 )
-_QUALIFIED_CALL = re.compile(f'\\.{_SPACE}*"?[{_NAME_CHAR}]+"?{_SPACE}*\\(|"{_SPACE}*\\(')
+_QUALIFIED_CALL = re.compile(f'\\.{_SPACE}*"?{_NAME}+"?{_SPACE}*\\(|"{_SPACE}*\\(')
 # (``1INTO`` is ``1 INTO`` to a server before 15: only a letter, ``_`` or ``$`` before INTO
 # joins it to a name)
-_INTO = re.compile(f"(?<![A-Za-z_$\u0080-\U0010ffff])INTO(?![{_NAME_CHAR}])", re.IGNORECASE)
+_INTO = re.compile(f"(?<!{_names(string.ascii_letters + '_$')})INTO(?!{_NAME})", re.IGNORECASE)
 # A statement that may make transactions read-only (SET TRANSACTION READ ONLY, SET SESSION
 # CHARACTERISTICS ..., SET default_transaction_read_only, BEGIN READ WRITE, ...) or switch the
 # role in effect (SET [LOCAL] ROLE, SET SESSION AUTHORIZATION, RESET ROLE, set_config('role')),
@@ -272,10 +290,11 @@ DEALLOCATES: Final = 4
 # it (and one line): the time is linear in the text's length, whatever it holds.
 # (any ``pg_notify`` as a name: a call may be spelled ``"pg_notify"(``, or with a comment before
 # its ``(``; one taken by mistake costs the xid's request)
-_PG_NOTIFY = re.compile(f"(?<![{_NAME_CHAR}])pg_notify(?![{_NAME_CHAR}])", re.IGNORECASE)
-_NOTIFY_COMMAND = re.compile(f'(?<![{_NAME_CHAR}])NOTIFY(?=[\\s"$]|--|/\\*)', re.IGNORECASE)
+_PG_NOTIFY = re.compile(f"(?<!{_NAME})pg_notify(?!{_NAME})", re.IGNORECASE)
+_NOTIFY_COMMAND = re.compile(f'(?<!{_NAME})NOTIFY(?=[\\s"$]|--|/\\*)', re.IGNORECASE)
 # (not the word alone in quotes: a privilege's name, has_function_privilege(f, 'EXECUTE'))
-_EXECUTE = re.compile(f"(?<![{_NAME_CHAR}'])EXECUTE(?![{_NAME_CHAR}'])", re.IGNORECASE)
+_NAME_OR_QUOTE = _names(_NAME_ASCII + "'")
+_EXECUTE = re.compile(f"(?<!{_NAME_OR_QUOTE})EXECUTE(?!{_NAME_OR_QUOTE})", re.IGNORECASE)
 _COMMAND_BEFORE: Final = frozenset({"BEGIN", "THEN", "ELSE", "LOOP", "DO", "ALSO", "INSTEAD"})
 _SPACES: Final = " \t\n\r\f\v"
 
@@ -376,8 +395,8 @@ WRITES: Final = 64
 #: taken for one by mistake costs a failed attempt its connection, nothing more.
 KEEPS_SESSION: Final = 128
 _KEEPS_SESSION = re.compile(
-    f"(?<![{_NAME_CHAR}])pg_(?:try_)?advisory_lock(?:_shared)?(?![{_NAME_CHAR}])"
-    f"|(?:\\A|;){_SPACE}*PREPARE{_SPACE}+(?!TRANSACTION(?![{_NAME_CHAR}]))",
+    f"(?<!{_NAME})pg_(?:try_)?advisory_lock(?:_shared)?(?!{_NAME})"
+    f"|(?:\\A|;){_SPACE}*PREPARE{_SPACE}+(?!TRANSACTION(?!{_NAME}))",
     re.IGNORECASE,
 )
 #: A flag over a verdict that may write: the statement may set the isolation level of the
@@ -520,34 +539,35 @@ def _judge_bare(statement: str) -> int:
 # the unit its replay, one missed would have the unit replayed after it committed part of its
 # work (written twice). A ``--`` comment ends at a line feed or a carriage return.
 _COMMIT_HINT = re.compile("COMMIT|END|PREPARE", re.IGNORECASE)
-_DOLLAR_QUOTE = (
-    f"(?<![{_NAME_CHAR}])\\$(?:[A-Za-z_\u0080-\U0010ffff][A-Za-z0-9_\u0080-\U0010ffff]*)?\\$"
-)
+_TAG_START = _names(string.ascii_letters + "_")  # a dollar quote's tag: a name without "$"
+_TAG_CHAR = _names(string.ascii_letters + string.digits + "_")
+_DOLLAR_QUOTE = f"(?<!{_NAME})\\$(?:{_TAG_START}{_TAG_CHAR}*)?\\$"
 # (an ``E''`` string, whose backslashes escape, is read with them: its ends are sure, as
 # psycopg's client-side quoting of a value with a backslash writes it; a backslash in a plain
 # string escapes a quote only where ``standard_conforming_strings`` is off: unsure. A comment
 # or a dollar-quoted body left open runs to the text's end: see ``_TOKENS``.)
 _NOT_STATEMENT_WORDS = re.compile(
-    f"(?<![{_NAME_CHAR}])[Ee]'(?:[^'\\\\]|\\\\.|'')*'|'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\""
+    f"(?<!{_NAME})[Ee]'(?:[^'\\\\]|\\\\.|'')*'|'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\""
     f"|/\\*.*?(?:\\*/|\\Z)|--[^\n\r]*"
     f"|({_DOLLAR_QUOTE}).*?(?:\\1|\\Z)",
     re.DOTALL,
 )
 _OPEN_DOLLAR_QUOTE = re.compile(_DOLLAR_QUOTE)
 _COMMITTING = re.compile(
-    f"{_SPACE}*(?:COMMIT|END|PREPARE{_SPACE}+TRANSACTION)(?![{_NAME_CHAR}])", re.IGNORECASE
+    f"{_SPACE}*(?:COMMIT|END|PREPARE{_SPACE}+TRANSACTION)(?!{_NAME})", re.IGNORECASE
 )
-_ATOMIC = re.compile(f"(?<![{_NAME_CHAR}])ATOMIC(?![{_NAME_CHAR}])", re.IGNORECASE)
+_ATOMIC = re.compile(f"(?<!{_NAME})ATOMIC(?!{_NAME})", re.IGNORECASE)
 # (a number with its dot, ``1.``, is one word; any other sign is one too, so that the word
 # before a ``CASE`` or ``END`` is the one right before it: ``t.*, CASE``)
-_WORD_OR_END = re.compile(f"[0-9][0-9_]*\\.[0-9]*|[{_NAME_CHAR}]+|[^{_NAME_CHAR}{_SPACES}]")
+_SIGN = f"[{_ascii_class(lambda char: char not in _NAME_ASCII + _SPACES)}]"  # neither
+_WORD_OR_END = re.compile(f"[0-9][0-9_]*\\.[0-9]*|{_NAME}+|{_SIGN}")
 # (unsure text)
 _COMMITTING_ANYWHERE = re.compile(
-    f"(?<![{_NAME_CHAR}])(?:COMMIT|PREPARE{_SPACE}+TRANSACTION)(?![{_NAME_CHAR}])",
+    f"(?<!{_NAME})(?:COMMIT|PREPARE{_SPACE}+TRANSACTION)(?!{_NAME})",
     re.IGNORECASE,
 )
-_END_WORD = re.compile(f"(?<![{_NAME_CHAR}])END(?![{_NAME_CHAR}])", re.IGNORECASE)
-_END_GOES_ON = re.compile(f"(?:WORK|TRANSACTION|AND)(?![{_NAME_CHAR}])", re.IGNORECASE)
+_END_WORD = re.compile(f"(?<!{_NAME})END(?!{_NAME})", re.IGNORECASE)
+_END_GOES_ON = re.compile(f"(?:WORK|TRANSACTION|AND)(?!{_NAME})", re.IGNORECASE)
 _COMMENT_MARK = re.compile(r"/\*|\*/")
 _LINE_END = re.compile(r"[\n\r]")
 
@@ -584,8 +604,8 @@ def _commits(statement: str) -> int:
 # where a statement may start: after the text's start, a ``;`` or a comment, or first on a line
 # after one that holds ``--``. One taken by mistake costs the unit its replay after an error
 # answer in autocommit; one missed, a replay after the statement committed part of its work.
-_INSIDE_WORD = re.compile(f"(?<![{_NAME_CHAR}])(?:CALL|DO)(?![{_NAME_CHAR}])", re.IGNORECASE)
-_INSIDE_HEAD = re.compile(f"{_SPACE}*(?:CALL|DO)(?![{_NAME_CHAR}])", re.IGNORECASE)
+_INSIDE_WORD = re.compile(f"(?<!{_NAME})(?:CALL|DO)(?!{_NAME})", re.IGNORECASE)
+_INSIDE_HEAD = re.compile(f"{_SPACE}*(?:CALL|DO)(?!{_NAME})", re.IGNORECASE)
 
 
 def _commits_inside(statement: str) -> bool:
@@ -668,7 +688,7 @@ def _statements_of(bare: str) -> list[str] | None:
 # would be missed if its ``CASE`` were counted. A ``CASE`` expression taken for a label (after
 # a word missing here) only closes the body early: the body's own ``END`` then reads as a
 # statement that commits, which costs a unit its replay, never a write.
-_NAME_START: Final = re.compile(f"[{_NAME_CHAR}]")
+_NAME_START: Final = re.compile(f"{_NAME}")
 _CASE_AFTER: Final = frozenset(
     """
     SELECT WHEN THEN ELSE AND OR NOT WHERE ON IN ALL ANY SOME DISTINCT SYMMETRIC ASYMMETRIC BOTH
@@ -800,20 +820,16 @@ def _judge_kind(statement: str) -> int:
 # writing command anywhere (a ``WITH``'s data-modifying part, a ``DO`` block's or a second
 # statement's command); ``COPY`` of a table (not of a query) ``FROM``; ``WITH HOLD``.
 _WRITE_WORD = re.compile(
-    f"(?<![{_NAME_CHAR}])(?:INSERT|UPDATE|DELETE|MERGE|TRUNCATE)(?![{_NAME_CHAR}])",
+    f"(?<!{_NAME})(?:INSERT|UPDATE|DELETE|MERGE|TRUNCATE)(?!{_NAME})",
     re.IGNORECASE,
 )
 # (spaces and comments between two words, as the server reads them: the comments of a text
 # that keeps them, one with a ``$`` or a backslash, see _judge)
 _GAP = f"(?:{_SPACE}|/\\*.*?\\*/|--[^\n\r]*)"
-_WITH_HOLD = re.compile(
-    f"(?<![{_NAME_CHAR}])WITH{_GAP}+HOLD(?![{_NAME_CHAR}])", re.IGNORECASE | re.DOTALL
-)
+_WITH_HOLD = re.compile(f"(?<!{_NAME})WITH{_GAP}+HOLD(?!{_NAME})", re.IGNORECASE | re.DOTALL)
 # a COPY anywhere in the text (a comment may come before it), and whether a query follows it
-_COPY = re.compile(
-    f"(?<![{_NAME_CHAR}])COPY(?![{_NAME_CHAR}]){_GAP}*(\\(?)", re.IGNORECASE | re.DOTALL
-)
-_FROM = re.compile(f"(?<![{_NAME_CHAR}])FROM(?![{_NAME_CHAR}])", re.IGNORECASE)
+_COPY = re.compile(f"(?<!{_NAME})COPY(?!{_NAME}){_GAP}*(\\(?)", re.IGNORECASE | re.DOTALL)
+_FROM = re.compile(f"(?<!{_NAME})FROM(?!{_NAME})", re.IGNORECASE)
 
 
 def _writes(head: str, statement: str) -> int:
