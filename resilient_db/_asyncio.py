@@ -12,6 +12,7 @@ really differ are marked). Edit ``_asyncio``, then run the script.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -21,10 +22,20 @@ import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import (
+    ChunkedIteratorResult,
+    Connection,
+    CursorResult,
+    Engine,
+    MappingResult,
+    ScalarResult,
+)
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
+    AsyncMappingResult,
+    AsyncResult,
+    AsyncScalarResult,
     AsyncSession,
     AsyncSessionTransaction,
     async_sessionmaker,
@@ -43,7 +54,12 @@ from ._commit import (
 from ._config import Config
 from ._errands import Errand, LookFailed, NotStarted, Sweep, start_thread
 from ._errors import TransactionStateError
-from ._internals import PLAIN_COMMITS, committed_unclosed, with_own_session_class
+from ._internals import (
+    PLAIN_COMMITS,
+    committed_unclosed,
+    server_side_result,
+    with_own_session_class,
+)
 from ._observability import log_session
 from ._registry import factory_of, register_class
 from ._retry import Policy
@@ -605,7 +621,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                             _require_awaitable(fn, result)
                         value: R = await result
                         if type(value) in _REFUSED_VALUES:  # (work that would run later)
-                            _refuse_value(fn, value)
+                            await _refuse_value(fn, value)
                         # a flush, commit, close or run_sync patched onto the class since its
                         # end was decided is the one called (see _Ends): checked in one line
                         if _seen.get(c := type(s)) != (c.flush, c.commit, c.close, c.run_sync):
@@ -1352,23 +1368,44 @@ if True:  # async only
             _require_awaitable(fn, result)
         value = await result
         if type(value) in _REFUSED_VALUES:
-            _refuse_value(fn, value)
+            await _refuse_value(fn, value)
         return value
+
+    #: what ``session.stream()`` / ``stream_scalars()`` give (and ``.scalars()``, ``.mappings()``
+    #: of them): rows read from a server-side cursor, which ends with the unit's transaction
+    _STREAMED_RESULTS = frozenset({AsyncResult, AsyncScalarResult, AsyncMappingResult})
 
     #: what an async unit may not give as its result (see _refuse_value)
     _REFUSED_VALUES = frozenset(
-        {types.CoroutineType, types.GeneratorType, types.AsyncGeneratorType}
+        {
+            types.CoroutineType,
+            types.GeneratorType,
+            types.AsyncGeneratorType,
+            *_STREAMED_RESULTS,
+        }
     )
 
-    def _refuse_value(fn: Any, value: Any) -> None:
+    async def _refuse_value(fn: Any, value: Any) -> None:
         """An async unit's result is a coroutine (``return session.execute(...)``: one
         ``await`` forgotten), a generator or an async generator: nothing of it has run yet. Its
         work would run only when the caller awaits or iterates it, after the unit committed
         and closed its session (a statement there begins a transaction nobody commits, holding
         its connection and locks), or never, while the unit reported success: refused, as a
         sync unit's is (see the sync ``_refuse_result``). Closed, so it leaves no "never
-        awaited" warning behind; the ``TypeError`` rolls the unit back (not retried)."""
+        awaited" warning behind; the ``TypeError`` rolls the unit back (not retried). So is a
+        streamed result (``session.stream()``): its server-side cursor ends with the unit's
+        transaction, so reading it after the unit fails (asyncpg: ``NoActiveSQLTransactionError``
+        raised as it is; psycopg: ``InvalidCursorName``), far from the unit that caused it."""
         name = _name(fn)
+        if type(value) in _STREAMED_RESULTS:
+            with contextlib.suppress(Exception):  # (its cursor, before the rollback)
+                await value.close()
+            raise TypeError(
+                f"{name} returned {type(value).__name__}, whose rows come from a server-side "
+                "cursor (session.stream(), stream_scalars()) that the unit's COMMIT closes: "
+                "reading it afterwards fails. Return its rows instead (await result.all(), "
+                "[row async for row in result])"
+            )
         if type(value) is types.CoroutineType:
             value.close()
             raise TypeError(
@@ -1685,9 +1722,13 @@ else:  # sync only
             _refuse_result(fn, result)
         return result
 
+    #: what a sync unit's ``session.execute()`` and the rest give: looked at by _refuse_result,
+    #: refused when their rows come from a server-side cursor (``stream_results``, ``yield_per``)
+    _RESULTS = frozenset({CursorResult, ChunkedIteratorResult, ScalarResult, MappingResult})
+
     #: what a sync unit may not return (see _refuse_result)
     _REFUSED_RESULTS = frozenset(
-        {types.CoroutineType, types.GeneratorType, types.AsyncGeneratorType}
+        {types.CoroutineType, types.GeneratorType, types.AsyncGeneratorType, *_RESULTS}
     )
 
     def _refuse_result(fn: Any, result: Any) -> None:
@@ -1698,7 +1739,21 @@ else:  # sync only
         committed and closed its session (a statement there begins a transaction nobody
         commits, holding its connection and locks), while the unit reported success. Closed,
         so it leaves no "never awaited" warning behind; the ``TypeError`` rolls the unit back
-        (not retried). An async generator: nothing could ever iterate it in the unit."""
+        (not retried). An async generator: nothing could ever iterate it in the unit. A
+        ``Result`` is returned as it is, unless it streams from a server-side cursor
+        (``stream_results``, ``yield_per``), which the unit's COMMIT closes: reading it after
+        the unit would fail (``InvalidCursorName``), far from the unit; closed and refused."""
+        if type(result) in _RESULTS:
+            if not server_side_result(result):
+                return  # (buffered: its rows are the driver's, readable after the unit)
+            with contextlib.suppress(Exception):  # (its cursor, before the rollback)
+                result.close()
+            raise TypeError(
+                f"{_name(fn)} returned {type(result).__name__}, whose rows come from a "
+                "server-side cursor (stream_results, yield_per) that the unit's COMMIT "
+                "closes: reading it afterwards fails. Return its rows instead (.all(), "
+                "list(...))"
+            )
         if type(result) is types.AsyncGeneratorType:  # (not started: nothing to close)
             raise TypeError(
                 f"{_name(fn)} returned an async generator ({result.__qualname__}), whose code "

@@ -14,6 +14,7 @@ really differ are marked). Edit ``_asyncio``, then run the script.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import time
@@ -22,8 +23,18 @@ import weakref
 from collections.abc import Callable
 from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 
-from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.engine import (
+    ChunkedIteratorResult,
+    Connection,
+    CursorResult,
+    Engine,
+    MappingResult,
+    ScalarResult,
+)
+from sqlalchemy.orm import (
+    Session,
+    sessionmaker,
+)
 
 from ._classify import Classifier, commit_answer_settled, debug_failure, success_interrupted
 from ._commit import (
@@ -36,7 +47,10 @@ from ._commit import (
 from ._config import Config
 from ._errands import Errand, LookFailed, NotStarted, Sweep, start_thread
 from ._errors import TransactionStateError
-from ._internals import with_own_session_class
+from ._internals import (
+    server_side_result,
+    with_own_session_class,
+)
 from ._observability import log_session
 from ._registry import factory_of, register_class
 from ._retry import Policy
@@ -1078,8 +1092,14 @@ def _call_unit(
     return result
 
 
+#: what a sync unit's ``session.execute()`` and the rest give: looked at by _refuse_result,
+#: refused when their rows come from a server-side cursor (``stream_results``, ``yield_per``)
+_RESULTS = frozenset({CursorResult, ChunkedIteratorResult, ScalarResult, MappingResult})
+
 #: what a sync unit may not return (see _refuse_result)
-_REFUSED_RESULTS = frozenset({types.CoroutineType, types.GeneratorType, types.AsyncGeneratorType})
+_REFUSED_RESULTS = frozenset(
+    {types.CoroutineType, types.GeneratorType, types.AsyncGeneratorType, *_RESULTS}
+)
 
 
 def _refuse_result(fn: Any, result: Any) -> None:
@@ -1090,7 +1110,21 @@ def _refuse_result(fn: Any, result: Any) -> None:
     committed and closed its session (a statement there begins a transaction nobody
     commits, holding its connection and locks), while the unit reported success. Closed,
     so it leaves no "never awaited" warning behind; the ``TypeError`` rolls the unit back
-    (not retried). An async generator: nothing could ever iterate it in the unit."""
+    (not retried). An async generator: nothing could ever iterate it in the unit. A
+    ``Result`` is returned as it is, unless it streams from a server-side cursor
+    (``stream_results``, ``yield_per``), which the unit's COMMIT closes: reading it after
+    the unit would fail (``InvalidCursorName``), far from the unit; closed and refused."""
+    if type(result) in _RESULTS:
+        if not server_side_result(result):
+            return  # (buffered: its rows are the driver's, readable after the unit)
+        with contextlib.suppress(Exception):  # (its cursor, before the rollback)
+            result.close()
+        raise TypeError(
+            f"{_name(fn)} returned {type(result).__name__}, whose rows come from a "
+            "server-side cursor (stream_results, yield_per) that the unit's COMMIT "
+            "closes: reading it afterwards fails. Return its rows instead (.all(), "
+            "list(...))"
+        )
     if type(result) is types.AsyncGeneratorType:  # (not started: nothing to close)
         raise TypeError(
             f"{_name(fn)} returned an async generator ({result.__qualname__}), whose code "

@@ -836,6 +836,34 @@ def test_event_keys_are_those_sqlalchemys_registry_files_and_forgets() -> None:
     assert sa.event.contains(Other, "after_begin", listener), message
 
 
+def test_server_side_result_tells_a_stream_from_a_buffered_result(pg_url: str) -> None:
+    message = _says(
+        "SQLAlchemy",
+        "FilterResult._real_result, ChunkedIteratorResult.raw, "
+        "DefaultExecutionContext._is_server_side",
+        "server_side_result",
+        "a unit returning a streamed result is not refused, and fails when it is read",
+    )
+    engine = sa.create_engine(pg_url)
+    streamed = {"stream_results": True, "yield_per": 5}
+    query = sa.select(sa.func.generate_series(1, 20))
+    try:
+        with Session(engine) as session:
+            for result, server_side in (
+                (session.execute(query), False),
+                (session.scalars(query), False),
+                (session.connection().execute(query).mappings(), False),
+                (session.execute(query, execution_options=streamed), True),
+                (session.scalars(query, execution_options=streamed), True),
+                (session.execute(query, execution_options=streamed).mappings(), True),
+                (session.connection().execution_options(**streamed).execute(query), True),
+            ):
+                assert _internals.server_side_result(result) is server_side, message
+                result.close()
+    finally:
+        engine.dispose()
+
+
 def test_committed_unclosed_tells_a_transaction_between_its_commit_and_its_close() -> None:
     session = Session()  # (no bind: a transaction without connections commits with no I/O)
     seen: list[bool] = []
