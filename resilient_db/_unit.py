@@ -33,7 +33,7 @@ from sqlalchemy.engine.default import DefaultDialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.attributes import instance_state
-from sqlalchemy.pool import SingletonThreadPool, StaticPool
+from sqlalchemy.pool import QueuePool, SingletonThreadPool, StaticPool
 
 from ._classify import (
     DEFAULT_CLASSIFIER,
@@ -535,7 +535,25 @@ def claim_prune(
     protocol: CommitProtocol = given
     if protocol.pruning is not None or not protocol.pruned():
         return None
+    if not _connection_at_hand(protocol.engine.pool):
+        log_quietly(
+            log_session,
+            logging.DEBUG,
+            "pruning commit markers put off: no idle connection in the engine's pool",
+        )
+        return None  # (its interval claimed: tried again at the next one)
     return protocol
+
+
+def _connection_at_hand(pool: Any) -> bool:
+    """Whether the prune can have a connection of ``pool`` without waiting for one: a
+    ``QueuePool`` (the async engines' too) with an idle connection, or a pool that never makes
+    a checkout wait. The prune is housekeeping: it must not wait the pool's ``pool_timeout``
+    (30 s by default) for a connection that units are waiting for (a sync unit's caller would
+    wait with it, its work committed), nor take its turn from them. Right after a unit's
+    COMMIT its own connection is back in the pool, so there is one, unless a unit waiting
+    took it (a pool in full use) or the factory is bound to a connection of its own."""
+    return not isinstance(pool, QueuePool) or pool.checkedin() > 0
 
 
 def prune_quietly(given: CommitProtocol | _UnboundProtocol, request: CommitRequest) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -362,3 +363,88 @@ async def test_an_engine_disposed_of_right_after_the_unit_leaves_no_connection_o
         assert engine.pool.checkedin() == 0
     finally:
         await engine.dispose()
+
+
+#: longest a unit may take here before the test calls it held by its prune (a unit takes
+#: milliseconds; the pool's timeout below is far longer)
+HELD = 10.0
+
+
+def test_a_sync_unit_does_not_wait_for_a_connection_for_its_prune(
+    pg_server: PostgresServer, database: str, service: str
+) -> None:
+    """The prune after a sync unit runs inline, on another connection of the engine's pool:
+    with none idle (the pool's one connection held by the connection the factory is bound to;
+    in full use, every one taken by units waiting) it waited the pool's whole ``pool_timeout``
+    (30 s by default) after the unit had committed, keeping the unit's caller waiting, then
+    failed quietly. Now it is put off to its next interval, and runs once a connection is
+    idle."""
+    engine = sa.create_engine(
+        pg_server.url(database), pool_size=1, max_overflow=0, pool_timeout=HELD * 3
+    )
+    bound = engine.connect()
+    Sessions = rdb.ResilientSession(bound, service=service)
+
+    def note(session: Session, text: str) -> str:
+        session.execute(sa.text("INSERT INTO prune_notes (note) VALUES (:n)"), {"n": text})
+        return text
+
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(Sessions.run(note, "bound"))
+        except BaseException as exc:  # (handed to the test)
+            outcome.append(exc)
+
+    try:
+        assert Sessions.run(note, "first") == "first"
+        _add_expired_markers(pg_server, database)
+        Sessions._hooks.commit._next_prune = 0.0  # as if PRUNE_INTERVAL had passed
+        unit = threading.Thread(target=run, daemon=True)
+        unit.start()
+        unit.join(HELD)
+        held = unit.is_alive()
+    finally:
+        bound.close()  # (the pool's connection back: a prune waiting for it goes on)
+    unit.join(HELD * 4)
+    assert not held, "the committed unit waited for a connection for its prune"
+    assert outcome == ["bound"]
+    assert _notes(pg_server, database, "bound") == 1
+    assert _expired_markers(pg_server, database) == EXPIRED  # put off, not run
+    assert engine.pool.checkedout() == 0
+    # its next interval, with an idle connection: pruned
+    OnEngine = rdb.ResilientSession(engine, service=service)
+    OnEngine._hooks.commit._next_prune = 0.0
+    assert OnEngine.run(note, "later") == "later"
+    assert _expired_markers(pg_server, database) == 0
+    engine.dispose()
+
+
+@pytest.mark.asyncio
+async def test_an_async_units_prune_takes_no_turn_in_a_pool_in_full_use(
+    pg_server: PostgresServer, database: str, service: str
+) -> None:
+    """The prune after an async unit runs in a task of its own: with no idle connection in
+    the engine's pool it waited there the pool's ``pool_timeout``, taking its turn before the
+    units waiting for a connection. Now it is put off to its next interval (no task)."""
+    engine = create_async_engine(
+        pg_server.url(database, driver="asyncpg"), pool_size=1, max_overflow=0, pool_timeout=30
+    )
+    bound = await engine.connect()
+    Sessions = rdb.AsyncResilientSession(bound, service=service)
+    protocol = Sessions._hooks.commit
+    try:
+        assert await Sessions.run(_note, "first") == "first"
+        _add_expired_markers(pg_server, database)
+        protocol._next_prune = 0.0  # as if PRUNE_INTERVAL had passed
+        assert await Sessions.run(_note, "bound") == "bound"
+        assert protocol.pruning is None  # no task waiting for the pool
+        assert not protocol.prune_due()  # its interval claimed: tried again at the next
+    finally:
+        await bound.close()
+        if protocol.pruning is not None:
+            await asyncio.wait_for(protocol.pruning, 60)
+    assert _expired_markers(pg_server, database) == EXPIRED
+    assert engine.pool.checkedout() == 0
+    await engine.dispose()
