@@ -77,6 +77,7 @@ from ._unit import (
     block_entered,
     block_interrupted,
     block_left,
+    blocked_on_its_driver,
     check_commit,
     claim_prune,
     commit_if_prepared,
@@ -689,6 +690,9 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
                         restore_attached(self.policy, record, error)
                     if lost is not None:
                         raise lost  # noqa: B904 (its own cause kept; exc is its context)
+                    blocked = blocked_on_its_driver(exc, self.config, self.service)
+                    if blocked is not None:  # (sent on the driver's own connection)
+                        raise blocked from exc
                     raise
         finally:
             _units.reset(token)

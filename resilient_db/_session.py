@@ -65,6 +65,7 @@ from ._unit import (
     block_entered,
     block_interrupted,
     block_left,
+    blocked_on_its_driver,
     check_commit,
     commit_if_prepared,
     commit_plainly,
@@ -581,6 +582,9 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                         restore_attached(self.policy, record, error)
                     if lost is not None:
                         raise lost  # noqa: B904 (its own cause kept; exc is its context)
+                    blocked = blocked_on_its_driver(exc, self.config, self.service)
+                    if blocked is not None:  # (sent on the driver's own connection)
+                        raise blocked from exc
                     raise
         finally:
             _units.reset(token)

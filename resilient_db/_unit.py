@@ -83,7 +83,7 @@ from ._commit import (
 )
 from ._config import Config, factory_config, register_default_user
 from ._errands import LookFailed, NotStarted, ProcessExiting, Sweep
-from ._errors import CircuitOpenError, CommitOutcomeUnknownError
+from ._errors import CircuitOpenError, CommitOutcomeUnknownError, IllegalTransitionError
 from ._internals import (
     asyncpg_abort_socket,
     asyncpg_socket_fd,
@@ -122,6 +122,7 @@ from ._statements import (
 from .transitions._dbmap import exception_from_db
 from .transitions._flush import guard_for_commit_protocol
 from .transitions._guards import install_guard
+from .transitions._sql import TRANSITION_SQLSTATE
 
 T = TypeVar("T")
 
@@ -2386,6 +2387,27 @@ def lost_with_its_connection(record: Any, exc: BaseException) -> BaseException |
     if not isinstance(exc, sa_exc.PendingRollbackError):
         return None
     return disconnected
+
+
+def blocked_on_its_driver(
+    exc: BaseException, config: Config, service: str
+) -> IllegalTransitionError | None:
+    """The transition trigger's refusal of a statement the unit sent on the driver's own
+    connection (``session.connection().connection``, its ``driver_connection``: a psycopg
+    ``executemany``, an asyncpg ``execute``), which reaches the unit as the driver's error
+    (SQLSTATE ``RDB01``), past SQLAlchemy's ``handle_error`` that maps the same refusal of a
+    statement sent through SQLAlchemy: the unit raises it as that mapping would
+    (:class:`IllegalTransitionError`, ``via="db"``, said and counted as blocked), so that every
+    block of a unit is one error whatever sent the statement. None for any other error, one
+    SQLAlchemy raised (its ``handle_error`` saw it), and with the guards switched off. Read on
+    a failed attempt only."""
+    if (
+        not config.guard_on
+        or isinstance(exc, (IllegalTransitionError, sa_exc.StatementError))
+        or sqlstate_of(exc) != TRANSITION_SQLSTATE
+    ):
+        return None
+    return exception_from_db(exc, log=True, config=config, service=service)
 
 
 def drop_kept_connections(session: Session, record: Any) -> None:
