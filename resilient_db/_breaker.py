@@ -183,7 +183,8 @@ class Breaker:
         self._lock = threading.Lock()
         self._probes = 0
         #: the local half-open state's probe lease (the shared breaker's is Redis's): when
-        #: (timer) the probes now holding the slots began to hold them, and their era. Probes
+        #: (timer) the probes now holding the slots began to hold them (the first of them was
+        #: let through with every slot free, or the breaker went half-open), and their era. Probes
         #: still running when the lease ran out hold no slot any more and their ends count
         #: nowhere (see _renew_lease)
         self._lease_from = 0.0
@@ -606,6 +607,8 @@ class Breaker:
                 if self._probes >= self.config.half_open_probes:
                     overdue = self._renew_lease()
                 if self._probes < self.config.half_open_probes:
+                    if not self._probes:  # (the lease runs from the first slot taken)
+                        self._lease_from = self._timer()
                     self._probes += 1
                     self._hold(reservation)  # (under the lock, as every caller)
                     admitted = True

@@ -175,6 +175,56 @@ def test_a_probe_of_an_earlier_half_open_state_holds_no_slot_of_the_next(
         probe.join(30)
 
 
+def test_the_lease_runs_from_when_the_slots_were_taken_not_from_the_half_open_state(
+    engine: sa.Engine, service: str, lock_holder: sa.Connection
+) -> None:
+    """Half-open for a while (one of two probes succeeded, then no call for a minute): the two
+    probes that take the slots then have the whole lease, from when the first of them went
+    through."""
+    clock = FakeClock()
+    config = rdb.Config(failure_threshold=1, max_retries=0, reset_timeout=30.0, half_open_probes=2)
+    Factory = rdb.ResilientSession(engine, service=service, config=config, wall_clock=clock)
+    with pytest.raises(sa.exc.OperationalError):
+        Factory.run(unavailable)
+    clock.advance(30.0)
+    assert Factory.run(healthy) == 1  # one success of the two that close it
+    clock.advance(60.0)
+
+    def wait_for_the_lock(session: Session) -> None:
+        session.execute(sa.text("SELECT pg_advisory_lock_shared(:k)"), {"k": LOCK_KEY})
+
+    probes = [threading.Thread(target=Factory.run, args=(wait_for_the_lock,)) for _ in range(2)]
+    try:
+        for n, probe in enumerate(probes, 1):
+            probe.start()
+            wait_for(lambda n=n: waiting(engine) == n, f"probe {n} to wait for the lock")
+        clock.advance(29.9)
+        with pytest.raises(rdb.CircuitOpenError):
+            Factory.run(healthy)  # both slots held, within their lease
+        clock.advance(0.1)
+        assert Factory.run(healthy) == 1
+        assert Factory.run(healthy) == 1
+        assert state(service) == "closed"
+    finally:
+        lock_holder.execute(sa.text("SELECT pg_advisory_unlock_all()"))
+        for probe in probes:
+            probe.join(30)
+
+
+def waiting(engine: sa.Engine) -> int:
+    """How many backends wait for the advisory lock."""
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+                    "AND objid = :k"
+                ),
+                {"k": LOCK_KEY},
+            ).scalar_one()
+        )
+
+
 def lines(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
     return [r.getMessage() for r in caplog.records if text in r.getMessage()]
 
