@@ -2039,6 +2039,15 @@ class AttemptRecord:
     created: list[Any] | None = None
     # the first disconnect the attempt's statements met (see _unit.lost_with_its_connection)
     disconnected: BaseException | None = None
+    # the last error the attempt's statements met other than 25P02, which a failed
+    # transaction's later statements and COMMIT meet: the error that made it fail, when the
+    # code caught it and went on (see _unit.lost_with_its_connection)
+    last_error: BaseException | None = None
+    # the last serialization failure or deadlock (a transient error of SQLSTATE class 40) the
+    # attempt's statements met, with the root transaction of the connection it was met on:
+    # caught by the code (in a savepoint, say), it still asks for the whole transaction to be
+    # run again, not committed (see _unit.conflict_left_behind)
+    conflicted: tuple[BaseException, Any] | None = None
     # objects attached to a session in the attempt with changes made before (see
     # attached_with_changes), each with those changes' values (None: can't be put back)
     # (or, with ``_BULK_KEYED``, the state of a new object bulk-saved in it: see bulk_keyed)
@@ -2112,6 +2121,9 @@ class AttemptRecord:
         # such as asyncpg's statement cache's, would keep their session and engine alive)
         self.running = False
         self.began = None
+        if self.last_error is not None and exc is None:
+            # (an error its code caught: its traceback holds the attempt's frames, its session)
+            self.last_error = self.conflicted = None
         # (unreplayable, inline: every attempt passes here)
         if not (self.committed or self.autocommitting is not None or self.prepared > 0):
             return

@@ -70,6 +70,7 @@ from ._unit import (
     commit_if_prepared,
     commit_plainly,
     commits_in_callers_transaction,
+    conflict_left_behind,
     current_unit,
     drop_kept_connections,
     end_committed_transactions,
@@ -526,6 +527,8 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                     if type(result) in _REFUSED_RESULTS:
                         _refuse_result(fn, result)
                     value = result
+                    if record.conflicted is not None:  # (caught by its code: see there)
+                        conflict_left_behind(record)
                     try:
                         # flush and COMMIT (async: in one greenlet hop; with your session
                         # class's own flush and commit where it overrides them)

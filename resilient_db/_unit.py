@@ -2374,19 +2374,58 @@ event.listen(Session, "detached_to_persistent", _on_attached)
 
 
 def lost_with_its_connection(record: Any, exc: BaseException) -> BaseException | None:
-    """The disconnect that ended an attempt's transaction, when the attempt failed with ``exc``
-    only because its code caught that disconnect and went on (a statement that may fail, in
-    a ``begin_nested()`` block, as the README advises, meeting a connection the server ended):
-    SQLAlchemy then raises ``PendingRollbackError`` at the unit's next statement or its
-    COMMIT, an error no replay would heal, for a failure a replay heals (nothing was
-    committed: the transaction went with the connection). The attempt fails with the
-    disconnect instead, and is replayed as for it. None otherwise."""
+    """The error that ended an attempt's transaction, when the attempt failed with ``exc``
+    only because its code caught that error and went on, where a replay heals it (nothing was
+    committed); None otherwise. The attempt fails with that error instead, and is replayed as
+    for it.
+
+    * A disconnect (a statement that may fail, in a ``begin_nested()`` block, as the README
+      advises, meeting a connection the server ended): the transaction went with the
+      connection, and SQLAlchemy raises ``PendingRollbackError`` at the unit's next statement
+      or its COMMIT, an error no replay would heal.
+    * A transient error the server answered (a serialization failure, a deadlock, a lock
+      timeout), caught outside a savepoint: PostgreSQL refuses every later statement of the
+      failed transaction (25P02), its COMMIT too (see
+      ``_statements.failed_transaction_commit``), and SQLAlchemy raises
+      ``PendingRollbackError`` after a flush that met it."""
     disconnected = record.disconnected
-    if not isinstance(disconnected, Exception) or exc is disconnected:
-        return None  # (none; an interruption is never put in the place of an error)
-    if not isinstance(exc, sa_exc.PendingRollbackError):
+    if (
+        isinstance(disconnected, Exception)  # (an interruption is never put in an error's place)
+        and exc is not disconnected
+        and isinstance(exc, sa_exc.PendingRollbackError)
+    ):
+        return disconnected
+    caught: BaseException | None = record.last_error
+    if caught is None or caught is exc or not aborted_before(exc):
         return None
-    return disconnected
+    if not record.classifier.classify(caught).replayable:
+        return None  # (a business error: its code's to handle, as the 25P02 says)
+    return caught
+
+
+def aborted_before(exc: BaseException) -> bool:
+    """Whether ``exc`` is a transaction found aborted by an earlier failure."""
+    return isinstance(exc, sa_exc.PendingRollbackError) or sqlstate_of(exc) == FAILED_SQLSTATE
+
+
+#: in_failed_sql_transaction: what a failed transaction's statements and COMMIT meet
+FAILED_SQLSTATE: Final = "25P02"
+
+
+def conflict_left_behind(record: Any) -> None:
+    """Before a unit's COMMIT (called when ``record.conflicted``: its statements met a
+    serialization failure or a deadlock, SQLSTATE class 40, which its code caught and went on
+    from, in a savepoint, a ``begin_nested()`` block, or not): raise that error, so that the
+    unit is rolled back and replayed whole, as PostgreSQL asks of such a failure (in the SQL
+    standard, class 40 rolls the whole transaction back; PostgreSQL rolls back only the
+    savepoint, and lets the transaction commit without the work the failure undid, whose
+    snapshot, under REPEATABLE READ or SERIALIZABLE, would meet the same failure again). Not
+    when the transaction it was met in ended since (the unit's code rolled it back: what
+    follows is a new transaction), nor where the unit is not replayed (retry switched off):
+    it commits then, as plain SQLAlchemy does."""
+    conflict, transaction = record.conflicted
+    if transaction.is_active and record.replayed:
+        raise conflict
 
 
 def blocked_on_its_driver(
@@ -3365,6 +3404,16 @@ class EngineHooks:
         mark_outcome(original, outcome)
         if ctx.sqlalchemy_exception is not None:
             mark_outcome(ctx.sqlalchemy_exception, outcome)
+        if attempt is not None and code != FAILED_SQLSTATE and isinstance(original, Exception):
+            # what the attempt fails with if its code catches this and goes on (see
+            # lost_with_its_connection, conflict_left_behind)
+            caught = ctx.sqlalchemy_exception or original
+            attempt.last_error = caught
+            if outcome is Outcome.CONFLICT and code is not None and code.startswith("40"):
+                connection = ctx.connection
+                root = None if connection is None else connection.get_transaction()
+                if root is not None:
+                    attempt.conflicted = (caught, root)
         if (
             outcome is Outcome.COMMIT_UNKNOWN
             and current_request.get() is None
