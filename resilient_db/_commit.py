@@ -1214,7 +1214,7 @@ def warnings_into(driver: Any, warnings: list[str]) -> Iterator[None]:
 
         def listener(_connection: Any, message: Any) -> None:
             if getattr(message, "severity_en", None) == "WARNING":
-                warnings.append(f"{message.sqlstate}: {message.message}")
+                warnings.append(commit_warning(message.sqlstate, message.message))
 
         driver.add_log_listener(listener)
         try:
@@ -1225,7 +1225,7 @@ def warnings_into(driver: Any, warnings: list[str]) -> Iterator[None]:
 
     def handler(diagnostic: Any) -> None:
         if diagnostic.severity_nonlocalized == "WARNING":
-            warnings.append(f"{diagnostic.sqlstate}: {diagnostic.message_primary}")
+            warnings.append(commit_warning(diagnostic.sqlstate, diagnostic.message_primary))
 
     driver.add_notice_handler(handler)
     try:
@@ -1732,6 +1732,28 @@ async def _in_hot_standby(conn: Any) -> bool:
 
 
 # -- a COMMIT answered with a warning --------------------------------------------------------------
+#: the server's own warnings at a COMMIT whose wait for a synchronous standby was cut short
+#: (syncrep.c), quoted as they are where a warning is said
+SYNC_REP_WARNINGS: Final = frozenset(
+    {
+        "canceling wait for synchronous replication due to user request",
+        "canceling the wait for synchronous replication and terminating connection due to "
+        "administrator command",
+    }
+)
+
+
+def commit_warning(sqlstate: object, message: object) -> str:
+    """A WARNING answered with a COMMIT as the library says it (``UnprovenCommit``, the
+    ``[SELF-HEAL]`` lines, their events): ``SQLSTATE: text`` for the server's own synchronous
+    replication warnings, the SQLSTATE alone for any other. Any other is the text of code
+    that ran at the COMMIT (a deferred trigger's ``RAISE WARNING 'low balance for %',
+    NEW.email``) and may quote a row's values, which no line may carry."""
+    if isinstance(message, str) and message in SYNC_REP_WARNINGS:
+        return f"{sqlstate}: {message}"
+    return f"a WARNING with SQLSTATE {sqlstate} (its text left out: it may quote values)"
+
+
 class UnprovenCommit(ResilientDBError):
     """The server answered a unit's own COMMIT with success *and* a WARNING: committed on the
     primary, but not proven as the server promises. A synchronous-replication wait cancelled
@@ -1785,11 +1807,11 @@ def _psycopg_commit_warning(diagnostic: Any) -> None:
     if request is None or not request.tickets:
         own = _own_ticket.get()  # a unit's own COMMIT midway (see _settled_own_commit)
         if own is not None and own.sent and not own.done:
-            own.warned = f"{diagnostic.sqlstate}: {diagnostic.message_primary}"
+            own.warned = commit_warning(diagnostic.sqlstate, diagnostic.message_primary)
         return
     ticket = request.tickets[-1]
     if ticket.sent and not ticket.done:
-        ticket.warned = f"{diagnostic.sqlstate}: {diagnostic.message_primary}"
+        ticket.warned = commit_warning(diagnostic.sqlstate, diagnostic.message_primary)
         request.warned = request.warned or ticket.wrote
 
 
@@ -1818,7 +1840,7 @@ def _listen_for_commit_warnings(driver: Any) -> None:
         if owner is not None and getattr(message, "severity_en", None) == _WARNING:
             owner._rdb_warned = (
                 getattr(message, "query", None),
-                f"{message.sqlstate}: {message.message}",
+                commit_warning(message.sqlstate, message.message),
             )
 
     driver.add_log_listener(listener)

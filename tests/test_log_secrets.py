@@ -167,3 +167,76 @@ def test_failure_detail_never_raises() -> None:
         with pytest.raises(type(error)) as raised:  # (a traceback to format)
             raise error
         assert type(error).__qualname__ in failure_detail(raised.value)
+
+
+#: a deferred trigger whose WARNING at COMMIT quotes the row it checks
+_WARNS_AT_COMMIT = (
+    "CREATE TABLE leak_balances (id int PRIMARY KEY, email text NOT NULL)",
+    "CREATE FUNCTION leak_low_balance() RETURNS trigger LANGUAGE plpgsql AS "
+    "$$BEGIN RAISE WARNING 'low balance for %', NEW.email; RETURN NULL; END$$",
+    "CREATE CONSTRAINT TRIGGER leak_low_balance AFTER INSERT ON leak_balances "
+    "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION leak_low_balance()",
+)
+INSERT_BALANCE = sa.text("INSERT INTO leak_balances VALUES (1, :e)")
+
+
+@pytest.fixture
+def balances(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        for statement in _WARNS_AT_COMMIT:
+            conn.execute(sa.text(statement))
+    rdb.install_commit_markers(engine)
+
+
+def _assert_warning_said_without_its_text(
+    caplog: pytest.LogCaptureFixture, events: list[rdb.SelfHealEvent]
+) -> None:
+    verified = [e for e in events if e.name == "commit_verified"]
+    assert len(verified) == 1, events
+    assert "a WARNING with SQLSTATE 01000 (its text left out" in verified[0].message
+    lines = [r for r in caplog.records if r.name.startswith("resilient_db")]
+    text = "\n".join(logging.Formatter("%(message)s").format(r) for r in lines)
+    assert "Commit outcome verified" in text
+    assert SECRET not in text
+    assert all(SECRET not in repr(e) for e in events)
+
+
+@pytest.mark.usefixtures("balances")
+def test_a_warning_at_commit_is_said_without_the_values_it_quotes(
+    engine: sa.Engine, caplog: pytest.LogCaptureFixture, events: list[rdb.SelfHealEvent]
+) -> None:
+    """An application's deferred trigger answers the COMMIT with a WARNING quoting the row
+    (``low balance for <email>``): the unit is proven committed, and the line and event that
+    say so name the warning's SQLSTATE, not its text (before: the text, the email with it)."""
+    caplog.set_level(logging.DEBUG, logger="resilient_db")
+    Sessions = rdb.ResilientSession(engine, service="leaks-warning", config=CONFIG)
+    assert Sessions.run(lambda s: s.execute(INSERT_BALANCE, {"e": SECRET}).rowcount) == 1
+    _assert_warning_said_without_its_text(caplog, events)
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("balances")
+async def test_a_warning_at_commit_is_said_without_the_values_it_quotes_async(
+    pg_async_url: str, caplog: pytest.LogCaptureFixture, events: list[rdb.SelfHealEvent]
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="resilient_db")
+    engine = create_async_engine(pg_async_url)
+    Sessions = rdb.AsyncResilientSession(engine, service="leaks-warning-async", config=CONFIG)
+
+    async def unit(session: AsyncSession) -> int:
+        return (await session.execute(INSERT_BALANCE, {"e": SECRET})).rowcount
+
+    try:
+        assert await Sessions.run(unit) == 1
+    finally:
+        await engine.dispose()
+    _assert_warning_said_without_its_text(caplog, events)
+
+
+def test_the_servers_synchronous_replication_warnings_are_quoted() -> None:
+    """The server's own warning of a cancelled wait for a standby says what happened: kept."""
+    from resilient_db._commit import commit_warning  # noqa: PLC0415
+
+    said = commit_warning("01000", "canceling wait for synchronous replication due to user request")
+    assert said == "01000: canceling wait for synchronous replication due to user request"
+    assert SECRET not in commit_warning("01000", f"low balance for {SECRET}")
