@@ -152,7 +152,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Final, NamedTuple, Protocol
 
-from ._classify import log_quietly
+from ._classify import failure_detail, log_quietly
 from ._config import Config, client_problem, client_says, mask_url
 from ._errors import ConfigError
 from ._observability import LineLimit, emit, emit_line, log_breaker, more_since
@@ -1579,8 +1579,12 @@ class FleetLink:
             error=type(exc).__qualname__,
             suppressed=since,
         )
-        if log:
-            log_quietly(_log, logging.DEBUG, "breaker listener failure detail", exc_info=exc)
+        if log and _log.isEnabledFor(logging.DEBUG):
+            # its traceback without the texts that may quote values (a listener writing to the
+            # database, failing with a unique violation's DETAIL and SQLAlchemy's parameters)
+            log_quietly(
+                _log, logging.DEBUG, "breaker listener failure detail\n%s", failure_detail(exc)
+            )
 
     def _observe_budgets(self) -> None:
         """Redis is down: look at the budgets' first attempts once a second all the same, so

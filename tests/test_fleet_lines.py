@@ -236,6 +236,45 @@ def test_a_failing_listener_is_not_taken_for_redis_failing(
     engine.dispose()
 
 
+def test_a_failing_listeners_detail_quotes_no_values(
+    redis_server: RedisServer, pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A breaker listener of the application writes to the database and fails there (a
+    duplicate key): the DEBUG line's traceback keeps the frames and names the database error
+    by its class and SQLSTATE, without the values its text quotes (before: ``exc_info``, the
+    DETAIL and SQLAlchemy's ``[parameters: ...]`` with the row's values)."""
+    caplog.set_level(logging.DEBUG, logger="resilient_db")
+    secret = "carol.secret@example.com"
+    engine = sa.create_engine(pg_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE breaker_audit (who text PRIMARY KEY)"))
+        conn.execute(sa.text("INSERT INTO breaker_audit VALUES (:who)"), {"who": secret})
+
+    class _AuditingListener(pybreaker.CircuitBreakerListener):  # type: ignore[misc]
+        def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
+            with engine.begin() as conn:
+                conn.execute(sa.text("INSERT INTO breaker_audit VALUES (:who)"), {"who": secret})
+
+    config = rdb.Config(redis_url=redis_server.url, reset_timeout=30.0)
+    rdb.ResilientSession(
+        engine, service="audited", config=config, breaker_listeners=(_AuditingListener(),)
+    )
+    wait_for(lambda: shared("audited")["connected"], "the link")
+    force = redis_server.client().register_script(_fleet._FORCE)
+    force(
+        keys=_fleet._breaker_keys("audited"),
+        args=[_fleet.CHANNEL.format(db=0), "audited", "another-process", "open", 30.0],
+    )
+    wait_for(lambda: _records(caplog, "breaker listener failure detail"), "the detail line")
+    (record,) = _records(caplog, "breaker listener failure detail")
+    text = logging.Formatter("%(message)s").format(record)
+    assert "state_change" in text  # the frames ...
+    assert "sqlalchemy.exc.IntegrityError: (SQLSTATE 23505; its text left out" in text
+    assert secret not in text  # ... without the values
+    assert "[parameters:" not in text
+    engine.dispose()
+
+
 def test_a_failing_listener_does_not_keep_the_link_down_on_rejoining(
     redis_server: RedisServer, pg_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:

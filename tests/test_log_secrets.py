@@ -240,3 +240,31 @@ def test_the_servers_synchronous_replication_warnings_are_quoted() -> None:
     said = commit_warning("01000", "canceling wait for synchronous replication due to user request")
     assert said == "01000: canceling wait for synchronous replication due to user request"
     assert SECRET not in commit_warning("01000", f"low balance for {SECRET}")
+
+
+@pytest.mark.usefixtures("users")
+def test_a_bypass_not_undone_on_a_failed_connection_logs_no_values(
+    engine: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bypass is undone while the application's database error is handled, on a connection
+    whose transaction that error aborted: the DEBUG line's traceback names the errors (their
+    classes and SQLSTATEs), not the values they quote (before: ``exc_info``, the duplicate
+    key's DETAIL and SQLAlchemy's ``[parameters: ...]`` with it)."""
+    from resilient_db.transitions._bypass import _Bypass, _undo  # noqa: PLC0415
+
+    caplog.set_level(logging.DEBUG, logger="resilient_db")
+    with engine.connect() as conn:
+        transaction = conn.begin()
+        bypass = _Bypass(transaction, "ticket 4711", CONFIG, None)
+        bypass.connections.append(conn)
+        try:
+            conn.execute(INSERT, {"e": SECRET})
+        except sa.exc.IntegrityError:
+            _undo(bypass)  # its UNDO fails: the transaction is aborted
+        transaction.rollback()
+    (record,) = [r for r in caplog.records if "bypass not undone" in r.getMessage()]
+    text = logging.Formatter("%(message)s").format(record)
+    assert SECRET not in text
+    assert "[parameters:" not in text
+    assert "SQLSTATE 25P02" in text  # the UNDO's failure ...
+    assert "SQLSTATE 23505" in text  # ... and what it was raised while handling

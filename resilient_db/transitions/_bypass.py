@@ -18,6 +18,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
 
+from resilient_db._classify import debug_failure
 from resilient_db._config import Config
 from resilient_db._errors import BypassRefusedError
 from resilient_db._internals import session_binds, transaction_connections
@@ -260,7 +261,10 @@ def _undo(bypass: _Bypass) -> None:
         try:
             conn.execute(_UNDO)
         except Exception:  # (its transaction failed: nothing of it commits)
-            logger.debug("bypass not undone on a failed connection", exc_info=True)
+            # (its traceback without the texts that may quote values: the error being handled
+            # is often the refused bypass's, whose parameters SQLAlchemy quotes, or the
+            # application's own database error)
+            debug_failure(logger, "bypass not undone on a failed connection")
 
 
 def _bind_began(session: Session, transaction: Any, connection: Connection) -> None:
