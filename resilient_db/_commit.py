@@ -628,7 +628,13 @@ $rdb$""",
     ]
 
 
-def install_commit_markers(bind_or_op: Any) -> None:
+#: transitions._install.INSTALL_LOCK_TIMEOUT (that package imports this module)
+INSTALL_LOCK_TIMEOUT: Final = 5.0
+
+
+def install_commit_markers(
+    bind_or_op: Any, *, lock_timeout: float | None = INSTALL_LOCK_TIMEOUT
+) -> None:
     """Install what definite, round-trip-free commit verification needs (idempotent).
 
     ``bind_or_op``: an ``Engine``, ``Connection`` or ``Session``, or Alembic's ``op`` in a
@@ -649,8 +655,16 @@ def install_commit_markers(bind_or_op: Any) -> None:
     database could have made them first (a ``claim_commit`` of its own would have committed
     units replayed and run with its callers' rights). Connections likewise use only markers
     owned by a superuser, the database's owner or the role they log in as.
+
+    Installs started at once (the instances of a deploy) take turns on an advisory lock;
+    through an Engine, one that finds the markers current once it holds the lock (another
+    installed them meanwhile, or a later release's) sends nothing. ``lock_timeout`` (seconds;
+    None: the session's own) bounds each wait for a lock on a table, as for
+    :func:`~resilient_db.install_transition_trigger`.
     """
-    from .transitions._install import installed_already  # noqa: PLC0415 (see below)
+    from .transitions._install import installed_already, lock_timeout_ms  # noqa: PLC0415
+
+    lock_timeout_ms(lock_timeout)  # (checked before anything is sent)
 
     # The install's own connections (an Engine's, whose resilient factory may be made already:
     # at import, the install run at startup) are set up at their next checkout, not now: what
@@ -660,7 +674,10 @@ def install_commit_markers(bind_or_op: Any) -> None:
     try:
         if installed_already(bind_or_op, _markers_current):
             return
-        _run_statements(bind_or_op, _install_statements())
+        # (through an Engine, looked at again once the install lock is held: see run_statements)
+        _run_statements(
+            bind_or_op, _install_statements(), current=_markers_current, lock_timeout=lock_timeout
+        )
     finally:
         installing.reset(token)
     _set_up_again(bind_or_op)
@@ -758,12 +775,18 @@ def _markers_current(conn: Connection) -> bool:
     return True
 
 
-def _run_statements(bind_or_op: Any, statements: list[str]) -> None:
+def _run_statements(
+    bind_or_op: Any,
+    statements: list[str],
+    *,
+    current: Callable[[Connection], bool] | None = None,
+    lock_timeout: float | None,
+) -> None:
     # imported here: the transition guard (which this helper's module belongs to) imports this
     # module for ``note_write``
     from .transitions._install import run_statements  # noqa: PLC0415
 
-    run_statements(bind_or_op, statements)
+    run_statements(bind_or_op, statements, current=current, lock_timeout=lock_timeout)
 
 
 def _fetch_value(cursor: Any, sql: str) -> Any:
@@ -772,12 +795,19 @@ def _fetch_value(cursor: Any, sql: str) -> Any:
     return cursor.fetchone()[0]
 
 
-def uninstall_commit_markers(bind_or_op: Any) -> None:
+def uninstall_commit_markers(
+    bind_or_op: Any, *, lock_timeout: float | None = INSTALL_LOCK_TIMEOUT
+) -> None:
     """Remove the commit markers (the downgrade of :func:`install_commit_markers`), and the
     schema ``resilient_db`` the install made when nothing else is in it (otherwise it stays,
     with a WARNING from the server naming what is left; so does one this role may not drop, a
-    schema another role made for the install)."""
-    _run_statements(bind_or_op, _uninstall_statements())
+    schema another role made for the install). ``lock_timeout``: as for the install (its
+    ``DROP TABLE`` asks for an ACCESS EXCLUSIVE lock on the markers, which every writing
+    unit's COMMIT then waits behind)."""
+    from .transitions._install import lock_timeout_ms  # noqa: PLC0415 (see _run_statements)
+
+    lock_timeout_ms(lock_timeout)
+    _run_statements(bind_or_op, _uninstall_statements(), lock_timeout=lock_timeout)
 
 
 #: The objects' identity (their oids): an engine asks who owns them (:func:`_owners_sql`) only

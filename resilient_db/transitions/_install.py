@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import math
 import re
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -360,11 +361,78 @@ _compiles(_Verbatim)(_compile_verbatim)
 INSTALL_LOCK = "SELECT pg_catalog.pg_advisory_xact_lock(8242821379925111668)"
 
 
-def run_statements(target: Any, statements: list[str]) -> None:
+#: How long, by default, an install's (or uninstall's) statements may wait for a lock on a table
+#: (seconds): a trigger's ``DROP TRIGGER`` asks for an ACCESS EXCLUSIVE lock on the guarded
+#: table (``CREATE TRIGGER`` for SHARE ROW EXCLUSIVE), an uninstall's ``DROP TABLE`` for one on
+#: the markers. Such a request waits behind any transaction using the table (a long report, a
+#: transaction left idle), and every query on the table that comes after it queues behind the
+#: request: without a bound, an install at startup stopped the service's reads and writes of
+#: the table for as long as that transaction ran. Past it, the install fails with the server's
+#: 55P03 ("canceling statement due to lock timeout"), leaving nothing, and may be run again.
+INSTALL_LOCK_TIMEOUT: Final = 5.0
+#: the session's lock_timeout, kept for the transaction while an install bounds its own waits
+_SAVED_LOCK_TIMEOUT = "resilient_db.install_saved_lock_timeout"
+
+
+def lock_timeout_ms(lock_timeout: object) -> int | None:
+    """``lock_timeout`` (seconds, or None: the session's own) in milliseconds, checked."""
+    if lock_timeout is None:
+        return None
+    if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)):
+        raise TypeError(
+            "lock_timeout must be a number of seconds (or None: the session's own "
+            f"lock_timeout), got {type(lock_timeout).__name__} {lock_timeout!r}"
+        )
+    if not math.isfinite(lock_timeout) or lock_timeout <= 0:
+        raise ValueError(
+            "lock_timeout must be a positive number of seconds (or None: the session's own "
+            f"lock_timeout), got {lock_timeout!r}"
+        )
+    return max(1, math.ceil(lock_timeout * 1000))
+
+
+def _bounded(statements: list[str], ms: int | None) -> list[str]:
+    """``statements`` with their lock waits bounded by ``ms`` for their duration (a session's
+    shorter ``lock_timeout`` stays), the caller's setting put back after them: in a caller's
+    transaction (a Connection, Alembic's ``op``) the statements that follow the install keep
+    theirs. Operators named with their schema (nothing on the caller's search_path runs)."""
+    if ms is None:
+        return statements
+    bound = (
+        f"SELECT pg_catalog.set_config('{_SAVED_LOCK_TIMEOUT}', s.setting, true), "
+        "pg_catalog.set_config('lock_timeout', CASE WHEN s.setting::pg_catalog.int4 "
+        f"OPERATOR(pg_catalog.>) 0 AND s.setting::pg_catalog.int4 OPERATOR(pg_catalog.<) {ms} "
+        f"THEN s.setting ELSE '{ms}' END, true) FROM pg_catalog.pg_settings s "
+        "WHERE s.name OPERATOR(pg_catalog.=) 'lock_timeout'"
+    )
+    # (in AUTOCOMMIT, where each statement commits on its own: nothing saved, the setting as
+    # it is)
+    restore = (
+        "SELECT pg_catalog.set_config('lock_timeout', CASE WHEN COALESCE("
+        f"pg_catalog.current_setting('{_SAVED_LOCK_TIMEOUT}', true), '') "
+        "OPERATOR(pg_catalog.=) '' THEN pg_catalog.current_setting('lock_timeout') "
+        f"ELSE pg_catalog.current_setting('{_SAVED_LOCK_TIMEOUT}') END, true)"
+    )
+    return [bound, *statements, restore]
+
+
+def run_statements(
+    target: Any,
+    statements: list[str],
+    *,
+    current: Callable[[Connection], bool] | None = None,
+    lock_timeout: float | None = INSTALL_LOCK_TIMEOUT,
+) -> bool:
     """Send ``statements`` one at a time through ``target``, after :data:`INSTALL_LOCK`: an
     Alembic ``op`` (offline mode: emitted as SQL text, ``:name`` escaped), an Engine (in a
-    transaction of its own), a Session (its connection) or a Connection."""
-    statements = [INSTALL_LOCK, *statements]
+    transaction of its own), a Session (its connection) or a Connection. Their lock waits are
+    bounded by ``lock_timeout`` seconds (see :data:`INSTALL_LOCK_TIMEOUT`; None: the session's
+    setting), except in an offline script, which leaves it to whoever runs the script.
+
+    ``current``: through an Engine, asked once the lock is held; when it says the install is
+    current now (another process installed while this one waited for the lock: the instances
+    of a deploy, starting at once), nothing is sent and this returns False."""
+    ms = lock_timeout_ms(lock_timeout)
     migration_context = getattr(target, "migration_context", None)
     if migration_context is None and not isinstance(target, (Engine, Connection, Session)):
         get_context = getattr(target, "get_context", None)
@@ -373,16 +441,27 @@ def run_statements(target: Any, statements: list[str]) -> None:
     if migration_context is not None:  # an Alembic Operations object (``op``)
         _require_postgresql(migration_context.dialect)
         if getattr(migration_context, "as_sql", False):
-            for stmt in statements:  # offline: written out as they are (see _Verbatim)
+            # offline: written out as they are (see _Verbatim), as transition_trigger_sql()
+            # writes them: whoever runs the script sets its lock_timeout (psql's session)
+            for stmt in [INSTALL_LOCK, *statements]:
                 target.execute(_Verbatim(stmt))
-            return
-        _send(target.get_bind(), statements)
-        return
+            return True
+        _send(target.get_bind(), [INSTALL_LOCK, *_bounded(statements, ms)])
+        return True
     if isinstance(target, Engine):
         _require_postgresql(target.dialect)
-        with target.begin() as conn:
-            _send(conn, statements)
-        return
+        # READ COMMITTED whatever the engine's level: the look once the lock is held must see
+        # what the installer that held it committed (a REPEATABLE READ snapshot, taken when
+        # the lock was asked for, would not), and the install is one transaction (also on an
+        # AUTOCOMMIT engine, see _send)
+        with target.connect() as conn:
+            conn.execution_options(isolation_level="READ COMMITTED")
+            with conn.begin():
+                conn.exec_driver_sql(INSTALL_LOCK, execution_options={"no_parameters": True})
+                if current is not None and _current_now(conn, current):
+                    return False
+                _send(conn, _bounded(statements, ms))
+        return True
     if isinstance(target, Session):
         # (refused before its connection(), which begins the session's transaction)
         _require_postgresql(target.get_bind().dialect)
@@ -394,7 +473,18 @@ def run_statements(target: Any, statements: list[str]) -> None:
             "await conn.run_sync(lambda c: install(c.engine)) to send nothing when current)"
         )
     _require_postgresql(target.dialect)
-    _send(target, statements)
+    _send(target, [INSTALL_LOCK, *_bounded(statements, ms)])
+    return True
+
+
+def _current_now(conn: Connection, current: Callable[[Connection], bool]) -> bool:
+    """``current(conn)`` in a savepoint: a failed look (see :func:`installed_already`) means
+    an install, in the transaction it would have aborted."""
+    try:
+        with conn.begin_nested():
+            return current(conn)
+    except sa.exc.DBAPIError:
+        return False
 
 
 def installed_already(target: Any, check: Callable[[Connection], bool]) -> bool:
@@ -465,7 +555,12 @@ def _declared_guards(model: type[Any] | TransitionTrigger) -> tuple[Guard, ...]:
     return guards_of(model)
 
 
-def install_transition_trigger(bind_or_op: Any, model: type[Any] | TransitionTrigger) -> None:
+def install_transition_trigger(
+    bind_or_op: Any,
+    model: type[Any] | TransitionTrigger,
+    *,
+    lock_timeout: float | None = INSTALL_LOCK_TIMEOUT,
+) -> None:
     """Install (or replace) the trigger of ``model``: in an Alembic migration pass ``op``;
     otherwise a ``Connection``, ``Engine`` or ``Session`` (for asyncio:
     ``await conn.run_sync(install_transition_trigger, Model)``).
@@ -501,7 +596,18 @@ def install_transition_trigger(bind_or_op: Any, model: type[Any] | TransitionTri
     may be another code base's): remove such a guard on purpose with
     ``uninstall_transition_trigger(bind, Model, columns=(...))``. Triggers of the application's
     are never touched.
+
+    Installs started at once (the instances of a deploy) take turns on an advisory lock;
+    through an Engine, one that finds the trigger current once it holds the lock (another
+    installed it meanwhile) sends nothing. ``lock_timeout`` (seconds; None: the session's own
+    ``lock_timeout``) bounds each wait for a lock on the table: ``DROP TRIGGER`` asks for an
+    ACCESS EXCLUSIVE lock, which waits behind any transaction using the table while every
+    query on it queues behind the request. Past it the server's 55P03 is raised (an
+    ``OperationalError``; nothing is installed through an Engine, and a caller's transaction
+    is aborted, as by any error); a session's shorter ``lock_timeout`` stays, and the
+    caller's setting is put back after the install.
     """
+    lock_timeout_ms(lock_timeout)  # (checked before anything is sent)
     guards = _install_guards(model)
     _refuse_schema_translation(
         bind_or_op, model, [g.table for g in guards], "install_transition_trigger"
@@ -526,12 +632,23 @@ def install_transition_trigger(bind_or_op: Any, model: type[Any] | TransitionTri
         *(s for g in guards for s in per_guard(g)),
         *left_over_statements(g.table for g in guards),
     ]
+    role_now: list[bool] = []
     try:
-        run_statements(bind_or_op, statements)
+        sent = run_statements(
+            bind_or_op,
+            statements,
+            # installed by another process while this one waited for the install lock
+            current=lambda conn: _trigger_current(conn, model, role_now, []),
+            lock_timeout=lock_timeout,
+        )
     except sa.exc.ProgrammingError as exc:  # what the drivers make of 42501
         if drift and sqlstate_of(exc) == _INSUFFICIENT_PRIVILEGE:
             raise TriggerInstallRefusedError(_model_name(model), drift[0], exc) from exc
         raise
+    if not sent:
+        if role_now and not role_now[0]:
+            _warn_no_role(guards[0].model, installed_now=False)
+        return
     if _role_missing(bind_or_op):
         _warn_no_role(guards[0].model, installed_now=True)
 
@@ -854,7 +971,11 @@ def _columns_of_a_trigger(what: str, model: TransitionTrigger) -> str:
 
 
 def uninstall_transition_trigger(
-    bind_or_op: Any, model: type[Any] | TransitionTrigger, *, columns: Iterable[str] | None = None
+    bind_or_op: Any,
+    model: type[Any] | TransitionTrigger,
+    *,
+    columns: Iterable[str] | None = None,
+    lock_timeout: float | None = INSTALL_LOCK_TIMEOUT,
 ) -> None:
     """Remove the triggers and functions of ``model`` (the downgrade of the install), and ours on
     its tables for a column the table no longer has (see :func:`install_transition_trigger`).
@@ -869,19 +990,26 @@ def uninstall_transition_trigger(
 
     A :class:`TransitionTrigger` removes the trigger and function of its column (and ours left
     on its table for a column the table no longer has), as the model it stands for would;
-    ``columns=`` is for a model."""
+    ``columns=`` is for a model. ``lock_timeout``: as for the install."""
+    lock_timeout_ms(lock_timeout)  # (checked before anything is sent)
     if isinstance(model, TransitionTrigger):
         if columns is not None:
             raise TypeError(_columns_of_a_trigger("uninstall_transition_trigger", model))
         guard = guard_of(model)
         _refuse_schema_translation(bind_or_op, model, [guard.table], "uninstall_transition_trigger")
         per_guard = drop_statements if _offline(bind_or_op) else online_uninstall_statements
-        run_statements(bind_or_op, [*per_guard(guard), *left_over_statements([guard.table])])
+        run_statements(
+            bind_or_op,
+            [*per_guard(guard), *left_over_statements([guard.table])],
+            lock_timeout=lock_timeout,
+        )
         return
     _, tables, _ = drop_plan(model, columns)
     _refuse_schema_translation(bind_or_op, model, tables, "uninstall_transition_trigger")
     online = not _offline(bind_or_op)
-    run_statements(bind_or_op, drop_plan_statements(model, columns, online=online))
+    run_statements(
+        bind_or_op, drop_plan_statements(model, columns, online=online), lock_timeout=lock_timeout
+    )
 
 
 def _refuse_schema_translation(
