@@ -213,6 +213,7 @@ def test_a_failing_listener_is_not_taken_for_redis_failing(
         wait_for(lambda: rdb.health()["services"]["listened"]["breaker"]["state"] == want, want)
 
     another_process("open")
+    wait_for(lambda: len(_records(caplog, "Circuit breaker listener failed")) == 1, "the line")
     time.sleep(0.3)  # (a link taken down would be down by now: a condition, not a backoff)
     assert shared("listened")["connected"], shared("listened")["problem"]
     assert _records(caplog, "Shared state unavailable") == []
@@ -224,6 +225,8 @@ def test_a_failing_listener_is_not_taken_for_redis_failing(
     # a new period: the next line says how many the last one left unlogged
     _fleet._LISTENER_LINES.restart(("listened", STATE.generation))
     another_process("open")
+    # (the line follows the state change the wait above saw, from the link's thread)
+    wait_for(lambda: len(_records(caplog, "Circuit breaker listener failed")) == 2, "the line")
     lines = [r.getMessage() for r in _records(caplog, "Circuit breaker listener failed")]
     assert lines[0].endswith("the change is taken, Redis stays in use")  # folds none
     assert lines[1].endswith("the change is taken, Redis stays in use (1 more since the last line)")
