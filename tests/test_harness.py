@@ -201,6 +201,7 @@ def test_embedded_server_is_private_and_fast(embedded: EmbeddedPostgres) -> None
                     "full_page_writes",
                     "max_connections",
                     "deadlock_timeout",
+                    "dynamic_shared_memory_type",
                 ],
             ),
         )
@@ -213,6 +214,7 @@ def test_embedded_server_is_private_and_fast(embedded: EmbeddedPostgres) -> None
         "full_page_writes": "off",
         "max_connections": "200",
         "deadlock_timeout": "100",
+        "dynamic_shared_memory_type": "mmap",  # in the data directory: see below
     }
     assert embedded.host == "127.0.0.1"
     password = embedded._password
@@ -236,6 +238,22 @@ def test_embedded_server_is_private_and_fast(embedded: EmbeddedPostgres) -> None
     assert embedded.log_path.is_file()
     if os.geteuid() == 0:  # root runs the server as an unprivileged user
         assert embedded.data_dir.stat().st_uid != 0
+
+
+def test_a_server_killed_by_sigkill_leaves_no_shared_memory_behind(scratch_dir: Path) -> None:
+    """A postmaster killed by SIGKILL can't remove its dynamic shared memory: as POSIX
+    segments (``/dev/shm/PostgreSQL.*``, 1 MB a server) they outlived the cluster, run after
+    run. The harness keeps them in the data directory, which goes with the cluster."""
+    server = EmbeddedPostgres(base_dir=scratch_dir)
+    try:
+        server.start()
+        dsm = server.data_dir / "pg_dynshmem"
+        assert [p.name for p in dsm.iterdir() if p.name.startswith("mmap.")] != []
+        pid = int((server.data_dir / "postmaster.pid").read_text().split()[0])
+        os.kill(pid, signal.SIGKILL)
+    finally:
+        server.close()
+    assert list(scratch_dir.iterdir()) == []
 
 
 def test_create_and_drop_database(pg_server: PostgresServer) -> None:

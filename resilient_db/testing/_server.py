@@ -72,9 +72,14 @@ ADMIN_APPLICATION_NAME: Final = "resilient_db.testing.admin"
 #: which is thrown away anyway), but ``synchronous_commit`` stays on: a COMMIT's WAL is written to
 #: the OS before the client hears back, so committed data survives :meth:`EmbeddedPostgres.crash`
 #: (with it off, an immediate shutdown loses commits the client already saw succeed). With fsync
-#: off that costs one ``write()`` per commit (~70 us measured).
+#: off that costs one ``write()`` per commit (~70 us measured). Dynamic shared memory (parallel
+#: queries' and the server's own) is kept in files of the data directory (``pg_dynshmem``), not
+#: as POSIX segments in ``/dev/shm``: a server killed by SIGKILL (a test's fault, a cancelled
+#: job's cgroup) can't remove its segments, which outlived the cluster's removal (1 MB per
+#: server, piling up run after run); the files go with the data directory.
 DEFAULT_SETTINGS: Final[Mapping[str, str]] = {
     "fsync": "off",
+    "dynamic_shared_memory_type": "mmap",
     "synchronous_commit": "on",
     "full_page_writes": "off",
     "max_connections": "200",
