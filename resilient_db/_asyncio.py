@@ -548,7 +548,7 @@ class AsyncResilientSession(FactoryCore, async_sessionmaker[S]):
             _told_of_success(policy, saved, interruption, fn)
             raise
         finally:
-            reset_block(token)
+            reset_block(token, saved)
 
     async def _once(
         self,
@@ -1236,7 +1236,7 @@ if True:  # async only
                 # leaves it
                 raise
             finally:
-                reset_block(self._token)
+                reset_block(self._token, self.saved)
             try:
                 await self.session.__aexit__(kind, value, traceback)
             except Exception:

@@ -456,7 +456,7 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
             _told_of_success(policy, saved, interruption, fn)
             raise
         finally:
-            reset_block(token)
+            reset_block(token, saved)
 
     def _once(
         self,

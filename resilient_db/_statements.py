@@ -66,13 +66,25 @@ class SavedNote:
     ``Session.begin()`` block, a sync factory's session's ``with`` (see :data:`dropin_block`).
     An interruption arriving as the block's session closes, or in its COMMIT's step once the
     server answered it, is then said to come after a saved change; after a block that wrote
-    nothing it is not (there is nothing a client must not resubmit)."""
+    nothing it is not (there is nothing a client must not resubmit).
 
-    __slots__ = ("enclosing", "saved")
+    A block left in another thread, task or context than it was entered in can't take its
+    note out of the context it was entered in (``left``): the next block entered there
+    encloses the block around it instead, not the note left behind (each new block's note held
+    the one before: a chain as long as the blocks run, in a thread or task that enters blocks
+    other threads or tasks leave)."""
+
+    __slots__ = ("enclosing", "left", "saved")
+    enclosing: SavedNote | None
+    saved: bool
+    left: bool
 
     def __init__(self, enclosing: SavedNote | None) -> None:
+        while enclosing is not None and enclosing.left:
+            enclosing = enclosing.enclosing
         self.enclosing = enclosing  # the block around it: what this one saved, that one did
         self.saved = False
+        self.left = False  # its block ended in another context (see above)
 
 
 # The innermost drop-in block running in this thread/task (see SavedNote).

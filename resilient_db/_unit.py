@@ -819,19 +819,20 @@ def block_left(session: Any) -> Any:
     if block is not None:
         if block[2] is not None:  # the inner block of a session entered again
             session._rdb_block = block[2]
-        reset_block(block[1])
+        reset_block(block[1], block[0])
     return block
 
 
-def reset_block(token: contextvars.Token[SavedNote | None]) -> None:
+def reset_block(token: contextvars.Token[SavedNote | None], note: SavedNote) -> None:
     """End a drop-in block's note (``dropin_block.reset``), also for a block left in another
     thread, task or context than it was entered in (an async generator whose setup and
-    teardown run in two tasks): there the context's own value stays, and nothing is raised
-    after the block's COMMIT, or over its own error."""
-    try:  # noqa: SIM105 (contextlib.suppress costs a context manager per block)
+    teardown run in two tasks): there the context's own value stays, ``note`` (the block's)
+    marked left, so that no block entered later in the context it was entered in encloses it,
+    and nothing is raised after the block's COMMIT, or over its own error."""
+    try:
         dropin_block.reset(token)
     except ValueError:  # (left in another thread, task or context)
-        pass
+        note.left = True  # (the context it was entered in still holds it: see SavedNote)
 
 
 def interrupted_in_its_commit(block: Any, session: Session, kind: Any, value: Any) -> bool:

@@ -8,7 +8,9 @@ server."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import contextvars
 import gc
 import logging
 import random
@@ -3054,6 +3056,83 @@ async def test_async_begin_left_in_another_task_commits_and_closes_as_plain(
     else:
         assert outcomes == ["done", True] * 2
         assert ids == [900, 901]
+
+
+#: drop-in blocks entered in one thread or task and left in another, in the tests below
+LEFT_ELSEWHERE = 30
+
+
+def _notes_held() -> list[Any]:
+    """The drop-in blocks' notes this context holds: the innermost and those it encloses."""
+    from resilient_db._statements import dropin_block  # noqa: PLC0415
+
+    notes = []
+    note = dropin_block.get()
+    while note is not None:
+        notes.append(note)
+        note = note.enclosing
+    return notes
+
+
+def test_sync_blocks_left_in_another_thread_leave_no_chain_behind(
+    engine: sa.Engine, service: str
+) -> None:
+    """Sessions entered (``with``) in one thread and left in another (a worker pool running a
+    generator's setup and teardown as two jobs): the thread that entered them can't take their
+    notes out of its context, and each block it entered next held the one before (its note
+    enclosed the one left behind), a chain as long as the blocks run, held for the thread's
+    life. Now a block entered there encloses the block around it, still heard (a save in it is
+    the outer block's too), not the notes left behind."""
+    Sessions = rdb.ResilientSession(engine, service=service)
+
+    def blocks() -> tuple[int, int, bool]:
+        with concurrent.futures.ThreadPoolExecutor(1) as other, Sessions():
+            (outer_note,) = _notes_held()
+            for _ in range(LEFT_ELSEWHERE):
+                session = Sessions()
+                session.__enter__()
+                session.execute(sa.text("SELECT 1"))
+                other.submit(session.__exit__, None, None, None).result()
+            held_after = len(_notes_held())
+            with Sessions() as inner:
+                inner.add(Item(id=950, name="left-elsewhere"))
+                inner.commit()
+                notes = _notes_held()
+                held_inside = len(notes)
+                assert notes[-1] is outer_note
+        return held_after, held_inside, outer_note.saved
+
+    # (in a context of its own: the test's thread keeps none of it)
+    held_after, held_inside, outer_saved = contextvars.copy_context().run(blocks)
+    assert (held_after, held_inside, outer_saved) == (2, 2, True)
+
+
+@pytest.mark.asyncio
+async def test_async_blocks_left_in_another_task_leave_no_chain_behind(
+    async_engine: AsyncEngine, service: str
+) -> None:
+    """The async twin: ``Session.begin()`` blocks and ``async with Session()`` sessions entered
+    in one task and left in another (an async generator whose setup and teardown two tasks
+    drive) made a chain of notes in the entering task's context, as long as the blocks run."""
+    Sessions = rdb.AsyncResilientSession(async_engine, service=service)
+
+    async def blocks() -> tuple[int, int]:
+        for _ in range(LEFT_ELSEWHERE):
+            begun = Sessions.begin()
+            session = await begun.__aenter__()
+            await session.execute(sa.text("SELECT 1"))
+            await asyncio.create_task(begun.__aexit__(None, None, None))
+            session = Sessions()
+            await session.__aenter__()
+            await session.execute(sa.text("SELECT 1"))
+            await asyncio.create_task(session.__aexit__(None, None, None))
+        held_after = len(_notes_held())
+        async with Sessions.begin():
+            held_inside = len(_notes_held())
+        return held_after, held_inside
+
+    # (a task of its own: its context is dropped with it)
+    assert await asyncio.create_task(blocks()) == (1, 1)
 
 
 def test_factories_made_and_dropped_leave_no_event_registrations(
