@@ -232,6 +232,8 @@ class Breaker:
         #: the listeners of the caller's (``breaker_listeners=``), told of each attempt's
         #: outcome too (see :meth:`_tell`); empty: nothing to tell, the fast paths stay fast
         self._told: tuple[Any, ...] = ()
+        #: each of them with the users that gave it (a weak set; None: kept for good)
+        self._given: list[tuple[Any, weakref.WeakSet[Any] | None]] = []
         for listener in listeners:
             self.add_listener(listener)
         # the shared breaker (SELF_HEALING_REDIS_URL): the link and this process's view of it
@@ -473,11 +475,37 @@ class Breaker:
         self._held = []
         self._unreported = []
 
-    def add_listener(self, listener: Any) -> None:
-        """Register a pybreaker ``CircuitBreakerListener`` (once: again is a no-op)."""
-        if listener not in self._cb.listeners:
-            self._cb.add_listener(listener)
-            self._told = (*self._told, listener)
+    def add_listener(self, listener: Any, user: object = None) -> None:
+        """Register a pybreaker ``CircuitBreakerListener`` (once: again is a no-op), for good,
+        or while a ``user`` that gave it lives (a factory's policy). The listeners whose users
+        are all gone are dropped first: a factory made per request or per tenant, each given a
+        listener of its own, added one to its service's breaker for good (kept for the
+        process's life, told of every outcome; callers hold ``STATE.lock``)."""
+        self._drop_unheld()
+        for n, (given, users) in enumerate(self._given):
+            if given == listener:
+                if user is None:
+                    self._given[n] = (given, None)
+                elif users is not None:
+                    users.add(user)
+                return
+        users = None
+        if user is not None:
+            users = weakref.WeakSet()
+            users.add(user)
+        self._given.append((listener, users))
+        self._cb.add_listener(listener)
+        self._told = (*self._told, listener)
+
+    def _drop_unheld(self) -> None:
+        """Forget the listeners that no live user gave (see :meth:`add_listener`)."""
+        gone = [given for given, users in self._given if users is not None and not users]
+        if not gone:
+            return
+        self._given = [(given, users) for given, users in self._given if users is None or users]
+        self._told = tuple(told for told in self._told if all(told is not g for g in gone))
+        for given in gone:
+            self._cb.remove_listener(given)
 
     # -- the protocol around one attempt ------------------------------------------------
     @property
@@ -1472,13 +1500,12 @@ def breaker_for(
         breaker: Breaker | None = STATE.breakers.get(service)
         if breaker is None:
             check_service_room(service, STATE.breakers)
-            breaker = Breaker(service, config, storage=storage, listeners=listeners, clock=clock)
+            breaker = Breaker(service, config, storage=storage, clock=clock)
             STATE.breakers[service] = breaker
-        else:
-            for listener in listeners:
-                breaker.add_listener(listener)
-            if clock is not None:
-                breaker.set_clocks(clock)
+        elif clock is not None:
+            breaker.set_clocks(clock)
+        for listener in listeners:
+            breaker.add_listener(listener, user)  # (for as long as a user giving it lives)
         breaker.follow(config, user=user, explicit=explicit)
         return breaker
 

@@ -5,6 +5,7 @@ violation, a missing table) count neither way: nothing is told."""
 
 from __future__ import annotations
 
+import gc
 import threading
 from typing import Any
 
@@ -16,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
 import resilient_db as rdb
+from resilient_db._state import STATE
 
 pytestmark = pytest.mark.usefixtures("no_backoff")
 
@@ -177,3 +179,26 @@ def test_a_call_refused_while_the_probe_runs_is_told_half_open_not_open(
     assert "after repeated database failures" not in str(refused.value)
     assert results == [1]
     assert rdb.health()["services"][service]["breaker"]["state"] == "closed"
+
+
+def test_the_listeners_of_factories_gone_are_dropped(engine: sa.Engine, service: str) -> None:
+    """A factory made per request (or per tenant), each given a listener of its own, added it
+    to its service's breaker for good (the breaker lives as long as the process): the
+    listeners piled up, each told of every outcome. A listener stays while a factory that gave
+    it lives (another factory given the same one included), and is dropped after."""
+    kept = Heard()
+    keeper = rdb.ResilientSession(engine, service=service, breaker_listeners=[kept])
+    for _ in range(50):
+        rdb.ResilientSession(engine, service=service, breaker_listeners=[Heard()])
+    shared = Heard()
+    first = rdb.ResilientSession(engine, service=service, breaker_listeners=[shared])
+    second = rdb.ResilientSession(engine, service=service, breaker_listeners=[shared])
+    del first
+    gc.collect()  # (a factory and the class it makes refer to each other)
+    last = Heard()
+    newest = rdb.ResilientSession(engine, service=service, breaker_listeners=[last])
+    breaker = STATE.breakers[service]
+    assert [x for x in breaker._cb.listeners if isinstance(x, Heard)] == [kept, shared, last]
+    assert keeper.run(lambda s: s.execute(sa.text("SELECT 1")).scalar()) == 1
+    assert [kept.heard, shared.heard, last.heard] == [[("success", service)]] * 3
+    assert second.kw is not None and newest.kw is not None  # (alive until here)
