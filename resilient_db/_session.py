@@ -496,15 +496,19 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
         session: Session | None = None,
     ) -> R:
         own = session is None
+        # the attempt's configuration, read once: a reload_config() meanwhile reaches the next
+        # attempt, never half of this one (its guards judge its flushes and bulk UPDATEs alike)
+        config = self.config
         s: Session = self() if session is None else session
-        _unit_sessions.add(s)  # (marked as running a unit: see _registry.in_unit)
+        # marked as running a unit under it: see _registry.in_unit, unit_config
+        _unit_sessions[s] = config
         token = _units.set(ActiveUnit(self, s))  # the outer unit, if any, is another factory's
         failed = False
         try:
             joined = joins_callers_transaction(s)
             if not s.autobegin:  # the transaction autobegin would begin (no I/O)
                 s.begin()
-            if not self.config.enabled:
+            if not config.enabled:
                 # self-healing off: the unit as plain SQLAlchemy code runs it (fn, then flush and
                 # COMMIT; ROLLBACK on an error), nothing marked, verified or retried. It is the
                 # running unit all the same: what a unit may do (begin and commit in fn, nest
@@ -585,13 +589,13 @@ class ResilientSession(FactoryCore, sessionmaker[S]):
                         restore_attached(self.policy, record, error)
                     if lost is not None:
                         raise lost  # noqa: B904 (its own cause kept; exc is its context)
-                    blocked = blocked_on_its_driver(exc, self.config, self.service)
+                    blocked = blocked_on_its_driver(exc, config, self.service)
                     if blocked is not None:  # (sent on the driver's own connection)
                         raise blocked from exc
                     raise
         finally:
             _units.reset(token)
-            _unit_sessions.discard(s)  # (no longer)
+            _unit_sessions.pop(s, None)  # (no longer)
             if own:
                 try:
                     _close(s, quiet=failed)

@@ -48,9 +48,10 @@ class State:
         )
         #: session classes carrying the drop-in connect retry's listeners (``_unit``)
         self.connect_retry_classes: weakref.WeakSet[type[Any]] = weakref.WeakSet()
-        #: sessions running a unit of work right now (a plain set: a unit always takes its
-        #: session out when it ends, and a set's add and discard cost no Python frame)
-        self.unit_sessions: set[Any] = set()
+        #: sessions running a unit of work right now, each with the configuration its attempt
+        #: runs under (a plain dict: a unit always takes its session out when it ends, and a
+        #: dict's item assignment and pop cost no Python frame)
+        self.unit_sessions: dict[Any, Any] = {}
         #: the self-healing hooks (a tuple: read without the lock on every action)
         self.hooks: tuple[Callable[[Any], None], ...] = ()
         #: the transition guard's counters (stable names, for ``health()`` and metrics)

@@ -45,10 +45,12 @@ GUARD_INFO_KEY = "resilient_db.config"
 
 def active_config(session: Session) -> Config | None:
     """The configuration under which the session guards act for ``session``, or None."""
-    # A resilient factory's session: its factory's configuration (session.info plays no part).
-    # Otherwise a session whose info carries a Config under GUARD_INFO_KEY (a plain sessionmaker
-    # guarded by hand, as the guard's own tests do).
-    config = config_of(session)
+    # A session running a unit: the configuration its attempt runs under (a reload_config()
+    # meanwhile reaches the next attempt: the flush and the bulk guards of one attempt judge
+    # alike). Another session of a resilient factory: its factory's configuration
+    # (session.info plays no part). Otherwise a session whose info carries a Config under
+    # GUARD_INFO_KEY (a plain sessionmaker guarded by hand, as the guard's own tests do).
+    config = STATE.unit_sessions.get(session) or config_of(session)
     if config is None:
         config = session.info.get(GUARD_INFO_KEY)
     if not isinstance(config, Config) or not config.guard_on:
