@@ -735,10 +735,25 @@ class _Configurable(Protocol):
     def _apply_config(self, config: Config) -> None: ...
 
 
-def register_default_user(obj: _Configurable) -> None:
-    """Remember a factory that uses the environment's configuration, for reload_config()."""
+def register_default_user(obj: _Configurable, *, read_at: int) -> None:
+    """Remember a factory that uses the environment's configuration, for reload_config().
+
+    ``read_at`` is ``STATE.reloads`` as it was before the factory read its configuration
+    (:func:`factory_config`): a reload that applied its configuration in between did not
+    reach the factory (not registered yet), which would have kept the configuration read
+    before it (a kill switch, say) until the next reload. It is applied to it here, as that
+    reload applies it to the others."""
     with STATE.lock:
         STATE.default_config_users.add(obj)
+        if STATE.reloads == read_at:
+            return  # (every factory's path: no reload meanwhile)
+    if _reloading_in == threading.get_ident():
+        return  # made by a reload's own thread (a listener of its): it applies its own
+    with _RELOADING:  # (after a reload under way, which may or may not have seen it)
+        config = STATE.env_config
+        if config is not None and config != getattr(obj, "config", None):
+            obj._apply_config(config)
+            _apply_everywhere(config)
 
 
 def env_config() -> Config:
@@ -830,11 +845,6 @@ if hasattr(os, "register_at_fork"):
 
 
 def _reload(environ: Mapping[str, str] | None) -> Config:
-    from ._budget import forget_unused  # noqa: PLC0415
-    from ._commit import switched_on_everywhere  # noqa: PLC0415
-    from ._fleet import follow_users  # noqa: PLC0415
-    from ._registry import live_policies  # noqa: PLC0415
-
     config = load_config(environ)
     with STATE.lock:
         users = list(STATE.default_config_users)
@@ -848,6 +858,7 @@ def _reload(environ: Mapping[str, str] | None) -> Config:
     with STATE.lock:
         old, STATE.env_config = STATE.env_config, config
         STATE.env_given = environ is not None  # (see factory_config)
+        STATE.reloads += 1  # (see register_default_user)
         users = list(STATE.default_config_users)
         if old is not None and old != config:
             # with_self_healing's policies made for the environment's previous configuration
@@ -868,10 +879,21 @@ def _reload(environ: Mapping[str, str] | None) -> Config:
         policy.apply_config(config)
         with STATE.lock:
             STATE.wrapper_policies.setdefault(key, policy)
+    _apply_everywhere(config)
+    return config
+
+
+def _apply_everywhere(config: Config) -> None:
+    """What a reload does once its factories have ``config``: what is engine-wide or shared
+    follows them."""
+    from ._budget import forget_unused  # noqa: PLC0415
+    from ._commit import switched_on_everywhere  # noqa: PLC0415
+    from ._fleet import follow_users  # noqa: PLC0415
+    from ._registry import live_policies  # noqa: PLC0415
+
     # connections made while self-healing was off, in use ones too, commit marked from here
     # on where this reload switched it on
     switched_on_everywhere()
     policies = live_policies()
     follow_users(policies)  # (first: a budget forgotten below leaves its Redis here)
     forget_unused(policies, config)
-    return config

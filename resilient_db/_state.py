@@ -75,6 +75,9 @@ class State:
         self.env_config: Any = None
         #: whether the last ``reload_config`` read a mapping it was given, not ``os.environ``
         self.env_given = False
+        #: how many ``reload_config`` calls applied a configuration: a factory made while one
+        #: ran compares it with the count when it read its own (see ``register_default_user``)
+        self.reloads = 0
         #: ``with_self_healing``'s policies, by (service, use_retry, use_circuit_breaker, config)
         self.wrapper_policies: dict[tuple[Any, ...], Any] = {}
         #: the retry budget of each service name (``SELF_HEALING_RETRY_BUDGET``)

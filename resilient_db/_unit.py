@@ -2737,6 +2737,8 @@ class FactoryCore:
             {"service": service, "config": config, "classifier": classifier, **policy_kwargs},
         )
         explicit = config is not None
+        #: reloads applied before the configuration was read (see register_default_user)
+        self._config_read_at = STATE.reloads
         config = config if config is not None else factory_config()
         classifier = classifier or Classifier()
         # every engine the factory would hook, checked before it registers on any (or makes
@@ -2804,7 +2806,7 @@ class FactoryCore:
             if engine is not main:
                 hooks_for(engine, self)
         if not self._explicit_config:
-            register_default_user(self)
+            register_default_user(self, read_at=self._config_read_at)
         self._prepare_bound_connection()
 
     def _prepare_bound_connection(self) -> None:
