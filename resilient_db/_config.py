@@ -868,6 +868,7 @@ def _reload(environ: Mapping[str, str] | None) -> Config:
             # in health() while off (an opening it held rejects nothing), starts over when on
             # again, and has the reload's numbers at once (in health() too, not from the
             # operation's next call on)
+            # (operations add theirs under the lock too: see _wrapper._cached_policy)
             cached = STATE.wrapper_policies
             for key in [k for k, p in cached.items() if p.config == old and not k[4]]:
                 policy = cached.pop(key)

@@ -253,16 +253,19 @@ def _cached_policy(
     policies = STATE.wrapper_policies
     policy: Policy | None = policies.get(key)
     if policy is None:
-        policy = Policy(
+        made = Policy(
             service,
             config,
             use_retry=use_retry,
             use_circuit_breaker=use_circuit_breaker,
             explicit_config=explicit,
         )
-        if len(policies) > 256:  # configurations come and go with reload_config
-            policies.clear()
-        policies[key] = policy
+        # under the lock: a reload_config() goes through them under it (it failed half-way,
+        # "dictionary changed size during iteration", when an operation added one meanwhile)
+        with STATE.lock:
+            if len(policies) > 256:  # configurations come and go with reload_config
+                policies.clear()
+            policy = policies.setdefault(key, made)  # (one made meanwhile by another thread)
     return policy
 
 
