@@ -162,6 +162,26 @@ def partly_committed(exc: BaseException) -> bool:
     return any(getattr(err, _PARTLY_COMMITTED, False) for err in error_chain(exc))
 
 
+_UNKNOWN_SAID = "resilient_db_unknown_outcome_said"
+
+
+def say_unknown_once(exc: BaseException) -> bool:
+    """Whether the unknown outcome of the COMMIT whose error is ``exc`` (or one ``exc`` was
+    raised from) is yet to be said: True the first time, marking it (each error of the chain:
+    the driver's error the engine's hooks met, SQLAlchemy's around it), so that the attempt
+    that says it is the only one (an operation of another service around the one that lost
+    the answer fails with the same error; code that caught it has it said when its attempt
+    ends). Counted once by the engine's hooks; said once, so counted once by the hooks'
+    OpenTelemetry and the dashboard."""
+    chain = list(error_chain(exc))
+    if any(getattr(err, _UNKNOWN_SAID, False) for err in chain):
+        return False
+    for err in chain:
+        with contextlib.suppress(AttributeError, TypeError):  # a type that takes no attributes
+            setattr(err, _UNKNOWN_SAID, True)
+    return True
+
+
 _NOT_REPLAYED = "resilient_db_not_replayed"
 
 

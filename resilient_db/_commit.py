@@ -2053,8 +2053,11 @@ class _ReplayPolicy(Protocol):
     breaker: Any  # the circuit breaker that admits its attempts (None: none)
     admitted_through: Any  # the one that admitted the attempt they are part of, if any
     own_commits: Any  # how its code's own COMMITs midway are settled (None: not)
+    says_its_lines: bool  # False: its attempts are part of an enclosing one, which says them
 
     def partly_committed(self, exc: BaseException) -> None: ...
+
+    def unknown_commit_caught(self, exc: BaseException) -> None: ...
 
 
 #: in ``AttemptRecord.attached``: a new object's state that a bulk save in the attempt keyed
@@ -2107,6 +2110,10 @@ class AttemptRecord:
     # driver connections whose sessions hold what a ROLLBACK keeps (``_statements.KEEPS_SESSION``:
     # a session-level advisory lock, a statement PREPAREd in SQL): dropped if the attempt fails
     kept: list[Any] | None = None
+    # the errors of COMMITs of its code whose outcome is unknown (an answer lost), counted by
+    # the engine's hooks, to be said once it ends unless its error says them (see
+    # commit_unanswered)
+    unanswered: list[BaseException] | None = None
     enclosing: AttemptRecord | None  # the attempt running when this one began
     _token: contextvars.Token[AttemptRecord | None]
 
@@ -2181,10 +2188,36 @@ class AttemptRecord:
             return
         if exc is not None:
             self._policy.partly_committed(exc)
+        if self.unanswered is not None:
+            self._say_unanswered()
         if self.enclosing is not None:
             # a replay of the enclosing unit would repeat it, whether this attempt then failed
             # or not (its error caught by the enclosing code, which goes on)
             self.enclosing.committed = True
+
+    def commit_unanswered(self, exc: BaseException) -> None:
+        """A COMMIT of the attempt's code (not a unit's final one) lost its answer, or an
+        interruption cut it off: ``exc``, the driver's error (or the interruption), counted
+        by the engine's hooks. Said once: by the policy's ``partly_committed`` when it is the
+        error the attempt fails with (or one around it), else when the attempt ends (its code
+        caught it, and returned or raised another error)."""
+        if self.unanswered is None:
+            self.unanswered = [exc]
+        else:
+            self.unanswered.append(exc)
+
+    def _say_unanswered(self) -> None:
+        """The COMMITs of unknown outcome the attempt's error did not say (see
+        :meth:`commit_unanswered`): said now, or, for an attempt that is part of an enclosing
+        one (whose lines are that one's), left to it (it fails with the same error, which says
+        it, or its code caught it too)."""
+        unanswered, self.unanswered = self.unanswered or [], None
+        policy, enclosing = self._policy, self.enclosing
+        for exc in unanswered:
+            if not policy.says_its_lines and enclosing is not None:
+                enclosing.commit_unanswered(exc)
+            else:
+                policy.unknown_commit_caught(exc)
 
     def unit_committed(self, request: CommitRequest) -> None:
         """The unit's own final COMMIT succeeded: committed work, when it wrote, for an

@@ -42,6 +42,7 @@ from ._classify import (
     mark_partly_committed,
     mark_success_interrupted,
     never_replayed,
+    say_unknown_once,
 )
 from ._config import Config
 from ._errors import CircuitOpenError
@@ -213,6 +214,9 @@ class Policy:
     #: factory; None for an operation's policy (``with_self_healing``), whose code's COMMITs
     #: go out plain (see ``_commit._own_plan``)
     own_commits: Any = None
+    #: whether its attempts say their own lines of a COMMIT of their code whose outcome is
+    #: unknown (False: part of an enclosing attempt, which says them)
+    says_its_lines = True
 
     def __init__(
         self,
@@ -451,7 +455,10 @@ class Policy:
         if not how and interrupted_commit(exc):
             # its own COMMIT is what the interruption cut off, in flight: not "committed",
             # unknown (counted, and the interruption marked, by the engine's hooks), as a
-            # unit's final COMMIT so interrupted is (see CommitReferee.interrupted)
+            # unit's final COMMIT so interrupted is (see CommitReferee.interrupted); said once
+            # (an operation of another service around this one fails with it too)
+            if not say_unknown_once(exc):
+                return
             emit(
                 self.config,
                 log_retry,
@@ -468,7 +475,10 @@ class Policy:
             return
         if not how and self.classifier.classify(exc) is Outcome.COMMIT_UNKNOWN:
             # its own COMMIT is what failed, its answer lost: not "committed", unknown, an
-            # ERROR as every unknown outcome's line is (alerts on errors must see it)
+            # ERROR as every unknown outcome's line is (alerts on errors must see it); said
+            # once (an operation of another service around this one fails with it too)
+            if not say_unknown_once(exc):
+                return
             emit(
                 self.config,
                 log_retry,
@@ -493,6 +503,43 @@ class Policy:
             type(exc).__name__,
             service=self.service,
             event="partly_committed",
+        )
+
+    def unknown_commit_caught(self, exc: BaseException) -> None:
+        """A COMMIT of the attempt's own code (a drop-in block's, a ``session.commit()``) lost
+        its answer (``exc``, the driver's error; or an interruption cut it off), and the code
+        caught the error and went on: the attempt has ended (it returned, or failed with
+        another error), and the outcome is unknown all the same. Counted by the engine's
+        hooks when the answer was lost; said here, once, as :meth:`partly_committed` says one
+        whose error leaves the attempt."""
+        if not say_unknown_once(exc):
+            return
+        if interrupted_commit(exc):
+            emit(
+                self.config,
+                log_retry,
+                logging.ERROR,
+                "Commit interrupted: service=%s a COMMIT sent by the unit's own code: the code "
+                "was interrupted (%s) with its COMMIT in flight and caught it; outcome unknown, "
+                "not verified: check before doing the work again",
+                self.service,
+                type(exc).__name__,
+                service=self.service,
+                event="commit_interrupted",
+                outcome="unknown",
+            )
+            return
+        emit(
+            self.config,
+            log_retry,
+            logging.ERROR,
+            "Commit outcome unknown: service=%s a COMMIT sent by the unit's own code lost its "
+            "answer (%s), and the code caught the error and went on: it may have committed; "
+            "not verified: check before doing the work again",
+            self.service,
+            type(exc).__name__,
+            service=self.service,
+            event="commit_unknown",
         )
 
     def failed_after_commit(self, exc: BaseException, wrote: bool) -> None:
@@ -1292,6 +1339,9 @@ class _PartOfAttempt(Policy):
         if isinstance(exc, PoolTimeoutError):
             self._pool_timed_out(exc)
         return self.classifier.classify(exc)
+
+    #: its attempts' lines are the enclosing attempt's (see AttemptRecord.commit_unanswered)
+    says_its_lines = False
 
     def partly_committed(self, exc: BaseException, how: str = "") -> None:
         # marked (never replayed); its line is the enclosing attempt's, which fails with it or

@@ -3422,9 +3422,9 @@ class EngineHooks:
             and current_request.get() is None
             and not own_work.get()
         ):
-            self._commit_unanswered(attempt, ctx.connection)
+            self._commit_unanswered(attempt, ctx.connection, lost=original)
         elif interrupted_commit(original) and current_request.get() is None and not own_work.get():
-            self._commit_unanswered(attempt, ctx.connection, original)
+            self._commit_unanswered(attempt, ctx.connection, original, lost=original)
         if self.config.guard_on:
             database_error = ctx.sqlalchemy_exception or original
             config, service = self._speaker()
@@ -3434,7 +3434,12 @@ class EngineHooks:
         return None
 
     def _commit_unanswered(
-        self, attempt: Any, connection: Any, interruption: BaseException | None = None
+        self,
+        attempt: Any,
+        connection: Any,
+        interruption: BaseException | None = None,
+        *,
+        lost: BaseException,
     ) -> None:
         """A COMMIT that is not a unit's final one (drop-in use, or an operation's own code)
         may have written and lost its answer (or the server said 08007), or an
@@ -3442,7 +3447,9 @@ class EngineHooks:
         before its answer came: its outcome is unknown, counted as a unit's unknown outcome
         is (an interruption marked for a web answer, as a unit's COMMIT so interrupted: see
         :meth:`CommitReferee.interrupted`, and it goes on as it is); said here for drop-in use
-        (an operation's line says it is not replayed, and why), and for a unit's that carried
+        (inside an attempt, by the attempt, once: see ``AttemptRecord.commit_unanswered``;
+        its error's ``Not replaying`` line, or a line when it ends, its code having caught
+        the error), and for a unit's that carried
         no marker: a unit runs without an attempt only when it began with self-healing off (it
         commits plainly, nothing marked, see ``commit_plainly``), a reload having switched it
         on before its COMMIT. Counted and said under the service of the factory whose session
@@ -3452,6 +3459,8 @@ class EngineHooks:
         if interruption is not None:
             mark_commit_interrupted(interruption, service)
         if attempt is not None:
+            # said once, by the attempt (``lost``: the driver's error, or the interruption)
+            attempt.commit_unanswered(lost)
             return
         if interruption is None:
             emit(
