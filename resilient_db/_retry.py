@@ -377,6 +377,15 @@ class Policy:
         clone.__dict__.update(self.without_breaker(admitted_through).__dict__)
         return clone
 
+    def retries_in_attempt(self, admitted_through: Breaker | None) -> Policy:
+        """:meth:`without_breaker` for a drop-in connect inside an attempt of its own service
+        whose operation does not replay it (``use_retry=False``, retry switched off): the
+        connect retries on its own, its first try part of that attempt (counted there, once:
+        each try of it counted its own attempt too), each retry an attempt of its own."""
+        clone = object.__new__(_RetriesInAttempt)
+        clone.__dict__.update(self.without_breaker(admitted_through).__dict__)
+        return clone
+
     def refresh(self) -> None:
         """Take the service's breaker, counters and budget again if ``reset_state()`` ran
         since this policy last did (see :meth:`_after_reset`)."""
@@ -1321,6 +1330,32 @@ class Policy:
         retries = retrying.statistics.get("attempt_number", 1) - 1 - len(stopped)
         self._recovered(retries, last[0])
         return result
+
+
+class _RetriesInAttempt(Policy):
+    """A policy of :meth:`Policy.retries_in_attempt` (one per call): its first try is part of
+    the enclosing attempt, which counts it; its retries count as attempts, as any retry's."""
+
+    first_tried = False
+
+    def succeeded(self, probe: bool) -> None:
+        if self.first_tried:
+            super().succeeded(probe)
+        self.first_tried = True
+
+    def succeeded_on_loop(self, probe: bool) -> bool:
+        if self.first_tried:
+            return super().succeeded_on_loop(probe)
+        self.first_tried = True
+        return True
+
+    def failed(self, exc: BaseException, probe: bool, started: float | None = None) -> Outcome:
+        if self.first_tried:
+            return super().failed(exc, probe, started)
+        self.first_tried = True
+        if isinstance(exc, PoolTimeoutError):
+            self._pool_timed_out(exc)
+        return self.classifier.classify(exc)
 
 
 class _PartOfAttempt(Policy):

@@ -2785,8 +2785,8 @@ class FactoryCore:
         if runs_once_here():
             return connect() if enclosing is not None else policy.call_once(connect)
         if enclosing is not None:  # an operation of this service that does not retry: the
-            # connect does
-            policy = policy.without_breaker(enclosing.breaker)
+            # connect does, its first try part of the operation's attempt (counted once)
+            policy = policy.retries_in_attempt(enclosing.breaker)
         return policy.call(connect)
 
     def _register(self) -> None:

@@ -1,6 +1,8 @@
 """A ``with_self_healing`` operation called inside a unit (or an operation) of its own service
 runs once, its attempt part of the enclosing one, which the breaker let through: that one is
-counted, once, as a unit or a drop-in connect run there is. Before, the nested operation counted
+counted, once, as a unit or a drop-in connect run there is (an operation that does not replay,
+``use_retry=False`` or run once inside another service's, included: its drop-in connect, which
+retries on its own, counted an attempt of its own too). Before, the nested operation counted
 an attempt of its own (``attempts`` doubled, and with it the retry budget's first attempts), a
 pool timeout it met was counted (and its event sent) by both, and a partly committed failure had
 two ``Not replaying`` lines, a lost COMMIT answer two ``partly_committed`` events (OpenTelemetry's
@@ -303,3 +305,66 @@ async def test_async_calls_nested_in_their_services_attempt_are_counted_once_wit
         await aengine.dispose()
     assert counters(service)["attempts"] == 3
     assert first_attempts(service) == 2
+
+
+@pytest.mark.parametrize("refused", [False, True], ids=["connects", "refused"])
+def test_a_drop_in_connect_in_an_operation_that_does_not_replay_is_part_of_its_attempt(
+    refused: bool,
+    *,
+    engine: sa.Engine,
+    fault_proxy: FaultProxy,
+    pg_database: str,
+    service: str,
+    otel: Otel,
+) -> None:
+    """``use_retry=False``: the operation runs once and its drop-in session's connect retries
+    on its own. Its first try is the operation's attempt, counted once (it counted 2 for one
+    operation); each retry of it is an attempt (a connect refused twice, then given up: 3, not
+    4). Alike in health(), Prometheus and OpenTelemetry."""
+    _, _, reader = otel
+    config = rdb.Config(max_retries=2, failure_threshold=100)
+    proxied = sa.create_engine(fault_proxy.url(pg_database))
+    Connecting = rdb.ResilientSession(proxied, service=service, config=config)
+
+    @rdb.with_self_healing(service=service, use_retry=False, config=config)
+    def operation() -> int:
+        with Connecting() as session:
+            return int(session.execute(sa.text("SELECT 1")).scalar_one())
+
+    if refused:
+        fault_proxy.refuse()
+    try:
+        if refused:
+            with pytest.raises(sa.exc.OperationalError):
+                operation()
+        else:
+            assert operation() == 1
+    finally:
+        fault_proxy.restore()
+        proxied.dispose()
+    found = counters(service)
+    expected = (3, 2, 1) if refused else (1, 0, 0)
+    assert (found["attempts"], found["retries"], found["gave_up"]) == expected
+    assert prometheus("resilient_db_attempts_total", service) == f"{expected[0]}.0"
+    assert otel_points(reader, "resilient_db.attempts")[(("service", service),)] == expected[0]
+
+
+def test_a_drop_in_connect_in_an_operation_run_once_in_another_services_is_counted_once(
+    pg_url: str, engine: sa.Engine, service: str
+) -> None:
+    """An operation of service A inside one of service B runs once; its drop-in session of
+    service A connects: one attempt of A (it counted 2), one of B."""
+    inner_service, outer_service = f"{service}-a", f"{service}-b"
+    fresh = sa.create_engine(pg_url, poolclass=sa.pool.NullPool)  # (each session connects)
+    Connecting = rdb.ResilientSession(fresh, service=inner_service)
+
+    @rdb.with_self_healing(service=inner_service)
+    def inner() -> int:
+        with Connecting() as session:
+            return int(session.execute(sa.text("SELECT 1")).scalar_one())
+
+    try:
+        assert rdb.with_self_healing(inner, service=outer_service) == 1
+    finally:
+        fresh.dispose()
+    assert (counters(inner_service)["attempts"], counters(outer_service)["attempts"]) == (1, 1)
