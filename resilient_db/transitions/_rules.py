@@ -18,7 +18,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, Final, TypeAlias, TypeGuard
+from typing import Any, Final, TypeAlias, TypeGuard, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql.base import PGDialect
@@ -61,6 +61,10 @@ ANY_STATE = "*"
 #: (of a ``Numeric`` column) or an ``enum.Enum`` member (``None`` means SQL NULL).
 State: TypeAlias = str | int | decimal.Decimal | enum.Enum | None
 Key: TypeAlias = str | None  # a state as the database spells it (``col::text``)
+# the source states of a ``transitions`` mapping: a TypeVar, as a mapping's key type is
+# invariant (a ``dict[str, set[str]]`` or ``dict[Status, set[Status]]`` made beforehand is a
+# ``Mapping[State, ...]`` to no type checker)
+_Source = TypeVar("_Source", bound=State)
 
 
 class TransitionRulesError(ResilientDBError, ValueError):
@@ -178,7 +182,7 @@ class TransitionRules:
         self,
         *,
         column: str,
-        transitions: Mapping[State, Iterable[State]],
+        transitions: Mapping[_Source, Iterable[State]],
         initial: Iterable[State],
         states: Iterable[State] | None = None,
     ) -> None:
