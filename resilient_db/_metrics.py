@@ -69,10 +69,13 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._observability import health as _health
 from ._state import renew_after_fork
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry, Metric
 
 __all__ = ["BREAKER_STATES", "HealthCollector", "MetricsServer", "register", "serve"]
 
@@ -196,12 +199,12 @@ class HealthCollector:
         self._core = _prometheus_core()
         self._health = health
 
-    def describe(self) -> list[Any]:
+    def describe(self) -> list[Metric]:
         """The metric families (their names are fixed; the services in their labels are
         known at scrape time): a registry refuses a second collector of the same names."""
         return list(self.collect())
 
-    def collect(self) -> Iterator[Any]:
+    def collect(self) -> Iterator[Metric]:
         core = self._core
         snapshot = self._health()
         services: dict[str, Any] = snapshot.get("services", {})
@@ -324,7 +327,7 @@ class MetricsServer:
     """An HTTP endpoint serving the metrics; :meth:`close` stops it."""
 
     url: str
-    registry: Any
+    registry: CollectorRegistry
     _httpd: Any
     _thread: Any
 

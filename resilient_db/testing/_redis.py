@@ -33,7 +33,7 @@ from urllib.parse import quote
 from ._server import ServerStartError, Service, Watchdog, _check_flag, _check_port, free_port
 
 if TYPE_CHECKING:
-    pass
+    import redis
 
 __all__ = ["RedisServer", "redis_server_binary"]
 
@@ -320,7 +320,7 @@ class RedisServer(Service):
             self._watchdog = None
 
     # -- talking to it -----------------------------------------------------------------------
-    def client(self, **kwargs: Any) -> Any:
+    def client(self, **kwargs: Any) -> redis.Redis:
         """A ``redis.Redis`` client of this server; ``kwargs`` go to ``redis.Redis``.
 
         Unless given, it waits 2 s for a connection and 2 s for each answer, and does not
@@ -328,7 +328,7 @@ class RedisServer(Service):
         raises ``redis.TimeoutError`` after about 2 s, where redis-py's default retries of a
         timed-out call would take half a minute.
         """
-        redis = _redis_client()
+        package = _redis_client()
         kwargs.setdefault("socket_timeout", _CLIENT_TIMEOUT)
         kwargs.setdefault("socket_connect_timeout", _CLIENT_TIMEOUT)
         kwargs.setdefault("password", self.password)
@@ -337,7 +337,8 @@ class RedisServer(Service):
             from redis.retry import Retry  # noqa: PLC0415
 
             kwargs["retry"] = Retry(NoBackoff(), 0)
-        return redis.Redis(host=self.host, port=self.port, **kwargs)
+        client: redis.Redis = package.Redis(host=self.host, port=self.port, **kwargs)
+        return client
 
     def flushall(self) -> None:
         """``FLUSHALL``: every key gone (subscriptions and loaded scripts stay). On a paused

@@ -9,9 +9,11 @@ from collections.abc import Awaitable, Coroutine, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
+import redis
 import sqlalchemy as sa
 from fastapi import FastAPI
 from flask import Flask
+from prometheus_client import CollectorRegistry, Metric
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from starlette.applications import Starlette
@@ -359,6 +361,8 @@ assert_type(collector, metrics.HealthCollector)
 server = metrics.serve(9464)
 assert_type(server, metrics.MetricsServer)
 assert_type(server.url, str)
+assert_type(server.registry, CollectorRegistry)
+assert_type(list(collector.collect()), list[Metric])
 server.close()
 otel_hook = otel.install_opentelemetry()
 assert_type(otel_hook, otel.OpenTelemetryHook)
@@ -380,6 +384,7 @@ def pg_server_in_tests() -> Iterator[str]:
         assert_type(pair.promote(), float)
     with testing.RedisServer() as redis_server:
         assert_type(redis_server.url, str)
+        assert_type(redis_server.client(decode_responses=True), redis.Redis)
     assert_type(testing.server_from_env(), testing.PostgresServer)
     assert_type(testing.free_port(), int)
     assert_type(testing.server_kind(), str)
