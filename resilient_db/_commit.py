@@ -63,7 +63,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias
 
 import asyncpg
 import psycopg
@@ -117,6 +117,9 @@ from ._statements import (
     statement_listeners,
 )
 from .transitions._sql import literal
+
+if TYPE_CHECKING:
+    from .transitions._install import InstallTarget
 
 __all__ = [
     "CLAIM_HORIZON",
@@ -633,7 +636,7 @@ INSTALL_LOCK_TIMEOUT: Final = 5.0
 
 
 def install_commit_markers(
-    bind_or_op: Any, *, lock_timeout: float | None = INSTALL_LOCK_TIMEOUT
+    bind_or_op: InstallTarget, *, lock_timeout: float | None = INSTALL_LOCK_TIMEOUT
 ) -> None:
     """Install what definite, round-trip-free commit verification needs (idempotent).
 
@@ -796,7 +799,7 @@ def _fetch_value(cursor: Any, sql: str) -> Any:
 
 
 def uninstall_commit_markers(
-    bind_or_op: Any, *, lock_timeout: float | None = INSTALL_LOCK_TIMEOUT
+    bind_or_op: InstallTarget, *, lock_timeout: float | None = INSTALL_LOCK_TIMEOUT
 ) -> None:
     """Remove the commit markers (the downgrade of :func:`install_commit_markers`), and the
     schema ``resilient_db`` the install made when nothing else is in it (otherwise it stays,

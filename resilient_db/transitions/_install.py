@@ -17,7 +17,7 @@ import math
 import re
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, Protocol, TypeAlias
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -555,8 +555,18 @@ def _declared_guards(model: type[Any] | TransitionTrigger) -> tuple[Guard, ...]:
     return guards_of(model)
 
 
+class MigrationOperations(Protocol):
+    """Alembic's ``op`` in a migration (a module) or an ``Operations``: what an install uses."""
+
+    def get_bind(self) -> Connection: ...
+
+
+#: What the installs take: an Engine, a Connection, a Session, or Alembic's ``op``.
+InstallTarget: TypeAlias = Engine | Connection | Session | MigrationOperations
+
+
 def install_transition_trigger(
-    bind_or_op: Any,
+    bind_or_op: InstallTarget,
     model: type[Any] | TransitionTrigger,
     *,
     lock_timeout: float | None = INSTALL_LOCK_TIMEOUT,
@@ -971,7 +981,7 @@ def _columns_of_a_trigger(what: str, model: TransitionTrigger) -> str:
 
 
 def uninstall_transition_trigger(
-    bind_or_op: Any,
+    bind_or_op: InstallTarget,
     model: type[Any] | TransitionTrigger,
     *,
     columns: Iterable[str] | None = None,

@@ -11,6 +11,7 @@ from typing import Any
 
 import redis
 import sqlalchemy as sa
+from alembic import op
 from fastapi import FastAPI
 from flask import Flask
 from prometheus_client import CollectorRegistry, Metric
@@ -156,6 +157,10 @@ async def use_async() -> None:
     async with AsyncSessions.begin() as session:
         assert_type(session, AsyncSession)
         await rdb.bypass_transitions_async(session, reason="repair")
+    async with aengine.begin() as conn:
+        await conn.run_sync(rdb.install_commit_markers)
+        await conn.run_sync(rdb.install_transition_trigger, Task)
+        await conn.run_sync(lambda c: rdb.install_commit_markers(c.engine))
     async with AsyncSessions() as session:
         assert_type(session, AsyncSession)
         assert_type(await AsyncSessions.run_in(session, acomplete, 2), int)
@@ -402,3 +407,20 @@ def pg_server_in_tests() -> Iterator[str]:
 async def awaited() -> None:
     assert_type(await afetch(1), dict[str, int])
     assert_type(await repo.aget(1), bytes)
+
+
+# -- installs in an Alembic migration (``op`` is a module) and refused targets ------------------
+def upgrade() -> None:
+    rdb.install_commit_markers(op)
+    rdb.install_transition_trigger(op, trigger)
+
+
+def downgrade() -> None:
+    rdb.uninstall_transition_trigger(op, trigger)
+    rdb.uninstall_commit_markers(op, lock_timeout=None)
+
+
+def refused() -> None:
+    rdb.install_commit_markers(aengine)  # type: ignore[arg-type]
+    rdb.install_commit_markers("postgresql://app@127.0.0.1/app")  # type: ignore[arg-type]
+    rdb.install_transition_trigger(aengine, Task)  # type: ignore[arg-type]
