@@ -424,3 +424,13 @@ def refused() -> None:
     rdb.install_commit_markers(aengine)  # type: ignore[arg-type]
     rdb.install_commit_markers("postgresql://app@127.0.0.1/app")  # type: ignore[arg-type]
     rdb.install_transition_trigger(aengine, Task)  # type: ignore[arg-type]
+
+
+def refused_calls() -> None:
+    start("1")  # type: ignore[arg-type]
+    Sessions.run(complete)  # type: ignore[call-overload]
+    Sessions.run(complete, 1, notes="x")  # type: ignore[call-arg]
+    rdb.Config(max_retries="3")  # type: ignore[arg-type]
+    fetch("1")  # type: ignore[arg-type]
+    rdb.TransitionRules(column="s", transitions={b"a": {"b"}}, initial={"a"})  # type: ignore[type-var]
+    web.dashboard(auth=lambda: True)  # type: ignore[arg-type, misc]
