@@ -67,6 +67,16 @@ _RETRYABLE = frozenset({Outcome.CONFLICT, Outcome.UNAVAILABLE, Outcome.DISCONNEC
 _BREAKER_FAILURES = frozenset({Outcome.UNAVAILABLE, Outcome.DISCONNECT, Outcome.COMMIT_UNKNOWN})
 # Conflict backoff is capped low: the competing transaction is usually done within tens of ms.
 _CONFLICT_CAP_FACTOR = 8
+#: how far past the deadline a backoff may end and still be taken for ending at it: the sum of
+#: the backoffs, and the clock's readings, are floats (0.1 + 0.2 > 0.3)
+_DEADLINE_SLACK = 1e-9
+
+
+def past_deadline(elapsed: float, deadline: float) -> bool:
+    """Whether a wait that ends ``elapsed`` seconds after the first failure ends past
+    ``deadline``: one that ends at it, up to float rounding, does not."""
+    return elapsed > deadline + _DEADLINE_SLACK
+
 
 _testing = threading.Event()
 
@@ -313,12 +323,15 @@ class Policy:
         return self.retry_on and outcome in _RETRYABLE
 
     def delay(self, outcome: Outcome, retry_number: int) -> float:
-        """Full-jitter exponential backoff for the ``retry_number``-th retry (1-based)."""
+        """Full-jitter exponential backoff for the ``retry_number``-th retry (1-based) of
+        ``outcome``'s kind: conflicts and outages count their own (see :meth:`_waiter`).
+        ``SELF_HEALING_MAX_DELAY`` caps both."""
         if _testing.is_set():
             return 0.0
         cfg = self.config
         if outcome is Outcome.CONFLICT:
-            base, cap = cfg.conflict_delay, cfg.conflict_delay * _CONFLICT_CAP_FACTOR
+            base = cfg.conflict_delay
+            cap = min(cfg.conflict_delay * _CONFLICT_CAP_FACTOR, cfg.max_delay)
         else:
             base, cap = cfg.initial_delay, cfg.max_delay
         ceiling = min(cap, base * (2.0 ** (retry_number - 1)))
@@ -665,10 +678,22 @@ class Policy:
     def _retry_predicate(self, exc: BaseException) -> bool:
         return not never_replayed(exc) and self.retryable(self.classifier.classify(exc))
 
-    def _wait(self, rs: _t.RetryCallState) -> float:
-        exc = rs.outcome.exception() if rs.outcome is not None else None
-        outcome = self.classifier.classify(exc) if exc is not None else Outcome.DISCONNECT
-        return self.delay(outcome, rs.attempt_number)
+    def _waiter(self) -> Callable[[_t.RetryCallState], float]:
+        """The backoff of one unit's retries: conflicts and outages each on their own
+        sequence, numbered by the retries of their kind (a unit's first outage backoff is
+        from ``SELF_HEALING_INITIAL_DELAY`` whatever conflicts came before it, not from the
+        unit's attempt count; its first conflict backoff from ``SELF_HEALING_CONFLICT_DELAY``
+        after outages)."""
+        counts = [0, 0]  # retries decided so far: outages, conflicts
+
+        def wait(rs: _t.RetryCallState) -> float:
+            exc = rs.outcome.exception() if rs.outcome is not None else None
+            outcome = self.classifier.classify(exc) if exc is not None else Outcome.DISCONNECT
+            kind = int(outcome is Outcome.CONFLICT)
+            counts[kind] += 1
+            return self.delay(outcome, counts[kind])
+
+        return wait
 
     def _stopper(
         self, started: float, spent: list[RetryBudget], refused: list[float], paid: _Paid
@@ -688,7 +713,7 @@ class Policy:
             config = self.config
             if rs.attempt_number > config.max_retries:
                 return True
-            if self.clock() - started + rs.upcoming_sleep > config.deadline:
+            if past_deadline(self.clock() - started + rs.upcoming_sleep, config.deadline):
                 return True
             breaker, budget = self.breaker, self.budget
             if breaker is not None:
@@ -813,7 +838,7 @@ class Policy:
 
         return {
             "retry": _t.retry_if_exception(self._retry_predicate),
-            "wait": self._wait,
+            "wait": self._waiter(),
             "stop": stop,
             "before_sleep": before_sleep,
             "reraise": True,

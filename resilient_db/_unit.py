@@ -100,7 +100,7 @@ from ._internals import (
 from ._internals import last_do_connect as _last_do_connect
 from ._observability import CONTROL_CODES, LineLimit, emit, log_session, more_since, stats_for
 from ._registry import factory_of, in_unit, register_class
-from ._retry import Policy
+from ._retry import Policy, past_deadline
 from ._state import STATE
 from ._statements import (
     COMMITS,
@@ -1062,7 +1062,7 @@ class CommitReferee:
         yield 0.0, ends
         for attempt in range(1, cfg.max_retries + 1):
             delay = self.policy.delay(Outcome.DISCONNECT, attempt)
-            if self.policy.clock() - started + delay > cfg.deadline:
+            if past_deadline(self.policy.clock() - started + delay, cfg.deadline):
                 return
             yield delay, ends
 
