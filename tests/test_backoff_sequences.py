@@ -261,3 +261,34 @@ def test_a_lost_commits_check_due_exactly_at_the_deadline_is_made(start: float) 
         delays.append(delay)
         clock.advance(delay)
     assert delays == pytest.approx([0.0, 0.1, 0.2], rel=1e-12)
+
+
+def test_a_retry_whose_backoff_outlasts_the_opening_its_failure_made_is_made(
+    engine: sa.Engine, service: str, events: list[rdb.SelfHealEvent]
+) -> None:
+    """The unit's own failure opens the breaker for 0.5 s and its backoff is 1.8 s: the retry
+    is made once the backoff is slept, the breaker half-open by then (its probe closes it).
+    With a backoff shorter than the opening, the unit ends at once (``test_policy.py``)."""
+    clock = FakeClock()
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock.advance(seconds)
+
+    config = rdb.Config(
+        failure_threshold=1, reset_timeout=0.5, initial_delay=2.0, max_delay=4.0, max_retries=3
+    )
+    Factory = with_rng(
+        rdb.ResilientSession(
+            engine, service=service, config=config, sleep=sleep, clock=clock, wall_clock=clock
+        ),
+        lambda: 0.9,
+    )
+    unit, calls = scripted(["57P03", None])
+    assert Factory.run(unit) == 1
+    assert len(calls) == 2
+    assert slept == pytest.approx([1.8])
+    names = [e.name for e in events if e.service == service]
+    assert names.index("breaker_opened") < names.index("retry") < names.index("breaker_closed")
+    assert rdb.health()["services"][service]["breaker"]["state"] == "closed"
