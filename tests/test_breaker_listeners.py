@@ -201,4 +201,5 @@ def test_the_listeners_of_factories_gone_are_dropped(engine: sa.Engine, service:
     assert [x for x in breaker._cb.listeners if isinstance(x, Heard)] == [kept, shared, last]
     assert keeper.run(lambda s: s.execute(sa.text("SELECT 1")).scalar()) == 1
     assert [kept.heard, shared.heard, last.heard] == [[("success", service)]] * 3
-    assert second.kw is not None and newest.kw is not None  # (alive until here)
+    assert second.kw is not None  # (alive until here)
+    assert newest.kw is not None
