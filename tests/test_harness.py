@@ -1374,8 +1374,8 @@ def test_a_killed_test_run_leaves_no_database_on_an_external_server(
         assert _existing(pg_server, run.databases) == run.databases
         os.kill(run.proc.pid, sig)
         assert run.proc.wait(timeout=30) == -sig  # died of it, teardown not run
-        wait_for(lambda: not _existing(pg_server, run.databases), "the databases to go", 20)
-        wait_for(lambda: not any(alive(pid) for pid in run.watchdogs), "the watchdog to end", 20)
+        wait_for(lambda: not _existing(pg_server, run.databases), "the databases to go", 60)
+        wait_for(lambda: not any(alive(pid) for pid in run.watchdogs), "the watchdog to end", 60)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
@@ -1390,8 +1390,8 @@ def test_a_signal_to_the_whole_test_run_leaves_no_database_on_an_external_server
         for pid in [run.proc.pid, *run.watchdogs]:
             os.kill(pid, sig)
         assert run.proc.wait(timeout=30) == -sig
-        wait_for(lambda: not _existing(pg_server, run.databases), "the databases to go", 20)
-        wait_for(lambda: not any(alive(pid) for pid in run.watchdogs), "the watchdog to end", 20)
+        wait_for(lambda: not _existing(pg_server, run.databases), "the databases to go", 60)
+        wait_for(lambda: not any(alive(pid) for pid in run.watchdogs), "the watchdog to end", 60)
 
 
 def test_a_finished_test_run_drops_its_databases_and_leaves_no_watchdog(
