@@ -116,7 +116,7 @@ from ._statements import (
     rolled_back_instead,
     statement_listeners,
 )
-from .transitions._sql import literal
+from .transitions._sql import INSTALL_LOCK_TIMEOUT, literal
 
 if TYPE_CHECKING:
     from .transitions._install import InstallTarget
@@ -629,10 +629,6 @@ EXCEPTION
 END
 $rdb$""",
     ]
-
-
-#: transitions._install.INSTALL_LOCK_TIMEOUT (that package imports this module)
-INSTALL_LOCK_TIMEOUT: Final = 5.0
 
 
 def install_commit_markers(

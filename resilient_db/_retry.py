@@ -1357,6 +1357,14 @@ class Policy:
         return result
 
 
+def _failed_in_enclosing(policy: Policy, exc: BaseException) -> Outcome:
+    """A try that is part of an enclosing attempt failed with ``exc``: the enclosing one counts
+    it, for the breaker too; only a pool timeout is counted here (once)."""
+    if isinstance(exc, PoolTimeoutError):
+        policy._pool_timed_out(exc)
+    return policy.classifier.classify(exc)
+
+
 class _RetriesInAttempt(Policy):
     """A policy of :meth:`Policy.retries_in_attempt` (one per call): its first try is part of
     the enclosing attempt, which counts it; its retries count as attempts, as any retry's."""
@@ -1378,9 +1386,7 @@ class _RetriesInAttempt(Policy):
         if self.first_tried:
             return super().failed(exc, probe, started)
         self.first_tried = True
-        if isinstance(exc, PoolTimeoutError):
-            self._pool_timed_out(exc)
-        return self.classifier.classify(exc)
+        return _failed_in_enclosing(self, exc)
 
 
 class _PartOfAttempt(Policy):
@@ -1396,9 +1402,7 @@ class _PartOfAttempt(Policy):
         return True
 
     def failed(self, exc: BaseException, probe: bool, started: float | None = None) -> Outcome:
-        if isinstance(exc, PoolTimeoutError):
-            self._pool_timed_out(exc)
-        return self.classifier.classify(exc)
+        return _failed_in_enclosing(self, exc)
 
     #: its attempts' lines are the enclosing attempt's (see AttemptRecord.commit_unanswered)
     says_its_lines = False

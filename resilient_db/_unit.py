@@ -3422,9 +3422,9 @@ class EngineHooks:
             and current_request.get() is None
             and not own_work.get()
         ):
-            self._commit_unanswered(attempt, ctx.connection, lost=original)
+            self._commit_unanswered(attempt, ctx.connection, original)
         elif interrupted_commit(original) and current_request.get() is None and not own_work.get():
-            self._commit_unanswered(attempt, ctx.connection, original, lost=original)
+            self._commit_unanswered(attempt, ctx.connection, original, interrupted=True)
         if self.config.guard_on:
             database_error = ctx.sqlalchemy_exception or original
             config, service = self._speaker()
@@ -3437,32 +3437,31 @@ class EngineHooks:
         self,
         attempt: Any,
         connection: Any,
-        interruption: BaseException | None = None,
+        original: BaseException,
         *,
-        lost: BaseException,
+        interrupted: bool = False,
     ) -> None:
         """A COMMIT that is not a unit's final one (drop-in use, or an operation's own code)
-        may have written and lost its answer (or the server said 08007), or an
-        ``interruption`` (a cancelled task, a deadline, ``KeyboardInterrupt``) cut it off
-        before its answer came: its outcome is unknown, counted as a unit's unknown outcome
-        is (an interruption marked for a web answer, as a unit's COMMIT so interrupted: see
-        :meth:`CommitReferee.interrupted`, and it goes on as it is); said here for drop-in use
-        (inside an attempt, by the attempt, once: see ``AttemptRecord.commit_unanswered``;
-        its error's ``Not replaying`` line, or a line when it ends, its code having caught
-        the error), and for a unit's that carried
-        no marker: a unit runs without an attempt only when it began with self-healing off (it
-        commits plainly, nothing marked, see ``commit_plainly``), a reload having switched it
-        on before its COMMIT. Counted and said under the service of the factory whose session
-        sent it, where that is known (see :meth:`_commit_speaker`)."""
+        may have written and lost its answer (``original``, the driver's error; or the server
+        said 08007), or an interruption (``interrupted``: ``original`` is a cancelled task's,
+        a deadline's, ``KeyboardInterrupt``) cut it off before its answer came: its outcome
+        is unknown, counted as a unit's unknown outcome is (an interruption marked for a web
+        answer, as a unit's COMMIT so interrupted: see :meth:`CommitReferee.interrupted`, and
+        it goes on as it is). Said once: inside an attempt, by the attempt (see
+        ``AttemptRecord.commit_unanswered``: its error's ``Not replaying`` line, or a line
+        when it ends, its code having caught the error); here for drop-in use, and for a
+        unit's that carried no marker: a unit runs without an attempt only when it began with
+        self-healing off (it commits plainly, nothing marked, see ``commit_plainly``), a reload
+        having switched it on before its COMMIT. Counted and said under the service of the
+        factory whose session sent it, where that is known (see :meth:`_commit_speaker`)."""
         config, service = self._commit_speaker(attempt, connection)
         stats_for(service).add("unknown_commits")
-        if interruption is not None:
-            mark_commit_interrupted(interruption, service)
+        if interrupted:
+            mark_commit_interrupted(original, service)
         if attempt is not None:
-            # said once, by the attempt (``lost``: the driver's error, or the interruption)
-            attempt.commit_unanswered(lost)
+            attempt.commit_unanswered(original)  # (said once, by the attempt)
             return
-        if interruption is None:
+        if not interrupted:
             emit(
                 config,
                 log_session,
@@ -3484,7 +3483,7 @@ class EngineHooks:
             "in flight; outcome unknown, not verified: check before doing the work again",
             service,
             _whose_plain_commit(),
-            type(interruption).__name__,
+            type(original).__name__,
             service=service,
             event="commit_interrupted",
             outcome="unknown",

@@ -43,6 +43,7 @@ from ._sql import (
     BYPASS_ROLE,
     EQ,
     GT,
+    INSTALL_LOCK_TIMEOUT,
     NE,
     bypass_role_statement,
     column_of_trigger,
@@ -361,15 +362,6 @@ _compiles(_Verbatim)(_compile_verbatim)
 INSTALL_LOCK = "SELECT pg_catalog.pg_advisory_xact_lock(8242821379925111668)"
 
 
-#: How long, by default, an install's (or uninstall's) statements may wait for a lock on a table
-#: (seconds): a trigger's ``DROP TRIGGER`` asks for an ACCESS EXCLUSIVE lock on the guarded
-#: table (``CREATE TRIGGER`` for SHARE ROW EXCLUSIVE), an uninstall's ``DROP TABLE`` for one on
-#: the markers. Such a request waits behind any transaction using the table (a long report, a
-#: transaction left idle), and every query on the table that comes after it queues behind the
-#: request: without a bound, an install at startup stopped the service's reads and writes of
-#: the table for as long as that transaction ran. Past it, the install fails with the server's
-#: 55P03 ("canceling statement due to lock timeout"), leaving nothing, and may be run again.
-INSTALL_LOCK_TIMEOUT: Final = 5.0
 #: the session's lock_timeout, kept for the transaction while an install bounds its own waits
 _SAVED_LOCK_TIMEOUT = "resilient_db.install_saved_lock_timeout"
 

@@ -282,6 +282,17 @@ EQ: Final = "OPERATOR(pg_catalog.=)"
 NE: Final = "OPERATOR(pg_catalog.<>)"
 GT: Final = "OPERATOR(pg_catalog.>)"
 
+#: How long, by default, an install's (or uninstall's: the trigger's, the commit markers')
+#: statements may wait for a lock on a table (seconds): a trigger's ``DROP TRIGGER`` asks for
+#: an ACCESS EXCLUSIVE lock on the guarded table (``CREATE TRIGGER`` for SHARE ROW EXCLUSIVE),
+#: an uninstall's ``DROP TABLE`` for one on the markers. Such a request waits behind any
+#: transaction using the table (a long report, a transaction left idle), and every query on
+#: the table that comes after it queues behind the request: without a bound, an install at
+#: startup stopped the service's reads and writes of the table for as long as that
+#: transaction ran. Past it, the install fails with the server's 55P03 ("canceling statement
+#: due to lock timeout"), leaving nothing, and may be run again.
+INSTALL_LOCK_TIMEOUT: Final = 5.0
+
 _OWNER_OF_OLD: Final = (
     f"(SELECT p.proowner FROM pg_catalog.pg_proc p WHERE p.oid {EQ} v_old::pg_catalog.oid)"
 )
