@@ -495,7 +495,7 @@ class Breaker:
             users.add(user)
         self._given.append((listener, users))
         self._cb.add_listener(listener)
-        self._told = (*self._told, listener)
+        self._told = tuple(given for given, _ in self._given)
 
     def _drop_unheld(self) -> None:
         """Forget the listeners that no live user gave (see :meth:`add_listener`)."""
@@ -503,7 +503,7 @@ class Breaker:
         if not gone:
             return
         self._given = [(given, users) for given, users in self._given if users is None or users]
-        self._told = tuple(told for told in self._told if all(told is not g for g in gone))
+        self._told = tuple(given for given, _ in self._given)
         for given in gone:
             self._cb.remove_listener(given)
 
@@ -626,7 +626,7 @@ class Breaker:
                         self._set_state(HALF_OPEN)
             if remaining > 0:
                 raise self._reject(remaining, OPEN)
-        overdue = 0.0
+        overdue, admitted = 0.0, False
         with self._lock:
             state = self._storage.state
             if state == CLOSED:
@@ -640,10 +640,6 @@ class Breaker:
                     self._probes += 1
                     self._hold(reservation)  # (under the lock, as every caller)
                     admitted = True
-                else:
-                    admitted = False
-            else:
-                admitted = False
         if overdue:
             self._report_overdue(overdue)
         if admitted:

@@ -802,10 +802,7 @@ def uninstall_commit_markers(
     with a WARNING from the server naming what is left; so does one this role may not drop, a
     schema another role made for the install). ``lock_timeout``: as for the install (its
     ``DROP TABLE`` asks for an ACCESS EXCLUSIVE lock on the markers, which every writing
-    unit's COMMIT then waits behind)."""
-    from .transitions._install import lock_timeout_ms  # noqa: PLC0415 (see _run_statements)
-
-    lock_timeout_ms(lock_timeout)
+    unit's COMMIT then waits behind; checked by ``run_statements`` before anything is sent)."""
     _run_statements(bind_or_op, _uninstall_statements(), lock_timeout=lock_timeout)
 
 
