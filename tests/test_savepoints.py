@@ -15,12 +15,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from processes import wait_for
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -98,14 +98,6 @@ def waits_for_a_lock(engine: sa.Engine, pid: int) -> bool:
         )
 
 
-def wait_for(check: Callable[[], bool], what: str) -> None:
-    for _ in range(2000):  # (bounded: 20 s)
-        if check():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"never happened: {what}")
-
-
 def in_thread(work: Callable[[], None]) -> None:
     """``work`` on a thread of its own (outside the unit's attempt: not the unit's work)."""
     thread = threading.Thread(target=work)
@@ -172,6 +164,32 @@ GET_OR_CREATE: dict[str, Callable[[Session], None]] = {
     "ORM flush in begin_nested()": _orm_flush,
     "three savepoints deep": _three_deep,
 }
+
+
+@contextlib.contextmanager
+def row_b_locked(engine: sa.Engine) -> Iterator[Callable[[], None]]:
+    """Another connection holds row ``b`` FOR UPDATE until the block ends, or until the
+    callable it yields lets it go."""
+    locked, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with engine.begin() as conn:
+            conn.execute(sa.text("SELECT * FROM sp_items WHERE name = 'b' FOR UPDATE"))
+            locked.set()
+            release.wait(20)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+
+    def let_go() -> None:
+        release.set()
+        thread.join(20)
+
+    try:
+        assert locked.wait(20)
+        yield let_go
+    finally:
+        let_go()
 
 
 @pytest.mark.parametrize("form", list(GET_OR_CREATE))
@@ -296,16 +314,6 @@ def test_a_lock_timeout_caught_in_a_savepoint_commits_once(
     """(55P03 is retried when it leaves the unit; caught in a savepoint, it is the code's way
     to skip a row another transaction holds: the unit commits, not replayed.)"""
     Sessions = rdb.ResilientSession(engine, service=service, config=CONFIG)
-    locked, release = threading.Event(), threading.Event()
-
-    def holder() -> None:
-        with engine.begin() as conn:
-            conn.execute(sa.text("SELECT * FROM sp_items WHERE name = 'b' FOR UPDATE"))
-            locked.set()
-            release.wait(20)
-
-    thread = threading.Thread(target=holder)
-    thread.start()
     calls: list[int] = []
     caught: list[str | None] = []
 
@@ -323,12 +331,8 @@ def test_a_lock_timeout_caught_in_a_savepoint_commits_once(
             caught.append(getattr(exc.orig, "sqlstate", None))
         note(session, "after")
 
-    try:
-        assert locked.wait(20)
+    with row_b_locked(engine):
         Sessions.run(unit)
-    finally:
-        release.set()
-        thread.join(20)
     assert calls == [1]
     assert caught == ["55P03"]
     assert ledger(engine) == ["before", "after"]
@@ -404,7 +408,7 @@ def test_a_deadlock_caught_in_a_savepoint_replays_the_unit(engine: sa.Engine, se
             thread.start()
             assert other_locked.wait(20)
             go.set()
-            wait_for(lambda: waits_for_a_lock(engine, other_pid[0]), "the other's wait")
+            wait_for(lambda: waits_for_a_lock(engine, other_pid[0]), "the other's wait", 20)
         try:
             with session.begin_nested():
                 session.execute(sa.text("UPDATE sp_items SET qty = qty + 1 WHERE name = 'b'"))
@@ -487,35 +491,22 @@ def test_a_lock_timeout_caught_outside_a_savepoint_replays_the_unit(
     engine: sa.Engine, service: str
 ) -> None:
     Sessions = rdb.ResilientSession(engine, service=service, config=CONFIG)
-    locked, release = threading.Event(), threading.Event()
-
-    def holder() -> None:
-        with engine.begin() as conn:
-            conn.execute(sa.text("SELECT * FROM sp_items WHERE name = 'b' FOR UPDATE"))
-            locked.set()
-            release.wait(20)
-
-    thread = threading.Thread(target=holder)
-    thread.start()
     calls: list[int] = []
+    with row_b_locked(engine) as let_go:
 
-    def unit(session: Session) -> int:
-        calls.append(1)
-        note(session, "before")
-        try:
-            session.execute(sa.text("SELECT * FROM sp_items WHERE name = 'b' FOR UPDATE NOWAIT"))
-        except sa.exc.OperationalError:
-            release.set()
-            thread.join(20)
-        note(session, "after")
-        return len(calls)
+        def unit(session: Session) -> int:
+            calls.append(1)
+            note(session, "before")
+            try:
+                session.execute(
+                    sa.text("SELECT * FROM sp_items WHERE name = 'b' FOR UPDATE NOWAIT")
+                )
+            except sa.exc.OperationalError:
+                let_go()
+            note(session, "after")
+            return len(calls)
 
-    try:
-        assert locked.wait(20)
         assert Sessions.run(unit) == 2
-    finally:
-        release.set()
-        thread.join(20)
     assert ledger(engine) == ["before", "after"]
 
 
