@@ -390,6 +390,13 @@ class Policy:
         clone.__dict__.update(self.without_breaker(admitted_through).__dict__)
         return clone
 
+    def _failed_in_enclosing(self, exc: BaseException) -> Outcome:
+        """A try that is part of an enclosing attempt failed with ``exc``: the enclosing one
+        counts it, for the breaker too; only a pool timeout is counted here (once)."""
+        if isinstance(exc, PoolTimeoutError):
+            self._pool_timed_out(exc)
+        return self.classifier.classify(exc)
+
     def retries_in_attempt(self, admitted_through: Breaker | None) -> Policy:
         """:meth:`without_breaker` for a drop-in connect inside an attempt of its own service
         whose operation does not replay it (``use_retry=False``, retry switched off): the
@@ -1357,14 +1364,6 @@ class Policy:
         return result
 
 
-def _failed_in_enclosing(policy: Policy, exc: BaseException) -> Outcome:
-    """A try that is part of an enclosing attempt failed with ``exc``: the enclosing one counts
-    it, for the breaker too; only a pool timeout is counted here (once)."""
-    if isinstance(exc, PoolTimeoutError):
-        policy._pool_timed_out(exc)
-    return policy.classifier.classify(exc)
-
-
 class _RetriesInAttempt(Policy):
     """A policy of :meth:`Policy.retries_in_attempt` (one per call): its first try is part of
     the enclosing attempt, which counts it; its retries count as attempts, as any retry's."""
@@ -1386,7 +1385,7 @@ class _RetriesInAttempt(Policy):
         if self.first_tried:
             return super().failed(exc, probe, started)
         self.first_tried = True
-        return _failed_in_enclosing(self, exc)
+        return self._failed_in_enclosing(exc)
 
 
 class _PartOfAttempt(Policy):
@@ -1402,7 +1401,7 @@ class _PartOfAttempt(Policy):
         return True
 
     def failed(self, exc: BaseException, probe: bool, started: float | None = None) -> Outcome:
-        return _failed_in_enclosing(self, exc)
+        return self._failed_in_enclosing(exc)
 
     #: its attempts' lines are the enclosing attempt's (see AttemptRecord.commit_unanswered)
     says_its_lines = False
