@@ -553,8 +553,11 @@ def _connection_at_hand(pool: Any) -> bool:
     (30 s by default) for a connection that units are waiting for (a sync unit's caller would
     wait with it, its work committed), nor take its turn from them. Right after a unit's
     COMMIT its own connection is back in the pool, so there is one, unless a unit waiting
-    took it (a pool in full use) or the factory is bound to a connection of its own."""
-    return not isinstance(pool, QueuePool) or pool.checkedin() > 0
+    took it (a pool in full use) or the factory is bound to a connection of its own. A pool
+    holding fewer connections than its ``pool_size`` makes a new one without waiting (a
+    factory bound to the one connection an engine has made so far, its pool otherwise
+    unused: before, its markers were never pruned while it was bound)."""
+    return not isinstance(pool, QueuePool) or pool.checkedin() > 0 or pool.overflow() < 0
 
 
 def prune_quietly(given: CommitProtocol | _UnboundProtocol, request: CommitRequest) -> None:

@@ -448,3 +448,55 @@ async def test_an_async_units_prune_takes_no_turn_in_a_pool_in_full_use(
     assert _expired_markers(pg_server, database) == EXPIRED
     assert engine.pool.checkedout() == 0
     await engine.dispose()
+
+
+def test_a_factory_bound_to_an_engines_first_connection_prunes(
+    pg_server: PostgresServer, database: str, service: str
+) -> None:
+    """A factory bound to a connection of an engine whose pool has made no other (its default
+    ``pool_size`` of 5 not reached, nothing else checked in): a prune makes a new connection
+    without waiting for one, so it runs. Before, it was put off as for a pool in full use,
+    at every interval for as long as the factory was bound: expired markers piled up."""
+    engine = sa.create_engine(pg_server.url(database), pool_timeout=HELD * 3)
+    bound = engine.connect()
+    try:
+        Sessions = rdb.ResilientSession(bound, service=service)
+        assert Sessions.run(_note_sync, "first") == "first"
+        _add_expired_markers(pg_server, database)
+        assert engine.pool.checkedin() == 0
+        Sessions._hooks.commit._next_prune = 0.0  # as if PRUNE_INTERVAL had passed
+        assert Sessions.run(_note_sync, "bound") == "bound"
+        assert _expired_markers(pg_server, database) == 0
+        assert engine.pool.checkedout() == 1  # the bound one: the prune's went back
+    finally:
+        bound.close()
+        engine.dispose()
+
+
+@pytest.mark.asyncio
+async def test_an_async_factory_bound_to_an_engines_first_connection_prunes(
+    pg_server: PostgresServer, database: str, service: str
+) -> None:
+    """As the sync test above, for an async factory (its prune in a task of its own)."""
+    engine = create_async_engine(pg_server.url(database, driver="asyncpg"), pool_timeout=30)
+    bound = await engine.connect()
+    Sessions = rdb.AsyncResilientSession(bound, service=service)
+    protocol = Sessions._hooks.commit
+    try:
+        assert await Sessions.run(_note, "first") == "first"
+        _add_expired_markers(pg_server, database)
+        protocol._next_prune = 0.0  # as if PRUNE_INTERVAL had passed
+        assert await Sessions.run(_note, "bound") == "bound"
+        if protocol.pruning is not None:  # (its task, unless it ended already)
+            await asyncio.wait_for(protocol.pruning, 60)
+        assert _expired_markers(pg_server, database) == 0
+    finally:
+        await bound.close()
+        if protocol.pruning is not None:
+            await asyncio.wait_for(protocol.pruning, 60)
+        await engine.dispose()
+
+
+def _note_sync(session: Session, text: str) -> str:
+    session.execute(sa.text("INSERT INTO prune_notes (note) VALUES (:n)"), {"n": text})
+    return text
