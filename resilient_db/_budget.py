@@ -281,6 +281,15 @@ class RetryBudget:
             )
         self.apply_config(config)
 
+    def held_by(self, user: object) -> None:
+        """``user`` is about to ask for this budget with a ``config=`` of the code."""
+        self._users.hold(user)
+
+    def asked_in_code(self) -> bool:
+        """Whether a live user asked for this budget with a ``config=`` of the code (see
+        :func:`forget_unused`; asked under ``STATE.lock``)."""
+        return self._users.any_explicit()
+
     def apply_config(self, config: Config) -> None:
         with self._lock:
             self.config = config
@@ -551,6 +560,8 @@ def budget_for(
         if budget is None:
             check_service_room(service, STATE.budgets)
             budget = STATE.budgets[service] = RetryBudget(service, config)
+        if explicit:
+            budget.held_by(user)  # (before a reload's forget_unused can look: see there)
     budget.follow(config, user=user, explicit=explicit)
     return budget
 
@@ -561,13 +572,20 @@ def forget_unused(policies: Iterable[Any], config: Config) -> None:
     none, as for a service made without one (not its last figures, frozen: ``available`` 0
     would read as a spent budget). A budget set again starts over, as a breaker switched on
     again does. With a budget in ``config``, the budgets of services whose factories are gone
-    are kept (a factory of the service made later takes its own again)."""
+    are kept (a factory of the service made later takes its own again).
+
+    A budget a live user asked for with a ``config=`` of the code is kept too, in
+    ``policies`` or not: such a user's settings don't follow reloads, so it keeps its budget,
+    and one made while the reload ran (a factory with ``config=`` made in another thread,
+    between the snapshot of ``policies`` and here) must stay the service's. Before, it was
+    forgotten: gone from ``health()`` while that factory's units drew on it, and the
+    service's next factory made a second budget."""
     if config.retry_budget is not None and config.retry_on:
         return
     used = {id(policy.budget) for policy in policies if policy.budget is not None}
     with STATE.lock:
         for service, budget in list(STATE.budgets.items()):
-            if id(budget) not in used:
+            if id(budget) not in used and not budget.asked_in_code():
                 del STATE.budgets[service]
 
 

@@ -588,6 +588,17 @@ class ConfigUsers:
             return False, False  # (the latter: a config= of the code decides, not the env)
         return True, held and not same(config, current)
 
+    def hold(self, user: object) -> None:
+        """``user``, about to ask with a ``config=`` of the code, holds its settings from
+        now on (under ``STATE.lock``, with the lookup that found the budget or breaker it
+        asks: see ``_budget.forget_unused``); :meth:`asks` decides as it would without."""
+        self._explicit.add(user)
+
+    def any_explicit(self) -> bool:
+        """Whether a user that gave a ``config=`` of the code lives (asked under
+        ``STATE.lock``, as :meth:`asks` records them)."""
+        return len(self._explicit) > 0
+
 
 def role_problem(name: object) -> str | None:
     """What is wrong with ``name`` as a PostgreSQL role name (None: nothing)."""

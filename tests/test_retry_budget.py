@@ -506,3 +506,40 @@ def test_a_reload_that_removes_the_budget_takes_it_out_of_health_and_the_metrics
     rdb.reload_config()
     assert rdb.health()["services"]["unbudgeted"]["budget"]["exhausted"] == 0
     assert Session.policy.budget is not None
+
+
+def test_a_budget_asked_for_in_code_while_a_reload_removes_the_environments_stays(
+    engine: sa.Engine, clean_env: pytest.MonkeyPatch
+) -> None:
+    """Reloads that leave the environment without a budget forget the budgets no live user
+    has any more; a factory given a ``config=`` with a budget, made in another thread while
+    they ran (its budget made, its factory not yet registered when a reload looked at the
+    users), lost its budget from ``health()`` while its units drew on it, and the service's
+    next factory made a second one. Every factory made so keeps the service's one budget."""
+    clean_env.setenv("SELF_HEALING_CIRCUIT_BREAKER", "false")
+    rdb.reload_config()
+    config = rdb.Config(retry_budget=0.3, circuit_breaker=False)
+    made: list[Any] = []
+    stop = threading.Event()
+
+    def reload_in_a_loop() -> None:
+        for _ in range(2_000):  # bounded: ends by itself
+            if stop.is_set():
+                return
+            rdb.reload_config()
+
+    reloader = threading.Thread(target=reload_in_a_loop, daemon=True)
+    reloader.start()
+    try:
+        for n in range(300):
+            made.append(rdb.ResilientSession(engine, service=f"inreload-{n}", config=config))
+    finally:
+        stop.set()
+        reloader.join(60)
+    assert not reloader.is_alive()
+    rdb.reload_config()
+    services = rdb.health()["services"]
+    lost = [f.policy.service for f in made if services[f.policy.service]["budget"] is None]
+    assert lost == []
+    twin = rdb.ResilientSession(engine, service=made[0].policy.service, config=config)
+    assert twin.policy.budget is made[0].policy.budget  # the service's one budget
