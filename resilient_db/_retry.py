@@ -481,45 +481,13 @@ class Policy:
         since a replay would write the committed part again; ``exc`` is raised as it is.
         ``how``: how it committed, when not by its own code."""
         mark_partly_committed(exc)
-        if not how and interrupted_commit(exc):
-            # its own COMMIT is what the interruption cut off, in flight: not "committed",
-            # unknown (counted, and the interruption marked, by the engine's hooks), as a
-            # unit's final COMMIT so interrupted is (see CommitReferee.interrupted); said once
-            # (an operation of another service around this one fails with it too)
-            if not say_unknown_once(exc):
-                return
-            emit(
-                self.config,
-                log_retry,
-                logging.ERROR,
-                "Commit interrupted: service=%s a COMMIT sent by the unit's own code: the unit "
-                "was interrupted (%s) with its COMMIT in flight; outcome unknown, not "
-                "verified, not replayed; raising the interruption",
-                self.service,
-                type(exc).__name__,
-                service=self.service,
-                event="commit_interrupted",
-                outcome="unknown",
-            )
-            return
-        if not how and self.classifier.classify(exc) is Outcome.COMMIT_UNKNOWN:
-            # its own COMMIT is what failed, its answer lost: not "committed", unknown, an
-            # ERROR as every unknown outcome's line is (alerts on errors must see it); said
-            # once (an operation of another service around this one fails with it too)
-            if not say_unknown_once(exc):
-                return
-            emit(
-                self.config,
-                log_retry,
-                logging.ERROR,
-                "Not replaying: service=%s a COMMIT sent by the unit's own code lost its answer "
-                "(%s): it may have committed, the outcome is unknown; raising the error",
-                self.service,
-                type(exc).__name__,
-                service=self.service,
-                event="partly_committed",
-                outcome=Outcome.COMMIT_UNKNOWN.value,
-            )
+        if not how and (
+            interrupted_commit(exc) or self.classifier.classify(exc) is Outcome.COMMIT_UNKNOWN
+        ):
+            # its own COMMIT is what failed (cut off in flight, or its answer lost): not
+            # "committed", unknown (counted, and an interruption marked, by the engine's hooks),
+            # as a unit's final COMMIT so interrupted is (see CommitReferee.interrupted)
+            self._own_commit_unknown(exc, caught=False)
             return
         emit(
             self.config,
@@ -541,6 +509,14 @@ class Policy:
         another error), and the outcome is unknown all the same. Counted by the engine's
         hooks when the answer was lost; said here, once, as :meth:`partly_committed` says one
         whose error leaves the attempt."""
+        self._own_commit_unknown(exc, caught=True)
+
+    def _own_commit_unknown(self, exc: BaseException, *, caught: bool) -> None:
+        """Say that a COMMIT of the attempt's own code has an unknown outcome: ``exc``, the
+        interruption that cut it off in flight or the driver's error of its lost answer, as
+        the error the attempt fails with (not replayed), or ``caught`` by its code, which went
+        on. An ERROR, as every unknown outcome's line is (alerts on errors must see it); said
+        once (an operation of another service around this one fails with it too)."""
         if not say_unknown_once(exc):
             return
         if interrupted_commit(exc):
@@ -550,26 +526,43 @@ class Policy:
                 logging.ERROR,
                 "Commit interrupted: service=%s a COMMIT sent by the unit's own code: the code "
                 "was interrupted (%s) with its COMMIT in flight and caught it; outcome unknown, "
-                "not verified: check before doing the work again",
+                "not verified: check before doing the work again"
+                if caught
+                else "Commit interrupted: service=%s a COMMIT sent by the unit's own code: the "
+                "unit was interrupted (%s) with its COMMIT in flight; outcome unknown, not "
+                "verified, not replayed; raising the interruption",
                 self.service,
                 type(exc).__name__,
                 service=self.service,
                 event="commit_interrupted",
                 outcome="unknown",
             )
-            return
-        emit(
-            self.config,
-            log_retry,
-            logging.ERROR,
-            "Commit outcome unknown: service=%s a COMMIT sent by the unit's own code lost its "
-            "answer (%s), and the code caught the error and went on: it may have committed; "
-            "not verified: check before doing the work again",
-            self.service,
-            type(exc).__name__,
-            service=self.service,
-            event="commit_unknown",
-        )
+        elif caught:
+            emit(
+                self.config,
+                log_retry,
+                logging.ERROR,
+                "Commit outcome unknown: service=%s a COMMIT sent by the unit's own code lost "
+                "its answer (%s), and the code caught the error and went on: it may have "
+                "committed; not verified: check before doing the work again",
+                self.service,
+                type(exc).__name__,
+                service=self.service,
+                event="commit_unknown",
+            )
+        else:
+            emit(
+                self.config,
+                log_retry,
+                logging.ERROR,
+                "Not replaying: service=%s a COMMIT sent by the unit's own code lost its answer "
+                "(%s): it may have committed, the outcome is unknown; raising the error",
+                self.service,
+                type(exc).__name__,
+                service=self.service,
+                event="partly_committed",
+                outcome=Outcome.COMMIT_UNKNOWN.value,
+            )
 
     def failed_after_commit(self, exc: BaseException, wrote: bool) -> None:
         """A unit's COMMIT succeeded, and ``exc`` came after it: from an ``after_commit`` or
