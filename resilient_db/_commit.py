@@ -2088,12 +2088,23 @@ class AttemptRecord:
     # the root session transactions made in the attempt by sessions that are not a unit's
     # (a drop-in session's: what a replay of a ``with_self_healing`` operation rolls back)
     created: list[Any] | None = None
-    # the first disconnect the attempt's statements met (see _unit.lost_with_its_connection)
     disconnected: BaseException | None = None
-    # the last error the attempt's statements met other than 25P02, which a failed
-    # transaction's later statements and COMMIT meet: the error that made it fail, when the
-    # code caught it and went on (see _unit.lost_with_its_connection)
+    """The first error of the attempt's statements that the engine's ``handle_error`` hook saw
+    as a lost connection (``is_disconnect``: SQLAlchemy's judgment, or the hook's own for
+    57P01, 25006, a session timeout, a driver's broken state), never a cancellation; set once,
+    kept whatever error follows. The attempt fails with it when its code caught it and then
+    met ``PendingRollbackError``, without asking the classifier. Not derived from
+    :attr:`last_error`: a later error the code caught (on another connection, say) replaces
+    that one, and a caught business error there would then leave the unit failing with
+    ``PendingRollbackError`` where the lost connection is what a replay heals."""
     last_error: BaseException | None = None
+    """The last error of the attempt's statements other than 25P02 (which a failed
+    transaction's later statements and COMMIT meet), a lost connection or any other: the error
+    that made the transaction fail, when the code caught it and went on. The attempt fails
+    with it when the classifier takes it for replayable and the attempt's own error is 25P02
+    or ``PendingRollbackError``. Cleared, with :attr:`conflicted`, when the attempt succeeds
+    (its traceback holds the attempt's frames). Both are read by
+    ``_unit.lost_with_its_connection``."""
     # the last serialization failure or deadlock (a transient error of SQLSTATE class 40) the
     # attempt's statements met, with the root transaction of the connection it was met on:
     # caught by the code (in a savepoint, say), it still asks for the whole transaction to be

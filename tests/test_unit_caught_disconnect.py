@@ -75,6 +75,37 @@ def test_a_caught_disconnect_is_replayed(
     assert rdb.health()["services"][service]["counters"]["retries"] == 1
 
 
+def test_a_caught_disconnect_is_replayed_after_a_business_error_caught_since(
+    engine: sa.Engine, pg_server: PostgresServer, service: str
+) -> None:
+    """The code catches the disconnect, then a business error (a unique violation) on another
+    connection of the unit's engine, and goes on: the unit's next statement meets
+    ``PendingRollbackError``. The disconnect is what ended the transaction, and a replay heals
+    it, though the last error caught is no transient one (why the attempt keeps the first
+    disconnect apart from its last error: ``AttemptRecord.disconnected``)."""
+    Sessions = rdb.ResilientSession(engine, service=service, config=FAST)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE once (id int PRIMARY KEY)")
+        conn.exec_driver_sql("INSERT INTO once VALUES (1)")
+    calls: list[int] = []
+    caught: list[str] = []
+
+    def unit(session: Session) -> int:
+        calls.append(1)
+        caught.extend(catching_a_disconnect(session, pg_server, first=len(calls) == 1))
+        if len(calls) == 1:
+            with contextlib.suppress(sa.exc.IntegrityError), engine.begin() as other:
+                other.exec_driver_sql("INSERT INTO once VALUES (1)")
+            caught.append("INTEGRITY")
+        session.execute(sa.text("INSERT INTO log (unit) VALUES ('after')"))
+        return len(calls)
+
+    assert Sessions.run(unit) == 2
+    assert caught == ["DISCONNECT", "INTEGRITY"]
+    assert logged(engine) == ["maybe", "after"]
+    assert rdb.health()["services"][service]["counters"]["retries_by_class"] == {"disconnect": 1}
+
+
 def test_a_caught_disconnect_with_retries_spent_raises_the_disconnect(
     engine: sa.Engine, pg_server: PostgresServer, service: str
 ) -> None:
