@@ -1167,6 +1167,11 @@ def _noting(method: Callable[..., Any], *, commits_plainly: bool = False) -> Cal
 def _noting_async(
     method: Callable[..., Any], *, commits_plainly: bool = False
 ) -> Callable[..., Any]:
+    """:func:`_noting` for an async cursor's ``method``: the same steps, its sends awaited.
+    A copy, not a shared helper: the verdict's lookup runs for every statement of every unit
+    (one more Python call there), and the rest, for a statement that commits on its own, is
+    already the shared functions it calls (:func:`_psycopg_noted`, :func:`_commits_as_connection`,
+    :func:`_failed_commit`, :func:`_autocommit_failed`) between the awaits."""
     verdicts = _verdicts
 
     async def noted(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
