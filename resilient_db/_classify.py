@@ -19,6 +19,7 @@ import logging
 import sys
 import time
 import traceback
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Final
@@ -372,15 +373,53 @@ def hot_standby_server(driver: Any) -> str | None:
     return str(addr) if isinstance(addr, str) else "an unknown address"
 
 
+#: Where ``default_transaction_read_only`` comes from (``pg_settings.source``) when it is the
+#: login's own: ``ALTER ROLE ... SET`` (``user``), ``ALTER ROLE ... IN DATABASE ... SET``
+#: (``database user``), the URL's ``options=-c ...`` or asyncpg's ``server_settings``
+#: (``client``). Those hold on every server the application may reach, the primary after a
+#: failover too: a write refused there is the application's, not a server that takes no writes.
+#: (The server's configuration and ``ALTER DATABASE`` are how a primary is fenced, as for a
+#: cut-over: a server that takes no writes.)
+LOGIN_READ_ONLY_SOURCES: Final = frozenset({"user", "database user", "client"})
+#: the driver connections read-only by default by their login's own settings (beside them:
+#: asyncpg's classes have ``__slots__``)
+_login_read_only: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
+def read_only_reported(driver: Any) -> bool:
+    """Whether the server reported ``default_transaction_read_only`` on to ``driver``."""
+    return _reported(driver, "default_transaction_read_only") == "on"
+
+
+def note_read_only_source(driver: Any, source: object) -> None:
+    """Record on ``driver`` whether its transactions are read-only by default by its login's
+    own settings (``source``: ``pg_settings.source`` of ``default_transaction_read_only``, asked
+    at connect where the server reported it on; see :func:`server_takes_writes`)."""
+    with contextlib.suppress(TypeError):  # a type that takes no weak references
+        if source in LOGIN_READ_ONLY_SOURCES:
+            _login_read_only[driver] = True
+        else:
+            _login_read_only.pop(driver, None)
+
+
 def server_takes_writes(driver: Any) -> bool:
     """Whether the server behind ``driver`` said it takes writes: ``in_hot_standby`` and
     ``default_transaction_read_only`` both reported off (:func:`_reported`: PostgreSQL 14+
-    reports both; this asks the server nothing). False when either is on, when the server
-    reports nothing (before PostgreSQL 14), or the driver is another."""
-    return (
-        _reported(driver, "in_hot_standby") == "off"
-        and _reported(driver, "default_transaction_read_only") == "off"
-    )
+    reports both; this asks the server nothing), or the latter on by the login's own settings
+    (the role's, the URL's: :data:`LOGIN_READ_ONLY_SOURCES`, noted at connect by
+    :func:`note_read_only_source`). False when either is on otherwise, when the server reports
+    nothing (before PostgreSQL 14), or the driver is another."""
+    if _reported(driver, "in_hot_standby") != "off":
+        return False
+    read_only = _reported(driver, "default_transaction_read_only")
+    return read_only == "off" or (read_only == "on" and _login_read_only_driver(driver))
+
+
+def _login_read_only_driver(driver: Any) -> bool:
+    try:
+        return _login_read_only.get(driver, False)
+    except TypeError:  # a type that takes no weak references: never noted
+        return False
 
 
 def read_only_by_default(driver: Any) -> bool:

@@ -83,7 +83,9 @@ from ._classify import (
     log_quietly,
     mark_hosts_failed,
     mark_replay_safe,
+    note_read_only_source,
     read_only_by_default,
+    read_only_reported,
     unanswered_commit,
 )
 from ._config import Config
@@ -858,6 +860,30 @@ _CHECK_SQL = f"""SELECT COALESCE(
   -- whether the role may read the incarnation (see _INCARNATION), asked here so that a role
   -- that may not is never refused at a unit's COMMIT (psycopg and asyncpg both give a bool)
   pg_catalog.has_function_privilege('pg_catalog.pg_control_checkpoint()', 'EXECUTE')"""
+#: The check where the server reports ``default_transaction_read_only`` on: also where that
+#: comes from (the role's or the URL's settings make a write refused there the application's,
+#: see ``_classify.note_read_only_source``). pg_settings builds every setting's row: asked only
+#: there, not on every connection.
+_CHECK_READ_ONLY_SQL = f"""{_CHECK_SQL},
+  (SELECT s.source FROM pg_catalog.pg_settings s
+    WHERE s.name OPERATOR(pg_catalog.=) 'default_transaction_read_only')"""
+
+
+def _check_sql(driver: Any) -> str:
+    """The check at connect for ``driver``'s connection (see ``_CHECK_READ_ONLY_SQL``)."""
+    if read_only_reported(driver):
+        return _CHECK_READ_ONLY_SQL
+    return _CHECK_SQL
+
+
+def _note_read_only_source(driver: Any, row: Any) -> None:
+    """What the check said of where ``default_transaction_read_only`` comes from, if asked."""
+    if len(row) > _CHECK_COLUMNS:
+        note_read_only_source(driver, row[_CHECK_COLUMNS])
+
+
+#: the columns of ``_CHECK_SQL`` (``_CHECK_READ_ONLY_SQL`` has one more)
+_CHECK_COLUMNS: Final = 4
 
 
 # What keeps an installed set of markers from being usable by the connection's role, asked
@@ -3025,12 +3051,14 @@ class CommitProtocol:
         if self.is_asyncpg:
             reports = hasattr(driver.get_settings(), "in_hot_standby")
             run = _runner(dbapi_connection, driver)
+            check = _check_sql(driver)
             sent = _wall_clock()
             try:
-                row = run(lambda d: d.fetchrow(_CHECK_SQL))
+                row = run(lambda d: d.fetchrow(check))
             except Exception:  # (no USAGE on the schema fails the lookups: say that)
                 self._look_for_missing(lambda sql: run(lambda d: d.fetchval(sql)))
                 raise
+            _note_read_only_source(driver, row)
             self._check_clock(sent, row[1])
             self._note_control(driver, row[3])
             if not self._shadow_asked:
@@ -3053,13 +3081,15 @@ class CommitProtocol:
         cursor = dbapi_connection.cursor()
         interrupted = False
         try:
+            check = _check_sql(driver)
             sent = _wall_clock()
             try:
-                cursor.execute(_CHECK_SQL)
+                cursor.execute(check)
             except Exception:  # (no USAGE on the schema fails the lookups: say that)
                 self._look_for_missing(lambda sql: _fetch_value(cursor, sql))
                 raise
             row = cursor.fetchone()
+            _note_read_only_source(driver, row)
             self._check_clock(sent, row[1])
             self._note_control(driver, row[3])
             if not self._shadow_asked:

@@ -214,18 +214,19 @@ def test_a_primary_read_only_by_default_is_not_called_a_standby(
     pair: StandbyPair, service: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """25006 from a server that is not in recovery but takes no writes
-    (``default_transaction_read_only`` on, reported at connect): the same classification as a
-    standby's (a lost server: retried), but nothing says "standby"."""
+    (``default_transaction_read_only`` on for the database, reported at connect: how a primary
+    is fenced): the same classification as a standby's (a lost server: retried), but nothing
+    says "standby". (Read-only by the login's own settings, the role's or the URL's, a write
+    refused is the unit's: test_server_settings.py.)"""
     caplog.set_level(logging.INFO, logger="resilient_db")
-    engine = sa.create_engine(
-        pair.primary.url(DATABASE),
-        connect_args={"options": "-c default_transaction_read_only=on"},
-    )
+    engine = sa.create_engine(pair.primary.url(DATABASE))
     Sessions = rdb.ResilientSession(engine, service=service, config=NO_BREAKER_CONFIG)
+    pair.primary.execute(f'ALTER DATABASE "{DATABASE}" SET default_transaction_read_only = on')
     try:
         with pytest.raises(sa.exc.DBAPIError) as info:
             Sessions.run(_unit)
     finally:
+        pair.primary.execute(f'ALTER DATABASE "{DATABASE}" RESET default_transaction_read_only')
         engine.dispose()
     assert getattr(info.value.orig, "sqlstate", None) == "25006"
     assert rdb.classify(info.value) is rdb.Outcome.DISCONNECT
