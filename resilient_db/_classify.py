@@ -33,6 +33,7 @@ from ._internals import (
     ASYNCPG_CONNECT_FUNCTION,
     ASYNCPG_CONNECT_MODULES,
     ASYNCPG_RESOURCE_CHECK,
+    ASYNCPG_SIMPLE_QUERY,
     SQLALCHEMY_ASYNCPG_MODULE,
     asyncpg_address,
     asyncpg_statement_connection,
@@ -707,6 +708,39 @@ def client_state_broken(exc: BaseException) -> bool:
     return False
 
 
+def never_sent(exc: BaseException) -> bool:
+    """Whether ``exc`` is asyncpg's ``InternalClientError`` raised as a simple query began (its
+    own BEGIN, COMMIT or ROLLBACK: ``Connection.execute`` without arguments), before the
+    message was written: asyncpg checks its connection and switches its protocol's state
+    first, and refused, so nothing of that query reached the server. A COMMIT so refused
+    committed nothing; its connection is lost (asyncpg aborts it), a disconnect before the
+    COMMIT like any other (see :func:`client_state_broken`): replayed, not an unknown outcome.
+    It is what a session the server ended looks like when asyncpg has read the server's FATAL
+    message but not yet the socket's close ("cannot switch to state 15; another operation (2)
+    is in progress").
+
+    Told by the error's class and where it was raised (asyncpg's method that writes the
+    message, :data:`~._internals.ASYNCPG_SIMPLE_QUERY`), never by its text: the class alone
+    is not enough (asyncpg also raises it for an answer it could not read, after the message
+    went out), and its message, though the client's own, is worded for people and changes
+    between releases without notice. Should asyncpg move that method, nothing matches and such
+    a COMMIT stays an unknown outcome, as before (the canary in ``tests/test_internals.py``
+    says so first)."""
+    module, function = ASYNCPG_SIMPLE_QUERY
+    for err in error_chain(exc):
+        kind = type(err)
+        if kind.__name__ != "InternalClientError" or not kind.__module__.startswith("asyncpg"):
+            continue
+        # (Cython names a method's traceback entry by its qualified name: the module's, the
+        # class's, then the method's)
+        if any(
+            frame_module == module and frame.rpartition(".")[2] == function
+            for frame_module, frame in _frames(err)
+        ):
+            return True
+    return False
+
+
 def _driver_disconnect(exc: BaseException) -> bool:
     """True when the failure is a broken or refused connection that carries no SQLSTATE."""
     wrapped = False  # SQLAlchemy wrapped the driver's error, and judged its connection
@@ -1214,8 +1248,9 @@ def unanswered_commit(exc: BaseException, classifier: Classifier, wrote: bool) -
     failed with ``exc``: whether the server left it unanswered (it may have committed). One
     that ``wrote`` (may have) is marked an unknown outcome (see
     :func:`~._classify.mark_commit_unanswered`): raised as it is, it must not read as transient
-    (a web client told to retry would write twice)."""
-    if answered(exc, classifier):
+    (a web client told to retry would write twice). Not one the driver never sent
+    (:func:`never_sent`): that committed nothing."""
+    if answered(exc, classifier) or never_sent(exc):
         return False
     if wrote:
         mark_commit_unanswered(exc)

@@ -34,6 +34,7 @@ __all__ = [
     "ASYNCPG_CONNECT_FUNCTION",
     "ASYNCPG_CONNECT_MODULES",
     "ASYNCPG_RESOURCE_CHECK",
+    "ASYNCPG_SIMPLE_QUERY",
     "ASYNC_CREATOR_KWARG",
     "NEVER_SET",
     "PLAIN_COMMITS",
@@ -854,6 +855,16 @@ ASYNCPG_CLOSED_CHECKS: tuple[str, ...] = ("_check_open", "add_log_listener")
 #: ended before its next fetch is not taken for a lost connection (not replayed); the canary
 #: fails first. Public alternative: none.
 ASYNCPG_RESOURCE_CHECK: tuple[str, str] = ("asyncpg.connresource", "_check_conn_validity")
+#: Where asyncpg starts a simple query (``Connection.execute`` without arguments: asyncpg's own
+#: BEGIN, COMMIT and ROLLBACK): the private Cython method ``CoreProtocol._simple_query`` of
+#: ``asyncpg.protocol.protocol`` (its traceback entry's name, qualified by Cython, ends so). It
+#: checks the connection and switches the protocol's state (``_ensure_connected``,
+#: ``_set_state``, which raise ``InternalClientError`` when they refuse) before it builds the
+#: message, and writes it last: an ``InternalClientError`` raised through it never reached the
+#: socket (verified 0.30.0, 0.32.0). Moved: a COMMIT asyncpg refused to send is taken for one
+#: whose answer was lost (an unknown outcome, not replayed: safe); the canary fails first.
+#: Public alternative: none (the error has no attribute saying where it was raised).
+ASYNCPG_SIMPLE_QUERY: tuple[str, str] = ("asyncpg.protocol.protocol", "_simple_query")
 #: SQLAlchemy's asyncpg adapter, in whose frames a raw asyncpg error is one of a statement the
 #: adapter sent (its server-side cursor's fetches are not wrapped)
 SQLALCHEMY_ASYNCPG_MODULE = "sqlalchemy.dialects.postgresql.asyncpg"

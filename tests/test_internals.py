@@ -46,7 +46,7 @@ from sqlalchemy.orm import (
 )
 
 import resilient_db as rdb
-from resilient_db import _internals
+from resilient_db import _classify, _internals
 from resilient_db._internals import InternalsChanged
 from resilient_db._unit import connection_looks_dead, dead_probe
 from resilient_db.examples.tasks import Base, Task
@@ -609,6 +609,57 @@ async def test_asyncpg_abort_socket_closes_what_a_cut_close_left_open(
             _internals.asyncpg_abort_socket(driver)  # (again: harmless)
         finally:
             fault_proxy.restore()
+
+
+@pytest.mark.asyncio
+async def test_asyncpg_refuses_a_simple_query_before_it_writes_it(
+    pg_server: PostgresServer, fault_proxy: FaultProxy, pg_database: str
+) -> None:
+    """asyncpg's ``InternalClientError`` for a COMMIT it refused to start (it has read the
+    FATAL message of a session the server ended, not yet the socket's close, which the proxy
+    holds back) is raised through the method that writes a simple query, before it writes:
+    the classifier takes such a COMMIT for one never sent (replayed), by that method's name
+    in the error's traceback; the same class raised anywhere else, whatever its text, is not
+    one."""
+    module, function = _internals.ASYNCPG_SIMPLE_QUERY
+    message = _says(
+        "asyncpg",
+        f"{module}.CoreProtocol.{function}",
+        "ASYNCPG_SIMPLE_QUERY",
+        "a COMMIT asyncpg refused to send, its server session ended, is taken for one whose "
+        "answer was lost (an unknown outcome: a drop-in block's is not replayed)",
+    )
+    # the method checks and switches the protocol's state first, and writes last
+    spec = importlib.util.find_spec("asyncpg.protocol")
+    assert spec is not None, message
+    assert spec.submodule_search_locations is not None, message
+    pyx = os.path.join(next(iter(spec.submodule_search_locations)), "coreproto.pyx")
+    assert os.path.exists(pyx), message
+    with open(pyx, encoding="utf-8") as f:
+        source = f.read()
+    body = source.partition(f"cdef {function}(self")[2].partition("\n    cdef ")[0]
+    checks = [body.find("self._ensure_connected()"), body.find("self._set_state(")]
+    assert -1 not in checks, message
+    assert max(checks) < body.find("self._write(buf)"), message
+
+    url = fault_proxy.url(pg_database, driver="asyncpg")
+    async with _asyncpg_driver(url) as (_conn, driver):
+        try:
+            await driver.execute("BEGIN")
+            pid = await driver.fetchval("SELECT pg_backend_pid()")
+            fault_proxy.delay_closes(60)
+            pg_server.execute(f"SELECT pg_terminate_backend({int(pid)})")
+            await wait_for_async(lambda: fault_proxy.closes_delayed == 1, "the close held back")
+            for _ in range(3):  # the event loop reads what the proxy delivered
+                await asyncio.sleep(0)
+            with pytest.raises(asyncpg.InternalClientError) as refused:
+                await driver.execute("COMMIT")
+        finally:
+            fault_proxy.restore()
+    assert _classify.never_sent(refused.value), message
+    with pytest.raises(asyncpg.InternalClientError) as elsewhere:
+        raise asyncpg.InternalClientError(str(refused.value))
+    assert not _classify.never_sent(elsewhere.value)
 
 
 @pytest.mark.asyncio

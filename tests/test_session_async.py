@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
+import pybreaker
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
@@ -42,6 +43,7 @@ from resilient_db import AsyncResilientSession, _unit
 from resilient_db._asyncio import _to_completion
 from resilient_db._internals import asyncpg_socket_fd
 from resilient_db.testing import FaultProxy, PostgresServer
+from resilient_db.web import problem_details
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.usefixtures("no_backoff")]
 
@@ -417,6 +419,129 @@ async def test_asyncpg_broken_protocol_state_of_an_ended_session_is_a_lost_conne
     assert fault_proxy.connections_accepted == 2  # the broken one was not pooled again
     assert await Session.run(select_n, 7) == 7
     assert fault_proxy.connections_accepted == 2
+
+
+class HeardFailures(pybreaker.CircuitBreakerListener):
+    """What a circuit breaker counted: each attempt's success or failure, as pybreaker tells."""
+
+    def __init__(self) -> None:
+        self.heard: list[str] = []
+
+    def success(self, cb: Any) -> None:
+        self.heard.append("success")
+
+    def failure(self, cb: Any, exc: BaseException) -> None:
+        self.heard.append("failure")
+
+
+@pytest.mark.parametrize("async_driver", ["asyncpg"])
+@pytest.mark.parametrize("block", ["Session.begin()", "session.commit()"])
+async def test_asyncpg_a_drop_in_commit_it_never_sent_replays_the_operation(
+    *,
+    engine: AsyncEngine,
+    pg_server: PostgresServer,
+    pg_database: str,
+    fault_proxy: FaultProxy,
+    make_engine: Callable[..., AsyncEngine],
+    service: str,
+    block: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A ``with_self_healing`` operation whose drop-in block wrote, and whose backend the
+    server ended before the block's COMMIT: asyncpg has read the server's FATAL message (its
+    close held back by the proxy, as the dying backend holds it while it exits) and refuses to
+    start the COMMIT ("cannot switch to state 15"), before anything of it is written. That
+    COMMIT committed nothing: a lost connection before the COMMIT, so the operation is
+    replayed (it was taken for a COMMIT whose answer was lost, "it may have committed", and
+    raised as partly committed: a web app's 500), the breaker counts the failure once, and the
+    row is written once."""
+    proxied = make_engine(
+        fault_proxy.url(pg_database, driver="asyncpg"), pool_size=1, max_overflow=0
+    )
+    heard = HeardFailures()
+    Session = AsyncResilientSession(proxied, service=service, breaker_listeners=[heard])
+    name = f"never-sent-{uuid.uuid4()}"
+    calls: list[int] = []
+
+    async def write(session: AsyncSession) -> None:
+        session.add(Item(name=name))
+        await session.flush()
+        if len(calls) == 1:
+            await end_session_keep_socket(pg_server, fault_proxy, session)
+
+    @rdb.with_self_healing(service=service)
+    async def operation() -> int:
+        calls.append(1)
+        if block == "Session.begin()":
+            async with Session.begin() as session:
+                await write(session)
+        else:
+            async with Session() as session:
+                await write(session)
+                await session.commit()
+        return len(calls)
+
+    with caplog.at_level(logging.WARNING, logger="resilient_db"):
+        assert await operation() == 2
+    fault_proxy.restore()
+    assert "Not replaying" not in caplog.text
+    assert heard.heard == ["failure", "success"]
+    assert counters(service)["retries_by_class"] == {"disconnect": 1}
+    assert counters(service)["unknown_commits"] == 0
+    assert await count_items(engine, name) == 1
+    assert fault_proxy.connections_accepted == 2  # the broken one was not pooled again
+
+
+@pytest.mark.parametrize("async_driver", ["asyncpg"])
+async def test_asyncpg_a_drop_in_commit_it_never_sent_is_a_lost_connection(
+    *,
+    engine: AsyncEngine,
+    pg_server: PostgresServer,
+    pg_database: str,
+    fault_proxy: FaultProxy,
+    make_engine: Callable[..., AsyncEngine],
+    service: str,
+) -> None:
+    """The same COMMIT in drop-in use, outside any operation: its error is raised (nothing
+    replays drop-in work once it sent something), and it is what it is, a lost connection
+    that committed nothing: transient (a web app's 503 with Retry-After), not an unknown
+    outcome (a 500 telling the client to check first)."""
+    proxied = make_engine(
+        fault_proxy.url(pg_database, driver="asyncpg"), pool_size=1, max_overflow=0
+    )
+    Session = factory(proxied, service)
+    name = f"never-sent-{uuid.uuid4()}"
+
+    async def block() -> None:
+        async with Session.begin() as session:
+            session.add(Item(name=name))
+            await session.flush()
+            await end_session_keep_socket(pg_server, fault_proxy, session)
+
+    # (SQLAlchemy before 2.0.50 lets asyncpg's class through unwrapped)
+    with pytest.raises((sa_exc.DBAPIError, asyncpg.InternalClientError)) as raised:
+        await block()
+    fault_proxy.restore()
+    assert any(isinstance(e, asyncpg.InternalClientError) for e in _chain(raised.value))
+    assert rdb.classify(raised.value) is rdb.Outcome.DISCONNECT
+    assert rdb.is_transient(raised.value)
+    answer = problem_details(raised.value)
+    assert answer is not None
+    assert answer.status == 503
+    assert counters(service)["unknown_commits"] == 0
+    assert await count_items(engine, name) == 0
+    async with Session.begin() as session:  # the broken connection was not pooled again
+        session.add(Item(name=name))
+    assert fault_proxy.connections_accepted == 2
+    assert await count_items(engine, name) == 1
+
+
+def _chain(exc: BaseException | None) -> list[BaseException]:
+    found = []
+    while exc is not None and len(found) < 10:
+        found.append(exc)
+        exc = exc.__cause__
+    return found
 
 
 @pytest.mark.skipif(
