@@ -536,6 +536,40 @@ async def test_asyncpg_a_drop_in_commit_it_never_sent_is_a_lost_connection(
     assert await count_items(engine, name) == 1
 
 
+@pytest.mark.parametrize("async_driver", ["asyncpg"])
+async def test_asyncpg_a_pooled_connection_whose_session_ended_fails_drop_in_once_unsent(
+    *,
+    engine: AsyncEngine,
+    pg_server: PostgresServer,
+    pg_database: str,
+    fault_proxy: FaultProxy,
+    make_engine: Callable[..., AsyncEngine],
+    service: str,
+) -> None:
+    """Without ``pool_pre_ping``: a pooled connection whose session the server ended, asyncpg
+    having read its FATAL message but not the close, passes the checkout probe (its socket has
+    nothing more to read, and asyncpg's protocol state can't be seen without a round trip).
+    Drop-in code's first statement then fails as asyncpg refuses its BEGIN, before sending
+    anything: a transient lost connection, and that connection is not pooled again."""
+    proxied = make_engine(
+        fault_proxy.url(pg_database, driver="asyncpg"), pool_size=1, max_overflow=0
+    )
+    Session = factory(proxied, service)
+    await end_session_keep_socket(pg_server, fault_proxy, proxied)
+
+    async def read() -> int:
+        async with Session() as session:
+            return int((await session.execute(sa.text("SELECT 41 + 1"))).scalar_one())
+
+    with pytest.raises((sa_exc.DBAPIError, asyncpg.InternalClientError)) as raised:
+        await read()
+    fault_proxy.restore()
+    assert rdb.classify(raised.value) is rdb.Outcome.DISCONNECT
+    assert rdb.is_transient(raised.value)
+    assert await read() == 42
+    assert fault_proxy.connections_accepted == 2
+
+
 def _chain(exc: BaseException | None) -> list[BaseException]:
     found = []
     while exc is not None and len(found) < 10:
