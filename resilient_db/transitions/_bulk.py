@@ -92,6 +92,14 @@ def _written_attr(mapper: Mapper[Any], guard: Guard) -> str:
     return mapper.get_property_by_column(guard.column).key
 
 
+def _row_key_attrs(mapper: Mapper[Any], guard: Guard) -> tuple[str, ...]:
+    """The attributes a bulk UPDATE by primary key through ``mapper`` finds the guarded row by:
+    those mapped to the key columns of the guarded column's table, which SQLAlchemy reads for
+    that table's UPDATE. A joined-table subclass may map its table's key under attributes of
+    its own (``cid``, its base's ``pid``): its row there is found by ``cid``."""
+    return tuple(mapper.get_property_by_column(c).key for c in guard.pk_columns)
+
+
 def _target(stmt: Any, params: Any, guard: Guard, *, by_pk: str | None = None) -> _Target | None:
     """The state the UPDATE writes into the guarded column, as SQLAlchemy will send it: a
     literal of ``values()`` is a parameter named after the column, which an execution
@@ -588,6 +596,8 @@ def _refuse_other_rules(
         if sub is mapper:
             continue
         for guard in compiled_guards(sub):
+            if guard.table not in mapper.tables:
+                continue  # rows the UPDATE can't reach (a concrete subclass's own table)
             own = next((g for g in guards if g.column is guard.column), None)
             if same_rules(guard, own) or (
                 _target(stmt, first, guard) is None
@@ -885,6 +895,7 @@ def _bulk_by_pk(
     rejected: set[int] = set()
     for guard in guards:
         written = _written_attr(mapper, guard)
+        keys = _row_key_attrs(mapper, guard)
         wanted: dict[tuple[Any, ...], list[tuple[int, Any]]] = {}
         for index, given in enumerate(params):
             if not isinstance(given, Mapping):
@@ -892,8 +903,8 @@ def _bulk_by_pk(
             # a status given inside a composite attribute is sent as its column's
             row = expand_composites(mapper, given)
             target = _target(stmt, row, guard, by_pk=written)
-            if target is None or any(k not in row for k in guard.pk_attr_keys):
-                continue
+            if target is None or any(k not in row for k in keys):
+                continue  # (SQLAlchemy refuses a set without its row's key)
             if not target.static:
                 how = " (the column's onupdate)" if target.onupdate else ""
                 raise TransitionRulesError(
@@ -902,7 +913,7 @@ def _bulk_by_pk(
                     f"UPDATE; set the state as a value, or run an UPDATE with WHERE criteria "
                     f"(update({guard.model}).where(...).values(...))"
                 )
-            identity = tuple(row[k] for k in guard.pk_attr_keys)
+            identity = tuple(row[k] for k in keys)
             wanted.setdefault(identity, []).append((index, target.value))
         if not wanted:
             continue

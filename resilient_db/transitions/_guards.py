@@ -12,7 +12,7 @@ from resilient_db._state import STATE
 
 from ._bulk import do_orm_execute
 from ._flush import before_flush, before_insert, before_update, flush_ended
-from ._rules import compiled_guards, lent_rules_changed
+from ._rules import compiled_guards, declared_when_mapped, lent_rules_changed
 
 __all__ = ["install_guard"]
 
@@ -85,6 +85,7 @@ def _on_class_mapped(mapper: Mapper[Any], class_: type[Any]) -> None:
     """A class with ``__transitions__`` (its own or inherited) is mapped: guard bulk UPDATEs
     from now on, before any statement can name it."""
     if getattr(class_, "__transitions__", None) is not None:
+        declared_when_mapped(class_)
         _enable_bulk_guard()
 
 
@@ -96,6 +97,10 @@ def _on_mapper_configured(mapper: Mapper[Any], class_: type[Any]) -> None:
     can flush it: the listeners are added while no flush can be reading the mapper's
     listeners."""
     if getattr(class_, "__transitions__", None) is not None:
+        # (rules set only after the class was mapped are refused by compiled_guards, here and
+        # from then on: by every bulk UPDATE too, whose guard the refusal must not leave off)
+        if not guarded_models_exist():
+            _enable_bulk_guard()
         compiled_guards(mapper)
         _watch(mapper)
         # classes of its tables configured before it, without rules of their own: their rows

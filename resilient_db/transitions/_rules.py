@@ -22,7 +22,8 @@ from typing import Any, Final, TypeAlias, TypeGuard, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql.base import PGDialect
-from sqlalchemy.orm import MANYTOONE, Mapper
+from sqlalchemy.ext.declarative import AbstractConcreteBase
+from sqlalchemy.orm import MANYTOONE, Mapper, NotExtension
 from sqlalchemy.orm.state import InstanceState
 
 from resilient_db._errors import ResilientDBError
@@ -768,9 +769,19 @@ def compiled_guards(mapper: Mapper[Any]) -> tuple[Guard, ...]:
     if found is not None:
         return found
     declared = getattr(mapper.class_, "__transitions__", None)
+    if abstract_concrete(mapper):
+        declared = None  # its concrete subclasses write the rows, each guarding its own table
     guards: tuple[Guard, ...] = ()
     if declared is not None:
         owner = mapper.class_.__name__
+        if mapper.class_ not in _declared_when_mapped:
+            raise TransitionRulesError(
+                f"{owner}.__transitions__ was set after {owner} was mapped: the guard of bulk "
+                "UPDATEs and the flush's listeners are set up as a class with rules is mapped, "
+                "so rules added later would leave writes of it unjudged; declare "
+                f"__transitions__ in the body of {owner} (or of a mixin or base class it "
+                "inherits it from, or on the class before registry.map_imperatively())"
+            )
         rules = _normalize_rules(declared, owner)
         guards = tuple(_compile(mapper, r) for r in rules)
         columns = [g.column for g in guards]
@@ -793,6 +804,27 @@ def compiled_guards(mapper: Mapper[Any]) -> tuple[Guard, ...]:
     return guards + lent
 
 
+#: The classes that had ``__transitions__`` (their own or inherited) when they were mapped
+#: (see :func:`declared_when_mapped`).
+_declared_when_mapped: weakref.WeakSet[type[Any]] = weakref.WeakSet()
+
+
+def declared_when_mapped(class_: type[Any]) -> None:
+    """Note that ``class_`` declares rules as it is mapped (SQLAlchemy's ``instrument_class``),
+    when the session guards are set up for it: rules set on a class only after it was mapped
+    are refused when they are compiled."""
+    _declared_when_mapped.add(class_)
+
+
+def abstract_concrete(mapper: Mapper[Any]) -> bool:
+    """Whether ``mapper`` is an ``AbstractConcreteBase``'s: mapped to the union of its concrete
+    subclasses' tables, with no table nor row of its own (SQLAlchemy writes none through it).
+    The rules it declares are its subclasses' (inherited), each guarding its own table."""
+    return issubclass(mapper.class_, AbstractConcreteBase) and not isinstance(
+        mapper.local_table, (sa.Table, sa.Join)
+    )
+
+
 def _table_rules(mapper: Mapper[Any], own: tuple[Guard, ...]) -> tuple[Guard, ...]:
     """The guards ``mapper`` takes from its tables: for each column of them that other classes
     of its registry guard (classes of another hierarchy mapping the same table, or the
@@ -808,7 +840,7 @@ def _table_rules(mapper: Mapper[Any], own: tuple[Guard, ...]) -> tuple[Guard, ..
     lenders: dict[sa.Column[Any], list[tuple[Mapper[Any], Guard]]] = {}
     for other in mapper.registry.mappers:
         declared = getattr(other.class_, "__transitions__", None)
-        if declared is None or other is mapper:
+        if declared is None or other is mapper or abstract_concrete(other):
             continue
         if other.base_mapper is mapper.base_mapper and not mapper.isa(other):
             continue  # a class's own hierarchy: only its ancestors' rules are its rows' rules
@@ -1184,7 +1216,8 @@ def _resolve_column(mapper: Mapper[Any], name: str, where: str) -> tuple[str, sa
     if found is None:
         known = ", ".join(sorted(columns.keys()))
         raise TransitionRulesError(
-            f"{where}: {mapper.class_.__name__} has no mapped column {name!r} (mapped: {known})"
+            f"{where}: {mapper.class_.__name__} has no mapped column {name!r}"
+            f"{_not_a_column(mapper, name)} (mapped: {known})"
         )
     key, col = found
     if not isinstance(col, sa.Column) or not isinstance(col.table, sa.Table):
@@ -1192,6 +1225,23 @@ def _resolve_column(mapper: Mapper[Any], name: str, where: str) -> tuple[str, sa
             f"{where}: {name!r} is mapped to a SQL expression, not to a table column"
         )
     return key, col
+
+
+def _not_a_column(mapper: Mapper[Any], name: str) -> str:
+    """What ``name`` is on ``mapper`` when it is no mapped column, and the name to give."""
+    if name in mapper.synonyms:
+        target = mapper.synonyms[name].name
+        return f": it is a synonym of {target!r}; name the column, {target!r}"
+    if name in mapper.composites:
+        inside = ", ".join(repr(c.name) for c in mapper.composites[name].columns)
+        return f": it is a composite of columns {inside}; name the column holding the state"
+    descriptor = mapper.all_orm_descriptors.get(name)
+    if descriptor is not None and descriptor.extension_type is not NotExtension.NOT_EXTENSION:
+        return (
+            f": it is a {type(descriptor).__name__}, which the guards can't see through; "
+            "name the column it reads and writes"
+        )
+    return ""
 
 
 def _pk_columns(
@@ -1208,7 +1258,48 @@ def _pk_columns(
             f"{where}: the primary key of table {table.name!r} does not line up with the "
             f"primary key of {mapper.class_.__name__}; guard a column of the base table instead"
         )
-    return table_pk, attr_keys
+    if len(table_pk) == 1:
+        return table_pk, attr_keys
+    # A joined-table subclass's table may list its key columns in another order than its
+    # base's (the mapper's key, by which every row's identity is read): each of its columns is
+    # put at the place of the base column it stands for (mapped by one attribute, or referring
+    # to it by a foreign key, as the inheritance join does)
+    aligned: list[sa.Column[Any]] = []
+    for base_col in mapper_pk:
+        prop = mapper.get_property_by_column(base_col)
+        same = [c for c in table_pk if c in getattr(prop, "columns", ())]
+        if len(same) != 1:
+            same = [c for c in table_pk if _refers_to(c, base_col)]
+        if len(same) != 1:
+            raise TransitionRulesError(
+                f"{where}: the key columns of table {table.name!r} "
+                f"({', '.join(c.name for c in table_pk)}) can't be told apart as the key of "
+                f"{mapper.class_.__name__} ({', '.join(c.name for c in mapper_pk)}): none "
+                f"is mapped by the attribute of {base_col.name!r} or refers to it by a foreign "
+                "key; map each key column of the subclass's table under its base column's "
+                "attribute, or guard a column of the base table"
+            )
+        aligned.append(same[0])
+    return tuple(aligned), attr_keys
+
+
+def _refers_to(column: sa.Column[Any], target: sa.ColumnElement[Any]) -> bool:
+    """Whether ``column`` refers to ``target`` by a foreign key, directly or through the key
+    columns of the tables between them (a grandchild's key refers to its parent's, which
+    refers to the base table's)."""
+    seen: set[sa.Column[Any]] = set()
+    todo = [column]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        for fk in current.foreign_keys:
+            referred = fk.column
+            if referred is target:
+                return True
+            todo.append(referred)
+    return False
 
 
 def sort_key(key: object) -> tuple[int, str]:
@@ -1246,7 +1337,14 @@ def guards_of(target: object, *, lent: bool = False) -> tuple[Guard, ...]:
     if not lent:
         guards = tuple(g for g in guards if g.lender is None)
     if not guards:
-        raise TransitionRulesError(f"{mapper.class_.__name__} declares no __transitions__")
+        name = mapper.class_.__name__
+        if abstract_concrete(mapper) and getattr(mapper.class_, "__transitions__", None):
+            raise TransitionRulesError(
+                f"{name} is an abstract concrete base (AbstractConcreteBase), mapped to no "
+                "table of its own: its rules guard each of its concrete subclasses' tables; "
+                f"name a concrete subclass of {name}"
+            )
+        raise TransitionRulesError(f"{name} declares no __transitions__")
     return guards
 
 
@@ -1298,8 +1396,8 @@ def rules_elsewhere(mapper: Mapper[Any], guard: Guard, among: Iterable[Mapper[An
     apart from ``mapper``'s."""
     found: list[str] = []
     for other in among:
-        if other is mapper or guard.table not in other.tables:
-            continue
+        if other is mapper or guard.table not in other.tables or abstract_concrete(other):
+            continue  # (an abstract concrete base keeps no rows: its union reads its tables)
         theirs = next((g for g in compiled_guards(other) if g.column is guard.column), None)
         if not same_rules(guard, theirs):
             found.append(other.class_.__name__)
