@@ -240,20 +240,58 @@ def test_embedded_server_is_private_and_fast(embedded: EmbeddedPostgres) -> None
         assert embedded.data_dir.stat().st_uid != 0
 
 
+def _sysv_segment(data_dir: Path) -> tuple[int, int, int]:
+    """The postmaster pid, System V shared memory key and id of the cluster in ``data_dir``
+    (lines 1 and 7 of its ``postmaster.pid``)."""
+    lines = (data_dir / "postmaster.pid").read_text().splitlines()
+    key, shmid = (int(field) for field in lines[6].split())
+    return int(lines[0]), key, shmid
+
+
+def _sysv_segments() -> set[tuple[int, int, int]]:
+    """The System V shared memory segments of this machine: (creator pid, key, id)."""
+    rows = Path("/proc/sysvipc/shm").read_text().splitlines()[1:]
+    return {(int(f[4]), int(f[0]), int(f[1])) for f in (row.split() for row in rows)}
+
+
 def test_a_server_killed_by_sigkill_leaves_no_shared_memory_behind(scratch_dir: Path) -> None:
-    """A postmaster killed by SIGKILL can't remove its dynamic shared memory: as POSIX
-    segments (``/dev/shm/PostgreSQL.*``, 1 MB a server) they outlived the cluster, run after
-    run. The harness keeps them in the data directory, which goes with the cluster."""
+    """A postmaster killed by SIGKILL can't remove its shared memory. Dynamic shared memory as
+    POSIX segments (``/dev/shm/PostgreSQL.*``, 1 MB a server) outlived the cluster, run after
+    run: the harness keeps it in the data directory, which goes with the cluster. The small
+    System V segment every postmaster keeps (its interlock, ``ipcs -m``) is removed when the
+    cluster is: it stayed until the machine's reboot, one per killed server."""
     server = EmbeddedPostgres(base_dir=scratch_dir)
     try:
         server.start()
         dsm = server.data_dir / "pg_dynshmem"
         assert [p.name for p in dsm.iterdir() if p.name.startswith("mmap.")] != []
-        pid = int((server.data_dir / "postmaster.pid").read_text().split()[0])
-        os.kill(pid, signal.SIGKILL)
+        segment = _sysv_segment(server.data_dir)
+        assert segment in _sysv_segments()
+        os.kill(segment[0], signal.SIGKILL)
+        wait_for(lambda: not server.is_running(), "the killed postmaster to be gone", 30)
     finally:
         server.close()
     assert list(scratch_dir.iterdir()) == []
+    assert segment not in _sysv_segments()
+
+
+def test_a_server_stopped_or_crashed_leaves_its_shared_memory_to_postgres(
+    scratch_dir: Path,
+) -> None:
+    """A postmaster that exits by itself (a fast or an immediate shutdown) removes its System
+    V segment and ``postmaster.pid``: the harness has nothing to remove, and a start after it
+    (crash recovery) makes a segment of its own."""
+    with EmbeddedPostgres(base_dir=scratch_dir) as server:
+        first = _sysv_segment(server.data_dir)
+        server.crash()
+        assert not (server.data_dir / "postmaster.pid").exists()
+        assert first not in _sysv_segments()
+        server.start()
+        second = _sysv_segment(server.data_dir)
+        assert second != first
+        assert second in _sysv_segments()
+        server.stop()
+        assert second not in _sysv_segments()
 
 
 def test_create_and_drop_database(pg_server: PostgresServer) -> None:
@@ -2555,6 +2593,8 @@ def test_a_start_removes_what_a_run_killed_with_its_watchdogs_left_and_nothing_e
         with _test_run(pg_dir, redis_dir) as killed:
             left = set(_entries(pg_dir, redis_dir)) - set(foreign) - mine
             assert len(left) == 2
+            (cluster,) = left & set(pg_dir.iterdir())
+            segment = _sysv_segment(cluster / "data")
             tree = _process_tree(killed.pid)
             for pid in tree:
                 # (one may have ended meanwhile: a server's child once its parent was killed)
@@ -2563,11 +2603,13 @@ def test_a_start_removes_what_a_run_killed_with_its_watchdogs_left_and_nothing_e
             killed.wait(timeout=30)
             wait_for(lambda: not any(alive(pid) for pid in tree), "the killed run to end", 30)
         assert left <= set(_entries(pg_dir, redis_dir))  # its watchdogs died: the files stay
+        assert segment in _sysv_segments()  # and its postmaster's shared memory
 
         monkeypatch.setattr(tempfile, "tempdir", str(redis_dir))
         with EmbeddedPostgres(base_dir=pg_dir), RedisServer():  # (they start)
             now = set(_entries(pg_dir, redis_dir))
             assert not left & now  # removed
+            assert segment not in _sysv_segments()  # with the killed server's shared memory
             assert mine | set(foreign) <= now  # the live run's and the foreign ones stay
             assert all((directory / "keep").exists() for directory in foreign)
             live.stdin.write("check\n")

@@ -1063,6 +1063,58 @@ def _owners_gone(directory: Path, here: tuple[str, str]) -> bool:
         return False
 
 
+#: System V IPC: the command of ``shmctl`` that removes a segment (Linux's value)
+_IPC_RMID: Final = 0
+
+
+def _remove_shared_memory(data_dir: Path) -> None:
+    """Remove the System V shared memory segment of a postmaster of ``data_dir`` that died
+    without removing it, before the cluster's files go.
+
+    PostgreSQL keeps a small System V segment (its interlock, 56 bytes) however its other
+    shared memory is kept, and removes it on any exit of its own, an immediate shutdown
+    included, along with ``postmaster.pid``. A postmaster killed by SIGKILL (a test's "power
+    cut", a cancelled job's cgroup, the harness's last resort) leaves both; a later start on
+    the same data directory removes the segment, but a deleted cluster has no later start and
+    the segment stayed until the machine's reboot, run after run (``ipcs -m``). Only the segment
+    ``postmaster.pid`` names (key and id), made by the process it names, which is gone, is
+    removed; nothing happens without ``/proc/sysvipc/shm`` (not Linux) or on any doubt. A
+    segment still attached (a backend of the killed postmaster not yet exited) goes once the
+    last detaches."""
+    try:
+        lines = (data_dir / "postmaster.pid").read_text().splitlines()
+        postmaster = int(lines[0])
+        key, shmid = (int(field) for field in lines[6].split())
+        if shmid < 0 or _process_started(postmaster) is not None:
+            return
+        with open("/proc/sysvipc/shm") as table:
+            rows = [line.split() for line in table.read().splitlines()[1:]]
+    except (OSError, ValueError, IndexError):
+        return
+    for row in rows:
+        if (
+            len(row) > 4
+            and row[1] == str(shmid)
+            and row[0] == str(key)
+            and row[4] == str(postmaster)
+        ):
+            break
+    else:
+        return
+    import ctypes  # noqa: PLC0415 - needed only after a server was killed
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.shmctl.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_void_p)
+    libc.shmctl.restype = ctypes.c_int
+    if libc.shmctl(shmid, _IPC_RMID, None) != 0:
+        log.warning(
+            "could not remove the shared memory segment %s of the killed postgres pid %s: %s",
+            shmid,
+            postmaster,
+            os.strerror(ctypes.get_errno()),
+        )
+
+
 def _paths_in_use(paths: Sequence[Path]) -> set[Path]:
     """Those of ``paths`` a running process names on its command line (a server still running
     in its directory, its test process and watchdog killed without it)."""
@@ -1106,6 +1158,7 @@ def _sweep_left_behind(parent: Path, prefix: str) -> None:
     for directory in left:
         if directory not in in_use:
             log.info("removing %s: its test process and watchdog were killed", directory)
+            _remove_shared_memory(directory / "data")  # its server was killed too
             shutil.rmtree(directory, ignore_errors=True)
 
 
@@ -1494,6 +1547,7 @@ class EmbeddedPostgres(PostgresServer):
     def _discard_cluster(self) -> None:
         # the files first: killed while they are removed, the watchdog removes the rest
         if self._base is not None:
+            _remove_shared_memory(self._base / "data")  # left by a postmaster killed outright
             shutil.rmtree(self._base, ignore_errors=True)
             self._base = None
         self._dismiss_watchdog()
