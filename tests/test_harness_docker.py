@@ -19,7 +19,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
-from resilient_db.testing import DockerPostgres
+from resilient_db.testing import DockerPostgres, ServerStartError
 from resilient_db.testing._server import (
     _DEFAULT_DOCKER_IMAGE,
     docker_container_settings,
@@ -170,3 +170,22 @@ def test_the_docker_server_keeps_its_address_and_password_across_a_restart(
     server.restart(crash=True)
     assert server.url() == url
     assert server.execute("SELECT 1") == [(1,)]
+
+
+def test_a_docker_server_made_in_code_says_what_it_is_missing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """``DockerPostgres()`` made in a test's code, with no ``RESILIENT_DB_TEST_DOCKER`` set:
+    its errors said "RESILIENT_DB_TEST_DOCKER is set but no Docker engine is reachable", a
+    variable nobody had set; they name the class (and the variable that also makes one)."""
+    monkeypatch.delenv("RESILIENT_DB_TEST_DOCKER", raising=False)
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
+    server = DockerPostgres()
+    with pytest.raises(ServerStartError, match=r"^DockerPostgres .*no Docker engine") as caught:
+        server.start()
+    assert "is set" not in str(caught.value)
+    server.close()
+    del caught  # (its traceback holds docker-py's failed client)
+    with warnings.catch_warnings():  # docker-py's failed client leaves its socket to the GC
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()

@@ -205,6 +205,21 @@ def test_a_closed_redis_server_cant_be_started_again_and_says_so() -> None:
     assert _refused(server.port)
 
 
+def test_a_redis_server_that_exits_at_start_is_named_with_its_exit_code(tmp_path: Path) -> None:
+    """A program that exits at once, saying nothing (not a redis-server, a binary that can't
+    run here), left "redis-server exited at start: (no log)": the error names the program
+    and its exit code, and nothing is left running."""
+    fake = tmp_path / "redis-server"
+    fake.write_text("#!/bin/sh\nexit 3\n")
+    fake.chmod(0o755)
+    server = RedisServer(executable=fake)
+    with pytest.raises(ServerStartError, match=rf"redis-server {fake} exited with code 3 at start"):
+        server.start()
+    assert not server.is_running()
+    server.close()
+    assert server.log_path is None
+
+
 @pytest.mark.parametrize("password", ["p@ss:w/rd#1", "a%20b", "ab#cd", "q?x=1&y [z]"])
 def test_the_url_of_a_redis_server_carries_any_password_percent_encoded(password: str) -> None:
     """The password went into :attr:`RedisServer.url` as it was: one holding ``@ : / # %``

@@ -195,11 +195,16 @@ class RedisServer(Service):
         self._paused = False
         deadline = time.monotonic() + _START_TIMEOUT
         while True:
-            if self._proc.poll() is not None:
+            code = self._proc.poll()
+            if code is not None:
                 self.kill()
                 tail = self._log_tail()
                 taken = self._taken() if "Address already in use" in tail else ""
-                raise ServerStartError(f"redis-server exited at start{taken}:\n{tail}")
+                # the program and its exit code: one that says nothing (not a redis-server,
+                # a binary that can't run here) left only "(no log)" to go on
+                raise ServerStartError(
+                    f"redis-server {executable} exited with code {code} at start{taken}:\n{tail}"
+                )
             answering = self._answering_pid(deadline - time.monotonic())
             if answering is None and self._proc.poll() is not None:
                 continue  # it exited meanwhile (its port taken): said above, with its log

@@ -2310,7 +2310,8 @@ def postgres_container_class() -> Any:
             from testcontainers.postgres import PostgresContainer  # noqa: PLC0415
         except ImportError as exc:
             raise ServerStartError(
-                "RESILIENT_DB_TEST_DOCKER needs testcontainers: pip install 'testcontainers>=4.4'"
+                "DockerPostgres (RESILIENT_DB_TEST_DOCKER=1) needs testcontainers: "
+                "pip install 'testcontainers>=4.4'"
             ) from exc
     return PostgresContainer
 
@@ -2390,7 +2391,8 @@ class DockerPostgres(PostgresServer):
             )
         except Exception as exc:  # docker.errors.DockerException: no engine to talk to
             raise ServerStartError(
-                f"RESILIENT_DB_TEST_DOCKER is set but no Docker engine is reachable: {exc}"
+                f"DockerPostgres (RESILIENT_DB_TEST_DOCKER=1) found no Docker engine to talk "
+                f"to: {exc}"
             ) from exc
         container.with_envs(**wanted["env"])
         # testcontainers' with_bind_ports() takes no host address; its ``ports`` mapping goes to
